@@ -1,0 +1,15 @@
+//! Stable Diffusion 1.5 text-to-image, image for image with HuggingFace diffusers.
+//!
+//! Synchronous, no async runtime and no HTTP: the server crate owns those. The stages of
+//! [`pipeline::StableDiffusion::generate`] follow `StableDiffusionPipeline.__call__`.
+
+pub mod clip;
+pub mod error;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+pub use error::{PipelineError, Result};
