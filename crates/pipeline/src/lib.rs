@@ -3,11 +3,13 @@
 //! Synchronous, no async runtime and no HTTP: the server crate owns those. The stages of
 //! [`pipeline::StableDiffusion::generate`] follow `StableDiffusionPipeline.__call__`.
 
+pub mod ckpt;
 pub mod clip;
 pub mod error;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

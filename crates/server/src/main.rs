@@ -1,1 +1,3 @@
-fn main(){}
+mod hub;
+
+fn main() {}

@@ -32,3 +32,38 @@ pub trait Scheduler: Send {
     /// sample. Stochastic schedulers draw their noise from `rng` (the request's generator).
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
 }
+
+/// `scheduler_config.json`, every key optional: `None` means "absent from the file", and each
+/// scheduler then takes its own class default, as diffusers' `from_config` does.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+    pub num_train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    pub beta_schedule: Option<String>,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: Option<String>,
+    pub timestep_spacing: Option<String>,
+    pub steps_offset: Option<usize>,
+    pub set_alpha_to_one: Option<bool>,
+    pub skip_prk_steps: Option<bool>,
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: Option<f64>,
+    pub thresholding: Option<bool>,
+    pub rescale_betas_zero_snr: Option<bool>,
+    pub use_karras_sigmas: Option<bool>,
+    pub interpolation_type: Option<String>,
+    pub timestep_type: Option<String>,
+    pub algorithm_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub solver_type: Option<String>,
+    pub lower_order_final: Option<bool>,
+    pub final_sigmas_type: Option<String>,
+    pub euler_at_final: Option<bool>,
+    pub predict_x0: Option<bool>,
+    pub disable_corrector: Option<Vec<usize>>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+}

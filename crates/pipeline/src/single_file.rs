@@ -1,0 +1,1 @@
+//! Single-file (original LDM key names) checkpoints converted to the diffusers layout. Being written.

@@ -1,0 +1,1 @@
+//! Hugging Face hub downloads into the HF cache layout. Being written.
