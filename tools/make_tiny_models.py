@@ -477,7 +477,8 @@ def make_refs(name, out_root):
     neg_emb = pipe.text_encoder(neg_ids)[0]
     t["text.input_ids"] = ids.to(torch.int64)
     t["text.embeddings"] = emb
-    meta["text"] = {"prompt": base["prompt"], "input_ids": "tokenizer(prompt), padded/truncated to 77",
+    n_tokens = len(tok(base["prompt"]).input_ids)
+    meta["text"] = {"prompt": base["prompt"], "untruncated_length": n_tokens, "input_ids": "tokenizer(prompt), padded/truncated to 77",
                     "embeddings": "text_encoder(input_ids)[0]: last hidden state after final layer norm"}
 
     # --- unet: batch [uncond(negative prompt), cond(prompt)], two different timesteps
@@ -523,6 +524,12 @@ def make_refs(name, out_root):
             cls_name, extra = SCHEDULERS[sname]
             sched = getattr(diffusers, cls_name).from_config(own_scheduler_config, **extra)
         pipe.scheduler = sched
+        final = {}
+
+        def keep_latents(_pipe, step, _t, kw):
+            final["latents"] = kw["latents"].clone()  # after the last step: what gets decoded
+            return kw
+
         out = pipe(
             r["prompt"],
             negative_prompt=r["negative_prompt"],
@@ -532,10 +539,12 @@ def make_refs(name, out_root):
             guidance_scale=r["guidance_scale"],
             generator=torch.Generator("cpu").manual_seed(r["seed"]),
             output_type="np",
+            callback_on_step_end=keep_latents,
         ).images
         img = to_u8(out)
         assert img.shape == (r["height"], r["width"], 3)
         t[f"image.{sname}"] = img
+        t[f"latents.{sname}"] = final["latents"]
         eff = {k: v for k, v in dict(sched.config).items() if not k.startswith("_")}
         images[sname] = dict(
             r,
@@ -551,6 +560,8 @@ def make_refs(name, out_root):
     pipe.scheduler = getattr(diffusers, own_scheduler_config["_class_name"]).from_config(own_scheduler_config)
     meta["images"] = images
     meta["image_postprocess"] = "output_type='np' -> round(x*255) as u8, [H, W, 3]"
+    meta["latents"] = ("latents.<name>: the denoised latents after the last scheduler step, "
+                       "before division by scaling_factor and vae.decode")
 
     t = {k: v.contiguous() for k, v in t.items()}
     meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in t.items()}
