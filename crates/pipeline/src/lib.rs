@@ -3,6 +3,7 @@
 //! Synchronous, no async runtime and no HTTP: the server crate owns those. The stages of
 //! [`pipeline::StableDiffusion::generate`] follow `StableDiffusionPipeline.__call__`.
 
+pub mod attention;
 pub mod ckpt;
 pub mod clip;
 pub mod error;
