@@ -6,6 +6,14 @@ use candle_core::Tensor;
 use crate::rng::TorchRng;
 use crate::Result;
 
+pub mod common;
+pub mod ddim;
+pub mod dpm_solver;
+pub mod euler;
+pub mod lms;
+pub mod pndm;
+pub mod unipc;
+
 /// The scheduler names of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
@@ -17,6 +25,97 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     Lms,
     UniPc,
+}
+
+impl SchedulerKind {
+    /// Every kind, in the order of the API documentation.
+    pub const ALL: [SchedulerKind; 8] = [
+        Self::Pndm,
+        Self::Ddim,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::DpmPp2m,
+        Self::DpmPp2mKarras,
+        Self::Lms,
+        Self::UniPc,
+    ];
+
+    /// The API name (`"euler_a"`, ...); `None` for an unknown name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The API name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pndm => "pndm",
+            Self::Ddim => "ddim",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler_a",
+            Self::DpmPp2m => "dpmpp_2m",
+            Self::DpmPp2mKarras => "dpmpp_2m_karras",
+            Self::Lms => "lms",
+            Self::UniPc => "unipc",
+        }
+    }
+
+    /// The model's own scheduler, from `_class_name` of its `scheduler_config.json`.
+    pub fn default_for(cfg: &SchedulerConfig) -> Result<Self> {
+        let class = cfg
+            .class_name
+            .as_deref()
+            .ok_or_else(|| common::config_error("no _class_name to choose the default scheduler"))?;
+        Ok(match class {
+            "PNDMScheduler" => Self::Pndm,
+            "DDIMScheduler" => Self::Ddim,
+            "EulerDiscreteScheduler" => Self::Euler,
+            "EulerAncestralDiscreteScheduler" => Self::EulerAncestral,
+            "DPMSolverMultistepScheduler" if cfg.use_karras_sigmas == Some(true) => Self::DpmPp2mKarras,
+            "DPMSolverMultistepScheduler" => Self::DpmPp2m,
+            "LMSDiscreteScheduler" => Self::Lms,
+            "UniPCMultistepScheduler" => Self::UniPc,
+            other => return Err(common::config_error(format!("unsupported scheduler class {other:?}"))),
+        })
+    }
+
+    /// Same as [`Self::default_for`] (the name docs/ARCHITECTURE.md uses).
+    pub fn from_class_name(cfg: &SchedulerConfig) -> Result<Self> {
+        Self::default_for(cfg)
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::from_name(s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown scheduler {s:?}; expected one of {}", names.join(", "))
+        })
+    }
+}
+
+/// Builds `kind` from the model's scheduler config (as `Class.from_config(cfg)`) and runs its
+/// `set_timesteps(num_inference_steps)`.
+pub fn build(kind: SchedulerKind, cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+    common::check_steps(num_inference_steps)?;
+    Ok(match kind {
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(cfg, num_inference_steps)?),
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(cfg, num_inference_steps)?),
+        SchedulerKind::Euler => Box::new(euler::EulerDiscrete::new(cfg, num_inference_steps)?),
+        SchedulerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(cfg, num_inference_steps)?),
+        SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverMultistep::new(cfg, num_inference_steps, false)?),
+        SchedulerKind::DpmPp2mKarras => {
+            Box::new(dpm_solver::DpmSolverMultistep::new(cfg, num_inference_steps, true)?)
+        }
+        SchedulerKind::Lms => Box::new(lms::LmsDiscrete::new(cfg, num_inference_steps)?),
+        SchedulerKind::UniPc => Box::new(unipc::UniPcMultistep::new(cfg, num_inference_steps)?),
+    })
 }
 
 /// One sampling run: made for a fixed number of inference steps; `step` is called once per
@@ -66,4 +165,43 @@ pub struct SchedulerConfig {
     pub disable_corrector: Option<Vec<usize>>,
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for k in SchedulerKind::ALL {
+            assert_eq!(SchedulerKind::from_name(k.name()), Some(k));
+            assert_eq!(k.name().parse::<SchedulerKind>(), Ok(k));
+        }
+        assert_eq!(SchedulerKind::from_name("euler-a"), None);
+        assert!("k_lms".parse::<SchedulerKind>().is_err());
+    }
+
+    #[test]
+    fn default_from_class_name() {
+        let cfg = |class: &str, karras: Option<bool>| SchedulerConfig {
+            class_name: Some(class.to_string()),
+            use_karras_sigmas: karras,
+            ..Default::default()
+        };
+        assert_eq!(SchedulerKind::default_for(&cfg("PNDMScheduler", None)).unwrap(), SchedulerKind::Pndm);
+        assert_eq!(
+            SchedulerKind::default_for(&cfg("DPMSolverMultistepScheduler", Some(true))).unwrap(),
+            SchedulerKind::DpmPp2mKarras
+        );
+        assert_eq!(
+            SchedulerKind::default_for(&cfg("DPMSolverMultistepScheduler", Some(false))).unwrap(),
+            SchedulerKind::DpmPp2m
+        );
+        assert_eq!(
+            SchedulerKind::default_for(&cfg("EulerAncestralDiscreteScheduler", None)).unwrap(),
+            SchedulerKind::EulerAncestral
+        );
+        assert!(SchedulerKind::default_for(&cfg("HeunDiscreteScheduler", None)).is_err());
+        assert!(SchedulerKind::default_for(&SchedulerConfig::default()).is_err());
+    }
 }

@@ -1,0 +1,216 @@
+//! `EulerDiscreteScheduler` (euler) and `EulerAncestralDiscreteScheduler` (euler_a), plus the
+//! sigma schedule they share with LMS (k-diffusion style: the sample lives at noise level sigma).
+
+use candle_core::Tensor;
+
+use super::common::{
+    self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig,
+    TimestepSpacing,
+};
+use super::{Scheduler, SchedulerConfig};
+use crate::rng::TorchRng;
+use crate::Result;
+
+const DEFAULTS: ClassDefaults = ClassDefaults::with_spacing("linspace");
+
+/// Timesteps and sigmas after `set_timesteps`, plus `init_noise_sigma`.
+pub(super) struct SigmaSchedule {
+    /// float32 values, loop order.
+    pub timesteps: Vec<f64>,
+    /// float32 sigmas, one per timestep plus the final one.
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f32,
+}
+
+/// Which options of `set_timesteps` a class has.
+#[derive(Clone, Copy)]
+pub(super) struct SigmaOptions {
+    /// Euler: `interpolation_type`, `final_sigmas_type`, `timestep_type`, `sigma_min/max`.
+    pub euler_options: bool,
+    /// Euler and LMS read `use_karras_sigmas`.
+    pub karras: bool,
+}
+
+pub(super) fn sigma_schedule(
+    r: &ResolvedConfig,
+    cfg: &SchedulerConfig,
+    n: usize,
+    opts: SigmaOptions,
+) -> Result<SigmaSchedule> {
+    let ac = r.alphas_cumprod()?;
+    let mut ac_for_sigmas = ac.clone();
+    if opts.euler_options && r.rescale_betas_zero_snr {
+        // Euler keeps the terminal sigma finite.
+        let last = ac_for_sigmas.len() - 1;
+        ac_for_sigmas[last] = 2f32.powi(-24);
+    }
+    let train_sigmas = common::sigmas_from_alphas_cumprod(&ac_for_sigmas);
+    let mut timesteps = common::sigma_family_timesteps(r, n);
+    let mut sigmas: Vec<f64> = if opts.euler_options && cfg.interpolation_type.as_deref() == Some("log_linear") {
+        // torch.linspace(log(s[-1]), log(s[0]), n + 1).exp(), all in float32.
+        let lo = train_sigmas[train_sigmas.len() - 1].ln() as f64;
+        let hi = train_sigmas[0].ln() as f64;
+        common::torch_linspace_f32(lo, hi, n + 1).into_iter().map(|x| x.exp() as f64).collect()
+    } else {
+        match cfg.interpolation_type.as_deref() {
+            None | Some("linear") => {}
+            Some(other) if opts.euler_options => {
+                return Err(config_error(format!("interpolation_type {other:?} is not supported")))
+            }
+            Some(_) => {}
+        }
+        common::interp_sigmas(&timesteps, &train_sigmas)
+    };
+    if opts.karras && cfg.use_karras_sigmas.unwrap_or(false) {
+        let (smin, smax) = if opts.euler_options { (cfg.sigma_min, cfg.sigma_max) } else { (None, None) };
+        let smin = smin.unwrap_or(sigmas[sigmas.len() - 1]);
+        let smax = smax.unwrap_or(sigmas[0]);
+        sigmas = common::karras_sigmas(smin, smax, n);
+        // np.log of the float32 training sigmas.
+        let log_sigmas: Vec<f64> = train_sigmas.iter().map(|s| s.ln() as f64).collect();
+        timesteps = sigmas.iter().map(|&s| common::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
+    }
+    let sigma_last = if opts.euler_options {
+        match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
+            "zero" => 0.0,
+            "sigma_min" => ((1.0 - ac[0]) / ac[0]).sqrt(),
+            other => return Err(config_error(format!("final_sigmas_type {other:?} is not supported"))),
+        }
+    } else {
+        0.0
+    };
+    let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
+    sigmas.push(sigma_last);
+    if opts.euler_options
+        && cfg.timestep_type.as_deref() == Some("continuous")
+        && r.prediction_type == PredictionType::VPrediction
+    {
+        timesteps = sigmas[..sigmas.len() - 1].iter().map(|s| (0.25f32 * s.ln()) as f64).collect();
+    }
+    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let init_noise_sigma = match r.timestep_spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+    };
+    Ok(SigmaSchedule { timesteps, sigmas, init_noise_sigma })
+}
+
+/// `sample / sqrt(sigma^2 + 1)`, float32.
+pub(super) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let dtype = sample.dtype();
+    Ok(div_s(&to_f32(sample)?, (sigma * sigma + 1.0).sqrt())?.to_dtype(dtype)?)
+}
+
+/// The denoised estimate x0 from the model output at noise level `sigma`.
+pub(super) fn pred_original(pt: PredictionType, mo: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok(match pt {
+        PredictionType::Epsilon => (sample - mul_s(mo, sigma)?)?,
+        PredictionType::VPrediction => {
+            let c = -sigma / (sigma * sigma + 1.0).sqrt();
+            (mul_s(mo, c)? + div_s(sample, sigma * sigma + 1.0)?)?
+        }
+        PredictionType::Sample => mo.clone(),
+    })
+}
+
+pub struct EulerDiscrete {
+    prediction_type: PredictionType,
+    sched: SigmaSchedule,
+}
+
+impl EulerDiscrete {
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        common::check_steps(num_inference_steps)?;
+        let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
+        let sched = sigma_schedule(&r, cfg, num_inference_steps, SigmaOptions { euler_options: true, karras: true })?;
+        Ok(Self { prediction_type: r.prediction_type, sched })
+    }
+
+    /// The float32 sigmas (one per timestep plus the final one).
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sched.sigmas
+    }
+}
+
+impl Scheduler for EulerDiscrete {
+    fn timesteps(&self) -> &[f64] {
+        &self.sched.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.sched.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        check_index(index, self.sched.timesteps.len())?;
+        scale_by_sigma(sample, self.sched.sigmas[index])
+    }
+
+    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+        check_index(index, self.sched.timesteps.len())?;
+        let dtype = model_output.dtype();
+        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
+        // s_churn = 0, so gamma = 0 and sigma_hat = sigma: no noise.
+        let sigma = self.sched.sigmas[index];
+        // (diffusers uses sigma_hat for epsilon and sigma for v_prediction; equal while gamma = 0.)
+        let sigma_hat = sigma;
+        let x0 = pred_original(self.prediction_type, &mo, &s, sigma)?;
+        let derivative = div_s(&(&s - x0)?, sigma_hat)?;
+        let dt = self.sched.sigmas[index + 1] - sigma_hat;
+        let prev = (&s + mul_s(&derivative, dt)?)?;
+        Ok(prev.to_dtype(dtype)?)
+    }
+}
+
+pub struct EulerAncestral {
+    prediction_type: PredictionType,
+    sched: SigmaSchedule,
+}
+
+impl EulerAncestral {
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        common::check_steps(num_inference_steps)?;
+        let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
+        let sched =
+            sigma_schedule(&r, cfg, num_inference_steps, SigmaOptions { euler_options: false, karras: false })?;
+        Ok(Self { prediction_type: r.prediction_type, sched })
+    }
+
+    /// The float32 sigmas (one per timestep plus the final zero).
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sched.sigmas
+    }
+}
+
+impl Scheduler for EulerAncestral {
+    fn timesteps(&self) -> &[f64] {
+        &self.sched.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.sched.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        check_index(index, self.sched.timesteps.len())?;
+        scale_by_sigma(sample, self.sched.sigmas[index])
+    }
+
+    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+        check_index(index, self.sched.timesteps.len())?;
+        let dtype = model_output.dtype();
+        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
+        let sigma = self.sched.sigmas[index];
+        let x0 = pred_original(self.prediction_type, &mo, &s, sigma)?;
+        let (from, to) = (sigma, self.sched.sigmas[index + 1]);
+        let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
+        let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
+        let derivative = div_s(&(&s - x0)?, sigma)?;
+        let prev = (&s + mul_s(&derivative, sigma_down - sigma)?)?;
+        // randn_tensor(model_output.shape, generator=...): one draw of the whole tensor per step.
+        let noise = rng.randn(mo.elem_count());
+        let noise = Tensor::from_vec(noise, mo.shape(), mo.device())?;
+        let prev = (prev + mul_s(&noise, sigma_up)?)?;
+        Ok(prev.to_dtype(dtype)?)
+    }
+}
