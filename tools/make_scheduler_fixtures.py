@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Reference schedules and trajectories for crates/pipeline/src/schedulers (diffusers 0.42.1).
+
+Writes crates/pipeline/tests/fixtures/schedulers.safetensors and schedulers.json.
+
+Every scheduler is built the way the server builds it: `Class.from_config(SD15)` where SD15 is the
+real SD 1.5 `scheduler/scheduler_config.json` (keys present win, absent keys take the class
+defaults), plus per-variant overrides. Key layout (all float32 unless said otherwise):
+
+  <prefix>.<steps>.timesteps        float64, `scheduler.timesteps` after set_timesteps(steps)
+  <prefix>.<steps>.sigmas           float64 copy of the float32 `scheduler.sigmas` (classes with sigmas)
+  <prefix>.<steps>.init_noise_sigma float64, shape [1]
+  <prefix>.<steps>.model_outputs    [len(timesteps), 1, 4, 8, 8]: the fake UNet output at each step
+  <prefix>.<steps>.scaled_inputs    [len(timesteps), 1, 4, 8, 8]: scale_model_input(sample, t)
+  <prefix>.<steps>.samples          [len(timesteps) + 1, 1, 4, 8, 8]: index 0 is the initial sample
+                                    (randn * init_noise_sigma), then every prev_sample
+  train.<case>.betas / .alphas_cumprod   float32 training schedules
+
+<prefix> is the API scheduler name (`euler_a`), or `<name>-<variant>` for a variant. The JSON lists
+every entry with its config overrides, step counts, which have trajectories, and the seeds:
+the initial sample is randn(seed=SAMPLE_SEED), model output i is randn(seed=OUTPUT_SEED + i), and a
+stochastic scheduler gets `generator=torch.Generator().manual_seed(STEP_SEED)` in every `step` call.
+
+Run from the repository root: python3 tools/make_scheduler_fixtures.py
+"""
+import json
+import os
+
+import diffusers
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from safetensors.torch import save_file
+
+OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json, verbatim keys
+# (no timestep_spacing, no prediction_type).
+SD15 = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+# API name -> (class, overrides that the factory adds).
+SCHEDULERS = {
+    "pndm": (PNDMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+STOCHASTIC = {"euler_a"}
+
+SCHEDULE_STEPS = [1, 2, 3, 5, 7, 10, 13, 20, 25, 33, 50]
+TRAJECTORY_STEPS = [1, 2, 5, 25]
+# variant -> (config overrides, schedule step counts, trajectory step counts)
+VARIANTS = {
+    "": ({}, SCHEDULE_STEPS, TRAJECTORY_STEPS),
+    "v": ({"prediction_type": "v_prediction"}, [5, 25], [5, 25]),
+    "trailing": ({"timestep_spacing": "trailing"}, [1, 3, 5, 7, 10, 25, 33, 50], [5, 25]),
+    "leading": ({"timestep_spacing": "leading"}, [1, 3, 5, 7, 10, 25, 33, 50], [5, 25]),
+    "linspace": ({"timestep_spacing": "linspace"}, [1, 3, 5, 7, 10, 25, 33, 50], [5]),
+}
+
+SHAPE = (1, 4, 8, 8)
+SAMPLE_SEED = 7
+OUTPUT_SEED = 1000
+STEP_SEED = 99
+
+
+def randn(seed):
+    return torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def make(cls, overrides):
+    return cls.from_config({**SD15, **overrides})
+
+
+def schedule(tensors, prefix, sched, steps):
+    sched.set_timesteps(steps)
+    tensors[f"{prefix}.{steps}.timesteps"] = sched.timesteps.to(torch.float64).clone()
+    if hasattr(sched, "sigmas") and sched.sigmas is not None:
+        tensors[f"{prefix}.{steps}.sigmas"] = torch.as_tensor(sched.sigmas).to(torch.float64).clone()
+    ins = sched.init_noise_sigma
+    tensors[f"{prefix}.{steps}.init_noise_sigma"] = torch.tensor([float(ins)], dtype=torch.float64)
+
+
+def trajectory(tensors, prefix, sched, steps, stochastic):
+    sched.set_timesteps(steps)
+    sample = randn(SAMPLE_SEED) * sched.init_noise_sigma
+    samples, outputs, scaled = [sample.clone()], [], []
+    gen = torch.Generator("cpu").manual_seed(STEP_SEED) if stochastic else None
+    for i, t in enumerate(sched.timesteps):
+        scaled.append(sched.scale_model_input(sample, t).clone())
+        mo = randn(OUTPUT_SEED + i)
+        outputs.append(mo)
+        kwargs = {"generator": gen} if stochastic else {}
+        sample = sched.step(mo, t, sample, **kwargs).prev_sample
+        samples.append(sample.clone())
+    tensors[f"{prefix}.{steps}.model_outputs"] = torch.stack(outputs).contiguous()
+    tensors[f"{prefix}.{steps}.scaled_inputs"] = torch.stack(scaled).contiguous()
+    tensors[f"{prefix}.{steps}.samples"] = torch.stack(samples).contiguous()
+
+
+def train_schedules(tensors):
+    cases = {
+        "sd15": {},
+        "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+        "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+        "zsnr": {"rescale_betas_zero_snr": True},
+        "short": {"num_train_timesteps": 37},
+    }
+    for name, over in cases.items():
+        s = DDIMScheduler.from_config({**SD15, **over})
+        tensors[f"train.{name}.betas"] = s.betas.clone()
+        tensors[f"train.{name}.alphas_cumprod"] = s.alphas_cumprod.clone()
+    return cases
+
+
+def main():
+    assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
+    assert diffusers.__version__ == "0.42.1", diffusers.__version__
+    torch.set_num_threads(1)
+    tensors = {}
+    entries = []
+    for variant, (over, sched_steps, traj_steps) in VARIANTS.items():
+        for name, (cls, base) in SCHEDULERS.items():
+            prefix = f"{name}-{variant}" if variant else name
+            overrides = {**base, **over}
+            for steps in sched_steps:
+                schedule(tensors, prefix, make(cls, overrides), steps)
+            for steps in traj_steps:
+                if steps not in sched_steps:
+                    schedule(tensors, prefix, make(cls, overrides), steps)
+                trajectory(tensors, prefix, make(cls, overrides), steps, name in STOCHASTIC)
+            entries.append(
+                {
+                    "prefix": prefix,
+                    "scheduler": name,
+                    "variant": variant,
+                    "class": cls.__name__,
+                    "overrides": over,
+                    "schedule_steps": sorted(set(sched_steps) | set(traj_steps)),
+                    "trajectory_steps": traj_steps,
+                    "stochastic": name in STOCHASTIC,
+                }
+            )
+    train = train_schedules(tensors)
+    os.makedirs(OUT, exist_ok=True)
+    save_file(tensors, os.path.join(OUT, "schedulers.safetensors"))
+    index = {
+        "generated_by": "tools/make_scheduler_fixtures.py",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "config": SD15,
+        "shape": list(SHAPE),
+        "sample_seed": SAMPLE_SEED,
+        "output_seed": OUTPUT_SEED,
+        "step_seed": STEP_SEED,
+        "entries": entries,
+        "train": train,
+    }
+    with open(os.path.join(OUT, "schedulers.json"), "w") as f:
+        json.dump(index, f, indent=1)
+        f.write("\n")
+    print(f"wrote {len(tensors)} tensors for {len(entries)} scheduler entries")
+
+
+if __name__ == "__main__":
+    main()
