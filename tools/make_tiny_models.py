@@ -477,9 +477,16 @@ def make_refs(name, out_root):
     neg_emb = pipe.text_encoder(neg_ids)[0]
     t["text.input_ids"] = ids.to(torch.int64)
     t["text.embeddings"] = emb
+    # The negative prompt too: for tiny-b it is "" and so shows the "!" padding.
+    t["text.negative_input_ids"] = neg_ids.to(torch.int64)
+    t["text.negative_embeddings"] = neg_emb
     n_tokens = len(tok(base["prompt"]).input_ids)
-    meta["text"] = {"prompt": base["prompt"], "untruncated_length": n_tokens, "input_ids": "tokenizer(prompt), padded/truncated to 77",
-                    "embeddings": "text_encoder(input_ids)[0]: last hidden state after final layer norm"}
+    meta["text"] = {"prompt": base["prompt"], "untruncated_length": n_tokens,
+                    "negative_prompt": base["negative_prompt"],
+                    "input_ids": "tokenizer(prompt), padded/truncated to 77",
+                    "embeddings": "text_encoder(input_ids)[0]: last hidden state after final layer norm",
+                    "negative_input_ids": "tokenizer(negative_prompt), padded to 77",
+                    "negative_embeddings": "text_encoder(negative_input_ids)[0]"}
 
     # --- unet: batch [uncond(negative prompt), cond(prompt)], two different timesteps
     vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
