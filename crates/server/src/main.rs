@@ -1,3 +1,25 @@
-mod hub;
+//! sdserve: Stable Diffusion 1.5 text-to-image over HTTP, and a one-shot `generate` command.
 
-fn main() {}
+mod api;
+mod cache;
+mod cli;
+mod config;
+mod engine;
+mod error;
+mod generate_cmd;
+mod generator;
+mod hub;
+mod metrics;
+mod model;
+mod png;
+mod serve;
+mod validate;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    match cli::Cli::parse().command {
+        cli::Command::Serve(args) => serve::run(*args),
+        cli::Command::Generate(args) => generate_cmd::run(*args),
+    }
+}

@@ -1,0 +1,603 @@
+//! HTTP routes, the request/response types (which also make the OpenAPI document), and the
+//! middleware that gives every request an id, a log line, metrics and a contract-shaped error body.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use sdserve_pipeline::pipeline::GenerationParams;
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::cache::ResponseCache;
+use crate::engine::{Engine, ModelState};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::metrics::Metrics;
+use crate::validate;
+
+pub struct AppState {
+    pub engine: Engine,
+    pub cache: Option<ResponseCache>,
+    pub metrics: Arc<Metrics>,
+    pub device: String,
+    pub dtype: String,
+    pub started: Instant,
+    pub max_body_bytes: usize,
+}
+
+type Shared = Arc<AppState>;
+
+/// Scheduler names of the API.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum SchedulerName {
+    #[serde(rename = "pndm")]
+    Pndm,
+    #[serde(rename = "ddim")]
+    Ddim,
+    #[serde(rename = "euler")]
+    Euler,
+    #[serde(rename = "euler_a")]
+    EulerA,
+    #[serde(rename = "dpmpp_2m")]
+    DpmPp2m,
+    #[serde(rename = "dpmpp_2m_karras")]
+    DpmPp2mKarras,
+    #[serde(rename = "lms")]
+    Lms,
+    #[serde(rename = "unipc")]
+    UniPc,
+}
+
+/// Body of `POST /generate`. Unknown fields are rejected (422 `validation_error`, `details` names
+/// the field); a body that is not a JSON object, or not sent as `application/json`, gets 400
+/// `invalid_json`. Text fields are cleaned first: control characters other than whitespace are
+/// removed, then surrounding whitespace is trimmed; lengths count Unicode scalar values.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// 1..=500 characters after cleaning.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        example = "a watercolor painting of a lighthouse at dawn"
+    )]
+    pub prompt: String,
+    /// 0..=500 characters after cleaning.
+    #[schema(max_length = 500, default = "")]
+    pub negative_prompt: Option<String>,
+    #[schema(minimum = 1, maximum = 50, default = 20)]
+    pub steps: Option<u32>,
+    /// A multiple of 64.
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, default = 512)]
+    pub width: Option<u32>,
+    /// A multiple of 64.
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, default = 512)]
+    pub height: Option<u32>,
+    /// Random when absent or null, and returned in the metadata. Requests with a seed are
+    /// deterministic and may be answered from the response cache (`x-cache: hit`).
+    #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
+    pub seed: Option<u64>,
+    /// At or below 1.0 classifier-free guidance is off.
+    #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
+    pub guidance_scale: Option<f64>,
+    /// Absent or null: the model's own scheduler config.
+    #[schema(nullable = true)]
+    pub scheduler: Option<SchedulerName>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateMetadata {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: u32,
+    pub width: u32,
+    pub height: u32,
+    pub seed: u64,
+    pub guidance_scale: f64,
+    /// The scheduler actually used (the model's own when the request named none).
+    pub scheduler: String,
+    pub generation_time_seconds: f64,
+    /// Model name and revision or content digest.
+    pub model_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    /// The PNG, base64 (standard alphabet, padded). It carries the parameters in a
+    /// `parameters` tEXt chunk (AUTOMATIC1111 style).
+    pub image_base64: String,
+    pub metadata: GenerateMetadata,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GpuInfo {
+    pub name: String,
+    pub memory_total_mb: u64,
+    pub memory_used_mb: u64,
+    pub memory_free_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QueueInfo {
+    pub running: usize,
+    pub waiting: usize,
+    /// MAX_CONCURRENT_REQUESTS: running plus waiting admitted at once.
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    Ok,
+    Loading,
+    Unavailable,
+    Degraded,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    pub status: HealthStatus,
+    /// Null until the model is loaded.
+    pub model_version: Option<String>,
+    pub device: String,
+    pub dtype: String,
+    /// Null on CPU.
+    pub gpu: Option<GpuInfo>,
+    pub queue: QueueInfo,
+    pub uptime_seconds: f64,
+    pub version: String,
+    /// Why the status is not `ok` (load failure, circuit breaker), else null.
+    pub detail: Option<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sdserve",
+        description = "Stable Diffusion 1.5 text-to-image over HTTP. Every error has the body `{error, details, error_code}`."
+    ),
+    paths(generate, health, metrics),
+    components(schemas(
+        GenerateRequest,
+        GenerateResponse,
+        GenerateMetadata,
+        SchedulerName,
+        ErrorBody,
+        HealthResponse,
+        HealthStatus,
+        QueueInfo,
+        GpuInfo
+    ))
+)]
+pub struct ApiDoc;
+
+/// Per-request figures the handler leaves for the request log.
+#[derive(Debug, Clone, Default)]
+struct RequestStats {
+    queue_secs: Option<f64>,
+    gen_secs: Option<f64>,
+    steps: Option<usize>,
+    size: Option<String>,
+    cache: Option<&'static str>,
+}
+
+pub fn router(state: Shared) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/generate", post(generate))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(docs))
+        .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+pub fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}
+
+/// Every parameter that changes the image, the resolved scheduler and the model version.
+fn cache_key(p: &GenerationParams, model_version: &str) -> String {
+    format!(
+        "{model_version}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}",
+        p.prompt,
+        p.negative_prompt,
+        p.steps,
+        p.width,
+        p.height,
+        p.seed,
+        p.guidance_scale.to_bits(),
+        p.scheduler.map(|k| k.name()).unwrap_or("default"),
+    )
+}
+
+fn json_bytes(body: Bytes, cache: &'static str, stats: RequestStats) -> Response {
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert("x-cache", HeaderValue::from_static(cache));
+    resp.extensions_mut().insert(stats);
+    resp
+}
+
+/// Generate one image.
+#[utoipa::path(
+    post,
+    path = "/generate",
+    request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "The image and its parameters; header `x-cache: hit|miss`", body = GenerateResponse),
+        (status = 400, description = "`invalid_json`: not a JSON object, or not application/json", body = ErrorBody),
+        (status = 408, description = "`timeout`: queue wait plus generation passed GENERATION_TIMEOUT_SECONDS; the run was stopped", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 422, description = "`validation_error`: `details` names the field and rule", body = ErrorBody),
+        (status = 429, description = "`overloaded`: MAX_CONCURRENT_REQUESTS already admitted; see `Retry-After`", body = ErrorBody),
+        (status = 500, description = "`internal_error`", body = ErrorBody),
+        (status = 503, description = "`model_unavailable` (loading, failed, shutting down) or `out_of_memory`", body = ErrorBody),
+    )
+)]
+async fn generate(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generate_inner(&app, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn generate_inner(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(app.max_body_bytes)
+        } else {
+            ApiError::InvalidJson(rej.body_text())
+        }
+    })?;
+    validate::check_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )?;
+    let req = validate::parse_generate(&body)?;
+    let info = app.engine.model_info()?;
+    let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
+    let params = GenerationParams {
+        prompt: req.prompt,
+        negative_prompt: req.negative_prompt,
+        steps: req.steps,
+        width: req.width,
+        height: req.height,
+        seed: u64::from(req.seed.unwrap_or_else(random_seed)),
+        guidance_scale: req.guidance_scale,
+        scheduler: Some(scheduler),
+    };
+    let mut stats = RequestStats {
+        steps: Some(params.steps),
+        size: Some(format!("{}x{}", params.width, params.height)),
+        ..Default::default()
+    };
+    // Only seeded requests are deterministic, so only they are cached.
+    let key = match (&app.cache, req.seed) {
+        (Some(_), Some(_)) => Some(cache_key(&params, &info.model_version)),
+        _ => None,
+    };
+    if let (Some(cache), Some(key)) = (&app.cache, &key) {
+        if let Some(hit) = cache.get(key) {
+            app.metrics
+                .cache_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.cache = Some("hit");
+            return Ok(json_bytes(hit, "hit", stats));
+        }
+        app.metrics
+            .cache_misses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let png_text = crate::png::parameters_text(&params, &info.model_version);
+    let out = app.engine.submit(params.clone(), png_text).await?;
+    let resp = GenerateResponse {
+        image_base64: base64::engine::general_purpose::STANDARD.encode(&out.png),
+        metadata: GenerateMetadata {
+            prompt: params.prompt,
+            negative_prompt: params.negative_prompt,
+            steps: params.steps as u32,
+            width: params.width as u32,
+            height: params.height as u32,
+            seed: params.seed,
+            guidance_scale: params.guidance_scale,
+            scheduler: scheduler.name().to_string(),
+            generation_time_seconds: (out.gen_secs * 1000.0).round() / 1000.0,
+            model_version: info.model_version,
+        },
+    };
+    let bytes =
+        Bytes::from(serde_json::to_vec(&resp).map_err(|e| ApiError::Internal(e.to_string()))?);
+    if let (Some(cache), Some(key)) = (&app.cache, key) {
+        cache.insert(key, bytes.clone());
+    }
+    stats.queue_secs = Some(out.queue_secs);
+    stats.gen_secs = Some(out.gen_secs);
+    stats.cache = Some("miss");
+    Ok(json_bytes(bytes, "miss", stats))
+}
+
+/// Readiness and load: 200 when the model is ready, 503 while it loads or after it failed.
+#[utoipa::path(
+    get,
+    path = "/health",
+    responses(
+        (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open)", body = HealthResponse),
+        (status = 503, description = "`loading` or `unavailable` (with `detail`)", body = HealthResponse),
+    )
+)]
+async fn health(State(app): State<Shared>) -> Response {
+    let g = app.engine.gauges();
+    let (status, model_version, detail) = match app.engine.state() {
+        ModelState::Loading => (HealthStatus::Loading, None, None),
+        ModelState::Failed(why) => (HealthStatus::Unavailable, None, Some(why)),
+        ModelState::Ready(info) if app.engine.oom_breaker_open() => (
+            HealthStatus::Degraded,
+            Some(info.model_version),
+            Some("out-of-memory circuit breaker open".to_string()),
+        ),
+        ModelState::Ready(info) => (HealthStatus::Ok, Some(info.model_version), None),
+    };
+    let code = match status {
+        HealthStatus::Ok | HealthStatus::Degraded => StatusCode::OK,
+        HealthStatus::Loading | HealthStatus::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = HealthResponse {
+        status,
+        model_version,
+        device: app.device.clone(),
+        dtype: app.dtype.clone(),
+        gpu: None,
+        queue: QueueInfo {
+            running: g.running,
+            waiting: g.waiting,
+            capacity: g.capacity,
+        },
+        uptime_seconds: (app.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        detail,
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+async fn metrics(State(app): State<Shared>) -> Response {
+    let mut gauges = app.engine.gauges();
+    gauges.cache = app.cache.as_ref().map(ResponseCache::len_and_bytes);
+    let text = app.metrics.render(&gauges);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+pub fn openapi_string() -> String {
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("OpenAPI serialises");
+    s.push('\n');
+    s
+}
+
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_string(),
+    )
+        .into_response()
+}
+
+/// A self-contained page (no CDN) that renders /openapi.json and can call /generate.
+async fn docs() -> Html<&'static str> {
+    Html(include_str!("docs.html"))
+}
+
+/// A usable request id from the client (visible ASCII, at most 128 bytes), else a fresh one.
+fn request_id(headers: &HeaderMap) -> String {
+    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            return v.to_string();
+        }
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
+}
+
+/// Request id, the contract's error body for responses axum made itself (405, rejections),
+/// one log line and the request metrics.
+async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let id = request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if (status.is_client_error() || status.is_server_error())
+        && resp.extensions().get::<ErrorCode>().is_none()
+    {
+        // An error axum produced without our body: give it one, keep its headers (e.g. Allow).
+        let old = std::mem::replace(&mut resp, ApiError::from_status(status).into_response());
+        let (parts, _) = old.into_parts();
+        for (k, v) in parts.headers.iter() {
+            if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+                resp.headers_mut().insert(k.clone(), v.clone());
+            }
+        }
+        *resp.status_mut() = status;
+    }
+    let code = resp
+        .extensions()
+        .get::<ErrorCode>()
+        .map(|c| c.0)
+        .unwrap_or("");
+    let stats = resp
+        .extensions()
+        .get::<RequestStats>()
+        .cloned()
+        .unwrap_or_default();
+    let total = t0.elapsed().as_secs_f64();
+    let route_label = route.as_deref().unwrap_or("unmatched");
+    app.metrics
+        .count_request(route_label, status.as_u16(), code);
+    if route.as_deref() == Some("/generate") {
+        app.metrics.request_seconds.observe(total);
+    }
+    tracing::info!(
+        request_id = %id,
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        error_code = code,
+        queue_seconds = stats.queue_secs,
+        generation_seconds = stats.gen_secs,
+        total_seconds = total,
+        steps = stats.steps,
+        size = stats.size.as_deref(),
+        cache = stats.cache,
+        "request"
+    );
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed `crates/server/openapi.json` must match the code; run with
+    /// `UPDATE_OPENAPI=1` to rewrite it.
+    #[test]
+    fn committed_openapi_matches_code() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+        let now = openapi_string();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &now).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == now,
+            "crates/server/openapi.json is stale; rerun this test with UPDATE_OPENAPI=1"
+        );
+    }
+
+    #[test]
+    fn openapi_names_the_contract() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_string()).unwrap();
+        let props = &doc["components"]["schemas"]["GenerateRequest"]["properties"];
+        assert_eq!(props["steps"]["maximum"], 50);
+        assert_eq!(props["width"]["multipleOf"], 64);
+        assert!(doc["paths"]["/generate"]["post"]["responses"]["429"].is_object());
+        let names: Vec<String> =
+            serde_json::from_value(doc["components"]["schemas"]["SchedulerName"]["enum"].clone())
+                .unwrap();
+        let want: Vec<&str> = sdserve_pipeline::schedulers::SchedulerKind::ALL
+            .iter()
+            .map(|k| k.name())
+            .collect();
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn cache_key_covers_every_parameter() {
+        let base = GenerationParams {
+            prompt: "a".into(),
+            negative_prompt: String::new(),
+            steps: 4,
+            width: 256,
+            height: 256,
+            seed: 1,
+            guidance_scale: 7.5,
+            scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+        };
+        let k = cache_key(&base, "m@1");
+        let variants = [
+            GenerationParams {
+                prompt: "b".into(),
+                ..base.clone()
+            },
+            GenerationParams {
+                negative_prompt: "n".into(),
+                ..base.clone()
+            },
+            GenerationParams {
+                steps: 5,
+                ..base.clone()
+            },
+            GenerationParams {
+                width: 320,
+                ..base.clone()
+            },
+            GenerationParams {
+                height: 320,
+                ..base.clone()
+            },
+            GenerationParams {
+                seed: 2,
+                ..base.clone()
+            },
+            GenerationParams {
+                guidance_scale: 7.0,
+                ..base.clone()
+            },
+            GenerationParams {
+                scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Ddim),
+                ..base.clone()
+            },
+        ];
+        for v in variants {
+            assert_ne!(cache_key(&v, "m@1"), k, "{v:?}");
+        }
+        assert_ne!(cache_key(&base, "m@2"), k);
+        assert_eq!(cache_key(&base.clone(), "m@1"), k);
+    }
+}

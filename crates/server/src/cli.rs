@@ -1,0 +1,145 @@
+//! Command line: `sdserve serve` and `sdserve generate`. Every `serve` flag has an environment twin.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::generator::FakeSpec;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sdserve",
+    version,
+    about = "Stable Diffusion 1.5 text-to-image over HTTP"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Serve(Box<ServeArgs>),
+    /// Generate one image to a PNG file, without the server.
+    Generate(Box<GenerateArgs>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// f16 on CUDA, f32 on CPU.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Where the model comes from and what runs it (shared by `serve` and `generate`).
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A local diffusers folder, a single-file checkpoint, or a hub id.
+    #[arg(
+        long = "model",
+        env = "MODEL_ID",
+        default_value = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )]
+    pub model: String,
+    /// Where hub downloads are kept (default: the Hugging Face cache).
+    #[arg(long, env = "MODEL_CACHE_DIR")]
+    pub model_cache_dir: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "DEVICE", default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "DTYPE", value_enum, default_value = "auto")]
+    pub dtype: DtypeArg,
+    /// GPU memory budget the pipeline plans for (attention slicing, VAE tiling, offload).
+    #[arg(long, env = "VRAM_LIMIT_MB", default_value_t = 5120)]
+    pub vram_limit_mb: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, env = "HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (it is logged).
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Requests admitted at once (running + waiting); the next one gets 429.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_concurrent_requests: u32,
+    /// Deadline for queue wait plus generation.
+    #[arg(long, env = "GENERATION_TIMEOUT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub generation_timeout_seconds: u64,
+    /// Response cache size for seeded requests; 0 turns the cache off.
+    #[arg(long, env = "RESPONSE_CACHE_MB", default_value_t = 256)]
+    pub response_cache_mb: u64,
+    /// A tracing filter: a level (info, debug, ...) or directives like `sdserve=debug,info`.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Largest accepted request body.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65536)]
+    pub max_body_bytes: usize,
+    /// On SIGTERM/Ctrl-C the running generation may finish within this bound; queued ones get 503.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+    /// Test hook: a fake generator (`step_ms=50,load_ms=0,fail_load=why,scheduler=pndm`).
+    #[arg(long, env = "SDSERVE_FAKE_GENERATOR", hide = true)]
+    pub fake_generator: Option<FakeSpec>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub width: Option<u64>,
+    #[arg(long)]
+    pub height: Option<u64>,
+    /// Random when absent (printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, unipc (default: the model's own).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    #[arg(short, long, default_value = "out.png")]
+    pub output: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_defaults_match_the_contract() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["sdserve", "serve"]).unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (a.host.as_str(), a.port, a.generation_timeout_seconds),
+            ("127.0.0.1", 8000, 60)
+        );
+        assert_eq!(a.model.vram_limit_mb, 5120);
+        assert_eq!(a.model.device, "auto");
+    }
+}

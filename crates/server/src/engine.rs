@@ -1,0 +1,520 @@
+//! Admission, queue, the one worker thread, deadlines and cancellation (DESIGN.md §2).
+//!
+//! - Admission: a semaphore with MAX_CONCURRENT_REQUESTS permits (running + waiting); when none is
+//!   left the request gets 429 at once. The permit travels with the job and is released when the
+//!   job leaves the engine.
+//! - Queue: a bounded `VecDeque` (never longer than the permit count) behind a mutex + condvar;
+//!   a request that gives up (deadline, client gone) removes its own job, so it is never started.
+//! - Worker: one `std::thread` that loads the model and then owns the generator, so the async
+//!   runtime never blocks on model work. Each job answers on its own oneshot channel.
+//! - Cancellation: an `AtomicBool` per job, set by the handler's drop guard (deadline passed or
+//!   client disconnected), checked in the step hook together with the deadline itself, so the
+//!   worker is free within one step.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use sdserve_pipeline::pipeline::{GenerationParams, StepProgress};
+use sdserve_pipeline::PipelineError;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ApiError;
+use crate::generator::{Loaded, Loader, ModelInfo};
+use crate::metrics::{Gauges, Metrics};
+
+/// How long new requests are refused with 503 `out_of_memory` after an out-of-memory failure.
+const OOM_BREAKER: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelState {
+    Loading,
+    Ready(ModelInfo),
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_concurrent: usize,
+    pub timeout: Duration,
+}
+
+/// A finished generation.
+#[derive(Debug)]
+pub struct Outcome {
+    pub png: Vec<u8>,
+    pub queue_secs: f64,
+    pub gen_secs: f64,
+}
+
+#[derive(Debug)]
+enum JobError {
+    Timeout,
+    ShuttingDown,
+    Cancelled,
+    OutOfMemory,
+    Invalid(String),
+    Internal(String),
+}
+
+struct Job {
+    id: u64,
+    params: GenerationParams,
+    png_text: String,
+    cancel: Arc<AtomicBool>,
+    deadline: Instant,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Outcome, JobError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    shutting_down: bool,
+}
+
+struct Inner {
+    cfg: EngineConfig,
+    semaphore: Arc<Semaphore>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    state: RwLock<ModelState>,
+    running: AtomicUsize,
+    /// Once set, the running job is cancelled at its next step after this instant.
+    shutdown_deadline: Mutex<Option<Instant>>,
+    oom_until: Mutex<Option<Instant>>,
+    /// Moving average of generation time, for Retry-After.
+    avg_gen_ms: AtomicU64,
+    next_id: AtomicU64,
+    worker_done: Mutex<bool>,
+    worker_done_cv: Condvar,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_oom(e: &PipelineError) -> bool {
+    let s = e.to_string().to_ascii_lowercase();
+    s.contains("out of memory") || s.contains("out_of_memory")
+}
+
+/// Sets the job's cancel flag and takes it out of the queue when the handler's future ends,
+/// whatever the reason (answered, deadline, client disconnected).
+struct CancelGuard {
+    engine: Arc<Inner>,
+    id: u64,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        let removed = {
+            let mut q = lock(&self.engine.queue);
+            q.jobs
+                .iter()
+                .position(|j| j.id == self.id)
+                .and_then(|pos| q.jobs.remove(pos))
+        };
+        if removed.is_some() {
+            self.engine
+                .metrics
+                .cancelled
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(job = self.id, "queued job abandoned before it started");
+        }
+    }
+}
+
+impl Engine {
+    /// Starts the worker thread, which loads the model first.
+    pub fn start(cfg: EngineConfig, loader: Loader, metrics: Arc<Metrics>) -> Self {
+        let inner = Arc::new(Inner {
+            semaphore: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            cfg,
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                shutting_down: false,
+            }),
+            wake: Condvar::new(),
+            state: RwLock::new(ModelState::Loading),
+            running: AtomicUsize::new(0),
+            shutdown_deadline: Mutex::new(None),
+            oom_until: Mutex::new(None),
+            avg_gen_ms: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            worker_done: Mutex::new(false),
+            worker_done_cv: Condvar::new(),
+            metrics,
+        });
+        let worker = inner.clone();
+        std::thread::Builder::new()
+            .name("sdserve-worker".into())
+            .spawn(move || {
+                worker_main(&worker, loader);
+                *lock(&worker.worker_done) = true;
+                worker.worker_done_cv.notify_all();
+            })
+            .expect("spawn worker thread");
+        Self { inner }
+    }
+
+    pub fn state(&self) -> ModelState {
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The model's description, or 503 while it loads or after it failed.
+    pub fn model_info(&self) -> Result<ModelInfo, ApiError> {
+        match self.state() {
+            ModelState::Ready(info) => Ok(info),
+            ModelState::Loading => Err(ApiError::ModelUnavailable(
+                "the model is still loading".into(),
+            )),
+            ModelState::Failed(why) => Err(ApiError::ModelUnavailable(format!(
+                "the model failed to load: {why}"
+            ))),
+        }
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            running: self.inner.running.load(Ordering::SeqCst),
+            waiting: lock(&self.inner.queue).jobs.len(),
+            capacity: self.inner.cfg.max_concurrent,
+            model_ready: matches!(self.state(), ModelState::Ready(_)),
+            cache: None,
+        }
+    }
+
+    /// True while the out-of-memory circuit breaker is open.
+    pub fn oom_breaker_open(&self) -> bool {
+        lock(&self.inner.oom_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    fn retry_after_secs(&self) -> u64 {
+        let g = self.gauges();
+        let avg = self.inner.avg_gen_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let est = (avg * (g.waiting + g.running).max(1) as f64).ceil() as u64;
+        est.clamp(1, self.inner.cfg.timeout.as_secs().max(1))
+    }
+
+    /// Admits, queues and waits for one generation. Dropping the returned future (client gone)
+    /// cancels the job; the deadline covers queue wait and generation.
+    pub async fn submit(
+        &self,
+        params: GenerationParams,
+        png_text: String,
+    ) -> Result<Outcome, ApiError> {
+        let inner = &self.inner;
+        if self.oom_breaker_open() {
+            return Err(ApiError::OutOfMemory(
+                "memory circuit breaker open after an out-of-memory failure; retry shortly".into(),
+            ));
+        }
+        let permit =
+            inner
+                .semaphore
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ApiError::Overloaded {
+                    retry_after_secs: self.retry_after_secs(),
+                })?;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let now = Instant::now();
+        let deadline = now + inner.cfg.timeout;
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            id,
+            params,
+            png_text,
+            cancel: cancel.clone(),
+            deadline,
+            enqueued: now,
+            reply: tx,
+            _permit: permit,
+        };
+        {
+            let mut q = lock(&inner.queue);
+            if q.shutting_down {
+                return Err(ApiError::ModelUnavailable(
+                    "the server is shutting down".into(),
+                ));
+            }
+            // Cannot overflow: at most `max_concurrent` permits exist.
+            q.jobs.push_back(job);
+        }
+        inner.wake.notify_one();
+        let _guard = CancelGuard {
+            engine: inner.clone(),
+            id,
+            cancel,
+        };
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => Err(ApiError::Timeout(inner.cfg.timeout.as_secs())),
+            Ok(Err(_)) => Err(ApiError::Internal("the worker dropped the job".into())),
+            Ok(Ok(Ok(outcome))) => Ok(outcome),
+            Ok(Ok(Err(e))) => Err(match e {
+                JobError::Timeout => ApiError::Timeout(inner.cfg.timeout.as_secs()),
+                JobError::ShuttingDown => {
+                    ApiError::ModelUnavailable("the server is shutting down".into())
+                }
+                JobError::Cancelled => ApiError::Internal("the job was cancelled".into()),
+                JobError::OutOfMemory => {
+                    ApiError::OutOfMemory("the device ran out of memory for this request".into())
+                }
+                JobError::Invalid(m) => ApiError::validation("request", m),
+                JobError::Internal(m) => ApiError::Internal(m),
+            }),
+        }
+    }
+
+    /// Stops taking work: queued jobs are answered 503 now, the running one may go on until
+    /// `grace` has passed (then it is cancelled at its next step).
+    pub fn begin_shutdown(&self, grace: Duration) {
+        *lock(&self.inner.shutdown_deadline) = Some(Instant::now() + grace);
+        let drained: Vec<Job> = {
+            let mut q = lock(&self.inner.queue);
+            q.shutting_down = true;
+            q.jobs.drain(..).collect()
+        };
+        self.inner.wake.notify_all();
+        let n = drained.len();
+        for job in drained {
+            let _ = job.reply.send(Err(JobError::ShuttingDown));
+        }
+        tracing::info!(
+            queued_answered_503 = n,
+            grace_secs = grace.as_secs_f64(),
+            "shutdown: queue drained"
+        );
+    }
+
+    /// Waits up to `bound` for the worker thread to finish; true if it did.
+    pub fn wait_worker(&self, bound: Duration) -> bool {
+        let done = lock(&self.inner.worker_done);
+        let (done, _) = self
+            .inner
+            .worker_done_cv
+            .wait_timeout_while(done, bound, |d| !*d)
+            .unwrap_or_else(|e| e.into_inner());
+        *done
+    }
+}
+
+fn worker_main(inner: &Inner, loader: Loader) {
+    let t0 = Instant::now();
+    let loaded = std::panic::catch_unwind(AssertUnwindSafe(loader))
+        .unwrap_or_else(|_| Err("the model loader panicked".into()));
+    let Loaded {
+        mut generator,
+        info,
+    } = match loaded {
+        Ok(l) => l,
+        Err(why) => {
+            tracing::error!(error = %why, load_seconds = t0.elapsed().as_secs_f64(), "model load failed");
+            *inner.state.write().unwrap_or_else(|e| e.into_inner()) = ModelState::Failed(why);
+            return;
+        }
+    };
+    tracing::info!(
+        model_version = %info.model_version,
+        default_scheduler = info.default_scheduler.name(),
+        load_seconds = t0.elapsed().as_secs_f64(),
+        rss_mb = crate::config::rss_mb(),
+        "model ready"
+    );
+    *inner.state.write().unwrap_or_else(|e| e.into_inner()) = ModelState::Ready(info);
+
+    loop {
+        let job = {
+            let mut q = lock(&inner.queue);
+            loop {
+                if let Some(job) = q.jobs.pop_front() {
+                    inner.running.fetch_add(1, Ordering::SeqCst);
+                    break Some(job);
+                }
+                if q.shutting_down {
+                    break None;
+                }
+                q = inner.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let Some(job) = job else { break };
+        run_job(inner, generator.as_mut(), job);
+        inner.running.fetch_sub(1, Ordering::SeqCst);
+    }
+    tracing::info!("worker stopped");
+}
+
+fn run_job(inner: &Inner, generator: &mut dyn crate::generator::Generator, job: Job) {
+    let start = Instant::now();
+    if job.cancel.load(Ordering::SeqCst) || job.reply.is_closed() {
+        inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        return; // the client is gone: never start it
+    }
+    if start >= job.deadline {
+        let _ = job.reply.send(Err(JobError::Timeout));
+        return;
+    }
+    let queue_secs = start.duration_since(job.enqueued).as_secs_f64();
+    inner.metrics.queue_seconds.observe(queue_secs);
+    let shutdown_deadline = *lock(&inner.shutdown_deadline);
+    let mut last = start;
+    let mut stop_reason = None;
+    let result = {
+        let mut hook = |_p: StepProgress| {
+            let now = Instant::now();
+            inner
+                .metrics
+                .step_seconds
+                .observe(now.duration_since(last).as_secs_f64());
+            last = now;
+            let shutdown = shutdown_deadline.or(*lock(&inner.shutdown_deadline));
+            stop_reason = if now >= job.deadline {
+                Some(JobError::Timeout)
+            } else if shutdown.is_some_and(|t| now >= t) {
+                Some(JobError::ShuttingDown)
+            } else if job.cancel.load(Ordering::SeqCst) || job.reply.is_closed() {
+                Some(JobError::Cancelled)
+            } else {
+                None
+            };
+            if stop_reason.is_some() {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            generator.generate(&job.params, &mut hook)
+        }))
+    };
+    let gen_secs = start.elapsed().as_secs_f64();
+    let reply = match result {
+        Ok(Ok(img)) => {
+            inner.metrics.generation_seconds.observe(gen_secs);
+            let prev = inner.avg_gen_ms.load(Ordering::Relaxed) as f64;
+            let ms = gen_secs * 1000.0;
+            let avg = if prev == 0.0 {
+                ms
+            } else {
+                0.8 * prev + 0.2 * ms
+            };
+            inner.avg_gen_ms.store(avg as u64, Ordering::Relaxed);
+            match crate::png::encode(&img, &job.png_text) {
+                Ok(png) => Ok(Outcome {
+                    png,
+                    queue_secs,
+                    gen_secs,
+                }),
+                Err(e) => Err(JobError::Internal(format!("png encoding failed: {e}"))),
+            }
+        }
+        Ok(Err(PipelineError::Cancelled)) => {
+            inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            let why = stop_reason.unwrap_or(JobError::Cancelled);
+            tracing::info!(job = job.id, reason = ?why, step_secs = gen_secs, "generation stopped early");
+            Err(why)
+        }
+        Ok(Err(e)) if is_oom(&e) => {
+            *lock(&inner.oom_until) = Some(Instant::now() + OOM_BREAKER);
+            tracing::error!(job = job.id, error = %e, "out of memory; circuit breaker open");
+            Err(JobError::OutOfMemory)
+        }
+        Ok(Err(PipelineError::InvalidRequest(m))) => Err(JobError::Invalid(m)),
+        Ok(Err(e)) => Err(JobError::Internal(format!("generation failed: {e}"))),
+        Err(_) => Err(JobError::Internal("the generator panicked".into())),
+    };
+    let _ = job.reply.send(reply);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generator::FakeSpec;
+    use sdserve_pipeline::schedulers::SchedulerKind;
+
+    fn params(steps: usize) -> GenerationParams {
+        GenerationParams {
+            prompt: "p".into(),
+            negative_prompt: String::new(),
+            steps,
+            width: 256,
+            height: 256,
+            seed: 1,
+            guidance_scale: 7.5,
+            scheduler: Some(SchedulerKind::Euler),
+        }
+    }
+
+    async fn ready(engine: &Engine) {
+        while matches!(engine.state(), ModelState::Loading) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_times_out_and_frees_the_worker() {
+        let spec: FakeSpec = "step_ms=20".parse().unwrap();
+        let cfg = EngineConfig {
+            max_concurrent: 2,
+            timeout: Duration::from_millis(300),
+        };
+        let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
+        ready(&engine).await;
+        let out = engine.submit(params(2), "t".into()).await.unwrap();
+        assert!(out.png.starts_with(b"\x89PNG"));
+        let t = Instant::now();
+        let err = engine.submit(params(1000), "t".into()).await.unwrap_err();
+        assert!(matches!(err, ApiError::Timeout(_)), "{err:?}");
+        assert!(t.elapsed() < Duration::from_millis(450));
+        // The worker stops within one step, so the next short job finishes well within the deadline.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(engine.gauges().running, 0);
+        engine.submit(params(2), "t".into()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn overload_and_failed_load() {
+        let spec: FakeSpec = "step_ms=20".parse().unwrap();
+        let cfg = EngineConfig {
+            max_concurrent: 1,
+            timeout: Duration::from_secs(5),
+        };
+        let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
+        ready(&engine).await;
+        let e2 = engine.clone();
+        let first = tokio::spawn(async move { e2.submit(params(10), "t".into()).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let err = engine.submit(params(1), "t".into()).await.unwrap_err();
+        assert!(matches!(err, ApiError::Overloaded { .. }), "{err:?}");
+        first.await.unwrap().unwrap();
+
+        let spec: FakeSpec = "fail_load=no weights".parse().unwrap();
+        let cfg = EngineConfig {
+            max_concurrent: 1,
+            timeout: Duration::from_secs(5),
+        };
+        let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
+        assert!(engine.wait_worker(Duration::from_secs(5)));
+        assert_eq!(engine.state(), ModelState::Failed("no weights".into()));
+        assert!(matches!(
+            engine.model_info(),
+            Err(ApiError::ModelUnavailable(_))
+        ));
+    }
+}

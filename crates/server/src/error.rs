@@ -1,0 +1,192 @@
+//! The one API error type, and the one table from error to HTTP status and `error_code`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Every error the HTTP API can answer with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not a JSON object (syntax error, wrong content type, not an object).
+    #[error("request body is not valid JSON")]
+    InvalidJson(String),
+    /// A field breaks a rule of the contract (including unknown fields and wrong types).
+    #[error("request validation failed")]
+    Validation { field: String, rule: String },
+    #[error("no such route")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed(String),
+    #[error("request body too large")]
+    PayloadTooLarge(usize),
+    /// Queue wait plus generation passed the deadline; the run was cancelled.
+    #[error("generation timed out")]
+    Timeout(u64),
+    /// MAX_CONCURRENT_REQUESTS are already admitted.
+    #[error("server overloaded, retry later")]
+    Overloaded { retry_after_secs: u64 },
+    /// The model is loading, failed to load, or the server is shutting down.
+    #[error("model unavailable")]
+    ModelUnavailable(String),
+    #[error("out of memory")]
+    OutOfMemory(String),
+    /// Anything else. The cause goes to the log, never to the client.
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// Which field and which rule, or other specifics; null when there is nothing to add.
+    pub details: Option<String>,
+    /// Stable snake_case code.
+    pub error_code: String,
+}
+
+/// Carried in response extensions so the request log and metrics can name the error code.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+impl ApiError {
+    /// The table: status and stable code for each error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            Self::Validation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            Self::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            Self::ModelUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
+            Self::OutOfMemory(_) => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+
+    pub fn validation(field: &str, rule: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.to_string(),
+            rule: rule.into(),
+        }
+    }
+
+    /// The error for a bare status (used for responses that axum produced itself).
+    pub fn from_status(status: StatusCode) -> Self {
+        match status {
+            StatusCode::NOT_FOUND => Self::NotFound("no such route".into()),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                Self::MethodNotAllowed("method not allowed on this route".into())
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge(0),
+            StatusCode::REQUEST_TIMEOUT => Self::Timeout(0),
+            StatusCode::SERVICE_UNAVAILABLE => Self::ModelUnavailable("service unavailable".into()),
+            s if s.is_client_error() => Self::InvalidJson(format!("request rejected ({s})")),
+            s => Self::Internal(format!("status {s}")),
+        }
+    }
+
+    fn details(&self) -> Option<String> {
+        match self {
+            Self::InvalidJson(d)
+            | Self::NotFound(d)
+            | Self::MethodNotAllowed(d)
+            | Self::ModelUnavailable(d)
+            | Self::OutOfMemory(d) => Some(d.clone()),
+            Self::Validation { field, rule } => Some(format!("{field}: {rule}")),
+            Self::PayloadTooLarge(0) => None,
+            Self::PayloadTooLarge(n) => Some(format!("the body may hold at most {n} bytes")),
+            Self::Timeout(0) => None,
+            Self::Timeout(s) => Some(format!(
+                "queue wait plus generation passed {s} seconds; the run was cancelled"
+            )),
+            Self::Overloaded { retry_after_secs } => Some(format!(
+                "all request slots are taken; retry after {retry_after_secs} s"
+            )),
+            // Never leak internals: the cause is logged by whoever built this error.
+            Self::Internal(_) => None,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.to_string(),
+            details: self.details(),
+            error_code: self.status_and_code().1.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::Internal(cause) = &self {
+            tracing::error!(cause = %cause, "internal error");
+        }
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if let Self::Overloaded { retry_after_secs } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        resp.extensions_mut().insert(ErrorCode(code));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_the_contract() {
+        let cases = [
+            (ApiError::InvalidJson("x".into()), 400, "invalid_json"),
+            (ApiError::validation("steps", "x"), 422, "validation_error"),
+            (ApiError::NotFound("x".into()), 404, "not_found"),
+            (
+                ApiError::MethodNotAllowed("x".into()),
+                405,
+                "method_not_allowed",
+            ),
+            (ApiError::PayloadTooLarge(1), 413, "payload_too_large"),
+            (ApiError::Timeout(60), 408, "timeout"),
+            (
+                ApiError::Overloaded {
+                    retry_after_secs: 1,
+                },
+                429,
+                "overloaded",
+            ),
+            (
+                ApiError::ModelUnavailable("x".into()),
+                503,
+                "model_unavailable",
+            ),
+            (ApiError::OutOfMemory("x".into()), 503, "out_of_memory"),
+            (ApiError::Internal("secret".into()), 500, "internal_error"),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(
+                err.status_and_code(),
+                (StatusCode::from_u16(status).unwrap(), code)
+            );
+            assert_eq!(err.body().error_code, code);
+        }
+    }
+
+    #[test]
+    fn internal_details_are_hidden_and_fields_named() {
+        let body = ApiError::Internal("secret path /x".into()).body();
+        assert!(body.details.is_none());
+        assert!(!body.error.contains("secret"));
+        let body = ApiError::validation("steps", "must be between 1 and 50").body();
+        assert_eq!(
+            body.details.as_deref(),
+            Some("steps: must be between 1 and 50")
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! What the engine's worker runs: the real pipeline, or a fake one for timing tests.
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StepHook, StepProgress};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::PipelineError;
+
+/// One text-to-image model, owned by one thread at a time.
+pub trait Generator: Send {
+    fn generate(
+        &mut self,
+        params: &GenerationParams,
+        on_step: StepHook,
+    ) -> Result<RgbImage, PipelineError>;
+}
+
+/// What the server needs to know about a loaded model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// Model name plus revision or content digest.
+    pub model_version: String,
+    /// The scheduler of the model's own `scheduler_config.json`.
+    pub default_scheduler: SchedulerKind,
+}
+
+/// A loaded model: the generator and its description.
+pub struct Loaded {
+    pub generator: Box<dyn Generator>,
+    pub info: ModelInfo,
+}
+
+/// Loads the model; runs on the worker thread. The error is a message for /health and the log.
+pub type Loader = Box<dyn FnOnce() -> Result<Loaded, String> + Send>;
+
+/// Settings of the fake generator, parsed from `key=value,...`
+/// (`step_ms`, `load_ms`, `fail_load`, `scheduler`).
+///
+/// The fake honours the step hook exactly like the real pipeline, and its image is a pure
+/// function of the parameters, so timing, cancellation, caching and reproducibility can be
+/// tested in milliseconds. Prompts starting with `fake:oom`, `fake:error` or `fake:panic` make it
+/// fail in that way (test hooks for the error paths).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeSpec {
+    pub step_ms: u64,
+    pub load_ms: u64,
+    pub fail_load: Option<String>,
+    pub scheduler: SchedulerKind,
+}
+
+impl std::str::FromStr for FakeSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut spec = FakeSpec {
+            step_ms: 10,
+            load_ms: 0,
+            fail_load: None,
+            scheduler: SchedulerKind::Pndm,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got {part:?}"))?;
+            let ms = || v.parse::<u64>().map_err(|e| format!("{k}: {e}"));
+            match k {
+                "step_ms" => spec.step_ms = ms()?,
+                "load_ms" => spec.load_ms = ms()?,
+                "fail_load" => spec.fail_load = Some(v.to_string()),
+                "scheduler" => {
+                    spec.scheduler = SchedulerKind::from_name(v)
+                        .ok_or_else(|| format!("scheduler: unknown {v:?}"))?
+                }
+                _ => return Err(format!("unknown fake generator key {k:?}")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+pub struct FakeGenerator {
+    step: Duration,
+}
+
+impl FakeSpec {
+    pub fn loader(self) -> Loader {
+        Box::new(move || {
+            std::thread::sleep(Duration::from_millis(self.load_ms));
+            if let Some(why) = self.fail_load {
+                return Err(why);
+            }
+            Ok(Loaded {
+                generator: Box::new(FakeGenerator {
+                    step: Duration::from_millis(self.step_ms),
+                }),
+                info: ModelInfo {
+                    model_version: "fake@0".into(),
+                    default_scheduler: self.scheduler,
+                },
+            })
+        })
+    }
+}
+
+/// FNV-1a, for the fake's pixels (stable across Rust versions, unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+impl Generator for FakeGenerator {
+    fn generate(
+        &mut self,
+        p: &GenerationParams,
+        on_step: StepHook,
+    ) -> Result<RgbImage, PipelineError> {
+        if p.prompt.starts_with("fake:oom") {
+            return Err(PipelineError::Candle(candle_core::Error::Msg(
+                "CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
+            )));
+        }
+        if p.prompt.starts_with("fake:error") {
+            return Err(PipelineError::config(
+                "/secret/internal/path",
+                "fake failure",
+            ));
+        }
+        if p.prompt.starts_with("fake:panic") {
+            panic!("fake generator panic");
+        }
+        for step in 1..=p.steps {
+            std::thread::sleep(self.step);
+            if on_step(StepProgress {
+                step,
+                total: p.steps,
+            }) == ControlFlow::Break(())
+            {
+                return Err(PipelineError::Cancelled);
+            }
+        }
+        let key = format!("{p:?}");
+        let base = fnv1a(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
+        let (w, h) = (p.width as u32, p.height as u32);
+        let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                let v = fnv1a(&[(x / 16) as u8, (y / 16) as u8], base);
+                pixels.extend_from_slice(&[v as u8, (v >> 8) as u8, (v >> 16) as u8]);
+            }
+        }
+        Ok(RgbImage {
+            width: w,
+            height: h,
+            pixels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(seed: u64) -> GenerationParams {
+        GenerationParams {
+            prompt: "a".into(),
+            negative_prompt: String::new(),
+            steps: 3,
+            width: 256,
+            height: 256,
+            seed,
+            guidance_scale: 7.5,
+            scheduler: Some(SchedulerKind::Euler),
+        }
+    }
+
+    #[test]
+    fn spec_parses_and_rejects() {
+        let s: FakeSpec = "step_ms=50,load_ms=5,scheduler=ddim".parse().unwrap();
+        assert_eq!(
+            (s.step_ms, s.load_ms, s.scheduler),
+            (50, 5, SchedulerKind::Ddim)
+        );
+        assert!("bogus=1".parse::<FakeSpec>().is_err());
+        assert!("step_ms=x".parse::<FakeSpec>().is_err());
+    }
+
+    #[test]
+    fn fake_is_deterministic_and_cancellable() {
+        let mut g = FakeGenerator {
+            step: Duration::ZERO,
+        };
+        let mut n = 0;
+        let a = g
+            .generate(&params(1), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        let b = g
+            .generate(&params(1), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        let c = g
+            .generate(&params(2), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.pixels.len(), 256 * 256 * 3);
+        let r = g.generate(&params(1), &mut |_| {
+            n += 1;
+            ControlFlow::Break(())
+        });
+        assert!(matches!(r, Err(PipelineError::Cancelled)));
+        assert_eq!(n, 1);
+    }
+}

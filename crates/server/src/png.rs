@@ -1,0 +1,109 @@
+//! PNG encoding with the generation parameters in a `parameters` tEXt chunk (AUTOMATIC1111 style,
+//! which image viewers and UIs such as A1111/ComfyUI read back).
+
+use sdserve_pipeline::pipeline::{GenerationParams, RgbImage};
+use sdserve_pipeline::schedulers::SchedulerKind;
+
+/// The sampler name A1111 uses for each scheduler.
+fn a1111_sampler(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Pndm => "PLMS",
+        SchedulerKind::Ddim => "DDIM",
+        SchedulerKind::Euler => "Euler",
+        SchedulerKind::EulerAncestral => "Euler a",
+        SchedulerKind::DpmPp2m => "DPM++ 2M",
+        SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+        SchedulerKind::Lms => "LMS",
+        SchedulerKind::UniPc => "UniPC",
+    }
+}
+
+/// tEXt is Latin-1 only; anything else becomes `?` (the JSON metadata carries the exact text).
+fn latin1(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if (c as u32) < 256 && c != '\0' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// The A1111 "parameters" string.
+pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
+    let mut s = p.prompt.clone();
+    if !p.negative_prompt.is_empty() {
+        s.push_str("\nNegative prompt: ");
+        s.push_str(&p.negative_prompt);
+    }
+    let sampler = p.scheduler.map(a1111_sampler).unwrap_or("default");
+    let scheduler = p.scheduler.map(|k| k.name()).unwrap_or("default");
+    s.push_str(&format!(
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model_version}, Version: sdserve {}",
+        p.steps,
+        p.guidance_scale,
+        p.seed,
+        p.width,
+        p.height,
+        env!("CARGO_PKG_VERSION"),
+    ));
+    s
+}
+
+pub fn encode(img: &RgbImage, parameters: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, img.width, img.height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk("parameters".into(), latin1(parameters))
+            .map_err(|e| e.to_string())?;
+        let mut w = enc.write_header().map_err(|e| e.to_string())?;
+        w.write_image_data(&img.pixels).map_err(|e| e.to_string())?;
+        w.finish().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_with_parameters_chunk() {
+        let img = RgbImage {
+            width: 3,
+            height: 2,
+            pixels: (0..18).collect(),
+        };
+        let params = GenerationParams {
+            prompt: "a cat".into(),
+            negative_prompt: "dog".into(),
+            steps: 4,
+            width: 3,
+            height: 2,
+            seed: 42,
+            guidance_scale: 7.5,
+            scheduler: Some(SchedulerKind::EulerAncestral),
+        };
+        let text = parameters_text(&params, "m@1");
+        let want = format!(
+            "a cat\nNegative prompt: dog\nSteps: 4, Sampler: Euler a, Scheduler: euler_a, CFG scale: 7.5, Seed: 42, Size: 3x2, Model: m@1, Version: sdserve {}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(text, want);
+        let bytes = encode(&img, &text).unwrap();
+        let mut dec = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; dec.output_buffer_size().unwrap()];
+        dec.next_frame(&mut buf).unwrap();
+        assert_eq!(buf, img.pixels);
+        let chunks = &dec.info().uncompressed_latin1_text;
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].keyword, "parameters");
+        assert_eq!(chunks[0].text, text);
+    }
+}

@@ -1,0 +1,138 @@
+//! `sdserve serve`: bind, start the engine (the model loads in the background), serve, and shut
+//! down gracefully on SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::{self, AppState};
+use crate::cache::ResponseCache;
+use crate::cli::ServeArgs;
+use crate::config::{self, DeviceChoice};
+use crate::engine::{Engine, EngineConfig};
+use crate::metrics::Metrics;
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    config::init_logging(&args.log_level, args.log_format);
+    let device = match DeviceChoice::parse(&args.model.device) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "bad configuration");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(args, device)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs, device: DeviceChoice) -> Result<(), String> {
+    let started = Instant::now();
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| format!("cannot bind {}:{}: {e}", args.host, args.port))?;
+    let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    let dtype = config::dtype_label(device.dtype(args.model.dtype));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        %addr,
+        device = %device.label(),
+        dtype,
+        model = %args.model.model,
+        vram_limit_mb = args.model.vram_limit_mb,
+        max_concurrent_requests = args.max_concurrent_requests,
+        generation_timeout_seconds = args.generation_timeout_seconds,
+        response_cache_mb = args.response_cache_mb,
+        rss_mb = config::rss_mb(),
+        "listening; loading the model in the background"
+    );
+
+    let metrics = Arc::new(Metrics::default());
+    let loader = match args.fake_generator.clone() {
+        Some(spec) => {
+            tracing::warn!(?spec, "using the FAKE generator (test mode)");
+            spec.loader()
+        }
+        None => crate::model::real_loader(args.model.clone(), device),
+    };
+    let engine = Engine::start(
+        EngineConfig {
+            max_concurrent: args.max_concurrent_requests as usize,
+            timeout: Duration::from_secs(args.generation_timeout_seconds),
+        },
+        loader,
+        metrics.clone(),
+    );
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        cache: ResponseCache::new((args.response_cache_mb as usize).saturating_mul(1 << 20)),
+        metrics,
+        device: device.label(),
+        dtype: dtype.to_string(),
+        started,
+        max_body_bytes: args.max_body_bytes,
+    });
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
+    let shutdown_engine = engine.clone();
+    let shutdown = async move {
+        let which = shutdown_signal().await;
+        tracing::info!(
+            signal = which,
+            "shutting down: no new connections, draining"
+        );
+        shutdown_engine.begin_shutdown(grace);
+        // A hard bound in case a connection never finishes.
+        std::thread::spawn(move || {
+            std::thread::sleep(grace + Duration::from_secs(10));
+            tracing::warn!("shutdown bound passed; exiting");
+            std::process::exit(0);
+        });
+    };
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stopped = engine.wait_worker(Duration::from_secs(5));
+    tracing::info!(
+        worker_stopped = stopped,
+        uptime_seconds = started.elapsed().as_secs_f64(),
+        "bye"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => "SIGINT",
+        _ = term => "SIGTERM",
+    }
+}
