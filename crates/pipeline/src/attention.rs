@@ -9,22 +9,17 @@
 use candle_core::{DType, Result, Tensor};
 
 /// How attention is split into pieces so that the whole score matrix never has to exist at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionSlicing {
     /// Slice automatically so that one piece of the score matrix stays under
     /// [`AUTO_SLICE_BYTES`] (in f32). This is the default.
+    #[default]
     Auto,
     /// Everything at once (fastest on small inputs, most memory).
     Off,
     /// `n` (batch, head) pairs per piece, like diffusers' `set_attention_slice(n)`; query rows are
     /// additionally chunked if even that exceeds [`AUTO_SLICE_BYTES`].
     Heads(usize),
-}
-
-impl Default for AttentionSlicing {
-    fn default() -> Self {
-        Self::Auto
-    }
 }
 
 /// Upper bound, in bytes of f32 scores, of one attention piece under [`AttentionSlicing::Auto`].
@@ -104,7 +99,11 @@ pub fn sdpa(
     let mut h0 = 0;
     while h0 < bh {
         let hl = heads_per_piece.min(bh - h0);
-        let (qh, kh, vh) = (q.narrow(0, h0, hl)?, kt.narrow(0, h0, hl)?, v.narrow(0, h0, hl)?);
+        let (qh, kh, vh) = (
+            q.narrow(0, h0, hl)?,
+            kt.narrow(0, h0, hl)?,
+            v.narrow(0, h0, hl)?,
+        );
         if rows_per_piece >= n {
             outs.push(piece(&qh, &kh, &vh)?);
         } else {
@@ -126,7 +125,9 @@ pub fn sdpa(
 #[cfg(test)]
 fn sdpa_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let s = (q.matmul(&k.t()?)? * scale)?;
-    let s = s.broadcast_sub(&s.max_keepdim(candle_core::D::Minus1)?)?.exp()?;
+    let s = s
+        .broadcast_sub(&s.max_keepdim(candle_core::D::Minus1)?)?
+        .exp()?;
     let p = s.broadcast_div(&s.sum_keepdim(candle_core::D::Minus1)?)?;
     p.matmul(v)
 }
@@ -193,7 +194,14 @@ mod tests {
         let want = sdpa_reference(&q, &k, &v, 0.35)?;
         let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
         for upcast in [false, true] {
-            let got = sdpa(&h(&q), &h(&k), &h(&v), 0.35, AttentionSlicing::Heads(1), upcast)?;
+            let got = sdpa(
+                &h(&q),
+                &h(&k),
+                &h(&v),
+                0.35,
+                AttentionSlicing::Heads(1),
+                upcast,
+            )?;
             assert_eq!(got.dtype(), DType::F16);
             let d = max_abs_diff(&got.to_dtype(DType::F32)?, &want);
             assert!(d < 1e-2, "upcast={upcast}: {d}");

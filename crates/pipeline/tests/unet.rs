@@ -19,27 +19,43 @@ fn load_config(model: &str) -> UNetConfig {
 }
 
 fn load_unet(model: &str, dtype: DType) -> UNet2DConditionModel {
-    let weights = fixtures().join(model).join("unet/diffusion_pytorch_model.safetensors");
+    let weights = fixtures()
+        .join(model)
+        .join("unet/diffusion_pytorch_model.safetensors");
     // SAFETY: the fixture file is not modified while mapped.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }
-        .unwrap();
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }.unwrap();
     UNet2DConditionModel::new(vb, &load_config(model)).unwrap()
 }
 
 fn refs(model: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(format!("{model}.safetensors")), &Device::Cpu)
-        .unwrap()
+    candle_core::safetensors::load(
+        fixtures().join(format!("{model}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Runs the fixture's UNet on its reference inputs; returns (max abs diff, max abs reference).
 fn run_reference(model: &str, unet: &UNet2DConditionModel) -> (f32, f32) {
     let r = refs(model);
     let out = unet
-        .forward(&r["unet.sample"], &r["unet.timesteps"], &r["unet.encoder_hidden_states"])
+        .forward(
+            &r["unet.sample"],
+            &r["unet.timesteps"],
+            &r["unet.encoder_hidden_states"],
+        )
         .unwrap();
     let want = &r["unet.output"];
     assert_eq!(out.dims(), want.dims());
@@ -52,7 +68,10 @@ fn check_f32(model: &str, slicing: AttentionSlicing) {
     unet.set_attention_slicing(slicing);
     let (diff, scale) = run_reference(model, &unet);
     eprintln!("{model} f32 {slicing:?}: max abs diff {diff:e} (output max abs {scale})");
-    assert!(diff < 1e-4 * scale, "{model}: max abs diff {diff} vs diffusers");
+    assert!(
+        diff < 1e-4 * scale,
+        "{model}: max abs diff {diff} vs diffusers"
+    );
 }
 
 // tiny-a: head count given as a list ([2, 4]), 1x1-conv projections, 2 layers per block.
@@ -81,7 +100,10 @@ fn f16_weights_stay_close() {
         let unet = load_unet(model, DType::F16);
         let (diff, scale) = run_reference(model, &unet);
         eprintln!("{model} F16: max abs diff {diff:e} (output max abs {scale})");
-        assert!(diff.is_finite() && diff < 1e-2 * scale, "{model} f16: {diff}");
+        assert!(
+            diff.is_finite() && diff < 1e-2 * scale,
+            "{model} f16: {diff}"
+        );
     }
 }
 
@@ -90,7 +112,11 @@ fn batch_items_are_independent_and_take_their_own_timestep() {
     let unet = load_unet("tiny-b", DType::F32);
     let r = refs("tiny-b");
     let full = unet
-        .forward(&r["unet.sample"], &r["unet.timesteps"], &r["unet.encoder_hidden_states"])
+        .forward(
+            &r["unet.sample"],
+            &r["unet.timesteps"],
+            &r["unet.encoder_hidden_states"],
+        )
         .unwrap();
     for i in 0..2 {
         let one = unet
@@ -106,7 +132,9 @@ fn batch_items_are_independent_and_take_their_own_timestep() {
 }
 
 fn weights_without(model: &str, drop: &str, reshape: Option<&str>) -> HashMap<String, Tensor> {
-    let path = fixtures().join(model).join("unet/diffusion_pytorch_model.safetensors");
+    let path = fixtures()
+        .join(model)
+        .join("unet/diffusion_pytorch_model.safetensors");
     let mut w = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     w.remove(drop);
     if let Some(name) = reshape {
@@ -164,4 +192,33 @@ fn head_count_list_and_number_build_the_same_model() {
     let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
     let (diff, scale) = run_reference("tiny-a", &unet);
     assert!(diff > 1e-2 * scale, "{diff}");
+}
+
+/// Config variants from `tools/make_unet_fixtures.py`: `odd` (9x7 latents needing
+/// `upsample_size`, scale-shift resnets, upcast + only-cross attention, per-block transformer
+/// depth, padding-0 downsampling, centred input, time-embedding activations, 1x1/5x5 in/out convs)
+/// and `nomid` (no mid block, `UNetRes` block names).
+#[test]
+fn config_variants_match_diffusers() {
+    let dir = fixtures().join("unet-variants");
+    for name in ["odd", "nomid"] {
+        let cfg: UNetConfig = read_json(&dir.join(name).join("config.json")).unwrap();
+        let weights = dir.join(name).join("diffusion_pytorch_model.safetensors");
+        // SAFETY: the fixture file is not modified while mapped.
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
+                .unwrap();
+        let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
+        let r =
+            candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
+                .unwrap();
+        let out = unet
+            .forward(&r["sample"], &r["timesteps"], &r["encoder_hidden_states"])
+            .unwrap();
+        assert_eq!(out.dims(), r["output"].dims());
+        let diff = max_abs(&(out - &r["output"]).unwrap());
+        let scale = max_abs(&r["output"]);
+        eprintln!("{name}: max abs diff {diff:e} (output max abs {scale})");
+        assert!(diff < 1e-4 * scale, "{name}: max abs diff {diff}");
+    }
 }

@@ -52,12 +52,20 @@ pub(crate) struct GroupNorm {
 
 impl GroupNorm {
     pub(crate) fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
-            candle_core::bail!("GroupNorm {}: {groups} groups do not divide {channels} channels", vb.prefix());
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!(
+                "GroupNorm {}: {groups} groups do not divide {channels} channels",
+                vb.prefix()
+            );
         }
         let weight = vb.get(channels, "weight")?.to_dtype(DType::F32)?;
         let bias = vb.get(channels, "bias")?.to_dtype(DType::F32)?;
-        Ok(Self { weight, bias, groups, eps })
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -116,7 +124,11 @@ pub(crate) fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
     candle_nn::conv2d(cin, cout, kernel, cfg, vb)
 }
 
@@ -142,7 +154,6 @@ pub(crate) struct ResnetParams {
     pub temb_channels: usize,
     pub act: Act,
     pub scale_shift: bool,
-    pub skip_time_act: bool,
     pub output_scale_factor: f64,
 }
 
@@ -180,8 +191,11 @@ impl ResnetBlock {
         let act = self.p.act;
         let h = act.forward(&self.norm1.forward(x)?)?;
         let h = self.conv1.forward(&h)?;
-        let t = if self.p.skip_time_act { temb.clone() } else { act.forward(temb)? };
-        let t = self.time_emb_proj.forward(&t)?.unsqueeze(2)?.unsqueeze(3)?;
+        let t = self
+            .time_emb_proj
+            .forward(&act.forward(temb)?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
         let h = if self.p.scale_shift {
             let c = t.dim(1)? / 2;
             let (scale, shift) = (t.narrow(1, 0, c)?, t.narrow(1, c, c)?);
@@ -314,7 +328,14 @@ impl TransformerBlock {
             norm1: LayerNorm::new(dim, eps, vb.pp("norm1"))?,
             attn1: Attention::new(dim, attn1_ctx, p.heads, head_dim, p.upcast, vb.pp("attn1"))?,
             norm2: LayerNorm::new(dim, eps, vb.pp("norm2"))?,
-            attn2: Attention::new(dim, p.cross_dim, p.heads, head_dim, p.upcast, vb.pp("attn2"))?,
+            attn2: Attention::new(
+                dim,
+                p.cross_dim,
+                p.heads,
+                head_dim,
+                p.upcast,
+                vb.pp("attn2"),
+            )?,
             norm3: LayerNorm::new(dim, eps, vb.pp("norm3"))?,
             ff: GegluFeedForward::new(dim, vb.pp("ff"))?,
             only_cross: p.only_cross,
@@ -352,7 +373,12 @@ impl Transformer2D {
         };
         let vbb = vb.pp("transformer_blocks");
         Ok(Self {
-            norm: GroupNorm::new(p.groups, channels, TRANSFORMER_GROUP_NORM_EPS, vb.pp("norm"))?,
+            norm: GroupNorm::new(
+                p.groups,
+                channels,
+                TRANSFORMER_GROUP_NORM_EPS,
+                vb.pp("norm"),
+            )?,
             proj_in: proj(channels, channels, vb.pp("proj_in"))?,
             blocks: (0..p.layers)
                 .map(|i| TransformerBlock::new(channels, p, vbb.pp(i)))
@@ -432,7 +458,9 @@ pub(crate) fn upsample_nearest(x: &Tensor, size: Option<(usize, usize)>) -> Resu
 
 impl Upsample {
     pub(crate) fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
@@ -474,7 +502,11 @@ impl DownBlock {
             Some(p) => Some(Downsample::new(cout, p, vb.pp("downsamplers").pp(0))?),
             None => None,
         };
-        Ok(Self { resnets, attentions, downsample })
+        Ok(Self {
+            resnets,
+            attentions,
+            downsample,
+        })
     }
 
     /// Returns the output and pushes the skip connections onto `skips`.
@@ -530,7 +562,13 @@ impl MidBlock {
         Ok(Self { first, rest })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor, o: RunOpts) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        o: RunOpts,
+    ) -> Result<Tensor> {
         let mut x = self.first.forward(x, temb)?;
         for (a, r) in &self.rest {
             x = r.forward(&a.forward(&x, ctx, o)?, temb)?;
@@ -564,7 +602,12 @@ impl UpBlock {
         for i in 0..layers {
             let skip = if i == layers - 1 { cin } else { cout };
             let rin = if i == 0 { prev_out } else { cout };
-            resnets.push(ResnetBlock::new(rin + skip, cout, rp, vb.pp("resnets").pp(i))?);
+            resnets.push(ResnetBlock::new(
+                rin + skip,
+                cout,
+                rp,
+                vb.pp("resnets").pp(i),
+            )?);
             if let Some(tp) = tp {
                 attentions.push(Transformer2D::new(cout, tp, vb.pp("attentions").pp(i))?);
             }
@@ -574,7 +617,11 @@ impl UpBlock {
         } else {
             None
         };
-        Ok(Self { resnets, attentions, upsample })
+        Ok(Self {
+            resnets,
+            attentions,
+            upsample,
+        })
     }
 
     pub(crate) fn num_resnets(&self) -> usize {
@@ -629,7 +676,10 @@ mod tests {
         let x = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((1, 1, 3, 4))?;
         let a = upsample_nearest(&x, None)?;
         let b = upsample_nearest(&x, Some((6, 8)))?;
-        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?
+        );
         let c = upsample_nearest(&x, Some((5, 7)))?;
         assert_eq!(c.dims(), &[1, 1, 5, 7]);
         // Row 4 of 5 maps to source row floor(4*3/5)=2; column 6 of 7 to floor(6*4/7)=3.
@@ -649,7 +699,12 @@ mod tests {
         let gn = GroupNorm::new(2, 4, 1e-6, vb.pp("gn"))?;
         let x = (Tensor::randn(0f32, 3.0, (2, 4, 5, 5), &dev)? + 100.0)?;
         let y = gn.forward(&x)?.reshape((2, 2, 50))?;
-        let mean = y.mean_keepdim(2)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let mean = y
+            .mean_keepdim(2)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(mean < 1e-4, "{mean}");
         let yh = gn.forward(&x.to_dtype(DType::F16)?)?;
         assert_eq!(yh.dtype(), DType::F16);

@@ -35,14 +35,24 @@ fn d_true() -> bool {
     true
 }
 fn d_down() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_up() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_mid() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -158,8 +168,10 @@ pub struct UNetConfig {
     pub upcast_attention: bool,
     #[serde(default = "d_default")]
     pub resnet_time_scale_shift: String,
+    /// Read for completeness; diffusers ignores it for the block types of this family.
     #[serde(default)]
     pub resnet_skip_time_act: bool,
+    /// Read for completeness; diffusers ignores it for the block types of this family.
     #[serde(default = "d_one_f64")]
     pub resnet_out_scale_factor: f64,
     #[serde(default = "d_positional")]
@@ -219,7 +231,9 @@ fn block_kind(name: &str, plain: &str, cross: &str) -> Result<BlockKind, String>
     } else if name == cross {
         Ok(BlockKind::CrossAttn)
     } else {
-        Err(format!("unsupported block type `{name}` (supported: {plain}, {cross})"))
+        Err(format!(
+            "unsupported block type `{name}` (supported: {plain}, {cross})"
+        ))
     }
 }
 
@@ -245,7 +259,9 @@ impl UNetConfig {
             ));
         }
         let unsupported = |key: &str, what: &dyn std::fmt::Debug| {
-            Err(format!("unsupported `{key}`: {what:?} (only the SD 1.x/2.x UNet is implemented)"))
+            Err(format!(
+                "unsupported `{key}`: {what:?} (only the SD 1.x/2.x UNet is implemented)"
+            ))
         };
         if let Some(v) = &self.class_embed_type {
             return unsupported("class_embed_type", v);
@@ -279,7 +295,10 @@ impl UNetConfig {
         if self.attention_type != "default" {
             return unsupported("attention_type", &self.attention_type);
         }
-        if !matches!(self.resnet_time_scale_shift.as_str(), "default" | "scale_shift") {
+        if !matches!(
+            self.resnet_time_scale_shift.as_str(),
+            "default" | "scale_shift"
+        ) {
             return unsupported("resnet_time_scale_shift", &self.resnet_time_scale_shift);
         }
         check_act(&self.act_fn, "act_fn")?;
@@ -289,7 +308,7 @@ impl UNetConfig {
         if let Some(a) = &self.timestep_post_act {
             check_act(a, "timestep_post_act")?;
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return Err("`conv_in_kernel` and `conv_out_kernel` must be odd".into());
         }
         let groups = self
@@ -333,7 +352,9 @@ impl UNetConfig {
         let tlayers = self
             .transformer_layers_per_block
             .expand(n, "transformer_layers_per_block")?;
-        let only_cross = self.only_cross_attention.expand(n, "only_cross_attention")?;
+        let only_cross = self
+            .only_cross_attention
+            .expand(n, "only_cross_attention")?;
 
         // Channels each attention block sees: down block i and up block n-1-i use
         // block_out_channels[i] with heads[i]; the mid block the last of both.
@@ -347,7 +368,9 @@ impl UNetConfig {
                 ));
             }
         }
-        let time_embed_dim = self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4);
+        let time_embed_dim = self
+            .time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4);
         Ok(Resolved {
             down_kinds,
             up_kinds,
@@ -408,11 +431,23 @@ mod tests {
         for (json, needle) in [
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
             (r#"{"num_class_embeds": 10}"#, "num_class_embeds"),
-            (r#"{"addition_embed_type": "text_time"}"#, "addition_embed_type"),
-            (r#"{"time_embedding_type": "fourier"}"#, "time_embedding_type"),
-            (r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#, "mid_block_type"),
+            (
+                r#"{"addition_embed_type": "text_time"}"#,
+                "addition_embed_type",
+            ),
+            (
+                r#"{"time_embedding_type": "fourier"}"#,
+                "time_embedding_type",
+            ),
+            (
+                r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#,
+                "mid_block_type",
+            ),
             (r#"{"attention_head_dim": [8, 8]}"#, "attention_head_dim"),
-            (r#"{"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#, "SimpleCrossAttnDownBlock2D"),
+            (
+                r#"{"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
+                "SimpleCrossAttnDownBlock2D",
+            ),
             (r#"{"attention_head_dim": 7}"#, "attention heads"),
             (r#"{"act_fn": "tanh"}"#, "act_fn"),
             (r#"{"dual_cross_attention": true}"#, "dual_cross_attention"),

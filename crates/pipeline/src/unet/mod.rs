@@ -37,7 +37,9 @@ pub fn timestep_embedding(
     // Computed in f32 step by step, as torch does for the float32 arange.
     let neg_log = -(TIMESTEP_MAX_PERIOD.ln()) as f32;
     let denom = (half as f64 - downscale_freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| (neg_log * i as f32 / denom).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (neg_log * i as f32 / denom).exp())
+        .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
     let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
     let args = t.broadcast_mul(&freqs)?;
@@ -101,7 +103,9 @@ impl UNet2DConditionModel {
     /// mis-shaped tensor fails with a candle error naming it; an unsupported config value with
     /// [`PipelineError::Config`].
     pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
-        let r = config.resolve().map_err(|m| PipelineError::config(CONFIG_PATH, m))?;
+        let r = config
+            .resolve()
+            .map_err(|m| PipelineError::config(CONFIG_PATH, m))?;
         let c = config;
         let ch = &c.block_out_channels;
         let n = ch.len();
@@ -130,8 +134,10 @@ impl UNet2DConditionModel {
             temb_channels: r.time_embed_dim,
             act: act_fn,
             scale_shift: c.resnet_time_scale_shift == "scale_shift",
-            skip_time_act: c.resnet_skip_time_act,
-            output_scale_factor: c.resnet_out_scale_factor,
+            // diffusers does not pass `resnet_skip_time_act` / `resnet_out_scale_factor` to the
+            // block types built here (only to the Simple*/ResnetDownsample* blocks): their
+            // resnets always activate temb and use scale 1 (the mid block: mid_block_scale_factor).
+            output_scale_factor: 1.0,
         };
         let tparams = |i: usize, only_cross: bool| TransformerParams {
             heads: r.heads[i],
@@ -160,7 +166,10 @@ impl UNet2DConditionModel {
         }
 
         let mid_block = if r.mid_cross_attn {
-            let mrp = ResnetParams { output_scale_factor: c.mid_block_scale_factor, ..rp.clone() };
+            let mrp = ResnetParams {
+                output_scale_factor: c.mid_block_scale_factor,
+                ..rp.clone()
+            };
             // The mid block never takes `only_cross_attention` in diffusers.
             let tp = tparams(n - 1, false);
             Some(MidBlock::new(ch[n - 1], &mrp, &tp, vb.pp("mid_block"))?)
@@ -263,9 +272,13 @@ impl UNet2DConditionModel {
                 )))
             }
         };
-        let o = RunOpts { slicing: self.slicing };
+        let o = RunOpts {
+            slicing: self.slicing,
+        };
         let mut sample = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let ctx = encoder_hidden_states.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let ctx = encoder_hidden_states
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
         if c.center_input_sample {
             sample = sample.affine(2.0, -1.0)?;
         }
