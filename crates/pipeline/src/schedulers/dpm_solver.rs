@@ -6,7 +6,9 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, config_error, div_s as div, mul_s as mul, ClassDefaults, PredictionType, TimestepSpacing};
+use super::common::{
+    self, config_error, div_s as div, mul_s as mul, ClassDefaults, PredictionType, TimestepSpacing,
+};
 use super::SchedulerConfig;
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
@@ -46,7 +48,9 @@ impl MultistepSchedule {
         let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if karras {
             if family == Family::Dpm && r.beta_schedule == "squaredcos_cap_v2" {
                 // DPM leaves these timesteps fractional; the UNet path wants integers.
-                return Err(config_error("Karras sigmas with squaredcos_cap_v2 are not supported"));
+                return Err(config_error(
+                    "Karras sigmas with squaredcos_cap_v2 are not supported",
+                ));
             }
             // `in_sigmas` is the flipped training table: min is timestep 0, max the last. The
             // config's sigma_min/sigma_max win when present: UniPC declares them, and DPM reads any
@@ -56,7 +60,10 @@ impl MultistepSchedule {
             let ks = common::karras_sigmas(sigma_min, sigma_max, n);
             // np.log of the float32 table stays float32.
             let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
-            let ts = ks.iter().map(|&s| common::np_round(sigma_to_t_f32(s, &log_sigmas))).collect();
+            let ts = ks
+                .iter()
+                .map(|&s| common::np_round(sigma_to_t_f32(s, &log_sigmas)))
+                .collect();
             (ts, ks.iter().map(|&s| s as f32).collect())
         } else {
             // lambda_min_clipped (DPM) defaults to -inf: the whole schedule is used.
@@ -64,12 +71,19 @@ impl MultistepSchedule {
                 TimestepSpacing::Linspace => {
                     // np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
                     let pts = common::np_linspace(0.0, (train - 1) as f64, n + 1);
-                    pts.iter().rev().take(n).map(|&v| common::np_round(v)).collect()
+                    pts.iter()
+                        .rev()
+                        .take(n)
+                        .map(|&v| common::np_round(v))
+                        .collect()
                 }
                 TimestepSpacing::Leading => {
                     // (arange(0, n + 1) * (T // (n + 1)))[::-1][:-1] + steps_offset
                     let ratio = train / (n + 1);
-                    (1..=n).rev().map(|i| (i * ratio + r.steps_offset) as f64).collect()
+                    (1..=n)
+                        .rev()
+                        .map(|i| (i * ratio + r.steps_offset) as f64)
+                        .collect()
                 }
                 TimestepSpacing::Trailing => common::trailing_timesteps(n, train),
             };
@@ -79,7 +93,9 @@ impl MultistepSchedule {
                 let s = (t >= 0.0)
                     .then(|| train_sigmas.get(t as usize))
                     .flatten()
-                    .ok_or_else(|| config_error(format!("timestep {t} outside the training schedule")))?;
+                    .ok_or_else(|| {
+                        config_error(format!("timestep {t} outside the training schedule"))
+                    })?;
                 sig.push(*s);
             }
             (ts, sig)
@@ -93,7 +109,11 @@ impl MultistepSchedule {
             train_sigmas[0]
         };
         sigmas.push(last);
-        Ok(Self { timesteps, sigmas, prediction: r.prediction_type })
+        Ok(Self {
+            timesteps,
+            sigmas,
+            prediction: r.prediction_type,
+        })
     }
 }
 
@@ -102,7 +122,10 @@ impl MultistepSchedule {
 fn sigma_to_t_f32(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     // cumsum(dists >= 0).argmax(): the last index with log_sigma >= log_sigmas[i] (0 if none).
-    let low_idx = log_sigmas.iter().rposition(|&l| log_sigma - l as f64 >= 0.0).unwrap_or(0);
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0);
     let low_idx = low_idx.min(log_sigmas.len() - 2);
     let high_idx = low_idx + 1;
     let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
@@ -123,7 +146,12 @@ pub(crate) fn lambda(alpha: f32, sigma: f32) -> f32 {
 
 /// diffusers' `index_for_timestep` for the first call: the second match if the timestep repeats.
 pub(crate) fn first_step_index(timesteps: &[f64], t: f64) -> usize {
-    let hits: Vec<usize> = timesteps.iter().enumerate().filter(|(_, &v)| v == t).map(|(i, _)| i).collect();
+    let hits: Vec<usize> = timesteps
+        .iter()
+        .enumerate()
+        .filter(|(_, &v)| v == t)
+        .map(|(i, _)| i)
+        .collect();
     match hits.len() {
         0 => timesteps.len() - 1,
         1 => hits[0],
@@ -173,7 +201,11 @@ impl DpmSolverMultistep {
             // diffusers maps "deis" onto dpmsolver++.
             "dpmsolver++" | "deis" => Algorithm::DpmSolverPp,
             "dpmsolver" => Algorithm::DpmSolver,
-            other => return Err(config_error(format!("unsupported algorithm_type {other:?} for DPMSolverMultistep"))),
+            other => {
+                return Err(config_error(format!(
+                    "unsupported algorithm_type {other:?} for DPMSolverMultistep"
+                )))
+            }
         };
         let solver_type = match cfg.solver_type.as_deref().unwrap_or("midpoint") {
             // diffusers maps UniPC's and DEIS's solver types onto midpoint.
@@ -183,7 +215,9 @@ impl DpmSolverMultistep {
         };
         let solver_order = cfg.solver_order.unwrap_or(2);
         if !(1..=3).contains(&solver_order) {
-            return Err(config_error(format!("solver_order must be 1, 2 or 3, not {solver_order}")));
+            return Err(config_error(format!(
+                "solver_order must be 1, 2 or 3, not {solver_order}"
+            )));
         }
         if cfg.thresholding == Some(true) {
             return Err(config_error("thresholding is not supported"));
@@ -191,13 +225,25 @@ impl DpmSolverMultistep {
         let final_sigma_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => true,
             "sigma_min" => false,
-            other => return Err(config_error(format!("unsupported final_sigmas_type {other:?}"))),
+            other => {
+                return Err(config_error(format!(
+                    "unsupported final_sigmas_type {other:?}"
+                )))
+            }
         };
         if algorithm == Algorithm::DpmSolver && final_sigma_zero {
-            return Err(config_error("final_sigmas_type \"zero\" needs algorithm_type dpmsolver++"));
+            return Err(config_error(
+                "final_sigmas_type \"zero\" needs algorithm_type dpmsolver++",
+            ));
         }
         let karras = karras || cfg.use_karras_sigmas == Some(true);
-        let schedule = MultistepSchedule::new(cfg, num_inference_steps, karras, final_sigma_zero, Family::Dpm)?;
+        let schedule = MultistepSchedule::new(
+            cfg,
+            num_inference_steps,
+            karras,
+            final_sigma_zero,
+            Family::Dpm,
+        )?;
         Ok(Self {
             timesteps: schedule.timesteps,
             sigmas: schedule.sigmas,
@@ -220,10 +266,17 @@ impl DpmSolverMultistep {
     }
 
     /// `convert_model_output`: the data prediction (dpmsolver++) or noise prediction (dpmsolver).
-    fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    fn convert_model_output(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
         Ok(match (self.algorithm, self.prediction) {
-            (Algorithm::DpmSolverPp, PredictionType::Epsilon) => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
+            (Algorithm::DpmSolverPp, PredictionType::Epsilon) => {
+                div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?
+            }
             (Algorithm::DpmSolverPp, PredictionType::Sample) => model_output.clone(),
             (Algorithm::DpmSolverPp, PredictionType::VPrediction) => {
                 (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?
@@ -299,7 +352,11 @@ impl DpmSolverMultistep {
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let lambda_s1 = lambda(alpha_s1, sigma_s1);
         let lambda_s2 = lambda(alpha_s2, sigma_s2);
-        let (h, h_0, h_1) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
+        let (h, h_0, h_1) = (
+            lambda_t - lambda_s0,
+            lambda_s0 - lambda_s1,
+            lambda_s1 - lambda_s2,
+        );
         let (r0, r1) = (h_0 / h, h_1 / h);
         let d0 = m0;
         let d1_0 = mul(&(m0 - m1)?, 1.0 / r0)?;
@@ -327,7 +384,9 @@ impl DpmSolverMultistep {
     fn output(&self, k: usize) -> Result<&Tensor> {
         self.model_outputs[self.model_outputs.len() - k]
             .as_ref()
-            .ok_or_else(|| PipelineError::InvalidRequest("multistep scheduler history is empty".into()))
+            .ok_or_else(|| {
+                PipelineError::InvalidRequest("multistep scheduler history is empty".into())
+            })
     }
 }
 
@@ -344,20 +403,30 @@ impl super::Scheduler for DpmSolverMultistep {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let n = self.timesteps.len();
         // diffusers keeps its own counter, seeded from the first call's timestep.
         let i = match self.step_index {
             Some(i) => i,
             None => {
                 let t = *self.timesteps.get(index).ok_or_else(|| {
-                    PipelineError::InvalidRequest(format!("step index {index} out of range ({n} timesteps)"))
+                    PipelineError::InvalidRequest(format!(
+                        "step index {index} out of range ({n} timesteps)"
+                    ))
                 })?;
                 first_step_index(&self.timesteps, t)
             }
         };
         if i >= n {
-            return Err(PipelineError::InvalidRequest(format!("scheduler stepped past its {n} timesteps")));
+            return Err(PipelineError::InvalidRequest(format!(
+                "scheduler stepped past its {n} timesteps"
+            )));
         }
         let lower_order_final = i == n - 1
             && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);

@@ -59,15 +59,32 @@ impl UniPcMultistep {
         let final_sigma_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => true,
             "sigma_min" => false,
-            other => return Err(config_error(format!("unsupported final_sigmas_type {other:?}"))),
+            other => {
+                return Err(config_error(format!(
+                    "unsupported final_sigmas_type {other:?}"
+                )))
+            }
         };
+        let predict_x0 = cfg.predict_x0.unwrap_or(true);
+        if !predict_x0 && final_sigma_zero {
+            // The noise-prediction form's last step is 0 * inf there: diffusers returns NaN.
+            return Err(config_error(
+                "predict_x0 false needs final_sigmas_type \"sigma_min\"",
+            ));
+        }
         let karras = cfg.use_karras_sigmas == Some(true);
-        let schedule = MultistepSchedule::new(cfg, num_inference_steps, karras, final_sigma_zero, Family::UniPc)?;
+        let schedule = MultistepSchedule::new(
+            cfg,
+            num_inference_steps,
+            karras,
+            final_sigma_zero,
+            Family::UniPc,
+        )?;
         Ok(Self {
             timesteps: schedule.timesteps,
             sigmas: schedule.sigmas,
             prediction: schedule.prediction,
-            predict_x0: cfg.predict_x0.unwrap_or(true),
+            predict_x0,
             solver_type,
             solver_order,
             lower_order_final: cfg.lower_order_final.unwrap_or(true),
@@ -86,14 +103,29 @@ impl UniPcMultistep {
     }
 
     /// `convert_model_output`: x0 (predict_x0) or epsilon.
-    fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, i: usize) -> Result<Tensor> {
+    fn convert_model_output(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
         Ok(match (self.predict_x0, self.prediction) {
-            (true, PredictionType::Epsilon) => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
-            (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => model_output.clone(),
-            (true, PredictionType::VPrediction) => (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?,
-            (false, PredictionType::Sample) => div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?,
-            (false, PredictionType::VPrediction) => (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?,
+            (true, PredictionType::Epsilon) => {
+                div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?
+            }
+            (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => {
+                model_output.clone()
+            }
+            (true, PredictionType::VPrediction) => {
+                (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?
+            }
+            (false, PredictionType::Sample) => {
+                div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?
+            }
+            (false, PredictionType::VPrediction) => {
+                (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?
+            }
         })
     }
 
@@ -101,13 +133,21 @@ impl UniPcMultistep {
     fn output(&self, k: usize) -> Result<&Tensor> {
         self.model_outputs[self.model_outputs.len() - k]
             .as_ref()
-            .ok_or_else(|| PipelineError::InvalidRequest("multistep scheduler history is empty".into()))
+            .ok_or_else(|| {
+                PipelineError::InvalidRequest("multistep scheduler history is empty".into())
+            })
     }
 
     /// The shared part of UniP and UniC from sigma index `s0` to `t`: `h`, `rks`, the coefficient
     /// vector `b`, and the scalars `hh`, `h_phi_1`, `B(h)`. `hist` gives the sigma index of the
     /// `k`-th older model output (k = 1..order).
-    fn coefficients(&self, t: usize, s0: usize, order: usize, hist: impl Fn(usize) -> usize) -> Coeffs {
+    fn coefficients(
+        &self,
+        t: usize,
+        s0: usize,
+        order: usize,
+        hist: impl Fn(usize) -> usize,
+    ) -> Coeffs {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[t]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[s0]);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
@@ -134,7 +174,16 @@ impl UniPcMultistep {
             // torch: 0-d f32 tensor minus a Python float, computed in f32.
             h_phi_k = h_phi_k / hh - (1.0 / factorial as f64) as f32;
         }
-        Coeffs { alpha_t, sigma_t, alpha_s0, sigma_s0, rks, b, h_phi_1, b_h }
+        Coeffs {
+            alpha_t,
+            sigma_t,
+            alpha_s0,
+            sigma_s0,
+            rks,
+            b,
+            h_phi_1,
+            b_h,
+        }
     }
 
     /// `x_t_`: the first-order part shared by predictor and corrector.
@@ -169,7 +218,9 @@ impl UniPcMultistep {
             vec![0.5f32]
         } else {
             let k = order - 1;
-            let r: Vec<Vec<f32>> = (0..k).map(|row| c.rks[..k].iter().map(|&v| powi(v, row)).collect()).collect();
+            let r: Vec<Vec<f32>> = (0..k)
+                .map(|row| c.rks[..k].iter().map(|&v| powi(v, row)).collect())
+                .collect();
             solve(r, c.b[..k].to_vec())?
         };
         let pred_res = weighted_sum(&rhos_p, &d1s)?;
@@ -178,7 +229,13 @@ impl UniPcMultistep {
 
     /// `multistep_uni_c_bh_update`: corrects `this_sample` (at sigma index `i`) using the model
     /// output there, restarting from `last_sample` at `i - 1`.
-    fn corrector(&self, this_model_output: &Tensor, last_sample: &Tensor, i: usize, order: usize) -> Result<Tensor> {
+    fn corrector(
+        &self,
+        this_model_output: &Tensor,
+        last_sample: &Tensor,
+        i: usize,
+        order: usize,
+    ) -> Result<Tensor> {
         let c = self.coefficients(i, i - 1, order, |k| i - (k + 1));
         let m0 = self.output(1)?;
         let x_t = self.base_update(&c, last_sample, m0)?;
@@ -186,19 +243,27 @@ impl UniPcMultistep {
         let rhos_c = if order == 1 {
             vec![0.5f32]
         } else {
-            let r: Vec<Vec<f32>> = (0..order).map(|row| c.rks.iter().map(|&v| powi(v, row)).collect()).collect();
+            let r: Vec<Vec<f32>> = (0..order)
+                .map(|row| c.rks.iter().map(|&v| powi(v, row)).collect())
+                .collect();
             solve(r, c.b.clone())?
         };
         let d1_t = (this_model_output - m0)?;
         let last = mul(&d1_t, rhos_c[order - 1])?;
         // corr_res is the Python int 0 when there are no differences: `0 + t` is t.
-        let total = if d1s.is_empty() { last } else { (weighted_sum(&rhos_c[..order - 1], &d1s)? + last)? };
+        let total = if d1s.is_empty() {
+            last
+        } else {
+            (weighted_sum(&rhos_c[..order - 1], &d1s)? + last)?
+        };
         Ok((x_t - mul(&total, self.res_factor(&c))?)?)
     }
 
     /// `D1s`: `(m_k - m0) / r_k` for the older outputs k = 1..order-1.
     fn differences(&self, rks: &[f32], m0: &Tensor) -> Result<Vec<Tensor>> {
-        (1..rks.len()).map(|k| div(&(self.output(k + 1)? - m0)?, rks[k - 1])).collect()
+        (1..rks.len())
+            .map(|k| div(&(self.output(k + 1)? - m0)?, rks[k - 1]))
+            .collect()
     }
 }
 
@@ -233,34 +298,42 @@ fn weighted_sum(rhos: &[f32], d1s: &[Tensor]) -> Result<Tensor> {
     Ok(acc)
 }
 
-/// `torch.linalg.solve(R, b)` in float32: LU with partial pivoting, as LAPACK's sgesv.
+/// `torch.linalg.solve(R, b)` in float32: LU with partial pivoting (LAPACK's gesv). The
+/// multipliers use the pivot's reciprocal and the substitutions fused multiply-adds, which
+/// reproduces torch 2.11's CPU results bit for bit on 2x2 systems (UniPC order 2), and to an ulp
+/// on larger ones.
 fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Result<Vec<f32>> {
     let n = b.len();
     for col in 0..n {
+        // The first row with the largest magnitude, as isamax.
         let piv = (col..n)
             .max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs()).then(y.cmp(&x)))
             .expect("non-empty");
         if a[piv][col] == 0.0 {
-            return Err(PipelineError::InvalidRequest("UniPC corrector system is singular".into()));
+            return Err(PipelineError::InvalidRequest(
+                "UniPC coefficient system is singular".into(),
+            ));
         }
         a.swap(col, piv);
         b.swap(col, piv);
-        for row in col + 1..n {
-            // LAPACK scales the column by the pivot's reciprocal.
-            let l = a[row][col] * (1.0 / a[col][col]);
-            for k in col + 1..n {
-                a[row][k] -= l * a[col][k];
+        let inv = 1.0 / a[col][col];
+        let (top, below) = a.split_at_mut(col + 1);
+        let pivot_row = &top[col];
+        for (r, row) in below.iter_mut().enumerate() {
+            let l = row[col] * inv;
+            for (v, p) in row[col + 1..].iter_mut().zip(&pivot_row[col + 1..]) {
+                *v = (-l).mul_add(*p, *v);
             }
-            b[row] -= l * b[col];
+            b[col + 1 + r] = (-l).mul_add(b[col], b[col + 1 + r]);
         }
     }
     let mut x = vec![0f32; n];
     for row in (0..n).rev() {
         let mut s = b[row];
         for k in row + 1..n {
-            s -= a[row][k] * x[k];
+            s = (-a[row][k]).mul_add(x[k], s);
         }
-        x[row] = s / a[row][row];
+        x[row] = s * (1.0 / a[row][row]);
     }
     Ok(x)
 }
@@ -278,14 +351,22 @@ impl Scheduler for UniPcMultistep {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let n = self.timesteps.len();
         // diffusers keeps its own counter, seeded from the first call's timestep.
         let i = match self.step_index {
             Some(i) => i,
             None => {
                 let t = *self.timesteps.get(index).ok_or_else(|| {
-                    PipelineError::InvalidRequest(format!("step index {index} out of range ({n} timesteps)"))
+                    PipelineError::InvalidRequest(format!(
+                        "step index {index} out of range ({n} timesteps)"
+                    ))
                 })?;
                 first_step_index(&self.timesteps, t)
             }
@@ -305,7 +386,11 @@ impl Scheduler for UniPcMultistep {
         self.model_outputs.rotate_left(1);
         *self.model_outputs.last_mut().expect("solver_order >= 1") = Some(converted);
 
-        let order = if self.lower_order_final { self.solver_order.min(n - i) } else { self.solver_order };
+        let order = if self.lower_order_final {
+            self.solver_order.min(n - i)
+        } else {
+            self.solver_order
+        };
         // Warm-up: no more history than steps taken.
         self.this_order = order.min(self.lower_order_nums + 1);
         let prev = self.predictor(&sample, i, self.this_order)?;

@@ -1,0 +1,399 @@
+//! DPMSolverMultistep (`dpmpp_2m`, `dpmpp_2m_karras`) and UniPCMultistep (`unipc`) against
+//! diffusers 0.42.1, with the fixtures of `tools/make_scheduler_fixtures.py` (SD 1.5's real
+//! `scheduler_config.json`, plus v_prediction and spacing variants): timesteps exactly, the float32
+//! sigmas, and every sample of a run fed with the recorded fake model outputs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use sdserve_pipeline::rng::TorchRng;
+use sdserve_pipeline::schedulers::dpm_solver::DpmSolverMultistep;
+use sdserve_pipeline::schedulers::unipc::UniPcMultistep;
+use sdserve_pipeline::schedulers::{build, Scheduler, SchedulerConfig, SchedulerKind};
+
+const OURS: [&str; 3] = ["dpmpp_2m", "dpmpp_2m_karras", "unipc"];
+/// Sigmas: float32 values, relative.
+const SIGMA_RTOL: f64 = 1e-6;
+/// Samples of a whole run, max abs. The fake model outputs are noise, so samples reach |x| ~ 50;
+/// torch's 0-d float32 log/exp/expm1 (SLEEF) differ from libm by an ulp now and then, so we agree
+/// to a few float32 ulps of those magnitudes rather than bit for bit.
+const TRAJ_TOL: f32 = 5e-5;
+/// The same for the extra configs: torch's 3x3 `linalg.solve` (UniPC order 3) rounds in an
+/// order we only match to an ulp, and 20-step runs amplify that.
+const EXTRA_TRAJ_TOL: f32 = 1e-4;
+
+struct Fixtures {
+    tensors: HashMap<String, Tensor>,
+    meta: serde_json::Value,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tensors =
+            candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
+                .expect("schedulers.safetensors");
+        let meta =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("schedulers.json")).unwrap())
+                .unwrap();
+        Fixtures { tensors, meta }
+    })
+}
+
+impl Fixtures {
+    fn get(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture {key} missing"))
+    }
+    fn f64s(&self, key: &str) -> Vec<f64> {
+        self.get(key)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+    fn entries(&self) -> Vec<&serde_json::Value> {
+        let all = self.meta["entries"].as_array().unwrap();
+        let ours: Vec<_> = all
+            .iter()
+            .filter(|e| OURS.contains(&e["scheduler"].as_str().unwrap()))
+            .collect();
+        // Every scheduler in every variant (SD 1.5, v_prediction, three spacings).
+        assert!(
+            ours.len() >= 15,
+            "expected our schedulers in the fixtures, found {}",
+            ours.len()
+        );
+        ours
+    }
+    /// SD 1.5's config with the variant's keys on top, as `from_config` gets it.
+    fn config(&self, overrides: &serde_json::Value) -> SchedulerConfig {
+        let mut cfg = self.meta["config"].clone();
+        for (k, v) in overrides.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        serde_json::from_value(cfg).unwrap()
+    }
+}
+
+fn steps_of(v: &serde_json::Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn has_nan(t: &Tensor) -> bool {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .any(|v| v.is_nan())
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Our scheduler for an API name, and its float32 sigmas.
+fn make(name: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>, Vec<f32>) {
+    match name {
+        "dpmpp_2m" | "dpmpp_2m_karras" => {
+            let s = DpmSolverMultistep::new(cfg, steps, name == "dpmpp_2m_karras").unwrap();
+            let sigmas = s.sigmas().to_vec();
+            (Box::new(s), sigmas)
+        }
+        "unipc" => {
+            let s = UniPcMultistep::new(cfg, steps).unwrap();
+            let sigmas = s.sigmas().to_vec();
+            (Box::new(s), sigmas)
+        }
+        other => panic!("not a multistep scheduler: {other}"),
+    }
+}
+
+#[test]
+fn schedules_match_diffusers() {
+    let f = fixtures();
+    let (mut cases, mut worst_s) = (0, 0f64);
+    for e in f.entries() {
+        let (name, prefix) = (
+            e["scheduler"].as_str().unwrap(),
+            e["prefix"].as_str().unwrap(),
+        );
+        let cfg = f.config(&e["overrides"]);
+        for steps in steps_of(&e["schedule_steps"]) {
+            let (s, sigmas) = make(name, &cfg, steps);
+            let key = format!("{prefix}.{steps}");
+            // Integer timesteps: exactly.
+            assert_eq!(
+                s.timesteps(),
+                f.f64s(&format!("{key}.timesteps")).as_slice(),
+                "{key} timesteps"
+            );
+            assert_eq!(
+                s.init_noise_sigma(),
+                f.f64s(&format!("{key}.init_noise_sigma"))[0],
+                "{key}"
+            );
+            let want = f.f64s(&format!("{key}.sigmas"));
+            assert_eq!(sigmas.len(), want.len(), "{key} sigma count");
+            for (a, b) in sigmas.iter().zip(&want) {
+                let d = (*a as f64 - b).abs() / b.abs().max(1e-30);
+                worst_s = worst_s.max(d);
+                assert!(d <= SIGMA_RTOL, "{key}: sigma {a} vs {b} (rel {d:e})");
+            }
+            cases += 1;
+        }
+    }
+    eprintln!("multistep schedules: {cases} cases, sigmas max rel diff {worst_s:e}");
+}
+
+#[test]
+fn trajectories_match_diffusers() {
+    let f = fixtures();
+    let (mut runs, mut worst) = (0, 0f32);
+    for e in f.entries() {
+        let (name, prefix) = (
+            e["scheduler"].as_str().unwrap(),
+            e["prefix"].as_str().unwrap(),
+        );
+        let cfg = f.config(&e["overrides"]);
+        for steps in steps_of(&e["trajectory_steps"]) {
+            let key = format!("{prefix}.{steps}");
+            let (mut s, _) = make(name, &cfg, steps);
+            let outputs = f.get(&format!("{key}.model_outputs"));
+            let scaled = f.get(&format!("{key}.scaled_inputs"));
+            let samples = f.get(&format!("{key}.samples"));
+            let mut rng = TorchRng::new(0);
+            let mut sample = samples.i(0).unwrap();
+            let mut run_worst = 0f32;
+            for i in 0..s.timesteps().len() {
+                // Both classes leave the model input as is.
+                let x = s.scale_model_input(&sample, i).unwrap();
+                assert_eq!(max_abs(&x, &sample), 0.0, "{key} scaled input {i}");
+                assert!(
+                    max_abs(&x, &scaled.i(i).unwrap()) <= TRAJ_TOL,
+                    "{key} scaled input {i}"
+                );
+                sample = s
+                    .step(&outputs.i(i).unwrap(), i, &sample, &mut rng)
+                    .unwrap();
+                let d = max_abs(&sample, &samples.i(i + 1).unwrap());
+                worst = worst.max(d);
+                run_worst = run_worst.max(d);
+                assert!(
+                    d <= TRAJ_TOL,
+                    "{key}: sample after step {i} differs by {d:e}"
+                );
+            }
+            if run_worst > 0.0 {
+                eprintln!("{key}: max abs diff {run_worst:e}");
+            }
+            runs += 1;
+        }
+    }
+    eprintln!("multistep trajectories: {runs} runs, samples max abs diff {worst:e}");
+}
+
+#[test]
+fn factory_builds_the_same_schedules() {
+    let f = fixtures();
+    let cfg = f.config(&serde_json::json!({}));
+    for name in OURS {
+        let kind = SchedulerKind::from_name(name).unwrap();
+        for steps in [1, 7, 20, 50] {
+            let built = build(kind, &cfg, steps).unwrap();
+            let (direct, _) = make(name, &cfg, steps);
+            assert_eq!(built.timesteps(), direct.timesteps(), "{name} {steps}");
+            assert_eq!(built.timesteps().len(), steps, "{name} {steps}");
+        }
+    }
+    // The model's own class decides Karras sigmas when its config asks for them.
+    let karras_cfg: SchedulerConfig = serde_json::from_value(serde_json::json!({
+        "_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": true
+    }))
+    .unwrap();
+    let plain = DpmSolverMultistep::new(&karras_cfg, 20, false).unwrap();
+    let karras = DpmSolverMultistep::new(&karras_cfg, 20, true).unwrap();
+    assert_eq!(plain.timesteps(), karras.timesteps());
+}
+
+#[test]
+fn half_precision_inputs_come_back_in_their_dtype() {
+    let f = fixtures();
+    let cfg = f.config(&serde_json::json!({}));
+    let key = "unipc.5";
+    let outputs = f.get(&format!("{key}.model_outputs"));
+    let samples = f.get(&format!("{key}.samples"));
+    for name in OURS {
+        let (mut s, _) = make(name, &cfg, 5);
+        let mut rng = TorchRng::new(0);
+        let mut sample = samples.i(0).unwrap().to_dtype(DType::F16).unwrap();
+        for i in 0..5 {
+            let mo = outputs.i(i).unwrap().to_dtype(DType::F16).unwrap();
+            sample = s.step(&mo, i, &sample, &mut rng).unwrap();
+            assert_eq!(sample.dtype(), DType::F16, "{name}");
+        }
+        let v: Vec<f32> = sample
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name}");
+    }
+}
+
+#[test]
+fn bad_configs_are_errors() {
+    let cfg = |v: serde_json::Value| -> SchedulerConfig { serde_json::from_value(v).unwrap() };
+    assert!(DpmSolverMultistep::new(&cfg(serde_json::json!({})), 0, false).is_err());
+    assert!(UniPcMultistep::new(&cfg(serde_json::json!({})), 0).is_err());
+    assert!(DpmSolverMultistep::new(
+        &cfg(serde_json::json!({"algorithm_type": "sde-dpmsolver++"})),
+        5,
+        false
+    )
+    .is_err());
+    // diffusers refuses a zero final sigma with the noise-prediction solver.
+    assert!(DpmSolverMultistep::new(
+        &cfg(serde_json::json!({"algorithm_type": "dpmsolver"})),
+        5,
+        false
+    )
+    .is_err());
+    assert!(
+        DpmSolverMultistep::new(&cfg(serde_json::json!({"solver_type": "rk4"})), 5, false).is_err()
+    );
+    assert!(UniPcMultistep::new(&cfg(serde_json::json!({"solver_type": "bh3"})), 5).is_err());
+    // diffusers' noise-form UniPC ends in NaN with a zero final sigma; we refuse the config.
+    assert!(UniPcMultistep::new(&cfg(serde_json::json!({"predict_x0": false})), 5).is_err());
+    assert!(
+        UniPcMultistep::new(&cfg(serde_json::json!({"timestep_spacing": "cosine"})), 5).is_err()
+    );
+    assert!(UniPcMultistep::new(&cfg(serde_json::json!({"prediction_type": "flow"})), 5).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configs a model's own scheduler_config.json may carry (`tools/make_multistep_fixtures.py`).
+// ---------------------------------------------------------------------------------------------
+
+fn extra() -> &'static Fixtures {
+    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tensors =
+            candle_core::safetensors::load(dir.join("multistep.safetensors"), &Device::Cpu)
+                .expect("multistep.safetensors");
+        let meta =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("multistep.json")).unwrap())
+                .unwrap();
+        Fixtures { tensors, meta }
+    })
+}
+
+/// `Class.from_config(cfg)`: the class key of the fixture ("dpm" or "unipc").
+fn make_class(class: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>, Vec<f32>) {
+    match class {
+        "dpm" => {
+            let s = DpmSolverMultistep::new(cfg, steps, false).unwrap();
+            let sigmas = s.sigmas().to_vec();
+            (Box::new(s), sigmas)
+        }
+        "unipc" => make("unipc", cfg, steps),
+        other => panic!("unknown class {other}"),
+    }
+}
+
+#[test]
+fn extra_configs_match_diffusers() {
+    let f = extra();
+    let entries = f.meta["entries"].as_array().unwrap();
+    assert!(
+        entries.len() >= 20,
+        "multistep.json lists {} cases",
+        entries.len()
+    );
+    let (mut schedules, mut runs, mut worst_s, mut worst, mut nan_refs) = (0, 0, 0f64, 0f32, 0);
+    for e in entries {
+        let (case, class) = (e["case"].as_str().unwrap(), e["class"].as_str().unwrap());
+        let cfg = f.config(&e["overrides"]);
+        for steps in steps_of(&e["schedule_steps"]) {
+            let key = format!("{case}.{steps}");
+            let (s, sigmas) = make_class(class, &cfg, steps);
+            assert_eq!(
+                s.timesteps(),
+                f.f64s(&format!("{key}.timesteps")).as_slice(),
+                "{key} timesteps"
+            );
+            let want = f.f64s(&format!("{key}.sigmas"));
+            assert_eq!(sigmas.len(), want.len(), "{key} sigma count");
+            for (a, b) in sigmas.iter().zip(&want) {
+                let d = (*a as f64 - b).abs() / b.abs().max(1e-30);
+                worst_s = worst_s.max(d);
+                assert!(d <= SIGMA_RTOL, "{key}: sigma {a} vs {b} (rel {d:e})");
+            }
+            schedules += 1;
+        }
+        for steps in steps_of(&e["trajectory_steps"]) {
+            let key = format!("{case}.{steps}");
+            let (mut s, _) = make_class(class, &cfg, steps);
+            let outputs = f.get(&format!("{key}.model_outputs"));
+            let samples = f.get(&format!("{key}.samples"));
+            let mut rng = TorchRng::new(0);
+            let mut sample = samples.i(0).unwrap();
+            let mut run_worst = 0f32;
+            for i in 0..steps {
+                sample = s
+                    .step(&outputs.i(i).unwrap(), i, &sample, &mut rng)
+                    .unwrap();
+                let want = samples.i(i + 1).unwrap();
+                if has_nan(&want) {
+                    // diffusers' UniPC bh1 with a zero final sigma: its last step multiplies
+                    // B(h) = -inf by the Python 0 of an absent higher-order term. We keep the
+                    // finite first-order update instead.
+                    assert!(
+                        cfg.solver_type.as_deref() == Some("bh1") && i + 1 == steps,
+                        "{key}: unexpected NaN in the reference at step {i}"
+                    );
+                    assert!(!has_nan(&sample), "{key}: our last sample has NaN");
+                    nan_refs += 1;
+                    continue;
+                }
+                let d = max_abs(&sample, &want);
+                run_worst = run_worst.max(d);
+                assert!(
+                    d <= EXTRA_TRAJ_TOL,
+                    "{key}: sample after step {i} differs by {d:e}"
+                );
+            }
+            if run_worst > 0.0 {
+                eprintln!("{key}: max abs diff {run_worst:e}");
+            }
+            worst = worst.max(run_worst);
+            runs += 1;
+        }
+    }
+    // The bh1 cases with a zero final sigma: 4 step counts each.
+    assert_eq!(nan_refs, 8, "bh1 NaN references");
+    eprintln!("extra multistep: {schedules} schedules (sigmas max rel {worst_s:e}), {runs} runs (max abs {worst:e})");
+}
