@@ -125,7 +125,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             box_muller_16(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             // torch recomputes the (overlapping) last 16 values from fresh uniforms.
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
