@@ -111,13 +111,18 @@ impl ResolvedConfig {
             num_train_timesteps,
             beta_start: cfg.beta_start.unwrap_or(d.beta_start),
             beta_end: cfg.beta_end.unwrap_or(d.beta_end),
-            beta_schedule: cfg.beta_schedule.clone().unwrap_or_else(|| d.beta_schedule.to_string()),
+            beta_schedule: cfg
+                .beta_schedule
+                .clone()
+                .unwrap_or_else(|| d.beta_schedule.to_string()),
             trained_betas: cfg.trained_betas.clone(),
             prediction_type: PredictionType::parse(
                 cfg.prediction_type.as_deref().unwrap_or(d.prediction_type),
             )?,
             timestep_spacing: TimestepSpacing::parse(
-                cfg.timestep_spacing.as_deref().unwrap_or(d.timestep_spacing),
+                cfg.timestep_spacing
+                    .as_deref()
+                    .unwrap_or(d.timestep_spacing),
             )?,
             steps_offset: cfg.steps_offset.unwrap_or(d.steps_offset),
             rescale_betas_zero_snr: cfg.rescale_betas_zero_snr.unwrap_or(false),
@@ -138,15 +143,25 @@ impl ResolvedConfig {
         } else {
             match self.beta_schedule.as_str() {
                 "linear" => torch_linspace_f32(self.beta_start, self.beta_end, n),
-                "scaled_linear" => torch_linspace_f32(self.beta_start.sqrt(), self.beta_end.sqrt(), n)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect(),
+                "scaled_linear" => {
+                    torch_linspace_f32(self.beta_start.sqrt(), self.beta_end.sqrt(), n)
+                        .into_iter()
+                        .map(|b| b * b)
+                        .collect()
+                }
                 "squaredcos_cap_v2" => betas_for_alpha_bar_cosine(n, 0.999),
-                other => return Err(config_error(format!("beta_schedule {other:?} is not supported"))),
+                other => {
+                    return Err(config_error(format!(
+                        "beta_schedule {other:?} is not supported"
+                    )))
+                }
             }
         };
-        Ok(if self.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas })
+        Ok(if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        })
     }
 
     /// `alphas_cumprod` (float32) of [`Self::betas`].
@@ -166,13 +181,23 @@ pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let step = (e - s) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
-        .map(|i| if i < half { step.mul_add(i as f32, s) } else { (-step).mul_add((n - 1 - i) as f32, e) })
+        .map(|i| {
+            if i < half {
+                step.mul_add(i as f32, s)
+            } else {
+                (-step).mul_add((n - 1 - i) as f32, e)
+            }
+        })
         .collect()
 }
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform (Python floats, then float32).
 pub fn betas_for_alpha_bar_cosine(n: usize, max_beta: f64) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -245,7 +270,15 @@ pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
         return vec![start];
     }
     let delta = (start + step) - start;
-    (0..len).map(|i| if i == 0 { start } else { start + i as f64 * delta }).collect()
+    (0..len)
+        .map(|i| {
+            if i == 0 {
+                start
+            } else {
+                start + i as f64 * delta
+            }
+        })
+        .collect()
 }
 
 /// `np.round`: half to even.
@@ -256,25 +289,39 @@ pub fn np_round(x: f64) -> f64 {
 /// `leading` spacing, descending: `(arange(0, n) * (T // n)).round()[::-1] + steps_offset`.
 pub fn leading_timesteps(n: usize, train: usize, steps_offset: usize) -> Vec<f64> {
     let ratio = train / n;
-    (0..n).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
+    (0..n)
+        .rev()
+        .map(|i| (i * ratio + steps_offset) as f64)
+        .collect()
 }
 
 /// `trailing` spacing, descending: `np.round(np.arange(T, 0, -T / n)) - 1`.
 pub fn trailing_timesteps(n: usize, train: usize) -> Vec<f64> {
     let ratio = train as f64 / n as f64;
-    np_arange(train as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) - 1.0).collect()
+    np_arange(train as f64, 0.0, -ratio)
+        .into_iter()
+        .map(|t| np_round(t) - 1.0)
+        .collect()
 }
 
 /// `linspace` spacing rounded to integers, descending: `np.linspace(0, T - 1, n).round()[::-1]`
 /// (PNDM, DDIM).
 pub fn linspace_rounded_timesteps(n: usize, train: usize) -> Vec<f64> {
-    np_linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(np_round).collect()
+    np_linspace(0.0, (train - 1) as f64, n)
+        .into_iter()
+        .rev()
+        .map(np_round)
+        .collect()
 }
 
 /// `linspace` spacing as float32, not rounded, descending:
 /// `np.linspace(0, T - 1, n, dtype=np.float32)[::-1]` (Euler, Euler ancestral, LMS).
 pub fn linspace_f32_timesteps(n: usize, train: usize) -> Vec<f64> {
-    np_linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect()
+    np_linspace(0.0, (train - 1) as f64, n)
+        .into_iter()
+        .rev()
+        .map(|t| t as f32 as f64)
+        .collect()
 }
 
 /// The Euler/LMS family's timesteps (float32 values, descending) for a spacing.
@@ -324,7 +371,10 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0f64;
     let min_inv = sigma_min.powf(1.0 / rho);
     let max_inv = sigma_max.powf(1.0 / rho);
-    np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// diffusers' `_sigma_to_t`: the fractional training timestep whose log-sigma matches, by linear
@@ -365,7 +415,11 @@ pub fn div_s(t: &Tensor, c: f32) -> Result<Tensor> {
 
 /// The tensor as f32 (scheduler math runs in f32 like diffusers with an f32 pipeline).
 pub fn to_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(if t.dtype() == DType::F32 { t.clone() } else { t.to_dtype(DType::F32)? })
+    Ok(if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?
+    })
 }
 
 /// Checks a step index against the schedule length.
@@ -381,7 +435,9 @@ pub fn check_index(index: usize, len: usize) -> Result<()> {
 /// Rejects a zero step count.
 pub fn check_steps(n: usize) -> Result<()> {
     if n == 0 {
-        return Err(PipelineError::InvalidRequest("num_inference_steps must be at least 1".into()));
+        return Err(PipelineError::InvalidRequest(
+            "num_inference_steps must be at least 1".into(),
+        ));
     }
     Ok(())
 }
@@ -406,18 +462,30 @@ mod tests {
 
     #[test]
     fn spacings() {
-        assert_eq!(leading_timesteps(4, 1000, 1), vec![751.0, 501.0, 251.0, 1.0]);
-        assert_eq!(trailing_timesteps(4, 1000), vec![999.0, 749.0, 499.0, 249.0]);
+        assert_eq!(
+            leading_timesteps(4, 1000, 1),
+            vec![751.0, 501.0, 251.0, 1.0]
+        );
+        assert_eq!(
+            trailing_timesteps(4, 1000),
+            vec![999.0, 749.0, 499.0, 249.0]
+        );
         assert_eq!(linspace_rounded_timesteps(3, 1000), vec![999.0, 500.0, 0.0]);
         // A non-integer step ratio: numpy's float arange, rounded half to even.
-        assert_eq!(trailing_timesteps(7, 1000), vec![999.0, 856.0, 713.0, 570.0, 428.0, 285.0, 142.0]);
+        assert_eq!(
+            trailing_timesteps(7, 1000),
+            vec![999.0, 856.0, 713.0, 570.0, 428.0, 285.0, 142.0]
+        );
     }
 
     #[test]
     fn interp_matches_definition() {
         let xp = [0.0, 1.0, 2.0];
         let fp = [0.0, 10.0, 30.0];
-        assert_eq!(interp(&[0.5, 1.0, 1.5, 5.0, -1.0], &xp, &fp), vec![5.0, 10.0, 20.0, 30.0, 0.0]);
+        assert_eq!(
+            interp(&[0.5, 1.0, 1.5, 5.0, -1.0], &xp, &fp),
+            vec![5.0, 10.0, 20.0, 30.0, 0.0]
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 use candle_core::Tensor;
 
 use super::common::{
-    self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig,
-    TimestepSpacing,
+    self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType,
+    ResolvedConfig, TimestepSpacing,
 };
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
@@ -32,11 +32,21 @@ impl Ddim {
         let n = num_inference_steps;
         let train = r.num_train_timesteps;
         if n > train {
-            return Err(config_error(format!("{n} steps exceed num_train_timesteps {train}")));
+            return Err(config_error(format!(
+                "{n} steps exceed num_train_timesteps {train}"
+            )));
         }
         let ac = r.alphas_cumprod()?;
-        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { ac[0] };
-        let clip = if cfg.clip_sample.unwrap_or(true) { Some(cfg.clip_sample_range.unwrap_or(1.0)) } else { None };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            ac[0]
+        };
+        let clip = if cfg.clip_sample.unwrap_or(true) {
+            Some(cfg.clip_sample_range.unwrap_or(1.0))
+        } else {
+            None
+        };
         let timesteps = match r.timestep_spacing {
             TimestepSpacing::Linspace => common::linspace_rounded_timesteps(n, train),
             TimestepSpacing::Leading => common::leading_timesteps(n, train, r.steps_offset),
@@ -77,7 +87,13 @@ impl Scheduler for Ddim {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         check_index(index, self.timesteps.len())?;
         let dtype = sample.dtype();
         let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
@@ -87,7 +103,10 @@ impl Scheduler for Ddim {
         let b_t = 1.0 - a_t;
         // All scalars are 0-dim float32 tensors in diffusers.
         let (pred_x0, pred_eps) = match self.prediction_type {
-            PredictionType::Epsilon => (div_s(&(&s - mul_s(&mo, b_t.sqrt())?)?, a_t.sqrt())?, mo.clone()),
+            PredictionType::Epsilon => (
+                div_s(&(&s - mul_s(&mo, b_t.sqrt())?)?, a_t.sqrt())?,
+                mo.clone(),
+            ),
             PredictionType::Sample => {
                 let eps = div_s(&(&s - mul_s(&mo, a_t.sqrt())?)?, b_t.sqrt())?;
                 (mo.clone(), eps)

@@ -4,8 +4,8 @@
 use candle_core::Tensor;
 
 use super::common::{
-    self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig,
-    TimestepSpacing,
+    self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType,
+    ResolvedConfig, TimestepSpacing,
 };
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
@@ -46,35 +46,52 @@ pub(super) fn sigma_schedule(
     }
     let train_sigmas = common::sigmas_from_alphas_cumprod(&ac_for_sigmas);
     let mut timesteps = common::sigma_family_timesteps(r, n);
-    let mut sigmas: Vec<f64> = if opts.euler_options && cfg.interpolation_type.as_deref() == Some("log_linear") {
-        // torch.linspace(log(s[-1]), log(s[0]), n + 1).exp(), all in float32.
-        let lo = train_sigmas[train_sigmas.len() - 1].ln() as f64;
-        let hi = train_sigmas[0].ln() as f64;
-        common::torch_linspace_f32(lo, hi, n + 1).into_iter().map(|x| x.exp() as f64).collect()
-    } else {
-        match cfg.interpolation_type.as_deref() {
-            None | Some("linear") => {}
-            Some(other) if opts.euler_options => {
-                return Err(config_error(format!("interpolation_type {other:?} is not supported")))
+    let mut sigmas: Vec<f64> =
+        if opts.euler_options && cfg.interpolation_type.as_deref() == Some("log_linear") {
+            // torch.linspace(log(s[-1]), log(s[0]), n + 1).exp(), all in float32.
+            let lo = train_sigmas[train_sigmas.len() - 1].ln() as f64;
+            let hi = train_sigmas[0].ln() as f64;
+            common::torch_linspace_f32(lo, hi, n + 1)
+                .into_iter()
+                .map(|x| x.exp() as f64)
+                .collect()
+        } else {
+            match cfg.interpolation_type.as_deref() {
+                None | Some("linear") => {}
+                Some(other) if opts.euler_options => {
+                    return Err(config_error(format!(
+                        "interpolation_type {other:?} is not supported"
+                    )))
+                }
+                Some(_) => {}
             }
-            Some(_) => {}
-        }
-        common::interp_sigmas(&timesteps, &train_sigmas)
-    };
+            common::interp_sigmas(&timesteps, &train_sigmas)
+        };
     if opts.karras && cfg.use_karras_sigmas.unwrap_or(false) {
-        let (smin, smax) = if opts.euler_options { (cfg.sigma_min, cfg.sigma_max) } else { (None, None) };
+        let (smin, smax) = if opts.euler_options {
+            (cfg.sigma_min, cfg.sigma_max)
+        } else {
+            (None, None)
+        };
         let smin = smin.unwrap_or(sigmas[sigmas.len() - 1]);
         let smax = smax.unwrap_or(sigmas[0]);
         sigmas = common::karras_sigmas(smin, smax, n);
         // np.log of the float32 training sigmas.
         let log_sigmas: Vec<f64> = train_sigmas.iter().map(|s| s.ln() as f64).collect();
-        timesteps = sigmas.iter().map(|&s| common::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
+        timesteps = sigmas
+            .iter()
+            .map(|&s| common::sigma_to_t(s, &log_sigmas) as f32 as f64)
+            .collect();
     }
     let sigma_last = if opts.euler_options {
         match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => 0.0,
             "sigma_min" => ((1.0 - ac[0]) / ac[0]).sqrt(),
-            other => return Err(config_error(format!("final_sigmas_type {other:?} is not supported"))),
+            other => {
+                return Err(config_error(format!(
+                    "final_sigmas_type {other:?} is not supported"
+                )))
+            }
         }
     } else {
         0.0
@@ -85,14 +102,21 @@ pub(super) fn sigma_schedule(
         && cfg.timestep_type.as_deref() == Some("continuous")
         && r.prediction_type == PredictionType::VPrediction
     {
-        timesteps = sigmas[..sigmas.len() - 1].iter().map(|s| (0.25f32 * s.ln()) as f64).collect();
+        timesteps = sigmas[..sigmas.len() - 1]
+            .iter()
+            .map(|s| (0.25f32 * s.ln()) as f64)
+            .collect();
     }
     let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let init_noise_sigma = match r.timestep_spacing {
         TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
         TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
     };
-    Ok(SigmaSchedule { timesteps, sigmas, init_noise_sigma })
+    Ok(SigmaSchedule {
+        timesteps,
+        sigmas,
+        init_noise_sigma,
+    })
 }
 
 /// `sample / sqrt(sigma^2 + 1)`, float32.
@@ -102,7 +126,12 @@ pub(super) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
 }
 
 /// The denoised estimate x0 from the model output at noise level `sigma`.
-pub(super) fn pred_original(pt: PredictionType, mo: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+pub(super) fn pred_original(
+    pt: PredictionType,
+    mo: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
     Ok(match pt {
         PredictionType::Epsilon => (sample - mul_s(mo, sigma)?)?,
         PredictionType::VPrediction => {
@@ -122,8 +151,19 @@ impl EulerDiscrete {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
-        let sched = sigma_schedule(&r, cfg, num_inference_steps, SigmaOptions { euler_options: true, karras: true })?;
-        Ok(Self { prediction_type: r.prediction_type, sched })
+        let sched = sigma_schedule(
+            &r,
+            cfg,
+            num_inference_steps,
+            SigmaOptions {
+                euler_options: true,
+                karras: true,
+            },
+        )?;
+        Ok(Self {
+            prediction_type: r.prediction_type,
+            sched,
+        })
     }
 
     /// The float32 sigmas (one per timestep plus the final one).
@@ -146,7 +186,13 @@ impl Scheduler for EulerDiscrete {
         scale_by_sigma(sample, self.sched.sigmas[index])
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         let dtype = model_output.dtype();
         let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
@@ -171,9 +217,19 @@ impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
-        let sched =
-            sigma_schedule(&r, cfg, num_inference_steps, SigmaOptions { euler_options: false, karras: false })?;
-        Ok(Self { prediction_type: r.prediction_type, sched })
+        let sched = sigma_schedule(
+            &r,
+            cfg,
+            num_inference_steps,
+            SigmaOptions {
+                euler_options: false,
+                karras: false,
+            },
+        )?;
+        Ok(Self {
+            prediction_type: r.prediction_type,
+            sched,
+        })
     }
 
     /// The float32 sigmas (one per timestep plus the final zero).
@@ -196,7 +252,13 @@ impl Scheduler for EulerAncestral {
         scale_by_sigma(sample, self.sched.sigmas[index])
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         let dtype = model_output.dtype();
         let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);

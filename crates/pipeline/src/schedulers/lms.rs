@@ -4,7 +4,9 @@
 
 use candle_core::Tensor;
 
-use super::common::{self, check_index, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig};
+use super::common::{
+    self, check_index, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig,
+};
 use super::euler::{pred_original, scale_by_sigma, sigma_schedule, SigmaOptions, SigmaSchedule};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
@@ -25,9 +27,20 @@ impl LmsDiscrete {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
-        let sched =
-            sigma_schedule(&r, cfg, num_inference_steps, SigmaOptions { euler_options: false, karras: true })?;
-        Ok(Self { prediction_type: r.prediction_type, sched, derivatives: Vec::new() })
+        let sched = sigma_schedule(
+            &r,
+            cfg,
+            num_inference_steps,
+            SigmaOptions {
+                euler_options: false,
+                karras: true,
+            },
+        )?;
+        Ok(Self {
+            prediction_type: r.prediction_type,
+            sched,
+            derivatives: Vec::new(),
+        })
     }
 
     /// The float32 sigmas (one per timestep plus the final zero).
@@ -51,10 +64,24 @@ impl LmsDiscrete {
 
 /// Integral of `f` over [a, b] by 4-point Gauss-Legendre (exact for polynomials of degree <= 7).
 fn gauss_legendre4(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
-    const NODES: [f64; 4] = [-0.861_136_311_594_052_6, -0.339_981_043_584_856_3, 0.339_981_043_584_856_3, 0.861_136_311_594_052_6];
-    const WEIGHTS: [f64; 4] = [0.347_854_845_137_453_9, 0.652_145_154_862_546_1, 0.652_145_154_862_546_1, 0.347_854_845_137_453_9];
+    const NODES: [f64; 4] = [
+        -0.861_136_311_594_052_6,
+        -0.339_981_043_584_856_3,
+        0.339_981_043_584_856_3,
+        0.861_136_311_594_052_6,
+    ];
+    const WEIGHTS: [f64; 4] = [
+        0.347_854_845_137_453_9,
+        0.652_145_154_862_546_1,
+        0.652_145_154_862_546_1,
+        0.347_854_845_137_453_9,
+    ];
     let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
-    half * NODES.iter().zip(WEIGHTS).map(|(x, w)| w * f(mid + half * x)).sum::<f64>()
+    half * NODES
+        .iter()
+        .zip(WEIGHTS)
+        .map(|(x, w)| w * f(mid + half * x))
+        .sum::<f64>()
 }
 
 impl Scheduler for LmsDiscrete {
@@ -71,7 +98,13 @@ impl Scheduler for LmsDiscrete {
         scale_by_sigma(sample, self.sched.sigmas[index])
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         let dtype = sample.dtype();
         let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);

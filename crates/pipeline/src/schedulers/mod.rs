@@ -61,20 +61,25 @@ impl SchedulerKind {
 
     /// The model's own scheduler, from `_class_name` of its `scheduler_config.json`.
     pub fn default_for(cfg: &SchedulerConfig) -> Result<Self> {
-        let class = cfg
-            .class_name
-            .as_deref()
-            .ok_or_else(|| common::config_error("no _class_name to choose the default scheduler"))?;
+        let class = cfg.class_name.as_deref().ok_or_else(|| {
+            common::config_error("no _class_name to choose the default scheduler")
+        })?;
         Ok(match class {
             "PNDMScheduler" => Self::Pndm,
             "DDIMScheduler" => Self::Ddim,
             "EulerDiscreteScheduler" => Self::Euler,
             "EulerAncestralDiscreteScheduler" => Self::EulerAncestral,
-            "DPMSolverMultistepScheduler" if cfg.use_karras_sigmas == Some(true) => Self::DpmPp2mKarras,
+            "DPMSolverMultistepScheduler" if cfg.use_karras_sigmas == Some(true) => {
+                Self::DpmPp2mKarras
+            }
             "DPMSolverMultistepScheduler" => Self::DpmPp2m,
             "LMSDiscreteScheduler" => Self::Lms,
             "UniPCMultistepScheduler" => Self::UniPc,
-            other => return Err(common::config_error(format!("unsupported scheduler class {other:?}"))),
+            other => {
+                return Err(common::config_error(format!(
+                    "unsupported scheduler class {other:?}"
+                )))
+            }
         })
     }
 
@@ -95,24 +100,39 @@ impl std::str::FromStr for SchedulerKind {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         Self::from_name(s).ok_or_else(|| {
             let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-            format!("unknown scheduler {s:?}; expected one of {}", names.join(", "))
+            format!(
+                "unknown scheduler {s:?}; expected one of {}",
+                names.join(", ")
+            )
         })
     }
 }
 
 /// Builds `kind` from the model's scheduler config (as `Class.from_config(cfg)`) and runs its
 /// `set_timesteps(num_inference_steps)`.
-pub fn build(kind: SchedulerKind, cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+pub fn build(
+    kind: SchedulerKind,
+    cfg: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>> {
     common::check_steps(num_inference_steps)?;
     Ok(match kind {
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(cfg, num_inference_steps)?),
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(cfg, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::EulerDiscrete::new(cfg, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(cfg, num_inference_steps)?),
-        SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverMultistep::new(cfg, num_inference_steps, false)?),
-        SchedulerKind::DpmPp2mKarras => {
-            Box::new(dpm_solver::DpmSolverMultistep::new(cfg, num_inference_steps, true)?)
+        SchedulerKind::EulerAncestral => {
+            Box::new(euler::EulerAncestral::new(cfg, num_inference_steps)?)
         }
+        SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverMultistep::new(
+            cfg,
+            num_inference_steps,
+            false,
+        )?),
+        SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolverMultistep::new(
+            cfg,
+            num_inference_steps,
+            true,
+        )?),
         SchedulerKind::Lms => Box::new(lms::LmsDiscrete::new(cfg, num_inference_steps)?),
         SchedulerKind::UniPc => Box::new(unipc::UniPcMultistep::new(cfg, num_inference_steps)?),
     })
@@ -129,7 +149,13 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
     /// One step: the model output at `timesteps()[index]` and the current sample give the previous
     /// sample. Stochastic schedulers draw their noise from `rng` (the request's generator).
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor>;
 }
 
 /// `scheduler_config.json`, every key optional: `None` means "absent from the file", and each
@@ -188,7 +214,10 @@ mod tests {
             use_karras_sigmas: karras,
             ..Default::default()
         };
-        assert_eq!(SchedulerKind::default_for(&cfg("PNDMScheduler", None)).unwrap(), SchedulerKind::Pndm);
+        assert_eq!(
+            SchedulerKind::default_for(&cfg("PNDMScheduler", None)).unwrap(),
+            SchedulerKind::Pndm
+        );
         assert_eq!(
             SchedulerKind::default_for(&cfg("DPMSolverMultistepScheduler", Some(true))).unwrap(),
             SchedulerKind::DpmPp2mKarras

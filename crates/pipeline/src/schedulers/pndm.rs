@@ -5,8 +5,8 @@
 use candle_core::Tensor;
 
 use super::common::{
-    self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig,
-    TimestepSpacing,
+    self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType,
+    ResolvedConfig, TimestepSpacing,
 };
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
@@ -38,10 +38,16 @@ impl Pndm {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
         if r.prediction_type == PredictionType::Sample {
-            return Err(config_error("PNDMScheduler supports prediction_type epsilon or v_prediction"));
+            return Err(config_error(
+                "PNDMScheduler supports prediction_type epsilon or v_prediction",
+            ));
         }
         let ac = r.alphas_cumprod()?;
-        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(false) { 1.0 } else { ac[0] };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(false) {
+            1.0
+        } else {
+            ac[0]
+        };
         let skip_prk_steps = cfg.skip_prk_steps.unwrap_or(false);
         let n = num_inference_steps;
         let train = r.num_train_timesteps;
@@ -76,9 +82,16 @@ impl Pndm {
             // repeat(ts[-4:], 2) + tile([0, T // n // 2], 4), then [:-1].repeat(2)[1:-1][::-1].
             let half = (train / n / 2) as i64;
             let tail = &base[len - 4..];
-            let prk0: Vec<i64> =
-                tail.iter().flat_map(|&t| [t, t]).enumerate().map(|(i, t)| t + if i % 2 == 1 { half } else { 0 }).collect();
-            let rep: Vec<i64> = prk0[..prk0.len() - 1].iter().flat_map(|&t| [t, t]).collect();
+            let prk0: Vec<i64> = tail
+                .iter()
+                .flat_map(|&t| [t, t])
+                .enumerate()
+                .map(|(i, t)| t + if i % 2 == 1 { half } else { 0 })
+                .collect();
+            let rep: Vec<i64> = prk0[..prk0.len() - 1]
+                .iter()
+                .flat_map(|&t| [t, t])
+                .collect();
             let mut prk: Vec<i64> = rep[1..rep.len() - 1].to_vec();
             prk.reverse();
             let mut plms: Vec<i64> = base[..len - 3].to_vec();
@@ -116,13 +129,21 @@ impl Pndm {
     }
 
     /// Formula (9) of the PNDM paper, in float32 like diffusers' `_get_prev_sample`.
-    fn prev_sample(&self, sample: &Tensor, t: i64, prev_t: i64, model_output: &Tensor) -> Result<Tensor> {
+    fn prev_sample(
+        &self,
+        sample: &Tensor,
+        t: i64,
+        prev_t: i64,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
         let a_t = self.alpha(t)?;
         let a_prev = self.alpha(prev_t)?;
         let b_t = 1.0 - a_t;
         let b_prev = 1.0 - a_prev;
         let model_output = match self.prediction_type {
-            PredictionType::VPrediction => (mul_s(model_output, a_t.sqrt())? + mul_s(sample, b_t.sqrt())?)?,
+            PredictionType::VPrediction => {
+                (mul_s(model_output, a_t.sqrt())? + mul_s(sample, b_t.sqrt())?)?
+            }
             _ => model_output.clone(),
         };
         let sample_coeff = (a_prev / a_t).sqrt();
@@ -147,12 +168,14 @@ impl Pndm {
         let mut mo = model_output.clone();
         match self.counter % 4 {
             0 => {
-                self.cur_model_output = Some(add(&self.cur_model_output, mul_s(model_output, sixth)?)?);
+                self.cur_model_output =
+                    Some(add(&self.cur_model_output, mul_s(model_output, sixth)?)?);
                 self.ets.push(model_output.clone());
                 self.cur_sample = Some(sample.clone());
             }
             1 | 2 => {
-                self.cur_model_output = Some(add(&self.cur_model_output, mul_s(model_output, third)?)?);
+                self.cur_model_output =
+                    Some(add(&self.cur_model_output, mul_s(model_output, third)?)?);
             }
             _ => {
                 mo = add(&self.cur_model_output, mul_s(model_output, sixth)?)?;
@@ -192,7 +215,8 @@ impl Pndm {
             let s = ((mul_s(&e[2], 23.0)? - mul_s(&e[1], 16.0)?)? + mul_s(&e[0], 5.0)?)?;
             div_s(&s, 12.0)?
         } else {
-            let s = (((mul_s(&e[3], 55.0)? - mul_s(&e[2], 59.0)?)? + mul_s(&e[1], 37.0)?)? - mul_s(&e[0], 9.0)?)?;
+            let s = (((mul_s(&e[3], 55.0)? - mul_s(&e[2], 59.0)?)? + mul_s(&e[1], 37.0)?)?
+                - mul_s(&e[0], 9.0)?)?;
             mul_s(&s, (1.0f64 / 24.0) as f32)?
         };
         let prev = self.prev_sample(&sample, t, prev_t, &mo)?;
@@ -215,7 +239,13 @@ impl Scheduler for Pndm {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         check_index(index, self.timesteps_i.len())?;
         let dtype = sample.dtype();
         let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);

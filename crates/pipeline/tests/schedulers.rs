@@ -1,0 +1,326 @@
+//! Schedulers against diffusers 0.42.1 (fixtures from `tools/make_scheduler_fixtures.py`): each is
+//! built from SD 1.5's real `scheduler_config.json` (plus the variant's keys) and must give the same
+//! timesteps, sigmas, `init_noise_sigma`, scaled inputs and every sample of a run.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use sdserve_pipeline::rng::TorchRng;
+use sdserve_pipeline::schedulers::common::{ClassDefaults, ResolvedConfig};
+use sdserve_pipeline::schedulers::{build, euler, lms, SchedulerConfig, SchedulerKind};
+
+/// The schedulers this file checks (dpm_solver/unipc have their own tests).
+const OURS: [&str; 5] = ["pndm", "ddim", "euler", "euler_a", "lms"];
+/// Timesteps: numpy float64 (or float32) values reproduced exactly.
+const TIMESTEP_TOL: f64 = 1e-9;
+/// Sigmas and init_noise_sigma: float32 values, relative.
+const SIGMA_RTOL: f64 = 1e-6;
+/// Scaled inputs and samples of a whole run, max abs (samples start at sigma ~ 14.6).
+const TRAJ_TOL: f32 = 5e-5;
+
+struct Fixtures {
+    tensors: HashMap<String, Tensor>,
+    meta: serde_json::Value,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tensors =
+            candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
+                .expect("schedulers.safetensors");
+        let meta =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("schedulers.json")).unwrap())
+                .unwrap();
+        Fixtures { tensors, meta }
+    })
+}
+
+impl Fixtures {
+    fn get(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture {key} missing"))
+    }
+    fn f64s(&self, key: &str) -> Vec<f64> {
+        self.get(key)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+    fn entries(&self) -> Vec<&serde_json::Value> {
+        self.meta["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| OURS.contains(&e["scheduler"].as_str().unwrap()))
+            .collect()
+    }
+    /// SD 1.5's config with `overrides` on top, as the JSON `from_config` gets it.
+    fn config(&self, overrides: &serde_json::Value) -> SchedulerConfig {
+        let mut cfg = self.meta["config"].clone();
+        for (k, v) in overrides.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        serde_json::from_value(cfg).unwrap()
+    }
+    fn seed(&self, key: &str) -> u64 {
+        self.meta[key].as_u64().unwrap()
+    }
+}
+
+fn steps_of(v: &serde_json::Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    if a == b {
+        0.0
+    } else {
+        (a - b).abs() / b.abs().max(1e-30)
+    }
+}
+
+/// The float32 sigmas of the schedulers that have them.
+fn sigmas_of(name: &str, cfg: &SchedulerConfig, steps: usize) -> Option<Vec<f64>> {
+    let s: Vec<f32> = match name {
+        "euler" => euler::EulerDiscrete::new(cfg, steps)
+            .unwrap()
+            .sigmas()
+            .to_vec(),
+        "euler_a" => euler::EulerAncestral::new(cfg, steps)
+            .unwrap()
+            .sigmas()
+            .to_vec(),
+        "lms" => lms::LmsDiscrete::new(cfg, steps).unwrap().sigmas().to_vec(),
+        _ => return None,
+    };
+    Some(s.into_iter().map(f64::from).collect())
+}
+
+/// Distance in units in the last place between two finite f32 of the same sign.
+fn ulps(a: f32, b: f32) -> u32 {
+    (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+}
+
+#[test]
+fn training_schedules_match_torch() {
+    let f = fixtures();
+    let mut n = 0;
+    for (case, over) in f.meta["train"].as_object().unwrap() {
+        let cfg = f.config(over);
+        // The fixtures come from DDIMScheduler; betas do not depend on the class's spacing.
+        let r = ResolvedConfig::resolve(&cfg, &ClassDefaults::with_spacing("leading")).unwrap();
+        let betas: Vec<f32> = r.betas().unwrap();
+        let ac: Vec<f32> = r.alphas_cumprod().unwrap();
+        let want_b: Vec<f32> = f.get(&format!("train.{case}.betas")).to_vec1().unwrap();
+        let want_ac: Vec<f32> = f
+            .get(&format!("train.{case}.alphas_cumprod"))
+            .to_vec1()
+            .unwrap();
+        assert_eq!(betas.len(), want_b.len());
+        let worst_b = betas
+            .iter()
+            .zip(&want_b)
+            .map(|(a, b)| ulps(*a, *b))
+            .max()
+            .unwrap();
+        let worst_ac = ac
+            .iter()
+            .zip(&want_ac)
+            .map(|(a, b)| ulps(*a, *b))
+            .max()
+            .unwrap();
+        if case == "zsnr" {
+            // rescale_betas_zero_snr takes the square root of a vector, which torch's vectorised
+            // CPU kernel rounds to within 1 ulp (not always to nearest); betas = 1 - alphas then
+            // carry those few ulps of alphas (up to ~2.4e-7 near 1) as an absolute error.
+            let abs = |x: &[f32], y: &[f32]| {
+                x.iter()
+                    .zip(y)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max)
+            };
+            let (db, dac) = (abs(&betas, &want_b), abs(&ac, &want_ac));
+            assert!(
+                db <= 5e-7 && dac <= 5e-7,
+                "train.zsnr: betas off by {db}, alphas_cumprod by {dac}"
+            );
+            eprintln!("train.{case}: betas max abs diff {db:e}, alphas_cumprod {dac:e}");
+        } else {
+            assert!(worst_b == 0, "train.{case}.betas: {worst_b} ulp off");
+            assert!(
+                worst_ac == 0,
+                "train.{case}.alphas_cumprod: {worst_ac} ulp off"
+            );
+            eprintln!("train.{case}: betas and alphas_cumprod bit-exact");
+        }
+        n += 1;
+    }
+    assert!(n >= 5);
+}
+
+#[test]
+fn schedules_match_diffusers() {
+    let f = fixtures();
+    let (mut worst_t, mut worst_s, mut cases) = (0f64, 0f64, 0);
+    for e in f.entries() {
+        let name = e["scheduler"].as_str().unwrap();
+        let prefix = e["prefix"].as_str().unwrap();
+        let kind = SchedulerKind::from_name(name).unwrap();
+        let cfg = f.config(&e["overrides"]);
+        for steps in steps_of(&e["schedule_steps"]) {
+            let key = format!("{prefix}.{steps}");
+            let s = build(kind, &cfg, steps).unwrap_or_else(|err| panic!("{key}: {err}"));
+            let want = f.f64s(&format!("{key}.timesteps"));
+            assert_eq!(
+                s.timesteps().len(),
+                want.len(),
+                "{key}: timesteps {:?} vs {want:?}",
+                s.timesteps()
+            );
+            for (a, b) in s.timesteps().iter().zip(&want) {
+                let d = (a - b).abs();
+                assert!(
+                    d <= TIMESTEP_TOL,
+                    "{key}.timesteps: {:?} vs {want:?}",
+                    s.timesteps()
+                );
+                worst_t = worst_t.max(d);
+            }
+            let want_ins = f.f64s(&format!("{key}.init_noise_sigma"))[0];
+            let d = rel(s.init_noise_sigma(), want_ins);
+            assert!(
+                d <= SIGMA_RTOL,
+                "{key}.init_noise_sigma {} vs {want_ins}",
+                s.init_noise_sigma()
+            );
+            worst_s = worst_s.max(d);
+            if let Some(sig) = sigmas_of(name, &cfg, steps) {
+                let want = f.f64s(&format!("{key}.sigmas"));
+                assert_eq!(sig.len(), want.len(), "{key}.sigmas length");
+                for (a, b) in sig.iter().zip(&want) {
+                    let d = rel(*a, *b);
+                    assert!(d <= SIGMA_RTOL, "{key}.sigmas: {sig:?} vs {want:?}");
+                    worst_s = worst_s.max(d);
+                }
+            }
+            cases += 1;
+        }
+    }
+    assert!(cases >= 100, "only {cases} schedule cases");
+    eprintln!("schedules: {cases} cases, timesteps max abs diff {worst_t:e}, sigmas max rel diff {worst_s:e}");
+}
+
+#[test]
+fn trajectories_match_diffusers() {
+    let f = fixtures();
+    let mut worst: Vec<(String, f32)> = Vec::new();
+    for e in f.entries() {
+        let name = e["scheduler"].as_str().unwrap();
+        let prefix = e["prefix"].as_str().unwrap();
+        let kind = SchedulerKind::from_name(name).unwrap();
+        let cfg = f.config(&e["overrides"]);
+        for steps in steps_of(&e["trajectory_steps"]) {
+            let key = format!("{prefix}.{steps}");
+            let mut s = build(kind, &cfg, steps).unwrap();
+            let outputs = f.get(&format!("{key}.model_outputs"));
+            let scaled = f.get(&format!("{key}.scaled_inputs"));
+            let samples = f.get(&format!("{key}.samples"));
+            let n = s.timesteps().len();
+            assert_eq!(outputs.dim(0).unwrap(), n, "{key}: model output count");
+            let mut rng = TorchRng::new(f.seed("step_seed"));
+            // The run continues from our own samples, so errors would compound as in a real run.
+            let mut sample = samples.i(0).unwrap();
+            let mut d_max = 0f32;
+            for i in 0..n {
+                let x = s.scale_model_input(&sample, i).unwrap();
+                let d = max_abs(&x, &scaled.i(i).unwrap());
+                assert!(d <= TRAJ_TOL, "{key}: scaled input {i} off by {d}");
+                d_max = d_max.max(d);
+                sample = s
+                    .step(&outputs.i(i).unwrap(), i, &sample, &mut rng)
+                    .unwrap();
+                let d = max_abs(&sample, &samples.i(i + 1).unwrap());
+                assert!(d <= TRAJ_TOL, "{key}: sample after step {i} off by {d}");
+                d_max = d_max.max(d);
+            }
+            worst.push((key, d_max));
+        }
+    }
+    assert!(worst.len() >= 30, "only {} trajectories", worst.len());
+    let overall = worst.iter().map(|w| w.1).fold(0f32, f32::max);
+    for (k, d) in &worst {
+        eprintln!("  {k}: max abs diff {d:e}");
+    }
+    eprintln!(
+        "trajectories: {} runs, max abs diff {overall:e}",
+        worst.len()
+    );
+}
+
+#[test]
+fn initial_sample_uses_init_noise_sigma() {
+    // samples[0] = randn(sample_seed) * init_noise_sigma; our TorchRng gives the same normals.
+    let f = fixtures();
+    let noise = TorchRng::new(f.seed("sample_seed")).randn(4 * 8 * 8);
+    let noise = Tensor::from_vec(noise, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    for name in OURS {
+        let s = build(
+            SchedulerKind::from_name(name).unwrap(),
+            &f.config(&serde_json::json!({})),
+            25,
+        )
+        .unwrap();
+        let ours = noise.affine(s.init_noise_sigma(), 0.0).unwrap();
+        let want = f.get(&format!("{name}.25.samples")).i(0).unwrap();
+        let d = max_abs(&ours, &want);
+        assert!(d <= 1e-4, "{name}: initial sample off by {d}");
+    }
+}
+
+#[test]
+fn zero_steps_and_bad_configs_are_errors() {
+    let f = fixtures();
+    let cfg = f.config(&serde_json::json!({}));
+    for name in OURS {
+        assert!(build(SchedulerKind::from_name(name).unwrap(), &cfg, 0).is_err());
+    }
+    let bad = f.config(&serde_json::json!({"beta_schedule": "quadratic"}));
+    assert!(build(SchedulerKind::Euler, &bad, 10).is_err());
+    let bad = f.config(&serde_json::json!({"timestep_spacing": "sideways"}));
+    assert!(build(SchedulerKind::Ddim, &bad, 10).is_err());
+    let bad = f.config(&serde_json::json!({"prediction_type": "sample"}));
+    assert!(
+        build(SchedulerKind::Pndm, &bad, 10).is_err(),
+        "PNDM has no sample prediction"
+    );
+    // SD 1.5's own scheduler is PNDM.
+    assert_eq!(
+        SchedulerKind::default_for(&cfg).unwrap(),
+        SchedulerKind::Pndm
+    );
+}
