@@ -460,10 +460,16 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
         .map(|m| m.as_str().to_string());
     let mut resp = next.run(req).await;
     let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if (status.is_client_error() || status.is_server_error())
         && resp.extensions().get::<ErrorCode>().is_none()
+        && !is_json
     {
-        // An error axum produced without our body: give it one, keep its headers (e.g. Allow).
+        // An error axum produced without our body (405, rejections): give it one, keep its
+        // headers (e.g. Allow). Our own JSON answers (a 503 /health) pass unchanged.
         let old = std::mem::replace(&mut resp, ApiError::from_status(status).into_response());
         let (parts, _) = old.into_parts();
         for (k, v) in parts.headers.iter() {
