@@ -81,6 +81,22 @@ VARIANTS = {
     "linspace": ({"timestep_spacing": "linspace"}, [1, 3, 5, 7, 10, 25, 33, 50], [5]),
 }
 
+# Single-scheduler variants: config keys a model folder may carry.
+# prefix -> (scheduler, config overrides, schedule step counts, trajectory step counts)
+EXTRA = {
+    "pndm-prk": ("pndm", {"skip_prk_steps": False}, [4, 5, 10, 25], [5, 25]),
+    "ddim-clip": ("ddim", {"clip_sample": True, "set_alpha_to_one": True}, [5, 25], [5, 25]),
+    "ddim-sample": ("ddim", {"prediction_type": "sample", "clip_sample": True, "clip_sample_range": 0.5}, [5], [5]),
+    "ddim-linear": ("ddim", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, [5, 25], [5]),
+    "euler-karras": ("euler", {"use_karras_sigmas": True}, [1, 2, 5, 25], [5, 25]),
+    "euler-zsnr": ("euler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, [5, 25], [5]),
+    "euler-sigma_min": ("euler", {"final_sigmas_type": "sigma_min"}, [5, 25], [5]),
+    "euler-sample": ("euler", {"prediction_type": "sample"}, [5], [5]),
+    "euler_a-cosine": ("euler_a", {"beta_schedule": "squaredcos_cap_v2"}, [5, 25], [5]),
+    "lms-karras": ("lms", {"use_karras_sigmas": True}, [2, 5, 25], [5, 25]),
+    "lms-sample": ("lms", {"prediction_type": "sample"}, [5], [5]),
+}
+
 SHAPE = (1, 4, 8, 8)
 SAMPLE_SEED = 7
 OUTPUT_SEED = 1000
@@ -164,6 +180,25 @@ def main():
                     "stochastic": name in STOCHASTIC,
                 }
             )
+    for prefix, (name, over, sched_steps, traj_steps) in EXTRA.items():
+        cls, base = SCHEDULERS[name]
+        overrides = {**base, **over}
+        for steps in sorted(set(sched_steps) | set(traj_steps)):
+            schedule(tensors, prefix, make(cls, overrides), steps)
+        for steps in traj_steps:
+            trajectory(tensors, prefix, make(cls, overrides), steps, name in STOCHASTIC)
+        entries.append(
+            {
+                "prefix": prefix,
+                "scheduler": name,
+                "variant": prefix.split("-", 1)[1],
+                "class": cls.__name__,
+                "overrides": over,
+                "schedule_steps": sorted(set(sched_steps) | set(traj_steps)),
+                "trajectory_steps": traj_steps,
+                "stochastic": name in STOCHASTIC,
+            }
+        )
     train = train_schedules(tensors)
     os.makedirs(OUT, exist_ok=True)
     save_file(tensors, os.path.join(OUT, "schedulers.safetensors"))

@@ -186,7 +186,7 @@ fn training_schedules_match_torch() {
 #[test]
 fn schedules_match_diffusers() {
     let f = fixtures();
-    let (mut worst_t, mut worst_s, mut cases) = (0f64, 0f64, 0);
+    let (mut worst_t, mut worst_tk, mut worst_s, mut cases) = (0f64, 0f64, 0f64, 0);
     for e in f.entries() {
         let name = e["scheduler"].as_str().unwrap();
         let prefix = e["prefix"].as_str().unwrap();
@@ -204,12 +204,19 @@ fn schedules_match_diffusers() {
             );
             for (a, b) in s.timesteps().iter().zip(&want) {
                 let d = (a - b).abs();
-                assert!(
-                    d <= TIMESTEP_TOL,
-                    "{key}.timesteps: {:?} vs {want:?}",
-                    s.timesteps()
-                );
-                worst_t = worst_t.max(d);
+                // Karras timesteps come from np.log of float32 sigmas (numpy's own SIMD log)
+                // and are float32: allow one float32 ulp there.
+                let tol = if prefix.contains("karras") {
+                    TIMESTEP_TOL.max(b.abs() * 2.4e-7)
+                } else {
+                    TIMESTEP_TOL
+                };
+                assert!(d <= tol, "{key}.timesteps: {:?} vs {want:?}", s.timesteps());
+                if prefix.contains("karras") {
+                    worst_tk = worst_tk.max(d);
+                } else {
+                    worst_t = worst_t.max(d);
+                }
             }
             let want_ins = f.f64s(&format!("{key}.init_noise_sigma"))[0];
             let d = rel(s.init_noise_sigma(), want_ins);
@@ -232,7 +239,10 @@ fn schedules_match_diffusers() {
         }
     }
     assert!(cases >= 100, "only {cases} schedule cases");
-    eprintln!("schedules: {cases} cases, timesteps max abs diff {worst_t:e}, sigmas max rel diff {worst_s:e}");
+    eprintln!(
+        "schedules: {cases} cases, timesteps max abs diff {worst_t:e} \
+         (karras {worst_tk:e}), sigmas and init_noise_sigma max rel diff {worst_s:e}"
+    );
 }
 
 #[test]
