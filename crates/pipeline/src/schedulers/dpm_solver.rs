@@ -453,3 +453,59 @@ impl super::Scheduler for DpmSolverMultistep {
         Ok(prev.to_dtype(out_dtype)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedulers::Scheduler;
+    use candle_core::Device;
+
+    #[test]
+    fn zero_sigma_gives_unit_alpha_and_infinite_lambda() {
+        let (a, s) = alpha_sigma(0.0);
+        assert_eq!((a, s), (1.0, 0.0));
+        assert_eq!(lambda(a, s), f32::INFINITY);
+        let (a, s) = alpha_sigma(1.0);
+        assert!((a - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-7 && (a - s).abs() < 1e-7);
+    }
+
+    #[test]
+    fn first_call_takes_the_second_of_repeated_timesteps() {
+        assert_eq!(first_step_index(&[999.0, 500.0, 0.0], 500.0), 1);
+        assert_eq!(first_step_index(&[999.0, 1.0, 1.0, 0.0], 1.0), 2);
+        // Unknown timestep: diffusers falls back to the last index.
+        assert_eq!(first_step_index(&[999.0, 500.0], 7.0), 1);
+    }
+
+    #[test]
+    fn sigma_to_t_interpolates_in_log_space() {
+        let logs: Vec<f32> = [1.0f32, 2.0, 4.0, 8.0].iter().map(|s| s.ln()).collect();
+        assert!((sigma_to_t_f32(2.0, &logs) - 1.0).abs() < 1e-6);
+        assert!((sigma_to_t_f32(4.0, &logs) - 2.0).abs() < 1e-6);
+        assert!((sigma_to_t_f32(32f64.sqrt(), &logs) - 2.5).abs() < 1e-6);
+        // Outside the table: clamped to its ends.
+        assert_eq!(sigma_to_t_f32(100.0, &logs), 3.0);
+        assert_eq!(sigma_to_t_f32(0.0, &logs), 0.0);
+    }
+
+    #[test]
+    fn last_step_to_zero_sigma_returns_the_data_prediction() {
+        // One step from the top of the schedule to sigma 0 is x0 = (x - sigma * eps) / alpha.
+        let cfg = SchedulerConfig::default();
+        let mut s = DpmSolverMultistep::new(&cfg, 1, false).unwrap();
+        assert_eq!(s.sigmas().len(), 2);
+        assert_eq!(s.sigmas()[1], 0.0);
+        let x = Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap();
+        let eps = Tensor::new(&[0.5f32, 0.25, -1.0], &Device::Cpu).unwrap();
+        let out = s.step(&eps, 0, &x, &mut TorchRng::new(0)).unwrap();
+        let (alpha, sigma) = alpha_sigma(s.sigmas()[0]);
+        let got: Vec<f32> = out.to_vec1().unwrap();
+        let xs = [1.0f32, -2.0, 3.0];
+        let es = [0.5f32, 0.25, -1.0];
+        for ((g, x), e) in got.iter().zip(xs).zip(es) {
+            assert_eq!(*g, (x - sigma * e) / alpha);
+        }
+        // Stepping past the end is an error, not a panic.
+        assert!(s.step(&eps, 0, &x, &mut TorchRng::new(0)).is_err());
+    }
+}

@@ -210,7 +210,8 @@ impl UniPcMultistep {
         let m0 = self.output(1)?;
         let x_t = self.base_update(&c, x, m0)?;
         if order == 1 {
-            // pred_res is the Python int 0: `x_t_ - alpha_t * B_h * 0` leaves x_t_ as is.
+            // pred_res is the Python int 0: `x_t_ - alpha_t * B_h * 0` leaves x_t_ as is. (With
+            // bh1 and a zero final sigma, B_h = -inf there and diffusers ends in NaN; we do not.)
             return Ok(x_t);
         }
         let d1s = self.differences(&c.rks, m0)?;
