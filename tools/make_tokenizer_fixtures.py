@@ -8,7 +8,10 @@ Writes, under crates/pipeline/tests/fixtures/ (or OUT_DIR):
       `open_clip_torch` wheel on PyPI ships (the model hubs are not reachable here).
   tokenizer_cases.json
       [{"prompt": str, "ids": [77 ints]}] from transformers' CLIPTokenizer loaded from that
-      folder and called as diffusers' StableDiffusionPipeline.encode_prompt does.
+      folder and called as diffusers' StableDiffusionPipeline.encode_prompt does. Entries that
+      also carry "tokenizer_config" (and "special_tokens_map", null = no such file) were made
+      with those two files replaced: special-token spellings (plain string or AddedToken,
+      normalized or not, another pad token) change which special tokens match where.
 
 CLIP's vocabulary construction (clip/simple_tokenizer.py):
   merges = lines[1 : 49152 - 256 - 2 + 1]                        (48894 merges)
@@ -33,6 +36,7 @@ import glob
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,6 +171,14 @@ PROMPTS = [
 ]
 
 
+def encode(tok, prompt):
+    # As diffusers' StableDiffusionPipeline.encode_prompt tokenizes.
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids[0].tolist()
+    assert len(ids) == tok.model_max_length
+    return ids
+
+
 def make_cases(tok_dir):
     import transformers
     from transformers import CLIPTokenizer
@@ -174,15 +186,65 @@ def make_cases(tok_dir):
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     assert tok.model_max_length == 77
     print(f"transformers {transformers.__version__}: {type(tok).__mro__[1].__name__}-backed CLIPTokenizer")
-    cases = []
-    for p in PROMPTS:
-        # As diffusers' StableDiffusionPipeline.encode_prompt tokenizes.
-        ids = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids[0].tolist()
-        assert len(ids) == 77
-        cases.append({"prompt": p, "ids": ids})
+    cases = [{"prompt": p, "ids": encode(tok, p)} for p in PROMPTS]
     n_trunc = sum(1 for c in cases if c["ids"][-1] == tok.eos_token_id and c["ids"][-2] != tok.eos_token_id)
     print(f"{len(cases)} cases, {n_trunc} truncated")
+    return cases
+
+
+def at(content, normalized):
+    return {**added_token(content), "normalized": normalized}
+
+
+# (tokenizer_config.json, special_tokens_map.json or None) variants. Special tokens whose
+# content several roles share resolve in a particular order in transformers 5.24.
+CONFIG_VARIANTS = [
+    ({"model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, None),
+    ({"model_max_length": 77, "bos_token": at(BOS, True), "eos_token": at(EOS, True),
+      "unk_token": at(EOS, True), "pad_token": at(EOS, True)}, None),
+    ({"model_max_length": 77, "bos_token": at(BOS, False), "eos_token": at(EOS, False),
+      "unk_token": at(EOS, True), "pad_token": at(EOS, False)}, None),
+    ({"model_max_length": 77, "bos_token": at(BOS, True), "eos_token": at(EOS, True),
+      "unk_token": at(EOS, False), "pad_token": at(EOS, True)}, None),
+    ({"model_max_length": 77, "bos_token": at(BOS, True), "eos_token": EOS,
+      "unk_token": at(EOS, True), "pad_token": EOS}, None),
+    # special_tokens_map.json overrides tokenizer_config.json.
+    ({"model_max_length": 77, "bos_token": at(BOS, True), "eos_token": at(EOS, True),
+      "unk_token": at(EOS, True), "pad_token": at(EOS, True)},
+     {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}),
+    # "!" as pad (SD 2 style), as a string and as an AddedToken; a shorter max length.
+    ({"model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": "!"}, None),
+    ({"model_max_length": 20, "pad_token": EOS},
+     {"bos_token": at(BOS, True), "eos_token": at(EOS, True), "unk_token": at(EOS, True),
+      "pad_token": at("!", True)}),
+]
+VARIANT_PROMPTS = [
+    "<|EndOfText|> hi <|StartOfText|>!!! wow! <|endoftext|>",
+    "A RED <|STARTOFTEXT|>CAR!!",
+]
+
+
+def make_variant_cases(tok_dir):
+    from transformers import CLIPTokenizer
+
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tok_dir, f), tmp)
+        for config, stm in CONFIG_VARIANTS:
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump(config, f)
+            stm_path = os.path.join(tmp, "special_tokens_map.json")
+            if os.path.exists(stm_path):
+                os.remove(stm_path)
+            if stm is not None:
+                with open(stm_path, "w") as f:
+                    json.dump(stm, f)
+            tok = CLIPTokenizer.from_pretrained(tmp)
+            for p in VARIANT_PROMPTS:
+                cases.append({"prompt": p, "ids": encode(tok, p), "tokenizer_config": config,
+                              "special_tokens_map": stm})
+    print(f"{len(cases)} config-variant cases")
     return cases
 
 
@@ -196,7 +258,7 @@ def main():
         vocab, merges = build_vocab(read_bpe_lines(wheel))
     tok_dir = os.path.join(args.out, "clip-tokenizer")
     write_tokenizer(tok_dir, vocab, merges)
-    cases = make_cases(tok_dir)
+    cases = make_cases(tok_dir) + make_variant_cases(tok_dir)
     with open(os.path.join(args.out, "tokenizer_cases.json"), "w", encoding="utf-8") as f:
         json.dump(cases, f, ensure_ascii=True, indent=1)
         f.write("\n")

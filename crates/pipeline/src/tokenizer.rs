@@ -43,6 +43,8 @@ struct SpecialToken {
     content: String,
     /// Whether the token is also matched in the normalized (lowercased...) text.
     normalized: bool,
+    /// Written as a plain string (not an `AddedToken` object) in the config.
+    plain: bool,
 }
 
 impl SpecialToken {
@@ -53,6 +55,7 @@ impl SpecialToken {
             Value::String(s) => Ok(Some(Self {
                 content: s.clone(),
                 normalized: false,
+                plain: true,
             })),
             Value::Object(map) => {
                 let content = map.get("content").and_then(Value::as_str).ok_or_else(|| {
@@ -67,6 +70,7 @@ impl SpecialToken {
                 Ok(Some(Self {
                     content: content.to_owned(),
                     normalized,
+                    plain: false,
                 }))
             }
             other => Err(PipelineError::config(
@@ -142,6 +146,7 @@ impl ClipTokenizer {
             let token = from_map.or(from_config).unwrap_or_else(|| SpecialToken {
                 content: default.to_owned(),
                 normalized: false,
+                plain: true,
             });
             roles.insert(role, token);
         }
@@ -203,21 +208,28 @@ impl ClipTokenizer {
         ])));
         // BOS/EOS, truncation and padding are applied in `encode`.
 
-        // Special tokens are matched in the text before BPE. One entry per distinct content:
-        // it also matches in normalized text only if every role naming it says so (the
-        // published SD 1.5 folder: BOS normalized, EOS not, because `pad_token` is a string).
-        let mut added: Vec<SpecialToken> = Vec::new();
+        // Special tokens are matched in the text before BPE; a token with `normalized` also
+        // matches in the normalized (lowercased...) text. Which flag wins when several roles
+        // name one content follows transformers 5.24: it lists the role values in order,
+        // skipping a value equal to one already listed (a string equals only the same string,
+        // an AddedToken only an AddedToken with the same flag), and the backend keeps the last
+        // listed for each content. So the published SD 1.5 folder (eos/unk AddedTokens with
+        // normalized: true, pad a plain string) ends with EOS not normalized, BOS normalized.
+        let mut listed: Vec<&SpecialToken> = Vec::new();
         for (role, _) in ROLES {
             let t = &roles[role];
-            match added.iter_mut().find(|a| a.content == t.content) {
-                Some(a) => a.normalized &= t.normalized,
-                None => added.push(t.clone()),
+            if !listed.contains(&t) {
+                listed.push(t);
             }
         }
-        let added: Vec<AddedToken> = added
-            .into_iter()
-            .map(|t| AddedToken::from(t.content, true).normalized(t.normalized))
-            .collect();
+        let mut added: Vec<AddedToken> = Vec::new();
+        for t in listed {
+            let token = AddedToken::from(t.content.clone(), true).normalized(t.normalized);
+            match added.iter_mut().find(|a| a.content == t.content) {
+                Some(a) => *a = token,
+                None => added.push(token),
+            }
+        }
         inner.add_special_tokens(added).map_err(tok_err)?;
 
         Ok(Self {
@@ -376,7 +388,8 @@ mod tests {
             s,
             SpecialToken {
                 content: "<a>".into(),
-                normalized: false
+                normalized: false,
+                plain: true,
             }
         );
         let d = serde_json::json!({"__type": "AddedToken", "content": "<b>", "normalized": true});
