@@ -1,0 +1,181 @@
+//! Per-stage timings of the pipeline on a model folder, printed as a table and as JSON.
+//!
+//! `MODEL_DIR=/path/to/sd15 cargo bench -p sdserve-pipeline --bench stages -- [--sizes 256,512]
+//! [--repeats 3] [--steps 20] [--full-sizes 256] [--json out.json]`
+//!
+//! Stages: text encode (prompt + empty negative), one UNet step with guidance (batch 2), VAE decode,
+//! and whole generations. Each figure is the median of `--repeats` runs with min and max; peak RSS is
+//! read from `/proc/self/status` (VmHWM), reset before each stage through `/proc/self/clear_refs`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
+use sdserve_pipeline::rng::TorchRng;
+
+struct Args {
+    sizes: Vec<usize>,
+    full_sizes: Vec<usize>,
+    repeats: usize,
+    steps: usize,
+    json: Option<String>,
+}
+
+fn parse_list(s: &str) -> Vec<usize> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse().expect("a number"))
+        .collect()
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        sizes: vec![256, 512],
+        full_sizes: vec![256],
+        repeats: 3,
+        steps: 20,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--sizes" => args.sizes = parse_list(&it.next().expect("--sizes LIST")),
+            "--full-sizes" => args.full_sizes = parse_list(&it.next().expect("--full-sizes LIST")),
+            "--repeats" => {
+                args.repeats = it.next().expect("--repeats N").parse().expect("a number")
+            }
+            "--steps" => args.steps = it.next().expect("--steps N").parse().expect("a number"),
+            "--json" => args.json = Some(it.next().expect("--json PATH")),
+            _ => {} // cargo passes `--bench`
+        }
+    }
+    args
+}
+
+fn status_kb(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn reset_peak_rss() {
+    // "5" resets the peak resident set size (VmHWM) to the current RSS (Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+struct Stat {
+    name: String,
+    median_s: f64,
+    min_s: f64,
+    max_s: f64,
+    repeats: usize,
+    peak_rss_mb: f64,
+}
+
+fn measure(name: &str, repeats: usize, mut f: impl FnMut()) -> Stat {
+    reset_peak_rss();
+    let mut times: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let stat = Stat {
+        name: name.to_string(),
+        median_s: times[times.len() / 2],
+        min_s: times[0],
+        max_s: times[times.len() - 1],
+        repeats,
+        peak_rss_mb: status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0,
+    };
+    eprintln!(
+        "{:<28} median {:>8.3} s  min {:>8.3}  max {:>8.3}  peak RSS {:>7.0} MB",
+        stat.name, stat.median_s, stat.min_s, stat.max_s, stat.peak_rss_mb
+    );
+    stat
+}
+
+fn main() {
+    let args = parse_args();
+    let dir = std::env::var("MODEL_DIR").expect("set MODEL_DIR to a diffusers folder");
+    let device = Device::Cpu;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
+
+    let start = Instant::now();
+    let model = StableDiffusion::load(std::path::Path::new(&dir), &device, DType::F32)
+        .expect("model loads");
+    let load_s = start.elapsed().as_secs_f64();
+    let weights_rss_mb = status_kb("VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    eprintln!("loaded {dir} in {load_s:.2} s (RSS {weights_rss_mb:.0} MB, threads {threads})");
+
+    let prompt = "a photograph of an astronaut riding a horse";
+    let mut stats = Vec::new();
+    let mut embeddings = None;
+    stats.push(measure("text_encode", args.repeats, || {
+        embeddings = Some(model.encode_prompt(prompt, "", true).expect("encode"));
+    }));
+    let embeddings = embeddings.expect("ran");
+
+    for &size in &args.sizes {
+        let cells = size / model.vae_scale_factor();
+        let channels = model.unet_in_channels();
+        let latents = TorchRng::new(0)
+            .randn_tensor((1, channels, cells, cells), &device, DType::F32)
+            .expect("noise");
+        stats.push(measure(
+            &format!("unet_step_cfg_{size}"),
+            args.repeats,
+            || {
+                model
+                    .predict_noise(&latents, 500.0, &embeddings, 7.5)
+                    .expect("unet");
+            },
+        ));
+        let z: Tensor = latents.clone();
+        stats.push(measure(&format!("vae_decode_{size}"), args.repeats, || {
+            model.decode_latents(&z).expect("decode");
+        }));
+    }
+    for &size in &args.full_sizes {
+        let params = GenerationParams {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            steps: args.steps,
+            width: size,
+            height: size,
+            seed: 0,
+            guidance_scale: 7.5,
+            scheduler: None,
+        };
+        stats.push(measure(
+            &format!("generate_{}steps_{size}", args.steps),
+            args.repeats.clamp(1, 2),
+            || {
+                model
+                    .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+                    .expect("generate");
+            },
+        ));
+    }
+
+    let peak_rss_mb = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    let stage_json: Vec<String> = stats
+        .iter()
+        .map(|s| {
+            format!(
+                "{{\"stage\":\"{}\",\"median_s\":{:.4},\"min_s\":{:.4},\"max_s\":{:.4},\"repeats\":{},\"peak_rss_mb\":{:.0}}}",
+                s.name, s.median_s, s.min_s, s.max_s, s.repeats, s.peak_rss_mb
+            )
+        })
+        .collect();
+    let json = format!(
+        "{{\"implementation\":\"sdserve\",\"model\":\"{dir}\",\"threads\":\"{threads}\",\"load_s\":{load_s:.3},\"weights_rss_mb\":{weights_rss_mb:.0},\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
+        stage_json.join(",")
+    );
+    println!("{json}");
+    if let Some(path) = args.json {
+        std::fs::write(path, &json).expect("write json");
+    }
+}
