@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Builds the CUDA sdserve binary on a machine WITHOUT a GPU, from NVIDIA's PyPI wheels.
+#
+#   scripts/build-cuda.sh sm90   # Hopper (H100/H200): CUDA 13.0 toolchain, compute cap 90
+#   scripts/build-cuda.sh sm61   # Pascal (GTX 1060):  CUDA 12.4 toolchain, compute cap 61
+#                                # (CUDA 13 dropped Pascal, so this target needs CUDA 12)
+#
+# Steps (each idempotent): pip-install the toolchain into a private folder (no system changes),
+# make a folder of unversioned library symlinks (the wheels ship only `libfoo.so.N`), generate a
+# stub `libcuda.so` (soname libcuda.so.1) so the link finishes without a driver, then
+# `cargo build --release -p sdserve --features cuda`. The stub is only for linking: it is built
+# under the toolchain folder, never committed, never shipped; at run time the real driver's
+# libcuda.so.1 is used. The binary needs libcuda.so.1 (driver), libcudart, libcublas(Lt),
+# libcurand, libnvrtc and libcudnn at start (LD_LIBRARY_PATH), see docs/GPU.md.
+#
+# Environment:
+#   SDSERVE_CUDA_TOOLCHAIN  where the wheels go (default ~/.cache/sdserve-cuda/<cu13|cu12>)
+#   CARGO_TARGET_DIR        build folder (default target-cuda-<target>, keeps the CPU target/ clean)
+#   NO_CUDNN=1              build without cuDNN (candle's own conv kernels); e.g. old GPUs
+#   CARGO_BUILD_JOBS, PIP   as usual (PIP defaults to "python3 -m pip")
+set -euo pipefail
+
+usage() {
+    sed -n '2,8p' "$0" >&2
+    exit 2
+}
+
+target=${1:-}
+case "$target" in
+sm90)
+    cuda=13
+    cap=90
+    # The libraries are the versions torch 2.11 (cu130) pins, i.e. what the GPU machine has at
+    # run time. nvvm and crt must match nvcc: unpinned they resolve to 13.5, whose PTX (ISA 9.5)
+    # neither nvcc 13.0's ptxas nor a CUDA 13.0 driver accepts.
+    packages=(
+        nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
+        nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+        nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+    )
+    cudnn_package=nvidia-cudnn-cu13==9.19.0.56
+    ;;
+sm61)
+    cuda=12
+    cap=61
+    # 12.4 is the newest toolkit whose PTX a 550-series driver (common on Pascal boxes) JITs;
+    # override the versions if the target driver is newer.
+    v=${CU12_VERSION:-12.4.127}
+    packages=(
+        "nvidia-cuda-nvcc-cu12==${CU12_NVCC_VERSION:-12.4.131}"
+        "nvidia-cuda-runtime-cu12==$v" "nvidia-cuda-cccl-cu12==$v"
+        "nvidia-cublas-cu12==${CU12_CUBLAS_VERSION:-12.4.5.8}"
+        "nvidia-curand-cu12==${CU12_CURAND_VERSION:-10.3.5.147}"
+        "nvidia-cuda-nvrtc-cu12==$v"
+    )
+    cudnn_package=nvidia-cudnn-cu12==9.1.0.70
+    ;;
+*) usage ;;
+esac
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+toolchain=${SDSERVE_CUDA_TOOLCHAIN:-$HOME/.cache/sdserve-cuda/cu$cuda}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda-$target}
+pip=${PIP:-python3 -m pip}
+features=cuda
+if [[ -z ${NO_CUDNN:-} ]]; then
+    packages+=("$cudnn_package")
+fi
+
+say() { printf '[build-cuda %s] %s\n' "$target" "$*" >&2; }
+
+# 1. Toolchain wheels into a private --target folder.
+site=$toolchain/site
+stamp=$toolchain/.installed-$(printf '%s\n' "${packages[@]}" | sha256sum | cut -c1-16)
+if [[ ! -f $stamp ]]; then
+    say "installing ${#packages[@]} wheels into $site"
+    mkdir -p "$site"
+    $pip install --quiet --no-deps --upgrade --target "$site" "${packages[@]}"
+    touch "$stamp"
+fi
+
+# 2. CUDA_HOME: CUDA 13 wheels share one tree (nvidia/cu13); CUDA 12 wheels have one tree per
+#    package, merged here with symlinks into bin/ include/ lib/ nvvm/.
+if [[ $cuda == 13 ]]; then
+    cuda_home=$site/nvidia/cu13
+    libdirs=("$cuda_home/lib")
+    [[ -d $site/nvidia/cudnn/lib ]] && libdirs+=("$site/nvidia/cudnn/lib")
+else
+    cuda_home=$toolchain/cuda-home
+    rm -rf "$cuda_home"
+    mkdir -p "$cuda_home"/{bin,include,lib}
+    libdirs=()
+    for pkg in "$site"/nvidia/*/; do
+        [[ -d $pkg/bin ]] && ln -sf "$pkg"bin/* "$cuda_home/bin/"
+        [[ -d $pkg/include ]] && cp -rsf "$pkg"include/. "$cuda_home/include/"
+        [[ -d $pkg/lib ]] && libdirs+=("${pkg}lib")
+        [[ -d $pkg/nvvm ]] && ln -sfn "${pkg}nvvm" "$cuda_home/nvvm"
+    done
+    for d in "${libdirs[@]}"; do ln -sf "$d"/* "$cuda_home/lib/"; done
+fi
+[[ -x $cuda_home/bin/nvcc ]] || { say "nvcc missing under $cuda_home/bin"; exit 1; }
+
+# 3. Unversioned names for the linker (-lcublas needs libcublas.so).
+links=$toolchain/link
+mkdir -p "$links"
+for d in "${libdirs[@]}"; do
+    for f in "$d"/lib*.so.*; do
+        [[ -e $f ]] || continue
+        base=$(basename "$f")
+        ln -sf "$f" "$links/${base%%.so.*}.so"
+    done
+done
+
+# 4. A stub libcuda.so exporting every driver entry point cudarc declares. Never executed: at
+#    run time the dynamic loader finds the real driver's libcuda.so.1 (same soname).
+cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/ 2>/dev/null | tail -1 || true)
+if [[ -z $cudarc_src ]]; then
+    (cd "$root" && cargo fetch --quiet)
+    cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/ | tail -1)
+fi
+stub_c=$toolchain/libcuda-stub.c
+grep -oE 'pub unsafe fn cu[A-Za-z0-9_]+' "$cudarc_src/src/driver/sys/mod.rs" |
+    awk '{print $4}' | sort -u |
+    awk 'BEGIN{print "/* generated by scripts/build-cuda.sh: link-time stand-in, never loaded */"}
+         {print "int " $1 "(void) { return 999; }"}' >"$stub_c"
+cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$stub_c"
+
+# 5. Build.
+export CUDA_HOME=$cuda_home CUDA_PATH=$cuda_home CUDA_ROOT=$cuda_home
+export PATH=$cuda_home/bin:$PATH
+export CUDA_COMPUTE_CAP=$cap
+export LIBRARY_PATH=$links${LIBRARY_PATH:+:$LIBRARY_PATH}
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$links"
+if [[ -n ${NO_CUDNN:-} ]]; then
+    # The pipeline's `cuda` feature turns cuDNN on; build the pieces without it.
+    features=cuda-core
+fi
+say "nvcc: $(nvcc --version | tail -1); compute cap $cap; target dir $CARGO_TARGET_DIR"
+(cd "$root" && cargo build --release -p sdserve --features "$features")
+bin=$CARGO_TARGET_DIR/release/sdserve
+say "built $bin"
+say "needs at run time: $(readelf -d "$bin" | awk '/NEEDED/ {gsub(/[][]/, "", $5); printf "%s ", $5}')"
