@@ -966,8 +966,25 @@ fn check_view(path: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<()> 
     Ok(())
 }
 
+/// The diffusers variant in a weight file name: `model.fp16.safetensors` -> `fp16`,
+/// `model.fp16-00001-of-00002.safetensors` -> `fp16`, `diffusion_pytorch_model.non_ema.safetensors`
+/// -> `non_ema`; plain names have none.
+pub fn weight_variant(file_name: &str) -> Option<&str> {
+    let stem = file_name.strip_suffix(".safetensors")?;
+    // Drop a shard suffix `-00001-of-00002`.
+    let stem = match stem.rsplit_once("-of-") {
+        Some((head, tail)) if tail.chars().all(|c| c.is_ascii_digit()) => head
+            .rsplit_once('-')
+            .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
+            .map_or(stem, |(h, _)| h),
+        _ => stem,
+    };
+    stem.rsplit_once('.').map(|(_, v)| v)
+}
+
 /// The weight files of one component folder (`unet/`, `vae/`, `text_encoder/`): the fp16
-/// variant (`*.fp16.safetensors`) when `prefer_fp16` and present, else the plain ones.
+/// variant (`*.fp16.safetensors`, all shards) when `prefer_fp16` and present, else the plain
+/// ones, else the fp16 ones. Other variants (`non_ema`, `ema`) are never picked.
 pub fn component_weight_files(dir: &Path, prefer_fp16: bool) -> Result<Vec<PathBuf>> {
     let mut plain = Vec::new();
     let mut fp16 = Vec::new();
@@ -981,10 +998,10 @@ pub fn component_weight_files(dir: &Path, prefer_fp16: bool) -> Result<Vec<PathB
         if !name.ends_with(".safetensors") {
             continue;
         }
-        if name.contains(".fp16.") || name.contains(".fp16-") {
-            fp16.push(p);
-        } else {
-            plain.push(p);
+        match weight_variant(&name) {
+            None => plain.push(p),
+            Some("fp16") => fp16.push(p),
+            Some(_) => {}
         }
     }
     plain.sort();
@@ -1207,6 +1224,45 @@ mod tests {
             assert_eq!(map_vae_key(ldm, 4).as_deref(), Some(want), "{ldm}");
         }
         assert_eq!(map_vae_key("decoder.up.4.block.0.conv1.weight", 4), None);
+    }
+
+    #[test]
+    fn weight_files_skip_other_variants() {
+        let dir = std::env::temp_dir().join(format!("sdserve-variants-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in [
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.non_ema.safetensors",
+            "diffusion_pytorch_model.bin",
+        ] {
+            std::fs::write(dir.join(n), b"").unwrap();
+        }
+        let names = |v: Vec<PathBuf>| -> Vec<String> {
+            v.iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(component_weight_files(&dir, false).unwrap()),
+            ["diffusion_pytorch_model.safetensors"]
+        );
+        assert_eq!(
+            names(component_weight_files(&dir, true).unwrap()),
+            ["diffusion_pytorch_model.fp16.safetensors"]
+        );
+        std::fs::remove_file(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        assert_eq!(
+            names(component_weight_files(&dir, false).unwrap()),
+            ["diffusion_pytorch_model.fp16.safetensors"]
+        );
+        assert_eq!(
+            weight_variant("model.fp16-00001-of-00002.safetensors"),
+            Some("fp16")
+        );
+        assert_eq!(weight_variant("model-00001-of-00002.safetensors"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

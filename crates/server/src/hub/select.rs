@@ -12,16 +12,7 @@ fn variant(name: &str) -> Option<&str> {
     if let Some((_, rest)) = name.split_once(".safetensors.index.") {
         return rest.strip_suffix("json").and_then(|v| v.strip_suffix('.'));
     }
-    let stem = name.strip_suffix(".safetensors")?;
-    // Drop a shard suffix `-00001-of-00002`.
-    let stem = match stem.rsplit_once("-of-") {
-        Some((head, tail)) if tail.chars().all(|c| c.is_ascii_digit()) => head
-            .rsplit_once('-')
-            .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
-            .map_or(stem, |(h, _)| h),
-        _ => stem,
-    };
-    stem.rsplit_once('.').map(|(_, v)| v)
+    sdserve_pipeline::single_file::weight_variant(name)
 }
 
 fn is_weights(name: &str) -> bool {
