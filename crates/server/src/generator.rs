@@ -16,6 +16,16 @@ pub trait Generator: Send {
     ) -> Result<RgbImage, PipelineError>;
 }
 
+impl Generator for sdserve_pipeline::pipeline::StableDiffusion {
+    fn generate(
+        &mut self,
+        params: &GenerationParams,
+        on_step: StepHook,
+    ) -> Result<RgbImage, PipelineError> {
+        sdserve_pipeline::pipeline::StableDiffusion::generate(self, params, on_step)
+    }
+}
+
 /// What the server needs to know about a loaded model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {

@@ -6,7 +6,9 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::ModelArgs;
 use crate::config::DeviceChoice;
-use crate::generator::{Loaded, Loader};
+use sdserve_pipeline::pipeline::StableDiffusion;
+
+use crate::generator::{Loaded, Loader, ModelInfo};
 
 /// Resolves `--model` to a local diffusers folder.
 pub fn resolve_model(args: &ModelArgs) -> Result<PathBuf, String> {
@@ -98,10 +100,18 @@ pub fn real_loader(args: ModelArgs, device: DeviceChoice) -> Loader {
 
 pub fn load_real(args: &ModelArgs, device: DeviceChoice) -> Result<Loaded, String> {
     let dir = resolve_model(args)?;
-    let _version = model_version(&dir)?;
-    let _dev = device.create()?;
-    let _dtype = device.dtype(args.dtype);
-    Err("the pipeline (StableDiffusion::load) is not available in this build yet".into())
+    let model_version = model_version(&dir)?;
+    let dev = device.create()?;
+    let dtype = device.dtype(args.dtype);
+    let sd = StableDiffusion::load(&dir, &dev, dtype).map_err(|e| e.to_string())?;
+    let info = ModelInfo {
+        model_version,
+        default_scheduler: sd.default_scheduler(),
+    };
+    Ok(Loaded {
+        generator: Box::new(sd),
+        info,
+    })
 }
 
 #[cfg(test)]
