@@ -11,7 +11,9 @@ Writes, under crates/pipeline/tests/fixtures/ (or OUT_DIR):
       folder and called as diffusers' StableDiffusionPipeline.encode_prompt does. Entries that
       also carry "tokenizer_config" (and "special_tokens_map", null = no such file) were made
       with those two files replaced: special-token spellings (plain string or AddedToken,
-      normalized or not, another pad token) change which special tokens match where.
+      normalized or not, another pad token) change which special tokens match where. Entries
+      with "tokenizer_json_added_tokens" were made with a tokenizer.json beside them (same
+      vocabulary and merges, those added tokens), which transformers then prefers.
 
 CLIP's vocabulary construction (clip/simple_tokenizer.py):
   merges = lines[1 : 49152 - 256 - 2 + 1]                        (48894 merges)
@@ -218,6 +220,12 @@ CONFIG_VARIANTS = [
      {"bos_token": at(BOS, True), "eos_token": at(EOS, True), "unk_token": at(EOS, True),
       "pad_token": at("!", True)}),
 ]
+# tokenizer.json added tokens (BOS normalized, EOS normalized) with these configs.
+JSON_VARIANTS = [
+    ((True, True), CONFIG_VARIANTS[0]),
+    ((True, False), CONFIG_VARIANTS[1]),
+    ((False, True), CONFIG_VARIANTS[4]),
+]
 VARIANT_PROMPTS = [
     "<|EndOfText|> hi <|StartOfText|>!!! wow! <|endoftext|>",
     "A RED <|STARTOFTEXT|>CAR!!",
@@ -244,8 +252,47 @@ def make_variant_cases(tok_dir):
             for p in VARIANT_PROMPTS:
                 cases.append({"prompt": p, "ids": encode(tok, p), "tokenizer_config": config,
                               "special_tokens_map": stm})
+        for (nb, ne), (config, stm) in JSON_VARIANTS:
+            added = write_tokenizer_json(tmp, nb, ne)
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump(config, f)
+            stm_path = os.path.join(tmp, "special_tokens_map.json")
+            if os.path.exists(stm_path):
+                os.remove(stm_path)
+            if stm is not None:
+                with open(stm_path, "w") as f:
+                    json.dump(stm, f)
+            tok = CLIPTokenizer.from_pretrained(tmp)
+            for p in VARIANT_PROMPTS:
+                cases.append({"prompt": p, "ids": encode(tok, p), "tokenizer_config": config,
+                              "special_tokens_map": stm, "tokenizer_json_added_tokens": added})
     print(f"{len(cases)} config-variant cases")
     return cases
+
+
+def write_tokenizer_json(tmp, bos_normalized, eos_normalized):
+    """A tokenizer.json as openai/clip-vit-large-patch14 ships it, with the given added-token
+    flags; returns its added_tokens list."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    with open(os.path.join(tmp, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(tmp, "merges.txt"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line]
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                       end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS))
+    tk.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.RobertaProcessing((EOS, vocab[EOS]), (BOS, vocab[BOS]),
+                                                     trim_offsets=False, add_prefix_space=False)
+    tk.add_special_tokens([AddedToken(BOS, special=True, normalized=bos_normalized),
+                           AddedToken(EOS, special=True, normalized=eos_normalized)])
+    tk.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "tokenizer.json"), encoding="utf-8") as f:
+        return json.load(f)["added_tokens"]
 
 
 def main():

@@ -103,7 +103,8 @@ impl std::fmt::Debug for ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Loads a diffusers `tokenizer/` folder: `vocab.json` + `merges.txt` (or `tokenizer.json`),
+    /// Loads a diffusers `tokenizer/` folder: `vocab.json` + `merges.txt` (or `tokenizer.json`,
+    /// preferred when present, as transformers does),
     /// `tokenizer_config.json` (required, for `model_max_length`) and optionally
     /// `special_tokens_map.json`, whose entries override the config's as in transformers.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -151,7 +152,11 @@ impl ClipTokenizer {
             roles.insert(role, token);
         }
 
-        let (vocab, merges) = read_vocab_and_merges(dir)?;
+        let Vocabulary {
+            vocab,
+            merges,
+            added: json_added,
+        } = read_vocabulary(dir)?;
         let token_id = |role: &str| -> Result<u32> {
             let content = &roles[role].content;
             vocab.get(content).copied().ok_or_else(|| {
@@ -210,15 +215,16 @@ impl ClipTokenizer {
 
         // Special tokens are matched in the text before BPE; a token with `normalized` also
         // matches in the normalized (lowercased...) text. Which flag wins when several roles
-        // name one content follows transformers 5.24: it lists the role values in order,
-        // skipping a value equal to one already listed (a string equals only the same string,
-        // an AddedToken only an AddedToken with the same flag), and the backend keeps the last
+        // name one content follows transformers 5.24: it lists tokenizer.json's added tokens,
+        // then the role values in order, skipping a role whose content tokenizer.json already
+        // has and a value equal to one already listed (a string equals only the same string,
+        // an AddedToken only an AddedToken with the same flag); the backend keeps the last
         // listed for each content. So the published SD 1.5 folder (eos/unk AddedTokens with
         // normalized: true, pad a plain string) ends with EOS not normalized, BOS normalized.
-        let mut listed: Vec<&SpecialToken> = Vec::new();
+        let mut listed: Vec<&SpecialToken> = json_added.iter().collect();
         for (role, _) in ROLES {
             let t = &roles[role];
-            if !listed.contains(&t) {
+            if !json_added.iter().any(|a| a.content == t.content) && !listed.contains(&t) {
                 listed.push(t);
             }
         }
@@ -288,44 +294,57 @@ fn read_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
 type Vocab = HashMap<String, u32>;
 type Merges = Vec<(String, String)>;
 
-/// `vocab.json` + `merges.txt` when both exist (as transformers prefers them when there is no
-/// `tokenizer.json`... and they agree when there is), else `tokenizer.json`'s BPE model.
-fn read_vocab_and_merges(dir: &Path) -> Result<(Vocab, Merges)> {
+/// What a tokenizer folder holds for the BPE model.
+struct Vocabulary {
+    vocab: Vocab,
+    merges: Merges,
+    /// `tokenizer.json`'s `added_tokens` in id order (empty without a tokenizer.json).
+    added: Vec<SpecialToken>,
+}
+
+/// transformers 5 takes vocabulary and merges from `tokenizer.json` when there is one (the
+/// rest of that file's pipeline is ignored: `CLIPTokenizer` rebuilds its own), else from
+/// `vocab.json` + `merges.txt`.
+fn read_vocabulary(dir: &Path) -> Result<Vocabulary> {
+    let json_path = dir.join("tokenizer.json");
+    if json_path.is_file() {
+        return read_tokenizer_json(&json_path);
+    }
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
-    if vocab_path.is_file() && merges_path.is_file() {
-        let vocab: Vocab = crate::error::read_json(&vocab_path)?;
-        let text = std::fs::read_to_string(&merges_path)
-            .map_err(|e| PipelineError::io(&merges_path, e))?;
-        return Ok((vocab, parse_merges(&text)));
-    }
-    let json_path = dir.join("tokenizer.json");
-    if !json_path.is_file() {
+    if !(vocab_path.is_file() && merges_path.is_file()) {
         return Err(PipelineError::config(
             PathBuf::from(dir),
-            "tokenizer folder has neither vocab.json + merges.txt nor tokenizer.json",
+            "tokenizer folder has neither tokenizer.json nor vocab.json + merges.txt",
         ));
     }
-    let json = read_object(&json_path)?;
+    let vocab: Vocab = crate::error::read_json(&vocab_path)?;
+    let text =
+        std::fs::read_to_string(&merges_path).map_err(|e| PipelineError::io(&merges_path, e))?;
+    Ok(Vocabulary {
+        vocab,
+        merges: parse_merges(&text),
+        added: Vec::new(),
+    })
+}
+
+fn read_tokenizer_json(json_path: &Path) -> Result<Vocabulary> {
+    let json = read_object(json_path)?;
+    let bad =
+        |what: &str| PipelineError::config(json_path, format!("{what} missing or not BPE-shaped"));
     let model = json.get("model").and_then(Value::as_object);
-    let bad = |what: &str| {
-        PipelineError::config(
-            &json_path,
-            format!("model.{what} missing or not BPE-shaped"),
-        )
-    };
     let vocab: Vocab = serde_json::from_value(
         model
             .and_then(|m| m.get("vocab"))
             .cloned()
-            .ok_or_else(|| bad("vocab"))?,
+            .ok_or_else(|| bad("model.vocab"))?,
     )
-    .map_err(|_| bad("vocab"))?;
+    .map_err(|_| bad("model.vocab"))?;
     let mut merges = Vec::new();
     for m in model
         .and_then(|m| m.get("merges"))
         .and_then(Value::as_array)
-        .ok_or_else(|| bad("merges"))?
+        .ok_or_else(|| bad("model.merges"))?
     {
         // Older files store "a b" strings, newer ones ["a", "b"] pairs.
         let pair = match m {
@@ -336,9 +355,27 @@ fn read_vocab_and_merges(dir: &Path) -> Result<(Vocab, Merges)> {
             },
             _ => None,
         };
-        merges.push(pair.ok_or_else(|| bad("merges"))?);
+        merges.push(pair.ok_or_else(|| bad("model.merges"))?);
     }
-    Ok((vocab, merges))
+    let mut added: Vec<(u64, SpecialToken)> = Vec::new();
+    if let Some(list) = json.get("added_tokens").and_then(Value::as_array) {
+        for t in list {
+            let id = t
+                .get("id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad("added_tokens.id"))?;
+            // Entries are AddedToken objects; an absent flag means normalized = !special.
+            if let Some(tok) = SpecialToken::parse(t, json_path, "added_tokens")? {
+                added.push((id, tok));
+            }
+        }
+    }
+    added.sort_by_key(|(id, _)| *id);
+    Ok(Vocabulary {
+        vocab,
+        merges,
+        added: added.into_iter().map(|(_, t)| t).collect(),
+    })
 }
 
 /// Parses `merges.txt` as transformers does: strip each line, skip blank and `#` lines,

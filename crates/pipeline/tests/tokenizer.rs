@@ -19,6 +19,18 @@ struct Case {
     /// With `tokenizer_config`: `special_tokens_map.json`'s content, null for no such file.
     #[serde(default)]
     special_tokens_map: Option<serde_json::Value>,
+    /// When present, a `tokenizer.json` (same vocabulary and merges) with these added tokens
+    /// was beside the configs.
+    #[serde(default)]
+    tokenizer_json_added_tokens: Option<serde_json::Value>,
+}
+
+impl Case {
+    fn same_setup(&self, other: &Case) -> bool {
+        self.tokenizer_config == other.tokenizer_config
+            && self.special_tokens_map == other.special_tokens_map
+            && self.tokenizer_json_added_tokens == other.tokenizer_json_added_tokens
+    }
 }
 
 fn load_cases() -> Vec<Case> {
@@ -61,7 +73,8 @@ fn real_clip_tokenizer_matches_transformers_on_every_case() {
 }
 
 /// Other spellings of the special tokens in the config files (plain strings or AddedTokens,
-/// normalized or not, "!" as pad, special_tokens_map.json overriding, a shorter max length).
+/// normalized or not, "!" as pad, special_tokens_map.json overriding, a shorter max length,
+/// a tokenizer.json whose added tokens take precedence).
 #[test]
 fn special_token_config_variants_match_transformers() {
     let src = fixtures().join("clip-tokenizer");
@@ -71,42 +84,64 @@ fn special_token_config_variants_match_transformers() {
         .filter(|c| c.tokenizer_config.is_some())
         .collect();
     assert!(variants.len() >= 8, "only {} variant cases", variants.len());
+    assert!(variants
+        .iter()
+        .any(|c| c.tokenizer_json_added_tokens.is_some()));
     let dir = std::env::temp_dir().join(format!("sdserve-tok-variants-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["vocab.json", "merges.txt"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
-    let mut failures = Vec::new();
-    for (i, case) in variants.iter().enumerate() {
-        // Cases sharing a config are adjacent; rebuild only when it changes.
-        if i > 0
-            && variants[i - 1].tokenizer_config == case.tokenizer_config
-            && variants[i - 1].special_tokens_map == case.special_tokens_map
-        {
-            continue;
-        }
-        let config = case.tokenizer_config.as_ref().unwrap();
-        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-        let map_path = dir.join("special_tokens_map.json");
-        match &case.special_tokens_map {
-            Some(m) if !m.is_null() => std::fs::write(&map_path, m.to_string()).unwrap(),
+    let write_or_remove = |name: &str, value: &Option<serde_json::Value>| {
+        let path = dir.join(name);
+        match value {
+            Some(v) if !v.is_null() => std::fs::write(&path, v.to_string()).unwrap(),
             _ => {
-                let _ = std::fs::remove_file(&map_path);
+                let _ = std::fs::remove_file(&path);
             }
         }
-        let tok = ClipTokenizer::from_dir(&dir).unwrap();
+    };
+    let mut failures = Vec::new();
+    let mut bpe_model: Option<serde_json::Value> = None;
+    let mut i = 0;
+    while i < variants.len() {
+        let case = variants[i];
         let same: Vec<&Case> = variants[i..]
             .iter()
-            .take_while(|c| {
-                c.tokenizer_config == case.tokenizer_config
-                    && c.special_tokens_map == case.special_tokens_map
-            })
+            .take_while(|c| c.same_setup(case))
             .copied()
             .collect();
+        i += same.len();
+        write_or_remove("tokenizer_config.json", &case.tokenizer_config);
+        write_or_remove("special_tokens_map.json", &case.special_tokens_map);
+        let tokenizer_json = case.tokenizer_json_added_tokens.as_ref().map(|added| {
+            let model = bpe_model.get_or_insert_with(|| {
+                let vocab: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(src.join("vocab.json")).unwrap())
+                        .unwrap();
+                let merges: Vec<Vec<String>> = std::fs::read_to_string(src.join("merges.txt"))
+                    .unwrap()
+                    .lines()
+                    .skip(1)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.split(' ').map(str::to_owned).collect())
+                    .collect();
+                serde_json::json!({"type": "BPE", "vocab": vocab, "merges": merges})
+            });
+            serde_json::json!({"added_tokens": added, "model": model})
+        });
+        write_or_remove("tokenizer.json", &tokenizer_json);
+        let tok = ClipTokenizer::from_dir(&dir).unwrap();
+        let setup = format!(
+            "config {}, map {:?}, tokenizer.json added {:?}",
+            case.tokenizer_config.as_ref().unwrap(),
+            case.special_tokens_map,
+            case.tokenizer_json_added_tokens
+        );
         failures.extend(
             check(&tok, &same)
                 .into_iter()
-                .map(|f| format!("config {config}:\n{f}")),
+                .map(|f| format!("{setup}:\n{f}")),
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
