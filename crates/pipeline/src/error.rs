@@ -26,6 +26,14 @@ pub enum PipelineError {
     /// The per-step hook asked the run to stop.
     #[error("generation cancelled")]
     Cancelled,
+    /// The device could not allocate what this request needs (e.g. CUDA out of memory). Only
+    /// the request failed: what it held is freed and the model stays loaded.
+    #[error("out of memory on the device: {0}")]
+    OutOfMemory(String),
+    /// The requested device cannot be used (not in this build, absent, or hidden by
+    /// CUDA_VISIBLE_DEVICES).
+    #[error("device: {0}")]
+    Device(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

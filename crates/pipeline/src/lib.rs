@@ -6,7 +6,9 @@
 pub mod attention;
 pub mod ckpt;
 pub mod clip;
+pub mod device;
 pub mod error;
+pub mod memory;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;

@@ -1,0 +1,228 @@
+//! How big a model is: parameter counts from the safetensors headers (no weights read), and the
+//! shapes the activation estimates need, from the configs.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use candle_core::DType;
+
+use crate::error::read_json;
+use crate::pipeline::component_weight_files;
+use crate::unet::UNetConfig;
+use crate::vae::VaeConfig;
+use crate::{PipelineError, Result};
+
+/// Parameter counts (elements, not bytes) of the parts the pipeline loads.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+pub struct WeightCounts {
+    /// UNet parameters grouped by streaming unit: `down_blocks.N`, `mid_block`, `up_blocks.N`,
+    /// and `other` (conv_in, time embedding, conv_norm_out, conv_out).
+    pub unet: BTreeMap<String, u64>,
+    pub text_encoder: u64,
+    /// `post_quant_conv.*` and `decoder.*` only: the encoder half is never loaded.
+    pub vae_decoder: u64,
+}
+
+/// The sequential-offload unit a UNet key belongs to.
+pub fn unet_group(key: &str) -> String {
+    let mut parts = key.split('.');
+    match (parts.next(), parts.next()) {
+        (Some(b @ ("down_blocks" | "up_blocks")), Some(i)) => format!("{b}.{i}"),
+        (Some("mid_block"), _) => "mid_block".into(),
+        _ => "other".into(),
+    }
+}
+
+/// Reads the JSON header of a safetensors file and returns `(name, element count)` per tensor.
+/// Reads only the header (at most a few MB), never the data.
+pub fn safetensors_numels(path: &Path) -> Result<Vec<(String, u64)>> {
+    let io = |e| PipelineError::io(path, e);
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(PipelineError::Weights {
+            path: path.into(),
+            message: format!("safetensors header of {len} bytes is implausible"),
+        });
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| PipelineError::Weights {
+            path: path.into(),
+            message: format!("bad safetensors header: {e}"),
+        })?;
+    let mut out = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape = info["shape"].as_array().ok_or_else(|| PipelineError::Weights {
+            path: path.into(),
+            message: format!("tensor {name} has no shape"),
+        })?;
+        let numel = shape.iter().map(|d| d.as_u64().unwrap_or(0)).product();
+        out.push((name, numel));
+    }
+    Ok(out)
+}
+
+impl WeightCounts {
+    /// Counts the weights of a diffusers folder from the files `StableDiffusion::load` would read
+    /// for `dtype` (the fp16 variant when present).
+    pub fn from_model_dir(dir: &Path, dtype: DType) -> Result<Self> {
+        let mut counts = Self::default();
+        for file in component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype)? {
+            for (name, n) in safetensors_numels(&file)? {
+                *counts.unet.entry(unet_group(&name)).or_default() += n;
+            }
+        }
+        for file in component_weight_files(dir, "text_encoder", "model", dtype)? {
+            counts.text_encoder += safetensors_numels(&file)?
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<u64>();
+        }
+        for file in component_weight_files(dir, "vae", "diffusion_pytorch_model", dtype)? {
+            counts.vae_decoder += safetensors_numels(&file)?
+                .iter()
+                .filter(|(k, _)| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
+                .map(|(_, n)| n)
+                .sum::<u64>();
+        }
+        Ok(counts)
+    }
+
+    pub fn unet_total(&self) -> u64 {
+        self.unet.values().sum()
+    }
+
+    /// The largest block that sequential offload streams in at once.
+    pub fn unet_largest_block(&self) -> u64 {
+        self.unet
+            .iter()
+            .filter(|(k, _)| k.as_str() != "other")
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn unet_other(&self) -> u64 {
+        self.unet.get("other").copied().unwrap_or(0)
+    }
+}
+
+/// One UNet resolution level that has attention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttentionLevel {
+    /// Downsampling steps below the latent resolution (0 = full latent size).
+    pub level: usize,
+    pub heads: usize,
+    /// Channels at this level.
+    pub channels: usize,
+}
+
+/// The shapes the activation estimates need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShapes {
+    pub latent_channels: usize,
+    /// Pixels per latent cell (8 for SD 1.5).
+    pub vae_scale_factor: usize,
+    pub unet_channels: Vec<usize>,
+    pub unet_layers_per_block: usize,
+    pub attention_levels: Vec<AttentionLevel>,
+    /// Text tokens the cross-attention sees (77 for CLIP).
+    pub context_len: usize,
+    /// `block_out_channels` of the VAE decoder (first = the full-resolution stage).
+    pub vae_channels: Vec<usize>,
+    pub vae_mid_attention: bool,
+    /// `force_upcast` in the VAE config: decode in f32 when the rest runs in half precision.
+    pub vae_force_upcast: bool,
+    /// The VAE's `sample_size` in pixels (diffusers' tile size for tiled decoding).
+    pub vae_sample_size: Option<usize>,
+}
+
+impl ModelShapes {
+    pub fn from_configs(unet: &UNetConfig, vae: &VaeConfig, context_len: usize) -> Result<Self> {
+        let r = unet
+            .resolve()
+            .map_err(|m| PipelineError::config("unet/config.json", m))?;
+        let mut attention_levels = Vec::new();
+        for (i, kind) in unet.down_block_types.iter().enumerate() {
+            if kind.contains("CrossAttn") {
+                attention_levels.push(AttentionLevel {
+                    level: i,
+                    heads: r.heads[i],
+                    channels: unet.block_out_channels[i],
+                });
+            }
+        }
+        let sample_size = match &vae.sample_size {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as usize),
+            Some(serde_json::Value::Array(a)) => a.first().and_then(|n| n.as_u64()).map(|n| n as usize),
+            _ => None,
+        };
+        Ok(Self {
+            latent_channels: unet.in_channels,
+            vae_scale_factor: 1 << (vae.block_out_channels.len().saturating_sub(1)),
+            unet_channels: unet.block_out_channels.clone(),
+            unet_layers_per_block: r.layers.iter().copied().max().unwrap_or(1),
+            attention_levels,
+            context_len,
+            vae_channels: vae.block_out_channels.clone(),
+            vae_mid_attention: vae.mid_block_add_attention,
+            vae_force_upcast: vae.force_upcast,
+            vae_sample_size: sample_size,
+        })
+    }
+
+    /// Reads `unet/config.json` and `vae/config.json` of a diffusers folder.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let unet: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let vae: VaeConfig = read_json(&dir.join("vae/config.json"))?;
+        // CLIP's max_position_embeddings; 77 for every SD 1.x text encoder.
+        #[derive(serde::Deserialize)]
+        struct Text {
+            #[serde(default = "seventy_seven")]
+            max_position_embeddings: usize,
+        }
+        fn seventy_seven() -> usize {
+            77
+        }
+        let text: Text = read_json(&dir.join("text_encoder/config.json"))?;
+        Self::from_configs(&unet, &vae, text.max_position_embeddings)
+    }
+}
+
+/// Weights and shapes together: all the planner needs to know about a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Footprint {
+    pub weights: WeightCounts,
+    pub shapes: ModelShapes,
+}
+
+impl Footprint {
+    pub fn from_model_dir(dir: &Path, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weights: WeightCounts::from_model_dir(dir, dtype)?,
+            shapes: ModelShapes::from_model_dir(dir)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_unet_keys_by_block() {
+        assert_eq!(unet_group("down_blocks.2.attentions.0.proj_in.weight"), "down_blocks.2");
+        assert_eq!(unet_group("up_blocks.10.resnets.0.conv1.bias"), "up_blocks.10");
+        assert_eq!(unet_group("mid_block.resnets.0.norm1.weight"), "mid_block");
+        assert_eq!(unet_group("conv_in.weight"), "other");
+        assert_eq!(unet_group("time_embedding.linear_1.weight"), "other");
+    }
+}
