@@ -258,6 +258,30 @@ pub fn convert_single_file(
         }
     }
 
+    // Token ids past the embedding table would fail at the first request; fail now instead.
+    let vocab_json = match &configs.tokenizer_dir {
+        Some(dir) => std::fs::read(dir.join("vocab.json")).ok(),
+        None => opts
+            .tokenizer_files
+            .iter()
+            .find(|(n, _)| *n == "vocab.json")
+            .map(|(_, b)| b.to_vec()),
+    };
+    let vocab_len = vocab_json
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_object().map(|o| o.len()));
+    if let (Some(n), Some(rows)) = (vocab_len, configs.text_encoder["vocab_size"].as_u64()) {
+        if n as u64 > rows {
+            return Err(weights(
+                src,
+                format!(
+                    "the text encoder embeds {rows} tokens but the tokenizer has {n}; \
+                     give a config folder whose tokenizer matches the checkpoint"
+                ),
+            ));
+        }
+    }
+
     // Assemble beside the target, rename when complete.
     let parent = out_dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| PipelineError::io(parent, e))?;
@@ -629,7 +653,6 @@ impl Configs {
                 "vae": ["diffusers", "AutoencoderKL"],
             })),
         )?;
-        let mut vocab_len = None;
         if let Some(tok) = &self.tokenizer_dir {
             for entry in std::fs::read_dir(tok).map_err(|e| PipelineError::io(tok, e))? {
                 let entry = entry.map_err(|e| PipelineError::io(tok, e))?;
@@ -649,22 +672,6 @@ impl Configs {
         } else {
             for (name, bytes) in opts.tokenizer_files {
                 put(&format!("tokenizer/{name}"), bytes)?;
-            }
-        }
-        let vocab_path = dir.join("tokenizer/vocab.json");
-        if let Ok(v) = read_json_value(&vocab_path) {
-            vocab_len = v.as_object().map(|o| o.len());
-        }
-        // Token ids past the embedding table would fail at the first request; fail now instead.
-        if let (Some(n), Some(rows)) = (vocab_len, self.text_encoder["vocab_size"].as_u64()) {
-            if n as u64 > rows {
-                return Err(PipelineError::config(
-                    dir.join("text_encoder/config.json"),
-                    format!(
-                        "the text encoder embeds {rows} tokens but the tokenizer has {n}; \
-                         pass a config folder whose tokenizer matches the checkpoint"
-                    ),
-                ));
             }
         }
         Ok(())

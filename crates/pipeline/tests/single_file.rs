@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use safetensors::{Dtype, SafeTensors};
 use sdserve_pipeline::ckpt::{Checkpoint, Value};
+use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
+use sdserve_pipeline::schedulers::SchedulerKind;
 use sdserve_pipeline::single_file::{
     checked_var_builder, convert_single_file, validate_folder, validate_safetensors,
     ConvertOptions, TEXT_ENCODER_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS,
@@ -346,5 +348,45 @@ fn validation_names_file_and_tensor() {
     assert!(
         e.contains("decoder.nope.bias") && e.contains("missing"),
         "{e}"
+    );
+}
+
+#[test]
+fn a_converted_single_file_generates_the_same_image() {
+    let tmp = Scratch::new("image");
+    let out = tmp.0.join("model");
+    let tiny = fixtures().join("tiny-a");
+    let opts = ConvertOptions {
+        config_dir: Some(&tiny),
+        tokenizer_files: &[],
+    };
+    convert_single_file(&sf("tiny-a.safetensors"), &out, &opts).unwrap();
+    // The first recorded request of the tiny-a image references (size, seed, prompts).
+    let text = std::fs::read_to_string(fixtures().join("tiny-a.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
+    let (_, r) = json["images"].as_object().unwrap().iter().next().unwrap();
+    let params = GenerationParams {
+        prompt: r["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: r["negative_prompt"].as_str().unwrap_or("").to_string(),
+        // Two steps are enough to compare the two folders (speed in unoptimised test builds).
+        steps: 2,
+        width: r["width"].as_u64().unwrap() as usize,
+        height: r["height"].as_u64().unwrap() as usize,
+        seed: r["seed"].as_u64().unwrap(),
+        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
+        scheduler: r["scheduler"]
+            .as_str()
+            .map(|n| SchedulerKind::from_name(n).unwrap()),
+    };
+    let run = |dir: &Path| {
+        let sd = StableDiffusion::load(dir, &Device::Cpu, DType::F32).unwrap();
+        sd.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+            .unwrap()
+    };
+    let (a, b) = (run(&tiny), run(&out));
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    assert!(
+        a.pixels == b.pixels,
+        "the converted model draws a different image"
     );
 }

@@ -23,6 +23,24 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Generate one image to a PNG file, without the server.
     Generate(Box<GenerateArgs>),
+    /// Download (or convert) a model into the cache with a progress bar; prints version and folder.
+    Download(DownloadArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DownloadArgs {
+    /// A hub id, a single-file checkpoint or a diffusers folder.
+    #[arg(
+        env = "MODEL_ID",
+        default_value = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )]
+    pub model: String,
+    /// Where hub downloads are kept (default: the Hugging Face cache).
+    #[arg(long, env = "MODEL_CACHE_DIR")]
+    pub model_cache_dir: Option<PathBuf>,
+    /// Fetch the fp16 weights (what a half-precision GPU run loads) instead of fp32.
+    #[arg(long)]
+    pub fp16: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

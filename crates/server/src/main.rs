@@ -21,5 +21,8 @@ fn main() -> std::process::ExitCode {
     match cli::Cli::parse().command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Generate(args) => generate_cmd::run(*args),
+        cli::Command::Download(args) => {
+            hub::download_main(&args.model, args.model_cache_dir, args.fp16)
+        }
     }
 }

@@ -53,7 +53,8 @@ pub enum HubError {
     InvalidSpec(String),
     #[error("{what} not found on the hub: {hint}")]
     NotFound { what: String, hint: String },
-    #[error("offline mode (HF_HUB_OFFLINE=1): {0}")]
+    /// The model is not in the cache and may not (or cannot) be downloaded.
+    #[error("{0}")]
     Offline(String),
     #[error("cannot reach the hub for {what}: {detail}")]
     Unreachable { what: String, detail: String },
@@ -368,7 +369,7 @@ fn resolve_hub(
     let from_cache = |why: &str| -> Result<ResolvedModel, HubError> {
         let Some(commit) = cached_commit.clone() else {
             return Err(HubError::Offline(format!(
-                "{repo}@{revision} is not in the cache {} ({why}); run `sdserve download {repo}` where the hub is reachable, or point MODEL_CACHE_DIR at a cache that has it",
+                "{why}: {repo}@{revision} is not in the cache {}; run `sdserve download {repo}` where the hub is reachable, or point MODEL_CACHE_DIR at a cache that has it",
                 opts.cache_dir.display()
             )));
         };
@@ -390,7 +391,7 @@ fn resolve_hub(
         })
     };
     if opts.offline {
-        return from_cache("offline mode");
+        return from_cache("offline mode (HF_HUB_OFFLINE=1)");
     }
 
     progress(&Progress::stage(Stage::Resolving, Some(repo.to_string())));
@@ -528,9 +529,22 @@ fn resolve_hub(
 /// `sdserve download [MODEL]`: resolves (downloads / converts) with a progress bar on stderr
 /// and prints the folder and version.
 pub fn download_command(spec: &str, opts: &HubOptions) -> Result<ResolvedModel, HubError> {
+    use std::io::IsTerminal;
     use std::io::Write;
-    let bar = |p: &Progress| {
+    let tty = std::io::stderr().is_terminal();
+    // Without a terminal (logs, CI): one line per stage or file, no redrawn bar.
+    let last = Mutex::new(None::<(Stage, Option<String>)>);
+    let bar = move |p: &Progress| {
         let mut err = std::io::stderr().lock();
+        if !tty {
+            let key = Some((p.stage, p.file.clone()));
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if *last != key {
+                *last = key;
+                let _ = writeln!(err, "{}", p.describe());
+            }
+            return;
+        }
         let line = match (p.stage, p.bytes_total) {
             (Stage::Downloading, Some(total)) if total > 0 => {
                 const W: usize = 30;
@@ -554,6 +568,22 @@ pub fn download_command(spec: &str, opts: &HubOptions) -> Result<ResolvedModel, 
     let m = resolve_model(spec, opts, &bar)?;
     println!("{}\t{}", m.model_version, m.dir.display());
     Ok(m)
+}
+
+/// Entry point of `sdserve download`: exit status 0 when the model is ready in the cache.
+pub fn download_main(
+    model: &str,
+    cache_dir: Option<PathBuf>,
+    fp16: bool,
+) -> std::process::ExitCode {
+    let opts = HubOptions::from_env(cache_dir, fp16);
+    match download_command(model, &opts) {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nerror: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]
