@@ -154,12 +154,16 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>, base: &str) {
         return;
     }
     let mut range: Option<u64> = None;
+    let mut auth = false;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
             break;
         }
         if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                auth = v.trim() == "Bearer secret-token";
+            }
             if k.eq_ignore_ascii_case("range") {
                 range = v
                     .trim()
@@ -176,7 +180,8 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>, base: &str) {
     let head = method == "HEAD";
     let mut st = state.lock().unwrap();
     st.log.push(format!(
-        "{method} {path}{}",
+        "{method} {path}{}{}",
+        if auth { " auth" } else { "" },
         range.map(|r| format!(" range={r}")).unwrap_or_default()
     ));
 
@@ -380,6 +385,12 @@ fn downloads_only_what_is_needed_into_the_hf_cache_layout() {
     assert_eq!(link, Path::new("../../../blobs").join(&sha));
     no_incomplete(&cache.0);
 
+    // The token goes with every request (the CDN here shares the hub's host).
+    assert!(
+        hub.log().iter().all(|l| l.contains(" auth")),
+        "{:#?}",
+        hub.log()
+    );
     let log = hub.log().join("\n");
     for unwanted in [
         "safety_checker",
