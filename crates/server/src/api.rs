@@ -31,6 +31,8 @@ pub struct AppState {
     pub dtype: String,
     pub started: Instant,
     pub max_body_bytes: usize,
+    /// Download/conversion progress while the model loads.
+    pub load_status: crate::hub::LoadStatus,
 }
 
 type Shared = Arc<AppState>;
@@ -154,7 +156,8 @@ pub struct HealthResponse {
     pub queue: QueueInfo,
     pub uptime_seconds: f64,
     pub version: String,
-    /// Why the status is not `ok` (load failure, circuit breaker), else null.
+    /// Why the status is not `ok` (download progress while loading, load failure, circuit
+    /// breaker), else null.
     pub detail: Option<String>,
 }
 
@@ -361,7 +364,7 @@ async fn generate_inner(
 async fn health(State(app): State<Shared>) -> Response {
     let g = app.engine.gauges();
     let (status, model_version, detail) = match app.engine.state() {
-        ModelState::Loading => (HealthStatus::Loading, None, None),
+        ModelState::Loading => (HealthStatus::Loading, None, app.load_status.describe()),
         ModelState::Failed(why) => (HealthStatus::Unavailable, None, Some(why)),
         ModelState::Ready(info) if app.engine.oom_breaker_open() => (
             HealthStatus::Degraded,

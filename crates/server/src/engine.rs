@@ -354,21 +354,31 @@ fn worker_main(inner: &Inner, loader: Loader) {
             }
         };
         let Some(job) = job else { break };
-        run_job(inner, generator.as_mut(), job);
+        let (reply, result) = run_job(inner, generator.as_mut(), job);
+        // Counted as not running before the client hears back, so /health and /metrics agree.
         inner.running.fetch_sub(1, Ordering::SeqCst);
+        if let (Some(reply), Some(result)) = (reply, result) {
+            let _ = reply.send(result);
+        }
     }
     tracing::info!("worker stopped");
 }
 
-fn run_job(inner: &Inner, generator: &mut dyn crate::generator::Generator, job: Job) {
+type Reply = oneshot::Sender<Result<Outcome, JobError>>;
+
+/// Runs one job; returns its reply channel and answer (none when nobody is listening).
+fn run_job(
+    inner: &Inner,
+    generator: &mut dyn crate::generator::Generator,
+    job: Job,
+) -> (Option<Reply>, Option<Result<Outcome, JobError>>) {
     let start = Instant::now();
     if job.cancel.load(Ordering::SeqCst) || job.reply.is_closed() {
         inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-        return; // the client is gone: never start it
+        return (None, None); // the client is gone: never start it
     }
     if start >= job.deadline {
-        let _ = job.reply.send(Err(JobError::Timeout));
-        return;
+        return (Some(job.reply), Some(Err(JobError::Timeout)));
     }
     let queue_secs = start.duration_since(job.enqueued).as_secs_f64();
     inner.metrics.queue_seconds.observe(queue_secs);
@@ -439,7 +449,7 @@ fn run_job(inner: &Inner, generator: &mut dyn crate::generator::Generator, job: 
         Ok(Err(e)) => Err(JobError::Internal(format!("generation failed: {e}"))),
         Err(_) => Err(JobError::Internal("the generator panicked".into())),
     };
-    let _ = job.reply.send(reply);
+    (Some(job.reply), Some(reply))
 }
 
 #[cfg(test)]

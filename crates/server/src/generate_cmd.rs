@@ -66,7 +66,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     let device = DeviceChoice::parse(&a.model.device)?;
     eprintln!("loading {} on {} ...", a.model.model, device.label());
     let t0 = Instant::now();
-    let mut loaded = crate::model::load_real(&a.model, device)?;
+    let mut loaded = crate::model::load_real(&a.model, device, &crate::hub::LoadStatus::default())?;
     eprintln!(
         "loaded {} in {:.1}s",
         loaded.info.model_version,

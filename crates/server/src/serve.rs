@@ -63,12 +63,13 @@ async fn serve(args: ServeArgs, device: DeviceChoice) -> Result<(), String> {
     );
 
     let metrics = Arc::new(Metrics::default());
+    let load_status = crate::hub::LoadStatus::default();
     let loader = match args.fake_generator.clone() {
         Some(spec) => {
             tracing::warn!(?spec, "using the FAKE generator (test mode)");
             spec.loader()
         }
-        None => crate::model::real_loader(args.model.clone(), device),
+        None => crate::model::real_loader(args.model.clone(), device, load_status.clone()),
     };
     let engine = Engine::start(
         EngineConfig {
@@ -86,6 +87,7 @@ async fn serve(args: ServeArgs, device: DeviceChoice) -> Result<(), String> {
         dtype: dtype.to_string(),
         started,
         max_body_bytes: args.max_body_bytes,
+        load_status,
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();

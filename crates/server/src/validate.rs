@@ -100,8 +100,9 @@ fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiError> {
     };
     let steps = int_field(map, "steps", STEPS_MIN, STEPS_MAX, |_| None)?
         .map_or(STEPS_DEFAULT, |v| v as usize);
-    let size_rule =
-        |v: u64| (v % SIZE_MULTIPLE != 0).then(|| format!("must be a multiple of {SIZE_MULTIPLE}"));
+    let size_rule = |v: u64| {
+        (!v.is_multiple_of(SIZE_MULTIPLE)).then(|| format!("must be a multiple of {SIZE_MULTIPLE}"))
+    };
     let width = int_field(map, "width", SIZE_MIN, SIZE_MAX, size_rule)?
         .map_or(SIZE_DEFAULT, |v| v as usize);
     let height = int_field(map, "height", SIZE_MIN, SIZE_MAX, size_rule)?

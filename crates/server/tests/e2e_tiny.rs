@@ -21,6 +21,13 @@ fn tiny_b() -> PathBuf {
     ))
 }
 
+/// A scratch model cache (the hub module memoises digests there).
+fn cache_dir() -> String {
+    let d = std::env::temp_dir().join(format!("sdserve-e2e-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.to_string_lossy().into_owned()
+}
+
 const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 const NEGATIVE: &str = "blurry";
 
@@ -55,6 +62,7 @@ fn served_image_is_the_pipelines_and_the_seed_reproduces_it() {
             tiny_b().to_string_lossy().into_owned(),
         ),
         ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
+        ("MODEL_CACHE_DIR".to_string(), cache_dir()),
     ];
     let s = Server::start(&env);
     s.wait_ready(Duration::from_secs(120));
@@ -147,6 +155,7 @@ fn generate_command_writes_the_same_image() {
         ])
         .arg(&out)
         .env_remove("MODEL_ID")
+        .env("MODEL_CACHE_DIR", cache_dir())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&status.stderr);
