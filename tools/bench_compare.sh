@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs our stage bench and diffusers' (tools/bench_diffusers.py) back to back on the same model
+# folder, sizes and thread count, then prints a table of medians and ours/diffusers ratios.
+#
+#   tools/bench_compare.sh MODEL_DIR [THREADS] [SIZES] [REPEATS] [FULL_SIZES] [STEPS]
+#   e.g. tools/bench_compare.sh /work/models/sd15-random 2 256,512 3 256 20
+# Writes bench-ours.json, bench-diffusers.json and bench-compare.json in $OUT_DIR (default: .).
+set -euo pipefail
+MODEL=${1:?model folder}
+THREADS=${2:-2}
+SIZES=${3:-256,512}
+REPEATS=${4:-3}
+FULL=${5:-256}
+STEPS=${6:-20}
+OUT_DIR=${OUT_DIR:-.}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+
+# Build first so compile time is not measured, then run ours and diffusers back to back.
+(cd "$ROOT" && cargo bench -p sdserve-pipeline --bench stages --no-run)
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+(cd "$ROOT" && MODEL_DIR="$MODEL" cargo bench -p sdserve-pipeline --bench stages -- \
+    --sizes "$SIZES" --repeats "$REPEATS" --full-sizes "$FULL" --steps "$STEPS" \
+    --json "$OUT_DIR/bench-ours.json" >/dev/null)
+python3 "$ROOT/tools/bench_diffusers.py" --model "$MODEL" --threads "$THREADS" --sizes "$SIZES" \
+    --repeats "$REPEATS" --full-sizes "$FULL" --steps "$STEPS" \
+    --json "$OUT_DIR/bench-diffusers.json" >/dev/null
+
+python3 - "$OUT_DIR" <<'PY'
+import json, sys
+d = sys.argv[1]
+ours = json.load(open(f"{d}/bench-ours.json"))
+ref = json.load(open(f"{d}/bench-diffusers.json"))
+refs = {s["stage"]: s for s in ref["stages"]}
+rows = []
+print(f"threads {ours['threads']}  model {ours['model']}")
+print(f"{'stage':<26}{'ours s':>9}{'(min-max)':>17}{'diffusers s':>13}{'(min-max)':>17}{'ratio':>7}")
+for s in ours["stages"]:
+    r = refs.get(s["stage"])
+    ratio = s["median_s"] / r["median_s"] if r and r["median_s"] > 0 else None
+    rows.append({"stage": s["stage"], "ours_s": s["median_s"],
+                 "diffusers_s": r["median_s"] if r else None, "ratio": ratio,
+                 "ours_peak_rss_mb": s["peak_rss_mb"],
+                 "diffusers_peak_rss_mb": r["peak_rss_mb"] if r else None})
+    rs = f"{r['median_s']:13.3f}{'(' + format(r['min_s'], '.2f') + '-' + format(r['max_s'], '.2f') + ')':>17}" if r else f"{'-':>13}{'':>17}"
+    print(f"{s['stage']:<26}{s['median_s']:9.3f}{'(' + format(s['min_s'], '.2f') + '-' + format(s['max_s'], '.2f') + ')':>17}{rs}{ratio if ratio is None else format(ratio, '.2f'):>7}")
+print(f"{'peak RSS MB':<26}{ours['peak_rss_mb']:9.0f}{'':>17}{ref['peak_rss_mb']:13.0f}")
+print(f"{'weights RSS MB':<26}{ours['weights_rss_mb']:9.0f}{'':>17}{ref['weights_rss_mb']:13.0f}")
+json.dump({"threads": ours["threads"], "model": ours["model"], "rows": rows,
+           "ours_peak_rss_mb": ours["peak_rss_mb"], "ours_weights_rss_mb": ours["weights_rss_mb"],
+           "diffusers_peak_rss_mb": ref["peak_rss_mb"]}, open(f"{d}/bench-compare.json", "w"), indent=1)
+PY
