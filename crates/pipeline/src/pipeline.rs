@@ -8,6 +8,9 @@ use candle_nn::VarBuilder;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::read_json;
+use crate::memory::offload::{Component, Held};
+use crate::memory::precision::{decode_checked, DecodeOutcome};
+use crate::memory::{classify_oom, MemoryPlan, MemoryTracker, MemoryUsage, Offload};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
@@ -51,10 +54,17 @@ pub type StepHook<'a> = &'a mut dyn FnMut(StepProgress) -> ControlFlow<()>;
 /// A loaded Stable Diffusion model: everything `generate` needs, read from a diffusers folder.
 pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
+    // Components are resident on `device`, or offloaded (built there for their stage) when the
+    // memory plan says so; see `memory::offload`.
+    text_encoder: Component<ClipTextModel>,
+    unet: Component<UNet2DConditionModel>,
     unet_in_channels: usize,
-    vae: AutoencoderKlDecoder,
+    vae: Component<AutoencoderKlDecoder>,
+    /// The VAE in f32, built only to redo a half-precision decode that produced NaN/Inf.
+    vae_f32: Option<Component<AutoencoderKlDecoder>>,
+    plan: MemoryPlan,
+    last_memory: std::sync::Mutex<Option<MemoryUsage>>,
+    last_decode_retried: std::sync::atomic::AtomicBool,
     vae_scaling_factor: f64,
     vae_scale_factor: usize,
     scheduler_config: SchedulerConfig,
@@ -73,7 +83,19 @@ struct ModelIndex {
 
 impl StableDiffusion {
     /// Loads a diffusers-layout folder. Weights are memory-mapped and converted to `dtype` on `device`.
+    /// Every component stays on the device; attention is sliced automatically (the CPU plan).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with_plan(dir, device, dtype, &MemoryPlan::cpu(dtype))
+    }
+
+    /// As [`StableDiffusion::load`], with the memory levers of `plan` (see `memory::plan`):
+    /// offloaded components are not put on the device until their stage.
+    pub fn load_with_plan(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        plan: &MemoryPlan,
+    ) -> Result<Self> {
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         if let Some(class) = &index.class_name {
             if !class.starts_with("StableDiffusion") {
@@ -84,44 +106,151 @@ impl StableDiffusion {
             }
         }
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let resident = (plan.offload == Offload::None).then_some(device);
 
         let text_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
-        let text_encoder = with_weights(dir, "text_encoder", "model", dtype, device, |vb| {
-            ClipTextModel::new(vb, &text_config)
-        })?;
+        let text_encoder = Component::new(
+            "text_encoder",
+            component_weight_files(dir, "text_encoder", "model", dtype)?,
+            dtype,
+            move |vb| ClipTextModel::new(vb, &text_config),
+            resident,
+        )?;
 
         let unet_config: UNetConfig = read_json(&dir.join("unet/config.json"))?;
-        let unet = with_weights(
-            dir,
+        let unet_in_channels = unet_config.in_channels;
+        let unet = Component::new(
             "unet",
-            "diffusion_pytorch_model",
+            component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype)?,
             dtype,
-            device,
-            |vb| UNet2DConditionModel::new(vb, &unet_config),
+            move |vb| UNet2DConditionModel::new(vb, &unet_config),
+            resident,
         )?;
 
         let vae_config: VaeConfig = read_json(&dir.join("vae/config.json"))?;
-        let vae = with_weights(dir, "vae", "diffusion_pytorch_model", dtype, device, |vb| {
-            AutoencoderKlDecoder::new(vb, &vae_config)
-        })?;
+        let vae_files = |d: DType| {
+            // An f32 VAE from the full-precision file; a folder with only fp16 files upcasts.
+            component_weight_files(dir, "vae", "diffusion_pytorch_model", d)
+                .or_else(|_| component_weight_files(dir, "vae", "diffusion_pytorch_model", dtype))
+        };
+        let scaling_factor = vae_config.scaling_factor;
+        let vae_scale_factor = 1usize << (vae_config.block_out_channels.len().saturating_sub(1));
+        let vae_build = move |vb: VarBuilder| AutoencoderKlDecoder::new(vb, &vae_config);
+        let vae_f32 = if plan.vae_nan_retry && plan.vae_dtype != DType::F32 {
+            Some(Component::new("vae", vae_files(DType::F32)?, DType::F32, vae_build.clone(), None)?)
+        } else {
+            None
+        };
+        let vae = Component::new("vae", vae_files(plan.vae_dtype)?, plan.vae_dtype, vae_build, resident)?;
 
         let scheduler_config: SchedulerConfig =
             read_json(&dir.join("scheduler/scheduler_config.json"))?;
         let default_scheduler = SchedulerKind::default_for(&scheduler_config)?;
 
-        Ok(Self {
+        let mut sd = Self {
             tokenizer,
             text_encoder,
             unet,
-            unet_in_channels: unet_config.in_channels,
-            vae_scaling_factor: vae.scaling_factor(),
-            vae_scale_factor: vae.downscale_factor(),
+            unet_in_channels,
+            vae_scaling_factor: scaling_factor,
+            vae_scale_factor,
             vae,
+            vae_f32,
+            plan: plan.clone(),
+            last_memory: std::sync::Mutex::new(None),
+            last_decode_retried: std::sync::atomic::AtomicBool::new(false),
             scheduler_config,
             default_scheduler,
             device: device.clone(),
             dtype,
-        })
+        };
+        sd.configure_resident();
+        Ok(sd)
+    }
+
+    /// Applies the plan's attention slicing to the resident modules.
+    fn configure_resident(&mut self) {
+        let attention = self.plan.attention;
+        let rows = self.vae_attention_rows();
+        if let Some(u) = self.unet.resident_mut() {
+            u.set_attention_slicing(attention);
+        }
+        if let Some(v) = self.vae.resident_mut() {
+            v.set_attention_slice(rows);
+        }
+    }
+
+    /// Query rows per piece of the VAE's mid-block attention: `None` (all at once) when attention
+    /// is not sliced, else as many rows as keep one piece of f32 scores within the slicing budget
+    /// at the largest image the plan is for.
+    fn vae_attention_rows(&self) -> Option<usize> {
+        let budget = match self.plan.attention {
+            crate::attention::AttentionSlicing::Off => return None,
+            crate::attention::AttentionSlicing::MaxBytes(b) => b,
+            _ => crate::attention::AUTO_SLICE_BYTES,
+        };
+        let side = self.plan.max_side / self.vae_scale_factor.max(1);
+        Some((budget / (4 * side * side).max(1)).max(1))
+    }
+
+    /// The memory plan in use.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// Device memory of the last `generate` call (`None` on the CPU).
+    pub fn last_memory_usage(&self) -> Option<MemoryUsage> {
+        *self.last_memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when the last decode produced NaN/Inf in half precision and was redone in f32.
+    pub fn last_decode_retried(&self) -> bool {
+        self.last_decode_retried
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switches attention slicing (the one memory switch that needs no reload): `Off` is fastest,
+    /// `Auto`/`MaxBytes` bound the score matrices. Results change only by float rounding.
+    pub fn set_attention_slicing(&mut self, slicing: crate::attention::AttentionSlicing) {
+        self.plan.attention = slicing;
+        self.configure_resident();
+    }
+
+    /// Switches tiled VAE decoding on (`Some`) or off; takes effect at the next decode.
+    pub fn set_vae_tiling(&mut self, tiling: Option<crate::memory::VaeTiling>) {
+        self.plan.vae_tiling = tiling;
+    }
+
+    /// Keeps every component on the device (`Offload::None`) or only during its stage
+    /// (`Offload::Model`; `Sequential` runs as `Model`, see docs/GPU.md).
+    pub fn set_offload(&mut self, offload: Offload) -> Result<()> {
+        let resident = (offload == Offload::None).then_some(&self.device);
+        self.text_encoder.set_residence(resident)?;
+        self.unet.set_residence(resident)?;
+        self.vae.set_residence(resident)?;
+        self.plan.offload = offload;
+        self.configure_resident();
+        Ok(())
+    }
+
+    /// The UNet for one run, with the plan's attention slicing (built now when offloaded).
+    fn unet_for_run(&self) -> Result<Held<'_, UNet2DConditionModel>> {
+        let mut held = self.unet.get(&self.device)?;
+        if let Held::Loaded(u) = &mut held {
+            u.set_attention_slicing(self.plan.attention);
+        }
+        Ok(held)
+    }
+
+    fn vae_for_run<'a>(
+        &self,
+        component: &'a Component<AutoencoderKlDecoder>,
+    ) -> Result<Held<'a, AutoencoderKlDecoder>> {
+        let mut held = component.get(&self.device)?;
+        if let Held::Loaded(v) = &mut held {
+            v.set_attention_slice(self.vae_attention_rows());
+        }
+        Ok(held)
     }
 
     /// The scheduler named by the model's own `scheduler_config.json`.
@@ -149,7 +278,23 @@ impl StableDiffusion {
 
     /// Runs one request. `on_step` is called after every denoising step; breaking cancels the run
     /// (`PipelineError::Cancelled`) before the next step, and every tensor of the run is dropped.
+    ///
+    /// A device allocation failure comes back as [`PipelineError::OutOfMemory`]; the tensors of
+    /// the run are dropped and the allocator's cached memory returned before this returns.
     pub fn generate(&self, params: &GenerationParams, on_step: StepHook) -> Result<RgbImage> {
+        let mut tracker = MemoryTracker::start(&self.device);
+        let result = self.generate_tracked(params, on_step, &mut tracker);
+        let usage = tracker.finish();
+        *self.last_memory.lock().unwrap_or_else(|e| e.into_inner()) = usage;
+        result.map_err(classify_oom)
+    }
+
+    fn generate_tracked(
+        &self,
+        params: &GenerationParams,
+        on_step: StepHook,
+        tracker: &mut MemoryTracker,
+    ) -> Result<RgbImage> {
         self.check_inputs(params)?;
         let do_cfg = params.guidance_scale > 1.0;
         let text_embeddings =
@@ -157,15 +302,22 @@ impl StableDiffusion {
         let mut scheduler = self.prepare_timesteps(params)?;
         let mut rng = TorchRng::new(params.seed);
         let latents = self.prepare_latents(params, scheduler.as_ref(), &mut rng)?;
+        tracker.sample();
+        let mut on_step = |p: StepProgress| {
+            tracker.sample();
+            on_step(p)
+        };
         let latents = self.denoise(
             latents,
             &text_embeddings,
             scheduler.as_mut(),
             params.guidance_scale,
             &mut rng,
-            on_step,
+            &mut on_step,
         )?;
+        drop(text_embeddings);
         let image = self.decode_latents(&latents)?;
+        tracker.sample();
         postprocess(&image)
     }
 
@@ -205,7 +357,7 @@ impl StableDiffusion {
     fn embed(&self, text: &str) -> Result<Tensor> {
         let ids = self.tokenizer.encode(text)?;
         let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
-        self.text_encoder.forward(&ids)
+        self.text_encoder.get(&self.device)?.forward(&ids)
     }
 
     fn prepare_timesteps(&self, params: &GenerationParams) -> Result<Box<dyn Scheduler>> {
@@ -241,10 +393,12 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
+        // Offloaded: the UNet comes to the device once for the whole loop and leaves after it.
+        let unet = self.unet_for_run()?;
         for (index, &t) in timesteps.iter().enumerate() {
             let model_input = scheduler.scale_model_input(&latents, index)?;
             let noise_pred =
-                self.predict_noise(&model_input, t, text_embeddings, guidance_scale)?;
+                self.predict_noise_with(&unet, &model_input, t, text_embeddings, guidance_scale)?;
             latents = scheduler.step(&noise_pred, index, &latents, rng)?;
             if on_step(StepProgress {
                 step: index + 1,
@@ -268,6 +422,18 @@ impl StableDiffusion {
         text_embeddings: &Tensor,
         guidance_scale: f64,
     ) -> Result<Tensor> {
+        let unet = self.unet_for_run()?;
+        self.predict_noise_with(&unet, latents, t, text_embeddings, guidance_scale)
+    }
+
+    fn predict_noise_with(
+        &self,
+        unet: &UNet2DConditionModel,
+        latents: &Tensor,
+        t: f64,
+        text_embeddings: &Tensor,
+        guidance_scale: f64,
+    ) -> Result<Tensor> {
         let batch = text_embeddings.dim(0)?;
         let model_input = if batch == 2 {
             Tensor::cat(&[latents, latents], 0)?
@@ -275,7 +441,7 @@ impl StableDiffusion {
             latents.clone()
         };
         let t = Tensor::full(t as f32, batch, &self.device)?;
-        let noise_pred = self.unet.forward(&model_input, &t, text_embeddings)?;
+        let noise_pred = unet.forward(&model_input, &t, text_embeddings)?;
         if batch != 2 {
             return Ok(noise_pred);
         }
@@ -284,10 +450,39 @@ impl StableDiffusion {
         Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?)
     }
 
-    /// `vae.decode(latents / scaling_factor)`, in `[-1, 1]`.
+    /// `vae.decode(latents / scaling_factor)`, in `[-1, 1]`: tiled when the plan says so; a
+    /// half-precision decode with NaN/Inf (the "black image") is redone in f32.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let z = (latents / self.vae_scaling_factor)?;
-        self.vae.decode(&z)
+        let vae = self.vae_for_run(&self.vae)?;
+        let mut retry = |z: &Tensor| -> Result<Tensor> {
+            let vae32 = self.vae_for_run(self.vae_f32.as_ref().expect("checked below"))?;
+            self.decode_with(&vae32, z)
+        };
+        let fallback: Option<&mut dyn FnMut(&Tensor) -> Result<Tensor>> =
+            if self.plan.vae_nan_retry && self.vae_f32.is_some() {
+                Some(&mut retry)
+            } else {
+                None
+            };
+        let (image, outcome) = decode_checked(&z, |z| self.decode_with(&vae, z), fallback)?;
+        self.last_decode_retried.store(
+            outcome == DecodeOutcome::RetriedInF32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(image)
+    }
+
+    /// One VAE decode of `z` (already divided by the scaling factor), tiled when the plan says so
+    /// and the latent is larger than a tile.
+    fn decode_with(&self, vae: &AutoencoderKlDecoder, z: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        match self.plan.vae_tiling {
+            Some(t) if h > t.tile_latent || w > t.tile_latent => {
+                crate::memory::tiling::decode_tiled(z, t, self.vae_scale_factor, |tile| vae.decode(tile))
+            }
+            _ => vae.decode(z),
+        }
     }
 }
 
@@ -349,29 +544,5 @@ pub fn component_weight_files(
     Err(PipelineError::Weights {
         path: folder,
         message: format!("no weights: expected {}", candidates.join(" or ")),
-    })
-}
-
-/// Memory-maps a component's weights and builds it, turning tensor errors (a missing tensor, a wrong
-/// shape) into `PipelineError::Weights` naming the file.
-fn with_weights<T>(
-    dir: &Path,
-    component: &str,
-    stem: &str,
-    dtype: DType,
-    device: &Device,
-    build: impl FnOnce(VarBuilder) -> Result<T>,
-) -> Result<T> {
-    let files = component_weight_files(dir, component, stem, dtype)?;
-    let weights_error = |message: String| PipelineError::Weights {
-        path: files[0].clone(),
-        message,
-    };
-    // SAFETY: the files are memory-mapped read-only; sdserve never writes to a model folder while it is loaded.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-        .map_err(|e| weights_error(e.to_string()))?;
-    build(vb).map_err(|e| match e {
-        PipelineError::Candle(e) => weights_error(e.to_string()),
-        other => other,
     })
 }

@@ -103,13 +103,16 @@ pub struct MemoryPlan {
     pub estimate: Option<StageEstimate>,
     /// False when even the leanest plan is estimated over budget (it is used anyway).
     pub fits: bool,
+    /// The largest image side (pixels) the plan was made for.
+    pub max_side: usize,
 }
 
 fn ser_slicing<S: serde::Serializer>(s: &AttentionSlicing, ser: S) -> Result<S::Ok, S::Error> {
     ser.serialize_str(&match s {
         AttentionSlicing::Off => "off".to_string(),
         AttentionSlicing::Auto => "sliced".to_string(),
-        AttentionSlicing::Heads(n) => format!("sliced:{n}"),
+        AttentionSlicing::Heads(n) => format!("sliced:{n}_heads"),
+        AttentionSlicing::MaxBytes(b) => format!("sliced:{}MiB", b >> 20),
     })
 }
 
@@ -129,14 +132,19 @@ impl MemoryPlan {
             budget_bytes: None,
             estimate: None,
             fits: true,
+            max_side: DEFAULT_MAX_SIDE,
         }
     }
 
     /// Names of the levers in use, for logs and /health.
     pub fn levers(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if self.attention != AttentionSlicing::Off {
-            out.push("sliced_attention".to_string());
+        match self.attention {
+            AttentionSlicing::Off => {}
+            AttentionSlicing::MaxBytes(b) if b < AUTO_SLICE_BYTES => {
+                out.push(format!("sliced_attention:{}MiB", b >> 20))
+            }
+            _ => out.push("sliced_attention".to_string()),
         }
         if let Some(t) = self.vae_tiling {
             out.push(format!("tiled_vae:{}", t.tile_latent));
@@ -181,10 +189,16 @@ fn is_half(d: DType) -> bool {
     matches!(d, DType::F16 | DType::BF16)
 }
 
+/// The API's largest width/height (DESIGN §1).
+pub const DEFAULT_MAX_SIDE: usize = 768;
+
 /// Memory the CUDA context, cuBLAS/cuDNN handles and workspaces take outside our tensors.
 pub const RESERVED_BYTES: u64 = 512 << 20;
 /// Allocator fragmentation and estimate error: the estimated peak times this must fit.
 pub const SAFETY_FACTOR: f64 = 1.15;
+
+/// Score bytes per attention piece on the leanest rung (a quarter of the default slices).
+pub const LEAN_SLICE_BYTES: usize = AUTO_SLICE_BYTES / 4;
 
 /// The part of `budget` the estimated peak may use.
 pub fn usable_bytes(budget: u64) -> u64 {
@@ -195,27 +209,25 @@ fn div_ceil_pow2(x: usize, level: usize) -> usize {
     x.div_ceil(1 << level)
 }
 
-/// Elements of one attention piece under `slicing`, for `total` score elements made of
-/// `heads` (batch x heads) matrices of `per_head` elements: mirrors `attention::sdpa`.
-fn attention_piece(total: u64, bh: u64, per_head: u64, slicing: AttentionSlicing) -> u64 {
-    let auto = (AUTO_SLICE_BYTES / 4) as u64; // elements of f32 scores per piece
-    match slicing {
-        AttentionSlicing::Off => total,
-        AttentionSlicing::Auto => {
-            let hp = (auto / per_head.max(1)).clamp(1, bh);
-            if hp == 1 && per_head > auto {
-                auto
-            } else {
-                hp * per_head
-            }
+/// Elements of one attention piece under `slicing` for `bh` (batch x heads) score matrices of
+/// `n` query rows by `m` keys: mirrors the piece sizes of `attention::sdpa`.
+fn attention_piece(bh: u64, n: u64, m: u64, slicing: AttentionSlicing) -> u64 {
+    let per_head = n * m;
+    let by_budget = |budget: u64, hp: u64| {
+        if hp == 1 && per_head * 4 > budget {
+            (budget / (4 * m).max(1)).clamp(1, n) * m
+        } else {
+            hp * per_head
         }
-        AttentionSlicing::Heads(n) => {
-            let hp = (n as u64).clamp(1, bh);
-            if hp == 1 && per_head > auto {
-                auto
-            } else {
-                hp * per_head
-            }
+    };
+    let auto = AUTO_SLICE_BYTES as u64;
+    match slicing {
+        AttentionSlicing::Off => bh * per_head,
+        AttentionSlicing::Heads(h) => by_budget(auto, (h as u64).clamp(1, bh)),
+        AttentionSlicing::Auto => by_budget(auto, (auto / (4 * per_head).max(1)).clamp(1, bh)),
+        AttentionSlicing::MaxBytes(b) => {
+            let b = b as u64;
+            by_budget(b, (b / (4 * per_head).max(1)).clamp(1, bh))
         }
     }
 }
@@ -242,7 +254,7 @@ pub fn unet_activation_bytes(
     for lvl in &shapes.attention_levels {
         let n = (div_ceil_pow2(h, lvl.level) * div_ceil_pow2(w, lvl.level)) as u64;
         let bh = b * lvl.heads as u64;
-        let piece = attention_piece(bh * n * n, bh, n * n, slicing);
+        let piece = attention_piece(bh, n, n, slicing);
         attention = attention.max(piece * (2 * s + 8));
     }
     let mut skips = 0u64;
@@ -286,7 +298,7 @@ pub fn vae_activation_bytes(
     }
     if shapes.vae_mid_attention {
         let n = (h * w) as u64;
-        let piece = attention_piece(n * n, 1, n * n, slicing);
+        let piece = attention_piece(1, n, n, slicing);
         peak = peak.max(piece * (2 * s + 8) + n * prev * 4 * s);
     }
     // The output image (f32 for postprocessing) and the latents.
@@ -367,7 +379,11 @@ pub fn candidates(fp: &Footprint, req: &PlanRequest) -> Vec<MemoryPlan> {
     };
     let attentions: Vec<AttentionSlicing> = match o.attention {
         Some(x) => vec![x],
-        None => vec![AttentionSlicing::Off, AttentionSlicing::Auto],
+        None => vec![
+            AttentionSlicing::Off,
+            AttentionSlicing::Auto,
+            AttentionSlicing::MaxBytes(LEAN_SLICE_BYTES),
+        ],
     };
     let tiled = tile_candidates(&fp.shapes, max_latent)
         .into_iter()
@@ -394,6 +410,7 @@ pub fn candidates(fp: &Footprint, req: &PlanRequest) -> Vec<MemoryPlan> {
                     budget_bytes: Some(req.budget_bytes),
                     estimate: None,
                     fits: false,
+                    max_side: req.max_width.max(req.max_height),
                 };
                 let e = estimate(fp, req, &p);
                 p.estimate = Some(e);
@@ -488,12 +505,16 @@ mod tests {
 
     #[test]
     fn slicing_bounds_the_attention_piece() {
-        let auto = (AUTO_SLICE_BYTES / 4) as u64;
-        assert_eq!(attention_piece(100, 4, 25, AttentionSlicing::Off), 100);
-        assert_eq!(attention_piece(100, 4, 25, AttentionSlicing::Auto), 100);
-        assert_eq!(attention_piece(100, 4, 25, AttentionSlicing::Heads(1)), 25);
-        let big = 3 * auto;
-        assert_eq!(attention_piece(4 * big, 4, big, AttentionSlicing::Auto), auto);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Off), 100);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Auto), 100);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Heads(1)), 25);
+        // 2 heads of 5x5 f32 scores fit in 200 bytes; one row of 5 in 20.
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(200)), 50);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(40)), 10);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(1)), 5);
+        // SD 1.5 at 512x512: 4096 tokens, one head is 64 MiB of f32 scores: 4 heads per piece.
+        let auto = attention_piece(16, 4096, 4096, AttentionSlicing::Auto);
+        assert_eq!(auto * 4, AUTO_SLICE_BYTES as u64);
     }
 
     #[test]
@@ -519,5 +540,165 @@ mod tests {
         // Streaming: `other` plus two copies of the largest block instead of the whole UNet.
         assert_eq!(seq.unet - model.unet, ((10 + 2 * 100) - 110) * 2);
         assert!(seq.unet > model.unet, "a toy with one block streams more than it saves");
+    }
+
+    /// The real SD 1.5 sizes (tools/make_sd15_footprint.py: parameter counts of diffusers'
+    /// models built from the SD 1.5 configs).
+    pub(crate) fn sd15() -> Footprint {
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/sd15-footprint.json")).unwrap();
+        let weights = WeightCounts {
+            unet: serde_json::from_value(v["unet"].clone()).unwrap(),
+            text_encoder: v["text_encoder"].as_u64().unwrap(),
+            vae_decoder: v["vae_decoder"].as_u64().unwrap(),
+        };
+        let unet: crate::unet::UNetConfig = serde_json::from_value(v["unet_config"].clone()).unwrap();
+        let vae: crate::vae::VaeConfig = serde_json::from_value(v["vae_config"].clone()).unwrap();
+        Footprint {
+            weights,
+            shapes: ModelShapes::from_configs(&unet, &vae, 77).unwrap(),
+        }
+    }
+
+    fn request(budget_mb: u64, size: usize, dtype: DType) -> PlanRequest {
+        PlanRequest {
+            budget_bytes: budget_mb << 20,
+            max_width: size,
+            max_height: size,
+            batch: 2,
+            dtype,
+            overrides: LeverOverrides::default(),
+        }
+    }
+
+    fn levers(mb: u64, dtype: DType) -> (Vec<String>, MemoryPlan) {
+        let p = plan(&sd15(), &request(mb, 768, dtype));
+        eprintln!("{mb:>6} MiB {}: {}", dtype.as_str(), p.summary());
+        (p.levers(), p)
+    }
+
+    #[test]
+    fn sd15_fp16_budgets_pick_the_expected_levers() {
+        // 24 GB: everything on the device, attention unsliced, VAE whole.
+        let (l, p) = levers(24576, DType::F16);
+        assert!(l.is_empty() && p.fits, "{l:?}");
+        // 6 GB and the 5 GB default: sliced attention and a tiled (f32) VAE.
+        for mb in [6144, 5120] {
+            let (l, p) = levers(mb, DType::F16);
+            assert_eq!(l, ["sliced_attention", "tiled_vae:64"], "{mb}");
+            assert_eq!(p.vae_dtype, DType::F32, "SD 1.5's VAE says force_upcast");
+            assert!(p.fits);
+        }
+        // 3 GB: the components take turns on the device.
+        let (_, p) = levers(3072, DType::F16);
+        assert_eq!(p.offload, Offload::Model);
+        assert!(p.fits);
+        // 1.5 GB: UNet blocks streamed; our estimate says even that is over budget, and the
+        // plan says so rather than pretending.
+        let (_, p) = levers(1536, DType::F16);
+        assert_eq!(p.offload, Offload::Sequential);
+        assert!(!p.fits);
+    }
+
+    #[test]
+    fn sd15_fp32_needs_more() {
+        // f32 weights are twice the size: 6 GB is no longer enough to keep everything resident.
+        let (_, p16) = levers(6144, DType::F16);
+        let (_, p32) = levers(6144, DType::F32);
+        assert!(p32.estimate.unwrap().peak() > p16.estimate.unwrap().peak());
+        assert!(p32.offload > Offload::None || p32.attention != AttentionSlicing::Auto);
+    }
+
+    #[test]
+    fn chosen_plan_is_the_fastest_that_fits() {
+        let fp = sd15();
+        let mut last_index = 0;
+        for mb in (1024..=32768).rev().step_by(512) {
+            let req = request(mb, 768, DType::F16);
+            let all = candidates(&fp, &req);
+            let chosen = plan(&fp, &req);
+            let index = all.iter().position(|p| *p == chosen).expect("a candidate");
+            if chosen.fits {
+                assert!(all[..index].iter().all(|p| !p.fits), "{mb}: a faster plan fits");
+                assert!(chosen.estimate.unwrap().peak() <= usable_bytes(req.budget_bytes));
+            } else {
+                assert!(all.iter().all(|p| !p.fits));
+            }
+            // Less memory never buys a faster plan.
+            assert!(index >= last_index || !chosen.fits, "{mb}: {index} < {last_index}");
+            if chosen.fits {
+                last_index = index;
+            }
+        }
+    }
+
+    #[test]
+    fn overrides_are_respected() {
+        let fp = sd15();
+        let mut req = request(5120, 768, DType::F16);
+        req.overrides.vae_tiling = Some(false);
+        let p = plan(&fp, &req);
+        assert_eq!(p.vae_tiling, None);
+        assert!(p.offload != Offload::None, "without tiling 5 GB needs offload: {}", p.summary());
+        req.overrides = LeverOverrides {
+            offload: Some(Offload::None),
+            attention: Some(AttentionSlicing::Off),
+            ..Default::default()
+        };
+        let p = plan(&fp, &req);
+        assert_eq!((p.offload, p.attention), (Offload::None, AttentionSlicing::Off));
+        assert!(!p.fits, "unsliced attention at 768x768 needs ~17 GB");
+        req.overrides = LeverOverrides {
+            vae_dtype: Some(DType::F16),
+            ..Default::default()
+        };
+        let p = plan(&fp, &req);
+        assert_eq!(p.vae_dtype, DType::F16);
+        assert!(p.vae_nan_retry, "a half-precision VAE gets the f32 retry");
+    }
+
+    #[test]
+    fn leaner_steps_down_until_the_leanest() {
+        let fp = sd15();
+        let req = request(5120, 768, DType::F16);
+        let mut p = plan(&fp, &req);
+        let mut steps = 0;
+        while let Some(next) = leaner(&fp, &req, &p) {
+            assert!(next.estimate.unwrap().peak() < p.estimate.unwrap().peak());
+            p = next;
+            steps += 1;
+            assert!(steps < 100);
+        }
+        assert!(steps >= 2, "{steps}");
+        assert_eq!(p.offload, Offload::Sequential, "{}", p.summary());
+    }
+
+    #[test]
+    fn smaller_images_need_less() {
+        let fp = sd15();
+        let big = plan(&fp, &request(5120, 768, DType::F16));
+        let small = plan(&fp, &request(5120, 512, DType::F16));
+        assert!(small.levers().len() <= big.levers().len());
+        let e = |p: &MemoryPlan, size| estimate(&fp, &request(5120, size, DType::F16), p).peak();
+        assert!(e(&big, 512) < e(&big, 768));
+    }
+
+    #[test]
+    fn weights_are_counted_from_safetensors_headers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-a");
+        let w = WeightCounts::from_model_dir(&dir, DType::F32).unwrap();
+        let size = |p: &str| std::fs::metadata(dir.join(p)).unwrap().len();
+        // f32 files: 4 bytes per element plus a header of at most a few tens of KB.
+        let unet = size("unet/diffusion_pytorch_model.safetensors");
+        assert!(w.unet_total() * 4 <= unet && w.unet_total() * 4 + 65536 > unet);
+        let text = size("text_encoder/model.safetensors");
+        assert!(w.text_encoder * 4 <= text && w.text_encoder * 4 + 65536 > text);
+        // Only the decoder half of the VAE file is counted.
+        let vae = size("vae/diffusion_pytorch_model.safetensors");
+        assert!(w.vae_decoder > 0 && w.vae_decoder * 4 + 65536 < vae);
+        assert!(w.unet.contains_key("down_blocks.0") && w.unet.contains_key("other"));
+        let fp = Footprint::from_model_dir(&dir, DType::F32).unwrap();
+        assert_eq!(fp.shapes.vae_scale_factor, 2);
+        assert_eq!(fp.shapes.attention_levels.len(), 1);
     }
 }
