@@ -28,6 +28,8 @@ pub struct AppState {
     pub cache: Option<ResponseCache>,
     pub metrics: Arc<Metrics>,
     pub device: String,
+    /// For GPU name and memory in /health.
+    pub candle_device: candle_core::Device,
     pub dtype: String,
     pub started: Instant,
     pub max_body_bytes: usize,
@@ -382,7 +384,12 @@ async fn health(State(app): State<Shared>) -> Response {
         model_version,
         device: app.device.clone(),
         dtype: app.dtype.clone(),
-        gpu: None,
+        gpu: sdserve_pipeline::device::gpu_info(&app.candle_device).map(|g| GpuInfo {
+            memory_used_mb: g.memory_used_bytes() >> 20,
+            name: g.name,
+            memory_total_mb: g.memory_total_bytes >> 20,
+            memory_free_mb: g.memory_free_bytes >> 20,
+        }),
         queue: QueueInfo {
             running: g.running,
             waiting: g.waiting,

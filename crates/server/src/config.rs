@@ -1,61 +1,39 @@
 //! Resolved runtime settings: device, dtype, logging; and process memory for the logs.
 
 use candle_core::{DType, Device};
+use sdserve_pipeline::device::{select_device, select_dtype, DTypeRequest, DeviceRequest};
+use sdserve_pipeline::PipelineError;
 
 use crate::cli::{DtypeArg, LogFormat};
 
-/// A device choice, resolved without touching the device yet (creation happens on the worker).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda(usize),
+/// The device and dtype this process runs on, chosen by the pipeline's `device` module
+/// (`DEVICE` = auto|cpu|cuda|cuda:N, `DTYPE` = auto|f32|f16|bf16).
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub device: Device,
+    /// `cpu`, `cuda:0`, ... for logs and /health.
+    pub label: String,
+    pub dtype: DType,
+    /// Why the choice differs from the request, for the log.
+    pub warnings: Vec<String>,
 }
 
-impl DeviceChoice {
-    /// `auto` picks CUDA device 0 when this build has CUDA and a device is present.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(if candle_core::utils::cuda_is_available() {
-                Self::Cuda(0)
-            } else {
-                Self::Cpu
-            }),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" | "gpu" => Ok(Self::Cuda(0)),
-            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => Err(format!(
-                    "DEVICE must be auto, cpu, cuda or cuda:N (got {s:?})"
-                )),
-            },
-        }
-    }
-
-    pub fn label(self) -> String {
-        match self {
-            Self::Cpu => "cpu".into(),
-            Self::Cuda(n) => format!("cuda:{n}"),
-        }
-    }
-
-    pub fn create(self) -> Result<Device, String> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => {
-                Device::new_cuda(n).map_err(|e| format!("cannot open CUDA device {n}: {e}"))
-            }
-        }
-    }
-
-    pub fn dtype(self, arg: DtypeArg) -> DType {
-        match (arg, self) {
-            (DtypeArg::Auto, Self::Cpu) => DType::F32,
-            (DtypeArg::Auto, Self::Cuda(_)) => DType::F16,
-            (DtypeArg::F32, _) => DType::F32,
-            (DtypeArg::F16, _) => DType::F16,
-            (DtypeArg::Bf16, _) => DType::BF16,
-        }
-    }
+pub fn select_runtime(device: &str, dtype: DtypeArg) -> Result<Runtime, String> {
+    let req: DeviceRequest = device.parse().map_err(|e: PipelineError| e.to_string())?;
+    let dreq = match dtype {
+        DtypeArg::Auto => DTypeRequest::Auto,
+        DtypeArg::F32 => DTypeRequest::F32,
+        DtypeArg::F16 => DTypeRequest::F16,
+        DtypeArg::Bf16 => DTypeRequest::Bf16,
+    };
+    let sel = select_device(req).map_err(|e| e.to_string())?;
+    let (dtype, dwarn) = select_dtype(dreq, &sel.device);
+    Ok(Runtime {
+        device: sel.device,
+        label: sel.label,
+        dtype,
+        warnings: sel.warning.into_iter().chain(dwarn).collect(),
+    })
 }
 
 pub fn dtype_label(d: DType) -> &'static str {
@@ -95,17 +73,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn device_strings() {
-        assert_eq!(DeviceChoice::parse("cpu").unwrap(), DeviceChoice::Cpu);
-        assert_eq!(DeviceChoice::parse("cuda").unwrap(), DeviceChoice::Cuda(0));
-        assert_eq!(
-            DeviceChoice::parse("CUDA:3").unwrap(),
-            DeviceChoice::Cuda(3)
-        );
-        assert!(DeviceChoice::parse("cuda:x").is_err());
-        assert!(DeviceChoice::parse("tpu").is_err());
-        assert_eq!(DeviceChoice::Cpu.dtype(DtypeArg::Auto), DType::F32);
-        assert_eq!(DeviceChoice::Cuda(0).dtype(DtypeArg::Auto), DType::F16);
-        assert_eq!(DeviceChoice::Cuda(1).label(), "cuda:1");
+    fn cpu_runtime_and_bad_strings() {
+        let rt = select_runtime("cpu", DtypeArg::Auto).unwrap();
+        assert!(rt.device.is_cpu());
+        assert_eq!((rt.label.as_str(), rt.dtype), ("cpu", DType::F32));
+        let err = select_runtime("tpu", DtypeArg::Auto).unwrap_err();
+        assert!(err.contains("DEVICE"), "{err}");
     }
 }

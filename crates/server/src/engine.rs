@@ -103,6 +103,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn is_oom(e: &PipelineError) -> bool {
+    if matches!(e, PipelineError::OutOfMemory(_)) {
+        return true;
+    }
     let s = e.to_string().to_ascii_lowercase();
     s.contains("out of memory") || s.contains("out_of_memory")
 }

@@ -9,7 +9,6 @@ use sdserve_pipeline::pipeline::{GenerationParams, StepProgress};
 use serde_json::{json, Map, Value};
 
 use crate::cli::GenerateArgs;
-use crate::config::DeviceChoice;
 
 /// The same rules as the API: the flags are checked by `validate::parse_generate`.
 fn request_json(a: &GenerateArgs) -> Value {
@@ -63,10 +62,18 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     let body = serde_json::to_vec(&request_json(a)).map_err(|e| e.to_string())?;
     let req = crate::validate::parse_generate(&body)
         .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
-    let device = DeviceChoice::parse(&a.model.device)?;
-    eprintln!("loading {} on {} ...", a.model.model, device.label());
+    let rt = crate::config::select_runtime(&a.model.device, a.model.dtype)?;
+    for w in &rt.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!(
+        "loading {} on {} ({}) ...",
+        a.model.model,
+        rt.label,
+        rt.dtype.as_str()
+    );
     let t0 = Instant::now();
-    let mut loaded = crate::model::load_real(&a.model, device, &crate::hub::LoadStatus::default())?;
+    let mut loaded = crate::model::load_real(&a.model, &rt, &crate::hub::LoadStatus::default())?;
     eprintln!(
         "loaded {} in {:.1}s",
         loaded.info.model_version,

@@ -5,29 +5,28 @@ use candle_core::DType;
 use sdserve_pipeline::pipeline::StableDiffusion;
 
 use crate::cli::ModelArgs;
-use crate::config::DeviceChoice;
+use crate::config::Runtime;
 use crate::generator::{Loaded, Loader, ModelInfo};
 use crate::hub;
 
 /// Loads the real pipeline on the worker thread; download/conversion progress goes to `status`
 /// (shown by /health while loading).
-pub fn real_loader(args: ModelArgs, device: DeviceChoice, status: hub::LoadStatus) -> Loader {
-    Box::new(move || load_real(&args, device, &status))
+pub fn real_loader(args: ModelArgs, rt: Runtime, status: hub::LoadStatus) -> Loader {
+    Box::new(move || load_real(&args, &rt, &status))
 }
 
 pub fn load_real(
     args: &ModelArgs,
-    device: DeviceChoice,
+    rt: &Runtime,
     status: &hub::LoadStatus,
 ) -> Result<Loaded, String> {
-    let dtype = device.dtype(args.dtype);
+    let dtype = rt.dtype;
     let opts = hub::HubOptions::from_env(args.model_cache_dir.clone(), dtype == DType::F16);
     let s = status.clone();
     let resolved =
         hub::resolve_model(&args.model, &opts, &move |p| s.update(p)).map_err(|e| e.to_string())?;
     tracing::info!(dir = %resolved.dir.display(), model_version = %resolved.model_version, "model files ready");
-    let dev = device.create()?;
-    let sd = StableDiffusion::load(&resolved.dir, &dev, dtype).map_err(|e| e.to_string())?;
+    let sd = StableDiffusion::load(&resolved.dir, &rt.device, dtype).map_err(|e| e.to_string())?;
     let info = ModelInfo {
         model_version: resolved.model_version,
         default_scheduler: sd.default_scheduler(),

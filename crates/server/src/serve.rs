@@ -9,30 +9,30 @@ use std::time::{Duration, Instant};
 use crate::api::{self, AppState};
 use crate::cache::ResponseCache;
 use crate::cli::ServeArgs;
-use crate::config::{self, DeviceChoice};
+use crate::config::{self, Runtime};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
 
 pub fn run(args: ServeArgs) -> ExitCode {
     config::init_logging(&args.log_level, args.log_format);
-    let device = match DeviceChoice::parse(&args.model.device) {
-        Ok(d) => d,
+    let rt = match config::select_runtime(&args.model.device, args.model.dtype) {
+        Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "bad configuration");
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let tokio_rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(args, device)) {
+    match tokio_rt.block_on(serve(args, rt)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");
@@ -41,17 +41,20 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs, device: DeviceChoice) -> Result<(), String> {
+async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     let started = Instant::now();
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .map_err(|e| format!("cannot bind {}:{}: {e}", args.host, args.port))?;
     let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
-    let dtype = config::dtype_label(device.dtype(args.model.dtype));
+    let dtype = config::dtype_label(rt.dtype);
+    for w in &rt.warnings {
+        tracing::warn!("{w}");
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         %addr,
-        device = %device.label(),
+        device = %rt.label,
         dtype,
         model = %args.model.model,
         vram_limit_mb = args.model.vram_limit_mb,
@@ -69,7 +72,7 @@ async fn serve(args: ServeArgs, device: DeviceChoice) -> Result<(), String> {
             tracing::warn!(?spec, "using the FAKE generator (test mode)");
             spec.loader()
         }
-        None => crate::model::real_loader(args.model.clone(), device, load_status.clone()),
+        None => crate::model::real_loader(args.model.clone(), rt.clone(), load_status.clone()),
     };
     let engine = Engine::start(
         EngineConfig {
@@ -83,7 +86,8 @@ async fn serve(args: ServeArgs, device: DeviceChoice) -> Result<(), String> {
         engine: engine.clone(),
         cache: ResponseCache::new((args.response_cache_mb as usize).saturating_mul(1 << 20)),
         metrics,
-        device: device.label(),
+        device: rt.label.clone(),
+        candle_device: rt.device.clone(),
         dtype: dtype.to_string(),
         started,
         max_body_bytes: args.max_body_bytes,
