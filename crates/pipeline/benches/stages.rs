@@ -19,6 +19,10 @@ struct Args {
     repeats: usize,
     steps: usize,
     json: Option<String>,
+    /// Also time single convolutions, ours against candle's (`--kernels`).
+    kernels: bool,
+    /// Skip the model stages (`--kernels-only`).
+    kernels_only: bool,
 }
 
 fn parse_list(s: &str) -> Vec<usize> {
@@ -35,6 +39,8 @@ fn parse_args() -> Args {
         repeats: 3,
         steps: 20,
         json: None,
+        kernels: false,
+        kernels_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -46,6 +52,11 @@ fn parse_args() -> Args {
             }
             "--steps" => args.steps = it.next().expect("--steps N").parse().expect("a number"),
             "--json" => args.json = Some(it.next().expect("--json PATH")),
+            "--kernels" => args.kernels = true,
+            "--kernels-only" => {
+                args.kernels = true;
+                args.kernels_only = true;
+            }
             _ => {} // cargo passes `--bench`
         }
     }
@@ -97,8 +108,47 @@ fn measure(name: &str, repeats: usize, mut f: impl FnMut()) -> Stat {
     stat
 }
 
+/// SD 1.5 convolution shapes (batch 2 for the UNet with guidance, 1 for the VAE at 512).
+fn kernel_stats(repeats: usize) -> Vec<Stat> {
+    use candle_core::Module;
+    use sdserve_pipeline::kernels::Conv2d;
+    let dev = Device::Cpu;
+    let shapes: [(usize, usize, usize, usize, usize); 5] = [
+        (2, 320, 64, 320, 3),
+        (2, 640, 32, 640, 3),
+        (2, 1280, 8, 1280, 3),
+        (1, 512, 128, 512, 3),
+        (1, 256, 256, 256, 3),
+    ];
+    let mut stats = Vec::new();
+    for (b, cin, hw, cout, k) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &dev).expect("x");
+        let w = Tensor::randn(0f32, 0.05, (cout, cin, k, k), &dev).expect("w");
+        let bias = Tensor::randn(0f32, 0.05, cout, &dev).expect("b");
+        let conv = Conv2d::new(w.clone(), Some(bias), 1, k / 2);
+        let gflop = 2.0 * (b * cout * cin * k * k * hw * hw) as f64 / 1e9;
+        let name = format!("conv{k}x{k}_b{b}_{cin}_{hw}x{hw}");
+        let ours = measure(&format!("{name}_ours"), repeats, || {
+            conv.forward(&x).expect("conv");
+        });
+        eprintln!("    {:.1} GFLOP/s", gflop / ours.median_s);
+        stats.push(ours);
+        let theirs = measure(&format!("{name}_candle"), repeats, || {
+            x.conv2d(&w, k / 2, 1, 1, 1).expect("conv");
+        });
+        eprintln!("    {:.1} GFLOP/s", gflop / theirs.median_s);
+        stats.push(theirs);
+    }
+    stats
+}
+
 fn main() {
     let args = parse_args();
+    if args.kernels_only {
+        let stats = kernel_stats(args.repeats);
+        drop(stats);
+        return;
+    }
     let dir = std::env::var("MODEL_DIR").expect("set MODEL_DIR to a diffusers folder");
     let device = Device::Cpu;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
@@ -160,6 +210,9 @@ fn main() {
         ));
     }
 
+    if args.kernels {
+        stats.extend(kernel_stats(args.repeats));
+    }
     let peak_rss_mb = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
     let stage_json: Vec<String> = stats
         .iter()

@@ -8,6 +8,7 @@ pub mod ckpt;
 pub mod clip;
 pub mod device;
 pub mod error;
+pub mod kernels;
 pub mod memory;
 pub mod pipeline;
 pub mod rng;

@@ -10,9 +10,10 @@
 //! attention softmax run in f32 when the weights are half precision.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::kernels::Conv2d;
 use crate::{PipelineError, Result};
 
 /// diffusers hard-codes this eps for every norm in the VAE decoder.
@@ -192,7 +193,33 @@ impl GroupNorm {
         })
     }
 
+    /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors.
+    fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        let silu = matches!(act, Activation::Silu);
+        if let Some(y) = crate::kernels::norm::group_norm(
+            x,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            silu,
+        )? {
+            return if silu { Ok(y) } else { act.forward(&y) };
+        }
+        act.forward(&self.forward(x)?)
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = crate::kernels::norm::group_norm(
+            x,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            false,
+        )? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let (b, c, h, w) = x.dims4()?;
         let x = x
@@ -212,11 +239,7 @@ impl GroupNorm {
 }
 
 fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        ..Default::default()
-    };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    crate::kernels::conv2d(cin, cout, k, 1, k / 2, vb)
 }
 
 /// diffusers `ResnetBlock2D` without a time embedding (pre-norm, output scale 1).
@@ -255,9 +278,9 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.act.forward(&self.norm1.forward(x)?)?;
+        let h = self.norm1.forward_act(x, self.act)?;
         let h = self.conv1.forward(&h)?;
-        let h = self.act.forward(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_act(&h, self.act)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
@@ -328,14 +351,30 @@ impl Attention {
             .reshape((b, c, n))?
             .transpose(1, 2)?
             .contiguous()?;
+        let (q, k, v) = (
+            self.to_q.forward(&tokens)?,
+            self.to_k.forward(&tokens)?,
+            self.to_v.forward(&tokens)?,
+        );
+        // f32 on the CPU: blocked attention (bounded memory whatever `slice` says).
+        if let Some(attn) =
+            crate::kernels::attention::attention(&q, &k, &v, self.heads, self.scale)?
+        {
+            let out = self
+                .to_out
+                .forward(&attn)?
+                .transpose(1, 2)?
+                .reshape((b, c, h, w))?;
+            return out + x;
+        }
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, n, self.heads, d))?
                 .transpose(1, 2)?
                 .reshape((b * self.heads, n, d))
         };
-        let q = split(self.to_q.forward(&tokens)?)?;
-        let k = split(self.to_k.forward(&tokens)?)?;
-        let v = split(self.to_v.forward(&tokens)?)?.contiguous()?;
+        let q = split(q)?;
+        let k = split(k)?;
+        let v = split(v)?.contiguous()?;
         let kt = k.transpose(1, 2)?.contiguous()?;
         let rows = slice.filter(|s| *s > 0).unwrap_or(n).min(n);
         let mut outs = Vec::with_capacity(n.div_ceil(rows));
@@ -501,7 +540,7 @@ impl AutoencoderKlDecoder {
         for block in &self.up_blocks {
             x = block.forward(&x)?;
         }
-        x = self.act.forward(&self.conv_norm_out.forward(&x)?)?;
+        x = self.conv_norm_out.forward_act(&x, self.act)?;
         Ok(self.conv_out.forward(&x)?)
     }
 

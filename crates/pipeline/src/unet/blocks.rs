@@ -3,9 +3,10 @@
 //! safetensors keys map one to one.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::attention::{merge_heads, sdpa, split_heads, AttentionSlicing};
+pub(crate) use crate::kernels::Conv2d;
 
 /// diffusers' `get_activation` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +69,22 @@ impl GroupNorm {
         })
     }
 
+    /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors.
+    pub(crate) fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let silu = act == Act::Silu;
+        let fast = crate::kernels::norm::group_norm;
+        match fast(x, self.groups, &self.weight, &self.bias, self.eps, silu)? {
+            Some(y) if silu => Ok(y),
+            Some(y) => act.forward(&y),
+            None => act.forward(&self.forward(x)?),
+        }
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let fast = crate::kernels::norm::group_norm;
+        if let Some(y) = fast(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
@@ -103,6 +119,10 @@ impl LayerNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let fast = crate::kernels::norm::layer_norm;
+        if let Some(y) = fast(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let n = x.dim(D::Minus1)? as f64;
@@ -124,12 +144,7 @@ pub(crate) fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(cin, cout, kernel, cfg, vb)
+    crate::kernels::conv2d(cin, cout, kernel, stride, padding, vb)
 }
 
 /// A 1x1 convolution loaded as the equivalent linear layer over `[.., channels]`.
@@ -189,7 +204,7 @@ impl ResnetBlock {
 
     pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let act = self.p.act;
-        let h = act.forward(&self.norm1.forward(x)?)?;
+        let h = self.norm1.forward_act(x, act)?;
         let h = self.conv1.forward(&h)?;
         let t = self
             .time_emb_proj
@@ -199,14 +214,16 @@ impl ResnetBlock {
         let h = if self.p.scale_shift {
             let c = t.dim(1)? / 2;
             let (scale, shift) = (t.narrow(1, 0, c)?, t.narrow(1, c, c)?);
-            self.norm2
+            let h = self
+                .norm2
                 .forward(&h)?
                 .broadcast_mul(&(scale + 1.0)?)?
-                .broadcast_add(&shift)?
+                .broadcast_add(&shift)?;
+            act.forward(&h)?
         } else {
-            self.norm2.forward(&h.broadcast_add(&t)?)?
+            self.norm2.forward_act(&h.broadcast_add(&t)?, act)?
         };
-        let h = self.conv2.forward(&act.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -257,9 +274,19 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, o: RunOpts) -> Result<Tensor> {
         let ctx = ctx.unwrap_or(x);
-        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(ctx)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(ctx)?, self.heads)?;
+        let (q, k, v) = (
+            self.to_q.forward(x)?,
+            self.to_k.forward(ctx)?,
+            self.to_v.forward(ctx)?,
+        );
+        // f32 on the CPU: blocked attention, never the whole score matrix (slicing is moot).
+        let fast = crate::kernels::attention::attention;
+        if let Some(a) = fast(&q, &k, &v, self.heads, self.scale)? {
+            return self.to_out.forward(&a);
+        }
+        let q = split_heads(&q, self.heads)?;
+        let k = split_heads(&k, self.heads)?;
+        let v = split_heads(&v, self.heads)?;
         let a = sdpa(&q, &k, &v, self.scale, o.slicing, self.upcast)?;
         self.to_out.forward(&merge_heads(&a, self.heads)?)
     }
@@ -286,6 +313,9 @@ impl GegluFeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        if let Some(y) = crate::kernels::act::geglu(&h)? {
+            return self.out.forward(&y);
+        }
         let a = h.narrow(D::Minus1, 0, self.inner)?;
         let gate = h.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
         self.out.forward(&(a * gate)?)

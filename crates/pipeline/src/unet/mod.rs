@@ -8,12 +8,13 @@ mod blocks;
 mod config;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 pub use crate::attention::AttentionSlicing;
 use crate::{PipelineError, Result};
 use blocks::{
-    conv2d, Act, DownBlock, GroupNorm, MidBlock, ResnetParams, RunOpts, TransformerParams, UpBlock,
+    conv2d, Act, Conv2d, DownBlock, GroupNorm, MidBlock, ResnetParams, RunOpts, TransformerParams,
+    UpBlock,
 };
 use config::BlockKind;
 pub use config::{PerBlock, UNetConfig};
@@ -321,7 +322,7 @@ impl UNet2DConditionModel {
             };
             x = u.forward(&x, &mut res, &emb, &ctx, size, o)?;
         }
-        let x = self.conv_act.forward(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_act(&x, self.conv_act)?;
         Ok(self.conv_out.forward(&x)?)
     }
 }

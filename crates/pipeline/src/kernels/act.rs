@@ -1,0 +1,63 @@
+//! Fused element-wise activations for f32 CPU tensors, parallel over rows.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::math::geglu_rows;
+
+/// Rows handed to one rayon task (enough work to amortise scheduling).
+const ROWS_PER_TASK: usize = 16;
+
+/// GEGLU over the last dim: `h[.., :inner] * gelu(h[.., inner:])` with `inner = last / 2`.
+/// `None` when the fast path does not apply (not f32 on the CPU).
+pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
+    if h.dtype() != DType::F32 || !matches!(h.device(), Device::Cpu) || h.rank() == 0 {
+        return Ok(None);
+    }
+    let mut dims = h.dims().to_vec();
+    let last = dims[dims.len() - 1];
+    if !last.is_multiple_of(2) || last == 0 {
+        return Ok(None);
+    }
+    let inner = last / 2;
+    let h = h.contiguous()?;
+    let rows = h.elem_count() / last;
+    let mut out = vec![0f32; rows * inner];
+    {
+        let (guard, layout) = h.storage_and_layout();
+        let hs: &[f32] = match &*guard {
+            candle_core::Storage::Cpu(c) => {
+                &c.as_slice::<f32>()?[layout.start_offset()..][..h.elem_count()]
+            }
+            _ => return Ok(None),
+        };
+        out.par_chunks_mut(ROWS_PER_TASK * inner)
+            .zip(hs.par_chunks(ROWS_PER_TASK * last))
+            .for_each(|(o, hr)| geglu_rows(hr, o, inner));
+    }
+    let n = dims.len();
+    dims[n - 1] = inner;
+    Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = (Tensor::randn(0f32, 1.0, (2, 37, 2 * 24), &dev)? * 3.0)?;
+        let got = geglu(&h)?.expect("fast path");
+        let want = (h.narrow(2, 0, 24)? * h.narrow(2, 24, 24)?.gelu_erf()?)?;
+        assert_eq!(got.dims(), &[2, 37, 24]);
+        let d = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        assert!(geglu(&h.to_dtype(DType::F16)?)?.is_none());
+        Ok(())
+    }
+}

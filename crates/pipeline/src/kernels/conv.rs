@@ -1,0 +1,401 @@
+//! 2-D convolution for f32 NCHW tensors on the CPU, as tiled im2col feeding the `gemm` crate.
+//!
+//! Why not candle's conv2d: its CPU path copies the whole im2col matrix, multiplies with a
+//! transposed kernel and then transposes the result back to NCHW (three full-size copies). Here
+//! each rayon task builds the im2col rows of one tile of output pixels into a reused per-thread
+//! buffer (a few MB, so it stays in cache for the gemm's packing) and multiplies
+//! `W[cout, cin*kh*kw] x col[cin*kh*kw, tile]` straight into the NCHW output. 1x1 stride-1
+//! convolutions skip the im2col copy entirely: the input plane already is the right matrix.
+
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Shape and hyper-parameters of one convolution call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvShape {
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+    }
+}
+
+/// Target size of one im2col tile (bytes): small enough to stay in L2/L3 while gemm packs it.
+const TILE_BYTES: usize = 2 << 20;
+/// Fewest output pixels per tile, so that the weight packing is amortised over enough columns.
+const MIN_TILE_PIXELS: usize = 64;
+
+thread_local! {
+    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Fills `col[(ci*kh + ky)*kw + kx][j]` for output pixels `p0 + j` of one image.
+fn im2col_tile(x: &[f32], s: &ConvShape, p0: usize, np: usize, col: &mut [f32]) {
+    let (ow, hw) = (s.out_w(), s.h * s.w);
+    let pad = s.padding as isize;
+    for ci in 0..s.cin {
+        let plane = &x[ci * hw..(ci + 1) * hw];
+        for ky in 0..s.kh {
+            for kx in 0..s.kw {
+                let row = ((ci * s.kh + ky) * s.kw + kx) * np;
+                let dst = &mut col[row..row + np];
+                let mut j = 0;
+                while j < np {
+                    let p = p0 + j;
+                    let (oy, ox) = (p / ow, p % ow);
+                    // The rest of this output row, at most.
+                    let run = (ow - ox).min(np - j);
+                    let iy = (oy * s.stride) as isize - pad + ky as isize;
+                    let d = &mut dst[j..j + run];
+                    if iy < 0 || iy >= s.h as isize {
+                        d.fill(0.0);
+                    } else {
+                        let src = &plane[iy as usize * s.w..(iy as usize + 1) * s.w];
+                        let ix0 = (ox * s.stride) as isize - pad + kx as isize;
+                        if s.stride == 1 && ix0 >= 0 && ix0 + run as isize <= s.w as isize {
+                            d.copy_from_slice(&src[ix0 as usize..ix0 as usize + run]);
+                        } else {
+                            for (t, v) in d.iter_mut().enumerate() {
+                                let ix = ix0 + (t * s.stride) as isize;
+                                *v = if ix >= 0 && ix < s.w as isize {
+                                    src[ix as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                    }
+                    j += run;
+                }
+            }
+        }
+    }
+}
+
+/// `out = conv2d(x, weight) + bias` over contiguous NCHW `x` (`[batch, cin, h, w]`), OIHW `weight`
+/// and `out` (`[batch, cout, out_h, out_w]`). Runs on the current rayon pool.
+pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, out: &mut [f32]) {
+    let (oh, ow) = (s.out_h(), s.out_w());
+    let (ohw, ihw) = (oh * ow, s.h * s.w);
+    let k = s.cin * s.kh * s.kw;
+    assert_eq!(x.len(), s.batch * s.cin * ihw, "conv input size");
+    assert_eq!(weight.len(), s.cout * k, "conv weight size");
+    assert_eq!(out.len(), s.batch * s.cout * ohw, "conv output size");
+    let direct = s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0;
+
+    // Tiles of output pixels: about TILE_BYTES of im2col each, and at least one per thread.
+    let threads = rayon::current_num_threads().max(1);
+    let by_cache = (TILE_BYTES / (4 * k)).max(MIN_TILE_PIXELS);
+    let mut tiles = ohw.div_ceil(by_cache.min(ohw));
+    while s.batch * tiles < threads && tiles < ohw {
+        tiles += 1;
+    }
+    // Round the task count up to a multiple of the thread count so no thread idles at the end.
+    let total = s.batch * tiles;
+    if !total.is_multiple_of(threads) && s.batch == 1 {
+        tiles = (total.div_ceil(threads) * threads).min(ohw);
+    }
+    let tile = ohw.div_ceil(tiles);
+    let tiles = ohw.div_ceil(tile);
+
+    // Each task writes a disjoint column range of its image's `[cout, ohw]` output matrix.
+    let out_ptr = out.as_mut_ptr() as usize;
+    (0..s.batch * tiles).into_par_iter().for_each(|task| {
+        let (b, t) = (task / tiles, task % tiles);
+        let p0 = t * tile;
+        let np = tile.min(ohw - p0);
+        let xb = &x[b * s.cin * ihw..(b + 1) * s.cin * ihw];
+        // SAFETY: rows `co` of columns `p0..p0+np` of image `b` belong to this task only.
+        let dst = unsafe { (out_ptr as *mut f32).add(b * s.cout * ohw + p0) };
+        if let Some(bias) = bias {
+            for (co, &bv) in bias.iter().enumerate() {
+                unsafe { std::slice::from_raw_parts_mut(dst.add(co * ohw), np) }.fill(bv);
+            }
+        }
+        let mul = |rhs: *const f32, rhs_rs: isize| unsafe {
+            // dst[cout, np] (+)= W[cout, k] * rhs[k, np]
+            gemm::gemm(
+                s.cout,
+                np,
+                k,
+                dst,
+                1,
+                ohw as isize,
+                bias.is_some(),
+                weight.as_ptr(),
+                1,
+                k as isize,
+                rhs,
+                1,
+                rhs_rs,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        };
+        if direct {
+            mul(xb[p0..].as_ptr(), ihw as isize);
+        } else {
+            COL.with(|c| {
+                let mut col = c.borrow_mut();
+                if col.len() < k * np {
+                    col.resize(k * np, 0.0);
+                }
+                im2col_tile(xb, s, p0, np, &mut col[..k * np]);
+                mul(col.as_ptr(), np as isize);
+            });
+        }
+    });
+}
+
+/// A 2-D convolution layer (square kernel, symmetric padding, no dilation or groups) whose f32
+/// CPU forward runs [`conv2d_f32`]; other dtypes and devices use candle's `conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F32
+            || self.weight.dtype() != DType::F32
+            || !matches!(x.device(), Device::Cpu)
+        {
+            return self.candle_forward(x);
+        }
+        let (batch, cin, h, w) = x.dims4()?;
+        let (cout, wcin, kh, kw) = self.weight.dims4()?;
+        if wcin != cin {
+            candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin}");
+        }
+        if h + 2 * self.padding < kh || w + 2 * self.padding < kw {
+            candle_core::bail!("conv2d: input {h}x{w} smaller than kernel {kh}x{kw}");
+        }
+        let s = ConvShape {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let x = x.contiguous()?;
+        // Borrow the storage rather than copying it out.
+        let (xs_guard, xs_layout) = x.storage_and_layout();
+        let xs_slice: &[f32] = match &*xs_guard {
+            candle_core::Storage::Cpu(c) => {
+                &c.as_slice::<f32>()?[xs_layout.start_offset()..][..x.elem_count()]
+            }
+            _ => unreachable!("checked cpu"),
+        };
+        let (w_guard, w_layout) = self.weight.storage_and_layout();
+        let w_owned;
+        let ws: &[f32] = match &*w_guard {
+            candle_core::Storage::Cpu(c) if w_layout.is_contiguous() => {
+                &c.as_slice::<f32>()?[w_layout.start_offset()..][..self.weight.elem_count()]
+            }
+            _ => {
+                w_owned = self.weight.flatten_all()?.to_vec1::<f32>()?;
+                &w_owned
+            }
+        };
+        let bias_owned = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; batch * cout * s.out_h() * s.out_w()];
+        conv2d_f32(xs_slice, ws, bias_owned.as_deref(), &s, &mut out);
+        drop(xs_guard);
+        drop(w_guard);
+        Tensor::from_vec(out, (batch, cout, s.out_h(), s.out_w()), &Device::Cpu)
+    }
+}
+
+/// Loads `weight` `[cout, cin, k, k]` and `bias` `[cout]` from `vb` (as `candle_nn::conv2d`).
+pub fn conv2d(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
+    let bias = vb.get(cout, "bias")?;
+    Ok(Conv2d::new(weight, Some(bias), stride, padding))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Plain reference: six nested loops.
+    fn reference(x: &[f32], w: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
+        let (oh, ow) = (s.out_h(), s.out_w());
+        let mut out = vec![0f32; s.batch * s.cout * oh * ow];
+        for b in 0..s.batch {
+            for co in 0..s.cout {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias[co] as f64;
+                        for ci in 0..s.cin {
+                            for ky in 0..s.kh {
+                                for kx in 0..s.kw {
+                                    let iy = (oy * s.stride + ky) as isize - s.padding as isize;
+                                    let ix = (ox * s.stride + kx) as isize - s.padding as isize;
+                                    if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((b * s.cin + ci) * s.h + iy as usize) * s.w
+                                        + ix as usize];
+                                    let wv = w[((co * s.cin + ci) * s.kh + ky) * s.kw + kx];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        out[((b * s.cout + co) * oh + oy) * ow + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_loop_reference_and_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, cin, h, w, cout, k, stride, padding): 3x3 same, stride 2 with and without
+        // padding, 1x1 direct, odd sizes, a tile count that does not divide the pixels.
+        let cases = [
+            (2, 5, 9, 7, 6, 3, 1, 1),
+            (1, 3, 8, 8, 4, 3, 2, 1),
+            (2, 4, 9, 9, 3, 3, 2, 0),
+            (2, 7, 6, 5, 9, 1, 1, 0),
+            (1, 2, 3, 3, 2, 3, 1, 1),
+            (1, 16, 40, 37, 8, 3, 1, 1),
+            (3, 33, 17, 19, 5, 1, 1, 0),
+        ];
+        for (batch, cin, h, w, cout, k, stride, padding) in cases {
+            let s = ConvShape {
+                batch,
+                cin,
+                h,
+                w,
+                cout,
+                kh: k,
+                kw: k,
+                stride,
+                padding,
+            };
+            let x = Tensor::randn(0f32, 1.0, (batch, cin, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+            let conv = Conv2d::new(wt.clone(), Some(bias.clone()), stride, padding);
+            let got = conv.forward(&x)?;
+            let want = Tensor::from_vec(
+                reference(
+                    &x.flatten_all()?.to_vec1()?,
+                    &wt.flatten_all()?.to_vec1()?,
+                    &bias.to_vec1()?,
+                    &s,
+                ),
+                (batch, cout, s.out_h(), s.out_w()),
+                &dev,
+            )?;
+            assert_eq!(got.dims(), want.dims());
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-4, "{s:?}: loop reference diff {d}");
+            let d = max_abs_diff(&got, &conv.candle_forward(&x)?);
+            assert!(d < 1e-4, "{s:?}: candle diff {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn no_bias_and_strided_input() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 10, 10), &dev)?;
+        // A non-contiguous view (narrowed channels) must be read correctly.
+        let xv = x.narrow(1, 1, 4)?;
+        let wt = Tensor::randn(0f32, 1.0, (3, 4, 3, 3), &dev)?;
+        let conv = Conv2d::new(wt, None, 1, 1);
+        let d = max_abs_diff(&conv.forward(&xv)?, &conv.candle_forward(&xv)?);
+        assert!(d < 1e-4, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn f16_falls_back_to_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 6, 6), &dev)?.to_dtype(DType::F16)?;
+        let wt = Tensor::randn(0f32, 1.0, (2, 3, 3, 3), &dev)?.to_dtype(DType::F16)?;
+        let conv = Conv2d::new(wt, None, 1, 1);
+        let y = conv.forward(&x)?;
+        assert_eq!(y.dtype(), DType::F16);
+        assert_eq!(y.dims(), &[1, 2, 6, 6]);
+        Ok(())
+    }
+}
