@@ -15,7 +15,9 @@
 #
 # Environment:
 #   SDSERVE_CUDA_TOOLCHAIN  where the wheels go (default ~/.cache/sdserve-cuda/<cu13|cu12>)
-#   CARGO_TARGET_DIR        build folder (default target-cuda-<target>, keeps the CPU target/ clean)
+#   CARGO_TARGET_DIR        build folder (default target/cuda-<target>, apart from the CPU build)
+#   BUNDLE_DIR              if set, copy the CUDA runtime libraries the binary needs there
+#                           (cudart, cublas, cublasLt, curand, nvrtc, cudnn; not libcuda)
 #   NO_CUDNN=1              build without cuDNN (candle's own conv kernels); e.g. old GPUs
 #   CARGO_BUILD_JOBS, PIP   as usual (PIP defaults to "python3 -m pip")
 set -euo pipefail
@@ -60,7 +62,7 @@ esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 toolchain=${SDSERVE_CUDA_TOOLCHAIN:-$HOME/.cache/sdserve-cuda/cu$cuda}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda-$target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/cuda-$target}
 pip=${PIP:-python3 -m pip}
 features=cuda
 if [[ -z ${NO_CUDNN:-} ]]; then
@@ -140,3 +142,12 @@ say "nvcc: $(nvcc --version | tail -1); compute cap $cap; target dir $CARGO_TARG
 bin=$CARGO_TARGET_DIR/release/sdserve
 say "built $bin"
 say "needs at run time: $(readelf -d "$bin" | awk '/NEEDED/ {gsub(/[][]/, "", $5); printf "%s ", $5}')"
+if [[ -n ${BUNDLE_DIR:-} ]]; then
+    mkdir -p "$BUNDLE_DIR"
+    for d in "${libdirs[@]}"; do
+        for f in "$d"/lib{cudart,cublas,cublasLt,curand,nvrtc,cudnn}*.so.*; do
+            [[ -e $f ]] && cp -L "$f" "$BUNDLE_DIR/"
+        done
+    done
+    say "runtime libraries copied to $BUNDLE_DIR ($(du -sh "$BUNDLE_DIR" | cut -f1))"
+fi

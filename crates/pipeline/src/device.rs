@@ -120,9 +120,11 @@ pub fn cuda_compiled() -> bool {
 /// Decides where a CUDA request can go, without touching the driver: `Err` says why not.
 fn check_cuda_ordinal(n: usize, visible: Option<&[String]>) -> std::result::Result<String, String> {
     if !cuda_compiled() {
-        return Err("this sdserve binary was built without CUDA (cargo feature `cuda`); \
+        return Err(
+            "this sdserve binary was built without CUDA (cargo feature `cuda`); \
                     use the CUDA build, or DEVICE=cpu"
-            .into());
+                .into(),
+        );
     }
     match visible {
         Some([]) => Err("CUDA_VISIBLE_DEVICES hides every GPU".into()),
@@ -140,7 +142,9 @@ fn open_cuda(n: usize) -> std::result::Result<Device, String> {
     match std::panic::catch_unwind(|| Device::new_cuda(n)) {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(format!("cannot open CUDA device {n}: {e}")),
-        Err(_) => Err(format!("cannot open CUDA device {n}: the CUDA driver panicked")),
+        Err(_) => Err(format!(
+            "cannot open CUDA device {n}: the CUDA driver panicked"
+        )),
     }
 }
 
@@ -198,15 +202,22 @@ pub fn select_dtype(request: DTypeRequest, device: &Device) -> (DType, Option<St
         DTypeRequest::Auto | DTypeRequest::F32 => (DType::F32, None),
         DTypeRequest::F16 if !on_gpu => (
             DType::F16,
-            Some("DTYPE=f16 on the CPU is slower than f32 and less exact; use it to test only".into()),
+            Some(
+                "DTYPE=f16 on the CPU is slower than f32 and less exact; use it to test only"
+                    .into(),
+            ),
         ),
         DTypeRequest::F16 => (DType::F16, None),
+        // candle 0.11's CPU backend has no bf16 convolution: the UNet and VAE would fail.
+        DTypeRequest::Bf16 if !on_gpu => (
+            DType::F32,
+            Some("DTYPE=bf16 is not supported on the CPU (no bf16 convolutions); using f32".into()),
+        ),
         DTypeRequest::Bf16 => {
             let warning = match cuda_compute_capability(device) {
                 Some((major, minor)) if major < 8 => Some(format!(
                     "DTYPE=bf16 on compute capability {major}.{minor}: no native bf16 before 8.0, expect it to be slow or fail; prefer f16"
                 )),
-                _ if !on_gpu => Some("DTYPE=bf16 on the CPU is slower than f32; use it to test only".into()),
                 _ => None,
             };
             (DType::BF16, warning)
@@ -240,7 +251,12 @@ impl GpuInfo {
 pub fn gpu_info(device: &Device) -> Option<GpuInfo> {
     #[cfg(feature = "cuda-core")]
     {
-        let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+        let ctx = device
+            .as_cuda_device()
+            .ok()?
+            .cuda_stream()
+            .context()
+            .clone();
         let (free, total) = ctx.mem_get_info().ok()?;
         Some(GpuInfo {
             name: ctx.name().unwrap_or_else(|_| "unknown CUDA device".into()),
@@ -280,10 +296,22 @@ mod tests {
 
     #[test]
     fn parses_device_strings() {
-        assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
-        assert_eq!(" CPU ".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
-        assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(3));
+        assert_eq!(
+            "auto".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Auto
+        );
+        assert_eq!(
+            " CPU ".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cpu
+        );
+        assert_eq!(
+            "cuda".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(3)
+        );
         for bad in ["cuda:", "cuda:x", "tpu", "cuda:-1"] {
             assert!(matches!(
                 bad.parse::<DeviceRequest>(),
@@ -339,8 +367,10 @@ mod tests {
             }
         }
         // A panicking driver binding does not crash auto either.
-        let s = select_device_with(DeviceRequest::Auto, None, |n| open_cuda_with(n, || panic!("boom")))
-            .unwrap();
+        let s = select_device_with(DeviceRequest::Auto, None, |n| {
+            open_cuda_with(n, || panic!("boom"))
+        })
+        .unwrap();
         assert!(s.device.is_cpu());
     }
 
@@ -351,18 +381,18 @@ mod tests {
         match std::panic::catch_unwind(f) {
             Ok(Ok(d)) => Ok(d),
             Ok(Err(e)) => Err(format!("cannot open CUDA device {n}: {e}")),
-            Err(_) => Err(format!("cannot open CUDA device {n}: the CUDA driver panicked")),
+            Err(_) => Err(format!(
+                "cannot open CUDA device {n}: the CUDA driver panicked"
+            )),
         }
     }
 
     #[test]
     fn explicit_cuda_errors_say_why() {
         let ok = |_| Ok(Device::Cpu); // stands in for a device that opens
-        let err = |r, v: Option<Vec<String>>| {
-            match select_device_with(r, v.as_deref(), ok) {
-                Err(PipelineError::Device(m)) => m,
-                other => panic!("expected a device error, got {other:?}"),
-            }
+        let err = |r, v: Option<Vec<String>>| match select_device_with(r, v.as_deref(), ok) {
+            Err(PipelineError::Device(m)) => m,
+            other => panic!("expected a device error, got {other:?}"),
         };
         if !cuda_compiled() {
             assert!(err(DeviceRequest::Cuda(0), None).contains("built without CUDA"));
@@ -376,12 +406,20 @@ mod tests {
 
     #[test]
     fn dtype_auto_follows_the_device() {
-        assert_eq!(select_dtype(DTypeRequest::Auto, &Device::Cpu), (DType::F32, None));
+        assert_eq!(
+            select_dtype(DTypeRequest::Auto, &Device::Cpu),
+            (DType::F32, None)
+        );
         let (d, w) = select_dtype(DTypeRequest::F16, &Device::Cpu);
         assert_eq!(d, DType::F16);
         assert!(w.is_some());
-        assert_eq!(select_dtype(DTypeRequest::Bf16, &Device::Cpu).0, DType::BF16);
-        assert_eq!(select_dtype(DTypeRequest::F32, &Device::Cpu), (DType::F32, None));
+        let (d, w) = select_dtype(DTypeRequest::Bf16, &Device::Cpu);
+        assert_eq!(d, DType::F32, "no bf16 convolutions on the CPU");
+        assert!(w.unwrap().contains("not supported"));
+        assert_eq!(
+            select_dtype(DTypeRequest::F32, &Device::Cpu),
+            (DType::F32, None)
+        );
         assert_eq!(dtype_label(DType::BF16), "bf16");
     }
 

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::read_json;
 use crate::memory::offload::{Component, Held};
-use crate::memory::precision::{decode_checked, DecodeOutcome};
+use crate::memory::precision::{decode_checked, DecodeOutcome, Fallback};
 use crate::memory::{classify_oom, MemoryPlan, MemoryTracker, MemoryUsage, Offload};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
@@ -137,11 +137,23 @@ impl StableDiffusion {
         let vae_scale_factor = 1usize << (vae_config.block_out_channels.len().saturating_sub(1));
         let vae_build = move |vb: VarBuilder| AutoencoderKlDecoder::new(vb, &vae_config);
         let vae_f32 = if plan.vae_nan_retry && plan.vae_dtype != DType::F32 {
-            Some(Component::new("vae", vae_files(DType::F32)?, DType::F32, vae_build.clone(), None)?)
+            Some(Component::new(
+                "vae",
+                vae_files(DType::F32)?,
+                DType::F32,
+                vae_build.clone(),
+                None,
+            )?)
         } else {
             None
         };
-        let vae = Component::new("vae", vae_files(plan.vae_dtype)?, plan.vae_dtype, vae_build, resident)?;
+        let vae = Component::new(
+            "vae",
+            vae_files(plan.vae_dtype)?,
+            plan.vae_dtype,
+            vae_build,
+            resident,
+        )?;
 
         let scheduler_config: SchedulerConfig =
             read_json(&dir.join("scheduler/scheduler_config.json"))?;
@@ -459,12 +471,11 @@ impl StableDiffusion {
             let vae32 = self.vae_for_run(self.vae_f32.as_ref().expect("checked below"))?;
             self.decode_with(&vae32, z)
         };
-        let fallback: Option<&mut dyn FnMut(&Tensor) -> Result<Tensor>> =
-            if self.plan.vae_nan_retry && self.vae_f32.is_some() {
-                Some(&mut retry)
-            } else {
-                None
-            };
+        let fallback: Option<Fallback> = if self.plan.vae_nan_retry && self.vae_f32.is_some() {
+            Some(&mut retry)
+        } else {
+            None
+        };
         let (image, outcome) = decode_checked(&z, |z| self.decode_with(&vae, z), fallback)?;
         self.last_decode_retried.store(
             outcome == DecodeOutcome::RetriedInF32,
@@ -479,7 +490,9 @@ impl StableDiffusion {
         let (_, _, h, w) = z.dims4()?;
         match self.plan.vae_tiling {
             Some(t) if h > t.tile_latent || w > t.tile_latent => {
-                crate::memory::tiling::decode_tiled(z, t, self.vae_scale_factor, |tile| vae.decode(tile))
+                crate::memory::tiling::decode_tiled(z, t, self.vae_scale_factor, |tile| {
+                    vae.decode(tile)
+                })
             }
             _ => vae.decode(z),
         }

@@ -8,6 +8,7 @@ mod engine;
 mod error;
 mod generate_cmd;
 mod generator;
+mod gpu;
 mod hub;
 mod metrics;
 mod model;

@@ -92,7 +92,9 @@ pub enum BreakerState {
 pub enum Admission {
     Allow,
     /// Answer 503 `out_of_memory` with this `Retry-After`.
-    Refuse { retry_after: Duration },
+    Refuse {
+        retry_after: Duration,
+    },
 }
 
 /// What the caller must do after an OOM.
@@ -254,7 +256,9 @@ mod tests {
         ] {
             assert!(is_out_of_memory_text(t), "{t}");
         }
-        assert!(!is_out_of_memory_text("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)"));
+        assert!(!is_out_of_memory_text(
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)"
+        ));
         let e = PipelineError::Candle(candle_core::Error::Msg(
             "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
         ));
@@ -282,7 +286,11 @@ mod tests {
         clock.advance(1);
         b.record_oom(true);
         assert_eq!(b.record_oom(true), OomAction::UseLeanerPlan);
-        assert_eq!(b.state(), BreakerState::Closed, "a leaner plan keeps serving");
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "a leaner plan keeps serving"
+        );
         // The count starts again after a switch.
         assert_eq!(b.record_oom(true), OomAction::None);
     }
@@ -307,7 +315,10 @@ mod tests {
         clock.advance(7);
         assert_eq!(b.admit(None), Admission::Allow, "the probe");
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert!(matches!(b.admit(None), Admission::Refuse { .. }), "one probe at a time");
+        assert!(
+            matches!(b.admit(None), Admission::Refuse { .. }),
+            "one probe at a time"
+        );
         b.record_success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.admit(None), Admission::Allow);
@@ -337,7 +348,12 @@ mod tests {
         }
         clock.advance(11);
         assert!(matches!(b.admit(Some(100 << 20)), Admission::Refuse { .. }));
-        assert_eq!(b.state(), BreakerState::Open { until: clock.now() - Duration::from_secs(1) });
+        assert_eq!(
+            b.state(),
+            BreakerState::Open {
+                until: clock.now() - Duration::from_secs(1)
+            }
+        );
         assert_eq!(b.admit(Some(2 << 30)), Admission::Allow);
         // Unknown free memory (no driver answer) does not keep it closed forever.
         let (mut b, clock) = breaker(1 << 30);

@@ -60,10 +60,12 @@ pub fn safetensors_numels(path: &Path) -> Result<Vec<(String, u64)>> {
         if name == "__metadata__" {
             continue;
         }
-        let shape = info["shape"].as_array().ok_or_else(|| PipelineError::Weights {
-            path: path.into(),
-            message: format!("tensor {name} has no shape"),
-        })?;
+        let shape = info["shape"]
+            .as_array()
+            .ok_or_else(|| PipelineError::Weights {
+                path: path.into(),
+                message: format!("tensor {name} has no shape"),
+            })?;
         let numel = shape.iter().map(|d| d.as_u64().unwrap_or(0)).product();
         out.push((name, numel));
     }
@@ -162,7 +164,9 @@ impl ModelShapes {
         }
         let sample_size = match &vae.sample_size {
             Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as usize),
-            Some(serde_json::Value::Array(a)) => a.first().and_then(|n| n.as_u64()).map(|n| n as usize),
+            Some(serde_json::Value::Array(a)) => {
+                a.first().and_then(|n| n.as_u64()).map(|n| n as usize)
+            }
             _ => None,
         };
         Ok(Self {
@@ -219,8 +223,14 @@ mod tests {
 
     #[test]
     fn groups_unet_keys_by_block() {
-        assert_eq!(unet_group("down_blocks.2.attentions.0.proj_in.weight"), "down_blocks.2");
-        assert_eq!(unet_group("up_blocks.10.resnets.0.conv1.bias"), "up_blocks.10");
+        assert_eq!(
+            unet_group("down_blocks.2.attentions.0.proj_in.weight"),
+            "down_blocks.2"
+        );
+        assert_eq!(
+            unet_group("up_blocks.10.resnets.0.conv1.bias"),
+            "up_blocks.10"
+        );
         assert_eq!(unet_group("mid_block.resnets.0.norm1.weight"), "mid_block");
         assert_eq!(unet_group("conv_in.weight"), "other");
         assert_eq!(unet_group("time_embedding.linear_1.weight"), "other");

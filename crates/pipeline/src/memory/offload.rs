@@ -94,7 +94,10 @@ impl<T> Component<T> {
             message,
         };
         if self.files.is_empty() {
-            return Err(weights_error(format!("{}: no weight files to build from", self.name)));
+            return Err(weights_error(format!(
+                "{}: no weight files to build from",
+                self.name
+            )));
         }
         // SAFETY: read-only mapping; sdserve never writes a model folder while it is loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.files, self.dtype, device) }

@@ -284,7 +284,12 @@ pub fn vae_activation_bytes(
     let s = dtype.size_in_bytes() as u64;
     let f = shapes.vae_scale_factor;
     let (h, w) = (height.div_ceil(f), width.div_ceil(f));
-    let ch: Vec<u64> = shapes.vae_channels.iter().rev().map(|&c| c as u64).collect();
+    let ch: Vec<u64> = shapes
+        .vae_channels
+        .iter()
+        .rev()
+        .map(|&c| c as u64)
+        .collect();
     let mut prev = ch.first().copied().unwrap_or(0);
     let mut peak = 0u64;
     for (i, &out) in ch.iter().enumerate() {
@@ -310,7 +315,11 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
     let s = req.dtype.size_in_bytes() as u64;
     let sv = plan.vae_dtype.size_in_bytes() as u64;
     let wts = &fp.weights;
-    let (te, unet, vae) = (wts.text_encoder * s, wts.unet_total() * s, wts.vae_decoder * sv);
+    let (te, unet, vae) = (
+        wts.text_encoder * s,
+        wts.unet_total() * s,
+        wts.vae_decoder * sv,
+    );
     let (w, h) = (req.max_width, req.max_height);
     // Text encoder: 77 tokens, a few MB of activations; 64 MiB covers any SD 1.x encoder.
     let text_act = 64u64 << 20;
@@ -319,8 +328,13 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
         Some(t) => {
             let px = t.tile_latent * fp.shapes.vae_scale_factor;
             // Decoded tiles wait for blending: about the whole image again, in the VAE dtype.
-            vae_activation_bytes(&fp.shapes, px.min(w), px.min(h), plan.vae_dtype, plan.attention)
-                + (3 * w * h) as u64 * sv * 2
+            vae_activation_bytes(
+                &fp.shapes,
+                px.min(w),
+                px.min(h),
+                plan.vae_dtype,
+                plan.attention,
+            ) + (3 * w * h) as u64 * sv * 2
         }
         None => vae_activation_bytes(&fp.shapes, w, h, plan.vae_dtype, plan.attention),
     };
@@ -329,7 +343,11 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
         Offload::None => (te + unet + vae, te + unet + vae, te + unet + vae),
         Offload::Model => (te, unet, vae),
         // One block computing, the next one arriving, plus the small always-resident parts.
-        Offload::Sequential => (te, (wts.unet_other() + 2 * wts.unet_largest_block()) * s, vae),
+        Offload::Sequential => (
+            te,
+            (wts.unet_other() + 2 * wts.unet_largest_block()) * s,
+            vae,
+        ),
     };
     // The text embeddings and latents live through the whole run; they are tiny.
     StageEstimate {
@@ -467,9 +485,12 @@ mod tests {
     fn toy() -> Footprint {
         Footprint {
             weights: WeightCounts {
-                unet: [("down_blocks.0".to_string(), 100), ("other".to_string(), 10)]
-                    .into_iter()
-                    .collect(),
+                unet: [
+                    ("down_blocks.0".to_string(), 100),
+                    ("other".to_string(), 10),
+                ]
+                .into_iter()
+                .collect(),
                 text_encoder: 50,
                 vae_decoder: 20,
             },
@@ -509,7 +530,10 @@ mod tests {
         assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Auto), 100);
         assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Heads(1)), 25);
         // 2 heads of 5x5 f32 scores fit in 200 bytes; one row of 5 in 20.
-        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(200)), 50);
+        assert_eq!(
+            attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(200)),
+            50
+        );
         assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(40)), 10);
         assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(1)), 5);
         // SD 1.5 at 512x512: 4096 tokens, one head is 64 MiB of f32 scores: 4 heads per piece.
@@ -539,7 +563,10 @@ mod tests {
         let seq = estimate(&fp, &req, &p);
         // Streaming: `other` plus two copies of the largest block instead of the whole UNet.
         assert_eq!(seq.unet - model.unet, ((10 + 2 * 100) - 110) * 2);
-        assert!(seq.unet > model.unet, "a toy with one block streams more than it saves");
+        assert!(
+            seq.unet > model.unet,
+            "a toy with one block streams more than it saves"
+        );
     }
 
     /// The real SD 1.5 sizes (tools/make_sd15_footprint.py: parameter counts of diffusers'
@@ -552,7 +579,8 @@ mod tests {
             text_encoder: v["text_encoder"].as_u64().unwrap(),
             vae_decoder: v["vae_decoder"].as_u64().unwrap(),
         };
-        let unet: crate::unet::UNetConfig = serde_json::from_value(v["unet_config"].clone()).unwrap();
+        let unet: crate::unet::UNetConfig =
+            serde_json::from_value(v["unet_config"].clone()).unwrap();
         let vae: crate::vae::VaeConfig = serde_json::from_value(v["vae_config"].clone()).unwrap();
         Footprint {
             weights,
@@ -619,13 +647,19 @@ mod tests {
             let chosen = plan(&fp, &req);
             let index = all.iter().position(|p| *p == chosen).expect("a candidate");
             if chosen.fits {
-                assert!(all[..index].iter().all(|p| !p.fits), "{mb}: a faster plan fits");
+                assert!(
+                    all[..index].iter().all(|p| !p.fits),
+                    "{mb}: a faster plan fits"
+                );
                 assert!(chosen.estimate.unwrap().peak() <= usable_bytes(req.budget_bytes));
             } else {
                 assert!(all.iter().all(|p| !p.fits));
             }
             // Less memory never buys a faster plan.
-            assert!(index >= last_index || !chosen.fits, "{mb}: {index} < {last_index}");
+            assert!(
+                index >= last_index || !chosen.fits,
+                "{mb}: {index} < {last_index}"
+            );
             if chosen.fits {
                 last_index = index;
             }
@@ -639,14 +673,21 @@ mod tests {
         req.overrides.vae_tiling = Some(false);
         let p = plan(&fp, &req);
         assert_eq!(p.vae_tiling, None);
-        assert!(p.offload != Offload::None, "without tiling 5 GB needs offload: {}", p.summary());
+        assert!(
+            p.offload != Offload::None,
+            "without tiling 5 GB needs offload: {}",
+            p.summary()
+        );
         req.overrides = LeverOverrides {
             offload: Some(Offload::None),
             attention: Some(AttentionSlicing::Off),
             ..Default::default()
         };
         let p = plan(&fp, &req);
-        assert_eq!((p.offload, p.attention), (Offload::None, AttentionSlicing::Off));
+        assert_eq!(
+            (p.offload, p.attention),
+            (Offload::None, AttentionSlicing::Off)
+        );
         assert!(!p.fits, "unsliced attention at 768x768 needs ~17 GB");
         req.overrides = LeverOverrides {
             vae_dtype: Some(DType::F16),

@@ -14,6 +14,9 @@ pub fn has_non_finite(t: &Tensor) -> Result<bool> {
     Ok(!s.is_finite())
 }
 
+/// A decode to fall back to (the f32 VAE).
+pub type Fallback<'a> = &'a mut dyn FnMut(&Tensor) -> Result<Tensor>;
+
 /// How a checked decode went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeOutcome {
@@ -28,7 +31,7 @@ pub enum DecodeOutcome {
 pub fn decode_checked(
     z: &Tensor,
     primary: impl FnOnce(&Tensor) -> Result<Tensor>,
-    fallback: Option<&mut dyn FnMut(&Tensor) -> Result<Tensor>>,
+    fallback: Option<Fallback<'_>>,
 ) -> Result<(Tensor, DecodeOutcome)> {
     let image = primary(z)?;
     match fallback {
@@ -57,7 +60,10 @@ mod tests {
             assert!(has_non_finite(&t).unwrap(), "{bad}");
         }
         // f16 overflow: 70000 is +inf in half precision.
-        let t = Tensor::new(&[70000f32], &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let t = Tensor::new(&[70000f32], &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
         assert!(has_non_finite(&t).unwrap());
     }
 

@@ -76,7 +76,10 @@ pub fn decode_tiled(
             }
             rows[i][j] = t.clone();
             let (_, _, th, tw) = t.dims4()?;
-            cropped.push(t.narrow(2, 0, row_limit.min(th))?.narrow(3, 0, row_limit.min(tw))?);
+            cropped.push(
+                t.narrow(2, 0, row_limit.min(th))?
+                    .narrow(3, 0, row_limit.min(tw))?,
+            );
         }
         out_rows.push(Tensor::cat(&cropped, 3)?);
     }
@@ -89,7 +92,14 @@ mod tests {
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -124,7 +134,15 @@ mod tests {
         .unwrap();
         // tile 4 -> 8 px, stride 3 latent, blend 2 px, crop 6 px; columns: tiles at 0, 3, 6.
         assert_eq!(tiles.dims(), &[1, 1, 8, 16]);
-        let row: Vec<f32> = tiles.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
+        let row: Vec<f32> = tiles
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // Tile 1 for px 0..6, then tile 2 entering at weights 0, 1/2, then pure 2.
         assert_eq!(&row[..8], &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5]);
         assert_eq!(row[8], 2.0);
