@@ -99,9 +99,8 @@ impl<T> Component<T> {
                 self.name
             )));
         }
-        // SAFETY: read-only mapping; sdserve never writes a model folder while it is loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.files, self.dtype, device) }
-            .map_err(|e| weights_error(e.to_string()))?;
+        // Memory-mapped, with dtype and sampled NaN/Inf checks whose errors name file and tensor.
+        let vb = crate::single_file::checked_var_builder(&self.files, self.dtype, device)?;
         (self.build)(vb).map_err(|e| match e {
             PipelineError::Candle(e) => weights_error(e.to_string()),
             other => other,
