@@ -530,11 +530,15 @@ pub fn component_weight_files(
     dtype: DType,
 ) -> Result<Vec<PathBuf>> {
     let folder = dir.join(component);
-    let mut candidates = Vec::new();
-    if dtype == DType::F16 {
-        candidates.push(format!("{stem}.fp16.safetensors"));
-    }
-    candidates.push(format!("{stem}.safetensors"));
+    let full = format!("{stem}.safetensors");
+    let half = format!("{stem}.fp16.safetensors");
+    // Half precision prefers the fp16 variant; the other precisions take it only when it is all
+    // the folder has (some repos publish fp16 weights alone).
+    let candidates = if dtype == DType::F16 {
+        [half, full]
+    } else {
+        [full, half]
+    };
     for name in &candidates {
         let path = folder.join(name);
         if path.is_file() {
@@ -558,4 +562,56 @@ pub fn component_weight_files(
         path: folder,
         message: format!("no weights: expected {}", candidates.join(" or ")),
     })
+}
+
+#[cfg(test)]
+mod weight_file_tests {
+    use super::*;
+
+    fn folder_with(files: &[&str]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "sdserve-weights-{}-{}",
+            std::process::id(),
+            files.join("+")
+        ));
+        std::fs::create_dir_all(dir.join("unet")).unwrap();
+        for f in files {
+            std::fs::write(dir.join("unet").join(f), b"").unwrap();
+        }
+        dir
+    }
+
+    fn chosen(dir: &Path, dtype: DType) -> String {
+        let files = component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype).unwrap();
+        files[0].file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn precision_picks_its_variant_and_falls_back_to_the_other() {
+        let both = folder_with(&[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ]);
+        assert_eq!(
+            chosen(&both, DType::F32),
+            "diffusion_pytorch_model.safetensors"
+        );
+        assert_eq!(
+            chosen(&both, DType::F16),
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+
+        let half_only = folder_with(&["diffusion_pytorch_model.fp16.safetensors"]);
+        assert_eq!(
+            chosen(&half_only, DType::F32),
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+
+        let none = folder_with(&[]);
+        let err = component_weight_files(&none, "unet", "diffusion_pytorch_model", DType::F32);
+        assert!(matches!(err, Err(PipelineError::Weights { .. })));
+        for dir in [both, half_only, none] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
 }
