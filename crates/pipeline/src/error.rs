@@ -40,10 +40,16 @@ pub enum PipelineError {
 
 impl PipelineError {
     pub fn config(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        Self::Config { path: path.into(), message: message.to_string() }
+        Self::Config {
+            path: path.into(),
+            message: message.to_string(),
+        }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
