@@ -358,18 +358,20 @@ impl StableDiffusion {
         negative_prompt: &str,
         do_cfg: bool,
     ) -> Result<Tensor> {
-        let cond = self.embed(prompt)?;
+        // Offloaded: the encoder comes to the device once for both prompts.
+        let encoder = self.text_encoder.get(&self.device)?;
+        let cond = self.embed(&encoder, prompt)?;
         if !do_cfg {
             return Ok(cond);
         }
-        let uncond = self.embed(negative_prompt)?;
+        let uncond = self.embed(&encoder, negative_prompt)?;
         Ok(Tensor::cat(&[&uncond, &cond], 0)?)
     }
 
-    fn embed(&self, text: &str) -> Result<Tensor> {
+    fn embed(&self, encoder: &ClipTextModel, text: &str) -> Result<Tensor> {
         let ids = self.tokenizer.encode(text)?;
         let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
-        self.text_encoder.get(&self.device)?.forward(&ids)
+        encoder.forward(&ids)
     }
 
     fn prepare_timesteps(&self, params: &GenerationParams) -> Result<Box<dyn Scheduler>> {

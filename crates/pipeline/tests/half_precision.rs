@@ -73,7 +73,7 @@ fn load(name: &str, dtype: DType) -> StableDiffusion {
 }
 
 /// Whole images in f16 and bf16 against diffusers' f32 images, for a few schedulers.
-fn half_images(name: &str, dtype: DType, max_mean: f64, max_over: f64) {
+fn half_images(name: &str, dtype: DType, max_mean: f64, max_over: f64, max_pixel: u8) {
     let (json, tensors) = references(name);
     let model = load(name, dtype);
     for label in ["euler", "dpmpp_2m", "ddim"] {
@@ -91,8 +91,8 @@ fn half_images(name: &str, dtype: DType, max_mean: f64, max_over: f64) {
             dtype.as_str()
         );
         assert!(
-            mean <= max_mean && over <= max_over,
-            "{name} {} {label}: mean {mean:.3} (limit {max_mean}), >8 {over:.4} (limit {max_over})",
+            mean <= max_mean && over <= max_over && max <= max_pixel,
+            "{name} {} {label}: mean {mean:.3} (limit {max_mean}), >8 {over:.4} (limit {max_over}), max {max} (limit {max_pixel})",
             dtype.as_str()
         );
     }
@@ -100,8 +100,9 @@ fn half_images(name: &str, dtype: DType, max_mean: f64, max_over: f64) {
 
 #[test]
 fn f16_images_close_to_f32_reference() {
-    half_images("tiny-a", DType::F16, 2.0, 0.05);
-    half_images("tiny-b", DType::F16, 2.0, 0.05);
+    // Measured (euler, dpmpp_2m, ddim): mean 0.08-0.22 of 255, max 3, none off by more than 8.
+    half_images("tiny-a", DType::F16, 0.5, 0.0, 6);
+    half_images("tiny-b", DType::F16, 0.5, 0.0, 6);
 }
 
 #[test]
