@@ -155,6 +155,9 @@ pub struct HealthResponse {
     pub dtype: String,
     /// Null on CPU.
     pub gpu: Option<GpuInfo>,
+    /// The memory plan in use (levers, estimated peak against VRAM_LIMIT_MB); it changes when
+    /// repeated out-of-memory failures step down to a leaner plan. Null until the model is loaded.
+    pub memory_plan: Option<String>,
     pub queue: QueueInfo,
     pub uptime_seconds: f64,
     pub version: String,
@@ -384,12 +387,13 @@ async fn health(State(app): State<Shared>) -> Response {
         model_version,
         device: app.device.clone(),
         dtype: app.dtype.clone(),
-        gpu: sdserve_pipeline::device::gpu_info(&app.candle_device).map(|g| GpuInfo {
-            memory_used_mb: g.memory_used_bytes() >> 20,
+        gpu: crate::gpu::health_gpu(&app.candle_device).map(|g| GpuInfo {
             name: g.name,
-            memory_total_mb: g.memory_total_bytes >> 20,
-            memory_free_mb: g.memory_free_bytes >> 20,
+            memory_total_mb: g.memory_total_mb,
+            memory_used_mb: g.memory_used_mb,
+            memory_free_mb: g.memory_free_mb,
         }),
+        memory_plan: app.engine.memory_plan(),
         queue: QueueInfo {
             running: g.running,
             waiting: g.waiting,

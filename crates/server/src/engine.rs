@@ -21,12 +21,13 @@ use sdserve_pipeline::pipeline::{GenerationParams, StepProgress};
 use sdserve_pipeline::PipelineError;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use candle_core::Device;
+use sdserve_pipeline::memory::breaker::BreakerConfig;
+
 use crate::error::ApiError;
 use crate::generator::{Loaded, Loader, ModelInfo};
+use crate::gpu::{OomGuard, OomOutcome};
 use crate::metrics::{Gauges, Metrics};
-
-/// How long new requests are refused with 503 `out_of_memory` after an out-of-memory failure.
-const OOM_BREAKER: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelState {
@@ -84,7 +85,13 @@ struct Inner {
     running: AtomicUsize,
     /// Once set, the running job is cancelled at its next step after this instant.
     shutdown_deadline: Mutex<Option<Instant>>,
-    oom_until: Mutex<Option<Instant>>,
+    /// The out-of-memory circuit breaker: repeated OOMs step the pipeline to a leaner memory
+    /// plan, or (with none left) refuse new work for a while.
+    oom: OomGuard,
+    /// The loaded model's device (for the breaker's free-memory check).
+    device: RwLock<Device>,
+    /// The memory plan in use (changes when the breaker steps down), for /health.
+    memory_plan: RwLock<Option<String>>,
     /// Moving average of generation time, for Retry-After.
     avg_gen_ms: AtomicU64,
     next_id: AtomicU64,
@@ -100,14 +107,6 @@ pub struct Engine {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn is_oom(e: &PipelineError) -> bool {
-    if matches!(e, PipelineError::OutOfMemory(_)) {
-        return true;
-    }
-    let s = e.to_string().to_ascii_lowercase();
-    s.contains("out of memory") || s.contains("out_of_memory")
 }
 
 /// Sets the job's cancel flag and takes it out of the queue when the handler's future ends,
@@ -152,7 +151,9 @@ impl Engine {
             state: RwLock::new(ModelState::Loading),
             running: AtomicUsize::new(0),
             shutdown_deadline: Mutex::new(None),
-            oom_until: Mutex::new(None),
+            oom: OomGuard::new(BreakerConfig::default()),
+            device: RwLock::new(Device::Cpu),
+            memory_plan: RwLock::new(None),
             avg_gen_ms: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             worker_done: Mutex::new(false),
@@ -202,9 +203,18 @@ impl Engine {
         }
     }
 
-    /// True while the out-of-memory circuit breaker is open.
+    /// True while the out-of-memory circuit breaker refuses work.
     pub fn oom_breaker_open(&self) -> bool {
-        lock(&self.inner.oom_until).is_some_and(|t| Instant::now() < t)
+        self.inner.oom.is_open()
+    }
+
+    /// The memory plan in use, once the model is loaded (`None` for the fake generator).
+    pub fn memory_plan(&self) -> Option<String> {
+        self.inner
+            .memory_plan
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn retry_after_secs(&self) -> u64 {
@@ -222,10 +232,16 @@ impl Engine {
         png_text: String,
     ) -> Result<Outcome, ApiError> {
         let inner = &self.inner;
-        if self.oom_breaker_open() {
-            return Err(ApiError::OutOfMemory(
-                "memory circuit breaker open after an out-of-memory failure; retry shortly".into(),
-            ));
+        let device = inner
+            .device
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Err(retry_after) = inner.oom.admit(&device) {
+            return Err(ApiError::OutOfMemory(format!(
+                "memory circuit breaker open after repeated out-of-memory failures; retry after {} s",
+                retry_after.as_secs().max(1)
+            )));
         }
         let permit =
             inner
@@ -340,6 +356,8 @@ fn worker_main(inner: &Inner, loader: Loader) {
         rss_mb = crate::config::rss_mb(),
         "model ready"
     );
+    *inner.device.write().unwrap_or_else(|e| e.into_inner()) = generator.device();
+    *inner.memory_plan.write().unwrap_or_else(|e| e.into_inner()) = generator.memory_plan();
     *inner.state.write().unwrap_or_else(|e| e.into_inner()) = ModelState::Ready(info);
 
     loop {
@@ -417,6 +435,26 @@ fn run_job(
         }))
     };
     let gen_secs = start.elapsed().as_secs_f64();
+    if let Ok(r) = &result {
+        match generator.record_oom(&inner.oom, r) {
+            OomOutcome::NotOom => {}
+            OomOutcome::Failed => {
+                tracing::warn!(job = job.id, "out of memory; this request failed")
+            }
+            OomOutcome::SwitchedPlan(summary) => {
+                tracing::warn!(job = job.id, memory_plan = %summary, "repeated out-of-memory failures; switched to a leaner memory plan");
+                *inner.memory_plan.write().unwrap_or_else(|e| e.into_inner()) =
+                    generator.memory_plan();
+            }
+            OomOutcome::Paused { retry_after } => {
+                tracing::error!(
+                    job = job.id,
+                    retry_after_secs = retry_after.as_secs_f64(),
+                    "repeated out-of-memory failures and no leaner plan; circuit breaker open"
+                )
+            }
+        }
+    }
     let reply = match result {
         Ok(Ok(img)) => {
             inner.metrics.generation_seconds.observe(gen_secs);
@@ -443,9 +481,8 @@ fn run_job(
             tracing::info!(job = job.id, reason = ?why, step_secs = gen_secs, "generation stopped early");
             Err(why)
         }
-        Ok(Err(e)) if is_oom(&e) => {
-            *lock(&inner.oom_until) = Some(Instant::now() + OOM_BREAKER);
-            tracing::error!(job = job.id, error = %e, "out of memory; circuit breaker open");
+        Ok(Err(e)) if crate::gpu::is_oom(&e) => {
+            tracing::error!(job = job.id, error = %e, "out of memory");
             Err(JobError::OutOfMemory)
         }
         Ok(Err(PipelineError::InvalidRequest(m))) => Err(JobError::Invalid(m)),

@@ -14,6 +14,26 @@ pub trait Generator: Send {
         params: &GenerationParams,
         on_step: StepHook,
     ) -> Result<RgbImage, PipelineError>;
+
+    /// The device it runs on (for the out-of-memory breaker's free-memory check).
+    fn device(&self) -> candle_core::Device {
+        candle_core::Device::Cpu
+    }
+
+    /// A short description of the memory plan in use, for /health; `None` when there is none.
+    fn memory_plan(&self) -> Option<String> {
+        None
+    }
+
+    /// Feeds a finished job's result to the out-of-memory guard; the real pipeline may switch
+    /// itself to a leaner memory plan.
+    fn record_oom(
+        &mut self,
+        guard: &crate::gpu::OomGuard,
+        result: &Result<RgbImage, PipelineError>,
+    ) -> crate::gpu::OomOutcome {
+        guard.record_without_pipeline(result)
+    }
 }
 
 impl Generator for sdserve_pipeline::pipeline::StableDiffusion {

@@ -7,10 +7,9 @@
 //! - `model::load_real`: `let setup = gpu::resolve(args, &dir)?; let sd = gpu::load(&setup, &dir)?;`
 //!   log `setup.describe()` and each `setup.warnings`; `/health` gets `setup.device_label`,
 //!   `dtype_label(setup.dtype)` and `setup.plan` (serializable).
-//! - the worker, before each job: `guard.admit(&device)` (refuse with 503 `out_of_memory` and
-//!   `Retry-After`); after it: `guard.record(&result, &mut sd)`.
+//! - the engine, before each job: `guard.admit(&device)` (refuse with 503 `out_of_memory`);
+//!   after it: `guard.record(&result, &mut sd, &mut setup)` (through `Generator::record_oom`).
 //! - `/health`: `gpu::health_gpu(&device)` for the `gpu` field (`None` on the CPU).
-#![allow(dead_code)] // Until the engine calls it (the server crate is being written in parallel).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -237,6 +236,32 @@ impl OomGuard {
         )
     }
 
+    /// Feeds a job's result to the breaker when there is no pipeline to step down (the fake
+    /// generator): repeated OOMs open the breaker.
+    pub fn record_without_pipeline<T>(&self, result: &Result<T, PipelineError>) -> OomOutcome {
+        if let Some(outcome) = self.record_non_oom(result) {
+            return outcome;
+        }
+        match self.lock().record_oom(false) {
+            OomAction::None | OomAction::UseLeanerPlan => OomOutcome::Failed,
+            OomAction::Opened { until } => OomOutcome::Paused {
+                retry_after: until.saturating_duration_since(std::time::Instant::now()),
+            },
+        }
+    }
+
+    /// `Some(NotOom)` (after noting a success) unless `result` is an out-of-memory failure.
+    fn record_non_oom<T>(&self, result: &Result<T, PipelineError>) -> Option<OomOutcome> {
+        match result {
+            Err(e) if is_oom(e) => None,
+            Ok(_) => {
+                self.lock().record_success();
+                Some(OomOutcome::NotOom)
+            }
+            Err(_) => Some(OomOutcome::NotOom),
+        }
+    }
+
     /// Feeds a job's result to the breaker; on repeated OOMs moves `sd` to a leaner plan.
     pub fn record<T>(
         &self,
@@ -244,14 +269,8 @@ impl OomGuard {
         sd: &mut StableDiffusion,
         setup: &mut GpuSetup,
     ) -> OomOutcome {
-        match result {
-            Err(PipelineError::OutOfMemory(_)) => {}
-            Err(_) | Ok(_) => {
-                if result.is_ok() {
-                    self.lock().record_success();
-                }
-                return OomOutcome::NotOom;
-            }
+        if let Some(outcome) = self.record_non_oom(result) {
+            return outcome;
         }
         let next = match (&setup.footprint, &setup.plan_request) {
             (Some(fp), Some(req)) => leaner(fp, req, &setup.plan),
@@ -274,6 +293,18 @@ impl OomGuard {
                 retry_after: until.saturating_duration_since(std::time::Instant::now()),
             },
         }
+    }
+}
+
+/// True for a device allocation failure, also when it arrives as a plain candle error whose text
+/// says so (not every path classifies it into [`PipelineError::OutOfMemory`]).
+pub fn is_oom(e: &PipelineError) -> bool {
+    match e {
+        PipelineError::OutOfMemory(_) => true,
+        PipelineError::Candle(_) | PipelineError::Weights { .. } => {
+            sdserve_pipeline::memory::breaker::is_out_of_memory_text(&e.to_string())
+        }
+        _ => false,
     }
 }
 
@@ -332,6 +363,29 @@ mod tests {
         let e = resolve(&args(&["--device", "cuda:0"]), &fixture()).unwrap_err();
         assert!(e.contains("without CUDA"), "{e}");
         assert!(resolve(&args(&["--device", "tpu"]), &fixture()).is_err());
+    }
+
+    #[test]
+    fn oom_guard_without_pipeline_opens_after_repeated_ooms() {
+        let guard = OomGuard::new(BreakerConfig {
+            threshold: 2,
+            ..Default::default()
+        });
+        // A candle error whose text says out of memory counts, like the classified variant.
+        let oom: Result<(), _> = Err(PipelineError::Candle(candle_core::Error::Msg(
+            "CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
+        )));
+        let other: Result<(), _> = Err(PipelineError::Cancelled);
+        assert_eq!(guard.record_without_pipeline(&other), OomOutcome::NotOom);
+        assert_eq!(guard.record_without_pipeline(&oom), OomOutcome::Failed);
+        assert!(!guard.is_open());
+        assert!(guard.admit(&Device::Cpu).is_ok());
+        match guard.record_without_pipeline(&oom) {
+            OomOutcome::Paused { retry_after } => assert!(retry_after > Duration::ZERO),
+            o => panic!("{o:?}"),
+        }
+        assert!(guard.is_open());
+        assert!(guard.admit(&Device::Cpu).unwrap_err() >= Duration::from_secs(1));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Getting the model (through `hub`: local folder, single file or hub id) and loading the real
-//! pipeline.
+//! pipeline with the device, dtype and memory plan of `gpu::resolve`.
 
 use candle_core::DType;
-use sdserve_pipeline::pipeline::StableDiffusion;
+use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StableDiffusion, StepHook};
+use sdserve_pipeline::PipelineError;
 
 use crate::cli::ModelArgs;
 use crate::config::Runtime;
-use crate::generator::{Loaded, Loader, ModelInfo};
+use crate::generator::{Generator, Loaded, Loader, ModelInfo};
+use crate::gpu::{self, GpuSetup, OomGuard, OomOutcome};
 use crate::hub;
 
 /// Loads the real pipeline on the worker thread; download/conversion progress goes to `status`
@@ -15,24 +17,68 @@ pub fn real_loader(args: ModelArgs, rt: Runtime, status: hub::LoadStatus) -> Loa
     Box::new(move || load_real(&args, &rt, &status))
 }
 
+/// The real pipeline together with the setup it was loaded with, so repeated out-of-memory
+/// failures can step it down to a leaner plan.
+pub struct GpuGenerator {
+    sd: StableDiffusion,
+    setup: GpuSetup,
+}
+
+impl Generator for GpuGenerator {
+    fn generate(
+        &mut self,
+        params: &GenerationParams,
+        on_step: StepHook,
+    ) -> Result<RgbImage, PipelineError> {
+        self.sd.generate(params, on_step)
+    }
+
+    fn device(&self) -> candle_core::Device {
+        self.setup.device.clone()
+    }
+
+    fn memory_plan(&self) -> Option<String> {
+        Some(self.setup.plan.summary())
+    }
+
+    fn record_oom(
+        &mut self,
+        guard: &OomGuard,
+        result: &Result<RgbImage, PipelineError>,
+    ) -> OomOutcome {
+        guard.record(result, &mut self.sd, &mut self.setup)
+    }
+}
+
 pub fn load_real(
     args: &ModelArgs,
     rt: &Runtime,
     status: &hub::LoadStatus,
 ) -> Result<Loaded, String> {
-    let dtype = rt.dtype;
-    let opts = hub::HubOptions::from_env(args.model_cache_dir.clone(), dtype == DType::F16);
+    // The hub prefers fp16 weight variants when the model will run in f16; `rt` made the same
+    // device/dtype choice `gpu::resolve` makes below.
+    let opts = hub::HubOptions::from_env(args.model_cache_dir.clone(), rt.dtype == DType::F16);
     let s = status.clone();
     let resolved =
         hub::resolve_model(&args.model, &opts, &move |p| s.update(p)).map_err(|e| e.to_string())?;
-    tracing::info!(dir = %resolved.dir.display(), model_version = %resolved.model_version, "model files ready");
-    let sd = StableDiffusion::load(&resolved.dir, &rt.device, dtype).map_err(|e| e.to_string())?;
+    tracing::info!(dir = %resolved.dir.display(), source = ?resolved.source, model_version = %resolved.model_version, "model files ready");
+    let setup = gpu::resolve(args, &resolved.dir)?;
+    for w in &setup.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        device = %setup.device_label,
+        vram_limit_mb = args.vram_limit_mb,
+        "{}",
+        setup.describe()
+    );
+    let sd = gpu::load(&setup, &resolved.dir)?;
     let info = ModelInfo {
         model_version: resolved.model_version,
         default_scheduler: sd.default_scheduler(),
     };
     Ok(Loaded {
-        generator: Box::new(sd),
+        generator: Box::new(GpuGenerator { sd, setup }),
         info,
     })
 }

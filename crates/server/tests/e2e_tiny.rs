@@ -68,10 +68,18 @@ fn served_image_is_the_pipelines_and_the_seed_reproduces_it() {
     s.wait_ready(Duration::from_secs(120));
     let health = s.get("/health").json();
     assert_eq!(health["status"], "ok");
+    // The memory plan chosen at load time is reported (on the CPU: no device budget).
+    let plan = health["memory_plan"].as_str().unwrap_or_default();
+    assert!(plan.contains("levers:"), "{health}");
     let version = health["model_version"].as_str().unwrap().to_string();
     assert!(version.starts_with("tiny-b@"), "{version}");
     s.wait_log(
         &["model ready", "load_seconds", "model_version"],
+        Duration::from_secs(5),
+    );
+    // The start-up log names the device, dtype and memory plan.
+    s.wait_log(
+        &["device cpu dtype f32; memory plan: levers:"],
         Duration::from_secs(5),
     );
 

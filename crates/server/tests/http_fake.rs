@@ -429,8 +429,17 @@ fn failures_out_of_memory_and_panics() {
         .error(500, "internal_error");
     assert_eq!(s.post_json(&small("still alive")).status, 200);
     s.post_json(&small("fake:oom")).error(503, "out_of_memory");
-    // The breaker stays open for a while: refuse new work, report degraded (still 200).
-    s.post_json(&small("fine")).error(503, "out_of_memory");
+    // One out-of-memory failure fails only that request.
+    assert_eq!(s.get("/health").json()["status"], "ok");
+    assert_eq!(s.post_json(&small("fine")).status, 200);
+    // A second one within the window opens the breaker (the fake has no leaner memory plan):
+    // refuse new work for a while, report degraded (still 200).
+    s.post_json(&small("fake:oom")).error(503, "out_of_memory");
+    let j = s.post_json(&small("fine")).error(503, "out_of_memory");
+    assert!(
+        j["details"].as_str().unwrap_or("").contains("retry after"),
+        "{j}"
+    );
     let h = s.get("/health");
     assert_eq!(
         (h.status, h.json()["status"].as_str()),
