@@ -149,7 +149,7 @@ pub enum HealthStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HealthResponse {
     pub status: HealthStatus,
-    /// Null until the model is loaded.
+    /// Null until the model is loaded, and for the fake generator.
     pub model_version: Option<String>,
     pub device: String,
     pub dtype: String,

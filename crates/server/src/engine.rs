@@ -128,6 +128,7 @@ impl Drop for CancelGuard {
                 .and_then(|pos| q.jobs.remove(pos))
         };
         if removed.is_some() {
+            self.engine.oom.release_probe();
             self.engine
                 .metrics
                 .cancelled
@@ -243,14 +244,12 @@ impl Engine {
                 retry_after.as_secs().max(1)
             )));
         }
-        let permit =
-            inner
-                .semaphore
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ApiError::Overloaded {
-                    retry_after_secs: self.retry_after_secs(),
-                })?;
+        let permit = inner.semaphore.clone().try_acquire_owned().map_err(|_| {
+            inner.oom.release_probe();
+            ApiError::Overloaded {
+                retry_after_secs: self.retry_after_secs(),
+            }
+        })?;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
         let now = Instant::now();
@@ -269,6 +268,7 @@ impl Engine {
         {
             let mut q = lock(&inner.queue);
             if q.shutting_down {
+                inner.oom.release_probe();
                 return Err(ApiError::ModelUnavailable(
                     "the server is shutting down".into(),
                 ));
@@ -396,9 +396,11 @@ fn run_job(
     let start = Instant::now();
     if job.cancel.load(Ordering::SeqCst) || job.reply.is_closed() {
         inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        inner.oom.release_probe();
         return (None, None); // the client is gone: never start it
     }
     if start >= job.deadline {
+        inner.oom.release_probe();
         return (Some(job.reply), Some(Err(JobError::Timeout)));
     }
     let queue_secs = start.duration_since(job.enqueued).as_secs_f64();
@@ -435,6 +437,9 @@ fn run_job(
         }))
     };
     let gen_secs = start.elapsed().as_secs_f64();
+    if result.is_err() {
+        inner.oom.release_probe(); // the generator panicked
+    }
     if let Ok(r) = &result {
         match generator.record_oom(&inner.oom, r) {
             OomOutcome::NotOom => {}

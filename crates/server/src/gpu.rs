@@ -258,7 +258,20 @@ impl OomGuard {
                 self.lock().record_success();
                 Some(OomOutcome::NotOom)
             }
-            Err(_) => Some(OomOutcome::NotOom),
+            Err(_) => {
+                self.release_probe();
+                Some(OomOutcome::NotOom)
+            }
+        }
+    }
+
+    /// A job ended without telling whether memory is back (failed otherwise, cancelled, or
+    /// abandoned before it started). If it was the half-open probe, close the breaker rather
+    /// than refuse all work forever; the next OOM counts again.
+    pub fn release_probe(&self) {
+        let mut b = self.lock();
+        if b.state() == sdserve_pipeline::memory::breaker::BreakerState::HalfOpen {
+            b.record_success();
         }
     }
 
@@ -386,6 +399,26 @@ mod tests {
         }
         assert!(guard.is_open());
         assert!(guard.admit(&Device::Cpu).unwrap_err() >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_abandoned_probe_does_not_keep_the_breaker_half_open() {
+        let guard = OomGuard::new(BreakerConfig {
+            threshold: 1,
+            cooldown: Duration::from_millis(10),
+            ..Default::default()
+        });
+        let oom: Result<(), _> = Err(PipelineError::OutOfMemory("test".into()));
+        assert!(matches!(
+            guard.record_without_pipeline(&oom),
+            OomOutcome::Paused { .. }
+        ));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(guard.admit(&Device::Cpu).is_ok()); // the probe
+        assert!(guard.admit(&Device::Cpu).is_err()); // half-open: one probe at a time
+        guard.release_probe(); // e.g. its client went away before it started
+        assert!(!guard.is_open());
+        assert!(guard.admit(&Device::Cpu).is_ok());
     }
 
     #[test]
