@@ -108,36 +108,90 @@ fn measure(name: &str, repeats: usize, mut f: impl FnMut()) -> Stat {
     stat
 }
 
-/// SD 1.5 convolution shapes (batch 2 for the UNet with guidance, 1 for the VAE at 512).
+/// A plain square sgemm (candle matmul = the gemm crate) as the machine's attainable rate, then
+/// SD 1.5 convolution shapes (batch 2 for the UNet with guidance, 1 for the VAE at 512) through
+/// our im2col and Winograd paths, interleaved.
 fn kernel_stats(repeats: usize) -> Vec<Stat> {
-    use candle_core::Module;
-    use sdserve_pipeline::kernels::Conv2d;
+    use sdserve_pipeline::kernels::conv::{conv2d_im2col_f32, ConvShape};
+    use sdserve_pipeline::kernels::winograd;
     let dev = Device::Cpu;
-    let shapes: [(usize, usize, usize, usize, usize); 5] = [
+    let shapes: [(usize, usize, usize, usize, usize); 6] = [
         (2, 320, 64, 320, 3),
         (2, 640, 32, 640, 3),
         (2, 1280, 8, 1280, 3),
         (1, 512, 128, 512, 3),
         (1, 256, 256, 256, 3),
+        (2, 320, 64, 320, 1),
     ];
     let mut stats = Vec::new();
+    for n in [1024usize, 2048] {
+        let a = Tensor::randn(0f32, 1.0, (n, n), &dev).expect("a");
+        let bm = Tensor::randn(0f32, 1.0, (n, n), &dev).expect("b");
+        let st = measure(&format!("sgemm_{n}"), repeats, || {
+            a.matmul(&bm).expect("matmul");
+        });
+        eprintln!(
+            "    {:.1} GFLOP/s",
+            2.0 * (n * n * n) as f64 / 1e9 / st.median_s
+        );
+        stats.push(st);
+    }
     for (b, cin, hw, cout, k) in shapes {
-        let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &dev).expect("x");
-        let w = Tensor::randn(0f32, 0.05, (cout, cin, k, k), &dev).expect("w");
-        let bias = Tensor::randn(0f32, 0.05, cout, &dev).expect("b");
-        let conv = Conv2d::new(w.clone(), Some(bias), 1, k / 2);
+        let s = ConvShape {
+            batch: b,
+            cin,
+            h: hw,
+            w: hw,
+            cout,
+            kh: k,
+            kw: k,
+            stride: 1,
+            padding: k / 2,
+        };
+        let x = Tensor::randn(0f32, 1.0, (b, cin, hw, hw), &dev)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .expect("x");
+        let w = Tensor::randn(0f32, 0.05, (cout, cin, k, k), &dev)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .expect("w");
+        let bias = vec![0.01f32; cout];
+        let mut out = vec![0f32; b * cout * hw * hw];
         let gflop = 2.0 * (b * cout * cin * k * k * hw * hw) as f64 / 1e9;
         let name = format!("conv{k}x{k}_b{b}_{cin}_{hw}x{hw}");
-        let ours = measure(&format!("{name}_ours"), repeats, || {
-            conv.forward(&x).expect("conv");
-        });
-        eprintln!("    {:.1} GFLOP/s", gflop / ours.median_s);
-        stats.push(ours);
-        let theirs = measure(&format!("{name}_candle"), repeats, || {
-            x.conv2d(&w, k / 2, 1, 1, 1).expect("conv");
-        });
-        eprintln!("    {:.1} GFLOP/s", gflop / theirs.median_s);
-        stats.push(theirs);
+        // Interleaved so that both see the same machine load.
+        let (mut t_im2col, mut t_wino) = (Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            let t = Instant::now();
+            conv2d_im2col_f32(&x, &w, Some(&bias), &s, &mut out);
+            t_im2col.push(t.elapsed().as_secs_f64());
+            if winograd::applies(&s) {
+                let t = Instant::now();
+                winograd::conv3x3_f32(&x, &w, Some(&bias), &s, &mut out);
+                t_wino.push(t.elapsed().as_secs_f64());
+            }
+        }
+        for (label, mut times) in [("im2col", t_im2col), ("winograd", t_wino)] {
+            if times.is_empty() {
+                continue;
+            }
+            times.sort_by(|a, b| a.total_cmp(b));
+            let st = Stat {
+                name: format!("{name}_{label}"),
+                median_s: times[times.len() / 2],
+                min_s: times[0],
+                max_s: times[times.len() - 1],
+                repeats,
+                peak_rss_mb: 0.0,
+            };
+            eprintln!(
+                "{:<36} median {:>7.3} s  min {:>7.3}  {:>6.1} GFLOP/s (direct-conv FLOPs)",
+                st.name,
+                st.median_s,
+                st.min_s,
+                gflop / st.median_s
+            );
+            stats.push(st);
+        }
     }
     stats
 }

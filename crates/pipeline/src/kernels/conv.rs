@@ -39,6 +39,9 @@ impl ConvShape {
 
 /// Target size of one im2col tile (bytes): small enough to stay in L2/L3 while gemm packs it.
 const TILE_BYTES: usize = 2 << 20;
+/// Largest `cin * cout` sent to Winograd: its transformed filters (16 per pair, built per call)
+/// then stay under 64 MB.
+const WINOGRAD_MAX_WEIGHTS: usize = 1 << 20;
 /// Fewest output pixels per tile, so that the weight packing is amortised over enough columns.
 const MIN_TILE_PIXELS: usize = 64;
 
@@ -90,8 +93,23 @@ fn im2col_tile(x: &[f32], s: &ConvShape, p0: usize, np: usize, col: &mut [f32]) 
 }
 
 /// `out = conv2d(x, weight) + bias` over contiguous NCHW `x` (`[batch, cin, h, w]`), OIHW `weight`
-/// and `out` (`[batch, cout, out_h, out_w]`). Runs on the current rayon pool.
+/// and `out` (`[batch, cout, out_h, out_w]`). Runs on the current rayon pool; 3x3 stride-1 "same"
+/// convolutions go through Winograd F(2x2, 3x3), the rest through tiled im2col.
 pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, out: &mut [f32]) {
+    if super::winograd::applies(s) && s.cin * s.cout <= WINOGRAD_MAX_WEIGHTS {
+        return super::winograd::conv3x3_f32(x, weight, bias, s, out);
+    }
+    conv2d_im2col_f32(x, weight, bias, s, out)
+}
+
+/// [`conv2d_f32`] by tiled im2col + GEMM, for any kernel size, stride and padding.
+pub fn conv2d_im2col_f32(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    out: &mut [f32],
+) {
     let (oh, ow) = (s.out_h(), s.out_w());
     let (ohw, ihw) = (oh * ow, s.h * s.w);
     let k = s.cin * s.kh * s.kw;
@@ -368,6 +386,17 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let d = max_abs_diff(&got, &want);
             assert!(d < 1e-4, "{s:?}: loop reference diff {d}");
+            let mut im2col = vec![0f32; want.elem_count()];
+            conv2d_im2col_f32(
+                &x.flatten_all()?.to_vec1()?,
+                &wt.flatten_all()?.to_vec1()?,
+                Some(&bias.to_vec1()?),
+                &s,
+                &mut im2col,
+            );
+            let im2col = Tensor::from_vec(im2col, want.dims(), &dev)?;
+            let d = max_abs_diff(&im2col, &want);
+            assert!(d < 1e-4, "{s:?}: im2col path diff {d}");
             let d = max_abs_diff(&got, &conv.candle_forward(&x)?);
             assert!(d < 1e-4, "{s:?}: candle diff {d}");
         }

@@ -7,5 +7,6 @@ pub mod attention;
 pub mod conv;
 pub mod math;
 pub mod norm;
+pub mod winograd;
 
 pub use conv::{conv2d, Conv2d};

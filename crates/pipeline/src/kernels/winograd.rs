@@ -1,0 +1,299 @@
+//! 3x3 stride-1 padding-1 convolution by Winograd's minimal filtering F(2x2, 3x3).
+//!
+//! Each 2x2 block of output comes from a 4x4 block of input through 16 element-wise products in
+//! the transformed domain instead of 36 multiply-adds, so the 16 GEMMs
+//! `M_xi[cout, tiles] = U_xi[cout, cin] * V_xi[cin, tiles]` do 16/36 of direct convolution's
+//! work (4/9). F(2x2, 3x3) only adds and halves, so its rounding stays close to direct
+//! summation (the larger F(4x4, 3x3) would not). Transforms (Lavin & Gray, 2015):
+//! `U = G g G^T`, `V = B^T d B`, `Y = A^T M A` with
+//! `G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]`,
+//! `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, `A^T = [1 1 1 0; 0 1 -1 -1]`.
+//!
+//! The filter transform is redone per call (1/(2*tiles) of the GEMM work) rather than kept, so
+//! weights do not take 16/9 of their memory twice. Rayon tasks take chunks of tiles of one image
+//! with per-thread buffers of about [`CHUNK_BYTES`] (whole rows of tiles, so the transforms
+//! run vectorised along rows), so nothing image-sized is ever transformed at once.
+
+use std::cell::RefCell;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::conv::ConvShape;
+
+/// Target size of one task's transformed input + product buffers (bytes). Measured on SD shapes
+/// (benches/stages.rs --kernels-only): 2 MB loses to im2col at 640x32x32; 6-48 MB are within
+/// noise of each other, 24 MB was best on 3 of 4 shapes.
+const CHUNK_BYTES: usize = 24 << 20;
+
+thread_local! {
+    static BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether [`conv3x3_f32`] handles this shape.
+pub fn applies(s: &ConvShape) -> bool {
+    s.kh == 3 && s.kw == 3 && s.stride == 1 && s.padding == 1 && s.h >= 2 && s.w >= 2
+}
+
+/// `U[xi][co][ci]` from OIHW 3x3 weights.
+fn transform_filters(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * cout * cin];
+    let plane = cout * cin;
+    let u_ptr = u.as_mut_ptr() as usize;
+    (0..cout).into_par_iter().for_each(|co| {
+        let u = u_ptr as *mut f32;
+        for ci in 0..cin {
+            let g = &weight[(co * cin + ci) * 9..][..9];
+            // G g: 4x3
+            let mut t = [[0f32; 3]; 4];
+            for c in 0..3 {
+                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+                t[0][c] = g0;
+                t[1][c] = 0.5 * (g0 + g1 + g2);
+                t[2][c] = 0.5 * (g0 - g1 + g2);
+                t[3][c] = g2;
+            }
+            // (G g) G^T: 4x4
+            for (r, row) in t.iter().enumerate() {
+                let (a, b, c) = (row[0], row[1], row[2]);
+                let vals = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                for (col, v) in vals.into_iter().enumerate() {
+                    // SAFETY: each task writes row `co` of every plane only.
+                    unsafe { *u.add((r * 4 + col) * plane + co * cin + ci) = v };
+                }
+            }
+        }
+    });
+    u
+}
+
+/// `out = conv3x3(x, weight, padding 1) + bias` over contiguous NCHW tensors (see
+/// [`super::conv::conv2d_f32`] for the layout); `s` must satisfy [`applies`].
+pub fn conv3x3_f32(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    out: &mut [f32],
+) {
+    assert!(
+        applies(s),
+        "winograd F(2x2,3x3) needs a 3x3 stride-1 pad-1 conv"
+    );
+    let (h, w, cin, cout) = (s.h, s.w, s.cin, s.cout);
+    assert_eq!(x.len(), s.batch * cin * h * w);
+    assert_eq!(weight.len(), cout * cin * 9);
+    assert_eq!(out.len(), s.batch * cout * h * w);
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let u = transform_filters(weight, cout, cin);
+
+    // Tasks take whole rows of tiles of one image, so the transforms run along contiguous rows.
+    let threads = rayon::current_num_threads().max(1);
+    let row_bytes = 4 * 16 * (cin + cout) * tw;
+    let mut rows = (CHUNK_BYTES / row_bytes).clamp(1, th);
+    while s.batch * th.div_ceil(rows) < 2 * threads && rows > 1 {
+        rows = rows.div_ceil(2);
+    }
+    let chunks = th.div_ceil(rows);
+    let pw = 2 * tw + 2;
+    let out_ptr = out.as_mut_ptr() as usize;
+    (0..s.batch * chunks).into_par_iter().for_each(|task| {
+        let (b, c) = (task / chunks, task % chunks);
+        let ty0 = c * rows;
+        let nrows = rows.min(th - ty0);
+        let nt = nrows * tw;
+        let xb = &x[b * cin * h * w..(b + 1) * cin * h * w];
+        BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let need = 16 * (cin + cout) * nt + 4 * pw;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            let (v, rest) = buf[..need].split_at_mut(16 * cin * nt);
+            let (m, prow) = rest.split_at_mut(16 * cout * nt);
+            // V[xi][ci][j] = (B^T d B)[xi] for tile j of this chunk.
+            for ci in 0..cin {
+                let plane = &xb[ci * h * w..(ci + 1) * h * w];
+                for r in 0..nrows {
+                    // The 4 input rows under tile row ty, zero-padded left, right and outside.
+                    let ty = ty0 + r;
+                    for (q, p) in prow.chunks_exact_mut(pw).enumerate() {
+                        let iy = 2 * ty + q; // input row + 1
+                        p.fill(0.0);
+                        if iy >= 1 && iy <= h {
+                            p[1..=w].copy_from_slice(&plane[(iy - 1) * w..iy * w]);
+                        }
+                    }
+                    input_transform_row(prow, pw, tw, v, cin * nt, ci * nt + r * tw);
+                }
+            }
+            for xi in 0..16 {
+                // SAFETY: pointers and strides stay inside u, v and m.
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        nt,
+                        cin,
+                        m.as_mut_ptr().add(xi * cout * nt),
+                        1,
+                        nt as isize,
+                        false,
+                        u.as_ptr().add(xi * cout * cin),
+                        1,
+                        cin as isize,
+                        v.as_ptr().add(xi * cin * nt),
+                        1,
+                        nt as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+            // Y = A^T M A + bias, two output rows per tile row.
+            let mut yrows = vec![0f32; 4 * tw];
+            let ob = (out_ptr as *mut f32).wrapping_add(b * cout * h * w);
+            for co in 0..cout {
+                let bv = bias.map_or(0.0, |bs| bs[co]);
+                for r in 0..nrows {
+                    output_transform_row(m, cout * nt, co * nt + r * tw, tw, bv, &mut yrows);
+                    for a in 0..2 {
+                        let oy = 2 * (ty0 + r) + a;
+                        if oy < h {
+                            // SAFETY: row oy of channel co of image b belongs to this task.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(ob.add((co * h + oy) * w), w)
+                            };
+                            dst.copy_from_slice(&yrows[a * 2 * tw..a * 2 * tw + w]);
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+super::math::dispatch! {
+    /// One row of tiles: `v[xi * stride + off + tx] = (B^T d B)[xi]` where `d` is the 4x4 block
+    /// at columns `2tx..2tx+4` of the 4 padded rows in `p` (each `pw` long).
+    fn input_transform_row(p: &[f32], pw: usize, tw: usize, v: &mut [f32], stride: usize, off: usize) {
+        assert!(pw > 2 * tw + 1 && p.len() >= 4 * pw);
+        assert!(15 * stride + off + tw <= v.len());
+        let (p0, p1, p2, p3) = (&p[..pw], &p[pw..2 * pw], &p[2 * pw..3 * pw], &p[3 * pw..4 * pw]);
+        let cols = |row: &[f32], tx: usize| {
+            let (a, b, c, d) = (row[2 * tx], row[2 * tx + 1], row[2 * tx + 2], row[2 * tx + 3]);
+            [a - c, b + c, c - b, b - d]
+        };
+        let vp = v.as_mut_ptr();
+        for tx in 0..tw {
+            let (r0, r1, r2, r3) = (cols(p0, tx), cols(p1, tx), cols(p2, tx), cols(p3, tx));
+            for q in 0..4 {
+                let vals = [r0[q] - r2[q], r1[q] + r2[q], r2[q] - r1[q], r1[q] - r3[q]];
+                for (i, val) in vals.into_iter().enumerate() {
+                    // SAFETY: bounded by the assert above.
+                    unsafe { *vp.add((i * 4 + q) * stride + off + tx) = val };
+                }
+            }
+        }
+    }
+}
+
+super::math::dispatch! {
+    /// One row of tiles: the two output rows `A^T M A + bias` (each `2*tw` wide) into `y`, from
+    /// `m[xi * stride + off + tx]`.
+    fn output_transform_row(m: &[f32], stride: usize, off: usize, tw: usize, bias: f32, y: &mut [f32]) {
+        assert!(15 * stride + off + tw <= m.len() && y.len() >= 4 * tw);
+        let (y0, y1) = y.split_at_mut(2 * tw);
+        for tx in 0..tw {
+            let mv = |xi: usize| m[xi * stride + off + tx];
+            let mut r = [[0f32; 4]; 2];
+            for q in 0..4 {
+                let (m0, m1, m2, m3) = (mv(q), mv(4 + q), mv(8 + q), mv(12 + q));
+                r[0][q] = m0 + m1 + m2;
+                r[1][q] = m1 - m2 - m3;
+            }
+            y0[2 * tx] = r[0][0] + r[0][1] + r[0][2] + bias;
+            y0[2 * tx + 1] = r[0][1] - r[0][2] - r[0][3] + bias;
+            y1[2 * tx] = r[1][0] + r[1][1] + r[1][2] + bias;
+            y1[2 * tx + 1] = r[1][1] - r[1][2] - r[1][3] + bias;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::conv::conv2d_im2col_f32;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_im2col_conv_on_even_and_odd_sizes() {
+        // Odd sizes exercise partial 2x2 output blocks; 40 tiles x batch 3 exercise chunking.
+        for &(batch, cin, h, w, cout) in &[
+            (1, 1, 2, 2, 1),
+            (2, 5, 7, 9, 3),
+            (3, 16, 12, 13, 8),
+            (1, 3, 1 + 2 * 20, 6, 4),
+        ] {
+            let s = ConvShape {
+                batch,
+                cin,
+                h,
+                w,
+                cout,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                padding: 1,
+            };
+            let x = lcg(batch * cin * h * w, 1);
+            let wt = lcg(cout * cin * 9, 2);
+            let bias = lcg(cout, 3);
+            let mut want = vec![0f32; batch * cout * h * w];
+            let mut got = want.clone();
+            conv2d_im2col_f32(&x, &wt, Some(&bias), &s, &mut want);
+            conv3x3_f32(&x, &wt, Some(&bias), &s, &mut got);
+            let d = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 2e-5, "{s:?}: {d}");
+        }
+    }
+
+    #[test]
+    fn only_3x3_stride_1_pad_1() {
+        let mut s = ConvShape {
+            batch: 1,
+            cin: 1,
+            h: 4,
+            w: 4,
+            cout: 1,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 1,
+        };
+        assert!(applies(&s));
+        s.stride = 2;
+        assert!(!applies(&s));
+        s.stride = 1;
+        s.padding = 0;
+        assert!(!applies(&s));
+    }
+}
