@@ -105,26 +105,27 @@ pub fn conv3x3_f32(
         let xb = &x[b * cin * h * w..(b + 1) * cin * h * w];
         BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            let need = 16 * (cin + cout) * nt + 4 * pw;
+            let need = 16 * (cin + cout) * nt + 4 * pw + 24 * (tw + 1);
             if buf.len() < need {
                 buf.resize(need, 0.0);
             }
             let (v, rest) = buf[..need].split_at_mut(16 * cin * nt);
-            let (m, prow) = rest.split_at_mut(16 * cout * nt);
+            let (m, rest) = rest.split_at_mut(16 * cout * nt);
+            let (prow, scratch) = rest.split_at_mut(4 * pw);
             // V[xi][ci][j] = (B^T d B)[xi] for tile j of this chunk.
             for ci in 0..cin {
                 let plane = &xb[ci * h * w..(ci + 1) * h * w];
                 for r in 0..nrows {
                     // The 4 input rows under tile row ty, zero-padded left, right and outside.
                     let ty = ty0 + r;
-                    for (q, p) in prow.chunks_exact_mut(pw).enumerate() {
+                    for (q, p) in prow.chunks_exact_mut(pw).take(4).enumerate() {
                         let iy = 2 * ty + q; // input row + 1
                         p.fill(0.0);
                         if iy >= 1 && iy <= h {
                             p[1..=w].copy_from_slice(&plane[(iy - 1) * w..iy * w]);
                         }
                     }
-                    input_transform_row(prow, pw, tw, v, cin * nt, ci * nt + r * tw);
+                    input_transform_row(prow, pw, tw, scratch, v, cin * nt, ci * nt + r * tw);
                 }
             }
             for xi in 0..16 {
@@ -178,24 +179,63 @@ pub fn conv3x3_f32(
 
 super::math::dispatch! {
     /// One row of tiles: `v[xi * stride + off + tx] = (B^T d B)[xi]` where `d` is the 4x4 block
-    /// at columns `2tx..2tx+4` of the 4 padded rows in `p` (each `pw` long).
-    fn input_transform_row(p: &[f32], pw: usize, tw: usize, v: &mut [f32], stride: usize, off: usize) {
-        assert!(pw > 2 * tw + 1 && p.len() >= 4 * pw);
-        assert!(15 * stride + off + tw <= v.len());
-        let (p0, p1, p2, p3) = (&p[..pw], &p[pw..2 * pw], &p[2 * pw..3 * pw], &p[3 * pw..4 * pw]);
-        let cols = |row: &[f32], tx: usize| {
-            let (a, b, c, d) = (row[2 * tx], row[2 * tx + 1], row[2 * tx + 2], row[2 * tx + 3]);
-            [a - c, b + c, c - b, b - d]
-        };
-        let vp = v.as_mut_ptr();
-        for tx in 0..tw {
-            let (r0, r1, r2, r3) = (cols(p0, tx), cols(p1, tx), cols(p2, tx), cols(p3, tx));
-            for q in 0..4 {
-                let vals = [r0[q] - r2[q], r1[q] + r2[q], r2[q] - r1[q], r1[q] - r3[q]];
-                for (i, val) in vals.into_iter().enumerate() {
-                    // SAFETY: bounded by the assert above.
-                    unsafe { *vp.add((i * 4 + q) * stride + off + tx) = val };
-                }
+    /// at columns `2tx..2tx+4` of the 4 padded rows in `p` (each `pw` long). `scratch` holds
+    /// `24 * (tw + 1)` values: the rows split into even and odd columns (so every later loop is
+    /// unit-stride and vectorises), then the 16 column-transformed rows.
+    fn input_transform_row(
+        p: &[f32],
+        pw: usize,
+        tw: usize,
+        scratch: &mut [f32],
+        v: &mut [f32],
+        stride: usize,
+        off: usize
+    ) {
+        let n = tw + 1;
+        let (eo, c) = scratch[..24 * n].split_at_mut(8 * n);
+        for r in 0..4 {
+            let row = &p[r * pw..r * pw + 2 * n];
+            let (e, o) = eo[r * 2 * n..(r + 1) * 2 * n].split_at_mut(n);
+            for ((ev, ov), pair) in e.iter_mut().zip(o.iter_mut()).zip(row.chunks_exact(2)) {
+                *ev = pair[0];
+                *ov = pair[1];
+            }
+        }
+        // d B along columns: c[r][q][tx] from even e[k] = d[2k], odd o[k] = d[2k+1].
+        for r in 0..4 {
+            let (e, o) = eo[r * 2 * n..(r + 1) * 2 * n].split_at(n);
+            let (e0, e1, o0, o1) = (&e[..tw], &e[1..=tw], &o[..tw], &o[1..=tw]);
+            let cr = &mut c[r * 4 * n..(r + 1) * 4 * n];
+            let (c0, rest) = cr.split_at_mut(n);
+            let (c1, rest) = rest.split_at_mut(n);
+            let (c2, c3) = rest.split_at_mut(n);
+            for t in 0..tw {
+                c0[t] = e0[t] - e1[t];
+                c1[t] = o0[t] + e1[t];
+                c2[t] = e1[t] - o0[t];
+                c3[t] = o0[t] - o1[t];
+            }
+        }
+        // B^T (.) along rows, into the 16 output streams.
+        let row = |r: usize, q: usize| &c[(r * 4 + q) * n..(r * 4 + q) * n + tw];
+        for q in 0..4 {
+            let (r0, r1, r2, r3) = (row(0, q), row(1, q), row(2, q), row(3, q));
+            let out = |xi: usize| (xi * stride + off, xi * stride + off + tw);
+            let (a, b) = out(q);
+            for ((d, &x), &y) in v[a..b].iter_mut().zip(r0).zip(r2) {
+                *d = x - y;
+            }
+            let (a, b) = out(4 + q);
+            for ((d, &x), &y) in v[a..b].iter_mut().zip(r1).zip(r2) {
+                *d = x + y;
+            }
+            let (a, b) = out(8 + q);
+            for ((d, &x), &y) in v[a..b].iter_mut().zip(r2).zip(r1) {
+                *d = x - y;
+            }
+            let (a, b) = out(12 + q);
+            for ((d, &x), &y) in v[a..b].iter_mut().zip(r1).zip(r3) {
+                *d = x - y;
             }
         }
     }
