@@ -249,12 +249,10 @@ super::math::dispatch! {
         let (y0, y1) = y.split_at_mut(2 * tw);
         for tx in 0..tw {
             let mv = |xi: usize| m[xi * stride + off + tx];
-            let mut r = [[0f32; 4]; 2];
-            for q in 0..4 {
-                let (m0, m1, m2, m3) = (mv(q), mv(4 + q), mv(8 + q), mv(12 + q));
-                r[0][q] = m0 + m1 + m2;
-                r[1][q] = m1 - m2 - m3;
-            }
+            let r: [[f32; 4]; 2] = [
+                std::array::from_fn(|q| mv(q) + mv(4 + q) + mv(8 + q)),
+                std::array::from_fn(|q| mv(4 + q) - mv(8 + q) - mv(12 + q)),
+            ];
             y0[2 * tx] = r[0][0] + r[0][1] + r[0][2] + bias;
             y0[2 * tx + 1] = r[0][1] - r[0][2] - r[0][3] + bias;
             y1[2 * tx] = r[1][0] + r[1][1] + r[1][2] + bias;
