@@ -148,7 +148,8 @@ def main():
         "threads": str(args.threads),
         "load_s": round(load_s, 3),
         "weights_rss_mb": round(weights_rss_mb),
-        "peak_rss_mb": round(status_kb("VmHWM:") / 1024),
+        # VmHWM is reset before each stage, so the run's peak is the largest stage peak.
+        "peak_rss_mb": max([round(status_kb("VmHWM:") / 1024)] + [s["peak_rss_mb"] for s in stats]),
         "stages": stats,
     }
     text = json.dumps(out)

@@ -267,7 +267,11 @@ fn main() {
     if args.kernels {
         stats.extend(kernel_stats(args.repeats));
     }
-    let peak_rss_mb = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    // VmHWM is reset before each stage, so the run's peak is the largest stage peak.
+    let peak_rss_mb = stats
+        .iter()
+        .map(|s| s.peak_rss_mb)
+        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max);
     let stage_json: Vec<String> = stats
         .iter()
         .map(|s| {
