@@ -159,6 +159,29 @@ pub(crate) fn first_step_index(timesteps: &[f64], t: f64) -> usize {
     }
 }
 
+/// The step the multistep solvers are at: diffusers keeps its own counter (`step_index`), seeded
+/// on the first call from that call's timestep.
+pub(crate) fn current_step_index(
+    step_index: Option<usize>,
+    timesteps: &[f64],
+    index: usize,
+) -> Result<usize> {
+    let n = timesteps.len();
+    let i = match step_index {
+        Some(i) => i,
+        None => {
+            let t = *timesteps.get(index).ok_or_else(|| {
+                PipelineError::InvalidRequest(format!(
+                    "step index {index} out of range ({n} timesteps)"
+                ))
+            })?;
+            first_step_index(timesteps, t)
+        }
+    };
+    common::check_index(i, n)?;
+    Ok(i)
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,23 +434,7 @@ impl super::Scheduler for DpmSolverMultistep {
         _rng: &mut TorchRng,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        // diffusers keeps its own counter, seeded from the first call's timestep.
-        let i = match self.step_index {
-            Some(i) => i,
-            None => {
-                let t = *self.timesteps.get(index).ok_or_else(|| {
-                    PipelineError::InvalidRequest(format!(
-                        "step index {index} out of range ({n} timesteps)"
-                    ))
-                })?;
-                first_step_index(&self.timesteps, t)
-            }
-        };
-        if i >= n {
-            return Err(PipelineError::InvalidRequest(format!(
-                "scheduler stepped past its {n} timesteps"
-            )));
-        }
+        let i = current_step_index(self.step_index, &self.timesteps, index)?;
         let lower_order_final = i == n - 1
             && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
         let lower_order_second = i + 2 == n && self.lower_order_final && n < 15;

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use super::common::{self, config_error, div_s as div, mul_s as mul, PredictionType};
-use super::dpm_solver::{alpha_sigma, first_step_index, lambda, Family, MultistepSchedule};
+use super::dpm_solver::{alpha_sigma, current_step_index, lambda, Family, MultistepSchedule};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
@@ -360,19 +360,7 @@ impl Scheduler for UniPcMultistep {
         _rng: &mut TorchRng,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        // diffusers keeps its own counter, seeded from the first call's timestep.
-        let i = match self.step_index {
-            Some(i) => i,
-            None => {
-                let t = *self.timesteps.get(index).ok_or_else(|| {
-                    PipelineError::InvalidRequest(format!(
-                        "step index {index} out of range ({n} timesteps)"
-                    ))
-                })?;
-                first_step_index(&self.timesteps, t)
-            }
-        };
-        common::check_index(i, n)?;
+        let i = current_step_index(self.step_index, &self.timesteps, index)?;
         let out_dtype = model_output.dtype();
         let model_output = common::to_f32(model_output)?;
         let mut sample = common::to_f32(sample)?;
