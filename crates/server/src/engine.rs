@@ -239,10 +239,13 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Err(retry_after) = inner.oom.admit(&device) {
-            return Err(ApiError::OutOfMemory(format!(
-                "memory circuit breaker open after repeated out-of-memory failures; retry after {} s",
-                retry_after.as_secs().max(1)
-            )));
+            let secs = retry_after.as_secs().max(1);
+            return Err(ApiError::OutOfMemory {
+                detail: format!(
+                    "memory circuit breaker open after repeated out-of-memory failures; retry after {secs} s"
+                ),
+                retry_after_secs: Some(secs),
+            });
         }
         let permit = inner.semaphore.clone().try_acquire_owned().map_err(|_| {
             inner.oom.release_probe();
@@ -292,9 +295,10 @@ impl Engine {
                     ApiError::ModelUnavailable("the server is shutting down".into())
                 }
                 JobError::Cancelled => ApiError::Internal("the job was cancelled".into()),
-                JobError::OutOfMemory => {
-                    ApiError::OutOfMemory("the device ran out of memory for this request".into())
-                }
+                JobError::OutOfMemory => ApiError::OutOfMemory {
+                    detail: "the device ran out of memory for this request".into(),
+                    retry_after_secs: None,
+                },
                 JobError::Invalid(m) => ApiError::validation("request", m),
                 JobError::Internal(m) => ApiError::Internal(m),
             }),

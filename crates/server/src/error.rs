@@ -29,8 +29,12 @@ pub enum ApiError {
     /// The model is loading, failed to load, or the server is shutting down.
     #[error("model unavailable")]
     ModelUnavailable(String),
+    /// The device ran out of memory; with `retry_after_secs` when the memory breaker is open.
     #[error("out of memory")]
-    OutOfMemory(String),
+    OutOfMemory {
+        detail: String,
+        retry_after_secs: Option<u64>,
+    },
     /// Anything else. The cause goes to the log, never to the client.
     #[error("internal error")]
     Internal(String),
@@ -63,7 +67,7 @@ impl ApiError {
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             Self::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Self::ModelUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
-            Self::OutOfMemory(_) => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
+            Self::OutOfMemory { .. } => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -96,7 +100,7 @@ impl ApiError {
             | Self::NotFound(d)
             | Self::MethodNotAllowed(d)
             | Self::ModelUnavailable(d)
-            | Self::OutOfMemory(d) => Some(d.clone()),
+            | Self::OutOfMemory { detail: d, .. } => Some(d.clone()),
             Self::Validation { field, rule } => Some(format!("{field}: {rule}")),
             Self::PayloadTooLarge(0) => None,
             Self::PayloadTooLarge(n) => Some(format!("the body may hold at most {n} bytes")),
@@ -128,9 +132,16 @@ impl IntoResponse for ApiError {
             tracing::error!(cause = %cause, "internal error");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
-        if let Self::Overloaded { retry_after_secs } = self {
+        let retry_after = match self {
+            Self::Overloaded { retry_after_secs } => Some(retry_after_secs),
+            Self::OutOfMemory {
+                retry_after_secs, ..
+            } => retry_after_secs,
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp.extensions_mut().insert(ErrorCode(code));
         resp
@@ -166,7 +177,14 @@ mod tests {
                 503,
                 "model_unavailable",
             ),
-            (ApiError::OutOfMemory("x".into()), 503, "out_of_memory"),
+            (
+                ApiError::OutOfMemory {
+                    detail: "x".into(),
+                    retry_after_secs: None,
+                },
+                503,
+                "out_of_memory",
+            ),
             (ApiError::Internal("secret".into()), 500, "internal_error"),
         ];
         for (err, status, code) in cases {

@@ -434,12 +434,25 @@ fn failures_out_of_memory_and_panics() {
     assert_eq!(s.post_json(&small("fine")).status, 200);
     // A second one within the window opens the breaker (the fake has no leaner memory plan):
     // refuse new work for a while, report degraded (still 200).
-    s.post_json(&small("fake:oom")).error(503, "out_of_memory");
-    let j = s.post_json(&small("fine")).error(503, "out_of_memory");
+    let first = s.post_json(&small("fake:oom"));
+    first.error(503, "out_of_memory");
+    assert_eq!(
+        first.header("retry-after"),
+        None,
+        "a single failure asks for no wait"
+    );
+    let refused = s.post_json(&small("fine"));
+    let j = refused.error(503, "out_of_memory");
     assert!(
         j["details"].as_str().unwrap_or("").contains("retry after"),
         "{j}"
     );
+    let wait: u64 = refused
+        .header("retry-after")
+        .expect("Retry-After while the breaker is open")
+        .parse()
+        .expect("whole seconds");
+    assert!(wait >= 1, "Retry-After {wait}");
     let h = s.get("/health");
     assert_eq!(
         (h.status, h.json()["status"].as_str()),
