@@ -144,9 +144,15 @@ pub trait Scheduler: Send {
     /// The timesteps handed to the UNet, in loop order (may be longer than the step count, e.g. PNDM).
     fn timesteps(&self) -> &[f64];
     /// Standard deviation of the initial noise (`init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f64;
-    /// `scale_model_input` for the `index`-th entry of `timesteps()`.
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
+    /// 1 unless the scheduler works in sigma space (Euler, LMS).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// `scale_model_input` for the `index`-th entry of `timesteps()`: the identity unless the
+    /// scheduler works in sigma space.
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One step: the model output at `timesteps()[index]` and the current sample give the previous
     /// sample. Stochastic schedulers draw their noise from `rng` (the request's generator).
     fn step(
