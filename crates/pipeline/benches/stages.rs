@@ -110,15 +110,23 @@ fn measure(name: &str, repeats: usize, mut f: impl FnMut()) -> Stat {
 
 /// A plain square sgemm (candle matmul = the gemm crate) as the machine's attainable rate, then
 /// SD 1.5 convolution shapes (batch 2 for the UNet with guidance, 1 for the VAE at 512) through
-/// our im2col and Winograd paths, interleaved.
+/// our im2col, Winograd F(2x2) and F(4x4) paths and the routed `conv2d_f32`, interleaved.
 fn kernel_stats(repeats: usize) -> Vec<Stat> {
-    use sdserve_pipeline::kernels::conv::{conv2d_im2col_f32, ConvShape};
-    use sdserve_pipeline::kernels::winograd;
+    use sdserve_pipeline::kernels::conv::{conv2d_f32, conv2d_im2col_f32, ConvShape};
+    use sdserve_pipeline::kernels::{winograd, winograd4};
     let dev = Device::Cpu;
-    let shapes: [(usize, usize, usize, usize, usize); 6] = [
+    // (batch, cin, size, cout, kernel)
+    let shapes: [(usize, usize, usize, usize, usize); 13] = [
         (2, 320, 64, 320, 3),
+        (2, 960, 64, 320, 3),
+        (2, 640, 64, 640, 3),
         (2, 640, 32, 640, 3),
+        (2, 1920, 32, 640, 3),
+        (2, 1280, 32, 1280, 3),
+        (2, 1280, 16, 1280, 3),
+        (2, 2560, 16, 1280, 3),
         (2, 1280, 8, 1280, 3),
+        (2, 2560, 8, 1280, 3),
         (1, 512, 128, 512, 3),
         (1, 256, 256, 256, 3),
         (2, 320, 64, 320, 1),
@@ -136,6 +144,13 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
         );
         stats.push(st);
     }
+    type ConvFn = fn(&[f32], &[f32], Option<&[f32]>, &ConvShape, &mut [f32]);
+    let paths: [(&str, ConvFn, fn(&ConvShape) -> bool); 4] = [
+        ("im2col", conv2d_im2col_f32, |_| true),
+        ("wino2", winograd::conv3x3_f32, winograd::applies),
+        ("wino4", winograd4::conv3x3_f32, winograd4::applies),
+        ("routed", conv2d_f32, |_| true),
+    ];
     for (b, cin, hw, cout, k) in shapes {
         let s = ConvShape {
             batch: b,
@@ -157,20 +172,23 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
         let bias = vec![0.01f32; cout];
         let mut out = vec![0f32; b * cout * hw * hw];
         let gflop = 2.0 * (b * cout * cin * k * k * hw * hw) as f64 / 1e9;
-        let name = format!("conv{k}x{k}_b{b}_{cin}_{hw}x{hw}");
-        // Interleaved so that both see the same machine load.
-        let (mut t_im2col, mut t_wino) = (Vec::new(), Vec::new());
+        let name = format!("conv{k}x{k}_b{b}_{cin}_{hw}x{hw}_{cout}");
+        // `KERNEL_FILTER=1280_16x16` times only the shapes whose name contains it.
+        if std::env::var("KERNEL_FILTER").is_ok_and(|f| !name.contains(&f)) {
+            continue;
+        }
+        // Interleaved so that all paths see the same machine load.
+        let mut times = vec![Vec::new(); paths.len()];
         for _ in 0..repeats {
-            let t = Instant::now();
-            conv2d_im2col_f32(&x, &w, Some(&bias), &s, &mut out);
-            t_im2col.push(t.elapsed().as_secs_f64());
-            if winograd::applies(&s) {
-                let t = Instant::now();
-                winograd::conv3x3_f32(&x, &w, Some(&bias), &s, &mut out);
-                t_wino.push(t.elapsed().as_secs_f64());
+            for (i, (_, f, applies)) in paths.iter().enumerate() {
+                if applies(&s) {
+                    let t = Instant::now();
+                    f(&x, &w, Some(&bias), &s, &mut out);
+                    times[i].push(t.elapsed().as_secs_f64());
+                }
             }
         }
-        for (label, mut times) in [("im2col", t_im2col), ("winograd", t_wino)] {
+        for ((label, _, _), mut times) in paths.iter().zip(times) {
             if times.is_empty() {
                 continue;
             }
@@ -184,7 +202,7 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
                 peak_rss_mb: 0.0,
             };
             eprintln!(
-                "{:<36} median {:>7.3} s  min {:>7.3}  {:>6.1} GFLOP/s (direct-conv FLOPs)",
+                "{:<40} median {:>7.3} s  min {:>7.3}  {:>6.1} GFLOP/s (direct-conv FLOPs)",
                 st.name,
                 st.median_s,
                 st.min_s,

@@ -39,9 +39,11 @@ impl ConvShape {
 
 /// Target size of one im2col tile (bytes): small enough to stay in L2/L3 while gemm packs it.
 const TILE_BYTES: usize = 2 << 20;
-/// Largest `cin * cout` sent to Winograd: its transformed filters (16 per pair, built per call)
-/// then stay under 64 MB.
-const WINOGRAD_MAX_WEIGHTS: usize = 1 << 20;
+/// Fewest output pixels per image sent to Winograd. At 8x8 (a 1280-channel conv of a 512 UNet)
+/// there are too few tiles to pay for transforming the filters on every call: im2col was 1.7x
+/// faster than F(4x4) there, F(4x4) 1.6-3x faster than im2col from 16x16 up (benches/stages.rs
+/// --kernels-only, b2 1280 and 2560 channels).
+const WINOGRAD_MIN_PIXELS: usize = 65;
 /// Fewest output pixels per tile, so that the weight packing is amortised over enough columns.
 const MIN_TILE_PIXELS: usize = 64;
 
@@ -94,10 +96,11 @@ fn im2col_tile(x: &[f32], s: &ConvShape, p0: usize, np: usize, col: &mut [f32]) 
 
 /// `out = conv2d(x, weight) + bias` over contiguous NCHW `x` (`[batch, cin, h, w]`), OIHW `weight`
 /// and `out` (`[batch, cout, out_h, out_w]`). Runs on the current rayon pool; 3x3 stride-1 "same"
-/// convolutions go through Winograd F(2x2, 3x3), the rest through tiled im2col.
+/// convolutions of all but small maps go through Winograd F(4x4, 3x3), the rest through tiled
+/// im2col. (F(4x4) was as fast as F(2x2) or faster on every SD shape: up to 1.6x at 32x32.)
 pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, out: &mut [f32]) {
-    if super::winograd::applies(s) && s.cin * s.cout <= WINOGRAD_MAX_WEIGHTS {
-        return super::winograd::conv3x3_f32(x, weight, bias, s, out);
+    if super::winograd4::applies(s) && s.h * s.w >= WINOGRAD_MIN_PIXELS {
+        return super::winograd4::conv3x3_f32(x, weight, bias, s, out);
     }
     conv2d_im2col_f32(x, weight, bias, s, out)
 }

@@ -8,5 +8,6 @@ pub mod conv;
 pub mod math;
 pub mod norm;
 pub mod winograd;
+pub mod winograd4;
 
 pub use conv::{conv2d, Conv2d};
