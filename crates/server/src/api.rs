@@ -125,8 +125,13 @@ pub struct GenerateResponse {
 pub struct GpuInfo {
     pub name: String,
     pub memory_total_mb: u64,
+    /// Now, from the driver (all processes, CUDA context included).
     pub memory_used_mb: u64,
     pub memory_free_mb: u64,
+    /// Highest device memory in use during the last request; null before the first.
+    pub last_request_peak_mb: Option<u64>,
+    /// Highest device memory in use during any request since start; null before the first.
+    pub peak_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -382,6 +387,7 @@ async fn health(State(app): State<Shared>) -> Response {
         HealthStatus::Ok | HealthStatus::Degraded => StatusCode::OK,
         HealthStatus::Loading | HealthStatus::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     };
+    let device_memory = app.metrics.device_memory();
     let body = HealthResponse {
         status,
         model_version,
@@ -392,6 +398,8 @@ async fn health(State(app): State<Shared>) -> Response {
             memory_total_mb: g.memory_total_mb,
             memory_used_mb: g.memory_used_mb,
             memory_free_mb: g.memory_free_mb,
+            last_request_peak_mb: device_memory.map(|d| d.last.peak_used_bytes >> 20),
+            peak_mb: device_memory.map(|d| d.max_peak_used_bytes >> 20),
         }),
         memory_plan: app.engine.memory_plan(),
         queue: QueueInfo {

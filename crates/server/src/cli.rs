@@ -1,8 +1,12 @@
-//! Command line: `sdserve serve` and `sdserve generate`. Every `serve` flag has an environment twin.
+//! Command line: `sdserve serve`, `generate`, `download` and `bench`. Every `serve` flag has an environment twin.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use sdserve_pipeline::attention::AttentionSlicing;
+use sdserve_pipeline::memory::plan::LEAN_SLICE_BYTES;
+use sdserve_pipeline::memory::{LeverOverrides, Offload};
 
 use crate::generator::FakeSpec;
 
@@ -25,6 +29,8 @@ pub enum Command {
     Generate(Box<GenerateArgs>),
     /// Download (or convert) a model into the cache with a progress bar; prints version and folder.
     Download(DownloadArgs),
+    /// Time whole generations (per step, device memory) on a local folder; prints JSON.
+    Bench(Box<crate::bench_cmd::BenchArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -50,6 +56,38 @@ pub enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+/// Attention slicing; `auto` leaves it to the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlicingArg {
+    Auto,
+    /// The whole score matrix at once (fastest, most memory).
+    Off,
+    /// Pieces of at most 256 MiB of scores.
+    On,
+    /// Pieces of at most 64 MiB of scores.
+    Lean,
+}
+
+/// A lever that is on, off, or left to the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ToggleArg {
+    Auto,
+    On,
+    Off,
+}
+
+/// Where the components live; `auto` leaves it to the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OffloadArg {
+    Auto,
+    /// Everything stays on the device.
+    None,
+    /// Text encoder, UNet and VAE on the device only for their stage.
+    Model,
+    /// As `model`, and the UNet's blocks streamed to the device one at a time.
+    Sequential,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,6 +117,41 @@ pub struct ModelArgs {
     /// GPU memory budget the pipeline plans for (attention slicing, VAE tiling, offload).
     #[arg(long, env = "VRAM_LIMIT_MB", default_value_t = 5120)]
     pub vram_limit_mb: u64,
+    /// Overrides the memory plan's attention slicing.
+    #[arg(long, env = "ATTENTION_SLICING", value_enum, default_value = "auto")]
+    pub attention_slicing: SlicingArg,
+    /// Overrides the memory plan's tiled VAE decode (`on` still plans the tile size).
+    #[arg(long, env = "VAE_TILING", value_enum, default_value = "auto")]
+    pub vae_tiling: ToggleArg,
+    /// Overrides the memory plan's offload.
+    #[arg(long, env = "OFFLOAD", value_enum, default_value = "auto")]
+    pub offload: OffloadArg,
+}
+
+impl ModelArgs {
+    /// The levers fixed by flags; the planner picks the rest from `VRAM_LIMIT_MB`.
+    pub fn lever_overrides(&self) -> LeverOverrides {
+        LeverOverrides {
+            attention: match self.attention_slicing {
+                SlicingArg::Auto => None,
+                SlicingArg::Off => Some(AttentionSlicing::Off),
+                SlicingArg::On => Some(AttentionSlicing::Auto),
+                SlicingArg::Lean => Some(AttentionSlicing::MaxBytes(LEAN_SLICE_BYTES)),
+            },
+            vae_tiling: match self.vae_tiling {
+                ToggleArg::Auto => None,
+                ToggleArg::On => Some(true),
+                ToggleArg::Off => Some(false),
+            },
+            offload: match self.offload {
+                OffloadArg::Auto => None,
+                OffloadArg::None => Some(Offload::None),
+                OffloadArg::Model => Some(Offload::Model),
+                OffloadArg::Sequential => Some(Offload::Sequential),
+            },
+            vae_dtype: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -441,6 +441,17 @@ fn run_job(
         }))
     };
     let gen_secs = start.elapsed().as_secs_f64();
+    if let Some(u) = generator.last_memory_usage() {
+        tracing::info!(
+            job = job.id,
+            vram_start_mb = u.start_used_bytes >> 20,
+            vram_peak_mb = u.peak_used_bytes >> 20,
+            vram_pool_peak_mb = u.pool_peak_bytes.map(|b| b >> 20),
+            vram_end_mb = u.end_used_bytes >> 20,
+            "device memory"
+        );
+        inner.metrics.record_device_memory(&u);
+    }
     if result.is_err() {
         inner.oom.release_probe(); // the generator panicked
     }

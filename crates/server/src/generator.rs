@@ -25,6 +25,11 @@ pub trait Generator: Send {
         None
     }
 
+    /// Device memory of the last generation (driver and pool high-water marks); `None` on the CPU.
+    fn last_memory_usage(&self) -> Option<sdserve_pipeline::memory::MemoryUsage> {
+        None
+    }
+
     /// Feeds a finished job's result to the out-of-memory guard; the real pipeline may switch
     /// itself to a leaner memory plan.
     fn record_oom(
@@ -43,6 +48,10 @@ impl Generator for sdserve_pipeline::pipeline::StableDiffusion {
         on_step: StepHook,
     ) -> Result<RgbImage, PipelineError> {
         sdserve_pipeline::pipeline::StableDiffusion::generate(self, params, on_step)
+    }
+
+    fn last_memory_usage(&self) -> Option<sdserve_pipeline::memory::MemoryUsage> {
+        sdserve_pipeline::pipeline::StableDiffusion::last_memory_usage(self)
     }
 }
 

@@ -67,7 +67,7 @@ fn dtype_request(arg: DtypeArg) -> DTypeRequest {
 /// by what the device has). `auto` falls back to the CPU with a warning; an explicit `cuda`
 /// that cannot be used is an error.
 pub fn resolve(args: &ModelArgs, dir: &Path) -> Result<GpuSetup, String> {
-    resolve_with(args, dir, LeverOverrides::default())
+    resolve_with(args, dir, args.lever_overrides())
 }
 
 /// [`resolve`] with levers fixed by the operator (they win over the planner).

@@ -1,6 +1,7 @@
 //! sdserve: Stable Diffusion 1.5 text-to-image over HTTP, and a one-shot `generate` command.
 
 mod api;
+mod bench_cmd;
 mod cache;
 mod cli;
 mod config;
@@ -22,6 +23,7 @@ fn main() -> std::process::ExitCode {
     match cli::Cli::parse().command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Generate(args) => generate_cmd::run(*args),
+        cli::Command::Bench(args) => bench_cmd::run(*args),
         cli::Command::Download(args) => {
             hub::download_main(&args.model, args.model_cache_dir, args.fp16)
         }

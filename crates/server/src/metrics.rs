@@ -73,6 +73,14 @@ pub struct Gauges {
     pub cache: Option<(usize, usize)>,
 }
 
+/// Device memory of GPU generations (driver readings and the pool's exact high-water mark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceMemory {
+    pub last: sdserve_pipeline::memory::MemoryUsage,
+    /// The highest `peak_used_bytes` of any request since start.
+    pub max_peak_used_bytes: u64,
+}
+
 pub struct Metrics {
     /// (route, status, error_code) -> count.
     requests: Mutex<BTreeMap<(String, u16, String), u64>>,
@@ -83,6 +91,7 @@ pub struct Metrics {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub cancelled: AtomicU64,
+    device_memory: Mutex<Option<DeviceMemory>>,
 }
 
 impl Default for Metrics {
@@ -96,6 +105,7 @@ impl Default for Metrics {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            device_memory: Mutex::new(None),
         }
     }
 }
@@ -112,6 +122,23 @@ impl Metrics {
         let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry((route.to_string(), status, error_code.to_string()))
             .or_insert(0) += 1;
+    }
+
+    /// Notes one GPU request's device memory (the CPU has none to note).
+    pub fn record_device_memory(&self, u: &sdserve_pipeline::memory::MemoryUsage) {
+        let mut m = self.device_memory.lock().unwrap_or_else(|e| e.into_inner());
+        let max = m
+            .map_or(0, |d| d.max_peak_used_bytes)
+            .max(u.peak_used_bytes);
+        *m = Some(DeviceMemory {
+            last: *u,
+            max_peak_used_bytes: max,
+        });
+    }
+
+    /// `None` until a GPU request finished.
+    pub fn device_memory(&self) -> Option<DeviceMemory> {
+        *self.device_memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn render(&self, g: &Gauges) -> String {
@@ -198,6 +225,35 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
+        if let Some(d) = self.device_memory() {
+            let mut rows = vec![
+                (
+                    "sdserve_gpu_request_peak_bytes",
+                    "Device memory in use (driver) at its highest during the last request.",
+                    d.last.peak_used_bytes,
+                ),
+                (
+                    "sdserve_gpu_request_end_bytes",
+                    "Device memory in use (driver) after the last request returned its cache.",
+                    d.last.end_used_bytes,
+                ),
+                (
+                    "sdserve_gpu_peak_bytes",
+                    "Highest device memory in use (driver) during any request since start.",
+                    d.max_peak_used_bytes,
+                ),
+            ];
+            if let Some(p) = d.last.pool_peak_bytes {
+                rows.push((
+                    "sdserve_gpu_request_allocated_peak_bytes",
+                    "High-water mark of sdserve's own device allocations in the last request.",
+                    p,
+                ));
+            }
+            for (name, help, v) in rows {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            }
+        }
         if let Some((entries, bytes)) = g.cache {
             let _ = writeln!(out, "# HELP sdserve_cache_entries Responses in the cache.\n# TYPE sdserve_cache_entries gauge\nsdserve_cache_entries {entries}");
             let _ = writeln!(out, "# HELP sdserve_cache_bytes Bytes held by the cache.\n# TYPE sdserve_cache_bytes gauge\nsdserve_cache_bytes {bytes}");
@@ -235,5 +291,44 @@ mod tests {
         assert!(text.contains("sdserve_queue_seconds_count 2\n"));
         assert!(text.contains("sdserve_queue_depth 2\n"));
         assert!(text.contains("sdserve_cache_bytes 10\n"));
+        // No GPU request yet: no device memory gauges.
+        assert!(!text.contains("sdserve_gpu_"));
+    }
+
+    #[test]
+    fn device_memory_gauges_keep_the_last_request_and_the_highest_peak() {
+        use sdserve_pipeline::memory::MemoryUsage;
+        let m = Metrics::default();
+        let gauges = || Gauges {
+            running: 0,
+            waiting: 0,
+            capacity: 1,
+            model_ready: true,
+            cache: None,
+        };
+        let usage = |peak, pool| MemoryUsage {
+            start_used_bytes: 100,
+            peak_used_bytes: peak,
+            pool_peak_bytes: pool,
+            end_used_bytes: 120,
+        };
+        m.record_device_memory(&usage(5000, Some(4000)));
+        m.record_device_memory(&usage(3000, None));
+        let text = m.render(&gauges());
+        assert!(
+            text.contains("sdserve_gpu_request_peak_bytes 3000\n"),
+            "{text}"
+        );
+        assert!(text.contains("sdserve_gpu_peak_bytes 5000\n"), "{text}");
+        assert!(
+            text.contains("sdserve_gpu_request_end_bytes 120\n"),
+            "{text}"
+        );
+        // The last request's pool reading was absent: no stale value from the one before.
+        assert!(
+            !text.contains("sdserve_gpu_request_allocated_peak_bytes"),
+            "{text}"
+        );
+        assert_eq!(m.device_memory().unwrap().max_peak_used_bytes, 5000);
     }
 }

@@ -41,6 +41,10 @@ impl Generator for GpuGenerator {
         Some(self.setup.plan.summary())
     }
 
+    fn last_memory_usage(&self) -> Option<sdserve_pipeline::memory::MemoryUsage> {
+        self.sd.last_memory_usage()
+    }
+
     fn record_oom(
         &mut self,
         guard: &OomGuard,

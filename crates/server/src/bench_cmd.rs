@@ -1,0 +1,251 @@
+//! `sdserve bench`: whole generations on the configured device, dtype and memory plan, timed per
+//! step, with the device memory the driver reports; one JSON object on stdout. It loads the model
+//! exactly as `serve` does (same planner, same warm-up), so its figures are the service's. Run it
+//! next to `tools/bench_diffusers_gpu.py` on the same folder (docs/GPU.md); `--png-dir` keeps the
+//! images for `tools/compare_images.py`.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use sdserve_pipeline::pipeline::{GenerationParams, StepProgress};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde::Serialize;
+
+use crate::cli::ModelArgs;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "a photograph of an astronaut riding a horse")]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Square image sides to run, e.g. `512,768`.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    pub sizes: Vec<usize>,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Generations per size and scheduler (seeds taken in turn from `--seeds`).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub seeds: Vec<u64>,
+    /// Scheduler names (default: the model's own).
+    #[arg(long, value_delimiter = ',')]
+    pub schedulers: Vec<String>,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// Writes `<size>_<scheduler>_<seed>.png` for the first generation of each seed.
+    #[arg(long)]
+    pub png_dir: Option<PathBuf>,
+}
+
+/// One generation.
+#[derive(Debug, Serialize)]
+struct Run {
+    seed: u64,
+    wall_s: f64,
+    /// Median seconds per denoising step (the device synchronised at every step).
+    step_median_s: f64,
+    /// Driver: highest device memory in use (whole device) sampled during the run, MiB.
+    peak_used_mb: Option<f64>,
+    /// Our allocations' exact high-water mark (the stream-ordered pool), MiB.
+    pool_peak_mb: Option<f64>,
+    start_used_mb: Option<f64>,
+    end_used_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Case {
+    size: usize,
+    scheduler: String,
+    runs: Vec<Run>,
+    wall_median_s: f64,
+    step_median_s: f64,
+    peak_used_max_mb: Option<f64>,
+    pool_peak_max_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    device: String,
+    dtype: String,
+    memory_plan: serde_json::Value,
+    memory_plan_summary: String,
+    vram_limit_mb: u64,
+    load_s: f64,
+    steps: usize,
+    guidance_scale: f64,
+    cases: Vec<Case>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+pub fn run(a: BenchArgs) -> ExitCode {
+    match run_inner(&a) {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_inner(a: &BenchArgs) -> Result<Report, String> {
+    if a.repeats == 0 || a.seeds.is_empty() || a.sizes.is_empty() || a.steps == 0 {
+        return Err("--repeats, --steps, --seeds and --sizes must not be empty or zero".into());
+    }
+    let dir = PathBuf::from(&a.model.model);
+    if !dir.is_dir() {
+        return Err(format!("--model {}: not a diffusers folder", dir.display()));
+    }
+    let setup = crate::gpu::resolve(&a.model, &dir)?;
+    for w in &setup.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!("{}", setup.describe());
+    let t0 = Instant::now();
+    // Includes the GPU warm-up generation, as at server start.
+    let sd = crate::gpu::load(&setup, &dir)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    eprintln!("loaded in {load_s:.1}s");
+    let schedulers: Vec<SchedulerKind> = if a.schedulers.is_empty() {
+        vec![sd.default_scheduler()]
+    } else {
+        a.schedulers
+            .iter()
+            .map(|s| SchedulerKind::from_name(s).ok_or_else(|| format!("unknown scheduler {s}")))
+            .collect::<Result<_, _>>()?
+    };
+    if let Some(d) = &a.png_dir {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let device = sd.device().clone();
+    let mut cases = Vec::new();
+    for &size in &a.sizes {
+        for &scheduler in &schedulers {
+            let mut runs = Vec::new();
+            for r in 0..a.repeats {
+                let seed = a.seeds[r % a.seeds.len()];
+                let params = GenerationParams {
+                    prompt: a.prompt.clone(),
+                    negative_prompt: a.negative_prompt.clone(),
+                    steps: a.steps,
+                    width: size,
+                    height: size,
+                    seed,
+                    guidance_scale: a.guidance_scale,
+                    scheduler: Some(scheduler),
+                };
+                let started = Instant::now();
+                let mut last = started;
+                let mut step_s = Vec::new();
+                let img = sd
+                    .generate(&params, &mut |_p: StepProgress| {
+                        // Without it the timer would see the host enqueueing, not the device working.
+                        let _ = device.synchronize();
+                        let now = Instant::now();
+                        step_s.push(now.duration_since(last).as_secs_f64());
+                        last = now;
+                        ControlFlow::Continue(())
+                    })
+                    .map_err(|e| format!("{size}x{size} {}: {e}", scheduler.name()))?;
+                let wall_s = started.elapsed().as_secs_f64();
+                // The first step also pays for the prompt encoding and latents.
+                let steady = if step_s.len() > 1 {
+                    step_s[1..].to_vec()
+                } else {
+                    step_s
+                };
+                let usage = sd.last_memory_usage();
+                let run = Run {
+                    seed,
+                    wall_s,
+                    step_median_s: median(steady),
+                    peak_used_mb: usage.map(|u| mib(u.peak_used_bytes)),
+                    pool_peak_mb: usage.and_then(|u| u.pool_peak_bytes).map(mib),
+                    start_used_mb: usage.map(|u| mib(u.start_used_bytes)),
+                    end_used_mb: usage.map(|u| mib(u.end_used_bytes)),
+                };
+                eprintln!(
+                    "{size}x{size} {} seed {seed}: {wall_s:.3}s, {:.4}s/step, peak {:?} MiB, pool peak {:?} MiB",
+                    scheduler.name(),
+                    run.step_median_s,
+                    run.peak_used_mb.map(|v| v.round()),
+                    run.pool_peak_mb.map(|v| v.round()),
+                );
+                if let Some(d) = &a.png_dir {
+                    let path = d.join(format!("{size}_{}_{seed}.png", scheduler.name()));
+                    if !path.exists() {
+                        let png = crate::png::encode(&img, "")?;
+                        std::fs::write(&path, png)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                    }
+                }
+                runs.push(run);
+            }
+            let max_of = |f: fn(&Run) -> Option<f64>| {
+                runs.iter()
+                    .filter_map(f)
+                    .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+            };
+            cases.push(Case {
+                size,
+                scheduler: scheduler.name().to_string(),
+                wall_median_s: median(runs.iter().map(|r| r.wall_s).collect()),
+                step_median_s: median(runs.iter().map(|r| r.step_median_s).collect()),
+                peak_used_max_mb: max_of(|r| r.peak_used_mb),
+                pool_peak_max_mb: max_of(|r| r.pool_peak_mb),
+                runs,
+            });
+        }
+    }
+    Ok(Report {
+        device: setup.device_label.clone(),
+        dtype: sdserve_pipeline::device::dtype_label(setup.dtype).to_string(),
+        memory_plan: serde_json::to_value(&setup.plan).map_err(|e| e.to_string())?,
+        memory_plan_summary: setup.plan.summary(),
+        vram_limit_mb: a.model.vram_limit_mb,
+        load_s,
+        steps: a.steps,
+        guidance_scale: a.guidance_scale,
+        cases,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}

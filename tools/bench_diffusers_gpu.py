@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""diffusers 0.42.1 on a CUDA GPU, measured the way `sdserve bench` measures ours: whole
+generations timed per step (device synchronised at every step), device memory, and the images
+kept as PNG for `tools/compare_images.py`.
+
+    python3 tools/bench_diffusers_gpu.py --model /path/sd15 --dtype fp16 --sizes 512,768 \
+        --steps 20 --repeats 3 --seeds 1,2 --schedulers pndm,dpmpp_2m --png-dir out/diffusers-fp16
+
+Attention is diffusers' default on torch 2 (scaled_dot_product_attention: flash / memory-efficient
+kernels). `--dtype fp32` with NVIDIA_TF32_OVERRIDE=0 in the environment gives the strict f32
+reference. Latents come from a CPU torch.Generator, as sdserve's (torch's CPU randn).
+
+Prints one JSON object on stdout (schema of `sdserve bench`); progress on stderr.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+SCHEDULERS = {
+    # API name: (diffusers class, extra from_config kwargs); as tools/make_tiny_models.py.
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def mib(b):
+    return round(b / (1 << 20), 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    ap.add_argument("--sizes", default="512")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--schedulers", default="")
+    ap.add_argument("--guidance-scale", type=float, default=7.5)
+    ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    ap.add_argument("--png-dir")
+    ap.add_argument("--attention-slicing", action="store_true", help="pipe.enable_attention_slicing()")
+    ap.add_argument("--vae-tiling", action="store_true", help="pipe.enable_vae_tiling()")
+    ap.add_argument("--model-offload", action="store_true", help="pipe.enable_model_cpu_offload()")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    if args.model_offload:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe = pipe.to("cuda")
+    if args.attention_slicing:
+        pipe.enable_attention_slicing()
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    default_scheduler_config = pipe.scheduler.config
+    # Warm-up (cuDNN autotuning, kernel loading), as sdserve warms up at load.
+    pipe("warm-up", num_inference_steps=2, height=64, width=64, output_type="np")
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - start
+    print(f"loaded in {load_s:.1f}s: torch {torch.__version__}, diffusers {diffusers.__version__}, "
+          f"{torch.cuda.get_device_name()}", file=sys.stderr)
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [s for s in args.schedulers.split(",") if s] or [None]
+    if args.png_dir:
+        os.makedirs(args.png_dir, exist_ok=True)
+    total = torch.cuda.mem_get_info()[1]
+    cases = []
+    for size in sizes:
+        for name in names:
+            if name is None:
+                sched = pipe.scheduler.__class__.from_config(default_scheduler_config)
+                label = {v[0]: k for k, v in SCHEDULERS.items() if not v[1]}.get(
+                    sched.__class__.__name__, sched.__class__.__name__)
+            else:
+                cls, extra = SCHEDULERS[name]
+                sched = getattr(diffusers, cls).from_config(default_scheduler_config, **extra)
+                label = name
+            pipe.scheduler = sched
+            runs = []
+            for r in range(args.repeats):
+                seed = seeds[r % len(seeds)]
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                start_used = total - torch.cuda.mem_get_info()[0]
+                peak_used = [start_used]
+                step_times = []
+                t0 = time.perf_counter()
+                last = [t0]
+
+                def on_step(pipe_, i, t, kw):
+                    torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    step_times.append(now - last[0])
+                    last[0] = now
+                    peak_used[0] = max(peak_used[0], total - torch.cuda.mem_get_info()[0])
+                    return kw
+
+                g = torch.Generator("cpu").manual_seed(seed)
+                with torch.inference_mode():
+                    out = pipe(
+                        args.prompt,
+                        negative_prompt="",
+                        num_inference_steps=args.steps,
+                        height=size,
+                        width=size,
+                        guidance_scale=args.guidance_scale,
+                        generator=g,
+                        output_type="np",
+                        callback_on_step_end=on_step,
+                    )
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+                peak_used[0] = max(peak_used[0], total - torch.cuda.mem_get_info()[0])
+                run = {
+                    "seed": seed,
+                    "wall_s": round(wall, 4),
+                    "step_median_s": round(statistics.median(step_times[1:] or step_times), 5),
+                    "peak_used_mb": mib(peak_used[0]),
+                    # The caching allocator's high-water mark of live tensors (our pool peak's twin).
+                    "pool_peak_mb": mib(torch.cuda.max_memory_allocated()),
+                    "reserved_peak_mb": mib(torch.cuda.max_memory_reserved()),
+                    "start_used_mb": mib(start_used),
+                }
+                print(f"{size}x{size} {label} seed {seed}: {wall:.3f}s, {run['step_median_s']:.4f}s/step, "
+                      f"peak {run['peak_used_mb']} MiB, allocated peak {run['pool_peak_mb']} MiB",
+                      file=sys.stderr)
+                if args.png_dir:
+                    path = os.path.join(args.png_dir, f"{size}_{label}_{seed}.png")
+                    if not os.path.exists(path):
+                        img = (out.images[0] * 255).round().astype(np.uint8)
+                        Image.fromarray(img).save(path)
+                runs.append(run)
+            cases.append({
+                "size": size,
+                "scheduler": label,
+                "runs": runs,
+                "wall_median_s": statistics.median(r["wall_s"] for r in runs),
+                "step_median_s": statistics.median(r["step_median_s"] for r in runs),
+                "peak_used_max_mb": max(r["peak_used_mb"] for r in runs),
+                "pool_peak_max_mb": max(r["pool_peak_mb"] for r in runs),
+            })
+    print(json.dumps({
+        "device": torch.cuda.get_device_name(),
+        "dtype": args.dtype,
+        "attention": "sliced" if args.attention_slicing else "sdpa",
+        "vae_tiling": args.vae_tiling,
+        "model_offload": args.model_offload,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "load_s": round(load_s, 2),
+        "steps": args.steps,
+        "cases": cases,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
