@@ -3,9 +3,14 @@
 //! `forward` equals `unet(sample, timesteps, encoder_hidden_states).sample` without the optional
 //! inputs (class labels, masks, ControlNet residuals) that Stable Diffusion text-to-image never
 //! passes. Weights may be f32, f16 or bf16; norms and softmax run in f32.
+//!
+//! The model is resident (every part built on its device, [`UNet2DConditionModel::new`]) or
+//! streamed for sequential offload (weights in host memory, each part built on the device for
+//! its turn, [`UNet2DConditionModel::streamed`]); both run the same `forward`.
 
 mod blocks;
 mod config;
+mod streaming;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -16,8 +21,10 @@ use blocks::{
     conv2d, Act, Conv2d, DownBlock, GroupNorm, MidBlock, ResnetParams, RunOpts, TransformerParams,
     UpBlock,
 };
-use config::BlockKind;
+use config::{BlockKind, Resolved};
 pub use config::{PerBlock, UNetConfig};
+pub use streaming::StreamStats;
+use streaming::{HostWeights, PartOnDevice};
 
 /// The config file the contract says a [`UNetConfig`] comes from; named in config errors.
 const CONFIG_PATH: &str = "unet/config.json";
@@ -77,44 +84,123 @@ impl TimestepEmbedding {
     }
 }
 
-/// The conditional UNet of Stable Diffusion.
+/// conv_in and the time embedding: the first part a forward pass runs.
 #[derive(Debug, Clone)]
-pub struct UNet2DConditionModel {
-    config: UNetConfig,
-    dtype: DType,
-    device: Device,
+struct Stem {
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     time_embed_act: Option<Act>,
-    down_blocks: Vec<DownBlock>,
-    mid_block: Option<MidBlock>,
-    up_blocks: Vec<UpBlock>,
+}
+
+/// conv_norm_out, its activation and conv_out: the last part a forward pass runs.
+#[derive(Debug, Clone)]
+struct Head {
     conv_norm_out: GroupNorm,
     conv_act: Act,
     conv_out: Conv2d,
-    slicing: AttentionSlicing,
+}
+
+/// Every part, built on the device once.
+#[derive(Debug, Clone)]
+struct ResidentParts {
+    stem: Stem,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    head: Head,
+}
+
+/// Where the UNet's weights live between forward passes.
+#[derive(Debug, Clone)]
+enum UNetWeights {
+    /// On the device, as built modules ([`UNet2DConditionModel::new`]).
+    Resident(Box<ResidentParts>),
+    /// In host memory; each part is built on the device for its turn in a forward pass and
+    /// dropped after it ([`UNet2DConditionModel::streamed`], sequential offload).
+    Streamed(HostWeights),
+}
+
+/// What the config fixes about every part. Builds any part from a `VarBuilder` rooted at the
+/// UNet's keys, so the resident model and the streamed parts are built by the same code.
+#[derive(Debug, Clone)]
+struct Layout {
+    config: UNetConfig,
+    resolved: Resolved,
+    act: Act,
+    post_act: Option<Act>,
+    time_embed_act: Option<Act>,
+    resnet: ResnetParams,
 }
 
 fn act(name: &str) -> Result<Act> {
     Act::from_name(name).map_err(|e| PipelineError::config(CONFIG_PATH, e))
 }
 
-impl UNet2DConditionModel {
-    /// Builds the model, loading every tensor from `vb` (diffusers key names). A missing or
-    /// mis-shaped tensor fails with a candle error naming it; an unsupported config value with
-    /// [`PipelineError::Config`].
-    pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
-        let r = config
+impl Layout {
+    fn new(config: &UNetConfig) -> Result<Self> {
+        let resolved = config
             .resolve()
             .map_err(|m| PipelineError::config(CONFIG_PATH, m))?;
-        let c = config;
-        let ch = &c.block_out_channels;
-        let n = ch.len();
-        let act_fn = act(&c.act_fn)?;
+        let act_fn = act(&config.act_fn)?;
+        let resnet = ResnetParams {
+            groups: resolved.groups,
+            eps: config.norm_eps,
+            temb_channels: resolved.time_embed_dim,
+            act: act_fn,
+            scale_shift: config.resnet_time_scale_shift == "scale_shift",
+            // diffusers does not pass `resnet_skip_time_act` / `resnet_out_scale_factor` to the
+            // block types built here (only to the Simple*/ResnetDownsample* blocks): their
+            // resnets always activate temb and use scale 1 (the mid block: mid_block_scale_factor).
+            output_scale_factor: 1.0,
+        };
+        Ok(Self {
+            config: config.clone(),
+            post_act: config.timestep_post_act.as_deref().map(act).transpose()?,
+            time_embed_act: config
+                .time_embedding_act_fn
+                .as_deref()
+                .map(act)
+                .transpose()?,
+            resolved,
+            act: act_fn,
+            resnet,
+        })
+    }
 
+    /// Resolution levels: down blocks, and as many up blocks.
+    fn levels(&self) -> usize {
+        self.config.block_out_channels.len()
+    }
+
+    fn has_mid_block(&self) -> bool {
+        self.resolved.mid_cross_attn
+    }
+
+    /// Stem, down blocks, mid block, up blocks, head.
+    fn parts_per_forward(&self) -> usize {
+        2 + 2 * self.levels() + usize::from(self.has_mid_block())
+    }
+
+    fn transformer(&self, level: usize, only_cross: bool) -> TransformerParams {
+        let r = &self.resolved;
+        TransformerParams {
+            heads: r.heads[level],
+            cross_dim: r.cross_dim[level],
+            layers: r.tlayers[level],
+            groups: r.groups,
+            linear_projection: self.config.use_linear_projection,
+            only_cross,
+            upcast: self.config.upcast_attention,
+        }
+    }
+
+    fn build_stem(&self, vb: &VarBuilder) -> Result<Stem> {
+        let c = &self.config;
+        let ch0 = c.block_out_channels[0];
+        let dim = self.resolved.time_embed_dim;
         let conv_in = conv2d(
             c.in_channels,
-            ch[0],
+            ch0,
             c.conv_in_kernel,
             1,
             (c.conv_in_kernel - 1) / 2,
@@ -122,115 +208,197 @@ impl UNet2DConditionModel {
         )?;
         let te = vb.pp("time_embedding");
         let time_embedding = TimestepEmbedding {
-            linear_1: candle_nn::linear(ch[0], r.time_embed_dim, te.pp("linear_1"))?,
-            act: act_fn,
-            linear_2: candle_nn::linear(r.time_embed_dim, r.time_embed_dim, te.pp("linear_2"))?,
-            post_act: c.timestep_post_act.as_deref().map(act).transpose()?,
+            linear_1: candle_nn::linear(ch0, dim, te.pp("linear_1"))?,
+            act: self.act,
+            linear_2: candle_nn::linear(dim, dim, te.pp("linear_2"))?,
+            post_act: self.post_act,
         };
-        let time_embed_act = c.time_embedding_act_fn.as_deref().map(act).transpose()?;
-
-        let rp = ResnetParams {
-            groups: r.groups,
-            eps: c.norm_eps,
-            temb_channels: r.time_embed_dim,
-            act: act_fn,
-            scale_shift: c.resnet_time_scale_shift == "scale_shift",
-            // diffusers does not pass `resnet_skip_time_act` / `resnet_out_scale_factor` to the
-            // block types built here (only to the Simple*/ResnetDownsample* blocks): their
-            // resnets always activate temb and use scale 1 (the mid block: mid_block_scale_factor).
-            output_scale_factor: 1.0,
-        };
-        let tparams = |i: usize, only_cross: bool| TransformerParams {
-            heads: r.heads[i],
-            cross_dim: r.cross_dim[i],
-            layers: r.tlayers[i],
-            groups: r.groups,
-            linear_projection: c.use_linear_projection,
-            only_cross,
-            upcast: c.upcast_attention,
-        };
-
-        let mut down_blocks = Vec::with_capacity(n);
-        for i in 0..n {
-            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
-            let tp = tparams(i, r.only_cross[i]);
-            let is_final = i == n - 1;
-            down_blocks.push(DownBlock::new(
-                cin,
-                ch[i],
-                r.layers[i],
-                &rp,
-                (r.down_kinds[i] == BlockKind::CrossAttn).then_some(&tp),
-                (!is_final).then_some(c.downsample_padding),
-                vb.pp("down_blocks").pp(i),
-            )?);
-        }
-
-        let mid_block = if r.mid_cross_attn {
-            let mrp = ResnetParams {
-                output_scale_factor: c.mid_block_scale_factor,
-                ..rp.clone()
-            };
-            // The mid block never takes `only_cross_attention` in diffusers.
-            let tp = tparams(n - 1, false);
-            Some(MidBlock::new(ch[n - 1], &mrp, &tp, vb.pp("mid_block"))?)
-        } else {
-            None
-        };
-
-        let mut up_blocks = Vec::with_capacity(n);
-        let mut out_ch = ch[n - 1];
-        for i in 0..n {
-            let j = n - 1 - i; // the matching down block
-            let prev_out = out_ch;
-            out_ch = ch[j];
-            let cin = ch[j.saturating_sub(1)];
-            let tp = tparams(j, r.only_cross[j]);
-            up_blocks.push(UpBlock::new(
-                cin,
-                prev_out,
-                out_ch,
-                r.layers[j] + 1,
-                &rp,
-                (r.up_kinds[i] == BlockKind::CrossAttn).then_some(&tp),
-                i != n - 1,
-                vb.pp("up_blocks").pp(i),
-            )?);
-        }
-
-        let conv_norm_out = GroupNorm::new(r.groups, ch[0], c.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = conv2d(
-            ch[0],
-            c.out_channels,
-            c.conv_out_kernel,
-            1,
-            (c.conv_out_kernel - 1) / 2,
-            vb.pp("conv_out"),
-        )?;
-        Ok(Self {
-            config: config.clone(),
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
+        Ok(Stem {
             conv_in,
             time_embedding,
-            time_embed_act,
-            down_blocks,
-            mid_block,
-            up_blocks,
-            conv_norm_out,
-            conv_act: act_fn,
-            conv_out,
+            time_embed_act: self.time_embed_act,
+        })
+    }
+
+    fn build_down(&self, i: usize, vb: &VarBuilder) -> Result<DownBlock> {
+        let (c, r) = (&self.config, &self.resolved);
+        let ch = &c.block_out_channels;
+        let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+        let tp = self.transformer(i, r.only_cross[i]);
+        let is_final = i == self.levels() - 1;
+        Ok(DownBlock::new(
+            cin,
+            ch[i],
+            r.layers[i],
+            &self.resnet,
+            (r.down_kinds[i] == BlockKind::CrossAttn).then_some(&tp),
+            (!is_final).then_some(c.downsample_padding),
+            vb.pp("down_blocks").pp(i),
+        )?)
+    }
+
+    /// `None` for a config without a mid block.
+    fn build_mid(&self, vb: &VarBuilder) -> Result<Option<MidBlock>> {
+        if !self.has_mid_block() {
+            return Ok(None);
+        }
+        let n = self.levels();
+        let mrp = ResnetParams {
+            output_scale_factor: self.config.mid_block_scale_factor,
+            ..self.resnet.clone()
+        };
+        // The mid block never takes `only_cross_attention` in diffusers.
+        let tp = self.transformer(n - 1, false);
+        let channels = self.config.block_out_channels[n - 1];
+        Ok(Some(MidBlock::new(
+            channels,
+            &mrp,
+            &tp,
+            vb.pp("mid_block"),
+        )?))
+    }
+
+    fn build_up(&self, i: usize, vb: &VarBuilder) -> Result<UpBlock> {
+        let (c, r) = (&self.config, &self.resolved);
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let j = n - 1 - i; // the matching down block
+                           // The previous up block's output (the mid block's for the first).
+        let prev_out = if i == 0 { ch[n - 1] } else { ch[j + 1] };
+        let cin = ch[j.saturating_sub(1)];
+        let tp = self.transformer(j, r.only_cross[j]);
+        Ok(UpBlock::new(
+            cin,
+            prev_out,
+            ch[j],
+            r.layers[j] + 1,
+            &self.resnet,
+            (r.up_kinds[i] == BlockKind::CrossAttn).then_some(&tp),
+            i != n - 1,
+            vb.pp("up_blocks").pp(i),
+        )?)
+    }
+
+    fn build_head(&self, vb: &VarBuilder) -> Result<Head> {
+        let c = &self.config;
+        let ch0 = c.block_out_channels[0];
+        Ok(Head {
+            conv_norm_out: GroupNorm::new(
+                self.resolved.groups,
+                ch0,
+                c.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_act: self.act,
+            conv_out: conv2d(
+                ch0,
+                c.out_channels,
+                c.conv_out_kernel,
+                1,
+                (c.conv_out_kernel - 1) / 2,
+                vb.pp("conv_out"),
+            )?,
+        })
+    }
+
+    fn build_all(&self, vb: &VarBuilder) -> Result<ResidentParts> {
+        let n = self.levels();
+        Ok(ResidentParts {
+            stem: self.build_stem(vb)?,
+            down_blocks: (0..n)
+                .map(|i| self.build_down(i, vb))
+                .collect::<Result<_>>()?,
+            mid_block: self.build_mid(vb)?,
+            up_blocks: (0..n)
+                .map(|i| self.build_up(i, vb))
+                .collect::<Result<_>>()?,
+            head: self.build_head(vb)?,
+        })
+    }
+}
+
+/// The conditional UNet of Stable Diffusion.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    layout: Layout,
+    dtype: DType,
+    device: Device,
+    weights: UNetWeights,
+    slicing: AttentionSlicing,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model, loading every tensor from `vb` (diffusers key names). A missing or
+    /// mis-shaped tensor fails with a candle error naming it; an unsupported config value with
+    /// [`PipelineError::Config`].
+    pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
+        let layout = Layout::new(config)?;
+        let parts = layout.build_all(&vb)?;
+        Ok(Self {
+            layout,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            weights: UNetWeights::Resident(Box::new(parts)),
+            slicing: AttentionSlicing::default(),
+        })
+    }
+
+    /// Sequential offload: the weights are read from `host` once, converted to its dtype and
+    /// checked as [`UNet2DConditionModel::new`] checks them, and kept where `host` puts them
+    /// (host memory: give it the CPU device). Each `forward` then builds one part at a time on
+    /// `device` (the stem, each down block, the mid block, each up block, the head), runs it and
+    /// drops it before building the next, so `device` holds one part's weights at a time. Same
+    /// results as the resident model, bit for bit.
+    pub fn streamed(host: VarBuilder, config: &UNetConfig, device: &Device) -> Result<Self> {
+        let layout = Layout::new(config)?;
+        let dtype = host.dtype();
+        let (recording_vb, recording) = streaming::recording(host);
+        // One build on the host reads (and checks) every tensor once; the modules are dropped
+        // and the tensors they read kept.
+        drop(layout.build_all(&recording_vb)?);
+        drop(recording_vb);
+        Ok(Self {
+            layout,
+            dtype,
+            device: device.clone(),
+            weights: UNetWeights::Streamed(recording.finish()),
             slicing: AttentionSlicing::default(),
         })
     }
 
     pub fn config(&self) -> &UNetConfig {
-        &self.config
+        &self.layout.config
     }
 
     /// The weights' dtype; `forward` computes and returns in it.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The device `forward` computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// True when built by [`UNet2DConditionModel::streamed`].
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.weights, UNetWeights::Streamed(_))
+    }
+
+    /// Bytes of weights held in host memory when streamed; `None` when resident.
+    pub fn host_weight_bytes(&self) -> Option<usize> {
+        match &self.weights {
+            UNetWeights::Streamed(h) => Some(h.bytes()),
+            UNetWeights::Resident(_) => None,
+        }
+    }
+
+    /// What streaming did since the model was built; `None` when resident.
+    pub fn stream_stats(&self) -> Option<StreamStats> {
+        match &self.weights {
+            UNetWeights::Streamed(h) => Some(h.counters.stats(self.layout.parts_per_forward())),
+            UNetWeights::Resident(_) => None,
+        }
     }
 
     pub fn attention_slicing(&self) -> AttentionSlicing {
@@ -243,6 +411,23 @@ impl UNet2DConditionModel {
         self.slicing = slicing;
     }
 
+    /// One part ready on the device: the resident module, or one built now from the host
+    /// weights and freed when the returned value is dropped.
+    fn part<'a, T>(
+        &'a self,
+        resident: impl FnOnce(&'a ResidentParts) -> &'a T,
+        build: impl FnOnce(&Layout, &VarBuilder) -> Result<T>,
+    ) -> Result<PartOnDevice<'a, T>> {
+        match &self.weights {
+            UNetWeights::Resident(parts) => Ok(PartOnDevice::Resident(resident(parts))),
+            UNetWeights::Streamed(host) => {
+                let vb = host.var_builder(self.dtype, &self.device);
+                let part = build(&self.layout, &vb)?;
+                Ok(PartOnDevice::streamed(part, &host.counters))
+            }
+        }
+    }
+
     /// `sample` `[B, in_channels, h, w]`, `timesteps` `[B]` (or `[1]`/scalar, broadcast to the
     /// batch) in any float dtype, `encoder_hidden_states` `[B, L, cross_attention_dim]`.
     /// Returns the prediction `[B, out_channels, h, w]` in the weights' dtype.
@@ -252,7 +437,7 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        let c = &self.config;
+        let c = &self.layout.config;
         let (b, cin, h, w) = sample.dims4()?;
         if cin != c.in_channels {
             return Err(PipelineError::InvalidRequest(format!(
@@ -273,6 +458,9 @@ impl UNet2DConditionModel {
                 )))
             }
         };
+        if let UNetWeights::Streamed(host) = &self.weights {
+            host.counters.forward_started();
+        }
         let o = RunOpts {
             slicing: self.slicing,
         };
@@ -284,6 +472,9 @@ impl UNet2DConditionModel {
             sample = sample.affine(2.0, -1.0)?;
         }
 
+        // Each part below is dropped at the end of its statement block, before the next is
+        // built: when streamed, the device holds one part's weights at a time.
+        let stem = self.part(|p| &p.stem, |l, vb| l.build_stem(vb))?;
         // Time embedding: sinusoids in f32, then cast to the weights' dtype as diffusers does.
         let t_emb = timestep_embedding(
             &timesteps.to_device(&self.device)?,
@@ -292,29 +483,35 @@ impl UNet2DConditionModel {
             c.freq_shift,
         )?
         .to_dtype(self.dtype)?;
-        let mut emb = self.time_embedding.forward(&t_emb)?;
-        if let Some(a) = self.time_embed_act {
+        let mut emb = stem.time_embedding.forward(&t_emb)?;
+        if let Some(a) = stem.time_embed_act {
             emb = a.forward(&emb)?;
         }
 
         // Odd latent sizes: each upsampler must produce exactly its skip connection's size.
-        let up_factor = 1usize << self.up_blocks.len().saturating_sub(1);
+        let n = self.layout.levels();
+        let up_factor = 1usize << n.saturating_sub(1);
         let forward_upsample_size = h % up_factor != 0 || w % up_factor != 0;
 
-        let mut x = self.conv_in.forward(&sample)?;
+        let mut x = stem.conv_in.forward(&sample)?;
+        drop(stem);
         let mut skips = vec![x.clone()];
-        for d in &self.down_blocks {
+        for i in 0..n {
+            let d = self.part(|p| &p.down_blocks[i], |l, vb| l.build_down(i, vb))?;
             x = d.forward(&x, &emb, &ctx, o, &mut skips)?;
         }
-        if let Some(m) = &self.mid_block {
-            x = m.forward(&x, &emb, &ctx, o)?;
+        if self.layout.has_mid_block() {
+            let mid = self.part(|p| &p.mid_block, |l, vb| l.build_mid(vb))?;
+            if let Some(m) = &*mid {
+                x = m.forward(&x, &emb, &ctx, o)?;
+            }
         }
-        let n_up = self.up_blocks.len();
-        for (i, u) in self.up_blocks.iter().enumerate() {
+        for i in 0..n {
+            let u = self.part(|p| &p.up_blocks[i], |l, vb| l.build_up(i, vb))?;
             let keep = skips.len().saturating_sub(u.num_resnets());
             let mut res = skips.split_off(keep);
             let size = match skips.last() {
-                Some(s) if i + 1 != n_up && forward_upsample_size => {
+                Some(s) if i + 1 != n && forward_upsample_size => {
                     let (_, _, sh, sw) = s.dims4()?;
                     Some((sh, sw))
                 }
@@ -322,8 +519,9 @@ impl UNet2DConditionModel {
             };
             x = u.forward(&x, &mut res, &emb, &ctx, size, o)?;
         }
-        let x = self.conv_norm_out.forward_act(&x, self.conv_act)?;
-        Ok(self.conv_out.forward(&x)?)
+        let head = self.part(|p| &p.head, |l, vb| l.build_head(vb))?;
+        let x = head.conv_norm_out.forward_act(&x, head.conv_act)?;
+        Ok(head.conv_out.forward(&x)?)
     }
 }
 
