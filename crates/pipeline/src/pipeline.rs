@@ -14,7 +14,7 @@ use crate::memory::{classify_oom, MemoryPlan, MemoryTracker, MemoryUsage, Offloa
 use crate::rng::TorchRng;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
-use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::unet::{StreamStats, UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKlDecoder, VaeConfig};
 use crate::{PipelineError, Result};
 
@@ -55,9 +55,11 @@ pub type StepHook<'a> = &'a mut dyn FnMut(StepProgress) -> ControlFlow<()>;
 pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
     // Components are resident on `device`, or offloaded (built there for their stage) when the
-    // memory plan says so; see `memory::offload`.
+    // memory plan says so; see `memory::offload`. Under sequential offload the UNet is resident
+    // in host memory and streams its parts to `device` (see `unet_component`).
     text_encoder: Component<ClipTextModel>,
     unet: Component<UNet2DConditionModel>,
+    unet_config: UNetConfig,
     unet_in_channels: usize,
     vae: Component<AutoencoderKlDecoder>,
     /// The VAE in f32, built only to redo a half-precision decode that produced NaN/Inf.
@@ -89,7 +91,9 @@ impl StableDiffusion {
     }
 
     /// As [`StableDiffusion::load`], with the memory levers of `plan` (see `memory::plan`):
-    /// offloaded components are not put on the device until their stage.
+    /// offloaded components are not put on the device until their stage; under
+    /// `Offload::Sequential` the UNet's weights are read into host memory and its parts put on
+    /// the device one at a time during each forward pass.
     pub fn load_with_plan(
         dir: &Path,
         device: &Device,
@@ -119,12 +123,12 @@ impl StableDiffusion {
 
         let unet_config: UNetConfig = read_json(&dir.join("unet/config.json"))?;
         let unet_in_channels = unet_config.in_channels;
-        let unet = Component::new(
-            "unet",
+        let unet = unet_component(
             component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype)?,
             dtype,
-            move |vb| UNet2DConditionModel::new(vb, &unet_config),
-            resident,
+            &unet_config,
+            plan.offload,
+            device,
         )?;
 
         let vae_config: VaeConfig = read_json(&dir.join("vae/config.json"))?;
@@ -163,6 +167,7 @@ impl StableDiffusion {
             tokenizer,
             text_encoder,
             unet,
+            unet_config,
             unet_in_channels,
             vae_scaling_factor: scaling_factor,
             vae_scale_factor,
@@ -233,16 +238,36 @@ impl StableDiffusion {
         self.plan.vae_tiling = tiling;
     }
 
-    /// Keeps every component on the device (`Offload::None`) or only during its stage
-    /// (`Offload::Model`; `Sequential` runs as `Model`, see docs/GPU.md).
+    /// Keeps every component on the device (`Offload::None`), or only during its stage
+    /// (`Offload::Model`), or, for the UNet, one part at a time during each forward pass with its
+    /// weights in host memory (`Offload::Sequential`; text encoder and VAE as under `Model`).
     pub fn set_offload(&mut self, offload: Offload) -> Result<()> {
         let resident = (offload == Offload::None).then_some(&self.device);
         self.text_encoder.set_residence(resident)?;
-        self.unet.set_residence(resident)?;
+        // Free the current UNet before building it for the new mode.
+        self.unet.set_residence(None)?;
+        self.unet = unet_component(
+            self.unet.files().to_vec(),
+            self.dtype,
+            &self.unet_config,
+            offload,
+            &self.device,
+        )?;
         self.vae.set_residence(resident)?;
         self.plan.offload = offload;
         self.configure_resident();
         Ok(())
+    }
+
+    /// What UNet streaming did since the model was loaded or its offload last changed; `None`
+    /// unless the offload is `Sequential`.
+    pub fn unet_stream_stats(&self) -> Option<StreamStats> {
+        self.unet.resident().and_then(|u| u.stream_stats())
+    }
+
+    /// Bytes of UNet weights held in host memory under `Offload::Sequential`; `None` otherwise.
+    pub fn unet_host_weight_bytes(&self) -> Option<usize> {
+        self.unet.resident().and_then(|u| u.host_weight_bytes())
     }
 
     /// The UNet for one run, with the plan's attention slicing (built now when offloaded).
@@ -407,7 +432,8 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
-        // Offloaded: the UNet comes to the device once for the whole loop and leaves after it.
+        // Model offload: the UNet comes to the device once for the whole loop and leaves after
+        // it. Sequential: it stays in host memory and streams its parts in every forward pass.
         let unet = self.unet_for_run()?;
         for (index, &t) in timesteps.iter().enumerate() {
             let model_input = scheduler.scale_model_input(&latents, index)?;
@@ -498,6 +524,38 @@ impl StableDiffusion {
             }
             _ => vae.decode(z),
         }
+    }
+}
+
+/// The UNet component for an offload mode: built on `device` and kept (`None`), built there for
+/// each run (`Model`), or kept in host memory, read once in `dtype`, with its parts built on
+/// `device` one at a time during each forward pass (`Sequential`).
+fn unet_component(
+    files: Vec<PathBuf>,
+    dtype: DType,
+    config: &UNetConfig,
+    offload: Offload,
+    device: &Device,
+) -> Result<Component<UNet2DConditionModel>> {
+    let config = config.clone();
+    match offload {
+        Offload::Sequential => {
+            let compute = device.clone();
+            Component::new(
+                "unet",
+                files,
+                dtype,
+                move |host| UNet2DConditionModel::streamed(host, &config, &compute),
+                Some(&Device::Cpu),
+            )
+        }
+        Offload::None | Offload::Model => Component::new(
+            "unet",
+            files,
+            dtype,
+            move |vb| UNet2DConditionModel::new(vb, &config),
+            (offload == Offload::None).then_some(device),
+        ),
     }
 }
 

@@ -6,6 +6,10 @@
 //! (their pages stay in the OS page cache, i.e. host memory) and either holds the built module
 //! permanently (resident) or builds it on the device when asked and drops it after the stage
 //! (offloaded): the device memory is returned as soon as the [`Held`] guard is dropped.
+//!
+//! Sequential offload uses the same type: the UNet component is resident on the CPU (its
+//! weights read into host memory once, in the compute dtype) and the module it holds streams
+//! its parts to the device itself (`unet::UNet2DConditionModel::streamed`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,6 +79,16 @@ impl<T> Component<T> {
 
     pub fn is_resident(&self) -> bool {
         self.resident.is_some()
+    }
+
+    /// The weight files the component is built from.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// The resident module, without building anything; `None` when offloaded.
+    pub fn resident(&self) -> Option<&T> {
+        self.resident.as_ref()
     }
 
     /// The same weights in another dtype (e.g. the f32 VAE for the NaN retry), offloaded.

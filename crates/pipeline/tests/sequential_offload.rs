@@ -1,0 +1,294 @@
+//! Sequential offload: the UNet's weights in host memory and its parts built on the device one at
+//! a time during each forward pass. On the CPU the "device" is the CPU too, which still runs the
+//! whole streaming path (host map, per-part builds, drops); the results must not change at all.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sdserve_pipeline::attention::AttentionSlicing;
+use sdserve_pipeline::error::read_json;
+use sdserve_pipeline::memory::{MemoryPlan, Offload, VaeTiling};
+use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StableDiffusion};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::unet::{StreamStats, UNet2DConditionModel, UNetConfig};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A UNet fixture: its folder (config + weights) and its reference inputs.
+struct UNetCase {
+    name: &'static str,
+    dir: PathBuf,
+    inputs: [Tensor; 3],
+}
+
+fn unet_cases() -> Vec<UNetCase> {
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let mut cases = Vec::new();
+    // tiny-a: 2 levels with a mid block; tiny-b: 3 levels, non-square latents.
+    for name in ["tiny-a", "tiny-b"] {
+        let r = load(fixtures().join(format!("{name}.safetensors")));
+        cases.push(UNetCase {
+            name,
+            dir: fixtures().join(name).join("unet"),
+            inputs: [
+                r["unet.sample"].clone(),
+                r["unet.timesteps"].clone(),
+                r["unet.encoder_hidden_states"].clone(),
+            ],
+        });
+    }
+    // odd: 9x7 latents (upsample sizes passed down); nomid: no mid block (one part fewer).
+    let variants = fixtures().join("unet-variants");
+    for name in ["odd", "nomid"] {
+        let r = load(variants.join(format!("{name}.safetensors")));
+        cases.push(UNetCase {
+            name,
+            dir: variants.join(name),
+            inputs: [
+                r["sample"].clone(),
+                r["timesteps"].clone(),
+                r["encoder_hidden_states"].clone(),
+            ],
+        });
+    }
+    cases
+}
+
+fn var_builder(dir: &Path, dtype: DType) -> VarBuilder<'static> {
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    // SAFETY: the fixture file is not modified while mapped.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }.unwrap()
+}
+
+fn forward(unet: &UNet2DConditionModel, inputs: &[Tensor; 3]) -> Vec<f32> {
+    unet.forward(&inputs[0], &inputs[1], &inputs[2])
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Parts one forward pass runs: stem, each down block, the mid block if any, each up block, head.
+fn expected_parts(config: &UNetConfig) -> usize {
+    2 + 2 * config.block_out_channels.len() + usize::from(config.mid_block_type.is_some())
+}
+
+/// Max abs difference, 0 only when every element is equal (NaN counts as different).
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x == y {
+                0.0
+            } else {
+                (x - y).abs().max(f32::MIN_POSITIVE)
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn streamed_unet_equals_resident_unet_and_builds_each_part_once_per_forward() {
+    for case in unet_cases() {
+        let config: UNetConfig = read_json(&case.dir.join("config.json")).unwrap();
+        let resident =
+            UNet2DConditionModel::new(var_builder(&case.dir, DType::F32), &config).unwrap();
+        let streamed = UNet2DConditionModel::streamed(
+            var_builder(&case.dir, DType::F32),
+            &config,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(streamed.is_streamed() && !resident.is_streamed());
+        assert_eq!(resident.stream_stats(), None);
+        let parts = expected_parts(&config);
+        // Nothing is built on the device before the first forward pass.
+        assert_eq!(
+            streamed.stream_stats(),
+            Some(StreamStats {
+                parts_per_forward: parts,
+                forwards: 0,
+                part_builds: 0,
+                peak_parts_on_device: 0,
+            })
+        );
+
+        let want = forward(&resident, &case.inputs);
+        for pass in 1..=2 {
+            let got = forward(&streamed, &case.inputs);
+            let diff = max_abs_diff(&got, &want);
+            assert_eq!(diff, 0.0, "{}: pass {pass}: max abs diff {diff}", case.name);
+            // Every part built once per pass, and dropped before the next one was built.
+            assert_eq!(
+                streamed.stream_stats(),
+                Some(StreamStats {
+                    parts_per_forward: parts,
+                    forwards: pass,
+                    part_builds: pass * parts,
+                    peak_parts_on_device: 1,
+                }),
+                "{}",
+                case.name
+            );
+        }
+        eprintln!("{}: {parts} parts per forward, identical output", case.name);
+    }
+}
+
+#[test]
+fn streamed_unet_keeps_attention_slicing_and_half_precision_results() {
+    let case = &unet_cases()[0];
+    let config: UNetConfig = read_json(&case.dir.join("config.json")).unwrap();
+    for slicing in [AttentionSlicing::Off, AttentionSlicing::Heads(1)] {
+        let mut resident =
+            UNet2DConditionModel::new(var_builder(&case.dir, DType::F32), &config).unwrap();
+        let mut streamed = UNet2DConditionModel::streamed(
+            var_builder(&case.dir, DType::F32),
+            &config,
+            &Device::Cpu,
+        )
+        .unwrap();
+        resident.set_attention_slicing(slicing);
+        streamed.set_attention_slicing(slicing);
+        let diff = max_abs_diff(
+            &forward(&streamed, &case.inputs),
+            &forward(&resident, &case.inputs),
+        );
+        assert_eq!(diff, 0.0, "{slicing:?}: max abs diff {diff}");
+    }
+
+    // f16: the host copy is converted once when streamed() reads it (half the bytes of the f32
+    // copy) and computes exactly as the resident f16 model.
+    let resident16 =
+        UNet2DConditionModel::new(var_builder(&case.dir, DType::F16), &config).unwrap();
+    let streamed16 =
+        UNet2DConditionModel::streamed(var_builder(&case.dir, DType::F16), &config, &Device::Cpu)
+            .unwrap();
+    let streamed32 =
+        UNet2DConditionModel::streamed(var_builder(&case.dir, DType::F32), &config, &Device::Cpu)
+            .unwrap();
+    assert_eq!(streamed16.dtype(), DType::F16);
+    let (b16, b32) = (
+        streamed16.host_weight_bytes().unwrap(),
+        streamed32.host_weight_bytes().unwrap(),
+    );
+    assert!(b32 > 0 && 2 * b16 == b32, "host bytes f16 {b16}, f32 {b32}");
+    let diff = max_abs_diff(
+        &forward(&streamed16, &case.inputs),
+        &forward(&resident16, &case.inputs),
+    );
+    assert_eq!(diff, 0.0, "f16: max abs diff {diff}");
+}
+
+#[test]
+fn streamed_unet_checks_weights_when_built() {
+    let case = &unet_cases()[0];
+    let config: UNetConfig = read_json(&case.dir.join("config.json")).unwrap();
+    let mut weights: HashMap<String, Tensor> = candle_core::safetensors::load(
+        case.dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    // A tensor only an up block reads: the error comes at load time, not at the first forward.
+    let name = "up_blocks.1.resnets.2.conv_shortcut.weight";
+    assert!(weights.remove(name).is_some());
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let err = UNet2DConditionModel::streamed(vb, &config, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(name), "{err}");
+}
+
+fn params(name: &str) -> GenerationParams {
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
+    let r = &json["images"]["euler"];
+    GenerationParams {
+        prompt: r["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: r["negative_prompt"].as_str().unwrap_or("").to_string(),
+        steps: r["steps"].as_u64().unwrap() as usize,
+        width: r["width"].as_u64().unwrap() as usize,
+        height: r["height"].as_u64().unwrap() as usize,
+        seed: r["seed"].as_u64().unwrap(),
+        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
+        scheduler: Some(SchedulerKind::from_name("euler").unwrap()),
+    }
+}
+
+fn run(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
+    model
+        .generate(params, &mut |_| ControlFlow::Continue(()))
+        .expect("generates")
+}
+
+fn load_with(name: &str, offload: Offload) -> StableDiffusion {
+    let mut plan = MemoryPlan::cpu(DType::F32);
+    plan.offload = offload;
+    StableDiffusion::load_with_plan(&fixtures().join(name), &Device::Cpu, DType::F32, &plan)
+        .unwrap()
+}
+
+#[test]
+fn sequential_offload_gives_the_same_images() {
+    for name in ["tiny-a", "tiny-b"] {
+        let params = params(name);
+        let mut base = load_with(name, Offload::None);
+        let want = run(&base, &params);
+        assert_eq!(base.unet_stream_stats(), None);
+        assert_eq!(base.unet_host_weight_bytes(), None);
+
+        // Loaded with the plan: one UNet forward per step (CFG is one batch of two), each
+        // building every part once, one part on the device at a time.
+        let seq = load_with(name, Offload::Sequential);
+        assert!(seq.unet_host_weight_bytes().unwrap() > 0);
+        assert_eq!(
+            run(&seq, &params).pixels,
+            want.pixels,
+            "{name}: loaded sequential"
+        );
+        let s = seq.unet_stream_stats().expect("streamed");
+        assert_eq!(s.forwards, params.steps, "{name}");
+        assert_eq!(s.part_builds, params.steps * s.parts_per_forward, "{name}");
+        assert_eq!(s.peak_parts_on_device, 1, "{name}");
+
+        // Switched at run time, and back.
+        base.set_offload(Offload::Sequential).unwrap();
+        assert_eq!(
+            run(&base, &params).pixels,
+            want.pixels,
+            "{name}: set sequential"
+        );
+        assert_eq!(base.unet_stream_stats().unwrap().forwards, params.steps);
+        base.set_offload(Offload::None).unwrap();
+        assert_eq!(base.unet_stream_stats(), None);
+        assert_eq!(
+            run(&base, &params).pixels,
+            want.pixels,
+            "{name}: back to none"
+        );
+    }
+}
+
+#[test]
+fn sequential_offload_with_sliced_attention_and_tiled_vae() {
+    let name = "tiny-a";
+    let params = params(name);
+    let mut base = load_with(name, Offload::None);
+    let mut seq = load_with(name, Offload::Sequential);
+    let latent = params.height / base.vae_scale_factor();
+    for model in [&mut base, &mut seq] {
+        model.set_attention_slicing(AttentionSlicing::MaxBytes(4096));
+        model.set_vae_tiling(Some(VaeTiling::new(latent / 2)));
+    }
+    assert_eq!(run(&seq, &params).pixels, run(&base, &params).pixels);
+    assert_eq!(seq.unet_stream_stats().unwrap().forwards, params.steps);
+}
