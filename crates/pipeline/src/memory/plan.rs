@@ -5,7 +5,9 @@
 //! 1. attention computed in slices (`AttentionSlicing::Auto` instead of `Off`),
 //! 2. the VAE decoded in overlapping tiles (smaller tiles if needed),
 //! 3. model offload: text encoder, UNet and VAE each on the GPU only for their stage,
-//! 4. sequential offload: UNet blocks streamed to the GPU one at a time.
+//! 4. sequential offload: as 3., and the UNet's weights kept in host memory, its parts (stem,
+//!    each down block, mid block, each up block, head) put on the GPU one at a time during each
+//!    forward pass (`unet::UNet2DConditionModel::streamed`).
 //!
 //! The estimates count the big tensors each stage keeps alive at once (see the `*_bytes`
 //! functions); they are estimates, calibrated by reading the code, not measured on a GPU yet.
@@ -23,7 +25,10 @@ pub enum Offload {
     None,
     /// Text encoder, UNet and VAE kept in host memory and moved to the device for their stage.
     Model,
-    /// As `Model`, and the UNet's blocks streamed to the device one at a time.
+    /// Text encoder and VAE as under `Model`; the UNet's weights stay in host memory (in the
+    /// compute dtype) and each of its parts is built on the device just before it runs in a
+    /// forward pass and dropped right after (slowest: the weights cross to the device every
+    /// step).
     Sequential,
 }
 
