@@ -5,8 +5,10 @@
 pub mod act;
 pub mod attention;
 pub mod conv;
+pub mod linear;
 pub mod math;
 pub mod norm;
+pub mod simd;
 pub mod winograd;
 pub mod winograd4;
 
