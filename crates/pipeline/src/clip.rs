@@ -32,7 +32,10 @@ pub enum HiddenAct {
 impl HiddenAct {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Self::QuickGelu => match crate::kernels::act::quick_gelu(x)? {
+                Some(y) => Ok(y),
+                None => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            },
             Self::Gelu => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
         }
@@ -149,6 +152,10 @@ impl F32LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let fast = crate::kernels::norm::layer_norm;
+        if let Some(y) = fast(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -160,6 +167,18 @@ impl F32LayerNorm {
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)?
             .to_dtype(dtype)
+    }
+}
+
+/// `l(x) (+ residual)` as one gemm with the bias and residual folded in on f32 CPU tensors.
+fn linear_fwd(l: &Linear, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if let Some(y) = crate::kernels::linear::linear(x, l.weight(), l.bias(), residual)? {
+        return Ok(y);
+    }
+    let y = l.forward(x)?;
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
     }
 }
 
@@ -189,17 +208,18 @@ impl Attention {
         })
     }
 
-    /// `x`: [B, L, H]; `mask`: [L, L] f32 additive causal mask.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `residual + out_proj(attention(x))`; `x`: [B, L, H]; `mask`: [L, L] f32 additive
+    /// causal mask.
+    fn forward(&self, x: &Tensor, mask: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l, h) = x.dims3()?;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, l, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split((self.q_proj.forward(x)? * self.scale)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
+        let q = split((linear_fwd(&self.q_proj, x, None)? * self.scale)?)?;
+        let k = split(linear_fwd(&self.k_proj, x, None)?)?;
+        let v = split(linear_fwd(&self.v_proj, x, None)?)?;
         // [B, heads, L, L]; mask and softmax in f32.
         let scores = q
             .matmul(&k.t()?)?
@@ -207,7 +227,7 @@ impl Attention {
             .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        self.out_proj.forward(&out)
+        linear_fwd(&self.out_proj, &out, Some(residual))
     }
 }
 
@@ -235,15 +255,11 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self
+        let x = self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?)?;
-        let y = self.fc2.forward(
-            &self
-                .act
-                .apply(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?,
-        )?;
-        x + y
+            .forward(&self.layer_norm1.forward(x)?, mask, x)?;
+        let h = linear_fwd(&self.fc1, &self.layer_norm2.forward(&x)?, None)?;
+        linear_fwd(&self.fc2, &self.act.apply(&h)?, Some(&x))
     }
 }
 

@@ -385,12 +385,20 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         // Offloaded: the encoder comes to the device once for both prompts.
         let encoder = self.text_encoder.get(&self.device)?;
-        let cond = self.embed(&encoder, prompt)?;
         if !do_cfg {
-            return Ok(cond);
+            return self.embed(&encoder, prompt);
         }
-        let uncond = self.embed(&encoder, negative_prompt)?;
-        Ok(Tensor::cat(&[&uncond, &cond], 0)?)
+        // Both prompts in one batch: each row only attends to itself, and the encoder's
+        // matmuls are twice as tall (better use of each packed weight).
+        let mut ids = self.tokenizer.encode(negative_prompt)?;
+        let cond = self.tokenizer.encode(prompt)?;
+        if ids.len() != cond.len() {
+            let uncond = self.embed(&encoder, negative_prompt)?;
+            return Ok(Tensor::cat(&[&uncond, &self.embed(&encoder, prompt)?], 0)?);
+        }
+        let l = cond.len();
+        ids.extend(cond);
+        encoder.forward(&Tensor::from_vec(ids, (2, l), &self.device)?)
     }
 
     fn embed(&self, encoder: &ClipTextModel, text: &str) -> Result<Tensor> {
@@ -435,11 +443,22 @@ impl StableDiffusion {
         // Model offload: the UNet comes to the device once for the whole loop and leaves after
         // it. Sequential: it stays in host memory and streams its parts in every forward pass.
         let unet = self.unet_for_run()?;
+        // SDSERVE_STEP_TIMES=1: per-step UNet and scheduler times on stderr (profiling).
+        let timing = std::env::var_os("SDSERVE_STEP_TIMES").is_some();
         for (index, &t) in timesteps.iter().enumerate() {
+            let start = std::time::Instant::now();
             let model_input = scheduler.scale_model_input(&latents, index)?;
             let noise_pred =
                 self.predict_noise_with(&unet, &model_input, t, text_embeddings, guidance_scale)?;
+            let unet_done = start.elapsed();
             latents = scheduler.step(&noise_pred, index, &latents, rng)?;
+            if timing {
+                eprintln!(
+                    "step {index} t={t}: unet {:.3} s, scheduler {:.4} s",
+                    unet_done.as_secs_f64(),
+                    (start.elapsed() - unet_done).as_secs_f64()
+                );
+            }
             if on_step(StepProgress {
                 step: index + 1,
                 total,

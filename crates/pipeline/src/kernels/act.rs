@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::math::geglu_rows;
+use super::math::{geglu_rows, quick_gelu_inplace};
 
 /// Rows handed to one rayon task (enough work to amortise scheduling).
 const ROWS_PER_TASK: usize = 16;
@@ -40,6 +40,21 @@ pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
 }
 
+/// `x * sigmoid(1.702 x)` (CLIP's `quick_gelu`) in one parallel pass; `None` when the fast path
+/// does not apply (not f32 on the CPU).
+pub fn quick_gelu(x: &Tensor) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    v.par_chunks_mut(ELEMS_PER_TASK)
+        .for_each(quick_gelu_inplace);
+    Tensor::from_vec(v, x.dims(), &Device::Cpu).map(Some)
+}
+
+/// Elements handed to one rayon task by element-wise kernels.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +73,20 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         assert!(geglu(&h.to_dtype(DType::F16)?)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn quick_gelu_matches_candle_ops() -> Result<()> {
+        let x = (Tensor::randn(0f32, 1.0, (2, 77, 100), &Device::Cpu)? * 4.0)?;
+        let got = quick_gelu(&x)?.expect("fast path");
+        let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702)?)?)?;
+        let d = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
         Ok(())
     }
 }

@@ -14,8 +14,12 @@ use rayon::prelude::*;
 /// Rows of the output prefilled per rayon task.
 const FILL_ROWS: usize = 64;
 
+/// f32 on the CPU, and the fused path not switched off (`SDSERVE_LINEAR=candle`, for A/B runs).
 fn f32_cpu(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
+    use std::sync::OnceLock;
+    static OFF: OnceLock<bool> = OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("SDSERVE_LINEAR").as_deref() == Ok("candle"));
+    !off && t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
 }
 
 /// Runs `f` on the contiguous f32 data of `t` (the caller checked f32 on the CPU).

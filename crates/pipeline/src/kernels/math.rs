@@ -166,6 +166,15 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// transformers' `quick_gelu` in place: `x * sigmoid(1.702 x)`.
+    fn quick_gelu_inplace(xs: &mut [f32]) {
+        for v in xs.iter_mut() {
+            *v /= 1.0 + exp(-1.702 * *v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +243,20 @@ mod tests {
                 let want = h[r * 6 + j] * gelu(h[r * 6 + 3 + j]);
                 assert_eq!(out[r * 3 + j], want);
             }
+        }
+    }
+
+    #[test]
+    fn quick_gelu_matches_definition() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.037).collect();
+        let mut ys = xs.clone();
+        quick_gelu_inplace(&mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let want = x as f64 / (1.0 + (-1.702 * x as f64).exp());
+            assert!(
+                (y as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{x}: {y} vs {want}"
+            );
         }
     }
 

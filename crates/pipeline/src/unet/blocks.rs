@@ -147,6 +147,19 @@ pub(crate) fn conv2d(
     crate::kernels::conv2d(cin, cout, kernel, stride, padding, vb)
 }
 
+/// `l(x) (+ residual)`: one gemm with the bias and residual folded in for f32 CPU tensors
+/// ([`crate::kernels::linear`]), candle's ops otherwise.
+fn linear_fwd(l: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(y) = crate::kernels::linear::linear(x, l.weight(), l.bias(), residual)? {
+        return Ok(y);
+    }
+    let y = l.forward(x)?;
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
 /// A 1x1 convolution loaded as the equivalent linear layer over `[.., channels]`.
 fn conv1x1_as_linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
@@ -272,23 +285,30 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, o: RunOpts) -> Result<Tensor> {
+    /// `to_out(attention) + residual`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: Option<&Tensor>,
+        o: RunOpts,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let ctx = ctx.unwrap_or(x);
         let (q, k, v) = (
-            self.to_q.forward(x)?,
-            self.to_k.forward(ctx)?,
-            self.to_v.forward(ctx)?,
+            linear_fwd(&self.to_q, x, None)?,
+            linear_fwd(&self.to_k, ctx, None)?,
+            linear_fwd(&self.to_v, ctx, None)?,
         );
-        // f32 on the CPU: blocked attention, never the whole score matrix (slicing is moot).
+        // f32 on the CPU: fused attention, never the whole score matrix (slicing is moot).
         let fast = crate::kernels::attention::attention;
         if let Some(a) = fast(&q, &k, &v, self.heads, self.scale)? {
-            return self.to_out.forward(&a);
+            return linear_fwd(&self.to_out, &a, Some(residual));
         }
         let q = split_heads(&q, self.heads)?;
         let k = split_heads(&k, self.heads)?;
         let v = split_heads(&v, self.heads)?;
         let a = sdpa(&q, &k, &v, self.scale, o.slicing, self.upcast)?;
-        self.to_out.forward(&merge_heads(&a, self.heads)?)
+        linear_fwd(&self.to_out, &merge_heads(&a, self.heads)?, Some(residual))
     }
 }
 
@@ -311,14 +331,15 @@ impl GegluFeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
+    /// `ff(x) + residual`.
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = linear_fwd(&self.proj, x, None)?;
         if let Some(y) = crate::kernels::act::geglu(&h)? {
-            return self.out.forward(&y);
+            return linear_fwd(&self.out, &y, Some(residual));
         }
         let a = h.narrow(D::Minus1, 0, self.inner)?;
         let gate = h.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
-        self.out.forward(&(a * gate)?)
+        linear_fwd(&self.out, &(a * gate)?, Some(residual))
     }
 }
 
@@ -374,11 +395,13 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
-        let x = (self.attn1.forward(&n, self.only_cross.then_some(ctx), o)? + x)?;
+        let x = self
+            .attn1
+            .forward(&n, self.only_cross.then_some(ctx), o, x)?;
         let n = self.norm2.forward(&x)?;
-        let x = (self.attn2.forward(&n, Some(ctx), o)? + x)?;
+        let x = self.attn2.forward(&n, Some(ctx), o, &x)?;
         let n = self.norm3.forward(&x)?;
-        self.ff.forward(&n)? + x
+        self.ff.forward(&n, &x)
     }
 }
 
@@ -420,12 +443,20 @@ impl Transformer2D {
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let t = self.norm.forward(x)?;
-        let t = t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let mut t = self.proj_in.forward(&t)?;
+        // f32 CPU: the projections read and write NCHW through strides (no transpose copies).
+        let (pi, po) = (&self.proj_in, &self.proj_out);
+        let mut t = match crate::kernels::linear::linear_from_nchw(&t, pi.weight(), pi.bias())? {
+            Some(t) => t,
+            None => pi.forward(&t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)?,
+        };
         for blk in &self.blocks {
             t = blk.forward(&t, ctx, o)?;
         }
-        let t = self.proj_out.forward(&t)?;
+        let fast = crate::kernels::linear::linear_to_nchw_add;
+        if let Some(y) = fast(&t, po.weight(), po.bias(), x)? {
+            return Ok(y);
+        }
+        let t = po.forward(&t)?;
         let t = t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
         t + x
     }
