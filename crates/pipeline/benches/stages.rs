@@ -145,7 +145,8 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
         stats.push(st);
     }
     type ConvFn = fn(&[f32], &[f32], Option<&[f32]>, &ConvShape, &mut [f32]);
-    let paths: [(&str, ConvFn, fn(&ConvShape) -> bool); 4] = [
+    type Applies = fn(&ConvShape) -> bool;
+    let paths: [(&str, ConvFn, Applies); 4] = [
         ("im2col", conv2d_im2col_f32, |_| true),
         ("wino2", winograd::conv3x3_f32, winograd::applies),
         ("wino4", winograd4::conv3x3_f32, winograd4::applies),

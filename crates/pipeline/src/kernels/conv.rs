@@ -99,10 +99,38 @@ fn im2col_tile(x: &[f32], s: &ConvShape, p0: usize, np: usize, col: &mut [f32]) 
 /// convolutions of all but small maps go through Winograd F(4x4, 3x3), the rest through tiled
 /// im2col. (F(4x4) was as fast as F(2x2) or faster on every SD shape: up to 1.6x at 32x32.)
 pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, out: &mut [f32]) {
-    if super::winograd4::applies(s) && s.h * s.w >= WINOGRAD_MIN_PIXELS {
-        return super::winograd4::conv3x3_f32(x, weight, bias, s, out);
+    match algo_override() {
+        Some(Algo::Im2col) => {}
+        Some(Algo::Wino2) => {
+            // The routing before F(4x4): F(2x2) while its per-call filters stay under 64 MB.
+            if super::winograd::applies(s) && s.cin * s.cout <= 1 << 20 {
+                return super::winograd::conv3x3_f32(x, weight, bias, s, out);
+            }
+        }
+        None => {
+            if super::winograd4::applies(s) && s.h * s.w >= WINOGRAD_MIN_PIXELS {
+                return super::winograd4::conv3x3_f32(x, weight, bias, s, out);
+            }
+        }
     }
     conv2d_im2col_f32(x, weight, bias, s, out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algo {
+    Im2col,
+    Wino2,
+}
+
+/// `SDSERVE_CONV=im2col|wino2` forces a path for A/B measurements of whole stages in one build
+/// (`wino2` is the routing before F(4x4)); unset or anything else routes by shape.
+fn algo_override() -> Option<Algo> {
+    static ALGO: std::sync::OnceLock<Option<Algo>> = std::sync::OnceLock::new();
+    *ALGO.get_or_init(|| match std::env::var("SDSERVE_CONV").as_deref() {
+        Ok("im2col") => Some(Algo::Im2col),
+        Ok("wino2") => Some(Algo::Wino2),
+        _ => None,
+    })
 }
 
 /// [`conv2d_f32`] by tiled im2col + GEMM, for any kernel size, stride and padding.
@@ -214,12 +242,38 @@ impl Conv2d {
     }
 
     fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let algo = if x.device().is_cpu() {
+            None
+        } else {
+            cudnn_algo_override()
+        };
+        let y = x.conv2d_with_algo(&self.weight, self.padding, self.stride, 1, 1, algo)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
+}
+
+/// `SDSERVE_CUDNN_ALGO` (implicit_gemm, implicit_precomp_gemm, gemm, direct, fft, fft_tiling,
+/// winograd, winograd_nonfused) fixes cuDNN's forward algorithm instead of its per-call heuristic:
+/// a measuring aid for the GPU path.
+fn cudnn_algo_override() -> Option<candle_core::conv::CudnnFwdAlgo> {
+    use candle_core::conv::CudnnFwdAlgo as A;
+    static ALGO: std::sync::OnceLock<Option<A>> = std::sync::OnceLock::new();
+    *ALGO.get_or_init(|| {
+        Some(match std::env::var("SDSERVE_CUDNN_ALGO").ok()?.as_str() {
+            "implicit_gemm" => A::ImplicitGemm,
+            "implicit_precomp_gemm" => A::ImplicitPrecompGemm,
+            "gemm" => A::Gemm,
+            "direct" => A::Direct,
+            "fft" => A::Fft,
+            "fft_tiling" => A::FftTiling,
+            "winograd" => A::Winograd,
+            "winograd_nonfused" => A::WinogradNonFused,
+            _ => return None,
+        })
+    })
 }
 
 impl Module for Conv2d {

@@ -85,14 +85,13 @@ fn filter_transform_matrix() -> [f32; 9 * 36] {
 }
 
 super::math::dispatch! {
-    /// One row of tiles of one channel: `v[xi * tw + tx] = (B^T d B)[xi]` where `d` is the 6x6
-    /// block at padded columns `4tx..4tx+6` of the six padded rows in `p` (each `4 * (tw + 1)`
-    /// long). `scratch` holds `60 * (tw + 1)` values: the rows split into the four column phases
-    /// (so every later loop is unit-stride), then the 36 column-transformed rows.
-    fn input_transform_row(p: &[f32], tw: usize, scratch: &mut [f32], v: &mut [f32]) {
+    /// One row of tiles of one channel, first half of `B^T d B`: `c[(r * 6 + j) * stride + off +
+    /// tx] = (d B)[r][j]` where `d` is the 6x6 block at padded columns `4tx..4tx+6` of the six
+    /// padded rows in `p` (each `4 * (tw + 1)` long). `ph` (`24 * (tw + 1)` values) takes the rows
+    /// split into the four column phases, so that the loops run unit-stride and vectorise.
+    fn input_columns(p: &[f32], tw: usize, ph: &mut [f32], c: &mut [f32], stride: usize, off: usize) {
         let n = tw + 1;
-        assert!(p.len() >= 24 * n && scratch.len() >= 60 * n && v.len() >= 36 * tw);
-        let (ph, c) = scratch[..60 * n].split_at_mut(24 * n);
+        assert!(p.len() >= 24 * n && ph.len() >= 24 * n && 35 * stride + off + tw <= c.len());
         for r in 0..6 {
             let row = &p[r * 4 * n..(r + 1) * 4 * n];
             let dst = &mut ph[r * 4 * n..(r + 1) * 4 * n];
@@ -102,25 +101,12 @@ super::math::dispatch! {
                 }
             }
         }
-        // d B along columns: c[r][j][tx] from the phases d[4tx + k].
         for r in 0..6 {
             let f = &ph[r * 4 * n..(r + 1) * 4 * n];
-            let cr = &mut c[r * 6 * n..(r + 1) * 6 * n];
             for t in 0..tw {
                 let d = [f[t], f[n + t], f[2 * n + t], f[3 * n + t], f[t + 1], f[n + t + 1]];
-                let o = bt6(d);
-                for (j, val) in o.into_iter().enumerate() {
-                    cr[j * n + t] = val;
-                }
-            }
-        }
-        // B^T (.) along rows, into the 36 output streams.
-        for j in 0..6 {
-            for t in 0..tw {
-                let d: [f32; 6] = std::array::from_fn(|r| c[(r * 6 + j) * n + t]);
-                let o = bt6(d);
-                for (i, val) in o.into_iter().enumerate() {
-                    v[(i * 6 + j) * tw + t] = val;
+                for (j, val) in bt6(d).into_iter().enumerate() {
+                    c[(r * 6 + j) * stride + off + t] = val;
                 }
             }
         }
@@ -128,46 +114,63 @@ super::math::dispatch! {
 }
 
 super::math::dispatch! {
-    /// One row of tiles of one channel: the four output rows `A^T M A + bias` (each `4 * tw`
-    /// wide) into `y`, from `m[xi * stride + off + tx]`; `scratch` holds `40 * tw` values.
-    fn output_transform_row(
+    /// Second half of `B^T d B` for all `nt` tiles of a chunk at once: `v[i * 6 + j][t] =
+    /// (B^T c)[i][j]` from the streams `c[(r * 6 + j) * nt + t]` of [`input_columns`].
+    fn input_rows(c: &[f32], nt: usize, v: &mut [&mut [f32]]) {
+        assert!(c.len() >= 36 * nt && v.len() == 36 && v.iter().all(|s| s.len() == nt));
+        for j in 0..6 {
+            for t in 0..nt {
+                let d: [f32; 6] = std::array::from_fn(|r| c[(r * 6 + j) * nt + t]);
+                for (i, val) in bt6(d).into_iter().enumerate() {
+                    v[i * 6 + j][t] = val;
+                }
+            }
+        }
+    }
+}
+
+super::math::dispatch! {
+    /// `A^T M A + bias` for all `nt` tiles of one channel of a chunk: `ys[(a * 4 + b) * nt + t]`
+    /// is output pixel (a, b) of tile t, from `m[xi * stride + off + t]`; `s` holds `24 * nt`.
+    fn output_transform(
         m: &[f32],
         stride: usize,
         off: usize,
-        tw: usize,
+        nt: usize,
         bias: f32,
-        scratch: &mut [f32],
-        y: &mut [f32]
+        s: &mut [f32],
+        ys: &mut [f32]
     ) {
-        assert!(35 * stride + off + tw <= m.len() && y.len() >= 16 * tw);
-        assert!(scratch.len() >= 40 * tw);
-        let (s, ys) = scratch[..40 * tw].split_at_mut(24 * tw);
-        // A^T along rows: s[a][j][tx].
+        assert!(35 * stride + off + nt <= m.len() && s.len() >= 24 * nt && ys.len() >= 16 * nt);
+        // A^T along rows: s[a][j][t].
         for j in 0..6 {
-            for t in 0..tw {
+            for t in 0..nt {
                 let d: [f32; 6] = std::array::from_fn(|i| m[(i * 6 + j) * stride + off + t]);
-                let o = at6(d);
-                for (a, val) in o.into_iter().enumerate() {
-                    s[(a * 6 + j) * tw + t] = val;
+                for (a, val) in at6(d).into_iter().enumerate() {
+                    s[(a * 6 + j) * nt + t] = val;
                 }
             }
         }
-        // (.) A along columns: ys[a][b][tx].
+        // (.) A along columns: ys[a][b][t].
         for a in 0..4 {
-            for t in 0..tw {
-                let d: [f32; 6] = std::array::from_fn(|j| s[(a * 6 + j) * tw + t]);
-                let o = at6(d);
-                for (b, val) in o.into_iter().enumerate() {
-                    ys[(a * 4 + b) * tw + t] = val + bias;
+            for t in 0..nt {
+                let d: [f32; 6] = std::array::from_fn(|j| s[(a * 6 + j) * nt + t]);
+                for (b, val) in at6(d).into_iter().enumerate() {
+                    ys[(a * 4 + b) * nt + t] = val + bias;
                 }
             }
         }
-        for a in 0..4 {
-            let row = &mut y[a * 4 * tw..(a + 1) * 4 * tw];
-            for (t, q) in row.chunks_exact_mut(4).enumerate() {
-                for (b, v) in q.iter_mut().enumerate() {
-                    *v = ys[(a * 4 + b) * tw + t];
-                }
+    }
+}
+
+super::math::dispatch! {
+    /// Output row `a` of the `tw` tiles starting at `ys[.. + off]` (see [`output_transform`]),
+    /// interleaved into `y` (`4 * tw` wide).
+    fn interleave_row(ys: &[f32], nt: usize, a: usize, off: usize, tw: usize, y: &mut [f32]) {
+        assert!((a * 4 + 3) * nt + off + tw <= ys.len() && y.len() >= 4 * tw);
+        for (t, q) in y[..4 * tw].chunks_exact_mut(4).enumerate() {
+            for (b, v) in q.iter_mut().enumerate() {
+                *v = ys[(a * 4 + b) * nt + off + t];
             }
         }
     }
@@ -215,35 +218,36 @@ pub fn conv3x3_f32(
         (0..cin).into_par_iter().for_each(|ci| {
             BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                let need = 24 * n + 60 * n + 36 * tw;
+                let need = 48 * n + 36 * nt;
                 if buf.len() < need {
                     buf.resize(need, 0.0);
                 }
                 let (p, rest) = buf[..need].split_at_mut(24 * n);
-                let (scratch, vt) = rest.split_at_mut(60 * n);
+                let (ph, c) = rest.split_at_mut(24 * n);
                 for r in 0..nrows {
                     let (b, ty) = ((gr0 + r) / th, (gr0 + r) % th);
                     let plane = &x[(b * cin + ci) * h * w..][..h * w];
                     // The six input rows under tile row ty, zero-padded left, right and outside.
                     for (q, row) in p.chunks_exact_mut(4 * n).enumerate() {
-                        row.fill(0.0);
                         let iy = 4 * ty + q; // input row + 1
                         if iy >= 1 && iy <= h {
+                            row[0] = 0.0;
                             row[1..=w].copy_from_slice(&plane[(iy - 1) * w..iy * w]);
+                            row[w + 1..].fill(0.0);
+                        } else {
+                            row.fill(0.0);
                         }
                     }
-                    input_transform_row(p, tw, scratch, vt);
-                    for xi in 0..36 {
-                        // SAFETY: row ci of plane xi, columns of tile row r, belong to this task.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                vt.as_ptr().add(xi * tw),
-                                (v_ptr as *mut f32).add((xi * cin + ci) * nt + r * tw),
-                                tw,
-                            );
-                        }
-                    }
+                    input_columns(p, tw, ph, c, nt, r * tw);
                 }
+                // SAFETY: row ci of each plane xi belongs to this task; the 36 are disjoint.
+                let mut dst: [&mut [f32]; 36] = std::array::from_fn(|xi| unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (v_ptr as *mut f32).add((xi * cin + ci) * nt),
+                        nt,
+                    )
+                });
+                input_rows(c, nt, &mut dst);
             });
         });
         let v = &v[..36 * cin * nt];
@@ -252,13 +256,14 @@ pub fn conv3x3_f32(
             let nb = cob.min(cout - co0);
             BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                let need = 36 * nb * cin + 36 * nb * nt + 56 * tw;
+                let need = 36 * nb * cin + 36 * nb * nt + 40 * nt + 4 * tw;
                 if buf.len() < need {
                     buf.resize(need, 0.0);
                 }
                 let (u, rest) = buf[..need].split_at_mut(36 * nb * cin);
                 let (m, rest) = rest.split_at_mut(36 * nb * nt);
-                let (scratch, y) = rest.split_at_mut(40 * tw);
+                let (sc, rest) = rest.split_at_mut(24 * nt);
+                let (ys, y) = rest.split_at_mut(16 * nt);
                 // U[xi][co - co0][ci] for this block: row (co - co0) * cin + ci of W times t.
                 // SAFETY: the block's filters are rows co0 * cin .. (co0 + nb) * cin of `weight`
                 // (9 apart); the output rows stride 1 and its columns nb * cin through `u`.
@@ -314,12 +319,13 @@ pub fn conv3x3_f32(
                 for c in 0..nb {
                     let co = co0 + c;
                     let bv = bias.map_or(0.0, |bs| bs[co]);
+                    output_transform(m, nb * nt, c * nt, nt, bv, sc, ys);
                     for r in 0..nrows {
                         let (b, ty) = ((gr0 + r) / th, (gr0 + r) % th);
-                        output_transform_row(m, nb * nt, c * nt + r * tw, tw, bv, scratch, y);
                         for a in 0..4 {
                             let oy = 4 * ty + a;
                             if oy < h {
+                                interleave_row(ys, nt, a, r * tw, tw, y);
                                 // SAFETY: channel co of every image belongs to this task.
                                 let dst = unsafe {
                                     std::slice::from_raw_parts_mut(
@@ -327,7 +333,7 @@ pub fn conv3x3_f32(
                                         w,
                                     )
                                 };
-                                dst.copy_from_slice(&y[a * 4 * tw..a * 4 * tw + w]);
+                                dst.copy_from_slice(&y[..w]);
                             }
                         }
                     }
