@@ -41,7 +41,7 @@ impl ConvShape {
 const TILE_BYTES: usize = 2 << 20;
 /// Fewest output pixels per image sent to Winograd. At 8x8 (a 1280-channel conv of a 512 UNet)
 /// there are too few tiles to pay for transforming the filters on every call: im2col was 1.7x
-/// faster than F(4x4) there, F(4x4) 1.6-3x faster than im2col from 16x16 up (benches/stages.rs
+/// faster than F(4x4) there, F(4x4) 1.9-2.9x faster than im2col from 16x16 up (benches/stages.rs
 /// --kernels-only, b2 1280 and 2560 channels).
 const WINOGRAD_MIN_PIXELS: usize = 65;
 /// Fewest output pixels per tile, so that the weight packing is amortised over enough columns.
@@ -97,7 +97,7 @@ fn im2col_tile(x: &[f32], s: &ConvShape, p0: usize, np: usize, col: &mut [f32]) 
 /// `out = conv2d(x, weight) + bias` over contiguous NCHW `x` (`[batch, cin, h, w]`), OIHW `weight`
 /// and `out` (`[batch, cout, out_h, out_w]`). Runs on the current rayon pool; 3x3 stride-1 "same"
 /// convolutions of all but small maps go through Winograd F(4x4, 3x3), the rest through tiled
-/// im2col. (F(4x4) was as fast as F(2x2) or faster on every SD shape: up to 1.6x at 32x32.)
+/// im2col. (F(4x4) beat F(2x2) on every SD shape: 1.2-1.75x, most at 32x32.)
 pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, out: &mut [f32]) {
     match algo_override() {
         Some(Algo::Im2col) => {}
