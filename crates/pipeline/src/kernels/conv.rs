@@ -245,7 +245,7 @@ impl Conv2d {
         let algo = if x.device().is_cpu() {
             None
         } else {
-            cudnn_algo_override()
+            cudnn_algo()
         };
         let y = x.conv2d_with_algo(&self.weight, self.padding, self.stride, 1, 1, algo)?;
         match &self.bias {
@@ -255,24 +255,28 @@ impl Conv2d {
     }
 }
 
-/// `SDSERVE_CUDNN_ALGO` (implicit_gemm, implicit_precomp_gemm, gemm, direct, fft, fft_tiling,
-/// winograd, winograd_nonfused) fixes cuDNN's forward algorithm instead of its per-call heuristic:
-/// a measuring aid for the GPU path.
-fn cudnn_algo_override() -> Option<candle_core::conv::CudnnFwdAlgo> {
+/// The cuDNN forward algorithm for convolutions on a GPU. candle asks cuDNN's heuristics on every
+/// call when none is given, which on an H200 cost more host time than the f16 convolutions of a
+/// step themselves (SD 1.5 UNet step at 512x512, f16: 0.25 s with the per-call heuristics, 0.13 s
+/// with a fixed algorithm; docs/GPU.md). Implicit precomputed GEMM handles every shape SD uses.
+/// `SDSERVE_CUDNN_ALGO` picks another (implicit_gemm, gemm, direct, fft, fft_tiling, winograd,
+/// winograd_nonfused) or `heuristic` for candle's per-call choice.
+fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {
     use candle_core::conv::CudnnFwdAlgo as A;
     static ALGO: std::sync::OnceLock<Option<A>> = std::sync::OnceLock::new();
     *ALGO.get_or_init(|| {
-        Some(match std::env::var("SDSERVE_CUDNN_ALGO").ok()?.as_str() {
-            "implicit_gemm" => A::ImplicitGemm,
-            "implicit_precomp_gemm" => A::ImplicitPrecompGemm,
-            "gemm" => A::Gemm,
-            "direct" => A::Direct,
-            "fft" => A::Fft,
-            "fft_tiling" => A::FftTiling,
-            "winograd" => A::Winograd,
-            "winograd_nonfused" => A::WinogradNonFused,
-            _ => return None,
-        })
+        let name = std::env::var("SDSERVE_CUDNN_ALGO").unwrap_or_default();
+        match name.as_str() {
+            "heuristic" => None,
+            "implicit_gemm" => Some(A::ImplicitGemm),
+            "gemm" => Some(A::Gemm),
+            "direct" => Some(A::Direct),
+            "fft" => Some(A::Fft),
+            "fft_tiling" => Some(A::FftTiling),
+            "winograd" => Some(A::Winograd),
+            "winograd_nonfused" => Some(A::WinogradNonFused),
+            _ => Some(A::ImplicitPrecompGemm),
+        }
     })
 }
 
