@@ -170,24 +170,24 @@ impl F32LayerNorm {
     }
 }
 
-/// `l(x) (+ residual)` as one gemm with the bias and residual folded in on f32 CPU tensors.
-fn linear_fwd(l: &Linear, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    if let Some(y) = crate::kernels::linear::linear(x, l.weight(), l.bias(), residual)? {
-        return Ok(y);
-    }
-    let y = l.forward(x)?;
-    match residual {
-        Some(r) => y + r,
-        None => Ok(y),
-    }
+// Linear layers with the weight stored transposed on the CPU and the bias and residual folded
+// into the gemm ([`crate::kernels::linear::Dense`]).
+use crate::kernels::linear::Dense;
+
+fn linear_fwd(l: &Dense, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    l.forward(x, residual)
+}
+
+fn dense(l: Linear) -> candle_core::Result<Dense> {
+    Dense::new(l)
 }
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Dense,
+    k_proj: Dense,
+    v_proj: Dense,
+    out_proj: Dense,
     heads: usize,
     head_dim: usize,
     scale: f64,
@@ -198,10 +198,10 @@ impl Attention {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
-            q_proj: linear(h, h, vb.pp("q_proj"))?,
-            k_proj: linear(h, h, vb.pp("k_proj"))?,
-            v_proj: linear(h, h, vb.pp("v_proj"))?,
-            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            q_proj: dense(linear(h, h, vb.pp("q_proj"))?)?,
+            k_proj: dense(linear(h, h, vb.pp("k_proj"))?)?,
+            v_proj: dense(linear(h, h, vb.pp("v_proj"))?)?,
+            out_proj: dense(linear(h, h, vb.pp("out_proj"))?)?,
             heads: cfg.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -236,8 +236,8 @@ struct EncoderLayer {
     layer_norm1: F32LayerNorm,
     self_attn: Attention,
     layer_norm2: F32LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     act: HiddenAct,
 }
 
@@ -248,8 +248,8 @@ impl EncoderLayer {
             layer_norm1: F32LayerNorm::new(h, eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
             layer_norm2: F32LayerNorm::new(h, eps, vb.pp("layer_norm2"))?,
-            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: dense(linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?)?,
+            fc2: dense(linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?)?,
             act: cfg.hidden_act,
         })
     }

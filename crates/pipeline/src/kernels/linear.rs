@@ -80,12 +80,12 @@ unsafe fn gemm_strided(
     );
 }
 
-/// Checks `weight` `[n, k]` and `bias` `[n]` and returns `(n, k)`.
-fn weight_dims(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(usize, usize)>> {
-    if !f32_cpu(weight) || weight.rank() != 2 {
+/// Checks the transposed weight `wt` `[k, n]` and `bias` `[n]` and returns `(n, k)`.
+fn weight_dims(wt: &Tensor, bias: Option<&Tensor>) -> Result<Option<(usize, usize)>> {
+    if !f32_cpu(wt) || wt.rank() != 2 {
         return Ok(None);
     }
-    let (n, k) = weight.dims2()?;
+    let (k, n) = wt.dims2()?;
     if let Some(b) = bias {
         if !f32_cpu(b) || b.elem_count() != n {
             return Ok(None);
@@ -94,16 +94,16 @@ fn weight_dims(weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<(usize, 
     Ok(Some((n, k)))
 }
 
-/// `x W^T + bias (+ residual)` over the last dim of `x` (`[.., k]`, `weight` `[n, k]`,
+/// `x W^T + bias (+ residual)` over the last dim of `x` (`[.., k]`, `wt` = W^T `[k, n]`,
 /// `residual` shaped like the output). `None` when the fast path does not apply (not all f32
 /// on the CPU, or shapes it does not cover): the caller then uses candle's ops.
 pub fn linear(
     x: &Tensor,
-    weight: &Tensor,
+    wt: &Tensor,
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    let Some((n, k)) = weight_dims(weight, bias)? else {
+    let Some((n, k)) = weight_dims(wt, bias)? else {
         return Ok(None);
     };
     if !f32_cpu(x) || x.rank() == 0 || x.dims()[x.rank() - 1] != k || k == 0 {
@@ -148,9 +148,9 @@ pub fn linear(
     }
     let accumulate = residual.is_some() || bias.is_some();
     with_slice(x, |xs| {
-        with_slice(weight, |ws| {
-            // SAFETY: dst is rows x n (row stride n), lhs rows x k (row stride k), rhs = W^T
-            // read from W [n, k]: element (p, j) at j*k + p.
+        with_slice(wt, |ws| {
+            // SAFETY: dst is rows x n (row stride n), lhs rows x k (row stride k), rhs W^T
+            // [k, n] (row stride n).
             unsafe {
                 gemm_strided(
                     (rows, n, k),
@@ -159,7 +159,7 @@ pub fn linear(
                     xs.as_ptr(),
                     (k as isize, 1),
                     ws.as_ptr(),
-                    (1, k as isize),
+                    (n as isize, 1),
                     accumulate,
                 )
             }
@@ -170,12 +170,8 @@ pub fn linear(
 
 /// `proj_in` of a transformer over an NCHW image: `x` `[B, k, H, W]` -> `[B, H*W, n]`
 /// `= x_b^T W^T + bias`, reading `x` in place (no transpose copy).
-pub fn linear_from_nchw(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
-    let Some((n, k)) = weight_dims(weight, bias)? else {
+pub fn linear_from_nchw(x: &Tensor, wt: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let Some((n, k)) = weight_dims(wt, bias)? else {
         return Ok(None);
     };
     if !f32_cpu(x) || x.rank() != 4 {
@@ -196,7 +192,7 @@ pub fn linear_from_nchw(
         });
     }
     with_slice(x, |xs| {
-        with_slice(weight, |ws| {
+        with_slice(wt, |ws| {
             for bi in 0..b {
                 // SAFETY: per image: dst [hw, n] row stride n; lhs (i, p) = x[p*hw + i]; rhs as
                 // in `linear`.
@@ -208,7 +204,7 @@ pub fn linear_from_nchw(
                         xs.as_ptr().add(bi * k * hw),
                         (1, hw as isize),
                         ws.as_ptr(),
-                        (1, k as isize),
+                        (n as isize, 1),
                         bias.is_some(),
                     )
                 }
@@ -222,11 +218,11 @@ pub fn linear_from_nchw(
 /// `[B, n, H, W]` -> `residual + (t_b W^T + bias)^T` as `[B, n, H, W]` (no transpose copy).
 pub fn linear_to_nchw_add(
     t: &Tensor,
-    weight: &Tensor,
+    wt: &Tensor,
     bias: Option<&Tensor>,
     residual: &Tensor,
 ) -> Result<Option<Tensor>> {
-    let Some((n, k)) = weight_dims(weight, bias)? else {
+    let Some((n, k)) = weight_dims(wt, bias)? else {
         return Ok(None);
     };
     if !f32_cpu(t) || !f32_cpu(residual) || t.rank() != 3 || residual.rank() != 4 {
@@ -254,7 +250,7 @@ pub fn linear_to_nchw_add(
             });
     })?;
     with_slice(t, |ts| {
-        with_slice(weight, |ws| {
+        with_slice(wt, |ws| {
             for bi in 0..b {
                 // SAFETY: per image: dst (i, j) at j*hw + i inside the image's n*hw block; lhs
                 // [hw, k] row stride k; rhs as in `linear`.
@@ -266,7 +262,7 @@ pub fn linear_to_nchw_add(
                         ts.as_ptr().add(bi * hw * k),
                         (k as isize, 1),
                         ws.as_ptr(),
-                        (1, k as isize),
+                        (n as isize, 1),
                         true,
                     )
                 }
@@ -274,6 +270,56 @@ pub fn linear_to_nchw_add(
         })
     })??;
     Tensor::from_vec(out, (b, n, h, w), &Device::Cpu).map(Some)
+}
+
+/// A linear layer whose weight is stored transposed (`[in, out]`, contiguous) for f32 on the
+/// CPU: the gemm then streams it row by row instead of gathering columns, about 1.4x faster on
+/// CLIP's cold 154-row products. Elsewhere it is candle's `Linear`, unchanged.
+#[derive(Debug, Clone)]
+pub enum Dense {
+    Transposed { wt: Tensor, bias: Option<Tensor> },
+    Candle(candle_nn::Linear),
+}
+
+impl Dense {
+    pub fn new(l: candle_nn::Linear) -> Result<Self> {
+        if !f32_cpu(l.weight()) || l.weight().rank() != 2 {
+            return Ok(Self::Candle(l));
+        }
+        Ok(Self::Transposed {
+            wt: l.weight().t()?.contiguous()?,
+            bias: l.bias().cloned(),
+        })
+    }
+
+    /// `W^T` `[in, out]` and the bias when stored transposed (for the NCHW projections).
+    pub fn transposed(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match self {
+            Self::Transposed { wt, bias } => Some((wt, bias.as_ref())),
+            Self::Candle(_) => None,
+        }
+    }
+
+    /// `x W^T + bias (+ residual)`.
+    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let y = match self {
+            Self::Transposed { wt, bias } => {
+                if let Some(y) = linear(x, wt, bias.as_ref(), residual)? {
+                    return Ok(y);
+                }
+                let y = x.broadcast_matmul(wt)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            Self::Candle(l) => candle_core::Module::forward(l, x)?,
+        };
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -301,13 +347,14 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, 40, &dev)?;
         let r = Tensor::randn(0f32, 1.0, (2, 37, 40), &dev)?;
         let plain = x.broadcast_matmul(&w.t()?)?;
+        let wt = w.t()?.contiguous()?;
         for (bias, res) in [
             (None, None),
             (Some(&b), None),
             (None, Some(&r)),
             (Some(&b), Some(&r)),
         ] {
-            let got = linear(&x, &w, bias, res)?.expect("fast path");
+            let got = linear(&x, &wt, bias, res)?.expect("fast path");
             let mut want = plain.clone();
             if let Some(b) = bias {
                 want = want.broadcast_add(b)?;
@@ -325,10 +372,18 @@ mod tests {
         }
         // 2-D input, and a declined f16 input.
         let x2 = x.get(0)?;
-        let got = linear(&x2, &w, Some(&b), None)?.expect("fast path");
+        let got = linear(&x2, &wt, Some(&b), None)?.expect("fast path");
         let want = x2.matmul(&w.t()?)?.broadcast_add(&b)?;
         assert!(max_diff(&got, &want) < 1e-4);
-        assert!(linear(&x.to_dtype(DType::F16)?, &w, None, None)?.is_none());
+        assert!(linear(&x.to_dtype(DType::F16)?, &wt, None, None)?.is_none());
+        // Dense: the transposed layer and candle's agree; f16 stays candle's.
+        let l = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let d = Dense::new(l.clone())?;
+        assert!(d.transposed().is_some());
+        let want = (candle_core::Module::forward(&l, &x)? + &r)?;
+        assert!(max_diff(&d.forward(&x, Some(&r))?, &want) < 1e-4);
+        let lh = candle_nn::Linear::new(w.to_dtype(DType::F16)?, None);
+        assert!(Dense::new(lh)?.transposed().is_none());
         Ok(())
     }
 
@@ -341,15 +396,70 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
         let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let want = tokens.broadcast_matmul(&wt.t()?)?.broadcast_add(&bias)?;
-        let got = linear_from_nchw(&x, &wt, Some(&bias))?.expect("fast path");
+        let got = linear_from_nchw(&x, &wt.t()?.contiguous()?, Some(&bias))?.expect("fast path");
         assert!(max_diff(&got, &want) < 1e-4);
 
         let wo = Tensor::randn(0f32, 1.0, (c, n), &dev)?;
         let bo = Tensor::randn(0f32, 1.0, c, &dev)?;
         let proj = want.broadcast_matmul(&wo.t()?)?.broadcast_add(&bo)?;
         let want_out = (proj.transpose(1, 2)?.reshape((b, c, h, w))? + &x)?;
-        let got_out = linear_to_nchw_add(&want, &wo, Some(&bo), &x)?.expect("fast path");
+        let got_out =
+            linear_to_nchw_add(&want, &wo.t()?.contiguous()?, Some(&bo), &x)?.expect("fast path");
         assert!(max_diff(&got_out, &want_out) < 1e-4);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// CLIP's 72 linear layers at 154 rows with distinct (cold) weights, both layouts:
+    /// `cargo test --release -p sdserve-pipeline --lib clip_linear_chain -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn clip_linear_chain_timing() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut layers = Vec::new();
+        for _ in 0..12 {
+            for &(n, k) in &[
+                (768, 768),
+                (768, 768),
+                (768, 768),
+                (768, 768),
+                (3072, 768),
+                (768, 3072),
+            ] {
+                let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+                let l = candle_nn::Linear::new(w, Some(Tensor::zeros(n, DType::F32, &dev)?));
+                layers.push((l.clone(), Dense::new(l)?));
+            }
+        }
+        let x768 = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?;
+        let x3072 = Tensor::randn(0f32, 1.0, (2, 77, 3072), &dev)?;
+        let input = |l: &candle_nn::Linear| {
+            if l.weight().dim(1).unwrap() == 768 {
+                &x768
+            } else {
+                &x3072
+            }
+        };
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for (l, _) in &layers {
+                candle_core::Module::forward(l, input(l))?;
+            }
+            let candle = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for (l, d) in &layers {
+                d.forward(input(l), None)?;
+            }
+            let dense = t.elapsed().as_secs_f64();
+            eprintln!(
+                "72 linears: candle {candle:.3} s, Dense {dense:.3} s ({:.1} GF/s)",
+                26.1 / dense
+            );
+        }
         Ok(())
     }
 }

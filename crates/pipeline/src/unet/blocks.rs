@@ -147,17 +147,16 @@ pub(crate) fn conv2d(
     crate::kernels::conv2d(cin, cout, kernel, stride, padding, vb)
 }
 
-/// `l(x) (+ residual)`: one gemm with the bias and residual folded in for f32 CPU tensors
-/// ([`crate::kernels::linear`]), candle's ops otherwise.
-fn linear_fwd(l: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(y) = crate::kernels::linear::linear(x, l.weight(), l.bias(), residual)? {
-        return Ok(y);
-    }
-    let y = l.forward(x)?;
-    match residual {
-        Some(r) => y + r,
-        None => Ok(y),
-    }
+// Linear layers of the transformers: weights stored transposed on the CPU, bias and residual
+// folded into the gemm ([`crate::kernels::linear::Dense`]).
+use crate::kernels::linear::Dense;
+
+fn linear_fwd(l: &Dense, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    l.forward(x, residual)
+}
+
+fn dense(l: Linear) -> Result<Dense> {
+    Dense::new(l)
 }
 
 /// A 1x1 convolution loaded as the equivalent linear layer over `[.., channels]`.
@@ -255,10 +254,10 @@ impl ResnetBlock {
 /// diffusers `Attention` with the default processor: no bias on q/k/v, bias on `to_out.0`.
 #[derive(Debug, Clone)]
 pub(crate) struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Dense,
+    to_k: Dense,
+    to_v: Dense,
+    to_out: Dense,
     heads: usize,
     scale: f64,
     upcast: bool,
@@ -275,10 +274,10 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(ctx_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(ctx_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, dim, vb.pp("to_out").pp("0"))?,
+            to_q: dense(candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?)?,
+            to_k: dense(candle_nn::linear_no_bias(ctx_dim, inner, vb.pp("to_k"))?)?,
+            to_v: dense(candle_nn::linear_no_bias(ctx_dim, inner, vb.pp("to_v"))?)?,
+            to_out: dense(candle_nn::linear(inner, dim, vb.pp("to_out").pp("0"))?)?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
@@ -315,8 +314,8 @@ impl Attention {
 /// `FeedForward` with the GEGLU activation (`net.0.proj`, `net.2`).
 #[derive(Debug, Clone)]
 struct GegluFeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: Dense,
+    out: Dense,
     inner: usize,
 }
 
@@ -325,8 +324,12 @@ impl GegluFeedForward {
         // diffusers' FeedForward default: inner_dim = 4 * dim.
         let inner = 4 * dim;
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+            proj: dense(candle_nn::linear(
+                dim,
+                2 * inner,
+                vb.pp("net").pp("0").pp("proj"),
+            )?)?,
+            out: dense(candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?)?,
             inner,
         })
     }
@@ -410,18 +413,18 @@ impl TransformerBlock {
 #[derive(Debug, Clone)]
 pub(crate) struct Transformer2D {
     norm: GroupNorm,
-    proj_in: Linear,
+    proj_in: Dense,
     blocks: Vec<TransformerBlock>,
-    proj_out: Linear,
+    proj_out: Dense,
 }
 
 impl Transformer2D {
     pub(crate) fn new(channels: usize, p: &TransformerParams, vb: VarBuilder) -> Result<Self> {
         let proj = |cin, cout, vb: VarBuilder| {
             if p.linear_projection {
-                candle_nn::linear(cin, cout, vb)
+                dense(candle_nn::linear(cin, cout, vb)?)
             } else {
-                conv1x1_as_linear(cin, cout, vb)
+                dense(conv1x1_as_linear(cin, cout, vb)?)
             }
         };
         let vbb = vb.pp("transformer_blocks");
@@ -444,19 +447,27 @@ impl Transformer2D {
         let (b, c, h, w) = x.dims4()?;
         let t = self.norm.forward(x)?;
         // f32 CPU: the projections read and write NCHW through strides (no transpose copies).
-        let (pi, po) = (&self.proj_in, &self.proj_out);
-        let mut t = match crate::kernels::linear::linear_from_nchw(&t, pi.weight(), pi.bias())? {
+        use crate::kernels::linear::{linear_from_nchw, linear_to_nchw_add};
+        let fast_in = match self.proj_in.transposed() {
+            Some((wt, bias)) => linear_from_nchw(&t, wt, bias)?,
+            None => None,
+        };
+        let mut t = match fast_in {
             Some(t) => t,
-            None => pi.forward(&t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)?,
+            None => {
+                let t = t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+                self.proj_in.forward(&t, None)?
+            }
         };
         for blk in &self.blocks {
             t = blk.forward(&t, ctx, o)?;
         }
-        let fast = crate::kernels::linear::linear_to_nchw_add;
-        if let Some(y) = fast(&t, po.weight(), po.bias(), x)? {
-            return Ok(y);
+        if let Some((wt, bias)) = self.proj_out.transposed() {
+            if let Some(y) = linear_to_nchw_add(&t, wt, bias, x)? {
+                return Ok(y);
+            }
         }
-        let t = po.forward(&t)?;
+        let t = self.proj_out.forward(&t, None)?;
         let t = t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
         t + x
     }
