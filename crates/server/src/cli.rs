@@ -86,7 +86,8 @@ pub enum OffloadArg {
     None,
     /// Text encoder, UNet and VAE on the device only for their stage.
     Model,
-    /// As `model`, and the UNet's blocks streamed to the device one at a time.
+    /// As `model`, and the UNet's weights kept in host memory, its blocks put on the device one
+    /// at a time during each step (the least device memory, the slowest).
     Sequential,
 }
 
@@ -232,5 +233,32 @@ mod tests {
         );
         assert_eq!(a.model.vram_limit_mb, 5120);
         assert_eq!(a.model.device, "auto");
+        assert_eq!(a.model.lever_overrides(), LeverOverrides::default());
+    }
+
+    #[test]
+    fn lever_flags_fix_the_plan() {
+        let cli = Cli::try_parse_from([
+            "sdserve",
+            "serve",
+            "--attention-slicing",
+            "lean",
+            "--vae-tiling",
+            "off",
+            "--offload",
+            "sequential",
+        ])
+        .unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!()
+        };
+        let o = a.model.lever_overrides();
+        assert_eq!(
+            o.attention,
+            Some(AttentionSlicing::MaxBytes(LEAN_SLICE_BYTES))
+        );
+        assert_eq!(o.vae_tiling, Some(false));
+        assert_eq!(o.offload, Some(Offload::Sequential));
+        assert!(Cli::try_parse_from(["sdserve", "serve", "--offload", "disk"]).is_err());
     }
 }

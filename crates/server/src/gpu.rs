@@ -126,12 +126,6 @@ pub fn resolve_with(
             args.vram_limit_mb
         ));
     }
-    if plan.offload == sdserve_pipeline::memory::Offload::Sequential {
-        warnings.push(
-            "sequential offload runs as model offload (UNet whole on the device) in this version"
-                .into(),
-        );
-    }
     Ok(GpuSetup {
         device: selected.device,
         device_label: selected.label,
