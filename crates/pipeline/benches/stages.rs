@@ -116,7 +116,12 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
     use sdserve_pipeline::kernels::{winograd, winograd4};
     let dev = Device::Cpu;
     // (batch, cin, size, cout, kernel)
-    let shapes: [(usize, usize, usize, usize, usize); 13] = [
+    let shapes: [(usize, usize, usize, usize, usize); 16] = [
+        // 256x256 generations: latents 32x32.
+        (2, 320, 32, 320, 3),
+        (2, 640, 16, 640, 3),
+        (2, 1280, 4, 1280, 3),
+        // 512x512.
         (2, 320, 64, 320, 3),
         (2, 960, 64, 320, 3),
         (2, 640, 64, 640, 3),
@@ -127,6 +132,7 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
         (2, 2560, 16, 1280, 3),
         (2, 1280, 8, 1280, 3),
         (2, 2560, 8, 1280, 3),
+        // VAE decode at 512.
         (1, 512, 128, 512, 3),
         (1, 256, 256, 256, 3),
         (2, 320, 64, 320, 1),
