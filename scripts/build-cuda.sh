@@ -45,11 +45,21 @@ sm90)
 sm61)
     cuda=12
     cap=61
+    # PyPI's CUDA 12 nvcc wheels (nvidia-cuda-nvcc-cu12, checked 12.4.131 and 12.9.86) ship only
+    # ptxas and nvvm, not nvcc, and CUDA 13's nvcc has no compute_61. So this target needs a CUDA
+    # 12 toolkit installed the usual way (NVIDIA's installer or nvidia/cuda:12.x-devel images,
+    # Debian trixie's nvidia-cuda-toolkit): point CUDA_HOME at it. The wheels below then only
+    # supply cuDNN and any library the toolkit lacks.
+    if [[ -z ${CUDA_HOME:-} || ! -x ${CUDA_HOME}/bin/nvcc ]]; then
+        echo "[build-cuda sm61] needs a CUDA 12 toolkit with nvcc: set CUDA_HOME (e.g. /usr/local/cuda-12.4);" \
+            "PyPI's CUDA 12 wheels carry no nvcc (see docs/GPU.md)" >&2
+        exit 1
+    fi
+    system_cuda_home=$CUDA_HOME
     # 12.4 is the newest toolkit whose PTX a 550-series driver (common on Pascal boxes) JITs;
     # override the versions if the target driver is newer.
     v=${CU12_VERSION:-12.4.127}
     packages=(
-        "nvidia-cuda-nvcc-cu12==${CU12_NVCC_VERSION:-12.4.131}"
         "nvidia-cuda-runtime-cu12==$v" "nvidia-cuda-cccl-cu12==$v"
         "nvidia-cublas-cu12==${CU12_CUBLAS_VERSION:-12.4.5.8}"
         "nvidia-curand-cu12==${CU12_CURAND_VERSION:-10.3.5.147}"
@@ -87,6 +97,12 @@ if [[ $cuda == 13 ]]; then
     cuda_home=$site/nvidia/cu13
     libdirs=("$cuda_home/lib")
     [[ -d $site/nvidia/cudnn/lib ]] && libdirs+=("$site/nvidia/cudnn/lib")
+elif [[ -n ${system_cuda_home:-} ]]; then
+    cuda_home=$system_cuda_home
+    libdirs=("$cuda_home/lib64")
+    for pkg in "$site"/nvidia/*/; do
+        [[ -d ${pkg}lib ]] && libdirs+=("${pkg}lib")
+    done
 else
     cuda_home=$toolchain/cuda-home
     rm -rf "$cuda_home"
