@@ -70,13 +70,32 @@ pub fn load_real(
     for w in &setup.warnings {
         tracing::warn!("{w}");
     }
+    if let Some(g) = sdserve_pipeline::device::gpu_info(&setup.device) {
+        tracing::info!(
+            device = %setup.device_label,
+            compute_capability = %g
+                .compute_capability
+                .map_or("unknown".to_string(), |(major, minor)| format!("{major}.{minor}")),
+            memory_total_mb = g.memory_total_bytes >> 20,
+            memory_free_mb = g.memory_free_bytes >> 20,
+            "GPU {}",
+            g.name
+        );
+    }
     tracing::info!(
         device = %setup.device_label,
         vram_limit_mb = args.vram_limit_mb,
         "{}",
         setup.describe()
     );
+    let t0 = std::time::Instant::now();
     let sd = gpu::load(&setup, &resolved.dir)?;
+    if !setup.device.is_cpu() {
+        tracing::info!(
+            seconds = t0.elapsed().as_secs_f64(),
+            "weights on the device and kernels warmed up"
+        );
+    }
     let info = ModelInfo {
         model_version: resolved.model_version,
         default_scheduler: sd.default_scheduler(),
