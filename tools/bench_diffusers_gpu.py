@@ -20,17 +20,7 @@ import statistics
 import sys
 import time
 
-SCHEDULERS = {
-    # API name: (diffusers class, extra from_config kwargs); as tools/make_tiny_models.py.
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+from api_schedulers import SCHEDULERS
 
 
 def mib(b):

@@ -381,17 +381,7 @@ def make_model(name, out_root, vocab, merges):
 # References
 # --------------------------------------------------------------------------
 
-SCHEDULERS = {
-    # name: (diffusers class, extra from_config kwargs)
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+from api_schedulers import SCHEDULERS  # noqa: E402  (API name -> diffusers class, kwargs)
 
 # Requests.  tiny-a: square, a negative prompt, CFG on.  tiny-b: non-square,
 # a prompt longer than 77 tokens (truncation), empty negative prompt, CFG off
