@@ -100,50 +100,32 @@ pub fn attention_blocked_f32(
                     let vp = v.as_ptr().add(b * s.m * cv + h * s.dv);
                     let op = (out_ptr as *mut f32).add((b * s.n + r0) * cv + h * s.dv);
                     // scores[nr, m] = scale * q[nr, dh] k^T[dh, m]
-                    gemm::gemm(
-                        nr,
-                        s.m,
-                        s.dh,
+                    super::math::sgemm(
+                        (nr, s.m, s.dh),
                         sc.as_mut_ptr(),
-                        1,
-                        s.m as isize,
-                        false,
+                        (s.m as isize, 1),
                         qp,
-                        1,
-                        cq as isize,
+                        (cq as isize, 1),
                         kp,
-                        cq as isize,
-                        1,
-                        0.0f32,
+                        (1, cq as isize),
+                        false,
                         scale,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                     for row in sc.chunks_exact_mut(s.m) {
                         softmax_inplace(row);
                     }
                     // out[nr, dv] = probs[nr, m] v[m, dv]
-                    gemm::gemm(
-                        nr,
-                        s.dv,
-                        s.m,
+                    super::math::sgemm(
+                        (nr, s.dv, s.m),
                         op,
-                        1,
-                        cv as isize,
-                        false,
+                        (cv as isize, 1),
                         sc.as_ptr(),
-                        1,
-                        s.m as isize,
+                        (s.m as isize, 1),
                         vp,
-                        1,
-                        cv as isize,
-                        0.0f32,
+                        (cv as isize, 1),
+                        false,
                         1.0f32,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }

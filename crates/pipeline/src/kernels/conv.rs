@@ -180,25 +180,16 @@ pub fn conv2d_im2col_f32(
         }
         let mul = |rhs: *const f32, rhs_rs: isize| unsafe {
             // dst[cout, np] (+)= W[cout, k] * rhs[k, np]
-            gemm::gemm(
-                s.cout,
-                np,
-                k,
+            super::math::sgemm(
+                (s.cout, np, k),
                 dst,
-                1,
-                ohw as isize,
-                bias.is_some(),
+                (ohw as isize, 1),
                 weight.as_ptr(),
-                1,
-                k as isize,
+                (k as isize, 1),
                 rhs,
-                1,
-                rhs_rs,
+                (rhs_rs, 1),
+                bias.is_some(),
                 1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
                 Parallelism::None,
             )
         };

@@ -57,25 +57,16 @@ unsafe fn gemm_strided(
     } else {
         Parallelism::None
     };
-    gemm::gemm(
-        m,
-        n,
-        k,
+    super::math::sgemm(
+        (m, n, k),
         dst,
-        dst_cs,
-        dst_rs,
-        accumulate,
+        (dst_rs, dst_cs),
         lhs,
-        lhs_cs,
-        lhs_rs,
+        (lhs_rs, lhs_cs),
         rhs,
-        rhs_cs,
-        rhs_rs,
-        if accumulate { 1.0f32 } else { 0.0 },
+        (rhs_rs, rhs_cs),
+        accumulate,
         1.0f32,
-        false,
-        false,
-        false,
         par,
     );
 }

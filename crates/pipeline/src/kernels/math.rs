@@ -175,6 +175,50 @@ dispatch! {
     }
 }
 
+/// Row-major f32 matrix product on strided operands: `dst = scale * lhs · rhs`, or
+/// `dst += scale * lhs · rhs` with `accumulate`; `lhs` is `[m, k]`, `rhs` `[k, n]`, `dst` `[m, n]`,
+/// each with element strides `(between rows, between columns)`. The one door to the gemm crate.
+///
+/// # Safety
+/// Every index the shapes and strides reach must be in bounds of its buffer, and `dst` must not
+/// overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (isize, isize),
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (isize, isize),
+    accumulate: bool,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        if accumulate { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -131,25 +131,16 @@ pub fn conv3x3_f32(
             for xi in 0..16 {
                 // SAFETY: pointers and strides stay inside u, v and m.
                 unsafe {
-                    gemm::gemm(
-                        cout,
-                        nt,
-                        cin,
+                    super::math::sgemm(
+                        (cout, nt, cin),
                         m.as_mut_ptr().add(xi * cout * nt),
-                        1,
-                        nt as isize,
-                        false,
+                        (nt as isize, 1),
                         u.as_ptr().add(xi * cout * cin),
-                        1,
-                        cin as isize,
+                        (cin as isize, 1),
                         v.as_ptr().add(xi * cin * nt),
-                        1,
-                        nt as isize,
-                        0.0f32,
+                        (nt as isize, 1),
+                        false,
                         1.0f32,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }

@@ -269,50 +269,32 @@ pub fn conv3x3_f32(
                 // SAFETY: the block's filters are rows co0 * cin .. (co0 + nb) * cin of `weight`
                 // (9 apart); the output rows stride 1 and its columns nb * cin through `u`.
                 unsafe {
-                    gemm::gemm(
-                        nb * cin,
-                        36,
-                        9,
+                    super::math::sgemm(
+                        (nb * cin, 36, 9),
                         u.as_mut_ptr(),
-                        (nb * cin) as isize,
-                        1,
-                        false,
+                        (1, (nb * cin) as isize),
                         weight.as_ptr().add(co0 * cin * 9),
-                        1,
-                        9,
+                        (9, 1),
                         t.as_ptr(),
-                        1,
-                        36,
-                        0.0f32,
+                        (36, 1),
+                        false,
                         1.0f32,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }
                 for xi in 0..36 {
                     // SAFETY: pointers and strides stay inside u, v and m.
                     unsafe {
-                        gemm::gemm(
-                            nb,
-                            nt,
-                            cin,
+                        super::math::sgemm(
+                            (nb, nt, cin),
                             m.as_mut_ptr().add(xi * nb * nt),
-                            1,
-                            nt as isize,
-                            false,
+                            (nt as isize, 1),
                             u.as_ptr().add(xi * nb * cin),
-                            1,
-                            cin as isize,
+                            (cin as isize, 1),
                             v.as_ptr().add(xi * cin * nt),
-                            1,
-                            nt as isize,
-                            0.0f32,
+                            (nt as isize, 1),
+                            false,
                             1.0f32,
-                            false,
-                            false,
-                            false,
                             Parallelism::None,
                         );
                     }
