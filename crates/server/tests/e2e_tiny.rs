@@ -193,3 +193,64 @@ fn generate_command_writes_the_same_image() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("width: must be a multiple of 64"));
 }
+
+#[test]
+fn bench_command_reports_json_and_keeps_the_pipelines_image() {
+    let dir = std::env::temp_dir().join(format!("sdserve-e2e-bench-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args(["bench", "--device", "cpu", "--model"])
+        .arg(tiny_b())
+        .args(["--prompt", PROMPT, "--negative-prompt", NEGATIVE])
+        .args(["--sizes", "256", "--steps", "1", "--repeats", "2"])
+        .args(["--seeds", "1234,7", "--schedulers", "euler_a"])
+        .args(["--guidance-scale", "5.0", "--png-dir"])
+        .arg(&dir)
+        .env_remove("MODEL_ID")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["dtype"], "f32");
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 1);
+    assert_eq!(cases[0]["size"], 256);
+    assert_eq!(cases[0]["scheduler"], "euler_a");
+    let runs = cases[0]["runs"].as_array().unwrap();
+    let seeds: Vec<u64> = runs.iter().map(|r| r["seed"].as_u64().unwrap()).collect();
+    assert_eq!(seeds, [1234, 7]);
+    for r in runs {
+        let (wall, step) = (
+            r["wall_s"].as_f64().unwrap(),
+            r["step_median_s"].as_f64().unwrap(),
+        );
+        assert!(step > 0.0 && step <= wall, "{r}");
+        // No device memory on the CPU.
+        assert!(r["peak_used_mb"].is_null(), "{r}");
+    }
+    use base64::Engine as _;
+    let png = std::fs::read(dir.join("256_euler_a_1234.png")).unwrap();
+    let (w, h, pixels, _) = decode_png(&base64::engine::general_purpose::STANDARD.encode(png));
+    assert_eq!((w, h), (256, 256));
+    assert!(
+        direct(1234) == pixels,
+        "bench image differs from the pipeline's"
+    );
+    assert!(dir.join("256_euler_a_7.png").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A size the pipeline refuses fails the command with the reason.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args(["bench", "--device", "cpu", "--model"])
+        .arg(tiny_b())
+        .args(["--sizes", "300", "--steps", "1", "--repeats", "1"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("multiple of"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
