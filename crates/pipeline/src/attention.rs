@@ -155,20 +155,8 @@ fn sdpa_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Device;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn slicing_modes_agree_with_reference() -> Result<()> {

@@ -14,6 +14,8 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod single_file;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

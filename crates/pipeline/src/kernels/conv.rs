@@ -347,19 +347,7 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff;
 
     /// Plain reference: six nested loops.
     fn reference(x: &[f32], w: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {

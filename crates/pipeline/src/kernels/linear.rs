@@ -316,19 +316,7 @@ impl Dense {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff;
 
     #[test]
     fn linear_with_bias_and_residual_matches_candle() -> Result<()> {
@@ -353,7 +341,7 @@ mod tests {
             if let Some(r) = res {
                 want = (want + r)?;
             }
-            let d = max_diff(&got, &want);
+            let d = max_abs_diff(&got, &want);
             assert!(
                 d < 1e-4,
                 "bias={} res={}: {d}",
@@ -365,14 +353,14 @@ mod tests {
         let x2 = x.get(0)?;
         let got = linear(&x2, &wt, Some(&b), None)?.expect("fast path");
         let want = x2.matmul(&w.t()?)?.broadcast_add(&b)?;
-        assert!(max_diff(&got, &want) < 1e-4);
+        assert!(max_abs_diff(&got, &want) < 1e-4);
         assert!(linear(&x.to_dtype(DType::F16)?, &wt, None, None)?.is_none());
         // Dense: the transposed layer and candle's agree; f16 stays candle's.
         let l = candle_nn::Linear::new(w.clone(), Some(b.clone()));
         let d = Dense::new(l.clone())?;
         assert!(d.transposed().is_some());
         let want = (candle_core::Module::forward(&l, &x)? + &r)?;
-        assert!(max_diff(&d.forward(&x, Some(&r))?, &want) < 1e-4);
+        assert!(max_abs_diff(&d.forward(&x, Some(&r))?, &want) < 1e-4);
         let lh = candle_nn::Linear::new(w.to_dtype(DType::F16)?, None);
         assert!(Dense::new(lh)?.transposed().is_none());
         Ok(())
@@ -388,7 +376,7 @@ mod tests {
         let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let want = tokens.broadcast_matmul(&wt.t()?)?.broadcast_add(&bias)?;
         let got = linear_from_nchw(&x, &wt.t()?.contiguous()?, Some(&bias))?.expect("fast path");
-        assert!(max_diff(&got, &want) < 1e-4);
+        assert!(max_abs_diff(&got, &want) < 1e-4);
 
         let wo = Tensor::randn(0f32, 1.0, (c, n), &dev)?;
         let bo = Tensor::randn(0f32, 1.0, c, &dev)?;
@@ -396,7 +384,7 @@ mod tests {
         let want_out = (proj.transpose(1, 2)?.reshape((b, c, h, w))? + &x)?;
         let got_out =
             linear_to_nchw_add(&want, &wo.t()?.contiguous()?, Some(&bo), &x)?.expect("fast path");
-        assert!(max_diff(&got_out, &want_out) < 1e-4);
+        assert!(max_abs_diff(&got_out, &want_out) < 1e-4);
         Ok(())
     }
 }

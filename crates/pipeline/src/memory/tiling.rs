@@ -89,18 +89,8 @@ pub fn decode_tiled(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn local_decoder_is_reproduced_exactly() {
@@ -116,7 +106,7 @@ mod tests {
         for tile in [4, 8, 9, 16] {
             let tiled = decode_tiled(&z, VaeTiling::new(tile), f, decode).unwrap();
             assert_eq!(tiled.dims(), full.dims(), "tile {tile}");
-            assert!(max_diff(&tiled, &full) < 1e-5, "tile {tile}");
+            assert!(max_abs_diff(&tiled, &full) < 1e-5, "tile {tile}");
         }
     }
 
