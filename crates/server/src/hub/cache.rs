@@ -14,6 +14,18 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// A temporary-file suffix no other writer uses at the same time: the process id alone is not
+/// enough, since threads of one process (two requests resolving one model) write the same files.
+pub fn unique_tmp_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "tmp-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 pub fn repo_folder_name(repo: &str) -> String {
     format!("models--{}", repo.replace('/', "--"))
 }
@@ -63,7 +75,7 @@ impl RepoCache {
         }
         let path = self.root.join("refs").join(revision);
         std::fs::create_dir_all(path.parent().expect("refs dir"))?;
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let tmp = path.with_extension(unique_tmp_suffix());
         std::fs::write(&tmp, commit)?;
         std::fs::rename(&tmp, &path)
     }
@@ -94,10 +106,11 @@ impl RepoCache {
         target.push("blobs");
         target.push(etag);
         let tmp = dir.join(format!(
-            ".{}.tmp-{}",
+            ".{}.{}",
             dst.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
+            unique_tmp_suffix()
         ));
+        // A crashed process may have left one under a reused pid.
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&target, &tmp)?;
         std::fs::rename(&tmp, &dst)

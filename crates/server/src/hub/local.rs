@@ -65,7 +65,7 @@ pub fn file_digest(path: &Path, opts: &HubOptions) -> Result<String, HubError> {
     let digest = sha256_file(path).map_err(io_err(path))?;
     // Best effort: a read-only cache only costs a re-hash next time.
     if std::fs::create_dir_all(memo.parent().expect("digests dir")).is_ok() {
-        let tmp = memo.with_extension(format!("tmp-{}", std::process::id()));
+        let tmp = memo.with_extension(super::cache::unique_tmp_suffix());
         if std::fs::write(&tmp, &digest).is_ok() {
             let _ = std::fs::rename(&tmp, &memo);
         }
