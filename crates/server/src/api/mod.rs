@@ -1,27 +1,25 @@
-//! HTTP routes, the request/response types (which also make the OpenAPI document), and the
+//! HTTP: the router, the request/response types (which also make the OpenAPI document), and the
 //! middleware that gives every request an id, a log line, metrics and a contract-shaped error body.
+//! One module per dialect translates to and from the one internal request (DESIGN.md §2).
+
+mod native;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use base64::Engine as _;
-use sdserve_pipeline::pipeline::GenerationParams;
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::cache::ResponseCache;
-use crate::engine::{Engine, ModelState};
+use crate::engine::Engine;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::metrics::Metrics;
-use crate::validate;
 
 pub struct AppState {
     pub engine: Engine,
@@ -177,7 +175,7 @@ pub struct HealthResponse {
         title = "sdserve",
         description = "Stable Diffusion 1.5 text-to-image over HTTP. Every error has the body `{error, details, error_code}`."
     ),
-    paths(generate, health, metrics),
+    paths(native::generate, native::health, native::metrics),
     components(schemas(
         GenerateRequest,
         GenerateResponse,
@@ -205,11 +203,11 @@ struct RequestStats {
 pub fn router(state: Shared) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
-        .route("/generate", post(generate))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi_json))
-        .route("/docs", get(docs))
+        .route("/generate", post(native::generate))
+        .route("/health", get(native::health))
+        .route("/metrics", get(native::metrics))
+        .route("/openapi.json", get(native::openapi_json))
+        .route("/docs", get(native::docs))
         .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -228,227 +226,12 @@ pub fn random_seed() -> u32 {
     h.finish() as u32
 }
 
-/// Every parameter that changes the image, the resolved scheduler and the model version.
-fn cache_key(p: &GenerationParams, model_version: &str) -> String {
-    format!(
-        "{model_version}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}",
-        p.prompt,
-        p.negative_prompt,
-        p.steps,
-        p.width,
-        p.height,
-        p.seed,
-        p.guidance_scale.to_bits(),
-        p.scheduler.map(|k| k.name()).unwrap_or("default"),
-    )
-}
-
-fn json_bytes(body: Bytes, cache: &'static str, stats: RequestStats) -> Response {
-    let mut resp = (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response();
-    resp.headers_mut()
-        .insert("x-cache", HeaderValue::from_static(cache));
-    resp.extensions_mut().insert(stats);
-    resp
-}
-
-/// Generate one image.
-#[utoipa::path(
-    post,
-    path = "/generate",
-    request_body = GenerateRequest,
-    responses(
-        (status = 200, description = "The image and its parameters; header `x-cache: hit|miss`", body = GenerateResponse),
-        (status = 400, description = "`invalid_json`: not a JSON object, or not application/json", body = ErrorBody),
-        (status = 408, description = "`timeout`: queue wait plus generation passed GENERATION_TIMEOUT_SECONDS; the run was stopped", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 422, description = "`validation_error`: `details` names the field and rule", body = ErrorBody),
-        (status = 429, description = "`overloaded`: MAX_CONCURRENT_REQUESTS already admitted; see `Retry-After`", body = ErrorBody),
-        (status = 500, description = "`internal_error`", body = ErrorBody),
-        (status = 503, description = "`model_unavailable` (loading, failed, shutting down) or `out_of_memory`", body = ErrorBody),
-    )
-)]
-async fn generate(
-    State(app): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    generate_inner(&app, &headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn generate_inner(
-    app: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(app.max_body_bytes)
-        } else {
-            ApiError::InvalidJson(rej.body_text())
-        }
-    })?;
-    validate::check_content_type(
-        headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    )?;
-    let req = validate::parse_generate(&body)?;
-    let info = app.engine.model_info()?;
-    let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
-    let params = GenerationParams {
-        prompt: req.prompt,
-        negative_prompt: req.negative_prompt,
-        steps: req.steps,
-        width: req.width,
-        height: req.height,
-        seed: u64::from(req.seed.unwrap_or_else(random_seed)),
-        guidance_scale: req.guidance_scale,
-        scheduler: Some(scheduler),
-    };
-    let mut stats = RequestStats {
-        steps: Some(params.steps),
-        size: Some(format!("{}x{}", params.width, params.height)),
-        ..Default::default()
-    };
-    // Only seeded requests are deterministic, so only they are cached.
-    let key = match (&app.cache, req.seed) {
-        (Some(_), Some(_)) => Some(cache_key(&params, &info.model_version)),
-        _ => None,
-    };
-    if let (Some(cache), Some(key)) = (&app.cache, &key) {
-        if let Some(hit) = cache.get(key) {
-            app.metrics
-                .cache_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            stats.cache = Some("hit");
-            return Ok(json_bytes(hit, "hit", stats));
-        }
-        app.metrics
-            .cache_misses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    let png_text = crate::png::parameters_text(&params, &info.model_version);
-    let out = app.engine.submit(params.clone(), png_text).await?;
-    let resp = GenerateResponse {
-        image_base64: base64::engine::general_purpose::STANDARD.encode(&out.png),
-        metadata: GenerateMetadata {
-            prompt: params.prompt,
-            negative_prompt: params.negative_prompt,
-            steps: params.steps as u32,
-            width: params.width as u32,
-            height: params.height as u32,
-            seed: params.seed,
-            guidance_scale: params.guidance_scale,
-            scheduler: scheduler.name().to_string(),
-            generation_time_seconds: (out.gen_secs * 1000.0).round() / 1000.0,
-            model_version: info.model_version,
-        },
-    };
-    let bytes =
-        Bytes::from(serde_json::to_vec(&resp).map_err(|e| ApiError::Internal(e.to_string()))?);
-    if let (Some(cache), Some(key)) = (&app.cache, key) {
-        cache.insert(key, bytes.clone());
-    }
-    stats.queue_secs = Some(out.queue_secs);
-    stats.gen_secs = Some(out.gen_secs);
-    stats.cache = Some("miss");
-    Ok(json_bytes(bytes, "miss", stats))
-}
-
-/// Readiness and load: 200 when the model is ready, 503 while it loads or after it failed.
-#[utoipa::path(
-    get,
-    path = "/health",
-    responses(
-        (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open)", body = HealthResponse),
-        (status = 503, description = "`loading` or `unavailable` (with `detail`)", body = HealthResponse),
-    )
-)]
-async fn health(State(app): State<Shared>) -> Response {
-    let g = app.engine.gauges();
-    let (status, model_version, detail) = match app.engine.state() {
-        ModelState::Loading => (HealthStatus::Loading, None, app.load_status.describe()),
-        ModelState::Failed(why) => (HealthStatus::Unavailable, None, Some(why)),
-        ModelState::Ready(info) if app.engine.oom_breaker_open() => (
-            HealthStatus::Degraded,
-            Some(info.model_version),
-            Some("out-of-memory circuit breaker open".to_string()),
-        ),
-        ModelState::Ready(info) => (HealthStatus::Ok, Some(info.model_version), None),
-    };
-    let code = match status {
-        HealthStatus::Ok | HealthStatus::Degraded => StatusCode::OK,
-        HealthStatus::Loading | HealthStatus::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    let device_memory = app.metrics.device_memory();
-    let body = HealthResponse {
-        status,
-        model_version,
-        device: app.device.clone(),
-        dtype: app.dtype.clone(),
-        gpu: crate::gpu::health_gpu(&app.candle_device).map(|g| GpuInfo {
-            name: g.name,
-            memory_total_mb: g.memory_total_mb,
-            memory_used_mb: g.memory_used_mb,
-            memory_free_mb: g.memory_free_mb,
-            last_request_peak_mb: device_memory.map(|d| d.last.peak_used_bytes >> 20),
-            peak_mb: device_memory.map(|d| d.max_peak_used_bytes >> 20),
-        }),
-        memory_plan: app.engine.memory_plan(),
-        queue: QueueInfo {
-            running: g.running,
-            waiting: g.waiting,
-            capacity: g.capacity,
-        },
-        uptime_seconds: (app.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        detail,
-    };
-    (code, axum::Json(body)).into_response()
-}
-
-/// Prometheus metrics (text exposition format 0.0.4).
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
-async fn metrics(State(app): State<Shared>) -> Response {
-    let mut gauges = app.engine.gauges();
-    gauges.cache = app.cache.as_ref().map(ResponseCache::len_and_bytes);
-    let text = app.metrics.render(&gauges);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
-}
-
 pub fn openapi_string() -> String {
     let mut s = ApiDoc::openapi()
         .to_pretty_json()
         .expect("OpenAPI serialises");
     s.push('\n');
     s
-}
-
-async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        openapi_string(),
-    )
-        .into_response()
-}
-
-/// A self-contained page (no CDN) that renders /openapi.json and can call /generate.
-async fn docs() -> Html<&'static str> {
-    Html(include_str!("docs.html"))
 }
 
 /// A usable request id from the client (visible ASCII, at most 128 bytes), else a fresh one.
@@ -573,59 +356,5 @@ mod tests {
             .map(|k| k.name())
             .collect();
         assert_eq!(names, want);
-    }
-
-    #[test]
-    fn cache_key_covers_every_parameter() {
-        let base = GenerationParams {
-            prompt: "a".into(),
-            negative_prompt: String::new(),
-            steps: 4,
-            width: 256,
-            height: 256,
-            seed: 1,
-            guidance_scale: 7.5,
-            scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
-        };
-        let k = cache_key(&base, "m@1");
-        let variants = [
-            GenerationParams {
-                prompt: "b".into(),
-                ..base.clone()
-            },
-            GenerationParams {
-                negative_prompt: "n".into(),
-                ..base.clone()
-            },
-            GenerationParams {
-                steps: 5,
-                ..base.clone()
-            },
-            GenerationParams {
-                width: 320,
-                ..base.clone()
-            },
-            GenerationParams {
-                height: 320,
-                ..base.clone()
-            },
-            GenerationParams {
-                seed: 2,
-                ..base.clone()
-            },
-            GenerationParams {
-                guidance_scale: 7.0,
-                ..base.clone()
-            },
-            GenerationParams {
-                scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Ddim),
-                ..base.clone()
-            },
-        ];
-        for v in variants {
-            assert_ne!(cache_key(&v, "m@1"), k, "{v:?}");
-        }
-        assert_ne!(cache_key(&base, "m@2"), k);
-        assert_eq!(cache_key(&base.clone(), "m@1"), k);
     }
 }
