@@ -11,9 +11,10 @@ pub enum ApiError {
     /// The body is not a JSON object (syntax error, wrong content type, not an object).
     #[error("request body is not valid JSON")]
     InvalidJson(String),
-    /// A field breaks a rule of the contract (including unknown fields and wrong types).
+    /// Fields break rules of the contract (including unknown fields and wrong types): every
+    /// broken field of the request, never an empty list.
     #[error("request validation failed")]
-    Validation { field: String, rule: String },
+    Validation(Vec<FieldError>),
     #[error("no such route")]
     NotFound(String),
     #[error("method not allowed")]
@@ -40,15 +41,29 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// One broken rule of one request field.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
+pub struct FieldError {
+    /// The field's name in the request.
+    pub field: String,
+    /// The rule it breaks, and the value it had when that helps.
+    pub rule: String,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// What went wrong, for a person.
     pub error: String,
-    /// Which field and which rule, or other specifics; null when there is nothing to add.
+    /// Which field and which rule (every broken field, `field: rule` joined by `; `), or other
+    /// specifics; null when there is nothing to add.
     pub details: Option<String>,
     /// Stable snake_case code.
     pub error_code: String,
+    /// Only with `validation_error`: every broken field, so a client can fix its request in one
+    /// round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<FieldError>>,
 }
 
 /// Carried in response extensions so the request log and metrics can name the error code.
@@ -60,7 +75,7 @@ impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
-            Self::Validation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
+            Self::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -72,10 +87,19 @@ impl ApiError {
         }
     }
 
+    /// A 422 for one broken field.
     pub fn validation(field: &str, rule: impl Into<String>) -> Self {
-        Self::Validation {
+        Self::Validation(vec![FieldError {
             field: field.to_string(),
             rule: rule.into(),
+        }])
+    }
+
+    /// The broken fields of a 422, in request-reading order (empty for other errors).
+    pub fn fields(&self) -> &[FieldError] {
+        match self {
+            Self::Validation(fields) => fields,
+            _ => &[],
         }
     }
 
@@ -101,7 +125,13 @@ impl ApiError {
             | Self::MethodNotAllowed(d)
             | Self::ModelUnavailable(d)
             | Self::OutOfMemory { detail: d, .. } => Some(d.clone()),
-            Self::Validation { field, rule } => Some(format!("{field}: {rule}")),
+            Self::Validation(fields) => Some(
+                fields
+                    .iter()
+                    .map(|f| format!("{}: {}", f.field, f.rule))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
             Self::PayloadTooLarge(0) => None,
             Self::PayloadTooLarge(n) => Some(format!("the body may hold at most {n} bytes")),
             Self::Timeout(0) => None,
@@ -121,6 +151,7 @@ impl ApiError {
             error: self.to_string(),
             details: self.details(),
             error_code: self.status_and_code().1.to_string(),
+            fields: (!self.fields().is_empty()).then(|| self.fields().to_vec()),
         }
     }
 }
@@ -206,5 +237,28 @@ mod tests {
             body.details.as_deref(),
             Some("steps: must be between 1 and 50")
         );
+        assert!(ApiError::Timeout(60).body().fields.is_none());
+    }
+
+    #[test]
+    fn every_broken_field_is_in_details_and_the_list() {
+        let err = ApiError::Validation(vec![
+            FieldError {
+                field: "steps".into(),
+                rule: "too many".into(),
+            },
+            FieldError {
+                field: "width".into(),
+                rule: "odd".into(),
+            },
+        ]);
+        let body = serde_json::to_value(err.body()).unwrap();
+        assert_eq!(body["details"], "steps: too many; width: odd");
+        assert_eq!(
+            body["fields"],
+            serde_json::json!([{"field": "steps", "rule": "too many"}, {"field": "width", "rule": "odd"}])
+        );
+        let other = serde_json::to_value(ApiError::Timeout(60).body()).unwrap();
+        assert!(other.get("fields").is_none(), "{other}");
     }
 }

@@ -4,12 +4,14 @@
 //! name its field. Status choice (documented in the OpenAPI description too):
 //! - 400 `invalid_json`: not JSON at all, not an object, or not sent as `application/json`;
 //! - 422 `validation_error`: everything about fields: missing, wrong type, out of range, and
-//!   unknown fields (`details` names the field).
+//!   unknown fields. Every broken field is reported at once: `details` names them all and the
+//!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
+//!   optional field.
 
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{Map, Value};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, FieldError};
 
 pub const PROMPT_MAX_CHARS: usize = 500;
 pub const STEPS_MIN: u64 = 1;
@@ -24,7 +26,9 @@ pub const GUIDANCE_MIN: f64 = 0.0;
 pub const GUIDANCE_MAX: f64 = 30.0;
 pub const GUIDANCE_DEFAULT: f64 = 7.5;
 
-const FIELDS: [&str; 8] = [
+/// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
+/// properties must be these (tested).
+pub const FIELDS: [&str; 8] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -70,86 +74,163 @@ pub fn check_content_type(value: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-/// Parses and validates a `/generate` body.
-pub fn parse_generate(body: &[u8]) -> Result<ValidRequest, ApiError> {
+/// Parses a body that must be a JSON object (else 400 `invalid_json`).
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let Value::Object(map) = value else {
-        return Err(ApiError::InvalidJson(
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::InvalidJson(
             "the body must be a JSON object".into(),
-        ));
-    };
-    validate_object(&map)
+        )),
+    }
 }
 
-fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiError> {
-    // Unknown fields first: a misspelt field should not hide behind another error.
-    if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::validation(
-            unknown,
-            format!("unknown field; allowed fields: {}", FIELDS.join(", ")),
-        ));
-    }
-    let prompt = match map.get("prompt") {
-        None | Some(Value::Null) => return Err(ApiError::validation("prompt", "is required")),
-        Some(v) => text_field("prompt", v, 1)?,
-    };
-    let negative_prompt = match map.get("negative_prompt") {
-        None => String::new(),
-        Some(v) => text_field("negative_prompt", v, 0)?,
-    };
-    let steps = int_field(map, "steps", STEPS_MIN, STEPS_MAX, |_| None)?
-        .map_or(STEPS_DEFAULT, |v| v as usize);
+/// Parses and validates a `/generate` body.
+pub fn parse_generate(body: &[u8]) -> Result<ValidRequest, ApiError> {
+    validate_object(&parse_object(body)?)
+}
+
+/// Every rule of `/generate` on a parsed object; a 422 lists every broken field.
+pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiError> {
+    let mut r = FieldReader::new(map, &FIELDS);
+    let prompt = r
+        .require("prompt")
+        .then(|| r.text("prompt", 1, PROMPT_MAX_CHARS))
+        .flatten();
+    let negative_prompt = r.text("negative_prompt", 0, PROMPT_MAX_CHARS);
+    let steps = r.int("steps", STEPS_MIN, STEPS_MAX);
     let size_rule = |v: u64| {
         (!v.is_multiple_of(SIZE_MULTIPLE)).then(|| format!("must be a multiple of {SIZE_MULTIPLE}"))
     };
-    let width = int_field(map, "width", SIZE_MIN, SIZE_MAX, size_rule)?
-        .map_or(SIZE_DEFAULT, |v| v as usize);
-    let height = int_field(map, "height", SIZE_MIN, SIZE_MAX, size_rule)?
-        .map_or(SIZE_DEFAULT, |v| v as usize);
-    let seed = match map.get("seed") {
-        None | Some(Value::Null) => None,
-        Some(_) => int_field(map, "seed", 0, SEED_MAX, |_| None)?.map(|v| v as u32),
-    };
-    let guidance_scale = match map.get("guidance_scale") {
-        None => GUIDANCE_DEFAULT,
-        Some(v) => {
-            let rule = format!("must be a number between {GUIDANCE_MIN} and {GUIDANCE_MAX}");
-            let g = v
-                .as_f64()
-                .ok_or_else(|| ApiError::validation("guidance_scale", rule.clone()))?;
-            if !(GUIDANCE_MIN..=GUIDANCE_MAX).contains(&g) {
-                return Err(ApiError::validation(
-                    "guidance_scale",
-                    format!("{rule} (got {g})"),
-                ));
-            }
-            g
-        }
-    };
-    let scheduler = match map.get("scheduler") {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
-            let rule = format!("must be one of {}", names.join(", "));
-            let name = v
-                .as_str()
-                .ok_or_else(|| ApiError::validation("scheduler", rule.clone()))?;
-            Some(SchedulerKind::from_name(name).ok_or_else(|| {
-                ApiError::validation("scheduler", format!("{rule} (got {name:?})"))
-            })?)
-        }
-    };
+    let width = r.int_with("width", SIZE_MIN, SIZE_MAX, size_rule);
+    let height = r.int_with("height", SIZE_MIN, SIZE_MAX, size_rule);
+    let seed = r.int("seed", 0, SEED_MAX);
+    let guidance_scale = r.number("guidance_scale", GUIDANCE_MIN, GUIDANCE_MAX);
+    let schedulers: Vec<(&str, SchedulerKind)> =
+        SchedulerKind::ALL.iter().map(|k| (k.name(), *k)).collect();
+    let scheduler = r.choice("scheduler", &schedulers);
+    r.finish()?;
     Ok(ValidRequest {
-        prompt,
-        negative_prompt,
-        steps,
-        width,
-        height,
-        seed,
-        guidance_scale,
+        prompt: prompt.unwrap_or_default(),
+        negative_prompt: negative_prompt.unwrap_or_default(),
+        steps: steps.map_or(STEPS_DEFAULT, |v| v as usize),
+        width: width.map_or(SIZE_DEFAULT, |v| v as usize),
+        height: height.map_or(SIZE_DEFAULT, |v| v as usize),
+        seed: seed.map(|v| v as u32),
+        guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
         scheduler,
     })
+}
+
+/// Reads a request object field by field and collects every broken rule, so that one 422 names
+/// every broken field. An explicit `null` counts as absent for every field: it means the
+/// default (clients generated from the OpenAPI document, and A1111 clients, send nulls).
+///
+/// A new field: add its name to the allowed list, read it with a typed reader (or `with` and a
+/// rule of its own), use `fail` for rules across fields, then `finish`.
+pub struct FieldReader<'a> {
+    map: &'a Map<String, Value>,
+    errors: Vec<FieldError>,
+}
+
+impl<'a> FieldReader<'a> {
+    /// Starts with the unknown fields (a misspelt field should never hide behind another error).
+    pub fn new(map: &'a Map<String, Value>, allowed: &[&str]) -> Self {
+        let errors = map
+            .keys()
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .map(|k| FieldError {
+                field: k.clone(),
+                rule: format!("unknown field (allowed: {})", allowed.join(", ")),
+            })
+            .collect();
+        Self { map, errors }
+    }
+
+    /// The field's value; `None` when absent or `null`.
+    pub fn value(&self, field: &str) -> Option<&'a Value> {
+        self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    /// Records a broken rule.
+    pub fn fail(&mut self, field: &str, rule: impl Into<String>) {
+        self.errors.push(FieldError {
+            field: field.to_string(),
+            rule: rule.into(),
+        });
+    }
+
+    /// True when the field has a value; else records "is required".
+    pub fn require(&mut self, field: &str) -> bool {
+        let set = self.value(field).is_some();
+        if !set {
+            self.fail(field, "is required");
+        }
+        set
+    }
+
+    /// Runs `check` on the field's value when it has one; a broken rule is recorded.
+    pub fn with<T>(
+        &mut self,
+        field: &str,
+        check: impl FnOnce(&'a Value) -> Result<T, String>,
+    ) -> Option<T> {
+        let v = self.value(field)?;
+        check(v).map_err(|rule| self.fail(field, rule)).ok()
+    }
+
+    /// Cleaned text (see [`sanitize_text`]) of `min..=max` characters.
+    pub fn text(&mut self, field: &str, min: usize, max: usize) -> Option<String> {
+        self.with(field, |v| check_text(v, min, max))
+    }
+
+    /// An integer in `min..=max`.
+    pub fn int(&mut self, field: &str, min: u64, max: u64) -> Option<u64> {
+        self.with(field, |v| check_int(v, min, max))
+    }
+
+    /// An integer in `min..=max` that also passes `extra` (which returns the broken rule).
+    pub fn int_with(
+        &mut self,
+        field: &str,
+        min: u64,
+        max: u64,
+        extra: impl Fn(u64) -> Option<String>,
+    ) -> Option<u64> {
+        self.with(field, |v| {
+            let n = check_int(v, min, max)?;
+            extra(n).map_or(Ok(n), |rule| Err(format!("{rule} (got {n})")))
+        })
+    }
+
+    /// A number in `min..=max`.
+    pub fn number(&mut self, field: &str, min: f64, max: f64) -> Option<f64> {
+        self.with(field, |v| check_number(v, min, max))
+    }
+
+    /// One of the named options.
+    pub fn choice<T: Copy>(&mut self, field: &str, options: &[(&str, T)]) -> Option<T> {
+        self.with(field, |v| {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            let rule = format!("must be one of {}", names.join(", "));
+            let name = v.as_str().ok_or_else(|| rule.clone())?;
+            options
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| *t)
+                .ok_or_else(|| format!("{rule} (got {name:?})"))
+        })
+    }
+
+    /// Ok when no rule was broken; else a 422 listing every broken field.
+    pub fn finish(self) -> Result<(), ApiError> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::Validation(self.errors))
+        }
+    }
 }
 
 /// Removes control characters other than whitespace, then trims.
@@ -161,71 +242,56 @@ pub fn sanitize_text(s: &str) -> String {
     kept.trim().to_string()
 }
 
-fn text_field(field: &str, v: &Value, min: usize) -> Result<String, ApiError> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| ApiError::validation(field, "must be a string"))?;
+/// A string, cleaned by [`sanitize_text`], of `min..=max` characters (Unicode scalar values).
+pub fn check_text(v: &Value, min: usize, max: usize) -> Result<String, String> {
+    let s = v.as_str().ok_or("must be a string")?;
     let clean = sanitize_text(s);
     let n = clean.chars().count();
     if n < min {
-        return Err(ApiError::validation(
-            field,
-            "must not be empty (after trimming and removing control characters)",
-        ));
+        return Err("must not be empty (after trimming and removing control characters)".into());
     }
-    if n > PROMPT_MAX_CHARS {
-        return Err(ApiError::validation(
-            field,
-            format!("must be at most {PROMPT_MAX_CHARS} characters (got {n})"),
-        ));
+    if n > max {
+        return Err(format!("must be at most {max} characters (got {n})"));
     }
     Ok(clean)
 }
 
-/// An optional integer field in `min..=max`; `extra` adds a rule (returns the broken rule).
-/// Numbers written with a zero fraction (`20.0`) count as integers, as JSON does not tell them apart.
-fn int_field(
-    map: &Map<String, Value>,
-    field: &str,
-    min: u64,
-    max: u64,
-    extra: impl Fn(u64) -> Option<String>,
-) -> Result<Option<u64>, ApiError> {
-    let Some(v) = map.get(field) else {
-        return Ok(None);
-    };
+/// An integer in `min..=max`. Numbers written with a zero fraction (`20.0`) count as integers,
+/// as JSON does not tell them apart.
+pub fn check_int(v: &Value, min: u64, max: u64) -> Result<u64, String> {
     let range = format!("must be an integer between {min} and {max}");
-    let out_of_range =
-        |shown: String| ApiError::validation(field, format!("{range} (got {shown})"));
-    let n = match v {
-        Value::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                u
-            } else if let Some(i) = n.as_i64() {
-                return Err(out_of_range(i.to_string()));
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                if f.fract() != 0.0 || !f.is_finite() {
-                    return Err(ApiError::validation(
-                        field,
-                        format!("{range} (got {n}, not an integer)"),
-                    ));
-                }
-                if f < 0.0 || f > u64::MAX as f64 {
-                    return Err(out_of_range(n.to_string()));
-                }
-                f as u64
-            }
-        }
-        _ => return Err(ApiError::validation(field, range)),
+    let Value::Number(n) = v else {
+        return Err(range);
     };
-    if !(min..=max).contains(&n) {
-        return Err(out_of_range(n.to_string()));
+    let out_of_range = || format!("{range} (got {n})");
+    let u = if let Some(u) = n.as_u64() {
+        u
+    } else if n.is_i64() {
+        return Err(out_of_range());
+    } else {
+        let f = n.as_f64().unwrap_or(f64::NAN);
+        if f.fract() != 0.0 || !f.is_finite() {
+            return Err(format!("{range} (got {n}, not an integer)"));
+        }
+        if f < 0.0 || f > u64::MAX as f64 {
+            return Err(out_of_range());
+        }
+        f as u64
+    };
+    if !(min..=max).contains(&u) {
+        return Err(out_of_range());
     }
-    if let Some(rule) = extra(n) {
-        return Err(ApiError::validation(field, format!("{rule} (got {n})")));
+    Ok(u)
+}
+
+/// A number in `min..=max`.
+pub fn check_number(v: &Value, min: f64, max: f64) -> Result<f64, String> {
+    let rule = format!("must be a number between {min} and {max}");
+    let g = v.as_f64().ok_or_else(|| rule.clone())?;
+    if !(min..=max).contains(&g) {
+        return Err(format!("{rule} (got {g})"));
     }
-    Ok(Some(n))
+    Ok(g)
 }
 
 #[cfg(test)]
@@ -236,10 +302,11 @@ mod tests {
         parse_generate(s.as_bytes())
     }
 
+    /// The one broken field of a 422.
     fn field_of(e: ApiError) -> String {
-        match e {
-            ApiError::Validation { field, .. } => field,
-            other => panic!("expected a validation error, got {other:?}"),
+        match e.fields() {
+            [one] => one.field.clone(),
+            _ => panic!("expected one broken field, got {e:?}"),
         }
     }
 
@@ -263,7 +330,7 @@ mod tests {
             (
                 "steps",
                 vec!["1", "50", "20.0"],
-                vec!["0", "51", "-1", "2.5", "\"20\"", "true", "null"],
+                vec!["0", "51", "-1", "2.5", "\"20\"", "true"],
             ),
             (
                 "width",
@@ -322,6 +389,7 @@ mod tests {
             r#"{"prompt":"   "}"#,
             r#"{"prompt":"\u0001\u0007"}"#,
             r#"{}"#,
+            r#"{"prompt":null}"#,
             r#"{"prompt":3}"#,
         ] {
             assert_eq!(field_of(parse(bad).unwrap_err()), "prompt", "{bad}");
@@ -352,5 +420,45 @@ mod tests {
         assert!(check_content_type(Some("application/json; charset=utf-8")).is_ok());
         assert!(check_content_type(Some("text/plain")).is_err());
         assert!(check_content_type(None).is_err());
+    }
+
+    #[test]
+    fn null_means_the_default_for_every_optional_field() {
+        let defaults = parse(r#"{"prompt":"x"}"#).unwrap();
+        for field in FIELDS.iter().filter(|f| **f != "prompt") {
+            let r = parse(&format!(r#"{{"prompt":"x","{field}":null}}"#))
+                .unwrap_or_else(|e| panic!("{field}: null refused: {e:?}"));
+            assert_eq!(r, defaults, "{field}");
+        }
+    }
+
+    #[test]
+    fn every_broken_field_is_reported_in_reading_order() {
+        let e = parse(
+            r#"{"sampler":"x","steps":0,"width":300,"height":1024,"seed":-1,"guidance_scale":"7","scheduler":"Euler","negative_prompt":5}"#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "sampler",
+                "prompt",
+                "negative_prompt",
+                "steps",
+                "width",
+                "height",
+                "seed",
+                "guidance_scale",
+                "scheduler"
+            ]
+        );
+        let details = e.body().details.unwrap();
+        assert!(
+            details.contains("width: must be a multiple of 64 (got 300)"),
+            "{details}"
+        );
+        assert!(details.contains("prompt: is required"), "{details}");
+        assert_eq!(details.matches("; ").count(), fields.len() - 1, "{details}");
     }
 }

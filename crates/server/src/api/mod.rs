@@ -18,7 +18,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::cache::ResponseCache;
 use crate::engine::Engine;
-use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::error::{ApiError, ErrorBody, ErrorCode, FieldError};
 use crate::metrics::Metrics;
 
 pub struct AppState {
@@ -182,6 +182,7 @@ pub struct HealthResponse {
         GenerateMetadata,
         SchedulerName,
         ErrorBody,
+        FieldError,
         HealthResponse,
         HealthStatus,
         QueueInfo,

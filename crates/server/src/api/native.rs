@@ -55,7 +55,7 @@ fn json_bytes(body: Bytes, cache: &'static str, stats: RequestStats) -> Response
         (status = 400, description = "`invalid_json`: not a JSON object, or not application/json", body = ErrorBody),
         (status = 408, description = "`timeout`: queue wait plus generation passed GENERATION_TIMEOUT_SECONDS; the run was stopped", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 422, description = "`validation_error`: `details` names the field and rule", body = ErrorBody),
+        (status = 422, description = "`validation_error`: `details` names every broken field and its rule, `fields` lists them", body = ErrorBody),
         (status = 429, description = "`overloaded`: MAX_CONCURRENT_REQUESTS already admitted; see `Retry-After`", body = ErrorBody),
         (status = 500, description = "`internal_error`", body = ErrorBody),
         (status = 503, description = "`model_unavailable` (loading, failed, shutting down) or `out_of_memory`", body = ErrorBody),

@@ -45,11 +45,40 @@ impl Resp {
         let obj = j.as_object().expect("error body is an object");
         let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
         keys.sort();
-        assert_eq!(keys, ["details", "error", "error_code"], "{j}");
+        if code == "validation_error" {
+            // A 422 also lists every broken field, and `details` names the same ones in order.
+            assert_eq!(keys, ["details", "error", "error_code", "fields"], "{j}");
+            let listed: Vec<String> = j["fields"]
+                .as_array()
+                .expect("fields is a list")
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{}: {}",
+                        f["field"].as_str().unwrap(),
+                        f["rule"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert!(!listed.is_empty(), "{j}");
+            assert_eq!(j["details"], listed.join("; "), "{j}");
+        } else {
+            assert_eq!(keys, ["details", "error", "error_code"], "{j}");
+        }
         assert_eq!(j["error_code"], code, "{j}");
         assert!(j["error"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
         assert!(j["details"].is_null() || j["details"].is_string(), "{j}");
         j
+    }
+
+    /// The broken fields of a 422, in order.
+    pub fn broken_fields(&self) -> Vec<String> {
+        self.error(422, "validation_error")["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["field"].as_str().unwrap().to_string())
+            .collect()
     }
 }
 
