@@ -49,12 +49,17 @@ pub struct DownloadArgs {
     pub fp16: bool,
 }
 
+/// Number format of weights and arithmetic. On the CPU only f32 is fast (f16 is refused there);
+/// on a GPU f16 halves the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
-    /// f16 on CUDA, f32 on CPU.
+    /// f16 on CUDA, f32 on the CPU.
     Auto,
+    /// Full precision: what the CPU runs; on a GPU twice the memory of f16.
     F32,
+    /// Half precision, for CUDA GPUs (refused on the CPU, which has no fast f16 kernels).
     F16,
+    /// Half precision with f32's range, for CUDA GPUs of compute capability 8.0 or newer (f32 on the CPU).
     Bf16,
 }
 
@@ -189,6 +194,9 @@ pub struct ServeArgs {
     pub fake_generator: Option<FakeSpec>,
 }
 
+/// `sdserve generate`. The request flags follow the API's rules (checked by
+/// `validate::parse_generate` before the model loads); their help is written by [`command`]
+/// from the same constants.
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -203,16 +211,75 @@ pub struct GenerateArgs {
     pub width: Option<u64>,
     #[arg(long)]
     pub height: Option<u64>,
-    /// Random when absent (printed).
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long)]
     pub guidance_scale: Option<f64>,
-    /// pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, unipc (default: the model's own).
     #[arg(long)]
     pub scheduler: Option<String>,
+    /// The PNG to write; checked before the model loads.
     #[arg(short, long, default_value = "out.png")]
     pub output: PathBuf,
+}
+
+/// The request flags of `generate`: (flag id, help), from the API's rules and defaults.
+fn request_flag_help() -> Vec<(&'static str, String)> {
+    use crate::validate::*;
+    let schedulers: Vec<&str> = sdserve_pipeline::schedulers::SchedulerKind::ALL
+        .iter()
+        .map(|k| k.name())
+        .collect();
+    vec![
+        (
+            "prompt",
+            format!("What to draw: 1..={PROMPT_MAX_CHARS} characters after trimming"),
+        ),
+        (
+            "negative_prompt",
+            format!("What to keep out of the image: 0..={PROMPT_MAX_CHARS} characters [default: none]"),
+        ),
+        (
+            "steps",
+            format!("Denoising steps, {STEPS_MIN}..={STEPS_MAX}; time grows with them [default: {STEPS_DEFAULT}]"),
+        ),
+        (
+            "width",
+            format!("Image width in pixels, {SIZE_MIN}..={SIZE_MAX} and a multiple of {SIZE_MULTIPLE} [default: {SIZE_DEFAULT}]"),
+        ),
+        (
+            "height",
+            format!("Image height in pixels, {SIZE_MIN}..={SIZE_MAX} and a multiple of {SIZE_MULTIPLE} [default: {SIZE_DEFAULT}]"),
+        ),
+        (
+            "seed",
+            format!("0..={SEED_MAX}; the same seed and settings give the same image [default: random, printed]"),
+        ),
+        (
+            "guidance_scale",
+            format!("How closely to follow the prompt, {GUIDANCE_MIN}..={GUIDANCE_MAX}; at or below 1 guidance is off [default: {GUIDANCE_DEFAULT}]"),
+        ),
+        (
+            "scheduler",
+            format!("One of {} [default: the model's own]", schedulers.join(", ")),
+        ),
+    ]
+}
+
+/// The command line, with `generate`'s request flags described from the API's rules.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().mut_subcommand("generate", |mut c| {
+        for (id, help) in request_flag_help() {
+            c = c.mut_arg(id, |a| a.help(help));
+        }
+        c
+    })
+}
+
+/// Parses the process's arguments (exits with clap's message on a bad one).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
 }
 
 #[cfg(test)]
@@ -234,6 +301,36 @@ mod tests {
         assert_eq!(a.model.vram_limit_mb, 5120);
         assert_eq!(a.model.device, "auto");
         assert_eq!(a.model.lever_overrides(), LeverOverrides::default());
+    }
+
+    #[test]
+    fn generate_help_states_every_rule_and_default() {
+        use crate::validate::*;
+        let mut cmd = command();
+        let help = cmd
+            .find_subcommand_mut("generate")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for want in [
+            format!("1..={PROMPT_MAX_CHARS} characters"),
+            format!("{STEPS_MIN}..={STEPS_MAX}"),
+            format!("[default: {STEPS_DEFAULT}]"),
+            format!("{SIZE_MIN}..={SIZE_MAX} and a multiple of {SIZE_MULTIPLE} [default: {SIZE_DEFAULT}]"),
+            format!("{GUIDANCE_MIN}..={GUIDANCE_MAX}"),
+            format!("[default: {GUIDANCE_DEFAULT}]"),
+            format!("0..={SEED_MAX}"),
+            "dpmpp_2m_karras".to_string(),
+            "[default: out.png]".to_string(),
+        ] {
+            assert!(help.contains(&want), "{want:?} missing from:\n{help}");
+        }
+        // Every request flag has a description.
+        let generate = cmd.find_subcommand("generate").unwrap();
+        for (id, _) in request_flag_help() {
+            let arg = generate.get_arguments().find(|a| a.get_id() == id);
+            assert!(arg.is_some_and(|a| a.get_help().is_some()), "{id}");
+        }
     }
 
     #[test]

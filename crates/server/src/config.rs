@@ -27,6 +27,7 @@ pub fn select_runtime(device: &str, dtype: DtypeArg) -> Result<Runtime, String> 
         DtypeArg::Bf16 => DTypeRequest::Bf16,
     };
     let sel = select_device(req).map_err(|e| e.to_string())?;
+    refuse_half_on_cpu(dtype, &sel.device, sel.warning.as_deref())?;
     let (dtype, dwarn) = select_dtype(dreq, &sel.device);
     Ok(Runtime {
         device: sel.device,
@@ -34,6 +35,26 @@ pub fn select_runtime(device: &str, dtype: DtypeArg) -> Result<Runtime, String> 
         dtype,
         warnings: sel.warning.into_iter().chain(dwarn).collect(),
     })
+}
+
+/// DTYPE=f16 on the CPU is refused: candle's CPU backend has no fast half-precision kernels,
+/// so it runs far slower than f32 for no better image. `fallback` is why `auto` chose the CPU.
+pub fn refuse_half_on_cpu(
+    dtype: DtypeArg,
+    device: &Device,
+    fallback: Option<&str>,
+) -> Result<(), String> {
+    if dtype != DtypeArg::F16 || !device.is_cpu() {
+        return Ok(());
+    }
+    let why = fallback.map_or(String::new(), |w| {
+        format!(" (DEVICE=auto chose the CPU: {w})")
+    });
+    Err(format!(
+        "DTYPE=f16 is refused on the CPU{why}: the CPU has no fast half-precision kernels, so f16 \
+         runs many times slower than f32 and makes no better image. On the CPU use DTYPE=auto or \
+         f32; f16 is for CUDA GPUs (DEVICE=cuda with a CUDA build, see docs/GPU.md)."
+    ))
 }
 
 pub fn dtype_label(d: DType) -> &'static str {
@@ -79,5 +100,17 @@ mod tests {
         assert_eq!((rt.label.as_str(), rt.dtype), ("cpu", DType::F32));
         let err = select_runtime("tpu", DtypeArg::Auto).unwrap_err();
         assert!(err.contains("DEVICE"), "{err}");
+    }
+
+    #[test]
+    fn half_precision_is_refused_on_the_cpu() {
+        let err = select_runtime("cpu", DtypeArg::F16).unwrap_err();
+        assert!(err.contains("DTYPE=f16") && err.contains("f32"), "{err}");
+        let rt = select_runtime("cpu", DtypeArg::F32).unwrap();
+        assert_eq!(rt.dtype, DType::F32);
+        // bf16 falls back to f32 on the CPU with a warning (no bf16 convolutions there).
+        let rt = select_runtime("cpu", DtypeArg::Bf16).unwrap();
+        assert_eq!(rt.dtype, DType::F32);
+        assert!(!rt.warnings.is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! `sdserve generate`: one image to a file, with a progress bar on stderr.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -37,15 +38,98 @@ fn request_json(a: &GenerateArgs) -> Value {
 fn bar(p: StepProgress, started: Instant) -> String {
     const WIDTH: usize = 30;
     let filled = p.step * WIDTH / p.total.max(1);
-    let secs = started.elapsed().as_secs_f64();
-    let eta = secs / p.step.max(1) as f64 * (p.total - p.step) as f64;
     format!(
-        "\r[{}{}] {}/{} steps, {secs:.1}s elapsed, ~{eta:.1}s left ",
+        "\r[{}{}] {}",
         "#".repeat(filled),
         " ".repeat(WIDTH - filled),
-        p.step,
-        p.total
+        progress_text(p, started)
     )
+}
+
+fn progress_text(p: StepProgress, started: Instant) -> String {
+    let secs = started.elapsed().as_secs_f64();
+    let eta = secs / p.step.max(1) as f64 * p.total.saturating_sub(p.step) as f64;
+    format!(
+        "{}/{} steps, {secs:.1}s elapsed, ~{eta:.1}s left ",
+        p.step, p.total
+    )
+}
+
+/// Step progress on stderr: a bar redrawn in place on a terminal; into a file or pipe, whole
+/// lines (the first step, then at most one every 5 s, and the last), never `\r` redraws.
+struct Progress {
+    terminal: bool,
+    started: Instant,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    fn new(terminal: bool) -> Self {
+        Self {
+            terminal,
+            started: Instant::now(),
+            last_line: None,
+        }
+    }
+
+    /// What to write for this step, if anything.
+    fn render(&mut self, p: StepProgress) -> Option<String> {
+        if self.terminal {
+            return Some(bar(p, self.started));
+        }
+        let due = self
+            .last_line
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5));
+        if !due && p.step < p.total {
+            return None;
+        }
+        self.last_line = Some(Instant::now());
+        Some(format!("{}\n", progress_text(p, self.started).trim_end()))
+    }
+
+    /// Ends the bar's line on a terminal.
+    fn finish(&self) -> &'static str {
+        if self.terminal {
+            "\n"
+        } else {
+            ""
+        }
+    }
+}
+
+/// Fails before anything loads when `path` cannot be written (a missing folder, a folder in its
+/// place, no permission), so a long generation is never lost at the end.
+fn check_writable(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!(
+            "-o {}: is a folder; give the PNG file's path",
+            path.display()
+        ));
+    }
+    let existed = path.exists();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+    {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let hint = match parent {
+                Some(dir) if !dir.is_dir() => {
+                    format!("; the folder {} does not exist", dir.display())
+                }
+                _ => String::new(),
+            };
+            Err(format!("-o {}: cannot write ({e}){hint}", path.display()))
+        }
+    }
 }
 
 pub fn run(a: GenerateArgs) -> ExitCode {
@@ -62,6 +146,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     let body = serde_json::to_vec(&request_json(a)).map_err(|e| e.to_string())?;
     let req = crate::validate::parse_generate(&body)
         .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
+    check_writable(&a.output)?;
     let rt = crate::config::select_runtime(&a.model.device, a.model.dtype)?;
     for w in &rt.warnings {
         eprintln!("warning: {w}");
@@ -97,15 +182,18 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     };
     let started = Instant::now();
     let mut err = std::io::stderr();
+    let mut progress = Progress::new(err.is_terminal());
     let img = loaded
         .generator
         .generate(&params, &mut |p| {
-            let _ = write!(err, "{}", bar(p, started));
-            let _ = err.flush();
+            if let Some(text) = progress.render(p) {
+                let _ = write!(err, "{text}");
+                let _ = err.flush();
+            }
             ControlFlow::Continue(())
         })
         .map_err(|e| e.to_string())?;
-    eprintln!();
+    eprint!("{}", progress.finish());
     let png = crate::png::encode(
         &img,
         &crate::png::parameters_text(&params, &loaded.info.model_version),
@@ -133,5 +221,44 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("1/2 steps"));
+    }
+
+    #[test]
+    fn no_redraws_into_a_file() {
+        let mut p = Progress::new(false);
+        let lines: Vec<String> = (1..=20)
+            .filter_map(|step| p.render(StepProgress { step, total: 20 }))
+            .collect();
+        // Fast steps: the first and the last only, each a whole line.
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("1/20 steps") && lines[1].starts_with("20/20 steps"));
+        assert!(lines.iter().all(|l| !l.contains('\r') && l.ends_with('\n')));
+        assert_eq!(p.finish(), "");
+        let mut t = Progress::new(true);
+        assert!(t
+            .render(StepProgress { step: 3, total: 20 })
+            .unwrap()
+            .starts_with('\r'));
+    }
+
+    #[test]
+    fn unwritable_outputs_are_found_before_loading() {
+        let dir = std::env::temp_dir().join(format!("sdserve-out-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fresh = dir.join("new.png");
+        check_writable(&fresh).unwrap();
+        assert!(!fresh.exists(), "the check leaves no file behind");
+        let e = check_writable(&dir.join("missing/x.png")).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        let e = check_writable(&dir).unwrap_err();
+        assert!(e.contains("is a folder"), "{e}");
+        std::fs::write(&fresh, b"old").unwrap();
+        check_writable(&fresh).unwrap();
+        assert_eq!(
+            std::fs::read(&fresh).unwrap(),
+            b"old",
+            "an existing file is not truncated"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -81,6 +81,7 @@ pub fn resolve_with(
         .parse()
         .map_err(|e: PipelineError| e.to_string())?;
     let selected = select_device(request).map_err(|e| e.to_string())?;
+    crate::config::refuse_half_on_cpu(args.dtype, &selected.device, selected.warning.as_deref())?;
     let mut warnings: Vec<String> = selected.warning.into_iter().collect();
     let (dtype, w) = select_dtype(dtype_request(args.dtype), &selected.device);
     warnings.extend(w);

@@ -17,10 +17,8 @@ mod png;
 mod serve;
 mod validate;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    match cli::Cli::parse().command {
+    match cli::parse().command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Generate(args) => generate_cmd::run(*args),
         cli::Command::Bench(args) => bench_cmd::run(*args),

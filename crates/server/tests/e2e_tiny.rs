@@ -172,6 +172,8 @@ fn generate_command_writes_the_same_image() {
         stderr.contains("1/1 steps") && stderr.contains("seed 1234"),
         "{stderr}"
     );
+    // stderr is a pipe here, not a terminal: whole lines, no `\r` redraws.
+    assert!(!stderr.contains('\r'), "{stderr:?}");
     use base64::Engine as _;
     let png = std::fs::read(&out).unwrap();
     let (w, h, pixels, text) = decode_png(&base64::engine::general_purpose::STANDARD.encode(png));
@@ -192,6 +194,32 @@ fn generate_command_writes_the_same_image() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("width: must be a multiple of 64"));
+
+    // So are an unwritable output and f16 on the CPU, before the model loads.
+    let refused = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+            .args(["generate", "--device", "cpu", "--model"])
+            .arg(tiny_b())
+            .args(["--prompt", "x"])
+            .args(extra)
+            .env_remove("DTYPE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("loading"), "{stderr}");
+        stderr
+    };
+    let stderr = refused(&["-o", "/nonexistent-sdserve-dir/out.png"]);
+    assert!(
+        stderr.contains("/nonexistent-sdserve-dir does not exist"),
+        "{stderr}"
+    );
+    let stderr = refused(&["--dtype", "f16"]);
+    assert!(
+        stderr.contains("DTYPE=f16 is refused on the CPU"),
+        "{stderr}"
+    );
 }
 
 #[test]
