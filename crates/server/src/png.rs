@@ -67,6 +67,37 @@ pub fn encode(img: &RgbImage, parameters: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// The text chunks of a PNG that come before its image data (where encoders put them), by
+/// keyword; not a PNG: none.
+pub fn read_text_chunks(bytes: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    let Ok(reader) = png::Decoder::new(std::io::Cursor::new(bytes)).read_info() else {
+        return out;
+    };
+    let info = reader.info();
+    for t in &info.uncompressed_latin1_text {
+        out.insert(t.keyword.clone(), t.text.clone().into());
+    }
+    for t in &info.compressed_latin1_text {
+        if let Ok(text) = t.get_text() {
+            out.insert(t.keyword.clone(), text.into());
+        }
+    }
+    for t in &info.utf8_text {
+        if let Ok(text) = t.get_text() {
+            out.insert(t.keyword.clone(), text.into());
+        }
+    }
+    out
+}
+
+/// The `parameters` text of a PNG (what [`encode`] wrote).
+pub fn read_parameters(bytes: &[u8]) -> Option<String> {
+    read_text_chunks(bytes)
+        .remove("parameters")
+        .and_then(|v| v.as_str().map(str::to_string))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,7 +126,7 @@ mod tests {
         );
         assert_eq!(text, want);
         let bytes = encode(&img, &text).unwrap();
-        let mut dec = png::Decoder::new(std::io::Cursor::new(bytes))
+        let mut dec = png::Decoder::new(std::io::Cursor::new(bytes.clone()))
             .read_info()
             .unwrap();
         let mut buf = vec![0; dec.output_buffer_size().unwrap()];
@@ -105,5 +136,7 @@ mod tests {
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].keyword, "parameters");
         assert_eq!(chunks[0].text, text);
+        assert_eq!(read_parameters(&bytes).as_deref(), Some(text.as_str()));
+        assert!(read_text_chunks(b"not a png").is_empty());
     }
 }

@@ -92,6 +92,8 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         started,
         max_body_bytes: args.max_body_bytes,
         load_status,
+        a1111: Default::default(),
+        openai_files: Default::default(),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();

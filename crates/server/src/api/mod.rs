@@ -2,7 +2,9 @@
 //! middleware that gives every request an id, a log line, metrics and a contract-shaped error body.
 //! One module per dialect translates to and from the one internal request (DESIGN.md §2).
 
+pub mod a1111;
 mod native;
+pub mod openai;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,6 +35,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Download/conversion progress while the model loads.
     pub load_status: crate::hub::LoadStatus,
+    /// AUTOMATIC1111's options and requests in flight.
+    pub a1111: a1111::Dialect,
+    /// Images the OpenAI dialect answered as URLs.
+    pub openai_files: openai::Files,
 }
 
 type Shared = Arc<AppState>;
@@ -209,10 +215,55 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(native::metrics))
         .route("/openapi.json", get(native::openapi_json))
         .route("/docs", get(native::docs))
+        .merge(a1111::router())
+        .merge(openai::router())
         .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// A JSON object body for the dialects (which, like their clients, do not insist on a
+/// `Content-Type`); an empty body is an empty object.
+fn body_object(
+    app: &AppState,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let body = body.map_err(|rej| {
+        if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(app.max_body_bytes)
+        } else {
+            ApiError::InvalidJson(rej.body_text())
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice(&body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::InvalidJson(
+            "the body must be a JSON object".into(),
+        )),
+        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+    }
+}
+
+/// Renames the fields of a validation error from native names to a dialect's (`(native,
+/// dialect)` pairs), so the error names what the client sent.
+fn rename_fields(e: ApiError, names: &[(&str, &str)]) -> ApiError {
+    match e {
+        ApiError::Validation(mut fields) => {
+            for f in &mut fields {
+                if let Some((_, theirs)) = names.iter().find(|(ours, _)| *ours == f.field) {
+                    f.field = theirs.to_string();
+                }
+            }
+            // `width` and `height` may both become `size`: name it once.
+            fields.dedup_by(|a, b| a.field == b.field && a.rule == b.rule);
+            ApiError::Validation(fields)
+        }
+        other => other,
+    }
 }
 
 pub fn random_seed() -> u32 {

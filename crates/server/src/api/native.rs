@@ -89,6 +89,66 @@ async fn generate_inner(
             .and_then(|v| v.to_str().ok()),
     )?;
     let req = validate::parse_generate(&body)?;
+    let out = run(app, req).await?;
+    Ok(json_bytes(out.body, out.cache, out.stats))
+}
+
+/// A finished `/generate`: the 200 body as sent, and figures for the request log.
+pub(super) struct Generated {
+    pub body: Bytes,
+    /// `hit` or `miss`.
+    pub cache: &'static str,
+    pub stats: RequestStats,
+}
+
+impl Generated {
+    fn value(&self) -> Result<serde_json::Value, ApiError> {
+        serde_json::from_slice(&self.body).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Every image of the answer (base64 PNGs) with its seed, in order.
+    pub fn images(&self) -> Result<Vec<(String, u64)>, ApiError> {
+        let v = self.value()?;
+        let images: Vec<String> = match v.get("images").and_then(|i| i.as_array()) {
+            Some(all) => all
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_string))
+                .collect(),
+            None => vec![v["image_base64"].as_str().unwrap_or_default().to_string()],
+        };
+        let first = v["metadata"]["seed"].as_u64().unwrap_or_default();
+        let seeds = v["metadata"]
+            .get("seeds")
+            .and_then(|s| s.as_array())
+            .map(|s| s.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>());
+        Ok(images
+            .into_iter()
+            .enumerate()
+            .map(|(i, b64)| {
+                let seed = seeds
+                    .as_ref()
+                    .and_then(|s| s.get(i).copied())
+                    .unwrap_or(first + i as u64);
+                (b64, seed)
+            })
+            .collect())
+    }
+
+    /// The prompt as the model saw it (cleaned).
+    pub fn prompt(&self) -> Result<String, ApiError> {
+        Ok(self.value()?["metadata"]["prompt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+/// Runs one validated request, whichever dialect it came in: the response cache, the engine,
+/// the `/generate` answer.
+pub(super) async fn run(
+    app: &AppState,
+    req: validate::ValidRequest,
+) -> Result<Generated, ApiError> {
     let info = app.engine.model_info()?;
     let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
     let params = GenerationParams {
@@ -117,7 +177,11 @@ async fn generate_inner(
                 .cache_hits
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             stats.cache = Some("hit");
-            return Ok(json_bytes(hit, "hit", stats));
+            return Ok(Generated {
+                body: hit,
+                cache: "hit",
+                stats,
+            });
         }
         app.metrics
             .cache_misses
@@ -148,7 +212,11 @@ async fn generate_inner(
     stats.queue_secs = Some(out.queue_secs);
     stats.gen_secs = Some(out.gen_secs);
     stats.cache = Some("miss");
-    Ok(json_bytes(bytes, "miss", stats))
+    Ok(Generated {
+        body: bytes,
+        cache: "miss",
+        stats,
+    })
 }
 
 /// Readiness and load: 200 when the model is ready, 503 while it loads or after it failed.

@@ -1,0 +1,168 @@
+//! What A1111 answers besides images: `info` (its `Processed.js()`) and `png-info`'s parsed
+//! infotext.
+
+use serde_json::{json, Map, Value};
+
+use super::translate::Translated;
+
+/// The seed of batch `k`: A1111's `seed + k * batch_size`, wrapping at 2^32 like the pipeline,
+/// which seeds its generator with the low 32 bits.
+pub fn batch_seed(seed: u32, k: u32, batch_size: u32) -> u32 {
+    seed.wrapping_add(k.wrapping_mul(batch_size))
+}
+
+/// What one finished image contributes to `info`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    pub seed: u64,
+    pub infotext: String,
+}
+
+/// A1111's `info`: `Processed.js()`, a JSON object serialised to a string.
+pub fn info_string(
+    t: &Translated,
+    images: &[ImageInfo],
+    model_name: &str,
+    model_hash: &str,
+    job_timestamp: &str,
+) -> String {
+    let n = images.len();
+    let prompt = t.valid.prompt.clone();
+    let negative = t.valid.negative_prompt.clone();
+    let seeds: Vec<u64> = images.iter().map(|i| i.seed).collect();
+    let clip_skip = t.native.get("clip_skip").cloned().unwrap_or(json!(1));
+    json!({
+        "prompt": prompt,
+        "all_prompts": vec![prompt.clone(); n],
+        "negative_prompt": negative,
+        "all_negative_prompts": vec![negative.clone(); n],
+        "seed": seeds.first().copied().unwrap_or(u64::from(t.seed)),
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": vec![-1; n],
+        "subseed_strength": 0,
+        "width": t.valid.width,
+        "height": t.valid.height,
+        "sampler_name": t.sampler.sampler,
+        "cfg_scale": t.valid.guidance_scale,
+        "steps": t.valid.steps,
+        "batch_size": t.batch_size,
+        "restore_faces": false,
+        "face_restoration_model": null,
+        "sd_model_name": model_name,
+        "sd_model_hash": model_hash,
+        "sd_vae_name": null,
+        "sd_vae_hash": null,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": t.native.get("strength").cloned().unwrap_or(Value::Null),
+        "extra_generation_params": {"Schedule type": t.sampler.schedule},
+        "index_of_first_image": 0,
+        "infotexts": images.iter().map(|i| i.infotext.clone()).collect::<Vec<_>>(),
+        "styles": [],
+        "job_timestamp": job_timestamp,
+        "clip_skip": clip_skip,
+        "is_using_inpainting_conditioning": false,
+        "version": concat!("sdserve ", env!("CARGO_PKG_VERSION")),
+    })
+    .to_string()
+}
+
+/// A1111's `parse_generation_parameters` for the infotext we write: `Prompt`, `Negative
+/// prompt`, then each `Key: value` of the last line (values as strings), `Size` split into
+/// `Size-1` and `Size-2`.
+pub fn parse_infotext(text: &str) -> Map<String, Value> {
+    let mut out = Map::new();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let last = lines.pop().unwrap_or_default();
+    // A last line without "Key: value" pairs is part of the prompt.
+    let params: Vec<(&str, &str)> = last
+        .split(", ")
+        .filter_map(|kv| kv.split_once(": "))
+        .collect();
+    if params.is_empty() {
+        lines.push(last);
+    }
+    let mut prompt = Vec::new();
+    let mut negative: Option<Vec<&str>> = None;
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("Negative prompt: ") {
+            negative = Some(vec![rest]);
+        } else if let Some(n) = negative.as_mut() {
+            n.push(line);
+        } else {
+            prompt.push(line);
+        }
+    }
+    out.insert("Prompt".into(), json!(prompt.join("\n")));
+    out.insert(
+        "Negative prompt".into(),
+        json!(negative.map(|n| n.join("\n")).unwrap_or_default()),
+    );
+    for (k, v) in params {
+        if k == "Size" {
+            if let Some((w, h)) = v.split_once('x') {
+                out.insert("Size-1".into(), json!(w));
+                out.insert("Size-2".into(), json!(h));
+                continue;
+            }
+        }
+        out.insert(k.to_string(), json!(v));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::a1111::translate::{translate, Mode};
+
+    fn tr(body: Value) -> Translated {
+        translate(body.as_object().unwrap(), Mode::Txt2Img, None, || 1234).unwrap()
+    }
+
+    #[test]
+    fn batch_seeds_follow_a1111() {
+        assert_eq!(batch_seed(10, 0, 2), 10);
+        assert_eq!(batch_seed(10, 2, 2), 14);
+        assert_eq!(batch_seed(u32::MAX, 1, 1), 0);
+    }
+
+    #[test]
+    fn infotext_parses_like_a1111() {
+        let text = "a cat\n(on a mat)\nNegative prompt: dog\nSteps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 256x320, Model: m@1";
+        let p = parse_infotext(text);
+        assert_eq!(p["Prompt"], "a cat\n(on a mat)");
+        assert_eq!(p["Negative prompt"], "dog");
+        assert_eq!(p["Steps"], "4");
+        assert_eq!(p["Sampler"], "Euler a");
+        assert_eq!(p["Seed"], "42");
+        assert_eq!(
+            (p["Size-1"].as_str(), p["Size-2"].as_str()),
+            (Some("256"), Some("320"))
+        );
+        assert_eq!(parse_infotext("just a prompt")["Prompt"], "just a prompt");
+    }
+
+    #[test]
+    fn info_is_a_json_string_with_seeds() {
+        let t = tr(json!({"prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 2}));
+        let imgs = [
+            ImageInfo {
+                seed: 5,
+                infotext: "p\nSeed: 5".into(),
+            },
+            ImageInfo {
+                seed: 6,
+                infotext: "p\nSeed: 6".into(),
+            },
+        ];
+        let s = info_string(&t, &imgs, "tiny", "abc", "20261204000000");
+        let v: Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["seed"], 5);
+        assert_eq!(v["all_seeds"], json!([5, 6]));
+        assert_eq!(v["infotexts"][1], "p\nSeed: 6");
+        assert_eq!(v["sampler_name"], "Euler");
+        assert_eq!(v["all_prompts"], json!(["p", "p"]));
+    }
+}

@@ -1,0 +1,404 @@
+//! AUTOMATIC1111's `/sdapi/v1` (DESIGN.md §1 "Dialects"): what `webuiapi`, Krita and chat-bot
+//! plugins send and parse. Each request is translated (`translate`) into the one native request
+//! and run like `/generate`; the answers take A1111's shapes (`info` is a JSON *string*).
+//!
+//! `n_iter` batches run one after another, as in A1111; `progress`, `interrupt` and `skip` act
+//! on the A1111 requests in flight (never on other dialects' work). An interrupted request
+//! answers 200 with the images finished before the interrupt, as A1111 does.
+
+pub mod info;
+pub mod translate;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
+
+use super::{body_object, native, random_seed, AppState, Shared};
+use crate::error::ApiError;
+use crate::generator::ModelInfo;
+use translate::{Mode, SAMPLERS, SCHEDULES};
+
+/// The dialect's own state: the options clients set, and its requests in flight.
+#[derive(Default)]
+pub struct Dialect {
+    /// What `POST options` stored (A1111 keeps settings server-wide).
+    options: Mutex<Map<String, Value>>,
+    active: Mutex<Vec<Arc<Active>>>,
+}
+
+/// One A1111 request in flight.
+struct Active {
+    n_iter: u32,
+    /// The batch running now (0-based).
+    job_no: AtomicU32,
+    started: Instant,
+    interrupted: AtomicBool,
+    skipped: AtomicBool,
+    /// Wakes the request when it is interrupted or skipped.
+    stop: Notify,
+}
+
+/// Removes a finished request from the list, however its handler ends.
+struct ActiveGuard<'a> {
+    dialect: &'a Dialect,
+    active: Arc<Active>,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.dialect.active).retain(|a| !Arc::ptr_eq(a, &self.active));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/sdapi/v1/txt2img", post(txt2img))
+        .route("/sdapi/v1/img2img", post(img2img))
+        .route("/sdapi/v1/progress", get(progress))
+        .route("/sdapi/v1/interrupt", post(interrupt))
+        .route("/sdapi/v1/skip", post(skip))
+        .route("/sdapi/v1/samplers", get(samplers))
+        .route("/sdapi/v1/schedulers", get(schedulers))
+        .route("/sdapi/v1/sd-models", get(sd_models))
+        .route("/sdapi/v1/options", get(get_options).post(set_options))
+        .route("/sdapi/v1/loras", get(loras))
+        .route("/sdapi/v1/png-info", post(png_info))
+        .route("/sdapi/v1/scripts", get(scripts))
+}
+
+/// A1111's names for the loaded model: title, short hash.
+fn model_names(info: &ModelInfo) -> (String, String) {
+    let title = info.model_version.clone();
+    let hash = title
+        .split_once('@')
+        .map(|(_, rev)| rev.trim_start_matches("sha256:"))
+        .unwrap_or_default()
+        .chars()
+        .take(10)
+        .collect();
+    (title, hash)
+}
+
+fn job_timestamp() -> String {
+    // A1111's `%Y%m%d%H%M%S`, in UTC.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+async fn txt2img(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(&app, body, Mode::Txt2Img)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn img2img(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(&app, body, Mode::Img2Img)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn generate(
+    app: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    mode: Mode,
+) -> Result<Response, ApiError> {
+    let body = body_object(app, body)?;
+    let info = app.engine.model_info()?;
+    let clip_skip = lock(&app.a1111.options)
+        .get("CLIP_stop_at_last_layers")
+        .cloned();
+    let t = translate::translate(&body, mode, clip_skip.as_ref(), random_seed)?;
+    if !t.ignored.is_empty() {
+        tracing::debug!(fields = ?t.ignored, "A1111 fields with no equivalent here, ignored");
+    }
+    if let Some(name) = body
+        .get("override_settings")
+        .and_then(|o| o.get("sd_model_checkpoint"))
+        .and_then(Value::as_str)
+    {
+        let (title, hash) = model_names(&info);
+        if name != title && name != hash {
+            // A1111 falls back to the loaded model when a checkpoint is not found.
+            tracing::warn!(requested = name, loaded = %title, "A1111 request names another checkpoint; using the loaded one");
+        }
+    }
+
+    let active = Arc::new(Active {
+        n_iter: t.n_iter,
+        job_no: AtomicU32::new(0),
+        started: Instant::now(),
+        interrupted: AtomicBool::new(false),
+        skipped: AtomicBool::new(false),
+        stop: Notify::new(),
+    });
+    lock(&app.a1111.active).push(active.clone());
+    let _guard = ActiveGuard {
+        dialect: &app.a1111,
+        active: active.clone(),
+    };
+
+    let mut images = Vec::new();
+    let mut infos = Vec::new();
+    for k in 0..t.n_iter {
+        if active.interrupted.load(Ordering::SeqCst) {
+            break;
+        }
+        active.job_no.store(k, Ordering::SeqCst);
+        active.skipped.store(false, Ordering::SeqCst);
+        let mut req = t.valid.clone();
+        let seed = info::batch_seed(t.seed, k, t.batch_size);
+        req.seed = Some(seed);
+        // Dropping the run (interrupt, skip) cancels its job within one step.
+        let out = tokio::select! {
+            out = native::run(app, req) => out?,
+            _ = active.stop.notified() => continue,
+        };
+        for (b64, seed) in out.images()? {
+            let infotext = base64::engine::general_purpose::STANDARD
+                .decode(&b64)
+                .ok()
+                .and_then(|png| crate::png::read_parameters(&png))
+                .unwrap_or_default();
+            infos.push(info::ImageInfo { seed, infotext });
+            images.push(b64);
+        }
+    }
+    let (title, hash) = model_names(&info);
+    let info_string = info::info_string(&t, &infos, &title, &hash, &job_timestamp());
+    Ok(Json(json!({
+        "images": images,
+        "parameters": t.parameters,
+        "info": info_string,
+    }))
+    .into_response())
+}
+
+/// A1111's `progress`: the oldest A1111 request in flight, its batch and step.
+async fn progress(State(app): State<Shared>) -> Json<Value> {
+    let active = lock(&app.a1111.active).first().cloned();
+    let Some(a) = active else {
+        return Json(json!({
+            "progress": 0.0,
+            "eta_relative": 0.0,
+            "state": {
+                "skipped": false, "interrupted": false, "stopping_generation": false,
+                "job": "", "job_count": 0, "job_timestamp": "0", "job_no": 0,
+                "sampling_step": 0, "sampling_steps": 0,
+            },
+            "current_image": null,
+            "textinfo": null,
+        }));
+    };
+    let job_no = a.job_no.load(Ordering::SeqCst);
+    let (step, steps) = (0u32, 0u32);
+    let within = if steps > 0 {
+        f64::from(step) / f64::from(steps)
+    } else {
+        0.0
+    };
+    let progress = (f64::from(job_no) + within) / f64::from(a.n_iter);
+    let elapsed = a.started.elapsed().as_secs_f64();
+    let eta = if progress > 0.0 {
+        elapsed / progress - elapsed
+    } else {
+        0.0
+    };
+    Json(json!({
+        "progress": progress,
+        "eta_relative": eta,
+        "state": {
+            "skipped": a.skipped.load(Ordering::SeqCst),
+            "interrupted": a.interrupted.load(Ordering::SeqCst),
+            "stopping_generation": false,
+            "job": format!("Batch {} out of {}", job_no + 1, a.n_iter),
+            "job_count": a.n_iter,
+            "job_timestamp": job_timestamp(),
+            "job_no": job_no,
+            "sampling_step": step,
+            "sampling_steps": steps,
+        },
+        "current_image": null,
+        "textinfo": null,
+    }))
+}
+
+/// Stops every A1111 request in flight (each answers with the images it finished).
+async fn interrupt(State(app): State<Shared>) -> Json<Value> {
+    for a in lock(&app.a1111.active).iter() {
+        a.interrupted.store(true, Ordering::SeqCst);
+        a.stop.notify_one();
+    }
+    Json(json!({}))
+}
+
+/// Stops the running batch of each A1111 request; the next batch goes on.
+async fn skip(State(app): State<Shared>) -> Json<Value> {
+    for a in lock(&app.a1111.active).iter() {
+        a.skipped.store(true, Ordering::SeqCst);
+        a.stop.notify_one();
+    }
+    Json(json!({}))
+}
+
+async fn samplers() -> Json<Value> {
+    Json(Value::Array(
+        SAMPLERS
+            .iter()
+            .map(|s| {
+                let options = if s.default_karras {
+                    json!({"scheduler": "karras"})
+                } else {
+                    json!({})
+                };
+                json!({"name": s.name, "aliases": s.aliases, "options": options})
+            })
+            .collect(),
+    ))
+}
+
+async fn schedulers() -> Json<Value> {
+    Json(Value::Array(
+        SCHEDULES
+            .iter()
+            .map(|(name, label)| {
+                json!({
+                    "name": name,
+                    "label": label,
+                    "aliases": null,
+                    "default_rho": if *name == "karras" { 7.0 } else { -1.0 },
+                    "need_inner_model": *name == "uniform",
+                })
+            })
+            .collect(),
+    ))
+}
+
+async fn sd_models(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let info = app.engine.model_info()?;
+    let (title, hash) = model_names(&info);
+    let name = title.split('@').next().unwrap_or_default().to_string();
+    Ok(Json(json!([{
+        "title": title,
+        "model_name": name,
+        "hash": hash,
+        "sha256": null,
+        "filename": title,
+        "config": null,
+    }])))
+}
+
+async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let info = app.engine.model_info()?;
+    let (title, hash) = model_names(&info);
+    let mut out = Map::new();
+    out.insert("sd_model_checkpoint".into(), json!(title));
+    out.insert("sd_checkpoint_hash".into(), json!(hash));
+    out.insert("CLIP_stop_at_last_layers".into(), json!(1));
+    out.extend(lock(&app.a1111.options).clone());
+    Ok(Json(Value::Object(out)))
+}
+
+async fn set_options(
+    State(app): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body_object(&app, body)?;
+    let info = app.engine.model_info()?;
+    let (title, hash) = model_names(&info);
+    if let Some(v) = body.get("sd_model_checkpoint") {
+        if v.as_str() != Some(title.as_str()) && v.as_str() != Some(hash.as_str()) {
+            return Err(ApiError::validation(
+                "sd_model_checkpoint",
+                format!("this server has one model, {title:?} (got {v})"),
+            ));
+        }
+    }
+    if let Some(v) = body.get("CLIP_stop_at_last_layers") {
+        // Checked now, by the native rules, rather than at the next txt2img.
+        let probe = json!({"prompt": "x"});
+        translate::translate(probe.as_object().unwrap(), Mode::Txt2Img, Some(v), || 0)?;
+    }
+    let mut options = lock(&app.a1111.options);
+    for (k, v) in body {
+        if k != "sd_model_checkpoint" {
+            options.insert(k, v);
+        }
+    }
+    Ok(Json(json!({})))
+}
+
+async fn loras() -> Json<Value> {
+    Json(json!([]))
+}
+
+async fn scripts() -> Json<Value> {
+    Json(json!({"txt2img": [], "img2img": []}))
+}
+
+/// A1111's `png-info`: the `parameters` text of a PNG, the other text chunks, and the
+/// parameters parsed. An image without parameters answers `info: ""`.
+async fn png_info(
+    State(app): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body_object(&app, body)?;
+    let b64 = body
+        .get("image")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::validation("image", "is required: a base64 image"))?;
+    let b64 = match b64.split_once(";base64,") {
+        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
+        _ => b64,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::validation("image", format!("not base64: {e}")))?;
+    let mut items = crate::png::read_text_chunks(&bytes);
+    let info = items
+        .remove("parameters")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let parameters = if info.is_empty() {
+        Map::new()
+    } else {
+        info::parse_infotext(&info)
+    };
+    Ok(Json(json!({
+        "info": info,
+        "items": items,
+        "parameters": parameters,
+    })))
+}

@@ -1,0 +1,567 @@
+//! AUTOMATIC1111 request and answer shapes, translated to and from the native request.
+//!
+//! Nothing here checks a rule of its own: an A1111 body becomes a native `/generate` JSON object
+//! (A1111's names and defaults mapped onto ours), which `validate` then checks like any other
+//! request; its errors are renamed back to the field the client sent.
+
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::validate::ValidRequest;
+
+/// A1111's defaults for absent fields (its `StableDiffusionProcessing` defaults).
+pub const STEPS_DEFAULT: u64 = 50;
+pub const CFG_DEFAULT: f64 = 7.0;
+pub const SIZE_DEFAULT: u64 = 512;
+pub const SAMPLER_DEFAULT: &str = "Euler";
+pub const DENOISING_DEFAULT: f64 = 0.75;
+/// `n_iter` runs batches one after another; bounded like `batch_size`.
+pub const N_ITER_MAX: u64 = 8;
+
+/// One A1111 sampler: its name, the aliases A1111 also accepts, and our scheduler for its
+/// `Automatic`/`Uniform` and `Karras` schedules.
+pub struct Sampler {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub uniform: SchedulerKind,
+    pub karras: Option<SchedulerKind>,
+    /// The schedule `automatic` means for this sampler (A1111's `options.scheduler`).
+    pub default_karras: bool,
+}
+
+pub const SAMPLERS: [Sampler; 7] = [
+    Sampler {
+        name: "Euler a",
+        aliases: &["k_euler_a", "k_euler_ancestral"],
+        uniform: SchedulerKind::EulerAncestral,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "Euler",
+        aliases: &["k_euler"],
+        uniform: SchedulerKind::Euler,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "DPM++ 2M",
+        aliases: &["k_dpmpp_2m"],
+        uniform: SchedulerKind::DpmPp2m,
+        karras: Some(SchedulerKind::DpmPp2mKarras),
+        default_karras: true,
+    },
+    Sampler {
+        name: "DDIM",
+        aliases: &["ddim"],
+        uniform: SchedulerKind::Ddim,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "PLMS",
+        aliases: &["plms"],
+        uniform: SchedulerKind::Pndm,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "LMS",
+        aliases: &["k_lms"],
+        uniform: SchedulerKind::Lms,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "UniPC",
+        aliases: &["unipc"],
+        uniform: SchedulerKind::UniPc,
+        karras: None,
+        default_karras: false,
+    },
+];
+
+/// A1111's schedules we can honour: (name, label).
+pub const SCHEDULES: [(&str, &str); 3] = [
+    ("automatic", "Automatic"),
+    ("uniform", "Uniform"),
+    ("karras", "Karras"),
+];
+
+/// The sampler a request resolved to: our scheduler and A1111's names for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    pub kind: SchedulerKind,
+    pub sampler: &'static str,
+    /// A1111's schedule label (`Automatic`, `Uniform`, `Karras`), as its infotext writes it.
+    pub schedule: &'static str,
+}
+
+fn sampler_names() -> String {
+    let mut names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
+    names.push("DPM++ 2M Karras");
+    names.join(", ")
+}
+
+/// A1111's `get_sampler_and_scheduler`: a schedule written after the sampler name
+/// (`DPM++ 2M Karras`) wins over the `scheduler` field; `automatic` is the sampler's own.
+pub fn resolve_sampler(
+    field: &str,
+    name: Option<&str>,
+    scheduler: Option<&str>,
+) -> Result<Resolved, ApiError> {
+    let mut name = name.unwrap_or(SAMPLER_DEFAULT);
+    let mut schedule = scheduler.unwrap_or("automatic");
+    for (sname, label) in SCHEDULES {
+        for suffix in [sname, label] {
+            if let Some(base) = name.strip_suffix(suffix).and_then(|b| b.strip_suffix(' ')) {
+                name = base;
+                schedule = sname;
+            }
+        }
+    }
+    let sampler = SAMPLERS
+        .iter()
+        .find(|s| s.name == name || s.aliases.contains(&name))
+        .ok_or_else(|| {
+            ApiError::validation(
+                field,
+                format!("unknown sampler {name:?}; one of {}", sampler_names()),
+            )
+        })?;
+    let schedule = SCHEDULES
+        .iter()
+        .find(|(n, l)| schedule.is_empty() || *n == schedule || *l == schedule)
+        .map(|(n, _)| *n)
+        .ok_or_else(|| {
+            ApiError::validation(
+                "scheduler",
+                format!(
+                    "unknown schedule {schedule:?}; one of {}",
+                    SCHEDULES.map(|(_, l)| l).join(", ")
+                ),
+            )
+        })?;
+    let karras = match schedule {
+        "karras" => true,
+        "uniform" => false,
+        _ => sampler.default_karras,
+    };
+    let (kind, label) = if karras {
+        let kind = sampler.karras.ok_or_else(|| {
+            ApiError::validation(
+                "scheduler",
+                format!(
+                    "the Karras schedule is available with DPM++ 2M only, not {:?}",
+                    sampler.name
+                ),
+            )
+        })?;
+        (kind, "Karras")
+    } else {
+        (sampler.uniform, "Uniform")
+    };
+    Ok(Resolved {
+        kind,
+        sampler: sampler.name,
+        schedule: if schedule == "automatic" {
+            "Automatic"
+        } else {
+            label
+        },
+    })
+}
+
+/// Which A1111 route a body came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Txt2Img,
+    Img2Img,
+}
+
+/// An A1111 request in native terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Translated {
+    /// The native `/generate` body (its `seed` is the request's seed, drawn for `-1`).
+    pub native: Map<String, Value>,
+    /// The same, validated: the first batch's request.
+    pub valid: ValidRequest,
+    /// The resolved seed (A1111 draws a random one for `-1` before any batch runs).
+    pub seed: u32,
+    /// Batches run one after another; batch *k* starts at seed + k * batch_size.
+    pub n_iter: u32,
+    pub batch_size: u32,
+    pub sampler: Resolved,
+    /// What A1111 echoes as `parameters`: the body with its defaults filled in.
+    pub parameters: Map<String, Value>,
+    /// A1111 fields that were sent with a value we cannot honour, ignored as A1111 ignores
+    /// fields it does not know (for the log).
+    pub ignored: Vec<String>,
+}
+
+/// Native field names and the A1111 names clients send, for error messages.
+pub const FIELD_NAMES: [(&str, &str); 7] = [
+    ("guidance_scale", "cfg_scale"),
+    ("scheduler", "sampler_name"),
+    ("init_image", "init_images"),
+    ("mask_image", "mask"),
+    ("strength", "denoising_strength"),
+    ("clip_skip", "override_settings.CLIP_stop_at_last_layers"),
+    ("batch_size", "batch_size"),
+];
+
+/// Fields whose values we use; every other A1111 field is accepted and ignored.
+const USED: [&str; 17] = [
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "seed",
+    "sampler_name",
+    "sampler_index",
+    "scheduler",
+    "batch_size",
+    "n_iter",
+    "denoising_strength",
+    "init_images",
+    "mask",
+    "override_settings",
+    "inpainting_mask_invert",
+];
+
+/// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
+fn get<'a>(body: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+    body.get(field).filter(|v| !v.is_null())
+}
+
+fn opt_str<'a>(body: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+    match get(body, field) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(ApiError::validation(field, "must be a string")),
+    }
+}
+
+fn count(body: &Map<String, Value>, field: &str, max: u64) -> Result<u32, ApiError> {
+    match get(body, field) {
+        None => Ok(1),
+        Some(v) => v
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (1.0..=max as f64).contains(f))
+            .map(|f| f as u32)
+            .ok_or_else(|| {
+                ApiError::validation(field, format!("must be an integer between 1 and {max}"))
+            }),
+    }
+}
+
+/// Whether the native request has a field yet (fields land one helper at a time).
+fn native_has(field: &str) -> bool {
+    crate::validate::FIELDS.contains(&field)
+}
+
+fn not_supported(field: &str, what: &str) -> ApiError {
+    ApiError::validation(field, format!("{what} is not supported by this server yet"))
+}
+
+/// Translates an A1111 `txt2img`/`img2img` body. `clip_skip_option` is the server-wide
+/// `CLIP_stop_at_last_layers` set through `POST options` (A1111 applies it to every request).
+pub fn translate(
+    body: &Map<String, Value>,
+    mode: Mode,
+    clip_skip_option: Option<&Value>,
+    random_seed: impl FnOnce() -> u32,
+) -> Result<Translated, ApiError> {
+    let mut native = Map::new();
+    let mut parameters = body.clone();
+    let mut fill = |k: &str, v: Value| {
+        if get(&parameters, k).is_none() {
+            parameters.insert(k.to_string(), v);
+        }
+    };
+    fill("steps", json!(STEPS_DEFAULT));
+    fill("cfg_scale", json!(CFG_DEFAULT));
+    fill("width", json!(SIZE_DEFAULT));
+    fill("height", json!(SIZE_DEFAULT));
+    fill("seed", json!(-1));
+    fill("batch_size", json!(1));
+    fill("n_iter", json!(1));
+    if mode == Mode::Img2Img {
+        fill("denoising_strength", json!(DENOISING_DEFAULT));
+    }
+
+    native.insert(
+        "prompt".into(),
+        get(body, "prompt").cloned().unwrap_or(json!("")),
+    );
+    if let Some(v) = get(body, "negative_prompt") {
+        native.insert("negative_prompt".into(), v.clone());
+    }
+    for (ours, theirs, default) in [
+        ("steps", "steps", json!(STEPS_DEFAULT)),
+        ("guidance_scale", "cfg_scale", json!(CFG_DEFAULT)),
+        ("width", "width", json!(SIZE_DEFAULT)),
+        ("height", "height", json!(SIZE_DEFAULT)),
+    ] {
+        native.insert(ours.into(), get(body, theirs).cloned().unwrap_or(default));
+    }
+
+    // Seed: -1 (or absent) draws one now, so every batch of the request follows from it;
+    // anything else is the native rule's to check.
+    match get(body, "seed") {
+        Some(v) if v.as_f64() != Some(-1.0) => native.insert("seed".into(), v.clone()),
+        _ => native.insert("seed".into(), json!(random_seed())),
+    };
+
+    let sampler_field = if get(body, "sampler_name").is_some() {
+        "sampler_name"
+    } else {
+        "sampler_index"
+    };
+    let sampler = resolve_sampler(
+        sampler_field,
+        opt_str(body, "sampler_name")?.or(opt_str(body, "sampler_index")?),
+        opt_str(body, "scheduler")?,
+    )?;
+    native.insert("scheduler".into(), json!(sampler.kind.name()));
+
+    let batch_size = count(body, "batch_size", u64::MAX)?;
+    if batch_size != 1 {
+        if !native_has("batch_size") {
+            return Err(not_supported("batch_size", "batch_size above 1"));
+        }
+        native.insert("batch_size".into(), json!(batch_size));
+    }
+    let n_iter = count(body, "n_iter", N_ITER_MAX)?;
+
+    let clip_skip = get(body, "override_settings")
+        .and_then(|o| o.get("CLIP_stop_at_last_layers"))
+        .filter(|v| !v.is_null())
+        .or(clip_skip_option);
+    if let Some(v) = clip_skip {
+        if v.as_f64() != Some(1.0) {
+            if !native_has("clip_skip") {
+                return Err(not_supported(
+                    "override_settings.CLIP_stop_at_last_layers",
+                    "CLIP skip",
+                ));
+            }
+            native.insert("clip_skip".into(), v.clone());
+        }
+    }
+
+    if mode == Mode::Img2Img {
+        let images = match get(body, "init_images") {
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                return Err(ApiError::validation(
+                    "init_images",
+                    "must be a list of base64 images",
+                ))
+            }
+            None => {
+                return Err(ApiError::validation(
+                    "init_images",
+                    "is required (one base64 image)",
+                ))
+            }
+        };
+        if images.len() != 1 {
+            return Err(ApiError::validation(
+                "init_images",
+                format!("must hold exactly one image (got {})", images.len()),
+            ));
+        }
+        if !native_has("init_image") {
+            return Err(not_supported("init_images", "img2img"));
+        }
+        native.insert("init_image".into(), images[0].clone());
+        native.insert(
+            "strength".into(),
+            get(body, "denoising_strength")
+                .cloned()
+                .unwrap_or(json!(DENOISING_DEFAULT)),
+        );
+        if let Some(mask) = get(body, "mask") {
+            if !native_has("mask_image") {
+                return Err(not_supported("mask", "inpainting"));
+            }
+            if get(body, "inpainting_mask_invert").and_then(Value::as_f64) == Some(1.0) {
+                return Err(not_supported(
+                    "inpainting_mask_invert",
+                    "an inverted mask (1)",
+                ));
+            }
+            native.insert("mask_image".into(), mask.clone());
+        }
+    }
+
+    let valid = crate::validate::validate_object(&native).map_err(a1111_names)?;
+    let ignored = body
+        .iter()
+        .filter(|(k, v)| !USED.contains(&k.as_str()) && !is_default_like(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    Ok(Translated {
+        seed: valid.seed.unwrap_or_default(),
+        valid,
+        native,
+        n_iter,
+        batch_size,
+        sampler,
+        parameters,
+        ignored,
+    })
+}
+
+/// Values A1111 clients send for features left off (`false`, `0`, `""`, `[]`, `{}`, `null`).
+fn is_default_like(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+    }
+}
+
+/// Renames native field names in a validation error to the A1111 names the client sent.
+pub fn a1111_names(e: ApiError) -> ApiError {
+    super::super::rename_fields(e, &FIELD_NAMES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: ApiError) -> String {
+        match e.fields() {
+            [first, ..] => first.field.clone(),
+            _ => panic!("expected a validation error, got {e:?}"),
+        }
+    }
+
+    #[test]
+    fn sampler_table_follows_a1111() {
+        let r = |n: Option<&str>, s: Option<&str>| resolve_sampler("sampler_name", n, s).unwrap();
+        assert_eq!(r(None, None).kind, SchedulerKind::Euler);
+        assert_eq!(r(Some("Euler a"), None).kind, SchedulerKind::EulerAncestral);
+        assert_eq!(
+            r(Some("k_euler_a"), None).kind,
+            SchedulerKind::EulerAncestral
+        );
+        assert_eq!(r(Some("PLMS"), None).kind, SchedulerKind::Pndm);
+        assert_eq!(r(Some("DDIM"), Some("automatic")).kind, SchedulerKind::Ddim);
+        assert_eq!(r(Some("LMS"), Some("Uniform")).kind, SchedulerKind::Lms);
+        assert_eq!(r(Some("UniPC"), Some("")).kind, SchedulerKind::UniPc);
+        // DPM++ 2M: automatic means Karras; Uniform is the plain one.
+        assert_eq!(
+            r(Some("DPM++ 2M"), Some("automatic")).kind,
+            SchedulerKind::DpmPp2mKarras
+        );
+        assert_eq!(r(Some("DPM++ 2M"), None).kind, SchedulerKind::DpmPp2mKarras);
+        assert_eq!(
+            r(Some("DPM++ 2M"), Some("Karras")).kind,
+            SchedulerKind::DpmPp2mKarras
+        );
+        assert_eq!(
+            r(Some("DPM++ 2M"), Some("uniform")).kind,
+            SchedulerKind::DpmPp2m
+        );
+        // The one-word name wins over the field, as in A1111.
+        let k = r(Some("DPM++ 2M Karras"), Some("uniform"));
+        assert_eq!(
+            (k.kind, k.sampler, k.schedule),
+            (SchedulerKind::DpmPp2mKarras, "DPM++ 2M", "Karras")
+        );
+        assert_eq!(
+            r(Some("DPM++ 2M Uniform"), None).kind,
+            SchedulerKind::DpmPp2m
+        );
+    }
+
+    #[test]
+    fn unknown_samplers_and_schedules_are_named() {
+        let e = resolve_sampler("sampler_index", Some("DPM++ SDE"), None).unwrap_err();
+        let details = e.body().details.unwrap();
+        assert!(details.starts_with("sampler_index:"), "{details}");
+        for name in [
+            "Euler a",
+            "Euler",
+            "DPM++ 2M",
+            "DDIM",
+            "PLMS",
+            "LMS",
+            "UniPC",
+            "DPM++ 2M Karras",
+        ] {
+            assert!(details.contains(name), "{details}");
+        }
+        assert_eq!(
+            field_of(resolve_sampler("sampler_name", Some("Euler"), Some("Karras")).unwrap_err()),
+            "scheduler"
+        );
+        assert_eq!(
+            field_of(
+                resolve_sampler("sampler_name", Some("Euler"), Some("Exponential")).unwrap_err()
+            ),
+            "scheduler"
+        );
+    }
+
+    fn tr(body: Value, mode: Mode) -> Result<Translated, ApiError> {
+        translate(body.as_object().unwrap(), mode, None, || 1234)
+    }
+
+    #[test]
+    fn a1111_defaults_apply_to_absent_and_null_fields() {
+        let t = tr(json!({"prompt": "a cat", "negative_prompt": null, "steps": null, "seed": -1, "sampler_name": null, "enable_hr": false, "styles": []}), Mode::Txt2Img).unwrap();
+        assert_eq!(
+            Value::Object(t.native.clone()),
+            json!({"prompt": "a cat", "steps": 50, "guidance_scale": 7.0, "width": 512, "height": 512, "seed": 1234, "scheduler": "euler"})
+        );
+        assert_eq!((t.seed, t.n_iter, t.batch_size), (1234, 1, 1));
+        assert!(t.ignored.is_empty(), "{:?}", t.ignored);
+        assert_eq!(t.parameters["steps"], 50);
+        assert_eq!(t.parameters["seed"], -1);
+        let v = &t.valid;
+        assert_eq!((v.steps, v.guidance_scale, v.seed), (50, 7.0, Some(1234)));
+    }
+
+    #[test]
+    fn values_map_and_errors_name_a1111_fields() {
+        let t = tr(json!({"prompt": "p", "cfg_scale": 3.5, "seed": 7, "steps": 4, "width": 256, "height": 320, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "n_iter": 3, "enable_hr": true, "restore_faces": true}), Mode::Txt2Img).unwrap();
+        assert_eq!(t.native["guidance_scale"], 3.5);
+        assert_eq!(t.native["scheduler"], "dpmpp_2m_karras");
+        assert_eq!((t.seed, t.n_iter), (7, 3));
+        assert_eq!(
+            t.ignored,
+            vec!["enable_hr".to_string(), "restore_faces".into()]
+        );
+        // Native rules apply; the error names cfg_scale, not guidance_scale.
+        let e = tr(json!({"prompt": "p", "cfg_scale": 31}), Mode::Txt2Img).unwrap_err();
+        assert_eq!(field_of(e), "cfg_scale");
+        let e = tr(json!({"prompt": ""}), Mode::Txt2Img).unwrap_err();
+        assert_eq!(field_of(e), "prompt");
+        assert_eq!(
+            field_of(tr(json!({"prompt": "p", "seed": -2}), Mode::Txt2Img).unwrap_err()),
+            "seed"
+        );
+        assert_eq!(
+            field_of(tr(json!({"prompt": "p", "n_iter": 9}), Mode::Txt2Img).unwrap_err()),
+            "n_iter"
+        );
+        assert_eq!(
+            field_of(tr(json!({"prompt": "p", "sampler_name": 3}), Mode::Txt2Img).unwrap_err()),
+            "sampler_name"
+        );
+        assert_eq!(
+            field_of(tr(json!({"prompt": "p"}), Mode::Img2Img).unwrap_err()),
+            "init_images"
+        );
+    }
+}

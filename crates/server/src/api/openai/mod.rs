@@ -1,0 +1,274 @@
+//! OpenAI's image API under `/v1` (DESIGN.md §1 "Dialects"): what the `openai` client sends
+//! and parses. `images/generations` (JSON) and `images/edits` (multipart) are translated
+//! (`translate`) into the one native request and run like `/generate`; every error on `/v1`
+//! takes OpenAI's shape.
+//!
+//! `response_format: url` answers links to `/v1/images/files/{id}.png`, kept like finished
+//! jobs (the last `KEPT_FILES`, at most `FILE_TTL`).
+
+pub mod translate;
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use super::{body_object, native, random_seed, AppState, Shared};
+use crate::error::{ApiError, ErrorCode};
+use translate::{OpenAiError, ResponseFormat};
+
+const KEPT_FILES: usize = 64;
+const FILE_TTL: Duration = Duration::from_secs(600);
+
+/// Images answered as URLs, newest last.
+#[derive(Default)]
+pub struct Files(Mutex<VecDeque<(String, Instant, Bytes)>>);
+
+impl Files {
+    fn put(&self, png: Bytes) -> String {
+        let id = format!(
+            "{:08x}{:08x}{:08x}",
+            random_seed(),
+            random_seed(),
+            random_seed()
+        );
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|(_, at, _)| at.elapsed() < FILE_TTL);
+        while q.len() >= KEPT_FILES {
+            q.pop_front();
+        }
+        q.push_back((id.clone(), Instant::now(), png));
+        id
+    }
+
+    fn get(&self, id: &str) -> Option<Bytes> {
+        let q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.iter()
+            .find(|(i, at, _)| i == id && at.elapsed() < FILE_TTL)
+            .map(|(_, _, png)| png.clone())
+    }
+}
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/v1/images/generations", post(generations))
+        .route("/v1/images/edits", post(edits))
+        .route("/v1/images/files/{name}", get(file))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route("/v1/{*rest}", axum::routing::any(not_found))
+        .layer(middleware::from_fn(openai_errors))
+}
+
+async fn not_found() -> OpenAiError {
+    OpenAiError(ApiError::NotFound(
+        "no such route under /v1; see /docs".into(),
+    ))
+}
+
+/// Errors axum answers by itself on `/v1` routes (405, rejected bodies) in OpenAI's shape too.
+async fn openai_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if (status.is_client_error() || status.is_server_error())
+        && resp.extensions().get::<ErrorCode>().is_none()
+    {
+        let (parts, _) = resp.into_parts();
+        let mut out = OpenAiError(ApiError::from_status(status)).into_response();
+        *out.status_mut() = status;
+        for (k, v) in parts.headers.iter() {
+            if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+                out.headers_mut().insert(k.clone(), v.clone());
+            }
+        }
+        return out;
+    }
+    resp
+}
+
+fn created() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn generations(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let body = body_object(&app, body)?;
+    let t = translate::translate(&body, &crate::validate::FIELDS)?;
+    run(&app, &headers, t.native, t.format).await
+}
+
+/// Validates the native body and runs it; the answer in OpenAI's shape.
+async fn run(
+    app: &AppState,
+    headers: &HeaderMap,
+    native_body: Map<String, Value>,
+    format: ResponseFormat,
+) -> Result<Response, OpenAiError> {
+    let req = crate::validate::validate_object(&native_body).map_err(translate::openai_names)?;
+    let out = native::run(app, req).await?;
+    let prompt = out.prompt()?;
+    let mut data = Vec::new();
+    for (b64, _seed) in out.images()? {
+        data.push(match format {
+            ResponseFormat::B64Json => json!({"b64_json": b64, "revised_prompt": prompt}),
+            ResponseFormat::Url => {
+                let png = base64::engine::general_purpose::STANDARD
+                    .decode(&b64)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                let id = app.openai_files.put(Bytes::from(png));
+                json!({"url": file_url(headers, &id), "revised_prompt": prompt})
+            }
+        });
+    }
+    let mut resp =
+        Json(json!({"created": created(), "data": data, "output_format": "png"})).into_response();
+    resp.extensions_mut().insert(out.stats);
+    Ok(resp)
+}
+
+/// An absolute link back to this server, as the client addressed it.
+fn file_url(headers: &HeaderMap, id: &str) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|s| *s == "https" || *s == "http")
+        .unwrap_or("http");
+    format!("{scheme}://{host}/v1/images/files/{id}.png")
+}
+
+async fn file(State(app): State<Shared>, Path(name): Path<String>) -> Response {
+    let id = name.strip_suffix(".png").unwrap_or(&name);
+    match app.openai_files.get(id) {
+        Some(png) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
+        None => OpenAiError(ApiError::NotFound(format!(
+            "no image {name:?}; images are kept {} s",
+            FILE_TTL.as_secs()
+        )))
+        .into_response(),
+    }
+}
+
+/// Native fields whose multipart text stays text (every other value is read as JSON: numbers,
+/// lists, `null`).
+const TEXT_FIELDS: [&str; 5] = [
+    "prompt",
+    "negative_prompt",
+    "scheduler",
+    "prompt_syntax",
+    "size",
+];
+
+/// `images/edits`: multipart `image` (and `mask`) files with the other parameters as text.
+async fn edits(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, OpenAiError> {
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::InvalidJson(format!("expected multipart/form-data: {}", e.body_text()))
+    })?;
+    let mut body = Map::new();
+    let mut image: Option<Vec<u8>> = None;
+    let mut mask: Option<Vec<u8>> = None;
+    let too_large = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(app.max_body_bytes)
+        } else {
+            ApiError::InvalidJson(format!("malformed multipart body: {}", e.body_text()))
+        }
+    };
+    while let Some(field) = multipart.next_field().await.map_err(too_large)? {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "image" | "image[]" => {
+                let bytes = field.bytes().await.map_err(too_large)?;
+                if image.replace(bytes.to_vec()).is_some() {
+                    return Err(ApiError::validation("image", "one image only").into());
+                }
+            }
+            "mask" => mask = Some(field.bytes().await.map_err(too_large)?.to_vec()),
+            _ => {
+                let text = field.text().await.map_err(too_large)?;
+                let value = if TEXT_FIELDS.contains(&name.as_str()) {
+                    Value::String(text)
+                } else {
+                    serde_json::from_str(&text).unwrap_or(Value::String(text))
+                };
+                body.insert(name, value);
+            }
+        }
+    }
+    let image = image.ok_or_else(|| ApiError::validation("image", "is required (a PNG file)"))?;
+    let fields = crate::validate::FIELDS;
+    if !fields.contains(&"init_image") {
+        return Err(
+            ApiError::validation("image", "edits are not supported by this server yet").into(),
+        );
+    }
+    let t = translate::translate(&body, &fields)?;
+    let mut native_body = t.native;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    // OpenAI: without a mask, the image's own transparent pixels are the ones repainted.
+    let mask = match mask {
+        Some(m) => Some(translate::mask_from_alpha(&m)?.unwrap_or(m)),
+        None => translate::mask_from_alpha(&image)?,
+    };
+    if let Some(m) = mask {
+        if !fields.contains(&"mask_image") {
+            return Err(ApiError::validation(
+                "mask",
+                "inpainting is not supported by this server yet",
+            )
+            .into());
+        }
+        native_body.insert("mask_image".into(), json!(b64(&m)));
+    }
+    native_body.insert("init_image".into(), json!(b64(&image)));
+    run(&app, &headers, native_body, t.format).await
+}
+
+fn model_object(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "sdserve"})
+}
+
+async fn models(State(app): State<Shared>) -> Result<Json<Value>, OpenAiError> {
+    let info = app.engine.model_info()?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [model_object(&info.model_version)],
+    })))
+}
+
+async fn model(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, OpenAiError> {
+    let info = app.engine.model_info()?;
+    if id != info.model_version {
+        return Err(OpenAiError(ApiError::NotFound(format!(
+            "no model {id:?}; this server has {:?}",
+            info.model_version
+        ))));
+    }
+    Ok(Json(model_object(&id)))
+}

@@ -1,0 +1,429 @@
+//! The AUTOMATIC1111 (`/sdapi/v1`) and OpenAI (`/v1`) dialects over real HTTP against the real
+//! binary, with the fake generator (its image is a pure function of the parameters, so "the same
+//! image as native `/generate`" means "translated to the same request"). The real clients on the
+//! real tiny model are driven by tests/clients (a `.ci/run` stage).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{decode_png, fake, Resp, Server};
+use serde_json::{json, Value};
+
+fn ready(spec: &str, more: &[(&str, &str)]) -> Server {
+    let mut env = fake(spec);
+    env.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env.push(("MAX_BODY_BYTES".into(), (8 << 20).to_string()));
+    let s = Server::start(&env);
+    s.wait_ready(Duration::from_secs(10));
+    s
+}
+
+fn post(s: &Server, path: &str, body: &Value) -> Resp {
+    s.request(
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// Pixels of the native `/generate` image for `body`.
+fn native_pixels(s: &Server, body: Value) -> Vec<u8> {
+    let r = s.post_json(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    decode_png(r.json()["image_base64"].as_str().unwrap()).2
+}
+
+fn info_of(r: &Resp) -> Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info = r.json()["info"].clone();
+    serde_json::from_str(info.as_str().expect("info is a JSON string")).unwrap()
+}
+
+#[test]
+fn a1111_txt2img_is_the_native_request_in_a1111_terms() {
+    let s = ready("step_ms=0", &[]);
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({
+            "prompt": " a cat ", "negative_prompt": "dog", "seed": 5, "steps": 3,
+            "cfg_scale": 6, "width": 256, "height": 320, "sampler_name": "DPM++ 2M",
+            "scheduler": "Karras", "n_iter": 2, "batch_size": 1,
+            // What webuiapi sends for features it leaves off, nulls included.
+            "enable_hr": false, "hr_checkpoint_name": null, "styles": [], "script_args": [],
+            "alwayson_scripts": {}, "sampler_index": "Euler a", "override_settings": {},
+        }),
+    );
+    let info = info_of(&r);
+    assert_eq!(info["all_seeds"], json!([5, 6]));
+    assert_eq!(info["seed"], 5);
+    assert_eq!(info["sampler_name"], "DPM++ 2M");
+    assert_eq!(info["prompt"], "a cat");
+    let images = r.json()["images"].as_array().unwrap().clone();
+    assert_eq!(images.len(), 2);
+    for (i, img) in images.iter().enumerate() {
+        let b64 = img.as_str().unwrap();
+        assert!(!b64.starts_with("data:"), "raw base64, as A1111 sends");
+        let (w, h, px, text) = decode_png(b64);
+        assert_eq!((w, h), (256, 320));
+        let want = native_pixels(
+            &s,
+            json!({"prompt": "a cat", "negative_prompt": "dog", "seed": 5 + i, "steps": 3,
+                   "guidance_scale": 6, "width": 256, "height": 320,
+                   "scheduler": "dpmpp_2m_karras"}),
+        );
+        assert_eq!(px, want, "image {i}");
+        assert_eq!(info["infotexts"][i], text.unwrap());
+    }
+    // A1111's own defaults for absent fields: 50 steps, CFG 7, Euler, 512 (here 256 asked).
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "width": 256, "height": 256, "seed": -1}),
+    );
+    let info = info_of(&r);
+    assert_eq!(
+        (&info["steps"], &info["cfg_scale"], &info["sampler_name"]),
+        (&json!(50), &json!(7.0), &json!("Euler"))
+    );
+    let seed = info["seed"].as_u64().unwrap();
+    assert_eq!(r.json()["parameters"]["seed"], -1);
+    let want = native_pixels(
+        &s,
+        json!({"prompt": "x", "seed": seed, "steps": 50, "guidance_scale": 7,
+               "width": 256, "height": 256, "scheduler": "euler"}),
+    );
+    assert_eq!(decode_png(r.json()["images"][0].as_str().unwrap()).2, want);
+}
+
+#[test]
+fn a1111_errors_name_a1111_fields() {
+    let s = ready("step_ms=0", &[]);
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "sampler_name": "DPM++ SDE"}),
+    );
+    assert_eq!(r.broken_fields(), ["sampler_name"]);
+    let details = r.json()["details"].as_str().unwrap().to_string();
+    for name in ["Euler a", "DPM++ 2M Karras", "UniPC", "PLMS"] {
+        assert!(details.contains(name), "{details}");
+    }
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "cfg_scale": 31, "steps": 0}),
+    );
+    let mut fields = r.broken_fields();
+    fields.sort();
+    assert_eq!(fields, ["cfg_scale", "steps"]);
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "sampler_name": "Euler", "scheduler": "Karras"}),
+    );
+    assert_eq!(r.broken_fields(), ["scheduler"]);
+    let r = s.request("POST", "/sdapi/v1/txt2img", &[], b"{not json");
+    r.error(400, "invalid_json");
+    let r = post(&s, "/sdapi/v1/img2img", &json!({"prompt": "x"}));
+    assert_eq!(r.broken_fields(), ["init_images"]);
+}
+
+#[test]
+fn a1111_progress_interrupt_and_skip_act_on_its_requests() {
+    let s = ready("step_ms=20", &[("GENERATION_TIMEOUT_SECONDS", "60")]);
+    let idle = s.get("/sdapi/v1/progress").json();
+    assert_eq!(
+        (idle["progress"].as_f64(), &idle["state"]["job_count"]),
+        (Some(0.0), &json!(0))
+    );
+    assert!(idle["current_image"].is_null());
+    let addr = s.addr;
+    let body = json!({"prompt": "x", "seed": 9, "steps": 40, "width": 256, "height": 256,
+                      "n_iter": 3});
+    let start = |body: Value| {
+        std::thread::spawn(move || {
+            common::request(
+                addr,
+                "POST",
+                "/sdapi/v1/txt2img",
+                &[("Content-Type", "application/json")],
+                body.to_string().as_bytes(),
+            )
+        })
+    };
+    let wait_progress = |ok: &dyn Fn(&Value) -> bool| {
+        let t = Instant::now();
+        loop {
+            let p = s.get("/sdapi/v1/progress").json();
+            if ok(&p) {
+                return p;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "not reached: {p}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    // Skip: the running batch stops, the next one runs.
+    let run = start(body.clone());
+    let p = wait_progress(&|p| p["state"]["job_count"] == 3);
+    assert_eq!(p["state"]["job_no"], 0);
+    assert_eq!(
+        s.request("POST", "/sdapi/v1/skip", &[], b"").json(),
+        json!({})
+    );
+    let p = wait_progress(&|p| p["state"]["job_no"] == 1);
+    let progress = p["progress"].as_f64().unwrap();
+    assert!((1.0 / 3.0..2.0 / 3.0).contains(&progress), "{p}");
+    // Interrupt: the rest stops; the answer holds what was finished.
+    let t = Instant::now();
+    assert_eq!(
+        s.request("POST", "/sdapi/v1/interrupt", &[], b"").json(),
+        json!({})
+    );
+    let r = run.join().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let info = info_of(&r);
+    let seeds = info["all_seeds"].as_array().unwrap();
+    assert!(seeds.len() <= 1, "{info}");
+    assert!(!seeds.contains(&json!(9)), "batch 0 was skipped: {info}");
+    assert_eq!(r.json()["images"].as_array().unwrap().len(), seeds.len());
+    let idle = s.get("/sdapi/v1/progress").json();
+    assert_eq!(idle["state"]["job_count"], 0);
+
+    // A native request is not an A1111 one: interrupt leaves it alone.
+    let native = std::thread::spawn(move || {
+        common::request(
+            addr,
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            json!({"prompt": "x", "steps": 30, "width": 256, "height": 256})
+                .to_string()
+                .as_bytes(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    s.request("POST", "/sdapi/v1/interrupt", &[], b"");
+    assert_eq!(native.join().unwrap().status, 200);
+}
+
+#[test]
+fn a1111_lists_options_and_png_info() {
+    let s = ready("step_ms=0", &[]);
+    let names: Vec<Value> = s
+        .get("/sdapi/v1/samplers")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        json!(["Euler a", "Euler", "DPM++ 2M", "DDIM", "PLMS", "LMS", "UniPC"])
+            .as_array()
+            .unwrap()
+            .clone()
+    );
+    let labels: Vec<Value> = s
+        .get("/sdapi/v1/schedulers")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["label"].clone())
+        .collect();
+    assert_eq!(
+        labels,
+        [json!("Automatic"), json!("Uniform"), json!("Karras")]
+    );
+    let models = s.get("/sdapi/v1/sd-models").json();
+    let title = models[0]["title"].as_str().unwrap().to_string();
+    assert_eq!(title, "fake@0");
+    let opts = s.get("/sdapi/v1/options").json();
+    assert_eq!(opts["sd_model_checkpoint"], title);
+    assert_eq!(
+        post(
+            &s,
+            "/sdapi/v1/options",
+            &json!({"sd_model_checkpoint": title, "CLIP_stop_at_last_layers": 1})
+        )
+        .json(),
+        json!({})
+    );
+    let r = post(
+        &s,
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": "v1-5-pruned.safetensors"}),
+    );
+    assert_eq!(r.broken_fields(), ["sd_model_checkpoint"]);
+    assert_eq!(
+        s.get("/sdapi/v1/scripts").json(),
+        json!({"txt2img": [], "img2img": []})
+    );
+    assert!(s.get("/sdapi/v1/loras").json().is_array());
+
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a cat\non a mat", "negative_prompt": "dog", "seed": 77, "steps": 2, "width": 256, "height": 256, "sampler_name": "Euler a"}),
+    );
+    let image = r.json()["images"][0].as_str().unwrap().to_string();
+    // webuiapi sends a data: URL.
+    let r = post(
+        &s,
+        "/sdapi/v1/png-info",
+        &json!({"image": format!("data:image/png;base64,{image}")}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert!(
+        j["info"]
+            .as_str()
+            .unwrap()
+            .starts_with("a cat\non a mat\nNegative prompt: dog\nSteps: 2, Sampler: Euler a"),
+        "{j}"
+    );
+    assert_eq!(j["parameters"]["Prompt"], "a cat\non a mat");
+    assert_eq!(j["parameters"]["Seed"], "77");
+    assert_eq!(j["parameters"]["Size-1"], "256");
+    assert_eq!(j["items"], json!({}));
+    let r = post(&s, "/sdapi/v1/png-info", &json!({"image": "%%%"}));
+    assert_eq!(r.broken_fields(), ["image"]);
+}
+
+fn openai_error(r: &Resp, status: u16, param: Option<&str>) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    let j = r.json();
+    let e = &j["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+    assert!(e["type"].is_string() && e["code"].is_string(), "{j}");
+    assert_eq!(e["param"].as_str(), param, "{j}");
+    e.clone()
+}
+
+#[test]
+fn openai_generations_translate_and_errors_take_openai_shape() {
+    let s = ready("step_ms=0", &[]);
+    let r = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "a cat", "n": 1, "size": "256x320", "response_format": "b64_json",
+                "model": "dall-e-3", "quality": "standard", "seed": 4, "steps": 2,
+                "negative_prompt": "dog", "guidance_scale": 5, "scheduler": "ddim"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert!(j["created"].as_u64().unwrap() > 1_700_000_000);
+    let data = j["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["revised_prompt"], "a cat");
+    let want = native_pixels(
+        &s,
+        json!({"prompt": "a cat", "negative_prompt": "dog", "seed": 4, "steps": 2,
+               "guidance_scale": 5, "width": 256, "height": 320, "scheduler": "ddim"}),
+    );
+    assert_eq!(decode_png(data[0]["b64_json"].as_str().unwrap()).2, want);
+
+    // url: a link back here that serves the same PNG.
+    let r = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "a cat", "size": "256x320", "response_format": "url", "seed": 4, "steps": 2, "negative_prompt": "dog", "guidance_scale": 5, "scheduler": "ddim"}),
+    );
+    let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
+    let path = url.strip_prefix("http://test").expect(&url);
+    let png = s.get(path);
+    assert_eq!(png.header("content-type"), Some("image/png"));
+    use base64::Engine as _;
+    assert_eq!(
+        decode_png(&base64::engine::general_purpose::STANDARD.encode(&png.body)).2,
+        want
+    );
+
+    // Native 422s are OpenAI 400s naming OpenAI's parameter; no retry.
+    let r = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "x", "size": "1024x1024"}),
+    );
+    let e = openai_error(&r, 400, Some("size"));
+    assert_eq!(e["type"], "invalid_request_error");
+    assert!(e["message"].as_str().unwrap().contains("768"), "{e}");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    openai_error(
+        &post(&s, "/v1/images/generations", &json!({"prompt": ""})),
+        400,
+        Some("prompt"),
+    );
+    openai_error(
+        &post(
+            &s,
+            "/v1/images/generations",
+            &json!({"prompt": "x", "width": 256}),
+        ),
+        400,
+        Some("width"),
+    );
+    openai_error(
+        &post(
+            &s,
+            "/v1/images/generations",
+            &json!({"prompt": "x", "response_format": "png"}),
+        ),
+        400,
+        Some("response_format"),
+    );
+    let r = s.request("POST", "/v1/images/generations", &[], b"{oops");
+    assert_eq!(openai_error(&r, 400, None)["code"], "invalid_json");
+    // Errors axum makes itself, and unknown routes, in OpenAI's shape too.
+    openai_error(&s.get("/v1/images/generations"), 405, None);
+    openai_error(&s.get("/v1/nothing"), 404, None);
+    openai_error(&s.get("/v1/images/files/0000.png"), 404, None);
+
+    let models = s.get("/v1/models").json();
+    assert_eq!(models["data"][0]["id"], "fake@0");
+    assert_eq!(s.get("/v1/models/fake@0").json()["object"], "model");
+    openai_error(&s.get("/v1/models/dall-e-3"), 404, None);
+}
+
+#[test]
+fn openai_retries_only_where_they_can_help() {
+    let s = ready(
+        "step_ms=50",
+        &[
+            ("GENERATION_TIMEOUT_SECONDS", "1"),
+            ("MAX_CONCURRENT_REQUESTS", "1"),
+        ],
+    );
+    let addr = s.addr;
+    let long = std::thread::spawn(move || {
+        common::request(
+            addr,
+            "POST",
+            "/v1/images/generations",
+            &[("Content-Type", "application/json")],
+            json!({"prompt": "x", "steps": 50, "size": "256x256"})
+                .to_string()
+                .as_bytes(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // Busy: 429 with Retry-After, and the client may retry.
+    let r = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "x", "steps": 1, "size": "256x256"}),
+    );
+    let e = openai_error(&r, 429, None);
+    assert_eq!(e["code"], "overloaded");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(r.header("x-should-retry"), None);
+    // Past the deadline: the same request would time out again.
+    let r = long.join().unwrap();
+    assert_eq!(openai_error(&r, 408, None)["code"], "timeout");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+}

@@ -1,0 +1,346 @@
+"""Drives a running `sdserve serve` through the REAL client packages, `webuiapi` (AUTOMATIC1111's
+/sdapi/v1) and `openai` (/v1), unmodified, on the tiny test model.
+
+Every image that comes through a dialect must hold exactly the pixels that the native
+`POST /generate` gives for the same parameters (PNG decoded, pixels compared).
+
+Run by tests/clients/run.sh (which makes the virtual environment); by hand:
+    SDSERVE_BIN=target/debug/sdserve python tests/clients/test_clients.py
+"""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import openai
+import requests
+import webuiapi
+from PIL import Image
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.environ.get("SDSERVE_BIN", os.path.join(ROOT, "target", "debug", "sdserve"))
+MODEL = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "tiny-b")
+
+PROMPT = "a watercolor lighthouse at dawn"
+NEGATIVE = "blurry"
+SIZE = 256
+
+
+class Server:
+    """`sdserve serve` on a free port (PORT=0; the address comes from the JSON start-up log)."""
+
+    def __init__(self):
+        self.cache = tempfile.mkdtemp(prefix="sdserve-clients-")
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOST": "127.0.0.1",
+            "PORT": "0",
+            "MODEL_ID": MODEL,
+            "MODEL_CACHE_DIR": self.cache,
+            "LOG_FORMAT": "json",
+            "GENERATION_TIMEOUT_SECONDS": "600",
+            # Every dialect request must reach the model, so that images are really compared.
+            "RESPONSE_CACHE_MB": "0",
+        }
+        self.proc = subprocess.Popen(
+            [BIN, "serve"], env=env, stdout=subprocess.PIPE, text=True
+        )
+        self.addr = None
+        deadline = time.time() + 60
+        for line in self.proc.stdout:
+            if '"listening' in line:
+                self.addr = json.loads(line)["addr"]
+                break
+            if time.time() > deadline:
+                break
+        if self.addr is None:
+            self.proc.kill()
+            raise RuntimeError("sdserve did not start")
+        # Keep draining the log so the server never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        self.url = f"http://{self.addr}"
+        deadline = time.time() + 120
+        while requests.get(self.url + "/health").status_code != 200:
+            if time.time() > deadline:
+                raise RuntimeError("model not ready: " + requests.get(self.url + "/health").text)
+            time.sleep(0.1)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+SERVER = None
+
+
+def setUpModule():
+    global SERVER
+    SERVER = Server()
+
+
+def tearDownModule():
+    SERVER.stop()
+
+
+def native(**fields):
+    """The native `/generate` answer for the same parameters: the list of PIL images."""
+    r = requests.post(SERVER.url + "/generate", json=fields)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    images = body.get("images") or [body["image_base64"]]
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in images], body["metadata"]
+
+
+def pixels(img):
+    assert img.mode == "RGB", img.mode
+    return img.tobytes()
+
+
+def native_fields():
+    doc = requests.get(SERVER.url + "/openapi.json").json()
+    return set(doc["components"]["schemas"]["GenerateRequest"]["properties"])
+
+
+def b64_png(img):
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+class A1111(unittest.TestCase):
+    def setUp(self):
+        host, port = SERVER.addr.rsplit(":", 1)
+        # Exactly how a script builds the client; its defaults: sampler "Euler a",
+        # scheduler "automatic", 20 steps.
+        self.api = webuiapi.WebUIApi(host=host, port=int(port))
+
+    def test_idle_progress_and_lists(self):
+        p = self.api.get_progress()
+        self.assertEqual(p["progress"], 0)
+        self.assertEqual(p["state"]["job_count"], 0)
+        self.api.util_wait_for_ready(check_interval=0.1)  # returns at once when idle
+        names = self.api.util_get_sampler_names()
+        self.assertEqual(
+            names, sorted(["Euler a", "Euler", "DPM++ 2M", "DDIM", "PLMS", "LMS", "UniPC"])
+        )
+        self.assertIn("Karras", [s["label"] for s in self.api.get_schedulers()])
+        models = self.api.util_get_model_names()
+        self.assertEqual(len(models), 1)
+        self.assertTrue(models[0].startswith("tiny-b"), models)
+        self.api.util_set_model(models[0])
+        self.assertEqual(self.api.util_get_current_model(), models[0])
+        self.assertEqual(self.api.set_options({"CLIP_stop_at_last_layers": 1}), {})
+        self.assertEqual(self.api.get_options()["CLIP_stop_at_last_layers"], 1)
+        self.assertIsInstance(self.api.get_loras(), list)
+        self.assertEqual(self.api.get_scripts(), {"txt2img": [], "img2img": []})
+        self.assertEqual(self.api.skip(), {})
+
+    def test_txt2img_samplers_seeds_and_iterations_equal_native(self):
+        for sampler, scheduler, native_name in [
+            ("Euler a", None, "euler_a"),
+            ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
+            ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),
+            ("PLMS", None, "pndm"),
+        ]:
+            r = self.api.txt2img(
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE,
+                seed=41,
+                steps=2,
+                cfg_scale=5,
+                width=SIZE,
+                height=SIZE,
+                sampler_name=sampler,
+                scheduler=scheduler,
+                n_iter=2,
+            )
+            # info is a JSON string in the answer; the client parsed it into a dict.
+            self.assertIsInstance(r.json["info"], str)
+            self.assertEqual(r.info["all_seeds"], [41, 42], sampler)
+            self.assertEqual(r.info["seed"], 41)
+            self.assertEqual(len(r.images), 2)
+            for img, seed, infotext in zip(r.images, r.info["all_seeds"], r.info["infotexts"]):
+                (want,), meta = native(
+                    prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=2,
+                    guidance_scale=5, width=SIZE, height=SIZE, scheduler=native_name,
+                )
+                self.assertEqual(meta["scheduler"], native_name)
+                self.assertEqual(pixels(img), pixels(want), f"{sampler} seed {seed}")
+                self.assertIn(f"Seed: {seed}", infotext)
+
+    def test_batch_size(self):
+        if "batch_size" not in native_fields():
+            self.skipTest("the native API has no batch_size yet")
+        r = self.api.txt2img(prompt=PROMPT, seed=7, steps=2, width=SIZE, height=SIZE,
+                             sampler_name="Euler", batch_size=2, n_iter=2)
+        self.assertEqual(r.info["all_seeds"], [7, 8, 9, 10])
+        wanted, _ = native(prompt=PROMPT, seed=9, steps=2, guidance_scale=7, width=SIZE,
+                           height=SIZE, scheduler="euler", batch_size=2)
+        self.assertEqual([pixels(i) for i in r.images[2:]], [pixels(i) for i in wanted])
+
+    def test_unknown_sampler_is_a_422_listing_the_names(self):
+        with self.assertRaises(RuntimeError) as cm:
+            self.api.txt2img(prompt=PROMPT, steps=1, width=SIZE, height=SIZE,
+                             sampler_name="DPM++ SDE")
+        status, text = cm.exception.args
+        self.assertEqual(status, 422)
+        self.assertIn("Euler a", text)
+        self.assertIn("sampler_name", text)
+
+    def test_img2img_equals_native(self):
+        if "init_image" not in native_fields():
+            self.skipTest("the native API has no init_image yet")
+        (init,), _ = native(prompt="a red square", seed=3, steps=2, width=SIZE, height=SIZE)
+        r = self.api.img2img(images=[init], prompt=PROMPT, seed=5, steps=4,
+                             denoising_strength=0.5, cfg_scale=6, width=SIZE, height=SIZE,
+                             sampler_name="Euler")
+        (want,), meta = native(prompt=PROMPT, seed=5, steps=4, strength=0.5,
+                               guidance_scale=6, width=SIZE, height=SIZE, scheduler="euler",
+                               init_image=webuiapi.raw_b64_img(init))
+        self.assertEqual(pixels(r.image), pixels(want))
+        self.assertEqual(r.info["denoising_strength"], 0.5)
+
+    def test_png_info_reads_the_parameters_back(self):
+        r = self.api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=99, steps=1,
+                             width=SIZE, height=SIZE, sampler_name="Euler")
+        info = self.api.png_info(r.image)
+        self.assertIsInstance(info.info, str)  # the infotext, not JSON
+        self.assertTrue(info.info.startswith(PROMPT), info.info)
+        params = info.json["parameters"]
+        self.assertEqual(params["Seed"], "99")
+        self.assertEqual(params["Steps"], "1")
+        self.assertEqual(params["Negative prompt"], NEGATIVE)
+        self.assertEqual((params["Size-1"], params["Size-2"]), (str(SIZE), str(SIZE)))
+
+    def test_progress_and_interrupt(self):
+        result = {}
+
+        def run():
+            result["r"] = self.api.txt2img(prompt=PROMPT, seed=1, steps=50, width=SIZE,
+                                           height=SIZE, sampler_name="Euler", n_iter=3)
+
+        t = threading.Thread(target=run)
+        t.start()
+        seen = None
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            p = self.api.get_progress()
+            if p["progress"] > 0:
+                seen = p
+                break
+            time.sleep(0.05)
+        self.assertIsNotNone(seen, "progress never rose above 0")
+        self.assertLess(seen["progress"], 1)
+        self.assertEqual(seen["state"]["job_count"], 3)
+        self.assertGreaterEqual(seen["eta_relative"], 0)
+        self.assertGreater(seen["state"]["sampling_step"], 0)
+        self.assertEqual(seen["state"]["sampling_steps"], 50)
+        t0 = time.time()
+        self.assertEqual(self.api.interrupt(), {})
+        t.join(60)
+        self.assertFalse(t.is_alive(), "txt2img did not return after interrupt")
+        stopped_in = time.time() - t0
+        r = result["r"]
+        # Interrupted in the first batch: no finished image, and info says so.
+        self.assertLess(len(r.images), 3)
+        self.assertEqual(len(r.info["all_seeds"]), len(r.images))
+        idle = self.api.get_progress()
+        self.assertEqual((idle["progress"], idle["state"]["job_count"]), (0, 0))
+        print(f"interrupt answered in {stopped_in:.2f} s", file=sys.stderr)
+
+
+class OpenAI(unittest.TestCase):
+    def setUp(self):
+        # Any key: the server runs without API_KEYS, and the client insists on sending one.
+        self.client = openai.OpenAI(base_url=SERVER.url + "/v1", api_key="sk-local")
+
+    def test_generate_b64_equals_native(self):
+        n = 2 if "batch_size" in native_fields() else 1
+        r = self.client.images.generate(
+            prompt=PROMPT, n=n, size=f"{SIZE}x{SIZE}", response_format="b64_json",
+            extra_body={"seed": 11, "steps": 2, "negative_prompt": NEGATIVE,
+                        "scheduler": "euler_a", "guidance_scale": 5},
+        )
+        self.assertEqual(len(r.data), n)
+        self.assertGreater(r.created, 0)
+        for i, d in enumerate(r.data):
+            img = Image.open(io.BytesIO(base64.b64decode(d.b64_json)))
+            (want,), _ = native(prompt=PROMPT, negative_prompt=NEGATIVE, seed=11 + i, steps=2,
+                                guidance_scale=5, width=SIZE, height=SIZE, scheduler="euler_a")
+            self.assertEqual(pixels(img), pixels(want), f"image {i}")
+            self.assertEqual(d.revised_prompt, PROMPT)
+
+    def test_url_answers_the_same_png(self):
+        kw = dict(prompt=PROMPT, size=f"{SIZE}x{SIZE}", extra_body={"seed": 12, "steps": 1})
+        a = self.client.images.generate(response_format="url", **kw)
+        b = self.client.images.generate(response_format="b64_json", **kw)
+        got = requests.get(a.data[0].url)
+        self.assertEqual(got.status_code, 200)
+        self.assertEqual(got.headers["content-type"], "image/png")
+        self.assertEqual(pixels(Image.open(io.BytesIO(got.content))),
+                         pixels(Image.open(io.BytesIO(base64.b64decode(b.data[0].b64_json)))))
+
+    def test_bad_request_is_raised_as_bad_request_error(self):
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.client.images.generate(prompt=PROMPT, size="1024x1024")
+        e = cm.exception
+        self.assertEqual(e.status_code, 400)
+        self.assertEqual(e.body["param"], "size")
+        self.assertEqual(e.body["type"], "invalid_request_error")
+        self.assertIn("768", e.body["message"])
+
+    def test_models(self):
+        ids = [m.id for m in self.client.models.list()]
+        self.assertEqual(len(ids), 1)
+        self.assertTrue(ids[0].startswith("tiny-b"), ids)
+        self.assertEqual(self.client.models.retrieve(ids[0]).id, ids[0])
+
+    def test_edit_with_transparent_mask_equals_native_inpaint(self):
+        if "mask_image" not in native_fields():
+            self.skipTest("the native API has no mask_image yet")
+        (init,), _ = native(prompt="a red square", seed=3, steps=2, width=SIZE, height=SIZE)
+        # OpenAI's mask: transparent = repaint (the left half here).
+        mask = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 255))
+        mask.paste((0, 0, 0, 0), (0, 0, SIZE // 2, SIZE))
+        files = {}
+        for name, img in [("image", init), ("mask", mask)]:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            files[name] = (f"{name}.png", buf.getvalue(), "image/png")
+        r = self.client.images.edit(
+            image=files["image"], mask=files["mask"], prompt=PROMPT, size=f"{SIZE}x{SIZE}",
+            response_format="b64_json",
+            extra_body={"seed": 21, "steps": 4, "strength": 0.75},
+        )
+        got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        # The same mask natively: white = repaint.
+        white_left = Image.new("L", (SIZE, SIZE), 0)
+        white_left.paste(255, (0, 0, SIZE // 2, SIZE))
+        (want,), meta = native(prompt=PROMPT, seed=21, steps=4, strength=0.75, width=SIZE,
+                               height=SIZE, init_image=b64_png(init),
+                               mask_image=b64_png(white_left))
+        self.assertEqual(pixels(got), pixels(want))
+
+    def test_edit_without_mask_is_img2img(self):
+        if "init_image" not in native_fields():
+            self.skipTest("the native API has no init_image yet")
+        (init,), _ = native(prompt="a blue circle", seed=4, steps=2, width=SIZE, height=SIZE)
+        buf = io.BytesIO()
+        init.save(buf, format="PNG")
+        r = self.client.images.edit(image=("i.png", buf.getvalue(), "image/png"), prompt=PROMPT,
+                                    extra_body={"seed": 8, "steps": 4})
+        got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        (want,), _ = native(prompt=PROMPT, seed=8, steps=4, init_image=b64_png(init))
+        self.assertEqual(got.size, (SIZE, SIZE))
+        self.assertEqual(pixels(got), pixels(want))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
