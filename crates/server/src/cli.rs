@@ -186,6 +186,10 @@ pub struct ServeArgs {
     /// Largest accepted request body.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65536)]
     pub max_body_bytes: usize,
+    /// While the hub cannot be reached, the model is tried again in the background after this
+    /// many seconds, doubling up to 300 (/health says when); 0 gives up after the first failure.
+    #[arg(long, env = "MODEL_RETRY_SECONDS", default_value_t = 10)]
+    pub model_retry_seconds: u64,
     /// On SIGTERM/Ctrl-C the running generation may finish within this bound; queued ones get 503.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,

@@ -12,9 +12,15 @@ use crate::gpu::{self, GpuSetup, OomGuard, OomOutcome};
 use crate::hub;
 
 /// Loads the real pipeline on the worker thread; download/conversion progress goes to `status`
-/// (shown by /health while loading).
-pub fn real_loader(args: ModelArgs, rt: Runtime, status: hub::LoadStatus) -> Loader {
-    Box::new(move || load_real(&args, &rt, &status))
+/// (shown by /health while loading). While the hub cannot be reached, it tries again in the
+/// background as `patience` says (`None`: the first failure is final).
+pub fn real_loader(
+    args: ModelArgs,
+    rt: Runtime,
+    status: hub::LoadStatus,
+    patience: Option<hub::RetryPolicy>,
+) -> Loader {
+    Box::new(move || load_real(&args, &rt, &status, patience))
 }
 
 /// The real pipeline together with the setup it was loaded with, so repeated out-of-memory
@@ -58,13 +64,25 @@ pub fn load_real(
     args: &ModelArgs,
     rt: &Runtime,
     status: &hub::LoadStatus,
+    patience: Option<hub::RetryPolicy>,
 ) -> Result<Loaded, String> {
     // The hub prefers fp16 weight variants when the model will run in f16; `rt` made the same
     // device/dtype choice `gpu::resolve` makes below.
-    let opts = hub::HubOptions::from_env(args.model_cache_dir.clone(), rt.dtype == DType::F16);
+    let mut opts = hub::HubOptions::from_env(args.model_cache_dir.clone(), rt.dtype == DType::F16);
     let s = status.clone();
-    let resolved =
-        hub::resolve_model(&args.model, &opts, &move |p| s.update(p)).map_err(|e| e.to_string())?;
+    let progress = move |p: &hub::Progress| s.update(p);
+    let resolved = match patience {
+        Some(policy) => {
+            // The background tries take over from long request retries (a cut download resumes).
+            opts.retries = opts.retries.min(1);
+            let w = status.clone();
+            hub::resolve_model_patiently(&args.model, &opts, &progress, policy, &move |wait| {
+                w.set_waiting(wait)
+            })
+        }
+        None => hub::resolve_model(&args.model, &opts, &progress),
+    }
+    .map_err(|e| e.to_string())?;
     tracing::info!(dir = %resolved.dir.display(), source = ?resolved.source, model_version = %resolved.model_version, "model files ready");
     let setup = gpu::resolve(args, &resolved.dir)?;
     for w in &setup.warnings {

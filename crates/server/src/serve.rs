@@ -72,7 +72,15 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             tracing::warn!(?spec, "using the FAKE generator (test mode)");
             spec.loader()
         }
-        None => crate::model::real_loader(args.model.clone(), rt.clone(), load_status.clone()),
+        None => crate::model::real_loader(
+            args.model.clone(),
+            rt.clone(),
+            load_status.clone(),
+            (args.model_retry_seconds > 0).then(|| crate::hub::RetryPolicy {
+                first: Duration::from_secs(args.model_retry_seconds),
+                max: Duration::from_secs(args.model_retry_seconds.max(300)),
+            }),
+        ),
     };
     let engine = Engine::start(
         EngineConfig {

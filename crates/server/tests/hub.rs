@@ -2,6 +2,7 @@
 //! API, `resolve` with LFS redirects to a CDN path, Range), serving the tiny-a fixture model,
 //! with injected faults. Also local single-file resolution into the cache.
 
+mod common;
 #[path = "../src/hub/mod.rs"]
 #[allow(dead_code)]
 mod hub;
@@ -59,7 +60,10 @@ impl Drop for FakeHub {
 
 impl FakeHub {
     fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    fn start_on(listener: TcpListener) -> Self {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -730,4 +734,124 @@ fn local_folders_get_a_content_digest_version() {
             .model_version,
         a.model_version
     );
+}
+
+#[test]
+fn the_server_tries_again_in_the_background_until_the_hub_comes_back() {
+    // A port with nothing behind it yet: the hub is "down".
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cache = Scratch::new("comeback");
+    let env: Vec<(String, String)> = [
+        ("MODEL_ID", "test/comeback"),
+        ("HF_ENDPOINT", &format!("http://127.0.0.1:{port}")),
+        ("MODEL_CACHE_DIR", &cache.0.to_string_lossy()),
+        ("MODEL_RETRY_SECONDS", "1"),
+        ("DEVICE", "cpu"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let server = common::Server::start(&env);
+    // Two failed tries, the waits growing: 1 s, then 2 s.
+    server.wait_log(
+        &[
+            "trying again in the background",
+            "\"attempts\":2",
+            "\"next_try_seconds\":2.0",
+        ],
+        Duration::from_secs(30),
+    );
+    server.wait_log(&["\"next_try_seconds\":1.0"], Duration::ZERO);
+    let health = server.get("/health");
+    assert_eq!(health.status, 503);
+    let h = health.json();
+    assert_eq!(h["status"], "unavailable", "{h}");
+    let detail = h["detail"].as_str().unwrap();
+    for want in [
+        "cannot reach the hub for test/comeback",
+        "next try in",
+        "--model DIR",
+        "sdserve download test/comeback",
+        "HF_ENDPOINT",
+        "HF_HUB_OFFLINE=1",
+        "no local folder or file test/comeback",
+    ] {
+        assert!(detail.contains(want), "{want:?} not in {detail}");
+    }
+    let e = server
+        .post_json(&serde_json::json!({"prompt": "x"}))
+        .error(503, "model_unavailable");
+    assert!(
+        e["details"].as_str().unwrap().contains("next try in"),
+        "{e}"
+    );
+
+    // The hub comes back on the same address; the next background try gets the model.
+    let hub = FakeHub::start_on(TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let commit = hub.add_repo("test/comeback", &fixtures().join("tiny-a"), &[]);
+    server.wait_ready(Duration::from_secs(60));
+    let h = server.get("/health").json();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["model_version"], format!("test/comeback@{commit}"));
+    assert_snapshot_is_tiny_a(
+        &cache
+            .0
+            .join(format!("models--test--comeback/snapshots/{commit}")),
+    );
+}
+
+#[test]
+fn errors_that_will_not_pass_are_not_tried_again() {
+    let hub = FakeHub::start();
+    let cache = Scratch::new("final");
+    let policy = hub::RetryPolicy {
+        first: Duration::from_millis(1),
+        max: Duration::from_millis(1),
+    };
+    let waits = Mutex::new(0);
+    let e = hub::resolve_model_patiently(
+        "test/never-published",
+        &opts(&hub, &cache.0),
+        &quiet,
+        policy,
+        &|w| *waits.lock().unwrap() += usize::from(w.is_some()),
+    )
+    .unwrap_err();
+    assert!(matches!(e, HubError::NotFound { .. }), "{e}");
+    assert_eq!(*waits.lock().unwrap(), 0);
+    // A 404 for an id that is also a (missing) local path says both.
+    assert!(
+        e.to_string()
+            .contains("no local folder or file test/never-published"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_mistyped_local_folder_is_named_as_one_quickly() {
+    // `tests/` exists (tests run in the crate's folder): `tests/sd15` is a local path gone wrong,
+    // not a hub repo. One quick try of the (unreachable) hub, no retries, then both readings.
+    let cache = Scratch::new("mistyped");
+    let mut o = HubOptions::from_env(Some(cache.0.clone()), false);
+    o.endpoint = "http://127.0.0.1:9".into();
+    o.offline = false;
+    o.retries = 5;
+    o.backoff = Duration::from_secs(1);
+    let t = std::time::Instant::now();
+    let e = hub::resolve_model("tests/sd15", &o, &quiet).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(matches!(e, HubError::InvalidSpec(_)), "{e:?}");
+    let msg = e.to_string();
+    for want in [
+        "no local folder or file tests/sd15",
+        "tests/ holds:",
+        "hub.rs",
+        "as a hub id: cannot reach the hub",
+    ] {
+        assert!(msg.contains(want), "{want:?} not in {msg}");
+    }
 }

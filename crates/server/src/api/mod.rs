@@ -170,8 +170,9 @@ pub struct HealthResponse {
     pub queue: QueueInfo,
     pub uptime_seconds: f64,
     pub version: String,
-    /// Why the status is not `ok` (download progress while loading, load failure, circuit
-    /// breaker), else null.
+    /// Why the status is not `ok` (download progress while loading; the load failure; while the
+    /// hub cannot be reached, the last failure, the ways out and when the next background try
+    /// is; the circuit breaker), else null.
     pub detail: Option<String>,
 }
 

@@ -149,7 +149,16 @@ pub(super) async fn run(
     app: &AppState,
     req: validate::ValidRequest,
 ) -> Result<Generated, ApiError> {
-    let info = app.engine.model_info()?;
+    let info = app
+        .engine
+        .model_info()
+        .map_err(|e| match app.load_status.waiting() {
+            Some(w) => ApiError::ModelUnavailable(format!(
+                "the model is not available yet: {}",
+                w.describe()
+            )),
+            None => e,
+        })?;
     let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
     let params = GenerationParams {
         prompt: req.prompt,
@@ -225,12 +234,16 @@ pub(super) async fn run(
     path = "/health",
     responses(
         (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open)", body = HealthResponse),
-        (status = 503, description = "`loading` or `unavailable` (with `detail`)", body = HealthResponse),
+        (status = 503, description = "`loading`, or `unavailable` (load failed, or waiting to try the hub again; `detail` says why and when)", body = HealthResponse),
     )
 )]
 pub(super) async fn health(State(app): State<Shared>) -> Response {
     let g = app.engine.gauges();
     let (status, model_version, detail) = match app.engine.state() {
+        // Waiting to try the hub again: not loading, but not given up either.
+        ModelState::Loading if app.load_status.waiting().is_some() => {
+            (HealthStatus::Unavailable, None, app.load_status.describe())
+        }
         ModelState::Loading => (HealthStatus::Loading, None, app.load_status.describe()),
         ModelState::Failed(why) => (HealthStatus::Unavailable, None, Some(why)),
         ModelState::Ready(info) if app.engine.oom_breaker_open() => (

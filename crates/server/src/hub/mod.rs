@@ -26,6 +26,8 @@
 //! `HF_ENDPOINT`, `HF_TOKEN` (Bearer), `HF_HUB_OFFLINE=1` (cache only).
 
 mod cache;
+mod retry;
+mod spec;
 // `FileMeta::commit` is parsed from the hub's headers but nothing reads it yet.
 #[allow(dead_code)]
 mod download;
@@ -39,6 +41,8 @@ use std::time::Duration;
 
 use cache::RepoCache;
 use http::{classify, Attempt, Client};
+pub use retry::{resolve_model_patiently, RetryPolicy, RetryWait};
+use spec::missing_local_folder;
 
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -223,17 +227,44 @@ pub type ProgressFn<'a> = &'a (dyn Fn(&Progress) + Send + Sync);
 
 /// The latest progress, shared between the loading thread and /health.
 #[derive(Debug, Clone, Default)]
-pub struct LoadStatus(Arc<Mutex<Option<Progress>>>);
+pub struct LoadStatus(Arc<Mutex<StatusInner>>);
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    progress: Option<Progress>,
+    waiting: Option<RetryWait>,
+}
 
 impl LoadStatus {
+    /// New progress; a planned retry is over.
     pub fn update(&self, p: &Progress) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.progress = Some(p.clone());
+        s.waiting = None;
+    }
+    pub fn set_waiting(&self, w: Option<RetryWait>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).waiting = w;
     }
     pub fn snapshot(&self) -> Option<Progress> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .progress
+            .clone()
+    }
+    /// The planned retry, while resolution waits for one.
+    pub fn waiting(&self) -> Option<RetryWait> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting
+            .clone()
     }
     pub fn describe(&self) -> Option<String> {
-        self.snapshot().map(|p| p.describe())
+        match self.waiting() {
+            Some(w) => Some(w.describe()),
+            None => self.snapshot().map(|p| p.describe()),
+        }
     }
 }
 
@@ -317,6 +348,20 @@ pub fn resolve_model(
         }
         Spec::File(file) => local::resolve_single_file(&file, opts, progress)?,
         Spec::Hub { repo, revision } => {
+            let local = missing_local_folder(spec);
+            // A spec whose first folder exists here is most likely a mistyped local path: one
+            // quick try of the hub, then both readings in the error.
+            let quick;
+            let opts = match &local {
+                Some(l) if l.parent_exists => {
+                    quick = HubOptions {
+                        retries: 0,
+                        ..opts.clone()
+                    };
+                    &quick
+                }
+                _ => opts,
+            };
             let repo = match MOVED
                 .iter()
                 .find(|(old, _)| old.eq_ignore_ascii_case(&repo))
@@ -330,7 +375,17 @@ pub fn resolve_model(
                 None => repo,
             };
             let revision = revision.unwrap_or_else(|| opts.revision.clone());
-            resolve_hub(&repo, &revision, opts, progress)?
+            match (resolve_hub(&repo, &revision, opts, progress), local) {
+                (Ok(r), _) => r,
+                (Err(e), Some(l)) if l.parent_exists => {
+                    return Err(HubError::InvalidSpec(format!(
+                        "{}; as a hub id: {e}",
+                        l.describe()
+                    )))
+                }
+                (Err(e), Some(l)) => return Err(e.with_hint(&l.describe())),
+                (Err(e), None) => return Err(e),
+            }
         }
     };
     progress(&Progress::stage(Stage::Done, None));
@@ -444,7 +499,13 @@ fn resolve_hub(
         Err(HubError::Unreachable { what, detail }) => {
             return Err(HubError::Unreachable {
                 what,
-                detail: format!("{detail}; nothing cached at {}", opts.cache_dir.display()),
+                detail: format!(
+                    "{detail}; nothing cached at {}. Ways out: `--model DIR` (a local diffusers \
+                     folder) or `--model FILE.safetensors`; `sdserve download {repo}` where the hub \
+                     is reachable, then MODEL_CACHE_DIR pointing at that cache; HF_ENDPOINT for a \
+                     mirror; HF_HUB_OFFLINE=1 with a cache that already holds the model",
+                    opts.cache_dir.display()
+                ),
             })
         }
         Err(e) => return Err(e),
@@ -615,6 +676,30 @@ mod tests {
             parse_spec(env!("CARGO_MANIFEST_DIR")).unwrap(),
             Spec::Folder(_)
         ));
+    }
+
+    #[test]
+    fn retry_waits_grow_to_a_bound() {
+        let p = RetryPolicy {
+            first: Duration::from_secs(10),
+            max: Duration::from_secs(300),
+        };
+        let waits: Vec<u64> = (1..=7).map(|n| p.delay(n).as_secs()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(p.delay(u32::MAX).as_secs(), 300);
+        let s = LoadStatus::default();
+        s.set_waiting(Some(RetryWait {
+            attempts: 3,
+            error: "cannot reach".into(),
+            next_try: std::time::Instant::now() + Duration::from_secs(40),
+        }));
+        let d = s.describe().unwrap();
+        assert!(
+            d.starts_with("cannot reach (try 3 failed; next try in 4"),
+            "{d}"
+        );
+        s.update(&Progress::stage(Stage::Resolving, Some("x".into())));
+        assert_eq!(s.waiting(), None);
     }
 
     #[test]
