@@ -48,6 +48,8 @@ class Server:
             "GENERATION_TIMEOUT_SECONDS": "600",
             # Every dialect request must reach the model, so that images are really compared.
             "RESPONSE_CACHE_MB": "0",
+            # img2img, edits and png-info carry images in the body.
+            "MAX_BODY_BYTES": str(16 << 20),
         }
         self.proc = subprocess.Popen(
             [BIN, "serve"], env=env, stdout=subprocess.PIPE, text=True
@@ -143,11 +145,11 @@ class A1111(unittest.TestCase):
         self.assertEqual(self.api.skip(), {})
 
     def test_txt2img_samplers_seeds_and_iterations_equal_native(self):
-        for sampler, scheduler, native_name in [
-            ("Euler a", None, "euler_a"),
-            ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
-            ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),
-            ("PLMS", None, "pndm"),
+        for sampler, scheduler, native_name, n_iter in [
+            ("DPM++ 2M", "Karras", "dpmpp_2m_karras", 2),
+            ("DPM++ 2M Karras", None, "dpmpp_2m_karras", 1),
+            ("Euler a", None, "euler_a", 1),
+            ("PLMS", None, "pndm", 1),
         ]:
             r = self.api.txt2img(
                 prompt=PROMPT,
@@ -159,13 +161,13 @@ class A1111(unittest.TestCase):
                 height=SIZE,
                 sampler_name=sampler,
                 scheduler=scheduler,
-                n_iter=2,
+                n_iter=n_iter,
             )
             # info is a JSON string in the answer; the client parsed it into a dict.
             self.assertIsInstance(r.json["info"], str)
-            self.assertEqual(r.info["all_seeds"], [41, 42], sampler)
+            self.assertEqual(r.info["all_seeds"], [41, 42][:n_iter], sampler)
             self.assertEqual(r.info["seed"], 41)
-            self.assertEqual(len(r.images), 2)
+            self.assertEqual(len(r.images), n_iter)
             for img, seed, infotext in zip(r.images, r.info["all_seeds"], r.info["infotexts"]):
                 (want,), meta = native(
                     prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=2,

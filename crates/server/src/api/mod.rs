@@ -280,9 +280,10 @@ pub fn random_seed() -> u32 {
 }
 
 pub fn openapi_string() -> String {
-    let mut s = ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("OpenAPI serialises");
+    let mut doc = ApiDoc::openapi();
+    doc.merge(a1111::schema::ApiDoc::openapi());
+    doc.merge(openai::schema::ApiDoc::openapi());
+    let mut s = doc.to_pretty_json().expect("OpenAPI serialises");
     s.push('\n');
     s
 }

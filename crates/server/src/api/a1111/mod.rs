@@ -7,6 +7,7 @@
 //! answers 200 with the images finished before the interrupt, as A1111 does.
 
 pub mod info;
+pub mod schema;
 pub mod translate;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -118,12 +119,16 @@ fn job_timestamp() -> String {
     )
 }
 
+#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "a1111", request_body = schema::A1111Request,
+    responses((status = 200, body = schema::A1111Response), (status = 422, description = "A field breaks a native rule (named as sent), or an unknown sampler (the names listed)", body = crate::error::ErrorBody)))]
 async fn txt2img(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     generate(&app, body, Mode::Txt2Img)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "a1111", request_body = schema::A1111Request,
+    responses((status = 200, body = schema::A1111Response), (status = 422, body = crate::error::ErrorBody)))]
 async fn img2img(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     generate(&app, body, Mode::Img2Img)
         .await
@@ -207,6 +212,7 @@ async fn generate(
 }
 
 /// A1111's `progress`: the oldest A1111 request in flight, its batch and step.
+#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111", responses((status = 200, body = schema::A1111Progress)))]
 async fn progress(State(app): State<Shared>) -> Json<Value> {
     let active = lock(&app.a1111.active).first().cloned();
     let Some(a) = active else {
@@ -256,6 +262,7 @@ async fn progress(State(app): State<Shared>) -> Json<Value> {
 }
 
 /// Stops every A1111 request in flight (each answers with the images it finished).
+#[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111", responses((status = 200, description = "`{}`")))]
 async fn interrupt(State(app): State<Shared>) -> Json<Value> {
     for a in lock(&app.a1111.active).iter() {
         a.interrupted.store(true, Ordering::SeqCst);
@@ -265,6 +272,7 @@ async fn interrupt(State(app): State<Shared>) -> Json<Value> {
 }
 
 /// Stops the running batch of each A1111 request; the next batch goes on.
+#[utoipa::path(post, path = "/sdapi/v1/skip", tag = "a1111", responses((status = 200, description = "`{}`")))]
 async fn skip(State(app): State<Shared>) -> Json<Value> {
     for a in lock(&app.a1111.active).iter() {
         a.skipped.store(true, Ordering::SeqCst);
@@ -273,6 +281,8 @@ async fn skip(State(app): State<Shared>) -> Json<Value> {
     Json(json!({}))
 }
 
+/// `[{name, aliases, options}]`
+#[utoipa::path(get, path = "/sdapi/v1/samplers", tag = "a1111", responses((status = 200, description = "The samplers")))]
 async fn samplers() -> Json<Value> {
     Json(Value::Array(
         SAMPLERS
@@ -289,6 +299,8 @@ async fn samplers() -> Json<Value> {
     ))
 }
 
+/// `[{name, label, aliases, default_rho, need_inner_model}]`: automatic, uniform, karras.
+#[utoipa::path(get, path = "/sdapi/v1/schedulers", tag = "a1111", responses((status = 200, description = "The schedules")))]
 async fn schedulers() -> Json<Value> {
     Json(Value::Array(
         SCHEDULES
@@ -306,6 +318,8 @@ async fn schedulers() -> Json<Value> {
     ))
 }
 
+/// `[{title, model_name, hash, sha256, filename, config}]`: the one loaded model.
+#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111", responses((status = 200, description = "The loaded model")))]
 async fn sd_models(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
     let info = app.engine.model_info()?;
     let (title, hash) = model_names(&info);
@@ -320,6 +334,11 @@ async fn sd_models(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
     }])))
 }
 
+/// GET: `sd_model_checkpoint`, `sd_checkpoint_hash`, `CLIP_stop_at_last_layers` and whatever was
+/// posted. POST: stores options (server-wide, as in A1111; `CLIP_stop_at_last_layers` becomes
+/// the default clip skip of later A1111 requests); a `sd_model_checkpoint` other than the loaded
+/// model is a 422. Answers `{}`.
+#[utoipa::path(get, path = "/sdapi/v1/options", tag = "a1111", responses((status = 200, description = "The options")))]
 async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
     let info = app.engine.model_info()?;
     let (title, hash) = model_names(&info);
@@ -331,6 +350,7 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
     Ok(Json(Value::Object(out)))
 }
 
+#[utoipa::path(post, path = "/sdapi/v1/options", tag = "a1111", responses((status = 200, description = "`{}`"), (status = 422, body = crate::error::ErrorBody)))]
 async fn set_options(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,
@@ -360,16 +380,21 @@ async fn set_options(
     Ok(Json(json!({})))
 }
 
+/// `[{name, alias, path, metadata}]`
+#[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, description = "The LoRAs")))]
 async fn loras() -> Json<Value> {
     Json(json!([]))
 }
 
+/// `{txt2img: [], img2img: []}`
+#[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "a1111", responses((status = 200, description = "No scripts")))]
 async fn scripts() -> Json<Value> {
     Json(json!({"txt2img": [], "img2img": []}))
 }
 
 /// A1111's `png-info`: the `parameters` text of a PNG, the other text chunks, and the
 /// parameters parsed. An image without parameters answers `info: ""`.
+#[utoipa::path(post, path = "/sdapi/v1/png-info", tag = "a1111", responses((status = 200, description = "The parameters"), (status = 422, body = crate::error::ErrorBody)))]
 async fn png_info(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,

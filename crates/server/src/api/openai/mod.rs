@@ -6,6 +6,7 @@
 //! `response_format: url` answers links to `/v1/images/files/{id}.png`, kept like finished
 //! jobs (the last `KEPT_FILES`, at most `FILE_TTL`).
 
+pub mod schema;
 pub mod translate;
 
 use std::collections::VecDeque;
@@ -103,6 +104,8 @@ fn created() -> u64 {
         .unwrap_or(0)
 }
 
+/// Text to image.
+#[utoipa::path(post, path = "/v1/images/generations", tag = "openai", request_body = schema::GenerationRequest, responses((status = 200, body = schema::ImagesResponse), (status = 400, description = "A parameter breaks a rule", body = schema::ErrorBody), (status = 408, description = "Past GENERATION_TIMEOUT_SECONDS; `x-should-retry: false`", body = schema::ErrorBody), (status = 429, description = "Busy; `Retry-After`", body = schema::ErrorBody)))]
 async fn generations(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -156,6 +159,8 @@ fn file_url(headers: &HeaderMap, id: &str) -> String {
     format!("{scheme}://{host}/v1/images/files/{id}.png")
 }
 
+/// An image answered as a `url`.
+#[utoipa::path(get, path = "/v1/images/files/{name}", tag = "openai", params(("name" = String, Path, description = "`{id}.png` from a `url` answer")), responses((status = 200, description = "The PNG", content_type = "image/png"), (status = 404, body = schema::ErrorBody)))]
 async fn file(State(app): State<Shared>, Path(name): Path<String>) -> Response {
     let id = name.strip_suffix(".png").unwrap_or(&name);
     match app.openai_files.get(id) {
@@ -179,6 +184,7 @@ const TEXT_FIELDS: [&str; 5] = [
 ];
 
 /// `images/edits`: multipart `image` (and `mask`) files with the other parameters as text.
+#[utoipa::path(post, path = "/v1/images/edits", tag = "openai", request_body(content = schema::EditRequest, content_type = "multipart/form-data"), responses((status = 200, body = schema::ImagesResponse), (status = 400, body = schema::ErrorBody)))]
 async fn edits(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -251,6 +257,8 @@ fn model_object(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "sdserve"})
 }
 
+/// The loaded model.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "`{object: list, data: [{id, object: model, created, owned_by}]}`: the loaded model")))]
 async fn models(State(app): State<Shared>) -> Result<Json<Value>, OpenAiError> {
     let info = app.engine.model_info()?;
     Ok(Json(json!({
@@ -259,6 +267,8 @@ async fn models(State(app): State<Shared>) -> Result<Json<Value>, OpenAiError> {
     })))
 }
 
+/// One model (only the loaded one exists).
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "`{id, object: model, created, owned_by}`"), (status = 404, body = schema::ErrorBody)))]
 async fn model(
     State(app): State<Shared>,
     Path(id): Path<String>,

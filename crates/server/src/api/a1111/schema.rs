@@ -1,0 +1,97 @@
+//! The OpenAPI description of `/sdapi/v1` (documentation only: the handlers read JSON objects
+//! and translate them, accepting every other A1111 field and ignoring it, as A1111 does).
+
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+/// Body of `POST /sdapi/v1/txt2img` and `img2img`. Absent or null fields take A1111's defaults;
+/// other A1111 fields (`enable_hr`, `styles`, `alwayson_scripts`, ...) are accepted and ignored.
+/// Rules are the native ones (`/generate`), reported under these names.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::GenerateRequest)]
+pub struct A1111Request {
+    /// Required in effect: the native rule needs 1..=500 characters. `<lora:name:weight>` tags
+    /// work as natively.
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    #[schema(default = 50)]
+    pub steps: Option<u32>,
+    #[schema(default = 7.0)]
+    pub cfg_scale: Option<f64>,
+    #[schema(default = 512)]
+    pub width: Option<u32>,
+    #[schema(default = 512)]
+    pub height: Option<u32>,
+    /// -1: random (drawn once; batch *k* image *i* uses seed + k * batch_size + i).
+    #[schema(default = -1)]
+    pub seed: Option<i64>,
+    /// `Euler a`, `Euler`, `DPM++ 2M` (also `DPM++ 2M Karras`), `DDIM`, `PLMS`, `LMS`, `UniPC`.
+    #[schema(default = "Euler")]
+    pub sampler_name: Option<String>,
+    /// The older name of `sampler_name` (used when `sampler_name` is absent).
+    pub sampler_index: Option<String>,
+    /// `Automatic` (the sampler's own: Karras for `DPM++ 2M`), `Uniform` or `Karras`.
+    #[schema(default = "automatic")]
+    pub scheduler: Option<String>,
+    /// Images generated together (native `batch_size`).
+    #[schema(default = 1)]
+    pub batch_size: Option<u32>,
+    /// Batches run one after another, 1..=8.
+    #[schema(default = 1)]
+    pub n_iter: Option<u32>,
+    /// img2img: exactly one base64 image (a `data:` prefix is allowed).
+    pub init_images: Option<Vec<String>>,
+    /// img2img: the native `strength`.
+    #[schema(default = 0.75)]
+    pub denoising_strength: Option<f64>,
+    /// img2img: inpainting mask, white = repaint.
+    pub mask: Option<String>,
+    /// `CLIP_stop_at_last_layers` is the native `clip_skip`; `sd_model_checkpoint` naming another
+    /// model falls back to the loaded one (as A1111 does).
+    #[schema(value_type = Object)]
+    pub override_settings: Option<serde_json::Value>,
+}
+
+/// The answer of `txt2img` and `img2img`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::GenerateResponse)]
+pub struct A1111Response {
+    /// Raw base64 PNGs (no `data:` prefix), each with its `parameters` text chunk. An
+    /// interrupted request holds the images finished before the interrupt.
+    pub images: Vec<String>,
+    /// The request, with A1111's defaults filled in.
+    #[schema(value_type = Object)]
+    pub parameters: serde_json::Value,
+    /// A JSON object *serialised to a string*: `seed`, `all_seeds`, `infotexts`, `sampler_name`,
+    /// `cfg_scale`, `steps`, `width`, `height`, ... (A1111's `Processed.js()`).
+    pub info: String,
+}
+
+/// `GET /sdapi/v1/progress`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::Progress)]
+pub struct A1111Progress {
+    /// 0..1 over the oldest A1111 request in flight (batches and steps); 0 when idle.
+    pub progress: f64,
+    /// Seconds left (estimated).
+    pub eta_relative: f64,
+    /// `job_count` (batches; 0 when idle), `job_no`, `sampling_step`, `sampling_steps`,
+    /// `interrupted`, `skipped`, `job`, `job_timestamp`.
+    #[schema(value_type = Object)]
+    pub state: serde_json::Value,
+    /// The latest preview (base64 PNG) when previews are on, else null.
+    pub current_image: Option<String>,
+    pub textinfo: Option<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        super::txt2img, super::img2img, super::progress, super::interrupt, super::skip,
+        super::samplers, super::schedulers, super::sd_models, super::get_options,
+        super::set_options, super::loras, super::png_info, super::scripts
+    ),
+    components(schemas(A1111Request, A1111Response, A1111Progress)),
+    tags((name = "a1111", description = "AUTOMATIC1111's /sdapi/v1, translated into the native request"))
+)]
+pub struct ApiDoc;

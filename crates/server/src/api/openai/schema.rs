@@ -1,0 +1,97 @@
+//! The OpenAPI description of `/v1` (documentation only: the handlers read JSON objects and
+//! multipart forms and translate them).
+
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+/// Body of `POST /v1/images/generations`. OpenAI's `model`, `quality`, `style`, `user`,
+/// `moderation`, `background` (not `transparent`), `output_format` (`png`) are accepted and
+/// ignored; unknown parameters are a 400. Rules are the native ones, named as sent.
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::ImageGenerationRequest)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    /// The native `batch_size`: image *i* uses seed + *i*.
+    #[schema(default = 1)]
+    pub n: Option<u32>,
+    /// `"WIDTHxHEIGHT"` within the native limits (256..=768, multiples of 64), or `auto`.
+    #[schema(default = "512x512")]
+    pub size: Option<String>,
+    /// `b64_json`, or `url` (a link to `/v1/images/files/{id}.png`, kept 10 minutes). Default
+    /// `b64_json` (`url` when `model` is a `dall-e-*` name, as OpenAI does).
+    pub response_format: Option<String>,
+    /// Our extras, as natively.
+    pub negative_prompt: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<u32>,
+    pub guidance_scale: Option<f64>,
+    pub scheduler: Option<String>,
+}
+
+/// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:
+/// transparent pixels are repainted; a mask without alpha: white is repainted; no mask and an
+/// image with transparent pixels: those), and `prompt`, `n`, `size`, `response_format` and the
+/// native extras (`strength`, `seed`, `steps`, ...) as text fields.
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::ImageEditRequest)]
+pub struct EditRequest {
+    #[schema(format = Binary, value_type = String)]
+    pub image: Vec<u8>,
+    #[schema(format = Binary, value_type = String)]
+    pub mask: Option<Vec<u8>>,
+    pub prompt: String,
+    pub n: Option<u32>,
+    pub size: Option<String>,
+    pub response_format: Option<String>,
+    #[schema(default = 0.8)]
+    pub strength: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::Image)]
+pub struct Image {
+    pub b64_json: Option<String>,
+    pub url: Option<String>,
+    /// The prompt as the model saw it.
+    pub revised_prompt: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::ImagesResponse)]
+pub struct ImagesResponse {
+    /// Unix seconds.
+    pub created: u64,
+    pub data: Vec<Image>,
+    /// Always `png`.
+    pub output_format: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::ErrorDetail)]
+pub struct ErrorDetail {
+    /// What went wrong, with the parameter and rule.
+    pub message: String,
+    /// `invalid_request_error` (4xx), `authentication_error`, `rate_limit_error`, `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The parameter at fault, as sent, or null.
+    pub param: Option<String>,
+    /// The native `error_code` (`validation_error`, `timeout`, `overloaded`, ...).
+    pub code: String,
+}
+
+/// Every error on `/v1`: 400 where the native API answers 422; `x-should-retry: false` where a
+/// retry cannot help (all but 429, 503 while loading, and an open out-of-memory breaker).
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::ErrorBody)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(super::generations, super::edits, super::file, super::models, super::model),
+    components(schemas(GenerationRequest, EditRequest, Image, ImagesResponse, ErrorDetail, ErrorBody)),
+    tags((name = "openai", description = "OpenAI's image API under /v1, translated into the native request"))
+)]
+pub struct ApiDoc;
