@@ -158,8 +158,12 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         rt.dtype.as_str()
     );
     let t0 = Instant::now();
-    let mut loaded =
-        crate::model::load_real(&a.model, &rt, &crate::hub::LoadStatus::default(), None)?;
+    let mut loaded = crate::model::load_real(
+        &a.model,
+        &rt,
+        &crate::hub::LoadStatus::default(),
+        &Default::default(),
+    )?;
     eprintln!(
         "loaded {} in {:.1}s",
         loaded.info.model_version,

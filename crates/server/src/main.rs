@@ -15,6 +15,7 @@ mod metrics;
 mod model;
 mod png;
 mod serve;
+mod speed;
 mod validate;
 
 fn main() -> std::process::ExitCode {

@@ -11,16 +11,25 @@ use crate::generator::{Generator, Loaded, Loader, ModelInfo};
 use crate::gpu::{self, GpuSetup, OomGuard, OomOutcome};
 use crate::hub;
 
+/// What `serve` adds to loading (`generate` and `bench` use the defaults: no retries, no probe).
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// While the hub cannot be reached, try again in the background so (`None`: the first
+    /// failure is final).
+    pub patience: Option<hub::RetryPolicy>,
+    /// On the CPU, time a small generation after loading and log what fits this deadline.
+    pub probe_deadline: Option<std::time::Duration>,
+}
+
 /// Loads the real pipeline on the worker thread; download/conversion progress goes to `status`
-/// (shown by /health while loading). While the hub cannot be reached, it tries again in the
-/// background as `patience` says (`None`: the first failure is final).
+/// (shown by /health while loading).
 pub fn real_loader(
     args: ModelArgs,
     rt: Runtime,
     status: hub::LoadStatus,
-    patience: Option<hub::RetryPolicy>,
+    opts: LoadOptions,
 ) -> Loader {
-    Box::new(move || load_real(&args, &rt, &status, patience))
+    Box::new(move || load_real(&args, &rt, &status, &opts))
 }
 
 /// The real pipeline together with the setup it was loaded with, so repeated out-of-memory
@@ -64,14 +73,14 @@ pub fn load_real(
     args: &ModelArgs,
     rt: &Runtime,
     status: &hub::LoadStatus,
-    patience: Option<hub::RetryPolicy>,
+    load: &LoadOptions,
 ) -> Result<Loaded, String> {
     // The hub prefers fp16 weight variants when the model will run in f16; `rt` made the same
     // device/dtype choice `gpu::resolve` makes below.
     let mut opts = hub::HubOptions::from_env(args.model_cache_dir.clone(), rt.dtype == DType::F16);
     let s = status.clone();
     let progress = move |p: &hub::Progress| s.update(p);
-    let resolved = match patience {
+    let resolved = match load.patience {
         Some(policy) => {
             // The background tries take over from long request retries (a cut download resumes).
             opts.retries = opts.retries.min(1);
@@ -113,6 +122,19 @@ pub fn load_real(
             seconds = t0.elapsed().as_secs_f64(),
             "weights on the device and kernels warmed up"
         );
+    }
+    if let (true, Some(deadline)) = (setup.device.is_cpu(), load.probe_deadline) {
+        match crate::speed::SpeedProbe::measure(&sd) {
+            Ok(p) => tracing::info!(
+                step_seconds = p.step_secs,
+                decode_seconds = p.decode_secs,
+                encode_seconds = p.encode_secs,
+                probe_size = p.side,
+                "{}",
+                p.summary(deadline)
+            ),
+            Err(e) => tracing::warn!(error = %e, "the start-up speed probe failed"),
+        }
     }
     let info = ModelInfo {
         model_version: resolved.model_version,

@@ -76,10 +76,13 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             args.model.clone(),
             rt.clone(),
             load_status.clone(),
-            (args.model_retry_seconds > 0).then(|| crate::hub::RetryPolicy {
-                first: Duration::from_secs(args.model_retry_seconds),
-                max: Duration::from_secs(args.model_retry_seconds.max(300)),
-            }),
+            crate::model::LoadOptions {
+                patience: (args.model_retry_seconds > 0).then(|| crate::hub::RetryPolicy {
+                    first: Duration::from_secs(args.model_retry_seconds),
+                    max: Duration::from_secs(args.model_retry_seconds.max(300)),
+                }),
+                probe_deadline: Some(Duration::from_secs(args.generation_timeout_seconds)),
+            },
         ),
     };
     let engine = Engine::start(

@@ -82,6 +82,18 @@ fn served_image_is_the_pipelines_and_the_seed_reproduces_it() {
         &["device cpu dtype f32; memory plan: levers:"],
         Duration::from_secs(5),
     );
+    // On the CPU, a measured step says what fits the deadline (the tiny model: everything).
+    let speed = s.wait_log(
+        &["CPU speed: a step at 256x256 takes", "step_seconds"],
+        Duration::from_secs(5),
+    );
+    assert!(
+        speed.contains(
+            "GENERATION_TIMEOUT_SECONDS=600 a lone request may be 256x256: any step count"
+        ) && speed.contains("768x768: any step count")
+            && speed.contains("(512x512, 20 steps) needs about"),
+        "{speed}"
+    );
 
     let body = json!({"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 1, "width": 256, "height": 256,
                       "guidance_scale": 5.0, "scheduler": "euler_a"});

@@ -1,0 +1,159 @@
+//! How fast this machine runs the model, measured once at start-up on the CPU, so the log can
+//! say which sizes and step counts fit GENERATION_TIMEOUT_SECONDS before a first request meets
+//! a 408 (a CPU takes minutes where a GPU takes seconds).
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::PipelineError;
+
+use crate::validate::{
+    GUIDANCE_DEFAULT, SIZE_DEFAULT, SIZE_MAX, SIZE_MIN, STEPS_DEFAULT, STEPS_MAX,
+};
+
+/// Timings of one small generation (smallest size, two steps, guidance on).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpeedProbe {
+    /// The side of the square image measured.
+    pub side: usize,
+    /// Prompt encoding and set-up before the first step.
+    pub encode_secs: f64,
+    /// One UNet evaluation with guidance (both halves of the batch).
+    pub step_secs: f64,
+    /// VAE decode and postprocessing.
+    pub decode_secs: f64,
+}
+
+impl SpeedProbe {
+    /// Runs the probe: 2 Euler steps at the smallest size, timed at each step.
+    pub fn measure(sd: &StableDiffusion) -> Result<Self, PipelineError> {
+        let side = SIZE_MIN as usize;
+        let params = GenerationParams {
+            prompt: "a lighthouse on a rocky coast".into(),
+            negative_prompt: String::new(),
+            steps: 2,
+            width: side,
+            height: side,
+            seed: 0,
+            guidance_scale: GUIDANCE_DEFAULT,
+            scheduler: Some(SchedulerKind::Euler),
+        };
+        let t0 = Instant::now();
+        let mut at = Vec::with_capacity(2);
+        sd.generate(&params, &mut |_| {
+            at.push(t0.elapsed());
+            ControlFlow::Continue(())
+        })?;
+        let end = t0.elapsed();
+        let (first, last) = match at.as_slice() {
+            [first, .., last] => (*first, *last),
+            _ => {
+                return Err(PipelineError::InvalidRequest(
+                    "the speed probe saw fewer than 2 steps".into(),
+                ))
+            }
+        };
+        let step = (last - first) / (at.len() as u32 - 1);
+        Ok(Self {
+            side,
+            encode_secs: first.saturating_sub(step).as_secs_f64(),
+            step_secs: step.as_secs_f64(),
+            decode_secs: (end - last).as_secs_f64(),
+        })
+    }
+
+    /// Estimated seconds for a `width`x`height` image with `unet_evals` UNet evaluations (steps,
+    /// plus one for PNDM): step and decode time scaled by the pixel count.
+    pub fn estimate_secs(&self, width: usize, height: usize, unet_evals: usize) -> f64 {
+        let scale = (width * height) as f64 / (self.side * self.side) as f64;
+        self.encode_secs + scale * (self.step_secs * unet_evals as f64 + self.decode_secs)
+    }
+
+    /// The most steps (1..=STEPS_MAX) a square image of `side` may have to finish within
+    /// `deadline` (the model's own scheduler may add one evaluation: counted); 0 when none fits.
+    pub fn max_steps(&self, side: usize, deadline: Duration) -> usize {
+        (1..=STEPS_MAX as usize)
+            .take_while(|&s| self.estimate_secs(side, side, s + 1) <= deadline.as_secs_f64())
+            .last()
+            .unwrap_or(0)
+    }
+
+    /// One line for the start-up log.
+    pub fn summary(&self, deadline: Duration) -> String {
+        let sides: Vec<usize> = (SIZE_MIN as usize..=SIZE_MAX as usize)
+            .step_by(128)
+            .collect();
+        let fits: Vec<String> = sides
+            .iter()
+            .map(|&side| match self.max_steps(side, deadline) {
+                0 => format!("{side}x{side}: none"),
+                n if n >= STEPS_MAX as usize => format!("{side}x{side}: any step count"),
+                1 => format!("{side}x{side}: 1 step"),
+                n => format!("{side}x{side}: up to {n} steps"),
+            })
+            .collect();
+        let default_needs = self.estimate_secs(SIZE_DEFAULT, SIZE_DEFAULT, STEPS_DEFAULT + 1);
+        let verdict = if default_needs <= deadline.as_secs_f64() {
+            "fits".to_string()
+        } else {
+            format!(
+                "does not fit: raise GENERATION_TIMEOUT_SECONDS to at least {:.0}, or ask for fewer steps or a smaller size",
+                (default_needs * 1.2).ceil()
+            )
+        };
+        format!(
+            "CPU speed: a step at {side}x{side} takes {:.2} s, the decode {:.2} s; within GENERATION_TIMEOUT_SECONDS={} a lone request may be {}; the default request ({SIZE_DEFAULT}x{SIZE_DEFAULT}, {STEPS_DEFAULT} steps) needs about {default_needs:.0} s and {verdict}",
+            self.step_secs,
+            self.decode_secs,
+            deadline.as_secs(),
+            fits.join(", "),
+            side = self.side,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Roughly SD 1.5 in f32 on 2 cores: 1.7 s a step and 1.9 s to decode at 256x256.
+    const CPU: SpeedProbe = SpeedProbe {
+        side: 256,
+        encode_secs: 0.3,
+        step_secs: 1.7,
+        decode_secs: 1.9,
+    };
+
+    #[test]
+    fn estimates_scale_with_pixels() {
+        let small = CPU.estimate_secs(256, 256, 21);
+        assert!((small - (0.3 + 1.7 * 21.0 + 1.9)).abs() < 1e-9);
+        let big = CPU.estimate_secs(512, 512, 21);
+        assert!((big - (0.3 + 4.0 * (1.7 * 21.0 + 1.9))).abs() < 1e-9);
+    }
+
+    #[test]
+    fn max_steps_fit_the_deadline_and_no_more() {
+        let deadline = Duration::from_secs(60);
+        let n = CPU.max_steps(512, deadline);
+        assert!(CPU.estimate_secs(512, 512, n + 1) <= 60.0);
+        assert!(CPU.estimate_secs(512, 512, n + 2) > 60.0);
+        assert_eq!(CPU.max_steps(768, Duration::from_secs(5)), 0);
+        let fast = SpeedProbe {
+            step_secs: 0.001,
+            decode_secs: 0.001,
+            ..CPU
+        };
+        assert_eq!(fast.max_steps(768, deadline), STEPS_MAX as usize);
+        let line = CPU.summary(deadline);
+        assert!(line.contains("512x512: up to 6 steps"), "{line}");
+        assert!(line.contains("768x768: 1 step"), "{line}");
+        assert!(
+            line.contains("does not fit: raise GENERATION_TIMEOUT_SECONDS"),
+            "{line}"
+        );
+        assert!(fast.summary(deadline).contains("and fits"));
+    }
+}
