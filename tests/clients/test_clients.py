@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ class Server:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        shutil.rmtree(self.cache, ignore_errors=True)
 
 
 SERVER = None
@@ -89,6 +91,16 @@ def setUpModule():
 
 def tearDownModule():
     SERVER.stop()
+
+
+class Timed(unittest.TestCase):
+    """Prints each test's wall time (the stage must stay fast)."""
+
+    def setUp(self):
+        self._t0 = time.time()
+
+    def tearDown(self):
+        print(f"  [{time.time() - self._t0:.1f} s]", file=sys.stderr, end=" ")
 
 
 def native(**fields):
@@ -116,8 +128,9 @@ def b64_png(img):
     return base64.b64encode(out.getvalue()).decode()
 
 
-class A1111(unittest.TestCase):
+class A1111(Timed):
     def setUp(self):
+        super().setUp()
         host, port = SERVER.addr.rsplit(":", 1)
         # Exactly how a script builds the client; its defaults: sampler "Euler a",
         # scheduler "automatic", 20 steps.
@@ -258,8 +271,9 @@ class A1111(unittest.TestCase):
         print(f"interrupt answered in {stopped_in:.2f} s", file=sys.stderr)
 
 
-class OpenAI(unittest.TestCase):
+class OpenAI(Timed):
     def setUp(self):
+        super().setUp()
         # Any key: the server runs without API_KEYS, and the client insists on sending one.
         self.client = openai.OpenAI(base_url=SERVER.url + "/v1", api_key="sk-local")
 
