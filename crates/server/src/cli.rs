@@ -118,6 +118,7 @@ pub struct ModelArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, env = "DEVICE", default_value = "auto")]
     pub device: String,
+    /// Number format: auto is f16 on CUDA and f32 on the CPU (which refuses f16).
     #[arg(long, env = "DTYPE", value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
     /// GPU memory budget the pipeline plans for (attention slicing, VAE tiling, offload).
@@ -164,6 +165,7 @@ impl ModelArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Address to listen on (0.0.0.0 for every interface, as in the Docker image).
     #[arg(long, env = "HOST", default_value = "127.0.0.1")]
     pub host: String,
     /// 0 picks a free port (it is logged).
@@ -172,7 +174,8 @@ pub struct ServeArgs {
     /// Requests admitted at once (running + waiting); the next one gets 429.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_concurrent_requests: u32,
-    /// Deadline for queue wait plus generation.
+    /// Deadline for queue wait plus generation (the run is stopped, not left running). A CPU
+    /// takes minutes for 512x512: the start-up log says what fits.
     #[arg(long, env = "GENERATION_TIMEOUT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub generation_timeout_seconds: u64,
     /// Response cache size for seeded requests; 0 turns the cache off.
@@ -181,6 +184,7 @@ pub struct ServeArgs {
     /// A tracing filter: a level (info, debug, ...) or directives like `sdserve=debug,info`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log lines on stdout as text or as one JSON object each.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Largest accepted request body.

@@ -14,6 +14,8 @@ mod hub;
 mod metrics;
 mod model;
 mod png;
+#[cfg(test)]
+mod readme;
 mod serve;
 mod speed;
 mod validate;

@@ -71,22 +71,23 @@ pub enum SchedulerName {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
-    /// 1..=500 characters after cleaning.
+    /// What to draw, counted after cleaning.
     #[schema(
         min_length = 1,
         max_length = 500,
         example = "a watercolor painting of a lighthouse at dawn"
     )]
     pub prompt: String,
-    /// 0..=500 characters after cleaning.
+    /// What to keep out of the image, counted after cleaning.
     #[schema(max_length = 500, default = "")]
     pub negative_prompt: Option<String>,
     #[schema(minimum = 1, maximum = 50, default = 20)]
+    /// Denoising steps; time grows with them.
     pub steps: Option<u32>,
-    /// A multiple of 64.
+    /// Image width in pixels.
     #[schema(minimum = 256, maximum = 768, multiple_of = 64, default = 512)]
     pub width: Option<u32>,
-    /// A multiple of 64.
+    /// Image height in pixels.
     #[schema(minimum = 256, maximum = 768, multiple_of = 64, default = 512)]
     pub height: Option<u32>,
     /// Random when absent or null, and returned in the metadata. Requests with a seed are
@@ -160,15 +161,19 @@ pub struct HealthResponse {
     pub status: HealthStatus,
     /// Null until the model is loaded, and for the fake generator.
     pub model_version: Option<String>,
+    /// Where the model runs: `cpu`, or `cuda:N` for GPU N.
     pub device: String,
+    /// `f32`, `f16` or `bf16`.
     pub dtype: String,
-    /// Null on CPU.
+    /// Null on the CPU.
     pub gpu: Option<GpuInfo>,
     /// The memory plan in use (levers, estimated peak against VRAM_LIMIT_MB); it changes when
     /// repeated out-of-memory failures step down to a leaner plan. Null until the model is loaded.
     pub memory_plan: Option<String>,
     pub queue: QueueInfo,
+    /// Seconds since the process started.
     pub uptime_seconds: f64,
+    /// sdserve's version.
     pub version: String,
     /// Why the status is not `ok` (download progress while loading; the load failure; while the
     /// hub cannot be reached, the last failure, the ways out and when the next background try
@@ -182,7 +187,13 @@ pub struct HealthResponse {
         title = "sdserve",
         description = "Stable Diffusion 1.5 text-to-image over HTTP. Every error has the body `{error, details, error_code}`."
     ),
-    paths(native::generate, native::health, native::metrics),
+    paths(
+        native::generate,
+        native::health,
+        native::metrics,
+        native::openapi_json,
+        native::docs
+    ),
     components(schemas(
         GenerateRequest,
         GenerateResponse,

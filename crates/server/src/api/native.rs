@@ -300,6 +300,8 @@ pub(super) async fn metrics(State(app): State<Shared>) -> Response {
         .into_response()
 }
 
+/// This document (OpenAPI 3.1): every route and schema, the dialects' too.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
 pub(super) async fn openapi_json() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -308,7 +310,8 @@ pub(super) async fn openapi_json() -> Response {
         .into_response()
 }
 
-/// A self-contained page (no CDN) that renders /openapi.json and can call /generate.
+/// A self-contained page (no CDN, works offline) that renders /openapi.json and can call /generate.
+#[utoipa::path(get, path = "/docs", responses((status = 200, description = "An HTML page", content_type = "text/html")))]
 pub(super) async fn docs() -> Html<&'static str> {
     Html(include_str!("docs.html"))
 }
