@@ -374,4 +374,36 @@ mod tests {
             newest.0
         );
     }
+
+    /// Paths the docs name (in backticks or as links) exist in the repository.
+    #[test]
+    fn docs_name_only_files_that_exist() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut docs = vec![root.join("README.md")];
+        for e in std::fs::read_dir(root.join("docs")).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "md") {
+                docs.push(e.path());
+            }
+        }
+        let roots = ["tools/", "crates/", "docs/", "scripts/", ".ci/"];
+        for doc in docs {
+            let text = std::fs::read_to_string(&doc).unwrap();
+            let quoted = text.split('`').skip(1).step_by(2);
+            let linked = text.split("](").skip(1).filter_map(|t| t.split(')').next());
+            for name in quoted.chain(linked) {
+                let name = name.split('#').next().unwrap_or_default();
+                if !roots.iter().any(|r| name.starts_with(r))
+                    || name.contains(char::is_whitespace)
+                    || name.contains(['*', '<', '{', '$'])
+                {
+                    continue;
+                }
+                assert!(
+                    root.join(name).exists(),
+                    "{} names {name}, which does not exist",
+                    doc.display()
+                );
+            }
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Every rule of `POST /generate` (DESIGN.md §1), in one place.
+//! Every rule of `POST /generate` (the contract: README's field table, `/openapi.json`), in one place.
 //!
 //! The body is parsed to a JSON value first and each field checked by hand, so every error can
 //! name its field. Status choice (documented in the OpenAPI description too):
