@@ -457,3 +457,44 @@ fn every_documented_dialect_route_is_served() {
     }
     assert!(seen >= 18, "{seen} dialect operations documented");
 }
+
+/// A multipart body as the `openai` client writes it.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "2497c335d9b3187bba2b0e2600312b6e";
+    let mut body = Vec::new();
+    for (name, file, data) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(f) => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn openai_edits_read_multipart_and_name_what_is_wrong() {
+    let s = ready("step_ms=0", &[]);
+    let edit = |parts: &[(&str, Option<&str>, &[u8])]| {
+        let (ct, body) = multipart(parts);
+        s.request("POST", "/v1/images/edits", &[("Content-Type", &ct)], &body)
+    };
+    let r = edit(&[("prompt", None, b"p"), ("n", None, b"1")]);
+    openai_error(&r, 400, Some("image"));
+    let r = edit(&[
+        ("prompt", None, b"p"),
+        ("image", Some("a.png"), b"x"),
+        ("image", Some("b.png"), b"y"),
+    ]);
+    openai_error(&r, 400, Some("image"));
+    // JSON is not a form.
+    let r = post(&s, "/v1/images/edits", &json!({"prompt": "p"}));
+    assert_eq!(openai_error(&r, 400, None)["code"], "invalid_json");
+}
