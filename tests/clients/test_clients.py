@@ -238,14 +238,14 @@ class A1111(Timed):
         result = {}
 
         def run():
-            result["r"] = self.api.txt2img(prompt=PROMPT, seed=1, steps=50, width=SIZE,
-                                           height=SIZE, sampler_name="Euler", n_iter=3)
+            result["r"] = self.api.txt2img(prompt=PROMPT, seed=1, steps=8, width=SIZE,
+                                           height=SIZE, sampler_name="Euler", n_iter=4)
 
         t = threading.Thread(target=run)
         t.start()
         seen = None
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while time.time() < deadline and t.is_alive():
             p = self.api.get_progress()
             if p["progress"] > 0:
                 seen = p
@@ -253,22 +253,21 @@ class A1111(Timed):
             time.sleep(0.05)
         self.assertIsNotNone(seen, "progress never rose above 0")
         self.assertLess(seen["progress"], 1)
-        self.assertEqual(seen["state"]["job_count"], 3)
+        self.assertEqual(seen["state"]["job_count"], 4)
         self.assertGreaterEqual(seen["eta_relative"], 0)
-        self.assertGreater(seen["state"]["sampling_step"], 0)
-        self.assertEqual(seen["state"]["sampling_steps"], 50)
         t0 = time.time()
         self.assertEqual(self.api.interrupt(), {})
         t.join(60)
         self.assertFalse(t.is_alive(), "txt2img did not return after interrupt")
         stopped_in = time.time() - t0
         r = result["r"]
-        # Interrupted in the first batch: no finished image, and info says so.
-        self.assertLess(len(r.images), 3)
+        # Interrupted before the last batch: fewer images, and info matches them.
+        self.assertLess(len(r.images), 4)
         self.assertEqual(len(r.info["all_seeds"]), len(r.images))
+        self.assertEqual(r.info["all_seeds"], list(range(1, 1 + len(r.images))))
         idle = self.api.get_progress()
         self.assertEqual((idle["progress"], idle["state"]["job_count"]), (0, 0))
-        print(f"interrupt answered in {stopped_in:.2f} s", file=sys.stderr)
+        print(f"interrupt answered in {stopped_in:.2f} s", file=sys.stderr, end=" ")
 
 
 class OpenAI(Timed):
