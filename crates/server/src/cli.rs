@@ -197,6 +197,32 @@ pub struct ServeArgs {
     /// On SIGTERM/Ctrl-C the running generation may finish within this bound; queued ones get 503.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+    /// API keys, comma-separated; when keys are set, every route but /health and the web page
+    /// needs `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
+    #[arg(long, env = "API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// A file of API keys, one a line: the key, or `sha256:<hex>` of it; `#` starts a comment.
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests a minute per key (per client address for callers without one); 0: no limit.
+    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 0)]
+    pub rate_limit_per_minute: u32,
+    /// Origins a browser may call the API from, comma-separated (`*`: any); none by default.
+    #[arg(long, env = "CORS_ALLOW_ORIGINS", value_delimiter = ',')]
+    pub cors_allow_origins: Vec<String>,
+    /// A request's whole body must arrive within this, else 408 `body_timeout`.
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_body_timeout_seconds: u64,
+    /// A request's headers must arrive within this (also how long an idle keep-alive
+    /// connection stays open); a slow sender is disconnected.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_seconds: u64,
+    /// Open connections at once; more are answered 503 and closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Request line plus headers, in bytes; larger ones get 431.
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 32768, value_parser = clap::value_parser!(u64).range(8192..=1_048_576))]
+    pub max_header_bytes: u64,
     /// Test hook: a fake generator (`step_ms=50,load_ms=0,fail_load=why,scheduler=pndm`).
     #[arg(long, env = "SDSERVE_FAKE_GENERATOR", hide = true)]
     pub fake_generator: Option<FakeSpec>,

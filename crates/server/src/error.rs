@@ -36,6 +36,16 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: Option<u64>,
     },
+    /// Keys are on and the request has no valid one (the reason says which header is wrong,
+    /// never anything about the keys).
+    #[error("a valid API key is required")]
+    Unauthorized(String),
+    /// `RATE_LIMIT_PER_MINUTE` is spent for this key (or client address).
+    #[error("rate limit reached, retry later")]
+    RateLimited { retry_after_secs: u64 },
+    /// The request body did not arrive within REQUEST_BODY_TIMEOUT_SECONDS.
+    #[error("request body too slow")]
+    BodyTimeout(u64),
     /// Anything else. The cause goes to the log, never to the client.
     #[error("internal error")]
     Internal(String),
@@ -83,6 +93,9 @@ impl ApiError {
             Self::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Self::ModelUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
             Self::OutOfMemory { .. } => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -124,6 +137,7 @@ impl ApiError {
             | Self::NotFound(d)
             | Self::MethodNotAllowed(d)
             | Self::ModelUnavailable(d)
+            | Self::Unauthorized(d)
             | Self::OutOfMemory { detail: d, .. } => Some(d.clone()),
             Self::Validation(fields) => Some(
                 fields
@@ -140,6 +154,12 @@ impl ApiError {
             )),
             Self::Overloaded { retry_after_secs } => Some(format!(
                 "all request slots are taken; retry after {retry_after_secs} s"
+            )),
+            Self::RateLimited { retry_after_secs } => Some(format!(
+                "RATE_LIMIT_PER_MINUTE is spent for this caller; retry after {retry_after_secs} s"
+            )),
+            Self::BodyTimeout(s) => Some(format!(
+                "the whole request body must arrive within {s} seconds"
             )),
             // Never leak internals: the cause is logged by whoever built this error.
             Self::Internal(_) => None,
@@ -164,7 +184,9 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
         let retry_after = match self {
-            Self::Overloaded { retry_after_secs } => Some(retry_after_secs),
+            Self::Overloaded { retry_after_secs } | Self::RateLimited { retry_after_secs } => {
+                Some(retry_after_secs)
+            }
             Self::OutOfMemory {
                 retry_after_secs, ..
             } => retry_after_secs,
@@ -174,7 +196,15 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Self::Unauthorized(_) = self {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sdserve\""),
+            );
+        }
         resp.extensions_mut().insert(ErrorCode(code));
+        // The error itself, so a dialect's outer layer (OpenAI's `/v1` shape) can re-render it.
+        resp.extensions_mut().insert(self);
         resp
     }
 }
@@ -216,6 +246,15 @@ mod tests {
                 503,
                 "out_of_memory",
             ),
+            (ApiError::Unauthorized("x".into()), 401, "unauthorized"),
+            (
+                ApiError::RateLimited {
+                    retry_after_secs: 1,
+                },
+                429,
+                "rate_limited",
+            ),
+            (ApiError::BodyTimeout(30), 408, "body_timeout"),
             (ApiError::Internal("secret".into()), 500, "internal_error"),
         ];
         for (err, status, code) in cases {

@@ -7,15 +7,19 @@ mod cli;
 mod config;
 mod engine;
 mod error;
+#[cfg(test)]
+mod fuzz_tests;
 mod generate_cmd;
 mod generator;
 mod gpu;
 mod hub;
+mod listen;
 mod metrics;
 mod model;
 mod png;
 #[cfg(test)]
 mod readme;
+mod security;
 mod serve;
 mod speed;
 mod validate;

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub cache_misses: AtomicU64,
     pub cancelled: AtomicU64,
     device_memory: Mutex<Option<DeviceMemory>>,
+    /// Requests and connections turned away before any work, by reason.
+    rejections: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -106,6 +108,7 @@ impl Default for Metrics {
             cache_misses: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             device_memory: Mutex::new(None),
+            rejections: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -122,6 +125,13 @@ impl Metrics {
         let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry((route.to_string(), status, error_code.to_string()))
             .or_insert(0) += 1;
+    }
+
+    /// One request or connection turned away: `unauthorized`, `rate_limited`, `body_timeout`,
+    /// `connection_limit`, `header_timeout`, `header_too_large`, `overloaded`, `payload_too_large`.
+    pub fn count_rejection(&self, reason: &'static str) {
+        let mut map = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(reason).or_insert(0) += 1;
     }
 
     /// Notes one GPU request's device memory (the CPU has none to note).
@@ -159,6 +169,15 @@ impl Metrics {
                 escape(route),
                 escape(code)
             );
+        }
+        out.push_str("# HELP sdserve_rejections_total Requests and connections turned away before any work, by reason.\n# TYPE sdserve_rejections_total counter\n");
+        for (reason, n) in self
+            .rejections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "sdserve_rejections_total{{reason=\"{reason}\"}} {n}");
         }
         self.queue_seconds.render(
             &mut out,
@@ -272,6 +291,9 @@ mod tests {
         m.count_request("/generate", 200, "");
         m.count_request("/generate", 200, "");
         m.count_request("/x\"", 404, "not_found");
+        m.count_rejection("unauthorized");
+        m.count_rejection("unauthorized");
+        m.count_rejection("rate_limited");
         m.queue_seconds.observe(0.07);
         m.queue_seconds.observe(3.0);
         let text = m.render(&Gauges {
@@ -285,6 +307,8 @@ mod tests {
             "sdserve_requests_total{route=\"/generate\",status=\"200\",error_code=\"\"} 2\n"
         ));
         assert!(text.contains("route=\"/x\\\"\""));
+        assert!(text.contains("sdserve_rejections_total{reason=\"unauthorized\"} 2\n"));
+        assert!(text.contains("sdserve_rejections_total{reason=\"rate_limited\"} 1\n"));
         assert!(text.contains("sdserve_queue_seconds_bucket{le=\"0.05\"} 0\n"));
         assert!(text.contains("sdserve_queue_seconds_bucket{le=\"0.1\"} 1\n"));
         assert!(text.contains("sdserve_queue_seconds_bucket{le=\"5\"} 2\n"));

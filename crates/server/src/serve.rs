@@ -66,6 +66,24 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     );
 
     let metrics = Arc::new(Metrics::default());
+    let security = Arc::new(crate::security::Security::from_config(
+        &crate::security::SecurityConfig {
+            api_keys: args.api_keys.clone(),
+            api_keys_file: args.api_keys_file.clone(),
+            rate_limit_per_minute: args.rate_limit_per_minute,
+            cors_allow_origins: args.cors_allow_origins.clone(),
+            body_timeout: Duration::from_secs(args.request_body_timeout_seconds),
+        },
+    )?);
+    tracing::info!(
+        api_keys = security.keys.len(),
+        key_ids = ?security.keys.key_ids().iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        rate_limit_per_minute = args.rate_limit_per_minute,
+        cors_allow_origins = ?args.cors_allow_origins,
+        max_connections = args.max_connections,
+        "access control"
+    );
+    crate::security::spawn_forgetting(&security);
     let load_status = crate::hub::LoadStatus::default();
     let loader = match args.fake_generator.clone() {
         Some(spec) => {
@@ -105,6 +123,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         load_status,
         a1111: Default::default(),
         openai_files: Default::default(),
+        security,
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();
@@ -122,10 +141,14 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             std::process::exit(0);
         });
     };
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| e.to_string())?;
+    let limits = crate::listen::ConnLimits {
+        max_connections: args.max_connections as usize,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
+        max_header_bytes: args.max_header_bytes as usize,
+        max_headers: 100,
+    };
+    let metrics = state.metrics.clone();
+    crate::listen::serve(listener, api::router(state), limits, metrics, shutdown).await;
     let stopped = engine.wait_worker(Duration::from_secs(5));
     tracing::info!(
         worker_stopped = stopped,

@@ -22,6 +22,7 @@ use crate::cache::ResponseCache;
 use crate::engine::Engine;
 use crate::error::{ApiError, ErrorBody, ErrorCode, FieldError};
 use crate::metrics::Metrics;
+use crate::security::OpenApiSecurity;
 
 pub struct AppState {
     pub engine: Engine,
@@ -39,6 +40,8 @@ pub struct AppState {
     pub a1111: a1111::Dialect,
     /// Images the OpenAI dialect answered as URLs.
     pub openai_files: openai::Files,
+    /// Keys, rate limits, CORS and the body deadline, applied around every route.
+    pub security: Arc<crate::security::Security>,
 }
 
 type Shared = Arc<AppState>;
@@ -219,9 +222,11 @@ struct RequestStats {
     cache: Option<&'static str>,
 }
 
+/// Every route, then the layers that cover all of them (add routes above `protect`, never
+/// after it: a route added outside would skip keys and rate limits).
 pub fn router(state: Shared) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/generate", post(native::generate))
         .route("/health", get(native::health))
         .route("/metrics", get(native::metrics))
@@ -231,8 +236,19 @@ pub fn router(state: Shared) -> Router {
         .merge(openai::router())
         .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .with_state(state)
+        .with_state(state.clone());
+    crate::security::protect(routes, state.security.clone())
+        .layer(middleware::from_fn_with_state(state, observe))
+}
+
+/// An error answered before any route ran (keys, rate limits, body deadline), in the shape of
+/// the dialect the path belongs to: OpenAI's on `/v1`, the native contract elsewhere.
+pub fn dialect_error(path: &str, e: ApiError) -> Response {
+    if path == "/v1" || path.starts_with("/v1/") {
+        openai::translate::OpenAiError(e).into_response()
+    } else {
+        e.into_response()
+    }
 }
 
 /// A JSON object body for the dialects (which, like their clients, do not insist on a
@@ -294,6 +310,8 @@ pub fn openapi_string() -> String {
     let mut doc = ApiDoc::openapi();
     doc.merge(a1111::schema::ApiDoc::openapi());
     doc.merge(openai::schema::ApiDoc::openapi());
+    // After the merge, so every dialect's operations get the key requirement too.
+    utoipa::Modify::modify(&OpenApiSecurity, &mut doc);
     let mut s = doc.to_pretty_json().expect("OpenAPI serialises");
     s.push('\n');
     s
@@ -317,6 +335,15 @@ fn request_id(headers: &HeaderMap) -> String {
     format!("{:016x}", h.finish())
 }
 
+/// Error codes that mean "turned away before any work"; counted in `sdserve_rejections_total`.
+const REJECTION_CODES: &[&str] = &[
+    "unauthorized",
+    "rate_limited",
+    "overloaded",
+    "payload_too_large",
+    "body_timeout",
+];
+
 /// Request id, the contract's error body for responses axum made itself (405, rejections),
 /// one log line and the request metrics.
 async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
@@ -324,6 +351,10 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
     let id = request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -360,6 +391,13 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
         .cloned()
         .unwrap_or_default();
     let total = t0.elapsed().as_secs_f64();
+    if let Some(reason) = REJECTION_CODES.iter().find(|c| **c == code) {
+        app.metrics.count_rejection(reason);
+    }
+    let key_id = resp
+        .extensions()
+        .get::<crate::security::CallerKey>()
+        .map(|k| k.0.to_string());
     let route_label = route.as_deref().unwrap_or("unmatched");
     app.metrics
         .count_request(route_label, status.as_u16(), code);
@@ -368,6 +406,8 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
     }
     tracing::info!(
         request_id = %id,
+        key_id = key_id.as_deref(),
+        client = client.as_deref(),
         method = %method,
         path = %path,
         status = status.as_u16(),

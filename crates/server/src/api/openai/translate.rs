@@ -218,7 +218,9 @@ impl OpenAiError {
     /// False where the same request would fail the same way again.
     pub fn retry_helps(&self) -> bool {
         match &self.0 {
-            ApiError::Overloaded { .. } | ApiError::ModelUnavailable(_) => true,
+            ApiError::Overloaded { .. }
+            | ApiError::ModelUnavailable(_)
+            | ApiError::RateLimited { .. } => true,
             ApiError::OutOfMemory {
                 retry_after_secs, ..
             } => retry_after_secs.is_some(),
@@ -239,9 +241,13 @@ impl IntoResponse for OpenAiError {
         // The native response carries Retry-After and the log's error code; keep both.
         let native = self.0.into_response();
         let mut resp = (status, axum::Json(body)).into_response();
-        if let Some(v) = native.headers().get(axum::http::header::RETRY_AFTER) {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, v.clone());
+        for h in [
+            axum::http::header::RETRY_AFTER,
+            axum::http::header::WWW_AUTHENTICATE,
+        ] {
+            if let Some(v) = native.headers().get(&h) {
+                resp.headers_mut().insert(h, v.clone());
+            }
         }
         if !retry_helps {
             resp.headers_mut()
