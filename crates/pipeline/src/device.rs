@@ -140,7 +140,11 @@ fn check_cuda_ordinal(n: usize, visible: Option<&[String]>) -> std::result::Resu
 /// Opens the CUDA device, turning a panic inside the driver bindings into an error.
 fn open_cuda(n: usize) -> std::result::Result<Device, String> {
     match std::panic::catch_unwind(|| Device::new_cuda(n)) {
-        Ok(Ok(d)) => Ok(d),
+        Ok(Ok(d)) => {
+            // Before any tensor exists: the settings apply to allocations made afterwards.
+            crate::kernels::cuda::prepare_device(&d);
+            Ok(d)
+        }
         Ok(Err(e)) => Err(format!("cannot open CUDA device {n}: {e}")),
         Err(_) => Err(format!(
             "cannot open CUDA device {n}: the CUDA driver panicked"

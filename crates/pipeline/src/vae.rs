@@ -193,31 +193,41 @@ impl GroupNorm {
         })
     }
 
-    /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors.
+    /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors and on CUDA.
     fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         let silu = matches!(act, Activation::Silu);
-        if let Some(y) = crate::kernels::norm::group_norm(
-            x,
-            self.groups,
-            &self.weight,
-            &self.bias,
-            self.eps,
-            silu,
-        )? {
+        let gpu = crate::kernels::cuda::group_norm;
+        let fast = match gpu(x, self.groups, &self.weight, &self.bias, self.eps, silu)? {
+            Some(y) => Some(y),
+            None => crate::kernels::norm::group_norm(
+                x,
+                self.groups,
+                &self.weight,
+                &self.bias,
+                self.eps,
+                silu,
+            )?,
+        };
+        if let Some(y) = fast {
             return if silu { Ok(y) } else { act.forward(&y) };
         }
         act.forward(&self.forward(x)?)
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = crate::kernels::norm::group_norm(
-            x,
-            self.groups,
-            &self.weight,
-            &self.bias,
-            self.eps,
-            false,
-        )? {
+        let gpu = crate::kernels::cuda::group_norm;
+        let fast = match gpu(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
+            Some(y) => Some(y),
+            None => crate::kernels::norm::group_norm(
+                x,
+                self.groups,
+                &self.weight,
+                &self.bias,
+                self.eps,
+                false,
+            )?,
+        };
+        if let Some(y) = fast {
             return Ok(y);
         }
         let dtype = x.dtype();

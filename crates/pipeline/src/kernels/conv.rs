@@ -238,18 +238,29 @@ impl Conv2d {
         } else {
             cudnn_algo()
         };
-        let y = x.conv2d_with_algo(&self.weight, self.padding, self.stride, 1, 1, algo)?;
+        let y = match super::cuda::conv2d(x, &self.weight, self.stride, self.padding)? {
+            Some(y) => y,
+            None => x.conv2d_with_algo(&self.weight, self.padding, self.stride, 1, 1, algo)?,
+        };
         match &self.bias {
+            Some(b) if !y.device().is_cpu() && y.rank() == 4 => {
+                let hw = y.dim(2)? * y.dim(3)?;
+                match super::cuda::bias_add(&y, b, hw, None)? {
+                    Some(out) => Ok(out),
+                    None => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+                }
+            }
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
 }
 
-/// The cuDNN forward algorithm for convolutions on a GPU. candle asks cuDNN's heuristics on every
-/// call when none is given, which on an H200 cost more host time than the f16 convolutions of a
-/// step themselves (SD 1.5 UNet step at 512x512, f16: 0.25 s with the per-call heuristics, 0.13 s
-/// with a fixed algorithm; docs/GPU.md). Implicit precomputed GEMM handles every shape SD uses.
+/// The cuDNN forward algorithm when a convolution goes through candle's own cuDNN call (the
+/// per-shape plans of `kernels::cuda::conv2d` normally take it: without cuDNN, or when
+/// `SDSERVE_CUDNN_ALGO` is set for an A/B run). candle asks cuDNN's heuristics on every call
+/// when none is given, which on an H200 cost more host time than the f16 convolutions of a step
+/// themselves (docs/GPU.md). Implicit precomputed GEMM handles every shape SD uses.
 /// `SDSERVE_CUDNN_ALGO` picks another (implicit_gemm, gemm, direct, fft, fft_tiling, winograd,
 /// winograd_nonfused) or `heuristic` for candle's per-call choice.
 fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {

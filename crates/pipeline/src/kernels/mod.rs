@@ -1,10 +1,12 @@
 //! Hand-written CPU kernels for the hot spots of Stable Diffusion on candle tensors, each with its
 //! own tests against a plain reference. Tensor front ends return `None` (or fall back to candle)
-//! for other dtypes and devices, so f16 and accelerator paths are unchanged.
+//! for other dtypes and devices, so f16 and accelerator paths are unchanged. `cuda` holds the GPU
+//! counterparts (own kernels compiled at run time; no CUDA in the default build).
 
 pub mod act;
 pub mod attention;
 pub mod conv;
+pub mod cuda;
 pub mod linear;
 pub mod math;
 pub mod norm;

@@ -97,6 +97,13 @@ pub fn release_cached_memory(device: &Device) {
     cuda::release(device);
 }
 
+/// Lets the device's stream-ordered memory pool keep up to `bytes` of freed memory across
+/// synchronisations (the driver's default, 0, hands freed blocks back at every sync, so each
+/// step re-maps its activations). No-op on the CPU.
+pub fn set_pool_release_threshold(device: &Device, bytes: u64) {
+    cuda::set_release_threshold(device, bytes);
+}
+
 #[cfg(feature = "cuda-core")]
 mod cuda {
     use candle_core::Device;
@@ -140,6 +147,20 @@ mod cuda {
         (v > 0).then_some(v)
     }
 
+    pub fn set_release_threshold(device: &Device, bytes: u64) {
+        if let Some(p) = pool(device) {
+            let mut v = bytes;
+            // SAFETY: RELEASE_THRESHOLD is a cuuint64_t attribute of the default pool.
+            let _ = unsafe {
+                result::mem_pool::set_attribute(
+                    p,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut v as *mut u64 as *mut std::ffi::c_void,
+                )
+            };
+        }
+    }
+
     pub fn release(device: &Device) {
         let Ok(cuda) = device.as_cuda_device() else {
             return;
@@ -161,6 +182,7 @@ mod cuda {
         None
     }
     pub fn release(_: &Device) {}
+    pub fn set_release_threshold(_: &Device, _: u64) {}
 }
 
 #[cfg(test)]

@@ -72,8 +72,19 @@ impl GroupNorm {
     /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors.
     pub(crate) fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let silu = act == Act::Silu;
-        let fast = crate::kernels::norm::group_norm;
-        match fast(x, self.groups, &self.weight, &self.bias, self.eps, silu)? {
+        let gpu = crate::kernels::cuda::group_norm;
+        let fast = match gpu(x, self.groups, &self.weight, &self.bias, self.eps, silu)? {
+            Some(y) => Some(y),
+            None => crate::kernels::norm::group_norm(
+                x,
+                self.groups,
+                &self.weight,
+                &self.bias,
+                self.eps,
+                silu,
+            )?,
+        };
+        match fast {
             Some(y) if silu => Ok(y),
             Some(y) => act.forward(&y),
             None => act.forward(&self.forward(x)?),
@@ -81,6 +92,10 @@ impl GroupNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gpu = crate::kernels::cuda::group_norm;
+        if let Some(y) = gpu(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
+            return Ok(y);
+        }
         let fast = crate::kernels::norm::group_norm;
         if let Some(y) = fast(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
             return Ok(y);
@@ -119,6 +134,9 @@ impl LayerNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::cuda::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
         let fast = crate::kernels::norm::layer_norm;
         if let Some(y) = fast(x, &self.weight, &self.bias, self.eps)? {
             return Ok(y);
@@ -233,7 +251,13 @@ impl ResnetBlock {
                 .broadcast_add(&shift)?;
             act.forward(&h)?
         } else {
-            self.norm2.forward_act(&h.broadcast_add(&t)?, act)?
+            // The time embedding is a per-(batch, channel) bias over h.
+            let hw = h.dim(2)? * h.dim(3)?;
+            let ht = match crate::kernels::cuda::bias_add(&h, &t, hw, None)? {
+                Some(ht) => ht,
+                None => h.broadcast_add(&t)?,
+            };
+            self.norm2.forward_act(&ht, act)?
         };
         let h = self.conv2.forward(&h)?;
         let x = match &self.conv_shortcut {
@@ -298,6 +322,11 @@ impl Attention {
             linear_fwd(&self.to_k, ctx, None)?,
             linear_fwd(&self.to_v, ctx, None)?,
         );
+        // f16 on a GPU: our flash kernel, heads read in place (slicing is moot: no scores).
+        let gpu = crate::kernels::cuda::attention;
+        if let Some(a) = gpu(&q, &k, &v, self.heads, self.scale)? {
+            return linear_fwd(&self.to_out, &a, Some(residual));
+        }
         // f32 on the CPU: fused attention, never the whole score matrix (slicing is moot).
         let fast = crate::kernels::attention::attention;
         if let Some(a) = fast(&q, &k, &v, self.heads, self.scale)? {
@@ -337,6 +366,9 @@ impl GegluFeedForward {
     /// `ff(x) + residual`.
     fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let h = linear_fwd(&self.proj, x, None)?;
+        if let Some(y) = crate::kernels::cuda::geglu(&h)? {
+            return linear_fwd(&self.out, &y, Some(residual));
+        }
         if let Some(y) = crate::kernels::act::geglu(&h)? {
             return linear_fwd(&self.out, &y, Some(residual));
         }

@@ -1,0 +1,566 @@
+//! The CUDA side of [`super`]: NVRTC compilation, function cache, launches as candle custom ops.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result,
+    Shape, Tensor,
+};
+use half::f16;
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+/// Head dims with an attention kernel instance (kernels.cu's FLASH_ENTRY lines).
+const HEAD_DIMS: [usize; 6] = [32, 40, 64, 80, 128, 160];
+
+pub fn prepare_device(device: &Device) {
+    let Ok(cuda) = device.as_cuda_device() else {
+        return;
+    };
+    if std::env::var("SDSERVE_CUDA_EVENT_TRACKING").as_deref() != Ok("1") {
+        // SAFETY: candle runs every op of a device on its one stream, so no tensor is used on
+        // another stream, which is all the events would order.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    let keep = match std::env::var("SDSERVE_CUDA_POOL_KEEP_MB").map(|s| s.parse::<u64>()) {
+        Ok(Ok(mb)) => mb << 20,
+        _ => u64::MAX,
+    };
+    crate::memory::set_pool_release_threshold(device, keep);
+}
+
+/// The compute capability the kernels are compiled for (`SDSERVE_CUDA_KERNEL_ARCH` overrides).
+fn kernel_arch(dev: &CudaDevice) -> Result<u32> {
+    if let Ok(s) = std::env::var("SDSERVE_CUDA_KERNEL_ARCH") {
+        if let Ok(a) = s.trim().parse::<u32>() {
+            return Ok(a);
+        }
+    }
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    Ok((major * 10 + minor) as u32)
+}
+
+/// PTX of kernels.cu for `arch`, compiled once per process and architecture.
+fn ptx(arch: u32) -> Result<Arc<String>> {
+    static CACHE: OnceLock<Mutex<HashMap<u32, Arc<String>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(p) = cache.lock().unwrap().get(&arch) {
+        return Ok(p.clone());
+    }
+    let opts = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture=compute_{arch}"),
+            "-std=c++17".into(),
+        ],
+        name: Some("sdserve_kernels.cu".into()),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(SOURCE, opts)
+        .map_err(|e| candle_core::Error::Msg(format!("NVRTC compute_{arch}: {e:?}")))?;
+    let p = Arc::new(ptx.to_src());
+    cache.lock().unwrap().insert(arch, p.clone());
+    Ok(p)
+}
+
+/// A kernel of kernels.cu on `dev`, loaded once (with `smem` bytes of dynamic shared memory
+/// allowed when above the default 48 KiB).
+fn function(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
+    type Key = (DeviceId, String);
+    static FUNCS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
+    let funcs = FUNCS.get_or_init(Default::default);
+    let key = (dev.id(), name.to_string());
+    if let Some(f) = funcs.lock().unwrap().get(&key) {
+        return Ok(f.clone());
+    }
+    let arch = kernel_arch(dev)?;
+    let ptx = ptx(arch)?;
+    let f = dev
+        .get_or_load_custom_func(name, &format!("sdserve_kernels_{arch}"), &ptx)?
+        .into_cuda_function();
+    if smem > 48 << 10 {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+    }
+    funcs.lock().unwrap().insert(key, f.clone());
+    Ok(f)
+}
+
+pub(super) fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
+    if !l.is_contiguous() {
+        bail!("sdserve CUDA kernel: non-contiguous input");
+    }
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+fn cfg(grid: (u32, u32), block: u32, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+fn not_on_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
+    bail!("{name}: CUDA only")
+}
+
+// ------------------------------------------------------------------------------- attention
+
+/// Which attention kernel: the best for the architecture, or the CUDA-core one everywhere
+/// (what pre-Ampere GPUs run; tests compare both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Auto,
+    Simt,
+}
+
+struct Attention {
+    heads: usize,
+    scale: f32,
+    variant: Variant,
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "sdserve-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = qs.device();
+        let (b, n, c) = ql.shape().dims3()?;
+        let (_, m, _) = kl.shape().dims3()?;
+        let d = c / self.heads;
+        let (q, k, v) = (
+            view::<f16>(qs, ql)?,
+            view::<f16>(ks, kl)?,
+            view::<f16>(vs, vl)?,
+        );
+        let out: CudaSlice<f16> = unsafe { dev.alloc::<f16>(b * n * c)? };
+        let mma = self.variant == Variant::Auto && kernel_arch(dev)? >= 80;
+        let (name, rows, smem) = if mma {
+            let dp = d.div_ceil(16) * 16;
+            let smem = (2 * 64 * (dp + 8) + dp * (64 + 8)) * 2;
+            (format!("flash_mma_d{d}"), 64, smem)
+        } else {
+            let smem = 16 * d * 4 + 2 * 32 * (d + 2) * 2;
+            (format!("flash_simt_d{d}"), 16, smem)
+        };
+        let f = function(dev, &name, smem)?;
+        let (n32, m32, h32) = (n as i32, m as i32, self.heads as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let stream = dev.cuda_stream();
+        let mut l = stream.launch_builder(&f);
+        l.arg(&q).arg(&k).arg(&v).arg(&out);
+        l.arg(&n32).arg(&m32).arg(&h32).arg(&scale_log2);
+        let grid = (n.div_ceil(rows) as u32, (b * self.heads) as u32);
+        // SAFETY: argument types and counts match kernels.cu's flash_*_d{d}; buffers hold
+        // b*n*c (q, out) and b*m*c (k, v) values, as checked by `attention`.
+        unsafe { l.launch(cfg(grid, 128, smem)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            ql.shape().clone(),
+        ))
+    }
+}
+
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    variant: Variant,
+) -> Result<Option<Tensor>> {
+    if [q, k, v]
+        .iter()
+        .any(|t| t.dtype() != DType::F16 || t.rank() != 3)
+        || heads == 0
+    {
+        return Ok(None);
+    }
+    let (b, _, c) = q.dims3()?;
+    let (kb, m, kc) = k.dims3()?;
+    if v.dims() != k.dims() || kb != b || kc != c || m == 0 || !c.is_multiple_of(heads) {
+        return Ok(None);
+    }
+    if !HEAD_DIMS.contains(&(c / heads)) {
+        return Ok(None);
+    }
+    let op = Attention {
+        heads,
+        scale: scale as f32,
+        variant,
+    };
+    q.contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+        .map(Some)
+}
+
+// ------------------------------------------------------------------------------- norms, GEGLU
+
+fn f32_param(t: &Tensor, len: usize) -> Result<Option<Tensor>> {
+    if t.elem_count() != len {
+        return Ok(None);
+    }
+    Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?))
+}
+
+/// x with two f32 parameter vectors (weight, bias): group norm and layer norm.
+struct Norm {
+    kind: NormKind,
+    eps: f32,
+}
+
+#[derive(Clone, Copy)]
+enum NormKind {
+    Group { groups: usize, silu: bool },
+    Layer,
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "sdserve-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let (w, b) = (view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
+        let dims = xl.shape().dims();
+        let count = xl.shape().elem_count();
+        let suffix = match xs.dtype() {
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+            other => bail!("sdserve norm: unsupported dtype {other:?}"),
+        };
+        let stream = dev.cuda_stream();
+        macro_rules! run {
+            ($t:ty) => {{
+                let x = view::<$t>(xs, xl)?;
+                let out: CudaSlice<$t> = unsafe { dev.alloc::<$t>(count)? };
+                match self.kind {
+                    NormKind::Group { groups, silu } => {
+                        let (batch, channels) = (dims[0], dims[1]);
+                        let spatial = count / (batch * channels);
+                        let f = function(dev, &format!("group_norm_{suffix}"), 0)?;
+                        let (c, s, g, a) =
+                            (channels as i32, spatial as i32, groups as i32, silu as i32);
+                        let mut l = stream.launch_builder(&f);
+                        l.arg(&x).arg(&out).arg(&w).arg(&b);
+                        l.arg(&c).arg(&s).arg(&g).arg(&self.eps).arg(&a);
+                        // SAFETY: matches group_norm_*'s signature; sizes checked by the caller.
+                        unsafe { l.launch(cfg(((batch * groups) as u32, 1), 512, 0)) }.w()?;
+                    }
+                    NormKind::Layer => {
+                        let dim = dims[dims.len() - 1];
+                        let rows = count / dim;
+                        let f = function(dev, &format!("layer_norm_{suffix}"), 0)?;
+                        let (r, d) = (rows as i32, dim as i32);
+                        let mut l = stream.launch_builder(&f);
+                        l.arg(&x).arg(&out).arg(&w).arg(&b);
+                        l.arg(&r).arg(&d).arg(&self.eps);
+                        // SAFETY: matches layer_norm_*'s signature; 8 rows (warps) per block.
+                        unsafe { l.launch(cfg((rows.div_ceil(8) as u32, 1), 256, 0)) }.w()?;
+                    }
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match xs.dtype() {
+            DType::F16 => run!(f16),
+            _ => run!(f32),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+fn float_dtype(t: &Tensor) -> bool {
+    matches!(t.dtype(), DType::F16 | DType::F32)
+}
+
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    if !float_dtype(x) || x.rank() < 3 || groups == 0 {
+        return Ok(None);
+    }
+    let (b, c) = (x.dims()[0], x.dims()[1]);
+    if !c.is_multiple_of(groups) || x.elem_count() == 0 || b * groups > u32::MAX as usize {
+        return Ok(None);
+    }
+    let (Some(w), Some(bs)) = (f32_param(weight, c)?, f32_param(bias, c)?) else {
+        return Ok(None);
+    };
+    let op = Norm {
+        kind: NormKind::Group { groups, silu },
+        eps: eps as f32,
+    };
+    x.contiguous()?.apply_op3_no_bwd(&w, &bs, &op).map(Some)
+}
+
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if !float_dtype(x) || x.rank() == 0 || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    let d = x.dims()[x.rank() - 1];
+    let (Some(w), Some(bs)) = (f32_param(weight, d)?, f32_param(bias, d)?) else {
+        return Ok(None);
+    };
+    let op = Norm {
+        kind: NormKind::Layer,
+        eps: eps as f32,
+    };
+    x.contiguous()?.apply_op3_no_bwd(&w, &bs, &op).map(Some)
+}
+
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "sdserve-geglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, hs: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = hs.device();
+        let mut dims = hl.shape().dims().to_vec();
+        let last = dims.len() - 1;
+        let inner = dims[last] / 2;
+        let rows = hl.shape().elem_count() / dims[last];
+        dims[last] = inner;
+        let count = rows * inner;
+        let stream = dev.cuda_stream();
+        let grid = (count.div_ceil(256).min(1 << 20) as u32, 1);
+        macro_rules! run {
+            ($t:ty, $name:expr) => {{
+                let h = view::<$t>(hs, hl)?;
+                let out: CudaSlice<$t> = unsafe { dev.alloc::<$t>(count)? };
+                let f = function(dev, $name, 0)?;
+                let (r, i) = (rows as i64, inner as i32);
+                let mut l = stream.launch_builder(&f);
+                l.arg(&h).arg(&out).arg(&r).arg(&i);
+                // SAFETY: matches geglu_*'s signature (grid-stride loop over rows * inner).
+                unsafe { l.launch(cfg(grid, 256, 0)) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match hs.dtype() {
+            DType::F16 => run!(f16, "geglu_f16"),
+            DType::F32 => run!(f32, "geglu_f32"),
+            other => bail!("sdserve geglu: unsupported dtype {other:?}"),
+        };
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
+    if !float_dtype(h) || h.rank() == 0 || h.elem_count() == 0 {
+        return Ok(None);
+    }
+    let last = h.dims()[h.rank() - 1];
+    if !last.is_multiple_of(2) {
+        return Ok(None);
+    }
+    h.contiguous()?.apply_op1_no_bwd(&Geglu).map(Some)
+}
+
+// ------------------------------------------------------------------------------- bias (+ residual)
+
+struct BiasAdd {
+    inner: usize,
+}
+
+impl BiasAdd {
+    fn run(
+        &self,
+        ys: &CudaStorage,
+        yl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+        res: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = ys.device();
+        let n = yl.shape().elem_count();
+        let bias_len = bl.shape().elem_count();
+        let stream = dev.cuda_stream();
+        let grid = (n.div_ceil(256).min(1 << 20) as u32, 1);
+        macro_rules! run {
+            ($t:ty, $name:expr) => {{
+                let y = view::<$t>(ys, yl)?;
+                let b = view::<$t>(bs, bl)?;
+                let r = match res {
+                    Some((rs, rl)) => Some(view::<$t>(rs, rl)?),
+                    None => None,
+                };
+                let out: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
+                let f = function(dev, $name, 0)?;
+                let (n64, inner, blen, null) = (n as i64, self.inner as i64, bias_len as i64, 0u64);
+                let mut l = stream.launch_builder(&f);
+                l.arg(&y).arg(&b);
+                match &r {
+                    Some(r) => l.arg(r),
+                    None => l.arg(&null),
+                };
+                l.arg(&out).arg(&n64).arg(&inner).arg(&blen);
+                // SAFETY: matches bias_add_*'s signature; a null residual is skipped.
+                unsafe { l.launch(cfg(grid, 256, 0)) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match ys.dtype() {
+            DType::F16 => run!(f16, "bias_add_f16"),
+            DType::F32 => run!(f32, "bias_add_f32"),
+            other => bail!("sdserve bias_add: unsupported dtype {other:?}"),
+        };
+        Ok((out, yl.shape().clone()))
+    }
+}
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "sdserve-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu("sdserve-bias-add")
+    }
+
+    fn cuda_fwd(
+        &self,
+        ys: &CudaStorage,
+        yl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run(ys, yl, bs, bl, None)
+    }
+}
+
+impl CustomOp3 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "sdserve-bias-add-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        not_on_cpu("sdserve-bias-add")
+    }
+
+    fn cuda_fwd(
+        &self,
+        ys: &CudaStorage,
+        yl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run(ys, yl, bs, bl, Some((rs, rl)))
+    }
+}
+
+pub fn bias_add(
+    y: &Tensor,
+    bias: &Tensor,
+    inner: usize,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let n = y.elem_count();
+    let blen = bias.elem_count();
+    if !float_dtype(y) || bias.dtype() != y.dtype() || n == 0 || inner == 0 || blen == 0 {
+        return Ok(None);
+    }
+    // The bias must repeat exactly: n = outer * blen * inner.
+    if !n.is_multiple_of(blen * inner) {
+        return Ok(None);
+    }
+    if let Some(r) = residual {
+        if r.dims() != y.dims() || r.dtype() != y.dtype() {
+            return Ok(None);
+        }
+    }
+    let op = BiasAdd { inner };
+    let (y, b) = (y.contiguous()?, bias.flatten_all()?.contiguous()?);
+    match residual {
+        Some(r) => y.apply_op3_no_bwd(&b, &r.contiguous()?, &op),
+        None => y.apply_op2_no_bwd(&b, &op),
+    }
+    .map(Some)
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

@@ -1,0 +1,443 @@
+// sdserve's own CUDA kernels, compiled at run time by NVRTC for the device's compute capability
+// (kernels/cuda/mod.rs). No #include: NVRTC's built-in declarations (math, warp shuffles) and
+// inline PTX are enough, so no CUDA headers are needed where sdserve runs.
+//
+// Storage is f16 ("half", passed as unsigned short) or f32; arithmetic is f32 everywhere
+// (accumulators, statistics, softmax). On sm_80+ the attention's two products run on tensor
+// cores (mma.sync m16n8k16, f16 operands, f32 accumulators); below sm_80 (Pascal, Volta, Turing)
+// a CUDA-core kernel does the same in f32.
+
+typedef unsigned short half_t;
+
+__device__ __forceinline__ float h2f(half_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ half_t f2h(float f) {
+    half_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+    return (unsigned int)f2h(lo) | ((unsigned int)f2h(hi) << 16);
+}
+
+__device__ __forceinline__ float load_f(const float *p, long i) { return p[i]; }
+__device__ __forceinline__ float load_f(const half_t *p, long i) { return h2f(p[i]); }
+__device__ __forceinline__ void store_f(float *p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_f(half_t *p, long i, float v) { p[i] = f2h(v); }
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v, float *scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read from a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < warps ? scratch[lane] : 0.f;
+    return warp_sum(t);
+}
+
+// ------------------------------------------------------------------------------- group norm
+// x, y: [batch, channels, spatial] contiguous; one block per (batch, group). Two passes over the
+// group for mean and centred variance (as torch), a third normalises, applies the f32 affine
+// and optionally SiLU.
+template <typename T>
+__device__ void group_norm(const T *x, T *y, const float *w, const float *b, int channels,
+                           int spatial, int groups, float eps, int silu) {
+    __shared__ float scratch[32];
+    int bg = blockIdx.x, g = bg % groups;
+    int cg = channels / groups;
+    long n = (long)cg * spatial;
+    const T *xg = x + (long)bg * n;
+    T *yg = y + (long)bg * n;
+    float s = 0.f;
+    for (long i = threadIdx.x; i < n; i += blockDim.x) s += load_f(xg, i);
+    float mean = block_sum(s, scratch) / (float)n;
+    float q = 0.f;
+    for (long i = threadIdx.x; i < n; i += blockDim.x) {
+        float d = load_f(xg, i) - mean;
+        q += d * d;
+    }
+    float rstd = rsqrtf(block_sum(q, scratch) / (float)n + eps);
+    for (long i = threadIdx.x; i < n; i += blockDim.x) {
+        int c = g * cg + (int)(i / spatial);
+        float v = (load_f(xg, i) - mean) * rstd * w[c] + b[c];
+        if (silu) v = v / (1.f + __expf(-v));
+        store_f(yg, i, v);
+    }
+}
+
+extern "C" __global__ void group_norm_f16(const half_t *x, half_t *y, const float *w,
+                                          const float *b, int channels, int spatial, int groups,
+                                          float eps, int silu) {
+    group_norm(x, y, w, b, channels, spatial, groups, eps, silu);
+}
+extern "C" __global__ void group_norm_f32(const float *x, float *y, const float *w,
+                                          const float *b, int channels, int spatial, int groups,
+                                          float eps, int silu) {
+    group_norm(x, y, w, b, channels, spatial, groups, eps, silu);
+}
+
+// ------------------------------------------------------------------------------- layer norm
+// x, y: [rows, dim] contiguous; one warp per row, two passes (mean, centred variance).
+template <typename T>
+__device__ void layer_norm(const T *x, T *y, const float *w, const float *b, int rows, int dim,
+                           float eps) {
+    int warps = blockDim.x >> 5;
+    int row = blockIdx.x * warps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T *xr = x + (long)row * dim;
+    T *yr = y + (long)row * dim;
+    float s = 0.f;
+    for (int i = lane; i < dim; i += 32) s += load_f(xr, i);
+    float mean = warp_sum(s) / (float)dim;
+    float q = 0.f;
+    for (int i = lane; i < dim; i += 32) {
+        float d = load_f(xr, i) - mean;
+        q += d * d;
+    }
+    float rstd = rsqrtf(warp_sum(q) / (float)dim + eps);
+    for (int i = lane; i < dim; i += 32) store_f(yr, i, (load_f(xr, i) - mean) * rstd * w[i] + b[i]);
+}
+
+extern "C" __global__ void layer_norm_f16(const half_t *x, half_t *y, const float *w,
+                                          const float *b, int rows, int dim, float eps) {
+    layer_norm(x, y, w, b, rows, dim, eps);
+}
+extern "C" __global__ void layer_norm_f32(const float *x, float *y, const float *w,
+                                          const float *b, int rows, int dim, float eps) {
+    layer_norm(x, y, w, b, rows, dim, eps);
+}
+
+// ------------------------------------------------------------------------------- GEGLU
+// h: [rows, 2 * inner], y: [rows, inner]; y = h[:, :inner] * gelu_erf(h[:, inner:]) in f32.
+template <typename T>
+__device__ void geglu(const T *h, T *y, long rows, int inner) {
+    long n = rows * inner;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        long r = i / inner;
+        int c = (int)(i - r * inner);
+        float a = load_f(h, r * 2 * inner + c);
+        float g = load_f(h, r * 2 * inner + inner + c);
+        store_f(y, i, a * 0.5f * g * (1.f + erff(g * 0.70710678118654752f)));
+    }
+}
+
+extern "C" __global__ void geglu_f16(const half_t *h, half_t *y, long rows, int inner) {
+    geglu(h, y, rows, inner);
+}
+extern "C" __global__ void geglu_f32(const float *h, float *y, long rows, int inner) {
+    geglu(h, y, rows, inner);
+}
+
+// ------------------------------------------------------------------------------- attention
+// softmax(q k^T * scale) v per (batch, head), flash style: the scores never leave the chip.
+// q: [B, N, H*D], k, v: [B, M, H*D], out: [B, N, H*D], all contiguous f16 (the layout the q/k/v
+// projections produce, so no head split or merge copies). Grid: (ceil(N / rows per block), B*H).
+
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void mma16816(float *c, const unsigned int *a, unsigned int b0,
+                                         unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 4 warps, 16 query rows each; keys in tiles of 64. D is the head dim (a multiple of 8), DP it
+// rounded up to 16 (the k step of the q.k product). Fragment layouts are those of PTX's
+// mma.m16n8k16: lane = 4 * g + t; A rows g and g + 8, columns 2t, 2t+1 (+8); B column g, rows
+// 2t, 2t+1 (+8); C rows g and g + 8, columns 2t, 2t+1. The score tile's C fragments are the
+// A fragments of the p.v product, so probabilities stay in registers.
+#define FA_ROWS 64
+#define FA_KEYS 64
+template <int D>
+__device__ void flash_mma(const half_t *q, const half_t *k, const half_t *v, half_t *out, int N,
+                          int M, int H, float scale_log2) {
+    constexpr int DP = (D + 15) / 16 * 16;
+    constexpr int KS = DP + 8;       // row stride of Qs/Ks (halves): 16-byte pad against bank conflicts
+    constexpr int VS = FA_KEYS + 8;  // row stride of Vt (transposed V)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    half_t *Qs = (half_t *)smem_raw;
+    half_t *Ks = Qs + FA_ROWS * KS;
+    half_t *Vt = Ks + FA_KEYS * KS;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const long row_stride = (long)H * D;
+    const int r0 = blockIdx.x * FA_ROWS;
+    const half_t *qb = q + (long)b * N * row_stride + (long)h * D;
+    const half_t *kb = k + (long)b * M * row_stride + (long)h * D;
+    const half_t *vb = v + (long)b * M * row_stride + (long)h * D;
+
+    // Q tile (zero rows past N and columns past D), as 32-bit words.
+    for (int i = threadIdx.x; i < FA_ROWS * (DP / 2); i += blockDim.x) {
+        int r = i / (DP / 2), c = (i % (DP / 2)) * 2;
+        unsigned int val = 0;
+        if (r0 + r < N && c < D) val = *(const unsigned int *)(qb + (long)(r0 + r) * row_stride + c);
+        *(unsigned int *)(Qs + r * KS + c) = val;
+    }
+    __syncthreads();
+    unsigned int qf[DP / 16][4];
+    const half_t *qw = Qs + warp * 16 * KS;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        qf[kk][0] = *(const unsigned int *)(qw + g * KS + kk * 16 + 2 * t);
+        qf[kk][1] = *(const unsigned int *)(qw + (g + 8) * KS + kk * 16 + 2 * t);
+        qf[kk][2] = *(const unsigned int *)(qw + g * KS + kk * 16 + 2 * t + 8);
+        qf[kk][3] = *(const unsigned int *)(qw + (g + 8) * KS + kk * 16 + 2 * t + 8);
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.f, l_hi = 0.f;
+
+    for (int j0 = 0; j0 < M; j0 += FA_KEYS) {
+        __syncthreads();  // the previous tile's K and V are no longer read
+        for (int i = threadIdx.x; i < FA_KEYS * (DP / 2); i += blockDim.x) {
+            int r = i / (DP / 2), c = (i % (DP / 2)) * 2;
+            unsigned int kv = 0, vv = 0;
+            if (j0 + r < M && c < D) {
+                kv = *(const unsigned int *)(kb + (long)(j0 + r) * row_stride + c);
+                vv = *(const unsigned int *)(vb + (long)(j0 + r) * row_stride + c);
+            }
+            *(unsigned int *)(Ks + r * KS + c) = kv;
+            if (c < D) {
+                Vt[c * VS + r] = (half_t)(vv & 0xffff);
+                Vt[(c + 1) * VS + r] = (half_t)(vv >> 16);
+            }
+        }
+        __syncthreads();
+
+        // s = q k^T for this warp's 16 rows and the tile's 64 keys.
+        float s[FA_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const half_t *kr = Ks + (nt * 8 + g) * KS + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < DP / 16; kk++) {
+                unsigned int b0 = *(const unsigned int *)(kr + kk * 16);
+                unsigned int b1 = *(const unsigned int *)(kr + kk * 16 + 8);
+                mma16816(s[nt], qf[kk], b0, b1);
+            }
+        }
+        // Online softmax in base 2, rows g (c0, c1) and g + 8 (c2, c3).
+        float mx_lo = neg_inf(), mx_hi = neg_inf();
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            int key = j0 + nt * 8 + 2 * t;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                bool valid = key + (e & 1) < M;
+                s[nt][e] = valid ? s[nt][e] * scale_log2 : neg_inf();
+            }
+            mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+        }
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        float a_lo = exp2f(m_lo - mn_lo), a_hi = exp2f(m_hi - mn_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            s[nt][0] = exp2f(s[nt][0] - mn_lo);
+            s[nt][1] = exp2f(s[nt][1] - mn_lo);
+            s[nt][2] = exp2f(s[nt][2] - mn_hi);
+            s[nt][3] = exp2f(s[nt][3] - mn_hi);
+            sum_lo += s[nt][0] + s[nt][1];
+            sum_hi += s[nt][2] + s[nt][3];
+        }
+        l_lo = l_lo * a_lo + sum_lo;  // per-lane partial sums, reduced over the quad at the end
+        l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= a_lo;
+            o[i][1] *= a_lo;
+            o[i][2] *= a_hi;
+            o[i][3] *= a_hi;
+        }
+        // o += p v: p (f16) from the score fragments, v^T from shared memory.
+#pragma unroll
+        for (int kk = 0; kk < FA_KEYS / 16; kk++) {
+            unsigned int pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                const half_t *vr = Vt + (i * 8 + g) * VS + kk * 16 + 2 * t;
+                mma16816(o[i], pa, *(const unsigned int *)vr, *(const unsigned int *)(vr + 8));
+            }
+        }
+    }
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+    int row_lo = r0 + warp * 16 + g, row_hi = row_lo + 8;
+    half_t *ob = out + (long)b * N * row_stride + (long)h * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        int c = i * 8 + 2 * t;
+        if (row_lo < N)
+            *(unsigned int *)(ob + (long)row_lo * row_stride + c) = pack2(o[i][0] * inv_lo, o[i][1] * inv_lo);
+        if (row_hi < N)
+            *(unsigned int *)(ob + (long)row_hi * row_stride + c) = pack2(o[i][2] * inv_hi, o[i][3] * inv_hi);
+    }
+}
+#endif
+
+// CUDA-core version for every architecture (the only one below sm_80): one warp per query row
+// at a time, lanes over the tile's 32 keys for the scores and over head dims for p v, in f32.
+#define FS_KEYS 32
+#define FS_WARPS 4
+#define FS_ROWS_PER_WARP 4
+template <int D>
+__device__ void flash_simt(const half_t *q, const half_t *k, const half_t *v, half_t *out, int N,
+                           int M, int H, float scale_log2) {
+    constexpr int KS = D + 2;  // odd number of 32-bit words per row: conflict-free column reads
+    constexpr int DL = (D + 31) / 32;  // head dims per lane
+    constexpr int RB = FS_WARPS * FS_ROWS_PER_WARP;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float *Qs = (float *)smem_raw;            // [RB][D]
+    half_t *Ks = (half_t *)(Qs + RB * D);     // [FS_KEYS][KS]
+    half_t *Vs = Ks + FS_KEYS * KS;           // [FS_KEYS][KS]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const long row_stride = (long)H * D;
+    const int r0 = blockIdx.x * RB;
+    const half_t *qb = q + (long)b * N * row_stride + (long)h * D;
+    const half_t *kb = k + (long)b * M * row_stride + (long)h * D;
+    const half_t *vb = v + (long)b * M * row_stride + (long)h * D;
+    for (int i = threadIdx.x; i < RB * D; i += blockDim.x) {
+        int r = i / D, c = i % D;
+        Qs[i] = r0 + r < N ? h2f(qb[(long)(r0 + r) * row_stride + c]) : 0.f;
+    }
+    float m[FS_ROWS_PER_WARP], l[FS_ROWS_PER_WARP], o[FS_ROWS_PER_WARP][DL];
+#pragma unroll
+    for (int r = 0; r < FS_ROWS_PER_WARP; r++) {
+        m[r] = neg_inf();
+        l[r] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DL; i++) o[r][i] = 0.f;
+    }
+    for (int j0 = 0; j0 < M; j0 += FS_KEYS) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FS_KEYS * D; i += blockDim.x) {
+            int r = i / D, c = i % D;
+            bool ok = j0 + r < M;
+            Ks[r * KS + c] = ok ? kb[(long)(j0 + r) * row_stride + c] : (half_t)0;
+            Vs[r * KS + c] = ok ? vb[(long)(j0 + r) * row_stride + c] : (half_t)0;
+        }
+        __syncthreads();
+        bool key_ok = j0 + lane < M;
+#pragma unroll
+        for (int r = 0; r < FS_ROWS_PER_WARP; r++) {
+            const float *qr = Qs + (warp * FS_ROWS_PER_WARP + r) * D;
+            const half_t *kr = Ks + lane * KS;
+            float s = 0.f;
+#pragma unroll 8
+            for (int c = 0; c < D; c++) s += qr[c] * h2f(kr[c]);
+            s = key_ok ? s * scale_log2 : neg_inf();
+            float mn = fmaxf(m[r], warp_max(s));
+            float a = exp2f(m[r] - mn);
+            float p = exp2f(s - mn);
+            l[r] = l[r] * a + warp_sum(p);
+            m[r] = mn;
+#pragma unroll
+            for (int i = 0; i < DL; i++) o[r][i] *= a;
+            for (int j = 0; j < FS_KEYS; j++) {
+                float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+                for (int i = 0; i < DL; i++) {
+                    int c = lane + 32 * i;
+                    if (c < D) o[r][i] += pj * h2f(Vs[j * KS + c]);
+                }
+            }
+        }
+    }
+    half_t *ob = out + (long)b * N * row_stride + (long)h * D;
+#pragma unroll
+    for (int r = 0; r < FS_ROWS_PER_WARP; r++) {
+        int row = r0 + warp * FS_ROWS_PER_WARP + r;
+        if (row >= N) continue;
+        float inv = 1.f / l[r];
+#pragma unroll
+        for (int i = 0; i < DL; i++) {
+            int c = lane + 32 * i;
+            if (c < D) ob[(long)row * row_stride + c] = f2h(o[r][i] * inv);
+        }
+    }
+}
+
+#define FLASH_ENTRY(D)                                                                             \
+    extern "C" __global__ void flash_simt_d##D(const half_t *q, const half_t *k, const half_t *v,  \
+                                               half_t *out, int N, int M, int H, float sl2) {      \
+        flash_simt<D>(q, k, v, out, N, M, H, sl2);                                                 \
+    }
+FLASH_ENTRY(32)
+FLASH_ENTRY(40)
+FLASH_ENTRY(64)
+FLASH_ENTRY(80)
+FLASH_ENTRY(128)
+FLASH_ENTRY(160)
+
+#if __CUDA_ARCH__ >= 800
+#define FLASH_MMA_ENTRY(D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) flash_mma_d##D(                             \
+        const half_t *q, const half_t *k, const half_t *v, half_t *out, int N, int M, int H,      \
+        float sl2) {                                                                               \
+        flash_mma<D>(q, k, v, out, N, M, H, sl2);                                                  \
+    }
+FLASH_MMA_ENTRY(32)
+FLASH_MMA_ENTRY(40)
+FLASH_MMA_ENTRY(64)
+FLASH_MMA_ENTRY(80)
+FLASH_MMA_ENTRY(128)
+FLASH_MMA_ENTRY(160)
+#endif
+
+// ------------------------------------------------------------------------------- bias (+ residual)
+// out[i] = y[i] + bias[(i / inner) % bias_len] (+ res[i]), in f32: a linear layer's bias
+// (inner 1), a convolution's (inner = H*W), ResNet's time embedding per (batch, channel).
+template <typename T>
+__device__ void bias_add(const T *y, const T *bias, const T *res, T *out, long n, long inner,
+                         long bias_len) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        float v = load_f(y, i) + load_f(bias, (i / inner) % bias_len);
+        if (res) v += load_f(res, i);
+        store_f(out, i, v);
+    }
+}
+
+extern "C" __global__ void bias_add_f16(const half_t *y, const half_t *bias, const half_t *res,
+                                        half_t *out, long n, long inner, long bias_len) {
+    bias_add(y, bias, res, out, n, inner, bias_len);
+}
+extern "C" __global__ void bias_add_f32(const float *y, const float *bias, const float *res,
+                                        float *out, long n, long inner, long bias_len) {
+    bias_add(y, bias, res, out, n, inner, bias_len);
+}

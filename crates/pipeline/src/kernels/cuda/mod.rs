@@ -1,0 +1,248 @@
+//! sdserve's own CUDA kernels for the hot spots candle composes from many small ops, and the
+//! device settings that take the host out of the way (docs/GPU.md, "Kernels").
+//!
+//! - [`attention`]: flash-style attention straight from the q/k/v projections' `[B, N, H*D]`
+//!   layout (no head split/merge copies); the scores never reach device memory. f16 in and out,
+//!   f32 accumulation and softmax; tensor cores (`mma.sync` m16n8k16) on sm_80+, CUDA cores below.
+//! - [`group_norm`] (+ SiLU), [`layer_norm`], [`geglu`]: one pass each, f32 statistics, f16 or
+//!   f32 storage, f32 affine parameters (candle: 8-13 ops with f32 casts each).
+//! - [`bias_add`]: a bias (and a residual) added in one pass after a GEMM or convolution.
+//! - [`conv2d`]: cuDNN convolutions with descriptors and algorithm cached per shape, f16 data
+//!   accumulated in f32 (candle: new descriptors per call, half-precision accumulation).
+//! - [`prepare_device`]: no CUDA events per allocation, a memory pool that keeps freed memory.
+//!
+//! The kernels (kernels.cu) are compiled by NVRTC when first used, for the device's compute
+//! capability (`SDSERVE_CUDA_KERNEL_ARCH=75` forces an older target, e.g. to run the pre-Ampere
+//! code path on a newer GPU); `SDSERVE_CUDA_KERNELS=none` or a comma list of
+//! `attention,group_norm,layer_norm,geglu,bias_add,conv` chooses which ones replace candle's ops (default all),
+//! for A/B measurements. Every front end returns `Ok(None)` when it does not apply (CPU tensors,
+//! other dtypes or shapes, a build without CUDA), and the caller keeps its generic path.
+
+use candle_core::{Device, Result, Tensor};
+
+#[cfg(feature = "cuda")]
+mod conv;
+#[cfg(feature = "cuda-core")]
+mod imp;
+
+/// A kernel that [`enabled`] can switch off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Attention,
+    GroupNorm,
+    LayerNorm,
+    Geglu,
+    BiasAdd,
+    Conv,
+}
+
+impl Kernel {
+    const ALL: [Kernel; 6] = [
+        Kernel::Attention,
+        Kernel::GroupNorm,
+        Kernel::LayerNorm,
+        Kernel::Geglu,
+        Kernel::BiasAdd,
+        Kernel::Conv,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Attention => "attention",
+            Kernel::GroupNorm => "group_norm",
+            Kernel::LayerNorm => "layer_norm",
+            Kernel::Geglu => "geglu",
+            Kernel::BiasAdd => "bias_add",
+            Kernel::Conv => "conv",
+        }
+    }
+}
+
+/// Which kernels `SDSERVE_CUDA_KERNELS` (`all` when unset, `none`, or a comma list) turns on.
+fn parse_enabled(spec: Option<&str>) -> Vec<Kernel> {
+    match spec.map(str::trim) {
+        None | Some("") | Some("all") => Kernel::ALL.to_vec(),
+        Some(list) => Kernel::ALL
+            .into_iter()
+            .filter(|k| list.split(',').any(|s| s.trim() == k.name()))
+            .collect(),
+    }
+}
+
+/// Whether `k` replaces candle's ops in this process.
+pub fn enabled(k: Kernel) -> bool {
+    static ON: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
+    ON.get_or_init(|| parse_enabled(std::env::var("SDSERVE_CUDA_KERNELS").ok().as_deref()))
+        .contains(&k)
+}
+
+/// Device settings for speed, applied once right after the device is opened (before the model
+/// is loaded): no CUDA event pair per allocation (candle uses a single stream, so cudarc's
+/// cross-stream tracking only costs two driver calls per op), and a memory-pool release
+/// threshold so that freed blocks are reused instead of going back to the driver at every
+/// synchronisation (a caching allocator in effect; `memory::release_cached_memory` still trims
+/// the pool between requests). `SDSERVE_CUDA_EVENT_TRACKING=1` and `SDSERVE_CUDA_POOL_KEEP_MB=0`
+/// restore candle's defaults for A/B runs. A no-op on the CPU.
+pub fn prepare_device(device: &Device) {
+    #[cfg(feature = "cuda-core")]
+    imp::prepare_device(device);
+    #[cfg(not(feature = "cuda-core"))]
+    let _ = device;
+}
+
+/// `softmax(q k^T * scale) v` over `[B, N, heads*D]` queries and `[B, M, heads*D]` keys/values,
+/// returned as `[B, N, heads*D]` (heads merged): f16 CUDA tensors with a head dim of 32, 40, 64,
+/// 80, 128 or 160.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if q.device().is_cpu() || !enabled(Kernel::Attention) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    {
+        // SDSERVE_CUDA_ATTENTION=simt: the CUDA-core kernel on any GPU (A/B, pre-Ampere path).
+        static SIMT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let simt = *SIMT.get_or_init(|| {
+            std::env::var("SDSERVE_CUDA_ATTENTION").is_ok_and(|v| v.trim() == "simt")
+        });
+        let variant = if simt {
+            imp::Variant::Simt
+        } else {
+            imp::Variant::Auto
+        };
+        imp::attention(q, k, v, heads, scale, variant)
+    }
+    #[cfg(not(feature = "cuda-core"))]
+    {
+        let _ = (k, v, heads, scale);
+        Ok(None)
+    }
+}
+
+/// `act(group_norm(x) * weight + bias)` over `[B, C, ...]` (f16 or f32 CUDA), statistics in
+/// f32, `weight`/`bias` f32; `silu` picks the activation (identity otherwise).
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    if x.device().is_cpu() || !enabled(Kernel::GroupNorm) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    return imp::group_norm(x, groups, weight, bias, eps, silu);
+    #[cfg(not(feature = "cuda-core"))]
+    {
+        let _ = (groups, weight, bias, eps, silu);
+        Ok(None)
+    }
+}
+
+/// LayerNorm over the last dim (f16 or f32 CUDA), statistics in f32, `weight`/`bias` f32.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if x.device().is_cpu() || !enabled(Kernel::LayerNorm) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    return imp::layer_norm(x, weight, bias, eps);
+    #[cfg(not(feature = "cuda-core"))]
+    {
+        let _ = (weight, bias, eps);
+        Ok(None)
+    }
+}
+
+/// GEGLU over the last dim: `h[.., :inner] * gelu_erf(h[.., inner:])` (f16 or f32 CUDA, f32
+/// arithmetic).
+pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
+    if h.device().is_cpu() || !enabled(Kernel::Geglu) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    return imp::geglu(h);
+    #[cfg(not(feature = "cuda-core"))]
+    Ok(None)
+}
+
+/// `y + bias (+ residual)` with `bias` repeating every `inner` elements of `y` and cycling over
+/// its length: a linear layer's bias (`inner` 1), a convolution's (`inner` = H*W), a per
+/// (batch, channel) bias over `[B, C, H, W]` (`inner` = H*W, `bias` of B*C). One pass in f32
+/// instead of candle's broadcast add (which also uploads the broadcast strides each call).
+pub fn bias_add(
+    y: &Tensor,
+    bias: &Tensor,
+    inner: usize,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if y.device().is_cpu() || !enabled(Kernel::BiasAdd) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    return imp::bias_add(y, bias, inner, residual);
+    #[cfg(not(feature = "cuda-core"))]
+    {
+        let _ = (bias, inner, residual);
+        Ok(None)
+    }
+}
+
+/// `conv2d(x, weight)` through cuDNN with a per-shape plan (kernels/cuda/conv.rs) for f16/f32
+/// NCHW CUDA tensors; `None` elsewhere, without cuDNN (`cuda-core`), or when
+/// `SDSERVE_CUDNN_ALGO` asks for candle's own path with a fixed algorithm.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Option<Tensor>> {
+    if x.device().is_cpu() || !enabled(Kernel::Conv) {
+        return Ok(None);
+    }
+    if std::env::var("SDSERVE_CUDNN_ALGO").is_ok_and(|v| !v.is_empty()) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return conv::conv2d(x, weight, stride, padding);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (weight, stride, padding);
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_switch_parses_lists() {
+        assert_eq!(parse_enabled(None), Kernel::ALL.to_vec());
+        assert_eq!(parse_enabled(Some("all")), Kernel::ALL.to_vec());
+        assert!(parse_enabled(Some("none")).is_empty());
+        assert_eq!(
+            parse_enabled(Some("geglu, attention")),
+            vec![Kernel::Attention, Kernel::Geglu]
+        );
+    }
+
+    #[test]
+    fn cpu_tensors_are_left_to_the_cpu_kernels() -> Result<()> {
+        let x = Tensor::ones((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+        let w = Tensor::ones(4, candle_core::DType::F32, &Device::Cpu)?;
+        assert!(group_norm(&x, 2, &w, &w, 1e-5, true)?.is_none());
+        assert!(layer_norm(&x, &w.narrow(0, 0, 2)?, &w.narrow(0, 0, 2)?, 1e-5)?.is_none());
+        assert!(geglu(&x)?.is_none());
+        let q = Tensor::ones((1, 3, 64), candle_core::DType::F32, &Device::Cpu)?;
+        assert!(attention(&q, &q, &q, 2, 0.1)?.is_none());
+        prepare_device(&Device::Cpu);
+        Ok(())
+    }
+}
