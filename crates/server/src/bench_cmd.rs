@@ -49,8 +49,13 @@ pub struct BenchArgs {
 struct Run {
     seed: u64,
     wall_s: f64,
+    /// CPU time of the whole process over the generation (user + system, all threads; Linux).
+    cpu_s: Option<f64>,
     /// Median seconds per denoising step (the device synchronised at every step).
     step_median_s: f64,
+    /// Median seconds the host took to issue a step's work (the rest of the step is waiting
+    /// for the device): equal to `step_median_s` when the host is the bottleneck.
+    step_issue_median_s: f64,
     /// Driver: highest device memory in use (whole device) sampled during the run, MiB.
     peak_used_mb: Option<f64>,
     /// Our allocations' exact high-water mark (the stream-ordered pool), MiB.
@@ -66,6 +71,7 @@ struct Case {
     runs: Vec<Run>,
     wall_median_s: f64,
     step_median_s: f64,
+    step_issue_median_s: f64,
     peak_used_max_mb: Option<f64>,
     pool_peak_max_mb: Option<f64>,
 }
@@ -94,6 +100,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// User + system CPU seconds of this process so far, from /proc/self/stat (Linux; 100 Hz ticks).
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -162,20 +178,30 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                     guidance_scale: a.guidance_scale,
                     scheduler: Some(scheduler),
                 };
+                let cpu_start = process_cpu_s();
                 let started = Instant::now();
                 let mut last = started;
-                let mut step_s = Vec::new();
+                let (mut step_s, mut issue_s) = (Vec::new(), Vec::new());
                 let img = sd
                     .generate(&params, &mut |_p: StepProgress| {
+                        // The host has issued the step; the wait below is the device catching up
+                        // (near zero when the host is the bottleneck).
+                        let issued = Instant::now();
                         // Without it the timer would see the host enqueueing, not the device working.
                         let _ = device.synchronize();
                         let now = Instant::now();
                         step_s.push(now.duration_since(last).as_secs_f64());
+                        issue_s.push(issued.duration_since(last).as_secs_f64());
                         last = now;
                         ControlFlow::Continue(())
                     })
                     .map_err(|e| format!("{size}x{size} {}: {e}", scheduler.name()))?;
                 let wall_s = started.elapsed().as_secs_f64();
+                let cpu_s = match (cpu_start, process_cpu_s()) {
+                    (Some(a), Some(b)) => Some(b - a),
+                    _ => None,
+                };
+                let issue_steady = issue_s.get(1..).unwrap_or(&issue_s).to_vec();
                 // The first step also pays for the prompt encoding and latents.
                 let steady = if step_s.len() > 1 {
                     step_s[1..].to_vec()
@@ -186,16 +212,20 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 let run = Run {
                     seed,
                     wall_s,
+                    cpu_s,
                     step_median_s: median(steady),
+                    step_issue_median_s: median(issue_steady),
                     peak_used_mb: usage.map(|u| mib(u.peak_used_bytes)),
                     pool_peak_mb: usage.and_then(|u| u.pool_peak_bytes).map(mib),
                     start_used_mb: usage.map(|u| mib(u.start_used_bytes)),
                     end_used_mb: usage.map(|u| mib(u.end_used_bytes)),
                 };
                 eprintln!(
-                    "{size}x{size} {} seed {seed}: {wall_s:.3}s, {:.4}s/step, peak {:?} MiB, pool peak {:?} MiB",
+                    "{size}x{size} {} seed {seed}: {wall_s:.3}s (cpu {:?}s), {:.4}s/step ({:.4}s issuing), peak {:?} MiB, pool peak {:?} MiB",
                     scheduler.name(),
+                    run.cpu_s,
                     run.step_median_s,
+                    run.step_issue_median_s,
                     run.peak_used_mb.map(|v| v.round()),
                     run.pool_peak_mb.map(|v| v.round()),
                 );
@@ -219,6 +249,7 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 scheduler: scheduler.name().to_string(),
                 wall_median_s: median(runs.iter().map(|r| r.wall_s).collect()),
                 step_median_s: median(runs.iter().map(|r| r.step_median_s).collect()),
+                step_issue_median_s: median(runs.iter().map(|r| r.step_issue_median_s).collect()),
                 peak_used_max_mb: max_of(|r| r.peak_used_mb),
                 pool_peak_max_mb: max_of(|r| r.pool_peak_mb),
                 runs,
