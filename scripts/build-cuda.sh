@@ -19,6 +19,8 @@
 #   BUNDLE_DIR              if set, copy the CUDA runtime libraries the binary needs there
 #                           (cudart, cublas, cublasLt, curand, nvrtc, cudnn; not libcuda)
 #   NO_CUDNN=1              build without cuDNN (candle's own conv kernels); e.g. old GPUs
+#   SDSERVE_CUDA_TESTS=1    also build the pipeline's unit tests with CUDA (the GPU kernel tests
+#                           of kernels/cuda) as <target dir>/release/pipeline-tests, to run on a GPU
 #   CARGO_BUILD_JOBS, PIP   as usual (PIP defaults to "python3 -m pip")
 set -euo pipefail
 
@@ -157,6 +159,16 @@ say "nvcc: $(nvcc --version | tail -1); compute cap $cap; target dir $CARGO_TARG
 (cd "$root" && cargo build --release -p sdserve --features "$features")
 bin=$CARGO_TARGET_DIR/release/sdserve
 say "built $bin"
+if [[ -n ${SDSERVE_CUDA_TESTS:-} ]]; then
+    # Same profile, flags and package set as the binary (so the same dependency features: a
+    # pipeline-only build would unify them differently and rebuild candle's kernels); only our
+    # crates are compiled again, in test mode.
+    tests=$(cd "$root" && cargo test --release --no-run --lib -p sdserve-pipeline -p sdserve \
+        --features "sdserve/$features" \
+        --message-format=json | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+    cp "$tests" "$CARGO_TARGET_DIR/release/pipeline-tests"
+    say "built $CARGO_TARGET_DIR/release/pipeline-tests (from $tests)"
+fi
 say "needs at run time: $(readelf -d "$bin" | awk '/NEEDED/ {gsub(/[][]/, "", $5); printf "%s ", $5}')"
 if [[ -n ${BUNDLE_DIR:-} ]]; then
     mkdir -p "$BUNDLE_DIR"

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# One measurement session on a lent GPU, prepared on a machine without one (docs/GPU.md,
+# "Measuring"). Everything it needs travels in one folder ($GPU_DIR, default .gpu), made by
+# tools/gpu_stage.sh:
+#   sdserve.xz          the sm90 CUDA binary (scripts/build-cuda.sh sm90), stripped, xz
+#   pipeline-tests.xz   the pipeline's unit tests built with --features cuda (GPU kernel tests)
+#   whl/                diffusers 0.42.1 (+ importlib_metadata) wheels
+#   tools/              make_random_sd15.py, bench_diffusers_gpu.py, api_schedulers.py,
+#                       compare_images.py, gpu_summary.py, ptx_check_gpu.py
+#   sm61/               sm_61 PTX from scripts/sm61-ptx.sh (optional)
+# and it writes, under $OUT: log.txt (everything), results.json (every stage's JSON, collected
+# by gpu_summary.py, which also prints the comparison table last), images.tar.gz (the PNGs).
+#
+#   OUT=/tmp/out tools/gpu_session.sh                  # on the GPU machine
+#   DRY_RUN=1 OUT=/tmp/out tools/gpu_session.sh        # here: tiny model, CPU, stub driver
+#   STAGES="tests ours_f16" tools/gpu_session.sh       # a subset (rerun what failed)
+#
+# Stages (in this order; each under its own timeout, a failure does not stop the next):
+#   setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 ablate pre_ampere algos sm61
+#   summary
+set -uo pipefail
+
+G=$(cd "${GPU_DIR:-.gpu}" && pwd)
+OUT=${OUT:-/tmp/sdserve-gpu-out}
+WORK=${WORK:-/tmp/sdserve-gpu}
+DRY=${DRY_RUN:-}
+STAGES=${STAGES:-setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 ablate pre_ampere algos sm61 summary}
+mkdir -p "$OUT" "$WORK/json" "$WORK/png"
+LOG=$OUT/log.txt
+exec > >(tee -a "$LOG") 2>&1
+T0=$(date +%s)
+
+say() { printf '[gpu-session +%ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+# run_stage NAME SECONDS CMD...: logs duration and exit status to $WORK/json/stages.tsv.
+run_stage() {
+    local name=$1 limit=$2 t rc
+    shift 2
+    say "stage $name (limit ${limit}s): $*"
+    t=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t))" >>"$WORK/json/stages.tsv"
+    say "stage $name: rc=$rc in $(($(date +%s) - t))s"
+    return $rc
+}
+
+# ---------------------------------------------------------------- environment
+if [[ -n $DRY ]]; then
+    # Here: the CUDA binary against the link stub (cuInit fails, so DEVICE=cpu paths only), the
+    # toolchain's libraries, the tiny test model, little work per stage.
+    tc=${SDSERVE_CUDA_TOOLCHAIN:-$HOME/.cache/sdserve-cuda/cu13}
+    mkdir -p "$WORK/stub"
+    ln -sf "$tc/link/libcuda.so" "$WORK/stub/libcuda.so.1"
+    export LD_LIBRARY_PATH=$WORK/stub:$tc/site/nvidia/cu13/lib:$tc/site/nvidia/cudnn/lib
+    PY=${PY:-/work/venv/ref/bin/python}
+    MODEL=${MODEL:-$(pwd)/crates/pipeline/tests/fixtures/tiny-b}
+    DEV=cpu SIZES=64 STEPS=3 REPEATS=1 SEEDS=1
+else
+    PY=${PY:-python3}
+    nv=$($PY -c "import nvidia, os; print(list(nvidia.__path__)[0])")
+    export LD_LIBRARY_PATH=$nv/cu13/lib:$nv/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    MODEL=$WORK/sd15
+    DEV=cuda SIZES=${SIZES:-512,768} STEPS=${STEPS:-20} REPEATS=${REPEATS:-3} SEEDS=${SEEDS:-1,2}
+fi
+export PYTHONUNBUFFERED=1 RUST_LOG=${RUST_LOG:-warn}
+BIN=$WORK/sdserve
+TESTS=$WORK/pipeline-tests
+J=$WORK/json
+
+if want setup; then
+    say "setup: $(uname -m), $(nproc) cores"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+    for f in sdserve pipeline-tests; do
+        if [[ -f $G/$f.xz ]]; then
+            $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+                "$G/$f.xz" "$WORK/$f" && chmod +x "$WORK/$f"
+        else
+            say "missing $G/$f.xz"
+        fi
+    done
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" "$G"/whl/*.whl || say "wheel install failed"
+    "$BIN" --version || say "sdserve does not start"
+fi
+export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+
+# ---------------------------------------------------------------- GPU kernel tests
+if want tests; then
+    filter=kernels::cuda
+    [[ -n $DRY ]] && filter=kernels::cuda::tests::kernel_switch  # no GPU here
+    run_stage tests 240 "$TESTS" "$filter" --test-threads=1 2>&1 | tee "$J/tests.txt"
+fi
+
+# ---------------------------------------------------------------- the random full-size model
+if want model && [[ -z $DRY ]] && [[ ! -f $MODEL/model_index.json ]]; then
+    run_stage model 300 $PY "$G/tools/make_random_sd15.py" "$MODEL" --no-check
+fi
+
+bench() { # bench NAME LIMIT [ENV=..] -- ARGS...: ours, JSON into $J/NAME.json
+    local name=$1 limit=$2
+    shift 2
+    local envs=()
+    while [[ $1 != -- ]]; do envs+=("$1"); shift; done
+    shift
+    run_stage "$name" "$limit" env "${envs[@]}" "$BIN" bench --model "$MODEL" --device "$DEV" \
+        --steps "$STEPS" "$@" >"$J/$name.json"
+}
+dbench() { # dbench NAME LIMIT [ENV=..] -- ARGS...: diffusers, JSON into $J/NAME.json
+    local name=$1 limit=$2
+    shift 2
+    local envs=()
+    while [[ $1 != -- ]]; do envs+=("$1"); shift; done
+    shift
+    if [[ -n $DRY ]]; then
+        say "dry run: would run diffusers: ${envs[*]} bench_diffusers_gpu.py $*"
+        $PY "$G/tools/bench_diffusers_gpu.py" --help >/dev/null || say "bench_diffusers_gpu.py broken"
+        return 0
+    fi
+    run_stage "$name" "$limit" env "${envs[@]}" $PY "$G/tools/bench_diffusers_gpu.py" \
+        --model "$MODEL" --steps "$STEPS" "$@" >"$J/$name.json"
+}
+
+# ---------------------------------------------------------------- measurements
+# f16 under the default 5 GB plan, 512 and 768: steps, whole images, peak memory, PNGs.
+if want ours_f16; then
+    bench ours_f16 240 X=1 -- --dtype f16 --vram-limit-mb 5120 --sizes "$SIZES" \
+        --repeats "$REPEATS" --seeds "$SEEDS" --png-dir "$WORK/png/ours_f16"
+fi
+if want diffusers_f16; then
+    dbench diffusers_f16 240 X=1 -- --dtype fp16 --sizes "$SIZES" --repeats "$REPEATS" \
+        --seeds "$SEEDS" --png-dir "$WORK/png/diffusers_f16"
+fi
+# The strict f32 reference (no TF32 on either side), 512: step time and reference images.
+if want diffusers_f32; then
+    dbench diffusers_f32 180 NVIDIA_TF32_OVERRIDE=0 -- --dtype fp32 --sizes "${SIZES%%,*}" \
+        --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/diffusers_f32"
+fi
+if want ours_f32; then
+    bench ours_f32 180 NVIDIA_TF32_OVERRIDE=0 -- --dtype f32 --vram-limit-mb 200000 \
+        --sizes "${SIZES%%,*}" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/ours_f32"
+fi
+# What each lever is worth (512, f16, default plan): every kernel off, each one off, the
+# host settings back to candle's defaults.
+if want ablate; then
+    one=${SIZES%%,*}
+    for v in "none:SDSERVE_CUDA_KERNELS=none" \
+        "no_attention:SDSERVE_CUDA_KERNELS=group_norm,layer_norm,geglu,bias_add,conv" \
+        "no_group_norm:SDSERVE_CUDA_KERNELS=attention,layer_norm,geglu,bias_add,conv" \
+        "no_layer_norm_geglu:SDSERVE_CUDA_KERNELS=attention,group_norm,bias_add,conv" \
+        "no_bias_add:SDSERVE_CUDA_KERNELS=attention,group_norm,layer_norm,geglu,conv" \
+        "no_conv:SDSERVE_CUDA_KERNELS=attention,group_norm,layer_norm,geglu,bias_add" \
+        "candle_host:SDSERVE_CUDA_EVENT_TRACKING=1 SDSERVE_CUDA_POOL_KEEP_MB=0"; do
+        # shellcheck disable=SC2086
+        bench "ablate_${v%%:*}" 120 ${v#*:} -- --dtype f16 --vram-limit-mb 5120 --sizes "$one" \
+            --repeats 2 --seeds 1
+    done
+fi
+# The pre-Ampere code path (CUDA-core attention, what a GTX 1060 runs): our kernels compiled
+# for compute_75 (the oldest NVRTC 13 targets) and JIT-compiled forward by the driver.
+if want pre_ampere; then
+    bench pre_ampere 150 SDSERVE_CUDA_KERNEL_ARCH=75 -- --dtype f16 --vram-limit-mb 5120 \
+        --sizes "${SIZES%%,*}" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/pre_ampere"
+fi
+
+# cuDNN's forward algorithm for the f16 convolutions (SDSERVE_CUDNN_ALGO; the default is
+# implicit precomputed GEMM, `heuristic` asks cuDNN on every call).
+if want algos; then
+    for a in heuristic implicit_gemm gemm winograd_nonfused fft_tiling; do
+        bench "algo_$a" 90 SDSERVE_CUDNN_ALGO=$a -- --dtype f16 --vram-limit-mb 5120 \
+            --sizes "${SIZES%%,*}" --repeats 1 --seeds 1
+    done
+fi
+# Pascal: candle's and our kernels as sm_61 PTX from clang (scripts/sm61-ptx.sh), loaded and
+# JIT-compiled forward here; ours run against NumPy.
+if want sm61 && [[ -d $G/sm61 ]]; then
+    if [[ -n $DRY ]]; then
+        say "dry run: would check $(ls "$G"/sm61/ | wc -l) PTX files with ptx_check_gpu.py"
+    else
+        run_stage sm61 180 $PY "$G/tools/ptx_check_gpu.py" "$G/sm61" >"$J/sm61_ptx.json"
+    fi
+fi
+
+# ---------------------------------------------------------------- images and summary
+if want summary; then
+    ref=$WORK/png/diffusers_f32
+    [[ -n $DRY ]] && ref=$WORK/png/ours_f32
+    for ours in ours_f16 ours_f32 pre_ampere diffusers_f16; do
+        [[ -d $WORK/png/$ours && -d $ref ]] || continue
+        $PY "$G/tools/compare_images.py" "$ref" "$WORK/png/$ours" --label "$ours-vs-$(basename "$ref")" \
+            >"$J/compare_$ours.json" || say "compare $ours failed"
+    done
+    tar -C "$WORK" -czf "$OUT/images.tar.gz" png 2>/dev/null
+    $PY "$G/tools/gpu_summary.py" "$J" >"$OUT/results.json.tmp" && mv "$OUT/results.json.tmp" "$OUT/results.json"
+    $PY "$G/tools/gpu_summary.py" "$J" --table
+fi
+say "done"

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Collects the JSON files a `tools/gpu_session.sh` run wrote (sdserve bench, bench_diffusers_gpu.py,
+compare_images.py, stage timings) into one object, and with --table prints the comparison that
+docs/GPU.md reports: ours against diffusers, side by side from the same run.
+
+    python3 tools/gpu_summary.py JSON_DIR [--table]
+"""
+
+import json
+import os
+import sys
+
+
+def load(d):
+    out = {}
+    for n in sorted(os.listdir(d)):
+        p = os.path.join(d, n)
+        if n.endswith(".json"):
+            try:
+                with open(p) as f:
+                    out[n[:-5]] = json.load(f)
+            except (OSError, ValueError) as e:
+                out[n[:-5]] = {"error": f"unreadable: {e}"}
+        elif n == "stages.tsv":
+            with open(p) as f:
+                out["stages"] = [dict(zip(("stage", "rc", "seconds"), l.rstrip("\n").split("\t")))
+                                 for l in f if l.strip()]
+        elif n == "tests.txt":
+            with open(p) as f:
+                out["tests"] = [l.rstrip() for l in f if "test " in l or "test result" in l]
+    return out
+
+
+def case(r, name, size, field):
+    for c in (r.get(name) or {}).get("cases", []):
+        if c.get("size") == size:
+            return c.get(field)
+    return None
+
+
+def table(r):
+    rows = []
+
+    def row(label, ours, theirs, unit="s"):
+        if ours is None and theirs is None:
+            return
+        ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
+        fmt = (lambda v: "-" if v is None else f"{v:.4f}") if unit == "s" else \
+            (lambda v: "-" if v is None else f"{v:.0f}")
+        rows.append(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+
+    for size in (512, 768):
+        row(f"UNet step with guidance, {size}, f16 (default 5 GB plan vs diffusers fp16 SDPA)",
+            case(r, "ours_f16", size, "step_median_s"), case(r, "diffusers_f16", size, "step_median_s"))
+    for size in (512, 768):
+        row(f"20-step {size}x{size} image, f16", case(r, "ours_f16", size, "wall_median_s"),
+            case(r, "diffusers_f16", size, "wall_median_s"))
+    row("f32 UNet step at 512 (no plan; diffusers fp32; no TF32)",
+        case(r, "ours_f32", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
+    for size in (512, 768):
+        row(f"peak device memory MiB, {size}, f16 (driver, context included)",
+            case(r, "ours_f16", size, "peak_used_max_mb"), case(r, "diffusers_f16", size, "peak_used_max_mb"),
+            unit="MiB")
+        row(f"pool peak MiB, {size}, f16 (our allocations / torch max_memory_allocated)",
+            case(r, "ours_f16", size, "pool_peak_max_mb"), case(r, "diffusers_f16", size, "pool_peak_max_mb"),
+            unit="MiB")
+    lines = ["| figure | ours | diffusers | ratio |", "|---|---|---|---|"] + rows
+    lines.append("")
+    lines.append("| images vs diffusers fp32 (512) | mean abs /255 (worst image) | max | > 8 |")
+    lines.append("|---|---|---|---|")
+    for k in ("ours_f16", "ours_f32", "pre_ampere", "diffusers_f16"):
+        c = r.get(f"compare_{k}")
+        if c and "worst" in c:
+            w = c["worst"]
+            lines.append(f"| {k} | {w['mean_abs']} | {w['max_abs']} | {w['frac_over_8']} |")
+    lines.append("")
+    lines.append("| 512 f16 step, default plan | s | vs all on |")
+    lines.append("|---|---|---|")
+    base = case(r, "ours_f16", 512, "step_median_s")
+    for k in sorted(r):
+        if k.startswith("ablate_") or k == "pre_ampere":
+            s = case(r, k, 512, "step_median_s")
+            rel = f"{s / base:.2f}x" if s and base else "-"
+            lines.append(f"| {k} | {s if s is None else round(s, 4)} | {rel} |")
+    lines.append("")
+    for s in r.get("stages", []):
+        lines.append(f"stage {s['stage']}: rc {s['rc']}, {s['seconds']} s")
+    for t in r.get("tests", []):
+        if "test result" in t or "FAILED" in t or "panicked" in t:
+            lines.append(t)
+    return "\n".join(lines)
+
+
+def main():
+    r = load(sys.argv[1])
+    if "--table" in sys.argv:
+        print(table(r))
+    else:
+        print(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()
