@@ -74,12 +74,15 @@ def table(r):
             w = c["worst"]
             lines.append(f"| {k} | {w['mean_abs']} | {w['max_abs']} | {w['frac_over_8']} |")
     lines.append("")
-    lines.append("| 512 f16 step, default plan | s | vs all on |")
+    # The ablations run at the first size of the session.
+    size = next((c["size"] for k in sorted(r) if k.startswith("ablate_")
+                 for c in (r[k] or {}).get("cases", [])), 512)
+    lines.append(f"| {size} f16 step, default plan | s | vs all on |")
     lines.append("|---|---|---|")
-    base = case(r, "ours_f16", 512, "step_median_s")
+    base = case(r, "ours_f16", size, "step_median_s")
     for k in sorted(r):
         if k.startswith("ablate_") or k == "pre_ampere":
-            s = case(r, k, 512, "step_median_s")
+            s = case(r, k, size, "step_median_s")
             rel = f"{s / base:.2f}x" if s and base else "-"
             lines.append(f"| {k} | {s if s is None else round(s, 4)} | {rel} |")
     lines.append("")
