@@ -201,7 +201,12 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                     (Some(a), Some(b)) => Some(b - a),
                     _ => None,
                 };
-                let issue_steady = issue_s.get(1..).unwrap_or(&issue_s).to_vec();
+                // As for the step times: the first step also pays for the prompt encoding.
+                let issue_steady = if issue_s.len() > 1 {
+                    issue_s[1..].to_vec()
+                } else {
+                    issue_s
+                };
                 // The first step also pays for the prompt encoding and latents.
                 let steady = if step_s.len() > 1 {
                     step_s[1..].to_vec()
