@@ -126,7 +126,7 @@ fn job_timestamp() -> String {
 }
 
 #[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "a1111", request_body = schema::A1111Request,
-    responses((status = 200, body = schema::A1111Response), (status = 422, description = "A field breaks a native rule (named as sent), or an unknown sampler (the names listed)", body = crate::error::ErrorBody)))]
+    responses((status = 200, body = schema::A1111Response), (status = 400, description = "`invalid_json`: not a JSON object", body = crate::error::ErrorBody), (status = 422, description = "A field breaks a native rule (named as sent), or an unknown sampler (the names listed)", body = crate::error::ErrorBody), (status = 408, description = "`timeout`", body = crate::error::ErrorBody), (status = 413, description = "`payload_too_large`", body = crate::error::ErrorBody), (status = 429, description = "`overloaded`", body = crate::error::ErrorBody), (status = 503, description = "`model_unavailable` or `out_of_memory`", body = crate::error::ErrorBody)))]
 async fn txt2img(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     generate(&app, body, Mode::Txt2Img)
         .await
@@ -134,7 +134,7 @@ async fn txt2img(State(app): State<Shared>, body: Result<Bytes, BytesRejection>)
 }
 
 #[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "a1111", request_body = schema::A1111Request,
-    responses((status = 200, body = schema::A1111Response), (status = 422, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = schema::A1111Response), (status = 400, description = "`invalid_json`: not a JSON object", body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody), (status = 408, description = "`timeout`", body = crate::error::ErrorBody), (status = 413, description = "`payload_too_large`", body = crate::error::ErrorBody), (status = 429, description = "`overloaded`", body = crate::error::ErrorBody), (status = 503, description = "`model_unavailable` or `out_of_memory`", body = crate::error::ErrorBody)))]
 async fn img2img(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     generate(&app, body, Mode::Img2Img)
         .await
@@ -356,7 +356,7 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
     Ok(Json(Value::Object(out)))
 }
 
-#[utoipa::path(post, path = "/sdapi/v1/options", tag = "a1111", responses((status = 200, description = "`{}`"), (status = 422, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/sdapi/v1/options", tag = "a1111", responses((status = 200, description = "`{}`"), (status = 400, description = "`invalid_json`", body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
 async fn set_options(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,
@@ -439,7 +439,7 @@ async fn refresh_checkpoints() -> Json<Value> {
 
 /// A1111's `png-info`: the `parameters` text of a PNG, the other text chunks, and the
 /// parameters parsed. An image without parameters answers `info: ""`.
-#[utoipa::path(post, path = "/sdapi/v1/png-info", tag = "a1111", responses((status = 200, description = "The parameters"), (status = 422, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/sdapi/v1/png-info", tag = "a1111", responses((status = 200, description = "The parameters"), (status = 400, description = "`invalid_json`", body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
 async fn png_info(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,

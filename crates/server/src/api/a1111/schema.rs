@@ -10,20 +10,33 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(Serialize, ToSchema)]
 #[schema(as = a1111::GenerateRequest)]
 pub struct A1111Request {
-    /// Required in effect: the native rule needs 1..=500 characters. `<lora:name:weight>` tags
-    /// work as natively.
+    /// 1..=500 characters (the native rule). `<lora:name:weight>` tags work as natively.
+    #[schema(min_length = 1, max_length = 500)]
     pub prompt: String,
+    #[schema(max_length = 500, nullable = true)]
     pub negative_prompt: Option<String>,
-    #[schema(default = 50)]
+    #[schema(default = 50, minimum = 1, maximum = 50, nullable = true)]
     pub steps: Option<u32>,
-    #[schema(default = 7.0)]
+    #[schema(default = 7.0, minimum = 0.0, maximum = 30.0, nullable = true)]
     pub cfg_scale: Option<f64>,
-    #[schema(default = 512)]
+    #[schema(
+        default = 512,
+        minimum = 256,
+        maximum = 768,
+        multiple_of = 64,
+        nullable = true
+    )]
     pub width: Option<u32>,
-    #[schema(default = 512)]
+    #[schema(
+        default = 512,
+        minimum = 256,
+        maximum = 768,
+        multiple_of = 64,
+        nullable = true
+    )]
     pub height: Option<u32>,
     /// -1: random (drawn once; batch *k* image *i* uses seed + k * batch_size + i).
-    #[schema(default = -1)]
+    #[schema(default = -1, minimum = -1, maximum = 4294967295_i64, nullable = true)]
     pub seed: Option<i64>,
     /// `Euler a`, `Euler`, `DPM++ 2M` (also `DPM++ 2M Karras`), `DDIM`, `PLMS`, `LMS`, `UniPC`.
     #[schema(default = "Euler")]
@@ -34,15 +47,15 @@ pub struct A1111Request {
     #[schema(default = "automatic")]
     pub scheduler: Option<String>,
     /// Images generated together (native `batch_size`).
-    #[schema(default = 1)]
+    #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub batch_size: Option<u32>,
-    /// Batches run one after another, 1..=8.
-    #[schema(default = 1)]
+    /// Batches run one after another.
+    #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n_iter: Option<u32>,
     /// img2img: exactly one base64 image (a `data:` prefix is allowed).
     pub init_images: Option<Vec<String>>,
     /// img2img: the native `strength`.
-    #[schema(default = 0.75)]
+    #[schema(default = 0.75, minimum = 0.0, maximum = 1.0, nullable = true)]
     pub denoising_strength: Option<f64>,
     /// img2img: inpainting mask, white = repaint.
     pub mask: Option<String>,

@@ -105,7 +105,7 @@ fn created() -> u64 {
 }
 
 /// Text to image.
-#[utoipa::path(post, path = "/v1/images/generations", tag = "openai", request_body = schema::GenerationRequest, responses((status = 200, body = schema::ImagesResponse), (status = 400, description = "A parameter breaks a rule", body = schema::ErrorBody), (status = 408, description = "Past GENERATION_TIMEOUT_SECONDS; `x-should-retry: false`", body = schema::ErrorBody), (status = 429, description = "Busy; `Retry-After`", body = schema::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/images/generations", tag = "openai", request_body = schema::GenerationRequest, responses((status = 200, body = schema::ImagesResponse), (status = 400, description = "A parameter breaks a rule", body = schema::ErrorBody), (status = 408, description = "Past GENERATION_TIMEOUT_SECONDS; `x-should-retry: false`", body = schema::ErrorBody), (status = 413, description = "Body too large", body = schema::ErrorBody), (status = 429, description = "Busy; `Retry-After`", body = schema::ErrorBody), (status = 503, description = "Loading, or out of memory", body = schema::ErrorBody)))]
 async fn generations(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -184,7 +184,7 @@ const TEXT_FIELDS: [&str; 5] = [
 ];
 
 /// `images/edits`: multipart `image` (and `mask`) files with the other parameters as text.
-#[utoipa::path(post, path = "/v1/images/edits", tag = "openai", request_body(content = schema::EditRequest, content_type = "multipart/form-data"), responses((status = 200, body = schema::ImagesResponse), (status = 400, body = schema::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/images/edits", tag = "openai", request_body(content = schema::EditRequest, content_type = "multipart/form-data"), responses((status = 200, body = schema::ImagesResponse), (status = 400, description = "A parameter breaks a rule", body = schema::ErrorBody), (status = 408, description = "Past GENERATION_TIMEOUT_SECONDS; `x-should-retry: false`", body = schema::ErrorBody), (status = 413, description = "Body too large", body = schema::ErrorBody), (status = 429, description = "Busy; `Retry-After`", body = schema::ErrorBody), (status = 503, description = "Loading, or out of memory", body = schema::ErrorBody)))]
 async fn edits(
     State(app): State<Shared>,
     headers: HeaderMap,

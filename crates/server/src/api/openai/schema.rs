@@ -10,9 +10,10 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(Serialize, ToSchema)]
 #[schema(as = openai::ImageGenerationRequest)]
 pub struct GenerationRequest {
+    #[schema(min_length = 1, max_length = 500)]
     pub prompt: String,
     /// The native `batch_size`: image *i* uses seed + *i*.
-    #[schema(default = 1)]
+    #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n: Option<u32>,
     /// `"WIDTHxHEIGHT"` within the native limits (256..=768, multiples of 64), or `auto`.
     #[schema(default = "512x512")]
@@ -21,11 +22,16 @@ pub struct GenerationRequest {
     /// `b64_json` (`url` when `model` is a `dall-e-*` name, as OpenAI does).
     pub response_format: Option<String>,
     /// Our extras, as natively.
+    #[schema(max_length = 500, nullable = true)]
     pub negative_prompt: Option<String>,
+    #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
     pub seed: Option<u64>,
+    #[schema(default = 20, minimum = 1, maximum = 50, nullable = true)]
     pub steps: Option<u32>,
+    #[schema(default = 7.5, minimum = 0.0, maximum = 30.0, nullable = true)]
     pub guidance_scale: Option<f64>,
-    pub scheduler: Option<String>,
+    #[schema(nullable = true)]
+    pub scheduler: Option<crate::api::SchedulerName>,
 }
 
 /// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:
@@ -39,11 +45,13 @@ pub struct EditRequest {
     pub image: Vec<u8>,
     #[schema(format = Binary, value_type = String)]
     pub mask: Option<Vec<u8>>,
+    #[schema(min_length = 1, max_length = 500)]
     pub prompt: String,
+    #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n: Option<u32>,
     pub size: Option<String>,
     pub response_format: Option<String>,
-    #[schema(default = 0.8)]
+    #[schema(default = 0.8, minimum = 0.0, maximum = 1.0, nullable = true)]
     pub strength: Option<f64>,
 }
 
