@@ -19,5 +19,6 @@ mod test_util;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 pub use error::{PipelineError, Result};

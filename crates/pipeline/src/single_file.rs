@@ -1051,6 +1051,7 @@ impl CheckedSafetensors {
         let mut files = Vec::new();
         let mut routing = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
+            crate::weights::prefetch(p);
             // SAFETY: read-only mapping of a file we do not modify.
             let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| weights(p, e))?;
             for (name, _) in st.tensors() {
@@ -1099,7 +1100,11 @@ impl CheckedSafetensors {
         }
         check_view(path, name, view.dtype(), view.data())
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        st.load(name, dev)?.to_dtype(dtype)
+        let t = crate::weights::load_view(&view, dtype, dev)?;
+        // SAFETY: `view` points into `st`'s read-only file mapping. The copy (or upload) is
+        // done, so its pages can leave the resident set: loading holds the weights once.
+        unsafe { crate::weights::release_mapped(view.data()) };
+        Ok(t)
     }
 }
 
