@@ -4,7 +4,9 @@
 #
 #   tools/bench_compare.sh MODEL_DIR [THREADS] [SIZES] [REPEATS] [FULL_SIZES] [STEPS]
 #   e.g. tools/bench_compare.sh /work/models/sd15-random 2 256,512 3 256 20
-# Writes bench-ours.json, bench-diffusers.json and bench-compare.json in $OUT_DIR (default: .).
+# Then tools/bench_load.py: start-up of both as whole processes (load warm and cold, peak RSS through
+# one request; SKIP_LOAD=1 skips it, DIFFUSERS_PYTHON names a python with torch + diffusers).
+# Writes bench-ours.json, bench-diffusers.json, bench-compare.json and bench-load.json in $OUT_DIR.
 set -euo pipefail
 MODEL=${1:?model folder}
 THREADS=${2:-2}
@@ -47,7 +49,16 @@ for s in ours["stages"]:
     print(f"{s['stage']:<26}{s['median_s']:9.3f}{'(' + format(s['min_s'], '.2f') + '-' + format(s['max_s'], '.2f') + ')':>17}{rs}{ratio if ratio is None else format(ratio, '.2f'):>7}")
 print(f"{'peak RSS MB':<26}{ours['peak_rss_mb']:9.0f}{'':>17}{ref['peak_rss_mb']:13.0f}")
 print(f"{'weights RSS MB':<26}{ours['weights_rss_mb']:9.0f}{'':>17}{ref['weights_rss_mb']:13.0f}")
+print(f"{'load peak RSS MB':<26}{ours['load_peak_rss_mb']:9.0f}{'':>17}{ref['load_peak_rss_mb']:13.0f}")
 json.dump({"threads": ours["threads"], "model": ours["model"], "rows": rows,
            "ours_peak_rss_mb": ours["peak_rss_mb"], "ours_weights_rss_mb": ours["weights_rss_mb"],
            "diffusers_peak_rss_mb": ref["peak_rss_mb"]}, open(f"{d}/bench-compare.json", "w"), indent=1)
 PY
+
+# Start-up as whole processes (load warm and cold, peak RSS through one request), unless SKIP_LOAD=1.
+if [ "${SKIP_LOAD:-0}" != 1 ]; then
+    (cd "$ROOT" && cargo build --release -p sdserve)
+    python3 "$ROOT/tools/bench_load.py" --model "$MODEL" --sdserve "$ROOT/target/release/sdserve" \
+        --python "${DIFFUSERS_PYTHON:-python3}" --threads "$THREADS" --sizes 256,512 --cold 256 \
+        --repeats "$REPEATS" --json "$OUT_DIR/bench-load.json" >/dev/null
+fi

@@ -79,6 +79,8 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
     weights_rss_mb = status_kb("VmRSS:") / 1024
+    # Read before the first stage resets the high-water mark: the load's own peak.
+    load_peak_rss_mb = status_kb("VmHWM:") / 1024
     print(
         f"loaded {args.model} in {load_s:.2f} s (RSS {weights_rss_mb:.0f} MB, "
         f"threads {args.threads}, torch {torch.__version__})",
@@ -147,9 +149,12 @@ def main():
         "model": args.model,
         "threads": str(args.threads),
         "load_s": round(load_s, 3),
+        "load_peak_rss_mb": round(load_peak_rss_mb),
         "weights_rss_mb": round(weights_rss_mb),
-        # VmHWM is reset before each stage, so the run's peak is the largest stage peak.
-        "peak_rss_mb": max([round(status_kb("VmHWM:") / 1024)] + [s["peak_rss_mb"] for s in stats]),
+        # VmHWM is reset before each stage: the run's peak is the largest of the load's peak
+        # and the stage peaks.
+        "peak_rss_mb": max([round(status_kb("VmHWM:") / 1024), round(load_peak_rss_mb)]
+                           + [s["peak_rss_mb"] for s in stats]),
         "stages": stats,
     }
     text = json.dumps(out)

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Start-up side by side: `sdserve generate` and diffusers (torch CPU) as whole processes on the
 same model folder, each loading the model and making one image, with the page cache warm and
-cold. Per run: load time (to the model being ready, as each process reports it), the whole
-process's wall time, and its peak resident set (the kernel's high-water mark, ru_maxrss = VmHWM,
-load included). Medians over --repeats; the load average at the time is recorded.
+cold. Per run: load time (to the model being ready, as each process reports it) in wall and CPU
+seconds, the whole process's wall and CPU seconds, and its peak resident set (the kernel's
+high-water mark, ru_maxrss = VmHWM, load included). Medians over --repeats (peak RSS: the
+largest); the load average at the start and end is recorded, since wall times on a shared
+machine depend on it and CPU seconds much less.
 
     python3 tools/bench_load.py --model /work/models/sd15-random \\
         --sdserve target/release/sdserve --python /work/venv/ref/bin/python \\
@@ -32,16 +34,17 @@ import torch
 from diffusers import StableDiffusionPipeline
 model, size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32,
                                                safety_checker=None, requires_safety_checker=False)
 pipe.set_progress_bar_config(disable=True)
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), time.process_time()
 with torch.inference_mode():
     pipe(%r, negative_prompt="", num_inference_steps=1, height=size, width=size,
          guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
 t3 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "generate_s": t3 - t2}))
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "load_cpu_s": c2 - c1,
+                  "generate_s": t3 - t2}))
 """ % PROMPT
 
 
@@ -83,37 +86,52 @@ def disk_rate(model):
     return total / 1e6 / dt, total / 1e6
 
 
-def run_measured(cmd, env):
-    """Runs cmd to completion; returns (stdout, stderr, wall seconds, peak RSS MB)."""
+def cpu_seconds(pid):
+    """user + system CPU seconds of a live process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_measured(cmd, env, mark=None):
+    """Runs cmd to completion; returns (stdout, stderr, wall s, peak RSS MB, CPU s when a stderr
+    line containing `mark` appeared, total CPU s). Peak RSS and CPU come from the kernel's
+    accounting of the child (ru_maxrss = VmHWM), so they do not depend on the machine's load."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Drain the pipes without reaping, then reap ourselves to get the child's rusage.
+    err_lines, mark_cpu = [], None
+    for line in p.stderr:
+        err_lines.append(line)
+        if mark and mark_cpu is None and mark in line:
+            mark_cpu = cpu_seconds(p.pid)
     out = p.stdout.read()
-    err = p.stderr.read()
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
+    err = "".join(err_lines)
     if p.returncode != 0:
         sys.exit(f"{cmd[0]} failed ({p.returncode}):\n{err[-3000:]}")
-    return out, err, wall, ru.ru_maxrss / 1024
+    return out, err, wall, ru.ru_maxrss / 1024, mark_cpu, ru.ru_utime + ru.ru_stime
 
 
 def ours(args, size, out_png, env):
     cmd = [args.sdserve, "generate", "--model", args.model, "--prompt", PROMPT,
            "--negative-prompt", "", "--steps", "1", "--width", str(size), "--height", str(size),
            "--seed", "0", "--guidance-scale", "7.5", "--output", out_png]
-    out, err, wall, peak = run_measured(cmd, env)
+    out, err, wall, peak, load_cpu, cpu = run_measured(cmd, env, mark="loaded ")
     m = re.search(r"loaded .* in ([0-9.]+)s", err)
     if not m:
         sys.exit(f"no load time in sdserve's output:\n{err[-2000:]}")
-    return {"load_s": float(m.group(1)), "wall_s": wall, "peak_rss_mb": peak}
+    return {"load_s": float(m.group(1)), "load_cpu_s": load_cpu, "wall_s": wall,
+            "cpu_s": cpu, "peak_rss_mb": peak}
 
 
 def diffusers(args, size, env):
     cmd = [args.python, "-c", DIFFUSERS_CHILD, args.model, str(size), str(args.threads)]
-    out, err, wall, peak = run_measured(cmd, env)
+    out, err, wall, peak, _, cpu = run_measured(cmd, env)
     j = json.loads(out.strip().splitlines()[-1])
-    return {"load_s": j["load_s"], "import_s": j["import_s"], "wall_s": wall, "peak_rss_mb": peak}
+    return {"load_s": j["load_s"], "load_cpu_s": j["load_cpu_s"], "import_s": j["import_s"],
+            "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak}
 
 
 def median_of(runs, key):
@@ -160,11 +178,14 @@ def main():
                     runs.append(ours(args, size, out_png, env) if side == "ours"
                                 else diffusers(args, size, env))
                 case = {"side": side, "cache": cache, "size": size, "runs": runs,
-                        "load_s": median_of(runs, "load_s"), "wall_s": median_of(runs, "wall_s"),
+                        "load_s": median_of(runs, "load_s"),
+                        "load_cpu_s": median_of(runs, "load_cpu_s"),
+                        "wall_s": median_of(runs, "wall_s"), "cpu_s": median_of(runs, "cpu_s"),
                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs))}
                 results["cases"].append(case)
-                print(f"{side:<10}{cache:<6}{size:>5}  load {case['load_s']:7.2f} s  "
-                      f"process {case['wall_s']:7.2f} s  peak RSS {case['peak_rss_mb']:6.0f} MB  "
+                print(f"{side:<10}{cache:<6}{size:>5}  load {case['load_s']:6.2f} s "
+                      f"({case['load_cpu_s']:5.2f} CPU s)  process {case['wall_s']:6.2f} s "
+                      f"({case['cpu_s']:6.2f} CPU s)  peak RSS {case['peak_rss_mb']:6.0f} MB  "
                       f"(load avg {os.getloadavg()[0]:.1f})", file=sys.stderr)
     results["load_average_end"] = os.getloadavg()
     if os.path.exists(out_png):

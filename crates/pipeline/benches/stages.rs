@@ -237,7 +237,11 @@ fn main() {
         .expect("model loads");
     let load_s = start.elapsed().as_secs_f64();
     let weights_rss_mb = status_kb("VmRSS:").unwrap_or(0) as f64 / 1024.0;
-    eprintln!("loaded {dir} in {load_s:.2} s (RSS {weights_rss_mb:.0} MB, threads {threads})");
+    // Read before the first stage resets the high-water mark: the load's own peak.
+    let load_peak_rss_mb = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    eprintln!(
+        "loaded {dir} in {load_s:.2} s (RSS {weights_rss_mb:.0} MB, peak {load_peak_rss_mb:.0} MB, threads {threads})"
+    );
 
     let prompt = "a photograph of an astronaut riding a horse";
     let mut stats = Vec::new();
@@ -292,11 +296,13 @@ fn main() {
     if args.kernels {
         stats.extend(kernel_stats(args.repeats));
     }
-    // VmHWM is reset before each stage, so the run's peak is the largest stage peak.
+    // VmHWM is reset before each stage, so the run's peak is the largest of the load's peak and
+    // the stage peaks.
     let peak_rss_mb = stats
         .iter()
         .map(|s| s.peak_rss_mb)
-        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max);
+        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max)
+        .max(load_peak_rss_mb);
     let stage_json: Vec<String> = stats
         .iter()
         .map(|s| {
@@ -307,7 +313,7 @@ fn main() {
         })
         .collect();
     let json = format!(
-        "{{\"implementation\":\"sdserve\",\"model\":\"{dir}\",\"threads\":\"{threads}\",\"load_s\":{load_s:.3},\"weights_rss_mb\":{weights_rss_mb:.0},\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
+        "{{\"implementation\":\"sdserve\",\"model\":\"{dir}\",\"threads\":\"{threads}\",\"load_s\":{load_s:.3},\"load_peak_rss_mb\":{load_peak_rss_mb:.0},\"weights_rss_mb\":{weights_rss_mb:.0},\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
         stage_json.join(",")
     );
     println!("{json}");

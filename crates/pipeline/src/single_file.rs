@@ -953,6 +953,8 @@ pub fn validate_safetensors(path: &Path) -> Result<usize> {
     let tensors = st.tensors();
     for (name, view) in &tensors {
         check_view(path, name, view.dtype(), view.data())?;
+        // SAFETY: `view` points into `st`'s read-only file mapping; the samples were read.
+        unsafe { crate::weights::release_mapped(view.data()) };
     }
     Ok(tensors.len())
 }
