@@ -281,6 +281,7 @@ fn main() {
             seed: 0,
             guidance_scale: 7.5,
             scheduler: None,
+            ..Default::default()
         };
         stats.push(measure(
             &format!("generate_{}steps_{size}", args.steps),

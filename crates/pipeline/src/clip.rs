@@ -308,6 +308,77 @@ impl ClipTextModel {
     /// `ids`: [B, L] u32 token ids (L <= max_position_embeddings) -> [B, L, hidden] in the
     /// weights' dtype: the last hidden state after the final layer norm.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_skip(ids, 1, None)
+    }
+
+    /// Input embeddings of `ids` [B, L]: rows of the vocabulary, or of `extra` for ids from
+    /// the vocabulary size on.
+    fn token_embeddings(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        let vocab = self.token_embedding.embeddings().dim(0)? as u32;
+        let (b, l) = ids.dims2()?;
+        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        if flat.iter().all(|&i| i < vocab) {
+            return Ok(self.token_embedding.forward(ids)?);
+        }
+        let Some(extra) = extra else {
+            return Err(PipelineError::InvalidRequest(format!(
+                "token id past the vocabulary ({vocab}) without embeddings"
+            )));
+        };
+        let rows = extra.dim(0)? as u32;
+        if let Some(&bad) = flat.iter().find(|&&i| i >= vocab + rows) {
+            return Err(PipelineError::InvalidRequest(format!(
+                "token id {bad} past the vocabulary and the {rows} embedding vectors"
+            )));
+        }
+        let dev = &self.device;
+        let base_ids: Vec<u32> = flat
+            .iter()
+            .map(|&i| if i < vocab { i } else { 0 })
+            .collect();
+        let extra_ids: Vec<u32> = flat.iter().map(|&i| i.saturating_sub(vocab)).collect();
+        let mask: Vec<u8> = flat.iter().map(|&i| u8::from(i >= vocab)).collect();
+        let base = self
+            .token_embedding
+            .forward(&Tensor::from_vec(base_ids, (b, l), dev)?)?;
+        let hidden = base.dim(2)?;
+        let extra = extra
+            .to_device(dev)?
+            .to_dtype(base.dtype())?
+            .index_select(&Tensor::from_vec(extra_ids, b * l, dev)?, 0)?
+            .reshape((b, l, hidden))?;
+        let mask = Tensor::from_vec(mask, (b, l, 1), dev)?.broadcast_as((b, l, hidden))?;
+        Ok(mask.where_cond(&extra, &base)?)
+    }
+
+    /// The vocabulary size (rows of the token embedding).
+    pub fn vocab_size(&self) -> usize {
+        self.token_embedding.embeddings().dim(0).unwrap_or(0)
+    }
+
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// As [`ClipTextModel::forward`] with A1111's clip skip: transformers' `hidden_states[-clip_skip]`
+    /// (the output `clip_skip - 1` layers before the last) through the final layer norm. 1 is
+    /// `forward`; at most `num_layers() + 1` (the embeddings themselves). Ids from the
+    /// vocabulary size on take their input embedding from the rows of `extra` (textual
+    /// inversion).
+    pub fn forward_skip(
+        &self,
+        ids: &Tensor,
+        clip_skip: usize,
+        extra: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if clip_skip == 0 || clip_skip > self.layers.len() + 1 {
+            return Err(PipelineError::InvalidRequest(format!(
+                "clip_skip {clip_skip} is outside 1..={} for a text encoder of {} layers",
+                self.layers.len() + 1,
+                self.layers.len()
+            )));
+        }
         let (_, l) = ids.dims2()?;
         if l > self.max_positions {
             return Err(PipelineError::InvalidRequest(format!(
@@ -318,14 +389,36 @@ impl ClipTextModel {
         let ids = ids.to_dtype(DType::U32)?.to_device(&self.device)?;
         let positions = Tensor::arange(0u32, l as u32, &self.device)?;
         let mut x = self
-            .token_embedding
-            .forward(&ids)?
+            .token_embeddings(&ids, extra)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(l, &self.device)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..self.layers.len() + 1 - clip_skip] {
             x = layer.forward(&x, &mask)?;
         }
         Ok(self.final_layer_norm.forward(&x)?)
+    }
+}
+
+impl ClipTextModel {
+    /// The weights a LoRA may change, by transformers module path (`text_model.encoder...`).
+    pub(crate) fn lora_targets(&self) -> Vec<(String, crate::lora::Target<'_>)> {
+        use crate::lora::Target;
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("text_model.encoder.layers.{i}");
+            let a = &l.self_attn;
+            for (name, d) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.out_proj", &a.out_proj),
+                ("mlp.fc1", &l.fc1),
+                ("mlp.fc2", &l.fc2),
+            ] {
+                out.push((format!("{p}.{name}"), Target::Dense(d)));
+            }
+        }
+        out
     }
 }
 

@@ -7,16 +7,20 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::embeddings::EmbeddingLibrary;
 use crate::error::read_json;
+use crate::lora::{LoraLibrary, LoraState, Part, Target};
 use crate::memory::offload::{Component, Held};
 use crate::memory::precision::{decode_checked, DecodeOutcome, Fallback};
 use crate::memory::{classify_oom, MemoryPlan, MemoryTracker, MemoryUsage, Offload};
+use crate::prompt::Chunk;
 use crate::rng::TorchRng;
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{StreamStats, UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKlDecoder, VaeConfig};
 use crate::{PipelineError, Result};
+use std::collections::HashMap;
 
 /// What one request asks of the pipeline (already validated by the caller).
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +34,50 @@ pub struct GenerationParams {
     pub guidance_scale: f64,
     /// `None`: the model's own scheduler config.
     pub scheduler: Option<SchedulerKind>,
+    /// How the prompts are read: `Plain` (diffusers: 77 tokens, brackets are text) or `A1111`.
+    pub prompt_syntax: PromptSyntax,
+    /// A1111's "clip skip": 1 conditions on the last CLIP layer, 2 on the penultimate, ...
+    pub clip_skip: usize,
+    /// LoRA adapters for this request only, by name, with their weights.
+    pub loras: Vec<LoraWeight>,
+}
+
+/// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
+/// its call defaults (20 steps, 512x512, guidance 7.5). Callers set what they mean and take
+/// the rest from here (`..Default::default()`), so new fields do not break them.
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 20,
+            width: 512,
+            height: 512,
+            seed: 0,
+            guidance_scale: 7.5,
+            scheduler: None,
+            prompt_syntax: PromptSyntax::Plain,
+            clip_skip: 1,
+            loras: Vec::new(),
+        }
+    }
+}
+
+/// How prompt text becomes CLIP conditioning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptSyntax {
+    /// diffusers: the text as is, truncated to the tokenizer's 77 tokens.
+    #[default]
+    Plain,
+    /// AUTOMATIC1111: `(word:1.3)`, `((word))`, `[word]`, escapes, `BREAK`, prompts of any length.
+    A1111,
+}
+
+/// One LoRA adapter asked for by a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraWeight {
+    pub name: String,
+    pub weight: f64,
 }
 
 /// An RGB8 image, row-major.
@@ -73,6 +121,18 @@ pub struct StableDiffusion {
     default_scheduler: SchedulerKind,
     device: Device,
     dtype: DType,
+    /// LoRA files requests may name (`LORA_DIR`).
+    loras: LoraLibrary,
+    /// Textual-inversion embeddings prompts may name (`EMBEDDINGS_DIR`), their vectors stacked
+    /// (`[rows, hidden]` on the device) for the ids past the text encoder's vocabulary.
+    embeddings: EmbeddingLibrary,
+    embedding_vectors: Option<Tensor>,
+    /// The tokenizer as loaded, before embedding names were added.
+    base_tokenizer: ClipTokenizer,
+    text_vocab_size: usize,
+    text_hidden_size: usize,
+    /// Which LoRAs are merged into the resident weights now (held for a whole run).
+    lora_state: std::sync::Mutex<LoraState>,
 }
 
 /// `model_index.json`: which pipeline the folder holds. Components are read from their
@@ -113,6 +173,7 @@ impl StableDiffusion {
         let resident = (plan.offload == Offload::None).then_some(device);
 
         let text_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        let (text_vocab_size, text_hidden_size) = (text_config.vocab_size, text_config.hidden_size);
         let text_encoder = Component::new(
             "text_encoder",
             component_weight_files(dir, "text_encoder", "model", dtype)?,
@@ -164,7 +225,7 @@ impl StableDiffusion {
         let default_scheduler = SchedulerKind::default_for(&scheduler_config)?;
 
         let mut sd = Self {
-            tokenizer,
+            tokenizer: tokenizer.clone(),
             text_encoder,
             unet,
             unet_config,
@@ -180,6 +241,13 @@ impl StableDiffusion {
             default_scheduler,
             device: device.clone(),
             dtype,
+            loras: LoraLibrary::default(),
+            embeddings: EmbeddingLibrary::default(),
+            embedding_vectors: None,
+            base_tokenizer: tokenizer.clone(),
+            text_vocab_size,
+            text_hidden_size,
+            lora_state: std::sync::Mutex::new(LoraState::default()),
         };
         sd.configure_resident();
         Ok(sd)
@@ -270,6 +338,112 @@ impl StableDiffusion {
         self.unet.resident().and_then(|u| u.host_weight_bytes())
     }
 
+    /// The LoRA files requests may name; replaces the previous library (and unmerges its LoRAs).
+    pub fn set_lora_library(&mut self, library: LoraLibrary) -> Result<()> {
+        self.lora_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore()?;
+        self.loras = library;
+        Ok(())
+    }
+
+    /// The textual-inversion embeddings prompts may name by file name; replaces the previous
+    /// ones. An embedding whose vectors do not have the text encoder's width, or whose name is
+    /// already a token, is refused naming it.
+    pub fn set_embedding_library(&mut self, library: EmbeddingLibrary) -> Result<()> {
+        let mut tokenizer = self.base_tokenizer.clone();
+        let mut rows = Vec::new();
+        let mut next = self.text_vocab_size as u32;
+        for e in library.list() {
+            if e.hidden_size() != self.text_hidden_size {
+                return Err(PipelineError::Weights {
+                    path: e.file.clone(),
+                    message: format!(
+                        "embedding {:?} has vectors of {} values; this text encoder takes {}",
+                        e.name,
+                        e.hidden_size(),
+                        self.text_hidden_size
+                    ),
+                });
+            }
+            let n = e.num_vectors() as u32;
+            tokenizer
+                .add_word(&e.name, (next..next + n).collect())
+                .map_err(|err| PipelineError::Weights {
+                    path: e.file.clone(),
+                    message: format!("embedding {:?}: {err}", e.name),
+                })?;
+            next += n;
+            rows.push(&e.vectors);
+        }
+        self.embedding_vectors = if rows.is_empty() {
+            None
+        } else {
+            Some(
+                Tensor::cat(&rows, 0)?
+                    .to_device(&self.device)?
+                    .to_dtype(self.dtype)?,
+            )
+        };
+        self.tokenizer = tokenizer;
+        self.embeddings = library;
+        Ok(())
+    }
+
+    pub fn embedding_library(&self) -> &EmbeddingLibrary {
+        &self.embeddings
+    }
+
+    pub fn lora_library(&self) -> &LoraLibrary {
+        &self.loras
+    }
+
+    /// Checks that the library's LoRA `name` fits this model (every layer has a weight of its
+    /// shape): an error names the LoRA and the layer.
+    pub fn check_lora(&self, name: &str) -> Result<()> {
+        let info = self
+            .loras
+            .get(name)
+            .ok_or_else(|| PipelineError::InvalidRequest(format!("unknown LoRA {name:?}")))?;
+        crate::lora::check_fits(info, &self.lora_targets()?)
+    }
+
+    /// The resident modules' weights a LoRA may change.
+    fn lora_targets(&self) -> Result<HashMap<Part, Vec<(String, Target<'_>)>>> {
+        let not_resident = || {
+            PipelineError::InvalidRequest(
+                "LoRA needs the text encoder and UNet resident on the device (no offload)".into(),
+            )
+        };
+        let unet = self.unet.resident().ok_or_else(not_resident)?;
+        let text = self.text_encoder.resident().ok_or_else(not_resident)?;
+        let mut targets = HashMap::new();
+        targets.insert(Part::Unet, unet.lora_targets().ok_or_else(not_resident)?);
+        targets.insert(Part::TextEncoder, text.lora_targets());
+        Ok(targets)
+    }
+
+    /// Makes the resident weights those of `loras`: unchanged when the last run had the same,
+    /// else the originals are written back and the new LoRAs merged.
+    fn sync_loras(&self, loras: &[LoraWeight]) -> Result<std::sync::MutexGuard<'_, LoraState>> {
+        let mut state = self.lora_state.lock().unwrap_or_else(|e| e.into_inner());
+        let want: Vec<(String, f64)> = loras.iter().map(|l| (l.name.clone(), l.weight)).collect();
+        if state.active() == want.as_slice() {
+            return Ok(state);
+        }
+        state.restore()?;
+        if want.is_empty() {
+            return Ok(state);
+        }
+        let targets = self.lora_targets()?;
+        if let Err(e) = state.apply(&self.loras, &want, &targets) {
+            state.restore()?;
+            return Err(e);
+        }
+        Ok(state)
+    }
+
     /// The UNet for one run, with the plan's attention slicing (built now when offloaded).
     fn unet_for_run(&self) -> Result<Held<'_, UNet2DConditionModel>> {
         let mut held = self.unet.get(&self.device)?;
@@ -333,9 +507,9 @@ impl StableDiffusion {
         tracker: &mut MemoryTracker,
     ) -> Result<RgbImage> {
         self.check_inputs(params)?;
-        let do_cfg = params.guidance_scale > 1.0;
-        let text_embeddings =
-            self.encode_prompt(&params.prompt, &params.negative_prompt, do_cfg)?;
+        // Held for the whole run: no other run changes the merged weights under this one.
+        let _loras = self.sync_loras(&params.loras)?;
+        let text_embeddings = self.encode_conditioning(params)?;
         let mut scheduler = self.prepare_timesteps(params)?;
         let mut rng = TorchRng::new(params.seed);
         let latents = self.prepare_latents(params, scheduler.as_ref(), &mut rng)?;
@@ -376,35 +550,86 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// CLIP embeddings, `[uncond, cond]` along the batch when classifier-free guidance is on.
+    /// The text conditioning of a request: its prompt (and negative prompt when classifier-free
+    /// guidance is on) read with its `prompt_syntax` and encoded with its `clip_skip`. Prompt and
+    /// negative prompt of the same length go through the UNet as one batch; otherwise as two
+    /// passes (A1111's default).
+    pub fn encode_conditioning(&self, params: &GenerationParams) -> Result<Conditioning> {
+        let do_cfg = params.guidance_scale > 1.0;
+        let cond = self.prompt_chunks(&params.prompt, params.prompt_syntax)?;
+        let uncond = match do_cfg {
+            true => self.prompt_chunks(&params.negative_prompt, params.prompt_syntax)?,
+            false => Vec::new(),
+        };
+        // Offloaded: the encoder comes to the device once for both prompts. Every chunk of
+        // both prompts goes through it as one batch (each row only attends to itself).
+        let encoder = self.text_encoder.get(&self.device)?;
+        let rows: Vec<&Chunk> = uncond.iter().chain(&cond).collect();
+        let len = rows[0].ids.len();
+        let ids: Vec<u32> = rows.iter().flat_map(|c| c.ids.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, (rows.len(), len), &self.device)?;
+        let z = encoder.forward_skip(&ids, params.clip_skip, self.embedding_vectors.as_ref())?;
+        drop(encoder);
+        let z = if rows.iter().all(|c| c.unweighted()) {
+            z
+        } else {
+            let weighted = rows
+                .iter()
+                .enumerate()
+                .map(|(i, c)| emphasis(&z.narrow(0, i, 1)?, c))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&weighted, 0)?
+        };
+        if !do_cfg {
+            return Ok(Conditioning::Cond(join_chunks(&z, 0, cond.len())?));
+        }
+        if uncond.len() == cond.len() {
+            if cond.len() == 1 {
+                return Ok(Conditioning::Joint(z));
+            }
+            let u = join_chunks(&z, 0, uncond.len())?;
+            let c = join_chunks(&z, uncond.len(), cond.len())?;
+            return Ok(Conditioning::Joint(Tensor::cat(&[&u, &c], 0)?));
+        }
+        Ok(Conditioning::Separate {
+            uncond: join_chunks(&z, 0, uncond.len())?,
+            cond: join_chunks(&z, uncond.len(), cond.len())?,
+        })
+    }
+
+    /// Token rows of one prompt: one row of exactly `max_length` ids for `Plain` (diffusers'
+    /// truncation), chunks of `BOS + 75 + EOS` with weights for `A1111`.
+    fn prompt_chunks(&self, text: &str, syntax: PromptSyntax) -> Result<Vec<Chunk>> {
+        match syntax {
+            PromptSyntax::Plain => {
+                let ids = self.tokenizer.encode(text)?;
+                let weights = vec![1.0; ids.len()];
+                Ok(vec![Chunk { ids, weights }])
+            }
+            PromptSyntax::A1111 => {
+                crate::prompt::chunks(&self.tokenizer, &crate::prompt::parse_attention(text))
+            }
+        }
+    }
+
+    /// CLIP embeddings, `[uncond, cond]` along the batch when classifier-free guidance is on
+    /// (plain prompts, last layer).
     pub fn encode_prompt(
         &self,
         prompt: &str,
         negative_prompt: &str,
         do_cfg: bool,
     ) -> Result<Tensor> {
-        // Offloaded: the encoder comes to the device once for both prompts.
-        let encoder = self.text_encoder.get(&self.device)?;
-        if !do_cfg {
-            return self.embed(&encoder, prompt);
+        let params = GenerationParams {
+            prompt: prompt.into(),
+            negative_prompt: negative_prompt.into(),
+            guidance_scale: if do_cfg { 7.5 } else { 1.0 },
+            ..Default::default()
+        };
+        match self.encode_conditioning(&params)? {
+            Conditioning::Cond(z) | Conditioning::Joint(z) => Ok(z),
+            Conditioning::Separate { uncond, cond } => Ok(Tensor::cat(&[&uncond, &cond], 0)?),
         }
-        // Both prompts in one batch: each row only attends to itself, and the encoder's
-        // matmuls are twice as tall (better use of each packed weight).
-        let mut ids = self.tokenizer.encode(negative_prompt)?;
-        let cond = self.tokenizer.encode(prompt)?;
-        if ids.len() != cond.len() {
-            let uncond = self.embed(&encoder, negative_prompt)?;
-            return Ok(Tensor::cat(&[&uncond, &self.embed(&encoder, prompt)?], 0)?);
-        }
-        let l = cond.len();
-        ids.extend(cond);
-        encoder.forward(&Tensor::from_vec(ids, (2, l), &self.device)?)
-    }
-
-    fn embed(&self, encoder: &ClipTextModel, text: &str) -> Result<Tensor> {
-        let ids = self.tokenizer.encode(text)?;
-        let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
-        encoder.forward(&ids)
     }
 
     fn prepare_timesteps(&self, params: &GenerationParams) -> Result<Box<dyn Scheduler>> {
@@ -432,7 +657,7 @@ impl StableDiffusion {
     fn denoise(
         &self,
         mut latents: Tensor,
-        text_embeddings: &Tensor,
+        text_embeddings: &Conditioning,
         scheduler: &mut dyn Scheduler,
         guidance_scale: f64,
         rng: &mut TorchRng,
@@ -482,7 +707,11 @@ impl StableDiffusion {
         guidance_scale: f64,
     ) -> Result<Tensor> {
         let unet = self.unet_for_run()?;
-        self.predict_noise_with(&unet, latents, t, text_embeddings, guidance_scale)
+        let conditioning = match text_embeddings.dim(0)? {
+            2 => Conditioning::Joint(text_embeddings.clone()),
+            _ => Conditioning::Cond(text_embeddings.clone()),
+        };
+        self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale)
     }
 
     fn predict_noise_with(
@@ -490,9 +719,19 @@ impl StableDiffusion {
         unet: &UNet2DConditionModel,
         latents: &Tensor,
         t: f64,
-        text_embeddings: &Tensor,
+        conditioning: &Conditioning,
         guidance_scale: f64,
     ) -> Result<Tensor> {
+        let text_embeddings = match conditioning {
+            Conditioning::Cond(e) | Conditioning::Joint(e) => e,
+            Conditioning::Separate { uncond, cond } => {
+                // Two passes, each with its own sequence length.
+                let t = Tensor::full(t as f32, 1, &self.device)?;
+                let uncond = unet.forward(latents, &t, uncond)?;
+                let cond = unet.forward(latents, &t, cond)?;
+                return Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?);
+            }
+        };
         let batch = text_embeddings.dim(0)?;
         let model_input = if batch == 2 {
             Tensor::cat(&[latents, latents], 0)?
@@ -576,6 +815,44 @@ fn unet_component(
             (offload == Offload::None).then_some(device),
         ),
     }
+}
+
+/// Text conditioning for the denoising loop.
+#[derive(Debug, Clone)]
+pub enum Conditioning {
+    /// Guidance off: the prompt's embeddings, `[1, L, D]`.
+    Cond(Tensor),
+    /// `[uncond, cond]` as one batch, `[2, L, D]`.
+    Joint(Tensor),
+    /// Prompt and negative prompt of different lengths: two UNet passes per step.
+    Separate { uncond: Tensor, cond: Tensor },
+}
+
+/// A1111's emphasis on one encoded chunk `z` `[1, L, D]`: `m0 = mean(z)`, `z *= weight` per token,
+/// `z *= m0 / mean(z)`; computed in f32.
+fn emphasis(z: &Tensor, chunk: &Chunk) -> Result<Tensor> {
+    if chunk.unweighted() {
+        return Ok(z.clone());
+    }
+    let dtype = z.dtype();
+    let z = z.to_dtype(DType::F32)?;
+    let before = z.mean_all()?;
+    let weights = Tensor::from_slice(&chunk.weights, (1, chunk.weights.len(), 1), z.device())?;
+    let z = z.broadcast_mul(&weights)?;
+    let after = z.mean_all()?;
+    let ratio = (before / after)?;
+    Ok(z.broadcast_mul(&ratio)?.to_dtype(dtype)?)
+}
+
+/// Rows `start..start + count` of `z` `[R, L, D]` joined along the sequence: `[1, count * L, D]`.
+fn join_chunks(z: &Tensor, start: usize, count: usize) -> Result<Tensor> {
+    if count == 1 {
+        return Ok(z.narrow(0, start, 1)?);
+    }
+    let rows = (start..start + count)
+        .map(|i| z.narrow(0, i, 1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 1)?)
 }
 
 /// `(x / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)` to RGB8, as diffusers' image processor.

@@ -89,6 +89,8 @@ pub struct ClipTokenizer {
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
+    /// Added words (textual-inversion names) and the ids past the vocabulary they stand for.
+    expansions: HashMap<u32, Vec<u32>>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -244,6 +246,7 @@ impl ClipTokenizer {
             bos_id,
             eos_id,
             pad_id,
+            expansions: HashMap::new(),
         })
     }
 
@@ -251,8 +254,7 @@ impl ClipTokenizer {
     /// max_length=model_max_length, truncation=True)`: BOS, at most `max_length - 2` text
     /// tokens, EOS, then the pad token up to `max_length`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(tok_err)?;
-        let body = encoding.get_ids();
+        let body = self.tokenize(text)?;
         let keep = body.len().min(self.max_length - 2);
         let mut ids = Vec::with_capacity(self.max_length);
         ids.push(self.bos_id);
@@ -260,6 +262,47 @@ impl ClipTokenizer {
         ids.push(self.eos_id);
         ids.resize(self.max_length, self.pad_id);
         Ok(ids)
+    }
+
+    /// The ids of `text` alone: no BOS/EOS, no truncation or padding (how A1111 tokenizes each
+    /// piece of a prompt).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(tok_err)?;
+        let ids = encoding.get_ids();
+        if self.expansions.is_empty() {
+            return Ok(ids.to_vec());
+        }
+        Ok(ids
+            .iter()
+            .flat_map(|id| match self.expansions.get(id) {
+                Some(ids) => ids.clone(),
+                None => vec![*id],
+            })
+            .collect())
+    }
+
+    /// Adds `word` as a token (matched in the text before BPE, as transformers' `add_tokens`)
+    /// that stands for the ids `ids` (textual inversion: ids past the vocabulary). A word the
+    /// vocabulary already has is refused, as diffusers' `load_textual_inversion` refuses it.
+    pub fn add_word(&mut self, word: &str, ids: Vec<u32>) -> Result<()> {
+        if self.inner.token_to_id(word).is_some() {
+            return Err(PipelineError::Tokenizer(format!(
+                "{word:?} is already a token of the vocabulary"
+            )));
+        }
+        self.inner
+            .add_tokens(vec![AddedToken::from(word.to_owned(), false)])
+            .map_err(tok_err)?;
+        let id = self.inner.token_to_id(word).ok_or_else(|| {
+            PipelineError::Tokenizer(format!("could not add {word:?} to the tokenizer"))
+        })?;
+        self.expansions.insert(id, ids);
+        Ok(())
+    }
+
+    /// The id of a vocabulary entry (e.g. `",</w>"`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// `model_max_length` from `tokenizer_config.json` (77 for CLIP).

@@ -46,6 +46,7 @@ fn params_of(request: &serde_json::Value) -> GenerationParams {
         scheduler: request["scheduler"]
             .as_str()
             .map(|n| SchedulerKind::from_name(n).unwrap()),
+        ..Default::default()
     }
 }
 

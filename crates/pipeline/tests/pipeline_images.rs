@@ -55,6 +55,7 @@ fn params_of(request: &serde_json::Value) -> GenerationParams {
         scheduler: request["scheduler"]
             .as_str()
             .map(|name| SchedulerKind::from_name(name).expect("known scheduler")),
+        ..Default::default()
     }
 }
 

@@ -221,6 +221,7 @@ fn params(name: &str) -> GenerationParams {
         seed: r["seed"].as_u64().unwrap(),
         guidance_scale: r["guidance_scale"].as_f64().unwrap(),
         scheduler: Some(SchedulerKind::from_name("euler").unwrap()),
+        ..Default::default()
     }
 }
 

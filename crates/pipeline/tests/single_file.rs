@@ -377,6 +377,7 @@ fn a_converted_single_file_generates_the_same_image() {
         scheduler: r["scheduler"]
             .as_str()
             .map(|n| SchedulerKind::from_name(n).unwrap()),
+        ..Default::default()
     };
     let run = |dir: &Path| {
         let sd = StableDiffusion::load(dir, &Device::Cpu, DType::F32).unwrap();

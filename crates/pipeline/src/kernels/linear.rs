@@ -317,6 +317,18 @@ impl Dense {
     }
 
     /// `W^T` `[in, out]` and the bias when stored transposed (for the NCHW projections).
+    /// The tensor holding the weight: `[in, out]` when transposed, else `[out, in]`.
+    pub fn weight_storage(&self) -> &Tensor {
+        match self {
+            Self::Transposed { wt, .. } => wt,
+            Self::Candle(l) => l.weight(),
+        }
+    }
+
+    pub fn is_transposed(&self) -> bool {
+        matches!(self, Self::Transposed { .. })
+    }
+
     pub fn transposed(&self) -> Option<(&Tensor, Option<&Tensor>)> {
         match self {
             Self::Transposed { wt, bias } => Some((wt, bias.as_ref())),

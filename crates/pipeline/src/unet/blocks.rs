@@ -820,3 +820,86 @@ mod tests {
         Ok(())
     }
 }
+
+// The weights a LoRA may change, by diffusers module path (see `crate::lora`).
+mod lora_targets {
+    use super::*;
+    use crate::lora::{join, LoraTargets, Target};
+
+    type Out<'a> = Vec<(String, Target<'a>)>;
+
+    impl LoraTargets for ResnetBlock {
+        fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+            out.push((join(p, "conv1"), Target::Conv(&self.conv1)));
+            out.push((
+                join(p, "time_emb_proj"),
+                Target::Linear(&self.time_emb_proj),
+            ));
+            out.push((join(p, "conv2"), Target::Conv(&self.conv2)));
+            if let Some(c) = &self.conv_shortcut {
+                out.push((join(p, "conv_shortcut"), Target::Conv(c)));
+            }
+        }
+    }
+
+    impl LoraTargets for Attention {
+        fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+            out.push((join(p, "to_q"), Target::Dense(&self.to_q)));
+            out.push((join(p, "to_k"), Target::Dense(&self.to_k)));
+            out.push((join(p, "to_v"), Target::Dense(&self.to_v)));
+            out.push((join(p, "to_out.0"), Target::Dense(&self.to_out)));
+        }
+    }
+
+    impl LoraTargets for Transformer2D {
+        fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+            out.push((join(p, "proj_in"), Target::Dense(&self.proj_in)));
+            for (i, b) in self.blocks.iter().enumerate() {
+                let bp = join(p, format!("transformer_blocks.{i}"));
+                b.attn1.lora_targets(&join(&bp, "attn1"), out);
+                b.attn2.lora_targets(&join(&bp, "attn2"), out);
+                out.push((join(&bp, "ff.net.0.proj"), Target::Dense(&b.ff.proj)));
+                out.push((join(&bp, "ff.net.2"), Target::Dense(&b.ff.out)));
+            }
+            out.push((join(p, "proj_out"), Target::Dense(&self.proj_out)));
+        }
+    }
+
+    impl LoraTargets for DownBlock {
+        fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+            for (i, r) in self.resnets.iter().enumerate() {
+                r.lora_targets(&join(p, format!("resnets.{i}")), out);
+            }
+            for (i, a) in self.attentions.iter().enumerate() {
+                a.lora_targets(&join(p, format!("attentions.{i}")), out);
+            }
+            if let Some(d) = &self.downsample {
+                out.push((join(p, "downsamplers.0.conv"), Target::Conv(&d.conv)));
+            }
+        }
+    }
+
+    impl LoraTargets for MidBlock {
+        fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+            self.first.lora_targets(&join(p, "resnets.0"), out);
+            for (i, (a, r)) in self.rest.iter().enumerate() {
+                a.lora_targets(&join(p, format!("attentions.{i}")), out);
+                r.lora_targets(&join(p, format!("resnets.{}", i + 1)), out);
+            }
+        }
+    }
+
+    impl LoraTargets for UpBlock {
+        fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+            for (i, r) in self.resnets.iter().enumerate() {
+                r.lora_targets(&join(p, format!("resnets.{i}")), out);
+            }
+            for (i, a) in self.attentions.iter().enumerate() {
+                a.lora_targets(&join(p, format!("attentions.{i}")), out);
+            }
+            if let Some(u) = &self.upsample {
+                out.push((join(p, "upsamplers.0.conv"), Target::Conv(&u.conv)));
+            }
+        }
+    }
+}

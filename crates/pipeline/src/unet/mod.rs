@@ -393,6 +393,26 @@ impl UNet2DConditionModel {
         }
     }
 
+    /// The weights a LoRA may change, by diffusers module path; `None` when streamed
+    /// (sequential offload keeps no built modules to change).
+    pub(crate) fn lora_targets(&self) -> Option<Vec<(String, crate::lora::Target<'_>)>> {
+        use crate::lora::{join, LoraTargets};
+        let UNetWeights::Resident(parts) = &self.weights else {
+            return None;
+        };
+        let mut out = Vec::new();
+        for (i, b) in parts.down_blocks.iter().enumerate() {
+            b.lora_targets(&join("down_blocks", i), &mut out);
+        }
+        if let Some(m) = &parts.mid_block {
+            m.lora_targets("mid_block", &mut out);
+        }
+        for (i, b) in parts.up_blocks.iter().enumerate() {
+            b.lora_targets(&join("up_blocks", i), &mut out);
+        }
+        Some(out)
+    }
+
     /// What streaming did since the model was built; `None` when resident.
     pub fn stream_stats(&self) -> Option<StreamStats> {
         match &self.weights {

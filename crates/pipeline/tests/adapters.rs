@@ -1,0 +1,277 @@
+//! LoRA (kohya and PEFT files, UNet, LoCon convolutions and text encoder, several at once) and
+//! textual-inversion embeddings (A1111 `.pt`, `.safetensors`) against diffusers 0.42
+//! `load_lora_weights` + `set_adapters` and `load_textual_inversion` on tiny-a
+//! (references from `tools/make_adapter_fixtures.py`).
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use sdserve_pipeline::embeddings::EmbeddingLibrary;
+use sdserve_pipeline::lora::{LoraFormat, LoraLibrary};
+use sdserve_pipeline::pipeline::{
+    Conditioning, GenerationParams, LoraWeight, PromptSyntax, StableDiffusion,
+};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+struct Reference {
+    model: StableDiffusion,
+    meta: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn reference() -> Reference {
+    let dir = fixtures().join("adapters");
+    let mut model = StableDiffusion::load(&fixtures().join("tiny-a"), &Device::Cpu, DType::F32)
+        .expect("model loads");
+    model
+        .set_lora_library(LoraLibrary::scan(&dir.join("loras")).unwrap())
+        .unwrap();
+    model
+        .set_embedding_library(EmbeddingLibrary::scan(&dir.join("embeddings")).unwrap())
+        .unwrap();
+    let text = std::fs::read_to_string(dir.join("adapters.json")).unwrap();
+    Reference {
+        model,
+        meta: serde_json::from_str(&text).unwrap(),
+        tensors: candle_core::safetensors::load(dir.join("adapters.safetensors"), &Device::Cpu)
+            .unwrap(),
+    }
+}
+
+fn request(r: &Reference, loras: &[(&str, f64)]) -> GenerationParams {
+    let q = &r.meta["request"];
+    GenerationParams {
+        prompt: q["prompt"].as_str().unwrap().into(),
+        negative_prompt: q["negative_prompt"].as_str().unwrap().into(),
+        steps: q["steps"].as_u64().unwrap() as usize,
+        width: q["width"].as_u64().unwrap() as usize,
+        height: q["height"].as_u64().unwrap() as usize,
+        seed: q["seed"].as_u64().unwrap(),
+        guidance_scale: q["guidance_scale"].as_f64().unwrap(),
+        scheduler: Some(SchedulerKind::from_name(q["scheduler"].as_str().unwrap()).unwrap()),
+        loras: loras
+            .iter()
+            .map(|(n, w)| LoraWeight {
+                name: n.to_string(),
+                weight: *w,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn generate(r: &Reference, params: &GenerationParams) -> Vec<u8> {
+    r.model
+        .generate(params, &mut |_| ControlFlow::Continue(()))
+        .expect("generates")
+        .pixels
+}
+
+fn expected(r: &Reference, key: &str) -> Vec<u8> {
+    r.tensors[key]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap()
+}
+
+/// Mean absolute difference on 0..255 and the fraction of values off by more than 8.
+fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
+    assert_eq!(ours.len(), reference.len());
+    let diffs: Vec<i32> = ours
+        .iter()
+        .zip(reference)
+        .map(|(&a, &b)| (a as i32 - b as i32).abs())
+        .collect();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
+    (mean, over)
+}
+
+fn assert_close(label: &str, ours: &[u8], reference: &[u8]) {
+    let (mean, over) = pixel_difference(ours, reference);
+    eprintln!("{label}: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
+    assert!(
+        mean <= 1.0 && over <= 0.005,
+        "{label}: mean {mean}, >8 {over}"
+    );
+}
+
+#[test]
+fn library_lists_both_formats() {
+    let r = reference();
+    let lib = r.model.lora_library();
+    let kohya = lib.get("ink_kohya").unwrap();
+    assert_eq!(
+        (kohya.format, kohya.rank, kohya.targets.clone()),
+        (LoraFormat::Kohya, 4, vec!["unet".to_string()])
+    );
+    assert!(kohya.conv_layers > 0, "LoCon convolutions");
+    let peft = lib.get("soft_peft").unwrap();
+    assert_eq!(
+        (peft.format, peft.rank, peft.targets.clone()),
+        (
+            LoraFormat::Peft,
+            2,
+            vec!["text_encoder".to_string(), "unet".to_string()]
+        )
+    );
+    for name in ["ink_kohya", "soft_peft", "te_kohya"] {
+        r.model.check_lora(name).unwrap();
+    }
+    let names: Vec<&str> = r
+        .model
+        .embedding_library()
+        .list()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["tinyneg", "tinystyle"]);
+}
+
+#[test]
+fn lora_images_match_diffusers_and_base_weights_come_back() {
+    let r = reference();
+    let base = generate(&r, &request(&r, &[]));
+    assert_close("base", &base, &expected(&r, "image.base"));
+    for (name, loras) in r.meta["loras"].as_object().unwrap() {
+        let loras: Vec<(&str, f64)> = loras
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (l[0].as_str().unwrap(), l[1].as_f64().unwrap()))
+            .collect();
+        let got = generate(&r, &request(&r, &loras));
+        assert_close(
+            &format!("lora.{name}"),
+            &got,
+            &expected(&r, &format!("image.lora.{name}")),
+        );
+        // The same LoRAs again: the merged weights are reused, the image is the same.
+        assert_eq!(generate(&r, &request(&r, &loras)), got, "{name} again");
+    }
+    // Without LoRA again: bit for bit the image before any LoRA.
+    assert_eq!(generate(&r, &request(&r, &[])), base);
+}
+
+#[test]
+fn kohya_text_encoder_names_resolve_like_peft() {
+    // te_kohya holds soft_peft's text-encoder layers under kohya's names.
+    let r = reference();
+    let params = |lora: &str| GenerationParams {
+        loras: vec![LoraWeight {
+            name: lora.into(),
+            weight: 0.9,
+        }],
+        ..request(&r, &[])
+    };
+    let cond = |p: &GenerationParams| -> Tensor {
+        // Encoding alone does not merge LoRAs; a one-step run does, and leaves them merged.
+        let mut one = p.clone();
+        one.steps = 1;
+        r.model
+            .generate(&one, &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        match r.model.encode_conditioning(p).unwrap() {
+            Conditioning::Joint(z) => z,
+            _ => panic!("one batch"),
+        }
+    };
+    let plain = cond(&request(&r, &[]));
+    let peft = cond(&params("soft_peft"));
+    let kohya = cond(&params("te_kohya"));
+    let d = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert!(
+        d(&peft, &plain) > 1e-3,
+        "the text encoder LoRA changes the conditioning"
+    );
+    assert!(
+        d(&peft, &kohya) < 1e-5,
+        "kohya and PEFT names: {}",
+        d(&peft, &kohya)
+    );
+}
+
+#[test]
+fn unknown_or_misfit_loras_are_refused_naming_them() {
+    let r = reference();
+    let err = r
+        .model
+        .generate(&request(&r, &[("nope", 1.0)]), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+    // tiny-b has other shapes: the same file does not fit it.
+    let mut other =
+        StableDiffusion::load(&fixtures().join("tiny-b"), &Device::Cpu, DType::F32).unwrap();
+    other
+        .set_lora_library(LoraLibrary::scan(&fixtures().join("adapters/loras")).unwrap())
+        .unwrap();
+    let err = other.check_lora("ink_kohya").unwrap_err();
+    assert!(err.to_string().contains("ink_kohya"), "{err}");
+}
+
+#[test]
+fn embeddings_match_diffusers() {
+    let r = reference();
+    for (name, e) in r.meta["embeddings"].as_object().unwrap() {
+        let params = GenerationParams {
+            prompt: e["prompt"].as_str().unwrap().into(),
+            negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
+            ..request(&r, &[])
+        };
+        for syntax in [PromptSyntax::Plain, PromptSyntax::A1111] {
+            let z = match r
+                .model
+                .encode_conditioning(&GenerationParams {
+                    prompt_syntax: syntax,
+                    ..params.clone()
+                })
+                .unwrap()
+            {
+                Conditioning::Joint(z) => z,
+                _ => panic!("one batch"),
+            };
+            let want = Tensor::cat(
+                &[
+                    &r.tensors[&format!("embedding.{name}.uncond")],
+                    &r.tensors[&format!("embedding.{name}.cond")],
+                ],
+                0,
+            )
+            .unwrap();
+            let d: f32 = (z - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            eprintln!("embedding {name} {syntax:?}: max abs diff {d:.2e}");
+            assert!(d < 1e-5, "{name} {syntax:?}: {d}");
+        }
+        let got = generate(&r, &params);
+        assert_close(
+            &format!("embedding.{name}"),
+            &got,
+            &expected(&r, &format!("image.embedding.{name}")),
+        );
+    }
+}
