@@ -177,6 +177,7 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                     seed,
                     guidance_scale: a.guidance_scale,
                     scheduler: Some(scheduler),
+                    ..Default::default()
                 };
                 let cpu_start = process_cpu_s();
                 let started = Instant::now();

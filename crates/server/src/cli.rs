@@ -133,6 +133,19 @@ pub struct ModelArgs {
     /// Overrides the memory plan's offload.
     #[arg(long, env = "OFFLOAD", value_enum, default_value = "auto")]
     pub offload: OffloadArg,
+    /// A folder of LoRA `.safetensors` files (kohya or PEFT) that requests name in `loras` or
+    /// `<lora:name:weight>` tags; listed by GET /loras.
+    #[arg(long, env = "LORA_DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// A folder of textual-inversion embeddings (A1111 `.pt`, `.safetensors`): a file's name
+    /// used as a word in a prompt stands for its vectors; listed by GET /embeddings.
+    #[arg(long, env = "EMBEDDINGS_DIR")]
+    pub embeddings_dir: Option<PathBuf>,
+    /// For a single-file checkpoint not shaped like SD 1.5: a folder with the diffusers
+    /// configs (`unet/config.json`, `vae/config.json`, `text_encoder/config.json`,
+    /// `scheduler/scheduler_config.json`, optionally `tokenizer/`) to convert it with.
+    #[arg(long, env = "MODEL_CONFIG")]
+    pub model_config: Option<PathBuf>,
 }
 
 impl ModelArgs {

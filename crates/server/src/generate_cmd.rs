@@ -184,6 +184,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         seed,
         guidance_scale: req.guidance_scale,
         scheduler: Some(scheduler),
+        ..Default::default()
     };
     let started = Instant::now();
     let mut err = std::io::stderr();

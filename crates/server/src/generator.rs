@@ -62,6 +62,8 @@ pub struct ModelInfo {
     pub model_version: String,
     /// The scheduler of the model's own `scheduler_config.json`.
     pub default_scheduler: SchedulerKind,
+    /// The LoRA files and embeddings requests may use.
+    pub adapters: crate::adapters::Adapters,
 }
 
 /// A loaded model: the generator and its description.
@@ -135,6 +137,7 @@ impl FakeSpec {
                 info: ModelInfo {
                     model_version: "fake@0".into(),
                     default_scheduler: self.scheduler,
+                    adapters: Default::default(),
                 },
             })
         })
@@ -212,6 +215,7 @@ mod tests {
             seed,
             guidance_scale: 7.5,
             scheduler: Some(SchedulerKind::Euler),
+            ..Default::default()
         }
     }
 

@@ -161,6 +161,7 @@ pub fn warm_up(sd: &StableDiffusion) -> Result<(), PipelineError> {
         seed: 0,
         guidance_scale: 7.5,
         scheduler: None,
+        ..Default::default()
     };
     sd.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
         .map(|_| ())

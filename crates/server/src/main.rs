@@ -1,5 +1,6 @@
 //! sdserve: Stable Diffusion 1.5 text-to-image over HTTP, and a one-shot `generate` command.
 
+mod adapters;
 mod api;
 mod bench_cmd;
 mod cache;

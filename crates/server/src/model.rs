@@ -78,6 +78,9 @@ pub fn load_real(
     // The hub prefers fp16 weight variants when the model will run in f16; `rt` made the same
     // device/dtype choice `gpu::resolve` makes below.
     let mut opts = hub::HubOptions::from_env(args.model_cache_dir.clone(), rt.dtype == DType::F16);
+    if args.model_config.is_some() {
+        opts.single_file_config = args.model_config.clone();
+    }
     let s = status.clone();
     let progress = move |p: &hub::Progress| s.update(p);
     let resolved = match load.patience {
@@ -116,7 +119,12 @@ pub fn load_real(
         setup.describe()
     );
     let t0 = std::time::Instant::now();
-    let sd = gpu::load(&setup, &resolved.dir)?;
+    let mut sd = gpu::load(&setup, &resolved.dir)?;
+    let adapters = crate::adapters::load_into(
+        &mut sd,
+        args.lora_dir.as_deref(),
+        args.embeddings_dir.as_deref(),
+    )?;
     if !setup.device.is_cpu() {
         tracing::info!(
             seconds = t0.elapsed().as_secs_f64(),
@@ -139,6 +147,7 @@ pub fn load_real(
     let info = ModelInfo {
         model_version: resolved.model_version,
         default_scheduler: sd.default_scheduler(),
+        adapters,
     };
     Ok(Loaded {
         generator: Box::new(GpuGenerator { sd, setup }),

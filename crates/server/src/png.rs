@@ -33,15 +33,27 @@ fn latin1(s: &str) -> String {
 
 /// The A1111 "parameters" string.
 pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
+    // A1111 keeps the LoRA tags in the prompt line.
     let mut s = p.prompt.clone();
+    for l in &p.loras {
+        s.push_str(&format!(" <lora:{}:{}>", l.name, l.weight));
+    }
     if !p.negative_prompt.is_empty() {
         s.push_str("\nNegative prompt: ");
         s.push_str(&p.negative_prompt);
     }
     let sampler = p.scheduler.map(a1111_sampler).unwrap_or("default");
     let scheduler = p.scheduler.map(|k| k.name()).unwrap_or("default");
+    let clip_skip = match p.clip_skip {
+        1 => String::new(),
+        n => format!(", Clip skip: {n}"),
+    };
+    let syntax = match p.prompt_syntax {
+        sdserve_pipeline::pipeline::PromptSyntax::A1111 => "",
+        sdserve_pipeline::pipeline::PromptSyntax::Plain => ", Prompt syntax: plain",
+    };
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model_version}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{clip_skip}{syntax}, Model: {model_version}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,
@@ -118,8 +130,25 @@ mod tests {
             seed: 42,
             guidance_scale: 7.5,
             scheduler: Some(SchedulerKind::EulerAncestral),
+            prompt_syntax: sdserve_pipeline::pipeline::PromptSyntax::A1111,
+            ..Default::default()
         };
         let text = parameters_text(&params, "m@1");
+        // Clip skip and LoRAs read as A1111 writes them.
+        let with_adapters = GenerationParams {
+            clip_skip: 2,
+            loras: vec![sdserve_pipeline::pipeline::LoraWeight {
+                name: "ink".into(),
+                weight: 0.8,
+            }],
+            ..params.clone()
+        };
+        let adapted = parameters_text(&with_adapters, "m@1");
+        assert!(adapted.starts_with("a cat <lora:ink:0.8>\n"), "{adapted}");
+        assert!(
+            adapted.contains(", Size: 3x2, Clip skip: 2, Model: m@1"),
+            "{adapted}"
+        );
         let want = format!(
             "a cat\nNegative prompt: dog\nSteps: 4, Sampler: Euler a, Scheduler: euler_a, CFG scale: 7.5, Seed: 42, Size: 3x2, Model: m@1, Version: sdserve {}",
             env!("CARGO_PKG_VERSION")

@@ -39,6 +39,7 @@ impl SpeedProbe {
             seed: 0,
             guidance_scale: GUIDANCE_DEFAULT,
             scheduler: Some(SchedulerKind::Euler),
+            ..Default::default()
         };
         let t0 = Instant::now();
         let mut at = Vec::with_capacity(2);

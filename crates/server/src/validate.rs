@@ -8,6 +8,7 @@
 //!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
 //!   optional field.
 
+use sdserve_pipeline::pipeline::PromptSyntax;
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{Map, Value};
 
@@ -28,7 +29,7 @@ pub const GUIDANCE_DEFAULT: f64 = 7.5;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 8] = [
+pub const FIELDS: [&str; 11] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -37,7 +38,14 @@ pub const FIELDS: [&str; 8] = [
     "seed",
     "guidance_scale",
     "scheduler",
+    "prompt_syntax",
+    "clip_skip",
+    "loras",
 ];
+pub const CLIP_SKIP_MAX: u64 = 4;
+pub const LORAS_MAX: usize = 8;
+pub const LORA_WEIGHT_MIN: f64 = -4.0;
+pub const LORA_WEIGHT_MAX: f64 = 4.0;
 
 /// A request that passed every rule, with defaults filled (seed and scheduler stay optional:
 /// they are resolved later, from the RNG and the loaded model).
@@ -51,6 +59,10 @@ pub struct ValidRequest {
     pub seed: Option<u32>,
     pub guidance_scale: f64,
     pub scheduler: Option<SchedulerKind>,
+    pub prompt_syntax: PromptSyntax,
+    pub clip_skip: usize,
+    /// From `loras` and the prompt's `<lora:name:weight>` tags (taken out of `prompt`).
+    pub loras: Vec<(String, f64)>,
 }
 
 /// Checks the `Content-Type` header value: JSON is required.
@@ -110,6 +122,35 @@ pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiErro
     let schedulers: Vec<(&str, SchedulerKind)> =
         SchedulerKind::ALL.iter().map(|k| (k.name(), *k)).collect();
     let scheduler = r.choice("scheduler", &schedulers);
+    let prompt_syntax = r.choice(
+        "prompt_syntax",
+        &[
+            ("a1111", PromptSyntax::A1111),
+            ("plain", PromptSyntax::Plain),
+        ],
+    );
+    let clip_skip = r.int("clip_skip", 1, CLIP_SKIP_MAX);
+    let mut loras = r.with("loras", lora_list).unwrap_or_default();
+    // `<lora:name:weight>` tags do what `loras` does and leave the prompt.
+    let prompt = prompt.map(|p| {
+        let (text, tagged) = sdserve_pipeline::lora::extract_lora_tags(&p);
+        for (name, weight) in tagged {
+            if !(LORA_WEIGHT_MIN..=LORA_WEIGHT_MAX).contains(&weight) {
+                r.fail(
+                    "prompt",
+                    format!("<lora:{name}:{weight}>: the weight must be between {LORA_WEIGHT_MIN} and {LORA_WEIGHT_MAX}"),
+                );
+            }
+            loras.push((name, weight));
+        }
+        text.trim().to_string()
+    });
+    if loras.len() > LORAS_MAX {
+        r.fail(
+            "loras",
+            format!("at most {LORAS_MAX} LoRAs (with the prompt's <lora:...> tags)"),
+        );
+    }
     r.finish()?;
     Ok(ValidRequest {
         prompt: prompt.unwrap_or_default(),
@@ -120,7 +161,55 @@ pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiErro
         seed: seed.map(|v| v as u32),
         guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
         scheduler,
+        prompt_syntax: prompt_syntax.unwrap_or(PromptSyntax::A1111),
+        clip_skip: clip_skip.map_or(1, |v| v as usize),
+        loras,
     })
+}
+
+/// `loras`: `[{"name": str, "weight": number}]` (weight 1 when absent).
+fn lora_list(v: &Value) -> Result<Vec<(String, f64)>, String> {
+    let rule = format!(
+        "must be an array of at most {LORAS_MAX} objects {{\"name\": string, \"weight\": number between {LORA_WEIGHT_MIN} and {LORA_WEIGHT_MAX}}}"
+    );
+    let items = v.as_array().ok_or_else(|| rule.clone())?;
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "name" | "weight"))
+        {
+            return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
+        }
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| format!("[{i}].name: a non-empty string is required"))?;
+        let weight = match obj.get("weight") {
+            None | Some(Value::Null) => 1.0,
+            Some(w) => w
+                .as_f64()
+                .filter(|w| (LORA_WEIGHT_MIN..=LORA_WEIGHT_MAX).contains(w))
+                .ok_or_else(|| {
+                    format!("[{i}].weight: must be a number between {LORA_WEIGHT_MIN} and {LORA_WEIGHT_MAX}")
+                })?,
+        };
+        out.push((name.trim().to_string(), weight));
+    }
+    Ok(out)
+}
+
+/// The LoRAs a request names must be among the loaded model's, and fit it (`GET /loras`).
+pub fn check_loras(
+    req: &ValidRequest,
+    adapters: &crate::adapters::Adapters,
+) -> Result<(), ApiError> {
+    match req.loras.iter().find_map(|(n, _)| adapters.lora_problem(n)) {
+        Some(problem) => Err(ApiError::validation("loras", problem)),
+        None => Ok(()),
+    }
 }
 
 /// Reads a request object field by field and collects every broken rule, so that one 422 names

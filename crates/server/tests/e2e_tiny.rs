@@ -48,6 +48,7 @@ fn direct(seed: u64) -> Vec<u8> {
         seed,
         guidance_scale: 5.0,
         scheduler: Some(SchedulerKind::EulerAncestral),
+        ..Default::default()
     };
     sd.generate(&params, &mut |_| ControlFlow::Continue(()))
         .unwrap()

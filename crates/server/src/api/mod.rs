@@ -103,6 +103,36 @@ pub struct GenerateRequest {
     /// Absent or null: the model's own scheduler config.
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
+    /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77
+    /// tokens; `plain`: diffusers (truncated to 77 tokens, brackets are text).
+    #[schema(nullable = true, default = "a1111")]
+    pub prompt_syntax: Option<PromptSyntaxName>,
+    /// A1111's count: 1 = the last CLIP layer, 2 = the penultimate, ...
+    #[schema(minimum = 1, maximum = 4, default = 1, nullable = true)]
+    pub clip_skip: Option<u32>,
+    /// LoRAs for this request (names from `GET /loras`); `<lora:name:weight>` tags in the
+    /// prompt do the same and are removed from its text. At most 8 in all.
+    #[schema(max_items = 8, nullable = true)]
+    pub loras: Option<Vec<LoraUse>>,
+}
+
+/// How prompts are read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum PromptSyntaxName {
+    #[serde(rename = "a1111")]
+    A1111,
+    #[serde(rename = "plain")]
+    Plain,
+}
+
+/// A LoRA and its weight.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraUse {
+    pub name: String,
+    /// -4.0..=4.0; 1 when absent.
+    #[schema(minimum = -4.0, maximum = 4.0, default = 1.0)]
+    pub weight: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -116,6 +146,11 @@ pub struct GenerateMetadata {
     pub guidance_scale: f64,
     /// The scheduler actually used (the model's own when the request named none).
     pub scheduler: String,
+    /// `a1111` or `plain`.
+    pub prompt_syntax: String,
+    pub clip_skip: u32,
+    /// The LoRAs applied (from `loras` and the prompt's tags).
+    pub loras: Vec<LoraUse>,
     pub generation_time_seconds: f64,
     /// Model name and revision or content digest.
     pub model_version: String,
@@ -193,6 +228,8 @@ pub struct HealthResponse {
     paths(
         native::generate,
         native::health,
+        native::loras,
+        native::embeddings,
         native::metrics,
         native::openapi_json,
         native::docs
@@ -202,6 +239,10 @@ pub struct HealthResponse {
         GenerateResponse,
         GenerateMetadata,
         SchedulerName,
+        PromptSyntaxName,
+        LoraUse,
+        crate::adapters::LoraListing,
+        crate::adapters::EmbeddingListing,
         ErrorBody,
         FieldError,
         HealthResponse,
@@ -229,6 +270,8 @@ pub fn router(state: Shared) -> Router {
     let routes = Router::new()
         .route("/generate", post(native::generate))
         .route("/health", get(native::health))
+        .route("/loras", get(native::loras))
+        .route("/embeddings", get(native::embeddings))
         .route("/metrics", get(native::metrics))
         .route("/openapi.json", get(native::openapi_json))
         .route("/docs", get(native::docs))

@@ -6,11 +6,11 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use base64::Engine as _;
-use sdserve_pipeline::pipeline::GenerationParams;
+use sdserve_pipeline::pipeline::{GenerationParams, LoraWeight, PromptSyntax};
 
 use super::{
     openapi_string, random_seed, AppState, GenerateMetadata, GenerateRequest, GenerateResponse,
-    GpuInfo, HealthResponse, HealthStatus, QueueInfo, RequestStats, Shared,
+    GpuInfo, HealthResponse, HealthStatus, LoraUse, QueueInfo, RequestStats, Shared,
 };
 use crate::cache::ResponseCache;
 use crate::engine::ModelState;
@@ -20,7 +20,7 @@ use crate::validate;
 /// Every parameter that changes the image, the resolved scheduler and the model version.
 fn cache_key(p: &GenerationParams, model_version: &str) -> String {
     format!(
-        "{model_version}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}",
+        "{model_version}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}",
         p.prompt,
         p.negative_prompt,
         p.steps,
@@ -29,6 +29,12 @@ fn cache_key(p: &GenerationParams, model_version: &str) -> String {
         p.seed,
         p.guidance_scale.to_bits(),
         p.scheduler.map(|k| k.name()).unwrap_or("default"),
+        p.prompt_syntax,
+        p.clip_skip,
+        p.loras
+            .iter()
+            .map(|l| (&l.name, l.weight.to_bits()))
+            .collect::<Vec<_>>(),
     )
 }
 
@@ -159,6 +165,7 @@ pub(super) async fn run(
             )),
             None => e,
         })?;
+    validate::check_loras(&req, &info.adapters)?;
     let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
     let params = GenerationParams {
         prompt: req.prompt,
@@ -169,6 +176,16 @@ pub(super) async fn run(
         seed: u64::from(req.seed.unwrap_or_else(random_seed)),
         guidance_scale: req.guidance_scale,
         scheduler: Some(scheduler),
+        prompt_syntax: req.prompt_syntax,
+        clip_skip: req.clip_skip,
+        loras: req
+            .loras
+            .iter()
+            .map(|(name, weight)| LoraWeight {
+                name: name.clone(),
+                weight: *weight,
+            })
+            .collect(),
     };
     let mut stats = RequestStats {
         steps: Some(params.steps),
@@ -209,6 +226,20 @@ pub(super) async fn run(
             seed: params.seed,
             guidance_scale: params.guidance_scale,
             scheduler: scheduler.name().to_string(),
+            prompt_syntax: match params.prompt_syntax {
+                PromptSyntax::A1111 => "a1111",
+                PromptSyntax::Plain => "plain",
+            }
+            .to_string(),
+            clip_skip: params.clip_skip as u32,
+            loras: params
+                .loras
+                .iter()
+                .map(|l| LoraUse {
+                    name: l.name.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
             generation_time_seconds: (out.gen_secs * 1000.0).round() / 1000.0,
             model_version: info.model_version,
         },
@@ -284,6 +315,28 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
+/// The LoRA files of `LORA_DIR` (empty when unset or while the model loads).
+#[utoipa::path(get, path = "/loras", responses((status = 200, description = "`{loras: [{name, file, format, rank, targets, layers, conv_layers, error}]}`; `error` says why a file does not fit the model")))]
+pub(super) async fn loras(State(app): State<Shared>) -> Response {
+    let loras = app
+        .engine
+        .model_info()
+        .map(|i| i.adapters.loras)
+        .unwrap_or_default();
+    axum::Json(serde_json::json!({ "loras": loras })).into_response()
+}
+
+/// The textual-inversion embeddings of `EMBEDDINGS_DIR` (empty when unset or while loading).
+#[utoipa::path(get, path = "/embeddings", responses((status = 200, description = "`{embeddings: [{name, file, format, vectors}]}`")))]
+pub(super) async fn embeddings(State(app): State<Shared>) -> Response {
+    let embeddings = app
+        .engine
+        .model_info()
+        .map(|i| i.adapters.embeddings)
+        .unwrap_or_default();
+    axum::Json(serde_json::json!({ "embeddings": embeddings })).into_response()
+}
+
 /// Prometheus metrics (text exposition format 0.0.4).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub(super) async fn metrics(State(app): State<Shared>) -> Response {
@@ -331,6 +384,7 @@ mod tests {
             seed: 1,
             guidance_scale: 7.5,
             scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+            ..Default::default()
         };
         let k = cache_key(&base, "m@1");
         let variants = [
@@ -364,6 +418,21 @@ mod tests {
             },
             GenerationParams {
                 scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Ddim),
+                ..base.clone()
+            },
+            GenerationParams {
+                prompt_syntax: PromptSyntax::A1111,
+                ..base.clone()
+            },
+            GenerationParams {
+                clip_skip: 2,
+                ..base.clone()
+            },
+            GenerationParams {
+                loras: vec![LoraWeight {
+                    name: "x".into(),
+                    weight: 0.5,
+                }],
                 ..base.clone()
             },
         ];

@@ -355,6 +355,7 @@ mod tests {
             seed: 1,
             guidance_scale: 7.5,
             scheduler: Some(SchedulerKind::Euler),
+            ..Default::default()
         }
     }
 
