@@ -23,7 +23,7 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     /// Queue wait plus generation passed the deadline; the run was cancelled.
     #[error("generation timed out")]
-    Timeout(u64),
+    Timeout(TimeoutInfo),
     /// MAX_CONCURRENT_REQUESTS are already admitted.
     #[error("server overloaded, retry later")]
     Overloaded { retry_after_secs: u64 },
@@ -49,6 +49,66 @@ pub enum ApiError {
     /// Anything else. The cause goes to the log, never to the client.
     #[error("internal error")]
     Internal(String),
+}
+
+/// How far a request got before its deadline, for the 408's details. `TimeoutInfo::from(secs)`
+/// when nothing more is known.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TimeoutInfo {
+    /// GENERATION_TIMEOUT_SECONDS (0: unknown).
+    pub limit_secs: u64,
+    /// Seconds in the queue before the run started (all of them when it never started).
+    pub queued_secs: f64,
+    /// Steps done and planned when it was stopped (0 of 0: it never started a step).
+    pub step: usize,
+    pub total: usize,
+    /// Seconds the run took until it was stopped.
+    pub running_secs: f64,
+}
+
+impl From<u64> for TimeoutInfo {
+    fn from(limit_secs: u64) -> Self {
+        Self {
+            limit_secs,
+            ..Self::default()
+        }
+    }
+}
+
+impl TimeoutInfo {
+    /// Seconds the whole request would have needed at the speed it ran (queue wait included,
+    /// the final decode not), when at least one step finished.
+    pub fn needed_secs(&self) -> Option<f64> {
+        (self.step > 0 && self.total >= self.step)
+            .then(|| self.queued_secs + self.running_secs * self.total as f64 / self.step as f64)
+    }
+
+    fn details(&self) -> Option<String> {
+        if self.limit_secs == 0 {
+            return None;
+        }
+        let head = format!(
+            "queue wait plus generation passed GENERATION_TIMEOUT_SECONDS={}; the run was stopped",
+            self.limit_secs
+        );
+        Some(match self.needed_secs() {
+            Some(needed) => format!(
+                "{head} at step {} of {} after {:.1} s ({:.1} s of it in the queue). At this speed \
+                 the request needs about {needed:.0} s: raise GENERATION_TIMEOUT_SECONDS to at \
+                 least {:.0}, or ask for fewer steps or a smaller size",
+                self.step,
+                self.total,
+                self.queued_secs + self.running_secs,
+                self.queued_secs,
+                (needed * 1.15).ceil()
+            ),
+            None => format!(
+                "{head} before its first step, after {:.1} s in the queue: raise \
+                 GENERATION_TIMEOUT_SECONDS, or send fewer requests at once",
+                self.queued_secs + self.running_secs
+            ),
+        })
+    }
 }
 
 /// One broken rule of one request field.
@@ -124,7 +184,7 @@ impl ApiError {
                 Self::MethodNotAllowed("method not allowed on this route".into())
             }
             StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge(0),
-            StatusCode::REQUEST_TIMEOUT => Self::Timeout(0),
+            StatusCode::REQUEST_TIMEOUT => Self::Timeout(TimeoutInfo::default()),
             StatusCode::SERVICE_UNAVAILABLE => Self::ModelUnavailable("service unavailable".into()),
             s if s.is_client_error() => Self::InvalidJson(format!("request rejected ({s})")),
             s => Self::Internal(format!("status {s}")),
@@ -148,10 +208,7 @@ impl ApiError {
             ),
             Self::PayloadTooLarge(0) => None,
             Self::PayloadTooLarge(n) => Some(format!("the body may hold at most {n} bytes")),
-            Self::Timeout(0) => None,
-            Self::Timeout(s) => Some(format!(
-                "queue wait plus generation passed {s} seconds; the run was cancelled"
-            )),
+            Self::Timeout(info) => info.details(),
             Self::Overloaded { retry_after_secs } => Some(format!(
                 "all request slots are taken; retry after {retry_after_secs} s"
             )),
@@ -225,7 +282,7 @@ mod tests {
                 "method_not_allowed",
             ),
             (ApiError::PayloadTooLarge(1), 413, "payload_too_large"),
-            (ApiError::Timeout(60), 408, "timeout"),
+            (ApiError::Timeout(60.into()), 408, "timeout"),
             (
                 ApiError::Overloaded {
                     retry_after_secs: 1,
@@ -276,7 +333,7 @@ mod tests {
             body.details.as_deref(),
             Some("steps: must be between 1 and 50")
         );
-        assert!(ApiError::Timeout(60).body().fields.is_none());
+        assert!(ApiError::Timeout(60.into()).body().fields.is_none());
     }
 
     #[test]
@@ -297,7 +354,43 @@ mod tests {
             body["fields"],
             serde_json::json!([{"field": "steps", "rule": "too many"}, {"field": "width", "rule": "odd"}])
         );
-        let other = serde_json::to_value(ApiError::Timeout(60).body()).unwrap();
+        let other = serde_json::to_value(ApiError::Timeout(60.into()).body()).unwrap();
         assert!(other.get("fields").is_none(), "{other}");
+    }
+
+    #[test]
+    fn a_timeout_says_what_the_request_needed_and_what_to_raise() {
+        // 8 of 20 steps in 30 s after 6 s in the queue: 6 + 30 * 20 / 8 = 81 s.
+        let info = TimeoutInfo {
+            limit_secs: 60,
+            queued_secs: 6.0,
+            step: 8,
+            total: 20,
+            running_secs: 30.0,
+        };
+        assert_eq!(info.needed_secs(), Some(81.0));
+        let d = ApiError::Timeout(info).body().details.unwrap();
+        for want in [
+            "GENERATION_TIMEOUT_SECONDS=60",
+            "at step 8 of 20 after 36.0 s (6.0 s of it in the queue)",
+            "needs about 81 s",
+            "raise GENERATION_TIMEOUT_SECONDS to at least 94",
+            "fewer steps or a smaller size",
+        ] {
+            assert!(d.contains(want), "{want:?} not in {d}");
+        }
+        let queued = ApiError::Timeout(TimeoutInfo {
+            queued_secs: 60.2,
+            ..60.into()
+        });
+        let d = queued.body().details.unwrap();
+        assert!(
+            d.contains("before its first step, after 60.2 s in the queue"),
+            "{d}"
+        );
+        assert!(ApiError::Timeout(TimeoutInfo::default())
+            .body()
+            .details
+            .is_none());
     }
 }

@@ -196,6 +196,22 @@ fn timeout_stops_the_run_and_frees_the_worker() {
         took >= Duration::from_millis(950) && took < Duration::from_millis(1600),
         "{took:?} {j}"
     );
+    // The details say how far it got, what it would have needed and what to raise: 50 steps
+    // of 50 ms need about 2.5 s.
+    let details = j["details"].as_str().unwrap();
+    assert!(
+        details.contains("GENERATION_TIMEOUT_SECONDS=1; the run was stopped at step ")
+            && details.contains(" of 50 after ")
+            && details.contains("raise GENERATION_TIMEOUT_SECONDS to at least"),
+        "{details}"
+    );
+    let needed: f64 = details
+        .split("needs about ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{details}"));
+    assert!((2.0..=6.0).contains(&needed), "{details}");
     // Cancelled at the next step: the worker is free at once, a 2-step job takes ~100 ms, not ~1.5 s more.
     let t = Instant::now();
     let r = s.post_json(&json!({"prompt": "quick", "steps": 2, "width": 256, "height": 256}));

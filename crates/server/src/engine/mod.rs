@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use candle_core::Device;
 use sdserve_pipeline::memory::breaker::BreakerConfig;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, TimeoutInfo};
 use crate::generator::{Loader, ModelInfo};
 use crate::gpu::OomGuard;
 use crate::metrics::{Gauges, Metrics};
@@ -61,11 +61,37 @@ enum JobError {
     Internal(String),
 }
 
+/// How far a job got, shared between the worker and the waiting handler (for the 408's details).
+#[derive(Debug, Default)]
+struct RunProgress {
+    started: std::sync::OnceLock<Instant>,
+    step: AtomicUsize,
+    total: AtomicUsize,
+}
+
+impl RunProgress {
+    fn timeout_info(&self, limit: Duration, enqueued: Instant) -> TimeoutInfo {
+        let now = Instant::now();
+        let (queued, running) = match self.started.get() {
+            Some(&s) => (s.duration_since(enqueued), now.duration_since(s)),
+            None => (now.duration_since(enqueued), Duration::ZERO),
+        };
+        TimeoutInfo {
+            limit_secs: limit.as_secs(),
+            queued_secs: queued.as_secs_f64(),
+            step: self.step.load(Ordering::SeqCst),
+            total: self.total.load(Ordering::SeqCst),
+            running_secs: running.as_secs_f64(),
+        }
+    }
+}
+
 struct Job {
     id: u64,
     params: GenerationParams,
     png_text: String,
     cancel: Arc<AtomicBool>,
+    progress: Arc<RunProgress>,
     deadline: Instant,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Outcome, JobError>>,
@@ -256,6 +282,7 @@ impl Engine {
         })?;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(RunProgress::default());
         let now = Instant::now();
         let deadline = now + inner.cfg.timeout;
         let (tx, rx) = oneshot::channel();
@@ -264,6 +291,7 @@ impl Engine {
             params,
             png_text,
             cancel: cancel.clone(),
+            progress: progress.clone(),
             deadline,
             enqueued: now,
             reply: tx,
@@ -287,11 +315,15 @@ impl Engine {
             cancel,
         };
         match tokio::time::timeout_at(deadline.into(), rx).await {
-            Err(_) => Err(ApiError::Timeout(inner.cfg.timeout.as_secs())),
+            Err(_) => Err(ApiError::Timeout(
+                progress.timeout_info(inner.cfg.timeout, now),
+            )),
             Ok(Err(_)) => Err(ApiError::Internal("the worker dropped the job".into())),
             Ok(Ok(Ok(outcome))) => Ok(outcome),
             Ok(Ok(Err(e))) => Err(match e {
-                JobError::Timeout => ApiError::Timeout(inner.cfg.timeout.as_secs()),
+                JobError::Timeout => {
+                    ApiError::Timeout(progress.timeout_info(inner.cfg.timeout, now))
+                }
                 JobError::ShuttingDown => {
                     ApiError::ModelUnavailable("the server is shutting down".into())
                 }

@@ -81,13 +81,16 @@ fn run_job(
         inner.oom.release_probe();
         return (Some(job.reply), Some(Err(JobError::Timeout)));
     }
+    let _ = job.progress.started.set(start);
     let queue_secs = start.duration_since(job.enqueued).as_secs_f64();
     inner.metrics.queue_seconds.observe(queue_secs);
     let shutdown_deadline = *lock(&inner.shutdown_deadline);
     let mut last = start;
     let mut stop_reason = None;
     let result = {
-        let mut hook = |_p: StepProgress| {
+        let mut hook = |p: StepProgress| {
+            job.progress.step.store(p.step, Ordering::SeqCst);
+            job.progress.total.store(p.total, Ordering::SeqCst);
             let now = Instant::now();
             inner
                 .metrics

@@ -408,7 +408,7 @@ mod tests {
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers()["retry-after"], "3");
         assert!(resp.headers().get("x-should-retry").is_none());
-        let resp = OpenAiError::from(ApiError::Timeout(60)).into_response();
+        let resp = OpenAiError::from(ApiError::Timeout(60.into())).into_response();
         assert_eq!(resp.status(), 408);
         assert_eq!(resp.headers()["x-should-retry"], "false");
         let (status, body) =
