@@ -1,21 +1,24 @@
 //! Per-stage timings of the pipeline on a model folder, printed as a table and as JSON.
 //!
 //! `MODEL_DIR=/path/to/sd15 cargo bench -p sdserve-pipeline --bench stages -- [--sizes 256,512]
-//! [--repeats 3] [--steps 20] [--full-sizes 256] [--json out.json]`
+//! [--repeats 3] [--steps 20] [--full-sizes 256] [--image-sizes 512] [--json out.json]`
 //!
 //! Stages: text encode (prompt + empty negative), one UNet step with guidance (batch 2), VAE decode,
-//! and whole generations. Each figure is the median of `--repeats` runs with min and max; peak RSS is
+//! and whole generations: text-to-image at `--full-sizes`, img2img (strength 0.75) and
+//! inpainting (strength 1.0, right half repainted) at `--image-sizes` (empty list: none). Each figure is the median of `--repeats` runs with min and max; peak RSS is
 //! read from `/proc/self/status` (VmHWM), reset before each stage through `/proc/self/clear_refs`.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, RgbImage, StableDiffusion};
 use sdserve_pipeline::rng::TorchRng;
 
 struct Args {
     sizes: Vec<usize>,
     full_sizes: Vec<usize>,
+    /// Sizes of the whole img2img (strength 0.75) and inpainting (strength 1.0) generations.
+    image_sizes: Vec<usize>,
     repeats: usize,
     steps: usize,
     json: Option<String>,
@@ -36,6 +39,7 @@ fn parse_args() -> Args {
     let mut args = Args {
         sizes: vec![256, 512],
         full_sizes: vec![256],
+        image_sizes: vec![512],
         repeats: 3,
         steps: 20,
         json: None,
@@ -47,6 +51,9 @@ fn parse_args() -> Args {
         match a.as_str() {
             "--sizes" => args.sizes = parse_list(&it.next().expect("--sizes LIST")),
             "--full-sizes" => args.full_sizes = parse_list(&it.next().expect("--full-sizes LIST")),
+            "--image-sizes" => {
+                args.image_sizes = parse_list(&it.next().expect("--image-sizes LIST"))
+            }
             "--repeats" => {
                 args.repeats = it.next().expect("--repeats N").parse().expect("a number")
             }
@@ -292,6 +299,48 @@ fn main() {
                     .expect("generate");
             },
         ));
+    }
+
+    // Images in: a synthetic picture, and a mask repainting its right half.
+    for &size in &args.image_sizes {
+        let picture = |f: &dyn Fn(usize, usize, usize) -> u8| RgbImage {
+            width: size as u32,
+            height: size as u32,
+            pixels: (0..size * size * 3)
+                .map(|i| f((i / 3) % size, i / 3 / size, i % 3))
+                .collect(),
+        };
+        let image = picture(&|x, y, c| ((x * 255 / size + y * 97 / size + c * 60) % 256) as u8);
+        let mask = picture(&|x, _, _| if x >= size / 2 { 255 } else { 0 });
+        let base = GenerationParams {
+            prompt: prompt.into(),
+            steps: args.steps,
+            width: size,
+            height: size,
+            ..Default::default()
+        };
+        for (name, mask, strength) in [("img2img", None, 0.75), ("inpaint", Some(mask), 1.0)] {
+            if mask.is_none() && model.is_inpainting() {
+                continue; // an inpainting model needs a mask
+            }
+            let params = GenerationParams {
+                init_image: Some(InitImage {
+                    image: image.clone(),
+                    mask,
+                    strength,
+                }),
+                ..base.clone()
+            };
+            stats.push(measure(
+                &format!("{name}_{}steps_s{strength}_{size}", args.steps),
+                args.repeats.clamp(1, 2),
+                || {
+                    model
+                        .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+                        .expect("generate");
+                },
+            ));
+        }
     }
 
     if args.kernels {

@@ -9,6 +9,7 @@ pub mod clip;
 pub mod device;
 pub mod embeddings;
 pub mod error;
+pub mod image_in;
 pub mod kernels;
 pub mod lora;
 pub mod memory;
@@ -22,6 +23,7 @@ mod test_util;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_encoder;
 pub mod weights;
 
 pub use error::{PipelineError, Result};

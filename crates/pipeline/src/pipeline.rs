@@ -19,10 +19,16 @@ use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{StreamStats, UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKlDecoder, VaeConfig};
+use crate::vae_encoder::AutoencoderKlEncoder;
 use crate::{PipelineError, Result};
 use std::collections::HashMap;
 
-/// What one request asks of the pipeline (already validated by the caller).
+mod images_in;
+
+pub use images_in::{seed_of_image, InitImage, Mode};
+
+/// What one request asks of the pipeline (already validated by the caller). New fields keep a
+/// default, so callers write `..Default::default()` for what they do not set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
     pub prompt: String,
@@ -40,6 +46,11 @@ pub struct GenerationParams {
     pub clip_skip: usize,
     /// LoRA adapters for this request only, by name, with their weights.
     pub loras: Vec<LoraWeight>,
+    /// Images made at once, as one UNet batch; image `i` uses seed `seed + i` (see
+    /// [`seed_of_image`]), so each can be made again alone.
+    pub batch_size: usize,
+    /// img2img (no mask) or inpainting (with a mask); `None`: text-to-image.
+    pub init_image: Option<InitImage>,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -56,6 +67,8 @@ impl Default for GenerationParams {
             seed: 0,
             guidance_scale: 7.5,
             scheduler: None,
+            batch_size: 1,
+            init_image: None,
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: 1,
             loras: Vec::new(),
@@ -110,6 +123,9 @@ pub struct StableDiffusion {
     unet_config: UNetConfig,
     unet_in_channels: usize,
     vae: Component<AutoencoderKlDecoder>,
+    /// The VAE's encoder half, for init images (img2img, inpainting).
+    vae_encoder: Component<AutoencoderKlEncoder>,
+    vae_latent_channels: usize,
     /// The VAE in f32, built only to redo a half-precision decode that produced NaN/Inf.
     vae_f32: Option<Component<AutoencoderKlDecoder>>,
     plan: MemoryPlan,
@@ -200,6 +216,15 @@ impl StableDiffusion {
         };
         let scaling_factor = vae_config.scaling_factor;
         let vae_scale_factor = 1usize << (vae_config.block_out_channels.len().saturating_sub(1));
+        let vae_latent_channels = vae_config.latent_channels;
+        let encoder_config = vae_config.clone();
+        let vae_encoder = Component::new(
+            "vae_encoder",
+            vae_files(plan.vae_dtype)?,
+            plan.vae_dtype,
+            move |vb| AutoencoderKlEncoder::new(vb, &encoder_config),
+            resident,
+        )?;
         let vae_build = move |vb: VarBuilder| AutoencoderKlDecoder::new(vb, &vae_config);
         let vae_f32 = if plan.vae_nan_retry && plan.vae_dtype != DType::F32 {
             Some(Component::new(
@@ -233,6 +258,8 @@ impl StableDiffusion {
             vae_scaling_factor: scaling_factor,
             vae_scale_factor,
             vae,
+            vae_encoder,
+            vae_latent_channels,
             vae_f32,
             plan: plan.clone(),
             last_memory: std::sync::Mutex::new(None),
@@ -262,6 +289,9 @@ impl StableDiffusion {
         }
         if let Some(v) = self.vae.resident_mut() {
             v.set_attention_slice(rows);
+        }
+        if let Some(e) = self.vae_encoder.resident_mut() {
+            e.set_attention_slice(rows);
         }
     }
 
@@ -322,6 +352,7 @@ impl StableDiffusion {
             &self.device,
         )?;
         self.vae.set_residence(resident)?;
+        self.vae_encoder.set_residence(resident)?;
         self.plan.offload = offload;
         self.configure_resident();
         Ok(())
@@ -482,17 +513,24 @@ impl StableDiffusion {
         self.unet_in_channels
     }
 
+    /// True for an inpainting model: its UNet takes the latents, the mask and the masked
+    /// image's latents (9 channels for SD 1.5), so every request needs an init image and a mask.
+    pub fn is_inpainting(&self) -> bool {
+        self.unet_in_channels == 2 * self.vae_latent_channels + 1
+    }
+
     /// Pixels per latent cell along each axis (8 for SD 1.5).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae_scale_factor
     }
 
-    /// Runs one request. `on_step` is called after every denoising step; breaking cancels the run
+    /// Runs one request: `batch_size` images, in order. `on_step` is called after every
+    /// denoising step (once for the whole batch); breaking cancels the run
     /// (`PipelineError::Cancelled`) before the next step, and every tensor of the run is dropped.
     ///
     /// A device allocation failure comes back as [`PipelineError::OutOfMemory`]; the tensors of
     /// the run are dropped and the allocator's cached memory returned before this returns.
-    pub fn generate(&self, params: &GenerationParams, on_step: StepHook) -> Result<RgbImage> {
+    pub fn generate(&self, params: &GenerationParams, on_step: StepHook) -> Result<Vec<RgbImage>> {
         let mut tracker = MemoryTracker::start(&self.device);
         let result = self.generate_tracked(params, on_step, &mut tracker);
         let usage = tracker.finish();
@@ -505,31 +543,48 @@ impl StableDiffusion {
         params: &GenerationParams,
         on_step: StepHook,
         tracker: &mut MemoryTracker,
-    ) -> Result<RgbImage> {
+    ) -> Result<Vec<RgbImage>> {
         self.check_inputs(params)?;
         // Held for the whole run: no other run changes the merged weights under this one.
         let _loras = self.sync_loras(&params.loras)?;
         let text_embeddings = self.encode_conditioning(params)?;
-        let mut scheduler = self.prepare_timesteps(params)?;
-        let mut rng = TorchRng::new(params.seed);
-        let latents = self.prepare_latents(params, scheduler.as_ref(), &mut rng)?;
+        let (mut scheduler, begin) = self.prepare_timesteps(params)?;
+        // diffusers' list of generators: one per image, seeded seed + i.
+        let mut rngs: Vec<TorchRng> = (0..params.batch_size)
+            .map(|i| TorchRng::new(seed_of_image(params.seed, i)))
+            .collect();
+        let start = match &params.init_image {
+            None => images_in::Start {
+                latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs)?,
+                inpaint: None,
+            },
+            Some(init) => {
+                self.prepare_image_latents(params, init, scheduler.as_ref(), begin, &mut rngs)?
+            }
+        };
         tracker.sample();
         let mut on_step = |p: StepProgress| {
             tracker.sample();
             on_step(p)
         };
         let latents = self.denoise(
-            latents,
+            start,
             &text_embeddings,
             scheduler.as_mut(),
+            begin,
             params.guidance_scale,
-            &mut rng,
+            &mut rngs,
             &mut on_step,
         )?;
         drop(text_embeddings);
-        let image = self.decode_latents(&latents)?;
-        tracker.sample();
-        postprocess(&image)
+        // One image at a time through the VAE: its memory does not grow with the batch.
+        let mut images = Vec::with_capacity(params.batch_size);
+        for i in 0..latents.dim(0)? {
+            let image = self.decode_latents(&latents.narrow(0, i, 1)?)?;
+            tracker.sample();
+            images.push(postprocess(&image)?);
+        }
+        Ok(images)
     }
 
     fn check_inputs(&self, params: &GenerationParams) -> Result<()> {
@@ -538,6 +593,12 @@ impl StableDiffusion {
                 "steps must be at least 1".into(),
             ));
         }
+        if params.batch_size == 0 {
+            return Err(PipelineError::InvalidRequest(
+                "batch_size must be at least 1".into(),
+            ));
+        }
+        self.check_image_inputs(params)?;
         // diffusers requires multiples of 8; the latent grid also needs whole VAE cells.
         let multiple = self.vae_scale_factor.max(8);
         for (name, value) in [("width", params.width), ("height", params.height)] {
@@ -632,17 +693,30 @@ impl StableDiffusion {
         }
     }
 
-    fn prepare_timesteps(&self, params: &GenerationParams) -> Result<Box<dyn Scheduler>> {
+    /// The scheduler for the request's steps and the index of the first timestep to run: 0 for
+    /// text-to-image; with an init image, `t_start * order` where `t_start = steps - init` and
+    /// `init = min(int(steps * strength), steps)` (diffusers' `get_timesteps`, which also calls
+    /// `set_begin_index` there).
+    fn prepare_timesteps(&self, params: &GenerationParams) -> Result<(Box<dyn Scheduler>, usize)> {
         let kind = params.scheduler.unwrap_or(self.default_scheduler);
-        schedulers::build(kind, &self.scheduler_config, params.steps)
+        let mut scheduler = schedulers::build(kind, &self.scheduler_config, params.steps)?;
+        let begin = match &params.init_image {
+            None => 0,
+            Some(init) => {
+                let t_start = params.steps - images_in::init_steps(params.steps, init.strength);
+                t_start * scheduler.order()
+            }
+        };
+        scheduler.set_begin_index(begin);
+        Ok((scheduler, begin))
     }
 
-    /// Initial noise from the request's own generator, as diffusers draws it on the CPU.
+    /// Initial noise from each image's own generator, as diffusers draws it on the CPU.
     fn prepare_latents(
         &self,
         params: &GenerationParams,
         scheduler: &dyn Scheduler,
-        rng: &mut TorchRng,
+        rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         let shape = (
             1,
@@ -650,33 +724,48 @@ impl StableDiffusion {
             params.height / self.vae_scale_factor,
             params.width / self.vae_scale_factor,
         );
-        let noise = rng.randn_tensor(shape, &self.device, DType::F32)?;
-        Ok((noise * scheduler.init_noise_sigma())?.to_dtype(self.dtype)?)
+        let noise = rngs
+            .iter_mut()
+            .map(|rng| rng.randn_tensor(shape, &self.device, DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Tensor::cat(&noise, 0)? * scheduler.init_noise_sigma())?.to_dtype(self.dtype)?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn denoise(
         &self,
-        mut latents: Tensor,
+        start: images_in::Start,
         text_embeddings: &Conditioning,
         scheduler: &mut dyn Scheduler,
+        begin: usize,
         guidance_scale: f64,
-        rng: &mut TorchRng,
+        rngs: &mut [TorchRng],
         on_step: StepHook,
     ) -> Result<Tensor> {
+        let images_in::Start {
+            mut latents,
+            inpaint,
+        } = start;
         let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
+        let total = timesteps.len() - begin;
         // Model offload: the UNet comes to the device once for the whole loop and leaves after
         // it. Sequential: it stays in host memory and streams its parts in every forward pass.
         let unet = self.unet_for_run()?;
         // SDSERVE_STEP_TIMES=1: per-step UNet and scheduler times on stderr (profiling).
         let timing = std::env::var_os("SDSERVE_STEP_TIMES").is_some();
-        for (index, &t) in timesteps.iter().enumerate() {
+        for (index, &t) in timesteps.iter().enumerate().skip(begin) {
             let start = std::time::Instant::now();
-            let model_input = scheduler.scale_model_input(&latents, index)?;
+            let mut model_input = scheduler.scale_model_input(&latents, index)?;
+            if let Some(state) = &inpaint {
+                model_input = state.unet_input(model_input)?;
+            }
             let noise_pred =
                 self.predict_noise_with(&unet, &model_input, t, text_embeddings, guidance_scale)?;
             let unet_done = start.elapsed();
-            latents = scheduler.step(&noise_pred, index, &latents, rng)?;
+            latents = scheduler.step(&noise_pred, index, &latents, rngs)?;
+            if let Some(state) = &inpaint {
+                latents = state.keep_known_region(latents, scheduler, index)?;
+            }
             if timing {
                 eprintln!(
                     "step {index} t={t}: unet {:.3} s, scheduler {:.4} s",
@@ -685,7 +774,7 @@ impl StableDiffusion {
                 );
             }
             if on_step(StepProgress {
-                step: index + 1,
+                step: index + 1 - begin,
                 total,
             })
             .is_break()
@@ -714,6 +803,9 @@ impl StableDiffusion {
         self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale)
     }
 
+    /// `latents` holds the batch's `n` images; `text_embeddings` one image's `[uncond, cond]`
+    /// (or `[cond]` without guidance), repeated for the batch as diffusers'
+    /// `num_images_per_prompt` does: `[uncond x n, cond x n]`.
     fn predict_noise_with(
         &self,
         unet: &UNet2DConditionModel,
@@ -722,29 +814,44 @@ impl StableDiffusion {
         conditioning: &Conditioning,
         guidance_scale: f64,
     ) -> Result<Tensor> {
+        let n = latents.dim(0)?;
+        // diffusers' num_images_per_prompt: each row of the conditioning repeated n times.
+        let repeat = |e: &Tensor| -> Result<Tensor> {
+            if n == 1 {
+                return Ok(e.clone());
+            }
+            let rows = (0..e.dim(0)?)
+                .map(|r| {
+                    let row = e.narrow(0, r, 1)?;
+                    Tensor::cat(&vec![&row; n], 0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&rows, 0)?)
+        };
         let text_embeddings = match conditioning {
             Conditioning::Cond(e) | Conditioning::Joint(e) => e,
             Conditioning::Separate { uncond, cond } => {
                 // Two passes, each with its own sequence length.
-                let t = Tensor::full(t as f32, 1, &self.device)?;
-                let uncond = unet.forward(latents, &t, uncond)?;
-                let cond = unet.forward(latents, &t, cond)?;
+                let t = Tensor::full(t as f32, n, &self.device)?;
+                let uncond = unet.forward(latents, &t, &repeat(uncond)?)?;
+                let cond = unet.forward(latents, &t, &repeat(cond)?)?;
                 return Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?);
             }
         };
-        let batch = text_embeddings.dim(0)?;
-        let model_input = if batch == 2 {
+        let cfg = text_embeddings.dim(0)? == 2;
+        let embeddings = repeat(text_embeddings)?;
+        let model_input = if cfg {
             Tensor::cat(&[latents, latents], 0)?
         } else {
             latents.clone()
         };
-        let t = Tensor::full(t as f32, batch, &self.device)?;
-        let noise_pred = unet.forward(&model_input, &t, text_embeddings)?;
-        if batch != 2 {
+        let t = Tensor::full(t as f32, embeddings.dim(0)?, &self.device)?;
+        let noise_pred = unet.forward(&model_input, &t, &embeddings)?;
+        if !cfg {
             return Ok(noise_pred);
         }
-        let uncond = noise_pred.narrow(0, 0, 1)?;
-        let cond = noise_pred.narrow(0, 1, 1)?;
+        let uncond = noise_pred.narrow(0, 0, n)?;
+        let cond = noise_pred.narrow(0, n, n)?;
         Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?)
     }
 

@@ -17,7 +17,7 @@ use crate::kernels::Conv2d;
 use crate::{PipelineError, Result};
 
 /// diffusers hard-codes this eps for every norm in the VAE decoder.
-const NORM_EPS: f64 = 1e-6;
+pub(crate) const NORM_EPS: f64 = 1e-6;
 
 /// `vae/config.json` (diffusers `AutoencoderKL`); absent keys take diffusers' defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -134,7 +134,7 @@ impl VaeConfig {
 
 /// diffusers' `get_activation`.
 #[derive(Debug, Clone, Copy)]
-enum Activation {
+pub(crate) enum Activation {
     Silu,
     Gelu,
     Relu,
@@ -142,7 +142,7 @@ enum Activation {
 }
 
 impl Activation {
-    fn from_name(name: &str) -> Result<Self> {
+    pub(crate) fn from_name(name: &str) -> Result<Self> {
         match name {
             "silu" | "swish" => Ok(Self::Silu),
             "gelu" => Ok(Self::Gelu),
@@ -155,7 +155,7 @@ impl Activation {
         }
     }
 
-    fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Silu => x.silu(),
             // torch.nn.GELU() is the exact erf form.
@@ -174,7 +174,7 @@ impl Activation {
 
 /// `torch.nn.GroupNorm` with affine weights; statistics in f32 whatever the input dtype.
 #[derive(Debug, Clone)]
-struct GroupNorm {
+pub(crate) struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
@@ -182,7 +182,12 @@ struct GroupNorm {
 }
 
 impl GroupNorm {
-    fn new(channels: usize, groups: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        channels: usize,
+        groups: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let weight = vb.get(channels, "weight")?.to_dtype(DType::F32)?;
         let bias = vb.get(channels, "bias")?.to_dtype(DType::F32)?;
         Ok(Self {
@@ -194,7 +199,7 @@ impl GroupNorm {
     }
 
     /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors and on CUDA.
-    fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         let silu = matches!(act, Activation::Silu);
         let gpu = crate::kernels::cuda::group_norm;
         let fast = match gpu(x, self.groups, &self.weight, &self.bias, self.eps, silu)? {
@@ -248,13 +253,18 @@ impl GroupNorm {
     }
 }
 
-fn conv(cin: usize, cout: usize, k: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
+pub(crate) fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
     crate::kernels::conv2d(cin, cout, k, 1, k / 2, vb)
 }
 
 /// diffusers `ResnetBlock2D` without a time embedding (pre-norm, output scale 1).
 #[derive(Debug, Clone)]
-struct ResnetBlock {
+pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
     norm2: GroupNorm,
@@ -264,7 +274,7 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn new(
+    pub(crate) fn new(
         cin: usize,
         cout: usize,
         cfg: &VaeConfig,
@@ -287,7 +297,7 @@ impl ResnetBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // Reassigning (not shadowing) frees each intermediate as soon as the next exists; shadowed
         // ones would all live to the end of the block (about 1 GB more at 512x512).
         let mut h = self.norm1.forward_act(x, self.act)?;
@@ -328,7 +338,7 @@ fn projection(vb: &VarBuilder, name: &str, legacy: &str, c: usize) -> candle_cor
 /// group norm, q/k/v over the H*W tokens, `heads = C / attention_head_dim` (one head, since
 /// `attention_head_dim = block_out_channels[-1]`), output projection, residual.
 #[derive(Debug, Clone)]
-struct Attention {
+pub(crate) struct Attention {
     group_norm: GroupNorm,
     to_q: Linear,
     to_k: Linear,
@@ -339,7 +349,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(c: usize, head_dim: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        c: usize,
+        head_dim: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let to_out_name = "to_out.0";
         Ok(Self {
             group_norm: GroupNorm::new(c, groups, NORM_EPS, vb.pp("group_norm"))?,
@@ -353,7 +368,7 @@ impl Attention {
     }
 
     /// `slice`: at most this many query rows per score matrix (bounds memory at `slice * H*W`).
-    fn forward(&self, x: &Tensor, slice: Option<usize>) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, slice: Option<usize>) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = h * w;
         let d = c / self.heads;

@@ -71,6 +71,7 @@ fn generate(r: &Reference, params: &GenerationParams) -> Vec<u8> {
     r.model
         .generate(params, &mut |_| ControlFlow::Continue(()))
         .expect("generates")
+        .remove(0)
         .pixels
 }
 

@@ -272,7 +272,12 @@ fn trajectories_match_diffusers() {
                 assert!(d <= TRAJ_TOL, "{key}: scaled input {i} off by {d}");
                 d_max = d_max.max(d);
                 sample = s
-                    .step(&outputs.i(i).unwrap(), i, &sample, &mut rng)
+                    .step(
+                        &outputs.i(i).unwrap(),
+                        i,
+                        &sample,
+                        std::slice::from_mut(&mut rng),
+                    )
                     .unwrap();
                 let d = max_abs(&sample, &samples.i(i + 1).unwrap());
                 assert!(d <= TRAJ_TOL, "{key}: sample after step {i} off by {d}");

@@ -193,7 +193,12 @@ fn trajectories_match_diffusers() {
                     "{key} scaled input {i}"
                 );
                 sample = s
-                    .step(&outputs.i(i).unwrap(), i, &sample, &mut rng)
+                    .step(
+                        &outputs.i(i).unwrap(),
+                        i,
+                        &sample,
+                        std::slice::from_mut(&mut rng),
+                    )
                     .unwrap();
                 let d = max_abs(&sample, &samples.i(i + 1).unwrap());
                 worst = worst.max(d);
@@ -249,7 +254,9 @@ fn half_precision_inputs_come_back_in_their_dtype() {
         let mut sample = samples.i(0).unwrap().to_dtype(DType::F16).unwrap();
         for i in 0..5 {
             let mo = outputs.i(i).unwrap().to_dtype(DType::F16).unwrap();
-            sample = s.step(&mo, i, &sample, &mut rng).unwrap();
+            sample = s
+                .step(&mo, i, &sample, std::slice::from_mut(&mut rng))
+                .unwrap();
             assert_eq!(sample.dtype(), DType::F16, "{name}");
         }
         let v: Vec<f32> = sample
@@ -364,7 +371,12 @@ fn extra_configs_match_diffusers() {
             let mut run_worst = 0f32;
             for i in 0..steps {
                 sample = s
-                    .step(&outputs.i(i).unwrap(), i, &sample, &mut rng)
+                    .step(
+                        &outputs.i(i).unwrap(),
+                        i,
+                        &sample,
+                        std::slice::from_mut(&mut rng),
+                    )
                     .unwrap();
                 let want = samples.i(i + 1).unwrap();
                 if has_nan(&want) {

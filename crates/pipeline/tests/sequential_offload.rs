@@ -229,6 +229,7 @@ fn run(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
     model
         .generate(params, &mut |_| ControlFlow::Continue(()))
         .expect("generates")
+        .remove(0)
 }
 
 fn load_with(name: &str, offload: Offload) -> StableDiffusion {

@@ -183,7 +183,7 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 let started = Instant::now();
                 let mut last = started;
                 let (mut step_s, mut issue_s) = (Vec::new(), Vec::new());
-                let img = sd
+                let images = sd
                     .generate(&params, &mut |_p: StepProgress| {
                         // The host has issued the step; the wait below is the device catching up
                         // (near zero when the host is the bottleneck).
@@ -238,7 +238,7 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 if let Some(d) = &a.png_dir {
                     let path = d.join(format!("{size}_{}_{seed}.png", scheduler.name()));
                     if !path.exists() {
-                        let png = crate::png::encode(&img, "")?;
+                        let png = crate::png::encode(&images[0], "")?;
                         std::fs::write(&path, png)
                             .map_err(|e| format!("{}: {e}", path.display()))?;
                     }

@@ -200,8 +200,8 @@ pub struct ServeArgs {
     /// Log lines on stdout as text or as one JSON object each.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Largest accepted request body.
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 65536)]
+    /// Largest accepted request body (32 MiB: room for a base64 init image and mask).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
     /// While the hub cannot be reached, the model is tried again in the background after this
     /// many seconds, doubling up to 300 (/health says when); 0 gives up after the first failure.
@@ -264,7 +264,16 @@ pub struct GenerateArgs {
     pub guidance_scale: Option<f64>,
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// The PNG to write; checked before the model loads.
+    #[arg(long)]
+    pub batch_size: Option<u64>,
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    #[arg(long)]
+    pub strength: Option<f64>,
+    #[arg(long = "mask")]
+    pub mask_image: Option<PathBuf>,
+    /// The PNG to write (a batch adds -1, -2, ... before the extension); checked before the
+    /// model loads.
     #[arg(short, long, default_value = "out.png")]
     pub output: PathBuf,
 }
@@ -308,6 +317,22 @@ fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "scheduler",
             format!("One of {} [default: the model's own]", schedulers.join(", ")),
+        ),
+        (
+            "batch_size",
+            format!("Images made at once, {BATCH_MIN}..={BATCH_MAX}; image i uses seed + i and is written to out-i.png [default: 1]"),
+        ),
+        (
+            "init_image",
+            "img2img: a PNG, JPEG or WebP file to start from; width and height default to its size [default: none]".to_string(),
+        ),
+        (
+            "strength",
+            format!("With --init-image: how much to change it, 0..=1; int(steps * strength) steps run [default: {STRENGTH_DEFAULT}]"),
+        ),
+        (
+            "mask_image",
+            "Inpainting, with --init-image: a mask of the same size, white = repaint, black = keep [default: none]".to_string(),
         ),
     ]
 }

@@ -6,14 +6,29 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use sdserve_pipeline::pipeline::{GenerationParams, StepProgress};
+use sdserve_pipeline::pipeline::{seed_of_image, StepProgress};
 use serde_json::{json, Map, Value};
 
 use crate::cli::GenerateArgs;
 
+/// A file as the API takes it: base64.
+fn file_base64(flag: &str, path: &Path) -> Result<Value, String> {
+    use base64::Engine as _;
+    let bytes = std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    Ok(json!(
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
 /// The same rules as the API: the flags are checked by `validate::parse_generate`.
-fn request_json(a: &GenerateArgs) -> Value {
+fn request_json(a: &GenerateArgs) -> Result<Value, String> {
     let mut m = Map::new();
+    if let Some(p) = &a.init_image {
+        m.insert("init_image".into(), file_base64("--init-image", p)?);
+    }
+    if let Some(p) = &a.mask_image {
+        m.insert("mask_image".into(), file_base64("--mask", p)?);
+    }
     m.insert("prompt".into(), json!(a.prompt));
     let opt = [
         (
@@ -26,13 +41,28 @@ fn request_json(a: &GenerateArgs) -> Value {
         ("seed", a.seed.map(|v| json!(v))),
         ("guidance_scale", a.guidance_scale.map(|v| json!(v))),
         ("scheduler", a.scheduler.as_ref().map(|v| json!(v))),
+        ("batch_size", a.batch_size.map(|v| json!(v))),
+        ("strength", a.strength.map(|v| json!(v))),
     ];
     for (k, v) in opt {
         if let Some(v) = v {
             m.insert(k.into(), v);
         }
     }
-    Value::Object(m)
+    Ok(Value::Object(m))
+}
+
+/// Where image `i` of a batch goes: `out.png`, then `out-1.png`, `out-2.png`, ...
+pub fn batch_path(output: &Path, i: usize) -> std::path::PathBuf {
+    if i == 0 {
+        return output.to_path_buf();
+    }
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match output.extension() {
+        Some(ext) => format!("{stem}-{i}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{i}"),
+    };
+    output.with_file_name(name)
 }
 
 fn bar(p: StepProgress, started: Instant) -> String {
@@ -143,7 +173,7 @@ pub fn run(a: GenerateArgs) -> ExitCode {
 }
 
 fn run_inner(a: &GenerateArgs) -> Result<(), String> {
-    let body = serde_json::to_vec(&request_json(a)).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&request_json(a)?).map_err(|e| e.to_string())?;
     let req = crate::validate::parse_generate(&body)
         .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
     check_writable(&a.output)?;
@@ -173,23 +203,15 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         .seed
         .map(u64::from)
         .unwrap_or_else(|| u64::from(crate::api::random_seed()));
+    crate::validate::check_for_model(&req, loaded.info.inpainting)
+        .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
     let scheduler = req.scheduler.unwrap_or(loaded.info.default_scheduler);
     eprintln!("seed {seed}, scheduler {}", scheduler.name());
-    let params = GenerationParams {
-        prompt: req.prompt,
-        negative_prompt: req.negative_prompt,
-        steps: req.steps,
-        width: req.width,
-        height: req.height,
-        seed,
-        guidance_scale: req.guidance_scale,
-        scheduler: Some(scheduler),
-        ..Default::default()
-    };
+    let params = req.generation_params(seed, scheduler);
     let started = Instant::now();
     let mut err = std::io::stderr();
     let mut progress = Progress::new(err.is_terminal());
-    let img = loaded
+    let images = loaded
         .generator
         .generate(&params, &mut |p| {
             if let Some(text) = progress.render(p) {
@@ -200,16 +222,22 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
     eprint!("{}", progress.finish());
-    let png = crate::png::encode(
-        &img,
-        &crate::png::parameters_text(&params, &loaded.info.model_version),
-    )?;
-    std::fs::write(&a.output, png).map_err(|e| format!("{}: {e}", a.output.display()))?;
+    let texts = crate::png::batch_texts(&params, &loaded.info.model_version);
+    for (i, (img, text)) in images.iter().zip(&texts).enumerate() {
+        let path = batch_path(&a.output, i);
+        let png = crate::png::encode(img, text)?;
+        std::fs::write(&path, png).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!(
+            "wrote {} ({}x{}), seed {}",
+            path.display(),
+            img.width,
+            img.height,
+            seed_of_image(seed, i)
+        );
+    }
     eprintln!(
-        "wrote {} ({}x{}) in {:.1}s, seed {seed}",
-        a.output.display(),
-        img.width,
-        img.height,
+        "{} image(s) in {:.1}s",
+        images.len(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -218,6 +246,14 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_images_go_to_numbered_files() {
+        let out = Path::new("dir/out.png");
+        assert_eq!(batch_path(out, 0), Path::new("dir/out.png"));
+        assert_eq!(batch_path(out, 2), Path::new("dir/out-2.png"));
+        assert_eq!(batch_path(Path::new("x"), 1), Path::new("x-1"));
+    }
 
     #[test]
     fn bar_draws_progress() {

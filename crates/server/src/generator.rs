@@ -7,13 +7,14 @@ use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StepHook, StepProgr
 use sdserve_pipeline::schedulers::SchedulerKind;
 use sdserve_pipeline::PipelineError;
 
-/// One text-to-image model, owned by one thread at a time.
+/// One Stable Diffusion model, owned by one thread at a time.
 pub trait Generator: Send {
+    /// The request's `batch_size` images, in order.
     fn generate(
         &mut self,
         params: &GenerationParams,
         on_step: StepHook,
-    ) -> Result<RgbImage, PipelineError>;
+    ) -> Result<Vec<RgbImage>, PipelineError>;
 
     /// The device it runs on (for the out-of-memory breaker's free-memory check).
     fn device(&self) -> candle_core::Device {
@@ -35,7 +36,7 @@ pub trait Generator: Send {
     fn record_oom(
         &mut self,
         guard: &crate::gpu::OomGuard,
-        result: &Result<RgbImage, PipelineError>,
+        result: &Result<Vec<RgbImage>, PipelineError>,
     ) -> crate::gpu::OomOutcome {
         guard.record_without_pipeline(result)
     }
@@ -46,7 +47,7 @@ impl Generator for sdserve_pipeline::pipeline::StableDiffusion {
         &mut self,
         params: &GenerationParams,
         on_step: StepHook,
-    ) -> Result<RgbImage, PipelineError> {
+    ) -> Result<Vec<RgbImage>, PipelineError> {
         sdserve_pipeline::pipeline::StableDiffusion::generate(self, params, on_step)
     }
 
@@ -64,6 +65,8 @@ pub struct ModelInfo {
     pub default_scheduler: SchedulerKind,
     /// The LoRA files and embeddings requests may use.
     pub adapters: crate::adapters::Adapters,
+    /// An inpainting model (9-channel UNet): every request needs an init image and a mask.
+    pub inpainting: bool,
 }
 
 /// A loaded model: the generator and its description.
@@ -138,6 +141,7 @@ impl FakeSpec {
                     model_version: "fake@0".into(),
                     default_scheduler: self.scheduler,
                     adapters: Default::default(),
+                    inpainting: false,
                 },
             })
         })
@@ -158,7 +162,7 @@ impl Generator for FakeGenerator {
         &mut self,
         p: &GenerationParams,
         on_step: StepHook,
-    ) -> Result<RgbImage, PipelineError> {
+    ) -> Result<Vec<RgbImage>, PipelineError> {
         if p.prompt.starts_with("fake:oom") {
             return Err(PipelineError::Candle(candle_core::Error::Msg(
                 "CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
@@ -183,21 +187,32 @@ impl Generator for FakeGenerator {
                 return Err(PipelineError::Cancelled);
             }
         }
-        let key = format!("{p:?}");
-        let base = fnv1a(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
-        let (w, h) = (p.width as u32, p.height as u32);
-        let mut pixels = Vec::with_capacity((w * h * 3) as usize);
-        for y in 0..h {
-            for x in 0..w {
-                let v = fnv1a(&[(x / 16) as u8, (y / 16) as u8], base);
-                pixels.extend_from_slice(&[v as u8, (v >> 8) as u8, (v >> 16) as u8]);
-            }
-        }
-        Ok(RgbImage {
-            width: w,
-            height: h,
-            pixels,
-        })
+        // Image i depends on the request with seed + i only, as the real pipeline's do.
+        let images = (0..p.batch_size.max(1))
+            .map(|i| {
+                let one = GenerationParams {
+                    seed: sdserve_pipeline::pipeline::seed_of_image(p.seed, i),
+                    batch_size: 1,
+                    ..p.clone()
+                };
+                let key = format!("{one:?}");
+                let base = fnv1a(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
+                let (w, h) = (p.width as u32, p.height as u32);
+                let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+                for y in 0..h {
+                    for x in 0..w {
+                        let v = fnv1a(&[(x / 16) as u8, (y / 16) as u8], base);
+                        pixels.extend_from_slice(&[v as u8, (v >> 8) as u8, (v >> 16) as u8]);
+                    }
+                }
+                RgbImage {
+                    width: w,
+                    height: h,
+                    pixels,
+                }
+            })
+            .collect();
+        Ok(images)
     }
 }
 
@@ -247,7 +262,16 @@ mod tests {
             .unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_eq!(a.pixels.len(), 256 * 256 * 3);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].pixels.len(), 256 * 256 * 3);
+        // A batch: image i is the request with seed + i alone.
+        let mut p = params(1);
+        p.batch_size = 2;
+        let batch = g.generate(&p, &mut |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(
+            (batch[0].clone(), batch[1].clone()),
+            (a[0].clone(), c[0].clone())
+        );
         let r = g.generate(&params(1), &mut |_| {
             n += 1;
             ControlFlow::Break(())

@@ -14,6 +14,7 @@ mod generate_cmd;
 mod generator;
 mod gpu;
 mod hub;
+mod images;
 mod listen;
 mod metrics;
 mod model;

@@ -44,7 +44,7 @@ impl Generator for GpuGenerator {
         &mut self,
         params: &GenerationParams,
         on_step: StepHook,
-    ) -> Result<RgbImage, PipelineError> {
+    ) -> Result<Vec<RgbImage>, PipelineError> {
         self.sd.generate(params, on_step)
     }
 
@@ -63,7 +63,7 @@ impl Generator for GpuGenerator {
     fn record_oom(
         &mut self,
         guard: &OomGuard,
-        result: &Result<RgbImage, PipelineError>,
+        result: &Result<Vec<RgbImage>, PipelineError>,
     ) -> OomOutcome {
         guard.record(result, &mut self.sd, &mut self.setup)
     }
@@ -148,6 +148,7 @@ pub fn load_real(
         model_version: resolved.model_version,
         default_scheduler: sd.default_scheduler(),
         adapters,
+        inpainting: sd.is_inpainting(),
     };
     Ok(Loaded {
         generator: Box::new(GpuGenerator { sd, setup }),

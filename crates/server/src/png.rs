@@ -1,7 +1,7 @@
 //! PNG encoding with the generation parameters in a `parameters` tEXt chunk (AUTOMATIC1111 style,
 //! which image viewers and UIs such as A1111/ComfyUI read back).
 
-use sdserve_pipeline::pipeline::{GenerationParams, RgbImage};
+use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
 /// The sampler name A1111 uses for each scheduler.
@@ -61,7 +61,29 @@ pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
         p.height,
         env!("CARGO_PKG_VERSION"),
     ));
+    // A1111 names img2img's strength "Denoising strength"; the mode says what the image is.
+    let mode = Mode::of(p);
+    if let Some(init) = &p.init_image {
+        s.push_str(&format!(
+            ", Denoising strength: {}, Mode: {}",
+            init.strength,
+            mode.name()
+        ));
+    }
     s
+}
+
+/// The parameters text of each image of a batch: image `i` with its own seed (`seed + i`).
+pub fn batch_texts(p: &GenerationParams, model_version: &str) -> Vec<String> {
+    (0..p.batch_size.max(1))
+        .map(|i| {
+            let one = GenerationParams {
+                seed: seed_of_image(p.seed, i),
+                ..p.clone()
+            };
+            parameters_text(&one, model_version)
+        })
+        .collect()
 }
 
 pub fn encode(img: &RgbImage, parameters: &str) -> Result<Vec<u8>, String> {

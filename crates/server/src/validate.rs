@@ -8,11 +8,12 @@
 //!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
 //!   optional field.
 
-use sdserve_pipeline::pipeline::PromptSyntax;
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax};
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, FieldError};
+use crate::images::RequestImage;
 
 pub const PROMPT_MAX_CHARS: usize = 500;
 pub const STEPS_MIN: u64 = 1;
@@ -26,10 +27,13 @@ pub const SEED_MAX: u64 = u32::MAX as u64;
 pub const GUIDANCE_MIN: f64 = 0.0;
 pub const GUIDANCE_MAX: f64 = 30.0;
 pub const GUIDANCE_DEFAULT: f64 = 7.5;
+pub const BATCH_MIN: u64 = 1;
+pub const BATCH_MAX: u64 = 8;
+pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 11] = [
+pub const FIELDS: [&str; 15] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -41,6 +45,10 @@ pub const FIELDS: [&str; 11] = [
     "prompt_syntax",
     "clip_skip",
     "loras",
+    "batch_size",
+    "init_image",
+    "strength",
+    "mask_image",
 ];
 pub const CLIP_SKIP_MAX: u64 = 4;
 pub const LORAS_MAX: usize = 8;
@@ -63,6 +71,59 @@ pub struct ValidRequest {
     pub clip_skip: usize,
     /// From `loras` and the prompt's `<lora:name:weight>` tags (taken out of `prompt`).
     pub loras: Vec<(String, f64)>,
+    /// Images in one run; image i uses seed + i.
+    pub batch_size: usize,
+    /// img2img / inpainting: the decoded image (width and height default to its size).
+    pub init_image: Option<RequestImage>,
+    /// Inpainting: white = repaint; same size as `init_image`.
+    pub mask_image: Option<RequestImage>,
+    /// With an init image: how much of the schedule runs.
+    pub strength: f64,
+}
+
+impl ValidRequest {
+    /// The pipeline's parameters for this request with its seed and scheduler resolved.
+    pub fn generation_params(&self, seed: u64, scheduler: SchedulerKind) -> GenerationParams {
+        GenerationParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            width: self.width,
+            height: self.height,
+            seed,
+            guidance_scale: self.guidance_scale,
+            scheduler: Some(scheduler),
+            prompt_syntax: self.prompt_syntax,
+            clip_skip: self.clip_skip,
+            loras: self
+                .loras
+                .iter()
+                .map(|(name, weight)| LoraWeight {
+                    name: name.clone(),
+                    weight: *weight,
+                })
+                .collect(),
+            batch_size: self.batch_size,
+            init_image: self.init_image.as_ref().map(|init| InitImage {
+                image: init.image.clone(),
+                mask: self.mask_image.as_ref().map(|m| m.image.clone()),
+                strength: self.strength,
+            }),
+        }
+    }
+}
+
+/// The rule that depends on the loaded model: an inpainting model (9-channel UNet) runs only
+/// requests with an init image and a mask.
+pub fn check_for_model(req: &ValidRequest, inpainting_model: bool) -> Result<(), ApiError> {
+    if inpainting_model && req.mask_image.is_none() {
+        return Err(ApiError::validation(
+            "mask_image",
+            "is required: the loaded model is an inpainting model (its UNet takes the mask), \
+             it needs init_image and mask_image",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the `Content-Type` header value: JSON is required.
@@ -151,19 +212,67 @@ pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiErro
             format!("at most {LORAS_MAX} LoRAs (with the prompt's <lora:...> tags)"),
         );
     }
+    let batch_size = r.int("batch_size", BATCH_MIN, BATCH_MAX);
+    let image = |v: &Value| -> Result<RequestImage, String> {
+        crate::images::decode_base64(v.as_str().ok_or("must be a base64 string")?)
+    };
+    let init_image = r.with("init_image", image);
+    let mask_image = r.with("mask_image", image);
+    let strength = r.number("strength", 0.0, 1.0);
+    let has_init = r.value("init_image").is_some();
+    let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);
+    // A mask without an image to repaint is a mistake; a strength without one is ignored
+    // (A1111 clients send denoising_strength with every txt2img request).
+    if !has_init && r.value("mask_image").is_some() {
+        r.fail("mask_image", "only with init_image");
+    }
+    if let (Some(init), Some(mask)) = (&init_image, &mask_image) {
+        let (a, b) = (&init.image, &mask.image);
+        if (a.width, a.height) != (b.width, b.height) {
+            r.fail(
+                "mask_image",
+                format!(
+                    "must be the size of init_image ({}x{}), got {}x{}",
+                    a.width, a.height, b.width, b.height
+                ),
+            );
+        }
+    }
+    // The default strength counts too (steps 1 at 0.8 runs no step); a broken strength is
+    // reported once, by its own rule.
+    let usable = strength.or((r.value("strength").is_none()).then_some(STRENGTH_DEFAULT));
+    if let (true, Some(s)) = (has_init, usable) {
+        if (steps as f64 * s) < 1.0 {
+            r.fail(
+                "strength",
+                format!("int(steps * strength) must be at least 1 (steps {steps}, strength {s})"),
+            );
+        }
+    }
     r.finish()?;
+    // With an init image the size defaults to its own, floored to the multiple and clamped.
+    let side = |given: Option<u64>, of_image: Option<u32>| match (given, of_image) {
+        (Some(v), _) => v as usize,
+        (None, Some(px)) => crate::images::default_side(px, SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE),
+        (None, None) => SIZE_DEFAULT,
+    };
+    let init_size = init_image.as_ref().map(|i| (i.image.width, i.image.height));
     Ok(ValidRequest {
         prompt: prompt.unwrap_or_default(),
         negative_prompt: negative_prompt.unwrap_or_default(),
-        steps: steps.map_or(STEPS_DEFAULT, |v| v as usize),
-        width: width.map_or(SIZE_DEFAULT, |v| v as usize),
-        height: height.map_or(SIZE_DEFAULT, |v| v as usize),
+        steps,
+        width: side(width, init_size.map(|s| s.0)),
+        height: side(height, init_size.map(|s| s.1)),
         seed: seed.map(|v| v as u32),
         guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
         scheduler,
         prompt_syntax: prompt_syntax.unwrap_or(PromptSyntax::A1111),
         clip_skip: clip_skip.map_or(1, |v| v as usize),
         loras,
+        batch_size: batch_size.map_or(1, |v| v as usize),
+        init_image,
+        mask_image,
+        strength: strength.unwrap_or(STRENGTH_DEFAULT),
     })
 }
 

@@ -52,6 +52,7 @@ fn direct(seed: u64) -> Vec<u8> {
     };
     sd.generate(&params, &mut |_| ControlFlow::Continue(()))
         .unwrap()
+        .remove(0)
         .pixels
 }
 

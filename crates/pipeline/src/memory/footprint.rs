@@ -20,8 +20,12 @@ pub struct WeightCounts {
     /// and `other` (conv_in, time embedding, conv_norm_out, conv_out).
     pub unet: BTreeMap<String, u64>,
     pub text_encoder: u64,
-    /// `post_quant_conv.*` and `decoder.*` only: the encoder half is never loaded.
+    /// `post_quant_conv.*` and `decoder.*`.
     pub vae_decoder: u64,
+    /// `quant_conv.*` and `encoder.*`: the VAE encoder, for init images (absent in older
+    /// recorded footprints: 0).
+    #[serde(default)]
+    pub vae_encoder: u64,
 }
 
 /// The sequential-offload unit a UNet key belongs to.
@@ -89,11 +93,13 @@ impl WeightCounts {
                 .sum::<u64>();
         }
         for file in component_weight_files(dir, "vae", "diffusion_pytorch_model", dtype)? {
-            counts.vae_decoder += safetensors_numels(&file)?
-                .iter()
-                .filter(|(k, _)| k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
-                .map(|(_, n)| n)
-                .sum::<u64>();
+            for (k, n) in safetensors_numels(&file)? {
+                if k.starts_with("decoder.") || k.starts_with("post_quant_conv.") {
+                    counts.vae_decoder += n;
+                } else if k.starts_with("encoder.") || k.starts_with("quant_conv.") {
+                    counts.vae_encoder += n;
+                }
+            }
         }
         Ok(counts)
     }

@@ -320,10 +320,12 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
     let s = req.dtype.size_in_bytes() as u64;
     let sv = plan.vae_dtype.size_in_bytes() as u64;
     let wts = &fp.weights;
+    // The VAE encoder is a component like the decoder: resident with the others, or on the
+    // device only while it encodes an init image (before the UNet runs: below the UNet's peak).
     let (te, unet, vae) = (
         wts.text_encoder * s,
         wts.unet_total() * s,
-        wts.vae_decoder * sv,
+        (wts.vae_decoder + wts.vae_encoder) * sv,
     );
     let (w, h) = (req.max_width, req.max_height);
     // Text encoder: 77 tokens, a few MB of activations; 64 MiB covers any SD 1.x encoder.
@@ -498,6 +500,7 @@ mod tests {
                 .collect(),
                 text_encoder: 50,
                 vae_decoder: 20,
+                vae_encoder: 0,
             },
             shapes: ModelShapes {
                 latent_channels: 4,
@@ -583,6 +586,7 @@ mod tests {
             unet: serde_json::from_value(v["unet"].clone()).unwrap(),
             text_encoder: v["text_encoder"].as_u64().unwrap(),
             vae_decoder: v["vae_decoder"].as_u64().unwrap(),
+            vae_encoder: v["vae_encoder"].as_u64().unwrap_or(0),
         };
         let unet: crate::unet::UNetConfig =
             serde_json::from_value(v["unet_config"].clone()).unwrap();
@@ -739,9 +743,12 @@ mod tests {
         assert!(w.unet_total() * 4 <= unet && w.unet_total() * 4 + 65536 > unet);
         let text = size("text_encoder/model.safetensors");
         assert!(w.text_encoder * 4 <= text && w.text_encoder * 4 + 65536 > text);
-        // Only the decoder half of the VAE file is counted.
+        // Both halves of the VAE file are counted, each on its own.
         let vae = size("vae/diffusion_pytorch_model.safetensors");
         assert!(w.vae_decoder > 0 && w.vae_decoder * 4 + 65536 < vae);
+        assert!(w.vae_encoder > 0 && w.vae_encoder * 4 + 65536 < vae);
+        let both = (w.vae_decoder + w.vae_encoder) * 4;
+        assert!(both <= vae && both + 65536 > vae);
         assert!(w.unet.contains_key("down_blocks.0") && w.unet.contains_key("other"));
         let fp = Footprint::from_model_dir(&dir, DType::F32).unwrap();
         assert_eq!(fp.shapes.vae_scale_factor, 2);

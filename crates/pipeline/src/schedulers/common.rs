@@ -422,6 +422,28 @@ pub fn to_f32(t: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// DDPM-style `add_noise` at training timestep `t`: `sqrt(ac[t]) * x + sqrt(1 - ac[t]) * noise`,
+/// in float32 as diffusers computes it (PNDM, DDIM).
+pub fn add_noise_alphas(
+    alphas_cumprod: &[f32],
+    t: f64,
+    original: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
+    let ac = *alphas_cumprod
+        .get(t as usize)
+        .ok_or_else(|| config_error(format!("timestep {t} is outside the training schedule")))?;
+    let dtype = original.dtype();
+    let x = (mul_s(&to_f32(original)?, ac.sqrt())? + mul_s(&to_f32(noise)?, (1.0 - ac).sqrt())?)?;
+    Ok(x.to_dtype(dtype)?)
+}
+
+/// The timestep index `add_noise` was asked for, checked against the schedule.
+pub fn noise_index(index: usize, len: usize) -> Result<usize> {
+    check_index(index, len)?;
+    Ok(index)
+}
+
 /// Checks a step index against the schedule length.
 pub fn check_index(index: usize, len: usize) -> Result<()> {
     if index >= len {

@@ -139,6 +139,22 @@ pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     (alpha, sigma * alpha)
 }
 
+/// The multistep solvers' `add_noise`: `alpha_t * original + sigma_t * noise` at
+/// `sigmas[index]`, float32.
+pub(crate) fn add_noise_alpha_sigma(
+    sigmas: &[f32],
+    timesteps: &[f64],
+    original: &Tensor,
+    noise: &Tensor,
+    index: usize,
+) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigmas[common::noise_index(index, timesteps.len())?]);
+    let dtype = original.dtype();
+    let x = (common::mul_s(&common::to_f32(original)?, alpha_t)?
+        + common::mul_s(&common::to_f32(noise)?, sigma_t)?)?;
+    Ok(x.to_dtype(dtype)?)
+}
+
 /// `log(alpha_t) - log(sigma_t)` (+inf at sigma 0).
 pub(crate) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
@@ -418,12 +434,20 @@ impl super::Scheduler for DpmSolverMultistep {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.step_index = Some(begin);
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add_noise_alpha_sigma(&self.sigmas, &self.timesteps, original, noise, index)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
+        _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
         let i = current_step_index(self.step_index, &self.timesteps, index)?;
@@ -496,7 +520,7 @@ mod tests {
         assert_eq!(s.sigmas()[1], 0.0);
         let x = Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap();
         let eps = Tensor::new(&[0.5f32, 0.25, -1.0], &Device::Cpu).unwrap();
-        let out = s.step(&eps, 0, &x, &mut TorchRng::new(0)).unwrap();
+        let out = s.step(&eps, 0, &x, &mut [TorchRng::new(0)]).unwrap();
         let (alpha, sigma) = alpha_sigma(s.sigmas()[0]);
         let got: Vec<f32> = out.to_vec1().unwrap();
         let xs = [1.0f32, -2.0, 3.0];
@@ -505,6 +529,6 @@ mod tests {
             assert_eq!(*g, (x - sigma * e) / alpha);
         }
         // Stepping past the end is an error, not a panic.
-        assert!(s.step(&eps, 0, &x, &mut TorchRng::new(0)).is_err());
+        assert!(s.step(&eps, 0, &x, &mut [TorchRng::new(0)]).is_err());
     }
 }

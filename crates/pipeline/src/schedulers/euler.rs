@@ -119,6 +119,19 @@ pub(super) fn sigma_schedule(
     })
 }
 
+/// The sigma family's `add_noise`: `original + noise * sigmas[index]`, float32.
+pub(super) fn add_noise_sigma(
+    sched: &SigmaSchedule,
+    original: &Tensor,
+    noise: &Tensor,
+    index: usize,
+) -> Result<Tensor> {
+    let sigma = sched.sigmas[common::noise_index(index, sched.timesteps.len())?];
+    let dtype = original.dtype();
+    let x = (to_f32(original)? + mul_s(&to_f32(noise)?, sigma)?)?;
+    Ok(x.to_dtype(dtype)?)
+}
+
 /// `sample / sqrt(sigma^2 + 1)`, float32.
 pub(super) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
     let dtype = sample.dtype();
@@ -181,6 +194,10 @@ impl Scheduler for EulerDiscrete {
         self.sched.init_noise_sigma as f64
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add_noise_sigma(&self.sched, original, noise, index)
+    }
+
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         scale_by_sigma(sample, self.sched.sigmas[index])
@@ -191,7 +208,7 @@ impl Scheduler for EulerDiscrete {
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
+        _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         let dtype = model_output.dtype();
@@ -247,6 +264,10 @@ impl Scheduler for EulerAncestral {
         self.sched.init_noise_sigma as f64
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add_noise_sigma(&self.sched, original, noise, index)
+    }
+
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         scale_by_sigma(sample, self.sched.sigmas[index])
@@ -257,7 +278,7 @@ impl Scheduler for EulerAncestral {
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        rng: &mut TorchRng,
+        rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         let dtype = model_output.dtype();
@@ -269,8 +290,17 @@ impl Scheduler for EulerAncestral {
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
         let derivative = div_s(&(&s - x0)?, sigma)?;
         let prev = (&s + mul_s(&derivative, sigma_down - sigma)?)?;
-        // randn_tensor(model_output.shape, generator=...): one draw of the whole tensor per step.
-        let noise = rng.randn(mo.elem_count());
+        // randn_tensor(model_output.shape, generator=...): one draw per step of the whole tensor,
+        // or with a list of generators, of each image's part from its own generator.
+        let batch = mo.dim(0)?;
+        if rngs.len() != batch {
+            return Err(crate::PipelineError::InvalidRequest(format!(
+                "{} generators for a batch of {batch}",
+                rngs.len()
+            )));
+        }
+        let per_image = mo.elem_count() / batch.max(1);
+        let noise: Vec<f32> = rngs.iter_mut().flat_map(|r| r.randn(per_image)).collect();
         let noise = Tensor::from_vec(noise, mo.shape(), mo.device())?;
         let prev = (prev + mul_s(&noise, sigma_up)?)?;
         Ok(prev.to_dtype(dtype)?)

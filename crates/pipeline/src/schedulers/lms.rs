@@ -7,7 +7,9 @@ use candle_core::Tensor;
 use super::common::{
     self, check_index, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig,
 };
-use super::euler::{pred_original, scale_by_sigma, sigma_schedule, SigmaOptions, SigmaSchedule};
+use super::euler::{
+    add_noise_sigma, pred_original, scale_by_sigma, sigma_schedule, SigmaOptions, SigmaSchedule,
+};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::Result;
@@ -93,6 +95,10 @@ impl Scheduler for LmsDiscrete {
         self.sched.init_noise_sigma as f64
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add_noise_sigma(&self.sched, original, noise, index)
+    }
+
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         scale_by_sigma(sample, self.sched.sigmas[index])
@@ -103,7 +109,7 @@ impl Scheduler for LmsDiscrete {
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
+        _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         check_index(index, self.sched.timesteps.len())?;
         let dtype = sample.dtype();

@@ -154,14 +154,25 @@ pub trait Scheduler: Send {
         Ok(sample.clone())
     }
     /// One step: the model output at `timesteps()[index]` and the current sample give the previous
-    /// sample. Stochastic schedulers draw their noise from `rng` (the request's generator).
+    /// sample. Stochastic schedulers draw their noise from `rngs`, one generator per image of the
+    /// batch (diffusers' list of generators; one generator for a batch of one).
     fn step(
         &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        rng: &mut TorchRng,
+        rngs: &mut [TorchRng],
     ) -> Result<Tensor>;
+    /// Model evaluations per timestep (diffusers' `scheduler.order`): 1 for every scheduler here.
+    fn order(&self) -> usize {
+        1
+    }
+    /// `set_begin_index`: the run starts at `timesteps()[begin]` (img2img's `t_start * order`).
+    /// Only schedulers that keep their own step counter need it; the others read `index`.
+    fn set_begin_index(&mut self, _begin: usize) {}
+    /// `add_noise(original, noise, timesteps()[index])`: the sample at that timestep's noise level
+    /// (img2img's start, inpainting's known region after each step).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
 }
 
 /// `scheduler_config.json`, every key optional: `None` means "absent from the file", and each

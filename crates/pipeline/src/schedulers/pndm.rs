@@ -230,12 +230,17 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let t = self.timesteps[common::noise_index(index, self.timesteps.len())?];
+        common::add_noise_alphas(&self.alphas_cumprod, t, original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
+        _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         check_index(index, self.timesteps_i.len())?;
         let dtype = sample.dtype();

@@ -7,7 +7,9 @@
 use candle_core::Tensor;
 
 use super::common::{self, config_error, div_s as div, mul_s as mul, PredictionType};
-use super::dpm_solver::{alpha_sigma, current_step_index, lambda, Family, MultistepSchedule};
+use super::dpm_solver::{
+    add_noise_alpha_sigma, alpha_sigma, current_step_index, lambda, Family, MultistepSchedule,
+};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
@@ -344,12 +346,20 @@ impl Scheduler for UniPcMultistep {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.step_index = Some(begin);
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add_noise_alpha_sigma(&self.sigmas, &self.timesteps, original, noise, index)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
+        _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
         let i = current_step_index(self.step_index, &self.timesteps, index)?;

@@ -8,7 +8,7 @@
 //! streamed for sequential offload (weights in host memory, each part built on the device for
 //! its turn, [`UNet2DConditionModel::streamed`]); both run the same `forward`.
 
-mod blocks;
+pub(crate) mod blocks;
 mod config;
 mod streaming;
 

@@ -114,6 +114,24 @@ pub struct GenerateRequest {
     /// prompt do the same and are removed from its text. At most 8 in all.
     #[schema(max_items = 8, nullable = true)]
     pub loras: Option<Vec<LoraUse>>,
+    /// Images made at once (one UNet batch); image i uses seed + i, so each can be made again
+    /// alone.
+    #[schema(minimum = 1, maximum = 8, default = 1)]
+    pub batch_size: Option<u32>,
+    /// img2img: base64 PNG, JPEG or WebP (a `data:image/...;base64,` prefix is allowed), at
+    /// most 4096 pixels a side and 16 MP. Width and height default to its size (floored to a
+    /// multiple of 64, clamped to 256..=768); it is resized (Lanczos) to them.
+    #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
+    pub init_image: Option<String>,
+    /// With init_image: how much of the schedule runs (`int(steps * strength)` steps, at
+    /// least 1); 1.0 keeps nothing of the image but what inpainting's mask keeps. Ignored
+    /// without init_image.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.8)]
+    pub strength: Option<f64>,
+    /// Only with init_image, same size: inpainting. White = repaint, black = keep; grey is
+    /// binarised at 0.5. An inpainting model (9-channel UNet) needs it.
+    #[schema(nullable = true)]
+    pub mask_image: Option<String>,
 }
 
 /// How prompts are read.
@@ -154,13 +172,24 @@ pub struct GenerateMetadata {
     pub generation_time_seconds: f64,
     /// Model name and revision or content digest.
     pub model_version: String,
+    /// The seed of each image, in order: seed + i.
+    pub seeds: Vec<u64>,
+    pub batch_size: u32,
+    /// With an init image; null for text-to-image.
+    pub strength: Option<f64>,
+    /// `txt2img`, `img2img` or `inpaint`.
+    #[schema(example = "img2img")]
+    pub mode: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GenerateResponse {
-    /// The PNG, base64 (standard alphabet, padded). It carries the parameters in a
-    /// `parameters` tEXt chunk (AUTOMATIC1111 style).
+    /// The first PNG, base64 (standard alphabet, padded). Each PNG carries its parameters
+    /// (its own seed, and mode and strength with an init image) in a `parameters` tEXt chunk
+    /// (AUTOMATIC1111 style).
     pub image_base64: String,
+    /// Every image of the batch, in order (the first is `image_base64`).
+    pub images: Vec<String>,
     pub metadata: GenerateMetadata,
 }
 

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use base64::Engine as _;
-use sdserve_pipeline::pipeline::{GenerationParams, LoraWeight, PromptSyntax};
+use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, PromptSyntax};
 
 use super::{
     openapi_string, random_seed, AppState, GenerateMetadata, GenerateRequest, GenerateResponse,
@@ -17,10 +17,22 @@ use crate::engine::ModelState;
 use crate::error::{ApiError, ErrorBody};
 use crate::validate;
 
-/// Every parameter that changes the image, the resolved scheduler and the model version.
+/// Every parameter that changes the images, the resolved scheduler and the model version;
+/// init image and mask by the sha256 of their pixels.
 fn cache_key(p: &GenerationParams, model_version: &str) -> String {
+    let images = match &p.init_image {
+        None => "txt2img".to_string(),
+        Some(init) => format!(
+            "{}\u{0}{}\u{0}{:016x}",
+            crate::images::digest(&init.image),
+            init.mask
+                .as_ref()
+                .map_or_else(|| "no mask".to_string(), crate::images::digest),
+            init.strength.to_bits()
+        ),
+    };
     format!(
-        "{model_version}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}",
+        "{model_version}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
         p.prompt,
         p.negative_prompt,
         p.steps,
@@ -35,6 +47,7 @@ fn cache_key(p: &GenerationParams, model_version: &str) -> String {
             .iter()
             .map(|l| (&l.name, l.weight.to_bits()))
             .collect::<Vec<_>>(),
+        p.batch_size,
     )
 }
 
@@ -166,27 +179,9 @@ pub(super) async fn run(
             None => e,
         })?;
     validate::check_loras(&req, &info.adapters)?;
+    validate::check_for_model(&req, info.inpainting)?;
     let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
-    let params = GenerationParams {
-        prompt: req.prompt,
-        negative_prompt: req.negative_prompt,
-        steps: req.steps,
-        width: req.width,
-        height: req.height,
-        seed: u64::from(req.seed.unwrap_or_else(random_seed)),
-        guidance_scale: req.guidance_scale,
-        scheduler: Some(scheduler),
-        prompt_syntax: req.prompt_syntax,
-        clip_skip: req.clip_skip,
-        loras: req
-            .loras
-            .iter()
-            .map(|(name, weight)| LoraWeight {
-                name: name.clone(),
-                weight: *weight,
-            })
-            .collect(),
-    };
+    let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
     let mut stats = RequestStats {
         steps: Some(params.steps),
         size: Some(format!("{}x{}", params.width, params.height)),
@@ -213,11 +208,24 @@ pub(super) async fn run(
             .cache_misses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    let png_text = crate::png::parameters_text(&params, &info.model_version);
-    let out = app.engine.submit(params.clone(), png_text).await?;
+    let png_texts = crate::png::batch_texts(&params, &info.model_version);
+    let out = app.engine.submit(params.clone(), png_texts).await?;
+    let images: Vec<String> = out
+        .pngs
+        .iter()
+        .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
+        .collect();
+    let mode = Mode::of(&params);
     let resp = GenerateResponse {
-        image_base64: base64::engine::general_purpose::STANDARD.encode(&out.png),
+        image_base64: images.first().cloned().unwrap_or_default(),
+        images,
         metadata: GenerateMetadata {
+            seeds: (0..params.batch_size)
+                .map(|i| seed_of_image(params.seed, i))
+                .collect(),
+            batch_size: params.batch_size as u32,
+            strength: params.init_image.as_ref().map(|i| i.strength),
+            mode: mode.name().to_string(),
             prompt: params.prompt,
             negative_prompt: params.negative_prompt,
             steps: params.steps as u32,
@@ -373,6 +381,8 @@ pub(super) async fn docs() -> Html<&'static str> {
 mod tests {
     use super::*;
 
+    use sdserve_pipeline::pipeline::{InitImage, LoraWeight};
+
     #[test]
     fn cache_key_covers_every_parameter() {
         let base = GenerationParams {
@@ -387,6 +397,16 @@ mod tests {
             ..Default::default()
         };
         let k = cache_key(&base, "m@1");
+        let pixel = |v: u8| sdserve_pipeline::pipeline::RgbImage {
+            width: 1,
+            height: 1,
+            pixels: vec![v; 3],
+        };
+        let init = InitImage {
+            image: pixel(9),
+            mask: None,
+            strength: 0.8,
+        };
         let variants = [
             GenerationParams {
                 prompt: "b".into(),
@@ -433,6 +453,35 @@ mod tests {
                     name: "x".into(),
                     weight: 0.5,
                 }],
+                ..base.clone()
+            },
+            GenerationParams {
+                batch_size: 2,
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(init.clone()),
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(InitImage {
+                    strength: 0.5,
+                    ..init.clone()
+                }),
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(InitImage {
+                    mask: Some(pixel(255)),
+                    ..init.clone()
+                }),
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(InitImage {
+                    image: pixel(7),
+                    ..init.clone()
+                }),
                 ..base.clone()
             },
         ];

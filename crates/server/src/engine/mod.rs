@@ -43,10 +43,10 @@ pub struct EngineConfig {
     pub timeout: Duration,
 }
 
-/// A finished generation.
+/// A finished generation: one PNG per image of the batch, in order.
 #[derive(Debug)]
 pub struct Outcome {
-    pub png: Vec<u8>,
+    pub pngs: Vec<Vec<u8>>,
     pub queue_secs: f64,
     pub gen_secs: f64,
 }
@@ -89,7 +89,8 @@ impl RunProgress {
 struct Job {
     id: u64,
     params: GenerationParams,
-    png_text: String,
+    /// The PNG parameters text of each image of the batch.
+    png_texts: Vec<String>,
     cancel: Arc<AtomicBool>,
     progress: Arc<RunProgress>,
     deadline: Instant,
@@ -257,7 +258,7 @@ impl Engine {
     pub async fn submit(
         &self,
         params: GenerationParams,
-        png_text: String,
+        png_texts: Vec<String>,
     ) -> Result<Outcome, ApiError> {
         let inner = &self.inner;
         let device = inner
@@ -289,7 +290,7 @@ impl Engine {
         let job = Job {
             id,
             params,
-            png_text,
+            png_texts,
             cancel: cancel.clone(),
             progress: progress.clone(),
             deadline,
@@ -406,16 +407,19 @@ mod tests {
         };
         let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
         ready(&engine).await;
-        let out = engine.submit(params(2), "t".into()).await.unwrap();
-        assert!(out.png.starts_with(b"\x89PNG"));
+        let out = engine.submit(params(2), vec!["t".into()]).await.unwrap();
+        assert!(out.pngs[0].starts_with(b"\x89PNG"));
         let t = Instant::now();
-        let err = engine.submit(params(1000), "t".into()).await.unwrap_err();
+        let err = engine
+            .submit(params(1000), vec!["t".into()])
+            .await
+            .unwrap_err();
         assert!(matches!(err, ApiError::Timeout(_)), "{err:?}");
         assert!(t.elapsed() < Duration::from_millis(450));
         // The worker stops within one step, so the next short job finishes well within the deadline.
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert_eq!(engine.gauges().running, 0);
-        engine.submit(params(2), "t".into()).await.unwrap();
+        engine.submit(params(2), vec!["t".into()]).await.unwrap();
     }
 
     #[tokio::test]
@@ -428,9 +432,12 @@ mod tests {
         let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
         ready(&engine).await;
         let e2 = engine.clone();
-        let first = tokio::spawn(async move { e2.submit(params(10), "t".into()).await });
+        let first = tokio::spawn(async move { e2.submit(params(10), vec!["t".into()]).await });
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let err = engine.submit(params(1), "t".into()).await.unwrap_err();
+        let err = engine
+            .submit(params(1), vec!["t".into()])
+            .await
+            .unwrap_err();
         assert!(matches!(err, ApiError::Overloaded { .. }), "{err:?}");
         first.await.unwrap().unwrap();
 

@@ -153,7 +153,7 @@ fn run_job(
         }
     }
     let reply = match result {
-        Ok(Ok(img)) => {
+        Ok(Ok(images)) => {
             inner.metrics.generation_seconds.observe(gen_secs);
             let prev = inner.avg_gen_ms.load(Ordering::Relaxed) as f64;
             let ms = gen_secs * 1000.0;
@@ -163,9 +163,18 @@ fn run_job(
                 0.8 * prev + 0.2 * ms
             };
             inner.avg_gen_ms.store(avg as u64, Ordering::Relaxed);
-            match crate::png::encode(&img, &job.png_text) {
-                Ok(png) => Ok(Outcome {
-                    png,
+            // Each image carries its own parameters (its own seed in a batch).
+            let pngs: Result<Vec<Vec<u8>>, String> = images
+                .iter()
+                .enumerate()
+                .map(|(i, img)| {
+                    let text = job.png_texts.get(i).or(job.png_texts.first());
+                    crate::png::encode(img, text.map_or("", |t| t.as_str()))
+                })
+                .collect();
+            match pngs {
+                Ok(pngs) => Ok(Outcome {
+                    pngs,
                     queue_secs,
                     gen_secs,
                 }),

@@ -1,0 +1,264 @@
+//! The stages that start from an image: img2img (diffusers' `StableDiffusionImg2ImgPipeline`)
+//! and inpainting (`StableDiffusionInpaintPipeline`, with a regular 4-channel UNet or a
+//! 9-channel inpainting UNet). Text-to-image's stages are in `pipeline.rs`; these replace
+//! `prepare_latents` and add the inpainting inputs to `denoise`.
+
+use candle_core::{DType, Tensor};
+
+use super::{GenerationParams, RgbImage, StableDiffusion};
+use crate::image_in;
+use crate::rng::TorchRng;
+use crate::schedulers::Scheduler;
+use crate::{PipelineError, Result};
+
+/// An image to start from: img2img without a mask, inpainting with one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImage {
+    /// Any size: resized (Lanczos) to the request's width and height.
+    pub image: RgbImage,
+    /// White = repaint, black = keep; grey is binarised at 0.5. Resized like the image.
+    pub mask: Option<RgbImage>,
+    /// How much of the schedule runs: `int(steps * strength)` steps, from the noise level of
+    /// the first of them. 1.0 starts from pure noise for inpainting.
+    pub strength: f64,
+}
+
+/// What a request does, as the API's metadata names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Txt2Img,
+    Img2Img,
+    Inpaint,
+}
+
+impl Mode {
+    pub fn of(params: &GenerationParams) -> Self {
+        match &params.init_image {
+            None => Self::Txt2Img,
+            Some(InitImage { mask: None, .. }) => Self::Img2Img,
+            Some(_) => Self::Inpaint,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Txt2Img => "txt2img",
+            Self::Img2Img => "img2img",
+            Self::Inpaint => "inpaint",
+        }
+    }
+}
+
+/// The seed of image `index` of a batch: `seed + index` (A1111's convention), kept in torch's
+/// 32-bit seed space so that the number reported is one a request can send back.
+pub fn seed_of_image(seed: u64, index: usize) -> u64 {
+    (seed + index as u64) & 0xFFFF_FFFF
+}
+
+/// `min(int(steps * strength), steps)`: the steps an init image runs (diffusers' `init_timestep`).
+pub(super) fn init_steps(steps: usize, strength: f64) -> usize {
+    ((steps as f64 * strength) as usize).min(steps)
+}
+
+/// The latents the denoising loop starts from, and for inpainting what each step needs.
+pub(super) struct Start {
+    pub latents: Tensor,
+    pub inpaint: Option<InpaintState>,
+}
+
+/// Inpainting's per-step inputs, all at latent size for the whole batch.
+pub(super) struct InpaintState {
+    /// `[n, 1, h, w]`, 1 = repaint.
+    mask: Tensor,
+    kind: InpaintKind,
+}
+
+enum InpaintKind {
+    /// 9-channel UNet: `[latents, mask, masked_image_latents]` is its input.
+    Channels { masked_image_latents: Tensor },
+    /// 4-channel UNet: after each step the known region is put back at the next noise level.
+    Blend {
+        image_latents: Tensor,
+        noise: Tensor,
+    },
+}
+
+impl InpaintState {
+    /// The UNet's input for the (already scaled) latents.
+    pub(super) fn unet_input(&self, scaled: Tensor) -> Result<Tensor> {
+        Ok(match &self.kind {
+            InpaintKind::Channels {
+                masked_image_latents,
+            } => Tensor::cat(
+                &[
+                    &scaled,
+                    &self.mask.to_dtype(scaled.dtype())?,
+                    masked_image_latents,
+                ],
+                1,
+            )?,
+            InpaintKind::Blend { .. } => scaled,
+        })
+    }
+
+    /// 4-channel inpainting after the step at `index`: `(1 - m) * add_noise(image_latents,
+    /// noise, timesteps[index + 1]) + m * latents`, with the clean image latents after the last.
+    pub(super) fn keep_known_region(
+        &self,
+        latents: Tensor,
+        scheduler: &dyn Scheduler,
+        index: usize,
+    ) -> Result<Tensor> {
+        let InpaintKind::Blend {
+            image_latents,
+            noise,
+        } = &self.kind
+        else {
+            return Ok(latents);
+        };
+        let known = if index + 1 < scheduler.timesteps().len() {
+            scheduler.add_noise(image_latents, noise, index + 1)?
+        } else {
+            image_latents.clone()
+        };
+        let dtype = latents.dtype();
+        let m = self.mask.to_dtype(DType::F32)?;
+        let keep = m.affine(-1.0, 1.0)?;
+        let out = (known.to_dtype(DType::F32)?.broadcast_mul(&keep)?
+            + latents.to_dtype(DType::F32)?.broadcast_mul(&m)?)?;
+        Ok(out.to_dtype(dtype)?)
+    }
+}
+
+impl StableDiffusion {
+    /// The rules an image request must meet beyond the API's own (which the server checks
+    /// first, naming the field): strength in range and leaving at least one step, a mask for
+    /// a 9-channel (inpainting) UNet, a UNet this pipeline can feed.
+    pub(super) fn check_image_inputs(&self, params: &GenerationParams) -> Result<()> {
+        let unet = self.unet_in_channels;
+        let latent = self.vae_latent_channels;
+        let inpainting_unet = unet == 2 * latent + 1;
+        match &params.init_image {
+            None if inpainting_unet => Err(PipelineError::InvalidRequest(format!(
+                "this is an inpainting model (its UNet takes {unet} channels): it needs an init \
+                 image and a mask"
+            ))),
+            None => Ok(()),
+            Some(init) => {
+                if !(0.0..=1.0).contains(&init.strength) {
+                    return Err(PipelineError::InvalidRequest(format!(
+                        "strength must be within 0..=1, got {}",
+                        init.strength
+                    )));
+                }
+                if init_steps(params.steps, init.strength) == 0 {
+                    return Err(PipelineError::InvalidRequest(format!(
+                        "int(steps * strength) = int({} * {}) is 0: no step would run",
+                        params.steps, init.strength
+                    )));
+                }
+                match (&init.mask, inpainting_unet) {
+                    (None, true) => Err(PipelineError::InvalidRequest(format!(
+                        "this is an inpainting model (its UNet takes {unet} channels): it needs \
+                         a mask"
+                    ))),
+                    _ if !inpainting_unet && unet != latent => {
+                        Err(PipelineError::InvalidRequest(format!(
+                            "a UNet taking {unet} channels cannot start from an image (VAE \
+                             latents have {latent})"
+                        )))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// `latent_dist` of images `[1, 3, H, W]` in [-1, 1] through the VAE encoder.
+    fn encode_image(&self, image: &Tensor) -> Result<crate::vae_encoder::LatentDist> {
+        let mut encoder = self.vae_encoder.get(&self.device)?;
+        if let crate::memory::offload::Held::Loaded(e) = &mut encoder {
+            e.set_attention_slice(self.vae_attention_rows());
+        }
+        encoder.encode(image)
+    }
+
+    /// img2img and inpainting's `prepare_latents` (+ `prepare_mask_latents`), one generator per
+    /// image. Draw order per generator, as diffusers: img2img: the image's latent sample, then
+    /// the noise; inpainting: the image's sample (4-channel UNet or strength < 1), the noise,
+    /// then the masked image's sample.
+    pub(super) fn prepare_image_latents(
+        &self,
+        params: &GenerationParams,
+        init: &InitImage,
+        scheduler: &dyn Scheduler,
+        begin: usize,
+        rngs: &mut [TorchRng],
+    ) -> Result<Start> {
+        let (w, h) = (params.width, params.height);
+        let f = self.vae_scale_factor;
+        let shape = (1, self.vae_latent_channels, h / f, w / f);
+        let sf = self.vae_scaling_factor;
+        let image = image_in::image_tensor(&init.image, w, h, &self.device)?;
+        let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
+
+        let Some(mask_image) = &init.mask else {
+            let dist = self.encode_image(&image)?;
+            let mut latents = Vec::with_capacity(rngs.len());
+            for rng in rngs.iter_mut() {
+                let image_latents = (dist.sample(rng)? * sf)?;
+                let noise = rng.randn_tensor(shape, &self.device, DType::F32)?;
+                latents.push(scheduler.add_noise(&image_latents, &noise, begin)?);
+            }
+            return Ok(Start {
+                latents: cat(latents)?.to_dtype(self.dtype)?,
+                inpaint: None,
+            });
+        };
+
+        let mask = image_in::mask_tensor(mask_image, w, h, &self.device)?;
+        // `image * (mask < 0.5)`: the known part only.
+        let masked_image = image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
+        let blend = self.unet_in_channels == self.vae_latent_channels;
+        let from_noise = init.strength == 1.0;
+        let image_dist = if blend || !from_noise {
+            Some(self.encode_image(&image)?)
+        } else {
+            None
+        };
+        let masked_dist = self.encode_image(&masked_image)?;
+        let (mut latents, mut image_latents, mut noises, mut masked_latents) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for rng in rngs.iter_mut() {
+            let image_lat = match &image_dist {
+                Some(d) => Some((d.sample(rng)? * sf)?),
+                None => None,
+            };
+            let noise = rng.randn_tensor(shape, &self.device, DType::F32)?;
+            latents.push(match (&image_lat, from_noise) {
+                (Some(lat), false) => scheduler.add_noise(lat, &noise, begin)?,
+                _ => (&noise * scheduler.init_noise_sigma())?,
+            });
+            masked_latents.push((masked_dist.sample(rng)? * sf)?);
+            image_latents.extend(image_lat);
+            noises.push(noise);
+        }
+        let n = rngs.len();
+        let mask = image_in::mask_to_latent_size(&mask, h / f, w / f)?;
+        let mask = Tensor::cat(&vec![&mask; n], 0)?;
+        let kind = if blend {
+            InpaintKind::Blend {
+                image_latents: cat(image_latents)?,
+                noise: cat(noises)?,
+            }
+        } else {
+            InpaintKind::Channels {
+                masked_image_latents: cat(masked_latents)?.to_dtype(self.dtype)?,
+            }
+        };
+        Ok(Start {
+            latents: cat(latents)?.to_dtype(self.dtype)?,
+            inpaint: Some(InpaintState { mask, kind }),
+        })
+    }
+}

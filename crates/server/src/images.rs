@@ -1,0 +1,209 @@
+//! Images in requests (`init_image`, `mask_image`): base64 (optionally a `data:image/...;base64,`
+//! URL) of a PNG, JPEG or WebP, decoded with the `image` crate.
+//!
+//! The size is read from the header and checked before any pixel buffer exists, so a tiny file
+//! claiming 60000x60000 costs nothing; the decoder also runs under allocation limits, so a
+//! header that lies cannot make it allocate more. Corrupt or truncated data is an error naming
+//! what is wrong, never a panic.
+
+use std::io::Cursor;
+
+use base64::Engine as _;
+use image::{ImageFormat, ImageReader, Limits};
+use sdserve_pipeline::pipeline::RgbImage;
+use sha2::{Digest, Sha256};
+
+/// The largest side accepted, in pixels.
+pub const MAX_SIDE: u32 = 4096;
+/// The most pixels accepted (16 MP).
+pub const MAX_PIXELS: u64 = 16 * 1024 * 1024;
+
+/// A decoded request image and the digest of its pixels (for the response cache's key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestImage {
+    pub image: RgbImage,
+    pub sha256: String,
+}
+
+/// Decodes a request image; the error is the broken rule, for a 422 naming the field.
+pub fn decode_base64(text: &str) -> Result<RequestImage, String> {
+    let data = strip_data_url(text)?;
+    // Base64 of any length up to the body limit: decoded size is 3/4 of it.
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| format!("must be base64 ({e})"))?;
+    decode_bytes(&bytes)
+}
+
+/// `data:image/png;base64,....` -> the base64 part; plain base64 as is.
+fn strip_data_url(text: &str) -> Result<&str, String> {
+    let Some(rest) = text.strip_prefix("data:") else {
+        return Ok(text);
+    };
+    let (meta, data) = rest
+        .split_once(',')
+        .ok_or("is a data: URL without a comma before its data")?;
+    if !meta.starts_with("image/") || !meta.ends_with(";base64") {
+        return Err(format!(
+            "must be base64 or a data:image/...;base64, URL (got data:{meta})"
+        ));
+    }
+    Ok(data)
+}
+
+/// Decodes PNG, JPEG or WebP bytes to RGB8 (alpha dropped, grey repeated), checking the size
+/// from the header first.
+pub fn decode_bytes(bytes: &[u8]) -> Result<RequestImage, String> {
+    let format = image::guess_format(bytes)
+        .ok()
+        .filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP))
+        .ok_or("must be a PNG, JPEG or WebP image")?;
+    let reader = || ImageReader::with_format(Cursor::new(bytes), format);
+    let (w, h) = reader()
+        .into_dimensions()
+        .map_err(|e| format!("is not a readable {} image ({e})", name(format)))?;
+    check_dimensions(w, h)?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    // RGBA16 of the largest image: room for the decoder's own buffer, no more.
+    limits.max_alloc = Some(MAX_PIXELS * 8 + (1 << 20));
+    let mut decoder = reader();
+    decoder.limits(limits);
+    let decoded = decoder
+        .decode()
+        .map_err(|e| format!("is not a readable {} image ({e})", name(format)))?;
+    let rgb = decoded.to_rgb8();
+    let image = RgbImage {
+        width: rgb.width(),
+        height: rgb.height(),
+        pixels: rgb.into_raw(),
+    };
+    let sha256 = digest(&image);
+    Ok(RequestImage { image, sha256 })
+}
+
+fn name(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Png => "PNG",
+        ImageFormat::Jpeg => "JPEG",
+        _ => "WebP",
+    }
+}
+
+/// The size rule: at most [`MAX_SIDE`] a side and [`MAX_PIXELS`] in all.
+pub fn check_dimensions(w: u32, h: u32) -> Result<(), String> {
+    if w == 0 || h == 0 {
+        return Err(format!("has no pixels ({w}x{h})"));
+    }
+    if w > MAX_SIDE || h > MAX_SIDE || u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(format!(
+            "is {w}x{h}; at most {MAX_SIDE} pixels a side and {} MP are accepted",
+            MAX_PIXELS >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// sha256 of the size and pixels, hex.
+pub fn digest(image: &RgbImage) -> String {
+    let mut h = Sha256::new();
+    h.update(image.width.to_le_bytes());
+    h.update(image.height.to_le_bytes());
+    h.update(&image.pixels);
+    h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+}
+
+/// `floor(side / 64) * 64` clamped to the API's size range: the default width or height of a
+/// request with an init image.
+pub fn default_side(side: u32, min: u64, max: u64, multiple: u64) -> usize {
+    let floored = u64::from(side) / multiple * multiple;
+    floored.clamp(min, max) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage {
+            width: w,
+            height: h,
+            pixels: (0..w * h * 3).map(|i| (i % 251) as u8).collect(),
+        };
+        crate::png::encode(&img, "").unwrap()
+    }
+
+    #[test]
+    fn decodes_png_plain_and_as_a_data_url() {
+        let bytes = png_bytes(5, 3);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let a = decode_base64(&b64).unwrap();
+        assert_eq!((a.image.width, a.image.height), (5, 3));
+        assert_eq!(a.image.pixels[..6], [0, 1, 2, 3, 4, 5]);
+        let b = decode_base64(&format!("data:image/png;base64,{b64}")).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.sha256.len(), 64);
+    }
+
+    #[test]
+    fn decodes_jpeg_and_webp() {
+        let rgb =
+            image::RgbImage::from_fn(16, 8, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 90]));
+        for format in [ImageFormat::Jpeg, ImageFormat::WebP] {
+            let mut out = Cursor::new(Vec::new());
+            image::DynamicImage::ImageRgb8(rgb.clone())
+                .write_to(&mut out, format)
+                .unwrap();
+            let d = decode_bytes(out.get_ref()).unwrap();
+            assert_eq!((d.image.width, d.image.height), (16, 8), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_truncation_and_huge_headers() {
+        assert!(decode_base64("!!!not base64")
+            .unwrap_err()
+            .contains("base64"));
+        let text = base64::engine::general_purpose::STANDARD.encode(b"hello, not an image");
+        assert!(decode_base64(&text)
+            .unwrap_err()
+            .contains("PNG, JPEG or WebP"));
+        let bytes = png_bytes(64, 64);
+        let cut = &bytes[..bytes.len() / 2];
+        assert!(decode_bytes(cut)
+            .unwrap_err()
+            .contains("not a readable PNG"));
+        // A few bytes of PNG claiming 60000x60000 pixels: refused from the header alone.
+        let mut huge = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut huge, 60000, 60000);
+            enc.set_color(png::ColorType::Rgb);
+            let mut w = enc.write_header().unwrap();
+            // One tiny IDAT (an empty zlib stream): the file is well formed up to its data.
+            w.write_chunk(
+                png::chunk::IDAT,
+                &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+            )
+            .unwrap();
+        }
+        assert!(huge.len() < 100, "{}", huge.len());
+        let started = std::time::Instant::now();
+        let err = decode_bytes(&huge).unwrap_err();
+        assert!(err.contains("60000x60000"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(check_dimensions(4096, 4096).is_ok());
+        assert!(check_dimensions(4096, 4097).is_err());
+        assert!(check_dimensions(4096, 4096 + 1).is_err());
+    }
+
+    #[test]
+    fn default_side_floors_and_clamps() {
+        assert_eq!(default_side(700, 256, 768, 64), 640);
+        assert_eq!(default_side(100, 256, 768, 64), 256);
+        assert_eq!(default_side(3000, 256, 768, 64), 768);
+    }
+}

@@ -1,0 +1,231 @@
+//! `init_image`, `mask_image`, `strength` and `batch_size` over real HTTP against the real binary:
+//! the rules with the fake generator, and the real pipeline on the tiny 9-channel inpainting model.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{decode_png, fake, Server};
+use serde_json::json;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A `w`x`h` RGB PNG with a gradient (or one grey value), encoded by the png crate.
+fn png(w: u32, h: u32, grey: Option<u8>) -> Vec<u8> {
+    let pixels: Vec<u8> = (0..w * h * 3)
+        .map(|i| grey.unwrap_or(((i / 3) % w * 255 / w.max(1)) as u8))
+        .collect();
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().unwrap();
+        wr.write_image_data(&pixels).unwrap();
+    }
+    out
+}
+
+fn started(env: Vec<(String, String)>, within: Duration) -> Server {
+    let s = Server::start(&env);
+    s.wait_ready(within);
+    s
+}
+
+#[test]
+fn bad_images_and_image_rules_are_422s_naming_the_field() {
+    let mut env = fake("step_ms=0");
+    env.push(("MAX_CONCURRENT_REQUESTS".into(), "8".into()));
+    let s = started(env, Duration::from_secs(10));
+    let init = b64(&png(256, 256, None));
+    let base = json!({"prompt": "x", "steps": 4, "init_image": init});
+    let with = |extra: serde_json::Value| {
+        let mut body = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                body.as_object_mut().unwrap().remove(k);
+            } else {
+                body[k] = v.clone();
+            }
+        }
+        body
+    };
+    // A few bytes of valid PNG header claiming 60000x60000 pixels.
+    let mut huge = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut huge, 60000, 60000);
+        enc.set_color(png::ColorType::Rgb);
+        let mut w = enc.write_header().unwrap();
+        // One tiny IDAT (an empty zlib stream): the file is well formed up to its data.
+        w.write_chunk(
+            png::chunk::IDAT,
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        )
+        .unwrap();
+    }
+    let full = png(256, 256, None);
+    let bad = [
+        (
+            with(json!({"init_image": "%%% not base64 %%%"})),
+            "init_image",
+        ),
+        (
+            with(json!({"init_image": b64(b"just some text")})),
+            "init_image",
+        ),
+        (with(json!({"init_image": b64(&huge)})), "init_image"),
+        (
+            with(json!({"init_image": b64(&full[..full.len() / 2])})),
+            "init_image",
+        ),
+        (with(json!({"init_image": 5})), "init_image"),
+        (
+            with(json!({"init_image": b64(&png(5000, 8, None))})),
+            "init_image",
+        ),
+        (
+            json!({"prompt": "x", "mask_image": b64(&png(256, 256, Some(255)))}),
+            "mask_image",
+        ),
+        (
+            with(json!({"mask_image": b64(&png(256, 320, Some(255)))})),
+            "mask_image",
+        ),
+        (with(json!({"mask_image": b64(b"GIF89a")})), "mask_image"),
+        (with(json!({"strength": 1.01})), "strength"),
+        (with(json!({"strength": -0.1})), "strength"),
+        (with(json!({"strength": "high"})), "strength"),
+        // int(4 * 0.2) = 0 steps; the default 0.8 with one step too.
+        (with(json!({"strength": 0.2})), "strength"),
+        (with(json!({"steps": 1})), "strength"),
+        (with(json!({"batch_size": 0})), "batch_size"),
+        (with(json!({"batch_size": 9})), "batch_size"),
+    ];
+    for (body, field) in bad {
+        let t = Instant::now();
+        let r = s.post_json(&body);
+        let elapsed = t.elapsed();
+        assert_eq!(r.status, 422, "{field}: {}", r.text());
+        r.error(422, "validation_error");
+        assert_eq!(r.broken_fields(), [field], "{}", r.text());
+        assert!(elapsed < Duration::from_secs(2), "{field} took {elapsed:?}");
+    }
+    // Still healthy, and the same image with good values works.
+    assert_eq!(s.get("/health").status, 200);
+    let ok = s.post_json(&with(json!({"strength": 0.25})));
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+#[test]
+fn img2img_batches_answer_every_image_with_its_seed() {
+    let mut env = fake("step_ms=0");
+    env.push(("RESPONSE_CACHE_MB".into(), "16".into()));
+    let s = started(env, Duration::from_secs(10));
+    // 700x300: the size defaults to 640x256 (floored to 64, clamped), from a data: URL.
+    let init = format!("data:image/png;base64,{}", b64(&png(700, 300, None)));
+    let body = json!({"prompt": "x", "steps": 4, "seed": 11, "init_image": init,
+                      "strength": 0.5, "batch_size": 3});
+    let r = s.post_json(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    let m = &j["metadata"];
+    assert_eq!(
+        (m["width"].as_u64(), m["height"].as_u64()),
+        (Some(640), Some(256))
+    );
+    assert_eq!(m["mode"], "img2img");
+    assert_eq!(m["strength"].as_f64(), Some(0.5));
+    assert_eq!(m["batch_size"].as_u64(), Some(3));
+    assert_eq!(m["seeds"], json!([11, 12, 13]));
+    let images = j["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3);
+    assert_eq!(images[0], j["image_base64"]);
+    let mut pixels = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let (w, h, px, text) = decode_png(img.as_str().unwrap());
+        assert_eq!((w, h), (640, 256));
+        let text = text.unwrap();
+        assert!(text.contains(&format!("Seed: {}", 11 + i)), "{text}");
+        assert!(
+            text.contains("Denoising strength: 0.5, Mode: img2img"),
+            "{text}"
+        );
+        pixels.push(px);
+    }
+    assert_ne!(pixels[0], pixels[1]);
+    // Image 1 alone, from its own seed: the same picture.
+    let one = s.post_json(
+        &json!({"prompt": "x", "steps": 4, "seed": 12, "init_image": init,
+                                  "strength": 0.5}),
+    );
+    let (_, _, px, _) = decode_png(one.json()["image_base64"].as_str().unwrap());
+    assert_eq!(px, pixels[1]);
+    // The cache key covers the image: the same request hits, another image misses.
+    assert_eq!(s.post_json(&body).header("x-cache"), Some("hit"));
+    let mut other = body.clone();
+    other["init_image"] = json!(b64(&png(700, 300, Some(9))));
+    assert_eq!(s.post_json(&other).header("x-cache"), Some("miss"));
+    // Text-to-image says so.
+    let t = s.post_json(&json!({"prompt": "x", "steps": 1, "width": 256, "height": 256}));
+    let m = &t.json()["metadata"];
+    assert_eq!(
+        (m["mode"].as_str(), m["strength"].is_null()),
+        (Some("txt2img"), true)
+    );
+}
+
+fn tiny_inpaint() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/tiny-inpaint")
+}
+
+/// The real pipeline on the 9-channel model: a mask is required; with one, it inpaints, and a
+/// JPEG init image works as a PNG does.
+#[test]
+fn an_inpainting_model_needs_a_mask_and_inpaints() {
+    let env = vec![
+        (
+            "MODEL_ID".to_string(),
+            tiny_inpaint().to_string_lossy().into_owned(),
+        ),
+        ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
+    ];
+    let s = started(env, Duration::from_secs(300));
+    let init = b64(&png(256, 256, None));
+    let no_mask = s.post_json(&json!({"prompt": "a bench", "steps": 2, "init_image": init}));
+    assert_eq!(
+        no_mask.broken_fields(),
+        ["mask_image"],
+        "{}",
+        no_mask.text()
+    );
+    let text_only = s.post_json(&json!({"prompt": "a bench", "steps": 2}));
+    assert_eq!(
+        text_only.broken_fields(),
+        ["mask_image"],
+        "{}",
+        text_only.text()
+    );
+
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(256, 256, |x, y| {
+        image::Rgb([x as u8, y as u8, 128])
+    }))
+    .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+    .unwrap();
+    let body = json!({"prompt": "a bench", "steps": 2, "seed": 3, "init_image": b64(jpeg.get_ref()),
+                      "mask_image": b64(&png(256, 256, Some(255))), "strength": 1.0});
+    let r = s.post_json(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = &r.json()["metadata"];
+    assert_eq!(
+        (m["mode"].as_str(), m["width"].as_u64()),
+        (Some("inpaint"), Some(256))
+    );
+    let (w, h, _, text) = decode_png(r.json()["image_base64"].as_str().unwrap());
+    assert_eq!((w, h), (256, 256));
+    assert!(text.unwrap().contains("Mode: inpaint"));
+}
