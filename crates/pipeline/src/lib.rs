@@ -18,6 +18,7 @@ pub mod prompt;
 pub mod rng;
 pub mod schedulers;
 pub mod single_file;
+pub mod taesd;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;

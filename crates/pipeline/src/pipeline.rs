@@ -963,7 +963,7 @@ fn join_chunks(z: &Tensor, start: usize, count: usize) -> Result<Tensor> {
 }
 
 /// `(x / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)` to RGB8, as diffusers' image processor.
-fn postprocess(image: &Tensor) -> Result<RgbImage> {
+pub(crate) fn postprocess(image: &Tensor) -> Result<RgbImage> {
     let (_, channels, height, width) = image.dims4()?;
     if channels != 3 {
         return Err(PipelineError::InvalidRequest(format!(
