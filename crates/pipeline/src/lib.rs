@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod lora;
 pub mod memory;
 pub mod pipeline;
+pub mod preview;
 pub mod prompt;
 pub mod rng;
 pub mod schedulers;

@@ -102,15 +102,18 @@ pub struct RgbImage {
 }
 
 /// Reported to the per-step hook after each denoising step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepProgress {
-    /// 1-based index of the step just finished.
+#[derive(Debug, Clone, Copy)]
+pub struct StepProgress<'a> {
+    /// 1-based index of the step just finished (UNet evaluations: PNDM runs steps + 1).
     pub step: usize,
     pub total: usize,
+    /// The latents after this step (`[B, 4, h, w]`), for previews; `None` where there are none
+    /// (a fake generator).
+    pub latents: Option<&'a Tensor>,
 }
 
 /// The per-step hook: `ControlFlow::Break(())` cancels the run before the next step.
-pub type StepHook<'a> = &'a mut dyn FnMut(StepProgress) -> ControlFlow<()>;
+pub type StepHook<'a> = &'a mut dyn FnMut(StepProgress<'_>) -> ControlFlow<()>;
 
 /// A loaded Stable Diffusion model: everything `generate` needs, read from a diffusers folder.
 pub struct StableDiffusion {
@@ -563,7 +566,7 @@ impl StableDiffusion {
             }
         };
         tracker.sample();
-        let mut on_step = |p: StepProgress| {
+        let mut on_step = |p: StepProgress<'_>| {
             tracker.sample();
             on_step(p)
         };
@@ -776,6 +779,7 @@ impl StableDiffusion {
             if on_step(StepProgress {
                 step: index + 1 - begin,
                 total,
+                latents: Some(&latents),
             })
             .is_break()
             {

@@ -184,7 +184,7 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 let mut last = started;
                 let (mut step_s, mut issue_s) = (Vec::new(), Vec::new());
                 let images = sd
-                    .generate(&params, &mut |_p: StepProgress| {
+                    .generate(&params, &mut |_p: StepProgress<'_>| {
                         // The host has issued the step; the wait below is the device catching up
                         // (near zero when the host is the bottleneck).
                         let issued = Instant::now();

@@ -191,6 +191,21 @@ pub struct ServeArgs {
     /// takes minutes for 512x512: the start-up log says what fits.
     #[arg(long, env = "GENERATION_TIMEOUT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub generation_timeout_seconds: u64,
+    /// Deadline of a `POST /jobs` job, queue wait included.
+    #[arg(long, env = "JOB_TIMEOUT_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub job_timeout_seconds: u64,
+    /// Jobs (of every route) waiting at once; the next one gets 429.
+    #[arg(long, env = "MAX_QUEUED_JOBS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_queued_jobs: u32,
+    /// How long a finished job stays readable at /jobs/{id}.
+    #[arg(long, env = "JOB_TTL_SECONDS", default_value_t = 600)]
+    pub job_ttl_seconds: u64,
+    /// Live previews in job events.
+    #[arg(long, env = "PREVIEW", value_enum, default_value = "off")]
+    pub preview: crate::engine::PreviewMode,
+    /// A preview every this many steps (and at the last one).
+    #[arg(long, env = "PREVIEW_EVERY", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub preview_every: u32,
     /// Response cache size for seeded requests; 0 turns the cache off.
     #[arg(long, env = "RESPONSE_CACHE_MB", default_value_t = 256)]
     pub response_cache_mb: u64,

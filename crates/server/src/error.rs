@@ -17,6 +17,9 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("no such route")]
     NotFound(String),
+    /// An unknown job id (never existed, or finished more than JOB_TTL_SECONDS ago).
+    #[error("no such job")]
+    JobNotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed(String),
     #[error("request body too large")]
@@ -147,6 +150,7 @@ impl ApiError {
             Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             Self::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
@@ -195,6 +199,7 @@ impl ApiError {
         match self {
             Self::InvalidJson(d)
             | Self::NotFound(d)
+            | Self::JobNotFound(d)
             | Self::MethodNotAllowed(d)
             | Self::ModelUnavailable(d)
             | Self::Unauthorized(d)
@@ -276,6 +281,7 @@ mod tests {
             (ApiError::InvalidJson("x".into()), 400, "invalid_json"),
             (ApiError::validation("steps", "x"), 422, "validation_error"),
             (ApiError::NotFound("x".into()), 404, "not_found"),
+            (ApiError::JobNotFound("x".into()), 404, "job_not_found"),
             (
                 ApiError::MethodNotAllowed("x".into()),
                 405,

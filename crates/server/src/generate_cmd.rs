@@ -65,7 +65,7 @@ pub fn batch_path(output: &Path, i: usize) -> std::path::PathBuf {
     output.with_file_name(name)
 }
 
-fn bar(p: StepProgress, started: Instant) -> String {
+fn bar(p: StepProgress<'_>, started: Instant) -> String {
     const WIDTH: usize = 30;
     let filled = p.step * WIDTH / p.total.max(1);
     format!(
@@ -257,7 +257,14 @@ mod tests {
 
     #[test]
     fn bar_draws_progress() {
-        let s = bar(StepProgress { step: 1, total: 2 }, Instant::now());
+        let s = bar(
+            StepProgress {
+                step: 1,
+                total: 2,
+                latents: None,
+            },
+            Instant::now(),
+        );
         assert!(
             s.contains(&format!("[{}{}]", "#".repeat(15), " ".repeat(15))),
             "{s}"
@@ -269,7 +276,13 @@ mod tests {
     fn no_redraws_into_a_file() {
         let mut p = Progress::new(false);
         let lines: Vec<String> = (1..=20)
-            .filter_map(|step| p.render(StepProgress { step, total: 20 }))
+            .filter_map(|step| {
+                p.render(StepProgress {
+                    step,
+                    total: 20,
+                    latents: None,
+                })
+            })
             .collect();
         // Fast steps: the first and the last only, each a whole line.
         assert_eq!(lines.len(), 2, "{lines:?}");
@@ -278,7 +291,11 @@ mod tests {
         assert_eq!(p.finish(), "");
         let mut t = Progress::new(true);
         assert!(t
-            .render(StepProgress { step: 3, total: 20 })
+            .render(StepProgress {
+                step: 3,
+                total: 20,
+                latents: None
+            })
             .unwrap()
             .starts_with('\r'));
     }

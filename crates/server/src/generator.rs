@@ -179,9 +179,16 @@ impl Generator for FakeGenerator {
         }
         for step in 1..=p.steps {
             std::thread::sleep(self.step);
+            // Latents for previews: flat, brightening as the run goes on.
+            let latents = candle_core::Tensor::full(
+                step as f32 / p.steps as f32,
+                (1, 4, p.height / 8, p.width / 8),
+                &candle_core::Device::Cpu,
+            )?;
             if on_step(StepProgress {
                 step,
                 total: p.steps,
+                latents: Some(&latents),
             }) == ControlFlow::Break(())
             {
                 return Err(PipelineError::Cancelled);

@@ -60,6 +60,9 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         vram_limit_mb = args.model.vram_limit_mb,
         max_concurrent_requests = args.max_concurrent_requests,
         generation_timeout_seconds = args.generation_timeout_seconds,
+        job_timeout_seconds = args.job_timeout_seconds,
+        max_queued_jobs = args.max_queued_jobs,
+        preview = ?args.preview,
         response_cache_mb = args.response_cache_mb,
         rss_mb = config::rss_mb(),
         "listening; loading the model in the background"
@@ -107,6 +110,11 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         EngineConfig {
             max_concurrent: args.max_concurrent_requests as usize,
             timeout: Duration::from_secs(args.generation_timeout_seconds),
+            job_timeout: Duration::from_secs(args.job_timeout_seconds),
+            max_queued: args.max_queued_jobs as usize,
+            job_ttl: Duration::from_secs(args.job_ttl_seconds),
+            preview: args.preview,
+            preview_every: args.preview_every as usize,
         },
         loader,
         metrics.clone(),

@@ -3,26 +3,33 @@
 //! One module per dialect translates to and from the one internal request (DESIGN.md §2).
 
 pub mod a1111;
+mod jobs;
 mod native;
 pub mod openai;
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+use sdserve_pipeline::pipeline::PromptSyntax;
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::cache::ResponseCache;
-use crate::engine::Engine;
+use crate::engine::job::{JobLinks, JobProgress};
+use crate::engine::{Engine, JobSpec, JobStatus, JobView};
 use crate::error::{ApiError, ErrorBody, ErrorCode, FieldError};
+use crate::generator::ModelInfo;
 use crate::metrics::Metrics;
 use crate::security::OpenApiSecurity;
+use crate::validate::{self, ValidRequest};
 
 pub struct AppState {
     pub engine: Engine,
@@ -261,9 +268,20 @@ pub struct HealthResponse {
         native::embeddings,
         native::metrics,
         native::openapi_json,
-        native::docs
+        native::docs,
+        jobs::create,
+        jobs::list,
+        jobs::get_one,
+        jobs::cancel,
+        jobs::events
     ),
     components(schemas(
+        JobView,
+        JobStatus,
+        JobProgress,
+        JobLinks,
+        jobs::JobCreated,
+        jobs::JobList,
         GenerateRequest,
         GenerateResponse,
         GenerateMetadata,
@@ -292,18 +310,41 @@ struct RequestStats {
     cache: Option<&'static str>,
 }
 
-/// Every route, then the layers that cover all of them (add routes above `protect`, never
-/// after it: a route added outside would skip keys and rate limits).
+/// Every route: path, its methods, handlers. The router is built from this table and a test
+/// holds it equal to the OpenAPI document (each dialect adds its rows here).
+fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Shared>)> {
+    vec![
+        ("/generate", &["post"], post(native::generate)),
+        ("/health", &["get"], get(native::health)),
+        ("/loras", &["get"], get(native::loras)),
+        ("/embeddings", &["get"], get(native::embeddings)),
+        ("/metrics", &["get"], get(native::metrics)),
+        ("/openapi.json", &["get"], get(native::openapi_json)),
+        ("/docs", &["get"], get(native::docs)),
+        (
+            "/jobs",
+            &["get", "post"],
+            post(jobs::create).get(jobs::list),
+        ),
+        (
+            "/jobs/{id}",
+            &["delete", "get"],
+            get(jobs::get_one).delete(jobs::cancel),
+        ),
+        ("/jobs/{id}/events", &["get"], get(jobs::events)),
+    ]
+}
+
+/// Every route, then the layers that cover all of them (add routes to `routes()` or the
+/// dialects' routers, never after `protect`: a route added outside would skip keys and rate
+/// limits).
 pub fn router(state: Shared) -> Router {
     let limit = state.max_body_bytes;
-    let routes = Router::new()
-        .route("/generate", post(native::generate))
-        .route("/health", get(native::health))
-        .route("/loras", get(native::loras))
-        .route("/embeddings", get(native::embeddings))
-        .route("/metrics", get(native::metrics))
-        .route("/openapi.json", get(native::openapi_json))
-        .route("/docs", get(native::docs))
+    let mut routes = Router::new();
+    for (path, _, handlers) in routes_table() {
+        routes = routes.route(path, handlers);
+    }
+    let routes = routes
         .merge(a1111::router())
         .merge(openai::router())
         .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
@@ -376,6 +417,78 @@ pub fn random_seed() -> u32 {
             .unwrap_or(0),
     );
     h.finish() as u32
+}
+
+/// The body of `/generate` and `POST /jobs`, through the one validation place.
+pub(crate) fn read_generate_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<ValidRequest, ApiError> {
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(app.max_body_bytes)
+        } else {
+            ApiError::InvalidJson(rej.body_text())
+        }
+    })?;
+    validate::check_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )?;
+    validate::parse_generate(&body)
+}
+
+/// The job for a validated request: seed and scheduler resolved, `request` the request as run.
+pub(crate) fn job_spec(
+    req: ValidRequest,
+    info: &ModelInfo,
+    timeout: std::time::Duration,
+) -> Result<JobSpec, ApiError> {
+    validate::check_loras(&req, &info.adapters)?;
+    validate::check_for_model(&req, info.inpainting)?;
+    let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
+    let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
+    // Images by digest and size: the job's record stays small and says which image it ran.
+    let image = |i: &crate::images::RequestImage| {
+        serde_json::json!({
+            "sha256": crate::images::digest(&i.image),
+            "width": i.image.width,
+            "height": i.image.height,
+        })
+    };
+    let request = serde_json::json!({
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "steps": params.steps,
+        "width": params.width,
+        "height": params.height,
+        "seed": params.seed,
+        "guidance_scale": params.guidance_scale,
+        "scheduler": scheduler.name(),
+        "prompt_syntax": prompt_syntax_name(params.prompt_syntax),
+        "clip_skip": params.clip_skip,
+        "loras": params.loras.iter().map(|l| serde_json::json!({"name": l.name, "weight": l.weight})).collect::<Vec<_>>(),
+        "batch_size": params.batch_size,
+        "init_image": req.init_image.as_ref().map(image),
+        "mask_image": req.mask_image.as_ref().map(image),
+        "strength": params.init_image.as_ref().map(|i| i.strength),
+    });
+    Ok(JobSpec {
+        png_texts: crate::png::batch_texts(&params, &info.model_version),
+        params,
+        request,
+        model_version: info.model_version.clone(),
+        timeout,
+    })
+}
+
+pub(crate) fn prompt_syntax_name(s: PromptSyntax) -> &'static str {
+    match s {
+        PromptSyntax::A1111 => "a1111",
+        PromptSyntax::Plain => "plain",
+    }
 }
 
 pub fn openapi_string() -> String {
@@ -516,6 +629,34 @@ mod tests {
             committed == now,
             "crates/server/openapi.json is stale; rerun this test with UPDATE_OPENAPI=1"
         );
+    }
+
+    /// The document lists exactly the router's native and jobs routes and methods (the
+    /// methods' handlers are probed over HTTP in tests/http_fake.rs).
+    #[test]
+    fn openapi_covers_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_string()).unwrap();
+        // The dialects' routes have their own test (api::a1111, api::openai).
+        let documented: std::collections::BTreeMap<String, Vec<String>> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(path, _)| !path.starts_with("/sdapi/") && !path.starts_with("/v1/"))
+            .map(|(path, ops)| {
+                let mut methods: Vec<String> = ops.as_object().unwrap().keys().cloned().collect();
+                methods.sort();
+                (path.clone(), methods)
+            })
+            .collect();
+        let routed: std::collections::BTreeMap<String, Vec<String>> = routes_table()
+            .into_iter()
+            .map(|(path, methods, _)| {
+                let mut m: Vec<String> = methods.iter().map(|m| m.to_string()).collect();
+                m.sort();
+                (path.to_string(), m)
+            })
+            .collect();
+        assert_eq!(documented, routed);
     }
 
     #[test]

@@ -5,17 +5,15 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use base64::Engine as _;
-use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, PromptSyntax};
+use sdserve_pipeline::pipeline::GenerationParams;
 
 use super::{
-    openapi_string, random_seed, AppState, GenerateMetadata, GenerateRequest, GenerateResponse,
-    GpuInfo, HealthResponse, HealthStatus, LoraUse, QueueInfo, RequestStats, Shared,
+    job_spec, openapi_string, read_generate_body, AppState, GenerateRequest, GenerateResponse,
+    GpuInfo, HealthResponse, HealthStatus, QueueInfo, RequestStats, Shared,
 };
 use crate::cache::ResponseCache;
 use crate::engine::ModelState;
 use crate::error::{ApiError, ErrorBody};
-use crate::validate;
 
 /// Every parameter that changes the images, the resolved scheduler and the model version;
 /// init image and mask by the sha256 of their pixels.
@@ -68,6 +66,7 @@ fn json_bytes(body: Bytes, cache: &'static str, stats: RequestStats) -> Response
 #[utoipa::path(
     post,
     path = "/generate",
+    tag = "native",
     request_body = GenerateRequest,
     responses(
         (status = 200, description = "The image and its parameters; header `x-cache: hit|miss`", body = GenerateResponse),
@@ -95,19 +94,7 @@ async fn generate_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(app.max_body_bytes)
-        } else {
-            ApiError::InvalidJson(rej.body_text())
-        }
-    })?;
-    validate::check_content_type(
-        headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    )?;
-    let req = validate::parse_generate(&body)?;
+    let req = read_generate_body(app, headers, body)?;
     let out = run(app, req).await?;
     Ok(json_bytes(out.body, out.cache, out.stats))
 }
@@ -166,7 +153,7 @@ impl Generated {
 /// the `/generate` answer.
 pub(super) async fn run(
     app: &AppState,
-    req: validate::ValidRequest,
+    req: crate::validate::ValidRequest,
 ) -> Result<Generated, ApiError> {
     let info = app
         .engine
@@ -178,18 +165,17 @@ pub(super) async fn run(
             )),
             None => e,
         })?;
-    validate::check_loras(&req, &info.adapters)?;
-    validate::check_for_model(&req, info.inpainting)?;
-    let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
-    let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
+    let seeded = req.seed.is_some();
+    let spec = job_spec(req, &info, app.engine.config().timeout)?;
+    let params = spec.params.clone();
     let mut stats = RequestStats {
         steps: Some(params.steps),
         size: Some(format!("{}x{}", params.width, params.height)),
         ..Default::default()
     };
     // Only seeded requests are deterministic, so only they are cached.
-    let key = match (&app.cache, req.seed) {
-        (Some(_), Some(_)) => Some(cache_key(&params, &info.model_version)),
+    let key = match (&app.cache, seeded) {
+        (Some(_), true) => Some(cache_key(&params, &info.model_version)),
         _ => None,
     };
     if let (Some(cache), Some(key)) = (&app.cache, &key) {
@@ -208,52 +194,10 @@ pub(super) async fn run(
             .cache_misses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    let png_texts = crate::png::batch_texts(&params, &info.model_version);
-    let out = app.engine.submit(params.clone(), png_texts).await?;
-    let images: Vec<String> = out
-        .pngs
-        .iter()
-        .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
-        .collect();
-    let mode = Mode::of(&params);
-    let resp = GenerateResponse {
-        image_base64: images.first().cloned().unwrap_or_default(),
-        images,
-        metadata: GenerateMetadata {
-            seeds: (0..params.batch_size)
-                .map(|i| seed_of_image(params.seed, i))
-                .collect(),
-            batch_size: params.batch_size as u32,
-            strength: params.init_image.as_ref().map(|i| i.strength),
-            mode: mode.name().to_string(),
-            prompt: params.prompt,
-            negative_prompt: params.negative_prompt,
-            steps: params.steps as u32,
-            width: params.width as u32,
-            height: params.height as u32,
-            seed: params.seed,
-            guidance_scale: params.guidance_scale,
-            scheduler: scheduler.name().to_string(),
-            prompt_syntax: match params.prompt_syntax {
-                PromptSyntax::A1111 => "a1111",
-                PromptSyntax::Plain => "plain",
-            }
-            .to_string(),
-            clip_skip: params.clip_skip as u32,
-            loras: params
-                .loras
-                .iter()
-                .map(|l| LoraUse {
-                    name: l.name.clone(),
-                    weight: l.weight,
-                })
-                .collect(),
-            generation_time_seconds: (out.gen_secs * 1000.0).round() / 1000.0,
-            model_version: info.model_version,
-        },
-    };
+    let out = app.engine.run(spec).await?;
+    let resp = out.result?;
     let bytes =
-        Bytes::from(serde_json::to_vec(&resp).map_err(|e| ApiError::Internal(e.to_string()))?);
+        Bytes::from(serde_json::to_vec(&*resp).map_err(|e| ApiError::Internal(e.to_string()))?);
     if let (Some(cache), Some(key)) = (&app.cache, key) {
         cache.insert(key, bytes.clone());
     }
@@ -271,6 +215,7 @@ pub(super) async fn run(
 #[utoipa::path(
     get,
     path = "/health",
+    tag = "native",
     responses(
         (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open)", body = HealthResponse),
         (status = 503, description = "`loading`, or `unavailable` (load failed, or waiting to try the hub again; `detail` says why and when)", body = HealthResponse),
@@ -346,7 +291,7 @@ pub(super) async fn embeddings(State(app): State<Shared>) -> Response {
 }
 
 /// Prometheus metrics (text exposition format 0.0.4).
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "native", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub(super) async fn metrics(State(app): State<Shared>) -> Response {
     let mut gauges = app.engine.gauges();
     gauges.cache = app.cache.as_ref().map(ResponseCache::len_and_bytes);
@@ -362,7 +307,7 @@ pub(super) async fn metrics(State(app): State<Shared>) -> Response {
 }
 
 /// This document (OpenAPI 3.1): every route and schema, the dialects' too.
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
+#[utoipa::path(get, path = "/openapi.json", tag = "native", responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
 pub(super) async fn openapi_json() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -372,7 +317,7 @@ pub(super) async fn openapi_json() -> Response {
 }
 
 /// A self-contained page (no CDN, works offline) that renders /openapi.json and can call /generate.
-#[utoipa::path(get, path = "/docs", responses((status = 200, description = "An HTML page", content_type = "text/html")))]
+#[utoipa::path(get, path = "/docs", tag = "native", responses((status = 200, description = "An HTML page", content_type = "text/html")))]
 pub(super) async fn docs() -> Html<&'static str> {
     Html(include_str!("docs.html"))
 }
@@ -380,6 +325,7 @@ pub(super) async fn docs() -> Html<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdserve_pipeline::pipeline::PromptSyntax;
 
     use sdserve_pipeline::pipeline::{InitImage, LoraWeight};
 

@@ -1,34 +1,30 @@
-//! Admission, queue, the one worker thread, deadlines and cancellation (DESIGN.md §2).
+//! The job life cycle (DESIGN.md §1 "Jobs", §2): one queue, one worker path, for every route.
 //!
-//! - Admission: a semaphore with MAX_CONCURRENT_REQUESTS permits (running + waiting); when none is
-//!   left the request gets 429 at once. The permit travels with the job and is released when the
-//!   job leaves the engine.
-//! - Queue: a bounded `VecDeque` (never longer than the permit count) behind a mutex + condvar;
-//!   a request that gives up (deadline, client gone) removes its own job, so it is never started.
-//! - Worker: one `std::thread` that loads the model and then owns the generator, so the async
-//!   runtime never blocks on model work. Each job answers on its own oneshot channel.
-//! - Cancellation: an `AtomicBool` per job, set by the handler's drop guard (deadline passed or
-//!   client disconnected), checked in the step hook together with the deadline itself, so the
-//!   worker is free within one step.
+//! - `JobBackend` is the engine's one seam: the in-process backend (`local.rs`: records and queue
+//!   behind a mutex, the worker thread in `worker.rs`) implements it; a Redis backend (issue 16)
+//!   will too. `Engine` wraps a backend with what every route shares.
+//! - `POST /jobs` submits and answers at once; `/generate` is a job whose client waits
+//!   (`Engine::run`): same queue, same worker, same cancellation, with its own deadline
+//!   (GENERATION_TIMEOUT_SECONDS) and admission (MAX_CONCURRENT_REQUESTS waiting clients).
+//! - MAX_QUEUED_JOBS bounds the waiting jobs of every route (429 past it); finished jobs are
+//!   kept JOB_TTL_SECONDS.
+//! - Cancellation: a stop flag per job, read by the step hook, so a running job stops within one
+//!   step; a queued job is taken out of the queue and never starts.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sdserve_pipeline::pipeline::GenerationParams;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-
-use candle_core::Device;
-use sdserve_pipeline::memory::breaker::BreakerConfig;
+use tokio::sync::{broadcast, Semaphore};
 
 use crate::error::{ApiError, TimeoutInfo};
 use crate::generator::{Loader, ModelInfo};
-use crate::gpu::OomGuard;
 use crate::metrics::{Gauges, Metrics};
 
+pub mod job;
+mod local;
 mod worker;
-use worker::worker_main;
+
+pub use job::{Finished, JobEvent, JobSpec, JobStatus, JobView, StopReason};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelState {
@@ -37,176 +33,123 @@ pub enum ModelState {
     Failed(String),
 }
 
+/// `PREVIEW`: what a `preview` event shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PreviewMode {
+    /// No previews.
+    Off,
+    /// A fixed linear map from the 4 latent channels to RGB, at 1/8 of the image size.
+    Latent,
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// MAX_CONCURRENT_REQUESTS: `/generate` clients waiting at once.
     pub max_concurrent: usize,
+    /// GENERATION_TIMEOUT_SECONDS: a `/generate` job's deadline, queue wait included.
     pub timeout: Duration,
+    /// JOB_TIMEOUT_SECONDS: a `/jobs` job's deadline, queue wait included.
+    pub job_timeout: Duration,
+    /// MAX_QUEUED_JOBS: waiting jobs of every route.
+    pub max_queued: usize,
+    /// JOB_TTL_SECONDS: how long a finished job stays visible.
+    pub job_ttl: Duration,
+    pub preview: PreviewMode,
+    /// PREVIEW_EVERY: a preview every this many steps (and at the last).
+    pub preview_every: usize,
 }
 
-/// A finished generation: one PNG per image of the batch, in order.
-#[derive(Debug)]
-pub struct Outcome {
-    pub pngs: Vec<Vec<u8>>,
-    pub queue_secs: f64,
-    pub gen_secs: f64,
-}
-
-#[derive(Debug)]
-enum JobError {
-    Timeout,
-    ShuttingDown,
-    Cancelled,
-    OutOfMemory,
-    Invalid(String),
-    Internal(String),
-}
-
-/// How far a job got, shared between the worker and the waiting handler (for the 408's details).
-#[derive(Debug, Default)]
-struct RunProgress {
-    started: std::sync::OnceLock<Instant>,
-    step: AtomicUsize,
-    total: AtomicUsize,
-}
-
-impl RunProgress {
-    fn timeout_info(&self, limit: Duration, enqueued: Instant) -> TimeoutInfo {
-        let now = Instant::now();
-        let (queued, running) = match self.started.get() {
-            Some(&s) => (s.duration_since(enqueued), now.duration_since(s)),
-            None => (now.duration_since(enqueued), Duration::ZERO),
-        };
-        TimeoutInfo {
-            limit_secs: limit.as_secs(),
-            queued_secs: queued.as_secs_f64(),
-            step: self.step.load(Ordering::SeqCst),
-            total: self.total.load(Ordering::SeqCst),
-            running_secs: running.as_secs_f64(),
+#[cfg(test)]
+impl EngineConfig {
+    /// Defaults of the CLI for everything but the two limits tests vary most.
+    pub fn new(max_concurrent: usize, timeout: Duration) -> Self {
+        Self {
+            max_concurrent,
+            timeout,
+            job_timeout: Duration::from_secs(600),
+            max_queued: 64,
+            job_ttl: Duration::from_secs(600),
+            preview: PreviewMode::Off,
+            preview_every: 5,
         }
     }
 }
 
-struct Job {
-    id: u64,
-    params: GenerationParams,
-    /// The PNG parameters text of each image of the batch.
-    png_texts: Vec<String>,
-    cancel: Arc<AtomicBool>,
-    progress: Arc<RunProgress>,
-    deadline: Instant,
-    enqueued: Instant,
-    reply: oneshot::Sender<Result<Outcome, JobError>>,
-    _permit: OwnedSemaphorePermit,
-}
-
-struct Queue {
-    jobs: VecDeque<Job>,
-    shutting_down: bool,
-}
-
-struct Inner {
-    cfg: EngineConfig,
-    semaphore: Arc<Semaphore>,
-    queue: Mutex<Queue>,
-    wake: Condvar,
-    state: RwLock<ModelState>,
-    running: AtomicUsize,
-    /// Once set, the running job is cancelled at its next step after this instant.
-    shutdown_deadline: Mutex<Option<Instant>>,
-    /// The out-of-memory circuit breaker: repeated OOMs step the pipeline to a leaner memory
-    /// plan, or (with none left) refuse new work for a while.
-    oom: OomGuard,
-    /// The loaded model's device (for the breaker's free-memory check).
-    device: RwLock<Device>,
-    /// The memory plan in use (changes when the breaker steps down), for /health.
-    memory_plan: RwLock<Option<String>>,
-    /// Moving average of generation time, for Retry-After.
-    avg_gen_ms: AtomicU64,
-    next_id: AtomicU64,
-    worker_done: Mutex<bool>,
-    worker_done_cv: Condvar,
-    metrics: Arc<Metrics>,
+/// Where jobs live and run. Every method answers at once; waiting is done on the event
+/// channel `subscribe` hands out.
+pub trait JobBackend: Send + Sync {
+    fn model_state(&self) -> ModelState;
+    fn gauges(&self) -> Gauges;
+    fn oom_breaker_open(&self) -> bool;
+    fn memory_plan(&self) -> Option<String>;
+    /// Seconds a refused client should wait, from the recent generation time and the queue.
+    fn retry_after_secs(&self) -> u64;
+    /// Queues a job: 429 `overloaded` past MAX_QUEUED_JOBS, 503 while shutting down or when the
+    /// out-of-memory breaker is open.
+    fn submit(&self, spec: JobSpec) -> Result<JobView, ApiError>;
+    fn get(&self, id: &str) -> Option<JobView>;
+    /// Running and queued jobs in run order, then finished ones, newest first.
+    fn list(&self) -> Vec<JobView>;
+    /// Asks a job to stop: a queued one ends now, a running one at its next step. Answers the
+    /// job as it stands; `None` for an unknown id.
+    fn cancel(&self, id: &str, why: StopReason) -> Option<JobView>;
+    /// The job now and every event after that moment.
+    fn subscribe(&self, id: &str) -> Option<(JobView, broadcast::Receiver<JobEvent>)>;
+    /// The outcome of a job that has ended; `None` while it has not (or for an unknown id).
+    fn finished(&self, id: &str) -> Option<Finished>;
+    /// Stops taking work: queued jobs fail now (503), the running one may go on until `grace`
+    /// has passed, then it is stopped at its next step.
+    fn begin_shutdown(&self, grace: Duration);
+    /// Waits up to `bound` for the worker to finish; true if it did.
+    fn wait_worker(&self, bound: Duration) -> bool;
 }
 
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    backend: Arc<dyn JobBackend>,
+    /// MAX_CONCURRENT_REQUESTS permits for clients that wait (`/generate`).
+    waiters: Arc<Semaphore>,
+    cfg: EngineConfig,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Cancels the job when the waiting client's future ends early (deadline, client gone).
+struct CancelOnDrop {
+    backend: Arc<dyn JobBackend>,
+    id: String,
+    armed: bool,
 }
 
-/// Sets the job's cancel flag and takes it out of the queue when the handler's future ends,
-/// whatever the reason (answered, deadline, client disconnected).
-struct CancelGuard {
-    engine: Arc<Inner>,
-    id: u64,
-    cancel: Arc<AtomicBool>,
-}
-
-impl Drop for CancelGuard {
+impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        self.cancel.store(true, Ordering::SeqCst);
-        let removed = {
-            let mut q = lock(&self.engine.queue);
-            q.jobs
-                .iter()
-                .position(|j| j.id == self.id)
-                .and_then(|pos| q.jobs.remove(pos))
-        };
-        if removed.is_some() {
-            self.engine.oom.release_probe();
-            self.engine
-                .metrics
-                .cancelled
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(job = self.id, "queued job abandoned before it started");
+        if self.armed {
+            self.backend.cancel(&self.id, StopReason::Cancelled);
         }
     }
 }
 
+fn not_found(id: &str) -> ApiError {
+    ApiError::JobNotFound(format!(
+        "no job {id:?}; finished jobs are kept for JOB_TTL_SECONDS"
+    ))
+}
+
 impl Engine {
-    /// Starts the worker thread, which loads the model first.
+    /// The in-process engine: starts the worker thread, which loads the model first.
     pub fn start(cfg: EngineConfig, loader: Loader, metrics: Arc<Metrics>) -> Self {
-        let inner = Arc::new(Inner {
-            semaphore: Arc::new(Semaphore::new(cfg.max_concurrent)),
+        let backend = Arc::new(local::Local::start(cfg.clone(), loader, metrics));
+        Self {
+            backend,
+            waiters: Arc::new(Semaphore::new(cfg.max_concurrent)),
             cfg,
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                shutting_down: false,
-            }),
-            wake: Condvar::new(),
-            state: RwLock::new(ModelState::Loading),
-            running: AtomicUsize::new(0),
-            shutdown_deadline: Mutex::new(None),
-            oom: OomGuard::new(BreakerConfig::default()),
-            device: RwLock::new(Device::Cpu),
-            memory_plan: RwLock::new(None),
-            avg_gen_ms: AtomicU64::new(0),
-            next_id: AtomicU64::new(1),
-            worker_done: Mutex::new(false),
-            worker_done_cv: Condvar::new(),
-            metrics,
-        });
-        let worker = inner.clone();
-        std::thread::Builder::new()
-            .name("sdserve-worker".into())
-            .spawn(move || {
-                worker_main(&worker, loader);
-                *lock(&worker.worker_done) = true;
-                worker.worker_done_cv.notify_all();
-            })
-            .expect("spawn worker thread");
-        Self { inner }
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     pub fn state(&self) -> ModelState {
-        self.inner
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.backend.model_state()
     }
 
     /// The model's description, or 503 while it loads or after it failed.
@@ -223,152 +166,127 @@ impl Engine {
     }
 
     pub fn gauges(&self) -> Gauges {
-        Gauges {
-            running: self.inner.running.load(Ordering::SeqCst),
-            waiting: lock(&self.inner.queue).jobs.len(),
-            capacity: self.inner.cfg.max_concurrent,
-            model_ready: matches!(self.state(), ModelState::Ready(_)),
-            cache: None,
-        }
+        self.backend.gauges()
     }
 
     /// True while the out-of-memory circuit breaker refuses work.
     pub fn oom_breaker_open(&self) -> bool {
-        self.inner.oom.is_open()
+        self.backend.oom_breaker_open()
     }
 
     /// The memory plan in use, once the model is loaded (`None` for the fake generator).
     pub fn memory_plan(&self) -> Option<String> {
-        self.inner
-            .memory_plan
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.backend.memory_plan()
     }
 
-    fn retry_after_secs(&self) -> u64 {
-        let g = self.gauges();
-        let avg = self.inner.avg_gen_ms.load(Ordering::Relaxed) as f64 / 1000.0;
-        let est = (avg * (g.waiting + g.running).max(1) as f64).ceil() as u64;
-        est.clamp(1, self.inner.cfg.timeout.as_secs().max(1))
+    /// Queues a job and answers at once (`POST /jobs`).
+    pub fn submit(&self, spec: JobSpec) -> Result<JobView, ApiError> {
+        self.backend.submit(spec)
     }
 
-    /// Admits, queues and waits for one generation. Dropping the returned future (client gone)
-    /// cancels the job; the deadline covers queue wait and generation.
-    pub async fn submit(
+    pub fn job(&self, id: &str) -> Result<JobView, ApiError> {
+        self.backend.get(id).ok_or_else(|| not_found(id))
+    }
+
+    pub fn jobs(&self) -> Vec<JobView> {
+        self.backend.list()
+    }
+
+    /// `DELETE /jobs/{id}`.
+    pub fn cancel(&self, id: &str) -> Result<JobView, ApiError> {
+        self.backend
+            .cancel(id, StopReason::Cancelled)
+            .ok_or_else(|| not_found(id))
+    }
+
+    pub fn subscribe(
         &self,
-        params: GenerationParams,
-        png_texts: Vec<String>,
-    ) -> Result<Outcome, ApiError> {
-        let inner = &self.inner;
-        let device = inner
-            .device
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Err(retry_after) = inner.oom.admit(&device) {
-            let secs = retry_after.as_secs().max(1);
-            return Err(ApiError::OutOfMemory {
-                detail: format!(
-                    "memory circuit breaker open after repeated out-of-memory failures; retry after {secs} s"
-                ),
-                retry_after_secs: Some(secs),
-            });
-        }
-        let permit = inner.semaphore.clone().try_acquire_owned().map_err(|_| {
-            inner.oom.release_probe();
-            ApiError::Overloaded {
-                retry_after_secs: self.retry_after_secs(),
-            }
-        })?;
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = Arc::new(AtomicBool::new(false));
-        let progress = Arc::new(RunProgress::default());
-        let now = Instant::now();
-        let deadline = now + inner.cfg.timeout;
-        let (tx, rx) = oneshot::channel();
-        let job = Job {
-            id,
-            params,
-            png_texts,
-            cancel: cancel.clone(),
-            progress: progress.clone(),
-            deadline,
-            enqueued: now,
-            reply: tx,
-            _permit: permit,
-        };
-        {
-            let mut q = lock(&inner.queue);
-            if q.shutting_down {
-                inner.oom.release_probe();
-                return Err(ApiError::ModelUnavailable(
-                    "the server is shutting down".into(),
-                ));
-            }
-            // Cannot overflow: at most `max_concurrent` permits exist.
-            q.jobs.push_back(job);
-        }
-        inner.wake.notify_one();
-        let _guard = CancelGuard {
-            engine: inner.clone(),
-            id,
-            cancel,
-        };
-        match tokio::time::timeout_at(deadline.into(), rx).await {
-            Err(_) => Err(ApiError::Timeout(
-                progress.timeout_info(inner.cfg.timeout, now),
-            )),
-            Ok(Err(_)) => Err(ApiError::Internal("the worker dropped the job".into())),
-            Ok(Ok(Ok(outcome))) => Ok(outcome),
-            Ok(Ok(Err(e))) => Err(match e {
-                JobError::Timeout => {
-                    ApiError::Timeout(progress.timeout_info(inner.cfg.timeout, now))
-                }
-                JobError::ShuttingDown => {
-                    ApiError::ModelUnavailable("the server is shutting down".into())
-                }
-                JobError::Cancelled => ApiError::Internal("the job was cancelled".into()),
-                JobError::OutOfMemory => ApiError::OutOfMemory {
-                    detail: "the device ran out of memory for this request".into(),
-                    retry_after_secs: None,
-                },
-                JobError::Invalid(m) => ApiError::validation("request", m),
-                JobError::Internal(m) => ApiError::Internal(m),
-            }),
-        }
+        id: &str,
+    ) -> Result<(JobView, broadcast::Receiver<JobEvent>), ApiError> {
+        self.backend.subscribe(id).ok_or_else(|| not_found(id))
     }
 
-    /// Stops taking work: queued jobs are answered 503 now, the running one may go on until
-    /// `grace` has passed (then it is cancelled at its next step).
+    /// The running job, if any (for dialects that report "the" progress, like A1111's).
+    #[allow(dead_code)] // for the A1111 dialect
+    pub fn current(&self) -> Option<JobView> {
+        self.backend
+            .list()
+            .into_iter()
+            .find(|j| j.status == JobStatus::Running)
+    }
+
+    /// Runs a job for a client that waits (`/generate`): admitted against
+    /// MAX_CONCURRENT_REQUESTS, answered when it ends or at its deadline. Dropping the future
+    /// (client gone) cancels the job.
+    pub async fn run(&self, spec: JobSpec) -> Result<Finished, ApiError> {
+        let _permit =
+            self.waiters
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ApiError::Overloaded {
+                    retry_after_secs: self.backend.retry_after_secs(),
+                })?;
+        let timeout = spec.timeout;
+        let enqueued = Instant::now();
+        let deadline = enqueued + timeout;
+        let view = self.backend.submit(spec)?;
+        let mut guard = CancelOnDrop {
+            backend: self.backend.clone(),
+            id: view.id.clone(),
+            armed: true,
+        };
+        let (now, mut rx) = self.subscribe(&view.id)?;
+        let mut ended = now.status.is_final();
+        // How far it got, from its own events, for the 408's details.
+        let (mut started, mut progress) = (None, now.progress);
+        while !ended {
+            match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+                Ok(Ok(event)) => {
+                    match &event {
+                        JobEvent::Started => started = Some(Instant::now()),
+                        JobEvent::Progress(p) => progress = *p,
+                        _ => {}
+                    }
+                    ended = event.is_final()
+                }
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    ended = self.backend.finished(&view.id).is_some()
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => ended = true,
+                Err(_) => {
+                    // The worker stops it at its next step; the client hears now.
+                    self.backend.cancel(&view.id, StopReason::Timeout);
+                    guard.armed = false;
+                    let at = Instant::now();
+                    let started_at = started.unwrap_or(at);
+                    return Err(ApiError::Timeout(TimeoutInfo {
+                        limit_secs: timeout.as_secs(),
+                        queued_secs: started_at.duration_since(enqueued).as_secs_f64(),
+                        step: if started.is_some() { progress.step } else { 0 },
+                        total: if started.is_some() { progress.total } else { 0 },
+                        running_secs: at.duration_since(started_at).as_secs_f64(),
+                    }));
+                }
+            }
+        }
+        guard.armed = false;
+        let finished = self
+            .backend
+            .finished(&view.id)
+            .ok_or_else(|| ApiError::Internal("the job ended without a record".into()))?;
+        // The worker may see the deadline before this waiter's timer does: the same 408.
+        if let Err(e) = &finished.result {
+            return Err(e.clone());
+        }
+        Ok(finished)
+    }
+
     pub fn begin_shutdown(&self, grace: Duration) {
-        *lock(&self.inner.shutdown_deadline) = Some(Instant::now() + grace);
-        let drained: Vec<Job> = {
-            let mut q = lock(&self.inner.queue);
-            q.shutting_down = true;
-            q.jobs.drain(..).collect()
-        };
-        self.inner.wake.notify_all();
-        let n = drained.len();
-        for job in drained {
-            let _ = job.reply.send(Err(JobError::ShuttingDown));
-        }
-        tracing::info!(
-            queued_answered_503 = n,
-            grace_secs = grace.as_secs_f64(),
-            "shutdown: queue drained"
-        );
+        self.backend.begin_shutdown(grace)
     }
 
-    /// Waits up to `bound` for the worker thread to finish; true if it did.
     pub fn wait_worker(&self, bound: Duration) -> bool {
-        let done = lock(&self.inner.worker_done);
-        let (done, _) = self
-            .inner
-            .worker_done_cv
-            .wait_timeout_while(done, bound, |d| !*d)
-            .unwrap_or_else(|e| e.into_inner());
-        *done
+        self.backend.wait_worker(bound)
     }
 }
 
@@ -376,19 +294,26 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::generator::FakeSpec;
+    use sdserve_pipeline::pipeline::GenerationParams;
     use sdserve_pipeline::schedulers::SchedulerKind;
 
-    fn params(steps: usize) -> GenerationParams {
-        GenerationParams {
-            prompt: "p".into(),
-            negative_prompt: String::new(),
-            steps,
-            width: 256,
-            height: 256,
-            seed: 1,
-            guidance_scale: 7.5,
-            scheduler: Some(SchedulerKind::Euler),
-            ..Default::default()
+    fn spec(steps: usize, timeout: Duration) -> JobSpec {
+        JobSpec {
+            params: GenerationParams {
+                prompt: "p".into(),
+                negative_prompt: String::new(),
+                steps,
+                width: 256,
+                height: 256,
+                seed: 1,
+                guidance_scale: 7.5,
+                scheduler: Some(SchedulerKind::Euler),
+                ..Default::default()
+            },
+            request: serde_json::json!({}),
+            png_texts: vec!["t".into()],
+            model_version: "fake@0".into(),
+            timeout,
         }
     }
 
@@ -398,60 +323,118 @@ mod tests {
         }
     }
 
+    fn png_of(f: &Finished) -> Vec<u8> {
+        use base64::Engine as _;
+        let r = f.result.as_ref().unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(&r.image_base64)
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn runs_times_out_and_frees_the_worker() {
-        let spec: FakeSpec = "step_ms=20".parse().unwrap();
-        let cfg = EngineConfig {
-            max_concurrent: 2,
-            timeout: Duration::from_millis(300),
-        };
-        let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
+        let s: FakeSpec = "step_ms=20".parse().unwrap();
+        let timeout = Duration::from_millis(300);
+        let engine = Engine::start(
+            EngineConfig::new(2, timeout),
+            s.loader(),
+            Arc::new(Metrics::default()),
+        );
         ready(&engine).await;
-        let out = engine.submit(params(2), vec!["t".into()]).await.unwrap();
-        assert!(out.pngs[0].starts_with(b"\x89PNG"));
+        let out = engine.run(spec(2, timeout)).await.unwrap();
+        assert!(png_of(&out).starts_with(b"\x89PNG"));
         let t = Instant::now();
-        let err = engine
-            .submit(params(1000), vec!["t".into()])
-            .await
-            .unwrap_err();
+        let err = engine.run(spec(1000, timeout)).await.unwrap_err();
         assert!(matches!(err, ApiError::Timeout(_)), "{err:?}");
         assert!(t.elapsed() < Duration::from_millis(450));
         // The worker stops within one step, so the next short job finishes well within the deadline.
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert_eq!(engine.gauges().running, 0);
-        engine.submit(params(2), vec!["t".into()]).await.unwrap();
+        engine.run(spec(2, timeout)).await.unwrap();
     }
 
     #[tokio::test]
     async fn overload_and_failed_load() {
-        let spec: FakeSpec = "step_ms=20".parse().unwrap();
-        let cfg = EngineConfig {
-            max_concurrent: 1,
-            timeout: Duration::from_secs(5),
-        };
-        let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
+        let s: FakeSpec = "step_ms=20".parse().unwrap();
+        let timeout = Duration::from_secs(5);
+        let engine = Engine::start(
+            EngineConfig::new(1, timeout),
+            s.loader(),
+            Arc::new(Metrics::default()),
+        );
         ready(&engine).await;
         let e2 = engine.clone();
-        let first = tokio::spawn(async move { e2.submit(params(10), vec!["t".into()]).await });
+        let first = tokio::spawn(async move { e2.run(spec(10, timeout)).await });
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let err = engine
-            .submit(params(1), vec!["t".into()])
-            .await
-            .unwrap_err();
+        let err = engine.run(spec(1, timeout)).await.unwrap_err();
         assert!(matches!(err, ApiError::Overloaded { .. }), "{err:?}");
         first.await.unwrap().unwrap();
 
-        let spec: FakeSpec = "fail_load=no weights".parse().unwrap();
-        let cfg = EngineConfig {
-            max_concurrent: 1,
-            timeout: Duration::from_secs(5),
-        };
-        let engine = Engine::start(cfg, spec.loader(), Arc::new(Metrics::default()));
+        let s: FakeSpec = "fail_load=no weights".parse().unwrap();
+        let engine = Engine::start(
+            EngineConfig::new(1, timeout),
+            s.loader(),
+            Arc::new(Metrics::default()),
+        );
         assert!(engine.wait_worker(Duration::from_secs(5)));
         assert_eq!(engine.state(), ModelState::Failed("no weights".into()));
         assert!(matches!(
             engine.model_info(),
             Err(ApiError::ModelUnavailable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn queue_limit_positions_cancel_and_ttl() {
+        let s: FakeSpec = "step_ms=10".parse().unwrap();
+        let mut cfg = EngineConfig::new(1, Duration::from_secs(5));
+        cfg.max_queued = 2;
+        cfg.job_ttl = Duration::from_millis(300);
+        let engine = Engine::start(cfg, s.loader(), Arc::new(Metrics::default()));
+        ready(&engine).await;
+        let long = Duration::from_secs(30);
+        let a = engine.submit(spec(1000, long)).unwrap();
+        // Wait until `a` runs, so the two below are the waiting ones.
+        while engine.job(&a.id).unwrap().status != JobStatus::Running {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let b = engine.submit(spec(3, long)).unwrap();
+        let c = engine.submit(spec(3, long)).unwrap();
+        assert_eq!((b.position, c.position), (Some(1), Some(2)));
+        let full = engine.submit(spec(3, long)).unwrap_err();
+        assert!(matches!(full, ApiError::Overloaded { .. }), "{full:?}");
+        // Cancelling the queued `b` moves `c` up; `b` never runs.
+        let (_, mut rx) = engine.subscribe(&c.id).unwrap();
+        let bv = engine.cancel(&b.id).unwrap();
+        assert_eq!(bv.status, JobStatus::Cancelled);
+        assert!(bv.cancel_requested && bv.started_at.is_none());
+        assert!(matches!(
+            rx.recv().await.unwrap(),
+            JobEvent::Queued { position: 1 }
+        ));
+        let t = Instant::now();
+        engine.cancel(&a.id).unwrap();
+        let fin = loop {
+            if let Some(f) = engine.backend.finished(&a.id) {
+                break f;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert!(fin.result.is_err());
+        assert_eq!(engine.job(&a.id).unwrap().status, JobStatus::Cancelled);
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        while !engine.job(&c.id).unwrap().status.is_final() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(engine.job(&c.id).unwrap().status, JobStatus::Succeeded);
+        assert_eq!(engine.job(&b.id).unwrap().progress.step, 0);
+        // Past the TTL every finished job is gone.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(matches!(engine.job(&c.id), Err(ApiError::JobNotFound(_))));
+        assert!(engine.jobs().is_empty());
     }
 }

@@ -1,15 +1,22 @@
-//! The worker thread: loads the model, then runs queued jobs one at a time.
+//! The worker thread: loads the model, then runs queued jobs one at a time. The step hook
+//! records progress (with an ETA), sends previews, and stops the run within one step when the
+//! job is cancelled, passes its deadline, or the shutdown grace runs out.
 
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
+use base64::Engine as _;
 use sdserve_pipeline::pipeline::StepProgress;
 use sdserve_pipeline::PipelineError;
-use tokio::sync::oneshot;
 
-use super::{lock, Inner, Job, JobError, ModelState, Outcome};
-use crate::generator::{Loaded, Loader};
+use super::job::{build_result, JobEvent, JobProgress, JobSpec, JobStatus, StopReason};
+use super::local::{lock, outcome_of, Inner};
+use super::{ModelState, PreviewMode};
+use crate::error::ApiError;
+use crate::generator::{Generator, Loaded, Loader};
 use crate::gpu::OomOutcome;
 
 pub(super) fn worker_main(inner: &Inner, loader: Loader) {
@@ -39,161 +46,274 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
     *inner.state.write().unwrap_or_else(|e| e.into_inner()) = ModelState::Ready(info);
 
     loop {
-        let job = {
-            let mut q = lock(&inner.queue);
+        let picked = {
+            let mut jobs = inner.jobs();
             loop {
-                if let Some(job) = q.jobs.pop_front() {
-                    inner.running.fetch_add(1, Ordering::SeqCst);
-                    break Some(job);
+                if let Some(id) = jobs.queue.pop_front() {
+                    let Some(r) = jobs.records.get_mut(&id) else {
+                        continue;
+                    };
+                    let now = (SystemTime::now(), Instant::now());
+                    if now.1 >= r.deadline {
+                        // Passed its deadline while waiting (before the reaper saw it).
+                        let info = r.timeout_info(now.1);
+                        let (status, err) = outcome_of(StopReason::Timeout, info);
+                        jobs.finish(&id, status, Err(err));
+                        jobs.announce_positions(0);
+                        inner.oom.release_probe();
+                        continue;
+                    }
+                    r.status = JobStatus::Running;
+                    r.started = Some(now);
+                    r.emit(JobEvent::Started);
+                    let picked = (id.clone(), r.spec.clone(), r.stop.clone(), r.deadline);
+                    let queue_secs = now.1.duration_since(r.created_instant).as_secs_f64();
+                    jobs.running = Some(id);
+                    jobs.announce_positions(0);
+                    inner.metrics.queue_seconds.observe(queue_secs);
+                    break Some(picked);
                 }
-                if q.shutting_down {
+                if jobs.shutting_down {
                     break None;
                 }
-                q = inner.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                jobs = inner.wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let Some(job) = job else { break };
-        let (reply, result) = run_job(inner, generator.as_mut(), job);
-        // Counted as not running before the client hears back, so /health and /metrics agree.
-        inner.running.fetch_sub(1, Ordering::SeqCst);
-        if let (Some(reply), Some(result)) = (reply, result) {
-            let _ = reply.send(result);
+        let Some((id, spec, stop, deadline)) = picked else {
+            break;
+        };
+        let run = Run {
+            inner,
+            id: &id,
+            spec: &spec,
+            stop: &stop,
+            deadline,
+        };
+        let (status, result, gen_secs) = run.execute(generator.as_mut());
+        let mut jobs = inner.jobs();
+        if let Some(r) = jobs.records.get_mut(&id) {
+            r.gen_secs = gen_secs;
         }
+        // Not running any more before anyone hears of the end, so /health and /metrics agree.
+        jobs.running = None;
+        jobs.finish(&id, status, result);
     }
     tracing::info!("worker stopped");
 }
 
-type Reply = oneshot::Sender<Result<Outcome, JobError>>;
+/// One job on the worker.
+struct Run<'a> {
+    inner: &'a Inner,
+    id: &'a str,
+    spec: &'a JobSpec,
+    stop: &'a std::sync::atomic::AtomicU8,
+    deadline: Instant,
+}
 
-/// Runs one job; returns its reply channel and answer (none when nobody is listening).
-fn run_job(
-    inner: &Inner,
-    generator: &mut dyn crate::generator::Generator,
-    job: Job,
-) -> (Option<Reply>, Option<Result<Outcome, JobError>>) {
-    let start = Instant::now();
-    if job.cancel.load(Ordering::SeqCst) || job.reply.is_closed() {
-        inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-        inner.oom.release_probe();
-        return (None, None); // the client is gone: never start it
-    }
-    if start >= job.deadline {
-        inner.oom.release_probe();
-        return (Some(job.reply), Some(Err(JobError::Timeout)));
-    }
-    let _ = job.progress.started.set(start);
-    let queue_secs = start.duration_since(job.enqueued).as_secs_f64();
-    inner.metrics.queue_seconds.observe(queue_secs);
-    let shutdown_deadline = *lock(&inner.shutdown_deadline);
-    let mut last = start;
-    let mut stop_reason = None;
-    let result = {
-        let mut hook = |p: StepProgress| {
-            job.progress.step.store(p.step, Ordering::SeqCst);
-            job.progress.total.store(p.total, Ordering::SeqCst);
-            let now = Instant::now();
-            inner
-                .metrics
-                .step_seconds
-                .observe(now.duration_since(last).as_secs_f64());
-            last = now;
-            let shutdown = shutdown_deadline.or(*lock(&inner.shutdown_deadline));
-            stop_reason = if now >= job.deadline {
-                Some(JobError::Timeout)
-            } else if shutdown.is_some_and(|t| now >= t) {
-                Some(JobError::ShuttingDown)
-            } else if job.cancel.load(Ordering::SeqCst) || job.reply.is_closed() {
-                Some(JobError::Cancelled)
-            } else {
-                None
+type RunResult = (
+    JobStatus,
+    Result<Arc<crate::api::GenerateResponse>, ApiError>,
+    f64,
+);
+
+impl Run<'_> {
+    fn execute(&self, generator: &mut dyn Generator) -> RunResult {
+        let inner = self.inner;
+        let job = self.id;
+        let start = Instant::now();
+        let shutdown_deadline = *lock(&inner.shutdown_deadline);
+        let mut last = start;
+        let mut stop_reason = None;
+        let result = {
+            let mut hook = |p: StepProgress<'_>| {
+                let now = Instant::now();
+                inner
+                    .metrics
+                    .step_seconds
+                    .observe(now.duration_since(last).as_secs_f64());
+                last = now;
+                self.progress(&p, start, now);
+                let shutdown = shutdown_deadline.or(*lock(&inner.shutdown_deadline));
+                stop_reason = if now >= self.deadline {
+                    Some(StopReason::Timeout)
+                } else if shutdown.is_some_and(|t| now >= t) {
+                    Some(StopReason::ShuttingDown)
+                } else {
+                    StopReason::from_u8(self.stop.load(Ordering::SeqCst))
+                };
+                if stop_reason.is_some() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             };
-            if stop_reason.is_some() {
-                std::ops::ControlFlow::Break(())
-            } else {
-                std::ops::ControlFlow::Continue(())
-            }
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                generator.generate(&self.spec.params, &mut hook)
+            }))
         };
-        std::panic::catch_unwind(AssertUnwindSafe(|| {
-            generator.generate(&job.params, &mut hook)
-        }))
-    };
-    let gen_secs = start.elapsed().as_secs_f64();
-    if let Some(u) = generator.last_memory_usage() {
-        tracing::info!(
-            job = job.id,
-            vram_start_mb = u.start_used_bytes >> 20,
-            vram_peak_mb = u.peak_used_bytes >> 20,
-            vram_pool_peak_mb = u.pool_peak_bytes.map(|b| b >> 20),
-            vram_end_mb = u.end_used_bytes >> 20,
-            "device memory"
-        );
-        inner.metrics.record_device_memory(&u);
+        let gen_secs = start.elapsed().as_secs_f64();
+        if let Some(u) = generator.last_memory_usage() {
+            tracing::info!(
+                job,
+                vram_start_mb = u.start_used_bytes >> 20,
+                vram_peak_mb = u.peak_used_bytes >> 20,
+                vram_pool_peak_mb = u.pool_peak_bytes.map(|b| b >> 20),
+                vram_end_mb = u.end_used_bytes >> 20,
+                "device memory"
+            );
+            inner.metrics.record_device_memory(&u);
+        }
+        if result.is_err() {
+            inner.oom.release_probe(); // the generator panicked
+        }
+        if let Ok(r) = &result {
+            self.record_oom(generator, r);
+        }
+        let failed = |e: ApiError| (JobStatus::Failed, Err(e), gen_secs);
+        match result {
+            Ok(Ok(images)) => {
+                inner.metrics.generation_seconds.observe(gen_secs);
+                let prev = inner.avg_gen_ms.load(Ordering::Relaxed) as f64;
+                let ms = gen_secs * 1000.0;
+                let avg = if prev == 0.0 {
+                    ms
+                } else {
+                    0.8 * prev + 0.2 * ms
+                };
+                inner.avg_gen_ms.store(avg as u64, Ordering::Relaxed);
+                // Each image carries its own parameters (its own seed in a batch).
+                let pngs: Result<Vec<Vec<u8>>, String> = images
+                    .iter()
+                    .enumerate()
+                    .map(|(i, img)| {
+                        let text = self.spec.png_texts.get(i).or(self.spec.png_texts.first());
+                        crate::png::encode(img, text.map_or("", |t| t.as_str()))
+                    })
+                    .collect();
+                match pngs {
+                    Ok(pngs) => (
+                        JobStatus::Succeeded,
+                        Ok(Arc::new(build_result(self.spec, &pngs, gen_secs))),
+                        gen_secs,
+                    ),
+                    Err(e) => failed(ApiError::Internal(format!("png encoding failed: {e}"))),
+                }
+            }
+            Ok(Err(PipelineError::Cancelled)) => {
+                inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                let why = stop_reason.unwrap_or(StopReason::Cancelled);
+                tracing::info!(job, reason = ?why, step_secs = gen_secs, "generation stopped early");
+                let info = lock_records_info(inner, job);
+                let (status, err) = outcome_of(why, info);
+                (status, Err(err), gen_secs)
+            }
+            Ok(Err(e)) if crate::gpu::is_oom(&e) => {
+                tracing::error!(job, error = %e, "out of memory");
+                failed(ApiError::OutOfMemory {
+                    detail: "the device ran out of memory for this request".into(),
+                    retry_after_secs: None,
+                })
+            }
+            Ok(Err(PipelineError::InvalidRequest(m))) => failed(ApiError::validation("request", m)),
+            Ok(Err(e)) => {
+                tracing::error!(job, error = %e, "generation failed");
+                failed(ApiError::Internal(format!("generation failed: {e}")))
+            }
+            Err(_) => {
+                tracing::error!(job, "the generator panicked");
+                failed(ApiError::Internal("the generator panicked".into()))
+            }
+        }
     }
-    if result.is_err() {
-        inner.oom.release_probe(); // the generator panicked
+
+    /// Records progress and its ETA, sends the progress event and, when due and someone
+    /// listens, a preview.
+    fn progress(&self, p: &StepProgress<'_>, start: Instant, now: Instant) {
+        let per_step = now.duration_since(start).as_secs_f64() / p.step.max(1) as f64;
+        let eta = per_step * p.total.saturating_sub(p.step) as f64;
+        let progress = JobProgress {
+            step: p.step,
+            total: p.total,
+            eta_seconds: Some((eta * 10.0).round() / 10.0),
+        };
+        let cfg = &self.inner.cfg;
+        let due = cfg.preview != PreviewMode::Off
+            && cfg.preview_every > 0
+            && (p.step.is_multiple_of(cfg.preview_every) || p.step == p.total);
+        {
+            let mut jobs = self.inner.jobs();
+            let Some(r) = jobs.records.get_mut(self.id) else {
+                return;
+            };
+            r.progress = progress;
+            r.emit(JobEvent::Progress(progress));
+        }
+        // Kept in the record too, for clients that poll (A1111 `current_image`).
+        if !due {
+            return;
+        }
+        let Some(latents) = p.latents else { return };
+        match preview_png(cfg.preview, latents) {
+            Ok(png) => {
+                let b64 = Arc::new(base64::engine::general_purpose::STANDARD.encode(png));
+                let mut jobs = self.inner.jobs();
+                if let Some(r) = jobs.records.get_mut(self.id) {
+                    r.preview = Some((p.step, b64.clone()));
+                    r.emit(JobEvent::Preview {
+                        step: p.step,
+                        png_base64: b64,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(job = self.id, error = %e, "preview failed"),
+        }
     }
-    if let Ok(r) = &result {
+
+    fn record_oom(
+        &self,
+        generator: &mut dyn Generator,
+        r: &Result<Vec<sdserve_pipeline::pipeline::RgbImage>, PipelineError>,
+    ) {
+        let inner = self.inner;
+        let job = self.id;
         match generator.record_oom(&inner.oom, r) {
             OomOutcome::NotOom => {}
             OomOutcome::Failed => {
-                tracing::warn!(job = job.id, "out of memory; this request failed")
+                tracing::warn!(job, "out of memory; this request failed")
             }
             OomOutcome::SwitchedPlan(summary) => {
-                tracing::warn!(job = job.id, memory_plan = %summary, "repeated out-of-memory failures; switched to a leaner memory plan");
+                tracing::warn!(job, memory_plan = %summary, "repeated out-of-memory failures; switched to a leaner memory plan");
                 *inner.memory_plan.write().unwrap_or_else(|e| e.into_inner()) =
                     generator.memory_plan();
             }
             OomOutcome::Paused { retry_after } => {
                 tracing::error!(
-                    job = job.id,
+                    job,
                     retry_after_secs = retry_after.as_secs_f64(),
                     "repeated out-of-memory failures and no leaner plan; circuit breaker open"
                 )
             }
         }
     }
-    let reply = match result {
-        Ok(Ok(images)) => {
-            inner.metrics.generation_seconds.observe(gen_secs);
-            let prev = inner.avg_gen_ms.load(Ordering::Relaxed) as f64;
-            let ms = gen_secs * 1000.0;
-            let avg = if prev == 0.0 {
-                ms
-            } else {
-                0.8 * prev + 0.2 * ms
-            };
-            inner.avg_gen_ms.store(avg as u64, Ordering::Relaxed);
-            // Each image carries its own parameters (its own seed in a batch).
-            let pngs: Result<Vec<Vec<u8>>, String> = images
-                .iter()
-                .enumerate()
-                .map(|(i, img)| {
-                    let text = job.png_texts.get(i).or(job.png_texts.first());
-                    crate::png::encode(img, text.map_or("", |t| t.as_str()))
-                })
-                .collect();
-            match pngs {
-                Ok(pngs) => Ok(Outcome {
-                    pngs,
-                    queue_secs,
-                    gen_secs,
-                }),
-                Err(e) => Err(JobError::Internal(format!("png encoding failed: {e}"))),
-            }
+}
+
+/// A preview PNG of the current latents.
+fn preview_png(mode: PreviewMode, latents: &candle_core::Tensor) -> Result<Vec<u8>, String> {
+    let img = match mode {
+        PreviewMode::Off => return Err("previews are off".into()),
+        PreviewMode::Latent => {
+            sdserve_pipeline::preview::latent_rgb(latents).map_err(|e| e.to_string())?
         }
-        Ok(Err(PipelineError::Cancelled)) => {
-            inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            let why = stop_reason.unwrap_or(JobError::Cancelled);
-            tracing::info!(job = job.id, reason = ?why, step_secs = gen_secs, "generation stopped early");
-            Err(why)
-        }
-        Ok(Err(e)) if crate::gpu::is_oom(&e) => {
-            tracing::error!(job = job.id, error = %e, "out of memory");
-            Err(JobError::OutOfMemory)
-        }
-        Ok(Err(PipelineError::InvalidRequest(m))) => Err(JobError::Invalid(m)),
-        Ok(Err(e)) => Err(JobError::Internal(format!("generation failed: {e}"))),
-        Err(_) => Err(JobError::Internal("the generator panicked".into())),
     };
-    (Some(job.reply), Some(reply))
+    crate::png::encode(&img, "")
+}
+
+/// The job's progress as a 408's details (the record is locked only for this).
+fn lock_records_info(inner: &Inner, id: &str) -> crate::error::TimeoutInfo {
+    inner
+        .jobs()
+        .records
+        .get(id)
+        .map(|r| r.timeout_info(Instant::now()))
+        .unwrap_or_default()
 }

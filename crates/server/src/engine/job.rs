@@ -1,0 +1,264 @@
+//! A job as clients see it: its states, the JSON view, and the events it emits (DESIGN.md §1
+//! "Jobs"). Shared by every backend.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api::{GenerateMetadata, GenerateResponse, LoraUse};
+use crate::error::{ApiError, ErrorBody};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Progress in UNet evaluations, counted the way the pipeline's step hook counts them (PNDM runs
+/// steps + 1), once for a whole batch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobProgress {
+    /// Evaluations done.
+    pub step: usize,
+    /// Evaluations in all: the request's `steps` until the run starts and knows the real count.
+    pub total: usize,
+    /// Seconds left, from the mean time per evaluation so far; null before the first one.
+    pub eta_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobLinks {
+    /// `/jobs/{id}`
+    #[serde(rename = "self")]
+    pub self_: String,
+    /// `/jobs/{id}/events` (Server-Sent Events)
+    pub events: String,
+}
+
+impl JobLinks {
+    pub fn for_id(id: &str) -> Self {
+        Self {
+            self_: format!("/jobs/{id}"),
+            events: format!("/jobs/{id}/events"),
+        }
+    }
+}
+
+/// The body of `GET /jobs/{id}`, the first (`state`) event of its stream, and each entry of
+/// `GET /jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub status: JobStatus,
+    /// Place in the queue while queued (1 runs next); null otherwise.
+    pub position: Option<usize>,
+    pub progress: JobProgress,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// True once `DELETE /jobs/{id}` (or the waiting client of `/generate` leaving) asked to stop.
+    pub cancel_requested: bool,
+    /// The validated request the job runs, defaults filled and seed and scheduler resolved.
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+    /// The `/generate` 200 body once succeeded.
+    #[schema(value_type = Option<GenerateResponse>)]
+    pub result: Option<Arc<GenerateResponse>>,
+    /// The error body once failed (`timeout` past the deadline, `out_of_memory`, ...).
+    pub error: Option<ErrorBody>,
+    pub links: JobLinks,
+    /// The latest preview (step and base64 PNG), for dialects that poll (A1111 `current_image`).
+    #[serde(skip)]
+    #[allow(dead_code)] // read by dialects that poll
+    pub preview: Option<(usize, Arc<String>)>,
+}
+
+/// One Server-Sent Event of `GET /jobs/{id}/events` after the first `state`.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    Queued {
+        position: usize,
+    },
+    Started,
+    Progress(JobProgress),
+    Preview {
+        step: usize,
+        png_base64: Arc<String>,
+    },
+    Succeeded(Arc<GenerateResponse>),
+    Failed(ErrorBody),
+    Cancelled,
+}
+
+impl JobEvent {
+    /// The SSE `event:` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Queued { .. } => "queued",
+            Self::Started => "started",
+            Self::Progress(_) => "progress",
+            Self::Preview { .. } => "preview",
+            Self::Succeeded(_) => "succeeded",
+            Self::Failed(_) => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The SSE `data:` field (never empty: a browser drops events without data).
+    pub fn data(&self, id: &str) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Self::Queued { position } => json!({ "id": id, "position": position }),
+            Self::Started => json!({ "id": id }),
+            Self::Progress(p) => json!({
+                "id": id, "step": p.step, "total": p.total, "eta_seconds": p.eta_seconds
+            }),
+            Self::Preview { step, png_base64 } => {
+                json!({ "id": id, "step": step, "image_base64": png_base64.as_str() })
+            }
+            Self::Succeeded(r) => json!({ "id": id, "result": r }),
+            Self::Failed(e) => json!({ "id": id, "error": e }),
+            Self::Cancelled => json!({ "id": id }),
+        }
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Succeeded(_) | Self::Failed(_) | Self::Cancelled)
+    }
+
+    /// The terminal event of a job that has ended.
+    pub fn terminal(view: &JobView) -> Option<Self> {
+        match view.status {
+            JobStatus::Succeeded => view.result.clone().map(Self::Succeeded),
+            JobStatus::Failed => {
+                Some(Self::Failed(view.error.clone().unwrap_or_else(|| {
+                    ApiError::Internal("failed without a cause".into()).body()
+                })))
+            }
+            JobStatus::Cancelled => Some(Self::Cancelled),
+            JobStatus::Queued | JobStatus::Running => None,
+        }
+    }
+}
+
+/// What a backend runs: built by the API layer from a validated request.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Resolved: seed and scheduler are set.
+    pub params: GenerationParams,
+    /// The validated request as JSON (the job's `request`).
+    pub request: serde_json::Value,
+    /// The PNG `parameters` text chunk of each image of the batch.
+    pub png_texts: Vec<String>,
+    pub model_version: String,
+    /// Deadline from creation, queue wait included: GENERATION_TIMEOUT_SECONDS for `/generate`,
+    /// JOB_TIMEOUT_SECONDS for `/jobs`.
+    pub timeout: Duration,
+}
+
+/// Why a job was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StopReason {
+    /// `DELETE /jobs/{id}`, or the waiting `/generate` client went away: status `cancelled`.
+    Cancelled = 1,
+    /// Past its deadline: status `failed`, error `timeout`.
+    Timeout = 2,
+    /// Shutdown grace passed: status `failed`, error `model_unavailable`.
+    ShuttingDown = 3,
+}
+
+impl StopReason {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Cancelled),
+            2 => Some(Self::Timeout),
+            3 => Some(Self::ShuttingDown),
+            _ => None,
+        }
+    }
+}
+
+/// A finished job, for a client that waited on it (`/generate`).
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub result: Result<Arc<GenerateResponse>, ApiError>,
+    pub queue_secs: f64,
+    pub gen_secs: f64,
+}
+
+/// The `/generate` 200 body for a finished run: `pngs` are the encoded images, in order.
+pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> GenerateResponse {
+    let p = &spec.params;
+    let images: Vec<String> = pngs
+        .iter()
+        .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
+        .collect();
+    GenerateResponse {
+        image_base64: images.first().cloned().unwrap_or_default(),
+        images,
+        metadata: GenerateMetadata {
+            seeds: (0..p.batch_size)
+                .map(|i| seed_of_image(p.seed, i))
+                .collect(),
+            batch_size: p.batch_size as u32,
+            strength: p.init_image.as_ref().map(|i| i.strength),
+            mode: Mode::of(p).name().to_string(),
+            prompt: p.prompt.clone(),
+            negative_prompt: p.negative_prompt.clone(),
+            steps: p.steps as u32,
+            width: p.width as u32,
+            height: p.height as u32,
+            seed: p.seed,
+            guidance_scale: p.guidance_scale,
+            scheduler: p.scheduler.map(|k| k.name()).unwrap_or("").to_string(),
+            prompt_syntax: crate::api::prompt_syntax_name(p.prompt_syntax).to_string(),
+            clip_skip: p.clip_skip as u32,
+            loras: p
+                .loras
+                .iter()
+                .map(|l| LoraUse {
+                    name: l.name.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
+            generation_time_seconds: (gen_secs * 1000.0).round() / 1000.0,
+            model_version: spec.model_version.clone(),
+        },
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A fresh job id: 16 hex digits from a randomly keyed hash of a counter and the clock (ids are
+/// not secrets; they only need to be unique and not guessable in sequence).
+pub fn new_id(counter: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(counter);
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
+}

@@ -1,0 +1,481 @@
+//! The in-process backend: job records and the queue behind one mutex, one worker thread that
+//! owns the generator (worker.rs), and a reaper thread for deadlines of queued jobs and TTLs.
+//!
+//! Every state change happens under the mutex and sends its event on the job's broadcast
+//! channel while still holding it, so a subscriber that takes a snapshot under the same lock
+//! sees each change exactly once: either in the snapshot or as an event after it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use candle_core::Device;
+use sdserve_pipeline::memory::breaker::BreakerConfig;
+use tokio::sync::broadcast;
+
+use super::job::{
+    new_id, timestamp, Finished, JobEvent, JobLinks, JobProgress, JobSpec, JobStatus, JobView,
+    StopReason,
+};
+use super::{EngineConfig, JobBackend, ModelState};
+use crate::api::GenerateResponse;
+use crate::error::{ApiError, TimeoutInfo};
+use crate::generator::Loader;
+use crate::gpu::OomGuard;
+use crate::metrics::{Gauges, Metrics};
+
+/// Events buffered per subscriber; a slower one skips progress (never the terminal event:
+/// the stream reads it from the record).
+const EVENT_BUFFER: usize = 256;
+/// How often the reaper looks for queued jobs past their deadline and expired records.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+
+pub(super) struct Record {
+    pub id: String,
+    pub seq: u64,
+    pub spec: Arc<JobSpec>,
+    pub status: JobStatus,
+    pub created: SystemTime,
+    pub created_instant: Instant,
+    pub started: Option<(SystemTime, Instant)>,
+    pub finished: Option<(SystemTime, Instant)>,
+    pub progress: JobProgress,
+    pub cancel_requested: bool,
+    /// A `StopReason` as u8 (0: none), read by the worker at every step.
+    pub stop: Arc<AtomicU8>,
+    pub deadline: Instant,
+    pub result: Option<Arc<GenerateResponse>>,
+    pub error: Option<ApiError>,
+    pub gen_secs: f64,
+    pub preview: Option<(usize, Arc<String>)>,
+    pub events: broadcast::Sender<JobEvent>,
+}
+
+impl Record {
+    /// How far it got by `now`, for a 408's details.
+    pub fn timeout_info(&self, now: Instant) -> TimeoutInfo {
+        let started = self.started.map(|s| s.1);
+        let started_at = started.unwrap_or(now).max(self.created_instant);
+        TimeoutInfo {
+            limit_secs: self.spec.timeout.as_secs(),
+            queued_secs: started_at
+                .duration_since(self.created_instant)
+                .as_secs_f64(),
+            step: started.map_or(0, |_| self.progress.step),
+            total: started.map_or(0, |_| self.progress.total),
+            running_secs: now.saturating_duration_since(started_at).as_secs_f64(),
+        }
+    }
+
+    fn view(&self, position: Option<usize>) -> JobView {
+        JobView {
+            id: self.id.clone(),
+            status: self.status,
+            position,
+            progress: self.progress,
+            created_at: timestamp(self.created),
+            started_at: self.started.map(|s| timestamp(s.0)),
+            finished_at: self.finished.map(|f| timestamp(f.0)),
+            cancel_requested: self.cancel_requested,
+            request: self.spec.request.clone(),
+            result: self.result.clone(),
+            error: self.error.as_ref().map(ApiError::body),
+            links: JobLinks::for_id(&self.id),
+            preview: self.preview.clone(),
+        }
+    }
+
+    pub fn emit(&self, event: JobEvent) {
+        let _ = self.events.send(event); // no subscriber is fine
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Jobs {
+    pub records: HashMap<String, Record>,
+    /// Waiting job ids, in run order.
+    pub queue: VecDeque<String>,
+    pub running: Option<String>,
+    pub shutting_down: bool,
+}
+
+impl Jobs {
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.queue.iter().position(|q| q == id).map(|p| p + 1)
+    }
+
+    fn view(&self, id: &str) -> Option<JobView> {
+        self.records.get(id).map(|r| r.view(self.position(id)))
+    }
+
+    /// Tells every queued job from index `from` on its new place.
+    pub fn announce_positions(&self, from: usize) {
+        for (i, id) in self.queue.iter().enumerate().skip(from) {
+            if let Some(r) = self.records.get(id) {
+                r.emit(JobEvent::Queued { position: i + 1 });
+            }
+        }
+    }
+
+    /// Ends a job: status, time, error, terminal event.
+    pub fn finish(
+        &mut self,
+        id: &str,
+        status: JobStatus,
+        result: Result<Arc<GenerateResponse>, ApiError>,
+    ) {
+        let Some(r) = self.records.get_mut(id) else {
+            return;
+        };
+        r.status = status;
+        r.finished = Some((SystemTime::now(), Instant::now()));
+        let event = match result {
+            Ok(res) => {
+                r.result = Some(res.clone());
+                JobEvent::Succeeded(res)
+            }
+            Err(_) if status == JobStatus::Cancelled => JobEvent::Cancelled,
+            Err(e) => {
+                let body = e.body();
+                r.error = Some(e);
+                JobEvent::Failed(body)
+            }
+        };
+        r.emit(event);
+    }
+
+    /// Takes a waiting job out of the queue and ends it (it never runs); false if it was not
+    /// waiting.
+    fn remove_queued(&mut self, id: &str, why: StopReason) -> bool {
+        let Some(index) = self.queue.iter().position(|q| q == id) else {
+            return false;
+        };
+        self.queue.remove(index);
+        let info = self
+            .records
+            .get(id)
+            .map(|r| r.timeout_info(Instant::now()))
+            .unwrap_or_default();
+        let (status, err) = outcome_of(why, info);
+        self.finish(id, status, Err(err));
+        self.announce_positions(index);
+        true
+    }
+}
+
+/// The status and error a stop reason ends a job with.
+pub(super) fn outcome_of(why: StopReason, info: TimeoutInfo) -> (JobStatus, ApiError) {
+    match why {
+        StopReason::Cancelled => (JobStatus::Cancelled, ApiError::Internal("cancelled".into())),
+        StopReason::Timeout => (JobStatus::Failed, ApiError::Timeout(info)),
+        StopReason::ShuttingDown => (
+            JobStatus::Failed,
+            ApiError::ModelUnavailable("the server is shutting down".into()),
+        ),
+    }
+}
+
+pub(super) struct Inner {
+    pub cfg: EngineConfig,
+    pub jobs: Mutex<Jobs>,
+    pub wake: Condvar,
+    pub state: RwLock<ModelState>,
+    /// Once set, the running job is stopped at its next step after this instant.
+    pub shutdown_deadline: Mutex<Option<Instant>>,
+    /// The out-of-memory circuit breaker: repeated OOMs step the pipeline to a leaner memory
+    /// plan, or (with none left) refuse new work for a while.
+    pub oom: OomGuard,
+    /// The loaded model's device (for the breaker's free-memory check).
+    pub device: RwLock<Device>,
+    /// The memory plan in use (changes when the breaker steps down), for /health.
+    pub memory_plan: RwLock<Option<String>>,
+    /// Moving average of generation time, for Retry-After.
+    pub avg_gen_ms: AtomicU64,
+    next_seq: AtomicU64,
+    worker_done: Mutex<bool>,
+    worker_done_cv: Condvar,
+    pub metrics: Arc<Metrics>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    pub fn jobs(&self) -> MutexGuard<'_, Jobs> {
+        lock(&self.jobs)
+    }
+}
+
+pub(super) struct Local {
+    inner: Arc<Inner>,
+}
+
+impl Local {
+    /// Starts the worker thread (which loads the model first) and the reaper.
+    pub fn start(cfg: EngineConfig, loader: Loader, metrics: Arc<Metrics>) -> Self {
+        let inner = Arc::new(Inner {
+            cfg,
+            jobs: Mutex::new(Jobs::default()),
+            wake: Condvar::new(),
+            state: RwLock::new(ModelState::Loading),
+            shutdown_deadline: Mutex::new(None),
+            oom: OomGuard::new(BreakerConfig::default()),
+            device: RwLock::new(Device::Cpu),
+            memory_plan: RwLock::new(None),
+            avg_gen_ms: AtomicU64::new(0),
+            next_seq: AtomicU64::new(1),
+            worker_done: Mutex::new(false),
+            worker_done_cv: Condvar::new(),
+            metrics,
+        });
+        let worker = inner.clone();
+        std::thread::Builder::new()
+            .name("sdserve-worker".into())
+            .spawn(move || {
+                super::worker::worker_main(&worker, loader);
+                *lock(&worker.worker_done) = true;
+                worker.worker_done_cv.notify_all();
+            })
+            .expect("spawn worker thread");
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("sdserve-reaper".into())
+            .spawn(move || reaper(weak))
+            .expect("spawn reaper thread");
+        Self { inner }
+    }
+}
+
+/// Fails queued jobs past their deadline and forgets finished ones past JOB_TTL_SECONDS; ends
+/// when the engine is dropped.
+fn reaper(inner: Weak<Inner>) {
+    loop {
+        std::thread::sleep(REAP_EVERY);
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let ttl = inner.cfg.job_ttl;
+        let mut jobs = inner.jobs();
+        let late: Vec<String> = jobs
+            .queue
+            .iter()
+            .filter_map(|id| jobs.records.get(id))
+            .filter(|r| now >= r.deadline)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in late {
+            if jobs.remove_queued(&id, StopReason::Timeout) {
+                inner.oom.release_probe();
+                tracing::info!(job = %id, "queued job passed its deadline before it started");
+            }
+        }
+        jobs.records.retain(|_, r| {
+            r.finished
+                .is_none_or(|(_, at)| now.duration_since(at) < ttl)
+        });
+    }
+}
+
+impl JobBackend for Local {
+    fn model_state(&self) -> ModelState {
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn gauges(&self) -> Gauges {
+        let jobs = self.inner.jobs();
+        Gauges {
+            running: usize::from(jobs.running.is_some()),
+            waiting: jobs.queue.len(),
+            capacity: self.inner.cfg.max_concurrent,
+            model_ready: matches!(self.model_state(), ModelState::Ready(_)),
+            cache: None,
+        }
+    }
+
+    fn oom_breaker_open(&self) -> bool {
+        self.inner.oom.is_open()
+    }
+
+    fn memory_plan(&self) -> Option<String> {
+        self.inner
+            .memory_plan
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn retry_after_secs(&self) -> u64 {
+        let g = self.gauges();
+        let avg = self.inner.avg_gen_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let est = (avg * (g.waiting + g.running).max(1) as f64).ceil() as u64;
+        est.clamp(1, self.inner.cfg.timeout.as_secs().max(1))
+    }
+
+    fn submit(&self, spec: JobSpec) -> Result<JobView, ApiError> {
+        let inner = &self.inner;
+        let device = inner
+            .device
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Err(retry_after) = inner.oom.admit(&device) {
+            let secs = retry_after.as_secs().max(1);
+            return Err(ApiError::OutOfMemory {
+                detail: format!(
+                    "memory circuit breaker open after repeated out-of-memory failures; retry after {secs} s"
+                ),
+                retry_after_secs: Some(secs),
+            });
+        }
+        let retry_after_secs = self.retry_after_secs();
+        let mut jobs = inner.jobs();
+        if jobs.shutting_down {
+            inner.oom.release_probe();
+            return Err(ApiError::ModelUnavailable(
+                "the server is shutting down".into(),
+            ));
+        }
+        if jobs.queue.len() >= inner.cfg.max_queued {
+            inner.oom.release_probe();
+            return Err(ApiError::Overloaded { retry_after_secs });
+        }
+        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let id = new_id(seq);
+        let now = Instant::now();
+        let total = spec.params.steps;
+        let record = Record {
+            id: id.clone(),
+            seq,
+            deadline: now + spec.timeout,
+            spec: Arc::new(spec),
+            status: JobStatus::Queued,
+            created: SystemTime::now(),
+            created_instant: now,
+            started: None,
+            finished: None,
+            progress: JobProgress {
+                step: 0,
+                total,
+                eta_seconds: None,
+            },
+            cancel_requested: false,
+            stop: Arc::new(AtomicU8::new(0)),
+            result: None,
+            error: None,
+            gen_secs: 0.0,
+            preview: None,
+            events: broadcast::channel(EVENT_BUFFER).0,
+        };
+        jobs.records.insert(id.clone(), record);
+        jobs.queue.push_back(id.clone());
+        let view = jobs.view(&id).expect("just inserted");
+        drop(jobs);
+        inner.wake.notify_one();
+        Ok(view)
+    }
+
+    fn get(&self, id: &str) -> Option<JobView> {
+        self.inner.jobs().view(id)
+    }
+
+    fn list(&self) -> Vec<JobView> {
+        let jobs = self.inner.jobs();
+        let mut out: Vec<JobView> = jobs
+            .running
+            .iter()
+            .chain(jobs.queue.iter())
+            .filter_map(|id| jobs.view(id))
+            .collect();
+        let mut done: Vec<&Record> = jobs
+            .records
+            .values()
+            .filter(|r| r.status.is_final())
+            .collect();
+        done.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        out.extend(done.into_iter().map(|r| r.view(None)));
+        out
+    }
+
+    fn cancel(&self, id: &str, why: StopReason) -> Option<JobView> {
+        let mut jobs = self.inner.jobs();
+        let r = jobs.records.get_mut(id)?;
+        if !r.status.is_final() {
+            if why == StopReason::Cancelled {
+                r.cancel_requested = true;
+            }
+            let _ = r
+                .stop
+                .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
+            if jobs.remove_queued(id, why) {
+                self.inner.oom.release_probe();
+                self.inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(job = %id, reason = ?why, "queued job stopped before it started");
+            }
+        } else if why == StopReason::Cancelled {
+            r.cancel_requested = true;
+        }
+        jobs.view(id)
+    }
+
+    fn subscribe(&self, id: &str) -> Option<(JobView, broadcast::Receiver<JobEvent>)> {
+        let jobs = self.inner.jobs();
+        let rx = jobs.records.get(id)?.events.subscribe();
+        Some((jobs.view(id)?, rx))
+    }
+
+    fn finished(&self, id: &str) -> Option<Finished> {
+        let jobs = self.inner.jobs();
+        let r = jobs.records.get(id)?;
+        if !r.status.is_final() {
+            return None;
+        }
+        let queue_secs = r
+            .started
+            .map(|(_, at)| at.duration_since(r.created_instant).as_secs_f64())
+            .unwrap_or(0.0);
+        let result = match (&r.result, &r.error) {
+            (Some(res), _) => Ok(res.clone()),
+            (None, Some(e)) => Err(e.clone()),
+            (None, None) => Err(ApiError::Internal("the job was cancelled".into())),
+        };
+        Some(Finished {
+            result,
+            queue_secs,
+            gen_secs: r.gen_secs,
+        })
+    }
+
+    fn begin_shutdown(&self, grace: Duration) {
+        *lock(&self.inner.shutdown_deadline) = Some(Instant::now() + grace);
+        let mut jobs = self.inner.jobs();
+        jobs.shutting_down = true;
+        let drained: Vec<String> = jobs.queue.drain(..).collect();
+        for id in &drained {
+            let (status, err) = outcome_of(StopReason::ShuttingDown, TimeoutInfo::default());
+            jobs.finish(id, status, Err(err));
+            self.inner.oom.release_probe();
+        }
+        drop(jobs);
+        self.inner.wake.notify_all();
+        tracing::info!(
+            queued_answered_503 = drained.len(),
+            grace_secs = grace.as_secs_f64(),
+            "shutdown: queue drained"
+        );
+    }
+
+    fn wait_worker(&self, bound: Duration) -> bool {
+        let done = lock(&self.inner.worker_done);
+        let (done, _) = self
+            .inner
+            .worker_done_cv
+            .wait_timeout_while(done, bound, |d| !*d)
+            .unwrap_or_else(|e| e.into_inner());
+        *done
+    }
+}
