@@ -1,0 +1,273 @@
+"""The web page at `/` in a real headless Chromium (Debian's), driven by Playwright.
+
+Run by `.ci/run` through `tools/browser_tests.sh` after `cargo test` has built `target/debug/sdserve`.
+Each test starts its own `sdserve serve` on a free port: the tiny model for real images, the fake
+generator (slow steps) where a run must last long enough to be cancelled.
+Environment: SDSERVE_BIN (the binary), CHROMIUM (default /usr/bin/chromium), SCREENSHOTS (a folder
+to write the README's screenshots into; optional).
+"""
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+ROOT = Path(__file__).resolve().parents[4]
+BIN = os.environ.get("SDSERVE_BIN", str(ROOT / "target/debug/sdserve"))
+TINY = ROOT / "crates/pipeline/tests/fixtures/tiny-b"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+SHOTS = os.environ.get("SCREENSHOTS")
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+# Chromium must not try the network on its own (this machine has none; the page must not need it).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", "LOG_LEVEL": "warn", **(env or {})}
+        self.proc = subprocess.Popen([BIN, "serve", *args], env=full_env)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("sdserve did not become ready")
+
+    def post_json(self, path, body, key=None):
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    def get_json(self, path, key=None):
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    s = Server("--model", str(TINY))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def slow():
+    # 300 ms a step: a 30-step run lasts 9 s, long enough to see progress and cancel it.
+    s = Server("--fake-generator", "step_ms=300")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A page with every request and console message recorded."""
+
+    def __init__(self, browser, server, viewport):
+        self.context = browser.new_context(viewport=viewport)
+        self.page = self.context.new_page()
+        self.requests = []
+        self.console_errors = []
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        self.server = server
+        self.page.goto(server.url + "/")
+
+    def foreign_requests(self):
+        return [u for u in self.requests if not (u.startswith(self.server.url + "/") or u.startswith("data:") or u.startswith("blob:"))]
+
+    def close(self):
+        self.context.close()
+
+
+def shot(page, name):
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+def fill_request(page, prompt, steps, size, seed):
+    page.get_by_role("textbox", name="Prompt", exact=True).fill(prompt)
+    page.get_by_label("Steps").fill(str(steps))
+    page.get_by_label("Width").fill(str(size))
+    page.get_by_label("Height").fill(str(size))
+    page.get_by_label("Seed").fill(str(seed))
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_controls_are_named_and_the_page_fits(browser, tiny, viewport):
+    p = Page(browser, tiny, viewport)
+    page = p.page
+    expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_be_visible()
+    expect(page.get_by_role("textbox", name="Negative prompt")).to_be_visible()
+    for name in ["Steps", "Width", "Height", "Seed", "Guidance scale"]:
+        expect(page.get_by_label(name, exact=True)).to_be_visible()
+    expect(page.get_by_role("combobox", name="Scheduler")).to_be_visible()
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(page.get_by_role("progressbar")).to_be_visible()
+    # Every form control has an accessible name.
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button')]
+              .filter(e => e.offsetParent !== null)
+              .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+              .map(e => e.id || e.outerHTML)"""
+    )
+    assert unnamed == []
+    # Readable without sideways scrolling.
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.wait_for_load_state("networkidle")
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
+    if viewport is DESKTOP:
+        shot(page, "page-idle")
+    p.close()
+
+
+def test_generate_shows_progress_then_the_image_of_generate(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    fill_request(page, "a lighthouse at dawn", 6, 256, 1234)
+    steps_seen = []
+    page.expose_function("reportStep", lambda v: steps_seen.append(v))
+    page.evaluate(
+        """() => new MutationObserver(() => window.reportStep(Number(document.getElementById('progress').value)))
+              .observe(document.getElementById('progress'), {attributes: true})"""
+    )
+    page.get_by_role("button", name="Generate").click()
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    # Progress rose step by step to the total (UNet evaluations, as the job reports them).
+    bar = page.get_by_role("progressbar")
+    assert bar.evaluate("b => b.value === b.max && b.max >= 6")
+    assert len(steps_seen) >= 2 and max(steps_seen) == bar.evaluate("b => b.max")
+    shown = image.get_attribute("src")
+    assert shown.startswith("data:image/png;base64,")
+    png = base64.b64decode(shown.split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [256, 256]
+    # The same image as the native API for the same parameters.
+    native = tiny.post_json("/generate", {"prompt": "a lighthouse at dawn", "steps": 6, "width": 256, "height": 256, "seed": 1234, "negative_prompt": "", "guidance_scale": 7.5})
+    assert base64.b64decode(native["image_base64"]) == png
+    expect(page.get_by_text("1234").first).to_be_visible()  # the seed is shown with the parameters
+    expect(page.get_by_role("link", name="Download")).to_have_attribute("href", shown)
+    shot(page, "page-done")
+    # The history keeps it, across a reload (this browser's storage).
+    page.reload()
+    expect(page.get_by_role("img", name="Earlier result").first).to_be_visible()
+    # "Reuse these parameters" from the history fills the form.
+    page.get_by_label("Seed").fill("")
+    page.get_by_role("img", name="Earlier result").first.click()
+    expect(page.get_by_label("Seed")).to_have_value("1234")
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
+    p.close()
+
+
+def test_cancel_stops_a_long_run(browser, slow):
+    p = Page(browser, slow, DESKTOP)
+    page = p.page
+    fill_request(page, "a slow one", 30, 256, 5)
+    job_ids = []
+    page.on("response", lambda r: r.request.method == "POST" and r.url.endswith("/jobs") and job_ids.append(r.json()["id"]))
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text(re.compile(r"Step \d+ of 30"))).to_be_visible(timeout=20_000)
+    expect(page.get_by_role("button", name="Cancel")).to_be_enabled()
+    shot(page, "page-running")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_text("Cancelled.")).to_be_visible(timeout=10_000)
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    assert len(job_ids) == 1
+    job = slow.get_json(f"/jobs/{job_ids[0]}")
+    assert job["status"] == "cancelled"
+    assert job["progress"]["step"] < 30
+    assert p.console_errors == []
+    p.close()
+
+
+def test_keyboard_alone_runs_a_generation(browser, tiny):
+    p = Page(browser, tiny, PHONE)
+    page = p.page
+    page.get_by_role("textbox", name="Prompt", exact=True).focus()
+    page.keyboard.type("keyboard only")
+    for label, value in [("Steps", "3"), ("Width", "256"), ("Height", "256")]:
+        page.get_by_label(label, exact=True).fill(value)
+    # Tab from the prompt to the Generate button, then press Enter.
+    page.get_by_role("textbox", name="Prompt", exact=True).focus()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "generate":
+            break
+    assert page.evaluate("document.activeElement.id") == "generate"
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("img", name="Generated image", exact=True)).to_be_visible(timeout=60_000)
+    assert p.console_errors == []
+    p.close()
+
+
+def test_a_key_protected_server_asks_for_the_key_and_keeps_it_out_of_urls(browser):
+    key = "page-test-key-0123456789"
+    server = Server("--model", str(TINY), env={"API_KEYS": key})
+    try:
+        p = Page(browser, server, DESKTOP)
+        page = p.page
+        key_field = page.get_by_label("API key")
+        expect(key_field).to_be_visible()
+        fill_request(page, "with a key", 3, 256, 3)
+        key_field.fill(key)
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_role("img", name="Generated image", exact=True)).to_be_visible(timeout=60_000)
+        assert all(key not in u for u in p.requests)
+        assert p.foreign_requests() == []
+        # Console errors from the first, refused probe (401) are the browser's own network log lines.
+        assert [e for e in p.console_errors if "401" not in e] == []
+        p.close()
+    finally:
+        server.stop()
