@@ -6,6 +6,7 @@ pub mod a1111;
 mod jobs;
 mod native;
 pub mod openai;
+pub mod web;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -347,6 +348,7 @@ pub fn router(state: Shared) -> Router {
     let routes = routes
         .merge(a1111::router())
         .merge(openai::router())
+        .merge(web::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state.clone());
