@@ -17,9 +17,6 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; \
      base-uri 'none'";
 
-/// The page's files: open without an API key, since the page must load to ask for one.
-pub const PUBLIC_PATHS: [&str; 3] = ["/", "/static/app.js", "/static/app.css"];
-
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
@@ -60,10 +57,14 @@ mod tests {
     }
 
     #[test]
-    fn the_page_loads_exactly_the_files_served() {
+    fn the_page_loads_exactly_the_files_served_and_they_need_no_key() {
+        use axum::http::Method;
         for path in ["/static/app.js", "/static/app.css"] {
             assert!(INDEX_HTML.contains(&format!("\"{path}\"")), "index.html misses {path}");
-            assert!(PUBLIC_PATHS.contains(&path));
+        }
+        // The page must load before it can ask for a key.
+        for path in ["/", "/static/app.js", "/static/app.css"] {
+            assert!(crate::security::is_open(&Method::GET, path), "{path} needs a key");
         }
         // No inline script or style: the CSP forbids them, so they would silently not run.
         assert!(!INDEX_HTML.contains("<script>") && !INDEX_HTML.contains("<style") && !INDEX_HTML.contains(" onclick="));
