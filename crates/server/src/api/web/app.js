@@ -467,7 +467,9 @@ async function probeServer() {
   }
   try {
     await api('/jobs'); // 401 here shows the key field before the first Generate
-    await loadLoras();
+    // Only a server that lists LoRAs is asked for them (no 404 noise otherwise).
+    const doc = await (await api('/openapi.json')).json();
+    if (doc.paths && doc.paths['/loras']) await loadLoras();
   } catch (err) {
     if (err.status !== 401) showError(err);
   }
@@ -482,7 +484,7 @@ function init() {
   $('random-seed').addEventListener('click', () => { $('seed').value = ''; $('seed').focus(); });
   $('api-key').addEventListener('change', () => {
     sessionStorage.setItem(KEY_STORE, $('api-key').value.trim());
-    loadLoras().catch(showError);
+    probeServer();
   });
   $('api-key').value = sessionStorage.getItem(KEY_STORE) || '';
   $('init').addEventListener('change', async () => {
