@@ -19,7 +19,10 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
 
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
         .route(
             "/static/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
@@ -49,7 +52,11 @@ mod tests {
 
     #[test]
     fn the_page_names_no_other_origin() {
-        for (name, text) in [("index.html", INDEX_HTML), ("app.js", APP_JS), ("app.css", APP_CSS)] {
+        for (name, text) in [
+            ("index.html", INDEX_HTML),
+            ("app.js", APP_JS),
+            ("app.css", APP_CSS),
+        ] {
             for scheme in ["http://", "https://", "//cdn", "@import"] {
                 assert!(!text.contains(scheme), "{name} mentions {scheme}");
             }
@@ -60,13 +67,23 @@ mod tests {
     fn the_page_loads_exactly_the_files_served_and_they_need_no_key() {
         use axum::http::Method;
         for path in ["/static/app.js", "/static/app.css"] {
-            assert!(INDEX_HTML.contains(&format!("\"{path}\"")), "index.html misses {path}");
+            assert!(
+                INDEX_HTML.contains(&format!("\"{path}\"")),
+                "index.html misses {path}"
+            );
         }
         // The page must load before it can ask for a key.
         for path in ["/", "/static/app.js", "/static/app.css"] {
-            assert!(crate::security::is_open(&Method::GET, path), "{path} needs a key");
+            assert!(
+                crate::security::is_open(&Method::GET, path),
+                "{path} needs a key"
+            );
         }
         // No inline script or style: the CSP forbids them, so they would silently not run.
-        assert!(!INDEX_HTML.contains("<script>") && !INDEX_HTML.contains("<style") && !INDEX_HTML.contains(" onclick="));
+        assert!(
+            !INDEX_HTML.contains("<script>")
+                && !INDEX_HTML.contains("<style")
+                && !INDEX_HTML.contains(" onclick=")
+        );
     }
 }
