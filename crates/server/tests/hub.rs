@@ -447,6 +447,49 @@ fn half_precision_fetches_the_fp16_variant() {
     assert!(m.dir.join(VAE).is_file());
 }
 
+/// A one-model repo (the TAESD preview decoder's shape): its config and the weights of the
+/// chosen precision, nothing else; a pipeline repo is refused under this layout.
+#[test]
+fn a_component_repo_fetches_its_config_and_weights() {
+    let hub = FakeHub::start();
+    let taesd = fixtures().join("taesd/taesd-a");
+    hub.add_repo("test/taesd", &taesd, &[("taesd_decoder.pth", b"pickle")]);
+    hub.add_repo("test/tiny-a", &fixtures().join("tiny-a"), &[]);
+    let cache = Scratch::new("component");
+    let mut o = opts(&hub, &cache.0);
+    o.layout = hub::Layout::Component;
+    let m = hub::resolve_model("test/taesd", &o, &quiet).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        assert!(
+            std::fs::read(m.dir.join(f)).unwrap() == std::fs::read(taesd.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    assert!(!m
+        .dir
+        .join("diffusion_pytorch_model.fp16.safetensors")
+        .exists());
+    assert!(!m.dir.join("taesd_decoder.pth").exists());
+    o.fp16 = true;
+    let h = hub::resolve_model("test/taesd", &o, &quiet).unwrap();
+    assert!(h
+        .dir
+        .join("diffusion_pytorch_model.fp16.safetensors")
+        .is_file());
+
+    let err = hub::resolve_model("test/tiny-a", &o, &quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+    // A local folder is checked for the same shape.
+    let err = hub::resolve_model(fixtures().join("tiny-a").to_str().unwrap(), &o, &quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no config.json"), "{err}");
+    let local = hub::resolve_model(taesd.to_str().unwrap(), &o, &quiet).unwrap();
+    assert_eq!(local.dir, taesd);
+}
+
 #[test]
 fn a_dropped_connection_is_resumed_with_range() {
     let hub = FakeHub::start();

@@ -107,7 +107,16 @@ fn display_name(p: &Path) -> String {
 }
 
 pub fn resolve_folder(dir: &Path, opts: &HubOptions) -> Result<ResolvedModel, HubError> {
-    if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
+    if opts.layout == super::Layout::Component && !dir.join("config.json").is_file() {
+        return Err(HubError::InvalidSpec(format!(
+            "{} is a folder but not a diffusers model (no config.json)",
+            dir.display()
+        )));
+    }
+    if opts.layout == super::Layout::Pipeline
+        && !dir.join("model_index.json").is_file()
+        && !dir.join("unet").is_dir()
+    {
         return Err(HubError::InvalidSpec(format!(
             "{} is a folder but not a diffusers model (no model_index.json or unet/)",
             dir.display()

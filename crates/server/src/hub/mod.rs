@@ -91,6 +91,8 @@ pub struct HubOptions {
     pub fp16: bool,
     /// Configs (and tokenizer, if it has one) for single-file checkpoints: a diffusers folder.
     pub single_file_config: Option<PathBuf>,
+    /// What the model is: a whole pipeline (the default) or one component's repo.
+    pub layout: Layout,
     /// Retries after the first attempt, for each request.
     pub retries: u32,
     /// First backoff; doubles each retry.
@@ -121,9 +123,29 @@ impl HubOptions {
             revision: "main".into(),
             fp16,
             single_file_config: None,
+            layout: Layout::Pipeline,
             retries: 5,
             backoff: Duration::from_secs(1),
             timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The shape of a model folder or repo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A diffusers Stable Diffusion pipeline (`model_index.json`, `unet/`, `vae/`, ...).
+    Pipeline,
+    /// One diffusers model at the root (`config.json` + `diffusion_pytorch_model.safetensors`),
+    /// e.g. the TAESD preview decoder `madebyollin/taesd`.
+    Component,
+}
+
+impl Layout {
+    fn select(self, all: &[String], fp16: bool) -> Result<Vec<String>, String> {
+        match self {
+            Self::Pipeline => select::select_files(all, fp16),
+            Self::Component => select::select_component_files(all, fp16),
         }
     }
 }
@@ -346,6 +368,12 @@ pub fn resolve_model(
             ));
             local::resolve_folder(&dir, opts)?
         }
+        Spec::File(file) if opts.layout == Layout::Component => {
+            return Err(HubError::InvalidSpec(format!(
+                "{}: expected a folder with config.json and diffusion_pytorch_model.safetensors, or a hub id",
+                file.display()
+            )))
+        }
         Spec::File(file) => local::resolve_single_file(&file, opts, progress)?,
         Spec::Hub { repo, revision } => {
             let local = missing_local_folder(spec);
@@ -423,12 +451,16 @@ fn resolve_hub(
     let from_cache = |why: &str| -> Result<ResolvedModel, HubError> {
         let Some(commit) = cached_commit.clone() else {
             return Err(HubError::Offline(format!(
-                "{why}: {repo}@{revision} is not in the cache {}; run `sdserve download {repo}` where the hub is reachable, or point MODEL_CACHE_DIR at a cache that has it",
-                opts.cache_dir.display()
+                "{why}: {repo}@{revision} is not in the cache {}; {}",
+                opts.cache_dir.display(),
+                match opts.layout {
+                    Layout::Pipeline => format!("run `sdserve download {repo}` where the hub is reachable, or point MODEL_CACHE_DIR at a cache that has it"),
+                    Layout::Component => "point MODEL_CACHE_DIR at a cache that has it, or name a local folder instead".to_string(),
+                }
             )));
         };
         let files = cache.snapshot_files(&commit);
-        let wanted = select::select_files(&files, opts.fp16).map_err(|e| {
+        let wanted = opts.layout.select(&files, opts.fp16).map_err(|e| {
             HubError::Offline(format!(
                 "the cached snapshot {} of {repo} is incomplete ({e}; {why})",
                 cache.snapshot(&commit).display()
@@ -496,6 +528,17 @@ fn resolve_hub(
             tracing::warn!(%repo, "hub unreachable ({detail}); serving the cached snapshot");
             return from_cache("hub unreachable");
         }
+        Err(HubError::Unreachable { what, detail }) if opts.layout == Layout::Component => {
+            return Err(HubError::Unreachable {
+                what,
+                detail: format!(
+                    "{detail}; nothing cached at {}. Ways out: a local folder holding config.json and \
+                     diffusion_pytorch_model.safetensors; HF_ENDPOINT for a mirror; MODEL_CACHE_DIR \
+                     at a cache that already holds it",
+                    opts.cache_dir.display()
+                ),
+            })
+        }
         Err(HubError::Unreachable { what, detail }) => {
             return Err(HubError::Unreachable {
                 what,
@@ -517,7 +560,9 @@ fn resolve_hub(
         )));
     }
     let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let wanted = select::select_files(&listing, opts.fp16)
+    let wanted = opts
+        .layout
+        .select(&listing, opts.fp16)
         .map_err(|e| HubError::InvalidSpec(format!("{repo}@{commit}: {e}")))?;
     cache
         .write_ref(revision, &commit)

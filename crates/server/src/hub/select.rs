@@ -20,6 +20,49 @@ fn is_weights(name: &str) -> bool {
         || (name.contains(".safetensors.index.") && name.ends_with(".json"))
 }
 
+/// Of one component's weight files: the `fp16` variant when `fp16` and the repo has it, else the
+/// plain files, falling back to the variant when that is all there is (empty: no weights).
+fn pick_precision(files: Vec<&String>, fp16: bool) -> Vec<&String> {
+    let name = |f: &&String| f.rsplit('/').next().unwrap_or_default().to_string();
+    let half: Vec<&String> = files
+        .iter()
+        .copied()
+        .filter(|f| variant(&name(f)) == Some("fp16"))
+        .collect();
+    let plain: Vec<&String> = files
+        .iter()
+        .copied()
+        .filter(|f| variant(&name(f)).is_none())
+        .collect();
+    if (fp16 && !half.is_empty()) || plain.is_empty() {
+        half
+    } else {
+        plain
+    }
+}
+
+/// Picks the files of a one-model repo (`config.json` + `diffusion_pytorch_model*.safetensors`
+/// at its root, e.g. `madebyollin/taesd`), with the precision rule of [`select_files`].
+pub fn select_component_files(all: &[String], fp16: bool) -> Result<Vec<String>, String> {
+    if !all.iter().any(|f| f == "config.json") {
+        return Err("config.json is missing: not a diffusers model repo".into());
+    }
+    let files: Vec<&String> = all
+        .iter()
+        .filter(|f| !f.contains('/') && f.starts_with("diffusion_pytorch_model") && is_weights(f))
+        .collect();
+    let pick = pick_precision(files, fp16);
+    if pick.is_empty() {
+        return Err(
+            "no diffusion_pytorch_model.safetensors (sdserve does not download pickle .bin/.pth files)"
+                .into(),
+        );
+    }
+    let mut out = vec!["config.json".to_string()];
+    out.extend(pick.into_iter().cloned());
+    Ok(out)
+}
+
 /// Picks the files to fetch from a repo listing (paths relative to the repo root, `/`-separated).
 /// `fp16`: prefer the `*.fp16.safetensors` variant where the repo has one (half-precision runs);
 /// otherwise the plain files, falling back to the variant when that is all there is.
@@ -61,22 +104,7 @@ pub fn select_files(all: &[String], fp16: bool) -> Result<Vec<String>, String> {
                     .is_some_and(|r| !r.contains('/') && is_weights(r))
             })
             .collect();
-        let name = |f: &&String| f.rsplit('/').next().unwrap_or_default().to_string();
-        let half: Vec<&String> = files
-            .iter()
-            .copied()
-            .filter(|f| variant(&name(f)) == Some("fp16"))
-            .collect();
-        let plain: Vec<&String> = files
-            .iter()
-            .copied()
-            .filter(|f| variant(&name(f)).is_none())
-            .collect();
-        let pick = if (fp16 && !half.is_empty()) || plain.is_empty() {
-            half
-        } else {
-            plain
-        };
+        let pick = pick_precision(files, fp16);
         if pick.is_empty() {
             return Err(format!(
                 "{comp}/ has no .safetensors weights (sdserve does not download pickle .bin/.ckpt files)"
@@ -180,6 +208,53 @@ mod tests {
             variant("diffusion_pytorch_model.non_ema.safetensors"),
             Some("non_ema")
         );
+    }
+
+    /// A repo shaped like madebyollin/taesd: diffusers' files next to the original project's.
+    fn taesd() -> Vec<String> {
+        [
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "images/screenshot.jpg",
+            "taesd_decoder.pth",
+            "taesd_decoder.safetensors",
+            "taesd_encoder.pth",
+            "taesd_encoder.safetensors",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    #[test]
+    fn a_component_repo_gives_its_config_and_diffusers_weights() {
+        for fp16 in [false, true] {
+            assert_eq!(
+                select_component_files(&taesd(), fp16).unwrap(),
+                ["config.json", "diffusion_pytorch_model.safetensors"]
+            );
+        }
+        let mut with_half = taesd();
+        with_half.push("diffusion_pytorch_model.fp16.safetensors".into());
+        assert_eq!(
+            select_component_files(&with_half, true).unwrap()[1],
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+        let mut no_config = taesd();
+        no_config.retain(|f| f != "config.json");
+        assert!(select_component_files(&no_config, false)
+            .unwrap_err()
+            .contains("config.json"));
+        let mut pickles_only = taesd();
+        pickles_only.retain(|f| !f.ends_with(".safetensors"));
+        assert!(select_component_files(&pickles_only, false)
+            .unwrap_err()
+            .contains("diffusion_pytorch_model.safetensors"));
+        // A pipeline repo is not a component repo.
+        assert!(select_component_files(&sd15(), false).is_err());
     }
 
     #[test]
