@@ -3,7 +3,8 @@
 //! `MODEL_DIR=/path/to/sd15 cargo bench -p sdserve-pipeline --bench stages -- [--sizes 256,512]
 //! [--repeats 3] [--steps 20] [--full-sizes 256] [--image-sizes 512] [--json out.json]`
 //!
-//! Stages: text encode (prompt + empty negative), one UNet step with guidance (batch 2), VAE decode,
+//! Stages: text encode (prompt + empty negative), one UNet step with guidance (batch 2), VAE decode
+//! (and a TAESD preview of the same latents when `TAESD_DIR` names an `AutoencoderTiny` folder),
 //! and whole generations: text-to-image at `--full-sizes`, img2img (strength 0.75) and
 //! inpainting (strength 1.0, right half repainted) at `--image-sizes` (empty list: none). Each figure is the median of `--repeats` runs with min and max; peak RSS is
 //! read from `/proc/self/status` (VmHWM), reset before each stage through `/proc/self/clear_refs`.
@@ -258,6 +259,10 @@ fn main() {
     }));
     let embeddings = embeddings.expect("ran");
 
+    let taesd = std::env::var("TAESD_DIR").ok().map(|d| {
+        sdserve_pipeline::taesd::Taesd::load(std::path::Path::new(&d), &device, DType::F32)
+            .expect("TAESD loads")
+    });
     for &size in &args.sizes {
         let cells = size / model.vae_scale_factor();
         let channels = model.unet_in_channels();
@@ -277,6 +282,16 @@ fn main() {
         stats.push(measure(&format!("vae_decode_{size}"), args.repeats, || {
             model.decode_latents(&z).expect("decode");
         }));
+        // A PREVIEW=taesd preview of the same latents (TAESD_DIR: an AutoencoderTiny folder).
+        if let Some(t) = &taesd {
+            stats.push(measure(
+                &format!("taesd_preview_{size}"),
+                args.repeats,
+                || {
+                    t.decode_preview(&z).expect("taesd");
+                },
+            ));
+        }
     }
     for &size in &args.full_sizes {
         let params = GenerationParams {

@@ -203,6 +203,11 @@ pub struct ServeArgs {
     /// Live previews in job events.
     #[arg(long, env = "PREVIEW", value_enum, default_value = "off")]
     pub preview: crate::engine::PreviewMode,
+    /// The TAESD for `PREVIEW=taesd`: a folder with `config.json` and
+    /// `diffusion_pytorch_model.safetensors`, or a hub id (fetched into the model cache). If it
+    /// cannot be loaded, previews fall back to `latent` and the log says why.
+    #[arg(long, env = "PREVIEW_TAESD", default_value = "madebyollin/taesd")]
+    pub preview_taesd: String,
     /// A preview every this many steps (and at the last one).
     #[arg(long, env = "PREVIEW_EVERY", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub preview_every: u32,

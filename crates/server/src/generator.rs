@@ -73,6 +73,8 @@ pub struct ModelInfo {
 pub struct Loaded {
     pub generator: Box<dyn Generator>,
     pub info: ModelInfo,
+    /// The TAESD preview decoder, when `PREVIEW=taesd` and it loaded (see `model::with_taesd`).
+    pub taesd: Option<sdserve_pipeline::taesd::Taesd>,
 }
 
 /// Loads the model; runs on the worker thread. The error is a message for /health and the log.
@@ -143,6 +145,7 @@ impl FakeSpec {
                     adapters: Default::default(),
                     inpainting: false,
                 },
+                taesd: None,
             })
         })
     }

@@ -153,5 +153,51 @@ pub fn load_real(
     Ok(Loaded {
         generator: Box::new(GpuGenerator { sd, setup }),
         info,
+        taesd: None,
+    })
+}
+
+/// Wraps a loader so that, once the model is loaded, the TAESD preview decoder named by `spec`
+/// (a folder or hub id) is loaded on the model's device. A TAESD that cannot be had is not
+/// fatal: previews are a view of the run, not its result, so the model serves anyway, previews
+/// fall back to the latent map and the log says why (as ComfyUI does for a missing TAESD).
+pub fn with_taesd(
+    inner: Loader,
+    spec: String,
+    mut opts: hub::HubOptions,
+    dtype: DType,
+    status: hub::LoadStatus,
+) -> Loader {
+    Box::new(move || {
+        let mut loaded = inner()?;
+        let device = loaded.generator.device();
+        let t0 = std::time::Instant::now();
+        opts.layout = hub::Layout::Component;
+        // The model already waited for the hub; the TAESD does not hold start-up for long.
+        opts.retries = opts.retries.min(1);
+        let progress = move |p: &hub::Progress| status.update(p);
+        let taesd = hub::resolve_model(&spec, &opts, &progress)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                sdserve_pipeline::taesd::Taesd::load(&m.dir, &device, dtype)
+                    .map(|t| (t, m.model_version))
+                    .map_err(|e| e.to_string())
+            });
+        match taesd {
+            Ok((t, version)) => {
+                tracing::info!(
+                    taesd = %version,
+                    seconds = t0.elapsed().as_secs_f64(),
+                    "TAESD previews ready"
+                );
+                loaded.taesd = Some(t);
+            }
+            Err(e) => tracing::warn!(
+                taesd = %spec,
+                error = %e,
+                "PREVIEW=taesd but the TAESD cannot be loaded; previews fall back to the latent map"
+            ),
+        }
+        Ok(loaded)
     })
 }

@@ -106,6 +106,20 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             },
         ),
     };
+    let loader = if args.preview == crate::engine::PreviewMode::Taesd {
+        crate::model::with_taesd(
+            loader,
+            args.preview_taesd.clone(),
+            crate::hub::HubOptions::from_env(
+                args.model.model_cache_dir.clone(),
+                rt.dtype == candle_core::DType::F16,
+            ),
+            rt.dtype,
+            load_status.clone(),
+        )
+    } else {
+        loader
+    };
     let engine = Engine::start(
         EngineConfig {
             max_concurrent: args.max_concurrent_requests as usize,

@@ -252,6 +252,100 @@ fn a_job_runs_with_ordered_events_progress_previews_and_its_result() {
     assert_eq!(ids[1], id);
 }
 
+fn taesd_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pipeline/tests/fixtures/taesd/taesd-a")
+}
+
+/// The `preview` events of a finished 6-step 320x256 job (a preview every 2 steps).
+fn previews_of_a_job(s: &Server) -> Vec<(u64, (u32, u32, Vec<u8>, Option<String>))> {
+    let req = json!({"prompt": "a lighthouse", "steps": 6, "width": 320, "height": 256, "seed": 7});
+    let id = submit(s, &req)["id"].as_str().unwrap().to_string();
+    let events = Events::open(s.addr, &id).all();
+    assert_one_terminal_last(&events, "succeeded");
+    events
+        .iter()
+        .filter(|(e, _)| e == "preview")
+        .map(|(_, d)| {
+            let png = decode_png(d["image_base64"].as_str().unwrap());
+            (d["step"].as_u64().unwrap(), png)
+        })
+        .collect()
+}
+
+/// PREVIEW=taesd: each preview is the TAESD's decode of the step's latents, at 8x the latent
+/// size (the full image size), sent as a real PNG over the event stream.
+#[test]
+fn taesd_previews_are_full_size_decodes_of_the_latents() {
+    let dir = taesd_fixture();
+    let s = ready(
+        "step_ms=20",
+        &[
+            ("PREVIEW", "taesd"),
+            ("PREVIEW_EVERY", "2"),
+            ("PREVIEW_TAESD", dir.to_str().unwrap()),
+        ],
+    );
+    s.wait_log(&["TAESD previews ready"], Duration::from_secs(10));
+    let previews = previews_of_a_job(&s);
+    assert!(!previews.is_empty());
+    let taesd = sdserve_pipeline::taesd::Taesd::load(
+        &dir,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    for (step, (w, h, pixels, _)) in &previews {
+        // 320x256 has 40x32 latents; taesd-a upscales 8x.
+        assert_eq!((*w, *h), (320, 256), "step {step}");
+        // The fake generator's latents at step k of 6 are all k / 6 (generator.rs).
+        let latents = candle_core::Tensor::full(
+            *step as f32 / 6.0,
+            (1, 4, 32, 40),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let want = taesd.decode_preview(&latents).unwrap().remove(0);
+        assert!(pixels == &want.pixels, "step {step}: not the TAESD decode");
+    }
+    // Different latents, different previews (the decode is not a constant).
+    assert_ne!(
+        previews.first().unwrap().1 .2,
+        previews.last().unwrap().1 .2
+    );
+}
+
+/// A TAESD that cannot be had (no such folder; the default hub id offline with an empty cache)
+/// is a warning at start-up, and previews fall back to the latent map (1/8 of the image).
+#[test]
+fn a_missing_taesd_falls_back_to_latent_previews() {
+    let cache = std::env::temp_dir().join(format!("sdserve-taesd-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    for (spec, offline) in [("/nonexistent/taesd", "0"), ("madebyollin/taesd", "1")] {
+        let s = ready(
+            "step_ms=5",
+            &[
+                ("PREVIEW", "taesd"),
+                ("PREVIEW_EVERY", "2"),
+                ("PREVIEW_TAESD", spec),
+                ("HF_HUB_OFFLINE", offline),
+                ("MODEL_CACHE_DIR", cache.to_str().unwrap()),
+            ],
+        );
+        let line = s.wait_log(
+            &["previews fall back to the latent map"],
+            Duration::from_secs(10),
+        );
+        assert!(line.contains(spec), "{line}");
+        let previews = previews_of_a_job(&s);
+        assert!(!previews.is_empty());
+        for (_, (w, h, _, _)) in &previews {
+            assert_eq!((*w, *h), (40, 32), "{spec}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 #[test]
 fn cancel_queued_never_starts_cancel_running_stops_within_a_step() {
     let s = ready("step_ms=100", &[]);

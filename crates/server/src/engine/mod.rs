@@ -40,6 +40,9 @@ pub enum PreviewMode {
     Off,
     /// A fixed linear map from the 4 latent channels to RGB, at 1/8 of the image size.
     Latent,
+    /// The tiny autoencoder TAESD (`PREVIEW_TAESD`) at the full image size; latent previews
+    /// when it could not be loaded (logged at start-up).
+    Taesd,
 }
 
 #[derive(Debug, Clone)]

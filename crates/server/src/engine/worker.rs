@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use base64::Engine as _;
 use sdserve_pipeline::pipeline::StepProgress;
+use sdserve_pipeline::taesd::Taesd;
 use sdserve_pipeline::PipelineError;
 
 use super::job::{build_result, JobEvent, JobProgress, JobSpec, JobStatus, StopReason};
@@ -26,6 +27,7 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
     let Loaded {
         mut generator,
         info,
+        taesd,
     } = match loaded {
         Ok(l) => l,
         Err(why) => {
@@ -84,6 +86,7 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
         };
         let run = Run {
             inner,
+            taesd: taesd.as_ref(),
             id: &id,
             spec: &spec,
             stop: &stop,
@@ -104,6 +107,8 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
 /// One job on the worker.
 struct Run<'a> {
     inner: &'a Inner,
+    /// The preview decoder for `PREVIEW=taesd`.
+    taesd: Option<&'a Taesd>,
     id: &'a str,
     spec: &'a JobSpec,
     stop: &'a std::sync::atomic::AtomicU8,
@@ -253,7 +258,7 @@ impl Run<'_> {
             return;
         }
         let Some(latents) = p.latents else { return };
-        match preview_png(cfg.preview, latents) {
+        match preview_png(cfg.preview, latents, self.taesd) {
             Ok(png) => {
                 let b64 = Arc::new(base64::engine::general_purpose::STANDARD.encode(png));
                 let mut jobs = self.inner.jobs();
@@ -297,11 +302,22 @@ impl Run<'_> {
     }
 }
 
-/// A preview PNG of the current latents.
-fn preview_png(mode: PreviewMode, latents: &candle_core::Tensor) -> Result<Vec<u8>, String> {
-    let img = match mode {
-        PreviewMode::Off => return Err("previews are off".into()),
-        PreviewMode::Latent => {
+/// A preview PNG of the current latents (the first image of a batch); `PREVIEW=taesd` without
+/// a loaded TAESD shows the latent map.
+fn preview_png(
+    mode: PreviewMode,
+    latents: &candle_core::Tensor,
+    taesd: Option<&Taesd>,
+) -> Result<Vec<u8>, String> {
+    let img = match (mode, taesd) {
+        (PreviewMode::Off, _) => return Err("previews are off".into()),
+        (PreviewMode::Taesd, Some(t)) => latents
+            .narrow(0, 0, 1)
+            .map_err(PipelineError::from)
+            .and_then(|first| t.decode_preview(&first))
+            .map_err(|e| e.to_string())?
+            .swap_remove(0),
+        (PreviewMode::Latent | PreviewMode::Taesd, _) => {
             sdserve_pipeline::preview::latent_rgb(latents).map_err(|e| e.to_string())?
         }
     };
