@@ -257,8 +257,11 @@ fn taesd_fixture() -> std::path::PathBuf {
         .join("../pipeline/tests/fixtures/taesd/taesd-a")
 }
 
+/// A decoded PNG: width, height, RGB pixels, parameters text.
+type Png = (u32, u32, Vec<u8>, Option<String>);
+
 /// The `preview` events of a finished 6-step 320x256 job (a preview every 2 steps).
-fn previews_of_a_job(s: &Server) -> Vec<(u64, (u32, u32, Vec<u8>, Option<String>))> {
+fn previews_of_a_job(s: &Server) -> Vec<(u64, Png)> {
     let req = json!({"prompt": "a lighthouse", "steps": 6, "width": 320, "height": 256, "seed": 7});
     let id = submit(s, &req)["id"].as_str().unwrap().to_string();
     let events = Events::open(s.addr, &id).all();
