@@ -281,12 +281,15 @@ fn previews_of_a_job(s: &Server) -> Vec<(u64, Png)> {
 #[test]
 fn taesd_previews_are_full_size_decodes_of_the_latents() {
     let dir = taesd_fixture();
+    // Local folders get a content digest, cached there (not in the working tree).
+    let cache = std::env::temp_dir().join(format!("sdserve-taesd-ok-{}", std::process::id()));
     let s = ready(
         "step_ms=20",
         &[
             ("PREVIEW", "taesd"),
             ("PREVIEW_EVERY", "2"),
             ("PREVIEW_TAESD", dir.to_str().unwrap()),
+            ("MODEL_CACHE_DIR", cache.to_str().unwrap()),
         ],
     );
     s.wait_log(&["TAESD previews ready"], Duration::from_secs(10));
@@ -316,6 +319,8 @@ fn taesd_previews_are_full_size_decodes_of_the_latents() {
         previews.first().unwrap().1 .2,
         previews.last().unwrap().1 .2
     );
+    drop(s);
+    let _ = std::fs::remove_dir_all(&cache);
 }
 
 /// A TAESD that cannot be had (no such folder; the default hub id offline with an empty cache)
