@@ -172,7 +172,9 @@ impl Checkpoint {
             .storages
             .get(&t.storage_key)
             .ok_or_else(|| err(&self.path, format!("storage {} is missing", t.storage_key)))?;
-        if len != (t.storage_numel * es) as u64 {
+        let overflow = || err(&self.path, "tensor sizes overflow");
+        let storage_bytes = t.storage_numel.checked_mul(es).ok_or_else(overflow)?;
+        if len != storage_bytes as u64 {
             return Err(err(
                 &self.path,
                 format!(
@@ -181,17 +183,30 @@ impl Checkpoint {
                 ),
             ));
         }
-        let numel: usize = t.shape.iter().product();
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(overflow)?;
+        // A view bigger than its storage (zero strides) would make a small file expand into
+        // any amount of memory; weights never are.
+        if numel > t.storage_numel {
+            return Err(err(
+                &self.path,
+                format!("a tensor view is larger than storage {}", t.storage_key),
+            ));
+        }
         // Highest element index the view touches; bounds-check before reading anything.
         let last = if numel == 0 {
             0
         } else {
-            t.offset
-                + t.shape
-                    .iter()
-                    .zip(&t.stride)
-                    .map(|(&d, &s)| (d - 1) * s)
-                    .sum::<usize>()
+            t.shape
+                .iter()
+                .zip(&t.stride)
+                .try_fold(t.offset, |a, (&d, &s)| {
+                    a.checked_add((d - 1).checked_mul(s)?)
+                })
+                .ok_or_else(overflow)?
         };
         if numel > 0 && last >= t.storage_numel {
             return Err(err(
@@ -289,7 +304,11 @@ impl Checkpoint {
                         let numel = u64::from_le_bytes(count.try_into().expect("8 bytes"));
                         let len = numel
                             .checked_mul(es as u64)
-                            .filter(|l| at + 8 + l <= total)
+                            .filter(|l| {
+                                l.checked_add(8)
+                                    .and_then(|n| at.checked_add(n))
+                                    .is_some_and(|end| end <= total)
+                            })
                             .ok_or_else(|| {
                                 err(path, format!("storage {key} runs past the end of the file"))
                             })?;
@@ -435,7 +454,7 @@ fn zip_entries(f: &mut File) -> std::result::Result<HashMap<String, (u64, u64)>,
         cd_size = le64(&z64, 40);
         cd_off = le64(&z64, 48);
     }
-    if cd_off + cd_size > len {
+    if cd_off.checked_add(cd_size).is_none_or(|end| end > len) {
         return Err("central directory out of range".into());
     }
     let cd = read_at(f, cd_off, cd_size).map_err(io)?;
@@ -452,6 +471,9 @@ fn zip_entries(f: &mut File) -> std::result::Result<HashMap<String, (u64, u64)>,
         let xlen = le16(&cd, p + 30) as usize;
         let clen = le16(&cd, p + 32) as usize;
         let mut local = le32(&cd, p + 42);
+        if p + 46 + nlen + xlen + clen > cd.len() {
+            return Err("central directory entry runs past the directory".into());
+        }
         let name = String::from_utf8_lossy(&cd[p + 46..p + 46 + nlen]).into_owned();
         // zip64 extra field: present values replace the 0xFFFFFFFF placeholders, in order.
         let mut x = p + 46 + nlen;
@@ -462,7 +484,7 @@ fn zip_entries(f: &mut File) -> std::result::Result<HashMap<String, (u64, u64)>,
             if id == 1 {
                 let mut q = x + 4;
                 for field in [&mut usize_, &mut csize, &mut local] {
-                    if *field == 0xFFFF_FFFF && q + 8 <= x + 4 + sz {
+                    if *field == 0xFFFF_FFFF && q + 8 <= (x + 4 + sz).min(xend) {
                         *field = le64(&cd, q);
                         q += 8;
                     }
@@ -480,7 +502,12 @@ fn zip_entries(f: &mut File) -> std::result::Result<HashMap<String, (u64, u64)>,
         if lh[0..4] != [0x50, 0x4b, 0x03, 0x04] {
             return Err(format!("bad local header for {name}"));
         }
-        let data = local + 30 + le16(&lh, 26) + le16(&lh, 28);
+        let data = local
+            .checked_add(30 + le16(&lh, 26) + le16(&lh, 28))
+            .filter(|d| d.checked_add(csize).is_some_and(|end| end <= len));
+        let Some(data) = data else {
+            return Err(format!("entry {name} runs past the end of the file"));
+        };
         if data + csize > len {
             return Err(format!("entry {name} runs past the end of the file"));
         }
@@ -587,7 +614,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
-        if self.pos + n > self.data.len() {
+        if n > self.data.len() - self.pos {
             self.truncated = true;
             return Err("truncated pickle".into());
         }
