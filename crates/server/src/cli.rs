@@ -47,6 +47,10 @@ pub struct DownloadArgs {
     /// Fetch the fp16 weights (what a half-precision GPU run loads) instead of fp32.
     #[arg(long)]
     pub fp16: bool,
+    /// The model is a TAESD preview decoder (`PREVIEW_TAESD`, e.g. madebyollin/taesd: one model
+    /// at the repo's root), not a pipeline.
+    #[arg(long)]
+    pub taesd: bool,
 }
 
 /// Number format of weights and arithmetic. On the CPU only f32 is fast (f16 is refused there);

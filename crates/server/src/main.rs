@@ -32,7 +32,12 @@ fn main() -> std::process::ExitCode {
         cli::Command::Generate(args) => generate_cmd::run(*args),
         cli::Command::Bench(args) => bench_cmd::run(*args),
         cli::Command::Download(args) => {
-            hub::download_main(&args.model, args.model_cache_dir, args.fp16)
+            let layout = if args.taesd {
+                hub::Layout::Component
+            } else {
+                hub::Layout::Pipeline
+            };
+            hub::download_main(&args.model, args.model_cache_dir, args.fp16, layout)
         }
     }
 }

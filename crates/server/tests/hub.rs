@@ -488,6 +488,36 @@ fn a_component_repo_fetches_its_config_and_weights() {
     assert!(err.contains("no config.json"), "{err}");
     let local = hub::resolve_model(taesd.to_str().unwrap(), &o, &quiet).unwrap();
     assert_eq!(local.dir, taesd);
+
+    // `sdserve download --taesd` fetches it ahead (for offline serving); without the flag the
+    // repo is refused as a pipeline.
+    let cli_cache = Scratch::new("component-cli");
+    let download = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+            .arg("download")
+            .args(extra)
+            .arg("test/taesd")
+            .env_clear()
+            .env("HF_ENDPOINT", &hub.url)
+            .env("MODEL_CACHE_DIR", &cli_cache.0)
+            .output()
+            .unwrap()
+    };
+    let out = download(&["--taesd"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (version, dir) = stdout.trim().split_once('\t').unwrap();
+    assert!(version.starts_with("test/taesd@"), "{stdout}");
+    assert!(Path::new(dir)
+        .join("diffusion_pytorch_model.safetensors")
+        .is_file());
+    let out = download(&[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model_index.json"));
 }
 
 #[test]

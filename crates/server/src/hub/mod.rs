@@ -455,7 +455,7 @@ fn resolve_hub(
                 opts.cache_dir.display(),
                 match opts.layout {
                     Layout::Pipeline => format!("run `sdserve download {repo}` where the hub is reachable, or point MODEL_CACHE_DIR at a cache that has it"),
-                    Layout::Component => "point MODEL_CACHE_DIR at a cache that has it, or name a local folder instead".to_string(),
+                    Layout::Component => format!("run `sdserve download --taesd {repo}` where the hub is reachable, point MODEL_CACHE_DIR at a cache that has it, or name a local folder instead"),
                 }
             )));
         };
@@ -533,8 +533,9 @@ fn resolve_hub(
                 what,
                 detail: format!(
                     "{detail}; nothing cached at {}. Ways out: a local folder holding config.json and \
-                     diffusion_pytorch_model.safetensors; HF_ENDPOINT for a mirror; MODEL_CACHE_DIR \
-                     at a cache that already holds it",
+                     diffusion_pytorch_model.safetensors; `sdserve download --taesd {repo}` where \
+                     the hub is reachable, then MODEL_CACHE_DIR pointing at that cache; HF_ENDPOINT \
+                     for a mirror",
                     opts.cache_dir.display()
                 ),
             })
@@ -680,8 +681,10 @@ pub fn download_main(
     model: &str,
     cache_dir: Option<PathBuf>,
     fp16: bool,
+    layout: Layout,
 ) -> std::process::ExitCode {
-    let opts = HubOptions::from_env(cache_dir, fp16);
+    let mut opts = HubOptions::from_env(cache_dir, fp16);
+    opts.layout = layout;
     match download_command(model, &opts) {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(e) => {
