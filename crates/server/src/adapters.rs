@@ -7,10 +7,10 @@ use std::path::Path;
 use sdserve_pipeline::embeddings::EmbeddingLibrary;
 use sdserve_pipeline::lora::LoraLibrary;
 use sdserve_pipeline::pipeline::StableDiffusion;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One LoRA file as `GET /loras` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LoraListing {
     /// The name requests use (`loras[].name`, `<lora:name:weight>`): the file name without
     /// `.safetensors`.
@@ -29,7 +29,7 @@ pub struct LoraListing {
 }
 
 /// One embedding as `GET /embeddings` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingListing {
     /// The word prompts use: the file name without its extension.
     pub name: String,
@@ -40,7 +40,7 @@ pub struct EmbeddingListing {
 }
 
 /// What the loaded model offers.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Adapters {
     pub loras: Vec<LoraListing>,
     pub embeddings: Vec<EmbeddingListing>,

@@ -204,6 +204,19 @@ pub struct ServeArgs {
     /// How long a finished job stays readable at /jobs/{id}.
     #[arg(long, env = "JOB_TTL_SECONDS", default_value_t = 600)]
     pub job_ttl_seconds: u64,
+    /// Share jobs with other replicas through this Redis (`redis://host:port/db`): every
+    /// replica's jobs go through one queue, run on whichever worker is free, and can be read,
+    /// followed and cancelled through any API process. Unset: one process, no Redis.
+    #[arg(long, env = "QUEUE_URL")]
+    pub queue_url: Option<String>,
+    /// With QUEUE_URL: `all` serves the API and runs jobs, `api` serves the API without loading
+    /// a model, `worker` loads the model and runs jobs (its port answers /health and /metrics).
+    #[arg(long, env = "ROLE", value_enum, default_value = "all")]
+    pub role: crate::engine::Role,
+    /// With QUEUE_URL: a worker's hold on a running job, renewed while it runs; a job whose
+    /// lease ran out (its worker died) is queued again for another worker.
+    #[arg(long, env = "JOB_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub job_lease_seconds: u64,
     /// Live previews in job events.
     #[arg(long, env = "PREVIEW", value_enum, default_value = "off")]
     pub preview: crate::engine::PreviewMode,

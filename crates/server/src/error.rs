@@ -33,6 +33,10 @@ pub enum ApiError {
     /// The model is loading, failed to load, or the server is shutting down.
     #[error("model unavailable")]
     ModelUnavailable(String),
+    /// QUEUE_URL's Redis cannot be reached (or answers errors): the job queue is unavailable
+    /// until it is back, which the server notices by itself.
+    #[error("job queue unavailable")]
+    QueueUnavailable(String),
     /// The device ran out of memory; with `retry_after_secs` when the memory breaker is open.
     #[error("out of memory")]
     OutOfMemory {
@@ -56,7 +60,7 @@ pub enum ApiError {
 
 /// How far a request got before its deadline, for the 408's details. `TimeoutInfo::from(secs)`
 /// when nothing more is known.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, serde::Deserialize)]
 pub struct TimeoutInfo {
     /// GENERATION_TIMEOUT_SECONDS (0: unknown).
     pub limit_secs: u64,
@@ -156,6 +160,7 @@ impl ApiError {
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             Self::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Self::ModelUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
+            Self::QueueUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable"),
             Self::OutOfMemory { .. } => (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -202,6 +207,7 @@ impl ApiError {
             | Self::JobNotFound(d)
             | Self::MethodNotAllowed(d)
             | Self::ModelUnavailable(d)
+            | Self::QueueUnavailable(d)
             | Self::Unauthorized(d)
             | Self::OutOfMemory { detail: d, .. } => Some(d.clone()),
             Self::Validation(fields) => Some(
@@ -300,6 +306,11 @@ mod tests {
                 ApiError::ModelUnavailable("x".into()),
                 503,
                 "model_unavailable",
+            ),
+            (
+                ApiError::QueueUnavailable("x".into()),
+                503,
+                "queue_unavailable",
             ),
             (
                 ApiError::OutOfMemory {

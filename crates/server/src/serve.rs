@@ -10,7 +10,7 @@ use crate::api::{self, AppState};
 use crate::cache::ResponseCache;
 use crate::cli::ServeArgs;
 use crate::config::{self, Runtime};
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{ClusterConfig, Engine, EngineConfig, Role};
 use crate::metrics::Metrics;
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -120,19 +120,28 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     } else {
         loader
     };
-    let engine = Engine::start(
-        EngineConfig {
-            max_concurrent: args.max_concurrent_requests as usize,
-            timeout: Duration::from_secs(args.generation_timeout_seconds),
-            job_timeout: Duration::from_secs(args.job_timeout_seconds),
-            max_queued: args.max_queued_jobs as usize,
-            job_ttl: Duration::from_secs(args.job_ttl_seconds),
-            preview: args.preview,
-            preview_every: args.preview_every as usize,
-        },
-        loader,
-        metrics.clone(),
-    );
+    let engine_cfg = EngineConfig {
+        max_concurrent: args.max_concurrent_requests as usize,
+        timeout: Duration::from_secs(args.generation_timeout_seconds),
+        job_timeout: Duration::from_secs(args.job_timeout_seconds),
+        max_queued: args.max_queued_jobs as usize,
+        job_ttl: Duration::from_secs(args.job_ttl_seconds),
+        preview: args.preview,
+        preview_every: args.preview_every as usize,
+    };
+    let cluster = args.queue_url.clone().map(|url| ClusterConfig {
+        url,
+        role: args.role,
+        lease: Duration::from_secs(args.job_lease_seconds),
+    });
+    let engine = match &cluster {
+        None => Engine::start(engine_cfg, loader, metrics.clone()),
+        Some(c) => {
+            tracing::info!(role = ?c.role, lease_seconds = args.job_lease_seconds, "sharing jobs through QUEUE_URL");
+            let loader = c.role.runs_jobs().then_some(loader);
+            Engine::start_cluster(engine_cfg, c.clone(), loader, metrics.clone())?
+        }
+    };
     let state = Arc::new(AppState {
         engine: engine.clone(),
         cache: ResponseCache::new((args.response_cache_mb as usize).saturating_mul(1 << 20)),
@@ -170,7 +179,11 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         max_headers: 100,
     };
     let metrics = state.metrics.clone();
-    crate::listen::serve(listener, api::router(state), limits, metrics, shutdown).await;
+    let router = match &cluster {
+        Some(c) if c.role == Role::Worker => api::worker_router(state),
+        _ => api::router(state),
+    };
+    crate::listen::serve(listener, router, limits, metrics, shutdown).await;
     let stopped = engine.wait_worker(Duration::from_secs(5));
     tracing::info!(
         worker_stopped = stopped,

@@ -49,7 +49,7 @@ pub struct JobList {
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 422, description = "`validation_error`: `details` names the field and rule", body = ErrorBody),
         (status = 429, description = "`overloaded`: MAX_QUEUED_JOBS jobs (of every route) are waiting; see `Retry-After`", body = ErrorBody),
-        (status = 503, description = "`model_unavailable` or `out_of_memory`", body = ErrorBody),
+        (status = 503, description = "`model_unavailable`, `out_of_memory`, or `queue_unavailable` (QUEUE_URL's Redis cannot be reached)", body = ErrorBody),
     )
 )]
 pub(super) async fn create(
@@ -77,11 +77,11 @@ pub(super) async fn create(
 }
 
 /// Running and queued jobs in run order, then the recent finished ones.
-#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = JobList)))]
-pub(super) async fn list(State(app): State<Shared>) -> Json<JobList> {
-    Json(JobList {
-        jobs: app.engine.jobs(),
-    })
+#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = JobList), (status = 503, description = "`queue_unavailable`: QUEUE_URL's Redis cannot be reached", body = ErrorBody)))]
+pub(super) async fn list(State(app): State<Shared>) -> Result<Json<JobList>, ApiError> {
+    Ok(Json(JobList {
+        jobs: app.engine.jobs()?,
+    }))
 }
 
 /// One job: status, queue position, progress with ETA, and its result or error once ended.
@@ -93,6 +93,7 @@ pub(super) async fn list(State(app): State<Shared>) -> Json<JobList> {
     responses(
         (status = 200, body = JobView),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
+        (status = 503, description = "`queue_unavailable`: QUEUE_URL's Redis cannot be reached", body = ErrorBody),
     )
 )]
 pub(super) async fn get_one(
@@ -111,6 +112,7 @@ pub(super) async fn get_one(
     responses(
         (status = 200, description = "The job as it stands, `cancel_requested: true`", body = JobView),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
+        (status = 503, description = "`queue_unavailable`: QUEUE_URL's Redis cannot be reached", body = ErrorBody),
     )
 )]
 pub(super) async fn cancel(
@@ -131,6 +133,7 @@ pub(super) async fn cancel(
     responses(
         (status = 200, description = "`text/event-stream`; each `data:` is JSON", content_type = "text/event-stream", body = String),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
+        (status = 503, description = "`queue_unavailable`: QUEUE_URL's Redis cannot be reached", body = ErrorBody),
     )
 )]
 pub(super) async fn events(

@@ -252,8 +252,11 @@ pub struct HealthResponse {
     pub version: String,
     /// Why the status is not `ok` (download progress while loading; the load failure; while the
     /// hub cannot be reached, the last failure, the ways out and when the next background try
-    /// is; the circuit breaker), else null.
+    /// is; the circuit breaker; QUEUE_URL's Redis unreachable), else null.
     pub detail: Option<String>,
+    /// With QUEUE_URL: the workers whose heartbeat is fresh (id, state, model_version,
+    /// running_job, jobs_done, started_at); null without QUEUE_URL.
+    pub workers: Option<Vec<crate::engine::WorkerHealth>>,
 }
 
 #[derive(OpenApi)]
@@ -296,6 +299,7 @@ pub struct HealthResponse {
         HealthResponse,
         HealthStatus,
         QueueInfo,
+        crate::engine::WorkerHealth,
         GpuInfo
     ))
 )]
@@ -351,6 +355,20 @@ pub fn router(state: Shared) -> Router {
         .merge(web::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
         .layer(DefaultBodyLimit::max(limit))
+        .with_state(state.clone());
+    crate::security::protect(routes, state.security.clone())
+        .layer(middleware::from_fn_with_state(state, observe))
+}
+
+/// A worker's routes (`--role worker` with QUEUE_URL): /health and /metrics, with the same
+/// keys and limits as the whole API.
+pub fn worker_router(state: Shared) -> Router {
+    let routes = Router::new()
+        .route("/health", axum::routing::get(native::health))
+        .route("/metrics", axum::routing::get(native::metrics))
+        .fallback(|| async {
+            ApiError::NotFound("no such route: a worker answers /health and /metrics only".into())
+        })
         .with_state(state.clone());
     crate::security::protect(routes, state.security.clone())
         .layer(middleware::from_fn_with_state(state, observe))

@@ -76,7 +76,7 @@ fn json_bytes(body: Bytes, cache: &'static str, stats: RequestStats) -> Response
         (status = 422, description = "`validation_error`: `details` names every broken field and its rule, `fields` lists them", body = ErrorBody),
         (status = 429, description = "`overloaded`: MAX_CONCURRENT_REQUESTS already admitted; see `Retry-After`", body = ErrorBody),
         (status = 500, description = "`internal_error`", body = ErrorBody),
-        (status = 503, description = "`model_unavailable` (loading, failed, shutting down) or `out_of_memory`", body = ErrorBody),
+        (status = 503, description = "`model_unavailable` (loading, failed, shutting down), `out_of_memory`, or `queue_unavailable` (QUEUE_URL's Redis cannot be reached)", body = ErrorBody),
     )
 )]
 pub(super) async fn generate(
@@ -179,7 +179,12 @@ pub(super) async fn run(
         _ => None,
     };
     if let (Some(cache), Some(key)) = (&app.cache, &key) {
-        if let Some(hit) = cache.get(key) {
+        // With QUEUE_URL the replicas share one cache in Redis.
+        let hit = match app.engine.shared_cache_get(key) {
+            Some(shared) => shared.map(Bytes::from),
+            None => cache.get(key),
+        };
+        if let Some(hit) = hit {
             app.metrics
                 .cache_hits
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -199,7 +204,9 @@ pub(super) async fn run(
     let bytes =
         Bytes::from(serde_json::to_vec(&*resp).map_err(|e| ApiError::Internal(e.to_string()))?);
     if let (Some(cache), Some(key)) = (&app.cache, key) {
-        cache.insert(key, bytes.clone());
+        if !app.engine.shared_cache_put(&key, &bytes) {
+            cache.insert(key, bytes.clone());
+        }
     }
     stats.queue_secs = Some(out.queue_secs);
     stats.gen_secs = Some(out.gen_secs);
@@ -218,7 +225,7 @@ pub(super) async fn run(
     tag = "native",
     responses(
         (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open)", body = HealthResponse),
-        (status = 503, description = "`loading`, or `unavailable` (load failed, or waiting to try the hub again; `detail` says why and when)", body = HealthResponse),
+        (status = 503, description = "`loading`, or `unavailable` (load failed, waiting to try the hub again, or QUEUE_URL's Redis unreachable; `detail` says why and when)", body = HealthResponse),
     )
 )]
 pub(super) async fn health(State(app): State<Shared>) -> Response {
@@ -236,6 +243,15 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
             Some("out-of-memory circuit breaker open".to_string()),
         ),
         ModelState::Ready(info) => (HealthStatus::Ok, Some(info.model_version), None),
+    };
+    let cluster = app.engine.cluster();
+    // Without its queue a replica can take no job, whatever its model does.
+    let (status, detail) = match cluster.as_ref().and_then(|c| c.unreachable.clone()) {
+        Some(why) => (
+            HealthStatus::Unavailable,
+            Some(format!("QUEUE_URL's Redis cannot be reached: {why}")),
+        ),
+        None => (status, detail),
     };
     let code = match status {
         HealthStatus::Ok | HealthStatus::Degraded => StatusCode::OK,
@@ -264,6 +280,7 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
         uptime_seconds: (app.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         version: env!("CARGO_PKG_VERSION").to_string(),
         detail,
+        workers: cluster.map(|c| c.workers),
     };
     (code, axum::Json(body)).into_response()
 }

@@ -379,11 +379,11 @@ impl JobBackend for Local {
         Ok(view)
     }
 
-    fn get(&self, id: &str) -> Option<JobView> {
-        self.inner.jobs().view(id)
+    fn get(&self, id: &str) -> Result<Option<JobView>, ApiError> {
+        Ok(self.inner.jobs().view(id))
     }
 
-    fn list(&self) -> Vec<JobView> {
+    fn list(&self) -> Result<Vec<JobView>, ApiError> {
         let jobs = self.inner.jobs();
         let mut out: Vec<JobView> = jobs
             .running
@@ -398,12 +398,14 @@ impl JobBackend for Local {
             .collect();
         done.sort_by_key(|r| std::cmp::Reverse(r.seq));
         out.extend(done.into_iter().map(|r| r.view(None)));
-        out
+        Ok(out)
     }
 
-    fn cancel(&self, id: &str, why: StopReason) -> Option<JobView> {
+    fn cancel(&self, id: &str, why: StopReason) -> Result<Option<JobView>, ApiError> {
         let mut jobs = self.inner.jobs();
-        let r = jobs.records.get_mut(id)?;
+        let Some(r) = jobs.records.get_mut(id) else {
+            return Ok(None);
+        };
         if !r.status.is_final() {
             if why == StopReason::Cancelled {
                 r.cancel_requested = true;
@@ -419,20 +421,28 @@ impl JobBackend for Local {
         } else if why == StopReason::Cancelled {
             r.cancel_requested = true;
         }
-        jobs.view(id)
+        Ok(jobs.view(id))
     }
 
-    fn subscribe(&self, id: &str) -> Option<(JobView, broadcast::Receiver<JobEvent>)> {
+    fn subscribe(
+        &self,
+        id: &str,
+    ) -> Result<Option<(JobView, broadcast::Receiver<JobEvent>)>, ApiError> {
         let jobs = self.inner.jobs();
-        let rx = jobs.records.get(id)?.events.subscribe();
-        Some((jobs.view(id)?, rx))
+        let Some(r) = jobs.records.get(id) else {
+            return Ok(None);
+        };
+        let rx = r.events.subscribe();
+        Ok(jobs.view(id).map(|v| (v, rx)))
     }
 
-    fn finished(&self, id: &str) -> Option<Finished> {
+    fn finished(&self, id: &str) -> Result<Option<Finished>, ApiError> {
         let jobs = self.inner.jobs();
-        let r = jobs.records.get(id)?;
+        let Some(r) = jobs.records.get(id) else {
+            return Ok(None);
+        };
         if !r.status.is_final() {
-            return None;
+            return Ok(None);
         }
         let queue_secs = r
             .started
@@ -443,11 +453,11 @@ impl JobBackend for Local {
             (None, Some(e)) => Err(e.clone()),
             (None, None) => Err(ApiError::Internal("the job was cancelled".into())),
         };
-        Some(Finished {
+        Ok(Some(Finished {
             result,
             queue_secs,
             gen_secs: r.gen_secs,
-        })
+        }))
     }
 
     fn begin_shutdown(&self, grace: Duration) {

@@ -20,10 +20,12 @@ use crate::error::{ApiError, TimeoutInfo};
 use crate::generator::{Loader, ModelInfo};
 use crate::metrics::{Gauges, Metrics};
 
+mod cluster;
 pub mod job;
 mod local;
 mod worker;
 
+pub use cluster::{ClusterConfig, ClusterHealth, Role, WorkerHealth};
 pub use job::{Finished, JobEvent, JobSpec, JobStatus, JobView, StopReason};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,16 +92,35 @@ pub trait JobBackend: Send + Sync {
     /// Queues a job: 429 `overloaded` past MAX_QUEUED_JOBS, 503 while shutting down or when the
     /// out-of-memory breaker is open.
     fn submit(&self, spec: JobSpec) -> Result<JobView, ApiError>;
-    fn get(&self, id: &str) -> Option<JobView>;
+    /// `Err` only when the jobs cannot be reached (QUEUE_URL's Redis is down); `Ok(None)` for an
+    /// unknown id. The same for the methods below.
+    fn get(&self, id: &str) -> Result<Option<JobView>, ApiError>;
     /// Running and queued jobs in run order, then finished ones, newest first.
-    fn list(&self) -> Vec<JobView>;
+    fn list(&self) -> Result<Vec<JobView>, ApiError>;
     /// Asks a job to stop: a queued one ends now, a running one at its next step. Answers the
     /// job as it stands; `None` for an unknown id.
-    fn cancel(&self, id: &str, why: StopReason) -> Option<JobView>;
+    fn cancel(&self, id: &str, why: StopReason) -> Result<Option<JobView>, ApiError>;
     /// The job now and every event after that moment.
-    fn subscribe(&self, id: &str) -> Option<(JobView, broadcast::Receiver<JobEvent>)>;
+    #[allow(clippy::type_complexity)]
+    fn subscribe(
+        &self,
+        id: &str,
+    ) -> Result<Option<(JobView, broadcast::Receiver<JobEvent>)>, ApiError>;
     /// The outcome of a job that has ended; `None` while it has not (or for an unknown id).
-    fn finished(&self, id: &str) -> Option<Finished>;
+    fn finished(&self, id: &str) -> Result<Option<Finished>, ApiError>;
+    /// The replicas sharing the queue (QUEUE_URL), for /health; `None` for one process.
+    fn cluster(&self) -> Option<ClusterHealth> {
+        None
+    }
+    /// The response cache replicas share (QUEUE_URL): `Some(hit or miss)`, `None` when there
+    /// is no shared cache (the process's own is used) or it cannot be read now.
+    fn shared_cache_get(&self, _key: &str) -> Option<Option<Vec<u8>>> {
+        None
+    }
+    /// Stores in the shared cache; false when there is none.
+    fn shared_cache_put(&self, _key: &str, _body: &[u8]) -> bool {
+        false
+    }
     /// Stops taking work: queued jobs fail now (503), the running one may go on until `grace`
     /// has passed, then it is stopped at its next step.
     fn begin_shutdown(&self, grace: Duration);
@@ -125,7 +146,7 @@ struct CancelOnDrop {
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            self.backend.cancel(&self.id, StopReason::Cancelled);
+            let _ = self.backend.cancel(&self.id, StopReason::Cancelled);
         }
     }
 }
@@ -145,6 +166,37 @@ impl Engine {
             waiters: Arc::new(Semaphore::new(cfg.max_concurrent)),
             cfg,
         }
+    }
+
+    /// Replicas sharing jobs through Redis (QUEUE_URL): the API side reads and writes jobs in
+    /// Redis; with a role that runs jobs, the in-process engine runs the jobs this process
+    /// takes from the queue (`loader` must then be set).
+    pub fn start_cluster(
+        cfg: EngineConfig,
+        cluster: ClusterConfig,
+        loader: Option<Loader>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let local = match (cluster.role.runs_jobs(), loader) {
+            (true, Some(loader)) => {
+                // One job at a time, taken from Redis only when idle; its records are only
+                // read until the job's end is written to Redis.
+                let local_cfg = EngineConfig {
+                    max_queued: 4,
+                    job_ttl: Duration::from_secs(60),
+                    ..cfg.clone()
+                };
+                Some(Arc::new(local::Local::start(local_cfg, loader, metrics)))
+            }
+            (true, None) => return Err("a worker needs a model loader".into()),
+            (false, _) => None,
+        };
+        let backend = Arc::new(cluster::Cluster::start(cfg.clone(), cluster, local)?);
+        Ok(Self {
+            backend,
+            waiters: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            cfg,
+        })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -188,17 +240,31 @@ impl Engine {
     }
 
     pub fn job(&self, id: &str) -> Result<JobView, ApiError> {
-        self.backend.get(id).ok_or_else(|| not_found(id))
+        self.backend.get(id)?.ok_or_else(|| not_found(id))
     }
 
-    pub fn jobs(&self) -> Vec<JobView> {
+    pub fn jobs(&self) -> Result<Vec<JobView>, ApiError> {
         self.backend.list()
+    }
+
+    /// The replicas sharing the queue (QUEUE_URL), for /health; `None` for one process.
+    pub fn cluster(&self) -> Option<ClusterHealth> {
+        self.backend.cluster()
+    }
+
+    /// A cached response from the cache replicas share (see `JobBackend::shared_cache_get`).
+    pub fn shared_cache_get(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        self.backend.shared_cache_get(key)
+    }
+
+    pub fn shared_cache_put(&self, key: &str, body: &[u8]) -> bool {
+        self.backend.shared_cache_put(key, body)
     }
 
     /// `DELETE /jobs/{id}`.
     pub fn cancel(&self, id: &str) -> Result<JobView, ApiError> {
         self.backend
-            .cancel(id, StopReason::Cancelled)
+            .cancel(id, StopReason::Cancelled)?
             .ok_or_else(|| not_found(id))
     }
 
@@ -206,7 +272,7 @@ impl Engine {
         &self,
         id: &str,
     ) -> Result<(JobView, broadcast::Receiver<JobEvent>), ApiError> {
-        self.backend.subscribe(id).ok_or_else(|| not_found(id))
+        self.backend.subscribe(id)?.ok_or_else(|| not_found(id))
     }
 
     /// The running job, if any (for dialects that report "the" progress, like A1111's).
@@ -214,6 +280,7 @@ impl Engine {
     pub fn current(&self) -> Option<JobView> {
         self.backend
             .list()
+            .unwrap_or_default()
             .into_iter()
             .find(|j| j.status == JobStatus::Running)
     }
@@ -253,12 +320,12 @@ impl Engine {
                     ended = event.is_final()
                 }
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                    ended = self.backend.finished(&view.id).is_some()
+                    ended = matches!(self.backend.finished(&view.id), Ok(Some(_)))
                 }
                 Ok(Err(broadcast::error::RecvError::Closed)) => ended = true,
                 Err(_) => {
                     // The worker stops it at its next step; the client hears now.
-                    self.backend.cancel(&view.id, StopReason::Timeout);
+                    let _ = self.backend.cancel(&view.id, StopReason::Timeout);
                     guard.armed = false;
                     let at = Instant::now();
                     let started_at = started.unwrap_or(at);
@@ -275,7 +342,7 @@ impl Engine {
         guard.armed = false;
         let finished = self
             .backend
-            .finished(&view.id)
+            .finished(&view.id)?
             .ok_or_else(|| ApiError::Internal("the job ended without a record".into()))?;
         // The worker may see the deadline before this waiter's timer does: the same 408.
         if let Err(e) = &finished.result {
@@ -418,7 +485,7 @@ mod tests {
         let t = Instant::now();
         engine.cancel(&a.id).unwrap();
         let fin = loop {
-            if let Some(f) = engine.backend.finished(&a.id) {
+            if let Some(f) = engine.backend.finished(&a.id).unwrap() {
                 break f;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -438,6 +505,6 @@ mod tests {
         // Past the TTL every finished job is gone.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(matches!(engine.job(&c.id), Err(ApiError::JobNotFound(_))));
-        assert!(engine.jobs().is_empty());
+        assert!(engine.jobs().unwrap().is_empty());
     }
 }

@@ -220,6 +220,7 @@ impl OpenAiError {
         match &self.0 {
             ApiError::Overloaded { .. }
             | ApiError::ModelUnavailable(_)
+            | ApiError::QueueUnavailable(_)
             | ApiError::RateLimited { .. } => true,
             ApiError::OutOfMemory {
                 retry_after_secs, ..

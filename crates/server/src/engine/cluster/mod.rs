@@ -1,0 +1,480 @@
+//! Replicas sharing jobs through Redis (QUEUE_URL, DESIGN.md §5): the `JobBackend` of every
+//! process that has a QUEUE_URL, and (for `--role all|worker`) the worker that takes jobs from
+//! Redis and runs them on the in-process engine (`worker.rs`).
+//!
+//! - A job is a record key with a TTL; its id goes on one list (the queue). A worker moves it
+//!   atomically to its own processing list and leases it (CLAIM), renews the lease while it
+//!   runs, and ends it at most once (FINISH: a `done` key set with NX). A reaper in every
+//!   process queues again the jobs whose lease ran out (their worker died).
+//! - Events go over one pub/sub channel to every API process, which hands them to its own
+//!   subscribers; a poller also reads the records of jobs someone follows, so a missed event
+//!   (Redis restarted, connection lost) still ends the stream from the record.
+//! - The trait's methods are synchronous and answer at once: each runs its Redis commands on
+//!   this backend's own small runtime, bounded by `CALL_TIMEOUT`, and answers 503
+//!   `queue_unavailable` while Redis cannot be reached. The connection manager reconnects by
+//!   itself when Redis is back.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use utoipa::ToSchema;
+
+use super::job::{timestamp, Finished, JobEvent, JobSpec, JobView};
+use super::local::Local;
+use super::{EngineConfig, JobBackend, ModelState, StopReason};
+use crate::error::ApiError;
+use crate::metrics::Gauges;
+
+mod store;
+mod worker;
+
+use store::Store;
+pub mod wire;
+
+/// Longest a request waits on Redis before answering 503.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often API processes read the records of followed jobs, and refresh workers and queue.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+const EVENT_BUFFER: usize = 256;
+
+/// `--role`: what this process does when it has a QUEUE_URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Serves the API and runs jobs.
+    All,
+    /// Serves the API; loads no model.
+    Api,
+    /// Loads the model and runs jobs; its port answers /health and /metrics only.
+    Worker,
+}
+
+impl Role {
+    pub fn runs_jobs(self) -> bool {
+        matches!(self, Self::All | Self::Worker)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// QUEUE_URL
+    pub url: String,
+    pub role: Role,
+    /// JOB_LEASE_SECONDS
+    pub lease: Duration,
+}
+
+/// One live worker, as /health lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerHealth {
+    /// Host name and process id, unique per process.
+    pub id: String,
+    /// `loading`, `ready` or `failed`.
+    pub state: String,
+    pub model_version: Option<String>,
+    /// The job it runs now, if any.
+    pub running_job: Option<String>,
+    /// Jobs it ended since it started.
+    pub jobs_done: u64,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+}
+
+/// The shared queue as this process sees it (for /health).
+#[derive(Debug, Clone)]
+pub struct ClusterHealth {
+    /// Why Redis cannot be used now; `None` while it answers.
+    pub unreachable: Option<String>,
+    /// Workers whose heartbeat is fresh.
+    pub workers: Vec<WorkerHealth>,
+}
+
+/// What the poller last saw: workers, queue length, reachability.
+#[derive(Default)]
+struct Seen {
+    workers: Vec<wire::Heartbeat>,
+    waiting: usize,
+    unreachable: Option<String>,
+    /// The model of the last ready worker, kept while Redis is away.
+    info: Option<crate::generator::ModelInfo>,
+}
+
+/// A job some client of this process follows.
+struct Follow {
+    tx: broadcast::Sender<JobEvent>,
+    position: Option<usize>,
+    ended: bool,
+}
+
+pub(super) struct Shared {
+    pub cfg: EngineConfig,
+    pub cluster: ClusterConfig,
+    pub keys: wire::Keys,
+    pub conn: ConnectionManager,
+    client: redis::Client,
+    seen: RwLock<Seen>,
+    follows: Mutex<HashMap<String, Follow>>,
+}
+
+pub(super) fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::QueueUnavailable(format!("QUEUE_URL's Redis cannot be used: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) struct Cluster {
+    sh: Arc<Shared>,
+    rt: &'static tokio::runtime::Runtime,
+    /// The in-process engine this process's worker runs jobs on (`--role all|worker`).
+    local: Option<Arc<Local>>,
+}
+
+impl Cluster {
+    /// Connects lazily (the server starts while Redis is down and answers 503 until it is up)
+    /// and starts the event listener, the poller and reaper, and the worker if `local` is set.
+    pub fn start(
+        cfg: EngineConfig,
+        cluster: ClusterConfig,
+        local: Option<Arc<Local>>,
+    ) -> Result<Self, String> {
+        let client = redis::Client::open(cluster.url.as_str())
+            .map_err(|e| format!("QUEUE_URL {:?}: {e}", cluster.url))?;
+        // Its own runtime: the trait's synchronous methods wait on it from any thread.
+        let rt: &'static tokio::runtime::Runtime = Box::leak(Box::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("sdserve-queue")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the queue runtime: {e}"))?,
+        ));
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = {
+            let _guard = rt.enter();
+            ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map_err(|e| format!("QUEUE_URL {:?}: {e}", cluster.url))?
+        };
+        let sh = Arc::new(Shared {
+            cfg,
+            keys: wire::Keys::new("sdserve"),
+            cluster,
+            conn,
+            client,
+            seen: RwLock::new(Seen::default()),
+            follows: Mutex::new(HashMap::new()),
+        });
+        rt.spawn(listen(sh.clone()));
+        rt.spawn(poll(sh.clone()));
+        if let Some(local) = &local {
+            worker::spawn(rt, sh.clone(), local.clone());
+        }
+        Ok(Self { sh, rt, local })
+    }
+
+    fn store(&self) -> Store {
+        Store::new(self.sh.clone())
+    }
+
+    /// Runs `fut` on the queue runtime and waits for it, at most CALL_TIMEOUT.
+    fn call<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let out = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(unavailable("no answer within 3 s")),
+            };
+            let _ = tx.send(out);
+        });
+        let wait = move || {
+            rx.recv()
+                .unwrap_or_else(|_| Err(unavailable("the queue runtime stopped")))
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
+    }
+
+    fn seen(&self) -> std::sync::RwLockReadGuard<'_, Seen> {
+        self.sh.seen.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Hands every event on the channel to this process's followers; reconnects when the
+/// connection drops.
+async fn listen(sh: Arc<Shared>) {
+    use futures_util::StreamExt;
+    loop {
+        if let Ok(mut pubsub) = sh.client.get_async_pubsub().await {
+            if pubsub.subscribe(sh.keys.events()).await.is_ok() {
+                let mut messages = pubsub.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    let Ok(text) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    if let Some((id, event)) = wire::parse_event(&text) {
+                        deliver(&sh, &id, event);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn deliver(sh: &Shared, id: &str, event: JobEvent) {
+    let mut follows = lock(&sh.follows);
+    let Some(f) = follows.get_mut(id) else { return };
+    if f.ended {
+        return;
+    }
+    match &event {
+        JobEvent::Queued { position } => f.position = Some(*position),
+        JobEvent::Started => f.position = None,
+        e if e.is_final() => f.ended = true,
+        _ => {}
+    }
+    let _ = f.tx.send(event);
+}
+
+/// Refreshes workers and queue length, queues again jobs whose lease ran out, and reads the
+/// records of followed jobs (their end and queue position) in case an event was missed.
+async fn poll(sh: Arc<Shared>) {
+    let store = Store::new(sh.clone());
+    let mut last_reap = std::time::Instant::now();
+    let reap_every = (sh.cluster.lease / 2).max(Duration::from_millis(250));
+    loop {
+        tokio::time::sleep(POLL_EVERY).await;
+        let refreshed = tokio::time::timeout(CALL_TIMEOUT, store.overview()).await;
+        {
+            let mut seen = sh.seen.write().unwrap_or_else(|e| e.into_inner());
+            match refreshed {
+                Ok(Ok((workers, waiting))) => {
+                    if seen.unreachable.take().is_some() {
+                        tracing::info!("QUEUE_URL's Redis answers again");
+                    }
+                    if let Some(info) = workers
+                        .iter()
+                        .filter_map(|w| w.info.as_ref().and_then(|i| i.info()))
+                        .next()
+                    {
+                        seen.info = Some(info);
+                    }
+                    seen.workers = workers;
+                    seen.waiting = waiting;
+                }
+                Ok(Err(e)) => note_unreachable(&mut seen, e.to_string()),
+                Err(_) => note_unreachable(&mut seen, "no answer within 3 s".into()),
+            }
+            if seen.unreachable.is_some() {
+                continue;
+            }
+        }
+        if last_reap.elapsed() >= reap_every {
+            last_reap = std::time::Instant::now();
+            if let Err(e) = store.reap().await {
+                tracing::warn!(error = %e, "reaper");
+            }
+        }
+        let followed: Vec<(String, Option<usize>)> = {
+            let mut follows = lock(&sh.follows);
+            follows.retain(|_, f| f.tx.receiver_count() > 0 && !f.ended);
+            follows
+                .iter()
+                .map(|(id, f)| (id.clone(), f.position))
+                .collect()
+        };
+        for (id, position) in followed {
+            let Ok(Ok(Some(view))) = tokio::time::timeout(CALL_TIMEOUT, store.view(&id)).await
+            else {
+                continue;
+            };
+            if let Some(end) = JobEvent::terminal(&view) {
+                deliver(&sh, &id, end);
+            } else if view.position.is_some() && view.position != position {
+                deliver(
+                    &sh,
+                    &id,
+                    JobEvent::Queued {
+                        position: view.position.unwrap_or(1),
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn note_unreachable(seen: &mut Seen, why: String) {
+    if seen.unreachable.is_none() {
+        tracing::error!(error = %why, "QUEUE_URL's Redis cannot be reached; answering 503 queue_unavailable until it is back");
+    }
+    seen.unreachable = Some(why);
+}
+
+impl JobBackend for Cluster {
+    fn model_state(&self) -> ModelState {
+        if let Some(local) = &self.local {
+            return local.model_state();
+        }
+        let seen = self.seen();
+        if let Some(info) = &seen.info {
+            return ModelState::Ready(info.clone());
+        }
+        match seen.workers.iter().find_map(|w| w.failed.clone()) {
+            Some(why) if seen.workers.iter().all(|w| w.failed.is_some()) => {
+                ModelState::Failed(format!("every worker failed to load the model: {why}"))
+            }
+            _ => ModelState::Loading,
+        }
+    }
+
+    fn gauges(&self) -> Gauges {
+        let seen = self.seen();
+        Gauges {
+            running: seen
+                .workers
+                .iter()
+                .filter(|w| w.health.running_job.is_some())
+                .count(),
+            waiting: seen.waiting,
+            capacity: self.sh.cfg.max_concurrent,
+            model_ready: matches!(self.model_state(), ModelState::Ready(_)),
+            cache: None,
+        }
+    }
+
+    fn oom_breaker_open(&self) -> bool {
+        self.local.as_ref().is_some_and(|l| l.oom_breaker_open())
+    }
+
+    fn memory_plan(&self) -> Option<String> {
+        self.local.as_ref().and_then(|l| l.memory_plan())
+    }
+
+    fn retry_after_secs(&self) -> u64 {
+        let seen = self.seen();
+        let workers = seen.workers.len().max(1);
+        ((seen.waiting / workers) as u64 + 1).clamp(1, self.sh.cfg.timeout.as_secs().max(1))
+    }
+
+    fn submit(&self, spec: JobSpec) -> Result<JobView, ApiError> {
+        let store = self.store();
+        let retry_after_secs = self.retry_after_secs();
+        self.call(async move { store.submit(spec, retry_after_secs).await })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<JobView>, ApiError> {
+        let (store, id) = (self.store(), id.to_string());
+        self.call(async move { store.view(&id).await })
+    }
+
+    fn list(&self) -> Result<Vec<JobView>, ApiError> {
+        let store = self.store();
+        self.call(async move { store.list().await })
+    }
+
+    fn cancel(&self, id: &str, why: StopReason) -> Result<Option<JobView>, ApiError> {
+        let (store, id) = (self.store(), id.to_string());
+        self.call(async move { store.cancel(&id, why).await })
+    }
+
+    fn subscribe(
+        &self,
+        id: &str,
+    ) -> Result<Option<(JobView, broadcast::Receiver<JobEvent>)>, ApiError> {
+        // Follow first, then read: every event after the snapshot reaches the receiver.
+        let rx = {
+            let mut follows = lock(&self.sh.follows);
+            let f = follows.entry(id.to_string()).or_insert_with(|| Follow {
+                tx: broadcast::channel(EVENT_BUFFER).0,
+                position: None,
+                ended: false,
+            });
+            f.tx.subscribe()
+        };
+        let view = self.get(id)?;
+        if let Some(v) = &view {
+            let mut follows = lock(&self.sh.follows);
+            if let Some(f) = follows.get_mut(id) {
+                f.position = v.position;
+            }
+        }
+        Ok(view.map(|v| (v, rx)))
+    }
+
+    fn finished(&self, id: &str) -> Result<Option<Finished>, ApiError> {
+        let (store, id) = (self.store(), id.to_string());
+        self.call(async move { store.finished(&id).await })
+    }
+
+    fn cluster(&self) -> Option<ClusterHealth> {
+        let seen = self.seen();
+        Some(ClusterHealth {
+            unreachable: seen.unreachable.clone(),
+            workers: seen.workers.iter().map(|w| w.health.clone()).collect(),
+        })
+    }
+
+    fn shared_cache_get(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        let (mut conn, key) = (self.sh.conn.clone(), self.sh.keys.cache(key));
+        self.call(async move {
+            redis::AsyncCommands::get::<_, Option<Vec<u8>>>(&mut conn, key)
+                .await
+                .map_err(unavailable)
+        })
+        .ok()
+    }
+
+    fn shared_cache_put(&self, key: &str, body: &[u8]) -> bool {
+        let (mut conn, key, body) = (self.sh.conn.clone(), self.sh.keys.cache(key), body.to_vec());
+        // Kept as long as finished jobs: Redis's own maxmemory policy bounds the rest.
+        let ttl = self.sh.cfg.job_ttl.as_secs().max(1);
+        let _ = self.call(async move {
+            redis::AsyncCommands::set_ex::<_, _, ()>(&mut conn, key, body, ttl)
+                .await
+                .map_err(unavailable)
+        });
+        true
+    }
+
+    fn begin_shutdown(&self, grace: Duration) {
+        if let Some(local) = &self.local {
+            worker::stop_taking_jobs();
+            local.begin_shutdown(grace);
+        }
+    }
+
+    fn wait_worker(&self, bound: Duration) -> bool {
+        match &self.local {
+            Some(local) => local.wait_worker(bound),
+            None => true,
+        }
+    }
+}
+
+/// A worker id: host name and process id.
+pub(super) fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+pub(super) fn started_at() -> String {
+    timestamp(std::time::SystemTime::now())
+}

@@ -1,0 +1,377 @@
+//! The job records in Redis: submit, read, list, cancel, finish, and the reaper.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use redis::{AsyncCommands, Script};
+
+use super::wire::{self, now_ms, Record, WireError, WireSpec};
+use super::{unavailable, Shared};
+use crate::engine::job::{
+    new_id, timestamp, Finished, JobEvent, JobLinks, JobProgress, JobSpec, JobStatus, JobView,
+    StopReason,
+};
+use crate::engine::local::outcome_of;
+use crate::error::ApiError;
+
+/// Jobs `GET /jobs` lists at most.
+const LIST_MAX: isize = 200;
+
+#[derive(Clone)]
+pub(super) struct Store {
+    sh: Arc<Shared>,
+}
+
+fn script(code: &'static str) -> Script {
+    Script::new(code)
+}
+
+impl Store {
+    pub fn new(sh: Arc<Shared>) -> Self {
+        Self { sh }
+    }
+
+    fn conn(&self) -> redis::aio::ConnectionManager {
+        self.sh.conn.clone()
+    }
+
+    fn keys(&self) -> &wire::Keys {
+        &self.sh.keys
+    }
+
+    /// How long a record lives before it ends: its deadline, then JOB_TTL_SECONDS, with room.
+    fn active_ttl_ms(&self, spec: &JobSpec) -> u64 {
+        (spec.timeout + self.sh.cfg.job_ttl + self.sh.cluster.lease * 2).as_millis() as u64
+    }
+
+    pub fn ended_ttl_ms(&self) -> u64 {
+        (self.sh.cfg.job_ttl.as_millis() as u64).max(1)
+    }
+
+    pub async fn submit(&self, spec: JobSpec, retry_after_secs: u64) -> Result<JobView, ApiError> {
+        let id = new_id(now_ms());
+        let created = SystemTime::now();
+        let created_ms = wire::unix_ms(created);
+        let view = JobView {
+            id: id.clone(),
+            status: JobStatus::Queued,
+            position: None,
+            progress: JobProgress {
+                step: 0,
+                total: spec.params.steps,
+                eta_seconds: None,
+            },
+            created_at: timestamp(created),
+            started_at: None,
+            finished_at: None,
+            cancel_requested: false,
+            request: spec.request.clone(),
+            result: None,
+            error: None,
+            links: JobLinks::for_id(&id),
+            preview: None,
+        };
+        let record = Record {
+            view: view.clone(),
+            spec: WireSpec::of(&spec),
+            created_ms,
+            deadline_ms: created_ms + spec.timeout.as_millis() as u64,
+            started_ms: None,
+            gen_secs: 0.0,
+            error: None,
+            attempts: 0,
+            worker: None,
+        };
+        let json = serde_json::to_string(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let k = self.keys();
+        let position: i64 = script(wire::SUBMIT)
+            .key(k.queue())
+            .key(k.job(&id))
+            .key(k.index())
+            .arg(&id)
+            .arg(json)
+            .arg(self.sh.cfg.max_queued)
+            .arg(self.active_ttl_ms(&spec))
+            .arg(created_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if position < 0 {
+            return Err(ApiError::Overloaded { retry_after_secs });
+        }
+        Ok(JobView {
+            position: Some(position as usize),
+            ..view
+        })
+    }
+
+    /// The record, and the view as a client sees it now.
+    pub async fn read(&self, id: &str) -> Result<Option<(Record, JobView)>, ApiError> {
+        let k = self.keys();
+        let (json, cancel, index, len): (Option<String>, bool, Option<i64>, i64) = redis::pipe()
+            .get(k.job(id))
+            .exists(k.cancel(id))
+            .cmd("LPOS")
+            .arg(k.queue())
+            .arg(id)
+            .llen(k.queue())
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let Some(json) = json else { return Ok(None) };
+        let record: Record =
+            serde_json::from_str(&json).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut view = record.view.clone();
+        view.cancel_requested |= cancel;
+        view.position = match (view.status, index) {
+            // Pushed on the left, taken from the right: the rightmost runs next.
+            (JobStatus::Queued, Some(i)) => Some((len - i) as usize),
+            _ => None,
+        };
+        Ok(Some((record, view)))
+    }
+
+    pub async fn view(&self, id: &str) -> Result<Option<JobView>, ApiError> {
+        Ok(self.read(id).await?.map(|(_, v)| v))
+    }
+
+    pub async fn list(&self) -> Result<Vec<JobView>, ApiError> {
+        let k = self.keys();
+        let mut conn = self.conn();
+        let ids: Vec<String> = conn
+            .zrevrange(k.index(), 0, LIST_MAX - 1)
+            .await
+            .map_err(unavailable)?;
+        let mut views = Vec::with_capacity(ids.len());
+        let mut gone = Vec::new();
+        for id in ids {
+            match self.read(&id).await? {
+                Some((_, v)) => views.push(v),
+                None => gone.push(id),
+            }
+        }
+        if !gone.is_empty() {
+            let _: Result<i64, _> = conn.zrem(k.index(), gone).await;
+        }
+        // Running, then queued in run order, then ended ones newest first (the index order).
+        views.sort_by_key(|v| match v.status {
+            JobStatus::Running => (0, 0),
+            JobStatus::Queued => (1, v.position.unwrap_or(usize::MAX)),
+            _ => (2, 0),
+        });
+        Ok(views)
+    }
+
+    pub async fn finished(&self, id: &str) -> Result<Option<Finished>, ApiError> {
+        let Some((record, view)) = self.read(id).await? else {
+            return Ok(None);
+        };
+        if !view.status.is_final() {
+            return Ok(None);
+        }
+        let result = match (&view.result, &record.error) {
+            (Some(r), _) => Ok(r.clone()),
+            (None, Some(e)) => Err(e.error()),
+            (None, None) => Err(ApiError::Internal("the job was cancelled".into())),
+        };
+        Ok(Some(Finished {
+            result,
+            queue_secs: record.queue_secs(),
+            gen_secs: record.gen_secs,
+        }))
+    }
+
+    pub async fn cancel(&self, id: &str, why: StopReason) -> Result<Option<JobView>, ApiError> {
+        let Some((record, view)) = self.read(id).await? else {
+            return Ok(None);
+        };
+        let k = self.keys();
+        if why == StopReason::Cancelled || !view.status.is_final() {
+            let _: () = self
+                .conn()
+                .set_ex(k.cancel(id), why as u8, self.ended_ttl_ms().div_ceil(1000))
+                .await
+                .map_err(unavailable)?;
+        }
+        if view.status == JobStatus::Queued {
+            let info = record.timeout_info(now_ms());
+            let (status, err) = outcome_of(why, info);
+            if self.end_queued(&record, status, err).await? {
+                tracing::info!(job = %id, reason = ?why, "queued job stopped before it started");
+            }
+        }
+        self.view(id).await
+    }
+
+    /// The record of a job that ended with `status`.
+    pub fn ended(
+        record: &Record,
+        status: JobStatus,
+        result: Result<Arc<crate::api::GenerateResponse>, ApiError>,
+    ) -> (Record, JobEvent) {
+        let mut r = record.clone();
+        r.view.status = status;
+        r.view.finished_at = Some(timestamp(SystemTime::now()));
+        r.view.position = None;
+        let event = match result {
+            Ok(res) => {
+                r.view.result = Some(res.clone());
+                JobEvent::Succeeded(res)
+            }
+            Err(_) if status == JobStatus::Cancelled => JobEvent::Cancelled,
+            Err(e) => {
+                r.view.error = Some(e.body());
+                r.error = Some(WireError::of(&e));
+                JobEvent::Failed(e.body())
+            }
+        };
+        (r, event)
+    }
+
+    async fn end_queued(
+        &self,
+        record: &Record,
+        status: JobStatus,
+        err: ApiError,
+    ) -> Result<bool, ApiError> {
+        let id = &record.view.id;
+        let (ended, event) = Self::ended(record, status, Err(err));
+        let k = self.keys();
+        let done: i64 = script(wire::END_QUEUED)
+            .key(k.queue())
+            .key(k.done(id))
+            .key(k.job(id))
+            .arg(id)
+            .arg(serde_json::to_string(&ended).map_err(|e| ApiError::Internal(e.to_string()))?)
+            .arg(self.ended_ttl_ms())
+            .arg(k.events())
+            .arg(wire::event_message(id, &event))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
+    }
+
+    /// Ends a job at most once (whoever comes first); true if this call ended it.
+    pub async fn finish(
+        &self,
+        who: &str,
+        ended: &Record,
+        event: &JobEvent,
+    ) -> Result<bool, ApiError> {
+        let id = &ended.view.id;
+        let k = self.keys();
+        let done: i64 = script(wire::FINISH)
+            .key(k.done(id))
+            .key(k.job(id))
+            .arg(who)
+            .arg(serde_json::to_string(ended).map_err(|e| ApiError::Internal(e.to_string()))?)
+            .arg(self.ended_ttl_ms())
+            .arg(k.events())
+            .arg(wire::event_message(id, event))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
+    }
+
+    /// Writes a running job's record (when given) and publishes an event (when given),
+    /// unless the job has ended.
+    pub async fn update(
+        &self,
+        record: Option<&Record>,
+        id: &str,
+        event: Option<&JobEvent>,
+    ) -> Result<(), ApiError> {
+        let k = self.keys();
+        let json = match record {
+            Some(r) => serde_json::to_string(r).map_err(|e| ApiError::Internal(e.to_string()))?,
+            None => String::new(),
+        };
+        let _: i64 = script(wire::UPDATE)
+            .key(k.done(id))
+            .key(k.job(id))
+            .arg(json)
+            .arg(k.events())
+            .arg(
+                event
+                    .map(|e| wire::event_message(id, e))
+                    .unwrap_or_default(),
+            )
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Puts a taken job back at the head of the queue. `own`: a worker gives back its own
+    /// lease; otherwise only a lapsed lease counts. True if it was queued again.
+    pub async fn requeue(&self, worker: &str, id: &str, own: bool) -> Result<bool, ApiError> {
+        let k = self.keys();
+        let Some((record, _)) = self.read(id).await? else {
+            let _: Result<i64, _> = self.conn().lrem(k.processing(worker), 0, id).await;
+            return Ok(false);
+        };
+        let reset = record.requeued();
+        let done: i64 = script(wire::REQUEUE)
+            .key(k.processing(worker))
+            .key(k.lease(id))
+            .key(k.done(id))
+            .key(k.queue())
+            .key(k.job(id))
+            .arg(id)
+            .arg(serde_json::to_string(&reset).map_err(|e| ApiError::Internal(e.to_string()))?)
+            .arg(if own { "1" } else { "0" })
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if done == 1 {
+            self.update(None, id, Some(&JobEvent::Queued { position: 1 }))
+                .await?;
+        }
+        Ok(done == 1)
+    }
+
+    /// Workers with a fresh heartbeat, and the queue's length.
+    pub async fn overview(&self) -> Result<(Vec<wire::Heartbeat>, usize), ApiError> {
+        let k = self.keys();
+        let mut conn = self.conn();
+        let ids: Vec<String> = conn.smembers(k.workers()).await.map_err(unavailable)?;
+        let waiting: usize = conn.llen(k.queue()).await.map_err(unavailable)?;
+        let mut workers = Vec::new();
+        for id in ids {
+            let beat: Option<String> = conn.get(k.heartbeat(&id)).await.map_err(unavailable)?;
+            if let Some(b) = beat.and_then(|b| serde_json::from_str(&b).ok()) {
+                workers.push(b);
+            }
+        }
+        workers.sort_by(|a: &wire::Heartbeat, b| a.health.id.cmp(&b.health.id));
+        Ok((workers, waiting))
+    }
+
+    /// Queues again every taken job whose lease ran out; forgets workers that are gone and
+    /// hold nothing.
+    pub async fn reap(&self) -> Result<(), ApiError> {
+        let k = self.keys();
+        let mut conn = self.conn();
+        let workers: Vec<String> = conn.smembers(k.workers()).await.map_err(unavailable)?;
+        for w in workers {
+            let taken: Vec<String> = conn
+                .lrange(k.processing(&w), 0, -1)
+                .await
+                .map_err(unavailable)?;
+            for id in &taken {
+                let leased: bool = conn.exists(k.lease(id)).await.map_err(unavailable)?;
+                if !leased && self.requeue(&w, id, false).await? {
+                    tracing::warn!(job = %id, worker = %w, "the job's lease ran out (its worker is gone); queued again");
+                }
+            }
+            let alive: bool = conn.exists(k.heartbeat(&w)).await.map_err(unavailable)?;
+            let holding: usize = conn.llen(k.processing(&w)).await.map_err(unavailable)?;
+            if !alive && holding == 0 {
+                let _: i64 = conn.srem(k.workers(), &w).await.map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+}

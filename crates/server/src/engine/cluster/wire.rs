@@ -1,0 +1,546 @@
+//! What replicas write to Redis: key names, the job record, the job spec and events as JSON,
+//! worker heartbeats, and the Lua scripts that make each multi-key step atomic.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax, RgbImage};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::Adapters;
+use crate::api::GenerateResponse;
+use crate::engine::job::{JobEvent, JobProgress, JobSpec, JobView};
+use crate::error::{ApiError, ErrorBody, FieldError, TimeoutInfo};
+use crate::generator::ModelInfo;
+
+/// Every key of one deployment (one prefix per Redis database).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+    /// Waiting job ids: new ones pushed on the left, workers take from the right.
+    pub fn queue(&self) -> String {
+        format!("{}:queue", self.prefix)
+    }
+    /// Job ids by creation time (ms), for `GET /jobs`.
+    pub fn index(&self) -> String {
+        format!("{}:jobs", self.prefix)
+    }
+    pub fn job(&self, id: &str) -> String {
+        format!("{}:job:{id}", self.prefix)
+    }
+    /// Set once, by whoever ends the job: the at-most-once guard.
+    pub fn done(&self, id: &str) -> String {
+        format!("{}:done:{id}", self.prefix)
+    }
+    /// The running worker's hold on the job (its worker id), renewed while it runs.
+    pub fn lease(&self, id: &str) -> String {
+        format!("{}:lease:{id}", self.prefix)
+    }
+    pub fn lease_prefix(&self) -> String {
+        format!("{}:lease:", self.prefix)
+    }
+    /// A stop request (a `StopReason` as a number), read by the running worker.
+    pub fn cancel(&self, id: &str) -> String {
+        format!("{}:cancel:{id}", self.prefix)
+    }
+    /// A worker's reliable-queue list: the jobs it has taken and not yet ended.
+    pub fn processing(&self, worker: &str) -> String {
+        format!("{}:processing:{worker}", self.prefix)
+    }
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+    pub fn heartbeat(&self, worker: &str) -> String {
+        format!("{}:worker:{worker}", self.prefix)
+    }
+    /// Pub/sub channel of every job event.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+    pub fn cache(&self, key: &str) -> String {
+        format!("{}:cache:{key}", self.prefix)
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+pub fn time_of_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// An image as JSON: size and base64 RGB8 pixels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireImage {
+    width: u32,
+    height: u32,
+    rgb_base64: String,
+}
+
+impl WireImage {
+    fn of(i: &RgbImage) -> Self {
+        Self {
+            width: i.width,
+            height: i.height,
+            rgb_base64: base64::engine::general_purpose::STANDARD.encode(&i.pixels),
+        }
+    }
+    fn image(&self) -> Result<RgbImage, String> {
+        let pixels = base64::engine::general_purpose::STANDARD
+            .decode(&self.rgb_base64)
+            .map_err(|e| e.to_string())?;
+        Ok(RgbImage {
+            width: self.width,
+            height: self.height,
+            pixels,
+        })
+    }
+}
+
+/// A `JobSpec` as JSON, whole (init images included), so any worker can run it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireSpec {
+    prompt: String,
+    negative_prompt: String,
+    steps: usize,
+    width: usize,
+    height: usize,
+    seed: u64,
+    guidance_scale: f64,
+    scheduler: Option<String>,
+    a1111_syntax: bool,
+    clip_skip: usize,
+    loras: Vec<(String, f64)>,
+    batch_size: usize,
+    init_image: Option<(WireImage, Option<WireImage>, f64)>,
+    request: serde_json::Value,
+    png_texts: Vec<String>,
+    model_version: String,
+    timeout_ms: u64,
+}
+
+impl WireSpec {
+    pub fn of(s: &JobSpec) -> Self {
+        let p = &s.params;
+        Self {
+            prompt: p.prompt.clone(),
+            negative_prompt: p.negative_prompt.clone(),
+            steps: p.steps,
+            width: p.width,
+            height: p.height,
+            seed: p.seed,
+            guidance_scale: p.guidance_scale,
+            scheduler: p.scheduler.map(|k| k.name().to_string()),
+            a1111_syntax: p.prompt_syntax == PromptSyntax::A1111,
+            clip_skip: p.clip_skip,
+            loras: p.loras.iter().map(|l| (l.name.clone(), l.weight)).collect(),
+            batch_size: p.batch_size,
+            init_image: p.init_image.as_ref().map(|i| {
+                (
+                    WireImage::of(&i.image),
+                    i.mask.as_ref().map(WireImage::of),
+                    i.strength,
+                )
+            }),
+            request: s.request.clone(),
+            png_texts: s.png_texts.clone(),
+            model_version: s.model_version.clone(),
+            timeout_ms: s.timeout.as_millis() as u64,
+        }
+    }
+
+    /// The spec again, with `timeout` (what is left of its deadline).
+    pub fn spec(&self, timeout: Duration) -> Result<JobSpec, String> {
+        let scheduler = match &self.scheduler {
+            Some(n) => Some(SchedulerKind::from_name(n).ok_or(format!("scheduler {n:?}"))?),
+            None => None,
+        };
+        let init_image = match &self.init_image {
+            Some((image, mask, strength)) => Some(InitImage {
+                image: image.image()?,
+                mask: mask.as_ref().map(WireImage::image).transpose()?,
+                strength: *strength,
+            }),
+            None => None,
+        };
+        Ok(JobSpec {
+            params: GenerationParams {
+                prompt: self.prompt.clone(),
+                negative_prompt: self.negative_prompt.clone(),
+                steps: self.steps,
+                width: self.width,
+                height: self.height,
+                seed: self.seed,
+                guidance_scale: self.guidance_scale,
+                scheduler,
+                prompt_syntax: if self.a1111_syntax {
+                    PromptSyntax::A1111
+                } else {
+                    PromptSyntax::Plain
+                },
+                clip_skip: self.clip_skip,
+                loras: self
+                    .loras
+                    .iter()
+                    .map(|(name, weight)| LoraWeight {
+                        name: name.clone(),
+                        weight: *weight,
+                    })
+                    .collect(),
+                batch_size: self.batch_size,
+                init_image,
+            },
+            request: self.request.clone(),
+            png_texts: self.png_texts.clone(),
+            model_version: self.model_version.clone(),
+            timeout,
+        })
+    }
+}
+
+/// The errors a job can end with, whole (a 408 keeps its details across processes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum WireError {
+    Timeout(TimeoutInfo),
+    Validation(Vec<FieldError>),
+    OutOfMemory {
+        detail: String,
+        retry_after_secs: Option<u64>,
+    },
+    ModelUnavailable(String),
+    Internal(String),
+}
+
+impl WireError {
+    pub fn of(e: &ApiError) -> Self {
+        match e {
+            ApiError::Timeout(info) => Self::Timeout(info.clone()),
+            ApiError::Validation(f) => Self::Validation(f.clone()),
+            ApiError::OutOfMemory {
+                detail,
+                retry_after_secs,
+            } => Self::OutOfMemory {
+                detail: detail.clone(),
+                retry_after_secs: *retry_after_secs,
+            },
+            ApiError::ModelUnavailable(d) => Self::ModelUnavailable(d.clone()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+
+    pub fn error(&self) -> ApiError {
+        match self {
+            Self::Timeout(info) => ApiError::Timeout(info.clone()),
+            Self::Validation(f) => ApiError::Validation(f.clone()),
+            Self::OutOfMemory {
+                detail,
+                retry_after_secs,
+            } => ApiError::OutOfMemory {
+                detail: detail.clone(),
+                retry_after_secs: *retry_after_secs,
+            },
+            Self::ModelUnavailable(d) => ApiError::ModelUnavailable(d.clone()),
+            Self::Internal(d) => ApiError::Internal(d.clone()),
+        }
+    }
+}
+
+/// A job in Redis (`{prefix}:job:{id}`): the view clients read (its `position` and
+/// `cancel_requested` are filled in when read) and what a worker needs to run it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub view: JobView,
+    pub spec: WireSpec,
+    pub created_ms: u64,
+    /// Deadline (unix ms), queue wait included.
+    pub deadline_ms: u64,
+    pub started_ms: Option<u64>,
+    pub gen_secs: f64,
+    pub error: Option<WireError>,
+    /// Runs started (more than one when a worker died and another took the job over).
+    pub attempts: u32,
+    pub worker: Option<String>,
+}
+
+impl Record {
+    pub fn queue_secs(&self) -> f64 {
+        self.started_ms
+            .map(|s| s.saturating_sub(self.created_ms) as f64 / 1000.0)
+            .unwrap_or(0.0)
+    }
+
+    /// Back in the queue, as before it first started (a worker died or shut down).
+    pub fn requeued(&self) -> Self {
+        let mut r = self.clone();
+        r.view.status = crate::engine::JobStatus::Queued;
+        r.view.started_at = None;
+        r.view.progress = JobProgress {
+            step: 0,
+            total: self.spec.steps,
+            eta_seconds: None,
+        };
+        r.started_ms = None;
+        r.worker = None;
+        r
+    }
+
+    /// How far it got, for a 408's details.
+    pub fn timeout_info(&self, now_ms: u64) -> TimeoutInfo {
+        let started = self.started_ms.unwrap_or(now_ms).max(self.created_ms);
+        TimeoutInfo {
+            limit_secs: self.spec.timeout_ms / 1000,
+            queued_secs: started.saturating_sub(self.created_ms) as f64 / 1000.0,
+            step: self.started_ms.map_or(0, |_| self.view.progress.step),
+            total: self.started_ms.map_or(0, |_| self.view.progress.total),
+            running_secs: now_ms.saturating_sub(started) as f64 / 1000.0,
+        }
+    }
+}
+
+/// One message on the events channel: `event.data(id)` plus the name.
+pub fn event_message(id: &str, event: &JobEvent) -> String {
+    serde_json::json!({ "id": id, "event": event.name(), "data": event.data(id) }).to_string()
+}
+
+/// The job id and event of a message from the events channel.
+pub fn parse_event(msg: &str) -> Option<(String, JobEvent)> {
+    let v: serde_json::Value = serde_json::from_str(msg).ok()?;
+    let id = v["id"].as_str()?.to_string();
+    let d = &v["data"];
+    let usize_of = |k: &str| d[k].as_u64().map(|n| n as usize);
+    let event = match v["event"].as_str()? {
+        "queued" => JobEvent::Queued {
+            position: usize_of("position")?,
+        },
+        "started" => JobEvent::Started,
+        "progress" => JobEvent::Progress(JobProgress {
+            step: usize_of("step")?,
+            total: usize_of("total")?,
+            eta_seconds: d["eta_seconds"].as_f64(),
+        }),
+        "preview" => JobEvent::Preview {
+            step: usize_of("step")?,
+            png_base64: Arc::new(d["image_base64"].as_str()?.to_string()),
+        },
+        "succeeded" => JobEvent::Succeeded(Arc::new(
+            serde_json::from_value::<GenerateResponse>(d["result"].clone()).ok()?,
+        )),
+        "failed" => JobEvent::Failed(serde_json::from_value::<ErrorBody>(d["error"].clone()).ok()?),
+        "cancelled" => JobEvent::Cancelled,
+        _ => return None,
+    };
+    Some((id, event))
+}
+
+/// A model's description as a worker announces it, for API processes that load none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireInfo {
+    model_version: String,
+    default_scheduler: String,
+    adapters: Adapters,
+    inpainting: bool,
+}
+
+impl WireInfo {
+    pub fn of(i: &ModelInfo) -> Self {
+        Self {
+            model_version: i.model_version.clone(),
+            default_scheduler: i.default_scheduler.name().to_string(),
+            adapters: i.adapters.clone(),
+            inpainting: i.inpainting,
+        }
+    }
+    pub fn info(&self) -> Option<ModelInfo> {
+        Some(ModelInfo {
+            model_version: self.model_version.clone(),
+            default_scheduler: SchedulerKind::from_name(&self.default_scheduler)?,
+            adapters: self.adapters.clone(),
+            inpainting: self.inpainting,
+        })
+    }
+}
+
+/// A worker's heartbeat (`{prefix}:worker:{id}`, expiring after JOB_LEASE_SECONDS).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub health: super::WorkerHealth,
+    pub info: Option<WireInfo>,
+    /// The load failure, when the model failed to load.
+    pub failed: Option<String>,
+}
+
+/// Queues a job unless MAX_QUEUED_JOBS are waiting (cluster-wide). KEYS: queue, job, index.
+/// ARGV: id, record, max queued, record ttl ms, created ms. Returns the queue length (the new
+/// job's position), or -1 when full.
+pub const SUBMIT: &str = r"
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+return redis.call('LPUSH', KEYS[1], ARGV[1])
+";
+
+/// Takes the next job into this worker's processing list and leases it, in one step.
+/// KEYS: queue, processing. ARGV: lease key prefix, worker id, lease ms.
+pub const CLAIM: &str = r"
+local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+if not id then return false end
+redis.call('SET', ARGV[1] .. id, ARGV[2], 'PX', ARGV[3])
+return id
+";
+
+/// Keeps the lease while it is ours (or lapsed and nobody took the job). KEYS: lease.
+/// ARGV: worker id, lease ms. 0: another worker holds it now.
+pub const RENEW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Writes a running job's record and/or publishes one of its events, unless it has ended.
+/// KEYS: done, job. ARGV: record ('' to keep), channel, message ('' for none).
+pub const UPDATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[1] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'KEEPTTL') end
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return 1
+";
+
+/// Ends a job at most once: only the first to set `done` writes the final record and
+/// publishes the terminal event. KEYS: done, job. ARGV: who, record, ttl ms, channel, message.
+pub const FINISH: &str = r"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[3]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+";
+
+/// Ends a job that is still waiting (cancel, deadline): out of the queue, then as FINISH.
+/// KEYS: queue, done, job. ARGV: id, record, ttl ms, channel, message.
+pub const END_QUEUED: &str = r"
+if redis.call('LREM', KEYS[1], 0, ARGV[1]) == 0 then return 0 end
+if not redis.call('SET', KEYS[2], 'api', 'NX', 'PX', ARGV[3]) then return 0 end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+";
+
+/// Puts a job whose lease ran out (or whose worker gave it back) at the head of the queue,
+/// with its record reset. KEYS: processing, lease, done, queue, job. ARGV: id, record, and
+/// '1' to give back our own lease (a worker shutting down) rather than require it lapsed.
+pub const REQUEUE: &str = r"
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('LREM', KEYS[1], 0, ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
+redis.call('SET', KEYS[5], ARGV[2], 'KEEPTTL')
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return 1
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_their_message() {
+        let id = "abc";
+        for e in [
+            JobEvent::Queued { position: 3 },
+            JobEvent::Started,
+            JobEvent::Progress(JobProgress {
+                step: 2,
+                total: 5,
+                eta_seconds: Some(1.5),
+            }),
+            JobEvent::Preview {
+                step: 2,
+                png_base64: Arc::new("iVBOR".into()),
+            },
+            JobEvent::Failed(ApiError::Timeout(60.into()).body()),
+            JobEvent::Cancelled,
+        ] {
+            let (got_id, got) = parse_event(&event_message(id, &e)).unwrap();
+            assert_eq!(got_id, id);
+            assert_eq!(got.name(), e.name());
+            assert_eq!(got.data(id), e.data(id));
+        }
+        assert!(parse_event("{\"id\":\"x\",\"event\":\"nope\"}").is_none());
+    }
+
+    #[test]
+    fn a_spec_survives_the_trip_with_its_images() {
+        let img = RgbImage {
+            width: 2,
+            height: 1,
+            pixels: vec![1, 2, 3, 4, 5, 6],
+        };
+        let spec = JobSpec {
+            params: GenerationParams {
+                prompt: "a (cat:1.2)".into(),
+                seed: 7,
+                scheduler: Some(SchedulerKind::Euler),
+                prompt_syntax: PromptSyntax::A1111,
+                loras: vec![LoraWeight {
+                    name: "l".into(),
+                    weight: 0.5,
+                }],
+                init_image: Some(InitImage {
+                    image: img.clone(),
+                    mask: Some(img.clone()),
+                    strength: 0.6,
+                }),
+                ..Default::default()
+            },
+            request: serde_json::json!({"prompt": "a (cat:1.2)"}),
+            png_texts: vec!["t".into()],
+            model_version: "m@1".into(),
+            timeout: Duration::from_secs(9),
+        };
+        let json = serde_json::to_string(&WireSpec::of(&spec)).unwrap();
+        let back: WireSpec = serde_json::from_str(&json).unwrap();
+        let again = back.spec(Duration::from_secs(3)).unwrap();
+        assert_eq!(again.params.prompt, spec.params.prompt);
+        assert_eq!(again.params.scheduler, spec.params.scheduler);
+        assert_eq!(again.params.prompt_syntax, PromptSyntax::A1111);
+        assert_eq!(again.params.loras, spec.params.loras);
+        assert_eq!(again.params.init_image, spec.params.init_image);
+        assert_eq!(again.timeout, Duration::from_secs(3));
+        assert_eq!(again.png_texts, spec.png_texts);
+    }
+
+    #[test]
+    fn errors_keep_their_code_and_details() {
+        let e = ApiError::Timeout(TimeoutInfo {
+            limit_secs: 60,
+            queued_secs: 1.0,
+            step: 3,
+            total: 10,
+            running_secs: 5.0,
+        });
+        let json = serde_json::to_string(&WireError::of(&e)).unwrap();
+        let back: WireError = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.error(), e);
+    }
+}

@@ -1,0 +1,301 @@
+//! The worker of a replica with QUEUE_URL: takes one job at a time from Redis (when its model
+//! is ready), runs it on the in-process engine (the same worker thread as without Redis),
+//! forwards its progress and previews, renews its lease, passes on cancellation, and ends it
+//! at most once. A heartbeat announces the worker and its model.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::{AsyncCommands, Script};
+use tokio::sync::broadcast;
+
+use super::store::Store;
+use super::wire::{self, now_ms, Heartbeat, Record, WireInfo};
+use super::{started_at, worker_id, Shared, WorkerHealth};
+use crate::engine::job::{timestamp, JobEvent, JobStatus, StopReason};
+use crate::engine::local::{outcome_of, Local};
+use crate::engine::{JobBackend, ModelState};
+use crate::error::ApiError;
+
+/// Set at shutdown: take no more jobs.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// How often a running job's stop request is looked for.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// How long an idle worker waits before looking at the queue again.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+pub(super) fn stop_taking_jobs() {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
+struct Worker {
+    sh: Arc<Shared>,
+    store: Store,
+    local: Arc<Local>,
+    id: String,
+    started_at: String,
+    running: Mutex<Option<String>>,
+    done: AtomicU64,
+}
+
+pub(super) fn spawn(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, local: Arc<Local>) {
+    let w = Arc::new(Worker {
+        store: Store::new(sh.clone()),
+        sh,
+        local,
+        id: worker_id(),
+        started_at: started_at(),
+        running: Mutex::new(None),
+        done: AtomicU64::new(0),
+    });
+    tracing::info!(worker = %w.id, lease_secs = w.sh.cluster.lease.as_secs_f64(), "worker: taking jobs from QUEUE_URL once the model is ready");
+    rt.spawn(heartbeat(w.clone()));
+    rt.spawn(take_jobs(w));
+}
+
+impl Worker {
+    fn lease_ms(&self) -> u64 {
+        self.sh.cluster.lease.as_millis() as u64
+    }
+
+    fn beat(&self) -> Heartbeat {
+        let (state, info, failed) = match self.local.model_state() {
+            ModelState::Loading => ("loading", None, None),
+            ModelState::Ready(i) => ("ready", Some(i), None),
+            ModelState::Failed(why) => ("failed", None, Some(why)),
+        };
+        Heartbeat {
+            health: WorkerHealth {
+                id: self.id.clone(),
+                state: state.into(),
+                model_version: info.as_ref().map(|i| i.model_version.clone()),
+                running_job: self
+                    .running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+                jobs_done: self.done.load(Ordering::Relaxed),
+                started_at: self.started_at.clone(),
+            },
+            info: info.as_ref().map(WireInfo::of),
+            failed,
+        }
+    }
+}
+
+/// Announces the worker every third of a lease; the key expires after a lease.
+async fn heartbeat(w: Arc<Worker>) {
+    let every = (w.sh.cluster.lease / 3).max(Duration::from_millis(100));
+    loop {
+        let k = &w.sh.keys;
+        let json = serde_json::to_string(&w.beat()).unwrap_or_default();
+        let mut conn = w.sh.conn.clone();
+        let _: Result<(), _> = redis::pipe()
+            .set(k.heartbeat(&w.id), json)
+            .arg("PX")
+            .arg(w.lease_ms())
+            .ignore()
+            .sadd(k.workers(), &w.id)
+            .ignore()
+            .query_async(&mut conn)
+            .await;
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn take_jobs(w: Arc<Worker>) {
+    let claim = Script::new(wire::CLAIM);
+    loop {
+        if STOPPING.load(Ordering::SeqCst) {
+            return;
+        }
+        if !matches!(w.local.model_state(), ModelState::Ready(_)) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let k = &w.sh.keys;
+        let taken: Result<Option<String>, _> = claim
+            .key(k.queue())
+            .key(k.processing(&w.id))
+            .arg(k.lease_prefix())
+            .arg(&w.id)
+            .arg(w.lease_ms())
+            .invoke_async(&mut w.sh.conn.clone())
+            .await;
+        match taken {
+            Ok(Some(id)) => {
+                *w.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.clone());
+                if let Err(e) = run_one(&w, &id).await {
+                    tracing::warn!(job = %id, error = %e, "worker: Redis failed during the job; its lease will lapse and another worker takes it");
+                }
+                *w.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Ok(None) => tokio::time::sleep(IDLE_POLL).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// Lets go of a job this worker took: out of its processing list, lease dropped.
+async fn release(w: &Worker, id: &str) {
+    let k = &w.sh.keys;
+    let _: Result<(), _> = redis::pipe()
+        .lrem(k.processing(&w.id), 0, id)
+        .ignore()
+        .del(k.lease(id))
+        .ignore()
+        .query_async(&mut w.sh.conn.clone())
+        .await;
+}
+
+async fn end(
+    w: &Worker,
+    record: &Record,
+    status: JobStatus,
+    result: Result<Arc<crate::api::GenerateResponse>, ApiError>,
+) -> Result<(), ApiError> {
+    let id = record.view.id.clone();
+    let (ended, event) = Store::ended(record, status, result);
+    if w.store.finish(&w.id, &ended, &event).await? {
+        w.done.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(job = %id, worker = %w.id, status = ?status, attempts = ended.attempts, "job ended");
+    } else {
+        tracing::info!(job = %id, worker = %w.id, "job already ended elsewhere; this run's outcome is dropped");
+    }
+    release(w, &id).await;
+    Ok(())
+}
+
+async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
+    let k = &w.sh.keys;
+    let mut conn = w.sh.conn.clone();
+    let Some((mut record, view)) = w.store.read(id).await? else {
+        release(w, id).await;
+        return Ok(());
+    };
+    let done: bool = conn.exists(k.done(id)).await.map_err(super::unavailable)?;
+    if done || view.status.is_final() {
+        release(w, id).await;
+        return Ok(());
+    }
+    let now = now_ms();
+    let stop: Option<u8> = conn.get(k.cancel(id)).await.map_err(super::unavailable)?;
+    if let Some(why) = stop.and_then(StopReason::from_u8) {
+        let (status, err) = outcome_of(why, record.timeout_info(now));
+        return end(w, &record, status, Err(err)).await;
+    }
+    if now >= record.deadline_ms {
+        let (status, err) = outcome_of(StopReason::Timeout, record.timeout_info(now));
+        return end(w, &record, status, Err(err)).await;
+    }
+    let spec = match record
+        .spec
+        .spec(Duration::from_millis(record.deadline_ms - now))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return end(
+                w,
+                &record,
+                JobStatus::Failed,
+                Err(ApiError::Internal(format!("bad job spec in Redis: {e}"))),
+            )
+            .await
+        }
+    };
+    record.view.status = JobStatus::Running;
+    record.view.started_at = Some(timestamp(wire::time_of_ms(now)));
+    record.started_ms = Some(now);
+    record.attempts += 1;
+    record.worker = Some(w.id.clone());
+    w.store
+        .update(Some(&record), id, Some(&JobEvent::Started))
+        .await?;
+    tracing::info!(job = %id, worker = %w.id, attempt = record.attempts, "job started");
+
+    let local_view = match w.local.submit(spec) {
+        Ok(v) => v,
+        Err(e) => return end(w, &record, JobStatus::Failed, Err(e)).await,
+    };
+    let lid = local_view.id;
+    let Ok(Some((_, mut rx))) = w.local.subscribe(&lid) else {
+        return end(
+            w,
+            &record,
+            JobStatus::Failed,
+            Err(ApiError::Internal("the local job vanished".into())),
+        )
+        .await;
+    };
+    let renew = Script::new(wire::RENEW);
+    let renew_every = (w.sh.cluster.lease / 3).max(Duration::from_millis(100));
+    let mut last_renew = tokio::time::Instant::now();
+    let mut cancel_tick = tokio::time::interval(CANCEL_POLL);
+    let mut asked_to_stop = false;
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Ok(JobEvent::Progress(p)) => {
+                    record.view.progress = p;
+                    // A failed write only loses a progress step; the lease says who runs it.
+                    let _ = w.store.update(Some(&record), id, Some(&JobEvent::Progress(p))).await;
+                }
+                Ok(e @ JobEvent::Preview { .. }) => {
+                    let _ = w.store.update(None, id, Some(&e)).await;
+                }
+                Ok(e) if e.is_final() => break,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = cancel_tick.tick() => {
+                if matches!(w.local.finished(&lid), Ok(Some(_))) {
+                    break;
+                }
+                if !asked_to_stop {
+                    if let Ok(Some(why)) = conn.get::<_, Option<u8>>(k.cancel(id)).await {
+                        if let Some(why) = StopReason::from_u8(why) {
+                            asked_to_stop = true;
+                            let _ = w.local.cancel(&lid, why);
+                        }
+                    }
+                }
+                if last_renew.elapsed() >= renew_every {
+                    last_renew = tokio::time::Instant::now();
+                    let held: Result<i64, _> = renew.key(k.lease(id)).arg(&w.id).arg(w.lease_ms()).invoke_async(&mut conn).await;
+                    if let Ok(0) = held {
+                        tracing::warn!(job = %id, worker = %w.id, "lost the job's lease to another worker; stopping this run");
+                        let _ = w.local.cancel(&lid, StopReason::Cancelled);
+                        let _ = conn.lrem::<_, _, i64>(k.processing(&w.id), 0, id).await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    // The local job has ended (or its channel closed): wait for its record.
+    let fin = loop {
+        if let Ok(Some(f)) = w.local.finished(&lid) {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let status = w
+        .local
+        .get(&lid)
+        .ok()
+        .flatten()
+        .map(|v| v.status)
+        .unwrap_or(JobStatus::Failed);
+    record.gen_secs = fin.gen_secs;
+    // Stopped because this worker shuts down: another worker runs it instead.
+    if STOPPING.load(Ordering::SeqCst) && matches!(&fin.result, Err(ApiError::ModelUnavailable(_)))
+    {
+        if w.store.requeue(&w.id, id, true).await? {
+            tracing::info!(job = %id, worker = %w.id, "shutting down: job given back to the queue");
+        }
+        return Ok(());
+    }
+    end(w, &record, status, fin.result).await
+}
