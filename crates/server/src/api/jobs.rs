@@ -125,13 +125,39 @@ pub(super) async fn cancel(
 /// Server-Sent Events: `state` (the job now) first, then `queued {position}`, `started`,
 /// `progress {step, total, eta_seconds}`, `preview {step, image_base64}`, and last exactly one of
 /// `succeeded {result}`, `failed {error}`, `cancelled`; then the stream closes.
+/// One Server-Sent Event of `GET /jobs/{id}/events`, as a client's parser sees it.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct SseEvent {
+    /// The event's type.
+    event: SseEventName,
+    /// JSON: `state` the job view, `queued {id, position}`, `started {id}`, `progress {id,
+    /// step, total, eta_seconds}`, `preview {id, step, image_base64}`, `succeeded {id, result}`,
+    /// `failed {id, error}`, `cancelled {id}`.
+    data: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // documentation only
+pub enum SseEventName {
+    State,
+    Queued,
+    Started,
+    Progress,
+    Preview,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
 #[utoipa::path(
     get,
     path = "/jobs/{id}/events",
     tag = "jobs",
     params(("id" = String, Path, description = "The job id")),
     responses(
-        (status = 200, description = "`text/event-stream`; each `data:` is JSON", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream`; each `data:` is JSON", content_type = "text/event-stream", body = SseEvent),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
         (status = 503, description = "`queue_unavailable`: QUEUE_URL's Redis cannot be reached", body = ErrorBody),
     )

@@ -286,6 +286,8 @@ pub struct HealthResponse {
         JobLinks,
         jobs::JobCreated,
         jobs::JobList,
+        jobs::SseEvent,
+        jobs::SseEventName,
         GenerateRequest,
         GenerateResponse,
         GenerateMetadata,

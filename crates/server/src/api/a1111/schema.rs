@@ -53,6 +53,7 @@ pub struct A1111Request {
     #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n_iter: Option<u32>,
     /// img2img: exactly one base64 image (a `data:` prefix is allowed).
+    #[schema(min_items = 1, max_items = 1)]
     pub init_images: Option<Vec<String>>,
     /// img2img: the native `strength`.
     #[schema(default = 0.75, minimum = 0.0, maximum = 1.0, nullable = true)]

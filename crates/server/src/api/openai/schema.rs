@@ -16,11 +16,12 @@ pub struct GenerationRequest {
     #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n: Option<u32>,
     /// `"WIDTHxHEIGHT"` within the native limits (256..=768, multiples of 64), or `auto`.
-    #[schema(default = "512x512")]
+    #[schema(default = "512x512", pattern = "^(auto|[0-9]{1,5}x[0-9]{1,5})$")]
     pub size: Option<String>,
     /// `b64_json`, or `url` (a link to `/v1/images/files/{id}.png`, kept 10 minutes). Default
     /// `b64_json` (`url` when `model` is a `dall-e-*` name, as OpenAI does).
-    pub response_format: Option<String>,
+    #[schema(nullable = true)]
+    pub response_format: Option<ResponseFormat>,
     /// Our extras, as natively.
     #[schema(max_length = 500, nullable = true)]
     pub negative_prompt: Option<String>,
@@ -50,9 +51,20 @@ pub struct EditRequest {
     #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n: Option<u32>,
     pub size: Option<String>,
-    pub response_format: Option<String>,
+    #[schema(nullable = true)]
+    pub response_format: Option<ResponseFormat>,
     #[schema(default = 0.8, minimum = 0.0, maximum = 1.0, nullable = true)]
     pub strength: Option<f64>,
+}
+
+/// How images come back.
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::ResponseFormat)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // documentation only
+pub enum ResponseFormat {
+    B64Json,
+    Url,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -99,7 +111,7 @@ pub struct ErrorBody {
 #[derive(OpenApi)]
 #[openapi(
     paths(super::generations, super::edits, super::file, super::models, super::model),
-    components(schemas(GenerationRequest, EditRequest, Image, ImagesResponse, ErrorDetail, ErrorBody)),
+    components(schemas(GenerationRequest, EditRequest, ResponseFormat, Image, ImagesResponse, ErrorDetail, ErrorBody)),
     tags((name = "openai", description = "OpenAI's image API under /v1, translated into the native request"))
 )]
 pub struct ApiDoc;
