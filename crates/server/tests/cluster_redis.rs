@@ -1,7 +1,7 @@
 //! Replicas sharing jobs through a real `redis-server` (QUEUE_URL): two workers and two API
 //! processes of the real binary on the tiny model `tiny-b`. Jobs from both APIs spread over
 //! both workers, events reach the client through the API it called, images equal the
-//! single-process ones; and the faults: a worker SIGKILLed mid-job, Redis restarted during a
+//! single-process ones; cancellation through another API; and the faults: a worker SIGKILLed mid-job, Redis restarted during a
 //! burst, an API killed while its client follows a job. Every accepted job ends.
 //!
 //! Each test starts its own redis-server on a free port. Without the binary they skip with a
@@ -328,6 +328,39 @@ fn two_apis_two_workers_share_jobs_events_and_images() {
     // A result read through the other API is the same too; the list shows every job.
     let listed = a1.get("/jobs").json();
     assert!(listed["jobs"].as_array().unwrap().len() >= 8, "{listed}");
+
+    // Cancellation across processes: two long jobs keep both workers busy, a third waits;
+    // cancelled through the other API, the waiting one never starts and the running ones stop.
+    let long: Vec<String> = (0..3)
+        .map(|i| submit_ok(&a1, &request("long", 500 + i, 50)))
+        .collect();
+    let t = Instant::now();
+    while long[..2]
+        .iter()
+        .any(|id| job(&a1, id)["status"] != "running")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "long jobs did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let queued = job(&a2, &long[2]);
+    assert_eq!(queued["status"], "queued", "{queued}");
+    assert_eq!(queued["position"], 1, "{queued}");
+    let r = a2.request("DELETE", &format!("/jobs/{}", long[2]), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "cancelled", "{}", r.text());
+    for id in &long[..2] {
+        let r = a2.request("DELETE", &format!("/jobs/{id}"), &[], b"");
+        assert_eq!(r.json()["cancel_requested"], true, "{}", r.text());
+    }
+    for id in &long {
+        let j = wait_end(&a1, id, Duration::from_secs(10));
+        assert_eq!(j["status"], "cancelled", "{j}");
+        assert!(j["progress"]["step"].as_u64().unwrap() < 50, "{j}");
+    }
+    assert!(job(&a1, &long[2])["started_at"].is_null());
     drop((w2, a1));
 }
 
