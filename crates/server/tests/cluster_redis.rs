@@ -1,8 +1,9 @@
 //! Replicas sharing jobs through a real `redis-server` (QUEUE_URL): two workers and two API
 //! processes of the real binary on the tiny model `tiny-b`. Jobs from both APIs spread over
 //! both workers, events reach the client through the API it called, images equal the
-//! single-process ones; cancellation through another API; and the faults: a worker SIGKILLed mid-job, Redis restarted during a
-//! burst, an API killed while its client follows a job. Every accepted job ends.
+//! single-process ones; cancellation works through another API; and the faults: a worker
+//! SIGKILLed mid-job, Redis restarted during a burst, an API killed while its client follows a
+//! job. Every accepted job ends.
 //!
 //! Each test starts its own redis-server on a free port. Without the binary they skip with a
 //! loud message, unless SDSERVE_REQUIRE_REDIS=1 (as `.ci/run` sets), where they fail.
