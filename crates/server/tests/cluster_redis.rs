@@ -349,6 +349,21 @@ fn two_apis_two_workers_share_jobs_events_and_images() {
     let queued = job(&a2, &long[2]);
     assert_eq!(queued["status"], "queued", "{queued}");
     assert_eq!(queued["position"], 1, "{queued}");
+    // A waiting job past its deadline fails with `timeout` without starting (an API with a
+    // short JOB_TIMEOUT_SECONDS; the reaper of any process ends it).
+    let hasty = Server::start(&env(&[
+        ("QUEUE_URL", &redis.url()),
+        ("ROLE", "api"),
+        ("JOB_TIMEOUT_SECONDS", "1"),
+    ]));
+    wait_workers(&hasty, 2);
+    let late = submit_ok(&hasty, &request("late", 9, 2));
+    let j = wait_end(&a1, &late, Duration::from_secs(10));
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["error"]["error_code"], "timeout", "{j}");
+    assert!(j["started_at"].is_null(), "{j}");
+    assert_eq!(job(&a2, &long[2])["position"], 1);
+    drop(hasty);
     let r = a2.request("DELETE", &format!("/jobs/{}", long[2]), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "cancelled", "{}", r.text());

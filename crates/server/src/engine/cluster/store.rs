@@ -349,11 +349,24 @@ impl Store {
         Ok((workers, waiting))
     }
 
-    /// Queues again every taken job whose lease ran out; forgets workers that are gone and
-    /// hold nothing.
+    /// Fails waiting jobs past their deadline (they never start); queues again every taken
+    /// job whose lease ran out; forgets workers that are gone and hold nothing.
     pub async fn reap(&self) -> Result<(), ApiError> {
         let k = self.keys();
         let mut conn = self.conn();
+        let waiting: Vec<String> = conn.lrange(k.queue(), 0, -1).await.map_err(unavailable)?;
+        let now = now_ms();
+        for id in &waiting {
+            let Some((record, view)) = self.read(id).await? else {
+                continue;
+            };
+            if view.status == JobStatus::Queued && now >= record.deadline_ms {
+                let (status, err) = outcome_of(StopReason::Timeout, record.timeout_info(now));
+                if self.end_queued(&record, status, err).await? {
+                    tracing::info!(job = %id, "queued job passed its deadline before it started");
+                }
+            }
+        }
         let workers: Vec<String> = conn.smembers(k.workers()).await.map_err(unavailable)?;
         for w in workers {
             let taken: Vec<String> = conn
