@@ -388,6 +388,13 @@ impl LoraState {
         Ok(())
     }
 
+    /// Forgets the merged LoRAs without writing anything back: for when the modules were rebuilt
+    /// from their files (already the base weights), so the next request merges again.
+    pub(crate) fn forget(&mut self) {
+        self.originals.clear();
+        self.active.clear();
+    }
+
     /// Merges `loras` (resolved in `library`) into `targets`. Call [`LoraState::restore`]
     /// first. Checks every file before changing any weight.
     pub(crate) fn apply(

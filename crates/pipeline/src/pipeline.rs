@@ -343,6 +343,12 @@ impl StableDiffusion {
     /// (`Offload::Model`), or, for the UNet, one part at a time during each forward pass with its
     /// weights in host memory (`Offload::Sequential`; text encoder and VAE as under `Model`).
     pub fn set_offload(&mut self, offload: Offload) -> Result<()> {
+        // The modules are rebuilt from their files below (base weights): merged LoRAs are gone,
+        // and a request for the same LoRAs must merge them again (or be refused when offloaded).
+        self.lora_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget();
         let resident = (offload == Offload::None).then_some(&self.device);
         self.text_encoder.set_residence(resident)?;
         // Free the current UNet before building it for the new mode.
@@ -447,7 +453,9 @@ impl StableDiffusion {
     fn lora_targets(&self) -> Result<HashMap<Part, Vec<(String, Target<'_>)>>> {
         let not_resident = || {
             PipelineError::InvalidRequest(
-                "LoRA needs the text encoder and UNet resident on the device (no offload)".into(),
+                "LoRA needs the text encoder and UNet resident on the device (offload none); \
+                 this model runs with its weights offloaded"
+                    .into(),
             )
         };
         let unet = self.unet.resident().ok_or_else(not_resident)?;

@@ -161,6 +161,31 @@ fn lora_images_match_diffusers_and_base_weights_come_back() {
     assert_eq!(generate(&r, &request(&r, &[])), base);
 }
 
+/// Offload rebuilds the modules from their files: merged LoRAs are gone with the old modules.
+/// While offloaded a LoRA request is refused saying why (nothing generated without the LoRA);
+/// back to resident, the same LoRA is merged again (not taken as still merged).
+#[test]
+fn loras_across_offload_changes_are_refused_or_merged_again() {
+    use sdserve_pipeline::memory::Offload;
+    use sdserve_pipeline::PipelineError;
+    let mut r = reference();
+    let base = generate(&r, &request(&r, &[]));
+    let ink = request(&r, &[("ink_kohya", 0.8)]);
+    let with = generate(&r, &ink);
+    assert_ne!(with, base);
+    r.model.set_offload(Offload::Model).unwrap();
+    match r.model.generate(&ink, &mut |_| ControlFlow::Continue(())) {
+        Err(PipelineError::InvalidRequest(m)) => assert!(m.contains("offload"), "{m}"),
+        other => panic!("a LoRA on offloaded weights: {:?}", other.map(|_| ())),
+    }
+    assert!(r.model.check_lora("ink_kohya").is_err());
+    assert_eq!(generate(&r, &request(&r, &[])), base, "offloaded, no LoRA");
+    r.model.set_offload(Offload::None).unwrap();
+    r.model.check_lora("ink_kohya").unwrap();
+    assert_eq!(generate(&r, &ink), with, "merged again after the rebuild");
+    assert_eq!(generate(&r, &request(&r, &[])), base);
+}
+
 #[test]
 fn kohya_text_encoder_names_resolve_like_peft() {
     // te_kohya holds soft_peft's text-encoder layers under kohya's names.
