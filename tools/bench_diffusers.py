@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Per-stage CPU timings of diffusers 0.42.1 / torch 2.11.0 on a model folder, as the Rust bench
 `crates/pipeline/benches/stages.rs` measures ours: text encode (prompt + empty negative), one UNet
-step with guidance (batch 2), VAE decode, and whole generations; medians over repeats with min/max
-and peak RSS (VmHWM, reset through /proc/self/clear_refs before each stage).
+step with guidance (batch 2), VAE decode, and whole generations: text-to-image at --full-sizes,
+img2img (strength 0.75) and inpainting (strength 1.0, right half repainted; the same synthetic
+picture and mask as the Rust bench) at --image-sizes; medians over repeats with min/max, the median
+CPU time of the process (all threads) and peak RSS (VmHWM, reset through /proc/self/clear_refs
+before each stage).
 
     python3 tools/bench_diffusers.py --model /work/models/sd15-random --threads 2 \
-        --sizes 256,512 --repeats 3 --full-sizes 256 --json diffusers.json
+        --sizes 256,512 --repeats 3 --full-sizes 256 --image-sizes 512 --json diffusers.json
 
 Prints a table on stderr and one JSON object on stdout (same schema as the Rust bench).
 """
@@ -33,28 +36,46 @@ def reset_peak_rss():
         pass
 
 
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def measure(name, repeats, fn):
     reset_peak_rss()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
+        c = time.process_time()  # the whole process, all threads (as the Rust bench reads it)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    times.sort()
+        cpu.append(time.process_time() - c)
     stat = {
         "stage": name,
-        "median_s": round(times[len(times) // 2], 4),
-        "min_s": round(times[0], 4),
-        "max_s": round(times[-1], 4),
+        "median_s": round(median(times), 4),
+        "min_s": round(min(times), 4),
+        "max_s": round(max(times), 4),
+        "cpu_median_s": round(median(cpu), 4),
         "repeats": repeats,
         "peak_rss_mb": round(status_kb("VmHWM:") / 1024),
     }
     print(
         f"{name:<28} median {stat['median_s']:8.3f} s  min {stat['min_s']:8.3f}  "
-        f"max {stat['max_s']:8.3f}  peak RSS {stat['peak_rss_mb']:7.0f} MB",
+        f"max {stat['max_s']:8.3f}  cpu {stat['cpu_median_s']:8.3f} s  "
+        f"peak RSS {stat['peak_rss_mb']:7.0f} MB",
         file=sys.stderr,
     )
     return stat
+
+
+def synthetic_picture(size, f):
+    """The Rust bench's synthetic pictures: pixel (x, y, channel) = f(x, y, c), integer maths."""
+    import numpy as np
+    from PIL import Image
+
+    y, x, c = np.meshgrid(np.arange(size), np.arange(size), np.arange(3), indexing="ij")
+    return Image.fromarray(f(x, y, c).astype(np.uint8), "RGB")
 
 
 def main():
@@ -64,11 +85,13 @@ def main():
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--full-sizes", default="256")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image-sizes", default="")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     full_sizes = [int(s) for s in args.full_sizes.split(",") if s]
+    image_sizes = [int(s) for s in args.image_sizes.split(",") if s]
 
     import torch
     from diffusers import StableDiffusionPipeline
@@ -143,6 +166,28 @@ def main():
                     generate,
                 )
             )
+
+        if image_sizes:
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+            img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+            inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+            for p in (img2img, inpaint):
+                p.set_progress_bar_config(disable=True)
+        for size in image_sizes:
+            image = synthetic_picture(size, lambda x, y, c: (x * 255 // size + y * 97 // size + c * 60) % 256)
+            mask = synthetic_picture(size, lambda x, y, c: (x >= size // 2) * 255)
+            runs = [("img2img", img2img, dict(image=image), 0.75),
+                    ("inpaint", inpaint, dict(image=image, mask_image=mask, height=size, width=size), 1.0)]
+            for name, p, inputs, strength in runs:
+
+                def generate():
+                    g = torch.Generator("cpu").manual_seed(0)
+                    p(prompt, negative_prompt="", num_inference_steps=args.steps, strength=strength,
+                      guidance_scale=7.5, generator=g, output_type="np", **inputs)
+
+                stats.append(measure(f"{name}_{args.steps}steps_s{strength:g}_{size}",
+                                     max(1, min(args.repeats, 2)), generate))
 
     out = {
         "implementation": "diffusers",

@@ -1,18 +1,27 @@
 //! Per-stage timings of the pipeline on a model folder, printed as a table and as JSON.
 //!
 //! `MODEL_DIR=/path/to/sd15 cargo bench -p sdserve-pipeline --bench stages -- [--sizes 256,512]
-//! [--repeats 3] [--steps 20] [--full-sizes 256] [--image-sizes 512] [--json out.json]`
+//! [--repeats 3] [--steps 20] [--full-sizes 256] [--image-sizes 512] [--json out.json]
+//! [--lora-dir DIR --lora NAME --lora-sizes 512 --lora-steps 20]`
 //!
 //! Stages: text encode (prompt + empty negative), one UNet step with guidance (batch 2), VAE decode
 //! (and a TAESD preview of the same latents when `TAESD_DIR` names an `AutoencoderTiny` folder),
 //! and whole generations: text-to-image at `--full-sizes`, img2img (strength 0.75) and
-//! inpainting (strength 1.0, right half repainted) at `--image-sizes` (empty list: none). Each figure is the median of `--repeats` runs with min and max; peak RSS is
-//! read from `/proc/self/status` (VmHWM), reset before each stage through `/proc/self/clear_refs`.
+//! inpainting (strength 1.0, right half repainted) at `--image-sizes` (empty list: none).
+//! With `--lora`: merging the LoRA `NAME` of `DIR` (weight 1) into the weights and writing the
+//! originals back, each on its own, and at `--lora-sizes` text-to-image generations with the LoRA
+//! (from base weights, so the merge is paid) and without it (right after, so the restore is paid),
+//! interleaved, of `--lora-steps` (default `--steps`). Each figure is the median of `--repeats`
+//! runs with min and max, and the median CPU time of the process (all threads); peak RSS is read
+//! from `/proc/self/status` (VmHWM), reset before each stage through `/proc/self/clear_refs`.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, RgbImage, StableDiffusion};
+use sdserve_pipeline::lora::LoraLibrary;
+use sdserve_pipeline::pipeline::{
+    GenerationParams, InitImage, LoraWeight, RgbImage, StableDiffusion,
+};
 use sdserve_pipeline::rng::TorchRng;
 
 struct Args {
@@ -27,6 +36,12 @@ struct Args {
     kernels: bool,
     /// Skip the model stages (`--kernels-only`).
     kernels_only: bool,
+    /// Folder of LoRA files and the one to time (`--lora-dir`, `--lora`).
+    lora_dir: Option<String>,
+    lora: Option<String>,
+    /// Sizes of the text-to-image generations with and without the LoRA.
+    lora_sizes: Vec<usize>,
+    lora_steps: Option<usize>,
 }
 
 fn parse_list(s: &str) -> Vec<usize> {
@@ -46,6 +61,10 @@ fn parse_args() -> Args {
         json: None,
         kernels: false,
         kernels_only: false,
+        lora_dir: None,
+        lora: None,
+        lora_sizes: vec![512],
+        lora_steps: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -60,6 +79,17 @@ fn parse_args() -> Args {
             }
             "--steps" => args.steps = it.next().expect("--steps N").parse().expect("a number"),
             "--json" => args.json = Some(it.next().expect("--json PATH")),
+            "--lora-dir" => args.lora_dir = Some(it.next().expect("--lora-dir DIR")),
+            "--lora" => args.lora = Some(it.next().expect("--lora NAME")),
+            "--lora-sizes" => args.lora_sizes = parse_list(&it.next().expect("--lora-sizes LIST")),
+            "--lora-steps" => {
+                args.lora_steps = Some(
+                    it.next()
+                        .expect("--lora-steps N")
+                        .parse()
+                        .expect("a number"),
+                )
+            }
             "--kernels" => args.kernels = true,
             "--kernels-only" => {
                 args.kernels = true;
@@ -82,38 +112,76 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// User + system CPU seconds of this process so far, all threads (Linux; 100 Hz ticks).
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
+}
+
+/// The median (mean of the middle two for an even count).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 struct Stat {
     name: String,
     median_s: f64,
     min_s: f64,
     max_s: f64,
+    cpu_median_s: f64,
     repeats: usize,
     peak_rss_mb: f64,
 }
 
-fn measure(name: &str, repeats: usize, mut f: impl FnMut()) -> Stat {
-    reset_peak_rss();
-    let mut times: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(|a, b| a.total_cmp(b));
+/// Times one run of `f`: (wall, process CPU) seconds.
+fn time_once(f: &mut impl FnMut()) -> (f64, f64) {
+    let cpu = process_cpu_s();
+    let start = Instant::now();
+    f();
+    (start.elapsed().as_secs_f64(), process_cpu_s() - cpu)
+}
+
+fn stat_of(name: &str, mut times: Vec<(f64, f64)>, peak_rss_mb: f64) -> Stat {
+    let mut wall: Vec<f64> = times.iter().map(|t| t.0).collect();
+    let mut cpu: Vec<f64> = times.drain(..).map(|t| t.1).collect();
     let stat = Stat {
         name: name.to_string(),
-        median_s: times[times.len() / 2],
-        min_s: times[0],
-        max_s: times[times.len() - 1],
-        repeats,
-        peak_rss_mb: status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0,
+        median_s: median(&mut wall),
+        min_s: wall[0],
+        max_s: wall[wall.len() - 1],
+        cpu_median_s: median(&mut cpu),
+        repeats: wall.len(),
+        peak_rss_mb,
     };
     eprintln!(
-        "{:<28} median {:>8.3} s  min {:>8.3}  max {:>8.3}  peak RSS {:>7.0} MB",
-        stat.name, stat.median_s, stat.min_s, stat.max_s, stat.peak_rss_mb
+        "{:<28} median {:>8.3} s  min {:>8.3}  max {:>8.3}  cpu {:>8.3} s  peak RSS {:>7.0} MB",
+        stat.name, stat.median_s, stat.min_s, stat.max_s, stat.cpu_median_s, stat.peak_rss_mb
     );
     stat
+}
+
+fn measure(name: &str, repeats: usize, mut f: impl FnMut()) -> Stat {
+    reset_peak_rss();
+    let times: Vec<(f64, f64)> = (0..repeats).map(|_| time_once(&mut f)).collect();
+    stat_of(
+        name,
+        times,
+        status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0,
+    )
 }
 
 /// A plain square sgemm (candle matmul = the gemm crate) as the machine's attainable rate, then
@@ -207,12 +275,12 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
             if times.is_empty() {
                 continue;
             }
-            times.sort_by(|a, b| a.total_cmp(b));
             let st = Stat {
                 name: format!("{name}_{label}"),
-                median_s: times[times.len() / 2],
+                median_s: median(&mut times),
                 min_s: times[0],
                 max_s: times[times.len() - 1],
+                cpu_median_s: f64::NAN,
                 repeats,
                 peak_rss_mb: 0.0,
             };
@@ -241,7 +309,7 @@ fn main() {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
 
     let start = Instant::now();
-    let model = StableDiffusion::load(std::path::Path::new(&dir), &device, DType::F32)
+    let mut model = StableDiffusion::load(std::path::Path::new(&dir), &device, DType::F32)
         .expect("model loads");
     let load_s = start.elapsed().as_secs_f64();
     let weights_rss_mb = status_kb("VmRSS:").unwrap_or(0) as f64 / 1024.0;
@@ -358,6 +426,13 @@ fn main() {
         }
     }
 
+    if let Some(name) = &args.lora {
+        let lora_dir = args.lora_dir.as_deref().expect("--lora needs --lora-dir");
+        let library = LoraLibrary::scan(std::path::Path::new(lora_dir)).expect("LoRA folder");
+        model.set_lora_library(library).expect("LoRA library");
+        stats.extend(lora_stats(&model, name, &args, prompt));
+    }
+
     if args.kernels {
         stats.extend(kernel_stats(args.repeats));
     }
@@ -372,8 +447,18 @@ fn main() {
         .iter()
         .map(|s| {
             format!(
-                "{{\"stage\":\"{}\",\"median_s\":{:.4},\"min_s\":{:.4},\"max_s\":{:.4},\"repeats\":{},\"peak_rss_mb\":{:.0}}}",
-                s.name, s.median_s, s.min_s, s.max_s, s.repeats, s.peak_rss_mb
+                "{{\"stage\":\"{}\",\"median_s\":{:.4},\"min_s\":{:.4},\"max_s\":{:.4},\"cpu_median_s\":{},\"repeats\":{},\"peak_rss_mb\":{:.0}}}",
+                s.name,
+                s.median_s,
+                s.min_s,
+                s.max_s,
+                if s.cpu_median_s.is_finite() {
+                    format!("{:.4}", s.cpu_median_s)
+                } else {
+                    "null".into()
+                },
+                s.repeats,
+                s.peak_rss_mb
             )
         })
         .collect();
@@ -385,4 +470,71 @@ fn main() {
     if let Some(path) = args.json {
         std::fs::write(path, &json).expect("write json");
     }
+}
+
+/// What a request with the LoRA `name` (weight 1) costs: the merge and the restore on their own,
+/// then whole text-to-image generations with the LoRA from base weights (merge included) and
+/// without it right after (restore included), interleaved so both see the same machine load.
+fn lora_stats(model: &StableDiffusion, name: &str, args: &Args, prompt: &str) -> Vec<Stat> {
+    let with = [LoraWeight {
+        name: name.to_owned(),
+        weight: 1.0,
+    }];
+    let mut stats = Vec::new();
+    let (mut merges, mut restores) = (Vec::new(), Vec::new());
+    reset_peak_rss();
+    for _ in 0..args.repeats.max(3) {
+        merges.push(time_once(&mut || {
+            model.prepare_loras(&with).expect("merge")
+        }));
+        restores.push(time_once(&mut || {
+            model.prepare_loras(&[]).expect("restore")
+        }));
+    }
+    let peak = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    stats.push(stat_of(&format!("lora_merge_{name}"), merges, peak));
+    stats.push(stat_of(&format!("lora_restore_{name}"), restores, peak));
+    let steps = args.lora_steps.unwrap_or(args.steps);
+    for &size in &args.lora_sizes {
+        let base = GenerationParams {
+            prompt: prompt.into(),
+            steps,
+            width: size,
+            height: size,
+            ..Default::default()
+        };
+        let lora = GenerationParams {
+            loras: with.to_vec(),
+            ..base.clone()
+        };
+        let run = |p: &GenerationParams| {
+            model
+                .generate(p, &mut |_| std::ops::ControlFlow::Continue(()))
+                .expect("generate");
+        };
+        let (mut with_lora, mut without) = (Vec::new(), Vec::new());
+        reset_peak_rss();
+        for _ in 0..args.repeats.clamp(1, 2) {
+            with_lora.push(time_once(&mut || run(&lora)));
+            without.push(time_once(&mut || run(&base)));
+        }
+        let peak = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
+        let w = stat_of(
+            &format!("generate_{steps}steps_{size}_lora"),
+            with_lora,
+            peak,
+        );
+        let b = stat_of(
+            &format!("generate_{steps}steps_{size}_after_lora"),
+            without,
+            peak,
+        );
+        eprintln!(
+            "    with LoRA / without: {:.3} (wall), {:.3} (cpu)",
+            w.median_s / b.median_s,
+            w.cpu_median_s / b.cpu_median_s
+        );
+        stats.extend([w, b]);
+    }
+    stats
 }

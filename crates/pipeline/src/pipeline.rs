@@ -466,6 +466,13 @@ impl StableDiffusion {
         Ok(targets)
     }
 
+    /// Makes the resident weights those of `loras` now, as the next run asking for them would
+    /// (an empty list writes the originals back); that run then starts without the merge. The
+    /// bench times merging and restoring with it.
+    pub fn prepare_loras(&self, loras: &[LoraWeight]) -> Result<()> {
+        self.sync_loras(loras).map(drop)
+    }
+
     /// Makes the resident weights those of `loras`: unchanged when the last run had the same,
     /// else the originals are written back and the new LoRAs merged.
     fn sync_loras(&self, loras: &[LoraWeight]) -> Result<std::sync::MutexGuard<'_, LoraState>> {
