@@ -308,7 +308,10 @@ impl Engine {
         let (now, mut rx) = self.subscribe(&view.id)?;
         let mut ended = now.status.is_final();
         // How far it got, from its own events, for the 408's details.
-        let (mut started, mut progress) = (None, now.progress);
+        // A job that started before this subscription began has no `started` event to come:
+        // it left the queue at once.
+        let mut started = (now.status != JobStatus::Queued).then_some(enqueued);
+        let mut progress = now.progress;
         while !ended {
             match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
                 Ok(Ok(event)) => {
