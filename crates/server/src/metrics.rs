@@ -1,9 +1,18 @@
-//! Prometheus text exposition, written by hand (counters, gauges, histograms).
+//! `/metrics`: counters, gauges and histograms on the `prometheus-client` crate, exposed in the
+//! Prometheus text format 0.0.4.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
+
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The exposition's `Content-Type`.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Buckets in seconds for latencies (queue, generation, total).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -13,55 +22,6 @@ const LATENCY_BUCKETS: &[f64] = &[
 const STEP_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-
-pub struct Histogram {
-    buckets: &'static [f64],
-    counts: Vec<AtomicU64>,
-    /// Sum in microseconds (atomics hold integers).
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    fn new(buckets: &'static [f64]) -> Self {
-        Self {
-            buckets,
-            counts: buckets.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_us: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, secs: f64) {
-        for (le, c) in self.buckets.iter().zip(&self.counts) {
-            if secs <= *le {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_us
-            .fetch_add((secs.max(0.0) * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (le, c) in self.buckets.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{le}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
 
 /// Gauges read from the engine at scrape time.
 pub struct Gauges {
@@ -81,57 +41,133 @@ pub struct DeviceMemory {
     pub max_peak_used_bytes: u64,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    status: u16,
+    error_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    reason: &'static str,
+}
+
 pub struct Metrics {
-    /// (route, status, error_code) -> count.
-    requests: Mutex<BTreeMap<(String, u16, String), u64>>,
+    /// The metrics that live as long as the server; scrape-time gauges are added per scrape.
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    rejections: Family<RejectionLabels, Counter>,
     pub queue_seconds: Histogram,
     pub generation_seconds: Histogram,
     pub request_seconds: Histogram,
     pub step_seconds: Histogram,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub cancelled: AtomicU64,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cancelled: Counter,
     device_memory: Mutex<Option<DeviceMemory>>,
-    /// Requests and connections turned away before any work, by reason.
-    rejections: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "sdserve_requests",
+            "HTTP requests by route, status and error code",
+            requests.clone(),
+        );
+        let rejections = Family::<RejectionLabels, Counter>::default();
+        registry.register(
+            "sdserve_rejections",
+            "Requests and connections turned away before any work, by reason",
+            rejections.clone(),
+        );
+        let histogram = |registry: &mut Registry, name: &str, help: &str, buckets: &[f64]| {
+            let h = Histogram::new(buckets.iter().copied());
+            registry.register(name, help, h.clone());
+            h
+        };
+        let queue_seconds = histogram(
+            &mut registry,
+            "sdserve_queue_seconds",
+            "Time admitted requests waited for the worker",
+            LATENCY_BUCKETS,
+        );
+        let generation_seconds = histogram(
+            &mut registry,
+            "sdserve_generation_seconds",
+            "Time the worker spent generating",
+            LATENCY_BUCKETS,
+        );
+        let request_seconds = histogram(
+            &mut registry,
+            "sdserve_request_seconds",
+            "Total time of POST /generate requests",
+            LATENCY_BUCKETS,
+        );
+        let step_seconds = histogram(
+            &mut registry,
+            "sdserve_step_seconds",
+            "Generation seconds per denoising step",
+            STEP_BUCKETS,
+        );
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let cache_hits = counter(&mut registry, "sdserve_cache_hits", "Response cache hits");
+        let cache_misses = counter(
+            &mut registry,
+            "sdserve_cache_misses",
+            "Response cache misses (seeded requests only)",
+        );
+        let cancelled = counter(
+            &mut registry,
+            "sdserve_cancelled",
+            "Runs stopped early (timeout, client gone, shutdown, cancel)",
+        );
         Self {
-            requests: Mutex::new(BTreeMap::new()),
-            queue_seconds: Histogram::new(LATENCY_BUCKETS),
-            generation_seconds: Histogram::new(LATENCY_BUCKETS),
-            request_seconds: Histogram::new(LATENCY_BUCKETS),
-            step_seconds: Histogram::new(STEP_BUCKETS),
-            cache_hits: AtomicU64::new(0),
-            cache_misses: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
+            registry,
+            requests,
+            rejections,
+            queue_seconds,
+            generation_seconds,
+            request_seconds,
+            step_seconds,
+            cache_hits,
+            cache_misses,
+            cancelled,
             device_memory: Mutex::new(None),
-            rejections: Mutex::new(BTreeMap::new()),
         }
     }
 }
 
-/// Label values may hold anything a client sends; Prometheus wants `\\`, `"` and newlines escaped.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A gauge holding one reading taken at scrape time.
+fn reading(registry: &mut Registry, name: &str, help: &str, v: u64) {
+    let g = Gauge::<u64, AtomicU64>::default();
+    g.set(v);
+    registry.register(name, help, g);
 }
 
 impl Metrics {
     pub fn count_request(&self, route: &str, status: u16, error_code: &str) {
-        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *map.entry((route.to_string(), status, error_code.to_string()))
-            .or_insert(0) += 1;
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                status,
+                error_code: error_code.to_string(),
+            })
+            .inc();
     }
 
     /// One request or connection turned away: `unauthorized`, `rate_limited`, `body_timeout`,
     /// `connection_limit`, `header_timeout`, `header_too_large`, `overloaded`, `payload_too_large`.
     pub fn count_rejection(&self, reason: &'static str) {
-        let mut map = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
-        *map.entry(reason).or_insert(0) += 1;
+        self.rejections
+            .get_or_create(&RejectionLabels { reason })
+            .inc();
     }
 
     /// Notes one GPU request's device memory (the CPU has none to note).
@@ -151,139 +187,102 @@ impl Metrics {
         *self.device_memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The whole exposition: the server's metrics, then the gauges read now.
     pub fn render(&self, g: &Gauges) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP sdserve_requests_total HTTP requests by route, status and error code.\n",
+        let mut now = Registry::default();
+        let count = |n: usize| n as u64;
+        reading(
+            &mut now,
+            "sdserve_queue_depth",
+            "Admitted requests waiting for the worker",
+            count(g.waiting),
         );
-        out.push_str("# TYPE sdserve_requests_total counter\n");
-        for ((route, status, code), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "sdserve_requests_total{{route=\"{}\",status=\"{status}\",error_code=\"{}\"}} {n}",
-                escape(route),
-                escape(code)
-            );
-        }
-        out.push_str("# HELP sdserve_rejections_total Requests and connections turned away before any work, by reason.\n# TYPE sdserve_rejections_total counter\n");
-        for (reason, n) in self
-            .rejections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(out, "sdserve_rejections_total{{reason=\"{reason}\"}} {n}");
-        }
-        self.queue_seconds.render(
-            &mut out,
-            "sdserve_queue_seconds",
-            "Time admitted requests waited for the worker.",
+        reading(
+            &mut now,
+            "sdserve_running",
+            "Requests being generated now",
+            count(g.running),
         );
-        self.generation_seconds.render(
-            &mut out,
-            "sdserve_generation_seconds",
-            "Time the worker spent generating.",
+        reading(
+            &mut now,
+            "sdserve_capacity",
+            "MAX_CONCURRENT_REQUESTS",
+            count(g.capacity),
         );
-        self.request_seconds.render(
-            &mut out,
-            "sdserve_request_seconds",
-            "Total time of POST /generate requests.",
+        reading(
+            &mut now,
+            "sdserve_model_ready",
+            "1 when the model is loaded",
+            u64::from(g.model_ready),
         );
-        self.step_seconds.render(
-            &mut out,
-            "sdserve_step_seconds",
-            "Generation seconds per denoising step.",
-        );
-        let counters = [
-            (
-                "sdserve_cache_hits_total",
-                "Response cache hits.",
-                &self.cache_hits,
-            ),
-            (
-                "sdserve_cache_misses_total",
-                "Response cache misses (seeded requests only).",
-                &self.cache_misses,
-            ),
-            (
-                "sdserve_cancelled_total",
-                "Runs stopped early (timeout, client gone, shutdown).",
-                &self.cancelled,
-            ),
-        ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let gauges = [
-            (
-                "sdserve_queue_depth",
-                "Admitted requests waiting for the worker.",
-                g.waiting,
-            ),
-            (
-                "sdserve_running",
-                "Requests being generated now.",
-                g.running,
-            ),
-            ("sdserve_capacity", "MAX_CONCURRENT_REQUESTS.", g.capacity),
-            (
-                "sdserve_model_ready",
-                "1 when the model is loaded.",
-                usize::from(g.model_ready),
-            ),
-        ];
-        for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
         if let Some(d) = self.device_memory() {
-            let mut rows = vec![
-                (
-                    "sdserve_gpu_request_peak_bytes",
-                    "Device memory in use (driver) at its highest during the last request.",
-                    d.last.peak_used_bytes,
-                ),
-                (
-                    "sdserve_gpu_request_end_bytes",
-                    "Device memory in use (driver) after the last request returned its cache.",
-                    d.last.end_used_bytes,
-                ),
-                (
-                    "sdserve_gpu_peak_bytes",
-                    "Highest device memory in use (driver) during any request since start.",
-                    d.max_peak_used_bytes,
-                ),
-            ];
+            reading(
+                &mut now,
+                "sdserve_gpu_request_peak_bytes",
+                "Device memory in use (driver) at its highest during the last request",
+                d.last.peak_used_bytes,
+            );
+            reading(
+                &mut now,
+                "sdserve_gpu_request_end_bytes",
+                "Device memory in use (driver) after the last request returned its cache",
+                d.last.end_used_bytes,
+            );
+            reading(
+                &mut now,
+                "sdserve_gpu_peak_bytes",
+                "Highest device memory in use (driver) during any request since start",
+                d.max_peak_used_bytes,
+            );
             if let Some(p) = d.last.pool_peak_bytes {
-                rows.push((
+                reading(
+                    &mut now,
                     "sdserve_gpu_request_allocated_peak_bytes",
-                    "High-water mark of sdserve's own device allocations in the last request.",
+                    "High-water mark of sdserve's own device allocations in the last request",
                     p,
-                ));
-            }
-            for (name, help, v) in rows {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+                );
             }
         }
         if let Some((entries, bytes)) = g.cache {
-            let _ = writeln!(out, "# HELP sdserve_cache_entries Responses in the cache.\n# TYPE sdserve_cache_entries gauge\nsdserve_cache_entries {entries}");
-            let _ = writeln!(out, "# HELP sdserve_cache_bytes Bytes held by the cache.\n# TYPE sdserve_cache_bytes gauge\nsdserve_cache_bytes {bytes}");
+            reading(
+                &mut now,
+                "sdserve_cache_entries",
+                "Responses in the cache",
+                count(entries),
+            );
+            reading(
+                &mut now,
+                "sdserve_cache_bytes",
+                "Bytes held by the cache",
+                count(bytes),
+            );
         }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        let _ = prometheus_text::encode(&mut out, &now);
         out
     }
 }
 
 #[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/common/exposition.rs"]
+mod exposition;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gauges() -> Gauges {
+        Gauges {
+            running: 1,
+            waiting: 2,
+            capacity: 3,
+            model_ready: true,
+            cache: Some((1, 10)),
+        }
+    }
 
     #[test]
     fn renders_counts_and_cumulative_buckets() {
@@ -296,40 +295,65 @@ mod tests {
         m.count_rejection("rate_limited");
         m.queue_seconds.observe(0.07);
         m.queue_seconds.observe(3.0);
-        let text = m.render(&Gauges {
-            running: 1,
-            waiting: 2,
-            capacity: 3,
-            model_ready: true,
-            cache: Some((1, 10)),
-        });
-        assert!(text.contains(
-            "sdserve_requests_total{route=\"/generate\",status=\"200\",error_code=\"\"} 2\n"
-        ));
-        assert!(text.contains("route=\"/x\\\"\""));
-        assert!(text.contains("sdserve_rejections_total{reason=\"unauthorized\"} 2\n"));
-        assert!(text.contains("sdserve_rejections_total{reason=\"rate_limited\"} 1\n"));
-        assert!(text.contains("sdserve_queue_seconds_bucket{le=\"0.05\"} 0\n"));
-        assert!(text.contains("sdserve_queue_seconds_bucket{le=\"0.1\"} 1\n"));
-        assert!(text.contains("sdserve_queue_seconds_bucket{le=\"5\"} 2\n"));
-        assert!(text.contains("sdserve_queue_seconds_count 2\n"));
-        assert!(text.contains("sdserve_queue_depth 2\n"));
-        assert!(text.contains("sdserve_cache_bytes 10\n"));
+        m.cache_hits.inc();
+        let text = m.render(&gauges());
+        let e = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let requests = |route, status, code| {
+            e.value(
+                "sdserve_requests_total",
+                &[("route", route), ("status", status), ("error_code", code)],
+            )
+        };
+        assert_eq!(requests("/generate", "200", ""), Some(2.0));
+        assert_eq!(requests("/x\"", "404", "not_found"), Some(1.0));
+        assert_eq!(e.families["sdserve_requests_total"].kind, "counter");
+        let rejections = |reason| e.value("sdserve_rejections_total", &[("reason", reason)]);
+        assert_eq!(rejections("unauthorized"), Some(2.0));
+        assert_eq!(rejections("rate_limited"), Some(1.0));
+        assert_eq!(e.families["sdserve_queue_seconds"].kind, "histogram");
+        let bucket = |le| e.value("sdserve_queue_seconds_bucket", &[("le", le)]);
+        assert_eq!(bucket("0.05"), Some(0.0));
+        assert_eq!(bucket("0.1"), Some(1.0));
+        assert_eq!(bucket("5"), Some(2.0));
+        assert_eq!(bucket("+Inf"), Some(2.0));
+        assert_eq!(e.value("sdserve_queue_seconds_count", &[]), Some(2.0));
+        let sum = e.value("sdserve_queue_seconds_sum", &[]).unwrap();
+        assert!((sum - 3.07).abs() < 1e-9, "{sum}");
+        assert_eq!(e.value("sdserve_step_seconds_count", &[]), Some(0.0));
+        assert_eq!(e.value("sdserve_cache_hits_total", &[]), Some(1.0));
+        assert_eq!(e.value("sdserve_cache_misses_total", &[]), Some(0.0));
+        assert_eq!(e.value("sdserve_queue_depth", &[]), Some(2.0));
+        assert_eq!(e.value("sdserve_running", &[]), Some(1.0));
+        assert_eq!(e.value("sdserve_capacity", &[]), Some(3.0));
+        assert_eq!(e.value("sdserve_model_ready", &[]), Some(1.0));
+        assert_eq!(e.value("sdserve_cache_bytes", &[]), Some(10.0));
+        assert_eq!(e.families["sdserve_cache_bytes"].kind, "gauge");
         // No GPU request yet: no device memory gauges.
         assert!(!text.contains("sdserve_gpu_"));
+        // Every family says what it is.
+        for (name, f) in &e.families {
+            assert!(f.help.is_some() && f.kind != "untyped", "{name}: {f:?}");
+        }
+    }
+
+    #[test]
+    fn scrape_time_gauges_follow_the_engine() {
+        let m = Metrics::default();
+        let mut g = gauges();
+        g.cache = None;
+        g.model_ready = false;
+        let e = exposition::parse(&m.render(&g)).unwrap();
+        assert_eq!(e.value("sdserve_model_ready", &[]), Some(0.0));
+        assert!(!e.families.contains_key("sdserve_cache_entries"));
+        g.waiting = 7;
+        let e = exposition::parse(&m.render(&g)).unwrap();
+        assert_eq!(e.value("sdserve_queue_depth", &[]), Some(7.0));
     }
 
     #[test]
     fn device_memory_gauges_keep_the_last_request_and_the_highest_peak() {
         use sdserve_pipeline::memory::MemoryUsage;
         let m = Metrics::default();
-        let gauges = || Gauges {
-            running: 0,
-            waiting: 0,
-            capacity: 1,
-            model_ready: true,
-            cache: None,
-        };
         let usage = |peak, pool| MemoryUsage {
             start_used_bytes: 100,
             peak_used_bytes: peak,
@@ -339,15 +363,10 @@ mod tests {
         m.record_device_memory(&usage(5000, Some(4000)));
         m.record_device_memory(&usage(3000, None));
         let text = m.render(&gauges());
-        assert!(
-            text.contains("sdserve_gpu_request_peak_bytes 3000\n"),
-            "{text}"
-        );
-        assert!(text.contains("sdserve_gpu_peak_bytes 5000\n"), "{text}");
-        assert!(
-            text.contains("sdserve_gpu_request_end_bytes 120\n"),
-            "{text}"
-        );
+        let e = exposition::parse(&text).unwrap();
+        assert_eq!(e.value("sdserve_gpu_request_peak_bytes", &[]), Some(3000.0));
+        assert_eq!(e.value("sdserve_gpu_peak_bytes", &[]), Some(5000.0));
+        assert_eq!(e.value("sdserve_gpu_request_end_bytes", &[]), Some(120.0));
         // The last request's pool reading was absent: no stale value from the one before.
         assert!(
             !text.contains("sdserve_gpu_request_allocated_peak_bytes"),

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{decode_png, fake, send_only, Server};
+use common::{decode_png, exposition, fake, send_only, Server};
 use serde_json::json;
 
 fn with(mut env: Vec<(String, String)>, more: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -490,6 +490,11 @@ fn failures_out_of_memory_and_panics() {
 #[test]
 fn metrics_count_requests_and_request_ids_are_echoed() {
     let s = ready(fake("step_ms=1"));
+    let scrape = || {
+        let text = s.get("/metrics").text();
+        exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    };
+    let before = scrape();
     for _ in 0..3 {
         assert_eq!(
             s.post_json(&json!({"prompt": "m", "steps": 2, "width": 256, "height": 256}))
@@ -504,8 +509,31 @@ fn metrics_count_requests_and_request_ids_are_echoed() {
     assert_eq!(r.header("x-request-id"), Some("abc-123"));
     let gen_id = s.get("/health").header("x-request-id").unwrap().to_string();
     assert_eq!(gen_id.len(), 16);
+    let after = scrape();
+    // Counters and histograms moved by exactly what was sent (the exposition read strictly).
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        after
+            .value(name, labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?}"))
+            - before.value(name, labels).unwrap_or(0.0)
+    };
+    let ok = [
+        ("route", "/generate"),
+        ("status", "200"),
+        ("error_code", ""),
+    ];
+    assert_eq!(moved("sdserve_requests_total", &ok), 3.0);
+    assert_eq!(moved("sdserve_generation_seconds_count", &[]), 3.0);
+    assert_eq!(moved("sdserve_step_seconds_count", &[]), 6.0);
+    assert_eq!(moved("sdserve_step_seconds_bucket", &[("le", "+Inf")]), 6.0);
+    assert!(moved("sdserve_generation_seconds_sum", &[]) > 0.0);
+    assert_eq!(after.families["sdserve_step_seconds"].kind, "histogram");
+    assert_eq!(after.families["sdserve_requests_total"].kind, "counter");
     let m = s.get("/metrics");
-    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(m
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
     let text = m.text();
     for line in [
         "sdserve_requests_total{route=\"/generate\",status=\"200\",error_code=\"\"} 3",

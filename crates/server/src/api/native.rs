@@ -185,9 +185,7 @@ pub(super) async fn run(
             None => cache.get(key),
         };
         if let Some(hit) = hit {
-            app.metrics
-                .cache_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            app.metrics.cache_hits.inc();
             stats.cache = Some("hit");
             return Ok(Generated {
                 body: hit,
@@ -195,9 +193,7 @@ pub(super) async fn run(
                 stats,
             });
         }
-        app.metrics
-            .cache_misses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        app.metrics.cache_misses.inc();
     }
     let out = app.engine.run(spec).await?;
     let resp = out.result?;
@@ -313,14 +309,7 @@ pub(super) async fn metrics(State(app): State<Shared>) -> Response {
     let mut gauges = app.engine.gauges();
     gauges.cache = app.cache.as_ref().map(ResponseCache::len_and_bytes);
     let text = app.metrics.render(&gauges);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// This document (OpenAPI 3.1): every route and schema, the dialects' too.

@@ -415,7 +415,7 @@ impl JobBackend for Local {
                 .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
             if jobs.remove_queued(id, why) {
                 self.inner.oom.release_probe();
-                self.inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.inner.metrics.cancelled.inc();
                 tracing::info!(job = %id, reason = ?why, "queued job stopped before it started");
             }
         } else if why == StopReason::Cancelled {

@@ -205,7 +205,7 @@ impl Run<'_> {
                 }
             }
             Ok(Err(PipelineError::Cancelled)) => {
-                inner.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                inner.metrics.cancelled.inc();
                 let why = stop_reason.unwrap_or(StopReason::Cancelled);
                 tracing::info!(job, reason = ?why, step_secs = gen_secs, "generation stopped early");
                 let info = lock_records_info(inner, job);
