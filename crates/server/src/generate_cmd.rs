@@ -1,6 +1,8 @@
 //! `sdserve generate`: one image to a file, with a progress bar on stderr.
 
 use std::io::{IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::ExitCode;
@@ -65,47 +67,64 @@ pub fn batch_path(output: &Path, i: usize) -> std::path::PathBuf {
     output.with_file_name(name)
 }
 
-fn bar(p: StepProgress<'_>, started: Instant) -> String {
-    const WIDTH: usize = 30;
-    let filled = p.step * WIDTH / p.total.max(1);
-    format!(
-        "\r[{}{}] {}",
-        "#".repeat(filled),
-        " ".repeat(WIDTH - filled),
-        progress_text(p, started)
-    )
+/// "2.4 s/step" for slow steps (a CPU), "7.5 steps/s" for fast ones.
+fn rate_text(steps_per_sec: f64) -> String {
+    if !(steps_per_sec.is_finite() && steps_per_sec > 0.0) {
+        "? s/step".into()
+    } else if steps_per_sec >= 1.0 {
+        format!("{steps_per_sec:.1} steps/s")
+    } else {
+        format!("{:.1} s/step", 1.0 / steps_per_sec)
+    }
 }
 
-fn progress_text(p: StepProgress, started: Instant) -> String {
-    let secs = started.elapsed().as_secs_f64();
-    let eta = secs / p.step.max(1) as f64 * p.total.saturating_sub(p.step) as f64;
-    format!(
-        "{}/{} steps, {secs:.1}s elapsed, ~{eta:.1}s left ",
-        p.step, p.total
+/// The bar on a terminal: steps, rate and ETA, redrawn in place by indicatif.
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "[{bar:30}] {pos}/{len} steps, {rate}, {elapsed} elapsed, ETA {eta}",
     )
+    .expect("a valid template")
+    .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = w.write_str(&rate_text(s.per_sec()));
+    })
+    .progress_chars("#>-")
 }
 
-/// Step progress on stderr: a bar redrawn in place on a terminal; into a file or pipe, whole
-/// lines (the first step, then at most one every 5 s, and the last), never `\r` redraws.
+/// Step progress on stderr through an indicatif bar: drawn in place on a terminal; into a file
+/// or pipe the bar stays hidden and whole lines are written instead (the first step, then at
+/// most one every 5 s, and the last), never `\r` redraws.
 struct Progress {
+    bar: ProgressBar,
     terminal: bool,
-    started: Instant,
     last_line: Option<Instant>,
 }
 
 impl Progress {
     fn new(terminal: bool) -> Self {
+        let target = if terminal {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self::with_target(target, terminal)
+    }
+
+    fn with_target(target: ProgressDrawTarget, terminal: bool) -> Self {
+        let bar = ProgressBar::with_draw_target(None, target);
+        bar.set_style(bar_style());
         Self {
+            bar,
             terminal,
-            started: Instant::now(),
             last_line: None,
         }
     }
 
-    /// What to write for this step, if anything.
-    fn render(&mut self, p: StepProgress) -> Option<String> {
+    /// Moves the bar; off a terminal, the line to write for this step, if one is due.
+    fn step(&mut self, p: StepProgress) -> Option<String> {
+        self.bar.set_length(p.total as u64);
+        self.bar.set_position(p.step as u64);
         if self.terminal {
-            return Some(bar(p, self.started));
+            return None;
         }
         let due = self
             .last_line
@@ -114,16 +133,24 @@ impl Progress {
             return None;
         }
         self.last_line = Some(Instant::now());
-        Some(format!("{}\n", progress_text(p, self.started).trim_end()))
+        let elapsed = self.bar.elapsed().as_secs_f64();
+        // indicatif's rate is a moving average; before it has one, the mean so far.
+        let per_sec = match self.bar.per_sec() {
+            r if r.is_finite() && r > 0.0 => r,
+            _ => p.step as f64 / elapsed.max(1e-9),
+        };
+        let left = p.total.saturating_sub(p.step) as f64 / per_sec;
+        Some(format!(
+            "{}/{} steps, {}, {elapsed:.1}s elapsed, ~{left:.1}s left\n",
+            p.step,
+            p.total,
+            rate_text(per_sec)
+        ))
     }
 
-    /// Ends the bar's line on a terminal.
-    fn finish(&self) -> &'static str {
-        if self.terminal {
-            "\n"
-        } else {
-            ""
-        }
+    /// Leaves the finished bar on its own line.
+    fn finish(&self) {
+        self.bar.finish();
     }
 }
 
@@ -214,14 +241,14 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     let images = loaded
         .generator
         .generate(&params, &mut |p| {
-            if let Some(text) = progress.render(p) {
+            if let Some(text) = progress.step(p) {
                 let _ = write!(err, "{text}");
                 let _ = err.flush();
             }
             ControlFlow::Continue(())
         })
         .map_err(|e| e.to_string())?;
-    eprint!("{}", progress.finish());
+    progress.finish();
     let texts = crate::png::batch_texts(&params, &loaded.info.model_version);
     for (i, (img, text)) in images.iter().zip(&texts).enumerate() {
         let path = batch_path(&a.output, i);
@@ -255,49 +282,88 @@ mod tests {
         assert_eq!(batch_path(Path::new("x"), 1), Path::new("x-1"));
     }
 
+    /// A terminal that records what indicatif draws.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.write_str("<clear>")
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn at(step: usize, total: usize) -> StepProgress<'static> {
+        StepProgress {
+            step,
+            total,
+            latents: None,
+        }
+    }
+
     #[test]
-    fn bar_draws_progress() {
-        let s = bar(
-            StepProgress {
-                step: 1,
-                total: 2,
-                latents: None,
-            },
-            Instant::now(),
+    fn a_terminal_gets_a_bar_with_steps_rate_and_eta() {
+        let screen = Screen::default();
+        let mut p = Progress::with_target(
+            ProgressDrawTarget::term_like(Box::new(screen.clone())),
+            true,
+        );
+        for step in 1..=2 {
+            assert_eq!(p.step(at(step, 2)), None, "the bar draws itself");
+        }
+        p.finish();
+        let drawn = screen.0.lock().unwrap().clone();
+        assert!(
+            drawn.contains(&format!("[{}] 2/2 steps, ", "#".repeat(30))),
+            "{drawn}"
         );
         assert!(
-            s.contains(&format!("[{}{}]", "#".repeat(15), " ".repeat(15))),
-            "{s}"
+            drawn.contains("steps/s") || drawn.contains("s/step"),
+            "{drawn}"
         );
-        assert!(s.contains("1/2 steps"));
+        assert!(drawn.contains("ETA"), "{drawn}");
+    }
+
+    #[test]
+    fn rates_read_as_seconds_per_step_when_slow() {
+        assert_eq!(rate_text(0.25), "4.0 s/step");
+        assert_eq!(rate_text(7.5), "7.5 steps/s");
+        assert_eq!(rate_text(0.0), "? s/step");
     }
 
     #[test]
     fn no_redraws_into_a_file() {
         let mut p = Progress::new(false);
-        let lines: Vec<String> = (1..=20)
-            .filter_map(|step| {
-                p.render(StepProgress {
-                    step,
-                    total: 20,
-                    latents: None,
-                })
-            })
-            .collect();
+        let lines: Vec<String> = (1..=20).filter_map(|step| p.step(at(step, 20))).collect();
         // Fast steps: the first and the last only, each a whole line.
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].starts_with("1/20 steps") && lines[1].starts_with("20/20 steps"));
+        assert!(lines[1].contains("~0.0s left"), "{lines:?}");
         assert!(lines.iter().all(|l| !l.contains('\r') && l.ends_with('\n')));
-        assert_eq!(p.finish(), "");
-        let mut t = Progress::new(true);
-        assert!(t
-            .render(StepProgress {
-                step: 3,
-                total: 20,
-                latents: None
-            })
-            .unwrap()
-            .starts_with('\r'));
     }
 
     #[test]
