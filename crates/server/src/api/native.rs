@@ -155,6 +155,15 @@ pub(super) async fn run(
     app: &AppState,
     req: crate::validate::ValidRequest,
 ) -> Result<Generated, ApiError> {
+    run_watched(app, req, |_| {}).await
+}
+
+/// `run`, handing the job's id to `queued` once it is queued (a cache hit runs no job).
+pub(super) async fn run_watched(
+    app: &AppState,
+    req: crate::validate::ValidRequest,
+    queued: impl FnOnce(&str) + Send,
+) -> Result<Generated, ApiError> {
     let info = app
         .engine
         .model_info()
@@ -195,7 +204,7 @@ pub(super) async fn run(
         }
         app.metrics.cache_misses.inc();
     }
-    let out = app.engine.run(spec).await?;
+    let out = app.engine.run(spec, queued).await?;
     let resp = out.result?;
     let bytes =
         Bytes::from(serde_json::to_vec(&*resp).map_err(|e| ApiError::Internal(e.to_string()))?);

@@ -287,8 +287,13 @@ impl Engine {
 
     /// Runs a job for a client that waits (`/generate`): admitted against
     /// MAX_CONCURRENT_REQUESTS, answered when it ends or at its deadline. Dropping the future
-    /// (client gone) cancels the job.
-    pub async fn run(&self, spec: JobSpec) -> Result<Finished, ApiError> {
+    /// (client gone) cancels the job. The job's id goes to `queued` as soon as it is queued, so
+    /// that a caller can follow it (A1111's `progress`) or cancel exactly it (`interrupt`).
+    pub async fn run(
+        &self,
+        spec: JobSpec,
+        queued: impl FnOnce(&str) + Send,
+    ) -> Result<Finished, ApiError> {
         let _permit =
             self.waiters
                 .clone()
@@ -300,6 +305,7 @@ impl Engine {
         let enqueued = Instant::now();
         let deadline = enqueued + timeout;
         let view = self.backend.submit(spec)?;
+        queued(&view.id);
         let mut guard = CancelOnDrop {
             backend: self.backend.clone(),
             id: view.id.clone(),
@@ -414,16 +420,16 @@ mod tests {
             Arc::new(Metrics::default()),
         );
         ready(&engine).await;
-        let out = engine.run(spec(2, timeout)).await.unwrap();
+        let out = engine.run(spec(2, timeout), |_| {}).await.unwrap();
         assert!(png_of(&out).starts_with(b"\x89PNG"));
         let t = Instant::now();
-        let err = engine.run(spec(1000, timeout)).await.unwrap_err();
+        let err = engine.run(spec(1000, timeout), |_| {}).await.unwrap_err();
         assert!(matches!(err, ApiError::Timeout(_)), "{err:?}");
         assert!(t.elapsed() < Duration::from_millis(450));
         // The worker stops within one step, so the next short job finishes well within the deadline.
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert_eq!(engine.gauges().running, 0);
-        engine.run(spec(2, timeout)).await.unwrap();
+        engine.run(spec(2, timeout), |_| {}).await.unwrap();
     }
 
     #[tokio::test]
@@ -437,9 +443,9 @@ mod tests {
         );
         ready(&engine).await;
         let e2 = engine.clone();
-        let first = tokio::spawn(async move { e2.run(spec(10, timeout)).await });
+        let first = tokio::spawn(async move { e2.run(spec(10, timeout), |_| {}).await });
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let err = engine.run(spec(1, timeout)).await.unwrap_err();
+        let err = engine.run(spec(1, timeout), |_| {}).await.unwrap_err();
         assert!(matches!(err, ApiError::Overloaded { .. }), "{err:?}");
         first.await.unwrap().unwrap();
 

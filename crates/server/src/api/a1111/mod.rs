@@ -2,9 +2,12 @@
 //! plugins send and parse. Each request is translated (`translate`) into the one native request
 //! and run like `/generate`; the answers take A1111's shapes (`info` is a JSON *string*).
 //!
-//! `n_iter` batches run one after another, as in A1111; `progress`, `interrupt` and `skip` act
-//! on the A1111 requests in flight (never on other dialects' work). An interrupted request
-//! answers 200 with the images finished before the interrupt, as A1111 does.
+//! `n_iter` batches run one after another, as in A1111, each as one job; `progress`,
+//! `interrupt` and `skip` act on the A1111 requests in flight (never on other dialects' work):
+//! each request knows the id of the job it runs, so `progress` reports that job's step, ETA and
+//! preview, and `interrupt`/`skip` cancel exactly that job (stopped within one step, as
+//! `DELETE /jobs/{id}`). An interrupted request answers 200 with the images finished before
+//! the interrupt, as A1111 does.
 
 pub mod info;
 pub mod schema;
@@ -42,6 +45,8 @@ struct Active {
     n_iter: u32,
     /// The batch running now (0-based).
     job_no: AtomicU32,
+    /// The id of that batch's job, once it is queued.
+    job: Mutex<Option<String>>,
     started: Instant,
     interrupted: AtomicBool,
     skipped: AtomicBool,
@@ -170,6 +175,7 @@ async fn generate(
     let active = Arc::new(Active {
         n_iter: t.n_iter,
         job_no: AtomicU32::new(0),
+        job: Mutex::new(None),
         started: Instant::now(),
         interrupted: AtomicBool::new(false),
         skipped: AtomicBool::new(false),
@@ -187,15 +193,28 @@ async fn generate(
         if active.interrupted.load(Ordering::SeqCst) {
             break;
         }
+        // The old job goes first: `progress` never pairs the new batch with the old job.
+        *lock(&active.job) = None;
         active.job_no.store(k, Ordering::SeqCst);
         active.skipped.store(false, Ordering::SeqCst);
         let mut req = t.valid.clone();
         let seed = info::batch_seed(t.seed, k, t.batch_size);
         req.seed = Some(seed);
-        // Dropping the run (interrupt, skip) cancels its job within one step.
+        // Interrupt and skip cancel the job by its id; dropping the run cancels it too.
+        let known = active.clone();
+        let run = native::run_watched(app, req, move |id| {
+            *lock(&known.job) = Some(id.to_string());
+        });
         let out = tokio::select! {
-            out = native::run(app, req) => out?,
+            out = run => out,
             _ = active.stop.notified() => continue,
+        };
+        let out = match out {
+            Ok(out) => out,
+            // Its job was cancelled by interrupt or skip: stopped, not failed.
+            Err(_) if active.interrupted.load(Ordering::SeqCst) => break,
+            Err(_) if active.skipped.load(Ordering::SeqCst) => continue,
+            Err(e) => return Err(e),
         };
         for (b64, seed) in out.images()? {
             let infotext = base64::engine::general_purpose::STANDARD
@@ -235,18 +254,31 @@ async fn progress(State(app): State<Shared>) -> Json<Value> {
         }));
     };
     let job_no = a.job_no.load(Ordering::SeqCst);
-    let (step, steps) = (0u32, 0u32);
+    let job_id = lock(&a.job).clone();
+    let job = job_id.and_then(|id| app.engine.job(&id).ok());
+    let (step, steps, job_eta, preview) = match &job {
+        Some(j) => (
+            j.progress.step,
+            j.progress.total,
+            j.progress.eta_seconds,
+            j.preview.as_ref().map(|(_, png)| png.clone()),
+        ),
+        None => (0, 0, None, None),
+    };
     let within = if steps > 0 {
-        f64::from(step) / f64::from(steps)
+        (step as f64 / steps as f64).min(1.0)
     } else {
         0.0
     };
-    let progress = (f64::from(job_no) + within) / f64::from(a.n_iter);
+    let batches_done = f64::from(job_no) + within;
+    let progress = batches_done / f64::from(a.n_iter);
     let elapsed = a.started.elapsed().as_secs_f64();
-    let eta = if progress > 0.0 {
-        elapsed / progress - elapsed
-    } else {
-        0.0
+    let batches_after = a.n_iter.saturating_sub(job_no + 1);
+    let eta = match job_eta {
+        Some(eta) => batches_eta(eta, elapsed, batches_done, batches_after),
+        // Before the job's first step: A1111's own estimate from the time so far.
+        None if progress > 0.0 => elapsed / progress - elapsed,
+        None => 0.0,
     };
     Json(json!({
         "progress": progress,
@@ -262,9 +294,27 @@ async fn progress(State(app): State<Shared>) -> Json<Value> {
             "sampling_step": step,
             "sampling_steps": steps,
         },
-        "current_image": null,
+        "current_image": preview.as_deref(),
         "textinfo": null,
     }))
+}
+
+/// Seconds left for the whole request: the running job's own ETA, plus the batches after it at
+/// the mean time per batch so far (`elapsed / batches_done`).
+fn batches_eta(job_eta: f64, elapsed: f64, batches_done: f64, batches_after: u32) -> f64 {
+    let per_batch = if batches_done > 0.0 {
+        elapsed / batches_done
+    } else {
+        0.0
+    };
+    job_eta + f64::from(batches_after) * per_batch
+}
+
+/// Cancels the job `a` runs now, as `DELETE /jobs/{id}` does (stopped within one step).
+fn cancel_job(app: &AppState, a: &Active) {
+    if let Some(id) = lock(&a.job).clone() {
+        let _ = app.engine.cancel(&id);
+    }
 }
 
 /// Stops every A1111 request in flight (each answers with the images it finished).
@@ -272,6 +322,7 @@ async fn progress(State(app): State<Shared>) -> Json<Value> {
 async fn interrupt(State(app): State<Shared>) -> Json<Value> {
     for a in lock(&app.a1111.active).iter() {
         a.interrupted.store(true, Ordering::SeqCst);
+        cancel_job(&app, a);
         a.stop.notify_one();
     }
     Json(json!({}))
@@ -282,6 +333,7 @@ async fn interrupt(State(app): State<Shared>) -> Json<Value> {
 async fn skip(State(app): State<Shared>) -> Json<Value> {
     for a in lock(&app.a1111.active).iter() {
         a.skipped.store(true, Ordering::SeqCst);
+        cancel_job(&app, a);
         a.stop.notify_one();
     }
     Json(json!({}))
@@ -471,4 +523,18 @@ async fn png_info(
         "items": items,
         "parameters": parameters,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches_eta;
+
+    #[test]
+    fn the_eta_adds_the_batches_still_to_come() {
+        // Half of batch 0 done in 10 s, 10 s left in it, one batch after it at 20 s a batch.
+        assert_eq!(batches_eta(10.0, 10.0, 0.5, 1), 30.0);
+        // The last batch: its own ETA only.
+        assert_eq!(batches_eta(4.0, 50.0, 2.5, 0), 4.0);
+        assert_eq!(batches_eta(3.0, 0.0, 0.0, 2), 3.0);
+    }
 }
