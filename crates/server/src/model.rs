@@ -19,6 +19,8 @@ pub struct LoadOptions {
     pub patience: Option<hub::RetryPolicy>,
     /// On the CPU, time a small generation after loading and log what fits this deadline.
     pub probe_deadline: Option<std::time::Duration>,
+    /// JOB_TIMEOUT_SECONDS, for the probe's advice on `POST /jobs`.
+    pub probe_job_deadline: Option<std::time::Duration>,
 }
 
 /// Loads the real pipeline on the worker thread; download/conversion progress goes to `status`
@@ -139,7 +141,7 @@ pub fn load_real(
                 encode_seconds = p.encode_secs,
                 probe_size = p.side,
                 "{}",
-                p.summary(deadline)
+                p.summary(deadline, load.probe_job_deadline)
             ),
             Err(e) => tracing::warn!(error = %e, "the start-up speed probe failed"),
         }

@@ -348,8 +348,20 @@ mod tests {
             readme.contains(&format!("Rust {ours}+")),
             "README.md must say `Rust {ours}+`"
         );
+        // Only this platform's packages: a build downloads no others (e.g. Windows-only
+        // crates), and offline metadata cannot read what was never downloaded.
+        let version = std::process::Command::new(env!("CARGO"))
+            .arg("-vV")
+            .output()
+            .expect("cargo -vV");
+        let version = String::from_utf8_lossy(&version.stdout).to_string();
+        let host = version
+            .lines()
+            .find_map(|l| l.strip_prefix("host: "))
+            .expect("cargo -vV names the host");
         let out = std::process::Command::new(env!("CARGO"))
             .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+            .args(["--filter-platform", host])
             .arg("--manifest-path")
             .arg(WORKSPACE_TOML)
             .output()

@@ -81,8 +81,9 @@ impl SpeedProbe {
             .unwrap_or(0)
     }
 
-    /// One line for the start-up log.
-    pub fn summary(&self, deadline: Duration) -> String {
+    /// One line for the start-up log; `job_deadline` (JOB_TIMEOUT_SECONDS) is named as the
+    /// way out when the default request does not fit `deadline`.
+    pub fn summary(&self, deadline: Duration, job_deadline: Option<Duration>) -> String {
         let sides: Vec<usize> = (SIZE_MIN as usize..=SIZE_MAX as usize)
             .step_by(128)
             .collect();
@@ -96,12 +97,24 @@ impl SpeedProbe {
             })
             .collect();
         let default_needs = self.estimate_secs(SIZE_DEFAULT, SIZE_DEFAULT, STEPS_DEFAULT + 1);
+        // Room for a slower step than the probe's.
+        let enough = (default_needs * 1.2).ceil();
         let verdict = if default_needs <= deadline.as_secs_f64() {
             "fits".to_string()
         } else {
+            let jobs = match job_deadline {
+                Some(d) if default_needs <= d.as_secs_f64() => format!(
+                    ", or send it to POST /jobs, whose deadline (JOB_TIMEOUT_SECONDS={}) it fits",
+                    d.as_secs()
+                ),
+                Some(d) => format!(
+                    ", or send it to POST /jobs with JOB_TIMEOUT_SECONDS (now {}) of at least {enough:.0}",
+                    d.as_secs()
+                ),
+                None => String::new(),
+            };
             format!(
-                "does not fit: raise GENERATION_TIMEOUT_SECONDS to at least {:.0}, or ask for fewer steps or a smaller size",
-                (default_needs * 1.2).ceil()
+                "does not fit: raise GENERATION_TIMEOUT_SECONDS (or --generation-timeout-seconds) to at least {enough:.0}, or ask for fewer steps or a smaller size{jobs}"
             )
         };
         format!(
@@ -148,13 +161,25 @@ mod tests {
             ..CPU
         };
         assert_eq!(fast.max_steps(768, deadline), STEPS_MAX as usize);
-        let line = CPU.summary(deadline);
+        let line = CPU.summary(deadline, None);
         assert!(line.contains("512x512: up to 6 steps"), "{line}");
         assert!(line.contains("768x768: 1 step"), "{line}");
         assert!(
             line.contains("does not fit: raise GENERATION_TIMEOUT_SECONDS"),
             "{line}"
         );
-        assert!(fast.summary(deadline).contains("and fits"));
+        assert!(!line.contains("/jobs"), "{line}");
+        assert!(fast.summary(deadline, None).contains("and fits"));
+        // The default request (512x512, 21 evaluations) needs about 151 s here.
+        let line = CPU.summary(deadline, Some(Duration::from_secs(600)));
+        assert!(
+            line.contains("POST /jobs, whose deadline (JOB_TIMEOUT_SECONDS=600) it fits"),
+            "{line}"
+        );
+        let line = CPU.summary(deadline, Some(Duration::from_secs(100)));
+        assert!(
+            line.contains("JOB_TIMEOUT_SECONDS (now 100) of at least 181"),
+            "{line}"
+        );
     }
 }
