@@ -42,6 +42,9 @@ def main():
     ap.add_argument("--attention-slicing", action="store_true", help="pipe.enable_attention_slicing()")
     ap.add_argument("--vae-tiling", action="store_true", help="pipe.enable_vae_tiling()")
     ap.add_argument("--model-offload", action="store_true", help="pipe.enable_model_cpu_offload()")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time one UNet step with guidance per size under torch.profiler: "
+                         "device ms per kind of kernel (conv, gemm, attention, norm, other)")
     args = ap.parse_args()
 
     import numpy as np
@@ -154,7 +157,16 @@ def main():
                 "peak_used_max_mb": max(r["peak_used_mb"] for r in runs),
                 "pool_peak_max_mb": max(r["pool_peak_mb"] for r in runs),
             })
+    profile = None
+    if args.profile:
+        profile = {}
+        for size in sizes:
+            try:
+                profile[str(size)] = profile_unet(pipe, size, dtype)
+            except Exception as e:  # the measurements above still count
+                profile[str(size)] = {"error": repr(e)}
     print(json.dumps({
+        "profile": profile,
         "device": torch.cuda.get_device_name(),
         "dtype": args.dtype,
         "attention": "sliced" if args.attention_slicing else "sdpa",
@@ -166,6 +178,57 @@ def main():
         "steps": args.steps,
         "cases": cases,
     }, indent=1))
+
+
+KINDS = (  # first match wins; names of cuDNN/cuBLAS/torch kernels
+    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("conv", ("conv", "fprop", "implicit", "nchwtonhwc", "nhwctonchw", "winograd", "dgrad", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "cublas", "matmul", "splitk")),
+    ("norm", ("norm",)),
+)
+
+
+def kind_of(name):
+    n = name.lower()
+    for kind, keys in KINDS:
+        if any(k in n for k in keys):
+            return kind
+    return "other"
+
+
+def profile_unet(pipe, size, dtype):
+    """One UNet step with guidance (batch 2) under torch.profiler: device ms per kind of kernel
+    and the ten costliest kernels, median of three profiled calls after two warm-ups."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    unet = pipe.unet
+    lat = torch.randn(2, unet.config.in_channels, size // 8, size // 8, device="cuda", dtype=dtype)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=dtype)
+    t = torch.tensor(500, device="cuda")
+    with torch.inference_mode():
+        for _ in range(2):
+            unet(lat, t, encoder_hidden_states=ctx)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                unet(lat, t, encoder_hidden_states=ctx)
+            torch.cuda.synchronize()
+    kinds, kernels = {}, {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if not us or e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        k = kind_of(e.key)
+        ms = us / 1e3 / 3
+        kinds[k] = kinds.get(k, 0.0) + ms
+        kernels[e.key[:90]] = (round(ms, 3), e.count // 3, k)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]
+    out = {"ms_per_step": {k: round(v, 3) for k, v in sorted(kinds.items())},
+           "total_ms": round(sum(kinds.values()), 3),
+           "top_kernels": [[n, ms, calls, k] for n, (ms, calls, k) in top]}
+    print(f"profile {size}: {out['ms_per_step']} total {out['total_ms']} ms", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

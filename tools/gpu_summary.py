@@ -38,6 +38,37 @@ def case(r, name, size, field):
     return None
 
 
+def profile_table(r):
+    """Device ms per kind of op in one UNet step (ours: CUDA events per call; diffusers:
+    torch.profiler kernel times), and ours for the decode after the last step."""
+    lines = []
+    for ours, theirs in (("profile_f16", "diffusers_f16"), ("profile_f32", "diffusers_f32")):
+        for c in (r.get(ours) or {}).get("cases", []):
+            size = c.get("size")
+            run = (c.get("runs") or [{}])[0]
+            step = run.get("step_device_ms") or {}
+            dec = run.get("decode_device_ms") or {}
+            prof = ((r.get(theirs) or {}).get("profile") or {}).get(str(size)) or {}
+            dk = prof.get("ms_per_step") or {}
+            lines.append(f"| {ours} {size}: ms per step | ours (calls) | diffusers | ours decode (calls) |")
+            lines.append("|---|---|---|---|")
+            if "step" in step:  # the step's device time outside our profiled calls
+                step = dict(step)
+                step["other"] = (step["step"][0] - sum(v[0] for k, v in step.items() if k != "step"), 0)
+            for k in sorted(set(step) | set(dk) | set(dec)):
+                o, d, e = step.get(k), dk.get(k), dec.get(k)
+                fo = "-" if o is None else f"{o[0]:.3f} ({o[1]})"
+                fe = "-" if e is None else f"{e[0]:.3f} ({e[1]})"
+                lines.append(f"| {k} | {fo} | {'-' if d is None else d} | {fe} |")
+            if prof.get("total_ms") is not None:
+                lines.append(f"| diffusers kernels total | | {prof['total_ms']} | |")
+            lines.append("")
+            for n, ms, calls, k in prof.get("top_kernels", [])[:8]:
+                lines.append(f"diffusers {size} top kernel: {ms} ms x{calls} [{k}] {n}")
+            lines.append("")
+    return lines
+
+
 def table(r):
     rows = []
 
@@ -74,6 +105,17 @@ def table(r):
             w = c["worst"]
             lines.append(f"| {k} | {w['mean_abs']} | {w['max_abs']} | {w['frac_over_8']} |")
     lines.append("")
+    lines.append("| f16 step, default plan, one change undone | 512 s | vs all on | 768 s | vs all on |")
+    lines.append("|---|---|---|---|---|")
+    for k in sorted(r):
+        if k.startswith("variant_"):
+            cells = []
+            for size in (512, 768):
+                s, base = case(r, k, size, "step_median_s"), case(r, "ours_f16", size, "step_median_s")
+                cells += ["-" if s is None else f"{s:.4f}", f"{s / base:.2f}x" if s and base else "-"]
+            lines.append(f"| {k[8:]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += profile_table(r)
     # The ablations run at the first size of the session.
     size = next((c["size"] for k in sorted(r) if k.startswith("ablate_")
                  for c in (r[k] or {}).get("cases", [])), 512)

@@ -4,6 +4,7 @@
 //! next to `tools/bench_diffusers_gpu.py` on the same folder (docs/GPU.md); `--png-dir` keeps the
 //! images for `tools/compare_images.py`.
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,36 @@ struct Run {
     pool_peak_mb: Option<f64>,
     start_used_mb: Option<f64>,
     end_used_mb: Option<f64>,
+    /// `SDSERVE_CUDA_PROFILE=1`: device milliseconds per kind of op in a denoising step
+    /// (median over the steps after the first) and calls per step; "step" is the whole step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_device_ms: Option<BTreeMap<String, (f64, usize)>>,
+    /// The same after the last step: VAE decode and postprocessing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decode_device_ms: Option<BTreeMap<String, (f64, usize)>>,
+}
+
+type Profile = BTreeMap<String, (f64, usize)>;
+
+/// Per kind of op, the median over `steps` of its milliseconds (and its calls in the last step).
+fn median_profile(steps: &[Profile], step_s: &[f64]) -> Profile {
+    let mut kinds: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
+    for p in steps {
+        for (k, &(ms, n)) in p {
+            let e = kinds.entry(k.clone()).or_default();
+            e.0.push(ms);
+            e.1 = n;
+        }
+    }
+    let mut out: Profile = kinds
+        .into_iter()
+        .map(|(k, (v, n))| (k, (median(v), n)))
+        .collect();
+    out.insert(
+        "step".into(),
+        (median(step_s.iter().map(|s| s * 1e3).collect()), 1),
+    );
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -183,6 +214,8 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 let started = Instant::now();
                 let mut last = started;
                 let (mut step_s, mut issue_s) = (Vec::new(), Vec::new());
+                let profiling = sdserve_pipeline::kernels::cuda::profiling();
+                let mut profiles: Vec<Profile> = Vec::new();
                 let images = sd
                     .generate(&params, &mut |_p: StepProgress<'_>| {
                         // The host has issued the step; the wait below is the device catching up
@@ -191,6 +224,10 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                         // Without it the timer would see the host enqueueing, not the device working.
                         let _ = device.synchronize();
                         let now = Instant::now();
+                        if profiling {
+                            let p = sdserve_pipeline::kernels::cuda::take_profile(&device);
+                            profiles.push(p.unwrap_or_default());
+                        }
                         step_s.push(now.duration_since(last).as_secs_f64());
                         issue_s.push(issued.duration_since(last).as_secs_f64());
                         last = now;
@@ -198,6 +235,19 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                     })
                     .map_err(|e| format!("{size}x{size} {}: {e}", scheduler.name()))?;
                 let wall_s = started.elapsed().as_secs_f64();
+                let decode_device_ms = if profiling {
+                    Some(
+                        sdserve_pipeline::kernels::cuda::take_profile(&device)
+                            .map_err(|e| e.to_string())?,
+                    )
+                } else {
+                    None
+                };
+                let step_device_ms = profiling.then(|| {
+                    let n = profiles.len().min(step_s.len());
+                    let from = usize::from(n > 1);
+                    median_profile(&profiles[from..n], &step_s[from..n])
+                });
                 let cpu_s = match (cpu_start, process_cpu_s()) {
                     (Some(a), Some(b)) => Some(b - a),
                     _ => None,
@@ -225,6 +275,8 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                     pool_peak_mb: usage.and_then(|u| u.pool_peak_bytes).map(mib),
                     start_used_mb: usage.map(|u| mib(u.start_used_bytes)),
                     end_used_mb: usage.map(|u| mib(u.end_used_bytes)),
+                    step_device_ms,
+                    decode_device_ms,
                 };
                 eprintln!(
                     "{size}x{size} {} seed {seed}: {wall_s:.3}s (cpu {:?}s), {:.4}s/step ({:.4}s issuing), peak {:?} MiB, pool peak {:?} MiB",

@@ -349,7 +349,7 @@ impl Dense {
                     None => y,
                 }
             }
-            Self::Candle(l) if !x.device().is_cpu() && l.bias().is_some() => {
+            Self::Candle(l) if !x.device().is_cpu() => {
                 return gpu_linear(l, x, residual);
             }
             Self::Candle(l) => candle_core::Module::forward(l, x)?,
@@ -361,16 +361,18 @@ impl Dense {
     }
 }
 
-/// `x W^T + bias (+ residual)` on a GPU: one GEMM over all rows, then bias and residual in one
-/// pass (`kernels::cuda::bias_add`) instead of two broadcast element-wise ops.
+/// `x W^T + bias (+ residual)` on a GPU: one GEMM over all rows (candle's `Linear` would run a
+/// batched GEMM over a broadcast weight), then bias and residual in one pass
+/// (`kernels::cuda::bias_add`) instead of two broadcast element-wise ops.
 fn gpu_linear(l: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     let w = l.weight();
     let k = x.dim(candle_core::D::Minus1)?;
     let mut dims = x.dims().to_vec();
-    let y = x
-        .contiguous()?
-        .reshape((x.elem_count() / k.max(1), k))?
-        .matmul(&w.t()?)?;
+    let y = super::cuda::profiled(x.device(), "gemm", || {
+        x.contiguous()?
+            .reshape((x.elem_count() / k.max(1), k))?
+            .matmul(&w.t()?)
+    })?;
     let last = dims.len() - 1;
     dims[last] = y.dim(1)?;
     let y = y.reshape(dims)?;

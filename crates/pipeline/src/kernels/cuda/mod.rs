@@ -24,6 +24,41 @@ use candle_core::{Device, Result, Tensor};
 mod conv;
 #[cfg(feature = "cuda-core")]
 mod imp;
+#[cfg(feature = "cuda-core")]
+mod profile;
+
+/// Whether `SDSERVE_CUDA_PROFILE=1` asked for device time per kind of op ([`profiled`]).
+pub fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SDSERVE_CUDA_PROFILE").is_ok_and(|v| v.trim() == "1"))
+}
+
+/// Runs `f`, and when [`profiling`] on a GPU, adds the device time of the work it issued to
+/// `what`'s total (CUDA events around it; nested calls count for the outermost only).
+pub fn profiled<T>(
+    device: &Device,
+    what: &'static str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    #[cfg(feature = "cuda-core")]
+    if profiling() && !device.is_cpu() {
+        return profile::profiled(device, what, f);
+    }
+    let _ = (device, what);
+    f()
+}
+
+/// Device milliseconds and calls per kind of op since the last call (waits for the device);
+/// empty unless [`profiling`].
+pub fn take_profile(device: &Device) -> Result<std::collections::BTreeMap<String, (f64, usize)>> {
+    #[cfg(feature = "cuda-core")]
+    if profiling() && !device.is_cpu() {
+        let p = profile::take(device)?;
+        return Ok(p.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    }
+    let _ = device;
+    Ok(Default::default())
+}
 
 /// A kernel that [`enabled`] can switch off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,17 +140,22 @@ pub fn attention(
     }
     #[cfg(feature = "cuda-core")]
     {
-        // SDSERVE_CUDA_ATTENTION=simt: the CUDA-core kernel on any GPU (A/B, pre-Ampere path).
-        static SIMT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let simt = *SIMT.get_or_init(|| {
-            std::env::var("SDSERVE_CUDA_ATTENTION").is_ok_and(|v| v.trim() == "simt")
+        // SDSERVE_CUDA_ATTENTION=simt: the CUDA-core kernel on any GPU (A/B, pre-Ampere path);
+        // =mma1: the first tensor-core kernel, without double buffering (A/B).
+        static VARIANT: std::sync::OnceLock<imp::Variant> = std::sync::OnceLock::new();
+        let variant = *VARIANT.get_or_init(|| {
+            match std::env::var("SDSERVE_CUDA_ATTENTION")
+                .as_deref()
+                .map(str::trim)
+            {
+                Ok("simt") => imp::Variant::Simt,
+                Ok("mma1") => imp::Variant::Mma1,
+                _ => imp::Variant::Auto,
+            }
         });
-        let variant = if simt {
-            imp::Variant::Simt
-        } else {
-            imp::Variant::Auto
-        };
-        imp::attention(q, k, v, heads, scale, variant)
+        profiled(q.device(), "attention", || {
+            imp::attention(q, k, v, heads, scale, variant)
+        })
     }
     #[cfg(not(feature = "cuda-core"))]
     {
@@ -138,7 +178,9 @@ pub fn group_norm(
         return Ok(None);
     }
     #[cfg(feature = "cuda-core")]
-    return imp::group_norm(x, groups, weight, bias, eps, silu);
+    return profiled(x.device(), "group_norm", || {
+        imp::group_norm(x, groups, weight, bias, eps, silu)
+    });
     #[cfg(not(feature = "cuda-core"))]
     {
         let _ = (groups, weight, bias, eps, silu);
@@ -152,7 +194,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         return Ok(None);
     }
     #[cfg(feature = "cuda-core")]
-    return imp::layer_norm(x, weight, bias, eps);
+    return profiled(x.device(), "layer_norm", || {
+        imp::layer_norm(x, weight, bias, eps)
+    });
     #[cfg(not(feature = "cuda-core"))]
     {
         let _ = (weight, bias, eps);
@@ -167,7 +211,7 @@ pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     #[cfg(feature = "cuda-core")]
-    return imp::geglu(h);
+    return profiled(h.device(), "geglu", || imp::geglu(h));
     #[cfg(not(feature = "cuda-core"))]
     Ok(None)
 }
@@ -186,7 +230,9 @@ pub fn bias_add(
         return Ok(None);
     }
     #[cfg(feature = "cuda-core")]
-    return imp::bias_add(y, bias, inner, residual);
+    return profiled(y.device(), "bias_add", || {
+        imp::bias_add(y, bias, inner, residual)
+    });
     #[cfg(not(feature = "cuda-core"))]
     {
         let _ = (bias, inner, residual);
@@ -210,7 +256,9 @@ pub fn conv2d(
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
-    return conv::conv2d(x, weight, stride, padding);
+    return profiled(x.device(), "conv", || {
+        conv::conv2d(x, weight, stride, padding)
+    });
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (weight, stride, padding);
