@@ -8,7 +8,7 @@
 //! Pascal true half would run at 1/64 of the f32 rate, on tensor-core GPUs it loses precision
 //! for nothing).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -16,7 +16,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{
     self, sys, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor,
 };
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::{DeviceId, WrapErr};
+
+const DEFAULT_EVENT: CUevent_flags = CUevent_flags::CU_EVENT_DEFAULT;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::f16;
 
@@ -38,6 +41,45 @@ struct Plan<T: cudnn::CudnnDataType> {
     y: TensorDescriptor<T>,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     workspace: usize,
+    /// The algorithm and workspace after timing them on the first call ([`find_enabled`]).
+    chosen: Cell<Option<(sys::cudnnConvolutionFwdAlgo_t, usize)>>,
+}
+
+/// Every forward algorithm cuDNN has, tried in turn by the first call of a shape.
+const ALGOS: [sys::cudnnConvolutionFwdAlgo_t; 8] = {
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    [
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+
+/// Whether the first call of each shape times every algorithm and keeps the fastest (cuDNN's
+/// "benchmark mode", what `cudnnFind*` does): `SDSERVE_CUDNN_FIND=1`. Off by default: measured
+/// on an H200 (docs/GPU.md) it gained no device time over the heuristics' first pick at 768
+/// and in f32, and at 512 its picks cost more host time to launch (the step got slower).
+fn find_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SDSERVE_CUDNN_FIND").is_ok_and(|v| v.trim() == "1"))
+}
+
+/// The largest workspace an algorithm may ask for (`SDSERVE_CUDNN_WORKSPACE_MB`, default 256):
+/// FFT algorithms want gigabytes at 768x768, which the memory plan does not budget.
+fn workspace_cap() -> usize {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("SDSERVE_CUDNN_WORKSPACE_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(256)
+            << 20
+    })
 }
 
 enum AnyPlan {
@@ -98,6 +140,7 @@ fn make_plan<T: cudnn::CudnnDataType>(h: &Arc<Cudnn>, k: &Key) -> Result<Plan<T>
         y,
         algo,
         workspace,
+        chosen: Cell::new(None),
     })
 }
 
@@ -173,15 +216,54 @@ impl CustomOp2 for Conv {
                 let x = super::imp::view::<$t>(xs, xl)?;
                 let w = super::imp::view::<$t>(ws, wl)?;
                 let mut y = unsafe { stream.alloc::<$t>(n) }.w()?;
-                let mut work = unsafe { stream.alloc::<u8>($p.workspace.max(1)) }.w()?;
                 let fwd = ConvForward {
                     conv: &$p.conv,
                     x: &$p.x,
                     w: &$p.w,
                     y: &$p.y,
                 };
+                let (algo, bytes) = match $p.chosen.get() {
+                    Some(c) => c,
+                    None => {
+                        let mut best = ($p.algo, $p.workspace, f32::INFINITY);
+                        if find_enabled() {
+                            for a in ALGOS {
+                                let Ok(bytes) = fwd.get_workspace_size(a) else {
+                                    continue;
+                                };
+                                if bytes > workspace_cap() {
+                                    continue;
+                                }
+                                let mut work = unsafe { stream.alloc::<u8>(bytes.max(1)) }.w()?;
+                                // SAFETY: descriptors made for these shapes; an algorithm
+                                // cuDNN does not support here returns an error, nothing runs.
+                                let mut go = || unsafe {
+                                    fwd.launch(a, Some(&mut work), ($one, $zero), &x, &w, &mut y)
+                                };
+                                // One untimed run (loads the kernels), then two timed ones.
+                                if go().is_err() {
+                                    continue;
+                                }
+                                let timing = Some(DEFAULT_EVENT);
+                                let t0 = stream.record_event(timing).w()?;
+                                if go().is_err() || go().is_err() {
+                                    continue;
+                                }
+                                let t1 = stream.record_event(timing).w()?;
+                                t1.synchronize().w()?;
+                                let ms = t0.elapsed_ms(&t1).w()? / 2.0;
+                                if ms < best.2 {
+                                    best = (a, bytes, ms);
+                                }
+                            }
+                        }
+                        $p.chosen.set(Some((best.0, best.1)));
+                        (best.0, best.1)
+                    }
+                };
+                let mut work = unsafe { stream.alloc::<u8>(bytes.max(1)) }.w()?;
                 // SAFETY: the descriptors were made for exactly these shapes and dtype.
-                unsafe { fwd.launch($p.algo, Some(&mut work), ($one, $zero), &x, &w, &mut y) }
+                unsafe { fwd.launch(algo, Some(&mut work), ($one, $zero), &x, &w, &mut y) }
                     .map_err(err)?;
                 CudaStorage::wrap_cuda_slice(y, dev.clone())
             }};

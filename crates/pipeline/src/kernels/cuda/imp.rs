@@ -119,11 +119,13 @@ fn not_on_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
 
 // ------------------------------------------------------------------------------- attention
 
-/// Which attention kernel: the best for the architecture, or the CUDA-core one everywhere
-/// (what pre-Ampere GPUs run; tests compare both).
+/// Which attention kernel: the best for the architecture, the first tensor-core kernel (no
+/// double buffering; for A/B runs), or the CUDA-core one everywhere (what pre-Ampere GPUs run);
+/// tests compare all three.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     Auto,
+    Mma1,
     Simt,
 }
 
@@ -169,9 +171,14 @@ impl CustomOp3 for Attention {
             view::<f16>(vs, vl)?,
         );
         let out: CudaSlice<f16> = unsafe { dev.alloc::<f16>(b * n * c)? };
-        let mma = self.variant == Variant::Auto && kernel_arch(dev)? >= 80;
-        let (name, rows, smem) = if mma {
-            let dp = d.div_ceil(16) * 16;
+        let tensor_cores = self.variant != Variant::Simt && kernel_arch(dev)? >= 80;
+        // The double-buffered kernel copies 16-byte rows: every head must start 16-byte aligned.
+        let aligned = [ql, kl, vl].iter().all(|l| l.start_offset() % 8 == 0) && d % 8 == 0;
+        let dp = d.div_ceil(16) * 16;
+        let (name, rows, smem) = if tensor_cores && self.variant == Variant::Auto && aligned {
+            // Q tile plus two K and two V tiles of 64 rows, each row dp + 8 halves.
+            (format!("flash_mma2_d{d}"), 64, 5 * 64 * (dp + 8) * 2)
+        } else if tensor_cores {
             let smem = (2 * 64 * (dp + 8) + dp * (64 + 8)) * 2;
             (format!("flash_mma_d{d}"), 64, smem)
         } else {
@@ -238,6 +245,20 @@ fn f32_param(t: &Tensor, len: usize) -> Result<Option<Tensor>> {
     Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?))
 }
 
+/// Groups of at least this many values are normalised by many blocks (two kernels); smaller
+/// ones by one block each.
+const GROUP_SPLIT_MIN: usize = 16 << 10;
+/// Values per block in the split group norm (rounded to whole channels).
+const GROUP_CHUNK: usize = 8 << 10;
+
+/// `SDSERVE_CUDA_GROUP_NORM=single` keeps one block per group at every size (A/B runs).
+fn split_groups() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("SDSERVE_CUDA_GROUP_NORM").map_or(true, |v| v.trim() != "single")
+    })
+}
+
 /// x with two f32 parameter vectors (weight, bias): group norm and layer norm.
 struct Norm {
     kind: NormKind,
@@ -294,14 +315,38 @@ impl CustomOp3 for Norm {
                     NormKind::Group { groups, silu } => {
                         let (batch, channels) = (dims[0], dims[1]);
                         let spatial = count / (batch * channels);
-                        let f = function(dev, &format!("group_norm_{suffix}"), 0)?;
                         let (c, s, g, a) =
                             (channels as i32, spatial as i32, groups as i32, silu as i32);
-                        let mut l = stream.launch_builder(&f);
-                        l.arg(&x).arg(&out).arg(&w).arg(&b);
-                        l.arg(&c).arg(&s).arg(&g).arg(&self.eps).arg(&a);
-                        // SAFETY: matches group_norm_*'s signature; sizes checked by the caller.
-                        unsafe { l.launch(cfg(((batch * groups) as u32, 1), 512, 0)) }.w()?;
+                        let per_group = channels / groups * spatial;
+                        if per_group >= GROUP_SPLIT_MIN && batch * groups <= 65535 && split_groups() {
+                            // Chunks of whole channels, about GROUP_CHUNK values each.
+                            let cg = channels / groups;
+                            let cpc = GROUP_CHUNK.div_ceil(spatial).clamp(1, cg);
+                            let chunks = cg.div_ceil(cpc);
+                            let part: CudaSlice<f32> =
+                                unsafe { dev.alloc::<f32>(batch * groups * chunks * 3)? };
+                            let grid = (chunks as u32, (batch * groups) as u32);
+                            let cpc32 = cpc as i32;
+                            let f = function(dev, &format!("group_norm_stats_{suffix}"), 0)?;
+                            let mut l = stream.launch_builder(&f);
+                            l.arg(&x).arg(&part).arg(&c).arg(&s).arg(&g).arg(&cpc32);
+                            // SAFETY: matches group_norm_stats_*; part holds 3 floats per
+                            // (batch, group, chunk).
+                            unsafe { l.launch(cfg(grid, 256, 0)) }.w()?;
+                            let f = function(dev, &format!("group_norm_apply_{suffix}"), 0)?;
+                            let mut l = stream.launch_builder(&f);
+                            l.arg(&x).arg(&out).arg(&part).arg(&w).arg(&b);
+                            l.arg(&c).arg(&s).arg(&g).arg(&cpc32).arg(&self.eps).arg(&a);
+                            // SAFETY: matches group_norm_apply_*; same grid as the stats.
+                            unsafe { l.launch(cfg(grid, 256, 0)) }.w()?;
+                        } else {
+                            let f = function(dev, &format!("group_norm_{suffix}"), 0)?;
+                            let mut l = stream.launch_builder(&f);
+                            l.arg(&x).arg(&out).arg(&w).arg(&b);
+                            l.arg(&c).arg(&s).arg(&g).arg(&self.eps).arg(&a);
+                            // SAFETY: matches group_norm_*'s signature; sizes checked by the caller.
+                            unsafe { l.launch(cfg(((batch * groups) as u32, 1), 512, 0)) }.w()?;
+                        }
                     }
                     NormKind::Layer => {
                         let dim = dims[dims.len() - 1];
@@ -442,8 +487,35 @@ impl BiasAdd {
         let dev = ys.device();
         let n = yl.shape().elem_count();
         let bias_len = bl.shape().elem_count();
+        // [rows, cols]: a bias per row (inner > 1: rows of `inner` values) or per column.
+        let (rows, cols, per_row) = if self.inner > 1 {
+            (n / self.inner, self.inner, 1i32)
+        } else {
+            (n / bias_len, bias_len, 0i32)
+        };
         let stream = dev.cuda_stream();
-        let grid = (n.div_ceil(256).min(1 << 20) as u32, 1);
+        // Pairs of halves need even rows starting at even offsets (4-byte words).
+        let even = |l: &Layout| l.start_offset() % 2 == 0;
+        let pairs = ys.dtype() == DType::F16
+            && cols % 2 == 0
+            && even(yl)
+            && res.is_none_or(|(_, rl)| even(rl));
+        let width = if pairs { cols / 2 } else { cols };
+        let block = if width >= 256 {
+            256
+        } else {
+            width.div_ceil(32) * 32
+        };
+        let grid = (
+            width.div_ceil(block).min(1024) as u32,
+            rows.min(65535) as u32,
+        );
+        let launch = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (block as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows64, cols32, blen32) = (rows as i64, width as i32, bias_len as i32);
         macro_rules! run {
             ($t:ty, $name:expr) => {{
                 let y = view::<$t>(ys, yl)?;
@@ -454,22 +526,29 @@ impl BiasAdd {
                 };
                 let out: CudaSlice<$t> = unsafe { dev.alloc::<$t>(n)? };
                 let f = function(dev, $name, 0)?;
-                let (n64, inner, blen, null) = (n as i64, self.inner as i64, bias_len as i64, 0u64);
+                let null = 0u64;
                 let mut l = stream.launch_builder(&f);
                 l.arg(&y).arg(&b);
                 match &r {
                     Some(r) => l.arg(r),
                     None => l.arg(&null),
                 };
-                l.arg(&out).arg(&n64).arg(&inner).arg(&blen);
-                // SAFETY: matches bias_add_*'s signature; a null residual is skipped.
-                unsafe { l.launch(cfg(grid, 256, 0)) }.w()?;
+                l.arg(&out)
+                    .arg(&rows64)
+                    .arg(&cols32)
+                    .arg(&blen32)
+                    .arg(&per_row);
+                // SAFETY: matches bias_rows_*'s signature (the x2 kernel reads the same buffers
+                // as 32-bit words: even lengths and offsets checked above); a null residual is
+                // skipped; rows * cols = n.
+                unsafe { l.launch(launch) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
         let out = match ys.dtype() {
-            DType::F16 => run!(f16, "bias_add_f16"),
-            DType::F32 => run!(f32, "bias_add_f32"),
+            DType::F16 if pairs => run!(f16, "bias_rows_f16x2"),
+            DType::F16 => run!(f16, "bias_rows_f16"),
+            DType::F32 => run!(f32, "bias_rows_f32"),
             other => bail!("sdserve bias_add: unsupported dtype {other:?}"),
         };
         Ok((out, yl.shape().clone()))
@@ -543,8 +622,8 @@ pub fn bias_add(
     if !float_dtype(y) || bias.dtype() != y.dtype() || n == 0 || inner == 0 || blen == 0 {
         return Ok(None);
     }
-    // The bias must repeat exactly: n = outer * blen * inner.
-    if !n.is_multiple_of(blen * inner) {
+    // The bias must repeat exactly: n = outer * blen * inner; rows of at most i32::MAX.
+    if !n.is_multiple_of(blen * inner) || inner.max(blen) > i32::MAX as usize {
         return Ok(None);
     }
     if let Some(r) = residual {

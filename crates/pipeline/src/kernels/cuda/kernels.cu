@@ -91,6 +91,125 @@ extern "C" __global__ void group_norm_f32(const float *x, float *y, const float 
     group_norm(x, y, w, b, channels, spatial, groups, eps, silu);
 }
 
+// The same over many blocks: a group's channels are split into chunks of `cpc` channels
+// (grid: chunks x batch*groups), so a large group no longer rests on one multiprocessor.
+// Pass 1 writes each chunk's (count, mean, M2): per-thread sums shifted by the thread's first
+// value, merged with Chan's formula; pass 2 merges the group's chunks the same way and
+// normalises its own chunk (no per-element division: loops run over whole channels).
+struct Moments {
+    float n, mean, m2;
+};
+__device__ __forceinline__ Moments merge_moments(Moments a, Moments b) {
+    float n = a.n + b.n;
+    if (b.n == 0.f) return a;
+    if (a.n == 0.f) return b;
+    float d = b.mean - a.mean, f = b.n / n;
+    return {n, a.mean + d * f, a.m2 + b.m2 + d * d * a.n * f};
+}
+__device__ Moments block_moments(Moments v, float *scratch) {  // scratch: 3 * 32 floats
+    for (int o = 16; o > 0; o >>= 1) {
+        Moments u = {__shfl_xor_sync(0xffffffffu, v.n, o), __shfl_xor_sync(0xffffffffu, v.mean, o),
+                     __shfl_xor_sync(0xffffffffu, v.m2, o)};
+        v = merge_moments(v, u);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) {
+        scratch[warp] = v.n;
+        scratch[32 + warp] = v.mean;
+        scratch[64 + warp] = v.m2;
+    }
+    __syncthreads();
+    Moments t = {0.f, 0.f, 0.f};
+    if (warp == 0) {
+        for (int i = 0; i < warps; i++) t = merge_moments(t, {scratch[i], scratch[32 + i], scratch[64 + i]});
+    }
+    return t;  // valid in warp 0
+}
+
+template <typename T>
+__device__ void group_norm_stats(const T *x, float *part, int channels, int spatial, int groups,
+                                 int cpc) {
+    __shared__ float scratch[96];
+    const int chunk = blockIdx.x, chunks = gridDim.x, bg = blockIdx.y;
+    const int cg = channels / groups;
+    const int c0 = chunk * cpc, c1 = min(cg, c0 + cpc);
+    const T *xg = x + (long)bg * cg * spatial;
+    float shift = 0.f, s = 0.f, q = 0.f, cnt = 0.f;
+    bool first = true;
+    for (int c = c0; c < c1; c++) {
+        const T *xc = xg + (long)c * spatial;
+        for (int i = threadIdx.x; i < spatial; i += blockDim.x) {
+            float v = load_f(xc, i);
+            if (first) {
+                shift = v;
+                first = false;
+            }
+            float d = v - shift;
+            s += d;
+            q += d * d;
+            cnt += 1.f;
+        }
+    }
+    Moments m = {cnt, 0.f, 0.f};
+    if (cnt > 0.f) {
+        float mean_d = s / cnt;
+        m.mean = shift + mean_d;
+        m.m2 = fmaxf(q - s * mean_d, 0.f);
+    }
+    m = block_moments(m, scratch);
+    if (threadIdx.x == 0) {
+        float *p = part + ((long)bg * chunks + chunk) * 3;
+        p[0] = m.n;
+        p[1] = m.mean;
+        p[2] = m.m2;
+    }
+}
+
+template <typename T>
+__device__ void group_norm_apply(const T *x, T *y, const float *part, const float *w,
+                                 const float *b, int channels, int spatial, int groups, int cpc,
+                                 float eps, int silu) {
+    __shared__ float stats[2];
+    const int chunk = blockIdx.x, chunks = gridDim.x, bg = blockIdx.y, g = bg % groups;
+    const int cg = channels / groups;
+    if (threadIdx.x == 0) {
+        Moments t = {0.f, 0.f, 0.f};
+        const float *p = part + (long)bg * chunks * 3;
+        for (int i = 0; i < chunks; i++) t = merge_moments(t, {p[3 * i], p[3 * i + 1], p[3 * i + 2]});
+        stats[0] = t.mean;
+        stats[1] = rsqrtf(t.m2 / t.n + eps);
+    }
+    __syncthreads();
+    const float mean = stats[0], rstd = stats[1];
+    const int c0 = chunk * cpc, c1 = min(cg, c0 + cpc);
+    const long base = (long)bg * cg * spatial;
+    for (int c = c0; c < c1; c++) {
+        const int ch = g * cg + c;
+        const float scale = rstd * w[ch], add = b[ch] - mean * rstd * w[ch];
+        const long off = base + (long)c * spatial;
+        for (int i = threadIdx.x; i < spatial; i += blockDim.x) {
+            float v = load_f(x, off + i) * scale + add;
+            if (silu) v = v / (1.f + __expf(-v));
+            store_f(y, off + i, v);
+        }
+    }
+}
+
+#define GROUP_NORM_SPLIT(T, S)                                                                     \
+    extern "C" __global__ void group_norm_stats_##S(const T *x, float *part, int channels,       \
+                                                    int spatial, int groups, int cpc) {          \
+        group_norm_stats(x, part, channels, spatial, groups, cpc);                                \
+    }                                                                                              \
+    extern "C" __global__ void group_norm_apply_##S(const T *x, T *y, const float *part,         \
+                                                    const float *w, const float *b,              \
+                                                    int channels, int spatial, int groups,       \
+                                                    int cpc, float eps, int silu) {              \
+        group_norm_apply(x, y, part, w, b, channels, spatial, groups, cpc, eps, silu);            \
+    }
+GROUP_NORM_SPLIT(half_t, f16)
+GROUP_NORM_SPLIT(float, f32)
+
 // ------------------------------------------------------------------------------- layer norm
 // x, y: [rows, dim] contiguous; one warp per row, two passes (mean, centred variance).
 template <typename T>
@@ -307,6 +426,203 @@ __device__ void flash_mma(const half_t *q, const half_t *k, const half_t *v, hal
             *(unsigned int *)(ob + (long)row_hi * row_stride + c) = pack2(o[i][2] * inv_hi, o[i][3] * inv_hi);
     }
 }
+
+// The same computation with the K/V tiles double-buffered: the next tile is copied from
+// global to shared memory (cp.async, 16 bytes a copy) while the current one is multiplied, and
+// V's B fragments come from its row-major tile through ldmatrix.trans (no transposing stores).
+// Needs 16-byte aligned rows (checked by the caller). Shared memory: Q, 2 K and 2 V tiles.
+__device__ __forceinline__ unsigned int smem_addr(const void *p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x2_trans(unsigned int &r0, unsigned int &r1, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"(smem_addr(p)));
+}
+
+// 2^x on the special-function unit (what exp2f becomes under --use_fast_math); 2^-inf = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <int D>
+__device__ void flash_mma2(const half_t *q, const half_t *k, const half_t *v, half_t *out, int N,
+                           int M, int H, float scale_log2) {
+    constexpr int DP = (D + 15) / 16 * 16;
+    constexpr int KS = DP + 8;  // row stride (halves) of every tile: 16-byte rows, no conflicts
+    constexpr int TILE = FA_KEYS * KS;
+    constexpr int CH = D / 8;   // 16-byte chunks per row
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    half_t *Qs = (half_t *)smem_raw;
+    half_t *Ks = Qs + FA_ROWS * KS;  // [2][FA_KEYS][KS]
+    half_t *Vs = Ks + 2 * TILE;      // [2][FA_KEYS][KS]
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const long row_stride = (long)H * D;
+    const int r0 = blockIdx.x * FA_ROWS;
+    const half_t *qb = q + (long)b * N * row_stride + (long)h * D;
+    const half_t *kb = k + (long)b * M * row_stride + (long)h * D;
+    const half_t *vb = v + (long)b * M * row_stride + (long)h * D;
+
+    auto load_tile = [&](int j0, int buf) {
+        half_t *kd = Ks + buf * TILE, *vd = Vs + buf * TILE;
+        for (int i = threadIdx.x; i < FA_KEYS * CH; i += blockDim.x) {
+            int r = i / CH, c = (i % CH) * 8;
+            bool in = j0 + r < M;
+            long off = (long)(in ? j0 + r : 0) * row_stride + c;
+            cp_async16(kd + r * KS + c, kb + off, in ? 16 : 0);  // rows past M: zeros
+            cp_async16(vd + r * KS + c, vb + off, in ? 16 : 0);
+        }
+    };
+    load_tile(0, 0);
+    cp_async_commit();
+
+    // Q tile, and the pad columns D..DP of Q and of both K buffers: zeros (they enter q.k).
+    for (int i = threadIdx.x; i < FA_ROWS * (DP / 2); i += blockDim.x) {
+        int r = i / (DP / 2), c = (i % (DP / 2)) * 2;
+        unsigned int val = 0;
+        if (r0 + r < N && c < D) val = *(const unsigned int *)(qb + (long)(r0 + r) * row_stride + c);
+        *(unsigned int *)(Qs + r * KS + c) = val;
+    }
+    constexpr int PAD = DP > D ? DP - D : 1;
+    if (DP > D) {
+        for (int i = threadIdx.x; i < 2 * FA_KEYS * PAD; i += blockDim.x) {
+            int r = i / PAD, c = D + i % PAD;
+            Ks[r * KS + c] = 0;  // r runs over both buffers (2 * FA_KEYS rows)
+        }
+    }
+    __syncthreads();
+    unsigned int qf[DP / 16][4];
+    const half_t *qw = Qs + warp * 16 * KS;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        qf[kk][0] = *(const unsigned int *)(qw + g * KS + kk * 16 + 2 * t);
+        qf[kk][1] = *(const unsigned int *)(qw + (g + 8) * KS + kk * 16 + 2 * t);
+        qf[kk][2] = *(const unsigned int *)(qw + g * KS + kk * 16 + 2 * t + 8);
+        qf[kk][3] = *(const unsigned int *)(qw + (g + 8) * KS + kk * 16 + 2 * t + 8);
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_lo = neg_inf(), m_hi = neg_inf(), l_lo = 0.f, l_hi = 0.f;
+
+    const int tiles = (M + FA_KEYS - 1) / FA_KEYS;
+    for (int tile = 0; tile < tiles; tile++) {
+        const int j0 = tile * FA_KEYS, buf = tile & 1;
+        if (tile + 1 < tiles) {
+            load_tile(j0 + FA_KEYS, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();  // this tile's copies are done, the next one's may run on
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const half_t *Kt = Ks + buf * TILE, *Vt = Vs + buf * TILE;
+
+        float s[FA_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const half_t *kr = Kt + (nt * 8 + g) * KS + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < DP / 16; kk++) {
+                unsigned int b0 = *(const unsigned int *)(kr + kk * 16);
+                unsigned int b1 = *(const unsigned int *)(kr + kk * 16 + 8);
+                mma16816(s[nt], qf[kk], b0, b1);
+            }
+        }
+        // Keys past M only in the last tile. Maxima of the raw scores (the scale is positive),
+        // then p = 2^(s * scale_log2 - max * scale_log2) in one FMA and one ex2.approx.
+        if (j0 + FA_KEYS > M) {
+#pragma unroll
+            for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+                int key = j0 + nt * 8 + 2 * t;
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (key + (e & 1) >= M) s[nt][e] = neg_inf();
+            }
+        }
+        float mx_lo = neg_inf(), mx_hi = neg_inf();
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+        }
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        float mn_lo = fmaxf(m_lo, mx_lo * scale_log2), mn_hi = fmaxf(m_hi, mx_hi * scale_log2);
+        float a_lo = fast_exp2(m_lo - mn_lo), a_hi = fast_exp2(m_hi - mn_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            s[nt][0] = fast_exp2(fmaf(s[nt][0], scale_log2, -mn_lo));
+            s[nt][1] = fast_exp2(fmaf(s[nt][1], scale_log2, -mn_lo));
+            s[nt][2] = fast_exp2(fmaf(s[nt][2], scale_log2, -mn_hi));
+            s[nt][3] = fast_exp2(fmaf(s[nt][3], scale_log2, -mn_hi));
+            sum_lo += s[nt][0] + s[nt][1];
+            sum_hi += s[nt][2] + s[nt][3];
+        }
+        l_lo = l_lo * a_lo + sum_lo;
+        l_hi = l_hi * a_hi + sum_hi;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= a_lo;
+            o[i][1] *= a_lo;
+            o[i][2] *= a_hi;
+            o[i][3] *= a_hi;
+        }
+#pragma unroll
+        for (int kk = 0; kk < FA_KEYS / 16; kk++) {
+            unsigned int pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            // Lanes 0-15 address keys kk*16 + lane (8 per 8x8 matrix); .trans hands each lane
+            // V[2t, 2t+1][g] and V[8 + 2t, 8 + 2t + 1][g]: the B fragment of p v.
+            const half_t *vr = Vt + (kk * 16 + (lane & 15)) * KS;
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                unsigned int b0, b1;
+                ldsm_x2_trans(b0, b1, vr + i * 8);
+                mma16816(o[i], pa, b0, b1);
+            }
+        }
+        __syncthreads();  // all warps are done with this buffer before it is refilled
+    }
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+    int row_lo = r0 + warp * 16 + g, row_hi = row_lo + 8;
+    half_t *ob = out + (long)b * N * row_stride + (long)h * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        int c = i * 8 + 2 * t;
+        if (row_lo < N)
+            *(unsigned int *)(ob + (long)row_lo * row_stride + c) = pack2(o[i][0] * inv_lo, o[i][1] * inv_lo);
+        if (row_hi < N)
+            *(unsigned int *)(ob + (long)row_hi * row_stride + c) = pack2(o[i][2] * inv_hi, o[i][3] * inv_hi);
+    }
+}
 #endif
 
 // CUDA-core version for every architecture (the only one below sm_80): one warp per query row
@@ -410,6 +726,11 @@ FLASH_ENTRY(160)
         const half_t *q, const half_t *k, const half_t *v, half_t *out, int N, int M, int H,      \
         float sl2) {                                                                               \
         flash_mma<D>(q, k, v, out, N, M, H, sl2);                                                  \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_mma2_d##D(                            \
+        const half_t *q, const half_t *k, const half_t *v, half_t *out, int N, int M, int H,      \
+        float sl2) {                                                                               \
+        flash_mma2<D>(q, k, v, out, N, M, H, sl2);                                                 \
     }
 FLASH_MMA_ENTRY(32)
 FLASH_MMA_ENTRY(40)
@@ -420,24 +741,55 @@ FLASH_MMA_ENTRY(160)
 #endif
 
 // ------------------------------------------------------------------------------- bias (+ residual)
-// out[i] = y[i] + bias[(i / inner) % bias_len] (+ res[i]), in f32: a linear layer's bias
-// (inner 1), a convolution's (inner = H*W), ResNet's time embedding per (batch, channel).
+// y viewed as [rows, cols]: per_row = 1 adds bias[row % blen] to a whole row (a convolution's
+// bias over H*W, ResNet's time embedding per (batch, channel)); per_row = 0 adds bias[col]
+// (a linear layer: cols = its output features). In f32, one block row per grid row, no
+// per-element division; the f16 kernel moves pairs (4-byte accesses) when cols is even.
 template <typename T>
-__device__ void bias_add(const T *y, const T *bias, const T *res, T *out, long n, long inner,
-                         long bias_len) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n;
-         i += (long)gridDim.x * blockDim.x) {
-        float v = load_f(y, i) + load_f(bias, (i / inner) % bias_len);
-        if (res) v += load_f(res, i);
-        store_f(out, i, v);
+__device__ void bias_rows(const T *y, const T *bias, const T *res, T *out, long rows, int cols,
+                          int blen, int per_row) {
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const long base = r * (long)cols;
+        const float rb = per_row ? load_f(bias, r % blen) : 0.f;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+            float v = load_f(y, base + c) + (per_row ? rb : load_f(bias, c));
+            if (res) v += load_f(res, base + c);
+            store_f(out, base + c, v);
+        }
     }
 }
 
-extern "C" __global__ void bias_add_f16(const half_t *y, const half_t *bias, const half_t *res,
-                                        half_t *out, long n, long inner, long bias_len) {
-    bias_add(y, bias, res, out, n, inner, bias_len);
+extern "C" __global__ void bias_rows_f16(const half_t *y, const half_t *bias, const half_t *res,
+                                         half_t *out, long rows, int cols, int blen, int per_row) {
+    bias_rows(y, bias, res, out, rows, cols, blen, per_row);
 }
-extern "C" __global__ void bias_add_f32(const float *y, const float *bias, const float *res,
-                                        float *out, long n, long inner, long bias_len) {
-    bias_add(y, bias, res, out, n, inner, bias_len);
+extern "C" __global__ void bias_rows_f32(const float *y, const float *bias, const float *res,
+                                         float *out, long rows, int cols, int blen, int per_row) {
+    bias_rows(y, bias, res, out, rows, cols, blen, per_row);
+}
+// f16 in pairs: cols2 = cols / 2 words of two halves per row (4-byte aligned rows).
+extern "C" __global__ void bias_rows_f16x2(const unsigned int *y, const half_t *bias,
+                                           const unsigned int *res, unsigned int *out, long rows,
+                                           int cols2, int blen, int per_row) {
+    for (long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const long base = r * (long)cols2;
+        const float rb = per_row ? h2f(bias[r % blen]) : 0.f;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols2; c += gridDim.x * blockDim.x) {
+            unsigned int w = y[base + c];
+            float lo = h2f((half_t)(w & 0xffff)), hi = h2f((half_t)(w >> 16));
+            if (per_row) {
+                lo += rb;
+                hi += rb;
+            } else {
+                lo += h2f(bias[2 * c]);
+                hi += h2f(bias[2 * c + 1]);
+            }
+            if (res) {
+                unsigned int q = res[base + c];
+                lo += h2f((half_t)(q & 0xffff));
+                hi += h2f((half_t)(q >> 16));
+            }
+            out[base + c] = pack2(lo, hi);
+        }
+    }
 }

@@ -75,7 +75,7 @@ fn attention_matches_f32_reference_for_every_head_dim_and_variant() -> Result<()
                 heads,
             )?;
             let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_device(&dev).unwrap();
-            for variant in [Variant::Auto, Variant::Simt] {
+            for variant in [Variant::Auto, Variant::Mma1, Variant::Simt] {
                 let got = attention(&h(&q), &h(&k), &h(&v), heads, scale, variant)?
                     .expect("kernel applies");
                 assert_eq!(got.dims(), &[b, n, c]);
@@ -133,6 +133,8 @@ fn group_norm_matches_reference_in_f32_and_f16() -> Result<()> {
     for (shape, groups) in [
         (vec![2, 64, 9, 7], 32),
         (vec![2, 320, 64, 64], 32),
+        // Split over many blocks: one channel per chunk, 32 chunks per group.
+        (vec![1, 128, 100, 90], 4),
         (vec![1, 6, 5], 3),
     ] {
         let c = shape[1];
@@ -272,6 +274,20 @@ fn bias_add_covers_linear_conv_and_per_sample_biases() -> Result<()> {
         let got = bias_add(&g(&y), &g(&l), 1, None)?.expect("applies");
         let (rel, _) = errors(&got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, &want);
         assert!(rel < 2e-3, "linear bias {dtype:?}: {rel}");
+        // Odd rows (the f16 kernel's one-value-at-a-time path), per column and per row.
+        let yo = rand(&[3, 5, 7], 36);
+        let ro = rand(&[3, 5, 7], 37);
+        let (yor, ror) = (half_round_if(&yo, dtype), half_round_if(&ro, dtype));
+        let lo = half_round_if(&rand(&[7], 38), dtype);
+        let want = (yor.broadcast_add(&lo)? + &ror)?;
+        let got = bias_add(&g(&yo), &g(&lo), 1, Some(&g(&ro)))?.expect("applies");
+        let (rel, _) = errors(&got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, &want);
+        assert!(rel < 2e-3, "odd linear bias {dtype:?}: {rel}");
+        let co = half_round_if(&rand(&[5], 39), dtype);
+        let want = yor.broadcast_add(&co.reshape((1, 5, 1))?)?;
+        let got = bias_add(&g(&yo), &g(&co), 7, None)?.expect("applies");
+        let (rel, _) = errors(&got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, &want);
+        assert!(rel < 2e-3, "odd per-row bias {dtype:?}: {rel}");
     }
     Ok(())
 }
