@@ -47,25 +47,31 @@ sm90)
 sm61)
     cuda=12
     cap=61
-    # PyPI's CUDA 12 nvcc wheels (nvidia-cuda-nvcc-cu12, checked 12.4.131 and 12.9.86) ship only
-    # ptxas and nvvm, not nvcc, and CUDA 13's nvcc has no compute_61. So this target needs a CUDA
-    # 12 toolkit installed the usual way (NVIDIA's installer or nvidia/cuda:12.x-devel images,
-    # Debian trixie's nvidia-cuda-toolkit): point CUDA_HOME at it. The wheels below then only
-    # supply cuDNN and any library the toolkit lacks.
-    if [[ -z ${CUDA_HOME:-} || ! -x ${CUDA_HOME}/bin/nvcc ]]; then
-        echo "[build-cuda sm61] needs a CUDA 12 toolkit with nvcc: set CUDA_HOME (e.g. /usr/local/cuda-12.4);" \
-            "PyPI's CUDA 12 wheels carry no nvcc (see docs/GPU.md)" >&2
-        exit 1
+    # CUDA 13 dropped Pascal, and PyPI's CUDA 12 nvcc wheels (nvidia-cuda-nvcc-cu12, checked
+    # 12.4.131 and 12.9.86) ship only ptxas, libnvvm and libdevice, not nvcc. Without CUDA_HOME,
+    # the compiler comes from Debian: trixie's non-free nvidia-cuda-toolkit 12.4.131 (nvcc,
+    # cicc, ptxas, fatbinary, nvlink, cudafe++; NVIDIA's binaries, run on bookworm too) and
+    # trixie main's libcu++/cub/thrust 2.3.2 (the CCCL of CUDA 12.4), downloaded with a private
+    # apt state (nothing installed system-wide) and unpacked into the toolchain folder; headers,
+    # libdevice and libraries from the PyPI wheels below. With CUDA_HOME (an installed CUDA 12
+    # toolkit, e.g. /usr/local/cuda-12.4), that one is used instead.
+    if [[ -n ${CUDA_HOME:-} ]]; then
+        [[ -x ${CUDA_HOME}/bin/nvcc ]] || { echo "[build-cuda sm61] no nvcc under CUDA_HOME=$CUDA_HOME" >&2; exit 1; }
+        system_cuda_home=$CUDA_HOME
     fi
-    system_cuda_home=$CUDA_HOME
     # 12.4 is the newest toolkit whose PTX a 550-series driver (common on Pascal boxes) JITs;
-    # override the versions if the target driver is newer.
+    # override the library versions if the target driver is newer.
     v=${CU12_VERSION:-12.4.127}
     packages=(
-        "nvidia-cuda-runtime-cu12==$v" "nvidia-cuda-cccl-cu12==$v"
+        "nvidia-cuda-runtime-cu12==$v" "nvidia-cuda-nvcc-cu12==${CU12_NVCC_VERSION:-12.4.131}"
         "nvidia-cublas-cu12==${CU12_CUBLAS_VERSION:-12.4.5.8}"
         "nvidia-curand-cu12==${CU12_CURAND_VERSION:-10.3.5.147}"
         "nvidia-cuda-nvrtc-cu12==$v"
+    )
+    debs=(
+        "nvidia-cuda-toolkit=${CU12_DEB_VERSION:-12.4.131~12.4.1-2}"
+        "libcu++-dev=${CCCL_DEB_VERSION:-2.3.2-2}" "libcub-dev=${CCCL_DEB_VERSION:-2.3.2-2}"
+        "libthrust-dev=${CCCL_DEB_VERSION:-2.3.2-2}"
     )
     cudnn_package=nvidia-cudnn-cu12==9.1.0.70
     ;;
@@ -106,17 +112,86 @@ elif [[ -n ${system_cuda_home:-} ]]; then
         [[ -d ${pkg}lib ]] && libdirs+=("${pkg}lib")
     done
 else
+    # CUDA 12 without an installed toolkit: Debian's nvcc 12.4 plus the wheels, merged into one
+    # tree (bin/ include/ lib/ nvvm/) that an nvcc.profile of our own points at.
     cuda_home=$toolchain/cuda-home
+    debdir=$toolchain/debs
+    dstamp=$debdir/.unpacked-$(printf '%s\n' "${debs[@]}" | sha256sum | cut -c1-16)
+    if [[ ! -f $dstamp ]]; then
+        say "downloading ${debs[*]} from Debian trixie (private apt state)"
+        rm -rf "$debdir"
+        mkdir -p "$debdir/apt/lists/partial" "$debdir/apt/cache/archives/partial" "$debdir/root"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main non-free" \
+            >"$debdir/apt/sources.list"
+        apt_opts=(-o "Dir::Etc::SourceList=$debdir/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$debdir/apt/lists" -o "Dir::Cache=$debdir/apt/cache"
+            -o APT::Architecture=amd64 -o APT::Sandbox::User=root)
+        apt-get "${apt_opts[@]}" -qq update
+        (cd "$debdir" && apt-get "${apt_opts[@]}" -qq download "${debs[@]}")
+        for d in "$debdir"/*.deb; do dpkg-deb -x "$d" "$debdir/root"; done
+        rm -f "$debdir"/*.deb
+        touch "$dstamp"
+    fi
     rm -rf "$cuda_home"
-    mkdir -p "$cuda_home"/{bin,include,lib}
+    mkdir -p "$cuda_home"/{bin,include,lib,nvvm/libdevice}
+    r=$debdir/root
+    cp -a "$r"/usr/lib/nvidia-cuda-toolkit/bin/{cicc,crt} "$cuda_home/bin/"
+    cp -a "$r"/usr/lib/nvidia-cuda-toolkit/bin/nvcc "$cuda_home/bin/nvcc.real"
+    cp -a "$r"/usr/bin/{ptxas,fatbinary,nvlink,cudafe++,bin2c} "$cuda_home/bin/"
     libdirs=()
     for pkg in "$site"/nvidia/*/; do
-        [[ -d $pkg/bin ]] && ln -sf "$pkg"bin/* "$cuda_home/bin/"
-        [[ -d $pkg/include ]] && cp -rsf "$pkg"include/. "$cuda_home/include/"
+        [[ -d $pkg/include ]] && cp -a "$pkg"include/. "$cuda_home/include/"
         [[ -d $pkg/lib ]] && libdirs+=("${pkg}lib")
-        [[ -d $pkg/nvvm ]] && ln -sfn "${pkg}nvvm" "$cuda_home/nvvm"
     done
+    rm -f "$cuda_home/include/__init__.py"
+    cp -a "$r"/usr/include/{cuda,nv,cub,thrust} "$cuda_home/include/"
+    cp "$site"/nvidia/cuda_nvcc/nvvm/libdevice/libdevice.10.bc "$cuda_home/nvvm/libdevice/"
     for d in "${libdirs[@]}"; do ln -sf "$d"/* "$cuda_home/lib/"; done
+    cat >"$cuda_home/bin/nvcc.profile" <<'PROFILE'
+TOP              = $(_HERE_)/..
+NVVMIR_LIBRARY_DIR = $(TOP)/nvvm/libdevice
+LD_LIBRARY_PATH += $(TOP)/lib:
+PATH            += $(_HERE_):
+INCLUDES        +=  "-I$(TOP)/include" $(_SPACE_)
+LIBRARIES        =+ $(_SPACE_) "-L$(TOP)/lib"
+PROFILE
+    # Two fixes for candle 0.11's kernels on Pascal, applied by an nvcc wrapper:
+    # - reduce.cu's f16 sum calls atomicAdd(__half *), which cuda_fp16.h declares only from
+    #   sm_70 (nvcc rejects it for sm_61): a pre-included header defines it below sm_70 as a CAS
+    #   loop on the enclosing 32-bit word (the code candle's compatibility.cuh has commented out).
+    # - moe_wmma.cu and moe_wmma_gguf.cu (statically linked MoE kernels, never called by
+    #   sdserve) use WMMA, which needs sm_70: those two files are compiled for sm_70; their
+    #   kernels would fail to launch on Pascal, and nothing launches them.
+    cat >"$cuda_home/include/sdserve-pascal-shim.h" <<'SHIM'
+#pragma once
+#include <cuda_fp16.h>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+__device__ __forceinline__ __half atomicAdd(__half *address, __half val) {
+    unsigned int *word = (unsigned int *)((char *)address - ((size_t)address & 2));
+    bool high = (size_t)address & 2;
+    unsigned int old = *word, assumed;
+    do {
+        assumed = old;
+        unsigned short cur = high ? (old >> 16) : (old & 0xffff);
+        unsigned short sum = __half_as_ushort(__float2half(__half2float(__ushort_as_half(cur)) + __half2float(val)));
+        old = atomicCAS(word, assumed, high ? (old & 0xffffu) | ((unsigned int)sum << 16) : (old & 0xffff0000u) | sum);
+    } while (assumed != old);
+    return __ushort_as_half(high ? (old >> 16) : (old & 0xffff));
+}
+#endif
+SHIM
+    cat >"$cuda_home/bin/nvcc" <<'WRAP'
+#!/usr/bin/env bash
+# scripts/build-cuda.sh sm61: Debian's nvcc 12.4 with sdserve's two Pascal fixes (see there).
+here=$(dirname "$(readlink -f "$0")")
+args=("$@")
+case " $* " in
+*" --version "* | *" -V "*) exec "$here/nvcc.real" "$@" ;;
+*moe_wmma*.cu*) args=("${args[@]//compute_61/compute_70}"); args=("${args[@]//sm_61/sm_70}") ;;
+esac
+exec "$here/nvcc.real" -include sdserve-pascal-shim.h "${args[@]}"
+WRAP
+    chmod +x "$cuda_home/bin/nvcc"
 fi
 [[ -x $cuda_home/bin/nvcc ]] || { say "nvcc missing under $cuda_home/bin"; exit 1; }
 
