@@ -3,7 +3,7 @@
 #
 #   scripts/build-cuda.sh sm90   # Hopper (H100/H200): CUDA 13.0 toolchain, compute cap 90
 #   scripts/build-cuda.sh sm61   # Pascal (GTX 1060):  CUDA 12.4 toolchain, compute cap 61
-#                                # (CUDA 13 dropped Pascal, so this target needs CUDA 12)
+#                                # (CUDA 13 dropped Pascal; nvcc 12.4 comes from Debian trixie)
 #
 # Steps (each idempotent): pip-install the toolchain into a private folder (no system changes),
 # make a folder of unversioned library symlinks (the wheels ship only `libfoo.so.N`), generate a
@@ -48,16 +48,15 @@ sm61)
     cuda=12
     cap=61
     # CUDA 13 dropped Pascal, and PyPI's CUDA 12 nvcc wheels (nvidia-cuda-nvcc-cu12, checked
-    # 12.4.131 and 12.9.86) ship only ptxas, libnvvm and libdevice, not nvcc. Without CUDA_HOME,
-    # the compiler comes from Debian: trixie's non-free nvidia-cuda-toolkit 12.4.131 (nvcc,
+    # 12.4.131 and 12.9.86) ship only ptxas, libnvvm and libdevice, not nvcc. So the compiler
+    # comes from Debian: trixie's non-free nvidia-cuda-toolkit 12.4.131 (nvcc,
     # cicc, ptxas, fatbinary, nvlink, cudafe++; NVIDIA's binaries, run on bookworm too) and
     # trixie main's libcu++/cub/thrust 2.3.2 (the CCCL of CUDA 12.4), downloaded with a private
     # apt state (nothing installed system-wide) and unpacked into the toolchain folder; headers,
-    # libdevice and libraries from the PyPI wheels below. With CUDA_HOME (an installed CUDA 12
-    # toolkit, e.g. /usr/local/cuda-12.4), that one is used instead.
+    # libdevice and libraries from the PyPI wheels below. An installed toolkit (CUDA_HOME) is
+    # not used: candle's kernels need the nvcc wrapper below, which is built around this tree.
     if [[ -n ${CUDA_HOME:-} ]]; then
-        [[ -x ${CUDA_HOME}/bin/nvcc ]] || { echo "[build-cuda sm61] no nvcc under CUDA_HOME=$CUDA_HOME" >&2; exit 1; }
-        system_cuda_home=$CUDA_HOME
+        echo "[build-cuda sm61] not using CUDA_HOME=$CUDA_HOME: sm61 builds with nvcc 12.4 from Debian (docs/GPU.md)" >&2
     fi
     # 12.4 is the newest toolkit whose PTX a 550-series driver (common on Pascal boxes) JITs;
     # override the library versions if the target driver is newer.
@@ -99,21 +98,15 @@ if [[ ! -f $stamp ]]; then
     touch "$stamp"
 fi
 
-# 2. CUDA_HOME: CUDA 13 wheels share one tree (nvidia/cu13); CUDA 12 wheels have one tree per
-#    package, merged here with symlinks into bin/ include/ lib/ nvvm/.
+# 2. CUDA_HOME: CUDA 13 wheels share one tree (nvidia/cu13); for CUDA 12, Debian's compiler and
+#    the wheels' headers and libraries are merged into one tree.
 if [[ $cuda == 13 ]]; then
     cuda_home=$site/nvidia/cu13
     libdirs=("$cuda_home/lib")
     [[ -d $site/nvidia/cudnn/lib ]] && libdirs+=("$site/nvidia/cudnn/lib")
-elif [[ -n ${system_cuda_home:-} ]]; then
-    cuda_home=$system_cuda_home
-    libdirs=("$cuda_home/lib64")
-    for pkg in "$site"/nvidia/*/; do
-        [[ -d ${pkg}lib ]] && libdirs+=("${pkg}lib")
-    done
 else
-    # CUDA 12 without an installed toolkit: Debian's nvcc 12.4 plus the wheels, merged into one
-    # tree (bin/ include/ lib/ nvvm/) that an nvcc.profile of our own points at.
+    # CUDA 12: Debian's nvcc 12.4 plus the wheels, merged into one tree (bin/ include/ lib/
+    # nvvm/) that an nvcc.profile of our own points at.
     cuda_home=$toolchain/cuda-home
     debdir=$toolchain/debs
     dstamp=$debdir/.unpacked-$(printf '%s\n' "${debs[@]}" | sha256sum | cut -c1-16)

@@ -35,7 +35,7 @@ if [[ -n ${SM61_TARGET:-} ]]; then
     # and our kernels.cu through the same nvcc (at run time NVRTC 12 compiles the same source).
     rm -rf "$dest/sm61"
     mkdir -p "$dest/sm61"
-    out=$(ls -d "$SM61_TARGET"/release/build/candle-kernels-*/out | head -1)
+    out=$(ls -dt "$SM61_TARGET"/release/build/candle-kernels-*/out | head -1)
     for p in "$out"/*.ptx; do xz -T2 -2 -c "$p" >"$dest/sm61/candle_$(basename "$p").xz"; done
     nvcc=${SM61_NVCC:-$HOME/.cache/sdserve-cuda/cu12/cuda-home/bin/nvcc}
     "$nvcc" --gpu-architecture=sm_61 --ptx -std=c++17 -O3 -o "$dest/sm61/sdserve_kernels.ptx" \
