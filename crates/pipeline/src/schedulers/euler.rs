@@ -155,53 +155,89 @@ pub(super) fn pred_original(
     })
 }
 
-pub struct EulerDiscrete {
-    prediction_type: PredictionType,
-    sched: SigmaSchedule,
+/// What the sigma-space schedulers (Euler, Euler ancestral, LMS) share: the prediction type, the
+/// schedule, and the `Scheduler` methods that read nothing else (`sigma_scheduler_methods!`).
+pub(super) struct SigmaBase {
+    pub prediction_type: PredictionType,
+    pub sched: SigmaSchedule,
 }
 
-impl EulerDiscrete {
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+impl SigmaBase {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        num_inference_steps: usize,
+        opts: SigmaOptions,
+    ) -> Result<Self> {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
-        let sched = sigma_schedule(
-            &r,
-            cfg,
-            num_inference_steps,
-            SigmaOptions {
-                euler_options: true,
-                karras: true,
-            },
-        )?;
+        let sched = sigma_schedule(&r, cfg, num_inference_steps, opts)?;
         Ok(Self {
             prediction_type: r.prediction_type,
             sched,
         })
     }
 
+    /// The start of every step: the sample in float32, its sigma and the denoised estimate x0.
+    pub fn step_start(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        index: usize,
+    ) -> Result<(Tensor, f32, Tensor)> {
+        check_index(index, self.sched.timesteps.len())?;
+        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
+        let sigma = self.sched.sigmas[index];
+        let x0 = pred_original(self.prediction_type, &mo, &s, sigma)?;
+        Ok((s, sigma, x0))
+    }
+}
+
+/// The `Scheduler` methods of a type whose `base` field is a `SigmaBase`.
+macro_rules! sigma_scheduler_methods {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.base.sched.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.base.sched.init_noise_sigma as f64
+        }
+
+        fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+            $crate::schedulers::euler::add_noise_sigma(&self.base.sched, original, noise, index)
+        }
+
+        fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+            $crate::schedulers::common::check_index(index, self.base.sched.timesteps.len())?;
+            $crate::schedulers::euler::scale_by_sigma(sample, self.base.sched.sigmas[index])
+        }
+    };
+}
+pub(super) use sigma_scheduler_methods;
+
+pub struct EulerDiscrete {
+    base: SigmaBase,
+}
+
+impl EulerDiscrete {
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        let opts = SigmaOptions {
+            euler_options: true,
+            karras: true,
+        };
+        Ok(Self {
+            base: SigmaBase::new(cfg, num_inference_steps, opts)?,
+        })
+    }
+
     /// The float32 sigmas (one per timestep plus the final one).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sched.sigmas
+        &self.base.sched.sigmas
     }
 }
 
 impl Scheduler for EulerDiscrete {
-    fn timesteps(&self) -> &[f64] {
-        &self.sched.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.sched.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        add_noise_sigma(&self.sched, original, noise, index)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        check_index(index, self.sched.timesteps.len())?;
-        scale_by_sigma(sample, self.sched.sigmas[index])
-    }
+    sigma_scheduler_methods!();
 
     fn step(
         &mut self,
@@ -210,68 +246,41 @@ impl Scheduler for EulerDiscrete {
         sample: &Tensor,
         _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
-        check_index(index, self.sched.timesteps.len())?;
         let dtype = model_output.dtype();
-        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
+        let (s, sigma, x0) = self.base.step_start(model_output, sample, index)?;
         // s_churn = 0, so gamma = 0 and sigma_hat = sigma: no noise.
-        let sigma = self.sched.sigmas[index];
         // (diffusers uses sigma_hat for epsilon and sigma for v_prediction; equal while gamma = 0.)
         let sigma_hat = sigma;
-        let x0 = pred_original(self.prediction_type, &mo, &s, sigma)?;
         let derivative = div_s(&(&s - x0)?, sigma_hat)?;
-        let dt = self.sched.sigmas[index + 1] - sigma_hat;
+        let dt = self.base.sched.sigmas[index + 1] - sigma_hat;
         let prev = (&s + mul_s(&derivative, dt)?)?;
         Ok(prev.to_dtype(dtype)?)
     }
 }
 
 pub struct EulerAncestral {
-    prediction_type: PredictionType,
-    sched: SigmaSchedule,
+    base: SigmaBase,
 }
 
 impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
-        common::check_steps(num_inference_steps)?;
-        let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
-        let sched = sigma_schedule(
-            &r,
-            cfg,
-            num_inference_steps,
-            SigmaOptions {
-                euler_options: false,
-                karras: false,
-            },
-        )?;
+        let opts = SigmaOptions {
+            euler_options: false,
+            karras: false,
+        };
         Ok(Self {
-            prediction_type: r.prediction_type,
-            sched,
+            base: SigmaBase::new(cfg, num_inference_steps, opts)?,
         })
     }
 
     /// The float32 sigmas (one per timestep plus the final zero).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sched.sigmas
+        &self.base.sched.sigmas
     }
 }
 
 impl Scheduler for EulerAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.sched.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.sched.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        add_noise_sigma(&self.sched, original, noise, index)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        check_index(index, self.sched.timesteps.len())?;
-        scale_by_sigma(sample, self.sched.sigmas[index])
-    }
+    sigma_scheduler_methods!();
 
     fn step(
         &mut self,
@@ -280,12 +289,10 @@ impl Scheduler for EulerAncestral {
         sample: &Tensor,
         rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
-        check_index(index, self.sched.timesteps.len())?;
         let dtype = model_output.dtype();
-        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
-        let sigma = self.sched.sigmas[index];
-        let x0 = pred_original(self.prediction_type, &mo, &s, sigma)?;
-        let (from, to) = (sigma, self.sched.sigmas[index + 1]);
+        let (s, sigma, x0) = self.base.step_start(model_output, sample, index)?;
+        let mo = model_output;
+        let (from, to) = (sigma, self.base.sched.sigmas[index + 1]);
         let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
         let derivative = div_s(&(&s - x0)?, sigma)?;

@@ -4,56 +4,42 @@
 
 use candle_core::Tensor;
 
-use super::common::{
-    self, check_index, div_s, mul_s, to_f32, ClassDefaults, PredictionType, ResolvedConfig,
-};
-use super::euler::{
-    add_noise_sigma, pred_original, scale_by_sigma, sigma_schedule, SigmaOptions, SigmaSchedule,
-};
+use super::common::{div_s, mul_s};
+use super::euler::{sigma_scheduler_methods, SigmaBase, SigmaOptions};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::Result;
 
-const DEFAULTS: ClassDefaults = ClassDefaults::with_spacing("linspace");
 /// The `order` argument of diffusers' `step` (the pipeline never changes it).
 const ORDER: usize = 4;
 
 pub struct LmsDiscrete {
-    prediction_type: PredictionType,
-    sched: SigmaSchedule,
+    base: SigmaBase,
     /// The last `ORDER` derivatives, oldest first.
     derivatives: Vec<Tensor>,
 }
 
 impl LmsDiscrete {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
-        common::check_steps(num_inference_steps)?;
-        let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
-        let sched = sigma_schedule(
-            &r,
-            cfg,
-            num_inference_steps,
-            SigmaOptions {
-                euler_options: false,
-                karras: true,
-            },
-        )?;
+        let opts = SigmaOptions {
+            euler_options: false,
+            karras: true,
+        };
         Ok(Self {
-            prediction_type: r.prediction_type,
-            sched,
+            base: SigmaBase::new(cfg, num_inference_steps, opts)?,
             derivatives: Vec::new(),
         })
     }
 
     /// The float32 sigmas (one per timestep plus the final zero).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sched.sigmas
+        &self.base.sched.sigmas
     }
 
     /// `get_lms_coefficient(order, t, current_order)`: the integral over [sigma_t, sigma_{t+1}] of
     /// the Lagrange basis polynomial of node `t - current_order` on nodes `t, t-1, .., t-order+1`.
     pub fn lms_coefficient(&self, order: usize, t: usize, current_order: usize) -> f64 {
-        let s = |i: usize| self.sched.sigmas[i] as f64;
+        let s = |i: usize| self.base.sched.sigmas[i] as f64;
         let basis = |tau: f64| {
             (0..order)
                 .filter(|&k| k != current_order)
@@ -87,22 +73,7 @@ fn gauss_legendre4(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
 }
 
 impl Scheduler for LmsDiscrete {
-    fn timesteps(&self) -> &[f64] {
-        &self.sched.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.sched.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        add_noise_sigma(&self.sched, original, noise, index)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        check_index(index, self.sched.timesteps.len())?;
-        scale_by_sigma(sample, self.sched.sigmas[index])
-    }
+    sigma_scheduler_methods!();
 
     fn step(
         &mut self,
@@ -111,11 +82,8 @@ impl Scheduler for LmsDiscrete {
         sample: &Tensor,
         _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
-        check_index(index, self.sched.timesteps.len())?;
         let dtype = sample.dtype();
-        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
-        let sigma = self.sched.sigmas[index];
-        let x0 = pred_original(self.prediction_type, &mo, &s, sigma)?;
+        let (s, sigma, x0) = self.base.step_start(model_output, sample, index)?;
         self.derivatives.push(div_s(&(&s - x0)?, sigma)?);
         if self.derivatives.len() > ORDER {
             self.derivatives.remove(0);
