@@ -2,10 +2,12 @@
 //! built from SD 1.5's real `scheduler_config.json` (plus the variant's keys) and must give the same
 //! timesteps, sigmas, `init_noise_sigma`, scaled inputs and every sample of a run.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{Device, IndexOp, Tensor};
+use common::{max_abs, steps_of, Fixtures};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::common::{ClassDefaults, ResolvedConfig};
 use sdserve_pipeline::schedulers::{build, euler, lms, SchedulerConfig, SchedulerKind};
@@ -19,81 +21,13 @@ const SIGMA_RTOL: f64 = 1e-6;
 /// Scaled inputs and samples of a whole run, max abs (samples start at sigma ~ 14.6).
 const TRAJ_TOL: f32 = 5e-5;
 
-struct Fixtures {
-    tensors: HashMap<String, Tensor>,
-    meta: serde_json::Value,
-}
-
 fn fixtures() -> &'static Fixtures {
-    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
-    F.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let tensors =
-            candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
-                .expect("schedulers.safetensors");
-        let meta =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("schedulers.json")).unwrap())
-                .unwrap();
-        Fixtures { tensors, meta }
-    })
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| Fixtures::load("schedulers"))
 }
 
-impl Fixtures {
-    fn get(&self, key: &str) -> &Tensor {
-        self.tensors
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture {key} missing"))
-    }
-    fn f64s(&self, key: &str) -> Vec<f64> {
-        self.get(key)
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-    fn entries(&self) -> Vec<&serde_json::Value> {
-        self.meta["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| OURS.contains(&e["scheduler"].as_str().unwrap()))
-            .collect()
-    }
-    /// SD 1.5's config with `overrides` on top, as the JSON `from_config` gets it.
-    fn config(&self, overrides: &serde_json::Value) -> SchedulerConfig {
-        let mut cfg = self.meta["config"].clone();
-        for (k, v) in overrides.as_object().unwrap() {
-            cfg[k] = v.clone();
-        }
-        serde_json::from_value(cfg).unwrap()
-    }
-    fn seed(&self, key: &str) -> u64 {
-        self.meta[key].as_u64().unwrap()
-    }
-}
-
-fn steps_of(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn seed(f: &Fixtures, key: &str) -> u64 {
+    f.meta[key].as_u64().unwrap()
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -131,7 +65,7 @@ fn training_schedules_match_torch() {
     let f = fixtures();
     let mut n = 0;
     for (case, over) in f.meta["train"].as_object().unwrap() {
-        let cfg = f.config(over);
+        let cfg = f.scheduler_config(over);
         // The fixtures come from DDIMScheduler; betas do not depend on the class's spacing.
         let r = ResolvedConfig::resolve(&cfg, &ClassDefaults::with_spacing("leading")).unwrap();
         let betas: Vec<f32> = r.betas().unwrap();
@@ -187,11 +121,11 @@ fn training_schedules_match_torch() {
 fn schedules_match_diffusers() {
     let f = fixtures();
     let (mut worst_t, mut worst_tk, mut worst_s, mut cases) = (0f64, 0f64, 0f64, 0);
-    for e in f.entries() {
+    for e in f.entries_for(&OURS) {
         let name = e["scheduler"].as_str().unwrap();
         let prefix = e["prefix"].as_str().unwrap();
         let kind = SchedulerKind::from_name(name).unwrap();
-        let cfg = f.config(&e["overrides"]);
+        let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["schedule_steps"]) {
             let key = format!("{prefix}.{steps}");
             let s = build(kind, &cfg, steps).unwrap_or_else(|err| panic!("{key}: {err}"));
@@ -249,11 +183,11 @@ fn schedules_match_diffusers() {
 fn trajectories_match_diffusers() {
     let f = fixtures();
     let mut worst: Vec<(String, f32)> = Vec::new();
-    for e in f.entries() {
+    for e in f.entries_for(&OURS) {
         let name = e["scheduler"].as_str().unwrap();
         let prefix = e["prefix"].as_str().unwrap();
         let kind = SchedulerKind::from_name(name).unwrap();
-        let cfg = f.config(&e["overrides"]);
+        let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["trajectory_steps"]) {
             let key = format!("{prefix}.{steps}");
             let mut s = build(kind, &cfg, steps).unwrap();
@@ -262,7 +196,7 @@ fn trajectories_match_diffusers() {
             let samples = f.get(&format!("{key}.samples"));
             let n = s.timesteps().len();
             assert_eq!(outputs.dim(0).unwrap(), n, "{key}: model output count");
-            let mut rng = TorchRng::new(f.seed("step_seed"));
+            let mut rng = TorchRng::new(seed(f, "step_seed"));
             // The run continues from our own samples, so errors would compound as in a real run.
             let mut sample = samples.i(0).unwrap();
             let mut d_max = 0f32;
@@ -301,12 +235,12 @@ fn trajectories_match_diffusers() {
 fn initial_sample_uses_init_noise_sigma() {
     // samples[0] = randn(sample_seed) * init_noise_sigma; our TorchRng gives the same normals.
     let f = fixtures();
-    let noise = TorchRng::new(f.seed("sample_seed")).randn(4 * 8 * 8);
+    let noise = TorchRng::new(seed(f, "sample_seed")).randn(4 * 8 * 8);
     let noise = Tensor::from_vec(noise, (1, 4, 8, 8), &Device::Cpu).unwrap();
     for name in OURS {
         let s = build(
             SchedulerKind::from_name(name).unwrap(),
-            &f.config(&serde_json::json!({})),
+            &f.scheduler_config(&serde_json::json!({})),
             25,
         )
         .unwrap();
@@ -320,15 +254,15 @@ fn initial_sample_uses_init_noise_sigma() {
 #[test]
 fn zero_steps_and_bad_configs_are_errors() {
     let f = fixtures();
-    let cfg = f.config(&serde_json::json!({}));
+    let cfg = f.scheduler_config(&serde_json::json!({}));
     for name in OURS {
         assert!(build(SchedulerKind::from_name(name).unwrap(), &cfg, 0).is_err());
     }
-    let bad = f.config(&serde_json::json!({"beta_schedule": "quadratic"}));
+    let bad = f.scheduler_config(&serde_json::json!({"beta_schedule": "quadratic"}));
     assert!(build(SchedulerKind::Euler, &bad, 10).is_err());
-    let bad = f.config(&serde_json::json!({"timestep_spacing": "sideways"}));
+    let bad = f.scheduler_config(&serde_json::json!({"timestep_spacing": "sideways"}));
     assert!(build(SchedulerKind::Ddim, &bad, 10).is_err());
-    let bad = f.config(&serde_json::json!({"prediction_type": "sample"}));
+    let bad = f.scheduler_config(&serde_json::json!({"prediction_type": "sample"}));
     assert!(
         build(SchedulerKind::Pndm, &bad, 10).is_err(),
         "PNDM has no sample prediction"

@@ -3,10 +3,12 @@
 //! `scheduler_config.json`, plus v_prediction and spacing variants): timesteps exactly, the float32
 //! sigmas, and every sample of a run fed with the recorded fake model outputs.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{DType, IndexOp, Tensor};
+use common::{max_abs, steps_of, Fixtures};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::dpm_solver::DpmSolverMultistep;
 use sdserve_pipeline::schedulers::unipc::UniPcMultistep;
@@ -23,70 +25,21 @@ const TRAJ_TOL: f32 = 5e-5;
 /// order we only match to an ulp, and 20-step runs amplify that.
 const EXTRA_TRAJ_TOL: f32 = 1e-4;
 
-struct Fixtures {
-    tensors: HashMap<String, Tensor>,
-    meta: serde_json::Value,
-}
-
 fn fixtures() -> &'static Fixtures {
-    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
-    F.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let tensors =
-            candle_core::safetensors::load(dir.join("schedulers.safetensors"), &Device::Cpu)
-                .expect("schedulers.safetensors");
-        let meta =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("schedulers.json")).unwrap())
-                .unwrap();
-        Fixtures { tensors, meta }
-    })
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| Fixtures::load("schedulers"))
 }
 
-impl Fixtures {
-    fn get(&self, key: &str) -> &Tensor {
-        self.tensors
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture {key} missing"))
-    }
-    fn f64s(&self, key: &str) -> Vec<f64> {
-        self.get(key)
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-    fn entries(&self) -> Vec<&serde_json::Value> {
-        let all = self.meta["entries"].as_array().unwrap();
-        let ours: Vec<_> = all
-            .iter()
-            .filter(|e| OURS.contains(&e["scheduler"].as_str().unwrap()))
-            .collect();
-        // Every scheduler in every variant (SD 1.5, v_prediction, three spacings).
-        assert!(
-            ours.len() >= 15,
-            "expected our schedulers in the fixtures, found {}",
-            ours.len()
-        );
-        ours
-    }
-    /// SD 1.5's config with the variant's keys on top, as `from_config` gets it.
-    fn config(&self, overrides: &serde_json::Value) -> SchedulerConfig {
-        let mut cfg = self.meta["config"].clone();
-        for (k, v) in overrides.as_object().unwrap() {
-            cfg[k] = v.clone();
-        }
-        serde_json::from_value(cfg).unwrap()
-    }
-}
-
-fn steps_of(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap() as usize)
-        .collect()
+/// This file's schedulers in the fixtures: every one in every variant (SD 1.5, v_prediction,
+/// three spacings).
+fn entries(f: &Fixtures) -> Vec<&serde_json::Value> {
+    let ours = f.entries_for(&OURS);
+    assert!(
+        ours.len() >= 15,
+        "expected our schedulers in the fixtures, found {}",
+        ours.len()
+    );
+    ours
 }
 
 fn has_nan(t: &Tensor) -> bool {
@@ -96,19 +49,6 @@ fn has_nan(t: &Tensor) -> bool {
         .unwrap()
         .iter()
         .any(|v| v.is_nan())
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Our scheduler for an API name, and its float32 sigmas.
@@ -132,12 +72,12 @@ fn make(name: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>,
 fn schedules_match_diffusers() {
     let f = fixtures();
     let (mut cases, mut worst_s) = (0, 0f64);
-    for e in f.entries() {
+    for e in entries(f) {
         let (name, prefix) = (
             e["scheduler"].as_str().unwrap(),
             e["prefix"].as_str().unwrap(),
         );
-        let cfg = f.config(&e["overrides"]);
+        let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["schedule_steps"]) {
             let (s, sigmas) = make(name, &cfg, steps);
             let key = format!("{prefix}.{steps}");
@@ -169,12 +109,12 @@ fn schedules_match_diffusers() {
 fn trajectories_match_diffusers() {
     let f = fixtures();
     let (mut runs, mut worst) = (0, 0f32);
-    for e in f.entries() {
+    for e in entries(f) {
         let (name, prefix) = (
             e["scheduler"].as_str().unwrap(),
             e["prefix"].as_str().unwrap(),
         );
-        let cfg = f.config(&e["overrides"]);
+        let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["trajectory_steps"]) {
             let key = format!("{prefix}.{steps}");
             let (mut s, _) = make(name, &cfg, steps);
@@ -220,7 +160,7 @@ fn trajectories_match_diffusers() {
 #[test]
 fn factory_builds_the_same_schedules() {
     let f = fixtures();
-    let cfg = f.config(&serde_json::json!({}));
+    let cfg = f.scheduler_config(&serde_json::json!({}));
     for name in OURS {
         let kind = SchedulerKind::from_name(name).unwrap();
         for steps in [1, 7, 20, 50] {
@@ -244,7 +184,7 @@ fn factory_builds_the_same_schedules() {
 #[test]
 fn half_precision_inputs_come_back_in_their_dtype() {
     let f = fixtures();
-    let cfg = f.config(&serde_json::json!({}));
+    let cfg = f.scheduler_config(&serde_json::json!({}));
     let key = "unipc.5";
     let outputs = f.get(&format!("{key}.model_outputs"));
     let samples = f.get(&format!("{key}.samples"));
@@ -305,17 +245,8 @@ fn bad_configs_are_errors() {
 // ---------------------------------------------------------------------------------------------
 
 fn extra() -> &'static Fixtures {
-    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
-    F.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let tensors =
-            candle_core::safetensors::load(dir.join("multistep.safetensors"), &Device::Cpu)
-                .expect("multistep.safetensors");
-        let meta =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("multistep.json")).unwrap())
-                .unwrap();
-        Fixtures { tensors, meta }
-    })
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| Fixtures::load("multistep"))
 }
 
 /// `Class.from_config(cfg)`: the class key of the fixture ("dpm" or "unipc").
@@ -343,7 +274,7 @@ fn extra_configs_match_diffusers() {
     let (mut schedules, mut runs, mut worst_s, mut worst, mut nan_refs) = (0, 0, 0f64, 0f32, 0);
     for e in entries {
         let (case, class) = (e["case"].as_str().unwrap(), e["class"].as_str().unwrap());
-        let cfg = f.config(&e["overrides"]);
+        let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["schedule_steps"]) {
             let key = format!("{case}.{steps}");
             let (s, sigmas) = make_class(class, &cfg, steps);
