@@ -3,6 +3,10 @@
 //! `load_lora_weights` + `set_adapters` and `load_textual_inversion` on tiny-a
 //! (references from `tools/make_adapter_fixtures.py`).
 
+mod common;
+
+use common::pixel_difference;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -81,19 +85,6 @@ fn expected(r: &Reference, key: &str) -> Vec<u8> {
         .unwrap()
         .to_vec1::<u8>()
         .unwrap()
-}
-
-/// Mean absolute difference on 0..255 and the fraction of values off by more than 8.
-fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
-    assert_eq!(ours.len(), reference.len());
-    let diffs: Vec<i32> = ours
-        .iter()
-        .zip(reference)
-        .map(|(&a, &b)| (a as i32 - b as i32).abs())
-        .collect();
-    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
-    (mean, over)
 }
 
 fn assert_close(label: &str, ours: &[u8], reference: &[u8]) {

@@ -1,6 +1,10 @@
 //! img2img, inpainting (4- and 9-channel UNets) and batches against diffusers on the tiny
 //! fixture models (references from `tools/make_img2img_fixtures.py`, cases in `img2img.json`).
 
+mod common;
+
+use common::pixel_difference;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -78,19 +82,6 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
         init_image,
         ..Default::default()
     }
-}
-
-/// Mean absolute difference on 0..255 and the fraction of values off by more than 8.
-fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
-    assert_eq!(ours.len(), reference.len());
-    let diffs: Vec<i32> = ours
-        .iter()
-        .zip(reference)
-        .map(|(&a, &b)| (a as i32 - b as i32).abs())
-        .collect();
-    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
-    (mean, over)
 }
 
 fn generate(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {

@@ -1,6 +1,10 @@
 //! Whole images against diffusers' `StableDiffusionPipeline` on the tiny fixture models, for every
 //! scheduler (references from `tools/make_tiny_models.py`).
 
+mod common;
+
+use common::pixel_difference;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -57,19 +61,6 @@ fn params_of(request: &serde_json::Value) -> GenerationParams {
             .map(|name| SchedulerKind::from_name(name).expect("known scheduler")),
         ..Default::default()
     }
-}
-
-/// Mean absolute difference on 0..255 and the fraction of values off by more than 8.
-fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
-    assert_eq!(ours.len(), reference.len());
-    let diffs: Vec<i32> = ours
-        .iter()
-        .zip(reference)
-        .map(|(&a, &b)| (a as i32 - b as i32).abs())
-        .collect();
-    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
-    (mean, over)
 }
 
 fn check_images(name: &str) {

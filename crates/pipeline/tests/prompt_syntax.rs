@@ -2,6 +2,10 @@
 //! conditioning of `tools/make_prompt_fixtures.py` (transformers' CLIP) on tiny-a with a text
 //! encoder whose final layer norm has a bias, and whole images through diffusers' loop.
 
+mod common;
+
+use common::{max_abs_diff, pixel_difference};
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -72,19 +76,6 @@ fn params_of(case: &Value) -> GenerationParams {
         ..Default::default()
     }
 }
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn pieces_and_chunks_match_the_reference() {
     let r = reference();
@@ -218,19 +209,6 @@ fn clip_skip_beyond_the_encoder_is_refused() {
     };
     let err = r.model.encode_conditioning(&params).unwrap_err();
     assert!(err.to_string().contains("clip_skip"), "{err}");
-}
-
-/// Mean absolute difference on 0..255 and the fraction of values off by more than 8.
-fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
-    assert_eq!(ours.len(), reference.len());
-    let diffs: Vec<i32> = ours
-        .iter()
-        .zip(reference)
-        .map(|(&a, &b)| (a as i32 - b as i32).abs())
-        .collect();
-    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
-    (mean, over)
 }
 
 #[test]

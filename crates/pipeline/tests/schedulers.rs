@@ -7,7 +7,7 @@ mod common;
 use std::sync::OnceLock;
 
 use candle_core::{Device, IndexOp, Tensor};
-use common::{max_abs, steps_of, Fixtures};
+use common::{max_abs_diff, steps_of, Fixtures};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::common::{ClassDefaults, ResolvedConfig};
 use sdserve_pipeline::schedulers::{build, euler, lms, SchedulerConfig, SchedulerKind};
@@ -202,7 +202,7 @@ fn trajectories_match_diffusers() {
             let mut d_max = 0f32;
             for i in 0..n {
                 let x = s.scale_model_input(&sample, i).unwrap();
-                let d = max_abs(&x, &scaled.i(i).unwrap());
+                let d = max_abs_diff(&x, &scaled.i(i).unwrap());
                 assert!(d <= TRAJ_TOL, "{key}: scaled input {i} off by {d}");
                 d_max = d_max.max(d);
                 sample = s
@@ -213,7 +213,7 @@ fn trajectories_match_diffusers() {
                         std::slice::from_mut(&mut rng),
                     )
                     .unwrap();
-                let d = max_abs(&sample, &samples.i(i + 1).unwrap());
+                let d = max_abs_diff(&sample, &samples.i(i + 1).unwrap());
                 assert!(d <= TRAJ_TOL, "{key}: sample after step {i} off by {d}");
                 d_max = d_max.max(d);
             }
@@ -246,7 +246,7 @@ fn initial_sample_uses_init_noise_sigma() {
         .unwrap();
         let ours = noise.affine(s.init_noise_sigma(), 0.0).unwrap();
         let want = f.get(&format!("{name}.25.samples")).i(0).unwrap();
-        let d = max_abs(&ours, &want);
+        let d = max_abs_diff(&ours, &want);
         assert!(d <= 1e-4, "{name}: initial sample off by {d}");
     }
 }

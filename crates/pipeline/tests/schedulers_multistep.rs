@@ -8,7 +8,7 @@ mod common;
 use std::sync::OnceLock;
 
 use candle_core::{DType, IndexOp, Tensor};
-use common::{max_abs, steps_of, Fixtures};
+use common::{max_abs_diff, steps_of, Fixtures};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::dpm_solver::DpmSolverMultistep;
 use sdserve_pipeline::schedulers::unipc::UniPcMultistep;
@@ -127,9 +127,9 @@ fn trajectories_match_diffusers() {
             for i in 0..s.timesteps().len() {
                 // Both classes leave the model input as is.
                 let x = s.scale_model_input(&sample, i).unwrap();
-                assert_eq!(max_abs(&x, &sample), 0.0, "{key} scaled input {i}");
+                assert_eq!(max_abs_diff(&x, &sample), 0.0, "{key} scaled input {i}");
                 assert!(
-                    max_abs(&x, &scaled.i(i).unwrap()) <= TRAJ_TOL,
+                    max_abs_diff(&x, &scaled.i(i).unwrap()) <= TRAJ_TOL,
                     "{key} scaled input {i}"
                 );
                 sample = s
@@ -140,7 +140,7 @@ fn trajectories_match_diffusers() {
                         std::slice::from_mut(&mut rng),
                     )
                     .unwrap();
-                let d = max_abs(&sample, &samples.i(i + 1).unwrap());
+                let d = max_abs_diff(&sample, &samples.i(i + 1).unwrap());
                 worst = worst.max(d);
                 run_worst = run_worst.max(d);
                 assert!(
@@ -322,7 +322,7 @@ fn extra_configs_match_diffusers() {
                     nan_refs += 1;
                     continue;
                 }
-                let d = max_abs(&sample, &want);
+                let d = max_abs_diff(&sample, &want);
                 run_worst = run_worst.max(d);
                 assert!(
                     d <= EXTRA_TRAJ_TOL,

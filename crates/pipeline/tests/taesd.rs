@@ -1,6 +1,10 @@
 //! TAESD (`sdserve_pipeline::taesd`) against diffusers' `AutoencoderTiny` on two tiny random
 //! models (references from `tools/make_taesd_fixtures.py`, see `tests/fixtures/README.md`).
 
+mod common;
+
+use common::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -25,20 +29,6 @@ fn references() -> HashMap<String, Tensor> {
 fn load(name: &str, dtype: DType) -> Taesd {
     Taesd::load(&fixtures().join(name), &Device::Cpu, dtype).unwrap()
 }
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// Our RGB8 images against diffusers' `[B, H, W, 3]` u8: (largest difference, differing bytes).
 fn compare_images(ours: &[RgbImage], want: &Tensor) -> (u8, usize) {
     let (b, h, w, c) = want.dims4().unwrap();

@@ -1,6 +1,10 @@
 //! CLIP text encoder on the tiny models against transformers' `CLIPTextModel`
 //! (references written by `tools/make_tiny_models.py`).
 
+mod common;
+
+use common::max_abs_diff;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -14,19 +18,6 @@ const TOLERANCE: f32 = 2e-5;
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn load_model(model: &str, dtype: DType) -> ClipTextModel {
     let dir = fixtures().join(model).join("text_encoder");
     let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();

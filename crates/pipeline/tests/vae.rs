@@ -1,6 +1,10 @@
 //! The VAE decoder against diffusers' `vae.decode(latents).sample` on the tiny models
 //! (references from `tools/make_tiny_models.py`, see `tests/fixtures/README.md`).
 
+mod common;
+
+use common::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -41,20 +45,6 @@ fn references(model: &str) -> HashMap<String, Tensor> {
     )
     .unwrap()
 }
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 fn check_model(model: &str) {
     let refs = references(model);
     let (latents, want) = (&refs["vae.latents"], &refs["vae.output"]);

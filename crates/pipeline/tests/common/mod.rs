@@ -80,17 +80,31 @@ pub fn steps_of(v: &serde_json::Value) -> Vec<usize> {
         .collect()
 }
 
-/// Largest absolute difference of two float32 tensors of the same shape.
-pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+/// Largest absolute difference of two tensors of the same shape, compared in float32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
     (a - b)
         .unwrap()
         .abs()
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
+        .max_all()
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Mean absolute difference of two images on 0..255 and the fraction of values off by more than 8
+/// (the bounds the image tests state against diffusers).
+pub fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
+    assert_eq!(ours.len(), reference.len());
+    let diffs: Vec<i32> = ours
+        .iter()
+        .zip(reference)
+        .map(|(&a, &b)| (a as i32 - b as i32).abs())
+        .collect();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
+    (mean, over)
 }
