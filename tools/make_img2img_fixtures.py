@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference images for img2img, inpainting and batches (DESIGN.md §3 "Images in"), recorded
+"""Reference images for img2img, inpainting and batches (diffusers' img2img and inpaint pipelines), recorded
 with diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline /
 StableDiffusionPipeline on the tiny fixture models.  Pinned: torch 2.11.0, diffusers 0.42.1
 (tools/requirements.txt).  Runs after tools/make_tiny_models.py (reads tiny-a/ and tiny-b/).

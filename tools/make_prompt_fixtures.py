@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A1111 prompt conditioning references for crates/pipeline/tests/prompt_syntax.rs.
 
-The conditioning AUTOMATIC1111 builds from a prompt (DESIGN §3 "Prompts as A1111 writes them"),
+The conditioning AUTOMATIC1111 builds from a prompt (A1111's prompt_parser.py, sd_hijack_clip.py),
 written here from that description on transformers' CLIPTextModel: emphasis, escapes and BREAK
 parsed into weighted pieces; each piece tokenized alone; chunks of 75 tokens with the comma
 backtrack (20); BOS + 75 + EOS per chunk; each chunk encoded alone (clip skip: hidden_states[-N]
@@ -40,7 +40,7 @@ BASE_MODEL = os.path.join(FIXTURES, "tiny-a")
 COMMA_BACKTRACK = 20
 ROUND = 1.1
 
-# One alternative per syntax element, tried in this order at each position (DESIGN §3).
+# One alternative per syntax element, tried in this order at each position (as A1111 parses).
 ATTENTION_RE = re.compile(
     r"\\[()\[\]\\]"            # escaped bracket or backslash: the character itself
     r"|\\"                     # a lone backslash: dropped

@@ -1,4 +1,4 @@
-//! Textual-inversion embeddings (`EMBEDDINGS_DIR`, DESIGN §3): A1111 `.pt` files
+//! Textual-inversion embeddings (`EMBEDDINGS_DIR`, see README): A1111 `.pt` files
 //! (`string_to_param`, read with the code-free pickle reader) and `.safetensors` files
 //! (`emb_params`). A file's name used as a word in a prompt stands for its vectors, as diffusers'
 //! `load_textual_inversion` makes it: the name is an added token of the tokenizer, and each of

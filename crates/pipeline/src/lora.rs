@@ -1,4 +1,4 @@
-//! LoRA adapters (DESIGN §3 "LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
+//! LoRA adapters (README "Prompts, LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
 //! UNet (attention, feed-forward, projections, and LoCon's resnet and sampler convolutions) and
 //! the text encoder.
 //!

@@ -1,4 +1,4 @@
-//! Prompts as AUTOMATIC1111 writes them (DESIGN §3): emphasis, escapes and `BREAK` parsed into
+//! Prompts as AUTOMATIC1111 writes them (A1111's `prompt_parser.py`): emphasis, escapes and `BREAK` parsed into
 //! weighted pieces, then tokenized into chunks of 75 tokens wrapped as `BOS + 75 + EOS`.
 //!
 //! Written from the semantics of A1111's `parse_prompt_attention` and its CLIP chunking (default

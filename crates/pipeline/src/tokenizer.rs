@@ -21,7 +21,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{PipelineError, Result};
 
-/// CLIP's pre-tokenizer split (DESIGN §3; transformers' `CLIPTokenizer`).
+/// CLIP's pre-tokenizer split (transformers' `CLIPTokenizer`).
 const CLIP_SPLIT_REGEX: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 const END_OF_WORD_SUFFIX: &str = "</w>";

@@ -167,7 +167,7 @@ fn an_init_image_of_another_size_is_resized_like_pil() {
     check(&["tiny-a.img2img-resize."]);
 }
 
-/// Image i of a batch is the single run with seed + i (DESIGN.md: each image can be made again
+/// Image i of a batch is the single run with seed + i (A1111's convention: each image can be made again
 /// alone). For inpainting this is where we differ from diffusers on purpose: its list-of-
 /// generators path encodes the (batch of one) init image with the first generator only.
 #[test]

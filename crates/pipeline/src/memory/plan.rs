@@ -194,7 +194,7 @@ fn is_half(d: DType) -> bool {
     matches!(d, DType::F16 | DType::BF16)
 }
 
-/// The API's largest width/height (DESIGN §1).
+/// The API's largest width/height (the API contract, README "API").
 pub const DEFAULT_MAX_SIDE: usize = 768;
 
 /// Memory the CUDA context, cuBLAS/cuDNN handles and workspaces take outside our tensors.

@@ -1,6 +1,6 @@
 //! HTTP: the router, the request/response types (which also make the OpenAPI document), and the
 //! middleware that gives every request an id, a log line, metrics and a contract-shaped error body.
-//! One module per dialect translates to and from the one internal request (DESIGN.md §2).
+//! One module per dialect translates to and from the one internal request (docs/ARCHITECTURE.md).
 
 pub mod a1111;
 mod jobs;

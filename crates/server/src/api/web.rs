@@ -1,4 +1,4 @@
-//! The web page at `/` (DESIGN.md §1 "A web page at /"): three files embedded in the binary at
+//! The web page at `/` (README "The web page"): three files embedded in the binary at
 //! build time, served with a Content-Security-Policy under which the page can reach nothing but
 //! this server (it must work offline, and a stray external resource fails loudly in the browser).
 

@@ -1,4 +1,4 @@
-//! A job as clients see it: its states, the JSON view, and the events it emits (DESIGN.md §1
+//! A job as clients see it: its states, the JSON view, and the events it emits (README "Jobs";
 //! "Jobs"). Shared by every backend.
 
 use std::sync::Arc;

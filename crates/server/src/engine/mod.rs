@@ -1,4 +1,4 @@
-//! The job life cycle (DESIGN.md §1 "Jobs", §2): one queue, one worker path, for every route.
+//! The job life cycle (README "Jobs"): one queue, one worker path, for every route.
 //!
 //! - `JobBackend` is the engine's one seam: the in-process backend (`local.rs`: records and queue
 //!   behind a mutex, the worker thread in `worker.rs`) implements it; a Redis backend (issue 16)

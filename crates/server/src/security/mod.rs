@@ -1,5 +1,5 @@
 //! Who may call, how often, from which browser origin, and how slowly: the layers that wrap the
-//! whole router (DESIGN.md §1 "Keys, limits, origins"). They are applied by [`protect`] to the
+//! whole router (README "Keys, limits and reliability"). They are applied by [`protect`] to the
 //! finished router, so every route, present or added later, is covered; only [`is_open`]'s
 //! explicit allow-list is reachable without a key.
 

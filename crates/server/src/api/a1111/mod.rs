@@ -1,4 +1,4 @@
-//! AUTOMATIC1111's `/sdapi/v1` (DESIGN.md §1 "Dialects"): what `webuiapi`, Krita and chat-bot
+//! AUTOMATIC1111's `/sdapi/v1` (README "Clients that already exist"): what `webuiapi`, Krita and chat-bot
 //! plugins send and parse. Each request is translated (`translate`) into the one native request
 //! and run like `/generate`; the answers take A1111's shapes (`info` is a JSON *string*).
 //!

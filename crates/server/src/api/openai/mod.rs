@@ -1,4 +1,4 @@
-//! OpenAI's image API under `/v1` (DESIGN.md §1 "Dialects"): what the `openai` client sends
+//! OpenAI's image API under `/v1` (README "Clients that already exist"): what the `openai` client sends
 //! and parses. `images/generations` (JSON) and `images/edits` (multipart) are translated
 //! (`translate`) into the one native request and run like `/generate`; every error on `/v1`
 //! takes OpenAI's shape.

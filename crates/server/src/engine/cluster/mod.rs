@@ -1,4 +1,4 @@
-//! Replicas sharing jobs through Redis (QUEUE_URL, DESIGN.md §5): the `JobBackend` of every
+//! Replicas sharing jobs through Redis (QUEUE_URL, README "Several machines"): the `JobBackend` of every
 //! process that has a QUEUE_URL, and (for `--role all|worker`) the worker that takes jobs from
 //! Redis and runs them on the in-process engine (`worker.rs`).
 //!
