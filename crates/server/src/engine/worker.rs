@@ -231,8 +231,9 @@ impl Run<'_> {
         }
     }
 
-    /// Records progress and its ETA, sends the progress event and, when due and someone
-    /// listens, a preview.
+    /// Records progress and its ETA, sends the progress event and, when due, a preview (made
+    /// whether or not anyone listens: in-process waiters and the cluster's forwarder subscribe to
+    /// every job, so a listener count cannot tell).
     fn progress(&self, p: &StepProgress<'_>, start: Instant, now: Instant) {
         let per_step = now.duration_since(start).as_secs_f64() / p.step.max(1) as f64;
         let eta = per_step * p.total.saturating_sub(p.step) as f64;
