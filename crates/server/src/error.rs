@@ -71,6 +71,10 @@ pub struct TimeoutInfo {
     pub total: usize,
     /// Seconds the run took until it was stopped.
     pub running_secs: f64,
+    /// Seconds the request needs alone at the speed the CPU speed probe measured (`speed`);
+    /// `None` when nothing was measured (not yet, or not on a CPU).
+    #[serde(default)]
+    pub alone_secs: Option<f64>,
 }
 
 impl From<u64> for TimeoutInfo {
@@ -109,11 +113,30 @@ impl TimeoutInfo {
                 self.queued_secs,
                 (needed * 1.15).ceil()
             ),
-            None => format!(
-                "{head} before its first step, after {:.1} s in the queue: raise \
-                 GENERATION_TIMEOUT_SECONDS, or send fewer requests at once",
-                self.queued_secs + self.running_secs
-            ),
+            None => {
+                let waited = if self.running_secs > 0.0 {
+                    format!(
+                        "after {:.1} s in the queue and {:.1} s on its first step",
+                        self.queued_secs, self.running_secs
+                    )
+                } else {
+                    format!("after {:.1} s in the queue", self.queued_secs)
+                };
+                let speed = match self.alone_secs {
+                    Some(alone) => format!(
+                        "At the speed measured on this machine it needs about {alone:.0} s \
+                         once it runs: GENERATION_TIMEOUT_SECONDS must cover that plus the \
+                         queue wait"
+                    ),
+                    None => "How long it needs is not known: no step of it ran and no speed \
+                             has been measured on this machine yet"
+                        .to_string(),
+                };
+                format!(
+                    "{head} before its first step ended, {waited}. {speed}. \
+                     Raise GENERATION_TIMEOUT_SECONDS, or send fewer requests at once"
+                )
+            }
         })
     }
 }
@@ -384,6 +407,7 @@ mod tests {
             step: 8,
             total: 20,
             running_secs: 30.0,
+            alone_secs: None,
         };
         assert_eq!(info.needed_secs(), Some(81.0));
         let d = ApiError::Timeout(info).body().details.unwrap();
@@ -402,7 +426,21 @@ mod tests {
         });
         let d = queued.body().details.unwrap();
         assert!(
-            d.contains("before its first step, after 60.2 s in the queue"),
+            d.contains("before its first step ended, after 60.2 s in the queue"),
+            "{d}"
+        );
+        assert!(
+            d.contains("no speed has been measured on this machine yet"),
+            "{d}"
+        );
+        let measured = ApiError::Timeout(TimeoutInfo {
+            queued_secs: 60.2,
+            alone_secs: Some(151.4),
+            ..60.into()
+        });
+        let d = measured.body().details.unwrap();
+        assert!(
+            d.contains("measured on this machine it needs about 151 s once it runs"),
             "{d}"
         );
         assert!(ApiError::Timeout(TimeoutInfo::default())

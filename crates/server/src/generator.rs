@@ -75,13 +75,16 @@ pub struct Loaded {
     pub info: ModelInfo,
     /// The TAESD preview decoder, when `PREVIEW=taesd` and it loaded (see `model::with_taesd`).
     pub taesd: Option<sdserve_pipeline::taesd::Taesd>,
+    /// Time the model once the worker is idle and log what fits the deadlines (`speed`): set
+    /// by `serve` for a model on the CPU.
+    pub speed_probe: bool,
 }
 
 /// Loads the model; runs on the worker thread. The error is a message for /health and the log.
 pub type Loader = Box<dyn FnOnce() -> Result<Loaded, String> + Send>;
 
 /// Settings of the fake generator, parsed from `key=value,...`
-/// (`step_ms`, `load_ms`, `fail_load`, `scheduler`).
+/// (`step_ms`, `load_ms`, `fail_load`, `scheduler`, `speed_probe` = 0 or 1).
 ///
 /// The fake honours the step hook exactly like the real pipeline, and its image is a pure
 /// function of the parameters, so timing, cancellation, caching and reproducibility can be
@@ -93,6 +96,8 @@ pub struct FakeSpec {
     pub load_ms: u64,
     pub fail_load: Option<String>,
     pub scheduler: SchedulerKind,
+    /// Run the CPU speed probe on the fake (off by default: timing tests want an idle worker).
+    pub speed_probe: bool,
 }
 
 impl std::str::FromStr for FakeSpec {
@@ -103,6 +108,7 @@ impl std::str::FromStr for FakeSpec {
             load_ms: 0,
             fail_load: None,
             scheduler: SchedulerKind::Pndm,
+            speed_probe: false,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
@@ -113,6 +119,13 @@ impl std::str::FromStr for FakeSpec {
                 "step_ms" => spec.step_ms = ms()?,
                 "load_ms" => spec.load_ms = ms()?,
                 "fail_load" => spec.fail_load = Some(v.to_string()),
+                "speed_probe" => {
+                    spec.speed_probe = match v {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(format!("speed_probe: expected 0 or 1, got {v:?}")),
+                    }
+                }
                 "scheduler" => {
                     spec.scheduler = SchedulerKind::from_name(v)
                         .ok_or_else(|| format!("scheduler: unknown {v:?}"))?
@@ -146,6 +159,7 @@ impl FakeSpec {
                     inpainting: false,
                 },
                 taesd: None,
+                speed_probe: self.speed_probe,
             })
         })
     }
@@ -246,11 +260,14 @@ mod tests {
 
     #[test]
     fn spec_parses_and_rejects() {
-        let s: FakeSpec = "step_ms=50,load_ms=5,scheduler=ddim".parse().unwrap();
+        let s: FakeSpec = "step_ms=50,load_ms=5,scheduler=ddim,speed_probe=1"
+            .parse()
+            .unwrap();
         assert_eq!(
-            (s.step_ms, s.load_ms, s.scheduler),
-            (50, 5, SchedulerKind::Ddim)
+            (s.step_ms, s.load_ms, s.scheduler, s.speed_probe),
+            (50, 5, SchedulerKind::Ddim, true)
         );
+        assert!("speed_probe=yes".parse::<FakeSpec>().is_err());
         assert!("bogus=1".parse::<FakeSpec>().is_err());
         assert!("step_ms=x".parse::<FakeSpec>().is_err());
     }

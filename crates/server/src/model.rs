@@ -17,10 +17,9 @@ pub struct LoadOptions {
     /// While the hub cannot be reached, try again in the background so (`None`: the first
     /// failure is final).
     pub patience: Option<hub::RetryPolicy>,
-    /// On the CPU, time a small generation after loading and log what fits this deadline.
-    pub probe_deadline: Option<std::time::Duration>,
-    /// JOB_TIMEOUT_SECONDS, for the probe's advice on `POST /jobs`.
-    pub probe_job_deadline: Option<std::time::Duration>,
+    /// On the CPU, have the worker time a small generation once it is idle (`speed`) and log
+    /// what fits the deadlines.
+    pub speed_probe: bool,
 }
 
 /// Loads the real pipeline on the worker thread; download/conversion progress goes to `status`
@@ -133,19 +132,6 @@ pub fn load_real(
             "weights on the device and kernels warmed up"
         );
     }
-    if let (true, Some(deadline)) = (setup.device.is_cpu(), load.probe_deadline) {
-        match crate::speed::SpeedProbe::measure(&sd) {
-            Ok(p) => tracing::info!(
-                step_seconds = p.step_secs,
-                decode_seconds = p.decode_secs,
-                encode_seconds = p.encode_secs,
-                probe_size = p.side,
-                "{}",
-                p.summary(deadline, load.probe_job_deadline)
-            ),
-            Err(e) => tracing::warn!(error = %e, "the start-up speed probe failed"),
-        }
-    }
     let info = ModelInfo {
         model_version: resolved.model_version,
         default_scheduler: sd.default_scheduler(),
@@ -153,6 +139,7 @@ pub fn load_real(
         inpainting: sd.is_inpainting(),
     };
     Ok(Loaded {
+        speed_probe: load.speed_probe && setup.device.is_cpu(),
         generator: Box::new(GpuGenerator { sd, setup }),
         info,
         taesd: None,

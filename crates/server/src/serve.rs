@@ -102,8 +102,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
                     first: Duration::from_secs(args.model_retry_seconds),
                     max: Duration::from_secs(args.model_retry_seconds.max(300)),
                 }),
-                probe_deadline: Some(Duration::from_secs(args.generation_timeout_seconds)),
-                probe_job_deadline: Some(Duration::from_secs(args.job_timeout_seconds)),
+                speed_probe: true,
             },
         ),
     };

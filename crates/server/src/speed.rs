@@ -1,17 +1,31 @@
-//! How fast this machine runs the model, measured once at start-up on the CPU, so the log can
-//! say which sizes and step counts fit GENERATION_TIMEOUT_SECONDS before a first request meets
-//! a 408 (a CPU takes minutes where a GPU takes seconds).
+//! How fast this machine runs the model, measured on the CPU once the model is ready, so the
+//! log can say which sizes and step counts fit GENERATION_TIMEOUT_SECONDS before a first
+//! request meets a 408 (a CPU takes minutes where a GPU takes seconds).
+//!
+//! The probe is not on the readiness path: the worker runs it only after it has been idle for
+//! `PROBE_IDLE`, and it gives way within a step to any job that arrives (then runs again at the
+//! next idle moment). A model whose smallest image already takes a minute a step (a test model
+//! with a small VAE factor) would otherwise hold /health at `loading` for minutes.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
+use sdserve_pipeline::pipeline::GenerationParams;
 use sdserve_pipeline::schedulers::SchedulerKind;
 use sdserve_pipeline::PipelineError;
 
+use crate::generator::Generator;
 use crate::validate::{
     GUIDANCE_DEFAULT, SIZE_DEFAULT, SIZE_MAX, SIZE_MIN, STEPS_DEFAULT, STEPS_MAX,
 };
+
+/// How long the worker must have had nothing to do before it runs the probe: a client that
+/// sends its first request as soon as /health says ready is served before the probe starts.
+pub const PROBE_IDLE: Duration = Duration::from_secs(3);
+
+/// Tries before the probe is given up on a worker that is never idle for long (each try the
+/// queue interrupts costs the worker at most one step of the smallest image).
+pub const PROBE_TRIES: usize = 3;
 
 /// Timings of one small generation (smallest size, two steps, guidance on).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,8 +41,12 @@ pub struct SpeedProbe {
 }
 
 impl SpeedProbe {
-    /// Runs the probe: 2 Euler steps at the smallest size, timed at each step.
-    pub fn measure(sd: &StableDiffusion) -> Result<Self, PipelineError> {
+    /// Runs the probe: 2 Euler steps at the smallest size, timed at each step. `stop` is asked
+    /// after every step; when it says yes the probe ends there and gives `Ok(None)`.
+    pub fn measure(
+        generator: &mut dyn Generator,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Self>, PipelineError> {
         let side = SIZE_MIN as usize;
         let params = GenerationParams {
             prompt: "a lighthouse on a rocky coast".into(),
@@ -43,10 +61,19 @@ impl SpeedProbe {
         };
         let t0 = Instant::now();
         let mut at = Vec::with_capacity(2);
-        sd.generate(&params, &mut |_| {
+        let run = generator.generate(&params, &mut |_| {
             at.push(t0.elapsed());
-            ControlFlow::Continue(())
-        })?;
+            if stop() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        match run {
+            Ok(_) => {}
+            Err(PipelineError::Cancelled) => return Ok(None),
+            Err(e) => return Err(e),
+        }
         let end = t0.elapsed();
         let (first, last) = match at.as_slice() {
             [first, .., last] => (*first, *last),
@@ -57,12 +84,12 @@ impl SpeedProbe {
             }
         };
         let step = (last - first) / (at.len() as u32 - 1);
-        Ok(Self {
+        Ok(Some(Self {
             side,
             encode_secs: first.saturating_sub(step).as_secs_f64(),
             step_secs: step.as_secs_f64(),
             decode_secs: (end - last).as_secs_f64(),
-        })
+        }))
     }
 
     /// Estimated seconds for a `width`x`height` image with `unet_evals` UNet evaluations (steps,
@@ -70,6 +97,17 @@ impl SpeedProbe {
     pub fn estimate_secs(&self, width: usize, height: usize, unet_evals: usize) -> f64 {
         let scale = (width * height) as f64 / (self.side * self.side) as f64;
         self.encode_secs + scale * (self.step_secs * unet_evals as f64 + self.decode_secs)
+    }
+
+    /// Estimated seconds for one request run alone: its images' pixels, its steps (those
+    /// `strength` leaves for an init image, plus one for PNDM's extra evaluation, counted for
+    /// every scheduler).
+    pub fn estimate_request_secs(&self, p: &GenerationParams) -> f64 {
+        let steps = match &p.init_image {
+            Some(init) => ((p.steps as f64 * init.strength) as usize).max(1),
+            None => p.steps,
+        };
+        self.estimate_secs(p.width, p.height * p.batch_size.max(1), steps + 1)
     }
 
     /// The most steps (1..=STEPS_MAX) a square image of `side` may have to finish within

@@ -647,3 +647,73 @@ fn a_queued_job_past_its_deadline_fails_without_starting() {
     assert!(lj["started_at"].is_null());
     assert_eq!(s.get("/health").json()["queue"]["running"], 1);
 }
+
+/// The CPU speed probe is off the readiness path: /health is 200 before it has run, a job sent
+/// at once runs at once, a job sent while it runs waits one of its steps at most, and it runs
+/// again once the worker is idle; then a 408 for a request that never started says how long
+/// the request needs at the measured speed.
+#[test]
+fn the_speed_probe_waits_for_an_idle_worker_and_gives_way_to_jobs() {
+    const STEP: Duration = Duration::from_secs(3);
+    let s = ready(
+        "step_ms=3000,speed_probe=1",
+        &[("GENERATION_TIMEOUT_SECONDS", "2")],
+    );
+    // Ready, though the probe (after 3 s of idleness, 2 steps of 3 s) cannot have finished.
+    assert_eq!(s.get("/health").json()["status"], "ok");
+    assert!(!s.logs().iter().any(|l| l.contains("CPU speed")));
+    let queue_wait = |j: &Value| {
+        let at = |k: &str| humantime::parse_rfc3339(j[k].as_str().unwrap()).unwrap();
+        at("started_at").duration_since(at("created_at")).unwrap()
+    };
+    let one_step = json!({"prompt": "x", "steps": 1, "width": 256, "height": 256});
+    let first = submit(&s, &one_step);
+    let first = wait_status(
+        &s,
+        first["id"].as_str().unwrap(),
+        &["succeeded"],
+        Duration::from_secs(30),
+    );
+    assert!(queue_wait(&first) < Duration::from_secs(1), "{first}");
+
+    // Idle: the probe starts; a job sent now waits for the probe's current step, no more.
+    s.wait_log(&["CPU speed probe: running"], Duration::from_secs(30));
+    let second = submit(&s, &one_step);
+    let second = wait_status(
+        &s,
+        second["id"].as_str().unwrap(),
+        &["succeeded"],
+        Duration::from_secs(30),
+    );
+    assert!(
+        queue_wait(&second) < STEP + Duration::from_secs(1),
+        "{second}"
+    );
+    s.wait_log(&["the probe stopped and gave way"], Duration::ZERO);
+
+    // Idle again: the probe runs to its end and logs what fits the deadlines.
+    let line = s.wait_log(
+        &["CPU speed: a step at 256x256 takes", "step_seconds"],
+        Duration::from_secs(60),
+    );
+    let logged: Value = serde_json::from_str(&line).unwrap();
+    assert!(logged["step_seconds"].as_f64().unwrap() >= 3.0, "{line}");
+    assert!(
+        line.contains("GENERATION_TIMEOUT_SECONDS=2 a lone request may be 256x256: none"),
+        "{line}"
+    );
+
+    // A /generate that times out in the queue behind a job: its 408 uses the measured speed
+    // (about one 3 s step plus the decode for one step at 256x256).
+    let _busy = submit(
+        &s,
+        &json!({"prompt": "busy", "steps": 2, "width": 256, "height": 256}),
+    );
+    let e = s.post_json(&one_step).error(408, "timeout");
+    let details = e["details"].as_str().unwrap();
+    assert!(
+        details.contains("before its first step ended")
+            && details.contains("At the speed measured on this machine it needs about"),
+        "{e}"
+    );
+}

@@ -24,6 +24,7 @@ use crate::error::{ApiError, TimeoutInfo};
 use crate::generator::Loader;
 use crate::gpu::OomGuard;
 use crate::metrics::{Gauges, Metrics};
+use crate::speed::SpeedProbe;
 
 /// Events buffered per subscriber; a slower one skips progress (never the terminal event:
 /// the stream reads it from the record).
@@ -53,8 +54,9 @@ pub(super) struct Record {
 }
 
 impl Record {
-    /// How far it got by `now`, for a 408's details.
-    pub fn timeout_info(&self, now: Instant) -> TimeoutInfo {
+    /// How far it got by `now`, for a 408's details; `speed` (the CPU speed probe's) says how
+    /// long it needs alone.
+    pub fn timeout_info(&self, now: Instant, speed: Option<SpeedProbe>) -> TimeoutInfo {
         let started = self.started.map(|s| s.1);
         let started_at = started.unwrap_or(now).max(self.created_instant);
         TimeoutInfo {
@@ -65,6 +67,7 @@ impl Record {
             step: started.map_or(0, |_| self.progress.step),
             total: started.map_or(0, |_| self.progress.total),
             running_secs: now.saturating_duration_since(started_at).as_secs_f64(),
+            alone_secs: speed.map(|p| p.estimate_request_secs(&self.spec.params)),
         }
     }
 
@@ -98,6 +101,8 @@ pub(super) struct Jobs {
     pub queue: VecDeque<String>,
     pub running: Option<String>,
     pub shutting_down: bool,
+    /// What the CPU speed probe measured, once it has (for 408 details).
+    pub speed: Option<SpeedProbe>,
 }
 
 impl Jobs {
@@ -152,10 +157,11 @@ impl Jobs {
             return false;
         };
         self.queue.remove(index);
+        let speed = self.speed;
         let info = self
             .records
             .get(id)
-            .map(|r| r.timeout_info(Instant::now()))
+            .map(|r| r.timeout_info(Instant::now(), speed))
             .unwrap_or_default();
         let (status, err) = outcome_of(why, info);
         self.finish(id, status, Err(err));
@@ -299,6 +305,10 @@ impl JobBackend for Local {
 
     fn oom_breaker_open(&self) -> bool {
         self.inner.oom.is_open()
+    }
+
+    fn speed(&self) -> Option<SpeedProbe> {
+        self.inner.jobs().speed
     }
 
     fn memory_plan(&self) -> Option<String> {

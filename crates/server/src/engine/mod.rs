@@ -87,6 +87,10 @@ pub trait JobBackend: Send + Sync {
     fn gauges(&self) -> Gauges;
     fn oom_breaker_open(&self) -> bool;
     fn memory_plan(&self) -> Option<String>;
+    /// What the CPU speed probe of this process's worker measured, once it has.
+    fn speed(&self) -> Option<crate::speed::SpeedProbe> {
+        None
+    }
     /// Seconds a refused client should wait, from the recent generation time and the queue.
     fn retry_after_secs(&self) -> u64;
     /// Queues a job: 429 `overloaded` past MAX_QUEUED_JOBS, 503 while shutting down or when the
@@ -302,6 +306,10 @@ impl Engine {
                     retry_after_secs: self.backend.retry_after_secs(),
                 })?;
         let timeout = spec.timeout;
+        let alone_secs = self
+            .backend
+            .speed()
+            .map(|p| p.estimate_request_secs(&spec.params));
         let enqueued = Instant::now();
         let deadline = enqueued + timeout;
         let view = self.backend.submit(spec)?;
@@ -344,6 +352,7 @@ impl Engine {
                         step: if started.is_some() { progress.step } else { 0 },
                         total: if started.is_some() { progress.total } else { 0 },
                         running_secs: at.duration_since(started_at).as_secs_f64(),
+                        alone_secs,
                     }));
                 }
             }

@@ -19,6 +19,7 @@ use super::{ModelState, PreviewMode};
 use crate::error::ApiError;
 use crate::generator::{Generator, Loaded, Loader};
 use crate::gpu::OomOutcome;
+use crate::speed::{SpeedProbe, PROBE_IDLE, PROBE_TRIES};
 
 pub(super) fn worker_main(inner: &Inner, loader: Loader) {
     let t0 = Instant::now();
@@ -28,6 +29,7 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
         mut generator,
         info,
         taesd,
+        speed_probe,
     } = match loaded {
         Ok(l) => l,
         Err(why) => {
@@ -46,19 +48,22 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
     *inner.device.write().unwrap_or_else(|e| e.into_inner()) = generator.device();
     *inner.memory_plan.write().unwrap_or_else(|e| e.into_inner()) = generator.memory_plan();
     *inner.state.write().unwrap_or_else(|e| e.into_inner()) = ModelState::Ready(info);
+    // Tries left for the speed probe (0: none wanted, or done).
+    let mut probe_tries = if speed_probe { PROBE_TRIES } else { 0 };
 
     loop {
         let picked = {
             let mut jobs = inner.jobs();
             loop {
                 if let Some(id) = jobs.queue.pop_front() {
+                    let speed = jobs.speed;
                     let Some(r) = jobs.records.get_mut(&id) else {
                         continue;
                     };
                     let now = (SystemTime::now(), Instant::now());
                     if now.1 >= r.deadline {
                         // Passed its deadline while waiting (before the reaper saw it).
-                        let info = r.timeout_info(now.1);
+                        let info = r.timeout_info(now.1, speed);
                         let (status, err) = outcome_of(StopReason::Timeout, info);
                         jobs.finish(&id, status, Err(err));
                         jobs.announce_positions(0);
@@ -78,7 +83,21 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
                 if jobs.shutting_down {
                     break None;
                 }
-                jobs = inner.wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
+                if probe_tries == 0 {
+                    jobs = inner.wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                // The probe runs only once the worker has been idle for a while.
+                let (j, idle) = inner
+                    .wake
+                    .wait_timeout(jobs, PROBE_IDLE)
+                    .unwrap_or_else(|e| e.into_inner());
+                jobs = j;
+                if idle.timed_out() && jobs.queue.is_empty() && !jobs.shutting_down {
+                    drop(jobs);
+                    probe_tries = run_speed_probe(inner, generator.as_mut(), probe_tries);
+                    jobs = inner.jobs();
+                }
             }
         };
         let Some((id, spec, stop, deadline)) = picked else {
@@ -102,6 +121,55 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
         jobs.finish(&id, status, result);
     }
     tracing::info!("worker stopped");
+}
+
+/// Times the model while no job waits (`speed`); a job that arrives stops it within a step.
+/// Gives the tries left: 0 once it measured, failed, or was interrupted `PROBE_TRIES` times.
+fn run_speed_probe(inner: &Inner, generator: &mut dyn Generator, tries: usize) -> usize {
+    tracing::debug!(
+        tries_left = tries,
+        "CPU speed probe: running while the worker is idle"
+    );
+    let stop = || {
+        let jobs = inner.jobs();
+        !jobs.queue.is_empty() || jobs.shutting_down
+    };
+    let measured =
+        std::panic::catch_unwind(AssertUnwindSafe(|| SpeedProbe::measure(generator, &stop)));
+    match measured {
+        Ok(Ok(Some(p))) => {
+            let cfg = &inner.cfg;
+            tracing::info!(
+                step_seconds = p.step_secs,
+                decode_seconds = p.decode_secs,
+                encode_seconds = p.encode_secs,
+                probe_size = p.side,
+                "{}",
+                p.summary(cfg.timeout, Some(cfg.job_timeout))
+            );
+            inner.jobs().speed = Some(p);
+            0
+        }
+        Ok(Ok(None)) if tries > 1 => {
+            tracing::info!(
+                tries_left = tries - 1,
+                "CPU speed probe: a request arrived, so the probe stopped and gave way; it runs again when the worker is idle"
+            );
+            tries - 1
+        }
+        Ok(Ok(None)) => {
+            tracing::info!("CPU speed probe: skipped, requests kept arriving; a 408's details still give the speed a request ran at");
+            0
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the CPU speed probe failed");
+            0
+        }
+        Err(_) => {
+            tracing::warn!("the CPU speed probe panicked");
+            0
+        }
+    }
 }
 
 /// One job on the worker.
@@ -327,10 +395,9 @@ fn preview_png(
 
 /// The job's progress as a 408's details (the record is locked only for this).
 fn lock_records_info(inner: &Inner, id: &str) -> crate::error::TimeoutInfo {
-    inner
-        .jobs()
-        .records
+    let jobs = inner.jobs();
+    jobs.records
         .get(id)
-        .map(|r| r.timeout_info(Instant::now()))
+        .map(|r| r.timeout_info(Instant::now(), jobs.speed))
         .unwrap_or_default()
 }

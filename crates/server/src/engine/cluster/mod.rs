@@ -366,6 +366,10 @@ impl JobBackend for Cluster {
         self.local.as_ref().and_then(|l| l.memory_plan())
     }
 
+    fn speed(&self) -> Option<crate::speed::SpeedProbe> {
+        self.local.as_ref().and_then(|l| l.speed())
+    }
+
     fn retry_after_secs(&self) -> u64 {
         let seen = self.seen();
         let workers = seen.workers.len().max(1);

@@ -311,6 +311,8 @@ impl Record {
             step: self.started_ms.map_or(0, |_| self.view.progress.step),
             total: self.started_ms.map_or(0, |_| self.view.progress.total),
             running_secs: now_ms.saturating_sub(started) as f64 / 1000.0,
+            // The API side has no speed measurement of the worker that would run it.
+            alone_secs: None,
         }
     }
 }
@@ -538,6 +540,7 @@ mod tests {
             step: 3,
             total: 10,
             running_secs: 5.0,
+            alone_secs: Some(80.0),
         });
         let json = serde_json::to_string(&WireError::of(&e)).unwrap();
         let back: WireError = serde_json::from_str(&json).unwrap();
