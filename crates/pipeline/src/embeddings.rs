@@ -85,6 +85,10 @@ impl Embedding {
         if vectors.dim(0)? == 0 {
             return Err(bad("no vectors"));
         }
+        // A NaN or infinity would reach every image whose prompt names the embedding.
+        if !vectors.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            return Err(bad("vectors are not finite (NaN or infinity)"));
+        }
         Ok(Self {
             name,
             file: path.to_path_buf(),

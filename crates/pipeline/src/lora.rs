@@ -190,10 +190,17 @@ impl LoraInfo {
                     )
                 }
             };
-            if !shapes.contains_key(&up) {
+            let Some(up_shape) = shapes.get(&up) else {
                 return Err(bad(format!("{key} has no matching {up}")));
-            }
+            };
             let alpha = shapes.contains_key(&alpha).then_some(alpha);
+            if let Some(why) = layer_shape_problem(
+                &shapes[key],
+                up_shape,
+                alpha.as_ref().map(|a| shapes[a].as_slice()),
+            ) {
+                return Err(bad(format!("{layer}: {why}")));
+            }
             keys.push(LayerKeys {
                 part,
                 module,
@@ -208,7 +215,11 @@ impl LoraInfo {
             ));
         };
         keys.sort_by(|a, b| a.down.cmp(&b.down));
-        let rank = keys.iter().map(|k| shapes[&k.down][0]).max().unwrap_or(0);
+        let rank = keys
+            .iter()
+            .filter_map(|k| shapes[&k.down].first().copied())
+            .max()
+            .unwrap_or(0);
         let conv_layers = keys
             .iter()
             .filter(|k| shapes[&k.down].len() == 4 && shapes[&k.down][2..] != [1, 1])
@@ -226,6 +237,32 @@ impl LoraInfo {
             conv_layers,
             keys,
         })
+    }
+}
+
+/// What is wrong with a layer's shapes, if anything: `down` is `[rank, in]` or
+/// `[rank, in, kh, kw]` with rank at least 1, `up` is `[out, rank]` or `[out, rank, 1, 1]`,
+/// and `alpha` one number. (Checked before any index into the shapes, and again when the file
+/// is read for merging, in case it changed on disk.)
+fn layer_shape_problem(down: &[usize], up: &[usize], alpha: Option<&[usize]>) -> Option<String> {
+    if !matches!(down.len(), 2 | 4) || !matches!(up.len(), 2 | 4) {
+        return Some(format!(
+            "down {down:?} and up {up:?} must be 2-D (linear) or 4-D (convolution)"
+        ));
+    }
+    if down[0] == 0 || up[1] != down[0] {
+        return Some(format!(
+            "down {down:?} and up {up:?} must share a rank of at least 1 (down[0] = up[1])"
+        ));
+    }
+    if down.contains(&0) || up.contains(&0) {
+        return Some(format!("down {down:?} or up {up:?} has an empty dimension"));
+    }
+    match alpha {
+        Some(a) if a.iter().product::<usize>() != 1 => {
+            Some(format!("alpha has shape {a:?}; it must be one number"))
+        }
+        _ => None,
     }
 }
 
@@ -251,8 +288,12 @@ fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
     let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(bad(format!("a header of {n} bytes")));
+    // The claimed length is checked against the file before any buffer is made for it.
+    let file_len = f.metadata().map_err(|e| PipelineError::io(path, e))?.len();
+    if n > 100 << 20 || n > file_len.saturating_sub(8) {
+        return Err(bad(format!(
+            "a header of {n} bytes in a file of {file_len} bytes"
+        )));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
@@ -347,7 +388,25 @@ fn match_layers<'a>(
         };
         let target = &targets[&layer.part][index].1;
         let want = target.canonical_dims();
-        let (down, up) = (&shapes[&layer.down], &shapes[&layer.up]);
+        let changed = || {
+            PipelineError::InvalidRequest(format!(
+                "LoRA {:?}: layer {} changed on disk since the folder was scanned",
+                info.name, layer.down
+            ))
+        };
+        let (Some(down), Some(up)) = (shapes.get(&layer.down), shapes.get(&layer.up)) else {
+            return Err(changed());
+        };
+        let alpha = match &layer.alpha {
+            Some(a) => Some(shapes.get(a).ok_or_else(changed)?.as_slice()),
+            None => None,
+        };
+        if let Some(why) = layer_shape_problem(down, up, alpha) {
+            return Err(PipelineError::InvalidRequest(format!(
+                "LoRA {:?}: layer {}: {why}",
+                info.name, layer.down
+            )));
+        }
         let rest: usize = down[1..].iter().product();
         let fits = down[0] == up[0..].get(1).copied().unwrap_or(0)
             && up[0] == want[0]
@@ -415,7 +474,11 @@ impl LoraState {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.dims().to_vec()))
                 .collect();
+            let invalid = |layer: &LayerKeys, why: &str| {
+                PipelineError::InvalidRequest(format!("LoRA {name:?}: layer {}: {why}", layer.down))
+            };
             for (part, index, layer) in match_layers(info, &shapes, targets)? {
+                // match_layers found both keys (and alpha's) in this very map.
                 let down = tensors[&layer.down].to_dtype(DType::F32)?;
                 let up = tensors[&layer.up].to_dtype(DType::F32)?;
                 let rank = down.dim(0)?;
@@ -423,9 +486,15 @@ impl LoraState {
                     Some(a) => tensors[a]
                         .to_dtype(DType::F32)?
                         .flatten_all()?
-                        .to_vec1::<f32>()?[0] as f64,
+                        .to_vec1::<f32>()?
+                        .first()
+                        .map(|&v| f64::from(v))
+                        .ok_or_else(|| invalid(layer, "alpha holds no number"))?,
                     None => rank as f64,
                 };
+                if !alpha.is_finite() {
+                    return Err(invalid(layer, &format!("alpha is {alpha}")));
+                }
                 let scale = weight * alpha / rank as f64;
                 let out_dim = up.dim(0)?;
                 let delta = up
@@ -433,6 +502,15 @@ impl LoraState {
                     .matmul(&down.reshape((rank, ()))?)?;
                 let want = targets[&part][index].1.canonical_dims();
                 let delta = (delta.reshape(want)? * scale)?;
+                // NaN or infinity (in the file, or from overflow) would spread through every
+                // image: refuse the file rather than merge it.
+                let total = delta.abs()?.sum_all()?.to_scalar::<f32>()?;
+                if !total.is_finite() {
+                    return Err(invalid(
+                        layer,
+                        "its weights are not finite (NaN or infinity, or too large)",
+                    ));
+                }
                 let sum = match deltas.remove(&(part, index)) {
                     Some(d) => (d + delta)?,
                     None => delta,
@@ -446,7 +524,26 @@ impl LoraState {
             let delta = target
                 .in_storage_layout(&delta)?
                 .to_device(weight.device())?;
-            let merged = (weight.to_dtype(DType::F32)? + delta)?.to_dtype(weight.dtype())?;
+            let merged = (weight.to_dtype(DType::F32)? + delta)?;
+            // Several LoRAs' sum, or a half-precision weight, can still overflow.
+            let abs = merged.abs()?;
+            let limit = if weight.dtype() == DType::F16 {
+                65504.0
+            } else {
+                f32::MAX
+            };
+            if !(abs.sum_all()?.to_scalar::<f32>()?.is_finite()
+                && abs.max_all()?.to_scalar::<f32>()? <= limit)
+            {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "LoRAs {:?}: merged into {} weight {}, they overflow its {:?} range",
+                    loras.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+                    part.name(),
+                    targets[&part][index].0,
+                    weight.dtype()
+                )));
+            }
+            let merged = merged.to_dtype(weight.dtype())?;
             let original = weight.copy()?;
             weight.slice_set(&merged, 0, 0)?;
             self.originals.push((weight.clone(), original));

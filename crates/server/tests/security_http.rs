@@ -171,6 +171,24 @@ fn every_route_needs_a_key_but_health() {
         .parse()
         .unwrap();
     assert_eq!(n as usize, routes.len() * 6 - 6, "{text}");
+    // The page's static files load without a key (the page must load to ask for one); other
+    // methods on them, and look-alike paths, do not.
+    for p in ["/", "/static/app.js", "/static/app.css"] {
+        let r = s.request("GET", p, &[], b"");
+        assert_eq!(r.status, 200, "{p}: {}", r.text());
+        assert!(!r.body.is_empty(), "{p}");
+        s.request("POST", p, &[], b"").error(401, "unauthorized");
+    }
+    for p in [
+        "/static/../metrics",
+        "/%2e%2e/metrics",
+        "//health",
+        "/health/",
+    ] {
+        let r = s.request("GET", p, &[], b"");
+        assert!(r.status == 401 || r.status == 404, "{p}: {}", r.text());
+        assert!(!r.text().contains("sdserve_"), "{p}: {}", r.text());
+    }
     std::fs::remove_dir_all(file.parent().unwrap()).unwrap();
 }
 

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::schedulers::SchedulerConfig;
 
+pub mod fuzz;
+
 /// `crates/pipeline/tests/fixtures/<name>`.
 pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

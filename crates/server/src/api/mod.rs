@@ -54,6 +54,17 @@ pub struct AppState {
 
 type Shared = Arc<AppState>;
 
+/// The body limit of routes that take no image (OpenAI `images/generations`, A1111 `options`):
+/// JSON of a few fields needs far less than `MAX_BODY_BYTES`, which is sized for images.
+pub const JSON_BODY_BYTES: usize = 1 << 20;
+
+impl AppState {
+    /// The body limit of routes that take no image (never above `MAX_BODY_BYTES`).
+    pub fn json_body_bytes(&self) -> usize {
+        JSON_BODY_BYTES.min(self.max_body_bytes)
+    }
+}
+
 /// Scheduler names of the API.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 pub enum SchedulerName {
@@ -352,8 +363,8 @@ pub fn router(state: Shared) -> Router {
         routes = routes.route(path, handlers);
     }
     let routes = routes
-        .merge(a1111::router())
-        .merge(openai::router())
+        .merge(a1111::router(state.json_body_bytes()))
+        .merge(openai::router(state.json_body_bytes()))
         .merge(web::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /docs".into()) })
         .layer(DefaultBodyLimit::max(limit))
@@ -387,14 +398,15 @@ pub fn dialect_error(path: &str, e: ApiError) -> Response {
 }
 
 /// A JSON object body for the dialects (which, like their clients, do not insist on a
-/// `Content-Type`); an empty body is an empty object.
+/// `Content-Type`); an empty body is an empty object. `limit` is the route's body limit (for
+/// the 413's message).
 fn body_object(
-    app: &AppState,
+    limit: usize,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
     let body = body.map_err(|rej| {
         if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(app.max_body_bytes)
+            ApiError::PayloadTooLarge(limit)
         } else {
             ApiError::InvalidJson(rej.body_text())
         }

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -31,6 +31,9 @@ use super::{body_object, native, random_seed, AppState, Shared};
 use crate::error::ApiError;
 use crate::generator::ModelInfo;
 use translate::{Mode, SAMPLERS, SCHEDULES};
+
+/// Bytes of options (as JSON) `POST options` may keep in all.
+pub const OPTIONS_MAX_BYTES: usize = 64 << 10;
 
 /// The dialect's own state: the options clients set, and its requests in flight.
 #[derive(Default)]
@@ -70,7 +73,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub fn router() -> Router<Shared> {
+/// `json_limit`: the body limit of the routes that take no image.
+pub fn router(json_limit: usize) -> Router<Shared> {
     Router::new()
         .route("/sdapi/v1/txt2img", post(txt2img))
         .route("/sdapi/v1/img2img", post(img2img))
@@ -80,7 +84,12 @@ pub fn router() -> Router<Shared> {
         .route("/sdapi/v1/samplers", get(samplers))
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/sd-models", get(sd_models))
-        .route("/sdapi/v1/options", get(get_options).post(set_options))
+        .route(
+            "/sdapi/v1/options",
+            get(get_options)
+                .post(set_options)
+                .layer(DefaultBodyLimit::max(json_limit)),
+        )
         .route("/sdapi/v1/loras", get(loras))
         .route("/sdapi/v1/png-info", post(png_info))
         .route("/sdapi/v1/scripts", get(scripts))
@@ -151,7 +160,7 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
     mode: Mode,
 ) -> Result<Response, ApiError> {
-    let body = body_object(app, body)?;
+    let body = body_object(app.max_body_bytes, body)?;
     let info = app.engine.model_info()?;
     let clip_skip = lock(&app.a1111.options)
         .get("CLIP_stop_at_last_layers")
@@ -413,7 +422,7 @@ async fn set_options(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body_object(&app, body)?;
+    let body = body_object(app.json_body_bytes(), body)?;
     let info = app.engine.model_info()?;
     let (title, hash) = model_names(&info);
     if let Some(v) = body.get("sd_model_checkpoint") {
@@ -430,11 +439,20 @@ async fn set_options(
         translate::translate(probe.as_object().unwrap(), Mode::Txt2Img, Some(v), || 0)?;
     }
     let mut options = lock(&app.a1111.options);
+    let mut merged = options.clone();
     for (k, v) in body {
         if k != "sd_model_checkpoint" {
-            options.insert(k, v);
+            merged.insert(k, v);
         }
     }
+    // Options are kept for the server's life: bounded, so clients cannot grow its memory.
+    if serde_json::to_vec(&merged).map_or(usize::MAX, |v| v.len()) > OPTIONS_MAX_BYTES {
+        return Err(ApiError::validation(
+            "options",
+            format!("at most {OPTIONS_MAX_BYTES} bytes of options (as JSON) are kept"),
+        ));
+    }
+    *options = merged;
     Ok(Json(json!({})))
 }
 
@@ -496,7 +514,7 @@ async fn png_info(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body_object(&app, body)?;
+    let body = body_object(app.max_body_bytes, body)?;
     let b64 = body
         .get("image")
         .and_then(Value::as_str)

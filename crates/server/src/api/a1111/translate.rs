@@ -378,6 +378,14 @@ pub fn translate(
         if !native_has("init_image") {
             return Err(not_supported("init_images", "img2img"));
         }
+        // A null here would read as "no init image" natively: img2img would silently run
+        // text to image.
+        if !images[0].is_string() {
+            return Err(ApiError::validation(
+                "init_images",
+                "must hold one base64 image (a string)",
+            ));
+        }
         native.insert("init_image".into(), images[0].clone());
         native.insert(
             "strength".into(),
@@ -563,5 +571,10 @@ mod tests {
             field_of(tr(json!({"prompt": "p"}), Mode::Img2Img).unwrap_err()),
             "init_images"
         );
+        // Found by fuzzing: `[null]` ran text to image on the img2img route.
+        for images in [json!([null]), json!([5]), json!([["x"]])] {
+            let e = tr(json!({"prompt": "p", "init_images": images}), Mode::Img2Img).unwrap_err();
+            assert_eq!(field_of(e), "init_images");
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Multipart, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +29,9 @@ use crate::error::{ApiError, ErrorCode};
 use translate::{OpenAiError, ResponseFormat};
 
 const KEPT_FILES: usize = 64;
+/// Parts an `images/edits` form may have: OpenAI's parameters and our extras are about twenty,
+/// so a form of hundreds of tiny parts is refused by count, before its size limit.
+pub const MAX_PARTS: usize = 64;
 const FILE_TTL: Duration = Duration::from_secs(600);
 
 /// Images answered as URLs, newest last.
@@ -60,9 +63,13 @@ impl Files {
     }
 }
 
-pub fn router() -> Router<Shared> {
+/// `json_limit`: the body limit of `images/generations` (no image in it).
+pub fn router(json_limit: usize) -> Router<Shared> {
     Router::new()
-        .route("/v1/images/generations", post(generations))
+        .route(
+            "/v1/images/generations",
+            post(generations).layer(DefaultBodyLimit::max(json_limit)),
+        )
         .route("/v1/images/edits", post(edits))
         .route("/v1/images/files/{name}", get(file))
         .route("/v1/models", get(models))
@@ -111,7 +118,7 @@ async fn generations(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
-    let body = body_object(&app, body)?;
+    let body = body_object(app.json_body_bytes(), body)?;
     let t = translate::translate(&body, &crate::validate::FIELDS)?;
     run(&app, &headers, t.native, t.format).await
 }
@@ -203,7 +210,15 @@ async fn edits(
             ApiError::InvalidJson(format!("malformed multipart body: {}", e.body_text()))
         }
     };
+    let mut parts = 0;
     while let Some(field) = multipart.next_field().await.map_err(too_large)? {
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(ApiError::InvalidJson(format!(
+                "a multipart form of at most {MAX_PARTS} parts is accepted"
+            ))
+            .into());
+        }
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {
             "image" | "image[]" => {
@@ -212,7 +227,12 @@ async fn edits(
                     return Err(ApiError::validation("image", "one image only").into());
                 }
             }
-            "mask" => mask = Some(field.bytes().await.map_err(too_large)?.to_vec()),
+            "mask" => {
+                let bytes = field.bytes().await.map_err(too_large)?;
+                if mask.replace(bytes.to_vec()).is_some() {
+                    return Err(ApiError::validation("mask", "one mask only").into());
+                }
+            }
             _ => {
                 let text = field.text().await.map_err(too_large)?;
                 let value = if TEXT_FIELDS.contains(&name.as_str()) {
@@ -236,8 +256,8 @@ async fn edits(
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     // OpenAI: without a mask, the image's own transparent pixels are the ones repainted.
     let mask = match mask {
-        Some(m) => Some(translate::mask_from_alpha(&m)?.unwrap_or(m)),
-        None => translate::mask_from_alpha(&image)?,
+        Some(m) => Some(translate::mask_from_alpha(&m, "mask")?.unwrap_or(m)),
+        None => translate::mask_from_alpha(&image, "image")?,
     };
     if let Some(m) = mask {
         if !fields.contains(&"mask_image") {

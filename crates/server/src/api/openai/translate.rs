@@ -263,8 +263,8 @@ impl IntoResponse for OpenAiError {
 /// repainted (grey = 255 - alpha, so the native rule binarises at half transparency); without
 /// one, white is repainted, as natively. Returns a PNG for `mask_image`, or `None` when the
 /// mask needs no change.
-pub fn mask_from_alpha(png_bytes: &[u8]) -> Result<Option<Vec<u8>>, ApiError> {
-    let Some((w, h, alpha)) = png_alpha(png_bytes)? else {
+pub fn mask_from_alpha(png_bytes: &[u8], field: &str) -> Result<Option<Vec<u8>>, ApiError> {
+    let Some((w, h, alpha)) = png_alpha(png_bytes, field)? else {
         return Ok(None);
     };
     let grey: Vec<u8> = alpha.iter().map(|a| 255 - a).collect();
@@ -283,24 +283,23 @@ pub fn mask_from_alpha(png_bytes: &[u8]) -> Result<Option<Vec<u8>>, ApiError> {
 }
 
 /// The alpha channel of a PNG, 8-bit, when it has one with a pixel below full opacity.
-/// Not a PNG: `None` (the native decoder reports what is wrong with it).
-pub fn png_alpha(bytes: &[u8]) -> Result<Option<(u32, u32, Vec<u8>)>, ApiError> {
+/// Not a PNG: `None` (the native decoder reports what is wrong with it). The size rule of
+/// request images is checked from the header, before any pixel buffer exists.
+pub fn png_alpha(bytes: &[u8], field: &str) -> Result<Option<(u32, u32, Vec<u8>)>, ApiError> {
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let Ok(mut reader) = dec.read_info() else {
         return Ok(None);
     };
     let (w, h) = (reader.info().width, reader.info().height);
-    if u64::from(w) * u64::from(h) > 16 << 20 {
-        return Err(bad("mask", "at most 16 megapixels"));
-    }
+    crate::images::check_dimensions(w, h).map_err(|rule| bad(field, rule))?;
     let Some(size) = reader.output_buffer_size() else {
         return Ok(None);
     };
     let mut buf = vec![0; size];
     let frame = reader
         .next_frame(&mut buf)
-        .map_err(|e| bad("mask", format!("not a readable PNG: {e}")))?;
+        .map_err(|e| bad(field, format!("is not a readable PNG ({e})")))?;
     let channels = match frame.color_type {
         png::ColorType::GrayscaleAlpha => 2,
         png::ColorType::Rgba => 4,
@@ -432,7 +431,7 @@ mod tests {
     fn transparent_means_repaint() {
         // 2x1 RGBA: opaque black, fully transparent.
         let m = png(png::ColorType::Rgba, 2, 1, &[0, 0, 0, 255, 9, 9, 9, 0]);
-        let grey = mask_from_alpha(&m).unwrap().unwrap();
+        let grey = mask_from_alpha(&m, "mask").unwrap().unwrap();
         let mut r = png::Decoder::new(std::io::Cursor::new(grey))
             .read_info()
             .unwrap();
@@ -441,9 +440,9 @@ mod tests {
         assert_eq!(buf, [0, 255]);
         // No alpha, or all opaque: the mask is used as it is (white = repaint).
         let rgb = png(png::ColorType::Rgb, 1, 1, &[255, 255, 255]);
-        assert_eq!(mask_from_alpha(&rgb).unwrap(), None);
+        assert_eq!(mask_from_alpha(&rgb, "mask").unwrap(), None);
         let opaque = png(png::ColorType::GrayscaleAlpha, 1, 1, &[255, 255]);
-        assert_eq!(mask_from_alpha(&opaque).unwrap(), None);
-        assert_eq!(mask_from_alpha(b"not a png").unwrap(), None);
+        assert_eq!(mask_from_alpha(&opaque, "mask").unwrap(), None);
+        assert_eq!(mask_from_alpha(b"not a png", "mask").unwrap(), None);
     }
 }

@@ -1,6 +1,9 @@
 //! Property-based fuzzing of everything the server parses from outside: request bodies (bytes,
 //! arbitrary JSON, near-valid objects), key headers, keys files and request ids. Properties: no
 //! panic; every rejection is the right 4xx error; whatever is accepted obeys the contract.
+//! The dialects (`dialects`, `multipart`) run through the real router in process; request images
+//! (`images`) are decoded under a counting allocator.
+//!
 //! `PROPTEST_CASES` sets the cases per property (CI: the default below; a long run: 100000).
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -11,14 +14,14 @@ use crate::error::ApiError;
 use crate::security::keys::{presented_key, KeyStore};
 use crate::validate::{self, parse_generate};
 
-fn cases() -> u32 {
+pub(super) fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000)
 }
 
-fn any_json() -> impl Strategy<Value = Value> {
+pub(super) fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
@@ -233,3 +236,8 @@ fn deeply_nested_bodies_are_rejected_cleanly() {
         }
     }
 }
+
+mod dialects;
+mod harness;
+mod images;
+mod multipart;
