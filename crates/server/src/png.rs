@@ -101,25 +101,44 @@ pub fn encode(img: &RgbImage, parameters: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Text read from one PNG, in all, decompressed: a `parameters` text is a few KB, and a
+/// compressed chunk (zTXt, iTXt) of a small upload could otherwise expand a thousandfold.
+pub const TEXT_BUDGET: usize = 1 << 20;
+
 /// The text chunks of a PNG that come before its image data (where encoders put them), by
-/// keyword; not a PNG: none.
+/// keyword, up to [`TEXT_BUDGET`] bytes of text (chunks past it are left out); not a PNG: none.
 pub fn read_text_chunks(bytes: &[u8]) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
     let Ok(reader) = png::Decoder::new(std::io::Cursor::new(bytes)).read_info() else {
         return out;
     };
     let info = reader.info();
+    let mut budget = TEXT_BUDGET;
+    let mut keep = |keyword: &str, text: String, budget: &mut usize| {
+        if text.len() <= *budget {
+            *budget -= text.len();
+            out.insert(keyword.to_string(), text.into());
+        }
+    };
     for t in &info.uncompressed_latin1_text {
-        out.insert(t.keyword.clone(), t.text.clone().into());
+        keep(&t.keyword, t.text.clone(), &mut budget);
     }
+    // Decompressed within what is left of the budget, never further (`get_text` alone is
+    // unbounded).
     for t in &info.compressed_latin1_text {
-        if let Ok(text) = t.get_text() {
-            out.insert(t.keyword.clone(), text.into());
+        let mut t = t.clone();
+        if t.decompress_text_with_limit(budget).is_ok() {
+            if let Ok(text) = t.get_text() {
+                keep(&t.keyword, text, &mut budget);
+            }
         }
     }
     for t in &info.utf8_text {
-        if let Ok(text) = t.get_text() {
-            out.insert(t.keyword.clone(), text.into());
+        let mut t = t.clone();
+        if t.decompress_text_with_limit(budget).is_ok() {
+            if let Ok(text) = t.get_text() {
+                keep(&t.keyword, text, &mut budget);
+            }
         }
     }
     out
@@ -135,6 +154,47 @@ pub fn read_parameters(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing review: `get_text` inflated a zTXt chunk without bound, so a small PNG
+    /// sent to `/sdapi/v1/png-info` could ask for gigabytes.
+    #[test]
+    fn compressed_text_is_read_within_the_budget() {
+        let bomb = "a".repeat(16 << 20);
+        let mut png_bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut png_bytes, 1, 1);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.add_text_chunk("parameters".into(), "a cat".into())
+                .unwrap();
+            enc.add_ztxt_chunk("bomb".into(), bomb.clone()).unwrap();
+            let mut w = enc.write_header().unwrap();
+            let mut itxt = png::text_metadata::ITXtChunk::new("bomb2", bomb);
+            itxt.compressed = true;
+            w.write_text_chunk(&itxt).unwrap();
+            w.write_image_data(&[0]).unwrap();
+        }
+        assert!(png_bytes.len() < 200 << 10, "{}", png_bytes.len());
+        let (chunks, peak) = crate::fuzz_tests::peak_during(|| read_text_chunks(&png_bytes));
+        assert_eq!(
+            chunks.get("parameters").and_then(|v| v.as_str()),
+            Some("a cat")
+        );
+        assert!(!chunks.contains_key("bomb") && !chunks.contains_key("bomb2"));
+        assert!(peak < 4 * TEXT_BUDGET, "{peak} bytes");
+        // Text within the budget is still read, compressed or not.
+        let mut small = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut small, 1, 1);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.add_ztxt_chunk("z".into(), "zipped".into()).unwrap();
+            enc.add_itxt_chunk("i".into(), "ünï".into()).unwrap();
+            let mut w = enc.write_header().unwrap();
+            w.write_image_data(&[0]).unwrap();
+        }
+        let chunks = read_text_chunks(&small);
+        assert_eq!(chunks["z"], "zipped");
+        assert_eq!(chunks["i"], "ünï");
+    }
 
     #[test]
     fn roundtrip_with_parameters_chunk() {

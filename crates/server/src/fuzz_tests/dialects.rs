@@ -527,3 +527,42 @@ fn body_limits_follow_the_route() {
     let a = harness().send("GET", "/sdapi/v1/options", None, Vec::new());
     assert!(a.body.len() < crate::api::a1111::OPTIONS_MAX_BYTES + 4096);
 }
+
+/// Nesting far past serde_json's recursion limit is a clean 400 on every JSON route, in each
+/// dialect's shape (the native parser has its own test in `fuzz_tests`).
+#[test]
+fn deep_json_is_refused_on_every_json_route() {
+    for depth in [129usize, 100_000] {
+        let body = format!("{{\"prompt\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+        for path in [
+            "/sdapi/v1/txt2img",
+            "/sdapi/v1/img2img",
+            "/sdapi/v1/options",
+            "/sdapi/v1/png-info",
+            "/generate",
+            "/jobs",
+        ] {
+            let a = harness().send(
+                "POST",
+                path,
+                Some("application/json"),
+                body.clone().into_bytes(),
+            );
+            assert_eq!(
+                a.status,
+                400,
+                "{path}: {}",
+                String::from_utf8_lossy(&a.body)
+            );
+            assert_native_error(&a);
+        }
+        let a = harness().send(
+            "POST",
+            "/v1/images/generations",
+            Some("application/json"),
+            body.into_bytes(),
+        );
+        assert_eq!(a.status, 400);
+        assert_eq!(assert_openai_error(&a), None);
+    }
+}

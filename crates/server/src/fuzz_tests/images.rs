@@ -57,7 +57,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// `f`'s result and the most bytes it held allocated at once (on this thread).
-fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+pub(crate) fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
     TRACK.with(|t| t.set(Some((0, 0))));
     let out = f();
     let (_, peak) = TRACK.with(|t| t.replace(None)).unwrap();
@@ -339,6 +339,45 @@ proptest! {
                 prop_assert!(f.field == "init_image" || f.field == "mask_image", "{:?}", e);
             }
         }
+    }
+}
+
+/// PNGs with text chunks (tEXt, zTXt, and iTXt inflating to 2 MiB and more), as `png-info`
+/// reads them.
+fn text_seeds() -> &'static [Vec<u8>] {
+    static SEEDS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    SEEDS.get_or_init(|| {
+        [100usize, 3 << 20]
+            .iter()
+            .map(|&n| {
+                let mut out = Vec::new();
+                let mut enc = png::Encoder::new(&mut out, 2, 2);
+                enc.set_color(png::ColorType::Grayscale);
+                enc.add_text_chunk("parameters".into(), "a cat\nSteps: 4".into())
+                    .unwrap();
+                enc.add_ztxt_chunk("z".into(), "z".repeat(n)).unwrap();
+                let mut w = enc.write_header().unwrap();
+                let mut itxt = png::text_metadata::ITXtChunk::new("i", "i".repeat(n));
+                itxt.compressed = true;
+                w.write_text_chunk(&itxt).unwrap();
+                w.write_image_data(&[0, 1, 2, 3]).unwrap();
+                drop(w);
+                out
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases() / 2, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn png_text_chunks_are_read_within_the_budget(seed in 0..2usize, muts in prop::collection::vec(mutation(), 0..4)) {
+        let bytes = mutate(text_seeds()[seed].clone(), &muts);
+        let (chunks, peak) = peak_during(|| crate::png::read_text_chunks(&bytes));
+        let text: usize = chunks.values().filter_map(|v| v.as_str()).map(str::len).sum();
+        prop_assert!(text <= crate::png::TEXT_BUDGET);
+        prop_assert!(peak <= 4 * bytes.len() + 3 * crate::png::TEXT_BUDGET, "{peak} bytes");
     }
 }
 

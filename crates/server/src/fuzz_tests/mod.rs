@@ -240,4 +240,6 @@ fn deeply_nested_bodies_are_rejected_cleanly() {
 mod dialects;
 mod harness;
 mod images;
+
+pub(crate) use images::peak_during;
 mod multipart;
