@@ -2,7 +2,8 @@
 //! downloaded checkpoint, a LoRA): the `.ckpt` reader (zip and legacy pickles), the safetensors
 //! header and validation, and single-file detection. Inputs are the committed fixtures mutated
 //! (bytes flipped, inserted, removed, truncated, little-endian fields set to edge values) and
-//! pickles assembled from random opcodes. The property: no panic, no hang, an `Err` or a value.
+//! pickles assembled from random opcodes; and prompt text through the A1111 emphasis parser and
+//! CLIP chunking. The property: no panic, no hang, an `Err` or a value.
 //!
 //! `PROPTEST_CASES` sets the cases per property (CI: the default below; a long run: 100000).
 
@@ -89,6 +90,35 @@ proptest! {
         let s = Scratch::new(&format!("pkl-{:?}", std::thread::current().id()), "ckpt");
         exercise_ckpt(s.write(&bytes));
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases() / 5, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Prompt text is outside input too: A1111 emphasis syntax (groups, weights, escapes,
+    /// `BREAK`) and CLIP chunking of up to 500 characters of anything.
+    #[test]
+    fn prompts_parse_and_chunk(text in "([()\\[\\]:\\\\.,0-9 a-zé]|BREAK|:1.5\\)|\\\\\\(|<lora:x:1>){0,120}|.{0,500}") {
+        let pieces = sdserve_pipeline::prompt::parse_attention(&text);
+        prop_assert!(!pieces.is_empty());
+        let tokenizer = tokenizer();
+        let chunks = sdserve_pipeline::prompt::chunks(tokenizer, &pieces).unwrap();
+        for c in &chunks {
+            prop_assert_eq!(c.ids.len(), tokenizer.max_length());
+            prop_assert_eq!(c.weights.len(), c.ids.len());
+        }
+    }
+}
+
+fn tokenizer() -> &'static sdserve_pipeline::tokenizer::ClipTokenizer {
+    static T: std::sync::OnceLock<sdserve_pipeline::tokenizer::ClipTokenizer> =
+        std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        sdserve_pipeline::tokenizer::ClipTokenizer::from_dir(&common::fixture_path(
+            "clip-tokenizer",
+        ))
+        .unwrap()
+    })
 }
 
 /// One pickle opcode with arguments: containers, memo, strings with edge lengths, ints,
