@@ -7,7 +7,7 @@
 //! (cast, compute, cast back), so f16/bf16 weights stay numerically sane.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{PipelineError, Result};
@@ -178,10 +178,6 @@ fn linear_fwd(l: &Dense, x: &Tensor, residual: Option<&Tensor>) -> candle_core::
     l.forward(x, residual)
 }
 
-fn dense(l: Linear) -> candle_core::Result<Dense> {
-    Dense::new(l)
-}
-
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Dense,
@@ -198,10 +194,10 @@ impl Attention {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
-            q_proj: dense(linear(h, h, vb.pp("q_proj"))?)?,
-            k_proj: dense(linear(h, h, vb.pp("k_proj"))?)?,
-            v_proj: dense(linear(h, h, vb.pp("v_proj"))?)?,
-            out_proj: dense(linear(h, h, vb.pp("out_proj"))?)?,
+            q_proj: Dense::load(h, h, true, vb.pp("q_proj"))?,
+            k_proj: Dense::load(h, h, true, vb.pp("k_proj"))?,
+            v_proj: Dense::load(h, h, true, vb.pp("v_proj"))?,
+            out_proj: Dense::load(h, h, true, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -248,8 +244,8 @@ impl EncoderLayer {
             layer_norm1: F32LayerNorm::new(h, eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
             layer_norm2: F32LayerNorm::new(h, eps, vb.pp("layer_norm2"))?,
-            fc1: dense(linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?)?,
-            fc2: dense(linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?)?,
+            fc1: Dense::load(h, cfg.intermediate_size, true, vb.pp("mlp.fc1"))?,
+            fc2: Dense::load(cfg.intermediate_size, h, true, vb.pp("mlp.fc2"))?,
             act: cfg.hidden_act,
         })
     }

@@ -311,6 +311,21 @@ impl StableDiffusion {
         Some((budget / (4 * side * side).max(1)).max(1))
     }
 
+    /// Seconds each component took to build when the model was loaded (its weights read,
+    /// checked and converted), in load order; offloaded components are built per stage and
+    /// not listed.
+    pub fn load_seconds(&self) -> Vec<(&str, f64)> {
+        [
+            (self.text_encoder.name(), self.text_encoder.built_in()),
+            (self.unet.name(), self.unet.built_in()),
+            (self.vae_encoder.name(), self.vae_encoder.built_in()),
+            (self.vae.name(), self.vae.built_in()),
+        ]
+        .into_iter()
+        .filter_map(|(name, t)| Some((name, t?.as_secs_f64())))
+        .collect()
+    }
+
     /// The memory plan in use.
     pub fn memory_plan(&self) -> &MemoryPlan {
         &self.plan

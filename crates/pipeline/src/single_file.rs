@@ -913,18 +913,24 @@ pub fn sd15_scheduler_config() -> serde_json::Value {
 /// Number of elements looked at per tensor by the NaN/Inf check (evenly spaced, plus the last).
 const FINITE_SAMPLES: usize = 4096;
 
+/// Distance between the elements the NaN/Inf check looks at in a tensor of `n` elements: it
+/// looks at `0, step, 2 * step, ..` and at the last one.
+pub(crate) fn finite_sample_step(n: usize) -> usize {
+    (n / FINITE_SAMPLES).max(1)
+}
+
 fn is_float(d: Dtype) -> bool {
     matches!(d, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
 }
 
 /// Index of the first non-finite element among a sample of a float tensor's raw bytes.
-fn first_non_finite(dtype: Dtype, data: &[u8]) -> Option<usize> {
+pub(crate) fn first_non_finite(dtype: Dtype, data: &[u8]) -> Option<usize> {
     let es = dtype.bitsize() / 8;
     let n = data.len() / es.max(1);
     if n == 0 || !is_float(dtype) {
         return None;
     }
-    let step = (n / FINITE_SAMPLES).max(1);
+    let step = finite_sample_step(n);
     let bad = |i: usize| -> bool {
         let b = &data[i * es..(i + 1) * es];
         // All exponent bits set <=> Inf or NaN, in every IEEE format.
@@ -960,19 +966,28 @@ pub fn validate_safetensors(path: &Path) -> Result<usize> {
 }
 
 fn check_view(path: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<()> {
+    check_dtype(path, name, dtype)?;
+    match first_non_finite(dtype, data) {
+        Some(i) => Err(non_finite(path, name, i)),
+        None => Ok(()),
+    }
+}
+
+fn check_dtype(path: &Path, name: &str, dtype: Dtype) -> Result<()> {
     if !is_float(dtype) && !name.ends_with("position_ids") {
         return Err(weights(
             path,
             format!("tensor `{name}` has dtype {dtype:?}; weights must be floating point"),
         ));
     }
-    if let Some(i) = first_non_finite(dtype, data) {
-        return Err(weights(
-            path,
-            format!("tensor `{name}` holds NaN or Inf (element {i})"),
-        ));
-    }
     Ok(())
+}
+
+fn non_finite(path: &Path, name: &str, element: usize) -> PipelineError {
+    weights(
+        path,
+        format!("tensor `{name}` holds NaN or Inf (element {element})"),
+    )
 }
 
 /// The diffusers variant in a weight file name: `model.fp16.safetensors` -> `fp16`,
@@ -1079,6 +1094,11 @@ impl CheckedSafetensors {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        // `X^T`: the transpose of the matrix `X`, written transposed from the file.
+        let (name, transposed) = match name.strip_suffix(crate::weights::TRANSPOSED) {
+            Some(base) => (base, true),
+            None => (name, false),
+        };
         let Some(&i) = self.routing.get(name) else {
             let implied = want
                 .map(|s| format!(" (the config implies shape {:?})", s.dims()))
@@ -1091,18 +1111,45 @@ impl CheckedSafetensors {
         let (path, st) = &self.files[i];
         let view = st.get(name)?;
         if let Some(s) = want {
-            if view.shape() != s.dims() {
+            // A transposed read is asked for `[in, out]` of a stored `[out, in]` (or
+            // `[out, in, 1, 1]`); errors name the stored shape the config implies.
+            let stored = crate::weights::matrix_dims(view.shape());
+            let fits = match (transposed, s.dims()) {
+                (false, dims) => view.shape() == dims,
+                (true, &[cols, rows]) => stored == Some((rows, cols)),
+                (true, _) => false,
+            };
+            if !fits {
+                let implied = match (transposed, s.dims()) {
+                    (true, &[cols, rows]) => {
+                        let mut d = vec![rows, cols];
+                        d.extend(view.shape().iter().skip(2));
+                        d
+                    }
+                    (_, dims) => dims.to_vec(),
+                };
                 return Err(candle_core::Error::Msg(format!(
                     "bad weights in {}: tensor `{name}` has shape {:?}, the config implies {:?}",
                     path.display(),
                     view.shape(),
-                    s.dims()
+                    implied
                 )));
             }
         }
-        check_view(path, name, view.dtype(), view.data())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let t = crate::weights::load_view(&view, dtype, dev)?;
+        let msg = |e: PipelineError| candle_core::Error::Msg(e.to_string());
+        check_dtype(path, name, view.dtype()).map_err(msg)?;
+        let (t, bad) = if transposed {
+            let bad = first_non_finite(view.dtype(), view.data());
+            let t = crate::weights::load_view_transposed(&view, dtype, dev)?;
+            (t, bad)
+        } else {
+            // The plain copy looks at the samples in what it just wrote (in cache), not in
+            // the mapping.
+            crate::weights::load_view_sampled(&view, dtype, dev)?
+        };
+        if let Some(i) = bad {
+            return Err(msg(non_finite(path, name, i)));
+        }
         // SAFETY: `view` points into `st`'s read-only file mapping. The copy (or upload) is
         // done, so its pages can leave the resident set: loading holds the weights once.
         unsafe { crate::weights::release_mapped(view.data()) };
@@ -1127,7 +1174,10 @@ impl SimpleBackend for CheckedSafetensors {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.routing.contains_key(name)
+        let base = name
+            .strip_suffix(crate::weights::TRANSPOSED)
+            .unwrap_or(name);
+        self.routing.contains_key(base)
     }
 }
 

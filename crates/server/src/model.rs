@@ -121,6 +121,9 @@ pub fn load_real(
     );
     let t0 = std::time::Instant::now();
     let mut sd = gpu::load(&setup, &resolved.dir)?;
+    for (component, seconds) in sd.load_seconds() {
+        tracing::debug!(component, seconds, "component loaded");
+    }
     let adapters = crate::adapters::load_into(
         &mut sd,
         args.lora_dir.as_deref(),

@@ -8,6 +8,7 @@
 //! `proj_in` reads the NCHW image directly and `proj_out` writes NCHW plus the residual.
 
 use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -16,10 +17,15 @@ const FILL_ROWS: usize = 64;
 
 /// f32 on the CPU, and the fused path not switched off (`SDSERVE_LINEAR=candle`, for A/B runs).
 fn f32_cpu(t: &Tensor) -> bool {
+    transposes(t.dtype(), t.device())
+}
+
+/// Whether [`Dense`] keeps weights of this dtype on this device transposed.
+fn transposes(dtype: DType, device: &Device) -> bool {
     use std::sync::OnceLock;
     static OFF: OnceLock<bool> = OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("SDSERVE_LINEAR").as_deref() == Ok("candle"));
-    !off && t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
+    !off && dtype == DType::F32 && matches!(device, Device::Cpu)
 }
 
 /// Runs `f` on the contiguous f32 data of `t` (the caller checked f32 on the CPU).
@@ -263,35 +269,12 @@ pub fn linear_to_nchw_add(
     Tensor::from_vec(out, (b, n, h, w), &Device::Cpu).map(Some)
 }
 
-/// Square tiles of the load-time transpose (16 KiB of f32 per tile, read and written).
-const TRANSPOSE_TILE: usize = 64;
-
 /// `w^T` of an f32 CPU matrix `[rows, cols]` as a new contiguous `[cols, rows]` tensor: tiled
-/// and parallel over the output's rows (candle's strided copy moves one element at a time on
-/// one thread, ~1.4 GB of SD 1.5's linear weights at every load).
+/// and parallel (candle's strided copy moves one element at a time on one thread).
 fn transpose(w: &Tensor) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     with_slice(w, |src| {
-        let mut out: Vec<f32> = Vec::with_capacity(rows * cols);
-        out.spare_capacity_mut()[..rows * cols]
-            .par_chunks_mut(TRANSPOSE_TILE * rows)
-            .enumerate()
-            .for_each(|(bi, block)| {
-                // Output rows c0.. (input columns), all `rows` output columns, tile by tile.
-                let c0 = bi * TRANSPOSE_TILE;
-                let cs = block.len() / rows;
-                for r0 in (0..rows).step_by(TRANSPOSE_TILE) {
-                    let r1 = (r0 + TRANSPOSE_TILE).min(rows);
-                    for c in 0..cs {
-                        let dst = &mut block[c * rows + r0..c * rows + r1];
-                        for (d, r) in dst.iter_mut().zip(r0..r1) {
-                            d.write(src[r * cols + c0 + c]);
-                        }
-                    }
-                }
-            });
-        // SAFETY: the blocks cover all rows * cols elements, each written once above.
-        unsafe { out.set_len(rows * cols) };
+        let out = crate::weights::transpose_f32(rows, cols, src);
         Tensor::from_vec(out, (cols, rows), &Device::Cpu)
     })?
 }
@@ -314,6 +297,52 @@ impl Dense {
             wt: transpose(l.weight())?,
             bias: l.bias().cloned(),
         })
+    }
+
+    /// Loads a linear layer's `weight` `[out, in]` and, with `bias`, its `bias` `[out]`.
+    /// Where the layer is stored transposed and the loader can write a weight transposed
+    /// straight from the file (the safetensors loader, see [`crate::weights::TRANSPOSED`]), it
+    /// is read that way: written once, with no untransposed copy made and dropped.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Self::load_stored_as(in_dim, out_dim, bias, &[out_dim, in_dim], vb)
+    }
+
+    /// A 1x1 convolution (`weight` `[out, in, 1, 1]`, `bias` `[out]`) as the equivalent linear
+    /// layer over `[.., in]`, loaded as [`Dense::load`] does.
+    pub fn load_conv1x1(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load_stored_as(in_dim, out_dim, true, &[out_dim, in_dim, 1, 1], vb)
+    }
+
+    fn load_stored_as(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        stored: &[usize],
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        // candle_nn::linear's initialisers, for builders that create variables (a VarMap).
+        let load_bias = |vb: &VarBuilder| -> Result<Option<Tensor>> {
+            if !bias {
+                return Ok(None);
+            }
+            let bound = 1. / (in_dim as f64).sqrt();
+            let init = candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            };
+            vb.get_with_hints(out_dim, "bias", init).map(Some)
+        };
+        let transposed = format!("weight{}", crate::weights::TRANSPOSED);
+        if transposes(vb.dtype(), vb.device()) && vb.contains_tensor(&transposed) {
+            let wt = vb.get((in_dim, out_dim), &transposed)?;
+            let bias = load_bias(&vb)?;
+            return Ok(Self::Transposed { wt, bias });
+        }
+        let weight = vb
+            .get_with_hints(stored, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?
+            .reshape((out_dim, in_dim))?;
+        let bias = load_bias(&vb)?;
+        Self::new(candle_nn::Linear::new(weight, bias))
     }
 
     /// `W^T` `[in, out]` and the bias when stored transposed (for the NCHW projections).
@@ -442,6 +471,84 @@ mod tests {
         assert!(max_abs_diff(&d.forward(&x, Some(&r))?, &want) < 1e-4);
         let lh = candle_nn::Linear::new(w.to_dtype(DType::F16)?, None);
         assert!(Dense::new(lh)?.transposed().is_none());
+        Ok(())
+    }
+
+    /// `Dense::load` through the safetensors loader (weights written transposed from the
+    /// file) gives the layer `Dense::new` makes from candle's `Linear`, for linear and 1x1
+    /// convolution weights, with and without bias; a wrong shape is an error naming the stored
+    /// and the implied shape.
+    #[test]
+    fn loading_transposed_from_the_file_equals_transposing_after() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut ts = std::collections::HashMap::new();
+        ts.insert(
+            "a.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (40, 24), &dev)?,
+        );
+        ts.insert("a.bias".to_string(), Tensor::randn(0f32, 1.0, 40, &dev)?);
+        ts.insert(
+            "c.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (16, 12, 1, 1), &dev)?,
+        );
+        ts.insert("c.bias".to_string(), Tensor::randn(0f32, 1.0, 16, &dev)?);
+        let dir = std::env::temp_dir().join(format!("sdserve-dense-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("w.safetensors");
+        candle_core::safetensors::save(&ts, &file)?;
+        let checked =
+            crate::single_file::checked_var_builder(std::slice::from_ref(&file), DType::F32, &dev)
+                .expect("loader");
+        let plain = VarBuilder::from_tensors(ts.clone(), DType::F32, &dev);
+        let cases = [
+            (
+                Dense::load(24, 40, true, checked.pp("a"))?,
+                Dense::load(24, 40, true, plain.pp("a"))?,
+            ),
+            (
+                Dense::load(24, 40, false, checked.pp("a"))?,
+                Dense::load(24, 40, false, plain.pp("a"))?,
+            ),
+            (
+                Dense::load_conv1x1(12, 16, checked.pp("c"))?,
+                Dense::load_conv1x1(12, 16, plain.pp("c"))?,
+            ),
+        ];
+        for (from_file, after) in &cases {
+            let (wt, b) = from_file.transposed().expect("transposed");
+            let (wt2, b2) = after.transposed().expect("transposed");
+            assert_eq!(wt.to_vec2::<f32>()?, wt2.to_vec2::<f32>()?);
+            assert_eq!(b.is_some(), b2.is_some());
+            if let (Some(b), Some(b2)) = (b, b2) {
+                assert_eq!(b.to_vec1::<f32>()?, b2.to_vec1::<f32>()?);
+            }
+        }
+        let w = ts["a.weight"].t()?.contiguous()?;
+        assert_eq!(
+            cases[0].0.transposed().unwrap().0.to_vec2::<f32>()?,
+            w.to_vec2::<f32>()?
+        );
+        let err = Dense::load(40, 24, true, checked.pp("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`a.weight` has shape [40, 24], the config implies [24, 40]"),
+            "{err}"
+        );
+        let err = Dense::load_conv1x1(16, 12, checked.pp("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`c.weight` has shape [16, 12, 1, 1], the config implies [12, 16, 1, 1]"),
+            "{err}"
+        );
+        // Half precision keeps candle's layout, from the same file.
+        let half =
+            crate::single_file::checked_var_builder(&[file], DType::F16, &dev).expect("loader");
+        assert!(Dense::load(24, 40, true, half.pp("a"))?
+            .transposed()
+            .is_none());
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 

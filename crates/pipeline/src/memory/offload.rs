@@ -27,6 +27,8 @@ pub struct Component<T> {
     dtype: DType,
     build: Builder<T>,
     resident: Option<T>,
+    /// How long building the resident module took (reading its weights included).
+    built_in: Option<std::time::Duration>,
 }
 
 /// A component ready on the device: borrowed when resident, owned (and dropped after the
@@ -62,9 +64,12 @@ impl<T> Component<T> {
             dtype,
             build: Arc::new(build),
             resident: None,
+            built_in: None,
         };
         if let Some(device) = resident_on {
+            let t0 = std::time::Instant::now();
             c.resident = Some(c.build_on(device)?);
+            c.built_in = Some(t0.elapsed());
         }
         Ok(c)
     }
@@ -86,6 +91,12 @@ impl<T> Component<T> {
         &self.files
     }
 
+    /// How long building the resident module took when the component was made (weights read,
+    /// checked, converted); `None` when it was not built then.
+    pub fn built_in(&self) -> Option<std::time::Duration> {
+        self.built_in
+    }
+
     /// The resident module, without building anything; `None` when offloaded.
     pub fn resident(&self) -> Option<&T> {
         self.resident.as_ref()
@@ -99,6 +110,7 @@ impl<T> Component<T> {
             dtype,
             build: self.build.clone(),
             resident: None,
+            built_in: None,
         }
     }
 

@@ -173,17 +173,6 @@ fn linear_fwd(l: &Dense, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor
     l.forward(x, residual)
 }
 
-fn dense(l: Linear) -> Result<Dense> {
-    Dense::new(l)
-}
-
-/// A 1x1 convolution loaded as the equivalent linear layer over `[.., channels]`.
-fn conv1x1_as_linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
-    let b = vb.get(cout, "bias")?;
-    Ok(Linear::new(w, Some(b)))
-}
-
 /// Options every block needs at run time.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RunOpts {
@@ -298,10 +287,10 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: dense(candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?)?,
-            to_k: dense(candle_nn::linear_no_bias(ctx_dim, inner, vb.pp("to_k"))?)?,
-            to_v: dense(candle_nn::linear_no_bias(ctx_dim, inner, vb.pp("to_v"))?)?,
-            to_out: dense(candle_nn::linear(inner, dim, vb.pp("to_out").pp("0"))?)?,
+            to_q: Dense::load(dim, inner, false, vb.pp("to_q"))?,
+            to_k: Dense::load(ctx_dim, inner, false, vb.pp("to_k"))?,
+            to_v: Dense::load(ctx_dim, inner, false, vb.pp("to_v"))?,
+            to_out: Dense::load(inner, dim, true, vb.pp("to_out").pp("0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
@@ -353,12 +342,8 @@ impl GegluFeedForward {
         // diffusers' FeedForward default: inner_dim = 4 * dim.
         let inner = 4 * dim;
         Ok(Self {
-            proj: dense(candle_nn::linear(
-                dim,
-                2 * inner,
-                vb.pp("net").pp("0").pp("proj"),
-            )?)?,
-            out: dense(candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?)?,
+            proj: Dense::load(dim, 2 * inner, true, vb.pp("net").pp("0").pp("proj"))?,
+            out: Dense::load(inner, dim, true, vb.pp("net").pp("2"))?,
             inner,
         })
     }
@@ -454,9 +439,9 @@ impl Transformer2D {
     pub(crate) fn new(channels: usize, p: &TransformerParams, vb: VarBuilder) -> Result<Self> {
         let proj = |cin, cout, vb: VarBuilder| {
             if p.linear_projection {
-                dense(candle_nn::linear(cin, cout, vb)?)
+                Dense::load(cin, cout, true, vb)
             } else {
-                dense(conv1x1_as_linear(cin, cout, vb)?)
+                Dense::load_conv1x1(cin, cout, vb)
             }
         };
         let vbb = vb.pp("transformer_blocks");

@@ -301,6 +301,22 @@ impl Layout {
         })
     }
 
+    /// Builds every part once and drops each right after: reads (and checks) every tensor the
+    /// model needs while holding at most one part's modules (an f32 CPU build keeps its linears
+    /// transposed, a second copy of them while the part lives).
+    fn build_each(&self, vb: &VarBuilder) -> Result<()> {
+        drop(self.build_stem(vb)?);
+        for i in 0..self.levels() {
+            drop(self.build_down(i, vb)?);
+        }
+        drop(self.build_mid(vb)?);
+        for i in 0..self.levels() {
+            drop(self.build_up(i, vb)?);
+        }
+        drop(self.build_head(vb)?);
+        Ok(())
+    }
+
     fn build_all(&self, vb: &VarBuilder) -> Result<ResidentParts> {
         let n = self.levels();
         Ok(ResidentParts {
@@ -354,8 +370,8 @@ impl UNet2DConditionModel {
         let dtype = host.dtype();
         let (recording_vb, recording) = streaming::recording(host);
         // One build on the host reads (and checks) every tensor once; the modules are dropped
-        // and the tensors they read kept.
-        drop(layout.build_all(&recording_vb)?);
+        // part by part and the tensors they read kept.
+        layout.build_each(&recording_vb)?;
         drop(recording_vb);
         Ok(Self {
             layout,
