@@ -8,6 +8,7 @@
 //!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
 //!   optional field.
 
+use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax};
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{Map, Value};
@@ -73,9 +74,10 @@ pub struct ValidRequest {
     pub loras: Vec<(String, f64)>,
     /// Images in one run; image i uses seed + i.
     pub batch_size: usize,
-    /// img2img / inpainting: the decoded image (width and height default to its size).
+    /// img2img / inpainting: the decoded image, resized to `width` x `height` (which default to
+    /// its own size); `sha256` is the upload's.
     pub init_image: Option<RequestImage>,
-    /// Inpainting: white = repaint; same size as `init_image`.
+    /// Inpainting: white = repaint; uploaded at the size of `init_image`, resized like it.
     pub mask_image: Option<RequestImage>,
     /// With an init image: how much of the schedule runs.
     pub strength: f64,
@@ -257,12 +259,24 @@ pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiErro
         (None, None) => SIZE_DEFAULT,
     };
     let init_size = init_image.as_ref().map(|i| (i.image.width, i.image.height));
+    let width = side(width, init_size.map(|s| s.0));
+    let height = side(height, init_size.map(|s| s.1));
+    // The pipeline resizes both images to the request's size with this same Lanczos (a no-op
+    // at that size), so resizing here gives identical pixels; a queued job then holds the small
+    // image, not the upload's full decode (48 MB for a 4096x4096 one).
+    let fit = |i: Option<RequestImage>| {
+        i.map(|mut i| {
+            i.image = resize_lanczos(&i.image, width, height);
+            i
+        })
+    };
+    let (init_image, mask_image) = (fit(init_image), fit(mask_image));
     Ok(ValidRequest {
         prompt: prompt.unwrap_or_default(),
         negative_prompt: negative_prompt.unwrap_or_default(),
         steps,
-        width: side(width, init_size.map(|s| s.0)),
-        height: side(height, init_size.map(|s| s.1)),
+        width,
+        height,
         seed: seed.map(|v| v as u32),
         guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
         scheduler,
@@ -658,5 +672,42 @@ mod tests {
         );
         assert!(details.contains("prompt: is required"), "{details}");
         assert_eq!(details.matches("; ").count(), fields.len() - 1, "{details}");
+    }
+
+    #[test]
+    fn request_images_are_kept_at_the_request_size_with_the_pipelines_pixels() {
+        use base64::Engine;
+        use sdserve_pipeline::image_in::image_tensor;
+        use sdserve_pipeline::pipeline::RgbImage;
+        let upload = |w: u32, h: u32, salt: u32| {
+            let img = RgbImage {
+                width: w,
+                height: h,
+                pixels: (0..w * h * 3)
+                    .map(|i| ((i * 7 + salt) % 253) as u8)
+                    .collect(),
+            };
+            let png = crate::png::encode(&img, "").unwrap();
+            (img, base64::engine::general_purpose::STANDARD.encode(png))
+        };
+        let (init, init_b64) = upload(700, 300, 1);
+        let (mask, mask_b64) = upload(700, 300, 2);
+        let body = serde_json::json!({
+            "prompt": "p", "init_image": init_b64, "mask_image": mask_b64, "height": 320
+        });
+        let r = parse(&body.to_string()).unwrap();
+        // Width defaults to the image's, floored to a multiple of 64; height as given.
+        assert_eq!((r.width, r.height), (640, 320));
+        let kept = &r.init_image.as_ref().unwrap().image;
+        assert_eq!((kept.width, kept.height), (640, 320));
+        assert_eq!(*kept, resize_lanczos(&init, 640, 320));
+        let kept_mask = &r.mask_image.as_ref().unwrap().image;
+        assert_eq!(*kept_mask, resize_lanczos(&mask, 640, 320));
+        // What the VAE gets is the same whether the pipeline resizes the upload or this.
+        let dev = candle_core::Device::Cpu;
+        let a = image_tensor(&init, 640, 320, &dev).unwrap();
+        let b = image_tensor(kept, 640, 320, &dev).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
