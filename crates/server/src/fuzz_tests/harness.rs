@@ -211,7 +211,8 @@ pub fn assert_native_rules(p: &GenerationParams) {
         assert!((0.0..=1.0).contains(&init.strength), "{}", init.strength);
         assert!((p.steps as f64 * init.strength) >= 1.0);
         let i = &init.image;
-        assert!(crate::images::check_dimensions(i.width, i.height).is_ok());
+        // Resized to the request's size before it is queued (memory held per job is bounded).
+        assert_eq!((i.width as usize, i.height as usize), (p.width, p.height));
         assert_eq!(i.pixels.len(), (i.width * i.height * 3) as usize);
         if let Some(m) = &init.mask {
             assert_eq!((m.width, m.height), (i.width, i.height));
