@@ -11,9 +11,11 @@ Writes, under OUT (default crates/pipeline/tests/fixtures):
   images/*.png           synthetic init images and masks (binary and grey)
   img2img.safetensors    image.<case>: [batch, H, W, 3] u8, what diffusers returns
   img2img.json           every case's request (model, mode, files, strength, seeds, ...)
+  vae-tiled.safetensors  the VAE tiled (diffusers' enable_tiling): tiled-encode latent
+  vae-tiled.json         distributions and img2img / inpaint images, larger than a tile
 
 Usage:
-  python tools/make_img2img_fixtures.py [--out DIR]
+  python tools/make_img2img_fixtures.py [--out DIR] [--tiled-only]
 """
 
 import argparse
@@ -318,15 +320,116 @@ def make_refs(out_root):
         assert float(v.float().std()) > 2.0 and len(torch.unique(v)) > 20, f"{k} is (nearly) flat"
 
 
+# Tiled VAE (diffusers' `enable_tiling`: `_tiled_encode` and `tiled_decode`, tiles of the VAE
+# config's sample_size, overlap 0.25). Images larger than a tile: 128x96 on tiny-a and tiny-b
+# (sample_size 64 px: 6 encoder tiles), 64x48 on tiny-inpaint (sample_size 32 px).
+TILED = {
+    "tiny-a": dict(prompt="a castle on a hill, morning fog", negative_prompt="blurry",
+                   steps=4, width=128, height=96, seed=21, guidance_scale=7.5),
+    "tiny-b": dict(prompt="a fishing boat in a harbour", negative_prompt="",
+                   steps=4, width=128, height=96, seed=22, guidance_scale=1.0),
+    "tiny-inpaint": dict(prompt="a red bench in a park", negative_prompt="",
+                         steps=4, width=64, height=48, seed=23, guidance_scale=6.0),
+}
+
+
+@torch.no_grad()
+def make_tiled_refs(out_root):
+    """vae-tiled.safetensors / vae-tiled.json: the latent distribution of diffusers' tiled
+    encode (and the untiled one, to show the tiles change it) of a synthetic image on each tiny
+    VAE, and whole img2img / inpaint generations with `pipe.vae.enable_tiling()`."""
+    import diffusers
+    import transformers
+    from diffusers import (AutoencoderKL, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionInpaintPipeline)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from safetensors.torch import save_file
+
+    img_dir = os.path.join(out_root, "images")
+    tensors, cases = {}, {}
+    for model, r in TILED.items():
+        w, h = r["width"], r["height"]
+        init_name = f"tiled-init-{w}x{h}.png"
+        init = synthetic_image(w, h, seed=w * 7 + h)
+        init.save(os.path.join(img_dir, init_name), optimize=True)
+        folder = os.path.join(out_root, model)
+        vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), torch_dtype=torch.float32)
+        # As sdserve's image_tensor: x / 127.5 - 1, [1, 3, H, W].
+        x = torch.from_numpy(np.asarray(init, dtype=np.float32)).permute(2, 0, 1)[None]
+        x = x / 127.5 - 1.0
+        whole = DiagonalGaussianDistribution(vae._encode(x))
+        vae.enable_tiling()
+        assert w > vae.tile_sample_min_size, "the image must be larger than a tile"
+        tiled = DiagonalGaussianDistribution(vae._encode(x))
+        tensors[f"mean.{model}"] = tiled.mean
+        tensors[f"std.{model}"] = tiled.std
+        tensors[f"whole_mean.{model}"] = whole.mean
+        gap = float((tiled.mean - whole.mean).abs().max())
+        print(f"{model}: tiled encode {tuple(tiled.mean.shape)}, max |tiled - whole| {gap:.4f}")
+        assert gap > 1e-3, "tiling made no difference: the test would prove nothing"
+
+        pipe = load_pipe(diffusers.StableDiffusionPipeline, folder)
+        own = dict(pipe.scheduler.config)
+        comps = pipe.components
+        inpaint = model == "tiny-inpaint"
+        cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
+        p = cls(**comps)
+        p.set_progress_bar_config(disable=True)
+        p.vae.enable_tiling()
+        set_scheduler(p, own, "euler")
+        kwargs = dict(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
+                      num_inference_steps=r["steps"], guidance_scale=r["guidance_scale"],
+                      generator=torch.Generator("cpu").manual_seed(r["seed"]), output_type="np",
+                      image=init)
+        mask_name = None
+        if inpaint:
+            mask_name = f"tiled-mask-{w}x{h}.png"
+            binary_mask(w, h).save(os.path.join(img_dir, mask_name), optimize=True)
+            kwargs.update(mask_image=binary_mask(w, h), width=w, height=h, strength=1.0)
+        else:
+            kwargs.update(strength=0.75)
+        img = to_u8(p(**kwargs).images)
+        assert img.shape == (1, h, w, 3), img.shape
+        label = f"{model}.{'inpaint' if inpaint else 'img2img'}.euler"
+        tensors[f"image.{label}"] = img
+        cases[label] = dict(r, model=model, mode="inpaint" if inpaint else "img2img",
+                            scheduler="euler", strength=kwargs["strength"], init_image=init_name,
+                            mask_image=mask_name, batch_size=1,
+                            tile_sample_size=vae.tile_sample_min_size,
+                            tile_latent_size=vae.tile_latent_min_size,
+                            tile_overlap_factor=vae.tile_overlap_factor)
+        st = img.float()
+        print(f"{label}: mean {st.mean():.1f} std {st.std():.1f}")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(out_root, "vae-tiled.safetensors"),
+              metadata={"generated_by": "tools/make_img2img_fixtures.py"})
+    meta = {
+        "generated_by": "tools/make_img2img_fixtures.py (make_tiled_refs)",
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+        "encode": "mean.<model>, std.<model>: DiagonalGaussianDistribution(vae._encode(x)) with "
+                  "use_tiling, x = tiled-init PNG / 127.5 - 1; whole_mean.<model>: untiled",
+        "images": "image.<case>: [1, H, W, 3] u8, pipe.vae.enable_tiling()",
+        "cases": cases,
+    }
+    with open(os.path.join(out_root, "vae-tiled.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--tiled-only", action="store_true",
+                    help="only the tiled-VAE references (vae-tiled.*), from the existing models")
     args = ap.parse_args()
     # One thread: tiny models gain nothing from more, and a busy machine loses to spinning.
     torch.set_num_threads(1)
-    make_inpaint_model(args.out)
-    make_refs(args.out)
+    if not args.tiled_only:
+        make_inpaint_model(args.out)
+        make_refs(args.out)
+    make_tiled_refs(args.out)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,8 @@ impl StableDiffusion {
         self.configure_resident();
     }
 
-    /// Switches tiled VAE decoding on (`Some`) or off; takes effect at the next decode.
+    /// Switches tiled VAE decoding and encoding on (`Some`) or off (diffusers' `enable_tiling`
+    /// covers both halves too); takes effect at the next encode or decode.
     pub fn set_vae_tiling(&mut self, tiling: Option<crate::memory::VaeTiling>) {
         self.plan.vae_tiling = tiling;
     }

@@ -10,6 +10,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels::Conv2d;
+use crate::memory::tiling::encode_tiled;
+use crate::memory::VaeTiling;
 use crate::rng::TorchRng;
 use crate::unet::blocks::Downsample;
 use crate::vae::{conv, Activation, Attention, GroupNorm, ResnetBlock, VaeConfig, NORM_EPS};
@@ -175,7 +177,25 @@ impl AutoencoderKlEncoder {
 
     /// `vae.encode(image).latent_dist` for `image` `[B, 3, H, W]` in [-1, 1].
     pub fn encode(&self, image: &Tensor) -> Result<LatentDist> {
-        let moments = self.moments(image)?.to_dtype(DType::F32)?;
+        self.distribution(&self.moments(image)?)
+    }
+
+    /// As [`encode`](Self::encode), tile by tile (diffusers' `_tiled_encode` with
+    /// `use_tiling`): peak memory follows the tile, not the image. `f` is the VAE's scale
+    /// factor. An image no larger than a tile is encoded whole, as diffusers does.
+    pub fn encode_tiled(&self, image: &Tensor, tiling: VaeTiling, f: usize) -> Result<LatentDist> {
+        let (_, _, h, w) = image.dims4()?;
+        let tile_px = tiling.tile_latent * f;
+        if h <= tile_px && w <= tile_px {
+            return self.encode(image);
+        }
+        let moments = encode_tiled(image, tiling, f, |tile| self.moments(tile))?;
+        self.distribution(&moments)
+    }
+
+    /// `DiagonalGaussianDistribution(moments)`: mean and the clamped log-variance's std.
+    fn distribution(&self, moments: &Tensor) -> Result<LatentDist> {
+        let moments = moments.to_dtype(DType::F32)?;
         let c = self.latent_channels;
         let mean = moments.narrow(1, 0, c)?;
         let logvar = moments.narrow(1, c, c)?.clamp(-30f32, 20f32)?;

@@ -131,7 +131,7 @@ pub struct ModelArgs {
     /// Overrides the memory plan's attention slicing.
     #[arg(long, env = "ATTENTION_SLICING", value_enum, default_value = "auto")]
     pub attention_slicing: SlicingArg,
-    /// Overrides the memory plan's tiled VAE decode (`on` still plans the tile size).
+    /// Overrides the memory plan's tiled VAE (decode, and encode of init images; `on` still plans the tile size).
     #[arg(long, env = "VAE_TILING", value_enum, default_value = "auto")]
     pub vae_tiling: ToggleArg,
     /// Overrides the memory plan's offload.

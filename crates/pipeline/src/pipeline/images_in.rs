@@ -174,13 +174,18 @@ impl StableDiffusion {
         }
     }
 
-    /// `latent_dist` of images `[1, 3, H, W]` in [-1, 1] through the VAE encoder.
+    /// `latent_dist` of images `[1, 3, H, W]` in [-1, 1] through the VAE encoder: tiled when
+    /// the plan tiles the VAE and the image is larger than a tile (diffusers' `use_tiling`
+    /// covers both halves of the VAE, as the plan's lever does).
     fn encode_image(&self, image: &Tensor) -> Result<crate::vae_encoder::LatentDist> {
         let mut encoder = self.vae_encoder.get(&self.device)?;
         if let crate::memory::offload::Held::Loaded(e) = &mut encoder {
             e.set_attention_slice(self.vae_attention_rows());
         }
-        encoder.encode(image)
+        match self.plan.vae_tiling {
+            Some(t) => encoder.encode_tiled(image, t, self.vae_scale_factor),
+            None => encoder.encode(image),
+        }
     }
 
     /// img2img and inpainting's `prepare_latents` (+ `prepare_mask_latents`), one generator per
