@@ -67,6 +67,9 @@ pub struct ModelInfo {
     pub adapters: crate::adapters::Adapters,
     /// An inpainting model (9-channel UNet): every request needs an init image and a mask.
     pub inpainting: bool,
+    /// The device memory budget requests are checked against before they are queued (`None`
+    /// on the CPU, and where the worker is another process: it checks again itself).
+    pub memory: Option<std::sync::Arc<crate::gpu::MemoryBudget>>,
 }
 
 /// A loaded model: the generator and its description.
@@ -157,6 +160,7 @@ impl FakeSpec {
                     default_scheduler: self.scheduler,
                     adapters: Default::default(),
                     inpainting: false,
+                    memory: None,
                 },
                 taesd: None,
                 speed_probe: self.speed_probe,

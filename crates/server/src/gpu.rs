@@ -20,7 +20,9 @@ use sdserve_pipeline::device::{
     dtype_label, gpu_info, select_device, select_dtype, DTypeRequest, DeviceRequest,
 };
 use sdserve_pipeline::memory::breaker::{Admission, BreakerConfig, OomAction, OomBreaker};
-use sdserve_pipeline::memory::plan::{leaner, plan, DEFAULT_MAX_SIDE};
+use sdserve_pipeline::memory::plan::{
+    check_request, leaner, plan, plan_for_request, OverBudget, DEFAULT_MAX_SIDE,
+};
 use sdserve_pipeline::memory::{free_bytes, Footprint, LeverOverrides, MemoryPlan, PlanRequest};
 use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
 use sdserve_pipeline::PipelineError;
@@ -136,6 +138,74 @@ pub fn resolve_with(
         footprint: Some(footprint),
         warnings,
     })
+}
+
+/// The budget a request is checked against before it is queued: the model's footprint and the
+/// start-up plan request (budget, dtype, the operator's lever overrides).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryBudget {
+    pub footprint: Footprint,
+    pub request: PlanRequest,
+}
+
+impl MemoryBudget {
+    /// `None` without a device budget (the CPU).
+    pub fn of(setup: &GpuSetup) -> Option<Self> {
+        Some(Self {
+            footprint: setup.footprint.clone()?,
+            request: setup.plan_request?,
+        })
+    }
+
+    /// Whether `batch_size` images of `width` x `height` fit with the leanest levers allowed.
+    pub fn check(
+        &self,
+        width: usize,
+        height: usize,
+        batch_size: usize,
+        guidance: bool,
+    ) -> Result<(), OverBudget> {
+        check_request(
+            &self.footprint,
+            &self.request,
+            width,
+            height,
+            batch_size,
+            guidance,
+        )
+    }
+}
+
+/// Before a run: the levers this request needs (a large batch needs more than the start-up
+/// plan, made for one image) applied to the pipeline, or the plan in use again once a smaller
+/// request comes. A request that fits under no plan is refused here, before anything is
+/// allocated (the API refuses it before queueing; this covers workers of a cluster).
+pub fn plan_request(
+    sd: &mut StableDiffusion,
+    setup: &GpuSetup,
+    params: &GenerationParams,
+) -> Result<(), PipelineError> {
+    let (Some(fp), Some(req)) = (&setup.footprint, &setup.plan_request) else {
+        return Ok(());
+    };
+    let guidance = params.guidance_scale > 1.0;
+    let (w, h, n) = (params.width, params.height, params.batch_size);
+    let wanted = plan_for_request(fp, req, &setup.plan, w, h, n, guidance)
+        .map_err(|o| PipelineError::InvalidRequest(o.describe(w, h, n)))?;
+    let now = sd.memory_plan();
+    if (now.attention, now.vae_tiling, now.offload)
+        != (wanted.attention, wanted.vae_tiling, wanted.offload)
+    {
+        tracing::info!(
+            width = w,
+            height = h,
+            batch_size = n,
+            "memory plan for this request: {}",
+            wanted.summary()
+        );
+        apply_plan(sd, &wanted)?;
+    }
+    Ok(())
 }
 
 /// Loads the pipeline with the setup's plan, then warms it up on a GPU: the first use of every
@@ -470,5 +540,67 @@ mod tests {
         assert!(guard.admit(&Device::Cpu).is_ok());
         // The pipeline still generates after the switch.
         warm_up(&sd).unwrap();
+    }
+
+    #[test]
+    fn each_request_gets_the_levers_its_batch_needs() {
+        let dir = fixture();
+        let mut setup = resolve(&args(&["--device", "cpu"]), &dir).unwrap();
+        // A GPU setup simulated on the CPU: tiny-a (VAE factor 2, so 768 px is a 384x384
+        // latent) planned for one image with guidance at 256 under 2 GB: sliced attention.
+        let fp = Footprint::from_model_dir(&dir, DType::F32).unwrap();
+        let req = PlanRequest {
+            budget_bytes: 2048 << 20,
+            max_width: 256,
+            max_height: 256,
+            batch: 2,
+            dtype: DType::F32,
+            overrides: LeverOverrides::default(),
+        };
+        setup.plan = plan(&fp, &req);
+        setup.footprint = Some(fp.clone());
+        setup.plan_request = Some(req);
+        let mut sd = load(&setup, &dir).unwrap();
+        let levers = |sd: &StableDiffusion| {
+            let p = sd.memory_plan();
+            (p.attention, p.vae_tiling, p.offload)
+        };
+        let start = levers(&sd);
+        let params = |batch_size, side| GenerationParams {
+            prompt: "x".into(),
+            batch_size,
+            width: side,
+            height: side,
+            ..Default::default()
+        };
+        // A side where eight images need more than the start-up plan but still fit.
+        let side = [768, 704, 640, 576, 512, 448, 384, 320, 256]
+            .into_iter()
+            .find(|&s| {
+                matches!(plan_for_request(&fp, &req, &setup.plan, s, s, 8, true),
+                    Ok(p) if (p.attention, p.vae_tiling, p.offload) != start)
+            })
+            .expect("a size where a batch of 8 needs more levers");
+        plan_request(&mut sd, &setup, &params(8, side)).unwrap();
+        let big = levers(&sd);
+        assert_ne!(big, start);
+        assert!(
+            big.2 >= start.2,
+            "never a faster offload than the plan in use"
+        );
+        // One image again: back to the start-up plan.
+        plan_request(&mut sd, &setup, &params(1, side)).unwrap();
+        assert_eq!(levers(&sd), start);
+        // Eight at 768 fit under no plan: refused before anything runs, the plan untouched.
+        let e = plan_request(&mut sd, &setup, &params(8, 768)).unwrap_err();
+        assert!(
+            matches!(&e, PipelineError::InvalidRequest(m) if m.contains("batch_size 8")),
+            "{e}"
+        );
+        assert_eq!(levers(&sd), start);
+        // The CPU setup has no budget: nothing changes.
+        let cpu = resolve(&args(&["--device", "cpu"]), &dir).unwrap();
+        plan_request(&mut sd, &cpu, &params(8, 768)).unwrap();
+        assert_eq!(levers(&sd), start);
     }
 }

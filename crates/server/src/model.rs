@@ -46,6 +46,7 @@ impl Generator for GpuGenerator {
         params: &GenerationParams,
         on_step: StepHook,
     ) -> Result<Vec<RgbImage>, PipelineError> {
+        gpu::plan_request(&mut self.sd, &self.setup, params)?;
         self.sd.generate(params, on_step)
     }
 
@@ -140,6 +141,7 @@ pub fn load_real(
         default_scheduler: sd.default_scheduler(),
         adapters,
         inpainting: sd.is_inpainting(),
+        memory: gpu::MemoryBudget::of(&setup).map(std::sync::Arc::new),
     };
     Ok(Loaded {
         speed_probe: load.speed_probe && setup.device.is_cpu(),

@@ -128,6 +128,40 @@ pub fn check_for_model(req: &ValidRequest, inpainting_model: bool) -> Result<(),
     Ok(())
 }
 
+/// Refuses a request whose images cannot fit the device memory budget under any memory plan
+/// (estimated; a large batch at a large size on a small budget), before it is queued: a 422
+/// rather than a 503, since the same request would never fit later either, and naming
+/// `batch_size` with the largest that fits (or `width`/`height` when not even one image does).
+pub fn check_memory(
+    params: &GenerationParams,
+    budget: Option<&crate::gpu::MemoryBudget>,
+) -> Result<(), ApiError> {
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    let (w, h, n) = (params.width, params.height, params.batch_size);
+    match budget.check(w, h, n, params.guidance_scale > 1.0) {
+        Ok(()) => Ok(()),
+        Err(over) => {
+            let rule = over.describe(w, h, n);
+            let fields: &[&str] = if over.largest_batch_size > 0 {
+                &["batch_size"]
+            } else {
+                &["width", "height"]
+            };
+            Err(ApiError::Validation(
+                fields
+                    .iter()
+                    .map(|f| FieldError {
+                        field: f.to_string(),
+                        rule: rule.clone(),
+                    })
+                    .collect(),
+            ))
+        }
+    }
+}
+
 /// Checks the `Content-Type` header value: JSON is required.
 pub fn check_content_type(value: Option<&str>) -> Result<(), ApiError> {
     let ok = value
@@ -709,5 +743,46 @@ mod tests {
         let b = image_tensor(kept, 640, 320, &dev).unwrap();
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn a_batch_over_the_memory_budget_is_a_422_naming_batch_size() {
+        use sdserve_pipeline::memory::{Footprint, LeverOverrides, PlanRequest};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../pipeline/tests/fixtures/tiny-a");
+        // tiny-a's VAE factor is 2: a 768 image is a 384x384 latent, a heavy UNet batch.
+        let budget = crate::gpu::MemoryBudget {
+            footprint: Footprint::from_model_dir(&dir, candle_core::DType::F32).unwrap(),
+            request: PlanRequest {
+                budget_bytes: 2048 << 20,
+                max_width: 768,
+                max_height: 768,
+                batch: 2,
+                dtype: candle_core::DType::F32,
+                overrides: LeverOverrides::default(),
+            },
+        };
+        let params = |batch_size, side, guidance_scale| GenerationParams {
+            batch_size,
+            width: side,
+            height: side,
+            guidance_scale,
+            ..Default::default()
+        };
+        assert!(check_memory(&params(1, 768, 7.5), Some(&budget)).is_ok());
+        assert!(check_memory(&params(8, 256, 7.5), Some(&budget)).is_ok());
+        let e = check_memory(&params(8, 768, 7.5), Some(&budget)).unwrap_err();
+        let [f] = e.fields() else { panic!("{e:?}") };
+        assert_eq!(f.field, "batch_size");
+        assert!(f.rule.contains("at most batch_size"), "{}", f.rule);
+        assert!(f.rule.contains("VRAM_LIMIT_MB"), "{}", f.rule);
+        // No budget (the CPU): nothing to check.
+        assert!(check_memory(&params(8, 768, 7.5), None).is_ok());
+        // Too small a budget for even one image names the size.
+        let mut small = budget.clone();
+        small.request.budget_bytes = 520 << 20;
+        let e = check_memory(&params(1, 768, 7.5), Some(&small)).unwrap_err();
+        let names: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(names, ["width", "height"]);
     }
 }

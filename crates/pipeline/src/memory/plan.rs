@@ -71,7 +71,8 @@ pub struct PlanRequest {
     /// The largest image a request may ask for (the API allows up to 768x768).
     pub max_width: usize,
     pub max_height: usize,
-    /// Images per UNet call: 2 with classifier-free guidance.
+    /// Rows per UNet call: the request's `batch_size`, twice that with classifier-free
+    /// guidance (the start-up plan is made for one image with guidance: 2).
     pub batch: usize,
     /// The UNet's and text encoder's dtype.
     pub dtype: DType,
@@ -82,13 +83,16 @@ pub struct PlanRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct StageEstimate {
     pub text: u64,
+    /// The VAE encoder on an init image (img2img, inpainting), resized to the request's size.
+    pub encode: u64,
     pub unet: u64,
+    /// The VAE decoder, one image at a time.
     pub vae: u64,
 }
 
 impl StageEstimate {
     pub fn peak(&self) -> u64 {
-        self.text.max(self.unet).max(self.vae)
+        self.text.max(self.encode).max(self.unet).max(self.vae)
     }
 }
 
@@ -176,10 +180,11 @@ impl MemoryPlan {
         let mb = |b: u64| b / (1 << 20);
         match (self.budget_bytes, self.estimate) {
             (Some(budget), Some(e)) => format!(
-                "levers: {levers}; vae {}; estimated peak {} MiB (text {} / unet {} / vae {}) of {} MiB{}",
+                "levers: {levers}; vae {}; estimated peak {} MiB (text {} / encode {} / unet {} / vae {}) of {} MiB{}",
                 self.vae_dtype.as_str(),
                 mb(e.peak()),
                 mb(e.text),
+                mb(e.encode),
                 mb(e.unet),
                 mb(e.vae),
                 mb(budget),
@@ -315,18 +320,55 @@ pub fn vae_activation_bytes(
     peak + (3 * height * width) as u64 * 4
 }
 
+/// Peak bytes of the VAE encoder's activations for one image of `width` x `height` pixels (one
+/// tile when tiling): the decoder's formula run the other way. At each down block the first
+/// resnet holds its input, the f32 group-norm temporaries, the activation, the conv output and
+/// the shortcut; the mid-block attention over the latent grid is one head of `N x N` scores.
+pub fn vae_encoder_activation_bytes(
+    shapes: &ModelShapes,
+    width: usize,
+    height: usize,
+    dtype: DType,
+    slicing: AttentionSlicing,
+) -> u64 {
+    let s = dtype.size_in_bytes() as u64;
+    let ch: Vec<u64> = shapes.vae_channels.iter().map(|&c| c as u64).collect();
+    let mut prev = ch.first().copied().unwrap_or(0);
+    let mut peak = 0u64;
+    for (i, &out) in ch.iter().enumerate() {
+        let px = (height.div_ceil(1 << i) * width.div_ceil(1 << i)) as u64;
+        peak = peak.max(px * (prev * (2 * s + 12) + out * 2 * s));
+        prev = out;
+    }
+    let f = shapes.vae_scale_factor;
+    let n = (height.div_ceil(f) * width.div_ceil(f)) as u64;
+    if shapes.vae_mid_attention {
+        let piece = attention_piece(1, n, n, slicing);
+        peak = peak.max(piece * (2 * s + 8) + n * prev * 4 * s);
+    }
+    peak
+}
+
+/// The request's pixels on the device while its latents are prepared: the init image, the
+/// mask and the masked image in f32 (7 planes), at the request's size.
+fn init_image_bytes(width: usize, height: usize) -> u64 {
+    (7 * width * height) as u64 * 4
+}
+
 /// Estimated peak of each stage under `plan` for the largest request of `req`.
 pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEstimate {
     let s = req.dtype.size_in_bytes() as u64;
     let sv = plan.vae_dtype.size_in_bytes() as u64;
     let wts = &fp.weights;
-    // The VAE encoder is a component like the decoder: resident with the others, or on the
-    // device only while it encodes an init image (before the UNet runs: below the UNet's peak).
-    let (te, unet, vae) = (
+    // The VAE encoder is a component like the decoder: resident with the others, or (offload)
+    // on the device only while it encodes the init image, as the decoder only while it decodes.
+    let (te, unet, enc, dec) = (
         wts.text_encoder * s,
         wts.unet_total() * s,
-        (wts.vae_decoder + wts.vae_encoder) * sv,
+        wts.vae_encoder * sv,
+        wts.vae_decoder * sv,
     );
+    let all = te + unet + enc + dec;
     let (w, h) = (req.max_width, req.max_height);
     // Text encoder: 77 tokens, a few MB of activations; 64 MiB covers any SD 1.x encoder.
     let text_act = 64u64 << 20;
@@ -345,20 +387,40 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
         }
         None => vae_activation_bytes(&fp.shapes, w, h, plan.vae_dtype, plan.attention),
     };
+    // The encoder sees the init image resized to the request's size; tiled when the plan tiles
+    // the VAE (as diffusers' `use_tiling` covers both halves) and the image is over a tile.
+    let enc_act = init_image_bytes(w, h)
+        + match plan.vae_tiling {
+            Some(t) => {
+                let px = t.tile_latent * fp.shapes.vae_scale_factor;
+                let f = fp.shapes.vae_scale_factor.max(1) as u64;
+                // Moments tiles (2 x latent channels) wait for blending: about the latent again.
+                vae_encoder_activation_bytes(
+                    &fp.shapes,
+                    px.min(w),
+                    px.min(h),
+                    plan.vae_dtype,
+                    plan.attention,
+                ) + (2 * fp.shapes.latent_channels * w * h) as u64 / (f * f) * sv * 2
+            }
+            None => vae_encoder_activation_bytes(&fp.shapes, w, h, plan.vae_dtype, plan.attention),
+        };
     // What must be resident during each stage.
-    let (text_w, unet_w, vae_w) = match plan.offload {
-        Offload::None => (te + unet + vae, te + unet + vae, te + unet + vae),
-        Offload::Model => (te, unet, vae),
+    let (text_w, enc_w, unet_w, vae_w) = match plan.offload {
+        Offload::None => (all, all, all, all),
+        Offload::Model => (te, enc, unet, dec),
         // One block computing, the next one arriving, plus the small always-resident parts.
         Offload::Sequential => (
             te,
+            enc,
             (wts.unet_other() + 2 * wts.unet_largest_block()) * s,
-            vae,
+            dec,
         ),
     };
     // The text embeddings and latents live through the whole run; they are tiny.
     StageEstimate {
         text: text_w + text_act,
+        encode: enc_w + enc_act,
         unet: unet_w + unet_act,
         vae: vae_w + vae_act,
     }
@@ -481,6 +543,147 @@ pub fn leaner(fp: &Footprint, req: &PlanRequest, current: &MemoryPlan) -> Option
     all.into_iter()
         .skip(start)
         .find(|p| peak_of(p) < current_peak)
+}
+
+/// Why a request cannot run under the budget whatever the levers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    /// The leanest plan's estimated peak for the request, bytes.
+    pub needed_bytes: u64,
+    /// What the budget leaves for it (after the reserve and the safety factor), bytes.
+    pub usable_bytes: u64,
+    /// The largest `batch_size` that fits at the request's size with every lever (0: none).
+    pub largest_batch_size: usize,
+}
+
+impl OverBudget {
+    /// For an error message: what it needs, what there is, what would fit.
+    pub fn describe(&self, width: usize, height: usize, batch_size: usize) -> String {
+        let mb = |b: u64| b.div_ceil(1 << 20);
+        let advice = match self.largest_batch_size {
+            0 => "no batch fits at this size: ask for a smaller image".to_string(),
+            n => format!("at most batch_size {n} fits at this size"),
+        };
+        format!(
+            "batch_size {batch_size} at {width}x{height} needs an estimated {} MiB of device \
+             memory even with the leanest memory levers allowed (sliced attention, tiled VAE, \
+             sequential offload); VRAM_LIMIT_MB leaves {} MiB for it: {advice}",
+            mb(self.needed_bytes),
+            mb(self.usable_bytes)
+        )
+    }
+}
+
+/// UNet rows of one call: the images, twice over with classifier-free guidance.
+pub fn unet_rows(batch_size: usize, guidance: bool) -> usize {
+    batch_size.max(1) * if guidance { 2 } else { 1 }
+}
+
+fn sized(base: &PlanRequest, width: usize, height: usize, rows: usize) -> PlanRequest {
+    PlanRequest {
+        max_width: width,
+        max_height: height,
+        batch: rows,
+        ..*base
+    }
+}
+
+/// Whether a `width` x `height` request of `batch_size` images fits the budget of `base` with
+/// the leanest levers its overrides allow: the check made before a request is queued, so that
+/// a batch that cannot fit is refused rather than failing out of memory half-way.
+pub fn check_request(
+    fp: &Footprint,
+    base: &PlanRequest,
+    width: usize,
+    height: usize,
+    batch_size: usize,
+    guidance: bool,
+) -> Result<(), OverBudget> {
+    let leanest_peak = |batch: usize| {
+        candidates(fp, &sized(base, width, height, unet_rows(batch, guidance)))
+            .iter()
+            .map(peak_of)
+            .min()
+            .unwrap_or(u64::MAX)
+    };
+    let usable = usable_bytes(base.budget_bytes);
+    let needed = leanest_peak(batch_size);
+    if needed <= usable {
+        return Ok(());
+    }
+    let largest_batch_size = (1..batch_size)
+        .rev()
+        .find(|&b| leanest_peak(b) <= usable)
+        .unwrap_or(0);
+    Err(OverBudget {
+        needed_bytes: needed,
+        usable_bytes: usable,
+        largest_batch_size,
+    })
+}
+
+/// How much a lever setting saves, for comparing plans lever by lever.
+fn attention_rank(a: AttentionSlicing) -> u8 {
+    match a {
+        AttentionSlicing::Off => 0,
+        AttentionSlicing::MaxBytes(b) if b < AUTO_SLICE_BYTES => 2,
+        _ => 1,
+    }
+}
+
+/// True when `p` is at least as lean as `floor` in every lever for an image of `max_latent`
+/// cells a side (tiles at least that large leave it whole: as good as no tiling).
+fn no_faster_than(p: &MemoryPlan, floor: &MemoryPlan, max_latent: usize) -> bool {
+    let tiling = match (floor.vae_tiling, p.vae_tiling) {
+        (None, _) => true,
+        (Some(f), None) => max_latent <= f.tile_latent,
+        (Some(f), Some(t)) => t.tile_latent <= f.tile_latent,
+    };
+    p.offload >= floor.offload
+        && attention_rank(p.attention) >= attention_rank(floor.attention)
+        && tiling
+}
+
+/// The levers for one request of `width` x `height` and `batch_size` images, given `current`,
+/// the plan in use (made at start-up for one image with guidance at the largest size, and
+/// possibly stepped down since by the out-of-memory breaker): `current` itself when its
+/// estimate for this request fits, else the fastest plan, no faster than `current` in any
+/// lever, that fits (a batch of 8 at 768x768 needs more levers than one image). Attention
+/// and the UNet's activations grow with the batch; the VAE runs one image at a time and the
+/// encoder once per request, so they do not.
+pub fn plan_for_request(
+    fp: &Footprint,
+    base: &PlanRequest,
+    current: &MemoryPlan,
+    width: usize,
+    height: usize,
+    batch_size: usize,
+    guidance: bool,
+) -> Result<MemoryPlan, OverBudget> {
+    check_request(fp, base, width, height, batch_size, guidance)?;
+    let req = sized(base, width, height, unet_rows(batch_size, guidance));
+    let usable = usable_bytes(req.budget_bytes);
+    let mut same = current.clone();
+    let e = estimate(fp, &req, current);
+    if e.peak() <= usable {
+        same.estimate = Some(e);
+        same.fits = true;
+        return Ok(same);
+    }
+    let max_latent = width.max(height) / fp.shapes.vae_scale_factor.max(1);
+    let all = candidates(fp, &req);
+    // `check_request` found a fitting candidate; one no faster than `current` comes first.
+    let chosen = all
+        .iter()
+        .find(|p| p.fits && no_faster_than(p, current, max_latent))
+        .or_else(|| all.iter().find(|p| p.fits))
+        .cloned()
+        .unwrap_or(same);
+    Ok(MemoryPlan {
+        // The VAE's attention rows stay sized for the start-up plan's side.
+        max_side: current.max_side,
+        ..chosen
+    })
 }
 
 #[cfg(test)]
@@ -626,6 +829,14 @@ mod tests {
             assert_eq!(p.vae_dtype, DType::F32, "SD 1.5's VAE says force_upcast");
             assert!(p.fits);
         }
+        // 4 GB: lean slices and smaller tiles, everything still resident (docs/GPU.md's table).
+        let (l, p) = levers(4096, DType::F16);
+        assert_eq!(l, ["sliced_attention:64MiB", "tiled_vae:48"]);
+        assert!(p.fits);
+        // 2.5 GB: UNet blocks streamed.
+        let (_, p) = levers(2560, DType::F16);
+        assert_eq!(p.offload, Offload::Sequential);
+        assert!(p.fits);
         // 3 GB: the components take turns on the device.
         let (_, p) = levers(3072, DType::F16);
         assert_eq!(p.offload, Offload::Model);
@@ -753,5 +964,136 @@ mod tests {
         let fp = Footprint::from_model_dir(&dir, DType::F32).unwrap();
         assert_eq!(fp.shapes.vae_scale_factor, 2);
         assert_eq!(fp.shapes.attention_levels.len(), 1);
+    }
+
+    fn base(budget_mb: u64) -> PlanRequest {
+        request(budget_mb, DEFAULT_MAX_SIDE, DType::F16)
+    }
+
+    #[test]
+    fn a_batch_of_8_at_768_needs_levers_one_image_does_not() {
+        let fp = sd15();
+        let req = base(5120);
+        let current = plan(&fp, &req);
+        let one = plan_for_request(&fp, &req, &current, 768, 768, 1, true).unwrap();
+        assert_eq!(
+            one.levers(),
+            current.levers(),
+            "one image runs the start-up plan"
+        );
+        let eight = plan_for_request(&fp, &req, &current, 768, 768, 8, true).unwrap();
+        eprintln!("batch 1: {}\nbatch 8: {}", one.summary(), eight.summary());
+        assert!(eight.fits);
+        assert!(
+            eight.offload > current.offload
+                || attention_rank(eight.attention) > attention_rank(current.attention),
+            "batch 8 needs more than {}: {}",
+            current.summary(),
+            eight.summary()
+        );
+        // The estimate grows with the batch (16 UNet rows with guidance against 2) ...
+        let e = |p: &MemoryPlan, rows| estimate(&fp, &sized(&req, 768, 768, rows), p).unet;
+        assert!(e(&current, 16) > e(&current, 2));
+        assert!(e(&current, 16) > usable_bytes(req.budget_bytes));
+        // ... and guidance doubles the rows: 4 images with guidance cost as 8 without.
+        assert_eq!(
+            e(&current, unet_rows(4, true)),
+            e(&current, unet_rows(8, false))
+        );
+        // Never faster than the plan in use, in any lever.
+        assert!(no_faster_than(&eight, &current, 96));
+        // A leaner plan in use (after out-of-memory errors) is kept for small requests.
+        let stepped = leaner(&fp, &req, &current).unwrap();
+        let small = plan_for_request(&fp, &req, &stepped, 512, 512, 1, true).unwrap();
+        assert_eq!(small.levers(), stepped.levers());
+    }
+
+    #[test]
+    fn a_batch_that_cannot_fit_is_refused_up_front() {
+        let fp = sd15();
+        // 2.5 GB: one image at 768 fits with levers; eight do not with any.
+        let req = base(2560);
+        let current = plan(&fp, &req);
+        assert!(current.fits, "{}", current.summary());
+        assert!(check_request(&fp, &req, 768, 768, 1, true).is_ok());
+        let over = check_request(&fp, &req, 768, 768, 8, true).unwrap_err();
+        eprintln!("{over:?}: {}", over.describe(768, 768, 8));
+        assert!(over.needed_bytes > over.usable_bytes);
+        assert!((1..8).contains(&over.largest_batch_size), "{over:?}");
+        // The largest batch it names fits, the next one does not.
+        let n = over.largest_batch_size;
+        assert!(check_request(&fp, &req, 768, 768, n, true).is_ok());
+        assert!(check_request(&fp, &req, 768, 768, n + 1, true).is_err());
+        // Without guidance the UNet sees half the rows: more images fit.
+        let plain = check_request(&fp, &req, 768, 768, 8, false);
+        assert!(
+            plain.is_ok() || plain.unwrap_err().largest_batch_size > n,
+            "{plain:?}"
+        );
+        assert_eq!(
+            plan_for_request(&fp, &req, &current, 768, 768, 8, true),
+            Err(over)
+        );
+        let text = over.describe(768, 768, 8);
+        assert!(text.contains(&format!("at most batch_size {n}")), "{text}");
+        // A budget below the weights refuses even one image, and says so.
+        let tiny = check_request(&fp, &base(600), 256, 256, 1, true).unwrap_err();
+        assert_eq!(tiny.largest_batch_size, 0);
+        assert!(tiny.describe(256, 256, 1).contains("smaller image"));
+    }
+
+    #[test]
+    fn the_plan_tiles_the_encoder_where_it_would_pass_the_budget_whole() {
+        let fp = sd15();
+        let mut turned_on = 0;
+        for mb in (1024..=24576).step_by(256) {
+            let req = base(mb);
+            let usable = usable_bytes(req.budget_bytes);
+            let chosen = plan(&fp, &req);
+            if !chosen.fits {
+                continue;
+            }
+            let e = chosen.estimate.unwrap();
+            assert!(e.encode <= usable, "{mb}: {}", chosen.summary());
+            let whole = MemoryPlan {
+                vae_tiling: None,
+                ..chosen.clone()
+            };
+            if estimate(&fp, &req, &whole).encode > usable {
+                assert!(chosen.vae_tiling.is_some(), "{mb}: {}", chosen.summary());
+                turned_on += 1;
+            }
+        }
+        assert!(turned_on > 0, "no budget where the whole encoder passes it");
+        // Tiling bounds the encoder by the tile: a 768 image costs about what a 512 one does.
+        let p = plan(&fp, &base(5120));
+        let t = p.vae_tiling.expect("5 GB tiles at 768");
+        assert_eq!(t.tile_latent, 64, "the VAE's sample_size 512 / 8");
+        let act =
+            |side| vae_encoder_activation_bytes(&fp.shapes, side, side, DType::F32, p.attention);
+        assert!(act(768) > 2 * act(512));
+    }
+
+    #[test]
+    fn encoder_estimate_counts_its_own_weights_when_offloaded() {
+        let mut fp = toy();
+        fp.weights.vae_encoder = 30;
+        let req = PlanRequest {
+            budget_bytes: 1 << 40,
+            max_width: 16,
+            max_height: 16,
+            batch: 2,
+            dtype: DType::F16,
+            overrides: LeverOverrides::default(),
+        };
+        let mut p = MemoryPlan::cpu(DType::F16);
+        let none = estimate(&fp, &req, &p);
+        p.offload = Offload::Model;
+        let model = estimate(&fp, &req, &p);
+        // Resident: every weight (110 + 50 + 30 + 20) at every stage; offloaded: its own 30.
+        assert_eq!(none.encode - model.encode, (110 + 50 + 20) * 2);
+        assert_eq!(none.vae - model.vae, (110 + 50 + 30) * 2);
+        let act = vae_encoder_activation_bytes(&fp.shapes, 16, 16, DType::F16, p.attention);
+        assert_eq!(model.encode, 30 * 2 + act + init_image_bytes(16, 16));
     }
 }

@@ -484,6 +484,7 @@ pub(crate) fn job_spec(
     validate::check_for_model(&req, info.inpainting)?;
     let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
     let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
+    validate::check_memory(&params, info.memory.as_deref())?;
     // Images by digest and size: the job's record stays small and says which image it ran.
     let image = |i: &crate::images::RequestImage| {
         serde_json::json!({

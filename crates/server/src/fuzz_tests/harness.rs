@@ -103,6 +103,7 @@ pub fn harness() -> &'static Harness {
                             default_scheduler: SchedulerKind::Pndm,
                             adapters: Default::default(),
                             inpainting: false,
+                            memory: None,
                         },
                         taesd: None,
                         speed_probe: false,

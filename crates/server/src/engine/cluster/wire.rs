@@ -376,6 +376,8 @@ impl WireInfo {
             default_scheduler: SchedulerKind::from_name(&self.default_scheduler)?,
             adapters: self.adapters.clone(),
             inpainting: self.inpainting,
+            // The worker checks each job against its own budget before running it.
+            memory: None,
         })
     }
 }
