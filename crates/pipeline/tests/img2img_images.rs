@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::pixel_difference;
+use common::{pixel_difference, read_png};
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -16,29 +16,6 @@ use sdserve_pipeline::PipelineError;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// A PNG fixture as RGB8 (grey images repeated over the three channels).
-fn read_png(name: &str) -> RgbImage {
-    let file = std::fs::File::open(fixtures().join("images").join(name)).unwrap();
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let data = &buf[..info.buffer_size()];
-    let pixels = match info.color_type {
-        png::ColorType::Rgb => data.to_vec(),
-        png::ColorType::Rgba => data.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-        png::ColorType::Grayscale => data.iter().flat_map(|&g| [g, g, g]).collect(),
-        png::ColorType::GrayscaleAlpha => data.chunks(2).flat_map(|p| [p[0]; 3]).collect(),
-        other => panic!("unexpected PNG colour type {other:?}"),
-    };
-    RgbImage {
-        width: info.width,
-        height: info.height,
-        pixels,
-    }
 }
 
 struct Fixtures {

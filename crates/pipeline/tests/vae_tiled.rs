@@ -4,95 +4,50 @@
 //! is smaller than the images (references from `tools/make_img2img_fixtures.py`, in
 //! `vae-tiled.json` / `vae-tiled.safetensors`).
 
-use std::collections::HashMap;
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use common::{fixture_path, max_abs_diff, pixel_difference, read_png, Fixtures};
 use sdserve_pipeline::image_in::image_tensor;
 use sdserve_pipeline::memory::footprint::ModelShapes;
 use sdserve_pipeline::memory::plan::tile_candidates;
 use sdserve_pipeline::memory::VaeTiling;
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, RgbImage, StableDiffusion};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
 use sdserve_pipeline::schedulers::SchedulerKind;
 use sdserve_pipeline::vae::VaeConfig;
 use sdserve_pipeline::vae_encoder::AutoencoderKlEncoder;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn read_png(name: &str) -> RgbImage {
-    let file = std::fs::File::open(fixtures().join("images").join(name)).unwrap();
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let data = &buf[..info.buffer_size()];
-    let pixels = match info.color_type {
-        png::ColorType::Rgb => data.to_vec(),
-        png::ColorType::Grayscale => data.iter().flat_map(|&g| [g, g, g]).collect(),
-        other => panic!("unexpected PNG colour type {other:?}"),
-    };
-    RgbImage {
-        width: info.width,
-        height: info.height,
-        pixels,
-    }
-}
-
-struct Refs {
-    cases: serde_json::Map<String, serde_json::Value>,
-    tensors: HashMap<String, Tensor>,
-}
-
-fn refs() -> Refs {
-    let text = std::fs::read_to_string(fixtures().join("vae-tiled.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    Refs {
-        cases: json["cases"].as_object().expect("cases").clone(),
-        tensors: candle_core::safetensors::load(
-            fixtures().join("vae-tiled.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap(),
-    }
+fn refs() -> (Fixtures, serde_json::Map<String, serde_json::Value>) {
+    let f = Fixtures::load("vae-tiled");
+    let cases = f.meta["cases"].as_object().expect("cases").clone();
+    (f, cases)
 }
 
 /// The tile the memory plan picks first for `model` at `side` pixels: the VAE config's
 /// `sample_size` in latent cells, as diffusers' `tile_latent_min_size`.
 fn planned_tile(model: &str, side: usize) -> VaeTiling {
-    let shapes = ModelShapes::from_model_dir(&fixtures().join(model)).unwrap();
+    let shapes = ModelShapes::from_model_dir(&fixture_path(model)).unwrap();
     let tile = tile_candidates(&shapes, side / shapes.vae_scale_factor)[0];
     VaeTiling::new(tile)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn case_of<'a>(r: &'a Refs, model: &str) -> (&'a String, &'a serde_json::Value) {
-    r.cases
+fn case_of<'a>(
+    cases: &'a serde_json::Map<String, serde_json::Value>,
+    model: &str,
+) -> (&'a String, &'a serde_json::Value) {
+    cases
         .iter()
         .find(|(_, c)| c["model"] == model)
         .expect("a case for the model")
 }
 
 fn check_encode(model: &str) {
-    let r = refs();
-    let (_, case) = case_of(&r, model);
-    let dir = fixtures().join(model);
+    let (r, cases) = refs();
+    let (_, case) = case_of(&cases, model);
+    let dir = fixture_path(model);
     let cfg: VaeConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.join("vae/config.json")).unwrap())
             .unwrap();
@@ -117,9 +72,9 @@ fn check_encode(model: &str) {
     );
     let tiled = encoder.encode_tiled(&x, tiling, f).unwrap();
     let whole = encoder.encode(&x).unwrap();
-    let mean = &r.tensors[&format!("mean.{model}")];
-    let std = &r.tensors[&format!("std.{model}")];
-    let whole_ref = &r.tensors[&format!("whole_mean.{model}")];
+    let mean = r.get(&format!("mean.{model}"));
+    let std = r.get(&format!("std.{model}"));
+    let whole_ref = r.get(&format!("whole_mean.{model}"));
     assert_eq!(tiled.mean.dims(), mean.dims());
     let (dm, ds) = (
         max_abs_diff(&tiled.mean, mean),
@@ -155,12 +110,11 @@ fn tiled_encode_matches_diffusers_tiny_inpaint() {
 /// absolute pixel difference <= 1.0 and <= 0.5 % of values off by more than 8.
 #[test]
 fn tiled_img2img_and_inpaint_match_diffusers() {
-    let r = refs();
+    let (r, cases) = refs();
     let mut failures = Vec::new();
-    for (label, case) in &r.cases {
+    for (label, case) in &cases {
         let model = case["model"].as_str().unwrap();
-        let mut sd =
-            StableDiffusion::load(&fixtures().join(model), &Device::Cpu, DType::F32).unwrap();
+        let mut sd = StableDiffusion::load(&fixture_path(model), &Device::Cpu, DType::F32).unwrap();
         let (w, h) = (
             case["width"].as_u64().unwrap() as usize,
             case["height"].as_u64().unwrap() as usize,
@@ -185,20 +139,13 @@ fn tiled_img2img_and_inpaint_match_diffusers() {
         let images = sd
             .generate(&params, &mut |_| ControlFlow::Continue(()))
             .unwrap();
-        let reference = r.tensors[&format!("image.{label}")]
+        let reference = r
+            .get(&format!("image.{label}"))
             .flatten_all()
             .unwrap()
             .to_vec1::<u8>()
             .unwrap();
-        let ours = &images[0].pixels;
-        assert_eq!(ours.len(), reference.len(), "{label}");
-        let diffs: Vec<i32> = ours
-            .iter()
-            .zip(&reference)
-            .map(|(&a, &b)| (a as i32 - b as i32).abs())
-            .collect();
-        let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-        let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
+        let (mean, over) = pixel_difference(&images[0].pixels, &reference);
         eprintln!("{label}: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
         if mean > 1.0 || over > 0.005 {
             failures.push(format!("{label}: mean {mean:.3}, >8 {over:.4}"));
@@ -210,6 +157,6 @@ fn tiled_img2img_and_inpaint_match_diffusers() {
             .unwrap();
         assert_ne!(whole[0].pixels, images[0].pixels, "{label}");
     }
-    assert_eq!(r.cases.len(), 3);
+    assert_eq!(cases.len(), 3);
     assert!(failures.is_empty(), "{failures:#?}");
 }

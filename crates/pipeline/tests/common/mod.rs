@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use sdserve_pipeline::pipeline::RgbImage;
 use sdserve_pipeline::schedulers::SchedulerConfig;
 
 pub mod fuzz;
@@ -109,4 +110,27 @@ pub fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
     let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
     let over = diffs.iter().filter(|&&d| d > 8).count() as f64 / diffs.len() as f64;
     (mean, over)
+}
+
+/// A PNG fixture of `fixtures/images/` as RGB8 (grey images repeated over the three channels).
+pub fn read_png(name: &str) -> RgbImage {
+    let file = std::fs::File::open(fixture_path("images").join(name)).unwrap();
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let data = &buf[..info.buffer_size()];
+    let pixels = match info.color_type {
+        png::ColorType::Rgb => data.to_vec(),
+        png::ColorType::Rgba => data.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        png::ColorType::Grayscale => data.iter().flat_map(|&g| [g, g, g]).collect(),
+        png::ColorType::GrayscaleAlpha => data.chunks(2).flat_map(|p| [p[0]; 3]).collect(),
+        other => panic!("unexpected PNG colour type {other:?}"),
+    };
+    RgbImage {
+        width: info.width,
+        height: info.height,
+        pixels,
+    }
 }
