@@ -84,16 +84,17 @@ fn served_image_is_the_pipelines_and_the_seed_reproduces_it() {
         &["device cpu dtype f32; memory plan: levers:"],
         Duration::from_secs(5),
     );
-    // On the CPU, a measured step says what fits the deadline (the tiny model: everything); the
+    // On the CPU, a measured step says what fits the deadline; the
     // probe runs once the worker has been idle for a few seconds, after /health said ready.
     let speed = s.wait_log(
         &["CPU speed: a step at 256x256 takes", "step_seconds"],
         Duration::from_secs(120),
     );
+    // What fits depends on the machine's load, so only the line's shape is checked here
+    // (speed::tests checks the verdicts against given timings).
     assert!(
-        speed.contains(
-            "GENERATION_TIMEOUT_SECONDS=600 a lone request may be 256x256: any step count"
-        ) && speed.contains("768x768: any step count")
+        speed.contains("GENERATION_TIMEOUT_SECONDS=600 a lone request may be 256x256: ")
+            && speed.contains(", 768x768: ")
             && speed.contains("(512x512, 20 steps) needs about"),
         "{speed}"
     );
