@@ -105,6 +105,19 @@ fn bad_images_and_image_rules_are_422s_naming_the_field() {
         (with(json!({"batch_size": 0})), "batch_size"),
         (with(json!({"batch_size": 9})), "batch_size"),
     ];
+    // Peak resident memory of the server: a decoder that allocated for the 60000x60000 header
+    // (10 GB of RGB) or for any bad image would raise it.
+    let peak_kb = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+    };
+    let peak_before = peak_kb();
     for (body, field) in bad {
         let t = Instant::now();
         let r = s.post_json(&body);
@@ -114,8 +127,21 @@ fn bad_images_and_image_rules_are_422s_naming_the_field() {
         assert_eq!(r.broken_fields(), [field], "{}", r.text());
         assert!(elapsed < Duration::from_secs(2), "{field} took {elapsed:?}");
     }
+    // Nothing left behind: no job queued or running, and at most a few MB more at the peak
+    // (the request bodies and one 256x256 decode), not an image buffer of the claimed size.
+    if let (Some(before), Some(after)) = (peak_before, peak_kb()) {
+        eprintln!("server peak RSS {before} kB before the bad images, {after} kB after");
+        assert!(after < before + 64 * 1024, "{before} kB -> {after} kB");
+    }
+    let health = s.get("/health");
+    assert_eq!(health.status, 200);
+    let queue = &health.json()["queue"];
+    assert_eq!(
+        (queue["running"].as_u64(), queue["waiting"].as_u64()),
+        (Some(0), Some(0)),
+        "{queue}"
+    );
     // Still healthy, and the same image with good values works.
-    assert_eq!(s.get("/health").status, 200);
     let ok = s.post_json(&with(json!({"strength": 0.25})));
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
@@ -228,4 +254,62 @@ fn an_inpainting_model_needs_a_mask_and_inpaints() {
     let (w, h, _, text) = decode_png(r.json()["image_base64"].as_str().unwrap());
     assert_eq!((w, h), (256, 256));
     assert!(text.unwrap().contains("Mode: inpaint"));
+}
+
+/// `sdserve generate --init-image F --strength S --batch-size N` on the real pipeline (tiny-b):
+/// `out.png`, `out-1.png`, each image's seed printed and in its PNG text, the mode img2img, and
+/// the size taken from the init image (300x200: floored to 64s and clamped, 256x256).
+#[test]
+fn the_cli_writes_numbered_files_and_prints_each_seed() {
+    let dir = std::env::temp_dir().join(format!("sdserve-cli-img2img-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let init = dir.join("init.png");
+    std::fs::write(&init, png(300, 200, None)).unwrap();
+    let out = dir.join("out.png");
+    let tiny_b =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/tiny-b");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args(["generate", "--device", "cpu", "--model"])
+        .arg(&tiny_b)
+        .args(["--prompt", "a boat", "--steps", "2", "--seed", "41"])
+        .args(["--strength", "0.5", "--batch-size", "2", "--init-image"])
+        .arg(&init)
+        .arg("-o")
+        .arg(&out)
+        .env_remove("MODEL_ID")
+        .env_remove("DTYPE")
+        .env("MODEL_CACHE_DIR", dir.join("cache"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    for (i, (name, seed)) in [("out.png", 41), ("out-1.png", 42)].into_iter().enumerate() {
+        let path = dir.join(name);
+        assert!(
+            stderr.contains(&format!("wrote {} (256x256), seed {seed}", path.display())),
+            "image {i}: {stderr}"
+        );
+        let (w, h, pixels, text) = decode_png(&b64(&std::fs::read(&path).unwrap()));
+        assert_eq!((w, h), (256, 256));
+        assert!(pixels.iter().any(|&p| p != pixels[0]), "{name} is flat");
+        let text = text.unwrap();
+        assert!(
+            text.contains(&format!("Seed: {seed}")) && text.contains("Mode: img2img"),
+            "{name}: {text}"
+        );
+    }
+    assert!(!dir.join("out-2.png").exists());
+    // A mask without an init image is refused before the model loads, naming the flag's field.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args(["generate", "--device", "cpu", "--model"])
+        .arg(&tiny_b)
+        .args(["--prompt", "x", "--mask"])
+        .arg(&init)
+        .env_remove("MODEL_ID")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("mask_image"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
