@@ -10,6 +10,7 @@
 
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax};
+use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{Map, Value};
 
@@ -247,6 +248,23 @@ pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiErro
             "loras",
             format!("at most {LORAS_MAX} LoRAs (with the prompt's <lora:...> tags)"),
         );
+    }
+    // Emphasis multiplies weights, and `(a:999...9)` or nested `((a:1e30):1e30)` leave float32,
+    // in which the embeddings are weighted: the image would be NaN. Refused here instead.
+    if prompt_syntax.unwrap_or(PromptSyntax::A1111) == PromptSyntax::A1111 {
+        for (field, text) in [("prompt", &prompt), ("negative_prompt", &negative_prompt)] {
+            let pieces = text.as_deref().map(parse_attention).unwrap_or_default();
+            if let Some(w) = pieces
+                .iter()
+                .map(|p| p.weight)
+                .find(|&w| !(w as f32).is_finite())
+            {
+                r.fail(
+                    field,
+                    format!("an emphasis weight must stay a finite float32 number (got {w:e})"),
+                );
+            }
+        }
     }
     let batch_size = r.int("batch_size", BATCH_MIN, BATCH_MAX);
     let image = |v: &Value| -> Result<RequestImage, String> {
@@ -784,5 +802,35 @@ mod tests {
         let e = check_memory(&params(1, 768, 7.5), Some(&small)).unwrap_err();
         let names: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
         assert_eq!(names, ["width", "height"]);
+    }
+
+    #[test]
+    fn emphasis_weights_past_float32_are_refused_naming_the_field() {
+        let huge = "9".repeat(320);
+        for (field, body) in [
+            ("prompt", format!(r#"{{"prompt": "(cat:{huge})"}}"#)),
+            (
+                "prompt",
+                r#"{"prompt": "(((cat:1e30)):9999999999)"}"#
+                    .replace("1e30", "100000000000000000000000000000"),
+            ),
+            (
+                "negative_prompt",
+                format!(r#"{{"prompt": "cat", "negative_prompt": "(dog:{huge})"}}"#),
+            ),
+        ] {
+            let e = parse(&body).unwrap_err();
+            let fields: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
+            assert_eq!(fields, [field], "{body}");
+            assert!(
+                e.fields()[0].rule.contains("finite float32"),
+                "{:?}",
+                e.fields()
+            );
+        }
+        // Large finite weights, and any text with plain syntax, are fine.
+        assert!(parse(r#"{"prompt": "(cat:1000)"}"#).is_ok());
+        let plain = format!(r#"{{"prompt": "(cat:{huge})", "prompt_syntax": "plain"}}"#);
+        assert!(parse(&plain).is_ok());
     }
 }
