@@ -134,8 +134,9 @@ pub struct GenerateRequest {
     #[schema(max_items = 8, nullable = true)]
     pub loras: Option<Vec<LoraUse>>,
     /// Images made at once (one UNet batch); image i uses seed + i, so each can be made again
-    /// alone.
-    #[schema(minimum = 1, maximum = 8, default = 1)]
+    /// alone. On a GPU, a batch that fits VRAM_LIMIT_MB at this size under no memory plan is
+    /// refused up front (422 naming batch_size and the largest that fits).
+    #[schema(minimum = 1, maximum = 8, default = 1, example = 2)]
     pub batch_size: Option<u32>,
     /// img2img: base64 PNG, JPEG or WebP (a `data:image/...;base64,` prefix is allowed), at
     /// most 4096 pixels a side and 16 MP. Width and height default to its size (floored to a
@@ -145,11 +146,11 @@ pub struct GenerateRequest {
     /// With init_image: how much of the schedule runs (`int(steps * strength)` steps, at
     /// least 1); 1.0 keeps nothing of the image but what inpainting's mask keeps. Ignored
     /// without init_image.
-    #[schema(minimum = 0.0, maximum = 1.0, default = 0.8)]
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.8, example = 0.75)]
     pub strength: Option<f64>,
     /// Only with init_image, same size: inpainting. White = repaint, black = keep; grey is
     /// binarised at 0.5. An inpainting model (9-channel UNet) needs it.
-    #[schema(nullable = true)]
+    #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
     pub mask_image: Option<String>,
 }
 
