@@ -95,26 +95,30 @@ fn default_up_block_types() -> Vec<String> {
 }
 
 impl VaeConfig {
+    /// `key` (`up_block_types` or `down_block_types`) has one block per `block_out_channels`
+    /// entry, each of the one type this code builds.
+    pub(crate) fn check_block_types(&self, key: &str, types: &[String], want: &str) -> Result<()> {
+        let bad = |m: String| Err(PipelineError::config("vae/config.json", m));
+        if types.len() != self.block_out_channels.len() {
+            return bad(format!(
+                "{key} has {} entries but block_out_channels has {}",
+                types.len(),
+                self.block_out_channels.len()
+            ));
+        }
+        if let Some(t) = types.iter().find(|t| t.as_str() != want) {
+            return bad(format!("unsupported {key} entry {t:?} (only {want})"));
+        }
+        Ok(())
+    }
+
     /// Rejects configs this decoder cannot build, naming the offending key.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(PipelineError::config("vae/config.json", m));
         if self.block_out_channels.is_empty() {
             return bad("block_out_channels is empty".into());
         }
-        if self.up_block_types.len() != self.block_out_channels.len() {
-            return bad(format!(
-                "up_block_types has {} entries but block_out_channels has {}",
-                self.up_block_types.len(),
-                self.block_out_channels.len()
-            ));
-        }
-        if let Some(t) = self
-            .up_block_types
-            .iter()
-            .find(|t| t.as_str() != "UpDecoderBlock2D")
-        {
-            return bad(format!("unsupported up block type {t:?}"));
-        }
+        self.check_block_types("up_block_types", &self.up_block_types, "UpDecoderBlock2D")?;
         let g = self.norm_num_groups;
         if g == 0
             || self
@@ -622,6 +626,26 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(cfg.validate(), Err(PipelineError::Config { .. })));
+        // The encoder's down blocks go through the same check, named by their key.
+        let cfg: VaeConfig = serde_json::from_str(
+            r#"{"block_out_channels": [8, 16], "norm_num_groups": 4,
+                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+                "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let e = cfg
+            .check_block_types(
+                "down_block_types",
+                &cfg.down_block_types,
+                "DownEncoderBlock2D",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("down_block_types") && e.contains("AttnDownEncoderBlock2D"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::memory::VaeTiling;
 use crate::rng::TorchRng;
 use crate::unet::blocks::Downsample;
 use crate::vae::{conv, Activation, Attention, GroupNorm, ResnetBlock, VaeConfig, NORM_EPS};
-use crate::{PipelineError, Result};
+use crate::Result;
 
 /// `DownEncoderBlock2D`: resnets, then optionally the stride-2 downsampler.
 #[derive(Debug, Clone)]
@@ -59,22 +59,11 @@ impl LatentDist {
 
 fn check_config(cfg: &VaeConfig) -> Result<()> {
     cfg.validate()?;
-    let bad = |m: String| Err(PipelineError::config("vae/config.json", m));
-    if cfg.down_block_types.len() != cfg.block_out_channels.len() {
-        return bad(format!(
-            "down_block_types has {} entries but block_out_channels has {}",
-            cfg.down_block_types.len(),
-            cfg.block_out_channels.len()
-        ));
-    }
-    if let Some(t) = cfg
-        .down_block_types
-        .iter()
-        .find(|t| t.as_str() != "DownEncoderBlock2D")
-    {
-        return bad(format!("unsupported down block type {t:?}"));
-    }
-    Ok(())
+    cfg.check_block_types(
+        "down_block_types",
+        &cfg.down_block_types,
+        "DownEncoderBlock2D",
+    )
 }
 
 impl AutoencoderKlEncoder {
