@@ -160,3 +160,60 @@ fn tiled_img2img_and_inpaint_match_diffusers() {
     assert_eq!(cases.len(), 3);
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The VAE encoder is a component like the others: offloaded (model or sequential offload) it
+/// is built on the device for the request's encodes only, once for the image and the masked
+/// image, and the images are those of the resident pipeline, tiled or not.
+#[test]
+fn offloaded_encoder_gives_the_same_images() {
+    use sdserve_pipeline::memory::{MemoryPlan, Offload};
+    let (_, cases) = refs();
+    for (label, case) in &cases {
+        let model = case["model"].as_str().unwrap();
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+        );
+        let params = GenerationParams {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            steps: 2,
+            width: w,
+            height: h,
+            seed: 5,
+            init_image: Some(InitImage {
+                image: read_png(case["init_image"].as_str().unwrap()),
+                mask: case["mask_image"].as_str().map(read_png),
+                strength: 0.9,
+            }),
+            ..Default::default()
+        };
+        for tiling in [None, Some(planned_tile(model, w.max(h)))] {
+            let mut want = None;
+            for offload in [Offload::None, Offload::Model, Offload::Sequential] {
+                let plan = MemoryPlan {
+                    offload,
+                    vae_tiling: tiling,
+                    ..MemoryPlan::cpu(DType::F32)
+                };
+                let sd = StableDiffusion::load_with_plan(
+                    &fixture_path(model),
+                    &Device::Cpu,
+                    DType::F32,
+                    &plan,
+                )
+                .unwrap();
+                let image = sd
+                    .generate(&params, &mut |_| ControlFlow::Continue(()))
+                    .unwrap()
+                    .remove(0);
+                match &want {
+                    None => want = Some(image),
+                    Some(w) => assert_eq!(
+                        image.pixels, w.pixels,
+                        "{label}: {offload:?}, tiling {tiling:?}"
+                    ),
+                }
+            }
+        }
+    }
+}

@@ -174,18 +174,22 @@ impl StableDiffusion {
         }
     }
 
-    /// `latent_dist` of images `[1, 3, H, W]` in [-1, 1] through the VAE encoder: tiled when
-    /// the plan tiles the VAE and the image is larger than a tile (diffusers' `use_tiling`
-    /// covers both halves of the VAE, as the plan's lever does).
-    fn encode_image(&self, image: &Tensor) -> Result<crate::vae_encoder::LatentDist> {
+    /// `latent_dist` of each image `[1, 3, H, W]` in [-1, 1] through the VAE encoder, which
+    /// (offloaded) comes to the device once for all of them: tiled when the plan tiles the VAE
+    /// and an image is larger than a tile (diffusers' `use_tiling` covers both halves of the
+    /// VAE, as the plan's lever does).
+    fn encode_images(&self, images: &[&Tensor]) -> Result<Vec<crate::vae_encoder::LatentDist>> {
         let mut encoder = self.vae_encoder.get(&self.device)?;
         if let crate::memory::offload::Held::Loaded(e) = &mut encoder {
             e.set_attention_slice(self.vae_attention_rows());
         }
-        match self.plan.vae_tiling {
-            Some(t) => encoder.encode_tiled(image, t, self.vae_scale_factor),
-            None => encoder.encode(image),
-        }
+        images
+            .iter()
+            .map(|image| match self.plan.vae_tiling {
+                Some(t) => encoder.encode_tiled(image, t, self.vae_scale_factor),
+                None => encoder.encode(image),
+            })
+            .collect()
     }
 
     /// img2img and inpainting's `prepare_latents` (+ `prepare_mask_latents`), one generator per
@@ -208,7 +212,7 @@ impl StableDiffusion {
         let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
 
         let Some(mask_image) = &init.mask else {
-            let dist = self.encode_image(&image)?;
+            let dist = self.encode_images(&[&image])?.remove(0);
             let mut latents = Vec::with_capacity(rngs.len());
             for rng in rngs.iter_mut() {
                 let image_latents = (dist.sample(rng)? * sf)?;
@@ -226,12 +230,14 @@ impl StableDiffusion {
         let masked_image = image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
         let blend = self.unet_in_channels == self.vae_latent_channels;
         let from_noise = init.strength == 1.0;
-        let image_dist = if blend || !from_noise {
-            Some(self.encode_image(&image)?)
+        // The image's distribution (4-channel UNet or strength < 1), then the masked image's.
+        let mut dists = if blend || !from_noise {
+            self.encode_images(&[&image, &masked_image])?
         } else {
-            None
+            self.encode_images(&[&masked_image])?
         };
-        let masked_dist = self.encode_image(&masked_image)?;
+        let masked_dist = dists.pop().expect("one per image");
+        let image_dist = dists.pop();
         let (mut latents, mut image_latents, mut noises, mut masked_latents) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for rng in rngs.iter_mut() {
