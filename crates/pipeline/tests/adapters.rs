@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::pixel_difference;
+use common::{max_abs_diff, pixel_difference};
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -203,16 +203,7 @@ fn kohya_text_encoder_names_resolve_like_peft() {
     let plain = cond(&request(&r, &[]));
     let peft = cond(&params("soft_peft"));
     let kohya = cond(&params("te_kohya"));
-    let d = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
+    let d = max_abs_diff;
     assert!(
         d(&peft, &plain) > 1e-3,
         "the text encoder LoRA changes the conditioning"
