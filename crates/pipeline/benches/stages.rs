@@ -17,6 +17,11 @@
 
 use std::time::Instant;
 
+/// The f32 weights live in their mapped files, as in the server (`weights::mapped`).
+#[global_allocator]
+static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
+    sdserve_pipeline::weights::mapped::MappedAlloc;
+
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::lora::LoraLibrary;
 use sdserve_pipeline::pipeline::{

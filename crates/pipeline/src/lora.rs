@@ -27,23 +27,24 @@ pub(crate) enum Target<'a> {
 }
 
 impl Target<'_> {
-    /// The tensor whose storage holds the weight.
-    fn storage(&self) -> &Tensor {
-        match self {
-            Target::Dense(d) => d.weight_storage(),
+    /// The tensor whose storage holds the weight (a deferred transpose is made now).
+    fn storage(&self) -> Result<&Tensor> {
+        Ok(match self {
+            Target::Dense(d) => d.weight_storage()?,
             Target::Linear(l) => l.weight(),
             Target::Conv(c) => c.weight(),
-        }
+        })
     }
 
     /// `[out, in]` (linear) or `[out, in, k, k]` (conv), as the files write the weight.
     fn canonical_dims(&self) -> Vec<usize> {
         match self {
-            Target::Dense(d) if d.is_transposed() => {
-                let dims = d.weight_storage().dims();
-                vec![dims[1], dims[0]]
+            Target::Dense(d) => {
+                let (out, inp) = d.out_in_dims();
+                vec![out, inp]
             }
-            _ => self.storage().dims().to_vec(),
+            Target::Linear(l) => l.weight().dims().to_vec(),
+            Target::Conv(c) => c.weight().dims().to_vec(),
         }
     }
 
@@ -51,7 +52,7 @@ impl Target<'_> {
     fn in_storage_layout(&self, delta: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Target::Dense(d) if d.is_transposed() => delta.t()?.contiguous()?,
-            _ => delta.reshape(self.storage().dims())?,
+            _ => delta.reshape(self.storage()?.dims())?,
         })
     }
 }
@@ -520,7 +521,7 @@ impl LoraState {
         }
         for ((part, index), delta) in deltas {
             let target = &targets[&part][index].1;
-            let weight = target.storage();
+            let weight = target.storage()?;
             let delta = target
                 .in_storage_layout(&delta)?
                 .to_device(weight.device())?;

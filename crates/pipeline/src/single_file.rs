@@ -1059,7 +1059,7 @@ pub fn validate_folder(dir: &Path) -> Result<()> {
 /// for (i.e. every tensor its config implies), that it exists, has the asked shape, a floating
 /// point dtype and finite sampled values, with errors naming the file and the tensor.
 pub struct CheckedSafetensors {
-    files: Vec<(PathBuf, MmapedSafetensors)>,
+    files: Vec<(PathBuf, crate::weights::SafetensorsFile)>,
     routing: HashMap<String, usize>,
 }
 
@@ -1069,9 +1069,8 @@ impl CheckedSafetensors {
         let mut routing = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
             crate::weights::prefetch(p);
-            // SAFETY: read-only mapping of a file we do not modify.
-            let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| weights(p, e))?;
-            for (name, _) in st.tensors() {
+            let st = crate::weights::SafetensorsFile::open(p).map_err(|e| weights(p, e))?;
+            for name in st.names() {
                 routing.insert(name, i);
             }
             files.push((p.clone(), st));
@@ -1109,7 +1108,12 @@ impl CheckedSafetensors {
             )));
         };
         let (path, st) = &self.files[i];
-        let view = st.get(name)?;
+        let Some((view, _)) = st.view(name) else {
+            candle_core::bail!(
+                "bad weights in {}: tensor `{name}` is unreadable",
+                path.display()
+            );
+        };
         if let Some(s) = want {
             // A transposed read is asked for `[in, out]` of a stored `[out, in]` (or
             // `[out, in, 1, 1]`); errors name the stored shape the config implies.
@@ -1138,21 +1142,23 @@ impl CheckedSafetensors {
         }
         let msg = |e: PipelineError| candle_core::Error::Msg(e.to_string());
         check_dtype(path, name, view.dtype()).map_err(msg)?;
-        let (t, bad) = if transposed {
+        let (t, bad, in_mapping) = if transposed {
             let bad = first_non_finite(view.dtype(), view.data());
             let t = crate::weights::load_view_transposed(&view, dtype, dev)?;
-            (t, bad)
+            (t, bad, false)
         } else {
-            // The plain copy looks at the samples in what it just wrote (in cache), not in
-            // the mapping.
-            crate::weights::load_view_sampled(&view, dtype, dev)?
+            // Storage in the mapping where it can be; a copy looks at the samples in what it
+            // just wrote (in cache), not in the mapping.
+            st.load(name, dtype, dev)?
         };
         if let Some(i) = bad {
             return Err(msg(non_finite(path, name, i)));
         }
-        // SAFETY: `view` points into `st`'s read-only file mapping. The copy (or upload) is
-        // done, so its pages can leave the resident set: loading holds the weights once.
-        unsafe { crate::weights::release_mapped(view.data()) };
+        if !in_mapping {
+            // The copy (or upload) is done, so its pages can leave the resident set: loading
+            // holds the weights once.
+            st.release(view.data());
+        }
         Ok(t)
     }
 }

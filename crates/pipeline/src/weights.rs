@@ -12,14 +12,23 @@
 //! copy). Transparent huge pages (`MADV_HUGEPAGE`) were measured too and left out: on a machine
 //! whose memory is full of page cache they made the kernel compact memory during the load and
 //! cost more system time than the 4 KiB faults they saved.
+//!
+//! When the binary installs [`mapped::MappedAlloc`] as its global allocator, f32 weights kept
+//! as stored on an f32 CPU are not copied at all: their tensors' storage is the private mapping
+//! of the file ([`SafetensorsFile::load`]). Only what the CPU path keeps in another layout
+//! (transposed linear weights) or another dtype is copied, as above.
 
+pub mod mapped;
+
+use std::collections::HashSet;
 use std::mem::MaybeUninit;
 use std::path::Path;
+use std::sync::Mutex;
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
-use safetensors::tensor::TensorView;
+use safetensors::tensor::{Metadata, TensorView};
 
 /// Appended to a weight's name, asks a loader for its transpose (see [`load_view_transposed`]).
 /// Only the safetensors loader knows such names; model code asks for one only after
@@ -28,6 +37,151 @@ pub const TRANSPOSED: &str = "^T";
 
 /// Bytes per parallel copy task.
 const COPY_CHUNK: usize = 4 << 20;
+
+/// A safetensors file mapped whole ([`mapped::MappedFile`], private and writable: writes stay
+/// in this process), its header parsed.
+pub struct SafetensorsFile {
+    map: mapped::MappedFile,
+    /// Byte offset of the data section (after the 8-byte length and the header).
+    data_start: usize,
+    meta: Metadata,
+    /// Tensors whose storage was handed out as the mapping: each at most once, so no two
+    /// tensors share (alias) the same bytes; a second request for one copies.
+    handed_out: Mutex<HashSet<String>>,
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and reads its header. The file must not be truncated while mapped
+    /// ([`mapped`]'s documentation).
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let map = mapped::MappedFile::open(path).map_err(|e| e.to_string())?;
+        let (n, meta) =
+            safetensors::SafeTensors::read_metadata(map.bytes()).map_err(|e| e.to_string())?;
+        Ok(Self {
+            map,
+            data_start: 8 + n,
+            meta,
+            handed_out: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The names of the tensors in the file.
+    pub fn names(&self) -> Vec<String> {
+        self.meta.offset_keys()
+    }
+
+    /// The view of tensor `name`, and its data's byte offset in the file.
+    pub fn view(&self, name: &str) -> Option<(TensorView<'_>, usize)> {
+        let info = self.meta.info(name)?;
+        let (a, b) = info.data_offsets;
+        let data = &self.map.bytes()[self.data_start + a..self.data_start + b];
+        let view = TensorView::new(info.dtype, info.shape.clone(), data).ok()?;
+        Some((view, self.data_start + a))
+    }
+
+    /// Tensor `name` as `dtype` on `device`, and the index of the first NaN or Inf among the
+    /// sampled elements (see [`load_view_sampled`]); `true` when its storage is the mapping
+    /// itself (f32 kept as f32 on the CPU, with [`mapped::MappedAlloc`] installed), `false`
+    /// when it was copied (or uploaded), after which its pages may be released.
+    pub fn load(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Option<usize>, bool)> {
+        let Some((view, offset)) = self.view(name) else {
+            candle_core::bail!("no tensor `{name}`");
+        };
+        if device.is_cpu()
+            && view.dtype() == safetensors::Dtype::F32
+            && dtype == DType::F32
+            && cfg!(target_endian = "little")
+            && self.map.is_registered()
+        {
+            let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+            if !handed_out.contains(name) {
+                let n = view.data().len() / 4;
+                // SAFETY: `handed_out` makes each tensor's range (disjoint from every other
+                // tensor's: safetensors validates the offsets) handed out at most once.
+                if let Some(v) = unsafe { self.map.vec_f32(offset, n) } {
+                    handed_out.insert(name.to_string());
+                    let bad = crate::single_file::first_non_finite(view.dtype(), view.data());
+                    return Ok((Tensor::from_vec(v, view.shape(), device)?, bad, true));
+                }
+            }
+        }
+        let (t, bad) = load_view_sampled(&view, dtype, device)?;
+        Ok((t, bad, false))
+    }
+
+    /// Gives the pages of `data` (a view into this file) back to the OS once it was copied:
+    /// the whole pages inside it when tensors may live in the mapping (a page it shares with a
+    /// neighbour may hold that neighbour's storage), all of its pages otherwise.
+    pub fn release(&self, data: &[u8]) {
+        if self.map.is_registered() {
+            #[cfg(target_os = "linux")]
+            {
+                let page = page_size();
+                let start = (data.as_ptr() as usize).div_ceil(page) * page;
+                let end = (data.as_ptr() as usize + data.len()) / page * page;
+                if end > start {
+                    // SAFETY: whole pages inside `data`, a copied tensor's bytes in this
+                    // file's private mapping that no tensor uses as storage and nothing wrote:
+                    // they are read back from the file if touched again.
+                    unsafe {
+                        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+                    };
+                }
+            }
+        } else {
+            // SAFETY: `data` lies in this file's mapping, which nothing wrote (no tensor
+            // lives in it when it is not registered).
+            unsafe { release_mapped(data) };
+        }
+    }
+}
+
+/// The bytes of an f32 CPU tensor's storage, from its first element on; `None` for other tensors.
+fn cpu_f32_bytes(t: &Tensor) -> Option<(usize, usize)> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(c) => {
+            let s = c.as_slice::<f32>().ok()?.get(layout.start_offset()..)?;
+            Some((s.as_ptr() as usize, std::mem::size_of_val(s)))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `t`'s storage is a mapped weight file ([`mapped`]) rather than its own memory.
+pub fn in_mapping(t: &Tensor) -> bool {
+    cpu_f32_bytes(t).is_some_and(|(p, _)| mapped::in_mapping(p as *const u8))
+}
+
+/// Gives the whole pages of `t`'s storage back to the OS when that storage is a mapped weight
+/// file and `t` will not be read again (a deferred linear weight once transposed): they leave
+/// the resident set, as a copied tensor's file pages do at load. Nothing for other tensors.
+/// The tensor must never have been written (a private mapping's written pages would revert to
+/// the file's contents); the deferred weights never are (LoRAs merge into the transpose).
+pub fn release_storage(t: &Tensor) {
+    let Some((p, len)) = cpu_f32_bytes(t) else {
+        return;
+    };
+    if !mapped::in_mapping(p as *const u8) {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let page = page_size();
+        let start = p.div_ceil(page) * page;
+        let end = (p + len) / page * page;
+        if end > start {
+            // SAFETY: whole pages inside `t`'s storage, a range of a private file mapping that
+            // no other tensor shares and nothing wrote: read back from the file if touched.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+}
 
 /// The tensor of `view` as `dtype` on `device`. An f32 tensor kept in f32 on the CPU is copied
 /// in parallel; anything else goes through candle's conversion.
@@ -256,8 +410,8 @@ fn prefault(buf: &mut [MaybeUninit<f32>]) {
 /// stay in the page cache; reading `data` again faults them back in from there.
 ///
 /// # Safety
-/// `data` must lie inside a read-only mapping of a file (never anonymous or heap memory, which
-/// `MADV_DONTNEED` would zero). Whole pages around it are released, which is harmless for the
+/// `data` must lie inside a mapping of a file that nothing wrote (never anonymous or heap
+/// memory, which `MADV_DONTNEED` would zero, nor a private mapping's written pages). Whole pages around it are released, which is harmless for the
 /// neighbouring bytes of the same file mapping: they are read again from the file when touched.
 pub unsafe fn release_mapped(data: &[u8]) {
     #[cfg(target_os = "linux")]

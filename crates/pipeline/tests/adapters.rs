@@ -5,6 +5,11 @@
 
 mod common;
 
+/// The f32 weights live in their mapped files, as in the server (`weights::mapped`).
+#[global_allocator]
+static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
+    sdserve_pipeline::weights::mapped::MappedAlloc;
+
 use common::{max_abs_diff, pixel_difference};
 
 use std::collections::HashMap;

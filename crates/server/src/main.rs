@@ -26,6 +26,14 @@ mod serve;
 mod speed;
 mod validate;
 
+/// Weights kept as stored (f32 on the CPU) live in their mapped files instead of copies
+/// (`sdserve_pipeline::weights::mapped`). The test build's counting allocator
+/// (`fuzz_tests::images`) wraps this one.
+#[cfg(not(test))]
+#[global_allocator]
+static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
+    sdserve_pipeline::weights::mapped::MappedAlloc;
+
 fn main() -> std::process::ExitCode {
     match cli::parse().command {
         cli::Command::Serve(args) => serve::run(*args),

@@ -8,20 +8,21 @@
 //! `proj_in` reads the NCHW image directly and `proj_out` writes NCHW plus the residual.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+pub use super::dense::{DeferredTranspose, Dense};
 
 /// Rows of the output prefilled per rayon task.
 const FILL_ROWS: usize = 64;
 
 /// f32 on the CPU, and the fused path not switched off (`SDSERVE_LINEAR=candle`, for A/B runs).
-fn f32_cpu(t: &Tensor) -> bool {
+pub(super) fn f32_cpu(t: &Tensor) -> bool {
     transposes(t.dtype(), t.device())
 }
 
 /// Whether [`Dense`] keeps weights of this dtype on this device transposed.
-fn transposes(dtype: DType, device: &Device) -> bool {
+pub(super) fn transposes(dtype: DType, device: &Device) -> bool {
     use std::sync::OnceLock;
     static OFF: OnceLock<bool> = OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("SDSERVE_LINEAR").as_deref() == Ok("candle"));
@@ -29,7 +30,7 @@ fn transposes(dtype: DType, device: &Device) -> bool {
 }
 
 /// Runs `f` on the contiguous f32 data of `t` (the caller checked f32 on the CPU).
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(super) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (guard, layout) = t.storage_and_layout();
     match &*guard {
@@ -47,7 +48,7 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// # Safety
 /// Every index the shapes and strides reach must be in bounds of its buffer.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_strided(
+pub(crate) unsafe fn gemm_strided(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     (dst_rs, dst_cs): (isize, isize),
@@ -269,158 +270,6 @@ pub fn linear_to_nchw_add(
     Tensor::from_vec(out, (b, n, h, w), &Device::Cpu).map(Some)
 }
 
-/// `w^T` of an f32 CPU matrix `[rows, cols]` as a new contiguous `[cols, rows]` tensor: tiled
-/// and parallel (candle's strided copy moves one element at a time on one thread).
-fn transpose(w: &Tensor) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    with_slice(w, |src| {
-        let out = crate::weights::transpose_f32(rows, cols, src);
-        Tensor::from_vec(out, (cols, rows), &Device::Cpu)
-    })?
-}
-
-/// A linear layer whose weight is stored transposed (`[in, out]`, contiguous) for f32 on the
-/// CPU: the gemm then streams it row by row instead of gathering columns, about 1.4x faster on
-/// CLIP's cold 154-row products. Elsewhere it is candle's `Linear`, unchanged.
-#[derive(Debug, Clone)]
-pub enum Dense {
-    Transposed { wt: Tensor, bias: Option<Tensor> },
-    Candle(candle_nn::Linear),
-}
-
-impl Dense {
-    pub fn new(l: candle_nn::Linear) -> Result<Self> {
-        if !f32_cpu(l.weight()) || l.weight().rank() != 2 {
-            return Ok(Self::Candle(l));
-        }
-        Ok(Self::Transposed {
-            wt: transpose(l.weight())?,
-            bias: l.bias().cloned(),
-        })
-    }
-
-    /// Loads a linear layer's `weight` `[out, in]` and, with `bias`, its `bias` `[out]`.
-    /// Where the layer is stored transposed and the loader can write a weight transposed
-    /// straight from the file (the safetensors loader, see [`crate::weights::TRANSPOSED`]), it
-    /// is read that way: written once, with no untransposed copy made and dropped.
-    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        Self::load_stored_as(in_dim, out_dim, bias, &[out_dim, in_dim], vb)
-    }
-
-    /// A 1x1 convolution (`weight` `[out, in, 1, 1]`, `bias` `[out]`) as the equivalent linear
-    /// layer over `[.., in]`, loaded as [`Dense::load`] does.
-    pub fn load_conv1x1(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Self::load_stored_as(in_dim, out_dim, true, &[out_dim, in_dim, 1, 1], vb)
-    }
-
-    fn load_stored_as(
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-        stored: &[usize],
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        // candle_nn::linear's initialisers, for builders that create variables (a VarMap).
-        let load_bias = |vb: &VarBuilder| -> Result<Option<Tensor>> {
-            if !bias {
-                return Ok(None);
-            }
-            let bound = 1. / (in_dim as f64).sqrt();
-            let init = candle_nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            };
-            vb.get_with_hints(out_dim, "bias", init).map(Some)
-        };
-        let transposed = format!("weight{}", crate::weights::TRANSPOSED);
-        if transposes(vb.dtype(), vb.device()) && vb.contains_tensor(&transposed) {
-            let wt = vb.get((in_dim, out_dim), &transposed)?;
-            let bias = load_bias(&vb)?;
-            return Ok(Self::Transposed { wt, bias });
-        }
-        let weight = vb
-            .get_with_hints(stored, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?
-            .reshape((out_dim, in_dim))?;
-        let bias = load_bias(&vb)?;
-        Self::new(candle_nn::Linear::new(weight, bias))
-    }
-
-    /// `W^T` `[in, out]` and the bias when stored transposed (for the NCHW projections).
-    /// The tensor holding the weight: `[in, out]` when transposed, else `[out, in]`.
-    pub fn weight_storage(&self) -> &Tensor {
-        match self {
-            Self::Transposed { wt, .. } => wt,
-            Self::Candle(l) => l.weight(),
-        }
-    }
-
-    pub fn is_transposed(&self) -> bool {
-        matches!(self, Self::Transposed { .. })
-    }
-
-    pub fn transposed(&self) -> Option<(&Tensor, Option<&Tensor>)> {
-        match self {
-            Self::Transposed { wt, bias } => Some((wt, bias.as_ref())),
-            Self::Candle(_) => None,
-        }
-    }
-
-    /// `x W^T + bias (+ residual)`.
-    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let y = match self {
-            Self::Transposed { wt, bias } => {
-                if let Some(y) = linear(x, wt, bias.as_ref(), residual)? {
-                    return Ok(y);
-                }
-                let y = x.broadcast_matmul(wt)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
-            Self::Candle(l) if !x.device().is_cpu() => {
-                return gpu_linear(l, x, residual);
-            }
-            Self::Candle(l) => candle_core::Module::forward(l, x)?,
-        };
-        match residual {
-            Some(r) => y + r,
-            None => Ok(y),
-        }
-    }
-}
-
-/// `x W^T + bias (+ residual)` on a GPU: one GEMM over all rows (candle's `Linear` would run a
-/// batched GEMM over a broadcast weight), then bias and residual in one pass
-/// (`kernels::cuda::bias_add`) instead of two broadcast element-wise ops.
-fn gpu_linear(l: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-    let w = l.weight();
-    let k = x.dim(candle_core::D::Minus1)?;
-    let mut dims = x.dims().to_vec();
-    let y = super::cuda::profiled(x.device(), "gemm", || {
-        x.contiguous()?
-            .reshape((x.elem_count() / k.max(1), k))?
-            .matmul(&w.t()?)
-    })?;
-    let last = dims.len() - 1;
-    dims[last] = y.dim(1)?;
-    let y = y.reshape(dims)?;
-    let Some(b) = l.bias() else {
-        return match residual {
-            Some(r) => y + r,
-            None => Ok(y),
-        };
-    };
-    if let Some(out) = super::cuda::bias_add(&y, b, 1, residual)? {
-        return Ok(out);
-    }
-    let y = y.broadcast_add(b)?;
-    match residual {
-        Some(r) => y + r,
-        None => Ok(y),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,11 +315,11 @@ mod tests {
         // Dense: the transposed layer and candle's agree; f16 stays candle's.
         let l = candle_nn::Linear::new(w.clone(), Some(b.clone()));
         let d = Dense::new(l.clone())?;
-        assert!(d.transposed().is_some());
+        assert!(d.transposed()?.is_some());
         let want = (candle_core::Module::forward(&l, &x)? + &r)?;
         assert!(max_abs_diff(&d.forward(&x, Some(&r))?, &want) < 1e-4);
         let lh = candle_nn::Linear::new(w.to_dtype(DType::F16)?, None);
-        assert!(Dense::new(lh)?.transposed().is_none());
+        assert!(Dense::new(lh)?.transposed()?.is_none());
         Ok(())
     }
 
@@ -478,93 +327,6 @@ mod tests {
     /// file) gives the layer `Dense::new` makes from candle's `Linear`, for linear and 1x1
     /// convolution weights, with and without bias; a wrong shape is an error naming the stored
     /// and the implied shape.
-    #[test]
-    fn loading_transposed_from_the_file_equals_transposing_after() -> Result<()> {
-        let dev = Device::Cpu;
-        let mut ts = std::collections::HashMap::new();
-        ts.insert(
-            "a.weight".to_string(),
-            Tensor::randn(0f32, 1.0, (40, 24), &dev)?,
-        );
-        ts.insert("a.bias".to_string(), Tensor::randn(0f32, 1.0, 40, &dev)?);
-        ts.insert(
-            "c.weight".to_string(),
-            Tensor::randn(0f32, 1.0, (16, 12, 1, 1), &dev)?,
-        );
-        ts.insert("c.bias".to_string(), Tensor::randn(0f32, 1.0, 16, &dev)?);
-        let dir = std::env::temp_dir().join(format!("sdserve-dense-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let file = dir.join("w.safetensors");
-        candle_core::safetensors::save(&ts, &file)?;
-        let checked =
-            crate::single_file::checked_var_builder(std::slice::from_ref(&file), DType::F32, &dev)
-                .expect("loader");
-        let plain = VarBuilder::from_tensors(ts.clone(), DType::F32, &dev);
-        let cases = [
-            (
-                Dense::load(24, 40, true, checked.pp("a"))?,
-                Dense::load(24, 40, true, plain.pp("a"))?,
-            ),
-            (
-                Dense::load(24, 40, false, checked.pp("a"))?,
-                Dense::load(24, 40, false, plain.pp("a"))?,
-            ),
-            (
-                Dense::load_conv1x1(12, 16, checked.pp("c"))?,
-                Dense::load_conv1x1(12, 16, plain.pp("c"))?,
-            ),
-        ];
-        for (from_file, after) in &cases {
-            let (wt, b) = from_file.transposed().expect("transposed");
-            let (wt2, b2) = after.transposed().expect("transposed");
-            assert_eq!(wt.to_vec2::<f32>()?, wt2.to_vec2::<f32>()?);
-            assert_eq!(b.is_some(), b2.is_some());
-            if let (Some(b), Some(b2)) = (b, b2) {
-                assert_eq!(b.to_vec1::<f32>()?, b2.to_vec1::<f32>()?);
-            }
-        }
-        let w = ts["a.weight"].t()?.contiguous()?;
-        assert_eq!(
-            cases[0].0.transposed().unwrap().0.to_vec2::<f32>()?,
-            w.to_vec2::<f32>()?
-        );
-        let err = Dense::load(40, 24, true, checked.pp("a"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`a.weight` has shape [40, 24], the config implies [24, 40]"),
-            "{err}"
-        );
-        let err = Dense::load_conv1x1(16, 12, checked.pp("c"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`c.weight` has shape [16, 12, 1, 1], the config implies [12, 16, 1, 1]"),
-            "{err}"
-        );
-        // Half precision keeps candle's layout, from the same file.
-        let half =
-            crate::single_file::checked_var_builder(&[file], DType::F16, &dev).expect("loader");
-        assert!(Dense::load(24, 40, true, half.pp("a"))?
-            .transposed()
-            .is_none());
-        std::fs::remove_dir_all(&dir)?;
-        Ok(())
-    }
-
-    #[test]
-    fn tiled_transpose_equals_candles() -> Result<()> {
-        // Shapes off the tile size both ways, a single row and a single column.
-        for (r, c) in [(130, 67), (64, 64), (1, 200), (200, 1), (3, 5)] {
-            let w = Tensor::randn(0f32, 1.0, (r, c), &Device::Cpu)?;
-            let got = transpose(&w)?;
-            assert_eq!(got.dims(), &[c, r]);
-            let want = w.t()?.contiguous()?;
-            assert_eq!(got.to_vec2::<f32>()?, want.to_vec2::<f32>()?, "{r}x{c}");
-        }
-        Ok(())
-    }
-
     #[test]
     fn nchw_projections_match_transpose_and_matmul() -> Result<()> {
         let dev = Device::Cpu;
@@ -584,60 +346,6 @@ mod tests {
         let got_out =
             linear_to_nchw_add(&want, &wo.t()?.contiguous()?, Some(&bo), &x)?.expect("fast path");
         assert!(max_abs_diff(&got_out, &want_out) < 1e-4);
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-
-    /// CLIP's 72 linear layers at 154 rows with distinct (cold) weights, both layouts:
-    /// `cargo test --release -p sdserve-pipeline --lib clip_linear_chain -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn clip_linear_chain_timing() -> Result<()> {
-        let dev = Device::Cpu;
-        let mut layers = Vec::new();
-        for _ in 0..12 {
-            for &(n, k) in &[
-                (768, 768),
-                (768, 768),
-                (768, 768),
-                (768, 768),
-                (3072, 768),
-                (768, 3072),
-            ] {
-                let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
-                let l = candle_nn::Linear::new(w, Some(Tensor::zeros(n, DType::F32, &dev)?));
-                layers.push((l.clone(), Dense::new(l)?));
-            }
-        }
-        let x768 = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?;
-        let x3072 = Tensor::randn(0f32, 1.0, (2, 77, 3072), &dev)?;
-        let input = |l: &candle_nn::Linear| {
-            if l.weight().dim(1).unwrap() == 768 {
-                &x768
-            } else {
-                &x3072
-            }
-        };
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            for (l, _) in &layers {
-                candle_core::Module::forward(l, input(l))?;
-            }
-            let candle = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            for (l, d) in &layers {
-                d.forward(input(l), None)?;
-            }
-            let dense = t.elapsed().as_secs_f64();
-            eprintln!(
-                "72 linears: candle {candle:.3} s, Dense {dense:.3} s ({:.1} GF/s)",
-                26.1 / dense
-            );
-        }
         Ok(())
     }
 }

@@ -7,7 +7,10 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod cuda;
+pub mod dense;
 pub mod linear;
+#[cfg(test)]
+mod linear_timing;
 pub mod math;
 pub mod norm;
 pub mod simd;

@@ -465,7 +465,7 @@ impl Transformer2D {
         let t = self.norm.forward(x)?;
         // f32 CPU: the projections read and write NCHW through strides (no transpose copies).
         use crate::kernels::linear::{linear_from_nchw, linear_to_nchw_add};
-        let fast_in = match self.proj_in.transposed() {
+        let fast_in = match self.proj_in.transposed()? {
             Some((wt, bias)) => linear_from_nchw(&t, wt, bias)?,
             None => None,
         };
@@ -479,7 +479,7 @@ impl Transformer2D {
         for blk in &self.blocks {
             t = blk.forward(&t, ctx, o)?;
         }
-        if let Some((wt, bias)) = self.proj_out.transposed() {
+        if let Some((wt, bias)) = self.proj_out.transposed()? {
             if let Some(y) = linear_to_nchw_add(&t, wt, bias, x)? {
                 return Ok(y);
             }

@@ -5,18 +5,20 @@
 //! allocation follows a size the header claims past the limits: such a file costs no more than
 //! a small multiple of its own length, and no file costs more than the decoder's limit.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 
 use axum::http::StatusCode;
 use base64::Engine as _;
 use proptest::prelude::*;
+use sdserve_pipeline::weights::mapped::MappedAlloc as Inner;
 use serde_json::json;
 
 use super::cases;
 use crate::images::{decode_base64, decode_bytes, MAX_PIXELS};
 
-/// Counts the bytes this thread has allocated and not freed, and their peak, while tracking.
+/// Counts the bytes this thread has allocated and not freed, and their peak, while tracking;
+/// the allocations themselves are the binary's allocator's (weights in mapped files).
 struct Counting;
 
 thread_local! {
@@ -33,23 +35,23 @@ fn note(delta: isize) {
     });
 }
 
-// SAFETY: every call is forwarded to `System` unchanged; only a thread-local counter is added.
+// SAFETY: every call is forwarded to `Inner` unchanged; only a thread-local counter is added.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         note(l.size() as isize);
-        unsafe { System.alloc(l) }
+        unsafe { Inner.alloc(l) }
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         note(l.size() as isize);
-        unsafe { System.alloc_zeroed(l) }
+        unsafe { Inner.alloc_zeroed(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         note(-(l.size() as isize));
-        unsafe { System.dealloc(p, l) }
+        unsafe { Inner.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         note(new as isize - l.size() as isize);
-        unsafe { System.realloc(p, l, new) }
+        unsafe { Inner.realloc(p, l, new) }
     }
 }
 
