@@ -231,6 +231,26 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test leaves the server's whole log behind, and shows its end.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let path = std::env::temp_dir().join(format!(
+                "sdserve-test-server-{}-{}.log",
+                std::process::id(),
+                self.child.id()
+            ));
+            let _ = std::fs::write(&path, logs.join("\n"));
+            let tail = logs.len().saturating_sub(40);
+            eprintln!(
+                "--- server {} (pid {}): last {} log lines; all {} in {} ---\n{}",
+                self.addr,
+                self.child.id(),
+                logs.len() - tail,
+                logs.len(),
+                path.display(),
+                logs[tail..].join("\n")
+            );
+        }
     }
 }
 
