@@ -222,6 +222,17 @@ class A1111(Timed):
         self.assertEqual(pixels(r.image), pixels(want))
         self.assertEqual(r.info["denoising_strength"], 0.5)
 
+    def test_prompt_left_out_is_empty_as_in_a1111(self):
+        # webuiapi's txt2img defaults prompt and negative prompt to "", as A1111 does.
+        r = self.api.txt2img(seed=13, steps=2, width=SIZE, height=SIZE, sampler_name="Euler")
+        self.assertEqual(r.image.size, (SIZE, SIZE))
+        self.assertEqual(r.info["prompt"], "")
+        self.assertTrue(r.info["infotexts"][0].startswith("Steps: 2,"), r.info["infotexts"][0])
+        # The same request with the empty prompt written out is the same image.
+        again = self.api.txt2img(prompt="", seed=13, steps=2, width=SIZE, height=SIZE,
+                                 sampler_name="Euler")
+        self.assertEqual(pixels(again.image), pixels(r.image))
+
     def test_png_info_reads_the_parameters_back(self):
         r = self.api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=99, steps=1,
                              width=SIZE, height=SIZE, sampler_name="Euler")

@@ -199,6 +199,36 @@ fn unweighted_short_prompts_are_exactly_plain() {
     ));
 }
 
+/// An empty prompt (A1111's default) is ordinary CLIP input: BOS, EOS and padding, encoded as
+/// diffusers encodes the empty negative prompt of the reference, in both syntaxes.
+#[test]
+fn an_empty_prompt_encodes_like_the_references_empty_negative_prompt() {
+    let r = reference();
+    let (name, _) = r.meta["cases"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, c)| c["negative_prompt"] == "" && c["clip_skip"] == 1)
+        .expect("a reference case with an empty negative prompt");
+    let want = &r.tensors[&format!("{name}.uncond")];
+    for syntax in [PromptSyntax::Plain, PromptSyntax::A1111] {
+        let params = GenerationParams {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            prompt_syntax: syntax,
+            guidance_scale: 7.5,
+            ..Default::default()
+        };
+        let Conditioning::Joint(z) = r.model.encode_conditioning(&params).unwrap() else {
+            panic!("{syntax:?}: two empty prompts are one batch");
+        };
+        for row in 0..2 {
+            let d = max_abs_diff(&z.narrow(0, row, 1).unwrap(), want);
+            assert!(d < 2e-5, "{syntax:?} row {row}: {d}");
+        }
+    }
+}
+
 #[test]
 fn clip_skip_beyond_the_encoder_is_refused() {
     let r = reference();

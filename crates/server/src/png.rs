@@ -70,7 +70,8 @@ pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
             mode.name()
         ));
     }
-    s
+    // As A1111 strips its infotext: an empty prompt leaves no empty first line.
+    s.trim_start().to_string()
 }
 
 /// The parameters text of each image of a batch: image `i` with its own seed (`seed + i`).

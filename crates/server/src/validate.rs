@@ -201,13 +201,36 @@ pub fn parse_generate(body: &[u8]) -> Result<ValidRequest, ApiError> {
     validate_object(&parse_object(body)?)
 }
 
+/// Whether a request may leave its prompt empty or out. The native API and OpenAI need text;
+/// AUTOMATIC1111 (and webuiapi) default the prompt to "", which CLIP encodes like any text
+/// (diffusers encodes "" as it encodes an empty negative prompt).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptRule {
+    /// 1..=500 characters after cleaning (the native contract).
+    Required,
+    /// 0..=500 characters; absent or `null` is "".
+    MayBeEmpty,
+}
+
 /// Every rule of `/generate` on a parsed object; a 422 lists every broken field.
 pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiError> {
+    validate_request(map, PromptRule::Required)
+}
+
+/// [`validate_object`] with the prompt rule of the dialect the request came in.
+pub fn validate_request(
+    map: &Map<String, Value>,
+    prompt_rule: PromptRule,
+) -> Result<ValidRequest, ApiError> {
     let mut r = FieldReader::new(map, &FIELDS);
-    let prompt = r
-        .require("prompt")
-        .then(|| r.text("prompt", 1, PROMPT_MAX_CHARS))
-        .flatten();
+    let prompt = match prompt_rule {
+        PromptRule::Required => r
+            .require("prompt")
+            .then(|| r.text("prompt", 1, PROMPT_MAX_CHARS))
+            .flatten(),
+        PromptRule::MayBeEmpty if r.value("prompt").is_none() => Some(String::new()),
+        PromptRule::MayBeEmpty => r.text("prompt", 0, PROMPT_MAX_CHARS),
+    };
     let negative_prompt = r.text("negative_prompt", 0, PROMPT_MAX_CHARS);
     let steps = r.int("steps", STEPS_MIN, STEPS_MAX);
     let size_rule = |v: u64| {

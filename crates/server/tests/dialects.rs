@@ -99,6 +99,69 @@ fn a1111_txt2img_is_the_native_request_in_a1111_terms() {
 }
 
 #[test]
+fn a1111_prompt_may_be_empty_or_absent_but_not_natively() {
+    let s = ready("step_ms=0", &[]);
+    let size = json!({"steps": 2, "width": 256, "height": 256, "seed": 3});
+    let with = |extra: Value| {
+        let mut body = size.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let mut images = Vec::new();
+    for body in [
+        with(json!({})),
+        with(json!({"prompt": ""})),
+        with(json!({"prompt": null})),
+    ] {
+        let r = post(&s, "/sdapi/v1/txt2img", &body);
+        let info = info_of(&r);
+        assert_eq!(info["prompt"], "", "{body}");
+        let (_, _, px, text) = decode_png(r.json()["images"][0].as_str().unwrap());
+        // As A1111 writes it: no empty first line for the empty prompt.
+        let text = text.unwrap();
+        assert!(text.starts_with("Steps: 2, "), "{text}");
+        assert_eq!(info["infotexts"][0], text);
+        images.push(px);
+    }
+    assert!(images.windows(2).all(|w| w[0] == w[1]));
+    // img2img too (webuiapi's img2img prompt defaults to "" as well).
+    let init = init_png(&s);
+    let r = post(
+        &s,
+        "/sdapi/v1/img2img",
+        &with(json!({"init_images": [init], "denoising_strength": 0.5})),
+    );
+    assert_eq!(info_of(&r)["prompt"], "");
+    // PNG info reads the empty prompt back.
+    let r = post(
+        &s,
+        "/sdapi/v1/png-info",
+        &json!({"image": r.json()["images"][0]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["parameters"]["Prompt"], "", "{}", r.text());
+    // The native API and OpenAI keep their contract: a prompt is required.
+    for body in [with(json!({})), with(json!({"prompt": ""}))] {
+        assert_eq!(s.post_json(&body).broken_fields(), ["prompt"], "{body}");
+    }
+    let r = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "", "size": "256x256"}),
+    );
+    openai_error(&r, 400, Some("prompt"));
+}
+
+/// A 256x256 PNG in base64 from the native route (an init image).
+fn init_png(s: &Server) -> String {
+    let r = s.post_json(&json!({"prompt": "init", "steps": 1, "width": 256, "height": 256}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["image_base64"].as_str().unwrap().to_string()
+}
+
+#[test]
 fn a1111_errors_name_a1111_fields() {
     let s = ready("step_ms=0", &[]);
     let r = post(

@@ -25,7 +25,7 @@ use crate::validate;
 /// their smaller limit).
 pub const MAX_BODY: usize = 4 << 20;
 
-type Seen = Arc<Mutex<Vec<GenerationParams>>>;
+pub type Seen = Arc<Mutex<Vec<GenerationParams>>>;
 
 struct Recorder(Seen);
 
@@ -87,61 +87,66 @@ pub fn harness() -> &'static Harness {
             .build()
             .unwrap();
         let seen: Seen = Arc::default();
-        let recorder = seen.clone();
-        let metrics = Arc::new(Metrics::default());
-        let mut cfg = EngineConfig::new(4, Duration::from_secs(60));
-        // Finished jobs are kept for their TTL; thousands of cases need no more than a moment.
-        cfg.job_ttl = Duration::from_secs(1);
-        let engine = rt.block_on(async {
-            Engine::start(
-                cfg,
-                Box::new(move || {
-                    Ok(Loaded {
-                        generator: Box::new(Recorder(recorder)),
-                        info: ModelInfo {
-                            model_version: "fuzz@0".into(),
-                            default_scheduler: SchedulerKind::Pndm,
-                            adapters: Default::default(),
-                            inpainting: false,
-                            memory: None,
-                        },
-                        taesd: None,
-                        speed_probe: false,
-                    })
-                }),
-                metrics.clone(),
-            )
-        });
-        let started = Instant::now();
-        while engine.model_info().is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "never ready");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let security = Security::from_config(&SecurityConfig {
-            body_timeout: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .unwrap();
-        let state = Arc::new(AppState {
-            engine,
-            cache: None,
-            metrics,
-            device: "cpu".into(),
-            candle_device: candle_core::Device::Cpu,
-            dtype: "f32".into(),
-            started: Instant::now(),
-            max_body_bytes: MAX_BODY,
-            load_status: Default::default(),
-            a1111: Default::default(),
-            openai_files: Default::default(),
-            security: Arc::new(security),
-        });
+        let state = app_state(&rt, seen.clone());
         Harness {
             router: rt.block_on(async { api::router(state) }),
             rt,
             seen,
             turn: Mutex::new(()),
         }
+    })
+}
+
+/// The server's state over the recording generator (ready when this returns), its engine
+/// started on `rt`.
+pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
+    let metrics = Arc::new(Metrics::default());
+    let mut cfg = EngineConfig::new(4, Duration::from_secs(60));
+    // Finished jobs are kept for their TTL; thousands of cases need no more than a moment.
+    cfg.job_ttl = Duration::from_secs(1);
+    let engine = rt.block_on(async {
+        Engine::start(
+            cfg,
+            Box::new(move || {
+                Ok(Loaded {
+                    generator: Box::new(Recorder(seen)),
+                    info: ModelInfo {
+                        model_version: "fuzz@0".into(),
+                        default_scheduler: SchedulerKind::Pndm,
+                        adapters: Default::default(),
+                        inpainting: false,
+                        memory: None,
+                    },
+                    taesd: None,
+                    speed_probe: false,
+                })
+            }),
+            metrics.clone(),
+        )
+    });
+    let started = Instant::now();
+    while engine.model_info().is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "never ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let security = Security::from_config(&SecurityConfig {
+        body_timeout: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .unwrap();
+    Arc::new(AppState {
+        engine,
+        cache: None,
+        metrics,
+        device: "cpu".into(),
+        candle_device: candle_core::Device::Cpu,
+        dtype: "f32".into(),
+        started: Instant::now(),
+        max_body_bytes: MAX_BODY,
+        load_status: Default::default(),
+        a1111: Default::default(),
+        openai_files: Default::default(),
+        security: Arc::new(security),
     })
 }
 
@@ -182,8 +187,14 @@ impl Harness {
 
 /// Every native rule, on what reached the generator (whatever dialect it came from).
 pub fn assert_native_rules(p: &GenerationParams) {
+    assert_rules(p, validate::PromptRule::Required)
+}
+
+/// The native rules with a dialect's prompt rule (A1111 may send an empty prompt).
+pub fn assert_rules(p: &GenerationParams, prompt: validate::PromptRule) {
     let n = p.prompt.chars().count();
-    assert!((1..=validate::PROMPT_MAX_CHARS).contains(&n), "{p:?}");
+    let least = usize::from(prompt == validate::PromptRule::Required);
+    assert!((least..=validate::PROMPT_MAX_CHARS).contains(&n), "{p:?}");
     assert!(p.negative_prompt.chars().count() <= validate::PROMPT_MAX_CHARS);
     assert!(!p
         .prompt

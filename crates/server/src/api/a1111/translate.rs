@@ -8,7 +8,7 @@ use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::validate::ValidRequest;
+use crate::validate::{PromptRule, ValidRequest};
 
 /// A1111's defaults for absent fields (its `StableDiffusionProcessing` defaults).
 pub const STEPS_DEFAULT: u64 = 50;
@@ -407,7 +407,9 @@ pub fn translate(
         }
     }
 
-    let valid = crate::validate::validate_object(&native).map_err(a1111_names)?;
+    // A1111's prompt defaults to "" (webuiapi sends that): empty is fine here, not natively.
+    let valid =
+        crate::validate::validate_request(&native, PromptRule::MayBeEmpty).map_err(a1111_names)?;
     let ignored = body
         .iter()
         .filter(|(k, v)| !USED.contains(&k.as_str()) && !is_default_like(v))
@@ -541,6 +543,26 @@ mod tests {
     }
 
     #[test]
+    fn the_prompt_may_be_empty_or_absent_as_in_a1111() {
+        for body in [
+            json!({}),
+            json!({"prompt": ""}),
+            json!({"prompt": null}),
+            json!({"prompt": " \n "}),
+            json!({"prompt": "", "negative_prompt": "blurry"}),
+        ] {
+            let t = tr(body.clone(), Mode::Txt2Img).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+            assert_eq!(t.valid.prompt, "", "{body}");
+        }
+        // The native rule is unchanged: there a prompt is required and not empty.
+        for body in [json!({}), json!({"prompt": ""})] {
+            let native = body.as_object().unwrap();
+            let e = crate::validate::validate_object(native).unwrap_err();
+            assert_eq!(field_of(e), "prompt", "{body}");
+        }
+    }
+
+    #[test]
     fn values_map_and_errors_name_a1111_fields() {
         let t = tr(json!({"prompt": "p", "cfg_scale": 3.5, "seed": 7, "steps": 4, "width": 256, "height": 320, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "n_iter": 3, "enable_hr": true, "restore_faces": true}), Mode::Txt2Img).unwrap();
         assert_eq!(t.native["guidance_scale"], 3.5);
@@ -553,7 +575,10 @@ mod tests {
         // Native rules apply; the error names cfg_scale, not guidance_scale.
         let e = tr(json!({"prompt": "p", "cfg_scale": 31}), Mode::Txt2Img).unwrap_err();
         assert_eq!(field_of(e), "cfg_scale");
-        let e = tr(json!({"prompt": ""}), Mode::Txt2Img).unwrap_err();
+        let e = tr(json!({"prompt": 5}), Mode::Txt2Img).unwrap_err();
+        assert_eq!(field_of(e), "prompt");
+        let long = "p".repeat(501);
+        let e = tr(json!({ "prompt": long }), Mode::Txt2Img).unwrap_err();
         assert_eq!(field_of(e), "prompt");
         assert_eq!(
             field_of(tr(json!({"prompt": "p", "seed": -2}), Mode::Txt2Img).unwrap_err()),
