@@ -65,6 +65,7 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cancelled: Counter,
+    pub jobs_evicted: Counter,
     device_memory: Mutex<Option<DeviceMemory>>,
 }
 
@@ -128,6 +129,11 @@ impl Default for Metrics {
             "sdserve_cancelled",
             "Runs stopped early (timeout, client gone, shutdown, cancel)",
         );
+        let jobs_evicted = counter(
+            &mut registry,
+            "sdserve_jobs_evicted",
+            "Finished job records dropped before JOB_TTL_SECONDS because finished jobs held more than JOB_RESULTS_MB",
+        );
         Self {
             registry,
             requests,
@@ -139,6 +145,7 @@ impl Default for Metrics {
             cache_hits,
             cache_misses,
             cancelled,
+            jobs_evicted,
             device_memory: Mutex::new(None),
         }
     }

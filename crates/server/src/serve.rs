@@ -126,6 +126,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         job_timeout: Duration::from_secs(args.job_timeout_seconds),
         max_queued: args.max_queued_jobs as usize,
         job_ttl: Duration::from_secs(args.job_ttl_seconds),
+        job_results_bytes: (args.job_results_mb as usize).saturating_mul(1 << 20),
         preview: args.preview,
         preview_every: args.preview_every as usize,
     };

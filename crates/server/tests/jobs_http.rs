@@ -599,6 +599,43 @@ fn queue_limit_counts_every_route_unknown_ids_are_404_and_finished_jobs_expire()
 }
 
 #[test]
+fn finished_jobs_past_job_results_mb_are_dropped_oldest_first_and_answer_404() {
+    let s = ready("step_ms=0", &[("JOB_RESULTS_MB", "1")]);
+    let body = json!({"prompt": "kept", "steps": 1, "width": 768, "height": 768, "seed": 5});
+    let run = || {
+        let id = submit(&s, &body)["id"].as_str().unwrap().to_string();
+        let j = wait_status(&s, &id, &["succeeded"], Duration::from_secs(30));
+        let b64 = j["result"]["image_base64"].as_str().unwrap().len();
+        (id, b64)
+    };
+    let (first, b64) = run();
+    // The same request each time: a result holds its image twice (image_base64, images[0]).
+    let fit = (1 << 20) / (2 * b64);
+    let mut ids = vec![first.clone()];
+    while s.get(&format!("/jobs/{first}")).status == 200 {
+        assert!(
+            ids.len() <= fit + 1,
+            "{} jobs of {} bytes kept",
+            ids.len(),
+            2 * b64
+        );
+        ids.push(run().0);
+    }
+    // As many as fit in the budget (or one less): dropped before the TTL, oldest first.
+    assert!(
+        ids.len() >= fit,
+        "dropped after {} jobs, {fit} fit",
+        ids.len()
+    );
+    s.get(&format!("/jobs/{first}")).error(404, "job_not_found");
+    assert_eq!(job(&s, &ids[1])["status"], "succeeded");
+    let listed = s.get("/jobs").json()["jobs"].as_array().unwrap().len();
+    assert_eq!(listed, ids.len() - 1);
+    assert_eq!(s.metric("sdserve_jobs_evicted_total"), 1.0);
+    s.wait_log(&["JOB_RESULTS_MB", &first], Duration::from_secs(5));
+}
+
+#[test]
 fn a_job_past_its_deadline_fails_with_timeout() {
     let s = ready("step_ms=50", &[("JOB_TIMEOUT_SECONDS", "1")]);
     let a = submit(

@@ -25,6 +25,7 @@ use crate::generator::Loader;
 use crate::gpu::OomGuard;
 use crate::metrics::{Gauges, Metrics};
 use crate::speed::SpeedProbe;
+use prometheus_client::metrics::counter::Counter;
 
 /// Events buffered per subscriber; a slower one skips progress (never the terminal event:
 /// the stream reads it from the record).
@@ -54,6 +55,18 @@ pub(super) struct Record {
 }
 
 impl Record {
+    /// Memory the record holds once finished: its result's base64 images (the first twice:
+    /// `image_base64` and `images[0]`) and the request's decoded init image and mask.
+    fn held_bytes(&self) -> usize {
+        let result = self.result.as_ref().map_or(0, |r| {
+            r.image_base64.len() + r.images.iter().map(String::len).sum::<usize>()
+        });
+        let request = self.spec.params.init_image.as_ref().map_or(0, |i| {
+            i.image.pixels.len() + i.mask.as_ref().map_or(0, |m| m.pixels.len())
+        });
+        result + request
+    }
+
     /// How far it got by `now`, for a 408's details; `speed` (the CPU speed probe's) says how
     /// long it needs alone.
     pub fn timeout_info(&self, now: Instant, speed: Option<SpeedProbe>) -> TimeoutInfo {
@@ -103,6 +116,13 @@ pub(super) struct Jobs {
     pub shutting_down: bool,
     /// What the CPU speed probe measured, once it has (for 408 details).
     pub speed: Option<SpeedProbe>,
+    /// Finished jobs in the order they ended, with the bytes each holds; past
+    /// `results_budget` (JOB_RESULTS_MB) the oldest are dropped before JOB_TTL_SECONDS.
+    pub ended: VecDeque<(String, usize)>,
+    pub ended_bytes: usize,
+    pub results_budget: usize,
+    /// Records dropped early (`sdserve_jobs_evicted_total`).
+    pub evicted: Counter,
 }
 
 impl Jobs {
@@ -148,6 +168,64 @@ impl Jobs {
             }
         };
         r.emit(event);
+        let bytes = r.held_bytes();
+        self.ended.push_back((id.to_string(), bytes));
+        self.ended_bytes += bytes;
+        self.drop_over_budget();
+    }
+
+    /// Drops the oldest finished records while those kept hold more than JOB_RESULTS_MB. A
+    /// record someone still follows (a `/generate` client about to read its result, an event
+    /// stream) stays, and so does the newest.
+    fn drop_over_budget(&mut self) {
+        let mut kept = Vec::new();
+        while self.ended_bytes > self.results_budget && self.ended.len() > 1 {
+            let Some((id, bytes)) = self.ended.pop_front() else {
+                break;
+            };
+            if self
+                .records
+                .get(&id)
+                .is_some_and(|r| r.events.receiver_count() > 0)
+            {
+                kept.push((id, bytes));
+                continue;
+            }
+            self.ended_bytes -= bytes;
+            if self.records.remove(&id).is_some() {
+                if self.evicted.get() == 0 {
+                    tracing::info!(
+                        job = %id,
+                        job_results_mb = self.results_budget >> 20,
+                        "finished jobs hold more than JOB_RESULTS_MB: the oldest are dropped before JOB_TTL_SECONDS (sdserve_jobs_evicted_total counts them)"
+                    );
+                } else {
+                    tracing::debug!(job = %id, bytes, "finished job dropped (JOB_RESULTS_MB)");
+                }
+                self.evicted.inc();
+            }
+        }
+        for e in kept.into_iter().rev() {
+            self.ended.push_front(e);
+        }
+    }
+
+    /// Forgets finished records past JOB_TTL_SECONDS.
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        self.records.retain(|_, r| {
+            r.finished
+                .is_none_or(|(_, at)| now.duration_since(at) < ttl)
+        });
+        let records = &self.records;
+        let mut freed = 0;
+        self.ended.retain(|(id, bytes)| {
+            let kept = records.contains_key(id);
+            if !kept {
+                freed += bytes;
+            }
+            kept
+        });
+        self.ended_bytes -= freed;
     }
 
     /// Takes a waiting job out of the queue and ends it (it never runs); false if it was not
@@ -221,9 +299,14 @@ pub(super) struct Local {
 impl Local {
     /// Starts the worker thread (which loads the model first) and the reaper.
     pub fn start(cfg: EngineConfig, loader: Loader, metrics: Arc<Metrics>) -> Self {
+        let results_budget = cfg.job_results_bytes;
         let inner = Arc::new(Inner {
             cfg,
-            jobs: Mutex::new(Jobs::default()),
+            jobs: Mutex::new(Jobs {
+                results_budget,
+                evicted: metrics.jobs_evicted.clone(),
+                ..Jobs::default()
+            }),
             wake: Condvar::new(),
             state: RwLock::new(ModelState::Loading),
             shutdown_deadline: Mutex::new(None),
@@ -276,10 +359,7 @@ fn reaper(inner: Weak<Inner>) {
                 tracing::info!(job = %id, "queued job passed its deadline before it started");
             }
         }
-        jobs.records.retain(|_, r| {
-            r.finished
-                .is_none_or(|(_, at)| now.duration_since(at) < ttl)
-        });
+        jobs.expire(now, ttl);
     }
 }
 

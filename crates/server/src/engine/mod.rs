@@ -7,7 +7,7 @@
 //!   (`Engine::run`): same queue, same worker, same cancellation, with its own deadline
 //!   (GENERATION_TIMEOUT_SECONDS) and admission (MAX_CONCURRENT_REQUESTS waiting clients).
 //! - MAX_QUEUED_JOBS bounds the waiting jobs of every route (429 past it); finished jobs are
-//!   kept JOB_TTL_SECONDS.
+//!   kept JOB_TTL_SECONDS, the oldest dropped earlier when they hold more than JOB_RESULTS_MB.
 //! - Cancellation: a stop flag per job, read by the step hook, so a running job stops within one
 //!   step; a queued job is taken out of the queue and never starts.
 
@@ -59,6 +59,9 @@ pub struct EngineConfig {
     pub max_queued: usize,
     /// JOB_TTL_SECONDS: how long a finished job stays visible.
     pub job_ttl: Duration,
+    /// JOB_RESULTS_MB in bytes: what finished jobs may hold (results, request images) before
+    /// the oldest are dropped early.
+    pub job_results_bytes: usize,
     pub preview: PreviewMode,
     /// PREVIEW_EVERY: a preview every this many steps (and at the last).
     pub preview_every: usize,
@@ -74,6 +77,7 @@ impl EngineConfig {
             job_timeout: Duration::from_secs(600),
             max_queued: 64,
             job_ttl: Duration::from_secs(600),
+            job_results_bytes: 256 << 20,
             preview: PreviewMode::Off,
             preview_every: 5,
         }
@@ -157,7 +161,7 @@ impl Drop for CancelOnDrop {
 
 fn not_found(id: &str) -> ApiError {
     ApiError::JobNotFound(format!(
-        "no job {id:?}; finished jobs are kept for JOB_TTL_SECONDS"
+        "no job {id:?}; finished jobs are kept for JOB_TTL_SECONDS (the oldest for less when their results pass JOB_RESULTS_MB)"
     ))
 }
 
@@ -470,6 +474,82 @@ mod tests {
             engine.model_info(),
             Err(ApiError::ModelUnavailable(_))
         ));
+    }
+
+    /// The bytes a finished record of `spec(steps, _)` holds: its result's base64, twice.
+    fn result_bytes(f: &Finished) -> usize {
+        let r = f.result.as_ref().unwrap();
+        r.image_base64.len() + r.images.iter().map(String::len).sum::<usize>()
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_past_the_results_budget_are_dropped_oldest_first() {
+        // 1 ms steps: the long job below runs for minutes unless cancelled.
+        let s: FakeSpec = "step_ms=1".parse().unwrap();
+        let timeout = Duration::from_secs(30);
+        // Every job here is the same request: its result has the same size.
+        let probe = Engine::start(
+            EngineConfig::new(1, timeout),
+            s.clone().loader(),
+            Arc::new(Metrics::default()),
+        );
+        ready(&probe).await;
+        let one = result_bytes(&probe.run(spec(1, timeout), |_| {}).await.unwrap());
+        let mut cfg = EngineConfig::new(1, timeout);
+        cfg.job_results_bytes = 3 * one + one / 2;
+        let metrics = Arc::new(Metrics::default());
+        let engine = Engine::start(cfg, s.loader(), metrics.clone());
+        ready(&engine).await;
+        let finished_ids = |engine: &Engine| -> Vec<String> {
+            let jobs = engine.jobs().unwrap();
+            jobs.into_iter()
+                .filter(|j| j.status.is_final())
+                .map(|j| j.id)
+                .collect()
+        };
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let view = engine.submit(spec(1, timeout)).unwrap();
+            let (_, mut rx) = engine.subscribe(&view.id).unwrap();
+            while !rx.recv().await.unwrap().is_final() {}
+            drop(rx);
+            ids.push(view.id);
+        }
+        // A running and a waiting job are never dropped, however full the budget.
+        let long = Duration::from_secs(60);
+        let running = engine.submit(spec(100_000, long)).unwrap();
+        while engine.job(&running.id).unwrap().status != JobStatus::Running {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let waiting = engine.submit(spec(1, long)).unwrap();
+        // Three results fit: the two oldest went, oldest first, counted; 404 as if expired.
+        for id in &ids[..2] {
+            assert!(
+                matches!(engine.job(id), Err(ApiError::JobNotFound(_))),
+                "{id}"
+            );
+        }
+        let mut newest: Vec<String> = ids[2..].to_vec();
+        newest.reverse();
+        assert_eq!(finished_ids(&engine), newest);
+        assert_eq!(metrics.jobs_evicted.get(), 2);
+        assert_eq!(engine.job(&running.id).unwrap().status, JobStatus::Running);
+        assert_eq!(engine.job(&waiting.id).unwrap().status, JobStatus::Queued);
+        engine.cancel(&waiting.id).unwrap();
+        engine.cancel(&running.id).unwrap();
+        while !engine.job(&running.id).unwrap().status.is_final() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // A record someone follows stays until they let go; the next oldest goes instead.
+        let (_, followed) = engine.subscribe(&ids[2]).unwrap();
+        let out = engine.run(spec(1, timeout), |_| {}).await.unwrap();
+        assert_eq!(result_bytes(&out), one);
+        assert!(engine.job(&ids[2]).is_ok());
+        assert!(matches!(engine.job(&ids[3]), Err(ApiError::JobNotFound(_))));
+        drop(followed);
+        engine.run(spec(1, timeout), |_| {}).await.unwrap();
+        assert!(matches!(engine.job(&ids[2]), Err(ApiError::JobNotFound(_))));
+        assert_eq!(metrics.jobs_evicted.get(), 4);
     }
 
     #[tokio::test]
