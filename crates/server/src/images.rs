@@ -27,12 +27,47 @@ pub struct RequestImage {
 
 /// Decodes a request image; the error is the broken rule, for a 422 naming the field.
 pub fn decode_base64(text: &str) -> Result<RequestImage, String> {
+    #[cfg(test)]
+    test_gate::hold(text);
     let data = strip_data_url(text)?;
     // Base64 of any length up to the body limit: decoded size is 3/4 of it.
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| format!("must be base64 ({e})"))?;
     decode_bytes(&bytes)
+}
+
+/// Tests hold the decode of one chosen image here, to see what the server does meanwhile.
+#[cfg(test)]
+pub(crate) mod test_gate {
+    use std::sync::mpsc::{Receiver, Sender};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    pub struct Gate {
+        /// The base64 text whose decode is held (other tests' images pass).
+        pub text: String,
+        /// Told when the decode reached the gate.
+        pub entered: Sender<()>,
+        /// The decode goes on once this receives (or after a minute).
+        pub release: Receiver<()>,
+    }
+
+    pub static GATE: Mutex<Option<Gate>> = Mutex::new(None);
+
+    pub fn hold(text: &str) {
+        let gate = {
+            let mut g = GATE.lock().unwrap_or_else(|e| e.into_inner());
+            if g.as_ref().is_none_or(|g| g.text != text) {
+                return;
+            }
+            g.take()
+        };
+        if let Some(g) = gate {
+            let _ = g.entered.send(());
+            let _ = g.release.recv_timeout(Duration::from_secs(60));
+        }
+    }
 }
 
 /// `data:image/png;base64,....` -> the base64 part; plain base64 as is.

@@ -57,7 +57,7 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = read_generate_body(&app, &headers, body)?;
+    let req = read_generate_body(&app, &headers, body).await?;
     let info = app.engine.model_info()?;
     let spec = job_spec(req, &info, app.engine.config().job_timeout)?;
     let view = app.engine.submit(spec)?;

@@ -5,6 +5,8 @@
 pub mod a1111;
 mod jobs;
 mod native;
+#[cfg(test)]
+mod off_runtime_tests;
 pub mod openai;
 pub mod web;
 
@@ -454,8 +456,26 @@ pub fn random_seed() -> u32 {
     h.finish() as u32
 }
 
-/// The body of `/generate` and `POST /jobs`, through the one validation place.
-pub(crate) fn read_generate_body(
+/// Runs request validation on tokio's blocking pool: it decodes and resizes request images
+/// (`init_image`, `mask_image`), up to a CPU-second for a large one, which on the runtime's
+/// own threads would stall every other connection meanwhile.
+pub(crate) async fn off_the_runtime<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<ApiError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(ApiError::Internal(format!("request validation did not run: {e}")).into()),
+    }
+}
+
+/// The body of `/generate` and `POST /jobs`, through the one validation place (off the
+/// runtime's threads: it may decode images).
+pub(crate) async fn read_generate_body(
     app: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -472,7 +492,7 @@ pub(crate) fn read_generate_body(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     )?;
-    validate::parse_generate(&body)
+    off_the_runtime(move || validate::parse_generate(&body)).await
 }
 
 /// The job for a validated request: seed and scheduler resolved, `request` the request as run.

@@ -94,7 +94,7 @@ async fn generate_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = read_generate_body(app, headers, body)?;
+    let req = read_generate_body(app, headers, body).await?;
     let out = run(app, req).await?;
     Ok(json_bytes(out.body, out.cache, out.stats))
 }

@@ -238,7 +238,7 @@ fn deeply_nested_bodies_are_rejected_cleanly() {
 }
 
 mod dialects;
-mod harness;
+pub(crate) mod harness;
 mod images;
 
 pub(crate) use images::peak_during;

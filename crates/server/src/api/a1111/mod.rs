@@ -165,7 +165,11 @@ async fn generate(
     let clip_skip = lock(&app.a1111.options)
         .get("CLIP_stop_at_last_layers")
         .cloned();
-    let t = translate::translate(&body, mode, clip_skip.as_ref(), random_seed)?;
+    // Off the runtime's threads: validation decodes init_images and mask.
+    let (t, body) = crate::api::off_the_runtime(move || {
+        translate::translate(&body, mode, clip_skip.as_ref(), random_seed).map(|t| (t, body))
+    })
+    .await?;
     if !t.ignored.is_empty() {
         tracing::debug!(fields = ?t.ignored, "A1111 fields with no equivalent here, ignored");
     }

@@ -130,7 +130,11 @@ async fn run(
     native_body: Map<String, Value>,
     format: ResponseFormat,
 ) -> Result<Response, OpenAiError> {
-    let req = crate::validate::validate_object(&native_body).map_err(translate::openai_names)?;
+    // Off the runtime's threads: validation decodes the edit's image and mask.
+    let req = crate::api::off_the_runtime(move || {
+        crate::validate::validate_object(&native_body).map_err(translate::openai_names)
+    })
+    .await?;
     let out = native::run(app, req).await?;
     let prompt = out.prompt()?;
     let mut data = Vec::new();
@@ -252,25 +256,30 @@ async fn edits(
         );
     }
     let t = translate::translate(&body, &fields)?;
+    let format = t.format;
     let mut native_body = t.native;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    // OpenAI: without a mask, the image's own transparent pixels are the ones repainted.
-    let mask = match mask {
-        Some(m) => Some(translate::mask_from_alpha(&m, "mask")?.unwrap_or(m)),
-        None => translate::mask_from_alpha(&image, "image")?,
-    };
-    if let Some(m) = mask {
-        if !fields.contains(&"mask_image") {
-            return Err(ApiError::validation(
-                "mask",
-                "inpainting is not supported by this server yet",
-            )
-            .into());
+    // Off the runtime's threads: reading the alpha channel decodes the images.
+    let native_body = crate::api::off_the_runtime(move || {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        // OpenAI: without a mask, the image's own transparent pixels are the ones repainted.
+        let mask = match mask {
+            Some(m) => Some(translate::mask_from_alpha(&m, "mask")?.unwrap_or(m)),
+            None => translate::mask_from_alpha(&image, "image")?,
+        };
+        if let Some(m) = mask {
+            if !fields.contains(&"mask_image") {
+                return Err(ApiError::validation(
+                    "mask",
+                    "inpainting is not supported by this server yet",
+                ));
+            }
+            native_body.insert("mask_image".into(), json!(b64(&m)));
         }
-        native_body.insert("mask_image".into(), json!(b64(&m)));
-    }
-    native_body.insert("init_image".into(), json!(b64(&image)));
-    run(&app, &headers, native_body, t.format).await
+        native_body.insert("init_image".into(), json!(b64(&image)));
+        Ok(native_body)
+    })
+    .await?;
+    run(&app, &headers, native_body, format).await
 }
 
 fn model_object(id: &str) -> Value {
