@@ -45,7 +45,7 @@ fn main() -> std::process::ExitCode {
             } else {
                 hub::Layout::Pipeline
             };
-            hub::download_main(&args.model, args.model_cache_dir, args.fp16, layout)
+            hub::command::download_main(&args.model, args.model_cache_dir, args.fp16, layout)
         }
     }
 }

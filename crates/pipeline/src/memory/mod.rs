@@ -6,10 +6,12 @@
 //! lives where, blending, the breaker) is plain Rust and unit-tested without a GPU.
 
 pub mod breaker;
+pub mod estimate;
 pub mod footprint;
 pub mod offload;
 pub mod plan;
 pub mod precision;
+pub mod request;
 pub mod tiling;
 
 pub use breaker::{classify_oom, is_out_of_memory_text, OomBreaker};

@@ -1,6 +1,7 @@
-//! What a hub-shaped `--model` value would be as a local path, for errors that name both.
+//! What a `--model` value names (folder, single file, hub id), and what a hub-shaped value
+//! would be as a local path, for errors that name both.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{HubError, DEFAULT_MODEL, MOVED};
 
@@ -77,5 +78,102 @@ impl HubError {
             Self::Offline(m) => Self::Offline(format!("{m}; {hint}")),
             other => other,
         }
+    }
+}
+
+/// What a `--model` value names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    Folder(PathBuf),
+    File(PathBuf),
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+fn looks_like_path(s: &str) -> bool {
+    s.starts_with('/')
+        || s.starts_with("./")
+        || s.starts_with("../")
+        || s.starts_with('~')
+        || s.starts_with('.')
+        || s.split('/').count() > 2
+        || sdserve_pipeline::single_file::is_single_file(Path::new(s))
+}
+
+fn valid_repo_part(p: &str) -> bool {
+    !p.is_empty()
+        && p != "."
+        && p != ".."
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Classifies `spec`. Existing paths win over repo ids.
+pub fn parse_spec(spec: &str) -> Result<Spec, HubError> {
+    let spec = spec.trim();
+    let p = Path::new(spec);
+    if p.is_dir() {
+        return Ok(Spec::Folder(p.to_path_buf()));
+    }
+    if p.is_file() {
+        if sdserve_pipeline::single_file::is_single_file(p) {
+            return Ok(Spec::File(p.to_path_buf()));
+        }
+        return Err(HubError::InvalidSpec(format!(
+            "{spec}: not a model (expected a diffusers folder, a .safetensors or .ckpt checkpoint, or a hub id)"
+        )));
+    }
+    if looks_like_path(spec) {
+        return Err(HubError::InvalidSpec(format!(
+            "{spec}: no such file or folder"
+        )));
+    }
+    let (repo, revision) = match spec.split_once('@') {
+        Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
+        _ => (spec, None),
+    };
+    match repo.split_once('/') {
+        Some((org, name)) if valid_repo_part(org) && valid_repo_part(name) => Ok(Spec::Hub {
+            repo: repo.to_string(),
+            revision,
+        }),
+        _ => Err(HubError::InvalidSpec(format!(
+            "{spec:?} is neither an existing path nor a hub id like `org/name`"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(
+            parse_spec("stable-diffusion-v1-5/stable-diffusion-v1-5").unwrap(),
+            Spec::Hub {
+                repo: DEFAULT_MODEL.into(),
+                revision: None
+            }
+        );
+        assert_eq!(
+            parse_spec("org/name@v1.0").unwrap(),
+            Spec::Hub {
+                repo: "org/name".into(),
+                revision: Some("v1.0".into())
+            }
+        );
+        let e = parse_spec("/no/such/model.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such file"), "{e}");
+        let e = parse_spec("justaname").unwrap_err().to_string();
+        assert!(e.contains("org/name"), "{e}");
+        assert!(matches!(
+            parse_spec(env!("CARGO_MANIFEST_DIR")).unwrap(),
+            Spec::Folder(_)
+        ));
     }
 }

@@ -1,0 +1,338 @@
+//! Estimated peak device memory of each stage under a memory plan: the big tensors each stage
+//! keeps alive at once (weights resident, activations, attention scores per piece).
+
+use candle_core::DType;
+
+use super::footprint::{Footprint, ModelShapes};
+use super::plan::{MemoryPlan, Offload, PlanRequest, StageEstimate};
+use crate::attention::{AttentionSlicing, AUTO_SLICE_BYTES};
+
+fn div_ceil_pow2(x: usize, level: usize) -> usize {
+    x.div_ceil(1 << level)
+}
+
+/// Elements of one attention piece under `slicing` for `bh` (batch x heads) score matrices of
+/// `n` query rows by `m` keys: mirrors the piece sizes of `attention::sdpa`.
+fn attention_piece(bh: u64, n: u64, m: u64, slicing: AttentionSlicing) -> u64 {
+    let per_head = n * m;
+    let by_budget = |budget: u64, hp: u64| {
+        if hp == 1 && per_head * 4 > budget {
+            (budget / (4 * m).max(1)).clamp(1, n) * m
+        } else {
+            hp * per_head
+        }
+    };
+    let auto = AUTO_SLICE_BYTES as u64;
+    match slicing {
+        AttentionSlicing::Off => bh * per_head,
+        AttentionSlicing::Heads(h) => by_budget(auto, (h as u64).clamp(1, bh)),
+        AttentionSlicing::Auto => by_budget(auto, (auto / (4 * per_head).max(1)).clamp(1, bh)),
+        AttentionSlicing::MaxBytes(b) => {
+            let b = b as u64;
+            by_budget(b, (b / (4 * per_head).max(1)).clamp(1, bh))
+        }
+    }
+}
+
+/// Peak bytes of the UNet's activations for a `width` x `height` request.
+///
+/// Attention: per score element, the matmul output (dtype), its f32 copy, the f32 softmax and the
+/// probabilities back in the dtype are alive at once: `2 * s + 8` bytes. Features: the skip
+/// connections (`layers + 1` per level) plus the working set of the full-resolution level
+/// (group-norm f32 temporaries, GEGLU's `8C` projection and `4C` product).
+pub fn unet_activation_bytes(
+    shapes: &ModelShapes,
+    width: usize,
+    height: usize,
+    batch: usize,
+    dtype: DType,
+    slicing: AttentionSlicing,
+) -> u64 {
+    let s = dtype.size_in_bytes() as u64;
+    let f = shapes.vae_scale_factor;
+    let (h, w) = (height.div_ceil(f), width.div_ceil(f));
+    let b = batch as u64;
+    let mut attention = 0u64;
+    for lvl in &shapes.attention_levels {
+        let n = (div_ceil_pow2(h, lvl.level) * div_ceil_pow2(w, lvl.level)) as u64;
+        let bh = b * lvl.heads as u64;
+        let piece = attention_piece(bh, n, n, slicing);
+        attention = attention.max(piece * (2 * s + 8));
+    }
+    let mut skips = 0u64;
+    for (i, &c) in shapes.unet_channels.iter().enumerate() {
+        let n = (div_ceil_pow2(h, i) * div_ceil_pow2(w, i)) as u64;
+        skips += (shapes.unet_layers_per_block as u64 + 1) * b * c as u64 * n * s;
+    }
+    let c0 = shapes.unet_channels.first().copied().unwrap_or(0) as u64;
+    let working = b * (h * w) as u64 * c0 * (15 * s + 12);
+    attention + skips + working
+}
+
+/// Peak bytes of the VAE decoder's activations for one image of `width` x `height` pixels
+/// (one tile when tiling).
+///
+/// At each up block the first resnet holds its input (`c_in` channels), the f32 group-norm
+/// temporaries (12 bytes per input value), the activation, the conv output and the shortcut
+/// (`c_out` channels): `c_in * (2s + 12) + c_out * 2s` per pixel. The mid-block attention over
+/// the latent grid is one head of `N x N` scores.
+pub fn vae_activation_bytes(
+    shapes: &ModelShapes,
+    width: usize,
+    height: usize,
+    dtype: DType,
+    slicing: AttentionSlicing,
+) -> u64 {
+    let s = dtype.size_in_bytes() as u64;
+    let f = shapes.vae_scale_factor;
+    let (h, w) = (height.div_ceil(f), width.div_ceil(f));
+    let ch: Vec<u64> = shapes
+        .vae_channels
+        .iter()
+        .rev()
+        .map(|&c| c as u64)
+        .collect();
+    let mut prev = ch.first().copied().unwrap_or(0);
+    let mut peak = 0u64;
+    for (i, &out) in ch.iter().enumerate() {
+        let px = ((h << i) * (w << i)) as u64;
+        peak = peak.max(px * (prev * (2 * s + 12) + out * 2 * s));
+        if i + 1 < ch.len() {
+            // The upsampler: nearest-2x copy and its conv output, at twice the resolution.
+            peak = peak.max(4 * px * out * 2 * s);
+        }
+        prev = out;
+    }
+    if shapes.vae_mid_attention {
+        let n = (h * w) as u64;
+        let piece = attention_piece(1, n, n, slicing);
+        peak = peak.max(piece * (2 * s + 8) + n * prev * 4 * s);
+    }
+    // The output image (f32 for postprocessing) and the latents.
+    peak + (3 * height * width) as u64 * 4
+}
+
+/// Peak bytes of the VAE encoder's activations for one image of `width` x `height` pixels (one
+/// tile when tiling): the decoder's formula run the other way. At each down block the first
+/// resnet holds its input, the f32 group-norm temporaries, the activation, the conv output and
+/// the shortcut; the mid-block attention over the latent grid is one head of `N x N` scores.
+pub fn vae_encoder_activation_bytes(
+    shapes: &ModelShapes,
+    width: usize,
+    height: usize,
+    dtype: DType,
+    slicing: AttentionSlicing,
+) -> u64 {
+    let s = dtype.size_in_bytes() as u64;
+    let ch: Vec<u64> = shapes.vae_channels.iter().map(|&c| c as u64).collect();
+    let mut prev = ch.first().copied().unwrap_or(0);
+    let mut peak = 0u64;
+    for (i, &out) in ch.iter().enumerate() {
+        let px = (height.div_ceil(1 << i) * width.div_ceil(1 << i)) as u64;
+        peak = peak.max(px * (prev * (2 * s + 12) + out * 2 * s));
+        prev = out;
+    }
+    let f = shapes.vae_scale_factor;
+    let n = (height.div_ceil(f) * width.div_ceil(f)) as u64;
+    if shapes.vae_mid_attention {
+        let piece = attention_piece(1, n, n, slicing);
+        peak = peak.max(piece * (2 * s + 8) + n * prev * 4 * s);
+    }
+    peak
+}
+
+/// The request's pixels on the device while its latents are prepared: the init image, the
+/// mask and the masked image in f32 (7 planes), at the request's size.
+fn init_image_bytes(width: usize, height: usize) -> u64 {
+    (7 * width * height) as u64 * 4
+}
+
+/// Estimated peak of each stage under `plan` for the largest request of `req`.
+pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEstimate {
+    let s = req.dtype.size_in_bytes() as u64;
+    let sv = plan.vae_dtype.size_in_bytes() as u64;
+    let wts = &fp.weights;
+    // The VAE encoder is a component like the decoder: resident with the others, or (offload)
+    // on the device only while it encodes the init image, as the decoder only while it decodes.
+    let (te, unet, enc, dec) = (
+        wts.text_encoder * s,
+        wts.unet_total() * s,
+        wts.vae_encoder * sv,
+        wts.vae_decoder * sv,
+    );
+    let all = te + unet + enc + dec;
+    let (w, h) = (req.max_width, req.max_height);
+    // Text encoder: 77 tokens, a few MB of activations; 64 MiB covers any SD 1.x encoder.
+    let text_act = 64u64 << 20;
+    let unet_act = unet_activation_bytes(&fp.shapes, w, h, req.batch, req.dtype, plan.attention);
+    let vae_act = match plan.vae_tiling {
+        Some(t) => {
+            let px = t.tile_latent * fp.shapes.vae_scale_factor;
+            // Decoded tiles wait for blending: about the whole image again, in the VAE dtype.
+            vae_activation_bytes(
+                &fp.shapes,
+                px.min(w),
+                px.min(h),
+                plan.vae_dtype,
+                plan.attention,
+            ) + (3 * w * h) as u64 * sv * 2
+        }
+        None => vae_activation_bytes(&fp.shapes, w, h, plan.vae_dtype, plan.attention),
+    };
+    // The encoder sees the init image resized to the request's size; tiled when the plan tiles
+    // the VAE (as diffusers' `use_tiling` covers both halves) and the image is over a tile.
+    let enc_act = init_image_bytes(w, h)
+        + match plan.vae_tiling {
+            Some(t) => {
+                let px = t.tile_latent * fp.shapes.vae_scale_factor;
+                let f = fp.shapes.vae_scale_factor.max(1) as u64;
+                // Moments tiles (2 x latent channels) wait for blending: about the latent again.
+                vae_encoder_activation_bytes(
+                    &fp.shapes,
+                    px.min(w),
+                    px.min(h),
+                    plan.vae_dtype,
+                    plan.attention,
+                ) + (2 * fp.shapes.latent_channels * w * h) as u64 / (f * f) * sv * 2
+            }
+            None => vae_encoder_activation_bytes(&fp.shapes, w, h, plan.vae_dtype, plan.attention),
+        };
+    // What must be resident during each stage.
+    let (text_w, enc_w, unet_w, vae_w) = match plan.offload {
+        Offload::None => (all, all, all, all),
+        Offload::Model => (te, enc, unet, dec),
+        // One block computing, the next one arriving, plus the small always-resident parts.
+        Offload::Sequential => (
+            te,
+            enc,
+            (wts.unet_other() + 2 * wts.unet_largest_block()) * s,
+            dec,
+        ),
+    };
+    // The text embeddings and latents live through the whole run; they are tiny.
+    StageEstimate {
+        text: text_w + text_act,
+        encode: enc_w + enc_act,
+        unet: unet_w + unet_act,
+        vae: vae_w + vae_act,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::footprint::{AttentionLevel, WeightCounts};
+    use crate::memory::plan::LeverOverrides;
+
+    /// A toy model with round numbers, to check the formulas by hand.
+    fn toy() -> Footprint {
+        Footprint {
+            weights: WeightCounts {
+                unet: [
+                    ("down_blocks.0".to_string(), 100),
+                    ("other".to_string(), 10),
+                ]
+                .into_iter()
+                .collect(),
+                text_encoder: 50,
+                vae_decoder: 20,
+                vae_encoder: 0,
+            },
+            shapes: ModelShapes {
+                latent_channels: 4,
+                vae_scale_factor: 8,
+                unet_channels: vec![4],
+                unet_layers_per_block: 1,
+                attention_levels: vec![AttentionLevel {
+                    level: 0,
+                    heads: 2,
+                    channels: 4,
+                }],
+                context_len: 77,
+                vae_channels: vec![2],
+                vae_mid_attention: false,
+                vae_force_upcast: false,
+                vae_sample_size: Some(64),
+            },
+        }
+    }
+
+    #[test]
+    fn unet_activation_formula() {
+        let fp = toy();
+        // 16x16 pixels -> 2x2 latent, N = 4 tokens; batch 2, 2 heads -> 4 * 16 scores.
+        let b = unet_activation_bytes(&fp.shapes, 16, 16, 2, DType::F32, AttentionSlicing::Off);
+        let attention = 4 * 16 * (2 * 4 + 8);
+        let skips = 2 * 2 * 4 * 4 * 4; // (layers+1) * B * C * N * s
+        let working = 2 * 4 * 4 * (15 * 4 + 12);
+        assert_eq!(b, (attention + skips + working) as u64);
+    }
+
+    #[test]
+    fn slicing_bounds_the_attention_piece() {
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Off), 100);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Auto), 100);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::Heads(1)), 25);
+        // 2 heads of 5x5 f32 scores fit in 200 bytes; one row of 5 in 20.
+        assert_eq!(
+            attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(200)),
+            50
+        );
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(40)), 10);
+        assert_eq!(attention_piece(4, 5, 5, AttentionSlicing::MaxBytes(1)), 5);
+        // SD 1.5 at 512x512: 4096 tokens, one head is 64 MiB of f32 scores: 4 heads per piece.
+        let auto = attention_piece(16, 4096, 4096, AttentionSlicing::Auto);
+        assert_eq!(auto * 4, AUTO_SLICE_BYTES as u64);
+    }
+
+    #[test]
+    fn offload_changes_what_is_resident() {
+        let fp = toy();
+        let req = PlanRequest {
+            budget_bytes: 1 << 40,
+            max_width: 16,
+            max_height: 16,
+            batch: 2,
+            dtype: DType::F16,
+            overrides: LeverOverrides::default(),
+        };
+        let mut p = MemoryPlan::cpu(DType::F16);
+        let none = estimate(&fp, &req, &p);
+        p.offload = Offload::Model;
+        let model = estimate(&fp, &req, &p);
+        // Without offload every stage carries all 180 parameters; with it, only its own.
+        assert_eq!(none.text - model.text, (110 + 20) * 2);
+        assert_eq!(none.unet - model.unet, (50 + 20) * 2);
+        p.offload = Offload::Sequential;
+        let seq = estimate(&fp, &req, &p);
+        // Streaming: `other` plus two copies of the largest block instead of the whole UNet.
+        assert_eq!(seq.unet - model.unet, ((10 + 2 * 100) - 110) * 2);
+        assert!(
+            seq.unet > model.unet,
+            "a toy with one block streams more than it saves"
+        );
+    }
+
+    #[test]
+    fn encoder_estimate_counts_its_own_weights_when_offloaded() {
+        let mut fp = toy();
+        fp.weights.vae_encoder = 30;
+        let req = PlanRequest {
+            budget_bytes: 1 << 40,
+            max_width: 16,
+            max_height: 16,
+            batch: 2,
+            dtype: DType::F16,
+            overrides: LeverOverrides::default(),
+        };
+        let mut p = MemoryPlan::cpu(DType::F16);
+        let none = estimate(&fp, &req, &p);
+        p.offload = Offload::Model;
+        let model = estimate(&fp, &req, &p);
+        // Resident: every weight (110 + 50 + 30 + 20) at every stage; offloaded: its own 30.
+        assert_eq!(none.encode - model.encode, (110 + 50 + 20) * 2);
+        assert_eq!(none.vae - model.vae, (110 + 50 + 30) * 2);
+        let act = vae_encoder_activation_bytes(&fp.shapes, 16, 16, DType::F16, p.attention);
+        assert_eq!(model.encode, 30 * 2 + act + init_image_bytes(16, 16));
+    }
+}

@@ -1,0 +1,361 @@
+//! Every rule of `POST /generate` (the contract: README's field table, `/openapi.json`), in one place.
+//!
+//! The body is parsed to a JSON value first and each field checked by hand, so every error can
+//! name its field. Status choice (documented in the OpenAPI description too):
+//! - 400 `invalid_json`: not JSON at all, not an object, or not sent as `application/json`;
+//! - 422 `validation_error`: everything about fields: missing, wrong type, out of range, and
+//!   unknown fields. Every broken field is reported at once: `details` names them all and the
+//!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
+//!   optional field.
+
+use sdserve_pipeline::image_in::resize_lanczos;
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax};
+use sdserve_pipeline::prompt::parse_attention;
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::images::RequestImage;
+
+mod fields;
+mod for_model;
+#[cfg(test)]
+mod tests;
+
+use fields::FieldReader;
+pub use for_model::{check_for_model, check_loras, check_memory};
+
+pub const PROMPT_MAX_CHARS: usize = 500;
+pub const STEPS_MIN: u64 = 1;
+pub const STEPS_MAX: u64 = 50;
+pub const STEPS_DEFAULT: usize = 20;
+pub const SIZE_MIN: u64 = 256;
+pub const SIZE_MAX: u64 = 768;
+pub const SIZE_MULTIPLE: u64 = 64;
+pub const SIZE_DEFAULT: usize = 512;
+pub const SEED_MAX: u64 = u32::MAX as u64;
+pub const GUIDANCE_MIN: f64 = 0.0;
+pub const GUIDANCE_MAX: f64 = 30.0;
+pub const GUIDANCE_DEFAULT: f64 = 7.5;
+pub const BATCH_MIN: u64 = 1;
+pub const BATCH_MAX: u64 = 8;
+pub const STRENGTH_DEFAULT: f64 = 0.8;
+
+/// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
+/// properties must be these (tested).
+pub const FIELDS: [&str; 15] = [
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "width",
+    "height",
+    "seed",
+    "guidance_scale",
+    "scheduler",
+    "prompt_syntax",
+    "clip_skip",
+    "loras",
+    "batch_size",
+    "init_image",
+    "strength",
+    "mask_image",
+];
+pub const CLIP_SKIP_MAX: u64 = 4;
+pub const LORAS_MAX: usize = 8;
+pub const LORA_WEIGHT_MIN: f64 = -4.0;
+pub const LORA_WEIGHT_MAX: f64 = 4.0;
+
+/// A request that passed every rule, with defaults filled (seed and scheduler stay optional:
+/// they are resolved later, from the RNG and the loaded model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub width: usize,
+    pub height: usize,
+    pub seed: Option<u32>,
+    pub guidance_scale: f64,
+    pub scheduler: Option<SchedulerKind>,
+    pub prompt_syntax: PromptSyntax,
+    pub clip_skip: usize,
+    /// From `loras` and the prompt's `<lora:name:weight>` tags (taken out of `prompt`).
+    pub loras: Vec<(String, f64)>,
+    /// Images in one run; image i uses seed + i.
+    pub batch_size: usize,
+    /// img2img / inpainting: the decoded image, resized to `width` x `height` (which default to
+    /// its own size); `sha256` is the upload's.
+    pub init_image: Option<RequestImage>,
+    /// Inpainting: white = repaint; uploaded at the size of `init_image`, resized like it.
+    pub mask_image: Option<RequestImage>,
+    /// With an init image: how much of the schedule runs.
+    pub strength: f64,
+}
+
+impl ValidRequest {
+    /// The pipeline's parameters for this request with its seed and scheduler resolved.
+    pub fn generation_params(&self, seed: u64, scheduler: SchedulerKind) -> GenerationParams {
+        GenerationParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            width: self.width,
+            height: self.height,
+            seed,
+            guidance_scale: self.guidance_scale,
+            scheduler: Some(scheduler),
+            prompt_syntax: self.prompt_syntax,
+            clip_skip: self.clip_skip,
+            loras: self
+                .loras
+                .iter()
+                .map(|(name, weight)| LoraWeight {
+                    name: name.clone(),
+                    weight: *weight,
+                })
+                .collect(),
+            batch_size: self.batch_size,
+            init_image: self.init_image.as_ref().map(|init| InitImage {
+                image: init.image.clone(),
+                mask: self.mask_image.as_ref().map(|m| m.image.clone()),
+                strength: self.strength,
+            }),
+        }
+    }
+}
+
+/// Checks the `Content-Type` header value: JSON is required.
+pub fn check_content_type(value: Option<&str>) -> Result<(), ApiError> {
+    let ok = value
+        .and_then(|v| v.split(';').next())
+        .map(|m| {
+            let m = m.trim().to_ascii_lowercase();
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidJson(format!(
+            "Content-Type must be application/json (got {})",
+            value
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_else(|| "none".into())
+        )))
+    }
+}
+
+/// Parses a body that must be a JSON object (else 400 `invalid_json`).
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::InvalidJson(
+            "the body must be a JSON object".into(),
+        )),
+    }
+}
+
+/// Parses and validates a `/generate` body.
+pub fn parse_generate(body: &[u8]) -> Result<ValidRequest, ApiError> {
+    validate_object(&parse_object(body)?)
+}
+
+/// Whether a request may leave its prompt empty or out. The native API and OpenAI need text;
+/// AUTOMATIC1111 (and webuiapi) default the prompt to "", which CLIP encodes like any text
+/// (diffusers encodes "" as it encodes an empty negative prompt).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptRule {
+    /// 1..=500 characters after cleaning (the native contract).
+    Required,
+    /// 0..=500 characters; absent or `null` is "".
+    MayBeEmpty,
+}
+
+/// Every rule of `/generate` on a parsed object; a 422 lists every broken field.
+pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiError> {
+    validate_request(map, PromptRule::Required)
+}
+
+/// [`validate_object`] with the prompt rule of the dialect the request came in.
+pub fn validate_request(
+    map: &Map<String, Value>,
+    prompt_rule: PromptRule,
+) -> Result<ValidRequest, ApiError> {
+    let mut r = FieldReader::new(map, &FIELDS);
+    let prompt = match prompt_rule {
+        PromptRule::Required => r
+            .require("prompt")
+            .then(|| r.text("prompt", 1, PROMPT_MAX_CHARS))
+            .flatten(),
+        PromptRule::MayBeEmpty if r.value("prompt").is_none() => Some(String::new()),
+        PromptRule::MayBeEmpty => r.text("prompt", 0, PROMPT_MAX_CHARS),
+    };
+    let negative_prompt = r.text("negative_prompt", 0, PROMPT_MAX_CHARS);
+    let steps = r.int("steps", STEPS_MIN, STEPS_MAX);
+    let size_rule = |v: u64| {
+        (!v.is_multiple_of(SIZE_MULTIPLE)).then(|| format!("must be a multiple of {SIZE_MULTIPLE}"))
+    };
+    let width = r.int_with("width", SIZE_MIN, SIZE_MAX, size_rule);
+    let height = r.int_with("height", SIZE_MIN, SIZE_MAX, size_rule);
+    let seed = r.int("seed", 0, SEED_MAX);
+    let guidance_scale = r.number("guidance_scale", GUIDANCE_MIN, GUIDANCE_MAX);
+    let schedulers: Vec<(&str, SchedulerKind)> =
+        SchedulerKind::ALL.iter().map(|k| (k.name(), *k)).collect();
+    let scheduler = r.choice("scheduler", &schedulers);
+    let prompt_syntax = r.choice(
+        "prompt_syntax",
+        &[
+            ("a1111", PromptSyntax::A1111),
+            ("plain", PromptSyntax::Plain),
+        ],
+    );
+    let clip_skip = r.int("clip_skip", 1, CLIP_SKIP_MAX);
+    let mut loras = r.with("loras", lora_list).unwrap_or_default();
+    // `<lora:name:weight>` tags do what `loras` does and leave the prompt.
+    let prompt = prompt.map(|p| {
+        let (text, tagged) = sdserve_pipeline::lora::extract_lora_tags(&p);
+        for (name, weight) in tagged {
+            if !(LORA_WEIGHT_MIN..=LORA_WEIGHT_MAX).contains(&weight) {
+                r.fail(
+                    "prompt",
+                    format!("<lora:{name}:{weight}>: the weight must be between {LORA_WEIGHT_MIN} and {LORA_WEIGHT_MAX}"),
+                );
+            }
+            loras.push((name, weight));
+        }
+        text.trim().to_string()
+    });
+    if loras.len() > LORAS_MAX {
+        r.fail(
+            "loras",
+            format!("at most {LORAS_MAX} LoRAs (with the prompt's <lora:...> tags)"),
+        );
+    }
+    // Emphasis multiplies weights, and `(a:999...9)` or nested `((a:1e30):1e30)` leave float32,
+    // in which the embeddings are weighted: the image would be NaN. Refused here instead.
+    if prompt_syntax.unwrap_or(PromptSyntax::A1111) == PromptSyntax::A1111 {
+        for (field, text) in [("prompt", &prompt), ("negative_prompt", &negative_prompt)] {
+            let pieces = text.as_deref().map(parse_attention).unwrap_or_default();
+            if let Some(w) = pieces
+                .iter()
+                .map(|p| p.weight)
+                .find(|&w| !(w as f32).is_finite())
+            {
+                r.fail(
+                    field,
+                    format!("an emphasis weight must stay a finite float32 number (got {w:e})"),
+                );
+            }
+        }
+    }
+    let batch_size = r.int("batch_size", BATCH_MIN, BATCH_MAX);
+    let image = |v: &Value| -> Result<RequestImage, String> {
+        crate::images::decode_base64(v.as_str().ok_or("must be a base64 string")?)
+    };
+    let init_image = r.with("init_image", image);
+    let mask_image = r.with("mask_image", image);
+    let strength = r.number("strength", 0.0, 1.0);
+    let has_init = r.value("init_image").is_some();
+    let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);
+    // A mask without an image to repaint is a mistake; a strength without one is ignored
+    // (A1111 clients send denoising_strength with every txt2img request).
+    if !has_init && r.value("mask_image").is_some() {
+        r.fail("mask_image", "only with init_image");
+    }
+    if let (Some(init), Some(mask)) = (&init_image, &mask_image) {
+        let (a, b) = (&init.image, &mask.image);
+        if (a.width, a.height) != (b.width, b.height) {
+            r.fail(
+                "mask_image",
+                format!(
+                    "must be the size of init_image ({}x{}), got {}x{}",
+                    a.width, a.height, b.width, b.height
+                ),
+            );
+        }
+    }
+    // The default strength counts too (steps 1 at 0.8 runs no step); a broken strength is
+    // reported once, by its own rule.
+    let usable = strength.or((r.value("strength").is_none()).then_some(STRENGTH_DEFAULT));
+    if let (true, Some(s)) = (has_init, usable) {
+        if (steps as f64 * s) < 1.0 {
+            r.fail(
+                "strength",
+                format!("int(steps * strength) must be at least 1 (steps {steps}, strength {s})"),
+            );
+        }
+    }
+    r.finish()?;
+    // With an init image the size defaults to its own, floored to the multiple and clamped.
+    let side = |given: Option<u64>, of_image: Option<u32>| match (given, of_image) {
+        (Some(v), _) => v as usize,
+        (None, Some(px)) => crate::images::default_side(px, SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE),
+        (None, None) => SIZE_DEFAULT,
+    };
+    let init_size = init_image.as_ref().map(|i| (i.image.width, i.image.height));
+    let width = side(width, init_size.map(|s| s.0));
+    let height = side(height, init_size.map(|s| s.1));
+    // The pipeline resizes both images to the request's size with this same Lanczos (a no-op
+    // at that size), so resizing here gives identical pixels; a queued job then holds the small
+    // image, not the upload's full decode (48 MB for a 4096x4096 one).
+    let fit = |i: Option<RequestImage>| {
+        i.map(|mut i| {
+            i.image = resize_lanczos(&i.image, width, height);
+            i
+        })
+    };
+    let (init_image, mask_image) = (fit(init_image), fit(mask_image));
+    Ok(ValidRequest {
+        prompt: prompt.unwrap_or_default(),
+        negative_prompt: negative_prompt.unwrap_or_default(),
+        steps,
+        width,
+        height,
+        seed: seed.map(|v| v as u32),
+        guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
+        scheduler,
+        prompt_syntax: prompt_syntax.unwrap_or(PromptSyntax::A1111),
+        clip_skip: clip_skip.map_or(1, |v| v as usize),
+        loras,
+        batch_size: batch_size.map_or(1, |v| v as usize),
+        init_image,
+        mask_image,
+        strength: strength.unwrap_or(STRENGTH_DEFAULT),
+    })
+}
+
+/// `loras`: `[{"name": str, "weight": number}]` (weight 1 when absent).
+fn lora_list(v: &Value) -> Result<Vec<(String, f64)>, String> {
+    let rule = format!(
+        "must be an array of at most {LORAS_MAX} objects {{\"name\": string, \"weight\": number between {LORA_WEIGHT_MIN} and {LORA_WEIGHT_MAX}}}"
+    );
+    let items = v.as_array().ok_or_else(|| rule.clone())?;
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "name" | "weight"))
+        {
+            return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
+        }
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| format!("[{i}].name: a non-empty string is required"))?;
+        let weight = match obj.get("weight") {
+            None | Some(Value::Null) => 1.0,
+            Some(w) => w
+                .as_f64()
+                .filter(|w| (LORA_WEIGHT_MIN..=LORA_WEIGHT_MAX).contains(w))
+                .ok_or_else(|| {
+                    format!("[{i}].weight: must be a number between {LORA_WEIGHT_MIN} and {LORA_WEIGHT_MAX}")
+                })?,
+        };
+        out.push((name.trim().to_string(), weight));
+    }
+    Ok(out)
+}

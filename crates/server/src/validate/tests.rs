@@ -1,0 +1,271 @@
+use super::*;
+
+fn parse(s: &str) -> Result<ValidRequest, ApiError> {
+    parse_generate(s.as_bytes())
+}
+
+/// The one broken field of a 422.
+fn field_of(e: ApiError) -> String {
+    match e.fields() {
+        [one] => one.field.clone(),
+        _ => panic!("expected one broken field, got {e:?}"),
+    }
+}
+
+#[test]
+fn defaults_are_filled() {
+    let r = parse(r#"{"prompt":"  a cat  "}"#).unwrap();
+    assert_eq!(r.prompt, "a cat");
+    assert_eq!(
+        (r.steps, r.width, r.height, r.guidance_scale),
+        (20, 512, 512, 7.5)
+    );
+    assert_eq!(
+        (r.seed, r.scheduler, r.negative_prompt.as_str()),
+        (None, None, "")
+    );
+}
+
+#[test]
+fn edges_on_both_sides() {
+    for (field, ok, bad) in [
+        (
+            "steps",
+            vec!["1", "50", "20.0"],
+            vec!["0", "51", "-1", "2.5", "\"20\"", "true"],
+        ),
+        (
+            "width",
+            vec!["256", "768", "320"],
+            vec!["192", "832", "300", "255", "769"],
+        ),
+        ("height", vec!["256", "768"], vec!["0", "1024", "257"]),
+        (
+            "seed",
+            vec!["0", "4294967295", "null"],
+            vec!["-1", "4294967296", "1.5", "\"1\""],
+        ),
+        (
+            "guidance_scale",
+            vec!["0", "0.0", "30", "30.0", "1"],
+            vec!["-0.001", "30.001", "\"7\""],
+        ),
+        (
+            "scheduler",
+            vec!["\"euler_a\"", "\"unipc\"", "null"],
+            vec!["\"Euler\"", "\"foo\"", "1"],
+        ),
+    ] {
+        for v in ok {
+            parse(&format!(r#"{{"prompt":"x","{field}":{v}}}"#))
+                .unwrap_or_else(|e| panic!("{field}={v}: {e:?}"));
+        }
+        for v in bad {
+            let e = parse(&format!(r#"{{"prompt":"x","{field}":{v}}}"#))
+                .expect_err(&format!("{field}={v}"));
+            assert_eq!(field_of(e), field, "{field}={v}");
+        }
+    }
+}
+
+#[test]
+fn prompt_rules() {
+    let p500 = "é".repeat(500);
+    assert_eq!(
+        parse(&format!(r#"{{"prompt":"{p500}"}}"#))
+            .unwrap()
+            .prompt
+            .chars()
+            .count(),
+        500
+    );
+    let p501 = "é".repeat(501);
+    assert_eq!(
+        field_of(parse(&format!(r#"{{"prompt":"{p501}"}}"#)).unwrap_err()),
+        "prompt"
+    );
+    // 500 after trimming is fine.
+    assert!(parse(&format!(r#"{{"prompt":"  {p500}\n"}}"#)).is_ok());
+    for bad in [
+        r#"{"prompt":""}"#,
+        r#"{"prompt":"   "}"#,
+        r#"{"prompt":"\u0001\u0007"}"#,
+        r#"{}"#,
+        r#"{"prompt":null}"#,
+        r#"{"prompt":3}"#,
+    ] {
+        assert_eq!(field_of(parse(bad).unwrap_err()), "prompt", "{bad}");
+    }
+    let r =
+        parse(r#"{"prompt":"\u0001 a\u0000b\tc\u007f ","negative_prompt":" x\u0002 "}"#).unwrap();
+    assert_eq!(r.prompt, "ab\tc");
+    assert_eq!(r.negative_prompt, "x");
+    let n501 = "n".repeat(501);
+    assert_eq!(
+        field_of(parse(&format!(r#"{{"prompt":"x","negative_prompt":"{n501}"}}"#)).unwrap_err()),
+        "negative_prompt"
+    );
+    assert!(parse(r#"{"prompt":"x","negative_prompt":""}"#).is_ok());
+}
+
+#[test]
+fn shape_errors() {
+    assert!(matches!(parse("{"), Err(ApiError::InvalidJson(_))));
+    assert!(matches!(parse("[1]"), Err(ApiError::InvalidJson(_))));
+    assert!(matches!(parse(""), Err(ApiError::InvalidJson(_))));
+    assert_eq!(
+        field_of(parse(r#"{"prompt":"x","sampler":"euler"}"#).unwrap_err()),
+        "sampler"
+    );
+    assert!(check_content_type(Some("application/json; charset=utf-8")).is_ok());
+    assert!(check_content_type(Some("text/plain")).is_err());
+    assert!(check_content_type(None).is_err());
+}
+
+#[test]
+fn null_means_the_default_for_every_optional_field() {
+    let defaults = parse(r#"{"prompt":"x"}"#).unwrap();
+    for field in FIELDS.iter().filter(|f| **f != "prompt") {
+        let r = parse(&format!(r#"{{"prompt":"x","{field}":null}}"#))
+            .unwrap_or_else(|e| panic!("{field}: null refused: {e:?}"));
+        assert_eq!(r, defaults, "{field}");
+    }
+}
+
+#[test]
+fn every_broken_field_is_reported_in_reading_order() {
+    let e = parse(
+        r#"{"sampler":"x","steps":0,"width":300,"height":1024,"seed":-1,"guidance_scale":"7","scheduler":"Euler","negative_prompt":5}"#,
+    )
+    .unwrap_err();
+    let fields: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "sampler",
+            "prompt",
+            "negative_prompt",
+            "steps",
+            "width",
+            "height",
+            "seed",
+            "guidance_scale",
+            "scheduler"
+        ]
+    );
+    let details = e.body().details.unwrap();
+    assert!(
+        details.contains("width: must be a multiple of 64 (got 300)"),
+        "{details}"
+    );
+    assert!(details.contains("prompt: is required"), "{details}");
+    assert_eq!(details.matches("; ").count(), fields.len() - 1, "{details}");
+}
+
+#[test]
+fn request_images_are_kept_at_the_request_size_with_the_pipelines_pixels() {
+    use base64::Engine;
+    use sdserve_pipeline::image_in::image_tensor;
+    use sdserve_pipeline::pipeline::RgbImage;
+    let upload = |w: u32, h: u32, salt: u32| {
+        let img = RgbImage {
+            width: w,
+            height: h,
+            pixels: (0..w * h * 3)
+                .map(|i| ((i * 7 + salt) % 253) as u8)
+                .collect(),
+        };
+        let png = crate::png::encode(&img, "").unwrap();
+        (img, base64::engine::general_purpose::STANDARD.encode(png))
+    };
+    let (init, init_b64) = upload(700, 300, 1);
+    let (mask, mask_b64) = upload(700, 300, 2);
+    let body = serde_json::json!({
+        "prompt": "p", "init_image": init_b64, "mask_image": mask_b64, "height": 320
+    });
+    let r = parse(&body.to_string()).unwrap();
+    // Width defaults to the image's, floored to a multiple of 64; height as given.
+    assert_eq!((r.width, r.height), (640, 320));
+    let kept = &r.init_image.as_ref().unwrap().image;
+    assert_eq!((kept.width, kept.height), (640, 320));
+    assert_eq!(*kept, resize_lanczos(&init, 640, 320));
+    let kept_mask = &r.mask_image.as_ref().unwrap().image;
+    assert_eq!(*kept_mask, resize_lanczos(&mask, 640, 320));
+    // What the VAE gets is the same whether the pipeline resizes the upload or this.
+    let dev = candle_core::Device::Cpu;
+    let a = image_tensor(&init, 640, 320, &dev).unwrap();
+    let b = image_tensor(kept, 640, 320, &dev).unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn a_batch_over_the_memory_budget_is_a_422_naming_batch_size() {
+    use sdserve_pipeline::memory::{Footprint, LeverOverrides, PlanRequest};
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/tiny-a");
+    // tiny-a's VAE factor is 2: a 768 image is a 384x384 latent, a heavy UNet batch.
+    let budget = crate::gpu::MemoryBudget {
+        footprint: Footprint::from_model_dir(&dir, candle_core::DType::F32).unwrap(),
+        request: PlanRequest {
+            budget_bytes: 2048 << 20,
+            max_width: 768,
+            max_height: 768,
+            batch: 2,
+            dtype: candle_core::DType::F32,
+            overrides: LeverOverrides::default(),
+        },
+    };
+    let params = |batch_size, side, guidance_scale| GenerationParams {
+        batch_size,
+        width: side,
+        height: side,
+        guidance_scale,
+        ..Default::default()
+    };
+    assert!(check_memory(&params(1, 768, 7.5), Some(&budget)).is_ok());
+    assert!(check_memory(&params(8, 256, 7.5), Some(&budget)).is_ok());
+    let e = check_memory(&params(8, 768, 7.5), Some(&budget)).unwrap_err();
+    let [f] = e.fields() else { panic!("{e:?}") };
+    assert_eq!(f.field, "batch_size");
+    assert!(f.rule.contains("at most batch_size"), "{}", f.rule);
+    assert!(f.rule.contains("VRAM_LIMIT_MB"), "{}", f.rule);
+    // No budget (the CPU): nothing to check.
+    assert!(check_memory(&params(8, 768, 7.5), None).is_ok());
+    // Too small a budget for even one image names the size.
+    let mut small = budget.clone();
+    small.request.budget_bytes = 520 << 20;
+    let e = check_memory(&params(1, 768, 7.5), Some(&small)).unwrap_err();
+    let names: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(names, ["width", "height"]);
+}
+
+#[test]
+fn emphasis_weights_past_float32_are_refused_naming_the_field() {
+    let huge = "9".repeat(320);
+    for (field, body) in [
+        ("prompt", format!(r#"{{"prompt": "(cat:{huge})"}}"#)),
+        (
+            "prompt",
+            r#"{"prompt": "(((cat:1e30)):9999999999)"}"#
+                .replace("1e30", "100000000000000000000000000000"),
+        ),
+        (
+            "negative_prompt",
+            format!(r#"{{"prompt": "cat", "negative_prompt": "(dog:{huge})"}}"#),
+        ),
+    ] {
+        let e = parse(&body).unwrap_err();
+        let fields: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, [field], "{body}");
+        assert!(
+            e.fields()[0].rule.contains("finite float32"),
+            "{:?}",
+            e.fields()
+        );
+    }
+    // Large finite weights, and any text with plain syntax, are fine.
+    assert!(parse(r#"{"prompt": "(cat:1000)"}"#).is_ok());
+    let plain = format!(r#"{{"prompt": "(cat:{huge})", "prompt_syntax": "plain"}}"#);
+    assert!(parse(&plain).is_ok());
+}
