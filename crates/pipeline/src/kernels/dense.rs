@@ -80,7 +80,9 @@ impl DeferredTranspose {
         let wt = transpose(w)?;
         let _ = self.wt.set(wt);
         if let Some(w) = stored.take() {
-            crate::weights::release_storage(&w);
+            // SAFETY: `stored` held the only handle on the weight as stored (`Dense::load`
+            // made it; nothing else sees it), and it is never read again.
+            unsafe { crate::weights::discard_storage(w) };
         }
         Ok(self.wt.get().expect("set above"))
     }
@@ -134,7 +136,7 @@ impl Dense {
         };
         let transposed = format!("weight{}", crate::weights::TRANSPOSED);
         let from_file = transposes(vb.dtype(), vb.device()) && vb.contains_tensor(&transposed);
-        if from_file && crate::weights::mapped::installed() {
+        if from_file && crate::weights::mapped::enabled() {
             let weight = vb.get(stored, "weight")?.reshape((out_dim, in_dim))?;
             if crate::weights::in_mapping(&weight) {
                 let bias = load_bias(&vb)?;

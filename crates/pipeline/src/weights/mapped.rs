@@ -66,6 +66,15 @@ pub fn installed() -> bool {
     INSTALLED.load(SeqCst)
 }
 
+/// Whether weights may live in their mapped files: the allocator is installed and
+/// `SDSERVE_WEIGHTS=copy` (every weight copied at load, as without the allocator: for A/B runs,
+/// or where model files may be rewritten in place under a running server) is not set.
+pub fn enabled() -> bool {
+    use std::sync::OnceLock;
+    static COPY: OnceLock<bool> = OnceLock::new();
+    installed() && !*COPY.get_or_init(|| std::env::var("SDSERVE_WEIGHTS").as_deref() == Ok("copy"))
+}
+
 /// Whether `p` points into a registered mapping (a buffer [`MappedFile::vec_f32`] handed out).
 pub fn in_mapping(p: *const u8) -> bool {
     find(p.cast_mut()).is_some()
@@ -188,7 +197,7 @@ impl MappedFile {
             });
         }
         let ptr = map(&file, len)?;
-        let slot = if installed() {
+        let slot = if enabled() {
             register(ptr as usize, len)
         } else {
             None
