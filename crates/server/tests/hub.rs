@@ -904,27 +904,87 @@ fn errors_that_will_not_pass_are_not_tried_again() {
     );
 }
 
+/// A folder of the working directory, for a hub-shaped spec `<it>/<missing>`: an existing one
+/// with a hub-id-like name (cargo runs tests in the crate's folder, which has `tests/`, but the
+/// test binary may run anywhere), else one made here for the test. Its first entry, sorted.
+struct HereFolder {
+    name: String,
+    first_entry: String,
+    made: bool,
+}
+impl HereFolder {
+    fn pick() -> Self {
+        let entries = |dir: &Path| -> Vec<String> {
+            let mut n: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        let hub_like = |n: &str| {
+            !n.starts_with('.')
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        let found = entries(Path::new(".")).into_iter().find_map(|n| {
+            let first = entries(Path::new(&n)).into_iter().next()?;
+            (hub_like(&n) && Path::new(&n).is_dir()).then_some((n, first))
+        });
+        match found {
+            Some((name, first_entry)) => Self {
+                name,
+                first_entry,
+                made: false,
+            },
+            None => {
+                let name = format!("sdserve-hub-here-{}", std::process::id());
+                std::fs::create_dir_all(Path::new(&name).join("unet")).unwrap();
+                Self {
+                    name,
+                    first_entry: "unet".into(),
+                    made: true,
+                }
+            }
+        }
+    }
+}
+impl Drop for HereFolder {
+    fn drop(&mut self) {
+        if self.made {
+            let _ = std::fs::remove_dir_all(&self.name);
+        }
+    }
+}
+
 #[test]
 fn a_mistyped_local_folder_is_named_as_one_quickly() {
-    // `tests/` exists (tests run in the crate's folder): `tests/sd15` is a local path gone wrong,
-    // not a hub repo. One quick try of the (unreachable) hub, no retries, then both readings.
+    // `<here>/sd15-never-made`, with `<here>/` a folder of the working directory, is a local path
+    // gone wrong, not a hub repo. One quick try of the (unreachable) hub, no retries, then both
+    // readings.
+    let here = HereFolder::pick();
+    let spec = format!("{}/sd15-never-made", here.name);
     let cache = Scratch::new("mistyped");
     let mut o = HubOptions::from_env(Some(cache.0.clone()), false);
     o.endpoint = "http://127.0.0.1:9".into();
     o.offline = false;
     o.retries = 5;
-    o.backoff = Duration::from_secs(1);
+    // No retry: answered before the first backoff would have ended (a long one, so that load
+    // cannot make a single try look like a retry).
+    o.backoff = Duration::from_secs(20);
     let t = std::time::Instant::now();
-    let e = hub::resolve_model("tests/sd15", &o, &quiet).unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let e = hub::resolve_model(&spec, &o, &quiet).unwrap_err();
+    assert!(t.elapsed() < o.backoff, "{:?}", t.elapsed());
     assert!(matches!(e, HubError::InvalidSpec(_)), "{e:?}");
     let msg = e.to_string();
     for want in [
-        "no local folder or file tests/sd15",
-        "tests/ holds:",
-        "hub.rs",
-        "as a hub id: cannot reach the hub",
+        format!("no local folder or file {spec}"),
+        format!("{}/ holds:", here.name),
+        here.first_entry.clone(),
+        "as a hub id: cannot reach the hub".to_string(),
     ] {
-        assert!(msg.contains(want), "{want:?} not in {msg}");
+        assert!(msg.contains(&want), "{want:?} not in {msg}");
     }
 }
