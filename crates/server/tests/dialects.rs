@@ -4,6 +4,8 @@
 //! real tiny model are driven by tests/clients (a `.ci/run` stage).
 
 mod common;
+#[path = "dialects/openai.rs"]
+mod openai;
 
 use std::time::{Duration, Instant};
 
@@ -152,6 +154,16 @@ fn a1111_prompt_may_be_empty_or_absent_but_not_natively() {
         &json!({"prompt": "", "size": "256x256"}),
     );
     openai_error(&r, 400, Some("prompt"));
+}
+
+fn openai_error(r: &Resp, status: u16, param: Option<&str>) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    let j = r.json();
+    let e = &j["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+    assert!(e["type"].is_string() && e["code"].is_string(), "{j}");
+    assert_eq!(e["param"].as_str(), param, "{j}");
+    e.clone()
 }
 
 /// A 256x256 PNG in base64 from the native route (an init image).
@@ -440,139 +452,6 @@ fn a1111_lists_options_and_png_info() {
     assert_eq!(r.broken_fields(), ["image"]);
 }
 
-fn openai_error(r: &Resp, status: u16, param: Option<&str>) -> Value {
-    assert_eq!(r.status, status, "{}", r.text());
-    let j = r.json();
-    let e = &j["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
-    assert!(e["type"].is_string() && e["code"].is_string(), "{j}");
-    assert_eq!(e["param"].as_str(), param, "{j}");
-    e.clone()
-}
-
-#[test]
-fn openai_generations_translate_and_errors_take_openai_shape() {
-    let s = ready("step_ms=0", &[]);
-    let r = post(
-        &s,
-        "/v1/images/generations",
-        &json!({"prompt": "a cat", "n": 1, "size": "256x320", "response_format": "b64_json",
-                "model": "dall-e-3", "quality": "standard", "seed": 4, "steps": 2,
-                "negative_prompt": "dog", "guidance_scale": 5, "scheduler": "ddim"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let j = r.json();
-    assert!(j["created"].as_u64().unwrap() > 1_700_000_000);
-    let data = j["data"].as_array().unwrap();
-    assert_eq!(data.len(), 1);
-    assert_eq!(data[0]["revised_prompt"], "a cat");
-    let want = native_pixels(
-        &s,
-        json!({"prompt": "a cat", "negative_prompt": "dog", "seed": 4, "steps": 2,
-               "guidance_scale": 5, "width": 256, "height": 320, "scheduler": "ddim"}),
-    );
-    assert_eq!(decode_png(data[0]["b64_json"].as_str().unwrap()).2, want);
-
-    // url: a link back here that serves the same PNG.
-    let r = post(
-        &s,
-        "/v1/images/generations",
-        &json!({"prompt": "a cat", "size": "256x320", "response_format": "url", "seed": 4, "steps": 2, "negative_prompt": "dog", "guidance_scale": 5, "scheduler": "ddim"}),
-    );
-    let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
-    let path = url.strip_prefix("http://test").expect(&url);
-    let png = s.get(path);
-    assert_eq!(png.header("content-type"), Some("image/png"));
-    use base64::Engine as _;
-    assert_eq!(
-        decode_png(&base64::engine::general_purpose::STANDARD.encode(&png.body)).2,
-        want
-    );
-
-    // Native 422s are OpenAI 400s naming OpenAI's parameter; no retry.
-    let r = post(
-        &s,
-        "/v1/images/generations",
-        &json!({"prompt": "x", "size": "1024x1024"}),
-    );
-    let e = openai_error(&r, 400, Some("size"));
-    assert_eq!(e["type"], "invalid_request_error");
-    assert!(e["message"].as_str().unwrap().contains("768"), "{e}");
-    assert_eq!(r.header("x-should-retry"), Some("false"));
-    openai_error(
-        &post(&s, "/v1/images/generations", &json!({"prompt": ""})),
-        400,
-        Some("prompt"),
-    );
-    openai_error(
-        &post(
-            &s,
-            "/v1/images/generations",
-            &json!({"prompt": "x", "width": 256}),
-        ),
-        400,
-        Some("width"),
-    );
-    openai_error(
-        &post(
-            &s,
-            "/v1/images/generations",
-            &json!({"prompt": "x", "response_format": "png"}),
-        ),
-        400,
-        Some("response_format"),
-    );
-    let r = s.request("POST", "/v1/images/generations", &[], b"{oops");
-    assert_eq!(openai_error(&r, 400, None)["code"], "invalid_json");
-    // Errors axum makes itself, and unknown routes, in OpenAI's shape too.
-    openai_error(&s.get("/v1/images/generations"), 405, None);
-    openai_error(&s.get("/v1/nothing"), 404, None);
-    openai_error(&s.get("/v1/images/files/0000.png"), 404, None);
-
-    let models = s.get("/v1/models").json();
-    assert_eq!(models["data"][0]["id"], "fake@0");
-    assert_eq!(s.get("/v1/models/fake@0").json()["object"], "model");
-    openai_error(&s.get("/v1/models/dall-e-3"), 404, None);
-}
-
-#[test]
-fn openai_retries_only_where_they_can_help() {
-    let s = ready(
-        "step_ms=50",
-        &[
-            ("GENERATION_TIMEOUT_SECONDS", "1"),
-            ("MAX_CONCURRENT_REQUESTS", "1"),
-        ],
-    );
-    let addr = s.addr;
-    let long = std::thread::spawn(move || {
-        common::request(
-            addr,
-            "POST",
-            "/v1/images/generations",
-            &[("Content-Type", "application/json")],
-            json!({"prompt": "x", "steps": 50, "size": "256x256"})
-                .to_string()
-                .as_bytes(),
-        )
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    // Busy: 429 with Retry-After, and the client may retry.
-    let r = post(
-        &s,
-        "/v1/images/generations",
-        &json!({"prompt": "x", "steps": 1, "size": "256x256"}),
-    );
-    let e = openai_error(&r, 429, None);
-    assert_eq!(e["code"], "overloaded");
-    assert!(r.header("retry-after").is_some());
-    assert_eq!(r.header("x-should-retry"), None);
-    // Past the deadline: the same request would time out again.
-    let r = long.join().unwrap();
-    assert_eq!(openai_error(&r, 408, None)["code"], "timeout");
-    assert_eq!(r.header("x-should-retry"), Some("false"));
-}
-
 #[test]
 fn every_documented_dialect_route_is_served() {
     let s = ready("step_ms=0", &[]);
@@ -601,45 +480,4 @@ fn every_documented_dialect_route_is_served() {
         }
     }
     assert!(seen >= 18, "{seen} dialect operations documented");
-}
-
-/// A multipart body as the `openai` client writes it.
-fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
-    let boundary = "2497c335d9b3187bba2b0e2600312b6e";
-    let mut body = Vec::new();
-    for (name, file, data) in parts {
-        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-        match file {
-            Some(f) => body.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes(),
-            ),
-            None => body.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
-            ),
-        }
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-#[test]
-fn openai_edits_read_multipart_and_name_what_is_wrong() {
-    let s = ready("step_ms=0", &[]);
-    let edit = |parts: &[(&str, Option<&str>, &[u8])]| {
-        let (ct, body) = multipart(parts);
-        s.request("POST", "/v1/images/edits", &[("Content-Type", &ct)], &body)
-    };
-    let r = edit(&[("prompt", None, b"p"), ("n", None, b"1")]);
-    openai_error(&r, 400, Some("image"));
-    let r = edit(&[
-        ("prompt", None, b"p"),
-        ("image", Some("a.png"), b"x"),
-        ("image", Some("b.png"), b"y"),
-    ]);
-    openai_error(&r, 400, Some("image"));
-    // JSON is not a form.
-    let r = post(&s, "/v1/images/edits", &json!({"prompt": "p"}));
-    assert_eq!(openai_error(&r, 400, None)["code"], "invalid_json");
 }

@@ -5,34 +5,35 @@
 pub mod a1111;
 mod jobs;
 mod native;
+mod observe;
 #[cfg(test)]
 mod off_runtime_tests;
 pub mod openai;
+mod request;
 pub mod web;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
-use sdserve_pipeline::pipeline::PromptSyntax;
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::cache::ResponseCache;
 use crate::engine::job::{JobLinks, JobProgress};
-use crate::engine::{Engine, JobSpec, JobStatus, JobView};
-use crate::error::{ApiError, ErrorBody, ErrorCode, FieldError};
-use crate::generator::ModelInfo;
+use crate::engine::{Engine, JobStatus, JobView};
+use crate::error::{ApiError, ErrorBody, FieldError};
 use crate::metrics::Metrics;
 use crate::security::OpenApiSecurity;
-use crate::validate::{self, ValidRequest};
+
+pub use observe::dialect_error;
+use observe::{observe, RequestStats};
+pub use request::random_seed;
+use request::{body_object, rename_fields};
+pub(crate) use request::{job_spec, off_the_runtime, prompt_syntax_name, read_generate_body};
 
 pub struct AppState {
     pub engine: Engine,
@@ -321,16 +322,6 @@ pub struct HealthResponse {
 )]
 pub struct ApiDoc;
 
-/// Per-request figures the handler leaves for the request log.
-#[derive(Debug, Clone, Default)]
-struct RequestStats {
-    queue_secs: Option<f64>,
-    gen_secs: Option<f64>,
-    steps: Option<usize>,
-    size: Option<String>,
-    cache: Option<&'static str>,
-}
-
 /// Every route: path, its methods, handlers. The router is built from this table and a test
 /// holds it equal to the OpenAPI document (each dialect adds its rows here).
 fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Shared>)> {
@@ -390,163 +381,6 @@ pub fn worker_router(state: Shared) -> Router {
         .layer(middleware::from_fn_with_state(state, observe))
 }
 
-/// An error answered before any route ran (keys, rate limits, body deadline), in the shape of
-/// the dialect the path belongs to: OpenAI's on `/v1`, the native contract elsewhere.
-pub fn dialect_error(path: &str, e: ApiError) -> Response {
-    if path == "/v1" || path.starts_with("/v1/") {
-        openai::translate::OpenAiError(e).into_response()
-    } else {
-        e.into_response()
-    }
-}
-
-/// A JSON object body for the dialects (which, like their clients, do not insist on a
-/// `Content-Type`); an empty body is an empty object. `limit` is the route's body limit (for
-/// the 413's message).
-fn body_object(
-    limit: usize,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-    let body = body.map_err(|rej| {
-        if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(limit)
-        } else {
-            ApiError::InvalidJson(rej.body_text())
-        }
-    })?;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(serde_json::Map::new());
-    }
-    match serde_json::from_slice(&body) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::InvalidJson(
-            "the body must be a JSON object".into(),
-        )),
-        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
-    }
-}
-
-/// Renames the fields of a validation error from native names to a dialect's (`(native,
-/// dialect)` pairs), so the error names what the client sent.
-fn rename_fields(e: ApiError, names: &[(&str, &str)]) -> ApiError {
-    match e {
-        ApiError::Validation(mut fields) => {
-            for f in &mut fields {
-                if let Some((_, theirs)) = names.iter().find(|(ours, _)| *ours == f.field) {
-                    f.field = theirs.to_string();
-                }
-            }
-            // `width` and `height` may both become `size`: name it once.
-            fields.dedup_by(|a, b| a.field == b.field && a.rule == b.rule);
-            ApiError::Validation(fields)
-        }
-        other => other,
-    }
-}
-
-pub fn random_seed() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() as u32
-}
-
-/// Runs request validation on tokio's blocking pool: it decodes and resizes request images
-/// (`init_image`, `mask_image`), up to a CPU-second for a large one, which on the runtime's
-/// own threads would stall every other connection meanwhile.
-pub(crate) async fn off_the_runtime<T, E>(
-    work: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, E>
-where
-    T: Send + 'static,
-    E: From<ApiError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(work).await {
-        Ok(done) => done,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(ApiError::Internal(format!("request validation did not run: {e}")).into()),
-    }
-}
-
-/// The body of `/generate` and `POST /jobs`, through the one validation place (off the
-/// runtime's threads: it may decode images).
-pub(crate) async fn read_generate_body(
-    app: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<ValidRequest, ApiError> {
-    let body = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(app.max_body_bytes)
-        } else {
-            ApiError::InvalidJson(rej.body_text())
-        }
-    })?;
-    validate::check_content_type(
-        headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
-    )?;
-    off_the_runtime(move || validate::parse_generate(&body)).await
-}
-
-/// The job for a validated request: seed and scheduler resolved, `request` the request as run.
-pub(crate) fn job_spec(
-    req: ValidRequest,
-    info: &ModelInfo,
-    timeout: std::time::Duration,
-) -> Result<JobSpec, ApiError> {
-    validate::check_loras(&req, &info.adapters)?;
-    validate::check_for_model(&req, info.inpainting)?;
-    let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
-    let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
-    validate::check_memory(&params, info.memory.as_deref())?;
-    // Images by digest and size: the job's record stays small and says which image it ran.
-    let image = |i: &crate::images::RequestImage| {
-        serde_json::json!({
-            "sha256": crate::images::digest(&i.image),
-            "width": i.image.width,
-            "height": i.image.height,
-        })
-    };
-    let request = serde_json::json!({
-        "prompt": params.prompt,
-        "negative_prompt": params.negative_prompt,
-        "steps": params.steps,
-        "width": params.width,
-        "height": params.height,
-        "seed": params.seed,
-        "guidance_scale": params.guidance_scale,
-        "scheduler": scheduler.name(),
-        "prompt_syntax": prompt_syntax_name(params.prompt_syntax),
-        "clip_skip": params.clip_skip,
-        "loras": params.loras.iter().map(|l| serde_json::json!({"name": l.name, "weight": l.weight})).collect::<Vec<_>>(),
-        "batch_size": params.batch_size,
-        "init_image": req.init_image.as_ref().map(image),
-        "mask_image": req.mask_image.as_ref().map(image),
-        "strength": params.init_image.as_ref().map(|i| i.strength),
-    });
-    Ok(JobSpec {
-        png_texts: crate::png::batch_texts(&params, &info.model_version),
-        params,
-        request,
-        model_version: info.model_version.clone(),
-        timeout,
-    })
-}
-
-pub(crate) fn prompt_syntax_name(s: PromptSyntax) -> &'static str {
-    match s {
-        PromptSyntax::A1111 => "a1111",
-        PromptSyntax::Plain => "plain",
-    }
-}
-
 pub fn openapi_string() -> String {
     let mut doc = ApiDoc::openapi();
     doc.merge(a1111::schema::ApiDoc::openapi());
@@ -556,115 +390,6 @@ pub fn openapi_string() -> String {
     let mut s = doc.to_pretty_json().expect("OpenAPI serialises");
     s.push('\n');
     s
-}
-
-/// A usable request id from the client (visible ASCII, at most 128 bytes), else a fresh one.
-fn request_id(headers: &HeaderMap) -> String {
-    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
-            return v.to_string();
-        }
-    }
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("{:016x}", h.finish())
-}
-
-/// Error codes that mean "turned away before any work"; counted in `sdserve_rejections_total`.
-const REJECTION_CODES: &[&str] = &[
-    "unauthorized",
-    "rate_limited",
-    "overloaded",
-    "payload_too_large",
-    "body_timeout",
-];
-
-/// Request id, the contract's error body for responses axum made itself (405, rejections),
-/// one log line and the request metrics.
-async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
-    let t0 = Instant::now();
-    let id = request_id(req.headers());
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let client = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string());
-    let mut resp = next.run(req).await;
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if (status.is_client_error() || status.is_server_error())
-        && resp.extensions().get::<ErrorCode>().is_none()
-        && !is_json
-    {
-        // An error axum produced without our body (405, rejections): give it one, keep its
-        // headers (e.g. Allow). Our own JSON answers (a 503 /health) pass unchanged.
-        let old = std::mem::replace(&mut resp, ApiError::from_status(status).into_response());
-        let (parts, _) = old.into_parts();
-        for (k, v) in parts.headers.iter() {
-            if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
-                resp.headers_mut().insert(k.clone(), v.clone());
-            }
-        }
-        *resp.status_mut() = status;
-    }
-    let code = resp
-        .extensions()
-        .get::<ErrorCode>()
-        .map(|c| c.0)
-        .unwrap_or("");
-    let stats = resp
-        .extensions()
-        .get::<RequestStats>()
-        .cloned()
-        .unwrap_or_default();
-    let total = t0.elapsed().as_secs_f64();
-    if let Some(reason) = REJECTION_CODES.iter().find(|c| **c == code) {
-        app.metrics.count_rejection(reason);
-    }
-    let key_id = resp
-        .extensions()
-        .get::<crate::security::CallerKey>()
-        .map(|k| k.0.to_string());
-    let route_label = route.as_deref().unwrap_or("unmatched");
-    app.metrics
-        .count_request(route_label, status.as_u16(), code);
-    if route.as_deref() == Some("/generate") {
-        app.metrics.request_seconds.observe(total);
-    }
-    tracing::info!(
-        request_id = %id,
-        key_id = key_id.as_deref(),
-        client = client.as_deref(),
-        method = %method,
-        path = %path,
-        status = status.as_u16(),
-        error_code = code,
-        queue_seconds = stats.queue_secs,
-        generation_seconds = stats.gen_secs,
-        total_seconds = total,
-        steps = stats.steps,
-        size = stats.size.as_deref(),
-        cache = stats.cache,
-        "request"
-    );
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
-    resp
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! the interrupt, as A1111 does.
 
 pub mod info;
+mod samplers;
 pub mod schema;
 pub mod translate;
 

@@ -1,0 +1,241 @@
+//! AUTOMATIC1111's samplers and schedules: which of our schedulers each name means, and how a
+//! request's `sampler_name`/`scheduler` pair resolves (re-exported from `translate`).
+
+use sdserve_pipeline::schedulers::SchedulerKind;
+
+use super::translate::SAMPLER_DEFAULT;
+use crate::error::ApiError;
+
+/// One A1111 sampler: its name, the aliases A1111 also accepts, and our scheduler for its
+/// `Automatic`/`Uniform` and `Karras` schedules.
+pub struct Sampler {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub uniform: SchedulerKind,
+    pub karras: Option<SchedulerKind>,
+    /// The schedule `automatic` means for this sampler (A1111's `options.scheduler`).
+    pub default_karras: bool,
+}
+
+pub const SAMPLERS: [Sampler; 7] = [
+    Sampler {
+        name: "Euler a",
+        aliases: &["k_euler_a", "k_euler_ancestral"],
+        uniform: SchedulerKind::EulerAncestral,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "Euler",
+        aliases: &["k_euler"],
+        uniform: SchedulerKind::Euler,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "DPM++ 2M",
+        aliases: &["k_dpmpp_2m"],
+        uniform: SchedulerKind::DpmPp2m,
+        karras: Some(SchedulerKind::DpmPp2mKarras),
+        default_karras: true,
+    },
+    Sampler {
+        name: "DDIM",
+        aliases: &["ddim"],
+        uniform: SchedulerKind::Ddim,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "PLMS",
+        aliases: &["plms"],
+        uniform: SchedulerKind::Pndm,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "LMS",
+        aliases: &["k_lms"],
+        uniform: SchedulerKind::Lms,
+        karras: None,
+        default_karras: false,
+    },
+    Sampler {
+        name: "UniPC",
+        aliases: &["unipc"],
+        uniform: SchedulerKind::UniPc,
+        karras: None,
+        default_karras: false,
+    },
+];
+
+/// A1111's schedules we can honour: (name, label).
+pub const SCHEDULES: [(&str, &str); 3] = [
+    ("automatic", "Automatic"),
+    ("uniform", "Uniform"),
+    ("karras", "Karras"),
+];
+
+/// The sampler a request resolved to: our scheduler and A1111's names for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    pub kind: SchedulerKind,
+    pub sampler: &'static str,
+    /// A1111's schedule label (`Automatic`, `Uniform`, `Karras`), as its infotext writes it.
+    pub schedule: &'static str,
+}
+
+fn sampler_names() -> String {
+    let mut names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
+    names.push("DPM++ 2M Karras");
+    names.join(", ")
+}
+
+/// A1111's `get_sampler_and_scheduler`: a schedule written after the sampler name
+/// (`DPM++ 2M Karras`) wins over the `scheduler` field; `automatic` is the sampler's own.
+pub fn resolve_sampler(
+    field: &str,
+    name: Option<&str>,
+    scheduler: Option<&str>,
+) -> Result<Resolved, ApiError> {
+    let mut name = name.unwrap_or(SAMPLER_DEFAULT);
+    let mut schedule = scheduler.unwrap_or("automatic");
+    for (sname, label) in SCHEDULES {
+        for suffix in [sname, label] {
+            if let Some(base) = name.strip_suffix(suffix).and_then(|b| b.strip_suffix(' ')) {
+                name = base;
+                schedule = sname;
+            }
+        }
+    }
+    let sampler = SAMPLERS
+        .iter()
+        .find(|s| s.name == name || s.aliases.contains(&name))
+        .ok_or_else(|| {
+            ApiError::validation(
+                field,
+                format!("unknown sampler {name:?}; one of {}", sampler_names()),
+            )
+        })?;
+    let schedule = SCHEDULES
+        .iter()
+        .find(|(n, l)| schedule.is_empty() || *n == schedule || *l == schedule)
+        .map(|(n, _)| *n)
+        .ok_or_else(|| {
+            ApiError::validation(
+                "scheduler",
+                format!(
+                    "unknown schedule {schedule:?}; one of {}",
+                    SCHEDULES.map(|(_, l)| l).join(", ")
+                ),
+            )
+        })?;
+    let karras = match schedule {
+        "karras" => true,
+        "uniform" => false,
+        _ => sampler.default_karras,
+    };
+    let (kind, label) = if karras {
+        let kind = sampler.karras.ok_or_else(|| {
+            ApiError::validation(
+                "scheduler",
+                format!(
+                    "the Karras schedule is available with DPM++ 2M only, not {:?}",
+                    sampler.name
+                ),
+            )
+        })?;
+        (kind, "Karras")
+    } else {
+        (sampler.uniform, "Uniform")
+    };
+    Ok(Resolved {
+        kind,
+        sampler: sampler.name,
+        schedule: if schedule == "automatic" {
+            "Automatic"
+        } else {
+            label
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: ApiError) -> String {
+        match e.fields() {
+            [first, ..] => first.field.clone(),
+            _ => panic!("expected a validation error, got {e:?}"),
+        }
+    }
+
+    #[test]
+    fn sampler_table_follows_a1111() {
+        let r = |n: Option<&str>, s: Option<&str>| resolve_sampler("sampler_name", n, s).unwrap();
+        assert_eq!(r(None, None).kind, SchedulerKind::Euler);
+        assert_eq!(r(Some("Euler a"), None).kind, SchedulerKind::EulerAncestral);
+        assert_eq!(
+            r(Some("k_euler_a"), None).kind,
+            SchedulerKind::EulerAncestral
+        );
+        assert_eq!(r(Some("PLMS"), None).kind, SchedulerKind::Pndm);
+        assert_eq!(r(Some("DDIM"), Some("automatic")).kind, SchedulerKind::Ddim);
+        assert_eq!(r(Some("LMS"), Some("Uniform")).kind, SchedulerKind::Lms);
+        assert_eq!(r(Some("UniPC"), Some("")).kind, SchedulerKind::UniPc);
+        // DPM++ 2M: automatic means Karras; Uniform is the plain one.
+        assert_eq!(
+            r(Some("DPM++ 2M"), Some("automatic")).kind,
+            SchedulerKind::DpmPp2mKarras
+        );
+        assert_eq!(r(Some("DPM++ 2M"), None).kind, SchedulerKind::DpmPp2mKarras);
+        assert_eq!(
+            r(Some("DPM++ 2M"), Some("Karras")).kind,
+            SchedulerKind::DpmPp2mKarras
+        );
+        assert_eq!(
+            r(Some("DPM++ 2M"), Some("uniform")).kind,
+            SchedulerKind::DpmPp2m
+        );
+        // The one-word name wins over the field, as in A1111.
+        let k = r(Some("DPM++ 2M Karras"), Some("uniform"));
+        assert_eq!(
+            (k.kind, k.sampler, k.schedule),
+            (SchedulerKind::DpmPp2mKarras, "DPM++ 2M", "Karras")
+        );
+        assert_eq!(
+            r(Some("DPM++ 2M Uniform"), None).kind,
+            SchedulerKind::DpmPp2m
+        );
+    }
+
+    #[test]
+    fn unknown_samplers_and_schedules_are_named() {
+        let e = resolve_sampler("sampler_index", Some("DPM++ SDE"), None).unwrap_err();
+        let details = e.body().details.unwrap();
+        assert!(details.starts_with("sampler_index:"), "{details}");
+        for name in [
+            "Euler a",
+            "Euler",
+            "DPM++ 2M",
+            "DDIM",
+            "PLMS",
+            "LMS",
+            "UniPC",
+            "DPM++ 2M Karras",
+        ] {
+            assert!(details.contains(name), "{details}");
+        }
+        assert_eq!(
+            field_of(resolve_sampler("sampler_name", Some("Euler"), Some("Karras")).unwrap_err()),
+            "scheduler"
+        );
+        assert_eq!(
+            field_of(
+                resolve_sampler("sampler_name", Some("Euler"), Some("Exponential")).unwrap_err()
+            ),
+            "scheduler"
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! Reading a request: the dialects' JSON object bodies and their field names, validation off
+//! the runtime's threads, and the job a validated request becomes.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{header, HeaderMap, StatusCode};
+use sdserve_pipeline::pipeline::PromptSyntax;
+
+use super::AppState;
+use crate::engine::JobSpec;
+use crate::error::ApiError;
+use crate::generator::ModelInfo;
+use crate::validate::{self, ValidRequest};
+
+/// A JSON object body for the dialects (which, like their clients, do not insist on a
+/// `Content-Type`); an empty body is an empty object. `limit` is the route's body limit (for
+/// the 413's message).
+pub(super) fn body_object(
+    limit: usize,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let body = body.map_err(|rej| {
+        if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::InvalidJson(rej.body_text())
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice(&body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::InvalidJson(
+            "the body must be a JSON object".into(),
+        )),
+        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+    }
+}
+
+/// Renames the fields of a validation error from native names to a dialect's (`(native,
+/// dialect)` pairs), so the error names what the client sent.
+pub(super) fn rename_fields(e: ApiError, names: &[(&str, &str)]) -> ApiError {
+    match e {
+        ApiError::Validation(mut fields) => {
+            for f in &mut fields {
+                if let Some((_, theirs)) = names.iter().find(|(ours, _)| *ours == f.field) {
+                    f.field = theirs.to_string();
+                }
+            }
+            // `width` and `height` may both become `size`: name it once.
+            fields.dedup_by(|a, b| a.field == b.field && a.rule == b.rule);
+            ApiError::Validation(fields)
+        }
+        other => other,
+    }
+}
+
+pub fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}
+
+/// Runs request validation on tokio's blocking pool: it decodes and resizes request images
+/// (`init_image`, `mask_image`), up to a CPU-second for a large one, which on the runtime's
+/// own threads would stall every other connection meanwhile.
+pub(crate) async fn off_the_runtime<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<ApiError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(ApiError::Internal(format!("request validation did not run: {e}")).into()),
+    }
+}
+
+/// The body of `/generate` and `POST /jobs`, through the one validation place (off the
+/// runtime's threads: it may decode images).
+pub(crate) async fn read_generate_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<ValidRequest, ApiError> {
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(app.max_body_bytes)
+        } else {
+            ApiError::InvalidJson(rej.body_text())
+        }
+    })?;
+    validate::check_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )?;
+    off_the_runtime(move || validate::parse_generate(&body)).await
+}
+
+/// The job for a validated request: seed and scheduler resolved, `request` the request as run.
+pub(crate) fn job_spec(
+    req: ValidRequest,
+    info: &ModelInfo,
+    timeout: std::time::Duration,
+) -> Result<JobSpec, ApiError> {
+    validate::check_loras(&req, &info.adapters)?;
+    validate::check_for_model(&req, info.inpainting)?;
+    let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
+    let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
+    validate::check_memory(&params, info.memory.as_deref())?;
+    // Images by digest and size: the job's record stays small and says which image it ran.
+    let image = |i: &crate::images::RequestImage| {
+        serde_json::json!({
+            "sha256": crate::images::digest(&i.image),
+            "width": i.image.width,
+            "height": i.image.height,
+        })
+    };
+    let request = serde_json::json!({
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "steps": params.steps,
+        "width": params.width,
+        "height": params.height,
+        "seed": params.seed,
+        "guidance_scale": params.guidance_scale,
+        "scheduler": scheduler.name(),
+        "prompt_syntax": prompt_syntax_name(params.prompt_syntax),
+        "clip_skip": params.clip_skip,
+        "loras": params.loras.iter().map(|l| serde_json::json!({"name": l.name, "weight": l.weight})).collect::<Vec<_>>(),
+        "batch_size": params.batch_size,
+        "init_image": req.init_image.as_ref().map(image),
+        "mask_image": req.mask_image.as_ref().map(image),
+        "strength": params.init_image.as_ref().map(|i| i.strength),
+    });
+    Ok(JobSpec {
+        png_texts: crate::png::batch_texts(&params, &info.model_version),
+        params,
+        request,
+        model_version: info.model_version.clone(),
+        timeout,
+    })
+}
+
+pub(crate) fn prompt_syntax_name(s: PromptSyntax) -> &'static str {
+    match s {
+        PromptSyntax::A1111 => "a1111",
+        PromptSyntax::Plain => "plain",
+    }
+}

@@ -1,0 +1,252 @@
+use super::*;
+use crate::generator::FakeSpec;
+use sdserve_pipeline::pipeline::GenerationParams;
+use sdserve_pipeline::schedulers::SchedulerKind;
+
+fn spec(steps: usize, timeout: Duration) -> JobSpec {
+    JobSpec {
+        params: GenerationParams {
+            prompt: "p".into(),
+            negative_prompt: String::new(),
+            steps,
+            width: 256,
+            height: 256,
+            seed: 1,
+            guidance_scale: 7.5,
+            scheduler: Some(SchedulerKind::Euler),
+            ..Default::default()
+        },
+        request: serde_json::json!({}),
+        png_texts: vec!["t".into()],
+        model_version: "fake@0".into(),
+        timeout,
+    }
+}
+
+async fn ready(engine: &Engine) {
+    while matches!(engine.state(), ModelState::Loading) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn png_of(f: &Finished) -> Vec<u8> {
+    use base64::Engine as _;
+    let r = f.result.as_ref().unwrap();
+    base64::engine::general_purpose::STANDARD
+        .decode(&r.image_base64)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn runs_times_out_and_frees_the_worker() {
+    const STEP: Duration = Duration::from_millis(20);
+    let s: FakeSpec = "step_ms=20".parse().unwrap();
+    let timeout = Duration::from_millis(300);
+    let engine = Engine::start(
+        EngineConfig::new(2, timeout),
+        s.loader(),
+        Arc::new(Metrics::default()),
+    );
+    ready(&engine).await;
+    let out = engine.run(spec(2, timeout), |_| {}).await.unwrap();
+    assert!(png_of(&out).starts_with(b"\x89PNG"));
+    let id = std::sync::Mutex::new(String::new());
+    let t = Instant::now();
+    let err = engine
+        .run(spec(1000, timeout), |i| *id.lock().unwrap() = i.to_string())
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    let ApiError::Timeout(info) = &err else {
+        panic!("{err:?}")
+    };
+    // Answered at the deadline: not before it, and late by no more than a few steps at the
+    // speed the steps ran (under load both the steps and this waiter's timer run late).
+    let step = Duration::from_secs_f64(info.running_secs / info.step.max(1) as f64).max(STEP);
+    assert!(
+        took >= timeout && took < timeout + 4 * step,
+        "{took:?}, steps of {step:?}: {info:?}"
+    );
+    // The worker stops within a step or two of the deadline. Each fake step sleeps at least
+    // STEP, so at most timeout / STEP steps fit before it; a late stop would let more run.
+    let id = id.into_inner().unwrap();
+    let waiting = Instant::now();
+    while !engine.job(&id).unwrap().status.is_final() {
+        assert!(waiting.elapsed() < Duration::from_secs(30), "never stopped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ran = engine.job(&id).unwrap().progress.step;
+    let fit = (timeout.as_millis() / STEP.as_millis()) as usize;
+    assert!(
+        (info.step..=fit + 2).contains(&ran),
+        "ran {ran}, heard {}",
+        info.step
+    );
+    // The worker is free: the next short job runs.
+    assert_eq!(engine.gauges().running, 0);
+    engine.run(spec(2, timeout), |_| {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn overload_and_failed_load() {
+    let s: FakeSpec = "step_ms=20".parse().unwrap();
+    let timeout = Duration::from_secs(5);
+    let engine = Engine::start(
+        EngineConfig::new(1, timeout),
+        s.loader(),
+        Arc::new(Metrics::default()),
+    );
+    ready(&engine).await;
+    let e2 = engine.clone();
+    let first = tokio::spawn(async move { e2.run(spec(10, timeout), |_| {}).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let err = engine.run(spec(1, timeout), |_| {}).await.unwrap_err();
+    assert!(matches!(err, ApiError::Overloaded { .. }), "{err:?}");
+    first.await.unwrap().unwrap();
+
+    let s: FakeSpec = "fail_load=no weights".parse().unwrap();
+    let engine = Engine::start(
+        EngineConfig::new(1, timeout),
+        s.loader(),
+        Arc::new(Metrics::default()),
+    );
+    assert!(engine.wait_worker(Duration::from_secs(5)));
+    assert_eq!(engine.state(), ModelState::Failed("no weights".into()));
+    assert!(matches!(
+        engine.model_info(),
+        Err(ApiError::ModelUnavailable(_))
+    ));
+}
+
+/// The bytes a finished record of `spec(steps, _)` holds: its result's base64, twice.
+fn result_bytes(f: &Finished) -> usize {
+    let r = f.result.as_ref().unwrap();
+    r.image_base64.len() + r.images.iter().map(String::len).sum::<usize>()
+}
+
+#[tokio::test]
+async fn finished_jobs_past_the_results_budget_are_dropped_oldest_first() {
+    // 1 ms steps: the long job below runs for minutes unless cancelled.
+    let s: FakeSpec = "step_ms=1".parse().unwrap();
+    let timeout = Duration::from_secs(30);
+    // Every job here is the same request: its result has the same size.
+    let probe = Engine::start(
+        EngineConfig::new(1, timeout),
+        s.clone().loader(),
+        Arc::new(Metrics::default()),
+    );
+    ready(&probe).await;
+    let one = result_bytes(&probe.run(spec(1, timeout), |_| {}).await.unwrap());
+    let mut cfg = EngineConfig::new(1, timeout);
+    cfg.job_results_bytes = 3 * one + one / 2;
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(cfg, s.loader(), metrics.clone());
+    ready(&engine).await;
+    let finished_ids = |engine: &Engine| -> Vec<String> {
+        let jobs = engine.jobs().unwrap();
+        jobs.into_iter()
+            .filter(|j| j.status.is_final())
+            .map(|j| j.id)
+            .collect()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let view = engine.submit(spec(1, timeout)).unwrap();
+        let (_, mut rx) = engine.subscribe(&view.id).unwrap();
+        while !rx.recv().await.unwrap().is_final() {}
+        drop(rx);
+        ids.push(view.id);
+    }
+    // A running and a waiting job are never dropped, however full the budget.
+    let long = Duration::from_secs(60);
+    let running = engine.submit(spec(100_000, long)).unwrap();
+    while engine.job(&running.id).unwrap().status != JobStatus::Running {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let waiting = engine.submit(spec(1, long)).unwrap();
+    // Three results fit: the two oldest went, oldest first, counted; 404 as if expired.
+    for id in &ids[..2] {
+        assert!(
+            matches!(engine.job(id), Err(ApiError::JobNotFound(_))),
+            "{id}"
+        );
+    }
+    let mut newest: Vec<String> = ids[2..].to_vec();
+    newest.reverse();
+    assert_eq!(finished_ids(&engine), newest);
+    assert_eq!(metrics.jobs_evicted.get(), 2);
+    assert_eq!(engine.job(&running.id).unwrap().status, JobStatus::Running);
+    assert_eq!(engine.job(&waiting.id).unwrap().status, JobStatus::Queued);
+    engine.cancel(&waiting.id).unwrap();
+    engine.cancel(&running.id).unwrap();
+    while !engine.job(&running.id).unwrap().status.is_final() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // A record someone follows stays until they let go; the next oldest goes instead.
+    let (_, followed) = engine.subscribe(&ids[2]).unwrap();
+    let out = engine.run(spec(1, timeout), |_| {}).await.unwrap();
+    assert_eq!(result_bytes(&out), one);
+    assert!(engine.job(&ids[2]).is_ok());
+    assert!(matches!(engine.job(&ids[3]), Err(ApiError::JobNotFound(_))));
+    drop(followed);
+    engine.run(spec(1, timeout), |_| {}).await.unwrap();
+    assert!(matches!(engine.job(&ids[2]), Err(ApiError::JobNotFound(_))));
+    assert_eq!(metrics.jobs_evicted.get(), 4);
+}
+
+#[tokio::test]
+async fn queue_limit_positions_cancel_and_ttl() {
+    let s: FakeSpec = "step_ms=10".parse().unwrap();
+    let mut cfg = EngineConfig::new(1, Duration::from_secs(5));
+    cfg.max_queued = 2;
+    cfg.job_ttl = Duration::from_millis(300);
+    let engine = Engine::start(cfg, s.loader(), Arc::new(Metrics::default()));
+    ready(&engine).await;
+    let long = Duration::from_secs(30);
+    let a = engine.submit(spec(1000, long)).unwrap();
+    // Wait until `a` runs, so the two below are the waiting ones.
+    while engine.job(&a.id).unwrap().status != JobStatus::Running {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let b = engine.submit(spec(3, long)).unwrap();
+    let c = engine.submit(spec(3, long)).unwrap();
+    assert_eq!((b.position, c.position), (Some(1), Some(2)));
+    let full = engine.submit(spec(3, long)).unwrap_err();
+    assert!(matches!(full, ApiError::Overloaded { .. }), "{full:?}");
+    // Cancelling the queued `b` moves `c` up; `b` never runs.
+    let (_, mut rx) = engine.subscribe(&c.id).unwrap();
+    let bv = engine.cancel(&b.id).unwrap();
+    assert_eq!(bv.status, JobStatus::Cancelled);
+    assert!(bv.cancel_requested && bv.started_at.is_none());
+    assert!(matches!(
+        rx.recv().await.unwrap(),
+        JobEvent::Queued { position: 1 }
+    ));
+    let before = engine.job(&a.id).unwrap().progress.step;
+    engine.cancel(&a.id).unwrap();
+    let fin = loop {
+        if let Some(f) = engine.backend.finished(&a.id).unwrap() {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert!(fin.result.is_err());
+    assert_eq!(engine.job(&a.id).unwrap().status, JobStatus::Cancelled);
+    // It stopped at once: at most the step in flight and one racing the cancel ran on.
+    let ran = engine.job(&a.id).unwrap().progress.step;
+    assert!((before..=before + 2).contains(&ran), "{before} -> {ran}");
+    while !engine.job(&c.id).unwrap().status.is_final() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(engine.job(&c.id).unwrap().status, JobStatus::Succeeded);
+    assert_eq!(engine.job(&b.id).unwrap().progress.step, 0);
+    // Past the TTL every finished job is gone (the reaper looks every REAP_EVERY; under
+    // load its thread runs late, so wait for it rather than a fixed time).
+    let waiting = Instant::now();
+    while engine.job(&c.id).is_ok() {
+        assert!(waiting.elapsed() < Duration::from_secs(30), "never expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(matches!(engine.job(&c.id), Err(ApiError::JobNotFound(_))));
+    assert!(engine.jobs().unwrap().is_empty());
+}
