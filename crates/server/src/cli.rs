@@ -204,9 +204,11 @@ pub struct ServeArgs {
     /// How long a finished job stays readable at /jobs/{id}.
     #[arg(long, env = "JOB_TTL_SECONDS", default_value_t = 600)]
     pub job_ttl_seconds: u64,
-    /// Memory finished jobs may hold for /jobs/{id} (their PNGs in base64: about 1 MB per
-    /// 512x512 image); past it the oldest finished jobs are forgotten before JOB_TTL_SECONDS
-    /// (`sdserve_jobs_evicted_total`). Queued and running jobs are never dropped.
+    /// Memory finished jobs may hold for /jobs/{id}, counted roughly: their PNGs in base64
+    /// (under 1 MB per 512x512 image), request (with decoded init image and mask), metadata,
+    /// last preview, and the record with its event buffer (about 35 KB each); past it the
+    /// oldest finished jobs are forgotten before JOB_TTL_SECONDS (`sdserve_jobs_evicted_total`).
+    /// Queued and running jobs are never dropped.
     #[arg(long, env = "JOB_RESULTS_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub job_results_mb: u64,
     /// Share jobs with other replicas through this Redis (`redis://host:port/db`): every

@@ -609,22 +609,24 @@ fn finished_jobs_past_job_results_mb_are_dropped_oldest_first_and_answer_404() {
         (id, b64)
     };
     let (first, b64) = run();
-    // The same request each time: a result holds its image twice (image_base64, images[0]).
-    let fit = (1 << 20) / (2 * b64);
+    // The same request each time: a record counts its image once (image_base64 and images[0]
+    // share it) plus, roughly, the rest it holds (request, metadata, the record and its event
+    // buffer: tens of KB; the engine's unit test checks the count itself).
+    let most = (1 << 20) / b64;
+    let least = (1 << 20) / (b64 + (64 << 10));
     let mut ids = vec![first.clone()];
     while s.get(&format!("/jobs/{first}")).status == 200 {
         assert!(
-            ids.len() <= fit + 1,
-            "{} jobs of {} bytes kept",
-            ids.len(),
-            2 * b64
+            ids.len() <= most + 1,
+            "{} jobs of {b64} bytes kept",
+            ids.len()
         );
         ids.push(run().0);
     }
     // As many as fit in the budget (or one less): dropped before the TTL, oldest first.
     assert!(
-        ids.len() >= fit,
-        "dropped after {} jobs, {fit} fit",
+        ids.len() >= least,
+        "dropped after {} jobs, at least {least} fit",
         ids.len()
     );
     s.get(&format!("/jobs/{first}")).error(404, "job_not_found");

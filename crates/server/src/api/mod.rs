@@ -210,10 +210,35 @@ pub struct GenerateResponse {
     /// The first PNG, base64 (standard alphabet, padded). Each PNG carries its parameters
     /// (its own seed, and mode and strength with an init image) in a `parameters` tEXt chunk
     /// (AUTOMATIC1111 style).
-    pub image_base64: String,
+    #[schema(value_type = String)]
+    pub image_base64: Arc<str>,
     /// Every image of the batch, in order (the first is `image_base64`).
-    pub images: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub images: Vec<Arc<str>>,
     pub metadata: GenerateMetadata,
+}
+
+impl GenerateResponse {
+    /// `image_base64` and `images[0]` as one allocation (held once in job records), when they
+    /// are the same image; a response read back from JSON (the cluster's records) has two.
+    pub fn share_first_image(mut self) -> Self {
+        if let Some(first) = self.images.first() {
+            if *first == self.image_base64 {
+                self.image_base64 = first.clone();
+            }
+        }
+        self
+    }
+
+    /// Bytes of base64 the images hold, each allocation once.
+    pub fn image_bytes(&self) -> usize {
+        let shared = self
+            .images
+            .first()
+            .is_some_and(|f| Arc::ptr_eq(f, &self.image_base64));
+        let first = if shared { 0 } else { self.image_base64.len() };
+        first + self.images.iter().map(|i| i.len()).sum::<usize>()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -205,12 +205,13 @@ pub struct Finished {
 /// The `/generate` 200 body for a finished run: `pngs` are the encoded images, in order.
 pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> GenerateResponse {
     let p = &spec.params;
-    let images: Vec<String> = pngs
+    let images: Vec<Arc<str>> = pngs
         .iter()
-        .map(|png| base64::engine::general_purpose::STANDARD.encode(png))
+        .map(|png| Arc::from(base64::engine::general_purpose::STANDARD.encode(png)))
         .collect();
     GenerateResponse {
-        image_base64: images.first().cloned().unwrap_or_default(),
+        // One allocation for both fields: a record holds the first image once.
+        image_base64: images.first().cloned().unwrap_or_else(|| Arc::from("")),
         images,
         metadata: GenerateMetadata {
             seeds: (0..p.batch_size)

@@ -54,17 +54,51 @@ pub(super) struct Record {
     pub events: broadcast::Sender<JobEvent>,
 }
 
+/// Bytes of `v` as JSON, counted without building the text.
+fn json_len(v: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
 impl Record {
-    /// Memory the record holds once finished: its result's base64 images (the first twice:
-    /// `image_base64` and `images[0]`) and the request's decoded init image and mask.
+    /// Memory the record holds once finished, roughly, for JOB_RESULTS_MB: its result's base64
+    /// images (the first once: `image_base64` and `images[0]` share it) and metadata, the
+    /// request (decoded init image and mask, its JSON, PNG texts, prompts), the last preview,
+    /// and the record itself with its event channel's slots.
     fn held_bytes(&self) -> usize {
-        let result = self.result.as_ref().map_or(0, |r| {
-            r.image_base64.len() + r.images.iter().map(String::len).sum::<usize>()
-        });
-        let request = self.spec.params.init_image.as_ref().map_or(0, |i| {
+        let result = self
+            .result
+            .as_ref()
+            .map_or(0, |r| r.image_bytes() + json_len(&r.metadata));
+        let p = &self.spec.params;
+        let images = p.init_image.as_ref().map_or(0, |i| {
             i.image.pixels.len() + i.mask.as_ref().map_or(0, |m| m.pixels.len())
         });
-        result + request
+        let request = images
+            + json_len(&self.spec.request)
+            + self.spec.png_texts.iter().map(String::len).sum::<usize>()
+            + p.prompt.len()
+            + p.negative_prompt.len()
+            + self.spec.model_version.len();
+        let preview = self.preview.as_ref().map_or(0, |(_, png)| png.len());
+        // The record, its id (map key and the finished queue), and the channel's slots, which
+        // tokio allocates up front (a slot: the value, its counters and a lock).
+        let fixed = std::mem::size_of::<Record>()
+            + std::mem::size_of::<JobSpec>()
+            + 3 * self.id.len()
+            + EVENT_BUFFER * (std::mem::size_of::<Option<JobEvent>>() + 32);
+        result + request + preview + fixed
     }
 
     /// How far it got by `now`, for a 408's details; `speed` (the CPU speed probe's) says how
@@ -364,6 +398,11 @@ fn reaper(inner: Weak<Inner>) {
 }
 
 impl JobBackend for Local {
+    #[cfg(test)]
+    fn finished_bytes(&self) -> usize {
+        self.inner.jobs().ended_bytes
+    }
+
     fn model_state(&self) -> ModelState {
         self.inner
             .state

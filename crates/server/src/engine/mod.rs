@@ -95,6 +95,11 @@ pub trait JobBackend: Send + Sync {
     fn speed(&self) -> Option<crate::speed::SpeedProbe> {
         None
     }
+    /// Bytes finished records hold, as JOB_RESULTS_MB counts them (in-process jobs only).
+    #[cfg(test)]
+    fn finished_bytes(&self) -> usize {
+        0
+    }
     /// Seconds a refused client should wait, from the recent generation time and the queue.
     fn retry_after_secs(&self) -> u64;
     /// Queues a job: 429 `overloaded` past MAX_QUEUED_JOBS, 503 while shutting down or when the
@@ -226,6 +231,11 @@ impl Engine {
                 "the model failed to load: {why}"
             ))),
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn finished_bytes(&self) -> usize {
+        self.backend.finished_bytes()
     }
 
     pub fn gauges(&self) -> Gauges {

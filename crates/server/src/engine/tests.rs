@@ -33,7 +33,7 @@ fn png_of(f: &Finished) -> Vec<u8> {
     use base64::Engine as _;
     let r = f.result.as_ref().unwrap();
     base64::engine::general_purpose::STANDARD
-        .decode(&r.image_base64)
+        .decode(r.image_base64.as_bytes())
         .unwrap()
 }
 
@@ -118,10 +118,12 @@ async fn overload_and_failed_load() {
     ));
 }
 
-/// The bytes a finished record of `spec(steps, _)` holds: its result's base64, twice.
+/// The base64 bytes of a result's images, each allocation once.
+/// At least a pointer-sized value per event slot.
+const EVENT_BUFFER_BYTES_AT_LEAST: usize = 256 * 8;
+
 fn result_bytes(f: &Finished) -> usize {
-    let r = f.result.as_ref().unwrap();
-    r.image_base64.len() + r.images.iter().map(String::len).sum::<usize>()
+    f.result.as_ref().unwrap().image_bytes()
 }
 
 #[tokio::test]
@@ -136,7 +138,25 @@ async fn finished_jobs_past_the_results_budget_are_dropped_oldest_first() {
         Arc::new(Metrics::default()),
     );
     ready(&probe).await;
-    let one = result_bytes(&probe.run(spec(1, timeout), |_| {}).await.unwrap());
+    let out = probe.run(spec(1, timeout), |_| {}).await.unwrap();
+    // The first image is one allocation for both fields, counted once; the record counts
+    // more than its images (request, metadata, the event channel's slots).
+    let r = out.result.as_ref().unwrap();
+    assert!(Arc::ptr_eq(&r.image_base64, &r.images[0]));
+    assert_eq!(
+        result_bytes(&out),
+        r.images.iter().map(|i| i.len()).sum::<usize>()
+    );
+    let one = probe.finished_bytes();
+    eprintln!(
+        "a record of a 1-step fake job counts {one} bytes, {} of them images",
+        result_bytes(&out)
+    );
+    assert!(
+        one >= result_bytes(&out) + EVENT_BUFFER_BYTES_AT_LEAST,
+        "{one} counted for {} bytes of images",
+        result_bytes(&out)
+    );
     let mut cfg = EngineConfig::new(1, timeout);
     cfg.job_results_bytes = 3 * one + one / 2;
     let metrics = Arc::new(Metrics::default());
@@ -177,21 +197,32 @@ async fn finished_jobs_past_the_results_budget_are_dropped_oldest_first() {
     assert_eq!(metrics.jobs_evicted.get(), 2);
     assert_eq!(engine.job(&running.id).unwrap().status, JobStatus::Running);
     assert_eq!(engine.job(&waiting.id).unwrap().status, JobStatus::Queued);
+    // A record someone follows stays until they let go; the next oldest go instead. Cancelled
+    // records count too (no images: their request, the record and its event slots, most of
+    // `one`): as the two end, ids[3] and ids[4] go, ids[2] stays.
+    assert!(
+        4 * (result_bytes(&out) + 1024) < one,
+        "a record counts mostly what it holds besides its images"
+    );
+    let (_, followed) = engine.subscribe(&ids[2]).unwrap();
     engine.cancel(&waiting.id).unwrap();
     engine.cancel(&running.id).unwrap();
     while !engine.job(&running.id).unwrap().status.is_final() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // A record someone follows stays until they let go; the next oldest goes instead.
-    let (_, followed) = engine.subscribe(&ids[2]).unwrap();
-    let out = engine.run(spec(1, timeout), |_| {}).await.unwrap();
-    assert_eq!(result_bytes(&out), one);
     assert!(engine.job(&ids[2]).is_ok());
-    assert!(matches!(engine.job(&ids[3]), Err(ApiError::JobNotFound(_))));
-    drop(followed);
-    engine.run(spec(1, timeout), |_| {}).await.unwrap();
-    assert!(matches!(engine.job(&ids[2]), Err(ApiError::JobNotFound(_))));
+    for id in &ids[3..] {
+        assert!(
+            matches!(engine.job(id), Err(ApiError::JobNotFound(_))),
+            "{id}"
+        );
+    }
     assert_eq!(metrics.jobs_evicted.get(), 4);
+    drop(followed);
+    let out = engine.run(spec(1, timeout), |_| {}).await.unwrap();
+    assert!(result_bytes(&out) < one);
+    assert!(matches!(engine.job(&ids[2]), Err(ApiError::JobNotFound(_))));
+    assert_eq!(metrics.jobs_evicted.get(), 5);
 }
 
 #[tokio::test]

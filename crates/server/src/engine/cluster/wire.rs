@@ -343,7 +343,9 @@ pub fn parse_event(msg: &str) -> Option<(String, JobEvent)> {
             png_base64: Arc::new(d["image_base64"].as_str()?.to_string()),
         },
         "succeeded" => JobEvent::Succeeded(Arc::new(
-            serde_json::from_value::<GenerateResponse>(d["result"].clone()).ok()?,
+            serde_json::from_value::<GenerateResponse>(d["result"].clone())
+                .ok()?
+                .share_first_image(),
         )),
         "failed" => JobEvent::Failed(serde_json::from_value::<ErrorBody>(d["error"].clone()).ok()?),
         "cancelled" => JobEvent::Cancelled,
