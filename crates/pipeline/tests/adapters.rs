@@ -269,14 +269,7 @@ fn embeddings_match_diffusers() {
                 0,
             )
             .unwrap();
-            let d: f32 = (z - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = common::max_abs_diff(&z, &want);
             eprintln!("embedding {name} {syntax:?}: max abs diff {d:.2e}");
             assert!(d < 1e-5, "{name} {syntax:?}: {d}");
         }

@@ -5,6 +5,8 @@
 //! trained model; the tolerances below are what we measured, with some margin, not a claim about
 //! SD 1.5 in f16 on a GPU (see docs/GPU.md for what is and is not measured).
 
+mod common;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -119,14 +121,7 @@ fn bf16_on_cpu_text_encoder_only() {
     let emb = model.encode_prompt(prompt, "", false).unwrap();
     assert_eq!(emb.dtype(), DType::BF16);
     let want = &tensors["text.embeddings"];
-    let d: f32 = (emb.to_dtype(DType::F32).unwrap() - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = common::max_abs_diff(&emb.to_dtype(DType::F32).unwrap(), want);
     eprintln!("tiny-a bf16 text embeddings: max abs diff {d:.4}");
     assert!(d < 0.1, "{d}");
     let params = params_of(&json["images"]["euler"]);
@@ -192,14 +187,7 @@ fn nan_decode_in_half_precision_is_redone_in_f32() {
     // The retry is exactly the f32 decode.
     let full = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let want = full.decode_latents(&latents).unwrap();
-    let d: f32 = (image - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = common::max_abs_diff(&image, &want);
     assert!(d < 1e-3, "retry differs from the f32 decode by {d}");
     // And through the whole pipeline the image is not black.
     let (json, _) = references("tiny-a");
@@ -217,14 +205,7 @@ fn tiled_decode_is_close_to_untiled() {
     let latents = (&tensors["vae.latents"] * 0.18215).unwrap();
     let untiled = model.decode_latents(&latents).unwrap();
     let want = &tensors["vae.output"];
-    let d0: f32 = (&untiled - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d0 = common::max_abs_diff(&untiled, want);
     assert!(d0 < 1e-4, "untiled decode vs diffusers: {d0}");
     let (_, _, h, _) = latents.dims4().unwrap();
     for tile in [h / 2, h * 3 / 4] {

@@ -3,6 +3,8 @@
 //! the last one unmaps the file, `realloc` copies out, writes never reach the file, many
 //! mappings and concurrent drops keep the count right, and a full table falls back to copies.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -273,14 +275,7 @@ fn a_linear_weight_is_transposed_at_first_use_then_leaves_the_mapping() {
     let x = candle_core::Tensor::randn(0f32, 1.0, (7, 200), &dev).unwrap();
     let want = x.matmul(&w.t().unwrap()).unwrap();
     let got = dense.forward(&x, None).unwrap();
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&got, &want);
     assert!(diff < 1e-4, "{diff}");
     let (wt, _) = dense.transposed().unwrap().expect("transposed");
     assert_eq!(
