@@ -103,31 +103,25 @@ mod layout_timing {
                     let t = std::time::Instant::now();
                     for r in 0..reps {
                         let c = r % copies;
+                        // Layout 0: W^T `[k, n]` row-major; layout 1: W `[n, k]` as stored,
+                        // read through strides. Each writes its own output, compared below.
+                        let (dst, w, w_strides) = if layout == 0 {
+                            (out.as_mut_ptr(), wts[c].as_ptr(), (n as isize, 1))
+                        } else {
+                            (out2.as_mut_ptr(), ws[c].as_ptr(), (1, k as isize))
+                        };
                         // SAFETY: buffers sized for the shapes and strides given.
                         unsafe {
-                            if layout == 0 {
-                                gemm_strided(
-                                    (m, n, k),
-                                    out.as_mut_ptr(),
-                                    (n as isize, 1),
-                                    x.as_ptr(),
-                                    (k as isize, 1),
-                                    wts[c].as_ptr(),
-                                    (n as isize, 1),
-                                    false,
-                                )
-                            } else {
-                                gemm_strided(
-                                    (m, n, k),
-                                    out2.as_mut_ptr(),
-                                    (n as isize, 1),
-                                    x.as_ptr(),
-                                    (k as isize, 1),
-                                    ws[c].as_ptr(),
-                                    (1, k as isize),
-                                    false,
-                                )
-                            }
+                            gemm_strided(
+                                (m, n, k),
+                                dst,
+                                (n as isize, 1),
+                                x.as_ptr(),
+                                (k as isize, 1),
+                                w,
+                                w_strides,
+                                false,
+                            )
                         }
                     }
                     best[li] = best[li].min(t.elapsed().as_secs_f64() / reps as f64);

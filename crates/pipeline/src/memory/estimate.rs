@@ -224,6 +224,18 @@ mod tests {
     use crate::memory::footprint::{AttentionLevel, WeightCounts};
     use crate::memory::plan::LeverOverrides;
 
+    /// A batch of 2 at 16x16 in f16 under a budget that never binds, for the toy model.
+    fn toy_request() -> PlanRequest {
+        PlanRequest {
+            budget_bytes: 1 << 40,
+            max_width: 16,
+            max_height: 16,
+            batch: 2,
+            dtype: DType::F16,
+            overrides: LeverOverrides::default(),
+        }
+    }
+
     /// A toy model with round numbers, to check the formulas by hand.
     fn toy() -> Footprint {
         Footprint {
@@ -288,14 +300,7 @@ mod tests {
     #[test]
     fn offload_changes_what_is_resident() {
         let fp = toy();
-        let req = PlanRequest {
-            budget_bytes: 1 << 40,
-            max_width: 16,
-            max_height: 16,
-            batch: 2,
-            dtype: DType::F16,
-            overrides: LeverOverrides::default(),
-        };
+        let req = toy_request();
         let mut p = MemoryPlan::cpu(DType::F16);
         let none = estimate(&fp, &req, &p);
         p.offload = Offload::Model;
@@ -317,14 +322,7 @@ mod tests {
     fn encoder_estimate_counts_its_own_weights_when_offloaded() {
         let mut fp = toy();
         fp.weights.vae_encoder = 30;
-        let req = PlanRequest {
-            budget_bytes: 1 << 40,
-            max_width: 16,
-            max_height: 16,
-            batch: 2,
-            dtype: DType::F16,
-            overrides: LeverOverrides::default(),
-        };
+        let req = toy_request();
         let mut p = MemoryPlan::cpu(DType::F16);
         let none = estimate(&fp, &req, &p);
         p.offload = Offload::Model;
