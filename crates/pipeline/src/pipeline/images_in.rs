@@ -1,6 +1,6 @@
 //! The stages that start from an image: img2img (diffusers' `StableDiffusionImg2ImgPipeline`)
 //! and inpainting (`StableDiffusionInpaintPipeline`, with a regular 4-channel UNet or a
-//! 9-channel inpainting UNet). Text-to-image's stages are in `pipeline.rs`; these replace
+//! 9-channel inpainting UNet). Text-to-image's stages are in the sibling files; these replace
 //! `prepare_latents` and add the inpainting inputs to `denoise`.
 
 use candle_core::{DType, Tensor};

@@ -1,0 +1,136 @@
+//! The `denoise` stage: the scheduler's loop over the UNet's guided noise predictions.
+
+use candle_core::Tensor;
+
+use super::{images_in, Conditioning, StableDiffusion, StepHook, StepProgress};
+use crate::rng::TorchRng;
+use crate::schedulers::Scheduler;
+use crate::unet::UNet2DConditionModel;
+use crate::{PipelineError, Result};
+
+impl StableDiffusion {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn denoise(
+        &self,
+        start: images_in::Start,
+        text_embeddings: &Conditioning,
+        scheduler: &mut dyn Scheduler,
+        begin: usize,
+        guidance_scale: f64,
+        rngs: &mut [TorchRng],
+        on_step: StepHook,
+    ) -> Result<Tensor> {
+        let images_in::Start {
+            mut latents,
+            inpaint,
+        } = start;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len() - begin;
+        // Model offload: the UNet comes to the device once for the whole loop and leaves after
+        // it. Sequential: it stays in host memory and streams its parts in every forward pass.
+        let unet = self.unet_for_run()?;
+        // SDSERVE_STEP_TIMES=1: per-step UNet and scheduler times on stderr (profiling).
+        let timing = std::env::var_os("SDSERVE_STEP_TIMES").is_some();
+        for (index, &t) in timesteps.iter().enumerate().skip(begin) {
+            let start = std::time::Instant::now();
+            let mut model_input = scheduler.scale_model_input(&latents, index)?;
+            if let Some(state) = &inpaint {
+                model_input = state.unet_input(model_input)?;
+            }
+            let noise_pred =
+                self.predict_noise_with(&unet, &model_input, t, text_embeddings, guidance_scale)?;
+            let unet_done = start.elapsed();
+            latents = scheduler.step(&noise_pred, index, &latents, rngs)?;
+            if let Some(state) = &inpaint {
+                latents = state.keep_known_region(latents, scheduler, index)?;
+            }
+            if timing {
+                eprintln!(
+                    "step {index} t={t}: unet {:.3} s, scheduler {:.4} s",
+                    unet_done.as_secs_f64(),
+                    (start.elapsed() - unet_done).as_secs_f64()
+                );
+            }
+            if on_step(StepProgress {
+                step: index + 1 - begin,
+                total,
+                latents: Some(&latents),
+            })
+            .is_break()
+            {
+                return Err(PipelineError::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// The UNet's noise prediction at timestep `t` for (already scaled) `latents`, with
+    /// classifier-free guidance when `text_embeddings` holds `[uncond, cond]`:
+    /// `uncond + g * (cond - uncond)`.
+    pub fn predict_noise(
+        &self,
+        latents: &Tensor,
+        t: f64,
+        text_embeddings: &Tensor,
+        guidance_scale: f64,
+    ) -> Result<Tensor> {
+        let unet = self.unet_for_run()?;
+        let conditioning = match text_embeddings.dim(0)? {
+            2 => Conditioning::Joint(text_embeddings.clone()),
+            _ => Conditioning::Cond(text_embeddings.clone()),
+        };
+        self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale)
+    }
+
+    /// `latents` holds the batch's `n` images; `text_embeddings` one image's `[uncond, cond]`
+    /// (or `[cond]` without guidance), repeated for the batch as diffusers'
+    /// `num_images_per_prompt` does: `[uncond x n, cond x n]`.
+    fn predict_noise_with(
+        &self,
+        unet: &UNet2DConditionModel,
+        latents: &Tensor,
+        t: f64,
+        conditioning: &Conditioning,
+        guidance_scale: f64,
+    ) -> Result<Tensor> {
+        let n = latents.dim(0)?;
+        // diffusers' num_images_per_prompt: each row of the conditioning repeated n times.
+        let repeat = |e: &Tensor| -> Result<Tensor> {
+            if n == 1 {
+                return Ok(e.clone());
+            }
+            let rows = (0..e.dim(0)?)
+                .map(|r| {
+                    let row = e.narrow(0, r, 1)?;
+                    Tensor::cat(&vec![&row; n], 0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&rows, 0)?)
+        };
+        let text_embeddings = match conditioning {
+            Conditioning::Cond(e) | Conditioning::Joint(e) => e,
+            Conditioning::Separate { uncond, cond } => {
+                // Two passes, each with its own sequence length.
+                let t = Tensor::full(t as f32, n, &self.device)?;
+                let uncond = unet.forward(latents, &t, &repeat(uncond)?)?;
+                let cond = unet.forward(latents, &t, &repeat(cond)?)?;
+                return Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?);
+            }
+        };
+        let cfg = text_embeddings.dim(0)? == 2;
+        let embeddings = repeat(text_embeddings)?;
+        let model_input = if cfg {
+            Tensor::cat(&[latents, latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let t = Tensor::full(t as f32, embeddings.dim(0)?, &self.device)?;
+        let noise_pred = unet.forward(&model_input, &t, &embeddings)?;
+        if !cfg {
+            return Ok(noise_pred);
+        }
+        let uncond = noise_pred.narrow(0, 0, n)?;
+        let cond = noise_pred.narrow(0, n, n)?;
+        Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?)
+    }
+}

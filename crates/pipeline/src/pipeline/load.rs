@@ -1,0 +1,294 @@
+//! Loading a diffusers-layout model folder: the index, each component's weight files, the UNet
+//! for an offload mode.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::StableDiffusion;
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::embeddings::EmbeddingLibrary;
+use crate::error::read_json;
+use crate::lora::{LoraLibrary, LoraState};
+use crate::memory::offload::Component;
+use crate::memory::{MemoryPlan, Offload};
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKlDecoder, VaeConfig};
+use crate::vae_encoder::AutoencoderKlEncoder;
+use crate::{PipelineError, Result};
+
+/// `model_index.json`: which pipeline the folder holds. Components are read from their
+/// conventional subfolders; the index tells us the folder is a Stable Diffusion pipeline.
+#[derive(Debug, serde::Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers-layout folder. Weights are memory-mapped and converted to `dtype` on `device`.
+    /// Every component stays on the device; attention is sliced automatically (the CPU plan).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with_plan(dir, device, dtype, &MemoryPlan::cpu(dtype))
+    }
+
+    /// As [`StableDiffusion::load`], with the memory levers of `plan` (see `memory::plan`):
+    /// offloaded components are not put on the device until their stage; under
+    /// `Offload::Sequential` the UNet's weights are read into host memory and its parts put on
+    /// the device one at a time during each forward pass.
+    pub fn load_with_plan(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        plan: &MemoryPlan,
+    ) -> Result<Self> {
+        let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
+        if let Some(class) = &index.class_name {
+            if !class.starts_with("StableDiffusion") {
+                return Err(PipelineError::config(
+                    dir.join("model_index.json"),
+                    format!("`_class_name` is {class}, expected a StableDiffusionPipeline"),
+                ));
+            }
+        }
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let resident = (plan.offload == Offload::None).then_some(device);
+
+        let text_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        let (text_vocab_size, text_hidden_size) = (text_config.vocab_size, text_config.hidden_size);
+        let text_encoder = Component::new(
+            "text_encoder",
+            component_weight_files(dir, "text_encoder", "model", dtype)?,
+            dtype,
+            move |vb| ClipTextModel::new(vb, &text_config),
+            resident,
+        )?;
+
+        let unet_config: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let unet_in_channels = unet_config.in_channels;
+        let unet = unet_component(
+            component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype)?,
+            dtype,
+            &unet_config,
+            plan.offload,
+            device,
+        )?;
+
+        let vae_config: VaeConfig = read_json(&dir.join("vae/config.json"))?;
+        let vae_files = |d: DType| {
+            // An f32 VAE from the full-precision file; a folder with only fp16 files upcasts.
+            component_weight_files(dir, "vae", "diffusion_pytorch_model", d)
+                .or_else(|_| component_weight_files(dir, "vae", "diffusion_pytorch_model", dtype))
+        };
+        let scaling_factor = vae_config.scaling_factor;
+        let vae_scale_factor = 1usize << (vae_config.block_out_channels.len().saturating_sub(1));
+        let vae_latent_channels = vae_config.latent_channels;
+        let encoder_config = vae_config.clone();
+        let vae_encoder = Component::new(
+            "vae_encoder",
+            vae_files(plan.vae_dtype)?,
+            plan.vae_dtype,
+            move |vb| AutoencoderKlEncoder::new(vb, &encoder_config),
+            resident,
+        )?;
+        let vae_build = move |vb: VarBuilder| AutoencoderKlDecoder::new(vb, &vae_config);
+        let vae_f32 = if plan.vae_nan_retry && plan.vae_dtype != DType::F32 {
+            Some(Component::new(
+                "vae",
+                vae_files(DType::F32)?,
+                DType::F32,
+                vae_build.clone(),
+                None,
+            )?)
+        } else {
+            None
+        };
+        let vae = Component::new(
+            "vae",
+            vae_files(plan.vae_dtype)?,
+            plan.vae_dtype,
+            vae_build,
+            resident,
+        )?;
+
+        let scheduler_config: SchedulerConfig =
+            read_json(&dir.join("scheduler/scheduler_config.json"))?;
+        let default_scheduler = SchedulerKind::default_for(&scheduler_config)?;
+
+        let mut sd = Self {
+            tokenizer: tokenizer.clone(),
+            text_encoder,
+            unet,
+            unet_config,
+            unet_in_channels,
+            vae_scaling_factor: scaling_factor,
+            vae_scale_factor,
+            vae,
+            vae_encoder,
+            vae_latent_channels,
+            vae_f32,
+            plan: plan.clone(),
+            last_memory: std::sync::Mutex::new(None),
+            last_decode_retried: std::sync::atomic::AtomicBool::new(false),
+            scheduler_config,
+            default_scheduler,
+            device: device.clone(),
+            dtype,
+            loras: LoraLibrary::default(),
+            embeddings: EmbeddingLibrary::default(),
+            embedding_vectors: None,
+            base_tokenizer: tokenizer.clone(),
+            text_vocab_size,
+            text_hidden_size,
+            lora_state: std::sync::Mutex::new(LoraState::default()),
+        };
+        sd.configure_resident();
+        Ok(sd)
+    }
+
+    /// Seconds each component took to build when the model was loaded (its weights read,
+    /// checked and converted), in load order; offloaded components are built per stage and
+    /// not listed.
+    pub fn load_seconds(&self) -> Vec<(&str, f64)> {
+        [
+            (self.text_encoder.name(), self.text_encoder.built_in()),
+            (self.unet.name(), self.unet.built_in()),
+            (self.vae_encoder.name(), self.vae_encoder.built_in()),
+            (self.vae.name(), self.vae.built_in()),
+        ]
+        .into_iter()
+        .filter_map(|(name, t)| Some((name, t?.as_secs_f64())))
+        .collect()
+    }
+}
+
+/// The UNet component for an offload mode: built on `device` and kept (`None`), built there for
+/// each run (`Model`), or kept in host memory, read once in `dtype`, with its parts built on
+/// `device` one at a time during each forward pass (`Sequential`).
+pub(super) fn unet_component(
+    files: Vec<PathBuf>,
+    dtype: DType,
+    config: &UNetConfig,
+    offload: Offload,
+    device: &Device,
+) -> Result<Component<UNet2DConditionModel>> {
+    let config = config.clone();
+    match offload {
+        Offload::Sequential => {
+            let compute = device.clone();
+            Component::new(
+                "unet",
+                files,
+                dtype,
+                move |host| UNet2DConditionModel::streamed(host, &config, &compute),
+                Some(&Device::Cpu),
+            )
+        }
+        Offload::None | Offload::Model => Component::new(
+            "unet",
+            files,
+            dtype,
+            move |vb| UNet2DConditionModel::new(vb, &config),
+            (offload == Offload::None).then_some(device),
+        ),
+    }
+}
+
+/// Weight files of one component: `<stem>.safetensors`, its half-precision variant
+/// `<stem>.fp16.safetensors` when loading in f16 and present, or the shards of
+/// `<stem>.safetensors.index.json`.
+pub fn component_weight_files(
+    dir: &Path,
+    component: &str,
+    stem: &str,
+    dtype: DType,
+) -> Result<Vec<PathBuf>> {
+    let folder = dir.join(component);
+    let full = format!("{stem}.safetensors");
+    let half = format!("{stem}.fp16.safetensors");
+    // Half precision prefers the fp16 variant; the other precisions take it only when it is all
+    // the folder has (some repos publish fp16 weights alone).
+    let candidates = if dtype == DType::F16 {
+        [half, full]
+    } else {
+        [full, half]
+    };
+    for name in &candidates {
+        let path = folder.join(name);
+        if path.is_file() {
+            return Ok(vec![path]);
+        }
+        let index_path = folder.join(format!("{name}.index.json"));
+        if index_path.is_file() {
+            #[derive(serde::Deserialize)]
+            struct ShardIndex {
+                weight_map: std::collections::BTreeMap<String, String>,
+            }
+            let index: ShardIndex = read_json(&index_path)?;
+            let mut shards: Vec<PathBuf> =
+                index.weight_map.values().map(|f| folder.join(f)).collect();
+            shards.sort();
+            shards.dedup();
+            return Ok(shards);
+        }
+    }
+    Err(PipelineError::Weights {
+        path: folder,
+        message: format!("no weights: expected {}", candidates.join(" or ")),
+    })
+}
+
+#[cfg(test)]
+mod weight_file_tests {
+    use super::*;
+
+    fn folder_with(files: &[&str]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "sdserve-weights-{}-{}",
+            std::process::id(),
+            files.join("+")
+        ));
+        std::fs::create_dir_all(dir.join("unet")).unwrap();
+        for f in files {
+            std::fs::write(dir.join("unet").join(f), b"").unwrap();
+        }
+        dir
+    }
+
+    fn chosen(dir: &Path, dtype: DType) -> String {
+        let files = component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype).unwrap();
+        files[0].file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn precision_picks_its_variant_and_falls_back_to_the_other() {
+        let both = folder_with(&[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ]);
+        assert_eq!(
+            chosen(&both, DType::F32),
+            "diffusion_pytorch_model.safetensors"
+        );
+        assert_eq!(
+            chosen(&both, DType::F16),
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+
+        let half_only = folder_with(&["diffusion_pytorch_model.fp16.safetensors"]);
+        assert_eq!(
+            chosen(&half_only, DType::F32),
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+
+        let none = folder_with(&[]);
+        let err = component_weight_files(&none, "unet", "diffusion_pytorch_model", DType::F32);
+        assert!(matches!(err, Err(PipelineError::Weights { .. })));
+        for dir in [both, half_only, none] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+}

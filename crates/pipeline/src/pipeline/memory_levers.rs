@@ -1,0 +1,128 @@
+//! The memory levers of a loaded model: offload, attention slicing, VAE tiling, and what the
+//! last run used; components fetched for a run as the plan says.
+
+use super::load::unet_component;
+use super::StableDiffusion;
+use crate::memory::offload::{Component, Held};
+use crate::memory::{MemoryPlan, MemoryUsage, Offload};
+use crate::unet::{StreamStats, UNet2DConditionModel};
+use crate::vae::AutoencoderKlDecoder;
+use crate::Result;
+
+impl StableDiffusion {
+    /// Applies the plan's attention slicing to the resident modules.
+    pub(super) fn configure_resident(&mut self) {
+        let attention = self.plan.attention;
+        let rows = self.vae_attention_rows();
+        if let Some(u) = self.unet.resident_mut() {
+            u.set_attention_slicing(attention);
+        }
+        if let Some(v) = self.vae.resident_mut() {
+            v.set_attention_slice(rows);
+        }
+        if let Some(e) = self.vae_encoder.resident_mut() {
+            e.set_attention_slice(rows);
+        }
+    }
+
+    /// Query rows per piece of the VAE's mid-block attention: `None` (all at once) when attention
+    /// is not sliced, else as many rows as keep one piece of f32 scores within the slicing budget
+    /// at the largest image the plan is for.
+    pub(super) fn vae_attention_rows(&self) -> Option<usize> {
+        let budget = match self.plan.attention {
+            crate::attention::AttentionSlicing::Off => return None,
+            crate::attention::AttentionSlicing::MaxBytes(b) => b,
+            _ => crate::attention::AUTO_SLICE_BYTES,
+        };
+        let side = self.plan.max_side / self.vae_scale_factor.max(1);
+        Some((budget / (4 * side * side).max(1)).max(1))
+    }
+
+    /// The memory plan in use.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// Device memory of the last `generate` call (`None` on the CPU).
+    pub fn last_memory_usage(&self) -> Option<MemoryUsage> {
+        *self.last_memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when the last decode produced NaN/Inf in half precision and was redone in f32.
+    pub fn last_decode_retried(&self) -> bool {
+        self.last_decode_retried
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switches attention slicing (the one memory switch that needs no reload): `Off` is fastest,
+    /// `Auto`/`MaxBytes` bound the score matrices. Results change only by float rounding.
+    pub fn set_attention_slicing(&mut self, slicing: crate::attention::AttentionSlicing) {
+        self.plan.attention = slicing;
+        self.configure_resident();
+    }
+
+    /// Switches tiled VAE decoding and encoding on (`Some`) or off (diffusers' `enable_tiling`
+    /// covers both halves too); takes effect at the next encode or decode.
+    pub fn set_vae_tiling(&mut self, tiling: Option<crate::memory::VaeTiling>) {
+        self.plan.vae_tiling = tiling;
+    }
+
+    /// Keeps every component on the device (`Offload::None`), or only during its stage
+    /// (`Offload::Model`), or, for the UNet, one part at a time during each forward pass with its
+    /// weights in host memory (`Offload::Sequential`; text encoder and VAE as under `Model`).
+    pub fn set_offload(&mut self, offload: Offload) -> Result<()> {
+        // The modules are rebuilt from their files below (base weights): merged LoRAs are gone,
+        // and a request for the same LoRAs must merge them again (or be refused when offloaded).
+        self.lora_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget();
+        let resident = (offload == Offload::None).then_some(&self.device);
+        self.text_encoder.set_residence(resident)?;
+        // Free the current UNet before building it for the new mode.
+        self.unet.set_residence(None)?;
+        self.unet = unet_component(
+            self.unet.files().to_vec(),
+            self.dtype,
+            &self.unet_config,
+            offload,
+            &self.device,
+        )?;
+        self.vae.set_residence(resident)?;
+        self.vae_encoder.set_residence(resident)?;
+        self.plan.offload = offload;
+        self.configure_resident();
+        Ok(())
+    }
+
+    /// What UNet streaming did since the model was loaded or its offload last changed; `None`
+    /// unless the offload is `Sequential`.
+    pub fn unet_stream_stats(&self) -> Option<StreamStats> {
+        self.unet.resident().and_then(|u| u.stream_stats())
+    }
+
+    /// Bytes of UNet weights held in host memory under `Offload::Sequential`; `None` otherwise.
+    pub fn unet_host_weight_bytes(&self) -> Option<usize> {
+        self.unet.resident().and_then(|u| u.host_weight_bytes())
+    }
+
+    /// The UNet for one run, with the plan's attention slicing (built now when offloaded).
+    pub(super) fn unet_for_run(&self) -> Result<Held<'_, UNet2DConditionModel>> {
+        let mut held = self.unet.get(&self.device)?;
+        if let Held::Loaded(u) = &mut held {
+            u.set_attention_slicing(self.plan.attention);
+        }
+        Ok(held)
+    }
+
+    pub(super) fn vae_for_run<'a>(
+        &self,
+        component: &'a Component<AutoencoderKlDecoder>,
+    ) -> Result<Held<'a, AutoencoderKlDecoder>> {
+        let mut held = component.get(&self.device)?;
+        if let Held::Loaded(v) = &mut held {
+            v.set_attention_slice(self.vae_attention_rows());
+        }
+        Ok(held)
+    }
+}

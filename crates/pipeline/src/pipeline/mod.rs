@@ -1,0 +1,195 @@
+//! One text-to-image call, staged as diffusers' `StableDiffusionPipeline.__call__`.
+//!
+//! `generate` runs the stages in order; each lives in its own file: `encode_prompt`,
+//! `prepare` (`prepare_timesteps`, `prepare_latents`), `denoise`, `decode` (`decode_latents`,
+//! `postprocess`); `images_in` starts from an image instead. `load` reads a model folder,
+//! `memory_levers` switches offload/slicing/tiling, `adapters` holds LoRAs and embeddings,
+//! `params` what a request asks and gets back.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::clip::ClipTextModel;
+use crate::embeddings::EmbeddingLibrary;
+use crate::lora::{LoraLibrary, LoraState};
+use crate::memory::offload::Component;
+use crate::memory::{classify_oom, MemoryPlan, MemoryTracker, MemoryUsage};
+use crate::rng::TorchRng;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::AutoencoderKlDecoder;
+use crate::vae_encoder::AutoencoderKlEncoder;
+use crate::{PipelineError, Result};
+
+mod adapters;
+mod decode;
+mod denoise;
+mod encode_prompt;
+mod images_in;
+mod load;
+mod memory_levers;
+mod params;
+mod prepare;
+
+pub(crate) use decode::postprocess;
+pub use encode_prompt::Conditioning;
+pub use images_in::{seed_of_image, InitImage, Mode};
+pub use load::component_weight_files;
+pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
+
+/// A loaded Stable Diffusion model: everything `generate` needs, read from a diffusers folder.
+pub struct StableDiffusion {
+    tokenizer: ClipTokenizer,
+    // Components are resident on `device`, or offloaded (built there for their stage) when the
+    // memory plan says so; see `memory::offload`. Under sequential offload the UNet is resident
+    // in host memory and streams its parts to `device` (see `unet_component`).
+    text_encoder: Component<ClipTextModel>,
+    unet: Component<UNet2DConditionModel>,
+    unet_config: UNetConfig,
+    unet_in_channels: usize,
+    vae: Component<AutoencoderKlDecoder>,
+    /// The VAE's encoder half, for init images (img2img, inpainting).
+    vae_encoder: Component<AutoencoderKlEncoder>,
+    vae_latent_channels: usize,
+    /// The VAE in f32, built only to redo a half-precision decode that produced NaN/Inf.
+    vae_f32: Option<Component<AutoencoderKlDecoder>>,
+    plan: MemoryPlan,
+    last_memory: std::sync::Mutex<Option<MemoryUsage>>,
+    last_decode_retried: std::sync::atomic::AtomicBool,
+    vae_scaling_factor: f64,
+    vae_scale_factor: usize,
+    scheduler_config: SchedulerConfig,
+    default_scheduler: SchedulerKind,
+    device: Device,
+    dtype: DType,
+    /// LoRA files requests may name (`LORA_DIR`).
+    loras: LoraLibrary,
+    /// Textual-inversion embeddings prompts may name (`EMBEDDINGS_DIR`), their vectors stacked
+    /// (`[rows, hidden]` on the device) for the ids past the text encoder's vocabulary.
+    embeddings: EmbeddingLibrary,
+    embedding_vectors: Option<Tensor>,
+    /// The tokenizer as loaded, before embedding names were added.
+    base_tokenizer: ClipTokenizer,
+    text_vocab_size: usize,
+    text_hidden_size: usize,
+    /// Which LoRAs are merged into the resident weights now (held for a whole run).
+    lora_state: std::sync::Mutex<LoraState>,
+}
+
+impl StableDiffusion {
+    /// The scheduler named by the model's own `scheduler_config.json`.
+    pub fn default_scheduler(&self) -> SchedulerKind {
+        self.default_scheduler
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Latent channels the UNet takes.
+    pub fn unet_in_channels(&self) -> usize {
+        self.unet_in_channels
+    }
+
+    /// True for an inpainting model: its UNet takes the latents, the mask and the masked
+    /// image's latents (9 channels for SD 1.5), so every request needs an init image and a mask.
+    pub fn is_inpainting(&self) -> bool {
+        self.unet_in_channels == 2 * self.vae_latent_channels + 1
+    }
+
+    /// Pixels per latent cell along each axis (8 for SD 1.5).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_scale_factor
+    }
+
+    /// Runs one request: `batch_size` images, in order. `on_step` is called after every
+    /// denoising step (once for the whole batch); breaking cancels the run
+    /// (`PipelineError::Cancelled`) before the next step, and every tensor of the run is dropped.
+    ///
+    /// A device allocation failure comes back as [`PipelineError::OutOfMemory`]; the tensors of
+    /// the run are dropped and the allocator's cached memory returned before this returns.
+    pub fn generate(&self, params: &GenerationParams, on_step: StepHook) -> Result<Vec<RgbImage>> {
+        let mut tracker = MemoryTracker::start(&self.device);
+        let result = self.generate_tracked(params, on_step, &mut tracker);
+        let usage = tracker.finish();
+        *self.last_memory.lock().unwrap_or_else(|e| e.into_inner()) = usage;
+        result.map_err(classify_oom)
+    }
+
+    fn generate_tracked(
+        &self,
+        params: &GenerationParams,
+        on_step: StepHook,
+        tracker: &mut MemoryTracker,
+    ) -> Result<Vec<RgbImage>> {
+        self.check_inputs(params)?;
+        // Held for the whole run: no other run changes the merged weights under this one.
+        let _loras = self.sync_loras(&params.loras)?;
+        let text_embeddings = self.encode_conditioning(params)?;
+        let (mut scheduler, begin) = self.prepare_timesteps(params)?;
+        // diffusers' list of generators: one per image, seeded seed + i.
+        let mut rngs: Vec<TorchRng> = (0..params.batch_size)
+            .map(|i| TorchRng::new(seed_of_image(params.seed, i)))
+            .collect();
+        let start = match &params.init_image {
+            None => images_in::Start {
+                latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs)?,
+                inpaint: None,
+            },
+            Some(init) => {
+                self.prepare_image_latents(params, init, scheduler.as_ref(), begin, &mut rngs)?
+            }
+        };
+        tracker.sample();
+        let mut on_step = |p: StepProgress<'_>| {
+            tracker.sample();
+            on_step(p)
+        };
+        let latents = self.denoise(
+            start,
+            &text_embeddings,
+            scheduler.as_mut(),
+            begin,
+            params.guidance_scale,
+            &mut rngs,
+            &mut on_step,
+        )?;
+        drop(text_embeddings);
+        // One image at a time through the VAE: its memory does not grow with the batch.
+        let mut images = Vec::with_capacity(params.batch_size);
+        for i in 0..latents.dim(0)? {
+            let image = self.decode_latents(&latents.narrow(0, i, 1)?)?;
+            tracker.sample();
+            images.push(postprocess(&image)?);
+        }
+        Ok(images)
+    }
+
+    fn check_inputs(&self, params: &GenerationParams) -> Result<()> {
+        if params.steps == 0 {
+            return Err(PipelineError::InvalidRequest(
+                "steps must be at least 1".into(),
+            ));
+        }
+        if params.batch_size == 0 {
+            return Err(PipelineError::InvalidRequest(
+                "batch_size must be at least 1".into(),
+            ));
+        }
+        self.check_image_inputs(params)?;
+        // diffusers requires multiples of 8; the latent grid also needs whole VAE cells.
+        let multiple = self.vae_scale_factor.max(8);
+        for (name, value) in [("width", params.width), ("height", params.height)] {
+            if value == 0 || value % multiple != 0 {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "{name} must be a positive multiple of {multiple}, got {value}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

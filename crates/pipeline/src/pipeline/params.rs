@@ -1,0 +1,96 @@
+//! What one request asks of the pipeline (`GenerationParams`) and what it gets back.
+
+use std::ops::ControlFlow;
+
+use candle_core::Tensor;
+
+use super::InitImage;
+use crate::schedulers::SchedulerKind;
+
+/// What one request asks of the pipeline (already validated by the caller). New fields keep a
+/// default, so callers write `..Default::default()` for what they do not set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    pub guidance_scale: f64,
+    /// `None`: the model's own scheduler config.
+    pub scheduler: Option<SchedulerKind>,
+    /// How the prompts are read: `Plain` (diffusers: 77 tokens, brackets are text) or `A1111`.
+    pub prompt_syntax: PromptSyntax,
+    /// A1111's "clip skip": 1 conditions on the last CLIP layer, 2 on the penultimate, ...
+    pub clip_skip: usize,
+    /// LoRA adapters for this request only, by name, with their weights.
+    pub loras: Vec<LoraWeight>,
+    /// Images made at once, as one UNet batch; image `i` uses seed `seed + i` (see
+    /// [`seed_of_image`](super::seed_of_image)), so each can be made again alone.
+    pub batch_size: usize,
+    /// img2img (no mask) or inpainting (with a mask); `None`: text-to-image.
+    pub init_image: Option<InitImage>,
+}
+
+/// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
+/// its call defaults (20 steps, 512x512, guidance 7.5). Callers set what they mean and take
+/// the rest from here (`..Default::default()`), so new fields do not break them.
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 20,
+            width: 512,
+            height: 512,
+            seed: 0,
+            guidance_scale: 7.5,
+            scheduler: None,
+            batch_size: 1,
+            init_image: None,
+            prompt_syntax: PromptSyntax::Plain,
+            clip_skip: 1,
+            loras: Vec::new(),
+        }
+    }
+}
+
+/// How prompt text becomes CLIP conditioning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptSyntax {
+    /// diffusers: the text as is, truncated to the tokenizer's 77 tokens.
+    #[default]
+    Plain,
+    /// AUTOMATIC1111: `(word:1.3)`, `((word))`, `[word]`, escapes, `BREAK`, prompts of any length.
+    A1111,
+}
+
+/// One LoRA adapter asked for by a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraWeight {
+    pub name: String,
+    pub weight: f64,
+}
+
+/// An RGB8 image, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+/// Reported to the per-step hook after each denoising step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepProgress<'a> {
+    /// 1-based index of the step just finished (UNet evaluations: PNDM runs steps + 1).
+    pub step: usize,
+    pub total: usize,
+    /// The latents after this step (`[B, 4, h, w]`), for previews; `None` where there are none
+    /// (a fake generator).
+    pub latents: Option<&'a Tensor>,
+}
+
+/// The per-step hook: `ControlFlow::Break(())` cancels the run before the next step.
+pub type StepHook<'a> = &'a mut dyn FnMut(StepProgress<'_>) -> ControlFlow<()>;

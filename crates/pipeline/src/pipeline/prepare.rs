@@ -1,0 +1,52 @@
+//! The `prepare_timesteps` and `prepare_latents` stages (text-to-image; an init image's latents
+//! are prepared in `images_in`).
+
+use candle_core::{DType, Tensor};
+
+use super::{images_in, GenerationParams, StableDiffusion};
+use crate::rng::TorchRng;
+use crate::schedulers::{self, Scheduler};
+use crate::Result;
+
+impl StableDiffusion {
+    /// The scheduler for the request's steps and the index of the first timestep to run: 0 for
+    /// text-to-image; with an init image, `t_start * order` where `t_start = steps - init` and
+    /// `init = min(int(steps * strength), steps)` (diffusers' `get_timesteps`, which also calls
+    /// `set_begin_index` there).
+    pub(super) fn prepare_timesteps(
+        &self,
+        params: &GenerationParams,
+    ) -> Result<(Box<dyn Scheduler>, usize)> {
+        let kind = params.scheduler.unwrap_or(self.default_scheduler);
+        let mut scheduler = schedulers::build(kind, &self.scheduler_config, params.steps)?;
+        let begin = match &params.init_image {
+            None => 0,
+            Some(init) => {
+                let t_start = params.steps - images_in::init_steps(params.steps, init.strength);
+                t_start * scheduler.order()
+            }
+        };
+        scheduler.set_begin_index(begin);
+        Ok((scheduler, begin))
+    }
+
+    /// Initial noise from each image's own generator, as diffusers draws it on the CPU.
+    pub(super) fn prepare_latents(
+        &self,
+        params: &GenerationParams,
+        scheduler: &dyn Scheduler,
+        rngs: &mut [TorchRng],
+    ) -> Result<Tensor> {
+        let shape = (
+            1,
+            self.unet_in_channels,
+            params.height / self.vae_scale_factor,
+            params.width / self.vae_scale_factor,
+        );
+        let noise = rngs
+            .iter_mut()
+            .map(|rng| rng.randn_tensor(shape, &self.device, DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Tensor::cat(&noise, 0)? * scheduler.init_noise_sigma())?.to_dtype(self.dtype)?)
+    }
+}
