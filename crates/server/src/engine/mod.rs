@@ -375,7 +375,8 @@ impl Engine {
         let finished = self
             .backend
             .finished(&view.id)?
-            .ok_or_else(|| ApiError::Internal("the job ended without a record".into()))?;
+            // Only a cluster's record can go before its end is read (expired, evicted).
+            .ok_or_else(cluster::record_gone)?;
         // The worker may see the deadline before this waiter's timer does: the same 408.
         if let Err(e) = &finished.result {
             return Err(e.clone());

@@ -124,6 +124,14 @@ pub(super) fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::QueueUnavailable(format!("QUEUE_URL's Redis cannot be used: {e}"))
 }
 
+/// A job whose record left Redis before it ended (expired, evicted under `maxmemory`, deleted):
+/// it is dropped, and its clients hear this instead of waiting forever.
+pub(super) fn record_gone() -> ApiError {
+    ApiError::QueueUnavailable(
+        "the job's record is gone from QUEUE_URL's Redis (expired or evicted, see README \"Several machines\"); the job was dropped: submit it again".into(),
+    )
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -300,9 +308,13 @@ async fn poll(sh: Arc<Shared>) {
                 .collect()
         };
         for (id, position) in followed {
-            let Ok(Ok(Some(view))) = tokio::time::timeout(CALL_TIMEOUT, store.view(&id)).await
-            else {
-                continue;
+            let view = match tokio::time::timeout(CALL_TIMEOUT, store.view(&id)).await {
+                Ok(Ok(Some(view))) => view,
+                Ok(Ok(None)) => {
+                    deliver(&sh, &id, JobEvent::Failed(record_gone().body()));
+                    continue;
+                }
+                _ => continue,
             };
             if let Some(end) = JobEvent::terminal(&view) {
                 deliver(&sh, &id, end);

@@ -17,6 +17,28 @@ use crate::error::ApiError;
 /// Jobs `GET /jobs` lists at most.
 const LIST_MAX: isize = 200;
 
+/// What a write to a running job's record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Written {
+    /// Written (for FINISH: this call ended the job).
+    Yes,
+    /// The job had already ended (someone else finished it); nothing written.
+    Ended,
+    /// The record is gone (expired or evicted); nothing written, so it does not come back
+    /// without a TTL.
+    Gone,
+}
+
+impl Written {
+    fn of(code: i64) -> Self {
+        match code {
+            1 => Self::Yes,
+            0 => Self::Ended,
+            _ => Self::Gone,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(super) struct Store {
     sh: Arc<Shared>,
@@ -252,13 +274,13 @@ impl Store {
         Ok(done == 1)
     }
 
-    /// Ends a job at most once (whoever comes first); true if this call ended it.
+    /// Ends a job at most once (whoever comes first); `Yes` if this call ended it.
     pub async fn finish(
         &self,
         who: &str,
         ended: &Record,
         event: &JobEvent,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Written, ApiError> {
         let id = &ended.view.id;
         let k = self.keys();
         let done: i64 = script(wire::FINISH)
@@ -272,23 +294,23 @@ impl Store {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(done == 1)
+        Ok(Written::of(done))
     }
 
     /// Writes a running job's record (when given) and publishes an event (when given),
-    /// unless the job has ended.
+    /// unless the job has ended or its record is gone.
     pub async fn update(
         &self,
         record: Option<&Record>,
         id: &str,
         event: Option<&JobEvent>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Written, ApiError> {
         let k = self.keys();
         let json = match record {
             Some(r) => serde_json::to_string(r).map_err(|e| ApiError::Internal(e.to_string()))?,
             None => String::new(),
         };
-        let _: i64 = script(wire::UPDATE)
+        let written: i64 = script(wire::UPDATE)
             .key(k.done(id))
             .key(k.job(id))
             .arg(json)
@@ -301,7 +323,7 @@ impl Store {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(())
+        Ok(Written::of(written))
     }
 
     /// Puts a taken job back at the head of the queue. `own`: a worker gives back its own

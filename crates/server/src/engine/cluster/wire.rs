@@ -423,18 +423,23 @@ end
 return 0
 ";
 
-/// Writes a running job's record and/or publishes one of its events, unless it has ended.
-/// KEYS: done, job. ARGV: record ('' to keep), channel, message ('' for none).
+/// Writes a running job's record and/or publishes one of its events, unless it has ended
+/// (0) or its record is gone (-1: expired or evicted; a record is never written back without
+/// its TTL, and a job whose record is gone stops). KEYS: done, job. ARGV: record ('' to keep),
+/// channel, message ('' for none).
 pub const UPDATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if ARGV[1] ~= '' then redis.call('SET', KEYS[2], ARGV[1], 'KEEPTTL') end
 if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 ";
 
 /// Ends a job at most once: only the first to set `done` writes the final record and
-/// publishes the terminal event. KEYS: done, job. ARGV: who, record, ttl ms, channel, message.
+/// publishes the terminal event; -1 when the record is gone (nothing is written, so the
+/// job does not come back). KEYS: done, job. ARGV: who, record, ttl ms, channel, message.
 pub const FINISH: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[3]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])

@@ -10,7 +10,7 @@ use std::time::Duration;
 use redis::{AsyncCommands, Script};
 use tokio::sync::broadcast;
 
-use super::store::Store;
+use super::store::{Store, Written};
 use super::wire::{self, now_ms, Heartbeat, Record, WireInfo};
 use super::{started_at, worker_id, Shared, WorkerHealth};
 use crate::engine::job::{timestamp, JobEvent, JobStatus, StopReason};
@@ -37,6 +37,10 @@ struct Worker {
     started_at: String,
     running: Mutex<Option<String>>,
     done: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(super) fn spawn(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, local: Arc<Local>) {
@@ -70,11 +74,7 @@ impl Worker {
                 id: self.id.clone(),
                 state: state.into(),
                 model_version: info.as_ref().map(|i| i.model_version.clone()),
-                running_job: self
-                    .running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
+                running_job: lock(&self.running).clone(),
                 jobs_done: self.done.load(Ordering::Relaxed),
                 started_at: self.started_at.clone(),
             },
@@ -125,11 +125,11 @@ async fn take_jobs(w: Arc<Worker>) {
             .await;
         match taken {
             Ok(Some(id)) => {
-                *w.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.clone());
+                *lock(&w.running) = Some(id.clone());
                 if let Err(e) = run_one(&w, &id).await {
                     tracing::warn!(job = %id, error = %e, "worker: Redis failed during the job; its lease will lapse and another worker takes it");
                 }
-                *w.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *lock(&w.running) = None;
             }
             Ok(None) => tokio::time::sleep(IDLE_POLL).await,
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
@@ -157,14 +157,34 @@ async fn end(
 ) -> Result<(), ApiError> {
     let id = record.view.id.clone();
     let (ended, event) = Store::ended(record, status, result);
-    if w.store.finish(&w.id, &ended, &event).await? {
-        w.done.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(job = %id, worker = %w.id, status = ?status, attempts = ended.attempts, "job ended");
-    } else {
-        tracing::info!(job = %id, worker = %w.id, "job already ended elsewhere; this run's outcome is dropped");
+    match w.store.finish(&w.id, &ended, &event).await? {
+        Written::Yes => {
+            w.done.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(job = %id, worker = %w.id, status = ?status, attempts = ended.attempts, "job ended");
+        }
+        Written::Ended => {
+            tracing::info!(job = %id, worker = %w.id, "job already ended elsewhere; this run's outcome is dropped")
+        }
+        Written::Gone => {
+            tracing::warn!(job = %id, worker = %w.id, "the job's record is gone from Redis (expired or evicted); this run's outcome is dropped")
+        }
     }
     release(w, &id).await;
     Ok(())
+}
+
+/// Stops this worker's run of a job that ended elsewhere or whose record is gone from Redis
+/// (nothing more is written for it, so the record does not come back).
+async fn abandon(w: &Worker, id: &str, local_id: Option<&str>, why: Written) {
+    if why == Written::Gone {
+        tracing::warn!(job = %id, worker = %w.id, "the job's record is gone from Redis (expired or evicted); run stopped, nothing written back");
+    } else {
+        tracing::info!(job = %id, worker = %w.id, "the job ended elsewhere; run stopped");
+    }
+    if let Some(lid) = local_id {
+        let _ = w.local.cancel(lid, StopReason::Cancelled);
+    }
+    release(w, id).await;
 }
 
 async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
@@ -209,9 +229,14 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
     record.started_ms = Some(now);
     record.attempts += 1;
     record.worker = Some(w.id.clone());
-    w.store
+    let written = w
+        .store
         .update(Some(&record), id, Some(&JobEvent::Started))
         .await?;
+    if written != Written::Yes {
+        abandon(w, id, None, written).await;
+        return Ok(());
+    }
     tracing::info!(job = %id, worker = %w.id, attempt = record.attempts, "job started");
 
     let local_view = match w.local.submit(spec) {
@@ -236,13 +261,19 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
     loop {
         tokio::select! {
             event = rx.recv() => match event {
-                Ok(JobEvent::Progress(p)) => {
-                    record.view.progress = p;
+                Ok(e @ (JobEvent::Progress(_) | JobEvent::Preview { .. })) => {
+                    let record = match &e {
+                        JobEvent::Progress(p) => {
+                            record.view.progress = *p;
+                            Some(&record)
+                        }
+                        _ => None,
+                    };
                     // A failed write only loses a progress step; the lease says who runs it.
-                    let _ = w.store.update(Some(&record), id, Some(&JobEvent::Progress(p))).await;
-                }
-                Ok(e @ JobEvent::Preview { .. }) => {
-                    let _ = w.store.update(None, id, Some(&e)).await;
+                    if let Ok(written @ (Written::Ended | Written::Gone)) = w.store.update(record, id, Some(&e)).await {
+                        abandon(w, id, Some(&lid), written).await;
+                        return Ok(());
+                    }
                 }
                 Ok(e) if e.is_final() => break,
                 Ok(_) => {}

@@ -1,0 +1,169 @@
+//! Job records in a real `redis-server` (QUEUE_URL), with the fake generator: a record that
+//! leaves Redis (expired, evicted, deleted) while its job waits or runs never comes back
+//! without a TTL, and the job's clients (an event stream, a waiting `/generate`) hear a clear
+//! end instead of waiting forever.
+//!
+//! Each test starts its own redis-server on a free port; without one it skips loudly, unless
+//! SDSERVE_REQUIRE_REDIS=1 (as `.ci/run` sets).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{follow, job, submit_ok, wait_end, wait_workers, Redis};
+use common::Server;
+use serde_json::{json, Value};
+
+fn start(redis: &Redis, role: &str, fake: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = common::fake(fake);
+    for (k, v) in [
+        ("QUEUE_URL", redis.url().as_str()),
+        ("ROLE", role),
+        ("JOB_LEASE_SECONDS", "2"),
+        ("MAX_QUEUED_JOBS", "100"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        env.push((k.to_string(), v.to_string()));
+    }
+    Server::start(&env)
+}
+
+fn request(steps: u64) -> Value {
+    json!({"prompt": "a record", "steps": steps, "width": 256, "height": 256, "seed": 3})
+}
+
+fn wait_running(api: &Server, id: &str, step: u64) {
+    let t = Instant::now();
+    loop {
+        let j = job(api, id);
+        if j["status"] == "running" && j["progress"]["step"].as_u64().unwrap_or(0) >= step {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "never ran: {j}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// For `within`, the record key is either absent or has a TTL: `PTTL` is never -1.
+fn never_without_ttl(redis: &Redis, id: &str, within: Duration) {
+    let key = format!("sdserve:job:{id}");
+    let t = Instant::now();
+    while t.elapsed() < within {
+        let pttl: i64 = redis.cli(&["PTTL", &key]).parse().unwrap();
+        assert_ne!(pttl, -1, "{key} came back without a TTL");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The last event of a stream that must end with `failed` `queue_unavailable`.
+fn ends_record_gone(events: &[(String, Value)]) {
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let (last, data) = events.last().expect("no events");
+    assert_eq!(last, "failed", "{names:?}");
+    assert_eq!(data["error"]["error_code"], "queue_unavailable", "{data}");
+    assert!(
+        data["error"]["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("record is gone")),
+        "{data}"
+    );
+}
+
+#[test]
+fn a_record_that_leaves_redis_never_comes_back_without_a_ttl() {
+    let Some(redis) = Redis::start("a_record_that_leaves_redis_never_comes_back_without_a_ttl")
+    else {
+        return;
+    };
+    // 200 ms a step: a 50-step job runs 10 s, long enough to lose its record mid-run.
+    let worker = start(&redis, "worker", "step_ms=200", &[]);
+    let api = start(&redis, "api", "step_ms=200", &[]);
+    wait_workers(&api, 1);
+
+    // 1. A running job's record deleted: the worker stops writing (no record without a TTL),
+    //    its event stream ends `failed` `queue_unavailable`, GET answers 404.
+    let running = submit_ok(&api, &request(50));
+    wait_running(&api, &running, 2);
+    let follower = {
+        let (addr, id) = (api.addr, running.clone());
+        std::thread::spawn(move || follow(addr, &id))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(redis.cli(&["DEL", &format!("sdserve:job:{running}")]), "1");
+    never_without_ttl(&redis, &running, Duration::from_secs(2));
+    ends_record_gone(&follower.join().unwrap());
+    api.get(&format!("/jobs/{running}"))
+        .error(404, "job_not_found");
+    worker.wait_log(&["record is gone", &running], Duration::from_secs(10));
+
+    // 2. A waiting `/generate` client whose running job's record expires: a clear 503.
+    let waiting = {
+        let addr = api.addr;
+        std::thread::spawn(move || {
+            common::request(
+                addr,
+                "POST",
+                "/generate",
+                &[("Content-Type", "application/json")],
+                request(50).to_string().as_bytes(),
+            )
+        })
+    };
+    let t = Instant::now();
+    let generating = loop {
+        let jobs = api.get("/jobs").json();
+        if let Some(j) = jobs["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["status"] == "running" && j["progress"]["step"].as_u64() >= Some(2))
+        {
+            break j["id"].as_str().unwrap().to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no running job");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    redis.cli(&["PEXPIRE", &format!("sdserve:job:{generating}"), "1"]);
+    never_without_ttl(&redis, &generating, Duration::from_secs(2));
+    let r = waiting.join().unwrap();
+    let e = r.error(503, "queue_unavailable");
+    assert!(
+        e["details"].as_str().unwrap().contains("record is gone"),
+        "{e}"
+    );
+
+    // 3. A queued job's record deleted: its stream ends at once; when the worker reaches it,
+    //    it writes nothing back.
+    let first = submit_ok(&api, &request(30));
+    wait_running(&api, &first, 1);
+    let queued = submit_ok(&api, &request(3));
+    assert_eq!(job(&api, &queued)["status"], "queued");
+    let follower = {
+        let (addr, id) = (api.addr, queued.clone());
+        std::thread::spawn(move || follow(addr, &id))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(redis.cli(&["DEL", &format!("sdserve:job:{queued}")]), "1");
+    ends_record_gone(&follower.join().unwrap());
+    let j = wait_end(&api, &first, Duration::from_secs(30));
+    assert_eq!(j["status"], "succeeded", "{j}");
+    never_without_ttl(&redis, &queued, Duration::from_secs(1));
+    assert_eq!(
+        redis.cli(&["EXISTS", &format!("sdserve:job:{queued}")]),
+        "0"
+    );
+
+    // The worker is free again and every finished record carries a TTL.
+    let last = submit_ok(&api, &request(2));
+    let j = wait_end(&api, &last, Duration::from_secs(30));
+    assert_eq!(j["status"], "succeeded", "{j}");
+    for id in [&first, &last] {
+        let pttl: i64 = redis
+            .cli(&["PTTL", &format!("sdserve:job:{id}")])
+            .parse()
+            .unwrap();
+        assert!(pttl > 0, "{id}: PTTL {pttl}");
+    }
+}
