@@ -87,7 +87,8 @@ pub struct Loaded {
 pub type Loader = Box<dyn FnOnce() -> Result<Loaded, String> + Send>;
 
 /// Settings of the fake generator, parsed from `key=value,...`
-/// (`step_ms`, `load_ms`, `fail_load`, `scheduler`, `speed_probe` = 0 or 1).
+/// (`step_ms`, `load_ms`, `fail_load`, `scheduler`, `speed_probe` = 0 or 1, `hang_at_step`,
+/// `hang_ms`).
 ///
 /// The fake honours the step hook exactly like the real pipeline, and its image is a pure
 /// function of the parameters, so timing, cancellation, caching and reproducibility can be
@@ -101,6 +102,10 @@ pub struct FakeSpec {
     pub scheduler: SchedulerKind,
     /// Run the CPU speed probe on the fake (off by default: timing tests want an idle worker).
     pub speed_probe: bool,
+    /// Every run hangs before this step's hook (0: never) for `hang_ms`, deaf to cancellation,
+    /// as a device call that does not return would.
+    pub hang_at_step: usize,
+    pub hang_ms: u64,
 }
 
 impl std::str::FromStr for FakeSpec {
@@ -112,6 +117,8 @@ impl std::str::FromStr for FakeSpec {
             fail_load: None,
             scheduler: SchedulerKind::Pndm,
             speed_probe: false,
+            hang_at_step: 0,
+            hang_ms: 3_600_000,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
@@ -121,6 +128,8 @@ impl std::str::FromStr for FakeSpec {
             match k {
                 "step_ms" => spec.step_ms = ms()?,
                 "load_ms" => spec.load_ms = ms()?,
+                "hang_at_step" => spec.hang_at_step = ms()? as usize,
+                "hang_ms" => spec.hang_ms = ms()?,
                 "fail_load" => spec.fail_load = Some(v.to_string()),
                 "speed_probe" => {
                     spec.speed_probe = match v {
@@ -142,6 +151,8 @@ impl std::str::FromStr for FakeSpec {
 
 pub struct FakeGenerator {
     step: Duration,
+    hang_at_step: usize,
+    hang: Duration,
 }
 
 impl FakeSpec {
@@ -154,6 +165,8 @@ impl FakeSpec {
             Ok(Loaded {
                 generator: Box::new(FakeGenerator {
                     step: Duration::from_millis(self.step_ms),
+                    hang_at_step: self.hang_at_step,
+                    hang: Duration::from_millis(self.hang_ms),
                 }),
                 info: ModelInfo {
                     model_version: "fake@0".into(),
@@ -200,6 +213,15 @@ impl Generator for FakeGenerator {
         }
         for step in 1..=p.steps {
             std::thread::sleep(self.step);
+            if step == self.hang_at_step {
+                tracing::warn!(
+                    step,
+                    hang_ms = self.hang.as_millis() as u64,
+                    "fake generator: hanging"
+                );
+                std::thread::sleep(self.hang);
+                tracing::warn!(step, "fake generator: the hang is over");
+            }
             // Latents for previews: flat, brightening as the run goes on.
             let latents = candle_core::Tensor::full(
                 step as f32 / p.steps as f32,
@@ -271,6 +293,8 @@ mod tests {
             (s.step_ms, s.load_ms, s.scheduler, s.speed_probe),
             (50, 5, SchedulerKind::Ddim, true)
         );
+        let h: FakeSpec = "hang_at_step=2,hang_ms=30".parse().unwrap();
+        assert_eq!((h.hang_at_step, h.hang_ms), (2, 30));
         assert!("speed_probe=yes".parse::<FakeSpec>().is_err());
         assert!("bogus=1".parse::<FakeSpec>().is_err());
         assert!("step_ms=x".parse::<FakeSpec>().is_err());
@@ -280,6 +304,8 @@ mod tests {
     fn fake_is_deterministic_and_cancellable() {
         let mut g = FakeGenerator {
             step: Duration::ZERO,
+            hang_at_step: 0,
+            hang: Duration::ZERO,
         };
         let mut n = 0;
         let a = g

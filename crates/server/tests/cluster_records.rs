@@ -167,3 +167,88 @@ fn a_record_that_leaves_redis_never_comes_back_without_a_ttl() {
         assert!(pttl > 0, "{id}: PTTL {pttl}");
     }
 }
+
+fn health_states(api: &Server) -> Vec<String> {
+    common::cluster::workers(api)
+        .iter()
+        .map(|w| w["state"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
+    let Some(redis) = Redis::start("a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout")
+    else {
+        return;
+    };
+    // Every run hangs before its second step's hook for 20 s, deaf to cancellation, like a
+    // device call that never returns; jobs from this API have a 2 s deadline.
+    let stuck = start(
+        &redis,
+        "worker",
+        "step_ms=50,hang_at_step=2,hang_ms=20000",
+        &[],
+    );
+    let api = start(&redis, "api", "", &[("JOB_TIMEOUT_SECONDS", "2")]);
+    wait_workers(&api, 1);
+    let id = submit_ok(&api, &request(10));
+    let follower = {
+        let (addr, id) = (api.addr, id.clone());
+        std::thread::spawn(move || follow(addr, &id))
+    };
+    stuck.wait_log(&["fake generator: hanging"], Duration::from_secs(30));
+    // It ends well before the hang does: `failed` `timeout`, after its deadline, with the
+    // step it reached; the stream ends the same way.
+    let j = wait_end(&api, &id, Duration::from_secs(30));
+    assert!(
+        !stuck.logs().iter().any(|l| l.contains("the hang is over")),
+        "the job ended only when the hang did: {j}"
+    );
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["error"]["error_code"], "timeout", "{j}");
+    assert!(
+        j["error"]["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("at step 1 of 10")),
+        "{j}"
+    );
+    let events = follower.join().unwrap();
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "failed", "{events:?}");
+    assert_eq!(data["error"]["error_code"], "timeout", "{data}");
+    stuck.wait_log(&["generation is stuck", &id], Duration::from_secs(10));
+    // /health names the worker stuck while the hang lasts.
+    let t = Instant::now();
+    while health_states(&api) != ["stuck"] {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{}",
+            api.get("/health").text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A healthy worker takes the next job; the stuck one takes none while it hangs.
+    let healthy = start(&redis, "worker", "step_ms=10", &[]);
+    let next = submit_ok(&api, &request(3));
+    let j = wait_end(&api, &next, Duration::from_secs(30));
+    assert_eq!(j["status"], "succeeded", "{j}");
+    healthy.wait_log(&["job started", &next], Duration::from_secs(10));
+    assert!(!stuck
+        .logs()
+        .iter()
+        .any(|l| l.contains("job started") && l.contains(&next)));
+
+    // When the hang ends, its late outcome changes nothing and the worker takes jobs again.
+    stuck.wait_log(&["taking jobs again"], Duration::from_secs(60));
+    assert_eq!(job(&api, &id)["error"]["error_code"], "timeout");
+    let t = Instant::now();
+    while health_states(&api) != ["ready", "ready"] {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{}",
+            api.get("/health").text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -73,7 +73,8 @@ pub struct ClusterConfig {
 pub struct WorkerHealth {
     /// Host name and process id, unique per process.
     pub id: String,
-    /// `loading`, `ready` or `failed`.
+    /// `loading`, `ready`, `failed`, or `stuck`: a run passed its job's deadline by two
+    /// leases without returning (the job failed with `timeout`); it takes no job until then.
     pub state: String,
     pub model_version: Option<String>,
     /// The job it runs now, if any.

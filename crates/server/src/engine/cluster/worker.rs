@@ -2,6 +2,11 @@
 //! is ready), runs it on the in-process engine (the same worker thread as without Redis),
 //! forwards its progress and previews, renews its lease, passes on cancellation, and ends it
 //! at most once. A heartbeat announces the worker and its model.
+//!
+//! The lease is renewed only while the run is alive: a run that passes its job's deadline by
+//! two leases without ending (its last step and decode had that long) is stuck, e.g. in a
+//! device call that never returns. The worker then ends the job `failed` (`timeout`), stops
+//! renewing, and takes no job until the run returns (its heartbeat says `stuck`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +42,8 @@ struct Worker {
     started_at: String,
     running: Mutex<Option<String>>,
     done: AtomicU64,
+    /// The in-process run this worker gave up on as stuck, until it returns.
+    stuck: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -52,6 +59,7 @@ pub(super) fn spawn(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, local: Arc<Lo
         started_at: started_at(),
         running: Mutex::new(None),
         done: AtomicU64::new(0),
+        stuck: Mutex::new(None),
     });
     tracing::info!(worker = %w.id, lease_secs = w.sh.cluster.lease.as_secs_f64(), "worker: taking jobs from QUEUE_URL once the model is ready");
     rt.spawn(heartbeat(w.clone()));
@@ -63,9 +71,31 @@ impl Worker {
         self.sh.cluster.lease.as_millis() as u64
     }
 
+    /// How long a run may go on past its job's deadline before it counts as stuck.
+    fn grace_ms(&self) -> u64 {
+        2 * self.lease_ms()
+    }
+
+    /// True while the in-process engine has a job running or waiting.
+    fn local_busy(&self) -> bool {
+        let g = self.local.gauges();
+        g.running + g.waiting > 0
+    }
+
+    /// True while a run this worker gave up on still holds the in-process engine.
+    fn is_stuck(&self) -> bool {
+        let mut stuck = lock(&self.stuck);
+        if stuck.is_some() && !self.local_busy() {
+            tracing::warn!(worker = %self.id, "the stuck run returned at last; taking jobs again");
+            *stuck = None;
+        }
+        stuck.is_some()
+    }
+
     fn beat(&self) -> Heartbeat {
         let (state, info, failed) = match self.local.model_state() {
             ModelState::Loading => ("loading", None, None),
+            ModelState::Ready(i) if self.is_stuck() => ("stuck", Some(i), None),
             ModelState::Ready(i) => ("ready", Some(i), None),
             ModelState::Failed(why) => ("failed", None, Some(why)),
         };
@@ -112,6 +142,11 @@ async fn take_jobs(w: Arc<Worker>) {
         }
         if !matches!(w.local.model_state(), ModelState::Ready(_)) {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        // One job at a time: a run still stopping (or stuck) holds the engine.
+        if w.is_stuck() || w.local_busy() {
+            tokio::time::sleep(IDLE_POLL).await;
             continue;
         }
         let k = &w.sh.keys;
@@ -291,6 +326,15 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
                             let _ = w.local.cancel(&lid, why);
                         }
                     }
+                }
+                let now = now_ms();
+                if now >= record.deadline_ms + w.grace_ms() {
+                    // Stuck: no renewal, and the job's clients hear its end now.
+                    tracing::error!(job = %id, worker = %w.id, over_deadline_secs = (now - record.deadline_ms) / 1000, "the run passed its deadline by two leases without ending (its generation is stuck): the job fails with `timeout`; this worker takes no job until the run returns");
+                    let _ = w.local.cancel(&lid, StopReason::Timeout);
+                    *lock(&w.stuck) = Some(lid.clone());
+                    let (status, err) = outcome_of(StopReason::Timeout, record.timeout_info(now));
+                    return end(w, &record, status, Err(err)).await;
                 }
                 if last_renew.elapsed() >= renew_every {
                     last_renew = tokio::time::Instant::now();
