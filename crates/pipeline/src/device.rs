@@ -218,7 +218,11 @@ pub fn select_dtype(request: DTypeRequest, device: &Device) -> (DType, Option<St
             Some("DTYPE=bf16 is not supported on the CPU (no bf16 convolutions); using f32".into()),
         ),
         DTypeRequest::Bf16 => {
-            let warning = match cuda_compute_capability(device) {
+            // As on another GPU when SDSERVE_CUDA_ARCH_AS says so (kernels::cuda::arch).
+            let capability = crate::kernels::cuda::arch::arch_as()
+                .map(|a| ((a / 10) as i32, (a % 10) as i32))
+                .or_else(|| cuda_compute_capability(device));
+            let warning = match capability {
                 Some((major, minor)) if major < 8 => Some(format!(
                     "DTYPE=bf16 on compute capability {major}.{minor}: no native bf16 before 8.0, expect it to be slow or fail; prefer f16"
                 )),

@@ -102,6 +102,13 @@ pub fn resolve_with(
             warnings,
         });
     }
+    if let Some(a) = sdserve_pipeline::kernels::cuda::arch::arch_as() {
+        warnings.push(format!(
+            "SDSERVE_CUDA_ARCH_AS={a}: kernels and library settings chosen as on compute capability {}.{} (testing only)",
+            a / 10,
+            a % 10
+        ));
+    }
     let mut budget = args.vram_limit_mb.saturating_mul(1 << 20);
     if let Some(info) = gpu_info(&selected.device) {
         if info.memory_total_bytes < budget {

@@ -31,6 +31,8 @@ struct Key {
     w: [usize; 4],
     stride: usize,
     padding: usize,
+    /// The capability the math type is chosen for (`arch::host_arch`).
+    arch: u32,
 }
 
 /// Descriptors and algorithm for one shape, storage type T (f16 or f32), compute in f32.
@@ -110,7 +112,12 @@ fn make_plan<T: cudnn::CudnnDataType>(h: &Arc<Cudnn>, k: &Key) -> Result<Plan<T>
             sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
         )
         .map_err(err)?;
-    if k.half {
+    if !super::arch::tensor_cores(k.arch) {
+        // No tensor cores before Volta: FMA kernels only (on Pascal there are no others; a
+        // newer GPU told SDSERVE_CUDA_ARCH_AS=61 runs what a Pascal card would).
+        conv.set_math_type(sys::cudnnMathType_t::CUDNN_FMA_MATH)
+            .map_err(err)?;
+    } else if k.half {
         // Tensor cores for f16 data with f32 accumulation; f32 data keeps cuDNN's default (TF32
         // where allowed, none under NVIDIA_TF32_OVERRIDE=0).
         conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
@@ -180,6 +187,7 @@ impl CustomOp2 for Conv {
             w: [wd.0, wd.1, wd.2, wd.3],
             stride: self.stride,
             padding: self.padding,
+            arch: super::arch::host_arch(dev)?,
         };
         let handle = HANDLES.with(|m| -> Result<Arc<Cudnn>> {
             if let Some(h) = m.borrow().get(&key.dev) {

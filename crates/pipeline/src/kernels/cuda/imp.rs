@@ -15,6 +15,8 @@ use candle_core::{
 };
 use half::f16;
 
+use super::arch::kernel_arch;
+
 const SOURCE: &str = include_str!("kernels.cu");
 
 /// Head dims with an attention kernel instance (kernels.cu's FLASH_ENTRY lines).
@@ -34,21 +36,19 @@ pub fn prepare_device(device: &Device) {
         _ => u64::MAX,
     };
     crate::memory::set_pool_release_threshold(device, keep);
-}
-
-/// The compute capability the kernels are compiled for (`SDSERVE_CUDA_KERNEL_ARCH` overrides).
-fn kernel_arch(dev: &CudaDevice) -> Result<u32> {
-    if let Ok(s) = std::env::var("SDSERVE_CUDA_KERNEL_ARCH") {
-        if let Ok(a) = s.trim().parse::<u32>() {
-            return Ok(a);
-        }
+    if let Err(e) = super::arch::prepare(cuda) {
+        // A library setting that failed leaves that library's defaults: slower or faster,
+        // never wrong.
+        eprintln!("sdserve: CUDA library settings: {e}");
     }
-    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
-    Ok((major * 10 + minor) as u32)
 }
 
-/// PTX of kernels.cu for `arch`, compiled once per process and architecture.
+/// PTX of kernels.cu for `arch`, compiled once per process and architecture (or the file
+/// `SDSERVE_CUDA_KERNELS_PTX` names, whose target `kernel_arch` then is).
 fn ptx(arch: u32) -> Result<Arc<String>> {
+    if let Some(file) = super::arch::kernels_ptx_file()? {
+        return Ok(Arc::new(file.1.clone()));
+    }
     static CACHE: OnceLock<Mutex<HashMap<u32, Arc<String>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(p) = cache.lock().unwrap().get(&arch) {
@@ -171,7 +171,8 @@ impl CustomOp3 for Attention {
             view::<f16>(vs, vl)?,
         );
         let out: CudaSlice<f16> = unsafe { dev.alloc::<f16>(b * n * c)? };
-        let tensor_cores = self.variant != Variant::Simt && kernel_arch(dev)? >= 80;
+        let tensor_cores =
+            self.variant != Variant::Simt && kernel_arch(dev)? >= super::arch::MMA_ATTENTION;
         // The double-buffered kernel copies 16-byte rows: every head must start 16-byte aligned.
         let aligned = [ql, kl, vl].iter().all(|l| l.start_offset() % 8 == 0) && d % 8 == 0;
         let dp = d.div_ceil(16) * 16;

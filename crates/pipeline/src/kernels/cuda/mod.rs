@@ -13,13 +13,15 @@
 //!
 //! The kernels (kernels.cu) are compiled by NVRTC when first used, for the device's compute
 //! capability (`SDSERVE_CUDA_KERNEL_ARCH=75` forces an older target, e.g. to run the pre-Ampere
-//! code path on a newer GPU); `SDSERVE_CUDA_KERNELS=none` or a comma list of
+//! code path on a newer GPU), or loaded from `SDSERVE_CUDA_KERNELS_PTX`; [`arch`] holds every
+//! architecture-dependent choice (`SDSERVE_CUDA_ARCH_AS=61`: all as on a GTX 1060); `SDSERVE_CUDA_KERNELS=none` or a comma list of
 //! `attention,group_norm,layer_norm,geglu,bias_add,conv` chooses which ones replace candle's ops (default all),
 //! for A/B measurements. Every front end returns `Ok(None)` when it does not apply (CPU tensors,
 //! other dtypes or shapes, a build without CUDA), and the caller keeps its generic path.
 
 use candle_core::{Device, Result, Tensor};
 
+pub mod arch;
 #[cfg(feature = "cuda")]
 mod conv;
 #[cfg(feature = "cuda-core")]
