@@ -8,6 +8,9 @@
 #   tools/              make_random_sd15.py, bench_diffusers_gpu.py, api_schedulers.py,
 #                       compare_images.py, gpu_summary.py, ptx_check_gpu.py
 #   sm61/               sm_61 PTX from scripts/sm61-ptx.sh (optional)
+#   sm61-on-cu13/       sdserve.xz from `scripts/build-cuda.sh sm61-on-cu13` (the GTX 1060 build's
+#                       device code linked against CUDA 13) and sdserve_kernels_sm61.ptx.xz (our
+#                       kernels as its NVRTC 12 compiles them for compute_61) (optional)
 # and it writes, under $OUT: log.txt (everything), results.json (every stage's JSON, collected
 # by gpu_summary.py, which also prints the comparison table last), images.tar.gz (the PNGs).
 #
@@ -17,14 +20,14 @@
 #
 # Stages (in this order; each under its own timeout, a failure does not stop the next):
 #   setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 variants profile pre_ampere
-#   sm61 summary   (and, only when named in STAGES: ablate algos)
+#   sm61 sm61_on_cu13 summary   (and, only when named in STAGES: ablate algos)
 set -uo pipefail
 
 G=$(cd "${GPU_DIR:-.gpu}" && pwd)
 OUT=${OUT:-/tmp/sdserve-gpu-out}
 WORK=${WORK:-/tmp/sdserve-gpu}
 DRY=${DRY_RUN:-}
-STAGES=${STAGES:-setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 variants profile pre_ampere sm61 summary}
+STAGES=${STAGES:-setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 variants profile pre_ampere sm61 sm61_on_cu13 summary}
 mkdir -p "$OUT" "$WORK/json" "$WORK/png"
 LOG=$OUT/log.txt
 exec > >(tee -a "$LOG") 2>&1
@@ -79,6 +82,15 @@ if want setup; then
             say "missing $G/$f.xz"
         fi
     done
+    if [[ -f $G/sm61-on-cu13/sdserve.xz ]]; then
+        mkdir -p "$WORK/sm61-on-cu13"
+        for f in sdserve sdserve_kernels_sm61.ptx; do
+            $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+                "$G/sm61-on-cu13/$f.xz" "$WORK/sm61-on-cu13/$f" || say "cannot unpack sm61-on-cu13/$f.xz"
+        done
+        chmod +x "$WORK/sm61-on-cu13/sdserve"
+        "$WORK/sm61-on-cu13/sdserve" --version || say "the sm61-on-cu13 sdserve does not start"
+    fi
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$WORK/site" "$G"/whl/*.whl || say "wheel install failed"
     "$BIN" --version || say "sdserve does not start"
@@ -110,13 +122,13 @@ if want model && [[ -z $DRY ]] && [[ ! -f $MODEL/model_index.json ]]; then
     run_stage model 300 $PY "$G/tools/make_random_sd15.py" "$MODEL" --no-check
 fi
 
-bench() { # bench NAME LIMIT [ENV=..] -- ARGS...: ours, JSON into $J/NAME.json
+bench() { # bench NAME LIMIT [ENV=..] -- ARGS...: ours ($BENCH_BIN, else $BIN), JSON into $J/NAME.json
     local name=$1 limit=$2
     shift 2
     local envs=()
     while [[ $1 != -- ]]; do envs+=("$1"); shift; done
     shift
-    run_stage "$name" "$limit" env "${envs[@]}" "$BIN" bench --model "$MODEL" --device "$DEV" \
+    run_stage "$name" "$limit" env "${envs[@]}" "${BENCH_BIN:-$BIN}" bench --model "$MODEL" --device "$DEV" \
         --steps "$STEPS" "$@" >"$J/$name.json"
 }
 dbench() { # dbench NAME LIMIT [ENV=..] -- ARGS...: diffusers, JSON into $J/NAME.json
@@ -213,11 +225,39 @@ if want sm61 && [[ -d $G/sm61 ]]; then
     fi
 fi
 
+# The GTX 1060 build's own device code in the whole pipeline (scripts/build-cuda.sh
+# sm61-on-cu13: candle's kernels as sm_61 PTX from the sm61 build's nvcc, our kernels as its
+# NVRTC 12 compiles them for compute_61, every architecture-dependent choice as on sm_61:
+# CUDA-core attention, cuDNN and cuBLAS without tensor cores), all JIT-compiled forward by the
+# driver: f16 under the default plan and f32, 512, images against diffusers fp32, step times,
+# and device time per kind of op. If the f16 run fails it is retried with cuBLAS's default math
+# (tensor cores allowed), and says so.
+if want sm61_on_cu13; then
+    if [[ -x $WORK/sm61-on-cu13/sdserve ]]; then
+        one=${SIZES%%,*}
+        as61=(SDSERVE_CUDA_ARCH_AS=61 "SDSERVE_CUDA_KERNELS_PTX=$WORK/sm61-on-cu13/sdserve_kernels_sm61.ptx")
+        export BENCH_BIN=$WORK/sm61-on-cu13/sdserve
+        if ! bench sm61_f16 200 "${as61[@]}" -- --dtype f16 --vram-limit-mb 5120 --sizes "$one" \
+            --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f16"; then
+            say "sm61_f16 failed: retrying with SDSERVE_CUBLAS_MATH=default"
+            bench sm61_f16_blas_default 200 "${as61[@]}" SDSERVE_CUBLAS_MATH=default -- --dtype f16 \
+                --vram-limit-mb 5120 --sizes "$one" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f16_blas_default"
+        fi
+        bench sm61_f32 200 "${as61[@]}" NVIDIA_TF32_OVERRIDE=0 -- --dtype f32 --vram-limit-mb 200000 \
+            --sizes "$one" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f32"
+        bench sm61_profile_f16 120 "${as61[@]}" SDSERVE_CUDA_PROFILE=1 -- --dtype f16 --vram-limit-mb 5120 \
+            --sizes "$one" --repeats 1 --seeds "${SEEDS%%,*}"
+        unset BENCH_BIN
+    else
+        say "no sm61-on-cu13 binary staged: skipping"
+    fi
+fi
+
 # ---------------------------------------------------------------- images and summary
 if want summary; then
     ref=$WORK/png/diffusers_f32
     [[ -n $DRY ]] && ref=$WORK/png/ours_f32
-    for ours in ours_f16 ours_f32 pre_ampere diffusers_f16; do
+    for ours in ours_f16 ours_f32 pre_ampere sm61_f16 sm61_f16_blas_default sm61_f32 diffusers_f16; do
         [[ -d $WORK/png/$ours && -d $ref ]] || continue
         $PY "$G/tools/compare_images.py" "$ref" "$WORK/png/$ours" --label "$ours-vs-$(basename "$ref")" \
             >"$J/compare_$ours.json" || say "compare $ours failed"

@@ -7,14 +7,19 @@
 #                                  RANDOM_SD15 (make_random_sd15.py), SM61_PTX (dir of
 #                                  scripts/sm61-ptx.sh output), SM61_TARGET (target dir of
 #                                  `scripts/build-cuda.sh sm61`: its candle PTX, plus kernels.cu
-#                                  compiled by that build's nvcc), NO_TESTS=1 (no test binary)
+#                                  compiled by that build's nvcc), NO_TESTS=1 (no test binary),
+#                                  SM61_ON_CU13_TARGET (target dir of `scripts/build-cuda.sh
+#                                  sm61-on-cu13`: its binary and sdserve_kernels_sm61.ptx, into
+#                                  DEST/sm61-on-cu13; default target/cuda-sm61-on-cu13 when built,
+#                                  else an already staged copy is kept)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest=${1:-/work/main/.gpu}
 target=${TARGET_DIR:-$root/target/cuda-sm90}
 wheels=${WHEELS:-/work/gpu-stage/whl}
 mkdir -p "$dest/tools" "$dest/whl"
-for pair in "sdserve:$target/release/sdserve" "pipeline-tests:$target/release/pipeline-tests"; do
+# SM61_ON_CU13_ONLY=1: (re)stage only the sm61-on-cu13 folder, keep the rest as staged.
+[[ -n ${SM61_ON_CU13_ONLY:-} ]] || for pair in "sdserve:$target/release/sdserve" "pipeline-tests:$target/release/pipeline-tests"; do
     name=${pair%%:*} src=${pair#*:}
     if [[ ! -x $src && $name == pipeline-tests && -n ${NO_TESTS:-} ]]; then
         rm -f "$dest/$name.xz"
@@ -42,5 +47,23 @@ if [[ -n ${SM61_TARGET:-} ]]; then
         "$root/crates/pipeline/src/kernels/cuda/kernels.cu"
     xz -T2 -2 -f "$dest/sm61/sdserve_kernels.ptx"
 fi
+variant=${SM61_ON_CU13_TARGET:-$root/target/cuda-sm61-on-cu13}
+if [[ -x $variant/release/sdserve ]]; then
+    # The GTX 1060 build's device code linked against CUDA 13 (gpu_session.sh's sm61_on_cu13).
+    [[ -f $variant/release/sdserve_kernels_sm61.ptx ]] || { echo "missing $variant/release/sdserve_kernels_sm61.ptx" >&2; exit 1; }
+    rm -rf "$dest/sm61-on-cu13"
+    mkdir -p "$dest/sm61-on-cu13"
+    strip -o "$dest/sm61-on-cu13/sdserve" "$variant/release/sdserve"
+    cp "$variant/release/sdserve_kernels_sm61.ptx" "$dest/sm61-on-cu13/"
+    xz -T2 -3 -f "$dest/sm61-on-cu13/sdserve" "$dest/sm61-on-cu13/sdserve_kernels_sm61.ptx"
+elif [[ -n ${SM61_ON_CU13_TARGET:-} ]]; then
+    echo "missing $variant/release/sdserve" >&2
+    exit 1
+fi
 cp "${RANDOM_SD15:-/work/shared/tools/make_random_sd15.py}" "$dest/tools/"
 du -sh "$dest" "$dest"/* >&2
+total=$(du -sb "$dest" | cut -f1)
+if ((total > 60 << 20)); then
+    echo "staged $((total >> 20)) MiB: over 60 MiB (a device run carries 64 MiB in all)" >&2
+    exit 1
+fi

@@ -69,6 +69,32 @@ def profile_table(r):
     return lines
 
 
+def sm61_table(r):
+    """The GTX 1060 build's device code (sm61-on-cu13, as on sm_61) against the default binary
+    and diffusers at the first size: step, whole image, memory, device ms per kind of op."""
+    names = [k for k in ("sm61_f16", "sm61_f16_blas_default", "sm61_f32") if r.get(k)]
+    if not names:
+        return []
+    size = next((c["size"] for k in names for c in (r[k] or {}).get("cases", [])), 512)
+    lines = [f"| sm_61 device code, {size} | step s | image s | vs ours (sm90) | vs diffusers | peak MiB |",
+             "|---|---|---|---|---|---|"]
+    for k in names:
+        base, ref = ("ours_f32", "diffusers_f32") if k.endswith("f32") else ("ours_f16", "diffusers_f16")
+        s, w = case(r, k, size, "step_median_s"), case(r, k, size, "wall_median_s")
+        b, d = case(r, base, size, "step_median_s"), case(r, ref, size, "step_median_s")
+        peak = case(r, k, size, "peak_used_max_mb")
+        lines.append(f"| {k} | {'-' if s is None else f'{s:.4f}'} | {'-' if w is None else f'{w:.3f}'} | "
+                     f"{f'{s / b:.2f}x' if s and b else '-'} | {f'{s / d:.2f}x' if s and d else '-'} | "
+                     f"{'-' if peak is None else f'{peak:.0f}'} |")
+    for c in (r.get("sm61_profile_f16") or {}).get("cases", []):
+        step = ((c.get("runs") or [{}])[0]).get("step_device_ms") or {}
+        if step:
+            kinds = ", ".join(f"{k} {v[0]:.2f} ({v[1]})" for k, v in sorted(step.items()))
+            lines.append(f"sm61 f16 {c.get('size')} device ms per step (calls): {kinds}")
+    lines.append("")
+    return lines
+
+
 def table(r):
     rows = []
 
@@ -99,7 +125,8 @@ def table(r):
     lines.append("")
     lines.append("| images vs diffusers fp32 (512) | mean abs /255 (worst image) | max | > 8 |")
     lines.append("|---|---|---|---|")
-    for k in ("ours_f16", "ours_f32", "pre_ampere", "diffusers_f16"):
+    for k in ("ours_f16", "ours_f32", "pre_ampere", "sm61_f16", "sm61_f16_blas_default", "sm61_f32",
+              "diffusers_f16"):
         c = r.get(f"compare_{k}")
         if c and "worst" in c:
             w = c["worst"]
@@ -115,6 +142,7 @@ def table(r):
                 cells += ["-" if s is None else f"{s:.4f}", f"{s / base:.2f}x" if s and base else "-"]
             lines.append(f"| {k[8:]} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += sm61_table(r)
     lines += profile_table(r)
     # The ablations run at the first size of the session.
     size = next((c["size"] for k in sorted(r) if k.startswith("ablate_")
