@@ -17,26 +17,28 @@
 //! as stored on an f32 CPU are not copied at all: their tensors' storage is the private mapping
 //! of the file ([`SafetensorsFile::load`]). Only what the CPU path keeps in another layout
 //! (transposed linear weights) or another dtype is copied, as above.
+//!
+//! Files: `copy` (the parallel f32 copies and the transposed copy), `mapped` (the mapping and
+//! its allocator), `tests`; this one reads tensors out of a file and gives pages back.
 
+mod copy;
 pub mod mapped;
 
+pub use copy::transpose_f32;
+use copy::{bytemuck_f32, copy_f32, copy_f32_sampled};
+
 use std::collections::HashSet;
-use std::mem::MaybeUninit;
 use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use safetensors::tensor::{Metadata, TensorView};
 
 /// Appended to a weight's name, asks a loader for its transpose (see [`load_view_transposed`]).
 /// Only the safetensors loader knows such names; model code asks for one only after
 /// `contains_tensor` said yes, and otherwise loads the weight and transposes it itself.
 pub const TRANSPOSED: &str = "^T";
-
-/// Bytes per parallel copy task.
-const COPY_CHUNK: usize = 4 << 20;
 
 /// A safetensors file mapped whole ([`mapped::MappedFile`], private and writable: writes stay
 /// in this process), its header parsed.
@@ -279,149 +281,6 @@ pub fn matrix_dims(shape: &[usize]) -> Option<(usize, usize)> {
     }
 }
 
-/// `bytes` as f32s when they are 4-byte aligned (safetensors pads its header to 8, so the data
-/// of a mapped file normally is); `None` otherwise.
-fn bytemuck_f32(bytes: &[u8]) -> Option<&[f32]> {
-    if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
-        return None;
-    }
-    // SAFETY: aligned, in bounds, and any 4 bytes are a valid f32 (little-endian host).
-    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) })
-}
-
-/// Input columns (= output rows) per parallel task of the transposed copy: the output rows it
-/// writes 8 values at a time stay in L1 (256 x 64 B), and each input row is read 1 KiB at a time.
-const TRANSPOSE_COLS: usize = 256;
-
-/// `src^T` of a row-major `[rows, cols]` matrix as a new row-major `[cols, rows]` vector, in
-/// 8x8 blocks (whole cache lines written, input rows read sequentially), parallel over the
-/// output's rows.
-pub fn transpose_f32(rows: usize, cols: usize, src: &[f32]) -> Vec<f32> {
-    let n = rows * cols;
-    assert_eq!(
-        src.len(),
-        n,
-        "transpose of {rows}x{cols} from {} values",
-        src.len()
-    );
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    if n > 0 {
-        out.spare_capacity_mut()[..n]
-            .par_chunks_mut(TRANSPOSE_COLS * rows)
-            .enumerate()
-            .for_each(|(bi, block)| {
-                prefault(block);
-                let c0 = bi * TRANSPOSE_COLS;
-                let cs = block.len() / rows;
-                for r0 in (0..rows).step_by(8) {
-                    let rh = (rows - r0).min(8);
-                    for c in (0..cs).step_by(8) {
-                        let cw = (cs - c).min(8);
-                        if rh == 8 && cw == 8 {
-                            let mut t = [[0f32; 8]; 8];
-                            for (i, t_row) in t.iter_mut().enumerate() {
-                                let from = (r0 + i) * cols + c0 + c;
-                                t_row.copy_from_slice(&src[from..from + 8]);
-                            }
-                            for j in 0..8 {
-                                let to = (c + j) * rows + r0;
-                                for (d, t_row) in block[to..to + 8].iter_mut().zip(&t) {
-                                    d.write(t_row[j]);
-                                }
-                            }
-                        } else {
-                            for i in 0..rh {
-                                for j in 0..cw {
-                                    block[(c + j) * rows + r0 + i]
-                                        .write(src[(r0 + i) * cols + c0 + c + j]);
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-    }
-    // SAFETY: the blocks cover all n elements, each written once above.
-    unsafe { out.set_len(n) };
-    out
-}
-
-/// Little-endian f32 bytes (any alignment) into a new vector, in parallel chunks.
-fn copy_f32(bytes: &[u8]) -> Vec<f32> {
-    copy_f32_sampled(bytes, false).0
-}
-
-/// As [`copy_f32`]; with `sample`, also the index of the first NaN or Inf among the elements
-/// `0, step, 2 * step, ..` and the last (`single_file::finite_sample_step`), looked at in each
-/// chunk as soon as it is written.
-fn copy_f32_sampled(bytes: &[u8], sample: bool) -> (Vec<f32>, Option<usize>) {
-    let n = bytes.len() / 4;
-    let step = crate::single_file::finite_sample_step(n);
-    let mut v: Vec<f32> = Vec::with_capacity(n);
-    let per_task = COPY_CHUNK / 4;
-    let bad = v.spare_capacity_mut()[..n]
-        .par_chunks_mut(per_task)
-        .zip(bytes[..n * 4].par_chunks(COPY_CHUNK))
-        .enumerate()
-        .filter_map(
-            |(ci, (dst, src)): (usize, (&mut [MaybeUninit<f32>], &[u8]))| {
-                prefault(dst);
-                // SAFETY: `dst` has room for `src.len() / 4` f32s, the two do not overlap, and any
-                // 4 bytes are a valid f32 (little-endian, as safetensors stores them).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        src.as_ptr(),
-                        dst.as_mut_ptr().cast::<u8>(),
-                        src.len(),
-                    )
-                }
-                if !sample {
-                    return None;
-                }
-                // SAFETY: all of `dst` was written just above.
-                let done: &[f32] =
-                    unsafe { std::slice::from_raw_parts(dst.as_ptr().cast(), dst.len()) };
-                let (from, to) = (ci * per_task, ci * per_task + done.len());
-                // All exponent bits set: Inf or NaN.
-                let bad = |i: &usize| done[i - from].to_bits() & 0x7F80_0000 == 0x7F80_0000;
-                (from.div_ceil(step) * step..to)
-                    .step_by(step)
-                    .chain((to == n).then_some(n - 1))
-                    .find(bad)
-            },
-        )
-        .min();
-    // SAFETY: all `n` elements were written above.
-    unsafe { v.set_len(n) };
-    (v, bad)
-}
-
-/// Has the kernel back the whole pages of `buf` (fresh memory about to be written in full)
-/// in one call (`MADV_POPULATE_WRITE`, Linux 5.14+) instead of one page fault per page as the
-/// copy reaches them: about a third less CPU for the same zeroed pages. Contents are not
-/// changed; older kernels refuse and the copy faults them in as before.
-fn prefault(buf: &mut [MaybeUninit<f32>]) {
-    #[cfg(target_os = "linux")]
-    {
-        let page = page_size();
-        let start = (buf.as_ptr() as usize).div_ceil(page) * page;
-        let end = (buf.as_ptr() as usize + std::mem::size_of_val(buf)) / page * page;
-        if end > start {
-            // SAFETY: whole pages inside `buf`, which this thread may write; populating them
-            // writes nothing.
-            unsafe {
-                libc::madvise(
-                    start as *mut libc::c_void,
-                    end - start,
-                    libc::MADV_POPULATE_WRITE,
-                );
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
-}
-
 /// Gives the pages under `data` back to the OS: they leave this process's resident set and
 /// stay in the page cache; reading `data` again faults them back in from there.
 ///
@@ -483,144 +342,4 @@ pub fn prefetch(path: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// File-backed resident memory (other tests' allocations do not move it).
-    fn rss_kb() -> usize {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("RssFile:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    #[test]
-    fn f32_copy_matches_candle_at_any_alignment() -> candle_core::Result<()> {
-        let vals: Vec<f32> = (0..(3 << 20) + 5).map(|i| i as f32 * 0.25 - 7.0).collect();
-        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        // Offset by one byte: the copy may not assume alignment.
-        let mut shifted = vec![0u8; bytes.len() + 1];
-        shifted[1..].copy_from_slice(&bytes);
-        for data in [&bytes[..], &shifted[1..]] {
-            let view =
-                TensorView::new(safetensors::Dtype::F32, vec![vals.len()], data).expect("view");
-            let t = load_view(&view, DType::F32, &Device::Cpu)?;
-            assert_eq!(t.to_vec1::<f32>()?, vals);
-            let h = load_view(&view, DType::F16, &Device::Cpu)?;
-            assert_eq!(h.dtype(), DType::F16);
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn the_copy_finds_the_sampled_nan_the_mapping_check_finds() -> candle_core::Result<()> {
-        // Several chunks; a NaN on a sample, one between samples (not looked at), Inf last.
-        let n = (3 << 20) + 7;
-        let step = crate::single_file::finite_sample_step(n);
-        for (bad_at, value) in [
-            (None, 0.0),
-            (Some(5 * step), f32::NAN),
-            (Some(2 * step + 1), f32::INFINITY),
-            (Some(n - 1), f32::NEG_INFINITY),
-            (Some(n - 1 - (n - 1) % step), f32::NAN),
-        ] {
-            let mut vals: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
-            if let Some(i) = bad_at {
-                vals[i] = value;
-            }
-            let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let view = TensorView::new(safetensors::Dtype::F32, vec![n], &bytes).expect("view");
-            let (t, found) = load_view_sampled(&view, DType::F32, &Device::Cpu)?;
-            let want = crate::single_file::first_non_finite(safetensors::Dtype::F32, &bytes);
-            assert_eq!(found, want, "{bad_at:?}");
-            assert_eq!(
-                found.is_some(),
-                bad_at.is_some_and(|i| i % step == 0 || i == n - 1)
-            );
-            let got = t.to_vec1::<f32>()?;
-            assert!(got
-                .iter()
-                .zip(&vals)
-                .all(|(a, b)| a.to_bits() == b.to_bits()));
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn transposed_load_matches_candle_at_any_alignment_and_dtype() -> candle_core::Result<()> {
-        // Off the tile size both ways; a 1x1 convolution's [out, in, 1, 1]; one row.
-        for shape in [
-            vec![130, 67],
-            vec![40, 24, 1, 1],
-            vec![1, 200],
-            vec![200, 1],
-        ] {
-            let (rows, cols) = matrix_dims(&shape).expect("a matrix");
-            // Exact in f16 too, and distinct enough along rows and columns to catch a swap.
-            let vals: Vec<f32> = (0..rows * cols)
-                .map(|i| (i % 251) as f32 * 0.5 - 3.0)
-                .collect();
-            let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let mut shifted = vec![0u8; bytes.len() + 1];
-            shifted[1..].copy_from_slice(&bytes);
-            let want = Tensor::from_vec(vals, (rows, cols), &Device::Cpu)?
-                .t()?
-                .contiguous()?;
-            for data in [&bytes[..], &shifted[1..]] {
-                let view =
-                    TensorView::new(safetensors::Dtype::F32, shape.clone(), data).expect("view");
-                let t = load_view_transposed(&view, DType::F32, &Device::Cpu)?;
-                assert_eq!(t.dims(), &[cols, rows]);
-                assert_eq!(t.to_vec2::<f32>()?, want.to_vec2::<f32>()?, "{shape:?}");
-                // Other dtypes take candle's conversion, transposed the same way.
-                let h = load_view_transposed(&view, DType::F16, &Device::Cpu)?;
-                assert_eq!(h.dims(), &[cols, rows]);
-                let back = h.to_dtype(DType::F32)?;
-                assert_eq!(back.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
-            }
-        }
-        let v = TensorView::new(safetensors::Dtype::F32, vec![2, 3, 2], &[0u8; 48]).expect("view");
-        assert!(load_view_transposed(&v, DType::F32, &Device::Cpu).is_err());
-        Ok(())
-    }
-
-    #[test]
-    #[cfg(target_os = "linux")]
-    fn released_pages_leave_the_resident_set_and_read_back_unchanged() {
-        use std::io::Write;
-        let dir = std::env::temp_dir().join(format!("sdserve-weights-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("pages.bin");
-        let len = 64 << 20;
-        let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&content)
-            .unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: a read-only mapping of a file nobody modifies during the test.
-        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-        let before = rss_kb();
-        let sum: u64 = map.iter().step_by(4096).map(|&b| b as u64).sum();
-        let touched = rss_kb();
-        assert!(touched >= before + 48 * 1024, "{before} -> {touched} kB");
-        // SAFETY: `map` is a read-only file mapping.
-        unsafe { release_mapped(&map[..]) };
-        let released = rss_kb();
-        assert!(
-            released + 48 * 1024 <= touched,
-            "{touched} -> {released} kB"
-        );
-        assert_eq!(
-            sum,
-            map.iter().step_by(4096).map(|&b| b as u64).sum::<u64>()
-        );
-        assert!(map[..] == content[..]);
-        drop(map);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;
