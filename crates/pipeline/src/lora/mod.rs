@@ -1,0 +1,201 @@
+//! LoRA adapters (README "Prompts, LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
+//! UNet (attention, feed-forward, projections, and LoCon's resnet and sampler convolutions) and
+//! the text encoder.
+//!
+//! `W += weight * (alpha / rank) * up @ down`, summed over a request's LoRAs, merged into the
+//! resident modules' weight tensors in place. Each changed tensor's original values are copied
+//! first and written back when a request asks for other LoRAs (or none), so base weights come
+//! back bit for bit and the model is never reloaded. Requests with the same LoRAs as the one
+//! before reuse the merged weights.
+//!
+//! Files: `library` (reading LoRA files' headers, the folder's library), `merge` (matching
+//! layers to the model's weights, merging and restoring them); this one holds the types they
+//! share and the prompt tags.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::Tensor;
+
+use crate::kernels::linear::Dense;
+use crate::kernels::Conv2d;
+use crate::Result;
+
+mod library;
+mod merge;
+
+use library::header_shapes;
+pub use library::LoraLibrary;
+use merge::match_layers;
+pub(crate) use merge::LoraState;
+
+/// A weight a LoRA may change, borrowed from a built module.
+#[derive(Clone, Copy)]
+pub(crate) enum Target<'a> {
+    /// A linear layer in our fused form (weight stored transposed on the CPU).
+    Dense(&'a Dense),
+    Linear(&'a candle_nn::Linear),
+    Conv(&'a Conv2d),
+}
+
+impl Target<'_> {
+    /// The tensor whose storage holds the weight (a deferred transpose is made now).
+    fn storage(&self) -> Result<&Tensor> {
+        Ok(match self {
+            Target::Dense(d) => d.weight_storage()?,
+            Target::Linear(l) => l.weight(),
+            Target::Conv(c) => c.weight(),
+        })
+    }
+
+    /// `[out, in]` (linear) or `[out, in, k, k]` (conv), as the files write the weight.
+    fn canonical_dims(&self) -> Vec<usize> {
+        match self {
+            Target::Dense(d) => {
+                let (out, inp) = d.out_in_dims();
+                vec![out, inp]
+            }
+            Target::Linear(l) => l.weight().dims().to_vec(),
+            Target::Conv(c) => c.weight().dims().to_vec(),
+        }
+    }
+
+    /// `delta` `[out, in]` or `[out, in, k, k]` in the storage's layout.
+    fn in_storage_layout(&self, delta: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Target::Dense(d) if d.is_transposed() => delta.t()?.contiguous()?,
+            _ => delta.reshape(self.storage()?.dims())?,
+        })
+    }
+}
+
+/// Modules that can list the weights a LoRA may change, by diffusers module path.
+pub(crate) trait LoraTargets {
+    fn lora_targets<'a>(&'a self, prefix: &str, out: &mut Vec<(String, Target<'a>)>);
+}
+
+pub(crate) fn join(prefix: &str, name: impl std::fmt::Display) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Which of the model's parts a LoRA layer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Part {
+    Unet,
+    TextEncoder,
+}
+
+impl Part {
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Unet => "unet",
+            Part::TextEncoder => "text_encoder",
+        }
+    }
+}
+
+/// The two file layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// kohya-ss / A1111: `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+    Kohya,
+    /// diffusers / PEFT: `unet.<path>.lora_A.weight`, `.lora_B.weight`.
+    Peft,
+}
+
+impl LoraFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraFormat::Kohya => "kohya",
+            LoraFormat::Peft => "peft",
+        }
+    }
+}
+
+/// One adapted layer as the file names it.
+#[derive(Debug, Clone)]
+struct LayerKeys {
+    part: Part,
+    /// Module path: dotted for PEFT, underscored for kohya (matched against the model's paths
+    /// with `.` written as `_`).
+    module: String,
+    down: String,
+    up: String,
+    alpha: Option<String>,
+}
+
+/// What a LoRA file holds, read from its header (no tensor data).
+#[derive(Debug, Clone)]
+pub struct LoraInfo {
+    pub name: String,
+    pub file: PathBuf,
+    pub format: LoraFormat,
+    /// The largest rank of its layers.
+    pub rank: usize,
+    /// Parts it adapts (`unet`, `text_encoder`).
+    pub targets: Vec<String>,
+    /// Number of adapted layers.
+    pub layers: usize,
+    /// Adapted convolutions (LoCon) among them.
+    pub conv_layers: usize,
+    keys: Vec<LayerKeys>,
+}
+
+/// Checks that every layer of `info` has a weight of the right shape among `targets`.
+pub(crate) fn check_fits(
+    info: &LoraInfo,
+    targets: &HashMap<Part, Vec<(String, Target<'_>)>>,
+) -> Result<()> {
+    let shapes = header_shapes(&info.file)?;
+    match_layers(info, &shapes, targets).map(|_| ())
+}
+
+/// A1111's `<lora:name:weight>` tags: the prompt without them, and the LoRAs they name (weight 1
+/// when left out). A tag whose weight is not a number stays in the text.
+pub fn extract_lora_tags(prompt: &str) -> (String, Vec<(String, f64)>) {
+    let mut text = String::with_capacity(prompt.len());
+    let mut loras = Vec::new();
+    let mut rest = prompt;
+    while let Some(start) = rest.find("<lora:") {
+        text.push_str(&rest[..start]);
+        let after = &rest[start + "<lora:".len()..];
+        let Some(end) = after.find('>') else {
+            text.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let inner = &after[..end];
+        let mut fields = inner.split(':');
+        let name = fields.next().unwrap_or("").trim();
+        let weight = match fields.next() {
+            None => Some(1.0),
+            Some(w) => w.trim().parse::<f64>().ok(),
+        };
+        match (name.is_empty(), weight) {
+            (false, Some(w)) => loras.push((name.to_owned(), w)),
+            _ => text.push_str(&rest[start..start + "<lora:".len() + end + 1]),
+        }
+        rest = &after[end + 1..];
+    }
+    text.push_str(rest);
+    (text, loras)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_tags_are_taken_out() {
+        let (text, loras) = extract_lora_tags("a cat <lora:ink_style:0.8>, <lora:x> (dog:1.2)");
+        assert_eq!(text, "a cat ,  (dog:1.2)");
+        assert_eq!(loras, vec![("ink_style".into(), 0.8), ("x".into(), 1.0)]);
+        let (text, loras) = extract_lora_tags("<lora:bad:abc> <lora:open");
+        assert_eq!(text, "<lora:bad:abc> <lora:open");
+        assert!(loras.is_empty());
+    }
+}
