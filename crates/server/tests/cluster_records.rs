@@ -252,3 +252,89 @@ fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `calls` of one command in Redis's INFO commandstats.
+fn calls(redis: &Redis, command: &str) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn listing_jobs_reads_them_in_one_round_trip_with_the_same_answers() {
+    let Some(redis) =
+        Redis::start("listing_jobs_reads_them_in_one_round_trip_with_the_same_answers")
+    else {
+        return;
+    };
+    let _worker = start(&redis, "worker", "step_ms=100", &[]);
+    let api = start(&redis, "api", "", &[]);
+    wait_workers(&api, 1);
+    // 60 finished jobs, then one running and three waiting.
+    let done: Vec<String> = (0..60).map(|_| submit_ok(&api, &request(1))).collect();
+    for id in &done {
+        let j = wait_end(&api, id, Duration::from_secs(30));
+        assert_eq!(j["status"], "succeeded", "{j}");
+    }
+    let running = submit_ok(&api, &request(50));
+    wait_running(&api, &running, 1);
+    let waiting: Vec<String> = (0..3).map(|_| submit_ok(&api, &request(2))).collect();
+    let last = {
+        let (addr, id) = (api.addr, waiting[2].clone());
+        std::thread::spawn(move || follow(addr, &id))
+    };
+
+    // One GET /jobs reads no job key by itself (GET): the reads are batched (MGET), so the
+    // commands it costs do not grow with the jobs listed. What runs beside it (heartbeats,
+    // the worker's stop-request poll) costs a few GETs a second.
+    let gets = calls(&redis, "get");
+    let listed = api.get("/jobs").json();
+    let gets = calls(&redis, "get") - gets;
+    eprintln!("GET /jobs of 64 jobs: {gets} Redis GETs while it ran");
+    assert!(gets < 20, "GET /jobs of 64 jobs cost {gets} Redis GETs");
+    assert!(calls(&redis, "mget") > 0);
+
+    // The answer: running, then waiting in run order, then finished newest first (by
+    // creation, to the millisecond); each entry as GET /jobs/{id} has it.
+    let jobs = listed["jobs"].as_array().unwrap();
+    let ids: Vec<&str> = jobs.iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let mut expected: Vec<&str> = vec![running.as_str()];
+    expected.extend(waiting.iter().map(String::as_str));
+    assert_eq!(ids[..4], expected);
+    let mut finished = ids[4..].to_vec();
+    let created: Vec<&str> = jobs[4..]
+        .iter()
+        .map(|j| j["created_at"].as_str().unwrap())
+        .collect();
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "{created:?}");
+    finished.sort_unstable();
+    let mut all_done: Vec<&str> = done.iter().map(String::as_str).collect();
+    all_done.sort_unstable();
+    assert_eq!(finished, all_done);
+    let positions: Vec<&Value> = jobs[1..4].iter().map(|j| &j["position"]).collect();
+    assert_eq!(positions, [&json!(1), &json!(2), &json!(3)]);
+    for j in &jobs[1..] {
+        assert_eq!(*j, job(&api, j["id"].as_str().unwrap()));
+    }
+    assert_eq!(jobs[0]["status"], "running");
+
+    // The followed last one hears its place move up as the queue drains (the batched poll).
+    let r = api.request("DELETE", &format!("/jobs/{running}"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = last.join().unwrap();
+    let places: Vec<u64> = events
+        .iter()
+        .filter(|(n, _)| n == "queued")
+        .map(|(_, d)| d["position"].as_u64().unwrap())
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        places.windows(2).all(|w| w[1] < w[0]) && places.last() == Some(&1),
+        "{names:?} {places:?}"
+    );
+    assert_eq!(names.first(), Some(&"state"), "{names:?}");
+    assert_eq!(names.last(), Some(&"succeeded"), "{names:?}");
+}

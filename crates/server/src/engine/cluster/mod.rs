@@ -308,14 +308,14 @@ async fn poll(sh: Arc<Shared>) {
                 .map(|(id, f)| (id.clone(), f.position))
                 .collect()
         };
-        for (id, position) in followed {
-            let view = match tokio::time::timeout(CALL_TIMEOUT, store.view(&id)).await {
-                Ok(Ok(Some(view))) => view,
-                Ok(Ok(None)) => {
-                    deliver(&sh, &id, JobEvent::Failed(record_gone().body()));
-                    continue;
-                }
-                _ => continue,
+        let ids: Vec<String> = followed.iter().map(|(id, _)| id.clone()).collect();
+        let Ok(Ok(seen)) = tokio::time::timeout(CALL_TIMEOUT, store.read_many(&ids)).await else {
+            continue;
+        };
+        for ((id, position), seen) in followed.into_iter().zip(seen) {
+            let Some((_, view)) = seen else {
+                deliver(&sh, &id, JobEvent::Failed(record_gone().body()));
+                continue;
             };
             if let Some(end) = JobEvent::terminal(&view) {
                 deliver(&sh, &id, end);
