@@ -1,0 +1,194 @@
+//! Downloads from the fake hub: the HF cache layout, the fp16 variant, a component repo, the
+//! retired runwayml id.
+
+use super::*;
+
+#[test]
+fn downloads_only_what_is_needed_into_the_hf_cache_layout() {
+    let hub = FakeHub::start();
+    let extra: &[(&str, &[u8])] = &[
+        ("safety_checker/model.safetensors", b"not needed"),
+        ("safety_checker/config.json", b"{}"),
+        ("feature_extractor/preprocessor_config.json", b"{}"),
+        ("unet/diffusion_pytorch_model.bin", b"pickle"),
+        (
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            b"half weights",
+        ),
+        ("v1-5-pruned-emaonly.ckpt", b"pickle"),
+        ("README.md", b"hi"),
+    ];
+    let commit = hub.add_repo("test/tiny-a", &fixtures().join("tiny-a"), extra);
+    let cache = Scratch::new("layout");
+    let seen = Mutex::new(Vec::new());
+    let record = |p: &Progress| seen.lock().unwrap().push(p.clone());
+    let m = hub::resolve_model("test/tiny-a", &opts(&hub, &cache.0), &record).unwrap();
+
+    let repo_dir = cache.0.join("models--test--tiny-a");
+    assert_eq!(m.dir, repo_dir.join("snapshots").join(&commit));
+    assert_eq!(m.model_version, format!("test/tiny-a@{commit}"));
+    assert_eq!(
+        m.source,
+        ModelSource::Hub {
+            repo: "test/tiny-a".into(),
+            commit: commit.clone()
+        }
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        commit
+    );
+    assert_snapshot_is_tiny_a(&m.dir);
+    // LFS files are stored under their sha256 and linked relatively from the snapshot.
+    let unet = std::fs::read(fixtures().join("tiny-a").join(UNET)).unwrap();
+    let sha = hex(&Sha256::digest(&unet));
+    assert!(repo_dir.join("blobs").join(&sha).is_file());
+    let link = std::fs::read_link(m.dir.join(UNET)).unwrap();
+    assert_eq!(link, Path::new("../../../blobs").join(&sha));
+    no_incomplete(&cache.0);
+
+    // The token goes with every request (the CDN here shares the hub's host).
+    assert!(
+        hub.log().iter().all(|l| l.contains(" auth")),
+        "{:#?}",
+        hub.log()
+    );
+    let log = hub.log().join("\n");
+    for unwanted in [
+        "safety_checker",
+        "feature_extractor",
+        ".bin",
+        ".ckpt",
+        "README",
+        "fp16",
+    ] {
+        assert!(!log.contains(unwanted), "fetched {unwanted}:\n{log}");
+    }
+    // Progress: a known total, ending complete.
+    let seen = seen.lock().unwrap();
+    let last_dl = seen
+        .iter()
+        .rev()
+        .find(|p| p.stage == Stage::Downloading)
+        .unwrap();
+    assert_eq!(Some(last_dl.bytes_done), last_dl.bytes_total);
+    assert_eq!(last_dl.files_done, last_dl.files_total);
+    assert_eq!(seen.last().unwrap().stage, Stage::Done);
+
+    // A second resolve finds everything linked: only the revision API is asked.
+    let before = hub.log().len();
+    let again = hub::resolve_model("test/tiny-a", &opts(&hub, &cache.0), &quiet).unwrap();
+    assert_eq!(again.dir, m.dir);
+    let after = hub.log();
+    assert_eq!(after.len() - before, 1, "{:?}", &after[before..]);
+    assert!(after[before].starts_with("GET /api/models/test/tiny-a/revision/main"));
+}
+
+#[test]
+fn half_precision_fetches_the_fp16_variant() {
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "test/tiny-fp16",
+        &fixtures().join("tiny-a"),
+        &[("unet/diffusion_pytorch_model.fp16.safetensors", b"half")],
+    );
+    let cache = Scratch::new("fp16");
+    let mut o = opts(&hub, &cache.0);
+    o.fp16 = true;
+    let m = hub::resolve_model("test/tiny-fp16", &o, &quiet).unwrap();
+    assert_eq!(
+        std::fs::read(m.dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap(),
+        b"half"
+    );
+    assert!(!m.dir.join(UNET).exists(), "the fp32 UNet was fetched too");
+    // Components without a variant fall back to their plain weights.
+    assert!(m.dir.join(VAE).is_file());
+}
+
+/// A one-model repo (the TAESD preview decoder's shape): its config and the weights of the
+/// chosen precision, nothing else; a pipeline repo is refused under this layout.
+#[test]
+fn a_component_repo_fetches_its_config_and_weights() {
+    let hub = FakeHub::start();
+    let taesd = fixtures().join("taesd/taesd-a");
+    hub.add_repo("test/taesd", &taesd, &[("taesd_decoder.pth", b"pickle")]);
+    hub.add_repo("test/tiny-a", &fixtures().join("tiny-a"), &[]);
+    let cache = Scratch::new("component");
+    let mut o = opts(&hub, &cache.0);
+    o.layout = hub::Layout::Component;
+    let m = hub::resolve_model("test/taesd", &o, &quiet).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        assert!(
+            std::fs::read(m.dir.join(f)).unwrap() == std::fs::read(taesd.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    assert!(!m
+        .dir
+        .join("diffusion_pytorch_model.fp16.safetensors")
+        .exists());
+    assert!(!m.dir.join("taesd_decoder.pth").exists());
+    o.fp16 = true;
+    let h = hub::resolve_model("test/taesd", &o, &quiet).unwrap();
+    assert!(h
+        .dir
+        .join("diffusion_pytorch_model.fp16.safetensors")
+        .is_file());
+
+    let err = hub::resolve_model("test/tiny-a", &o, &quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+    // A local folder is checked for the same shape.
+    let err = hub::resolve_model(fixtures().join("tiny-a").to_str().unwrap(), &o, &quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no config.json"), "{err}");
+    let local = hub::resolve_model(taesd.to_str().unwrap(), &o, &quiet).unwrap();
+    assert_eq!(local.dir, taesd);
+
+    // `sdserve download --taesd` fetches it ahead (for offline serving); without the flag the
+    // repo is refused as a pipeline.
+    let cli_cache = Scratch::new("component-cli");
+    let download = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+            .arg("download")
+            .args(extra)
+            .arg("test/taesd")
+            .env_clear()
+            .env("HF_ENDPOINT", &hub.url)
+            .env("MODEL_CACHE_DIR", &cli_cache.0)
+            .output()
+            .unwrap()
+    };
+    let out = download(&["--taesd"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (version, dir) = stdout.trim().split_once('\t').unwrap();
+    assert!(version.starts_with("test/taesd@"), "{stdout}");
+    assert!(Path::new(dir)
+        .join("diffusion_pytorch_model.safetensors")
+        .is_file());
+    let out = download(&[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model_index.json"));
+}
+
+#[test]
+fn the_retired_runwayml_id_maps_to_the_maintained_copy() {
+    let hub = FakeHub::start();
+    let commit = hub.add_repo(hub::DEFAULT_MODEL, &fixtures().join("tiny-a"), &[]);
+    let cache = Scratch::new("alias");
+    let m = hub::resolve_model(
+        "runwayml/stable-diffusion-v1-5",
+        &opts(&hub, &cache.0),
+        &quiet,
+    )
+    .unwrap();
+    assert_eq!(m.model_version, format!("{}@{commit}", hub::DEFAULT_MODEL));
+    assert!(!hub.log().join("\n").contains("runwayml"));
+}
