@@ -103,9 +103,18 @@ if want tests; then
     [[ -n $DRY ]] && filter=kernels::cuda::tests::kernel_switch  # no GPU here
     run_stage tests 240 "$TESTS" "$filter" --test-threads=1 2>&1 | tee "$J/tests.txt"
     # A kernel that failed its test is switched off for the measurements (and said so).
-    if grep -q "attention_matches.*FAILED" "$J/tests.txt"; then
+    if grep -q "^test .*::attention_matches.*FAILED" "$J/tests.txt"; then
         export SDSERVE_CUDA_ATTENTION=mma1
         say "attention test failed: measuring with SDSERVE_CUDA_ATTENTION=mma1"
+        # The register-tiled CUDA-core kernel (the pre-Ampere default) failing: the old one there.
+        if grep -q " Simt: rel" "$J/tests.txt"; then
+            PRE_AMPERE_ATTENTION=simt_warp
+            say "tiled CUDA-core attention failed: pre_ampere with SDSERVE_CUDA_ATTENTION=simt_warp"
+        fi
+    fi
+    if grep -q "^test .*::f32_attention_matches.*FAILED" "$J/tests.txt"; then
+        export SDSERVE_CUDA_ATTENTION_F32=candle
+        say "f32 attention test failed: measuring f32 with SDSERVE_CUDA_ATTENTION_F32=candle"
     fi
     if grep -q "group_norm_matches.*FAILED" "$J/tests.txt"; then
         export SDSERVE_CUDA_GROUP_NORM=single
@@ -167,8 +176,11 @@ if want ours_f32; then
 fi
 # The same binary with one of this session's changes undone, 512 and 768 (steps and images):
 # the first tensor-core attention kernel, one block per group in group norm, cuDNN algorithms
-# timed per shape instead of the heuristics' first pick.
+# timed per shape instead of the heuristics' first pick. And the f32 step (512) with attention
+# through candle's ops, as before the f32 kernel (ours_f32 runs the kernel).
 if want variants; then
+    bench f32_candle_attention 150 SDSERVE_CUDA_ATTENTION_F32=candle NVIDIA_TF32_OVERRIDE=0 -- \
+        --dtype f32 --vram-limit-mb 200000 --sizes "${SIZES%%,*}" --repeats 2 --seeds "${SEEDS%%,*}"
     for v in "attention_mma1:SDSERVE_CUDA_ATTENTION=mma1" "group_norm_single:SDSERVE_CUDA_GROUP_NORM=single" \
         "cudnn_find:SDSERVE_CUDNN_FIND=1"; do
         # shellcheck disable=SC2086
@@ -201,10 +213,15 @@ if want ablate; then
     done
 fi
 # The pre-Ampere code path (CUDA-core attention, what a GTX 1060 runs): our kernels compiled
-# for compute_75 (the oldest NVRTC 13 targets) and JIT-compiled forward by the driver.
+# for compute_75 (the oldest NVRTC 13 targets) and JIT-compiled forward by the driver; then the
+# same with the first CUDA-core attention kernel (one warp per query row) instead of the
+# register-tiled one.
 if want pre_ampere; then
-    bench pre_ampere 150 SDSERVE_CUDA_KERNEL_ARCH=75 -- --dtype f16 --vram-limit-mb 5120 \
+    bench pre_ampere 150 SDSERVE_CUDA_KERNEL_ARCH=75 SDSERVE_CUDA_ATTENTION=${PRE_AMPERE_ATTENTION:-auto} -- \
+        --dtype f16 --vram-limit-mb 5120 \
         --sizes "${SIZES%%,*}" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/pre_ampere"
+    bench pre_ampere_simt_warp 120 SDSERVE_CUDA_KERNEL_ARCH=75 SDSERVE_CUDA_ATTENTION=simt_warp -- \
+        --dtype f16 --vram-limit-mb 5120 --sizes "${SIZES%%,*}" --repeats 2 --seeds "${SEEDS%%,*}"
 fi
 
 # cuDNN's forward algorithm for the f16 convolutions (SDSERVE_CUDNN_ALGO; the default is

@@ -114,6 +114,8 @@ def table(r):
             case(r, "diffusers_f16", size, "wall_median_s"))
     row("f32 UNet step at 512 (no plan; diffusers fp32; no TF32)",
         case(r, "ours_f32", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
+    row("f32 UNet step at 512, attention through candle's ops (SDSERVE_CUDA_ATTENTION_F32=candle)",
+        case(r, "f32_candle_attention", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
     for size in (512, 768):
         row(f"peak device memory MiB, {size}, f16 (driver, context included)",
             case(r, "ours_f16", size, "peak_used_max_mb"), case(r, "diffusers_f16", size, "peak_used_max_mb"),
@@ -151,7 +153,7 @@ def table(r):
     lines.append("|---|---|---|")
     base = case(r, "ours_f16", size, "step_median_s")
     for k in sorted(r):
-        if k.startswith("ablate_") or k == "pre_ampere":
+        if k.startswith("ablate_") or k.startswith("pre_ampere"):
             s = case(r, k, size, "step_median_s")
             rel = f"{s / base:.2f}x" if s and base else "-"
             lines.append(f"| {k} | {s if s is None else round(s, 4)} | {rel} |")

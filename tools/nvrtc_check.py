@@ -4,6 +4,7 @@ sdserve does at run time, and reports errors and per-kernel register/spill use (
 one is on PATH). Needs only libnvrtc (e.g. the nvidia-cuda-nvrtc wheel), no GPU.
 
     python3 tools/nvrtc_check.py [--lib path/libnvrtc.so.13] [--arch 75,80,90] [--ptx-dir DIR]
+        [--filter NAME_PART]
 """
 import argparse, ctypes, os, shutil, subprocess, sys, tempfile
 
@@ -13,6 +14,7 @@ ap.add_argument("--arch", default="75,80,90")
 ap.add_argument("--src", default=os.path.join(os.path.dirname(__file__), "..", "crates", "pipeline",
                                               "src", "kernels", "cuda", "kernels.cu"))
 ap.add_argument("--ptx-dir")
+ap.add_argument("--filter", help="report only kernels whose name contains this")
 a = ap.parse_args()
 nv = ctypes.CDLL(a.lib)
 src = open(a.src, "rb").read()
@@ -40,6 +42,12 @@ for arch in a.arch.split(","):
     if shutil.which("ptxas"):
         r = subprocess.run(["ptxas", f"-arch=sm_{arch}", "-v", path, "-o", os.devnull],
                            capture_output=True, text=True)
-        lines = [l for l in r.stderr.splitlines() if "Used" in l or "spill" in l and "0 bytes" not in l or "error" in l]
-        print("\n".join("   " + l.strip() for l in lines))
+        # "Compiling entry function 'NAME'" precedes each kernel's spill and register lines.
+        name = "?"
+        for l in r.stderr.splitlines():
+            if "entry function" in l:
+                name = l.split("'")[1]
+            elif "Used" in l or "spill" in l and "0 bytes" not in l or "error" in l:
+                if not a.filter or a.filter in name:
+                    print(f"   {name}: {l.split(':', 1)[-1].strip()}")
 sys.exit(0 if ok else 1)

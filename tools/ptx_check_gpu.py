@@ -25,7 +25,7 @@ def rel(a, b):
 
 def check_sdserve(mod, rng):
     out = {}
-    # Attention, CUDA-core kernel (the only one below sm_80), head dims of SD 1.5.
+    # Attention, CUDA-core kernels (the only ones below sm_80), head dims of SD 1.5.
     for d, heads, n, m in [(40, 8, 300, 300), (80, 2, 100, 77), (160, 1, 64, 77)]:
         b = 2
         q = rng.standard_normal((b, n, heads * d)).astype(np.float16)
@@ -48,6 +48,21 @@ def check_sdserve(mod, rng):
           shared_mem=smem)
         got = cp.asnumpy(go).astype(np.float32)
         out[f"attention_d{d}"] = {"rel": rel(got, want), "finite": bool(np.isfinite(got).all())}
+        # The register-tiled CUDA-core kernel (Pascal's default since kernels.cu has it): rows
+        # per block and shared memory as kernels/cuda/attn.rs's tiled_shape.
+        try:
+            f = mod.get_function(f"flash_tiled_f16_d{d}")
+        except Exception as e:  # PTX from before the kernel existed
+            out[f"attention_tiled_d{d}"] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        rows = 64 if d <= 80 else 32
+        smem = (d * rows + d * 32 + 32 * (rows + 4)) * 4
+        go = cp.full((b, n, heads * d), np.nan, dtype=cp.float16)
+        f(((n + rows - 1) // rows, b * heads), (128,), (gq, gk, gv, go, np.int32(n), np.int32(m),
+                                                       np.int32(heads), np.float32(scale * np.log2(np.e))),
+          shared_mem=smem)
+        got = cp.asnumpy(go).astype(np.float32)
+        out[f"attention_tiled_d{d}"] = {"rel": rel(got, want), "finite": bool(np.isfinite(got).all())}
     # Group norm + SiLU, f16 storage.
     x = (rng.standard_normal((2, 320, 32, 32)) * 3 + 5).astype(np.float16)
     w = rng.standard_normal(320).astype(np.float32)

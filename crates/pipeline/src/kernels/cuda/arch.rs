@@ -3,7 +3,7 @@
 //! Every choice that depends on the compute capability is made from here, so one switch drives
 //! them all:
 //! - kernels.cu's compile target: NVRTC `compute_N` for the device ([`kernel_arch`]);
-//! - attention: tensor cores (`mma.sync`) from sm_80, CUDA cores below (`imp::attention`);
+//! - attention: tensor cores (`mma.sync`) from sm_80, CUDA cores below (`attn::attention`);
 //! - cuDNN convolutions: f32 compute type on every architecture; tensor-op math from sm_70,
 //!   FMA math below (no tensor cores before Volta) ([`tensor_cores`], `conv.rs`);
 //! - cuBLAS GEMMs: f32 compute on every architecture (candle's default, no reduced precision);

@@ -19,9 +19,6 @@ use super::arch::kernel_arch;
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-/// Head dims with an attention kernel instance (kernels.cu's FLASH_ENTRY lines).
-const HEAD_DIMS: [usize; 6] = [32, 40, 64, 80, 128, 160];
-
 pub fn prepare_device(device: &Device) {
     let Ok(cuda) = device.as_cuda_device() else {
         return;
@@ -71,7 +68,7 @@ fn ptx(arch: u32) -> Result<Arc<String>> {
 
 /// A kernel of kernels.cu on `dev`, loaded once (with `smem` bytes of dynamic shared memory
 /// allowed when above the default 48 KiB).
-fn function(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
+pub(super) fn function(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
     type Key = (DeviceId, String);
     static FUNCS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
     let funcs = FUNCS.get_or_init(Default::default);
@@ -105,7 +102,7 @@ pub(super) fn view<'a, T: candle_core::cuda_backend::CudaDType>(
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
-fn cfg(grid: (u32, u32), block: u32, smem: usize) -> LaunchConfig {
+pub(super) fn cfg(grid: (u32, u32), block: u32, smem: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
         block_dim: (block, 1, 1),
@@ -113,128 +110,8 @@ fn cfg(grid: (u32, u32), block: u32, smem: usize) -> LaunchConfig {
     }
 }
 
-fn not_on_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
+pub(super) fn not_on_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name}: CUDA only")
-}
-
-// ------------------------------------------------------------------------------- attention
-
-/// Which attention kernel: the best for the architecture, the first tensor-core kernel (no
-/// double buffering; for A/B runs), or the CUDA-core one everywhere (what pre-Ampere GPUs run);
-/// tests compare all three.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
-    Auto,
-    Mma1,
-    Simt,
-}
-
-struct Attention {
-    heads: usize,
-    scale: f32,
-    variant: Variant,
-}
-
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "sdserve-flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        not_on_cpu(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = qs.device();
-        let (b, n, c) = ql.shape().dims3()?;
-        let (_, m, _) = kl.shape().dims3()?;
-        let d = c / self.heads;
-        let (q, k, v) = (
-            view::<f16>(qs, ql)?,
-            view::<f16>(ks, kl)?,
-            view::<f16>(vs, vl)?,
-        );
-        let out: CudaSlice<f16> = unsafe { dev.alloc::<f16>(b * n * c)? };
-        let tensor_cores =
-            self.variant != Variant::Simt && kernel_arch(dev)? >= super::arch::MMA_ATTENTION;
-        // The double-buffered kernel copies 16-byte rows: every head must start 16-byte aligned.
-        let aligned = [ql, kl, vl].iter().all(|l| l.start_offset() % 8 == 0) && d % 8 == 0;
-        let dp = d.div_ceil(16) * 16;
-        let (name, rows, smem) = if tensor_cores && self.variant == Variant::Auto && aligned {
-            // Q tile plus two K and two V tiles of 64 rows, each row dp + 8 halves.
-            (format!("flash_mma2_d{d}"), 64, 5 * 64 * (dp + 8) * 2)
-        } else if tensor_cores {
-            let smem = (2 * 64 * (dp + 8) + dp * (64 + 8)) * 2;
-            (format!("flash_mma_d{d}"), 64, smem)
-        } else {
-            let smem = 16 * d * 4 + 2 * 32 * (d + 2) * 2;
-            (format!("flash_simt_d{d}"), 16, smem)
-        };
-        let f = function(dev, &name, smem)?;
-        let (n32, m32, h32) = (n as i32, m as i32, self.heads as i32);
-        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
-        let stream = dev.cuda_stream();
-        let mut l = stream.launch_builder(&f);
-        l.arg(&q).arg(&k).arg(&v).arg(&out);
-        l.arg(&n32).arg(&m32).arg(&h32).arg(&scale_log2);
-        let grid = (n.div_ceil(rows) as u32, (b * self.heads) as u32);
-        // SAFETY: argument types and counts match kernels.cu's flash_*_d{d}; buffers hold
-        // b*n*c (q, out) and b*m*c (k, v) values, as checked by `attention`.
-        unsafe { l.launch(cfg(grid, 128, smem)) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            ql.shape().clone(),
-        ))
-    }
-}
-
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    variant: Variant,
-) -> Result<Option<Tensor>> {
-    if [q, k, v]
-        .iter()
-        .any(|t| t.dtype() != DType::F16 || t.rank() != 3)
-        || heads == 0
-    {
-        return Ok(None);
-    }
-    let (b, _, c) = q.dims3()?;
-    let (kb, m, kc) = k.dims3()?;
-    if v.dims() != k.dims() || kb != b || kc != c || m == 0 || !c.is_multiple_of(heads) {
-        return Ok(None);
-    }
-    if !HEAD_DIMS.contains(&(c / heads)) {
-        return Ok(None);
-    }
-    let op = Attention {
-        heads,
-        scale: scale as f32,
-        variant,
-    };
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
-        .map(Some)
 }
 
 // ------------------------------------------------------------------------------- norms, GEGLU

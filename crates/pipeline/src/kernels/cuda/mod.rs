@@ -2,8 +2,9 @@
 //! device settings that take the host out of the way (docs/GPU.md, "Kernels").
 //!
 //! - [`attention`]: flash-style attention straight from the q/k/v projections' `[B, N, H*D]`
-//!   layout (no head split/merge copies); the scores never reach device memory. f16 in and out,
-//!   f32 accumulation and softmax; tensor cores (`mma.sync` m16n8k16) on sm_80+, CUDA cores below.
+//!   layout (no head split/merge copies); the scores never reach device memory. f16 or f32 in
+//!   and out, f32 accumulation and softmax; for f16 tensor cores (`mma.sync` m16n8k16) on sm_80+
+//!   and a register-tiled CUDA-core kernel below; f32 on CUDA cores in f32 everywhere.
 //! - [`group_norm`] (+ SiLU), [`layer_norm`], [`geglu`]: one pass each, f32 statistics, f16 or
 //!   f32 storage, f32 affine parameters (candle: 8-13 ops with f32 casts each).
 //! - [`bias_add`]: a bias (and a residual) added in one pass after a GEMM or convolution.
@@ -22,6 +23,8 @@
 use candle_core::{Device, Result, Tensor};
 
 pub mod arch;
+#[cfg(feature = "cuda-core")]
+mod attn;
 #[cfg(feature = "cuda")]
 mod conv;
 #[cfg(feature = "cuda-core")]
@@ -128,8 +131,9 @@ pub fn prepare_device(device: &Device) {
 }
 
 /// `softmax(q k^T * scale) v` over `[B, N, heads*D]` queries and `[B, M, heads*D]` keys/values,
-/// returned as `[B, N, heads*D]` (heads merged): f16 CUDA tensors with a head dim of 32, 40, 64,
-/// 80, 128 or 160.
+/// returned as `[B, N, heads*D]` (heads merged): f16 or f32 CUDA tensors with a head dim of 32,
+/// 40, 64, 80, 128 or 160. f32 runs the register-tiled CUDA-core kernel in f32 (no TF32);
+/// `SDSERVE_CUDA_ATTENTION_F32=candle` leaves f32 to candle's ops (A/B runs).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -140,23 +144,20 @@ pub fn attention(
     if q.device().is_cpu() || !enabled(Kernel::Attention) {
         return Ok(None);
     }
+    if q.dtype() == candle_core::DType::F32 && !f32_attention() {
+        return Ok(None);
+    }
     #[cfg(feature = "cuda-core")]
     {
-        // SDSERVE_CUDA_ATTENTION=simt: the CUDA-core kernel on any GPU (A/B, pre-Ampere path);
-        // =mma1: the first tensor-core kernel, without double buffering (A/B).
-        static VARIANT: std::sync::OnceLock<imp::Variant> = std::sync::OnceLock::new();
+        // SDSERVE_CUDA_ATTENTION (f16): simt = the register-tiled CUDA-core kernel on any GPU
+        // (the pre-Ampere path), simt_warp = the first CUDA-core kernel (one warp per query
+        // row), mma1 = the first tensor-core kernel, without double buffering (A/B runs).
+        static VARIANT: std::sync::OnceLock<attn::Variant> = std::sync::OnceLock::new();
         let variant = *VARIANT.get_or_init(|| {
-            match std::env::var("SDSERVE_CUDA_ATTENTION")
-                .as_deref()
-                .map(str::trim)
-            {
-                Ok("simt") => imp::Variant::Simt,
-                Ok("mma1") => imp::Variant::Mma1,
-                _ => imp::Variant::Auto,
-            }
+            attn::Variant::parse(std::env::var("SDSERVE_CUDA_ATTENTION").ok().as_deref())
         });
         profiled(q.device(), "attention", || {
-            imp::attention(q, k, v, heads, scale, variant)
+            attn::attention(q, k, v, heads, scale, variant)
         })
     }
     #[cfg(not(feature = "cuda-core"))]
@@ -164,6 +165,14 @@ pub fn attention(
         let _ = (k, v, heads, scale);
         Ok(None)
     }
+}
+
+/// Whether f32 attention runs our kernel (`SDSERVE_CUDA_ATTENTION_F32=candle`: candle's ops).
+fn f32_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("SDSERVE_CUDA_ATTENTION_F32").map_or(true, |v| v.trim() != "candle")
+    })
 }
 
 /// `act(group_norm(x) * weight + bias)` over `[B, C, ...]` (f16 or f32 CUDA), statistics in

@@ -2,6 +2,7 @@
 //! the `cuda-core` feature; they need a CUDA device (tools/gpu_session.sh runs them on the lent
 //! GPU from a test binary built without one).
 
+use super::super::attn::{attention, tiled_shape, Variant, HEAD_DIMS};
 use super::*;
 use crate::attention::{merge_heads, sdpa, split_heads, AttentionSlicing};
 use candle_core::D;
@@ -75,7 +76,12 @@ fn attention_matches_f32_reference_for_every_head_dim_and_variant() -> Result<()
                 heads,
             )?;
             let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_device(&dev).unwrap();
-            for variant in [Variant::Auto, Variant::Mma1, Variant::Simt] {
+            for variant in [
+                Variant::Auto,
+                Variant::Mma1,
+                Variant::Simt,
+                Variant::SimtWarp,
+            ] {
                 let got = attention(&h(&q), &h(&k), &h(&v), heads, scale, variant)?
                     .expect("kernel applies");
                 assert_eq!(got.dims(), &[b, n, c]);
@@ -91,13 +97,114 @@ fn attention_matches_f32_reference_for_every_head_dim_and_variant() -> Result<()
     Ok(())
 }
 
+/// The f32 reference: candle's unfused attention on the CPU, in f32.
+fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (q, k, v) = (
+        split_heads(q, heads)?,
+        split_heads(k, heads)?,
+        split_heads(v, heads)?,
+    );
+    let a = sdpa(&q, &k, &v, scale, AttentionSlicing::Off, false)?;
+    merge_heads(&a, heads)
+}
+
+#[test]
+fn f32_attention_matches_f32_reference_for_every_head_dim() -> Result<()> {
+    let dev = gpu();
+    let mut seed = 100;
+    for &d in &HEAD_DIMS {
+        // Ragged query and key tiles, SD's 77-token cross-attention, one row and one key, and a
+        // 512x512 UNet level's shapes (d 40: 1024 queries, guidance batch 2, 8 heads).
+        let mut cases = vec![
+            (2, 3, 200, 200),
+            (1, 2, 70, 77),
+            (2, 1, 16, 9),
+            (1, 1, 1, 1),
+        ];
+        if d == 40 {
+            cases.extend([(2, 8, 1024, 77), (2, 8, 1024, 1024)]);
+        }
+        for (b, heads, n, m) in cases {
+            let c = heads * d;
+            let q = (rand(&[b, n, c], seed) * 2.0)?;
+            let k = (rand(&[b, m, c], seed + 1) * 2.0)?;
+            let v = rand(&[b, m, c], seed + 2);
+            seed += 3;
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = attention_ref(&q, &k, &v, heads, scale)?;
+            let g = |t: &Tensor| t.to_device(&dev).unwrap();
+            // The variant only picks among f16 kernels: f32 runs the tiled kernel for each.
+            for variant in [Variant::Auto, Variant::Simt] {
+                let got = attention(&g(&q), &g(&k), &g(&v), heads, scale, variant)?
+                    .expect("kernel applies");
+                assert_eq!((got.dims(), got.dtype()), (&[b, n, c][..], DType::F32));
+                let (rel, max) = errors(&got.to_device(&Device::Cpu)?, &want);
+                assert!(
+                    rel < 2e-5 && max < 2e-4,
+                    "f32 d={d} b={b} heads={heads} n={n} m={m} {variant:?}: rel {rel} max {max}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn attention_reads_views_at_an_offset() -> Result<()> {
+    // q/k/v as views 4 values into a larger buffer (allowed: the tiled kernels' 4-value reads
+    // stay aligned), and 2 values in (f32 declines, f16 takes the per-value kernel).
+    let dev = gpu();
+    let (b, heads, d, n) = (1, 2, 40, 50);
+    let c = heads * d;
+    for dtype in [DType::F32, DType::F16] {
+        let buf = half_round(&rand(&[b * n * c + 8], 41));
+        let scale = 1.0 / (d as f64).sqrt();
+        for off in [4, 2] {
+            let x = buf.narrow(0, off, b * n * c)?.reshape((b, n, c))?;
+            let want = attention_ref(&x, &x, &x, heads, scale)?;
+            let xg = buf
+                .to_dtype(dtype)?
+                .to_device(&dev)?
+                .narrow(0, off, b * n * c)?
+                .reshape((b, n, c))?;
+            assert_eq!(xg.layout().start_offset(), off);
+            let got = attention(&xg, &xg, &xg, heads, scale, Variant::Auto)?;
+            if dtype == DType::F32 && off == 2 {
+                assert!(got.is_none(), "f32 at offset 2 keeps candle's path");
+                continue;
+            }
+            let got = got.expect("kernel applies");
+            let (rel, max) = errors(&got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, &want);
+            assert!(rel < 3e-3, "{dtype:?} offset {off}: rel {rel} max {max}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tiled_attention_fits_every_gpu_and_variants_parse() {
+    for &d in &HEAD_DIMS {
+        let (rows, smem) = tiled_shape(d);
+        assert!(
+            rows % 4 == 0 && smem <= 48 << 10,
+            "d={d}: {rows} rows, {smem} bytes"
+        );
+    }
+    assert_eq!(Variant::parse(None), Variant::Auto);
+    assert_eq!(Variant::parse(Some(" simt")), Variant::Simt);
+    assert_eq!(Variant::parse(Some("simt_warp")), Variant::SimtWarp);
+    assert_eq!(Variant::parse(Some("mma1")), Variant::Mma1);
+}
+
 #[test]
 fn attention_declines_what_it_does_not_cover() -> Result<()> {
     let dev = gpu();
     let q = Tensor::zeros((1, 8, 3 * 24), DType::F16, &dev)?; // head dim 24: no instance
     assert!(attention(&q, &q, &q, 3, 0.2, Variant::Auto)?.is_none());
-    let q32 = Tensor::zeros((1, 8, 2 * 40), DType::F32, &dev)?; // f32: candle's path
-    assert!(attention(&q32, &q32, &q32, 2, 0.2, Variant::Auto)?.is_none());
+    let q32 = Tensor::zeros((1, 8, 3 * 24), DType::F32, &dev)?;
+    assert!(attention(&q32, &q32, &q32, 3, 0.2, Variant::Auto)?.is_none());
+    let bf = Tensor::zeros((1, 8, 2 * 40), DType::BF16, &dev)?; // bf16: candle's path
+    assert!(attention(&bf, &bf, &bf, 2, 0.2, Variant::Auto)?.is_none());
     Ok(())
 }
 
