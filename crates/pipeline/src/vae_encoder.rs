@@ -4,7 +4,7 @@
 //! `encoder.down_blocks.*` (`layers_per_block` resnets each, a stride-2 3x3 conv with
 //! (0,1,0,1) zero padding on all but the last), `encoder.mid_block` (resnet, attention, resnet),
 //! `conv_norm_out`, SiLU (fixed in diffusers' Encoder), `conv_out` to `2 * latent_channels`
-//! (mean and log-variance), then `quant_conv` (1x1). The blocks are the decoder's (`vae.rs`).
+//! (mean and log-variance), then `quant_conv` (1x1). The blocks are the decoder's (`vae/`).
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
