@@ -206,7 +206,7 @@ pub struct ServeArgs {
     pub job_ttl_seconds: u64,
     /// Memory finished jobs may hold for /jobs/{id}, counted roughly: their PNGs in base64
     /// (under 1 MB per 512x512 image), request (with decoded init image and mask), metadata,
-    /// last preview, and the record with its event buffer (about 35 KB each); past it the
+    /// last preview, and the record (about 1 KB; an event buffer only while followed); past it the
     /// oldest finished jobs are forgotten before JOB_TTL_SECONDS (`sdserve_jobs_evicted_total`).
     /// Queued and running jobs are never dropped.
     #[arg(long, env = "JOB_RESULTS_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]

@@ -28,7 +28,8 @@ use crate::speed::SpeedProbe;
 use prometheus_client::metrics::counter::Counter;
 
 /// Events buffered per subscriber; a slower one skips progress (never the terminal event:
-/// the stream reads it from the record).
+/// the stream reads it from the record). tokio allocates a channel's slots up front, so a
+/// record has a channel only while someone follows it (created by the first `subscribe`).
 const EVENT_BUFFER: usize = 256;
 /// How often the reaper looks for queued jobs past their deadline and expired records.
 const REAP_EVERY: Duration = Duration::from_millis(100);
@@ -51,7 +52,9 @@ pub(super) struct Record {
     pub error: Option<ApiError>,
     pub gen_secs: f64,
     pub preview: Option<(usize, Arc<String>)>,
-    pub events: broadcast::Sender<JobEvent>,
+    /// The job's event channel, while someone follows it: a subscriber takes the record's
+    /// state and every event after it; nobody needs the events of an unfollowed job.
+    pub events: Option<broadcast::Sender<JobEvent>>,
 }
 
 /// Bytes of `v` as JSON, counted without building the text.
@@ -75,7 +78,9 @@ impl Record {
     /// Memory the record holds once finished, roughly, for JOB_RESULTS_MB: its result's base64
     /// images (the first once: `image_base64` and `images[0]` share it) and metadata, the
     /// request (decoded init image and mask, its JSON, PNG texts, prompts), the last preview,
-    /// and the record itself with its event channel's slots.
+    /// and the record itself. Its event channel's slots are not counted: a finished record has
+    /// one only while someone follows it (such records are never dropped early), and the
+    /// reaper drops it when they let go.
     fn held_bytes(&self) -> usize {
         let result = self
             .result
@@ -92,12 +97,9 @@ impl Record {
             + p.negative_prompt.len()
             + self.spec.model_version.len();
         let preview = self.preview.as_ref().map_or(0, |(_, png)| png.len());
-        // The record, its id (map key and the finished queue), and the channel's slots, which
-        // tokio allocates up front (a slot: the value, its counters and a lock).
-        let fixed = std::mem::size_of::<Record>()
-            + std::mem::size_of::<JobSpec>()
-            + 3 * self.id.len()
-            + EVENT_BUFFER * (std::mem::size_of::<Option<JobEvent>>() + 32);
+        // The record and its id (map key and the finished queue).
+        let fixed =
+            std::mem::size_of::<Record>() + std::mem::size_of::<JobSpec>() + 3 * self.id.len();
         result + request + preview + fixed
     }
 
@@ -137,7 +139,15 @@ impl Record {
     }
 
     pub fn emit(&self, event: JobEvent) {
-        let _ = self.events.send(event); // no subscriber is fine
+        if let Some(tx) = &self.events {
+            let _ = tx.send(event); // no subscriber left is fine
+        }
+    }
+
+    fn followed(&self) -> bool {
+        self.events
+            .as_ref()
+            .is_some_and(|tx| tx.receiver_count() > 0)
     }
 }
 
@@ -202,6 +212,9 @@ impl Jobs {
             }
         };
         r.emit(event);
+        if !r.followed() {
+            r.events = None;
+        }
         let bytes = r.held_bytes();
         self.ended.push_back((id.to_string(), bytes));
         self.ended_bytes += bytes;
@@ -217,11 +230,7 @@ impl Jobs {
             let Some((id, bytes)) = self.ended.pop_front() else {
                 break;
             };
-            if self
-                .records
-                .get(&id)
-                .is_some_and(|r| r.events.receiver_count() > 0)
-            {
+            if self.records.get(&id).is_some_and(Record::followed) {
                 kept.push((id, bytes));
                 continue;
             }
@@ -244,12 +253,18 @@ impl Jobs {
         }
     }
 
-    /// Forgets finished records past JOB_TTL_SECONDS.
+    /// Forgets finished records past JOB_TTL_SECONDS, and the event channels of finished
+    /// records nobody follows any more.
     fn expire(&mut self, now: Instant, ttl: Duration) {
         self.records.retain(|_, r| {
             r.finished
                 .is_none_or(|(_, at)| now.duration_since(at) < ttl)
         });
+        for r in self.records.values_mut() {
+            if r.finished.is_some() && r.events.is_some() && !r.followed() {
+                r.events = None;
+            }
+        }
         let records = &self.records;
         let mut freed = 0;
         self.ended.retain(|(id, bytes)| {
@@ -498,7 +513,7 @@ impl JobBackend for Local {
             error: None,
             gen_secs: 0.0,
             preview: None,
-            events: broadcast::channel(EVENT_BUFFER).0,
+            events: None,
         };
         jobs.records.insert(id.clone(), record);
         jobs.queue.push_back(id.clone());
@@ -557,11 +572,14 @@ impl JobBackend for Local {
         &self,
         id: &str,
     ) -> Result<Option<(JobView, broadcast::Receiver<JobEvent>)>, ApiError> {
-        let jobs = self.inner.jobs();
-        let Some(r) = jobs.records.get(id) else {
+        let mut jobs = self.inner.jobs();
+        let Some(r) = jobs.records.get_mut(id) else {
             return Ok(None);
         };
-        let rx = r.events.subscribe();
+        let rx = r
+            .events
+            .get_or_insert_with(|| broadcast::channel(EVENT_BUFFER).0)
+            .subscribe();
         Ok(jobs.view(id).map(|v| (v, rx)))
     }
 

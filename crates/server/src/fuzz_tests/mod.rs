@@ -239,7 +239,7 @@ fn deeply_nested_bodies_are_rejected_cleanly() {
 
 mod dialects;
 pub(crate) mod harness;
-mod images;
+pub(crate) mod images;
 
 pub(crate) use images::peak_during;
 mod multipart;
