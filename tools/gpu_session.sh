@@ -179,6 +179,9 @@ fi
 # timed per shape instead of the heuristics' first pick. And the f32 step (512) with attention
 # through candle's ops, as before the f32 kernel (ours_f32 runs the kernel).
 if want variants; then
+    # The UNet step as a CUDA graph (SDSERVE_CUDA_GRAPH=1, off by default): steps and images.
+    bench graph_f16 150 SDSERVE_CUDA_GRAPH=1 -- --dtype f16 --vram-limit-mb 5120 --sizes "$SIZES" \
+        --repeats 2 --seeds "${SEEDS%%,*}" --png-dir "$WORK/png/graph_f16"
     bench f32_candle_attention 150 SDSERVE_CUDA_ATTENTION_F32=candle NVIDIA_TF32_OVERRIDE=0 -- \
         --dtype f32 --vram-limit-mb 200000 --sizes "${SIZES%%,*}" --repeats 2 --seeds "${SEEDS%%,*}"
     for v in "attention_mma1:SDSERVE_CUDA_ATTENTION=mma1" "group_norm_single:SDSERVE_CUDA_GROUP_NORM=single" \
@@ -274,11 +277,16 @@ fi
 if want summary; then
     ref=$WORK/png/diffusers_f32
     [[ -n $DRY ]] && ref=$WORK/png/ours_f32
-    for ours in ours_f16 ours_f32 pre_ampere sm61_f16 sm61_f16_blas_default sm61_f32 diffusers_f16; do
+    for ours in ours_f16 ours_f32 pre_ampere sm61_f16 sm61_f16_blas_default sm61_f32 diffusers_f16 graph_f16; do
         [[ -d $WORK/png/$ours && -d $ref ]] || continue
         $PY "$G/tools/compare_images.py" "$ref" "$WORK/png/$ours" --label "$ours-vs-$(basename "$ref")" \
             >"$J/compare_$ours.json" || say "compare $ours failed"
     done
+    # The graph's images against the same binary's plain run (same seed): expected identical.
+    if [[ -d $WORK/png/graph_f16 && -d $WORK/png/ours_f16 ]]; then
+        $PY "$G/tools/compare_images.py" "$WORK/png/graph_f16" "$WORK/png/ours_f16" \
+            --label graph-vs-plain >"$J/compare_graph_vs_plain.json" || say "compare graph failed"
+    fi
     tar -C "$WORK" -czf "$OUT/images.tar.gz" png 2>/dev/null
     $PY "$G/tools/gpu_summary.py" "$J" >"$OUT/results.json.tmp" && mv "$OUT/results.json.tmp" "$OUT/results.json"
     $PY "$G/tools/gpu_summary.py" "$J" --table

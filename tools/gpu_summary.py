@@ -112,6 +112,9 @@ def table(r):
     for size in (512, 768):
         row(f"20-step {size}x{size} image, f16", case(r, "ours_f16", size, "wall_median_s"),
             case(r, "diffusers_f16", size, "wall_median_s"))
+    for size in (512, 768):
+        row(f"UNet step with guidance, {size}, f16, as a CUDA graph (SDSERVE_CUDA_GRAPH=1)",
+            case(r, "graph_f16", size, "step_median_s"), case(r, "diffusers_f16", size, "step_median_s"))
     row("f32 UNet step at 512 (no plan; diffusers fp32; no TF32)",
         case(r, "ours_f32", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
     row("f32 UNet step at 512, attention through candle's ops (SDSERVE_CUDA_ATTENTION_F32=candle)",
@@ -128,7 +131,7 @@ def table(r):
     lines.append("| images vs diffusers fp32 (512) | mean abs /255 (worst image) | max | > 8 |")
     lines.append("|---|---|---|---|")
     for k in ("ours_f16", "ours_f32", "pre_ampere", "sm61_f16", "sm61_f16_blas_default", "sm61_f32",
-              "diffusers_f16"):
+              "diffusers_f16", "graph_f16", "graph_vs_plain"):
         c = r.get(f"compare_{k}")
         if c and "worst" in c:
             w = c["worst"]

@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 
 use super::{images_in, Conditioning, StableDiffusion, StepHook, StepProgress};
+use crate::kernels::cuda::StepGraph;
 use crate::rng::TorchRng;
 use crate::schedulers::Scheduler;
 use crate::unet::UNet2DConditionModel;
@@ -31,14 +32,22 @@ impl StableDiffusion {
         let unet = self.unet_for_run()?;
         // SDSERVE_STEP_TIMES=1: per-step UNet and scheduler times on stderr (profiling).
         let timing = std::env::var_os("SDSERVE_STEP_TIMES").is_some();
+        // SDSERVE_CUDA_GRAPH=1: the step as a CUDA graph for this loop (a no-op otherwise).
+        let mut graph = StepGraph::new(&self.device);
         for (index, &t) in timesteps.iter().enumerate().skip(begin) {
             let start = std::time::Instant::now();
             let mut model_input = scheduler.scale_model_input(&latents, index)?;
             if let Some(state) = &inpaint {
                 model_input = state.unet_input(model_input)?;
             }
-            let noise_pred =
-                self.predict_noise_with(&unet, &model_input, t, text_embeddings, guidance_scale)?;
+            let noise_pred = self.predict_noise_with(
+                &unet,
+                &model_input,
+                t,
+                text_embeddings,
+                guidance_scale,
+                Some(&mut graph),
+            )?;
             let unet_done = start.elapsed();
             latents = scheduler.step(&noise_pred, index, &latents, rngs)?;
             if let Some(state) = &inpaint {
@@ -79,12 +88,13 @@ impl StableDiffusion {
             2 => Conditioning::Joint(text_embeddings.clone()),
             _ => Conditioning::Cond(text_embeddings.clone()),
         };
-        self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale)
+        self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale, None)
     }
 
     /// `latents` holds the batch's `n` images; `text_embeddings` one image's `[uncond, cond]`
     /// (or `[cond]` without guidance), repeated for the batch as diffusers'
-    /// `num_images_per_prompt` does: `[uncond x n, cond x n]`.
+    /// `num_images_per_prompt` does: `[uncond x n, cond x n]`. `graph`: the loop's CUDA graph
+    /// of the one-pass step (the two-pass one runs plainly).
     fn predict_noise_with(
         &self,
         unet: &UNet2DConditionModel,
@@ -92,6 +102,7 @@ impl StableDiffusion {
         t: f64,
         conditioning: &Conditioning,
         guidance_scale: f64,
+        graph: Option<&mut StepGraph>,
     ) -> Result<Tensor> {
         let n = latents.dim(0)?;
         // diffusers' num_images_per_prompt: each row of the conditioning repeated n times.
@@ -125,7 +136,12 @@ impl StableDiffusion {
             latents.clone()
         };
         let t = Tensor::full(t as f32, embeddings.dim(0)?, &self.device)?;
-        let noise_pred = unet.forward(&model_input, &t, &embeddings)?;
+        let noise_pred = match graph {
+            Some(g) => g.run(&[&model_input, &t, &embeddings], |x| {
+                unet.forward(&x[0], &x[1], &x[2])
+            })?,
+            None => unet.forward(&model_input, &t, &embeddings)?,
+        };
         if !cfg {
             return Ok(noise_pred);
         }

@@ -115,7 +115,9 @@ impl CustomOp3 for Attention {
         let (_, m, _) = kl.shape().dims3()?;
         let d = c / self.heads;
         let layouts = [ql, kl, vl];
-        let off = |n: usize| layouts.iter().all(|l| l.start_offset() % n == 0) && d % n == 0;
+        let off = |n: usize| {
+            layouts.iter().all(|l| l.start_offset().is_multiple_of(n)) && d.is_multiple_of(n)
+        };
         let (name, rows, smem) = choose(dev, qs.dtype(), d, (off(4), off(8)), self.variant)?;
         let f = function(dev, &name, smem)?;
         let (n32, m32, h32) = (n as i32, m as i32, self.heads as i32);

@@ -373,7 +373,7 @@ impl BiasAdd {
         };
         let stream = dev.cuda_stream();
         // Pairs of halves need even rows starting at even offsets (4-byte words).
-        let even = |l: &Layout| l.start_offset() % 2 == 0;
+        let even = |l: &Layout| l.start_offset().is_multiple_of(2);
         let pairs = ys.dtype() == DType::F16
             && cols % 2 == 0
             && even(yl)

@@ -28,6 +28,8 @@ mod attn;
 #[cfg(feature = "cuda")]
 mod conv;
 #[cfg(feature = "cuda-core")]
+mod graph;
+#[cfg(feature = "cuda-core")]
 mod imp;
 #[cfg(feature = "cuda-core")]
 mod profile;
@@ -63,6 +65,82 @@ pub fn take_profile(device: &Device) -> Result<std::collections::BTreeMap<String
     }
     let _ = device;
     Ok(Default::default())
+}
+
+/// The UNet step captured once per shape as a CUDA graph and replayed, so that the host no
+/// longer issues its thousands of launches each step (`SDSERVE_CUDA_GRAPH=1`; off by default,
+/// and off under `SDSERVE_CUDA_PROFILE`). One lives for one denoising loop, whose UNet weights
+/// stay where they are meanwhile: the graph holds their device addresses. The first step of a
+/// shape runs plainly, the second is captured and launched, later ones are launched. If
+/// capturing or launching fails (something in the step that a graph cannot hold), one line
+/// says so and the loop goes on without a graph. A no-op on the CPU and without CUDA.
+pub struct StepGraph {
+    on: bool,
+    #[cfg(feature = "cuda-core")]
+    device: Device,
+    #[cfg(feature = "cuda-core")]
+    state: Option<graph::Graphed>,
+}
+
+impl StepGraph {
+    pub fn new(device: &Device) -> Self {
+        let on = cfg!(feature = "cuda-core")
+            && !device.is_cpu()
+            && !profiling()
+            && std::env::var("SDSERVE_CUDA_GRAPH").is_ok_and(|v| v.trim() == "1");
+        StepGraph {
+            on,
+            #[cfg(feature = "cuda-core")]
+            device: device.clone(),
+            #[cfg(feature = "cuda-core")]
+            state: None,
+        }
+    }
+
+    /// On whatever `SDSERVE_CUDA_GRAPH` says (tests).
+    #[cfg(all(test, feature = "cuda-core"))]
+    pub(crate) fn forced(device: &Device) -> Self {
+        StepGraph {
+            on: !device.is_cpu(),
+            device: device.clone(),
+            state: None,
+        }
+    }
+
+    /// Whether a graph is captured and in use.
+    pub fn captured(&self) -> bool {
+        #[cfg(feature = "cuda-core")]
+        return self.on && self.state.as_ref().is_some_and(|g| g.captured());
+        #[cfg(not(feature = "cuda-core"))]
+        false
+    }
+
+    /// `f(inputs)`, through the graph when on (see [`StepGraph`]). `f` must depend on nothing
+    /// but `inputs` and state that stays put for the graph's life (weights, settings).
+    pub fn run<E>(
+        &mut self,
+        inputs: &[&Tensor],
+        mut f: impl FnMut(&[Tensor]) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Tensor, E>
+    where
+        E: From<candle_core::Error> + std::fmt::Display,
+    {
+        if !self.on {
+            return f(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
+        }
+        #[cfg(feature = "cuda-core")]
+        if inputs.iter().all(|t| t.device().same_device(&self.device)) {
+            match graph::run(&mut self.state, &self.device, inputs, &mut f)? {
+                graph::Outcome::Done(t) => return Ok(t),
+                graph::Outcome::Failed(e) => {
+                    eprintln!("sdserve: CUDA graph of the UNet step failed, running without: {e}");
+                    self.on = false;
+                    self.state = None;
+                }
+            }
+        }
+        f(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>())
+    }
 }
 
 /// A kernel that [`enabled`] can switch off.

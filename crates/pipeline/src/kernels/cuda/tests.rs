@@ -398,3 +398,49 @@ fn bias_add_covers_linear_conv_and_per_sample_biases() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn step_graph_replays_with_new_inputs() -> Result<()> {
+    let dev = gpu();
+    let w = rand(&[80, 80], 51).to_device(&dev)?;
+    // Our kernels, candle's GEMM, a strided copy (dims and strides uploaded) and a small upload.
+    let step = |x: &[Tensor]| -> Result<Tensor> {
+        let h = x[0].broadcast_matmul(&w)?;
+        let a = attention(&h, &x[1], &x[1], 2, 0.2, Variant::Auto)?.expect("applies");
+        let t = a
+            .transpose(1, 2)?
+            .contiguous()?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let s = Tensor::from_vec(vec![0.5f32; 80], 80, &dev)?;
+        let y = layer_norm(&t, &s, &s, 1e-5)?.expect("applies");
+        y + &h
+    };
+    let mut graph = super::super::StepGraph::forced(&dev);
+    for i in 0..5u64 {
+        let q = rand(&[2, 70, 80], 60 + i).to_device(&dev)?;
+        let kv = rand(&[2, 77, 80], 70 + i).to_device(&dev)?;
+        let got = graph.run(&[&q, &kv], step)?;
+        let want = step(&[q, kv])?;
+        let (rel, max) = errors(
+            &got.to_device(&Device::Cpu)?,
+            &want.to_device(&Device::Cpu)?,
+        );
+        assert!(rel < 1e-6, "call {i}: rel {rel} max {max}");
+        // Plain first call, captured from the second on.
+        assert_eq!(graph.captured(), i > 0, "call {i}");
+    }
+    // A new shape starts over (plain, then captured).
+    let q = rand(&[1, 30, 80], 80).to_device(&dev)?;
+    let kv = rand(&[1, 77, 80], 81).to_device(&dev)?;
+    graph.run(&[&q, &kv], step)?;
+    assert!(!graph.captured());
+    let got = graph.run(&[&q, &kv], step)?;
+    assert!(graph.captured());
+    let (rel, _) = errors(
+        &got.to_device(&Device::Cpu)?,
+        &step(&[q, kv])?.to_device(&Device::Cpu)?,
+    );
+    assert!(rel < 1e-6, "new shape: rel {rel}");
+    Ok(())
+}
