@@ -7,7 +7,7 @@
 #                                  RANDOM_SD15 (make_random_sd15.py), SM61_PTX (dir of
 #                                  scripts/sm61-ptx.sh output), SM61_TARGET (target dir of
 #                                  `scripts/build-cuda.sh sm61`: its candle PTX, plus kernels.cu
-#                                  compiled by that build's nvcc), NO_TESTS=1 (no test binary),
+#                                  as that build's NVRTC 12 compiles it), NO_TESTS=1 (no test binary),
 #                                  SM61_ON_CU13_TARGET (target dir of `scripts/build-cuda.sh
 #                                  sm61-on-cu13`: its binary and sdserve_kernels_sm61.ptx, into
 #                                  DEST/sm61-on-cu13; default target/cuda-sm61-on-cu13 when built,
@@ -37,14 +37,13 @@ if [[ -n ${SM61_PTX:-} ]]; then
 fi
 if [[ -n ${SM61_TARGET:-} ]]; then
     # The sm_61 binary's own device code: candle's kernel modules as its build embedded them,
-    # and our kernels.cu through the same nvcc (at run time NVRTC 12 compiles the same source).
+    # and our kernels.cu as that binary's NVRTC 12 compiles it at run time (same call, same PTX).
     rm -rf "$dest/sm61"
     mkdir -p "$dest/sm61"
     out=$(ls -dt "$SM61_TARGET"/release/build/candle-kernels-*/out | head -1)
     for p in "$out"/*.ptx; do xz -T2 -2 -c "$p" >"$dest/sm61/candle_$(basename "$p").xz"; done
-    nvcc=${SM61_NVCC:-$HOME/.cache/sdserve-cuda/cu12/cuda-home/bin/nvcc}
-    "$nvcc" --gpu-architecture=sm_61 --ptx -std=c++17 -O3 -o "$dest/sm61/sdserve_kernels.ptx" \
-        "$root/crates/pipeline/src/kernels/cuda/kernels.cu"
+    python3 "$root/tools/kernels_ptx.py" --arch 61 -o "$dest/sm61/sdserve_kernels.ptx" \
+        --lib "${SM61_NVRTC:-$HOME/.cache/sdserve-cuda/cu12/site/nvidia/cuda_nvrtc/lib/libnvrtc.so.12}" >&2
     xz -T2 -2 -f "$dest/sm61/sdserve_kernels.ptx"
 fi
 variant=${SM61_ON_CU13_TARGET:-$root/target/cuda-sm61-on-cu13}
