@@ -268,6 +268,10 @@ if want sm61_on_cu13; then
         bench sm61_profile_f16 120 "${as61[@]}" SDSERVE_CUDA_PROFILE=1 -- --dtype f16 --vram-limit-mb 5120 \
             --sizes "$one" --repeats 1 --seeds "${SEEDS%%,*}"
         unset BENCH_BIN
+        # Convolutions cuDNN could not plan with FMA math run through candle's path instead.
+        n=$(grep -c "cuDNN cannot plan.*arch 61" "$LOG")
+        echo "{\"convolutions_left_to_candle\": $n}" >"$J/sm61_cudnn.json"
+        say "sm61_on_cu13: $n convolution shapes cuDNN could not plan as on sm_61 (0 expected)"
     else
         say "no sm61-on-cu13 binary staged: skipping"
     fi

@@ -86,6 +86,9 @@ def sm61_table(r):
         lines.append(f"| {k} | {'-' if s is None else f'{s:.4f}'} | {'-' if w is None else f'{w:.3f}'} | "
                      f"{f'{s / b:.2f}x' if s and b else '-'} | {f'{s / d:.2f}x' if s and d else '-'} | "
                      f"{'-' if peak is None else f'{peak:.0f}'} |")
+    if "sm61_cudnn" in r:
+        lines.append(f"convolution shapes cuDNN could not plan with FMA math (left to candle): "
+                     f"{r['sm61_cudnn'].get('convolutions_left_to_candle')}")
     for c in (r.get("sm61_profile_f16") or {}).get("cases", []):
         step = ((c.get("runs") or [{}])[0]).get("step_device_ms") or {}
         if step:

@@ -206,7 +206,18 @@ impl CustomOp2 for Conv {
             } else {
                 make_plan::<f32>(&handle, &key).map(AnyPlan::F32)
             };
-            // A shape cuDNN cannot plan is remembered and left to candle's path.
+            // A shape cuDNN cannot plan is remembered and left to candle's path, said once (a
+            // run that means to measure our path, e.g. FMA math as on sm_61, must see it).
+            if let Err(e) = &made {
+                eprintln!(
+                    "sdserve: cuDNN cannot plan conv x {:?} w {:?} stride {} ({}, arch {}): {e}; candle's path runs it",
+                    key.x,
+                    key.w,
+                    key.stride,
+                    if key.half { "f16" } else { "f32" },
+                    key.arch
+                );
+            }
             let p = made.ok().map(Arc::new);
             m.borrow_mut().insert(key, p.clone());
             Ok(p)
