@@ -58,6 +58,16 @@ pub fn ptx_target(ptx: &str) -> Option<u32> {
     parse_arch(target.trim_end_matches('a').trim_end_matches('f'))
 }
 
+/// Reads a PTX file of kernels.cu and its target architecture; the error names the variable,
+/// the file and what is wrong with it.
+pub fn read_kernels_ptx(path: &std::path::Path) -> Result<(u32, String), String> {
+    let what = format!("SDSERVE_CUDA_KERNELS_PTX={}", path.display());
+    let ptx = std::fs::read_to_string(path).map_err(|e| format!("{what}: {e}"))?;
+    let arch =
+        ptx_target(&ptx).ok_or_else(|| format!("{what}: no `.target sm_NN` line, not PTX"))?;
+    Ok((arch, ptx))
+}
+
 /// Whether cuDNN and cuBLAS may use tensor cores on `arch`.
 pub fn tensor_cores(arch: u32) -> bool {
     arch >= TENSOR_CORES
@@ -103,11 +113,7 @@ mod gpu {
             let Some(path) = kernels_ptx_path() else {
                 return Ok(None);
             };
-            let what = format!("SDSERVE_CUDA_KERNELS_PTX={}", path.display());
-            let ptx = std::fs::read_to_string(&path).map_err(|e| format!("{what}: {e}"))?;
-            let arch = ptx_target(&ptx)
-                .ok_or_else(|| format!("{what}: no `.target sm_NN` line, not PTX"))?;
-            Ok(Some(Arc::new((arch, ptx))))
+            Ok(Some(Arc::new(read_kernels_ptx(&path)?)))
         });
         loaded.clone().map_err(candle_core::Error::Msg)
     }
@@ -178,5 +184,26 @@ mod tests {
         assert_eq!(ptx_target(".version 8.8\n.target sm_90a\n"), Some(90));
         assert_eq!(ptx_target("not ptx"), None);
         assert!(!tensor_cores(61) && tensor_cores(75) && tensor_cores(90));
+    }
+
+    #[test]
+    fn kernels_ptx_file_is_read_with_its_target() {
+        let dir = std::env::temp_dir().join(format!("sdserve-arch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("k.ptx");
+        std::fs::write(&good, ".version 8.4\n.target sm_61\n.address_size 64\n").unwrap();
+        let (arch, ptx) = read_kernels_ptx(&good).unwrap();
+        assert_eq!(arch, 61);
+        assert!(ptx.contains(".address_size 64"));
+        let bad = dir.join("k.cu");
+        std::fs::write(&bad, "extern \"C\" __global__ void k() {}\n").unwrap();
+        let e = read_kernels_ptx(&bad).unwrap_err();
+        assert!(
+            e.contains("SDSERVE_CUDA_KERNELS_PTX=") && e.contains("not PTX"),
+            "{e}"
+        );
+        let e = read_kernels_ptx(&dir.join("missing.ptx")).unwrap_err();
+        assert!(e.contains("missing.ptx"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
