@@ -267,6 +267,12 @@ pub struct ServeArgs {
     /// Origins a browser may call the API from, comma-separated (`*`: any); none by default.
     #[arg(long, env = "CORS_ALLOW_ORIGINS", value_delimiter = ',')]
     pub cors_allow_origins: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed: IP addresses and CIDR networks,
+    /// comma-separated; none by default. From them, the client is the right-most forwarded
+    /// address that is not a trusted proxy (nginx's `real_ip_recursive`), for the rate limit
+    /// and the request log.
+    #[arg(long, env = "TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<crate::security::proxies::TrustedProxies>,
     /// A request's whole body must arrive within this, else 408 `body_timeout`.
     #[arg(long, env = "REQUEST_BODY_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_body_timeout_seconds: u64,

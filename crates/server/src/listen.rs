@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::metrics::Metrics;
+use crate::security::proxies::{ClientAddr, TrustedProxies};
 
 #[derive(Debug, Clone)]
 pub struct ConnLimits {
@@ -40,11 +41,13 @@ content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent
 {\"error\":\"too many connections\",\"details\":\"the server's MAX_CONNECTIONS are open\",\"error_code\":\"connection_limit\"}";
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits for
-/// open connections to finish (the caller bounds that wait).
+/// open connections to finish (the caller bounds that wait). Each request carries its peer
+/// (`ConnectInfo`) and its client (`ClientAddr`: the peer, or who `proxies` forwarded for).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnLimits,
+    proxies: Arc<TrustedProxies>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -75,10 +78,13 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let proxies = proxies.clone();
         let svc = app
             .clone()
             .map_request(move |mut req: axum::http::Request<Incoming>| {
+                let client = proxies.client(peer.ip(), req.headers());
                 req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(ClientAddr(client));
                 req
             });
         let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));

@@ -83,6 +83,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         key_ids = ?security.keys.key_ids().iter().map(|k| k.to_string()).collect::<Vec<_>>(),
         rate_limit_per_minute = args.rate_limit_per_minute,
         cors_allow_origins = ?args.cors_allow_origins,
+        trusted_proxies = ?args.trusted_proxies,
         max_connections = args.max_connections,
         "access control"
     );
@@ -184,7 +185,8 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         Some(c) if c.role == Role::Worker => api::worker_router(state),
         _ => api::router(state),
     };
-    crate::listen::serve(listener, router, limits, metrics, shutdown).await;
+    let proxies = Arc::new(args.trusted_proxies.clone().unwrap_or_default());
+    crate::listen::serve(listener, router, limits, proxies, metrics, shutdown).await;
     let stopped = engine.wait_worker(Duration::from_secs(5));
     tracing::info!(
         worker_stopped = stopped,

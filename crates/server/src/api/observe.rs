@@ -65,10 +65,7 @@ pub(super) async fn observe(State(app): State<Shared>, req: Request, next: Next)
     let id = request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let client = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
+    let client = crate::security::client_addr(&req).map(|ip| ip.to_string());
     let route = req
         .extensions()
         .get::<MatchedPath>()

@@ -64,6 +64,7 @@ fn health_answers_while_a_request_image_is_decoded() {
         listener,
         app,
         limits,
+        Default::default(),
         metrics,
         std::future::pending(),
     ));

@@ -4,10 +4,11 @@
 //! explicit allow-list is reachable without a key.
 
 pub mod keys;
+pub mod proxies;
 pub mod rate;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,6 +221,15 @@ impl utoipa::Modify for OpenApiSecurity {
     }
 }
 
+/// The client's address: the listener's [`proxies::ClientAddr`] (TRUSTED_PROXIES applied),
+/// else the TCP peer's.
+pub fn client_addr<B>(req: &axum::http::Request<B>) -> Option<IpAddr> {
+    let ext = req.extensions();
+    ext.get::<proxies::ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
+}
+
 /// Carried in response extensions for the request log: the key the caller used.
 #[derive(Debug, Clone)]
 pub struct CallerKey(pub KeyId);
@@ -227,10 +237,7 @@ pub struct CallerKey(pub KeyId);
 async fn guard(State(sec): State<Arc<Security>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let open = is_open(req.method(), &path);
-    let addr = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let addr = client_addr(&req);
     let mut key_id = None;
     if !open && sec.keys.enabled() {
         let why = match keys::presented_key(req.headers()) {
