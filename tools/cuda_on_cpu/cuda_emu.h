@@ -102,8 +102,9 @@ T __shfl_sync(unsigned, T v, int src) {
 }
 
 // Dynamic shared memory: kernels.cu's `extern __shared__ ... smem_raw[]` (run.sh turns the
-// declaration into a reference to this buffer).
-alignas(16) inline unsigned char smem_raw[1 << 17];
+// declaration into a use of this pointer): exactly the launch's bytes, a fresh heap block per
+// launch, so the sanitizer build (run.sh --asan) reports an access past the launch's size.
+inline unsigned char *smem_raw = nullptr;
 
 namespace emu {
 inline void (*entry)(void *) = nullptr;
@@ -116,10 +117,13 @@ inline void trampoline() {
 // Runs body() as every thread of every block of the grid.
 template <typename F>
 void launch(dim3 grid, dim3 block, size_t smem, F body) {
-    if (smem > sizeof(smem_raw)) {
-        std::fprintf(stderr, "shared memory %zu > emulator's %zu\n", smem, sizeof(smem_raw));
+    if (smem > 48 * 1024) {  // what every GPU allows without an opt-in
+        std::fprintf(stderr, "shared memory %zu bytes > 48 KiB\n", smem);
         std::abort();
     }
+    void *smem_block = nullptr;
+    if (posix_memalign(&smem_block, 16, smem ? smem : 1) != 0) std::abort();
+    smem_raw = (unsigned char *)smem_block;
     gridDim = grid;
     blockDim = block;
     const int n = block.x * block.y * block.z;
@@ -167,5 +171,7 @@ void launch(dim3 grid, dim3 block, size_t smem, F body) {
                     for (int t = 0; t < n; t++) state[t] = 0;
                 }
             }
+    std::free(smem_block);
+    smem_raw = nullptr;
 }
 }  // namespace emu
