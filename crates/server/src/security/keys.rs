@@ -286,8 +286,9 @@ mod tests {
     }
 
     /// Wrong keys that share 0, half or all-but-one bytes with the real key take the same time.
-    /// Batches of the three cases are interleaved (so machine load hits them alike) and their
-    /// medians compared with a loose bound; a naive early-exit compare of hashed keys would pass
+    /// Batches of the three cases are interleaved and each case's fastest batch is compared
+    /// with a loose bound (load only ever adds time, so the fastest of 31 is the case's own
+    /// cost; medians failed 2 of 4 runs at load 8 on 2 cores); a naive early-exit compare of hashed keys would pass
     /// too (hashing destroys the prefix), which is the point of hashing first. This guards
     /// against a regression to comparing the raw presented bytes with the raw stored key.
     #[test]
@@ -300,7 +301,7 @@ mod tests {
             format!("{}x", "k".repeat(63)),
         ];
         const BATCH: usize = 2000;
-        let mut medians = Vec::new();
+        let mut fastest = Vec::new();
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         for _ in 0..31 {
             for (i, c) in cases.iter().enumerate() {
@@ -313,13 +314,12 @@ mod tests {
                 samples[i].push(t.elapsed().as_secs_f64());
             }
         }
-        for s in &mut samples {
-            s.sort_by(f64::total_cmp);
-            medians.push(s[s.len() / 2]);
+        for s in &samples {
+            fastest.push(s.iter().copied().fold(f64::MAX, f64::min));
         }
-        let (lo, hi) = medians
+        let (lo, hi) = fastest
             .iter()
             .fold((f64::MAX, 0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
-        assert!(hi / lo < 1.5, "median batch times {medians:?}");
+        assert!(hi / lo < 1.5, "fastest batch times {fastest:?}");
     }
 }
