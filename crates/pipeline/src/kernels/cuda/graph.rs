@@ -8,7 +8,7 @@
 //! into the fixed output buffer), then launched. Later calls: copy in, launch, copy out.
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Device, Result, Tensor};
 
 pub(super) struct Graphed {
@@ -86,7 +86,7 @@ where
         fixed.slice_set(&t.contiguous()?, 0, 0)?;
     }
     if g.graph.is_none() {
-        match capture(cuda, g, f)? {
+        match capture(device, g, f)? {
             Ok(graph) => g.graph = Some(graph),
             Err(e) => return Ok(Outcome::Failed(e)),
         }
@@ -100,16 +100,20 @@ where
 /// Captures `f` on the fixed buffers. The outer error is `f`'s own (a real failure of the
 /// step); the inner one a capture that did not work (the step runs plainly instead).
 fn capture<E>(
-    cuda: &CudaDevice,
+    device: &Device,
     g: &Graphed,
     f: &mut dyn FnMut(&[Tensor]) -> std::result::Result<Tensor, E>,
 ) -> std::result::Result<Result<CudaGraph>, E>
 where
     E: From<candle_core::Error> + std::fmt::Display,
 {
+    let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
-    // Everything issued before must be done: the capture starts from an idle stream.
+    // Everything issued before must be done: the capture starts from an idle stream. Then
+    // our pool hands back what the plain step left cached: the graph's own pool holds the
+    // step's intermediates from now on, so the device does not hold them twice.
     stream.synchronize().w()?;
+    crate::memory::release_cached_memory(device);
     let _cache = cuda.enable_cuda_graph_htod_cache();
     if let Err(e) = stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
