@@ -25,6 +25,9 @@
 #   TOOLCHAIN_ONLY=1        stop after preparing the toolchain (no cargo build)
 #   SDSERVE_CUDA_TESTS=1    also build the pipeline's unit tests with CUDA (the GPU kernel tests
 #                           of kernels/cuda) as <target dir>/release/pipeline-tests, to run on a GPU
+#   CLIPPY=1                instead of building, run clippy (-D warnings, all targets) on our
+#                           crates with the CUDA feature in the same target dir (about 1 minute
+#                           once that dir is built)
 #   CARGO_BUILD_JOBS, PIP   as usual (PIP defaults to "python3 -m pip")
 set -euo pipefail
 
@@ -262,6 +265,12 @@ if [[ -n ${NO_CUDNN:-} ]]; then
     features=cuda-core
 fi
 say "nvcc: $(nvcc --version | tail -1); compute cap $cap; target dir $CARGO_TARGET_DIR"
+if [[ -n ${CLIPPY:-} ]]; then
+    (cd "$root" && cargo clippy --release -p sdserve-pipeline -p sdserve \
+        --features "sdserve/$features" --all-targets -- -D warnings)
+    say "clippy clean with --features $features"
+    exit 0
+fi
 (cd "$root" && cargo build --release -p sdserve --features "$features")
 bin=$CARGO_TARGET_DIR/release/sdserve
 say "built $bin"
