@@ -736,7 +736,7 @@ FLASH_ENTRY(160)
 // (never device memory), transposed so that one 16-byte read gives a key's 4 rows. Online
 // softmax in base 2: q is pre-scaled by scale*log2(e) while it is staged.
 // Shared memory (f32): Qt [D][BR] (q transposed), KV [D][TB_KEYS] (k transposed, then v as
-// [TB_KEYS][D]), Pt [TB_KEYS][BR + 4]; at most 45.5 KiB (D 160), so it runs on every GPU
+// [TB_KEYS][D]), Pt [TB_KEYS][BR + 4]; at most 44.5 KiB (D 160), so it runs on every GPU
 // without an opt-in. Rows of q/k/v must start at multiples of 4 elements (checked by the
 // caller): staging reads 16-byte (f32) or 8-byte (f16) vectors.
 #define TB_KEYS 32
