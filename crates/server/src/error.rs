@@ -58,12 +58,33 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// The setting a job's deadline comes from: the one its 408 tells the client to raise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+pub enum DeadlineSetting {
+    /// `/generate` and the dialects' routes.
+    #[default]
+    Generation,
+    /// `POST /jobs`.
+    Job,
+}
+
+impl DeadlineSetting {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Generation => "GENERATION_TIMEOUT_SECONDS",
+            Self::Job => "JOB_TIMEOUT_SECONDS",
+        }
+    }
+}
+
 /// How far a request got before its deadline, for the 408's details. `TimeoutInfo::from(secs)`
 /// when nothing more is known.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, serde::Deserialize)]
 pub struct TimeoutInfo {
-    /// GENERATION_TIMEOUT_SECONDS (0: unknown).
+    /// The deadline in seconds (0: unknown), and the setting it comes from.
     pub limit_secs: u64,
+    #[serde(default)]
+    pub setting: DeadlineSetting,
     /// Seconds in the queue before the run started (all of them when it never started).
     pub queued_secs: f64,
     /// Steps done and planned when it was stopped (0 of 0: it never started a step).
@@ -98,15 +119,16 @@ impl TimeoutInfo {
         if self.limit_secs == 0 {
             return None;
         }
+        let setting = self.setting.name();
         let head = format!(
-            "queue wait plus generation passed GENERATION_TIMEOUT_SECONDS={}; the run was stopped",
+            "queue wait plus generation passed {setting}={}; the run was stopped",
             self.limit_secs
         );
         Some(match self.needed_secs() {
             Some(needed) => format!(
                 "{head} at step {} of {} after {:.1} s ({:.1} s of it in the queue). At this speed \
-                 the request needs about {needed:.0} s: raise GENERATION_TIMEOUT_SECONDS to at \
-                 least {:.0}, or ask for fewer steps or a smaller size",
+                 the request needs about {needed:.0} s: raise {setting} to at least {:.0}, or \
+                 ask for fewer steps or a smaller size",
                 self.step,
                 self.total,
                 self.queued_secs + self.running_secs,
@@ -125,8 +147,7 @@ impl TimeoutInfo {
                 let speed = match self.alone_secs {
                     Some(alone) => format!(
                         "At the speed measured on this machine it needs about {alone:.0} s \
-                         once it runs: GENERATION_TIMEOUT_SECONDS must cover that plus the \
-                         queue wait"
+                         once it runs: {setting} must cover that plus the queue wait"
                     ),
                     None => "How long it needs is not known: no step of it ran and no speed \
                              has been measured on this machine yet"
@@ -134,7 +155,7 @@ impl TimeoutInfo {
                 };
                 format!(
                     "{head} before its first step ended, {waited}. {speed}. \
-                     Raise GENERATION_TIMEOUT_SECONDS, or send fewer requests at once"
+                     Raise {setting}, or send fewer requests at once"
                 )
             }
         })
@@ -403,6 +424,7 @@ mod tests {
         // 8 of 20 steps in 30 s after 6 s in the queue: 6 + 30 * 20 / 8 = 81 s.
         let info = TimeoutInfo {
             limit_secs: 60,
+            setting: DeadlineSetting::Generation,
             queued_secs: 6.0,
             step: 8,
             total: 20,
@@ -410,7 +432,7 @@ mod tests {
             alone_secs: None,
         };
         assert_eq!(info.needed_secs(), Some(81.0));
-        let d = ApiError::Timeout(info).body().details.unwrap();
+        let d = ApiError::Timeout(info.clone()).body().details.unwrap();
         for want in [
             "GENERATION_TIMEOUT_SECONDS=60",
             "at step 8 of 20 after 36.0 s (6.0 s of it in the queue)",
@@ -420,6 +442,20 @@ mod tests {
         ] {
             assert!(d.contains(want), "{want:?} not in {d}");
         }
+        // A `/jobs` job names the setting its deadline comes from.
+        let d = ApiError::Timeout(TimeoutInfo {
+            setting: DeadlineSetting::Job,
+            ..info.clone()
+        })
+        .body()
+        .details
+        .unwrap();
+        assert!(d.contains("JOB_TIMEOUT_SECONDS=60"), "{d}");
+        assert!(
+            d.contains("raise JOB_TIMEOUT_SECONDS to at least 94"),
+            "{d}"
+        );
+        assert!(!d.contains("GENERATION_TIMEOUT_SECONDS"), "{d}");
         let queued = ApiError::Timeout(TimeoutInfo {
             queued_secs: 60.2,
             ..60.into()

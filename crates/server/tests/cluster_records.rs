@@ -338,3 +338,22 @@ fn listing_jobs_reads_them_in_one_round_trip_with_the_same_answers() {
     assert_eq!(names.first(), Some(&"state"), "{names:?}");
     assert_eq!(names.last(), Some(&"succeeded"), "{names:?}");
 }
+
+#[test]
+fn a_worker_run_past_its_deadline_names_the_jobs_setting_and_whole_limit() {
+    let Some(redis) =
+        Redis::start("a_worker_run_past_its_deadline_names_the_jobs_setting_and_whole_limit")
+    else {
+        return;
+    };
+    let _worker = start(&redis, "worker", "step_ms=200", &[]);
+    let api = start(&redis, "api", "", &[("JOB_TIMEOUT_SECONDS", "2")]);
+    wait_workers(&api, 1);
+    // 50 steps of 200 ms: the worker's run stops at the 2 s deadline.
+    let id = submit_ok(&api, &request(50));
+    let j = wait_end(&api, &id, Duration::from_secs(30));
+    assert_eq!(j["error"]["error_code"], "timeout", "{j}");
+    let details = j["error"]["details"].as_str().unwrap();
+    assert!(details.contains("JOB_TIMEOUT_SECONDS=2;"), "{details}");
+    assert!(!details.contains("GENERATION_TIMEOUT"), "{details}");
+}

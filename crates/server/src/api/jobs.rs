@@ -59,7 +59,12 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     let req = read_generate_body(&app, &headers, body).await?;
     let info = app.engine.model_info()?;
-    let spec = job_spec(req, &info, app.engine.config().job_timeout)?;
+    let spec = job_spec(
+        req,
+        &info,
+        app.engine.config().job_timeout,
+        crate::error::DeadlineSetting::Job,
+    )?;
     let view = app.engine.submit(spec)?;
     let location = view.links.self_.clone();
     let body = JobCreated {

@@ -175,7 +175,12 @@ pub(super) async fn run_watched(
             None => e,
         })?;
     let seeded = req.seed.is_some();
-    let spec = job_spec(req, &info, app.engine.config().timeout)?;
+    let spec = job_spec(
+        req,
+        &info,
+        app.engine.config().timeout,
+        crate::error::DeadlineSetting::Generation,
+    )?;
     let params = spec.params.clone();
     let mut stats = RequestStats {
         steps: Some(params.steps),

@@ -112,6 +112,7 @@ pub(crate) fn job_spec(
     req: ValidRequest,
     info: &ModelInfo,
     timeout: std::time::Duration,
+    timeout_setting: crate::error::DeadlineSetting,
 ) -> Result<JobSpec, ApiError> {
     validate::check_loras(&req, &info.adapters)?;
     validate::check_for_model(&req, info.inpainting)?;
@@ -148,6 +149,7 @@ pub(crate) fn job_spec(
         params,
         request,
         model_version: info.model_version.clone(),
+        timeout_setting,
         timeout,
     })
 }

@@ -166,6 +166,8 @@ pub struct JobSpec {
     /// The PNG `parameters` text chunk of each image of the batch.
     pub png_texts: Vec<String>,
     pub model_version: String,
+    /// Which of the two settings below `timeout` comes from (its 408 names it).
+    pub timeout_setting: crate::error::DeadlineSetting,
     /// Deadline from creation, queue wait included: GENERATION_TIMEOUT_SECONDS for `/generate`,
     /// JOB_TIMEOUT_SECONDS for `/jobs`.
     pub timeout: Duration,

@@ -110,6 +110,7 @@ impl Record {
         let started_at = started.unwrap_or(now).max(self.created_instant);
         TimeoutInfo {
             limit_secs: self.spec.timeout.as_secs(),
+            setting: self.spec.timeout_setting,
             queued_secs: started_at
                 .duration_since(self.created_instant)
                 .as_secs_f64(),

@@ -319,7 +319,7 @@ impl Engine {
                 .map_err(|_| ApiError::Overloaded {
                     retry_after_secs: self.backend.retry_after_secs(),
                 })?;
-        let timeout = spec.timeout;
+        let (timeout, setting) = (spec.timeout, spec.timeout_setting);
         let alone_secs = self
             .backend
             .speed()
@@ -362,6 +362,7 @@ impl Engine {
                     let started_at = started.unwrap_or(at);
                     return Err(ApiError::Timeout(TimeoutInfo {
                         limit_secs: timeout.as_secs(),
+                        setting,
                         queued_secs: started_at.duration_since(enqueued).as_secs_f64(),
                         step: if started.is_some() { progress.step } else { 0 },
                         total: if started.is_some() { progress.total } else { 0 },

@@ -132,6 +132,10 @@ fn a_job_past_its_deadline_fails_with_timeout() {
     let j = job(&s, id);
     assert_eq!(j["status"], "failed");
     assert_eq!(j["error"]["error_code"], "timeout");
+    // The details name the setting to raise: this job's, not /generate's.
+    let details = j["error"]["details"].as_str().unwrap();
+    assert!(details.contains("JOB_TIMEOUT_SECONDS=1;"), "{details}");
+    assert!(!details.contains("GENERATION_TIMEOUT"), "{details}");
     assert!(j["progress"]["step"].as_u64().unwrap() < 50);
 }
 

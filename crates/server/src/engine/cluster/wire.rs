@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapters::Adapters;
 use crate::api::GenerateResponse;
 use crate::engine::job::{JobEvent, JobProgress, JobSpec, JobView};
-use crate::error::{ApiError, ErrorBody, FieldError, TimeoutInfo};
+use crate::error::{ApiError, DeadlineSetting, ErrorBody, FieldError, TimeoutInfo};
 use crate::generator::ModelInfo;
 
 /// Every key of one deployment (one prefix per Redis database).
@@ -133,6 +133,8 @@ pub struct WireSpec {
     request: serde_json::Value,
     png_texts: Vec<String>,
     model_version: String,
+    #[serde(default)]
+    timeout_setting: DeadlineSetting,
     timeout_ms: u64,
 }
 
@@ -162,6 +164,7 @@ impl WireSpec {
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             model_version: s.model_version.clone(),
+            timeout_setting: s.timeout_setting,
             timeout_ms: s.timeout.as_millis() as u64,
         }
     }
@@ -210,6 +213,7 @@ impl WireSpec {
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),
             model_version: self.model_version.clone(),
+            timeout_setting: self.timeout_setting,
             timeout,
         })
     }
@@ -307,6 +311,7 @@ impl Record {
         let started = self.started_ms.unwrap_or(now_ms).max(self.created_ms);
         TimeoutInfo {
             limit_secs: self.spec.timeout_ms / 1000,
+            setting: self.spec.timeout_setting,
             queued_secs: started.saturating_sub(self.created_ms) as f64 / 1000.0,
             step: self.started_ms.map_or(0, |_| self.view.progress.step),
             total: self.started_ms.map_or(0, |_| self.view.progress.total),
@@ -527,6 +532,7 @@ mod tests {
             request: serde_json::json!({"prompt": "a (cat:1.2)"}),
             png_texts: vec!["t".into()],
             model_version: "m@1".into(),
+            timeout_setting: DeadlineSetting::Job,
             timeout: Duration::from_secs(9),
         };
         let json = serde_json::to_string(&WireSpec::of(&spec)).unwrap();
@@ -539,12 +545,14 @@ mod tests {
         assert_eq!(again.params.init_image, spec.params.init_image);
         assert_eq!(again.timeout, Duration::from_secs(3));
         assert_eq!(again.png_texts, spec.png_texts);
+        assert_eq!(again.timeout_setting, DeadlineSetting::Job);
     }
 
     #[test]
     fn errors_keep_their_code_and_details() {
         let e = ApiError::Timeout(TimeoutInfo {
             limit_secs: 60,
+            setting: DeadlineSetting::Job,
             queued_secs: 1.0,
             step: 3,
             total: 10,

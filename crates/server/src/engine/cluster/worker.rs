@@ -372,5 +372,19 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
         }
         return Ok(());
     }
-    end(w, &record, status, fin.result).await
+    // The in-process run had only what was left of the deadline: the 408 speaks of the whole
+    // one (its setting and limit, the time in Redis's queue), with the run's own step count.
+    let result = match fin.result {
+        Err(ApiError::Timeout(run)) => {
+            let info = record.timeout_info(now_ms());
+            Err(ApiError::Timeout(crate::error::TimeoutInfo {
+                step: run.step,
+                total: run.total,
+                alone_secs: run.alone_secs,
+                ..info
+            }))
+        }
+        other => other,
+    };
+    end(w, &record, status, result).await
 }
