@@ -19,26 +19,46 @@
 #   STAGES="tests ours_f16" tools/gpu_session.sh       # a subset (rerun what failed)
 #
 # Stages (in this order; each under its own timeout, a failure does not stop the next):
-#   setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 variants profile pre_ampere
-#   sm61 sm61_on_cu13 summary   (and, only when named in STAGES: ablate algos)
+#   setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 sm61_on_cu13 variants profile
+#   pre_ampere sm61 summary   (and, only when named in STAGES: ablate algos)
+# A device command runs at most 10 minutes: a stage that would end past SESSION_BUDGET_S
+# (540 on a GPU; 0 = no budget, the dry run's default) after the start is skipped, or run with
+# what is left when that is at least half its limit and 60 s. Skipped stages are listed in
+# $OUT/skipped_stages; the last line says how to run them in a second command (the summary
+# always runs, and a warm machine keeps $WORK, so the model is not made twice).
 set -uo pipefail
 
 G=$(cd "${GPU_DIR:-.gpu}" && pwd)
 OUT=${OUT:-/tmp/sdserve-gpu-out}
 WORK=${WORK:-/tmp/sdserve-gpu}
 DRY=${DRY_RUN:-}
-STAGES=${STAGES:-setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 variants profile pre_ampere sm61 sm61_on_cu13 summary}
+STAGES=${STAGES:-setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 sm61_on_cu13 variants profile pre_ampere sm61 summary}
+BUDGET=${SESSION_BUDGET_S:-$([[ -n $DRY ]] && echo 0 || echo 540)}
 mkdir -p "$OUT" "$WORK/json" "$WORK/png"
 LOG=$OUT/log.txt
 exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
 
 say() { printf '[gpu-session +%ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
-want() { [[ " $STAGES " == *" $1 "* ]]; }
+# want STAGE: whether STAGE is to run; it becomes the group that run_stage skips for time.
+GROUP=
+want() { [[ " $STAGES " == *" $1 "* ]] && GROUP=$1; }
 # run_stage NAME SECONDS CMD...: logs duration and exit status to $WORK/json/stages.tsv.
 run_stage() {
-    local name=$1 limit=$2 t rc
+    local name=$1 limit=$2 t rc left
     shift 2
+    if ((BUDGET > 0)); then
+        left=$((BUDGET - ($(date +%s) - T0)))
+        if ((left < limit)); then
+            if ((left < 60 || left < limit / 2)); then
+                say "stage $name skipped: ${left}s left of the ${BUDGET}s budget"
+                printf '%s\tskipped\t0\n' "$name" >>"$WORK/json/stages.tsv"
+                grep -qx "$GROUP" "$OUT/skipped_stages" 2>/dev/null || echo "$GROUP" >>"$OUT/skipped_stages"
+                return 125
+            fi
+            limit=$left
+        fi
+    fi
     say "stage $name (limit ${limit}s): $*"
     t=$(date +%s)
     timeout --kill-after=10 "$limit" "$@"
@@ -174,6 +194,40 @@ if want ours_f32; then
     bench ours_f32 180 NVIDIA_TF32_OVERRIDE=0 -- --dtype f32 --vram-limit-mb 200000 \
         --sizes "${SIZES%%,*}" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/ours_f32"
 fi
+# The GTX 1060 build's own device code in the whole pipeline (scripts/build-cuda.sh
+# sm61-on-cu13: candle's kernels as sm_61 PTX from the sm61 build's nvcc, our kernels as its
+# NVRTC 12 compiles them for compute_61, every architecture-dependent choice as on sm_61:
+# CUDA-core attention, cuDNN and cuBLAS without tensor cores), all JIT-compiled forward by the
+# driver: f16 under the default plan and f32, 512, images against diffusers fp32, step times,
+# and device time per kind of op. If the f16 run fails it is retried with cuBLAS's default math
+# (tensor cores allowed), and says so.
+if want sm61_on_cu13; then
+    if [[ -x $WORK/sm61-on-cu13/sdserve ]]; then
+        one=${SIZES%%,*}
+        as61=(SDSERVE_CUDA_ARCH_AS=61 "SDSERVE_CUDA_KERNELS_PTX=$WORK/sm61-on-cu13/sdserve_kernels_sm61.ptx")
+        export BENCH_BIN=$WORK/sm61-on-cu13/sdserve
+        bench sm61_f16 200 "${as61[@]}" -- --dtype f16 --vram-limit-mb 5120 --sizes "$one" \
+            --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f16"
+        rc=$?
+        if ((rc != 0 && rc != 125)); then
+            say "sm61_f16 failed: retrying with SDSERVE_CUBLAS_MATH=default"
+            bench sm61_f16_blas_default 200 "${as61[@]}" SDSERVE_CUBLAS_MATH=default -- --dtype f16 \
+                --vram-limit-mb 5120 --sizes "$one" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f16_blas_default"
+        fi
+        bench sm61_f32 200 "${as61[@]}" NVIDIA_TF32_OVERRIDE=0 -- --dtype f32 --vram-limit-mb 200000 \
+            --sizes "$one" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f32"
+        bench sm61_profile_f16 120 "${as61[@]}" SDSERVE_CUDA_PROFILE=1 -- --dtype f16 --vram-limit-mb 5120 \
+            --sizes "$one" --repeats 1 --seeds "${SEEDS%%,*}"
+        unset BENCH_BIN
+        # Convolutions cuDNN could not plan with FMA math run through candle's path instead.
+        n=$(grep -c "cuDNN cannot plan.*arch 61" "$LOG")
+        echo "{\"convolutions_left_to_candle\": $n}" >"$J/sm61_cudnn.json"
+        say "sm61_on_cu13: $n convolution shapes cuDNN could not plan as on sm_61 (0 expected)"
+    else
+        say "no sm61-on-cu13 binary staged: skipping"
+    fi
+fi
+
 # The same binary with one of this session's changes undone, 512 and 768 (steps and images):
 # the first tensor-core attention kernel, one block per group in group norm, cuDNN algorithms
 # timed per shape instead of the heuristics' first pick. And the f32 step (512) with attention
@@ -245,38 +299,6 @@ if want sm61 && [[ -d $G/sm61 ]]; then
     fi
 fi
 
-# The GTX 1060 build's own device code in the whole pipeline (scripts/build-cuda.sh
-# sm61-on-cu13: candle's kernels as sm_61 PTX from the sm61 build's nvcc, our kernels as its
-# NVRTC 12 compiles them for compute_61, every architecture-dependent choice as on sm_61:
-# CUDA-core attention, cuDNN and cuBLAS without tensor cores), all JIT-compiled forward by the
-# driver: f16 under the default plan and f32, 512, images against diffusers fp32, step times,
-# and device time per kind of op. If the f16 run fails it is retried with cuBLAS's default math
-# (tensor cores allowed), and says so.
-if want sm61_on_cu13; then
-    if [[ -x $WORK/sm61-on-cu13/sdserve ]]; then
-        one=${SIZES%%,*}
-        as61=(SDSERVE_CUDA_ARCH_AS=61 "SDSERVE_CUDA_KERNELS_PTX=$WORK/sm61-on-cu13/sdserve_kernels_sm61.ptx")
-        export BENCH_BIN=$WORK/sm61-on-cu13/sdserve
-        if ! bench sm61_f16 200 "${as61[@]}" -- --dtype f16 --vram-limit-mb 5120 --sizes "$one" \
-            --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f16"; then
-            say "sm61_f16 failed: retrying with SDSERVE_CUBLAS_MATH=default"
-            bench sm61_f16_blas_default 200 "${as61[@]}" SDSERVE_CUBLAS_MATH=default -- --dtype f16 \
-                --vram-limit-mb 5120 --sizes "$one" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f16_blas_default"
-        fi
-        bench sm61_f32 200 "${as61[@]}" NVIDIA_TF32_OVERRIDE=0 -- --dtype f32 --vram-limit-mb 200000 \
-            --sizes "$one" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/sm61_f32"
-        bench sm61_profile_f16 120 "${as61[@]}" SDSERVE_CUDA_PROFILE=1 -- --dtype f16 --vram-limit-mb 5120 \
-            --sizes "$one" --repeats 1 --seeds "${SEEDS%%,*}"
-        unset BENCH_BIN
-        # Convolutions cuDNN could not plan with FMA math run through candle's path instead.
-        n=$(grep -c "cuDNN cannot plan.*arch 61" "$LOG")
-        echo "{\"convolutions_left_to_candle\": $n}" >"$J/sm61_cudnn.json"
-        say "sm61_on_cu13: $n convolution shapes cuDNN could not plan as on sm_61 (0 expected)"
-    else
-        say "no sm61-on-cu13 binary staged: skipping"
-    fi
-fi
-
 # ---------------------------------------------------------------- images and summary
 if want summary; then
     ref=$WORK/png/diffusers_f32
@@ -294,5 +316,9 @@ if want summary; then
     tar -C "$WORK" -czf "$OUT/images.tar.gz" png 2>/dev/null
     $PY "$G/tools/gpu_summary.py" "$J" >"$OUT/results.json.tmp" && mv "$OUT/results.json.tmp" "$OUT/results.json"
     $PY "$G/tools/gpu_summary.py" "$J" --table
+fi
+if [[ -s $OUT/skipped_stages ]]; then
+    say "skipped for time: $(tr '\n' ' ' <"$OUT/skipped_stages")"
+    say "run them next: STAGES=\"setup $(tr '\n' ' ' <"$OUT/skipped_stages")summary\" tools/gpu_session.sh"
 fi
 say "done"
