@@ -130,6 +130,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         job_results_bytes: (args.job_results_mb as usize).saturating_mul(1 << 20),
         preview: args.preview,
         preview_every: args.preview_every as usize,
+        stuck_grace: crate::engine::STUCK_GRACE,
     };
     let cluster = args.queue_url.clone().map(|url| ClusterConfig {
         url,

@@ -198,6 +198,9 @@ impl Jobs {
         let Some(r) = self.records.get_mut(id) else {
             return;
         };
+        if r.status.is_final() {
+            return; // a stuck run that returned after its job was ended without it
+        }
         r.status = status;
         r.finished = Some((SystemTime::now(), Instant::now()));
         let event = match result {
@@ -409,8 +412,35 @@ fn reaper(inner: Weak<Inner>) {
                 tracing::info!(job = %id, "queued job passed its deadline before it started");
             }
         }
+        end_stuck_run(&mut jobs, now, inner.cfg.stuck_grace);
         jobs.expire(now, ttl);
     }
+}
+
+/// Ends the running job `failed` (`timeout`) when its run is still going `grace` past the
+/// job's deadline: the run is stuck (the step hook, which stops it at the deadline, is not
+/// called), and its clients hear now. The worker stays busy until the run returns; its
+/// outcome is then dropped.
+fn end_stuck_run(jobs: &mut Jobs, now: Instant, grace: Duration) {
+    let Some(id) = jobs.running.clone() else {
+        return;
+    };
+    let speed = jobs.speed;
+    let Some(r) = jobs.records.get(&id) else {
+        return;
+    };
+    if r.status.is_final() || now < r.deadline + grace {
+        return;
+    }
+    let info = r.timeout_info(now, speed);
+    let _ = r.stop.compare_exchange(
+        0,
+        StopReason::Timeout as u8,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    tracing::error!(job = %id, grace_secs = grace.as_secs_f64(), "the run passed its deadline by the grace without ending (its generation is stuck): the job fails with `timeout`; the worker takes the next job when the run returns");
+    jobs.finish(&id, JobStatus::Failed, Err(ApiError::Timeout(info)));
 }
 
 impl JobBackend for Local {

@@ -65,7 +65,14 @@ pub struct EngineConfig {
     pub preview: PreviewMode,
     /// PREVIEW_EVERY: a preview every this many steps (and at the last).
     pub preview_every: usize,
+    /// How long a run may go on past its job's deadline (its last step and decode) before the
+    /// job is ended `failed` (`timeout`) without it: the run is stuck (a device call that
+    /// never returns), and its clients should not wait for it.
+    pub stuck_grace: Duration,
 }
+
+/// `EngineConfig::stuck_grace` of a server.
+pub const STUCK_GRACE: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 impl EngineConfig {
@@ -80,6 +87,7 @@ impl EngineConfig {
             job_results_bytes: 256 << 20,
             preview: PreviewMode::Off,
             preview_every: 5,
+            stuck_grace: STUCK_GRACE,
         }
     }
 }
@@ -197,6 +205,9 @@ impl Engine {
                 let local_cfg = EngineConfig {
                     max_queued: 4,
                     job_ttl: Duration::from_secs(60),
+                    // The cluster's worker gives up first (two leases past the deadline) and
+                    // says so in its heartbeat.
+                    stuck_grace: cluster.lease * 4,
                     ..cfg.clone()
                 };
                 Some(Arc::new(local::Local::start(local_cfg, loader, metrics)))

@@ -312,3 +312,33 @@ async fn queue_limit_positions_cancel_and_ttl() {
     assert!(matches!(engine.job(&c.id), Err(ApiError::JobNotFound(_))));
     assert!(engine.jobs().unwrap().is_empty());
 }
+
+/// A run that hangs (deaf to its stop flag) past its deadline plus the grace: its job ends
+/// `failed` (`timeout`) while the run still hangs; when the run returns, its outcome is dropped
+/// and the next job runs.
+#[tokio::test]
+async fn a_stuck_run_ends_its_job_with_timeout_before_it_returns() {
+    let s: FakeSpec = "step_ms=10,hang_at_step=2,hang_ms=5000".parse().unwrap();
+    let mut cfg = EngineConfig::new(1, Duration::from_millis(500));
+    cfg.stuck_grace = Duration::from_millis(500);
+    let engine = Engine::start(cfg, s.loader(), Arc::new(Metrics::default()));
+    ready(&engine).await;
+    let view = engine.submit(spec(5, Duration::from_millis(500))).unwrap();
+    let (_, mut rx) = engine.subscribe(&view.id).unwrap();
+    let last = loop {
+        let e = rx.recv().await.unwrap();
+        if e.is_final() {
+            break e;
+        }
+    };
+    // It ended while the run still hangs (the worker is still in it).
+    assert_eq!(engine.gauges().running, 1, "the run returned first");
+    assert_eq!(last.name(), "failed");
+    let j = engine.job(&view.id).unwrap();
+    assert_eq!(j.status, JobStatus::Failed);
+    assert_eq!(j.error.as_ref().unwrap().error_code, "timeout");
+    // The next job waits for the run to return, then runs; the stuck one stays failed.
+    let out = engine.run(spec(2, Duration::from_secs(30)), |_| {}).await;
+    assert!(out.is_ok(), "{:?}", out.err());
+    assert_eq!(engine.job(&view.id).unwrap().status, JobStatus::Failed);
+}
