@@ -168,11 +168,27 @@ fn a_record_that_leaves_redis_never_comes_back_without_a_ttl() {
     }
 }
 
-fn health_states(api: &Server) -> Vec<String> {
-    common::cluster::workers(api)
-        .iter()
-        .map(|w| w["state"].as_str().unwrap_or("").to_string())
-        .collect()
+/// Waits (10 s at most) for a /health whose workers' states (sorted) pass `until`, and
+/// answers it.
+fn wait_health(api: &Server, until: impl Fn(&[&str]) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let h = api.get("/health").json();
+        let mut states: Vec<&str> = h["workers"]
+            .as_array()
+            .map(|w| {
+                w.iter()
+                    .map(|w| w["state"].as_str().unwrap_or(""))
+                    .collect()
+            })
+            .unwrap_or_default();
+        states.sort();
+        if until(&states) {
+            return h;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{h}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -217,16 +233,17 @@ fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
     assert_eq!(last, "failed", "{events:?}");
     assert_eq!(data["error"]["error_code"], "timeout", "{data}");
     stuck.wait_log(&["generation is stuck", &id], Duration::from_secs(10));
-    // /health names the worker stuck while the hang lasts.
-    let t = Instant::now();
-    while health_states(&api) != ["stuck"] {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{}",
-            api.get("/health").text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // /health names the worker stuck while the hang lasts, and says `degraded` (200): no
+    // worker can take a job.
+    let h = wait_health(&api, |s| s == ["stuck"]);
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(
+        h["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("every worker is stuck")),
+        "{h}"
+    );
+    assert_eq!(api.get("/health").status, 200);
 
     // A healthy worker takes the next job; the stuck one takes none while it hangs.
     let healthy = start(&redis, "worker", "step_ms=10", &[]);
@@ -238,19 +255,15 @@ fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
         .logs()
         .iter()
         .any(|l| l.contains("job started") && l.contains(&next)));
+    // With a worker that is not stuck, /health is `ok` again.
+    let h = wait_health(&api, |s| s.contains(&"ready"));
+    assert_eq!(h["status"], "ok", "{h}");
 
     // When the hang ends, its late outcome changes nothing and the worker takes jobs again.
     stuck.wait_log(&["taking jobs again"], Duration::from_secs(60));
     assert_eq!(job(&api, &id)["error"]["error_code"], "timeout");
-    let t = Instant::now();
-    while health_states(&api) != ["ready", "ready"] {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{}",
-            api.get("/health").text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let h = wait_health(&api, |s| s == ["ready", "ready"]);
+    assert_eq!(h["status"], "ok", "{h}");
 }
 
 /// `calls` of one command in Redis's INFO commandstats.

@@ -292,7 +292,8 @@ pub struct HealthResponse {
     pub version: String,
     /// Why the status is not `ok` (download progress while loading; the load failure; while the
     /// hub cannot be reached, the last failure, the ways out and when the next background try
-    /// is; the circuit breaker; QUEUE_URL's Redis unreachable), else null.
+    /// is; the circuit breaker; a run stuck past its deadline, or every worker `stuck`;
+    /// QUEUE_URL's Redis unreachable), else null.
     pub detail: Option<String>,
     /// With QUEUE_URL: the workers whose heartbeat is fresh (id, state, model_version,
     /// running_job, jobs_done, started_at); null without QUEUE_URL.

@@ -234,12 +234,13 @@ pub(super) async fn run_watched(
     path = "/health",
     tag = "native",
     responses(
-        (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open)", body = HealthResponse),
+        (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open, this process's run is stuck past its deadline, or every worker is `stuck`; `detail` says which)", body = HealthResponse),
         (status = 503, description = "`loading`, or `unavailable` (load failed, waiting to try the hub again, or QUEUE_URL's Redis unreachable; `detail` says why and when)", body = HealthResponse),
     )
 )]
 pub(super) async fn health(State(app): State<Shared>) -> Response {
     let g = app.engine.gauges();
+    let cluster = app.engine.cluster();
     let (status, model_version, detail) = match app.engine.state() {
         // Waiting to try the hub again: not loading, but not given up either.
         ModelState::Loading if app.load_status.waiting().is_some() => {
@@ -247,14 +248,11 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
         }
         ModelState::Loading => (HealthStatus::Loading, None, app.load_status.describe()),
         ModelState::Failed(why) => (HealthStatus::Unavailable, None, Some(why)),
-        ModelState::Ready(info) if app.engine.oom_breaker_open() => (
-            HealthStatus::Degraded,
-            Some(info.model_version),
-            Some("out-of-memory circuit breaker open".to_string()),
-        ),
-        ModelState::Ready(info) => (HealthStatus::Ok, Some(info.model_version), None),
+        ModelState::Ready(info) => match app.engine.degraded(cluster.as_ref()) {
+            Some(why) => (HealthStatus::Degraded, Some(info.model_version), Some(why)),
+            None => (HealthStatus::Ok, Some(info.model_version), None),
+        },
     };
-    let cluster = app.engine.cluster();
     // Without its queue a replica can take no job, whatever its model does.
     let (status, detail) = match cluster.as_ref().and_then(|c| c.unreachable.clone()) {
         Some(why) => (

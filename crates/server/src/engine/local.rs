@@ -158,6 +158,9 @@ pub(super) struct Jobs {
     /// Waiting job ids, in run order.
     pub queue: VecDeque<String>,
     pub running: Option<String>,
+    /// The running job was ended without its run, which went on past its deadline by the
+    /// stuck grace (`end_stuck_run`); cleared when the run returns. /health is `degraded` then.
+    pub running_stuck: bool,
     pub shutting_down: bool,
     /// What the CPU speed probe measured, once it has (for 408 details).
     pub speed: Option<SpeedProbe>,
@@ -440,6 +443,7 @@ fn end_stuck_run(jobs: &mut Jobs, now: Instant, grace: Duration) {
         Ordering::SeqCst,
     );
     tracing::error!(job = %id, grace_secs = grace.as_secs_f64(), "the run passed its deadline by the grace without ending (its generation is stuck): the job fails with `timeout`; the worker takes the next job when the run returns");
+    jobs.running_stuck = true;
     jobs.finish(&id, JobStatus::Failed, Err(ApiError::Timeout(info)));
 }
 
@@ -470,6 +474,17 @@ impl JobBackend for Local {
 
     fn oom_breaker_open(&self) -> bool {
         self.inner.oom.is_open()
+    }
+
+    fn stuck_run(&self) -> Option<String> {
+        let jobs = self.inner.jobs();
+        let id = jobs.running.as_ref().filter(|_| jobs.running_stuck)?;
+        Some(format!(
+            "the run of job {id} went on {} s past its deadline without returning (a stuck \
+             generation, e.g. a device call that never returns): its job failed with `timeout`, \
+             and no other job runs until it returns",
+            self.inner.cfg.stuck_grace.as_secs_f64()
+        ))
     }
 
     fn speed(&self) -> Option<SpeedProbe> {

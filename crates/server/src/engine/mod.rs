@@ -98,6 +98,11 @@ pub trait JobBackend: Send + Sync {
     fn model_state(&self) -> ModelState;
     fn gauges(&self) -> Gauges;
     fn oom_breaker_open(&self) -> bool;
+    /// Why this process's own run is stuck (past its job's deadline by the stuck grace, its
+    /// job ended without it) while it has not returned; `None` otherwise.
+    fn stuck_run(&self) -> Option<String> {
+        None
+    }
     fn memory_plan(&self) -> Option<String>;
     /// What the CPU speed probe of this process's worker measured, once it has.
     fn speed(&self) -> Option<crate::speed::SpeedProbe> {
@@ -253,9 +258,24 @@ impl Engine {
         self.backend.gauges()
     }
 
-    /// True while the out-of-memory circuit breaker refuses work.
-    pub fn oom_breaker_open(&self) -> bool {
-        self.backend.oom_breaker_open()
+    /// Why /health says `degraded` (the model is ready, but jobs may not run): the
+    /// out-of-memory circuit breaker is open, this process's run is stuck, or every worker in
+    /// `cluster` (QUEUE_URL; what `cluster()` answered) is `stuck`. `None`: `ok`.
+    pub fn degraded(&self, cluster: Option<&ClusterHealth>) -> Option<String> {
+        if self.backend.oom_breaker_open() {
+            return Some("out-of-memory circuit breaker open".into());
+        }
+        if let Some(why) = self.backend.stuck_run() {
+            return Some(why);
+        }
+        let workers = &cluster?.workers;
+        (!workers.is_empty() && workers.iter().all(|w| w.state == "stuck")).then(|| {
+            format!(
+                "every worker is stuck ({}): each has a run past its job's deadline that has not \
+                 returned, and takes no job until it does",
+                workers.len()
+            )
+        })
     }
 
     /// The memory plan in use, once the model is loaded (`None` for the fake generator).

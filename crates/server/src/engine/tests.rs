@@ -323,6 +323,7 @@ async fn a_stuck_run_ends_its_job_with_timeout_before_it_returns() {
     cfg.stuck_grace = Duration::from_millis(500);
     let engine = Engine::start(cfg, s.loader(), Arc::new(Metrics::default()));
     ready(&engine).await;
+    assert_eq!(engine.degraded(None), None);
     let view = engine.submit(spec(5, Duration::from_millis(500))).unwrap();
     let (_, mut rx) = engine.subscribe(&view.id).unwrap();
     let last = loop {
@@ -337,8 +338,18 @@ async fn a_stuck_run_ends_its_job_with_timeout_before_it_returns() {
     let j = engine.job(&view.id).unwrap();
     assert_eq!(j.status, JobStatus::Failed);
     assert_eq!(j.error.as_ref().unwrap().error_code, "timeout");
+    // /health is `degraded` (why: the stuck run) until the run returns.
+    let why = engine
+        .degraded(None)
+        .expect("not degraded while the run is stuck");
+    assert!(why.contains(&view.id) && why.contains("stuck"), "{why}");
     // The next job waits for the run to return, then runs; the stuck one stays failed.
     let out = engine.run(spec(2, Duration::from_secs(30)), |_| {}).await;
     assert!(out.is_ok(), "{:?}", out.err());
     assert_eq!(engine.job(&view.id).unwrap().status, JobStatus::Failed);
+    assert_eq!(
+        engine.degraded(None),
+        None,
+        "still degraded after the run returned"
+    );
 }
