@@ -23,6 +23,7 @@ use crate::metrics::{Gauges, Metrics};
 mod cluster;
 pub mod job;
 mod local;
+mod record;
 mod worker;
 
 pub use cluster::{ClusterConfig, ClusterHealth, Role, WorkerHealth};
