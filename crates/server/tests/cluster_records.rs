@@ -294,7 +294,9 @@ fn listing_jobs_reads_them_in_one_round_trip_with_the_same_answers() {
     }
     let running = submit_ok(&api, &request(50));
     wait_running(&api, &running, 1);
-    let waiting: Vec<String> = (0..3).map(|_| submit_ok(&api, &request(2))).collect();
+    // Each waiting job runs 12 steps of 100 ms, several of the API's 250 ms polls, so the
+    // follower below sees every place it passes (at 2 steps it could miss place 1).
+    let waiting: Vec<String> = (0..3).map(|_| submit_ok(&api, &request(12))).collect();
     let last = {
         let (addr, id) = (api.addr, waiting[2].clone());
         std::thread::spawn(move || follow(addr, &id))
