@@ -266,6 +266,36 @@ fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
     assert_eq!(h["status"], "ok", "{h}");
 }
 
+#[test]
+fn an_api_replica_whose_workers_are_gone_says_degraded_until_one_comes() {
+    let Some(redis) =
+        Redis::start("an_api_replica_whose_workers_are_gone_says_degraded_until_one_comes")
+    else {
+        return;
+    };
+    let worker = start(&redis, "worker", "step_ms=10", &[]);
+    let api = start(&redis, "api", "", &[]);
+    wait_workers(&api, 1);
+    assert_eq!(api.get("/health").json()["status"], "ok");
+    // The only worker goes: once its heartbeat is stale, the replica can queue jobs but none
+    // will run. Still ready (200), but `degraded`, saying why.
+    drop(worker);
+    let h = wait_health(&api, |s| s.is_empty());
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(
+        h["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("no worker")),
+        "{h}"
+    );
+    assert_eq!(api.get("/health").status, 200);
+    // A worker comes back: `ok`.
+    let _worker = start(&redis, "worker", "step_ms=10", &[]);
+    let h = wait_health(&api, |s| s == ["ready"]);
+    assert_eq!(h["status"], "ok", "{h}");
+    assert!(h["detail"].is_null(), "{h}");
+}
+
 /// `calls` of one command in Redis's INFO commandstats.
 fn calls(redis: &Redis, command: &str) -> u64 {
     let stats = redis.cli(&["INFO", "commandstats"]);

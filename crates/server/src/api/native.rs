@@ -234,7 +234,7 @@ pub(super) async fn run_watched(
     path = "/health",
     tag = "native",
     responses(
-        (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open, this process's run is stuck past its deadline, or every worker is `stuck`; `detail` says which)", body = HealthResponse),
+        (status = 200, description = "Ready (`ok`, or `degraded` while the out-of-memory breaker is open, this process's run is stuck past its deadline, or, with QUEUE_URL, no worker is seen or every worker is `stuck`; `detail` says which)", body = HealthResponse),
         (status = 503, description = "`loading`, or `unavailable` (load failed, waiting to try the hub again, or QUEUE_URL's Redis unreachable; `detail` says why and when)", body = HealthResponse),
     )
 )]

@@ -261,7 +261,7 @@ impl Engine {
 
     /// Why /health says `degraded` (the model is ready, but jobs may not run): the
     /// out-of-memory circuit breaker is open, this process's run is stuck, or every worker in
-    /// `cluster` (QUEUE_URL; what `cluster()` answered) is `stuck`. `None`: `ok`.
+    /// `cluster` (QUEUE_URL; what `cluster()` answered) is `stuck`, or it has none. `None`: `ok`.
     pub fn degraded(&self, cluster: Option<&ClusterHealth>) -> Option<String> {
         if self.backend.oom_breaker_open() {
             return Some("out-of-memory circuit breaker open".into());
@@ -270,7 +270,14 @@ impl Engine {
             return Some(why);
         }
         let workers = &cluster?.workers;
-        (!workers.is_empty() && workers.iter().all(|w| w.state == "stuck")).then(|| {
+        if workers.is_empty() {
+            return Some(
+                "no worker has sent a heartbeat within JOB_LEASE_SECONDS: jobs wait in the queue \
+                 until one does"
+                    .into(),
+            );
+        }
+        workers.iter().all(|w| w.state == "stuck").then(|| {
             format!(
                 "every worker is stuck ({}): each has a run past its job's deadline that has not \
                  returned, and takes no job until it does",
