@@ -18,3 +18,20 @@ pub mod winograd;
 pub mod winograd4;
 
 pub use conv::{conv2d, Conv2d};
+
+/// `group_norm(x)` (then SiLU when `silu`) over `[B, C, ...]` through our own kernels: the CUDA
+/// one on a GPU, else the CPU one for f32; `None` when neither applies (the caller composes it
+/// from candle's ops).
+pub fn group_norm(
+    x: &candle_core::Tensor,
+    groups: usize,
+    weight: &candle_core::Tensor,
+    bias: &candle_core::Tensor,
+    eps: f64,
+    silu: bool,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
+    match cuda::group_norm(x, groups, weight, bias, eps, silu)? {
+        Some(y) => Ok(Some(y)),
+        None => norm::group_norm(x, groups, weight, bias, eps, silu),
+    }
+}

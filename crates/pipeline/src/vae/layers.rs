@@ -81,18 +81,8 @@ impl GroupNorm {
     /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors and on CUDA.
     pub(crate) fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         let silu = matches!(act, Activation::Silu);
-        let gpu = crate::kernels::cuda::group_norm;
-        let fast = match gpu(x, self.groups, &self.weight, &self.bias, self.eps, silu)? {
-            Some(y) => Some(y),
-            None => crate::kernels::norm::group_norm(
-                x,
-                self.groups,
-                &self.weight,
-                &self.bias,
-                self.eps,
-                silu,
-            )?,
-        };
+        let fast =
+            crate::kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, silu)?;
         if let Some(y) = fast {
             return if silu { Ok(y) } else { act.forward(&y) };
         }
@@ -100,19 +90,8 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gpu = crate::kernels::cuda::group_norm;
-        let fast = match gpu(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
-            Some(y) => Some(y),
-            None => crate::kernels::norm::group_norm(
-                x,
-                self.groups,
-                &self.weight,
-                &self.bias,
-                self.eps,
-                false,
-            )?,
-        };
-        if let Some(y) = fast {
+        let fast = crate::kernels::group_norm;
+        if let Some(y) = fast(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
             return Ok(y);
         }
         let dtype = x.dtype();

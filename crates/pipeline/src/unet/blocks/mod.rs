@@ -89,18 +89,8 @@ impl GroupNorm {
     /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors.
     pub(crate) fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let silu = act == Act::Silu;
-        let gpu = crate::kernels::cuda::group_norm;
-        let fast = match gpu(x, self.groups, &self.weight, &self.bias, self.eps, silu)? {
-            Some(y) => Some(y),
-            None => crate::kernels::norm::group_norm(
-                x,
-                self.groups,
-                &self.weight,
-                &self.bias,
-                self.eps,
-                silu,
-            )?,
-        };
+        let fast =
+            crate::kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, silu)?;
         match fast {
             Some(y) if silu => Ok(y),
             Some(y) => act.forward(&y),
@@ -109,11 +99,7 @@ impl GroupNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gpu = crate::kernels::cuda::group_norm;
-        if let Some(y) = gpu(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
-            return Ok(y);
-        }
-        let fast = crate::kernels::norm::group_norm;
+        let fast = crate::kernels::group_norm;
         if let Some(y) = fast(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
             return Ok(y);
         }
