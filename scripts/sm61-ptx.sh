@@ -73,7 +73,10 @@ flags=(-x cuda --cuda-device-only "--cuda-gpu-arch=$arch" "--cuda-path=$home" -S
 for f in ${CANDLE_MODULES:-affine binary cast conv fill indexing reduce sort ternary unary quantized}; do
     "$clang" "${flags[@]}" -include "$shim" -I"$candle/src" -o "$out/candle_$f.ptx" "$candle/src/$f.cu"
 done
-"$clang" "${flags[@]}" -o "$out/sdserve_kernels.ptx" "$root/crates/pipeline/src/kernels/cuda/kernels.cu"
+# kernels.cu: its parts in name order, one translation unit (kernels/cuda/source.rs).
+(LC_ALL=C; cat "$root"/crates/pipeline/src/kernels/cuda/cu/*.cu) >"$out/sdserve_kernels.cu"
+"$clang" "${flags[@]}" -o "$out/sdserve_kernels.ptx" "$out/sdserve_kernels.cu"
+rm "$out/sdserve_kernels.cu"
 for p in "$out"/*.ptx; do
     printf '%s: %s entries, %s\n' "$(basename "$p")" "$(grep -c '\.entry' "$p")" "$(grep -m1 '^\.target' "$p")" >&2
 done

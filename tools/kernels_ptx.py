@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the PTX that sdserve compiles at run time from crates/pipeline/src/kernels/cuda/kernels.cu:
-the same NVRTC call with the same options as kernels/cuda/imp.rs (`--gpu-architecture=compute_N
--std=c++17`, program name sdserve_kernels.cu), through whichever libnvrtc is given. No GPU needed.
+"""Writes the PTX that sdserve compiles at run time from kernels.cu
+(crates/pipeline/src/kernels/cuda/cu/*.cu in name order): the same NVRTC call with the same
+options as kernels/cuda/imp.rs (`--gpu-architecture=compute_N -std=c++17`, program name
+sdserve_kernels.cu), through whichever libnvrtc is given. No GPU needed.
 
 With NVRTC 12 and --arch 61 this is, byte for byte, what the sm61 build compiles on a GTX 1060;
 a binary whose NVRTC cannot target compute_61 (CUDA 13) loads it with SDSERVE_CUDA_KERNELS_PTX.
@@ -15,13 +16,16 @@ ap.add_argument("--lib", required=True, help="libnvrtc.so.N to compile with")
 ap.add_argument("--arch", required=True, type=int, help="compute capability, e.g. 61")
 ap.add_argument("-o", "--out", required=True)
 ap.add_argument("--src", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates",
-                                              "pipeline", "src", "kernels", "cuda", "kernels.cu"))
+                                              "pipeline", "src", "kernels", "cuda", "cu"),
+                help="kernels.cu: the folder of its parts (concatenated in name order) or one file")
 a = ap.parse_args()
 
 nv = ctypes.CDLL(a.lib)
 major, minor = ctypes.c_int(), ctypes.c_int()
 nv.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-src = open(a.src, "rb").read()
+src = (b"".join(open(os.path.join(a.src, f), "rb").read()
+                for f in sorted(os.listdir(a.src)) if f.endswith(".cu"))
+       if os.path.isdir(a.src) else open(a.src, "rb").read())
 prog = ctypes.c_void_p()
 rc = nv.nvrtcCreateProgram(ctypes.byref(prog), src, b"sdserve_kernels.cu", 0, None, None)
 if rc != 0:

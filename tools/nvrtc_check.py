@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Compiles crates/pipeline/src/kernels/cuda/kernels.cu with NVRTC for some architectures, as
-sdserve does at run time, and reports errors and per-kernel register/spill use (from ptxas when
-one is on PATH). Needs only libnvrtc (e.g. the nvidia-cuda-nvrtc wheel), no GPU.
+"""Compiles kernels.cu (crates/pipeline/src/kernels/cuda/cu/*.cu in name order) with NVRTC for
+some architectures, as sdserve does at run time, and reports errors and per-kernel register/spill
+use (from ptxas when one is on PATH). Needs only libnvrtc (e.g. the nvidia-cuda-nvrtc wheel), no
+GPU.
 
     python3 tools/nvrtc_check.py [--lib path/libnvrtc.so.13] [--arch 75,80,90] [--ptx-dir DIR]
         [--filter NAME_PART]
@@ -12,12 +13,15 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--lib", default="libnvrtc.so.13")
 ap.add_argument("--arch", default="75,80,90")
 ap.add_argument("--src", default=os.path.join(os.path.dirname(__file__), "..", "crates", "pipeline",
-                                              "src", "kernels", "cuda", "kernels.cu"))
+                                              "src", "kernels", "cuda", "cu"),
+                help="kernels.cu: the folder of its parts (concatenated in name order) or one file")
 ap.add_argument("--ptx-dir")
 ap.add_argument("--filter", help="report only kernels whose name contains this")
 a = ap.parse_args()
 nv = ctypes.CDLL(a.lib)
-src = open(a.src, "rb").read()
+src = (b"".join(open(os.path.join(a.src, f), "rb").read()
+                for f in sorted(os.listdir(a.src)) if f.endswith(".cu"))
+       if os.path.isdir(a.src) else open(a.src, "rb").read())
 ok = True
 for arch in a.arch.split(","):
     prog = ctypes.c_void_p()

@@ -4,11 +4,13 @@
 #   tools/cuda_on_cpu/run.sh [--quick] [--asan]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-src=${KERNELS_CU:-$here/../../crates/pipeline/src/kernels/cuda/kernels.cu}
+# kernels.cu: the folder of its parts (one translation unit, in name order) or one file.
+src=${KERNELS_CU:-$here/../../crates/pipeline/src/kernels/cuda/cu}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # The dynamic shared memory declaration becomes a use of the emulator's buffer.
-sed -E 's/^[[:space:]]*extern __shared__ __align__\(16\) unsigned char smem_raw\[\];//' "$src" >"$tmp/kernels_emu.cu"
+if [[ -d $src ]]; then (LC_ALL=C; cat "$src"/*.cu); else cat "$src"; fi |
+    sed -E 's/^[[:space:]]*extern __shared__ __align__\(16\) unsigned char smem_raw\[\];//' >"$tmp/kernels_emu.cu"
 flags=(-O2)
 args=()
 for a in "$@"; do

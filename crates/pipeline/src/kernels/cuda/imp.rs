@@ -17,7 +17,7 @@ use half::f16;
 
 use super::arch::kernel_arch;
 
-const SOURCE: &str = include_str!("kernels.cu");
+use super::source::SOURCE;
 
 pub fn prepare_device(device: &Device) {
     let Ok(cuda) = device.as_cuda_device() else {

@@ -33,6 +33,7 @@ mod graph;
 mod imp;
 #[cfg(feature = "cuda-core")]
 mod profile;
+pub mod source;
 
 /// Whether `SDSERVE_CUDA_PROFILE=1` asked for device time per kind of op ([`profiled`]).
 pub fn profiling() -> bool {
