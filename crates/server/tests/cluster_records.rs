@@ -402,3 +402,111 @@ fn a_worker_run_past_its_deadline_names_the_jobs_setting_and_whole_limit() {
     assert!(details.contains("JOB_TIMEOUT_SECONDS=2;"), "{details}");
     assert!(!details.contains("GENERATION_TIMEOUT"), "{details}");
 }
+
+fn now_ms() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    d.as_millis().to_string()
+}
+
+#[test]
+fn an_unparsable_record_is_skipped_with_one_warning_and_fails_only_its_own_reads() {
+    let Some(redis) = Redis::start(
+        "an_unparsable_record_is_skipped_with_one_warning_and_fails_only_its_own_reads",
+    ) else {
+        return;
+    };
+    let worker = start(&redis, "worker", "step_ms=50", &[]);
+    let api = start(&redis, "api", "", &[]);
+    wait_workers(&api, 1);
+    let good = submit_ok(&api, &request(1));
+    assert_eq!(
+        wait_end(&api, &good, Duration::from_secs(30))["status"],
+        "succeeded"
+    );
+
+    // Records this version cannot read: garbage written by hand, and valid JSON of another
+    // shape (another version's record); both listed in the index. The garbage one is also
+    // queued (a worker takes it) and held by a worker that is gone (the reaper meets it).
+    let (garbage, other) = ("00000000-garbage", "00000000-other-version");
+    redis.cli(&["SET", &format!("sdserve:job:{garbage}"), "not json {"]);
+    redis.cli(&[
+        "SET",
+        &format!("sdserve:job:{other}"),
+        &json!({"view": {"id": other}, "format": 99}).to_string(),
+    ]);
+    for id in [garbage, other] {
+        redis.cli(&["ZADD", "sdserve:jobs", &now_ms(), id]);
+    }
+    redis.cli(&["SADD", "sdserve:workers", "gone-1"]);
+    redis.cli(&["RPUSH", "sdserve:processing:gone-1", garbage]);
+    redis.cli(&["LPUSH", "sdserve:queue", garbage]);
+    // And a worker heartbeat that does not parse.
+    redis.cli(&["SET", "sdserve:worker:garbled-1", "{\"health\": 1}"]);
+    redis.cli(&["SADD", "sdserve:workers", "garbled-1"]);
+
+    // GET /jobs answers the rest, twice; one warning per bad key in the log, however often
+    // it is read (lister, reaper).
+    for _ in 0..2 {
+        let r = api.get("/jobs");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let ids: Vec<String> = r.json()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, std::slice::from_ref(&good));
+    }
+    api.wait_log(
+        &["does not parse", "sdserve:worker:garbled-1", "skipped"],
+        Duration::from_secs(10),
+    );
+    for id in [garbage, other] {
+        let key = format!("sdserve:job:{id}");
+        api.wait_log(
+            &["does not parse", &key, "skipped"],
+            Duration::from_secs(10),
+        );
+        let warnings = api
+            .logs()
+            .iter()
+            .filter(|l| l.contains(&key) && l.contains("skipped"))
+            .count();
+        assert_eq!(warnings, 1, "{:#?}", api.logs());
+        // Its own read is a plain 500: no internals in the body, the cause in the log.
+        let e = api.get(&format!("/jobs/{id}")).error(500, "internal_error");
+        assert!(!e.to_string().contains("sdserve:job"), "{e}");
+        api.wait_log(&["internal error", &key], Duration::from_secs(10));
+    }
+
+    // The worker took the queued garbage and let it go; the reaper dropped it from the gone
+    // worker's list (and then forgot that worker); jobs still run.
+    worker.wait_log(
+        &["does not parse", &format!("sdserve:job:{garbage}")],
+        Duration::from_secs(10),
+    );
+    let t = Instant::now();
+    while redis.cli(&["SISMEMBER", "sdserve:workers", "gone-1"]) != "0" {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the reaper stalled: {:#?}",
+            api.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(redis.cli(&["LLEN", "sdserve:queue"]), "0");
+    let after = submit_ok(&api, &request(1));
+    assert_eq!(
+        wait_end(&api, &after, Duration::from_secs(30))["status"],
+        "succeeded"
+    );
+    let health = api.get("/health").json();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(
+        health["workers"].as_array().map(Vec::len),
+        Some(1),
+        "{health}"
+    );
+}

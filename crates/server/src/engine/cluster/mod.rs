@@ -14,7 +14,7 @@
 //!   `queue_unavailable` while Redis cannot be reached. The connection manager reconnects by
 //!   itself when Redis is back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -119,6 +119,22 @@ pub(super) struct Shared {
     client: redis::Client,
     seen: RwLock<Seen>,
     follows: Mutex<HashMap<String, Follow>>,
+    /// Keys that did not parse and were warned about (once each; bounded).
+    unparsable: Mutex<HashSet<String>>,
+}
+
+impl Shared {
+    /// One warning per key (however often listings, the reaper and pollers meet it): a key
+    /// written by hand or by another sdserve version is skipped, the rest answered.
+    pub fn note_unparsable(&self, key: &str, e: &serde_json::Error) {
+        let mut seen = lock(&self.unparsable);
+        if seen.len() >= 10_000 {
+            seen.clear();
+        }
+        if seen.insert(key.to_string()) {
+            tracing::warn!(key = %key, error = %e, "a record in QUEUE_URL's Redis does not parse (written by hand, or by another sdserve version?); skipped");
+        }
+    }
 }
 
 pub(super) fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -181,6 +197,7 @@ impl Cluster {
             client,
             seen: RwLock::new(Seen::default()),
             follows: Mutex::new(HashMap::new()),
+            unparsable: Mutex::new(HashSet::new()),
         });
         rt.spawn(listen(sh.clone()));
         rt.spawn(poll(sh.clone()));
@@ -313,9 +330,16 @@ async fn poll(sh: Arc<Shared>) {
             continue;
         };
         for ((id, position), seen) in followed.into_iter().zip(seen) {
-            let Some((_, view)) = seen else {
-                deliver(&sh, &id, JobEvent::Failed(record_gone().body()));
-                continue;
+            let view = match seen {
+                Some(Ok((_, view))) => view,
+                Some(Err(unparsable)) => {
+                    deliver(&sh, &id, JobEvent::Failed(unparsable.body()));
+                    continue;
+                }
+                None => {
+                    deliver(&sh, &id, JobEvent::Failed(record_gone().body()));
+                    continue;
+                }
             };
             if let Some(end) = JobEvent::terminal(&view) {
                 deliver(&sh, &id, end);

@@ -49,24 +49,10 @@ fn script(code: &'static str) -> Script {
     Script::new(code)
 }
 
-/// A record as JSON and the view a client sees: `cancel` whether a stop was asked for,
-/// `from_right` the job's place in the queue counted from the end workers take from.
-fn seen_as(
-    json: &str,
-    cancel: bool,
-    from_right: Option<i64>,
-) -> Result<(Record, JobView), ApiError> {
-    let record: Record =
-        serde_json::from_str(json).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut view = record.view.clone();
-    view.cancel_requested |= cancel;
-    view.position = match (view.status, from_right) {
-        // Pushed on the left, taken from the right: the rightmost runs next.
-        (JobStatus::Queued, Some(p)) => Some(p as usize),
-        _ => None,
-    };
-    Ok((record, view))
-}
+/// One record key as read: absent (`None`), unparsable (`Some(Err)`: written by hand or by
+/// another sdserve version; warned about once, and the error that job's own reads answer),
+/// or the record and the view a client sees.
+pub(super) type Found = Option<Result<(Record, JobView), ApiError>>;
 
 impl Store {
     pub fn new(sh: Arc<Shared>) -> Self {
@@ -79,6 +65,37 @@ impl Store {
 
     fn keys(&self) -> &wire::Keys {
         &self.sh.keys
+    }
+
+    /// A record as JSON and the view a client sees: `cancel` whether a stop was asked for,
+    /// `from_right` the job's place in the queue counted from the end workers take from.
+    /// A record that does not parse fails only its own reads: 500 `internal_error`, the
+    /// cause (naming the key) in the log; listings and the reaper skip it.
+    fn seen_as(
+        &self,
+        id: &str,
+        json: &str,
+        cancel: bool,
+        from_right: Option<i64>,
+    ) -> Result<(Record, JobView), ApiError> {
+        let record: Record = match serde_json::from_str(json) {
+            Ok(r) => r,
+            Err(e) => {
+                let key = self.keys().job(id);
+                self.sh.note_unparsable(&key, &e);
+                return Err(ApiError::Internal(format!(
+                    "job record {key} does not parse: {e}"
+                )));
+            }
+        };
+        let mut view = record.view.clone();
+        view.cancel_requested |= cancel;
+        view.position = match (view.status, from_right) {
+            // Pushed on the left, taken from the right: the rightmost runs next.
+            (JobStatus::Queued, Some(p)) => Some(p as usize),
+            _ => None,
+        };
+        Ok((record, view))
     }
 
     /// How long a record lives before it ends: its deadline, then JOB_TTL_SECONDS, with room.
@@ -147,8 +164,13 @@ impl Store {
         })
     }
 
-    /// The record, and the view as a client sees it now.
+    /// The record, and the view as a client sees it now (an unparsable record: its 500).
     pub async fn read(&self, id: &str) -> Result<Option<(Record, JobView)>, ApiError> {
+        self.read_found(id).await?.transpose()
+    }
+
+    /// `read`, telling an unparsable record (`Some(Err)`) from Redis failing (`Err`).
+    pub async fn read_found(&self, id: &str) -> Result<Found, ApiError> {
         let k = self.keys();
         let (json, cancel, index, len): (Option<String>, bool, Option<i64>, i64) = redis::pipe()
             .get(k.job(id))
@@ -160,16 +182,12 @@ impl Store {
             .query_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        json.map(|json| seen_as(&json, cancel, index.map(|i| len - i)))
-            .transpose()
+        Ok(json.map(|json| self.seen_as(id, &json, cancel, index.map(|i| len - i))))
     }
 
     /// `read` for many jobs in one round trip of three commands (two MGETs and the queue),
     /// however many there are: the same answers, in the order of `ids`.
-    pub async fn read_many(
-        &self,
-        ids: &[String],
-    ) -> Result<Vec<Option<(Record, JobView)>>, ApiError> {
+    pub async fn read_many(&self, ids: &[String]) -> Result<Vec<Found>, ApiError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -189,19 +207,20 @@ impl Store {
                 .entry(id.as_str())
                 .or_insert((queue.len() - i) as i64);
         }
-        ids.iter()
+        Ok(ids
+            .iter()
             .zip(jsons.into_iter().zip(cancels))
             .map(|(id, (json, cancel))| {
                 json.map(|json| {
-                    seen_as(
+                    self.seen_as(
+                        id,
                         &json,
                         cancel.is_some(),
                         from_right.get(id.as_str()).copied(),
                     )
                 })
-                .transpose()
             })
-            .collect()
+            .collect())
     }
 
     pub async fn view(&self, id: &str) -> Result<Option<JobView>, ApiError> {
@@ -220,7 +239,9 @@ impl Store {
         let mut gone = Vec::new();
         for (id, seen) in ids.into_iter().zip(read) {
             match seen {
-                Some((_, v)) => views.push(v),
+                Some(Ok((_, v))) => views.push(v),
+                // Unparsable: skipped (warned about once); GET /jobs/{id} answers its 500.
+                Some(Err(_)) => {}
                 None => gone.push(id),
             }
         }
@@ -382,9 +403,16 @@ impl Store {
     /// lease; otherwise only a lapsed lease counts. True if it was queued again.
     pub async fn requeue(&self, worker: &str, id: &str, own: bool) -> Result<bool, ApiError> {
         let k = self.keys();
-        let Some((record, _)) = self.read(id).await? else {
-            let _: Result<i64, _> = self.conn().lrem(k.processing(worker), 0, id).await;
-            return Ok(false);
+        let record = match self.read_found(id).await? {
+            Some(Ok((record, _))) => record,
+            found => {
+                // Gone, or unparsable (no worker could run it): only let go of it.
+                let _: Result<i64, _> = self.conn().lrem(k.processing(worker), 0, id).await;
+                if found.is_some() {
+                    tracing::warn!(job = %id, worker = %worker, "an unparsable job record let go of (not queued again)");
+                }
+                return Ok(false);
+            }
         };
         let reset = record.requeued();
         let done: i64 = script(wire::REQUEUE)
@@ -419,10 +447,16 @@ impl Store {
                 .await
                 .map_err(unavailable)?
         };
-        let mut workers: Vec<wire::Heartbeat> = beats
-            .into_iter()
-            .flatten()
-            .filter_map(|b| serde_json::from_str(&b).ok())
+        let mut workers: Vec<wire::Heartbeat> = ids
+            .iter()
+            .zip(beats)
+            .filter_map(|(id, beat)| match serde_json::from_str(&beat?) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.sh.note_unparsable(&k.heartbeat(id), &e);
+                    None
+                }
+            })
             .collect();
         workers.sort_by(|a: &wire::Heartbeat, b| a.health.id.cmp(&b.health.id));
         Ok((workers, waiting))
@@ -436,7 +470,7 @@ impl Store {
         let waiting: Vec<String> = conn.lrange(k.queue(), 0, -1).await.map_err(unavailable)?;
         let now = now_ms();
         for (id, seen) in waiting.iter().zip(self.read_many(&waiting).await?) {
-            let Some((record, view)) = seen else {
+            let Some(Ok((record, view))) = seen else {
                 continue;
             };
             if view.status == JobStatus::Queued && now >= record.deadline_ms {

@@ -225,9 +225,16 @@ async fn abandon(w: &Worker, id: &str, local_id: Option<&str>, why: Written) {
 async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
     let k = &w.sh.keys;
     let mut conn = w.sh.conn.clone();
-    let Some((mut record, view)) = w.store.read(id).await? else {
-        release(w, id).await;
-        return Ok(());
+    let (mut record, view) = match w.store.read_found(id).await? {
+        Some(Ok(found)) => found,
+        found => {
+            // Gone, or unparsable (warned about, naming the key): nothing to run.
+            if found.is_some() {
+                tracing::warn!(job = %id, worker = %w.id, "the job's record does not parse; let go of, not run");
+            }
+            release(w, id).await;
+            return Ok(());
+        }
     };
     let done: bool = conn.exists(k.done(id)).await.map_err(super::unavailable)?;
     if done || view.status.is_final() {
