@@ -283,6 +283,13 @@ pub struct ServeArgs {
     /// Open connections at once; more are answered 503 and closed.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
+    /// Open connections one client address may hold at once (IPv6: per /64); more are
+    /// answered 429 `overloaded` and closed, so one client cannot take every MAX_CONNECTIONS
+    /// slot. 0 = no cap. It counts the TCP peer: behind a reverse proxy that peer is the proxy,
+    /// so the cap then applies to the proxy unless it is in TRUSTED_PROXIES (trusted proxies
+    /// are not capped; cap clients at the proxy then).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_connections_per_client: u64,
     /// Request line plus headers, in bytes; larger ones get 431.
     #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 32768, value_parser = clap::value_parser!(u64).range(8192..=1_048_576))]
     pub max_header_bytes: u64,

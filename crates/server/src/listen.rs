@@ -1,11 +1,12 @@
 //! The accept loop: hyper's HTTP/1.1 server with the limits `axum::serve` does not expose.
-//! A connection count cap, a deadline for each request's headers (a slowloris that trickles
+//! A connection count cap, in all and per client address, a deadline for each request's headers (a slowloris that trickles
 //! header bytes, or a client that connects and sends nothing, is dropped), a cap on header
 //! bytes and count (431), and a graceful drain on shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -26,6 +27,9 @@ use crate::security::proxies::{ClientAddr, TrustedProxies};
 pub struct ConnLimits {
     /// Open connections at once; the next one gets a 503 and is closed.
     pub max_connections: usize,
+    /// Open connections one client address (its TCP peer; IPv6 by /64) may hold at once;
+    /// the next one gets a 429 and is closed. 0: no cap. Trusted proxies are not capped.
+    pub max_per_client: usize,
     /// A request's start line and headers must arrive within this, counted from when the
     /// connection starts waiting for them (so idle keep-alive connections close after it too).
     pub header_read_timeout: Duration,
@@ -40,6 +44,58 @@ const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 114\r\n\r\n\
 {\"error\":\"too many connections\",\"details\":\"the server's MAX_CONNECTIONS are open\",\"error_code\":\"connection_limit\"}";
 
+/// What a client address over MAX_CONNECTIONS_PER_CLIENT gets before its connection is
+/// closed: written at once, before reading anything (it costs no parsing; a client that
+/// already sent a request reads it, as the connection lingers for its bytes before closing).
+const TOO_MANY_FROM_CLIENT: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 161\r\n\r\n\
+{\"error\":\"too many connections from this client\",\"details\":\"MAX_CONNECTIONS_PER_CLIENT connections are open from this address already\",\"error_code\":\"overloaded\"}";
+
+/// Open connections by client address, for MAX_CONNECTIONS_PER_CLIENT.
+struct PerClient {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection's place in `PerClient`, given back when dropped.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl PerClient {
+    /// A slot for a connection from `peer`, or `None` when its address holds `max` already.
+    /// IPv6 peers count by their /64 (one host usually has the whole /64 to pick from).
+    fn take(table: &Arc<Self>, peer: IpAddr) -> Option<ClientSlot> {
+        let key = match peer.to_canonical() {
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from_bits(a.to_bits() & !((1u128 << 64) - 1))),
+            v4 => v4,
+        };
+        let mut open = table.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= table.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: table.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits for
 /// open connections to finish (the caller bounds that wait). Each request carries its peer
 /// (`ConnectInfo`) and its client (`ClientAddr`: the peer, or who `proxies` forwarded for).
@@ -52,6 +108,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_client = Arc::new(PerClient {
+        max: limits.max_per_client,
+        open: Mutex::new(HashMap::new()),
+    });
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -72,9 +132,21 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        // Per client first: a refused client takes none of everyone's slots.
+        let client_slot = if per_client.max == 0 || proxies.trusts(peer.ip()) {
+            None
+        } else {
+            let Some(slot) = PerClient::take(&per_client, peer.ip()) else {
+                metrics.count_rejection("connection_limit_per_client");
+                tracing::debug!(%peer, "connection refused: MAX_CONNECTIONS_PER_CLIENT open from this address");
+                tokio::spawn(refuse(stream, TOO_MANY_FROM_CLIENT));
+                continue;
+            };
+            Some(slot)
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics.count_rejection("connection_limit");
-            tokio::spawn(refuse(stream));
+            tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -94,7 +166,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 note_connection_error(&metrics, &e, peer);
             }
-            drop(permit);
+            drop((permit, client_slot));
         });
     }
     drop(listener);
@@ -113,10 +185,22 @@ fn note_connection_error(metrics: &Metrics, e: &hyper::Error, peer: SocketAddr) 
     }
 }
 
-async fn refuse(mut stream: TcpStream) {
+/// Writes `answer`, then reads (and drops) what the client sent until it closes, 2 s at most
+/// in all: closing with unread bytes would send a reset, which can discard the answer before
+/// the client reads it.
+async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
+    use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
+        let _ = stream.write_all(answer).await;
         let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     })
     .await;
 }
@@ -126,17 +210,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refusal_is_well_formed_http_with_the_contract_body() {
-        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(len, body.len());
-        let j: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(j["error_code"], "connection_limit");
+    fn refusals_are_well_formed_http_with_the_contract_body() {
+        for (answer, code) in [
+            (TOO_MANY_CONNECTIONS, "connection_limit"),
+            (TOO_MANY_FROM_CLIENT, "overloaded"),
+        ] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(len, body.len(), "{text}");
+            let j: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(j["error_code"], code);
+            assert!(head.contains("retry-after: 1"), "{head}");
+        }
+    }
+
+    #[test]
+    fn per_client_slots_count_by_address_and_ipv6_slash_64_and_come_back() {
+        let table = Arc::new(PerClient {
+            max: 2,
+            open: Mutex::new(HashMap::new()),
+        });
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a1 = PerClient::take(&table, ip("10.0.0.1")).unwrap();
+        let _a2 = PerClient::take(&table, ip("::ffff:10.0.0.1")).unwrap();
+        assert!(PerClient::take(&table, ip("10.0.0.1")).is_none());
+        let _b = PerClient::take(&table, ip("10.0.0.2")).unwrap();
+        drop(a1);
+        let _a3 = PerClient::take(&table, ip("10.0.0.1")).unwrap();
+        let _v6a = PerClient::take(&table, ip("2001:db8:1:2::1")).unwrap();
+        let _v6b = PerClient::take(&table, ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert!(PerClient::take(&table, ip("2001:db8:1:2::77")).is_none());
+        assert!(PerClient::take(&table, ip("2001:db8:1:3::1")).is_some());
+        drop((_a2, _a3, _b, _v6a, _v6b));
+        assert!(table.open.lock().unwrap().is_empty());
     }
 }

@@ -170,7 +170,7 @@ impl Metrics {
     }
 
     /// One request or connection turned away: `unauthorized`, `rate_limited`, `body_timeout`,
-    /// `connection_limit`, `header_timeout`, `header_too_large`, `overloaded`, `payload_too_large`.
+    /// `connection_limit`, `connection_limit_per_client`, `header_timeout`, `header_too_large`, `overloaded`, `payload_too_large`.
     pub fn count_rejection(&self, reason: &'static str) {
         self.rejections
             .get_or_create(&RejectionLabels { reason })

@@ -85,6 +85,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         cors_allow_origins = ?args.cors_allow_origins,
         trusted_proxies = ?args.trusted_proxies,
         max_connections = args.max_connections,
+        max_connections_per_client = args.max_connections_per_client,
         "access control"
     );
     crate::security::spawn_forgetting(&security);
@@ -177,6 +178,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     };
     let limits = crate::listen::ConnLimits {
         max_connections: args.max_connections as usize,
+        max_per_client: args.max_connections_per_client as usize,
         header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
         max_header_bytes: args.max_header_bytes as usize,
         max_headers: 100,

@@ -434,3 +434,69 @@ fn connections_past_the_cap_get_503() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A connection to `s` from `source` (any 127.x.y.z is this machine on Linux): a second client.
+fn connect_from(s: &Server, source: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    sock.bind(&from.into()).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let c: TcpStream = sock.into();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c
+}
+
+/// Sends one `GET /health` on `c` (closing after) and reads the whole answer.
+fn health_over(mut c: TcpStream) -> String {
+    let _ = c.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let mut raw = Vec::new();
+    let _ = c.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[test]
+fn one_client_address_cannot_hold_every_connection() {
+    let s = Server::start(&env(&[
+        ("MAX_CONNECTIONS_PER_CLIENT", "2"),
+        ("TRUSTED_PROXIES", "127.0.0.4"),
+    ]));
+    s.wait_ready(Duration::from_secs(10));
+    // 127.0.0.2 holds two idle connections (accepted in order, so both are counted before
+    // the third): its third is answered 429 at once, even with a request already sent.
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect_from(&s, "127.0.0.2")).collect();
+    let refused = health_over(connect_from(&s, "127.0.0.2"));
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    assert!(
+        refused.contains("\"error_code\":\"overloaded\""),
+        "{refused}"
+    );
+    assert!(refused.contains("MAX_CONNECTIONS_PER_CLIENT"), "{refused}");
+    // Another address is served meanwhile (twice: its own count is separate).
+    for _ in 0..2 {
+        let other = health_over(connect_from(&s, "127.0.0.3"));
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    }
+    // A trusted proxy is not capped: 4 idle connections, and a fifth is served.
+    let proxy: Vec<TcpStream> = (0..4).map(|_| connect_from(&s, "127.0.0.4")).collect();
+    let via_proxy = health_over(connect_from(&s, "127.0.0.4"));
+    assert!(via_proxy.starts_with("HTTP/1.1 200"), "{via_proxy}");
+    let m = s.get("/metrics").text();
+    assert!(
+        m.contains("sdserve_rejections_total{reason=\"connection_limit_per_client\"} 1"),
+        "{m}"
+    );
+    // A freed slot is usable again (the other one still held).
+    drop(held.pop());
+    let t = Instant::now();
+    loop {
+        let again = health_over(connect_from(&s, "127.0.0.2"));
+        if again.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{again}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop((held, proxy));
+}

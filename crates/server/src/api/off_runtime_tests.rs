@@ -56,6 +56,7 @@ fn health_answers_while_a_request_image_is_decoded() {
     let addr = listener.local_addr().unwrap();
     let limits = ConnLimits {
         max_connections: 16,
+        max_per_client: 0,
         header_read_timeout: Duration::from_secs(30),
         max_header_bytes: 16 << 10,
         max_headers: 64,
