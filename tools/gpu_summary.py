@@ -42,7 +42,8 @@ def profile_table(r):
     """Device ms per kind of op in one UNet step (ours: CUDA events per call; diffusers:
     torch.profiler kernel times), and ours for the decode after the last step."""
     lines = []
-    for ours, theirs in (("profile_f16", "diffusers_f16"), ("profile_f32", "diffusers_f32")):
+    for ours, theirs in (("profile_f16", "diffusers_f16"), ("profile_lt_f16", "diffusers_f16"),
+                         ("profile_f32", "diffusers_f32")):
         for c in (r.get(ours) or {}).get("cases", []):
             size = c.get("size")
             run = (c.get("runs") or [{}])[0]
@@ -98,6 +99,36 @@ def sm61_table(r):
     return lines
 
 
+def optin_table(r):
+    """The opt-in levers (off by default) against the default binary's run in the same session:
+    cuBLASLt linear layers (SDSERVE_CUDA_LINEAR=lt), the CUDA graph, both."""
+    lines = ["| opt-in lever (same binary, same run) | 512 step s | vs default | 768 step s | vs default |"
+             " 768 image s | vs default |",
+             "|---|---|---|---|---|---|---|"]
+    found = False
+    for k, base, label in (("lt_f16", "ours_f16", "f16, cuBLASLt linear layers (SDSERVE_CUDA_LINEAR=lt)"),
+                           ("graph_f16", "ours_f16", "f16, CUDA graph (SDSERVE_CUDA_GRAPH=1)"),
+                           ("graph_lt_f16", "ours_f16", "f16, CUDA graph + cuBLASLt"),
+                           ("lt_f32", "ours_f32", "f32 (no TF32), cuBLASLt linear layers")):
+        if not r.get(k):
+            continue
+        found = True
+        cells = []
+        for size, field in ((512, "step_median_s"), (768, "step_median_s"), (768, "wall_median_s")):
+            s, b = case(r, k, size, field), case(r, base, size, field)
+            cells += ["-" if s is None else f"{s:.4f}", f"{s / b:.3f}x" if s and b else "-"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if not found:
+        return []
+    c = r.get("lt_checks")
+    if c:
+        lines.append(f"cuBLASLt: linear shapes it could not plan (left to cuBLAS + bias pass): "
+                     f"{c.get('linear_shapes_left_to_cublas')}; CUDA graph capture failures with it: "
+                     f"{c.get('graph_lt_capture_failures')} (0 and 0 expected)")
+    lines.append("")
+    return lines
+
+
 def table(r):
     rows = []
 
@@ -120,6 +151,11 @@ def table(r):
             case(r, "graph_f16", size, "step_median_s"), case(r, "diffusers_f16", size, "step_median_s"))
     row("f32 UNet step at 512 (no plan; diffusers fp32; no TF32)",
         case(r, "ours_f32", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
+    for size in (512, 768):
+        row(f"UNet step with guidance, {size}, f16, cuBLASLt linear layers (SDSERVE_CUDA_LINEAR=lt)",
+            case(r, "lt_f16", size, "step_median_s"), case(r, "diffusers_f16", size, "step_median_s"))
+    row("f32 UNet step at 512, cuBLASLt linear layers (SDSERVE_CUDA_LINEAR=lt; no TF32)",
+        case(r, "lt_f32", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
     row("f32 UNet step at 512, attention through candle's ops (SDSERVE_CUDA_ATTENTION_F32=candle)",
         case(r, "f32_candle_attention", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
     for size in (512, 768):
@@ -134,7 +170,8 @@ def table(r):
     lines.append("| images vs diffusers fp32 (512) | mean abs /255 (worst image) | max | > 8 |")
     lines.append("|---|---|---|---|")
     for k in ("ours_f16", "ours_f32", "pre_ampere", "sm61_f16", "sm61_f16_blas_default", "sm61_f32",
-              "diffusers_f16", "graph_f16", "graph_vs_plain"):
+              "diffusers_f16", "graph_f16", "graph_vs_plain", "lt_f16", "lt_f32", "graph_lt_f16",
+              "lt_vs_plain", "lt_f32_vs_plain", "graph_lt_vs_lt"):
         c = r.get(f"compare_{k}")
         if c and "worst" in c:
             w = c["worst"]
@@ -150,6 +187,7 @@ def table(r):
                 cells += ["-" if s is None else f"{s:.4f}", f"{s / base:.2f}x" if s and base else "-"]
             lines.append(f"| {k[8:]} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += optin_table(r)
     lines += sm61_table(r)
     lines += profile_table(r)
     # The ablations run at the first size of the session.

@@ -226,11 +226,24 @@ impl Dense {
     }
 }
 
+/// candle's `Linear::forward`, or on a GPU with `SDSERVE_CUDA_LINEAR=lt` one cuBLASLt GEMM
+/// with the bias in its epilogue (the time embedding and ResNets' `time_emb_proj`).
+pub fn linear_forward(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::cuda::linear(x, l.weight(), l.bias(), None)? {
+        return Ok(y);
+    }
+    candle_core::Module::forward(l, x)
+}
+
 /// `x W^T + bias (+ residual)` on a GPU: one GEMM over all rows (candle's `Linear` would run a
 /// batched GEMM over a broadcast weight), then bias and residual in one pass
-/// (`kernels::cuda::bias_add`) instead of two broadcast element-wise ops.
+/// (`kernels::cuda::bias_add`) instead of two broadcast element-wise ops; with
+/// `SDSERVE_CUDA_LINEAR=lt`, all of it in one cuBLASLt GEMM (`kernels::cuda::linear`).
 fn gpu_linear(l: &candle_nn::Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     let w = l.weight();
+    if let Some(y) = super::cuda::linear(x, w, l.bias(), residual)? {
+        return Ok(y);
+    }
     let k = x.dim(candle_core::D::Minus1)?;
     let mut dims = x.dims().to_vec();
     let y = super::cuda::profiled(x.device(), "gemm", || {

@@ -75,8 +75,9 @@ struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.act.forward(&self.linear_1.forward(x)?)?;
-        let h = self.linear_2.forward(&h)?;
+        use crate::kernels::dense::linear_forward;
+        let h = self.act.forward(&linear_forward(&self.linear_1, x)?)?;
+        let h = linear_forward(&self.linear_2, &h)?;
         match self.post_act {
             Some(a) => a.forward(&h),
             None => Ok(h),

@@ -7,7 +7,8 @@
 //! - cuDNN convolutions: f32 compute type on every architecture; tensor-op math from sm_70,
 //!   FMA math below (no tensor cores before Volta) ([`tensor_cores`], `conv.rs`);
 //! - cuBLAS GEMMs: f32 compute on every architecture (candle's default, no reduced precision);
-//!   tensor cores allowed from sm_70, pedantic math (no tensor cores) below ([`prepare`]);
+//!   tensor cores allowed from sm_70, pedantic math (no tensor cores) below ([`prepare`]; the
+//!   cuBLASLt linear layers take the same choice as their compute type, [`blas_pedantic`]);
 //! - the bf16 warning below 8.0 (`device::select_dtype`).
 //!
 //! `SDSERVE_CUDA_ARCH_AS=61` makes all of them as on that capability whatever the device is:
@@ -134,19 +135,27 @@ mod gpu {
         host_arch(dev)
     }
 
+    /// Whether GEMMs run in pedantic math (f32 FMA kernels, no tensor cores): below sm_70, or
+    /// as `SDSERVE_CUBLAS_MATH=default|pedantic` says. cuBLAS takes it as the handle's math
+    /// mode ([`prepare`]), cuBLASLt as the compute type (`lt.rs`).
+    pub fn blas_pedantic(dev: &CudaDevice) -> Result<bool> {
+        Ok(
+            match std::env::var("SDSERVE_CUBLAS_MATH")
+                .as_deref()
+                .map(str::trim)
+            {
+                Ok("pedantic") => true,
+                Ok("default") => false,
+                _ => !tensor_cores(host_arch(dev)?),
+            },
+        )
+    }
+
     /// Library settings that depend on the architecture, once per device: below sm_70 cuBLAS
     /// runs in pedantic math (f32 FMA kernels, no tensor cores: what a Pascal card runs);
     /// `SDSERVE_CUBLAS_MATH=default|pedantic` overrides for A/B runs.
     pub fn prepare(dev: &CudaDevice) -> Result<()> {
-        let pedantic = match std::env::var("SDSERVE_CUBLAS_MATH")
-            .as_deref()
-            .map(str::trim)
-        {
-            Ok("pedantic") => true,
-            Ok("default") => false,
-            _ => !tensor_cores(host_arch(dev)?),
-        };
-        if pedantic {
+        if blas_pedantic(dev)? {
             let blas = dev.cublas_handle();
             // SAFETY: a live handle of this device; the mode applies to its later GEMMs.
             let status = unsafe {

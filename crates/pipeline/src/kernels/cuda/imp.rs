@@ -520,4 +520,4 @@ pub fn bias_add(
 
 #[cfg(test)]
 #[path = "tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -8,6 +8,9 @@
 //! - [`group_norm`] (+ SiLU), [`layer_norm`], [`geglu`]: one pass each, f32 statistics, f16 or
 //!   f32 storage, f32 affine parameters (candle: 8-13 ops with f32 casts each).
 //! - [`bias_add`]: a bias (and a residual) added in one pass after a GEMM or convolution.
+//! - [`linear`]: with `SDSERVE_CUDA_LINEAR=lt`, linear layers as one cuBLASLt GEMM with the bias
+//!   in its epilogue and the residual as its `C` operand (default: candle's cuBLAS GEMM, then
+//!   [`bias_add`]).
 //! - [`conv2d`]: cuDNN convolutions with descriptors and algorithm cached per shape, f16 data
 //!   accumulated in f32 (candle: new descriptors per call, half-precision accumulation).
 //! - [`prepare_device`]: no CUDA events per allocation, a memory pool that keeps freed memory.
@@ -31,6 +34,8 @@ mod conv;
 mod graph;
 #[cfg(feature = "cuda-core")]
 mod imp;
+#[cfg(feature = "cuda-core")]
+mod lt;
 #[cfg(feature = "cuda-core")]
 mod profile;
 pub mod source;
@@ -330,6 +335,52 @@ pub fn bias_add(
     }
 }
 
+/// Whether `SDSERVE_CUDA_LINEAR` (`lt`, or `cublas` = unset) asks for the cuBLASLt linear layers.
+fn parse_linear(spec: Option<&str>) -> Result<bool> {
+    match spec.map(str::trim) {
+        None | Some("") | Some("cublas") => Ok(false),
+        Some("lt") => Ok(true),
+        Some(other) => candle_core::bail!("SDSERVE_CUDA_LINEAR={other}: expected lt or cublas"),
+    }
+}
+
+/// Whether linear layers run through cuBLASLt in this process (read once; an unknown value
+/// is said once on stderr and means the default).
+fn lt_linear() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(
+        || match parse_linear(std::env::var("SDSERVE_CUDA_LINEAR").ok().as_deref()) {
+            Ok(on) => on,
+            Err(e) => {
+                eprintln!("sdserve: {e}; using cublas");
+                false
+            }
+        },
+    )
+}
+
+/// `x W^T + bias (+ residual)` over the last dim of `x` (`w` `[n, k]` as stored, `bias` `[n]`,
+/// `residual` shaped like the output) as one cuBLASLt GEMM, bias and residual in its epilogue,
+/// when `SDSERVE_CUDA_LINEAR=lt` (off by default: not yet measured on a GPU); f16 (f32 compute)
+/// or f32 (no TF32) CUDA tensors of one dtype. `None` elsewhere: the caller runs its own path.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if x.device().is_cpu() || !lt_linear() {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    return profiled(x.device(), "gemm_lt", || lt::linear(x, w, bias, residual));
+    #[cfg(not(feature = "cuda-core"))]
+    {
+        let _ = (w, bias, residual);
+        Ok(None)
+    }
+}
+
 /// `conv2d(x, weight)` through cuDNN with a per-shape plan (kernels/cuda/conv.rs) for f16/f32
 /// NCHW CUDA tensors; `None` elsewhere, without cuDNN (`cuda-core`), or when
 /// `SDSERVE_CUDNN_ALGO` asks for candle's own path with a fixed algorithm.
@@ -372,6 +423,15 @@ mod tests {
     }
 
     #[test]
+    fn linear_switch_parses() {
+        assert!(!parse_linear(None).unwrap());
+        assert!(!parse_linear(Some(" cublas ")).unwrap());
+        assert!(parse_linear(Some("lt")).unwrap());
+        let e = parse_linear(Some("cublaslt")).unwrap_err().to_string();
+        assert!(e.contains("SDSERVE_CUDA_LINEAR=cublaslt"), "{e}");
+    }
+
+    #[test]
     fn cpu_tensors_are_left_to_the_cpu_kernels() -> Result<()> {
         let x = Tensor::ones((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
         let w = Tensor::ones(4, candle_core::DType::F32, &Device::Cpu)?;
@@ -380,6 +440,8 @@ mod tests {
         assert!(geglu(&x)?.is_none());
         let q = Tensor::ones((1, 3, 64), candle_core::DType::F32, &Device::Cpu)?;
         assert!(attention(&q, &q, &q, 2, 0.1)?.is_none());
+        let w = Tensor::ones((5, 64), candle_core::DType::F32, &Device::Cpu)?;
+        assert!(linear(&q, &w, None, None)?.is_none());
         prepare_device(&Device::Cpu);
         Ok(())
     }

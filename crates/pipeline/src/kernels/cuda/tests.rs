@@ -7,14 +7,14 @@ use super::*;
 use crate::attention::{merge_heads, sdpa, split_heads, AttentionSlicing};
 use candle_core::D;
 
-fn gpu() -> Device {
+pub(in crate::kernels::cuda) fn gpu() -> Device {
     let d = Device::new_cuda(0).expect("these tests need a CUDA device");
     prepare_device(&d);
     d
 }
 
 /// ||a - b|| / ||b|| and max |a - b| over two f32 CPU tensors.
-fn errors(a: &Tensor, b: &Tensor) -> (f32, f32) {
+pub(in crate::kernels::cuda) fn errors(a: &Tensor, b: &Tensor) -> (f32, f32) {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(a.len(), b.len());
@@ -28,7 +28,7 @@ fn errors(a: &Tensor, b: &Tensor) -> (f32, f32) {
     ((num / den.max(1e-30)).sqrt() as f32, max)
 }
 
-fn rand(shape: &[usize], seed: u64) -> Tensor {
+pub(in crate::kernels::cuda) fn rand(shape: &[usize], seed: u64) -> Tensor {
     // Uniform in [-sqrt(3), sqrt(3)] (unit variance) from a seeded xorshift: distinct inputs
     // per case, the same on every run.
     let n: usize = shape.iter().product();
@@ -44,7 +44,7 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn half_round(t: &Tensor) -> Tensor {
+pub(in crate::kernels::cuda) fn half_round(t: &Tensor) -> Tensor {
     t.to_dtype(DType::F16)
         .unwrap()
         .to_dtype(DType::F32)
@@ -347,7 +347,7 @@ fn cudnn_conv_matches_cpu_convolution() -> Result<()> {
     Ok(())
 }
 
-fn half_round_if(t: &Tensor, dtype: DType) -> Tensor {
+pub(in crate::kernels::cuda) fn half_round_if(t: &Tensor, dtype: DType) -> Tensor {
     if dtype == DType::F16 {
         half_round(t)
     } else {

@@ -50,9 +50,7 @@ impl ResnetBlock {
         let act = self.p.act;
         let h = self.norm1.forward_act(x, act)?;
         let h = self.conv1.forward(&h)?;
-        let t = self
-            .time_emb_proj
-            .forward(&act.forward(temb)?)?
+        let t = crate::kernels::dense::linear_forward(&self.time_emb_proj, &act.forward(temb)?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = if self.p.scale_shift {
