@@ -158,28 +158,60 @@ fn lora_images_match_diffusers_and_base_weights_come_back() {
 }
 
 /// Offload rebuilds the modules from their files: merged LoRAs are gone with the old modules.
-/// While offloaded a LoRA request is refused saying why (nothing generated without the LoRA);
-/// back to resident, the same LoRA is merged again (not taken as still merged).
+/// Offloaded, the LoRAs are merged into each part as it is built for its stage (model offload),
+/// or into the UNet's weights in host memory (sequential offload): the images are the resident
+/// model's, bit for bit, for UNet, LoCon and text-encoder layers; without LoRA the base image
+/// comes back; back to resident, the LoRAs are merged again (not taken as still merged).
 #[test]
-fn loras_across_offload_changes_are_refused_or_merged_again() {
+fn loras_under_offload_give_the_resident_images() {
     use sdserve_pipeline::memory::Offload;
-    use sdserve_pipeline::PipelineError;
     let mut r = reference();
     let base = generate(&r, &request(&r, &[]));
-    let ink = request(&r, &[("ink_kohya", 0.8)]);
-    let with = generate(&r, &ink);
+    // ink_kohya: UNet with LoCon convolutions; soft_peft: UNet and text encoder; te_kohya:
+    // text encoder under kohya's names.
+    let loras = request(&r, &[("ink_kohya", 0.8), ("soft_peft", 0.6)]);
+    let with = generate(&r, &loras);
+    let te = request(&r, &[("te_kohya", 0.9)]);
+    let with_te = generate(&r, &te);
     assert_ne!(with, base);
-    r.model.set_offload(Offload::Model).unwrap();
-    match r.model.generate(&ink, &mut |_| ControlFlow::Continue(())) {
-        Err(PipelineError::InvalidRequest(m)) => assert!(m.contains("offload"), "{m}"),
-        other => panic!("a LoRA on offloaded weights: {:?}", other.map(|_| ())),
+    assert_ne!(with_te, base);
+    for offload in [Offload::Model, Offload::Sequential] {
+        r.model.set_offload(offload).unwrap();
+        for name in ["ink_kohya", "soft_peft", "te_kohya"] {
+            r.model.check_lora(name).unwrap();
+        }
+        assert_eq!(generate(&r, &loras), with, "{offload:?}");
+        assert_eq!(
+            generate(&r, &loras),
+            with,
+            "{offload:?}, the same LoRAs again"
+        );
+        assert_eq!(generate(&r, &te), with_te, "{offload:?}, text encoder only");
+        assert_eq!(
+            generate(&r, &request(&r, &[])),
+            base,
+            "{offload:?}, no LoRA"
+        );
+        assert_eq!(generate(&r, &loras), with, "{offload:?}, after none");
     }
-    assert!(r.model.check_lora("ink_kohya").is_err());
-    assert_eq!(generate(&r, &request(&r, &[])), base, "offloaded, no LoRA");
     r.model.set_offload(Offload::None).unwrap();
-    r.model.check_lora("ink_kohya").unwrap();
-    assert_eq!(generate(&r, &ink), with, "merged again after the rebuild");
+    assert_eq!(generate(&r, &loras), with, "merged again after the rebuild");
     assert_eq!(generate(&r, &request(&r, &[])), base);
+
+    // Offloaded before anything was built: the checks build each part once for its shapes, and
+    // a file that does not fit is still refused naming the layer.
+    let mut fresh = reference();
+    fresh.model.set_offload(Offload::Model).unwrap();
+    fresh.model.check_lora("soft_peft").unwrap();
+    assert_eq!(generate(&fresh, &loras), with, "offloaded from the start");
+    let mut other = StableDiffusion::load(&fixtures().join("tiny-b"), &Device::Cpu, DType::F32)
+        .expect("model loads");
+    other
+        .set_lora_library(LoraLibrary::scan(&fixtures().join("adapters/loras")).unwrap())
+        .unwrap();
+    other.set_offload(Offload::Sequential).unwrap();
+    let err = other.check_lora("ink_kohya").unwrap_err().to_string();
+    assert!(err.contains("ink_kohya"), "{err}");
 }
 
 #[test]

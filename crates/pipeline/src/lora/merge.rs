@@ -6,15 +6,17 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 
 use super::library::layer_shape_problem;
-use super::{LayerKeys, LoraFormat, LoraInfo, LoraLibrary, Part, Target};
+use super::{shapes_of, LayerKeys, LoraFormat, LoraInfo, LoraLibrary, Part, Target, TargetShapes};
 use crate::{PipelineError, Result};
 
 /// Matches a file's layers to the model's weights: `(target index, layer)` per layer, or an
-/// error naming the LoRA and the first layer that has no target or the wrong shape.
+/// error naming the LoRA and the first layer that has no target or the wrong shape. Layers of a
+/// part `targets` does not hold are left out (merging into one offloaded part as it is built;
+/// checks always pass every part).
 pub(super) fn match_layers<'a>(
     info: &'a LoraInfo,
     shapes: &HashMap<String, Vec<usize>>,
-    targets: &HashMap<Part, Vec<(String, Target<'_>)>>,
+    targets: &TargetShapes,
 ) -> Result<Vec<(Part, usize, &'a LayerKeys)>> {
     let mut by_name: HashMap<(Part, String), usize> = HashMap::new();
     for (part, list) in targets {
@@ -27,7 +29,7 @@ pub(super) fn match_layers<'a>(
         }
     }
     let mut out = Vec::new();
-    for layer in &info.keys {
+    for layer in info.keys.iter().filter(|l| targets.contains_key(&l.part)) {
         let module = match (info.format, layer.part) {
             // The text encoder's paths start at `text_model`; some files leave it out.
             (LoraFormat::Peft, Part::TextEncoder) if !layer.module.starts_with("text_model.") => {
@@ -46,8 +48,7 @@ pub(super) fn match_layers<'a>(
                 layer.part.name()
             )));
         };
-        let target = &targets[&layer.part][index].1;
-        let want = target.canonical_dims();
+        let want = &targets[&layer.part][index].1;
         let changed = || {
             PipelineError::InvalidRequest(format!(
                 "LoRA {:?}: layer {} changed on disk since the folder was scanned",
@@ -84,7 +85,8 @@ pub(super) fn match_layers<'a>(
     Ok(out)
 }
 
-/// The merged state of the resident model's weights.
+/// The merged state of the resident model's weights (and, for offloaded parts, the LoRAs their
+/// next build takes).
 #[derive(Default)]
 pub(crate) struct LoraState {
     /// The LoRAs merged now, as asked (name, weight).
@@ -115,14 +117,20 @@ impl LoraState {
     }
 
     /// Merges `loras` (resolved in `library`) into `targets`. Call [`LoraState::restore`]
-    /// first. Checks every file before changing any weight.
+    /// first. Checks every file before changing any weight. `keep_originals: false` for a
+    /// module built for one stage and dropped after it: no copy to write back.
     pub(crate) fn apply(
         &mut self,
         library: &LoraLibrary,
         loras: &[(String, f64)],
         targets: &HashMap<Part, Vec<(String, Target<'_>)>>,
+        keep_originals: bool,
     ) -> Result<()> {
         debug_assert!(self.originals.is_empty());
+        let target_shapes: TargetShapes = targets
+            .iter()
+            .map(|(part, list)| (*part, shapes_of(list)))
+            .collect();
         // (part, target index) -> summed delta in the canonical layout, f32 on the CPU.
         let mut deltas: BTreeMap<(Part, usize), Tensor> = BTreeMap::new();
         for (name, weight) in loras {
@@ -137,7 +145,7 @@ impl LoraState {
             let invalid = |layer: &LayerKeys, why: &str| {
                 PipelineError::InvalidRequest(format!("LoRA {name:?}: layer {}: {why}", layer.down))
             };
-            for (part, index, layer) in match_layers(info, &shapes, targets)? {
+            for (part, index, layer) in match_layers(info, &shapes, &target_shapes)? {
                 // match_layers found both keys (and alpha's) in this very map.
                 let down = tensors[&layer.down].to_dtype(DType::F32)?;
                 let up = tensors[&layer.up].to_dtype(DType::F32)?;
@@ -160,7 +168,7 @@ impl LoraState {
                 let delta = up
                     .reshape((out_dim, rank))?
                     .matmul(&down.reshape((rank, ()))?)?;
-                let want = targets[&part][index].1.canonical_dims();
+                let want = target_shapes[&part][index].1.as_slice();
                 let delta = (delta.reshape(want)? * scale)?;
                 // NaN or infinity (in the file, or from overflow) would spread through every
                 // image: refuse the file rather than merge it.
@@ -204,9 +212,10 @@ impl LoraState {
                 )));
             }
             let merged = merged.to_dtype(weight.dtype())?;
-            let original = weight.copy()?;
+            if keep_originals {
+                self.originals.push((weight.clone(), weight.copy()?));
+            }
             weight.slice_set(&merged, 0, 0)?;
-            self.originals.push((weight.clone(), original));
         }
         self.active = loras.to_vec();
         Ok(())

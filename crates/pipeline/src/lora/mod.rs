@@ -6,7 +6,9 @@
 //! resident modules' weight tensors in place. Each changed tensor's original values are copied
 //! first and written back when a request asks for other LoRAs (or none), so base weights come
 //! back bit for bit and the model is never reloaded. Requests with the same LoRAs as the one
-//! before reuse the merged weights.
+//! before reuse the merged weights. Offloaded parts: under sequential offload the UNet's weights
+//! in host memory are the resident tensors; under model offload a part is merged each time it is
+//! built for its stage, keeping no originals (it is dropped after the stage).
 //!
 //! Files: `library` (reading LoRA files' headers, the folder's library), `merge` (matching
 //! layers to the model's weights, merging and restoring them); this one holds the types they
@@ -29,13 +31,17 @@ pub use library::LoraLibrary;
 use merge::match_layers;
 pub(crate) use merge::LoraState;
 
-/// A weight a LoRA may change, borrowed from a built module.
+/// A weight a LoRA may change, borrowed from a built module (or, under sequential offload,
+/// from the UNet's weights in host memory).
 #[derive(Clone, Copy)]
 pub(crate) enum Target<'a> {
     /// A linear layer in our fused form (weight stored transposed on the CPU).
     Dense(&'a Dense),
     Linear(&'a candle_nn::Linear),
     Conv(&'a Conv2d),
+    /// A weight as its file stores it, with the dims the built module would report for it
+    /// (a 1x1 convolution built as a linear layer reports `[out, in]`).
+    Host(&'a Tensor, &'a [usize]),
 }
 
 impl Target<'_> {
@@ -45,11 +51,12 @@ impl Target<'_> {
             Target::Dense(d) => d.weight_storage()?,
             Target::Linear(l) => l.weight(),
             Target::Conv(c) => c.weight(),
+            Target::Host(t, _) => t,
         })
     }
 
     /// `[out, in]` (linear) or `[out, in, k, k]` (conv), as the files write the weight.
-    fn canonical_dims(&self) -> Vec<usize> {
+    pub(crate) fn canonical_dims(&self) -> Vec<usize> {
         match self {
             Target::Dense(d) => {
                 let (out, inp) = d.out_in_dims();
@@ -57,6 +64,7 @@ impl Target<'_> {
             }
             Target::Linear(l) => l.weight().dims().to_vec(),
             Target::Conv(c) => c.weight().dims().to_vec(),
+            Target::Host(_, dims) => dims.to_vec(),
         }
     }
 
@@ -67,6 +75,18 @@ impl Target<'_> {
             _ => delta.reshape(self.storage()?.dims())?,
         })
     }
+}
+
+/// The weights LoRAs may change, by part: module path and canonical dims (what checking a file
+/// needs; the same whether the part is built now or offloaded).
+pub(crate) type TargetShapes = HashMap<Part, Vec<(String, Vec<usize>)>>;
+
+/// Module paths and canonical dims of `targets`.
+pub(crate) fn shapes_of(targets: &[(String, Target<'_>)]) -> Vec<(String, Vec<usize>)> {
+    targets
+        .iter()
+        .map(|(path, t)| (path.clone(), t.canonical_dims()))
+        .collect()
 }
 
 /// Modules that can list the weights a LoRA may change, by diffusers module path.
@@ -146,10 +166,7 @@ pub struct LoraInfo {
 }
 
 /// Checks that every layer of `info` has a weight of the right shape among `targets`.
-pub(crate) fn check_fits(
-    info: &LoraInfo,
-    targets: &HashMap<Part, Vec<(String, Target<'_>)>>,
-) -> Result<()> {
+pub(crate) fn check_fits(info: &LoraInfo, targets: &TargetShapes) -> Result<()> {
     let shapes = header_shapes(&info.file)?;
     match_layers(info, &shapes, targets).map(|_| ())
 }

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use super::{LoraWeight, StableDiffusion};
 use crate::embeddings::EmbeddingLibrary;
-use crate::lora::{LoraLibrary, LoraState, Part, Target};
+use crate::lora::{shapes_of, LoraLibrary, LoraState, Part, Target, TargetShapes};
 use crate::{PipelineError, Result};
 
 impl StableDiffusion {
@@ -17,6 +17,7 @@ impl StableDiffusion {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore()?;
+        self.set_loras_for_builds(Vec::new());
         self.loras = library;
         Ok(())
     }
@@ -79,24 +80,88 @@ impl StableDiffusion {
             .loras
             .get(name)
             .ok_or_else(|| PipelineError::InvalidRequest(format!("unknown LoRA {name:?}")))?;
-        crate::lora::check_fits(info, &self.lora_targets()?)
+        crate::lora::check_fits(info, &self.lora_target_shapes()?)
     }
 
-    /// The resident modules' weights a LoRA may change.
-    fn lora_targets(&self) -> Result<HashMap<Part, Vec<(String, Target<'_>)>>> {
-        let not_resident = || {
-            PipelineError::InvalidRequest(
-                "LoRA needs the text encoder and UNet resident on the device (offload none); \
-                 this model runs with its weights offloaded"
-                    .into(),
-            )
-        };
-        let unet = self.unet.resident().ok_or_else(not_resident)?;
-        let text = self.text_encoder.resident().ok_or_else(not_resident)?;
+    /// The weights a LoRA may change in the parts held between runs: the resident UNet (under
+    /// sequential offload, its weights in host memory) and the resident text encoder. An
+    /// offloaded part is merged as it is built for its stage ([`Self::merge_into_built`]).
+    fn lora_targets(&self) -> HashMap<Part, Vec<(String, Target<'_>)>> {
         let mut targets = HashMap::new();
-        targets.insert(Part::Unet, unet.lora_targets().ok_or_else(not_resident)?);
-        targets.insert(Part::TextEncoder, text.lora_targets());
-        Ok(targets)
+        if let Some(unet) = self.unet.resident() {
+            targets.insert(Part::Unet, unet.lora_targets());
+        }
+        if let Some(text) = self.text_encoder.resident() {
+            targets.insert(Part::TextEncoder, text.lora_targets());
+        }
+        targets
+    }
+
+    /// Paths and dims of every part's LoRA targets: an offloaded part's as its last build listed
+    /// them, or from a build made now (once: they never change).
+    fn lora_target_shapes(&self) -> Result<TargetShapes> {
+        let mut shapes: TargetShapes = self
+            .lora_targets()
+            .iter()
+            .map(|(part, list)| (*part, shapes_of(list)))
+            .collect();
+        for part in [Part::Unet, Part::TextEncoder] {
+            if shapes.contains_key(&part) {
+                continue;
+            }
+            let known = self.lora_shapes.lock().unwrap_or_else(|e| e.into_inner());
+            let list = match known.get(&part) {
+                Some(list) => list.clone(),
+                None => {
+                    drop(known);
+                    let list = match part {
+                        Part::Unet => shapes_of(&self.unet.get(&self.device)?.lora_targets()),
+                        Part::TextEncoder => {
+                            shapes_of(&self.text_encoder.get(&self.device)?.lora_targets())
+                        }
+                    };
+                    self.lora_shapes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(part, list.clone());
+                    list
+                }
+            };
+            shapes.insert(part, list);
+        }
+        Ok(shapes)
+    }
+
+    /// A part built now for one stage (offloaded): the LoRAs of the last run merged into it (no
+    /// originals kept: it is dropped after the stage), and its targets remembered for checks.
+    pub(super) fn merge_into_built(
+        &self,
+        part: Part,
+        targets: Vec<(String, Target<'_>)>,
+    ) -> Result<()> {
+        self.lora_shapes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(part)
+            .or_insert_with(|| shapes_of(&targets));
+        let loras = self
+            .loras_for_builds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if loras.is_empty() {
+            return Ok(());
+        }
+        let targets = HashMap::from([(part, targets)]);
+        LoraState::default().apply(&self.loras, &loras, &targets, false)
+    }
+
+    /// The LoRAs offloaded parts take when built (those of the last run).
+    pub(super) fn set_loras_for_builds(&self, loras: Vec<(String, f64)>) {
+        *self
+            .loras_for_builds
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = loras;
     }
 
     /// Makes the resident weights those of `loras` now, as the next run asking for them would
@@ -107,7 +172,8 @@ impl StableDiffusion {
     }
 
     /// Makes the resident weights those of `loras`: unchanged when the last run had the same,
-    /// else the originals are written back and the new LoRAs merged.
+    /// else the originals are written back and the new LoRAs merged. Offloaded parts take them
+    /// when built for their stage.
     pub(super) fn sync_loras(
         &self,
         loras: &[LoraWeight],
@@ -118,14 +184,25 @@ impl StableDiffusion {
             return Ok(state);
         }
         state.restore()?;
+        self.set_loras_for_builds(Vec::new());
         if want.is_empty() {
             return Ok(state);
         }
-        let targets = self.lora_targets()?;
-        if let Err(e) = state.apply(&self.loras, &want, &targets) {
+        // Every file against every part first, so that an offloaded part's merge does not
+        // fail on a layer that has no weight in the middle of a run.
+        let shapes = self.lora_target_shapes()?;
+        for (name, _) in &want {
+            let info = self
+                .loras
+                .get(name)
+                .ok_or_else(|| PipelineError::InvalidRequest(format!("unknown LoRA {name:?}")))?;
+            crate::lora::check_fits(info, &shapes)?;
+        }
+        if let Err(e) = state.apply(&self.loras, &want, &self.lora_targets(), true) {
             state.restore()?;
             return Err(e);
         }
+        self.set_loras_for_builds(want);
         Ok(state)
     }
 }

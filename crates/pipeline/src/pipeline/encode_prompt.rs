@@ -21,7 +21,7 @@ impl StableDiffusion {
         };
         // Offloaded: the encoder comes to the device once for both prompts. Every chunk of
         // both prompts goes through it as one batch (each row only attends to itself).
-        let encoder = self.text_encoder.get(&self.device)?;
+        let encoder = self.text_encoder_for_run()?;
         let rows: Vec<&Chunk> = uncond.iter().chain(&cond).collect();
         let len = rows[0].ids.len();
         let ids: Vec<u32> = rows.iter().flat_map(|c| c.ids.iter().copied()).collect();

@@ -3,6 +3,8 @@
 
 use super::load::unet_component;
 use super::StableDiffusion;
+use crate::clip::ClipTextModel;
+use crate::lora::Part;
 use crate::memory::offload::{Component, Held};
 use crate::memory::{MemoryPlan, MemoryUsage, Offload};
 use crate::unet::{StreamStats, UNet2DConditionModel};
@@ -72,11 +74,12 @@ impl StableDiffusion {
     /// weights in host memory (`Offload::Sequential`; text encoder and VAE as under `Model`).
     pub fn set_offload(&mut self, offload: Offload) -> Result<()> {
         // The modules are rebuilt from their files below (base weights): merged LoRAs are gone,
-        // and a request for the same LoRAs must merge them again (or be refused when offloaded).
+        // and a request for the same LoRAs must merge them again.
         self.lora_state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget();
+        self.set_loras_for_builds(Vec::new());
         let resident = (offload == Offload::None).then_some(&self.device);
         self.text_encoder.set_residence(resident)?;
         // Free the current UNet before building it for the new mode.
@@ -106,11 +109,22 @@ impl StableDiffusion {
         self.unet.resident().and_then(|u| u.host_weight_bytes())
     }
 
-    /// The UNet for one run, with the plan's attention slicing (built now when offloaded).
+    /// The UNet for one run, with the plan's attention slicing (built now when offloaded, with
+    /// the run's LoRAs).
     pub(super) fn unet_for_run(&self) -> Result<Held<'_, UNet2DConditionModel>> {
         let mut held = self.unet.get(&self.device)?;
         if let Held::Loaded(u) = &mut held {
             u.set_attention_slicing(self.plan.attention);
+            self.merge_into_built(Part::Unet, u.lora_targets())?;
+        }
+        Ok(held)
+    }
+
+    /// The text encoder for one stage (built now when offloaded, with the run's LoRAs).
+    pub(super) fn text_encoder_for_run(&self) -> Result<Held<'_, ClipTextModel>> {
+        let held = self.text_encoder.get(&self.device)?;
+        if let Held::Loaded(t) = &held {
+            self.merge_into_built(Part::TextEncoder, t.lora_targets())?;
         }
         Ok(held)
     }

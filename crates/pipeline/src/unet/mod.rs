@@ -304,18 +304,29 @@ impl Layout {
 
     /// Builds every part once and drops each right after: reads (and checks) every tensor the
     /// model needs while holding at most one part's modules (an f32 CPU build keeps its linears
-    /// transposed, a second copy of them while the part lives).
-    fn build_each(&self, vb: &VarBuilder) -> Result<()> {
+    /// transposed, a second copy of them while the part lives). Returns the weights a LoRA may
+    /// change (module path, canonical dims), as [`UNet2DConditionModel::lora_targets`] lists
+    /// them for the resident model.
+    fn build_each(&self, vb: &VarBuilder) -> Result<Vec<(String, Vec<usize>)>> {
+        use crate::lora::{join, shapes_of, LoraTargets};
+        let mut shapes = Vec::new();
+        let mut keep = |part: &dyn LoraTargets, prefix: String| {
+            let mut targets = Vec::new();
+            part.lora_targets(&prefix, &mut targets);
+            shapes.extend(shapes_of(&targets));
+        };
         drop(self.build_stem(vb)?);
         for i in 0..self.levels() {
-            drop(self.build_down(i, vb)?);
+            keep(&self.build_down(i, vb)?, join("down_blocks", i));
         }
-        drop(self.build_mid(vb)?);
+        if let Some(m) = self.build_mid(vb)? {
+            keep(&m, "mid_block".into());
+        }
         for i in 0..self.levels() {
-            drop(self.build_up(i, vb)?);
+            keep(&self.build_up(i, vb)?, join("up_blocks", i));
         }
         drop(self.build_head(vb)?);
-        Ok(())
+        Ok(shapes)
     }
 
     fn build_all(&self, vb: &VarBuilder) -> Result<ResidentParts> {
@@ -372,13 +383,13 @@ impl UNet2DConditionModel {
         let (recording_vb, recording) = streaming::recording(host);
         // One build on the host reads (and checks) every tensor once; the modules are dropped
         // part by part and the tensors they read kept.
-        layout.build_each(&recording_vb)?;
+        let lora_shapes = layout.build_each(&recording_vb)?;
         drop(recording_vb);
         Ok(Self {
             layout,
             dtype,
             device: device.clone(),
-            weights: UNetWeights::Streamed(recording.finish()),
+            weights: UNetWeights::Streamed(recording.finish(lora_shapes)),
             slicing: AttentionSlicing::default(),
         })
     }
@@ -410,12 +421,14 @@ impl UNet2DConditionModel {
         }
     }
 
-    /// The weights a LoRA may change, by diffusers module path; `None` when streamed
-    /// (sequential offload keeps no built modules to change).
-    pub(crate) fn lora_targets(&self) -> Option<Vec<(String, crate::lora::Target<'_>)>> {
+    /// The weights a LoRA may change, by diffusers module path: the built modules', or when
+    /// streamed the host tensors the parts are built from (merged there, every part built
+    /// afterwards has them).
+    pub(crate) fn lora_targets(&self) -> Vec<(String, crate::lora::Target<'_>)> {
         use crate::lora::{join, LoraTargets};
-        let UNetWeights::Resident(parts) = &self.weights else {
-            return None;
+        let parts = match &self.weights {
+            UNetWeights::Resident(parts) => parts,
+            UNetWeights::Streamed(host) => return host.lora_targets(),
         };
         let mut out = Vec::new();
         for (i, b) in parts.down_blocks.iter().enumerate() {
@@ -427,7 +440,7 @@ impl UNet2DConditionModel {
         for (i, b) in parts.up_blocks.iter().enumerate() {
             b.lora_targets(&join("up_blocks", i), &mut out);
         }
-        Some(out)
+        out
     }
 
     /// What streaming did since the model was built; `None` when resident.

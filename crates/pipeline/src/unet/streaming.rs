@@ -103,6 +103,8 @@ impl<T> Drop for PartOnDevice<'_, T> {
 pub(crate) struct HostWeights {
     tensors: Arc<HashMap<String, Tensor>>,
     pub(crate) counters: Arc<StreamCounters>,
+    /// The weights a LoRA may change: module path and the dims its built module reports.
+    lora_shapes: Arc<Vec<(String, Vec<usize>)>>,
 }
 
 impl std::fmt::Debug for HostWeights {
@@ -122,6 +124,18 @@ impl HostWeights {
             dtype,
             device.clone(),
         )
+    }
+
+    /// The host tensors a LoRA may change (merged in place: every part built afterwards reads
+    /// the merged values).
+    pub(crate) fn lora_targets(&self) -> Vec<(String, crate::lora::Target<'_>)> {
+        self.lora_shapes
+            .iter()
+            .filter_map(|(path, dims)| {
+                let weight = self.tensors.get(&format!("{path}.weight"))?;
+                Some((path.clone(), crate::lora::Target::Host(weight, dims)))
+            })
+            .collect()
     }
 
     /// Host bytes held.
@@ -155,12 +169,14 @@ pub(crate) struct Recording(Arc<Mutex<HashMap<String, Tensor>>>);
 
 impl Recording {
     /// The tensors read so far. Call after the recording `VarBuilder` and everything built from
-    /// it are dropped (they share the tensors, so nothing is copied either way).
-    pub(crate) fn finish(self) -> HostWeights {
+    /// it are dropped (they share the tensors, so nothing is copied either way). `lora_shapes`:
+    /// the LoRA targets the build listed.
+    pub(crate) fn finish(self, lora_shapes: Vec<(String, Vec<usize>)>) -> HostWeights {
         let seen = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
         HostWeights {
             tensors: Arc::new(seen),
             counters: Arc::default(),
+            lora_shapes: Arc::new(lora_shapes),
         }
     }
 }
@@ -253,7 +269,7 @@ mod tests {
         assert_eq!(a.dtype(), DType::F16);
         assert!(vb.pp("a").get((3, 2), "w").is_err(), "shape still checked");
         drop(vb);
-        let host = rec.finish();
+        let host = rec.finish(Vec::new());
         assert_eq!(host.bytes(), 6 * 2);
         let vb = host.var_builder(DType::F16, &dev);
         assert_eq!(vb.pp("a").get((2, 3), "w")?.dtype(), DType::F16);
