@@ -510,3 +510,43 @@ fn an_unparsable_record_is_skipped_with_one_warning_and_fails_only_its_own_reads
         "{health}"
     );
 }
+
+#[test]
+fn the_shared_cache_answers_another_api_byte_for_byte_holding_the_first_image_once() {
+    let Some(redis) = Redis::start(
+        "the_shared_cache_answers_another_api_byte_for_byte_holding_the_first_image_once",
+    ) else {
+        return;
+    };
+    let _worker = start(&redis, "worker", "step_ms=0", &[]);
+    let (one, two) = (start(&redis, "api", "", &[]), start(&redis, "api", "", &[]));
+    wait_workers(&one, 1);
+    wait_workers(&two, 1);
+    let body = json!({"prompt": "shared", "steps": 2, "width": 256, "height": 256, "seed": 5, "batch_size": 2});
+    let post = |s: &Server| {
+        common::request(
+            s.addr,
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let miss = post(&one);
+    assert_eq!((miss.status, miss.header("x-cache")), (200, Some("miss")));
+    let hit = post(&two);
+    assert_eq!((hit.status, hit.header("x-cache")), (200, Some("hit")));
+    assert!(miss.body == hit.body, "the other API's hit differs");
+    // Redis holds the body less the first image's second copy (and a 28-byte header).
+    // (Keys hold NUL bytes, which a command line cannot: Lua finds and measures them.)
+    let lens = redis.cli(&[
+        "EVAL",
+        "local n = {} for _, k in ipairs(redis.call('KEYS', 'sdserve:cache:*')) do n[#n + 1] = redis.call('STRLEN', k) end return n",
+        "0",
+    ]);
+    let lens: Vec<usize> = lens.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(lens.len(), 1, "{lens:?}");
+    let stored = lens[0];
+    let first = miss.json()["image_base64"].as_str().unwrap().len();
+    assert_eq!(stored, miss.body.len() - first + 28);
+}

@@ -11,7 +11,7 @@ use super::{
     job_spec, openapi_string, read_generate_body, AppState, GenerateRequest, GenerateResponse,
     GpuInfo, HealthResponse, HealthStatus, QueueInfo, RequestStats, Shared,
 };
-use crate::cache::ResponseCache;
+use crate::cache::{CachedBody, ResponseCache};
 use crate::engine::ModelState;
 use crate::error::{ApiError, ErrorBody};
 
@@ -149,6 +149,12 @@ impl Generated {
     }
 }
 
+/// The shared cache's key of an entry: `CachedBody::to_wire` bytes (`v2`), apart from the
+/// whole bodies older replicas keep under the plain key.
+fn shared_key(key: &str) -> String {
+    format!("v2\u{0}{key}")
+}
+
 /// Runs one validated request, whichever dialect it came in: the response cache, the engine,
 /// the `/generate` answer.
 pub(super) async fn run(
@@ -193,16 +199,17 @@ pub(super) async fn run_watched(
         _ => None,
     };
     if let (Some(cache), Some(key)) = (&app.cache, &key) {
-        // With QUEUE_URL the replicas share one cache in Redis.
-        let hit = match app.engine.shared_cache_get(key) {
-            Some(shared) => shared.map(Bytes::from),
+        // With QUEUE_URL the replicas share one cache in Redis (under its own key, as older
+        // replicas stored whole bodies there).
+        let hit = match app.engine.shared_cache_get(&shared_key(key)) {
+            Some(shared) => shared.as_deref().and_then(CachedBody::from_wire),
             None => cache.get(key),
         };
         if let Some(hit) = hit {
             app.metrics.cache_hits.inc();
             stats.cache = Some("hit");
             return Ok(Generated {
-                body: hit,
+                body: hit.body(),
                 cache: "hit",
                 stats,
             });
@@ -214,8 +221,12 @@ pub(super) async fn run_watched(
     let bytes =
         Bytes::from(serde_json::to_vec(&*resp).map_err(|e| ApiError::Internal(e.to_string()))?);
     if let (Some(cache), Some(key)) = (&app.cache, key) {
-        if !app.engine.shared_cache_put(&key, &bytes) {
-            cache.insert(key, bytes.clone());
+        let held = CachedBody::of(&bytes);
+        if !app
+            .engine
+            .shared_cache_put(&shared_key(&key), &held.to_wire())
+        {
+            cache.insert(key, held);
         }
     }
     stats.queue_secs = Some(out.queue_secs);

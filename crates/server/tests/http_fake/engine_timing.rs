@@ -259,3 +259,67 @@ fn client_disconnect_cancels_running_and_queued_work() {
     assert_eq!(s.metric("sdserve_step_seconds_count"), ran + 20.0);
     assert_eq!(s.get("/health").json()["queue"]["running"], 0);
 }
+
+#[test]
+fn a_cache_hit_is_byte_identical_and_holds_each_image_once() {
+    let s = ready(fake("step_ms=0"));
+    let post = |body: &serde_json::Value| {
+        s.request(
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let mut held = 0.0;
+    for batch in [1, 2] {
+        let body = json!({"prompt": "twice", "steps": 2, "width": 256, "height": 256, "seed": 11, "batch_size": batch});
+        let miss = post(&body);
+        assert_eq!((miss.status, miss.header("x-cache")), (200, Some("miss")));
+        let hit = post(&body);
+        assert_eq!((hit.status, hit.header("x-cache")), (200, Some("hit")));
+        assert!(
+            miss.body == hit.body,
+            "batch {batch}: hit differs from miss"
+        );
+        let j = miss.json();
+        let images = j["images"].as_array().unwrap();
+        assert_eq!(images.len(), batch);
+        assert_eq!(images[0], j["image_base64"]);
+        // The entry costs the body less the first image's second copy, plus its key (short).
+        let first = j["image_base64"].as_str().unwrap().len() as f64;
+        let entry = s.metric("sdserve_cache_bytes") - held;
+        let once = miss.body.len() as f64 - first;
+        assert!(
+            entry >= once && entry < once + 1024.0,
+            "batch {batch}: entry {entry} B, body {} B, first image {first} B",
+            miss.body.len()
+        );
+        held += entry;
+    }
+    // The dialects built on the same cache answer a hit as they answered the miss.
+    let a1111 = json!({"prompt": "twice", "steps": 2, "width": 256, "height": 256, "seed": 12, "batch_size": 2});
+    let send = |path: &str, body: &serde_json::Value| {
+        s.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let (miss, hit) = (
+        send("/sdapi/v1/txt2img", &a1111),
+        send("/sdapi/v1/txt2img", &a1111),
+    );
+    assert_eq!((miss.status, hit.status), (200, 200), "{}", miss.text());
+    assert_eq!(miss.json(), hit.json());
+    let openai = json!({"prompt": "twice", "n": 2, "size": "256x256", "seed": 13, "steps": 2, "response_format": "b64_json"});
+    let (miss, hit) = (
+        send("/v1/images/generations", &openai),
+        send("/v1/images/generations", &openai),
+    );
+    assert_eq!((miss.status, hit.status), (200, 200), "{}", miss.text());
+    assert_eq!(miss.json()["data"], hit.json()["data"]);
+    assert_eq!(miss.json()["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(s.metric("sdserve_cache_hits_total"), 4.0);
+}
