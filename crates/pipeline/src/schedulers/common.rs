@@ -422,14 +422,16 @@ pub fn to_f32(t: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// DDPM-style `add_noise` at training timestep `t`: `sqrt(ac[t]) * x + sqrt(1 - ac[t]) * noise`,
-/// in float32 as diffusers computes it (PNDM, DDIM).
+/// DDPM-style `add_noise` at training timestep `t = timesteps[index]`:
+/// `sqrt(ac[t]) * x + sqrt(1 - ac[t]) * noise`, in float32 as diffusers computes it (PNDM, DDIM).
 pub fn add_noise_alphas(
     alphas_cumprod: &[f32],
-    t: f64,
+    timesteps: &[f64],
     original: &Tensor,
     noise: &Tensor,
+    index: usize,
 ) -> Result<Tensor> {
+    let t = timesteps[noise_index(index, timesteps.len())?];
     let ac = *alphas_cumprod
         .get(t as usize)
         .ok_or_else(|| config_error(format!("timestep {t} is outside the training schedule")))?;

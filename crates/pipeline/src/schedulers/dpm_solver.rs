@@ -139,6 +139,48 @@ pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     (alpha, sigma * alpha)
 }
 
+/// `final_sigmas_type` (both classes default to "zero"): whether the appended sigma is 0 rather
+/// than the training schedule's smallest.
+pub(crate) fn final_sigma_zero(cfg: &SchedulerConfig) -> Result<bool> {
+    match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
+        "zero" => Ok(true),
+        "sigma_min" => Ok(false),
+        other => Err(config_error(format!(
+            "unsupported final_sigmas_type {other:?}"
+        ))),
+    }
+}
+
+/// `convert_model_output` at `sigma`: the data prediction x0 (`data`: dpmsolver++, UniPC's
+/// predict_x0) or the noise prediction, from a model that predicts `prediction`.
+pub(crate) fn convert_model_output(
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+    data: bool,
+    prediction: PredictionType,
+) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    Ok(match (data, prediction) {
+        (true, PredictionType::Epsilon) => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
+        (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => model_output.clone(),
+        (true, PredictionType::VPrediction) => {
+            (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?
+        }
+        (false, PredictionType::Sample) => div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?,
+        (false, PredictionType::VPrediction) => {
+            (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?
+        }
+    })
+}
+
+/// The `k`-th newest of the stored model outputs (1 = newest; they are kept oldest first).
+pub(crate) fn newest_output(model_outputs: &[Option<Tensor>], k: usize) -> Result<&Tensor> {
+    model_outputs[model_outputs.len() - k]
+        .as_ref()
+        .ok_or_else(|| PipelineError::InvalidRequest("multistep scheduler history is empty".into()))
+}
+
 /// The multistep solvers' `add_noise`: `alpha_t * original + sigma_t * noise` at
 /// `sigmas[index]`, float32.
 pub(crate) fn add_noise_alpha_sigma(
@@ -261,15 +303,7 @@ impl DpmSolverMultistep {
         if cfg.thresholding == Some(true) {
             return Err(config_error("thresholding is not supported"));
         }
-        let final_sigma_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
-            "zero" => true,
-            "sigma_min" => false,
-            other => {
-                return Err(config_error(format!(
-                    "unsupported final_sigmas_type {other:?}"
-                )))
-            }
-        };
+        let final_sigma_zero = final_sigma_zero(cfg)?;
         if algorithm == Algorithm::DpmSolver && final_sigma_zero {
             return Err(config_error(
                 "final_sigmas_type \"zero\" needs algorithm_type dpmsolver++",
@@ -311,23 +345,8 @@ impl DpmSolverMultistep {
         sample: &Tensor,
         i: usize,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
-        Ok(match (self.algorithm, self.prediction) {
-            (Algorithm::DpmSolverPp, PredictionType::Epsilon) => {
-                div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?
-            }
-            (Algorithm::DpmSolverPp, PredictionType::Sample) => model_output.clone(),
-            (Algorithm::DpmSolverPp, PredictionType::VPrediction) => {
-                (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?
-            }
-            (Algorithm::DpmSolver, PredictionType::Epsilon) => model_output.clone(),
-            (Algorithm::DpmSolver, PredictionType::Sample) => {
-                div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?
-            }
-            (Algorithm::DpmSolver, PredictionType::VPrediction) => {
-                (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?
-            }
-        })
+        let data = self.algorithm == Algorithm::DpmSolverPp;
+        convert_model_output(model_output, sample, self.sigmas[i], data, self.prediction)
     }
 
     /// `dpm_solver_first_order_update` (DDIM-like).
@@ -421,11 +440,7 @@ impl DpmSolverMultistep {
 
     /// The `k`-th newest stored model output (1 = newest).
     fn output(&self, k: usize) -> Result<&Tensor> {
-        self.model_outputs[self.model_outputs.len() - k]
-            .as_ref()
-            .ok_or_else(|| {
-                PipelineError::InvalidRequest("multistep scheduler history is empty".into())
-            })
+        newest_output(&self.model_outputs, k)
     }
 }
 

@@ -231,8 +231,13 @@ impl Scheduler for Pndm {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let t = self.timesteps[common::noise_index(index, self.timesteps.len())?];
-        common::add_noise_alphas(&self.alphas_cumprod, t, original, noise)
+        common::add_noise_alphas(
+            &self.alphas_cumprod,
+            &self.timesteps,
+            original,
+            noise,
+            index,
+        )
     }
 
     fn step(

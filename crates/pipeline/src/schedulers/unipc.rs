@@ -8,7 +8,8 @@ use candle_core::Tensor;
 
 use super::common::{self, config_error, div_s as div, mul_s as mul, PredictionType};
 use super::dpm_solver::{
-    add_noise_alpha_sigma, alpha_sigma, current_step_index, lambda, Family, MultistepSchedule,
+    add_noise_alpha_sigma, alpha_sigma, convert_model_output, current_step_index, final_sigma_zero,
+    lambda, newest_output, Family, MultistepSchedule,
 };
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
@@ -58,15 +59,7 @@ impl UniPcMultistep {
         if cfg.thresholding == Some(true) {
             return Err(config_error("thresholding is not supported"));
         }
-        let final_sigma_zero = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
-            "zero" => true,
-            "sigma_min" => false,
-            other => {
-                return Err(config_error(format!(
-                    "unsupported final_sigmas_type {other:?}"
-                )))
-            }
-        };
+        let final_sigma_zero = final_sigma_zero(cfg)?;
         let predict_x0 = cfg.predict_x0.unwrap_or(true);
         if !predict_x0 && final_sigma_zero {
             // The noise-prediction form's last step is 0 * inf there: diffusers returns NaN.
@@ -111,33 +104,18 @@ impl UniPcMultistep {
         sample: &Tensor,
         i: usize,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i]);
-        Ok(match (self.predict_x0, self.prediction) {
-            (true, PredictionType::Epsilon) => {
-                div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?
-            }
-            (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => {
-                model_output.clone()
-            }
-            (true, PredictionType::VPrediction) => {
-                (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?
-            }
-            (false, PredictionType::Sample) => {
-                div(&(sample - mul(model_output, alpha_t)?)?, sigma_t)?
-            }
-            (false, PredictionType::VPrediction) => {
-                (mul(model_output, alpha_t)? + mul(sample, sigma_t)?)?
-            }
-        })
+        convert_model_output(
+            model_output,
+            sample,
+            self.sigmas[i],
+            self.predict_x0,
+            self.prediction,
+        )
     }
 
     /// The `k`-th newest stored model output (1 = newest).
     fn output(&self, k: usize) -> Result<&Tensor> {
-        self.model_outputs[self.model_outputs.len() - k]
-            .as_ref()
-            .ok_or_else(|| {
-                PipelineError::InvalidRequest("multistep scheduler history is empty".into())
-            })
+        newest_output(&self.model_outputs, k)
     }
 
     /// The shared part of UniP and UniC from sigma index `s0` to `t`: `h`, `rks`, the coefficient
