@@ -65,6 +65,7 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cancelled: Counter,
+    pub previews: Counter,
     pub jobs_evicted: Counter,
     device_memory: Mutex<Option<DeviceMemory>>,
 }
@@ -129,6 +130,11 @@ impl Default for Metrics {
             "sdserve_cancelled",
             "Runs stopped early (timeout, client gone, shutdown, cancel)",
         );
+        let previews = counter(
+            &mut registry,
+            "sdserve_previews",
+            "Previews made (PREVIEW): only for jobs someone can see them of (an event stream, a poller)",
+        );
         let jobs_evicted = counter(
             &mut registry,
             "sdserve_jobs_evicted",
@@ -145,6 +151,7 @@ impl Default for Metrics {
             cache_hits,
             cache_misses,
             cancelled,
+            previews,
             jobs_evicted,
             device_memory: Mutex::new(None),
         }

@@ -172,7 +172,9 @@ pub(super) async fn events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (view, rx) = app.engine.subscribe(&id)?;
-    let stream = event_stream(app.engine.clone(), id, view, rx);
+    // This stream shows previews: they are made while it lives.
+    let watch = app.engine.watch_previews(&id);
+    let stream = event_stream(app.engine.clone(), id, view, rx, watch);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -200,8 +202,11 @@ fn event_stream(
     id: String,
     view: JobView,
     rx: broadcast::Receiver<JobEvent>,
+    watch: Option<crate::engine::PreviewWatch>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::unfold(Phase::First(Box::new(view), rx), move |phase| {
+        // Owned by the stream: dropped with it (the end, or the client gone).
+        let _watch = &watch;
         let engine = engine.clone();
         let id = id.clone();
         async move {

@@ -17,8 +17,8 @@ use tokio::sync::broadcast;
 use super::job::{
     new_id, Finished, JobEvent, JobProgress, JobSpec, JobStatus, JobView, StopReason,
 };
-use super::record::{Record, EVENT_BUFFER};
-use super::{EngineConfig, JobBackend, ModelState};
+use super::record::{Record, WatcherCount, EVENT_BUFFER};
+use super::{EngineConfig, JobBackend, ModelState, PreviewWatch};
 use crate::api::GenerateResponse;
 use crate::error::{ApiError, TimeoutInfo};
 use crate::generator::Loader;
@@ -437,6 +437,8 @@ impl JobBackend for Local {
             error: None,
             gen_secs: 0.0,
             preview: None,
+            preview_watchers: Default::default(),
+            previews_asked_until: None,
             events: None,
         };
         jobs.records.insert(id.clone(), record);
@@ -505,6 +507,20 @@ impl JobBackend for Local {
             .get_or_insert_with(|| broadcast::channel(EVENT_BUFFER).0)
             .subscribe();
         Ok(jobs.view(id).map(|v| (v, rx)))
+    }
+
+    fn watch_previews(&self, id: &str) -> Option<PreviewWatch> {
+        let jobs = self.inner.jobs();
+        let r = jobs.records.get(id)?;
+        Some(Box::new(WatcherCount::new(r.preview_watchers.clone())))
+    }
+
+    fn ask_previews(&self, id: &str, window: Duration) {
+        let mut jobs = self.inner.jobs();
+        if let Some(r) = jobs.records.get_mut(id) {
+            let until = Instant::now() + window;
+            r.previews_asked_until = Some(r.previews_asked_until.map_or(until, |u| u.max(until)));
+        }
     }
 
     fn finished(&self, id: &str) -> Result<Option<Finished>, ApiError> {

@@ -72,6 +72,13 @@ pub struct EngineConfig {
     pub stuck_grace: Duration,
 }
 
+/// Keeps a job's previews wanted while it lives (an event stream that shows them).
+pub type PreviewWatch = Box<dyn Send>;
+
+/// How long a poller's ask for the latest preview (A1111 `current_image`) keeps previews
+/// being made: a few of its polls.
+pub const PREVIEW_ASK_WINDOW: Duration = Duration::from_secs(5);
+
 /// `EngineConfig::stuck_grace` of a server.
 pub const STUCK_GRACE: Duration = Duration::from_secs(60);
 
@@ -135,6 +142,11 @@ pub trait JobBackend: Send + Sync {
     ) -> Result<Option<(JobView, broadcast::Receiver<JobEvent>)>, ApiError>;
     /// The outcome of a job that has ended; `None` while it has not (or for an unknown id).
     fn finished(&self, id: &str) -> Result<Option<Finished>, ApiError>;
+    /// Previews of `id` are made (PREVIEW) only while someone can see them: while the
+    /// returned watch lives (an event stream), or for `window` after `ask_previews` (a
+    /// poller). `None` for an unknown id.
+    fn watch_previews(&self, id: &str) -> Option<PreviewWatch>;
+    fn ask_previews(&self, id: &str, window: Duration);
     /// The replicas sharing the queue (QUEUE_URL), for /health; `None` for one process.
     fn cluster(&self) -> Option<ClusterHealth> {
         None
@@ -330,6 +342,16 @@ impl Engine {
         id: &str,
     ) -> Result<(JobView, broadcast::Receiver<JobEvent>), ApiError> {
         self.backend.subscribe(id)?.ok_or_else(|| not_found(id))
+    }
+
+    /// Keeps `id`'s previews made while the watch lives (see `JobBackend::watch_previews`).
+    pub fn watch_previews(&self, id: &str) -> Option<PreviewWatch> {
+        self.backend.watch_previews(id)
+    }
+
+    /// A poller shows `id`'s latest preview: previews are made for a while.
+    pub fn ask_previews(&self, id: &str) {
+        self.backend.ask_previews(id, PREVIEW_ASK_WINDOW)
     }
 
     /// The running job, if any (for dialects that report "the" progress, like A1111's).

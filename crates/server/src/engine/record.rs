@@ -1,7 +1,7 @@
 //! A job's record in the in-process backend: its state, result and event channel, and what it
 //! holds for JOB_RESULTS_MB.
 
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -35,6 +35,11 @@ pub(super) struct Record {
     pub error: Option<ApiError>,
     pub gen_secs: f64,
     pub preview: Option<(usize, Arc<String>)>,
+    /// Who can see previews: event streams that show them (each holds a `PreviewWatch`),
+    /// and until when a poller last asked for the latest (A1111 `current_image`). Previews
+    /// are made only while one of them can see them.
+    pub preview_watchers: Arc<AtomicUsize>,
+    pub previews_asked_until: Option<Instant>,
     /// The job's event channel, while someone follows it: a subscriber takes the record's
     /// state and every event after it; nobody needs the events of an unfollowed job.
     pub events: Option<broadcast::Sender<JobEvent>>,
@@ -128,9 +133,31 @@ impl Record {
         }
     }
 
+    /// True while someone can see this job's previews (see `preview_watchers`).
+    pub(super) fn previews_wanted(&self, now: Instant) -> bool {
+        self.preview_watchers.load(Ordering::SeqCst) > 0
+            || self.previews_asked_until.is_some_and(|until| now < until)
+    }
+
     pub(super) fn followed(&self) -> bool {
         self.events
             .as_ref()
             .is_some_and(|tx| tx.receiver_count() > 0)
+    }
+}
+
+/// Holds a job's previews wanted (`Record::preview_watchers`) until dropped.
+pub(super) struct WatcherCount(pub Arc<AtomicUsize>);
+
+impl WatcherCount {
+    pub fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for WatcherCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -300,9 +300,11 @@ impl Run<'_> {
         }
     }
 
-    /// Records progress and its ETA, sends the progress event and, when due, a preview (made
-    /// whether or not anyone listens: in-process waiters and the cluster's forwarder subscribe to
-    /// every job, so a listener count cannot tell).
+    /// Records progress and its ETA, sends the progress event and, when due, a preview: made
+    /// only while someone can see it (`Record::previews_wanted`: an event stream that shows
+    /// previews, or a poller that asked lately), not for a client that only waits for the
+    /// image (`/generate`) nor for the cluster's forwarder (API replicas tell it, via Redis,
+    /// whom they serve).
     fn progress(&self, p: &StepProgress<'_>, start: Instant, now: Instant) {
         let per_step = now.duration_since(start).as_secs_f64() / p.step.max(1) as f64;
         let eta = per_step * p.total.saturating_sub(p.step) as f64;
@@ -315,19 +317,21 @@ impl Run<'_> {
         let due = cfg.preview != PreviewMode::Off
             && cfg.preview_every > 0
             && (p.step.is_multiple_of(cfg.preview_every) || p.step == p.total);
-        {
+        let wanted = {
             let mut jobs = self.inner.jobs();
             let Some(r) = jobs.records.get_mut(self.id) else {
                 return;
             };
             r.progress = progress;
             r.emit(JobEvent::Progress(progress));
-        }
+            due && r.previews_wanted(now)
+        };
         // Kept in the record too, for clients that poll (A1111 `current_image`).
-        if !due {
+        if !wanted {
             return;
         }
         let Some(latents) = p.latents else { return };
+        self.inner.metrics.previews.inc();
         match preview_png(cfg.preview, latents, self.taesd) {
             Ok(png) => {
                 let b64 = Arc::new(base64::engine::general_purpose::STANDARD.encode(png));

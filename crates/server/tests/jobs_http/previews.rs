@@ -195,3 +195,62 @@ fn real_pipeline_taesd_previews_decode_the_steps_latents() {
     drop(s);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// Previews are made only while someone can see them: not for `/generate` (its client waits
+/// for the image), nor for a job nobody follows, nor for an A1111 poller that skips
+/// `current_image`; an event stream gets every one made, and an A1111 poller its latest.
+#[test]
+fn previews_are_made_only_while_someone_can_see_them() {
+    let s = ready(
+        "step_ms=20",
+        &[("PREVIEW", "latent"), ("PREVIEW_EVERY", "2")],
+    );
+    let made = || s.metric("sdserve_previews_total");
+    let req = json!({"prompt": "unseen", "steps": 10, "width": 256, "height": 256, "seed": 1});
+    assert_eq!(s.post_json(&req).status, 200);
+    let id = submit(&s, &req)["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    while s.get(&format!("/jobs/{id}")).json()["status"] != "succeeded" {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(made(), 0.0, "previews made that nobody could see");
+
+    let previews = previews_of_a_job(&s);
+    assert!(!previews.is_empty());
+    assert_eq!(made(), previews.len() as f64);
+
+    // A1111: polled with skip_current_image=true, none; polled plainly, its latest.
+    let a1111 = |skip: bool| {
+        let addr = s.addr;
+        let run = std::thread::spawn(move || {
+            common::request(
+                addr,
+                "POST",
+                "/sdapi/v1/txt2img",
+                &[("Content-Type", "application/json")],
+                // Its own seed each time: a cache hit would run no job.
+                json!({"prompt": "polled", "steps": 16, "width": 256, "height": 256, "seed": u64::from(skip)})
+                    .to_string()
+                    .as_bytes(),
+            )
+        });
+        let path = format!("/sdapi/v1/progress?skip_current_image={skip}");
+        let mut image = None;
+        while !run.is_finished() {
+            let p = s.get(&path).json();
+            if let Some(png) = p["current_image"].as_str() {
+                image = Some(png.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        assert_eq!(run.join().unwrap().status, 200);
+        image
+    };
+    let before = made();
+    assert_eq!(a1111(true), None);
+    assert_eq!(made(), before, "previews made for a poller that skips them");
+    let image = a1111(false).expect("current_image while polled");
+    assert_eq!(decode_png(&image).0, 256 / 8, "the latent preview");
+    assert!(made() > before);
+}

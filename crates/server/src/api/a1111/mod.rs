@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -250,9 +250,25 @@ async fn generate(
     .into_response())
 }
 
-/// A1111's `progress`: the oldest A1111 request in flight, its batch and step.
-#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111", responses((status = 200, body = schema::A1111Progress)))]
-async fn progress(State(app): State<Shared>) -> Json<Value> {
+/// A1111's `progress`: the oldest A1111 request in flight, its batch and step. Unless
+/// `skip_current_image=true`, it asks for the job's previews (PREVIEW): they are made while
+/// a client polls for them, and `current_image` is the latest.
+#[utoipa::path(
+    get,
+    path = "/sdapi/v1/progress",
+    tag = "a1111",
+    params(("skip_current_image" = Option<bool>, Query, description = "`true`: no `current_image` (and no previews made for it)")),
+    responses((status = 200, body = schema::A1111Progress))
+)]
+async fn progress(State(app): State<Shared>, RawQuery(query): RawQuery) -> Json<Value> {
+    let skip_image = query.as_deref().is_some_and(|q| {
+        q.split('&').any(|pair| {
+            matches!(
+                pair.split_once('='),
+                Some(("skip_current_image", v)) if v.eq_ignore_ascii_case("true") || v == "1"
+            )
+        })
+    });
     let active = lock(&app.a1111.active).first().cloned();
     let Some(a) = active else {
         return Json(json!({
@@ -269,13 +285,19 @@ async fn progress(State(app): State<Shared>) -> Json<Value> {
     };
     let job_no = a.job_no.load(Ordering::SeqCst);
     let job_id = lock(&a.job).clone();
+    if let (Some(id), false) = (&job_id, skip_image) {
+        app.engine.ask_previews(id);
+    }
     let job = job_id.and_then(|id| app.engine.job(&id).ok());
     let (step, steps, job_eta, preview) = match &job {
         Some(j) => (
             j.progress.step,
             j.progress.total,
             j.progress.eta_seconds,
-            j.preview.as_ref().map(|(_, png)| png.clone()),
+            j.preview
+                .as_ref()
+                .filter(|_| !skip_image)
+                .map(|(_, png)| png.clone()),
         ),
         None => (0, 0, None, None),
     };

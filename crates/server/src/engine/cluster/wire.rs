@@ -63,6 +63,11 @@ impl Keys {
     pub fn heartbeat(&self, worker: &str) -> String {
         format!("{}:worker:{worker}", self.prefix)
     }
+    /// Set (with a short TTL, renewed) while an API replica serves an event stream of the job
+    /// that shows previews; the running worker makes previews only then.
+    pub fn previews(&self, id: &str) -> String {
+        format!("{}:previews:{id}", self.prefix)
+    }
     /// Pub/sub channel of every job event.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)

@@ -326,12 +326,19 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
                 if matches!(w.local.finished(&lid), Ok(Some(_))) {
                     break;
                 }
-                if !asked_to_stop {
-                    if let Ok(Some(why)) = conn.get::<_, Option<u8>>(k.cancel(id)).await {
-                        if let Some(why) = StopReason::from_u8(why) {
-                            asked_to_stop = true;
-                            let _ = w.local.cancel(&lid, why);
-                        }
+                // A stop request, and whether an API replica serves a stream showing previews.
+                let asked: Result<(Option<u8>, bool), _> = redis::pipe()
+                    .get(k.cancel(id))
+                    .exists(k.previews(id))
+                    .query_async(&mut conn)
+                    .await;
+                if let Ok((stop, watched)) = asked {
+                    if let (false, Some(why)) = (asked_to_stop, stop.and_then(StopReason::from_u8)) {
+                        asked_to_stop = true;
+                        let _ = w.local.cancel(&lid, why);
+                    }
+                    if watched {
+                        w.local.ask_previews(&lid, super::PREVIEWS_TTL);
                     }
                 }
                 let now = now_ms();

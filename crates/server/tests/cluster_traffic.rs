@@ -1,0 +1,110 @@
+//! What replicas sharing a real `redis-server` (QUEUE_URL) exchange besides the jobs, with
+//! the fake generator: the shared response cache, and which jobs' previews an API replica's
+//! clients watch (the worker makes previews only for those).
+//!
+//! Each test starts its own redis-server on a free port; without one it skips loudly, unless
+//! SDSERVE_REQUIRE_REDIS=1 (as `.ci/run` sets).
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{follow, submit_ok, wait_end, wait_workers, Redis};
+use common::Server;
+use serde_json::json;
+
+fn start(redis: &Redis, role: &str, fake: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = common::fake(fake);
+    for (k, v) in [
+        ("QUEUE_URL", redis.url().as_str()),
+        ("ROLE", role),
+        ("JOB_LEASE_SECONDS", "2"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        env.push((k.to_string(), v.to_string()));
+    }
+    Server::start(&env)
+}
+
+#[test]
+fn the_shared_cache_answers_another_api_byte_for_byte_holding_the_first_image_once() {
+    let Some(redis) = Redis::start(
+        "the_shared_cache_answers_another_api_byte_for_byte_holding_the_first_image_once",
+    ) else {
+        return;
+    };
+    let _worker = start(&redis, "worker", "step_ms=0", &[]);
+    let (one, two) = (start(&redis, "api", "", &[]), start(&redis, "api", "", &[]));
+    wait_workers(&one, 1);
+    wait_workers(&two, 1);
+    let body = json!({"prompt": "shared", "steps": 2, "width": 256, "height": 256, "seed": 5, "batch_size": 2});
+    let post = |s: &Server| {
+        common::request(
+            s.addr,
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let miss = post(&one);
+    assert_eq!((miss.status, miss.header("x-cache")), (200, Some("miss")));
+    let hit = post(&two);
+    assert_eq!((hit.status, hit.header("x-cache")), (200, Some("hit")));
+    assert!(miss.body == hit.body, "the other API's hit differs");
+    // Redis holds the body less the first image's second copy (and a 28-byte header).
+    // (Keys hold NUL bytes, which a command line cannot: Lua finds and measures them.)
+    let lens = redis.cli(&[
+        "EVAL",
+        "local n = {} for _, k in ipairs(redis.call('KEYS', 'sdserve:cache:*')) do n[#n + 1] = redis.call('STRLEN', k) end return n",
+        "0",
+    ]);
+    let lens: Vec<usize> = lens.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(lens.len(), 1, "{lens:?}");
+    let stored = lens[0];
+    let first = miss.json()["image_base64"].as_str().unwrap().len();
+    assert_eq!(stored, miss.body.len() - first + 28);
+}
+
+#[test]
+fn a_worker_makes_previews_only_for_jobs_an_api_replica_streams() {
+    let Some(redis) = Redis::start("a_worker_makes_previews_only_for_jobs_an_api_replica_streams")
+    else {
+        return;
+    };
+    let preview = [("PREVIEW", "latent"), ("PREVIEW_EVERY", "2")];
+    let worker = start(&redis, "worker", "step_ms=50", &preview);
+    let api = start(&redis, "api", "", &preview);
+    wait_workers(&api, 1);
+    let made = || worker.metric("sdserve_previews_total");
+    let req = |seed: u64| json!({"prompt": "watched?", "steps": 20, "width": 256, "height": 256, "seed": seed});
+
+    // Nobody can see them: a /generate client, a job nobody follows.
+    assert_eq!(api.post_json(&req(1)).status, 200);
+    let unseen = submit_ok(&api, &req(2));
+    assert_eq!(
+        wait_end(&api, &unseen, Duration::from_secs(30))["status"],
+        "succeeded"
+    );
+    assert_eq!(made(), 0.0, "previews made that nobody could see");
+
+    // A stream through the API: the worker hears of it within a poll or two (a preview is due
+    // every 2 of the 20 steps of 50 ms) and makes the rest.
+    let followed = submit_ok(&api, &req(3));
+    let events = follow(api.addr, &followed);
+    let previews = events.iter().filter(|(n, _)| n == "preview").count();
+    assert_eq!(events.last().map(|(n, _)| n.as_str()), Some("succeeded"));
+    assert!(previews >= 3, "{previews} previews of 10 due");
+    assert!(made() >= previews as f64);
+
+    // Once the stream is gone, no more.
+    let before = made();
+    let after = submit_ok(&api, &req(4));
+    assert_eq!(
+        wait_end(&api, &after, Duration::from_secs(30))["status"],
+        "succeeded"
+    );
+    assert_eq!(made(), before);
+}
