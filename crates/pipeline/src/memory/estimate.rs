@@ -69,6 +69,12 @@ pub fn unet_activation_bytes(
     attention + skips + working
 }
 
+/// The VAE mid block's attention over the `n` cells of the latent grid (one head of `n x n`
+/// scores, `2s + 8` bytes each as in the UNet) next to its `c` channels' input and projections.
+fn vae_mid_attention_bytes(n: u64, c: u64, s: u64, slicing: AttentionSlicing) -> u64 {
+    attention_piece(1, n, n, slicing) * (2 * s + 8) + n * c * 4 * s
+}
+
 /// Peak bytes of the VAE decoder's activations for one image of `width` x `height` pixels
 /// (one tile when tiling).
 ///
@@ -104,9 +110,7 @@ pub fn vae_activation_bytes(
         prev = out;
     }
     if shapes.vae_mid_attention {
-        let n = (h * w) as u64;
-        let piece = attention_piece(1, n, n, slicing);
-        peak = peak.max(piece * (2 * s + 8) + n * prev * 4 * s);
+        peak = peak.max(vae_mid_attention_bytes((h * w) as u64, prev, s, slicing));
     }
     // The output image (f32 for postprocessing) and the latents.
     peak + (3 * height * width) as u64 * 4
@@ -135,8 +139,7 @@ pub fn vae_encoder_activation_bytes(
     let f = shapes.vae_scale_factor;
     let n = (height.div_ceil(f) * width.div_ceil(f)) as u64;
     if shapes.vae_mid_attention {
-        let piece = attention_piece(1, n, n, slicing);
-        peak = peak.max(piece * (2 * s + 8) + n * prev * 4 * s);
+        peak = peak.max(vae_mid_attention_bytes(n, prev, s, slicing));
     }
     peak
 }

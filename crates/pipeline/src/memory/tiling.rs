@@ -151,7 +151,12 @@ fn run_tiled(
 mod tests {
     use super::*;
     use crate::test_util::max_abs_diff;
-    use candle_core::Device;
+    use candle_core::{Device, IndexOp};
+
+    /// Row 0 of channel 0 of image 0.
+    fn first_row(t: &Tensor) -> Vec<f32> {
+        t.i((0, 0, 0)).unwrap().to_vec1().unwrap()
+    }
 
     #[test]
     fn local_decoder_is_reproduced_exactly() {
@@ -185,15 +190,7 @@ mod tests {
         .unwrap();
         // tile 4 -> 8 px, stride 3 latent, blend 2 px, crop 6 px; columns: tiles at 0, 3, 6.
         assert_eq!(tiles.dims(), &[1, 1, 8, 16]);
-        let row: Vec<f32> = tiles
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let row = first_row(&tiles);
         // Tile 1 for px 0..6, then tile 2 entering at weights 0, 1/2, then pure 2.
         assert_eq!(&row[..8], &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5]);
         assert_eq!(row[8], 2.0);
@@ -231,15 +228,7 @@ mod tests {
         // Columns start at 0, 12, 24, 36 px: widths 16, 16, 16, 4; rows at 0 and 12: 2 rows.
         assert_eq!(starts, [16, 16, 16, 4, 16, 16, 16, 4]);
         assert_eq!(out.dims(), &[1, 1, 8, 20]);
-        let row: Vec<f32> = out
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let row = first_row(&out);
         // Tile 1 for cells 0..6, then tile 2 fading in at weights 0 and 1/2.
         assert_eq!(&row[..8], &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5]);
         assert_eq!(row[8], 2.0);
