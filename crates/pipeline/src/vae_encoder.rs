@@ -14,7 +14,7 @@ use crate::memory::tiling::encode_tiled;
 use crate::memory::VaeTiling;
 use crate::rng::TorchRng;
 use crate::unet::blocks::Downsample;
-use crate::vae::{conv, Activation, Attention, GroupNorm, ResnetBlock, VaeConfig, NORM_EPS};
+use crate::vae::{conv, Activation, GroupNorm, MidBlock, ResnetBlock, VaeConfig, NORM_EPS};
 use crate::Result;
 
 /// `DownEncoderBlock2D`: resnets, then optionally the stride-2 downsampler.
@@ -29,9 +29,7 @@ struct DownBlock {
 pub struct AutoencoderKlEncoder {
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
-    mid_resnet_0: ResnetBlock,
-    mid_attention: Option<Attention>,
-    mid_resnet_1: ResnetBlock,
+    mid_block: MidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
@@ -97,19 +95,7 @@ impl AutoencoderKlEncoder {
             });
             prev = out;
         }
-        let vm = ve.pp("mid_block");
-        let mid_resnet_0 = ResnetBlock::new(top, top, cfg, act, vm.pp("resnets.0"))?;
-        let mid_attention = if cfg.mid_block_add_attention {
-            Some(Attention::new(
-                top,
-                top,
-                cfg.norm_num_groups,
-                vm.pp("attentions.0"),
-            )?)
-        } else {
-            None
-        };
-        let mid_resnet_1 = ResnetBlock::new(top, top, cfg, act, vm.pp("resnets.1"))?;
+        let mid_block = MidBlock::new(top, cfg, act, ve.pp("mid_block"))?;
         let conv_norm_out =
             GroupNorm::new(top, cfg.norm_num_groups, NORM_EPS, ve.pp("conv_norm_out"))?;
         let moments = 2 * cfg.latent_channels;
@@ -122,9 +108,7 @@ impl AutoencoderKlEncoder {
         Ok(Self {
             conv_in,
             down_blocks,
-            mid_resnet_0,
-            mid_attention,
-            mid_resnet_1,
+            mid_block,
             conv_norm_out,
             conv_out,
             quant_conv,
@@ -150,11 +134,7 @@ impl AutoencoderKlEncoder {
                 x = d.forward(&x)?;
             }
         }
-        x = self.mid_resnet_0.forward(&x)?;
-        if let Some(a) = &self.mid_attention {
-            x = a.forward(&x, self.attention_slice)?;
-        }
-        x = self.mid_resnet_1.forward(&x)?;
+        x = self.mid_block.forward(&x, self.attention_slice)?;
         // diffusers' Encoder uses nn.SiLU() here whatever `act_fn` says.
         x = self.conv_norm_out.forward_act(&x, Activation::Silu)?;
         x = self.conv_out.forward(&x)?;

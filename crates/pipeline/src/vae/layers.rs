@@ -193,6 +193,53 @@ fn projection(vb: &VarBuilder, name: &str, legacy: &str, c: usize) -> candle_cor
     Ok(Linear::new(w, Some(b)))
 }
 
+/// diffusers `UNetMidBlock2D` of the VAE (decoder and encoder alike): resnet, the optional
+/// single-head attention (`mid_block_add_attention`), resnet, at the top `channels`.
+#[derive(Debug, Clone)]
+pub(crate) struct MidBlock {
+    resnet_0: ResnetBlock,
+    attention: Option<Attention>,
+    resnet_1: ResnetBlock,
+}
+
+impl MidBlock {
+    /// `vb` is rooted at the block (`decoder.mid_block` / `encoder.mid_block`).
+    pub(crate) fn new(
+        channels: usize,
+        cfg: &VaeConfig,
+        act: Activation,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let c = channels;
+        let resnet_0 = ResnetBlock::new(c, c, cfg, act, vb.pp("resnets.0"))?;
+        let attention = if cfg.mid_block_add_attention {
+            Some(Attention::new(
+                c,
+                c,
+                cfg.norm_num_groups,
+                vb.pp("attentions.0"),
+            )?)
+        } else {
+            None
+        };
+        let resnet_1 = ResnetBlock::new(c, c, cfg, act, vb.pp("resnets.1"))?;
+        Ok(Self {
+            resnet_0,
+            attention,
+            resnet_1,
+        })
+    }
+
+    /// `slice`: the attention's query rows per score matrix (see [`Attention::forward`]).
+    pub(crate) fn forward(&self, x: &Tensor, slice: Option<usize>) -> candle_core::Result<Tensor> {
+        let mut x = self.resnet_0.forward(x)?;
+        if let Some(a) = &self.attention {
+            x = a.forward(&x, slice)?;
+        }
+        self.resnet_1.forward(&x)
+    }
+}
+
 /// diffusers `Attention` as the VAE mid block builds it (`_from_deprecated_attn_block`):
 /// group norm, q/k/v over the H*W tokens, `heads = C / attention_head_dim` (one head, since
 /// `attention_head_dim = block_out_channels[-1]`), output projection, residual.

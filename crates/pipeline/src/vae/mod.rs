@@ -22,7 +22,7 @@ mod config;
 mod layers;
 
 pub use config::VaeConfig;
-pub(crate) use layers::{conv, Activation, Attention, GroupNorm, ResnetBlock, NORM_EPS};
+pub(crate) use layers::{conv, Activation, GroupNorm, MidBlock, ResnetBlock, NORM_EPS};
 
 /// `UpDecoderBlock2D`: resnets, then optionally nearest 2x upsampling and a 3x3 conv.
 #[derive(Debug, Clone)]
@@ -51,9 +51,7 @@ pub struct AutoencoderKlDecoder {
     config: VaeConfig,
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnet_0: ResnetBlock,
-    mid_attention: Option<Attention>,
-    mid_resnet_1: ResnetBlock,
+    mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -77,19 +75,7 @@ impl AutoencoderKlDecoder {
         };
         let vd = vb.pp("decoder");
         let conv_in = conv(latent, top, 3, vd.pp("conv_in"))?;
-        let vm = vd.pp("mid_block");
-        let mid_resnet_0 = ResnetBlock::new(top, top, cfg, act, vm.pp("resnets.0"))?;
-        let mid_attention = if cfg.mid_block_add_attention {
-            Some(Attention::new(
-                top,
-                top,
-                cfg.norm_num_groups,
-                vm.pp("attentions.0"),
-            )?)
-        } else {
-            None
-        };
-        let mid_resnet_1 = ResnetBlock::new(top, top, cfg, act, vm.pp("resnets.1"))?;
+        let mid_block = MidBlock::new(top, cfg, act, vd.pp("mid_block"))?;
 
         let mut up_blocks = Vec::with_capacity(ch.len());
         let mut prev = top;
@@ -121,9 +107,7 @@ impl AutoencoderKlDecoder {
             config: cfg.clone(),
             post_quant_conv,
             conv_in,
-            mid_resnet_0,
-            mid_attention,
-            mid_resnet_1,
+            mid_block,
             up_blocks,
             conv_norm_out,
             conv_out,
@@ -152,11 +136,7 @@ impl AutoencoderKlDecoder {
             x = c.forward(&x)?;
         }
         x = self.conv_in.forward(&x)?;
-        x = self.mid_resnet_0.forward(&x)?;
-        if let Some(a) = &self.mid_attention {
-            x = a.forward(&x, self.attention_slice)?;
-        }
-        x = self.mid_resnet_1.forward(&x)?;
+        x = self.mid_block.forward(&x, self.attention_slice)?;
         for block in &self.up_blocks {
             x = block.forward(&x)?;
         }
