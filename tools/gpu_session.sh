@@ -145,6 +145,10 @@ if want tests; then
         LT_FAILED=1
         say "cuBLASLt linear test failed: the SDSERVE_CUDA_LINEAR=lt variants are skipped"
     fi
+    if grep -q "^test .*::nchw_projections.*FAILED" "$J/tests.txt"; then
+        NCHW_FAILED=1
+        say "cuBLASLt NCHW projection test failed: the SDSERVE_CUDA_LINEAR=lt_nchw variants are skipped"
+    fi
     if grep -q "bias_add_covers.*FAILED" "$J/tests.txt"; then
         export SDSERVE_CUDA_KERNELS=attention,group_norm,layer_norm,geglu,conv
         say "bias_add test failed: measuring without it"
@@ -252,6 +256,12 @@ if want variants; then
         bench graph_lt_f16 150 SDSERVE_CUDA_GRAPH=1 SDSERVE_CUDA_LINEAR=lt -- --dtype f16 --vram-limit-mb 5120 \
             --sizes "$SIZES" --repeats 2 --seeds "${SEEDS%%,*}" --png-dir "$WORK/png/graph_lt_f16"
         ngr=$(($(grep -c "CUDA graph of the UNet step failed" "$LOG") - ngr))
+        # And the projections around each transformer on the NCHW image (no transposes, the
+        # residual in proj_out's GEMM): SDSERVE_CUDA_LINEAR=lt_nchw.
+        if [[ -z ${NCHW_FAILED:-} ]]; then
+            bench lt_nchw_f16 150 SDSERVE_CUDA_LINEAR=lt_nchw -- --dtype f16 --vram-limit-mb 5120 \
+                --sizes "$SIZES" --repeats 2 --seeds "${SEEDS%%,*}" --png-dir "$WORK/png/lt_nchw_f16"
+        fi
         nlt=$(($(grep -c "cuBLASLt cannot plan" "$LOG") - nlt))
         echo "{\"linear_shapes_left_to_cublas\": $nlt, \"graph_lt_capture_failures\": $ngr}" >"$J/lt_checks.json"
         say "cuBLASLt: $nlt linear shapes it could not plan (0 expected); graph_lt: $ngr capture failures (0 expected)"
@@ -276,10 +286,14 @@ if want profile; then
     bench profile_f32 120 SDSERVE_CUDA_PROFILE=1 NVIDIA_TF32_OVERRIDE=0 -- --dtype f32 \
         --vram-limit-mb 200000 --sizes "${SIZES%%,*}" --repeats 1 --seeds "${SEEDS%%,*}"
     # The same with the cuBLASLt linear layers: "gemm_lt" replaces "gemm", and the bias adds
-    # left are the convolutions' and the ResNets' time embedding.
+    # left are the convolutions' and the ResNets' time embedding; with lt_nchw also no
+    # "transformer_io" (the NCHW <-> tokens copies and the transformer's residual add).
     if [[ -z ${LT_FAILED:-} ]]; then
         bench profile_lt_f16 150 SDSERVE_CUDA_PROFILE=1 SDSERVE_CUDA_LINEAR=lt -- --dtype f16 \
             --vram-limit-mb 5120 --sizes "$SIZES" --repeats 1 --seeds "${SEEDS%%,*}"
+        [[ -n ${NCHW_FAILED:-} ]] || bench profile_lt_nchw_f16 150 SDSERVE_CUDA_PROFILE=1 \
+            SDSERVE_CUDA_LINEAR=lt_nchw -- --dtype f16 --vram-limit-mb 5120 --sizes "$SIZES" \
+            --repeats 1 --seeds "${SEEDS%%,*}"
     fi
 fi
 # What each lever is worth (512, f16, default plan): every kernel off, each one off, the
@@ -333,7 +347,7 @@ if want summary; then
     ref=$WORK/png/diffusers_f32
     [[ -n $DRY ]] && ref=$WORK/png/ours_f32
     for ours in ours_f16 ours_f32 pre_ampere sm61_f16 sm61_f16_blas_default sm61_f32 diffusers_f16 graph_f16 \
-        lt_f16 lt_f32 graph_lt_f16; do
+        lt_f16 lt_f32 graph_lt_f16 lt_nchw_f16; do
         [[ -d $WORK/png/$ours && -d $ref ]] || continue
         $PY "$G/tools/compare_images.py" "$ref" "$WORK/png/$ours" --label "$ours-vs-$(basename "$ref")" \
             >"$J/compare_$ours.json" || say "compare $ours failed"
@@ -344,8 +358,9 @@ if want summary; then
             --label graph-vs-plain >"$J/compare_graph_vs_plain.json" || say "compare graph failed"
     fi
     # cuBLASLt against the default path (same seed; one f16 rounding fewer: near, not equal),
-    # and its graph against its plain run (expected identical).
-    for pair in "lt_f16:ours_f16:lt_vs_plain" "lt_f32:ours_f32:lt_f32_vs_plain" "graph_lt_f16:lt_f16:graph_lt_vs_lt"; do
+    # its graph against its plain run (expected identical), the NCHW projections against it.
+    for pair in "lt_f16:ours_f16:lt_vs_plain" "lt_f32:ours_f32:lt_f32_vs_plain" "graph_lt_f16:lt_f16:graph_lt_vs_lt" \
+        "lt_nchw_f16:lt_f16:lt_nchw_vs_lt"; do
         IFS=: read -r a b label <<<"$pair"
         [[ -d $WORK/png/$a && -d $WORK/png/$b ]] || continue
         $PY "$G/tools/compare_images.py" "$WORK/png/$a" "$WORK/png/$b" --label "$label" \

@@ -43,7 +43,7 @@ def profile_table(r):
     torch.profiler kernel times), and ours for the decode after the last step."""
     lines = []
     for ours, theirs in (("profile_f16", "diffusers_f16"), ("profile_lt_f16", "diffusers_f16"),
-                         ("profile_f32", "diffusers_f32")):
+                         ("profile_lt_nchw_f16", "diffusers_f16"), ("profile_f32", "diffusers_f32")):
         for c in (r.get(ours) or {}).get("cases", []):
             size = c.get("size")
             run = (c.get("runs") or [{}])[0]
@@ -109,6 +109,7 @@ def optin_table(r):
     for k, base, label in (("lt_f16", "ours_f16", "f16, cuBLASLt linear layers (SDSERVE_CUDA_LINEAR=lt)"),
                            ("graph_f16", "ours_f16", "f16, CUDA graph (SDSERVE_CUDA_GRAPH=1)"),
                            ("graph_lt_f16", "ours_f16", "f16, CUDA graph + cuBLASLt"),
+                           ("lt_nchw_f16", "ours_f16", "f16, cuBLASLt + NCHW projections (lt_nchw)"),
                            ("lt_f32", "ours_f32", "f32 (no TF32), cuBLASLt linear layers")):
         if not r.get(k):
             continue
@@ -154,6 +155,9 @@ def table(r):
     for size in (512, 768):
         row(f"UNet step with guidance, {size}, f16, cuBLASLt linear layers (SDSERVE_CUDA_LINEAR=lt)",
             case(r, "lt_f16", size, "step_median_s"), case(r, "diffusers_f16", size, "step_median_s"))
+    for size in (512, 768):
+        row(f"UNet step with guidance, {size}, f16, cuBLASLt + NCHW projections (SDSERVE_CUDA_LINEAR=lt_nchw)",
+            case(r, "lt_nchw_f16", size, "step_median_s"), case(r, "diffusers_f16", size, "step_median_s"))
     row("f32 UNet step at 512, cuBLASLt linear layers (SDSERVE_CUDA_LINEAR=lt; no TF32)",
         case(r, "lt_f32", 512, "step_median_s"), case(r, "diffusers_f32", 512, "step_median_s"))
     row("f32 UNet step at 512, attention through candle's ops (SDSERVE_CUDA_ATTENTION_F32=candle)",
@@ -171,7 +175,7 @@ def table(r):
     lines.append("|---|---|---|---|")
     for k in ("ours_f16", "ours_f32", "pre_ampere", "sm61_f16", "sm61_f16_blas_default", "sm61_f32",
               "diffusers_f16", "graph_f16", "graph_vs_plain", "lt_f16", "lt_f32", "graph_lt_f16",
-              "lt_vs_plain", "lt_f32_vs_plain", "graph_lt_vs_lt"):
+              "lt_vs_plain", "lt_f32_vs_plain", "graph_lt_vs_lt", "lt_nchw_f16", "lt_nchw_vs_lt"):
         c = r.get(f"compare_{k}")
         if c and "worst" in c:
             w = c["worst"]

@@ -198,6 +198,15 @@ impl Dense {
         }
     }
 
+    /// The weight `[out, in]` and bias as candle's `Linear` holds them (the layout on GPUs),
+    /// for the NCHW projections of `kernels::cuda`; `None` when stored transposed.
+    pub fn stored(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match self {
+            Self::Candle(l) => Some((l.weight(), l.bias())),
+            _ => None,
+        }
+    }
+
     /// `x W^T + bias (+ residual)`.
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let y = match self {

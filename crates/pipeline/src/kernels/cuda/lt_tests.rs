@@ -165,3 +165,71 @@ fn lt_linear_is_captured_by_the_step_graph() -> Result<()> {
     }
     Ok(())
 }
+
+/// Each transformer level of SD 1.5's UNet at 512x512 with guidance, and one without:
+/// (batch, channels, height, width).
+const LEVELS: [(usize, usize, usize, usize); 5] = [
+    (2, 320, 64, 64),
+    (2, 640, 32, 32),
+    (2, 1280, 16, 16),
+    (2, 1280, 8, 8),
+    (1, 320, 64, 64),
+];
+
+#[test]
+fn nchw_projections_match_transpose_and_matmul() -> Result<()> {
+    let dev = gpu();
+    let mut seed = 2000;
+    for dtype in [DType::F32, DType::F16] {
+        let g = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+        let back = |t: Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
+        for (i, &(b, c, h, w)) in LEVELS.iter().enumerate() {
+            seed += 10;
+            let x = half_round_if(&rand(&[b, c, h, w], seed), dtype);
+            let wi = half_round_if(&(rand(&[c, c], seed + 1) / (c as f64).sqrt())?, dtype);
+            let bi = half_round_if(&rand(&[c], seed + 2), dtype);
+            // proj_in: the image as tokens, then the linear layer (with a bias but the last).
+            let bias = (i != LEVELS.len() - 1).then_some(&bi);
+            let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+            let want = reference(&tokens, &wi, bias, None);
+            let got =
+                linear_from_nchw(&g(&x), &g(&wi), bias.map(g).as_ref())?.expect("cuBLASLt applies");
+            assert_eq!(got.dims(), &[b, h * w, c]);
+            let (rel, max) = errors(&back(got), &want);
+            assert!(
+                rel < tol,
+                "proj_in {dtype:?} {b}x{c}x{h}x{w}: rel {rel} max {max}"
+            );
+
+            // proj_out: the linear layer, back to NCHW, plus the transformer's input.
+            let t = half_round_if(&rand(&[b, h * w, c], seed + 3), dtype);
+            let wo = half_round_if(&(rand(&[c, c], seed + 4) / (c as f64).sqrt())?, dtype);
+            let bo = half_round_if(&rand(&[c], seed + 5), dtype);
+            let bias = (i != LEVELS.len() - 1).then_some(&bo);
+            let y = reference(&t, &wo, bias, None);
+            let want = (y.transpose(1, 2)?.reshape((b, c, h, w))? + &x)?;
+            let got = linear_to_nchw_add(&g(&t), &g(&wo), bias.map(g).as_ref(), &g(&x))?
+                .expect("cuBLASLt applies");
+            assert_eq!(got.dims(), &[b, c, h, w]);
+            let (rel, max) = errors(&back(got), &want);
+            // f16: the GEMM's output is rounded before the bias pass adds the bias.
+            assert!(
+                rel < 2.0 * tol,
+                "proj_out {dtype:?} {b}x{c}x{h}x{w}: rel {rel} max {max}"
+            );
+        }
+        // Declined: channels that do not match the weight, a residual of another size.
+        let x = g(&rand(&[1, 8, 4, 4], 1));
+        let w8 = g(&rand(&[6, 8], 2));
+        assert!(linear_from_nchw(&x, &g(&rand(&[6, 7], 3)), None)?.is_none());
+        let t = g(&rand(&[1, 16, 8], 4));
+        assert!(linear_to_nchw_add(&t, &w8, None, &x)?.is_none());
+    }
+    Ok(())
+}

@@ -10,7 +10,8 @@
 //! - [`bias_add`]: a bias (and a residual) added in one pass after a GEMM or convolution.
 //! - [`linear`]: with `SDSERVE_CUDA_LINEAR=lt`, linear layers as one cuBLASLt GEMM with the bias
 //!   in its epilogue and the residual as its `C` operand (default: candle's cuBLAS GEMM, then
-//!   [`bias_add`]).
+//!   [`bias_add`]); with `lt_nchw` also [`linear_from_nchw`] / [`linear_to_nchw_add`], the
+//!   projections around each transformer on the NCHW image (no transposes).
 //! - [`conv2d`]: cuDNN convolutions with descriptors and algorithm cached per shape, f16 data
 //!   accumulated in f32 (candle: new descriptors per call, half-precision accumulation).
 //! - [`prepare_device`]: no CUDA events per allocation, a memory pool that keeps freed memory.
@@ -335,25 +336,39 @@ pub fn bias_add(
     }
 }
 
-/// Whether `SDSERVE_CUDA_LINEAR` (`lt`, or `cublas` = unset) asks for the cuBLASLt linear layers.
-fn parse_linear(spec: Option<&str>) -> Result<bool> {
+/// How linear layers run on a GPU (`SDSERVE_CUDA_LINEAR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinearPath {
+    /// `cublas` (default): candle's cuBLAS GEMM, then [`bias_add`].
+    Cublas,
+    /// `lt`: one cuBLASLt GEMM, bias and residual in its epilogue.
+    Lt,
+    /// `lt_nchw`: `lt`, and each transformer's `proj_in`/`proj_out` reading and writing the
+    /// NCHW image (no transposes, the residual in the GEMM).
+    LtNchw,
+}
+
+fn parse_linear(spec: Option<&str>) -> Result<LinearPath> {
     match spec.map(str::trim) {
-        None | Some("") | Some("cublas") => Ok(false),
-        Some("lt") => Ok(true),
-        Some(other) => candle_core::bail!("SDSERVE_CUDA_LINEAR={other}: expected lt or cublas"),
+        None | Some("") | Some("cublas") => Ok(LinearPath::Cublas),
+        Some("lt") => Ok(LinearPath::Lt),
+        Some("lt_nchw") => Ok(LinearPath::LtNchw),
+        Some(other) => {
+            candle_core::bail!("SDSERVE_CUDA_LINEAR={other}: expected cublas, lt or lt_nchw")
+        }
     }
 }
 
-/// Whether linear layers run through cuBLASLt in this process (read once; an unknown value
-/// is said once on stderr and means the default).
-fn lt_linear() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(
+/// This process's [`LinearPath`] (read once; an unknown value is said once on stderr and
+/// means the default).
+fn linear_path() -> LinearPath {
+    static PATH: std::sync::OnceLock<LinearPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(
         || match parse_linear(std::env::var("SDSERVE_CUDA_LINEAR").ok().as_deref()) {
-            Ok(on) => on,
+            Ok(p) => p,
             Err(e) => {
                 eprintln!("sdserve: {e}; using cublas");
-                false
+                LinearPath::Cublas
             }
         },
     )
@@ -361,19 +376,59 @@ fn lt_linear() -> bool {
 
 /// `x W^T + bias (+ residual)` over the last dim of `x` (`w` `[n, k]` as stored, `bias` `[n]`,
 /// `residual` shaped like the output) as one cuBLASLt GEMM, bias and residual in its epilogue,
-/// when `SDSERVE_CUDA_LINEAR=lt` (off by default: not yet measured on a GPU); f16 (f32 compute)
-/// or f32 (no TF32) CUDA tensors of one dtype. `None` elsewhere: the caller runs its own path.
+/// when `SDSERVE_CUDA_LINEAR=lt` or `lt_nchw` (off by default: not yet measured on a GPU); f16
+/// (f32 compute) or f32 (no TF32) CUDA tensors of one dtype. `None` elsewhere: the caller runs
+/// its own path.
 pub fn linear(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    if x.device().is_cpu() || !lt_linear() {
+    if x.device().is_cpu() || linear_path() == LinearPath::Cublas {
         return Ok(None);
     }
     #[cfg(feature = "cuda-core")]
     return profiled(x.device(), "gemm_lt", || lt::linear(x, w, bias, residual));
+    #[cfg(not(feature = "cuda-core"))]
+    {
+        let _ = (w, bias, residual);
+        Ok(None)
+    }
+}
+
+/// A transformer's `proj_in` over its NCHW input `x` `[B, k, H, W]` -> tokens `[B, H*W, n]`
+/// (`w` `[n, k]`), one batched cuBLASLt GEMM reading the image in place, bias in its epilogue,
+/// when `SDSERVE_CUDA_LINEAR=lt_nchw`; `None` elsewhere (the caller transposes and runs its
+/// linear layer).
+pub fn linear_from_nchw(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if x.device().is_cpu() || linear_path() != LinearPath::LtNchw {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    return profiled(x.device(), "gemm_lt", || lt::linear_from_nchw(x, w, bias));
+    #[cfg(not(feature = "cuda-core"))]
+    {
+        let _ = (w, bias);
+        Ok(None)
+    }
+}
+
+/// A transformer's `proj_out` back to NCHW plus its residual: tokens `t` `[B, H*W, k]`,
+/// `residual` `[B, n, H, W]` -> `residual + proj_out(t)` as `[B, n, H, W]`: one batched cuBLASLt
+/// GEMM writing the image with the residual as its `C`, then the bias over the image
+/// ([`bias_add`], a convolution's layout), when `SDSERVE_CUDA_LINEAR=lt_nchw`; `None` elsewhere.
+pub fn linear_to_nchw_add(
+    t: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Option<Tensor>> {
+    if t.device().is_cpu() || linear_path() != LinearPath::LtNchw {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda-core")]
+    return lt::linear_to_nchw_add(t, w, bias, residual);
     #[cfg(not(feature = "cuda-core"))]
     {
         let _ = (w, bias, residual);
@@ -424,9 +479,10 @@ mod tests {
 
     #[test]
     fn linear_switch_parses() {
-        assert!(!parse_linear(None).unwrap());
-        assert!(!parse_linear(Some(" cublas ")).unwrap());
-        assert!(parse_linear(Some("lt")).unwrap());
+        assert_eq!(parse_linear(None).unwrap(), LinearPath::Cublas);
+        assert_eq!(parse_linear(Some(" cublas ")).unwrap(), LinearPath::Cublas);
+        assert_eq!(parse_linear(Some("lt")).unwrap(), LinearPath::Lt);
+        assert_eq!(parse_linear(Some("lt_nchw")).unwrap(), LinearPath::LtNchw);
         let e = parse_linear(Some("cublaslt")).unwrap_err().to_string();
         assert!(e.contains("SDSERVE_CUDA_LINEAR=cublaslt"), "{e}");
     }
@@ -442,6 +498,8 @@ mod tests {
         assert!(attention(&q, &q, &q, 2, 0.1)?.is_none());
         let w = Tensor::ones((5, 64), candle_core::DType::F32, &Device::Cpu)?;
         assert!(linear(&q, &w, None, None)?.is_none());
+        assert!(linear_from_nchw(&x, &w, None)?.is_none());
+        assert!(linear_to_nchw_add(&q, &w, None, &x)?.is_none());
         prepare_device(&Device::Cpu);
         Ok(())
     }

@@ -67,7 +67,9 @@ impl Upsample {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
-        self.conv.forward(&upsample_nearest(x, size)?)
+        let up =
+            crate::kernels::cuda::profiled(x.device(), "upsample", || upsample_nearest(x, size))?;
+        self.conv.forward(&up)
     }
 }
 

@@ -208,16 +208,24 @@ impl Transformer2D {
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let t = self.norm.forward(x)?;
-        // f32 CPU: the projections read and write NCHW through strides (no transpose copies).
+        // f32 CPU: the projections read and write NCHW through strides (no transpose copies);
+        // on a GPU with SDSERVE_CUDA_LINEAR=lt_nchw, strided cuBLASLt GEMMs do the same.
+        use crate::kernels::cuda;
         use crate::kernels::linear::{linear_from_nchw, linear_to_nchw_add};
-        let fast_in = match self.proj_in.transposed()? {
-            Some((wt, bias)) => linear_from_nchw(&t, wt, bias)?,
-            None => None,
+        let fast_in = match (self.proj_in.transposed()?, self.proj_in.stored()) {
+            (Some((wt, bias)), _) => linear_from_nchw(&t, wt, bias)?,
+            (None, Some((wo, bias))) => cuda::linear_from_nchw(&t, wo, bias)?,
+            (None, None) => None,
         };
+        // The layout changes and the residual add, booked apart when profiling (what the
+        // NCHW projections save).
+        let dev = x.device();
         let mut t = match fast_in {
             Some(t) => t,
             None => {
-                let t = t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+                let t = cuda::profiled(dev, "transformer_io", || {
+                    t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
+                })?;
                 self.proj_in.forward(&t, None)?
             }
         };
@@ -229,9 +237,15 @@ impl Transformer2D {
                 return Ok(y);
             }
         }
+        if let Some((wo, bias)) = self.proj_out.stored() {
+            if let Some(y) = cuda::linear_to_nchw_add(&t, wo, bias, x)? {
+                return Ok(y);
+            }
+        }
         let t = self.proj_out.forward(&t, None)?;
-        let t = t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
-        t + x
+        cuda::profiled(dev, "transformer_io", || {
+            t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))? + x
+        })
     }
 }
 

@@ -185,7 +185,11 @@ impl UpBlock {
                 Some(s) => s,
                 None => candle_core::bail!("UNet up block ran out of skip connections"),
             };
-            x = r.forward(&Tensor::cat(&[&x, &skip], 1)?, temb)?;
+            // Booked apart when profiling on a GPU (docs/GPU.md: what "other" is).
+            let cat = crate::kernels::cuda::profiled(x.device(), "concat", || {
+                Tensor::cat(&[&x, &skip], 1)
+            })?;
+            x = r.forward(&cat, temb)?;
             if let Some(a) = self.attentions.get(i) {
                 x = a.forward(&x, ctx, o)?;
             }
