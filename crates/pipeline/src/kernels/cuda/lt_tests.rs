@@ -233,3 +233,37 @@ fn nchw_projections_match_transpose_and_matmul() -> Result<()> {
     }
     Ok(())
 }
+
+/// The GEMM descriptions themselves (no GPU: cuBLASLt's documented semantics on the CPU)
+/// against candle's CPU ops: the layouts, transpositions and batch strides each caller
+/// builds say what it means.
+#[test]
+fn gemm_descriptions_mean_what_the_callers_compute() -> Result<()> {
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (b, k, h, w, n) = (2, 6, 3, 5, 4);
+    let hw = h * w;
+    let wt = rand(&[n, k], 1);
+    let bias = rand(&[n], 2);
+    // linear: x [b, hw, k] -> [b, hw, n], with a residual.
+    let x = rand(&[b, hw, k], 3);
+    let r = rand(&[b, hw, n], 4);
+    let got = Gemm::linear(b * hw, n, k).emulate(&v(&wt), &v(&x), Some(&v(&r)), Some(&v(&bias)));
+    let want = reference(&x, &wt, Some(&bias), Some(&r));
+    let got = Tensor::from_vec(got, (b, hw, n), &Device::Cpu)?;
+    assert!(errors(&got, &want).0 < 1e-6, "linear");
+    // from NCHW: img [b, k, h, w] -> tokens [b, hw, n].
+    let img = rand(&[b, k, h, w], 5);
+    let got = Gemm::from_nchw(b, k, hw, n).emulate(&v(&wt), &v(&img), None, Some(&v(&bias)));
+    let tokens = img.reshape((b, k, hw))?.transpose(1, 2)?.contiguous()?;
+    let want = reference(&tokens, &wt, Some(&bias), None);
+    let got = Tensor::from_vec(got, (b, hw, n), &Device::Cpu)?;
+    assert!(errors(&got, &want).0 < 1e-6, "from_nchw");
+    // to NCHW: tokens [b, hw, k] -> [b, n, h, w] + residual image (bias added apart).
+    let res = rand(&[b, n, h, w], 6);
+    let got = Gemm::to_nchw(b, hw, k, n).emulate(&v(&x), &v(&wt), Some(&v(&res)), None);
+    let y = reference(&x, &wt, None, None);
+    let want = (y.transpose(1, 2)?.reshape((b, n, h, w))? + &res)?;
+    let got = Tensor::from_vec(got, (b, n, h, w), &Device::Cpu)?;
+    assert!(errors(&got, &want).0 < 1e-6, "to_nchw");
+    Ok(())
+}
