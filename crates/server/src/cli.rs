@@ -280,6 +280,18 @@ pub struct ServeArgs {
     /// connection stays open); a slow sender is disconnected.
     #[arg(long, env = "HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_seconds: u64,
+    /// How long a generation may go on past its job's deadline before it counts as stuck (a
+    /// device call that never returns; a run stops at its deadline otherwise): its job fails
+    /// with `timeout` and /health says `degraded` until the run returns. With QUEUE_URL a
+    /// worker gives up after two JOB_LEASE_SECONDS instead.
+    #[arg(long, env = "STUCK_GRACE_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stuck_grace_seconds: u64,
+    /// Exit with status 70 (after draining as on SIGTERM) once a stuck generation has not
+    /// returned for this long, so that a supervisor (Docker `restart:`, Kubernetes) starts a
+    /// fresh process: nothing else frees the worker and its device. 0 = never: the process
+    /// stays up, `degraded`, taking no job until the run returns.
+    #[arg(long, env = "STUCK_EXIT_SECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub stuck_exit_seconds: u64,
     /// Open connections at once; more are answered 503 and closed.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,21 @@ use crate::cli::ServeArgs;
 use crate::config::{self, Runtime};
 use crate::engine::{ClusterConfig, Engine, EngineConfig, Role};
 use crate::metrics::Metrics;
+
+/// Exit status after a stuck generation made the process stop (STUCK_EXIT_SECONDS):
+/// EX_SOFTWARE, so that a supervisor restarts it.
+const STUCK_EXIT_STATUS: u8 = 70;
+
+/// Set when the process stops because of a stuck generation.
+static STOPPED_STUCK: AtomicBool = AtomicBool::new(false);
+
+fn exit_status() -> u8 {
+    if STOPPED_STUCK.load(Ordering::SeqCst) {
+        STUCK_EXIT_STATUS
+    } else {
+        0
+    }
+}
 
 pub fn run(args: ServeArgs) -> ExitCode {
     config::init_logging(&args.log_level, args.log_format);
@@ -33,7 +49,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
     };
     match tokio_rt.block_on(serve(args, rt)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(exit_status()),
         Err(e) => {
             tracing::error!(error = %e, "server failed");
             ExitCode::FAILURE
@@ -131,7 +147,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         job_results_bytes: (args.job_results_mb as usize).saturating_mul(1 << 20),
         preview: args.preview,
         preview_every: args.preview_every as usize,
-        stuck_grace: crate::engine::STUCK_GRACE,
+        stuck_grace: Duration::from_secs(args.stuck_grace_seconds),
     };
     let cluster = args.queue_url.clone().map(|url| ClusterConfig {
         url,
@@ -162,8 +178,16 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();
+    let stuck_exit = Duration::from_secs(args.stuck_exit_seconds);
+    let stuck_engine = engine.clone();
     let shutdown = async move {
-        let which = shutdown_signal().await;
+        let which = tokio::select! {
+            which = shutdown_signal() => which,
+            () = stuck_too_long(stuck_engine, stuck_exit) => {
+                STOPPED_STUCK.store(true, Ordering::SeqCst);
+                "STUCK_EXIT_SECONDS"
+            }
+        };
         tracing::info!(
             signal = which,
             "shutting down: no new connections, draining"
@@ -173,7 +197,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         std::thread::spawn(move || {
             std::thread::sleep(grace + Duration::from_secs(10));
             tracing::warn!("shutdown bound passed; exiting");
-            std::process::exit(0);
+            std::process::exit(exit_status().into());
         });
     };
     let limits = crate::listen::ConnLimits {
@@ -197,6 +221,27 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         "bye"
     );
     Ok(())
+}
+
+/// Resolves once this process's run has been stuck (past its deadline by STUCK_GRACE_SECONDS,
+/// not returned) for `after`; never when `after` is 0.
+async fn stuck_too_long(engine: Engine, after: Duration) {
+    if after.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(since) = engine.stuck_since() {
+            if since.elapsed() >= after {
+                tracing::error!(
+                    stuck_exit_seconds = after.as_secs(),
+                    exit_status = STUCK_EXIT_STATUS,
+                    "the stuck generation has not returned within STUCK_EXIT_SECONDS: stopping the process so that its supervisor starts a fresh one"
+                );
+                return;
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() -> &'static str {

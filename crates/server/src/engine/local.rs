@@ -37,8 +37,9 @@ pub(super) struct Jobs {
     pub queue: VecDeque<String>,
     pub running: Option<String>,
     /// The running job was ended without its run, which went on past its deadline by the
-    /// stuck grace (`end_stuck_run`); cleared when the run returns. /health is `degraded` then.
-    pub running_stuck: bool,
+    /// stuck grace (`end_stuck_run`), since when; cleared when the run returns. /health is
+    /// `degraded` then (and STUCK_EXIT_SECONDS counts from it).
+    pub running_stuck: Option<Instant>,
     pub shutting_down: bool,
     /// What the CPU speed probe measured, once it has (for 408 details).
     pub speed: Option<SpeedProbe>,
@@ -321,7 +322,7 @@ fn end_stuck_run(jobs: &mut Jobs, now: Instant, grace: Duration) {
         Ordering::SeqCst,
     );
     tracing::error!(job = %id, grace_secs = grace.as_secs_f64(), "the run passed its deadline by the grace without ending (its generation is stuck): the job fails with `timeout`; the worker takes the next job when the run returns");
-    jobs.running_stuck = true;
+    jobs.running_stuck = Some(now);
     jobs.finish(&id, JobStatus::Failed, Err(ApiError::Timeout(info)));
 }
 
@@ -356,13 +357,21 @@ impl JobBackend for Local {
 
     fn stuck_run(&self) -> Option<String> {
         let jobs = self.inner.jobs();
-        let id = jobs.running.as_ref().filter(|_| jobs.running_stuck)?;
+        let id = jobs
+            .running
+            .as_ref()
+            .filter(|_| jobs.running_stuck.is_some())?;
         Some(format!(
             "the run of job {id} went on {} s past its deadline without returning (a stuck \
              generation, e.g. a device call that never returns): its job failed with `timeout`, \
              and no other job runs until it returns",
             self.inner.cfg.stuck_grace.as_secs_f64()
         ))
+    }
+
+    fn stuck_since(&self) -> Option<Instant> {
+        let jobs = self.inner.jobs();
+        jobs.running.as_ref().and(jobs.running_stuck)
     }
 
     fn speed(&self) -> Option<SpeedProbe> {

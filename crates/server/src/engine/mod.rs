@@ -79,7 +79,8 @@ pub type PreviewWatch = Box<dyn Send>;
 /// being made: a few of its polls.
 pub const PREVIEW_ASK_WINDOW: Duration = Duration::from_secs(5);
 
-/// `EngineConfig::stuck_grace` of a server.
+/// `EngineConfig::stuck_grace` by default (STUCK_GRACE_SECONDS).
+#[cfg(test)]
 pub const STUCK_GRACE: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
@@ -109,6 +110,11 @@ pub trait JobBackend: Send + Sync {
     /// Why this process's own run is stuck (past its job's deadline by the stuck grace, its
     /// job ended without it) while it has not returned; `None` otherwise.
     fn stuck_run(&self) -> Option<String> {
+        None
+    }
+    /// Since when this process's own run has been stuck (as `stuck_run` says), while it has
+    /// not returned.
+    fn stuck_since(&self) -> Option<Instant> {
         None
     }
     fn memory_plan(&self) -> Option<String>;
@@ -296,6 +302,11 @@ impl Engine {
                 workers.len()
             )
         })
+    }
+
+    /// Since when this process's own run has been stuck without returning (STUCK_EXIT_SECONDS).
+    pub fn stuck_since(&self) -> Option<Instant> {
+        self.backend.stuck_since()
     }
 
     /// The memory plan in use, once the model is loaded (`None` for the fake generator).

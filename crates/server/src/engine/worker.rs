@@ -118,7 +118,7 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
         }
         // Not running any more before anyone hears of the end, so /health and /metrics agree.
         jobs.running = None;
-        jobs.running_stuck = false;
+        jobs.running_stuck = None;
         jobs.finish(&id, status, result);
     }
     tracing::info!("worker stopped");

@@ -239,3 +239,69 @@ fn sigterm_finishes_running_answers_queued_503_and_exits_0() {
     );
     assert!(s.logs().iter().any(|l| l.contains("SIGTERM")));
 }
+
+/// A run that never returns (deaf to its stop flag): STUCK_GRACE_SECONDS past its deadline its
+/// job fails with `timeout` and /health says `degraded`; STUCK_EXIT_SECONDS later the process
+/// drains as on SIGTERM (the job waiting behind it answered 503) and exits with status 70, for
+/// its supervisor to start a fresh one.
+#[test]
+fn a_stuck_run_makes_the_process_exit_70_after_stuck_exit_seconds() {
+    let mut s = ready(with(
+        fake("step_ms=20,hang_at_step=2,hang_ms=600000"),
+        &[
+            ("JOB_TIMEOUT_SECONDS", "1"),
+            ("STUCK_GRACE_SECONDS", "1"),
+            ("STUCK_EXIT_SECONDS", "3"),
+            ("SHUTDOWN_GRACE_SECONDS", "1"),
+        ],
+    ));
+    let r = s.request(
+        "POST",
+        "/jobs",
+        &[("Content-Type", "application/json")],
+        json!({"prompt": "hangs", "steps": 10, "width": 256, "height": 256})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    s.wait_log(&["fake generator: hanging"], Duration::from_secs(10));
+    let addr = s.addr;
+    let waiting = std::thread::spawn(move || {
+        common::request(
+            addr,
+            "POST",
+            "/generate",
+            &[("Content-Type", "application/json")],
+            json!({"prompt": "behind", "steps": 2, "width": 256, "height": 256})
+                .to_string()
+                .as_bytes(),
+        )
+    });
+    // 1 s deadline + 1 s grace: the job fails, /health is degraded (until the exit, 3 s on).
+    let t = Instant::now();
+    let job = loop {
+        let j = s.get(&format!("/jobs/{id}")).json();
+        if j["status"] == "failed" {
+            break j;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{j}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(job["error"]["error_code"], "timeout", "{job}");
+    let health = s.get("/health");
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "degraded", "{}", health.text());
+
+    let status = s.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(70));
+    let e = waiting.join().unwrap().error(503, "model_unavailable");
+    assert!(
+        e["details"].as_str().unwrap().contains("shutting down"),
+        "{e}"
+    );
+    assert!(s
+        .logs()
+        .iter()
+        .any(|l| l.contains("STUCK_EXIT_SECONDS") && l.contains("fresh one")));
+}

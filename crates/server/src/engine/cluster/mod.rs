@@ -451,6 +451,11 @@ impl JobBackend for Cluster {
         self.local.as_ref().and_then(|l| l.memory_plan())
     }
 
+    /// The in-process run's own (its grace is four leases; the worker gave the job up at two).
+    fn stuck_since(&self) -> Option<std::time::Instant> {
+        self.local.as_ref().and_then(|l| l.stuck_since())
+    }
+
     fn speed(&self) -> Option<crate::speed::SpeedProbe> {
         self.local.as_ref().and_then(|l| l.speed())
     }
