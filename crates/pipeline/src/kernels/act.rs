@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::linear::with_slice;
 use super::math::{geglu_rows, quick_gelu_inplace};
 
 /// Rows handed to one rayon task (enough work to amortise scheduling).
@@ -20,21 +21,13 @@ pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let inner = last / 2;
-    let h = h.contiguous()?;
     let rows = h.elem_count() / last;
     let mut out = vec![0f32; rows * inner];
-    {
-        let (guard, layout) = h.storage_and_layout();
-        let hs: &[f32] = match &*guard {
-            candle_core::Storage::Cpu(c) => {
-                &c.as_slice::<f32>()?[layout.start_offset()..][..h.elem_count()]
-            }
-            _ => return Ok(None),
-        };
+    with_slice(h, |hs| {
         out.par_chunks_mut(ROWS_PER_TASK * inner)
             .zip(hs.par_chunks(ROWS_PER_TASK * last))
-            .for_each(|(o, hr)| geglu_rows(hr, o, inner));
-    }
+            .for_each(|(o, hr)| geglu_rows(hr, o, inner))
+    })?;
     let n = dims.len();
     dims[n - 1] = inner;
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
@@ -58,6 +51,7 @@ const ELEMS_PER_TASK: usize = 1 << 14;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
 
     #[test]
     fn matches_candle_ops() -> Result<()> {
@@ -88,11 +82,7 @@ mod tests {
             * 4.0)?;
         let got = quick_gelu(&x)?.expect("fast path");
         let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702)?)?)?;
-        let d = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let d = max_abs_diff(&got, &want);
         assert!(d < 1e-5, "{d}");
         Ok(())
     }

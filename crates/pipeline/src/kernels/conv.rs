@@ -35,6 +35,19 @@ impl ConvShape {
     pub fn out_w(&self) -> usize {
         (self.w + 2 * self.padding - self.kw) / self.stride + 1
     }
+
+    /// Panics unless the slices are the NCHW input, OIHW weights and NCHW output of this shape.
+    pub(super) fn assert_slices(&self, x: &[f32], weight: &[f32], out: &[f32]) {
+        assert_eq!(
+            x.len(),
+            self.batch * self.cin * self.h * self.w,
+            "conv input size"
+        );
+        let k = self.cin * self.kh * self.kw;
+        assert_eq!(weight.len(), self.cout * k, "conv weight size");
+        let ohw = self.out_h() * self.out_w();
+        assert_eq!(out.len(), self.batch * self.cout * ohw, "conv output size");
+    }
 }
 
 /// Target size of one im2col tile (bytes): small enough to stay in L2/L3 while gemm packs it.
@@ -144,9 +157,7 @@ pub fn conv2d_im2col_f32(
     let (oh, ow) = (s.out_h(), s.out_w());
     let (ohw, ihw) = (oh * ow, s.h * s.w);
     let k = s.cin * s.kh * s.kw;
-    assert_eq!(x.len(), s.batch * s.cin * ihw, "conv input size");
-    assert_eq!(weight.len(), s.cout * k, "conv weight size");
-    assert_eq!(out.len(), s.batch * s.cout * ohw, "conv output size");
+    s.assert_slices(x, weight, out);
     let direct = s.kh == 1 && s.kw == 1 && s.stride == 1 && s.padding == 0;
 
     // Tiles of output pixels: about TILE_BYTES of im2col each, and at least one per thread.

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::linear::with_slice;
 use super::math::affine_act;
 
 /// Mean of a slice: f32 lanes over blocks of 4096, blocks summed in f64 (accurate on big groups).
@@ -104,20 +105,12 @@ pub fn group_norm(
     if groups == 0 || !c.is_multiple_of(groups) || spatial == 0 {
         return Ok(None);
     }
-    let x = x.contiguous()?;
     let w = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let bs = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let mut out = vec![0f32; x.elem_count()];
-    {
-        let (guard, layout) = x.storage_and_layout();
-        let xs: &[f32] = match &*guard {
-            candle_core::Storage::Cpu(s) => {
-                &s.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()]
-            }
-            _ => return Ok(None),
-        };
-        group_norm_f32(xs, b, c, spatial, groups, &w, &bs, eps, silu_act, &mut out);
-    }
+    with_slice(x, |xs| {
+        group_norm_f32(xs, b, c, spatial, groups, &w, &bs, eps, silu_act, &mut out)
+    })?;
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
 }
 
@@ -132,18 +125,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if d == 0 || weight.elem_count() != d || bias.elem_count() != d {
         return Ok(None);
     }
-    let x = x.contiguous()?;
     let w = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let bs = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let mut out = vec![0f32; x.elem_count()];
-    {
-        let (guard, layout) = x.storage_and_layout();
-        let xs: &[f32] = match &*guard {
-            candle_core::Storage::Cpu(s) => {
-                &s.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()]
-            }
-            _ => return Ok(None),
-        };
+    with_slice(x, |xs| {
         let rows_per_task = (16384 / d).max(1);
         out.par_chunks_mut(rows_per_task * d)
             .zip(xs.par_chunks(rows_per_task * d))
@@ -154,7 +139,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
                     affine_rows(xrow, orow, m, rstd, &w, &bs);
                 }
             });
-    }
+    })?;
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
 }
 
@@ -170,6 +155,7 @@ super::math::dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_abs_diff, max_abs_diff_f32};
 
     #[test]
     fn layer_norm_matches_candle_ops() -> Result<()> {
@@ -185,11 +171,7 @@ mod tests {
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .broadcast_mul(&w)?
             .broadcast_add(&b)?;
-        let d = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let d = max_abs_diff(&got, &want);
         assert!(d < 1e-5, "{d}");
         Ok(())
     }
@@ -238,11 +220,7 @@ mod tests {
                     .flatten_all()?
                     .to_vec1::<f32>()?;
                 let want = reference(&xv, b, c, h * w, g, silu_act);
-                let d = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let d = max_abs_diff_f32(&got, &want);
                 assert!(d < 2e-5, "{b}x{c}x{h}x{w}/{g} silu={silu_act}: {d}");
             }
         }

@@ -80,10 +80,8 @@ pub fn conv3x3_f32(
         applies(s),
         "winograd F(2x2,3x3) needs a 3x3 stride-1 pad-1 conv"
     );
+    s.assert_slices(x, weight, out);
     let (h, w, cin, cout) = (s.h, s.w, s.cin, s.cout);
-    assert_eq!(x.len(), s.batch * cin * h * w);
-    assert_eq!(weight.len(), cout * cin * 9);
-    assert_eq!(out.len(), s.batch * cout * h * w);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let u = transform_filters(weight, cout, cin);
 
@@ -256,18 +254,7 @@ super::math::dispatch! {
 mod tests {
     use super::*;
     use crate::kernels::conv::conv2d_im2col_f32;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_util::{lcg, max_abs_diff_f32};
 
     #[test]
     fn matches_im2col_conv_on_even_and_odd_sizes() {
@@ -296,11 +283,7 @@ mod tests {
             let mut got = want.clone();
             conv2d_im2col_f32(&x, &wt, Some(&bias), &s, &mut want);
             conv3x3_f32(&x, &wt, Some(&bias), &s, &mut got);
-            let d = want
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = max_abs_diff_f32(&want, &got);
             assert!(d < 2e-5, "{s:?}: {d}");
         }
     }

@@ -2,6 +2,7 @@
 //! stability with growing scores, half precision declined, and a fused-vs-blocked timing (ignored).
 
 use super::*;
+use crate::test_util::max_abs_diff;
 
 /// Reference with candle ops: split heads, full score matrix, softmax, merge.
 fn reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
@@ -44,11 +45,7 @@ fn matches_reference_on_odd_shapes() -> Result<()> {
         let scale = 1.0 / (dh as f64).sqrt();
         let got = attention(&q, &k, &v, heads, scale)?.expect("fast path");
         let want = reference(&q, &k, &v, heads, scale);
-        let d = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let d = max_abs_diff(&got, &want);
         assert!(d < 1e-5, "{b} {n} {m} {heads} {dh} {dv}: {d}");
     }
     Ok(())

@@ -11,7 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::attention::AttentionSlicing;
-pub(crate) use crate::kernels::Conv2d;
+pub(crate) use crate::kernels::{conv2d, Conv2d};
 
 use crate::lora::Target;
 
@@ -155,17 +155,6 @@ impl LayerNorm {
             .broadcast_add(&self.bias)?
             .to_dtype(dtype)
     }
-}
-
-pub(crate) fn conv2d(
-    cin: usize,
-    cout: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    crate::kernels::conv2d(cin, cout, kernel, stride, padding, vb)
 }
 
 // Linear layers of the transformers: weights stored transposed on the CPU, bias and residual
