@@ -77,8 +77,9 @@ fn lt_linear_matches_cpu_matmul_for_every_unet_shape() -> Result<()> {
     for dtype in [DType::F32, DType::F16] {
         for (i, (x, n, bias, res)) in unet_shapes().into_iter().enumerate() {
             let (rel, max) = case(&dev, dtype, &x, n, bias, res, 1000 + 10 * i as u64)?;
-            // f32: no TF32 (10-bit mantissa: rel ~1e-3); f16: one rounding of the output.
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
+            // f32: no TF32 (its 10-bit mantissa: rel 1e-4 and more; f32 sums of up to 5120
+            // products differ from the CPU's by about 1e-6); f16: one rounding of the output.
+            let tol = if dtype == DType::F32 { 5e-5 } else { 1e-3 };
             assert!(
                 rel < tol,
                 "{dtype:?} x {x:?} n {n} bias {bias} residual {res}: rel {rel} max {max}"
@@ -105,7 +106,7 @@ fn lt_linear_reads_views_at_an_offset_and_declines_what_it_does_not_cover() -> R
         assert!(gx.is_contiguous());
         let got = linear(&gx, &g(&w), Some(&g(&b)), Some(&g(&r)))?.expect("applies");
         let (rel, max) = errors(&got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, &want);
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
+        let tol = if dtype == DType::F32 { 5e-5 } else { 1e-3 };
         assert!(rel < tol, "{dtype:?} view: rel {rel} max {max}");
 
         // Declined: mixed dtypes, a bias or residual of the wrong size, a strided weight.
@@ -188,7 +189,7 @@ fn nchw_projections_match_transpose_and_matmul() -> Result<()> {
                 .to_dtype(DType::F32)
                 .unwrap()
         };
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
+        let tol = if dtype == DType::F32 { 5e-5 } else { 1e-3 };
         for (i, &(b, c, h, w)) in LEVELS.iter().enumerate() {
             seed += 10;
             let x = half_round_if(&rand(&[b, c, h, w], seed), dtype);
