@@ -26,22 +26,10 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from safetensors.torch import save_file
 
-OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
-
 # stable-diffusion-v1-5 scheduler/scheduler_config.json, verbatim keys.
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+from api_schedulers import SD15_SCHEDULER_CONFIG as SD15
+
+OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
 
 CLASSES = {"dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
 

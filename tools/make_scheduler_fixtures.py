@@ -28,46 +28,18 @@ import os
 
 import diffusers
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import DDIMScheduler
 from safetensors.torch import save_file
+
+import api_schedulers
+# stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json, verbatim keys
+# (no timestep_spacing, no prediction_type).
+from api_schedulers import SD15_SCHEDULER_CONFIG as SD15
 
 OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
 
-# stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json, verbatim keys
-# (no timestep_spacing, no prediction_type).
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-
 # API name -> (class, overrides that the factory adds).
-SCHEDULERS = {
-    "pndm": (PNDMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
+SCHEDULERS = {name: (getattr(diffusers, cls), over) for name, (cls, over) in api_schedulers.SCHEDULERS.items()}
 STOCHASTIC = {"euler_a"}
 
 SCHEDULE_STEPS = [1, 2, 3, 5, 7, 10, 13, 20, 25, 33, 50]

@@ -32,6 +32,7 @@ import shutil
 import numpy as np
 import torch
 
+from api_schedulers import SD15_SCHEDULER_CONFIG
 from tiny_clip_tokenizer import EOS, read_clip_bpe, tiny_clip_vocab, write_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,19 +94,7 @@ MODELS = {
         pad_token=EOS,
         # Verbatim content of SD 1.5's scheduler/scheduler_config.json: keys
         # absent here (timestep_spacing, prediction_type) must stay absent.
-        scheduler_config={
-            "_class_name": "PNDMScheduler",
-            "_diffusers_version": "0.6.0",
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085,
-            "num_train_timesteps": 1000,
-            "set_alpha_to_one": False,
-            "skip_prk_steps": True,
-            "steps_offset": 1,
-            "trained_betas": None,
-            "clip_sample": False,
-        },
+        scheduler_config=dict(SD15_SCHEDULER_CONFIG),
     ),
     "tiny-b": dict(
         seed=2000,

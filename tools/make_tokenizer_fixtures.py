@@ -44,27 +44,11 @@ import sys
 import tempfile
 import zipfile
 
+from tiny_clip_tokenizer import BOS, EOS, bytes_to_unicode
+
 OPEN_CLIP_VERSION = "3.3.0"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "crates", "pipeline", "tests", "fixtures")
-
-
-def bytes_to_unicode():
-    """GPT-2 / CLIP byte -> printable unicode symbol table, in CLIP's order."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\xa1"), ord("\xac") + 1))
-        + list(range(ord("\xae"), ord("\xff") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(2**8):
-        if b not in bs:
-            bs.append(b)
-            cs.append(2**8 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def read_bpe_lines(wheel):
