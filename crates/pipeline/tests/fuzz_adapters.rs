@@ -15,11 +15,11 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use candle_core::{DType, Device};
 use common::fuzz::{apply, mutation};
+use common::ScratchDir;
 use proptest::prelude::*;
 use safetensors_edits::{apply_edits, edit, parse_safetensors, refill, write_safetensors, Entry};
 use sdserve_pipeline::embeddings::EmbeddingLibrary;
@@ -46,33 +46,6 @@ fn model() -> MutexGuard<'static, StableDiffusion> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// A folder of its own per test thread holding the one file under test.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "sdserve-fuzz-adapters-{}-{tag}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn put(&self, file: &str, bytes: &[u8]) -> &Path {
-        std::fs::write(self.0.join(file), bytes).unwrap();
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[path = "fuzz_adapters/safetensors_edits.rs"]
 mod safetensors_edits;
 
@@ -88,7 +61,7 @@ const LORA_FIXTURES: &[&str] = &[
 /// Scans a folder holding `bytes` as `fuzz.safetensors`, checks the LoRA against tiny-a, merges
 /// it, and restores the base weights. Returns whether the merge succeeded.
 fn exercise_lora(bytes: &[u8], weight: f64) -> Result<bool, TestCaseError> {
-    let dir = ScratchDir::new("lora");
+    let dir = ScratchDir::new("fuzz-adapters-lora");
     let Ok(library) = LoraLibrary::scan(dir.put("fuzz.safetensors", bytes)) else {
         return Ok(false);
     };
@@ -151,7 +124,7 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
 }
 
 fn exercise_embedding(file: &str, bytes: &[u8]) -> Result<(), TestCaseError> {
-    let dir = ScratchDir::new("emb");
+    let dir = ScratchDir::new("fuzz-adapters-emb");
     let Ok(library) = EmbeddingLibrary::scan(dir.put(file, bytes)) else {
         return Ok(());
     };
@@ -270,7 +243,7 @@ fn lora_with(edit: impl FnOnce(&mut Vec<Entry>)) -> Vec<u8> {
 }
 
 fn lora_error(bytes: &[u8]) -> String {
-    let dir = ScratchDir::new("regression");
+    let dir = ScratchDir::new("fuzz-adapters-regression");
     let library = match LoraLibrary::scan(dir.put("fuzz.safetensors", bytes)) {
         Ok(l) => l,
         Err(e) => return e.to_string(),
@@ -395,7 +368,7 @@ fn a_lora_header_longer_than_its_file_is_refused_before_allocating() {
 fn non_finite_embeddings_are_refused() {
     let mut entries = parse_safetensors(&adapter_fixture("embeddings", "tinyneg.safetensors"));
     entries[0].data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    let dir = ScratchDir::new("emb-regression");
+    let dir = ScratchDir::new("fuzz-adapters-emb-regression");
     let e = EmbeddingLibrary::scan(dir.put("nan.safetensors", &write_safetensors(&entries)))
         .unwrap_err()
         .to_string();
@@ -410,7 +383,7 @@ fn embeddings_of_the_wrong_width_are_refused_naming_them() {
     let vectors = e.shape[0];
     e.shape = vec![vectors, 33];
     refill(e, 1);
-    let dir = ScratchDir::new("emb-width");
+    let dir = ScratchDir::new("fuzz-adapters-emb-width");
     let library =
         EmbeddingLibrary::scan(dir.put("wide.safetensors", &write_safetensors(&entries))).unwrap();
     let e = model()

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{generate_one, request_params, tiny_model_json};
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -15,48 +17,20 @@ use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::attention::AttentionSlicing;
 use sdserve_pipeline::memory::precision::has_non_finite;
 use sdserve_pipeline::memory::{MemoryPlan, Offload, VaeTiling};
-use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StableDiffusion};
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::pipeline::StableDiffusion;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn references(name: &str) -> (serde_json::Value, HashMap<String, Tensor>) {
-    let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
+    let json = tiny_model_json(name);
     let tensors = candle_core::safetensors::load(
         fixtures().join(format!("{name}.safetensors")),
         &Device::Cpu,
     )
     .unwrap();
     (json, tensors)
-}
-
-fn params_of(request: &serde_json::Value) -> GenerationParams {
-    GenerationParams {
-        prompt: request["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: request["negative_prompt"]
-            .as_str()
-            .unwrap_or("")
-            .to_string(),
-        steps: request["steps"].as_u64().unwrap() as usize,
-        width: request["width"].as_u64().unwrap() as usize,
-        height: request["height"].as_u64().unwrap() as usize,
-        seed: request["seed"].as_u64().unwrap(),
-        guidance_scale: request["guidance_scale"].as_f64().unwrap(),
-        scheduler: request["scheduler"]
-            .as_str()
-            .map(|n| SchedulerKind::from_name(n).unwrap()),
-        ..Default::default()
-    }
-}
-
-fn run(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
-    model
-        .generate(params, &mut |_| ControlFlow::Continue(()))
-        .expect("generates")
-        .remove(0)
 }
 
 /// (mean abs difference on 0..255, fraction of values off by more than 8, max difference).
@@ -82,8 +56,8 @@ fn half_images(name: &str, dtype: DType, max_mean: f64, max_over: f64, max_pixel
     let model = load(name, dtype);
     for label in ["euler", "dpmpp_2m", "ddim"] {
         let request = &json["images"][label];
-        let params = params_of(request);
-        let image = run(&model, &params);
+        let params = request_params(request);
+        let image = generate_one(&model, &params);
         let expected = tensors[&format!("image.{label}")]
             .flatten_all()
             .unwrap()
@@ -124,7 +98,7 @@ fn bf16_on_cpu_text_encoder_only() {
     let d = common::max_abs_diff(&emb.to_dtype(DType::F32).unwrap(), want);
     eprintln!("tiny-a bf16 text embeddings: max abs diff {d:.4}");
     assert!(d < 0.1, "{d}");
-    let params = params_of(&json["images"]["euler"]);
+    let params = request_params(&json["images"]["euler"]);
     let err = model
         .generate(&params, &mut |_| ControlFlow::Continue(()))
         .unwrap_err();
@@ -191,7 +165,7 @@ fn nan_decode_in_half_precision_is_redone_in_f32() {
     assert!(d < 1e-3, "retry differs from the f32 decode by {d}");
     // And through the whole pipeline the image is not black.
     let (json, _) = references("tiny-a");
-    let img = run(&half, &params_of(&json["images"]["euler"]));
+    let img = generate_one(&half, &request_params(&json["images"]["euler"]));
     assert!(half.last_decode_retried());
     assert!(img.pixels.iter().any(|&p| p != 0));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -228,14 +202,14 @@ fn tiled_decode_is_close_to_untiled() {
 #[test]
 fn memory_levers_keep_the_image() {
     let (json, _) = references("tiny-a");
-    let params = params_of(&json["images"]["euler"]);
+    let params = request_params(&json["images"]["euler"]);
     let mut model = load("tiny-a", DType::F32);
-    let base = run(&model, &params);
+    let base = generate_one(&model, &params);
 
     // Attention slicing changes only float rounding.
     for slicing in [AttentionSlicing::Off, AttentionSlicing::MaxBytes(4096)] {
         model.set_attention_slicing(slicing);
-        let (mean, _, max) = pixel_stats(&run(&model, &params).pixels, &base.pixels);
+        let (mean, _, max) = pixel_stats(&generate_one(&model, &params).pixels, &base.pixels);
         eprintln!("attention {slicing:?}: mean {mean:.4}, max {max}");
         assert!(max <= 1, "{slicing:?}: max pixel difference {max}");
     }
@@ -243,9 +217,9 @@ fn memory_levers_keep_the_image() {
 
     // Model offload computes the same thing with components built for their stage.
     model.set_offload(Offload::Model).unwrap();
-    assert_eq!(run(&model, &params).pixels, base.pixels);
+    assert_eq!(generate_one(&model, &params).pixels, base.pixels);
     model.set_offload(Offload::None).unwrap();
-    assert_eq!(run(&model, &params).pixels, base.pixels);
+    assert_eq!(generate_one(&model, &params).pixels, base.pixels);
 
     // Loading with an offload plan from the start gives the same image too.
     let mut plan = MemoryPlan::cpu(DType::F32);
@@ -257,7 +231,7 @@ fn memory_levers_keep_the_image() {
         &plan,
     )
     .unwrap();
-    assert_eq!(run(&offloaded, &params).pixels, base.pixels);
+    assert_eq!(generate_one(&offloaded, &params).pixels, base.pixels);
     assert_eq!(
         offloaded.last_memory_usage(),
         None,

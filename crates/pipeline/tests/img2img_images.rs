@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{pixel_difference, read_png};
+use common::{pixel_difference, read_png, request_params};
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, RgbImage, StableDiffusion};
-use sdserve_pipeline::schedulers::SchedulerKind;
 use sdserve_pipeline::PipelineError;
 
 fn fixtures() -> PathBuf {
@@ -45,19 +44,9 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
         strength: case["strength"].as_f64().unwrap(),
     });
     GenerationParams {
-        prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().to_string(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        seed: case["seed"].as_u64().unwrap(),
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        scheduler: case["scheduler"]
-            .as_str()
-            .map(|n| SchedulerKind::from_name(n).expect("known scheduler")),
         batch_size: case["batch_size"].as_u64().unwrap() as usize,
         init_image,
-        ..Default::default()
+        ..request_params(case)
     }
 }
 

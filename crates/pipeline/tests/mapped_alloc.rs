@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::ScratchDir;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -21,22 +23,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("sdserve-mapped-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A file of `n` f32s `base, base + 1, ..` after `pad` bytes.
@@ -65,7 +51,7 @@ fn the_binary_installs_it() {
 #[test]
 fn the_last_buffer_dropped_unmaps_the_file() {
     let _g = serial();
-    let dir = TempDir::new("drop");
+    let dir = ScratchDir::new("mapped-drop");
     let path = dir.0.join("w.bin");
     write_floats(&path, 8, 0.0, 4096);
     let file = MappedFile::open(&path).unwrap();
@@ -98,7 +84,7 @@ fn the_last_buffer_dropped_unmaps_the_file() {
 #[test]
 fn misaligned_out_of_bounds_or_empty_ranges_are_refused() {
     let _g = serial();
-    let dir = TempDir::new("bounds");
+    let dir = ScratchDir::new("mapped-bounds");
     let path = dir.0.join("w.bin");
     write_floats(&path, 8, 0.0, 16);
     let file = MappedFile::open(&path).unwrap();
@@ -116,7 +102,7 @@ fn misaligned_out_of_bounds_or_empty_ranges_are_refused() {
 #[test]
 fn realloc_copies_out_and_writes_never_reach_the_file() {
     let _g = serial();
-    let dir = TempDir::new("write");
+    let dir = ScratchDir::new("mapped-write");
     let path = dir.0.join("w.bin");
     let original = write_floats(&path, 8, 10.0, 8192);
     let file = MappedFile::open(&path).unwrap();
@@ -157,7 +143,7 @@ fn realloc_copies_out_and_writes_never_reach_the_file() {
 #[test]
 fn many_mappings_and_concurrent_drops_keep_each_count() {
     let _g = serial();
-    let dir = TempDir::new("many");
+    let dir = ScratchDir::new("mapped-many");
     let mut files = Vec::new();
     let mut bufs = Vec::new();
     for f in 0..12 {
@@ -200,7 +186,7 @@ fn many_mappings_and_concurrent_drops_keep_each_count() {
 #[test]
 fn a_full_table_falls_back_to_unregistered_mappings() {
     let _g = serial();
-    let dir = TempDir::new("full");
+    let dir = ScratchDir::new("mapped-full");
     let mut files = Vec::new();
     for f in 0..80 {
         let path = dir.0.join(format!("w{f}.bin"));
@@ -256,7 +242,7 @@ fn a_linear_weight_is_transposed_at_first_use_then_leaves_the_mapping() {
     use sdserve_pipeline::kernels::linear::Dense;
     let _g = serial();
     let dev = Device::Cpu;
-    let dir = TempDir::new("dense");
+    let dir = ScratchDir::new("mapped-dense");
     let path = dir.0.join("w.safetensors");
     let w = candle_core::Tensor::randn(0f32, 1.0, (300, 200), &dev).unwrap();
     let ts = std::collections::HashMap::from([("a.weight".to_string(), w.clone())]);

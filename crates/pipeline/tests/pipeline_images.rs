@@ -8,15 +8,14 @@ mod common;
 static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
     sdserve_pipeline::weights::mapped::MappedAlloc;
 
-use common::pixel_difference;
+use common::{pixel_difference, request_params, tiny_model_json};
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::pipeline::StableDiffusion;
 use sdserve_pipeline::PipelineError;
 
 fn fixtures() -> PathBuf {
@@ -32,9 +31,7 @@ struct Reference {
 fn load_reference(name: &str) -> Reference {
     let model = StableDiffusion::load(&fixtures().join(name), &Device::Cpu, DType::F32)
         .expect("model loads");
-    let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
-    // Python's json writes -Infinity in the recorded scheduler configs; JSON has no such number.
-    let json: serde_json::Value = serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
+    let json = tiny_model_json(name);
     let requests = json["images"].as_object().expect("images").clone();
     let tensors = candle_core::safetensors::load(
         fixtures().join(format!("{name}.safetensors")),
@@ -48,31 +45,11 @@ fn load_reference(name: &str) -> Reference {
     }
 }
 
-fn params_of(request: &serde_json::Value) -> GenerationParams {
-    GenerationParams {
-        prompt: request["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: request["negative_prompt"]
-            .as_str()
-            .unwrap_or("")
-            .to_string(),
-        steps: request["steps"].as_u64().unwrap() as usize,
-        width: request["width"].as_u64().unwrap() as usize,
-        height: request["height"].as_u64().unwrap() as usize,
-        seed: request["seed"].as_u64().unwrap(),
-        guidance_scale: request["guidance_scale"].as_f64().unwrap(),
-        // null: the model's own scheduler config.
-        scheduler: request["scheduler"]
-            .as_str()
-            .map(|name| SchedulerKind::from_name(name).expect("known scheduler")),
-        ..Default::default()
-    }
-}
-
 fn check_images(name: &str) {
     let reference = load_reference(name);
     let mut failures = Vec::new();
     for (label, request) in &reference.requests {
-        let params = params_of(request);
+        let params = request_params(request);
         let image = reference
             .model
             .generate(&params, &mut |_| ControlFlow::Continue(()))
@@ -112,7 +89,7 @@ fn tiny_b_images_match_diffusers_for_every_scheduler() {
 #[test]
 fn cancelling_stops_within_one_step() {
     let reference = load_reference("tiny-a");
-    let params = params_of(&reference.requests["euler"]);
+    let params = request_params(&reference.requests["euler"]);
     let mut calls = 0;
     let result = reference.model.generate(&params, &mut |progress| {
         calls += 1;
@@ -134,7 +111,7 @@ fn cancelling_stops_within_one_step() {
 #[test]
 fn progress_reports_every_step_and_size_is_checked() {
     let reference = load_reference("tiny-a");
-    let mut params = params_of(&reference.requests["ddim"]);
+    let mut params = request_params(&reference.requests["ddim"]);
     let mut seen = Vec::new();
     reference
         .model

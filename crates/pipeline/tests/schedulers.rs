@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use candle_core::{Device, IndexOp, Tensor};
-use common::{max_abs_diff, steps_of, Fixtures};
+use common::{max_abs_diff, scheduler_fixtures, steps_of, Fixtures};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::common::{ClassDefaults, ResolvedConfig};
 use sdserve_pipeline::schedulers::{build, euler, lms, SchedulerConfig, SchedulerKind};
@@ -20,11 +18,6 @@ const TIMESTEP_TOL: f64 = 1e-9;
 const SIGMA_RTOL: f64 = 1e-6;
 /// Scaled inputs and samples of a whole run, max abs (samples start at sigma ~ 14.6).
 const TRAJ_TOL: f32 = 5e-5;
-
-fn fixtures() -> &'static Fixtures {
-    static F: OnceLock<Fixtures> = OnceLock::new();
-    F.get_or_init(|| Fixtures::load("schedulers"))
-}
 
 fn seed(f: &Fixtures, key: &str) -> u64 {
     f.meta[key].as_u64().unwrap()
@@ -62,7 +55,7 @@ fn ulps(a: f32, b: f32) -> u32 {
 
 #[test]
 fn training_schedules_match_torch() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let mut n = 0;
     for (case, over) in f.meta["train"].as_object().unwrap() {
         let cfg = f.scheduler_config(over);
@@ -119,7 +112,7 @@ fn training_schedules_match_torch() {
 
 #[test]
 fn schedules_match_diffusers() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let (mut worst_t, mut worst_tk, mut worst_s, mut cases) = (0f64, 0f64, 0f64, 0);
     for e in f.entries_for(&OURS) {
         let name = e["scheduler"].as_str().unwrap();
@@ -181,7 +174,7 @@ fn schedules_match_diffusers() {
 
 #[test]
 fn trajectories_match_diffusers() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let mut worst: Vec<(String, f32)> = Vec::new();
     for e in f.entries_for(&OURS) {
         let name = e["scheduler"].as_str().unwrap();
@@ -234,7 +227,7 @@ fn trajectories_match_diffusers() {
 #[test]
 fn initial_sample_uses_init_noise_sigma() {
     // samples[0] = randn(sample_seed) * init_noise_sigma; our TorchRng gives the same normals.
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let noise = TorchRng::new(seed(f, "sample_seed")).randn(4 * 8 * 8);
     let noise = Tensor::from_vec(noise, (1, 4, 8, 8), &Device::Cpu).unwrap();
     for name in OURS {
@@ -253,7 +246,7 @@ fn initial_sample_uses_init_noise_sigma() {
 
 #[test]
 fn zero_steps_and_bad_configs_are_errors() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let cfg = f.scheduler_config(&serde_json::json!({}));
     for name in OURS {
         assert!(build(SchedulerKind::from_name(name).unwrap(), &cfg, 0).is_err());

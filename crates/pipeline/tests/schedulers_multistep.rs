@@ -8,7 +8,7 @@ mod common;
 use std::sync::OnceLock;
 
 use candle_core::{DType, IndexOp, Tensor};
-use common::{max_abs_diff, steps_of, Fixtures};
+use common::{max_abs_diff, scheduler_fixtures, steps_of, Fixtures};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::dpm_solver::DpmSolverMultistep;
 use sdserve_pipeline::schedulers::unipc::UniPcMultistep;
@@ -24,11 +24,6 @@ const TRAJ_TOL: f32 = 5e-5;
 /// The same for the extra configs: torch's 3x3 `linalg.solve` (UniPC order 3) rounds in an
 /// order we only match to an ulp, and 20-step runs amplify that.
 const EXTRA_TRAJ_TOL: f32 = 1e-4;
-
-fn fixtures() -> &'static Fixtures {
-    static F: OnceLock<Fixtures> = OnceLock::new();
-    F.get_or_init(|| Fixtures::load("schedulers"))
-}
 
 /// This file's schedulers in the fixtures: every one in every variant (SD 1.5, v_prediction,
 /// three spacings).
@@ -68,9 +63,29 @@ fn make(name: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>,
     }
 }
 
+/// Asserts the fixture's `{key}.timesteps` (exactly) and `{key}.sigmas` (to [`SIGMA_RTOL`]);
+/// returns the largest relative sigma difference.
+fn check_schedule(f: &Fixtures, key: &str, s: &dyn Scheduler, sigmas: &[f32]) -> f64 {
+    // Integer timesteps: exactly.
+    assert_eq!(
+        s.timesteps(),
+        f.f64s(&format!("{key}.timesteps")).as_slice(),
+        "{key} timesteps"
+    );
+    let want = f.f64s(&format!("{key}.sigmas"));
+    assert_eq!(sigmas.len(), want.len(), "{key} sigma count");
+    let mut worst = 0f64;
+    for (a, b) in sigmas.iter().zip(&want) {
+        let d = (*a as f64 - b).abs() / b.abs().max(1e-30);
+        worst = worst.max(d);
+        assert!(d <= SIGMA_RTOL, "{key}: sigma {a} vs {b} (rel {d:e})");
+    }
+    worst
+}
+
 #[test]
 fn schedules_match_diffusers() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let (mut cases, mut worst_s) = (0, 0f64);
     for e in entries(f) {
         let (name, prefix) = (
@@ -81,24 +96,12 @@ fn schedules_match_diffusers() {
         for steps in steps_of(&e["schedule_steps"]) {
             let (s, sigmas) = make(name, &cfg, steps);
             let key = format!("{prefix}.{steps}");
-            // Integer timesteps: exactly.
-            assert_eq!(
-                s.timesteps(),
-                f.f64s(&format!("{key}.timesteps")).as_slice(),
-                "{key} timesteps"
-            );
+            worst_s = worst_s.max(check_schedule(f, &key, s.as_ref(), &sigmas));
             assert_eq!(
                 s.init_noise_sigma(),
                 f.f64s(&format!("{key}.init_noise_sigma"))[0],
                 "{key}"
             );
-            let want = f.f64s(&format!("{key}.sigmas"));
-            assert_eq!(sigmas.len(), want.len(), "{key} sigma count");
-            for (a, b) in sigmas.iter().zip(&want) {
-                let d = (*a as f64 - b).abs() / b.abs().max(1e-30);
-                worst_s = worst_s.max(d);
-                assert!(d <= SIGMA_RTOL, "{key}: sigma {a} vs {b} (rel {d:e})");
-            }
             cases += 1;
         }
     }
@@ -107,7 +110,7 @@ fn schedules_match_diffusers() {
 
 #[test]
 fn trajectories_match_diffusers() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let (mut runs, mut worst) = (0, 0f32);
     for e in entries(f) {
         let (name, prefix) = (
@@ -159,7 +162,7 @@ fn trajectories_match_diffusers() {
 
 #[test]
 fn factory_builds_the_same_schedules() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let cfg = f.scheduler_config(&serde_json::json!({}));
     for name in OURS {
         let kind = SchedulerKind::from_name(name).unwrap();
@@ -183,7 +186,7 @@ fn factory_builds_the_same_schedules() {
 
 #[test]
 fn half_precision_inputs_come_back_in_their_dtype() {
-    let f = fixtures();
+    let f = scheduler_fixtures();
     let cfg = f.scheduler_config(&serde_json::json!({}));
     let key = "unipc.5";
     let outputs = f.get(&format!("{key}.model_outputs"));
@@ -252,11 +255,7 @@ fn extra() -> &'static Fixtures {
 /// `Class.from_config(cfg)`: the class key of the fixture ("dpm" or "unipc").
 fn make_class(class: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>, Vec<f32>) {
     match class {
-        "dpm" => {
-            let s = DpmSolverMultistep::new(cfg, steps, false).unwrap();
-            let sigmas = s.sigmas().to_vec();
-            (Box::new(s), sigmas)
-        }
+        "dpm" => make("dpmpp_2m", cfg, steps),
         "unipc" => make("unipc", cfg, steps),
         other => panic!("unknown class {other}"),
     }
@@ -278,18 +277,7 @@ fn extra_configs_match_diffusers() {
         for steps in steps_of(&e["schedule_steps"]) {
             let key = format!("{case}.{steps}");
             let (s, sigmas) = make_class(class, &cfg, steps);
-            assert_eq!(
-                s.timesteps(),
-                f.f64s(&format!("{key}.timesteps")).as_slice(),
-                "{key} timesteps"
-            );
-            let want = f.f64s(&format!("{key}.sigmas"));
-            assert_eq!(sigmas.len(), want.len(), "{key} sigma count");
-            for (a, b) in sigmas.iter().zip(&want) {
-                let d = (*a as f64 - b).abs() / b.abs().max(1e-30);
-                worst_s = worst_s.max(d);
-                assert!(d <= SIGMA_RTOL, "{key}: sigma {a} vs {b} (rel {d:e})");
-            }
+            worst_s = worst_s.max(check_schedule(f, &key, s.as_ref(), &sigmas));
             schedules += 1;
         }
         for steps in steps_of(&e["trajectory_steps"]) {

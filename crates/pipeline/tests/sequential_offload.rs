@@ -2,8 +2,11 @@
 //! a time during each forward pass. On the CPU the "device" is the CPU too, which still runs the
 //! whole streaming path (host map, per-part builds, drops); the results must not change at all.
 
+mod common;
+
+use common::{generate_one, request_params, tiny_model_json};
+
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -11,8 +14,7 @@ use candle_nn::VarBuilder;
 use sdserve_pipeline::attention::AttentionSlicing;
 use sdserve_pipeline::error::read_json;
 use sdserve_pipeline::memory::{MemoryPlan, Offload, VaeTiling};
-use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StableDiffusion};
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
 use sdserve_pipeline::unet::{StreamStats, UNet2DConditionModel, UNetConfig};
 
 fn fixtures() -> PathBuf {
@@ -208,28 +210,9 @@ fn streamed_unet_checks_weights_when_built() {
     assert!(err.contains(name), "{err}");
 }
 
+/// The recorded Euler request of a tiny model.
 fn params(name: &str) -> GenerationParams {
-    let text = std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
-    let r = &json["images"]["euler"];
-    GenerationParams {
-        prompt: r["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: r["negative_prompt"].as_str().unwrap_or("").to_string(),
-        steps: r["steps"].as_u64().unwrap() as usize,
-        width: r["width"].as_u64().unwrap() as usize,
-        height: r["height"].as_u64().unwrap() as usize,
-        seed: r["seed"].as_u64().unwrap(),
-        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
-        scheduler: Some(SchedulerKind::from_name("euler").unwrap()),
-        ..Default::default()
-    }
-}
-
-fn run(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
-    model
-        .generate(params, &mut |_| ControlFlow::Continue(()))
-        .expect("generates")
-        .remove(0)
+    request_params(&tiny_model_json(name)["images"]["euler"])
 }
 
 fn load_with(name: &str, offload: Offload) -> StableDiffusion {
@@ -244,7 +227,7 @@ fn sequential_offload_gives_the_same_images() {
     for name in ["tiny-a", "tiny-b"] {
         let params = params(name);
         let mut base = load_with(name, Offload::None);
-        let want = run(&base, &params);
+        let want = generate_one(&base, &params);
         assert_eq!(base.unet_stream_stats(), None);
         assert_eq!(base.unet_host_weight_bytes(), None);
 
@@ -253,7 +236,7 @@ fn sequential_offload_gives_the_same_images() {
         let seq = load_with(name, Offload::Sequential);
         assert!(seq.unet_host_weight_bytes().unwrap() > 0);
         assert_eq!(
-            run(&seq, &params).pixels,
+            generate_one(&seq, &params).pixels,
             want.pixels,
             "{name}: loaded sequential"
         );
@@ -265,7 +248,7 @@ fn sequential_offload_gives_the_same_images() {
         // Switched at run time, and back.
         base.set_offload(Offload::Sequential).unwrap();
         assert_eq!(
-            run(&base, &params).pixels,
+            generate_one(&base, &params).pixels,
             want.pixels,
             "{name}: set sequential"
         );
@@ -273,7 +256,7 @@ fn sequential_offload_gives_the_same_images() {
         base.set_offload(Offload::None).unwrap();
         assert_eq!(base.unet_stream_stats(), None);
         assert_eq!(
-            run(&base, &params).pixels,
+            generate_one(&base, &params).pixels,
             want.pixels,
             "{name}: back to none"
         );
@@ -291,6 +274,9 @@ fn sequential_offload_with_sliced_attention_and_tiled_vae() {
         model.set_attention_slicing(AttentionSlicing::MaxBytes(4096));
         model.set_vae_tiling(Some(VaeTiling::new(latent / 2)));
     }
-    assert_eq!(run(&seq, &params).pixels, run(&base, &params).pixels);
+    assert_eq!(
+        generate_one(&seq, &params).pixels,
+        generate_one(&base, &params).pixels
+    );
     assert_eq!(seq.unet_stream_stats().unwrap().forwards, params.steps);
 }

@@ -1,6 +1,10 @@
 //! Single-file (LDM key names) conversion and the safe `.ckpt` reader, against fixtures written
 //! by `tools/make_single_file.py` from the tiny-a model (diffusers 0.42.1 / torch 2.11.0).
 
+mod common;
+
+use common::ScratchDir;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -8,7 +12,6 @@ use candle_core::{DType, Device};
 use safetensors::{Dtype, SafeTensors};
 use sdserve_pipeline::ckpt::{Checkpoint, Value};
 use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
-use sdserve_pipeline::schedulers::SchedulerKind;
 use sdserve_pipeline::single_file::{
     checked_var_builder, convert_single_file, validate_folder, validate_safetensors,
     ConvertOptions, TEXT_ENCODER_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS,
@@ -19,22 +22,6 @@ fn fixtures() -> PathBuf {
 }
 fn sf(name: &str) -> PathBuf {
     fixtures().join("single-file").join(name)
-}
-
-/// A fresh scratch directory, removed on drop.
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("sdserve-sf-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// name -> (dtype, shape, bytes)
@@ -78,7 +65,7 @@ fn tiny_tokenizer() -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn safetensors_single_file_converts_to_the_original_tensors() {
-    let tmp = Scratch::new("st");
+    let tmp = ScratchDir::new("sf-st");
     let out = tmp.0.join("model");
     let tiny = fixtures().join("tiny-a");
     let opts = ConvertOptions {
@@ -109,7 +96,7 @@ fn safetensors_single_file_converts_to_the_original_tensors() {
 
 #[test]
 fn inferred_configs_match_what_the_shapes_say() {
-    let tmp = Scratch::new("infer");
+    let tmp = ScratchDir::new("sf-infer");
     let out = tmp.0.join("model");
     let tok = tiny_tokenizer();
     let tok_refs: Vec<(&str, &[u8])> = tok
@@ -175,7 +162,7 @@ fn inferred_configs_match_what_the_shapes_say() {
 
 #[test]
 fn bundled_clip_tokenizer_larger_than_the_embedding_table_is_refused() {
-    let tmp = Scratch::new("vocab");
+    let tmp = ScratchDir::new("sf-vocab");
     let dir = fixtures().join("clip-tokenizer");
     let files: Vec<(String, Vec<u8>)> = [
         "vocab.json",
@@ -204,7 +191,7 @@ fn bundled_clip_tokenizer_larger_than_the_embedding_table_is_refused() {
 
 #[test]
 fn torch_zip_ckpt_converts_to_the_original_tensors_in_fp16() {
-    let tmp = Scratch::new("ckpt");
+    let tmp = ScratchDir::new("sf-ckpt");
     let out = tmp.0.join("model");
     let tiny = fixtures().join("tiny-a");
     let ck = Checkpoint::open(&sf("tiny-a-fp16.ckpt")).unwrap();
@@ -304,7 +291,7 @@ fn malicious_ckpts_are_refused_and_run_nothing() {
             "error names the file: {e}"
         );
         // The conversion entry point refuses it the same way.
-        let tmp = Scratch::new(&format!("evil-{name}"));
+        let tmp = ScratchDir::new(&format!("sf-evil-{name}"));
         let e2 =
             convert_single_file(&path, &tmp.0.join("m"), &ConvertOptions::default()).unwrap_err();
         assert!(e2.to_string().contains(global));
@@ -314,7 +301,7 @@ fn malicious_ckpts_are_refused_and_run_nothing() {
 
 #[test]
 fn validation_names_file_and_tensor() {
-    let tmp = Scratch::new("nan");
+    let tmp = ScratchDir::new("sf-nan");
     let p = tmp.0.join("w.safetensors");
     let vals = [1.0f32, 2.0, f32::NAN, 4.0];
     let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -353,7 +340,7 @@ fn validation_names_file_and_tensor() {
 
 #[test]
 fn a_converted_single_file_generates_the_same_image() {
-    let tmp = Scratch::new("image");
+    let tmp = ScratchDir::new("sf-image");
     let out = tmp.0.join("model");
     let tiny = fixtures().join("tiny-a");
     let opts = ConvertOptions {
@@ -362,22 +349,12 @@ fn a_converted_single_file_generates_the_same_image() {
     };
     convert_single_file(&sf("tiny-a.safetensors"), &out, &opts).unwrap();
     // The first recorded request of the tiny-a image references (size, seed, prompts).
-    let text = std::fs::read_to_string(fixtures().join("tiny-a.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
+    let json = common::tiny_model_json("tiny-a");
     let (_, r) = json["images"].as_object().unwrap().iter().next().unwrap();
     let params = GenerationParams {
-        prompt: r["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: r["negative_prompt"].as_str().unwrap_or("").to_string(),
         // Two steps are enough to compare the two folders (speed in unoptimised test builds).
         steps: 2,
-        width: r["width"].as_u64().unwrap() as usize,
-        height: r["height"].as_u64().unwrap() as usize,
-        seed: r["seed"].as_u64().unwrap(),
-        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
-        scheduler: r["scheduler"]
-            .as_str()
-            .map(|n| SchedulerKind::from_name(n).unwrap()),
-        ..Default::default()
+        ..common::request_params(r)
     };
     let run = |dir: &Path| {
         let sd = StableDiffusion::load(dir, &Device::Cpu, DType::F32).unwrap();

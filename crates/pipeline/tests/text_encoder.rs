@@ -82,14 +82,10 @@ fn half_precision_weights_run_close_to_reference() {
     }
 }
 
-/// `text.prompt` from `tiny-X.json`. Python's json writes `-Infinity` for some scheduler
-/// fields, which is not JSON; those tokens are nulled before parsing.
+/// `text.prompt` from `tiny-X.json`.
 fn reference_prompt(model: &str) -> String {
-    let text = std::fs::read_to_string(fixtures().join(format!("{model}.json"))).unwrap();
-    let text = text
-        .replace("-Infinity", "null")
-        .replace("Infinity", "null")
-        .replace("NaN", "null");
-    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
-    meta["text"]["prompt"].as_str().unwrap().to_owned()
+    common::tiny_model_json(model)["text"]["prompt"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

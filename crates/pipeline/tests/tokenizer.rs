@@ -1,6 +1,8 @@
 //! The CLIP tokenizer against transformers' `CLIPTokenizer` (references written by
 //! `tools/make_tokenizer_fixtures.py`).
 
+mod common;
+
 use std::path::PathBuf;
 
 use sdserve_pipeline::tokenizer::ClipTokenizer;
@@ -173,14 +175,10 @@ fn tiny_model_tokenizers_match_reference_ids() {
     }
 }
 
-/// `text.prompt` from `tiny-X.json`. Python's json writes `-Infinity` for some scheduler
-/// fields, which is not JSON; those tokens are nulled before parsing.
+/// `text.prompt` from `tiny-X.json`.
 fn reference_prompt(model: &str) -> String {
-    let text = std::fs::read_to_string(fixtures().join(format!("{model}.json"))).unwrap();
-    let text = text
-        .replace("-Infinity", "null")
-        .replace("Infinity", "null")
-        .replace("NaN", "null");
-    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
-    meta["text"]["prompt"].as_str().unwrap().to_owned()
+    common::tiny_model_json(model)["text"]["prompt"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

@@ -3,11 +3,11 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::RgbImage;
-use sdserve_pipeline::schedulers::SchedulerConfig;
+use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StableDiffusion};
+use sdserve_pipeline::schedulers::{SchedulerConfig, SchedulerKind};
 
 pub mod fuzz;
 
@@ -16,6 +16,76 @@ pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
+}
+
+/// A fresh directory of its own (per process, tag and test thread) under the system's temporary
+/// directory, removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sdserve-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// Writes `bytes` to `file` in the directory; returns the directory.
+    pub fn put(&self, file: &str, bytes: &[u8]) -> &Path {
+        std::fs::write(self.0.join(file), bytes).unwrap();
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `fixtures/<name>.json` of a tiny model (`tools/make_tiny_models.py`). Python's json writes
+/// `-Infinity` in some recorded scheduler fields, which is not JSON: such tokens read as null.
+pub fn tiny_model_json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_path(&format!("{name}.json")))
+        .unwrap_or_else(|e| panic!("{name}.json: {e}"));
+    let text = text
+        .replace("-Infinity", "null")
+        .replace("Infinity", "null")
+        .replace("NaN", "null");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}.json: {e}"))
+}
+
+/// The generation a recorded request describes: prompts (no negative prompt: ""), steps, size,
+/// seed, guidance and the scheduler's API name (null: the model's own scheduler config).
+pub fn request_params(request: &serde_json::Value) -> GenerationParams {
+    GenerationParams {
+        prompt: request["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: request["negative_prompt"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        steps: request["steps"].as_u64().unwrap() as usize,
+        width: request["width"].as_u64().unwrap() as usize,
+        height: request["height"].as_u64().unwrap() as usize,
+        seed: request["seed"].as_u64().unwrap(),
+        guidance_scale: request["guidance_scale"].as_f64().unwrap(),
+        scheduler: request["scheduler"]
+            .as_str()
+            .map(|name| SchedulerKind::from_name(name).expect("known scheduler")),
+        ..Default::default()
+    }
+}
+
+/// The first image `params` generates, run to the end.
+pub fn generate_one(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
+    model
+        .generate(params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .expect("generates")
+        .remove(0)
 }
 
 /// A fixture pair written by a `tools/make_*_fixtures.py` script: tensors in `<stem>.safetensors`,
@@ -72,6 +142,13 @@ impl Fixtures {
         }
         serde_json::from_value(cfg).unwrap()
     }
+}
+
+/// `schedulers.{json,safetensors}` (`tools/make_scheduler_fixtures.py`), loaded once per test
+/// binary.
+pub fn scheduler_fixtures() -> &'static Fixtures {
+    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
+    F.get_or_init(|| Fixtures::load("schedulers"))
 }
 
 /// A JSON list of step indices.
