@@ -430,6 +430,7 @@ fn causal_mask(l: usize, device: &Device) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use std::collections::HashMap;
 
     fn tiny_config() -> ClipTextConfig {
@@ -526,16 +527,7 @@ mod tests {
         let ya = m1.forward(&a).unwrap();
         let yb = m1.forward(&b).unwrap();
         assert_eq!(ya.dims(), &[1, 6, 8]);
-        let diff = |x: &Tensor, y: &Tensor| -> f32 {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = max_abs_diff;
         assert!(diff(&ya.narrow(1, 0, 3).unwrap(), &yb.narrow(1, 0, 3).unwrap()) < 1e-6);
         assert!(diff(&ya.narrow(1, 3, 3).unwrap(), &yb.narrow(1, 3, 3).unwrap()) > 1e-3);
         assert!(diff(&ya, &m2.forward(&a).unwrap()) == 0.0);
@@ -563,14 +555,7 @@ mod tests {
             .unwrap();
         let out = bf16.forward(&ids).unwrap();
         assert_eq!(out.dtype(), DType::BF16);
-        let d = (out.to_dtype(DType::F32).unwrap() - f32_out)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&out.to_dtype(DType::F32).unwrap(), &f32_out);
         assert!(d < 0.1, "bf16 vs f32 max abs diff {d}");
     }
 }

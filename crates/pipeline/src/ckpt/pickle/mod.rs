@@ -126,6 +126,15 @@ impl<'a> Unpickler<'a> {
     fn u64(&mut self) -> PResult<u64> {
         Ok(le64(self.take(8)?, 0))
     }
+    /// The little-endian length before a sized string or bytes opcode's data: one byte for the
+    /// SHORT_ forms (`U`, `C`, 0x8c), eight for the 8 forms (0x8d, 0x8e), else four.
+    fn length_prefix(&mut self, op: u8) -> PResult<usize> {
+        Ok(match op {
+            b'U' | b'C' | 0x8c => self.u8()? as usize,
+            0x8d | 0x8e => self.u64()? as usize,
+            _ => self.u32()? as usize,
+        })
+    }
     fn line(&mut self) -> PResult<String> {
         let rest = &self.data[self.pos..];
         let Some(end) = rest.iter().position(|&b| b == b'\n') else {
@@ -354,6 +363,40 @@ mod tests {
             v.to_json(),
             serde_json::json!({"a": [1, -2, 3.5, null, true], "b": ["x", [121]]})
         );
+    }
+
+    #[test]
+    fn sized_strings_and_bytes_of_every_width() {
+        // MARK, then each opcode with its little-endian length (1, 4 or 8 bytes) and "ab",
+        // then LIST, STOP: X/0x8c/0x8d are UTF-8 text, T/U Python 2 strings (read as text),
+        // B/C/0x8e bytes.
+        let mut p = b"\x80\x04(".to_vec();
+        for (op, width) in [
+            (b'X', 4),
+            (0x8c, 1),
+            (0x8d, 8),
+            (b'T', 4),
+            (b'U', 1),
+            (b'B', 4),
+            (b'C', 1),
+            (0x8e, 8),
+        ] {
+            p.push(op);
+            p.extend_from_slice(&2u64.to_le_bytes()[..width]);
+            p.extend_from_slice(b"ab");
+        }
+        p.extend_from_slice(b"l.");
+        let v = unpickle(&p).unwrap();
+        let text = serde_json::json!("ab");
+        let bytes = serde_json::json!([97, 98]);
+        assert_eq!(
+            v.to_json(),
+            serde_json::json!([&text, &text, &text, &text, &text, &bytes, &bytes, &bytes])
+        );
+        // A length past the end is a truncated pickle, whatever its width.
+        for op in [b'X', 0x8c, 0x8d, b'T', b'U', b'B', b'C', 0x8e] {
+            assert!(unpickle(&[0x80, 4, op, 9]).is_err(), "{op:#x}");
+        }
     }
 
     #[test]

@@ -70,41 +70,21 @@ impl<'a> Unpickler<'a> {
                     };
                     self.stack.push(o);
                 }
-                b'X' => {
-                    let n = self.u32()? as usize;
+                // (SHORT_)BINUNICODE(8): UTF-8 text.
+                b'X' | 0x8c | 0x8d => {
+                    let n = self.length_prefix(op)?;
                     let s = self.string(n)?;
                     self.stack.push(s);
                 }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
+                // (SHORT_)BINSTRING: Python 2 byte strings, read as text.
+                b'T' | b'U' => {
+                    let n = self.length_prefix(op)?;
+                    let b = self.take(n)?;
+                    self.stack.push(Obj::Str(String::from_utf8_lossy(b).into()));
                 }
-                0x8d => {
-                    let n = self.u64()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
-                }
-                b'T' | b'B' => {
-                    let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(if op == b'T' {
-                        Obj::Str(String::from_utf8_lossy(&b).into())
-                    } else {
-                        Obj::Bytes(b)
-                    });
-                }
-                b'U' | b'C' => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(if op == b'U' {
-                        Obj::Str(String::from_utf8_lossy(&b).into())
-                    } else {
-                        Obj::Bytes(b)
-                    });
-                }
-                0x8e => {
-                    let n = self.u64()? as usize;
+                // (SHORT_)BINBYTES(8).
+                b'B' | b'C' | 0x8e => {
+                    let n = self.length_prefix(op)?;
                     let b = self.take(n)?.to_vec();
                     self.stack.push(Obj::Bytes(b));
                 }

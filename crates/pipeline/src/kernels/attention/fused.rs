@@ -46,11 +46,8 @@ pub fn attention_fused_f32(
     out: &mut [f32],
     isa: Isa,
 ) {
+    s.assert_slices(q, k, v, out);
     let (cq, cv) = (s.heads * s.dh, s.heads * s.dv);
-    assert_eq!(q.len(), s.batch * s.n * cq);
-    assert_eq!(k.len(), s.batch * s.m * cq);
-    assert_eq!(v.len(), s.batch * s.m * cv);
-    assert_eq!(out.len(), s.batch * s.n * cv);
     if s.n == 0 || s.dv == 0 {
         return;
     }

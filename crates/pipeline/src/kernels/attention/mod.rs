@@ -42,6 +42,18 @@ pub struct AttnShape {
     pub dv: usize,
 }
 
+impl AttnShape {
+    /// Panics unless the slices are q `[batch, n, heads * dh]`, k `[batch, m, heads * dh]`,
+    /// v `[batch, m, heads * dv]` and out `[batch, n, heads * dv]`.
+    pub(super) fn assert_slices(&self, q: &[f32], k: &[f32], v: &[f32], out: &[f32]) {
+        let (cq, cv) = (self.heads * self.dh, self.heads * self.dv);
+        assert_eq!(q.len(), self.batch * self.n * cq);
+        assert_eq!(k.len(), self.batch * self.m * cq);
+        assert_eq!(v.len(), self.batch * self.m * cv);
+        assert_eq!(out.len(), self.batch * self.n * cv);
+    }
+}
+
 /// `out[b, i, h*dv..] = softmax(scale * q_h k_h^T) v_h` with `q` `[B, N, heads*dh]`, `k`
 /// `[B, M, heads*dh]`, `v` `[B, M, heads*dv]` and `out` `[B, N, heads*dv]`, all contiguous.
 ///
@@ -67,11 +79,8 @@ pub fn attention_blocked_f32(
     scale: f32,
     out: &mut [f32],
 ) {
+    s.assert_slices(q, k, v, out);
     let (cq, cv) = (s.heads * s.dh, s.heads * s.dv);
-    assert_eq!(q.len(), s.batch * s.n * cq);
-    assert_eq!(k.len(), s.batch * s.m * cq);
-    assert_eq!(v.len(), s.batch * s.m * cv);
-    assert_eq!(out.len(), s.batch * s.n * cv);
     let threads = rayon::current_num_threads().max(1);
     let mut rows = (BLOCK_BYTES / (4 * s.m.max(1))).clamp(8, 512).min(s.n);
     // Enough tasks for every thread even when batch*heads is small.

@@ -201,14 +201,24 @@ impl UpBlock {
     }
 }
 
+/// The LoRA targets of a down or up block's `resnets.{i}` and `attentions.{i}`.
+fn resnet_and_attention_targets<'a>(
+    resnets: &'a [ResnetBlock],
+    attentions: &'a [Transformer2D],
+    p: &str,
+    out: &mut Out<'a>,
+) {
+    for (i, r) in resnets.iter().enumerate() {
+        r.lora_targets(&join(p, format!("resnets.{i}")), out);
+    }
+    for (i, a) in attentions.iter().enumerate() {
+        a.lora_targets(&join(p, format!("attentions.{i}")), out);
+    }
+}
+
 impl LoraTargets for DownBlock {
     fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
-        for (i, r) in self.resnets.iter().enumerate() {
-            r.lora_targets(&join(p, format!("resnets.{i}")), out);
-        }
-        for (i, a) in self.attentions.iter().enumerate() {
-            a.lora_targets(&join(p, format!("attentions.{i}")), out);
-        }
+        resnet_and_attention_targets(&self.resnets, &self.attentions, p, out);
         if let Some(d) = &self.downsample {
             out.push((join(p, "downsamplers.0.conv"), Target::Conv(&d.conv)));
         }
@@ -227,12 +237,7 @@ impl LoraTargets for MidBlock {
 
 impl LoraTargets for UpBlock {
     fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
-        for (i, r) in self.resnets.iter().enumerate() {
-            r.lora_targets(&join(p, format!("resnets.{i}")), out);
-        }
-        for (i, a) in self.attentions.iter().enumerate() {
-            a.lora_targets(&join(p, format!("attentions.{i}")), out);
-        }
+        resnet_and_attention_targets(&self.resnets, &self.attentions, p, out);
         if let Some(u) = &self.upsample {
             out.push((join(p, "upsamplers.0.conv"), Target::Conv(&u.conv)));
         }
