@@ -135,6 +135,20 @@ fn family_of<'a>(name: &'a str, current: Option<(&'a str, &'a str)>) -> Option<&
         .then_some(family)
 }
 
+/// A new family `name`, untyped until its TYPE line; one seen before means the family is split.
+fn start_family(out: &mut Exposition, name: &str) -> Result<(), String> {
+    if out.families.contains_key(name) {
+        return Err(format!("family {name} is not one group"));
+    }
+    let family = Family {
+        kind: "untyped".into(),
+        help: None,
+        samples: vec![],
+    };
+    out.families.insert(name.to_string(), family);
+    Ok(())
+}
+
 pub fn parse(text: &str) -> Result<Exposition, String> {
     let mut out = Exposition::default();
     let mut current: Option<String> = None;
@@ -158,17 +172,7 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
                 return Err(at(format!("bad metric name {name:?}")));
             }
             if current.as_deref() != Some(name) {
-                if out.families.contains_key(name) {
-                    return Err(at(format!("family {name} is not one group")));
-                }
-                out.families.insert(
-                    name.to_string(),
-                    Family {
-                        kind: "untyped".into(),
-                        help: None,
-                        samples: vec![],
-                    },
-                );
+                start_family(&mut out, name).map_err(at)?;
                 current = Some(name.to_string());
             }
             let family = out.families.get_mut(name).unwrap();
@@ -218,17 +222,7 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             Some(f) => f.to_string(),
             None => {
                 // An untyped family of its own.
-                if out.families.contains_key(name) {
-                    return Err(at(format!("family {name} is not one group")));
-                }
-                out.families.insert(
-                    name.to_string(),
-                    Family {
-                        kind: "untyped".into(),
-                        help: None,
-                        samples: vec![],
-                    },
-                );
+                start_family(&mut out, name).map_err(at)?;
                 current = Some(name.to_string());
                 name.to_string()
             }
