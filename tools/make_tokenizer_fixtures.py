@@ -216,37 +216,35 @@ VARIANT_PROMPTS = [
 ]
 
 
-def make_variant_cases(tok_dir):
+def tokenizer_with(tmp, config, stm):
+    """CLIPTokenizer of folder `tmp` with tokenizer_config.json `config` and special_tokens_map.json
+    `stm` (None: no such file)."""
     from transformers import CLIPTokenizer
 
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    stm_path = os.path.join(tmp, "special_tokens_map.json")
+    if os.path.exists(stm_path):
+        os.remove(stm_path)
+    if stm is not None:
+        with open(stm_path, "w") as f:
+            json.dump(stm, f)
+    return CLIPTokenizer.from_pretrained(tmp)
+
+
+def make_variant_cases(tok_dir):
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         for f in ("vocab.json", "merges.txt"):
             shutil.copy(os.path.join(tok_dir, f), tmp)
         for config, stm in CONFIG_VARIANTS:
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump(config, f)
-            stm_path = os.path.join(tmp, "special_tokens_map.json")
-            if os.path.exists(stm_path):
-                os.remove(stm_path)
-            if stm is not None:
-                with open(stm_path, "w") as f:
-                    json.dump(stm, f)
-            tok = CLIPTokenizer.from_pretrained(tmp)
+            tok = tokenizer_with(tmp, config, stm)
             for p in VARIANT_PROMPTS:
                 cases.append({"prompt": p, "ids": encode(tok, p), "tokenizer_config": config,
                               "special_tokens_map": stm})
         for (nb, ne), (config, stm) in JSON_VARIANTS:
             added = write_tokenizer_json(tmp, nb, ne)
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump(config, f)
-            stm_path = os.path.join(tmp, "special_tokens_map.json")
-            if os.path.exists(stm_path):
-                os.remove(stm_path)
-            if stm is not None:
-                with open(stm_path, "w") as f:
-                    json.dump(stm, f)
-            tok = CLIPTokenizer.from_pretrained(tmp)
+            tok = tokenizer_with(tmp, config, stm)
             for p in VARIANT_PROMPTS:
                 cases.append({"prompt": p, "ids": encode(tok, p), "tokenizer_config": config,
                               "special_tokens_map": stm, "tokenizer_json_added_tokens": added})
