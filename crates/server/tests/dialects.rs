@@ -22,12 +22,7 @@ fn ready(spec: &str, more: &[(&str, &str)]) -> Server {
 }
 
 fn post(s: &Server, path: &str, body: &Value) -> Resp {
-    s.request(
-        "POST",
-        path,
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
+    common::post_json_to(s.addr, path, body)
 }
 
 /// Pixels of the native `/generate` image for `body`.
@@ -219,15 +214,7 @@ fn a1111_progress_interrupt_and_skip_act_on_its_requests() {
     let body = json!({"prompt": "x", "seed": 9, "steps": 40, "width": 256, "height": 256,
                       "n_iter": 3});
     let start = |body: Value| {
-        std::thread::spawn(move || {
-            common::request(
-                addr,
-                "POST",
-                "/sdapi/v1/txt2img",
-                &[("Content-Type", "application/json")],
-                body.to_string().as_bytes(),
-            )
-        })
+        std::thread::spawn(move || common::post_json_to(addr, "/sdapi/v1/txt2img", &body))
     };
     let wait_progress = |ok: &dyn Fn(&Value) -> bool| {
         let t = Instant::now();
@@ -270,14 +257,10 @@ fn a1111_progress_interrupt_and_skip_act_on_its_requests() {
 
     // A native request is not an A1111 one: interrupt leaves it alone.
     let native = std::thread::spawn(move || {
-        common::request(
+        common::post_json_to(
             addr,
-            "POST",
             "/generate",
-            &[("Content-Type", "application/json")],
-            json!({"prompt": "x", "steps": 30, "width": 256, "height": 256})
-                .to_string()
-                .as_bytes(),
+            &json!({"prompt": "x", "steps": 30, "width": 256, "height": 256}),
         )
     });
     std::thread::sleep(Duration::from_millis(100));
@@ -298,15 +281,7 @@ fn a1111_progress_follows_the_steps_of_its_job() {
     let addr = s.addr;
     let body = json!({"prompt": "x", "seed": 5, "steps": 20, "width": 256, "height": 256,
                       "sampler_name": "Euler", "n_iter": 2});
-    let run = std::thread::spawn(move || {
-        common::request(
-            addr,
-            "POST",
-            "/sdapi/v1/txt2img",
-            &[("Content-Type", "application/json")],
-            body.to_string().as_bytes(),
-        )
-    });
+    let run = std::thread::spawn(move || common::post_json_to(addr, "/sdapi/v1/txt2img", &body));
     // Poll through the first batch: the step rises, progress stays within its half.
     let mut seen = Vec::new();
     let mut image = None;

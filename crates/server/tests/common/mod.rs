@@ -268,6 +268,17 @@ pub fn send_only(addr: SocketAddr, body: &serde_json::Value) -> TcpStream {
     s
 }
 
+/// POSTs `body` as JSON to `path` (from any thread: takes the address, not the server).
+pub fn post_json_to(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp {
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
 pub fn request(
     addr: SocketAddr,
     method: &str,

@@ -99,14 +99,10 @@ fn openai_retries_only_where_they_can_help() {
     );
     let addr = s.addr;
     let long = std::thread::spawn(move || {
-        common::request(
+        common::post_json_to(
             addr,
-            "POST",
             "/v1/images/generations",
-            &[("Content-Type", "application/json")],
-            json!({"prompt": "x", "steps": 50, "size": "256x256"})
-                .to_string()
-                .as_bytes(),
+            &json!({"prompt": "x", "steps": 50, "size": "256x256"}),
         )
     });
     std::thread::sleep(Duration::from_millis(200));
