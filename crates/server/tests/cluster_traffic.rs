@@ -1,6 +1,7 @@
 //! What replicas sharing a real `redis-server` (QUEUE_URL) exchange besides the jobs, with
-//! the fake generator: the shared response cache, and which jobs' previews an API replica's
-//! clients watch (the worker makes previews only for those).
+//! the fake generator: the shared response cache, which jobs' previews an API replica's
+//! clients watch (the worker makes previews only for those), and the latest preview for an
+//! A1111 poller.
 //!
 //! Each test starts its own redis-server on a free port; without one it skips loudly, unless
 //! SDSERVE_REQUIRE_REDIS=1 (as `.ci/run` sets).
@@ -107,4 +108,49 @@ fn a_worker_makes_previews_only_for_jobs_an_api_replica_streams() {
         "succeeded"
     );
     assert_eq!(made(), before);
+}
+
+/// A1111 `progress` on an API replica shows the latest preview the worker made for the job
+/// its client waits on (`current_image`), and only while polled so: with
+/// `skip_current_image=true`, none is made.
+#[test]
+fn an_a1111_poller_on_an_api_replica_gets_the_workers_previews() {
+    let Some(redis) = Redis::start("an_a1111_poller_on_an_api_replica_gets_the_workers_previews")
+    else {
+        return;
+    };
+    let preview = [("PREVIEW", "latent"), ("PREVIEW_EVERY", "2")];
+    let worker = start(&redis, "worker", "step_ms=50", &preview);
+    let api = start(&redis, "api", "", &preview);
+    wait_workers(&api, 1);
+    let made = || worker.metric("sdserve_previews_total");
+    let txt2img = |skip: bool| {
+        let addr = api.addr;
+        let run = std::thread::spawn(move || {
+            common::request(
+                addr,
+                "POST",
+                "/sdapi/v1/txt2img",
+                &[("Content-Type", "application/json")],
+                json!({"prompt": "polled", "steps": 20, "width": 256, "height": 256, "seed": u64::from(skip)})
+                    .to_string()
+                    .as_bytes(),
+            )
+        });
+        let path = format!("/sdapi/v1/progress?skip_current_image={skip}");
+        let mut image = None;
+        while !run.is_finished() {
+            if let Some(png) = api.get(&path).json()["current_image"].as_str() {
+                image = Some(png.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(run.join().unwrap().status, 200);
+        image
+    };
+    assert_eq!(txt2img(true), None);
+    assert_eq!(made(), 0.0, "previews made for a poller that skips them");
+    let image = txt2img(false).expect("current_image while polled");
+    assert_eq!(common::decode_png(&image).0, 256 / 8, "the latent preview");
+    assert!(made() > 0.0);
 }

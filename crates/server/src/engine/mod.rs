@@ -153,6 +153,10 @@ pub trait JobBackend: Send + Sync {
     /// poller). `None` for an unknown id.
     fn watch_previews(&self, id: &str) -> Option<PreviewWatch>;
     fn ask_previews(&self, id: &str, window: Duration);
+    /// The latest preview made of `id` (step, base64 PNG), for pollers.
+    fn latest_preview(&self, id: &str) -> Option<(usize, Arc<String>)> {
+        self.get(id).ok().flatten().and_then(|v| v.preview)
+    }
     /// The replicas sharing the queue (QUEUE_URL), for /health; `None` for one process.
     fn cluster(&self) -> Option<ClusterHealth> {
         None
@@ -363,6 +367,11 @@ impl Engine {
     /// A poller shows `id`'s latest preview: previews are made for a while.
     pub fn ask_previews(&self, id: &str) {
         self.backend.ask_previews(id, PREVIEW_ASK_WINDOW)
+    }
+
+    /// The latest preview made of `id` (step, base64 PNG), if any.
+    pub fn latest_preview(&self, id: &str) -> Option<(usize, Arc<String>)> {
+        self.backend.latest_preview(id)
     }
 
     /// The running job, if any (for dialects that report "the" progress, like A1111's).

@@ -288,16 +288,18 @@ async fn progress(State(app): State<Shared>, RawQuery(query): RawQuery) -> Json<
     if let (Some(id), false) = (&job_id, skip_image) {
         app.engine.ask_previews(id);
     }
+    let preview = job_id
+        .as_deref()
+        .filter(|_| !skip_image)
+        .and_then(|id| app.engine.latest_preview(id))
+        .map(|(_, png)| png);
     let job = job_id.and_then(|id| app.engine.job(&id).ok());
     let (step, steps, job_eta, preview) = match &job {
         Some(j) => (
             j.progress.step,
             j.progress.total,
             j.progress.eta_seconds,
-            j.preview
-                .as_ref()
-                .filter(|_| !skip_image)
-                .map(|(_, png)| png.clone()),
+            preview,
         ),
         None => (0, 0, None, None),
     };

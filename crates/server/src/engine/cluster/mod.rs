@@ -9,9 +9,8 @@
 //! - Events go over one pub/sub channel to every API process, which hands them to its own
 //!   subscribers; a poller also reads the records of jobs someone follows, so a missed event
 //!   (Redis restarted, connection lost) still ends the stream from the record.
-//! - Previews are made only for jobs someone watches: the API replica serving an event stream
-//!   keeps a `previews` key of the job alive (`PREVIEWS_TTL`, renewed by the poller); the
-//!   running worker looks for it with its stop-request poll.
+//! - Previews are made only for jobs someone watches, and pollers read the latest from Redis
+//!   (`previews.rs`).
 //! - The trait's methods are synchronous and answer at once: each runs its Redis commands on
 //!   this backend's own small runtime, bounded by `CALL_TIMEOUT`, and answers 503
 //!   `queue_unavailable` while Redis cannot be reached. The connection manager reconnects by
@@ -33,6 +32,7 @@ use super::{EngineConfig, JobBackend, ModelState, PreviewWatch, StopReason};
 use crate::error::ApiError;
 use crate::metrics::Gauges;
 
+mod previews;
 mod store;
 mod worker;
 
@@ -44,9 +44,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often API processes read the records of followed jobs, and refresh workers and queue.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 const EVENT_BUFFER: usize = 256;
-/// Life of a job's `previews` key: a few of the poller's renewals, so a watcher gone stops
-/// previews about this much later.
-pub(super) const PREVIEWS_TTL: Duration = Duration::from_millis(1000);
 
 /// `--role`: what this process does when it has a QUEUE_URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -287,44 +284,6 @@ fn deliver(sh: &Shared, id: &str, event: JobEvent) {
     let _ = f.tx.send(event);
 }
 
-/// One event stream showing a job's previews, counted in `Shared::preview_watchers` while it
-/// lives.
-struct ClusterWatch {
-    sh: Arc<Shared>,
-    id: String,
-}
-
-impl Drop for ClusterWatch {
-    fn drop(&mut self) {
-        let mut watchers = lock(&self.sh.preview_watchers);
-        if let Some(n) = watchers.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                watchers.remove(&self.id);
-            }
-        }
-    }
-}
-
-/// Keeps the `previews` key of every job this process's streams watch alive.
-async fn renew_preview_keys(sh: &Shared) {
-    let ids: Vec<String> = lock(&sh.preview_watchers).keys().cloned().collect();
-    if ids.is_empty() {
-        return;
-    }
-    let mut pipe = redis::pipe();
-    for id in &ids {
-        pipe.set(sh.keys.previews(id), 1)
-            .arg("PX")
-            .arg(PREVIEWS_TTL.as_millis() as u64)
-            .ignore();
-    }
-    let _: Result<(), _> =
-        tokio::time::timeout(CALL_TIMEOUT, pipe.query_async::<()>(&mut sh.conn.clone()))
-            .await
-            .unwrap_or(Ok(()));
-}
-
 /// Refreshes workers and queue length, queues again jobs whose lease ran out, and reads the
 /// records of followed jobs (their end and queue position) in case an event was missed.
 async fn poll(sh: Arc<Shared>) {
@@ -358,7 +317,7 @@ async fn poll(sh: Arc<Shared>) {
                 continue;
             }
         }
-        renew_preview_keys(&sh).await;
+        previews::renew_keys(&sh).await;
         if last_reap.elapsed() >= reap_every {
             last_reap = std::time::Instant::now();
             if let Err(e) = store.reap().await {
@@ -517,18 +476,20 @@ impl JobBackend for Cluster {
     }
 
     fn watch_previews(&self, id: &str) -> Option<PreviewWatch> {
-        *lock(&self.sh.preview_watchers)
-            .entry(id.to_string())
-            .or_insert(0) += 1;
-        Some(Box::new(ClusterWatch {
-            sh: self.sh.clone(),
-            id: id.to_string(),
-        }))
+        Some(previews::watch(&self.sh, id))
     }
 
-    /// A poller's previews (A1111 `current_image`) do not reach another replica's record:
-    /// nothing to ask for.
-    fn ask_previews(&self, _id: &str, _window: Duration) {}
+    fn ask_previews(&self, id: &str, window: Duration) {
+        let (sh, id) = (self.sh.clone(), id.to_string());
+        let _ = self.call(async move { previews::ask(&sh, &id, window).await });
+    }
+
+    fn latest_preview(&self, id: &str) -> Option<(usize, std::sync::Arc<String>)> {
+        let (sh, id) = (self.sh.clone(), id.to_string());
+        self.call(async move { previews::latest(&sh, &id).await })
+            .ok()
+            .flatten()
+    }
 
     fn cluster(&self) -> Option<ClusterHealth> {
         let seen = self.seen();

@@ -68,6 +68,11 @@ impl Keys {
     pub fn previews(&self, id: &str) -> String {
         format!("{}:previews:{id}", self.prefix)
     }
+    /// The latest preview the running worker made of the job (`{step}:{base64 PNG}`), for
+    /// pollers (A1111 `current_image`).
+    pub fn latest_preview(&self, id: &str) -> String {
+        format!("{}:latest_preview:{id}", self.prefix)
+    }
     /// Pub/sub channel of every job event.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)

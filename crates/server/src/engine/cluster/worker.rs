@@ -304,6 +304,11 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
         tokio::select! {
             event = rx.recv() => match event {
                 Ok(e @ (JobEvent::Progress(_) | JobEvent::Preview { .. })) => {
+                    if let JobEvent::Preview { step, png_base64 } = &e {
+                        // Kept while the job may run, and a while after: what pollers read.
+                        let ttl = Duration::from_millis(record.deadline_ms.saturating_sub(now_ms())) + w.sh.cfg.job_ttl;
+                        super::previews::store_latest(&w.sh, id, *step, png_base64, ttl).await;
+                    }
                     let record = match &e {
                         JobEvent::Progress(p) => {
                             record.view.progress = *p;
@@ -338,7 +343,7 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
                         let _ = w.local.cancel(&lid, why);
                     }
                     if watched {
-                        w.local.ask_previews(&lid, super::PREVIEWS_TTL);
+                        w.local.ask_previews(&lid, super::previews::PREVIEWS_TTL);
                     }
                 }
                 let now = now_ms();
