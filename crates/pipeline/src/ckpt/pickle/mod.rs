@@ -400,6 +400,22 @@ mod tests {
     }
 
     #[test]
+    fn memo_puts_and_gets_of_every_form() {
+        // MARK; 7 MEMOIZE (key 0); 8 PUT "5"; 9 LONG_BINPUT 9; BINPUT 3; then BINGET 0, GET "5",
+        // LONG_BINGET 9, BINGET 3; LIST; STOP.
+        let p = b"\x80\x04(K\x07\x94K\x08p5\nK\x09r\x09\x00\x00\x00q\x03\
+                  h\x00g5\nj\x09\x00\x00\x00h\x03l.";
+        let v = unpickle(p).unwrap();
+        assert_eq!(v.to_json(), serde_json::json!([7, 8, 9, 7, 8, 9, 9]));
+        assert!(unpickle(b"\x80\x04K\x01px\n.")
+            .unwrap_err()
+            .contains("bad memo key"));
+        assert!(unpickle(b"\x80\x04g7\n.")
+            .unwrap_err()
+            .contains("unknown memo key"));
+    }
+
+    #[test]
     fn refuses_globals_by_name() {
         // GLOBAL 'subprocess Popen'
         let e = unpickle(b"\x80\x02csubprocess\nPopen\nq\x00.").unwrap_err();

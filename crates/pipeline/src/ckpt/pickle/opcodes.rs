@@ -155,26 +155,23 @@ impl<'a> Unpickler<'a> {
                     let items = self.pop_mark()?;
                     self.stack.push(Obj::Tuple(Rc::new(items)));
                 }
-                b'q' => {
-                    let i = self.u8()? as u32;
+                // BINPUT, LONG_BINPUT, MEMOIZE, PUT.
+                b'q' | b'r' | 0x94 | b'p' => {
+                    let i = match op {
+                        b'q' => self.u8()? as u32,
+                        b'r' => self.u32()? as u32,
+                        0x94 => self.memo.len() as u32,
+                        _ => self.line()?.parse().map_err(|_| "bad memo key")?,
+                    };
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
-                b'r' => {
-                    let i = self.u32()? as u32;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                0x94 => {
-                    let i = self.memo.len() as u32;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                b'h' | b'j' => {
-                    let i = if op == b'h' {
-                        self.u8()? as u32
-                    } else {
-                        self.u32()? as u32
+                // BINGET, LONG_BINGET, GET.
+                b'h' | b'j' | b'g' => {
+                    let i = match op {
+                        b'h' => self.u8()? as u32,
+                        b'j' => self.u32()? as u32,
+                        _ => self.line()?.parse().map_err(|_| "bad memo key")?,
                     };
                     let v = self
                         .memo
@@ -182,21 +179,6 @@ impl<'a> Unpickler<'a> {
                         .cloned()
                         .ok_or("malformed pickle: unknown memo key")?;
                     self.stack.push(v);
-                }
-                b'p' | b'g' => {
-                    let l = self.line()?;
-                    let i: u32 = l.parse().map_err(|_| "bad memo key")?;
-                    if op == b'p' {
-                        let v = self.top()?.clone();
-                        self.memo.insert(i, v);
-                    } else {
-                        let v = self
-                            .memo
-                            .get(&i)
-                            .cloned()
-                            .ok_or("malformed pickle: unknown memo key")?;
-                        self.stack.push(v);
-                    }
                 }
                 b'0' => {
                     self.stack.pop();
