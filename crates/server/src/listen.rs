@@ -108,6 +108,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let draining = Arc::new(Semaphore::new(DRAINING_MAX));
     let per_client = Arc::new(PerClient {
         max: limits.max_per_client,
         open: Mutex::new(HashMap::new()),
@@ -139,14 +140,14 @@ pub async fn serve(
             let Some(slot) = PerClient::take(&per_client, peer.ip()) else {
                 metrics.count_rejection("connection_limit_per_client");
                 tracing::debug!(%peer, "connection refused: MAX_CONNECTIONS_PER_CLIENT open from this address");
-                tokio::spawn(refuse(stream, TOO_MANY_FROM_CLIENT));
+                tokio::spawn(refuse(stream, TOO_MANY_FROM_CLIENT, draining.clone()));
                 continue;
             };
             Some(slot)
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics.count_rejection("connection_limit");
-            tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS));
+            tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS, draining.clone()));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -185,14 +186,21 @@ fn note_connection_error(metrics: &Metrics, e: &hyper::Error, peer: SocketAddr) 
     }
 }
 
+/// Refused connections drained at once (see `refuse`); past it a refusal closes at once.
+const DRAINING_MAX: usize = 256;
+
 /// Writes `answer`, then reads (and drops) what the client sent until it closes, 2 s at most
 /// in all: closing with unread bytes would send a reset, which can discard the answer before
-/// the client reads it.
-async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
+/// the client reads it. At most `DRAINING_MAX` refusals linger so (a flood of connections must
+/// not hold file descriptors for it); past that, the answer is written and the socket closed.
+async fn refuse(mut stream: TcpStream, answer: &'static [u8], draining: Arc<Semaphore>) {
     use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = stream.write_all(answer).await;
         let _ = stream.shutdown().await;
+        let Ok(_permit) = draining.try_acquire() else {
+            return;
+        };
         let mut sink = [0u8; 4096];
         let mut left: usize = 64 * 1024;
         while left > 0 {
@@ -227,6 +235,33 @@ mod tests {
             let j: serde_json::Value = serde_json::from_str(body).unwrap();
             assert_eq!(j["error_code"], code);
             assert!(head.contains("retry-after: 1"), "{head}");
+        }
+    }
+
+    /// A refused client that never closes holds its socket at most 2 s, and only while fewer
+    /// than `DRAINING_MAX` refusals drain: past it the socket closes at once.
+    #[tokio::test]
+    async fn refusals_linger_only_within_the_drain_cap() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for (permits, closes_within) in [(1, 1.9), (0, 0.5)] {
+            let draining = Arc::new(Semaphore::new(permits));
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let t = std::time::Instant::now();
+            let refusal = tokio::spawn(refuse(server, TOO_MANY_FROM_CLIENT, draining));
+            // The client reads the answer, then holds its side open.
+            let mut got = vec![0u8; TOO_MANY_FROM_CLIENT.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, TOO_MANY_FROM_CLIENT);
+            refusal.await.unwrap();
+            let took = t.elapsed().as_secs_f64();
+            if permits == 1 {
+                assert!(took >= closes_within, "drained for {took} s");
+            } else {
+                assert!(took < closes_within, "held {took} s without a permit");
+            }
         }
     }
 
