@@ -207,12 +207,8 @@ pub fn conv2d_im2col_f32(
         if direct {
             mul(xb[p0..].as_ptr(), ihw as isize);
         } else {
-            COL.with(|c| {
-                let mut col = c.borrow_mut();
-                if col.len() < k * np {
-                    col.resize(k * np, 0.0);
-                }
-                im2col_tile(xb, s, p0, np, &mut col[..k * np]);
+            super::math::with_scratch(&COL, k * np, |col| {
+                im2col_tile(xb, s, p0, np, col);
                 mul(col.as_ptr(), np as isize);
             });
         }

@@ -219,6 +219,23 @@ pub(crate) unsafe fn sgemm(
     );
 }
 
+/// Runs `f` on the first `need` values of this thread's buffer `buf`, grown (zero-filled) when
+/// shorter and kept between calls, so that tasks do not allocate.
+#[inline]
+pub(crate) fn with_scratch<R>(
+    buf: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+    need: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    buf.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < need {
+            b.resize(need, 0.0);
+        }
+        f(&mut b[..need])
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

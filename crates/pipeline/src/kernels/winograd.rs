@@ -20,6 +20,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::ConvShape;
+use super::math::with_scratch;
 
 /// Target size of one task's transformed input + product buffers (bytes). Measured on SD shapes
 /// (benches/stages.rs --kernels-only): 2 MB loses to im2col at 640x32x32; 6-48 MB are within
@@ -67,6 +68,38 @@ fn transform_filters(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     u
 }
 
+/// `M_xi = U_xi V_xi` for the `planes` points of a Winograd transform, one single-threaded GEMM
+/// each: `u` holds `planes` row-major `m x k` matrices back to back, `v` `planes` `k x n` and
+/// `out` `planes` `m x n`.
+#[inline]
+pub(super) fn plane_products(
+    planes: usize,
+    (m, n, k): (usize, usize, usize),
+    u: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) {
+    assert!(u.len() >= planes * m * k && v.len() >= planes * k * n);
+    assert!(out.len() >= planes * m * n);
+    for xi in 0..planes {
+        // SAFETY: the asserts keep every plane's matrix inside its slice.
+        unsafe {
+            super::math::sgemm(
+                (m, n, k),
+                out.as_mut_ptr().add(xi * m * n),
+                (n as isize, 1),
+                u.as_ptr().add(xi * m * k),
+                (k as isize, 1),
+                v.as_ptr().add(xi * k * n),
+                (n as isize, 1),
+                false,
+                1.0f32,
+                Parallelism::None,
+            );
+        }
+    }
+}
+
 /// `out = conv3x3(x, weight, padding 1) + bias` over contiguous NCHW tensors (see
 /// [`super::conv::conv2d_f32`] for the layout); `s` must satisfy [`applies`].
 pub fn conv3x3_f32(
@@ -101,13 +134,9 @@ pub fn conv3x3_f32(
         let nrows = rows.min(th - ty0);
         let nt = nrows * tw;
         let xb = &x[b * cin * h * w..(b + 1) * cin * h * w];
-        BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let need = 16 * (cin + cout) * nt + 4 * pw + 24 * (tw + 1);
-            if buf.len() < need {
-                buf.resize(need, 0.0);
-            }
-            let (v, rest) = buf[..need].split_at_mut(16 * cin * nt);
+        let need = 16 * (cin + cout) * nt + 4 * pw + 24 * (tw + 1);
+        with_scratch(&BUF, need, |buf| {
+            let (v, rest) = buf.split_at_mut(16 * cin * nt);
             let (m, rest) = rest.split_at_mut(16 * cout * nt);
             let (prow, scratch) = rest.split_at_mut(4 * pw);
             // V[xi][ci][j] = (B^T d B)[xi] for tile j of this chunk.
@@ -126,23 +155,7 @@ pub fn conv3x3_f32(
                     input_transform_row(prow, pw, tw, scratch, v, cin * nt, ci * nt + r * tw);
                 }
             }
-            for xi in 0..16 {
-                // SAFETY: pointers and strides stay inside u, v and m.
-                unsafe {
-                    super::math::sgemm(
-                        (cout, nt, cin),
-                        m.as_mut_ptr().add(xi * cout * nt),
-                        (nt as isize, 1),
-                        u.as_ptr().add(xi * cout * cin),
-                        (cin as isize, 1),
-                        v.as_ptr().add(xi * cin * nt),
-                        (nt as isize, 1),
-                        false,
-                        1.0f32,
-                        Parallelism::None,
-                    );
-                }
-            }
+            plane_products(16, (cout, nt, cin), &u, v, m);
             // Y = A^T M A + bias, two output rows per tile row.
             let mut yrows = vec![0f32; 4 * tw];
             let ob = (out_ptr as *mut f32).wrapping_add(b * cout * h * w);

@@ -27,6 +27,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::ConvShape;
+use super::math::with_scratch;
 
 /// Target size of one chunk's transformed input `V` (bytes).
 const CHUNK_BYTES: usize = 16 << 20;
@@ -215,13 +216,8 @@ pub fn conv3x3_f32(
         // V[xi][ci][j] for the tiles j of this chunk; tasks own disjoint (ci) rows of every plane.
         let v_ptr = v.as_mut_ptr() as usize;
         (0..cin).into_par_iter().for_each(|ci| {
-            BUF.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                let need = 48 * n + 36 * nt;
-                if buf.len() < need {
-                    buf.resize(need, 0.0);
-                }
-                let (p, rest) = buf[..need].split_at_mut(24 * n);
+            with_scratch(&BUF, 48 * n + 36 * nt, |buf| {
+                let (p, rest) = buf.split_at_mut(24 * n);
                 let (ph, c) = rest.split_at_mut(24 * n);
                 for r in 0..nrows {
                     let (b, ty) = ((gr0 + r) / th, (gr0 + r) % th);
@@ -253,13 +249,9 @@ pub fn conv3x3_f32(
         (0..blocks).into_par_iter().for_each(|blk| {
             let co0 = blk * cob;
             let nb = cob.min(cout - co0);
-            BUF.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                let need = 36 * nb * cin + 36 * nb * nt + 40 * nt + 4 * tw;
-                if buf.len() < need {
-                    buf.resize(need, 0.0);
-                }
-                let (u, rest) = buf[..need].split_at_mut(36 * nb * cin);
+            let need = 36 * nb * cin + 36 * nb * nt + 40 * nt + 4 * tw;
+            with_scratch(&BUF, need, |buf| {
+                let (u, rest) = buf.split_at_mut(36 * nb * cin);
                 let (m, rest) = rest.split_at_mut(36 * nb * nt);
                 let (sc, rest) = rest.split_at_mut(24 * nt);
                 let (ys, y) = rest.split_at_mut(16 * nt);
@@ -280,23 +272,7 @@ pub fn conv3x3_f32(
                         Parallelism::None,
                     );
                 }
-                for xi in 0..36 {
-                    // SAFETY: pointers and strides stay inside u, v and m.
-                    unsafe {
-                        super::math::sgemm(
-                            (nb, nt, cin),
-                            m.as_mut_ptr().add(xi * nb * nt),
-                            (nt as isize, 1),
-                            u.as_ptr().add(xi * nb * cin),
-                            (cin as isize, 1),
-                            v.as_ptr().add(xi * cin * nt),
-                            (nt as isize, 1),
-                            false,
-                            1.0f32,
-                            Parallelism::None,
-                        );
-                    }
-                }
+                super::winograd::plane_products(36, (nb, nt, cin), u, v, m);
                 for c in 0..nb {
                     let co = co0 + c;
                     let bv = bias.map_or(0.0, |bs| bs[co]);
