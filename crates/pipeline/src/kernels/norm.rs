@@ -10,43 +10,33 @@ use rayon::prelude::*;
 use super::linear::with_slice;
 use super::math::affine_act;
 
-/// Mean of a slice: f32 lanes over blocks of 4096, blocks summed in f64 (accurate on big groups).
-fn mean(xs: &[f32]) -> f64 {
+/// Sum of `f(x)` over a slice: f32 lanes over blocks of 4096, blocks summed in f64 (accurate on
+/// big groups).
+#[inline(always)]
+fn blocked_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut total = 0f64;
     for block in xs.chunks(4096) {
         let mut acc = [0f32; 16];
         let mut it = block.chunks_exact(16);
         for c in &mut it {
             for i in 0..16 {
-                acc[i] += c[i];
+                acc[i] += f(c[i]);
             }
         }
         total += acc.iter().map(|&v| v as f64).sum::<f64>();
-        total += it.remainder().iter().map(|&v| v as f64).sum::<f64>();
+        total += it.remainder().iter().map(|&v| f(v) as f64).sum::<f64>();
     }
-    total / xs.len() as f64
+    total
 }
 
-/// Mean of `(x - m)^2`, blocked as [`mean`].
+/// Mean of a slice, blocked as [`blocked_sum`].
+fn mean(xs: &[f32]) -> f64 {
+    blocked_sum(xs, |v| v) / xs.len() as f64
+}
+
+/// Mean of `(x - m)^2`, blocked as [`blocked_sum`].
 fn centred_var(xs: &[f32], m: f32) -> f64 {
-    let mut total = 0f64;
-    for block in xs.chunks(4096) {
-        let mut acc = [0f32; 16];
-        let mut it = block.chunks_exact(16);
-        for c in &mut it {
-            for i in 0..16 {
-                let d = c[i] - m;
-                acc[i] += d * d;
-            }
-        }
-        total += acc.iter().map(|&v| v as f64).sum::<f64>();
-        total += it
-            .remainder()
-            .iter()
-            .map(|&v| ((v - m) * (v - m)) as f64)
-            .sum::<f64>();
-    }
-    total / xs.len() as f64
+    blocked_sum(xs, |v| (v - m) * (v - m)) / xs.len() as f64
 }
 
 /// `out = act(group_norm(x) * weight + bias)` over contiguous `x` of `batch * channels * spatial`
