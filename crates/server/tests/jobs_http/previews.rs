@@ -201,8 +201,9 @@ fn real_pipeline_taesd_previews_decode_the_steps_latents() {
 /// `current_image`; an event stream gets every one made, and an A1111 poller its latest.
 #[test]
 fn previews_are_made_only_while_someone_can_see_them() {
+    // 40 ms steps: an A1111 run (20 steps) lasts many of its poller's rounds, under load too.
     let s = ready(
-        "step_ms=20",
+        "step_ms=40",
         &[("PREVIEW", "latent"), ("PREVIEW_EVERY", "2")],
     );
     let made = || s.metric("sdserve_previews_total");
@@ -230,7 +231,7 @@ fn previews_are_made_only_while_someone_can_see_them() {
                 "/sdapi/v1/txt2img",
                 &[("Content-Type", "application/json")],
                 // Its own seed each time: a cache hit would run no job.
-                json!({"prompt": "polled", "steps": 16, "width": 256, "height": 256, "seed": u64::from(skip)})
+                json!({"prompt": "polled", "steps": 20, "width": 256, "height": 256, "seed": u64::from(skip)})
                     .to_string()
                     .as_bytes(),
             )
