@@ -109,14 +109,8 @@ impl EmbeddingLibrary {
     /// the scan, naming it.
     pub fn scan(dir: &Path) -> Result<Self> {
         let mut entries = BTreeMap::new();
-        let list = std::fs::read_dir(dir).map_err(|e| PipelineError::io(dir, e))?;
-        for entry in list {
-            let path = entry.map_err(|e| PipelineError::io(dir, e))?.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if !matches!(ext, "pt" | "bin" | "safetensors") {
-                continue;
-            }
-            let e = Embedding::read(&path)?;
+        for path in crate::weights::files_with_extension(dir, &["pt", "bin", "safetensors"])? {
+            let e = Embedding::read(&path?)?;
             entries.insert(e.name.clone(), e);
         }
         Ok(Self { entries })

@@ -203,13 +203,8 @@ impl LoraLibrary {
     /// scan, naming it.
     pub fn scan(dir: &Path) -> Result<Self> {
         let mut entries = BTreeMap::new();
-        let list = std::fs::read_dir(dir).map_err(|e| PipelineError::io(dir, e))?;
-        for entry in list {
-            let path = entry.map_err(|e| PipelineError::io(dir, e))?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-                continue;
-            }
-            let info = LoraInfo::read(&path)?;
+        for path in crate::weights::files_with_extension(dir, &["safetensors"])? {
+            let info = LoraInfo::read(&path?)?;
             entries.insert(info.name.clone(), info);
         }
         Ok(Self { entries })

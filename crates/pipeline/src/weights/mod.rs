@@ -316,6 +316,23 @@ fn page_size() -> usize {
     })
 }
 
+/// The files in `dir` whose extension is one of `exts`, in directory order, as they are listed
+/// (an adapter library's scan); an unreadable directory or entry is an I/O error naming `dir`.
+pub(crate) fn files_with_extension<'a>(
+    dir: &'a Path,
+    exts: &'a [&'a str],
+) -> crate::Result<impl Iterator<Item = crate::Result<std::path::PathBuf>> + 'a> {
+    let list = std::fs::read_dir(dir).map_err(|e| crate::PipelineError::io(dir, e))?;
+    Ok(list.filter_map(move |entry| match entry {
+        Err(e) => Some(Err(crate::PipelineError::io(dir, e))),
+        Ok(entry) => {
+            let path = entry.path();
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            exts.contains(&ext).then_some(Ok(path))
+        }
+    }))
+}
+
 /// Has the OS read `path` into the page cache, from a background thread, so that a cold start
 /// reads the file in large sequential requests instead of faulting it in a little at a time in
 /// the order the model code asks for tensors (which is not the file's order). Nearly free when

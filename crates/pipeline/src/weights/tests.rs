@@ -138,3 +138,41 @@ fn released_pages_leave_the_resident_set_and_read_back_unchanged() {
     drop(map);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn adapter_scans_list_only_their_extensions() {
+    let dir = std::env::temp_dir().join(format!("sdserve-scan-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sub.safetensors")).unwrap();
+    for f in ["a.safetensors", "b.pt", "c.txt", "d.bin", "e"] {
+        std::fs::write(dir.join(f), b"").unwrap();
+    }
+    let names = |exts: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = files_with_extension(&dir, exts)
+            .unwrap()
+            .map(|p| {
+                p.unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // A folder named like a weight file is listed too: reading it then fails, naming it.
+    assert_eq!(
+        names(&["safetensors"]),
+        ["a.safetensors", "sub.safetensors"]
+    );
+    assert_eq!(
+        names(&["pt", "bin", "safetensors"]),
+        ["a.safetensors", "b.pt", "d.bin", "sub.safetensors"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = files_with_extension(&dir, &["pt"])
+        .err()
+        .expect("no such folder");
+    assert!(err.to_string().contains("sdserve-scan-"), "{err}");
+}
