@@ -127,30 +127,7 @@ fn an_a1111_poller_on_an_api_replica_gets_the_workers_previews() {
     let api = start(&redis, "api", "", &preview);
     wait_workers(&api, 1);
     let made = || worker.metric("sdserve_previews_total");
-    let txt2img = |skip: bool| {
-        let addr = api.addr;
-        let run = std::thread::spawn(move || {
-            common::request(
-                addr,
-                "POST",
-                "/sdapi/v1/txt2img",
-                &[("Content-Type", "application/json")],
-                json!({"prompt": "polled", "steps": 20, "width": 256, "height": 256, "seed": u64::from(skip)})
-                    .to_string()
-                    .as_bytes(),
-            )
-        });
-        let path = format!("/sdapi/v1/progress?skip_current_image={skip}");
-        let mut image = None;
-        while !run.is_finished() {
-            if let Some(png) = api.get(&path).json()["current_image"].as_str() {
-                image = Some(png.to_string());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(run.join().unwrap().status, 200);
-        image
-    };
+    let txt2img = |skip| common::a1111_txt2img_polled(api.addr, skip, Duration::from_millis(50));
     assert_eq!(txt2img(true), None);
     assert_eq!(made(), 0.0, "previews made for a poller that skips them");
     let image = txt2img(false).expect("current_image while polled");

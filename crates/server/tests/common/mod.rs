@@ -279,6 +279,27 @@ pub fn post_json_to(addr: SocketAddr, path: &str, body: &serde_json::Value) -> R
     )
 }
 
+/// An A1111 txt2img (20 steps, 256x256, seed `u64::from(skip)`: a seed of its own, as a cache
+/// hit would run no job) on `addr`, while `/sdapi/v1/progress?skip_current_image={skip}` is
+/// polled every `poll`: the last `current_image` the polls saw.
+pub fn a1111_txt2img_polled(addr: SocketAddr, skip: bool, poll: Duration) -> Option<String> {
+    let body = serde_json::json!({
+        "prompt": "polled", "steps": 20, "width": 256, "height": 256, "seed": u64::from(skip)
+    });
+    let run = std::thread::spawn(move || post_json_to(addr, "/sdapi/v1/txt2img", &body));
+    let path = format!("/sdapi/v1/progress?skip_current_image={skip}");
+    let mut image = None;
+    while !run.is_finished() {
+        let progress = request(addr, "GET", &path, &[], b"").json();
+        if let Some(png) = progress["current_image"].as_str() {
+            image = Some(png.to_string());
+        }
+        std::thread::sleep(poll);
+    }
+    assert_eq!(run.join().unwrap().status, 200);
+    image
+}
+
 pub fn request(
     addr: SocketAddr,
     method: &str,

@@ -222,32 +222,7 @@ fn previews_are_made_only_while_someone_can_see_them() {
     assert_eq!(made(), previews.len() as f64);
 
     // A1111: polled with skip_current_image=true, none; polled plainly, its latest.
-    let a1111 = |skip: bool| {
-        let addr = s.addr;
-        let run = std::thread::spawn(move || {
-            common::request(
-                addr,
-                "POST",
-                "/sdapi/v1/txt2img",
-                &[("Content-Type", "application/json")],
-                // Its own seed each time: a cache hit would run no job.
-                json!({"prompt": "polled", "steps": 20, "width": 256, "height": 256, "seed": u64::from(skip)})
-                    .to_string()
-                    .as_bytes(),
-            )
-        });
-        let path = format!("/sdapi/v1/progress?skip_current_image={skip}");
-        let mut image = None;
-        while !run.is_finished() {
-            let p = s.get(&path).json();
-            if let Some(png) = p["current_image"].as_str() {
-                image = Some(png.to_string());
-            }
-            std::thread::sleep(Duration::from_millis(15));
-        }
-        assert_eq!(run.join().unwrap().status, 200);
-        image
-    };
+    let a1111 = |skip| common::a1111_txt2img_polled(s.addr, skip, Duration::from_millis(15));
     let before = made();
     assert_eq!(a1111(true), None);
     assert_eq!(made(), before, "previews made for a poller that skips them");
