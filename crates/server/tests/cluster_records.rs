@@ -10,25 +10,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{follow, job, submit_ok, wait_end, wait_workers, Redis};
+use common::cluster::{follow, job, start_replica, submit_ok, wait_end, wait_workers, Redis};
 use common::Server;
 use serde_json::{json, Value};
-
-fn start(redis: &Redis, role: &str, fake: &str, extra: &[(&str, &str)]) -> Server {
-    let mut env = common::fake(fake);
-    for (k, v) in [
-        ("QUEUE_URL", redis.url().as_str()),
-        ("ROLE", role),
-        ("JOB_LEASE_SECONDS", "2"),
-        ("MAX_QUEUED_JOBS", "100"),
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
-    {
-        env.push((k.to_string(), v.to_string()));
-    }
-    Server::start(&env)
-}
 
 fn request(steps: u64) -> Value {
     json!({"prompt": "a record", "steps": steps, "width": 256, "height": 256, "seed": 3})
@@ -78,8 +62,8 @@ fn a_record_that_leaves_redis_never_comes_back_without_a_ttl() {
         return;
     };
     // 200 ms a step: a 50-step job runs 10 s, long enough to lose its record mid-run.
-    let worker = start(&redis, "worker", "step_ms=200", &[]);
-    let api = start(&redis, "api", "step_ms=200", &[]);
+    let worker = start_replica(&redis, "worker", "step_ms=200", &[]);
+    let api = start_replica(&redis, "api", "step_ms=200", &[]);
     wait_workers(&api, 1);
 
     // 1. A running job's record deleted: the worker stops writing (no record without a TTL),
@@ -199,13 +183,13 @@ fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
     };
     // Every run hangs before its second step's hook for 20 s, deaf to cancellation, like a
     // device call that never returns; jobs from this API have a 2 s deadline.
-    let stuck = start(
+    let stuck = start_replica(
         &redis,
         "worker",
         "step_ms=50,hang_at_step=2,hang_ms=20000",
         &[],
     );
-    let api = start(&redis, "api", "", &[("JOB_TIMEOUT_SECONDS", "2")]);
+    let api = start_replica(&redis, "api", "", &[("JOB_TIMEOUT_SECONDS", "2")]);
     wait_workers(&api, 1);
     let id = submit_ok(&api, &request(10));
     let follower = {
@@ -246,7 +230,7 @@ fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
     assert_eq!(api.get("/health").status, 200);
 
     // A healthy worker takes the next job; the stuck one takes none while it hangs.
-    let healthy = start(&redis, "worker", "step_ms=10", &[]);
+    let healthy = start_replica(&redis, "worker", "step_ms=10", &[]);
     let next = submit_ok(&api, &request(3));
     let j = wait_end(&api, &next, Duration::from_secs(30));
     assert_eq!(j["status"], "succeeded", "{j}");
@@ -273,8 +257,8 @@ fn an_api_replica_whose_workers_are_gone_says_degraded_until_one_comes() {
     else {
         return;
     };
-    let worker = start(&redis, "worker", "step_ms=10", &[]);
-    let api = start(&redis, "api", "", &[]);
+    let worker = start_replica(&redis, "worker", "step_ms=10", &[]);
+    let api = start_replica(&redis, "api", "", &[]);
     wait_workers(&api, 1);
     assert_eq!(api.get("/health").json()["status"], "ok");
     // The only worker goes: once its heartbeat is stale, the replica can queue jobs but none
@@ -290,7 +274,7 @@ fn an_api_replica_whose_workers_are_gone_says_degraded_until_one_comes() {
     );
     assert_eq!(api.get("/health").status, 200);
     // A worker comes back: `ok`.
-    let _worker = start(&redis, "worker", "step_ms=10", &[]);
+    let _worker = start_replica(&redis, "worker", "step_ms=10", &[]);
     let h = wait_health(&api, |s| s == ["ready"]);
     assert_eq!(h["status"], "ok", "{h}");
     assert!(h["detail"].is_null(), "{h}");
@@ -313,8 +297,8 @@ fn listing_jobs_reads_them_in_one_round_trip_with_the_same_answers() {
     else {
         return;
     };
-    let _worker = start(&redis, "worker", "step_ms=100", &[]);
-    let api = start(&redis, "api", "", &[]);
+    let _worker = start_replica(&redis, "worker", "step_ms=100", &[]);
+    let api = start_replica(&redis, "api", "", &[]);
     wait_workers(&api, 1);
     // 60 finished jobs, then one running and three waiting.
     let done: Vec<String> = (0..60).map(|_| submit_ok(&api, &request(1))).collect();
@@ -391,8 +375,8 @@ fn a_worker_run_past_its_deadline_names_the_jobs_setting_and_whole_limit() {
     else {
         return;
     };
-    let _worker = start(&redis, "worker", "step_ms=200", &[]);
-    let api = start(&redis, "api", "", &[("JOB_TIMEOUT_SECONDS", "2")]);
+    let _worker = start_replica(&redis, "worker", "step_ms=200", &[]);
+    let api = start_replica(&redis, "api", "", &[("JOB_TIMEOUT_SECONDS", "2")]);
     wait_workers(&api, 1);
     // 50 steps of 200 ms: the worker's run stops at the 2 s deadline.
     let id = submit_ok(&api, &request(50));
@@ -417,8 +401,8 @@ fn an_unparsable_record_is_skipped_with_one_warning_and_fails_only_its_own_reads
     ) else {
         return;
     };
-    let worker = start(&redis, "worker", "step_ms=50", &[]);
-    let api = start(&redis, "api", "", &[]);
+    let worker = start_replica(&redis, "worker", "step_ms=50", &[]);
+    let api = start_replica(&redis, "api", "", &[]);
     wait_workers(&api, 1);
     let good = submit_ok(&api, &request(1));
     assert_eq!(

@@ -10,24 +10,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{follow, submit_ok, wait_end, wait_workers, Redis};
+use common::cluster::{follow, start_replica, submit_ok, wait_end, wait_workers, Redis};
 use common::Server;
 use serde_json::json;
-
-fn start(redis: &Redis, role: &str, fake: &str, extra: &[(&str, &str)]) -> Server {
-    let mut env = common::fake(fake);
-    for (k, v) in [
-        ("QUEUE_URL", redis.url().as_str()),
-        ("ROLE", role),
-        ("JOB_LEASE_SECONDS", "2"),
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
-    {
-        env.push((k.to_string(), v.to_string()));
-    }
-    Server::start(&env)
-}
 
 #[test]
 fn the_shared_cache_answers_another_api_byte_for_byte_holding_the_first_image_once() {
@@ -36,8 +21,11 @@ fn the_shared_cache_answers_another_api_byte_for_byte_holding_the_first_image_on
     ) else {
         return;
     };
-    let _worker = start(&redis, "worker", "step_ms=0", &[]);
-    let (one, two) = (start(&redis, "api", "", &[]), start(&redis, "api", "", &[]));
+    let _worker = start_replica(&redis, "worker", "step_ms=0", &[]);
+    let (one, two) = (
+        start_replica(&redis, "api", "", &[]),
+        start_replica(&redis, "api", "", &[]),
+    );
     wait_workers(&one, 1);
     wait_workers(&two, 1);
     let body = json!({"prompt": "shared", "steps": 2, "width": 256, "height": 256, "seed": 5, "batch_size": 2});
@@ -76,8 +64,8 @@ fn a_worker_makes_previews_only_for_jobs_an_api_replica_streams() {
         return;
     };
     let preview = [("PREVIEW", "latent"), ("PREVIEW_EVERY", "2")];
-    let worker = start(&redis, "worker", "step_ms=50", &preview);
-    let api = start(&redis, "api", "", &preview);
+    let worker = start_replica(&redis, "worker", "step_ms=50", &preview);
+    let api = start_replica(&redis, "api", "", &preview);
     wait_workers(&api, 1);
     let made = || worker.metric("sdserve_previews_total");
     let req = |seed: u64| json!({"prompt": "watched?", "steps": 20, "width": 256, "height": 256, "seed": seed});
@@ -123,8 +111,8 @@ fn an_a1111_poller_on_an_api_replica_gets_the_workers_previews() {
         return;
     };
     let preview = [("PREVIEW", "latent"), ("PREVIEW_EVERY", "2")];
-    let worker = start(&redis, "worker", "step_ms=50", &preview);
-    let api = start(&redis, "api", "", &preview);
+    let worker = start_replica(&redis, "worker", "step_ms=50", &preview);
+    let api = start_replica(&redis, "api", "", &preview);
     wait_workers(&api, 1);
     let made = || worker.metric("sdserve_previews_total");
     let txt2img = |skip| common::a1111_txt2img_polled(api.addr, skip, Duration::from_millis(50));

@@ -121,6 +121,24 @@ impl Drop for Redis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+/// A replica on the fake generator (`fake`: its spec) sharing `redis`, as `role`: 2 s leases,
+/// room for 100 waiting jobs, plus `extra` settings.
+pub fn start_replica(redis: &Redis, role: &str, fake: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = super::fake(fake);
+    for (k, v) in [
+        ("QUEUE_URL", redis.url().as_str()),
+        ("ROLE", role),
+        ("JOB_LEASE_SECONDS", "2"),
+        ("MAX_QUEUED_JOBS", "100"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        env.push((k.to_string(), v.to_string()));
+    }
+    Server::start(&env)
+}
+
 pub fn submit(s: &Server, body: &Value) -> Resp {
     s.request(
         "POST",
