@@ -180,7 +180,10 @@ pub(super) async fn events(
 
 enum Phase {
     First(Box<JobView>, broadcast::Receiver<JobEvent>),
-    Live(broadcast::Receiver<JobEvent>),
+    /// The latest preview made before the stream joined, then live from its step on.
+    CatchUp(JobEvent, usize, broadcast::Receiver<JobEvent>),
+    /// Live events; previews of steps up to the one caught up with are not sent twice.
+    Live(broadcast::Receiver<JobEvent>, usize),
     Last(JobEvent),
     Done,
 }
@@ -213,16 +216,25 @@ fn event_stream(
             let (event, next) = match phase {
                 Phase::First(view, rx) => {
                     let data = serde_json::to_string(&*view).unwrap_or_default();
+                    // A stream that joins a running job shows its latest preview at once
+                    // rather than after the next PREVIEW_EVERY steps.
                     let next = match JobEvent::terminal(&view) {
                         Some(t) => Phase::Last(t),
-                        None => Phase::Live(rx),
+                        None => match engine.latest_preview(&id) {
+                            Some((step, png_base64)) => {
+                                Phase::CatchUp(JobEvent::Preview { step, png_base64 }, step, rx)
+                            }
+                            None => Phase::Live(rx, 0),
+                        },
                     };
                     (Event::default().event("state").data(data), next)
                 }
-                Phase::Live(mut rx) => loop {
+                Phase::CatchUp(preview, step, rx) => (sse(&preview, &id), Phase::Live(rx, step)),
+                Phase::Live(mut rx, seen) => loop {
                     match rx.recv().await {
                         Ok(e) if e.is_final() => break (sse(&e, &id), Phase::Done),
-                        Ok(e) => break (sse(&e, &id), Phase::Live(rx)),
+                        Ok(JobEvent::Preview { step, .. }) if step <= seen => {}
+                        Ok(e) => break (sse(&e, &id), Phase::Live(rx, seen)),
                         // A slow reader skipped events; the end is never lost: the record
                         // has it.
                         Err(broadcast::error::RecvError::Lagged(_)) => {

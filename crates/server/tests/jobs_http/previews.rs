@@ -230,3 +230,52 @@ fn previews_are_made_only_while_someone_can_see_them() {
     assert_eq!(decode_png(&image).0, 256 / 8, "the latent preview");
     assert!(made() > before);
 }
+
+/// A stream that joins a running job gets its latest preview right after `state` (not only
+/// PREVIEW_EVERY steps later), and no preview twice: after it, only later steps' previews.
+#[test]
+fn a_stream_joining_a_running_job_gets_its_latest_preview_first() {
+    let s = ready(
+        "step_ms=100",
+        &[("PREVIEW", "latent"), ("PREVIEW_EVERY", "5")],
+    );
+    let req = json!({"prompt": "joined", "steps": 20, "width": 256, "height": 256, "seed": 2});
+    let id = submit(&s, &req)["id"].as_str().unwrap().to_string();
+    // The first follower makes previews be made; wait for the first one (step 5 of 20).
+    let mut first = Events::open(s.addr, &id);
+    while first.next().expect("a preview before the end").0 != "preview" {}
+
+    let mut joined = Events::open(s.addr, &id);
+    let (name, state) = joined.next().unwrap();
+    assert_eq!(
+        (name.as_str(), &state["status"]),
+        ("state", &json!("running"))
+    );
+    let (name, preview) = joined.next().unwrap();
+    assert_eq!(name, "preview", "the second event: {preview}");
+    let caught_up = preview["step"].as_u64().unwrap();
+    assert!(caught_up >= 5, "{preview}");
+    assert_eq!(
+        decode_png(preview["image_base64"].as_str().unwrap()).0,
+        256 / 8
+    );
+
+    let rest = joined.all();
+    let ends: Vec<&str> = names(&rest)
+        .into_iter()
+        .filter(|e| FINAL.contains(e))
+        .collect();
+    assert_eq!(ends, ["succeeded"]);
+    assert_eq!(rest.last().unwrap().0, "succeeded");
+    let later: Vec<u64> = rest
+        .iter()
+        .filter(|(e, _)| e == "preview")
+        .map(|(_, d)| d["step"].as_u64().unwrap())
+        .collect();
+    assert!(!later.is_empty(), "the previews after joining");
+    assert!(
+        later.windows(2).all(|w| w[0] < w[1]) && later[0] > caught_up,
+        "each preview once, after the one caught up with ({caught_up}): {later:?}"
+    );
+    drop(first);
+}
