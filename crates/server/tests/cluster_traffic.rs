@@ -122,3 +122,53 @@ fn an_a1111_poller_on_an_api_replica_gets_the_workers_previews() {
     assert_eq!(common::decode_png(&image).0, 256 / 8, "the latent preview");
     assert!(made() > 0.0);
 }
+
+/// A stream that joins a running job on another API replica than the one that made its worker
+/// make previews gets the latest preview (from Redis) right after `state`, then only later ones.
+#[test]
+fn a_stream_joining_on_another_replica_gets_the_latest_preview_first() {
+    let Some(redis) =
+        Redis::start("a_stream_joining_on_another_replica_gets_the_latest_preview_first")
+    else {
+        return;
+    };
+    let preview = [("PREVIEW", "latent"), ("PREVIEW_EVERY", "5")];
+    let worker = start_replica(&redis, "worker", "step_ms=100", &preview);
+    let (one, two) = (
+        start_replica(&redis, "api", "", &preview),
+        start_replica(&redis, "api", "", &preview),
+    );
+    wait_workers(&one, 1);
+    wait_workers(&two, 1);
+    let id = submit_ok(
+        &one,
+        &json!({"prompt": "joined", "steps": 40, "width": 256, "height": 256, "seed": 4}),
+    );
+    // A follower on the first replica makes previews be made; wait for the first one.
+    let first = {
+        let (addr, id) = (one.addr, id.clone());
+        std::thread::spawn(move || follow(addr, &id))
+    };
+    let t = std::time::Instant::now();
+    while worker.metric("sdserve_previews_total") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no preview made");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let joined = follow(two.addr, &id);
+    assert_eq!(joined[0].0, "state");
+    assert_eq!(joined[0].1["status"], "running", "{:?}", joined[0].1);
+    assert_eq!(joined[1].0, "preview", "the second event: {:?}", joined[1]);
+    let caught_up = joined[1].1["step"].as_u64().unwrap();
+    assert!(caught_up >= 5, "{:?}", joined[1].1);
+    let later: Vec<u64> = joined[2..]
+        .iter()
+        .filter(|(e, _)| e == "preview")
+        .map(|(_, d)| d["step"].as_u64().unwrap())
+        .collect();
+    assert!(
+        later.windows(2).all(|w| w[0] < w[1]) && later.iter().all(|&s| s > caught_up),
+        "each preview once, after the one caught up with ({caught_up}): {later:?}"
+    );
+    assert_eq!(joined.last().unwrap().0, "succeeded");
+    assert_eq!(first.join().unwrap().last().unwrap().0, "succeeded");
+}
