@@ -287,7 +287,7 @@ pub struct ServeArgs {
     #[arg(long, env = "STUCK_GRACE_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub stuck_grace_seconds: u64,
     /// Exit with status 70 (after draining as on SIGTERM) once a stuck generation has not
-    /// returned for this long, so that a supervisor (Docker `restart:`, Kubernetes) starts a
+    /// returned for this long (counted from when its job failed as stuck), so that a supervisor (Docker `restart:`, Kubernetes) starts a
     /// fresh process: nothing else frees the worker and its device. 0 = never: the process
     /// stays up, `degraded`, taking no job until the run returns.
     #[arg(long, env = "STUCK_EXIT_SECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]

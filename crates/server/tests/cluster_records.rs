@@ -250,6 +250,42 @@ fn a_stuck_worker_stops_renewing_and_its_job_fails_with_timeout() {
     assert_eq!(h["status"], "ok", "{h}");
 }
 
+/// STUCK_EXIT_SECONDS counts from when the worker gave the job up (two leases past its
+/// deadline), not from the in-process engine's later mark (four leases): the process exits 70
+/// before that mark is ever logged.
+#[test]
+fn a_stuck_worker_exits_70_stuck_exit_seconds_after_giving_the_job_up() {
+    let Some(redis) =
+        Redis::start("a_stuck_worker_exits_70_stuck_exit_seconds_after_giving_the_job_up")
+    else {
+        return;
+    };
+    let mut stuck = start_replica(
+        &redis,
+        "worker",
+        "step_ms=50,hang_at_step=2,hang_ms=600000",
+        &[("STUCK_EXIT_SECONDS", "1"), ("SHUTDOWN_GRACE_SECONDS", "1")],
+    );
+    let api = start_replica(&redis, "api", "", &[("JOB_TIMEOUT_SECONDS", "2")]);
+    wait_workers(&api, 1);
+    let id = submit_ok(&api, &request(10));
+    // Deadline 2 s, given up 4 s (two 2 s leases) later; the exit decision follows 1 s on,
+    // while the in-process engine's own mark comes only 4 s after the give-up.
+    stuck.wait_log(&["generation is stuck", &id], Duration::from_secs(30));
+    let status = stuck.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(70), "{:?}", stuck.logs());
+    let logs = stuck.logs();
+    let line = |needle: &str| logs.iter().position(|l| l.contains(needle));
+    let exit = line("has not returned within STUCK_EXIT_SECONDS").expect("no exit line");
+    // (The drain may outlast that mark; the decision to exit must come first.)
+    assert!(
+        line("deadline by the grace").is_none_or(|mark| exit < mark),
+        "the exit waited for the in-process engine's own stuck mark: {logs:?}"
+    );
+    let j = wait_end(&api, &id, Duration::from_secs(10));
+    assert_eq!(j["error"]["error_code"], "timeout", "{j}");
+}
+
 #[test]
 fn an_api_replica_whose_workers_are_gone_says_degraded_until_one_comes() {
     let Some(redis) =

@@ -126,6 +126,8 @@ pub(super) struct Shared {
     preview_watchers: Mutex<HashMap<String, usize>>,
     /// Keys that did not parse and were warned about (once each; bounded).
     unparsable: Mutex<HashSet<String>>,
+    /// The in-process run this process's worker gave up on as stuck, and when; until it returns.
+    pub stuck_run: Mutex<Option<(String, std::time::Instant)>>,
 }
 
 impl Shared {
@@ -204,6 +206,7 @@ impl Cluster {
             follows: Mutex::new(HashMap::new()),
             unparsable: Mutex::new(HashSet::new()),
             preview_watchers: Mutex::new(HashMap::new()),
+            stuck_run: Mutex::new(None),
         });
         rt.spawn(listen(sh.clone()));
         rt.spawn(poll(sh.clone()));
@@ -410,9 +413,15 @@ impl JobBackend for Cluster {
         self.local.as_ref().and_then(|l| l.memory_plan())
     }
 
-    /// The in-process run's own (its grace is four leases; the worker gave the job up at two).
+    /// Since the worker gave the job up (two leases past its deadline) while the run has not
+    /// returned; else the in-process engine's own mark (its grace is four leases, a fallback).
     fn stuck_since(&self) -> Option<std::time::Instant> {
-        self.local.as_ref().and_then(|l| l.stuck_since())
+        let local = self.local.as_ref()?;
+        let g = local.gauges();
+        let given_up = lock(&self.sh.stuck_run).as_ref().map(|(_, at)| *at);
+        given_up
+            .filter(|_| g.running + g.waiting > 0)
+            .or_else(|| local.stuck_since())
     }
 
     fn speed(&self) -> Option<crate::speed::SpeedProbe> {

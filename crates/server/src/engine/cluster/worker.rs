@@ -42,8 +42,6 @@ struct Worker {
     started_at: String,
     running: Mutex<Option<String>>,
     done: AtomicU64,
-    /// The in-process run this worker gave up on as stuck, until it returns.
-    stuck: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -59,7 +57,6 @@ pub(super) fn spawn(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, local: Arc<Lo
         started_at: started_at(),
         running: Mutex::new(None),
         done: AtomicU64::new(0),
-        stuck: Mutex::new(None),
     });
     tracing::info!(worker = %w.id, lease_secs = w.sh.cluster.lease.as_secs_f64(), "worker: taking jobs from QUEUE_URL once the model is ready");
     rt.spawn(heartbeat(w.clone()));
@@ -84,7 +81,7 @@ impl Worker {
 
     /// True while a run this worker gave up on still holds the in-process engine.
     fn is_stuck(&self) -> bool {
-        let mut stuck = lock(&self.stuck);
+        let mut stuck = lock(&self.sh.stuck_run);
         if stuck.is_some() && !self.local_busy() {
             tracing::warn!(worker = %self.id, "the stuck run returned at last; taking jobs again");
             *stuck = None;
@@ -351,7 +348,7 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
                     // Stuck: no renewal, and the job's clients hear its end now.
                     tracing::error!(job = %id, worker = %w.id, over_deadline_secs = (now - record.deadline_ms) / 1000, "the run passed its deadline by two leases without ending (its generation is stuck): the job fails with `timeout`; this worker takes no job until the run returns");
                     let _ = w.local.cancel(&lid, StopReason::Timeout);
-                    *lock(&w.stuck) = Some(lid.clone());
+                    *lock(&w.sh.stuck_run) = Some((lid.clone(), std::time::Instant::now()));
                     let (status, err) = outcome_of(StopReason::Timeout, record.timeout_info(now));
                     return end(w, &record, status, Err(err)).await;
                 }
