@@ -392,3 +392,90 @@ fn embeddings_of_the_wrong_width_are_refused_naming_them() {
         .to_string();
     assert!(e.contains("\"wide\" has vectors of 33 values"), "{e}");
 }
+
+/// Under model offload the text encoder and the UNet are built for their stages, and their LoRA
+/// deltas used to be computed (and checked) only then: a bad file failed the run after work was
+/// done. A NaN in a UNet layer or a text encoder layer, and (in f16) a delta beyond 65504, are now
+/// refused before the run builds any part or runs any step; the next run is unharmed.
+#[test]
+fn bad_loras_are_refused_before_an_offloaded_part_is_built() {
+    use sdserve_pipeline::memory::Offload;
+    let nan_in_first_down = |fixture: &str| {
+        let mut entries = parse_safetensors(&adapter_fixture("loras", fixture));
+        let e = entries
+            .iter_mut()
+            .find(|e| e.name.ends_with(".lora_down.weight") && e.dtype == "F32")
+            .unwrap();
+        e.data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        write_safetensors(&entries)
+    };
+    let too_large_for_f16 = lora_with(|entries| {
+        for e in entries
+            .iter_mut()
+            .filter(|e| e.name == DOWN0 || e.name == UP0)
+        {
+            for c in e.data.chunks_exact_mut(4) {
+                c.copy_from_slice(&300f32.to_le_bytes());
+            }
+        }
+    });
+    let cases = [
+        (
+            DType::F32,
+            nan_in_first_down("ink_kohya.safetensors"),
+            "not finite",
+        ),
+        (
+            DType::F32,
+            nan_in_first_down("te_kohya.safetensors"),
+            "not finite",
+        ),
+        (DType::F16, too_large_for_f16, "overflow its F16 range"),
+    ];
+    let params = GenerationParams {
+        prompt: "a photo of an astronaut".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        seed: 3,
+        guidance_scale: 7.5,
+        scheduler: Some(SchedulerKind::Euler),
+        ..Default::default()
+    };
+    for (dtype, bytes, want) in cases {
+        let dir = ScratchDir::new("fuzz-adapters-offloaded");
+        let mut model = StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, dtype)
+            .expect("tiny-a loads");
+        model.set_offload(Offload::Model).unwrap();
+        model
+            .set_lora_library(LoraLibrary::scan(dir.put("bad.safetensors", &bytes)).unwrap())
+            .unwrap();
+        let run = |loras: Vec<LoraWeight>, steps: &mut usize| {
+            let params = GenerationParams {
+                loras,
+                ..params.clone()
+            };
+            model.generate(&params, &mut |_| {
+                *steps += 1;
+                ControlFlow::Continue(())
+            })
+        };
+        let mut steps = 0;
+        let first = run(vec![], &mut steps).unwrap();
+        let builds = model.component_builds();
+        steps = 0;
+        let bad = vec![LoraWeight {
+            name: "bad".into(),
+            weight: 1.0,
+        }];
+        let e = run(bad, &mut steps).unwrap_err().to_string();
+        assert!(e.contains("\"bad\"") && e.contains(want), "{dtype:?}: {e}");
+        assert_eq!(steps, 0, "{dtype:?}: no step ran");
+        assert_eq!(model.component_builds(), builds, "{dtype:?}: nothing built");
+        assert_eq!(
+            run(vec![], &mut steps).unwrap(),
+            first,
+            "{dtype:?}: unharmed"
+        );
+    }
+}

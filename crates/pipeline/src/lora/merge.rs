@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 
 use super::library::layer_shape_problem;
-use super::{shapes_of, LayerKeys, LoraFormat, LoraInfo, LoraLibrary, Part, Target, TargetShapes};
+use super::{LayerKeys, LoraFormat, LoraInfo, LoraLibrary, Part, Target, TargetShapes};
 use crate::{PipelineError, Result};
 
 /// Matches a file's layers to the model's weights: `(target index, layer)` per layer, or an
@@ -85,8 +85,146 @@ pub(super) fn match_layers<'a>(
     Ok(out)
 }
 
-/// The merged state of the resident model's weights (and, for offloaded parts, the LoRAs their
-/// next build takes).
+/// Summed deltas of a LoRA set by (part, target index): `sum of weight * (alpha / rank) * up @
+/// down` in the canonical layout (`[out, in]` or `[out, in, k, k]`), on the CPU, in `dtype`
+/// (the dtype of the weights they go into).
+pub(crate) type Deltas = BTreeMap<(Part, usize), Tensor>;
+
+/// The deltas of `loras` (resolved in `library`) for every weight of `targets`, checked: a
+/// layer whose delta is not finite (NaN or infinity in the file, or f32 overflow) is refused
+/// naming the LoRA and the layer, and a summed delta beyond the range of `dtype` naming the
+/// weight. All of it needs only the LoRA files and the targets' shapes, not the weights: it can
+/// run before any offloaded part is built.
+///
+/// Each sum is rounded to `dtype` once (a no-op for f32 weights): every path then merges the
+/// same rounded values (offloaded builds keep them between runs at the weights' size, not twice
+/// it), and the merge adds them in f32.
+pub(crate) fn compute_deltas(
+    library: &LoraLibrary,
+    loras: &[(String, f64)],
+    targets: &TargetShapes,
+    dtype: DType,
+) -> Result<Deltas> {
+    let mut deltas = Deltas::new();
+    for (name, weight) in loras {
+        let info = library
+            .get(name)
+            .ok_or_else(|| PipelineError::InvalidRequest(format!("unknown LoRA {name:?}")))?;
+        let tensors = candle_core::safetensors::load(&info.file, &Device::Cpu)?;
+        let shapes: HashMap<String, Vec<usize>> = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+            .collect();
+        let invalid = |layer: &LayerKeys, why: &str| {
+            PipelineError::InvalidRequest(format!("LoRA {name:?}: layer {}: {why}", layer.down))
+        };
+        for (part, index, layer) in match_layers(info, &shapes, targets)? {
+            // match_layers found both keys (and alpha's) in this very map.
+            let down = tensors[&layer.down].to_dtype(DType::F32)?;
+            let up = tensors[&layer.up].to_dtype(DType::F32)?;
+            let rank = down.dim(0)?;
+            let alpha = match &layer.alpha {
+                Some(a) => tensors[a]
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .first()
+                    .map(|&v| f64::from(v))
+                    .ok_or_else(|| invalid(layer, "alpha holds no number"))?,
+                None => rank as f64,
+            };
+            if !alpha.is_finite() {
+                return Err(invalid(layer, &format!("alpha is {alpha}")));
+            }
+            let scale = weight * alpha / rank as f64;
+            let out_dim = up.dim(0)?;
+            let delta = up
+                .reshape((out_dim, rank))?
+                .matmul(&down.reshape((rank, ()))?)?;
+            let want = targets[&part][index].1.as_slice();
+            let delta = (delta.reshape(want)? * scale)?;
+            // NaN or infinity (in the file, or from overflow) would spread through every
+            // image: refuse the file rather than merge it.
+            let total = delta.abs()?.sum_all()?.to_scalar::<f32>()?;
+            if !total.is_finite() {
+                return Err(invalid(
+                    layer,
+                    "its weights are not finite (NaN or infinity, or too large)",
+                ));
+            }
+            let sum = match deltas.remove(&(part, index)) {
+                Some(d) => (d + delta)?,
+                None => delta,
+            };
+            deltas.insert((part, index), sum);
+        }
+    }
+    let limit = dtype_limit(dtype);
+    for ((part, index), delta) in deltas.iter_mut() {
+        // Several LoRAs' sum can pass what the weights' dtype holds (65504 in f16).
+        let max = delta.abs()?.max_all()?.to_scalar::<f32>()?;
+        if max.is_nan() || max > limit {
+            return Err(overflow(loras, *part, &targets[part][*index].0, dtype));
+        }
+        *delta = delta.to_dtype(dtype)?;
+    }
+    Ok(deltas)
+}
+
+/// The largest magnitude a weight of `dtype` holds.
+fn dtype_limit(dtype: DType) -> f32 {
+    if dtype == DType::F16 {
+        65504.0
+    } else {
+        f32::MAX
+    }
+}
+
+fn overflow(loras: &[(String, f64)], part: Part, path: &str, dtype: DType) -> PipelineError {
+    PipelineError::InvalidRequest(format!(
+        "LoRAs {:?}: merged into {} weight {path}, they overflow its {dtype:?} range",
+        loras.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        part.name(),
+    ))
+}
+
+/// Adds `deltas` (of `part`, by target index, from [`compute_deltas`]) to `targets`' weights in
+/// place. `originals`: where to keep a copy of each weight before it changes (`None` for a
+/// module built for one stage and dropped after it). A merged weight beyond its dtype's range
+/// is refused, and the weights changed so far are left to the caller (restored from
+/// `originals`, or dropped with the module).
+pub(crate) fn merge_deltas<'d>(
+    loras: &[(String, f64)],
+    part: Part,
+    deltas: impl IntoIterator<Item = (usize, &'d Tensor)>,
+    targets: &[(String, Target<'_>)],
+    mut originals: Option<&mut Vec<(Tensor, Tensor)>>,
+) -> Result<()> {
+    for (index, delta) in deltas {
+        let target = &targets[index].1;
+        let weight = target.storage()?;
+        let delta = target
+            .in_storage_layout(delta)?
+            .to_device(weight.device())?
+            .to_dtype(DType::F32)?;
+        let merged = (weight.to_dtype(DType::F32)? + delta)?;
+        // A half-precision weight plus its delta can still overflow.
+        let abs = merged.abs()?;
+        if !(abs.sum_all()?.to_scalar::<f32>()?.is_finite()
+            && abs.max_all()?.to_scalar::<f32>()? <= dtype_limit(weight.dtype()))
+        {
+            return Err(overflow(loras, part, &targets[index].0, weight.dtype()));
+        }
+        let merged = merged.to_dtype(weight.dtype())?;
+        if let Some(originals) = originals.as_deref_mut() {
+            originals.push((weight.clone(), weight.copy()?));
+        }
+        weight.slice_set(&merged, 0, 0)?;
+    }
+    Ok(())
+}
+
+/// The merged state of the resident model's weights.
 #[derive(Default)]
 pub(crate) struct LoraState {
     /// The LoRAs merged now, as asked (name, weight).
@@ -116,108 +254,26 @@ impl LoraState {
         self.active.clear();
     }
 
-    /// Merges `loras` (resolved in `library`) into `targets`. Call [`LoraState::restore`]
-    /// first. Checks every file before changing any weight. `keep_originals: false` for a
-    /// module built for one stage and dropped after it: no copy to write back.
-    pub(crate) fn apply(
+    /// Merges `deltas` of `part` into the resident `targets`, keeping the originals. Call
+    /// [`LoraState::restore`] when it fails.
+    pub(crate) fn merge(
         &mut self,
-        library: &LoraLibrary,
         loras: &[(String, f64)],
-        targets: &HashMap<Part, Vec<(String, Target<'_>)>>,
-        keep_originals: bool,
+        part: Part,
+        deltas: &BTreeMap<usize, Tensor>,
+        targets: &[(String, Target<'_>)],
     ) -> Result<()> {
-        debug_assert!(self.originals.is_empty());
-        let target_shapes: TargetShapes = targets
-            .iter()
-            .map(|(part, list)| (*part, shapes_of(list)))
-            .collect();
-        // (part, target index) -> summed delta in the canonical layout, f32 on the CPU.
-        let mut deltas: BTreeMap<(Part, usize), Tensor> = BTreeMap::new();
-        for (name, weight) in loras {
-            let info = library
-                .get(name)
-                .ok_or_else(|| PipelineError::InvalidRequest(format!("unknown LoRA {name:?}")))?;
-            let tensors = candle_core::safetensors::load(&info.file, &Device::Cpu)?;
-            let shapes: HashMap<String, Vec<usize>> = tensors
-                .iter()
-                .map(|(k, v)| (k.clone(), v.dims().to_vec()))
-                .collect();
-            let invalid = |layer: &LayerKeys, why: &str| {
-                PipelineError::InvalidRequest(format!("LoRA {name:?}: layer {}: {why}", layer.down))
-            };
-            for (part, index, layer) in match_layers(info, &shapes, &target_shapes)? {
-                // match_layers found both keys (and alpha's) in this very map.
-                let down = tensors[&layer.down].to_dtype(DType::F32)?;
-                let up = tensors[&layer.up].to_dtype(DType::F32)?;
-                let rank = down.dim(0)?;
-                let alpha = match &layer.alpha {
-                    Some(a) => tensors[a]
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .first()
-                        .map(|&v| f64::from(v))
-                        .ok_or_else(|| invalid(layer, "alpha holds no number"))?,
-                    None => rank as f64,
-                };
-                if !alpha.is_finite() {
-                    return Err(invalid(layer, &format!("alpha is {alpha}")));
-                }
-                let scale = weight * alpha / rank as f64;
-                let out_dim = up.dim(0)?;
-                let delta = up
-                    .reshape((out_dim, rank))?
-                    .matmul(&down.reshape((rank, ()))?)?;
-                let want = target_shapes[&part][index].1.as_slice();
-                let delta = (delta.reshape(want)? * scale)?;
-                // NaN or infinity (in the file, or from overflow) would spread through every
-                // image: refuse the file rather than merge it.
-                let total = delta.abs()?.sum_all()?.to_scalar::<f32>()?;
-                if !total.is_finite() {
-                    return Err(invalid(
-                        layer,
-                        "its weights are not finite (NaN or infinity, or too large)",
-                    ));
-                }
-                let sum = match deltas.remove(&(part, index)) {
-                    Some(d) => (d + delta)?,
-                    None => delta,
-                };
-                deltas.insert((part, index), sum);
-            }
-        }
-        for ((part, index), delta) in deltas {
-            let target = &targets[&part][index].1;
-            let weight = target.storage()?;
-            let delta = target
-                .in_storage_layout(&delta)?
-                .to_device(weight.device())?;
-            let merged = (weight.to_dtype(DType::F32)? + delta)?;
-            // Several LoRAs' sum, or a half-precision weight, can still overflow.
-            let abs = merged.abs()?;
-            let limit = if weight.dtype() == DType::F16 {
-                65504.0
-            } else {
-                f32::MAX
-            };
-            if !(abs.sum_all()?.to_scalar::<f32>()?.is_finite()
-                && abs.max_all()?.to_scalar::<f32>()? <= limit)
-            {
-                return Err(PipelineError::InvalidRequest(format!(
-                    "LoRAs {:?}: merged into {} weight {}, they overflow its {:?} range",
-                    loras.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-                    part.name(),
-                    targets[&part][index].0,
-                    weight.dtype()
-                )));
-            }
-            let merged = merged.to_dtype(weight.dtype())?;
-            if keep_originals {
-                self.originals.push((weight.clone(), weight.copy()?));
-            }
-            weight.slice_set(&merged, 0, 0)?;
-        }
-        self.active = loras.to_vec();
-        Ok(())
+        merge_deltas(
+            loras,
+            part,
+            deltas.iter().map(|(i, d)| (*i, d)),
+            targets,
+            Some(&mut self.originals),
+        )
+    }
+
+    /// Notes `key` as the set now merged.
+    pub(crate) fn set_active(&mut self, key: Vec<(String, f64)>) {
+        self.active = key;
     }
 }

@@ -8,7 +8,9 @@
 //! back bit for bit and the model is never reloaded. Requests with the same LoRAs as the one
 //! before reuse the merged weights. Offloaded parts: under sequential offload the UNet's weights
 //! in host memory are the resident tensors; under model offload a part is merged each time it is
-//! built for its stage, keeping no originals (it is dropped after the stage).
+//! built for its stage, keeping no originals (it is dropped after the stage). Deltas are computed
+//! from the files and the targets' shapes alone, so every part's are made, and checked, before a
+//! run builds anything; the offloaded parts' are kept for their builds.
 //!
 //! Files: `library` (reading LoRA files' headers, the folder's library), `merge` (matching
 //! layers to the model's weights, merging and restoring them); this one holds the types they
@@ -29,7 +31,7 @@ mod merge;
 use library::header_shapes;
 pub use library::LoraLibrary;
 use merge::match_layers;
-pub(crate) use merge::LoraState;
+pub(crate) use merge::{compute_deltas, merge_deltas, Deltas, LoraState};
 
 /// A weight a LoRA may change, borrowed from a built module (or, under sequential offload,
 /// from the UNet's weights in host memory).

@@ -29,6 +29,8 @@ pub struct Component<T> {
     resident: Option<T>,
     /// How long building the resident module took (reading its weights included).
     built_in: Option<std::time::Duration>,
+    /// Times the module was built from the weight files.
+    builds: std::sync::atomic::AtomicUsize,
 }
 
 /// A component ready on the device: borrowed when resident, owned (and dropped after the
@@ -65,6 +67,7 @@ impl<T> Component<T> {
             build: Arc::new(build),
             resident: None,
             built_in: None,
+            builds: Default::default(),
         };
         if let Some(device) = resident_on {
             let t0 = std::time::Instant::now();
@@ -97,6 +100,12 @@ impl<T> Component<T> {
         self.built_in
     }
 
+    /// Times the module was built from its weight files (reading them) since this component
+    /// was made: once when resident, once per use when offloaded.
+    pub fn builds(&self) -> usize {
+        self.builds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The resident module, without building anything; `None` when offloaded.
     pub fn resident(&self) -> Option<&T> {
         self.resident.as_ref()
@@ -111,6 +120,7 @@ impl<T> Component<T> {
             build: self.build.clone(),
             resident: None,
             built_in: None,
+            builds: Default::default(),
         }
     }
 
@@ -125,6 +135,8 @@ impl<T> Component<T> {
                 self.name
             )));
         }
+        self.builds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Memory-mapped, with dtype and sampled NaN/Inf checks whose errors name file and tensor.
         let vb = crate::single_file::checked_var_builder(&self.files, self.dtype, device)?;
         (self.build)(vb).map_err(|e| match e {

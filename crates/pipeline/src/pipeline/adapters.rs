@@ -1,13 +1,16 @@
 //! Adapters that change a loaded model per request: LoRA libraries (merged into the resident
 //! weights) and textual-inversion embeddings (extra tokenizer words).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::Tensor;
 
 use super::{LoraWeight, StableDiffusion};
 use crate::embeddings::EmbeddingLibrary;
-use crate::lora::{shapes_of, LoraLibrary, LoraState, Part, Target, TargetShapes};
+use crate::lora::{
+    compute_deltas, merge_deltas, shapes_of, Deltas, LoraLibrary, LoraState, Part, Target,
+    TargetShapes,
+};
 use crate::{PipelineError, Result};
 
 impl StableDiffusion {
@@ -17,7 +20,7 @@ impl StableDiffusion {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore()?;
-        self.set_loras_for_builds(Vec::new());
+        self.set_build_deltas(None);
         self.loras = library;
         Ok(())
     }
@@ -132,8 +135,9 @@ impl StableDiffusion {
         Ok(shapes)
     }
 
-    /// A part built now for one stage (offloaded): the LoRAs of the last run merged into it (no
-    /// originals kept: it is dropped after the stage), and its targets remembered for checks.
+    /// A part built now for one stage (offloaded): the deltas of the last run's LoRAs merged
+    /// into it (no originals kept: it is dropped after the stage), and its targets remembered
+    /// for checks.
     pub(super) fn merge_into_built(
         &self,
         part: Part,
@@ -144,24 +148,25 @@ impl StableDiffusion {
             .unwrap_or_else(|e| e.into_inner())
             .entry(part)
             .or_insert_with(|| shapes_of(&targets));
-        let loras = self
-            .loras_for_builds
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if loras.is_empty() {
+        let held = self.build_deltas.read().unwrap_or_else(|e| e.into_inner());
+        let Some(held) = held.as_ref() else {
             return Ok(());
-        }
-        let targets = HashMap::from([(part, targets)]);
-        LoraState::default().apply(&self.loras, &loras, &targets, false)
+        };
+        let Some(deltas) = held.parts.get(&part) else {
+            return Ok(()); // the LoRAs change no weight of this part
+        };
+        merge_deltas(
+            &held.loras,
+            part,
+            deltas.iter().map(|(i, d)| (*i, d)),
+            &targets,
+            None,
+        )
     }
 
-    /// The LoRAs offloaded parts take when built (those of the last run).
-    pub(super) fn set_loras_for_builds(&self, loras: Vec<(String, f64)>) {
-        *self
-            .loras_for_builds
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = loras;
+    /// The deltas offloaded parts take when built (those of the last run's LoRAs).
+    pub(super) fn set_build_deltas(&self, deltas: Option<BuildDeltas>) {
+        *self.build_deltas.write().unwrap_or_else(|e| e.into_inner()) = deltas;
     }
 
     /// Makes the resident weights those of `loras` now, as the next run asking for them would
@@ -173,7 +178,10 @@ impl StableDiffusion {
 
     /// Makes the resident weights those of `loras`: unchanged when the last run had the same,
     /// else the originals are written back and the new LoRAs merged. Offloaded parts take them
-    /// when built for their stage.
+    /// when built for their stage, from deltas computed here: every check that needs no base
+    /// weight (names, shapes, values that are not finite, deltas beyond the weights' dtype) runs
+    /// before the run builds or runs anything. Only a merged weight's overflow (base + delta past
+    /// the dtype's range) needs the weight, and so is found when an offloaded part is built.
     pub(super) fn sync_loras(
         &self,
         loras: &[LoraWeight],
@@ -184,12 +192,11 @@ impl StableDiffusion {
             return Ok(state);
         }
         state.restore()?;
-        self.set_loras_for_builds(Vec::new());
+        self.set_build_deltas(None);
         if want.is_empty() {
             return Ok(state);
         }
-        // Every file against every part first, so that an offloaded part's merge does not
-        // fail on a layer that has no weight in the middle of a run.
+        // Every file against every part first (shapes from the headers alone).
         let shapes = self.lora_target_shapes()?;
         for (name, _) in &want {
             let info = self
@@ -198,11 +205,38 @@ impl StableDiffusion {
                 .ok_or_else(|| PipelineError::InvalidRequest(format!("unknown LoRA {name:?}")))?;
             crate::lora::check_fits(info, &shapes)?;
         }
-        if let Err(e) = state.apply(&self.loras, &want, &self.lora_targets(), true) {
-            state.restore()?;
-            return Err(e);
+        let mut by_part = deltas_by_part(compute_deltas(&self.loras, &want, &shapes, self.dtype)?);
+        for (part, targets) in &self.lora_targets() {
+            let Some(deltas) = by_part.remove(part) else {
+                continue;
+            };
+            if let Err(e) = state.merge(&want, *part, &deltas, targets) {
+                state.restore()?;
+                return Err(e);
+            }
         }
-        self.set_loras_for_builds(want);
+        // What is left is for the offloaded parts.
+        self.set_build_deltas(Some(BuildDeltas {
+            loras: want.clone(),
+            parts: by_part,
+        }));
+        state.set_active(want);
         Ok(state)
     }
+}
+
+/// The deltas of the last run's LoRAs for the offloaded parts, merged into each as it is built
+/// for its stage; kept until a run asks for other LoRAs.
+pub(super) struct BuildDeltas {
+    loras: Vec<(String, f64)>,
+    /// By part, then target index; a part the LoRAs do not change is absent.
+    parts: HashMap<Part, BTreeMap<usize, Tensor>>,
+}
+
+fn deltas_by_part(deltas: Deltas) -> HashMap<Part, BTreeMap<usize, Tensor>> {
+    let mut by_part: HashMap<Part, BTreeMap<usize, Tensor>> = HashMap::new();
+    for ((part, index), delta) in deltas {
+        by_part.entry(part).or_default().insert(index, delta);
+    }
+    by_part
 }

@@ -144,7 +144,7 @@ impl StableDiffusion {
             text_vocab_size,
             text_hidden_size,
             lora_state: std::sync::Mutex::new(LoraState::default()),
-            loras_for_builds: Default::default(),
+            build_deltas: Default::default(),
             lora_shapes: Default::default(),
         };
         sd.configure_resident();

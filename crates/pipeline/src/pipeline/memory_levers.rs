@@ -79,7 +79,7 @@ impl StableDiffusion {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget();
-        self.set_loras_for_builds(Vec::new());
+        self.set_build_deltas(None);
         let resident = (offload == Offload::None).then_some(&self.device);
         self.text_encoder.set_residence(resident)?;
         // Free the current UNet before building it for the new mode.
@@ -107,6 +107,19 @@ impl StableDiffusion {
     /// Bytes of UNet weights held in host memory under `Offload::Sequential`; `None` otherwise.
     pub fn unet_host_weight_bytes(&self) -> Option<usize> {
         self.unet.resident().and_then(|u| u.host_weight_bytes())
+    }
+
+    /// How many times each component was built from its weight files (reading them), by
+    /// name: resident ones once, offloaded ones at each stage that uses them. The UNet's count
+    /// starts again when the offload mode changes.
+    pub fn component_builds(&self) -> Vec<(&str, usize)> {
+        [
+            (self.text_encoder.name(), self.text_encoder.builds()),
+            (self.unet.name(), self.unet.builds()),
+            (self.vae_encoder.name(), self.vae_encoder.builds()),
+            (self.vae.name(), self.vae.builds()),
+        ]
+        .into()
     }
 
     /// The UNet for one run, with the plan's attention slicing (built now when offloaded, with

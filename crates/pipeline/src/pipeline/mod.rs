@@ -74,8 +74,8 @@ pub struct StableDiffusion {
     text_hidden_size: usize,
     /// Which LoRAs are merged into the resident weights now (held for a whole run).
     lora_state: std::sync::Mutex<LoraState>,
-    /// The LoRAs an offloaded text encoder or UNet takes when built for its stage.
-    loras_for_builds: std::sync::RwLock<Vec<(String, f64)>>,
+    /// The LoRA deltas an offloaded text encoder or UNet takes when built for its stage.
+    build_deltas: std::sync::RwLock<Option<adapters::BuildDeltas>>,
     /// LoRA targets (paths, dims) of offloaded parts, from their first build.
     lora_shapes: std::sync::Mutex<crate::lora::TargetShapes>,
 }
