@@ -370,7 +370,8 @@ pub struct Taesd {
 
 impl Taesd {
     /// Loads an `AutoencoderTiny` folder (`config.json` + `diffusion_pytorch_model.safetensors`,
-    /// or its `.fp16` variant when `dtype` is f16, or shards), e.g. `madebyollin/taesd`.
+    /// or its `.fp16` variant when `dtype` is f16, or shards, or the pickle `.bin` forms when
+    /// there are no safetensors: `pipeline::component_weight_files`), e.g. `madebyollin/taesd`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: TaesdConfig = read_json(&config_path)?;

@@ -170,8 +170,10 @@ impl Checkpoint {
             .collect())
     }
 
-    /// The tensor's elements, contiguous, row-major, little-endian.
-    pub fn read_tensor(&self, t: &TensorRef) -> Result<Vec<u8>> {
+    /// Where a tensor's bytes lie in the file, checked against its storage: the byte offset of
+    /// the first element its view touches, its element count, and the bytes from that element
+    /// to the last one it touches.
+    fn locate(&self, t: &TensorRef) -> Result<(u64, usize, usize)> {
         let es = t.dtype.bitsize() / 8;
         let &(start, len) = self
             .storages
@@ -219,14 +221,30 @@ impl Checkpoint {
                 format!("a tensor view reaches past storage {}", t.storage_key),
             ));
         }
-        let mut file = File::open(&self.path).map_err(|e| PipelineError::io(&self.path, e))?;
         let span = if numel == 0 {
             0
         } else {
             (last + 1 - t.offset) * es
         };
+        Ok((start + (t.offset * es) as u64, numel, span))
+    }
+
+    /// The byte offset and length of a tensor's elements in the file when they lie there
+    /// contiguously, row-major (a caller may read them straight into place); `None` for a
+    /// strided view (read it with [`Checkpoint::read_tensor`]).
+    pub fn contiguous_bytes(&self, t: &TensorRef) -> Result<Option<(u64, usize)>> {
+        let (at, numel, _) = self.locate(t)?;
+        let es = t.dtype.bitsize() / 8;
+        Ok(is_contiguous(&t.shape, &t.stride).then_some((at, numel * es)))
+    }
+
+    /// The tensor's elements, contiguous, row-major, little-endian.
+    pub fn read_tensor(&self, t: &TensorRef) -> Result<Vec<u8>> {
+        let es = t.dtype.bitsize() / 8;
+        let (at, numel, span) = self.locate(t)?;
+        let mut file = File::open(&self.path).map_err(|e| PipelineError::io(&self.path, e))?;
         let mut raw = vec![0u8; span];
-        file.seek(SeekFrom::Start(start + (t.offset * es) as u64))
+        file.seek(SeekFrom::Start(at))
             .and_then(|_| file.read_exact(&mut raw))
             .map_err(|e| PipelineError::io(&self.path, e))?;
         if is_contiguous(&t.shape, &t.stride) {

@@ -1,5 +1,6 @@
-//! How big a model is: parameter counts from the safetensors headers (no weights read), and the
-//! shapes the activation estimates need, from the configs.
+//! How big a model is: parameter counts from the weight files' headers (safetensors headers, or
+//! a `.bin` pickle's tensor table; no weights read), and the shapes the activation estimates
+//! need, from the configs.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -76,24 +77,38 @@ pub fn safetensors_numels(path: &Path) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
+/// `(name, element count)` per tensor of a weight file: a safetensors header, or the tensor
+/// table of a PyTorch pickle (`.bin`, read by [`crate::ckpt`] without running it).
+pub fn weight_numels(path: &Path) -> Result<Vec<(String, u64)>> {
+    let safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if safetensors {
+        return safetensors_numels(path);
+    }
+    let checkpoint = crate::ckpt::Checkpoint::open(path)?;
+    Ok(checkpoint
+        .state_dict()?
+        .into_iter()
+        .map(|(name, t)| (name, t.shape.iter().map(|&d| d as u64).product()))
+        .collect())
+}
+
 impl WeightCounts {
     /// Counts the weights of a diffusers folder from the files `StableDiffusion::load` would read
     /// for `dtype` (the fp16 variant when present).
     pub fn from_model_dir(dir: &Path, dtype: DType) -> Result<Self> {
         let mut counts = Self::default();
         for file in component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype)? {
-            for (name, n) in safetensors_numels(&file)? {
+            for (name, n) in weight_numels(&file)? {
                 *counts.unet.entry(unet_group(&name)).or_default() += n;
             }
         }
         for file in component_weight_files(dir, "text_encoder", "model", dtype)? {
-            counts.text_encoder += safetensors_numels(&file)?
-                .iter()
-                .map(|(_, n)| n)
-                .sum::<u64>();
+            counts.text_encoder += weight_numels(&file)?.iter().map(|(_, n)| n).sum::<u64>();
         }
         for file in component_weight_files(dir, "vae", "diffusion_pytorch_model", dtype)? {
-            for (k, n) in safetensors_numels(&file)? {
+            for (k, n) in weight_numels(&file)? {
                 if k.starts_with("decoder.") || k.starts_with("post_quant_conv.") {
                     counts.vae_decoder += n;
                 } else if k.starts_with("encoder.") || k.starts_with("quant_conv.") {

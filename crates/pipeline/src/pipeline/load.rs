@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::StableDiffusion;
+use super::{component_weight_files, StableDiffusion};
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::embeddings::EmbeddingLibrary;
 use crate::error::read_json;
@@ -29,7 +29,9 @@ struct ModelIndex {
 }
 
 impl StableDiffusion {
-    /// Loads a diffusers-layout folder. Weights are memory-mapped and converted to `dtype` on `device`.
+    /// Loads a diffusers-layout folder. Weights are memory-mapped (safetensors) or read a tensor
+    /// at a time (pickle `.bin`, never executed; see `component_weight_files`) and converted to
+    /// `dtype` on `device`.
     /// Every component stays on the device; attention is sliced automatically (the CPU plan).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         Self::load_with_plan(dir, device, dtype, &MemoryPlan::cpu(dtype))
@@ -196,101 +198,5 @@ pub(super) fn unet_component(
             move |vb| UNet2DConditionModel::new(vb, &config),
             (offload == Offload::None).then_some(device),
         ),
-    }
-}
-
-/// Weight files of one component: `<stem>.safetensors`, its half-precision variant
-/// `<stem>.fp16.safetensors` when loading in f16 and present, or the shards of
-/// `<stem>.safetensors.index.json`.
-pub fn component_weight_files(
-    dir: &Path,
-    component: &str,
-    stem: &str,
-    dtype: DType,
-) -> Result<Vec<PathBuf>> {
-    let folder = dir.join(component);
-    let full = format!("{stem}.safetensors");
-    let half = format!("{stem}.fp16.safetensors");
-    // Half precision prefers the fp16 variant; the other precisions take it only when it is all
-    // the folder has (some repos publish fp16 weights alone).
-    let candidates = if dtype == DType::F16 {
-        [half, full]
-    } else {
-        [full, half]
-    };
-    for name in &candidates {
-        let path = folder.join(name);
-        if path.is_file() {
-            return Ok(vec![path]);
-        }
-        let index_path = folder.join(format!("{name}.index.json"));
-        if index_path.is_file() {
-            #[derive(serde::Deserialize)]
-            struct ShardIndex {
-                weight_map: std::collections::BTreeMap<String, String>,
-            }
-            let index: ShardIndex = read_json(&index_path)?;
-            let mut shards: Vec<PathBuf> =
-                index.weight_map.values().map(|f| folder.join(f)).collect();
-            shards.sort();
-            shards.dedup();
-            return Ok(shards);
-        }
-    }
-    Err(PipelineError::Weights {
-        path: folder,
-        message: format!("no weights: expected {}", candidates.join(" or ")),
-    })
-}
-
-#[cfg(test)]
-mod weight_file_tests {
-    use super::*;
-
-    fn folder_with(files: &[&str]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "sdserve-weights-{}-{}",
-            std::process::id(),
-            files.join("+")
-        ));
-        std::fs::create_dir_all(dir.join("unet")).unwrap();
-        for f in files {
-            std::fs::write(dir.join("unet").join(f), b"").unwrap();
-        }
-        dir
-    }
-
-    fn chosen(dir: &Path, dtype: DType) -> String {
-        let files = component_weight_files(dir, "unet", "diffusion_pytorch_model", dtype).unwrap();
-        files[0].file_name().unwrap().to_string_lossy().into_owned()
-    }
-
-    #[test]
-    fn precision_picks_its_variant_and_falls_back_to_the_other() {
-        let both = folder_with(&[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ]);
-        assert_eq!(
-            chosen(&both, DType::F32),
-            "diffusion_pytorch_model.safetensors"
-        );
-        assert_eq!(
-            chosen(&both, DType::F16),
-            "diffusion_pytorch_model.fp16.safetensors"
-        );
-
-        let half_only = folder_with(&["diffusion_pytorch_model.fp16.safetensors"]);
-        assert_eq!(
-            chosen(&half_only, DType::F32),
-            "diffusion_pytorch_model.fp16.safetensors"
-        );
-
-        let none = folder_with(&[]);
-        let err = component_weight_files(&none, "unet", "diffusion_pytorch_model", DType::F32);
-        assert!(matches!(err, Err(PipelineError::Weights { .. })));
-        for dir in [both, half_only, none] {
-            std::fs::remove_dir_all(dir).unwrap();
-        }
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! `generate` runs the stages in order; each lives in its own file: `encode_prompt`,
 //! `prepare` (`prepare_timesteps`, `prepare_latents`), `denoise`, `decode` (`decode_latents`,
-//! `postprocess`); `images_in` starts from an image instead. `load` reads a model folder,
-//! `memory_levers` switches offload/slicing/tiling, `adapters` holds LoRAs and embeddings,
-//! `params` what a request asks and gets back.
+//! `postprocess`); `images_in` starts from an image instead. `load` reads a model folder
+//! (`weight_files`: which files hold each component's weights), `memory_levers` switches
+//! offload/slicing/tiling, `adapters` holds LoRAs and embeddings, `params` what a request asks
+//! and gets back.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -30,12 +31,13 @@ mod load;
 mod memory_levers;
 mod params;
 mod prepare;
+mod weight_files;
 
 pub(crate) use decode::postprocess;
 pub use encode_prompt::Conditioning;
 pub use images_in::{seed_of_image, InitImage, Mode};
-pub use load::component_weight_files;
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
+pub use weight_files::component_weight_files;
 
 /// A loaded Stable Diffusion model: everything `generate` needs, read from a diffusers folder.
 pub struct StableDiffusion {

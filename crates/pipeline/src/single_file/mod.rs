@@ -37,7 +37,7 @@ mod convert;
 mod key_map;
 mod validate;
 
-pub use checked::{checked_var_builder, CheckedSafetensors};
+pub use checked::{checked_var_builder, CheckedWeights};
 pub use configs::sd15_scheduler_config;
 pub use convert::convert_single_file;
 pub use key_map::{map_unet_key, map_vae_key};

@@ -89,11 +89,13 @@ pub(super) fn non_finite(path: &Path, name: &str, element: usize) -> PipelineErr
     )
 }
 
-/// The diffusers variant in a weight file name: `model.fp16.safetensors` -> `fp16`,
-/// `model.fp16-00001-of-00002.safetensors` -> `fp16`, `diffusion_pytorch_model.non_ema.safetensors`
-/// -> `non_ema`; plain names have none.
+/// The diffusers variant in a weight file name (`.safetensors` or pickle `.bin`):
+/// `model.fp16.safetensors` -> `fp16`, `model.fp16-00001-of-00002.safetensors` -> `fp16`,
+/// `diffusion_pytorch_model.non_ema.bin` -> `non_ema`; plain names have none.
 pub fn weight_variant(file_name: &str) -> Option<&str> {
-    let stem = file_name.strip_suffix(".safetensors")?;
+    let stem = file_name
+        .strip_suffix(".safetensors")
+        .or_else(|| file_name.strip_suffix(".bin"))?;
     // Drop a shard suffix `-00001-of-00002`.
     let stem = match stem.rsplit_once("-of-") {
         Some((head, tail)) if tail.chars().all(|c| c.is_ascii_digit()) => head
@@ -194,6 +196,15 @@ mod tests {
             Some("fp16")
         );
         assert_eq!(weight_variant("model-00001-of-00002.safetensors"), None);
+        assert_eq!(
+            weight_variant("pytorch_model.fp16-00001-of-00002.bin"),
+            Some("fp16")
+        );
+        assert_eq!(weight_variant("pytorch_model-00001-of-00002.bin"), None);
+        assert_eq!(
+            weight_variant("diffusion_pytorch_model.non_ema.bin"),
+            Some("non_ema")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

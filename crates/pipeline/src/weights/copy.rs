@@ -127,6 +127,34 @@ pub(super) fn copy_f32_sampled(bytes: &[u8], sample: bool) -> (Vec<f32>, Option<
     (v, bad)
 }
 
+/// `n` little-endian f32s read from `path` at byte `offset` (a pickle checkpoint's contiguous
+/// tensor) straight into a new vector: parallel positioned reads of [`COPY_CHUNK`] bytes into
+/// pages populated up front, with no intermediate buffer, so the tensor is in memory once.
+pub(crate) fn read_f32_at(
+    path: &std::path::Path,
+    offset: u64,
+    n: usize,
+) -> std::io::Result<Vec<f32>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    let per_task = COPY_CHUNK / 4;
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(per_task)
+        .enumerate()
+        .try_for_each(|(ci, dst): (usize, &mut [MaybeUninit<f32>])| {
+            prefault(dst);
+            // SAFETY: `dst` is `dst.len() * 4` writable bytes; any 4 bytes are a valid f32.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), dst.len() * 4)
+            };
+            file.read_exact_at(bytes, offset + (ci * COPY_CHUNK) as u64)
+        })?;
+    // SAFETY: every chunk was read in full above (an error returned early).
+    unsafe { v.set_len(n) };
+    Ok(v)
+}
+
 /// Has the kernel back the whole pages of `buf` (fresh memory about to be written in full)
 /// in one call (`MADV_POPULATE_WRITE`, Linux 5.14+) instead of one page fault per page as the
 /// copy reaches them: about a third less CPU for the same zeroed pages. Contents are not

@@ -24,6 +24,7 @@
 mod copy;
 pub mod mapped;
 
+pub(crate) use copy::read_f32_at;
 pub use copy::transpose_f32;
 use copy::{bytemuck_f32, copy_f32, copy_f32_sampled};
 
