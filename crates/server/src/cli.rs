@@ -228,7 +228,8 @@ pub struct ServeArgs {
     #[arg(long, env = "PREVIEW", value_enum, default_value = "off")]
     pub preview: crate::engine::PreviewMode,
     /// The TAESD for `PREVIEW=taesd`: a folder with `config.json` and
-    /// `diffusion_pytorch_model.safetensors`, or a hub id (fetched into the model cache). If it
+    /// `diffusion_pytorch_model.safetensors` (or `.bin`), or a hub id (fetched into the model
+    /// cache). If it
     /// cannot be loaded, previews fall back to `latent` and the log says why.
     #[arg(long, env = "PREVIEW_TAESD", default_value = "madebyollin/taesd")]
     pub preview_taesd: String,

@@ -1,6 +1,7 @@
 //! Hub downloads against a fake hub on loopback that speaks the hub's HTTP API (the revision
 //! API, `resolve` with LFS redirects to a CDN path, Range), serving the tiny-a fixture model,
-//! with injected faults. Also local single-file resolution into the cache.
+//! with injected faults. Also local single-file resolution into the cache, and local folders of
+//! pickle `.bin` weights served by the binary.
 
 mod common;
 #[path = "../src/hub/mod.rs"]
@@ -13,6 +14,8 @@ mod downloads;
 mod faults;
 #[path = "hub/local.rs"]
 mod local;
+#[path = "hub/pickle_models.rs"]
+mod pickle_models;
 #[path = "hub/server_retry.rs"]
 mod server_retry;
 

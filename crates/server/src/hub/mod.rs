@@ -12,7 +12,8 @@
 //! // `sdserve download [MODEL]`: hub::command::download_command(&model, &opts) (progress bar on stderr).
 //! ```
 //! `spec` is one of:
-//! - a local diffusers folder (has `model_index.json` or `unet/`); version `<name>@sha256:<12 hex>`;
+//! - a local diffusers folder (has `model_index.json` or `unet/`; safetensors weights, or the pickle
+//!   `.bin` of older saves, read without running code); version `<name>@sha256:<12 hex>`;
 //! - a single-file checkpoint (`.safetensors` with LDM key names, or a pickle `.ckpt`/`.pt`/`.pth`/
 //!   `.bin`, read without running code), converted once into `<cache>/sdserve/single-file/<digest>/`
 //!   with the bundled CLIP tokenizer; configs from `HubOptions::single_file_config` if set, else
@@ -139,7 +140,8 @@ impl HubOptions {
 pub enum Layout {
     /// A diffusers Stable Diffusion pipeline (`model_index.json`, `unet/`, `vae/`, ...).
     Pipeline,
-    /// One diffusers model at the root (`config.json` + `diffusion_pytorch_model.safetensors`),
+    /// One diffusers model at the root (`config.json` + `diffusion_pytorch_model.safetensors`, or
+    /// `.bin`),
     /// e.g. the TAESD preview decoder `madebyollin/taesd`.
     Component,
 }
@@ -186,7 +188,7 @@ pub fn resolve_model(
         }
         Spec::File(file) if opts.layout == Layout::Component => {
             return Err(HubError::InvalidSpec(format!(
-                "{}: expected a folder with config.json and diffusion_pytorch_model.safetensors, or a hub id",
+                "{}: expected a folder with config.json and diffusion_pytorch_model.safetensors (or .bin), or a hub id",
                 file.display()
             )))
         }

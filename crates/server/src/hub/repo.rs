@@ -122,7 +122,7 @@ pub(super) fn resolve_hub(
                 what,
                 detail: format!(
                     "{detail}; nothing cached at {}. Ways out: a local folder holding config.json and \
-                     diffusion_pytorch_model.safetensors; `sdserve download --taesd {repo}` where \
+                     diffusion_pytorch_model.safetensors (or .bin); `sdserve download --taesd {repo}` where \
                      the hub is reachable, then MODEL_CACHE_DIR pointing at that cache; HF_ENDPOINT \
                      for a mirror",
                     opts.cache_dir.display()

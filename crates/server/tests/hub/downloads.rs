@@ -178,6 +178,74 @@ fn a_component_repo_fetches_its_config_and_weights() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("model_index.json"));
 }
 
+/// A repo whose components hold only PyTorch pickle `.bin` weights (an older diffusers save):
+/// their `.bin` files (the text encoder's shards and index) are fetched, nothing else, and the
+/// snapshot loads (through the safe pickle reader). A TAESD repo of pickles gets its `.bin`, or
+/// its `.fp16.bin` variant for half precision.
+#[test]
+fn a_repo_of_pickle_weights_fetches_its_bin_files_and_loads() {
+    let hub = FakeHub::start();
+    let bin = fixtures().join("tiny-inpaint-bin");
+    hub.add_repo(
+        "test/pickles",
+        &bin,
+        &[
+            ("unet/diffusion_pytorch_model.non_ema.bin", b"other variant"),
+            ("safety_checker/pytorch_model.bin", b"not needed"),
+            ("safety_checker/config.json", b"{}"),
+        ],
+    );
+    let cache = Scratch::new("pickles");
+    let m = hub::resolve_model("test/pickles", &opts(&hub, &cache.0), &quiet).unwrap();
+    for f in [
+        "unet/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder/pytorch_model-00001-of-00002.bin",
+        "text_encoder/pytorch_model-00002-of-00002.bin",
+        "text_encoder/pytorch_model.bin.index.json",
+    ] {
+        assert!(
+            std::fs::read(m.dir.join(f)).unwrap() == std::fs::read(bin.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let log = hub.log().join("\n");
+    assert!(
+        !log.contains("non_ema") && !log.contains("safety_checker"),
+        "{log}"
+    );
+    let sd = sdserve_pipeline::pipeline::StableDiffusion::load(
+        &m.dir,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    );
+    assert!(sd.is_ok(), "{:?}", sd.err());
+
+    let taesd = fixtures().join("taesd/taesd-a-bin");
+    hub.add_repo("test/taesd-pickles", &taesd, &[]);
+    let mut o = opts(&hub, &cache.0);
+    o.layout = hub::Layout::Component;
+    for (fp16, want) in [
+        (false, "diffusion_pytorch_model.bin"),
+        (true, "diffusion_pytorch_model.fp16.bin"),
+    ] {
+        o.fp16 = fp16;
+        let t = hub::resolve_model("test/taesd-pickles", &o, &quiet).unwrap();
+        assert!(t.dir.join(want).is_file(), "fp16 {fp16}");
+        if !fp16 {
+            assert!(!t.dir.join("diffusion_pytorch_model.fp16.bin").exists());
+        }
+        let dtype = if fp16 {
+            candle_core::DType::F16
+        } else {
+            candle_core::DType::F32
+        };
+        let loaded =
+            sdserve_pipeline::taesd::Taesd::load(&t.dir, &candle_core::Device::Cpu, dtype).unwrap();
+        assert!(loaded.files()[0].ends_with(want));
+    }
+}
+
 #[test]
 fn the_retired_runwayml_id_maps_to_the_maintained_copy() {
     let hub = FakeHub::start();
