@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_path, generate_one, read_png, request_params, ScratchDir};
 use sdserve_pipeline::memory::footprint::WeightCounts;
+use sdserve_pipeline::memory::{MemoryPlan, Offload};
 use sdserve_pipeline::pipeline::{
     component_weight_files, GenerationParams, InitImage, StableDiffusion,
 };
@@ -88,6 +89,19 @@ fn a_bin_folder_gives_the_images_of_the_safetensors_folder_it_was_saved_from() {
         "the image is flat"
     );
     assert!(got.pixels == want.pixels, "the .bin folder's image differs");
+    // Offloaded components are built from the pickles again for each stage; the sequentially
+    // offloaded UNet streams its parts from them.
+    for offload in [Offload::Model, Offload::Sequential] {
+        let plan = MemoryPlan {
+            offload,
+            ..MemoryPlan::cpu(DType::F32)
+        };
+        let sd = StableDiffusion::load_with_plan(&bin, &Device::Cpu, DType::F32, &plan).unwrap();
+        assert!(
+            generate_one(&sd, &params).pixels == want.pixels,
+            "{offload:?}: the image differs"
+        );
+    }
 
     // The memory planner counts the same weights from the pickles' tensor tables.
     assert_eq!(
@@ -197,5 +211,57 @@ fn taesd_loads_from_bin_and_its_fp16_variant() {
             .to_dtype(DType::F32)
             .unwrap();
         assert!(same(&a, &b), "{dtype:?}: decodes differ");
+    }
+}
+
+/// A NaN written over one tensor's first element in a copy of `tiny-inpaint-bin` fails the load
+/// with an error naming the file and the tensor, whichever way the tensor is read: straight
+/// into place (f32 kept as f32), transposed (a linear weight on the CPU), or converted (f16).
+#[test]
+fn a_nan_in_a_bin_fails_the_load_naming_the_tensor() {
+    use sdserve_pipeline::ckpt::Checkpoint;
+    use std::io::{Seek, SeekFrom, Write};
+    let cases = [
+        (
+            DType::F32,
+            "vae/diffusion_pytorch_model.bin",
+            "decoder.conv_in.weight",
+        ),
+        (
+            DType::F32,
+            "text_encoder/pytorch_model-00002-of-00002.bin",
+            "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        ),
+        (
+            DType::F16,
+            "text_encoder/pytorch_model-00002-of-00002.bin",
+            "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        ),
+    ];
+    for (dtype, file, tensor) in cases {
+        let tmp = ScratchDir::new("nan-bin");
+        let model = tmp.0.join("model");
+        copy_folder(&fixture_path("tiny-inpaint-bin"), &model);
+        let path = model.join(file);
+        let ck = Checkpoint::open(&path).unwrap();
+        let (_, t) = ck
+            .state_dict()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == tensor)
+            .expect("tensor in the file");
+        let (at, _) = ck.contiguous_bytes(&t).unwrap().expect("contiguous");
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&f32::NAN.to_le_bytes()).unwrap();
+        drop(f);
+        let e = StableDiffusion::load(&model, &Device::Cpu, dtype)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("NaN") && e.contains(&format!("`{tensor}`")) && e.contains(file),
+            "{dtype:?} {tensor}: {e}"
+        );
     }
 }
