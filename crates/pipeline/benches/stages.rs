@@ -2,7 +2,7 @@
 //!
 //! `MODEL_DIR=/path/to/sd15 cargo bench -p sdserve-pipeline --bench stages -- [--sizes 256,512]
 //! [--repeats 3] [--steps 20] [--full-sizes 256] [--image-sizes 512] [--json out.json]
-//! [--lora-dir DIR --lora NAME --lora-sizes 512 --lora-steps 20]`
+//! [--lora-dir DIR --lora NAME --lora-sizes 512 --lora-steps 20] [--offload model|sequential]`
 //!
 //! Stages: text encode (prompt + empty negative), one UNet step with guidance (batch 2), VAE decode
 //! (and a TAESD preview of the same latents when `TAESD_DIR` names an `AutoencoderTiny` folder),
@@ -11,7 +11,11 @@
 //! With `--lora`: merging the LoRA `NAME` of `DIR` (weight 1) into the weights and writing the
 //! originals back, each on its own, and at `--lora-sizes` text-to-image generations with the LoRA
 //! (from base weights, so the merge is paid) and without it (right after, so the restore is paid),
-//! interleaved, of `--lora-steps` (default `--steps`). Each figure is the median of `--repeats`
+//! interleaved, of `--lora-steps` (default `--steps`). With `--offload` (the model loaded, then
+//! switched to that offload mode before any stage) and `--lora`, also what the LoRA adds to the
+//! builds of an offloaded text encoder and UNet: a prompt encode plus one UNet pass on an 8x8
+//! latent (so nearly all is the builds) with a new LoRA set, again with the same set, and without
+//! LoRA. Each figure is the median of `--repeats`
 //! runs with min and max, and the median CPU time of the process (all threads); peak RSS is read
 //! from `/proc/self/status` (VmHWM), reset before each stage through `/proc/self/clear_refs`.
 
@@ -24,10 +28,13 @@ static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
 
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::lora::LoraLibrary;
-use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, RgbImage, StableDiffusion,
-};
+use sdserve_pipeline::memory::Offload;
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, RgbImage, StableDiffusion};
 use sdserve_pipeline::rng::TorchRng;
+
+#[path = "stages/lora.rs"]
+mod lora;
+use lora::lora_stats;
 
 struct Args {
     sizes: Vec<usize>,
@@ -47,6 +54,8 @@ struct Args {
     /// Sizes of the text-to-image generations with and without the LoRA.
     lora_sizes: Vec<usize>,
     lora_steps: Option<usize>,
+    /// Offload mode switched to after loading (`--offload model|sequential`).
+    offload: Option<Offload>,
 }
 
 fn parse_list(s: &str) -> Vec<usize> {
@@ -70,6 +79,7 @@ fn parse_args() -> Args {
         lora: None,
         lora_sizes: vec![512],
         lora_steps: None,
+        offload: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -94,6 +104,14 @@ fn parse_args() -> Args {
                         .parse()
                         .expect("a number"),
                 )
+            }
+            "--offload" => {
+                args.offload = Some(match it.next().expect("--offload MODE").as_str() {
+                    "model" => Offload::Model,
+                    "sequential" => Offload::Sequential,
+                    "none" => Offload::None,
+                    other => panic!("--offload {other}: expected model, sequential or none"),
+                })
             }
             "--kernels" => args.kernels = true,
             "--kernels-only" => {
@@ -323,6 +341,9 @@ fn main() {
     eprintln!(
         "loaded {dir} in {load_s:.2} s (RSS {weights_rss_mb:.0} MB, peak {load_peak_rss_mb:.0} MB, threads {threads})"
     );
+    if let Some(offload) = args.offload {
+        model.set_offload(offload).expect("offload");
+    }
 
     let prompt = "a photograph of an astronaut riding a horse";
     let mut stats = Vec::new();
@@ -475,71 +496,4 @@ fn main() {
     if let Some(path) = args.json {
         std::fs::write(path, &json).expect("write json");
     }
-}
-
-/// What a request with the LoRA `name` (weight 1) costs: the merge and the restore on their own,
-/// then whole text-to-image generations with the LoRA from base weights (merge included) and
-/// without it right after (restore included), interleaved so both see the same machine load.
-fn lora_stats(model: &StableDiffusion, name: &str, args: &Args, prompt: &str) -> Vec<Stat> {
-    let with = [LoraWeight {
-        name: name.to_owned(),
-        weight: 1.0,
-    }];
-    let mut stats = Vec::new();
-    let (mut merges, mut restores) = (Vec::new(), Vec::new());
-    reset_peak_rss();
-    for _ in 0..args.repeats.max(3) {
-        merges.push(time_once(&mut || {
-            model.prepare_loras(&with).expect("merge")
-        }));
-        restores.push(time_once(&mut || {
-            model.prepare_loras(&[]).expect("restore")
-        }));
-    }
-    let peak = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
-    stats.push(stat_of(&format!("lora_merge_{name}"), merges, peak));
-    stats.push(stat_of(&format!("lora_restore_{name}"), restores, peak));
-    let steps = args.lora_steps.unwrap_or(args.steps);
-    for &size in &args.lora_sizes {
-        let base = GenerationParams {
-            prompt: prompt.into(),
-            steps,
-            width: size,
-            height: size,
-            ..Default::default()
-        };
-        let lora = GenerationParams {
-            loras: with.to_vec(),
-            ..base.clone()
-        };
-        let run = |p: &GenerationParams| {
-            model
-                .generate(p, &mut |_| std::ops::ControlFlow::Continue(()))
-                .expect("generate");
-        };
-        let (mut with_lora, mut without) = (Vec::new(), Vec::new());
-        reset_peak_rss();
-        for _ in 0..args.repeats.clamp(1, 2) {
-            with_lora.push(time_once(&mut || run(&lora)));
-            without.push(time_once(&mut || run(&base)));
-        }
-        let peak = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
-        let w = stat_of(
-            &format!("generate_{steps}steps_{size}_lora"),
-            with_lora,
-            peak,
-        );
-        let b = stat_of(
-            &format!("generate_{steps}steps_{size}_after_lora"),
-            without,
-            peak,
-        );
-        eprintln!(
-            "    with LoRA / without: {:.3} (wall), {:.3} (cpu)",
-            w.median_s / b.median_s,
-            w.cpu_median_s / b.cpu_median_s
-        );
-        stats.extend([w, b]);
-    }
-    stats
 }

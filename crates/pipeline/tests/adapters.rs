@@ -214,6 +214,68 @@ fn loras_under_offload_give_the_resident_images() {
     assert!(err.contains("ink_kohya"), "{err}");
 }
 
+/// Under model offload the text encoder and the UNet are built for each run; the LoRAs' deltas
+/// are computed once per set and kept between runs (bounded): a second run with the same LoRAs
+/// computes nothing and gives the same image. A file replaced under the same name, or another
+/// set, is computed again; past the limit, each build computes its part's deltas again, with
+/// the same images.
+#[test]
+fn offloaded_loras_keep_their_deltas_between_runs() {
+    use sdserve_pipeline::memory::Offload;
+    let dir = common::ScratchDir::new("adapters-kept-deltas");
+    for name in ["ink_kohya", "soft_peft"] {
+        let file = format!("{name}.safetensors");
+        let bytes = std::fs::read(fixtures().join("adapters/loras").join(&file)).unwrap();
+        dir.put(&file, &bytes);
+    }
+    let mut r = reference();
+    r.model
+        .set_lora_library(LoraLibrary::scan(&dir.0).unwrap())
+        .unwrap();
+    let base = generate(&r, &request(&r, &[]));
+    // ink_kohya: UNet (LoCon included); soft_peft: UNet and text encoder.
+    let loras = request(&r, &[("ink_kohya", 0.8), ("soft_peft", 0.6)]);
+    let with = generate(&r, &loras);
+    r.model.set_offload(Offload::Model).unwrap();
+    let stats = |r: &Reference| r.model.lora_delta_stats();
+    let before = stats(&r);
+    assert_eq!(generate(&r, &loras), with, "first run");
+    let first = stats(&r);
+    assert_eq!(first.sets_computed, before.sets_computed + 1);
+    assert_eq!(first.builds_from_kept, before.builds_from_kept + 2);
+    assert!(first.kept_bytes > 0);
+    assert_eq!(generate(&r, &loras), with, "again, from the kept deltas");
+    let again = stats(&r);
+    assert_eq!(again.sets_computed, first.sets_computed, "nothing computed");
+    assert_eq!(again.builds_from_kept, first.builds_from_kept + 2);
+    assert_eq!(again.builds_recomputed, 0);
+
+    // The same bytes written again (a newer modification time): read and computed again.
+    let file = std::fs::File::options()
+        .write(true)
+        .open(dir.0.join("ink_kohya.safetensors"))
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(generate(&r, &loras), with, "file replaced");
+    assert_eq!(stats(&r).sets_computed, again.sets_computed + 1);
+
+    // Another set evicts them.
+    assert_eq!(generate(&r, &request(&r, &[])), base);
+    assert_eq!(stats(&r).kept_bytes, 0);
+
+    // Nothing may be kept: each build computes its part's deltas; the same images.
+    r.model.set_lora_delta_limit(0);
+    let before = stats(&r);
+    for label in ["first run", "again"] {
+        assert_eq!(generate(&r, &loras), with, "no limit left, {label}");
+    }
+    let after = stats(&r);
+    assert_eq!(after.builds_recomputed, before.builds_recomputed + 4);
+    assert_eq!(after.builds_from_kept, before.builds_from_kept);
+    assert_eq!(after.kept_bytes, 0);
+}
+
 #[test]
 fn kohya_text_encoder_names_resolve_like_peft() {
     // te_kohya holds soft_peft's text-encoder layers under kohya's names.

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::add_delta::add_in_place;
 use super::library::layer_shape_problem;
-use super::{LayerKeys, LoraFormat, LoraInfo, LoraLibrary, Part, Target, TargetShapes};
+use super::{LayerKeys, LoraFormat, LoraInfo, LoraKey, LoraLibrary, Part, Target, TargetShapes};
 use crate::{PipelineError, Result};
 
 /// Matches a file's layers to the model's weights: `(target index, layer)` per layer, or an
@@ -203,23 +204,31 @@ pub(crate) fn merge_deltas<'d>(
     for (index, delta) in deltas {
         let target = &targets[index].1;
         let weight = target.storage()?;
-        let delta = target
-            .in_storage_layout(delta)?
-            .to_device(weight.device())?
-            .to_dtype(DType::F32)?;
-        let merged = (weight.to_dtype(DType::F32)? + delta)?;
-        // A half-precision weight plus its delta can still overflow.
-        let abs = merged.abs()?;
-        if !(abs.sum_all()?.to_scalar::<f32>()?.is_finite()
-            && abs.max_all()?.to_scalar::<f32>()? <= dtype_limit(weight.dtype()))
-        {
-            return Err(overflow(loras, part, &targets[index].0, weight.dtype()));
-        }
-        let merged = merged.to_dtype(weight.dtype())?;
+        let limit = dtype_limit(weight.dtype());
         if let Some(originals) = originals.as_deref_mut() {
             originals.push((weight.clone(), weight.copy()?));
         }
-        weight.slice_set(&merged, 0, 0)?;
+        let fits = match add_in_place(weight, delta, target.stored_transposed(), limit)? {
+            Some(fits) => fits,
+            None => {
+                let delta = target
+                    .in_storage_layout(delta)?
+                    .to_device(weight.device())?
+                    .to_dtype(DType::F32)?;
+                let merged = (weight.to_dtype(DType::F32)? + delta)?;
+                // A half-precision weight plus its delta can still overflow.
+                let abs = merged.abs()?;
+                let fits = abs.sum_all()?.to_scalar::<f32>()?.is_finite()
+                    && abs.max_all()?.to_scalar::<f32>()? <= limit;
+                if fits {
+                    weight.slice_set(&merged.to_dtype(weight.dtype())?, 0, 0)?;
+                }
+                fits
+            }
+        };
+        if !fits {
+            return Err(overflow(loras, part, &targets[index].0, weight.dtype()));
+        }
     }
     Ok(())
 }
@@ -227,14 +236,14 @@ pub(crate) fn merge_deltas<'d>(
 /// The merged state of the resident model's weights.
 #[derive(Default)]
 pub(crate) struct LoraState {
-    /// The LoRAs merged now, as asked (name, weight).
-    active: Vec<(String, f64)>,
+    /// The LoRAs merged now, as asked, with their files' identities.
+    active: Vec<LoraKey>,
     /// (the changed weight, a copy of its original values).
     originals: Vec<(Tensor, Tensor)>,
 }
 
 impl LoraState {
-    pub(crate) fn active(&self) -> &[(String, f64)] {
+    pub(crate) fn active(&self) -> &[LoraKey] {
         &self.active
     }
 
@@ -273,7 +282,7 @@ impl LoraState {
     }
 
     /// Notes `key` as the set now merged.
-    pub(crate) fn set_active(&mut self, key: Vec<(String, f64)>) {
+    pub(crate) fn set_active(&mut self, key: Vec<LoraKey>) {
         self.active = key;
     }
 }

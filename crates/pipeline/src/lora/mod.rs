@@ -10,7 +10,8 @@
 //! in host memory are the resident tensors; under model offload a part is merged each time it is
 //! built for its stage, keeping no originals (it is dropped after the stage). Deltas are computed
 //! from the files and the targets' shapes alone, so every part's are made, and checked, before a
-//! run builds anything; the offloaded parts' are kept for their builds.
+//! run builds anything; the offloaded parts' are kept for their builds, and for the next runs
+//! while these ask for the same set (bounded; see `pipeline::DEFAULT_LORA_DELTA_LIMIT`).
 //!
 //! Files: `library` (reading LoRA files' headers, the folder's library), `merge` (matching
 //! layers to the model's weights, merging and restoring them); this one holds the types they
@@ -25,6 +26,7 @@ use crate::kernels::linear::Dense;
 use crate::kernels::Conv2d;
 use crate::Result;
 
+mod add_delta;
 mod library;
 mod merge;
 
@@ -70,6 +72,11 @@ impl Target<'_> {
         }
     }
 
+    /// True for a linear weight stored `[in, out]`.
+    fn stored_transposed(&self) -> bool {
+        matches!(self, Target::Dense(d) if d.is_transposed())
+    }
+
     /// `delta` `[out, in]` or `[out, in, k, k]` in the storage's layout.
     fn in_storage_layout(&self, delta: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -101,6 +108,31 @@ pub(crate) fn join(prefix: &str, name: impl std::fmt::Display) -> String {
         name.to_string()
     } else {
         format!("{prefix}.{name}")
+    }
+}
+
+/// A LoRA as a run asks for it, with the identity of its file (length and modification time):
+/// a file replaced under the same name makes another set, whose deltas are computed again.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LoraKey {
+    name: String,
+    weight: f64,
+    file: (u64, Option<std::time::SystemTime>),
+}
+
+impl LoraKey {
+    /// The key of the library's LoRA `name` at `weight`, its file as it is now.
+    pub(crate) fn of(library: &LoraLibrary, name: &str, weight: f64) -> Result<Self> {
+        let info = library.get(name).ok_or_else(|| {
+            crate::PipelineError::InvalidRequest(format!("unknown LoRA {name:?}"))
+        })?;
+        let meta =
+            std::fs::metadata(&info.file).map_err(|e| crate::PipelineError::io(&info.file, e))?;
+        Ok(Self {
+            name: name.to_owned(),
+            weight,
+            file: (meta.len(), meta.modified().ok()),
+        })
     }
 }
 

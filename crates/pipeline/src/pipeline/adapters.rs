@@ -2,13 +2,14 @@
 //! weights) and textual-inversion embeddings (extra tokenizer words).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use candle_core::Tensor;
 
 use super::{LoraWeight, StableDiffusion};
 use crate::embeddings::EmbeddingLibrary;
 use crate::lora::{
-    compute_deltas, merge_deltas, shapes_of, Deltas, LoraLibrary, LoraState, Part, Target,
+    compute_deltas, merge_deltas, shapes_of, Deltas, LoraKey, LoraLibrary, LoraState, Part, Target,
     TargetShapes,
 };
 use crate::{PipelineError, Result};
@@ -152,16 +153,28 @@ impl StableDiffusion {
         let Some(held) = held.as_ref() else {
             return Ok(());
         };
-        let Some(deltas) = held.parts.get(&part) else {
-            return Ok(()); // the LoRAs change no weight of this part
-        };
-        merge_deltas(
-            &held.loras,
-            part,
-            deltas.iter().map(|(i, d)| (*i, d)),
-            &targets,
-            None,
-        )
+        let (loras, count) = (&held.loras, &self.lora_counters);
+        match held.parts.get(&part) {
+            None => Ok(()), // the LoRAs change no weight of this part
+            Some(Some(deltas)) => {
+                count.builds_from_kept.fetch_add(1, Relaxed);
+                merge_deltas(
+                    loras,
+                    part,
+                    deltas.iter().map(|(i, d)| (*i, d)),
+                    &targets,
+                    None,
+                )
+            }
+            Some(None) => {
+                // Past the limit of what is kept: computed again for this build.
+                count.builds_recomputed.fetch_add(1, Relaxed);
+                let shapes = TargetShapes::from([(part, shapes_of(&targets))]);
+                let deltas = compute_deltas(&self.loras, loras, &shapes, self.dtype)?;
+                let deltas = deltas.iter().map(|((_, i), d)| (*i, d));
+                merge_deltas(loras, part, deltas, &targets, None)
+            }
+        }
     }
 
     /// The deltas offloaded parts take when built (those of the last run's LoRAs).
@@ -188,7 +201,11 @@ impl StableDiffusion {
     ) -> Result<std::sync::MutexGuard<'_, LoraState>> {
         let mut state = self.lora_state.lock().unwrap_or_else(|e| e.into_inner());
         let want: Vec<(String, f64)> = loras.iter().map(|l| (l.name.clone(), l.weight)).collect();
-        if state.active() == want.as_slice() {
+        let key = want
+            .iter()
+            .map(|(name, weight)| LoraKey::of(&self.loras, name, *weight))
+            .collect::<Result<Vec<_>>>()?;
+        if state.active() == key.as_slice() {
             return Ok(state);
         }
         state.restore()?;
@@ -206,6 +223,7 @@ impl StableDiffusion {
             crate::lora::check_fits(info, &shapes)?;
         }
         let mut by_part = deltas_by_part(compute_deltas(&self.loras, &want, &shapes, self.dtype)?);
+        self.lora_counters.sets_computed.fetch_add(1, Relaxed);
         for (part, targets) in &self.lora_targets() {
             let Some(deltas) = by_part.remove(part) else {
                 continue;
@@ -216,21 +234,108 @@ impl StableDiffusion {
             }
         }
         // What is left is for the offloaded parts.
-        self.set_build_deltas(Some(BuildDeltas {
-            loras: want.clone(),
-            parts: by_part,
-        }));
-        state.set_active(want);
+        self.set_build_deltas(Some(BuildDeltas::keep(
+            want,
+            by_part,
+            self.lora_delta_limit,
+        )));
+        state.set_active(key);
         Ok(state)
+    }
+
+    /// The most bytes of LoRA deltas kept for offloaded parts between runs
+    /// ([`DEFAULT_LORA_DELTA_LIMIT`] unless set); takes effect at the next change of LoRAs.
+    pub fn set_lora_delta_limit(&mut self, bytes: usize) {
+        self.lora_delta_limit = bytes;
+    }
+
+    /// What the LoRA deltas of offloaded parts did since the model was loaded.
+    pub fn lora_delta_stats(&self) -> LoraDeltaStats {
+        let count = &self.lora_counters;
+        LoraDeltaStats {
+            sets_computed: count.sets_computed.load(Relaxed),
+            builds_from_kept: count.builds_from_kept.load(Relaxed),
+            builds_recomputed: count.builds_recomputed.load(Relaxed),
+            kept_bytes: self
+                .build_deltas
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map_or(0, BuildDeltas::bytes),
+        }
     }
 }
 
+/// What the deltas of offloaded parts are kept to at most, by default: 1 GiB. A set of LoRAs on
+/// every attention and feed-forward linear of SD 1.5 makes 509 MiB of UNet deltas and 162 MiB of
+/// text encoder deltas in f16 (the GPU's dtype; twice that in f32): all kept, in host memory,
+/// which model offload leaves to the weights' files; as many bytes as the copies the resident
+/// path keeps on the device to restore its weights. A set past it (LoCon's convolutions too)
+/// keeps the UNet's deltas only if they fit, and the other part's are computed at each build.
+pub const DEFAULT_LORA_DELTA_LIMIT: usize = 1 << 30;
+
+/// What the LoRA deltas of offloaded parts did (see [`StableDiffusion::lora_delta_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoraDeltaStats {
+    /// LoRA sets whose deltas were computed (once per change of a run's LoRAs).
+    pub sets_computed: usize,
+    /// Builds of an offloaded part that merged the deltas kept for it.
+    pub builds_from_kept: usize,
+    /// Builds of an offloaded part that computed its deltas again (past the limit).
+    pub builds_recomputed: usize,
+    /// Bytes of deltas kept now.
+    pub kept_bytes: usize,
+}
+
+#[derive(Default)]
+pub(super) struct LoraCounters {
+    sets_computed: AtomicUsize,
+    builds_from_kept: AtomicUsize,
+    builds_recomputed: AtomicUsize,
+}
+
 /// The deltas of the last run's LoRAs for the offloaded parts, merged into each as it is built
-/// for its stage; kept until a run asks for other LoRAs.
+/// for its stage; kept until a run asks for other LoRAs (one set at a time).
 pub(super) struct BuildDeltas {
     loras: Vec<(String, f64)>,
-    /// By part, then target index; a part the LoRAs do not change is absent.
-    parts: HashMap<Part, BTreeMap<usize, Tensor>>,
+    /// By part, then target index; a part the LoRAs do not change is absent; `None`: past the
+    /// limit, computed again at each build.
+    parts: HashMap<Part, Option<BTreeMap<usize, Tensor>>>,
+}
+
+impl BuildDeltas {
+    /// Keeps the parts' deltas while they fit in `limit` bytes, the UNet's first (the larger,
+    /// and the costlier to compute again).
+    fn keep(
+        loras: Vec<(String, f64)>,
+        mut by_part: HashMap<Part, BTreeMap<usize, Tensor>>,
+        limit: usize,
+    ) -> Self {
+        let mut left = limit;
+        let mut parts = HashMap::new();
+        for part in [Part::Unet, Part::TextEncoder] {
+            let Some(deltas) = by_part.remove(&part) else {
+                continue;
+            };
+            let bytes = bytes_of(deltas.values());
+            let kept = (bytes <= left).then(|| {
+                left -= bytes;
+                deltas
+            });
+            parts.insert(part, kept);
+        }
+        Self { loras, parts }
+    }
+
+    fn bytes(&self) -> usize {
+        bytes_of(self.parts.values().flatten().flat_map(|d| d.values()))
+    }
+}
+
+fn bytes_of<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> usize {
+    tensors
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
 }
 
 fn deltas_by_part(deltas: Deltas) -> HashMap<Part, BTreeMap<usize, Tensor>> {

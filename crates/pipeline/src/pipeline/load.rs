@@ -147,6 +147,8 @@ impl StableDiffusion {
             text_hidden_size,
             lora_state: std::sync::Mutex::new(LoraState::default()),
             build_deltas: Default::default(),
+            lora_delta_limit: super::DEFAULT_LORA_DELTA_LIMIT,
+            lora_counters: Default::default(),
             lora_shapes: Default::default(),
         };
         sd.configure_resident();

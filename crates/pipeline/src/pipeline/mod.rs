@@ -33,6 +33,7 @@ mod params;
 mod prepare;
 mod weight_files;
 
+pub use adapters::{LoraDeltaStats, DEFAULT_LORA_DELTA_LIMIT};
 pub(crate) use decode::postprocess;
 pub use encode_prompt::Conditioning;
 pub use images_in::{seed_of_image, InitImage, Mode};
@@ -78,6 +79,9 @@ pub struct StableDiffusion {
     lora_state: std::sync::Mutex<LoraState>,
     /// The LoRA deltas an offloaded text encoder or UNet takes when built for its stage.
     build_deltas: std::sync::RwLock<Option<adapters::BuildDeltas>>,
+    /// The most bytes `build_deltas` may hold.
+    lora_delta_limit: usize,
+    lora_counters: adapters::LoraCounters,
     /// LoRA targets (paths, dims) of offloaded parts, from their first build.
     lora_shapes: std::sync::Mutex<crate::lora::TargetShapes>,
 }
