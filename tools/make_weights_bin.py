@@ -13,8 +13,10 @@ hold only `.bin` weights; diffusers and transformers load them when no safetenso
         as transformers writes them (huggingface_hub.split_torch_state_dict_into_shards, then
         torch.save per shard: transformers 5 no longer writes .bin itself)
     model_index.json, scheduler/, tokenizer/ copied byte for byte
-  taesd/taesd-a-bin/  taesd-a (AutoencoderTiny) re-saved with safe_serialization=False: the plain
-    `.bin` and the `.fp16.bin` variant (save_pretrained(variant="fp16") of the fp16 model)
+  taesd/taesd-a-bin/  taesd-a (AutoencoderTiny) as `.bin`: the plain file as diffusers wrote it
+    before it sharded (up to 0.2x: torch.save of the module's whole `state_dict()`, an OrderedDict
+    carrying `_metadata`, as in older hub repos such as madebyollin/taesd), and the `.fp16.bin`
+    variant by today's save_pretrained(variant="fp16", safe_serialization=False) of the fp16 model
 
 The script checks that every tensor of each `.bin` equals the safetensors tensor it came from
 (bit for bit), and that diffusers and transformers themselves load these folders (default
@@ -110,7 +112,11 @@ def taesd_a_bin():
     if os.path.isdir(TAESD_OUT):
         shutil.rmtree(TAESD_OUT)
     model = AutoencoderTiny.from_pretrained(TAESD_SRC)
-    model.save_pretrained(TAESD_OUT, safe_serialization=False)
+    os.makedirs(TAESD_OUT)
+    model.save_config(TAESD_OUT)
+    state = model.state_dict()
+    assert hasattr(state, "_metadata"), "state_dict() without _metadata"
+    torch.save(state, os.path.join(TAESD_OUT, "diffusion_pytorch_model.bin"))
     half = AutoencoderTiny.from_pretrained(TAESD_SRC, variant="fp16", torch_dtype=torch.float16)
     half.save_pretrained(TAESD_OUT, safe_serialization=False, variant="fp16")
     assert sorted(os.listdir(TAESD_OUT)) == [
@@ -122,7 +128,9 @@ def taesd_a_bin():
         same_tensors(got, want, f"taesd-a{variant}")
     again = AutoencoderTiny.from_pretrained(TAESD_OUT, variant="fp16", torch_dtype=torch.float16)
     same_tensors(again.state_dict(), half.state_dict(), "taesd-a fp16 reloaded by diffusers")
-    print("taesd-a-bin: diffusion_pytorch_model.bin and .fp16.bin")
+    again = AutoencoderTiny.from_pretrained(TAESD_OUT)
+    same_tensors(again.state_dict(), model.state_dict(), "taesd-a reloaded by diffusers")
+    print("taesd-a-bin: diffusion_pytorch_model.bin (an OrderedDict with _metadata) and .fp16.bin")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,9 @@ fn same(a: &Tensor, b: &Tensor) -> bool {
     a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
+/// TAESD from `.bin`: the plain file is an older diffusers save (a whole `state_dict()`, whose
+/// pickle sets the `OrderedDict`'s `_metadata`), the `.fp16.bin` variant a current one; each
+/// decodes exactly as its safetensors twin.
 #[test]
 fn taesd_loads_from_bin_and_its_fp16_variant() {
     let taesd = fixture_path("taesd");

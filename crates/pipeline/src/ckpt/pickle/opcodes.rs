@@ -254,7 +254,9 @@ impl<'a> Unpickler<'a> {
                     let state = self.pop()?;
                     match (self.top()?, state) {
                         (_, Obj::None) => {}
-                        (Obj::Dict(_), Obj::Dict(s)) if s.borrow().is_empty() => {}
+                        // An `OrderedDict`'s instance attributes, e.g. the `_metadata` (module
+                        // versions) of every `state_dict()`: plain data, dropped.
+                        (Obj::Dict(_), Obj::Dict(_)) => {}
                         (Obj::Tensor(_), _) => {}
                         _ => return Err("BUILD with state on an unsupported object".into()),
                     }
