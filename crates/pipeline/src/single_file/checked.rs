@@ -26,9 +26,10 @@ pub struct CheckedWeights {
 enum WeightFile {
     /// Memory-mapped; tensors may live in the mapping or are copied out of it.
     Safetensors(crate::weights::SafetensorsFile),
-    /// A pickle cannot be mapped as tensors: each tensor is read from the file into a buffer
-    /// (its pages go to the page cache, not to this process) and converted, so a load holds
-    /// the weights plus about one tensor's bytes, never the whole file twice.
+    /// A pickle cannot be mapped as tensors: a contiguous f32 tensor kept as f32 on the CPU is
+    /// read straight into its own memory, any other through one tensor-sized buffer that is
+    /// dropped once converted (the file's pages go to the page cache, not to this process), so
+    /// a load holds the weights plus about one tensor, never the whole file twice.
     Pickle {
         checkpoint: Checkpoint,
         tensors: HashMap<String, TensorRef>,

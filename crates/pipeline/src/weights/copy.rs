@@ -135,7 +135,6 @@ pub(crate) fn read_f32_at(
     offset: u64,
     n: usize,
 ) -> std::io::Result<Vec<f32>> {
-    use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path)?;
     let mut v: Vec<f32> = Vec::with_capacity(n);
     let per_task = COPY_CHUNK / 4;
@@ -148,11 +147,36 @@ pub(crate) fn read_f32_at(
             let bytes = unsafe {
                 std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), dst.len() * 4)
             };
-            file.read_exact_at(bytes, offset + (ci * COPY_CHUNK) as u64)
+            read_exact_at(&file, path, bytes, offset + (ci * COPY_CHUNK) as u64)
         })?;
     // SAFETY: every chunk was read in full above (an error returned early).
     unsafe { v.set_len(n) };
     Ok(v)
+}
+
+/// Fills `buf` from `file` at `offset`, from several threads at once.
+#[cfg(unix)]
+fn read_exact_at(
+    file: &std::fs::File,
+    _path: &std::path::Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+/// Fills `buf` from `path` at `offset` through a handle of its own (no positioned reads here).
+#[cfg(not(unix))]
+fn read_exact_at(
+    _file: &std::fs::File,
+    path: &std::path::Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf)
 }
 
 /// Has the kernel back the whole pages of `buf` (fresh memory about to be written in full)
