@@ -20,6 +20,11 @@ pub struct Embedding {
     pub format: &'static str,
     /// `[vectors, hidden]`, f32 on the CPU.
     pub vectors: Tensor,
+    /// What an A1111 `.pt` says of its training (`step`, `sd_checkpoint`, `sd_checkpoint_name`);
+    /// `None` when it does not say (and for `.safetensors` files).
+    pub step: Option<i64>,
+    pub sd_checkpoint: Option<String>,
+    pub sd_checkpoint_name: Option<String>,
 }
 
 impl Embedding {
@@ -43,6 +48,7 @@ impl Embedding {
             message: m.to_owned(),
         };
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let mut training = (None, None, None);
         let (format, vectors) = if ext == "safetensors" {
             let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
             let t = tensors
@@ -74,6 +80,15 @@ impl Embedding {
             };
             let bytes = ckpt.read_tensor(t)?;
             let v = Tensor::from_raw_buffer(&bytes, dtype, &t.shape, &Device::Cpu)?;
+            let text = |key: &str| match ckpt.root().get(key) {
+                Some(crate::ckpt::Value::Str(s)) => Some(s.clone()),
+                _ => None,
+            };
+            let step = match ckpt.root().get("step") {
+                Some(crate::ckpt::Value::Int(n)) => Some(*n),
+                _ => None,
+            };
+            training = (step, text("sd_checkpoint"), text("sd_checkpoint_name"));
             ("a1111_pt", v)
         };
         let vectors = match vectors.rank() {
@@ -94,6 +109,9 @@ impl Embedding {
             file: path.to_path_buf(),
             format,
             vectors,
+            step: training.0,
+            sd_checkpoint: training.1,
+            sd_checkpoint_name: training.2,
         })
     }
 }
@@ -108,12 +126,35 @@ impl EmbeddingLibrary {
     /// Reads every `*.pt` and `*.safetensors` in `dir`; a file that is not an embedding fails
     /// the scan, naming it.
     pub fn scan(dir: &Path) -> Result<Self> {
-        let mut entries = BTreeMap::new();
-        for path in crate::weights::files_with_extension(dir, &["pt", "bin", "safetensors"])? {
-            let e = Embedding::read(&path?)?;
-            entries.insert(e.name.clone(), e);
+        let (library, failed) = Self::scan_each(dir)?;
+        match failed.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(library),
         }
-        Ok(Self { entries })
+    }
+
+    /// Reads every `*.pt` and `*.safetensors` in `dir`: the library of those that are
+    /// embeddings, and each other file with why it is not (a file being written, a broken
+    /// one). Only a folder that cannot be listed is an error.
+    pub fn scan_each(dir: &Path) -> Result<(Self, Vec<(PathBuf, PipelineError)>)> {
+        let mut entries = BTreeMap::new();
+        let mut failed = Vec::new();
+        for path in crate::weights::files_with_extension(dir, &["pt", "bin", "safetensors"])? {
+            let path = path?;
+            match Embedding::read(&path) {
+                Ok(e) => {
+                    entries.insert(e.name.clone(), e);
+                }
+                Err(e) => failed.push((path, e)),
+            }
+        }
+        failed.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((Self { entries }, failed))
+    }
+
+    /// Takes `name` out of the library (one that does not fit the model).
+    pub fn remove(&mut self, name: &str) -> Option<Embedding> {
+        self.entries.remove(name)
     }
 
     pub fn list(&self) -> impl Iterator<Item = &Embedding> {

@@ -2,7 +2,7 @@
 //! diffusers/PEFT key names, shapes checked), and the library of a folder.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{LayerKeys, LoraFormat, LoraInfo, Part};
 use crate::{PipelineError, Result};
@@ -19,7 +19,7 @@ impl LoraInfo {
             path: path.to_path_buf(),
             message: m,
         };
-        let shapes = header_shapes(path)?;
+        let (shapes, metadata) = header(path)?;
         let mut keys = Vec::new();
         let mut format = None;
         for key in shapes.keys() {
@@ -110,6 +110,7 @@ impl LoraInfo {
             targets,
             layers: keys.len(),
             conv_layers,
+            metadata,
             keys,
         })
     }
@@ -158,6 +159,15 @@ fn parse_down_key(key: &str) -> Option<(&str, LoraFormat)> {
 
 /// Tensor shapes from a safetensors file's JSON header, without reading tensor data.
 pub(super) fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    header(path).map(|(shapes, _)| shapes)
+}
+
+/// Tensor shapes by name.
+type Shapes = HashMap<String, Vec<usize>>;
+
+/// A safetensors file's JSON header: tensor shapes, and the string pairs of `__metadata__`
+/// (kohya's training notes: `ss_output_name`, `ss_tag_frequency`, ...).
+fn header(path: &Path) -> Result<(Shapes, BTreeMap<String, String>)> {
     use std::io::Read;
     let bad = |m: String| PipelineError::Weights {
         path: path.to_path_buf(),
@@ -179,17 +189,40 @@ pub(super) fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> 
     let json: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
     let mut shapes = HashMap::new();
+    let mut metadata = BTreeMap::new();
+    let mut data_end = 0u64;
     for (name, entry) in json {
         if name == "__metadata__" {
+            // The format allows only strings here; anything else is left out.
+            if let serde_json::Value::Object(pairs) = entry {
+                metadata.extend(
+                    pairs
+                        .into_iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_owned()))),
+                );
+            }
             continue;
         }
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(|s| serde_json::from_value(s.clone()).ok())
             .ok_or_else(|| bad(format!("{name} has no shape")))?;
+        let end = entry
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| bad(format!("{name} has no data_offsets")))?;
+        data_end = data_end.max(end);
         shapes.insert(name, shape);
     }
-    Ok(shapes)
+    // A file still being copied in has its whole header but not all of its tensors yet.
+    let held = file_len - 8 - n;
+    if data_end > held {
+        return Err(bad(format!(
+            "truncated: its header describes {data_end} bytes of tensors, the file holds {held} (still being written?)"
+        )));
+    }
+    Ok((shapes, metadata))
 }
 
 /// The LoRA files of a folder (`LORA_DIR`), by name (file stem).
@@ -202,12 +235,30 @@ impl LoraLibrary {
     /// Reads the header of every `*.safetensors` in `dir`. A file that is not a LoRA fails the
     /// scan, naming it.
     pub fn scan(dir: &Path) -> Result<Self> {
-        let mut entries = BTreeMap::new();
-        for path in crate::weights::files_with_extension(dir, &["safetensors"])? {
-            let info = LoraInfo::read(&path?)?;
-            entries.insert(info.name.clone(), info);
+        let (library, failed) = Self::scan_each(dir)?;
+        match failed.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(library),
         }
-        Ok(Self { entries })
+    }
+
+    /// Reads the header of every `*.safetensors` in `dir`: the library of those that are LoRAs,
+    /// and each other file with why it is not (a file being written, a broken one). Only a
+    /// folder that cannot be listed is an error.
+    pub fn scan_each(dir: &Path) -> Result<(Self, Vec<(PathBuf, PipelineError)>)> {
+        let mut entries = BTreeMap::new();
+        let mut failed = Vec::new();
+        for path in crate::weights::files_with_extension(dir, &["safetensors"])? {
+            let path = path?;
+            match LoraInfo::read(&path) {
+                Ok(info) => {
+                    entries.insert(info.name.clone(), info);
+                }
+                Err(e) => failed.push((path, e)),
+            }
+        }
+        failed.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((Self { entries }, failed))
     }
 
     pub fn list(&self) -> impl Iterator<Item = &LoraInfo> {

@@ -196,6 +196,9 @@ pub struct LoraInfo {
     pub layers: usize,
     /// Adapted convolutions (LoCon) among them.
     pub conv_layers: usize,
+    /// The header's `__metadata__` (kohya writes its training notes there, `ss_output_name`
+    /// among them).
+    pub metadata: std::collections::BTreeMap<String, String>,
     keys: Vec<LayerKeys>,
 }
 

@@ -69,6 +69,21 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// Why `set_embedding_library` would refuse embedding `e`, if it would: vectors of another
+    /// width than the text encoder's, or a name the vocabulary already has.
+    pub fn embedding_problem(&self, e: &crate::embeddings::Embedding) -> Option<String> {
+        if e.hidden_size() != self.text_hidden_size {
+            return Some(format!(
+                "vectors of {} values; this text encoder takes {}",
+                e.hidden_size(),
+                self.text_hidden_size
+            ));
+        }
+        self.base_tokenizer
+            .token_id(&e.name)
+            .map(|_| format!("{:?} is already a token of the vocabulary", e.name))
+    }
+
     pub fn embedding_library(&self) -> &EmbeddingLibrary {
         &self.embeddings
     }
