@@ -20,6 +20,8 @@ import threading
 import time
 import unittest
 
+import struct
+
 import openai
 import requests
 import webuiapi
@@ -28,6 +30,7 @@ from PIL import Image
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("SDSERVE_BIN", os.path.join(ROOT, "target", "debug", "sdserve"))
 MODEL = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "tiny-b")
+ADAPTERS = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "adapters")
 
 PROMPT = "a watercolor lighthouse at dawn"
 NEGATIVE = "blurry"
@@ -39,6 +42,11 @@ class Server:
 
     def __init__(self):
         self.cache = tempfile.mkdtemp(prefix="sdserve-clients-")
+        # Empty at start; a test drops files in while the server runs.
+        self.loras = os.path.join(self.cache, "loras")
+        self.embeddings = os.path.join(self.cache, "embeddings")
+        os.makedirs(self.loras)
+        os.makedirs(self.embeddings)
         env = {
             "PATH": os.environ.get("PATH", ""),
             "HOST": "127.0.0.1",
@@ -51,6 +59,8 @@ class Server:
             "RESPONSE_CACHE_MB": "0",
             # img2img, edits and png-info carry images in the body.
             "MAX_BODY_BYTES": str(16 << 20),
+            "LORA_DIR": self.loras,
+            "EMBEDDINGS_DIR": self.embeddings,
         }
         self.proc = subprocess.Popen(
             [BIN, "serve"], env=env, stdout=subprocess.PIPE, text=True
@@ -156,6 +166,69 @@ class A1111(Timed):
         self.assertIsInstance(self.api.get_loras(), list)
         self.assertEqual(self.api.get_scripts(), {"txt2img": [], "img2img": []})
         self.assertEqual(self.api.skip(), {})
+
+    def test_loras_and_embeddings_dropped_in_are_listed(self):
+        self.assertEqual(self.api.get_loras(), [])
+        self.assertEqual(self.api.get_embeddings(), {"loaded": {}, "skipped": {}})
+        lora = os.path.join(SERVER.loras, "ink_kohya.safetensors")
+        shutil.copy(os.path.join(ADAPTERS, "loras", "ink_kohya.safetensors"), lora)
+        # tinystyle's vectors are 32 wide (tiny-a's text encoder): not tiny-b's 48, so skipped.
+        shutil.copy(os.path.join(ADAPTERS, "embeddings", "tinystyle.pt"), SERVER.embeddings)
+        # One vector of tiny-b's width, written as a textual-inversion .safetensors.
+        header = json.dumps(
+            {"emb_params": {"dtype": "F32", "shape": [1, 48], "data_offsets": [0, 192]}}
+        ).encode()
+        with open(os.path.join(SERVER.embeddings, "wide48.safetensors"), "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header + struct.pack("<48f", *[0.01] * 48))
+        # Picked up without a refresh call (the idle worker looks every second).
+        deadline = time.time() + 30
+        while not self.api.get_loras() and time.time() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(
+            self.api.get_loras(),
+            [
+                {
+                    "name": "ink_kohya",
+                    "alias": "ink_kohya",
+                    "path": lora,
+                    "metadata": {
+                        "ss_network_module": "lycoris.kohya",
+                        "generated_by": "tools/make_adapter_fixtures.py",
+                    },
+                }
+            ],
+        )
+        self.assertEqual(
+            self.api.get_embeddings(),
+            {
+                "loaded": {
+                    "wide48": {"step": None, "sd_checkpoint": None,
+                               "sd_checkpoint_name": None, "shape": 48, "vectors": 1}
+                },
+                "skipped": {
+                    "tinystyle": {"step": 100, "sd_checkpoint": None,
+                                  "sd_checkpoint_name": None, "shape": 32, "vectors": 2}
+                },
+            },
+        )
+        # Removed, then A1111's refresh routes (webuiapi has no method for them).
+        os.remove(lora)
+        for name in os.listdir(SERVER.embeddings):
+            os.remove(os.path.join(SERVER.embeddings, name))
+        for route in ["refresh-loras", "refresh-embeddings"]:
+            r = self.api.session.post(f"{self.api.baseurl}/{route}")
+            self.assertEqual((r.status_code, r.json()), (200, None))
+        self.assertEqual(self.api.get_loras(), [])
+        self.assertEqual(self.api.get_embeddings(), {"loaded": {}, "skipped": {}})
+
+    def test_menus_of_what_this_server_has_not(self):
+        self.assertEqual(self.api.get_hypernetworks(), [])
+        self.assertEqual(self.api.get_face_restorers(), [])
+        self.assertEqual(self.api.get_realesrgan_models(), [])
+        memory = self.api.get_memory()
+        self.assertGreater(memory["ram"]["used"], 0)
+        self.assertGreater(memory["ram"]["total"], memory["ram"]["used"])
+        self.assertEqual(memory["cuda"], {"error": "unavailable"})
 
     def test_txt2img_samplers_seeds_and_iterations_equal_native(self):
         for sampler, scheduler, native_name, n_iter in [

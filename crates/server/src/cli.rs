@@ -138,11 +138,13 @@ pub struct ModelArgs {
     #[arg(long, env = "OFFLOAD", value_enum, default_value = "auto")]
     pub offload: OffloadArg,
     /// A folder of LoRA `.safetensors` files (kohya or PEFT) that requests name in `loras` or
-    /// `<lora:name:weight>` tags; listed by GET /loras.
+    /// `<lora:name:weight>` tags; listed by GET /loras. Files added, replaced or removed are
+    /// picked up without a restart (POST /adapters/refresh reads it at once).
     #[arg(long, env = "LORA_DIR")]
     pub lora_dir: Option<PathBuf>,
     /// A folder of textual-inversion embeddings (A1111 `.pt`, `.safetensors`): a file's name
-    /// used as a word in a prompt stands for its vectors; listed by GET /embeddings.
+    /// used as a word in a prompt stands for its vectors; listed by GET /embeddings. Picked up
+    /// without a restart, as LORA_DIR.
     #[arg(long, env = "EMBEDDINGS_DIR")]
     pub embeddings_dir: Option<PathBuf>,
     /// For a single-file checkpoint not shaped like SD 1.5: a folder with the diffusers
@@ -153,6 +155,13 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    pub fn adapter_dirs(&self) -> crate::adapters::AdapterDirs {
+        crate::adapters::AdapterDirs {
+            lora_dir: self.lora_dir.clone(),
+            embeddings_dir: self.embeddings_dir.clone(),
+        }
+    }
+
     /// The levers fixed by flags; the planner picks the rest from `VRAM_LIMIT_MB`.
     pub fn lever_overrides(&self) -> LeverOverrides {
         LeverOverrides {

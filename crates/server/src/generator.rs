@@ -31,6 +31,12 @@ pub trait Generator: Send {
         None
     }
 
+    /// Reads LORA_DIR and EMBEDDINGS_DIR again when they changed (or `force`): the new listing,
+    /// or `None` when nothing changed. Called between jobs, never during one.
+    fn refresh_adapters(&mut self, _force: bool) -> Option<crate::adapters::Adapters> {
+        None
+    }
+
     /// Feeds a finished job's result to the out-of-memory guard; the real pipeline may switch
     /// itself to a leaner memory plan.
     fn record_oom(

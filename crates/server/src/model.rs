@@ -38,6 +38,8 @@ pub fn real_loader(
 pub struct GpuGenerator {
     sd: StableDiffusion,
     setup: GpuSetup,
+    /// LORA_DIR and EMBEDDINGS_DIR, read again when they change.
+    adapters: crate::adapters::AdapterFolders,
 }
 
 impl Generator for GpuGenerator {
@@ -56,6 +58,10 @@ impl Generator for GpuGenerator {
 
     fn memory_plan(&self) -> Option<String> {
         Some(self.setup.plan.summary())
+    }
+
+    fn refresh_adapters(&mut self, force: bool) -> Option<crate::adapters::Adapters> {
+        self.adapters.refresh(&mut self.sd, force)
     }
 
     fn last_memory_usage(&self) -> Option<sdserve_pipeline::memory::MemoryUsage> {
@@ -125,11 +131,8 @@ pub fn load_real(
     for (component, seconds) in sd.load_seconds() {
         tracing::debug!(component, seconds, "component loaded");
     }
-    let adapters = crate::adapters::load_into(
-        &mut sd,
-        args.lora_dir.as_deref(),
-        args.embeddings_dir.as_deref(),
-    )?;
+    let mut folders = crate::adapters::AdapterFolders::new(args.adapter_dirs());
+    let adapters = folders.load(&mut sd)?;
     if !setup.device.is_cpu() {
         tracing::info!(
             seconds = t0.elapsed().as_secs_f64(),
@@ -145,7 +148,11 @@ pub fn load_real(
     };
     Ok(Loaded {
         speed_probe: load.speed_probe && setup.device.is_cpu(),
-        generator: Box::new(GpuGenerator { sd, setup }),
+        generator: Box::new(GpuGenerator {
+            sd,
+            setup,
+            adapters: folders,
+        }),
         info,
         taesd: None,
     })

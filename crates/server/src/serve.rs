@@ -175,6 +175,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         a1111: Default::default(),
         openai_files: Default::default(),
         security,
+        adapter_dirs: args.model.adapter_dirs(),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();

@@ -9,7 +9,7 @@ mod observe;
 #[cfg(test)]
 mod off_runtime_tests;
 pub mod openai;
-mod request;
+pub(crate) mod request;
 pub mod web;
 
 use std::sync::Arc;
@@ -53,6 +53,9 @@ pub struct AppState {
     pub openai_files: openai::Files,
     /// Keys, rate limits, CORS and the body deadline, applied around every route.
     pub security: Arc<crate::security::Security>,
+    /// LORA_DIR and EMBEDDINGS_DIR as this process sees them: a request looks at them before
+    /// it is checked and cached (`request::adapters_info`).
+    pub adapter_dirs: crate::adapters::AdapterDirs,
 }
 
 type Shared = Arc<AppState>;
@@ -311,6 +314,7 @@ pub struct HealthResponse {
         native::health,
         native::loras,
         native::embeddings,
+        native::refresh_adapters,
         native::metrics,
         native::openapi_json,
         native::docs,
@@ -356,6 +360,11 @@ fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Sh
         ("/health", &["get"], get(native::health)),
         ("/loras", &["get"], get(native::loras)),
         ("/embeddings", &["get"], get(native::embeddings)),
+        (
+            "/adapters/refresh",
+            &["post"],
+            post(native::refresh_adapters),
+        ),
         ("/metrics", &["get"], get(native::metrics)),
         ("/openapi.json", &["get"], get(native::openapi_json)),
         ("/docs", &["get"], get(native::docs)),

@@ -15,9 +15,10 @@ use crate::cache::{CachedBody, ResponseCache};
 use crate::engine::ModelState;
 use crate::error::{ApiError, ErrorBody};
 
-/// Every parameter that changes the images, the resolved scheduler and the model version;
-/// init image and mask by the sha256 of their pixels.
-fn cache_key(p: &GenerationParams, model_version: &str) -> String {
+/// Every parameter that changes the images, the resolved scheduler, the model version and the
+/// adapter folders' fingerprint (a LoRA or embedding replaced under the same name changes the
+/// image); init image and mask by the sha256 of their pixels.
+fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> String {
     let images = match &p.init_image {
         None => "txt2img".to_string(),
         Some(init) => format!(
@@ -30,7 +31,7 @@ fn cache_key(p: &GenerationParams, model_version: &str) -> String {
         ),
     };
     format!(
-        "{model_version}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
+        "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
         p.prompt,
         p.negative_prompt,
         p.steps,
@@ -180,7 +181,8 @@ pub(super) async fn run_watched(
             )),
             None => e,
         })?;
-    let seeded = req.seed.is_some();
+    let (info, cacheable) = super::request::adapters_info(app, info, &req).await;
+    let seeded = req.seed.is_some() && cacheable;
     let spec = job_spec(
         req,
         &info,
@@ -195,7 +197,11 @@ pub(super) async fn run_watched(
     };
     // Only seeded requests are deterministic, so only they are cached.
     let key = match (&app.cache, seeded) {
-        (Some(_), true) => Some(cache_key(&params, &info.model_version)),
+        (Some(_), true) => Some(cache_key(
+            &params,
+            &info.model_version,
+            &info.adapters.fingerprint,
+        )),
         _ => None,
     };
     if let (Some(cache), Some(key)) = (&app.cache, &key) {
@@ -305,7 +311,7 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
 }
 
 /// The LoRA files of `LORA_DIR` (empty when unset or while the model loads).
-#[utoipa::path(get, path = "/loras", responses((status = 200, description = "`{loras: [{name, file, format, rank, targets, layers, conv_layers, error}]}`; `error` says why a file does not fit the model")))]
+#[utoipa::path(get, path = "/loras", responses((status = 200, description = "`{loras: [{name, alias, file, format, rank, targets, layers, conv_layers, metadata, error}]}`; `error` says why a file cannot be used (does not fit the model, cannot be read)")))]
 pub(super) async fn loras(State(app): State<Shared>) -> Response {
     let loras = app
         .engine
@@ -315,8 +321,21 @@ pub(super) async fn loras(State(app): State<Shared>) -> Response {
     axum::Json(serde_json::json!({ "loras": loras })).into_response()
 }
 
+/// Reads LORA_DIR and EMBEDDINGS_DIR again now (A1111's `refresh-loras`); answers both lists.
+/// The worker reads them between jobs, so this waits for a running job. Changes are picked up
+/// without it too: within a second while idle, and before every job.
+#[utoipa::path(post, path = "/adapters/refresh", responses((status = 200, description = "`{loras: [...], embeddings: [...]}` as `GET /loras` and `GET /embeddings` list them"), (status = 503, description = "`model_unavailable`: the model is not loaded, or the worker did not get to it within GENERATION_TIMEOUT_SECONDS", body = ErrorBody)))]
+pub(super) async fn refresh_adapters(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let info = super::request::fresh_adapters(&app, true, app.engine.config().timeout).await?;
+    Ok(axum::Json(serde_json::json!({
+        "loras": info.adapters.loras,
+        "embeddings": info.adapters.embeddings,
+    }))
+    .into_response())
+}
+
 /// The textual-inversion embeddings of `EMBEDDINGS_DIR` (empty when unset or while loading).
-#[utoipa::path(get, path = "/embeddings", responses((status = 200, description = "`{embeddings: [{name, file, format, vectors}]}`")))]
+#[utoipa::path(get, path = "/embeddings", responses((status = 200, description = "`{embeddings: [{name, file, format, vectors, shape, step, sd_checkpoint, sd_checkpoint_name, error}]}`; `error` says why prompts cannot use one")))]
 pub(super) async fn embeddings(State(app): State<Shared>) -> Response {
     let embeddings = app
         .engine
@@ -371,7 +390,7 @@ mod tests {
             scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
             ..Default::default()
         };
-        let k = cache_key(&base, "m@1");
+        let k = cache_key(&base, "m@1", "f1");
         let pixel = |v: u8| sdserve_pipeline::pipeline::RgbImage {
             width: 1,
             height: 1,
@@ -461,9 +480,14 @@ mod tests {
             },
         ];
         for v in variants {
-            assert_ne!(cache_key(&v, "m@1"), k, "{v:?}");
+            assert_ne!(cache_key(&v, "m@1", "f1"), k, "{v:?}");
         }
-        assert_ne!(cache_key(&base, "m@2"), k);
-        assert_eq!(cache_key(&base.clone(), "m@1"), k);
+        assert_ne!(cache_key(&base, "m@2", "f1"), k);
+        assert_ne!(
+            cache_key(&base, "m@1", "f2"),
+            k,
+            "the adapter folders changed"
+        );
+        assert_eq!(cache_key(&base.clone(), "m@1", "f1"), k);
     }
 }

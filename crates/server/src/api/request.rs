@@ -107,6 +107,59 @@ pub(crate) async fn read_generate_body(
     off_the_runtime(move || validate::parse_generate(&body)).await
 }
 
+/// How long a request waits for the worker to look at LORA_DIR/EMBEDDINGS_DIR when they
+/// changed since its last read (it looks between jobs, so a running job can hold it up).
+pub const ADAPTERS_LOOK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The model's description to check and cache `req` with, and whether its answer may be
+/// cached. When the folders changed since the worker last read them (a file dropped in,
+/// replaced, removed), or `req` names a LoRA that read does not have, the worker looks first
+/// (within `ADAPTERS_LOOK_WAIT`), so that validation and the image agree with the files. A
+/// request checked against an older read than the folders' state now is not cached.
+pub(crate) async fn adapters_info(
+    app: &AppState,
+    info: ModelInfo,
+    req: &ValidRequest,
+) -> (ModelInfo, bool) {
+    let unknown = req
+        .loras
+        .iter()
+        .any(|(name, _)| !info.adapters.loras.iter().any(|l| &l.name == name));
+    if !adapters_stale(app, &info) && !unknown {
+        return (info, true);
+    }
+    let info = fresh_adapters(app, false, ADAPTERS_LOOK_WAIT)
+        .await
+        .unwrap_or(info);
+    let cacheable = !adapters_stale(app, &info);
+    (info, cacheable)
+}
+
+/// True when this process sees LORA_DIR/EMBEDDINGS_DIR other than `info`'s read of them.
+fn adapters_stale(app: &AppState, info: &ModelInfo) -> bool {
+    app.adapter_dirs
+        .fingerprint()
+        .is_some_and(|now| now != info.adapters.fingerprint)
+}
+
+/// The model's description once the worker(s) looked at the adapter folders (read them again,
+/// with `force`). Where no worker can be asked directly (an API replica, QUEUE_URL), it waits
+/// for the workers' announced read to match the folders as this process sees them, if it sees
+/// them (LORA_DIR set here too), within `within`.
+pub(crate) async fn fresh_adapters(
+    app: &AppState,
+    force: bool,
+    within: std::time::Duration,
+) -> Result<ModelInfo, ApiError> {
+    let until = tokio::time::Instant::now() + within;
+    let mut info = app.engine.rescan_adapters(force, within).await?;
+    while adapters_stale(app, &info) && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        info = app.engine.model_info()?;
+    }
+    Ok(info)
+}
+
 /// The job for a validated request: seed and scheduler resolved, `request` the request as run.
 pub(crate) fn job_spec(
     req: ValidRequest,

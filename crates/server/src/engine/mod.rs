@@ -101,6 +101,13 @@ impl EngineConfig {
     }
 }
 
+/// A read of LORA_DIR/EMBEDDINGS_DIR asked of the worker(s): done once `done` reaches
+/// `target`.
+pub struct RescanTicket {
+    pub target: u64,
+    pub done: tokio::sync::watch::Receiver<u64>,
+}
+
 /// Where jobs live and run. Every method answers at once; waiting is done on the event
 /// channel `subscribe` hands out.
 pub trait JobBackend: Send + Sync {
@@ -159,6 +166,12 @@ pub trait JobBackend: Send + Sync {
     }
     /// The replicas sharing the queue (QUEUE_URL), for /health; `None` for one process.
     fn cluster(&self) -> Option<ClusterHealth> {
+        None
+    }
+    /// Asks the worker(s) to look at LORA_DIR and EMBEDDINGS_DIR now (between jobs, never
+    /// during one), reading them again if they changed, or in any case with `force`; `None`
+    /// where no worker can be asked.
+    fn rescan_adapters(&self, _force: bool) -> Option<RescanTicket> {
         None
     }
     /// The response cache replicas share (QUEUE_URL): `Some(hit or miss)`, `None` when there
@@ -357,6 +370,28 @@ impl Engine {
         id: &str,
     ) -> Result<(JobView, broadcast::Receiver<JobEvent>), ApiError> {
         self.backend.subscribe(id)?.ok_or_else(|| not_found(id))
+    }
+
+    /// Has the worker(s) read LORA_DIR and EMBEDDINGS_DIR again now (after the running job, if
+    /// any) and answers the model's description as it then stands; 503 when that took longer
+    /// than `within`.
+    pub async fn rescan_adapters(
+        &self,
+        force: bool,
+        within: Duration,
+    ) -> Result<ModelInfo, ApiError> {
+        self.model_info()?;
+        if let Some(mut ticket) = self.backend.rescan_adapters(force) {
+            let target = ticket.target;
+            let waited = tokio::time::timeout(within, ticket.done.wait_for(|d| *d >= target)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                return Err(ApiError::ModelUnavailable(format!(
+                    "the LoRA and embedding folders were not read again within {} s (the worker reads them between jobs); they will be",
+                    within.as_secs()
+                )));
+            }
+        }
+        self.model_info()
     }
 
     /// Keeps `id`'s previews made while the watch lives (see `JobBackend::watch_previews`).

@@ -54,7 +54,17 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
     loop {
         let picked = {
             let mut jobs = inner.jobs();
+            // The adapter folders are looked at after every wake, so always right before a job.
+            let mut looked = false;
+            let mut quiet_since = Instant::now();
             loop {
+                if !looked {
+                    drop(jobs);
+                    refresh_adapters(inner, generator.as_mut());
+                    looked = true;
+                    jobs = inner.jobs();
+                    continue;
+                }
                 if let Some(id) = jobs.queue.pop_front() {
                     let speed = jobs.speed;
                     let Some(r) = jobs.records.get_mut(&id) else {
@@ -83,20 +93,29 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
                 if jobs.shutting_down {
                     break None;
                 }
-                if probe_tries == 0 {
-                    jobs = inner.wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
+                looked = false;
+                if inner.rescans_asked.load(Ordering::SeqCst) > *inner.rescans_done.borrow() {
                     continue;
                 }
-                // The probe runs only once the worker has been idle for a while.
-                let (j, idle) = inner
+                // Woken at least every POLL, to look at the adapter folders.
+                let (j, woke) = inner
                     .wake
-                    .wait_timeout(jobs, PROBE_IDLE)
+                    .wait_timeout(jobs, crate::adapters::POLL)
                     .unwrap_or_else(|e| e.into_inner());
                 jobs = j;
-                if idle.timed_out() && jobs.queue.is_empty() && !jobs.shutting_down {
+                if !woke.timed_out() {
+                    quiet_since = Instant::now();
+                }
+                // The probe runs only once the worker has been idle (no wake) for a while.
+                if probe_tries > 0
+                    && quiet_since.elapsed() >= PROBE_IDLE
+                    && jobs.queue.is_empty()
+                    && !jobs.shutting_down
+                {
                     drop(jobs);
                     probe_tries = run_speed_probe(inner, generator.as_mut(), probe_tries);
                     jobs = inner.jobs();
+                    quiet_since = Instant::now();
                 }
             }
         };
@@ -122,6 +141,31 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
         jobs.finish(&id, status, result);
     }
     tracing::info!("worker stopped");
+}
+
+/// Reads LORA_DIR/EMBEDDINGS_DIR again when they changed, or when a read was asked for
+/// (`rescans_asked`), and publishes the new listing; validation and both listings use it.
+fn refresh_adapters(inner: &Inner, generator: &mut dyn Generator) {
+    let asked = inner.rescans_asked.load(Ordering::SeqCst);
+    let force = inner.rescan_forced.swap(false, Ordering::SeqCst);
+    let refreshed =
+        std::panic::catch_unwind(AssertUnwindSafe(|| generator.refresh_adapters(force)));
+    match refreshed {
+        Ok(Some(adapters)) => {
+            if let ModelState::Ready(info) =
+                &mut *inner.state.write().unwrap_or_else(|e| e.into_inner())
+            {
+                info.adapters = adapters;
+            }
+        }
+        Ok(None) => {}
+        Err(_) => tracing::error!("reading the LoRA and embedding folders panicked"),
+    }
+    inner.rescans_done.send_if_modified(|done| {
+        let was = *done;
+        *done = was.max(asked);
+        *done != was
+    });
 }
 
 /// Times the model while no job waits (`speed`); a job that arrives stops it within a step.

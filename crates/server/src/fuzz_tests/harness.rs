@@ -147,6 +147,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
         a1111: Default::default(),
         openai_files: Default::default(),
         security: Arc::new(security),
+        adapter_dirs: Default::default(),
     })
 }
 

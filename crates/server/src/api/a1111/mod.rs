@@ -10,6 +10,7 @@
 //! the interrupt, as A1111 does.
 
 pub mod info;
+mod listings;
 mod samplers;
 pub mod schema;
 pub mod translate;
@@ -91,15 +92,33 @@ pub fn router(json_limit: usize) -> Router<Shared> {
                 .post(set_options)
                 .layer(DefaultBodyLimit::max(json_limit)),
         )
-        .route("/sdapi/v1/loras", get(loras))
+        .route("/sdapi/v1/loras", get(listings::loras))
+        .route("/sdapi/v1/refresh-loras", post(listings::refresh_loras))
+        .route("/sdapi/v1/embeddings", get(listings::embeddings))
+        .route(
+            "/sdapi/v1/refresh-embeddings",
+            post(listings::refresh_embeddings),
+        )
         .route("/sdapi/v1/png-info", post(png_info))
-        .route("/sdapi/v1/scripts", get(scripts))
-        .route("/sdapi/v1/upscalers", get(upscalers))
-        .route("/sdapi/v1/latent-upscale-modes", get(latent_upscale_modes))
-        .route("/sdapi/v1/sd-vae", get(sd_vae))
-        .route("/sdapi/v1/prompt-styles", get(prompt_styles))
-        .route("/sdapi/v1/embeddings", get(embeddings))
-        .route("/sdapi/v1/refresh-checkpoints", post(refresh_checkpoints))
+        .route("/sdapi/v1/memory", get(listings::memory))
+        .route("/sdapi/v1/hypernetworks", get(listings::hypernetworks))
+        .route("/sdapi/v1/face-restorers", get(listings::face_restorers))
+        .route(
+            "/sdapi/v1/realesrgan-models",
+            get(listings::realesrgan_models),
+        )
+        .route("/sdapi/v1/scripts", get(listings::scripts))
+        .route("/sdapi/v1/upscalers", get(listings::upscalers))
+        .route(
+            "/sdapi/v1/latent-upscale-modes",
+            get(listings::latent_upscale_modes),
+        )
+        .route("/sdapi/v1/sd-vae", get(listings::sd_vae))
+        .route("/sdapi/v1/prompt-styles", get(listings::prompt_styles))
+        .route(
+            "/sdapi/v1/refresh-checkpoints",
+            post(listings::refresh_checkpoints),
+        )
 }
 
 /// A1111's names for the loaded model: title, short hash.
@@ -483,57 +502,6 @@ async fn set_options(
     }
     *options = merged;
     Ok(Json(json!({})))
-}
-
-/// `[{name, alias, path, metadata}]`
-#[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, description = "The LoRAs")))]
-async fn loras() -> Json<Value> {
-    Json(json!([]))
-}
-
-/// `{txt2img: [], img2img: []}`
-#[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "a1111", responses((status = 200, description = "No scripts")))]
-async fn scripts() -> Json<Value> {
-    Json(json!({"txt2img": [], "img2img": []}))
-}
-
-/// `[{name: "None", ...}]`: hires fix is not available, so no upscaler is either (clients that
-/// fill a menu from it, such as SillyTavern, get A1111's "None").
-#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "Only `None`")))]
-async fn upscalers() -> Json<Value> {
-    Json(
-        json!([{"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4}]),
-    )
-}
-
-/// `[]`: no VAE to choose (answered so that clients filling menus from it carry on).
-#[utoipa::path(get, path = "/sdapi/v1/sd-vae", tag = "a1111", responses((status = 200, description = "`[]`")))]
-async fn sd_vae() -> Json<Value> {
-    Json(json!([]))
-}
-
-/// `[]`: no hires fix, so no latent upscale mode.
-#[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "a1111", responses((status = 200, description = "`[]`")))]
-async fn latent_upscale_modes() -> Json<Value> {
-    Json(json!([]))
-}
-
-/// `[]`: no saved styles.
-#[utoipa::path(get, path = "/sdapi/v1/prompt-styles", tag = "a1111", responses((status = 200, description = "`[]`")))]
-async fn prompt_styles() -> Json<Value> {
-    Json(json!([]))
-}
-
-/// `{loaded: {}, skipped: {}}`
-#[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", responses((status = 200, description = "No embeddings")))]
-async fn embeddings() -> Json<Value> {
-    Json(json!({"loaded": {}, "skipped": {}}))
-}
-
-/// `{}`: there is one model, loaded at start.
-#[utoipa::path(post, path = "/sdapi/v1/refresh-checkpoints", tag = "a1111", responses((status = 200, description = "`{}`")))]
-async fn refresh_checkpoints() -> Json<Value> {
-    Json(json!({}))
 }
 
 /// A1111's `png-info`: the `parameters` text of a PNG, the other text chunks, and the

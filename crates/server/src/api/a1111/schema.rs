@@ -103,8 +103,13 @@ pub struct A1111Progress {
     paths(
         super::txt2img, super::img2img, super::progress, super::interrupt, super::skip,
         super::samplers, super::schedulers, super::sd_models, super::get_options,
-        super::set_options, super::loras, super::png_info, super::scripts, super::upscalers,
-        super::sd_vae, super::latent_upscale_modes, super::prompt_styles, super::embeddings, super::refresh_checkpoints
+        super::set_options, super::png_info, super::listings::loras,
+        super::listings::refresh_loras, super::listings::embeddings,
+        super::listings::refresh_embeddings, super::listings::memory,
+        super::listings::hypernetworks, super::listings::face_restorers,
+        super::listings::realesrgan_models, super::listings::scripts, super::listings::upscalers,
+        super::listings::sd_vae, super::listings::latent_upscale_modes,
+        super::listings::prompt_styles, super::listings::refresh_checkpoints
     ),
     components(schemas(A1111Request, A1111Response, A1111Progress)),
     tags((name = "a1111", description = "AUTOMATIC1111's /sdapi/v1, translated into the native request"))

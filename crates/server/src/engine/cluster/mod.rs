@@ -374,6 +374,10 @@ fn note_unreachable(seen: &mut Seen, why: String) {
 }
 
 impl JobBackend for Cluster {
+    fn rescan_adapters(&self, force: bool) -> Option<super::RescanTicket> {
+        self.local.as_ref()?.rescan_adapters(force)
+    }
+
     fn model_state(&self) -> ModelState {
         if let Some(local) = &self.local {
             return local.model_state();

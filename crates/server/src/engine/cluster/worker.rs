@@ -27,6 +27,8 @@ use crate::error::ApiError;
 static STOPPING: AtomicBool = AtomicBool::new(false);
 /// How often a running job's stop request is looked for.
 const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// How often the heartbeat looks for a new read of the adapter folders.
+const ADAPTERS_LOOK: Duration = Duration::from_millis(100);
 /// How long an idle worker waits before looking at the queue again.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
@@ -111,10 +113,17 @@ impl Worker {
     }
 }
 
-/// Announces the worker every third of a lease; the key expires after a lease.
+/// Announces the worker every third of a lease (the key expires after a lease), and at once
+/// when its LoRA and embedding folders were read again, so that API replicas validate against
+/// them (and key the response cache on them) without waiting for the next beat.
 async fn heartbeat(w: Arc<Worker>) {
     let every = (w.sh.cluster.lease / 3).max(Duration::from_millis(100));
+    let adapters = |w: &Worker| match w.local.model_state() {
+        ModelState::Ready(i) => i.adapters.fingerprint,
+        _ => String::new(),
+    };
     loop {
+        let announced = adapters(&w);
         let k = &w.sh.keys;
         let json = serde_json::to_string(&w.beat()).unwrap_or_default();
         let mut conn = w.sh.conn.clone();
@@ -127,7 +136,10 @@ async fn heartbeat(w: Arc<Worker>) {
             .ignore()
             .query_async(&mut conn)
             .await;
-        tokio::time::sleep(every).await;
+        let next = tokio::time::Instant::now() + every;
+        while tokio::time::Instant::now() < next && adapters(&w) == announced {
+            tokio::time::sleep(ADAPTERS_LOOK.min(every)).await;
+        }
     }
 }
 

@@ -1,0 +1,161 @@
+//! The lists A1111 clients fill their menus from: LoRAs and embeddings (from `LORA_DIR` and
+//! `EMBEDDINGS_DIR`, read again by `refresh-loras` / `refresh-embeddings`), memory, and the
+//! menus of features this server does not have (answered empty, in A1111's shape, so that the
+//! clients carry on).
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use crate::api::Shared;
+use crate::error::ApiError;
+
+/// `[{name, alias, path, metadata}]`, A1111's `create_lora_json`: every `.safetensors` of
+/// LORA_DIR, as A1111 lists every file of its folder, also those that do not fit the model
+/// (a request naming one is a 422 saying why; `GET /loras` gives the reason as `error`).
+#[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, description = "`[{name, alias, path, metadata}]`: `name` is what `<lora:name:weight>` takes, `alias` the trainer's `ss_output_name` (else the name), `metadata` the file's safetensors metadata")))]
+pub(super) async fn loras(State(app): State<Shared>) -> Json<Value> {
+    let loras = app
+        .engine
+        .model_info()
+        .map(|i| i.adapters.loras)
+        .unwrap_or_default();
+    Json(Value::Array(loras.iter().map(lora_json).collect()))
+}
+
+fn lora_json(l: &crate::adapters::LoraListing) -> Value {
+    json!({
+        "name": l.name,
+        "alias": l.alias,
+        "path": l.file,
+        "metadata": l.metadata,
+    })
+}
+
+/// `{loaded: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}, skipped: {...}}`:
+/// `skipped` holds the embeddings whose vectors do not fit this text encoder (as A1111 sorts
+/// them); files that cannot be read are left out, as A1111 leaves them out.
+#[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", responses((status = 200, description = "`{loaded, skipped}`, each by name: `{step, sd_checkpoint, sd_checkpoint_name, shape, vectors}`")))]
+pub(super) async fn embeddings(State(app): State<Shared>) -> Json<Value> {
+    let embeddings = app
+        .engine
+        .model_info()
+        .map(|i| i.adapters.embeddings)
+        .unwrap_or_default();
+    let (mut loaded, mut skipped) = (Map::new(), Map::new());
+    for e in embeddings.iter().filter(|e| e.vectors > 0) {
+        let entry = json!({
+            "step": e.step,
+            "sd_checkpoint": e.sd_checkpoint,
+            "sd_checkpoint_name": e.sd_checkpoint_name,
+            "shape": e.shape,
+            "vectors": e.vectors,
+        });
+        match e.error {
+            None => loaded.insert(e.name.clone(), entry),
+            Some(_) => skipped.insert(e.name.clone(), entry),
+        };
+    }
+    Json(json!({"loaded": loaded, "skipped": skipped}))
+}
+
+/// Reads LORA_DIR again now (the worker does it between jobs, so this waits for a running
+/// job); answers `null`, as A1111 does. Changes are also picked up without it, within a
+/// second while idle and before every job.
+#[utoipa::path(post, path = "/sdapi/v1/refresh-loras", tag = "a1111", responses((status = 200, description = "`null`, once the folder has been read again"), (status = 503, description = "`model_unavailable`: the model is not loaded, or the worker did not get to it in time", body = crate::error::ErrorBody)))]
+pub(super) async fn refresh_loras(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
+    crate::api::request::fresh_adapters(&app, true, app.engine.config().timeout).await?;
+    Ok(Json(Value::Null))
+}
+
+/// Reads EMBEDDINGS_DIR again now, as `refresh-loras` does; answers `null`, as A1111 does.
+#[utoipa::path(post, path = "/sdapi/v1/refresh-embeddings", tag = "a1111", responses((status = 200, description = "`null`, once the folder has been read again"), (status = 503, description = "`model_unavailable`", body = crate::error::ErrorBody)))]
+pub(super) async fn refresh_embeddings(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
+    crate::api::request::fresh_adapters(&app, true, app.engine.config().timeout).await?;
+    Ok(Json(Value::Null))
+}
+
+/// `{ram: {free, used, total}, cuda: {system: {free, used, total}} | {error}}` in bytes, as
+/// A1111 answers (`used` is this process's resident memory, `free` the machine's total less
+/// it). Of A1111's `cuda` it gives `system` (the device's memory); without a GPU `cuda` is
+/// `{error: "unavailable"}`, as A1111's.
+#[utoipa::path(get, path = "/sdapi/v1/memory", tag = "a1111", responses((status = 200, description = "`{ram, cuda}`")))]
+pub(super) async fn memory(State(app): State<Shared>) -> Json<Value> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    let ram = match (crate::config::rss_mb(), total) {
+        (Some(rss_mb), Some(total_kb)) => {
+            let (used, total) = (rss_mb << 20, total_kb << 10);
+            json!({"free": total.saturating_sub(used), "used": used, "total": total})
+        }
+        _ => json!({"error": "memory figures unavailable on this system"}),
+    };
+    let cuda = match sdserve_pipeline::device::gpu_info(&app.candle_device) {
+        Some(g) => json!({"system": {
+            "free": g.memory_free_bytes,
+            "used": g.memory_used_bytes(),
+            "total": g.memory_total_bytes,
+        }}),
+        None => json!({"error": "unavailable"}),
+    };
+    Json(json!({"ram": ram, "cuda": cuda}))
+}
+
+/// `[]`: no hypernetworks (A1111's `[{name, path}]`).
+#[utoipa::path(get, path = "/sdapi/v1/hypernetworks", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn hypernetworks() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `[]`: no face restoration (A1111's `[{name, cmd_dir}]`).
+#[utoipa::path(get, path = "/sdapi/v1/face-restorers", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn face_restorers() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `[]`: no Real-ESRGAN upscaler (A1111's `[{name, path, scale}]`).
+#[utoipa::path(get, path = "/sdapi/v1/realesrgan-models", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn realesrgan_models() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `{txt2img: [], img2img: []}`
+#[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "a1111", responses((status = 200, description = "No scripts")))]
+pub(super) async fn scripts() -> Json<Value> {
+    Json(json!({"txt2img": [], "img2img": []}))
+}
+
+/// `[{name: "None", ...}]`: hires fix is not available, so no upscaler is either (clients that
+/// fill a menu from it, such as SillyTavern, get A1111's "None").
+#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "Only `None`")))]
+pub(super) async fn upscalers() -> Json<Value> {
+    Json(
+        json!([{"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4}]),
+    )
+}
+
+/// `[]`: no VAE to choose (answered so that clients filling menus from it carry on).
+#[utoipa::path(get, path = "/sdapi/v1/sd-vae", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn sd_vae() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `[]`: no hires fix, so no latent upscale mode.
+#[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn latent_upscale_modes() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `[]`: no saved styles.
+#[utoipa::path(get, path = "/sdapi/v1/prompt-styles", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn prompt_styles() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `{}`: there is one model, loaded at start.
+#[utoipa::path(post, path = "/sdapi/v1/refresh-checkpoints", tag = "a1111", responses((status = 200, description = "`{}`")))]
+pub(super) async fn refresh_checkpoints() -> Json<Value> {
+    Json(json!({}))
+}

@@ -1,0 +1,336 @@
+//! LORA_DIR and EMBEDDINGS_DIR changing while the real binary serves the tiny model: files
+//! written, replaced and removed in a temp folder are listed (native and A1111 shapes), usable
+//! and refused at once, without a restart, and the response cache never answers with an image
+//! of a file that is gone. Then the same through a Redis cluster (an API replica validating
+//! against its worker's announced folders).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{decode_png, Resp, Server};
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
+}
+
+fn fixture_bytes(rel: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join("adapters").join(rel)).unwrap()
+}
+
+/// A temp folder with `loras/` and `embeddings/`, removed at the end.
+struct Folders(PathBuf);
+
+impl Folders {
+    fn new(tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("sdserve-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for sub in ["loras", "embeddings"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        Self(root)
+    }
+    fn loras(&self) -> PathBuf {
+        self.0.join("loras")
+    }
+    fn embeddings(&self) -> PathBuf {
+        self.0.join("embeddings")
+    }
+}
+
+impl Drop for Folders {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The same safetensors file with `pairs` as its `__metadata__`.
+fn with_metadata(file: &[u8], pairs: Value) -> Vec<u8> {
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&file[8..8 + n]).unwrap();
+    header.insert("__metadata__".into(), pairs);
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&file[8 + n..]);
+    out
+}
+
+fn env(model: &Path, f: &Folders) -> Vec<(String, String)> {
+    [
+        ("MODEL_ID", model.to_string_lossy().into_owned()),
+        ("LORA_DIR", f.loras().to_string_lossy().into_owned()),
+        (
+            "EMBEDDINGS_DIR",
+            f.embeddings().to_string_lossy().into_owned(),
+        ),
+        ("GENERATION_TIMEOUT_SECONDS", "120".into()),
+        ("JOB_TIMEOUT_SECONDS", "120".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn request(prompt: &str) -> Value {
+    json!({"prompt": prompt, "steps": 3, "width": 256, "height": 256, "seed": 5,
+           "scheduler": "euler"})
+}
+
+/// The image's pixels and the `x-cache` header, after checking it is a 256x256 image.
+fn image(r: &Resp) -> (Vec<u8>, String) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (w, h, px, _) = decode_png(r.json()["image_base64"].as_str().unwrap());
+    assert_eq!((w, h), (256, 256));
+    (px, r.header("x-cache").unwrap_or("").to_string())
+}
+
+fn post(s: &Server, path: &str, body: &Value) -> Resp {
+    s.request(
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn loras_and_embeddings_follow_their_folders_without_a_restart() {
+    let f = Folders::new("adapters-http");
+    // The response cache stays on: a replaced file must not answer from it.
+    let s = Server::start(&env(&fixtures().join("tiny-a-vae8"), &f));
+    s.wait_ready(Duration::from_secs(300));
+    assert_eq!(s.get("/loras").json(), json!({"loras": []}));
+    assert_eq!(s.get("/sdapi/v1/loras").json(), json!([]));
+    assert_eq!(
+        s.get("/sdapi/v1/embeddings").json(),
+        json!({"loaded": {}, "skipped": {}})
+    );
+    let (base, _) = image(&s.post_json(&request("a red house")));
+
+    // Added while the server runs, used at once (no wait, no refresh call).
+    std::fs::write(
+        f.loras().join("soft_peft.safetensors"),
+        fixture_bytes("loras/soft_peft.safetensors"),
+    )
+    .unwrap();
+    let (soft, _) = image(&s.post_json(&request("a red house <lora:soft_peft:1>")));
+    assert!(soft != base, "the new LoRA changes the image");
+    let ink_file = f.loras().join("ink_kohya.safetensors");
+    let ink = with_metadata(
+        &fixture_bytes("loras/ink_kohya.safetensors"),
+        json!({"ss_output_name": "Ink Style", "ss_tag_frequency": "{\"img\": {\"ink\": 3}}",
+               "ss_network_dim": "4"}),
+    );
+    std::fs::write(&ink_file, &ink).unwrap();
+    let tagged = request("a red house <lora:ink_kohya:1>");
+    let (inked, cache) = image(&s.post_json(&tagged));
+    assert_eq!(cache, "miss");
+    assert!(inked != base && inked != soft);
+    // Asked again: the cache answers, with the same image.
+    let (again, cache) = image(&s.post_json(&tagged));
+    assert_eq!((again == inked, cache.as_str()), (true, "hit"));
+
+    // Both dialects list them; A1111's shape is exactly {name, alias, path, metadata}.
+    assert_eq!(
+        names(&s.get("/loras").json()["loras"]),
+        ["ink_kohya", "soft_peft"]
+    );
+    let a1111 = s.get("/sdapi/v1/loras").json();
+    assert_eq!(names(&a1111), ["ink_kohya", "soft_peft"], "{a1111}");
+    let entry = a1111[0].as_object().unwrap();
+    let mut keys: Vec<&str> = entry.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["alias", "metadata", "name", "path"]);
+    assert_eq!(entry["alias"], "Ink Style");
+    assert_eq!(entry["path"], ink_file.to_string_lossy().as_ref());
+    // Metadata as A1111 reads it: strings, `{...}` values parsed.
+    assert_eq!(
+        entry["metadata"],
+        json!({"ss_output_name": "Ink Style", "ss_tag_frequency": {"img": {"ink": 3}},
+               "ss_network_dim": "4"})
+    );
+    assert_eq!(a1111[1]["alias"], "soft_peft");
+    assert_eq!(a1111[1]["metadata"], json!({"format": "pt"}));
+
+    // Replaced under the same name (the last run merged the old file): the new file's image,
+    // not the merged old deltas, not the cached old answer.
+    std::fs::write(&ink_file, fixture_bytes("loras/soft_peft.safetensors")).unwrap();
+    let (replaced, cache) = image(&s.post_json(&tagged));
+    assert_eq!(cache, "miss", "the folder changed: not the cached answer");
+    assert!(
+        replaced == soft,
+        "ink_kohya now holds soft_peft's weights, so it gives soft_peft's image"
+    );
+
+    // Removed: refused at once, naming it.
+    std::fs::remove_file(&ink_file).unwrap();
+    let r = s.post_json(&tagged);
+    assert_eq!(r.broken_fields(), ["loras"], "{}", r.text());
+    let details = r.json()["details"].as_str().unwrap().to_owned();
+    assert!(
+        details.contains("\"ink_kohya\"") && details.contains("soft_peft"),
+        "{details}"
+    );
+    assert_eq!(names(&s.get("/sdapi/v1/loras").json()), ["soft_peft"]);
+
+    // A file still being copied in: listed with its error, refused naming why, and the server
+    // goes on (a job through /jobs sees the same).
+    let whole = fixture_bytes("loras/ink_kohya.safetensors");
+    std::fs::write(
+        f.loras().join("partial.safetensors"),
+        &whole[..whole.len() / 2],
+    )
+    .unwrap();
+    let r = post(&s, "/jobs", &request("a house <lora:partial:1>"));
+    assert_eq!(r.broken_fields(), ["loras"], "{}", r.text());
+    assert!(r.text().contains("truncated"), "{}", r.text());
+    let listed = s.get("/loras").json();
+    let partial = &listed["loras"][0];
+    assert_eq!(partial["name"], "partial", "{listed}");
+    assert!(
+        partial["error"].as_str().unwrap().contains("truncated"),
+        "{partial}"
+    );
+    assert_eq!(
+        names(&s.get("/sdapi/v1/loras").json()),
+        ["partial", "soft_peft"]
+    );
+    let (plain, _) = image(&s.post_json(&request("a red house")));
+    assert!(plain == base, "the base weights are untouched");
+
+    // Embeddings: one that fits, one that does not (A1111's `skipped`), one unreadable (left
+    // out of A1111's answer, listed natively with its error); refresh-embeddings reads at once.
+    std::fs::write(
+        f.embeddings().join("tinystyle.pt"),
+        fixture_bytes("embeddings/tinystyle.pt"),
+    )
+    .unwrap();
+    // One vector of 48 values: tiny-b's width, not this text encoder's 32.
+    let wide_header = br#"{"emb_params":{"dtype":"F32","shape":[1,48],"data_offsets":[0,192]}}"#;
+    let mut wide = (wide_header.len() as u64).to_le_bytes().to_vec();
+    wide.extend_from_slice(wide_header);
+    wide.extend(std::iter::repeat_n(0u8, 192));
+    std::fs::write(f.embeddings().join("wide.safetensors"), wide).unwrap();
+    std::fs::write(f.embeddings().join("broken.pt"), b"not a pickle").unwrap();
+    let r = post(&s, "/sdapi/v1/refresh-embeddings", &json!({}));
+    assert_eq!((r.status, r.json()), (200, Value::Null), "{}", r.text());
+    let a1111 = s.get("/sdapi/v1/embeddings").json();
+    assert_eq!(
+        a1111,
+        json!({"loaded": {"tinystyle": {"step": 100, "sd_checkpoint": null,
+                                          "sd_checkpoint_name": null, "shape": 32, "vectors": 2}},
+               "skipped": {"wide": {"step": null, "sd_checkpoint": null,
+                                     "sd_checkpoint_name": null, "shape": 48, "vectors": 1}}}),
+        "{a1111}"
+    );
+    let native = s.get("/embeddings").json();
+    assert_eq!(
+        names(&native["embeddings"]),
+        ["broken", "tinystyle", "wide"]
+    );
+    assert!(native["embeddings"][0]["error"].is_string(), "{native}");
+    assert!(native["embeddings"][1]["error"].is_null(), "{native}");
+    assert!(
+        native["embeddings"][2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("48"),
+        "{native}"
+    );
+    let (styled, _) = image(&s.post_json(&request("a red house, tinystyle")));
+    let (unstyled, _) = image(&s.post_json(&request("a red house, tinyxstyle")));
+    assert!(
+        styled != unstyled,
+        "the embedding's word stands for its vectors"
+    );
+
+    // The native refresh answers both lists; A1111's refresh-loras answers null.
+    let r = post(&s, "/adapters/refresh", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(names(&r.json()["loras"]), ["partial", "soft_peft"]);
+    assert_eq!(
+        names(&r.json()["embeddings"]),
+        ["broken", "tinystyle", "wide"]
+    );
+    let r = post(&s, "/sdapi/v1/refresh-loras", &json!({}));
+    assert_eq!((r.status, r.json()), (200, Value::Null));
+    assert_eq!(s.get("/health").status, 200);
+}
+
+/// Waits until `check` holds (polling), at most `within`.
+fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !check() {
+        assert!(t.elapsed() < within, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_api_replica_follows_its_workers_folders() {
+    let Some(redis) = common::cluster::Redis::start("an_api_replica_follows_its_workers_folders")
+    else {
+        return;
+    };
+    let f = Folders::new("adapters-cluster");
+    let cluster = |role: &str| {
+        let mut e = env(&fixtures().join("tiny-a-vae8"), &f);
+        e.extend(
+            [
+                ("QUEUE_URL", redis.url()),
+                ("ROLE", role.to_string()),
+                ("JOB_LEASE_SECONDS", "2".to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        e
+    };
+    let worker = Server::start(&cluster("worker"));
+    let api = Server::start(&cluster("api"));
+    api.wait_ready(Duration::from_secs(300));
+    let (base, _) = image(&api.post_json(&request("a red house")));
+
+    // Dropped in: the API replica accepts it at once (it waits for the worker's new read).
+    std::fs::write(
+        f.loras().join("ink_kohya.safetensors"),
+        fixture_bytes("loras/ink_kohya.safetensors"),
+    )
+    .unwrap();
+    let tagged = request("a red house <lora:ink_kohya:1>");
+    let (inked, cache) = image(&api.post_json(&tagged));
+    assert_eq!(cache, "miss");
+    assert!(inked != base);
+    assert_eq!(names(&api.get("/sdapi/v1/loras").json()), ["ink_kohya"]);
+
+    // Replaced: the new file's image, not the shared cache's old answer.
+    std::fs::write(
+        f.loras().join("ink_kohya.safetensors"),
+        fixture_bytes("loras/soft_peft.safetensors"),
+    )
+    .unwrap();
+    let (replaced, cache) = image(&api.post_json(&tagged));
+    assert_eq!(cache, "miss");
+    assert!(replaced != inked && replaced != base);
+
+    // Removed: refused by the API replica, naming it.
+    std::fs::remove_file(f.loras().join("ink_kohya.safetensors")).unwrap();
+    let r = api.post_json(&tagged);
+    assert_eq!(r.broken_fields(), ["loras"], "{}", r.text());
+    assert!(r.text().contains("ink_kohya"), "{}", r.text());
+    eventually(Duration::from_secs(5), "the listing follows", || {
+        names(&api.get("/loras").json()["loras"]).is_empty()
+    });
+    drop(worker);
+}
