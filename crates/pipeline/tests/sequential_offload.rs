@@ -280,3 +280,61 @@ fn sequential_offload_with_sliced_attention_and_tiled_vae() {
     );
     assert_eq!(seq.unet_stream_stats().unwrap().forwards, params.steps);
 }
+
+/// A request whose memory plan needs another offload mode switches the loaded model (a large
+/// batch to sequential offload, the next request back). The UNet's files are read for the first
+/// switch to sequential offload only: every later UNet, in any mode, is built from those
+/// weights in host memory. The images stay the same in every mode, and LoRAs merged into the
+/// host weights are written back before a switch (the next UNet starts from the base weights).
+#[test]
+fn offload_switches_read_the_unet_files_once() {
+    use sdserve_pipeline::lora::LoraLibrary;
+    use sdserve_pipeline::pipeline::LoraWeight;
+    let name = "tiny-a";
+    let params = params(name);
+    let with_lora = GenerationParams {
+        loras: vec![LoraWeight {
+            name: "soft_peft".into(),
+            weight: 0.8,
+        }],
+        ..params.clone()
+    };
+    let mut model = load_with(name, Offload::None);
+    model
+        .set_lora_library(LoraLibrary::scan(&fixtures().join("adapters/loras")).unwrap())
+        .unwrap();
+    let want = generate_one(&model, &params).pixels;
+    let want_lora = generate_one(&model, &with_lora).pixels;
+    assert_ne!(want_lora, want);
+    let unet_reads = |m: &StableDiffusion| {
+        let builds = m.component_builds();
+        builds.iter().find(|(n, _)| *n == "unet").unwrap().1
+    };
+    assert_eq!(unet_reads(&model), 1, "loaded");
+    model.set_offload(Offload::Sequential).unwrap();
+    assert_eq!(
+        unet_reads(&model),
+        2,
+        "the first switch to sequential reads the files"
+    );
+    let modes = [
+        Offload::Sequential,
+        Offload::None,
+        Offload::Sequential,
+        Offload::Model,
+        Offload::Sequential,
+        Offload::Model,
+        Offload::None,
+    ];
+    for pair in modes.windows(2) {
+        // LoRAs merged in the first mode (into the host weights under sequential offload).
+        assert_eq!(
+            generate_one(&model, &with_lora).pixels,
+            want_lora,
+            "{pair:?}"
+        );
+        model.set_offload(pair[1]).unwrap();
+        assert_eq!(generate_one(&model, &params).pixels, want, "{pair:?}");
+    }
+    assert_eq!(unet_reads(&model), 2, "no switch read the files again");
+}

@@ -256,13 +256,6 @@ impl LoraState {
         Ok(())
     }
 
-    /// Forgets the merged LoRAs without writing anything back: for when the modules were rebuilt
-    /// from their files (already the base weights), so the next request merges again.
-    pub(crate) fn forget(&mut self) {
-        self.originals.clear();
-        self.active.clear();
-    }
-
     /// Merges `deltas` of `part` into the resident `targets`, keeping the originals. Call
     /// [`LoraState::restore`] when it fails.
     pub(crate) fn merge(

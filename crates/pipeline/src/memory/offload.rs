@@ -10,16 +10,28 @@
 //! Sequential offload uses the same type: the UNet component is resident on the CPU (its
 //! weights read into host memory once, in the compute dtype) and the module it holds streams
 //! its parts to the device itself (`unet::UNet2DConditionModel::streamed`).
+//!
+//! A component can also be built from tensors already in host memory ([`HostTensors`]: the
+//! UNet's, once sequential offload read them) instead of its files: when a request's memory plan
+//! switches the offload mode, the UNet is built from that copy (uploaded on a GPU), not read
+//! from disk and converted again, and the copy is kept for the switches that follow. The text
+//! encoder and the VAE keep no such copy: offloaded, they are built from their files at every
+//! stage anyway, so a switch reads them as one run would.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::{PipelineError, Result};
 
 type Builder<T> = Arc<dyn Fn(VarBuilder) -> Result<T> + Send + Sync>;
+
+/// A component's weights in host memory, by their file names, in its dtype, checked when they
+/// were read from the files.
+pub type HostTensors = Arc<HashMap<String, Tensor>>;
 
 pub struct Component<T> {
     name: String,
@@ -31,6 +43,8 @@ pub struct Component<T> {
     built_in: Option<std::time::Duration>,
     /// Times the module was built from the weight files.
     builds: std::sync::atomic::AtomicUsize,
+    /// Where builds take the weights from instead of the files, when set.
+    host: Option<HostTensors>,
 }
 
 /// A component ready on the device: borrowed when resident, owned (and dropped after the
@@ -60,6 +74,18 @@ impl<T> Component<T> {
         build: impl Fn(VarBuilder) -> Result<T> + Send + Sync + 'static,
         resident_on: Option<&Device>,
     ) -> Result<Self> {
+        Self::with_host(name, files, None, dtype, build, resident_on)
+    }
+
+    /// As [`Component::new`], built from `host` (in `dtype`) when given, else from `files`.
+    pub fn with_host(
+        name: impl Into<String>,
+        files: Vec<PathBuf>,
+        host: Option<HostTensors>,
+        dtype: DType,
+        build: impl Fn(VarBuilder) -> Result<T> + Send + Sync + 'static,
+        resident_on: Option<&Device>,
+    ) -> Result<Self> {
         let mut c = Self {
             name: name.into(),
             files,
@@ -68,10 +94,11 @@ impl<T> Component<T> {
             resident: None,
             built_in: None,
             builds: Default::default(),
+            host,
         };
         if let Some(device) = resident_on {
             let t0 = std::time::Instant::now();
-            c.resident = Some(c.build_on(device)?);
+            c.resident = Some(c.build_on(device, true)?);
             c.built_in = Some(t0.elapsed());
         }
         Ok(c)
@@ -106,6 +133,17 @@ impl<T> Component<T> {
         self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Counts `n` builds made before (by the component this one replaces).
+    pub fn count_earlier_builds(&self, n: usize) {
+        self.builds
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The host tensors builds take instead of the files, when set.
+    pub fn host(&self) -> Option<&HostTensors> {
+        self.host.as_ref()
+    }
+
     /// The resident module, without building anything; `None` when offloaded.
     pub fn resident(&self) -> Option<&T> {
         self.resident.as_ref()
@@ -121,14 +159,27 @@ impl<T> Component<T> {
             resident: None,
             built_in: None,
             builds: Default::default(),
+            host: None,
         }
     }
 
-    fn build_on(&self, device: &Device) -> Result<T> {
+    /// Builds the module on `device`. `kept`: it stays (resident); else it is built for one use,
+    /// and on the CPU then copies what it takes from the host tensors, which it must not share:
+    /// a module built for one use may change its weights in place (merged LoRAs) and keeps no
+    /// originals.
+    fn build_on(&self, device: &Device, kept: bool) -> Result<T> {
         let weights_error = |message: String| PipelineError::Weights {
             path: self.files.first().cloned().unwrap_or_default(),
             message,
         };
+        if let Some(host) = &self.host {
+            let copy = device.is_cpu() && !kept;
+            let vb = crate::unet::host_var_builder(host.clone(), self.dtype, device, copy);
+            return (self.build)(vb).map_err(|e| match e {
+                PipelineError::Candle(e) => weights_error(e.to_string()),
+                other => other,
+            });
+        }
         if self.files.is_empty() {
             return Err(weights_error(format!(
                 "{}: no weight files to build from",
@@ -149,7 +200,7 @@ impl<T> Component<T> {
     pub fn get(&self, device: &Device) -> Result<Held<'_, T>> {
         match &self.resident {
             Some(t) => Ok(Held::Resident(t)),
-            None => Ok(Held::Loaded(self.build_on(device)?)),
+            None => Ok(Held::Loaded(self.build_on(device, false)?)),
         }
     }
 
@@ -163,7 +214,7 @@ impl<T> Component<T> {
     pub fn set_residence(&mut self, device: Option<&Device>) -> Result<()> {
         self.resident = None; // free the old copy first
         if let Some(d) = device {
-            self.resident = Some(self.build_on(d)?);
+            self.resident = Some(self.build_on(d, true)?);
         }
         Ok(())
     }

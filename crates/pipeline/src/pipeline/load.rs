@@ -11,7 +11,7 @@ use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::embeddings::EmbeddingLibrary;
 use crate::error::read_json;
 use crate::lora::{LoraLibrary, LoraState};
-use crate::memory::offload::Component;
+use crate::memory::offload::{Component, HostTensors};
 use crate::memory::{MemoryPlan, Offload};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
@@ -77,6 +77,7 @@ impl StableDiffusion {
             &unet_config,
             plan.offload,
             device,
+            None,
         )?;
 
         let vae_config: VaeConfig = read_json(&dir.join("vae/config.json"))?;
@@ -173,29 +174,34 @@ impl StableDiffusion {
 
 /// The UNet component for an offload mode: built on `device` and kept (`None`), built there for
 /// each run (`Model`), or kept in host memory, read once in `dtype`, with its parts built on
-/// `device` one at a time during each forward pass (`Sequential`).
+/// `device` one at a time during each forward pass (`Sequential`). `host`: the weights already
+/// in host memory (read for sequential offload before), which every build then takes instead of
+/// the files.
 pub(super) fn unet_component(
     files: Vec<PathBuf>,
     dtype: DType,
     config: &UNetConfig,
     offload: Offload,
     device: &Device,
+    host: Option<HostTensors>,
 ) -> Result<Component<UNet2DConditionModel>> {
     let config = config.clone();
     match offload {
         Offload::Sequential => {
             let compute = device.clone();
-            Component::new(
+            Component::with_host(
                 "unet",
                 files,
+                host,
                 dtype,
                 move |host| UNet2DConditionModel::streamed(host, &config, &compute),
                 Some(&Device::Cpu),
             )
         }
-        Offload::None | Offload::Model => Component::new(
+        Offload::None | Offload::Model => Component::with_host(
             "unet",
             files,
+            host,
             dtype,
             move |vb| UNet2DConditionModel::new(vb, &config),
             (offload == Offload::None).then_some(device),

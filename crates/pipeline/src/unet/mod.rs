@@ -23,6 +23,7 @@ use blocks::{
 };
 use config::{BlockKind, Resolved};
 pub use config::{PerBlock, UNetConfig};
+pub(crate) use streaming::host_var_builder;
 pub use streaming::StreamStats;
 use streaming::{HostWeights, PartOnDevice};
 
@@ -411,6 +412,14 @@ impl UNet2DConditionModel {
     /// True when built by [`UNet2DConditionModel::streamed`].
     pub fn is_streamed(&self) -> bool {
         matches!(self.weights, UNetWeights::Streamed(_))
+    }
+
+    /// The weights in host memory when streamed (shared, not copied); `None` when resident.
+    pub(crate) fn host_tensors(&self) -> Option<crate::memory::offload::HostTensors> {
+        match &self.weights {
+            UNetWeights::Streamed(h) => Some(h.tensors()),
+            UNetWeights::Resident(_) => None,
+        }
     }
 
     /// Bytes of weights held in host memory when streamed; `None` when resident.

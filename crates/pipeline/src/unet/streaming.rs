@@ -119,11 +119,13 @@ impl std::fmt::Debug for HostWeights {
 impl HostWeights {
     /// A `VarBuilder` that copies the host tensors it is asked for to `device`.
     pub(crate) fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(
-            Box::new(HostTensors(self.tensors.clone())),
-            dtype,
-            device.clone(),
-        )
+        host_var_builder(self.tensors.clone(), dtype, device, false)
+    }
+
+    /// The host tensors, shared (what a later build of the whole UNet can take instead of the
+    /// files).
+    pub(crate) fn tensors(&self) -> crate::memory::offload::HostTensors {
+        self.tensors.clone()
     }
 
     /// The host tensors a LoRA may change (merged in place: every part built afterwards reads
@@ -228,8 +230,37 @@ impl SimpleBackend for Recorder<'_> {
     }
 }
 
+/// A `VarBuilder` over tensors in host memory: each tensor asked for is put on `device` (on
+/// the CPU: the same storage, shared) and converted to `dtype` (a no-op when it already is).
+/// `copy`: on the CPU, a copy of each instead of the shared storage.
+pub(crate) fn host_var_builder(
+    tensors: Arc<HashMap<String, Tensor>>,
+    dtype: DType,
+    device: &Device,
+    copy: bool,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(HostTensors { tensors, copy }),
+        dtype,
+        device.clone(),
+    )
+}
+
 /// Host tensors shared by every part build (no per-build copy of the map).
-struct HostTensors(Arc<HashMap<String, Tensor>>);
+struct HostTensors {
+    tensors: Arc<HashMap<String, Tensor>>,
+    copy: bool,
+}
+
+impl HostTensors {
+    fn own(&self, t: Tensor) -> candle_core::Result<Tensor> {
+        if self.copy && t.device().is_cpu() {
+            t.copy()
+        } else {
+            Ok(t)
+        }
+    }
+}
 
 impl SimpleBackend for HostTensors {
     fn get(
@@ -241,15 +272,23 @@ impl SimpleBackend for HostTensors {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         // candle's map backend: shape check, `to_device(dev)`, `to_dtype(dtype)` (same dtype).
-        <HashMap<String, Tensor> as SimpleBackend>::get(&self.0, s, name, h, dtype, dev)
+        let t =
+            <HashMap<String, Tensor> as SimpleBackend>::get(&self.tensors, s, name, h, dtype, dev)?;
+        self.own(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        <HashMap<String, Tensor> as SimpleBackend>::get_unchecked(&self.0, name, dtype, dev)
+        let t = <HashMap<String, Tensor> as SimpleBackend>::get_unchecked(
+            &self.tensors,
+            name,
+            dtype,
+            dev,
+        )?;
+        self.own(t)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_key(name)
+        self.tensors.contains_key(name)
     }
 }
 
