@@ -2,7 +2,8 @@
 //!
 //! `MODEL_DIR=/path/to/sd15 cargo bench -p sdserve-pipeline --bench stages -- [--sizes 256,512]
 //! [--repeats 3] [--steps 20] [--full-sizes 256] [--image-sizes 512] [--json out.json]
-//! [--lora-dir DIR --lora NAME --lora-sizes 512 --lora-steps 20] [--offload model|sequential]`
+//! [--lora-dir DIR --lora NAME --lora-sizes 512 --lora-steps 20] [--offload model|sequential]
+//! [--switches N [--dtype f16]]`
 //!
 //! Stages: text encode (prompt + empty negative), one UNet step with guidance (batch 2), VAE decode
 //! (and a TAESD preview of the same latents when `TAESD_DIR` names an `AutoencoderTiny` folder),
@@ -15,7 +16,8 @@
 //! switched to that offload mode before any stage) and `--lora`, also what the LoRA adds to the
 //! builds of an offloaded text encoder and UNet: a prompt encode plus one UNet pass on an 8x8
 //! latent (so nearly all is the builds) with a new LoRA set, again with the same set, and without
-//! LoRA. Each figure is the median of `--repeats`
+//! LoRA. `--switches N` times only N offload switches to sequential offload and back (the model
+//! loaded in `--dtype`, f32 by default), then stops. Each figure is the median of `--repeats`
 //! runs with min and max, and the median CPU time of the process (all threads); peak RSS is read
 //! from `/proc/self/status` (VmHWM), reset before each stage through `/proc/self/clear_refs`.
 
@@ -56,6 +58,10 @@ struct Args {
     lora_steps: Option<usize>,
     /// Offload mode switched to after loading (`--offload model|sequential`).
     offload: Option<Offload>,
+    /// Time this many switches to sequential offload and back, then stop (`--switches N`).
+    switches: usize,
+    /// The dtype the model is loaded in (`--dtype f16|f32`; only with `--switches`).
+    dtype: DType,
 }
 
 fn parse_list(s: &str) -> Vec<usize> {
@@ -80,6 +86,8 @@ fn parse_args() -> Args {
         lora_sizes: vec![512],
         lora_steps: None,
         offload: None,
+        switches: 0,
+        dtype: DType::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -112,6 +120,16 @@ fn parse_args() -> Args {
                     "none" => Offload::None,
                     other => panic!("--offload {other}: expected model, sequential or none"),
                 })
+            }
+            "--switches" => {
+                args.switches = it.next().expect("--switches N").parse().expect("a number")
+            }
+            "--dtype" => {
+                args.dtype = match it.next().expect("--dtype f16|f32").as_str() {
+                    "f16" => DType::F16,
+                    "f32" => DType::F32,
+                    other => panic!("--dtype {other}: expected f16 or f32"),
+                }
             }
             "--kernels" => args.kernels = true,
             "--kernels-only" => {
@@ -332,8 +350,13 @@ fn main() {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
 
     let start = Instant::now();
-    let mut model = StableDiffusion::load(std::path::Path::new(&dir), &device, DType::F32)
-        .expect("model loads");
+    let dtype = if args.switches > 0 {
+        args.dtype
+    } else {
+        DType::F32
+    };
+    let mut model =
+        StableDiffusion::load(std::path::Path::new(&dir), &device, dtype).expect("model loads");
     let load_s = start.elapsed().as_secs_f64();
     let weights_rss_mb = status_kb("VmRSS:").unwrap_or(0) as f64 / 1024.0;
     // Read before the first stage resets the high-water mark: the load's own peak.
@@ -343,6 +366,10 @@ fn main() {
     );
     if let Some(offload) = args.offload {
         model.set_offload(offload).expect("offload");
+    }
+    if args.switches > 0 {
+        offload_switches(&mut model, args.switches);
+        return;
     }
 
     let prompt = "a photograph of an astronaut riding a horse";
@@ -496,4 +523,35 @@ fn main() {
     if let Some(path) = args.json {
         std::fs::write(path, &json).expect("write json");
     }
+}
+
+/// What a request's switch of the offload mode costs: `n` times to sequential offload and back
+/// to the mode the model is in, each timed alone (and the UNet's reads of its files counted).
+fn offload_switches(model: &mut StableDiffusion, n: usize) {
+    let home = model.memory_plan().offload;
+    let unet_reads = |m: &StableDiffusion| {
+        m.component_builds()
+            .iter()
+            .find(|(name, _)| *name == "unet")
+            .map_or(0, |b| b.1)
+    };
+    let reads = unet_reads(model);
+    let (mut there, mut back) = (Vec::new(), Vec::new());
+    reset_peak_rss();
+    for _ in 0..n {
+        there.push(time_once(&mut || {
+            model
+                .set_offload(Offload::Sequential)
+                .expect("to sequential")
+        }));
+        back.push(time_once(&mut || model.set_offload(home).expect("back")));
+    }
+    let peak = status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    stat_of("switch_to_sequential", there, peak);
+    stat_of(&format!("switch_back_to_{home:?}"), back, peak);
+    eprintln!(
+        "    UNet files read {} times in {n} round trips; RSS now {:.0} MB",
+        unet_reads(model) - reads,
+        status_kb("VmRSS:").unwrap_or(0) as f64 / 1024.0
+    );
 }
