@@ -86,9 +86,21 @@ pub struct Adapters {
 }
 
 impl Adapters {
+    /// The LoRA a request's `name` means: the file of that name, else (as A1111 resolves
+    /// `<lora:...>` tags) the one file whose alias it is.
+    pub fn lora(&self, name: &str) -> Option<&LoraListing> {
+        self.loras.iter().find(|l| l.name == name).or_else(|| {
+            let mut by_alias = self.loras.iter().filter(|l| l.alias == name);
+            match (by_alias.next(), by_alias.next()) {
+                (Some(one), None) => Some(one),
+                _ => None,
+            }
+        })
+    }
+
     /// The reason a request may not use LoRA `name`, if any.
     pub fn lora_problem(&self, name: &str) -> Option<String> {
-        match self.loras.iter().find(|l| l.name == name) {
+        match self.lora(name) {
             None if self.loras.is_empty() => Some(format!(
                 "unknown LoRA {name:?}: no LoRA files are loaded (set LORA_DIR)"
             )),
@@ -411,6 +423,42 @@ mod tests {
         assert_eq!(j["ss_output_name"], "ink");
         assert_eq!(j["ss_tag_frequency"]["img"]["cat"], 3);
         assert_eq!(j["note"], "{not json");
+    }
+
+    fn listing(name: &str, alias: &str) -> LoraListing {
+        LoraListing {
+            name: name.into(),
+            alias: alias.into(),
+            file: format!("{name}.safetensors"),
+            format: "kohya".into(),
+            rank: 4,
+            targets: vec!["unet".into()],
+            layers: 1,
+            conv_layers: 0,
+            metadata: Default::default(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_lora_is_found_by_name_or_by_its_one_alias() {
+        let a = Adapters {
+            loras: vec![
+                listing("ink_v2", "Ink Style"),
+                listing("Ink Style", "other"),
+                listing("soft", "twin"),
+                listing("soft2", "twin"),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(a.lora("ink_v2").unwrap().name, "ink_v2");
+        // A file name wins over an alias.
+        assert_eq!(a.lora("Ink Style").unwrap().name, "Ink Style");
+        assert_eq!(a.lora("other").unwrap().name, "Ink Style");
+        // An alias two files share names neither.
+        assert!(a.lora("twin").is_none());
+        assert!(a.lora_problem("twin").unwrap().contains("unknown LoRA"));
+        assert!(a.lora_problem("other").is_none());
     }
 
     #[test]

@@ -141,6 +141,9 @@ fn loras_and_embeddings_follow_their_folders_without_a_restart() {
     // Asked again: the cache answers, with the same image.
     let (again, cache) = image(&s.post_json(&tagged));
     assert_eq!((again == inked, cache.as_str()), (true, "hit"));
+    // By its alias, as A1111 tags may name it: the same LoRA.
+    let (by_alias, _) = image(&s.post_json(&request("a red house <lora:Ink Style:1>")));
+    assert!(by_alias == inked, "the alias names the same file");
 
     // Both dialects list them; A1111's shape is exactly {name, alias, path, metadata}.
     assert_eq!(

@@ -124,7 +124,7 @@ pub(crate) async fn adapters_info(
     let unknown = req
         .loras
         .iter()
-        .any(|(name, _)| !info.adapters.loras.iter().any(|l| &l.name == name));
+        .any(|(name, _)| info.adapters.lora(name).is_none());
     if !adapters_stale(app, &info) && !unknown {
         return (info, true);
     }
@@ -168,6 +168,13 @@ pub(crate) fn job_spec(
     timeout_setting: crate::error::DeadlineSetting,
 ) -> Result<JobSpec, ApiError> {
     validate::check_loras(&req, &info.adapters)?;
+    // A tag may name a LoRA by its alias (A1111): the job runs the file's name.
+    let mut req = req;
+    for (name, _) in &mut req.loras {
+        if let Some(l) = info.adapters.lora(name) {
+            name.clone_from(&l.name);
+        }
+    }
     validate::check_for_model(&req, info.inpainting)?;
     let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
     let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
