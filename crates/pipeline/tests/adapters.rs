@@ -276,6 +276,35 @@ fn offloaded_loras_keep_their_deltas_between_runs() {
     assert_eq!(after.kept_bytes, 0);
 }
 
+/// In f16 each summed delta is rounded to f16 once and every path merges that: resident, model
+/// offload (kept deltas) and sequential offload (host weights) give the same image, bit for bit.
+#[test]
+fn half_precision_loras_give_the_same_images_offloaded() {
+    use sdserve_pipeline::memory::Offload;
+    let r = reference();
+    let mut model = StableDiffusion::load(&fixtures().join("tiny-a"), &Device::Cpu, DType::F16)
+        .expect("model loads");
+    model
+        .set_lora_library(LoraLibrary::scan(&fixtures().join("adapters/loras")).unwrap())
+        .unwrap();
+    let loras = GenerationParams {
+        steps: 2,
+        ..request(&r, &[("ink_kohya", 0.8), ("soft_peft", 0.6)])
+    };
+    let run = |m: &StableDiffusion| {
+        m.generate(&loras, &mut |_| ControlFlow::Continue(()))
+            .unwrap()
+            .remove(0)
+            .pixels
+    };
+    let resident = run(&model);
+    for offload in [Offload::Model, Offload::Sequential] {
+        model.set_offload(offload).unwrap();
+        assert_eq!(run(&model), resident, "{offload:?}");
+        assert_eq!(run(&model), resident, "{offload:?}, again");
+    }
+}
+
 #[test]
 fn kohya_text_encoder_names_resolve_like_peft() {
     // te_kohya holds soft_peft's text-encoder layers under kohya's names.
