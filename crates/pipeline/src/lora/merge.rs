@@ -194,14 +194,15 @@ fn overflow(loras: &[(String, f64)], part: Part, path: &str, dtype: DType) -> Pi
 /// module built for one stage and dropped after it). A merged weight beyond its dtype's range
 /// is refused, and the weights changed so far are left to the caller (restored from
 /// `originals`, or dropped with the module).
-pub(crate) fn merge_deltas<'d>(
+pub(crate) fn merge_deltas(
     loras: &[(String, f64)],
     part: Part,
-    deltas: impl IntoIterator<Item = (usize, &'d Tensor)>,
+    deltas: impl IntoIterator<Item = (usize, impl std::borrow::Borrow<Tensor>)>,
     targets: &[(String, Target<'_>)],
     mut originals: Option<&mut Vec<(Tensor, Tensor)>>,
 ) -> Result<()> {
     for (index, delta) in deltas {
+        let delta = delta.borrow();
         let target = &targets[index].1;
         let weight = target.storage()?;
         let limit = dtype_limit(weight.dtype());
@@ -256,22 +257,17 @@ impl LoraState {
         Ok(())
     }
 
-    /// Merges `deltas` of `part` into the resident `targets`, keeping the originals. Call
+    /// Merges `deltas` of `part` into the resident `targets`, keeping the originals (each delta
+    /// is dropped once merged: the copies of the originals take its place in memory). Call
     /// [`LoraState::restore`] when it fails.
     pub(crate) fn merge(
         &mut self,
         loras: &[(String, f64)],
         part: Part,
-        deltas: &BTreeMap<usize, Tensor>,
+        deltas: BTreeMap<usize, Tensor>,
         targets: &[(String, Target<'_>)],
     ) -> Result<()> {
-        merge_deltas(
-            loras,
-            part,
-            deltas.iter().map(|(i, d)| (*i, d)),
-            targets,
-            Some(&mut self.originals),
-        )
+        merge_deltas(loras, part, deltas, targets, Some(&mut self.originals))
     }
 
     /// Notes `key` as the set now merged.

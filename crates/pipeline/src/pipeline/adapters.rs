@@ -186,7 +186,7 @@ impl StableDiffusion {
                 count.builds_recomputed.fetch_add(1, Relaxed);
                 let shapes = TargetShapes::from([(part, shapes_of(&targets))]);
                 let deltas = compute_deltas(&self.loras, loras, &shapes, self.dtype)?;
-                let deltas = deltas.iter().map(|((_, i), d)| (*i, d));
+                let deltas = deltas.into_iter().map(|((_, i), d)| (i, d));
                 merge_deltas(loras, part, deltas, &targets, None)
             }
         }
@@ -243,7 +243,7 @@ impl StableDiffusion {
             let Some(deltas) = by_part.remove(part) else {
                 continue;
             };
-            if let Err(e) = state.merge(&want, *part, &deltas, targets) {
+            if let Err(e) = state.merge(&want, *part, deltas, targets) {
                 state.restore()?;
                 return Err(e);
             }
