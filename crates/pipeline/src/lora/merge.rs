@@ -99,7 +99,8 @@ pub(crate) type Deltas = BTreeMap<(Part, usize), Tensor>;
 ///
 /// Each sum is rounded to `dtype` once (a no-op for f32 weights): every path then merges the
 /// same rounded values (offloaded builds keep them between runs at the weights' size, not twice
-/// it), and the merge adds them in f32.
+/// it), and the merge adds them in f32. A set of one LoRA rounds each delta as it is made, so
+/// the set is never whole in f32.
 pub(crate) fn compute_deltas(
     library: &LoraLibrary,
     loras: &[(String, f64)],
@@ -107,6 +108,10 @@ pub(crate) fn compute_deltas(
     dtype: DType,
 ) -> Result<Deltas> {
     let mut deltas = Deltas::new();
+    let round_now = loras.len() == 1 && dtype != DType::F32;
+    let mut summed = std::collections::HashSet::new();
+    let overflow_at =
+        |part: Part, index: usize| overflow(loras, part, &targets[&part][index].0, dtype);
     for (name, weight) in loras {
         let info = library
             .get(name)
@@ -154,22 +159,38 @@ pub(crate) fn compute_deltas(
                 ));
             }
             let sum = match deltas.remove(&(part, index)) {
-                Some(d) => (d + delta)?,
+                Some(d) => {
+                    summed.insert((part, index));
+                    (d.to_dtype(DType::F32)? + delta)?
+                }
+                // A set of one LoRA rounds each delta now: the set is never all in f32 at once.
+                None if round_now => checked_in(dtype, delta, || overflow_at(part, index))?,
                 None => delta,
             };
             deltas.insert((part, index), sum);
         }
     }
-    let limit = dtype_limit(dtype);
-    for ((part, index), delta) in deltas.iter_mut() {
-        // Several LoRAs' sum can pass what the weights' dtype holds (65504 in f16).
-        let max = delta.abs()?.max_all()?.to_scalar::<f32>()?;
-        if max.is_nan() || max > limit {
-            return Err(overflow(loras, *part, &targets[part][*index].0, dtype));
+    for (&(part, index), delta) in deltas.iter_mut() {
+        // One f32 delta is finite, checked above: all f32 holds.
+        if summed.contains(&(part, index)) || (dtype != DType::F32 && !round_now) {
+            // Several LoRAs' sum can pass what the weights' dtype holds (65504 in f16).
+            *delta = checked_in(dtype, delta.clone(), || overflow_at(part, index))?;
         }
-        *delta = delta.to_dtype(dtype)?;
     }
     Ok(deltas)
+}
+
+/// `delta` (f32) in `dtype`, or `overflow()` when a value is beyond what `dtype` holds.
+fn checked_in(
+    dtype: DType,
+    delta: Tensor,
+    overflow: impl FnOnce() -> PipelineError,
+) -> Result<Tensor> {
+    let max = delta.abs()?.max_all()?.to_scalar::<f32>()?;
+    if max.is_nan() || max > dtype_limit(dtype) {
+        return Err(overflow());
+    }
+    Ok(delta.to_dtype(dtype)?)
 }
 
 /// The largest magnitude a weight of `dtype` holds.
