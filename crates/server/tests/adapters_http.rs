@@ -59,6 +59,25 @@ fn with_metadata(file: &[u8], pairs: Value) -> Vec<u8> {
     out
 }
 
+/// Writes `bytes` (the same length as the file's) over `path` and puts its modification time
+/// back: a change that names, sizes and times do not show, which only a forced read sees.
+fn replace_unseen(path: &Path, bytes: &[u8]) {
+    let old = std::fs::metadata(path).unwrap();
+    assert_eq!(old.len(), bytes.len() as u64);
+    std::fs::write(path, bytes).unwrap();
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(old.modified().unwrap()).unwrap();
+}
+
+/// ink_kohya with the alias `alias` (4 characters, so that every such file has one length).
+fn ink_as(alias: &str) -> Vec<u8> {
+    assert_eq!(alias.len(), 4);
+    with_metadata(
+        &fixture_bytes("loras/ink_kohya.safetensors"),
+        json!({ "ss_output_name": alias }),
+    )
+}
+
 fn env(model: &Path, f: &Folders) -> Vec<(String, String)> {
     [
         ("MODEL_ID", model.to_string_lossy().into_owned()),
@@ -269,6 +288,27 @@ fn loras_and_embeddings_follow_their_folders_without_a_restart() {
     );
     let r = post(&s, "/sdapi/v1/refresh-loras", &json!({}));
     assert_eq!((r.status, r.json()), (200, Value::Null));
+
+    // A change names, sizes and times do not show is seen by a forced read only.
+    let same = f.loras().join("same.safetensors");
+    std::fs::write(&same, ink_as("AAAA")).unwrap();
+    let aliases = || {
+        let list = s.get("/sdapi/v1/loras").json();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["alias"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(10), "same.safetensors listed", || {
+        aliases().contains(&"AAAA".to_string())
+    });
+    replace_unseen(&same, &ink_as("BBBB"));
+    std::thread::sleep(Duration::from_millis(1500)); // the idle worker looked, and saw nothing
+    assert!(aliases().contains(&"AAAA".to_string()));
+    let r = post(&s, "/adapters/refresh", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(aliases().contains(&"BBBB".to_string()), "{:?}", aliases());
     assert_eq!(s.get("/health").status, 200);
 }
 
@@ -335,5 +375,20 @@ fn an_api_replica_follows_its_workers_folders() {
     eventually(Duration::from_secs(5), "the listing follows", || {
         names(&api.get("/loras").json()["loras"]).is_empty()
     });
+
+    // A change only a forced read sees: A1111's refresh-loras on the API replica has the
+    // worker read its folder (asked through Redis) and answers once it has.
+    let same = f.loras().join("same.safetensors");
+    std::fs::write(&same, ink_as("AAAA")).unwrap();
+    let alias = || api.get("/sdapi/v1/loras").json()[0]["alias"].clone();
+    eventually(Duration::from_secs(10), "same.safetensors listed", || {
+        alias() == "AAAA"
+    });
+    replace_unseen(&same, &ink_as("BBBB"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(alias(), "AAAA", "names, sizes and times are unchanged");
+    let r = post(&api, "/sdapi/v1/refresh-loras", &json!({}));
+    assert_eq!((r.status, r.json()), (200, Value::Null), "{}", r.text());
+    assert_eq!(alias(), "BBBB");
     drop(worker);
 }

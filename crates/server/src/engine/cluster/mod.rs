@@ -128,6 +128,9 @@ pub(super) struct Shared {
     unparsable: Mutex<HashSet<String>>,
     /// The in-process run this process's worker gave up on as stuck, and when; until it returns.
     pub stuck_run: Mutex<Option<(String, std::time::Instant)>>,
+    /// The forced adapter reads every ready worker has made (`Heartbeat::adapters_rescan`;
+    /// `u64::MAX` while none is ready: nobody to wait for).
+    rescans_done: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -207,6 +210,7 @@ impl Cluster {
             unparsable: Mutex::new(HashSet::new()),
             preview_watchers: Mutex::new(HashMap::new()),
             stuck_run: Mutex::new(None),
+            rescans_done: tokio::sync::watch::Sender::new(u64::MAX),
         });
         rt.spawn(listen(sh.clone()));
         rt.spawn(poll(sh.clone()));
@@ -310,6 +314,13 @@ async fn poll(sh: Arc<Shared>) {
                     {
                         seen.info = Some(info);
                     }
+                    let rescanned = workers
+                        .iter()
+                        .filter(|w| w.info.is_some())
+                        .map(|w| w.adapters_rescan)
+                        .min()
+                        .unwrap_or(u64::MAX);
+                    sh.rescans_done.send_replace(rescanned);
                     seen.workers = workers;
                     seen.waiting = waiting;
                 }
@@ -375,7 +386,27 @@ fn note_unreachable(seen: &mut Seen, why: String) {
 
 impl JobBackend for Cluster {
     fn rescan_adapters(&self, force: bool) -> Option<super::RescanTicket> {
-        self.local.as_ref()?.rescan_adapters(force)
+        if let Some(local) = &self.local {
+            return local.rescan_adapters(force);
+        }
+        // An API replica: the workers look at their folders by themselves; a forced read is
+        // asked through Redis, and done once every ready worker's heartbeat says so.
+        if !force {
+            return None;
+        }
+        let sh = self.sh.clone();
+        let target = self
+            .call(async move {
+                let mut conn = sh.conn.clone();
+                redis::AsyncCommands::incr::<_, _, u64>(&mut conn, sh.keys.adapters_rescan(), 1)
+                    .await
+                    .map_err(unavailable)
+            })
+            .ok()?;
+        Some(super::RescanTicket {
+            target,
+            done: self.sh.rescans_done.subscribe(),
+        })
     }
 
     fn model_state(&self) -> ModelState {

@@ -46,6 +46,11 @@ impl Keys {
     pub fn lease(&self, id: &str) -> String {
         format!("{}:lease:{id}", self.prefix)
     }
+    /// A counter: forced reads of the workers' LORA_DIR/EMBEDDINGS_DIR asked for by API
+    /// replicas' refresh routes.
+    pub fn adapters_rescan(&self) -> String {
+        format!("{}:adapters:rescan", self.prefix)
+    }
     pub fn lease_prefix(&self) -> String {
         format!("{}:lease:", self.prefix)
     }
@@ -406,6 +411,10 @@ pub struct Heartbeat {
     pub info: Option<WireInfo>,
     /// The load failure, when the model failed to load.
     pub failed: Option<String>,
+    /// The last forced read of its adapter folders asked through `Keys::adapters_rescan` that
+    /// this worker has made (API replicas wait for it on their refresh routes).
+    #[serde(default)]
+    pub adapters_rescan: u64,
 }
 
 /// Queues a job unless MAX_QUEUED_JOBS are waiting (cluster-wide). KEYS: queue, job, index.

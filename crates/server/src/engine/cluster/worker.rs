@@ -27,6 +27,8 @@ use crate::error::ApiError;
 static STOPPING: AtomicBool = AtomicBool::new(false);
 /// How often a running job's stop request is looked for.
 const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// How often a worker looks for forced reads of its adapter folders asked through Redis.
+const RESCAN_LOOK: Duration = Duration::from_millis(250);
 /// How often the heartbeat looks for a new read of the adapter folders.
 const ADAPTERS_LOOK: Duration = Duration::from_millis(100);
 /// How long an idle worker waits before looking at the queue again.
@@ -44,6 +46,8 @@ struct Worker {
     started_at: String,
     running: Mutex<Option<String>>,
     done: AtomicU64,
+    /// The last forced read of the adapter folders asked through Redis that this worker made.
+    rescanned: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -59,9 +63,11 @@ pub(super) fn spawn(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, local: Arc<Lo
         started_at: started_at(),
         running: Mutex::new(None),
         done: AtomicU64::new(0),
+        rescanned: AtomicU64::new(0),
     });
     tracing::info!(worker = %w.id, lease_secs = w.sh.cluster.lease.as_secs_f64(), "worker: taking jobs from QUEUE_URL once the model is ready");
     rt.spawn(heartbeat(w.clone()));
+    rt.spawn(follow_rescans(w.clone()));
     rt.spawn(take_jobs(w));
 }
 
@@ -109,6 +115,7 @@ impl Worker {
             },
             info: info.as_ref().map(WireInfo::of),
             failed,
+            adapters_rescan: self.rescanned.load(Ordering::SeqCst),
         }
     }
 }
@@ -123,7 +130,7 @@ async fn heartbeat(w: Arc<Worker>) {
         _ => String::new(),
     };
     loop {
-        let announced = adapters(&w);
+        let announced = (adapters(&w), w.rescanned.load(Ordering::SeqCst));
         let k = &w.sh.keys;
         let json = serde_json::to_string(&w.beat()).unwrap_or_default();
         let mut conn = w.sh.conn.clone();
@@ -137,9 +144,45 @@ async fn heartbeat(w: Arc<Worker>) {
             .query_async(&mut conn)
             .await;
         let next = tokio::time::Instant::now() + every;
-        while tokio::time::Instant::now() < next && adapters(&w) == announced {
+        while tokio::time::Instant::now() < next
+            && (adapters(&w), w.rescanned.load(Ordering::SeqCst)) == announced
+        {
             tokio::time::sleep(ADAPTERS_LOOK.min(every)).await;
         }
+    }
+}
+
+/// Makes the forced reads of the adapter folders that API replicas' refresh routes ask for
+/// (the `adapters_rescan` counter): one read for however many were asked since the last,
+/// made by the worker thread between jobs; the heartbeat then says it is done. A worker that
+/// starts counts the reads asked before it as made (it has just read the folders).
+async fn follow_rescans(w: Arc<Worker>) {
+    let key = w.sh.keys.adapters_rescan();
+    let mut seen_start = false;
+    loop {
+        tokio::time::sleep(RESCAN_LOOK).await;
+        let Ok(asked) =
+            w.sh.conn
+                .clone()
+                .get::<_, Option<u64>>(&key)
+                .await
+                .map(Option::unwrap_or_default)
+        else {
+            continue;
+        };
+        if !seen_start {
+            seen_start = true;
+            w.rescanned.store(asked, Ordering::SeqCst);
+            continue;
+        }
+        if asked <= w.rescanned.load(Ordering::SeqCst) {
+            continue;
+        }
+        if let Some(mut ticket) = w.local.rescan_adapters(true) {
+            let target = ticket.target;
+            let _ = ticket.done.wait_for(|d| *d >= target).await;
+        }
+        w.rescanned.store(asked, Ordering::SeqCst);
     }
 }
 
