@@ -211,12 +211,8 @@ pub(super) struct Inner {
     pub memory_plan: RwLock<Option<String>>,
     /// Moving average of generation time, for Retry-After.
     pub avg_gen_ms: AtomicU64,
-    /// Reads of LORA_DIR/EMBEDDINGS_DIR asked for (`rescan_adapters`), and those the worker
-    /// has made: it reads the folders again while `asked` is ahead of `done`.
-    pub rescans_asked: AtomicU64,
-    pub rescans_done: tokio::sync::watch::Sender<u64>,
-    /// A read asked for must read the files even if their names, sizes and times look the same.
-    pub rescan_forced: std::sync::atomic::AtomicBool,
+    /// Reads of LORA_DIR/EMBEDDINGS_DIR asked of the worker.
+    pub rescans: super::worker::Rescans,
     next_seq: AtomicU64,
     worker_done: Mutex<bool>,
     worker_done_cv: Condvar,
@@ -255,9 +251,7 @@ impl Local {
             device: RwLock::new(Device::Cpu),
             memory_plan: RwLock::new(None),
             avg_gen_ms: AtomicU64::new(0),
-            rescans_asked: AtomicU64::new(0),
-            rescans_done: tokio::sync::watch::Sender::new(0),
-            rescan_forced: std::sync::atomic::AtomicBool::new(false),
+            rescans: Default::default(),
             next_seq: AtomicU64::new(1),
             worker_done: Mutex::new(false),
             worker_done_cv: Condvar::new(),
@@ -337,16 +331,7 @@ fn end_stuck_run(jobs: &mut Jobs, now: Instant, grace: Duration) {
 
 impl JobBackend for Local {
     fn rescan_adapters(&self, force: bool) -> Option<super::RescanTicket> {
-        if force {
-            self.inner.rescan_forced.store(true, Ordering::SeqCst);
-        }
-        let target = self.inner.rescans_asked.fetch_add(1, Ordering::SeqCst) + 1;
-        let done = self.inner.rescans_done.subscribe();
-        // Under the lock the worker waits with, so the wake cannot fall between its look at
-        // the queue and its wait.
-        let _jobs = self.inner.jobs();
-        self.inner.wake.notify_all();
-        Some(super::RescanTicket { target, done })
+        Some(super::worker::ask_rescan(&self.inner, force))
     }
 
     #[cfg(test)]

@@ -94,7 +94,7 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
                     break None;
                 }
                 looked = false;
-                if inner.rescans_asked.load(Ordering::SeqCst) > *inner.rescans_done.borrow() {
+                if inner.rescans.asked.load(Ordering::SeqCst) > *inner.rescans.done.borrow() {
                     continue;
                 }
                 // Woken at least every POLL, to look at the adapter folders.
@@ -143,11 +143,35 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
     tracing::info!("worker stopped");
 }
 
+/// Reads of LORA_DIR/EMBEDDINGS_DIR asked of the worker (`JobBackend::rescan_adapters`): it
+/// looks at the folders while `asked` is ahead of `done`, reading them even unchanged when
+/// `forced`.
+#[derive(Default)]
+pub(super) struct Rescans {
+    pub asked: std::sync::atomic::AtomicU64,
+    pub done: tokio::sync::watch::Sender<u64>,
+    pub forced: std::sync::atomic::AtomicBool,
+}
+
+/// Asks the worker to look at the adapter folders; the ticket is done once it has.
+pub(super) fn ask_rescan(inner: &Inner, force: bool) -> super::RescanTicket {
+    if force {
+        inner.rescans.forced.store(true, Ordering::SeqCst);
+    }
+    let target = inner.rescans.asked.fetch_add(1, Ordering::SeqCst) + 1;
+    let done = inner.rescans.done.subscribe();
+    // Under the lock the worker waits with, so the wake cannot fall between its look at the
+    // queue and its wait.
+    let _jobs = inner.jobs();
+    inner.wake.notify_all();
+    super::RescanTicket { target, done }
+}
+
 /// Reads LORA_DIR/EMBEDDINGS_DIR again when they changed, or when a read was asked for
-/// (`rescans_asked`), and publishes the new listing; validation and both listings use it.
+/// (`Rescans`), and publishes the new listing; validation and both listings use it.
 fn refresh_adapters(inner: &Inner, generator: &mut dyn Generator) {
-    let asked = inner.rescans_asked.load(Ordering::SeqCst);
-    let force = inner.rescan_forced.swap(false, Ordering::SeqCst);
+    let asked = inner.rescans.asked.load(Ordering::SeqCst);
+    let force = inner.rescans.forced.swap(false, Ordering::SeqCst);
     let refreshed =
         std::panic::catch_unwind(AssertUnwindSafe(|| generator.refresh_adapters(force)));
     match refreshed {
@@ -161,7 +185,7 @@ fn refresh_adapters(inner: &Inner, generator: &mut dyn Generator) {
         Ok(None) => {}
         Err(_) => tracing::error!("reading the LoRA and embedding folders panicked"),
     }
-    inner.rescans_done.send_if_modified(|done| {
+    inner.rescans.done.send_if_modified(|done| {
         let was = *done;
         *done = was.max(asked);
         *done != was
