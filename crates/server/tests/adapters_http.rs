@@ -292,6 +292,8 @@ fn loras_and_embeddings_follow_their_folders_without_a_restart() {
     // A change names, sizes and times do not show is seen by a forced read only.
     let same = f.loras().join("same.safetensors");
     std::fs::write(&same, ink_as("AAAA")).unwrap();
+    // Listed at once: a listing after a change has the worker look first.
+    assert!(names(&s.get("/sdapi/v1/loras").json()).contains(&"same".to_string()));
     let aliases = || {
         let list = s.get("/sdapi/v1/loras").json();
         list.as_array()

@@ -313,11 +313,7 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
 /// The LoRA files of `LORA_DIR` (empty when unset or while the model loads).
 #[utoipa::path(get, path = "/loras", responses((status = 200, description = "`{loras: [{name, alias, file, format, rank, targets, layers, conv_layers, metadata, error}]}`; `error` says why a file cannot be used (does not fit the model, cannot be read)")))]
 pub(super) async fn loras(State(app): State<Shared>) -> Response {
-    let loras = app
-        .engine
-        .model_info()
-        .map(|i| i.adapters.loras)
-        .unwrap_or_default();
+    let loras = super::request::listed_adapters(&app).await.loras;
     axum::Json(serde_json::json!({ "loras": loras })).into_response()
 }
 
@@ -337,11 +333,7 @@ pub(super) async fn refresh_adapters(State(app): State<Shared>) -> Result<Respon
 /// The textual-inversion embeddings of `EMBEDDINGS_DIR` (empty when unset or while loading).
 #[utoipa::path(get, path = "/embeddings", responses((status = 200, description = "`{embeddings: [{name, file, format, vectors, shape, step, sd_checkpoint, sd_checkpoint_name, error}]}`; `error` says why prompts cannot use one")))]
 pub(super) async fn embeddings(State(app): State<Shared>) -> Response {
-    let embeddings = app
-        .engine
-        .model_info()
-        .map(|i| i.adapters.embeddings)
-        .unwrap_or_default();
+    let embeddings = super::request::listed_adapters(&app).await.embeddings;
     axum::Json(serde_json::json!({ "embeddings": embeddings })).into_response()
 }
 

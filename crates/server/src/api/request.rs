@@ -135,6 +135,22 @@ pub(crate) async fn adapters_info(
     (info, cacheable)
 }
 
+/// What the listings show: the last read of the adapter folders, after the worker looked at
+/// them when they changed since (within `ADAPTERS_LOOK_WAIT`), so that a file just dropped in
+/// is listed as it will be used. Empty while the model loads.
+pub(crate) async fn listed_adapters(app: &AppState) -> crate::adapters::Adapters {
+    let Ok(info) = app.engine.model_info() else {
+        return Default::default();
+    };
+    if !adapters_stale(app, &info) {
+        return info.adapters;
+    }
+    fresh_adapters(app, false, ADAPTERS_LOOK_WAIT)
+        .await
+        .unwrap_or(info)
+        .adapters
+}
+
 /// True when this process sees LORA_DIR/EMBEDDINGS_DIR other than `info`'s read of them.
 fn adapters_stale(app: &AppState, info: &ModelInfo) -> bool {
     app.adapter_dirs

@@ -15,11 +15,7 @@ use crate::error::ApiError;
 /// (a request naming one is a 422 saying why; `GET /loras` gives the reason as `error`).
 #[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, description = "`[{name, alias, path, metadata}]`: `name` is what `<lora:name:weight>` takes, `alias` the trainer's `ss_output_name` (else the name), `metadata` the file's safetensors metadata")))]
 pub(super) async fn loras(State(app): State<Shared>) -> Json<Value> {
-    let loras = app
-        .engine
-        .model_info()
-        .map(|i| i.adapters.loras)
-        .unwrap_or_default();
+    let loras = crate::api::request::listed_adapters(&app).await.loras;
     Json(Value::Array(loras.iter().map(lora_json).collect()))
 }
 
@@ -37,11 +33,7 @@ fn lora_json(l: &crate::adapters::LoraListing) -> Value {
 /// them); files that cannot be read are left out, as A1111 leaves them out.
 #[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", responses((status = 200, description = "`{loaded, skipped}`, each by name: `{step, sd_checkpoint, sd_checkpoint_name, shape, vectors}`")))]
 pub(super) async fn embeddings(State(app): State<Shared>) -> Json<Value> {
-    let embeddings = app
-        .engine
-        .model_info()
-        .map(|i| i.adapters.embeddings)
-        .unwrap_or_default();
+    let embeddings = crate::api::request::listed_adapters(&app).await.embeddings;
     let (mut loaded, mut skipped) = (Map::new(), Map::new());
     for e in embeddings.iter().filter(|e| e.vectors > 0) {
         let entry = json!({
