@@ -102,7 +102,7 @@ impl Adapters {
     pub fn lora_problem(&self, name: &str) -> Option<String> {
         match self.lora(name) {
             None if self.loras.is_empty() => Some(format!(
-                "unknown LoRA {name:?}: no LoRA files are loaded (set LORA_DIR)"
+                "unknown LoRA {name:?}: there is no LoRA file (LORA_DIR is not set, or holds none)"
             )),
             None => Some(format!(
                 "unknown LoRA {name:?}; available: {}",

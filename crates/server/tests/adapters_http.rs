@@ -394,3 +394,45 @@ fn an_api_replica_follows_its_workers_folders() {
     assert_eq!(alias(), "BBBB");
     drop(worker);
 }
+
+#[test]
+fn a_lora_dropped_in_during_a_run_is_waited_for_by_a_request_that_waits() {
+    let f = Folders::new("adapters-busy");
+    let s = Server::start(&env(&fixtures().join("tiny-a-vae8"), &f));
+    s.wait_ready(Duration::from_secs(300));
+    // A long job holds the worker (it reads the folders between jobs only).
+    let mut long = request("a long run");
+    long["steps"] = json!(40);
+    let r = post(&s, "/jobs", &long);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(60), "the long job runs", || {
+        s.get(&format!("/jobs/{id}")).json()["progress"]["step"].as_u64() >= Some(1)
+    });
+    std::fs::write(
+        f.loras().join("ink_kohya.safetensors"),
+        fixture_bytes("loras/ink_kohya.safetensors"),
+    )
+    .unwrap();
+    let job = s.get(&format!("/jobs/{id}")).json();
+    let left =
+        job["progress"]["total"].as_u64().unwrap() - job["progress"]["step"].as_u64().unwrap();
+    assert!(left > 10, "the job has most of its steps to go: {job}");
+    // /generate waits for its image anyway: it waits for the worker's read, and is served.
+    let t = Instant::now();
+    let (px, _) = image(&s.post_json(&request("a red house <lora:ink_kohya:1>")));
+    assert_eq!(s.get(&format!("/jobs/{id}")).json()["status"], "succeeded");
+    let (base, _) = image(&s.post_json(&request("a red house")));
+    assert!(
+        px != base,
+        "the LoRA was used ({:?} after the drop)",
+        t.elapsed()
+    );
+    // A name with no file is still refused without waiting for the run.
+    let r = post(&s, "/jobs", &long);
+    assert_eq!(r.status, 202);
+    let t = Instant::now();
+    let r = s.post_json(&request("a red house <lora:nothing_here:1>"));
+    assert_eq!(r.broken_fields(), ["loras"], "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}

@@ -59,7 +59,7 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     let req = read_generate_body(&app, &headers, body).await?;
     let info = app.engine.model_info()?;
-    let (info, _) = super::request::adapters_info(&app, info, &req).await;
+    let (info, _) = super::request::adapters_info(&app, info, &req, None).await;
     let spec = job_spec(
         req,
         &info,

@@ -181,7 +181,8 @@ pub(super) async fn run_watched(
             )),
             None => e,
         })?;
-    let (info, cacheable) = super::request::adapters_info(app, info, &req).await;
+    let patience = app.engine.config().timeout;
+    let (info, cacheable) = super::request::adapters_info(app, info, &req, Some(patience)).await;
     let seeded = req.seed.is_some() && cacheable;
     let spec = job_spec(
         req,

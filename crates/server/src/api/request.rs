@@ -115,22 +115,36 @@ pub const ADAPTERS_LOOK_WAIT: std::time::Duration = std::time::Duration::from_se
 /// cached. When the folders changed since the worker last read them (a file dropped in,
 /// replaced, removed), or `req` names a LoRA that read does not have, the worker looks first
 /// (within `ADAPTERS_LOOK_WAIT`), so that validation and the image agree with the files. A
-/// request checked against an older read than the folders' state now is not cached.
+/// LoRA named that the read lacks but whose file this process sees (dropped in while a job
+/// runs, which holds the worker) is waited for up to `patience` when given: a client that
+/// waits for its image (`/generate`) would wait behind that job anyway. A request checked
+/// against an older read than the folders' state now is not cached.
 pub(crate) async fn adapters_info(
     app: &AppState,
     info: ModelInfo,
     req: &ValidRequest,
+    patience: Option<std::time::Duration>,
 ) -> (ModelInfo, bool) {
-    let unknown = req
+    let unknown: Vec<&str> = req
         .loras
         .iter()
-        .any(|(name, _)| info.adapters.lora(name).is_none());
-    if !adapters_stale(app, &info) && !unknown {
+        .filter(|(name, _)| info.adapters.lora(name).is_none())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if !adapters_stale(app, &info) && unknown.is_empty() {
         return (info, true);
     }
-    let info = fresh_adapters(app, false, ADAPTERS_LOOK_WAIT)
-        .await
-        .unwrap_or(info);
+    let on_disk = |name: &str| {
+        app.adapter_dirs
+            .lora_dir
+            .as_ref()
+            .is_some_and(|d| d.join(format!("{name}.safetensors")).is_file())
+    };
+    let wait = match patience {
+        Some(p) if unknown.iter().any(|n| on_disk(n)) => p.max(ADAPTERS_LOOK_WAIT),
+        _ => ADAPTERS_LOOK_WAIT,
+    };
+    let info = fresh_adapters(app, false, wait).await.unwrap_or(info);
     let cacheable = !adapters_stale(app, &info);
     (info, cacheable)
 }
