@@ -295,6 +295,43 @@ class A1111(Timed):
         self.assertEqual(pixels(r.image), pixels(want))
         self.assertEqual(r.info["denoising_strength"], 0.5)
 
+    def test_hires_fix_is_txt2img_resize_img2img(self):
+        if "init_image" not in native_fields():
+            self.skipTest("the native API has no init_image yet")
+        # The smallest step up the size rules allow (256 to 320: the tiny model's attention at
+        # 512 would cost this stage a minute).
+        big = 320
+        common = dict(prompt=PROMPT, seed=17, steps=2, cfg_scale=7, width=SIZE, height=SIZE,
+                      sampler_name="Euler", enable_hr=True, hr_scale=1.25,
+                      hr_second_pass_steps=4, denoising_strength=0.5)
+        r = self.api.txt2img(hr_upscaler=webuiapi.HiResUpscaler.Latent, **common)
+        self.assertEqual(r.image.size, (big, big))
+        for key in ("Size: 256x256", "Denoising strength: 0.5", "Hires upscale: 1.25",
+                    "Hires steps: 4", "Hires upscaler: Latent"):
+            self.assertIn(key, r.info["infotexts"][0])
+        self.assertEqual(r.info["denoising_strength"], 0.5)
+        # Upscaler "None": the first pass's image, resized with Lanczos (Pillow's), then
+        # img2img at the larger size with the same seed; pixel for pixel.
+        r = self.api.txt2img(hr_upscaler=webuiapi.HiResUpscaler.none, **common)
+        (low,), _ = native(prompt=PROMPT, seed=17, steps=2, guidance_scale=7, width=SIZE,
+                           height=SIZE, scheduler="euler")
+        up = low.resize((big, big), Image.LANCZOS)
+        (want,), _ = native(prompt=PROMPT, seed=17, steps=4, strength=0.5, guidance_scale=7,
+                            width=big, height=big, scheduler="euler",
+                            init_image=b64_png(up))
+        self.assertEqual(pixels(r.image), pixels(want))
+        self.assertIn("Hires upscaler: None", r.info["infotexts"][0])
+        # What it cannot do is a 422 that lists what it can.
+        with self.assertRaises(RuntimeError) as cm:
+            self.api.txt2img(hr_upscaler=webuiapi.HiResUpscaler.ESRGAN_4x, **common)
+        status, text = cm.exception.args
+        self.assertEqual(status, 422)
+        self.assertIn("hr_upscaler", text)
+        self.assertIn("Latent (nearest-exact)", text)
+        self.assertEqual([u["name"] for u in self.api.get_upscalers()], ["None", "Lanczos", "Nearest"])
+        self.assertIn("Latent (bicubic antialiased)",
+                      [m["name"] for m in self.api.get_latent_upscale_modes()])
+
     def test_prompt_left_out_is_empty_as_in_a1111(self):
         # webuiapi's txt2img defaults prompt and negative prompt to "", as A1111 does.
         r = self.api.txt2img(seed=13, steps=2, width=SIZE, height=SIZE, sampler_name="Euler")

@@ -118,6 +118,39 @@ pub fn resize_lanczos(image: &RgbImage, width: usize, height: usize) -> RgbImage
     }
 }
 
+/// `image.resize((width, height), Image.NEAREST)` as Pillow computes it (`ImagingScaleAffine`:
+/// the source of pixel `x` is `int(a/2 + x*a)`, `a = in/out`, summed step by step in f64).
+pub fn resize_nearest(image: &RgbImage, width: usize, height: usize) -> RgbImage {
+    let (w0, h0) = (image.width as usize, image.height as usize);
+    if (w0, h0) == (width, height) {
+        return image.clone();
+    }
+    let sources = |input: usize, output: usize| -> Vec<usize> {
+        let a = input as f64 / output as f64;
+        let mut at = a * 0.5;
+        (0..output)
+            .map(|_| {
+                let i = (at as usize).min(input - 1);
+                at += a;
+                i
+            })
+            .collect()
+    };
+    let (xs, ys) = (sources(w0, width), sources(h0, height));
+    let mut pixels = Vec::with_capacity(width * height * 3);
+    for &y in &ys {
+        for &x in &xs {
+            let at = (y * w0 + x) * 3;
+            pixels.extend_from_slice(&image.pixels[at..at + 3]);
+        }
+    }
+    RgbImage {
+        width: width as u32,
+        height: height as u32,
+        pixels,
+    }
+}
+
 fn check_size(image: &RgbImage, what: &str) -> Result<()> {
     let expected = image.width as usize * image.height as usize * 3;
     if image.width == 0 || image.height == 0 || image.pixels.len() != expected {

@@ -10,6 +10,7 @@ pub mod device;
 pub mod embeddings;
 pub mod error;
 pub mod image_in;
+pub mod interpolate;
 pub mod kernels;
 pub mod lora;
 pub mod memory;

@@ -217,7 +217,9 @@ impl Generator for FakeGenerator {
         if p.prompt.starts_with("fake:panic") {
             panic!("fake generator panic");
         }
-        for step in 1..=p.steps {
+        // The hires pass's steps follow the first pass's, as the pipeline counts them.
+        let total = p.steps + p.hires_steps();
+        for step in 1..=total {
             std::thread::sleep(self.step);
             if step == self.hang_at_step {
                 tracing::warn!(
@@ -230,13 +232,13 @@ impl Generator for FakeGenerator {
             }
             // Latents for previews: flat, brightening as the run goes on.
             let latents = candle_core::Tensor::full(
-                step as f32 / p.steps as f32,
+                step as f32 / total as f32,
                 (1, 4, p.height / 8, p.width / 8),
                 &candle_core::Device::Cpu,
             )?;
             if on_step(StepProgress {
                 step,
-                total: p.steps,
+                total,
                 latents: Some(&latents),
             }) == ControlFlow::Break(())
             {
@@ -253,7 +255,8 @@ impl Generator for FakeGenerator {
                 };
                 let key = format!("{one:?}");
                 let base = fnv1a(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
-                let (w, h) = (p.width as u32, p.height as u32);
+                let (w, h) = p.output_size();
+                let (w, h) = (w as u32, h as u32);
                 let mut pixels = Vec::with_capacity((w * h * 3) as usize);
                 for y in 0..h {
                     for x in 0..w {

@@ -4,6 +4,8 @@
 //! real tiny model are driven by tests/clients (a `.ci/run` stage).
 
 mod common;
+#[path = "dialects/hires.rs"]
+mod hires;
 #[path = "dialects/openai.rs"]
 mod openai;
 

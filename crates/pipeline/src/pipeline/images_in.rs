@@ -178,7 +178,10 @@ impl StableDiffusion {
     /// (offloaded) comes to the device once for all of them: tiled when the plan tiles the VAE
     /// and an image is larger than a tile (diffusers' `use_tiling` covers both halves of the
     /// VAE, as the plan's lever does).
-    fn encode_images(&self, images: &[&Tensor]) -> Result<Vec<crate::vae_encoder::LatentDist>> {
+    pub(super) fn encode_images(
+        &self,
+        images: &[&Tensor],
+    ) -> Result<Vec<crate::vae_encoder::LatentDist>> {
         let mut encoder = self.vae_encoder.get(&self.device)?;
         if let crate::memory::offload::Held::Loaded(e) = &mut encoder {
             e.set_attention_slice(self.vae_attention_rows());
@@ -190,6 +193,28 @@ impl StableDiffusion {
                 None => encoder.encode(image),
             })
             .collect()
+    }
+
+    /// img2img's latents for the batch: each image's latent sample from its own generator,
+    /// then that generator's noise, `add_noise`d at `begin`. `images` holds one image for the
+    /// whole batch (encoded once) or one per generator.
+    pub(super) fn noised_image_latents(
+        &self,
+        images: &[&Tensor],
+        scheduler: &dyn Scheduler,
+        begin: usize,
+        rngs: &mut [TorchRng],
+    ) -> Result<Tensor> {
+        let dists = self.encode_images(images)?;
+        let sf = self.vae_scaling_factor;
+        let mut latents = Vec::with_capacity(rngs.len());
+        for (i, rng) in rngs.iter_mut().enumerate() {
+            let dist = &dists[i.min(dists.len() - 1)];
+            let image_latents = (dist.sample(rng)? * sf)?;
+            let noise = rng.randn_tensor(image_latents.dims4()?, &self.device, DType::F32)?;
+            latents.push(scheduler.add_noise(&image_latents, &noise, begin)?);
+        }
+        Ok(Tensor::cat(&latents, 0)?.to_dtype(self.dtype)?)
     }
 
     /// img2img and inpainting's `prepare_latents` (+ `prepare_mask_latents`), one generator per
@@ -212,15 +237,8 @@ impl StableDiffusion {
         let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
 
         let Some(mask_image) = &init.mask else {
-            let dist = self.encode_images(&[&image])?.remove(0);
-            let mut latents = Vec::with_capacity(rngs.len());
-            for rng in rngs.iter_mut() {
-                let image_latents = (dist.sample(rng)? * sf)?;
-                let noise = rng.randn_tensor(shape, &self.device, DType::F32)?;
-                latents.push(scheduler.add_noise(&image_latents, &noise, begin)?);
-            }
             return Ok(Start {
-                latents: cat(latents)?.to_dtype(self.dtype)?,
+                latents: self.noised_image_latents(&[&image], scheduler, begin, rngs)?,
                 inpaint: None,
             });
         };

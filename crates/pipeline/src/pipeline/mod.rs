@@ -26,6 +26,7 @@ mod adapters;
 mod decode;
 mod denoise;
 mod encode_prompt;
+mod hires;
 mod images_in;
 mod load;
 mod memory_levers;
@@ -36,6 +37,7 @@ mod weight_files;
 pub use adapters::{LoraDeltaStats, DEFAULT_LORA_DELTA_LIMIT};
 pub(crate) use decode::postprocess;
 pub use encode_prompt::Conditioning;
+pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
 pub use weight_files::component_weight_files;
@@ -139,8 +141,15 @@ impl StableDiffusion {
         self.check_inputs(params)?;
         // Held for the whole run: no other run changes the merged weights under this one.
         let _loras = self.sync_loras(&params.loras)?;
+        // The hires pass's rules and schedule first: nothing runs for a request that fails them.
+        let second = match &params.hires {
+            Some(h) => Some(self.second_pass(params, h)?),
+            None => None,
+        };
         let text_embeddings = self.encode_conditioning(params)?;
         let (mut scheduler, begin) = self.prepare_timesteps(params)?;
+        let first_steps = scheduler.timesteps().len() - begin;
+        let total = first_steps + second.as_ref().map_or(0, |s| s.steps());
         // diffusers' list of generators: one per image, seeded seed + i.
         let mut rngs: Vec<TorchRng> = (0..params.batch_size)
             .map(|i| TorchRng::new(seed_of_image(params.seed, i)))
@@ -157,7 +166,7 @@ impl StableDiffusion {
         tracker.sample();
         let mut on_step = |p: StepProgress<'_>| {
             tracker.sample();
-            on_step(p)
+            on_step(StepProgress { total, ..p })
         };
         let latents = self.denoise(
             start,
@@ -168,6 +177,16 @@ impl StableDiffusion {
             &mut rngs,
             &mut on_step,
         )?;
+        if let Some(second) = second {
+            return self.hires_pass(
+                params,
+                latents,
+                second,
+                text_embeddings,
+                first_steps,
+                &mut on_step,
+            );
+        }
         drop(text_embeddings);
         // One image at a time through the VAE: its memory does not grow with the batch.
         let mut images = Vec::with_capacity(params.batch_size);

@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
-use super::InitImage;
+use super::{Hires, InitImage};
 use crate::schedulers::SchedulerKind;
 
 /// What one request asks of the pipeline (already validated by the caller). New fields keep a
@@ -31,6 +31,8 @@ pub struct GenerationParams {
     pub batch_size: usize,
     /// img2img (no mask) or inpainting (with a mask); `None`: text-to-image.
     pub init_image: Option<InitImage>,
+    /// Text-to-image only: A1111's hires fix, a second pass at a larger size.
+    pub hires: Option<Hires>,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -52,7 +54,25 @@ impl Default for GenerationParams {
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: 1,
             loras: Vec::new(),
+            hires: None,
         }
+    }
+}
+
+impl GenerationParams {
+    /// The size of the images this request makes: the hires pass's when there is one.
+    pub fn output_size(&self) -> (usize, usize) {
+        match &self.hires {
+            Some(h) => (h.width, h.height),
+            None => (self.width, self.height),
+        }
+    }
+
+    /// The steps the hires pass runs: `int(steps * strength)` of its schedule (0 without one).
+    pub fn hires_steps(&self) -> usize {
+        self.hires
+            .as_ref()
+            .map_or(0, |h| super::images_in::init_steps(h.steps, h.strength))
     }
 }
 

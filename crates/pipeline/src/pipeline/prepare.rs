@@ -17,12 +17,24 @@ impl StableDiffusion {
         &self,
         params: &GenerationParams,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
-        let kind = params.scheduler.unwrap_or(self.default_scheduler);
-        let mut scheduler = schedulers::build(kind, &self.scheduler_config, params.steps)?;
-        let begin = match &params.init_image {
+        let strength = params.init_image.as_ref().map(|init| init.strength);
+        self.schedule(params.scheduler, params.steps, strength)
+    }
+
+    /// The scheduler of `kind` (`None`: the model's) for `steps`, begun where an init image of
+    /// `strength` begins (`None`: text-to-image, from the first step).
+    pub(super) fn schedule(
+        &self,
+        kind: Option<schedulers::SchedulerKind>,
+        steps: usize,
+        strength: Option<f64>,
+    ) -> Result<(Box<dyn Scheduler>, usize)> {
+        let kind = kind.unwrap_or(self.default_scheduler);
+        let mut scheduler = schedulers::build(kind, &self.scheduler_config, steps)?;
+        let begin = match strength {
             None => 0,
-            Some(init) => {
-                let t_start = params.steps - images_in::init_steps(params.steps, init.strength);
+            Some(strength) => {
+                let t_start = steps - images_in::init_steps(steps, strength);
                 t_start * scheduler.order()
             }
         };

@@ -30,6 +30,8 @@ fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> Strin
             init.strength.to_bits()
         ),
     };
+    // Every field of the second pass (`Debug` writes floats exactly).
+    let images = format!("{images}\u{0}{:?}", p.hires);
     format!(
         "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
         p.prompt,
@@ -472,6 +474,55 @@ mod tests {
                 ..base.clone()
             },
         ];
+        let hires = sdserve_pipeline::pipeline::Hires {
+            width: 512,
+            height: 512,
+            upscale_width: 512,
+            upscale_height: 512,
+            upscaler: sdserve_pipeline::pipeline::Upscaler::Resize,
+            steps: 4,
+            strength: 0.7,
+            scheduler: None,
+            prompt: None,
+            negative_prompt: None,
+        };
+        let with_hires = |h: sdserve_pipeline::pipeline::Hires| GenerationParams {
+            hires: Some(h),
+            ..base.clone()
+        };
+        let hires_variants = [
+            with_hires(hires.clone()),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                width: 448,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                upscaler: sdserve_pipeline::pipeline::Upscaler::Lanczos,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                steps: 5,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                strength: 0.71,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                prompt: Some("x".into()),
+                ..hires.clone()
+            }),
+        ];
+        let hires_keys: std::collections::HashSet<String> = hires_variants
+            .iter()
+            .map(|v| cache_key(v, "m@1", "f1"))
+            .collect();
+        assert_eq!(
+            hires_keys.len(),
+            hires_variants.len(),
+            "each hires field counts"
+        );
+        assert!(!hires_keys.contains(&k));
         for v in variants {
             assert_ne!(cache_key(&v, "m@1", "f1"), k, "{v:?}");
         }

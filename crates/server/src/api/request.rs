@@ -233,9 +233,25 @@ pub(crate) fn job_spec(
         "init_image": req.init_image.as_ref().map(image),
         "mask_image": req.mask_image.as_ref().map(image),
         "strength": params.init_image.as_ref().map(|i| i.strength),
+        "hires": req.hires.as_ref().map(|h| serde_json::json!({
+            "width": h.params.width,
+            "height": h.params.height,
+            "upscaler": h.upscaler_name,
+            "steps": h.params.steps,
+            "strength": h.params.strength,
+            "scheduler": h.params.scheduler.map(|k| k.name()),
+            "prompt": h.params.prompt,
+            "negative_prompt": h.params.negative_prompt,
+        })),
     });
+    let mut png_texts = crate::png::batch_texts(&params, &info.model_version);
+    if let Some(h) = &req.hires {
+        for text in &mut png_texts {
+            text.push_str(&h.infotext_suffix());
+        }
+    }
     Ok(JobSpec {
-        png_texts: crate::png::batch_texts(&params, &info.model_version),
+        png_texts,
         params,
         request,
         model_version: info.model_version.clone(),

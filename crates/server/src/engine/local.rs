@@ -431,7 +431,8 @@ impl JobBackend for Local {
         let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let id = new_id(seq);
         let now = Instant::now();
-        let total = spec.params.steps;
+        // Both passes of a hires request, as the pipeline counts them.
+        let total = spec.params.steps + spec.params.hires_steps();
         let record = Record {
             id: id.clone(),
             seq,

@@ -30,7 +30,9 @@ pub fn check_memory(
     let Some(budget) = budget else {
         return Ok(());
     };
-    let (w, h, n) = (params.width, params.height, params.batch_size);
+    // The hires pass runs at its own, larger size: that one must fit.
+    let (w, h) = params.output_size();
+    let n = params.batch_size;
     match budget.check(w, h, n, params.guidance_scale > 1.0) {
         Ok(()) => Ok(()),
         Err(over) => {

@@ -19,6 +19,7 @@ use crate::images::RequestImage;
 
 mod fields;
 mod for_model;
+pub mod hires;
 #[cfg(test)]
 mod tests;
 
@@ -90,6 +91,9 @@ pub struct ValidRequest {
     pub mask_image: Option<RequestImage>,
     /// With an init image: how much of the schedule runs.
     pub strength: f64,
+    /// A1111's hires fix: a second pass at a larger size (text-to-image only; set by the A1111
+    /// dialect through [`hires::validate_hires`]).
+    pub hires: Option<hires::ValidHires>,
 }
 
 impl ValidRequest {
@@ -120,6 +124,7 @@ impl ValidRequest {
                 mask: self.mask_image.as_ref().map(|m| m.image.clone()),
                 strength: self.strength,
             }),
+            hires: self.hires.as_ref().map(|h| h.params.clone()),
         }
     }
 }
@@ -323,6 +328,7 @@ pub fn validate_request(
         init_image,
         mask_image,
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
+        hires: None,
     })
 }
 

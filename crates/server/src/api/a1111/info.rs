@@ -55,8 +55,11 @@ pub fn info_string(
         "sd_vae_hash": null,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": t.native.get("strength").cloned().unwrap_or(Value::Null),
-        "extra_generation_params": {"Schedule type": t.sampler.schedule},
+        "denoising_strength": match &t.valid.hires {
+            Some(h) => json!(h.params.strength),
+            None => t.native.get("strength").cloned().unwrap_or(Value::Null),
+        },
+        "extra_generation_params": extra_generation_params(t),
         "index_of_first_image": 0,
         "infotexts": images.iter().map(|i| i.infotext.clone()).collect::<Vec<_>>(),
         "styles": [],
@@ -66,6 +69,16 @@ pub fn info_string(
         "version": concat!("sdserve ", env!("CARGO_PKG_VERSION")),
     })
     .to_string()
+}
+
+/// `Schedule type`, and the hires pass's keys as its infotext writes them.
+fn extra_generation_params(t: &Translated) -> Value {
+    let mut extra = Map::new();
+    extra.insert("Schedule type".into(), json!(t.sampler.schedule));
+    for (k, v) in t.valid.hires.iter().flat_map(|h| &h.infotext) {
+        extra.insert(k.to_string(), json!(v));
+    }
+    Value::Object(extra)
 }
 
 /// A1111's `parse_generation_parameters` for the infotext we write: `Prompt`, `Negative

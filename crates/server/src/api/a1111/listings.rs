@@ -119,13 +119,18 @@ pub(super) async fn scripts() -> Json<Value> {
     Json(json!({"txt2img": [], "img2img": []}))
 }
 
-/// `[{name: "None", ...}]`: hires fix is not available, so no upscaler is either (clients that
-/// fill a menu from it, such as SillyTavern, get A1111's "None").
-#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "Only `None`")))]
+/// `[{name, model_name, model_path, model_url, scale}]`: the image upscalers of the hires fix
+/// (`hr_upscaler`): `None`, `Lanczos`, `Nearest` (A1111's built-in ones; no ESRGAN models).
+#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "`None`, `Lanczos`, `Nearest`")))]
 pub(super) async fn upscalers() -> Json<Value> {
-    Json(
-        json!([{"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4}]),
-    )
+    Json(Value::Array(
+        crate::validate::hires::IMAGE_UPSCALERS
+            .iter()
+            .map(|(name, _)| {
+                json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4})
+            })
+            .collect(),
+    ))
 }
 
 /// `[]`: no VAE to choose (answered so that clients filling menus from it carry on).
@@ -134,10 +139,15 @@ pub(super) async fn sd_vae() -> Json<Value> {
     Json(json!([]))
 }
 
-/// `[]`: no hires fix, so no latent upscale mode.
-#[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "a1111", responses((status = 200, description = "`[]`")))]
+/// `[{name}]`: the hires fix's latent upscale modes, A1111's `shared.latent_upscale_modes`.
+#[utoipa::path(get, path = "/sdapi/v1/latent-upscale-modes", tag = "a1111", responses((status = 200, description = "`Latent`, `Latent (antialiased)`, `Latent (bicubic)`, `Latent (bicubic antialiased)`, `Latent (nearest)`, `Latent (nearest-exact)`")))]
 pub(super) async fn latent_upscale_modes() -> Json<Value> {
-    Json(json!([]))
+    Json(Value::Array(
+        crate::validate::hires::LATENT_UPSCALERS
+            .iter()
+            .map(|(name, _)| json!({ "name": name }))
+            .collect(),
+    ))
 }
 
 /// `[]`: no saved styles.

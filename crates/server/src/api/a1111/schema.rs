@@ -5,8 +5,8 @@ use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 /// Body of `POST /sdapi/v1/txt2img` and `img2img`. Absent or null fields take A1111's defaults;
-/// other A1111 fields (`enable_hr`, `styles`, `alwayson_scripts`, ...) are accepted and ignored.
-/// Rules are the native ones (`/generate`), reported under these names.
+/// other A1111 fields (`styles`, `alwayson_scripts`, `hr_checkpoint_name`, ...) are accepted and
+/// ignored. Rules are the native ones (`/generate`), reported under these names.
 #[derive(Serialize, ToSchema)]
 #[schema(as = a1111::GenerateRequest)]
 pub struct A1111Request {
@@ -55,9 +55,38 @@ pub struct A1111Request {
     /// img2img: exactly one base64 image (a `data:` prefix is allowed).
     #[schema(min_items = 1, max_items = 1)]
     pub init_images: Option<Vec<String>>,
-    /// img2img: the native `strength`.
+    /// img2img: the native `strength`; txt2img with `enable_hr`: the second pass's.
     #[schema(default = 0.75, minimum = 0.0, maximum = 1.0, nullable = true)]
     pub denoising_strength: Option<f64>,
+    /// txt2img: A1111's hires fix, a second pass (img2img of the upscaled first image, same
+    /// seeds) at `hr_scale` times the size or `hr_resize_x` x `hr_resize_y`, floored to a
+    /// multiple of 64 and within 256..=768 a side.
+    #[schema(default = false, nullable = true)]
+    pub enable_hr: Option<bool>,
+    #[schema(default = 2.0, nullable = true)]
+    pub hr_scale: Option<f64>,
+    /// 0: from `hr_scale`; one side alone keeps the aspect; both in another aspect: upscaled
+    /// to cover, then centre-cropped.
+    #[schema(default = 0, minimum = 0, nullable = true)]
+    pub hr_resize_x: Option<u32>,
+    #[schema(default = 0, minimum = 0, nullable = true)]
+    pub hr_resize_y: Option<u32>,
+    /// `Latent`, `Latent (antialiased)`, `Latent (bicubic)`, `Latent (bicubic antialiased)`,
+    /// `Latent (nearest)`, `Latent (nearest-exact)` (the latents interpolated), `None`,
+    /// `Lanczos`, `Nearest` (the image resized, encoded again); others are a 422.
+    #[schema(default = "Latent", nullable = true)]
+    pub hr_upscaler: Option<String>,
+    /// 0: `steps`. The second pass runs `int(steps * denoising_strength)` of them.
+    #[schema(default = 0, minimum = 0, maximum = 50, nullable = true)]
+    pub hr_second_pass_steps: Option<u32>,
+    /// The second pass's sampler and schedule (absent or `Use same sampler`: the first's).
+    pub hr_sampler_name: Option<String>,
+    pub hr_scheduler: Option<String>,
+    /// The second pass's prompts ("" : the first's); `<lora:...>` tags must be the prompt's.
+    #[schema(max_length = 500, nullable = true)]
+    pub hr_prompt: Option<String>,
+    #[schema(max_length = 500, nullable = true)]
+    pub hr_negative_prompt: Option<String>,
     /// img2img: inpainting mask, white = repaint.
     pub mask: Option<String>,
     /// `CLIP_stop_at_last_layers` is the native `clip_skip`; `sd_model_checkpoint` naming another

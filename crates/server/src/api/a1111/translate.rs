@@ -59,7 +59,17 @@ pub const FIELD_NAMES: [(&str, &str); 7] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 17] = [
+const USED: [&str; 27] = [
+    "enable_hr",
+    "hr_scale",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "hr_sampler_name",
+    "hr_scheduler",
     "prompt",
     "negative_prompt",
     "steps",
@@ -254,9 +264,19 @@ pub fn translate(
         }
     }
 
+    let enable_hr = match get(body, "enable_hr") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::validation("enable_hr", "must be true or false")),
+    };
+
     // A1111's prompt defaults to "" (webuiapi sends that): empty is fine here, not natively.
-    let valid =
+    let mut valid =
         crate::validate::validate_request(&native, PromptRule::MayBeEmpty).map_err(a1111_names)?;
+    // Hires fix is txt2img's (A1111's img2img has no such pass).
+    if enable_hr && mode == Mode::Txt2Img {
+        valid.hires = Some(hires(body, &valid, &sampler)?);
+    }
     let ignored = body
         .iter()
         .filter(|(k, v)| !USED.contains(&k.as_str()) && !is_default_like(v))
@@ -272,6 +292,44 @@ pub fn translate(
         parameters,
         ignored,
     })
+}
+
+/// The second pass of `enable_hr`: its fields checked by the one validation place, its own
+/// sampler (`hr_sampler_name`, `hr_scheduler`; absent or "Use same ...": the first pass's).
+fn hires(
+    body: &Map<String, Value>,
+    first: &ValidRequest,
+    first_sampler: &Resolved,
+) -> Result<crate::validate::hires::ValidHires, ApiError> {
+    let same = |field: &str| -> Result<Option<&str>, ApiError> {
+        Ok(opt_str(body, field)?.filter(|v| !v.is_empty() && !v.starts_with("Use same")))
+    };
+    let (name, schedule) = (same("hr_sampler_name")?, same("hr_scheduler")?);
+    let sampler = match (name, schedule) {
+        (None, None) => None,
+        _ => {
+            let first_name = opt_str(body, "sampler_name")?.or(opt_str(body, "sampler_index")?);
+            let first_schedule = opt_str(body, "scheduler")?;
+            let r = resolve_sampler(
+                if name.is_some() {
+                    "hr_sampler_name"
+                } else {
+                    "hr_scheduler"
+                },
+                name.or(first_name),
+                schedule.or(first_schedule),
+            )?;
+            (r.kind != first_sampler.kind).then_some(crate::validate::hires::HiresSampler {
+                kind: r.kind,
+                name: r.sampler,
+            })
+        }
+    };
+    let fields: Map<String, Value> = crate::validate::hires::FIELDS
+        .iter()
+        .filter_map(|f| get(body, f).map(|v| (f.to_string(), v.clone())))
+        .collect();
+    crate::validate::hires::validate_hires(&fields, first, sampler)
 }
 
 /// Values A1111 clients send for features left off (`false`, `0`, `""`, `[]`, `{}`, `null`).
@@ -347,9 +405,35 @@ mod tests {
         assert_eq!(t.native["guidance_scale"], 3.5);
         assert_eq!(t.native["scheduler"], "dpmpp_2m_karras");
         assert_eq!((t.seed, t.n_iter), (7, 3));
+        assert_eq!(t.ignored, vec!["restore_faces".to_string()]);
+        // enable_hr: A1111's defaults (hr_scale 2, Latent) from 256x320.
+        let h = t.valid.hires.as_ref().expect("a hires pass").params.clone();
+        assert_eq!((h.width, h.height, h.steps), (512, 640, 4));
         assert_eq!(
-            t.ignored,
-            vec!["enable_hr".to_string(), "restore_faces".into()]
+            h.upscaler,
+            crate::validate::hires::upscaler_named("Latent").unwrap()
+        );
+        // Its own sampler only when it differs; "Use same sampler" is the first pass's.
+        let hr = |extra: Value| {
+            let mut body = json!({"prompt": "p", "width": 256, "height": 256, "enable_hr": true,
+                                  "hr_scale": 1.25, "sampler_name": "Euler"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            tr(body, Mode::Txt2Img).map(|t| t.valid.hires.unwrap().params.scheduler)
+        };
+        assert_eq!(
+            hr(json!({"hr_sampler_name": "Use same sampler"})).unwrap(),
+            None
+        );
+        assert_eq!(hr(json!({"hr_sampler_name": "Euler"})).unwrap(), None);
+        assert_eq!(
+            hr(json!({"hr_sampler_name": "DPM++ 2M"})).unwrap(),
+            Some(sdserve_pipeline::schedulers::SchedulerKind::DpmPp2mKarras)
+        );
+        assert_eq!(
+            field_of(hr(json!({"hr_sampler_name": "X"})).unwrap_err()),
+            "hr_sampler_name"
         );
         // Native rules apply; the error names cfg_scale, not guidance_scale.
         let e = tr(json!({"prompt": "p", "cfg_scale": 31}), Mode::Txt2Img).unwrap_err();

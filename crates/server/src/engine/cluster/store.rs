@@ -117,7 +117,7 @@ impl Store {
             position: None,
             progress: JobProgress {
                 step: 0,
-                total: spec.params.steps,
+                total: spec.params.steps + spec.params.hires_steps(),
                 eta_seconds: None,
             },
             created_at: timestamp(created),

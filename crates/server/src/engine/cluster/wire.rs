@@ -9,6 +9,7 @@ use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, Prompt
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde::{Deserialize, Serialize};
 
+use super::wire_hires::WireHires;
 use crate::adapters::Adapters;
 use crate::api::GenerateResponse;
 use crate::engine::job::{JobEvent, JobProgress, JobSpec, JobView};
@@ -145,6 +146,9 @@ pub struct WireSpec {
     loras: Vec<(String, f64)>,
     batch_size: usize,
     init_image: Option<(WireImage, Option<WireImage>, f64)>,
+    /// The hires pass (absent from older replicas' jobs: none).
+    #[serde(default)]
+    hires: Option<WireHires>,
     request: serde_json::Value,
     png_texts: Vec<String>,
     model_version: String,
@@ -176,6 +180,7 @@ impl WireSpec {
                     i.strength,
                 )
             }),
+            hires: p.hires.as_ref().map(WireHires::of),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             model_version: s.model_version.clone(),
@@ -224,6 +229,7 @@ impl WireSpec {
                     .collect(),
                 batch_size: self.batch_size,
                 init_image,
+                hires: self.hires.as_ref().map(WireHires::hires).transpose()?,
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),
@@ -546,6 +552,18 @@ mod tests {
                     mask: Some(img.clone()),
                     strength: 0.6,
                 }),
+                hires: Some(sdserve_pipeline::pipeline::Hires {
+                    width: 512,
+                    height: 384,
+                    upscale_width: 512,
+                    upscale_height: 512,
+                    upscaler: crate::validate::hires::upscaler_named("Latent (bicubic)").unwrap(),
+                    steps: 7,
+                    strength: 0.55,
+                    scheduler: Some(SchedulerKind::Ddim),
+                    prompt: Some("hr".into()),
+                    negative_prompt: None,
+                }),
                 ..Default::default()
             },
             request: serde_json::json!({"prompt": "a (cat:1.2)"}),
@@ -562,6 +580,7 @@ mod tests {
         assert_eq!(again.params.prompt_syntax, PromptSyntax::A1111);
         assert_eq!(again.params.loras, spec.params.loras);
         assert_eq!(again.params.init_image, spec.params.init_image);
+        assert_eq!(again.params.hires, spec.params.hires);
         assert_eq!(again.timeout, Duration::from_secs(3));
         assert_eq!(again.png_texts, spec.png_texts);
         assert_eq!(again.timeout_setting, DeadlineSetting::Job);

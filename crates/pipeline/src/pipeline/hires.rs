@@ -1,0 +1,338 @@
+//! A1111's "hires fix" (`StableDiffusionProcessingTxt2Img.sample_hr_pass`) as stages after
+//! text-to-image's `denoise`: the latents are upscaled (in latent space with torch's
+//! `interpolate`, or decoded, resized as an image and encoded again) and denoised once more at
+//! the larger size as img2img (diffusers' semantics, this crate's `images_in`), each image
+//! with a generator seeded like the first pass's.
+
+use candle_core::{DType, Tensor};
+
+use super::{
+    decode::postprocess, images_in, GenerationParams, RgbImage, StableDiffusion, StepHook,
+    StepProgress,
+};
+use crate::image_in::{self, resize_lanczos, resize_nearest};
+use crate::interpolate::{interpolate, Interpolation};
+use crate::rng::TorchRng;
+use crate::schedulers::{Scheduler, SchedulerKind};
+use crate::{PipelineError, Result};
+
+/// The second pass of a text-to-image request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hires {
+    /// The size of the final image.
+    pub width: usize,
+    pub height: usize,
+    /// The size upscaled to before a centred crop to `width` x `height` (A1111's
+    /// `hr_upscale_to_x/y` when both `hr_resize_x` and `hr_resize_y` are given and the aspect
+    /// differs); `width` x `height` otherwise. The crop is A1111's: `(upscale - size) / 8 / 2`
+    /// cells of 8 pixels off the left and top.
+    pub upscale_width: usize,
+    pub upscale_height: usize,
+    pub upscaler: Upscaler,
+    /// The second pass's schedule has this many steps, of which it runs
+    /// `int(steps * strength)` (img2img's `strength`).
+    pub steps: usize,
+    pub strength: f64,
+    /// `None`: the first pass's scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    /// `None`: the first pass's prompt (and negative prompt).
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+}
+
+/// How the first pass's result is brought to the larger size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upscaler {
+    /// A1111's `None`: the decoded image resized with Lanczos (`images.resize_image`).
+    Resize,
+    /// A1111's `Lanczos` / `Nearest` upscalers (`Upscaler.upscale`): the decoded image scaled
+    /// by `max(w / w0, h / h0)` with that filter, then Lanczos to a multiple of 8 and to the
+    /// size where those differ.
+    Lanczos,
+    Nearest,
+    /// A1111's `Latent ...` modes: the latents themselves, interpolated.
+    Latent(Interpolation),
+}
+
+impl Upscaler {
+    fn on_image(self) -> bool {
+        !matches!(self, Self::Latent(_))
+    }
+}
+
+impl Hires {
+    /// The first pass's image brought to `upscale_width` x `upscale_height`, then cropped.
+    pub fn upscale_image(&self, image: &RgbImage) -> RgbImage {
+        let (w, h) = (self.upscale_width, self.upscale_height);
+        let (w0, h0) = (image.width as f64, image.height as f64);
+        let scale = (w as f64 / w0).max(h as f64 / h0);
+        let mut out = match self.upscaler {
+            Upscaler::Lanczos | Upscaler::Nearest if scale > 1.0 => {
+                let (sw, sh) = ((w0 * scale) as usize, (h0 * scale) as usize);
+                let scaled = match self.upscaler {
+                    Upscaler::Nearest => resize_nearest(image, sw, sh),
+                    _ => resize_lanczos(image, sw, sh),
+                };
+                // `int((img.width * scale) // 8 * 8)`
+                let dest = |side: f64| ((side * scale / 8.0).floor() * 8.0) as usize;
+                let scaled = resize_lanczos(&scaled, dest(w0), dest(h0));
+                resize_lanczos(&scaled, w, h)
+            }
+            _ => resize_lanczos(image, w, h),
+        };
+        let (left, top) = self.crop_offset();
+        if (left, top) != (0, 0) || (w, h) != (self.width, self.height) {
+            out = crop(&out, left, top, self.width, self.height);
+        }
+        out
+    }
+
+    /// Pixels cropped off the left and top: A1111's `truncate // 2` latent cells of 8 pixels.
+    fn crop_offset(&self) -> (usize, usize) {
+        let cells = |up: usize, size: usize| (up.saturating_sub(size) / 8) / 2 * 8;
+        (
+            cells(self.upscale_width, self.width),
+            cells(self.upscale_height, self.height),
+        )
+    }
+}
+
+fn crop(image: &RgbImage, left: usize, top: usize, width: usize, height: usize) -> RgbImage {
+    let stride = image.width as usize * 3;
+    let mut pixels = Vec::with_capacity(width * height * 3);
+    for y in top..top + height {
+        let at = y * stride + left * 3;
+        pixels.extend_from_slice(&image.pixels[at..at + width * 3]);
+    }
+    RgbImage {
+        width: width as u32,
+        height: height as u32,
+        pixels,
+    }
+}
+
+/// The second pass as `generate` runs it: its parameters and schedule, known before the first
+/// pass starts (so its rules are checked, and the progress counts both passes, from step 1).
+pub(super) struct SecondPass<'a> {
+    hires: &'a Hires,
+    /// The request as an img2img of the final size (no init image: the upscale is its start).
+    pub params: GenerationParams,
+    pub scheduler: Box<dyn Scheduler>,
+    pub begin: usize,
+}
+
+impl SecondPass<'_> {
+    /// UNet evaluations the second pass reports.
+    pub fn steps(&self) -> usize {
+        self.scheduler.timesteps().len() - self.begin
+    }
+}
+
+impl StableDiffusion {
+    /// The rules the second pass must meet, and its schedule.
+    pub(super) fn second_pass<'a>(
+        &self,
+        params: &GenerationParams,
+        hires: &'a Hires,
+    ) -> Result<SecondPass<'a>> {
+        if params.init_image.is_some() {
+            return Err(PipelineError::InvalidRequest(
+                "the hires pass follows text-to-image only (no init image)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&hires.strength)
+            || images_in::init_steps(hires.steps, hires.strength) == 0
+        {
+            return Err(PipelineError::InvalidRequest(format!(
+                "hires: int(steps * strength) = int({} * {}) must be at least 1",
+                hires.steps, hires.strength
+            )));
+        }
+        let f = self.vae_scale_factor.max(8);
+        let sides = [
+            hires.width,
+            hires.height,
+            hires.upscale_width,
+            hires.upscale_height,
+        ];
+        if sides.iter().any(|&s| s == 0 || s % f != 0)
+            || hires.upscale_width < hires.width
+            || hires.upscale_height < hires.height
+        {
+            return Err(PipelineError::InvalidRequest(format!(
+                "hires: sizes must be positive multiples of {f}, the upscale at least the size \
+                 (got {}x{} from {}x{})",
+                hires.width, hires.height, hires.upscale_width, hires.upscale_height
+            )));
+        }
+        let second = GenerationParams {
+            prompt: hires
+                .prompt
+                .clone()
+                .unwrap_or_else(|| params.prompt.clone()),
+            negative_prompt: hires
+                .negative_prompt
+                .clone()
+                .unwrap_or_else(|| params.negative_prompt.clone()),
+            steps: hires.steps,
+            width: hires.width,
+            height: hires.height,
+            scheduler: hires.scheduler.or(params.scheduler),
+            hires: None,
+            ..params.clone()
+        };
+        let (scheduler, begin) =
+            self.schedule(second.scheduler, second.steps, Some(hires.strength))?;
+        Ok(SecondPass {
+            hires,
+            params: second,
+            scheduler,
+            begin,
+        })
+    }
+
+    /// The hires pass after the first pass's `denoise`: upscale, then img2img at the final
+    /// size. `first_steps` of the run's progress are done; the step hook goes on from there.
+    pub(super) fn hires_pass(
+        &self,
+        first: &GenerationParams,
+        latents: Tensor,
+        mut pass: SecondPass<'_>,
+        text_embeddings: super::Conditioning,
+        first_steps: usize,
+        on_step: StepHook,
+    ) -> Result<Vec<RgbImage>> {
+        let hires = pass.hires;
+        let f = self.vae_scale_factor;
+        let (w, h) = (hires.width, hires.height);
+        let shape = (1, self.vae_latent_channels, h / f, w / f);
+        // diffusers' generators again, seeded as the first pass's (A1111's `ImageRNG(seeds)`).
+        let mut rngs: Vec<TorchRng> = (0..first.batch_size)
+            .map(|i| TorchRng::new(images_in::seed_of_image(first.seed, i)))
+            .collect();
+        let start = if hires.upscaler.on_image() {
+            let mut images = Vec::with_capacity(latents.dim(0)?);
+            for i in 0..latents.dim(0)? {
+                let decoded = postprocess(&self.decode_latents(&latents.narrow(0, i, 1)?)?)?;
+                let upscaled = hires.upscale_image(&decoded);
+                images.push(image_in::image_tensor(&upscaled, w, h, &self.device)?);
+            }
+            drop(latents);
+            self.noised_image_latents(
+                &images.iter().collect::<Vec<_>>(),
+                pass.scheduler.as_ref(),
+                pass.begin,
+                &mut rngs,
+            )?
+        } else {
+            let Upscaler::Latent(how) = hires.upscaler else {
+                unreachable!("image upscalers are handled above")
+            };
+            let up = interpolate(
+                &latents.to_dtype(DType::F32)?,
+                hires.upscale_height / f,
+                hires.upscale_width / f,
+                how,
+            )?;
+            drop(latents);
+            let (left, top) = hires.crop_offset();
+            let up = up.narrow(2, top / f, h / f)?.narrow(3, left / f, w / f)?;
+            // The upscaled latents take the VAE encoder's place: only the noise is drawn.
+            let mut noised = Vec::with_capacity(rngs.len());
+            for (i, rng) in rngs.iter_mut().enumerate() {
+                let noise = rng.randn_tensor(shape, &self.device, DType::F32)?;
+                noised.push(
+                    pass.scheduler
+                        .add_noise(&up.narrow(0, i, 1)?, &noise, pass.begin)?,
+                );
+            }
+            Tensor::cat(&noised, 0)?.to_dtype(self.dtype)?
+        };
+        let text_embeddings = if pass.params.prompt != first.prompt
+            || pass.params.negative_prompt != first.negative_prompt
+        {
+            drop(text_embeddings);
+            self.encode_conditioning(&pass.params)?
+        } else {
+            text_embeddings
+        };
+        let total = first_steps + pass.steps();
+        let mut on_step = |p: StepProgress<'_>| {
+            on_step(StepProgress {
+                step: first_steps + p.step,
+                total,
+                latents: p.latents,
+            })
+        };
+        let begin = pass.begin;
+        let latents = self.denoise(
+            images_in::Start {
+                latents: start,
+                inpaint: None,
+            },
+            &text_embeddings,
+            pass.scheduler.as_mut(),
+            begin,
+            pass.params.guidance_scale,
+            &mut rngs,
+            &mut on_step,
+        )?;
+        drop(text_embeddings);
+        let mut images = Vec::with_capacity(first.batch_size);
+        for i in 0..latents.dim(0)? {
+            images.push(postprocess(
+                &self.decode_latents(&latents.narrow(0, i, 1)?)?,
+            )?);
+        }
+        Ok(images)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hires(upscaler: Upscaler, size: (usize, usize), upscale: (usize, usize)) -> Hires {
+        Hires {
+            width: size.0,
+            height: size.1,
+            upscale_width: upscale.0,
+            upscale_height: upscale.1,
+            upscaler,
+            steps: 2,
+            strength: 0.5,
+            scheduler: None,
+            prompt: None,
+            negative_prompt: None,
+        }
+    }
+
+    fn image(w: u32, h: u32) -> RgbImage {
+        RgbImage {
+            width: w,
+            height: h,
+            pixels: (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn resize_and_lanczos_agree_on_whole_scales_and_crops_are_centred_on_8_px_cells() {
+        let im = image(16, 8);
+        let a = hires(Upscaler::Resize, (32, 16), (32, 16)).upscale_image(&im);
+        let b = hires(Upscaler::Lanczos, (32, 16), (32, 16)).upscale_image(&im);
+        assert_eq!(a, b);
+        assert_eq!(a, resize_lanczos(&im, 32, 16));
+        // 48x24 cropped to 32x16: (48 - 32) / 8 = 2 cells, one off the left; (24 - 16) / 8 =
+        // 1 cell, none off the top.
+        let c = hires(Upscaler::Resize, (32, 16), (48, 24)).upscale_image(&im);
+        assert_eq!(c, crop(&resize_lanczos(&im, 48, 24), 8, 0, 32, 16));
+    }
+
+    #[test]
+    fn nearest_scales_by_pixels_first() {
+        let im = image(8, 8);
+        let n = hires(Upscaler::Nearest, (16, 16), (16, 16)).upscale_image(&im);
+        assert_eq!(n, resize_nearest(&im, 16, 16));
+        assert_ne!(n, resize_lanczos(&im, 16, 16));
+    }
+}

@@ -1,0 +1,374 @@
+//! The rules of A1111's hires fix (`enable_hr`: a second, img2img pass at a larger size; only
+//! the A1111 dialect asks for it, so errors name its fields). The target size is A1111's
+//! (`StableDiffusionProcessingTxt2Img.calculate_target_resolution`), floored to the native
+//! size grid (a multiple of 64, where A1111's latents floor it to 8) and then held to the
+//! native range, so the second pass runs at a size `/generate` could ask for.
+
+use sdserve_pipeline::interpolate::{Interpolation, InterpolationMode};
+use sdserve_pipeline::pipeline::{Hires, Upscaler};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde_json::{Map, Value};
+
+use super::fields::FieldReader;
+use super::{ValidRequest, PROMPT_MAX_CHARS, SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE, STEPS_MAX};
+use crate::error::ApiError;
+
+/// The A1111 fields of the second pass (`enable_hr` itself is the dialect's switch).
+pub const FIELDS: [&str; 8] = [
+    "hr_scale",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "denoising_strength",
+    "hr_prompt",
+    "hr_negative_prompt",
+];
+
+/// A1111's defaults (`StableDiffusionProcessingTxt2Img`; an absent `hr_upscaler` is
+/// `shared.latent_upscale_default_mode`).
+pub const HR_SCALE_DEFAULT: f64 = 2.0;
+pub const DENOISING_DEFAULT: f64 = 0.75;
+pub const UPSCALER_DEFAULT: &str = "Latent";
+
+const fn latent(mode: InterpolationMode, antialias: bool) -> Upscaler {
+    Upscaler::Latent(Interpolation { mode, antialias })
+}
+
+/// A1111's image upscalers we have (`shared.sd_upscalers`: `None`, `Lanczos`, `Nearest`;
+/// ESRGAN and the other models are not here).
+pub const IMAGE_UPSCALERS: [(&str, Upscaler); 3] = [
+    ("None", Upscaler::Resize),
+    ("Lanczos", Upscaler::Lanczos),
+    ("Nearest", Upscaler::Nearest),
+];
+
+/// A1111's `shared.latent_upscale_modes`, all of them.
+pub const LATENT_UPSCALERS: [(&str, Upscaler); 6] = [
+    ("Latent", latent(InterpolationMode::Bilinear, false)),
+    (
+        "Latent (antialiased)",
+        latent(InterpolationMode::Bilinear, true),
+    ),
+    (
+        "Latent (bicubic)",
+        latent(InterpolationMode::Bicubic, false),
+    ),
+    (
+        "Latent (bicubic antialiased)",
+        latent(InterpolationMode::Bicubic, true),
+    ),
+    (
+        "Latent (nearest)",
+        latent(InterpolationMode::Nearest, false),
+    ),
+    (
+        "Latent (nearest-exact)",
+        latent(InterpolationMode::NearestExact, false),
+    ),
+];
+
+/// Every upscaler by its A1111 name.
+pub fn upscalers() -> impl Iterator<Item = (&'static str, Upscaler)> {
+    LATENT_UPSCALERS.into_iter().chain(IMAGE_UPSCALERS)
+}
+
+pub fn upscaler_named(name: &str) -> Option<Upscaler> {
+    upscalers().find(|(n, _)| *n == name).map(|(_, u)| u)
+}
+
+pub fn upscaler_name(upscaler: Upscaler) -> &'static str {
+    upscalers()
+        .find(|(_, u)| *u == upscaler)
+        .map_or("None", |(n, _)| n)
+}
+
+/// A validated second pass: the pipeline's part, and what A1111's infotext says of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidHires {
+    pub params: Hires,
+    pub upscaler_name: &'static str,
+    /// A1111's infotext keys for the pass, in its order (`Denoising strength`, `Hires
+    /// upscale` or `Hires resize`, `Hires steps`, `Hires upscaler`, ...), values as it writes
+    /// them.
+    pub infotext: Vec<(&'static str, String)>,
+}
+
+impl ValidHires {
+    /// `, Key: value` for each infotext key, to follow the first pass's parameters.
+    pub fn infotext_suffix(&self) -> String {
+        self.infotext
+            .iter()
+            .map(|(k, v)| format!(", {k}: {v}"))
+            .collect()
+    }
+}
+
+/// The second pass's sampler when the request names one (A1111's `hr_sampler_name` /
+/// `hr_scheduler`, resolved by the dialect), with its A1111 name.
+pub struct HiresSampler {
+    pub kind: SchedulerKind,
+    pub name: &'static str,
+}
+
+/// Python's `str(float)`: `2.0`, `0.7`.
+fn py_float(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e16 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// A1111's `infotext_utils.quote`: JSON-quoted when it holds `,`, `:` or a newline.
+fn quote(text: &str) -> String {
+    if text.contains([',', ':', '\n']) {
+        Value::String(text.to_string()).to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// Checks the hires fields (`map` holds those of [`FIELDS`] the request sent) for the
+/// validated first pass `first`; `sampler` is the second pass's when it names its own.
+pub fn validate_hires(
+    map: &Map<String, Value>,
+    first: &ValidRequest,
+    sampler: Option<HiresSampler>,
+) -> Result<ValidHires, ApiError> {
+    let mut r = FieldReader::new(map, &FIELDS);
+    let scale = r.number("hr_scale", 0.0, 16.0);
+    let resize_x = r.int("hr_resize_x", 0, 16 * SIZE_MAX);
+    let resize_y = r.int("hr_resize_y", 0, 16 * SIZE_MAX);
+    let upscalers: Vec<(&str, (&'static str, Upscaler))> =
+        upscalers().map(|(n, u)| (n, (n, u))).collect();
+    let upscaler = r.choice("hr_upscaler", &upscalers);
+    let upscaler_sent = r.value("hr_upscaler").is_some();
+    let steps = r.int("hr_second_pass_steps", 0, STEPS_MAX);
+    let strength = r.number("denoising_strength", 0.0, 1.0);
+    let prompt = r.text("hr_prompt", 0, PROMPT_MAX_CHARS);
+    let negative_prompt = r.text("hr_negative_prompt", 0, PROMPT_MAX_CHARS);
+
+    let (w, h) = (first.width as u64, first.height as u64);
+    let scale_value = scale.unwrap_or(HR_SCALE_DEFAULT);
+    let (rx, ry) = (resize_x.unwrap_or(0), resize_y.unwrap_or(0));
+    // A1111's hr_upscale_to_x/y, and the fields that decide it.
+    let (asked, fields): ((u64, u64), &[&str]) = match (rx, ry) {
+        (0, 0) => (
+            (
+                (w as f64 * scale_value) as u64,
+                (h as f64 * scale_value) as u64,
+            ),
+            &["hr_scale"],
+        ),
+        (x, 0) => ((x, x * h / w), &["hr_resize_x"]),
+        (0, y) => ((y * w / h, y), &["hr_resize_y"]),
+        (x, y) => ((x, y), &["hr_resize_x", "hr_resize_y"]),
+    };
+    let floor = |v: u64| v / SIZE_MULTIPLE * SIZE_MULTIPLE;
+    let (tw, th) = (floor(asked.0), floor(asked.1));
+    let fits = |v: u64| (SIZE_MIN..=SIZE_MAX).contains(&v);
+    if !(fits(tw) && fits(th)) {
+        for f in fields {
+            r.fail(
+                f,
+                format!(
+                    "the hires size {}x{} from {w}x{h} (floored to a multiple of \
+                     {SIZE_MULTIPLE}: {tw}x{th}) must be {SIZE_MIN}..={SIZE_MAX} a side",
+                    asked.0, asked.1
+                ),
+            );
+        }
+    }
+    let steps_value = match steps {
+        Some(0) | None => first.steps,
+        Some(s) => s as usize,
+    };
+    let strength_value = strength.unwrap_or(DENOISING_DEFAULT);
+    // The default strength counts too; a broken one is reported once, by its own rule.
+    let usable = strength.or(r
+        .value("denoising_strength")
+        .is_none()
+        .then_some(DENOISING_DEFAULT));
+    if usable.is_some_and(|s| (steps_value as f64 * s) < 1.0) {
+        r.fail(
+            "denoising_strength",
+            format!(
+                "int(hires steps * denoising_strength) must be at least 1 (steps \
+                 {steps_value}, denoising_strength {strength_value})"
+            ),
+        );
+    }
+    // One set of LoRAs runs both passes: hr_prompt may repeat the prompt's tags, no others.
+    let mut hr_prompt = None;
+    if let Some(p) = prompt.filter(|p| !p.is_empty()) {
+        let (text, tags) = sdserve_pipeline::lora::extract_lora_tags(&p);
+        if tags
+            .iter()
+            .any(|(n, wt)| !first.loras.iter().any(|(m, v)| m == n && v == wt))
+        {
+            r.fail(
+                "hr_prompt",
+                "its <lora:...> tags must be the prompt's (one set of LoRAs runs both passes)",
+            );
+        }
+        hr_prompt = Some(text.trim().to_string());
+    }
+    let hr_negative = negative_prompt.filter(|p| !p.is_empty());
+    r.finish()?;
+
+    let (upscale_w, upscale_h) = if rx != 0 && ry != 0 && w * th != tw * h {
+        // Both sides given in another aspect: A1111 upscales to cover them, then crops.
+        let cover = if w * th < tw * h {
+            (tw, tw * h / w)
+        } else {
+            (th * w / h, th)
+        };
+        (cover.0 / 8 * 8, cover.1 / 8 * 8)
+    } else {
+        (tw, th)
+    };
+    let (upscaler_name, upscaler) = upscaler.unwrap_or((UPSCALER_DEFAULT, LATENT_UPSCALERS[0].1));
+    let mut infotext = vec![("Denoising strength", py_float(strength_value))];
+    if let Some(s) = &sampler {
+        infotext.push(("Hires sampler", s.name.to_string()));
+    }
+    if let Some(p) = &hr_prompt {
+        infotext.push(("Hires prompt", quote(p)));
+    }
+    if let Some(p) = &hr_negative {
+        infotext.push(("Hires negative prompt", quote(p)));
+    }
+    match (rx, ry) {
+        (0, 0) => infotext.push(("Hires upscale", py_float(scale_value))),
+        _ => infotext.push(("Hires resize", format!("{rx}x{ry}"))),
+    }
+    if let Some(s) = steps.filter(|&s| s > 0) {
+        infotext.push(("Hires steps", s.to_string()));
+    }
+    if upscaler_sent {
+        infotext.push(("Hires upscaler", upscaler_name.to_string()));
+    }
+    Ok(ValidHires {
+        params: Hires {
+            width: tw as usize,
+            height: th as usize,
+            upscale_width: upscale_w as usize,
+            upscale_height: upscale_h as usize,
+            upscaler,
+            steps: steps_value,
+            strength: strength_value,
+            scheduler: sampler.map(|s| s.kind),
+            prompt: hr_prompt,
+            negative_prompt: hr_negative,
+        },
+        upscaler_name,
+        infotext,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn first(width: usize, height: usize) -> ValidRequest {
+        let body = json!({"prompt": "a cat", "width": width, "height": height, "steps": 10});
+        super::super::validate_object(body.as_object().unwrap()).unwrap()
+    }
+
+    fn check(body: Value, w: usize, h: usize) -> Result<ValidHires, ApiError> {
+        validate_hires(body.as_object().unwrap(), &first(w, h), None)
+    }
+
+    fn sizes(v: &ValidHires) -> [usize; 4] {
+        let p = &v.params;
+        [p.width, p.height, p.upscale_width, p.upscale_height]
+    }
+
+    #[test]
+    fn target_sizes_follow_a1111_floored_to_the_native_grid() {
+        // A1111's defaults: hr_scale 2, Latent, the first pass's steps, strength 0.75.
+        let v = check(json!({}), 256, 320).unwrap();
+        assert_eq!(sizes(&v), [512, 640, 512, 640]);
+        assert_eq!(v.upscaler_name, "Latent");
+        assert_eq!((v.params.steps, v.params.strength), (10, 0.75));
+        // int(512 * 1.3) = 665, floored to 640 (A1111's latents would make 664).
+        assert_eq!(
+            sizes(&check(json!({"hr_scale": 1.3}), 512, 512).unwrap())[..2],
+            [640, 640]
+        );
+        // One side given: the other keeps the aspect (integer division, as A1111).
+        let v = check(json!({"hr_resize_x": 512}), 256, 320).unwrap();
+        assert_eq!(sizes(&v), [512, 640, 512, 640]);
+        let v = check(json!({"hr_resize_y": 384}), 384, 256).unwrap();
+        assert_eq!(sizes(&v), [576, 384, 576, 384]);
+        // Both, in another aspect: upscaled to cover, then cropped.
+        let v = check(json!({"hr_resize_x": 512, "hr_resize_y": 384}), 256, 256).unwrap();
+        assert_eq!(sizes(&v), [512, 384, 512, 512]);
+        // Both, same aspect: no crop.
+        let v = check(json!({"hr_resize_x": 512, "hr_resize_y": 512}), 256, 256).unwrap();
+        assert_eq!(sizes(&v), [512, 512, 512, 512]);
+    }
+
+    #[test]
+    fn infotext_keys_are_a1111_s() {
+        let v = check(
+            json!({"hr_scale": 2, "hr_upscaler": "None", "hr_second_pass_steps": 4,
+                   "denoising_strength": 0.5, "hr_prompt": "a dog, sharp"}),
+            256,
+            256,
+        )
+        .unwrap();
+        assert_eq!(
+            v.infotext_suffix(),
+            ", Denoising strength: 0.5, Hires prompt: \"a dog, sharp\", Hires upscale: 2.0, \
+             Hires steps: 4, Hires upscaler: None"
+        );
+        assert_eq!(v.params.upscaler, Upscaler::Resize);
+        assert_eq!(v.params.prompt.as_deref(), Some("a dog, sharp"));
+        let v = check(json!({"hr_resize_x": 512, "hr_prompt": ""}), 256, 256).unwrap();
+        assert_eq!(
+            v.infotext_suffix(),
+            ", Denoising strength: 0.75, Hires resize: 512x0"
+        );
+        assert_eq!(v.params.prompt, None);
+    }
+
+    #[test]
+    fn broken_rules_name_a1111_fields() {
+        let fields = |body: Value| -> Vec<String> {
+            match check(body, 512, 512).unwrap_err() {
+                ApiError::Validation(f) => f.into_iter().map(|f| f.field).collect(),
+                e => panic!("{e:?}"),
+            }
+        };
+        assert_eq!(fields(json!({"hr_scale": 2})), ["hr_scale"]);
+        assert_eq!(fields(json!({"hr_scale": 0.4})), ["hr_scale"]);
+        assert_eq!(fields(json!({"hr_resize_x": 1024})), ["hr_resize_x"]);
+        assert_eq!(
+            fields(json!({"hr_resize_x": 1024, "hr_resize_y": 100})),
+            ["hr_resize_x", "hr_resize_y"]
+        );
+        assert_eq!(
+            fields(json!({"hr_scale": 1, "hr_upscaler": "SwinIR 4x"})),
+            ["hr_upscaler"]
+        );
+        assert_eq!(
+            fields(json!({"hr_scale": 1, "hr_second_pass_steps": 1, "denoising_strength": 0.5})),
+            ["denoising_strength"]
+        );
+        assert_eq!(
+            fields(json!({"hr_scale": 1, "hr_second_pass_steps": 51})),
+            ["hr_second_pass_steps"]
+        );
+        assert_eq!(
+            fields(json!({"hr_scale": 1, "hr_prompt": "x <lora:other:1>"})),
+            ["hr_prompt"]
+        );
+        for (name, upscaler) in upscalers() {
+            assert_eq!(upscaler_named(name), Some(upscaler));
+            assert_eq!(upscaler_name(upscaler), name);
+        }
+    }
+}
