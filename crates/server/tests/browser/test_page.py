@@ -271,3 +271,35 @@ def test_a_key_protected_server_asks_for_the_key_and_keeps_it_out_of_urls(browse
         p.close()
     finally:
         server.stop()
+
+
+def test_lora_files_dropped_in_show_up_without_a_reload(browser, tmp_path):
+    loras = ROOT / "crates/pipeline/tests/fixtures/adapters/loras"
+    (tmp_path / "ink_kohya.safetensors").write_bytes((loras / "ink_kohya.safetensors").read_bytes())
+    server = Server("--model", str(ROOT / "crates/pipeline/tests/fixtures/tiny-a-vae8"), env={"LORA_DIR": str(tmp_path)})
+    try:
+        p = Page(browser, server, DESKTOP)
+        page = p.page
+        summary = page.locator("#lora-box summary")
+        summary.click()
+        ink = page.get_by_role("checkbox", name="ink_kohya")
+        ink.check()
+        page.get_by_label("Weight of ink_kohya").fill("0.5")
+        # Files dropped into LORA_DIR while the page is open: one that fits, one half-copied.
+        soft = (loras / "soft_peft.safetensors").read_bytes()
+        (tmp_path / "soft_peft.safetensors").write_bytes(soft)
+        (tmp_path / "broken.safetensors").write_bytes(soft[: len(soft) // 2])
+        # Closing and opening the list again reads it again (so does the window regaining focus).
+        summary.click()
+        summary.click()
+        expect(page.get_by_role("checkbox", name="soft_peft")).to_be_enabled()
+        broken = page.get_by_role("checkbox", name="broken")
+        expect(broken).to_be_disabled()
+        expect(page.locator(".lora[data-name=broken] .lora-error")).to_contain_text("truncated")
+        # The row that stayed kept its tick and weight.
+        expect(ink).to_be_checked()
+        expect(page.get_by_label("Weight of ink_kohya")).to_have_value("0.5")
+        assert p.console_errors == []
+        p.close()
+    finally:
+        server.stop()
