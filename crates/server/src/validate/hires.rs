@@ -5,7 +5,8 @@
 //! native range, so the second pass runs at a size `/generate` could ask for.
 
 use sdserve_pipeline::interpolate::{Interpolation, InterpolationMode};
-use sdserve_pipeline::pipeline::{Hires, Upscaler};
+use sdserve_pipeline::pipeline::{Hires, PromptSyntax, Upscaler};
+use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{Map, Value};
 
@@ -215,6 +216,25 @@ pub fn validate_hires(
         hr_prompt = Some(text.trim().to_string());
     }
     let hr_negative = negative_prompt.filter(|p| !p.is_empty());
+    // As for the prompts: an emphasis weight past float32 would make the image NaN.
+    if first.prompt_syntax == PromptSyntax::A1111 {
+        for (field, text) in [
+            ("hr_prompt", &hr_prompt),
+            ("hr_negative_prompt", &hr_negative),
+        ] {
+            let pieces = text.as_deref().map(parse_attention).unwrap_or_default();
+            if let Some(w) = pieces
+                .iter()
+                .map(|p| p.weight)
+                .find(|&w| !(w as f32).is_finite())
+            {
+                r.fail(
+                    field,
+                    format!("an emphasis weight must stay a finite float32 number (got {w:e})"),
+                );
+            }
+        }
+    }
     r.finish()?;
 
     let (upscale_w, upscale_h) = if rx != 0 && ry != 0 && w * th != tw * h {
@@ -365,6 +385,12 @@ mod tests {
         assert_eq!(
             fields(json!({"hr_scale": 1, "hr_prompt": "x <lora:other:1>"})),
             ["hr_prompt"]
+        );
+        assert_eq!(
+            fields(
+                json!({"hr_scale": 1, "hr_negative_prompt": "((a:99999999999999999999999):99999999999999999999999)"})
+            ),
+            ["hr_negative_prompt"]
         );
         for (name, upscaler) in upscalers() {
             assert_eq!(upscaler_named(name), Some(upscaler));
