@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use redis::{AsyncCommands, Script};
 
+use super::scripts;
 use super::wire::{self, now_ms, Record, WireError, WireSpec};
 use super::{unavailable, Shared};
 use crate::engine::job::{
@@ -143,7 +144,7 @@ impl Store {
         };
         let json = serde_json::to_string(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
         let k = self.keys();
-        let position: i64 = script(wire::SUBMIT)
+        let position: i64 = script(scripts::SUBMIT)
             .key(k.queue())
             .key(k.job(&id))
             .key(k.index())
@@ -332,7 +333,7 @@ impl Store {
         let id = &record.view.id;
         let (ended, event) = Self::ended(record, status, Err(err));
         let k = self.keys();
-        let done: i64 = script(wire::END_QUEUED)
+        let done: i64 = script(scripts::END_QUEUED)
             .key(k.queue())
             .key(k.done(id))
             .key(k.job(id))
@@ -356,7 +357,7 @@ impl Store {
     ) -> Result<Written, ApiError> {
         let id = &ended.view.id;
         let k = self.keys();
-        let done: i64 = script(wire::FINISH)
+        let done: i64 = script(scripts::FINISH)
             .key(k.done(id))
             .key(k.job(id))
             .arg(who)
@@ -383,7 +384,7 @@ impl Store {
             Some(r) => serde_json::to_string(r).map_err(|e| ApiError::Internal(e.to_string()))?,
             None => String::new(),
         };
-        let written: i64 = script(wire::UPDATE)
+        let written: i64 = script(scripts::UPDATE)
             .key(k.done(id))
             .key(k.job(id))
             .arg(json)
@@ -415,7 +416,7 @@ impl Store {
             }
         };
         let reset = record.requeued();
-        let done: i64 = script(wire::REQUEUE)
+        let done: i64 = script(scripts::REQUEUE)
             .key(k.processing(worker))
             .key(k.lease(id))
             .key(k.done(id))

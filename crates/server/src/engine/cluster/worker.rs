@@ -15,6 +15,7 @@ use std::time::Duration;
 use redis::{AsyncCommands, Script};
 use tokio::sync::broadcast;
 
+use super::scripts;
 use super::store::{Store, Written};
 use super::wire::{self, now_ms, Heartbeat, Record, WireInfo};
 use super::{started_at, worker_id, Shared, WorkerHealth};
@@ -187,7 +188,7 @@ async fn follow_rescans(w: Arc<Worker>) {
 }
 
 async fn take_jobs(w: Arc<Worker>) {
-    let claim = Script::new(wire::CLAIM);
+    let claim = Script::new(scripts::CLAIM);
     loop {
         if STOPPING.load(Ordering::SeqCst) {
             return;
@@ -347,7 +348,7 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
         )
         .await;
     };
-    let renew = Script::new(wire::RENEW);
+    let renew = Script::new(scripts::RENEW);
     let renew_every = (w.sh.cluster.lease / 3).max(Duration::from_millis(100));
     let mut last_renew = tokio::time::Instant::now();
     let mut cancel_tick = tokio::time::interval(CANCEL_POLL);
