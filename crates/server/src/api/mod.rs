@@ -158,6 +158,59 @@ pub struct GenerateRequest {
     /// binarised at 0.5. An inpainting model (9-channel UNet) needs it.
     #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
     pub mask_image: Option<String>,
+    /// Hires fix (text-to-image only): a second, img2img pass at a larger size over the
+    /// upscaled first image, as A1111's `enable_hr`. The PNG comes out at the pass's size
+    /// (`metadata.hires`); `metadata.width`/`height` stay the first pass's.
+    #[schema(nullable = true)]
+    pub hires: Option<HiresRequest>,
+}
+
+/// The hires fix's second pass: the target is `width` and `height`, or `scale` (one of the
+/// two); in another aspect than the first pass the upscaled image covers the target and is
+/// cropped to it (A1111's resize). Each broken rule is a 422 naming `hires.<key>`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HiresRequest {
+    /// Final width in pixels (with `height`).
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, example = 768)]
+    pub width: Option<u32>,
+    /// Final height in pixels (with `width`).
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, example = 768)]
+    pub height: Option<u32>,
+    /// Instead of width and height: both sides times `scale`, which must come out a multiple
+    /// of 64 in 256..=768 exactly (512 x 1.5 = 768; 512 x 1.3 is a 422).
+    #[schema(minimum = 1.0, maximum = 3.0, example = 1.5)]
+    pub scale: Option<f64>,
+    /// How the first image is enlarged, by A1111's names (`GET /sdapi/v1/latent-upscale-modes`
+    /// and `/sdapi/v1/upscalers`): `Latent`, `Latent (antialiased)`, `Latent (bicubic)`,
+    /// `Latent (bicubic antialiased)`, `Latent (nearest)`, `Latent (nearest-exact)` (the
+    /// latents), `None`, `Lanczos`, `Nearest` (the decoded image, encoded again).
+    #[schema(default = "Latent", example = "Lanczos")]
+    pub upscaler: Option<String>,
+    /// Steps of the second pass's schedule; 0 or absent: the request's `steps`.
+    #[schema(minimum = 0, maximum = 50, default = 0)]
+    pub steps: Option<u32>,
+    /// How much of the second pass's schedule runs (`int(steps * strength)` steps, at least 1).
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.75)]
+    pub strength: Option<f64>,
+}
+
+/// The second pass as it ran; `width` x `height` is the returned images' size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HiresMetadata {
+    pub width: u32,
+    pub height: u32,
+    /// A1111's name of the upscaler.
+    pub upscaler: String,
+    /// The second pass's schedule (it runs `int(steps * strength)` of them).
+    pub steps: u32,
+    pub strength: f64,
+    /// The second pass's own scheduler (A1111's `hr_sampler_name`); null: the first pass's.
+    pub scheduler: Option<String>,
+    /// The second pass's own prompts (A1111's `hr_prompt`, `hr_negative_prompt`); null: the
+    /// request's.
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
 }
 
 /// How prompts are read.
@@ -206,6 +259,9 @@ pub struct GenerateMetadata {
     /// `txt2img`, `img2img` or `inpaint`.
     #[schema(example = "img2img")]
     pub mode: String,
+    /// With the hires fix: its second pass, whose size the images have; null without.
+    #[serde(default)]
+    pub hires: Option<HiresMetadata>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -336,6 +392,8 @@ pub struct HealthResponse {
         GenerateRequest,
         GenerateResponse,
         GenerateMetadata,
+        HiresRequest,
+        HiresMetadata,
         SchedulerName,
         PromptSyntaxName,
         LoraUse,

@@ -242,6 +242,16 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 .collect(),
             generation_time_seconds: (gen_secs * 1000.0).round() / 1000.0,
             model_version: spec.model_version.clone(),
+            hires: p.hires.as_ref().map(|h| crate::api::HiresMetadata {
+                width: h.width as u32,
+                height: h.height as u32,
+                upscaler: crate::validate::hires::upscaler_name(h.upscaler).to_string(),
+                steps: h.steps as u32,
+                strength: h.strength,
+                scheduler: h.scheduler.map(|k| k.name().to_string()),
+                prompt: h.prompt.clone(),
+                negative_prompt: h.negative_prompt.clone(),
+            }),
         },
     }
 }

@@ -20,6 +20,7 @@ use crate::images::RequestImage;
 mod fields;
 mod for_model;
 pub mod hires;
+mod native_hires;
 #[cfg(test)]
 mod tests;
 
@@ -44,7 +45,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 15] = [
+pub const FIELDS: [&str; 16] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -60,6 +61,7 @@ pub const FIELDS: [&str; 15] = [
     "init_image",
     "strength",
     "mask_image",
+    "hires",
 ];
 pub const CLIP_SKIP_MAX: u64 = 4;
 pub const LORAS_MAX: usize = 8;
@@ -91,8 +93,8 @@ pub struct ValidRequest {
     pub mask_image: Option<RequestImage>,
     /// With an init image: how much of the schedule runs.
     pub strength: f64,
-    /// A1111's hires fix: a second pass at a larger size (text-to-image only; set by the A1111
-    /// dialect through [`hires::validate_hires`]).
+    /// The hires fix: a second pass at a larger size (text-to-image only; from the native
+    /// `hires` object or A1111's `enable_hr`, both through [`hires::validate_hires`]).
     pub hires: Option<hires::ValidHires>,
 }
 
@@ -292,6 +294,17 @@ pub fn validate_request(
             );
         }
     }
+    // The second pass needs the first's size (absent: the default; broken: unknown).
+    let known = |v: Option<u64>, f: &str| v.or(r.value(f).is_none().then_some(SIZE_DEFAULT as u64));
+    let first_size = known(width, "width").zip(known(height, "height"));
+    let hires = r.value("hires").and_then(|v| {
+        let first = native_hires::FirstPass {
+            size: first_size,
+            steps,
+            has_init_image: has_init,
+        };
+        native_hires::read(v, &first, &mut r)
+    });
     r.finish()?;
     // With an init image the size defaults to its own, floored to the multiple and clamped.
     let side = |given: Option<u64>, of_image: Option<u32>| match (given, of_image) {
@@ -312,7 +325,7 @@ pub fn validate_request(
         })
     };
     let (init_image, mask_image) = (fit(init_image), fit(mask_image));
-    Ok(ValidRequest {
+    let mut valid = ValidRequest {
         prompt: prompt.unwrap_or_default(),
         negative_prompt: negative_prompt.unwrap_or_default(),
         steps,
@@ -329,7 +342,11 @@ pub fn validate_request(
         mask_image,
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
         hires: None,
-    })
+    };
+    if let Some(fields) = hires {
+        valid.hires = Some(native_hires::build(&fields, &valid)?);
+    }
+    Ok(valid)
 }
 
 /// `loras`: `[{"name": str, "weight": number}]` (weight 1 when absent).

@@ -1,0 +1,196 @@
+//! The native `hires` object of `POST /generate` and `POST /jobs` over real HTTP on the real
+//! tiny model (`tiny-b`, 256 -> 384): the same second pass as A1111's `enable_hr` (pixel for
+//! pixel), the final size in `metadata.hires` and in the PNG, and its rules as 422s naming
+//! `hires.<key>`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{decode_png, post_json_to, Server};
+use serde_json::{json, Value};
+
+fn tiny_server() -> Server {
+    let tiny = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../pipeline/tests/fixtures/tiny-b"
+    ));
+    let cache = std::env::temp_dir().join(format!("sdserve-hires-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    let env = vec![
+        ("MODEL_ID".to_string(), tiny.to_string_lossy().into_owned()),
+        ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
+        (
+            "MODEL_CACHE_DIR".to_string(),
+            cache.to_string_lossy().into(),
+        ),
+        // Every request here must run: the A1111 one must not be the native one's cached answer.
+        ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
+    ];
+    let s = Server::start(&env);
+    s.wait_ready(Duration::from_secs(120));
+    s
+}
+
+/// The first pass of every request here, natively.
+fn native(hires: Value) -> Value {
+    json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11, "steps": 2,
+           "width": 256, "height": 256, "guidance_scale": 6.0, "scheduler": "euler",
+           "hires": hires})
+}
+
+/// The same request in A1111's terms.
+fn a1111(hires: Value) -> Value {
+    let mut body = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11,
+                          "steps": 2, "width": 256, "height": 256, "cfg_scale": 6.0,
+                          "sampler_name": "Euler", "enable_hr": true});
+    for (k, v) in hires.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn ok(r: &common::Resp) -> Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
+    let s = tiny_server();
+    for (hires, hr) in [
+        (
+            json!({"width": 384, "height": 384, "steps": 3, "strength": 0.7}),
+            json!({"hr_resize_x": 384, "hr_resize_y": 384, "hr_second_pass_steps": 3,
+                   "denoising_strength": 0.7}),
+        ),
+        (
+            json!({"scale": 1.5, "upscaler": "Lanczos"}),
+            json!({"hr_scale": 1.5, "hr_upscaler": "Lanczos"}),
+        ),
+    ] {
+        let body = ok(&s.post_json(&native(hires.clone())));
+        let (w, h, pixels, text) = decode_png(body["image_base64"].as_str().unwrap());
+        assert_eq!((w, h), (384, 384), "{hires}");
+        let m = &body["metadata"];
+        // The first pass's size, and the second pass's: the image's.
+        assert_eq!((&m["width"], &m["height"]), (&json!(256), &json!(256)));
+        assert_eq!(
+            (&m["hires"]["width"], &m["hires"]["height"]),
+            (&json!(w), &json!(h))
+        );
+        let a = ok(&post_json_to(
+            s.addr,
+            "/sdapi/v1/txt2img",
+            &a1111(hr.clone()),
+        ));
+        let (aw, ah, a_pixels, _) = decode_png(a["images"][0].as_str().unwrap());
+        assert_eq!((aw, ah), (w, h));
+        assert!(pixels == a_pixels, "native {hires} and A1111 {hr} differ");
+        // The PNG's parameters carry the pass (A1111's infotext keys).
+        let text = text.unwrap();
+        assert!(text.contains("Denoising strength:"), "{text}");
+        if hires.get("scale").is_some() {
+            assert_eq!(m["hires"]["upscaler"], "Lanczos");
+            assert_eq!(
+                (&m["hires"]["steps"], &m["hires"]["strength"]),
+                (&json!(2), &json!(0.75))
+            );
+            assert!(text.contains("Hires upscale: 1.5"), "{text}");
+        } else {
+            assert_eq!(m["hires"]["upscaler"], "Latent");
+            assert_eq!(
+                (&m["hires"]["steps"], &m["hires"]["strength"]),
+                (&json!(3), &json!(0.7))
+            );
+            assert!(text.contains("Hires resize: 384x384"), "{text}");
+        }
+    }
+
+    // Without hires: no second pass, `metadata.hires` null.
+    let body = ok(&s.post_json(&native(Value::Null)));
+    assert_eq!(decode_png(body["image_base64"].as_str().unwrap()).0, 256);
+    assert!(body["metadata"]["hires"].is_null(), "{}", body["metadata"]);
+
+    // POST /jobs: the same request, its record and result.
+    let r = common::request(
+        s.addr,
+        "POST",
+        "/jobs",
+        &[("Content-Type", "application/json")],
+        native(json!({"width": 320, "height": 384, "upscaler": "Nearest"}))
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(300);
+    let job = loop {
+        let j = s.get(&format!("/jobs/{id}")).json();
+        if j["status"] == "succeeded" || j["status"] == "failed" || Instant::now() > until {
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["request"]["hires"]["width"], 320, "{job}");
+    let result = &job["result"];
+    let (w, h, _, _) = decode_png(result["image_base64"].as_str().unwrap());
+    assert_eq!((w, h), (320, 384));
+    assert_eq!(result["metadata"]["hires"]["upscaler"], "Nearest");
+    assert_eq!(
+        (
+            &result["metadata"]["hires"]["width"],
+            &result["metadata"]["hires"]["height"]
+        ),
+        (&json!(320), &json!(384))
+    );
+}
+
+#[test]
+fn native_hires_rules_are_422s_naming_the_key() {
+    let s = tiny_server();
+    for (hires, field, says) in [
+        (
+            json!({"width": 400, "height": 384}),
+            "hires.width",
+            "multiple of 64",
+        ),
+        (json!({"width": 384, "height": 832}), "hires.height", "768"),
+        (json!({"width": 384}), "hires.height", "required"),
+        (
+            json!({"scale": 1.5, "width": 384}),
+            "hires.scale",
+            "not both",
+        ),
+        // 256 * 1.3 = 332.8: no rounding, a 422 instead.
+        (json!({"scale": 1.3}), "hires.scale", "332.8"),
+        (
+            json!({"scale": 1.5, "upscaler": "ESRGAN_4x"}),
+            "hires.upscaler",
+            "Lanczos",
+        ),
+        (json!({"scale": 1.5, "steps": 51}), "hires.steps", "50"),
+        (
+            json!({"scale": 1.5, "steps": 1, "strength": 0.5}),
+            "hires.strength",
+            "at least 1",
+        ),
+        (
+            json!({"scale": 1.5, "denoise": 0.5}),
+            "hires.denoise",
+            "unknown",
+        ),
+        (json!("yes"), "hires", "object"),
+    ] {
+        let r = s.post_json(&native(hires.clone()));
+        assert_eq!(r.broken_fields(), [field], "{hires}");
+        let details = r.json()["details"].as_str().unwrap().to_string();
+        assert!(details.contains(says), "{hires}: {details}");
+    }
+    // Every broken field at once, the first pass's and the second's.
+    let mut body = native(json!({"scale": 1.5, "steps": 99}));
+    body["steps"] = json!(0);
+    assert_eq!(s.post_json(&body).broken_fields(), ["steps", "hires.steps"]);
+}
