@@ -135,10 +135,11 @@ def shot(page, name):
 
 def fill_request(page, prompt, steps, size, seed):
     page.get_by_role("textbox", name="Prompt", exact=True).fill(prompt)
-    page.get_by_label("Steps").fill(str(steps))
-    page.get_by_label("Width").fill(str(size))
-    page.get_by_label("Height").fill(str(size))
-    page.get_by_label("Seed").fill(str(seed))
+    # Exact names: "Hires steps", "Hires width", ... are other fields.
+    page.get_by_label("Steps", exact=True).fill(str(steps))
+    page.get_by_label("Width", exact=True).fill(str(size))
+    page.get_by_label("Height", exact=True).fill(str(size))
+    page.get_by_label("Seed", exact=True).fill(str(seed))
 
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
@@ -303,3 +304,41 @@ def test_lora_files_dropped_in_show_up_without_a_reload(browser, tmp_path):
         p.close()
     finally:
         server.stop()
+
+
+def test_hires_fix_gives_an_image_of_the_hires_size(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    fill_request(page, "a hires lighthouse", 2, 256, 21)
+    page.get_by_text("Hires fix", exact=True).click()
+    page.get_by_role("checkbox", name="Enable hires fix").check()
+    page.get_by_label("Hires width").fill("384")
+    page.get_by_label("Hires height").fill("320")
+    # The upscalers are the server's (A1111's latent modes and image upscalers).
+    upscaler = page.get_by_role("combobox", name="Upscaler")
+    expect(upscaler.locator("option", has_text="Latent (bicubic antialiased)")).to_have_count(1)
+    upscaler.select_option("Lanczos")
+    page.get_by_label("Hires strength").fill("0.5")
+    page.get_by_label("Hires steps").fill("2")
+    page.get_by_role("button", name="Generate").click()
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [384, 320]
+    expect(page.locator("#params")).to_contain_text("384x320, Lanczos, strength 0.5, 2 steps")
+    # The native API's image for the same request.
+    hires = {"width": 384, "height": 320, "upscaler": "Lanczos", "strength": 0.5, "steps": 2}
+    native = tiny.post_json("/generate", {"prompt": "a hires lighthouse", "steps": 2, "width": 256, "height": 256, "seed": 21, "negative_prompt": "", "guidance_scale": 7.5, "hires": hires})
+    assert native["metadata"]["hires"]["width"] == 384
+    png = base64.b64decode(image.get_attribute("src").split(",", 1)[1])
+    assert base64.b64decode(native["image_base64"]) == png
+    # "Reuse these parameters" brings the hires pass back.
+    page.get_by_role("checkbox", name="Enable hires fix").uncheck()
+    page.get_by_label("Hires width").fill("512")
+    upscaler.select_option("Latent")
+    page.get_by_role("button", name="Reuse these parameters").click()
+    expect(page.get_by_role("checkbox", name="Enable hires fix")).to_be_checked()
+    expect(page.get_by_label("Hires width")).to_have_value("384")
+    expect(upscaler).to_have_value("Lanczos")
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
+    p.close()

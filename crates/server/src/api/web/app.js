@@ -96,6 +96,9 @@ function numberOf(id) {
   return v === '' ? null : Number(v);
 }
 
+// The hires fix's number fields (`hires-width`, ...), as the request's `hires` names them.
+const HIRES_NUMBERS = ['width', 'height', 'strength', 'steps'];
+
 function buildRequest() {
   const request = {
     prompt: $('prompt').value,
@@ -121,6 +124,10 @@ function buildRequest() {
     .filter((row) => row.querySelector('input[type=checkbox]').checked)
     .map((row) => ({ name: row.dataset.name, weight: Number(row.querySelector('input[type=number]').value) }));
   if (loras.length) request.loras = loras;
+  if ($('hires-on').checked) {
+    request.hires = { upscaler: $('hires-upscaler').value };
+    for (const k of HIRES_NUMBERS) if (numberOf(`hires-${k}`) !== null) request.hires[k] = numberOf(`hires-${k}`);
+  }
   for (const k of Object.keys(request)) if (request[k] === null) delete request[k];
   return request;
 }
@@ -137,6 +144,13 @@ function fillForm(p) {
   set('batch', p.batch_size);
   if (p.scheduler !== undefined) $('scheduler').value = p.scheduler || '';
   if (p.strength !== undefined && p.strength !== null) $('strength').value = p.strength;
+  // metadata.hires is the second pass as it ran (null: none).
+  $('hires-on').checked = Boolean(p.hires);
+  if (p.hires) {
+    for (const k of HIRES_NUMBERS) set(`hires-${k}`, p.hires[k]);
+    setUpscaler(p.hires.upscaler);
+    $('hires-box').open = true;
+  }
   $('prompt').focus();
 }
 
@@ -273,13 +287,17 @@ function finish(result) {
   });
   const dl = $('params');
   dl.replaceChildren();
-  const shown = ['prompt', 'negative_prompt', 'seed', 'seeds', 'steps', 'width', 'height', 'guidance_scale', 'scheduler', 'mode', 'strength', 'batch_size', 'model_version', 'generation_time_seconds'];
+  const shown = ['prompt', 'negative_prompt', 'seed', 'seeds', 'steps', 'width', 'height', 'guidance_scale', 'scheduler', 'mode', 'strength', 'hires', 'batch_size', 'model_version', 'generation_time_seconds'];
+  const text = (k, v) => {
+    if (k === 'hires') return `${v.width}x${v.height}, ${v.upscaler}, strength ${v.strength}, ${v.steps} steps`;
+    return Array.isArray(v) ? v.join(', ') : String(v);
+  };
   for (const k of shown) {
     if (meta[k] === undefined || meta[k] === null || meta[k] === '') continue;
     const dt = document.createElement('dt');
     dt.textContent = k.replace(/_/g, ' ');
     const dd = document.createElement('dd');
-    dd.textContent = Array.isArray(meta[k]) ? meta[k].join(', ') : String(meta[k]);
+    dd.textContent = text(k, meta[k]);
     dl.append(dt, dd);
   }
   $('download').href = pngSrc(images[0]);
@@ -491,6 +509,30 @@ async function loadLoras() {
   }
 }
 
+// ---------- hires fix ----------
+
+// Selects the upscaler by name, adding it when the server's list did not have it (yet).
+function setUpscaler(name) {
+  const select = $('hires-upscaler');
+  if (![...select.options].some((o) => o.value === name)) select.add(new Option(name, name));
+  select.value = name;
+}
+
+// The hires fix's upscalers are A1111's: its latent modes, then its image upscalers.
+async function loadUpscalers(doc) {
+  const names = [];
+  for (const path of ['/sdapi/v1/latent-upscale-modes', '/sdapi/v1/upscalers']) {
+    if (!(doc.paths && doc.paths[path])) continue;
+    const list = await (await api(path)).json();
+    for (const item of list) if (item && item.name && !names.includes(item.name)) names.push(item.name);
+  }
+  if (!names.length) return;
+  const select = $('hires-upscaler');
+  const chosen = select.value;
+  select.replaceChildren(...names.map((n) => new Option(n, n)));
+  setUpscaler(chosen);
+}
+
 async function probeServer() {
   try {
     const health = await (await fetch('/health')).json();
@@ -504,6 +546,7 @@ async function probeServer() {
     const doc = await (await api('/openapi.json')).json();
     lorasListed = Boolean(doc.paths && doc.paths['/loras']);
     if (lorasListed) await loadLoras();
+    await loadUpscalers(doc);
   } catch (err) {
     if (err.status !== 401) showError(err);
   }
