@@ -5,7 +5,7 @@ use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage
 use sdserve_pipeline::schedulers::SchedulerKind;
 
 /// The sampler name A1111 uses for each scheduler.
-fn a1111_sampler(kind: SchedulerKind) -> &'static str {
+pub(crate) fn a1111_sampler(kind: SchedulerKind) -> &'static str {
     match kind {
         SchedulerKind::Pndm => "PLMS",
         SchedulerKind::Ddim => "DDIM",

@@ -108,6 +108,46 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
         }
     }
 
+    // The pass's own scheduler and prompts: A1111's hr_sampler_name ("DPM++ 2M": its automatic
+    // schedule is Karras), hr_prompt, hr_negative_prompt; and they change the image.
+    let same = json!({"scale": 1.5, "steps": 3, "strength": 0.7});
+    let mut own = same.clone();
+    own["scheduler"] = json!("dpmpp_2m_karras");
+    own["prompt"] = json!("a lighthouse, (sharp:1.2)");
+    own["negative_prompt"] = json!("fog");
+    let body = ok(&s.post_json(&native(own.clone())));
+    let (_, _, pixels, text) = decode_png(body["image_base64"].as_str().unwrap());
+    let a = ok(&post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(
+            json!({"hr_scale": 1.5, "hr_second_pass_steps": 3, "denoising_strength": 0.7,
+                      "hr_sampler_name": "DPM++ 2M", "hr_prompt": "a lighthouse, (sharp:1.2)",
+                      "hr_negative_prompt": "fog"}),
+        ),
+    ));
+    assert!(
+        pixels == decode_png(a["images"][0].as_str().unwrap()).2,
+        "native {own} and A1111 differ"
+    );
+    let m = &body["metadata"]["hires"];
+    assert_eq!(
+        (&m["scheduler"], &m["prompt"], &m["negative_prompt"]),
+        (
+            &json!("dpmpp_2m_karras"),
+            &json!("a lighthouse, (sharp:1.2)"),
+            &json!("fog")
+        ),
+        "{m}"
+    );
+    let text = text.unwrap();
+    assert!(text.contains("Hires sampler: DPM++ 2M Karras"), "{text}");
+    let plain = ok(&s.post_json(&native(same)));
+    assert!(
+        pixels != decode_png(plain["image_base64"].as_str().unwrap()).2,
+        "the overrides changed nothing"
+    );
+
     // Without hires: no second pass, `metadata.hires` null.
     let body = ok(&s.post_json(&native(Value::Null)));
     assert_eq!(decode_png(body["image_base64"].as_str().unwrap()).0, 256);
@@ -181,6 +221,21 @@ fn native_hires_rules_are_422s_naming_the_key() {
             json!({"scale": 1.5, "denoise": 0.5}),
             "hires.denoise",
             "unknown",
+        ),
+        (
+            json!({"scale": 1.5, "scheduler": "DPM++ 2M"}),
+            "hires.scheduler",
+            "dpmpp_2m",
+        ),
+        (
+            json!({"scale": 1.5, "prompt": "x <lora:other:1>"}),
+            "hires.prompt",
+            "<lora:",
+        ),
+        (
+            json!({"scale": 1.5, "negative_prompt": 7}),
+            "hires.negative_prompt",
+            "string",
         ),
         (json!("yes"), "hires", "object"),
     ] {

@@ -193,6 +193,19 @@ pub struct HiresRequest {
     /// How much of the second pass's schedule runs (`int(steps * strength)` steps, at least 1).
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.75)]
     pub strength: Option<f64>,
+    /// The second pass's own scheduler (A1111's `hr_sampler_name`); absent or null: the
+    /// first pass's.
+    #[schema(nullable = true)]
+    pub scheduler: Option<SchedulerName>,
+    /// The second pass's own prompt (A1111's `hr_prompt`); absent, null or empty: the
+    /// request's. Its `<lora:...>` tags may only repeat the request's (one set of LoRAs runs
+    /// both passes).
+    #[schema(max_length = 500, nullable = true)]
+    pub prompt: Option<String>,
+    /// The second pass's own negative prompt (A1111's `hr_negative_prompt`); absent, null or
+    /// empty: the request's.
+    #[schema(max_length = 500, nullable = true)]
+    pub negative_prompt: Option<String>,
 }
 
 /// The second pass as it ran; `width` x `height` is the returned images' size.

@@ -343,8 +343,8 @@ pub fn validate_request(
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
         hires: None,
     };
-    if let Some(fields) = hires {
-        valid.hires = Some(native_hires::build(&fields, &valid)?);
+    if let Some(read) = hires {
+        valid.hires = Some(native_hires::build(&read, &valid)?);
     }
     Ok(valid)
 }

@@ -2,29 +2,49 @@
 //! native sizes are (explicit, no A1111 rounding). The target is `width` and `height` (multiples
 //! of 64 in 256..=768, as the first pass's) or `scale`, which must land on such a size exactly;
 //! its fields become A1111's so that [`super::hires::validate_hires`] builds the pass, as for
-//! `enable_hr`. Errors name `hires.<field>`.
+//! `enable_hr`. `scheduler`, `prompt` and `negative_prompt` are the pass's own (A1111's
+//! `hr_sampler_name`, `hr_prompt`, `hr_negative_prompt`). Errors name `hires.<field>`.
 
+use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{json, Map, Value};
 
 use super::fields::FieldReader;
-use super::hires::{upscalers, validate_hires, ValidHires, DENOISING_DEFAULT};
-use super::{ValidRequest, SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE, STEPS_MAX};
+use super::hires::{upscalers, validate_hires, HiresSampler, ValidHires, DENOISING_DEFAULT};
+use super::{ValidRequest, PROMPT_MAX_CHARS, SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE, STEPS_MAX};
 use crate::error::{ApiError, FieldError};
 
 /// The keys of the `hires` object.
-pub const FIELDS: [&str; 6] = ["width", "height", "scale", "upscaler", "steps", "strength"];
+pub const FIELDS: [&str; 9] = [
+    "width",
+    "height",
+    "scale",
+    "upscaler",
+    "steps",
+    "strength",
+    "scheduler",
+    "prompt",
+    "negative_prompt",
+];
 /// The largest scale that can still fit: 256 * 3 = 768.
 pub const SCALE_MAX: f64 = 3.0;
 
 /// Each native key and the A1111 field it becomes.
-const A1111_NAMES: [(&str, &str); 6] = [
+const A1111_NAMES: [(&str, &str); 8] = [
     ("width", "hr_resize_x"),
     ("height", "hr_resize_y"),
     ("scale", "hr_scale"),
     ("upscaler", "hr_upscaler"),
     ("steps", "hr_second_pass_steps"),
     ("strength", "denoising_strength"),
+    ("prompt", "hr_prompt"),
+    ("negative_prompt", "hr_negative_prompt"),
 ];
+
+/// The read `hires` object: its A1111 fields, and its own scheduler (native names).
+pub(super) struct ReadHires {
+    fields: Map<String, Value>,
+    scheduler: Option<SchedulerKind>,
+}
 
 /// What the first pass is, as far as it is valid: `size` is `None` when width or height broke
 /// their rules (rules that need it are then skipped).
@@ -34,13 +54,9 @@ pub(super) struct FirstPass {
     pub has_init_image: bool,
 }
 
-/// Reads `hires`, recording each broken rule in `outer` as `hires.<key>`; the A1111 fields of
-/// the pass when every rule holds.
-pub(super) fn read(
-    value: &Value,
-    first: &FirstPass,
-    outer: &mut FieldReader,
-) -> Option<Map<String, Value>> {
+/// Reads `hires`, recording each broken rule in `outer` as `hires.<key>`; the
+/// pass's A1111 fields and scheduler when every rule holds.
+pub(super) fn read(value: &Value, first: &FirstPass, outer: &mut FieldReader) -> Option<ReadHires> {
     if first.has_init_image {
         outer.fail(
             "hires",
@@ -52,7 +68,7 @@ pub(super) fn read(
         outer.fail(
             "hires",
             "must be an object: {\"width\", \"height\"} or {\"scale\"}, with optional \
-             \"upscaler\", \"steps\", \"strength\"",
+             \"upscaler\", \"steps\", \"strength\", \"scheduler\", \"prompt\", \"negative_prompt\"",
         );
         return None;
     };
@@ -67,6 +83,13 @@ pub(super) fn read(
     let upscaler = r.choice("upscaler", &names);
     let steps = r.int("steps", 0, STEPS_MAX);
     let strength = r.number("strength", 0.0, 1.0);
+    // As the first pass's: the scheduler by its native name, the prompts' length and type here,
+    // their tags and weights in validate_hires.
+    let schedulers: Vec<(&str, SchedulerKind)> =
+        SchedulerKind::ALL.iter().map(|k| (k.name(), *k)).collect();
+    let scheduler = r.choice("scheduler", &schedulers);
+    let prompt = r.text("prompt", 0, PROMPT_MAX_CHARS);
+    let negative_prompt = r.text("negative_prompt", 0, PROMPT_MAX_CHARS);
 
     let given = |f: &str| obj.get(f).is_some_and(|v| !v.is_null());
     let (has_w, has_h, has_s) = (given("width"), given("height"), given("scale"));
@@ -143,16 +166,27 @@ pub(super) fn read(
     if let Some(s) = strength {
         put("denoising_strength", json!(s));
     }
-    Some(fields)
+    if let Some(p) = prompt {
+        put("hr_prompt", json!(p));
+    }
+    if let Some(p) = negative_prompt {
+        put("hr_negative_prompt", json!(p));
+    }
+    Some(ReadHires { fields, scheduler })
 }
 
 /// The pass for the validated first pass `first` ([`read`]'s fields); a rule broken there names
 /// the native key.
-pub(super) fn build(
-    fields: &Map<String, Value>,
-    first: &ValidRequest,
-) -> Result<ValidHires, ApiError> {
-    validate_hires(fields, first, None).map_err(|e| match e {
+pub(super) fn build(read: &ReadHires, first: &ValidRequest) -> Result<ValidHires, ApiError> {
+    // As A1111's dialect: the first pass's own scheduler named again is no override.
+    let sampler = read
+        .scheduler
+        .filter(|&k| Some(k) != first.scheduler)
+        .map(|kind| HiresSampler {
+            kind,
+            name: crate::png::a1111_sampler(kind),
+        });
+    validate_hires(&read.fields, first, sampler).map_err(|e| match e {
         ApiError::Validation(errors) => ApiError::Validation(
             errors
                 .into_iter()
@@ -174,6 +208,7 @@ pub(super) fn build(
 
 #[cfg(test)]
 mod tests {
+    use sdserve_pipeline::schedulers::SchedulerKind;
     use serde_json::json;
 
     use super::super::validate_object;
@@ -210,6 +245,24 @@ mod tests {
         assert_eq!((p.width, p.height, p.upscale_width), (512, 640, 512));
         assert_eq!((p.steps, p.strength, h.upscaler_name), (3, 0.5, "Lanczos"));
         assert_eq!(v(json!({"scale": 2, "steps": 0})).params.steps, 6);
+        // The pass's own scheduler and prompts, as A1111's hr_sampler_name / hr_prompt /
+        // hr_negative_prompt.
+        let h = v(
+            json!({"scale": 2, "scheduler": "dpmpp_2m_karras", "prompt": "a dog, sharp",
+                         "negative_prompt": "fog"}),
+        );
+        assert_eq!(h.params.scheduler, Some(SchedulerKind::DpmPp2mKarras));
+        assert_eq!(h.params.prompt.as_deref(), Some("a dog, sharp"));
+        assert_eq!(h.params.negative_prompt.as_deref(), Some("fog"));
+        assert!(
+            h.infotext_suffix().contains(
+                "Hires sampler: DPM++ 2M Karras, Hires prompt: \"a dog, sharp\", Hires negative prompt: fog"
+            ),
+            "{}",
+            h.infotext_suffix()
+        );
+        let h = v(json!({"scale": 2, "prompt": "", "negative_prompt": null}));
+        assert_eq!((h.params.scheduler, h.params.prompt), (None, None));
         let body = json!({"prompt": "p", "hires": null});
         assert_eq!(
             validate_object(body.as_object().unwrap()).unwrap().hires,
@@ -256,6 +309,26 @@ mod tests {
         assert_eq!(
             fields(with(json!({"scale": 2, "sacle": 2}))),
             ["hires.sacle"]
+        );
+        assert_eq!(
+            fields(with(json!({"scale": 2, "scheduler": "DPM++ 2M"}))),
+            ["hires.scheduler"]
+        );
+        assert_eq!(
+            fields(with(json!({"scale": 2, "prompt": "x <lora:other:1>"}))),
+            ["hires.prompt"]
+        );
+        assert_eq!(
+            fields(with(
+                json!({"scale": 2, "negative_prompt": "((a:99999999999999999999999):99999999999999999999999)"})
+            )),
+            ["hires.negative_prompt"]
+        );
+        assert_eq!(
+            fields(with(
+                json!({"scale": 2, "prompt": 3, "negative_prompt": "x".repeat(501)})
+            )),
+            ["hires.prompt", "hires.negative_prompt"]
         );
         assert_eq!(fields(with(json!(2))), ["hires"]);
         // Text-to-image only; every broken field at once.
