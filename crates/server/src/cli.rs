@@ -351,10 +351,37 @@ pub struct GenerateArgs {
     pub strength: Option<f64>,
     #[arg(long = "mask")]
     pub mask_image: Option<PathBuf>,
+    /// The hires fix: any `--hires-*` flag asks for the second pass (the native `hires` object).
+    #[command(flatten)]
+    pub hires: HiresArgs,
     /// The PNG to write (a batch adds -1, -2, ... before the extension); checked before the
     /// model loads.
     #[arg(short, long, default_value = "out.png")]
     pub output: PathBuf,
+}
+
+/// `generate`'s hires fix flags: the keys of the native `hires` object, checked by the same
+/// validation (errors name `hires.<key>`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct HiresArgs {
+    #[arg(long)]
+    pub hires_width: Option<u64>,
+    #[arg(long)]
+    pub hires_height: Option<u64>,
+    #[arg(long)]
+    pub hires_scale: Option<f64>,
+    #[arg(long)]
+    pub hires_upscaler: Option<String>,
+    #[arg(long)]
+    pub hires_steps: Option<u64>,
+    #[arg(long)]
+    pub hires_strength: Option<f64>,
+    #[arg(long)]
+    pub hires_scheduler: Option<String>,
+    #[arg(long)]
+    pub hires_prompt: Option<String>,
+    #[arg(long)]
+    pub hires_negative_prompt: Option<String>,
 }
 
 /// The request flags of `generate`: (flag id, help), from the API's rules and defaults.
@@ -412,6 +439,42 @@ fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "mask_image",
             "Inpainting, with --init-image: a mask of the same size, white = repaint, black = keep [default: none]".to_string(),
+        ),
+        (
+            "hires_width",
+            format!("Hires fix (text-to-image): a second pass at this width, with --hires-height; {SIZE_MIN}..={SIZE_MAX}, a multiple of {SIZE_MULTIPLE} [default: no second pass]"),
+        ),
+        (
+            "hires_height",
+            format!("Hires fix: the second pass's height, with --hires-width; {SIZE_MIN}..={SIZE_MAX}, a multiple of {SIZE_MULTIPLE}"),
+        ),
+        (
+            "hires_scale",
+            format!("Hires fix: instead of --hires-width/--hires-height, both sides times this; it must land on a multiple of {SIZE_MULTIPLE} in {SIZE_MIN}..={SIZE_MAX} exactly"),
+        ),
+        (
+            "hires_upscaler",
+            format!("Hires fix: how the first image is enlarged, one of {} [default: {}]", hires::upscalers().map(|(n, _)| n).collect::<Vec<_>>().join(", "), hires::UPSCALER_DEFAULT),
+        ),
+        (
+            "hires_steps",
+            format!("Hires fix: the second pass's schedule, 0..={STEPS_MAX}; 0: --steps [default: 0]"),
+        ),
+        (
+            "hires_strength",
+            format!("Hires fix: how much of the second pass's schedule runs, 0..=1 [default: {}]", hires::DENOISING_DEFAULT),
+        ),
+        (
+            "hires_scheduler",
+            format!("Hires fix: the second pass's own scheduler, one of {} [default: --scheduler's]", schedulers.join(", ")),
+        ),
+        (
+            "hires_prompt",
+            format!("Hires fix: the second pass's own prompt, 0..={PROMPT_MAX_CHARS} characters [default: --prompt]"),
+        ),
+        (
+            "hires_negative_prompt",
+            format!("Hires fix: the second pass's own negative prompt, 0..={PROMPT_MAX_CHARS} characters [default: --negative-prompt]"),
         ),
     ]
 }

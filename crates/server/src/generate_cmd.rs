@@ -51,6 +51,27 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
             m.insert(k.into(), v);
         }
     }
+    let h = &a.hires;
+    let hires: Map<String, Value> = [
+        ("width", h.hires_width.map(|v| json!(v))),
+        ("height", h.hires_height.map(|v| json!(v))),
+        ("scale", h.hires_scale.map(|v| json!(v))),
+        ("upscaler", h.hires_upscaler.as_ref().map(|v| json!(v))),
+        ("steps", h.hires_steps.map(|v| json!(v))),
+        ("strength", h.hires_strength.map(|v| json!(v))),
+        ("scheduler", h.hires_scheduler.as_ref().map(|v| json!(v))),
+        ("prompt", h.hires_prompt.as_ref().map(|v| json!(v))),
+        (
+            "negative_prompt",
+            h.hires_negative_prompt.as_ref().map(|v| json!(v)),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v?)))
+    .collect();
+    if !hires.is_empty() {
+        m.insert("hires".into(), Value::Object(hires));
+    }
     Ok(Value::Object(m))
 }
 
@@ -249,7 +270,13 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
     progress.finish();
-    let texts = crate::png::batch_texts(&params, &loaded.info.model_version);
+    let mut texts = crate::png::batch_texts(&params, &loaded.info.model_version);
+    // As the server's: the second pass's A1111 keys follow the first's parameters.
+    if let Some(h) = &req.hires {
+        for text in &mut texts {
+            text.push_str(&h.infotext_suffix());
+        }
+    }
     for (i, (img, text)) in images.iter().zip(&texts).enumerate() {
         let path = batch_path(&a.output, i);
         let png = crate::png::encode(img, text)?;

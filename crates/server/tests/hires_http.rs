@@ -249,3 +249,86 @@ fn native_hires_rules_are_422s_naming_the_key() {
     body["steps"] = json!(0);
     assert_eq!(s.post_json(&body).broken_fields(), ["steps", "hires.steps"]);
 }
+
+/// `sdserve generate --hires-*`: the flags are the native `hires` object (the same PNG as
+/// `/generate` with it), and its rules refuse a bad flag before the model loads, naming the key.
+#[test]
+fn the_cli_writes_the_hires_pass_of_the_native_object() {
+    let dir = std::env::temp_dir().join(format!("sdserve-cli-hires-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out.png");
+    let tiny_b =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/tiny-b");
+    let cli = |hires: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+            .args(["generate", "--device", "cpu", "--model"])
+            .arg(&tiny_b)
+            .args(["--prompt", "a lighthouse", "--negative-prompt", "blurry"])
+            .args([
+                "--seed", "11", "--steps", "2", "--width", "256", "--height", "256",
+            ])
+            .args(["--guidance-scale", "6", "--scheduler", "euler"])
+            .args(hires)
+            .arg("-o")
+            .arg(&out)
+            .env_clear()
+            .env("MODEL_CACHE_DIR", dir.join("cache"))
+            .output()
+            .unwrap()
+    };
+    let run = cli(&[
+        "--hires-width",
+        "320",
+        "--hires-height",
+        "384",
+        "--hires-upscaler",
+        "Lanczos",
+        "--hires-steps",
+        "3",
+        "--hires-strength",
+        "0.7",
+        "--hires-scheduler",
+        "dpmpp_2m_karras",
+        "--hires-prompt",
+        "a lighthouse, sharp",
+        "--hires-negative-prompt",
+        "fog",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("(320x384), seed 11"), "{stderr}");
+    let (w, h, pixels, text) = decode_png(&base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(&out).unwrap(),
+    ));
+    assert_eq!((w, h), (320, 384));
+    let text = text.unwrap();
+    assert!(text.contains("Hires resize: 320x384"), "{text}");
+
+    let s = tiny_server();
+    let body = ok(&s.post_json(&native(json!({
+        "width": 320, "height": 384, "upscaler": "Lanczos", "steps": 3, "strength": 0.7,
+        "scheduler": "dpmpp_2m_karras", "prompt": "a lighthouse, sharp", "negative_prompt": "fog"
+    }))));
+    let (_, _, served, _) = decode_png(body["image_base64"].as_str().unwrap());
+    assert!(pixels == served, "the CLI's hires image is not /generate's");
+
+    for (flags, key) in [
+        (&["--hires-scale", "1.3"][..], "hires.scale"),
+        (&["--hires-width", "384"][..], "hires.height"),
+        (
+            &["--hires-scale", "1.5", "--hires-upscaler", "ESRGAN_4x"][..],
+            "hires.upscaler",
+        ),
+    ] {
+        let refused = cli(flags);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{flags:?}");
+        assert!(stderr.contains(key), "{flags:?}: {stderr}");
+        assert!(
+            !stderr.contains("loading"),
+            "{flags:?} loaded the model: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
