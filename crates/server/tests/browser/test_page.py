@@ -342,3 +342,37 @@ def test_hires_fix_gives_an_image_of_the_hires_size(browser, tiny):
     assert p.console_errors == []
     assert p.foreign_requests() == []
     p.close()
+
+
+def test_hires_fix_is_off_while_an_init_image_is_set(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    fill_request(page, "a hires lighthouse", 2, 256, 21)
+    page.get_by_text("Hires fix", exact=True).click()
+    enable = page.get_by_role("checkbox", name="Enable hires fix")
+    enable.check()
+    page.get_by_label("Hires width").fill("384")
+    page.get_by_label("Hires height").fill("384")
+    note = page.get_by_text("Off while an init image is set")
+    expect(note).to_be_hidden()
+    # An init image (text-to-image only: the server would answer hires with a 422).
+    init = base64.b64decode(tiny.post_json("/generate", {"prompt": "a boat", "steps": 2, "width": 256, "height": 256, "seed": 5})["image_base64"])
+    page.get_by_text("Init image and mask", exact=True).click()
+    page.locator("#init").set_input_files({"name": "init.png", "mimeType": "image/png", "buffer": init})
+    expect(enable).to_be_disabled()
+    expect(page.get_by_label("Hires width")).to_be_disabled()
+    expect(page.get_by_role("combobox", name="Upscaler")).to_be_disabled()
+    expect(note).to_be_visible()
+    page.get_by_role("button", name="Generate").click()
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [256, 256]
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#params")).not_to_contain_text("384x384")
+    # Without the init image the section is back as it was.
+    page.get_by_role("button", name="Remove init image").click()
+    expect(enable).to_be_enabled()
+    expect(enable).to_be_checked()
+    expect(note).to_be_hidden()
+    assert p.console_errors == []
+    p.close()

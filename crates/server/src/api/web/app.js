@@ -124,7 +124,7 @@ function buildRequest() {
     .filter((row) => row.querySelector('input[type=checkbox]').checked)
     .map((row) => ({ name: row.dataset.name, weight: Number(row.querySelector('input[type=number]').value) }));
   if (loras.length) request.loras = loras;
-  if ($('hires-on').checked) {
+  if ($('hires-on').checked && !state.initImage) {
     request.hires = { upscaler: $('hires-upscaler').value };
     for (const k of HIRES_NUMBERS) if (numberOf(`hires-${k}`) !== null) request.hires[k] = numberOf(`hires-${k}`);
   }
@@ -341,6 +341,7 @@ async function setInitImage(dataUrl) {
   // Empty width and height: the server sizes the output from the init image (DESIGN §1).
   for (const id of ['width', 'height']) { $(id).value = ''; $(id).placeholder = 'from the image'; }
   setStatus(`Init image ${img.naturalWidth}x${img.naturalHeight}: the output takes its size unless you set one.`);
+  syncHires();
 }
 
 function clearInit() {
@@ -352,6 +353,7 @@ function clearInit() {
   clearMask();
   $('canvas-box').hidden = true;
   for (const id of ['width', 'height']) { if ($(id).value === '') $(id).value = 512; $(id).placeholder = ''; }
+  syncHires();
 }
 
 function clearMask() {
@@ -510,6 +512,12 @@ async function loadLoras() {
 }
 
 // ---------- hires fix ----------
+
+// Text-to-image only (the server refuses hires with an init image): disabled, with a note, while one is set.
+function syncHires() {
+  for (const el of $('hires-box').querySelectorAll('input, select')) el.disabled = Boolean(state.initImage);
+  $('hires-off').hidden = !state.initImage;
+}
 
 // Selects the upscaler by name, adding it when the server's list did not have it (yet).
 function setUpscaler(name) {
