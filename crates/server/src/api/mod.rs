@@ -99,15 +99,15 @@ pub enum SchedulerName {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
-    /// What to draw, counted after cleaning.
+    /// 1..=500 characters counted after cleaning (control characters and surrounding whitespace
+    /// do not count, so the schema states no maxLength): what to draw.
     #[schema(
         min_length = 1,
-        max_length = 500,
         example = "a watercolor painting of a lighthouse at dawn"
     )]
     pub prompt: String,
-    /// What to keep out of the image, counted after cleaning.
-    #[schema(max_length = 500, default = "")]
+    /// At most 500 characters counted after cleaning: what to keep out of the image.
+    #[schema(default = "")]
     pub negative_prompt: Option<String>,
     #[schema(minimum = 1, maximum = 50, default = 20)]
     /// Denoising steps; time grows with them.
@@ -199,12 +199,12 @@ pub struct HiresRequest {
     pub scheduler: Option<SchedulerName>,
     /// The second pass's own prompt (A1111's `hr_prompt`); absent, null or empty: the
     /// request's. Its `<lora:...>` tags may only repeat the request's (one set of LoRAs runs
-    /// both passes).
-    #[schema(max_length = 500, nullable = true)]
+    /// both passes). At most 500 characters counted after cleaning.
+    #[schema(nullable = true)]
     pub prompt: Option<String>,
     /// The second pass's own negative prompt (A1111's `hr_negative_prompt`); absent, null or
-    /// empty: the request's.
-    #[schema(max_length = 500, nullable = true)]
+    /// empty: the request's. At most 500 characters counted after cleaning.
+    #[schema(nullable = true)]
     pub negative_prompt: Option<String>,
 }
 

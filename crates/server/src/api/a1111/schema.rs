@@ -10,10 +10,12 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(Serialize, ToSchema)]
 #[schema(as = a1111::GenerateRequest)]
 pub struct A1111Request {
-    /// 1..=500 characters (the native rule). `<lora:name:weight>` tags work as natively.
-    #[schema(min_length = 1, max_length = 500)]
+    /// 1..=500 characters counted after cleaning (the native rule). `<lora:name:weight>` tags
+    /// work as natively.
+    #[schema(min_length = 1)]
     pub prompt: String,
-    #[schema(max_length = 500, nullable = true)]
+    /// At most 500 characters counted after cleaning (the native rule).
+    #[schema(nullable = true)]
     pub negative_prompt: Option<String>,
     #[schema(default = 50, minimum = 1, maximum = 50, nullable = true)]
     pub steps: Option<u32>,
@@ -82,10 +84,11 @@ pub struct A1111Request {
     /// The second pass's sampler and schedule (absent or `Use same sampler`: the first's).
     pub hr_sampler_name: Option<String>,
     pub hr_scheduler: Option<String>,
-    /// The second pass's prompts ("" : the first's); `<lora:...>` tags must be the prompt's.
-    #[schema(max_length = 500, nullable = true)]
+    /// The second pass's prompts ("" : the first's; at most 500 characters counted after
+    /// cleaning); `<lora:...>` tags must be the prompt's.
+    #[schema(nullable = true)]
     pub hr_prompt: Option<String>,
-    #[schema(max_length = 500, nullable = true)]
+    #[schema(nullable = true)]
     pub hr_negative_prompt: Option<String>,
     /// img2img: inpainting mask, white = repaint.
     pub mask: Option<String>,

@@ -10,7 +10,8 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(Serialize, ToSchema)]
 #[schema(as = openai::ImageGenerationRequest)]
 pub struct GenerationRequest {
-    #[schema(min_length = 1, max_length = 500)]
+    /// 1..=500 characters counted after cleaning (the native rule).
+    #[schema(min_length = 1)]
     pub prompt: String,
     /// The native `batch_size`: image *i* uses seed + *i*.
     #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
@@ -22,8 +23,8 @@ pub struct GenerationRequest {
     /// `b64_json` (`url` when `model` is a `dall-e-*` name, as OpenAI does).
     #[schema(nullable = true)]
     pub response_format: Option<ResponseFormat>,
-    /// Our extras, as natively.
-    #[schema(max_length = 500, nullable = true)]
+    /// Our extras, as natively (at most 500 characters counted after cleaning).
+    #[schema(nullable = true)]
     pub negative_prompt: Option<String>,
     #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
     pub seed: Option<u64>,
@@ -46,7 +47,8 @@ pub struct EditRequest {
     pub image: Vec<u8>,
     #[schema(format = Binary, value_type = String)]
     pub mask: Option<Vec<u8>>,
-    #[schema(min_length = 1, max_length = 500)]
+    /// 1..=500 characters counted after cleaning (the native rule).
+    #[schema(min_length = 1)]
     pub prompt: String,
     #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n: Option<u32>,
