@@ -26,19 +26,6 @@ fn tiny_b() -> PathBuf {
     ))
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dst = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &dst);
-        } else {
-            std::fs::copy(&p, &dst).unwrap();
-        }
-    }
-}
-
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
     let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     edit(v.as_object_mut().unwrap());
@@ -63,7 +50,7 @@ fn make_model(dir: &Path) -> u64 {
     use sdserve_pipeline::clip::{ClipTextConfig, ClipTextModel};
     use sdserve_pipeline::unet::{UNet2DConditionModel, UNetConfig};
     let _ = std::fs::remove_dir_all(dir);
-    copy_dir(&tiny_b(), dir);
+    common::copy_tree(&tiny_b(), dir);
     let te = edit_json(&dir.join("text_encoder/config.json"), |c| {
         c.insert("hidden_size".into(), json!(1024));
         c.insert("intermediate_size".into(), json!(4096));

@@ -397,3 +397,17 @@ pub fn decode_png(b64: &str) -> (u32, u32, Vec<u8>, Option<String>) {
         .map(|t| t.text.clone());
     (frame.width, frame.height, buf, text)
 }
+
+/// Copies the folder `from` (a fixture) into `to`, subfolders included.
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dst = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
+}

@@ -5,20 +5,6 @@
 
 use super::*;
 
-/// Copies `from` (a fixture folder) into `to`.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dst = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_tree(&p, &dst);
-        } else {
-            std::fs::copy(&p, &dst).unwrap();
-        }
-    }
-}
-
 fn serve(model: &Path, cache: &Path) -> common::Server {
     let env: Vec<(String, String)> = [
         ("MODEL_ID", model.to_str().unwrap()),
@@ -36,7 +22,7 @@ fn serve(model: &Path, cache: &Path) -> common::Server {
 fn a_malicious_bin_is_a_503_naming_its_global_and_a_bin_text_encoder_serves() {
     let cache = Scratch::new("pickle-models");
     let evil = cache.0.join("evil-model");
-    copy_tree(&fixtures().join("tiny-inpaint-bin"), &evil);
+    common::copy_tree(&fixtures().join("tiny-inpaint-bin"), &evil);
     let malicious: serde_json::Value = serde_json::from_slice(
         &std::fs::read(fixtures().join("single-file/malicious.json")).unwrap(),
     )
@@ -84,9 +70,9 @@ fn a_malicious_bin_is_a_503_naming_its_global_and_a_bin_text_encoder_serves() {
     // tiny-inpaint-bin (the same tensors, re-saved by torch) answers with the same pixels as
     // with its safetensors.
     let mixed = cache.0.join("mixed-model");
-    copy_tree(&fixtures().join("tiny-a-vae8"), &mixed);
+    common::copy_tree(&fixtures().join("tiny-a-vae8"), &mixed);
     std::fs::remove_file(mixed.join("text_encoder/model.safetensors")).unwrap();
-    copy_tree(
+    common::copy_tree(
         &fixtures().join("tiny-inpaint-bin/text_encoder"),
         &mixed.join("text_encoder"),
     );
