@@ -170,7 +170,24 @@ pub fn check_number(v: &Value, min: f64, max: f64) -> Result<f64, String> {
     let rule = format!("must be a number between {min} and {max}");
     let g = v.as_f64().ok_or_else(|| rule.clone())?;
     if !(min..=max).contains(&g) {
-        return Err(format!("{rule} (got {g})"));
+        // The number as the client wrote it (`1e+308`), not f64's Display (309 digits).
+        return Err(format!("{rule} (got {v})"));
     }
     Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn out_of_range_numbers_are_quoted_as_written() {
+        let e = check_number(&json!(1e308), 1.0, 3.0).unwrap_err();
+        assert_eq!(e, "must be a number between 1 and 3 (got 1e+308)");
+        let e = check_number(&json!(-0.5), 0.0, 1.0).unwrap_err();
+        assert_eq!(e, "must be a number between 0 and 1 (got -0.5)");
+        let e = check_int(&json!(1e20), 0, 10).unwrap_err();
+        assert_eq!(e, "must be an integer between 0 and 10 (got 1e+20)");
+    }
 }
