@@ -147,10 +147,11 @@ def test_controls_are_named_and_the_page_fits(browser, tiny, viewport):
     p = Page(browser, tiny, viewport)
     page = p.page
     expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_be_visible()
-    expect(page.get_by_role("textbox", name="Negative prompt")).to_be_visible()
+    # Exact names: "Hires negative prompt", "Hires scheduler" are other fields.
+    expect(page.get_by_role("textbox", name="Negative prompt", exact=True)).to_be_visible()
     for name in ["Steps", "Width", "Height", "Seed", "Guidance scale"]:
         expect(page.get_by_label(name, exact=True)).to_be_visible()
-    expect(page.get_by_role("combobox", name="Scheduler")).to_be_visible()
+    expect(page.get_by_role("combobox", name="Scheduler", exact=True)).to_be_visible()
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
     expect(page.get_by_role("progressbar")).to_be_visible()
@@ -375,4 +376,72 @@ def test_hires_fix_is_off_while_an_init_image_is_set(browser, tiny):
     expect(enable).to_be_checked()
     expect(note).to_be_hidden()
     assert p.console_errors == []
+    p.close()
+
+
+def test_hires_fix_by_scale_with_its_own_scheduler_and_prompts(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    fill_request(page, "a hires lighthouse", 2, 256, 21)
+    page.get_by_text("Hires fix", exact=True).click()
+    page.get_by_role("checkbox", name="Enable hires fix").check()
+    # A scale or a width and height, never both: only the chosen way's fields are on.
+    scale = page.get_by_label("Hires scale")
+    expect(scale).to_be_disabled()
+    page.get_by_role("radio", name="By scale").check()
+    expect(scale).to_be_enabled()
+    expect(page.get_by_label("Hires width")).to_be_disabled()
+    expect(page.get_by_label("Hires height")).to_be_disabled()
+    scale.fill("1.5")
+    # The second pass's schedulers are the server's (the API's SchedulerName), after "as the first pass".
+    names = tiny.get_json("/openapi.json")["components"]["schemas"]["SchedulerName"]["enum"]
+    scheduler = page.get_by_role("combobox", name="Hires scheduler")
+    assert scheduler.evaluate("s => [...s.options].map(o => o.value)") == [""] + names
+    scheduler.select_option("dpmpp_2m")
+    page.get_by_role("textbox", name="Hires prompt", exact=True).fill("a hires lighthouse, (sharp:1.2)")
+    page.get_by_role("textbox", name="Hires negative prompt", exact=True).fill("fog")
+    page.get_by_label("Hires strength").fill("0.5")
+    page.get_by_label("Hires steps").fill("2")
+    sent = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/jobs") and sent.append(json.loads(r.post_data)))
+    page.get_by_role("button", name="Generate").click()
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [384, 384]
+    hires = {"scale": 1.5, "upscaler": "Latent", "strength": 0.5, "steps": 2, "scheduler": "dpmpp_2m",
+             "prompt": "a hires lighthouse, (sharp:1.2)", "negative_prompt": "fog"}
+    request = {"prompt": "a hires lighthouse", "negative_prompt": "", "steps": 2, "width": 256, "height": 256,
+               "guidance_scale": 7.5, "seed": 21, "hires": hires}
+    assert sent == [request]
+    expect(page.locator("#params")).to_contain_text('384x384, Latent, strength 0.5, 2 steps, dpmpp_2m, prompt "a hires lighthouse, (sharp:1.2)", negative prompt "fog"')
+    # The same PNG as /generate with the same JSON.
+    native = tiny.post_json("/generate", request)
+    png = base64.b64decode(image.get_attribute("src").split(",", 1)[1])
+    assert base64.b64decode(native["image_base64"]) == png
+    # "Reuse these parameters" (and the history, after a reload) bring back the pass as asked: by scale.
+    for reuse in ["button", "history"]:
+        page.get_by_role("radio", name="By scale").check()
+        scale.fill("2")
+        page.get_by_role("radio", name="By width and height").check()
+        scheduler.select_option("")
+        page.get_by_role("textbox", name="Hires prompt", exact=True).fill("")
+        page.get_by_role("textbox", name="Hires negative prompt", exact=True).fill("")
+        page.get_by_role("checkbox", name="Enable hires fix").uncheck()
+        if reuse == "button":
+            page.get_by_role("button", name="Reuse these parameters").click()
+        else:
+            page.get_by_role("img", name="Earlier result").first.click()
+        expect(page.get_by_role("checkbox", name="Enable hires fix")).to_be_checked()
+        expect(page.get_by_role("radio", name="By scale")).to_be_checked()
+        expect(scale).to_have_value("1.5")
+        expect(scale).to_be_enabled()
+        expect(page.get_by_label("Hires width")).to_be_disabled()
+        expect(scheduler).to_have_value("dpmpp_2m")
+        expect(page.get_by_role("textbox", name="Hires prompt", exact=True)).to_have_value("a hires lighthouse, (sharp:1.2)")
+        expect(page.get_by_role("textbox", name="Hires negative prompt", exact=True)).to_have_value("fog")
+        if reuse == "button":
+            page.reload()
+            page.get_by_text("Hires fix", exact=True).click()
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
     p.close()

@@ -6,7 +6,7 @@
 //   mask), loras.js, hires.js (the hires fix), history.js.
 import { $, state } from './dom.js';
 import { fillForm } from './form.js';
-import { loadUpscalers } from './hires.js';
+import { initHires, loadHiresLists } from './hires.js';
 import { clearHistory, renderHistory } from './history.js';
 import { api, KEY_STORE } from './http.js';
 import { initImagesIn } from './images_in.js';
@@ -25,7 +25,7 @@ async function probeServer() {
     await api('/jobs'); // 401 here shows the key field before the first Generate
     const doc = await (await api('/openapi.json')).json();
     await startLoras(doc);
-    await loadUpscalers(doc);
+    await loadHiresLists(doc);
   } catch (err) {
     if (err.status !== 401) showError(err);
   }
@@ -44,9 +44,10 @@ function init() {
   });
   $('api-key').value = sessionStorage.getItem(KEY_STORE) || '';
   initImagesIn();
-  $('reuse').addEventListener('click', () => { if (state.result) fillForm(state.result.metadata || {}); });
+  $('reuse').addEventListener('click', () => { if (state.result) fillForm(state.result.metadata || {}, state.asked); });
   $('clear-history').addEventListener('click', clearHistory);
   initLoras();
+  initHires();
   setProgress(0, 0);
   renderHistory();
   probeServer();

@@ -9,7 +9,8 @@ export const state = {
   maskDrawn: false,
   maskFile: null, // data URL of a chosen mask file (wins over painting)
   result: null, // the last result body (GET /jobs/{id}.result)
-  request: null, // what the page asked for that result
+  request: null, // what the page asked for the job it runs
+  asked: null, // what the page asked for the last result
 };
 
 // A number field's value; null when empty.

@@ -33,8 +33,9 @@ export function buildRequest() {
   return request;
 }
 
-// `p` is a result's metadata (also as kept in the history).
-export function fillForm(p) {
+// `p` is a result's metadata (also as kept in the history); `asked` what the page sent for it,
+// when known (it says how the hires size was asked).
+export function fillForm(p, asked) {
   const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
   set('prompt', p.prompt);
   set('negative', p.negative_prompt);
@@ -46,6 +47,6 @@ export function fillForm(p) {
   set('batch', p.batch_size);
   if (p.scheduler !== undefined) $('scheduler').value = p.scheduler || '';
   if (p.strength !== undefined && p.strength !== null) $('strength').value = p.strength;
-  fillHires(p.hires);
+  fillHires(p.hires, asked && asked.hires);
   $('prompt').focus();
 }

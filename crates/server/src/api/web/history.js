@@ -20,8 +20,9 @@ async function thumbnail(b64) {
   return c.toDataURL('image/jpeg', 0.8);
 }
 
-export async function addToHistory(b64, meta) {
-  const entry = { thumb: await thumbnail(b64), meta: { ...meta }, at: Date.now() };
+// `hires`: the request's hires object as the page sent it (how its size was asked).
+export async function addToHistory(b64, meta, hires) {
+  const entry = { thumb: await thumbnail(b64), meta: { ...meta }, asked: hires ? { hires } : null, at: Date.now() };
   const history = [entry, ...readHistory()].slice(0, HISTORY_MAX);
   try {
     localStorage.setItem(HISTORY_STORE, JSON.stringify(history));
@@ -45,7 +46,7 @@ export function renderHistory() {
     const caption = document.createElement('span');
     caption.textContent = entry.meta.prompt;
     button.append(img, caption);
-    button.addEventListener('click', () => fillForm(entry.meta));
+    button.addEventListener('click', () => fillForm(entry.meta, entry.asked));
     li.appendChild(button);
     list.appendChild(li);
   }

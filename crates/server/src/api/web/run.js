@@ -94,6 +94,7 @@ export async function cancel() {
 
 function finish(result) {
   state.result = result;
+  state.asked = state.request;
   const meta = result.metadata || {};
   const images = result.images && result.images.length ? result.images : [result.image_base64];
   setProgress($('progress').max, $('progress').max);
@@ -125,5 +126,5 @@ function finish(result) {
   $('download').href = pngSrc(images[0]);
   $('download').download = `sdserve-${meta.seed ?? 'image'}.png`;
   $('result-box').hidden = false;
-  addToHistory(images[0], meta);
+  addToHistory(images[0], meta, state.asked && state.asked.hires);
 }
