@@ -69,6 +69,8 @@ impl Mt19937 {
 /// A CPU generator that draws the same normals as one seeded `torch.Generator("cpu")`.
 #[derive(Clone)]
 pub struct TorchRng {
+    /// The seed as given (`Generator.initial_seed()`): all 64 bits, though MT19937 reads 32.
+    seed: u64,
     mt: Mt19937,
     /// torch's `next_double_normal_sample`: the sine half of the last per-element Box-Muller.
     cached_normal: Option<f64>,
@@ -86,9 +88,16 @@ impl TorchRng {
     /// `torch.Generator("cpu").manual_seed(seed)`: torch keeps only the low 32 bits.
     pub fn new(seed: u64) -> Self {
         Self {
+            seed,
             mt: Mt19937::new(seed as u32),
             cached_normal: None,
         }
+    }
+
+    /// `Generator.initial_seed()`: the seed this generator was made with (DPM++ SDE seeds its
+    /// Brownian tree with it, as A1111 seeds one per image).
+    pub fn initial_seed(&self) -> u64 {
+        self.seed
     }
 
     /// `uniform_real_distribution<float>(0, 1)`: 24 bits of one draw.

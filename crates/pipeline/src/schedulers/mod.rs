@@ -6,12 +6,14 @@ use candle_core::Tensor;
 use crate::rng::TorchRng;
 use crate::Result;
 
+pub mod brownian;
 pub mod common;
 pub mod ddim;
 pub mod dpm_solver;
 pub mod euler;
 pub mod lms;
 pub mod pndm;
+pub mod seed_sequence;
 pub mod unipc;
 
 /// The scheduler names of the API.
