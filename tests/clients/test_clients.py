@@ -423,6 +423,28 @@ class OpenAI(Timed):
         self.assertEqual(pixels(Image.open(io.BytesIO(got.content))),
                          pixels(Image.open(io.BytesIO(base64.b64decode(b.data[0].b64_json)))))
 
+    def test_hires_in_extra_body_equals_native(self):
+        doc = requests.get(SERVER.url + "/openapi.json").json()
+        self.assertIn("hires", doc["components"]["schemas"]["openai.ImageGenerationRequest"]["properties"])
+        # `size` is the first pass's; the image comes out at the hires size.
+        hires = {"scale": 1.5, "upscaler": "Lanczos", "steps": 2, "strength": 0.5,
+                 "scheduler": "dpmpp_2m", "prompt": PROMPT + ", sharp", "negative_prompt": "fog"}
+        r = self.client.images.generate(
+            prompt=PROMPT, size=f"{SIZE}x{SIZE}", response_format="b64_json",
+            extra_body={"seed": 13, "steps": 2, "hires": hires},
+        )
+        got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        self.assertEqual(got.size, (SIZE * 3 // 2, SIZE * 3 // 2))
+        (want,), meta = native(prompt=PROMPT, seed=13, steps=2, width=SIZE, height=SIZE, hires=hires)
+        self.assertEqual(pixels(got), pixels(want))
+        self.assertEqual(meta["hires"]["width"], SIZE * 3 // 2)
+        # A broken hires rule: BadRequestError whose param names the hires key.
+        with self.assertRaises(openai.BadRequestError) as cm:
+            self.client.images.generate(prompt=PROMPT, size=f"{SIZE}x{SIZE}",
+                                        extra_body={"hires": {"scale": 1.3}})
+        self.assertEqual(cm.exception.body["param"], "hires.scale")
+        self.assertIn("332.8", cm.exception.body["message"])
+
     def test_bad_request_is_raised_as_bad_request_error(self):
         with self.assertRaises(openai.BadRequestError) as cm:
             self.client.images.generate(prompt=PROMPT, size="1024x1024")

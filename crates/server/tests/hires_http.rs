@@ -332,3 +332,71 @@ fn the_cli_writes_the_hires_pass_of_the_native_object() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// OpenAI's `images/generations` takes the native `hires` object as one of our extras: listed in
+/// its schema, the same second pass as `/generate` (pixel for pixel), its rules 400s in OpenAI's
+/// shape whose `param` names `hires.<key>`.
+#[test]
+fn openai_generations_take_the_native_hires_object() {
+    let s = tiny_server();
+    let doc = s.get("/openapi.json").json();
+    let listed =
+        &doc["components"]["schemas"]["openai.ImageGenerationRequest"]["properties"]["hires"];
+    assert!(
+        listed
+            .to_string()
+            .contains("#/components/schemas/HiresRequest"),
+        "the OpenAI schema does not list hires: {listed}"
+    );
+
+    let hires = json!({"scale": 1.5, "upscaler": "Lanczos", "steps": 3, "strength": 0.7,
+                       "scheduler": "dpmpp_2m", "prompt": "a lighthouse, (sharp:1.2)",
+                       "negative_prompt": "fog"});
+    let openai = |hires: Value| {
+        post_json_to(
+            s.addr,
+            "/v1/images/generations",
+            &json!({"prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json",
+                    "negative_prompt": "blurry", "seed": 11, "steps": 2, "guidance_scale": 6.0,
+                    "scheduler": "euler", "hires": hires}),
+        )
+    };
+    let r = openai(hires.clone());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (w, h, pixels, text) = decode_png(r.json()["data"][0]["b64_json"].as_str().unwrap());
+    // `size` is the first pass's; the image is the second pass's.
+    assert_eq!((w, h), (384, 384));
+    assert!(text.unwrap().contains("Hires upscale: 1.5"));
+    let native_body = ok(&s.post_json(&native(hires)));
+    assert!(
+        pixels == decode_png(native_body["image_base64"].as_str().unwrap()).2,
+        "OpenAI's hires image is not /generate's"
+    );
+
+    for (hires, param, says) in [
+        (json!({"scale": 1.3}), "hires.scale", "332.8"),
+        (json!({"width": 384}), "hires.height", "required"),
+        (json!({"scale": 1.5, "sacle": 2}), "hires.sacle", "unknown"),
+        (
+            json!({"scale": 1.5, "scheduler": "DPM++ 2M"}),
+            "hires.scheduler",
+            "dpmpp_2m",
+        ),
+        (json!("yes"), "hires", "object"),
+    ] {
+        let r = openai(hires.clone());
+        assert_eq!(r.status, 400, "{hires}: {}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(
+            (&e["param"], &e["type"], &e["code"]),
+            (
+                &json!(param),
+                &json!("invalid_request_error"),
+                &json!("validation_error")
+            ),
+            "{hires}: {e}"
+        );
+        assert!(e["message"].as_str().unwrap().contains(says), "{e}");
+        assert_eq!(r.header("x-should-retry"), Some("false"), "{hires}");
+    }
+}

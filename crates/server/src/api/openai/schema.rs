@@ -6,7 +6,9 @@ use utoipa::{OpenApi, ToSchema};
 
 /// Body of `POST /v1/images/generations`. OpenAI's `model`, `quality`, `style`, `user`,
 /// `moderation`, `background` (not `transparent`), `output_format` (`png`) are accepted and
-/// ignored; unknown parameters are a 400. Rules are the native ones, named as sent.
+/// ignored; unknown parameters are a 400. Rules are the native ones, named as sent. Our extras
+/// (`negative_prompt`, `seed`, `steps`, `guidance_scale`, `scheduler`, `hires`, ...) are native
+/// fields under their native names (the `openai` client sends them in `extra_body`).
 #[derive(Serialize, ToSchema)]
 #[schema(as = openai::ImageGenerationRequest)]
 pub struct GenerationRequest {
@@ -34,6 +36,11 @@ pub struct GenerationRequest {
     pub guidance_scale: Option<f64>,
     #[schema(nullable = true)]
     pub scheduler: Option<crate::api::SchedulerName>,
+    /// Our extra hires fix, as natively (text-to-image only): `size` is the first pass's, and
+    /// the images come out at the second pass's size (`{"scale": 1.5}`: 768x768 from
+    /// `512x512`). A broken rule is a 400 whose `param` names `hires.<key>`.
+    #[schema(nullable = true)]
+    pub hires: Option<crate::api::HiresRequest>,
 }
 
 /// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:
