@@ -9,8 +9,12 @@ use crate::Result;
 pub mod brownian;
 pub mod common;
 pub mod ddim;
+pub mod dpm2;
 pub mod dpm_solver;
 pub mod euler;
+pub mod heun;
+mod interleaved;
+pub mod lcm;
 pub mod lms;
 pub mod pndm;
 pub mod seed_sequence;
@@ -165,7 +169,7 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         rngs: &mut [TorchRng],
     ) -> Result<Tensor>;
-    /// Model evaluations per timestep (diffusers' `scheduler.order`): 1 for every scheduler here.
+    /// Model evaluations per step (diffusers' `scheduler.order`): 2 for Heun and KDPM2, else 1.
     fn order(&self) -> usize {
         1
     }
@@ -210,6 +214,8 @@ pub struct SchedulerConfig {
     pub disable_corrector: Option<Vec<usize>>,
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
+    pub original_inference_steps: Option<usize>,
+    pub timestep_scaling: Option<f64>,
 }
 
 #[cfg(test)]

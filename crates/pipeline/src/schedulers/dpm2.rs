@@ -1,0 +1,304 @@
+//! `KDPM2DiscreteScheduler` (A1111 `DPM2`) and `KDPM2AncestralDiscreteScheduler` (`DPM2 a`):
+//! k-diffusion's DPM-Solver-2, a midpoint method in sigma space. Each step but the last evaluates
+//! the UNet at its sigma and again at an interpolated sigma (the geometric mean of its two ends),
+//! so `timesteps` interleaves the interpolated timesteps (`2 * steps - 1` entries) and `step`
+//! alternates halves as diffusers does. The ancestral one adds fresh noise at each second half,
+//! drawn from the request's generators.
+
+use candle_core::Tensor;
+
+use super::common::{
+    self, check_index, config_error, div_s, mul_s, np_round, to_f32, ClassDefaults, PredictionType,
+    ResolvedConfig,
+};
+use super::euler::{pred_original, scale_by_sigma};
+use super::interleaved::{
+    batch_noise, log_midpoint, repeat_interior, sigma_to_t_f32, step_schedule, StepSchedule,
+};
+use super::{Scheduler, SchedulerConfig};
+use crate::rng::TorchRng;
+use crate::Result;
+
+const DEFAULTS: ClassDefaults = ClassDefaults {
+    beta_start: 0.00085,
+    beta_end: 0.012,
+    ..ClassDefaults::with_spacing("linspace")
+};
+
+/// What both classes compute in `set_timesteps`, before the ancestral one's extra sigmas.
+struct Common {
+    prediction_type: PredictionType,
+    s: StepSchedule,
+    /// The per-step timesteps as torch holds them (float32 values; Karras ones rounded).
+    timesteps: Vec<f64>,
+    init_noise_sigma: f32,
+}
+
+impl Common {
+    fn new(cfg: &SchedulerConfig, n: usize, karras: bool) -> Result<Self> {
+        common::check_steps(n)?;
+        let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
+        if r.prediction_type == PredictionType::Sample {
+            return Err(config_error(
+                "KDPM2 schedulers support prediction_type epsilon or v_prediction",
+            ));
+        }
+        let s = step_schedule(&r, n, karras)?;
+        // Karras timesteps are `_sigma_to_t(...).round()` in float64; the others float32.
+        let timesteps = s
+            .timesteps
+            .iter()
+            .map(|&t| if karras { np_round(t) } else { t as f32 as f64 })
+            .collect();
+        let max = s.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let init_noise_sigma = match r.timestep_spacing {
+            common::TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+            _ => max,
+        };
+        Ok(Self {
+            prediction_type: r.prediction_type,
+            s,
+            timesteps,
+            init_noise_sigma,
+        })
+    }
+
+    /// `cat([t[:1], stack((interpolated[a..b], t[1:])).flatten()])`.
+    fn interleave(&self, interpolated: &[f32]) -> Vec<f64> {
+        let t = &self.timesteps;
+        let mut out = vec![t[0]];
+        for (ti, &tk) in interpolated.iter().zip(&t[1..]) {
+            out.extend([*ti as f64, tk]);
+        }
+        out
+    }
+
+    /// The denoised estimate at `sigma_input`.
+    fn x0(&self, mo: &Tensor, s: &Tensor, sigma_input: f32) -> Result<Tensor> {
+        pred_original(self.prediction_type, mo, s, sigma_input)
+    }
+}
+
+/// The `Scheduler` methods both classes share.
+macro_rules! kdpm2_methods {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.c.init_noise_sigma as f64
+        }
+
+        fn order(&self) -> usize {
+            2
+        }
+
+        fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+            check_index(index, self.timesteps.len())?;
+            let dtype = original.dtype();
+            let x = (to_f32(original)? + mul_s(&to_f32(noise)?, self.sigmas[index])?)?;
+            Ok(x.to_dtype(dtype)?)
+        }
+    };
+}
+
+pub struct KDpm2 {
+    c: Common,
+    timesteps: Vec<f64>,
+    /// float32, `2 * steps + 2` each: the first, every later one twice, the last again.
+    sigmas: Vec<f32>,
+    sigmas_interpol: Vec<f32>,
+    /// The sample at the start of the step while its second half is pending.
+    first_half: Option<Tensor>,
+}
+
+impl KDpm2 {
+    /// `KDPM2DiscreteScheduler.from_config(cfg)` with `use_karras_sigmas = karras`, then
+    /// `set_timesteps(num_inference_steps)`.
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> Result<Self> {
+        let c = Common::new(cfg, num_inference_steps, karras)?;
+        let sig = &c.s.sigmas;
+        // lerp towards sigmas.roll(1): each sigma with the one before it (the first with the
+        // final zero, a NaN that is never read).
+        let interpol: Vec<f32> = (0..sig.len())
+            .map(|i| log_midpoint(sig[i], sig[(i + sig.len() - 1) % sig.len()]))
+            .collect();
+        let t_interpol: Vec<f32> = interpol
+            .iter()
+            .map(|&s| sigma_to_t_f32(s, &c.s.log_sigmas))
+            .collect();
+        let timesteps = c.interleave(&t_interpol[1..t_interpol.len() - 1]);
+        Ok(Self {
+            sigmas: repeat_interior(sig),
+            sigmas_interpol: repeat_interior(&interpol),
+            timesteps,
+            c,
+            first_half: None,
+        })
+    }
+
+    /// The float32 sigmas (diffusers' `sigmas`).
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    /// The float32 interpolated sigmas (diffusers' `sigmas_interpol`).
+    pub fn sigmas_interpol(&self) -> &[f32] {
+        &self.sigmas_interpol
+    }
+}
+
+impl Scheduler for KDpm2 {
+    kdpm2_methods!();
+
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        check_index(index, self.timesteps.len())?;
+        let sigma = if self.first_half.is_none() {
+            self.sigmas[index]
+        } else {
+            self.sigmas_interpol[index]
+        };
+        scale_by_sigma(sample, sigma)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _rngs: &mut [TorchRng],
+    ) -> Result<Tensor> {
+        check_index(index, self.timesteps.len())?;
+        let dtype = model_output.dtype();
+        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
+        let prev = match self.first_half.take() {
+            None => {
+                let (sigma, sigma_interpol) = (self.sigmas[index], self.sigmas_interpol[index + 1]);
+                let x0 = self.c.x0(&mo, &s, sigma)?;
+                let derivative = div_s(&(&s - x0)?, sigma)?;
+                let prev = (&s + mul_s(&derivative, sigma_interpol - sigma)?)?;
+                self.first_half = Some(s);
+                prev
+            }
+            Some(start) => {
+                let sigma = self.sigmas[index - 1];
+                let sigma_interpol = self.sigmas_interpol[index];
+                let sigma_next = self.sigmas[index];
+                let x0 = self.c.x0(&mo, &s, sigma_interpol)?;
+                let derivative = div_s(&(&s - x0)?, sigma_interpol)?;
+                (start + mul_s(&derivative, sigma_next - sigma)?)?
+            }
+        };
+        Ok(prev.to_dtype(dtype)?)
+    }
+}
+
+pub struct KDpm2Ancestral {
+    c: Common,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    sigmas_interpol: Vec<f32>,
+    sigmas_up: Vec<f32>,
+    sigmas_down: Vec<f32>,
+    first_half: Option<Tensor>,
+}
+
+impl KDpm2Ancestral {
+    /// `KDPM2AncestralDiscreteScheduler.from_config(cfg)` with `use_karras_sigmas = karras`,
+    /// then `set_timesteps(num_inference_steps)`.
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> Result<Self> {
+        let c = Common::new(cfg, num_inference_steps, karras)?;
+        let sig = &c.s.sigmas;
+        let len = sig.len();
+        let next = |i: usize| if i + 1 < len { sig[i + 1] } else { 0.0 };
+        // Float32, in torch's order of operations; the final sigma_up is 0/0 = NaN, never read.
+        let up: Vec<f32> = (0..len)
+            .map(|i| {
+                let (s, n) = (sig[i], next(i));
+                (n * n * (s * s - n * n) / (s * s)).sqrt()
+            })
+            .collect();
+        let down: Vec<f32> = (0..len)
+            .map(|i| {
+                if i + 1 == len {
+                    0.0
+                } else {
+                    let n = next(i);
+                    (n * n - up[i] * up[i]).sqrt()
+                }
+            })
+            .collect();
+        let mut interpol: Vec<f32> = (0..len).map(|i| log_midpoint(sig[i], down[i])).collect();
+        for v in interpol.iter_mut().skip(len.saturating_sub(2)) {
+            *v = 0.0;
+        }
+        let t_interpol: Vec<f32> = interpol
+            .iter()
+            .map(|&s| sigma_to_t_f32(s, &c.s.log_sigmas))
+            .collect();
+        let timesteps = c.interleave(&t_interpol[..len - 2]);
+        Ok(Self {
+            sigmas: repeat_interior(sig),
+            sigmas_interpol: repeat_interior(&interpol),
+            sigmas_up: repeat_interior(&up),
+            sigmas_down: repeat_interior(&down),
+            timesteps,
+            c,
+            first_half: None,
+        })
+    }
+
+    /// The float32 sigmas (diffusers' `sigmas`).
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+}
+
+impl Scheduler for KDpm2Ancestral {
+    kdpm2_methods!();
+
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        check_index(index, self.timesteps.len())?;
+        let sigma = if self.first_half.is_none() {
+            self.sigmas[index]
+        } else {
+            self.sigmas_interpol[index - 1]
+        };
+        scale_by_sigma(sample, sigma)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        rngs: &mut [TorchRng],
+    ) -> Result<Tensor> {
+        check_index(index, self.timesteps.len())?;
+        let dtype = model_output.dtype();
+        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
+        let prev = match self.first_half.take() {
+            None => {
+                let (sigma, sigma_interpol) = (self.sigmas[index], self.sigmas_interpol[index]);
+                let x0 = self.c.x0(&mo, &s, sigma)?;
+                let derivative = div_s(&(&s - x0)?, sigma)?;
+                let prev = (&s + mul_s(&derivative, sigma_interpol - sigma)?)?;
+                self.first_half = Some(s);
+                prev
+            }
+            Some(start) => {
+                let sigma = self.sigmas[index - 1];
+                let sigma_interpol = self.sigmas_interpol[index - 1];
+                let sigma_up = self.sigmas_up[index - 1];
+                let sigma_down = self.sigmas_down[index - 1];
+                let x0 = self.c.x0(&mo, &s, sigma_interpol)?;
+                let derivative = div_s(&(&s - x0)?, sigma_interpol)?;
+                let prev = (start + mul_s(&derivative, sigma_down - sigma)?)?;
+                let noise = batch_noise(&mo, rngs)?;
+                (prev + mul_s(&noise, sigma_up)?)?
+            }
+        };
+        Ok(prev.to_dtype(dtype)?)
+    }
+}
