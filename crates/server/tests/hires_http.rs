@@ -74,11 +74,17 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
         let (w, h, pixels, text) = decode_png(body["image_base64"].as_str().unwrap());
         assert_eq!((w, h), (384, 384), "{hires}");
         let m = &body["metadata"];
-        // The first pass's size, and the second pass's: the image's.
+        // The first pass's size, and the second pass's: the image's, which image_width and
+        // image_height name.
         assert_eq!((&m["width"], &m["height"]), (&json!(256), &json!(256)));
         assert_eq!(
             (&m["hires"]["width"], &m["hires"]["height"]),
             (&json!(w), &json!(h))
+        );
+        assert_eq!(
+            (&m["image_width"], &m["image_height"]),
+            (&json!(w), &json!(h)),
+            "{m}"
         );
         let a = ok(&post_json_to(
             s.addr,
@@ -148,10 +154,15 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
         "the overrides changed nothing"
     );
 
-    // Without hires: no second pass, `metadata.hires` null.
+    // Without hires: no second pass, `metadata.hires` null, the image the first pass's size.
     let body = ok(&s.post_json(&native(Value::Null)));
     assert_eq!(decode_png(body["image_base64"].as_str().unwrap()).0, 256);
-    assert!(body["metadata"]["hires"].is_null(), "{}", body["metadata"]);
+    let m = &body["metadata"];
+    assert!(m["hires"].is_null(), "{m}");
+    assert_eq!(
+        (&m["image_width"], &m["image_height"]),
+        (&json!(256), &json!(256))
+    );
 
     // POST /jobs: the same request, its record and result.
     let r = common::request(
@@ -179,6 +190,13 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
     let (w, h, _, _) = decode_png(result["image_base64"].as_str().unwrap());
     assert_eq!((w, h), (320, 384));
     assert_eq!(result["metadata"]["hires"]["upscaler"], "Nearest");
+    assert_eq!(
+        (
+            &result["metadata"]["image_width"],
+            &result["metadata"]["image_height"]
+        ),
+        (&json!(320), &json!(384))
+    );
     assert_eq!(
         (
             &result["metadata"]["hires"]["width"],

@@ -160,7 +160,8 @@ pub struct GenerateRequest {
     pub mask_image: Option<String>,
     /// Hires fix (text-to-image only): a second, img2img pass at a larger size over the
     /// upscaled first image, as A1111's `enable_hr`. The PNG comes out at the pass's size
-    /// (`metadata.hires`); `metadata.width`/`height` stay the first pass's.
+    /// (`metadata.hires`, and `metadata.image_width`/`image_height`); `metadata.width`/`height`
+    /// stay the first pass's.
     #[schema(nullable = true)]
     pub hires: Option<HiresRequest>,
 }
@@ -250,8 +251,19 @@ pub struct GenerateMetadata {
     pub prompt: String,
     pub negative_prompt: String,
     pub steps: u32,
+    /// The first pass's size, as the request's `width` and `height` (and A1111's `Size`). The
+    /// images have this size unless the hires fix ran (then `hires.width` x `hires.height`);
+    /// `image_width` x `image_height` always say the images' size.
     pub width: u32,
     pub height: u32,
+    /// The returned images' size: `width` x `height`, or with the hires fix its pass's.
+    /// Absent only from results that an older version recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 768)]
+    pub image_width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 768)]
+    pub image_height: Option<u32>,
     pub seed: u64,
     pub guidance_scale: f64,
     /// The scheduler actually used (the model's own when the request named none).
@@ -544,6 +556,21 @@ mod tests {
             })
             .collect();
         assert_eq!(documented, routed);
+    }
+
+    /// A result recorded before `image_width`/`image_height` existed (a job record or event in
+    /// Redis) still reads, and is answered without them rather than with a wrong size.
+    #[test]
+    fn metadata_recorded_without_the_image_size_still_reads() {
+        let old = serde_json::json!({"prompt": "p", "negative_prompt": "", "steps": 2,
+            "width": 256, "height": 256, "seed": 1, "guidance_scale": 7.5, "scheduler": "pndm",
+            "prompt_syntax": "a1111", "clip_skip": 1, "loras": [], "generation_time_seconds": 1.0,
+            "model_version": "m", "seeds": [1], "batch_size": 1, "strength": null,
+            "mode": "txt2img"});
+        let m: GenerateMetadata = serde_json::from_value(old).unwrap();
+        assert_eq!((m.image_width, m.image_height), (None, None));
+        let again = serde_json::to_value(&m).unwrap();
+        assert!(again.get("image_width").is_none(), "{again}");
     }
 
     #[test]

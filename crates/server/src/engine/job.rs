@@ -227,6 +227,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             steps: p.steps as u32,
             width: p.width as u32,
             height: p.height as u32,
+            image_width: Some(p.output_size().0 as u32),
+            image_height: Some(p.output_size().1 as u32),
             seed: p.seed,
             guidance_scale: p.guidance_scale,
             scheduler: p.scheduler.map(|k| k.name()).unwrap_or("").to_string(),

@@ -414,6 +414,8 @@ def test_hires_fix_by_scale_with_its_own_scheduler_and_prompts(browser, tiny):
                "guidance_scale": 7.5, "seed": 21, "hires": hires}
     assert sent == [request]
     expect(page.locator("#params")).to_contain_text('384x384, Latent, strength 0.5, 2 steps, dpmpp_2m, prompt "a hires lighthouse, (sharp:1.2)", negative prompt "fog"')
+    # The first pass's size (width, height) and the image's, named apart.
+    expect(page.locator("#params")).to_contain_text("width256height256image width384image height384")
     # The same PNG as /generate with the same JSON.
     native = tiny.post_json("/generate", request)
     png = base64.b64decode(image.get_attribute("src").split(",", 1)[1])
