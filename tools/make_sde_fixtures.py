@@ -5,6 +5,7 @@ from torchsde 0.2.6's Brownian tree (numpy `SeedSequence` -> torch CPU `randn`).
 Writes crates/pipeline/tests/fixtures/sde.json and sde.safetensors:
 
   seed_sequences     numpy SeedSequence(entropy, spawn_key=..., pool_size=...).generate_state(n)
+  math.<op>.x/.y     torch's float32 log / exp / expm1 (SLEEF on CPU) of 4000 inputs each
   round6             Python's round(x, 6) (torchsde's time quantisation for tol=1e-6), as float.hex
   trees              torchsde.BrownianInterval(t0, t1, size, entropy, tol=1e-6, pool_size=24,
                      halfway_tree=True) as diffusers' BatchedBrownianTree builds it, queried in the
@@ -108,6 +109,15 @@ def round6_cases(sigmas):
     xs += [0.5 * (a + b) for a, b in zip(sigmas[:-1], sigmas[1:])]
     xs += sigmas
     return [[float(x).hex(), round(float(x), 6).hex()] for x in xs]
+
+
+def torch_math(tensors):
+    rng = np.random.default_rng(11)
+    ranges = {"log": (0.005, 30.0), "exp": (-6.0, 6.0), "expm1": (-5.0, 5.0)}
+    for op, (lo, hi) in ranges.items():
+        x = torch.from_numpy(rng.uniform(lo, hi, 4000).astype(np.float32))
+        tensors[f"math.{op}.x"] = x
+        tensors[f"math.{op}.y"] = getattr(torch, op)(x)
 
 
 class Recorder:
@@ -234,6 +244,7 @@ def main():
     assert torchsde.__version__ == "0.2.6", torchsde.__version__
     torch.set_num_threads(1)
     tensors = {}
+    torch_math(tensors)
     trajectories, trees, samplers = [], {}, {}
     for prefix, overrides, steps_list, seeds in TRAJECTORIES:
         for steps in steps_list:

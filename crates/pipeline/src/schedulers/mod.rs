@@ -10,6 +10,7 @@ pub mod brownian;
 pub mod common;
 pub mod ddim;
 pub mod dpm2;
+pub mod dpm_sde;
 pub mod dpm_solver;
 pub mod euler;
 pub mod heun;
@@ -18,6 +19,7 @@ pub mod lcm;
 pub mod lms;
 pub mod pndm;
 pub mod seed_sequence;
+pub mod torch_math;
 pub mod unipc;
 
 /// The scheduler names of the API.
