@@ -392,7 +392,12 @@ def test_hires_fix_by_scale_with_its_own_scheduler_and_prompts(browser, tiny):
     expect(scale).to_be_enabled()
     expect(page.get_by_label("Hires width")).to_be_disabled()
     expect(page.get_by_label("Hires height")).to_be_disabled()
+    # The size a scale gives is shown (and why the server would refuse one that does not fit).
+    scale.fill("1.3")
+    expect(page.locator("#hires-target")).to_contain_text("256x256 times 1.3 is 332.8x332.8: each side must come out a multiple of 64")
     scale.fill("1.5")
+    expect(page.locator("#hires-target")).to_contain_text("the image will be 384x384")
+    expect(page.get_by_label("Hires width")).to_have_value("384")
     # The second pass's schedulers are the server's (the API's SchedulerName), after "as the first pass".
     names = tiny.get_json("/openapi.json")["components"]["schemas"]["SchedulerName"]["enum"]
     scheduler = page.get_by_role("combobox", name="Hires scheduler")

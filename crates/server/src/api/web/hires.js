@@ -58,6 +58,24 @@ export function syncHires() {
     for (const id of ['hires-width', 'hires-height']) $(id).disabled = byScale();
   }
   $('hires-off').hidden = !off;
+  showScaleTarget();
+}
+
+// By scale: the size it gives (shown in the disabled Hires width and height too), and why the
+// server would refuse it (each side must land exactly on a multiple of 64 in 256..768).
+function showScaleTarget() {
+  const [w, h, s] = [numberOf('width'), numberOf('height'), numberOf('hires-scale')];
+  const hint = $('hires-target');
+  if (!byScale() || state.initImage || w === null || h === null || s === null) { hint.textContent = ''; return; }
+  const [tw, th] = [w * s, h * s];
+  const fits = (t) => Number.isInteger(t) && t % 64 === 0 && t >= 256 && t <= 768;
+  if (fits(tw) && fits(th)) {
+    $('hires-width').value = tw;
+    $('hires-height').value = th;
+    hint.textContent = `${w}x${h} times ${s}: the image will be ${tw}x${th}.`;
+  } else {
+    hint.textContent = `${w}x${h} times ${s} is ${tw}x${th}: each side must come out a multiple of 64 in 256..768.`;
+  }
 }
 
 // Selects an option by value, adding it when the server's list did not have it (yet).
@@ -95,5 +113,6 @@ export async function loadHiresLists(doc) {
 
 export function initHires() {
   for (const id of ['hires-by-scale', 'hires-by-size']) $(id).addEventListener('change', syncHires);
+  for (const id of ['width', 'height', 'hires-scale']) $(id).addEventListener('input', showScaleTarget);
   syncHires();
 }
