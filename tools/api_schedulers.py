@@ -19,13 +19,64 @@ SD15_SCHEDULER_CONFIG = {
     "clip_sample": False,
 }
 
+# API name -> (class name, from_config overrides). The name decides the sigma schedule: every class
+# with `use_karras_sigmas` gets it set, False for the plain name (so `euler` stays uniform on a model
+# whose own file asks for Karras sigmas), True for `<name>_karras`.
 SCHEDULERS = {
     "pndm": ("PNDMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "euler_a_karras": ("EulerAncestralKarras", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m_sde": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"},
+    ),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
+    ),
+    "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
+    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
 }
+
+# The names whose `step` draws noise from the pipeline's generator(s).
+STOCHASTIC = {"euler_a", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+
+
+def scheduler_class(class_name):
+    """The class a SCHEDULERS entry names: a diffusers class, or one defined here."""
+    import diffusers
+
+    if class_name == "EulerAncestralKarras":
+        return _euler_ancestral_karras()
+    return getattr(diffusers, class_name)
+
+
+def make_scheduler(name, config):
+    """`Class.from_config(config, **overrides)` for an API name."""
+    class_name, overrides = SCHEDULERS[name]
+    return scheduler_class(class_name).from_config(config, **overrides)
+
+
+def _euler_ancestral_karras():
+    """A1111's `Euler a` + `Karras` (k-diffusion's sample_euler_ancestral on get_sigmas_karras).
+    diffusers 0.42.1's EulerAncestralDiscreteScheduler has no `use_karras_sigmas`, so this runs its
+    own `step` on the Karras schedule (timesteps and sigmas) that EulerDiscreteScheduler computes
+    from the same config with use_karras_sigmas=True."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    class EulerAncestralKarras(EulerAncestralDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps, device=None):
+            super().set_timesteps(num_inference_steps, device=device)
+            karras = EulerDiscreteScheduler.from_config(self.config, use_karras_sigmas=True)
+            karras.set_timesteps(num_inference_steps, device=device)
+            self.timesteps = karras.timesteps
+            self.sigmas = karras.sigmas.to(self.sigmas.dtype)
+
+    return EulerAncestralKarras

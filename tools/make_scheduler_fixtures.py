@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reference schedules and trajectories for crates/pipeline/src/schedulers (diffusers 0.42.1).
 
-Writes crates/pipeline/tests/fixtures/schedulers.safetensors and schedulers.json.
+Writes crates/pipeline/tests/fixtures/<stem>.safetensors and <stem>.json for each group of GROUPS
+below (`schedulers`: the first API names; `schedulers-karras`: the Karras names and DPM++ 2M SDE).
 
 Every scheduler is built the way the server builds it: `Class.from_config(SD15)` where SD15 is the
 real SD 1.5 `scheduler/scheduler_config.json` (keys present win, absent keys take the class
@@ -16,13 +17,14 @@ defaults), plus per-variant overrides. Key layout (all float32 unless said other
                                     (randn * init_noise_sigma), then every prev_sample
   train.<case>.betas / .alphas_cumprod   float32 training schedules
 
-<prefix> is the API scheduler name (`euler_a`), or `<name>-<variant>` for a variant. The JSON lists
+<prefix> is the API scheduler name (`euler_a`, `lms_karras`), or `<name>-<variant>` for a variant. The JSON lists
 every entry with its config overrides, step counts, which have trajectories, and the seeds:
 the initial sample is randn(seed=SAMPLE_SEED), model output i is randn(seed=OUTPUT_SEED + i), and a
 stochastic scheduler gets `generator=torch.Generator().manual_seed(STEP_SEED)` in every `step` call.
 
-Run from the repository root: python3 tools/make_scheduler_fixtures.py
+Run from the repository root: python3 tools/make_scheduler_fixtures.py [GROUP...]
 """
+import argparse
 import json
 import os
 
@@ -39,8 +41,10 @@ from api_schedulers import SD15_SCHEDULER_CONFIG as SD15
 OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
 
 # API name -> (class, overrides that the factory adds).
-SCHEDULERS = {name: (getattr(diffusers, cls), over) for name, (cls, over) in api_schedulers.SCHEDULERS.items()}
-STOCHASTIC = {"euler_a"}
+SCHEDULERS = {
+    name: (api_schedulers.scheduler_class(cls), over) for name, (cls, over) in api_schedulers.SCHEDULERS.items()
+}
+STOCHASTIC = api_schedulers.STOCHASTIC
 
 SCHEDULE_STEPS = [1, 2, 3, 5, 7, 10, 13, 20, 25, 33, 50]
 TRAJECTORY_STEPS = [1, 2, 5, 25]
@@ -60,13 +64,33 @@ EXTRA = {
     "ddim-clip": ("ddim", {"clip_sample": True, "set_alpha_to_one": True}, [5, 25], [5, 25]),
     "ddim-sample": ("ddim", {"prediction_type": "sample", "clip_sample": True, "clip_sample_range": 0.5}, [5], [5]),
     "ddim-linear": ("ddim", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, [5, 25], [5]),
-    "euler-karras": ("euler", {"use_karras_sigmas": True}, [1, 2, 5, 25], [5, 25]),
     "euler-zsnr": ("euler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, [5, 25], [5]),
+    "euler-karras": ("euler", {"use_karras_sigmas": True}, [1, 2, 5, 25], [5, 25]),
     "euler-sigma_min": ("euler", {"final_sigmas_type": "sigma_min"}, [5, 25], [5]),
     "euler-sample": ("euler", {"prediction_type": "sample"}, [5], [5]),
     "euler_a-cosine": ("euler_a", {"beta_schedule": "squaredcos_cap_v2"}, [5, 25], [5]),
     "lms-karras": ("lms", {"use_karras_sigmas": True}, [2, 5, 25], [5, 25]),
     "lms-sample": ("lms", {"prediction_type": "sample"}, [5], [5]),
+}
+
+# The SDE solver's other configs (the API name sets algorithm_type and use_karras_sigmas).
+EXTRA_KARRAS = {
+    "dpmpp_2m_sde-heun": ("dpmpp_2m_sde", {"solver_type": "heun"}, [5, 25], [5, 25]),
+    "dpmpp_2m_sde-order3": ("dpmpp_2m_sde", {"solver_order": 3}, [5, 25], [5, 25]),
+    "dpmpp_2m_sde-sigma_min": ("dpmpp_2m_sde", {"final_sigmas_type": "sigma_min"}, [5], [5]),
+    "dpmpp_2m_sde_karras-order3": ("dpmpp_2m_sde_karras", {"solver_order": 3}, [5, 25], [5, 25]),
+}
+
+# Output file stem -> (API names, single-scheduler variants). Each file is written whole by one
+# run; `schedulers` was made on an earlier machine and is kept as it is: regenerating it here moves
+# a few values by float32 ulps (numpy's and torch's SIMD log/sqrt differ between CPUs), which is why
+# the names added later have a file of their own.
+GROUPS = {
+    "schedulers": (["pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "unipc"], EXTRA),
+    "schedulers-karras": (
+        ["euler_karras", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lms_karras", "unipc_karras"],
+        EXTRA_KARRAS,
+    ),
 }
 
 SHAPE = (1, 4, 8, 8)
@@ -80,6 +104,7 @@ def randn(seed):
 
 
 def make(cls, overrides):
+    # Class.from_config(SD15 + variant keys, **the API name's overrides): the name's keys win.
     return cls.from_config({**SD15, **overrides})
 
 
@@ -125,13 +150,25 @@ def train_schedules(tensors):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("groups", nargs="*", help=f"files to write, of {list(GROUPS)} (default: all)")
+    groups = ap.parse_args().groups or list(GROUPS)
+    for stem in groups:
+        if stem not in GROUPS:
+            ap.error(f"unknown group {stem!r}; one of {list(GROUPS)}")
+    for stem in groups:
+        write_group(stem, *GROUPS[stem])
+
+
+def write_group(stem, names, extra):
     assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
     assert diffusers.__version__ == "0.42.1", diffusers.__version__
     torch.set_num_threads(1)
     tensors = {}
     entries = []
     for variant, (over, sched_steps, traj_steps) in VARIANTS.items():
-        for name, (cls, base) in SCHEDULERS.items():
+        for name in names:
+            cls, base = SCHEDULERS[name]
             prefix = f"{name}-{variant}" if variant else name
             overrides = {**base, **over}
             for steps in sched_steps:
@@ -152,7 +189,7 @@ def main():
                     "stochastic": name in STOCHASTIC,
                 }
             )
-    for prefix, (name, over, sched_steps, traj_steps) in EXTRA.items():
+    for prefix, (name, over, sched_steps, traj_steps) in extra.items():
         cls, base = SCHEDULERS[name]
         overrides = {**base, **over}
         for steps in sorted(set(sched_steps) | set(traj_steps)):
@@ -171,9 +208,10 @@ def main():
                 "stochastic": name in STOCHASTIC,
             }
         )
-    train = train_schedules(tensors)
+    # The training schedules do not depend on the scheduler: once, in the first file.
+    train = train_schedules(tensors) if stem == "schedulers" else {}
     os.makedirs(OUT, exist_ok=True)
-    save_file(tensors, os.path.join(OUT, "schedulers.safetensors"))
+    save_file(tensors, os.path.join(OUT, f"{stem}.safetensors"))
     index = {
         "generated_by": "tools/make_scheduler_fixtures.py",
         "torch": torch.__version__,
@@ -186,10 +224,10 @@ def main():
         "entries": entries,
         "train": train,
     }
-    with open(os.path.join(OUT, "schedulers.json"), "w") as f:
+    with open(os.path.join(OUT, f"{stem}.json"), "w") as f:
         json.dump(index, f, indent=1)
         f.write("\n")
-    print(f"wrote {len(tensors)} tensors for {len(entries)} scheduler entries")
+    print(f"{stem}: wrote {len(tensors)} tensors for {len(entries)} scheduler entries")
 
 
 if __name__ == "__main__":

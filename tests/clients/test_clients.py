@@ -153,7 +153,7 @@ class A1111(Timed):
         self.api.util_wait_for_ready(check_interval=0.1)  # returns at once when idle
         names = self.api.util_get_sampler_names()
         self.assertEqual(
-            names, sorted(["Euler a", "Euler", "DPM++ 2M", "DDIM", "PLMS", "LMS", "UniPC"])
+            names, sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "PLMS", "LMS", "UniPC"])
         )
         self.assertIn("Karras", [s["label"] for s in self.api.get_schedulers()])
         models = self.api.util_get_model_names()

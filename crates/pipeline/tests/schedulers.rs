@@ -5,15 +5,30 @@
 mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
-use common::{max_abs_diff, scheduler_fixtures, steps_of, Fixtures};
+use common::{
+    kind_of_entry, max_abs_diff, scheduler_entries, scheduler_fixtures, steps_of, Fixtures,
+};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::common::{ClassDefaults, ResolvedConfig};
-use sdserve_pipeline::schedulers::{build, euler, lms, SchedulerConfig, SchedulerKind};
+use sdserve_pipeline::schedulers::{build, euler, lms, Sampler, SchedulerConfig, SchedulerKind};
 
 /// The schedulers this file checks (dpm_solver/unipc have their own tests).
-const OURS: [&str; 5] = ["pndm", "ddim", "euler", "euler_a", "lms"];
+const OURS: [&str; 8] = [
+    "pndm",
+    "ddim",
+    "euler",
+    "euler_karras",
+    "euler_a",
+    "euler_a_karras",
+    "lms",
+    "lms_karras",
+];
 /// Timesteps: numpy float64 (or float32) values reproduced exactly.
 const TIMESTEP_TOL: f64 = 1e-9;
+/// Karras timesteps: `_sigma_to_t` interpolates between the float32 logs of neighbouring training
+/// sigmas; two float32 ulps of such a log (2 * 2.4e-7, |log sigma| < 4 for SD 1.5) over the
+/// smallest gap between neighbours (0.0033) is 1.5e-4 of a training timestep.
+const KARRAS_TIMESTEP_TOL: f64 = 1.5e-4;
 /// Sigmas and init_noise_sigma: float32 values, relative.
 const SIGMA_RTOL: f64 = 1e-6;
 /// Scaled inputs and samples of a whole run, max abs (samples start at sigma ~ 14.6).
@@ -31,18 +46,20 @@ fn rel(a: f64, b: f64) -> f64 {
     }
 }
 
-/// The float32 sigmas of the schedulers that have them.
-fn sigmas_of(name: &str, cfg: &SchedulerConfig, steps: usize) -> Option<Vec<f64>> {
-    let s: Vec<f32> = match name {
-        "euler" => euler::EulerDiscrete::new(cfg, steps)
+/// The float32 sigmas of the schedulers that have them (built from the config with the name's
+/// keys, as `build` does).
+fn sigmas_of(kind: SchedulerKind, cfg: &SchedulerConfig, steps: usize) -> Option<Vec<f64>> {
+    let cfg = &kind.config(cfg);
+    let s: Vec<f32> = match kind.sampler() {
+        Sampler::Euler => euler::EulerDiscrete::new(cfg, steps)
             .unwrap()
             .sigmas()
             .to_vec(),
-        "euler_a" => euler::EulerAncestral::new(cfg, steps)
+        Sampler::EulerAncestral => euler::EulerAncestral::new(cfg, steps)
             .unwrap()
             .sigmas()
             .to_vec(),
-        "lms" => lms::LmsDiscrete::new(cfg, steps).unwrap().sigmas().to_vec(),
+        Sampler::Lms => lms::LmsDiscrete::new(cfg, steps).unwrap().sigmas().to_vec(),
         _ => return None,
     };
     Some(s.into_iter().map(f64::from).collect())
@@ -112,12 +129,10 @@ fn training_schedules_match_torch() {
 
 #[test]
 fn schedules_match_diffusers() {
-    let f = scheduler_fixtures();
     let (mut worst_t, mut worst_tk, mut worst_s, mut cases) = (0f64, 0f64, 0f64, 0);
-    for e in f.entries_for(&OURS) {
-        let name = e["scheduler"].as_str().unwrap();
+    for (f, e) in scheduler_entries(&OURS) {
         let prefix = e["prefix"].as_str().unwrap();
-        let kind = SchedulerKind::from_name(name).unwrap();
+        let kind = kind_of_entry(e);
         let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["schedule_steps"]) {
             let key = format!("{prefix}.{steps}");
@@ -131,10 +146,10 @@ fn schedules_match_diffusers() {
             );
             for (a, b) in s.timesteps().iter().zip(&want) {
                 let d = (a - b).abs();
-                // Karras timesteps come from np.log of float32 sigmas (numpy's own SIMD log)
-                // and are float32: allow one float32 ulp there.
+                // Karras timesteps come from np.log of float32 sigmas (numpy's own SIMD log,
+                // which differs between CPUs by an ulp or two) and are float32.
                 let tol = if prefix.contains("karras") {
-                    TIMESTEP_TOL.max(b.abs() * 2.4e-7)
+                    KARRAS_TIMESTEP_TOL.max(b.abs() * 2.4e-7)
                 } else {
                     TIMESTEP_TOL
                 };
@@ -153,7 +168,7 @@ fn schedules_match_diffusers() {
                 s.init_noise_sigma()
             );
             worst_s = worst_s.max(d);
-            if let Some(sig) = sigmas_of(name, &cfg, steps) {
+            if let Some(sig) = sigmas_of(kind, &cfg, steps) {
                 let want = f.f64s(&format!("{key}.sigmas"));
                 assert_eq!(sig.len(), want.len(), "{key}.sigmas length");
                 for (a, b) in sig.iter().zip(&want) {
@@ -174,12 +189,10 @@ fn schedules_match_diffusers() {
 
 #[test]
 fn trajectories_match_diffusers() {
-    let f = scheduler_fixtures();
     let mut worst: Vec<(String, f32)> = Vec::new();
-    for e in f.entries_for(&OURS) {
-        let name = e["scheduler"].as_str().unwrap();
+    for (f, e) in scheduler_entries(&OURS) {
         let prefix = e["prefix"].as_str().unwrap();
-        let kind = SchedulerKind::from_name(name).unwrap();
+        let kind = kind_of_entry(e);
         let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["trajectory_steps"]) {
             let key = format!("{prefix}.{steps}");
@@ -227,10 +240,13 @@ fn trajectories_match_diffusers() {
 #[test]
 fn initial_sample_uses_init_noise_sigma() {
     // samples[0] = randn(sample_seed) * init_noise_sigma; our TorchRng gives the same normals.
-    let f = scheduler_fixtures();
-    let noise = TorchRng::new(seed(f, "sample_seed")).randn(4 * 8 * 8);
-    let noise = Tensor::from_vec(noise, (1, 4, 8, 8), &Device::Cpu).unwrap();
-    for name in OURS {
+    for (f, e) in scheduler_entries(&OURS) {
+        let name = e["prefix"].as_str().unwrap();
+        if name != e["scheduler"] {
+            continue; // a variant
+        }
+        let noise = TorchRng::new(seed(f, "sample_seed")).randn(4 * 8 * 8);
+        let noise = Tensor::from_vec(noise, (1, 4, 8, 8), &Device::Cpu).unwrap();
         let s = build(
             SchedulerKind::from_name(name).unwrap(),
             &f.scheduler_config(&serde_json::json!({})),

@@ -1,4 +1,5 @@
-//! DPMSolverMultistep (`dpmpp_2m`, `dpmpp_2m_karras`) and UniPCMultistep (`unipc`) against
+//! DPMSolverMultistep (`dpmpp_2m`, `dpmpp_2m_sde`) and UniPCMultistep (`unipc`), each also with
+//! Karras sigmas (`_karras`), against
 //! diffusers 0.42.1, with the fixtures of `tools/make_scheduler_fixtures.py` (SD 1.5's real
 //! `scheduler_config.json`, plus v_prediction and spacing variants): timesteps exactly, the float32
 //! sigmas, and every sample of a run fed with the recorded fake model outputs.
@@ -8,29 +9,43 @@ mod common;
 use std::sync::OnceLock;
 
 use candle_core::{DType, IndexOp, Tensor};
-use common::{max_abs_diff, scheduler_fixtures, steps_of, Fixtures};
+use common::{
+    kind_of_entry, max_abs_diff, scheduler_entries, scheduler_fixtures, steps_of, Fixtures,
+};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::dpm_solver::DpmSolverMultistep;
 use sdserve_pipeline::schedulers::unipc::UniPcMultistep;
 use sdserve_pipeline::schedulers::{build, Scheduler, SchedulerConfig, SchedulerKind};
 
-const OURS: [&str; 3] = ["dpmpp_2m", "dpmpp_2m_karras", "unipc"];
+const OURS: [&str; 6] = [
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "unipc",
+    "unipc_karras",
+];
 /// Sigmas: float32 values, relative.
 const SIGMA_RTOL: f64 = 1e-6;
 /// Samples of a whole run, max abs. The fake model outputs are noise, so samples reach |x| ~ 50;
 /// torch's 0-d float32 log/exp/expm1 (SLEEF) differ from libm by an ulp now and then, so we agree
 /// to a few float32 ulps of those magnitudes rather than bit for bit.
 const TRAJ_TOL: f32 = 5e-5;
+/// The SDE solver's runs: its noise keeps samples growing (|x| ~ 80 after 25 steps, where a
+/// float32 ulp is 7.6e-6) and its extra exp/sqrt scalars each differ from torch's by an ulp now
+/// and then; 3e-4 is 40 ulps there (the third-order run reaches 2.2e-4). A wrong coefficient or
+/// noise draw is off by whole units.
+const SDE_TRAJ_TOL: f32 = 3e-4;
 /// The same for the extra configs: torch's 3x3 `linalg.solve` (UniPC order 3) rounds in an
 /// order we only match to an ulp, and 20-step runs amplify that.
 const EXTRA_TRAJ_TOL: f32 = 1e-4;
 
 /// This file's schedulers in the fixtures: every one in every variant (SD 1.5, v_prediction,
 /// three spacings).
-fn entries(f: &Fixtures) -> Vec<&serde_json::Value> {
-    let ours = f.entries_for(&OURS);
+fn entries() -> Vec<(&'static Fixtures, &'static serde_json::Value)> {
+    let ours = scheduler_entries(&OURS);
     assert!(
-        ours.len() >= 15,
+        ours.len() >= 34,
         "expected our schedulers in the fixtures, found {}",
         ours.len()
     );
@@ -46,11 +61,24 @@ fn has_nan(t: &Tensor) -> bool {
         .any(|v| v.is_nan())
 }
 
-/// Our scheduler for an API name, and its float32 sigmas.
+/// Our scheduler for an API name (the class built from the config with the name's keys, as
+/// `build` does), and its float32 sigmas.
 fn make(name: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>, Vec<f32>) {
+    let cfg = SchedulerKind::from_name(name).unwrap().config(cfg);
     match name {
-        "dpmpp_2m" | "dpmpp_2m_karras" => {
-            let s = DpmSolverMultistep::new(cfg, steps, name == "dpmpp_2m_karras").unwrap();
+        "dpmpp_2m" | "dpmpp_2m_karras" | "dpmpp_2m_sde" | "dpmpp_2m_sde_karras" => {
+            make_class("dpm", &cfg, steps)
+        }
+        "unipc" | "unipc_karras" => make_class("unipc", &cfg, steps),
+        other => panic!("not a multistep scheduler: {other}"),
+    }
+}
+
+/// `Class.from_config(cfg)`: the class key of the fixture ("dpm" or "unipc").
+fn make_class(class: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>, Vec<f32>) {
+    match class {
+        "dpm" => {
+            let s = DpmSolverMultistep::new(cfg, steps).unwrap();
             let sigmas = s.sigmas().to_vec();
             (Box::new(s), sigmas)
         }
@@ -59,7 +87,7 @@ fn make(name: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>,
             let sigmas = s.sigmas().to_vec();
             (Box::new(s), sigmas)
         }
-        other => panic!("not a multistep scheduler: {other}"),
+        other => panic!("unknown class {other}"),
     }
 }
 
@@ -85,13 +113,9 @@ fn check_schedule(f: &Fixtures, key: &str, s: &dyn Scheduler, sigmas: &[f32]) ->
 
 #[test]
 fn schedules_match_diffusers() {
-    let f = scheduler_fixtures();
     let (mut cases, mut worst_s) = (0, 0f64);
-    for e in entries(f) {
-        let (name, prefix) = (
-            e["scheduler"].as_str().unwrap(),
-            e["prefix"].as_str().unwrap(),
-        );
+    for (f, e) in entries() {
+        let (name, prefix) = (kind_of_entry(e).name(), e["prefix"].as_str().unwrap());
         let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["schedule_steps"]) {
             let (s, sigmas) = make(name, &cfg, steps);
@@ -110,13 +134,9 @@ fn schedules_match_diffusers() {
 
 #[test]
 fn trajectories_match_diffusers() {
-    let f = scheduler_fixtures();
     let (mut runs, mut worst) = (0, 0f32);
-    for e in entries(f) {
-        let (name, prefix) = (
-            e["scheduler"].as_str().unwrap(),
-            e["prefix"].as_str().unwrap(),
-        );
+    for (f, e) in entries() {
+        let (name, prefix) = (kind_of_entry(e).name(), e["prefix"].as_str().unwrap());
         let cfg = f.scheduler_config(&e["overrides"]);
         for steps in steps_of(&e["trajectory_steps"]) {
             let key = format!("{prefix}.{steps}");
@@ -124,15 +144,21 @@ fn trajectories_match_diffusers() {
             let outputs = f.get(&format!("{key}.model_outputs"));
             let scaled = f.get(&format!("{key}.scaled_inputs"));
             let samples = f.get(&format!("{key}.samples"));
-            let mut rng = TorchRng::new(0);
+            // The SDE solvers draw from `generator=Generator().manual_seed(step_seed)` each step.
+            let mut rng = TorchRng::new(f.meta["step_seed"].as_u64().unwrap());
             let mut sample = samples.i(0).unwrap();
             let mut run_worst = 0f32;
+            let tol = if name.contains("sde") {
+                SDE_TRAJ_TOL
+            } else {
+                TRAJ_TOL
+            };
             for i in 0..s.timesteps().len() {
                 // Both classes leave the model input as is.
                 let x = s.scale_model_input(&sample, i).unwrap();
                 assert_eq!(max_abs_diff(&x, &sample), 0.0, "{key} scaled input {i}");
                 assert!(
-                    max_abs_diff(&x, &scaled.i(i).unwrap()) <= TRAJ_TOL,
+                    max_abs_diff(&x, &scaled.i(i).unwrap()) <= tol,
                     "{key} scaled input {i}"
                 );
                 sample = s
@@ -146,10 +172,7 @@ fn trajectories_match_diffusers() {
                 let d = max_abs_diff(&sample, &samples.i(i + 1).unwrap());
                 worst = worst.max(d);
                 run_worst = run_worst.max(d);
-                assert!(
-                    d <= TRAJ_TOL,
-                    "{key}: sample after step {i} differs by {d:e}"
-                );
+                assert!(d <= tol, "{key}: sample after step {i} differs by {d:e}");
             }
             if run_worst > 0.0 {
                 eprintln!("{key}: max abs diff {run_worst:e}");
@@ -173,15 +196,24 @@ fn factory_builds_the_same_schedules() {
             assert_eq!(built.timesteps().len(), steps, "{name} {steps}");
         }
     }
-    // The model's own class decides Karras sigmas when its config asks for them.
+    // A model whose file asks for Karras sigmas defaults to the Karras name; the plain name is
+    // uniform there too (`from_config(cfg, use_karras_sigmas=False)`).
     let karras_cfg: SchedulerConfig = serde_json::from_value(serde_json::json!({
         "_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
         "beta_start": 0.00085, "beta_end": 0.012, "use_karras_sigmas": true
     }))
     .unwrap();
-    let plain = DpmSolverMultistep::new(&karras_cfg, 20, false).unwrap();
-    let karras = DpmSolverMultistep::new(&karras_cfg, 20, true).unwrap();
-    assert_eq!(plain.timesteps(), karras.timesteps());
+    assert_eq!(
+        SchedulerKind::default_for(&karras_cfg).unwrap(),
+        SchedulerKind::DpmPp2mKarras
+    );
+    let own = DpmSolverMultistep::new(&karras_cfg, 20).unwrap();
+    let karras = build(SchedulerKind::DpmPp2mKarras, &karras_cfg, 20).unwrap();
+    let plain = build(SchedulerKind::DpmPp2m, &karras_cfg, 20).unwrap();
+    assert_eq!(own.timesteps(), karras.timesteps());
+    assert_ne!(plain.timesteps(), karras.timesteps());
+    let uniform = build(SchedulerKind::DpmPp2m, &cfg, 20).unwrap();
+    assert_eq!(plain.timesteps(), uniform.timesteps());
 }
 
 #[test]
@@ -216,24 +248,22 @@ fn half_precision_inputs_come_back_in_their_dtype() {
 #[test]
 fn bad_configs_are_errors() {
     let cfg = |v: serde_json::Value| -> SchedulerConfig { serde_json::from_value(v).unwrap() };
-    assert!(DpmSolverMultistep::new(&cfg(serde_json::json!({})), 0, false).is_err());
+    assert!(DpmSolverMultistep::new(&cfg(serde_json::json!({})), 0).is_err());
     assert!(UniPcMultistep::new(&cfg(serde_json::json!({})), 0).is_err());
+    // The noise-prediction SDE solver is not one of ours (sde-dpmsolver++ is).
     assert!(DpmSolverMultistep::new(
-        &cfg(serde_json::json!({"algorithm_type": "sde-dpmsolver++"})),
-        5,
-        false
+        &cfg(
+            serde_json::json!({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"})
+        ),
+        5
     )
     .is_err());
     // diffusers refuses a zero final sigma with the noise-prediction solver.
-    assert!(DpmSolverMultistep::new(
-        &cfg(serde_json::json!({"algorithm_type": "dpmsolver"})),
-        5,
-        false
-    )
-    .is_err());
     assert!(
-        DpmSolverMultistep::new(&cfg(serde_json::json!({"solver_type": "rk4"})), 5, false).is_err()
+        DpmSolverMultistep::new(&cfg(serde_json::json!({"algorithm_type": "dpmsolver"})), 5)
+            .is_err()
     );
+    assert!(DpmSolverMultistep::new(&cfg(serde_json::json!({"solver_type": "rk4"})), 5).is_err());
     assert!(UniPcMultistep::new(&cfg(serde_json::json!({"solver_type": "bh3"})), 5).is_err());
     // diffusers' noise-form UniPC ends in NaN with a zero final sigma; we refuse the config.
     assert!(UniPcMultistep::new(&cfg(serde_json::json!({"predict_x0": false})), 5).is_err());
@@ -250,15 +280,6 @@ fn bad_configs_are_errors() {
 fn extra() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| Fixtures::load("multistep"))
-}
-
-/// `Class.from_config(cfg)`: the class key of the fixture ("dpm" or "unipc").
-fn make_class(class: &str, cfg: &SchedulerConfig, steps: usize) -> (Box<dyn Scheduler>, Vec<f32>) {
-    match class {
-        "dpm" => make("dpmpp_2m", cfg, steps),
-        "unipc" => make("unipc", cfg, steps),
-        other => panic!("unknown class {other}"),
-    }
 }
 
 #[test]

@@ -4,17 +4,24 @@
 use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
-/// The sampler name A1111 uses for each scheduler.
+/// The sampler name A1111 uses for each scheduler: the sampler, and for Karras sigmas the
+/// one-word form (`DPM++ 2M Karras`) that every A1111 version reads back.
 pub(crate) fn a1111_sampler(kind: SchedulerKind) -> &'static str {
     match kind {
         SchedulerKind::Pndm => "PLMS",
         SchedulerKind::Ddim => "DDIM",
         SchedulerKind::Euler => "Euler",
+        SchedulerKind::EulerKarras => "Euler Karras",
         SchedulerKind::EulerAncestral => "Euler a",
+        SchedulerKind::EulerAncestralKarras => "Euler a Karras",
         SchedulerKind::DpmPp2m => "DPM++ 2M",
         SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+        SchedulerKind::DpmPp2mSde => "DPM++ 2M SDE",
+        SchedulerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
         SchedulerKind::Lms => "LMS",
+        SchedulerKind::LmsKarras => "LMS Karras",
         SchedulerKind::UniPc => "UniPC",
+        SchedulerKind::UniPcKarras => "UniPC Karras",
     }
 }
 

@@ -194,7 +194,7 @@ fn a1111_errors_name_a1111_fields() {
     let r = post(
         &s,
         "/sdapi/v1/txt2img",
-        &json!({"prompt": "x", "sampler_name": "Euler", "scheduler": "Karras"}),
+        &json!({"prompt": "x", "sampler_name": "DDIM", "scheduler": "Karras"}),
     );
     assert_eq!(r.broken_fields(), ["scheduler"]);
     let r = s.request("POST", "/sdapi/v1/txt2img", &[], b"{not json");
@@ -357,10 +357,19 @@ fn a1111_lists_options_and_png_info() {
         .collect();
     assert_eq!(
         names,
-        json!(["Euler a", "Euler", "DPM++ 2M", "DDIM", "PLMS", "LMS", "UniPC"])
-            .as_array()
-            .unwrap()
-            .clone()
+        json!([
+            "Euler a",
+            "Euler",
+            "DPM++ 2M",
+            "DPM++ 2M SDE",
+            "DDIM",
+            "PLMS",
+            "LMS",
+            "UniPC"
+        ])
+        .as_array()
+        .unwrap()
+        .clone()
     );
     let labels: Vec<Value> = s
         .get("/sdapi/v1/schedulers")

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor};
 
 use super::SchedulerConfig;
+use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
 
 /// What the model predicts (`prediction_type`).
@@ -420,6 +421,21 @@ pub fn to_f32(t: &Tensor) -> Result<Tensor> {
     } else {
         t.to_dtype(DType::F32)?
     })
+}
+
+/// `randn_tensor(like.shape, generator=...)` in float32: one draw per step of the whole tensor,
+/// or with a list of generators (one per image), of each image's part from its own generator.
+pub fn batch_randn(like: &Tensor, rngs: &mut [TorchRng]) -> Result<Tensor> {
+    let batch = like.dim(0)?;
+    if rngs.len() != batch {
+        return Err(PipelineError::InvalidRequest(format!(
+            "{} generators for a batch of {batch}",
+            rngs.len()
+        )));
+    }
+    let per_image = like.elem_count() / batch.max(1);
+    let noise: Vec<f32> = rngs.iter_mut().flat_map(|r| r.randn(per_image)).collect();
+    Ok(Tensor::from_vec(noise, like.shape(), like.device())?)
 }
 
 /// DDPM-style `add_noise` at training timestep `t = timesteps[index]`:

@@ -27,7 +27,7 @@ pub(super) struct SigmaSchedule {
 pub(super) struct SigmaOptions {
     /// Euler: `interpolation_type`, `final_sigmas_type`, `timestep_type`, `sigma_min/max`.
     pub euler_options: bool,
-    /// Euler and LMS read `use_karras_sigmas`.
+    /// Euler and LMS read `use_karras_sigmas`; so does Euler ancestral here (`euler_a_karras`).
     pub karras: bool,
 }
 
@@ -263,10 +263,13 @@ pub struct EulerAncestral {
 }
 
 impl EulerAncestral {
+    /// diffusers' class has no `use_karras_sigmas`; with the key set (`euler_a_karras`, A1111's
+    /// `Euler a` + `Karras`) its step runs on the Karras schedule EulerDiscreteScheduler computes
+    /// from the same config (tools/api_schedulers.py's `EulerAncestralKarras`).
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         let opts = SigmaOptions {
             euler_options: false,
-            karras: false,
+            karras: true,
         };
         Ok(Self {
             base: SigmaBase::new(cfg, num_inference_steps, opts)?,
@@ -297,18 +300,7 @@ impl Scheduler for EulerAncestral {
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
         let derivative = div_s(&(&s - x0)?, sigma)?;
         let prev = (&s + mul_s(&derivative, sigma_down - sigma)?)?;
-        // randn_tensor(model_output.shape, generator=...): one draw per step of the whole tensor,
-        // or with a list of generators, of each image's part from its own generator.
-        let batch = mo.dim(0)?;
-        if rngs.len() != batch {
-            return Err(crate::PipelineError::InvalidRequest(format!(
-                "{} generators for a batch of {batch}",
-                rngs.len()
-            )));
-        }
-        let per_image = mo.elem_count() / batch.max(1);
-        let noise: Vec<f32> = rngs.iter_mut().flat_map(|r| r.randn(per_image)).collect();
-        let noise = Tensor::from_vec(noise, mo.shape(), mo.device())?;
+        let noise = common::batch_randn(mo, rngs)?;
         let prev = (prev + mul_s(&noise, sigma_up)?)?;
         Ok(prev.to_dtype(dtype)?)
     }

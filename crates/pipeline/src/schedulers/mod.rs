@@ -17,84 +17,206 @@ pub mod heun;
 mod interleaved;
 pub mod lcm;
 pub mod lms;
+pub mod multistep;
 pub mod pndm;
 pub mod seed_sequence;
 pub mod torch_math;
 pub mod unipc;
 
-/// The scheduler names of the API.
+/// The update rule of a scheduler (diffusers' class, or A1111's sampler), whatever its sigmas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SchedulerKind {
+pub enum Sampler {
     Pndm,
     Ddim,
     Euler,
     EulerAncestral,
     DpmPp2m,
-    DpmPp2mKarras,
+    /// DPMSolverMultistep with `algorithm_type="sde-dpmsolver++"` (A1111's `DPM++ 2M SDE`).
+    DpmPp2mSde,
     Lms,
     UniPc,
 }
 
+/// The scheduler names of the API: a [`Sampler`] with the training schedule's sigmas (or
+/// timesteps) or, for the `_karras` names, Karras et al.'s sigmas (diffusers' `use_karras_sigmas`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    Pndm,
+    Ddim,
+    Euler,
+    EulerKarras,
+    EulerAncestral,
+    EulerAncestralKarras,
+    DpmPp2m,
+    DpmPp2mKarras,
+    DpmPp2mSde,
+    DpmPp2mSdeKarras,
+    Lms,
+    LmsKarras,
+    UniPc,
+    UniPcKarras,
+}
+
+/// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
+/// sigmas are Karras'.
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 14] = [
+    (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
+    (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
+    (SchedulerKind::Euler, "euler", Sampler::Euler, false),
+    (
+        SchedulerKind::EulerKarras,
+        "euler_karras",
+        Sampler::Euler,
+        true,
+    ),
+    (
+        SchedulerKind::EulerAncestral,
+        "euler_a",
+        Sampler::EulerAncestral,
+        false,
+    ),
+    (
+        SchedulerKind::EulerAncestralKarras,
+        "euler_a_karras",
+        Sampler::EulerAncestral,
+        true,
+    ),
+    (SchedulerKind::DpmPp2m, "dpmpp_2m", Sampler::DpmPp2m, false),
+    (
+        SchedulerKind::DpmPp2mKarras,
+        "dpmpp_2m_karras",
+        Sampler::DpmPp2m,
+        true,
+    ),
+    (
+        SchedulerKind::DpmPp2mSde,
+        "dpmpp_2m_sde",
+        Sampler::DpmPp2mSde,
+        false,
+    ),
+    (
+        SchedulerKind::DpmPp2mSdeKarras,
+        "dpmpp_2m_sde_karras",
+        Sampler::DpmPp2mSde,
+        true,
+    ),
+    (SchedulerKind::Lms, "lms", Sampler::Lms, false),
+    (SchedulerKind::LmsKarras, "lms_karras", Sampler::Lms, true),
+    (SchedulerKind::UniPc, "unipc", Sampler::UniPc, false),
+    (
+        SchedulerKind::UniPcKarras,
+        "unipc_karras",
+        Sampler::UniPc,
+        true,
+    ),
+];
+
+const fn all_kinds() -> [SchedulerKind; KINDS.len()] {
+    let mut out = [SchedulerKind::Pndm; KINDS.len()];
+    let mut i = 0;
+    while i < KINDS.len() {
+        out[i] = KINDS[i].0;
+        i += 1;
+    }
+    out
+}
+
 impl SchedulerKind {
     /// Every kind, in the order of the API documentation.
-    pub const ALL: [SchedulerKind; 8] = [
-        Self::Pndm,
-        Self::Ddim,
-        Self::Euler,
-        Self::EulerAncestral,
-        Self::DpmPp2m,
-        Self::DpmPp2mKarras,
-        Self::Lms,
-        Self::UniPc,
-    ];
+    pub const ALL: [SchedulerKind; KINDS.len()] = all_kinds();
+
+    fn entry(self) -> &'static (SchedulerKind, &'static str, Sampler, bool) {
+        KINDS
+            .iter()
+            .find(|e| e.0 == self)
+            .expect("every kind is in KINDS")
+    }
 
     /// The API name (`"euler_a"`, ...); `None` for an unknown name.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
+        KINDS.iter().find(|e| e.1 == name).map(|e| e.0)
     }
 
     /// The API name.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Pndm => "pndm",
-            Self::Ddim => "ddim",
-            Self::Euler => "euler",
-            Self::EulerAncestral => "euler_a",
-            Self::DpmPp2m => "dpmpp_2m",
-            Self::DpmPp2mKarras => "dpmpp_2m_karras",
-            Self::Lms => "lms",
-            Self::UniPc => "unipc",
-        }
+        self.entry().1
     }
 
-    /// The model's own scheduler, from `_class_name` of its `scheduler_config.json`.
+    /// The update rule.
+    pub fn sampler(self) -> Sampler {
+        self.entry().2
+    }
+
+    /// Whether the sigmas are Karras' (the `_karras` names).
+    pub fn karras(self) -> bool {
+        self.entry().3
+    }
+
+    /// The kind of `sampler` with Karras sigmas or not; `None` where the sampler has no
+    /// Karras form (PNDM, DDIM: diffusers' classes have no `use_karras_sigmas`).
+    pub fn of(sampler: Sampler, karras: bool) -> Option<Self> {
+        KINDS
+            .iter()
+            .find(|e| e.2 == sampler && e.3 == karras)
+            .map(|e| e.0)
+    }
+
+    /// The config this kind is built from: the model's `scheduler_config.json` with the keys the
+    /// name decides set, as `Class.from_config(cfg, **overrides)` (tools/api_schedulers.py):
+    /// `use_karras_sigmas` for every sampler that has a Karras form, so `euler` is uniform even
+    /// when the model's file asks for Karras sigmas, and DPM-Solver's `algorithm_type`.
+    pub fn config(self, cfg: &SchedulerConfig) -> SchedulerConfig {
+        let mut cfg = cfg.clone();
+        if Self::of(self.sampler(), true).is_some() {
+            cfg.use_karras_sigmas = Some(self.karras());
+        }
+        let stochastic = is_sde(&cfg);
+        match self.sampler() {
+            // The deterministic solver: the file's own choice unless it is a stochastic one.
+            Sampler::DpmPp2m if stochastic => cfg.algorithm_type = Some("dpmsolver++".into()),
+            Sampler::DpmPp2mSde => cfg.algorithm_type = Some("sde-dpmsolver++".into()),
+            _ => {}
+        }
+        cfg
+    }
+
+    /// The model's own scheduler, from `_class_name` of its `scheduler_config.json` (and its
+    /// `use_karras_sigmas` and `algorithm_type` where the class reads them).
     pub fn default_for(cfg: &SchedulerConfig) -> Result<Self> {
         let class = cfg.class_name.as_deref().ok_or_else(|| {
             common::config_error("no _class_name to choose the default scheduler")
         })?;
-        Ok(match class {
-            "PNDMScheduler" => Self::Pndm,
-            "DDIMScheduler" => Self::Ddim,
-            "EulerDiscreteScheduler" => Self::Euler,
-            "EulerAncestralDiscreteScheduler" => Self::EulerAncestral,
-            "DPMSolverMultistepScheduler" if cfg.use_karras_sigmas == Some(true) => {
-                Self::DpmPp2mKarras
-            }
-            "DPMSolverMultistepScheduler" => Self::DpmPp2m,
-            "LMSDiscreteScheduler" => Self::Lms,
-            "UniPCMultistepScheduler" => Self::UniPc,
+        let sampler = match class {
+            "PNDMScheduler" => Sampler::Pndm,
+            "DDIMScheduler" => Sampler::Ddim,
+            "EulerDiscreteScheduler" => Sampler::Euler,
+            "EulerAncestralDiscreteScheduler" => Sampler::EulerAncestral,
+            "DPMSolverMultistepScheduler" if is_sde(cfg) => Sampler::DpmPp2mSde,
+            "DPMSolverMultistepScheduler" => Sampler::DpmPp2m,
+            "LMSDiscreteScheduler" => Sampler::Lms,
+            "UniPCMultistepScheduler" => Sampler::UniPc,
             other => {
                 return Err(common::config_error(format!(
                     "unsupported scheduler class {other:?}"
                 )))
             }
-        })
+        };
+        // diffusers' EulerAncestralDiscreteScheduler has no `use_karras_sigmas`: it ignores the key.
+        let karras = cfg.use_karras_sigmas == Some(true) && sampler != Sampler::EulerAncestral;
+        Ok(Self::of(sampler, karras).unwrap_or(Self::of(sampler, false).expect("plain kind")))
     }
 
     /// Same as [`Self::default_for`] (the name docs/ARCHITECTURE.md uses).
     pub fn from_class_name(cfg: &SchedulerConfig) -> Result<Self> {
         Self::default_for(cfg)
     }
+}
+
+/// Whether the file's DPM-Solver `algorithm_type` is a stochastic (`sde-`) one.
+fn is_sde(cfg: &SchedulerConfig) -> bool {
+    cfg.algorithm_type
+        .as_deref()
+        .is_some_and(|a| a.starts_with("sde-"))
 }
 
 impl std::fmt::Display for SchedulerKind {
@@ -116,33 +238,26 @@ impl std::str::FromStr for SchedulerKind {
     }
 }
 
-/// Builds `kind` from the model's scheduler config (as `Class.from_config(cfg)`) and runs its
-/// `set_timesteps(num_inference_steps)`.
+/// Builds `kind` from the model's scheduler config (as `Class.from_config(cfg, **overrides)`,
+/// see [`SchedulerKind::config`]) and runs its `set_timesteps(num_inference_steps)`.
 pub fn build(
     kind: SchedulerKind,
     cfg: &SchedulerConfig,
     num_inference_steps: usize,
 ) -> Result<Box<dyn Scheduler>> {
     common::check_steps(num_inference_steps)?;
-    Ok(match kind {
-        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(cfg, num_inference_steps)?),
-        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(cfg, num_inference_steps)?),
-        SchedulerKind::Euler => Box::new(euler::EulerDiscrete::new(cfg, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => {
-            Box::new(euler::EulerAncestral::new(cfg, num_inference_steps)?)
+    let cfg = &kind.config(cfg);
+    let n = num_inference_steps;
+    Ok(match kind.sampler() {
+        Sampler::Pndm => Box::new(pndm::Pndm::new(cfg, n)?),
+        Sampler::Ddim => Box::new(ddim::Ddim::new(cfg, n)?),
+        Sampler::Euler => Box::new(euler::EulerDiscrete::new(cfg, n)?),
+        Sampler::EulerAncestral => Box::new(euler::EulerAncestral::new(cfg, n)?),
+        Sampler::DpmPp2m | Sampler::DpmPp2mSde => {
+            Box::new(dpm_solver::DpmSolverMultistep::new(cfg, n)?)
         }
-        SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverMultistep::new(
-            cfg,
-            num_inference_steps,
-            false,
-        )?),
-        SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolverMultistep::new(
-            cfg,
-            num_inference_steps,
-            true,
-        )?),
-        SchedulerKind::Lms => Box::new(lms::LmsDiscrete::new(cfg, num_inference_steps)?),
-        SchedulerKind::UniPc => Box::new(unipc::UniPcMultistep::new(cfg, num_inference_steps)?),
+        Sampler::Lms => Box::new(lms::LmsDiscrete::new(cfg, n)?),
+        Sampler::UniPc => Box::new(unipc::UniPcMultistep::new(cfg, n)?),
     })
 }
 
@@ -235,28 +350,95 @@ mod tests {
     }
 
     #[test]
+    fn kinds_are_a_sampler_and_a_schedule() {
+        for k in SchedulerKind::ALL {
+            assert_eq!(SchedulerKind::of(k.sampler(), k.karras()), Some(k));
+            assert_eq!(k.name().ends_with("_karras"), k.karras(), "{k}");
+            // The Karras form of a sampler is its name plus `_karras`.
+            if let Some(plain) = SchedulerKind::of(k.sampler(), false).filter(|_| k.karras()) {
+                assert_eq!(k.name(), format!("{}_karras", plain.name()));
+            }
+        }
+        assert_eq!(SchedulerKind::of(Sampler::Ddim, true), None);
+        assert_eq!(SchedulerKind::of(Sampler::Pndm, true), None);
+        assert_eq!(
+            SchedulerKind::from_name("euler_a_karras"),
+            Some(SchedulerKind::EulerAncestralKarras)
+        );
+    }
+
+    #[test]
+    fn the_name_decides_the_schedule_and_the_solver() {
+        let file = SchedulerConfig {
+            use_karras_sigmas: Some(true),
+            algorithm_type: Some("sde-dpmsolver++".into()),
+            ..Default::default()
+        };
+        let cfg = SchedulerKind::DpmPp2m.config(&file);
+        assert_eq!(cfg.use_karras_sigmas, Some(false));
+        assert_eq!(cfg.algorithm_type.as_deref(), Some("dpmsolver++"));
+        let cfg = SchedulerKind::DpmPp2mSdeKarras.config(&SchedulerConfig::default());
+        assert_eq!(cfg.use_karras_sigmas, Some(true));
+        assert_eq!(cfg.algorithm_type.as_deref(), Some("sde-dpmsolver++"));
+        // Classes without Karras sigmas keep the file's keys as they are.
+        assert_eq!(
+            SchedulerKind::Ddim.config(&file).use_karras_sigmas,
+            Some(true)
+        );
+    }
+
+    #[test]
     fn default_from_class_name() {
         let cfg = |class: &str, karras: Option<bool>| SchedulerConfig {
             class_name: Some(class.to_string()),
             use_karras_sigmas: karras,
             ..Default::default()
         };
+        let default = |c: SchedulerConfig| SchedulerKind::default_for(&c).unwrap();
+        assert_eq!(default(cfg("PNDMScheduler", None)), SchedulerKind::Pndm);
         assert_eq!(
-            SchedulerKind::default_for(&cfg("PNDMScheduler", None)).unwrap(),
-            SchedulerKind::Pndm
-        );
-        assert_eq!(
-            SchedulerKind::default_for(&cfg("DPMSolverMultistepScheduler", Some(true))).unwrap(),
+            default(cfg("DPMSolverMultistepScheduler", Some(true))),
             SchedulerKind::DpmPp2mKarras
         );
         assert_eq!(
-            SchedulerKind::default_for(&cfg("DPMSolverMultistepScheduler", Some(false))).unwrap(),
+            default(cfg("DPMSolverMultistepScheduler", Some(false))),
             SchedulerKind::DpmPp2m
         );
+        for (class, plain, karras) in [
+            (
+                "EulerDiscreteScheduler",
+                SchedulerKind::Euler,
+                SchedulerKind::EulerKarras,
+            ),
+            (
+                "LMSDiscreteScheduler",
+                SchedulerKind::Lms,
+                SchedulerKind::LmsKarras,
+            ),
+            (
+                "UniPCMultistepScheduler",
+                SchedulerKind::UniPc,
+                SchedulerKind::UniPcKarras,
+            ),
+        ] {
+            assert_eq!(default(cfg(class, Some(true))), karras, "{class}");
+            assert_eq!(default(cfg(class, None)), plain, "{class}");
+        }
+        // diffusers' Euler ancestral class has no `use_karras_sigmas`; DDIM neither.
         assert_eq!(
-            SchedulerKind::default_for(&cfg("EulerAncestralDiscreteScheduler", None)).unwrap(),
+            default(cfg("EulerAncestralDiscreteScheduler", Some(true))),
             SchedulerKind::EulerAncestral
         );
+        assert_eq!(
+            default(cfg("DDIMScheduler", Some(true))),
+            SchedulerKind::Ddim
+        );
+        let sde = |karras| SchedulerConfig {
+            algorithm_type: Some("sde-dpmsolver++".into()),
+            ..cfg("DPMSolverMultistepScheduler", karras)
+        };
+        assert_eq!(default(sde(None)), SchedulerKind::DpmPp2mSde);
+        assert_eq!(default(sde(Some(true))), SchedulerKind::DpmPp2mSdeKarras);
         assert!(SchedulerKind::default_for(&cfg("HeunDiscreteScheduler", None)).is_err());
         assert!(SchedulerKind::default_for(&SchedulerConfig::default()).is_err());
     }

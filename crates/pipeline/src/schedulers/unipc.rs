@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use super::common::{self, config_error, div_s as div, mul_s as mul, PredictionType};
-use super::dpm_solver::{
+use super::multistep::{
     add_noise_alpha_sigma, alpha_sigma, convert_model_output, current_step_index, final_sigma_zero,
     lambda, newest_output, Family, MultistepSchedule,
 };

@@ -151,6 +151,34 @@ pub fn scheduler_fixtures() -> &'static Fixtures {
     F.get_or_init(|| Fixtures::load("schedulers"))
 }
 
+/// The scheduler fixtures of every API name: `schedulers` and `schedulers-karras` (the names
+/// added later, in a file of their own: see tools/make_scheduler_fixtures.py).
+pub fn all_scheduler_fixtures() -> [&'static Fixtures; 2] {
+    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
+    [
+        scheduler_fixtures(),
+        F.get_or_init(|| Fixtures::load("schedulers-karras")),
+    ]
+}
+
+/// The entries of `names` in every scheduler fixture file, with their file.
+pub fn scheduler_entries(names: &[&str]) -> Vec<(&'static Fixtures, &'static serde_json::Value)> {
+    all_scheduler_fixtures()
+        .into_iter()
+        .flat_map(|f| f.entries_for(names).into_iter().map(move |e| (f, e)))
+        .collect()
+}
+
+/// The API name a fixture entry's scheduler is: its `scheduler`, or that sampler's Karras name
+/// when the entry's overrides set `use_karras_sigmas` (as `default_for` reads a model's file).
+pub fn kind_of_entry(e: &serde_json::Value) -> SchedulerKind {
+    let kind = SchedulerKind::from_name(e["scheduler"].as_str().unwrap()).unwrap();
+    match e["overrides"]["use_karras_sigmas"].as_bool() {
+        Some(karras) => SchedulerKind::of(kind.sampler(), karras).unwrap(),
+        None => kind,
+    }
+}
+
 /// A JSON list of step indices.
 pub fn steps_of(v: &serde_json::Value) -> Vec<usize> {
     v.as_array()

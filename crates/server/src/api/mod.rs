@@ -80,16 +80,28 @@ pub enum SchedulerName {
     Ddim,
     #[serde(rename = "euler")]
     Euler,
+    #[serde(rename = "euler_karras")]
+    EulerKarras,
     #[serde(rename = "euler_a")]
     EulerA,
+    #[serde(rename = "euler_a_karras")]
+    EulerAKarras,
     #[serde(rename = "dpmpp_2m")]
     DpmPp2m,
     #[serde(rename = "dpmpp_2m_karras")]
     DpmPp2mKarras,
+    #[serde(rename = "dpmpp_2m_sde")]
+    DpmPp2mSde,
+    #[serde(rename = "dpmpp_2m_sde_karras")]
+    DpmPp2mSdeKarras,
     #[serde(rename = "lms")]
     Lms,
+    #[serde(rename = "lms_karras")]
+    LmsKarras,
     #[serde(rename = "unipc")]
     UniPc,
+    #[serde(rename = "unipc_karras")]
+    UniPcKarras,
 }
 
 /// Body of `POST /generate`. Unknown fields are rejected (422 `validation_error`, `details` names
@@ -125,7 +137,8 @@ pub struct GenerateRequest {
     /// At or below 1.0 classifier-free guidance is off.
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
-    /// Absent or null: the model's own scheduler config.
+    /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
+    /// sigmas; `euler_a` and `dpmpp_2m_sde` add noise drawn from the seed at every step.
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77

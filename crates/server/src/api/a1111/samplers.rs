@@ -17,19 +17,19 @@ pub struct Sampler {
     pub default_karras: bool,
 }
 
-pub const SAMPLERS: [Sampler; 7] = [
+pub const SAMPLERS: [Sampler; 8] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
         uniform: SchedulerKind::EulerAncestral,
-        karras: None,
+        karras: Some(SchedulerKind::EulerAncestralKarras),
         default_karras: false,
     },
     Sampler {
         name: "Euler",
         aliases: &["k_euler"],
         uniform: SchedulerKind::Euler,
-        karras: None,
+        karras: Some(SchedulerKind::EulerKarras),
         default_karras: false,
     },
     Sampler {
@@ -37,6 +37,15 @@ pub const SAMPLERS: [Sampler; 7] = [
         aliases: &["k_dpmpp_2m"],
         uniform: SchedulerKind::DpmPp2m,
         karras: Some(SchedulerKind::DpmPp2mKarras),
+        default_karras: true,
+    },
+    Sampler {
+        name: "DPM++ 2M SDE",
+        aliases: &["k_dpmpp_2m_sde"],
+        uniform: SchedulerKind::DpmPp2mSde,
+        karras: Some(SchedulerKind::DpmPp2mSdeKarras),
+        // A1111's own is its Exponential schedule (log-linear sigmas), which we do not have;
+        // Karras' (rho = 7) is the nearest: Exponential is its rho -> infinity limit.
         default_karras: true,
     },
     Sampler {
@@ -57,14 +66,14 @@ pub const SAMPLERS: [Sampler; 7] = [
         name: "LMS",
         aliases: &["k_lms"],
         uniform: SchedulerKind::Lms,
-        karras: None,
+        karras: Some(SchedulerKind::LmsKarras),
         default_karras: false,
     },
     Sampler {
         name: "UniPC",
         aliases: &["unipc"],
         uniform: SchedulerKind::UniPc,
-        karras: None,
+        karras: Some(SchedulerKind::UniPcKarras),
         default_karras: false,
     },
 ];
@@ -85,9 +94,26 @@ pub struct Resolved {
     pub schedule: &'static str,
 }
 
+/// The names A1111 lists: each sampler, and the one-word `<sampler> Karras` forms of its
+/// older versions (still read by the newer ones).
 fn sampler_names() -> String {
-    let mut names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
-    names.push("DPM++ 2M Karras");
+    let mut names: Vec<String> = SAMPLERS.iter().map(|s| s.name.to_string()).collect();
+    names.extend(
+        SAMPLERS
+            .iter()
+            .filter(|s| s.karras.is_some())
+            .map(|s| format!("{} Karras", s.name)),
+    );
+    names.join(", ")
+}
+
+/// The samplers that take the Karras schedule.
+fn karras_samplers() -> String {
+    let names: Vec<&str> = SAMPLERS
+        .iter()
+        .filter(|s| s.karras.is_some())
+        .map(|s| s.name)
+        .collect();
     names.join(", ")
 }
 
@@ -140,7 +166,8 @@ pub fn resolve_sampler(
             ApiError::validation(
                 "scheduler",
                 format!(
-                    "the Karras schedule is available with DPM++ 2M only, not {:?}",
+                    "the Karras schedule is available with {} only, not {:?}",
+                    karras_samplers(),
                     sampler.name
                 ),
             )
@@ -208,6 +235,34 @@ mod tests {
             r(Some("DPM++ 2M Uniform"), None).kind,
             SchedulerKind::DpmPp2m
         );
+        // Every sampler with a Karras form, by the field and by the one-word name.
+        for (name, karras) in [
+            ("Euler a", SchedulerKind::EulerAncestralKarras),
+            ("Euler", SchedulerKind::EulerKarras),
+            ("LMS", SchedulerKind::LmsKarras),
+            ("UniPC", SchedulerKind::UniPcKarras),
+            ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSdeKarras),
+        ] {
+            let k = r(Some(name), Some("Karras"));
+            assert_eq!((k.kind, k.sampler, k.schedule), (karras, name, "Karras"));
+            let one_word = format!("{name} Karras");
+            let k = r(Some(&one_word), Some("uniform"));
+            assert_eq!((k.kind, k.sampler, k.schedule), (karras, name, "Karras"));
+        }
+        assert_eq!(
+            r(Some("Euler a"), Some("automatic")).kind,
+            SchedulerKind::EulerAncestral
+        );
+        // DPM++ 2M SDE: A1111's automatic is its Exponential schedule; ours is Karras.
+        let k = r(Some("DPM++ 2M SDE"), None);
+        assert_eq!(
+            (k.kind, k.schedule),
+            (SchedulerKind::DpmPp2mSdeKarras, "Automatic")
+        );
+        assert_eq!(
+            r(Some("k_dpmpp_2m_sde"), Some("Uniform")).kind,
+            SchedulerKind::DpmPp2mSde
+        );
     }
 
     #[test]
@@ -224,13 +279,16 @@ mod tests {
             "LMS",
             "UniPC",
             "DPM++ 2M Karras",
+            "DPM++ 2M SDE Karras",
+            "Euler a Karras",
         ] {
             assert!(details.contains(name), "{details}");
         }
-        assert_eq!(
-            field_of(resolve_sampler("sampler_name", Some("Euler"), Some("Karras")).unwrap_err()),
-            "scheduler"
-        );
+        assert!(!details.contains("DDIM Karras"), "{details}");
+        let e = resolve_sampler("sampler_name", Some("DDIM"), Some("Karras")).unwrap_err();
+        let details = e.body().details.unwrap();
+        assert!(details.contains("Euler a, Euler, DPM++ 2M"), "{details}");
+        assert_eq!(field_of(e), "scheduler");
         assert_eq!(
             field_of(
                 resolve_sampler("sampler_name", Some("Euler"), Some("Exponential")).unwrap_err()

@@ -40,12 +40,14 @@ pub struct A1111Request {
     /// -1: random (drawn once; batch *k* image *i* uses seed + k * batch_size + i).
     #[schema(default = -1, minimum = -1, maximum = 4294967295_i64, nullable = true)]
     pub seed: Option<i64>,
-    /// `Euler a`, `Euler`, `DPM++ 2M` (also `DPM++ 2M Karras`), `DDIM`, `PLMS`, `LMS`, `UniPC`.
+    /// `Euler a`, `Euler`, `DPM++ 2M`, `DPM++ 2M SDE`, `DDIM`, `PLMS`, `LMS`, `UniPC`; all but
+    /// `DDIM` and `PLMS` also as `<name> Karras` (A1111's older one-word form).
     #[schema(default = "Euler")]
     pub sampler_name: Option<String>,
     /// The older name of `sampler_name` (used when `sampler_name` is absent).
     pub sampler_index: Option<String>,
-    /// `Automatic` (the sampler's own: Karras for `DPM++ 2M`), `Uniform` or `Karras`.
+    /// `Automatic` (the sampler's own: Karras for `DPM++ 2M` and `DPM++ 2M SDE`), `Uniform` or
+    /// `Karras` (every sampler but `DDIM` and `PLMS`).
     #[schema(default = "automatic")]
     pub scheduler: Option<String>,
     /// Images generated together (native `batch_size`).
