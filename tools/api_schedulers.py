@@ -45,6 +45,16 @@ SCHEDULERS = {
     "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
 }
 
+# DPM++ SDE (A1111's `DPM++ SDE`): DPMSolverSDEScheduler draws its noise from a Brownian tree that
+# diffusers seeds from the config's `noise_sampler_seed` (random when unset); we seed one tree per
+# image with that image's seed (as A1111 does), so a reference must pass the images' seeds
+# (`make_brownian_scheduler`, tools/make_sde_fixtures.py). Kept out of SCHEDULERS, whose users build
+# schedulers without seeds.
+BROWNIAN = {
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {"use_karras_sigmas": False}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+}
+
 # The names whose `step` draws noise from the pipeline's generator(s).
 STOCHASTIC = {"euler_a", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
 
@@ -56,6 +66,14 @@ def scheduler_class(class_name):
     if class_name == "EulerAncestralKarras":
         return _euler_ancestral_karras()
     return getattr(diffusers, class_name)
+
+
+def make_brownian_scheduler(name, config, seeds):
+    """A BROWNIAN name with one tree per image: `seeds` is the images' seeds (an int for one)."""
+    import diffusers
+
+    class_name, overrides = BROWNIAN[name]
+    return getattr(diffusers, class_name).from_config(config, **overrides, noise_sampler_seed=seeds)
 
 
 def make_scheduler(name, config):

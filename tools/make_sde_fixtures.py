@@ -33,6 +33,7 @@ from diffusers.schedulers import scheduling_dpmsolver_sde as sde_module
 from safetensors.torch import save_file
 
 from api_schedulers import SD15_SCHEDULER_CONFIG as SD15
+from api_schedulers import make_brownian_scheduler
 
 OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
 SHAPE = (1, 4, 8, 8)
@@ -74,11 +75,14 @@ IMAGE_BASE = dict(
     seed=42,
     guidance_scale=7.5,
 )
-# label -> (API scheduler name, from_config overrides, request overrides)
+# label -> (API scheduler name, request overrides)
 IMAGES = {
-    "dpmpp_sde": ("dpmpp_sde", {}, {}),
-    "dpmpp_sde_karras": ("dpmpp_sde_karras", {"use_karras_sigmas": True}, {"seed": 3000000000}),
-    "dpmpp_sde_karras.batch2": ("dpmpp_sde_karras", {"use_karras_sigmas": True}, {"batch_size": 2}),
+    "dpmpp_sde": ("dpmpp_sde", {}),
+    "dpmpp_sde_karras": ("dpmpp_sde_karras", {"seed": 3000000000}),
+    "dpmpp_sde_karras.batch2": ("dpmpp_sde_karras", {"batch_size": 2}),
+    # img2img: 8 steps at strength 0.6 run int(4.8) = 4 of them, from timesteps[2 * 4] (order 2).
+    "dpmpp_sde.img2img": ("dpmpp_sde", {"init_image": "init-32x32.png", "strength": 0.6,
+                                         "width": 32, "height": 32, "seed": 7}),
 }
 
 
@@ -204,7 +208,8 @@ def raw_trees(tensors, label, rec, shape, seeds):
 
 @torch.no_grad()
 def images(tensors):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from PIL import Image
 
     folder = os.path.join(OUT, IMAGE_MODEL)
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -213,28 +218,34 @@ def images(tensors):
     pipe.set_progress_bar_config(disable=True)
     own = dict(pipe.scheduler.config)
     out = {}
-    for label, (name, overrides, req) in IMAGES.items():
+    for label, (name, req) in IMAGES.items():
         r = dict(IMAGE_BASE, **req)
         batch = r.get("batch_size", 1)
         seeds = [(r["seed"] + i) & 0xFFFFFFFF for i in range(batch)]
-        pipe.scheduler = DPMSolverSDEScheduler.from_config(
-            own, **overrides, noise_sampler_seed=seeds if batch > 1 else seeds[0]
-        )
-        imgs = pipe(
+        pipe.scheduler = make_brownian_scheduler(name, own, seeds if batch > 1 else seeds[0])
+        kwargs = {}
+        run = pipe
+        if "init_image" in r:
+            run = StableDiffusionImg2ImgPipeline(**pipe.components)
+            run.set_progress_bar_config(disable=True)
+            init = Image.open(os.path.join(OUT, "images", r["init_image"])).convert("RGB")
+            kwargs = dict(image=init, strength=r["strength"])
+        else:
+            kwargs = dict(width=r["width"], height=r["height"])
+        imgs = run(
             r["prompt"],
             negative_prompt=r["negative_prompt"],
             num_inference_steps=r["steps"],
-            width=r["width"],
-            height=r["height"],
             guidance_scale=r["guidance_scale"],
             num_images_per_prompt=batch,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="np",
+            **kwargs,
         ).images
         tensors[f"image.{label}"] = torch.from_numpy((imgs * 255).round().astype("uint8"))
         out[label] = dict(r, model=IMAGE_MODEL, scheduler=name, batch_size=batch, seeds=seeds,
-                          timesteps=[float(t) for t in pipe.scheduler.timesteps])
-        print(f"image.{label}: {len(pipe.scheduler.timesteps)} UNet evaluations, mean {imgs.mean() * 255:.1f}")
+                          timesteps=[float(t) for t in run.scheduler.timesteps])
+        print(f"image.{label}: {imgs.shape}, {len(run.scheduler.timesteps)} scheduler timesteps, mean {imgs.mean() * 255:.1f}")
     return out
 
 

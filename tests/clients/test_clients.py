@@ -153,7 +153,7 @@ class A1111(Timed):
         self.api.util_wait_for_ready(check_interval=0.1)  # returns at once when idle
         names = self.api.util_get_sampler_names()
         self.assertEqual(
-            names, sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "PLMS", "LMS", "UniPC"])
+            names, sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "DDIM", "PLMS", "LMS", "UniPC"])
         )
         self.assertIn("Karras", [s["label"] for s in self.api.get_schedulers()])
         models = self.api.util_get_model_names()
@@ -276,7 +276,7 @@ class A1111(Timed):
     def test_unknown_sampler_is_a_422_listing_the_names(self):
         with self.assertRaises(RuntimeError) as cm:
             self.api.txt2img(prompt=PROMPT, steps=1, width=SIZE, height=SIZE,
-                             sampler_name="DPM++ SDE")
+                             sampler_name="DPM++ 3M SDE")
         status, text = cm.exception.args
         self.assertEqual(status, 422)
         self.assertIn("Euler a", text)

@@ -4,8 +4,16 @@
 
 mod common;
 
-use candle_core::{Device, IndexOp, Tensor};
+/// The f32 weights live in their mapped files, as in the server (`weights::mapped`).
+#[global_allocator]
+static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
+    sdserve_pipeline::weights::mapped::MappedAlloc;
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{max_abs_diff, Fixtures};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::brownian::{round6, BrownianNoise, BrownianTree};
 use sdserve_pipeline::schedulers::dpm_sde::DpmSolverSde;
@@ -222,8 +230,7 @@ fn trajectories_match_diffusers() {
         for steps in traj["steps"].as_array().unwrap() {
             let steps = steps.as_u64().unwrap() as usize;
             let key = format!("{prefix}.{steps}");
-            let karras = prefix.starts_with("dpmpp_sde_karras");
-            let mut s = DpmSolverSde::new(&cfg, steps, karras).unwrap();
+            let mut s = DpmSolverSde::new(&cfg, steps).unwrap();
             assert_eq!(s.order(), 2);
             let timesteps = f.f64s(&format!("{key}.timesteps"));
             assert_eq!(s.timesteps().len(), 2 * steps - 1, "{key}");
@@ -318,4 +325,68 @@ fn float32_math_matches_torch() {
         eprintln!("{op}: {differ} of {} differ by one ulp", x.len());
         assert!(share <= allowed, "{op}: {differ} of {} differ", x.len());
     }
+}
+
+/// Whole images on the tiny-a model against diffusers' pipelines with `DPMSolverSDEScheduler`
+/// seeded per image (txt2img plain and Karras, a batch of two trees, img2img begun at
+/// `timesteps[2 * t_start]`), with the tolerance of tests/pipeline_images.rs.
+#[test]
+fn tiny_images_match_diffusers() {
+    let f = fixtures();
+    let model = StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32)
+        .expect("tiny-a loads");
+    let mut failures = Vec::new();
+    let images = f.meta["images"].as_object().unwrap();
+    for (label, request) in images {
+        let init_image = request["init_image"].as_str().map(|name| InitImage {
+            image: common::read_png(name),
+            mask: None,
+            strength: request["strength"].as_f64().unwrap(),
+        });
+        let params = GenerationParams {
+            batch_size: request["batch_size"].as_u64().unwrap() as usize,
+            init_image,
+            ..common::request_params(request)
+        };
+        let (mut calls, mut total) = (0, 0);
+        let ours = model
+            .generate(&params, &mut |p| {
+                calls += 1;
+                total = p.total;
+                assert_eq!(p.step, calls);
+                ControlFlow::Continue(())
+            })
+            .expect("generates");
+        let expected = f.get(&format!("image.{label}"));
+        assert_eq!(ours.len(), expected.dim(0).unwrap(), "{label}");
+        // Progress counts UNet evaluations: diffusers' timesteps from the first one run.
+        let first = params.init_image.as_ref().map_or(0, |init| {
+            2 * (params.steps - (params.steps as f64 * init.strength) as usize)
+        });
+        let timesteps = request["timesteps"].as_array().unwrap().len();
+        assert_eq!(
+            (calls, total),
+            (timesteps - first, timesteps - first),
+            "{label}: progress"
+        );
+        for (i, image) in ours.iter().enumerate() {
+            let want: Vec<u8> = expected
+                .i(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (mean, over) = common::pixel_difference(&image.pixels, &want);
+            eprintln!("{label}[{i}]: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
+            if mean > 1.0 || over > 0.005 {
+                failures.push(format!("{label}[{i}]: mean {mean:.3}, >8 {over:.4}"));
+            }
+        }
+    }
+    assert!(images.len() >= 4);
+    assert!(
+        failures.is_empty(),
+        "images differ from diffusers: {failures:?}"
+    );
 }

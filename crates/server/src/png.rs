@@ -18,6 +18,8 @@ pub(crate) fn a1111_sampler(kind: SchedulerKind) -> &'static str {
         SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
         SchedulerKind::DpmPp2mSde => "DPM++ 2M SDE",
         SchedulerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
+        SchedulerKind::DpmPpSde => "DPM++ SDE",
+        SchedulerKind::DpmPpSdeKarras => "DPM++ SDE Karras",
         SchedulerKind::Lms => "LMS",
         SchedulerKind::LmsKarras => "LMS Karras",
         SchedulerKind::UniPc => "UniPC",

@@ -176,7 +176,7 @@ fn a1111_errors_name_a1111_fields() {
     let r = post(
         &s,
         "/sdapi/v1/txt2img",
-        &json!({"prompt": "x", "sampler_name": "DPM++ SDE"}),
+        &json!({"prompt": "x", "sampler_name": "DPM++ 3M SDE"}),
     );
     assert_eq!(r.broken_fields(), ["sampler_name"]);
     let details = r.json()["details"].as_str().unwrap().to_string();
@@ -362,6 +362,7 @@ fn a1111_lists_options_and_png_info() {
             "Euler",
             "DPM++ 2M",
             "DPM++ 2M SDE",
+            "DPM++ SDE",
             "DDIM",
             "PLMS",
             "LMS",

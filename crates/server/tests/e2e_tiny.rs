@@ -33,6 +33,11 @@ const NEGATIVE: &str = "blurry";
 
 /// The same request straight through the pipeline.
 fn direct(seed: u64) -> Vec<u8> {
+    direct_with(seed, 1, SchedulerKind::EulerAncestral)
+}
+
+/// [`direct`] with another step count and scheduler.
+fn direct_with(seed: u64, steps: usize, scheduler: SchedulerKind) -> Vec<u8> {
     let sd = StableDiffusion::load(
         &tiny_b(),
         &candle_core::Device::Cpu,
@@ -42,12 +47,12 @@ fn direct(seed: u64) -> Vec<u8> {
     let params = GenerationParams {
         prompt: PROMPT.into(),
         negative_prompt: NEGATIVE.into(),
-        steps: 1,
+        steps,
         width: 256,
         height: 256,
         seed,
         guidance_scale: 5.0,
-        scheduler: Some(SchedulerKind::EulerAncestral),
+        scheduler: Some(scheduler),
         ..Default::default()
     };
     sd.generate(&params, &mut |_| ControlFlow::Continue(()))
@@ -147,6 +152,30 @@ fn served_image_is_the_pipelines_and_the_seed_reproduces_it() {
     assert!(
         direct(seed) == pixels,
         "served image differs from the pipeline's"
+    );
+
+    // A1111's one-word `DPM++ SDE Karras` (two UNet evaluations per step, a Brownian tree
+    // seeded with the image's seed): the pipeline's dpmpp_sde_karras image, named as A1111 does.
+    let r = common::post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 77, "steps": 2,
+                "cfg_scale": 5.0, "width": 256, "height": 256,
+                "sampler_name": "DPM++ SDE Karras"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    let info: serde_json::Value = serde_json::from_str(j["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sampler_name"], "DPM++ SDE", "{info}");
+    let (_, _, sde_pixels, text) = decode_png(j["images"][0].as_str().unwrap());
+    assert!(
+        text.unwrap()
+            .contains("Steps: 2, Sampler: DPM++ SDE Karras"),
+        "{info}"
+    );
+    assert!(
+        direct_with(77, 2, SchedulerKind::DpmPpSdeKarras) == sde_pixels,
+        "served DPM++ SDE Karras image differs from the pipeline's"
     );
 }
 

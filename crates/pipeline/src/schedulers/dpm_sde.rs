@@ -52,9 +52,9 @@ pub struct DpmSolverSde {
 }
 
 impl DpmSolverSde {
-    /// `karras` forces Karras sigmas on (`dpmpp_sde_karras`); otherwise the config's
-    /// `use_karras_sigmas` decides, as `from_config` would.
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> Result<Self> {
+    /// `DPMSolverSDEScheduler.from_config(cfg)` after `set_timesteps(num_inference_steps)`: Karras
+    /// sigmas when the config's `use_karras_sigmas` says so (`SchedulerKind::config` sets it).
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
         if r.prediction_type == PredictionType::Sample {
@@ -67,7 +67,7 @@ impl DpmSolverSde {
                 "DPM++ SDE does not support rescale_betas_zero_snr",
             ));
         }
-        let karras = karras || cfg.use_karras_sigmas == Some(true);
+        let karras = cfg.use_karras_sigmas == Some(true);
         let n = num_inference_steps;
         let train = r.num_train_timesteps;
         let mut timesteps = match r.timestep_spacing {

@@ -33,6 +33,9 @@ pub enum Sampler {
     DpmPp2m,
     /// DPMSolverMultistep with `algorithm_type="sde-dpmsolver++"` (A1111's `DPM++ 2M SDE`).
     DpmPp2mSde,
+    /// DPMSolverSDEScheduler (A1111's `DPM++ SDE`): two UNet evaluations per step, Brownian-tree
+    /// noise seeded per image.
+    DpmPpSde,
     Lms,
     UniPc,
 }
@@ -51,6 +54,8 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     DpmPp2mSde,
     DpmPp2mSdeKarras,
+    DpmPpSde,
+    DpmPpSdeKarras,
     Lms,
     LmsKarras,
     UniPc,
@@ -59,7 +64,7 @@ pub enum SchedulerKind {
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 14] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 16] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -98,6 +103,18 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 14] = [
         SchedulerKind::DpmPp2mSdeKarras,
         "dpmpp_2m_sde_karras",
         Sampler::DpmPp2mSde,
+        true,
+    ),
+    (
+        SchedulerKind::DpmPpSde,
+        "dpmpp_sde",
+        Sampler::DpmPpSde,
+        false,
+    ),
+    (
+        SchedulerKind::DpmPpSdeKarras,
+        "dpmpp_sde_karras",
+        Sampler::DpmPpSde,
         true,
     ),
     (SchedulerKind::Lms, "lms", Sampler::Lms, false),
@@ -193,6 +210,7 @@ impl SchedulerKind {
             "EulerAncestralDiscreteScheduler" => Sampler::EulerAncestral,
             "DPMSolverMultistepScheduler" if is_sde(cfg) => Sampler::DpmPp2mSde,
             "DPMSolverMultistepScheduler" => Sampler::DpmPp2m,
+            "DPMSolverSDEScheduler" => Sampler::DpmPpSde,
             "LMSDiscreteScheduler" => Sampler::Lms,
             "UniPCMultistepScheduler" => Sampler::UniPc,
             other => {
@@ -256,6 +274,7 @@ pub fn build(
         Sampler::DpmPp2m | Sampler::DpmPp2mSde => {
             Box::new(dpm_solver::DpmSolverMultistep::new(cfg, n)?)
         }
+        Sampler::DpmPpSde => Box::new(dpm_sde::DpmSolverSde::new(cfg, n)?),
         Sampler::Lms => Box::new(lms::LmsDiscrete::new(cfg, n)?),
         Sampler::UniPc => Box::new(unipc::UniPcMultistep::new(cfg, n)?),
     })
@@ -286,7 +305,8 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         rngs: &mut [TorchRng],
     ) -> Result<Tensor>;
-    /// Model evaluations per step (diffusers' `scheduler.order`): 2 for Heun and KDPM2, else 1.
+    /// Model evaluations per step (diffusers' `scheduler.order`): 2 for Heun, KDPM2 and DPM++ SDE,
+    /// else 1.
     fn order(&self) -> usize {
         1
     }
@@ -414,6 +434,11 @@ mod tests {
                 "LMSDiscreteScheduler",
                 SchedulerKind::Lms,
                 SchedulerKind::LmsKarras,
+            ),
+            (
+                "DPMSolverSDEScheduler",
+                SchedulerKind::DpmPpSde,
+                SchedulerKind::DpmPpSdeKarras,
             ),
             (
                 "UniPCMultistepScheduler",

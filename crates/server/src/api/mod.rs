@@ -94,6 +94,10 @@ pub enum SchedulerName {
     DpmPp2mSde,
     #[serde(rename = "dpmpp_2m_sde_karras")]
     DpmPp2mSdeKarras,
+    #[serde(rename = "dpmpp_sde")]
+    DpmPpSde,
+    #[serde(rename = "dpmpp_sde_karras")]
+    DpmPpSdeKarras,
     #[serde(rename = "lms")]
     Lms,
     #[serde(rename = "lms_karras")]
@@ -138,7 +142,8 @@ pub struct GenerateRequest {
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
     /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
-    /// sigmas; `euler_a` and `dpmpp_2m_sde` add noise drawn from the seed at every step.
+    /// sigmas; `euler_a`, `dpmpp_2m_sde` and `dpmpp_sde` add noise drawn from the seed at every
+    /// step; `dpmpp_sde` runs the UNet twice per step (progress counts evaluations).
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77

@@ -113,7 +113,7 @@ fn a1111_hires_rules_are_422s_naming_its_fields() {
             "1",
         ),
         (
-            json!({"hr_sampler_name": "DPM++ SDE"}),
+            json!({"hr_sampler_name": "DPM++ 3M SDE"}),
             "hr_sampler_name",
             "Euler a",
         ),

@@ -17,7 +17,7 @@ pub struct Sampler {
     pub default_karras: bool,
 }
 
-pub const SAMPLERS: [Sampler; 8] = [
+pub const SAMPLERS: [Sampler; 9] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -46,6 +46,14 @@ pub const SAMPLERS: [Sampler; 8] = [
         karras: Some(SchedulerKind::DpmPp2mSdeKarras),
         // A1111's own is its Exponential schedule (log-linear sigmas), which we do not have;
         // Karras' (rho = 7) is the nearest: Exponential is its rho -> infinity limit.
+        default_karras: true,
+    },
+    Sampler {
+        name: "DPM++ SDE",
+        aliases: &["k_dpmpp_sde"],
+        uniform: SchedulerKind::DpmPpSde,
+        karras: Some(SchedulerKind::DpmPpSdeKarras),
+        // A1111 lists it with `scheduler: karras`: its automatic schedule is Karras'.
         default_karras: true,
     },
     Sampler {
@@ -242,6 +250,7 @@ mod tests {
             ("LMS", SchedulerKind::LmsKarras),
             ("UniPC", SchedulerKind::UniPcKarras),
             ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSdeKarras),
+            ("DPM++ SDE", SchedulerKind::DpmPpSdeKarras),
         ] {
             let k = r(Some(name), Some("Karras"));
             assert_eq!((k.kind, k.sampler, k.schedule), (karras, name, "Karras"));
@@ -263,11 +272,25 @@ mod tests {
             r(Some("k_dpmpp_2m_sde"), Some("Uniform")).kind,
             SchedulerKind::DpmPp2mSde
         );
+        // DPM++ SDE: A1111 lists it with the Karras schedule as its own.
+        let k = r(Some("DPM++ SDE"), None);
+        assert_eq!(
+            (k.kind, k.sampler, k.schedule),
+            (SchedulerKind::DpmPpSdeKarras, "DPM++ SDE", "Automatic")
+        );
+        assert_eq!(
+            r(Some("k_dpmpp_sde"), Some("Uniform")).kind,
+            SchedulerKind::DpmPpSde
+        );
+        assert_eq!(
+            r(Some("DPM++ SDE Karras"), None).kind,
+            SchedulerKind::DpmPpSdeKarras
+        );
     }
 
     #[test]
     fn unknown_samplers_and_schedules_are_named() {
-        let e = resolve_sampler("sampler_index", Some("DPM++ SDE"), None).unwrap_err();
+        let e = resolve_sampler("sampler_index", Some("DPM++ 3M SDE"), None).unwrap_err();
         let details = e.body().details.unwrap();
         assert!(details.starts_with("sampler_index:"), "{details}");
         for name in [
@@ -280,6 +303,8 @@ mod tests {
             "UniPC",
             "DPM++ 2M Karras",
             "DPM++ 2M SDE Karras",
+            "DPM++ SDE",
+            "DPM++ SDE Karras",
             "Euler a Karras",
         ] {
             assert!(details.contains(name), "{details}");
