@@ -191,6 +191,13 @@ impl ModelArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// A folder of models requests may name (`model`; A1111's `sd_model_checkpoint`; OpenAI's
+    /// `model`): every diffusers folder and single-file checkpoint (`.safetensors`, `.ckpt`) in
+    /// it, named by its file or folder name; listed by GET /models. `--model` stays the
+    /// default. The worker holds one model at a time: a job naming another waits its turn,
+    /// then the worker frees the loaded one and loads it. Files added later are picked up.
+    #[arg(long, env = "MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
     /// Address to listen on (0.0.0.0 for every interface, as in the Docker image).
     #[arg(long, env = "HOST", default_value = "127.0.0.1")]
     pub host: String,

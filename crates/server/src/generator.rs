@@ -92,6 +92,25 @@ pub struct Loaded {
 /// Loads the model; runs on the worker thread. The error is a message for /health and the log.
 pub type Loader = Box<dyn FnOnce() -> Result<Loaded, String> + Send>;
 
+/// Loads a model on the worker when a job names one other than the loaded one: a MODELS_DIR
+/// model by name, or (`None`) the default model again. Called only once the previous pipeline
+/// was dropped (one pipeline at a time). The error is for the log only (it may hold paths).
+pub type Switcher = Box<dyn FnMut(Option<&str>) -> Result<Loaded, String> + Send>;
+
+/// What the worker holds after a failed switch whose way back failed too: no model. Every
+/// job first has its model loaded (`engine::switch`), so this never runs one.
+pub struct Unloaded;
+
+impl Generator for Unloaded {
+    fn generate(
+        &mut self,
+        _params: &GenerationParams,
+        _on_step: StepHook,
+    ) -> Result<Vec<RgbImage>, PipelineError> {
+        Err(PipelineError::InvalidRequest("no model is loaded".into()))
+    }
+}
+
 /// Settings of the fake generator, parsed from `key=value,...`
 /// (`step_ms`, `load_ms`, `fail_load`, `scheduler`, `speed_probe` = 0 or 1, `hang_at_step`,
 /// `hang_ms`).

@@ -18,6 +18,7 @@ mod images;
 mod listen;
 mod metrics;
 mod model;
+mod models;
 mod png;
 #[cfg(test)]
 mod readme;

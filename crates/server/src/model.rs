@@ -33,6 +33,30 @@ pub fn real_loader(
     Box::new(move || load_real(&args, &rt, &status, &opts))
 }
 
+/// Loads the models jobs name (MODELS_DIR `dir`, by name; `None`: `args.model` again) on the
+/// worker, with `args`' device, dtype and levers; no TAESD (the worker keeps the first one),
+/// no hub retries, no speed probe.
+pub fn switcher(
+    args: ModelArgs,
+    rt: Runtime,
+    dir: std::path::PathBuf,
+    status: hub::LoadStatus,
+) -> crate::generator::Switcher {
+    Box::new(move |name| {
+        let mut args = args.clone();
+        if let Some(name) = name {
+            // Only a name the folder lists reaches a path.
+            let entry = crate::models::Catalog::new(Some(dir.clone()), "", None)
+                .find(name)
+                .ok_or_else(|| format!("{name:?} is no longer in MODELS_DIR"))?;
+            args.model = entry.path.to_string_lossy().into_owned();
+            // MODEL_CONFIG describes `--model`'s checkpoint, not the folder's.
+            args.model_config = None;
+        }
+        load_real(&args, &rt, &status, &LoadOptions::default())
+    })
+}
+
 /// The real pipeline together with the setup it was loaded with, so repeated out-of-memory
 /// failures can step it down to a leaner plan.
 pub struct GpuGenerator {

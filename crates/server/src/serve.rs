@@ -138,6 +138,15 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     } else {
         loader
     };
+    let switcher = match (&args.fake_generator, &args.models_dir) {
+        (None, Some(dir)) => Some(crate::model::switcher(
+            args.model.clone(),
+            rt.clone(),
+            dir.clone(),
+            load_status.clone(),
+        )),
+        _ => None,
+    };
     let engine_cfg = EngineConfig {
         max_concurrent: args.max_concurrent_requests as usize,
         timeout: Duration::from_secs(args.generation_timeout_seconds),
@@ -155,11 +164,12 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         lease: Duration::from_secs(args.job_lease_seconds),
     });
     let engine = match &cluster {
-        None => Engine::start(engine_cfg, loader, metrics.clone()),
+        None => Engine::start_switching(engine_cfg, loader, switcher, metrics.clone()),
         Some(c) => {
             tracing::info!(role = ?c.role, lease_seconds = args.job_lease_seconds, "sharing jobs through QUEUE_URL");
             let loader = c.role.runs_jobs().then_some(loader);
-            Engine::start_cluster(engine_cfg, c.clone(), loader, metrics.clone())?
+            let switcher = if c.role.runs_jobs() { switcher } else { None };
+            Engine::start_cluster(engine_cfg, c.clone(), loader, switcher, metrics.clone())?
         }
     };
     let state = Arc::new(AppState {
@@ -176,6 +186,11 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         openai_files: Default::default(),
         security,
         adapter_dirs: args.model.adapter_dirs(),
+        models: crate::models::Catalog::new(
+            args.models_dir.clone(),
+            &args.model.model,
+            args.model.model_cache_dir.clone(),
+        ),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();

@@ -57,9 +57,10 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = read_generate_body(&app, &headers, body).await?;
+    let mut req = read_generate_body(&app, &headers, body).await?;
     let info = app.engine.model_info()?;
     let (info, _) = super::request::adapters_info(&app, info, &req, None).await;
+    let info = super::request::named_model(&app, info, &mut req, "model").await?;
     let spec = job_spec(
         req,
         &info,
@@ -137,7 +138,8 @@ pub(super) async fn cancel(
 pub struct SseEvent {
     /// The event's type.
     event: SseEventName,
-    /// JSON: `state` the job view, `queued {id, position}`, `started {id}`, `progress {id,
+    /// JSON: `state` the job view, `queued {id, position}`, `started {id}`, `loading {id,
+    /// model}` (the worker loads the MODELS_DIR model the job names), `progress {id,
     /// step, total, eta_seconds}`, `preview {id, step, image_base64}`, `succeeded {id, result}`,
     /// `failed {id, error}`, `cancelled {id}`.
     data: String,
@@ -150,6 +152,7 @@ pub enum SseEventName {
     State,
     Queued,
     Started,
+    Loading,
     Progress,
     Preview,
     Succeeded,

@@ -4,6 +4,7 @@
 
 pub mod a1111;
 mod jobs;
+mod models;
 mod native;
 mod observe;
 #[cfg(test)]
@@ -56,6 +57,8 @@ pub struct AppState {
     /// LORA_DIR and EMBEDDINGS_DIR as this process sees them: a request looks at them before
     /// it is checked and cached (`request::adapters_info`).
     pub adapter_dirs: crate::adapters::AdapterDirs,
+    /// MODELS_DIR and the default model (`--model`): the models a request may name.
+    pub models: crate::models::Catalog,
 }
 
 type Shared = Arc<AppState>;
@@ -182,6 +185,13 @@ pub struct GenerateRequest {
     /// stay the first pass's.
     #[schema(nullable = true)]
     pub hires: Option<HiresRequest>,
+    /// The model to run on, by name (`GET /models`): a model of MODELS_DIR, or the default's
+    /// name. Absent or null: the default model (`--model`). A job naming another model than
+    /// the loaded one waits its turn, then the worker loads it (the job's `loading`); an
+    /// unknown name is a 422. A name is 1..=255 characters (not stated as a maxLength: a
+    /// string within it is still no model unless the folder has it).
+    #[schema(nullable = true, min_length = 1, example = "dreamshaper_8.safetensors")]
+    pub model: Option<String>,
 }
 
 /// The hires fix's second pass: the target is `width` and `height`, or `scale` (one of the
@@ -397,6 +407,10 @@ pub struct HealthResponse {
     /// is; the circuit breaker; a run stuck past its deadline, or every worker `stuck`;
     /// QUEUE_URL's Redis unreachable), else null.
     pub detail: Option<String>,
+    /// The model this process's worker holds now (MODELS_DIR switches it per job; `model_version`
+    /// above stays the default model's); null while it holds none (loading, a switch under
+    /// way or failed) and on an API replica.
+    pub loaded_model: Option<crate::models::LoadedModelHealth>,
     /// With QUEUE_URL: the workers whose heartbeat is fresh (id, state, model_version,
     /// running_job, jobs_done, started_at); null without QUEUE_URL.
     pub workers: Option<Vec<crate::engine::WorkerHealth>>,
@@ -414,6 +428,7 @@ pub struct HealthResponse {
         native::loras,
         native::embeddings,
         native::refresh_adapters,
+        models::list,
         native::metrics,
         native::openapi_json,
         native::docs,
@@ -448,6 +463,10 @@ pub struct HealthResponse {
         HealthStatus,
         QueueInfo,
         crate::engine::WorkerHealth,
+        crate::models::LoadedModelHealth,
+        crate::models::ModelList,
+        crate::models::ModelListing,
+        crate::models::ModelKind,
         GpuInfo
     ))
 )]
@@ -460,6 +479,7 @@ fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Sh
         ("/generate", &["post"], post(native::generate)),
         ("/health", &["get"], get(native::health)),
         ("/loras", &["get"], get(native::loras)),
+        ("/models", &["get"], get(models::list)),
         ("/embeddings", &["get"], get(native::embeddings)),
         (
             "/adapters/refresh",

@@ -115,6 +115,12 @@ impl Generated {
         serde_json::from_slice(&self.body).map_err(|e| ApiError::Internal(e.to_string()))
     }
 
+    /// `metadata.model_version`: the model that made the images.
+    pub fn model_version(&self) -> Option<String> {
+        let v = self.value().ok()?;
+        v["metadata"]["model_version"].as_str().map(str::to_string)
+    }
+
     /// Every image of the answer (base64 PNGs) with its seed, in order.
     pub fn images(&self) -> Result<Vec<(String, u64)>, ApiError> {
         let v = self.value()?;
@@ -173,6 +179,16 @@ pub(super) async fn run_watched(
     req: crate::validate::ValidRequest,
     queued: impl FnOnce(&str) + Send,
 ) -> Result<Generated, ApiError> {
+    run_on_model(app, req, "model", queued).await
+}
+
+/// `run_watched`, with `model_field` the field that named the model (for its 422).
+pub(super) async fn run_on_model(
+    app: &AppState,
+    mut req: crate::validate::ValidRequest,
+    model_field: &'static str,
+    queued: impl FnOnce(&str) + Send,
+) -> Result<Generated, ApiError> {
     let info = app
         .engine
         .model_info()
@@ -185,6 +201,7 @@ pub(super) async fn run_watched(
         })?;
     let patience = app.engine.config().timeout;
     let (info, cacheable) = super::request::adapters_info(app, info, &req, Some(patience)).await;
+    let info = super::request::named_model(app, info, &mut req, model_field).await?;
     let seeded = req.seed.is_some() && cacheable;
     let spec = job_spec(
         req,
@@ -308,6 +325,7 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
         uptime_seconds: (app.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         version: env!("CARGO_PKG_VERSION").to_string(),
         detail,
+        loaded_model: super::models::loaded(&app),
         workers: cluster.map(|c| c.workers),
     };
     (code, axum::Json(body)).into_response()

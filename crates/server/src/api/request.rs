@@ -190,6 +190,48 @@ pub(crate) async fn fresh_adapters(
     Ok(info)
 }
 
+/// The model `req` names and what it is checked and cached against: `req.model` becomes the
+/// MODELS_DIR model it runs on (`None`: the default model, also when it names the default) and
+/// the description is that model's (`models::Catalog::probe`; `base`, the default's, has the
+/// adapters). An unknown name is a 422 naming `field` (as the client sent it).
+pub(crate) async fn named_model(
+    app: &AppState,
+    base: ModelInfo,
+    req: &mut ValidRequest,
+    field: &'static str,
+) -> Result<ModelInfo, ApiError> {
+    let Some(name) = req.model.take() else {
+        return Ok(base);
+    };
+    let catalog = app.models.clone();
+    let (model, info) = off_the_runtime(move || {
+        if name == catalog.default_name() || name == base.model_version {
+            return Ok((None, base));
+        }
+        let entry = catalog.find(&name).ok_or_else(|| {
+            ApiError::validation(
+                field,
+                format!("no model named {name:?} (GET /models lists them)"),
+            )
+        })?;
+        if catalog.is_default(&entry) {
+            return Ok((None, base));
+        }
+        match catalog.probe(&entry, &base) {
+            Ok(info) => Ok((Some(entry.name), info)),
+            Err(why) => {
+                tracing::warn!(model = %name, error = %why, "a model of MODELS_DIR cannot be read");
+                Err(ApiError::ModelUnavailable(format!(
+                    "model {name:?} cannot be read (the server log says why)"
+                )))
+            }
+        }
+    })
+    .await?;
+    req.model = model;
+    Ok(info)
+}
+
 /// The job for a validated request: seed and scheduler resolved, `request` the request as run.
 pub(crate) fn job_spec(
     req: ValidRequest,
@@ -233,6 +275,7 @@ pub(crate) fn job_spec(
         "init_image": req.init_image.as_ref().map(image),
         "mask_image": req.mask_image.as_ref().map(image),
         "strength": params.init_image.as_ref().map(|i| i.strength),
+        "model": req.model,
         "hires": req.hires.as_ref().map(|h| serde_json::json!({
             "width": h.params.width,
             "height": h.params.height,
@@ -255,6 +298,7 @@ pub(crate) fn job_spec(
         params,
         request,
         model_version: info.model_version.clone(),
+        model: req.model.clone(),
         timeout_setting,
         timeout,
     })

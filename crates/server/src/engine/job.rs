@@ -82,6 +82,10 @@ pub struct JobView {
     /// The error body once failed (`timeout` past the deadline, `out_of_memory`, ...).
     pub error: Option<ErrorBody>,
     pub links: JobLinks,
+    /// The model the worker is loading for this job (it names another than the loaded one);
+    /// null otherwise.
+    #[serde(default)]
+    pub loading: Option<String>,
     /// The latest preview (step and base64 PNG), for dialects that poll (A1111 `current_image`).
     #[serde(skip)]
     #[allow(dead_code)] // read by dialects that poll
@@ -95,6 +99,10 @@ pub enum JobEvent {
         position: usize,
     },
     Started,
+    /// The worker loads the model the job names (MODELS_DIR) before it runs.
+    Loading {
+        model: String,
+    },
     Progress(JobProgress),
     Preview {
         step: usize,
@@ -111,6 +119,7 @@ impl JobEvent {
         match self {
             Self::Queued { .. } => "queued",
             Self::Started => "started",
+            Self::Loading { .. } => "loading",
             Self::Progress(_) => "progress",
             Self::Preview { .. } => "preview",
             Self::Succeeded(_) => "succeeded",
@@ -125,6 +134,7 @@ impl JobEvent {
         match self {
             Self::Queued { position } => json!({ "id": id, "position": position }),
             Self::Started => json!({ "id": id }),
+            Self::Loading { model } => json!({ "id": id, "model": model }),
             Self::Progress(p) => json!({
                 "id": id, "step": p.step, "total": p.total, "eta_seconds": p.eta_seconds
             }),
@@ -166,6 +176,8 @@ pub struct JobSpec {
     /// The PNG `parameters` text chunk of each image of the batch.
     pub png_texts: Vec<String>,
     pub model_version: String,
+    /// The MODELS_DIR model the job runs on; `None`: the default model.
+    pub model: Option<String>,
     /// Which of the two settings below `timeout` comes from (its 408 names it).
     pub timeout_setting: crate::error::DeadlineSetting,
     /// Deadline from creation, queue wait included: GENERATION_TIMEOUT_SECONDS for `/generate`,

@@ -21,7 +21,7 @@ use super::record::{Record, WatcherCount, EVENT_BUFFER};
 use super::{EngineConfig, JobBackend, ModelState, PreviewWatch};
 use crate::api::GenerateResponse;
 use crate::error::{ApiError, TimeoutInfo};
-use crate::generator::Loader;
+use crate::generator::{Loader, Switcher};
 use crate::gpu::OomGuard;
 use crate::metrics::{Gauges, Metrics};
 use crate::speed::SpeedProbe;
@@ -209,6 +209,8 @@ pub(super) struct Inner {
     pub device: RwLock<Device>,
     /// The memory plan in use (changes when the breaker steps down), for /health.
     pub memory_plan: RwLock<Option<String>>,
+    /// The model the worker holds (MODELS_DIR switches it per job).
+    pub loaded: RwLock<Option<super::LoadedModel>>,
     /// Moving average of generation time, for Retry-After.
     pub avg_gen_ms: AtomicU64,
     /// Reads of LORA_DIR/EMBEDDINGS_DIR asked of the worker.
@@ -235,7 +237,12 @@ pub(super) struct Local {
 
 impl Local {
     /// Starts the worker thread (which loads the model first) and the reaper.
-    pub fn start(cfg: EngineConfig, loader: Loader, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        cfg: EngineConfig,
+        loader: Loader,
+        switcher: Option<Switcher>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let results_budget = cfg.job_results_bytes;
         let inner = Arc::new(Inner {
             cfg,
@@ -250,6 +257,7 @@ impl Local {
             oom: OomGuard::new(BreakerConfig::default()),
             device: RwLock::new(Device::Cpu),
             memory_plan: RwLock::new(None),
+            loaded: RwLock::new(None),
             avg_gen_ms: AtomicU64::new(0),
             rescans: Default::default(),
             next_seq: AtomicU64::new(1),
@@ -261,7 +269,7 @@ impl Local {
         std::thread::Builder::new()
             .name("sdserve-worker".into())
             .spawn(move || {
-                super::worker::worker_main(&worker, loader);
+                super::worker::worker_main(&worker, loader, switcher);
                 *lock(&worker.worker_done) = true;
                 worker.worker_done_cv.notify_all();
             })
@@ -385,6 +393,14 @@ impl JobBackend for Local {
         self.inner.jobs().speed
     }
 
+    fn loaded_model(&self) -> Option<super::LoadedModel> {
+        self.inner
+            .loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn memory_plan(&self) -> Option<String> {
         self.inner
             .memory_plan
@@ -454,6 +470,7 @@ impl JobBackend for Local {
             error: None,
             gen_secs: 0.0,
             preview: None,
+            loading: None,
             preview_watchers: Default::default(),
             previews_asked_until: None,
             events: None,

@@ -17,13 +17,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, Semaphore};
 
 use crate::error::{ApiError, TimeoutInfo};
-use crate::generator::{Loader, ModelInfo};
+use crate::generator::{Loader, ModelInfo, Switcher};
 use crate::metrics::{Gauges, Metrics};
 
 mod cluster;
 pub mod job;
 mod local;
 mod record;
+mod switch;
 mod worker;
 
 pub use cluster::{ClusterConfig, ClusterHealth, Role, WorkerHealth};
@@ -34,6 +35,14 @@ pub enum ModelState {
     Loading,
     Ready(ModelInfo),
     Failed(String),
+}
+
+/// The model a worker holds (one at a time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedModel {
+    /// Its MODELS_DIR name; `None`: the default model (`--model`).
+    pub name: Option<String>,
+    pub model_version: String,
 }
 
 /// `PREVIEW`: what a `preview` event shows.
@@ -125,6 +134,11 @@ pub trait JobBackend: Send + Sync {
         None
     }
     fn memory_plan(&self) -> Option<String>;
+    /// The model this process's worker holds now; `None` while it holds none (loading, a
+    /// failed switch) or runs no jobs.
+    fn loaded_model(&self) -> Option<LoadedModel> {
+        None
+    }
     /// What the CPU speed probe of this process's worker measured, once it has.
     fn speed(&self) -> Option<crate::speed::SpeedProbe> {
         None
@@ -221,8 +235,20 @@ fn not_found(id: &str) -> ApiError {
 
 impl Engine {
     /// The in-process engine: starts the worker thread, which loads the model first.
+    #[cfg(test)]
     pub fn start(cfg: EngineConfig, loader: Loader, metrics: Arc<Metrics>) -> Self {
-        let backend = Arc::new(local::Local::start(cfg.clone(), loader, metrics));
+        Self::start_switching(cfg, loader, None, metrics)
+    }
+
+    /// `start`, with `switcher` loading the model a job names (MODELS_DIR) in place of the
+    /// loaded one.
+    pub fn start_switching(
+        cfg: EngineConfig,
+        loader: Loader,
+        switcher: Option<Switcher>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let backend = Arc::new(local::Local::start(cfg.clone(), loader, switcher, metrics));
         Self {
             backend,
             waiters: Arc::new(Semaphore::new(cfg.max_concurrent)),
@@ -237,6 +263,7 @@ impl Engine {
         cfg: EngineConfig,
         cluster: ClusterConfig,
         loader: Option<Loader>,
+        switcher: Option<Switcher>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let local = match (cluster.role.runs_jobs(), loader) {
@@ -251,7 +278,9 @@ impl Engine {
                     stuck_grace: cluster.lease * 4,
                     ..cfg.clone()
                 };
-                Some(Arc::new(local::Local::start(local_cfg, loader, metrics)))
+                Some(Arc::new(local::Local::start(
+                    local_cfg, loader, switcher, metrics,
+                )))
             }
             (true, None) => return Err("a worker needs a model loader".into()),
             (false, _) => None,
@@ -324,6 +353,11 @@ impl Engine {
     /// Since when this process's own run has been stuck without returning (STUCK_EXIT_SECONDS).
     pub fn stuck_since(&self) -> Option<Instant> {
         self.backend.stuck_since()
+    }
+
+    /// The model this process's worker holds now (see `JobBackend::loaded_model`).
+    pub fn loaded_model(&self) -> Option<LoadedModel> {
+        self.backend.loaded_model()
     }
 
     /// The memory plan in use, once the model is loaded (`None` for the fake generator).

@@ -35,6 +35,8 @@ pub(super) struct Record {
     pub error: Option<ApiError>,
     pub gen_secs: f64,
     pub preview: Option<(usize, Arc<String>)>,
+    /// The model the worker is loading for this job (`engine::switch`).
+    pub loading: Option<String>,
     /// Who can see previews: event streams that show them (each holds a `PreviewWatch`),
     /// and until when a poller last asked for the latest (A1111 `current_image`). Previews
     /// are made only while one of them can see them.
@@ -123,6 +125,7 @@ impl Record {
             result: self.result.clone(),
             error: self.error.as_ref().map(ApiError::body),
             links: JobLinks::for_id(&self.id),
+            loading: self.loading.clone(),
             preview: self.preview.clone(),
         }
     }

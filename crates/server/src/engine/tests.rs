@@ -19,6 +19,7 @@ fn spec(steps: usize, timeout: Duration) -> JobSpec {
         request: serde_json::json!({}),
         png_texts: vec!["t".into()],
         model_version: "fake@0".into(),
+        model: None,
         timeout_setting: Default::default(),
         timeout,
     }

@@ -17,11 +17,11 @@ use super::job::{build_result, JobEvent, JobProgress, JobSpec, JobStatus, StopRe
 use super::local::{lock, outcome_of, Inner};
 use super::{ModelState, PreviewMode};
 use crate::error::ApiError;
-use crate::generator::{Generator, Loaded, Loader};
+use crate::generator::{Generator, Loaded, Loader, Switcher};
 use crate::gpu::OomOutcome;
 use crate::speed::{SpeedProbe, PROBE_IDLE, PROBE_TRIES};
 
-pub(super) fn worker_main(inner: &Inner, loader: Loader) {
+pub(super) fn worker_main(inner: &Inner, loader: Loader, mut switcher: Option<Switcher>) {
     let t0 = Instant::now();
     let loaded = std::panic::catch_unwind(AssertUnwindSafe(loader))
         .unwrap_or_else(|_| Err("the model loader panicked".into()));
@@ -47,7 +47,15 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
     );
     *inner.device.write().unwrap_or_else(|e| e.into_inner()) = generator.device();
     *inner.memory_plan.write().unwrap_or_else(|e| e.into_inner()) = generator.memory_plan();
+    *inner.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(super::LoadedModel {
+        name: None,
+        model_version: info.model_version.clone(),
+    });
     *inner.state.write().unwrap_or_else(|e| e.into_inner()) = ModelState::Ready(info);
+    let mut held = super::switch::Held {
+        name: None,
+        present: true,
+    };
     // Tries left for the speed probe (0: none wanted, or done).
     let mut probe_tries = if speed_probe { PROBE_TRIES } else { 0 };
 
@@ -122,6 +130,20 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader) {
         let Some((id, spec, stop, deadline)) = picked else {
             break;
         };
+        let want = spec.model.as_deref();
+        if let Err(e) = super::switch::ensure(
+            inner,
+            switcher.as_mut(),
+            &mut held,
+            &mut generator,
+            &id,
+            want,
+        ) {
+            let mut jobs = inner.jobs();
+            jobs.running = None;
+            jobs.finish(&id, JobStatus::Failed, Err(e));
+            continue;
+        }
         let run = Run {
             inner,
             taesd: taesd.as_ref(),

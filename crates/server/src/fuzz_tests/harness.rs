@@ -148,6 +148,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
         openai_files: Default::default(),
         security: Arc::new(security),
         adapter_dirs: Default::default(),
+        models: Default::default(),
     })
 }
 

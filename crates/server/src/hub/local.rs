@@ -46,21 +46,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
 /// sha256 of a file's contents, remembered under `<cache>/sdserve/digests/` keyed by the
 /// canonical path, size and modification time.
 pub fn file_digest(path: &Path, opts: &HubOptions) -> Result<String, HubError> {
-    let meta = std::fs::metadata(path).map_err(io_err(path))?;
-    let canon = path.canonicalize().map_err(io_err(path))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let key = hex(&Sha256::digest(
-        format!("{}\0{}\0{}", canon.display(), meta.len(), mtime).as_bytes(),
-    ));
-    let memo = sdserve_dir(opts).join("digests").join(&key);
-    if let Ok(s) = std::fs::read_to_string(&memo) {
-        if s.trim().len() == 64 {
-            return Ok(s.trim().to_string());
-        }
+    let memo = digest_memo(path, opts)?;
+    if let Some(d) = read_memo(&memo) {
+        return Ok(d);
     }
     let digest = sha256_file(path).map_err(io_err(path))?;
     // Best effort: a read-only cache only costs a re-hash next time.
@@ -71,6 +59,41 @@ pub fn file_digest(path: &Path, opts: &HubOptions) -> Result<String, HubError> {
         }
     }
     Ok(digest)
+}
+
+/// Where the digest of `path` (as it is now: size and modification time) is remembered.
+fn digest_memo(path: &Path, opts: &HubOptions) -> Result<PathBuf, HubError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    let canon = path.canonicalize().map_err(io_err(path))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let key = hex(&Sha256::digest(
+        format!("{}\0{}\0{}", canon.display(), meta.len(), mtime).as_bytes(),
+    ));
+    Ok(sdserve_dir(opts).join("digests").join(&key))
+}
+
+fn read_memo(memo: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(memo).ok()?;
+    (s.trim().len() == 64).then(|| s.trim().to_string())
+}
+
+/// The digest of a file if it was computed before (no hashing): what A1111 lists as a
+/// checkpoint's `sha256` (null until the checkpoint was hashed, as A1111 does).
+pub fn known_file_digest(path: &Path, opts: &HubOptions) -> Option<String> {
+    read_memo(&digest_memo(path, opts).ok()?)
+}
+
+/// The version a single-file checkpoint loads as (`<file name>@sha256:<12 hex>`), without
+/// converting it; its digest is computed once (remembered for the load).
+pub fn single_file_version(file: &Path, opts: &HubOptions) -> Result<String, HubError> {
+    let name = file
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    Ok(format!("{name}@sha256:{}", &file_digest(file, opts)?[..12]))
 }
 
 /// Digest of a diffusers folder: every file under it (relative path + content digest), sorted.

@@ -46,7 +46,23 @@ pub use progress::{LoadStatus, Progress, ProgressFn, Stage};
 use repo::resolve_hub;
 pub use retry::{resolve_model_patiently, RetryPolicy, RetryWait};
 use spec::missing_local_folder;
+
+/// The digest of a file if it was computed before (no hashing); see `local::known_file_digest`.
+pub fn known_file_digest(path: &std::path::Path, opts: &HubOptions) -> Option<String> {
+    local::known_file_digest(path, opts)
+}
+
+/// The version a single-file checkpoint loads as, without converting it.
+pub fn single_file_version(file: &std::path::Path, opts: &HubOptions) -> Result<String, HubError> {
+    local::single_file_version(file, opts)
+}
 pub use spec::{parse_spec, Spec};
+
+/// The version a local diffusers folder loads as (`<name>@sha256:<12 hex>`); file digests are
+/// remembered, so this is cheap after the first time.
+pub fn folder_version(dir: &std::path::Path, opts: &HubOptions) -> Result<String, HubError> {
+    Ok(local::resolve_folder(dir, opts)?.model_version)
+}
 
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";

@@ -45,7 +45,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 16] = [
+pub const FIELDS: [&str; 17] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -62,7 +62,10 @@ pub const FIELDS: [&str; 16] = [
     "strength",
     "mask_image",
     "hires",
+    "model",
 ];
+/// The longest model name a request may give (a file or folder name).
+pub const MODEL_NAME_MAX_CHARS: usize = 255;
 pub const CLIP_SKIP_MAX: u64 = 4;
 pub const LORAS_MAX: usize = 8;
 pub const LORA_WEIGHT_MIN: f64 = -4.0;
@@ -96,6 +99,10 @@ pub struct ValidRequest {
     /// The hires fix: a second pass at a larger size (text-to-image only; from the native
     /// `hires` object or A1111's `enable_hr`, both through [`hires::validate_hires`]).
     pub hires: Option<hires::ValidHires>,
+    /// The model asked for by name (`model`, A1111's `sd_model_checkpoint`, OpenAI's `model`);
+    /// once resolved (`api::request::named_model`), the MODELS_DIR model it runs on, `None`
+    /// for the default model.
+    pub model: Option<String>,
 }
 
 impl ValidRequest {
@@ -258,6 +265,7 @@ pub fn validate_request(
         }
     }
     let batch_size = r.int("batch_size", BATCH_MIN, BATCH_MAX);
+    let model = r.text("model", 1, MODEL_NAME_MAX_CHARS);
     let image = |v: &Value| -> Result<RequestImage, String> {
         crate::images::decode_base64(v.as_str().ok_or("must be a base64 string")?)
     };
@@ -342,6 +350,7 @@ pub fn validate_request(
         mask_image,
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
         hires: None,
+        model,
     };
     if let Some(read) = hires {
         valid.hires = Some(native_hires::build(&read, &valid)?);

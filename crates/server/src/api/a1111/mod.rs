@@ -9,6 +9,7 @@
 //! `DELETE /jobs/{id}`). An interrupted request answers 200 with the images finished before
 //! the interrupt, as A1111 does.
 
+mod checkpoints;
 pub mod info;
 mod listings;
 mod samplers;
@@ -121,17 +122,9 @@ pub fn router(json_limit: usize) -> Router<Shared> {
         )
 }
 
-/// A1111's names for the loaded model: title, short hash.
+/// A1111's names for the default model: title, short hash.
 fn model_names(info: &ModelInfo) -> (String, String) {
-    let title = info.model_version.clone();
-    let hash = title
-        .split_once('@')
-        .map(|(_, rev)| rev.trim_start_matches("sha256:"))
-        .unwrap_or_default()
-        .chars()
-        .take(10)
-        .collect();
-    (title, hash)
+    checkpoints::version_names(&info.model_version)
 }
 
 fn job_timestamp() -> String {
@@ -193,17 +186,9 @@ async fn generate(
     if !t.ignored.is_empty() {
         tracing::debug!(fields = ?t.ignored, "A1111 fields with no equivalent here, ignored");
     }
-    if let Some(name) = body
-        .get("override_settings")
-        .and_then(|o| o.get("sd_model_checkpoint"))
-        .and_then(Value::as_str)
-    {
-        let (title, hash) = model_names(&info);
-        if name != title && name != hash {
-            // A1111 falls back to the loaded model when a checkpoint is not found.
-            tracing::warn!(requested = name, loaded = %title, "A1111 request names another checkpoint; using the loaded one");
-        }
-    }
+    let checkpoint = checkpoints::requested(app, &info, &body).await?;
+    // The infotexts name the model that made the images.
+    let mut used_version = info.model_version.clone();
 
     let active = Arc::new(Active {
         n_iter: t.n_iter,
@@ -233,9 +218,11 @@ async fn generate(
         let mut req = t.valid.clone();
         let seed = info::batch_seed(t.seed, k, t.batch_size);
         req.seed = Some(seed);
+        req.model.clone_from(&checkpoint);
         // Interrupt and skip cancel the job by its id; dropping the run cancels it too.
         let known = active.clone();
-        let run = native::run_watched(app, req, move |id| {
+        let field = "override_settings.sd_model_checkpoint";
+        let run = native::run_on_model(app, req, field, move |id| {
             *lock(&known.job) = Some(id.to_string());
         });
         let out = tokio::select! {
@@ -249,6 +236,9 @@ async fn generate(
             Err(_) if active.skipped.load(Ordering::SeqCst) => continue,
             Err(e) => return Err(e),
         };
+        if let Some(v) = out.model_version() {
+            used_version = v;
+        }
         for (b64, seed) in out.images()? {
             let infotext = base64::engine::general_purpose::STANDARD
                 .decode(&b64)
@@ -259,7 +249,7 @@ async fn generate(
             images.push(b64);
         }
     }
-    let (title, hash) = model_names(&info);
+    let (title, hash) = checkpoints::version_names(&used_version);
     let info_string = info::info_string(&t, &infos, &title, &hash, &job_timestamp());
     Ok(Json(json!({
         "images": images,
@@ -433,20 +423,17 @@ async fn schedulers() -> Json<Value> {
     ))
 }
 
-/// `[{title, model_name, hash, sha256, filename, config}]`: the one loaded model.
-#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111", responses((status = 200, description = "The loaded model")))]
+/// `[{title, model_name, hash, sha256, filename, config}]`: the default model (titled by its
+/// version), then every model of MODELS_DIR (titled `name [hash]` once hashed, else `name`;
+/// `sha256` null until then, as A1111 lists checkpoints it has not hashed; `filename` the
+/// file or folder name).
+#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111", responses((status = 200, description = "The default model, then MODELS_DIR's")))]
 async fn sd_models(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
     let info = app.engine.model_info()?;
-    let (title, hash) = model_names(&info);
-    let name = title.split('@').next().unwrap_or_default().to_string();
-    Ok(Json(json!([{
-        "title": title,
-        "model_name": name,
-        "hash": hash,
-        "sha256": null,
-        "filename": title,
-        "config": null,
-    }])))
+    let all = checkpoints::all(&app, &info).await?;
+    Ok(Json(Value::Array(
+        all.iter().map(checkpoints::Checkpoint::listing).collect(),
+    )))
 }
 
 /// GET: `sd_model_checkpoint`, `sd_checkpoint_hash`, `CLIP_stop_at_last_layers` and whatever was
@@ -462,6 +449,14 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
     out.insert("sd_checkpoint_hash".into(), json!(hash));
     out.insert("CLIP_stop_at_last_layers".into(), json!(1));
     out.extend(lock(&app.a1111.options).clone());
+    // A checkpoint set by `POST options`: its hash (null until hashed), as A1111 says it.
+    if let Some(set) = out.get("sd_model_checkpoint").and_then(Value::as_str) {
+        if set != title {
+            let all = checkpoints::all(&app, &info).await?;
+            let hash = checkpoints::resolve(&all, set).and_then(|c| c.hash.clone());
+            out.insert("sd_checkpoint_hash".into(), json!(hash));
+        }
+    }
     Ok(Json(Value::Object(out)))
 }
 
@@ -472,14 +467,18 @@ async fn set_options(
 ) -> Result<Json<Value>, ApiError> {
     let body = body_object(app.json_body_bytes(), body)?;
     let info = app.engine.model_info()?;
-    let (title, hash) = model_names(&info);
+    // The checkpoint later A1111 requests run on (by title), `None` for the default model.
+    let mut checkpoint = None;
     if let Some(v) = body.get("sd_model_checkpoint") {
-        if v.as_str() != Some(title.as_str()) && v.as_str() != Some(hash.as_str()) {
+        let all = checkpoints::all(&app, &info).await?;
+        let found = v.as_str().and_then(|s| checkpoints::resolve(&all, s));
+        let Some(c) = found else {
             return Err(ApiError::validation(
                 "sd_model_checkpoint",
-                format!("this server has one model, {title:?} (got {v})"),
+                format!("no checkpoint {v} here (GET /sdapi/v1/sd-models lists them)"),
             ));
-        }
+        };
+        checkpoint = Some(c.target.as_ref().map(|_| c.title.clone()));
     }
     if let Some(v) = body.get("CLIP_stop_at_last_layers") {
         // Checked now, by the native rules, rather than at the next txt2img.
@@ -492,6 +491,15 @@ async fn set_options(
         if k != "sd_model_checkpoint" {
             merged.insert(k, v);
         }
+    }
+    match checkpoint {
+        Some(Some(title)) => {
+            merged.insert("sd_model_checkpoint".into(), json!(title));
+        }
+        Some(None) => {
+            merged.remove("sd_model_checkpoint");
+        }
+        None => {}
     }
     // Options are kept for the server's life: bounded, so clients cannot grow its memory.
     if serde_json::to_vec(&merged).map_or(usize::MAX, |v| v.len()) > OPTIONS_MAX_BYTES {

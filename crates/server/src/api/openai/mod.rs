@@ -286,27 +286,46 @@ fn model_object(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "sdserve"})
 }
 
-/// The loaded model.
-#[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "`{object: list, data: [{id, object: model, created, owned_by}]}`: the loaded model")))]
-async fn models(State(app): State<Shared>) -> Result<Json<Value>, OpenAiError> {
+/// The ids `model` may give: the default model's version, then MODELS_DIR's models by name.
+async fn model_ids(app: &AppState) -> Result<Vec<String>, OpenAiError> {
     let info = app.engine.model_info()?;
+    let catalog = app.models.clone();
+    let mut ids = vec![info.model_version];
+    let names = crate::api::off_the_runtime(move || {
+        Ok::<_, ApiError>(
+            catalog
+                .scan()
+                .into_iter()
+                .filter(|e| !catalog.is_default(e))
+                .map(|e| e.name)
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await?;
+    ids.extend(names);
+    Ok(ids)
+}
+
+/// The default model (by its version), then MODELS_DIR's models (by name); `model` takes
+/// these ids (OpenAI's own, `dall-e-*` and `gpt-image-*`, run the default model).
+#[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "`{object: list, data: [{id, object: model, created, owned_by}]}`: the default model, then MODELS_DIR's")))]
+async fn models(State(app): State<Shared>) -> Result<Json<Value>, OpenAiError> {
+    let ids = model_ids(&app).await?;
     Ok(Json(json!({
         "object": "list",
-        "data": [model_object(&info.model_version)],
+        "data": ids.iter().map(|id| model_object(id)).collect::<Vec<_>>(),
     })))
 }
 
-/// One model (only the loaded one exists).
+/// One model of `GET /v1/models`.
 #[utoipa::path(get, path = "/v1/models/{id}", tag = "openai", params(("id" = String, Path)), responses((status = 200, description = "`{id, object: model, created, owned_by}`"), (status = 404, body = schema::ErrorBody)))]
 async fn model(
     State(app): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, OpenAiError> {
-    let info = app.engine.model_info()?;
-    if id != info.model_version {
+    if !model_ids(&app).await?.contains(&id) {
         return Err(OpenAiError(ApiError::NotFound(format!(
-            "no model {id:?}; this server has {:?}",
-            info.model_version
+            "no model {id:?} (GET /v1/models lists them)"
         ))));
     }
     Ok(Json(model_object(&id)))

@@ -24,6 +24,12 @@ const IGNORED: [&str; 9] = [
     "partial_images",
 ];
 
+/// OpenAI's image models (`dall-e-2`, `dall-e-3`, `gpt-image-1`, ...): clients send them by
+/// habit; they run the default model, as before this server had others.
+pub fn is_openai_model(name: &str) -> bool {
+    name.is_empty() || name.starts_with("dall-e") || name.starts_with("gpt-image")
+}
+
 /// Native names and the OpenAI parameters clients send, for error messages.
 pub const FIELD_NAMES: [(&str, &str); 5] = [
     ("batch_size", "n"),
@@ -136,6 +142,12 @@ pub fn translate(
                         "stream",
                         "streaming is not supported; poll /jobs instead",
                     ));
+                }
+            }
+            // OpenAI's own model names mean the default model; another names one of ours.
+            "model" => {
+                if let Some(m) = v.as_str().filter(|m| !is_openai_model(m)) {
+                    native.insert("model".into(), json!(m));
                 }
             }
             k if IGNORED.contains(&k) => {}

@@ -450,6 +450,10 @@ impl JobBackend for Cluster {
         self.local.as_ref().and_then(|l| l.memory_plan())
     }
 
+    fn loaded_model(&self) -> Option<super::LoadedModel> {
+        self.local.as_ref().and_then(|l| l.loaded_model())
+    }
+
     /// Since the worker gave the job up (two leases past its deadline) while the run has not
     /// returned; else the in-process engine's own mark (its grace is four leases, a fallback).
     fn stuck_since(&self) -> Option<std::time::Instant> {

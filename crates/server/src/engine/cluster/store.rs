@@ -129,6 +129,7 @@ impl Store {
             result: None,
             error: None,
             links: JobLinks::for_id(&id),
+            loading: None,
             preview: None,
         };
         let record = Record {

@@ -152,6 +152,10 @@ pub struct WireSpec {
     request: serde_json::Value,
     png_texts: Vec<String>,
     model_version: String,
+    /// The MODELS_DIR model the job runs on (absent from older replicas' jobs: the default);
+    /// every worker sees the same MODELS_DIR.
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     timeout_setting: DeadlineSetting,
     timeout_ms: u64,
@@ -184,6 +188,7 @@ impl WireSpec {
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             model_version: s.model_version.clone(),
+            model: s.model.clone(),
             timeout_setting: s.timeout_setting,
             timeout_ms: s.timeout.as_millis() as u64,
         }
@@ -234,6 +239,7 @@ impl WireSpec {
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),
             model_version: self.model_version.clone(),
+            model: self.model.clone(),
             timeout_setting: self.timeout_setting,
             timeout,
         })
@@ -359,6 +365,9 @@ pub fn parse_event(msg: &str) -> Option<(String, JobEvent)> {
             position: usize_of("position")?,
         },
         "started" => JobEvent::Started,
+        "loading" => JobEvent::Loading {
+            model: d["model"].as_str()?.to_string(),
+        },
         "progress" => JobEvent::Progress(JobProgress {
             step: usize_of("step")?,
             total: usize_of("total")?,
@@ -433,6 +442,9 @@ mod tests {
         for e in [
             JobEvent::Queued { position: 3 },
             JobEvent::Started,
+            JobEvent::Loading {
+                model: "tiny-b".into(),
+            },
             JobEvent::Progress(JobProgress {
                 step: 2,
                 total: 5,
@@ -492,6 +504,7 @@ mod tests {
             request: serde_json::json!({"prompt": "a (cat:1.2)"}),
             png_texts: vec!["t".into()],
             model_version: "m@1".into(),
+            model: Some("tiny-b".into()),
             timeout_setting: DeadlineSetting::Job,
             timeout: Duration::from_secs(9),
         };

@@ -1,0 +1,27 @@
+//! `GET /models`: the models a request may name (MODELS_DIR and the default), and which one
+//! the worker holds.
+
+use axum::extract::State;
+use axum::Json;
+
+use super::Shared;
+use crate::models::{LoadedModelHealth, ModelList};
+
+/// The model this process's worker holds, named as `GET /models` names it.
+pub(super) fn loaded(app: &super::AppState) -> Option<LoadedModelHealth> {
+    let held = app.engine.loaded_model()?;
+    Some(LoadedModelHealth {
+        name: held.name.unwrap_or_else(|| app.models.default_name()),
+        model_version: held.model_version,
+    })
+}
+
+/// The default model (`--model`) and every diffusers folder and single-file checkpoint of
+/// MODELS_DIR (read now: files added later are listed), with the one the worker holds.
+#[utoipa::path(get, path = "/models", responses((status = 200, body = ModelList)))]
+pub(super) async fn list(State(app): State<Shared>) -> Json<ModelList> {
+    let held = loaded(&app).map(|l| l.name);
+    let models = app.models.clone();
+    let listing = tokio::task::spawn_blocking(move || models.listing(held.as_deref())).await;
+    Json(listing.unwrap_or_else(|_| app.models.listing(None)))
+}
