@@ -31,6 +31,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("SDSERVE_BIN", os.path.join(ROOT, "target", "debug", "sdserve"))
 MODEL = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "tiny-b")
 ADAPTERS = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "adapters")
+# A second model in MODELS_DIR, fast at 256x256 as tiny-b.
+OTHER = "tiny-a-vae8"
 
 PROMPT = "a watercolor lighthouse at dawn"
 NEGATIVE = "blurry"
@@ -47,6 +49,8 @@ class Server:
         self.embeddings = os.path.join(self.cache, "embeddings")
         os.makedirs(self.loras)
         os.makedirs(self.embeddings)
+        self.models = os.path.join(self.cache, "models")
+        shutil.copytree(os.path.join(os.path.dirname(MODEL), OTHER), os.path.join(self.models, OTHER))
         env = {
             "PATH": os.environ.get("PATH", ""),
             "HOST": "127.0.0.1",
@@ -61,6 +65,7 @@ class Server:
             "MAX_BODY_BYTES": str(16 << 20),
             "LORA_DIR": self.loras,
             "EMBEDDINGS_DIR": self.embeddings,
+            "MODELS_DIR": self.models,
         }
         self.proc = subprocess.Popen(
             [BIN, "serve"], env=env, stdout=subprocess.PIPE, text=True
@@ -157,8 +162,9 @@ class A1111(Timed):
         )
         self.assertIn("Karras", [s["label"] for s in self.api.get_schedulers()])
         models = self.api.util_get_model_names()
-        self.assertEqual(len(models), 1)
-        self.assertTrue(models[0].startswith("tiny-b"), models)
+        self.assertEqual(len(models), 2)
+        models = [m for m in models if m.startswith("tiny-b")]
+        self.assertEqual(len(models), 1, models)
         self.api.util_set_model(models[0])
         self.assertEqual(self.api.util_get_current_model(), models[0])
         self.assertEqual(self.api.set_options({"CLIP_stop_at_last_layers": 1}), {})
@@ -166,6 +172,33 @@ class A1111(Timed):
         self.assertIsInstance(self.api.get_loras(), list)
         self.assertEqual(self.api.get_scripts(), {"txt2img": [], "img2img": []})
         self.assertEqual(self.api.skip(), {})
+
+    def test_util_set_model_switches_the_checkpoint_of_later_requests(self):
+        models = self.api.get_sd_models()
+        self.assertEqual([m["model_name"] for m in models], ["tiny-b", OTHER])
+        default = models[0]["title"]
+        fields = dict(prompt=PROMPT, negative_prompt=NEGATIVE, seed=7, steps=2, cfg_scale=5,
+                      width=SIZE, height=SIZE, sampler_name="Euler")
+        try:
+            # By a loose name, as scripts call it: the client picks the closest title.
+            self.api.util_set_model("tiny-a-vae")
+            self.assertEqual(self.api.util_get_current_model(), models[1]["title"])
+            other = self.api.txt2img(**fields).image
+            (want,), meta = native(
+                prompt=PROMPT, negative_prompt=NEGATIVE, seed=7, steps=2, guidance_scale=5,
+                width=SIZE, height=SIZE, scheduler="euler", model=OTHER,
+            )
+            self.assertTrue(meta["model_version"].startswith(OTHER), meta)
+            self.assertEqual(pixels(other), pixels(want))
+        finally:
+            self.api.util_set_model(default)
+        self.assertEqual(self.api.util_get_current_model(), default)
+        (want,), _ = native(
+            prompt=PROMPT, negative_prompt=NEGATIVE, seed=7, steps=2, guidance_scale=5,
+            width=SIZE, height=SIZE, scheduler="euler",
+        )
+        self.assertEqual(pixels(self.api.txt2img(**fields).image), pixels(want))
+        self.assertNotEqual(pixels(other), pixels(want))
 
     def test_loras_and_embeddings_dropped_in_are_listed(self):
         self.assertEqual(self.api.get_loras(), [])
@@ -456,8 +489,9 @@ class OpenAI(Timed):
 
     def test_models(self):
         ids = [m.id for m in self.client.models.list()]
-        self.assertEqual(len(ids), 1)
+        self.assertEqual(len(ids), 2)
         self.assertTrue(ids[0].startswith("tiny-b"), ids)
+        self.assertEqual(ids[1], OTHER)
         self.assertEqual(self.client.models.retrieve(ids[0]).id, ids[0])
 
     def test_edit_with_transparent_mask_equals_native_inpaint(self):
