@@ -56,11 +56,10 @@ fn rel_t(a: f64, b: f64) -> f64 {
 
 /// Builds the entry's scheduler (`Class.from_config(cfg)` + `set_timesteps(steps)`).
 fn build_entry(e: &serde_json::Value, cfg: &SchedulerConfig, steps: usize) -> Box<dyn Scheduler> {
-    let karras = cfg.use_karras_sigmas == Some(true);
     match e["scheduler"].as_str().unwrap() {
-        "heun" => Box::new(heun::HeunDiscrete::new(cfg, steps, karras).unwrap()),
-        "dpm2" => Box::new(dpm2::KDpm2::new(cfg, steps, karras).unwrap()),
-        "dpm2_a" => Box::new(dpm2::KDpm2Ancestral::new(cfg, steps, karras).unwrap()),
+        "heun" => Box::new(heun::HeunDiscrete::new(cfg, steps).unwrap()),
+        "dpm2" => Box::new(dpm2::KDpm2::new(cfg, steps).unwrap()),
+        "dpm2_a" => Box::new(dpm2::KDpm2Ancestral::new(cfg, steps).unwrap()),
         "lcm" => Box::new(lcm::Lcm::new(cfg, steps).unwrap()),
         other => panic!("no scheduler {other}"),
     }
@@ -72,21 +71,20 @@ fn sigmas_of(
     cfg: &SchedulerConfig,
     steps: usize,
 ) -> Vec<(&'static str, Vec<f32>)> {
-    let karras = cfg.use_karras_sigmas == Some(true);
     match e["scheduler"].as_str().unwrap() {
         "heun" => {
-            let s = heun::HeunDiscrete::new(cfg, steps, karras).unwrap();
+            let s = heun::HeunDiscrete::new(cfg, steps).unwrap();
             vec![("sigmas", s.sigmas().to_vec())]
         }
         "dpm2" => {
-            let s = dpm2::KDpm2::new(cfg, steps, karras).unwrap();
+            let s = dpm2::KDpm2::new(cfg, steps).unwrap();
             vec![
                 ("sigmas", s.sigmas().to_vec()),
                 ("sigmas_interpol", s.sigmas_interpol().to_vec()),
             ]
         }
         "dpm2_a" => {
-            let s = dpm2::KDpm2Ancestral::new(cfg, steps, karras).unwrap();
+            let s = dpm2::KDpm2Ancestral::new(cfg, steps).unwrap();
             vec![("sigmas", s.sigmas().to_vec())]
         }
         _ => vec![],
@@ -265,9 +263,9 @@ fn runs_begun_mid_schedule_match_diffusers() {
 fn bad_step_counts_and_configs_are_errors() {
     let f = fixtures();
     let cfg = f.scheduler_config(&serde_json::json!({}));
-    assert!(heun::HeunDiscrete::new(&cfg, 0, false).is_err());
-    assert!(dpm2::KDpm2::new(&cfg, 0, true).is_err());
-    assert!(dpm2::KDpm2Ancestral::new(&cfg, 0, false).is_err());
+    assert!(heun::HeunDiscrete::new(&cfg, 0).is_err());
+    assert!(dpm2::KDpm2::new(&cfg, 0).is_err());
+    assert!(dpm2::KDpm2Ancestral::new(&cfg, 0).is_err());
     assert!(lcm::Lcm::new(&cfg, 0).is_err());
     // LCM picks its steps from the 50 of `original_inference_steps`: 51 is too many.
     let err = lcm::Lcm::new(&cfg, 51).err().expect("51 LCM steps");
@@ -280,10 +278,10 @@ fn bad_step_counts_and_configs_are_errors() {
     assert!(lcm::Lcm::new(&cfg25, 26).is_err());
     let sample = f.scheduler_config(&serde_json::json!({"prediction_type": "sample"}));
     assert!(
-        dpm2::KDpm2::new(&sample, 5, false).is_err(),
+        dpm2::KDpm2::new(&sample, 5).is_err(),
         "KDPM2 has no sample prediction"
     );
-    assert!(dpm2::KDpm2Ancestral::new(&sample, 5, false).is_err());
+    assert!(dpm2::KDpm2Ancestral::new(&sample, 5).is_err());
     let thresholding = f.scheduler_config(&serde_json::json!({"thresholding": true}));
     assert!(lcm::Lcm::new(&thresholding, 4).is_err());
 }

@@ -35,8 +35,9 @@ struct Common {
 }
 
 impl Common {
-    fn new(cfg: &SchedulerConfig, n: usize, karras: bool) -> Result<Self> {
+    fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         common::check_steps(n)?;
+        let karras = cfg.use_karras_sigmas.unwrap_or(false);
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
         if r.prediction_type == PredictionType::Sample {
             return Err(config_error(
@@ -114,10 +115,9 @@ pub struct KDpm2 {
 }
 
 impl KDpm2 {
-    /// `KDPM2DiscreteScheduler.from_config(cfg)` with `use_karras_sigmas = karras`, then
-    /// `set_timesteps(num_inference_steps)`.
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> Result<Self> {
-        let c = Common::new(cfg, num_inference_steps, karras)?;
+    /// `KDPM2DiscreteScheduler.from_config(cfg)`, then `set_timesteps(num_inference_steps)`.
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        let c = Common::new(cfg, num_inference_steps)?;
         let sig = &c.s.sigmas;
         // lerp towards sigmas.roll(1): each sigma with the one before it (the first with the
         // final zero, a NaN that is never read).
@@ -205,10 +205,10 @@ pub struct KDpm2Ancestral {
 }
 
 impl KDpm2Ancestral {
-    /// `KDPM2AncestralDiscreteScheduler.from_config(cfg)` with `use_karras_sigmas = karras`,
-    /// then `set_timesteps(num_inference_steps)`.
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> Result<Self> {
-        let c = Common::new(cfg, num_inference_steps, karras)?;
+    /// `KDPM2AncestralDiscreteScheduler.from_config(cfg)`, then
+    /// `set_timesteps(num_inference_steps)`.
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
+        let c = Common::new(cfg, num_inference_steps)?;
         let sig = &c.s.sigmas;
         let len = sig.len();
         let next = |i: usize| if i + 1 < len { sig[i + 1] } else { 0.0 };

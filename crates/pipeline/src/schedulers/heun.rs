@@ -40,11 +40,11 @@ pub struct HeunDiscrete {
 }
 
 impl HeunDiscrete {
-    /// `HeunDiscreteScheduler.from_config(cfg)` with `use_karras_sigmas = karras`, then
-    /// `set_timesteps(num_inference_steps)`.
-    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize, karras: bool) -> Result<Self> {
+    /// `HeunDiscreteScheduler.from_config(cfg)`, then `set_timesteps(num_inference_steps)`.
+    pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
+        let karras = cfg.use_karras_sigmas.unwrap_or(false);
         let s = step_schedule(&r, num_inference_steps, karras)?;
         // Heun keeps its timesteps as float32, Karras ones included.
         let timesteps: Vec<f64> = s.timesteps.iter().map(|&t| t as f32 as f64).collect();
