@@ -43,6 +43,13 @@ SCHEDULERS = {
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
     "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
 }
 
 # DPM++ SDE (A1111's `DPM++ SDE`): DPMSolverSDEScheduler draws its noise from a Brownian tree that
@@ -56,7 +63,9 @@ BROWNIAN = {
 }
 
 # The names whose `step` draws noise from the pipeline's generator(s).
-STOCHASTIC = {"euler_a", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+STOCHASTIC = {
+    "euler_a", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpm2_a", "dpm2_a_karras", "lcm",
+}
 
 
 def scheduler_class(class_name):

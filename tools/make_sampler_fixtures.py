@@ -28,17 +28,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import api_schedulers
 from api_schedulers import SD15_SCHEDULER_CONFIG as SD15
 from make_img2img_fixtures import BASE, load_pipe, to_u8
 
 OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
 
-# API name -> (class, overrides that the factory adds, stochastic).
+# API name -> (class, overrides that the factory adds, stochastic). The `_karras` names are the
+# entries below whose overrides set use_karras_sigmas.
 SAMPLERS = {
-    "heun": ("HeunDiscreteScheduler", {}, False),
-    "dpm2": ("KDPM2DiscreteScheduler", {}, False),
-    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}, True),
-    "lcm": ("LCMScheduler", {}, True),
+    name: (*api_schedulers.SCHEDULERS[name], name in api_schedulers.STOCHASTIC)
+    for name in ("heun", "dpm2", "dpm2_a", "lcm")
 }
 
 SCHEDULE_STEPS = [1, 2, 3, 5, 7, 10, 20, 25, 33, 50]

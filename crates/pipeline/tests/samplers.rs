@@ -7,7 +7,9 @@ mod common;
 use candle_core::{DType, Device, IndexOp};
 use common::{max_abs_diff, steps_of, Fixtures};
 use sdserve_pipeline::rng::TorchRng;
-use sdserve_pipeline::schedulers::{dpm2, heun, lcm, Scheduler, SchedulerConfig};
+use sdserve_pipeline::schedulers::{
+    build, dpm2, heun, lcm, Scheduler, SchedulerConfig, SchedulerKind,
+};
 
 /// Timesteps, relative: integer or float32 values; the interpolated ones (KDPM2) come from a
 /// float32 `_sigma_to_t` of sigmas built on torch's training sigmas, whose vectorised sqrt is not
@@ -284,4 +286,49 @@ fn bad_step_counts_and_configs_are_errors() {
     assert!(dpm2::KDpm2Ancestral::new(&sample, 5).is_err());
     let thresholding = f.scheduler_config(&serde_json::json!({"thresholding": true}));
     assert!(lcm::Lcm::new(&thresholding, 4).is_err());
+}
+
+/// The API names build these classes from the model's own config: `<name>` uniform even when
+/// the file asks for Karras sigmas, `<name>_karras` with them (`SchedulerKind::config`).
+#[test]
+fn api_names_build_the_recorded_schedules() {
+    let f = fixtures();
+    let base = f.scheduler_config(&serde_json::json!({}));
+    let karras_file = f.scheduler_config(&serde_json::json!({"use_karras_sigmas": true}));
+    let mut checked = 0;
+    for e in f.meta["entries"].as_array().unwrap() {
+        let over = e["overrides"].as_object().unwrap();
+        let karras = match over.len() {
+            0 => false,
+            1 if over.get("use_karras_sigmas") == Some(&serde_json::json!(true)) => true,
+            _ => continue,
+        };
+        let name = e["scheduler"].as_str().unwrap();
+        let api = if karras {
+            format!("{name}_karras")
+        } else {
+            name.to_string()
+        };
+        let kind = SchedulerKind::from_name(&api).unwrap_or_else(|| panic!("no API name {api}"));
+        assert_eq!(kind.karras(), karras, "{api}");
+        for steps in steps_of(&e["schedule_steps"]) {
+            let want = f.f64s(&format!(
+                "{}.{steps}.timesteps",
+                e["prefix"].as_str().unwrap()
+            ));
+            // The plain name ignores a file's Karras key; the Karras name needs none.
+            for cfg in [&base, &karras_file] {
+                let s = build(kind, cfg, steps).unwrap();
+                assert_eq!(s.timesteps().len(), want.len(), "{api}.{steps}");
+                for (a, b) in s.timesteps().iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 0.02_f64.max(1e-5 * b.abs()),
+                        "{api}.{steps}: {a} vs {b}"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} API-name schedules");
 }

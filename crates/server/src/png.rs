@@ -24,6 +24,13 @@ pub(crate) fn a1111_sampler(kind: SchedulerKind) -> &'static str {
         SchedulerKind::LmsKarras => "LMS Karras",
         SchedulerKind::UniPc => "UniPC",
         SchedulerKind::UniPcKarras => "UniPC Karras",
+        SchedulerKind::Heun => "Heun",
+        SchedulerKind::HeunKarras => "Heun Karras",
+        SchedulerKind::Dpm2 => "DPM2",
+        SchedulerKind::Dpm2Karras => "DPM2 Karras",
+        SchedulerKind::Dpm2Ancestral => "DPM2 a",
+        SchedulerKind::Dpm2AncestralKarras => "DPM2 a Karras",
+        SchedulerKind::Lcm => "LCM",
     }
 }
 

@@ -170,6 +170,46 @@ fn init_png(s: &Server) -> String {
     r.json()["image_base64"].as_str().unwrap().to_string()
 }
 
+/// Heun, DPM2, DPM2 a and LCM: each A1111 name (with its schedule) runs the native scheduler of
+/// that name, and the infotext names both.
+#[test]
+fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
+    let s = ready("step_ms=0", &[]);
+    for (sampler, schedule, native, written) in [
+        ("Heun", None, "heun", "Heun"),
+        ("Heun", Some("Karras"), "heun_karras", "Heun Karras"),
+        ("DPM2 Karras", None, "dpm2_karras", "DPM2 Karras"),
+        ("k_dpm_2_a", Some("Uniform"), "dpm2_a", "DPM2 a"),
+        ("DPM2 a", Some("Karras"), "dpm2_a_karras", "DPM2 a Karras"),
+        ("LCM", Some("automatic"), "lcm", "LCM"),
+    ] {
+        let r = post(
+            &s,
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "a cat", "seed": 3, "steps": 4, "width": 256, "height": 256,
+                    "sampler_name": sampler, "scheduler": schedule}),
+        );
+        let info = info_of(&r);
+        let text = info["infotexts"][0].as_str().unwrap();
+        assert!(
+            text.contains(&format!("Sampler: {written}, Scheduler: {native},")),
+            "{sampler} {schedule:?}: {text}"
+        );
+        let r = s.post_json(
+            &json!({"prompt": "a cat", "seed": 3, "steps": 4, "width": 256,
+                                    "height": 256, "scheduler": native}),
+        );
+        assert_eq!(r.status, 200, "{native}: {}", r.text());
+        assert_eq!(r.json()["metadata"]["scheduler"], native);
+    }
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "sampler_name": "LCM", "scheduler": "Karras"}),
+    );
+    assert_eq!(r.broken_fields(), ["scheduler"]);
+}
+
 #[test]
 fn a1111_errors_name_a1111_fields() {
     let s = ready("step_ms=0", &[]);
@@ -366,7 +406,11 @@ fn a1111_lists_options_and_png_info() {
             "DDIM",
             "PLMS",
             "LMS",
-            "UniPC"
+            "UniPC",
+            "Heun",
+            "DPM2",
+            "DPM2 a",
+            "LCM"
         ])
         .as_array()
         .unwrap()

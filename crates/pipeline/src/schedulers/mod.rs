@@ -38,6 +38,14 @@ pub enum Sampler {
     DpmPpSde,
     Lms,
     UniPc,
+    /// HeunDiscreteScheduler (second order: two UNet evaluations per step but the last).
+    Heun,
+    /// KDPM2DiscreteScheduler (second order).
+    Dpm2,
+    /// KDPM2AncestralDiscreteScheduler (second order, noise at every step).
+    Dpm2Ancestral,
+    /// LCMScheduler (for LCM-distilled UNets and LCM-LoRAs).
+    Lcm,
 }
 
 /// The scheduler names of the API: a [`Sampler`] with the training schedule's sigmas (or
@@ -60,11 +68,18 @@ pub enum SchedulerKind {
     LmsKarras,
     UniPc,
     UniPcKarras,
+    Heun,
+    HeunKarras,
+    Dpm2,
+    Dpm2Karras,
+    Dpm2Ancestral,
+    Dpm2AncestralKarras,
+    Lcm,
 }
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 16] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 23] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -126,6 +141,33 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 16] = [
         Sampler::UniPc,
         true,
     ),
+    (SchedulerKind::Heun, "heun", Sampler::Heun, false),
+    (
+        SchedulerKind::HeunKarras,
+        "heun_karras",
+        Sampler::Heun,
+        true,
+    ),
+    (SchedulerKind::Dpm2, "dpm2", Sampler::Dpm2, false),
+    (
+        SchedulerKind::Dpm2Karras,
+        "dpm2_karras",
+        Sampler::Dpm2,
+        true,
+    ),
+    (
+        SchedulerKind::Dpm2Ancestral,
+        "dpm2_a",
+        Sampler::Dpm2Ancestral,
+        false,
+    ),
+    (
+        SchedulerKind::Dpm2AncestralKarras,
+        "dpm2_a_karras",
+        Sampler::Dpm2Ancestral,
+        true,
+    ),
+    (SchedulerKind::Lcm, "lcm", Sampler::Lcm, false),
 ];
 
 const fn all_kinds() -> [SchedulerKind; KINDS.len()] {
@@ -213,6 +255,10 @@ impl SchedulerKind {
             "DPMSolverSDEScheduler" => Sampler::DpmPpSde,
             "LMSDiscreteScheduler" => Sampler::Lms,
             "UniPCMultistepScheduler" => Sampler::UniPc,
+            "HeunDiscreteScheduler" => Sampler::Heun,
+            "KDPM2DiscreteScheduler" => Sampler::Dpm2,
+            "KDPM2AncestralDiscreteScheduler" => Sampler::Dpm2Ancestral,
+            "LCMScheduler" => Sampler::Lcm,
             other => {
                 return Err(common::config_error(format!(
                     "unsupported scheduler class {other:?}"
@@ -277,6 +323,10 @@ pub fn build(
         Sampler::DpmPpSde => Box::new(dpm_sde::DpmSolverSde::new(cfg, n)?),
         Sampler::Lms => Box::new(lms::LmsDiscrete::new(cfg, n)?),
         Sampler::UniPc => Box::new(unipc::UniPcMultistep::new(cfg, n)?),
+        Sampler::Heun => Box::new(heun::HeunDiscrete::new(cfg, n)?),
+        Sampler::Dpm2 => Box::new(dpm2::KDpm2::new(cfg, n)?),
+        Sampler::Dpm2Ancestral => Box::new(dpm2::KDpm2Ancestral::new(cfg, n)?),
+        Sampler::Lcm => Box::new(lcm::Lcm::new(cfg, n)?),
     })
 }
 
@@ -464,7 +514,30 @@ mod tests {
         };
         assert_eq!(default(sde(None)), SchedulerKind::DpmPp2mSde);
         assert_eq!(default(sde(Some(true))), SchedulerKind::DpmPp2mSdeKarras);
-        assert!(SchedulerKind::default_for(&cfg("HeunDiscreteScheduler", None)).is_err());
+        for (class, plain, karras) in [
+            (
+                "HeunDiscreteScheduler",
+                SchedulerKind::Heun,
+                SchedulerKind::HeunKarras,
+            ),
+            (
+                "KDPM2DiscreteScheduler",
+                SchedulerKind::Dpm2,
+                SchedulerKind::Dpm2Karras,
+            ),
+            (
+                "KDPM2AncestralDiscreteScheduler",
+                SchedulerKind::Dpm2Ancestral,
+                SchedulerKind::Dpm2AncestralKarras,
+            ),
+        ] {
+            assert_eq!(default(cfg(class, Some(true))), karras, "{class}");
+            assert_eq!(default(cfg(class, None)), plain, "{class}");
+            assert_eq!(karras.sampler(), plain.sampler());
+        }
+        // LCMScheduler has no Karras sigmas.
+        assert_eq!(default(cfg("LCMScheduler", Some(true))), SchedulerKind::Lcm);
+        assert!(SchedulerKind::default_for(&cfg("DEISMultistepScheduler", None)).is_err());
         assert!(SchedulerKind::default_for(&SchedulerConfig::default()).is_err());
     }
 }

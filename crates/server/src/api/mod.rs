@@ -109,6 +109,20 @@ pub enum SchedulerName {
     UniPc,
     #[serde(rename = "unipc_karras")]
     UniPcKarras,
+    #[serde(rename = "heun")]
+    Heun,
+    #[serde(rename = "heun_karras")]
+    HeunKarras,
+    #[serde(rename = "dpm2")]
+    Dpm2,
+    #[serde(rename = "dpm2_karras")]
+    Dpm2Karras,
+    #[serde(rename = "dpm2_a")]
+    Dpm2A,
+    #[serde(rename = "dpm2_a_karras")]
+    Dpm2AKarras,
+    #[serde(rename = "lcm")]
+    Lcm,
 }
 
 /// Body of `POST /generate`. Unknown fields are rejected (422 `validation_error`, `details` names
@@ -145,8 +159,10 @@ pub struct GenerateRequest {
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
     /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
-    /// sigmas; `euler_a`, `dpmpp_2m_sde` and `dpmpp_sde` add noise drawn from the seed at every
-    /// step; `dpmpp_sde` runs the UNet twice per step (progress counts evaluations).
+    /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a` and `lcm` add noise drawn from
+    /// the seed at every step; `dpmpp_sde`, `heun`, `dpm2` and `dpm2_a` run the UNet twice per
+    /// step but the last (2 * steps - 1 evaluations, which progress counts); `lcm` is for LCM
+    /// models and LCM-LoRAs (4-8 steps, guidance 1-2).
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77

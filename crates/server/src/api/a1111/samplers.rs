@@ -17,7 +17,7 @@ pub struct Sampler {
     pub default_karras: bool,
 }
 
-pub const SAMPLERS: [Sampler; 9] = [
+pub const SAMPLERS: [Sampler; 13] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -82,6 +82,36 @@ pub const SAMPLERS: [Sampler; 9] = [
         aliases: &["unipc"],
         uniform: SchedulerKind::UniPc,
         karras: Some(SchedulerKind::UniPcKarras),
+        default_karras: false,
+    },
+    // A1111's k-diffusion DPM2 and DPM2 a drop the next-to-last sigma of their schedule
+    // (`discard_next_to_last_sigma`); we follow diffusers' KDPM2 classes, which keep it.
+    Sampler {
+        name: "Heun",
+        aliases: &["k_heun"],
+        uniform: SchedulerKind::Heun,
+        karras: Some(SchedulerKind::HeunKarras),
+        default_karras: false,
+    },
+    Sampler {
+        name: "DPM2",
+        aliases: &["k_dpm_2"],
+        uniform: SchedulerKind::Dpm2,
+        karras: Some(SchedulerKind::Dpm2Karras),
+        default_karras: false,
+    },
+    Sampler {
+        name: "DPM2 a",
+        aliases: &["k_dpm_2_a"],
+        uniform: SchedulerKind::Dpm2Ancestral,
+        karras: Some(SchedulerKind::Dpm2AncestralKarras),
+        default_karras: false,
+    },
+    Sampler {
+        name: "LCM",
+        aliases: &["k_lcm"],
+        uniform: SchedulerKind::Lcm,
+        karras: None,
         default_karras: false,
     },
 ];
@@ -271,6 +301,43 @@ mod tests {
         assert_eq!(
             r(Some("k_dpmpp_2m_sde"), Some("Uniform")).kind,
             SchedulerKind::DpmPp2mSde
+        );
+        // Heun, DPM2, DPM2 a (automatic: uniform, as A1111) and LCM (no Karras form).
+        for (name, alias, uniform, karras) in [
+            (
+                "Heun",
+                "k_heun",
+                SchedulerKind::Heun,
+                Some(SchedulerKind::HeunKarras),
+            ),
+            (
+                "DPM2",
+                "k_dpm_2",
+                SchedulerKind::Dpm2,
+                Some(SchedulerKind::Dpm2Karras),
+            ),
+            (
+                "DPM2 a",
+                "k_dpm_2_a",
+                SchedulerKind::Dpm2Ancestral,
+                Some(SchedulerKind::Dpm2AncestralKarras),
+            ),
+            ("LCM", "k_lcm", SchedulerKind::Lcm, None),
+        ] {
+            let k = r(Some(name), None);
+            assert_eq!(
+                (k.kind, k.sampler, k.schedule),
+                (uniform, name, "Automatic")
+            );
+            assert_eq!(r(Some(alias), Some("Uniform")).kind, uniform);
+            if let Some(karras) = karras {
+                assert_eq!(r(Some(name), Some("Karras")).kind, karras);
+                assert_eq!(r(Some(&format!("{name} Karras")), None).kind, karras);
+            }
+        }
+        assert_eq!(
+            field_of(resolve_sampler("sampler_name", Some("LCM"), Some("Karras")).unwrap_err()),
+            "scheduler"
         );
         // DPM++ SDE: A1111 lists it with the Karras schedule as its own.
         let k = r(Some("DPM++ SDE"), None);

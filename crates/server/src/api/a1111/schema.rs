@@ -40,14 +40,15 @@ pub struct A1111Request {
     /// -1: random (drawn once; batch *k* image *i* uses seed + k * batch_size + i).
     #[schema(default = -1, minimum = -1, maximum = 4294967295_i64, nullable = true)]
     pub seed: Option<i64>,
-    /// `Euler a`, `Euler`, `DPM++ 2M`, `DPM++ 2M SDE`, `DPM++ SDE`, `DDIM`, `PLMS`, `LMS`, `UniPC`; all but
-    /// `DDIM` and `PLMS` also as `<name> Karras` (A1111's older one-word form).
+    /// `Euler a`, `Euler`, `DPM++ 2M`, `DPM++ 2M SDE`, `DPM++ SDE`, `DDIM`, `PLMS`, `LMS`,
+    /// `UniPC`, `Heun`, `DPM2`, `DPM2 a`, `LCM`; all but `DDIM`, `PLMS` and `LCM` also as
+    /// `<name> Karras` (A1111's older one-word form).
     #[schema(default = "Euler")]
     pub sampler_name: Option<String>,
     /// The older name of `sampler_name` (used when `sampler_name` is absent).
     pub sampler_index: Option<String>,
     /// `Automatic` (the sampler's own: Karras for `DPM++ 2M`, `DPM++ 2M SDE` and `DPM++ SDE`), `Uniform` or
-    /// `Karras` (every sampler but `DDIM` and `PLMS`).
+    /// `Karras` (every sampler but `DDIM`, `PLMS` and `LCM`).
     #[schema(default = "automatic")]
     pub scheduler: Option<String>,
     /// Images generated together (native `batch_size`).
