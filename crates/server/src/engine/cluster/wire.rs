@@ -520,6 +520,12 @@ mod tests {
         assert_eq!(again.timeout, Duration::from_secs(3));
         assert_eq!(again.png_texts, spec.png_texts);
         assert_eq!(again.timeout_setting, DeadlineSetting::Job);
+        assert_eq!(again.model.as_deref(), Some("tiny-b"));
+        // An older replica's job names no model: the default.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("model");
+        let back: WireSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(back.spec(Duration::from_secs(3)).unwrap().model, None);
     }
 
     #[test]
