@@ -62,6 +62,10 @@ BROWNIAN = {
     "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
 }
 
+# The names of the first API, which the tiny models' and img2img references cover
+# (make_tiny_models.py, make_img2img_fixtures.py); the later ones have references of their own.
+FIRST_NAMES = ["pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "unipc"]
+
 # The names whose `step` draws noise from the pipeline's generator(s).
 STOCHASTIC = {
     "euler_a", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpm2_a", "dpm2_a_karras", "lcm",

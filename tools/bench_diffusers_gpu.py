@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from api_schedulers import SCHEDULERS
+from api_schedulers import FIRST_NAMES, SCHEDULERS, make_scheduler
 
 
 def mib(b):
@@ -86,11 +86,10 @@ def main():
         for name in names:
             if name is None:
                 sched = pipe.scheduler.__class__.from_config(default_scheduler_config)
-                label = {v[0]: k for k, v in SCHEDULERS.items() if not v[1]}.get(
+                label = {SCHEDULERS[k][0]: k for k in FIRST_NAMES if "karras" not in k}.get(
                     sched.__class__.__name__, sched.__class__.__name__)
             else:
-                cls, extra = SCHEDULERS[name]
-                sched = getattr(diffusers, cls).from_config(default_scheduler_config, **extra)
+                sched = make_scheduler(name, default_scheduler_config)
                 label = name
             pipe.scheduler = sched
             runs = []

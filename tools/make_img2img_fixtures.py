@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from api_schedulers import SCHEDULERS
+from api_schedulers import FIRST_NAMES, make_scheduler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
@@ -170,8 +170,7 @@ def set_scheduler(pipe, own_config, name):
     if name is None:
         pipe.scheduler = getattr(diffusers, own_config["_class_name"]).from_config(own_config)
     else:
-        cls_name, extra = SCHEDULERS[name]
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(own_config, **extra)
+        pipe.scheduler = make_scheduler(name, own_config)
 
 
 def to_u8(images_np):
@@ -260,7 +259,7 @@ def make_refs(out_root):
     # img2img: every scheduler, three strengths, both 4-channel models.
     for model in ("tiny-a", "tiny-b"):
         key = f"{BASE[model]['width']}x{BASE[model]['height']}"
-        for sched in SCHEDULERS:
+        for sched in FIRST_NAMES:
             for s in STRENGTHS:
                 run(f"{model}.img2img.{sched}.{s}", model, "img2img", scheduler=sched,
                     strength=s, init=inits[key])
@@ -269,7 +268,7 @@ def make_refs(out_root):
 
     # Inpainting with the regular (4-channel) model: the known region is put back each step.
     # tiny-a: every scheduler, strength 1.0 (pure noise start) and 0.75 in turn; tiny-b: three.
-    for i, sched in enumerate(SCHEDULERS):
+    for i, sched in enumerate(FIRST_NAMES):
         s = (1.0, 0.75)[i % 2]
         run(f"tiny-a.inpaint.{sched}.{s}", "tiny-a", "inpaint", scheduler=sched,
             strength=s, init=inits["32x32"], mask=masks["32x32"])
@@ -284,7 +283,7 @@ def make_refs(out_root):
     # Inpainting with the 9-channel model: [latents, mask, masked-image latents] in; every
     # scheduler, strength 1.0 and 0.6 in turn.
     key = "32x32"
-    for i, sched in enumerate(SCHEDULERS):
+    for i, sched in enumerate(FIRST_NAMES):
         s = (1.0, 0.6)[i % 2]
         run(f"tiny-inpaint.inpaint.{sched}.{s}", "tiny-inpaint", "inpaint", scheduler=sched,
             strength=s, init=inits[key], mask=masks[key])

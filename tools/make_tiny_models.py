@@ -269,7 +269,7 @@ def make_model(name, out_root, vocab, merges):
 # References
 # --------------------------------------------------------------------------
 
-from api_schedulers import SCHEDULERS  # noqa: E402  (API name -> diffusers class, kwargs)
+from api_schedulers import FIRST_NAMES, SCHEDULERS  # noqa: E402  (API name -> diffusers class, kwargs)
 
 # Requests.  tiny-a: square, a negative prompt, CFG on.  tiny-b: non-square,
 # a prompt longer than 77 tokens (truncation), empty negative prompt, CFG off
@@ -399,7 +399,7 @@ def make_refs(name, out_root):
 
     # --- whole images
     images = {}
-    names = list(SCHEDULERS) + ["default"]
+    names = list(FIRST_NAMES) + ["default"]
     for sname in names:
         r = dict(base, **req["per_image"].get(sname, {}))
         if sname == "default":

@@ -4,34 +4,11 @@
 use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
-/// The sampler name A1111 uses for each scheduler: the sampler, and for Karras sigmas the
-/// one-word form (`DPM++ 2M Karras`) that every A1111 version reads back.
-pub(crate) fn a1111_sampler(kind: SchedulerKind) -> &'static str {
-    match kind {
-        SchedulerKind::Pndm => "PLMS",
-        SchedulerKind::Ddim => "DDIM",
-        SchedulerKind::Euler => "Euler",
-        SchedulerKind::EulerKarras => "Euler Karras",
-        SchedulerKind::EulerAncestral => "Euler a",
-        SchedulerKind::EulerAncestralKarras => "Euler a Karras",
-        SchedulerKind::DpmPp2m => "DPM++ 2M",
-        SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
-        SchedulerKind::DpmPp2mSde => "DPM++ 2M SDE",
-        SchedulerKind::DpmPp2mSdeKarras => "DPM++ 2M SDE Karras",
-        SchedulerKind::DpmPpSde => "DPM++ SDE",
-        SchedulerKind::DpmPpSdeKarras => "DPM++ SDE Karras",
-        SchedulerKind::Lms => "LMS",
-        SchedulerKind::LmsKarras => "LMS Karras",
-        SchedulerKind::UniPc => "UniPC",
-        SchedulerKind::UniPcKarras => "UniPC Karras",
-        SchedulerKind::Heun => "Heun",
-        SchedulerKind::HeunKarras => "Heun Karras",
-        SchedulerKind::Dpm2 => "DPM2",
-        SchedulerKind::Dpm2Karras => "DPM2 Karras",
-        SchedulerKind::Dpm2Ancestral => "DPM2 a",
-        SchedulerKind::Dpm2AncestralKarras => "DPM2 a Karras",
-        SchedulerKind::Lcm => "LCM",
-    }
+/// A1111's names for a scheduler: its sampler (`DPM++ 2M`) and, for the samplers that have a
+/// schedule choice, the schedule (`Karras`, `Uniform`), as A1111 1.9+ writes them in
+/// `Sampler: DPM++ 2M, Schedule type: Karras` (and reads the older `DPM++ 2M Karras` too).
+pub(crate) fn a1111_sampler(kind: SchedulerKind) -> (&'static str, Option<&'static str>) {
+    crate::api::a1111::samplers::a1111_names(kind)
 }
 
 /// tEXt is Latin-1 only; anything else becomes `?` (the JSON metadata carries the exact text).
@@ -58,7 +35,11 @@ pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
         s.push_str("\nNegative prompt: ");
         s.push_str(&p.negative_prompt);
     }
-    let sampler = p.scheduler.map(a1111_sampler).unwrap_or("default");
+    let sampler = match p.scheduler.map(a1111_sampler) {
+        Some((name, Some(schedule))) => format!("{name}, Schedule type: {schedule}"),
+        Some((name, None)) => name.to_string(),
+        None => "default".to_string(),
+    };
     let scheduler = p.scheduler.map(|k| k.name()).unwrap_or("default");
     let clip_skip = match p.clip_skip {
         1 => String::new(),
@@ -249,7 +230,7 @@ mod tests {
             "{adapted}"
         );
         let want = format!(
-            "a cat\nNegative prompt: dog\nSteps: 4, Sampler: Euler a, Scheduler: euler_a, CFG scale: 7.5, Seed: 42, Size: 3x2, Model: m@1, Version: sdserve {}",
+            "a cat\nNegative prompt: dog\nSteps: 4, Sampler: Euler a, Schedule type: Uniform, Scheduler: euler_a, CFG scale: 7.5, Seed: 42, Size: 3x2, Model: m@1, Version: sdserve {}",
             env!("CARGO_PKG_VERSION")
         );
         assert_eq!(text, want);

@@ -176,11 +176,31 @@ fn init_png(s: &Server) -> String {
 fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
     let s = ready("step_ms=0", &[]);
     for (sampler, schedule, native, written) in [
-        ("Heun", None, "heun", "Heun"),
-        ("Heun", Some("Karras"), "heun_karras", "Heun Karras"),
-        ("DPM2 Karras", None, "dpm2_karras", "DPM2 Karras"),
-        ("k_dpm_2_a", Some("Uniform"), "dpm2_a", "DPM2 a"),
-        ("DPM2 a", Some("Karras"), "dpm2_a_karras", "DPM2 a Karras"),
+        ("Heun", None, "heun", "Heun, Schedule type: Uniform"),
+        (
+            "Heun",
+            Some("Karras"),
+            "heun_karras",
+            "Heun, Schedule type: Karras",
+        ),
+        (
+            "DPM2 Karras",
+            None,
+            "dpm2_karras",
+            "DPM2, Schedule type: Karras",
+        ),
+        (
+            "k_dpm_2_a",
+            Some("Uniform"),
+            "dpm2_a",
+            "DPM2 a, Schedule type: Uniform",
+        ),
+        (
+            "DPM2 a",
+            Some("Karras"),
+            "dpm2_a_karras",
+            "DPM2 a, Schedule type: Karras",
+        ),
         ("LCM", Some("automatic"), "lcm", "LCM"),
     ] {
         let r = post(

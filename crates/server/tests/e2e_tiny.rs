@@ -170,7 +170,7 @@ fn served_image_is_the_pipelines_and_the_seed_reproduces_it() {
     let (_, _, sde_pixels, text) = decode_png(j["images"][0].as_str().unwrap());
     assert!(
         text.unwrap()
-            .contains("Steps: 2, Sampler: DPM++ SDE Karras"),
+            .contains("Steps: 2, Sampler: DPM++ SDE, Schedule type: Karras"),
         "{info}"
     );
     assert!(

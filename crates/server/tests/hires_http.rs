@@ -147,7 +147,10 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
         "{m}"
     );
     let text = text.unwrap();
-    assert!(text.contains("Hires sampler: DPM++ 2M Karras"), "{text}");
+    assert!(
+        text.contains("Hires sampler: DPM++ 2M, Hires schedule type: Karras"),
+        "{text}"
+    );
     let plain = ok(&s.post_json(&native(same)));
     assert!(
         pixels != decode_png(plain["image_base64"].as_str().unwrap()).2,

@@ -110,6 +110,8 @@ impl ValidHires {
 pub struct HiresSampler {
     pub kind: SchedulerKind,
     pub name: &'static str,
+    /// A1111's schedule label (`Karras`, `Uniform`) where the sampler has a choice.
+    pub schedule: Option<&'static str>,
 }
 
 /// Python's `str(float)`: `2.0`, `0.7`.
@@ -252,6 +254,9 @@ pub fn validate_hires(
     let mut infotext = vec![("Denoising strength", py_float(strength_value))];
     if let Some(s) = &sampler {
         infotext.push(("Hires sampler", s.name.to_string()));
+        if let Some(schedule) = s.schedule {
+            infotext.push(("Hires schedule type", schedule.to_string()));
+        }
     }
     if let Some(p) = &hr_prompt {
         infotext.push(("Hires prompt", quote(p)));

@@ -182,9 +182,13 @@ pub(super) fn build(read: &ReadHires, first: &ValidRequest) -> Result<ValidHires
     let sampler = read
         .scheduler
         .filter(|&k| Some(k) != first.scheduler)
-        .map(|kind| HiresSampler {
-            kind,
-            name: crate::png::a1111_sampler(kind),
+        .map(|kind| {
+            let (name, schedule) = crate::png::a1111_sampler(kind);
+            HiresSampler {
+                kind,
+                name,
+                schedule,
+            }
         });
     validate_hires(&read.fields, first, sampler).map_err(|e| match e {
         ApiError::Validation(errors) => ApiError::Validation(
@@ -256,7 +260,7 @@ mod tests {
         assert_eq!(h.params.negative_prompt.as_deref(), Some("fog"));
         assert!(
             h.infotext_suffix().contains(
-                "Hires sampler: DPM++ 2M Karras, Hires prompt: \"a dog, sharp\", Hires negative prompt: fog"
+                "Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires prompt: \"a dog, sharp\", Hires negative prompt: fog"
             ),
             "{}",
             h.infotext_suffix()

@@ -12,7 +12,7 @@
 mod checkpoints;
 pub mod info;
 mod listings;
-mod samplers;
+pub(crate) mod samplers;
 pub mod schema;
 pub mod translate;
 

@@ -123,6 +123,24 @@ pub const SCHEDULES: [(&str, &str); 3] = [
     ("karras", "Karras"),
 ];
 
+/// A1111's sampler name for `kind`, and its schedule label where the sampler has a choice
+/// (`Karras` or `Uniform`; none for DDIM and PLMS).
+pub fn a1111_names(kind: SchedulerKind) -> (&'static str, Option<&'static str>) {
+    SAMPLERS
+        .iter()
+        .find_map(|s| {
+            let schedule = |label| s.karras.is_some().then_some(label);
+            if s.uniform == kind {
+                Some((s.name, schedule("Uniform")))
+            } else if s.karras == Some(kind) {
+                Some((s.name, schedule("Karras")))
+            } else {
+                None
+            }
+        })
+        .unwrap_or((kind.name(), None))
+}
+
 /// The sampler a request resolved to: our scheduler and A1111's names for it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resolved {

@@ -322,6 +322,7 @@ fn hires(
             (r.kind != first_sampler.kind).then_some(crate::validate::hires::HiresSampler {
                 kind: r.kind,
                 name: r.sampler,
+                schedule: crate::png::a1111_sampler(r.kind).1,
             })
         }
     };

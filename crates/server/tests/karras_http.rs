@@ -1,0 +1,127 @@
+//! The Karras names and DPM++ 2M SDE over real HTTP on the real tiny model (`tiny-b`): A1111's
+//! `Euler a` + `Karras` (and its one-word `Euler a Karras`) is the native `euler_a_karras` pixel
+//! for pixel, says so in its infotext, and differs from the uniform schedule; `DPM++ 2M SDE` is
+//! listed and its automatic schedule is ours (Karras). The images themselves are checked against
+//! diffusers in the pipeline's tests (crates/pipeline/tests/karras_images.rs).
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{decode_png, post_json_to, Server};
+use serde_json::{json, Value};
+
+fn tiny_server() -> Server {
+    let tiny = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../pipeline/tests/fixtures/tiny-b"
+    ));
+    let cache = std::env::temp_dir().join(format!("sdserve-karras-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    let env = vec![
+        ("MODEL_ID".to_string(), tiny.to_string_lossy().into_owned()),
+        ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
+        (
+            "MODEL_CACHE_DIR".to_string(),
+            cache.to_string_lossy().into(),
+        ),
+        // Every request here must run, not be another's cached answer.
+        ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
+    ];
+    let s = Server::start(&env);
+    s.wait_ready(Duration::from_secs(120));
+    s
+}
+
+fn ok(r: &common::Resp) -> Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn native(scheduler: &str) -> Value {
+    json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 5, "steps": 3,
+           "width": 256, "height": 256, "guidance_scale": 6.0, "scheduler": scheduler})
+}
+
+fn a1111(sampler: &str, scheduler: Option<&str>) -> Value {
+    let mut body = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 5,
+                          "steps": 3, "width": 256, "height": 256, "cfg_scale": 6.0,
+                          "sampler_name": sampler});
+    if let Some(s) = scheduler {
+        body["scheduler"] = json!(s);
+    }
+    body
+}
+
+/// An A1111 txt2img answer's first image (pixels) and its `info`, parsed.
+fn txt2img(s: &Server, body: &Value) -> (Vec<u8>, Value) {
+    let r = ok(&post_json_to(s.addr, "/sdapi/v1/txt2img", body));
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    (decode_png(r["images"][0].as_str().unwrap()).2, info)
+}
+
+#[test]
+fn a1111_euler_a_with_karras_is_the_native_euler_a_karras() {
+    let s = tiny_server();
+    let body = ok(&s.post_json(&native("euler_a_karras")));
+    assert_eq!(body["metadata"]["scheduler"], "euler_a_karras");
+    let (_, _, pixels, text) = decode_png(body["image_base64"].as_str().unwrap());
+    let text = text.unwrap();
+    assert!(
+        text.contains("Sampler: Euler a, Schedule type: Karras, Scheduler: euler_a_karras"),
+        "{text}"
+    );
+
+    let (a_pixels, info) = txt2img(&s, &a1111("Euler a", Some("Karras")));
+    assert!(
+        a_pixels == pixels,
+        "A1111 Euler a + Karras differs from euler_a_karras"
+    );
+    assert_eq!(info["sampler_name"], "Euler a");
+    assert_eq!(info["extra_generation_params"]["Schedule type"], "Karras");
+    let infotext = info["infotexts"][0].as_str().unwrap();
+    assert!(
+        infotext.contains("Sampler: Euler a, Schedule type: Karras"),
+        "{infotext}"
+    );
+    // A1111's older one-word name wins over the field, as in A1111.
+    let (one_word, _) = txt2img(&s, &a1111("Euler a Karras", Some("Uniform")));
+    assert!(
+        one_word == pixels,
+        "Euler a Karras differs from euler_a_karras"
+    );
+    // The schedule matters: the uniform one is another image.
+    let (uniform, info) = txt2img(&s, &a1111("Euler a", Some("Uniform")));
+    assert!(
+        uniform != pixels,
+        "Karras and uniform sigmas gave the same image"
+    );
+    assert_eq!(info["extra_generation_params"]["Schedule type"], "Uniform");
+
+    // DPM++ 2M SDE: listed, and its automatic schedule is Karras here.
+    let names: Vec<Value> = s
+        .get("/sdapi/v1/samplers")
+        .json()
+        .as_array()
+        .unwrap()
+        .to_vec();
+    let sde = names
+        .iter()
+        .find(|x| x["name"] == "DPM++ 2M SDE")
+        .unwrap_or_else(|| panic!("no DPM++ 2M SDE in {names:?}"));
+    assert_eq!(sde["options"]["scheduler"], "karras");
+    let body = ok(&s.post_json(&native("dpmpp_2m_sde_karras")));
+    let (_, _, sde_pixels, _) = decode_png(body["image_base64"].as_str().unwrap());
+    let (a_sde, info) = txt2img(&s, &a1111("DPM++ 2M SDE", None));
+    assert!(a_sde == sde_pixels, "DPM++ 2M SDE (automatic) differs");
+    assert_eq!(
+        info["extra_generation_params"]["Schedule type"],
+        "Automatic"
+    );
+    // Samplers without a Karras form say which have one.
+    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111("PLMS", Some("Karras")));
+    assert_eq!(r.status, 422, "{}", r.text());
+    let details = r.json()["details"].as_str().unwrap().to_string();
+    assert!(details.contains("Euler a, Euler, DPM++ 2M"), "{details}");
+}
