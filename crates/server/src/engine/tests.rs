@@ -354,3 +354,83 @@ async fn a_stuck_run_ends_its_job_with_timeout_before_it_returns() {
         "still degraded after the run returned"
     );
 }
+
+/// A fake generator that counts the live ones: a switch must drop the held pipeline before
+/// it loads the next (one pipeline at a time).
+struct Counted(
+    Box<dyn crate::generator::Generator>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
+
+impl crate::generator::Generator for Counted {
+    fn generate(
+        &mut self,
+        p: &GenerationParams,
+        on_step: sdserve_pipeline::pipeline::StepHook,
+    ) -> Result<Vec<sdserve_pipeline::pipeline::RgbImage>, sdserve_pipeline::PipelineError> {
+        self.0.generate(p, on_step)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.1.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_switch_drops_the_held_model_first_and_a_failed_one_brings_the_previous_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let alive = Arc::new(AtomicUsize::new(0));
+    // Live generators each time the switcher is called.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let fake: FakeSpec = "step_ms=0".parse().unwrap();
+    let count = |mut l: crate::generator::Loaded, alive: &Arc<AtomicUsize>, version: String| {
+        alive.fetch_add(1, Ordering::SeqCst);
+        l.generator = Box::new(Counted(l.generator, alive.clone()));
+        l.info.model_version = version;
+        l
+    };
+    let (a, f) = (alive.clone(), fake.clone());
+    let loader: Loader = Box::new(move || Ok(count(f.loader()()?, &a, "default@0".into())));
+    let (a, s) = (alive.clone(), seen.clone());
+    let switcher: crate::generator::Switcher = Box::new(move |name| {
+        s.lock().unwrap().push(a.load(Ordering::SeqCst));
+        match name {
+            Some("bad") => Err("/models/bad.safetensors: not a checkpoint".into()),
+            other => {
+                let version = format!("{}@0", other.unwrap_or("default"));
+                Ok(count(fake.clone().loader()()?, &a, version))
+            }
+        }
+    });
+    let engine = Engine::start_switching(
+        EngineConfig::new(2, Duration::from_secs(30)),
+        loader,
+        Some(switcher),
+        Arc::new(Metrics::default()),
+    );
+    ready(&engine).await;
+    let on = |model: Option<&str>| JobSpec {
+        model: model.map(str::to_string),
+        ..spec(2, Duration::from_secs(30))
+    };
+    let held = |e: &Engine| e.loaded_model().map(|m| (m.name, m.model_version));
+    engine.run(on(None), |_| {}).await.unwrap();
+    assert_eq!(held(&engine), Some((None, "default@0".into())));
+    engine.run(on(Some("b")), |_| {}).await.unwrap();
+    assert_eq!(held(&engine), Some((Some("b".into()), "b@0".into())));
+    // The held model serves without a load.
+    engine.run(on(Some("b")), |_| {}).await.unwrap();
+    let err = engine.run(on(Some("bad")), |_| {}).await.unwrap_err();
+    let ApiError::ModelUnavailable(why) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(why.contains("\"bad\"") && !why.contains("/models"), "{why}");
+    assert_eq!(held(&engine), Some((Some("b".into()), "b@0".into())));
+    engine.run(on(None), |_| {}).await.unwrap();
+    assert_eq!(held(&engine), Some((None, "default@0".into())));
+    // Loads: b, bad, b again, the default: never with another generator alive.
+    assert_eq!(*seen.lock().unwrap(), [0, 0, 0, 0]);
+    assert_eq!(alive.load(Ordering::SeqCst), 1);
+}
