@@ -2,7 +2,7 @@
 """Reference numbers for the Heun, DPM2, DPM2 ancestral and LCM schedulers (diffusers 0.42.1,
 torch 2.11.0): HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
 LCMScheduler. Runs after tools/make_tiny_models.py and tools/make_img2img_fixtures.py (reads
-tiny-a/ and images/init-32x32.png).
+tiny-a/, images/init-32x32.png and images/mask-32x32.png).
 
 Writes crates/pipeline/tests/fixtures/samplers.safetensors and samplers.json:
 
@@ -16,7 +16,8 @@ Writes crates/pipeline/tests/fixtures/samplers.safetensors and samplers.json:
    `<prefix>.<steps>.from<b>.*`: the same run begun at `set_begin_index(b)` on the sample
    `add_noise(randn(SAMPLE_SEED), randn(SAMPLE_SEED + 1), timesteps[b])` (img2img's start).
 2. Images: `image.<case>` [batch, H, W, 3] u8 from StableDiffusionPipeline /
-   StableDiffusionImg2ImgPipeline on tiny-a (one generator per image, seed + i).
+   StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline on tiny-a (one generator per
+   image, seed + i).
 
 Run from the repository root: python3 tools/make_sampler_fixtures.py
 """
@@ -81,8 +82,15 @@ IMAGES = {
     "tiny-a.img2img.heun.0.75": dict(scheduler="heun", strength=0.75),
     "tiny-a.img2img.dpm2_a.0.6.batch": dict(scheduler="dpm2_a", strength=0.6, batch_size=2),
     "tiny-a.img2img.lcm.0.5": dict(scheduler="lcm", steps=6, strength=0.5, guidance_scale=1.0),
+    # Inpainting with the 4-channel UNet: the known region is noised to the next entry of the
+    # interleaved timesteps after every UNet evaluation (add_noise by step index).
+    "tiny-a.inpaint.heun.0.75": dict(scheduler="heun", strength=0.75, mask=True),
+    "tiny-a.inpaint.dpm2_a.1.0": dict(scheduler="dpm2_a", steps=6, strength=1.0, mask=True),
+    "tiny-a.inpaint.lcm.0.75": dict(scheduler="lcm", steps=6, strength=0.75, guidance_scale=1.0,
+                                    mask=True),
 }
 INIT_IMAGE = "init-32x32.png"
+MASK_IMAGE = "mask-32x32.png"
 
 
 def randn(seed):
@@ -158,11 +166,14 @@ def image_fixtures(tensors):
     own = dict(txt.scheduler.config)
     img = diffusers.StableDiffusionImg2ImgPipeline(**txt.components)
     img.set_progress_bar_config(disable=True)
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**txt.components)
+    inpaint.set_progress_bar_config(disable=True)
     init = Image.open(os.path.join(OUT, "images", INIT_IMAGE)).convert("RGB")
+    mask = Image.open(os.path.join(OUT, "images", MASK_IMAGE))
     cases = {}
     for label, over in IMAGES.items():
-        r = {**BASE["tiny-a"], "strength": None, "batch_size": 1, **over}
-        pipe = txt if r["strength"] is None else img
+        r = {**BASE["tiny-a"], "strength": None, "batch_size": 1, "mask": False, **over}
+        pipe = txt if r["strength"] is None else inpaint if r["mask"] else img
         cls, extra, _ = SAMPLERS[r["scheduler"]]
         pipe.scheduler = getattr(diffusers, cls).from_config(own, **extra)
         n = r["batch_size"]
@@ -178,13 +189,16 @@ def image_fixtures(tensors):
         else:
             assert init.size == (r["width"], r["height"])
             kwargs.update(image=init, strength=r["strength"])
+            if r["mask"]:
+                kwargs.update(mask_image=mask, width=r["width"], height=r["height"])
         out = to_u8(pipe(**kwargs).images)
         assert out.shape == (n, r["height"], r["width"], 3), out.shape
         assert float(out.float().std()) > 2.0 and len(torch.unique(out)) > 20, f"{label} is flat"
         tensors[f"image.{label}"] = out
-        cases[label] = dict(r, model="tiny-a", mode="txt2img" if r["strength"] is None else "img2img",
+        mode = "txt2img" if r["strength"] is None else "inpaint" if r["mask"] else "img2img"
+        cases[label] = dict(r, model="tiny-a", mode=mode,
                             init_image=None if r["strength"] is None else INIT_IMAGE,
-                            mask_image=None, unet_timesteps=evaluations)
+                            mask_image=MASK_IMAGE if r["mask"] else None, unet_timesteps=evaluations)
         print(f"{label}: {len(evaluations)} UNet evaluations, mean {out.float().mean():.1f}")
     return cases
 

@@ -1,7 +1,9 @@
 //! Heun, DPM2, DPM2 a and LCM end to end on the tiny-a pipeline against diffusers'
 //! StableDiffusionPipeline / StableDiffusionImg2ImgPipeline (fixtures from
 //! `tools/make_sampler_fixtures.py`): text-to-image with each, image-to-image with Heun, with
-//! DPM2 a on a batch of two (its noise per image, from each image's generator) and with LCM.
+//! DPM2 a on a batch of two (its noise per image, from each image's generator) and with LCM, and
+//! 4-channel inpainting (the known region noised after every UNet evaluation) with Heun, DPM2 a
+//! and LCM.
 
 mod common;
 
@@ -22,14 +24,14 @@ fn images_match_diffusers() {
     let f = Fixtures::load("samplers");
     let model = tiny_a();
     let cases = f.meta["cases"].as_object().unwrap();
-    assert!(cases.len() >= 7);
+    assert!(cases.len() >= 10);
     let mut failures = Vec::new();
     for (label, case) in cases {
         let params = GenerationParams {
             batch_size: case["batch_size"].as_u64().unwrap() as usize,
             init_image: case["init_image"].as_str().map(|name| InitImage {
                 image: read_png(name),
-                mask: None,
+                mask: case["mask_image"].as_str().map(read_png),
                 strength: case["strength"].as_f64().unwrap(),
             }),
             ..request_params(case)
