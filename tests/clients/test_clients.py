@@ -158,7 +158,9 @@ class A1111(Timed):
         self.api.util_wait_for_ready(check_interval=0.1)  # returns at once when idle
         names = self.api.util_get_sampler_names()
         self.assertEqual(
-            names, sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "DDIM", "PLMS", "LMS", "UniPC"])
+            names,
+            sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "DDIM", "PLMS", "LMS",
+                    "UniPC", "Heun", "DPM2", "DPM2 a", "LCM"]),
         )
         self.assertIn("Karras", [s["label"] for s in self.api.get_schedulers()])
         models = self.api.util_get_model_names()
@@ -268,6 +270,8 @@ class A1111(Timed):
             ("DPM++ 2M", "Karras", "dpmpp_2m_karras", 2),
             ("DPM++ 2M Karras", None, "dpmpp_2m_karras", 1),
             ("Euler a", None, "euler_a", 1),
+            ("Euler a", "Karras", "euler_a_karras", 2),
+            ("DPM++ 2M SDE", None, "dpmpp_2m_sde_karras", 1),
             ("PLMS", None, "pndm", 1),
         ]:
             r = self.api.txt2img(
@@ -295,6 +299,8 @@ class A1111(Timed):
                 self.assertEqual(meta["scheduler"], native_name)
                 self.assertEqual(pixels(img), pixels(want), f"{sampler} seed {seed}")
                 self.assertIn(f"Seed: {seed}", infotext)
+                if native_name.endswith("_karras"):
+                    self.assertIn("Schedule type: Karras", infotext)
 
     def test_batch_size(self):
         if "batch_size" not in native_fields():
