@@ -284,6 +284,13 @@ fn bad_step_counts_and_configs_are_errors() {
         "KDPM2 has no sample prediction"
     );
     assert!(dpm2::KDpm2Ancestral::new(&sample, 5).is_err());
+    for key in ["use_exponential_sigmas", "use_beta_sigmas"] {
+        let other = f.scheduler_config(&serde_json::json!({ key: true }));
+        let err = heun::HeunDiscrete::new(&other, 5).err().expect(key);
+        assert!(err.to_string().contains(key), "{err}");
+        assert!(dpm2::KDpm2::new(&other, 5).is_err(), "{key}");
+        assert!(dpm2::KDpm2Ancestral::new(&other, 5).is_err(), "{key}");
+    }
     let thresholding = f.scheduler_config(&serde_json::json!({"thresholding": true}));
     assert!(lcm::Lcm::new(&thresholding, 4).is_err());
 }

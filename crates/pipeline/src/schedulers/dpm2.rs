@@ -44,7 +44,7 @@ impl Common {
                 "KDPM2 schedulers support prediction_type epsilon or v_prediction",
             ));
         }
-        let s = step_schedule(&r, n, karras)?;
+        let s = step_schedule(cfg, &r, n, karras)?;
         // Karras timesteps are `_sigma_to_t(...).round()` in float64; the others float32.
         let timesteps = s
             .timesteps

@@ -45,7 +45,7 @@ impl HeunDiscrete {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
         let karras = cfg.use_karras_sigmas.unwrap_or(false);
-        let s = step_schedule(&r, num_inference_steps, karras)?;
+        let s = step_schedule(cfg, &r, num_inference_steps, karras)?;
         // Heun keeps its timesteps as float32, Karras ones included.
         let timesteps: Vec<f64> = s.timesteps.iter().map(|&t| t as f32 as f64).collect();
         let sigmas = {

@@ -6,6 +6,7 @@
 use candle_core::Tensor;
 
 use super::common::{self, ResolvedConfig};
+use super::SchedulerConfig;
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
 
@@ -22,7 +23,22 @@ pub(super) struct StepSchedule {
 
 /// The timesteps and sigmas of `n` steps (`use_karras_sigmas` when `karras`), as Heun's and
 /// KDPM2's `set_timesteps` compute them (`sigma_min`/`sigma_max` are not keys of these classes).
-pub(super) fn step_schedule(r: &ResolvedConfig, n: usize, karras: bool) -> Result<StepSchedule> {
+pub(super) fn step_schedule(
+    cfg: &SchedulerConfig,
+    r: &ResolvedConfig,
+    n: usize,
+    karras: bool,
+) -> Result<StepSchedule> {
+    // The classes also offer exponential and beta sigmas; a file asking for them would
+    // otherwise get linear ones without a word.
+    for (key, on) in [
+        ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+        ("use_beta_sigmas", cfg.use_beta_sigmas),
+    ] {
+        if on == Some(true) {
+            return Err(common::config_error(format!("{key} is not supported")));
+        }
+    }
     let ac = r.alphas_cumprod()?;
     let train_sigmas = common::sigmas_from_alphas_cumprod(&ac);
     let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();

@@ -401,6 +401,9 @@ pub struct SchedulerConfig {
     pub disable_corrector: Option<Vec<usize>>,
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
+    /// Exponential / beta sigma schedules: refused where a class has them (not implemented).
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,
 }
