@@ -358,6 +358,8 @@ pub struct GenerateArgs {
     pub strength: Option<f64>,
     #[arg(long = "mask")]
     pub mask_image: Option<PathBuf>,
+    #[arg(long)]
+    pub tiling: bool,
     /// The hires fix: any `--hires-*` flag asks for the second pass (the native `hires` object).
     #[command(flatten)]
     pub hires: HiresArgs,
@@ -446,6 +448,10 @@ fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "mask_image",
             "Inpainting, with --init-image: a mask of the same size, white = repaint, black = keep [default: none]".to_string(),
+        ),
+        (
+            "tiling",
+            "Seamless texture: the image continues across its edges (A1111's tiling: circular padding in every convolution)".to_string(),
         ),
         (
             "hires_width",

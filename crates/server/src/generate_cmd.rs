@@ -45,6 +45,7 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         ("scheduler", a.scheduler.as_ref().map(|v| json!(v))),
         ("batch_size", a.batch_size.map(|v| json!(v))),
         ("strength", a.strength.map(|v| json!(v))),
+        ("tiling", a.tiling.then_some(json!(true))),
     ];
     for (k, v) in opt {
         if let Some(v) = v {
@@ -300,6 +301,27 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiling_flag_is_the_native_tiling_field() {
+        use clap::FromArgMatches;
+        let parse = |extra: &[&str]| {
+            let args = ["sdserve", "generate", "--prompt", "wall"]
+                .iter()
+                .chain(extra);
+            let cli = crate::cli::Cli::from_arg_matches(
+                &crate::cli::command().try_get_matches_from(args).unwrap(),
+            )
+            .unwrap();
+            let crate::cli::Command::Generate(a) = cli.command else {
+                panic!("generate")
+            };
+            let body = request_json(&a).unwrap();
+            crate::validate::parse_generate(body.to_string().as_bytes()).unwrap()
+        };
+        assert!(parse(&["--tiling"]).tiling);
+        assert!(!parse(&[]).tiling);
+    }
 
     #[test]
     fn batch_images_go_to_numbered_files() {

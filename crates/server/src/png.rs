@@ -49,8 +49,10 @@ pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
         sdserve_pipeline::pipeline::PromptSyntax::A1111 => "",
         sdserve_pipeline::pipeline::PromptSyntax::Plain => ", Prompt syntax: plain",
     };
+    // A1111 writes `Tiling: True` for a tiling run and nothing otherwise.
+    let tiling = if p.tiling { ", Tiling: True" } else { "" };
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{clip_skip}{syntax}, Model: {model_version}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{clip_skip}{syntax}{tiling}, Model: {model_version}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,

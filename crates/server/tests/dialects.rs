@@ -8,6 +8,8 @@ mod common;
 mod hires;
 #[path = "dialects/openai.rs"]
 mod openai;
+#[path = "dialects/tiling.rs"]
+mod tiling;
 
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,7 @@
 //! `W[cout, cin*kh*kw] x col[cin*kh*kw, tile]` straight into the NCHW output. 1x1 stride-1
 //! convolutions skip the im2col copy entirely: the input plane already is the right matrix.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -62,6 +62,50 @@ const MIN_TILE_PIXELS: usize = 64;
 
 thread_local! {
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Whether [`Conv2d`]s on this thread pad circularly (see [`circular_padding`]).
+    static CIRCULAR: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Switches circular padding on or off for every [`Conv2d`] run on this thread until the guard
+/// drops (also while unwinding from a panic), when the setting goes back to what it was.
+/// A1111's `tiling` (seamless textures) sets torch's `padding_mode="circular"` on every Conv2d of
+/// the UNet and the VAE for one run; a run-scoped setting does the same without threading a flag
+/// through every forward. Per thread, because a pipeline runs on its caller's thread and other
+/// threads may run other requests meanwhile.
+#[must_use = "circular padding ends when the guard drops"]
+pub fn circular_padding(on: bool) -> CircularPadding {
+    CircularPadding {
+        previous: CIRCULAR.with(|c| c.replace(on)),
+    }
+}
+
+/// Whether circular padding is on for this thread (see [`circular_padding`]).
+pub fn circular_padding_on() -> bool {
+    CIRCULAR.with(Cell::get)
+}
+
+/// Restores the thread's padding mode when dropped; from [`circular_padding`].
+#[derive(Debug)]
+pub struct CircularPadding {
+    previous: bool,
+}
+
+impl Drop for CircularPadding {
+    fn drop(&mut self) {
+        CIRCULAR.with(|c| c.set(self.previous));
+    }
+}
+
+/// `x` (`[B, C, H, W]`) with `p` rows and columns of the opposite edge added on each side:
+/// torch's `F.pad(x, (p, p, p, p), mode="circular")`, which a circular-mode Conv2d applies before
+/// convolving with padding 0. Plain tensor ops, so it runs on every device.
+pub fn wrap_pad(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if p > h || p > w {
+        candle_core::bail!("circular padding {p} is larger than the input {h}x{w}");
+    }
+    let x = Tensor::cat(&[&x.narrow(3, w - p, p)?, x, &x.narrow(3, 0, p)?], 3)?;
+    Tensor::cat(&[&x.narrow(2, h - p, p)?, &x, &x.narrow(2, 0, p)?], 2)
 }
 
 /// Fills `col[(ci*kh + ky)*kw + kx][j]` for output pixels `p0 + j` of one image.
@@ -239,15 +283,15 @@ impl Conv2d {
         &self.weight
     }
 
-    fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn candle_forward(&self, x: &Tensor, padding: usize) -> Result<Tensor> {
         let algo = if x.device().is_cpu() {
             None
         } else {
             cudnn_algo()
         };
-        let y = match super::cuda::conv2d(x, &self.weight, self.stride, self.padding)? {
+        let y = match super::cuda::conv2d(x, &self.weight, self.stride, padding)? {
             Some(y) => y,
-            None => x.conv2d_with_algo(&self.weight, self.padding, self.stride, 1, 1, algo)?,
+            None => x.conv2d_with_algo(&self.weight, padding, self.stride, 1, 1, algo)?,
         };
         match &self.bias {
             Some(b) if !y.device().is_cpu() && y.rank() == 4 => {
@@ -291,18 +335,28 @@ fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padding > 0 && circular_padding_on() {
+            return self.forward_padded(&wrap_pad(x, self.padding)?, 0);
+        }
+        self.forward_padded(x, self.padding)
+    }
+}
+
+impl Conv2d {
+    /// The convolution with `padding` zeros on each side (the layer's own, or 0 after a wrap).
+    fn forward_padded(&self, x: &Tensor, padding: usize) -> Result<Tensor> {
         if x.dtype() != DType::F32
             || self.weight.dtype() != DType::F32
             || !matches!(x.device(), Device::Cpu)
         {
-            return self.candle_forward(x);
+            return self.candle_forward(x, padding);
         }
         let (batch, cin, h, w) = x.dims4()?;
         let (cout, wcin, kh, kw) = self.weight.dims4()?;
         if wcin != cin {
             candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin}");
         }
-        if h + 2 * self.padding < kh || w + 2 * self.padding < kw {
+        if h + 2 * padding < kh || w + 2 * padding < kw {
             candle_core::bail!("conv2d: input {h}x{w} smaller than kernel {kh}x{kw}");
         }
         let s = ConvShape {
@@ -314,7 +368,7 @@ impl Module for Conv2d {
             kh,
             kw,
             stride: self.stride,
-            padding: self.padding,
+            padding,
         };
         let x = x.contiguous()?;
         // Borrow the storage rather than copying it out.
@@ -369,6 +423,17 @@ mod tests {
 
     /// Plain reference: six nested loops.
     fn reference(x: &[f32], w: &[f32], bias: &[f32], s: &ConvShape) -> Vec<f32> {
+        reference_with(x, w, bias, s, false)
+    }
+
+    /// The loops with zero padding, or (`circular`) reading the padding from the opposite edge.
+    fn reference_with(
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        s: &ConvShape,
+        circular: bool,
+    ) -> Vec<f32> {
         let (oh, ow) = (s.out_h(), s.out_w());
         let mut out = vec![0f32; s.batch * s.cout * oh * ow];
         for b in 0..s.batch {
@@ -379,8 +444,12 @@ mod tests {
                         for ci in 0..s.cin {
                             for ky in 0..s.kh {
                                 for kx in 0..s.kw {
-                                    let iy = (oy * s.stride + ky) as isize - s.padding as isize;
-                                    let ix = (ox * s.stride + kx) as isize - s.padding as isize;
+                                    let mut iy = (oy * s.stride + ky) as isize - s.padding as isize;
+                                    let mut ix = (ox * s.stride + kx) as isize - s.padding as isize;
+                                    if circular {
+                                        iy = iy.rem_euclid(s.h as isize);
+                                        ix = ix.rem_euclid(s.w as isize);
+                                    }
                                     if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize
                                     {
                                         continue;
@@ -459,9 +528,76 @@ mod tests {
             let im2col = Tensor::from_vec(im2col, want.dims(), &dev)?;
             let d = max_abs_diff(&im2col, &want);
             assert!(d < 1e-4, "{s:?}: im2col path diff {d}");
-            let d = max_abs_diff(&got, &conv.candle_forward(&x)?);
+            let d = max_abs_diff(&got, &conv.candle_forward(&x, padding)?);
             assert!(d < 1e-4, "{s:?}: candle diff {d}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn circular_padding_wraps_the_input_while_its_guard_lives() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::TorchRng::new(7);
+        let mut randn = |shape: &[usize]| rng.randn_tensor(shape, &dev, DType::F32).unwrap();
+        // 3x3 same (im2col and Winograd-sized maps), stride-2 downsampling, and a 1x1 (no padding).
+        for (cin, h, w, cout, k, stride, padding) in [
+            (3, 6, 5, 4, 3, 1, 1),
+            (4, 12, 12, 3, 3, 1, 1),
+            (2, 8, 8, 3, 3, 2, 1),
+            (3, 5, 7, 2, 1, 1, 0),
+        ] {
+            let s = ConvShape {
+                batch: 2,
+                cin,
+                h,
+                w,
+                cout,
+                kh: k,
+                kw: k,
+                stride,
+                padding,
+            };
+            let x = randn(&[2, cin, h, w]);
+            let wt = randn(&[cout, cin, k, k]);
+            let bias = randn(&[cout]);
+            let conv = Conv2d::new(wt.clone(), Some(bias.clone()), stride, padding);
+            let (xs, ws, bs) = (
+                x.flatten_all()?.to_vec1()?,
+                wt.flatten_all()?.to_vec1()?,
+                bias.to_vec1()?,
+            );
+            let dims = (2, cout, s.out_h(), s.out_w());
+            let circular = Tensor::from_vec(reference_with(&xs, &ws, &bs, &s, true), dims, &dev)?;
+            let zeros = Tensor::from_vec(reference_with(&xs, &ws, &bs, &s, false), dims, &dev)?;
+            {
+                let _on = circular_padding(true);
+                let got = conv.forward(&x)?;
+                assert!(max_abs_diff(&got, &circular) < 1e-4, "{s:?}: circular");
+                // candle's path (other devices) wraps the same way.
+                let via_candle = conv.candle_forward(&wrap_pad(&x, padding)?, 0)?;
+                assert!(max_abs_diff(&via_candle, &circular) < 1e-4, "{s:?}");
+                // A guard inside another restores the outer setting.
+                drop(circular_padding(false));
+                assert!(circular_padding_on());
+            }
+            assert!(
+                max_abs_diff(&conv.forward(&x)?, &zeros) < 1e-4,
+                "{s:?}: zeros after"
+            );
+            if padding > 0 {
+                assert!(
+                    max_abs_diff(&circular, &zeros) > 1e-2,
+                    "{s:?}: padding matters"
+                );
+            }
+        }
+        // A panic inside the scope still turns it off.
+        let unwound = std::panic::catch_unwind(|| {
+            let _on = circular_padding(true);
+            panic!("a failing run");
+        });
+        assert!(unwound.is_err());
+        assert!(!circular_padding_on());
         Ok(())
     }
 
@@ -473,7 +609,7 @@ mod tests {
         let xv = x.narrow(1, 1, 4)?;
         let wt = Tensor::randn(0f32, 1.0, (3, 4, 3, 3), &dev)?;
         let conv = Conv2d::new(wt, None, 1, 1);
-        let d = max_abs_diff(&conv.forward(&xv)?, &conv.candle_forward(&xv)?);
+        let d = max_abs_diff(&conv.forward(&xv)?, &conv.candle_forward(&xv, 1)?);
         assert!(d < 1e-4, "{d}");
         Ok(())
     }

@@ -31,11 +31,15 @@ impl StableDiffusion {
     }
 
     /// One VAE decode of `z` (already divided by the scaling factor), tiled when the plan says so
-    /// and the latent is larger than a tile.
+    /// and the latent is larger than a tile. Not under circular padding (`tiling`): each tile
+    /// would wrap onto its own edges instead of the image's, so the image is decoded whole.
     fn decode_with(&self, vae: &AutoencoderKlDecoder, z: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = z.dims4()?;
         match self.plan.vae_tiling {
-            Some(t) if h > t.tile_latent || w > t.tile_latent => {
+            Some(t)
+                if (h > t.tile_latent || w > t.tile_latent)
+                    && !crate::kernels::conv::circular_padding_on() =>
+            {
                 crate::memory::tiling::decode_tiled(z, t, self.vae_scale_factor, |tile| {
                     vae.decode(tile)
                 })

@@ -188,9 +188,12 @@ impl StableDiffusion {
         }
         images
             .iter()
+            // Whole under circular padding (`tiling`), as in `decode_with`.
             .map(|image| match self.plan.vae_tiling {
-                Some(t) => encoder.encode_tiled(image, t, self.vae_scale_factor),
-                None => encoder.encode(image),
+                Some(t) if !crate::kernels::conv::circular_padding_on() => {
+                    encoder.encode_tiled(image, t, self.vae_scale_factor)
+                }
+                _ => encoder.encode(image),
             })
             .collect()
     }

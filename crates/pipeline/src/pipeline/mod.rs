@@ -139,6 +139,9 @@ impl StableDiffusion {
         tracker: &mut MemoryTracker,
     ) -> Result<Vec<RgbImage>> {
         self.check_inputs(params)?;
+        // Every convolution of this run (UNet, VAE; on this thread) pads as asked, until the
+        // run returns or unwinds.
+        let _padding = crate::kernels::conv::circular_padding(params.tiling);
         // Held for the whole run: no other run changes the merged weights under this one.
         let _loras = self.sync_loras(&params.loras)?;
         // The hires pass's rules and schedule first: nothing runs for a request that fails them.

@@ -33,6 +33,9 @@ pub struct GenerationParams {
     pub init_image: Option<InitImage>,
     /// Text-to-image only: A1111's hires fix, a second pass at a larger size.
     pub hires: Option<Hires>,
+    /// A1111's `tiling` (seamless textures): every convolution of the UNet and the VAE pads
+    /// circularly (torch's `padding_mode="circular"`), so the image wraps at its edges.
+    pub tiling: bool,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -55,6 +58,7 @@ impl Default for GenerationParams {
             clip_skip: 1,
             loras: Vec::new(),
             hires: None,
+            tiling: false,
         }
     }
 }

@@ -208,6 +208,10 @@ pub struct GenerateRequest {
     /// string within it is still no model unless the folder has it).
     #[schema(nullable = true, min_length = 1, example = "dreamshaper_8.safetensors")]
     pub model: Option<String>,
+    /// Seamless textures (A1111's `tiling`): every convolution of the UNet and the VAE pads
+    /// circularly, so the image continues across its edges and tiles without seams.
+    #[schema(default = false, nullable = true)]
+    pub tiling: Option<bool>,
 }
 
 /// The hires fix's second pass: the target is `width` and `height`, or `scale` (one of the
@@ -331,6 +335,10 @@ pub struct GenerateMetadata {
     /// With the hires fix: its second pass, whose size the images have; null without.
     #[serde(default)]
     pub hires: Option<HiresMetadata>,
+    /// Whether the image was made to tile (`tiling`). False in results an older version
+    /// recorded.
+    #[serde(default)]
+    pub tiling: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -286,6 +286,7 @@ pub(crate) fn job_spec(
             "prompt": h.params.prompt,
             "negative_prompt": h.params.negative_prompt,
         })),
+        "tiling": params.tiling,
     });
     let mut png_texts = crate::png::batch_texts(&params, &info.model_version);
     if let Some(h) = &req.hires {

@@ -266,6 +266,7 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 prompt: h.prompt.clone(),
                 negative_prompt: h.negative_prompt.clone(),
             }),
+            tiling: p.tiling,
         },
     }
 }

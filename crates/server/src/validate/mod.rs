@@ -45,7 +45,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 17] = [
+pub const FIELDS: [&str; 18] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -63,6 +63,7 @@ pub const FIELDS: [&str; 17] = [
     "mask_image",
     "hires",
     "model",
+    "tiling",
 ];
 /// The longest model name a request may give (a file or folder name).
 pub const MODEL_NAME_MAX_CHARS: usize = 255;
@@ -103,6 +104,8 @@ pub struct ValidRequest {
     /// once resolved (`api::request::named_model`), the MODELS_DIR model it runs on, `None`
     /// for the default model.
     pub model: Option<String>,
+    /// A1111's `tiling`: the image wraps at its edges (circular padding in every convolution).
+    pub tiling: bool,
 }
 
 impl ValidRequest {
@@ -134,6 +137,7 @@ impl ValidRequest {
                 strength: self.strength,
             }),
             hires: self.hires.as_ref().map(|h| h.params.clone()),
+            tiling: self.tiling,
         }
     }
 }
@@ -313,6 +317,9 @@ pub fn validate_request(
         };
         native_hires::read(v, &first, &mut r)
     });
+    let tiling = r.with("tiling", |v| {
+        v.as_bool().ok_or_else(|| "must be true or false".into())
+    });
     r.finish()?;
     // With an init image the size defaults to its own, floored to the multiple and clamped.
     let side = |given: Option<u64>, of_image: Option<u32>| match (given, of_image) {
@@ -351,6 +358,7 @@ pub fn validate_request(
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
         hires: None,
         model,
+        tiling: tiling.unwrap_or(false),
     };
     if let Some(read) = hires {
         valid.hires = Some(native_hires::build(&read, &valid)?);

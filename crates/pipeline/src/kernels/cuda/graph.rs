@@ -12,7 +12,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Device, Result, Tensor};
 
 pub(super) struct Graphed {
-    key: Vec<(Vec<usize>, DType)>,
+    key: Key,
     inputs: Vec<Tensor>,
     output: Tensor,
     graph: Option<CudaGraph>,
@@ -35,11 +35,17 @@ impl Drop for Graphed {
     }
 }
 
-fn key(inputs: &[&Tensor]) -> Vec<(Vec<usize>, DType)> {
-    inputs
+/// What a capture holds fixed: the inputs' shapes and dtypes, and the convolutions' padding
+/// mode (circular padding adds wrap copies and changes every padded convolution's shape), so a
+/// tiling step never replays a plain capture or the reverse.
+type Key = (Vec<(Vec<usize>, DType)>, bool);
+
+fn key(inputs: &[&Tensor]) -> Key {
+    let shapes = inputs
         .iter()
         .map(|t| (t.dims().to_vec(), t.dtype()))
-        .collect()
+        .collect();
+    (shapes, crate::kernels::conv::circular_padding_on())
 }
 
 /// What [`run`] did, for the caller's fallback and log line.

@@ -95,6 +95,10 @@ pub struct A1111Request {
     pub hr_negative_prompt: Option<String>,
     /// img2img: inpainting mask, white = repaint.
     pub mask: Option<String>,
+    /// Seamless textures: the native `tiling` (circular padding in every convolution of the
+    /// UNet and the VAE, as A1111's); the infotext says `Tiling: True`.
+    #[schema(default = false, nullable = true)]
+    pub tiling: Option<bool>,
     /// `CLIP_stop_at_last_layers` is the native `clip_skip`; `sd_model_checkpoint` naming another
     /// model falls back to the loaded one (as A1111 does).
     #[schema(value_type = Object)]

@@ -59,7 +59,7 @@ pub const FIELD_NAMES: [(&str, &str); 7] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 27] = [
+const USED: [&str; 28] = [
     "enable_hr",
     "hr_scale",
     "hr_resize_x",
@@ -87,6 +87,7 @@ const USED: [&str; 27] = [
     "mask",
     "override_settings",
     "inpainting_mask_invert",
+    "tiling",
 ];
 
 /// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
@@ -262,6 +263,11 @@ pub fn translate(
             }
             native.insert("mask_image".into(), mask.clone());
         }
+    }
+
+    // `tiling` is the native field of the same name (A1111: circular padding in every Conv2d).
+    if let Some(v) = get(body, "tiling") {
+        native.insert("tiling".into(), v.clone());
     }
 
     let enable_hr = match get(body, "enable_hr") {

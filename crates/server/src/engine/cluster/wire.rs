@@ -149,6 +149,9 @@ pub struct WireSpec {
     /// The hires pass (absent from older replicas' jobs: none).
     #[serde(default)]
     hires: Option<WireHires>,
+    /// Circular padding (absent from older replicas' jobs: off).
+    #[serde(default)]
+    tiling: bool,
     request: serde_json::Value,
     png_texts: Vec<String>,
     model_version: String,
@@ -185,6 +188,7 @@ impl WireSpec {
                 )
             }),
             hires: p.hires.as_ref().map(WireHires::of),
+            tiling: p.tiling,
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             model_version: s.model_version.clone(),
@@ -235,6 +239,7 @@ impl WireSpec {
                 batch_size: self.batch_size,
                 init_image,
                 hires: self.hires.as_ref().map(WireHires::hires).transpose()?,
+                tiling: self.tiling,
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),
