@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use sdserve_pipeline::pipeline::{seed_of_image, StepProgress};
+use sdserve_pipeline::pipeline::StepProgress;
 use serde_json::{json, Map, Value};
 
 use crate::cli::GenerateArgs;
@@ -287,7 +287,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
             path.display(),
             img.width,
             img.height,
-            seed_of_image(seed, i)
+            params.image_seed(i)
         );
     }
     eprintln!(

@@ -268,7 +268,10 @@ impl Generator for FakeGenerator {
         let images = (0..p.batch_size.max(1))
             .map(|i| {
                 let one = GenerationParams {
-                    seed: sdserve_pipeline::pipeline::seed_of_image(p.seed, i),
+                    seed: p.image_seed(i),
+                    variation: p.image_variation(i).map(|(seed, strength)| {
+                        sdserve_pipeline::pipeline::Variation { seed, strength }
+                    }),
                     batch_size: 1,
                     ..p.clone()
                 };

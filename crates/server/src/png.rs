@@ -1,7 +1,7 @@
 //! PNG encoding with the generation parameters in a `parameters` tEXt chunk (AUTOMATIC1111 style,
 //! which image viewers and UIs such as A1111/ComfyUI read back).
 
-use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage};
+use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage, Variation};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
 /// A1111's names for a scheduler: its sampler (`DPM++ 2M`) and, for the samplers that have a
@@ -51,8 +51,15 @@ pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
     };
     // A1111 writes `Tiling: True` for a tiling run and nothing otherwise.
     let tiling = if p.tiling { ", Tiling: True" } else { "" };
+    // A1111 writes these only for a non-zero strength; the seed is this image's.
+    let variation = p
+        .image_variation(0)
+        .map(|(seed, strength)| {
+            format!(", Variation seed: {seed}, Variation seed strength: {strength}")
+        })
+        .unwrap_or_default();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{clip_skip}{syntax}{tiling}, Model: {model_version}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{clip_skip}{syntax}{tiling}, Model: {model_version}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,
@@ -78,7 +85,11 @@ pub fn batch_texts(p: &GenerationParams, model_version: &str) -> Vec<String> {
     (0..p.batch_size.max(1))
         .map(|i| {
             let one = GenerationParams {
-                seed: seed_of_image(p.seed, i),
+                seed: p.image_seed(i),
+                variation: p.variation.map(|v| Variation {
+                    seed: seed_of_image(v.seed, i),
+                    ..v
+                }),
                 ..p.clone()
             };
             parameters_text(&one, model_version)

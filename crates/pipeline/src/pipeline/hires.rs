@@ -208,7 +208,7 @@ impl StableDiffusion {
         let shape = (1, self.vae_latent_channels, h / f, w / f);
         // diffusers' generators again, seeded as the first pass's (A1111's `ImageRNG(seeds)`).
         let mut rngs: Vec<TorchRng> = (0..first.batch_size)
-            .map(|i| TorchRng::new(images_in::seed_of_image(first.seed, i)))
+            .map(|i| TorchRng::new(first.image_seed(i)))
             .collect();
         let start = if hires.upscaler.on_image() {
             let mut images = Vec::with_capacity(latents.dim(0)?);

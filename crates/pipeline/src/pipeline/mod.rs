@@ -32,6 +32,7 @@ mod load;
 mod memory_levers;
 mod params;
 mod prepare;
+mod variation;
 mod weight_files;
 
 pub use adapters::{LoraDeltaStats, DEFAULT_LORA_DELTA_LIMIT};
@@ -40,6 +41,7 @@ pub use encode_prompt::Conditioning;
 pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
+pub use variation::{image_noise, slerp, Variation};
 pub use weight_files::component_weight_files;
 
 /// A loaded Stable Diffusion model: everything `generate` needs, read from a diffusers folder.
@@ -155,7 +157,7 @@ impl StableDiffusion {
         let total = first_steps + second.as_ref().map_or(0, |s| s.steps());
         // diffusers' list of generators: one per image, seeded seed + i.
         let mut rngs: Vec<TorchRng> = (0..params.batch_size)
-            .map(|i| TorchRng::new(seed_of_image(params.seed, i)))
+            .map(|i| TorchRng::new(params.image_seed(i)))
             .collect();
         let start = match &params.init_image {
             None => images_in::Start {
@@ -213,6 +215,11 @@ impl StableDiffusion {
             ));
         }
         self.check_image_inputs(params)?;
+        if params.varies() && params.init_image.is_some() {
+            return Err(PipelineError::InvalidRequest(
+                "a variation seed is for text-to-image only".into(),
+            ));
+        }
         // diffusers requires multiples of 8; the latent grid also needs whole VAE cells.
         let multiple = self.vae_scale_factor.max(8);
         for (name, value) in [("width", params.width), ("height", params.height)] {

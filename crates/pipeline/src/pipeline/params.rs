@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
-use super::{Hires, InitImage};
+use super::{Hires, InitImage, Variation};
 use crate::schedulers::SchedulerKind;
 
 /// What one request asks of the pipeline (already validated by the caller). New fields keep a
@@ -36,6 +36,9 @@ pub struct GenerationParams {
     /// A1111's `tiling` (seamless textures): every convolution of the UNet and the VAE pads
     /// circularly (torch's `padding_mode="circular"`), so the image wraps at its edges.
     pub tiling: bool,
+    /// A1111's variation seed (`subseed`, `subseed_strength`): text-to-image's starting noise
+    /// bent towards a second seed's. See [`image_seed`](Self::image_seed).
+    pub variation: Option<Variation>,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -59,11 +62,35 @@ impl Default for GenerationParams {
             loras: Vec::new(),
             hires: None,
             tiling: false,
+            variation: None,
         }
     }
 }
 
 impl GenerationParams {
+    /// Whether a variation seed changes the noise (a strength of 0 changes nothing).
+    pub fn varies(&self) -> bool {
+        self.variation.is_some_and(|v| v.strength != 0.0)
+    }
+
+    /// The seed of image `i`'s generator: `seed + i`; with a variation, A1111's rule: every
+    /// image keeps the seed and the variation seed counts up instead (`all_seeds`,
+    /// `all_subseeds` in its `processing.py`).
+    pub fn image_seed(&self, i: usize) -> u64 {
+        if self.varies() {
+            super::seed_of_image(self.seed, 0)
+        } else {
+            super::seed_of_image(self.seed, i)
+        }
+    }
+
+    /// Image `i`'s variation seed (`seed + i`) and strength, when a variation changes the noise.
+    pub fn image_variation(&self, i: usize) -> Option<(u64, f64)> {
+        self.variation
+            .filter(|v| v.strength != 0.0)
+            .map(|v| (super::seed_of_image(v.seed, i), v.strength))
+    }
+
     /// The size of the images this request makes: the hires pass's when there is one.
     pub fn output_size(&self) -> (usize, usize) {
         match &self.hires {

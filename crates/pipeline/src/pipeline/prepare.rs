@@ -1,7 +1,7 @@
 //! The `prepare_timesteps` and `prepare_latents` stages (text-to-image; an init image's latents
 //! are prepared in `images_in`).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::{images_in, GenerationParams, StableDiffusion};
 use crate::rng::TorchRng;
@@ -50,14 +50,14 @@ impl StableDiffusion {
         rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         let shape = (
-            1,
             self.unet_in_channels,
             params.height / self.vae_scale_factor,
             params.width / self.vae_scale_factor,
         );
         let noise = rngs
             .iter_mut()
-            .map(|rng| rng.randn_tensor(shape, &self.device, DType::F32))
+            .enumerate()
+            .map(|(i, rng)| super::image_noise(rng, params.image_variation(i), shape, &self.device))
             .collect::<Result<Vec<_>>>()?;
         Ok((Tensor::cat(&noise, 0)? * scheduler.init_noise_sigma())?.to_dtype(self.dtype)?)
     }

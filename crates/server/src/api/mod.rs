@@ -212,6 +212,16 @@ pub struct GenerateRequest {
     /// circularly, so the image continues across its edges and tiles without seams.
     #[schema(default = false, nullable = true)]
     pub tiling: Option<bool>,
+    /// A1111's variation seed (`subseed`): the starting noise is the seed's bent towards this
+    /// seed's by `variation_strength` (A1111's slerp). Random when absent or null and the
+    /// strength is above 0, and returned in the metadata. With a batch, as A1111: every image
+    /// keeps `seed` and image i uses variation seed + i. Text-to-image only.
+    #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
+    pub variation_seed: Option<u64>,
+    /// How far the noise goes towards the variation seed's (A1111's `subseed_strength`): 0 is
+    /// the seed's image, 1 the variation seed's noise.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
+    pub variation_strength: Option<f64>,
 }
 
 /// The hires fix's second pass: the target is `width` and `height`, or `scale` (one of the
@@ -339,6 +349,12 @@ pub struct GenerateMetadata {
     /// recorded.
     #[serde(default)]
     pub tiling: bool,
+    /// The variation seed of the first image (image i: + i) when `variation_strength` > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variation_seed: Option<u64>,
+    /// 0 without a variation.
+    #[serde(default)]
+    pub variation_strength: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -31,7 +31,10 @@ fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> Strin
         ),
     };
     // Every field of the second pass (`Debug` writes floats exactly).
-    let images = format!("{images}\u{0}{:?}\u{0}tiling {}", p.hires, p.tiling);
+    let images = format!(
+        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}",
+        p.hires, p.tiling, p.variation
+    );
     format!(
         "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
         p.prompt,

@@ -287,6 +287,8 @@ pub(crate) fn job_spec(
             "negative_prompt": h.params.negative_prompt,
         })),
         "tiling": params.tiling,
+        "variation_seed": params.variation.map(|v| v.seed),
+        "variation_strength": params.variation.map_or(0.0, |v| v.strength),
     });
     let mut png_texts = crate::png::batch_texts(&params, &info.model_version);
     if let Some(h) = &req.hires {

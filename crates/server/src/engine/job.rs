@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode};
+use sdserve_pipeline::pipeline::{GenerationParams, Mode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -228,9 +228,7 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
         image_base64: images.first().cloned().unwrap_or_else(|| Arc::from("")),
         images,
         metadata: GenerateMetadata {
-            seeds: (0..p.batch_size)
-                .map(|i| seed_of_image(p.seed, i))
-                .collect(),
+            seeds: (0..p.batch_size).map(|i| p.image_seed(i)).collect(),
             batch_size: p.batch_size as u32,
             strength: p.init_image.as_ref().map(|i| i.strength),
             mode: Mode::of(p).name().to_string(),
@@ -267,6 +265,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 negative_prompt: h.negative_prompt.clone(),
             }),
             tiling: p.tiling,
+            variation_seed: p.image_variation(0).map(|(seed, _)| seed),
+            variation_strength: p.image_variation(0).map_or(0.0, |(_, s)| s),
         },
     }
 }

@@ -9,7 +9,9 @@
 //!   optional field.
 
 use sdserve_pipeline::image_in::resize_lanczos;
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax};
+use sdserve_pipeline::pipeline::{
+    GenerationParams, InitImage, LoraWeight, PromptSyntax, Variation,
+};
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{Map, Value};
@@ -45,7 +47,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 18] = [
+pub const FIELDS: [&str; 20] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -64,6 +66,8 @@ pub const FIELDS: [&str; 18] = [
     "hires",
     "model",
     "tiling",
+    "variation_seed",
+    "variation_strength",
 ];
 /// The longest model name a request may give (a file or folder name).
 pub const MODEL_NAME_MAX_CHARS: usize = 255;
@@ -106,6 +110,11 @@ pub struct ValidRequest {
     pub model: Option<String>,
     /// A1111's `tiling`: the image wraps at its edges (circular padding in every convolution).
     pub tiling: bool,
+    /// A1111's variation seed (`subseed`): random when absent and `variation_strength` > 0
+    /// (drawn with the seed).
+    pub variation_seed: Option<u32>,
+    /// A1111's `subseed_strength`: 0 leaves the seed's noise as it is.
+    pub variation_strength: f64,
 }
 
 impl ValidRequest {
@@ -138,6 +147,10 @@ impl ValidRequest {
             }),
             hires: self.hires.as_ref().map(|h| h.params.clone()),
             tiling: self.tiling,
+            variation: (self.variation_strength > 0.0).then(|| Variation {
+                seed: u64::from(self.variation_seed.unwrap_or_else(crate::api::random_seed)),
+                strength: self.variation_strength,
+            }),
         }
     }
 }
@@ -317,6 +330,14 @@ pub fn validate_request(
         };
         native_hires::read(v, &first, &mut r)
     });
+    let variation_seed = r.int("variation_seed", 0, SEED_MAX);
+    let variation_strength = r.number("variation_strength", 0.0, 1.0);
+    if has_init && variation_strength.is_some_and(|s| s > 0.0) {
+        r.fail(
+            "variation_strength",
+            "a variation seed is for text-to-image only (not with init_image)",
+        );
+    }
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     });
@@ -359,6 +380,8 @@ pub fn validate_request(
         hires: None,
         model,
         tiling: tiling.unwrap_or(false),
+        variation_seed: variation_seed.map(|v| v as u32),
+        variation_strength: variation_strength.unwrap_or(0.0),
     };
     if let Some(read) = hires {
         valid.hires = Some(native_hires::build(&read, &valid)?);

@@ -31,6 +31,14 @@ pub fn info_string(
     let negative = t.valid.negative_prompt.clone();
     let seeds: Vec<u64> = images.iter().map(|i| i.seed).collect();
     let clip_skip = t.native.get("clip_skip").cloned().unwrap_or(json!(1));
+    // A1111's subseeds: image i's variation seed (+ i over the request), -1 without one.
+    let strength = t.valid.variation_strength;
+    let subseeds: Vec<i64> = (0..n)
+        .map(|i| match t.valid.variation_seed {
+            Some(v) if strength > 0.0 => i64::from(v.wrapping_add(i as u32)),
+            _ => -1,
+        })
+        .collect();
     json!({
         "prompt": prompt,
         "all_prompts": vec![prompt.clone(); n],
@@ -38,9 +46,9 @@ pub fn info_string(
         "all_negative_prompts": vec![negative.clone(); n],
         "seed": seeds.first().copied().unwrap_or(u64::from(t.seed)),
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": vec![-1; n],
-        "subseed_strength": 0,
+        "subseed": subseeds.first().copied().unwrap_or(-1),
+        "all_subseeds": subseeds,
+        "subseed_strength": strength,
         "width": t.valid.width,
         "height": t.valid.height,
         "sampler_name": t.sampler.sampler,

@@ -216,8 +216,15 @@ async fn generate(
         active.job_no.store(k, Ordering::SeqCst);
         active.skipped.store(false, Ordering::SeqCst);
         let mut req = t.valid.clone();
-        let seed = info::batch_seed(t.seed, k, t.batch_size);
-        req.seed = Some(seed);
+        // With a variation, A1111 keeps the seed for every image and counts the variation
+        // seed up instead (`all_seeds`, `all_subseeds`).
+        if req.variation_strength > 0.0 {
+            req.variation_seed = req
+                .variation_seed
+                .map(|v| info::batch_seed(v, k, t.batch_size));
+        } else {
+            req.seed = Some(info::batch_seed(t.seed, k, t.batch_size));
+        }
         req.model.clone_from(&checkpoint);
         // Interrupt and skip cancel the job by its id; dropping the run cancels it too.
         let known = active.clone();

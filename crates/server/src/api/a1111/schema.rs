@@ -99,6 +99,18 @@ pub struct A1111Request {
     /// UNet and the VAE, as A1111's); the infotext says `Tiling: True`.
     #[schema(default = false, nullable = true)]
     pub tiling: Option<bool>,
+    /// The native `variation_seed`; -1: random (drawn once). Used only with a non-zero
+    /// `subseed_strength`; every image keeps `seed` and image i uses subseed + i, as A1111.
+    #[schema(default = -1, minimum = -1, maximum = 4294967295_i64, nullable = true)]
+    pub subseed: Option<i64>,
+    /// The native `variation_strength`.
+    #[schema(default = 0.0, minimum = 0.0, maximum = 1.0, nullable = true)]
+    pub subseed_strength: Option<f64>,
+    /// Seed resize is not done: 0 or -1 (off) only; a value above 0 is a 422 naming the field.
+    #[schema(default = -1, maximum = 0, nullable = true)]
+    pub seed_resize_from_w: Option<i64>,
+    #[schema(default = -1, maximum = 0, nullable = true)]
+    pub seed_resize_from_h: Option<i64>,
     /// `CLIP_stop_at_last_layers` is the native `clip_skip`; `sd_model_checkpoint` naming another
     /// model falls back to the loaded one (as A1111 does).
     #[schema(value_type = Object)]

@@ -48,7 +48,9 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 7] = [
+pub const FIELD_NAMES: [(&str, &str); 9] = [
+    ("variation_seed", "subseed"),
+    ("variation_strength", "subseed_strength"),
     ("guidance_scale", "cfg_scale"),
     ("scheduler", "sampler_name"),
     ("init_image", "init_images"),
@@ -59,7 +61,7 @@ pub const FIELD_NAMES: [(&str, &str); 7] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 28] = [
+const USED: [&str; 32] = [
     "enable_hr",
     "hr_scale",
     "hr_resize_x",
@@ -88,6 +90,10 @@ const USED: [&str; 28] = [
     "override_settings",
     "inpainting_mask_invert",
     "tiling",
+    "subseed",
+    "subseed_strength",
+    "seed_resize_from_w",
+    "seed_resize_from_h",
 ];
 
 /// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
@@ -262,6 +268,27 @@ pub fn translate(
                 ));
             }
             native.insert("mask_image".into(), mask.clone());
+        }
+    }
+
+    // Variation seed: `subseed` -1 (or absent) draws one now, as A1111's `fix_seed` does;
+    // only a non-zero `subseed_strength` uses it (A1111 ignores the subseed otherwise).
+    if let Some(strength) = get(body, "subseed_strength") {
+        native.insert("variation_strength".into(), strength.clone());
+        if strength.as_f64().is_some_and(|s| s != 0.0) {
+            match get(body, "subseed") {
+                Some(v) if v.as_f64() != Some(-1.0) => {
+                    native.insert("variation_seed".into(), v.clone())
+                }
+                _ => native.insert("variation_seed".into(), json!(crate::api::random_seed())),
+            };
+        }
+    }
+    // Seed resize (noise drawn at another size, then centred) is not done here: a value
+    // that would do something is refused rather than ignored (A1111: 0 or -1 is off).
+    for field in ["seed_resize_from_w", "seed_resize_from_h"] {
+        if get(body, field).is_some_and(|v| v.as_f64().is_none_or(|f| f > 0.0)) {
+            return Err(not_supported(field, "seed resize (a value above 0)"));
         }
     }
 

@@ -152,6 +152,9 @@ pub struct WireSpec {
     /// Circular padding (absent from older replicas' jobs: off).
     #[serde(default)]
     tiling: bool,
+    /// Variation seed and strength (absent from older replicas' jobs: none).
+    #[serde(default)]
+    variation: Option<(u64, f64)>,
     request: serde_json::Value,
     png_texts: Vec<String>,
     model_version: String,
@@ -189,6 +192,7 @@ impl WireSpec {
             }),
             hires: p.hires.as_ref().map(WireHires::of),
             tiling: p.tiling,
+            variation: p.variation.map(|v| (v.seed, v.strength)),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             model_version: s.model_version.clone(),
@@ -240,6 +244,9 @@ impl WireSpec {
                 init_image,
                 hires: self.hires.as_ref().map(WireHires::hires).transpose()?,
                 tiling: self.tiling,
+                variation: self.variation.map(|(seed, strength)| {
+                    sdserve_pipeline::pipeline::Variation { seed, strength }
+                }),
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),

@@ -1,0 +1,117 @@
+//! A1111's variation seeds (`subseed`, `subseed_strength`): each image's starting noise is its
+//! seed's noise bent towards a second seed's by spherical interpolation (A1111's
+//! `modules/rng.py` `ImageRNG.first` and `slerp`). The generator that later noise (ancestral
+//! steps) comes from stays the main seed's, as in A1111.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::rng::TorchRng;
+use crate::Result;
+
+/// A second seed and how far the noise goes towards it (0: the seed's noise, 1: the variation
+/// seed's, when the two are not nearly parallel).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variation {
+    /// Image `i` of a batch uses `seed + i` (A1111's `all_subseeds`).
+    pub seed: u64,
+    pub strength: f64,
+}
+
+/// A1111's `slerp(val, low, high)` on one image's noise `[C, H, W]` (flat, row-major): the norms
+/// and dot products run over dim 1 (H), so each channel's each column is interpolated on its
+/// own; where the mean dot product passes 0.9995 A1111 mixes linearly, `low * val + high *
+/// (1 - val)` (its formula, weights as written). float32 as torch computes it.
+pub fn slerp(val: f64, low: &[f32], high: &[f32], dims: (usize, usize, usize)) -> Vec<f32> {
+    let (c, h, w) = dims;
+    assert_eq!(low.len(), c * h * w);
+    assert_eq!(high.len(), low.len());
+    let at = |ci: usize, y: usize, x: usize| (ci * h + y) * w + x;
+    let norm = |v: &[f32], ci: usize, x: usize| {
+        ((0..h)
+            .map(|y| (v[at(ci, y, x)] as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()) as f32
+    };
+    let mut dot = vec![0f32; c * w];
+    for ci in 0..c {
+        for x in 0..w {
+            let (nl, nh) = (norm(low, ci, x), norm(high, ci, x));
+            dot[ci * w + x] = (0..h)
+                .map(|y| ((low[at(ci, y, x)] / nl) * (high[at(ci, y, x)] / nh)) as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    let mean = (dot.iter().map(|&d| d as f64).sum::<f64>() / dot.len() as f64) as f32;
+    let (v, one_minus) = (val as f32, (1.0 - val) as f32);
+    let mut out = vec![0f32; low.len()];
+    if mean > 0.9995 {
+        for (o, (&l, &hi)) in out.iter_mut().zip(low.iter().zip(high)) {
+            *o = l * v + hi * one_minus;
+        }
+        return out;
+    }
+    for ci in 0..c {
+        for x in 0..w {
+            let omega = dot[ci * w + x].acos();
+            let so = omega.sin();
+            let a = (one_minus * omega).sin() / so;
+            let b = (v * omega).sin() / so;
+            for y in 0..h {
+                let i = at(ci, y, x);
+                out[i] = a * low[i] + b * high[i];
+            }
+        }
+    }
+    out
+}
+
+/// One image's starting noise `[1, C, H, W]` (f32): drawn from `rng` (the image's own
+/// generator, which goes on to any later noise), then, with a variation of non-zero strength,
+/// slerped towards a fresh generator's noise seeded `variation_seed` (A1111 draws it with
+/// `randn(subseed, shape)` from a freshly seeded generator).
+pub fn image_noise(
+    rng: &mut TorchRng,
+    variation: Option<(u64, f64)>,
+    shape: (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    let (c, h, w) = shape;
+    let noise = rng.randn_tensor((1, c, h, w), &Device::Cpu, DType::F32)?;
+    let noise = match variation {
+        Some((seed, strength)) if strength != 0.0 => {
+            let sub = TorchRng::new(seed).randn_tensor((1, c, h, w), &Device::Cpu, DType::F32)?;
+            let mixed = slerp(
+                strength,
+                &noise.flatten_all()?.to_vec1::<f32>()?,
+                &sub.flatten_all()?.to_vec1::<f32>()?,
+                shape,
+            );
+            Tensor::from_vec(mixed, (1, c, h, w), &Device::Cpu)?
+        }
+        _ => noise,
+    };
+    Ok(noise.to_device(device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strength_zero_and_one_give_either_noise_exactly() {
+        let mut a = TorchRng::new(1);
+        let low = a
+            .randn_tensor((1, 4, 8, 6), &Device::Cpu, DType::F32)
+            .unwrap();
+        let low = low.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut b = TorchRng::new(2);
+        let high = b
+            .randn_tensor((1, 4, 8, 6), &Device::Cpu, DType::F32)
+            .unwrap();
+        let high = high.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(slerp(0.0, &low, &high, (4, 8, 6)), low);
+        assert_eq!(slerp(1.0, &low, &high, (4, 8, 6)), high);
+        let half = slerp(0.5, &low, &high, (4, 8, 6));
+        assert!(half != low && half != high);
+    }
+}
