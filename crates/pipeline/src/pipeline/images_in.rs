@@ -200,13 +200,15 @@ impl StableDiffusion {
 
     /// img2img's latents for the batch: each image's latent sample from its own generator,
     /// then that generator's noise, `add_noise`d at `begin`. `images` holds one image for the
-    /// whole batch (encoded once) or one per generator.
+    /// whole batch (encoded once) or one per generator. `variation(i)`: image `i`'s variation
+    /// seed and strength, which bend its noise (the hires pass, as A1111's `ImageRNG`).
     pub(super) fn noised_image_latents(
         &self,
         images: &[&Tensor],
         scheduler: &dyn Scheduler,
         begin: usize,
         rngs: &mut [TorchRng],
+        variation: &dyn Fn(usize) -> Option<(u64, f64)>,
     ) -> Result<Tensor> {
         let dists = self.encode_images(images)?;
         let sf = self.vae_scaling_factor;
@@ -214,7 +216,8 @@ impl StableDiffusion {
         for (i, rng) in rngs.iter_mut().enumerate() {
             let dist = &dists[i.min(dists.len() - 1)];
             let image_latents = (dist.sample(rng)? * sf)?;
-            let noise = rng.randn_tensor(image_latents.dims4()?, &self.device, DType::F32)?;
+            let (_, c, h, w) = image_latents.dims4()?;
+            let noise = super::image_noise(rng, variation(i), (c, h, w), &self.device)?;
             latents.push(scheduler.add_noise(&image_latents, &noise, begin)?);
         }
         Ok(Tensor::cat(&latents, 0)?.to_dtype(self.dtype)?)
@@ -241,7 +244,7 @@ impl StableDiffusion {
 
         let Some(mask_image) = &init.mask else {
             return Ok(Start {
-                latents: self.noised_image_latents(&[&image], scheduler, begin, rngs)?,
+                latents: self.noised_image_latents(&[&image], scheduler, begin, rngs, &|_| None)?,
                 inpaint: None,
             });
         };
