@@ -123,6 +123,7 @@ impl StableDiffusion {
             Conditioning::Separate { uncond, cond } => {
                 // Two passes, each with its own sequence length.
                 let t = Tensor::full(t as f32, n, &self.device)?;
+                // Only with guidance on, which a guidance-distilled UNet never has.
                 let uncond = unet.forward(latents, &t, &repeat(uncond)?)?;
                 let cond = unet.forward(latents, &t, &repeat(cond)?)?;
                 return Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?);
@@ -135,12 +136,25 @@ impl StableDiffusion {
         } else {
             latents.clone()
         };
-        let t = Tensor::full(t as f32, embeddings.dim(0)?, &self.device)?;
-        let noise_pred = match graph {
-            Some(g) => g.run(&[&model_input, &t, &embeddings], |x| {
+        let rows = embeddings.dim(0)?;
+        let t = Tensor::full(t as f32, rows, &self.device)?;
+        let timestep_cond = match self.unet_config.time_cond_proj_dim {
+            Some(dim) => Some(guidance_scale_embedding(
+                guidance_scale,
+                dim,
+                rows,
+                &self.device,
+            )?),
+            None => None,
+        };
+        let noise_pred = match (graph, &timestep_cond) {
+            (Some(g), None) => g.run(&[&model_input, &t, &embeddings], |x| {
                 unet.forward(&x[0], &x[1], &x[2])
             })?,
-            None => unet.forward(&model_input, &t, &embeddings)?,
+            (Some(g), Some(c)) => g.run(&[&model_input, &t, &embeddings, c], |x| {
+                unet.forward_with_cond(&x[0], &x[1], &x[2], Some(&x[3]))
+            })?,
+            (None, c) => unet.forward_with_cond(&model_input, &t, &embeddings, c.as_ref())?,
         };
         if !cfg {
             return Ok(noise_pred);
@@ -148,5 +162,49 @@ impl StableDiffusion {
         let uncond = noise_pred.narrow(0, 0, n)?;
         let cond = noise_pred.narrow(0, n, n)?;
         Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?)
+    }
+}
+
+/// diffusers' `get_guidance_scale_embedding(w, embedding_dim)` for a guidance-distilled (LCM)
+/// UNet's `timestep_cond`, `w = guidance_scale - 1` for each of `rows` images: `[rows, dim]` f32
+/// of `[sin, cos](1000 w * exp(-i * ln(10000) / (half - 1)))`, zero-padded to an odd `dim`;
+/// computed in f32 step by step as torch does.
+pub(crate) fn guidance_scale_embedding(
+    guidance_scale: f64,
+    dim: usize,
+    rows: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let w = (guidance_scale - 1.0) as f32 * 1000.0;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let mut row: Vec<f32> = args.iter().map(|a| a.sin()).collect();
+    row.extend(args.iter().map(|a| a.cos()));
+    row.resize(dim, 0.0);
+    let all: Vec<f32> = (0..rows).flat_map(|_| row.iter().copied()).collect();
+    Ok(Tensor::from_vec(all, (rows, dim), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guidance_scale_embedding_follows_the_formula() -> Result<()> {
+        let e = guidance_scale_embedding(8.5, 9, 2, &candle_core::Device::Cpu)?;
+        assert_eq!(e.dims(), &[2, 9]);
+        let e = e.to_vec2::<f32>()?;
+        assert_eq!(e[0], e[1]);
+        for i in 0..4 {
+            let a = 7500.0 * (-(i as f64) * 10000f64.ln() / 3.0).exp();
+            assert!((e[0][i] as f64 - a.sin()).abs() < 2e-3, "{:?}", e[0]);
+            assert!((e[0][i + 4] as f64 - a.cos()).abs() < 2e-3, "{:?}", e[0]);
+        }
+        assert_eq!(e[0][8], 0.0);
+        // Guidance 1 (w = 0): sin 0, cos 1.
+        let e = guidance_scale_embedding(1.0, 4, 1, &candle_core::Device::Cpu)?;
+        assert_eq!(e.to_vec2::<f32>()?[0], vec![0.0, 0.0, 1.0, 1.0]);
+        Ok(())
     }
 }

@@ -13,7 +13,9 @@ impl StableDiffusion {
     /// negative prompt of the same length go through the UNet as one batch; otherwise as two
     /// passes (A1111's default).
     pub fn encode_conditioning(&self, params: &GenerationParams) -> Result<Conditioning> {
-        let do_cfg = params.guidance_scale > 1.0;
+        // diffusers' do_classifier_free_guidance: never for a guidance-distilled (LCM) UNet,
+        // which takes the guidance scale as an embedding instead (denoise).
+        let do_cfg = params.guidance_scale > 1.0 && self.unet_config.time_cond_proj_dim.is_none();
         let cond = self.prompt_chunks(&params.prompt, params.prompt_syntax)?;
         let uncond = match do_cfg {
             true => self.prompt_chunks(&params.negative_prompt, params.prompt_syntax)?,
@@ -71,7 +73,7 @@ impl StableDiffusion {
     }
 
     /// CLIP embeddings, `[uncond, cond]` along the batch when classifier-free guidance is on
-    /// (plain prompts, last layer).
+    /// (plain prompts, last layer; never for a guidance-distilled UNet).
     pub fn encode_prompt(
         &self,
         prompt: &str,

@@ -182,7 +182,9 @@ pub struct UNetConfig {
     pub time_embedding_act_fn: Option<String>,
     #[serde(default)]
     pub timestep_post_act: Option<String>,
-    /// Only used with an explicit `timestep_cond` input, which SD pipelines never pass.
+    /// Guidance-distilled (LCM) models: the width of the guidance scale embedding that
+    /// `time_embedding.cond_proj` adds to the time embedding; the pipeline then runs without
+    /// classifier-free guidance (diffusers' `do_classifier_free_guidance`).
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default = "d_kernel")]

@@ -11,9 +11,10 @@
 pub(crate) mod blocks;
 mod config;
 mod streaming;
+mod time_embedding;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub use crate::attention::AttentionSlicing;
 use crate::{PipelineError, Result};
@@ -26,65 +27,11 @@ pub use config::{PerBlock, UNetConfig};
 pub(crate) use streaming::host_var_builder;
 pub use streaming::StreamStats;
 use streaming::{HostWeights, PartOnDevice};
+pub use time_embedding::timestep_embedding;
+use time_embedding::TimestepEmbedding;
 
 /// The config file the contract says a [`UNetConfig`] comes from; named in config errors.
 const CONFIG_PATH: &str = "unet/config.json";
-
-/// diffusers' `get_timestep_embedding` max_period for `Timesteps` (not a config key).
-const TIMESTEP_MAX_PERIOD: f64 = 10000.0;
-
-/// Sinusoidal timestep embedding `[B, dim]` in f32, as diffusers' `get_timestep_embedding`
-/// (`scale` 1, `max_period` 10000): frequencies `exp(-ln(max_period) * i / (half - shift))`,
-/// `[sin, cos]` (or `[cos, sin]` with `flip_sin_to_cos`), zero-padded to an odd `dim`.
-pub fn timestep_embedding(
-    timesteps: &Tensor,
-    dim: usize,
-    flip_sin_to_cos: bool,
-    downscale_freq_shift: f64,
-) -> candle_core::Result<Tensor> {
-    let half = dim / 2;
-    // Computed in f32 step by step, as torch does for the float32 arange.
-    let neg_log = -(TIMESTEP_MAX_PERIOD.ln()) as f32;
-    let denom = (half as f64 - downscale_freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (neg_log * i as f32 / denom).exp())
-        .collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
-    let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
-    let args = t.broadcast_mul(&freqs)?;
-    let (sin, cos) = (args.sin()?, args.cos()?);
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], 1)?
-    } else {
-        Tensor::cat(&[sin, cos], 1)?
-    };
-    if dim % 2 == 1 {
-        emb.pad_with_zeros(1, 0, 1)
-    } else {
-        Ok(emb)
-    }
-}
-
-/// diffusers `TimestepEmbedding`: linear, activation, linear, optional post activation.
-#[derive(Debug, Clone)]
-struct TimestepEmbedding {
-    linear_1: Linear,
-    act: Act,
-    linear_2: Linear,
-    post_act: Option<Act>,
-}
-
-impl TimestepEmbedding {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        use crate::kernels::dense::linear_forward;
-        let h = self.act.forward(&linear_forward(&self.linear_1, x)?)?;
-        let h = linear_forward(&self.linear_2, &h)?;
-        match self.post_act {
-            Some(a) => a.forward(&h),
-            None => Ok(h),
-        }
-    }
-}
 
 /// conv_in and the time embedding: the first part a forward pass runs.
 #[derive(Debug, Clone)]
@@ -209,7 +156,12 @@ impl Layout {
             vb.pp("conv_in"),
         )?;
         let te = vb.pp("time_embedding");
+        let cond_proj = match c.time_cond_proj_dim {
+            Some(d) => Some(candle_nn::linear_no_bias(d, ch0, te.pp("cond_proj"))?),
+            None => None,
+        };
         let time_embedding = TimestepEmbedding {
+            cond_proj,
             linear_1: candle_nn::linear(ch0, dim, te.pp("linear_1"))?,
             act: self.act,
             linear_2: candle_nn::linear(dim, dim, te.pp("linear_2"))?,
@@ -496,6 +448,19 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_with_cond(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward`] with diffusers' `timestep_cond` `[B, time_cond_proj_dim]`: a
+    /// guidance-distilled (LCM) model's guidance scale embedding, added to the time embedding by
+    /// `time_embedding.cond_proj` (ignored by a model without `time_cond_proj_dim`, as diffusers).
+    pub fn forward_with_cond(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.layout.config;
         let (b, cin, h, w) = sample.dims4()?;
         if cin != c.in_channels {
@@ -542,7 +507,18 @@ impl UNet2DConditionModel {
             c.freq_shift,
         )?
         .to_dtype(self.dtype)?;
-        let mut emb = stem.time_embedding.forward(&t_emb)?;
+        let cond = timestep_cond
+            .map(|c| c.to_device(&self.device))
+            .transpose()?;
+        if let (Some(c), Some(d)) = (&cond, c.time_cond_proj_dim) {
+            if c.dims() != [b, d] {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "timestep_cond has shape {:?}, the model takes [{b}, {d}]",
+                    c.dims()
+                )));
+            }
+        }
+        let mut emb = stem.time_embedding.forward(&t_emb, cond.as_ref())?;
         if let Some(a) = stem.time_embed_act {
             emb = a.forward(&emb)?;
         }
@@ -581,32 +557,5 @@ impl UNet2DConditionModel {
         let head = self.part(|p| &p.head, |l, vb| l.build_head(vb))?;
         let x = head.conv_norm_out.forward_act(&x, head.conv_act)?;
         Ok(head.conv_out.forward(&x)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestep_embedding_matches_formula() -> candle_core::Result<()> {
-        let t = Tensor::new(&[0f32, 1.0, 999.0], &Device::Cpu)?;
-        let dim = 8;
-        let e = timestep_embedding(&t, dim, true, 1.0)?;
-        assert_eq!(e.dims(), &[3, 8]);
-        let e = e.to_vec2::<f32>()?;
-        for (row, tv) in e.iter().zip([0f64, 1.0, 999.0]) {
-            for i in 0..4 {
-                let f = (-(10000f64.ln()) * i as f64 / (4.0 - 1.0)).exp();
-                assert!((row[i] as f64 - (tv * f).cos()).abs() < 1e-3, "{row:?}");
-                assert!((row[i + 4] as f64 - (tv * f).sin()).abs() < 1e-3, "{row:?}");
-            }
-        }
-        // Not flipped: sin first; odd dims get a zero pad column.
-        let e = timestep_embedding(&t, 7, false, 0.0)?.to_vec2::<f32>()?;
-        assert_eq!(e[1].len(), 7);
-        assert!((e[1][0] - 1f32.sin()).abs() < 1e-6);
-        assert_eq!(e[2][6], 0.0);
-        Ok(())
     }
 }

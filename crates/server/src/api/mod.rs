@@ -155,14 +155,17 @@ pub struct GenerateRequest {
     /// deterministic and may be answered from the response cache (`x-cache: hit`).
     #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
     pub seed: Option<u64>,
-    /// At or below 1.0 classifier-free guidance is off.
+    /// At or below 1.0 classifier-free guidance is off. A guidance-distilled model (a full LCM
+    /// model: `time_cond_proj_dim` in its UNet config) never runs classifier-free guidance: its
+    /// UNet takes the scale as an embedding instead (as diffusers), and the negative prompt has
+    /// no effect.
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
     /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
     /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a` and `lcm` add noise drawn from
     /// the seed at every step; `dpmpp_sde`, `heun`, `dpm2` and `dpm2_a` run the UNet twice per
     /// step but the last (2 * steps - 1 evaluations, which progress counts); `lcm` is for LCM
-    /// models and LCM-LoRAs (4-8 steps, guidance 1-2).
+    /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2).
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77

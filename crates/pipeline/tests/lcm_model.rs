@@ -1,0 +1,64 @@
+//! A full LCM (guidance-distilled) model end to end: the tiny-lcm UNet has `time_cond_proj_dim`,
+//! so the pipeline runs without classifier-free guidance and hands the UNet the guidance scale
+//! embedding (`timestep_cond`) instead, as diffusers' StableDiffusionPipeline /
+//! StableDiffusionImg2ImgPipeline do (fixtures from `tools/make_lcm_fixtures.py`).
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, IndexOp};
+use common::{fixture_path, pixel_difference, read_png, request_params, Fixtures};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
+
+#[test]
+fn images_match_diffusers() {
+    let f = Fixtures::load("lcm");
+    let model = StableDiffusion::load(&fixture_path("tiny-lcm"), &Device::Cpu, DType::F32)
+        .expect("tiny-lcm loads");
+    let cases = f.meta["cases"].as_object().unwrap();
+    assert!(cases.len() >= 3);
+    let mut failures = Vec::new();
+    for (label, case) in cases {
+        // scheduler null: the model's own, LCMScheduler.
+        assert!(case["scheduler"].is_null(), "{label}");
+        let params = GenerationParams {
+            batch_size: case["batch_size"].as_u64().unwrap() as usize,
+            init_image: case["init_image"].as_str().map(|name| InitImage {
+                image: read_png(name),
+                mask: None,
+                strength: case["strength"].as_f64().unwrap(),
+            }),
+            ..request_params(case)
+        };
+        let mut progress = 0;
+        let images = model
+            .generate(&params, &mut |_| {
+                progress += 1;
+                ControlFlow::Continue(())
+            })
+            .expect("generates");
+        assert_eq!(
+            progress,
+            case["unet_timesteps"].as_array().unwrap().len(),
+            "{label}: one progress call per UNet evaluation"
+        );
+        let expected = f.get(&format!("image.{label}"));
+        assert_eq!(images.len(), expected.dim(0).unwrap(), "{label}");
+        for (i, image) in images.iter().enumerate() {
+            let reference: Vec<u8> = expected
+                .i(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (mean, over) = pixel_difference(&image.pixels, &reference);
+            eprintln!("{label}[{i}]: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
+            if mean > 1.0 || over > 0.005 {
+                failures.push(format!("{label}[{i}]: mean {mean:.3}, >8 {over:.4}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "differ from diffusers: {failures:?}");
+}
