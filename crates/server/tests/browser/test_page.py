@@ -345,6 +345,33 @@ def test_hires_fix_gives_an_image_of_the_hires_size(browser, tiny):
     p.close()
 
 
+def test_tiling_checkbox_asks_for_a_seamless_image(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    fill_request(page, "a stone wall texture", 2, 256, 77)
+    tiling = page.get_by_role("checkbox", name="Tiling", exact=True)
+    expect(tiling).not_to_be_checked()
+    tiling.check()
+    page.get_by_role("button", name="Generate").click()
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    expect(page.locator("#params")).to_contain_text("tiling")
+    # The native API's tiling image, not the plain one.
+    body = {"prompt": "a stone wall texture", "steps": 2, "width": 256, "height": 256, "seed": 77, "negative_prompt": "", "guidance_scale": 7.5}
+    tiled = tiny.post_json("/generate", {**body, "tiling": True})
+    plain = tiny.post_json("/generate", body)
+    png = base64.b64decode(image.get_attribute("src").split(",", 1)[1])
+    assert base64.b64decode(tiled["image_base64"]) == png
+    assert base64.b64decode(plain["image_base64"]) != png
+    # "Reuse these parameters" brings it back.
+    tiling.uncheck()
+    page.get_by_role("button", name="Reuse these parameters").click()
+    expect(tiling).to_be_checked()
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
+    p.close()
+
+
 def test_hires_fix_is_off_while_an_init_image_is_set(browser, tiny):
     p = Page(browser, tiny, DESKTOP)
     page = p.page

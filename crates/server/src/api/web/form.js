@@ -19,6 +19,7 @@ export function buildRequest() {
   if (scheduler) request.scheduler = scheduler;
   const batch = numberOf('batch');
   if (batch !== null && batch !== 1) request.batch_size = batch;
+  if ($('tiling').checked) request.tiling = true;
   if (state.initImage) {
     request.init_image = state.initImage;
     request.strength = numberOf('strength');
@@ -45,6 +46,7 @@ export function fillForm(p, asked) {
   set('guidance', p.guidance_scale);
   set('seed', p.seed);
   set('batch', p.batch_size);
+  $('tiling').checked = p.tiling === true;
   if (p.scheduler !== undefined) $('scheduler').value = p.scheduler || '';
   if (p.strength !== undefined && p.strength !== null) $('strength').value = p.strength;
   fillHires(p.hires, asked && asked.hires);
