@@ -8,7 +8,8 @@ mod common;
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, IndexOp};
-use common::{fixture_path, pixel_difference, read_png, request_params, Fixtures};
+use common::{fixture_path, generate_one, pixel_difference, read_png, request_params, Fixtures};
+use sdserve_pipeline::memory::{MemoryPlan, Offload};
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
 
 #[test]
@@ -61,4 +62,29 @@ fn images_match_diffusers() {
         }
     }
     assert!(failures.is_empty(), "differ from diffusers: {failures:?}");
+}
+
+/// Sequential offload builds the stem (with `cond_proj`) from host weights for every forward pass:
+/// the same image as the resident model, which is diffusers' image.
+#[test]
+fn sequential_offload_streams_cond_proj() {
+    let f = Fixtures::load("lcm");
+    let label = "tiny-lcm.txt2img.8";
+    let params = request_params(&f.meta["cases"][label]);
+    let mut plan = MemoryPlan::cpu(DType::F32);
+    plan.offload = Offload::Sequential;
+    let model =
+        StableDiffusion::load_with_plan(&fixture_path("tiny-lcm"), &Device::Cpu, DType::F32, &plan)
+            .expect("tiny-lcm loads");
+    let image = generate_one(&model, &params);
+    let stats = model.unet_stream_stats().expect("streamed");
+    assert_eq!(stats.forwards, params.steps);
+    let reference: Vec<u8> = f
+        .get(&format!("image.{label}"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (mean, over) = pixel_difference(&image.pixels, &reference);
+    assert!(mean <= 1.0 && over <= 0.005, "mean {mean}, >8 {over}");
 }
