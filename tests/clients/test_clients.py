@@ -302,6 +302,25 @@ class A1111(Timed):
                 if native_name.endswith("_karras"):
                     self.assertIn("Schedule type: Karras", infotext)
 
+    def test_tiling_and_variation_seeds_equal_native(self):
+        # webuiapi's own keyword arguments: tiling, subseed, subseed_strength (A1111's names).
+        r = self.api.txt2img(prompt=PROMPT, seed=41, steps=2, cfg_scale=5, width=SIZE,
+                             height=SIZE, sampler_name="Euler", tiling=True, subseed=52,
+                             subseed_strength=0.4, n_iter=2)
+        # A1111's rule: the seed stays, the variation seed counts up.
+        self.assertEqual(r.info["all_seeds"], [41, 41])
+        self.assertEqual(r.info["all_subseeds"], [52, 53])
+        self.assertEqual(r.info["subseed_strength"], 0.4)
+        for img, subseed, infotext in zip(r.images, r.info["all_subseeds"], r.info["infotexts"]):
+            (want,), meta = native(
+                prompt=PROMPT, seed=41, steps=2, guidance_scale=5, width=SIZE, height=SIZE,
+                scheduler="euler", tiling=True, variation_seed=subseed, variation_strength=0.4,
+            )
+            self.assertEqual(pixels(img), pixels(want), f"subseed {subseed}")
+            self.assertEqual((meta["tiling"], meta["variation_seed"]), (True, subseed))
+            self.assertIn(f"Variation seed: {subseed}, Variation seed strength: 0.4", infotext)
+            self.assertIn("Tiling: True", infotext)
+
     def test_batch_size(self):
         if "batch_size" not in native_fields():
             self.skipTest("the native API has no batch_size yet")
