@@ -13,7 +13,7 @@ use super::common::{
 };
 use super::euler::{pred_original, scale_by_sigma};
 use super::interleaved::{
-    batch_noise, log_midpoint, repeat_interior, sigma_to_t_f32, step_schedule, StepSchedule,
+    log_midpoint, repeat_interior, sigma_to_t_f32, step_schedule, StepSchedule,
 };
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
@@ -295,7 +295,7 @@ impl Scheduler for KDpm2Ancestral {
                 let x0 = self.c.x0(&mo, &s, sigma_interpol)?;
                 let derivative = div_s(&(&s - x0)?, sigma_interpol)?;
                 let prev = (start + mul_s(&derivative, sigma_down - sigma)?)?;
-                let noise = batch_noise(&mo, rngs)?;
+                let noise = common::batch_randn(&mo, rngs)?;
                 (prev + mul_s(&noise, sigma_up)?)?
             }
         };

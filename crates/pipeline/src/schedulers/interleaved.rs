@@ -1,14 +1,11 @@
 //! What the second-order sigma schedulers (Heun, KDPM2, KDPM2 ancestral) share: the per-step
 //! schedule their `set_timesteps` computes before interleaving (each interior entry is then used
-//! twice: once by the first-order half of a step and once by its second-order half), and noise
-//! drawn per image of a batch the way diffusers' `randn_tensor` draws it from a list of generators.
-
-use candle_core::Tensor;
+//! twice: once by the first-order half of a step and once by its second-order half). Their noise
+//! per image of a batch is `common::batch_randn`.
 
 use super::common::{self, ResolvedConfig};
 use super::SchedulerConfig;
-use crate::rng::TorchRng;
-use crate::{PipelineError, Result};
+use crate::Result;
 
 /// `set_timesteps` up to the interleaving.
 pub(super) struct StepSchedule {
@@ -96,21 +93,6 @@ pub(super) fn sigma_to_t_f32(sigma: f32, log_sigmas: &[f32]) -> f32 {
     let (lo, hi) = (log_sigmas[low], log_sigmas[low + 1]);
     let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
     (1.0 - w) * low as f32 + w * (low + 1) as f32
-}
-
-/// `randn_tensor(like.shape, generator=...)`: with one generator per image, each image's part is
-/// drawn from its own generator, in batch order.
-pub(super) fn batch_noise(like: &Tensor, rngs: &mut [TorchRng]) -> Result<Tensor> {
-    let batch = like.dim(0)?;
-    if rngs.len() != batch {
-        return Err(PipelineError::InvalidRequest(format!(
-            "{} generators for a batch of {batch}",
-            rngs.len()
-        )));
-    }
-    let per_image = like.elem_count() / batch.max(1);
-    let noise: Vec<f32> = rngs.iter_mut().flat_map(|r| r.randn(per_image)).collect();
-    Ok(Tensor::from_vec(noise, like.shape(), like.device())?)
 }
 
 #[cfg(test)]

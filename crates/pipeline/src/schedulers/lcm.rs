@@ -11,7 +11,6 @@ use super::common::{
     self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType,
     ResolvedConfig,
 };
-use super::interleaved::batch_noise;
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
@@ -137,7 +136,7 @@ impl Scheduler for Lcm {
             denoised
         } else {
             let a_prev = self.alpha(prev_t)?;
-            let noise = batch_noise(&mo, rngs)?;
+            let noise = common::batch_randn(&mo, rngs)?;
             (mul_s(&denoised, a_prev.sqrt())? + mul_s(&noise, (1.0 - a_prev).sqrt())?)?
         };
         Ok(prev.to_dtype(dtype)?)
