@@ -83,18 +83,12 @@ fn check(prefixes: &[&str]) {
                 (image.width as usize, image.height as usize),
                 (params.width, params.height)
             );
-            let reference = expected
-                .get(i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<u8>()
-                .unwrap();
-            let (mean, over) = pixel_difference(&image.pixels, &reference);
-            eprintln!("{label}[{i}]: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
-            if mean > 1.0 || over > 0.005 {
-                failures.push(format!("{label}[{i}]: mean {mean:.3}, >8 {over:.4}"));
-            }
+            let row = expected.get(i).unwrap();
+            failures.extend(common::image_failure(
+                &format!("{label}[{i}]"),
+                &image.pixels,
+                &row,
+            ));
         }
     }
     assert!(failures.is_empty(), "differ from diffusers: {failures:?}");

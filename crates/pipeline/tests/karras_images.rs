@@ -11,7 +11,7 @@ mod common;
 static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
     sdserve_pipeline::weights::mapped::MappedAlloc;
 
-use common::{fixture_path, generate_one, pixel_difference, read_png, request_params};
+use common::{fixture_path, generate_one, read_png, request_params};
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -60,18 +60,12 @@ fn images_match_diffusers() {
         let want = &tensors[&format!("image.{label}")];
         assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
         for (i, image) in got.iter().enumerate() {
-            let want: Vec<u8> = want
-                .get(i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let (mean, over) = pixel_difference(&image.pixels, &want);
-            eprintln!("{label}[{i}]: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
-            if mean > 1.0 || over > 0.005 {
-                failures.push(format!("{label}[{i}]: mean {mean:.3}, >8 {over:.4}"));
-            }
+            let row = want.get(i).unwrap();
+            failures.extend(common::image_failure(
+                &format!("{label}[{i}]"),
+                &image.pixels,
+                &row,
+            ));
             images += 1;
         }
     }

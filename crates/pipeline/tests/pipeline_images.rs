@@ -8,7 +8,7 @@ mod common;
 static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
     sdserve_pipeline::weights::mapped::MappedAlloc;
 
-use common::{pixel_difference, request_params, tiny_model_json};
+use common::{request_params, tiny_model_json};
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -59,16 +59,12 @@ fn check_images(name: &str) {
             (image.width as usize, image.height as usize),
             (params.width, params.height)
         );
-        let expected = reference.tensors[&format!("image.{label}")]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let (mean, over) = pixel_difference(&image.pixels, &expected);
-        eprintln!("{name} {label}: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
-        if mean > 1.0 || over > 0.005 {
-            failures.push(format!("{label}: mean {mean:.3}, >8 {over:.4}"));
-        }
+        let expected = &reference.tensors[&format!("image.{label}")];
+        failures.extend(common::image_failure(
+            &format!("{name} {label}"),
+            &image.pixels,
+            expected,
+        ));
     }
     assert!(
         failures.is_empty(),

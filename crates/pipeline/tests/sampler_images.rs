@@ -9,8 +9,8 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use candle_core::{DType, Device, IndexOp};
-use common::{fixture_path, pixel_difference, read_png, request_params, Fixtures};
+use candle_core::{DType, Device};
+use common::{fixture_path, read_png, request_params, Fixtures};
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
 
 fn tiny_a() -> StableDiffusion {
@@ -59,18 +59,12 @@ fn images_match_diffusers() {
         let expected = f.get(&format!("image.{label}"));
         assert_eq!(images.len(), expected.dim(0).unwrap(), "{label}");
         for (i, image) in images.iter().enumerate() {
-            let reference: Vec<u8> = expected
-                .i(i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let (mean, over) = pixel_difference(&image.pixels, &reference);
-            eprintln!("{label}[{i}]: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
-            if mean > 1.0 || over > 0.005 {
-                failures.push(format!("{label}[{i}]: mean {mean:.3}, >8 {over:.4}"));
-            }
+            let row = expected.get(i).unwrap();
+            failures.extend(common::image_failure(
+                &format!("{label}[{i}]"),
+                &image.pixels,
+                &row,
+            ));
         }
     }
     assert!(failures.is_empty(), "differ from diffusers: {failures:?}");

@@ -370,18 +370,12 @@ fn tiny_images_match_diffusers() {
             "{label}: progress"
         );
         for (i, image) in ours.iter().enumerate() {
-            let want: Vec<u8> = expected
-                .i(i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let (mean, over) = common::pixel_difference(&image.pixels, &want);
-            eprintln!("{label}[{i}]: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
-            if mean > 1.0 || over > 0.005 {
-                failures.push(format!("{label}[{i}]: mean {mean:.3}, >8 {over:.4}"));
-            }
+            let row = expected.get(i).unwrap();
+            failures.extend(common::image_failure(
+                &format!("{label}[{i}]"),
+                &image.pixels,
+                &row,
+            ));
         }
     }
     assert!(images.len() >= 4);

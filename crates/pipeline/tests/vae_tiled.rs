@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use common::{fixture_path, max_abs_diff, pixel_difference, read_png, Fixtures};
+use common::{fixture_path, max_abs_diff, read_png, Fixtures};
 use sdserve_pipeline::image_in::image_tensor;
 use sdserve_pipeline::memory::footprint::ModelShapes;
 use sdserve_pipeline::memory::plan::tile_candidates;
@@ -139,17 +139,8 @@ fn tiled_img2img_and_inpaint_match_diffusers() {
         let images = sd
             .generate(&params, &mut |_| ControlFlow::Continue(()))
             .unwrap();
-        let reference = r
-            .get(&format!("image.{label}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let (mean, over) = pixel_difference(&images[0].pixels, &reference);
-        eprintln!("{label}: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
-        if mean > 1.0 || over > 0.005 {
-            failures.push(format!("{label}: mean {mean:.3}, >8 {over:.4}"));
-        }
+        let reference = r.get(&format!("image.{label}"));
+        failures.extend(common::image_failure(label, &images[0].pixels, reference));
         // Untiled, the same request gives another image: the tiles are really in use.
         sd.set_vae_tiling(None);
         let whole = sd

@@ -217,6 +217,16 @@ pub fn pixel_difference(ours: &[u8], reference: &[u8]) -> (f64, f64) {
     (mean, over)
 }
 
+/// The bounds every end-to-end image test holds against diffusers' image (`reference`, a u8
+/// tensor of the image's shape): a mean absolute difference of at most 1/255 and at most 0.5 % of
+/// values off by more than 8. Prints the figures; returns the failure to report, if any.
+pub fn image_failure(label: &str, ours: &[u8], reference: &Tensor) -> Option<String> {
+    let reference: Vec<u8> = reference.flatten_all().unwrap().to_vec1().unwrap();
+    let (mean, over) = pixel_difference(ours, &reference);
+    eprintln!("{label}: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
+    (mean > 1.0 || over > 0.005).then(|| format!("{label}: mean {mean:.3}, >8 {over:.4}"))
+}
+
 /// A PNG fixture of `fixtures/images/` as RGB8 (grey images repeated over the three channels).
 pub fn read_png(name: &str) -> RgbImage {
     let file = std::fs::File::open(fixture_path("images").join(name)).unwrap();
