@@ -25,6 +25,7 @@ pub mod job;
 mod local;
 mod record;
 mod switch;
+mod table;
 mod worker;
 
 pub use cluster::{ClusterConfig, ClusterHealth, Role, WorkerHealth};

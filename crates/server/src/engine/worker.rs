@@ -14,7 +14,8 @@ use sdserve_pipeline::taesd::Taesd;
 use sdserve_pipeline::PipelineError;
 
 use super::job::{build_result, JobEvent, JobProgress, JobSpec, JobStatus, StopReason};
-use super::local::{lock, outcome_of, Inner};
+use super::local::{lock, Inner};
+use super::table::outcome_of;
 use super::{ModelState, PreviewMode};
 use crate::error::ApiError;
 use crate::generator::{Generator, Loaded, Loader, Switcher};

@@ -13,7 +13,7 @@ use crate::engine::job::{
     new_id, timestamp, Finished, JobEvent, JobLinks, JobProgress, JobSpec, JobStatus, JobView,
     StopReason,
 };
-use crate::engine::local::outcome_of;
+use crate::engine::table::outcome_of;
 use crate::error::ApiError;
 
 /// Jobs `GET /jobs` lists at most.

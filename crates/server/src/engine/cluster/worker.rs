@@ -20,7 +20,8 @@ use super::store::{Store, Written};
 use super::wire::{self, now_ms, Heartbeat, Record, WireInfo};
 use super::{started_at, worker_id, Shared, WorkerHealth};
 use crate::engine::job::{timestamp, JobEvent, JobStatus, StopReason};
-use crate::engine::local::{outcome_of, Local};
+use crate::engine::local::Local;
+use crate::engine::table::outcome_of;
 use crate::engine::{JobBackend, ModelState};
 use crate::error::ApiError;
 
