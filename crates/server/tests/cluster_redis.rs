@@ -378,3 +378,53 @@ fn throughput_one_and_two_workers() {
         })
     );
 }
+
+/// MODELS_DIR across replicas: a job naming another model than the worker holds is switched
+/// to there, and the API replica's stream shows the switch (`loading` with the model's name)
+/// as a local server's does; the ended record says `loading: null`.
+#[test]
+fn a_model_switch_on_a_worker_shows_in_the_api_replica_s_stream() {
+    let Some(redis) = Redis::start("a_model_switch_on_a_worker_shows_in_the_api_replica_s_stream")
+    else {
+        return;
+    };
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../pipeline/tests/fixtures");
+    let url = redis.url();
+    let replica = |role: &str| {
+        Server::start(&env(&[
+            ("QUEUE_URL", &url),
+            ("ROLE", role),
+            ("MODELS_DIR", fixtures),
+        ]))
+    };
+    let _worker = replica("worker");
+    let api = replica("api");
+    wait_workers(&api, 1);
+    // A longer job on the held model first, so that the stream below starts while the
+    // switching job still waits.
+    let first = submit_ok(&api, &request("held", 1, 12));
+    let mut other = request("other", 2, 2);
+    other["model"] = json!("tiny-a-vae8");
+    let id = submit_ok(&api, &other);
+    let events = follow(api.addr, &id);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let loading = events
+        .iter()
+        .position(|(n, _)| n == "loading")
+        .unwrap_or_else(|| panic!("no loading event: {names:?}"));
+    assert_eq!(events[loading].1["model"], "tiny-a-vae8", "{names:?}");
+    let started = names.iter().position(|n| *n == "started").unwrap();
+    let first_step = names.iter().position(|n| *n == "progress").unwrap();
+    assert!(started < loading && loading < first_step, "{names:?}");
+    assert_eq!(names.last(), Some(&"succeeded"), "{names:?}");
+    let ended = job(&api, &id);
+    assert!(ended["loading"].is_null(), "{ended}");
+    let version = ended["result"]["metadata"]["model_version"]
+        .as_str()
+        .unwrap();
+    assert!(version.starts_with("tiny-a-vae8@"), "{version}");
+    assert_eq!(
+        wait_end(&api, &first, Duration::from_secs(120))["status"],
+        "succeeded"
+    );
+}

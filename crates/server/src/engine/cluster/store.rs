@@ -310,6 +310,7 @@ impl Store {
         r.view.status = status;
         r.view.finished_at = Some(timestamp(SystemTime::now()));
         r.view.position = None;
+        r.view.loading = None;
         let event = match result {
             Ok(res) => {
                 r.view.result = Some(res.clone());

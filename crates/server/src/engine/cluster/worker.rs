@@ -357,15 +357,22 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
     loop {
         tokio::select! {
             event = rx.recv() => match event {
-                Ok(e @ (JobEvent::Progress(_) | JobEvent::Preview { .. })) => {
+                Ok(e @ (JobEvent::Loading { .. } | JobEvent::Progress(_) | JobEvent::Preview { .. })) => {
                     if let JobEvent::Preview { step, png_base64 } = &e {
                         // Kept while the job may run, and a while after: what pollers read.
                         let ttl = Duration::from_millis(record.deadline_ms.saturating_sub(now_ms())) + w.sh.cfg.job_ttl;
                         super::previews::store_latest(&w.sh, id, *step, png_base64, ttl).await;
                     }
                     let record = match &e {
+                        // The record says what the local one says: `loading` until the
+                        // switch ends (its first step).
+                        JobEvent::Loading { model } => {
+                            record.view.loading = Some(model.clone());
+                            Some(&record)
+                        }
                         JobEvent::Progress(p) => {
                             record.view.progress = *p;
+                            record.view.loading = None;
                             Some(&record)
                         }
                         _ => None,
