@@ -6,32 +6,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::time::Duration;
 
 use common::{decode_png, post_json_to, Server};
 use serde_json::{json, Value};
 
+/// Every request here must run, not be another's cached answer.
 fn tiny_server() -> Server {
-    let tiny = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../pipeline/tests/fixtures/tiny-b"
-    ));
-    let cache = std::env::temp_dir().join(format!("sdserve-karras-cache-{}", std::process::id()));
-    std::fs::create_dir_all(&cache).unwrap();
-    let env = vec![
-        ("MODEL_ID".to_string(), tiny.to_string_lossy().into_owned()),
-        ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
-        (
-            "MODEL_CACHE_DIR".to_string(),
-            cache.to_string_lossy().into(),
-        ),
-        // Every request here must run, not be another's cached answer.
-        ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
-    ];
-    let s = Server::start(&env);
-    s.wait_ready(Duration::from_secs(120));
-    s
+    common::tiny_server("karras", &[("RESPONSE_CACHE_MB", "0")])
 }
 
 fn ok(r: &common::Resp) -> Value {

@@ -7,34 +7,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::time::Duration;
 
 use common::{decode_png, post_json_to, Server};
 use serde_json::{json, Value};
 
-fn tiny_b() -> String {
-    concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../pipeline/tests/fixtures/tiny-b"
-    )
-    .to_string()
-}
-
 fn start() -> Server {
-    let cache: PathBuf =
-        std::env::temp_dir().join(format!("sdserve-variation-cache-{}", std::process::id()));
-    std::fs::create_dir_all(&cache).unwrap();
-    let s = Server::start(&[
-        ("MODEL_ID".to_string(), tiny_b()),
-        ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
-        (
-            "MODEL_CACHE_DIR".to_string(),
-            cache.to_string_lossy().into_owned(),
-        ),
-    ]);
-    s.wait_ready(Duration::from_secs(120));
-    s
+    common::tiny_server("variation", &[])
 }
 
 fn with(base: &Value, extra: Value) -> Value {

@@ -256,6 +256,34 @@ impl Drop for Server {
 }
 
 /// Sends a request without waiting for the answer (for disconnect tests).
+/// The tiny fixture model the end-to-end server tests run (`tiny-b`, fast at 256x256).
+pub fn tiny_b() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/tiny-b")
+}
+
+/// A ready server on [`tiny_b`] with a 600 s deadline and a model cache folder of its own
+/// (`tag` names it; the hub module memoises digests there), plus `extra` settings, e.g.
+/// `RESPONSE_CACHE_MB=0` where every request must run rather than be another's cached answer.
+pub fn tiny_server(tag: &str, extra: &[(&str, &str)]) -> Server {
+    let cache = std::env::temp_dir().join(format!("sdserve-{tag}-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    let mut env = vec![
+        (
+            "MODEL_ID".to_string(),
+            tiny_b().to_string_lossy().into_owned(),
+        ),
+        ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
+        (
+            "MODEL_CACHE_DIR".to_string(),
+            cache.to_string_lossy().into_owned(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let s = Server::start(&env);
+    s.wait_ready(Duration::from_secs(120));
+    s
+}
+
 pub fn send_only(addr: SocketAddr, body: &serde_json::Value) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     let body = body.to_string();
