@@ -214,25 +214,44 @@ fn folder_inpainting(dir: &Path) -> Result<bool, String> {
     Ok(in_channels == 2 * latent + 1)
 }
 
-/// A `.safetensors` checkpoint whose first UNet convolution takes 9 channels inpaints (read
-/// from the header only); a `.ckpt` is taken for a text-to-image one until it is loaded.
+/// The key of the UNet's first convolution in an original-layout checkpoint: 9 input channels
+/// (latents, mask, masked image) make an inpainting model.
+const UNET_IN_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
+
+/// Whether a single-file checkpoint inpaints, from its first UNet convolution's shape: a
+/// `.safetensors` header or a `.ckpt`'s pickle (read as data, no tensor bytes). Unreadable: no
+/// (the load says why).
 fn file_inpainting(path: &Path) -> bool {
-    use std::io::Read;
-    let read = || -> Option<bool> {
-        let mut f = std::fs::File::open(path).ok()?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).ok()?;
-        let len = u64::from_le_bytes(len);
-        if len > 100 << 20 {
-            return None;
-        }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
-        let shape = &v["model.diffusion_model.input_blocks.0.0.weight"]["shape"];
-        Some(shape[1].as_u64()? == 9)
+    let in_channels = match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("safetensors") => safetensors_in_channels(path),
+        _ => ckpt_in_channels(path),
     };
-    path.extension().is_some_and(|e| e == "safetensors") && read().unwrap_or(false)
+    in_channels == Some(9)
+}
+
+fn safetensors_in_channels(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v[UNET_IN_KEY]["shape"][1].as_u64()
+}
+
+fn ckpt_in_channels(path: &Path) -> Option<u64> {
+    let ckpt = sdserve_pipeline::ckpt::Checkpoint::open(path).ok()?;
+    let (_, tensor) = ckpt
+        .state_dict()
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == UNET_IN_KEY)?;
+    tensor.shape.get(1).map(|&c| c as u64)
 }
 
 /// One model as `GET /models` lists it.
@@ -360,6 +379,18 @@ mod tests {
         assert!(!b.inpainting);
         let inpaint = c.probe(&c.find("tiny-inpaint").unwrap(), &base).unwrap();
         assert!(inpaint.inpainting);
+        // Single files: the first UNet convolution's input channels, from a .safetensors
+        // header or a .ckpt's pickle.
+        let files = fixtures().join("single-file");
+        assert!(file_inpainting(&files.join("inpaint-probe.ckpt")));
+        assert_eq!(ckpt_in_channels(&files.join("tiny-a-fp16.ckpt")), Some(4));
+        assert_eq!(
+            safetensors_in_channels(&files.join("tiny-a.safetensors")),
+            Some(4)
+        );
+        assert!(!file_inpainting(&files.join("features-legacy.ckpt")));
+        assert!(!file_inpainting(&files.join("malicious-os-system.ckpt")));
+        assert!(!Path::new("/tmp/sdserve_ckpt_pwned_os-system").exists());
         std::fs::remove_dir_all(&cache).unwrap();
     }
 }

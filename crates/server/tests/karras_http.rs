@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::{decode_png, post_json_to, Server};
 use serde_json::{json, Value};
 

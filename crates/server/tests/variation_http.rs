@@ -7,7 +7,6 @@
 
 mod common;
 
-
 use common::{decode_png, post_json_to, Server};
 use serde_json::{json, Value};
 
