@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 
+use super::vae_choice::VaeWeights;
 use super::{component_weight_files, StableDiffusion};
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::embeddings::EmbeddingLibrary;
@@ -16,8 +16,6 @@ use crate::memory::{MemoryPlan, Offload};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
-use crate::vae::{AutoencoderKlDecoder, VaeConfig};
-use crate::vae_encoder::AutoencoderKlEncoder;
 use crate::{PipelineError, Result};
 
 /// `model_index.json`: which pipeline the folder holds. Components are read from their
@@ -80,42 +78,16 @@ impl StableDiffusion {
             None,
         )?;
 
-        let vae_config: VaeConfig = read_json(&dir.join("vae/config.json"))?;
-        let vae_files = |d: DType| {
-            // An f32 VAE from the full-precision file; a folder with only fp16 files upcasts.
-            component_weight_files(dir, "vae", "diffusion_pytorch_model", d)
-                .or_else(|_| component_weight_files(dir, "vae", "diffusion_pytorch_model", dtype))
-        };
-        let scaling_factor = vae_config.scaling_factor;
-        let vae_scale_factor = 1usize << (vae_config.block_out_channels.len().saturating_sub(1));
-        let vae_latent_channels = vae_config.latent_channels;
-        let encoder_config = vae_config.clone();
-        let vae_encoder = Component::new(
-            "vae_encoder",
-            vae_files(plan.vae_dtype)?,
-            plan.vae_dtype,
-            move |vb| AutoencoderKlEncoder::new(vb, &encoder_config),
-            resident,
-        )?;
-        let vae_build = move |vb: VarBuilder| AutoencoderKlDecoder::new(vb, &vae_config);
-        let vae_f32 = if plan.vae_nan_retry && plan.vae_dtype != DType::F32 {
-            Some(Component::new(
-                "vae",
-                vae_files(DType::F32)?,
-                DType::F32,
-                vae_build.clone(),
-                None,
-            )?)
-        } else {
-            None
-        };
-        let vae = Component::new(
-            "vae",
-            vae_files(plan.vae_dtype)?,
-            plan.vae_dtype,
-            vae_build,
-            resident,
-        )?;
+        let vae_weights = VaeWeights::of_model(dir, plan, dtype)?;
+        let scaling_factor = vae_weights.config.scaling_factor;
+        let vae_scale_factor = 1usize
+            << (vae_weights
+                .config
+                .block_out_channels
+                .len()
+                .saturating_sub(1));
+        let vae_latent_channels = vae_weights.config.latent_channels;
+        let (vae, vae_encoder, vae_f32) = vae_weights.components(plan, device)?;
 
         let scheduler_config: SchedulerConfig =
             read_json(&dir.join("scheduler/scheduler_config.json"))?;
@@ -133,6 +105,8 @@ impl StableDiffusion {
             vae_encoder,
             vae_latent_channels,
             vae_f32,
+            own_vae: vae_weights.clone(),
+            vae_weights,
             plan: plan.clone(),
             last_memory: std::sync::Mutex::new(None),
             last_decode_retried: std::sync::atomic::AtomicBool::new(false),

@@ -5,7 +5,7 @@
 //! `postprocess`); `images_in` starts from an image instead. `load` reads a model folder
 //! (`weight_files`: which files hold each component's weights), `memory_levers` switches
 //! offload/slicing/tiling, `adapters` holds LoRAs and embeddings, `params` what a request asks
-//! and gets back.
+//! and gets back, `vae_choice` which VAE decodes.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -32,6 +32,7 @@ mod load;
 mod memory_levers;
 mod params;
 mod prepare;
+mod vae_choice;
 mod variation;
 mod weight_files;
 
@@ -60,6 +61,10 @@ pub struct StableDiffusion {
     vae_latent_channels: usize,
     /// The VAE in f32, built only to redo a half-precision decode that produced NaN/Inf.
     vae_f32: Option<Component<AutoencoderKlDecoder>>,
+    /// The weights `vae`, `vae_encoder` and `vae_f32` are built from: the model's own
+    /// (`own_vae`) or an external VAE swapped in (`set_vae`).
+    vae_weights: vae_choice::VaeWeights,
+    own_vae: vae_choice::VaeWeights,
     plan: MemoryPlan,
     last_memory: std::sync::Mutex<Option<MemoryUsage>>,
     last_decode_retried: std::sync::atomic::AtomicBool,

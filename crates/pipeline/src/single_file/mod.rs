@@ -19,7 +19,8 @@
 //!
 //! Files: `convert` (the conversion), `key_map` (LDM -> diffusers key names), `configs`
 //! (configs read or inferred from shapes), `validate` (weight checks of a folder), `checked`
-//! (a VarBuilder that checks each tensor as it loads); this one reads the source file.
+//! (a VarBuilder that checks each tensor as it loads), `vae_file` (a standalone VAE file read
+//! for a swap); this one reads the source file.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -35,12 +36,14 @@ mod checked;
 mod configs;
 mod convert;
 mod key_map;
+mod vae_file;
 mod validate;
 
 pub use checked::{checked_var_builder, CheckedWeights};
 pub use configs::sd15_scheduler_config;
 pub use convert::convert_single_file;
 pub use key_map::{map_unet_key, map_vae_key};
+pub use vae_file::read_vae_file;
 pub use validate::{component_weight_files, validate_folder, validate_safetensors, weight_variant};
 pub(crate) use validate::{finite_sample_step, first_non_finite};
 
