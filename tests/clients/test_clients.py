@@ -265,6 +265,14 @@ class A1111(Timed):
         self.assertGreater(memory["ram"]["total"], memory["ram"]["used"])
         self.assertEqual(memory["cuda"], {"error": "unavailable"})
 
+    def test_cmd_flags(self):
+        flags = self.api.get_cmd_flags()
+        self.assertIs(flags["api"], True)
+        self.assertEqual(flags["port"], int(SERVER.addr.rsplit(":", 1)[1]))
+        self.assertEqual(flags["use_cpu"], ["all"])
+        self.assertIs(flags["lowvram"], False)
+        self.assertIsNone(flags["api_auth"])
+
     def test_txt2img_samplers_seeds_and_iterations_equal_native(self):
         for sampler, scheduler, native_name, n_iter in [
             ("DPM++ 2M", "Karras", "dpmpp_2m_karras", 2),

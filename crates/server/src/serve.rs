@@ -182,7 +182,11 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         started,
         max_body_bytes: args.max_body_bytes,
         load_status,
-        a1111: Default::default(),
+        a1111: crate::api::a1111::Dialect::new(crate::api::a1111::cmd_flags::ServerFlags {
+            // The port bound (PORT=0 picks one).
+            port: addr.port(),
+            ..crate::api::a1111::cmd_flags::ServerFlags::from_args(&args)
+        }),
         openai_files: Default::default(),
         security,
         adapter_dirs: args.model.adapter_dirs(),

@@ -3,6 +3,8 @@
 //! image as native `/generate`" means "translated to the same request"). The real clients on the
 //! real tiny model are driven by tests/clients (a `.ci/run` stage).
 
+#[path = "dialects/cmd_flags.rs"]
+mod cmd_flags;
 mod common;
 #[path = "dialects/hires.rs"]
 mod hires;

@@ -10,6 +10,7 @@
 //! the interrupt, as A1111 does.
 
 mod checkpoints;
+pub mod cmd_flags;
 pub mod info;
 mod listings;
 pub(crate) mod samplers;
@@ -44,6 +45,17 @@ pub struct Dialect {
     /// What `POST options` stored (A1111 keeps settings server-wide).
     options: Mutex<Map<String, Value>>,
     active: Mutex<Vec<Arc<Active>>>,
+    /// How the process was started, for `cmd-flags`.
+    flags: cmd_flags::ServerFlags,
+}
+
+impl Dialect {
+    pub fn new(flags: cmd_flags::ServerFlags) -> Self {
+        Self {
+            flags,
+            ..Default::default()
+        }
+    }
 }
 
 /// One A1111 request in flight.
@@ -101,6 +113,7 @@ pub fn router(json_limit: usize) -> Router<Shared> {
             post(listings::refresh_embeddings),
         )
         .route("/sdapi/v1/png-info", post(png_info))
+        .route("/sdapi/v1/cmd-flags", get(cmd_flags::cmd_flags))
         .route("/sdapi/v1/memory", get(listings::memory))
         .route("/sdapi/v1/hypernetworks", get(listings::hypernetworks))
         .route("/sdapi/v1/face-restorers", get(listings::face_restorers))

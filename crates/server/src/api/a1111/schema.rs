@@ -154,7 +154,7 @@ pub struct A1111Progress {
     paths(
         super::txt2img, super::img2img, super::progress, super::interrupt, super::skip,
         super::samplers, super::schedulers, super::sd_models, super::get_options,
-        super::set_options, super::png_info, super::listings::loras,
+        super::set_options, super::png_info, super::cmd_flags::cmd_flags, super::listings::loras,
         super::listings::refresh_loras, super::listings::embeddings,
         super::listings::refresh_embeddings, super::listings::memory,
         super::listings::hypernetworks, super::listings::face_restorers,
