@@ -17,6 +17,7 @@ pub mod memory;
 pub mod pipeline;
 pub mod preview;
 pub mod prompt;
+pub mod prompt_schedule;
 pub mod rng;
 pub mod schedulers;
 pub mod single_file;

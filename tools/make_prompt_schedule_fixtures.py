@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Reference prompt schedules and AND splits for A1111's prompt editing (`[from:to:when]`),
+alternation (`[a|b]`) and composable diffusion (`a AND b :1.2`): A1111's own
+`modules/prompt_parser.py` (its lark grammar `schedule_parser`,
+`get_learned_conditioning_prompt_schedules`, `re_AND`, `re_weight`, `get_multicond_prompt_list`),
+taken from a checkout of AUTOMATIC1111/stable-diffusion-webui with `ast` (the source is executed,
+not copied here) and run on the prompts below and on seeded random ones. Default options:
+`use_old_scheduling` False (A1111 1.6+). Pinned: lark (tools/requirements.txt).
+
+Writes crates/pipeline/tests/fixtures/prompt_schedules.json:
+  schedules: [{prompt, steps, hires_steps (null: a first pass), schedule: [[end_at_step, text]]}]
+  and_parts: [{prompt, parts: [[text, weight]]}]   (one prompt's get_multicond_prompt_list)
+
+Usage:
+  python tools/make_prompt_schedule_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
+"""
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import random
+
+import lark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
+
+# What people write, and the corners of the grammar: nesting, escapes, `when` as a fraction
+# (with a ".") and as a step (without), numbers past the steps, signs and exponents, empty
+# sides, whitespace around the number, alternation with empty options, AND with weights,
+# `(x:1.2)` emphasis inside and around, BREAK, and prompts the grammar refuses (a `|` outside
+# brackets, a trailing backslash): those stay as written.
+PROMPTS = [
+    "a photo of a cat",
+    "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6][ in background:0.25] [shoddy:masterful:0.5]",
+    "a [b:3]",
+    "a [b: 3]",
+    "a [b:3 ]",
+    "a [[[b]]:2]",
+    "[(a:2):3]",
+    "a [b : c : 1] d",
+    "a[b:[c:d:2]:1]e",
+    "a [unbalanced",
+    "a [b:.5] c",
+    "a [b:0.5] c",
+    "a [b:1.0] c",
+    "a [b:1.5] c",
+    "a [b:15] c",
+    "a [b:0] c",
+    "a [b:-2] c",
+    "a [b:+3] c",
+    "a [b:1e1] c",
+    "a [b:2.5e-1] c",
+    "a [b:5.] c",
+    "a [{b|d{:.5] c",
+    "((a][:b:c [d:3]",
+    "[a|(b:1.1)]",
+    "[fe|]male",
+    "[fe|||]male",
+    "[cat|dog|bird] in a field",
+    "a [cat|dog] and a [red|green|blue] ball",
+    "a (red:1.3) [cat:dog:0.4], (masterpiece), [[blurry]]",
+    "a [(cat:1.2):(dog:0.8):6] on a sofa",
+    "a [cat:[dog|fox]:0.5]",
+    "[a:[b:c:0.8]:0.2]",
+    "an escaped \\[not:scheduled:3\\] bracket",
+    "an escaped \\(paren\\) and [x:y:2]",
+    "a | pipe outside",
+    "a trailing backslash \\",
+    "a [b:c:d:3] e",
+    "a [b:c] e",
+    "a (b:c) [d:e:2]",
+    "(a [b:c:2] d)",
+    "(a [b:c:2] d:1.4)",
+    "[a [b:c:2]]",
+    "a cat BREAK a [dog:fox:0.5]",
+    "a [dog:fox:0.5] BREAK a cat",
+    "a [ cat : dog : 0.5 ] here",
+    "a [:dog:0.3] here",
+    "a [cat::0.3] here",
+    "[|]",
+    "[]",
+    "a ) b ] c [d:2]",
+    "a (b) [c] (d:1.5) [e:f:0.5]",
+    "the [quick|slow] [brown:red:4] fox:1.2",
+    "lighthouse, [day:night:0.5], [calm|stormy] sea, (dramatic clouds:1.2)",
+]
+
+AND_PROMPTS = [
+    "a cat",
+    "a cat AND a dog",
+    "a cat :1.2 AND a dog",
+    "a cat:1.2 AND a dog :0.8",
+    "a cat AND a dog: -0.5",
+    "a cat AND a dog :.5",
+    "a cat AND a dog :2.",
+    "a photo:1.5",
+    "(a cat:1.2)",
+    "a cat ANDa dog",
+    "a cat AND AND a dog",
+    "AND",
+    "a cat AND",
+    " a cat  AND  a dog  ",
+    "a [cat:dog:0.5] AND a [red|blue] ball :0.7",
+    "a cat AND a cat",
+    "a cat :1.2:1.3",
+    "a cat :1.2 x",
+    "ANDROID AND band",
+    "a cat\nAND\na dog :0.6\n",
+]
+
+# Random prompts over the grammar's characters (seeded): every branch of the parser, and the
+# places where it gives up.
+ALPHABET = ["a", "b", " ", "[", "]", "(", ")", ":", "|", "1", "2", ".5", "0.3", "\\", "\\[", " AND ", "x y",
+            "[a:", ":2]", ":0.5]", "[b|", "|c]", "(d:1.2)", "[e:f:3]", "[g|h]"]
+
+
+def random_prompts(n, seed=1234):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(1, 14)
+        out.append("".join(rng.choice(ALPHABET) for _ in range(length)))
+    return out
+
+
+def a1111_prompt_parser(checkout):
+    path = os.path.join(checkout, "modules", "prompt_parser.py")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    tree = ast.parse(source)
+    wanted_fns = {"get_learned_conditioning_prompt_schedules", "get_multicond_prompt_list"}
+    wanted_vars = {"schedule_parser", "re_AND", "re_weight"}
+    nodes = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            nodes.append(node)
+        elif isinstance(node, ast.FunctionDef) and node.name in wanted_fns:
+            nodes.append(node)
+        elif isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id in wanted_vars for t in node.targets):
+            nodes.append(node)
+    assert len(nodes) == 6, f"expected the future import, 3 assignments and 2 functions, got {len(nodes)}"
+    digest = hashlib.sha256()
+    for node in nodes:
+        digest.update(ast.get_source_segment(source, node).encode())
+    import re
+    # `SdConditioning` only carries SDXL's sizes along; a list does the rest.
+    namespace = {"lark": lark, "re": re, "SdConditioning": list}
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), path, "exec"), namespace)
+    return namespace, digest.hexdigest()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
+                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args()
+    if not args.a1111:
+        # tools/make_fixtures.sh runs every script: without A1111's source the committed
+        # fixtures stay as they are.
+        print("make_prompt_schedule_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+        return
+    ns, digest = a1111_prompt_parser(args.a1111)
+    schedules_of = ns["get_learned_conditioning_prompt_schedules"]
+    schedules = []
+    # (base steps, hires steps): first passes of several lengths (second-order samplers count
+    # twice the steps), and hires passes that go on from a first pass.
+    step_cases = [(10, None), (20, None), (7, None), (10, 6), (40, 20)]
+    for prompt in PROMPTS:
+        for steps, hires in step_cases:
+            s = schedules_of([prompt], steps, hires)[0]
+            schedules.append(dict(prompt=prompt, steps=steps, hires_steps=hires,
+                                  schedule=[[int(t), text] for t, text in s]))
+    for prompt in random_prompts(400):
+        for steps, hires in [(9, None), (9, 4)]:
+            s = schedules_of([prompt], steps, hires)[0]
+            schedules.append(dict(prompt=prompt, steps=steps, hires_steps=hires,
+                                  schedule=[[int(t), text] for t, text in s]))
+    and_parts = []
+    for prompt in AND_PROMPTS + random_prompts(100, seed=99):
+        indexes, flat, _ = ns["get_multicond_prompt_list"]([prompt])
+        and_parts.append(dict(prompt=prompt, parts=[[flat[i], w] for i, w in indexes[0]]))
+    meta = {
+        "generated_by": "tools/make_prompt_schedule_fixtures.py",
+        "versions": {"lark": lark.__version__},
+        "source": "modules/prompt_parser.py (schedule_parser, get_learned_conditioning_prompt_schedules, "
+                  f"re_AND, re_weight, get_multicond_prompt_list), source sha256 {digest}",
+        "schedules": schedules,
+        "and_parts": and_parts,
+    }
+    with open(os.path.join(args.out, "prompt_schedules.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=0, ensure_ascii=False)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
