@@ -511,6 +511,18 @@ class OpenAI(Timed):
         self.assertEqual(cm.exception.body["param"], "hires.scale")
         self.assertIn("332.8", cm.exception.body["message"])
 
+    def test_tiling_and_variation_seeds_in_extra_body_equal_native(self):
+        extras = {"seed": 14, "steps": 2, "tiling": True, "variation_seed": 99,
+                  "variation_strength": 0.3}
+        r = self.client.images.generate(prompt=PROMPT, size=f"{SIZE}x{SIZE}",
+                                        response_format="b64_json", extra_body=extras)
+        got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        (want,), meta = native(prompt=PROMPT, width=SIZE, height=SIZE, **extras)
+        self.assertEqual(pixels(got), pixels(want))
+        self.assertEqual((meta["tiling"], meta["variation_seed"]), (True, 99))
+        (plain,), _ = native(prompt=PROMPT, width=SIZE, height=SIZE, seed=14, steps=2)
+        self.assertNotEqual(pixels(got), pixels(plain))
+
     def test_bad_request_is_raised_as_bad_request_error(self):
         with self.assertRaises(openai.BadRequestError) as cm:
             self.client.images.generate(prompt=PROMPT, size="1024x1024")

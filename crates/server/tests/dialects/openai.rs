@@ -162,3 +162,54 @@ fn openai_edits_read_multipart_and_name_what_is_wrong() {
     let r = post(&s, "/v1/images/edits", &json!({"prompt": "p"}));
     assert_eq!(openai_error(&r, 400, None)["code"], "invalid_json");
 }
+
+/// Our extras `tiling`, `variation_seed`, `variation_strength` (and the prompt ones) pass
+/// through `images/generations` as the native request; a broken rule is a 400 naming them.
+#[test]
+fn openai_generations_take_tiling_and_variation_seeds() {
+    let s = ready("step_ms=0", &[]);
+    let extras = json!({"seed": 6, "steps": 2, "tiling": true, "variation_seed": 77,
+                        "variation_strength": 0.4, "prompt_syntax": "plain", "clip_skip": 2});
+    let mut body = json!({"prompt": "tiles", "n": 2, "size": "256x256"});
+    let mut native = json!({"prompt": "tiles", "batch_size": 2, "width": 256, "height": 256});
+    for (k, v) in extras.as_object().unwrap() {
+        body[k] = v.clone();
+        native[k] = v.clone();
+    }
+    let r = post(&s, "/v1/images/generations", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let native = s.post_json(&native);
+    assert_eq!(native.status, 200, "{}", native.text());
+    let want: Vec<Vec<u8>> = native.json()["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| decode_png(b.as_str().unwrap()).2)
+        .collect();
+    let got: Vec<Vec<u8>> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| decode_png(d["b64_json"].as_str().unwrap()).2)
+        .collect();
+    assert_eq!(got, want);
+    // The extras changed the request: without them the images differ.
+    let plain = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "tiles", "n": 2, "size": "256x256", "seed": 6, "steps": 2}),
+    );
+    assert_ne!(
+        decode_png(plain.json()["data"][0]["b64_json"].as_str().unwrap()).2,
+        got[0]
+    );
+    for (k, v) in [
+        ("tiling", json!("yes")),
+        ("variation_strength", json!(1.5)),
+        ("variation_seed", json!(-1)),
+    ] {
+        let mut bad = json!({"prompt": "tiles", "size": "256x256"});
+        bad[k] = v;
+        openai_error(&post(&s, "/v1/images/generations", &bad), 400, Some(k));
+    }
+}

@@ -7,8 +7,9 @@ use utoipa::{OpenApi, ToSchema};
 /// Body of `POST /v1/images/generations`. OpenAI's `model`, `quality`, `style`, `user`,
 /// `moderation`, `background` (not `transparent`), `output_format` (`png`) are accepted and
 /// ignored; unknown parameters are a 400. Rules are the native ones, named as sent. Our extras
-/// (`negative_prompt`, `seed`, `steps`, `guidance_scale`, `scheduler`, `hires`, ...) are native
-/// fields under their native names (the `openai` client sends them in `extra_body`).
+/// (`negative_prompt`, `seed`, `steps`, `guidance_scale`, `scheduler`, `hires`, `tiling`,
+/// `variation_seed`, `variation_strength`, ...) are native fields under their native names
+/// (the `openai` client sends them in `extra_body`).
 #[derive(Serialize, ToSchema)]
 #[schema(as = openai::ImageGenerationRequest)]
 pub struct GenerationRequest {
@@ -25,6 +26,10 @@ pub struct GenerationRequest {
     /// `b64_json` (`url` when `model` is a `dall-e-*` name, as OpenAI does).
     #[schema(nullable = true)]
     pub response_format: Option<ResponseFormat>,
+    /// OpenAI's model names (`dall-e-*`, `gpt-image-*`) run the default model; another name is
+    /// one of ours (`GET /v1/models`), as the native `model`.
+    #[schema(nullable = true, example = "dall-e-3")]
+    pub model: Option<String>,
     /// Our extras, as natively (at most 500 characters counted after cleaning).
     #[schema(nullable = true)]
     pub negative_prompt: Option<String>,
@@ -41,6 +46,25 @@ pub struct GenerationRequest {
     /// `512x512`). A broken rule is a 400 whose `param` names `hires.<key>`.
     #[schema(nullable = true)]
     pub hires: Option<crate::api::HiresRequest>,
+    /// Our extras as natively: A1111's prompt syntax (`a1111`, the default, or `plain`),
+    /// clip skip and LoRAs.
+    #[schema(nullable = true, default = "a1111")]
+    pub prompt_syntax: Option<crate::api::PromptSyntaxName>,
+    #[schema(minimum = 1, maximum = 4, default = 1, nullable = true)]
+    pub clip_skip: Option<u32>,
+    #[schema(max_items = 8, nullable = true)]
+    pub loras: Option<Vec<crate::api::LoraUse>>,
+    /// Seamless textures, as natively (A1111's `tiling`).
+    #[schema(default = false, nullable = true)]
+    pub tiling: Option<bool>,
+    /// A1111's variation seed (`subseed`), as natively: the starting noise bent towards this
+    /// seed's by `variation_strength`; image *i* of `n` uses variation seed + *i*, every image
+    /// keeping `seed`.
+    #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
+    pub variation_seed: Option<u64>,
+    /// A1111's `subseed_strength`: 0 is the seed's image, 1 the variation seed's noise.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
+    pub variation_strength: Option<f64>,
 }
 
 /// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:

@@ -40,7 +40,7 @@ pub const FIELD_NAMES: [(&str, &str); 5] = [
 ];
 
 /// Native fields a client may not set directly: OpenAI's own parameters stand for them.
-const MAPPED: [&str; 6] = [
+pub(crate) const MAPPED: [&str; 6] = [
     "prompt",
     "batch_size",
     "width",
