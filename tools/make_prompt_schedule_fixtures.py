@@ -10,6 +10,8 @@ not copied here) and run on the prompts below and on seeded random ones. Default
 Writes crates/pipeline/tests/fixtures/prompt_schedules.json:
   schedules: [{prompt, steps, hires_steps (null: a first pass), schedule: [[end_at_step, text]]}]
   and_parts: [{prompt, parts: [[text, weight]]}]   (one prompt's get_multicond_prompt_list)
+  plans: [{prompt, negative_prompt, steps, parts: [{weight, schedule}], negative_schedule}]
+         whole requests' conditioning plans, for tools/make_prompt_schedule_images.py
 
 Usage:
   python tools/make_prompt_schedule_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
@@ -111,6 +113,20 @@ AND_PROMPTS = [
     "a cat\nAND\na dog :0.6\n",
 ]
 
+# Whole requests for tools/make_prompt_schedule_images.py: (prompt, negative prompt, steps as A1111
+# counts them: the steps times 2 for a second-order sampler). Their plans are written out in
+# full (AND parts, then each part's and the negative prompt's schedule), as A1111's
+# get_multicond_learned_conditioning and get_learned_conditioning make them.
+PLANS = [
+    ("a photo of [an astronaut:a diver:0.4] riding a horse on mars", "blurry, low quality", 10),
+    ("a [photo of an astronaut riding a horse|watercolor painting of a castle at night] on mars",
+     "blurry, [low quality:ugly:3]", 10),
+    ("a photo of an astronaut riding a horse AND on mars :0.7", "blurry, low quality", 10),
+    ("[an astronaut:a diver:0.5] riding a horse :1.2 AND red planet", "blurry, low quality", 10),
+    ("a watercolor painting of a [lighthouse:castle:0.5] at sunset", "", 10),
+    ("a watercolor painting of a lighthouse AND a [red|golden] sunset :0.6", "", 10),
+]
+
 # Random prompts over the grammar's characters (seeded): every branch of the parser, and the
 # places where it gives up.
 ALPHABET = ["a", "b", " ", "[", "]", "(", ")", ":", "|", "1", "2", ".5", "0.3", "\\", "\\[", " AND ", "x y",
@@ -184,6 +200,16 @@ def main():
     for prompt in AND_PROMPTS + random_prompts(100, seed=99):
         indexes, flat, _ = ns["get_multicond_prompt_list"]([prompt])
         and_parts.append(dict(prompt=prompt, parts=[[flat[i], w] for i, w in indexes[0]]))
+    plans = []
+    for prompt, negative, steps in PLANS:
+        indexes, flat, _ = ns["get_multicond_prompt_list"]([prompt])
+        parts = []
+        for i, weight in indexes[0]:
+            s = schedules_of([flat[i]], steps)[0]
+            parts.append(dict(weight=weight, schedule=[[int(t), text] for t, text in s]))
+        neg = schedules_of([negative], steps)[0]
+        plans.append(dict(prompt=prompt, negative_prompt=negative, steps=steps, parts=parts,
+                          negative_schedule=[[int(t), text] for t, text in neg]))
     meta = {
         "generated_by": "tools/make_prompt_schedule_fixtures.py",
         "versions": {"lark": lark.__version__},
@@ -191,6 +217,7 @@ def main():
                   f"re_AND, re_weight, get_multicond_prompt_list), source sha256 {digest}",
         "schedules": schedules,
         "and_parts": and_parts,
+        "plans": plans,
     }
     with open(os.path.join(args.out, "prompt_schedules.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=0, ensure_ascii=False)

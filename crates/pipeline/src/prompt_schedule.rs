@@ -186,6 +186,70 @@ pub fn entry_at<T>(entries: &[(usize, T)], step: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// What a request's prompts ask of each UNet evaluation, as A1111's
+/// `get_multicond_learned_conditioning` (prompt) and `get_learned_conditioning` (negative
+/// prompt, never split on AND) lay it out: the distinct texts to encode once each, and for
+/// every AND part and the negative prompt a schedule of `(end_at_step, text index)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptPlan {
+    /// Distinct texts, negative prompt's first, in order of first use.
+    pub texts: Vec<String>,
+    /// The prompt's AND parts: weight and schedule.
+    pub parts: Vec<(f64, Vec<(usize, usize)>)>,
+    /// The negative prompt's schedule; `None` when it is not asked for.
+    pub negative: Option<Vec<(usize, usize)>>,
+}
+
+impl PromptPlan {
+    /// `steps`/`hires_steps` as [`schedule`] takes them.
+    pub fn new(
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        steps: usize,
+        hires_steps: Option<usize>,
+    ) -> Self {
+        let mut texts: Vec<String> = Vec::new();
+        let mut index_of = |text: String| match texts.iter().position(|t| *t == text) {
+            Some(i) => i,
+            None => {
+                texts.push(text);
+                texts.len() - 1
+            }
+        };
+        let mut scheduled = |text: &str| -> Vec<(usize, usize)> {
+            schedule(text, steps, hires_steps)
+                .into_iter()
+                .map(|(end, text)| (end, index_of(text)))
+                .collect()
+        };
+        let negative = negative_prompt.map(&mut scheduled);
+        let parts = and_parts(prompt)
+            .into_iter()
+            .map(|part| (part.weight, scheduled(&part.text)))
+            .collect();
+        Self {
+            texts,
+            parts,
+            negative,
+        }
+    }
+
+    /// More than one AND part, or one with a weight other than 1: the guidance sums the
+    /// parts (`uncond + sum_i w_i * g * (cond_i - uncond)`), so it needs the negative prompt's
+    /// prediction even where classifier-free guidance would be off.
+    pub fn composed(&self) -> bool {
+        self.parts.len() != 1 || self.parts[0].0 != 1.0
+    }
+
+    /// The texts (indices into `texts`) each AND part and the negative prompt use at UNet
+    /// evaluation `step` (0-based).
+    pub fn at(&self, step: usize) -> (Vec<(usize, f64)>, Option<usize>) {
+        let pick = |s: &[(usize, usize)]| s[entry_at(s, step)].1;
+        let parts = self.parts.iter().map(|(w, s)| (pick(s), *w)).collect();
+        (parts, self.negative.as_deref().map(pick))
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Node {
     /// Text as written (plain text, escapes kept, emphasis brackets, stray brackets).
@@ -454,6 +518,21 @@ mod tests {
         assert_eq!(parts[1].text, " a dog");
         assert_eq!(parts[1].weight, 1.0);
         assert_eq!(and_parts("ANDROID").len(), 1);
+    }
+
+    #[test]
+    fn plan_encodes_each_text_once() {
+        let plan = PromptPlan::new("[a|b] AND c :0.5", Some("[x:y:2]"), 4, None);
+        assert_eq!(plan.texts, vec!["x", "y", "a", "b", " c"]);
+        assert!(plan.composed());
+        assert_eq!(plan.at(0), (vec![(2, 1.0), (4, 0.5)], Some(0)));
+        // A1111 counts evaluations from 0 against ends from 1: 0 and 1 both take the first.
+        assert_eq!(plan.at(1), (vec![(2, 1.0), (4, 0.5)], Some(0)));
+        assert_eq!(plan.at(2), (vec![(3, 1.0), (4, 0.5)], Some(0)));
+        assert_eq!(plan.at(3), (vec![(2, 1.0), (4, 0.5)], Some(1)));
+        let plain = PromptPlan::new("a cat", None, 4, None);
+        assert!(!plain.composed());
+        assert_eq!(plain.at(2), (vec![(0, 1.0)], None));
     }
 
     #[test]

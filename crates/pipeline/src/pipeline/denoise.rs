@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+use super::encode_prompt::{ScheduledConditioning, StepConditioning};
 use super::{images_in, Conditioning, StableDiffusion, StepHook, StepProgress};
 use crate::kernels::cuda::StepGraph;
 use crate::rng::TorchRng;
@@ -14,7 +15,7 @@ impl StableDiffusion {
     pub(super) fn denoise(
         &self,
         start: images_in::Start,
-        text_embeddings: &Conditioning,
+        text_embeddings: &ScheduledConditioning,
         scheduler: &mut dyn Scheduler,
         begin: usize,
         guidance_scale: f64,
@@ -40,11 +41,13 @@ impl StableDiffusion {
             if let Some(state) = &inpaint {
                 model_input = state.unet_input(model_input)?;
             }
+            // A1111's denoiser counts its calls from 0: one per UNet evaluation.
+            let conditioning = text_embeddings.at(index - begin)?;
             let noise_pred = self.predict_noise_with(
                 &unet,
                 &model_input,
                 t,
-                text_embeddings,
+                &conditioning,
                 guidance_scale,
                 Some(&mut graph),
             )?;
@@ -88,6 +91,7 @@ impl StableDiffusion {
             2 => Conditioning::Joint(text_embeddings.clone()),
             _ => Conditioning::Cond(text_embeddings.clone()),
         };
+        let conditioning = StepConditioning::Single(conditioning);
         self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale, None)
     }
 
@@ -100,7 +104,7 @@ impl StableDiffusion {
         unet: &UNet2DConditionModel,
         latents: &Tensor,
         t: f64,
-        conditioning: &Conditioning,
+        conditioning: &StepConditioning,
         guidance_scale: f64,
         graph: Option<&mut StepGraph>,
     ) -> Result<Tensor> {
@@ -117,6 +121,23 @@ impl StableDiffusion {
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Ok(Tensor::cat(&rows, 0)?)
+        };
+        let conditioning = match conditioning {
+            StepConditioning::Single(c) => c,
+            StepConditioning::Composed {
+                uncond,
+                conds,
+                weights,
+            } => {
+                return self.predict_composed(
+                    unet,
+                    latents,
+                    t,
+                    (uncond, conds, weights),
+                    guidance_scale,
+                    repeat,
+                )
+            }
         };
         let text_embeddings = match conditioning {
             Conditioning::Cond(e) | Conditioning::Joint(e) => e,
@@ -162,6 +183,43 @@ impl StableDiffusion {
         let uncond = noise_pred.narrow(0, 0, n)?;
         let cond = noise_pred.narrow(0, n, n)?;
         Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?)
+    }
+}
+
+impl StableDiffusion {
+    /// Composable diffusion as A1111's `combine_denoised`: `uncond + sum_i w_i * g * (cond_i -
+    /// uncond)` over the AND parts, every part a row of one UNet batch with the negative
+    /// prompt's (two passes where the negative prompt's length differs, as A1111 batches).
+    fn predict_composed(
+        &self,
+        unet: &UNet2DConditionModel,
+        latents: &Tensor,
+        t: f64,
+        (uncond, conds, weights): (&Tensor, &Tensor, &[f64]),
+        guidance_scale: f64,
+        repeat: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let n = latents.dim(0)?;
+        let parts = conds.dim(0)?;
+        let (uncond_pred, cond_pred) = if uncond.dim(1)? == conds.dim(1)? {
+            let embeddings = Tensor::cat(&[repeat(uncond)?, repeat(conds)?], 0)?;
+            let input = Tensor::cat(&vec![latents; parts + 1], 0)?;
+            let t = Tensor::full(t as f32, embeddings.dim(0)?, &self.device)?;
+            let out = unet.forward(&input, &t, &embeddings)?;
+            (out.narrow(0, 0, n)?, out.narrow(0, n, n * parts)?)
+        } else {
+            let tu = Tensor::full(t as f32, n, &self.device)?;
+            let uncond_pred = unet.forward(latents, &tu, &repeat(uncond)?)?;
+            let tc = Tensor::full(t as f32, n * parts, &self.device)?;
+            let input = Tensor::cat(&vec![latents; parts], 0)?;
+            (uncond_pred, unet.forward(&input, &tc, &repeat(conds)?)?)
+        };
+        let mut pred = uncond_pred.clone();
+        for (i, w) in weights.iter().enumerate() {
+            let delta = (cond_pred.narrow(0, i * n, n)? - &uncond_pred)?;
+            pred = (pred + (delta * (w * guidance_scale))?)?;
+        }
+        Ok(pred)
     }
 }
 

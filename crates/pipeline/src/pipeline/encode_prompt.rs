@@ -5,7 +5,8 @@ use candle_core::{DType, Tensor};
 
 use super::{GenerationParams, PromptSyntax, StableDiffusion};
 use crate::prompt::Chunk;
-use crate::Result;
+use crate::prompt_schedule::PromptPlan;
+use crate::{PipelineError, Result};
 
 impl StableDiffusion {
     /// The text conditioning of a request: its prompt (and negative prompt when classifier-free
@@ -13,18 +14,39 @@ impl StableDiffusion {
     /// negative prompt of the same length go through the UNet as one batch; otherwise as two
     /// passes (A1111's default).
     pub fn encode_conditioning(&self, params: &GenerationParams) -> Result<Conditioning> {
-        // diffusers' do_classifier_free_guidance: never for a guidance-distilled (LCM) UNet,
-        // which takes the guidance scale as an embedding instead (denoise).
-        let do_cfg = params.guidance_scale > 1.0 && self.unet_config.time_cond_proj_dim.is_none();
-        let cond = self.prompt_chunks(&params.prompt, params.prompt_syntax)?;
-        let uncond = match do_cfg {
-            true => self.prompt_chunks(&params.negative_prompt, params.prompt_syntax)?,
-            false => Vec::new(),
+        let do_cfg = self.do_cfg(params);
+        let texts: Vec<&str> = match do_cfg {
+            true => vec![&params.negative_prompt, &params.prompt],
+            false => vec![&params.prompt],
         };
-        // Offloaded: the encoder comes to the device once for both prompts. Every chunk of
-        // both prompts goes through it as one batch (each row only attends to itself).
+        let mut z = self.encode_texts(&texts, params)?;
+        let cond = z.pop().expect("one tensor per text");
+        let Some(uncond) = z.pop() else {
+            return Ok(Conditioning::Cond(cond));
+        };
+        if uncond.dim(1)? == cond.dim(1)? {
+            return Ok(Conditioning::Joint(Tensor::cat(&[&uncond, &cond], 0)?));
+        }
+        Ok(Conditioning::Separate { uncond, cond })
+    }
+
+    /// diffusers' do_classifier_free_guidance: never for a guidance-distilled (LCM) UNet,
+    /// which takes the guidance scale as an embedding instead (denoise).
+    fn do_cfg(&self, params: &GenerationParams) -> bool {
+        params.guidance_scale > 1.0 && self.unet_config.time_cond_proj_dim.is_none()
+    }
+
+    /// Each text read with the request's `prompt_syntax` and encoded with its `clip_skip`:
+    /// `[1, 77 * chunks, D]` each. Offloaded, the encoder comes to the device once for all of
+    /// them; every chunk of every text goes through it as one batch (each row only attends to
+    /// itself).
+    fn encode_texts(&self, texts: &[&str], params: &GenerationParams) -> Result<Vec<Tensor>> {
+        let chunked = texts
+            .iter()
+            .map(|t| self.prompt_chunks(t, params.prompt_syntax))
+            .collect::<Result<Vec<_>>>()?;
         let encoder = self.text_encoder_for_run()?;
-        let rows: Vec<&Chunk> = uncond.iter().chain(&cond).collect();
+        let rows: Vec<&Chunk> = chunked.iter().flatten().collect();
         let len = rows[0].ids.len();
         let ids: Vec<u32> = rows.iter().flat_map(|c| c.ids.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (rows.len(), len), &self.device)?;
@@ -40,20 +62,69 @@ impl StableDiffusion {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&weighted, 0)?
         };
-        if !do_cfg {
-            return Ok(Conditioning::Cond(join_chunks(&z, 0, cond.len())?));
+        let mut start = 0;
+        let mut out = Vec::with_capacity(texts.len());
+        for chunks in &chunked {
+            out.push(join_chunks(&z, start, chunks.len())?);
+            start += chunks.len();
         }
-        if uncond.len() == cond.len() {
-            if cond.len() == 1 {
-                return Ok(Conditioning::Joint(z));
-            }
-            let u = join_chunks(&z, 0, uncond.len())?;
-            let c = join_chunks(&z, uncond.len(), cond.len())?;
-            return Ok(Conditioning::Joint(Tensor::cat(&[&u, &c], 0)?));
+        Ok(out)
+    }
+
+    /// The conditioning of every UNet evaluation of one pass: A1111's prompt editing,
+    /// alternation and AND parts (`prompt_syntax: a1111`), each distinct text encoded once.
+    /// `steps`/`hires_steps` as [`crate::prompt_schedule::schedule`] takes them (A1111's
+    /// counts: the steps times the sampler's evaluations per step). A prompt without any of
+    /// these is encoded as [`encode_conditioning`](Self::encode_conditioning) does.
+    pub fn encode_schedule(
+        &self,
+        params: &GenerationParams,
+        steps: usize,
+        hires_steps: Option<usize>,
+    ) -> Result<ScheduledConditioning> {
+        let fixed = |c| ScheduledConditioning {
+            steps,
+            inner: Schedule::Fixed(c),
+        };
+        if params.prompt_syntax == PromptSyntax::Plain {
+            return Ok(fixed(self.encode_conditioning(params)?));
         }
-        Ok(Conditioning::Separate {
-            uncond: join_chunks(&z, 0, uncond.len())?,
-            cond: join_chunks(&z, uncond.len(), cond.len())?,
+        let do_cfg = self.do_cfg(params);
+        let mut plan = PromptPlan::new(&params.prompt, None, steps, hires_steps);
+        if plan.composed() && self.unet_config.time_cond_proj_dim.is_some() {
+            return Err(PipelineError::InvalidRequest(
+                "AND parts and prompt weights (`a :1.2`) combine classifier-free guidance \
+                 predictions; a guidance-distilled (LCM) model makes none"
+                    .into(),
+            ));
+        }
+        if do_cfg || plan.composed() {
+            plan = PromptPlan::new(
+                &params.prompt,
+                Some(&params.negative_prompt),
+                steps,
+                hires_steps,
+            );
+        }
+        let single = |s: &[(usize, usize)], text: &str| s.len() == 1 && plan.texts[s[0].1] == text;
+        if !plan.composed()
+            && single(&plan.parts[0].1, &params.prompt)
+            && plan
+                .negative
+                .as_ref()
+                .is_none_or(|n| single(n, &params.negative_prompt))
+        {
+            return Ok(fixed(self.encode_conditioning(params)?));
+        }
+        let texts: Vec<&str> = plan.texts.iter().map(String::as_str).collect();
+        let embeddings = self.encode_texts(&texts, params)?;
+        Ok(ScheduledConditioning {
+            steps,
+            inner: Schedule::Planned {
+                cfg: do_cfg,
+                plan,
+                embeddings,
+            },
         })
     }
 
@@ -102,6 +173,106 @@ pub enum Conditioning {
     Joint(Tensor),
     /// Prompt and negative prompt of different lengths: two UNet passes per step.
     Separate { uncond: Tensor, cond: Tensor },
+}
+
+/// A pass's text conditioning over its UNet evaluations ([`StableDiffusion::encode_schedule`]).
+#[derive(Debug, Clone)]
+pub struct ScheduledConditioning {
+    /// The step count the schedules were made for (A1111's count).
+    steps: usize,
+    inner: Schedule,
+}
+
+#[derive(Debug, Clone)]
+enum Schedule {
+    /// The same at every evaluation.
+    Fixed(Conditioning),
+    /// `embeddings[i]` is `plan.texts[i]` encoded, `[1, L_i, D]`.
+    Planned {
+        plan: PromptPlan,
+        embeddings: Vec<Tensor>,
+        cfg: bool,
+    },
+}
+
+/// What one UNet evaluation is conditioned on.
+#[derive(Debug, Clone)]
+pub(crate) enum StepConditioning {
+    Single(Conditioning),
+    /// AND parts (composable diffusion): `conds` `[P, L, D]` (padded to one length), one weight
+    /// each, and the negative prompt's `[1, L', D]`.
+    Composed {
+        uncond: Tensor,
+        conds: Tensor,
+        weights: Vec<f64>,
+    },
+}
+
+impl ScheduledConditioning {
+    /// The step count the schedules were made for (a hires pass's schedules go on from it).
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// True when every evaluation takes the same conditioning and the prompt has no AND.
+    pub fn is_fixed(&self) -> bool {
+        matches!(self.inner, Schedule::Fixed(_))
+    }
+
+    /// The conditioning of UNet evaluation `step` (0-based, as A1111's denoiser counts).
+    pub(crate) fn at(&self, step: usize) -> Result<StepConditioning> {
+        let (plan, embeddings, cfg) = match &self.inner {
+            Schedule::Fixed(c) => return Ok(StepConditioning::Single(c.clone())),
+            Schedule::Planned {
+                plan,
+                embeddings,
+                cfg,
+            } => (plan, embeddings, *cfg),
+        };
+        let (parts, negative) = plan.at(step);
+        let negative = negative.map(|i| &embeddings[i]);
+        if !plan.composed() {
+            let cond = embeddings[parts[0].0].clone();
+            return Ok(StepConditioning::Single(match negative.filter(|_| cfg) {
+                None => Conditioning::Cond(cond),
+                Some(u) if u.dim(1)? == cond.dim(1)? => {
+                    Conditioning::Joint(Tensor::cat(&[u, &cond], 0)?)
+                }
+                Some(u) => Conditioning::Separate {
+                    uncond: u.clone(),
+                    cond,
+                },
+            }));
+        }
+        // A1111's stack_conds: a shorter part repeats its last token's vector up to the longest.
+        let len = parts
+            .iter()
+            .map(|(i, _)| embeddings[*i].dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let conds = parts
+            .iter()
+            .map(|(i, _)| {
+                let e = &embeddings[*i];
+                let short = len - e.dim(1)?;
+                if short == 0 {
+                    return Ok(e.clone());
+                }
+                let last = e.narrow(1, e.dim(1)? - 1, 1)?;
+                let pad = last.broadcast_as((1, short, e.dim(2)?))?;
+                Ok(Tensor::cat(&[e, &pad.contiguous()?], 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StepConditioning::Composed {
+            uncond: negative
+                .expect("a composed plan has the negative prompt's schedule")
+                .clone(),
+            conds: Tensor::cat(&conds, 0)?,
+            weights: parts.iter().map(|(_, w)| *w).collect(),
+        })
+    }
 }
 
 /// A1111's emphasis on one encoded chunk `z` `[1, L, D]`: `m0 = mean(z)`, `z *= weight` per token,

@@ -198,7 +198,7 @@ impl StableDiffusion {
         first: &GenerationParams,
         latents: Tensor,
         mut pass: SecondPass<'_>,
-        text_embeddings: super::Conditioning,
+        text_embeddings: super::ScheduledConditioning,
         first_steps: usize,
         on_step: StepHook,
     ) -> Result<Vec<RgbImage>> {
@@ -252,11 +252,16 @@ impl StableDiffusion {
             }
             Tensor::cat(&noised, 0)?.to_dtype(self.dtype)?
         };
-        let text_embeddings = if pass.params.prompt != first.prompt
+        // A1111 schedules the hires pass's prompts on a timeline that goes on from the first
+        // pass's (`hires_steps`); unscheduled prompts equal to the first pass's are reused.
+        let text_embeddings = if !text_embeddings.is_fixed()
+            || pass.params.prompt != first.prompt
             || pass.params.negative_prompt != first.negative_prompt
         {
+            let first_steps = text_embeddings.steps();
             drop(text_embeddings);
-            self.encode_conditioning(&pass.params)?
+            let hires_steps = pass.params.steps * pass.scheduler.order();
+            self.encode_schedule(&pass.params, first_steps, Some(hires_steps))?
         } else {
             text_embeddings
         };

@@ -38,7 +38,7 @@ mod weight_files;
 
 pub use adapters::{LoraDeltaStats, DEFAULT_LORA_DELTA_LIMIT};
 pub(crate) use decode::postprocess;
-pub use encode_prompt::Conditioning;
+pub use encode_prompt::{Conditioning, ScheduledConditioning};
 pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
@@ -156,8 +156,11 @@ impl StableDiffusion {
             Some(h) => Some(self.second_pass(params, h)?),
             None => None,
         };
-        let text_embeddings = self.encode_conditioning(params)?;
         let (mut scheduler, begin) = self.prepare_timesteps(params)?;
+        // A1111 schedules prompts over the steps times the sampler's evaluations per step
+        // (`total_steps`: twice the steps for second-order samplers).
+        let text_embeddings =
+            self.encode_schedule(params, params.steps * scheduler.order(), None)?;
         let first_steps = scheduler.timesteps().len() - begin;
         let total = first_steps + second.as_ref().map_or(0, |s| s.steps());
         // diffusers' list of generators: one per image, seeded seed + i.
