@@ -147,6 +147,12 @@ pub struct ModelArgs {
     /// without a restart, as LORA_DIR.
     #[arg(long, env = "EMBEDDINGS_DIR")]
     pub embeddings_dir: Option<PathBuf>,
+    /// A folder of external VAEs requests may decode with (`vae`; A1111's `sd_vae`): every
+    /// `.safetensors`, `.ckpt` and `.pt` file (original LDM key names) and diffusers VAE folder
+    /// in it, named by its file or folder name; listed by GET /vaes. Files added later are
+    /// picked up.
+    #[arg(long, env = "VAE_DIR")]
+    pub vae_dir: Option<PathBuf>,
     /// For a single-file checkpoint not shaped like SD 1.5: a folder with the diffusers
     /// configs (`unet/config.json`, `vae/config.json`, `text_encoder/config.json`,
     /// `scheduler/scheduler_config.json`, optionally `tokenizer/`) to convert it with.

@@ -271,7 +271,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
     progress.finish();
-    let mut texts = crate::png::batch_texts(&params, &loaded.info.model_version);
+    let mut texts = crate::png::batch_texts(&params, &loaded.info.model_version, None);
     // As the server's: the second pass's A1111 keys follow the first's parameters.
     if let Some(h) = &req.hires {
         for text in &mut texts {

@@ -37,6 +37,13 @@ pub trait Generator: Send {
         None
     }
 
+    /// Decodes (and encodes init images) with VAE_DIR's VAE `name` from the next job on
+    /// (`None`: the model's own). Called between jobs. `Err`: why that VAE cannot be used with
+    /// this model (the model's own is back in place).
+    fn set_vae(&mut self, _name: Option<&str>) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Feeds a finished job's result to the out-of-memory guard; the real pipeline may switch
     /// itself to a leaner memory plan.
     fn record_oom(

@@ -25,6 +25,7 @@ mod readme;
 mod security;
 mod serve;
 mod speed;
+mod vaes;
 mod validate;
 
 /// Weights kept as stored (f32 on the CPU) live in their mapped files instead of copies

@@ -64,6 +64,20 @@ pub struct GpuGenerator {
     setup: GpuSetup,
     /// LORA_DIR and EMBEDDINGS_DIR, read again when they change.
     adapters: crate::adapters::AdapterFolders,
+    /// VAE_DIR, where `set_vae` finds a VAE by name.
+    vae_dir: Option<std::path::PathBuf>,
+}
+
+/// Why a VAE cannot be used, without the server's paths: the weights' message (which tensor,
+/// which shapes) is kept.
+fn vae_error_for_client(e: &PipelineError) -> String {
+    match e {
+        PipelineError::Weights { message, .. } | PipelineError::Config { message, .. } => {
+            format!("this VAE cannot be used with the model: {message}")
+        }
+        PipelineError::Io { source, .. } => format!("this VAE cannot be read: {source}"),
+        other => format!("this VAE cannot be used with the model: {other}"),
+    }
 }
 
 impl Generator for GpuGenerator {
@@ -86,6 +100,38 @@ impl Generator for GpuGenerator {
 
     fn refresh_adapters(&mut self, force: bool) -> Option<crate::adapters::Adapters> {
         self.adapters.refresh(&mut self.sd, force)
+    }
+
+    fn set_vae(&mut self, name: Option<&str>) -> Result<(), String> {
+        let path = match name {
+            None => None,
+            Some(name) => Some(
+                crate::vaes::VaeCatalog::new(self.vae_dir.clone(), None)
+                    .find(name)
+                    .ok_or_else(|| format!("{name:?} is no longer in VAE_DIR"))?
+                    .path,
+            ),
+        };
+        if self.sd.vae_in_use() == path.as_deref() {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        match self.sd.set_vae(path.as_deref()) {
+            Ok(()) => {
+                tracing::info!(
+                    vae = name.unwrap_or("the model's own"),
+                    seconds = t0.elapsed().as_secs_f64(),
+                    rss_mb = crate::config::rss_mb(),
+                    "VAE swapped"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(vae = name.unwrap_or_default(), error = %e, "VAE cannot be used; the model's own is in place");
+                // The error names the file by its path; the client hears its name only.
+                Err(vae_error_for_client(&e))
+            }
+        }
     }
 
     fn last_memory_usage(&self) -> Option<sdserve_pipeline::memory::MemoryUsage> {
@@ -176,6 +222,7 @@ pub fn load_real(
             sd,
             setup,
             adapters: folders,
+            vae_dir: args.vae_dir.clone(),
         }),
         info,
         taesd: None,

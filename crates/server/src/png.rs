@@ -25,7 +25,11 @@ fn latin1(s: &str) -> String {
 }
 
 /// The A1111 "parameters" string.
-pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
+pub fn parameters_text(
+    p: &GenerationParams,
+    model_version: &str,
+    vae: Option<&crate::vaes::VaeUse>,
+) -> String {
     // A1111 keeps the LoRA tags in the prompt line.
     let mut s = p.prompt.clone();
     for l in &p.loras {
@@ -58,8 +62,12 @@ pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
             format!(", Variation seed: {seed}, Variation seed strength: {strength}")
         })
         .unwrap_or_default();
+    // A1111 writes the VAE after the model, only when one was chosen.
+    let vae = vae
+        .map(|v| format!(", VAE hash: {}, VAE: {}", v.hash, v.name))
+        .unwrap_or_default();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{clip_skip}{syntax}{tiling}, Model: {model_version}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,
@@ -81,7 +89,11 @@ pub fn parameters_text(p: &GenerationParams, model_version: &str) -> String {
 }
 
 /// The parameters text of each image of a batch: image `i` with its own seed (`seed + i`).
-pub fn batch_texts(p: &GenerationParams, model_version: &str) -> Vec<String> {
+pub fn batch_texts(
+    p: &GenerationParams,
+    model_version: &str,
+    vae: Option<&crate::vaes::VaeUse>,
+) -> Vec<String> {
     (0..p.batch_size.max(1))
         .map(|i| {
             let one = GenerationParams {
@@ -92,7 +104,7 @@ pub fn batch_texts(p: &GenerationParams, model_version: &str) -> Vec<String> {
                 }),
                 ..p.clone()
             };
-            parameters_text(&one, model_version)
+            parameters_text(&one, model_version, vae)
         })
         .collect()
 }
@@ -226,7 +238,7 @@ mod tests {
             prompt_syntax: sdserve_pipeline::pipeline::PromptSyntax::A1111,
             ..Default::default()
         };
-        let text = parameters_text(&params, "m@1");
+        let text = parameters_text(&params, "m@1", None);
         // Clip skip and LoRAs read as A1111 writes them.
         let with_adapters = GenerationParams {
             clip_skip: 2,
@@ -236,7 +248,7 @@ mod tests {
             }],
             ..params.clone()
         };
-        let adapted = parameters_text(&with_adapters, "m@1");
+        let adapted = parameters_text(&with_adapters, "m@1", None);
         assert!(adapted.starts_with("a cat <lora:ink:0.8>\n"), "{adapted}");
         assert!(
             adapted.contains(", Size: 3x2, Clip skip: 2, Model: m@1"),

@@ -195,6 +195,10 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             &args.model.model,
             args.model.model_cache_dir.clone(),
         ),
+        vaes: crate::vaes::VaeCatalog::new(
+            args.model.vae_dir.clone(),
+            args.model.model_cache_dir.clone(),
+        ),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();

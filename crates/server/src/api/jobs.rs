@@ -61,8 +61,10 @@ pub(super) async fn create(
     let info = app.engine.model_info()?;
     let (info, _) = super::request::adapters_info(&app, info, &req, None).await;
     let info = super::request::named_model(&app, info, &mut req, "model").await?;
+    let vae = super::request::named_vae(&app, &req, "vae").await?;
     let spec = job_spec(
         req,
+        vae,
         &info,
         app.engine.config().job_timeout,
         crate::error::DeadlineSetting::Job,

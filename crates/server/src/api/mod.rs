@@ -59,6 +59,8 @@ pub struct AppState {
     pub adapter_dirs: crate::adapters::AdapterDirs,
     /// MODELS_DIR and the default model (`--model`): the models a request may name.
     pub models: crate::models::Catalog,
+    /// VAE_DIR: the VAEs a request may decode with.
+    pub vaes: crate::vaes::VaeCatalog,
 }
 
 type Shared = Arc<AppState>;
@@ -211,6 +213,16 @@ pub struct GenerateRequest {
     /// string within it is still no model unless the folder has it).
     #[schema(nullable = true, min_length = 1, example = "dreamshaper_8.safetensors")]
     pub model: Option<String>,
+    /// The VAE to decode with (and to encode `init_image` with), by name (`GET /vaes`): a
+    /// file or diffusers folder of VAE_DIR. Absent, null or `automatic`: the model's own. The
+    /// worker swaps it between jobs; one whose shapes do not fit the model fails the request
+    /// (422 naming `vae`); an unknown name is a 422. 1..=255 characters.
+    #[schema(
+        nullable = true,
+        min_length = 1,
+        example = "vae-ft-mse-840000-ema-pruned.safetensors"
+    )]
+    pub vae: Option<String>,
     /// Seamless textures (A1111's `tiling`): every convolution of the UNet and the VAE pads
     /// circularly, so the image continues across its edges and tiles without seams.
     #[schema(default = false, nullable = true)]
@@ -337,6 +349,9 @@ pub struct GenerateMetadata {
     pub generation_time_seconds: f64,
     /// Model name and revision or content digest.
     pub model_version: String,
+    /// The VAE_DIR VAE that decoded the images; null: the model's own.
+    #[serde(default)]
+    pub vae: Option<String>,
     /// The seed of each image, in order: seed + i.
     pub seeds: Vec<u64>,
     pub batch_size: u32,
@@ -472,6 +487,7 @@ pub struct HealthResponse {
         native::embeddings,
         native::refresh_adapters,
         models::list,
+        models::vaes,
         native::metrics,
         native::openapi_json,
         native::docs,
@@ -510,6 +526,9 @@ pub struct HealthResponse {
         crate::models::ModelList,
         crate::models::ModelListing,
         crate::models::ModelKind,
+        crate::vaes::VaeList,
+        crate::vaes::VaeListing,
+        crate::vaes::VaeKind,
         GpuInfo
     ))
 )]
@@ -523,6 +542,7 @@ fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Sh
         ("/health", &["get"], get(native::health)),
         ("/loras", &["get"], get(native::loras)),
         ("/models", &["get"], get(models::list)),
+        ("/vaes", &["get"], get(models::vaes)),
         ("/embeddings", &["get"], get(native::embeddings)),
         (
             "/adapters/refresh",

@@ -1,11 +1,12 @@
 //! `GET /models`: the models a request may name (MODELS_DIR and the default), and which one
-//! the worker holds.
+//! the worker holds; `GET /vaes`: the VAEs it may decode with (VAE_DIR).
 
 use axum::extract::State;
 use axum::Json;
 
 use super::Shared;
 use crate::models::{LoadedModelHealth, ModelList};
+use crate::vaes::VaeList;
 
 /// The model this process's worker holds, named as `GET /models` names it.
 pub(super) fn loaded(app: &super::AppState) -> Option<LoadedModelHealth> {
@@ -24,4 +25,13 @@ pub(super) async fn list(State(app): State<Shared>) -> Json<ModelList> {
     let models = app.models.clone();
     let listing = tokio::task::spawn_blocking(move || models.listing(held.as_deref())).await;
     Json(listing.unwrap_or_else(|_| app.models.listing(None)))
+}
+
+/// Every VAE file and diffusers VAE folder of VAE_DIR (read now: files added later are
+/// listed) a request may name in `vae`; `sha256` once a request used it.
+#[utoipa::path(get, path = "/vaes", responses((status = 200, body = VaeList)))]
+pub(super) async fn vaes(State(app): State<Shared>) -> Json<VaeList> {
+    let vaes = app.vaes.clone();
+    let listing = tokio::task::spawn_blocking(move || vaes.listing()).await;
+    Json(listing.unwrap_or(VaeList { vaes: Vec::new() }))
 }

@@ -15,7 +15,8 @@ use crate::cache::{CachedBody, ResponseCache};
 use crate::engine::ModelState;
 use crate::error::{ApiError, ErrorBody};
 
-/// Every parameter that changes the images, the resolved scheduler, the model version and the
+/// Every parameter that changes the images, the resolved scheduler, the model version (with the
+/// VAE, when the request names one) and the
 /// adapter folders' fingerprint (a LoRA or embedding replaced under the same name changes the
 /// image); init image and mask by the sha256 of their pixels.
 fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> String {
@@ -205,9 +206,16 @@ pub(super) async fn run_on_model(
     let patience = app.engine.config().timeout;
     let (info, cacheable) = super::request::adapters_info(app, info, &req, Some(patience)).await;
     let info = super::request::named_model(app, info, &mut req, model_field).await?;
+    let vae = super::request::named_vae(app, &req, "vae").await?;
     let seeded = req.seed.is_some() && cacheable;
+    // The VAE decodes the image: a request with another VAE is another entry.
+    let cache_model = match &vae {
+        Some(v) => format!("{}\u{0}vae {} {}", info.model_version, v.name, v.hash),
+        None => info.model_version.clone(),
+    };
     let spec = job_spec(
         req,
+        vae,
         &info,
         app.engine.config().timeout,
         crate::error::DeadlineSetting::Generation,
@@ -220,11 +228,7 @@ pub(super) async fn run_on_model(
     };
     // Only seeded requests are deterministic, so only they are cached.
     let key = match (&app.cache, seeded) {
-        (Some(_), true) => Some(cache_key(
-            &params,
-            &info.model_version,
-            &info.adapters.fingerprint,
-        )),
+        (Some(_), true) => Some(cache_key(&params, &cache_model, &info.adapters.fingerprint)),
         _ => None,
     };
     if let (Some(cache), Some(key)) = (&app.cache, &key) {

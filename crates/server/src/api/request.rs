@@ -232,9 +232,43 @@ pub(crate) async fn named_model(
     Ok(info)
 }
 
-/// The job for a validated request: seed and scheduler resolved, `request` the request as run.
+/// The VAE_DIR VAE `req` names (`None`: the model's own, also for `automatic` and `none`) with
+/// its hash (computed once per file, remembered). An unknown name is a 422 naming `field`.
+pub(crate) async fn named_vae(
+    app: &AppState,
+    req: &ValidRequest,
+    field: &'static str,
+) -> Result<Option<crate::vaes::VaeUse>, ApiError> {
+    let Some(name) = req.vae.clone().filter(|n| !crate::vaes::means_own(n)) else {
+        return Ok(None);
+    };
+    let catalog = app.vaes.clone();
+    off_the_runtime(move || {
+        let entry = catalog.find(&name).ok_or_else(|| {
+            ApiError::validation(
+                field,
+                format!(
+                    "no VAE named {name:?} (GET /vaes lists them; `automatic` is the model's own)"
+                ),
+            )
+        })?;
+        let sha256 = catalog.sha256(&entry).map_err(|why| {
+            tracing::warn!(vae = %name, error = %why, "a VAE of VAE_DIR cannot be read");
+            ApiError::validation(field, format!("VAE {name:?} cannot be read"))
+        })?;
+        Ok(Some(crate::vaes::VaeUse {
+            name: entry.name,
+            hash: sha256[..10].to_string(),
+        }))
+    })
+    .await
+}
+
+/// The job for a validated request: seed and scheduler resolved, `request` the request as run;
+/// `vae` as [`named_vae`] resolved it.
 pub(crate) fn job_spec(
     req: ValidRequest,
+    vae: Option<crate::vaes::VaeUse>,
     info: &ModelInfo,
     timeout: std::time::Duration,
     timeout_setting: crate::error::DeadlineSetting,
@@ -276,6 +310,7 @@ pub(crate) fn job_spec(
         "mask_image": req.mask_image.as_ref().map(image),
         "strength": params.init_image.as_ref().map(|i| i.strength),
         "model": req.model,
+        "vae": vae.as_ref().map(|v| &v.name),
         "hires": req.hires.as_ref().map(|h| serde_json::json!({
             "width": h.params.width,
             "height": h.params.height,
@@ -290,7 +325,7 @@ pub(crate) fn job_spec(
         "variation_seed": params.variation.map(|v| v.seed),
         "variation_strength": params.variation.map_or(0.0, |v| v.strength),
     });
-    let mut png_texts = crate::png::batch_texts(&params, &info.model_version);
+    let mut png_texts = crate::png::batch_texts(&params, &info.model_version, vae.as_ref());
     if let Some(h) = &req.hires {
         for text in &mut png_texts {
             text.push_str(&h.infotext_suffix());
@@ -302,6 +337,7 @@ pub(crate) fn job_spec(
         request,
         model_version: info.model_version.clone(),
         model: req.model.clone(),
+        vae,
         timeout_setting,
         timeout,
     })

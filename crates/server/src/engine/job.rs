@@ -178,6 +178,8 @@ pub struct JobSpec {
     pub model_version: String,
     /// The MODELS_DIR model the job runs on; `None`: the default model.
     pub model: Option<String>,
+    /// The VAE_DIR VAE the job decodes with; `None`: the model's own.
+    pub vae: Option<crate::vaes::VaeUse>,
     /// Which of the two settings below `timeout` comes from (its 408 names it).
     pub timeout_setting: crate::error::DeadlineSetting,
     /// Deadline from creation, queue wait included: GENERATION_TIMEOUT_SECONDS for `/generate`,
@@ -254,6 +256,7 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 .collect(),
             generation_time_seconds: (gen_secs * 1000.0).round() / 1000.0,
             model_version: spec.model_version.clone(),
+            vae: spec.vae.as_ref().map(|v| v.name.clone()),
             hires: p.hires.as_ref().map(|h| crate::api::HiresMetadata {
                 width: h.width as u32,
                 height: h.height as u32,

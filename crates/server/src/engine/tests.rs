@@ -20,6 +20,7 @@ fn spec(steps: usize, timeout: Duration) -> JobSpec {
         png_texts: vec!["t".into()],
         model_version: "fake@0".into(),
         model: None,
+        vae: None,
         timeout_setting: Default::default(),
         timeout,
     }

@@ -145,6 +145,20 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader, mut switcher: Option<Sw
             jobs.finish(&id, JobStatus::Failed, Err(e));
             continue;
         }
+        // The job's VAE (the model's own when it names none), swapped between jobs.
+        let vae = spec.vae.as_ref().map(|v| v.name.as_str());
+        let swapped = std::panic::catch_unwind(AssertUnwindSafe(|| generator.set_vae(vae)))
+            .unwrap_or_else(|_| Err("the VAE loader panicked".into()));
+        if let Err(why) = swapped {
+            let mut jobs = inner.jobs();
+            jobs.running = None;
+            jobs.finish(
+                &id,
+                JobStatus::Failed,
+                Err(ApiError::validation("vae", why)),
+            );
+            continue;
+        }
         let run = Run {
             inner,
             taesd: taesd.as_ref(),

@@ -149,6 +149,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
         security: Arc::new(security),
         adapter_dirs: Default::default(),
         models: Default::default(),
+        vaes: Default::default(),
     })
 }
 

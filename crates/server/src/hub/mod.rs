@@ -52,6 +52,11 @@ pub fn known_file_digest(path: &std::path::Path, opts: &HubOptions) -> Option<St
     local::known_file_digest(path, opts)
 }
 
+/// sha256 of a file, computed once and remembered; see `local::file_digest`.
+pub fn file_digest(path: &std::path::Path, opts: &HubOptions) -> Result<String, HubError> {
+    local::file_digest(path, opts)
+}
+
 /// The version a single-file checkpoint loads as, without converting it.
 pub fn single_file_version(file: &std::path::Path, opts: &HubOptions) -> Result<String, HubError> {
     local::single_file_version(file, opts)

@@ -47,7 +47,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 20] = [
+pub const FIELDS: [&str; 21] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -65,6 +65,7 @@ pub const FIELDS: [&str; 20] = [
     "mask_image",
     "hires",
     "model",
+    "vae",
     "tiling",
     "variation_seed",
     "variation_strength",
@@ -108,6 +109,9 @@ pub struct ValidRequest {
     /// once resolved (`api::request::named_model`), the MODELS_DIR model it runs on, `None`
     /// for the default model.
     pub model: Option<String>,
+    /// The VAE_DIR VAE asked for by name (`vae`, A1111's `sd_vae`); `None`, `automatic` or
+    /// `none`: the model's own. Resolved by `api::request::named_vae`.
+    pub vae: Option<String>,
     /// A1111's `tiling`: the image wraps at its edges (circular padding in every convolution).
     pub tiling: bool,
     /// A1111's variation seed (`subseed`): random when absent and `variation_strength` > 0
@@ -283,6 +287,7 @@ pub fn validate_request(
     }
     let batch_size = r.int("batch_size", BATCH_MIN, BATCH_MAX);
     let model = r.text("model", 1, MODEL_NAME_MAX_CHARS);
+    let vae = r.text("vae", 1, MODEL_NAME_MAX_CHARS);
     let image = |v: &Value| -> Result<RequestImage, String> {
         crate::images::decode_base64(v.as_str().ok_or("must be a base64 string")?)
     };
@@ -379,6 +384,7 @@ pub fn validate_request(
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
         hires: None,
         model,
+        vae,
         tiling: tiling.unwrap_or(false),
         variation_seed: variation_seed.map(|v| v as u32),
         variation_strength: variation_strength.unwrap_or(0.0),

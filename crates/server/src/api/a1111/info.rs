@@ -24,6 +24,7 @@ pub fn info_string(
     images: &[ImageInfo],
     model_name: &str,
     model_hash: &str,
+    vae: Option<&crate::vaes::VaeUse>,
     job_timestamp: &str,
 ) -> String {
     let n = images.len();
@@ -59,8 +60,8 @@ pub fn info_string(
         "face_restoration_model": null,
         "sd_model_name": model_name,
         "sd_model_hash": model_hash,
-        "sd_vae_name": null,
-        "sd_vae_hash": null,
+        "sd_vae_name": vae.map(|v| &v.name),
+        "sd_vae_hash": vae.map(|v| &v.hash),
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": match &t.valid.hires {
@@ -178,7 +179,7 @@ mod tests {
                 infotext: "p\nSeed: 6".into(),
             },
         ];
-        let s = info_string(&t, &imgs, "tiny", "abc", "20261204000000");
+        let s = info_string(&t, &imgs, "tiny", "abc", None, "20261204000000");
         let v: Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["seed"], 5);
         assert_eq!(v["all_seeds"], json!([5, 6]));

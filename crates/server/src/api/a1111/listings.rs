@@ -133,10 +133,11 @@ pub(super) async fn upscalers() -> Json<Value> {
     ))
 }
 
-/// `[]`: no VAE to choose (answered so that clients filling menus from it carry on).
-#[utoipa::path(get, path = "/sdapi/v1/sd-vae", tag = "a1111", responses((status = 200, description = "`[]`")))]
-pub(super) async fn sd_vae() -> Json<Value> {
-    Json(json!([]))
+/// `[{model_name, filename}]`: the VAEs of VAE_DIR (`[]` without it), read now.
+#[utoipa::path(get, path = "/sdapi/v1/sd-vae", tag = "a1111", responses((status = 200, description = "`[{model_name, filename}]`: VAE_DIR's VAEs by file or folder name (both fields the name)")))]
+pub(super) async fn sd_vae(State(app): State<Shared>) -> Json<Value> {
+    let listed = tokio::task::spawn_blocking(move || super::vaes::listing(&app)).await;
+    Json(listed.unwrap_or_else(|_| json!([])))
 }
 
 /// `[{name}]`: the hires fix's latent upscale modes, A1111's `shared.latent_upscale_modes`.

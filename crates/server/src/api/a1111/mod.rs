@@ -16,6 +16,7 @@ mod listings;
 pub(crate) mod samplers;
 pub mod schema;
 pub mod translate;
+mod vaes;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -200,6 +201,13 @@ async fn generate(
         tracing::debug!(fields = ?t.ignored, "A1111 fields with no equivalent here, ignored");
     }
     let checkpoint = checkpoints::requested(app, &info, &body).await?;
+    let vae = vaes::requested(app, &body).await?;
+    // The VAE's name and hash for `info` (the worker checks that it fits the model).
+    let vae_used = {
+        let mut probe = t.valid.clone();
+        probe.vae.clone_from(&vae);
+        crate::api::request::named_vae(app, &probe, "override_settings.sd_vae").await?
+    };
     // The infotexts name the model that made the images.
     let mut used_version = info.model_version.clone();
 
@@ -239,6 +247,7 @@ async fn generate(
             req.seed = Some(info::batch_seed(t.seed, k, t.batch_size));
         }
         req.model.clone_from(&checkpoint);
+        req.vae.clone_from(&vae);
         // Interrupt and skip cancel the job by its id; dropping the run cancels it too.
         let known = active.clone();
         let field = "override_settings.sd_model_checkpoint";
@@ -270,7 +279,14 @@ async fn generate(
         }
     }
     let (title, hash) = checkpoints::version_names(&used_version);
-    let info_string = info::info_string(&t, &infos, &title, &hash, &job_timestamp());
+    let info_string = info::info_string(
+        &t,
+        &infos,
+        &title,
+        &hash,
+        vae_used.as_ref(),
+        &job_timestamp(),
+    );
     Ok(Json(json!({
         "images": images,
         "parameters": t.parameters,
@@ -456,10 +472,10 @@ async fn sd_models(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
     )))
 }
 
-/// GET: `sd_model_checkpoint`, `sd_checkpoint_hash`, `CLIP_stop_at_last_layers` and whatever was
-/// posted. POST: stores options (server-wide, as in A1111; `CLIP_stop_at_last_layers` becomes
-/// the default clip skip of later A1111 requests); a `sd_model_checkpoint` other than the loaded
-/// model is a 422. Answers `{}`.
+/// GET: `sd_model_checkpoint`, `sd_checkpoint_hash`, `CLIP_stop_at_last_layers`, `sd_vae` and
+/// whatever was posted. POST: stores options (server-wide, as in A1111; `CLIP_stop_at_last_layers`
+/// becomes the default clip skip of later A1111 requests, `sd_vae` their VAE); a
+/// `sd_model_checkpoint` or `sd_vae` that is not here is a 422. Answers `{}`.
 #[utoipa::path(get, path = "/sdapi/v1/options", tag = "a1111", responses((status = 200, description = "The options")))]
 async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
     let info = app.engine.model_info()?;
@@ -468,6 +484,7 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
     out.insert("sd_model_checkpoint".into(), json!(title));
     out.insert("sd_checkpoint_hash".into(), json!(hash));
     out.insert("CLIP_stop_at_last_layers".into(), json!(1));
+    out.insert("sd_vae".into(), json!(vaes::AUTOMATIC));
     out.extend(lock(&app.a1111.options).clone());
     // A checkpoint set by `POST options`: its hash (null until hashed), as A1111 says it.
     if let Some(set) = out.get("sd_model_checkpoint").and_then(Value::as_str) {
@@ -499,6 +516,9 @@ async fn set_options(
             ));
         };
         checkpoint = Some(c.target.as_ref().map(|_| c.title.clone()));
+    }
+    if let Some(v) = body.get("sd_vae") {
+        vaes::check_option(&app, v).await?;
     }
     if let Some(v) = body.get("CLIP_stop_at_last_layers") {
         // Checked now, by the native rules, rather than at the next txt2img.

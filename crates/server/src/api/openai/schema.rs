@@ -65,6 +65,14 @@ pub struct GenerationRequest {
     /// A1111's `subseed_strength`: 0 is the seed's image, 1 the variation seed's noise.
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
     pub variation_strength: Option<f64>,
+    /// Our extra: the VAE to decode with, by name (`GET /vaes`, VAE_DIR), as natively;
+    /// `automatic` or absent: the model's own.
+    #[schema(
+        nullable = true,
+        min_length = 1,
+        example = "vae-ft-mse-840000-ema-pruned.safetensors"
+    )]
+    pub vae: Option<String>,
 }
 
 /// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:

@@ -162,6 +162,10 @@ pub struct WireSpec {
     /// every worker sees the same MODELS_DIR.
     #[serde(default)]
     model: Option<String>,
+    /// The VAE_DIR VAE (name, hash) the job decodes with (absent from older replicas' jobs:
+    /// the model's own); every worker sees the same VAE_DIR.
+    #[serde(default)]
+    vae: Option<(String, String)>,
     #[serde(default)]
     timeout_setting: DeadlineSetting,
     timeout_ms: u64,
@@ -197,6 +201,7 @@ impl WireSpec {
             png_texts: s.png_texts.clone(),
             model_version: s.model_version.clone(),
             model: s.model.clone(),
+            vae: s.vae.as_ref().map(|v| (v.name.clone(), v.hash.clone())),
             timeout_setting: s.timeout_setting,
             timeout_ms: s.timeout.as_millis() as u64,
         }
@@ -252,6 +257,10 @@ impl WireSpec {
             png_texts: self.png_texts.clone(),
             model_version: self.model_version.clone(),
             model: self.model.clone(),
+            vae: self.vae.as_ref().map(|(name, hash)| crate::vaes::VaeUse {
+                name: name.clone(),
+                hash: hash.clone(),
+            }),
             timeout_setting: self.timeout_setting,
             timeout,
         })
@@ -517,6 +526,10 @@ mod tests {
             png_texts: vec!["t".into()],
             model_version: "m@1".into(),
             model: Some("tiny-b".into()),
+            vae: Some(crate::vaes::VaeUse {
+                name: "vae-ft-mse.safetensors".into(),
+                hash: "0123456789".into(),
+            }),
             timeout_setting: DeadlineSetting::Job,
             timeout: Duration::from_secs(9),
         };
@@ -533,6 +546,7 @@ mod tests {
         assert_eq!(again.png_texts, spec.png_texts);
         assert_eq!(again.timeout_setting, DeadlineSetting::Job);
         assert_eq!(again.model.as_deref(), Some("tiny-b"));
+        assert_eq!(again.vae, spec.vae);
         // An older replica's job names no model: the default.
         let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
         old.as_object_mut().unwrap().remove("model");
