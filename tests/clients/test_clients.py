@@ -49,6 +49,8 @@ class Server:
         self.embeddings = os.path.join(self.cache, "embeddings")
         os.makedirs(self.loras)
         os.makedirs(self.embeddings)
+        self.vaes = os.path.join(self.cache, "vaes")
+        os.makedirs(self.vaes)
         self.models = os.path.join(self.cache, "models")
         shutil.copytree(os.path.join(os.path.dirname(MODEL), OTHER), os.path.join(self.models, OTHER))
         env = {
@@ -66,6 +68,7 @@ class Server:
             "LORA_DIR": self.loras,
             "EMBEDDINGS_DIR": self.embeddings,
             "MODELS_DIR": self.models,
+            "VAE_DIR": self.vaes,
         }
         self.proc = subprocess.Popen(
             [BIN, "serve"], env=env, stdout=subprocess.PIPE, text=True
@@ -201,6 +204,37 @@ class A1111(Timed):
         )
         self.assertEqual(pixels(self.api.txt2img(**fields).image), pixels(want))
         self.assertNotEqual(pixels(other), pixels(want))
+
+    def test_sd_vae_by_override_settings_and_options_equals_native_vae(self):
+        # Dropped in while the server runs; fits tiny-a-vae8 (the MODELS_DIR model).
+        vae = "alt.safetensors"
+        shutil.copy(os.path.join(os.path.dirname(MODEL), "vae", vae), SERVER.vaes)
+        self.assertEqual(self.api.get_sd_vae(), [{"model_name": vae, "filename": vae}])
+        fields = dict(prompt=PROMPT, negative_prompt=NEGATIVE, seed=7, steps=2, cfg_scale=5,
+                      width=SIZE, height=SIZE, sampler_name="Euler")
+        same = dict(prompt=PROMPT, negative_prompt=NEGATIVE, seed=7, steps=2, guidance_scale=5,
+                    width=SIZE, height=SIZE, scheduler="euler", model=OTHER)
+        (want,), meta = native(vae=vae, **same)
+        self.assertEqual(meta["vae"], vae)
+        (own,), meta = native(**same)
+        self.assertIsNone(meta["vae"])
+        self.assertNotEqual(pixels(want), pixels(own))
+        r = self.api.txt2img(**fields, override_settings={"sd_model_checkpoint": OTHER,
+                                                          "sd_vae": vae})
+        self.assertEqual(pixels(r.image), pixels(want))
+        self.assertEqual(r.info["sd_vae_name"], vae)
+        self.assertRegex(r.info["infotexts"][0], r"VAE hash: [0-9a-f]{10}, VAE: alt\.safetensors")
+        self.assertEqual(self.api.get_options()["sd_vae"], "Automatic")
+        try:
+            self.api.set_options({"sd_vae": vae})
+            self.assertEqual(self.api.get_options()["sd_vae"], vae)
+            r = self.api.txt2img(**fields, override_settings={"sd_model_checkpoint": OTHER})
+            self.assertEqual(pixels(r.image), pixels(want))
+        finally:
+            self.api.set_options({"sd_vae": "Automatic"})
+        r = self.api.txt2img(**fields, override_settings={"sd_model_checkpoint": OTHER})
+        self.assertEqual(pixels(r.image), pixels(own))
+        self.assertIsNone(r.info["sd_vae_name"])
 
     def test_loras_and_embeddings_dropped_in_are_listed(self):
         self.assertEqual(self.api.get_loras(), [])
