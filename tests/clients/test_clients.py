@@ -306,6 +306,7 @@ class A1111(Timed):
         self.assertEqual(flags["use_cpu"], ["all"])
         self.assertIs(flags["lowvram"], False)
         self.assertIsNone(flags["api_auth"])
+        self.assertEqual(flags["vae_dir"], SERVER.vaes)
 
     def test_txt2img_samplers_seeds_and_iterations_equal_native(self):
         for sampler, scheduler, native_name, n_iter in [

@@ -23,6 +23,8 @@ pub struct ServerFlags {
     pub models_dir: Option<PathBuf>,
     pub lora_dir: Option<PathBuf>,
     pub embeddings_dir: Option<PathBuf>,
+    /// VAE_DIR (A1111's `--vae-dir`).
+    pub vae_dir: Option<PathBuf>,
     pub cors_allow_origins: Vec<String>,
     /// How long an idle keep-alive connection is kept (HEADER_READ_TIMEOUT_SECONDS).
     pub keep_alive_seconds: u64,
@@ -37,6 +39,7 @@ impl ServerFlags {
             models_dir: args.models_dir.clone(),
             lora_dir: args.model.lora_dir.clone(),
             embeddings_dir: args.model.embeddings_dir.clone(),
+            vae_dir: args.model.vae_dir.clone(),
             cors_allow_origins: args.cors_allow_origins.clone(),
             keep_alive_seconds: args.header_read_timeout_seconds,
         }
@@ -271,6 +274,10 @@ pub fn flags(
             .as_deref()
             .map_or(Value::Null, path_value),
     );
+    set(
+        "vae_dir",
+        server.vae_dir.as_deref().map_or(Value::Null, path_value),
+    );
     if !server.cors_allow_origins.is_empty() {
         set(
             "cors_allow_origins",
@@ -354,6 +361,7 @@ mod tests {
             port: 8123,
             model: "/models/sd15".into(),
             lora_dir: Some("/loras".into()),
+            vae_dir: Some("/vaes".into()),
             ..Default::default()
         };
         let plan = PlanFlags {
@@ -368,6 +376,7 @@ mod tests {
         assert_eq!(f["ckpt"], "/models/sd15");
         assert_eq!(f["lora_dir"], "/loras");
         assert_eq!(f["embeddings_dir"], Value::Null);
+        assert_eq!(f["vae_dir"], "/vaes");
         assert_eq!(f["medvram"], true);
         assert_eq!(f["lowvram"], false);
         assert_eq!(f["device_id"], "1");
