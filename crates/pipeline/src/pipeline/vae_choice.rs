@@ -33,7 +33,7 @@ pub(super) struct VaeWeights {
     /// Files in the plan's VAE dtype and in f32 (the NaN retry); empty when `host` holds them.
     pub(super) files: Vec<PathBuf>,
     pub(super) files_f32: Vec<PathBuf>,
-    /// A single file's tensors, read once, in the plan's VAE dtype.
+    /// A single file's tensors, read once, in the plan's VAE dtype (f32 with the NaN retry).
     pub(super) host: Option<HostTensors>,
 }
 
@@ -105,8 +105,15 @@ impl VaeWeights {
             }
             return Ok(w);
         }
+        // Kept in the VAE's dtype (on the CPU the VAE's weights are these); in f32 when a
+        // half-precision decode may be redone in f32 from them.
+        let host_dtype = if plan.vae_nan_retry && plan.vae_dtype != DType::F32 {
+            DType::F32
+        } else {
+            plan.vae_dtype
+        };
         let tensors =
-            crate::single_file::read_vae_file(path, own.block_out_channels.len(), plan.vae_dtype)?;
+            crate::single_file::read_vae_file(path, own.block_out_channels.len(), host_dtype)?;
         Ok(Self {
             path: Some(path.to_path_buf()),
             config: own.clone(),
