@@ -33,7 +33,8 @@ pub struct Hires {
     /// `int(steps * strength)` (img2img's `strength`).
     pub steps: usize,
     pub strength: f64,
-    /// `None`: the first pass's scheduler.
+    /// `None`: the first pass's scheduler (and sigma schedule); a scheduler given here runs on
+    /// its name's own schedule.
     pub scheduler: Option<SchedulerKind>,
     /// `None`: the first pass's prompt (and negative prompt).
     pub prompt: Option<String>,
@@ -178,11 +179,17 @@ impl StableDiffusion {
             width: hires.width,
             height: hires.height,
             scheduler: hires.scheduler.or(params.scheduler),
+            // A scheduler of its own runs on its own schedule.
+            schedule: params.schedule.filter(|_| hires.scheduler.is_none()),
             hires: None,
             ..params.clone()
         };
-        let (scheduler, begin) =
-            self.schedule(second.scheduler, second.steps, Some(hires.strength))?;
+        let (scheduler, begin) = self.schedule(
+            second.scheduler,
+            second.schedule,
+            second.steps,
+            Some(hires.strength),
+        )?;
         Ok(SecondPass {
             hires,
             params: second,

@@ -92,6 +92,7 @@ impl StableDiffusion {
         let scheduler_config: SchedulerConfig =
             read_json(&dir.join("scheduler/scheduler_config.json"))?;
         let default_scheduler = SchedulerKind::default_for(&scheduler_config)?;
+        let default_schedule = SchedulerKind::default_schedule_for(&scheduler_config)?;
 
         let mut sd = Self {
             tokenizer: tokenizer.clone(),
@@ -112,6 +113,7 @@ impl StableDiffusion {
             last_decode_retried: std::sync::atomic::AtomicBool::new(false),
             scheduler_config,
             default_scheduler,
+            default_schedule,
             device: device.clone(),
             dtype,
             loras: LoraLibrary::default(),

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 
 use super::{Hires, InitImage, Variation};
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// What one request asks of the pipeline (already validated by the caller). New fields keep a
 /// default, so callers write `..Default::default()` for what they do not set.
@@ -20,6 +20,9 @@ pub struct GenerationParams {
     pub guidance_scale: f64,
     /// `None`: the model's own scheduler config.
     pub scheduler: Option<SchedulerKind>,
+    /// The sigma schedule; `None`: the scheduler name's own (Karras for the `_karras` names, else
+    /// uniform) or, with no scheduler either, the model's own config's.
+    pub schedule: Option<SigmaSchedule>,
     /// How the prompts are read: `Plain` (diffusers: 77 tokens, brackets are text) or `A1111`.
     pub prompt_syntax: PromptSyntax,
     /// A1111's "clip skip": 1 conditions on the last CLIP layer, 2 on the penultimate, ...
@@ -55,6 +58,7 @@ impl Default for GenerationParams {
             seed: 0,
             guidance_scale: 7.5,
             scheduler: None,
+            schedule: None,
             batch_size: 1,
             init_image: None,
             prompt_syntax: PromptSyntax::Plain,

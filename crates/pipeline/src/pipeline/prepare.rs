@@ -18,19 +18,27 @@ impl StableDiffusion {
         params: &GenerationParams,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
         let strength = params.init_image.as_ref().map(|init| init.strength);
-        self.schedule(params.scheduler, params.steps, strength)
+        self.schedule(params.scheduler, params.schedule, params.steps, strength)
     }
 
-    /// The scheduler of `kind` (`None`: the model's) for `steps`, begun where an init image of
-    /// `strength` begins (`None`: text-to-image, from the first step).
+    /// The scheduler of `kind` (`None`: the model's) on `schedule` (`None`: the kind's own, or
+    /// with no kind the model's) for `steps`, begun where an init image of `strength` begins
+    /// (`None`: text-to-image, from the first step).
     pub(super) fn schedule(
         &self,
         kind: Option<schedulers::SchedulerKind>,
+        schedule: Option<schedulers::SigmaSchedule>,
         steps: usize,
         strength: Option<f64>,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
-        let kind = kind.unwrap_or(self.default_scheduler);
-        let mut scheduler = schedulers::build(kind, &self.scheduler_config, steps)?;
+        let (kind, schedule) = match kind {
+            Some(kind) => (kind, schedule.unwrap_or(kind.schedule())),
+            None => (
+                self.default_scheduler,
+                schedule.unwrap_or(self.default_schedule),
+            ),
+        };
+        let mut scheduler = schedulers::build_with(kind, schedule, &self.scheduler_config, steps)?;
         let begin = match strength {
             None => 0,
             Some(strength) => {

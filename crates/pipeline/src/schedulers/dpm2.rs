@@ -15,7 +15,7 @@ use super::euler::{pred_original, scale_by_sigma};
 use super::interleaved::{
     log_midpoint, repeat_interior, sigma_to_t_f32, step_schedule, StepSchedule,
 };
-use super::{Scheduler, SchedulerConfig};
+use super::{Scheduler, SchedulerConfig, SigmaSchedule};
 use crate::rng::TorchRng;
 use crate::Result;
 
@@ -37,19 +37,24 @@ struct Common {
 impl Common {
     fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         common::check_steps(n)?;
-        let karras = cfg.use_karras_sigmas.unwrap_or(false);
+        let schedule = SigmaSchedule::of_config(cfg)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
         if r.prediction_type == PredictionType::Sample {
             return Err(config_error(
                 "KDPM2 schedulers support prediction_type epsilon or v_prediction",
             ));
         }
-        let s = step_schedule(cfg, &r, n, karras)?;
-        // Karras timesteps are `_sigma_to_t(...).round()` in float64; the others float32.
+        let s = step_schedule(cfg, &r, n, schedule)?;
+        // Karras timesteps are `_sigma_to_t(...).round()` in float64, exponential and beta ones
+        // `_sigma_to_t(...)` in float64 (so the whole array stays float64); uniform ones float32.
         let timesteps = s
             .timesteps
             .iter()
-            .map(|&t| if karras { np_round(t) } else { t as f32 as f64 })
+            .map(|&t| match schedule {
+                SigmaSchedule::Karras => np_round(t),
+                SigmaSchedule::Exponential | SigmaSchedule::Beta => t,
+                SigmaSchedule::Uniform => t as f32 as f64,
+            })
             .collect();
         let max = s.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let init_noise_sigma = match r.timestep_spacing {

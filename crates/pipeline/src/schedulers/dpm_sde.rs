@@ -18,7 +18,7 @@ use super::common::{
 };
 use super::euler::{pred_original, scale_by_sigma};
 use super::torch_math;
-use super::{Scheduler, SchedulerConfig};
+use super::{Scheduler, SchedulerConfig, SigmaSchedule};
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
 
@@ -67,7 +67,7 @@ impl DpmSolverSde {
                 "DPM++ SDE does not support rescale_betas_zero_snr",
             ));
         }
-        let karras = cfg.use_karras_sigmas == Some(true);
+        let schedule = SigmaSchedule::of_config(cfg)?;
         let n = num_inference_steps;
         let train = r.num_train_timesteps;
         let mut timesteps = match r.timestep_spacing {
@@ -84,8 +84,13 @@ impl DpmSolverSde {
         // np.log of the float32 table is float32.
         let log_sigmas: Vec<f64> = train_sigmas.iter().map(|s| s.ln() as f64).collect();
         let mut sigmas = common::interp_sigmas(&timesteps, &train_sigmas);
-        if karras {
-            sigmas = common::karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], n);
+        let (in_min, in_max) = (sigmas[sigmas.len() - 1], sigmas[0]);
+        let converted = match schedule {
+            SigmaSchedule::Karras => Some(common::karras_sigmas(in_min, in_max, n)),
+            other => other.convert(cfg, in_min, in_max, n),
+        };
+        if let Some(converted) = converted {
+            sigmas = converted;
             timesteps = sigmas
                 .iter()
                 .map(|&s| common::sigma_to_t(s, &log_sigmas))

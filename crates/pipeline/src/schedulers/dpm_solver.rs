@@ -12,7 +12,7 @@ use super::multistep::{
     add_noise_alpha_sigma, alpha_sigma, convert_model_output, current_step_index, final_sigma_zero,
     lambda, newest_output, Family, MultistepSchedule,
 };
-use super::SchedulerConfig;
+use super::{SchedulerConfig, SigmaSchedule};
 use crate::rng::TorchRng;
 use crate::Result;
 
@@ -89,11 +89,10 @@ impl DpmSolverMultistep {
                 "final_sigmas_type \"zero\" needs algorithm_type dpmsolver++",
             ));
         }
-        let karras = cfg.use_karras_sigmas == Some(true);
         let schedule = MultistepSchedule::new(
             cfg,
             num_inference_steps,
-            karras,
+            SigmaSchedule::of_config(cfg)?,
             final_sigma_zero,
             Family::Dpm,
         )?;

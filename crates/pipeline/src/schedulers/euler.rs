@@ -7,14 +7,14 @@ use super::common::{
     self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType,
     ResolvedConfig, TimestepSpacing,
 };
-use super::{Scheduler, SchedulerConfig};
+use super::{Scheduler, SchedulerConfig, SigmaSchedule};
 use crate::rng::TorchRng;
 use crate::Result;
 
 const DEFAULTS: ClassDefaults = ClassDefaults::with_spacing("linspace");
 
 /// Timesteps and sigmas after `set_timesteps`, plus `init_noise_sigma`.
-pub(super) struct SigmaSchedule {
+pub(super) struct SigmaSteps {
     /// float32 values, loop order.
     pub timesteps: Vec<f64>,
     /// float32 sigmas, one per timestep plus the final one.
@@ -29,6 +29,8 @@ pub(super) struct SigmaOptions {
     pub euler_options: bool,
     /// Euler and LMS read `use_karras_sigmas`; so does Euler ancestral here (`euler_a_karras`).
     pub karras: bool,
+    /// Euler and LMS read `use_exponential_sigmas` and `use_beta_sigmas`; Euler ancestral not.
+    pub exponential_beta: bool,
 }
 
 pub(super) fn sigma_schedule(
@@ -36,7 +38,7 @@ pub(super) fn sigma_schedule(
     cfg: &SchedulerConfig,
     n: usize,
     opts: SigmaOptions,
-) -> Result<SigmaSchedule> {
+) -> Result<SigmaSteps> {
     let ac = r.alphas_cumprod()?;
     let mut ac_for_sigmas = ac.clone();
     if opts.euler_options && r.rescale_betas_zero_snr {
@@ -67,15 +69,34 @@ pub(super) fn sigma_schedule(
             }
             common::interp_sigmas(&timesteps, &train_sigmas)
         };
-    if opts.karras && cfg.use_karras_sigmas.unwrap_or(false) {
-        let (smin, smax) = if opts.euler_options {
-            (cfg.sigma_min, cfg.sigma_max)
-        } else {
-            (None, None)
-        };
-        let smin = smin.unwrap_or(sigmas[sigmas.len() - 1]);
-        let smax = smax.unwrap_or(sigmas[0]);
-        sigmas = common::karras_sigmas(smin, smax, n);
+    // Euler ancestral's class reads none of the schedule keys (our `euler_a_karras` reads Karras').
+    let schedule = match SigmaSchedule::of_config(cfg)? {
+        SigmaSchedule::Exponential | SigmaSchedule::Beta if !opts.exponential_beta => {
+            SigmaSchedule::Uniform
+        }
+        SigmaSchedule::Karras if !opts.karras => SigmaSchedule::Uniform,
+        s => s,
+    };
+    let (in_min, in_max) = (sigmas[sigmas.len() - 1], sigmas[0]);
+    let converted = match schedule {
+        SigmaSchedule::Uniform => None,
+        SigmaSchedule::Karras => {
+            // Only Euler's `_convert_to_karras` reads the config's sigma_min/sigma_max.
+            let (smin, smax) = if opts.euler_options {
+                (cfg.sigma_min, cfg.sigma_max)
+            } else {
+                (None, None)
+            };
+            Some(common::karras_sigmas(
+                smin.unwrap_or(in_min),
+                smax.unwrap_or(in_max),
+                n,
+            ))
+        }
+        other => other.convert(cfg, in_min, in_max, n),
+    };
+    if let Some(converted) = converted {
+        sigmas = converted;
         // np.log of the float32 training sigmas.
         let log_sigmas: Vec<f64> = train_sigmas.iter().map(|s| s.ln() as f64).collect();
         timesteps = sigmas
@@ -112,7 +133,7 @@ pub(super) fn sigma_schedule(
         TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
         TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
     };
-    Ok(SigmaSchedule {
+    Ok(SigmaSteps {
         timesteps,
         sigmas,
         init_noise_sigma,
@@ -121,7 +142,7 @@ pub(super) fn sigma_schedule(
 
 /// The sigma family's `add_noise`: `original + noise * sigmas[index]`, float32.
 pub(super) fn add_noise_sigma(
-    sched: &SigmaSchedule,
+    sched: &SigmaSteps,
     original: &Tensor,
     noise: &Tensor,
     index: usize,
@@ -159,7 +180,7 @@ pub(super) fn pred_original(
 /// schedule, and the `Scheduler` methods that read nothing else (`sigma_scheduler_methods!`).
 pub(super) struct SigmaBase {
     pub prediction_type: PredictionType,
-    pub sched: SigmaSchedule,
+    pub sched: SigmaSteps,
 }
 
 impl SigmaBase {
@@ -224,6 +245,7 @@ impl EulerDiscrete {
         let opts = SigmaOptions {
             euler_options: true,
             karras: true,
+            exponential_beta: true,
         };
         Ok(Self {
             base: SigmaBase::new(cfg, num_inference_steps, opts)?,
@@ -270,6 +292,7 @@ impl EulerAncestral {
         let opts = SigmaOptions {
             euler_options: false,
             karras: true,
+            exponential_beta: false,
         };
         Ok(Self {
             base: SigmaBase::new(cfg, num_inference_steps, opts)?,

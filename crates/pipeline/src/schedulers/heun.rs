@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use super::common::{self, check_index, div_s, mul_s, to_f32, ClassDefaults, ResolvedConfig};
 use super::euler::{pred_original, scale_by_sigma};
 use super::interleaved::{repeat_interior, step_schedule};
-use super::{Scheduler, SchedulerConfig};
+use super::{Scheduler, SchedulerConfig, SigmaSchedule};
 use crate::rng::TorchRng;
 use crate::Result;
 
@@ -44,9 +44,9 @@ impl HeunDiscrete {
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         common::check_steps(num_inference_steps)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
-        let karras = cfg.use_karras_sigmas.unwrap_or(false);
-        let s = step_schedule(cfg, &r, num_inference_steps, karras)?;
-        // Heun keeps its timesteps as float32, Karras ones included.
+        let schedule = SigmaSchedule::of_config(cfg)?;
+        let s = step_schedule(cfg, &r, num_inference_steps, schedule)?;
+        // Heun keeps its timesteps as float32, converted ones included.
         let timesteps: Vec<f64> = s.timesteps.iter().map(|&t| t as f32 as f64).collect();
         let sigmas = {
             let mut v = vec![s.sigmas[0]];

@@ -4,12 +4,12 @@
 //! per image of a batch is `common::batch_randn`.
 
 use super::common::{self, ResolvedConfig};
-use super::SchedulerConfig;
+use super::{SchedulerConfig, SigmaSchedule};
 use crate::Result;
 
 /// `set_timesteps` up to the interleaving.
 pub(super) struct StepSchedule {
-    /// One timestep per inference step, descending: numpy's float32 spacing, or with Karras
+    /// One timestep per inference step, descending: numpy's float32 spacing, or with converted
     /// sigmas `_sigma_to_t` of each sigma in float64 (not yet cast or rounded).
     pub timesteps: Vec<f64>,
     /// `concatenate([sigmas, [0.0]]).astype(float32)`: one per step plus the final zero.
@@ -18,31 +18,27 @@ pub(super) struct StepSchedule {
     pub log_sigmas: Vec<f32>,
 }
 
-/// The timesteps and sigmas of `n` steps (`use_karras_sigmas` when `karras`), as Heun's and
-/// KDPM2's `set_timesteps` compute them (`sigma_min`/`sigma_max` are not keys of these classes).
+/// The timesteps and sigmas of `n` steps on `schedule`, as Heun's and KDPM2's `set_timesteps`
+/// compute them (their `_convert_to_karras` reads no `sigma_min`/`sigma_max`; the exponential and
+/// beta conversions read the keys a file carries).
 pub(super) fn step_schedule(
     cfg: &SchedulerConfig,
     r: &ResolvedConfig,
     n: usize,
-    karras: bool,
+    schedule: SigmaSchedule,
 ) -> Result<StepSchedule> {
-    // The classes also offer exponential and beta sigmas; a file asking for them would
-    // otherwise get linear ones without a word.
-    for (key, on) in [
-        ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-        ("use_beta_sigmas", cfg.use_beta_sigmas),
-    ] {
-        if on == Some(true) {
-            return Err(common::config_error(format!("{key} is not supported")));
-        }
-    }
     let ac = r.alphas_cumprod()?;
     let train_sigmas = common::sigmas_from_alphas_cumprod(&ac);
     let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
     let mut timesteps = common::sigma_family_timesteps(r, n);
     let mut sigmas = common::interp_sigmas(&timesteps, &train_sigmas);
-    if karras {
-        sigmas = common::karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], n);
+    let (in_min, in_max) = (sigmas[sigmas.len() - 1], sigmas[0]);
+    let converted = match schedule {
+        SigmaSchedule::Karras => Some(common::karras_sigmas(in_min, in_max, n)),
+        other => other.convert(cfg, in_min, in_max, n),
+    };
+    if let Some(converted) = converted {
+        sigmas = converted;
         let logs: Vec<f64> = log_sigmas.iter().map(|&l| l as f64).collect();
         timesteps = sigmas
             .iter()

@@ -24,6 +24,7 @@ impl LmsDiscrete {
         let opts = SigmaOptions {
             euler_options: false,
             karras: true,
+            exponential_beta: true,
         };
         Ok(Self {
             base: SigmaBase::new(cfg, num_inference_steps, opts)?,

@@ -6,6 +6,8 @@ use candle_core::Tensor;
 use crate::rng::TorchRng;
 use crate::Result;
 
+pub use sigma_schedule::SigmaSchedule;
+
 pub mod brownian;
 pub mod common;
 pub mod ddim;
@@ -20,6 +22,7 @@ pub mod lms;
 pub mod multistep;
 pub mod pndm;
 pub mod seed_sequence;
+pub mod sigma_schedule;
 pub mod torch_math;
 pub mod unipc;
 
@@ -220,23 +223,10 @@ impl SchedulerKind {
             .map(|e| e.0)
     }
 
-    /// The config this kind is built from: the model's `scheduler_config.json` with the keys the
-    /// name decides set, as `Class.from_config(cfg, **overrides)` (tools/api_schedulers.py):
-    /// `use_karras_sigmas` for every sampler that has a Karras form, so `euler` is uniform even
-    /// when the model's file asks for Karras sigmas, and DPM-Solver's `algorithm_type`.
+    /// The config this kind is built from, on its own schedule ([`Self::schedule`]).
     pub fn config(self, cfg: &SchedulerConfig) -> SchedulerConfig {
-        let mut cfg = cfg.clone();
-        if Self::of(self.sampler(), true).is_some() {
-            cfg.use_karras_sigmas = Some(self.karras());
-        }
-        let stochastic = is_sde(&cfg);
-        match self.sampler() {
-            // The deterministic solver: the file's own choice unless it is a stochastic one.
-            Sampler::DpmPp2m if stochastic => cfg.algorithm_type = Some("dpmsolver++".into()),
-            Sampler::DpmPp2mSde => cfg.algorithm_type = Some("sde-dpmsolver++".into()),
-            _ => {}
-        }
-        cfg
+        self.config_with(self.schedule(), cfg)
+            .expect("a name runs on its own schedule")
     }
 
     /// The model's own scheduler, from `_class_name` of its `scheduler_config.json` (and its
@@ -277,7 +267,7 @@ impl SchedulerKind {
 }
 
 /// Whether the file's DPM-Solver `algorithm_type` is a stochastic (`sde-`) one.
-fn is_sde(cfg: &SchedulerConfig) -> bool {
+pub(crate) fn is_sde(cfg: &SchedulerConfig) -> bool {
     cfg.algorithm_type
         .as_deref()
         .is_some_and(|a| a.starts_with("sde-"))
@@ -302,15 +292,26 @@ impl std::str::FromStr for SchedulerKind {
     }
 }
 
-/// Builds `kind` from the model's scheduler config (as `Class.from_config(cfg, **overrides)`,
-/// see [`SchedulerKind::config`]) and runs its `set_timesteps(num_inference_steps)`.
+/// Builds `kind` on its own schedule ([`SchedulerKind::schedule`]): see [`build_with`].
 pub fn build(
     kind: SchedulerKind,
     cfg: &SchedulerConfig,
     num_inference_steps: usize,
 ) -> Result<Box<dyn Scheduler>> {
+    build_with(kind, kind.schedule(), cfg, num_inference_steps)
+}
+
+/// Builds `kind` on `schedule` from the model's scheduler config (as
+/// `Class.from_config(cfg, **overrides)`, see [`SchedulerKind::config_with`]) and runs its
+/// `set_timesteps(num_inference_steps)`.
+pub fn build_with(
+    kind: SchedulerKind,
+    schedule: SigmaSchedule,
+    cfg: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>> {
     common::check_steps(num_inference_steps)?;
-    let cfg = &kind.config(cfg);
+    let cfg = &kind.config_with(schedule, cfg)?;
     let n = num_inference_steps;
     Ok(match kind.sampler() {
         Sampler::Pndm => Box::new(pndm::Pndm::new(cfg, n)?),
@@ -401,7 +402,7 @@ pub struct SchedulerConfig {
     pub disable_corrector: Option<Vec<usize>>,
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
-    /// Exponential / beta sigma schedules: refused where a class has them (not implemented).
+    /// Exponential / beta sigma schedules ([`SigmaSchedule`]).
     pub use_exponential_sigmas: Option<bool>,
     pub use_beta_sigmas: Option<bool>,
     pub original_inference_steps: Option<usize>,

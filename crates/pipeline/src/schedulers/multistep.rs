@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::common::{
     self, config_error, div_s as div, mul_s as mul, ClassDefaults, PredictionType, TimestepSpacing,
 };
-use super::SchedulerConfig;
+use super::{SchedulerConfig, SigmaSchedule};
 use crate::{PipelineError, Result};
 
 /// The timesteps (integers, as f64) and float32 sigmas (`n + 1`, the final one appended) that
@@ -29,10 +29,11 @@ impl MultistepSchedule {
     pub(crate) fn new(
         cfg: &SchedulerConfig,
         n: usize,
-        karras: bool,
+        schedule: SigmaSchedule,
         final_sigma_zero: bool,
         family: Family,
     ) -> Result<Self> {
+        let karras = schedule == SigmaSchedule::Karras;
         common::check_steps(n)?;
         // Both classes default to linspace spacing and offset 0 (not the file's class's defaults).
         let r = common::ResolvedConfig::resolve(cfg, &ClassDefaults::with_spacing("linspace"))?;
@@ -58,6 +59,19 @@ impl MultistepSchedule {
                 .map(|&s| common::np_round(sigma_to_t_f32(s, &log_sigmas)))
                 .collect();
             (ts, ks.iter().map(|&s| s as f32).collect())
+        } else if let Some(conv) = schedule.convert(
+            cfg,
+            train_sigmas[0] as f64,
+            train_sigmas[train - 1] as f64,
+            n,
+        ) {
+            // Exponential and beta: `_sigma_to_t` not rounded, then `.to(torch.int64)` truncates.
+            let log_sigmas: Vec<f32> = train_sigmas.iter().map(|s| s.ln()).collect();
+            let ts = conv
+                .iter()
+                .map(|&s| sigma_to_t_f32(s, &log_sigmas).trunc())
+                .collect();
+            (ts, conv.iter().map(|&s| s as f32).collect())
         } else {
             // lambda_min_clipped (DPM) defaults to -inf: the whole schedule is used.
             let ts: Vec<f64> = match r.timestep_spacing {
@@ -95,8 +109,8 @@ impl MultistepSchedule {
         };
         let last = if final_sigma_zero {
             0.0
-        } else if karras && family == Family::UniPc {
-            // UniPC's karras branch repeats its own last sigma.
+        } else if schedule != SigmaSchedule::Uniform && family == Family::UniPc {
+            // UniPC's karras, exponential and beta branches repeat their own last sigma.
             sigmas[sigmas.len() - 1]
         } else {
             train_sigmas[0]

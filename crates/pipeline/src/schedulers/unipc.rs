@@ -11,7 +11,7 @@ use super::multistep::{
     add_noise_alpha_sigma, alpha_sigma, convert_model_output, current_step_index, final_sigma_zero,
     lambda, newest_output, Family, MultistepSchedule,
 };
-use super::{Scheduler, SchedulerConfig};
+use super::{Scheduler, SchedulerConfig, SigmaSchedule};
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
 
@@ -67,11 +67,10 @@ impl UniPcMultistep {
                 "predict_x0 false needs final_sigmas_type \"sigma_min\"",
             ));
         }
-        let karras = cfg.use_karras_sigmas == Some(true);
         let schedule = MultistepSchedule::new(
             cfg,
             num_inference_steps,
-            karras,
+            SigmaSchedule::of_config(cfg)?,
             final_sigma_zero,
             Family::UniPc,
         )?;

@@ -133,6 +133,7 @@ impl ValidRequest {
             seed,
             guidance_scale: self.guidance_scale,
             scheduler: Some(scheduler),
+            schedule: None,
             prompt_syntax: self.prompt_syntax,
             clip_skip: self.clip_skip,
             loras: self

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax, RgbImage};
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde::{Deserialize, Serialize};
 
 use super::wire_hires::WireHires;
@@ -141,6 +141,9 @@ pub struct WireSpec {
     seed: u64,
     guidance_scale: f64,
     scheduler: Option<String>,
+    /// Absent from older API processes: the scheduler name's own.
+    #[serde(default)]
+    schedule: Option<String>,
     a1111_syntax: bool,
     clip_skip: usize,
     loras: Vec<(String, f64)>,
@@ -183,6 +186,7 @@ impl WireSpec {
             seed: p.seed,
             guidance_scale: p.guidance_scale,
             scheduler: p.scheduler.map(|k| k.name().to_string()),
+            schedule: p.schedule.map(|s| s.name().to_string()),
             a1111_syntax: p.prompt_syntax == PromptSyntax::A1111,
             clip_skip: p.clip_skip,
             loras: p.loras.iter().map(|l| (l.name.clone(), l.weight)).collect(),
@@ -213,6 +217,10 @@ impl WireSpec {
             Some(n) => Some(SchedulerKind::from_name(n).ok_or(format!("scheduler {n:?}"))?),
             None => None,
         };
+        let schedule = match &self.schedule {
+            Some(n) => Some(SigmaSchedule::from_name(n).ok_or(format!("schedule {n:?}"))?),
+            None => None,
+        };
         let init_image = match &self.init_image {
             Some((image, mask, strength)) => Some(InitImage {
                 image: image.image()?,
@@ -231,6 +239,7 @@ impl WireSpec {
                 seed: self.seed,
                 guidance_scale: self.guidance_scale,
                 scheduler,
+                schedule,
                 prompt_syntax: if self.a1111_syntax {
                     PromptSyntax::A1111
                 } else {
@@ -429,9 +438,10 @@ impl WireInfo {
         }
     }
     pub fn info(&self) -> Option<ModelInfo> {
+        let default_scheduler = SchedulerKind::from_name(&self.default_scheduler)?;
         Some(ModelInfo {
             model_version: self.model_version.clone(),
-            default_scheduler: SchedulerKind::from_name(&self.default_scheduler)?,
+            default_scheduler,
             adapters: self.adapters.clone(),
             inpainting: self.inpainting,
             // The worker checks each job against its own budget before running it.
