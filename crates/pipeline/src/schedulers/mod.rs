@@ -51,6 +51,17 @@ pub enum Sampler {
     Lcm,
 }
 
+impl Sampler {
+    /// UNet evaluations per step (the built scheduler's `order()`): 2 for the second-order
+    /// samplers (A1111's `second_order`), which run it twice per step but the last.
+    pub fn evaluations_per_step(self) -> usize {
+        match self {
+            Sampler::DpmPpSde | Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral => 2,
+            _ => 1,
+        }
+    }
+}
+
 /// The scheduler names of the API: a [`Sampler`] with the training schedule's sigmas (or
 /// timesteps) or, for the `_karras` names, Karras et al.'s sigmas (diffusers' `use_karras_sigmas`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -171,7 +171,9 @@ pub struct GenerateRequest {
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77
-    /// tokens; `plain`: diffusers (truncated to 77 tokens, brackets are text).
+    /// tokens, prompt editing `[from:to:when]`, alternation `[a|b]`, `AND` with weights (at
+    /// most 8 parts, at most 32 distinct scheduled texts); `plain`: diffusers (truncated to 77
+    /// tokens, brackets are text).
     #[schema(nullable = true, default = "a1111")]
     pub prompt_syntax: Option<PromptSyntaxName>,
     /// A1111's count: 1 = the last CLIP layer, 2 = the penultimate, ...

@@ -236,6 +236,13 @@ pub fn validate_hires(
                 );
             }
         }
+        if let Some(p) = &hr_prompt {
+            let negative = hr_negative.as_deref().unwrap_or(&first.negative_prompt);
+            // The pass's schedule count; its sampler is checked later (the largest assumed).
+            for (_, rule) in super::schedule::schedule_rules(p, negative, steps_value, None) {
+                r.fail("hr_prompt", rule);
+            }
+        }
     }
     r.finish()?;
 

@@ -23,6 +23,7 @@ mod fields;
 mod for_model;
 pub mod hires;
 mod native_hires;
+mod schedule;
 #[cfg(test)]
 mod tests;
 
@@ -297,6 +298,13 @@ pub fn validate_request(
     let strength = r.number("strength", 0.0, 1.0);
     let has_init = r.value("init_image").is_some();
     let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);
+    if let (Some(p), PromptSyntax::A1111) = (&prompt, prompt_syntax.unwrap_or(PromptSyntax::A1111))
+    {
+        let negative = negative_prompt.as_deref().unwrap_or("");
+        for (field, rule) in schedule::schedule_rules(p, negative, steps, scheduler) {
+            r.fail(field, rule);
+        }
+    }
     // A mask without an image to repaint is a mistake; a strength without one is ignored
     // (A1111 clients send denoising_strength with every txt2img request).
     if !has_init && r.value("mask_image").is_some() {
