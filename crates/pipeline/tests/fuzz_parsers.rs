@@ -108,6 +108,27 @@ proptest! {
             prop_assert_eq!(c.weights.len(), c.ids.len());
         }
     }
+
+    /// A1111's prompt scheduling and AND on the same text: every plan has a text for every
+    /// evaluation, a schedule's ends ascend and stop at the pass's steps, and deep nesting
+    /// neither overflows the stack nor takes long.
+    #[test]
+    fn prompts_schedule(text in "([\\[\\]():|\\\\ ab1.5]|AND|:0.5\\]|\\[a:|\\[b\\|){0,160}|.{0,500}", steps in 1usize..100, hires in 0usize..60) {
+        let hires = (hires > 0).then_some(hires);
+        let plan = sdserve_pipeline::prompt_schedule::PromptPlan::new(&text, Some(&text), steps, hires);
+        let pass = hires.unwrap_or(steps);
+        for schedule in plan.parts.iter().map(|(_, s)| s).chain(plan.negative.iter()) {
+            prop_assert!(schedule.windows(2).all(|w| w[0].0 < w[1].0));
+            prop_assert_eq!(schedule.last().unwrap().0, pass);
+        }
+        for step in 0..=pass + 1 {
+            let (parts, negative) = plan.at(step);
+            prop_assert!(parts.iter().all(|(i, _)| *i < plan.texts.len()));
+            prop_assert!(negative.is_some_and(|i| i < plan.texts.len()));
+        }
+        let nested = format!("{}x{}", "[".repeat(500), "]".repeat(500));
+        prop_assert_eq!(sdserve_pipeline::prompt_schedule::schedule(&nested, steps, None).len(), 1);
+    }
 }
 
 fn tokenizer() -> &'static sdserve_pipeline::tokenizer::ClipTokenizer {

@@ -285,3 +285,46 @@ fn bad_second_passes_are_refused_before_any_step() {
         assert_eq!(steps, 0, "{h:?}");
     }
 }
+
+/// A1111's hires timeline: `[lighthouse:castle:1.2]` (and `:5`, a step number counted from the
+/// first pass's start) is the lighthouse for the whole first pass (4 steps) and switches at
+/// the hires schedule's step 1 (of 6); the pass's 3 evaluations count from 0 as img2img's do.
+/// So it equals txt2img of the lighthouse, resized, then img2img of `[lighthouse:castle:1]`.
+#[test]
+fn prompt_editing_goes_on_in_the_hires_pass() {
+    let model = tiny();
+    let a1111 = |prompt: &str, base: GenerationParams| GenerationParams {
+        prompt: prompt.into(),
+        prompt_syntax: sdserve_pipeline::pipeline::PromptSyntax::A1111,
+        ..base
+    };
+    let low = generate_one(&model, &a1111("a lighthouse", first_pass(21, 1)));
+    let h = hires(Upscaler::Lanczos);
+    let img2img = GenerationParams {
+        steps: h.steps,
+        width: h.width,
+        height: h.height,
+        init_image: Some(InitImage {
+            image: resize_lanczos(&low, 128, 96),
+            mask: None,
+            strength: h.strength,
+        }),
+        ..a1111("a [lighthouse:castle:1]", first_pass(21, 1))
+    };
+    let by_hand = generate_one(&model, &img2img);
+    let hires_of = |prompt: &str| {
+        let params = GenerationParams {
+            hires: Some(hires(Upscaler::Lanczos)),
+            ..a1111(prompt, first_pass(21, 1))
+        };
+        run(&model, &params).remove(0)
+    };
+    for prompt in ["a [lighthouse:castle:1.2]", "a [lighthouse:castle:5]"] {
+        let got = hires_of(prompt);
+        let (mean, _) = common::pixel_difference(&got.pixels, &by_hand.pixels);
+        assert!(mean < 0.01, "{prompt}: mean abs diff {mean}");
+    }
+    let unedited = hires_of("a lighthouse");
+    let (apart, _) = common::pixel_difference(&unedited.pixels, &by_hand.pixels);
+    assert!(apart > 0.05, "the edit changes the hires pass ({apart})");
+}

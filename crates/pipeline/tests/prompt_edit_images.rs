@@ -121,3 +121,43 @@ fn images_match_diffusers() {
     );
     eprintln!("{images} images match");
 }
+
+/// Two AND halves of one text are that text (`u + 0.5 g (c - u) + 0.5 g (c - u)`), through the
+/// one-batch path and, with a negative prompt of another length (two chunks), the two-pass one.
+#[test]
+fn and_halves_of_one_text_are_that_text() {
+    let model = StableDiffusion::load(&fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap();
+    for negative in ["blurry", "blurry BREAK grainy"] {
+        let params = GenerationParams {
+            prompt: "a photo of a cat".into(),
+            negative_prompt: negative.into(),
+            steps: 6,
+            width: 32,
+            height: 32,
+            seed: 5,
+            guidance_scale: 7.5,
+            scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+            prompt_syntax: PromptSyntax::A1111,
+            ..Default::default()
+        };
+        let whole = generate(&model, &params);
+        let halves = generate(
+            &model,
+            &GenerationParams {
+                prompt: "a photo of a cat :0.5 AND a photo of a cat :0.5".into(),
+                ..params.clone()
+            },
+        );
+        let (mean, _) = pixel_difference(&whole[0].pixels, &halves[0].pixels);
+        assert!(mean < TIGHT_MEAN, "{negative:?}: mean abs diff {mean}");
+        let other = generate(
+            &model,
+            &GenerationParams {
+                prompt: "a photo of a cat :0.7 AND a photo of a cat :0.5".into(),
+                ..params.clone()
+            },
+        );
+        let (apart, _) = pixel_difference(&whole[0].pixels, &other[0].pixels);
+        assert!(apart > 0.1, "{negative:?}: the weights count ({apart})");
+    }
+}
