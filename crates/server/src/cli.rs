@@ -204,6 +204,12 @@ pub struct ServeArgs {
     /// then the worker frees the loaded one and loads it. Files added later are picked up.
     #[arg(long, env = "MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
+    /// AUTOMATIC1111's prompt styles file (`styles.csv`: columns `name`, `prompt`,
+    /// `negative_prompt`): requests name styles in `styles` and get their texts added to the
+    /// prompts, as in A1111; listed by GET /styles. Read on every request, so edits count at
+    /// once; not set or not there: no styles.
+    #[arg(long, env = "STYLES_FILE")]
+    pub styles_file: Option<PathBuf>,
     /// Address to listen on (0.0.0.0 for every interface, as in the Docker image).
     #[arg(long, env = "HOST", default_value = "127.0.0.1")]
     pub host: String,

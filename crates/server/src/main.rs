@@ -25,6 +25,7 @@ mod readme;
 mod security;
 mod serve;
 mod speed;
+mod styles;
 mod vaes;
 mod validate;
 

@@ -11,6 +11,7 @@ mod observe;
 mod off_runtime_tests;
 pub mod openai;
 pub(crate) mod request;
+pub(crate) mod styles;
 pub mod web;
 
 use std::sync::Arc;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub models: crate::models::Catalog,
     /// VAE_DIR: the VAEs a request may decode with.
     pub vaes: crate::vaes::VaeCatalog,
+    /// STYLES_FILE: the prompt styles requests may name (`styles`).
+    pub styles: crate::styles::StyleBook,
 }
 
 type Shared = Arc<AppState>;
@@ -239,6 +242,13 @@ pub struct GenerateRequest {
     /// the seed's image, 1 the variation seed's noise.
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
     pub variation_strength: Option<f64>,
+    /// Prompt styles by name (`GET /styles`; STYLES_FILE, A1111's `styles.csv`), at most 16,
+    /// applied in order as A1111 applies them: a style text holding `{prompt}` takes the
+    /// prompt in its place, any other is appended after ", "; the same for the negative
+    /// prompt and the hires pass's own prompts. The prompts' rules (500 characters) hold for
+    /// the styled text. An unknown name is a 422.
+    #[schema(nullable = true, example = json!(["Cinematic"]))]
+    pub styles: Option<Vec<String>>,
 }
 
 /// The hires fix's second pass: the target is `width` and `height`, or `scale` (one of the
@@ -490,6 +500,7 @@ pub struct HealthResponse {
         native::refresh_adapters,
         models::list,
         models::vaes,
+        styles::list,
         native::metrics,
         native::openapi_json,
         native::docs,
@@ -531,6 +542,8 @@ pub struct HealthResponse {
         crate::vaes::VaeList,
         crate::vaes::VaeListing,
         crate::vaes::VaeKind,
+        styles::StyleList,
+        crate::styles::Style,
         GpuInfo
     ))
 )]
@@ -545,6 +558,7 @@ fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Sh
         ("/loras", &["get"], get(native::loras)),
         ("/models", &["get"], get(models::list)),
         ("/vaes", &["get"], get(models::vaes)),
+        ("/styles", &["get"], get(styles::list)),
         ("/embeddings", &["get"], get(native::embeddings)),
         (
             "/adapters/refresh",

@@ -104,7 +104,13 @@ pub(crate) async fn read_generate_body(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     )?;
-    off_the_runtime(move || validate::parse_generate(&body)).await
+    let styles = app.styles.clone();
+    off_the_runtime(move || {
+        let mut map = validate::parse_object(&body)?;
+        let styled = styles.apply(&mut map, crate::styles::Dialect::Native);
+        crate::styles::with_styles(styled, validate::validate_object(&map))
+    })
+    .await
 }
 
 /// How long a request waits for the worker to look at LORA_DIR/EMBEDDINGS_DIR when they

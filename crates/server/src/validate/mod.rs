@@ -48,7 +48,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 21] = [
+pub const FIELDS: [&str; 22] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -70,6 +70,8 @@ pub const FIELDS: [&str; 21] = [
     "tiling",
     "variation_seed",
     "variation_strength",
+    // Applied to the prompts before validation (crate::styles).
+    "styles",
 ];
 /// The longest model name a request may give (a file or folder name).
 pub const MODEL_NAME_MAX_CHARS: usize = 255;

@@ -71,7 +71,7 @@ pub fn info_string(
         "extra_generation_params": extra_generation_params(t),
         "index_of_first_image": 0,
         "infotexts": images.iter().map(|i| i.infotext.clone()).collect::<Vec<_>>(),
-        "styles": [],
+        "styles": t.styles,
         "job_timestamp": job_timestamp,
         "clip_skip": clip_skip,
         "is_using_inpainting_conditioning": false,

@@ -151,10 +151,11 @@ pub(super) async fn latent_upscale_modes() -> Json<Value> {
     ))
 }
 
-/// `[]`: no saved styles.
-#[utoipa::path(get, path = "/sdapi/v1/prompt-styles", tag = "a1111", responses((status = 200, description = "`[]`")))]
-pub(super) async fn prompt_styles() -> Json<Value> {
-    Json(json!([]))
+/// `[{name, prompt, negative_prompt}]`: STYLES_FILE's styles (A1111's `styles.csv`), which
+/// `styles` in txt2img/img2img names.
+#[utoipa::path(get, path = "/sdapi/v1/prompt-styles", tag = "a1111", responses((status = 200, description = "STYLES_FILE's styles")))]
+pub(super) async fn prompt_styles(State(app): State<Shared>) -> Json<Value> {
+    Json(json!(crate::api::styles::read(&app).await.styles))
 }
 
 /// `{}`: there is one model, loaded at start.

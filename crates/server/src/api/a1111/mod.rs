@@ -187,14 +187,18 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
     mode: Mode,
 ) -> Result<Response, ApiError> {
-    let body = body_object(app.max_body_bytes, body)?;
+    let mut body = body_object(app.max_body_bytes, body)?;
     let info = app.engine.model_info()?;
     let clip_skip = lock(&app.a1111.options)
         .get("CLIP_stop_at_last_layers")
         .cloned();
     // Off the runtime's threads: validation decodes init_images and mask.
+    let styles = app.styles.clone();
     let (t, body) = crate::api::off_the_runtime(move || {
-        translate::translate(&body, mode, clip_skip.as_ref(), random_seed).map(|t| (t, body))
+        // Styles first, as A1111's setup_prompts: their texts are prompt text like any other.
+        let styled = styles.apply(&mut body, crate::styles::Dialect::A1111);
+        let t = translate::translate(&body, mode, clip_skip.as_ref(), random_seed);
+        crate::styles::with_styles(styled, t).map(|t| (t, body))
     })
     .await?;
     if !t.ignored.is_empty() {

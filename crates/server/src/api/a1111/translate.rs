@@ -45,6 +45,9 @@ pub struct Translated {
     /// A1111 fields that were sent with a value we cannot honour, ignored as A1111 ignores
     /// fields it does not know (for the log).
     pub ignored: Vec<String>,
+    /// The styles the prompts were given (`styles`, applied before translation:
+    /// `crate::styles`), for `info`.
+    pub styles: Vec<String>,
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
@@ -61,7 +64,7 @@ pub const FIELD_NAMES: [(&str, &str); 9] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 32] = [
+const USED: [&str; 33] = [
     "enable_hr",
     "hr_scale",
     "hr_resize_x",
@@ -94,6 +97,7 @@ const USED: [&str; 32] = [
     "subseed_strength",
     "seed_resize_from_w",
     "seed_resize_from_h",
+    "styles",
 ];
 
 /// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
@@ -324,6 +328,15 @@ pub fn translate(
         sampler,
         parameters,
         ignored,
+        styles: body
+            .get("styles")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
