@@ -1,5 +1,5 @@
 //! Prompt styles (STYLES_FILE) over real HTTP on the real tiny model: a native or A1111 request
-//! naming styles makes the image of the same request with the styled prompts written out
+//! (and OpenAI's, with the native extras) naming styles makes the image of the same request with the styled prompts written out
 //! (the styled texts are what A1111's own styles.py makes of the same file:
 //! tests/fixtures/styles/styles.json, tools/make_styles_fixtures.py), says so in its metadata
 //! and infotexts; the listings show the file; unknown names and over-long styled prompts are
@@ -96,6 +96,15 @@ fn styles_give_the_image_of_the_styled_prompts_in_every_dialect() {
     };
     assert_eq!(job["request"]["prompt"], want_prompt);
     assert!(pixels(&job["result"]) == pixels(&written_out));
+
+    // OpenAI's images/generations passes `styles` as it passes the other native extras.
+    let openai = json!({"prompt": "a cat", "negative_prompt": "blurry", "seed": 3, "steps": 2,
+                        "size": "256x256", "guidance_scale": 6.0, "scheduler": "euler",
+                        "response_format": "b64_json", "styles": ["Appended", "Cinematic"]});
+    let r = ok(&post_json_to(s.addr, "/v1/images/generations", &openai));
+    let image = decode_png(r["data"][0]["b64_json"].as_str().unwrap()).2;
+    assert!(image == pixels(&written_out), "OpenAI styled image differs");
+    assert_eq!(r["data"][0]["revised_prompt"], want_prompt);
 
     // A1111: `styles` as A1111 applies them; info names them, the infotext holds the result.
     let (want_prompt, want_negative) = case("a cat", "", &["Cinematic"]);

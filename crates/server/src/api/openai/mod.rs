@@ -131,8 +131,12 @@ async fn run(
     format: ResponseFormat,
 ) -> Result<Response, OpenAiError> {
     // Off the runtime's threads: validation decodes the edit's image and mask.
+    let styles = app.styles.clone();
     let req = crate::api::off_the_runtime(move || {
-        crate::validate::validate_object(&native_body).map_err(translate::openai_names)
+        let mut native_body = native_body;
+        let styled = styles.apply(&mut native_body, crate::styles::Dialect::Native);
+        crate::styles::with_styles(styled, crate::validate::validate_object(&native_body))
+            .map_err(translate::openai_names)
     })
     .await?;
     let out = native::run(app, req).await?;

@@ -73,6 +73,9 @@ pub struct GenerationRequest {
         example = "vae-ft-mse-840000-ema-pruned.safetensors"
     )]
     pub vae: Option<String>,
+    /// Prompt styles by name (`GET /styles`), applied to the prompts as the native API does.
+    #[schema(nullable = true)]
+    pub styles: Option<Vec<String>>,
 }
 
 /// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:
