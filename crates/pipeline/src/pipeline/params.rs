@@ -103,6 +103,26 @@ impl GenerationParams {
         }
     }
 
+    /// A1111's AND parts of the prompt (`prompt_syntax: a1111`) when they combine predictions:
+    /// more than one, or one weighted other than 1; `None` for a plain guided prompt.
+    pub fn composed_parts(&self) -> Option<usize> {
+        if self.prompt_syntax != PromptSyntax::A1111 {
+            return None;
+        }
+        let parts = crate::prompt_schedule::and_parts(&self.prompt);
+        (parts.len() != 1 || parts[0].weight != 1.0).then_some(parts.len())
+    }
+
+    /// The images' worth of guided UNet batch rows a step runs (two rows each), for memory
+    /// estimates: `batch_size`, or with AND parts `batch_size * (parts + 1) / 2` rounded up
+    /// (a row per part and one for the negative prompt).
+    pub fn guided_batch_equivalent(&self) -> usize {
+        match self.composed_parts() {
+            Some(parts) => (self.batch_size * (parts + 1)).div_ceil(2),
+            None => self.batch_size,
+        }
+    }
+
     /// The steps the hires pass runs: `int(steps * strength)` of its schedule (0 without one).
     pub fn hires_steps(&self) -> usize {
         self.hires

@@ -199,8 +199,13 @@ pub fn plan_request(
     let (Some(fp), Some(req)) = (&setup.footprint, &setup.plan_request) else {
         return Ok(());
     };
-    let guidance = params.guidance_scale > 1.0;
-    let (w, h, n) = (params.width, params.height, params.batch_size);
+    // AND parts are UNet rows too (one per part and one for the negative prompt).
+    let guidance = params.guidance_scale > 1.0 || params.composed_parts().is_some();
+    let (w, h, n) = (
+        params.width,
+        params.height,
+        params.guided_batch_equivalent(),
+    );
     let wanted = plan_for_request(fp, req, &setup.plan, w, h, n, guidance)
         .map_err(|o| PipelineError::InvalidRequest(o.describe(w, h, n)))?;
     let now = sd.memory_plan();

@@ -33,8 +33,28 @@ pub fn check_memory(
     // The hires pass runs at its own, larger size: that one must fit.
     let (w, h) = params.output_size();
     let n = params.batch_size;
-    match budget.check(w, h, n, params.guidance_scale > 1.0) {
+    // AND parts are UNet rows too: one per part and one for the negative prompt, guided or not.
+    let rows_as_batch = params.guided_batch_equivalent();
+    let guided = params.guidance_scale > 1.0 || params.composed_parts().is_some();
+    match budget.check(w, h, rows_as_batch, guided) {
         Ok(()) => Ok(()),
+        Err(over) if rows_as_batch != n => {
+            let parts = params.composed_parts().unwrap_or(1);
+            Err(ApiError::Validation(
+                ["prompt", "batch_size"]
+                    .iter()
+                    .map(|f| FieldError {
+                        field: f.to_string(),
+                        rule: format!(
+                            "its {parts} AND parts run {} UNet rows per image at every step, \
+                             what a batch of {rows_as_batch} guided images runs: {}",
+                            parts + 1,
+                            over.describe(w, h, rows_as_batch)
+                        ),
+                    })
+                    .collect(),
+            ))
+        }
         Err(over) => {
             let rule = over.describe(w, h, n);
             let fields: &[&str] = if over.largest_batch_size > 0 {

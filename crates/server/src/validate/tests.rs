@@ -230,6 +230,24 @@ fn a_batch_over_the_memory_budget_is_a_422_naming_batch_size() {
     assert_eq!(f.field, "batch_size");
     assert!(f.rule.contains("at most batch_size"), "{}", f.rule);
     assert!(f.rule.contains("VRAM_LIMIT_MB"), "{}", f.rule);
+    // AND parts are rows: one image with 8 parts runs what a batch of 5 guided images runs.
+    let with_parts = |batch_size, parts: usize| GenerationParams {
+        prompt: vec!["a cat"; parts].join(" AND "),
+        prompt_syntax: PromptSyntax::A1111,
+        ..params(batch_size, 768, 7.5)
+    };
+    let largest = (1..=8)
+        .take_while(|&n| check_memory(&params(n, 768, 7.5), Some(&budget)).is_ok())
+        .last()
+        .unwrap();
+    assert!(check_memory(&with_parts(largest, 1), Some(&budget)).is_ok());
+    let e = check_memory(&with_parts(largest, 8), Some(&budget)).unwrap_err();
+    let names: Vec<&str> = e.fields().iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(names, ["prompt", "batch_size"], "{e:?}");
+    assert!(
+        e.fields()[0].rule.contains("8 AND parts run 9 UNet rows"),
+        "{e:?}"
+    );
     // No budget (the CPU): nothing to check.
     assert!(check_memory(&params(8, 768, 7.5), None).is_ok());
     // Too small a budget for even one image names the size.
