@@ -76,6 +76,12 @@ pub fn read_vae_file(path: &Path, levels: usize, dtype: DType) -> Result<HashMap
         let tensor = Tensor::from_raw_buffer(&bytes, stored, &shape, &Device::Cpu)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| weights(path, format!("`{src}`: {e}")))?;
+        if let std::borrow::Cow::Borrowed(mapped) = &bytes {
+            // Copied: its pages of the file leave the resident set now, not when the whole
+            // file is read (the read peaks at the weights plus one tensor, not twice the file).
+            // SAFETY: borrowed bytes lie in the read-only mapping of the safetensors file.
+            unsafe { crate::weights::release_mapped(mapped) };
+        }
         out.insert(name, tensor);
     }
     if !out.keys().any(|k| k.starts_with("decoder.")) {
