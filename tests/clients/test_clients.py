@@ -456,6 +456,27 @@ class A1111(Timed):
         self.assertEqual(params["Negative prompt"], NEGATIVE)
         self.assertEqual((params["Size-1"], params["Size-2"]), (str(SIZE), str(SIZE)))
 
+    def test_extras_upscale_as_a1111(self):
+        # The fixtures of tools/make_extras_fixtures.py: A1111's own upscale code with Pillow.
+        d = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "extras")
+        cases = json.load(open(os.path.join(d, "extras.json")))["cases"]
+        for label in ["to_200x100_crop", "blend_lanczos_nearest_0_35", "nearest_by_1_7_grey"]:
+            case = cases[label]
+            img = Image.open(os.path.join(d, f"input.{case['input']}.png"))
+            r = self.api.extra_single_image(img, **case["fields"])
+            want = Image.open(os.path.join(d, f"output.{label}.png"))
+            self.assertEqual(r.image.size, want.size, label)
+            self.assertEqual(pixels(r.image), pixels(want), label)
+            self.assertEqual(r.info, case["html_info"], label)
+        case = cases["lanczos_by_2"]
+        img = Image.open(os.path.join(d, "input.rgb.png"))
+        r = self.api.extra_batch_images([img, img], **case["fields"])
+        want = pixels(Image.open(os.path.join(d, "output.lanczos_by_2.png")))
+        self.assertEqual([pixels(i) for i in r.images], [want, want])
+        with self.assertRaises(RuntimeError) as cm:
+            self.api.extra_single_image(img, upscaler_1="R-ESRGAN 4x+")
+        self.assertEqual(cm.exception.args[0], 422)
+
     def test_progress_and_interrupt(self):
         result = {}
 

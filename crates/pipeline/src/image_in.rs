@@ -3,8 +3,9 @@
 //! grayscale conversion, `/ 255`, then binarised at 0.5 (white = repaint).
 //!
 //! The resize is PIL's `Image.resize(size, LANCZOS)` (`libImaging/Resample.c`) step for step:
-//! separable, horizontal pass first, coefficients in 22-bit fixed point, each pass rounded and
-//! clipped to u8. Matching it exactly keeps resized requests as close to diffusers as others.
+//! separable (the horizontal pass first, unless the height shrinks by more than twice the
+//! width: Pillow 12+), coefficients in 22-bit fixed point, each pass rounded and clipped to u8.
+//! Matching it exactly keeps resized requests as close to diffusers as others.
 
 use candle_core::{Device, Tensor};
 
@@ -73,49 +74,69 @@ fn clip8(acc: i64) -> u8 {
 }
 
 /// `image.resize((width, height), Image.LANCZOS)` as Pillow computes it for RGB images.
+/// Pillow 12+ (`ImagingResampleInner`) runs the vertical pass first when the height shrinks by
+/// more than twice as many pixels as the width does, else the horizontal pass first; each
+/// pass rounds to u8, so the order shows in the pixels.
 pub fn resize_lanczos(image: &RgbImage, width: usize, height: usize) -> RgbImage {
     let (w0, h0) = (image.width as usize, image.height as usize);
     if (w0, h0) == (width, height) {
         return image.clone();
     }
-    let mut pixels = image.pixels.clone();
-    let mut cur_w = w0;
-    let round = 1i64 << (PRECISION_BITS - 1);
-    if width != w0 {
-        let coeffs = coefficients(w0, width);
-        let mut out = vec![0u8; width * h0 * 3];
-        for y in 0..h0 {
-            let row = &pixels[y * w0 * 3..(y + 1) * w0 * 3];
-            for (xx, (xmin, k)) in coeffs.iter().enumerate() {
-                for c in 0..3 {
-                    let acc = k.iter().enumerate().fold(round, |acc, (i, &wt)| {
-                        acc + row[(xmin + i) * 3 + c] as i64 * wt as i64
-                    });
-                    out[(y * width + xx) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        pixels = out;
-        cur_w = width;
-    }
-    if height != h0 {
-        let coeffs = coefficients(h0, height);
-        let mut out = vec![0u8; cur_w * height * 3];
-        for (yy, (ymin, k)) in coeffs.iter().enumerate() {
-            for x in 0..cur_w * 3 {
-                let acc = k.iter().enumerate().fold(round, |acc, (i, &wt)| {
-                    acc + pixels[(ymin + i) * cur_w * 3 + x] as i64 * wt as i64
-                });
-                out[yy * cur_w * 3 + x] = clip8(acc);
-            }
-        }
-        pixels = out;
-    }
+    let shrink_h = h0 as i64 - height as i64;
+    let vertical_first = shrink_h > 0 && shrink_h > (w0 as i64 - width as i64) * 2;
+    let pixels = if vertical_first {
+        let tall = lanczos_vertical(&image.pixels, w0, h0, height);
+        lanczos_horizontal(&tall, w0, height, width)
+    } else {
+        let wide = lanczos_horizontal(&image.pixels, w0, h0, width);
+        lanczos_vertical(&wide, width, h0, height)
+    };
     RgbImage {
         width: width as u32,
         height: height as u32,
         pixels,
     }
+}
+
+/// One horizontal Lanczos pass of an RGB8 `w0` x `h` image to `width` (a copy when equal).
+fn lanczos_horizontal(pixels: &[u8], w0: usize, h: usize, width: usize) -> Vec<u8> {
+    if width == w0 {
+        return pixels.to_vec();
+    }
+    let round = 1i64 << (PRECISION_BITS - 1);
+    let coeffs = coefficients(w0, width);
+    let mut out = vec![0u8; width * h * 3];
+    for y in 0..h {
+        let row = &pixels[y * w0 * 3..(y + 1) * w0 * 3];
+        for (xx, (xmin, k)) in coeffs.iter().enumerate() {
+            for c in 0..3 {
+                let acc = k.iter().enumerate().fold(round, |acc, (i, &wt)| {
+                    acc + row[(xmin + i) * 3 + c] as i64 * wt as i64
+                });
+                out[(y * width + xx) * 3 + c] = clip8(acc);
+            }
+        }
+    }
+    out
+}
+
+/// One vertical Lanczos pass of an RGB8 `w` x `h0` image to `height` (a copy when equal).
+fn lanczos_vertical(pixels: &[u8], w: usize, h0: usize, height: usize) -> Vec<u8> {
+    if height == h0 {
+        return pixels.to_vec();
+    }
+    let round = 1i64 << (PRECISION_BITS - 1);
+    let coeffs = coefficients(h0, height);
+    let mut out = vec![0u8; w * height * 3];
+    for (yy, (ymin, k)) in coeffs.iter().enumerate() {
+        for x in 0..w * 3 {
+            let acc = k.iter().enumerate().fold(round, |acc, (i, &wt)| {
+                acc + pixels[(ymin + i) * w * 3 + x] as i64 * wt as i64
+            });
+            out[yy * w * 3 + x] = clip8(acc);
+        }
+    }
+    out
 }
 
 /// `image.resize((width, height), Image.NEAREST)` as Pillow computes it (`ImagingScaleAffine`:

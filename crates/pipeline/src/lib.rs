@@ -26,6 +26,7 @@ pub mod taesd;
 mod test_util;
 pub mod tokenizer;
 pub mod unet;
+pub mod upscale;
 pub mod vae;
 pub mod vae_encoder;
 pub mod weights;

@@ -29,12 +29,16 @@ pub struct RequestImage {
 pub fn decode_base64(text: &str) -> Result<RequestImage, String> {
     #[cfg(test)]
     test_gate::hold(text);
+    decode_bytes(&base64_bytes(text)?)
+}
+
+/// The file bytes of a base64 request image (a `data:image/...;base64,` URL or plain base64).
+pub fn base64_bytes(text: &str) -> Result<Vec<u8>, String> {
     let data = strip_data_url(text)?;
     // Base64 of any length up to the body limit: decoded size is 3/4 of it.
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(data.trim())
-        .map_err(|e| format!("must be base64 ({e})"))?;
-    decode_bytes(&bytes)
+        .map_err(|e| format!("must be base64 ({e})"))
 }
 
 /// Tests hold the decode of one chosen image here, to see what the server does meanwhile.
@@ -89,15 +93,8 @@ fn strip_data_url(text: &str) -> Result<&str, String> {
 /// Decodes PNG, JPEG or WebP bytes to RGB8 (alpha dropped, grey repeated), checking the size
 /// from the header first.
 pub fn decode_bytes(bytes: &[u8]) -> Result<RequestImage, String> {
-    let format = image::guess_format(bytes)
-        .ok()
-        .filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP))
-        .ok_or("must be a PNG, JPEG or WebP image")?;
+    let (format, _, _) = header(bytes)?;
     let reader = || ImageReader::with_format(Cursor::new(bytes), format);
-    let (w, h) = reader()
-        .into_dimensions()
-        .map_err(|e| format!("is not a readable {} image ({e})", name(format)))?;
-    check_dimensions(w, h)?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -116,6 +113,20 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RequestImage, String> {
     };
     let sha256 = digest(&image);
     Ok(RequestImage { image, sha256 })
+}
+
+/// The format and size of PNG, JPEG or WebP bytes, from the header alone; the size rule
+/// ([`check_dimensions`]) checked.
+pub fn header(bytes: &[u8]) -> Result<(ImageFormat, u32, u32), String> {
+    let format = image::guess_format(bytes)
+        .ok()
+        .filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP))
+        .ok_or("must be a PNG, JPEG or WebP image")?;
+    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| format!("is not a readable {} image ({e})", name(format)))?;
+    check_dimensions(w, h)?;
+    Ok((format, w, h))
 }
 
 fn name(format: ImageFormat) -> &'static str {

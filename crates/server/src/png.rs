@@ -110,13 +110,20 @@ pub fn batch_texts(
 }
 
 pub fn encode(img: &RgbImage, parameters: &str) -> Result<Vec<u8>, String> {
+    encode_with_text(img, &[("parameters", parameters)])
+}
+
+/// An RGB8 PNG with these tEXt chunks (keyword, text), in order.
+pub fn encode_with_text(img: &RgbImage, texts: &[(&str, &str)]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, img.width, img.height);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        enc.add_text_chunk("parameters".into(), latin1(parameters))
-            .map_err(|e| e.to_string())?;
+        for (keyword, text) in texts {
+            enc.add_text_chunk(keyword.to_string(), latin1(text))
+                .map_err(|e| e.to_string())?;
+        }
         let mut w = enc.write_header().map_err(|e| e.to_string())?;
         w.write_image_data(&img.pixels).map_err(|e| e.to_string())?;
         w.finish().map_err(|e| e.to_string())?;

@@ -6,6 +6,8 @@
 #[path = "dialects/cmd_flags.rs"]
 mod cmd_flags;
 mod common;
+#[path = "dialects/extras.rs"]
+mod extras;
 #[path = "dialects/hires.rs"]
 mod hires;
 #[path = "dialects/openai.rs"]

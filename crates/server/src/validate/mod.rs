@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use crate::error::ApiError;
 use crate::images::RequestImage;
 
+pub mod extras;
 mod fields;
 mod for_model;
 pub mod hires;

@@ -120,7 +120,8 @@ pub(super) async fn scripts() -> Json<Value> {
 }
 
 /// `[{name, model_name, model_path, model_url, scale}]`: the image upscalers of the hires fix
-/// (`hr_upscaler`): `None`, `Lanczos`, `Nearest` (A1111's built-in ones; no ESRGAN models).
+/// (`hr_upscaler`) and the Extras (`upscaler_1`, `upscaler_2`): `None`, `Lanczos`, `Nearest`
+/// (A1111's built-in ones; no ESRGAN models).
 #[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "`None`, `Lanczos`, `Nearest`")))]
 pub(super) async fn upscalers() -> Json<Value> {
     Json(Value::Array(

@@ -11,6 +11,7 @@
 
 mod checkpoints;
 pub mod cmd_flags;
+pub mod extras;
 pub mod info;
 mod listings;
 pub(crate) mod samplers;
@@ -48,6 +49,8 @@ pub struct Dialect {
     active: Mutex<Vec<Arc<Active>>>,
     /// How the process was started, for `cmd-flags`.
     flags: cmd_flags::ServerFlags,
+    /// Where Extras requests take turns.
+    extras: extras::Slots,
 }
 
 impl Dialect {
@@ -115,6 +118,14 @@ pub fn router(json_limit: usize) -> Router<Shared> {
         )
         .route("/sdapi/v1/png-info", post(png_info))
         .route("/sdapi/v1/cmd-flags", get(cmd_flags::cmd_flags))
+        .route(
+            "/sdapi/v1/extra-single-image",
+            post(extras::extra_single_image),
+        )
+        .route(
+            "/sdapi/v1/extra-batch-images",
+            post(extras::extra_batch_images),
+        )
         .route("/sdapi/v1/memory", get(listings::memory))
         .route("/sdapi/v1/hypernetworks", get(listings::hypernetworks))
         .route("/sdapi/v1/face-restorers", get(listings::face_restorers))

@@ -149,12 +149,112 @@ pub struct A1111Progress {
     pub textinfo: Option<String>,
 }
 
+/// The fields of A1111's Extras (its `ExtrasBaseRequest`); absent or null: A1111's default.
+/// Other fields are ignored, as A1111 ignores them.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::ExtrasOptions)]
+pub struct ExtrasOptions {
+    /// 0: upscale by `upscaling_resize`; 1: to `upscaling_resize_w` x `upscaling_resize_h`.
+    #[schema(default = 0, minimum = 0, maximum = 1, nullable = true)]
+    pub resize_mode: Option<u8>,
+    /// Accepted and ignored (A1111 answers the images either way).
+    #[schema(default = true, nullable = true)]
+    pub show_extras_results: Option<bool>,
+    /// Face restoration: there is none here; above 0 is a 422.
+    #[schema(default = 0.0, minimum = 0.0, maximum = 0.0, nullable = true)]
+    pub gfpgan_visibility: Option<f64>,
+    #[schema(default = 0.0, minimum = 0.0, maximum = 0.0, nullable = true)]
+    pub codeformer_visibility: Option<f64>,
+    #[schema(default = 0.0, minimum = 0.0, maximum = 1.0, nullable = true)]
+    pub codeformer_weight: Option<f64>,
+    /// The factor (above 0). Each upscaled side is floored to a multiple of 8 (A1111's
+    /// `Upscaler.upscale`); the result may have at most 4096 px a side and 16 MP.
+    #[schema(default = 2.0, exclusive_minimum = 0.0, nullable = true)]
+    pub upscaling_resize: Option<f64>,
+    /// resize_mode 1: the image is scaled to cover this size (aspect kept), then with
+    /// `upscaling_crop` pasted centred on a black canvas of exactly this size.
+    #[schema(default = 512, minimum = 1, maximum = 4096, nullable = true)]
+    pub upscaling_resize_w: Option<u32>,
+    #[schema(default = 512, minimum = 1, maximum = 4096, nullable = true)]
+    pub upscaling_resize_h: Option<u32>,
+    #[schema(default = true, nullable = true)]
+    pub upscaling_crop: Option<bool>,
+    /// `None` (the image as it is), `Lanczos` or `Nearest` (A1111's built-in upscalers:
+    /// Pillow's filters); another name is a 422 listing these.
+    #[schema(default = "None", nullable = true)]
+    pub upscaler_1: Option<String>,
+    /// Blended over the first by `extras_upscaler_2_visibility` (`Image.blend`).
+    #[schema(default = "None", nullable = true)]
+    pub upscaler_2: Option<String>,
+    #[schema(default = 0.0, minimum = 0.0, maximum = 1.0, nullable = true)]
+    pub extras_upscaler_2_visibility: Option<f64>,
+    /// Accepted and ignored (it orders upscaling and face restoration).
+    #[schema(default = false, nullable = true)]
+    pub upscale_first: Option<bool>,
+}
+
+/// Body of `POST /sdapi/v1/extra-single-image`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::ExtrasSingleImageRequest)]
+pub struct ExtrasSingleImageRequest {
+    #[serde(flatten)]
+    pub options: ExtrasOptions,
+    /// Base64 PNG, JPEG or WebP (a `data:image/...;base64,` prefix is allowed), at most 4096
+    /// px a side and 16 MP.
+    #[schema(min_length = 1)]
+    pub image: String,
+}
+
+/// Body of `POST /sdapi/v1/extra-batch-images`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::ExtrasBatchImagesRequest)]
+pub struct ExtrasBatchImagesRequest {
+    #[serde(flatten)]
+    pub options: ExtrasOptions,
+    /// At most 64 images, whose results hold at most 64 MP together.
+    #[serde(rename = "imageList")]
+    #[schema(max_items = 64)]
+    pub image_list: Vec<FileData>,
+}
+
+/// One image of `extra-batch-images`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::FileData)]
+pub struct FileData {
+    /// Base64 PNG, JPEG or WebP, as `image` of `extra-single-image`.
+    #[schema(min_length = 1)]
+    pub data: String,
+    pub name: String,
+}
+
+/// The answer of `extra-single-image`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::ExtrasSingleImageResponse)]
+pub struct ExtrasSingleImageResponse {
+    /// The upscale's infotext as A1111's `plaintext_to_html` writes it (`<p>Postprocess
+    /// upscale by: 2.0, Postprocess upscaler: Lanczos</p>`).
+    pub html_info: String,
+    /// Raw base64 PNG; its `postprocessing` text chunk holds the infotext, and the sent PNG's
+    /// `parameters` text is kept.
+    pub image: String,
+}
+
+/// The answer of `extra-batch-images`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::ExtrasBatchImagesResponse)]
+pub struct ExtrasBatchImagesResponse {
+    /// The last image's, as A1111's.
+    pub html_info: String,
+    pub images: Vec<String>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     paths(
         super::txt2img, super::img2img, super::progress, super::interrupt, super::skip,
         super::samplers, super::schedulers, super::sd_models, super::get_options,
-        super::set_options, super::png_info, super::cmd_flags::cmd_flags, super::listings::loras,
+        super::set_options, super::png_info, super::cmd_flags::cmd_flags,
+        super::extras::extra_single_image, super::extras::extra_batch_images, super::listings::loras,
         super::listings::refresh_loras, super::listings::embeddings,
         super::listings::refresh_embeddings, super::listings::memory,
         super::listings::hypernetworks, super::listings::face_restorers,
@@ -162,7 +262,9 @@ pub struct A1111Progress {
         super::listings::sd_vae, super::listings::latent_upscale_modes,
         super::listings::prompt_styles, super::listings::refresh_checkpoints
     ),
-    components(schemas(A1111Request, A1111Response, A1111Progress)),
+    components(schemas(A1111Request, A1111Response, A1111Progress, ExtrasOptions,
+        ExtrasSingleImageRequest, ExtrasBatchImagesRequest, FileData, ExtrasSingleImageResponse,
+        ExtrasBatchImagesResponse)),
     tags((name = "a1111", description = "AUTOMATIC1111's /sdapi/v1, translated into the native request"))
 )]
 pub struct ApiDoc;

@@ -1,0 +1,187 @@
+//! A1111's Extras (`/sdapi/v1/extra-single-image`, `extra-batch-images`) over HTTP: each case
+//! of `tools/make_extras_fixtures.py` (A1111's own upscale code run with Pillow on real PNGs)
+//! gives A1111's pixels and `html_info`; the answer PNG keeps the sent `parameters` and adds
+//! `postprocessing`; broken fields are 422s naming them.
+
+use super::*;
+use base64::Engine as _;
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/extras")
+}
+
+fn b64_file(name: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(fixtures().join(name)).unwrap())
+}
+
+/// A text chunk of a base64 PNG.
+fn png_text(b64: &str, keyword: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let dec = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    dec.info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == keyword)
+        .map(|t| t.text.clone())
+}
+
+#[test]
+fn extras_give_a1111s_pixels_and_info() {
+    let s = ready("step_ms=0", &[]);
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("extras.json")).unwrap())
+            .unwrap();
+    let cases = meta["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 12);
+    let mut batch = Vec::new();
+    for (label, case) in cases {
+        let mut body = case["fields"].clone();
+        let input = case["input"].as_str().unwrap();
+        // webuiapi sends a data URL.
+        body["image"] = json!(format!(
+            "data:image/png;base64,{}",
+            b64_file(&format!("input.{input}.png"))
+        ));
+        let r = post(&s, "/sdapi/v1/extra-single-image", &body);
+        assert_eq!(r.status, 200, "{label}: {}", r.text());
+        let j = r.json();
+        assert_eq!(j["html_info"], case["html_info"], "{label}");
+        let got = j["image"].as_str().unwrap();
+        let want = decode_png(&b64_file(&format!("output.{label}.png")));
+        let (w, h, pixels, _) = decode_png(got);
+        assert_eq!((w, h), (want.0, want.1), "{label}");
+        assert!(pixels == want.2, "{label}: pixels differ from A1111's");
+        assert_eq!(
+            png_text(got, "postprocessing").as_deref(),
+            case["infotext"].as_str(),
+            "{label}"
+        );
+        if input == "rgb" {
+            batch.push((label.clone(), case.clone()));
+        }
+    }
+
+    // A batch of cases with the same fields: each image as alone, html_info the last one's.
+    let (label, case) = &batch[0];
+    let mut body = case["fields"].clone();
+    body["imageList"] = json!([
+        {"data": b64_file("input.rgb.png"), "name": "a"},
+        {"data": b64_file("input.grey.png"), "name": "b"},
+    ]);
+    let r = post(&s, "/sdapi/v1/extra-batch-images", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    let images = j["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    let want = decode_png(&b64_file(&format!("output.{label}.png")));
+    assert!(
+        decode_png(images[0].as_str().unwrap()).2 == want.2,
+        "{label}"
+    );
+    assert_eq!(j["html_info"], case["html_info"]);
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-batch-images",
+        &json!({"imageList": []}),
+    );
+    assert_eq!(r.json(), json!({"html_info": "<p></p>", "images": []}));
+}
+
+#[test]
+fn extras_keep_the_parameters_and_name_what_is_wrong() {
+    let s = ready("step_ms=0", &[]);
+    // A generated PNG: its parameters text stays in the upscaled one.
+    let r = s
+        .post_json(&json!({"prompt": "a cat", "seed": 3, "steps": 2, "width": 256, "height": 256}));
+    let generated = r.json()["image_base64"].as_str().unwrap().to_string();
+    let parameters = decode_png(&generated).3.unwrap();
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-single-image",
+        &json!({"image": generated, "upscaler_1": "Lanczos", "upscaling_resize": 1.5}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let up = r.json()["image"].as_str().unwrap().to_string();
+    let (w, h, _, text) = decode_png(&up);
+    assert_eq!((w, h), (384, 384));
+    assert_eq!(text.unwrap(), parameters);
+    assert_eq!(
+        png_text(&up, "postprocessing").unwrap(),
+        "Postprocess upscale by: 1.5, Postprocess upscaler: Lanczos"
+    );
+
+    let small = b64_file("input.rgb.png");
+    let named = |body: Value, field: &str| {
+        let r = post(&s, "/sdapi/v1/extra-single-image", &body);
+        assert_eq!(r.status, 422, "{body}: {}", r.text());
+        let details = r.json()["details"].as_str().unwrap().to_string();
+        assert!(details.contains(field), "{field}: {details}");
+        details
+    };
+    let d = named(
+        json!({"image": small, "upscaler_1": "R-ESRGAN 4x+"}),
+        "upscaler_1",
+    );
+    assert!(d.contains("None, Lanczos, Nearest"), "{d}");
+    named(
+        json!({"image": small, "gfpgan_visibility": 0.5}),
+        "gfpgan_visibility",
+    );
+    named(
+        json!({"image": small, "codeformer_visibility": 1}),
+        "codeformer_visibility",
+    );
+    named(
+        json!({"image": small, "upscaler_1": "Lanczos", "upscaling_resize": 100}),
+        "upscaling_resize",
+    );
+    named(
+        json!({"image": small, "upscaler_1": "Lanczos", "upscaling_resize": 0.05}),
+        "upscaling_resize",
+    );
+    named(
+        json!({"image": small, "upscaling_resize": -1}),
+        "upscaling_resize",
+    );
+    named(json!({"image": small, "resize_mode": 2}), "resize_mode");
+    named(json!({"image": "not base64!"}), "image");
+    named(
+        json!({"image": base64::engine::general_purpose::STANDARD.encode(b"GIF89a")}),
+        "image",
+    );
+    named(json!({"upscaler_1": "Lanczos"}), "image");
+    // A header claiming more than 4096 px a side is refused before decoding.
+    let huge = {
+        let mut png = Vec::new();
+        let mut enc = png::Encoder::new(&mut png, 5000, 8);
+        enc.set_color(png::ColorType::Rgb);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&vec![0; 5000 * 8 * 3]).unwrap();
+        w.finish().unwrap();
+        base64::engine::general_purpose::STANDARD.encode(png)
+    };
+    named(json!({"image": huge}), "image");
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-batch-images",
+        &json!({"imageList": [{"data": small, "name": "a"}, {"data": "x", "name": "b"}]}),
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.json()["details"]
+        .as_str()
+        .unwrap()
+        .contains("imageList[1].data"));
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-batch-images",
+        &json!({"imageList": [{"data": small}]}),
+    );
+    assert!(r.json()["details"]
+        .as_str()
+        .unwrap()
+        .contains("imageList[0].name"));
+}
