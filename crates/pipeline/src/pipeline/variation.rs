@@ -93,6 +93,53 @@ pub fn image_noise(
     Ok(noise.to_device(device)?)
 }
 
+/// A1111's seed resize (`seed_resize_from_w`/`_h`, `ImageRNG.first` in `modules/rng.py`): the
+/// noise is drawn at another size, `from` (latent rows and columns of the "from" size), and
+/// pasted centred into the image's noise at `shape`, cropped where it is larger (offsets
+/// floored as Python floors them). The target-size noise comes from `rng`, which goes on to any
+/// later noise; the "from" noise from a fresh generator seeded `seed` (the image's seed), bent
+/// towards the variation seed's noise at the "from" size when there is one. At the target
+/// size itself this is [`image_noise`].
+pub fn resized_image_noise(
+    rng: &mut TorchRng,
+    seed: u64,
+    variation: Option<(u64, f64)>,
+    from: (usize, usize),
+    shape: (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    let (c, h, w) = shape;
+    let (fh, fw) = from;
+    if (fh, fw) == (h, w) {
+        return image_noise(rng, variation, shape, device);
+    }
+    let mut x = rng.randn(c * h * w);
+    let n = c * fh * fw;
+    if n > 0 {
+        let small = TorchRng::new(seed).randn(n);
+        let small = match variation {
+            Some((sub, strength)) if strength != 0.0 => {
+                slerp(strength, &small, &TorchRng::new(sub).randn(n), (c, fh, fw))
+            }
+            _ => small,
+        };
+        let (h, w, fh, fw) = (h as i64, w as i64, fh as i64, fw as i64);
+        let dx = (w - fw).div_euclid(2);
+        let dy = (h - fh).div_euclid(2);
+        let pw = if dx >= 0 { fw } else { fw + 2 * dx };
+        let ph = if dy >= 0 { fh } else { fh + 2 * dy };
+        let (tx, ty, sx, sy) = (dx.max(0), dy.max(0), (-dx).max(0), (-dy).max(0));
+        for ci in 0..c as i64 {
+            for row in 0..ph {
+                let to = ((ci * h + ty + row) * w + tx) as usize;
+                let at = ((ci * fh + sy + row) * fw + sx) as usize;
+                x[to..to + pw as usize].copy_from_slice(&small[at..at + pw as usize]);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(x, (1, c, h, w), &Device::Cpu)?.to_device(device)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
