@@ -165,7 +165,8 @@ class A1111(Timed):
             sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "DDIM", "PLMS", "LMS",
                     "UniPC", "Heun", "DPM2", "DPM2 a", "LCM"]),
         )
-        self.assertIn("Karras", [s["label"] for s in self.api.get_schedulers()])
+        labels = [s["label"] for s in self.api.get_schedulers()]
+        self.assertEqual(labels, ["Automatic", "Uniform", "Karras", "Exponential", "Beta"])
         models = self.api.util_get_model_names()
         self.assertEqual(len(models), 2)
         models = [m for m in models if m.startswith("tiny-b")]
@@ -309,13 +310,15 @@ class A1111(Timed):
         self.assertEqual(flags["vae_dir"], SERVER.vaes)
 
     def test_txt2img_samplers_seeds_and_iterations_equal_native(self):
-        for sampler, scheduler, native_name, n_iter in [
-            ("DPM++ 2M", "Karras", "dpmpp_2m_karras", 2),
-            ("DPM++ 2M Karras", None, "dpmpp_2m_karras", 1),
-            ("Euler a", None, "euler_a", 1),
-            ("Euler a", "Karras", "euler_a_karras", 2),
-            ("DPM++ 2M SDE", None, "dpmpp_2m_sde_karras", 1),
-            ("PLMS", None, "pndm", 1),
+        for sampler, scheduler, native_name, n_iter, schedule in [
+            ("DPM++ 2M", "Karras", "dpmpp_2m_karras", 2, None),
+            ("DPM++ 2M Karras", None, "dpmpp_2m_karras", 1, None),
+            ("Euler a", None, "euler_a", 1, None),
+            ("Euler a", "Karras", "euler_a_karras", 2, None),
+            # A1111 1.9: DPM++ 2M SDE's automatic schedule is Exponential.
+            ("DPM++ 2M SDE", None, "dpmpp_2m_sde", 1, "exponential"),
+            ("Euler", "Beta", "euler", 1, "beta"),
+            ("PLMS", None, "pndm", 1, None),
         ]:
             r = self.api.txt2img(
                 prompt=PROMPT,
@@ -338,12 +341,16 @@ class A1111(Timed):
                 (want,), meta = native(
                     prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=2,
                     guidance_scale=5, width=SIZE, height=SIZE, scheduler=native_name,
+                    schedule=schedule,
                 )
                 self.assertEqual(meta["scheduler"], native_name)
                 self.assertEqual(pixels(img), pixels(want), f"{sampler} seed {seed}")
                 self.assertIn(f"Seed: {seed}", infotext)
                 if native_name.endswith("_karras"):
                     self.assertIn("Schedule type: Karras", infotext)
+                if schedule:
+                    self.assertEqual(meta["schedule"], schedule)
+                    self.assertIn(f"Schedule type: {schedule.capitalize()}", infotext)
 
     def test_tiling_and_variation_seeds_equal_native(self):
         # webuiapi's own keyword arguments: tiling, subseed, subseed_strength (A1111's names).

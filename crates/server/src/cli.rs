@@ -363,6 +363,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub scheduler: Option<String>,
     #[arg(long)]
+    pub schedule: Option<String>,
+    #[arg(long)]
     pub batch_size: Option<u64>,
     #[arg(long)]
     pub init_image: Option<PathBuf>,
@@ -444,6 +446,13 @@ fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "scheduler",
             format!("One of {} [default: the model's own]", schedulers.join(", ")),
+        ),
+        (
+            "schedule",
+            format!(
+                "Sigma schedule: default, {}; not every scheduler has every one [default: the scheduler's own, or the model's]",
+                sdserve_pipeline::schedulers::SigmaSchedule::ALL.map(|s| s.name()).join(", ")
+            ),
         ),
         (
             "batch_size",

@@ -43,6 +43,7 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         ("seed", a.seed.map(|v| json!(v))),
         ("guidance_scale", a.guidance_scale.map(|v| json!(v))),
         ("scheduler", a.scheduler.as_ref().map(|v| json!(v))),
+        ("schedule", a.schedule.as_ref().map(|v| json!(v))),
         ("batch_size", a.batch_size.map(|v| json!(v))),
         ("strength", a.strength.map(|v| json!(v))),
         ("tiling", a.tiling.then_some(json!(true))),
@@ -254,9 +255,11 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         .unwrap_or_else(|| u64::from(crate::api::random_seed()));
     crate::validate::check_for_model(&req, loaded.info.inpainting)
         .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
-    let scheduler = req.scheduler.unwrap_or(loaded.info.default_scheduler);
-    eprintln!("seed {seed}, scheduler {}", scheduler.name());
-    let params = req.generation_params(seed, scheduler);
+    let (scheduler, schedule) = req
+        .resolve_schedule((loaded.info.default_scheduler, loaded.info.default_schedule))
+        .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
+    eprintln!("seed {seed}, scheduler {scheduler}, schedule {schedule}");
+    let params = req.generation_params(seed, scheduler, schedule);
     let started = Instant::now();
     let mut err = std::io::stderr();
     let mut progress = Progress::new(err.is_terminal());

@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StepHook, StepProgress};
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use sdserve_pipeline::PipelineError;
 
 /// One Stable Diffusion model, owned by one thread at a time.
@@ -76,6 +76,8 @@ pub struct ModelInfo {
     pub model_version: String,
     /// The scheduler of the model's own `scheduler_config.json`.
     pub default_scheduler: SchedulerKind,
+    /// The sigma schedule of that file (its `use_*_sigmas` keys, where its class reads them).
+    pub default_schedule: SigmaSchedule,
     /// The LoRA files and embeddings requests may use.
     pub adapters: crate::adapters::Adapters,
     /// An inpainting model (9-channel UNet): every request needs an init image and a mask.
@@ -203,6 +205,7 @@ impl FakeSpec {
                 info: ModelInfo {
                     model_version: "fake@0".into(),
                     default_scheduler: self.scheduler,
+                    default_schedule: self.scheduler.schedule(),
                     adapters: Default::default(),
                     inpainting: false,
                     memory: None,

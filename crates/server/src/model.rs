@@ -212,6 +212,7 @@ pub fn load_real(
     let info = ModelInfo {
         model_version: resolved.model_version,
         default_scheduler: sd.default_scheduler(),
+        default_schedule: sd.default_schedule(),
         adapters,
         inpainting: sd.is_inpainting(),
         memory: gpu::MemoryBudget::of(&setup).map(std::sync::Arc::new),

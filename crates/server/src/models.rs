@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sdserve_pipeline::schedulers::{SchedulerConfig, SchedulerKind};
+use sdserve_pipeline::schedulers::{SchedulerConfig, SchedulerKind, SigmaSchedule};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -133,7 +133,7 @@ impl Catalog {
     /// are the loaded model's (`base`): the same folders, the same device. Blocking (files).
     pub fn probe(&self, entry: &ModelEntry, base: &ModelInfo) -> Result<ModelInfo, String> {
         let opts = self.hub_options();
-        let (model_version, default_scheduler, inpainting) = match entry.kind {
+        let (model_version, (default_scheduler, default_schedule), inpainting) = match entry.kind {
             ModelKind::Folder => (
                 crate::hub::folder_version(&entry.path, &opts).map_err(|e| e.to_string())?,
                 folder_scheduler(&entry.path)?,
@@ -152,6 +152,7 @@ impl Catalog {
         Ok(ModelInfo {
             model_version,
             default_scheduler,
+            default_schedule,
             inpainting,
             adapters: base.adapters.clone(),
             memory: base.memory.clone(),
@@ -196,11 +197,14 @@ fn file_label(path: &Path) -> String {
         .join("/")
 }
 
-fn scheduler_of(cfg: SchedulerConfig) -> Result<SchedulerKind, String> {
-    SchedulerKind::default_for(&cfg).map_err(|e| e.to_string())
+/// The model's own scheduler and sigma schedule.
+fn scheduler_of(cfg: SchedulerConfig) -> Result<(SchedulerKind, SigmaSchedule), String> {
+    let kind = SchedulerKind::default_for(&cfg).map_err(|e| e.to_string())?;
+    let schedule = SchedulerKind::default_schedule_for(&cfg).map_err(|e| e.to_string())?;
+    Ok((kind, schedule))
 }
 
-fn folder_scheduler(dir: &Path) -> Result<SchedulerKind, String> {
+fn folder_scheduler(dir: &Path) -> Result<(SchedulerKind, SigmaSchedule), String> {
     let v = read_json(&dir.join("scheduler/scheduler_config.json"))?;
     scheduler_of(serde_json::from_value(v).map_err(|e| e.to_string())?)
 }
@@ -365,6 +369,7 @@ mod tests {
         let base = ModelInfo {
             model_version: "base".into(),
             default_scheduler: SchedulerKind::Euler,
+            default_schedule: SigmaSchedule::Uniform,
             adapters: Default::default(),
             inpainting: false,
             memory: None,

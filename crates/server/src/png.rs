@@ -39,9 +39,16 @@ pub fn parameters_text(
         s.push_str("\nNegative prompt: ");
         s.push_str(&p.negative_prompt);
     }
-    let sampler = match p.scheduler.map(a1111_sampler) {
-        Some((name, Some(schedule))) => format!("{name}, Schedule type: {schedule}"),
-        Some((name, None)) => name.to_string(),
+    // The schedule type is the one the run used (`Exponential` for `euler` + `exponential`).
+    let sampler = match p.scheduler.map(|k| (a1111_sampler(k), k)) {
+        Some(((name, Some(_)), kind)) => {
+            let schedule = p.schedule.unwrap_or(kind.schedule());
+            format!(
+                "{name}, Schedule type: {}",
+                crate::api::a1111::samplers::schedule_label(schedule)
+            )
+        }
+        Some(((name, None), _)) => name.to_string(),
         None => "default".to_string(),
     };
     let scheduler = p.scheduler.map(|k| k.name()).unwrap_or("default");
@@ -261,6 +268,36 @@ mod tests {
             adapted.contains(", Size: 3x2, Clip skip: 2, Model: m@1"),
             "{adapted}"
         );
+        // The schedule type is the run's sigma schedule.
+        use sdserve_pipeline::schedulers::SigmaSchedule;
+        for (kind, schedule, label) in [
+            (
+                SchedulerKind::Euler,
+                SigmaSchedule::Exponential,
+                "Euler, Schedule type: Exponential",
+            ),
+            (
+                SchedulerKind::DpmPp2mSde,
+                SigmaSchedule::Beta,
+                "DPM++ 2M SDE, Schedule type: Beta",
+            ),
+            (
+                SchedulerKind::DpmPp2mKarras,
+                SigmaSchedule::Karras,
+                "DPM++ 2M, Schedule type: Karras",
+            ),
+        ] {
+            let p = GenerationParams {
+                scheduler: Some(kind),
+                schedule: Some(schedule),
+                ..params.clone()
+            };
+            let t = parameters_text(&p, "m@1", None);
+            assert!(
+                t.contains(&format!("Sampler: {label}, Scheduler: {kind}")),
+                "{t}"
+            );
+        }
         let want = format!(
             "a cat\nNegative prompt: dog\nSteps: 4, Sampler: Euler a, Schedule type: Uniform, Scheduler: euler_a, CFG scale: 7.5, Seed: 42, Size: 3x2, Model: m@1, Version: sdserve {}",
             env!("CARGO_PKG_VERSION")

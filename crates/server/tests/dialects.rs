@@ -452,7 +452,13 @@ fn a1111_lists_options_and_png_info() {
         .collect();
     assert_eq!(
         labels,
-        [json!("Automatic"), json!("Uniform"), json!("Karras")]
+        [
+            json!("Automatic"),
+            json!("Uniform"),
+            json!("Karras"),
+            json!("Exponential"),
+            json!("Beta")
+        ]
     );
     let models = s.get("/sdapi/v1/sd-models").json();
     let title = models[0]["title"].as_str().unwrap().to_string();

@@ -1,8 +1,9 @@
 //! The Karras names and DPM++ 2M SDE over real HTTP on the real tiny model (`tiny-b`): A1111's
 //! `Euler a` + `Karras` (and its one-word `Euler a Karras`) is the native `euler_a_karras` pixel
 //! for pixel, says so in its infotext, and differs from the uniform schedule; `DPM++ 2M SDE` is
-//! listed and its automatic schedule is ours (Karras). The images themselves are checked against
-//! diffusers in the pipeline's tests (crates/pipeline/tests/karras_images.rs).
+//! listed and its automatic schedule is A1111 1.9's (Exponential); `Euler` + `Exponential` / `Beta`
+//! is the native `euler` with `schedule`. The images themselves are checked against diffusers in
+//! the pipeline's tests (crates/pipeline/tests/karras_images.rs, sigma_schedules.rs).
 
 mod common;
 
@@ -79,7 +80,7 @@ fn a1111_euler_a_with_karras_is_the_native_euler_a_karras() {
     );
     assert_eq!(info["extra_generation_params"]["Schedule type"], "Uniform");
 
-    // DPM++ 2M SDE: listed, and its automatic schedule is Karras here.
+    // DPM++ 2M SDE: listed, and its automatic schedule is Exponential, as A1111 1.9's.
     let names: Vec<Value> = s
         .get("/sdapi/v1/samplers")
         .json()
@@ -90,8 +91,11 @@ fn a1111_euler_a_with_karras_is_the_native_euler_a_karras() {
         .iter()
         .find(|x| x["name"] == "DPM++ 2M SDE")
         .unwrap_or_else(|| panic!("no DPM++ 2M SDE in {names:?}"));
-    assert_eq!(sde["options"]["scheduler"], "karras");
-    let body = ok(&s.post_json(&native("dpmpp_2m_sde_karras")));
+    assert_eq!(sde["options"]["scheduler"], "exponential");
+    let mut exp = native("dpmpp_2m_sde");
+    exp["schedule"] = json!("exponential");
+    let body = ok(&s.post_json(&exp));
+    assert_eq!(body["metadata"]["schedule"], "exponential");
     let (_, _, sde_pixels, _) = decode_png(body["image_base64"].as_str().unwrap());
     let (a_sde, info) = txt2img(&s, &a1111("DPM++ 2M SDE", None));
     assert!(a_sde == sde_pixels, "DPM++ 2M SDE (automatic) differs");
@@ -99,9 +103,61 @@ fn a1111_euler_a_with_karras_is_the_native_euler_a_karras() {
         info["extra_generation_params"]["Schedule type"],
         "Automatic"
     );
+    assert!(
+        info["infotexts"][0]
+            .as_str()
+            .unwrap()
+            .contains("Sampler: DPM++ 2M SDE, Schedule type: Exponential"),
+        "{info}"
+    );
     // Samplers without a Karras form say which have one.
     let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111("PLMS", Some("Karras")));
     assert_eq!(r.status, 422, "{}", r.text());
     let details = r.json()["details"].as_str().unwrap().to_string();
     assert!(details.contains("Euler a, Euler, DPM++ 2M"), "{details}");
+}
+
+/// The native `schedule`: `euler` + `exponential` / `beta` are A1111's `Euler` + `Exponential` /
+/// `Beta` pixel for pixel, other images than the uniform one, named in metadata and infotexts;
+/// a combination the scheduler lacks is a 422 naming `schedule`.
+#[test]
+fn native_schedules_are_a1111_schedule_types() {
+    let s = tiny_server();
+    let uniform = ok(&s.post_json(&native("euler")));
+    assert_eq!(uniform["metadata"]["schedule"], "uniform");
+    let (_, _, uniform, _) = decode_png(uniform["image_base64"].as_str().unwrap());
+    for (schedule, label) in [("exponential", "Exponential"), ("beta", "Beta")] {
+        let mut body = native("euler");
+        body["schedule"] = json!(schedule);
+        let r = ok(&s.post_json(&body));
+        assert_eq!(r["metadata"]["schedule"], schedule);
+        let (_, _, pixels, text) = decode_png(r["image_base64"].as_str().unwrap());
+        let text = text.unwrap();
+        assert!(
+            text.contains(&format!(
+                "Sampler: Euler, Schedule type: {label}, Scheduler: euler"
+            )),
+            "{text}"
+        );
+        assert!(pixels != uniform, "{schedule} gave the uniform image");
+        let (a_pixels, info) = txt2img(&s, &a1111("Euler", Some(label)));
+        assert!(a_pixels == pixels, "A1111 Euler + {label} differs");
+        assert_eq!(info["extra_generation_params"]["Schedule type"], label);
+    }
+    for (scheduler, schedule) in [("euler_karras", "beta"), ("ddim", "exponential")] {
+        let mut body = native(scheduler);
+        body["schedule"] = json!(schedule);
+        let r = s.post_json(&body);
+        assert_eq!(r.status, 422, "{}", r.text());
+        assert!(
+            r.json()["details"]
+                .as_str()
+                .unwrap()
+                .starts_with("schedule:"),
+            "{}",
+            r.text()
+        );
+    }
+    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111("DDIM", Some("Beta")));
+    assert_eq!(r.status, 422, "{}", r.text());
 }

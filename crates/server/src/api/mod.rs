@@ -130,6 +130,22 @@ pub enum SchedulerName {
     Lcm,
 }
 
+/// Sigma schedules of the API (`schedule`): `default` is the scheduler name's own (Karras for
+/// the `_karras` names, else uniform) or, with no scheduler, the model's own config's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum SigmaScheduleName {
+    #[serde(rename = "default")]
+    Default,
+    #[serde(rename = "uniform")]
+    Uniform,
+    #[serde(rename = "karras")]
+    Karras,
+    #[serde(rename = "exponential")]
+    Exponential,
+    #[serde(rename = "beta")]
+    Beta,
+}
+
 /// Body of `POST /generate`. Unknown fields are rejected (422 `validation_error`, `details` names
 /// the field); a body that is not a JSON object, or not sent as `application/json`, gets 400
 /// `invalid_json`. Text fields are cleaned first: control characters other than whitespace are
@@ -173,6 +189,17 @@ pub struct GenerateRequest {
     /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2).
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
+    /// The sigmas the scheduler steps through (diffusers' `use_karras_sigmas`,
+    /// `use_exponential_sigmas`, `use_beta_sigmas`; A1111's schedule types). `default`, absent or
+    /// null: the scheduler name's own (Karras for the `_karras` names, else `uniform`, the
+    /// training schedule's) or, with no `scheduler`, the model's own config's. `karras` with a
+    /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
+    /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
+    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`; `euler_a` has `uniform` and `karras`;
+    /// `pndm`, `ddim` and `lcm` only `uniform`. Another combination (a `_karras` name with
+    /// another schedule too) is a 422 naming `schedule`.
+    #[schema(nullable = true, default = "default")]
+    pub schedule: Option<SigmaScheduleName>,
     /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77
     /// tokens, prompt editing `[from:to:when]`, alternation `[a|b]`, `AND` with weights (at
     /// most 8 parts, at most 32 distinct scheduled texts); `plain`: diffusers (truncated to 77
@@ -353,6 +380,9 @@ pub struct GenerateMetadata {
     pub guidance_scale: f64,
     /// The scheduler actually used (the model's own when the request named none).
     pub scheduler: String,
+    /// The sigma schedule it ran on (`uniform`, `karras`, `exponential`, `beta`).
+    #[serde(default)]
+    pub schedule: String,
     /// `a1111` or `plain`.
     pub prompt_syntax: String,
     pub clip_skip: u32,
@@ -525,6 +555,7 @@ pub struct HealthResponse {
         HiresRequest,
         HiresMetadata,
         SchedulerName,
+        SigmaScheduleName,
         PromptSyntaxName,
         LoraUse,
         crate::adapters::LoraListing,
@@ -722,6 +753,13 @@ mod tests {
             .iter()
             .map(|k| k.name())
             .collect();
+        assert_eq!(names, want);
+        let names: Vec<String> = serde_json::from_value(
+            doc["components"]["schemas"]["SigmaScheduleName"]["enum"].clone(),
+        )
+        .unwrap();
+        let mut want = vec!["default"];
+        want.extend(sdserve_pipeline::schedulers::SigmaSchedule::ALL.map(|s| s.name()));
         assert_eq!(names, want);
     }
 }

@@ -31,10 +31,10 @@ fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> Strin
             init.strength.to_bits()
         ),
     };
-    // Every field of the second pass (`Debug` writes floats exactly).
+    // Every field of the second pass (`Debug` writes floats exactly), and the sigma schedule.
     let images = format!(
-        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}",
-        p.hires, p.tiling, p.variation
+        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}",
+        p.hires, p.tiling, p.variation, p.schedule
     );
     format!(
         "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",

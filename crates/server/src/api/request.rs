@@ -288,8 +288,13 @@ pub(crate) fn job_spec(
         }
     }
     validate::check_for_model(&req, info.inpainting)?;
-    let scheduler = req.scheduler.unwrap_or(info.default_scheduler);
-    let params = req.generation_params(u64::from(req.seed.unwrap_or_else(random_seed)), scheduler);
+    let (scheduler, schedule) =
+        req.resolve_schedule((info.default_scheduler, info.default_schedule))?;
+    let params = req.generation_params(
+        u64::from(req.seed.unwrap_or_else(random_seed)),
+        scheduler,
+        schedule,
+    );
     validate::check_memory(&params, info.memory.as_deref())?;
     // Images by digest and size: the job's record stays small and says which image it ran.
     let image = |i: &crate::images::RequestImage| {
@@ -308,6 +313,7 @@ pub(crate) fn job_spec(
         "seed": params.seed,
         "guidance_scale": params.guidance_scale,
         "scheduler": scheduler.name(),
+        "schedule": schedule.name(),
         "prompt_syntax": prompt_syntax_name(params.prompt_syntax),
         "clip_skip": params.clip_skip,
         "loras": params.loras.iter().map(|l| serde_json::json!({"name": l.name, "weight": l.weight})).collect::<Vec<_>>(),

@@ -244,6 +244,11 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             seed: p.seed,
             guidance_scale: p.guidance_scale,
             scheduler: p.scheduler.map(|k| k.name()).unwrap_or("").to_string(),
+            schedule: p
+                .scheduler
+                .map(|k| p.schedule.unwrap_or(k.schedule()).name())
+                .unwrap_or("")
+                .to_string(),
             prompt_syntax: crate::api::prompt_syntax_name(p.prompt_syntax).to_string(),
             clip_skip: p.clip_skip as u32,
             loras: p

@@ -113,6 +113,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
                     info: ModelInfo {
                         model_version: "fuzz@0".into(),
                         default_scheduler: SchedulerKind::Pndm,
+                        default_schedule: sdserve_pipeline::schedulers::SigmaSchedule::Uniform,
                         adapters: Default::default(),
                         inpainting: false,
                         memory: None,

@@ -13,7 +13,7 @@ use sdserve_pipeline::pipeline::{
     GenerationParams, InitImage, LoraWeight, PromptSyntax, Variation,
 };
 use sdserve_pipeline::prompt::parse_attention;
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -49,7 +49,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 22] = [
+pub const FIELDS: [&str; 23] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -58,6 +58,7 @@ pub const FIELDS: [&str; 22] = [
     "seed",
     "guidance_scale",
     "scheduler",
+    "schedule",
     "prompt_syntax",
     "clip_skip",
     "loras",
@@ -93,6 +94,9 @@ pub struct ValidRequest {
     pub seed: Option<u32>,
     pub guidance_scale: f64,
     pub scheduler: Option<SchedulerKind>,
+    /// The sigma schedule; `None` (`default`): the scheduler name's own, or with no scheduler
+    /// the model's (resolved with the scheduler, [`Self::resolve_schedule`]).
+    pub schedule: Option<SigmaSchedule>,
     pub prompt_syntax: PromptSyntax,
     pub clip_skip: usize,
     /// From `loras` and the prompt's `<lora:name:weight>` tags (taken out of `prompt`).
@@ -126,8 +130,35 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
-    /// The pipeline's parameters for this request with its seed and scheduler resolved.
-    pub fn generation_params(&self, seed: u64, scheduler: SchedulerKind) -> GenerationParams {
+    /// The scheduler and sigma schedule this request runs on a model whose own are `default`:
+    /// the named scheduler on `schedule` (or on its name's own), or the model's scheduler on
+    /// `schedule` (or on the model's own). A pair that cannot run is a 422 on `schedule`.
+    pub fn resolve_schedule(
+        &self,
+        default: (SchedulerKind, SigmaSchedule),
+    ) -> Result<(SchedulerKind, SigmaSchedule), ApiError> {
+        let (kind, schedule) = match self.scheduler {
+            Some(kind) => (kind, self.schedule.unwrap_or(kind.schedule())),
+            None => (default.0, self.schedule.unwrap_or(default.1)),
+        };
+        kind.check_schedule(schedule).map_err(|rule| {
+            let rule = if self.scheduler.is_none() {
+                format!("{rule} (the model's own scheduler; name one in `scheduler`)")
+            } else {
+                rule
+            };
+            ApiError::validation("schedule", rule)
+        })?;
+        Ok((kind, schedule))
+    }
+
+    /// The pipeline's parameters for this request with its seed, scheduler and schedule resolved.
+    pub fn generation_params(
+        &self,
+        seed: u64,
+        scheduler: SchedulerKind,
+        schedule: SigmaSchedule,
+    ) -> GenerationParams {
         GenerationParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -137,7 +168,7 @@ impl ValidRequest {
             seed,
             guidance_scale: self.guidance_scale,
             scheduler: Some(scheduler),
-            schedule: None,
+            schedule: Some(schedule),
             prompt_syntax: self.prompt_syntax,
             clip_skip: self.clip_skip,
             loras: self
@@ -244,6 +275,14 @@ pub fn validate_request(
     let schedulers: Vec<(&str, SchedulerKind)> =
         SchedulerKind::ALL.iter().map(|k| (k.name(), *k)).collect();
     let scheduler = r.choice("scheduler", &schedulers);
+    let mut schedules = vec![("default", None)];
+    schedules.extend(SigmaSchedule::ALL.map(|s| (s.name(), Some(s))));
+    let schedule = r.choice("schedule", &schedules).flatten();
+    if let (Some(kind), Some(schedule)) = (scheduler, schedule) {
+        if let Err(rule) = kind.check_schedule(schedule) {
+            r.fail("schedule", rule);
+        }
+    }
     let prompt_syntax = r.choice(
         "prompt_syntax",
         &[
@@ -387,6 +426,7 @@ pub fn validate_request(
         seed: seed.map(|v| v as u32),
         guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
         scheduler,
+        schedule,
         prompt_syntax: prompt_syntax.unwrap_or(PromptSyntax::A1111),
         clip_skip: clip_skip.map_or(1, |v| v as usize),
         loras,

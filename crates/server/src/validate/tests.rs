@@ -287,3 +287,66 @@ fn emphasis_weights_past_float32_are_refused_naming_the_field() {
     let plain = format!(r#"{{"prompt": "(cat:{huge})", "prompt_syntax": "plain"}}"#);
     assert!(parse(&plain).is_ok());
 }
+
+#[test]
+fn schedules_combine_with_the_scheduler_or_are_named() {
+    use sdserve_pipeline::schedulers::SigmaSchedule;
+    let r = parse(r#"{"prompt":"x","scheduler":"euler","schedule":"exponential"}"#).unwrap();
+    assert_eq!(r.schedule, Some(SigmaSchedule::Exponential));
+    let r = parse(r#"{"prompt":"x","schedule":"default"}"#).unwrap();
+    assert_eq!(r.schedule, None);
+    let r = parse(r#"{"prompt":"x","schedule":null,"scheduler":"dpm2_a"}"#).unwrap();
+    assert_eq!(r.schedule, None);
+    // The `_karras` names with karras only; samplers without a schedule; unknown names.
+    for body in [
+        r#"{"prompt":"x","scheduler":"euler_karras","schedule":"beta"}"#,
+        r#"{"prompt":"x","scheduler":"dpmpp_2m_karras","schedule":"uniform"}"#,
+        r#"{"prompt":"x","scheduler":"pndm","schedule":"exponential"}"#,
+        r#"{"prompt":"x","scheduler":"euler_a","schedule":"beta"}"#,
+        r#"{"prompt":"x","scheduler":"lcm","schedule":"karras"}"#,
+        r#"{"prompt":"x","schedule":"Exponential"}"#,
+        r#"{"prompt":"x","schedule":"polyexponential"}"#,
+        r#"{"prompt":"x","schedule":1}"#,
+    ] {
+        let e = parse(body).unwrap_err();
+        assert_eq!(e.status_and_code().0.as_u16(), 422, "{body}");
+        assert_eq!(field_of(e), "schedule", "{body}");
+    }
+    let e = parse(r#"{"prompt":"x","scheduler":"ddim","schedule":"beta"}"#).unwrap_err();
+    let details = e.body().details.unwrap();
+    assert!(
+        details.contains("ddim") && details.contains("beta"),
+        "{details}"
+    );
+}
+
+#[test]
+fn schedules_resolve_against_the_model_s_own() {
+    use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
+    let model = (SchedulerKind::DpmPp2m, SigmaSchedule::Exponential);
+    let resolve = |body: &str| parse(body).unwrap().resolve_schedule(model);
+    // Nothing named: the model's scheduler on the model's schedule.
+    assert_eq!(resolve(r#"{"prompt":"x"}"#).unwrap(), model);
+    // A name alone: its own schedule, whatever the model's file says.
+    assert_eq!(
+        resolve(r#"{"prompt":"x","scheduler":"dpmpp_2m"}"#).unwrap(),
+        (SchedulerKind::DpmPp2m, SigmaSchedule::Uniform)
+    );
+    assert_eq!(
+        resolve(r#"{"prompt":"x","scheduler":"lms_karras"}"#).unwrap(),
+        (SchedulerKind::LmsKarras, SigmaSchedule::Karras)
+    );
+    // A schedule alone: the model's scheduler on it.
+    assert_eq!(
+        resolve(r#"{"prompt":"x","schedule":"beta"}"#).unwrap(),
+        (SchedulerKind::DpmPp2m, SigmaSchedule::Beta)
+    );
+    // ... which a model whose own scheduler lacks it refuses, naming `schedule`.
+    let pndm = (SchedulerKind::Pndm, SigmaSchedule::Uniform);
+    let e = parse(r#"{"prompt":"x","schedule":"beta"}"#)
+        .unwrap()
+        .resolve_schedule(pndm)
+        .unwrap_err();
+    assert_eq!(e.status_and_code().0.as_u16(), 422);
+    assert_eq!(field_of(e), "schedule");
+}

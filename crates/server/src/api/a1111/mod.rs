@@ -444,10 +444,9 @@ async fn samplers() -> Json<Value> {
         SAMPLERS
             .iter()
             .map(|s| {
-                let options = if s.default_karras {
-                    json!({"scheduler": "karras"})
-                } else {
-                    json!({})
+                let options = match s.automatic {
+                    sdserve_pipeline::schedulers::SigmaSchedule::Uniform => json!({}),
+                    other => json!({"scheduler": other.name()}),
                 };
                 json!({"name": s.name, "aliases": s.aliases, "options": options})
             })
@@ -455,7 +454,8 @@ async fn samplers() -> Json<Value> {
     ))
 }
 
-/// `[{name, label, aliases, default_rho, need_inner_model}]`: automatic, uniform, karras.
+/// `[{name, label, aliases, default_rho, need_inner_model}]`: automatic, uniform, karras,
+/// exponential, beta (A1111's values for each).
 #[utoipa::path(get, path = "/sdapi/v1/schedulers", tag = "a1111", responses((status = 200, description = "The schedules")))]
 async fn schedulers() -> Json<Value> {
     Json(Value::Array(
@@ -467,7 +467,7 @@ async fn schedulers() -> Json<Value> {
                     "label": label,
                     "aliases": null,
                     "default_rho": if *name == "karras" { 7.0 } else { -1.0 },
-                    "need_inner_model": *name == "uniform",
+                    "need_inner_model": matches!(*name, "uniform" | "beta"),
                 })
             })
             .collect(),

@@ -1,20 +1,22 @@
 //! AUTOMATIC1111's samplers and schedules: which of our schedulers each name means, and how a
 //! request's `sampler_name`/`scheduler` pair resolves (re-exported from `translate`).
 
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 
 use super::translate::SAMPLER_DEFAULT;
 use crate::error::ApiError;
 
 /// One A1111 sampler: its name, the aliases A1111 also accepts, and our scheduler for its
-/// `Automatic`/`Uniform` and `Karras` schedules.
+/// `Uniform` (and `Exponential`, `Beta`: the same scheduler on those sigmas) and `Karras`
+/// schedules.
 pub struct Sampler {
     pub name: &'static str,
     pub aliases: &'static [&'static str],
     pub uniform: SchedulerKind,
     pub karras: Option<SchedulerKind>,
-    /// The schedule `automatic` means for this sampler (A1111's `options.scheduler`).
-    pub default_karras: bool,
+    /// The schedule `automatic` means for this sampler (A1111 1.9's `options.scheduler`;
+    /// uniform where it has none).
+    pub automatic: SigmaSchedule,
 }
 
 pub const SAMPLERS: [Sampler; 13] = [
@@ -23,30 +25,29 @@ pub const SAMPLERS: [Sampler; 13] = [
         aliases: &["k_euler_a", "k_euler_ancestral"],
         uniform: SchedulerKind::EulerAncestral,
         karras: Some(SchedulerKind::EulerAncestralKarras),
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "Euler",
         aliases: &["k_euler"],
         uniform: SchedulerKind::Euler,
         karras: Some(SchedulerKind::EulerKarras),
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "DPM++ 2M",
         aliases: &["k_dpmpp_2m"],
         uniform: SchedulerKind::DpmPp2m,
         karras: Some(SchedulerKind::DpmPp2mKarras),
-        default_karras: true,
+        automatic: SigmaSchedule::Karras,
     },
     Sampler {
         name: "DPM++ 2M SDE",
         aliases: &["k_dpmpp_2m_sde"],
         uniform: SchedulerKind::DpmPp2mSde,
         karras: Some(SchedulerKind::DpmPp2mSdeKarras),
-        // A1111's own is its Exponential schedule (log-linear sigmas), which we do not have;
-        // Karras' (rho = 7) is the nearest: Exponential is its rho -> infinity limit.
-        default_karras: true,
+        // A1111 1.9+ lists it with `scheduler: exponential`.
+        automatic: SigmaSchedule::Exponential,
     },
     Sampler {
         name: "DPM++ SDE",
@@ -54,35 +55,35 @@ pub const SAMPLERS: [Sampler; 13] = [
         uniform: SchedulerKind::DpmPpSde,
         karras: Some(SchedulerKind::DpmPpSdeKarras),
         // A1111 lists it with `scheduler: karras`: its automatic schedule is Karras'.
-        default_karras: true,
+        automatic: SigmaSchedule::Karras,
     },
     Sampler {
         name: "DDIM",
         aliases: &["ddim"],
         uniform: SchedulerKind::Ddim,
         karras: None,
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "PLMS",
         aliases: &["plms"],
         uniform: SchedulerKind::Pndm,
         karras: None,
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "LMS",
         aliases: &["k_lms"],
         uniform: SchedulerKind::Lms,
         karras: Some(SchedulerKind::LmsKarras),
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "UniPC",
         aliases: &["unipc"],
         uniform: SchedulerKind::UniPc,
         karras: Some(SchedulerKind::UniPcKarras),
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     // A1111's k-diffusion DPM2 and DPM2 a drop the next-to-last sigma of their schedule
     // (`discard_next_to_last_sigma`); we follow diffusers' KDPM2 classes, which keep it.
@@ -91,37 +92,50 @@ pub const SAMPLERS: [Sampler; 13] = [
         aliases: &["k_heun"],
         uniform: SchedulerKind::Heun,
         karras: Some(SchedulerKind::HeunKarras),
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "DPM2",
         aliases: &["k_dpm_2"],
         uniform: SchedulerKind::Dpm2,
         karras: Some(SchedulerKind::Dpm2Karras),
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "DPM2 a",
         aliases: &["k_dpm_2_a"],
         uniform: SchedulerKind::Dpm2Ancestral,
         karras: Some(SchedulerKind::Dpm2AncestralKarras),
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "LCM",
         aliases: &["k_lcm"],
         uniform: SchedulerKind::Lcm,
         karras: None,
-        default_karras: false,
+        automatic: SigmaSchedule::Uniform,
     },
 ];
 
-/// A1111's schedules we can honour: (name, label).
-pub const SCHEDULES: [(&str, &str); 3] = [
+/// A1111's schedules we can honour: (name, label). Its Polyexponential, SGM Uniform, KL Optimal,
+/// Align Your Steps, Simple, Normal and DDIM are not among them (a 422 listing these).
+pub const SCHEDULES: [(&str, &str); 5] = [
     ("automatic", "Automatic"),
     ("uniform", "Uniform"),
     ("karras", "Karras"),
+    ("exponential", "Exponential"),
+    ("beta", "Beta"),
 ];
+
+/// A1111's label of a sigma schedule (`Schedule type: Exponential`).
+pub fn schedule_label(schedule: SigmaSchedule) -> &'static str {
+    match schedule {
+        SigmaSchedule::Uniform => "Uniform",
+        SigmaSchedule::Karras => "Karras",
+        SigmaSchedule::Exponential => "Exponential",
+        SigmaSchedule::Beta => "Beta",
+    }
+}
 
 /// A1111's sampler name for `kind`, and its schedule label where the sampler has a choice
 /// (`Karras` or `Uniform`; none for DDIM and PLMS).
@@ -141,12 +155,14 @@ pub fn a1111_names(kind: SchedulerKind) -> (&'static str, Option<&'static str>) 
         .unwrap_or((kind.name(), None))
 }
 
-/// The sampler a request resolved to: our scheduler and A1111's names for it.
+/// The sampler a request resolved to: our scheduler and sigma schedule, and A1111's names.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resolved {
     pub kind: SchedulerKind,
+    pub sigmas: SigmaSchedule,
     pub sampler: &'static str,
-    /// A1111's schedule label (`Automatic`, `Uniform`, `Karras`), as its infotext writes it.
+    /// A1111's schedule label (`Automatic`, `Uniform`, `Karras`, `Exponential`, `Beta`), as its
+    /// infotext writes it.
     pub schedule: &'static str,
 }
 
@@ -212,33 +228,51 @@ pub fn resolve_sampler(
                 ),
             )
         })?;
-    let karras = match schedule {
-        "karras" => true,
-        "uniform" => false,
-        _ => sampler.default_karras,
+    let sigmas = match schedule {
+        "karras" => SigmaSchedule::Karras,
+        "exponential" => SigmaSchedule::Exponential,
+        "beta" => SigmaSchedule::Beta,
+        "uniform" => SigmaSchedule::Uniform,
+        _ => sampler.automatic,
     };
-    let (kind, label) = if karras {
-        let kind = sampler.karras.ok_or_else(|| {
-            ApiError::validation(
+    let kind = match (sigmas, sampler.karras) {
+        (SigmaSchedule::Karras, Some(karras)) => karras,
+        (SigmaSchedule::Karras, None) => {
+            return Err(ApiError::validation(
                 "scheduler",
                 format!(
                     "the Karras schedule is available with {} only, not {:?}",
                     karras_samplers(),
                     sampler.name
                 ),
-            )
-        })?;
-        (kind, "Karras")
-    } else {
-        (sampler.uniform, "Uniform")
+            ))
+        }
+        _ => sampler.uniform,
     };
+    kind.check_schedule(sigmas).map_err(|_| {
+        let with: Vec<&str> = SAMPLERS
+            .iter()
+            .filter(|s| s.uniform.sampler().schedules().contains(&sigmas))
+            .map(|s| s.name)
+            .collect();
+        ApiError::validation(
+            "scheduler",
+            format!(
+                "the {} schedule is available with {} only, not {:?}",
+                schedule_label(sigmas),
+                with.join(", "),
+                sampler.name
+            ),
+        )
+    })?;
     Ok(Resolved {
         kind,
+        sigmas,
         sampler: sampler.name,
         schedule: if schedule == "automatic" {
             "Automatic"
         } else {
-            label
+            schedule_label(sigmas)
         },
     })
 }
@@ -310,12 +344,55 @@ mod tests {
             r(Some("Euler a"), Some("automatic")).kind,
             SchedulerKind::EulerAncestral
         );
-        // DPM++ 2M SDE: A1111's automatic is its Exponential schedule; ours is Karras.
+        // DPM++ 2M SDE: A1111 1.9's automatic is its Exponential schedule.
         let k = r(Some("DPM++ 2M SDE"), None);
         assert_eq!(
-            (k.kind, k.schedule),
-            (SchedulerKind::DpmPp2mSdeKarras, "Automatic")
+            (k.kind, k.sigmas, k.schedule),
+            (
+                SchedulerKind::DpmPp2mSde,
+                SigmaSchedule::Exponential,
+                "Automatic"
+            )
         );
+        // Exponential and Beta: the uniform scheduler on those sigmas, where it has them.
+        for (name, kind) in [
+            ("Euler", SchedulerKind::Euler),
+            ("DPM++ 2M", SchedulerKind::DpmPp2m),
+            ("DPM++ SDE", SchedulerKind::DpmPpSde),
+            ("Heun", SchedulerKind::Heun),
+            ("DPM2 a", SchedulerKind::Dpm2Ancestral),
+            ("UniPC", SchedulerKind::UniPc),
+            ("LMS", SchedulerKind::Lms),
+        ] {
+            for (label, sigmas) in [
+                ("Exponential", SigmaSchedule::Exponential),
+                ("beta", SigmaSchedule::Beta),
+            ] {
+                let k = r(Some(name), Some(label));
+                assert_eq!((k.kind, k.sigmas), (kind, sigmas), "{name} {label}");
+                assert_eq!(k.schedule, schedule_label(sigmas));
+            }
+        }
+        // The older one-word name of A1111 1.6.
+        let k = r(Some("DPM++ 2M SDE Exponential"), None);
+        assert_eq!(
+            (k.kind, k.sigmas, k.schedule),
+            (
+                SchedulerKind::DpmPp2mSde,
+                SigmaSchedule::Exponential,
+                "Exponential"
+            )
+        );
+        for (name, label) in [
+            ("Euler a", "Exponential"),
+            ("DDIM", "Beta"),
+            ("LCM", "Exponential"),
+        ] {
+            let e = resolve_sampler("sampler_name", Some(name), Some(label)).unwrap_err();
+            let details = e.body().details.unwrap();
+            assert!(details.contains("Euler, DPM++ 2M"), "{details}");
+            assert_eq!(field_of(e), "scheduler");
+        }
         assert_eq!(
             r(Some("k_dpmpp_2m_sde"), Some("Uniform")).kind,
             SchedulerKind::DpmPp2mSde
@@ -399,11 +476,13 @@ mod tests {
         let details = e.body().details.unwrap();
         assert!(details.contains("Euler a, Euler, DPM++ 2M"), "{details}");
         assert_eq!(field_of(e), "scheduler");
-        assert_eq!(
-            field_of(
-                resolve_sampler("sampler_name", Some("Euler"), Some("Exponential")).unwrap_err()
-            ),
-            "scheduler"
+        let e =
+            resolve_sampler("sampler_name", Some("Euler"), Some("Polyexponential")).unwrap_err();
+        let details = e.body().details.unwrap();
+        assert!(
+            details.contains("Automatic, Uniform, Karras, Exponential, Beta"),
+            "{details}"
         );
+        assert_eq!(field_of(e), "scheduler");
     }
 }

@@ -195,6 +195,7 @@ pub fn translate(
         opt_str(body, "scheduler")?,
     )?;
     native.insert("scheduler".into(), json!(sampler.kind.name()));
+    native.insert("schedule".into(), json!(sampler.sigmas.name()));
 
     let batch_size = count(body, "batch_size", u64::MAX)?;
     if batch_size != 1 {
@@ -416,7 +417,7 @@ mod tests {
         let t = tr(json!({"prompt": "a cat", "negative_prompt": null, "steps": null, "seed": -1, "sampler_name": null, "enable_hr": false, "styles": []}), Mode::Txt2Img).unwrap();
         assert_eq!(
             Value::Object(t.native.clone()),
-            json!({"prompt": "a cat", "steps": 50, "guidance_scale": 7.0, "width": 512, "height": 512, "seed": 1234, "scheduler": "euler"})
+            json!({"prompt": "a cat", "steps": 50, "guidance_scale": 7.0, "width": 512, "height": 512, "seed": 1234, "scheduler": "euler", "schedule": "uniform"})
         );
         assert_eq!((t.seed, t.n_iter, t.batch_size), (1234, 1, 1));
         assert!(t.ignored.is_empty(), "{:?}", t.ignored);

@@ -190,10 +190,11 @@ async fn file(State(app): State<Shared>, Path(name): Path<String>) -> Response {
 
 /// Native fields whose multipart text stays text (every other value is read as JSON: numbers,
 /// lists, `null`).
-const TEXT_FIELDS: [&str; 5] = [
+const TEXT_FIELDS: [&str; 6] = [
     "prompt",
     "negative_prompt",
     "scheduler",
+    "schedule",
     "prompt_syntax",
     "size",
 ];

@@ -41,6 +41,9 @@ pub struct GenerationRequest {
     pub guidance_scale: Option<f64>,
     #[schema(nullable = true)]
     pub scheduler: Option<crate::api::SchedulerName>,
+    /// The sigma schedule, as natively (`default`, `uniform`, `karras`, `exponential`, `beta`).
+    #[schema(nullable = true, default = "default")]
+    pub schedule: Option<crate::api::SigmaScheduleName>,
     /// Our extra hires fix, as natively (text-to-image only): `size` is the first pass's, and
     /// the images come out at the second pass's size (`{"scale": 1.5}`: 768x768 from
     /// `512x512`). A broken rule is a 400 whose `param` names `hires.<key>`.

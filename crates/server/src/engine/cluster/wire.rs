@@ -424,6 +424,9 @@ pub fn parse_event(msg: &str) -> Option<(String, JobEvent)> {
 pub struct WireInfo {
     model_version: String,
     default_scheduler: String,
+    /// Absent from workers older than the field: the scheduler name's own.
+    #[serde(default)]
+    default_schedule: Option<String>,
     adapters: Adapters,
     inpainting: bool,
 }
@@ -433,6 +436,7 @@ impl WireInfo {
         Self {
             model_version: i.model_version.clone(),
             default_scheduler: i.default_scheduler.name().to_string(),
+            default_schedule: Some(i.default_schedule.name().to_string()),
             adapters: i.adapters.clone(),
             inpainting: i.inpainting,
         }
@@ -442,6 +446,10 @@ impl WireInfo {
         Some(ModelInfo {
             model_version: self.model_version.clone(),
             default_scheduler,
+            default_schedule: match &self.default_schedule {
+                Some(name) => SigmaSchedule::from_name(name)?,
+                None => default_scheduler.schedule(),
+            },
             adapters: self.adapters.clone(),
             inpainting: self.inpainting,
             // The worker checks each job against its own budget before running it.
