@@ -152,6 +152,7 @@ def test_controls_are_named_and_the_page_fits(browser, tiny, viewport):
     for name in ["Steps", "Width", "Height", "Seed", "Guidance scale"]:
         expect(page.get_by_label(name, exact=True)).to_be_visible()
     expect(page.get_by_role("combobox", name="Scheduler", exact=True)).to_be_visible()
+    expect(page.get_by_role("combobox", name="Schedule type", exact=True)).to_be_visible()
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
     expect(page.get_by_role("button", name="Cancel")).to_be_disabled()
     expect(page.get_by_role("progressbar")).to_be_visible()
@@ -367,6 +368,38 @@ def test_tiling_checkbox_asks_for_a_seamless_image(browser, tiny):
     tiling.uncheck()
     page.get_by_role("button", name="Reuse these parameters").click()
     expect(tiling).to_be_checked()
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
+    p.close()
+
+
+def test_schedule_type_asks_for_those_sigmas(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    # The schedule types are the server's (SigmaScheduleName but `default`, the first option).
+    names = tiny.get_json("/openapi.json")["components"]["schemas"]["SigmaScheduleName"]["enum"]
+    schedule = page.get_by_role("combobox", name="Schedule type", exact=True)
+    expect(schedule).to_have_value("")
+    assert schedule.evaluate("s => [...s.options].map(o => o.value)") == [""] + [n for n in names if n != "default"]
+    fill_request(page, "a lighthouse at dusk", 2, 256, 31)
+    page.get_by_role("combobox", name="Scheduler", exact=True).select_option("euler")
+    schedule.select_option("exponential")
+    page.get_by_role("button", name="Generate").click()
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    expect(page.locator("#params")).to_contain_text("exponential")
+    # The native API's image on those sigmas, not the scheduler's own.
+    body = {"prompt": "a lighthouse at dusk", "steps": 2, "width": 256, "height": 256, "seed": 31,
+            "negative_prompt": "", "guidance_scale": 7.5, "scheduler": "euler"}
+    exp = tiny.post_json("/generate", {**body, "schedule": "exponential"})
+    own = tiny.post_json("/generate", body)
+    png = base64.b64decode(image.get_attribute("src").split(",", 1)[1])
+    assert base64.b64decode(exp["image_base64"]) == png
+    assert base64.b64decode(own["image_base64"]) != png
+    # "Reuse these parameters" brings it back.
+    schedule.select_option("")
+    page.get_by_role("button", name="Reuse these parameters").click()
+    expect(schedule).to_have_value("exponential")
     assert p.console_errors == []
     assert p.foreign_requests() == []
     p.close()

@@ -17,6 +17,8 @@ export function buildRequest() {
   if (seed !== null) request.seed = seed;
   const scheduler = $('scheduler').value;
   if (scheduler) request.scheduler = scheduler;
+  const schedule = $('schedule').value;
+  if (schedule) request.schedule = schedule;
   const batch = numberOf('batch');
   if (batch !== null && batch !== 1) request.batch_size = batch;
   if ($('tiling').checked) request.tiling = true;
@@ -48,6 +50,8 @@ export function fillForm(p, asked) {
   set('batch', p.batch_size);
   $('tiling').checked = p.tiling === true;
   if (p.scheduler !== undefined) $('scheduler').value = p.scheduler || '';
+  // The schedule the run used: with its scheduler, always a pair the server accepts.
+  if (p.schedule !== undefined) $('schedule').value = p.schedule || '';
   if (p.strength !== undefined && p.strength !== null) $('strength').value = p.strength;
   fillHires(p.hires, asked && asked.hires);
   $('prompt').focus();

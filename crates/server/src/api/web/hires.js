@@ -92,7 +92,8 @@ function relist(select, names) {
 }
 
 // From the server (`doc` is its OpenAPI document): the upscalers are A1111's (its latent modes,
-// then its image upscalers); the schedulers are the API's own names (SchedulerName).
+// then its image upscalers); the schedulers are the API's own names (SchedulerName), and the
+// schedule types its SigmaScheduleName but `default` (the first option).
 export async function loadHiresLists(doc) {
   const names = [];
   for (const path of ['/sdapi/v1/latent-upscale-modes', '/sdapi/v1/upscalers']) {
@@ -109,6 +110,9 @@ export async function loadHiresLists(doc) {
   const schema = doc.components && doc.components.schemas && doc.components.schemas.SchedulerName;
   const schedulers = schema && Array.isArray(schema.enum) ? schema.enum : [];
   for (const id of ['scheduler', 'hires-scheduler']) if (schedulers.length) relist($(id), schedulers);
+  const sigmas = doc.components && doc.components.schemas && doc.components.schemas.SigmaScheduleName;
+  const schedules = sigmas && Array.isArray(sigmas.enum) ? sigmas.enum.filter((n) => n !== 'default') : [];
+  if (schedules.length) relist($('schedule'), schedules);
 }
 
 export function initHires() {

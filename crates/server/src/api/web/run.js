@@ -110,7 +110,7 @@ function finish(result) {
   });
   const dl = $('params');
   dl.replaceChildren();
-  const shown = ['prompt', 'negative_prompt', 'seed', 'seeds', 'steps', 'width', 'height', 'image_width', 'image_height', 'guidance_scale', 'scheduler', 'mode', 'strength', 'hires', 'tiling', 'batch_size', 'model_version', 'generation_time_seconds'];
+  const shown = ['prompt', 'negative_prompt', 'seed', 'seeds', 'steps', 'width', 'height', 'image_width', 'image_height', 'guidance_scale', 'scheduler', 'schedule', 'mode', 'strength', 'hires', 'tiling', 'batch_size', 'model_version', 'generation_time_seconds'];
   const text = (k, v) => {
     if (k === 'hires') return hiresText(v);
     return Array.isArray(v) ? v.join(', ') : String(v);
