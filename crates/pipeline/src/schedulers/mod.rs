@@ -416,6 +416,14 @@ pub struct SchedulerConfig {
     /// Exponential / beta sigma schedules ([`SigmaSchedule`]).
     pub use_exponential_sigmas: Option<bool>,
     pub use_beta_sigmas: Option<bool>,
+    /// DPM-Solver / UniPC keys for schedules and models we do not run (flow matching, Lu's
+    /// lambdas, clipped lambdas, learned variance): refused when set (`multistep::refuse_unsupported`).
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub lambda_min_clipped: Option<f64>,
+    pub variance_type: Option<String>,
+    pub shift_terminal: Option<f64>,
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,
 }

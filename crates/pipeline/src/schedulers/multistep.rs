@@ -35,6 +35,7 @@ impl MultistepSchedule {
     ) -> Result<Self> {
         let karras = schedule == SigmaSchedule::Karras;
         common::check_steps(n)?;
+        refuse_unsupported(cfg)?;
         // Both classes default to linspace spacing and offset 0 (not the file's class's defaults).
         let r = common::ResolvedConfig::resolve(cfg, &ClassDefaults::with_spacing("linspace"))?;
         let train_sigmas = common::sigmas_from_alphas_cumprod(&r.alphas_cumprod()?);
@@ -121,6 +122,26 @@ impl MultistepSchedule {
             sigmas,
             prediction: r.prediction_type,
         })
+    }
+}
+
+/// Keys of these classes that change the schedule or the model's output in ways we do not
+/// implement: an error naming the key, never a silently different image.
+pub(crate) fn refuse_unsupported(cfg: &SchedulerConfig) -> Result<()> {
+    let set = [
+        ("use_lu_lambdas", cfg.use_lu_lambdas == Some(true)),
+        ("use_flow_sigmas", cfg.use_flow_sigmas == Some(true)),
+        (
+            "use_dynamic_shifting",
+            cfg.use_dynamic_shifting == Some(true),
+        ),
+        ("lambda_min_clipped", cfg.lambda_min_clipped.is_some()),
+        ("variance_type", cfg.variance_type.is_some()),
+        ("shift_terminal", cfg.shift_terminal.is_some()),
+    ];
+    match set.iter().find(|(_, on)| *on) {
+        Some((key, _)) => Err(config_error(format!("{key} is not supported"))),
+        None => Ok(()),
     }
 }
 
@@ -266,6 +287,44 @@ mod tests {
         assert_eq!(first_step_index(&[999.0, 1.0, 1.0, 0.0], 1.0), 2);
         // Unknown timestep: diffusers falls back to the last index.
         assert_eq!(first_step_index(&[999.0, 500.0], 7.0), 1);
+    }
+
+    #[test]
+    fn keys_we_do_not_run_are_errors_naming_them() {
+        let base: SchedulerConfig = serde_json::from_value(serde_json::json!({
+            "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012
+        }))
+        .unwrap();
+        for family in [Family::Dpm, Family::UniPc] {
+            let ok = MultistepSchedule::new(&base, 5, SigmaSchedule::Uniform, true, family);
+            assert!(ok.is_ok());
+        }
+        for (key, value) in [
+            ("use_lu_lambdas", serde_json::json!(true)),
+            ("use_flow_sigmas", serde_json::json!(true)),
+            ("use_dynamic_shifting", serde_json::json!(true)),
+            ("lambda_min_clipped", serde_json::json!(-5.1)),
+            ("variance_type", serde_json::json!("learned_range")),
+            ("shift_terminal", serde_json::json!(0.1)),
+        ] {
+            let mut v = serde_json::to_value(serde_json::json!({
+                "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085, "beta_end": 0.012
+            }))
+            .unwrap();
+            v[key] = value;
+            let cfg: SchedulerConfig = serde_json::from_value(v).unwrap();
+            let err = MultistepSchedule::new(&cfg, 5, SigmaSchedule::Uniform, true, Family::Dpm)
+                .err()
+                .expect(key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        // Off is fine.
+        let mut off = base.clone();
+        off.use_lu_lambdas = Some(false);
+        off.use_flow_sigmas = Some(false);
+        assert!(MultistepSchedule::new(&off, 5, SigmaSchedule::Uniform, true, Family::Dpm).is_ok());
     }
 
     #[test]
