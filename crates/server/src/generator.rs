@@ -85,6 +85,10 @@ pub struct ModelInfo {
     /// The device memory budget requests are checked against before they are queued (`None`
     /// on the CPU, and where the worker is another process: it checks again itself).
     pub memory: Option<std::sync::Arc<crate::gpu::MemoryBudget>>,
+    /// The model's scheduler config: how many UNet evaluations a request runs, known before
+    /// it runs (a job's progress `total`). `None` where it is not known here (the fake
+    /// generator; an API replica, whose workers count for it once the job starts).
+    pub schedules: Option<std::sync::Arc<sdserve_pipeline::pipeline::ModelSchedules>>,
 }
 
 /// A loaded model: the generator and its description.
@@ -209,6 +213,7 @@ impl FakeSpec {
                     adapters: Default::default(),
                     inpainting: false,
                     memory: None,
+                    schedules: None,
                 },
                 taesd: None,
                 speed_probe: self.speed_probe,

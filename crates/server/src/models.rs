@@ -10,7 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use sdserve_pipeline::schedulers::{SchedulerConfig, SchedulerKind, SigmaSchedule};
+use sdserve_pipeline::pipeline::ModelSchedules;
+use sdserve_pipeline::schedulers::SchedulerConfig;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -133,29 +134,29 @@ impl Catalog {
     /// are the loaded model's (`base`): the same folders, the same device. Blocking (files).
     pub fn probe(&self, entry: &ModelEntry, base: &ModelInfo) -> Result<ModelInfo, String> {
         let opts = self.hub_options();
-        let (model_version, (default_scheduler, default_schedule), inpainting) = match entry.kind {
+        let (model_version, schedules, inpainting) = match entry.kind {
             ModelKind::Folder => (
                 crate::hub::folder_version(&entry.path, &opts).map_err(|e| e.to_string())?,
-                folder_scheduler(&entry.path)?,
+                schedules_of(read_json(
+                    &entry.path.join("scheduler/scheduler_config.json"),
+                )?)?,
                 folder_inpainting(&entry.path)?,
             ),
             _ => (
                 crate::hub::single_file_version(&entry.path, &opts).map_err(|e| e.to_string())?,
                 // Converted with SD 1.5's scheduler config (MODEL_CONFIG is `--model`'s only).
-                scheduler_of(
-                    serde_json::from_value(sdserve_pipeline::single_file::sd15_scheduler_config())
-                        .map_err(|e| e.to_string())?,
-                )?,
+                schedules_of(sdserve_pipeline::single_file::sd15_scheduler_config())?,
                 file_inpainting(&entry.path),
             ),
         };
         Ok(ModelInfo {
             model_version,
-            default_scheduler,
-            default_schedule,
+            default_scheduler: schedules.default_scheduler(),
+            default_schedule: schedules.default_schedule(),
             inpainting,
             adapters: base.adapters.clone(),
             memory: base.memory.clone(),
+            schedules: Some(std::sync::Arc::new(schedules)),
         })
     }
 }
@@ -197,16 +198,9 @@ fn file_label(path: &Path) -> String {
         .join("/")
 }
 
-/// The model's own scheduler and sigma schedule.
-fn scheduler_of(cfg: SchedulerConfig) -> Result<(SchedulerKind, SigmaSchedule), String> {
-    let kind = SchedulerKind::default_for(&cfg).map_err(|e| e.to_string())?;
-    let schedule = SchedulerKind::default_schedule_for(&cfg).map_err(|e| e.to_string())?;
-    Ok((kind, schedule))
-}
-
-fn folder_scheduler(dir: &Path) -> Result<(SchedulerKind, SigmaSchedule), String> {
-    let v = read_json(&dir.join("scheduler/scheduler_config.json"))?;
-    scheduler_of(serde_json::from_value(v).map_err(|e| e.to_string())?)
+fn schedules_of(cfg: serde_json::Value) -> Result<ModelSchedules, String> {
+    let cfg: SchedulerConfig = serde_json::from_value(cfg).map_err(|e| e.to_string())?;
+    ModelSchedules::from_config(cfg).map_err(|e| e.to_string())
 }
 
 /// An inpainting UNet takes the latents, the mask and the masked image's latents.
@@ -321,6 +315,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 
     fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
@@ -373,6 +368,7 @@ mod tests {
             adapters: Default::default(),
             inpainting: false,
             memory: None,
+            schedules: None,
         };
         let b = c.probe(&c.find("tiny-b").unwrap(), &base).unwrap();
         assert_eq!(b.default_scheduler, SchedulerKind::Ddim);

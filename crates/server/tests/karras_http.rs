@@ -161,3 +161,33 @@ fn native_schedules_are_a1111_schedule_types() {
     let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111("DDIM", Some("Beta")));
     assert_eq!(r.status, 422, "{}", r.text());
 }
+
+/// A job says from the start how many UNet evaluations its run counts (Heun: 2n - 1; PNDM:
+/// n + 1), not its step count, and every progress event agrees.
+#[test]
+fn a_job_announces_the_evaluations_its_sampler_runs() {
+    let s = tiny_server();
+    for (scheduler, steps, evaluations) in [("heun", 3, 5), ("pndm", 3, 4), ("euler", 3, 3)] {
+        let created = post_json_to(s.addr, "/jobs", &native(scheduler));
+        assert_eq!(created.status, 202, "{}", created.text());
+        let id = created.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(native(scheduler)["steps"], steps);
+        let first = s.get(&format!("/jobs/{id}")).json();
+        assert_eq!(
+            first["progress"]["total"], evaluations,
+            "{scheduler}: {first}"
+        );
+        let events = common::cluster::follow(s.addr, &id);
+        let totals: Vec<&Value> = events
+            .iter()
+            .filter(|(name, _)| name == "progress")
+            .map(|(_, data)| &data["total"])
+            .collect();
+        // (A stream that joins late sees fewer steps, never other totals.)
+        assert!(totals.len() <= evaluations, "{scheduler}: {events:?}");
+        assert!(
+            totals.iter().all(|t| **t == evaluations),
+            "{scheduler}: {totals:?}"
+        );
+    }
+}

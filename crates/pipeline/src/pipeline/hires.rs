@@ -129,6 +129,21 @@ impl SecondPass<'_> {
     }
 }
 
+/// The hires pass's scheduler and schedule: its own, else the first pass's (a scheduler of its
+/// own runs on its own schedule).
+pub(super) fn second_pass_scheduler(
+    params: &GenerationParams,
+    hires: &Hires,
+) -> (
+    Option<crate::schedulers::SchedulerKind>,
+    Option<crate::schedulers::SigmaSchedule>,
+) {
+    (
+        hires.scheduler.or(params.scheduler),
+        params.schedule.filter(|_| hires.scheduler.is_none()),
+    )
+}
+
 impl StableDiffusion {
     /// The rules the second pass must meet, and its schedule.
     pub(super) fn second_pass<'a>(
@@ -178,9 +193,8 @@ impl StableDiffusion {
             steps: hires.steps,
             width: hires.width,
             height: hires.height,
-            scheduler: hires.scheduler.or(params.scheduler),
-            // A scheduler of its own runs on its own schedule.
-            schedule: params.schedule.filter(|_| hires.scheduler.is_none()),
+            scheduler: second_pass_scheduler(params, hires).0,
+            schedule: second_pass_scheduler(params, hires).1,
             hires: None,
             ..params.clone()
         };

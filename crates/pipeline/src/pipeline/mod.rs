@@ -42,6 +42,7 @@ pub use encode_prompt::{Conditioning, ScheduledConditioning};
 pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
+pub use prepare::ModelSchedules;
 pub use variation::{image_noise, resized_image_noise, slerp, Variation};
 pub use weight_files::component_weight_files;
 

@@ -31,23 +31,16 @@ impl StableDiffusion {
         steps: usize,
         strength: Option<f64>,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
-        let (kind, schedule) = match kind {
-            Some(kind) => (kind, schedule.unwrap_or(kind.schedule())),
-            None => (
-                self.default_scheduler,
-                schedule.unwrap_or(self.default_schedule),
-            ),
-        };
-        let mut scheduler = schedulers::build_with(kind, schedule, &self.scheduler_config, steps)?;
-        let begin = match strength {
-            None => 0,
-            Some(strength) => {
-                let t_start = steps - images_in::init_steps(steps, strength);
-                t_start * scheduler.order()
-            }
-        };
-        scheduler.set_begin_index(begin);
-        Ok((scheduler, begin))
+        self.schedules().schedule(kind, schedule, steps, strength)
+    }
+
+    /// The model's scheduler config and defaults: enough to know a request's timesteps.
+    pub fn schedules(&self) -> ModelSchedules {
+        ModelSchedules {
+            config: self.scheduler_config.clone(),
+            default_scheduler: self.default_scheduler,
+            default_schedule: self.default_schedule,
+        }
     }
 
     /// Initial noise from each image's own generator, as diffusers draws it on the CPU.
@@ -68,5 +61,82 @@ impl StableDiffusion {
             .map(|(i, rng)| super::image_noise(rng, params.image_variation(i), shape, &self.device))
             .collect::<Result<Vec<_>>>()?;
         Ok((Tensor::cat(&noise, 0)? * scheduler.init_noise_sigma())?.to_dtype(self.dtype)?)
+    }
+}
+
+/// A model's `scheduler_config.json` and the scheduler and schedule it names: what a request's
+/// timesteps are, without the model's weights (the server counts a job's UNet evaluations with
+/// it before the job runs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSchedules {
+    config: schedulers::SchedulerConfig,
+    default_scheduler: schedulers::SchedulerKind,
+    default_schedule: schedulers::SigmaSchedule,
+}
+
+impl ModelSchedules {
+    pub fn from_config(config: schedulers::SchedulerConfig) -> Result<Self> {
+        Ok(Self {
+            default_scheduler: schedulers::SchedulerKind::default_for(&config)?,
+            default_schedule: schedulers::SchedulerKind::default_schedule_for(&config)?,
+            config,
+        })
+    }
+
+    /// The scheduler the model's config names (requests without `scheduler` run it).
+    pub fn default_scheduler(&self) -> schedulers::SchedulerKind {
+        self.default_scheduler
+    }
+
+    /// The sigma schedule the model's config asks for.
+    pub fn default_schedule(&self) -> schedulers::SigmaSchedule {
+        self.default_schedule
+    }
+
+    /// See [`StableDiffusion::schedule`].
+    pub fn schedule(
+        &self,
+        kind: Option<schedulers::SchedulerKind>,
+        schedule: Option<schedulers::SigmaSchedule>,
+        steps: usize,
+        strength: Option<f64>,
+    ) -> Result<(Box<dyn Scheduler>, usize)> {
+        let (kind, schedule) = match kind {
+            Some(kind) => (kind, schedule.unwrap_or(kind.schedule())),
+            None => (
+                self.default_scheduler,
+                schedule.unwrap_or(self.default_schedule),
+            ),
+        };
+        let mut scheduler = schedulers::build_with(kind, schedule, &self.config, steps)?;
+        let begin = match strength {
+            None => 0,
+            Some(strength) => {
+                let t_start = steps - images_in::init_steps(steps, strength);
+                t_start * scheduler.order()
+            }
+        };
+        scheduler.set_begin_index(begin);
+        Ok((scheduler, begin))
+    }
+
+    /// The UNet evaluations `params` runs, as its step hook counts them (`StepProgress::total`):
+    /// the first pass's timesteps from where it begins, plus the hires pass's. A request its
+    /// schedulers refuse (an LCM model's `original_inference_steps` below the steps, ...) is
+    /// the error the run would end with.
+    pub fn unet_evaluations(&self, params: &GenerationParams) -> Result<usize> {
+        let strength = params.init_image.as_ref().map(|init| init.strength);
+        let (first, begin) =
+            self.schedule(params.scheduler, params.schedule, params.steps, strength)?;
+        let hires = match &params.hires {
+            None => 0,
+            Some(h) => {
+                let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
+                let (second, begin) =
+                    self.schedule(scheduler, schedule, h.steps, Some(h.strength))?;
+                second.timesteps().len() - begin
+            }
+        };
+        Ok(first.timesteps().len() - begin + hires)
     }
 }

@@ -382,7 +382,7 @@ pub trait Scheduler: Send {
 
 /// `scheduler_config.json`, every key optional: `None` means "absent from the file", and each
 /// scheduler then takes its own class default, as diffusers' `from_config` does.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 pub struct SchedulerConfig {
     #[serde(rename = "_class_name")]
     pub class_name: Option<String>,

@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderMap, StatusCode};
-use sdserve_pipeline::pipeline::PromptSyntax;
+use sdserve_pipeline::pipeline::{GenerationParams, PromptSyntax};
 
 use super::AppState;
 use crate::engine::JobSpec;
@@ -296,6 +296,7 @@ pub(crate) fn job_spec(
         schedule,
     );
     validate::check_memory(&params, info.memory.as_deref())?;
+    let progress_total = progress_total(&params, info)?;
     // Images by digest and size: the job's record stays small and says which image it ran.
     let image = |i: &crate::images::RequestImage| {
         serde_json::json!({
@@ -345,6 +346,7 @@ pub(crate) fn job_spec(
     }
     Ok(JobSpec {
         png_texts,
+        progress_total,
         params,
         request,
         model_version: info.model_version.clone(),
@@ -353,6 +355,26 @@ pub(crate) fn job_spec(
         timeout_setting,
         timeout,
     })
+}
+
+/// The UNet evaluations the job will count, from the model's scheduler config; a request
+/// its scheduler refuses (an LCM model's `original_inference_steps` below the steps, ...) is
+/// the 422 the run would end with, before it is queued. Without the config: steps (+ hires).
+fn progress_total(params: &GenerationParams, info: &ModelInfo) -> Result<usize, ApiError> {
+    let fallback = params.steps + params.hires_steps();
+    let Some(schedules) = &info.schedules else {
+        return Ok(fallback);
+    };
+    match schedules.unet_evaluations(params) {
+        Ok(n) => Ok(n),
+        Err(sdserve_pipeline::PipelineError::InvalidRequest(m)) => {
+            Err(ApiError::validation("request", m))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "could not count the job's UNet evaluations ahead");
+            Ok(fallback)
+        }
+    }
 }
 
 pub(crate) fn prompt_syntax_name(s: PromptSyntax) -> &'static str {

@@ -175,6 +175,11 @@ pub struct JobSpec {
     pub request: serde_json::Value,
     /// The PNG `parameters` text chunk of each image of the batch.
     pub png_texts: Vec<String>,
+    /// The UNet evaluations the run will count (`progress.total` from the start: PNDM's extra
+    /// step, second-order samplers, img2img's partial schedule, the hires pass); steps plus
+    /// hires steps where the model's schedules are not known here (the run's own count
+    /// replaces it at its first step).
+    pub progress_total: usize,
     pub model_version: String,
     /// The MODELS_DIR model the job runs on; `None`: the default model.
     pub model: Option<String>,

@@ -281,7 +281,7 @@ impl JobBackend for Local {
         let id = new_id(seq);
         let now = Instant::now();
         // Both passes of a hires request, as the pipeline counts them.
-        let total = spec.params.steps + spec.params.hires_steps();
+        let total = spec.progress_total;
         let record = Record {
             id: id.clone(),
             seq,

@@ -18,6 +18,7 @@ fn spec(steps: usize, timeout: Duration) -> JobSpec {
         },
         request: serde_json::json!({}),
         png_texts: vec!["t".into()],
+        progress_total: steps,
         model_version: "fake@0".into(),
         model: None,
         vae: None,

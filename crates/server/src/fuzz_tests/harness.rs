@@ -117,6 +117,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
                         adapters: Default::default(),
                         inpainting: false,
                         memory: None,
+                        schedules: None,
                     },
                     taesd: None,
                     speed_probe: false,

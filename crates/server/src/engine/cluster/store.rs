@@ -118,7 +118,7 @@ impl Store {
             position: None,
             progress: JobProgress {
                 step: 0,
-                total: spec.params.steps + spec.params.hires_steps(),
+                total: spec.progress_total,
                 eta_seconds: None,
             },
             created_at: timestamp(created),

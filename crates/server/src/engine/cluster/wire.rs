@@ -160,6 +160,9 @@ pub struct WireSpec {
     variation: Option<(u64, f64)>,
     request: serde_json::Value,
     png_texts: Vec<String>,
+    /// 0 in records written before it was carried: steps (+ hires steps) then.
+    #[serde(default)]
+    progress_total: usize,
     model_version: String,
     /// The MODELS_DIR model the job runs on (absent from older replicas' jobs: the default);
     /// every worker sees the same MODELS_DIR.
@@ -203,6 +206,7 @@ impl WireSpec {
             variation: p.variation.map(|v| (v.seed, v.strength)),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
+            progress_total: s.progress_total,
             model_version: s.model_version.clone(),
             model: s.model.clone(),
             vae: s.vae.as_ref().map(|v| (v.name.clone(), v.hash.clone())),
@@ -229,7 +233,7 @@ impl WireSpec {
             }),
             None => None,
         };
-        Ok(JobSpec {
+        let mut spec = JobSpec {
             params: GenerationParams {
                 prompt: self.prompt.clone(),
                 negative_prompt: self.negative_prompt.clone(),
@@ -264,6 +268,7 @@ impl WireSpec {
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),
+            progress_total: self.progress_total,
             model_version: self.model_version.clone(),
             model: self.model.clone(),
             vae: self.vae.as_ref().map(|(name, hash)| crate::vaes::VaeUse {
@@ -272,7 +277,11 @@ impl WireSpec {
             }),
             timeout_setting: self.timeout_setting,
             timeout,
-        })
+        };
+        if spec.progress_total == 0 {
+            spec.progress_total = spec.params.steps + spec.params.hires_steps();
+        }
+        Ok(spec)
     }
 }
 
@@ -454,6 +463,7 @@ impl WireInfo {
             inpainting: self.inpainting,
             // The worker checks each job against its own budget before running it.
             memory: None,
+            schedules: None,
         })
     }
 }
@@ -542,6 +552,7 @@ mod tests {
             },
             request: serde_json::json!({"prompt": "a (cat:1.2)"}),
             png_texts: vec!["t".into()],
+            progress_total: 9,
             model_version: "m@1".into(),
             model: Some("tiny-b".into()),
             vae: Some(crate::vaes::VaeUse {
@@ -562,6 +573,7 @@ mod tests {
         assert_eq!(again.params.hires, spec.params.hires);
         assert_eq!(again.timeout, Duration::from_secs(3));
         assert_eq!(again.png_texts, spec.png_texts);
+        assert_eq!(again.progress_total, 9);
         assert_eq!(again.timeout_setting, DeadlineSetting::Job);
         assert_eq!(again.model.as_deref(), Some("tiny-b"));
         assert_eq!(again.vae, spec.vae);
