@@ -174,14 +174,15 @@ fn push_text(res: &mut Vec<WeightedText>, text: &str) {
     }
 }
 
-fn is_word(c: char) -> bool {
+pub(crate) fn is_word(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
-/// `re.split(r"\s*\bBREAK\b\s*", text)`.
-fn split_break(text: &str) -> Vec<String> {
+/// `re.split(r"\bWORD\b", text)`; with `spaces`, `re.split(r"\s*\bWORD\b\s*", text)` (the
+/// whitespace around each match goes with it).
+pub(crate) fn split_word(text: &str, word: &str, spaces: bool) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
-    let target: Vec<char> = "BREAK".chars().collect();
+    let target: Vec<char> = word.chars().collect();
     let mut parts = Vec::new();
     let mut part_start = 0;
     let mut i = 0;
@@ -193,12 +194,11 @@ fn split_break(text: &str) -> Vec<String> {
             i += 1;
             continue;
         }
-        let mut left = i;
-        while left > part_start && chars[left - 1].is_whitespace() {
+        let (mut left, mut right) = (i, i + target.len());
+        while spaces && left > part_start && chars[left - 1].is_whitespace() {
             left -= 1;
         }
-        let mut right = i + target.len();
-        while right < chars.len() && chars[right].is_whitespace() {
+        while spaces && right < chars.len() && chars[right].is_whitespace() {
             right += 1;
         }
         parts.push(chars[part_start..left].iter().collect());
@@ -207,6 +207,11 @@ fn split_break(text: &str) -> Vec<String> {
     }
     parts.push(chars[part_start..].iter().collect());
     parts
+}
+
+/// `re.split(r"\s*\bBREAK\b\s*", text)`.
+fn split_break(text: &str) -> Vec<String> {
+    split_word(text, "BREAK", true)
 }
 
 /// One chunk of conditioning: `BOS + 75 tokens + EOS` with a weight per token.

@@ -10,6 +10,8 @@
 //! falls back when lark fails. Emphasis, `BREAK` and escapes stay in the scheduled texts for
 //! [`crate::prompt::parse_attention`].
 
+use crate::prompt::split_word;
+
 /// One AND part of a prompt: its text (scheduled later) and its weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AndPart {
@@ -21,40 +23,13 @@ pub struct AndPart {
 /// part's trailing `:weight` (`\s*:\s*[-+]?(\d+\.?|\d*\.\d+)`) and trailing whitespace are
 /// taken off (`re_weight`); a part without one weighs 1.
 pub fn and_parts(prompt: &str) -> Vec<AndPart> {
-    split_word(prompt, "AND")
+    split_word(prompt, "AND", false)
         .into_iter()
         .map(|part| {
             let (text, weight) = part_weight(&part);
             AndPart { text, weight }
         })
         .collect()
-}
-
-fn is_word(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
-}
-
-/// `re.split(r"\bWORD\b", text)`.
-fn split_word(text: &str, word: &str) -> Vec<String> {
-    let chars: Vec<char> = text.chars().collect();
-    let target: Vec<char> = word.chars().collect();
-    let mut parts = Vec::new();
-    let mut part_start = 0;
-    let mut i = 0;
-    while i + target.len() <= chars.len() {
-        let bounded = chars[i..i + target.len()] == target[..]
-            && (i == 0 || !is_word(chars[i - 1]))
-            && chars.get(i + target.len()).is_none_or(|&c| !is_word(c));
-        if bounded {
-            parts.push(chars[part_start..i].iter().collect());
-            i += target.len();
-            part_start = i;
-        } else {
-            i += 1;
-        }
-    }
-    parts.push(chars[part_start..].iter().collect());
-    parts
 }
 
 /// `re_weight`: `^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$`. The text is the
