@@ -216,7 +216,7 @@ pub fn load_real(
         adapters,
         inpainting: sd.is_inpainting(),
         memory: gpu::MemoryBudget::of(&setup).map(std::sync::Arc::new),
-        schedules: Some(std::sync::Arc::new(sd.schedules())),
+        schedules: Some(std::sync::Arc::new(sd.schedules().clone())),
     };
     Ok(Loaded {
         speed_probe: load.speed_probe && setup.device.is_cpu(),

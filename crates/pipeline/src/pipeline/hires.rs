@@ -198,7 +198,7 @@ impl StableDiffusion {
             hires: None,
             ..params.clone()
         };
-        let (scheduler, begin) = self.schedule(
+        let (scheduler, begin) = self.schedules.schedule(
             second.scheduler,
             second.schedule,
             second.steps,

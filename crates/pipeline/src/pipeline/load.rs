@@ -13,7 +13,7 @@ use crate::error::read_json;
 use crate::lora::{LoraLibrary, LoraState};
 use crate::memory::offload::{Component, HostTensors};
 use crate::memory::{MemoryPlan, Offload};
-use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::{PipelineError, Result};
@@ -89,10 +89,9 @@ impl StableDiffusion {
         let vae_latent_channels = vae_weights.config.latent_channels;
         let (vae, vae_encoder, vae_f32) = vae_weights.components(plan, device)?;
 
-        let scheduler_config: SchedulerConfig =
-            read_json(&dir.join("scheduler/scheduler_config.json"))?;
-        let default_scheduler = SchedulerKind::default_for(&scheduler_config)?;
-        let default_schedule = SchedulerKind::default_schedule_for(&scheduler_config)?;
+        let schedules = super::ModelSchedules::from_config(read_json::<SchedulerConfig>(
+            &dir.join("scheduler/scheduler_config.json"),
+        )?)?;
 
         let mut sd = Self {
             tokenizer: tokenizer.clone(),
@@ -111,9 +110,7 @@ impl StableDiffusion {
             plan: plan.clone(),
             last_memory: std::sync::Mutex::new(None),
             last_decode_retried: std::sync::atomic::AtomicBool::new(false),
-            scheduler_config,
-            default_scheduler,
-            default_schedule,
+            schedules,
             device: device.clone(),
             dtype,
             loras: LoraLibrary::default(),

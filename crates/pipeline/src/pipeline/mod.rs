@@ -15,7 +15,7 @@ use crate::lora::{LoraLibrary, LoraState};
 use crate::memory::offload::Component;
 use crate::memory::{classify_oom, MemoryPlan, MemoryTracker, MemoryUsage};
 use crate::rng::TorchRng;
-use crate::schedulers::{SchedulerConfig, SchedulerKind, SigmaSchedule};
+use crate::schedulers::{SchedulerKind, SigmaSchedule};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::AutoencoderKlDecoder;
@@ -71,9 +71,8 @@ pub struct StableDiffusion {
     last_decode_retried: std::sync::atomic::AtomicBool,
     vae_scaling_factor: f64,
     vae_scale_factor: usize,
-    scheduler_config: SchedulerConfig,
-    default_scheduler: SchedulerKind,
-    default_schedule: SigmaSchedule,
+    /// The model's scheduler config and the scheduler and schedule it names.
+    schedules: ModelSchedules,
     device: Device,
     dtype: DType,
     /// LoRA files requests may name (`LORA_DIR`).
@@ -100,13 +99,13 @@ pub struct StableDiffusion {
 impl StableDiffusion {
     /// The scheduler named by the model's own `scheduler_config.json`.
     pub fn default_scheduler(&self) -> SchedulerKind {
-        self.default_scheduler
+        self.schedules.default_scheduler()
     }
 
     /// The sigma schedule the model's own `scheduler_config.json` asks for (its
     /// `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas`, where its class reads them).
     pub fn default_schedule(&self) -> SigmaSchedule {
-        self.default_schedule
+        self.schedules.default_schedule()
     }
 
     pub fn device(&self) -> &Device {

@@ -18,29 +18,14 @@ impl StableDiffusion {
         params: &GenerationParams,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
         let strength = params.init_image.as_ref().map(|init| init.strength);
-        self.schedule(params.scheduler, params.schedule, params.steps, strength)
+        self.schedules
+            .schedule(params.scheduler, params.schedule, params.steps, strength)
     }
 
-    /// The scheduler of `kind` (`None`: the model's) on `schedule` (`None`: the kind's own, or
-    /// with no kind the model's) for `steps`, begun where an init image of `strength` begins
-    /// (`None`: text-to-image, from the first step).
-    pub(super) fn schedule(
-        &self,
-        kind: Option<schedulers::SchedulerKind>,
-        schedule: Option<schedulers::SigmaSchedule>,
-        steps: usize,
-        strength: Option<f64>,
-    ) -> Result<(Box<dyn Scheduler>, usize)> {
-        self.schedules().schedule(kind, schedule, steps, strength)
-    }
-
-    /// The model's scheduler config and defaults: enough to know a request's timesteps.
-    pub fn schedules(&self) -> ModelSchedules {
-        ModelSchedules {
-            config: self.scheduler_config.clone(),
-            default_scheduler: self.default_scheduler,
-            default_schedule: self.default_schedule,
-        }
+    /// The model's scheduler config and defaults: enough to know a request's timesteps
+    /// ([`ModelSchedules::schedule`] builds a request's scheduler).
+    pub fn schedules(&self) -> &ModelSchedules {
+        &self.schedules
     }
 
     /// Initial noise from each image's own generator, as diffusers draws it on the CPU.
@@ -93,7 +78,9 @@ impl ModelSchedules {
         self.default_schedule
     }
 
-    /// See [`StableDiffusion::schedule`].
+    /// The scheduler of `kind` (`None`: the model's) on `schedule` (`None`: the kind's own, or
+    /// with no kind the model's) for `steps`, begun where an init image of `strength` begins
+    /// (`None`: text-to-image, from the first step).
     pub fn schedule(
         &self,
         kind: Option<schedulers::SchedulerKind>,

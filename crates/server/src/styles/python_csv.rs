@@ -4,6 +4,12 @@
 //! a hand-edited `name, "a, b"` is two fields in Python and three in the crate, so this is the
 //! state machine of CPython's `Modules/_csv.c` for that one dialect.
 
+/// Ends the current field and the record it closes.
+fn end_record(rows: &mut Vec<Vec<String>>, row: &mut Vec<String>, field: &mut String) {
+    row.push(std::mem::take(field));
+    rows.push(std::mem::take(row));
+}
+
 /// The rows of `text`; a line with nothing on it is no row (`csv.reader` yields `[]`, which
 /// `DictReader` skips). Newlines inside quotes stay in the field.
 pub fn rows(text: &str) -> Vec<Vec<String>> {
@@ -31,8 +37,7 @@ pub fn rows(text: &str) -> Vec<Vec<String>> {
             State::StartRecord if line_end => {}
             State::StartRecord | State::StartField => match c {
                 _ if line_end => {
-                    row.push(std::mem::take(&mut field));
-                    rows.push(std::mem::take(&mut row));
+                    end_record(&mut rows, &mut row, &mut field);
                     state = State::StartRecord;
                 }
                 Some('"') => state = State::InQuoted,
@@ -49,8 +54,7 @@ pub fn rows(text: &str) -> Vec<Vec<String>> {
             },
             State::InField => match c {
                 _ if line_end => {
-                    row.push(std::mem::take(&mut field));
-                    rows.push(std::mem::take(&mut row));
+                    end_record(&mut rows, &mut row, &mut field);
                     state = State::StartRecord;
                 }
                 Some(',') => {
@@ -63,8 +67,7 @@ pub fn rows(text: &str) -> Vec<Vec<String>> {
             State::InQuoted => match c {
                 // Python: "unexpected end of data" only when strict; otherwise the field ends.
                 None => {
-                    row.push(std::mem::take(&mut field));
-                    rows.push(std::mem::take(&mut row));
+                    end_record(&mut rows, &mut row, &mut field);
                     state = State::StartRecord;
                 }
                 Some('"') => state = State::QuoteInQuoted,
@@ -76,8 +79,7 @@ pub fn rows(text: &str) -> Vec<Vec<String>> {
                     state = State::InQuoted;
                 }
                 _ if line_end => {
-                    row.push(std::mem::take(&mut field));
-                    rows.push(std::mem::take(&mut row));
+                    end_record(&mut rows, &mut row, &mut field);
                     state = State::StartRecord;
                 }
                 Some(',') => {
