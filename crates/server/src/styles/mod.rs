@@ -20,6 +20,8 @@ use crate::error::ApiError;
 
 /// The most styles one request may name (A1111 has no limit; a UI offers a handful).
 pub const STYLES_MAX: usize = 16;
+/// The longest style name a request may give (names are echoed in errors).
+const NAME_MAX_CHARS: usize = 255;
 /// A styles file past this is refused (A1111's own file is a few KB).
 const FILE_MAX_BYTES: u64 = 4 << 20;
 /// How many known names a 422 lists.
@@ -102,6 +104,12 @@ impl StyleBook {
         };
         if names.is_empty() {
             return Ok(names);
+        }
+        if names.iter().any(|n| n.chars().count() > NAME_MAX_CHARS) {
+            return Err(ApiError::validation(
+                "styles",
+                format!("a style name is at most {NAME_MAX_CHARS} characters"),
+            ));
         }
         if names.len() > STYLES_MAX {
             return Err(ApiError::validation(

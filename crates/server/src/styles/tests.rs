@@ -119,6 +119,10 @@ fn bad_styles_are_422s_naming_styles() {
             "at most 16 styles",
         ),
         (
+            json!({"prompt": "x", "styles": ["x".repeat(100_000)]}),
+            "a style name is at most 255 characters",
+        ),
+        (
             json!({"prompt": "x", "styles": ["Appended", "Nope"]}),
             "unknown style \\\"Nope\\\"; STYLES_FILE has: Cinematic, Appended, Spaced",
         ),
