@@ -11,13 +11,10 @@ mod common;
 static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
     sdserve_pipeline::weights::mapped::MappedAlloc;
 
-use common::{fixture_path, generate_one, read_png, request_params};
+use common::{fixture_path, read_png, request_params};
 
-use std::collections::HashMap;
-use std::ops::ControlFlow;
-
-use candle_core::{DType, Device};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
+use candle_core::Device;
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage};
 
 fn params_of(case: &serde_json::Value) -> GenerationParams {
     let init_image = case["init_image"].as_str().map(|name| InitImage {
@@ -42,33 +39,9 @@ fn images_match_diffusers() {
             .unwrap();
     let cases = json["cases"].as_object().unwrap();
     assert!(cases.len() >= 16, "{} cases", cases.len());
-    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
-    let (mut failures, mut images) = (Vec::new(), 0);
-    for (label, case) in cases {
-        let name = case["model"].as_str().unwrap();
-        let model = models.entry(name.to_string()).or_insert_with(|| {
-            StableDiffusion::load(&fixture_path(name), &Device::Cpu, DType::F32).unwrap()
-        });
-        let params = params_of(case);
-        let got = if params.batch_size == 1 {
-            vec![generate_one(model, &params)]
-        } else {
-            model
-                .generate(&params, &mut |_| ControlFlow::Continue(()))
-                .unwrap()
-        };
-        let want = &tensors[&format!("image.{label}")];
-        assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
-        for (i, image) in got.iter().enumerate() {
-            let row = want.get(i).unwrap();
-            failures.extend(common::image_failure(
-                &format!("{label}[{i}]"),
-                &image.pixels,
-                &row,
-            ));
-            images += 1;
-        }
-    }
+    let (failures, images) = common::image_case_failures(cases, params_of, |label| {
+        tensors[&format!("image.{label}")].clone()
+    });
     assert!(
         failures.is_empty(),
         "images differ from diffusers: {failures:?}"

@@ -11,14 +11,9 @@ mod common;
 static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
     sdserve_pipeline::weights::mapped::MappedAlloc;
 
-use std::collections::HashMap;
-use std::ops::ControlFlow;
-
-use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{
-    fixture_path, generate_one, max_abs_diff, read_png, request_params, steps_of, Fixtures,
-};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
+use candle_core::{IndexOp, Tensor};
+use common::{max_abs_diff, read_png, request_params, steps_of, Fixtures};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage};
 use sdserve_pipeline::rng::TorchRng;
 use sdserve_pipeline::schedulers::{
     build_with, dpm2, dpm_sde, dpm_solver, euler, heun, lms, unipc, Scheduler, SchedulerConfig,
@@ -236,33 +231,9 @@ fn images_match_diffusers() {
     let f = fixtures();
     let cases = f.meta["cases"].as_object().unwrap();
     assert!(cases.len() >= 12, "{} cases", cases.len());
-    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
-    let (mut failures, mut images) = (Vec::new(), 0);
-    for (label, case) in cases {
-        let name = case["model"].as_str().unwrap();
-        let model = models.entry(name.to_string()).or_insert_with(|| {
-            StableDiffusion::load(&fixture_path(name), &Device::Cpu, DType::F32).unwrap()
-        });
-        let params = params_of(case);
-        let got = if params.batch_size == 1 {
-            vec![generate_one(model, &params)]
-        } else {
-            model
-                .generate(&params, &mut |_| ControlFlow::Continue(()))
-                .unwrap()
-        };
-        let want = f.get(&format!("image.{label}"));
-        assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
-        for (i, image) in got.iter().enumerate() {
-            let row = want.get(i).unwrap();
-            failures.extend(common::image_failure(
-                &format!("{label}[{i}]"),
-                &image.pixels,
-                &row,
-            ));
-            images += 1;
-        }
-    }
+    let (failures, images) = common::image_case_failures(cases, params_of, |label| {
+        f.get(&format!("image.{label}")).clone()
+    });
     assert!(
         failures.is_empty(),
         "images differ from diffusers: {failures:?}"

@@ -227,6 +227,36 @@ pub fn image_failure(label: &str, ours: &[u8], reference: &Tensor) -> Option<Str
     (mean > 1.0 || over > 0.005).then(|| format!("{label}: mean {mean:.3}, >8 {over:.4}"))
 }
 
+/// Every case of an image fixture run on its tiny model (`case["model"]`, each loaded once), its
+/// images held to [`image_failure`] against `want(label)` (a u8 tensor, one row per image of
+/// the batch): the failures to report, and how many images were compared.
+pub fn image_case_failures(
+    cases: &serde_json::Map<String, serde_json::Value>,
+    params_of: impl Fn(&serde_json::Value) -> GenerationParams,
+    want: impl Fn(&str) -> Tensor,
+) -> (Vec<String>, usize) {
+    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
+    let (mut failures, mut images) = (Vec::new(), 0);
+    for (label, case) in cases {
+        let name = case["model"].as_str().unwrap();
+        let model = models.entry(name.to_string()).or_insert_with(|| {
+            StableDiffusion::load(&fixture_path(name), &Device::Cpu, DType::F32).unwrap()
+        });
+        let params = params_of(case);
+        let got = model
+            .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+            .unwrap();
+        let want = want(label);
+        assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
+        for (i, image) in got.iter().enumerate() {
+            let row = want.get(i).unwrap();
+            failures.extend(image_failure(&format!("{label}[{i}]"), &image.pixels, &row));
+            images += 1;
+        }
+    }
+    (failures, images)
+}
+
 /// A PNG fixture of `fixtures/images/` as RGB8 (grey images repeated over the three channels).
 pub fn read_png(name: &str) -> RgbImage {
     let file = std::fs::File::open(fixture_path("images").join(name)).unwrap();
