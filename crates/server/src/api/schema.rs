@@ -1,0 +1,443 @@
+//! The native API's request, response and health types (their OpenAPI schemas are these).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Scheduler names of the API.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum SchedulerName {
+    #[serde(rename = "pndm")]
+    Pndm,
+    #[serde(rename = "ddim")]
+    Ddim,
+    #[serde(rename = "euler")]
+    Euler,
+    #[serde(rename = "euler_karras")]
+    EulerKarras,
+    #[serde(rename = "euler_a")]
+    EulerA,
+    #[serde(rename = "euler_a_karras")]
+    EulerAKarras,
+    #[serde(rename = "dpmpp_2m")]
+    DpmPp2m,
+    #[serde(rename = "dpmpp_2m_karras")]
+    DpmPp2mKarras,
+    #[serde(rename = "dpmpp_2m_sde")]
+    DpmPp2mSde,
+    #[serde(rename = "dpmpp_2m_sde_karras")]
+    DpmPp2mSdeKarras,
+    #[serde(rename = "dpmpp_sde")]
+    DpmPpSde,
+    #[serde(rename = "dpmpp_sde_karras")]
+    DpmPpSdeKarras,
+    #[serde(rename = "lms")]
+    Lms,
+    #[serde(rename = "lms_karras")]
+    LmsKarras,
+    #[serde(rename = "unipc")]
+    UniPc,
+    #[serde(rename = "unipc_karras")]
+    UniPcKarras,
+    #[serde(rename = "heun")]
+    Heun,
+    #[serde(rename = "heun_karras")]
+    HeunKarras,
+    #[serde(rename = "dpm2")]
+    Dpm2,
+    #[serde(rename = "dpm2_karras")]
+    Dpm2Karras,
+    #[serde(rename = "dpm2_a")]
+    Dpm2A,
+    #[serde(rename = "dpm2_a_karras")]
+    Dpm2AKarras,
+    #[serde(rename = "lcm")]
+    Lcm,
+}
+
+/// Sigma schedules of the API (`schedule`): `default` is the scheduler name's own (Karras for
+/// the `_karras` names, else uniform) or, with no scheduler, the model's own config's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum SigmaScheduleName {
+    #[serde(rename = "default")]
+    Default,
+    #[serde(rename = "uniform")]
+    Uniform,
+    #[serde(rename = "karras")]
+    Karras,
+    #[serde(rename = "exponential")]
+    Exponential,
+    #[serde(rename = "beta")]
+    Beta,
+}
+
+/// Body of `POST /generate`. Unknown fields are rejected (422 `validation_error`, `details` names
+/// the field); a body that is not a JSON object, or not sent as `application/json`, gets 400
+/// `invalid_json`. Text fields are cleaned first: control characters other than whitespace are
+/// removed, then surrounding whitespace is trimmed; lengths count Unicode scalar values.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// 1..=500 characters counted after cleaning (control characters and surrounding whitespace
+    /// do not count, so the schema states no maxLength): what to draw.
+    #[schema(
+        min_length = 1,
+        example = "a watercolor painting of a lighthouse at dawn"
+    )]
+    pub prompt: String,
+    /// At most 500 characters counted after cleaning: what to keep out of the image.
+    #[schema(default = "")]
+    pub negative_prompt: Option<String>,
+    #[schema(minimum = 1, maximum = 50, default = 20)]
+    /// Denoising steps; time grows with them.
+    pub steps: Option<u32>,
+    /// Image width in pixels.
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, default = 512)]
+    pub width: Option<u32>,
+    /// Image height in pixels.
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, default = 512)]
+    pub height: Option<u32>,
+    /// Random when absent or null, and returned in the metadata. Requests with a seed are
+    /// deterministic and may be answered from the response cache (`x-cache: hit`).
+    #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
+    pub seed: Option<u64>,
+    /// At or below 1.0 classifier-free guidance is off. A guidance-distilled model (a full LCM
+    /// model: `time_cond_proj_dim` in its UNet config) never runs classifier-free guidance: its
+    /// UNet takes the scale as an embedding instead (as diffusers), and the negative prompt has
+    /// no effect.
+    #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
+    pub guidance_scale: Option<f64>,
+    /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
+    /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a` and `lcm` add noise drawn from
+    /// the seed at every step; `dpmpp_sde`, `heun`, `dpm2` and `dpm2_a` run the UNet twice per
+    /// step but the last (2 * steps - 1 evaluations, which progress counts); `lcm` is for LCM
+    /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2).
+    #[schema(nullable = true)]
+    pub scheduler: Option<SchedulerName>,
+    /// The sigmas the scheduler steps through (diffusers' `use_karras_sigmas`,
+    /// `use_exponential_sigmas`, `use_beta_sigmas`; A1111's schedule types). `default`, absent or
+    /// null: the scheduler name's own (Karras for the `_karras` names, else `uniform`, the
+    /// training schedule's) or, with no `scheduler`, the model's own config's. `karras` with a
+    /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
+    /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
+    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`; `euler_a` has `uniform` and `karras`;
+    /// `pndm`, `ddim` and `lcm` only `uniform`. Another combination (a `_karras` name with
+    /// another schedule too) is a 422 naming `schedule`.
+    #[schema(nullable = true, default = "default")]
+    pub schedule: Option<SigmaScheduleName>,
+    /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77
+    /// tokens, prompt editing `[from:to:when]`, alternation `[a|b]`, `AND` with weights (at
+    /// most 8 parts, at most 32 distinct scheduled texts); `plain`: diffusers (truncated to 77
+    /// tokens, brackets are text).
+    #[schema(nullable = true, default = "a1111")]
+    pub prompt_syntax: Option<PromptSyntaxName>,
+    /// A1111's count: 1 = the last CLIP layer, 2 = the penultimate, ...
+    #[schema(minimum = 1, maximum = 4, default = 1, nullable = true)]
+    pub clip_skip: Option<u32>,
+    /// LoRAs for this request (names from `GET /loras`); `<lora:name:weight>` tags in the
+    /// prompt do the same and are removed from its text. At most 8 in all.
+    #[schema(max_items = 8, nullable = true)]
+    pub loras: Option<Vec<LoraUse>>,
+    /// Images made at once (one UNet batch); image i uses seed + i, so each can be made again
+    /// alone. On a GPU, a batch that fits VRAM_LIMIT_MB at this size under no memory plan is
+    /// refused up front (422 naming batch_size and the largest that fits).
+    #[schema(minimum = 1, maximum = 8, default = 1, example = 2)]
+    pub batch_size: Option<u32>,
+    /// img2img: base64 PNG, JPEG or WebP (a `data:image/...;base64,` prefix is allowed), at
+    /// most 4096 pixels a side and 16 MP. Width and height default to its size (floored to a
+    /// multiple of 64, clamped to 256..=768); it is resized (Lanczos) to them.
+    #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
+    pub init_image: Option<String>,
+    /// With init_image: how much of the schedule runs (`int(steps * strength)` steps, at
+    /// least 1); 1.0 keeps nothing of the image but what inpainting's mask keeps. Ignored
+    /// without init_image.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.8, example = 0.75)]
+    pub strength: Option<f64>,
+    /// Only with init_image, same size: inpainting. White = repaint, black = keep; grey is
+    /// binarised at 0.5. An inpainting model (9-channel UNet) needs it.
+    #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
+    pub mask_image: Option<String>,
+    /// Hires fix (text-to-image only): a second, img2img pass at a larger size over the
+    /// upscaled first image, as A1111's `enable_hr`. The PNG comes out at the pass's size
+    /// (`metadata.hires`, and `metadata.image_width`/`image_height`); `metadata.width`/`height`
+    /// stay the first pass's.
+    #[schema(nullable = true)]
+    pub hires: Option<HiresRequest>,
+    /// The model to run on, by name (`GET /models`): a model of MODELS_DIR, or the default's
+    /// name. Absent or null: the default model (`--model`). A job naming another model than
+    /// the loaded one waits its turn, then the worker loads it (the job's `loading`); an
+    /// unknown name is a 422. A name is 1..=255 characters (not stated as a maxLength: a
+    /// string within it is still no model unless the folder has it).
+    #[schema(nullable = true, min_length = 1, example = "dreamshaper_8.safetensors")]
+    pub model: Option<String>,
+    /// The VAE to decode with (and to encode `init_image` with), by name (`GET /vaes`): a
+    /// file or diffusers folder of VAE_DIR. Absent, null or `automatic`: the model's own. The
+    /// worker swaps it between jobs; one whose shapes do not fit the model fails the request
+    /// (422 naming `vae`); an unknown name is a 422. 1..=255 characters.
+    #[schema(
+        nullable = true,
+        min_length = 1,
+        example = "vae-ft-mse-840000-ema-pruned.safetensors"
+    )]
+    pub vae: Option<String>,
+    /// Seamless textures (A1111's `tiling`): every convolution of the UNet and the VAE pads
+    /// circularly, so the image continues across its edges and tiles without seams.
+    #[schema(default = false, nullable = true)]
+    pub tiling: Option<bool>,
+    /// A1111's variation seed (`subseed`): the starting noise is the seed's bent towards this
+    /// seed's by `variation_strength` (A1111's slerp). Random when absent or null and the
+    /// strength is above 0, and returned in the metadata. With a batch, as A1111: every image
+    /// keeps `seed` and image i uses variation seed + i. Text-to-image only.
+    #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
+    pub variation_seed: Option<u64>,
+    /// How far the noise goes towards the variation seed's (A1111's `subseed_strength`): 0 is
+    /// the seed's image, 1 the variation seed's noise.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
+    pub variation_strength: Option<f64>,
+    /// Prompt styles by name (`GET /styles`; STYLES_FILE, A1111's `styles.csv`), at most 16,
+    /// applied in order as A1111 applies them: a style text holding `{prompt}` takes the
+    /// prompt in its place, any other is appended after ", "; the same for the negative
+    /// prompt and the hires pass's own prompts. The prompts' rules (500 characters) hold for
+    /// the styled text. An unknown name is a 422.
+    #[schema(nullable = true, example = json!(["Cinematic"]))]
+    pub styles: Option<Vec<String>>,
+}
+
+/// The hires fix's second pass: the target is `width` and `height`, or `scale` (one of the
+/// two); in another aspect than the first pass the upscaled image covers the target and is
+/// cropped to it (A1111's resize). Each broken rule is a 422 naming `hires.<key>`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HiresRequest {
+    /// Final width in pixels (with `height`).
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, example = 768)]
+    pub width: Option<u32>,
+    /// Final height in pixels (with `width`).
+    #[schema(minimum = 256, maximum = 768, multiple_of = 64, example = 768)]
+    pub height: Option<u32>,
+    /// Instead of width and height: both sides times `scale`, which must come out a multiple
+    /// of 64 in 256..=768 exactly (512 x 1.5 = 768; 512 x 1.3 is a 422).
+    #[schema(minimum = 1.0, maximum = 3.0, example = 1.5)]
+    pub scale: Option<f64>,
+    /// How the first image is enlarged, by A1111's names (`GET /sdapi/v1/latent-upscale-modes`
+    /// and `/sdapi/v1/upscalers`): `Latent`, `Latent (antialiased)`, `Latent (bicubic)`,
+    /// `Latent (bicubic antialiased)`, `Latent (nearest)`, `Latent (nearest-exact)` (the
+    /// latents), `None`, `Lanczos`, `Nearest` (the decoded image, encoded again).
+    #[schema(default = "Latent", example = "Lanczos")]
+    pub upscaler: Option<String>,
+    /// Steps of the second pass's schedule; 0 or absent: the request's `steps`.
+    #[schema(minimum = 0, maximum = 50, default = 0)]
+    pub steps: Option<u32>,
+    /// How much of the second pass's schedule runs (`int(steps * strength)` steps, at least 1).
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.75)]
+    pub strength: Option<f64>,
+    /// The second pass's own scheduler (A1111's `hr_sampler_name`); absent or null: the
+    /// first pass's.
+    #[schema(nullable = true)]
+    pub scheduler: Option<SchedulerName>,
+    /// The second pass's own prompt (A1111's `hr_prompt`); absent, null or empty: the
+    /// request's. Its `<lora:...>` tags may only repeat the request's (one set of LoRAs runs
+    /// both passes). At most 500 characters counted after cleaning.
+    #[schema(nullable = true)]
+    pub prompt: Option<String>,
+    /// The second pass's own negative prompt (A1111's `hr_negative_prompt`); absent, null or
+    /// empty: the request's. At most 500 characters counted after cleaning.
+    #[schema(nullable = true)]
+    pub negative_prompt: Option<String>,
+}
+
+/// The second pass as it ran; `width` x `height` is the returned images' size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HiresMetadata {
+    pub width: u32,
+    pub height: u32,
+    /// A1111's name of the upscaler.
+    pub upscaler: String,
+    /// The second pass's schedule (it runs `int(steps * strength)` of them).
+    pub steps: u32,
+    pub strength: f64,
+    /// The second pass's own scheduler (A1111's `hr_sampler_name`); null: the first pass's.
+    pub scheduler: Option<String>,
+    /// The second pass's own prompts (A1111's `hr_prompt`, `hr_negative_prompt`); null: the
+    /// request's.
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+}
+
+/// How prompts are read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum PromptSyntaxName {
+    #[serde(rename = "a1111")]
+    A1111,
+    #[serde(rename = "plain")]
+    Plain,
+}
+
+/// A LoRA and its weight.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraUse {
+    pub name: String,
+    /// -4.0..=4.0; 1 when absent.
+    #[schema(minimum = -4.0, maximum = 4.0, default = 1.0)]
+    pub weight: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateMetadata {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: u32,
+    /// The first pass's size, as the request's `width` and `height` (and A1111's `Size`). The
+    /// images have this size unless the hires fix ran (then `hires.width` x `hires.height`);
+    /// `image_width` x `image_height` always say the images' size.
+    pub width: u32,
+    pub height: u32,
+    /// The returned images' size: `width` x `height`, or with the hires fix its pass's.
+    /// Absent only from results that an older version recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 768)]
+    pub image_width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 768)]
+    pub image_height: Option<u32>,
+    pub seed: u64,
+    pub guidance_scale: f64,
+    /// The scheduler actually used (the model's own when the request named none).
+    pub scheduler: String,
+    /// The sigma schedule it ran on (`uniform`, `karras`, `exponential`, `beta`).
+    #[serde(default)]
+    pub schedule: String,
+    /// `a1111` or `plain`.
+    pub prompt_syntax: String,
+    pub clip_skip: u32,
+    /// The LoRAs applied (from `loras` and the prompt's tags).
+    pub loras: Vec<LoraUse>,
+    pub generation_time_seconds: f64,
+    /// Model name and revision or content digest.
+    pub model_version: String,
+    /// The VAE_DIR VAE that decoded the images; null: the model's own.
+    #[serde(default)]
+    pub vae: Option<String>,
+    /// The seed of each image, in order: seed + i.
+    pub seeds: Vec<u64>,
+    pub batch_size: u32,
+    /// With an init image; null for text-to-image.
+    pub strength: Option<f64>,
+    /// `txt2img`, `img2img` or `inpaint`.
+    #[schema(example = "img2img")]
+    pub mode: String,
+    /// With the hires fix: its second pass, whose size the images have; null without.
+    #[serde(default)]
+    pub hires: Option<HiresMetadata>,
+    /// Whether the image was made to tile (`tiling`). False in results an older version
+    /// recorded.
+    #[serde(default)]
+    pub tiling: bool,
+    /// The variation seed of the first image (image i: + i) when `variation_strength` > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variation_seed: Option<u64>,
+    /// 0 without a variation.
+    #[serde(default)]
+    pub variation_strength: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    /// The first PNG, base64 (standard alphabet, padded). Each PNG carries its parameters
+    /// (its own seed, and mode and strength with an init image) in a `parameters` tEXt chunk
+    /// (AUTOMATIC1111 style).
+    #[schema(value_type = String)]
+    pub image_base64: Arc<str>,
+    /// Every image of the batch, in order (the first is `image_base64`).
+    #[schema(value_type = Vec<String>)]
+    pub images: Vec<Arc<str>>,
+    pub metadata: GenerateMetadata,
+}
+
+impl GenerateResponse {
+    /// `image_base64` and `images[0]` as one allocation (held once in job records), when they
+    /// are the same image; a response read back from JSON (the cluster's records) has two.
+    pub fn share_first_image(mut self) -> Self {
+        if let Some(first) = self.images.first() {
+            if *first == self.image_base64 {
+                self.image_base64 = first.clone();
+            }
+        }
+        self
+    }
+
+    /// Bytes of base64 the images hold, each allocation once.
+    pub fn image_bytes(&self) -> usize {
+        let shared = self
+            .images
+            .first()
+            .is_some_and(|f| Arc::ptr_eq(f, &self.image_base64));
+        let first = if shared { 0 } else { self.image_base64.len() };
+        first + self.images.iter().map(|i| i.len()).sum::<usize>()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GpuInfo {
+    pub name: String,
+    pub memory_total_mb: u64,
+    /// Now, from the driver (all processes, CUDA context included).
+    pub memory_used_mb: u64,
+    pub memory_free_mb: u64,
+    /// Highest device memory in use during the last request; null before the first.
+    pub last_request_peak_mb: Option<u64>,
+    /// Highest device memory in use during any request since start; null before the first.
+    pub peak_mb: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QueueInfo {
+    pub running: usize,
+    pub waiting: usize,
+    /// MAX_CONCURRENT_REQUESTS: running plus waiting admitted at once.
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    Ok,
+    Loading,
+    Unavailable,
+    Degraded,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    pub status: HealthStatus,
+    /// Null until the model is loaded, and for the fake generator.
+    pub model_version: Option<String>,
+    /// Where the model runs: `cpu`, or `cuda:N` for GPU N.
+    pub device: String,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// Null on the CPU.
+    pub gpu: Option<GpuInfo>,
+    /// The memory plan in use (levers, estimated peak against VRAM_LIMIT_MB); it changes when
+    /// repeated out-of-memory failures step down to a leaner plan. Null until the model is loaded.
+    pub memory_plan: Option<String>,
+    pub queue: QueueInfo,
+    /// Seconds since the process started.
+    pub uptime_seconds: f64,
+    /// sdserve's version.
+    pub version: String,
+    /// Why the status is not `ok` (download progress while loading; the load failure; while the
+    /// hub cannot be reached, the last failure, the ways out and when the next background try
+    /// is; the circuit breaker; a run stuck past its deadline, or every worker `stuck`;
+    /// QUEUE_URL's Redis unreachable), else null.
+    pub detail: Option<String>,
+    /// The model this process's worker holds now (MODELS_DIR switches it per job; `model_version`
+    /// above stays the default model's); null while it holds none (loading, a switch under
+    /// way or failed) and on an API replica.
+    pub loaded_model: Option<crate::models::LoadedModelHealth>,
+    /// With QUEUE_URL: the workers whose heartbeat is fresh (id, state, model_version,
+    /// running_job, jobs_done, started_at); null without QUEUE_URL.
+    pub workers: Option<Vec<crate::engine::WorkerHealth>>,
+}
