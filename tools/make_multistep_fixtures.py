@@ -5,8 +5,8 @@ Writes crates/pipeline/tests/fixtures/multistep.safetensors and multistep.json. 
 tools/make_scheduler_fixtures.py (which covers the API's dpmpp_2m, dpmpp_2m_karras and unipc under
 SD 1.5's config) with the configs a model's own scheduler_config.json may carry: solver order 1
 and 3, heun, the noise-prediction solver, final sigma_min, euler_at_final, no lower_order_final,
-sample prediction, bh1, predict_x0 False, disable_corrector, Karras sigmas in UniPC, and
-sigma_min/sigma_max keys. It also records the Karras schedules for every step count 1..=50, where
+sample prediction, bh1, predict_x0 False, disable_corrector, Karras sigmas in UniPC,
+sigma_min/sigma_max keys, and a finite lambda_min_clipped. It also records the Karras schedules for every step count 1..=50, where
 the `_sigma_to_t` rounding could go either way.
 
 Every case is `Class.from_config({**SD15, **overrides})`. Key layout:
@@ -79,6 +79,12 @@ TRAJECTORY_CASES = {
     "unipc_karras": ("unipc", {"use_karras_sigmas": True}),
     "unipc_karras_sigma_min": ("unipc", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
     "unipc_sample": ("unipc", {"prediction_type": "sample"}),
+    # lambda_min_clipped leaves out the timesteps whose log-SNR is below it (SD 1.5's lowest is
+    # about -2.7); UniPC has no such key and ignores it.
+    "dpm_clipped": ("dpm", {"lambda_min_clipped": -2.5}),
+    "dpm_clipped_leading": ("dpm", {"lambda_min_clipped": -2.0, "timestep_spacing": "leading"}),
+    "dpm_clipped_below": ("dpm", {"lambda_min_clipped": -3.0}),
+    "unipc_clipped": ("unipc", {"lambda_min_clipped": -2.0}),
 }
 # 12 < 15 steps exercises lower_order_final's second-to-last step; 20 runs without it.
 TRAJECTORY_STEPS = [1, 4, 12, 20]

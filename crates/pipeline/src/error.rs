@@ -53,8 +53,9 @@ impl PipelineError {
     }
 }
 
-/// Reads and parses a JSON config file into `T`, with errors naming the file.
+/// Reads and parses a JSON config file into `T` as Python's `json` does ([`crate::config_json`]),
+/// with errors naming the file.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| PipelineError::config(path, e))
+    crate::config_json::from_str(&text).map_err(|e| PipelineError::config(path, e))
 }

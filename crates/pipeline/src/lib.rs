@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod ckpt;
 pub mod clip;
+pub mod config_json;
 pub mod device;
 pub mod embeddings;
 pub mod error;

@@ -388,7 +388,8 @@ fn stem(path: &Path) -> String {
 }
 
 /// A header's metadata as A1111 reads it: string values, those that start with `{` parsed as
-/// JSON when they parse (kohya's `ss_tag_frequency`, `ss_dataset_dirs`).
+/// JSON when they parse as Python's `json.loads` does (kohya's `ss_tag_frequency`,
+/// `ss_dataset_dirs`).
 fn metadata_json(
     metadata: &std::collections::BTreeMap<String, String>,
 ) -> serde_json::Map<String, serde_json::Value> {
@@ -397,7 +398,7 @@ fn metadata_json(
         .map(|(k, v)| {
             let value = v
                 .starts_with('{')
-                .then(|| serde_json::from_str(v).ok())
+                .then(|| sdserve_pipeline::config_json::from_str(v).ok())
                 .flatten()
                 .unwrap_or_else(|| serde_json::Value::String(v.clone()));
             (k.clone(), value)

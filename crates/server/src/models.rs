@@ -145,7 +145,10 @@ impl Catalog {
             _ => (
                 crate::hub::single_file_version(&entry.path, &opts).map_err(|e| e.to_string())?,
                 // Converted with SD 1.5's scheduler config (MODEL_CONFIG is `--model`'s only).
-                schedules_of(sdserve_pipeline::single_file::sd15_scheduler_config())?,
+                schedules_of(
+                    serde_json::from_value(sdserve_pipeline::single_file::sd15_scheduler_config())
+                        .map_err(|e| e.to_string())?,
+                )?,
                 file_inpainting(&entry.path),
             ),
         };
@@ -182,9 +185,9 @@ fn entry_of(path: &Path) -> Option<ModelEntry> {
     })
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value, String> {
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", file_label(path)))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file_label(path)))
+    sdserve_pipeline::config_json::from_str(&text).map_err(|e| format!("{}: {e}", file_label(path)))
 }
 
 /// The last two parts of a path: enough to say which file, without the folder's location.
@@ -198,15 +201,14 @@ fn file_label(path: &Path) -> String {
         .join("/")
 }
 
-fn schedules_of(cfg: serde_json::Value) -> Result<ModelSchedules, String> {
-    let cfg: SchedulerConfig = serde_json::from_value(cfg).map_err(|e| e.to_string())?;
+fn schedules_of(cfg: SchedulerConfig) -> Result<ModelSchedules, String> {
     ModelSchedules::from_config(cfg).map_err(|e| e.to_string())
 }
 
 /// An inpainting UNet takes the latents, the mask and the masked image's latents.
 fn folder_inpainting(dir: &Path) -> Result<bool, String> {
-    let unet = read_json(&dir.join("unet/config.json"))?;
-    let vae = read_json(&dir.join("vae/config.json")).unwrap_or_default();
+    let unet: serde_json::Value = read_json(&dir.join("unet/config.json"))?;
+    let vae: serde_json::Value = read_json(&dir.join("vae/config.json")).unwrap_or_default();
     let in_channels = unet["in_channels"].as_u64().unwrap_or(4);
     let latent = vae["latent_channels"].as_u64().unwrap_or(4);
     Ok(in_channels == 2 * latent + 1)
@@ -393,5 +395,42 @@ mod tests {
         assert!(!file_inpainting(&files.join("malicious-os-system.ckpt")));
         assert!(!Path::new("/tmp/sdserve_ckpt_pwned_os-system").exists());
         std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn a_probe_reads_a_scheduler_config_saved_by_diffusers() {
+        // DPMSolverMultistepScheduler's save_config writes `"lambda_min_clipped": -Infinity`.
+        let dir = std::env::temp_dir().join(format!("sdserve-models-py-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let model = dir.join("tiny-a-dpm");
+        std::fs::create_dir_all(model.join("scheduler")).unwrap();
+        for part in [
+            "model_index.json",
+            "text_encoder",
+            "tokenizer",
+            "unet",
+            "vae",
+        ] {
+            std::os::unix::fs::symlink(fixtures().join("tiny-a").join(part), model.join(part))
+                .unwrap();
+        }
+        std::fs::copy(
+            fixtures().join("config-json/DPMSolverMultistepScheduler.json"),
+            model.join("scheduler/scheduler_config.json"),
+        )
+        .unwrap();
+        let c = Catalog::new(Some(dir.clone()), "x", Some(dir.join(".cache")));
+        let base = ModelInfo {
+            model_version: "base".into(),
+            default_scheduler: SchedulerKind::Euler,
+            default_schedule: SigmaSchedule::Uniform,
+            adapters: Default::default(),
+            inpainting: false,
+            memory: None,
+            schedules: None,
+        };
+        let probed = c.probe(&c.find("tiny-a-dpm").unwrap(), &base).unwrap();
+        assert_eq!(probed.default_scheduler, SchedulerKind::DpmPp2m);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::common::{
     self, config_error, div_s as div, mul_s as mul, ClassDefaults, PredictionType, TimestepSpacing,
 };
-use super::{SchedulerConfig, SigmaSchedule};
+use super::{torch_math, SchedulerConfig, SigmaSchedule};
 use crate::{PipelineError, Result};
 
 /// The timesteps (integers, as f64) and float32 sigmas (`n + 1`, the final one appended) that
@@ -35,7 +35,7 @@ impl MultistepSchedule {
     ) -> Result<Self> {
         let karras = schedule == SigmaSchedule::Karras;
         common::check_steps(n)?;
-        refuse_unsupported(cfg)?;
+        refuse_unsupported(cfg, family)?;
         // Both classes default to linspace spacing and offset 0 (not the file's class's defaults).
         let r = common::ResolvedConfig::resolve(cfg, &ClassDefaults::with_spacing("linspace"))?;
         let train_sigmas = common::sigmas_from_alphas_cumprod(&r.alphas_cumprod()?);
@@ -74,11 +74,12 @@ impl MultistepSchedule {
                 .collect();
             (ts, conv.iter().map(|&s| s as f32).collect())
         } else {
-            // lambda_min_clipped (DPM) defaults to -inf: the whole schedule is used.
+            // DPM's lambda_min_clipped ends the schedule at `last` (the whole one by default).
+            let last = clipped_last_timestep(cfg, &r, family)?;
             let ts: Vec<f64> = match r.timestep_spacing {
                 TimestepSpacing::Linspace => {
-                    // np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-                    let pts = common::np_linspace(0.0, (train - 1) as f64, n + 1);
+                    // np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+                    let pts = common::np_linspace(0.0, (last - 1) as f64, n + 1);
                     pts.iter()
                         .rev()
                         .take(n)
@@ -86,12 +87,19 @@ impl MultistepSchedule {
                         .collect()
                 }
                 TimestepSpacing::Leading => {
-                    // (arange(0, n + 1) * (T // (n + 1)))[::-1][:-1] + steps_offset
-                    let ratio = train / (n + 1);
+                    // (arange(0, n + 1) * (last // (n + 1)))[::-1][:-1] + steps_offset
+                    let ratio = last / (n + 1);
                     (1..=n)
                         .rev()
                         .map(|i| (i * ratio + r.steps_offset) as f64)
                         .collect()
+                }
+                TimestepSpacing::Trailing if last < train => {
+                    // np.arange(last, 0, -T / n) has fewer than n steps: not a schedule the
+                    // request's step count describes.
+                    return Err(config_error(
+                        "lambda_min_clipped with trailing timestep spacing is not supported",
+                    ));
                 }
                 TimestepSpacing::Trailing => common::trailing_timesteps(n, train),
             };
@@ -126,23 +134,60 @@ impl MultistepSchedule {
 }
 
 /// Keys of these classes that change the schedule or the model's output in ways we do not
-/// implement: an error naming the key, never a silently different image.
-pub(crate) fn refuse_unsupported(cfg: &SchedulerConfig) -> Result<()> {
+/// implement: an error naming the key, never a silently different image. A key only the other
+/// class declares is ignored, as that class's code never reads it (`from_config` keeps it).
+pub(crate) fn refuse_unsupported(cfg: &SchedulerConfig, family: Family) -> Result<()> {
+    let dpm = family == Family::Dpm;
     let set = [
-        ("use_lu_lambdas", cfg.use_lu_lambdas == Some(true)),
+        ("use_lu_lambdas", dpm && cfg.use_lu_lambdas == Some(true)),
         ("use_flow_sigmas", cfg.use_flow_sigmas == Some(true)),
         (
             "use_dynamic_shifting",
             cfg.use_dynamic_shifting == Some(true),
         ),
-        ("lambda_min_clipped", cfg.lambda_min_clipped.is_some()),
-        ("variance_type", cfg.variance_type.is_some()),
-        ("shift_terminal", cfg.shift_terminal.is_some()),
+        ("variance_type", dpm && cfg.variance_type.is_some()),
+        ("shift_terminal", !dpm && cfg.shift_terminal.is_some()),
     ];
     match set.iter().find(|(_, on)| *on) {
         Some((key, _)) => Err(config_error(format!("{key} is not supported"))),
         None => Ok(()),
     }
+}
+
+/// DPMSolverMultistep's `lambda_min_clipped`: `T - searchsorted(flip(lambda_t), clip)`, so the
+/// schedule leaves out the noisiest timesteps, whose log-SNR `lambda_t` is below the clip. Its
+/// default -inf (what a saved config holds) keeps all `T`; UniPC has no such key.
+fn clipped_last_timestep(
+    cfg: &SchedulerConfig,
+    r: &common::ResolvedConfig,
+    family: Family,
+) -> Result<usize> {
+    let train = r.num_train_timesteps;
+    let clip = match cfg.lambda_min_clipped {
+        Some(c) if family == Family::Dpm && c != f64::NEG_INFINITY => c,
+        _ => return Ok(train),
+    };
+    let mut ac = r.alphas_cumprod()?;
+    if r.rescale_betas_zero_snr {
+        // As DPM's __init__: a zero last alphas_cumprod is replaced before lambda_t is taken.
+        ac[train - 1] = 2f32.powi(-24);
+    }
+    // torch's float32: log(sqrt(ac)) - log(sqrt(1 - ac)), flipped to rise with the index; the
+    // Python float is compared as float32 (a wrapped scalar takes the table's dtype).
+    let flipped: Vec<f32> = ac
+        .iter()
+        .rev()
+        .map(|&a| torch_math::log(a.sqrt()) - torch_math::log((1.0 - a).sqrt()))
+        .collect();
+    let clip32 = clip as f32;
+    // searchsorted's lower bound; NaN or a clip above every lambda leaves no timestep.
+    let clipped = flipped.partition_point(|&l| l < clip32);
+    if clip.is_nan() || clipped >= train {
+        return Err(config_error(format!(
+            "lambda_min_clipped {clip} leaves no timestep to sample"
+        )));
+    }
+    Ok(train - clipped)
 }
 
 /// `_sigma_to_t` with diffusers' dtypes: `log_sigmas` is float32, and so is the denominator
@@ -289,42 +334,100 @@ mod tests {
         assert_eq!(first_step_index(&[999.0, 500.0], 7.0), 1);
     }
 
-    #[test]
-    fn keys_we_do_not_run_are_errors_naming_them() {
-        let base: SchedulerConfig = serde_json::from_value(serde_json::json!({
+    fn sd15_with(key: &str, value: serde_json::Value) -> SchedulerConfig {
+        let mut v = serde_json::json!({
             "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
             "beta_start": 0.00085, "beta_end": 0.012
-        }))
-        .unwrap();
+        });
+        if !key.is_empty() {
+            v[key] = value;
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn keys_we_do_not_run_are_errors_naming_them() {
+        let base = sd15_with("", serde_json::Value::Null);
         for family in [Family::Dpm, Family::UniPc] {
             let ok = MultistepSchedule::new(&base, 5, SigmaSchedule::Uniform, true, family);
             assert!(ok.is_ok());
         }
-        for (key, value) in [
-            ("use_lu_lambdas", serde_json::json!(true)),
-            ("use_flow_sigmas", serde_json::json!(true)),
-            ("use_dynamic_shifting", serde_json::json!(true)),
-            ("lambda_min_clipped", serde_json::json!(-5.1)),
-            ("variance_type", serde_json::json!("learned_range")),
-            ("shift_terminal", serde_json::json!(0.1)),
+        // (key, value, the family whose class reads it, or None for both)
+        for (key, value, only) in [
+            ("use_lu_lambdas", serde_json::json!(true), Some(Family::Dpm)),
+            ("use_flow_sigmas", serde_json::json!(true), None),
+            ("use_dynamic_shifting", serde_json::json!(true), None),
+            (
+                "variance_type",
+                serde_json::json!("learned_range"),
+                Some(Family::Dpm),
+            ),
+            (
+                "shift_terminal",
+                serde_json::json!(0.1),
+                Some(Family::UniPc),
+            ),
         ] {
-            let mut v = serde_json::to_value(serde_json::json!({
-                "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-                "beta_start": 0.00085, "beta_end": 0.012
-            }))
-            .unwrap();
-            v[key] = value;
-            let cfg: SchedulerConfig = serde_json::from_value(v).unwrap();
-            let err = MultistepSchedule::new(&cfg, 5, SigmaSchedule::Uniform, true, Family::Dpm)
-                .err()
-                .expect(key);
-            assert!(err.to_string().contains(key), "{err}");
+            let cfg = sd15_with(key, value);
+            for family in [Family::Dpm, Family::UniPc] {
+                let got = MultistepSchedule::new(&cfg, 5, SigmaSchedule::Uniform, true, family);
+                if only.is_none_or(|f| f == family) {
+                    let err = got.err().expect(key);
+                    assert!(err.to_string().contains(key), "{err}");
+                } else {
+                    // The other class's key: its code never reads it.
+                    assert!(got.is_ok(), "{key} {family:?}");
+                }
+            }
         }
         // Off is fine.
         let mut off = base.clone();
         off.use_lu_lambdas = Some(false);
         off.use_flow_sigmas = Some(false);
         assert!(MultistepSchedule::new(&off, 5, SigmaSchedule::Uniform, true, Family::Dpm).is_ok());
+    }
+
+    #[test]
+    fn lambda_min_clipped_minus_infinity_is_the_default() {
+        let schedule = |cfg: &SchedulerConfig, family| {
+            let s = MultistepSchedule::new(cfg, 7, SigmaSchedule::Uniform, true, family).unwrap();
+            (s.timesteps, s.sigmas)
+        };
+        let base = sd15_with("", serde_json::Value::Null);
+        let mut minus_inf = base.clone();
+        minus_inf.lambda_min_clipped = Some(f64::NEG_INFINITY);
+        let mut clipped = base.clone();
+        clipped.lambda_min_clipped = Some(-2.5);
+        for family in [Family::Dpm, Family::UniPc] {
+            assert_eq!(schedule(&minus_inf, family), schedule(&base, family));
+        }
+        // UniPC has no such key; DPM starts below the noisiest timesteps.
+        assert_eq!(
+            schedule(&clipped, Family::UniPc),
+            schedule(&base, Family::UniPc)
+        );
+        let (ts, _) = schedule(&clipped, Family::Dpm);
+        assert!(ts[0] < 999.0, "{ts:?}");
+        for bad in [f64::NAN, f64::INFINITY, 100.0] {
+            let mut cfg = base.clone();
+            cfg.lambda_min_clipped = Some(bad);
+            let err = MultistepSchedule::new(&cfg, 7, SigmaSchedule::Uniform, true, Family::Dpm)
+                .err()
+                .expect("no timestep left");
+            assert!(err.to_string().contains("lambda_min_clipped"), "{err}");
+        }
+        let mut trailing = clipped.clone();
+        trailing.timestep_spacing = Some("trailing".into());
+        let err = MultistepSchedule::new(&trailing, 7, SigmaSchedule::Uniform, true, Family::Dpm)
+            .err()
+            .expect("trailing refused");
+        assert!(err.to_string().contains("trailing"), "{err}");
+        // A clip below every lambda clips nothing, trailing or not.
+        trailing.lambda_min_clipped = Some(-100.0);
+        trailing.timestep_spacing = Some("trailing".into());
+        assert!(
+            MultistepSchedule::new(&trailing, 7, SigmaSchedule::Uniform, true, Family::Dpm).is_ok()
+        );
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub fn convert_single_file(
             .map(|(_, b)| b.to_vec()),
     };
     let vocab_len = vocab_json
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|b| crate::config_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.as_object().map(|o| o.len()));
     if let (Some(n), Some(rows)) = (vocab_len, configs.text_encoder["vocab_size"].as_u64()) {
         if n as u64 > rows {

@@ -47,16 +47,13 @@ impl Drop for ScratchDir {
     }
 }
 
-/// `fixtures/<name>.json` of a tiny model (`tools/make_tiny_models.py`). Python's json writes
-/// `-Infinity` in some recorded scheduler fields, which is not JSON: such tokens read as null.
+/// `fixtures/<name>.json` of a tiny model (`tools/make_tiny_models.py`), read as Python's json
+/// wrote it (`config_json`): its recorded scheduler configs hold `-Infinity`, which reads as null
+/// in a `serde_json::Value`.
 pub fn tiny_model_json(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixture_path(&format!("{name}.json")))
         .unwrap_or_else(|e| panic!("{name}.json: {e}"));
-    let text = text
-        .replace("-Infinity", "null")
-        .replace("Infinity", "null")
-        .replace("NaN", "null");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}.json: {e}"))
+    sdserve_pipeline::config_json::from_str(&text).unwrap_or_else(|e| panic!("{name}.json: {e}"))
 }
 
 /// The generation a recorded request describes: prompts (no negative prompt: ""), steps, size,
