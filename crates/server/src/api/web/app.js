@@ -3,7 +3,9 @@
 // elsewhere. This one starts the page; each part is a module of its own:
 //   dom.js (shared state), http.js (calls, key, events), status.js (status, error, progress),
 //   form.js (form <-> request), run.js (a job's run and result), images_in.js (init image and
-//   mask), loras.js, hires.js (the hires fix), history.js.
+//   mask), loras.js, hires.js (the hires fix), choices.js (model, VAE, embeddings), styles.js,
+//   variation.js (clip skip and the variation seed), history.js.
+import { initChoices, startChoices } from './choices.js';
 import { $, state } from './dom.js';
 import { fillForm } from './form.js';
 import { initHires, loadHiresLists } from './hires.js';
@@ -13,6 +15,8 @@ import { initImagesIn } from './images_in.js';
 import { initLoras, startLoras } from './loras.js';
 import { cancel, generate } from './run.js';
 import { setProgress, showError } from './status.js';
+import { initStyles, startStyles } from './styles.js';
+import { syncVariation } from './variation.js';
 
 async function probeServer() {
   try {
@@ -24,8 +28,7 @@ async function probeServer() {
   try {
     await api('/jobs'); // 401 here shows the key field before the first Generate
     const doc = await (await api('/openapi.json')).json();
-    await startLoras(doc);
-    await loadHiresLists(doc);
+    await Promise.all([startLoras(doc), loadHiresLists(doc), startChoices(doc), startStyles(doc)]);
   } catch (err) {
     if (err.status !== 401) showError(err);
   }
@@ -48,6 +51,9 @@ function init() {
   $('clear-history').addEventListener('click', clearHistory);
   initLoras();
   initHires();
+  initChoices();
+  initStyles();
+  syncVariation();
   setProgress(0, 0);
   renderHistory();
   probeServer();

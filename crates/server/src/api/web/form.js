@@ -1,8 +1,11 @@
 // The form as a request (the native /jobs body) and a result's parameters back into the form.
+import { chosenModel, chosenVae, setModel, setVae } from './choices.js';
 import { $, numberOf, state } from './dom.js';
 import { fillHires, hiresRequest } from './hires.js';
 import { maskForRequest } from './images_in.js';
 import { selectedLoras } from './loras.js';
+import { selectedStyles, setStyles } from './styles.js';
+import { addExtras, fillExtras } from './variation.js';
 
 export function buildRequest() {
   const request = {
@@ -28,6 +31,13 @@ export function buildRequest() {
     const mask = maskForRequest();
     if (mask) request.mask_image = mask;
   }
+  const model = chosenModel();
+  if (model) request.model = model;
+  const vae = chosenVae();
+  if (vae) request.vae = vae;
+  const styles = selectedStyles();
+  if (styles.length) request.styles = styles;
+  addExtras(request);
   const loras = selectedLoras();
   if (loras.length) request.loras = loras;
   const hires = hiresRequest();
@@ -37,11 +47,19 @@ export function buildRequest() {
 }
 
 // `p` is a result's metadata (also as kept in the history); `asked` what the page sent for it,
-// when known (it says how the hires size was asked).
+// when known (entries from before the page kept it have at most its `hires`): it says how the
+// hires size was asked, the model and the styles (the metadata has neither), and the prompts
+// as written (the metadata's have the styles' texts in them, which ticking the styles again
+// would add twice).
 export function fillForm(p, asked) {
   const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
-  set('prompt', p.prompt);
-  set('negative', p.negative_prompt);
+  const styles = (asked && asked.styles) || [];
+  const written = styles.length ? asked : p;
+  $('prompt').value = written.prompt || '';
+  $('negative').value = written.negative_prompt || '';
+  setStyles(styles);
+  setModel(asked && asked.model);
+  setVae(p.vae);
   set('steps', p.steps);
   set('width', p.width);
   set('height', p.height);
@@ -53,6 +71,7 @@ export function fillForm(p, asked) {
   // The schedule the run used: with its scheduler, always a pair the server accepts.
   if (p.schedule !== undefined) $('schedule').value = p.schedule || '';
   if (p.strength !== undefined && p.strength !== null) $('strength').value = p.strength;
-  fillHires(p.hires, asked && asked.hires);
+  fillExtras(p);
+  fillHires(p.hires, asked && asked.hires, styles.length > 0);
   $('prompt').focus();
 }

@@ -24,8 +24,9 @@ export function hiresRequest() {
 
 // Sets the section from a result's `metadata.hires` (the second pass as it ran; null: none).
 // Its width and height are the pass's size; `asked` (the page's own request's `hires`, when
-// known) says whether that size was asked as a scale, which then comes back as one.
-export function fillHires(hires, asked) {
+// known) says whether that size was asked as a scale, which then comes back as one; with
+// styles (`styled`) the pass's prompts come from it too (the metadata's are styled).
+export function fillHires(hires, asked, styled) {
   $('hires-on').checked = Boolean(hires);
   if (!hires) return;
   const scale = asked && asked.scale !== undefined && asked.scale !== null ? asked.scale : null;
@@ -33,7 +34,8 @@ export function fillHires(hires, asked) {
   if (scale !== null) $('hires-scale').value = scale;
   for (const k of ['width', 'height', ...HIRES_NUMBERS]) if (hires[k] !== undefined && hires[k] !== null) $(`hires-${k}`).value = hires[k];
   setOption($('hires-scheduler'), hires.scheduler || '');
-  for (const [id, k] of HIRES_TEXTS) $(id).value = hires[k] || '';
+  const texts = styled && asked ? asked : hires;
+  for (const [id, k] of HIRES_TEXTS) $(id).value = texts[k] || '';
   setOption($('hires-upscaler'), hires.upscaler);
   $('hires-box').open = true;
   syncHires();

@@ -20,9 +20,12 @@ async function thumbnail(b64) {
   return c.toDataURL('image/jpeg', 0.8);
 }
 
-// `hires`: the request's hires object as the page sent it (how its size was asked).
-export async function addToHistory(b64, meta, hires) {
-  const entry = { thumb: await thumbnail(b64), meta: { ...meta }, asked: hires ? { hires } : null, at: Date.now() };
+// `asked`: the request as the page sent it (how the hires size was asked, the model, the
+// styles, the prompts as written), less its images (large, and not brought back).
+export async function addToHistory(b64, meta, asked) {
+  const kept = asked ? { ...asked } : null;
+  if (kept) { delete kept.init_image; delete kept.mask_image; }
+  const entry = { thumb: await thumbnail(b64), meta: { ...meta }, asked: kept, at: Date.now() };
   const history = [entry, ...readHistory()].slice(0, HISTORY_MAX);
   try {
     localStorage.setItem(HISTORY_STORE, JSON.stringify(history));

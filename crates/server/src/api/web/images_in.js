@@ -3,6 +3,7 @@
 import { $, pngSrc, state } from './dom.js';
 import { syncHires } from './hires.js';
 import { setStatus, showError } from './status.js';
+import { syncVariation } from './variation.js';
 
 function readFile(file) {
   return new Promise((resolve, reject) => {
@@ -38,6 +39,7 @@ async function setInitImage(dataUrl) {
   for (const id of ['width', 'height']) { $(id).value = ''; $(id).placeholder = 'from the image'; }
   setStatus(`Init image ${img.naturalWidth}x${img.naturalHeight}: the output takes its size unless you set one.`);
   syncHires();
+  syncVariation();
 }
 
 function clearInit() {
@@ -50,6 +52,7 @@ function clearInit() {
   $('canvas-box').hidden = true;
   for (const id of ['width', 'height']) { if ($(id).value === '') $(id).value = 512; $(id).placeholder = ''; }
   syncHires();
+  syncVariation();
 }
 
 function clearMask() {

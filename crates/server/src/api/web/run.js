@@ -49,6 +49,7 @@ function follow(id) {
     switch (type) {
       case 'state':
         if (data.status === 'queued') setStatus(`Queued, position ${data.position ?? '?'}.`);
+        if (data.loading) setStatus(`Loading the model ${data.loading}…`);
         if (data.progress) setProgress(data.progress.step, data.progress.total);
         if (data.status === 'succeeded' && data.result) { finish(data.result); ended = true; return false; }
         if (data.status === 'failed' && data.error) { showError(new HttpError(0, data.error)); ended = true; return false; }
@@ -56,6 +57,7 @@ function follow(id) {
         break;
       case 'queued': setStatus(`Queued, position ${data.position}.`); break;
       case 'started': setStatus('Started.'); break;
+      case 'loading': setStatus(`Loading the model ${data.model}…`); break;
       case 'progress':
         setProgress(data.step, data.total);
         setStatus(`Step ${data.step} of ${data.total}${eta(data.eta_seconds)}`);
@@ -110,21 +112,26 @@ function finish(result) {
   });
   const dl = $('params');
   dl.replaceChildren();
-  const shown = ['prompt', 'negative_prompt', 'seed', 'seeds', 'steps', 'width', 'height', 'image_width', 'image_height', 'guidance_scale', 'scheduler', 'schedule', 'mode', 'strength', 'hires', 'tiling', 'batch_size', 'model_version', 'generation_time_seconds'];
+  const shown = ['prompt', 'negative_prompt', 'styles', 'seed', 'seeds', 'variation_seed', 'variation_strength', 'steps', 'width', 'height', 'image_width', 'image_height', 'guidance_scale', 'scheduler', 'schedule', 'clip_skip', 'mode', 'strength', 'hires', 'tiling', 'batch_size', 'model', 'model_version', 'vae', 'generation_time_seconds'];
+  // The model and styles as asked (the metadata names neither); defaults left unsaid.
+  const asked = state.asked || {};
+  const values = { ...meta, model: asked.model, styles: asked.styles };
+  const quiet = { clip_skip: 1, variation_strength: 0, tiling: false };
   const text = (k, v) => {
     if (k === 'hires') return hiresText(v);
     return Array.isArray(v) ? v.join(', ') : String(v);
   };
   for (const k of shown) {
-    if (meta[k] === undefined || meta[k] === null || meta[k] === '') continue;
+    const v = values[k];
+    if (v === undefined || v === null || v === '' || v === quiet[k] || (Array.isArray(v) && !v.length)) continue;
     const dt = document.createElement('dt');
     dt.textContent = k.replace(/_/g, ' ');
     const dd = document.createElement('dd');
-    dd.textContent = text(k, meta[k]);
+    dd.textContent = text(k, v);
     dl.append(dt, dd);
   }
   $('download').href = pngSrc(images[0]);
   $('download').download = `sdserve-${meta.seed ?? 'image'}.png`;
   $('result-box').hidden = false;
-  addToHistory(images[0], meta, state.asked && state.asked.hires);
+  addToHistory(images[0], meta, state.asked);
 }

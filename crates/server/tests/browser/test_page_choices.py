@@ -1,0 +1,250 @@
+"""The page's choices from the server's folders and files, in Chromium (see test_page.py): Model
+(MODELS_DIR), VAE (VAE_DIR), Styles (STYLES_FILE), embeddings (EMBEDDINGS_DIR); and the fields
+Clip skip and Variation seed / strength. Each control sends its field only when set, reaches the
+job as the native API takes it (same image as POST /generate), comes back with "Reuse these
+parameters" and the history, and is hidden when the server has nothing to offer.
+"""
+
+import base64
+import json
+import shutil
+
+import pytest
+from playwright.sync_api import expect
+
+from pagekit import DESKTOP, PHONE, ROOT, Page, Server, fill_request, shown_png
+
+FIXTURES = ROOT / "crates/pipeline/tests/fixtures"
+# A1111's own styles file format, checked against A1111's modules/styles.py (styles unit tests).
+STYLES_FILE = ROOT / "crates/server/tests/fixtures/styles/styles.csv"
+DEFAULT = "tiny-a-vae8"  # the VAE_DIR VAE alt.safetensors fits it
+OTHER = "tiny-b"
+
+
+def folders(root):
+    """MODELS_DIR (a second model), VAE_DIR and EMBEDDINGS_DIR under `root`, as the server's env."""
+    (root / "models").mkdir()
+    shutil.copytree(FIXTURES / OTHER, root / "models" / OTHER)
+    (root / "vaes").mkdir()
+    shutil.copy(FIXTURES / "vae/alt.safetensors", root / "vaes")
+    shutil.copytree(FIXTURES / "adapters/embeddings", root / "embeddings")
+    return {"MODELS_DIR": str(root / "models"), "VAE_DIR": str(root / "vaes"),
+            "EMBEDDINGS_DIR": str(root / "embeddings"), "STYLES_FILE": str(STYLES_FILE),
+            # Every request reaches the model: the native images compared are really made again.
+            "RESPONSE_CACHE_MB": "0"}
+
+
+@pytest.fixture(scope="module")
+def stocked(tmp_path_factory):
+    s = Server("--model", str(FIXTURES / DEFAULT), env=folders(tmp_path_factory.mktemp("stocked")))
+    yield s
+    s.stop()
+
+
+def options(select):
+    return select.evaluate("s => [...s.options].map(o => o.value)")
+
+
+def posted_jobs(page):
+    """The bodies the page POSTs to /jobs, and the ids the server answers, as they come."""
+    sent, ids = [], []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/jobs") and sent.append(json.loads(r.post_data)))
+    page.on("response", lambda r: r.request.method == "POST" and r.url.endswith("/jobs") and ids.append(r.json()["id"]))
+    return sent, ids
+
+
+def generated(page):
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    return shown_png(image)
+
+
+def native_png(server, body):
+    return base64.b64decode(server.post_json("/generate", body)["image_base64"])
+
+
+def test_vae_styles_embedding_clip_skip_and_variation_reach_the_job(browser, stocked):
+    p = Page(browser, stocked, DESKTOP)
+    page = p.page
+    vae = page.get_by_role("combobox", name="VAE", exact=True)
+    expect(vae).to_be_visible()
+    assert options(vae) == ["", "alt.safetensors"]
+    expect(vae).to_have_value("")  # the model's own unless chosen
+    fill_request(page, "a boat", 2, 256, 3)
+    # The embeddings are listed under the prompts; one goes in at the prompt's cursor.
+    prompt = page.get_by_role("textbox", name="Prompt", exact=True)
+    prompt.focus()
+    page.keyboard.press("End")
+    page.get_by_role("button", name="tinystyle").click()
+    expect(prompt).to_have_value("a boat, tinystyle")
+    # Styles: each row says what it adds; the request lists them in the order ticked.
+    styles = {s["name"]: s for s in stocked.get_json("/styles")["styles"]}
+    page.get_by_text("Styles", exact=True).click()
+    cinematic = page.get_by_role("checkbox", name="Cinematic", exact=True)
+    expect(cinematic).to_have_accessible_description(
+        f"prompt: {styles['Cinematic']['prompt']} · negative prompt: {styles['Cinematic']['negative_prompt']}")
+    page.get_by_role("checkbox", name="Appended", exact=True).check()
+    cinematic.check()
+    expect(page.locator("#styles-box summary")).to_have_text("Styles: Appended, Cinematic")
+    vae.select_option("alt.safetensors")
+    page.get_by_label("Clip skip").fill("2")
+    page.get_by_label("Variation seed").fill("9")
+    page.get_by_label("Variation strength").fill("0.3")
+    sent, ids = posted_jobs(page)
+    page.get_by_role("button", name="Generate").click()
+    png = generated(page)
+    request = {"prompt": "a boat, tinystyle", "negative_prompt": "", "steps": 2, "width": 256, "height": 256,
+               "guidance_scale": 7.5, "seed": 3, "vae": "alt.safetensors", "styles": ["Appended", "Cinematic"],
+               "clip_skip": 2, "variation_seed": 9, "variation_strength": 0.3}
+    assert sent == [request]  # no `model`: the default model's
+    # The job ran the styled prompts, in the order ticked (A1111's rules: a text with {prompt}
+    # takes the prompt there, another is appended; the server's unit tests hold them to A1111's).
+    job = stocked.get_json(f"/jobs/{ids[0]}")["request"]
+    appended = f"a boat, tinystyle, {styles['Appended']['prompt']}"
+    assert job["prompt"] == styles["Cinematic"]["prompt"].replace("{prompt}", appended)
+    assert job["negative_prompt"] == f"{styles['Appended']['negative_prompt']}, {styles['Cinematic']['negative_prompt']}"
+    assert {k: job[k] for k in ["vae", "clip_skip", "variation_seed", "variation_strength", "model"]} == {
+        "vae": "alt.safetensors", "clip_skip": 2, "variation_seed": 9, "variation_strength": 0.3, "model": None}
+    # The native API's image for the same JSON, and for the styles written out; each field counts.
+    assert native_png(stocked, request) == png
+    written_out = {k: v for k, v in request.items() if k != "styles"}
+    assert native_png(stocked, {**written_out, "prompt": job["prompt"], "negative_prompt": job["negative_prompt"]}) == png
+    for field in ["vae", "styles", "clip_skip", "variation_strength"]:
+        assert native_png(stocked, {k: v for k, v in request.items() if k != field}) != png, field
+    params = page.locator("#params")
+    for shown in ["stylesAppended, Cinematic", "variation seed9", "variation strength0.3", "clip skip2", "vaealt.safetensors"]:
+        expect(params).to_contain_text(shown)
+    # "Reuse these parameters" and the history bring back the prompt as written and the choices.
+    for reuse in ["button", "history"]:
+        prompt.fill("something else")
+        page.get_by_role("checkbox", name="Appended", exact=True).uncheck()
+        vae.select_option("")
+        for label in ["Clip skip", "Variation seed", "Variation strength"]:
+            page.get_by_label(label).fill("")
+        if reuse == "button":
+            page.get_by_role("button", name="Reuse these parameters").click()
+        else:
+            page.reload()
+            page.get_by_role("img", name="Earlier result").first.click()
+        expect(prompt).to_have_value("a boat, tinystyle")
+        expect(page.locator("#styles-box summary")).to_have_text("Styles: Appended, Cinematic")
+        expect(vae).to_have_value("alt.safetensors")
+        expect(page.get_by_label("Clip skip")).to_have_value("2")
+        expect(page.get_by_label("Variation seed")).to_have_value("9")
+        expect(page.get_by_label("Variation strength")).to_have_value("0.3")
+    # Again: the same request (reuse names the scheduler and schedule that ran), the same image.
+    sent.clear()
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    assert sent == [{**request, "scheduler": job["scheduler"], "schedule": job["schedule"]}]
+    assert generated(page) == png
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
+    p.close()
+
+
+def test_model_select_runs_the_other_model(browser, stocked):
+    p = Page(browser, stocked, DESKTOP)
+    page = p.page
+    model = page.get_by_role("combobox", name="Model", exact=True)
+    expect(model).to_be_visible()
+    # The default first, as the empty choice (requests without `model` run on it).
+    assert options(model) == ["", OTHER]
+    expect(model.locator("option").first).to_have_text(f"{DEFAULT} (default)")
+    fill_request(page, "a red boat", 2, 256, 11)
+    model.select_option(OTHER)
+    sent, ids = posted_jobs(page)
+    statuses = []
+    page.expose_function("reportStatus", lambda text: statuses.append(text))
+    page.evaluate("""() => new MutationObserver(() => window.reportStatus(document.getElementById('status').textContent))
+                      .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true})""")
+    page.get_by_role("button", name="Generate").click()
+    png = generated(page)
+    # The worker held the default model: it loads this one first, and the page says so.
+    assert f"Loading the model {OTHER}…" in statuses, statuses
+    body = {"prompt": "a red boat", "negative_prompt": "", "steps": 2, "width": 256, "height": 256,
+            "guidance_scale": 7.5, "seed": 11}
+    assert sent == [{**body, "model": OTHER}]
+    assert stocked.get_json(f"/jobs/{ids[0]}")["request"]["model"] == OTHER
+    expect(page.locator("#params")).to_contain_text(f"model{OTHER}")
+    assert native_png(stocked, {**body, "model": OTHER}) == png
+    assert native_png(stocked, body) != png
+    model.select_option("")
+    page.get_by_role("button", name="Reuse these parameters").click()
+    expect(model).to_have_value(OTHER)
+    assert p.console_errors == []
+    p.close()
+
+
+def test_each_choice_is_hidden_when_the_server_has_none(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    page.wait_for_load_state("networkidle")
+    expect(page.get_by_role("combobox", name="Scheduler", exact=True)).to_be_visible()
+    for name in ["Model", "VAE"]:
+        expect(page.get_by_role("combobox", name=name, exact=True)).to_be_hidden()
+    expect(page.locator("#styles-box")).to_be_hidden()
+    expect(page.locator("#embeddings-row")).to_be_hidden()
+    # Clip skip and the variation seed need nothing from the server; empty, they are not sent.
+    for label in ["Clip skip", "Variation seed", "Variation strength"]:
+        expect(page.get_by_label(label)).to_be_visible()
+    fill_request(page, "a plain boat", 2, 256, 4)
+    sent, _ = posted_jobs(page)
+    page.get_by_role("button", name="Generate").click()
+    generated(page)
+    assert sent == [{"prompt": "a plain boat", "negative_prompt": "", "steps": 2, "width": 256, "height": 256,
+                     "guidance_scale": 7.5, "seed": 4}]
+    # The variation seed is text-to-image only: off with an init image, and not sent.
+    page.get_by_label("Variation strength").fill("0.5")
+    page.get_by_role("button", name="Use as init image").click()
+    expect(page.get_by_label("Variation strength")).to_be_disabled()
+    expect(page.get_by_label("Variation seed")).to_be_disabled()
+    expect(page.get_by_text("No variation seed with an init image: it is text-to-image only.")).to_be_visible()
+    sent.clear()
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    assert len(sent) == 1 and "init_image" in sent[0] and "variation_strength" not in sent[0]
+    expect(page.locator("#error")).to_be_hidden()
+    page.get_by_role("button", name="Remove init image").click()
+    expect(page.get_by_label("Variation strength")).to_be_enabled()
+    assert p.console_errors == []
+    p.close()
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_choices_are_named_and_fit(browser, stocked, viewport):
+    p = Page(browser, stocked, viewport)
+    page = p.page
+    page.get_by_text("Styles", exact=True).click()
+    expect(page.get_by_role("checkbox", name="Cinematic", exact=True)).to_be_visible()
+    expect(page.get_by_role("combobox", name="Model", exact=True)).to_be_visible()
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button')]
+              .filter(e => e.offsetParent !== null)
+              .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+              .map(e => e.id || e.outerHTML)"""
+    )
+    assert unnamed == []
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert p.console_errors == []
+    p.close()
+
+
+def test_a_key_protected_server_lists_its_choices_once_the_key_is_in(browser, tmp_path):
+    key = "page-test-key-choices-0123"
+    server = Server("--model", str(FIXTURES / DEFAULT), env={**folders(tmp_path), "API_KEYS": key})
+    try:
+        p = Page(browser, server, DESKTOP)
+        page = p.page
+        expect(page.get_by_label("API key")).to_be_visible()
+        expect(page.locator("#styles-box")).to_be_hidden()
+        page.get_by_label("API key").fill(key)
+        page.get_by_label("API key").press("Tab")  # `change`: the page reads the lists again
+        expect(page.get_by_role("combobox", name="VAE", exact=True)).to_be_visible()
+        expect(page.get_by_role("combobox", name="Model", exact=True)).to_be_visible()
+        expect(page.locator("#styles-box")).to_be_visible()
+        expect(page.get_by_role("button", name="tinyneg")).to_be_visible()
+        assert all(key not in u for u in p.requests)
+        p.close()
+    finally:
+        server.stop()
