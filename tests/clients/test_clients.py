@@ -33,6 +33,8 @@ MODEL = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "tiny-b")
 ADAPTERS = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "adapters")
 # A second model in MODELS_DIR, fast at 256x256 as tiny-b.
 OTHER = "tiny-a-vae8"
+# A1111's styles.csv format (the server's styles unit tests hold it to A1111's modules/styles.py).
+STYLES = os.path.join(ROOT, "crates", "server", "tests", "fixtures", "styles", "styles.csv")
 
 PROMPT = "a watercolor lighthouse at dawn"
 NEGATIVE = "blurry"
@@ -69,6 +71,7 @@ class Server:
             "EMBEDDINGS_DIR": self.embeddings,
             "MODELS_DIR": self.models,
             "VAE_DIR": self.vaes,
+            "STYLES_FILE": STYLES,
         }
         self.proc = subprocess.Popen(
             [BIN, "serve"], env=env, stdout=subprocess.PIPE, text=True
@@ -370,6 +373,29 @@ class A1111(Timed):
             self.assertEqual((meta["tiling"], meta["variation_seed"]), (True, subseed))
             self.assertIn(f"Variation seed: {subseed}, Variation seed strength: 0.4", infotext)
             self.assertIn("Tiling: True", infotext)
+
+    def test_styles_equal_native_with_the_styles_written_out(self):
+        # webuiapi's own `styles` argument; A1111 applies them in order.
+        names = ["Appended", "Cinematic"]
+        texts = {s["name"]: s for s in self.api.get_prompt_styles()}
+        self.assertLessEqual(set(names), set(texts))
+        fields = dict(seed=41, steps=2, width=SIZE, height=SIZE)
+        r = self.api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, cfg_scale=5,
+                             sampler_name="Euler", styles=names, **fields)
+        self.assertEqual(r.info["styles"], names)
+        # The infotext's prompts are the styled ones: each style's text, the prompt in its
+        # {prompt} or the text appended.
+        styled = texts["Cinematic"]["prompt"].replace(
+            "{prompt}", f"{PROMPT}, {texts['Appended']['prompt']}")
+        styled_negative = ", ".join([NEGATIVE] + [texts[n]["negative_prompt"] for n in names])
+        self.assertEqual((r.info["prompt"], r.info["negative_prompt"]), (styled, styled_negative))
+        same = dict(guidance_scale=5, scheduler="euler", **fields)
+        (written_out,), _ = native(prompt=styled, negative_prompt=styled_negative, **same)
+        (by_name,), _ = native(prompt=PROMPT, negative_prompt=NEGATIVE, styles=names, **same)
+        (plain,), _ = native(prompt=PROMPT, negative_prompt=NEGATIVE, **same)
+        self.assertEqual(pixels(r.image), pixels(written_out))
+        self.assertEqual(pixels(r.image), pixels(by_name))
+        self.assertNotEqual(pixels(r.image), pixels(plain))
 
     def test_batch_size(self):
         if "batch_size" not in native_fields():
