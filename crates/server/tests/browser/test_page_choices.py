@@ -8,6 +8,7 @@ parameters" and the history, and is hidden when the server has nothing to offer.
 import base64
 import json
 import shutil
+import urllib.error
 
 import pytest
 from playwright.sync_api import expect
@@ -208,6 +209,26 @@ def test_each_choice_is_hidden_when_the_server_has_none(browser, tiny):
     page.get_by_role("button", name="Remove init image").click()
     expect(page.get_by_label("Variation strength")).to_be_enabled()
     assert p.console_errors == []
+    p.close()
+
+
+def test_a_refused_field_is_named_marked_and_focused(browser, tiny):
+    p = Page(browser, tiny, DESKTOP)
+    page = p.page
+    fill_request(page, "a boat", 2, 256, 4)
+    clip_skip = page.get_by_label("Clip skip")
+    clip_skip.fill("9")  # past the field's max: the form does not stop it, the server does
+    page.get_by_role("button", name="Generate").click()
+    # The server's rule for the field, as it words it.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        tiny.post_json("/generate", {"prompt": "a boat", "clip_skip": 9})
+    rule = json.loads(refused.value.read())["fields"][0]
+    assert rule["field"] == "clip_skip"
+    expect(page.get_by_role("alert")).to_contain_text(f"clip_skip: {rule['rule']}")
+    expect(clip_skip).to_have_attribute("aria-invalid", "true")
+    expect(clip_skip).to_be_focused()
+    clip_skip.fill("2")  # written again: no longer marked
+    expect(clip_skip).not_to_have_attribute("aria-invalid", "true")
     p.close()
 
 

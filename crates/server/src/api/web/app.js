@@ -36,6 +36,7 @@ async function probeServer() {
 
 function init() {
   $('form').addEventListener('submit', generate);
+  $('form').addEventListener('input', (e) => e.target.removeAttribute('aria-invalid')); // fixed
   $('cancel').addEventListener('click', cancel);
   $('prompt').addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) $('form').requestSubmit();

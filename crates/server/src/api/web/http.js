@@ -9,10 +9,19 @@ function authHeaders(extra = {}) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
+// A 422's broken fields one a line ("field: rule"), else the body's details.
+function detailsOf(body) {
+  if (!body) return '';
+  if (Array.isArray(body.fields) && body.fields.length) return body.fields.map((f) => `${f.field}: ${f.rule}`).join('\n');
+  if (!body.details) return '';
+  return typeof body.details === 'string' ? body.details : JSON.stringify(body.details);
+}
+
 export class HttpError extends Error {
   constructor(status, body) {
     const msg = body && body.error ? body.error : `HTTP ${status}`;
-    super(body && body.details ? `${msg}\n${typeof body.details === 'string' ? body.details : JSON.stringify(body.details)}` : msg);
+    const details = detailsOf(body);
+    super(details ? `${msg}\n${details}` : msg);
     this.status = status;
     this.body = body;
   }
