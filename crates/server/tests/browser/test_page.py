@@ -177,6 +177,20 @@ def test_lora_files_dropped_in_show_up_without_a_reload(browser, tmp_path):
         # The row that stayed kept its tick and weight.
         expect(ink).to_be_checked()
         expect(page.get_by_label("Weight of ink_kohya")).to_have_value("0.5")
+        # "Reuse these parameters" ticks the LoRAs the run had, with their weights, and no other.
+        fill_request(page, "an ink boat", 2, 256, 8)
+        sent = []
+        page.on("request", lambda r: r.method == "POST" and r.url.endswith("/jobs") and sent.append(json.loads(r.post_data)))
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_role("img", name="Generated image", exact=True)).to_be_visible(timeout=60_000)
+        assert sent[0]["loras"] == [{"name": "ink_kohya", "weight": 0.5}]
+        ink.uncheck()
+        page.get_by_label("Weight of ink_kohya").fill("1")
+        page.get_by_role("checkbox", name="soft_peft").check()
+        page.get_by_role("button", name="Reuse these parameters").click()
+        expect(ink).to_be_checked()
+        expect(page.get_by_label("Weight of ink_kohya")).to_have_value("0.5")
+        expect(page.get_by_role("checkbox", name="soft_peft")).not_to_be_checked()
         assert p.console_errors == []
         p.close()
     finally:

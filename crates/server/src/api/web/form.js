@@ -3,7 +3,7 @@ import { chosenModel, chosenVae, setModel, setVae } from './choices.js';
 import { $, numberOf, state } from './dom.js';
 import { fillHires, hiresRequest } from './hires.js';
 import { maskForRequest } from './images_in.js';
-import { selectedLoras } from './loras.js';
+import { selectedLoras, setLoras } from './loras.js';
 import { selectedStyles, setStyles } from './styles.js';
 import { addExtras, fillExtras } from './variation.js';
 
@@ -48,9 +48,9 @@ export function buildRequest() {
 
 // `p` is a result's metadata (also as kept in the history); `asked` what the page sent for it,
 // when known (entries from before the page kept it have at most its `hires`): it says how the
-// hires size was asked, the model and the styles (the metadata has neither), and the prompts
-// as written (the metadata's have the styles' texts in them, which ticking the styles again
-// would add twice).
+// hires size was asked, the model, the styles and the LoRAs ticked (not in the metadata as
+// such), and the prompts as written (the metadata's have the styles' texts in them, which
+// ticking the styles again would add twice).
 export function fillForm(p, asked) {
   const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
   const styles = (asked && asked.styles) || [];
@@ -58,6 +58,8 @@ export function fillForm(p, asked) {
   $('prompt').value = written.prompt || '';
   $('negative').value = written.negative_prompt || '';
   setStyles(styles);
+  // The LoRAs ticked (the metadata's also hold the prompt's tags, which the prompt brings back).
+  setLoras((asked && asked.loras) || []);
   setModel(asked && asked.model);
   setVae(p.vae);
   set('steps', p.steps);
