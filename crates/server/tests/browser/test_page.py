@@ -125,7 +125,16 @@ def test_keyboard_alone_runs_a_generation(browser, tiny):
             break
     assert page.evaluate("document.activeElement.id") == "generate"
     page.keyboard.press("Enter")
-    expect(page.get_by_role("img", name="Generated image", exact=True)).to_be_visible(timeout=60_000)
+    image = page.get_by_role("img", name="Generated image", exact=True)
+    expect(image).to_be_visible(timeout=60_000)
+    # Ctrl+Enter in a prompt box generates too (in the negative prompt as in the prompt).
+    first = image.get_attribute("src")
+    negative = page.get_by_role("textbox", name="Negative prompt", exact=True)
+    negative.focus()
+    page.keyboard.type("fog")
+    page.keyboard.press("Control+Enter")
+    expect(image).not_to_have_attribute("src", first, timeout=60_000)
+    expect(page.locator("#params")).to_contain_text("fog")
     assert p.console_errors == []
     p.close()
 

@@ -38,8 +38,9 @@ function init() {
   $('form').addEventListener('submit', generate);
   $('form').addEventListener('input', (e) => e.target.removeAttribute('aria-invalid')); // fixed
   $('cancel').addEventListener('click', cancel);
-  $('prompt').addEventListener('keydown', (e) => {
-    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) $('form').requestSubmit();
+  // Ctrl+Enter in any of the prompts (a textarea, where Enter is a new line) generates.
+  $('form').addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && e.target.matches('textarea')) $('form').requestSubmit();
   });
   $('random-seed').addEventListener('click', () => { $('seed').value = ''; $('seed').focus(); });
   $('api-key').addEventListener('change', () => {
