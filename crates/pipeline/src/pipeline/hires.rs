@@ -244,7 +244,7 @@ impl StableDiffusion {
                 pass.scheduler.as_ref(),
                 pass.begin,
                 &mut rngs,
-                &|i| first.image_variation(i),
+                first,
             )?
         } else {
             let Upscaler::Latent(how) = hires.upscaler else {
@@ -260,12 +260,12 @@ impl StableDiffusion {
             let (left, top) = hires.crop_offset();
             let up = up.narrow(2, top / f, h / f)?.narrow(3, left / f, w / f)?;
             // The upscaled latents take the VAE encoder's place: only the noise is drawn, bent
-            // by a variation seed as the first pass's (A1111 makes the same `ImageRNG` again).
+            // by a variation seed and resized as the first pass's (A1111 makes the same
+            // `ImageRNG` again, at this pass's size).
             let mut noised = Vec::with_capacity(rngs.len());
             for (i, rng) in rngs.iter_mut().enumerate() {
                 let (_, c, lh, lw) = shape;
-                let noise =
-                    super::image_noise(rng, first.image_variation(i), (c, lh, lw), &self.device)?;
+                let noise = first.starting_noise(i, rng, (c, lh, lw), f, &self.device)?;
                 noised.push(
                     pass.scheduler
                         .add_noise(&up.narrow(0, i, 1)?, &noise, pass.begin)?,

@@ -200,15 +200,16 @@ impl StableDiffusion {
 
     /// img2img's latents for the batch: each image's latent sample from its own generator,
     /// then that generator's noise, `add_noise`d at `begin`. `images` holds one image for the
-    /// whole batch (encoded once) or one per generator. `variation(i)`: image `i`'s variation
-    /// seed and strength, which bend its noise (the hires pass, as A1111's `ImageRNG`).
+    /// whole batch (encoded once) or one per generator. The noise is `params`'
+    /// [`starting_noise`](GenerationParams::starting_noise): bent by a variation seed (the
+    /// hires pass, as A1111's `ImageRNG`) and resized by a seed resize.
     pub(super) fn noised_image_latents(
         &self,
         images: &[&Tensor],
         scheduler: &dyn Scheduler,
         begin: usize,
         rngs: &mut [TorchRng],
-        variation: &dyn Fn(usize) -> Option<(u64, f64)>,
+        params: &GenerationParams,
     ) -> Result<Tensor> {
         let dists = self.encode_images(images)?;
         let sf = self.vae_scaling_factor;
@@ -217,7 +218,8 @@ impl StableDiffusion {
             let dist = &dists[i.min(dists.len() - 1)];
             let image_latents = (dist.sample(rng)? * sf)?;
             let (_, c, h, w) = image_latents.dims4()?;
-            let noise = super::image_noise(rng, variation(i), (c, h, w), &self.device)?;
+            let f = self.vae_scale_factor;
+            let noise = params.starting_noise(i, rng, (c, h, w), f, &self.device)?;
             latents.push(scheduler.add_noise(&image_latents, &noise, begin)?);
         }
         Ok(Tensor::cat(&latents, 0)?.to_dtype(self.dtype)?)
@@ -244,7 +246,7 @@ impl StableDiffusion {
 
         let Some(mask_image) = &init.mask else {
             return Ok(Start {
-                latents: self.noised_image_latents(&[&image], scheduler, begin, rngs, &|_| None)?,
+                latents: self.noised_image_latents(&[&image], scheduler, begin, rngs, params)?,
                 inpaint: None,
             });
         };
@@ -264,12 +266,13 @@ impl StableDiffusion {
         let image_dist = dists.pop();
         let (mut latents, mut image_latents, mut noises, mut masked_latents) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for rng in rngs.iter_mut() {
+        for (i, rng) in rngs.iter_mut().enumerate() {
             let image_lat = match &image_dist {
                 Some(d) => Some((d.sample(rng)? * sf)?),
                 None => None,
             };
-            let noise = rng.randn_tensor(shape, &self.device, DType::F32)?;
+            let noise =
+                params.starting_noise(i, rng, (shape.1, shape.2, shape.3), f, &self.device)?;
             latents.push(match (&image_lat, from_noise) {
                 (Some(lat), false) => scheduler.add_noise(lat, &noise, begin)?,
                 _ => (&noise * scheduler.init_noise_sigma())?,

@@ -43,7 +43,7 @@ pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
 pub use prepare::ModelSchedules;
-pub use variation::{image_noise, resized_image_noise, slerp, Variation};
+pub use variation::{image_noise, resized_image_noise, slerp, SeedResize, Variation};
 pub use weight_files::component_weight_files;
 
 /// A loaded Stable Diffusion model: everything `generate` needs, read from a diffusers folder.

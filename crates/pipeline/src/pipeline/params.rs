@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
-use super::{Hires, InitImage, Variation};
+use super::{Hires, InitImage, SeedResize, Variation};
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// What one request asks of the pipeline (already validated by the caller). New fields keep a
@@ -42,6 +42,10 @@ pub struct GenerationParams {
     /// A1111's variation seed (`subseed`, `subseed_strength`): text-to-image's starting noise
     /// bent towards a second seed's. See [`image_seed`](Self::image_seed).
     pub variation: Option<Variation>,
+    /// A1111's seed resize (`seed_resize_from_w`/`_h`): each image's starting noise holds, in
+    /// its centre, its seed's noise drawn at this size (cropped where larger); in every mode
+    /// and pass. `None`: off. See [`starting_noise`](Self::starting_noise).
+    pub seed_resize_from: Option<SeedResize>,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -67,6 +71,7 @@ impl Default for GenerationParams {
             hires: None,
             tiling: false,
             variation: None,
+            seed_resize_from: None,
         }
     }
 }

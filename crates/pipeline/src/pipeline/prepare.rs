@@ -28,7 +28,8 @@ impl StableDiffusion {
         &self.schedules
     }
 
-    /// Initial noise from each image's own generator, as diffusers draws it on the CPU.
+    /// Initial noise from each image's own generator, as diffusers draws it on the CPU (bent
+    /// and resized as A1111's: [`GenerationParams::starting_noise`]).
     pub(super) fn prepare_latents(
         &self,
         params: &GenerationParams,
@@ -43,7 +44,9 @@ impl StableDiffusion {
         let noise = rngs
             .iter_mut()
             .enumerate()
-            .map(|(i, rng)| super::image_noise(rng, params.image_variation(i), shape, &self.device))
+            .map(|(i, rng)| {
+                params.starting_noise(i, rng, shape, self.vae_scale_factor, &self.device)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok((Tensor::cat(&noise, 0)? * scheduler.init_noise_sigma())?.to_dtype(self.dtype)?)
     }

@@ -1,10 +1,13 @@
 //! A1111's variation seeds (`subseed`, `subseed_strength`): each image's starting noise is its
 //! seed's noise bent towards a second seed's by spherical interpolation (A1111's
 //! `modules/rng.py` `ImageRNG.first` and `slerp`). The generator that later noise (ancestral
-//! steps) comes from stays the main seed's, as in A1111.
+//! steps) comes from stays the main seed's, as in A1111. A1111's seed resize
+//! (`seed_resize_from_w`/`_h`) draws the seed's noise at another size and centres it in the
+//! image's ([`resized_image_noise`]); [`GenerationParams::starting_noise`] applies both.
 
 use candle_core::{DType, Device, Tensor};
 
+use super::GenerationParams;
 use crate::rng::TorchRng;
 use crate::Result;
 
@@ -15,6 +18,43 @@ pub struct Variation {
     /// Image `i` of a batch uses `seed + i` (A1111's `all_subseeds`).
     pub seed: u64,
     pub strength: f64,
+}
+
+/// A1111's seed resize: the size (pixels) a seed's image was made at, whose noise the request's
+/// images keep in their centre, so that a seed keeps its composition at another size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedResize {
+    pub width: usize,
+    pub height: usize,
+}
+
+impl GenerationParams {
+    /// Image `i`'s starting noise `[1, C, H, W]` (f32, on `device`) of `shape` `[C, H, W]`,
+    /// the next draw of its generator `rng`, as A1111's `ImageRNG.first`: bent by the
+    /// variation seed, and with a seed resize the seed's noise at the "from" size (its pixels
+    /// over the VAE's `vae_scale_factor`, as A1111's `// 8`) centred in it. The same for
+    /// every pass and mode (A1111 builds the same `ImageRNG` for the hires pass).
+    pub(super) fn starting_noise(
+        &self,
+        i: usize,
+        rng: &mut TorchRng,
+        shape: (usize, usize, usize),
+        vae_scale_factor: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let variation = self.image_variation(i);
+        match self.seed_resize_from {
+            None => image_noise(rng, variation, shape, device),
+            Some(from) => {
+                let cells = (
+                    from.height / vae_scale_factor,
+                    from.width / vae_scale_factor,
+                );
+                let seed = self.image_seed(i);
+                resized_image_noise(rng, seed, variation, cells, shape, device)
+            }
+        }
+    }
 }
 
 /// A1111's `slerp(val, low, high)` on one image's noise `[C, H, W]` (flat, row-major): the norms
