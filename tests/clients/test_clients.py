@@ -429,6 +429,34 @@ class A1111(Timed):
         self.assertEqual(pixels(r.image), pixels(want))
         self.assertEqual(r.info["denoising_strength"], 0.5)
 
+    def test_seed_resize_equals_native(self):
+        if "seed_resize_from_width" not in native_fields():
+            self.skipTest("the native API has no seed resize yet")
+        # webuiapi's own keyword arguments (A1111's names), txt2img and img2img.
+        r = self.api.txt2img(prompt=PROMPT, seed=41, steps=2, cfg_scale=5, width=SIZE,
+                             height=SIZE, sampler_name="Euler", seed_resize_from_w=320,
+                             seed_resize_from_h=192)
+        (want,), meta = native(prompt=PROMPT, seed=41, steps=2, guidance_scale=5, width=SIZE,
+                               height=SIZE, scheduler="euler", seed_resize_from_width=320,
+                               seed_resize_from_height=192)
+        (plain,), _ = native(prompt=PROMPT, seed=41, steps=2, guidance_scale=5, width=SIZE,
+                             height=SIZE, scheduler="euler")
+        self.assertEqual(pixels(r.image), pixels(want))
+        self.assertNotEqual(pixels(want), pixels(plain))
+        self.assertEqual((meta["seed_resize_from_width"], meta["seed_resize_from_height"]),
+                         (320, 192))
+        self.assertEqual((r.info["seed_resize_from_w"], r.info["seed_resize_from_h"]), (320, 192))
+        self.assertIn("Seed resize from: 320x192", r.info["infotexts"][0])
+        r = self.api.img2img(images=[plain], prompt=PROMPT, seed=5, steps=4,
+                             denoising_strength=0.5, cfg_scale=6, width=SIZE, height=SIZE,
+                             sampler_name="Euler", seed_resize_from_w=384,
+                             seed_resize_from_h=384)
+        (want,), _ = native(prompt=PROMPT, seed=5, steps=4, strength=0.5, guidance_scale=6,
+                            width=SIZE, height=SIZE, scheduler="euler",
+                            init_image=webuiapi.raw_b64_img(plain),
+                            seed_resize_from_width=384, seed_resize_from_height=384)
+        self.assertEqual(pixels(r.image), pixels(want))
+
     def test_hires_fix_is_txt2img_resize_img2img(self):
         if "init_image" not in native_fields():
             self.skipTest("the native API has no init_image yet")

@@ -69,12 +69,17 @@ pub fn parameters_text(
             format!(", Variation seed: {seed}, Variation seed strength: {strength}")
         })
         .unwrap_or_default();
+    // A1111 writes it after the variation seed, when both sides are set.
+    let resize = p
+        .seed_resize_from
+        .map(|r| format!(", Seed resize from: {}x{}", r.width, r.height))
+        .unwrap_or_default();
     // A1111 writes the VAE after the model, only when one was chosen.
     let vae = vae
         .map(|v| format!(", VAE hash: {}, VAE: {}", v.hash, v.name))
         .unwrap_or_default();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,

@@ -2,7 +2,7 @@
 //! `subseed_strength` 0 is the seed's image exactly, 1 the variation seed's image as a main
 //! seed (A1111's slerp gives the variation seed's noise itself there, and Euler draws no later
 //! noise), between them a third image that the native fields give too; batches keep the seed
-//! and count the variation seed up (A1111's rule); seed resize is refused, not ignored. The
+//! and count the variation seed up (A1111's rule). The
 //! noise itself is checked against A1111's own slerp in the pipeline's tests/variation.rs.
 
 mod common;
@@ -121,14 +121,7 @@ fn variation_seeds_follow_a1111() {
     ));
     assert!(info["subseed"].as_i64().unwrap() >= 0, "{info}");
 
-    // Refused, not ignored: seed resize, a variation with an init image, out-of-range values.
-    let r = post_json_to(
-        s.addr,
-        "/sdapi/v1/txt2img",
-        &with(&a1111, json!({"seed_resize_from_w": 512})),
-    );
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("seed_resize_from_w"), "{}", r.text());
+    // Refused, not ignored: out-of-range values.
     let r = post_json_to(
         s.addr,
         "/sdapi/v1/txt2img",

@@ -33,8 +33,8 @@ fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> Strin
     };
     // Every field of the second pass (`Debug` writes floats exactly), and the sigma schedule.
     let images = format!(
-        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}",
-        p.hires, p.tiling, p.variation, p.schedule
+        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
+        p.hires, p.tiling, p.variation, p.schedule, p.seed_resize_from
     );
     format!(
         "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
@@ -551,6 +551,16 @@ mod tests {
         for v in variants {
             assert_ne!(cache_key(&v, "m@1", "f1"), k, "{v:?}");
         }
+        let resized = |width, height| {
+            let from = sdserve_pipeline::pipeline::SeedResize { width, height };
+            let p = GenerationParams {
+                seed_resize_from: Some(from),
+                ..base.clone()
+            };
+            cache_key(&p, "m@1", "f1")
+        };
+        assert_ne!(resized(512, 512), k, "a seed resize counts");
+        assert_ne!(resized(512, 512), resized(512, 576), "its size counts");
         assert_ne!(cache_key(&base, "m@2", "f1"), k);
         assert_ne!(
             cache_key(&base, "m@1", "f2"),

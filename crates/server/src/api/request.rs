@@ -337,6 +337,8 @@ pub(crate) fn job_spec(
         "tiling": params.tiling,
         "variation_seed": params.variation.map(|v| v.seed),
         "variation_strength": params.variation.map_or(0.0, |v| v.strength),
+        "seed_resize_from_width": params.seed_resize_from.map(|r| r.width),
+        "seed_resize_from_height": params.seed_resize_from.map(|r| r.height),
     });
     let mut png_texts = crate::png::batch_texts(&params, &info.model_version, vae.as_ref());
     if let Some(h) = &req.hires {

@@ -195,6 +195,18 @@ pub struct GenerateRequest {
     /// the seed's image, 1 the variation seed's noise.
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
     pub variation_strength: Option<f64>,
+    /// A1111's seed resize (`seed_resize_from_w`): the width in pixels a seed's image was made
+    /// at, to keep its composition at this request's size. Each image's starting noise holds,
+    /// centred, its seed's noise drawn at that size (in latent cells: each side over the
+    /// VAE's factor, 8 for SD 1.5, floored; cropped where larger), also in img2img, inpainting and the hires
+    /// pass, and bent by a variation seed at that size. Both or neither of
+    /// `seed_resize_from_width` and `seed_resize_from_height`; absent or null: off (A1111's 0
+    /// or -1); the image's own size changes nothing. The infotext says `Seed resize from: WxH`.
+    #[schema(minimum = 64, maximum = 2048, nullable = true, example = 512)]
+    pub seed_resize_from_width: Option<u32>,
+    /// A1111's `seed_resize_from_h`: the height in pixels, with `seed_resize_from_width`.
+    #[schema(minimum = 64, maximum = 2048, nullable = true, example = 512)]
+    pub seed_resize_from_height: Option<u32>,
     /// Prompt styles by name (`GET /styles`; STYLES_FILE, A1111's `styles.csv`), at most 16,
     /// applied in order as A1111 applies them: a style text holding `{prompt}` takes the
     /// prompt in its place, any other is appended after ", "; the same for the negative
@@ -341,6 +353,12 @@ pub struct GenerateMetadata {
     /// 0 without a variation.
     #[serde(default)]
     pub variation_strength: f64,
+    /// The seed resize's width (`seed_resize_from_width`); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_resize_from_width: Option<u32>,
+    /// The seed resize's height; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_resize_from_height: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

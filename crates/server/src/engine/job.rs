@@ -280,6 +280,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             tiling: p.tiling,
             variation_seed: p.image_variation(0).map(|(seed, _)| seed),
             variation_strength: p.image_variation(0).map_or(0.0, |(_, s)| s),
+            seed_resize_from_width: p.seed_resize_from.map(|r| r.width as u32),
+            seed_resize_from_height: p.seed_resize_from.map(|r| r.height as u32),
         },
     }
 }

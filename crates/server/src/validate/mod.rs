@@ -10,7 +10,7 @@
 
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, PromptSyntax, Variation,
+    GenerationParams, InitImage, LoraWeight, PromptSyntax, SeedResize, Variation,
 };
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
@@ -49,7 +49,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 23] = [
+pub const FIELDS: [&str; 25] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -72,6 +72,8 @@ pub const FIELDS: [&str; 23] = [
     "tiling",
     "variation_seed",
     "variation_strength",
+    "seed_resize_from_width",
+    "seed_resize_from_height",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];
@@ -81,6 +83,9 @@ pub const CLIP_SKIP_MAX: u64 = 4;
 pub const LORAS_MAX: usize = 8;
 pub const LORA_WEIGHT_MIN: f64 = -4.0;
 pub const LORA_WEIGHT_MAX: f64 = 4.0;
+/// A seed resize's "from" sides: the sizes A1111's UI makes (its width and height sliders).
+pub const SEED_RESIZE_MIN: u64 = 64;
+pub const SEED_RESIZE_MAX: u64 = 2048;
 
 /// A request that passed every rule, with defaults filled (seed and scheduler stay optional:
 /// they are resolved later, from the RNG and the loaded model).
@@ -127,6 +132,9 @@ pub struct ValidRequest {
     pub variation_seed: Option<u32>,
     /// A1111's `subseed_strength`: 0 leaves the seed's noise as it is.
     pub variation_strength: f64,
+    /// A1111's seed resize (`seed_resize_from_w`/`_h`): the size whose noise the images keep
+    /// in their centre; `None`: off.
+    pub seed_resize_from: Option<SeedResize>,
 }
 
 impl ValidRequest {
@@ -191,6 +199,7 @@ impl ValidRequest {
                 seed: u64::from(self.variation_seed.unwrap_or_else(crate::api::random_seed)),
                 strength: self.variation_strength,
             }),
+            seed_resize_from: self.seed_resize_from,
         }
     }
 }
@@ -394,6 +403,7 @@ pub fn validate_request(
             "a variation seed is for text-to-image only (not with init_image)",
         );
     }
+    let seed_resize = seed_resize_from(&mut r);
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     });
@@ -440,11 +450,32 @@ pub fn validate_request(
         tiling: tiling.unwrap_or(false),
         variation_seed: variation_seed.map(|v| v as u32),
         variation_strength: variation_strength.unwrap_or(0.0),
+        seed_resize_from: seed_resize,
     };
     if let Some(read) = hires {
         valid.hires = Some(native_hires::build(&read, &valid)?);
     }
     Ok(valid)
+}
+
+/// `seed_resize_from_width` and `seed_resize_from_height`: both or neither (A1111 resizes only
+/// when both sides are set), each 64..=2048.
+fn seed_resize_from(r: &mut FieldReader) -> Option<SeedResize> {
+    const SIDES: [&str; 2] = ["seed_resize_from_width", "seed_resize_from_height"];
+    let width = r.int(SIDES[0], SEED_RESIZE_MIN, SEED_RESIZE_MAX);
+    let height = r.int(SIDES[1], SEED_RESIZE_MIN, SEED_RESIZE_MAX);
+    for (given, missing) in [(SIDES[0], SIDES[1]), (SIDES[1], SIDES[0])] {
+        if r.value(given).is_some() && r.value(missing).is_none() {
+            r.fail(
+                missing,
+                format!("required with {given}: a seed resize needs both sides"),
+            );
+        }
+    }
+    Some(SeedResize {
+        width: width? as usize,
+        height: height? as usize,
+    })
 }
 
 /// `loras`: `[{"name": str, "weight": number}]` (weight 1 when absent).

@@ -350,3 +350,73 @@ fn schedules_resolve_against_the_model_s_own() {
     assert_eq!(e.status_and_code().0.as_u16(), 422);
     assert_eq!(field_of(e), "schedule");
 }
+
+#[test]
+fn seed_resize_takes_both_sides_within_a1111_s_sizes() {
+    let body = |fields: &str| format!(r#"{{"prompt":"x",{fields}}}"#);
+    let r = parse(&body(
+        r#""seed_resize_from_width":64,"seed_resize_from_height":2048"#,
+    ))
+    .unwrap();
+    let want = SeedResize {
+        width: 64,
+        height: 2048,
+    };
+    assert_eq!(r.seed_resize_from, Some(want));
+    assert_eq!(
+        r.generation_params(1, SchedulerKind::Euler, SigmaSchedule::Uniform)
+            .seed_resize_from,
+        Some(want)
+    );
+    let off = parse(&body(
+        r#""seed_resize_from_width":null,"seed_resize_from_height":null"#,
+    ))
+    .unwrap();
+    assert_eq!(off.seed_resize_from, None);
+    // With an init image too (A1111 resizes img2img's noise the same way).
+    let init = {
+        use base64::Engine;
+        let img = sdserve_pipeline::pipeline::RgbImage {
+            width: 8,
+            height: 8,
+            pixels: (0..8 * 8 * 3).map(|i| (i % 251) as u8).collect(),
+        };
+        base64::engine::general_purpose::STANDARD.encode(crate::png::encode(&img, "").unwrap())
+    };
+    let r = parse(&body(&format!(
+        r#""init_image":"{init}","width":256,"height":256,"seed_resize_from_width":512,"seed_resize_from_height":512"#
+    )))
+    .unwrap();
+    assert!(r.seed_resize_from.is_some());
+    for (fields, field) in [
+        (r#""seed_resize_from_width":512"#, "seed_resize_from_height"),
+        (r#""seed_resize_from_height":512"#, "seed_resize_from_width"),
+        (
+            r#""seed_resize_from_width":512,"seed_resize_from_height":null"#,
+            "seed_resize_from_height",
+        ),
+        (
+            r#""seed_resize_from_width":63,"seed_resize_from_height":512"#,
+            "seed_resize_from_width",
+        ),
+        (
+            r#""seed_resize_from_width":512,"seed_resize_from_height":2049"#,
+            "seed_resize_from_height",
+        ),
+        (
+            r#""seed_resize_from_width":0,"seed_resize_from_height":512"#,
+            "seed_resize_from_width",
+        ),
+        (
+            r#""seed_resize_from_width":-1,"seed_resize_from_height":512"#,
+            "seed_resize_from_width",
+        ),
+        (
+            r#""seed_resize_from_width":512.5,"seed_resize_from_height":512"#,
+            "seed_resize_from_width",
+        ),
+    ] {
+        let e = parse(&body(fields)).expect_err(fields);
+        assert_eq!(field_of(e), field, "{fields}");
+    }
+}

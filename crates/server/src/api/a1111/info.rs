@@ -62,8 +62,9 @@ pub fn info_string(
         "sd_model_hash": model_hash,
         "sd_vae_name": vae.map(|v| &v.name),
         "sd_vae_hash": vae.map(|v| &v.hash),
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        // As sent (-1 when absent), like A1111's `Processed`.
+        "seed_resize_from_w": t.parameters.get("seed_resize_from_w"),
+        "seed_resize_from_h": t.parameters.get("seed_resize_from_h"),
         "denoising_strength": match &t.valid.hires {
             Some(h) => json!(h.params.strength),
             None => t.native.get("strength").cloned().unwrap_or(Value::Null),
@@ -91,8 +92,9 @@ fn extra_generation_params(t: &Translated) -> Value {
 }
 
 /// A1111's `parse_generation_parameters` for the infotext we write: `Prompt`, `Negative
-/// prompt`, then each `Key: value` of the last line (values as strings), `Size` split into
-/// `Size-1` and `Size-2`.
+/// prompt`, then each `Key: value` of the last line (values as strings); a value `WxH` (its
+/// `re_imagesize`, `^(\d+)x(\d+)$`) split into `Key-1` and `Key-2`: `Size-1`, `Size-2`, `Seed
+/// resize from-1`, `Hires resize-1`, ...
 pub fn parse_infotext(text: &str) -> Map<String, Value> {
     let mut out = Map::new();
     let mut lines: Vec<&str> = text.lines().collect();
@@ -121,15 +123,17 @@ pub fn parse_infotext(text: &str) -> Map<String, Value> {
         "Negative prompt".into(),
         json!(negative.map(|n| n.join("\n")).unwrap_or_default()),
     );
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     for (k, v) in params {
-        if k == "Size" {
-            if let Some((w, h)) = v.split_once('x') {
-                out.insert("Size-1".into(), json!(w));
-                out.insert("Size-2".into(), json!(h));
-                continue;
+        match v.split_once('x') {
+            Some((w, h)) if digits(w) && digits(h) => {
+                out.insert(format!("{k}-1"), json!(w));
+                out.insert(format!("{k}-2"), json!(h));
+            }
+            _ => {
+                out.insert(k.to_string(), json!(v));
             }
         }
-        out.insert(k.to_string(), json!(v));
     }
     out
 }
@@ -164,6 +168,12 @@ mod tests {
             (Some("256"), Some("320"))
         );
         assert_eq!(parse_infotext("just a prompt")["Prompt"], "just a prompt");
+        // Every `WxH` value splits (A1111's `re_imagesize`), other values stay whole.
+        let p = parse_infotext("p\nSteps: 4, Seed resize from: 512x768, Model: 1x2y, Size: 64x64");
+        assert_eq!(p["Seed resize from-1"], "512");
+        assert_eq!(p["Seed resize from-2"], "768");
+        assert_eq!(p["Model"], "1x2y");
+        assert!(p.get("Seed resize from").is_none());
     }
 
     #[test]
@@ -186,5 +196,23 @@ mod tests {
         assert_eq!(v["infotexts"][1], "p\nSeed: 6");
         assert_eq!(v["sampler_name"], "Euler");
         assert_eq!(v["all_prompts"], json!(["p", "p"]));
+        assert_eq!(
+            (
+                v["seed_resize_from_w"].clone(),
+                v["seed_resize_from_h"].clone()
+            ),
+            (json!(-1), json!(-1))
+        );
+        let t = tr(json!({"prompt": "p", "seed_resize_from_w": 640, "seed_resize_from_h": 0}));
+        let v: Value =
+            serde_json::from_str(&info_string(&t, &imgs, "tiny", "abc", None, "")).unwrap();
+        // As sent, even where A1111 resizes nothing (one side at 0).
+        assert_eq!(
+            (
+                v["seed_resize_from_w"].clone(),
+                v["seed_resize_from_h"].clone()
+            ),
+            (json!(640), json!(0))
+        );
     }
 }

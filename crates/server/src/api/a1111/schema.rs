@@ -106,10 +106,13 @@ pub struct A1111Request {
     /// The native `variation_strength`.
     #[schema(default = 0.0, minimum = 0.0, maximum = 1.0, nullable = true)]
     pub subseed_strength: Option<f64>,
-    /// Seed resize is not done: 0 or -1 (off) only; a value above 0 is a 422 naming the field.
-    #[schema(default = -1, maximum = 0, nullable = true)]
+    /// The native `seed_resize_from_width` (then 64..=2048) when this and `seed_resize_from_h`
+    /// are both above 0: the images keep, centred, their seed's noise drawn at that size;
+    /// 0 or below on either side: off, as A1111.
+    #[schema(default = -1, nullable = true)]
     pub seed_resize_from_w: Option<i64>,
-    #[schema(default = -1, maximum = 0, nullable = true)]
+    /// The native `seed_resize_from_height`, with `seed_resize_from_w`.
+    #[schema(default = -1, nullable = true)]
     pub seed_resize_from_h: Option<i64>,
     /// `CLIP_stop_at_last_layers` is the native `clip_skip`; `sd_model_checkpoint` naming another
     /// model falls back to the loaded one (as A1111 does).

@@ -51,9 +51,11 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 9] = [
+pub const FIELD_NAMES: [(&str, &str); 11] = [
     ("variation_seed", "subseed"),
     ("variation_strength", "subseed_strength"),
+    ("seed_resize_from_width", "seed_resize_from_w"),
+    ("seed_resize_from_height", "seed_resize_from_h"),
     ("guidance_scale", "cfg_scale"),
     ("scheduler", "sampler_name"),
     ("init_image", "init_images"),
@@ -157,6 +159,8 @@ pub fn translate(
     fill("seed", json!(-1));
     fill("batch_size", json!(1));
     fill("n_iter", json!(1));
+    fill("seed_resize_from_w", json!(-1));
+    fill("seed_resize_from_h", json!(-1));
     if mode == Mode::Img2Img {
         fill("denoising_strength", json!(DENOISING_DEFAULT));
     }
@@ -289,12 +293,19 @@ pub fn translate(
             };
         }
     }
-    // Seed resize (noise drawn at another size, then centred) is not done here: a value
-    // that would do something is refused rather than ignored (A1111: 0 or -1 is off).
-    for field in ["seed_resize_from_w", "seed_resize_from_h"] {
-        if get(body, field).is_some_and(|v| v.as_f64().is_none_or(|f| f > 0.0)) {
-            return Err(not_supported(field, "seed resize (a value above 0)"));
-        }
+    // Seed resize: on when both sides are above 0, as A1111's `ImageRNG` (0 or -1 on either
+    // side is off there, and so here); then the native fields' rules hold.
+    let resize_side = |field: &str| match get(body, field) {
+        None => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) => Ok((n > 0).then(|| v.clone())),
+            None => Err(ApiError::validation(field, "must be an integer")),
+        },
+    };
+    let resize_w = resize_side("seed_resize_from_w")?;
+    if let (Some(w), Some(h)) = (resize_w, resize_side("seed_resize_from_h")?) {
+        native.insert("seed_resize_from_width".into(), w);
+        native.insert("seed_resize_from_height".into(), h);
     }
 
     // `tiling` is the native field of the same name (A1111: circular padding in every Conv2d).
@@ -425,6 +436,46 @@ mod tests {
         assert_eq!(t.parameters["seed"], -1);
         let v = &t.valid;
         assert_eq!((v.steps, v.guidance_scale, v.seed), (50, 7.0, Some(1234)));
+    }
+
+    #[test]
+    fn seed_resize_is_on_when_both_sides_are_above_0_as_in_a1111() {
+        let t = tr(
+            json!({"prompt": "p", "seed_resize_from_w": 512, "seed_resize_from_h": 768}),
+            Mode::Txt2Img,
+        )
+        .unwrap();
+        assert_eq!(t.native["seed_resize_from_width"], 512);
+        assert_eq!(t.native["seed_resize_from_height"], 768);
+        let from = t.valid.seed_resize_from.expect("a seed resize");
+        assert_eq!((from.width, from.height), (512, 768));
+        for (w, h) in [(0, 512), (512, -1), (-1, -1), (0, 0), (-7, 64)] {
+            let body = json!({"prompt": "p", "seed_resize_from_w": w, "seed_resize_from_h": h});
+            let t = tr(body, Mode::Txt2Img).unwrap();
+            assert_eq!(t.valid.seed_resize_from, None, "{w}x{h}");
+            assert!(!t.native.contains_key("seed_resize_from_width"));
+        }
+        assert_eq!(t.parameters["seed_resize_from_w"], 512);
+        let absent = tr(json!({"prompt": "p"}), Mode::Txt2Img).unwrap();
+        assert_eq!(absent.parameters["seed_resize_from_h"], -1);
+        // The native rules, named as sent.
+        for (body, field) in [
+            (
+                json!({"seed_resize_from_w": 4096, "seed_resize_from_h": 512}),
+                "seed_resize_from_w",
+            ),
+            (
+                json!({"seed_resize_from_w": 512, "seed_resize_from_h": 32}),
+                "seed_resize_from_h",
+            ),
+            (json!({"seed_resize_from_w": "512"}), "seed_resize_from_w"),
+            (json!({"seed_resize_from_h": 1.5}), "seed_resize_from_h"),
+        ] {
+            let mut body = body;
+            body["prompt"] = json!("p");
+            let e = tr(body.clone(), Mode::Txt2Img).unwrap_err();
+            assert_eq!(field_of(e), field, "{body}");
+        }
     }
 
     #[test]

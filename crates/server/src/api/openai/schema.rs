@@ -68,6 +68,12 @@ pub struct GenerationRequest {
     /// A1111's `subseed_strength`: 0 is the seed's image, 1 the variation seed's noise.
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
     pub variation_strength: Option<f64>,
+    /// A1111's seed resize (`seed_resize_from_w`/`_h`), as natively: the size a seed's image
+    /// was made at, whose noise the images keep in their centre; both or neither.
+    #[schema(minimum = 64, maximum = 2048, nullable = true)]
+    pub seed_resize_from_width: Option<u32>,
+    #[schema(minimum = 64, maximum = 2048, nullable = true)]
+    pub seed_resize_from_height: Option<u32>,
     /// Our extra: the VAE to decode with, by name (`GET /vaes`, VAE_DIR), as natively;
     /// `automatic` or absent: the model's own.
     #[schema(

@@ -158,6 +158,9 @@ pub struct WireSpec {
     /// Variation seed and strength (absent from older replicas' jobs: none).
     #[serde(default)]
     variation: Option<(u64, f64)>,
+    /// Seed resize's width and height (absent from older replicas' jobs: none).
+    #[serde(default)]
+    seed_resize_from: Option<(usize, usize)>,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -204,6 +207,7 @@ impl WireSpec {
             hires: p.hires.as_ref().map(WireHires::of),
             tiling: p.tiling,
             variation: p.variation.map(|v| (v.seed, v.strength)),
+            seed_resize_from: p.seed_resize_from.map(|r| (r.width, r.height)),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -264,6 +268,9 @@ impl WireSpec {
                 tiling: self.tiling,
                 variation: self.variation.map(|(seed, strength)| {
                     sdserve_pipeline::pipeline::Variation { seed, strength }
+                }),
+                seed_resize_from: self.seed_resize_from.map(|(width, height)| {
+                    sdserve_pipeline::pipeline::SeedResize { width, height }
                 }),
             },
             request: self.request.clone(),
