@@ -555,6 +555,15 @@ mod tests {
                     prompt: Some("hr".into()),
                     negative_prompt: None,
                 }),
+                tiling: true,
+                variation: Some(sdserve_pipeline::pipeline::Variation {
+                    seed: 9,
+                    strength: 0.25,
+                }),
+                seed_resize_from: Some(sdserve_pipeline::pipeline::SeedResize {
+                    width: 320,
+                    height: 192,
+                }),
                 ..Default::default()
             },
             request: serde_json::json!({"prompt": "a (cat:1.2)"}),
@@ -572,12 +581,7 @@ mod tests {
         let json = serde_json::to_string(&WireSpec::of(&spec)).unwrap();
         let back: WireSpec = serde_json::from_str(&json).unwrap();
         let again = back.spec(Duration::from_secs(3)).unwrap();
-        assert_eq!(again.params.prompt, spec.params.prompt);
-        assert_eq!(again.params.scheduler, spec.params.scheduler);
-        assert_eq!(again.params.prompt_syntax, PromptSyntax::A1111);
-        assert_eq!(again.params.loras, spec.params.loras);
-        assert_eq!(again.params.init_image, spec.params.init_image);
-        assert_eq!(again.params.hires, spec.params.hires);
+        assert_eq!(again.params, spec.params, "every parameter makes the trip");
         assert_eq!(again.timeout, Duration::from_secs(3));
         assert_eq!(again.png_texts, spec.png_texts);
         assert_eq!(again.progress_total, 9);
