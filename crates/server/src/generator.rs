@@ -82,6 +82,9 @@ pub struct ModelInfo {
     pub adapters: crate::adapters::Adapters,
     /// An inpainting model (9-channel UNet): every request needs an init image and a mask.
     pub inpainting: bool,
+    /// A guidance-distilled (LCM) model (its UNet config sets `time_cond_proj_dim`): prompts
+    /// with AND parts are refused before queueing, as the run would refuse them.
+    pub guidance_distilled: bool,
     /// The device memory budget requests are checked against before they are queued (`None`
     /// on the CPU, and where the worker is another process: it checks again itself).
     pub memory: Option<std::sync::Arc<crate::gpu::MemoryBudget>>,
@@ -212,6 +215,7 @@ impl FakeSpec {
                     default_schedule: self.scheduler.schedule(),
                     adapters: Default::default(),
                     inpainting: false,
+                    guidance_distilled: false,
                     memory: None,
                     schedules: None,
                 },

@@ -134,13 +134,13 @@ impl Catalog {
     /// are the loaded model's (`base`): the same folders, the same device. Blocking (files).
     pub fn probe(&self, entry: &ModelEntry, base: &ModelInfo) -> Result<ModelInfo, String> {
         let opts = self.hub_options();
-        let (model_version, schedules, inpainting) = match entry.kind {
+        let (model_version, schedules, (inpainting, guidance_distilled)) = match entry.kind {
             ModelKind::Folder => (
                 crate::hub::folder_version(&entry.path, &opts).map_err(|e| e.to_string())?,
                 schedules_of(read_json(
                     &entry.path.join("scheduler/scheduler_config.json"),
                 )?)?,
-                folder_inpainting(&entry.path)?,
+                folder_unet_kind(&entry.path)?,
             ),
             _ => (
                 crate::hub::single_file_version(&entry.path, &opts).map_err(|e| e.to_string())?,
@@ -149,7 +149,8 @@ impl Catalog {
                     serde_json::from_value(sdserve_pipeline::single_file::sd15_scheduler_config())
                         .map_err(|e| e.to_string())?,
                 )?,
-                file_inpainting(&entry.path),
+                // Single files convert without `time_cond_proj_dim`: never distilled here.
+                (file_inpainting(&entry.path), false),
             ),
         };
         Ok(ModelInfo {
@@ -157,6 +158,7 @@ impl Catalog {
             default_scheduler: schedules.default_scheduler(),
             default_schedule: schedules.default_schedule(),
             inpainting,
+            guidance_distilled,
             adapters: base.adapters.clone(),
             memory: base.memory.clone(),
             schedules: Some(std::sync::Arc::new(schedules)),
@@ -205,13 +207,15 @@ fn schedules_of(cfg: SchedulerConfig) -> Result<ModelSchedules, String> {
     ModelSchedules::from_config(cfg).map_err(|e| e.to_string())
 }
 
-/// An inpainting UNet takes the latents, the mask and the masked image's latents.
-fn folder_inpainting(dir: &Path) -> Result<bool, String> {
+/// Whether a folder's UNet inpaints (it takes the latents, the mask and the masked image's
+/// latents) and whether it is guidance-distilled (`time_cond_proj_dim`, LCM).
+fn folder_unet_kind(dir: &Path) -> Result<(bool, bool), String> {
     let unet: serde_json::Value = read_json(&dir.join("unet/config.json"))?;
     let vae: serde_json::Value = read_json(&dir.join("vae/config.json")).unwrap_or_default();
     let in_channels = unet["in_channels"].as_u64().unwrap_or(4);
     let latent = vae["latent_channels"].as_u64().unwrap_or(4);
-    Ok(in_channels == 2 * latent + 1)
+    let distilled = !unet["time_cond_proj_dim"].is_null();
+    Ok((in_channels == 2 * latent + 1, distilled))
 }
 
 /// The key of the UNet's first convolution in an original-layout checkpoint: 9 input channels
@@ -369,6 +373,7 @@ mod tests {
             default_schedule: SigmaSchedule::Uniform,
             adapters: Default::default(),
             inpainting: false,
+            guidance_distilled: false,
             memory: None,
             schedules: None,
         };
@@ -382,6 +387,10 @@ mod tests {
         assert!(!b.inpainting);
         let inpaint = c.probe(&c.find("tiny-inpaint").unwrap(), &base).unwrap();
         assert!(inpaint.inpainting);
+        assert!(!b.guidance_distilled && !inpaint.guidance_distilled);
+        let lcm = c.probe(&c.find("tiny-lcm").unwrap(), &base).unwrap();
+        assert!(lcm.guidance_distilled && !lcm.inpainting);
+        assert_eq!(lcm.default_scheduler, SchedulerKind::Lcm);
         // Single files: the first UNet convolution's input channels, from a .safetensors
         // header or a .ckpt's pickle.
         let files = fixtures().join("single-file");
@@ -426,6 +435,7 @@ mod tests {
             default_schedule: SigmaSchedule::Uniform,
             adapters: Default::default(),
             inpainting: false,
+            guidance_distilled: false,
             memory: None,
             schedules: None,
         };

@@ -77,3 +77,61 @@ fn caps_are_422_naming_the_prompt() {
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.text().contains("finite float32"), "{}", r.text());
 }
+
+/// 4 x 9 alternations: a new text at each of 36 sampler evaluations.
+const MANY_TEXTS: &str = "[a|b|c|d] [e|f|g|h|i|j|k|l|m]";
+
+#[test]
+fn scheduled_texts_are_counted_with_the_model_s_own_scheduler() {
+    let s = start();
+    // No scheduler named: tiny-b's own DDIM counts 16 evaluations (17 texts with the negative
+    // prompt's), not the 32 of a second-order sampler (33, past the cap of 32).
+    let body = json!({"prompt": MANY_TEXTS, "steps": 16, "width": 256, "height": 256, "seed": 1});
+    let r = s.post_json(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Heun runs 2 per step: 33 texts, before queueing.
+    let mut heun = body.clone();
+    heun["scheduler"] = json!("heun");
+    let r = post_json_to(s.addr, "/jobs", &heun);
+    assert_eq!(r.status, 422, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["fields"][0]["field"], json!("prompt"), "{v}");
+    assert!(
+        v["details"].as_str().unwrap().contains("33 distinct texts"),
+        "{v}"
+    );
+}
+
+#[test]
+fn and_parts_on_a_distilled_model_are_422_before_queueing() {
+    let lcm = common::tiny_b().with_file_name("tiny-lcm");
+    let s = common::tiny_server(
+        "prompt-schedule-lcm",
+        &[("MODEL_ID", lcm.to_str().unwrap())],
+    );
+    let field_of = |path: &str, body: Value| {
+        let r = post_json_to(s.addr, path, &body);
+        assert_eq!(r.status, 422, "{path}: {}", r.text());
+        let v = r.json();
+        assert!(
+            v["details"]
+                .as_str()
+                .unwrap()
+                .contains("guidance-distilled"),
+            "{v}"
+        );
+        v["fields"][0]["field"].as_str().unwrap().to_string()
+    };
+    // Submitted as a job, it was accepted and then failed naming `request`.
+    let job = json!({"prompt": "a cat AND a dog", "steps": 4, "width": 256, "height": 256});
+    assert_eq!(field_of("/jobs", job), "prompt");
+    let native_hires = json!({"prompt": "a cat", "steps": 4, "width": 256, "height": 256,
+                              "hires": {"scale": 2, "prompt": "a cat :0.5"}});
+    assert_eq!(field_of("/jobs", native_hires), "hires.prompt");
+    let a1111 = json!({"prompt": "a cat", "steps": 4, "width": 256, "height": 256,
+                       "enable_hr": true, "hr_scale": 2, "hr_prompt": "a cat AND a dog"});
+    assert_eq!(field_of("/sdapi/v1/txt2img", a1111), "hr_prompt");
+    // Without AND parts the model runs.
+    let r = s.post_json(&json!({"prompt": "a cat", "steps": 2, "width": 256, "height": 256}));
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -33,7 +33,7 @@ impl StableDiffusion {
     /// diffusers' do_classifier_free_guidance: never for a guidance-distilled (LCM) UNet,
     /// which takes the guidance scale as an embedding instead (denoise).
     fn do_cfg(&self, params: &GenerationParams) -> bool {
-        params.guidance_scale > 1.0 && self.unet_config.time_cond_proj_dim.is_none()
+        params.guidance_scale > 1.0 && !self.is_guidance_distilled()
     }
 
     /// Each text read with the request's `prompt_syntax` and encoded with its `clip_skip`:
@@ -91,7 +91,7 @@ impl StableDiffusion {
         }
         let do_cfg = self.do_cfg(params);
         let mut plan = PromptPlan::new(&params.prompt, None, steps, hires_steps);
-        if plan.composed() && self.unet_config.time_cond_proj_dim.is_some() {
+        if plan.composed() && self.is_guidance_distilled() {
             return Err(PipelineError::InvalidRequest(
                 "AND parts and prompt weights (`a :1.2`) combine classifier-free guidance \
                  predictions; a guidance-distilled (LCM) model makes none"

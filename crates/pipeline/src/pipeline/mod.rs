@@ -127,6 +127,13 @@ impl StableDiffusion {
         self.unet_in_channels == 2 * self.vae_latent_channels + 1
     }
 
+    /// True for a guidance-distilled (LCM) model: its UNet takes the guidance scale as an
+    /// embedding (`time_cond_proj_dim`) and no unguided prediction is made, so a prompt cannot
+    /// have AND parts (they combine guided predictions).
+    pub fn is_guidance_distilled(&self) -> bool {
+        self.unet_config.time_cond_proj_dim.is_some()
+    }
+
     /// Pixels per latent cell along each axis (8 for SD 1.5).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae_scale_factor

@@ -129,4 +129,23 @@ impl ModelSchedules {
         };
         Ok(first.timesteps().len() - begin + hires)
     }
+
+    /// The step counts A1111's prompt schedule of each pass spans, as `generate` gives them to
+    /// `encode_schedule` (A1111's `total_steps`): the pass's steps times its scheduler's UNet
+    /// evaluations per step (`order`), for the first pass and the hires pass. Refused as
+    /// [`Self::unet_evaluations`] is.
+    pub fn prompt_steps(&self, params: &GenerationParams) -> Result<(usize, Option<usize>)> {
+        let strength = params.init_image.as_ref().map(|init| init.strength);
+        let (first, _) =
+            self.schedule(params.scheduler, params.schedule, params.steps, strength)?;
+        let hires = match &params.hires {
+            None => None,
+            Some(h) => {
+                let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
+                let (second, _) = self.schedule(scheduler, schedule, h.steps, Some(h.strength))?;
+                Some(h.steps * second.order())
+            }
+        };
+        Ok((params.steps * first.order(), hires))
+    }
 }

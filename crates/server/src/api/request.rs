@@ -295,6 +295,10 @@ pub(crate) fn job_spec(
         scheduler,
         schedule,
     );
+    // AND parts on a distilled model, scheduled texts over the model's own step count: a 422
+    // now, not a failed job.
+    let hires_prompt_field = req.hires.as_ref().map_or("hr_prompt", |h| h.prompt_field);
+    validate::check_prompts_for_model(&params, hires_prompt_field, info)?;
     validate::check_memory(&params, info.memory.as_deref())?;
     let progress_total = progress_total(&params, info)?;
     // Images by digest and size: the job's record stays small and says which image it ran.

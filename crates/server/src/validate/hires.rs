@@ -89,6 +89,9 @@ pub fn upscaler_name(upscaler: Upscaler) -> &'static str {
 pub struct ValidHires {
     pub params: Hires,
     pub upscaler_name: &'static str,
+    /// The field that carries the pass's own prompt in the request's dialect (`hr_prompt`,
+    /// or the native `hires.prompt`), for the rules checked against the model.
+    pub prompt_field: &'static str,
     /// A1111's infotext keys for the pass, in its order (`Denoising strength`, `Hires
     /// upscale` or `Hires resize`, `Hires steps`, `Hires upscaler`, ...), values as it writes
     /// them.
@@ -236,10 +239,9 @@ pub fn validate_hires(
                 );
             }
         }
+        // Its scheduled texts are counted with the model's schedulers (`job_spec`).
         if let Some(p) = &hr_prompt {
-            let negative = hr_negative.as_deref().unwrap_or(&first.negative_prompt);
-            // The pass's schedule count; its sampler is checked later (the largest assumed).
-            for (_, rule) in super::schedule::schedule_rules(p, negative, steps_value, None) {
+            for rule in super::schedule::and_rules(p) {
                 r.fail("hr_prompt", rule);
             }
         }
@@ -295,6 +297,7 @@ pub fn validate_hires(
             negative_prompt: hr_negative,
         },
         upscaler_name,
+        prompt_field: "hr_prompt",
         infotext,
     })
 }

@@ -30,6 +30,7 @@ mod tests;
 
 use fields::FieldReader;
 pub use for_model::{check_for_model, check_loras, check_memory};
+pub use schedule::check_prompts_for_model;
 
 pub const PROMPT_MAX_CHARS: usize = 500;
 pub const STEPS_MIN: u64 = 1;
@@ -351,9 +352,8 @@ pub fn validate_request(
     let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);
     if let (Some(p), PromptSyntax::A1111) = (&prompt, prompt_syntax.unwrap_or(PromptSyntax::A1111))
     {
-        let negative = negative_prompt.as_deref().unwrap_or("");
-        for (field, rule) in schedule::schedule_rules(p, negative, steps, scheduler) {
-            r.fail(field, rule);
+        for rule in schedule::and_rules(p) {
+            r.fail("prompt", rule);
         }
     }
     // A mask without an image to repaint is a mistake; a strength without one is ignored

@@ -190,7 +190,7 @@ pub(super) fn build(read: &ReadHires, first: &ValidRequest) -> Result<ValidHires
                 schedule,
             }
         });
-    validate_hires(&read.fields, first, sampler).map_err(|e| match e {
+    let mut hires = validate_hires(&read.fields, first, sampler).map_err(|e| match e {
         ApiError::Validation(errors) => ApiError::Validation(
             errors
                 .into_iter()
@@ -207,7 +207,9 @@ pub(super) fn build(read: &ReadHires, first: &ValidRequest) -> Result<ValidHires
                 .collect(),
         ),
         e => e,
-    })
+    })?;
+    hires.prompt_field = "hires.prompt";
+    Ok(hires)
 }
 
 #[cfg(test)]

@@ -445,6 +445,10 @@ pub struct WireInfo {
     default_schedule: Option<String>,
     adapters: Adapters,
     inpainting: bool,
+    /// Absent from workers older than the field: not distilled (their workers still refuse
+    /// AND parts when they run the job).
+    #[serde(default)]
+    guidance_distilled: bool,
 }
 
 impl WireInfo {
@@ -455,6 +459,7 @@ impl WireInfo {
             default_schedule: Some(i.default_schedule.name().to_string()),
             adapters: i.adapters.clone(),
             inpainting: i.inpainting,
+            guidance_distilled: i.guidance_distilled,
         }
     }
     pub fn info(&self) -> Option<ModelInfo> {
@@ -468,6 +473,7 @@ impl WireInfo {
             },
             adapters: self.adapters.clone(),
             inpainting: self.inpainting,
+            guidance_distilled: self.guidance_distilled,
             // The worker checks each job against its own budget before running it.
             memory: None,
             schedules: None,
