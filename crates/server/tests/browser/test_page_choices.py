@@ -232,6 +232,22 @@ def test_a_refused_field_is_named_marked_and_focused(browser, tiny):
     p.close()
 
 
+def test_a_styles_file_the_server_cannot_read_is_shown_with_the_reason(browser, tmp_path):
+    # A folder where the file should be: GET /styles has no styles and says why.
+    server = Server("--fake-generator", "step_ms=1", env={"STYLES_FILE": str(tmp_path)})
+    try:
+        listed = server.get_json("/styles")
+        assert listed["styles"] == [] and listed["error"]
+        p = Page(browser, server, DESKTOP)
+        expect(p.page.locator("#styles-box")).to_be_visible()
+        p.page.get_by_text("Styles", exact=True).click()
+        expect(p.page.locator("#styles-error")).to_have_text(f"The styles file cannot be used: {listed['error']}")
+        assert p.console_errors == []
+        p.close()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
 def test_choices_are_named_and_fit(browser, stocked, viewport):
     p = Page(browser, stocked, viewport)
