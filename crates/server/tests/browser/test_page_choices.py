@@ -159,10 +159,13 @@ def test_model_select_runs_the_other_model(browser, stocked):
     page.expose_function("reportStatus", lambda text: statuses.append(text))
     page.evaluate("""() => new MutationObserver(() => window.reportStatus(document.getElementById('status').textContent))
                       .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true})""")
+    # A job ahead on the default model: this one waits, so the page follows it before the
+    # worker loads its model (a tiny model loads faster than the page subscribes otherwise).
+    stocked.post_json("/jobs", {"prompt": "ahead", "steps": 20, "width": 256, "height": 256, "seed": 1})
     page.get_by_role("button", name="Generate").click()
     png = generated(page)
     # The worker held the default model: it loads this one first, and the page says so.
-    assert f"Loading the model {OTHER}…" in statuses, statuses
+    assert "Queued, position 1." in statuses and f"Loading the model {OTHER}…" in statuses, statuses
     body = {"prompt": "a red boat", "negative_prompt": "", "steps": 2, "width": 256, "height": 256,
             "guidance_scale": 7.5, "seed": 11}
     assert sent == [{**body, "model": OTHER}]
