@@ -267,6 +267,33 @@ fn a1111_errors_name_a1111_fields() {
     r.error(400, "invalid_json");
     let r = post(&s, "/sdapi/v1/img2img", &json!({"prompt": "x"}));
     assert_eq!(r.broken_fields(), ["init_images"]);
+    // A body is required (as FastAPI's A1111 does); `{}` takes every default.
+    s.request("POST", "/sdapi/v1/txt2img", &[], b"")
+        .error(400, "invalid_json");
+    // Fields txt2img ignores still have the type and range the schema declares.
+    let r = post(
+        &s,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "mask": {}, "override_settings": [1], "hr_second_pass_steps": -1, "subseed": -2}),
+    );
+    let mut fields = r.broken_fields();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "hr_second_pass_steps",
+            "mask",
+            "override_settings",
+            "subseed"
+        ]
+    );
+    // progress's flag is a boolean, as FastAPI reads one.
+    let r = s.get("/sdapi/v1/progress?skip_current_image=null");
+    assert_eq!(r.broken_fields(), ["skip_current_image"]);
+    assert_eq!(
+        s.get("/sdapi/v1/progress?skip_current_image=False").status,
+        200
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! One module per dialect translates to and from the one internal request (docs/ARCHITECTURE.md).
 
 pub mod a1111;
+mod declared_types;
 mod jobs;
 mod models;
 mod native;
@@ -34,7 +35,7 @@ use crate::security::OpenApiSecurity;
 pub use observe::dialect_error;
 use observe::{observe, RequestStats};
 pub use request::random_seed;
-use request::{body_object, rename_fields};
+use request::{body_object, query_bool, rename_fields, required_body_object};
 pub(crate) use request::{job_spec, off_the_runtime, prompt_syntax_name, read_generate_body};
 pub use schema::*;
 

@@ -19,6 +19,23 @@ pub(super) fn body_object(
     limit: usize,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    read_object(limit, body, false)
+}
+
+/// As `body_object`, for routes whose schema requires a body (A1111's, like FastAPI's, answers
+/// an empty one with an error): an empty body is an error, `{}` takes every default.
+pub(super) fn required_body_object(
+    limit: usize,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    read_object(limit, body, true)
+}
+
+fn read_object(
+    limit: usize,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    required: bool,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
     let body = body.map_err(|rej| {
         if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(limit)
@@ -27,6 +44,11 @@ pub(super) fn body_object(
         }
     })?;
     if body.iter().all(u8::is_ascii_whitespace) {
+        if required {
+            return Err(ApiError::InvalidJson(
+                "the body is empty: send a JSON object ({} takes every default)".into(),
+            ));
+        }
         return Ok(serde_json::Map::new());
     }
     match serde_json::from_slice(&body) {
@@ -35,6 +57,27 @@ pub(super) fn body_object(
             "the body must be a JSON object".into(),
         )),
         Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+    }
+}
+
+/// A boolean query parameter as FastAPI (pydantic) reads one: `true/false`, `1/0`, `yes/no`,
+/// `on/off`, `t/f`, `y/n` in any case; given twice, the last wins; anything else is a 422
+/// naming it. `None` when absent.
+pub(super) fn query_bool(query: Option<&str>, name: &str) -> Result<Option<bool>, ApiError> {
+    let Some(value) = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.to_ascii_lowercase())
+        .last()
+    else {
+        return Ok(None);
+    };
+    match value.as_str() {
+        "true" | "1" | "yes" | "on" | "t" | "y" => Ok(Some(true)),
+        "false" | "0" | "no" | "off" | "f" | "n" => Ok(Some(false)),
+        _ => Err(ApiError::validation(
+            name,
+            "must be a boolean (true or false)",
+        )),
     }
 }
 

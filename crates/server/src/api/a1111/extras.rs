@@ -20,7 +20,7 @@ use sdserve_pipeline::upscale::ExtrasUpscale;
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
-use crate::api::{body_object, AppState, Shared};
+use crate::api::{required_body_object, AppState, Shared};
 use crate::error::{ApiError, TimeoutInfo};
 use crate::validate::extras::{check_size, validate_extras, BATCH_MAX_IMAGES, BATCH_MAX_PIXELS};
 
@@ -153,7 +153,7 @@ pub(super) async fn extra_single_image(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body_object(app.max_body_bytes, body)?;
+    let body = required_body_object(app.max_body_bytes, body)?;
     let spec = validate_extras(&body)?;
     let b64 = image_text(body.get("image"), "image")?;
     let field = "image".to_string();
@@ -172,7 +172,7 @@ pub(super) async fn extra_batch_images(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = body_object(app.max_body_bytes, body)?;
+    let body = required_body_object(app.max_body_bytes, body)?;
     let spec = validate_extras(&body)?;
     let list = match body.get("imageList") {
         Some(Value::Array(a)) => a,

@@ -33,7 +33,7 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 
-use super::{body_object, native, random_seed, AppState, Shared};
+use super::{body_object, native, query_bool, random_seed, required_body_object, AppState, Shared};
 use crate::error::ApiError;
 use crate::generator::ModelInfo;
 use translate::{Mode, SAMPLERS, SCHEDULES};
@@ -198,7 +198,7 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
     mode: Mode,
 ) -> Result<Response, ApiError> {
-    let mut body = body_object(app.max_body_bytes, body)?;
+    let mut body = required_body_object(app.max_body_bytes, body)?;
     let info = app.engine.model_info()?;
     let clip_skip = lock(&app.a1111.options)
         .get("CLIP_stop_at_last_layers")
@@ -318,20 +318,16 @@ async fn generate(
     path = "/sdapi/v1/progress",
     tag = "a1111",
     params(("skip_current_image" = Option<bool>, Query, description = "`true`: no `current_image` (and no previews made for it)")),
-    responses((status = 200, body = schema::A1111Progress))
+    responses((status = 200, body = schema::A1111Progress), (status = 422, description = "`skip_current_image` is not a boolean", body = crate::error::ErrorBody))
 )]
-async fn progress(State(app): State<Shared>, RawQuery(query): RawQuery) -> Json<Value> {
-    let skip_image = query.as_deref().is_some_and(|q| {
-        q.split('&').any(|pair| {
-            matches!(
-                pair.split_once('='),
-                Some(("skip_current_image", v)) if v.eq_ignore_ascii_case("true") || v == "1"
-            )
-        })
-    });
+async fn progress(
+    State(app): State<Shared>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let skip_image = query_bool(query.as_deref(), "skip_current_image")?.unwrap_or(false);
     let active = lock(&app.a1111.active).first().cloned();
     let Some(a) = active else {
-        return Json(json!({
+        return Ok(Json(json!({
             "progress": 0.0,
             "eta_relative": 0.0,
             "state": {
@@ -341,7 +337,7 @@ async fn progress(State(app): State<Shared>, RawQuery(query): RawQuery) -> Json<
             },
             "current_image": null,
             "textinfo": null,
-        }));
+        })));
     };
     let job_no = a.job_no.load(Ordering::SeqCst);
     let job_id = lock(&a.job).clone();
@@ -378,7 +374,7 @@ async fn progress(State(app): State<Shared>, RawQuery(query): RawQuery) -> Json<
         None if progress > 0.0 => elapsed / progress - elapsed,
         None => 0.0,
     };
-    Json(json!({
+    Ok(Json(json!({
         "progress": progress,
         "eta_relative": eta,
         "state": {
@@ -394,7 +390,7 @@ async fn progress(State(app): State<Shared>, RawQuery(query): RawQuery) -> Json<
         },
         "current_image": preview.as_deref(),
         "textinfo": null,
-    }))
+    })))
 }
 
 /// Seconds left for the whole request: the running job's own ETA, plus the batches after it at

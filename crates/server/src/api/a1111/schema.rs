@@ -10,10 +10,10 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(Serialize, ToSchema)]
 #[schema(as = a1111::GenerateRequest)]
 pub struct A1111Request {
-    /// 1..=500 characters counted after cleaning (the native rule). `<lora:name:weight>` tags
-    /// work as natively.
-    #[schema(min_length = 1)]
-    pub prompt: String,
+    /// At most 500 characters counted after cleaning (the native rule); empty or absent is
+    /// allowed, as in A1111 (default ""). `<lora:name:weight>` tags work as natively.
+    #[schema(default = "", nullable = true)]
+    pub prompt: Option<String>,
     /// At most 500 characters counted after cleaning (the native rule).
     #[schema(nullable = true)]
     pub negative_prompt: Option<String>,
@@ -57,8 +57,9 @@ pub struct A1111Request {
     /// Batches run one after another.
     #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
     pub n_iter: Option<u32>,
-    /// img2img: exactly one base64 image (a `data:` prefix is allowed).
-    #[schema(min_items = 1, max_items = 1)]
+    /// img2img: exactly one base64 image (a `data:` prefix is allowed); txt2img ignores it, as
+    /// A1111 does (this schema serves both routes, so the count is not in it).
+    #[schema(nullable = true)]
     pub init_images: Option<Vec<String>>,
     /// img2img: the native `strength`; txt2img with `enable_hr`: the second pass's.
     #[schema(default = 0.75, minimum = 0.0, maximum = 1.0, nullable = true)]
@@ -116,7 +117,7 @@ pub struct A1111Request {
     pub seed_resize_from_h: Option<i64>,
     /// `CLIP_stop_at_last_layers` is the native `clip_skip`; `sd_model_checkpoint` naming another
     /// model falls back to the loaded one (as A1111 does).
-    #[schema(value_type = Object)]
+    #[schema(value_type = Object, nullable = true, required = false)]
     pub override_settings: Option<serde_json::Value>,
 }
 

@@ -6,6 +6,7 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::api::declared_types::DeclaredTypes;
 use crate::error::ApiError;
 use crate::validate::{PromptRule, ValidRequest};
 
@@ -145,6 +146,9 @@ pub fn translate(
     clip_skip_option: Option<&Value>,
     random_seed: impl FnOnce() -> u32,
 ) -> Result<Translated, ApiError> {
+    static TYPES: std::sync::LazyLock<DeclaredTypes> =
+        std::sync::LazyLock::new(DeclaredTypes::of::<super::schema::A1111Request>);
+    TYPES.check(body)?;
     let mut native = Map::new();
     let mut parameters = body.clone();
     let mut fill = |k: &str, v: Value| {
@@ -281,7 +285,8 @@ pub fn translate(
     }
 
     // Variation seed: `subseed` -1 (or absent) draws one now, as A1111's `fix_seed` does;
-    // only a non-zero `subseed_strength` uses it (A1111 ignores the subseed otherwise).
+    // only a non-zero `subseed_strength` uses it (A1111 ignores the subseed otherwise; its
+    // type and range are checked either way, by `TYPES`).
     if let Some(strength) = get(body, "subseed_strength") {
         native.insert("variation_strength".into(), strength.clone());
         if strength.as_f64().is_some_and(|s| s != 0.0) {
