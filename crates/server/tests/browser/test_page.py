@@ -278,7 +278,9 @@ def test_schedule_type_asks_for_those_sigmas(browser, tiny):
     names = tiny.get_json("/openapi.json")["components"]["schemas"]["SigmaScheduleName"]["enum"]
     schedule = page.get_by_role("combobox", name="Schedule type", exact=True)
     expect(schedule).to_have_value("")
-    assert schedule.evaluate("s => [...s.options].map(o => o.value)") == [""] + [n for n in names if n != "default"]
+    want = [""] + [n for n in names if n != "default"]
+    expect(schedule.locator("option")).to_have_count(len(want))  # once the page has read the lists
+    assert schedule.evaluate("s => [...s.options].map(o => o.value)") == want
     fill_request(page, "a lighthouse at dusk", 2, 256, 31)
     page.get_by_role("combobox", name="Scheduler", exact=True).select_option("euler")
     schedule.select_option("exponential")
@@ -359,6 +361,7 @@ def test_hires_fix_by_scale_with_its_own_scheduler_and_prompts(browser, tiny):
     # The second pass's schedulers are the server's (the API's SchedulerName), after "as the first pass".
     names = tiny.get_json("/openapi.json")["components"]["schemas"]["SchedulerName"]["enum"]
     scheduler = page.get_by_role("combobox", name="Hires scheduler")
+    expect(scheduler.locator("option")).to_have_count(len(names) + 1)  # once the page has read the lists
     assert scheduler.evaluate("s => [...s.options].map(o => o.value)") == [""] + names
     scheduler.select_option("dpmpp_2m")
     page.get_by_role("textbox", name="Hires prompt", exact=True).fill("a hires lighthouse, (sharp:1.2)")
