@@ -20,6 +20,7 @@ FIXTURES = ROOT / "crates/pipeline/tests/fixtures"
 STYLES_FILE = ROOT / "crates/server/tests/fixtures/styles/styles.csv"
 DEFAULT = "tiny-a-vae8"  # the VAE_DIR VAE alt.safetensors fits it
 OTHER = "tiny-b"
+EXTRAS = ["Clip skip", "Variation seed", "Variation strength", "Resize seed from width", "Resize seed from height"]
 
 
 def folders(root):
@@ -89,14 +90,18 @@ def test_vae_styles_embedding_clip_skip_and_variation_reach_the_job(browser, sto
     expect(page.locator("#styles-box summary")).to_have_text("Styles: Appended, Cinematic")
     vae.select_option("alt.safetensors")
     page.get_by_label("Clip skip").fill("2")
+    page.get_by_text("Variation seed and seed resize", exact=True).click()
     page.get_by_label("Variation seed").fill("9")
     page.get_by_label("Variation strength").fill("0.3")
+    page.get_by_label("Resize seed from width").fill("320")
+    page.get_by_label("Resize seed from height").fill("192")
     sent, ids = posted_jobs(page)
     page.get_by_role("button", name="Generate").click()
     png = generated(page)
     request = {"prompt": "a boat, tinystyle", "negative_prompt": "", "steps": 2, "width": 256, "height": 256,
                "guidance_scale": 7.5, "seed": 3, "vae": "alt.safetensors", "styles": ["Appended", "Cinematic"],
-               "clip_skip": 2, "variation_seed": 9, "variation_strength": 0.3}
+               "clip_skip": 2, "variation_seed": 9, "variation_strength": 0.3,
+               "seed_resize_from_width": 320, "seed_resize_from_height": 192}
     assert sent == [request]  # no `model`: the default model's
     # The job ran the styled prompts, in the order ticked (A1111's rules: a text with {prompt}
     # takes the prompt there, another is appended; the server's unit tests hold them to A1111's).
@@ -104,23 +109,24 @@ def test_vae_styles_embedding_clip_skip_and_variation_reach_the_job(browser, sto
     appended = f"a boat, tinystyle, {styles['Appended']['prompt']}"
     assert job["prompt"] == styles["Cinematic"]["prompt"].replace("{prompt}", appended)
     assert job["negative_prompt"] == f"{styles['Appended']['negative_prompt']}, {styles['Cinematic']['negative_prompt']}"
-    assert {k: job[k] for k in ["vae", "clip_skip", "variation_seed", "variation_strength", "model"]} == {
-        "vae": "alt.safetensors", "clip_skip": 2, "variation_seed": 9, "variation_strength": 0.3, "model": None}
+    fields = ["vae", "clip_skip", "variation_seed", "variation_strength", "seed_resize_from_width", "seed_resize_from_height"]
+    assert {k: job[k] for k in fields + ["model"]} == {**{k: request[k] for k in fields}, "model": None}
     # The native API's image for the same JSON, and for the styles written out; each field counts.
     assert native_png(stocked, request) == png
     written_out = {k: v for k, v in request.items() if k != "styles"}
     assert native_png(stocked, {**written_out, "prompt": job["prompt"], "negative_prompt": job["negative_prompt"]}) == png
-    for field in ["vae", "styles", "clip_skip", "variation_strength"]:
-        assert native_png(stocked, {k: v for k, v in request.items() if k != field}) != png, field
+    for left_out in [["vae"], ["styles"], ["clip_skip"], ["variation_strength"], ["seed_resize_from_width", "seed_resize_from_height"]]:
+        assert native_png(stocked, {k: v for k, v in request.items() if k not in left_out}) != png, left_out
     params = page.locator("#params")
-    for shown in ["stylesAppended, Cinematic", "variation seed9", "variation strength0.3", "clip skip2", "vaealt.safetensors"]:
+    for shown in ["stylesAppended, Cinematic", "variation seed9", "variation strength0.3", "seed resize from width320",
+                  "seed resize from height192", "clip skip2", "vaealt.safetensors"]:
         expect(params).to_contain_text(shown)
     # "Reuse these parameters" and the history bring back the prompt as written and the choices.
     for reuse in ["button", "history"]:
         prompt.fill("something else")
         page.get_by_role("checkbox", name="Appended", exact=True).uncheck()
         vae.select_option("")
-        for label in ["Clip skip", "Variation seed", "Variation strength"]:
+        for label in EXTRAS:
             page.get_by_label(label).fill("")
         if reuse == "button":
             page.get_by_role("button", name="Reuse these parameters").click()
@@ -133,6 +139,8 @@ def test_vae_styles_embedding_clip_skip_and_variation_reach_the_job(browser, sto
         expect(page.get_by_label("Clip skip")).to_have_value("2")
         expect(page.get_by_label("Variation seed")).to_have_value("9")
         expect(page.get_by_label("Variation strength")).to_have_value("0.3")
+        expect(page.get_by_label("Resize seed from width")).to_have_value("320")
+        expect(page.get_by_label("Resize seed from height")).to_have_value("192")
     # Again: the same request (reuse names the scheduler and schedule that ran), the same image.
     sent.clear()
     page.get_by_role("button", name="Generate").click()
@@ -189,8 +197,10 @@ def test_each_choice_is_hidden_when_the_server_has_none(browser, tiny):
         expect(page.get_by_role("combobox", name=name, exact=True)).to_be_hidden()
     expect(page.locator("#styles-box")).to_be_hidden()
     expect(page.locator("#embeddings-row")).to_be_hidden()
-    # Clip skip and the variation seed need nothing from the server; empty, they are not sent.
-    for label in ["Clip skip", "Variation seed", "Variation strength"]:
+    # Clip skip, the variation seed and the seed resize need nothing from the server; empty,
+    # they are not sent.
+    page.get_by_text("Variation seed and seed resize", exact=True).click()
+    for label in EXTRAS:
         expect(page.get_by_label(label)).to_be_visible()
     fill_request(page, "a plain boat", 2, 256, 4)
     sent, _ = posted_jobs(page)
@@ -232,6 +242,17 @@ def test_a_refused_field_is_named_marked_and_focused(browser, tiny):
     expect(clip_skip).to_be_focused()
     clip_skip.fill("2")  # written again: no longer marked
     expect(clip_skip).not_to_have_attribute("aria-invalid", "true")
+    # A field in a closed section: the section opens on it. (A seed resize takes both sides.)
+    section = page.locator("#seed-extras")
+    page.get_by_text("Variation seed and seed resize", exact=True).click()
+    page.get_by_label("Resize seed from width").fill("320")
+    page.get_by_text("Variation seed and seed resize", exact=True).click()
+    expect(section).not_to_have_attribute("open", "")
+    page.get_by_role("button", name="Generate").click()
+    height = page.get_by_label("Resize seed from height")
+    expect(height).to_have_attribute("aria-invalid", "true")
+    expect(height).to_be_focused()
+    expect(page.get_by_role("alert")).to_contain_text("seed_resize_from_height: ")
     p.close()
 
 

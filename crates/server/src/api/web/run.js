@@ -112,7 +112,7 @@ function finish(result) {
   });
   const dl = $('params');
   dl.replaceChildren();
-  const shown = ['prompt', 'negative_prompt', 'styles', 'seed', 'seeds', 'variation_seed', 'variation_strength', 'steps', 'width', 'height', 'image_width', 'image_height', 'guidance_scale', 'scheduler', 'schedule', 'clip_skip', 'mode', 'strength', 'hires', 'tiling', 'batch_size', 'model', 'model_version', 'vae', 'generation_time_seconds'];
+  const shown = ['prompt', 'negative_prompt', 'styles', 'seed', 'seeds', 'variation_seed', 'variation_strength', 'seed_resize_from_width', 'seed_resize_from_height', 'steps', 'width', 'height', 'image_width', 'image_height', 'guidance_scale', 'scheduler', 'schedule', 'clip_skip', 'mode', 'strength', 'hires', 'tiling', 'batch_size', 'model', 'model_version', 'vae', 'generation_time_seconds'];
   // The model and styles as asked (the metadata names neither); defaults left unsaid.
   const asked = state.asked || {};
   const values = { ...meta, model: asked.model, styles: asked.styles };
