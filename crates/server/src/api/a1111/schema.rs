@@ -255,7 +255,7 @@ pub struct ExtrasBatchImagesResponse {
 #[derive(OpenApi)]
 #[openapi(
     paths(
-        super::txt2img, super::img2img, super::progress, super::interrupt, super::skip,
+        super::txt2img, super::img2img, super::progress::progress, super::progress::interrupt, super::progress::skip,
         super::samplers, super::schedulers, super::sd_models, super::get_options,
         super::set_options, super::png_info, super::cmd_flags::cmd_flags,
         super::extras::extra_single_image, super::extras::extra_batch_images, super::listings::loras,

@@ -1,0 +1,122 @@
+//! Tests of the wire format (split from wire.rs).
+
+use super::*;
+
+#[test]
+fn events_round_trip_through_their_message() {
+    let id = "abc";
+    for e in [
+        JobEvent::Queued { position: 3 },
+        JobEvent::Started,
+        JobEvent::Loading {
+            model: "tiny-b".into(),
+        },
+        JobEvent::Progress(JobProgress {
+            step: 2,
+            total: 5,
+            eta_seconds: Some(1.5),
+        }),
+        JobEvent::Preview {
+            step: 2,
+            png_base64: Arc::new("iVBOR".into()),
+        },
+        JobEvent::Failed(ApiError::Timeout(60.into()).body()),
+        JobEvent::Cancelled,
+    ] {
+        let (got_id, got) = parse_event(&event_message(id, &e)).unwrap();
+        assert_eq!(got_id, id);
+        assert_eq!(got.name(), e.name());
+        assert_eq!(got.data(id), e.data(id));
+    }
+    assert!(parse_event("{\"id\":\"x\",\"event\":\"nope\"}").is_none());
+}
+
+#[test]
+fn a_spec_survives_the_trip_with_its_images() {
+    let img = RgbImage {
+        width: 2,
+        height: 1,
+        pixels: vec![1, 2, 3, 4, 5, 6],
+    };
+    let spec = JobSpec {
+        params: GenerationParams {
+            prompt: "a (cat:1.2)".into(),
+            seed: 7,
+            scheduler: Some(SchedulerKind::Euler),
+            prompt_syntax: PromptSyntax::A1111,
+            loras: vec![LoraWeight {
+                name: "l".into(),
+                weight: 0.5,
+            }],
+            init_image: Some(InitImage {
+                image: img.clone(),
+                mask: Some(img.clone()),
+                strength: 0.6,
+            }),
+            hires: Some(sdserve_pipeline::pipeline::Hires {
+                width: 512,
+                height: 384,
+                upscale_width: 512,
+                upscale_height: 512,
+                upscaler: crate::validate::hires::upscaler_named("Latent (bicubic)").unwrap(),
+                steps: 7,
+                strength: 0.55,
+                scheduler: Some(SchedulerKind::Ddim),
+                prompt: Some("hr".into()),
+                negative_prompt: None,
+            }),
+            tiling: true,
+            variation: Some(sdserve_pipeline::pipeline::Variation {
+                seed: 9,
+                strength: 0.25,
+            }),
+            seed_resize_from: Some(sdserve_pipeline::pipeline::SeedResize {
+                width: 320,
+                height: 192,
+            }),
+            ..Default::default()
+        },
+        request: serde_json::json!({"prompt": "a (cat:1.2)"}),
+        png_texts: vec!["t".into()],
+        progress_total: 9,
+        model_version: "m@1".into(),
+        model: Some("tiny-b".into()),
+        vae: Some(crate::vaes::VaeUse {
+            name: "vae-ft-mse.safetensors".into(),
+            hash: "0123456789".into(),
+        }),
+        timeout_setting: DeadlineSetting::Job,
+        timeout: Duration::from_secs(9),
+    };
+    let json = serde_json::to_string(&WireSpec::of(&spec)).unwrap();
+    let back: WireSpec = serde_json::from_str(&json).unwrap();
+    let again = back.spec(Duration::from_secs(3)).unwrap();
+    assert_eq!(again.params, spec.params, "every parameter makes the trip");
+    assert_eq!(again.timeout, Duration::from_secs(3));
+    assert_eq!(again.png_texts, spec.png_texts);
+    assert_eq!(again.progress_total, 9);
+    assert_eq!(again.timeout_setting, DeadlineSetting::Job);
+    assert_eq!(again.model.as_deref(), Some("tiny-b"));
+    assert_eq!(again.vae, spec.vae);
+    // An older replica's job names no model: the default.
+    let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+    old.as_object_mut().unwrap().remove("model");
+    let back: WireSpec = serde_json::from_value(old).unwrap();
+    assert_eq!(back.spec(Duration::from_secs(3)).unwrap().model, None);
+}
+
+#[test]
+fn errors_keep_their_code_and_details() {
+    let e = ApiError::Timeout(TimeoutInfo {
+        limit_secs: 60,
+        setting: DeadlineSetting::Job,
+        queued_secs: 1.0,
+        step: 3,
+        total: 10,
+        running_secs: 5.0,
+        alone_secs: Some(80.0),
+    });
+    let json = serde_json::to_string(&WireError::of(&e)).unwrap();
+    let back: WireError = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.error(), e);
+}
