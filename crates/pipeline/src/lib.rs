@@ -28,6 +28,7 @@ mod test_util;
 pub mod tokenizer;
 pub mod unet;
 pub mod upscale;
+pub mod upscaler;
 pub mod vae;
 pub mod vae_encoder;
 pub mod weights;

@@ -52,7 +52,7 @@ pub struct ExtrasUpscale {
 }
 
 /// `int((side * scale) // 8 * 8)`, A1111's size after `Upscaler.upscale`.
-fn dest_side(side: u32, scale: f64) -> usize {
+pub(crate) fn dest_side(side: u32, scale: f64) -> usize {
     ((side as f64 * scale / 8.0).floor() * 8.0) as usize
 }
 

@@ -1,0 +1,58 @@
+//! Upscaling networks: ESRGAN-architecture models (RRDBNet: ESRGAN, Real-ESRGAN,
+//! 4x-UltraSharp, NMKD's, ...), the `models/ESRGAN/*.pth` A1111 users upscale with, run the
+//! way A1111 runs them ([`tiles`]) and repeated to a factor as its `Upscaler.upscale` does.
+
+mod net;
+mod state;
+pub mod tiles;
+
+pub use net::Esrgan;
+pub use tiles::{upscale_tiled, TILE, TILE_OVERLAP};
+
+use crate::image_in::resize_lanczos;
+use crate::pipeline::RgbImage;
+use crate::Result;
+
+/// The sizes of the image after each round of A1111's `Upscaler.upscale` loop for a model
+/// growing sides by `model_scale`: at most 3 rounds, ending once the image reaches
+/// `side * scale // 8 * 8` on both sides (or a round leaves it as it was, a 1x model).
+pub fn rounds(model_scale: usize, width: usize, height: usize, scale: f64) -> Vec<(usize, usize)> {
+    let dest = (
+        crate::upscale::dest_side(width as u32, scale),
+        crate::upscale::dest_side(height as u32, scale),
+    );
+    let mut size = (width, height);
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        let before = size;
+        size = (size.0 * model_scale, size.1 * model_scale);
+        out.push(size);
+        if size == before || (size.0 >= dest.0 && size.1 >= dest.1) {
+            break;
+        }
+    }
+    out
+}
+
+/// A1111's `Upscaler.upscale(img, scale)` with an ESRGAN model (`UpscalerESRGAN.do_upscale`:
+/// [`upscale_tiled`] with A1111's default tile and overlap): the model's rounds (see
+/// [`rounds`]), then a Lanczos resize to `side * scale // 8 * 8` where that differs.
+pub fn upscale_by(model: &Esrgan, image: &RgbImage, scale: f64) -> Result<RgbImage> {
+    let dest = (
+        crate::upscale::dest_side(image.width, scale),
+        crate::upscale::dest_side(image.height, scale),
+    );
+    let mut out = image.clone();
+    for _ in rounds(
+        model.scale(),
+        image.width as usize,
+        image.height as usize,
+        scale,
+    ) {
+        out = upscale_tiled(model, &out, TILE, TILE_OVERLAP)?;
+    }
+    if (out.width as usize, out.height as usize) != dest {
+        out = resize_lanczos(&out, dest.0, dest.1);
+    }
+    Ok(out)
+}
