@@ -66,6 +66,7 @@ fn the_announced_total_is_what_the_run_counts() {
         steps: 4,
         strength: 0.5,
         scheduler: Some(SchedulerKind::Heun),
+        schedule: None,
         prompt: None,
         negative_prompt: None,
     };

@@ -15,7 +15,7 @@ use sdserve_pipeline::interpolate::{interpolate, Interpolation, InterpolationMod
 use sdserve_pipeline::pipeline::{
     GenerationParams, Hires, InitImage, RgbImage, StableDiffusion, Upscaler,
 };
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use sdserve_pipeline::PipelineError;
 
 fn references() -> HashMap<String, Tensor> {
@@ -110,6 +110,7 @@ fn hires(upscaler: Upscaler) -> Hires {
         steps: 6,
         strength: 0.5,
         scheduler: None,
+        schedule: None,
         prompt: None,
         negative_prompt: None,
     }
@@ -327,4 +328,43 @@ fn prompt_editing_goes_on_in_the_hires_pass() {
     let unedited = hires_of("a lighthouse");
     let (apart, _) = common::pixel_difference(&unedited.pixels, &by_hand.pixels);
     assert!(apart > 0.05, "the edit changes the hires pass ({apart})");
+}
+
+#[test]
+fn a_pass_of_its_own_runs_on_its_own_schedule() {
+    // A1111's `hr_scheduler`: the first pass's sampler (Euler) on another schedule type.
+    let model = tiny();
+    let own = |schedule| GenerationParams {
+        hires: Some(Hires {
+            scheduler: Some(SchedulerKind::Euler),
+            schedule,
+            ..hires(Upscaler::Resize)
+        }),
+        ..first_pass(21, 1)
+    };
+    let exponential = run(&model, &own(Some(SigmaSchedule::Exponential))).remove(0);
+    // The same as img2img of the resized first pass on that schedule, by hand.
+    let low = generate_one(&model, &first_pass(21, 1));
+    let h = hires(Upscaler::Resize);
+    let by_hand = generate_one(
+        &model,
+        &GenerationParams {
+            steps: h.steps,
+            width: h.width,
+            height: h.height,
+            schedule: Some(SigmaSchedule::Exponential),
+            init_image: Some(InitImage {
+                image: resize_lanczos(&low, 128, 96),
+                mask: None,
+                strength: h.strength,
+            }),
+            ..first_pass(21, 1)
+        },
+    );
+    assert!(exponential == by_hand);
+    // Not the first pass's schedule (uniform), which the pass runs without one of its own.
+    let uniform = run(&model, &own(None)).remove(0);
+    assert!(exponential != uniform);
+    let (mean, _) = common::pixel_difference(&exponential.pixels, &uniform.pixels);
+    eprintln!("hires on exponential vs uniform sigmas: mean abs diff {mean:.2}");
 }

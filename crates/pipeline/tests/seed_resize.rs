@@ -197,6 +197,7 @@ fn the_hires_pass_resizes_its_noise_too() {
                 steps: 3,
                 strength: 1.0,
                 scheduler: None,
+                schedule: None,
                 prompt: None,
                 negative_prompt: None,
             }),

@@ -404,3 +404,38 @@ fn openai_generations_take_the_native_hires_object() {
         assert_eq!(r.header("x-should-retry"), Some("false"), "{hires}");
     }
 }
+
+#[test]
+fn a1111_hr_scheduler_runs_the_first_pass_sampler_on_another_schedule() {
+    let s = tiny_server();
+    // First pass Euler / Automatic; the pass names the same sampler on another schedule type.
+    let run = |extra: Value| {
+        let mut hr = json!({"hr_scale": 1.5, "hr_second_pass_steps": 3, "denoising_strength": 0.7});
+        for (k, v) in extra.as_object().unwrap() {
+            hr[k] = v.clone();
+        }
+        let v = ok(&post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111(hr)));
+        let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+        (
+            decode_png(v["images"][0].as_str().unwrap()).2,
+            info["infotexts"][0].as_str().unwrap().to_string(),
+        )
+    };
+    let (first_schedule, _) = run(json!({}));
+    let (exponential, text) =
+        run(json!({"hr_sampler_name": "Euler", "hr_scheduler": "Exponential"}));
+    assert!(
+        exponential != first_schedule,
+        "hr_scheduler fell back to the first pass's"
+    );
+    assert!(text.contains("Hires schedule type: Exponential"), "{text}");
+    assert!(!text.contains("Hires sampler"), "{text}");
+    // Karras: the native pass of its own on euler_karras, pixel for pixel.
+    let (karras, text) = run(json!({"hr_scheduler": "Karras"}));
+    assert!(text.contains("Hires schedule type: Karras"), "{text}");
+    let body = ok(&s.post_json(&native(
+        json!({"scale": 1.5, "steps": 3, "strength": 0.7, "scheduler": "euler_karras"}),
+    )));
+    assert!(karras == decode_png(body["image_base64"].as_str().unwrap()).2);
+    assert!(karras != first_schedule && karras != exponential);
+}

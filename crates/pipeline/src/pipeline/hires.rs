@@ -34,8 +34,11 @@ pub struct Hires {
     pub steps: usize,
     pub strength: f64,
     /// `None`: the first pass's scheduler (and sigma schedule); a scheduler given here runs on
-    /// its name's own schedule.
+    /// `schedule`, or on its name's own schedule.
     pub scheduler: Option<SchedulerKind>,
+    /// The sigma schedule of the pass's own `scheduler` (A1111's `hr_scheduler`: the first
+    /// pass's sampler on another schedule type is a scheduler of its own); ignored without one.
+    pub schedule: Option<crate::schedulers::SigmaSchedule>,
     /// `None`: the first pass's prompt (and negative prompt).
     pub prompt: Option<String>,
     pub negative_prompt: Option<String>,
@@ -129,8 +132,8 @@ impl SecondPass<'_> {
     }
 }
 
-/// The hires pass's scheduler and schedule: its own, else the first pass's (a scheduler of its
-/// own runs on its own schedule).
+/// The hires pass's scheduler and schedule: its own (on its `schedule`, else its name's own),
+/// else the first pass's.
 pub(super) fn second_pass_scheduler(
     params: &GenerationParams,
     hires: &Hires,
@@ -138,10 +141,10 @@ pub(super) fn second_pass_scheduler(
     Option<crate::schedulers::SchedulerKind>,
     Option<crate::schedulers::SigmaSchedule>,
 ) {
-    (
-        hires.scheduler.or(params.scheduler),
-        params.schedule.filter(|_| hires.scheduler.is_none()),
-    )
+    match hires.scheduler {
+        Some(kind) => (Some(kind), hires.schedule),
+        None => (params.scheduler, params.schedule),
+    }
 }
 
 impl StableDiffusion {
@@ -332,6 +335,7 @@ mod tests {
             steps: 2,
             strength: 0.5,
             scheduler: None,
+            schedule: None,
             prompt: None,
             negative_prompt: None,
         }

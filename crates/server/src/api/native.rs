@@ -508,6 +508,7 @@ mod tests {
             steps: 4,
             strength: 0.7,
             scheduler: None,
+            schedule: None,
             prompt: None,
             negative_prompt: None,
         };
@@ -535,6 +536,15 @@ mod tests {
             }),
             with_hires(sdserve_pipeline::pipeline::Hires {
                 prompt: Some("x".into()),
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+                schedule: Some(sdserve_pipeline::schedulers::SigmaSchedule::Beta),
                 ..hires.clone()
             }),
         ];

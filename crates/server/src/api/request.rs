@@ -378,6 +378,7 @@ pub(crate) fn job_spec(
             "steps": h.params.steps,
             "strength": h.params.strength,
             "scheduler": h.params.scheduler.map(|k| k.name()),
+            "schedule": h.params.schedule.map(|s| s.name()),
             "prompt": h.params.prompt,
             "negative_prompt": h.params.negative_prompt,
         })),

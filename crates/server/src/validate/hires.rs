@@ -7,7 +7,7 @@
 use sdserve_pipeline::interpolate::{Interpolation, InterpolationMode};
 use sdserve_pipeline::pipeline::{Hires, PromptSyntax, Upscaler};
 use sdserve_pipeline::prompt::parse_attention;
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde_json::{Map, Value};
 
 use super::fields::FieldReader;
@@ -112,9 +112,48 @@ impl ValidHires {
 /// `hr_scheduler`, resolved by the dialect), with its A1111 name.
 pub struct HiresSampler {
     pub kind: SchedulerKind,
-    pub name: &'static str,
-    /// A1111's schedule label (`Karras`, `Uniform`) where the sampler has a choice.
+    /// The sigma schedule it runs on (`None`: the kind's own).
+    pub sigmas: Option<SigmaSchedule>,
+    /// A1111's sampler name, for `Hires sampler` when it is not the first pass's (`None`).
+    pub name: Option<&'static str>,
+    /// A1111's schedule label, for `Hires schedule type` when it is not the first pass's
+    /// (`None`).
     pub schedule: Option<&'static str>,
+}
+
+impl HiresSampler {
+    /// The pass's `kind` on `sigmas` (`None`: the kind's own), with the infotext keys A1111
+    /// writes for it: `Hires sampler` when its sampler is not the first pass's (`first_name`),
+    /// `Hires schedule type` when its schedule is not the first pass's (`first_label`).
+    pub fn new(
+        kind: SchedulerKind,
+        sigmas: Option<SigmaSchedule>,
+        first_name: Option<&str>,
+        first_label: Option<&str>,
+    ) -> Self {
+        let (name, label) = a1111_sampler_of(kind, sigmas);
+        Self {
+            kind,
+            sigmas,
+            name: (Some(name) != first_name).then_some(name),
+            schedule: label.filter(|&l| Some(l) != first_label),
+        }
+    }
+}
+
+/// A1111's sampler name and schedule label of a pass that runs `kind` on `sigmas` (`None`: its
+/// own); no label for a sampler without a schedule choice.
+pub fn a1111_sampler_of(
+    kind: SchedulerKind,
+    sigmas: Option<SigmaSchedule>,
+) -> (&'static str, Option<&'static str>) {
+    let (name, choice) = crate::png::a1111_sampler(kind);
+    (
+        name,
+        choice.map(|_| {
+            crate::api::a1111::samplers::schedule_label(sigmas.unwrap_or(kind.schedule()))
+        }),
+    )
 }
 
 /// Python's `str(float)`: `2.0`, `0.7`.
@@ -262,7 +301,9 @@ pub fn validate_hires(
     let (upscaler_name, upscaler) = upscaler.unwrap_or((UPSCALER_DEFAULT, LATENT_UPSCALERS[0].1));
     let mut infotext = vec![("Denoising strength", py_float(strength_value))];
     if let Some(s) = &sampler {
-        infotext.push(("Hires sampler", s.name.to_string()));
+        if let Some(name) = s.name {
+            infotext.push(("Hires sampler", name.to_string()));
+        }
         if let Some(schedule) = s.schedule {
             infotext.push(("Hires schedule type", schedule.to_string()));
         }
@@ -292,7 +333,8 @@ pub fn validate_hires(
             upscaler,
             steps: steps_value,
             strength: strength_value,
-            scheduler: sampler.map(|s| s.kind),
+            scheduler: sampler.as_ref().map(|s| s.kind),
+            schedule: sampler.as_ref().and_then(|s| s.sigmas),
             prompt: hr_prompt,
             negative_prompt: hr_negative,
         },

@@ -183,12 +183,10 @@ pub(super) fn build(read: &ReadHires, first: &ValidRequest) -> Result<ValidHires
         .scheduler
         .filter(|&k| Some(k) != first.scheduler)
         .map(|kind| {
-            let (name, schedule) = crate::png::a1111_sampler(kind);
-            HiresSampler {
-                kind,
-                name,
-                schedule,
-            }
+            let first = first
+                .scheduler
+                .map(|k| super::hires::a1111_sampler_of(k, first.schedule));
+            HiresSampler::new(kind, None, first.map(|f| f.0), first.and_then(|f| f.1))
         });
     let mut hires = validate_hires(&read.fields, first, sampler).map_err(|e| match e {
         ApiError::Validation(errors) => ApiError::Validation(

@@ -267,6 +267,7 @@ mod tests {
             steps: 2,
             strength: 0.5,
             scheduler: None,
+            schedule: None,
             prompt: Some("a cat AND a dog".into()),
             negative_prompt: None,
         });

@@ -4,6 +4,7 @@
 //! (A1111's names and defaults mapped onto ours), which `validate` then checks like any other
 //! request; its errors are renamed back to the field the client sent.
 
+use sdserve_pipeline::schedulers::SigmaSchedule;
 use serde_json::{json, Map, Value};
 
 use crate::api::declared_types::DeclaredTypes;
@@ -357,8 +358,11 @@ pub fn translate(
     })
 }
 
-/// The second pass of `enable_hr`: its fields checked by the one validation place, its own
-/// sampler (`hr_sampler_name`, `hr_scheduler`; absent or "Use same ...": the first pass's).
+/// The second pass of `enable_hr`: its fields checked by the one validation place, and its
+/// sampler as A1111 runs it (`StableDiffusionProcessingTxt2Img`): `hr_sampler_name or
+/// sampler_name` on `hr_scheduler`, which defaults to the first pass's `p.scheduler`, then to
+/// the sampler's own (`Automatic`, in `get_sigmas`); "Use same ..." (the web UI's) is absent.
+/// A sampler or schedule other than the first pass's is the pass's own.
 fn hires(
     body: &Map<String, Value>,
     first: &ValidRequest,
@@ -372,7 +376,6 @@ fn hires(
         (None, None) => None,
         _ => {
             let first_name = opt_str(body, "sampler_name")?.or(opt_str(body, "sampler_index")?);
-            let first_schedule = opt_str(body, "scheduler")?;
             let r = resolve_sampler(
                 if name.is_some() {
                     "hr_sampler_name"
@@ -380,12 +383,19 @@ fn hires(
                     "hr_scheduler"
                 },
                 name.or(first_name),
-                schedule.or(first_schedule),
+                schedule.or(first_pass_scheduler(body, first_sampler)?),
             )?;
-            (r.kind != first_sampler.kind).then_some(crate::validate::hires::HiresSampler {
-                kind: r.kind,
-                name: r.sampler,
-                schedule: crate::png::a1111_sampler(r.kind).1,
+            ((r.kind, r.sigmas) != (first_sampler.kind, first_sampler.sigmas)).then(|| {
+                let (first_name, first_label) = crate::validate::hires::a1111_sampler_of(
+                    first_sampler.kind,
+                    Some(first_sampler.sigmas),
+                );
+                crate::validate::hires::HiresSampler::new(
+                    r.kind,
+                    Some(r.sigmas),
+                    Some(first_name),
+                    first_label,
+                )
             })
         }
     };
@@ -394,6 +404,29 @@ fn hires(
         .filter_map(|f| get(body, f).map(|v| (f.to_string(), v.clone())))
         .collect();
     crate::validate::hires::validate_hires(&fields, first, sampler)
+}
+
+/// The first pass's `p.scheduler` as A1111's API sets it, which an absent `hr_scheduler`
+/// takes: the request's `scheduler`, else the schedule written after the sampler's name
+/// (`Euler Karras`) unless it is that sampler's own (`get_sampler_and_scheduler` turns
+/// `DPM++ 2M Karras` into `Automatic`); `None`: Automatic.
+fn first_pass_scheduler<'a>(
+    body: &'a Map<String, Value>,
+    first: &Resolved,
+) -> Result<Option<&'a str>, ApiError> {
+    if let Some(s) = opt_str(body, "scheduler")?.filter(|s| !s.is_empty()) {
+        return Ok(Some(s));
+    }
+    let own = SAMPLERS
+        .iter()
+        .find(|s| s.name == first.sampler)
+        .is_some_and(|s| s.automatic != SigmaSchedule::Uniform && s.automatic == first.sigmas);
+    Ok((first.schedule != "Automatic" && !own).then(|| {
+        SCHEDULES
+            .iter()
+            .find(|(_, label)| *label == first.schedule)
+            .map_or("automatic", |(name, _)| *name)
+    }))
 }
 
 /// Values A1111 clients send for features left off (`false`, `0`, `""`, `[]`, `{}`, `null`).
@@ -416,6 +449,7 @@ pub fn a1111_names(e: ApiError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sdserve_pipeline::schedulers::SchedulerKind;
 
     fn field_of(e: ApiError) -> String {
         match e.fields() {
@@ -568,5 +602,112 @@ mod tests {
             let e = tr(json!({"prompt": "p", "init_images": images}), Mode::Img2Img).unwrap_err();
             assert_eq!(field_of(e), "init_images");
         }
+    }
+
+    /// The hires pass's scheduler, sigma schedule and infotext keys for `first` + `extra`.
+    fn hires_run(
+        first: Value,
+        extra: Value,
+    ) -> (
+        Option<SchedulerKind>,
+        Option<SigmaSchedule>,
+        Vec<(&'static str, String)>,
+    ) {
+        let mut body = json!({"prompt": "p", "width": 256, "height": 256, "enable_hr": true,
+                              "hr_scale": 1.25});
+        for (k, v) in first
+            .as_object()
+            .unwrap()
+            .iter()
+            .chain(extra.as_object().unwrap())
+        {
+            body[k] = v.clone();
+        }
+        let h = tr(body, Mode::Txt2Img).unwrap().valid.hires.unwrap();
+        let keys = h
+            .infotext
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("Hires s"))
+            .collect();
+        (h.params.scheduler, h.params.schedule, keys)
+    }
+
+    #[test]
+    fn the_hires_schedule_is_a1111_s_hr_scheduler() {
+        use SchedulerKind as K;
+        use SigmaSchedule as S;
+        let euler = json!({"sampler_name": "Euler"});
+        let label = |k: &'static str, v: &str| vec![(k, v.to_string())];
+        // The first pass's sampler on another schedule type runs on that schedule (it fell
+        // back to the first pass's uniform sigmas), with A1111's `Hires schedule type` only.
+        assert_eq!(
+            hires_run(
+                euler.clone(),
+                json!({"hr_sampler_name": "Euler", "hr_scheduler": "Exponential"})
+            ),
+            (
+                Some(K::Euler),
+                Some(S::Exponential),
+                label("Hires schedule type", "Exponential")
+            )
+        );
+        assert_eq!(
+            hires_run(euler.clone(), json!({"hr_scheduler": "Karras"})),
+            (
+                Some(K::EulerKarras),
+                Some(S::Karras),
+                label("Hires schedule type", "Karras")
+            )
+        );
+        assert_eq!(
+            hires_run(
+                euler.clone(),
+                json!({"hr_sampler_name": "Euler", "hr_scheduler": "Automatic"})
+            ),
+            (None, None, vec![])
+        );
+        // An absent hr_scheduler is the first pass's `scheduler`...
+        let euler_exp = json!({"sampler_name": "Euler", "scheduler": "Exponential"});
+        assert_eq!(
+            hires_run(euler_exp.clone(), json!({"hr_sampler_name": "DPM++ 2M"})),
+            (
+                Some(K::DpmPp2m),
+                Some(S::Exponential),
+                label("Hires sampler", "DPM++ 2M")
+            )
+        );
+        assert_eq!(
+            hires_run(euler_exp, json!({"hr_sampler_name": "Euler"})),
+            (None, None, vec![])
+        );
+        // ... or the schedule in its sampler's name, unless it is that sampler's own.
+        assert_eq!(
+            hires_run(
+                json!({"sampler_name": "Euler Karras"}),
+                json!({"hr_sampler_name": "LMS"})
+            )
+            .0,
+            Some(K::LmsKarras)
+        );
+        let (kind, schedule, keys) = hires_run(
+            json!({"sampler_name": "DPM++ 2M Karras"}),
+            json!({"hr_sampler_name": "Euler"}),
+        );
+        assert_eq!((kind, schedule), (Some(K::Euler), Some(S::Uniform)));
+        assert_eq!(
+            keys,
+            [
+                ("Hires sampler", "Euler".to_string()),
+                ("Hires schedule type", "Uniform".to_string())
+            ]
+        );
+        // The first pass's own automatic schedule named again: no pass of its own.
+        assert_eq!(
+            hires_run(
+                json!({"sampler_name": "DPM++ 2M"}),
+                json!({"hr_scheduler": "Karras"})
+            ),
+            (None, None, vec![])
+        );
     }
 }

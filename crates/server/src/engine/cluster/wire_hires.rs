@@ -1,7 +1,7 @@
 //! A hires pass (`GenerationParams::hires`) in a job's wire form (`wire::WireSpec`).
 
 use sdserve_pipeline::pipeline::Hires;
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde::{Deserialize, Serialize};
 
 /// A hires pass as JSON: the upscaler and schedulers by name.
@@ -15,6 +15,9 @@ pub struct WireHires {
     steps: usize,
     strength: f64,
     scheduler: Option<String>,
+    /// Absent from processes older than the field: the scheduler's own schedule.
+    #[serde(default)]
+    schedule: Option<String>,
     prompt: Option<String>,
     negative_prompt: Option<String>,
 }
@@ -30,6 +33,7 @@ impl WireHires {
             steps: h.steps,
             strength: h.strength,
             scheduler: h.scheduler.map(|k| k.name().to_string()),
+            schedule: h.schedule.map(|s| s.name().to_string()),
             prompt: h.prompt.clone(),
             negative_prompt: h.negative_prompt.clone(),
         }
@@ -47,6 +51,10 @@ impl WireHires {
             strength: self.strength,
             scheduler: match &self.scheduler {
                 Some(n) => Some(SchedulerKind::from_name(n).ok_or(format!("scheduler {n:?}"))?),
+                None => None,
+            },
+            schedule: match &self.schedule {
+                Some(n) => Some(SigmaSchedule::from_name(n).ok_or(format!("schedule {n:?}"))?),
                 None => None,
             },
             prompt: self.prompt.clone(),

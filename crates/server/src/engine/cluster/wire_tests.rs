@@ -62,6 +62,7 @@ fn a_spec_survives_the_trip_with_its_images() {
                 steps: 7,
                 strength: 0.55,
                 scheduler: Some(SchedulerKind::Ddim),
+                schedule: Some(sdserve_pipeline::schedulers::SigmaSchedule::Uniform),
                 prompt: Some("hr".into()),
                 negative_prompt: None,
             }),
