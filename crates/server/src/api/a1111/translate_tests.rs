@@ -1,0 +1,264 @@
+//! The A1111 translation's tests (`translate`), in a file of their own.
+
+use super::*;
+use sdserve_pipeline::schedulers::SchedulerKind;
+
+fn field_of(e: ApiError) -> String {
+    match e.fields() {
+        [first, ..] => first.field.clone(),
+        _ => panic!("expected a validation error, got {e:?}"),
+    }
+}
+
+fn tr(body: Value, mode: Mode) -> Result<Translated, ApiError> {
+    translate(body.as_object().unwrap(), mode, None, || 1234)
+}
+
+#[test]
+fn a1111_defaults_apply_to_absent_and_null_fields() {
+    let t = tr(json!({"prompt": "a cat", "negative_prompt": null, "steps": null, "seed": -1, "sampler_name": null, "enable_hr": false, "styles": []}), Mode::Txt2Img).unwrap();
+    assert_eq!(
+        Value::Object(t.native.clone()),
+        json!({"prompt": "a cat", "steps": 50, "guidance_scale": 7.0, "width": 512, "height": 512, "seed": 1234, "scheduler": "euler", "schedule": "uniform"})
+    );
+    assert_eq!((t.seed, t.n_iter, t.batch_size), (1234, 1, 1));
+    assert!(t.ignored.is_empty(), "{:?}", t.ignored);
+    assert_eq!(t.parameters["steps"], 50);
+    assert_eq!(t.parameters["seed"], -1);
+    let v = &t.valid;
+    assert_eq!((v.steps, v.guidance_scale, v.seed), (50, 7.0, Some(1234)));
+}
+
+#[test]
+fn seed_resize_is_on_when_both_sides_are_above_0_as_in_a1111() {
+    let t = tr(
+        json!({"prompt": "p", "seed_resize_from_w": 512, "seed_resize_from_h": 768}),
+        Mode::Txt2Img,
+    )
+    .unwrap();
+    assert_eq!(t.native["seed_resize_from_width"], 512);
+    assert_eq!(t.native["seed_resize_from_height"], 768);
+    let from = t.valid.seed_resize_from.expect("a seed resize");
+    assert_eq!((from.width, from.height), (512, 768));
+    for (w, h) in [(0, 512), (512, -1), (-1, -1), (0, 0), (-7, 64)] {
+        let body = json!({"prompt": "p", "seed_resize_from_w": w, "seed_resize_from_h": h});
+        let t = tr(body, Mode::Txt2Img).unwrap();
+        assert_eq!(t.valid.seed_resize_from, None, "{w}x{h}");
+        assert!(!t.native.contains_key("seed_resize_from_width"));
+    }
+    assert_eq!(t.parameters["seed_resize_from_w"], 512);
+    let absent = tr(json!({"prompt": "p"}), Mode::Txt2Img).unwrap();
+    assert_eq!(absent.parameters["seed_resize_from_h"], -1);
+    // The native rules, named as sent.
+    for (body, field) in [
+        (
+            json!({"seed_resize_from_w": 4096, "seed_resize_from_h": 512}),
+            "seed_resize_from_w",
+        ),
+        (
+            json!({"seed_resize_from_w": 512, "seed_resize_from_h": 32}),
+            "seed_resize_from_h",
+        ),
+        (json!({"seed_resize_from_w": "512"}), "seed_resize_from_w"),
+        (json!({"seed_resize_from_h": 1.5}), "seed_resize_from_h"),
+    ] {
+        let mut body = body;
+        body["prompt"] = json!("p");
+        let e = tr(body.clone(), Mode::Txt2Img).unwrap_err();
+        assert_eq!(field_of(e), field, "{body}");
+    }
+}
+
+#[test]
+fn the_prompt_may_be_empty_or_absent_as_in_a1111() {
+    for body in [
+        json!({}),
+        json!({"prompt": ""}),
+        json!({"prompt": null}),
+        json!({"prompt": " \n "}),
+        json!({"prompt": "", "negative_prompt": "blurry"}),
+    ] {
+        let t = tr(body.clone(), Mode::Txt2Img).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        assert_eq!(t.valid.prompt, "", "{body}");
+    }
+    // The native rule is unchanged: there a prompt is required and not empty.
+    for body in [json!({}), json!({"prompt": ""})] {
+        let native = body.as_object().unwrap();
+        let e = crate::validate::validate_object(native).unwrap_err();
+        assert_eq!(field_of(e), "prompt", "{body}");
+    }
+}
+
+#[test]
+fn values_map_and_errors_name_a1111_fields() {
+    let t = tr(json!({"prompt": "p", "cfg_scale": 3.5, "seed": 7, "steps": 4, "width": 256, "height": 320, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "n_iter": 3, "enable_hr": true, "restore_faces": true}), Mode::Txt2Img).unwrap();
+    assert_eq!(t.native["guidance_scale"], 3.5);
+    assert_eq!(t.native["scheduler"], "dpmpp_2m_karras");
+    assert_eq!((t.seed, t.n_iter), (7, 3));
+    assert_eq!(t.ignored, vec!["restore_faces".to_string()]);
+    // enable_hr: A1111's defaults (hr_scale 2, Latent) from 256x320.
+    let h = t.valid.hires.as_ref().expect("a hires pass").params.clone();
+    assert_eq!((h.width, h.height, h.steps), (512, 640, 4));
+    assert_eq!(
+        h.upscaler,
+        crate::validate::hires::upscaler_named("Latent").unwrap()
+    );
+    // Its own sampler only when it differs; "Use same sampler" is the first pass's.
+    let hr = |extra: Value| {
+        let mut body = json!({"prompt": "p", "width": 256, "height": 256, "enable_hr": true,
+                              "hr_scale": 1.25, "sampler_name": "Euler"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        tr(body, Mode::Txt2Img).map(|t| t.valid.hires.unwrap().params.scheduler)
+    };
+    assert_eq!(
+        hr(json!({"hr_sampler_name": "Use same sampler"})).unwrap(),
+        None
+    );
+    assert_eq!(hr(json!({"hr_sampler_name": "Euler"})).unwrap(), None);
+    assert_eq!(
+        hr(json!({"hr_sampler_name": "DPM++ 2M"})).unwrap(),
+        Some(sdserve_pipeline::schedulers::SchedulerKind::DpmPp2mKarras)
+    );
+    assert_eq!(
+        field_of(hr(json!({"hr_sampler_name": "X"})).unwrap_err()),
+        "hr_sampler_name"
+    );
+    // Native rules apply; the error names cfg_scale, not guidance_scale.
+    let e = tr(json!({"prompt": "p", "cfg_scale": 31}), Mode::Txt2Img).unwrap_err();
+    assert_eq!(field_of(e), "cfg_scale");
+    let e = tr(json!({"prompt": 5}), Mode::Txt2Img).unwrap_err();
+    assert_eq!(field_of(e), "prompt");
+    let long = "p".repeat(501);
+    let e = tr(json!({ "prompt": long }), Mode::Txt2Img).unwrap_err();
+    assert_eq!(field_of(e), "prompt");
+    assert_eq!(
+        field_of(tr(json!({"prompt": "p", "seed": -2}), Mode::Txt2Img).unwrap_err()),
+        "seed"
+    );
+    assert_eq!(
+        field_of(tr(json!({"prompt": "p", "n_iter": 9}), Mode::Txt2Img).unwrap_err()),
+        "n_iter"
+    );
+    assert_eq!(
+        field_of(tr(json!({"prompt": "p", "sampler_name": 3}), Mode::Txt2Img).unwrap_err()),
+        "sampler_name"
+    );
+    assert_eq!(
+        field_of(tr(json!({"prompt": "p"}), Mode::Img2Img).unwrap_err()),
+        "init_images"
+    );
+    // Found by fuzzing: `[null]` ran text to image on the img2img route.
+    for images in [json!([null]), json!([5]), json!([["x"]])] {
+        let e = tr(json!({"prompt": "p", "init_images": images}), Mode::Img2Img).unwrap_err();
+        assert_eq!(field_of(e), "init_images");
+    }
+}
+
+/// The hires pass's scheduler, sigma schedule and infotext keys for `first` + `extra`.
+fn hires_run(
+    first: Value,
+    extra: Value,
+) -> (
+    Option<SchedulerKind>,
+    Option<SigmaSchedule>,
+    Vec<(&'static str, String)>,
+) {
+    let mut body = json!({"prompt": "p", "width": 256, "height": 256, "enable_hr": true,
+                          "hr_scale": 1.25});
+    for (k, v) in first
+        .as_object()
+        .unwrap()
+        .iter()
+        .chain(extra.as_object().unwrap())
+    {
+        body[k] = v.clone();
+    }
+    let h = tr(body, Mode::Txt2Img).unwrap().valid.hires.unwrap();
+    let keys = h
+        .infotext
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("Hires s"))
+        .collect();
+    (h.params.scheduler, h.params.schedule, keys)
+}
+
+#[test]
+fn the_hires_schedule_is_a1111_s_hr_scheduler() {
+    use SchedulerKind as K;
+    use SigmaSchedule as S;
+    let euler = json!({"sampler_name": "Euler"});
+    let label = |k: &'static str, v: &str| vec![(k, v.to_string())];
+    // The first pass's sampler on another schedule type runs on that schedule (it fell
+    // back to the first pass's uniform sigmas), with A1111's `Hires schedule type` only.
+    assert_eq!(
+        hires_run(
+            euler.clone(),
+            json!({"hr_sampler_name": "Euler", "hr_scheduler": "Exponential"})
+        ),
+        (
+            Some(K::Euler),
+            Some(S::Exponential),
+            label("Hires schedule type", "Exponential")
+        )
+    );
+    assert_eq!(
+        hires_run(euler.clone(), json!({"hr_scheduler": "Karras"})),
+        (
+            Some(K::EulerKarras),
+            Some(S::Karras),
+            label("Hires schedule type", "Karras")
+        )
+    );
+    assert_eq!(
+        hires_run(
+            euler.clone(),
+            json!({"hr_sampler_name": "Euler", "hr_scheduler": "Automatic"})
+        ),
+        (None, None, vec![])
+    );
+    // An absent hr_scheduler is the first pass's `scheduler`...
+    let euler_exp = json!({"sampler_name": "Euler", "scheduler": "Exponential"});
+    assert_eq!(
+        hires_run(euler_exp.clone(), json!({"hr_sampler_name": "DPM++ 2M"})),
+        (
+            Some(K::DpmPp2m),
+            Some(S::Exponential),
+            label("Hires sampler", "DPM++ 2M")
+        )
+    );
+    assert_eq!(
+        hires_run(euler_exp, json!({"hr_sampler_name": "Euler"})),
+        (None, None, vec![])
+    );
+    // ... or the schedule in its sampler's name, unless it is that sampler's own.
+    assert_eq!(
+        hires_run(
+            json!({"sampler_name": "Euler Karras"}),
+            json!({"hr_sampler_name": "LMS"})
+        )
+        .0,
+        Some(K::LmsKarras)
+    );
+    let (kind, schedule, keys) = hires_run(
+        json!({"sampler_name": "DPM++ 2M Karras"}),
+        json!({"hr_sampler_name": "Euler"}),
+    );
+    assert_eq!((kind, schedule), (Some(K::Euler), Some(S::Uniform)));
+    assert_eq!(
+        keys,
+        [
+            ("Hires sampler", "Euler".to_string()),
+            ("Hires schedule type", "Uniform".to_string())
+        ]
+    );
+    // The first pass's own automatic schedule named again: no pass of its own.
+    assert_eq!(
+        hires_run(
+            json!({"sampler_name": "DPM++ 2M"}),
+            json!({"hr_scheduler": "Karras"})
+        ),
+        (None, None, vec![])
+    );
+}
