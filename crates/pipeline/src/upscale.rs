@@ -2,31 +2,98 @@
 //! upscalers `Lanczos` and `Nearest` (`modules/upscaler.py`: Pillow resizes), step for step:
 //! the upscaler's own resize to `int(side * scale)`, a Lanczos resize to
 //! `side * scale // 8 * 8` where that differs, the target size's centred paste onto black,
-//! and a second upscaler blended in as `Image.blend` does. No model: pure pixel work.
+//! and a second upscaler blended in as `Image.blend` does. An ESRGAN model
+//! ([`crate::upscaler`]) upscales as A1111's `UpscalerESRGAN` does: the model's rounds, then
+//! the same Lanczos resize.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device};
 
 use crate::image_in::{resize_lanczos, resize_nearest};
 use crate::pipeline::RgbImage;
+use crate::upscaler::Esrgan;
 
-/// A1111's built-in image upscalers (`None` is "no upscaler": see [`ExtrasUpscale`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An image upscaler: A1111's built-in ones, or an ESRGAN model (`None` is "no upscaler":
+/// see [`ExtrasUpscale`]).
+#[derive(Debug, Clone, PartialEq)]
 pub enum ImageUpscaler {
     Lanczos,
     Nearest,
+    Model(Arc<ModelUpscaler>),
+}
+
+/// An ESRGAN model file by its upscaler name, read the first time it is needed.
+#[derive(Debug)]
+pub struct ModelUpscaler {
+    pub name: String,
+    pub path: PathBuf,
+    loaded: OnceLock<Result<Esrgan, String>>,
+}
+
+impl PartialEq for ModelUpscaler {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.path) == (&other.name, &other.path)
+    }
+}
+
+impl ModelUpscaler {
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+            loaded: OnceLock::new(),
+        }
+    }
+
+    /// The network (read on the CPU in f32 on first use; blocking), or why the file is not
+    /// one, naming it.
+    pub fn load(&self) -> Result<&Esrgan, String> {
+        self.loaded
+            .get_or_init(|| {
+                Esrgan::load(&self.path, &Device::Cpu, DType::F32).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// The model's factor (1 until it is read: [`Self::load`] first).
+    fn scale(&self) -> usize {
+        self.load().map_or(1, Esrgan::scale)
+    }
 }
 
 impl ImageUpscaler {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             Self::Lanczos => "Lanczos",
             Self::Nearest => "Nearest",
+            Self::Model(m) => &m.name,
         }
     }
 
     /// `do_upscale`: Pillow's `img.resize((int(w * scale), int(h * scale)), filter)`.
-    fn resize(self, image: &RgbImage, width: usize, height: usize) -> RgbImage {
+    fn resize(&self, image: &RgbImage, width: usize, height: usize) -> RgbImage {
         match self {
-            Self::Lanczos => resize_lanczos(image, width, height),
+            Self::Lanczos | Self::Model(_) => resize_lanczos(image, width, height),
             Self::Nearest => resize_nearest(image, width, height),
+        }
+    }
+
+    /// The size of the largest image `Upscaler.upscale` makes before its final resize.
+    fn largest(&self, width: u32, height: u32, scale: f64) -> (usize, usize) {
+        match self {
+            Self::Model(m) => {
+                crate::upscaler::rounds(m.scale(), width as usize, height as usize, scale)
+                    .last()
+                    .copied()
+                    .unwrap_or((width as usize, height as usize))
+            }
+            _ => (
+                (width as f64 * scale) as usize,
+                (height as f64 * scale) as usize,
+            ),
         }
     }
 }
@@ -42,7 +109,7 @@ pub enum UpscaleTarget {
 }
 
 /// One Extras request's upscale.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExtrasUpscale {
     pub target: UpscaleTarget,
     /// `None`: A1111's `None` upscaler, the image is left as it is (and the second ignored).
@@ -73,12 +140,18 @@ impl ExtrasUpscale {
     /// the largest intermediate (the upscaler's own resize, `int(side * scale)`) and the
     /// result. A side of 0 means Pillow would refuse the resize (A1111 fails there).
     pub fn sizes(&self, width: u32, height: u32) -> ((usize, usize), (usize, usize)) {
-        if self.upscaler.is_none() {
+        let Some(upscaler) = &self.upscaler else {
             let same = (width as usize, height as usize);
             return (same, same);
-        }
+        };
         let s = self.scale(width, height);
-        let first = ((width as f64 * s) as usize, (height as f64 * s) as usize);
+        let mut first = upscaler.largest(width, height, s);
+        if let Some((second, v)) = &self.second {
+            if *v > 0.0 {
+                let other = second.largest(width, height, s);
+                first = (first.0.max(other.0), first.1.max(other.1));
+            }
+        }
         let dest = (dest_side(width, s), dest_side(height, s));
         let result = match self.target {
             UpscaleTarget::To {
@@ -99,10 +172,11 @@ impl ExtrasUpscale {
 
     /// The upscaled image and A1111's info for it (`Postprocess upscale by: 2.0`, ...), in
     /// its order, values as Python writes them. Sides must be above 0 ([`sizes`](Self::sizes)).
-    pub fn run(&self, image: &RgbImage) -> (RgbImage, Vec<(String, String)>) {
+    /// Fails only where a model does (a file that is not one, a device error).
+    pub fn run(&self, image: &RgbImage) -> crate::Result<(RgbImage, Vec<(String, String)>)> {
         let mut info = Vec::new();
-        let Some(first) = self.upscaler else {
-            return (image.clone(), info);
+        let Some(first) = &self.upscaler else {
+            return Ok((image.clone(), info));
         };
         let scale = self.scale(image.width, image.height);
         match self.target {
@@ -111,7 +185,7 @@ impl ExtrasUpscale {
                 info.push(("Postprocess upscale to".into(), format!("{width}x{height}")))
             }
         }
-        let mut out = self.upscale_one(image, first, scale);
+        let mut out = self.upscale_one(image, first, scale)?;
         if let UpscaleTarget::To { crop: true, .. } = self.target {
             info.push((
                 "Postprocess crop to".into(),
@@ -119,33 +193,45 @@ impl ExtrasUpscale {
             ));
         }
         info.push(("Postprocess upscaler".into(), first.name().into()));
-        if let Some((second, visibility)) = self.second.filter(|(_, v)| *v > 0.0) {
-            let other = self.upscale_one(image, second, scale);
-            out = blend(&out, &other, visibility);
+        if let Some((second, visibility)) = self.second.as_ref().filter(|(_, v)| *v > 0.0) {
+            let other = self.upscale_one(image, second, scale)?;
+            out = blend(&out, &other, *visibility);
             info.push(("Postprocess upscaler 2".into(), second.name().into()));
         }
-        (out, info)
+        Ok((out, info))
     }
 
     /// `ScriptPostprocessingUpscale.upscale` for one upscaler: `Upscaler.upscale`, then the
     /// centred paste when cropping to a target size.
-    fn upscale_one(&self, image: &RgbImage, upscaler: ImageUpscaler, scale: f64) -> RgbImage {
-        let up = upscale(image, upscaler, scale);
-        match self.target {
+    fn upscale_one(
+        &self,
+        image: &RgbImage,
+        upscaler: &ImageUpscaler,
+        scale: f64,
+    ) -> crate::Result<RgbImage> {
+        let up = match upscaler {
+            ImageUpscaler::Model(m) => {
+                let model = m.load().map_err(crate::PipelineError::InvalidRequest)?;
+                crate::upscaler::upscale_by(model, image, scale)?
+            }
+            _ => upscale(image, upscaler, scale),
+        };
+        Ok(match self.target {
             UpscaleTarget::To {
                 width,
                 height,
                 crop: true,
             } => paste_centred(&up, width as usize, height as usize),
             _ => up,
-        }
+        })
     }
 }
 
 /// A1111's `Upscaler.upscale(img, scale)` for the built-in upscalers: their resize to
 /// `int(side * scale)` (the loop's first round; it ends there, as that size is never below
-/// the destination), then Lanczos to `side * scale // 8 * 8` where that differs.
-pub fn upscale(image: &RgbImage, upscaler: ImageUpscaler, scale: f64) -> RgbImage {
+/// the destination), then Lanczos to `side * scale // 8 * 8` where that differs. (A model
+/// resizes as Lanczos here; its own rounds are [`crate::upscaler::upscale_by`].)
+pub fn upscale(image: &RgbImage, upscaler: &ImageUpscaler, scale: f64) -> RgbImage {
     let (w, h) = (image.width as f64, image.height as f64);
     let scaled = upscaler.resize(image, (w * scale) as usize, (h * scale) as usize);
     let dest = (
@@ -291,7 +377,7 @@ mod tests {
         assert_eq!(spec.sizes(40, 56), ((150, 210), (144, 208)));
         let none = ExtrasUpscale {
             upscaler: None,
-            ..spec
+            ..spec.clone()
         };
         assert_eq!(none.sizes(40, 56), ((40, 56), (40, 56)));
         let tiny = ExtrasUpscale {

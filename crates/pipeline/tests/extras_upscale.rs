@@ -50,7 +50,7 @@ fn extras_upscale_matches_a1111_pixel_for_pixel() {
         let want = read_png(&format!("../extras/output.{label}.png"));
         let (_, size) = spec.sizes(input.width, input.height);
         assert_eq!(size, (want.width as usize, want.height as usize), "{label}");
-        let (got, info) = spec.run(&input);
+        let (got, info) = spec.run(&input).unwrap();
         assert_eq!(
             (got.width, got.height),
             (want.width, want.height),

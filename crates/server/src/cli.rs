@@ -153,6 +153,12 @@ pub struct ModelArgs {
     /// picked up.
     #[arg(long, env = "VAE_DIR")]
     pub vae_dir: Option<PathBuf>,
+    /// A folder of ESRGAN-architecture upscalers (A1111's `models/ESRGAN`: R-ESRGAN 4x+,
+    /// 4x-UltraSharp, ...; `.pth`, `.pt`, `.safetensors`), each named by its file stem in
+    /// Extras' `upscaler_1` / `upscaler_2`; listed by GET /sdapi/v1/upscalers. Read on every
+    /// look, so files added later are picked up.
+    #[arg(long, env = "UPSCALERS_DIR")]
+    pub upscalers_dir: Option<PathBuf>,
     /// For a single-file checkpoint not shaped like SD 1.5: a folder with the diffusers
     /// configs (`unet/config.json`, `vae/config.json`, `text_encoder/config.json`,
     /// `scheduler/scheduler_config.json`, optionally `tokenizer/`) to convert it with.

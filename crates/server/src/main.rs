@@ -26,6 +26,7 @@ mod security;
 mod serve;
 mod speed;
 mod styles;
+mod upscalers;
 mod vaes;
 mod validate;
 

@@ -199,6 +199,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             args.model.vae_dir.clone(),
             args.model.model_cache_dir.clone(),
         ),
+        upscalers: crate::upscalers::UpscalerCatalog::new(args.model.upscalers_dir.clone()),
         styles: crate::styles::StyleBook::new(args.styles_file.clone()),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);

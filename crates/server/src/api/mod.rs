@@ -64,6 +64,8 @@ pub struct AppState {
     pub models: crate::models::Catalog,
     /// VAE_DIR: the VAEs a request may decode with.
     pub vaes: crate::vaes::VaeCatalog,
+    /// UPSCALERS_DIR: the ESRGAN models Extras may upscale with.
+    pub upscalers: crate::upscalers::UpscalerCatalog,
     /// STYLES_FILE: the prompt styles requests may name (`styles`).
     pub styles: crate::styles::StyleBook,
 }

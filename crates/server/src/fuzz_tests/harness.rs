@@ -153,6 +153,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
         adapter_dirs: Default::default(),
         models: Default::default(),
         vaes: Default::default(),
+        upscalers: Default::default(),
         styles: Default::default(),
     })
 }

@@ -1,13 +1,16 @@
 //! The rules of A1111's Extras (`POST /sdapi/v1/extra-single-image`, `extra-batch-images`):
-//! its `ExtrasBaseRequest` fields (modules/api/models.py) with A1111's defaults, our upscalers,
-//! and the size of what an upscale may make.
+//! its `ExtrasBaseRequest` fields (modules/api/models.py) with A1111's defaults, our upscalers
+//! (A1111's built-in ones and UPSCALERS_DIR's ESRGAN models), and the size of what an upscale
+//! may make (a model's rounds included: a 4x model asked for 8x makes 16x before its resize).
 //!
 //! A1111 has no cap on the result; here it is held to the size of the images requests may
 //! send (4096 px a side, 16 MP): a result can be sent back as an init image or upscaled again,
 //! and one upscale stays within a few CPU-seconds and ~50 MB a buffer. A batch makes at most
 //! [`BATCH_MAX_PIXELS`] in all, which bounds the answer's memory.
 
-use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, UpscaleTarget};
+use std::sync::Arc;
+
+use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, ModelUpscaler, UpscaleTarget};
 use serde_json::{Map, Value};
 
 use super::fields::FieldReader;
@@ -44,9 +47,12 @@ pub const BATCH_MAX_IMAGES: usize = 64;
 /// Pixels all results of one `extra-batch-images` request may hold together (64 MP).
 pub const BATCH_MAX_PIXELS: u64 = 4 * MAX_PIXELS;
 
-/// Reads an Extras body (its `ExtrasBaseRequest` fields; `null` is the default). Every broken
-/// field is named in one 422.
-pub fn validate_extras(body: &Map<String, Value>) -> Result<ExtrasUpscale, ApiError> {
+/// Reads an Extras body (its `ExtrasBaseRequest` fields; `null` is the default); `models` are
+/// UPSCALERS_DIR's (not read yet: [`load_models`]). Every broken field is named in one 422.
+pub fn validate_extras(
+    body: &Map<String, Value>,
+    models: &[crate::upscalers::UpscalerEntry],
+) -> Result<ExtrasUpscale, ApiError> {
     let known: Map<String, Value> = body
         .iter()
         .filter(|(k, _)| FIELDS.contains(&k.as_str()))
@@ -79,8 +85,27 @@ pub fn validate_extras(body: &Map<String, Value>) -> Result<ExtrasUpscale, ApiEr
         }
     }
     r.number("codeformer_weight", 0.0, 1.0);
-    let first = r.choice("upscaler_1", &UPSCALERS).unwrap_or(None);
-    let second = r.choice("upscaler_2", &UPSCALERS).unwrap_or(None);
+    // Built-ins by index, then the models (the index past them).
+    let options: Vec<(&str, usize)> = UPSCALERS
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(models.iter().map(|m| m.name.as_str()))
+        .enumerate()
+        .map(|(i, n)| (n, i))
+        .collect();
+    let pick = |i: usize| -> Option<ImageUpscaler> {
+        match UPSCALERS.get(i) {
+            Some((_, builtin)) => builtin.clone(),
+            None => {
+                let m = &models[i - UPSCALERS.len()];
+                Some(ImageUpscaler::Model(Arc::new(ModelUpscaler::new(
+                    &m.name, &m.path,
+                ))))
+            }
+        }
+    };
+    let first = r.choice("upscaler_1", &options).and_then(pick);
+    let second = r.choice("upscaler_2", &options).and_then(pick);
     let visibility = r
         .number("extras_upscaler_2_visibility", 0.0, 1.0)
         .unwrap_or(0.0);
@@ -103,6 +128,35 @@ pub fn validate_extras(body: &Map<String, Value>) -> Result<ExtrasUpscale, ApiEr
 
 fn bool_rule(v: &Value) -> Result<bool, String> {
     v.as_bool().ok_or_else(|| "must be true or false".into())
+}
+
+/// Reads the request's models (blocking): a file that is not an ESRGAN model is a 422 naming
+/// the field and the file.
+pub fn load_models(spec: &ExtrasUpscale) -> Result<(), ApiError> {
+    let second = spec
+        .second
+        .as_ref()
+        .filter(|(_, v)| *v > 0.0)
+        .map(|(u, _)| u);
+    let mut r = Vec::new();
+    for (field, upscaler) in [
+        ("upscaler_1", spec.upscaler.as_ref()),
+        ("upscaler_2", second),
+    ] {
+        if let Some(ImageUpscaler::Model(m)) = upscaler {
+            if let Err(why) = m.load() {
+                r.push(crate::error::FieldError {
+                    field: field.into(),
+                    rule: format!("names {:?}, which cannot be used: {why}", m.name),
+                });
+            }
+        }
+    }
+    if r.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(r))
+    }
 }
 
 /// The field an upscale's size comes from, for its errors.
@@ -153,7 +207,7 @@ mod tests {
     use serde_json::json;
 
     fn spec(body: Value) -> Result<ExtrasUpscale, ApiError> {
-        validate_extras(body.as_object().unwrap())
+        validate_extras(body.as_object().unwrap(), &[])
     }
 
     fn fields(e: ApiError) -> Vec<String> {

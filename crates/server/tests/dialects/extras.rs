@@ -185,3 +185,143 @@ fn extras_keep_the_parameters_and_name_what_is_wrong() {
         .unwrap()
         .contains("imageList[0].name"));
 }
+
+fn esrgan_fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/esrgan")
+}
+
+/// An RGB PNG of `w` x `h` (base64).
+fn png_of(w: u32, h: u32) -> String {
+    let mut png = Vec::new();
+    let mut enc = png::Encoder::new(&mut png, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    let mut writer = enc.write_header().unwrap();
+    let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 256) as u8).collect();
+    writer.write_image_data(&pixels).unwrap();
+    writer.finish().unwrap();
+    base64::engine::general_purpose::STANDARD.encode(png)
+}
+
+#[test]
+fn upscalers_dir_models_upscale_as_the_pipeline_and_a1111() {
+    use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, ModelUpscaler, UpscaleTarget};
+    let dir = std::env::temp_dir().join(format!("sdserve-upscalers-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fx = esrgan_fixtures();
+    std::fs::copy(fx.join("x4-old.pth"), dir.join("4x-Tiny.pth")).unwrap();
+    std::fs::copy(
+        fx.join("x2-unshuffle.pth"),
+        dir.join("RealESRGAN_x2plus.pth"),
+    )
+    .unwrap();
+    std::fs::copy(fx.join("not-rrdbnet.pth"), dir.join("Broken.pth")).unwrap();
+    let whole = std::fs::read(fx.join("x4-new.safetensors")).unwrap();
+    std::fs::write(dir.join("Cut.safetensors"), &whole[..whole.len() / 2]).unwrap();
+    let s = ready("step_ms=0", &[("UPSCALERS_DIR", dir.to_str().unwrap())]);
+
+    // Listed after the built-ins, in A1111's shape.
+    let listed = s.get("/sdapi/v1/upscalers").json();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "None",
+            "Lanczos",
+            "Nearest",
+            "4x-Tiny",
+            "Broken",
+            "Cut",
+            "RealESRGAN_x2plus"
+        ]
+    );
+    assert_eq!(listed[3]["model_path"], "4x-Tiny.pth");
+    assert_eq!(listed[3]["model_name"], "ESRGAN_4x");
+
+    // A1111's result (tools/make_esrgan_fixtures.py: Upscaler.upscale with the x4 model to
+    // 2.5), within one level of float noise; and exactly what the pipeline makes.
+    let input = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(fx.join("input.tall.png")).unwrap());
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-single-image",
+        &json!({"image": input, "upscaler_1": "4x-Tiny", "upscaling_resize": 2.5}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = r.json()["image"].as_str().unwrap().to_string();
+    assert_eq!(
+        png_text(&got, "postprocessing").unwrap(),
+        "Postprocess upscale by: 2.5, Postprocess upscaler: 4x-Tiny"
+    );
+    let (w, h, pixels, _) = decode_png(&got);
+    let (ww, wh, want, _) = decode_png(
+        &base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(fx.join("upscale.x4_by_2_5.png")).unwrap()),
+    );
+    assert_eq!((w, h), (ww, wh));
+    assert!(pixels.iter().zip(&want).all(|(a, b)| a.abs_diff(*b) <= 1));
+    let (iw, ih, sent, _) = decode_png(&input);
+    let spec = ExtrasUpscale {
+        target: UpscaleTarget::By(2.5),
+        upscaler: Some(ImageUpscaler::Model(std::sync::Arc::new(
+            ModelUpscaler::new("4x-Tiny", dir.join("4x-Tiny.pth")),
+        ))),
+        second: None,
+    };
+    let image = sdserve_pipeline::pipeline::RgbImage {
+        width: iw,
+        height: ih,
+        pixels: sent,
+    };
+    assert!(spec.run(&image).unwrap().0.pixels == pixels);
+
+    // Blended with a built-in, and the Real-ESRGAN x2 layout, by size.
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-single-image",
+        &json!({"image": input, "upscaler_1": "Lanczos", "upscaler_2": "RealESRGAN_x2plus",
+                "extras_upscaler_2_visibility": 0.5, "resize_mode": 1,
+                "upscaling_resize_w": 80, "upscaling_resize_h": 300}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = r.json()["image"].as_str().unwrap().to_string();
+    assert_eq!(decode_png(&got).0, 80);
+    assert!(png_text(&got, "postprocessing")
+        .unwrap()
+        .ends_with("Postprocess upscaler 2: RealESRGAN_x2plus"));
+
+    let named = |body: Value, field: &str| {
+        let r = post(&s, "/sdapi/v1/extra-single-image", &body);
+        assert_eq!(r.status, 422, "{body}: {}", r.text());
+        let details = r.json()["details"].as_str().unwrap().to_string();
+        assert!(details.contains(field), "{field}: {details}");
+        details
+    };
+    let d = named(
+        json!({"image": input, "upscaler_1": "Broken"}),
+        "upscaler_1",
+    );
+    assert!(
+        d.contains("Broken.pth") && d.contains("not an ESRGAN"),
+        "{d}"
+    );
+    let d = named(json!({"image": input, "upscaler_1": "Cut"}), "upscaler_1");
+    assert!(d.contains("Cut.safetensors"), "{d}");
+    let d = named(
+        json!({"image": input, "upscaler_1": "ESRGAN_4x"}),
+        "upscaler_1",
+    );
+    assert!(d.contains("4x-Tiny, Broken, Cut, RealESRGAN_x2plus"), "{d}");
+    // The model's own round makes 4400 px a side, past the cap, though 1.1x would not.
+    let d = named(
+        json!({"image": png_of(1100, 20), "upscaler_1": "4x-Tiny", "upscaling_resize": 1.1}),
+        "upscaling_resize",
+    );
+    assert!(d.contains("4400x80"), "{d}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -25,6 +25,8 @@ pub struct ServerFlags {
     pub embeddings_dir: Option<PathBuf>,
     /// VAE_DIR (A1111's `--vae-dir`).
     pub vae_dir: Option<PathBuf>,
+    /// UPSCALERS_DIR (A1111's `--esrgan-models-path`).
+    pub upscalers_dir: Option<PathBuf>,
     pub cors_allow_origins: Vec<String>,
     /// How long an idle keep-alive connection is kept (HEADER_READ_TIMEOUT_SECONDS).
     pub keep_alive_seconds: u64,
@@ -40,6 +42,7 @@ impl ServerFlags {
             lora_dir: args.model.lora_dir.clone(),
             embeddings_dir: args.model.embeddings_dir.clone(),
             vae_dir: args.model.vae_dir.clone(),
+            upscalers_dir: args.model.upscalers_dir.clone(),
             cors_allow_origins: args.cors_allow_origins.clone(),
             keep_alive_seconds: args.header_read_timeout_seconds,
         }
@@ -278,6 +281,13 @@ pub fn flags(
         "vae_dir",
         server.vae_dir.as_deref().map_or(Value::Null, path_value),
     );
+    set(
+        "esrgan_models_path",
+        server
+            .upscalers_dir
+            .as_deref()
+            .map_or(Value::Null, path_value),
+    );
     if !server.cors_allow_origins.is_empty() {
         set(
             "cors_allow_origins",
@@ -362,6 +372,7 @@ mod tests {
             model: "/models/sd15".into(),
             lora_dir: Some("/loras".into()),
             vae_dir: Some("/vaes".into()),
+            upscalers_dir: Some("/esrgan".into()),
             ..Default::default()
         };
         let plan = PlanFlags {
@@ -377,6 +388,7 @@ mod tests {
         assert_eq!(f["lora_dir"], "/loras");
         assert_eq!(f["embeddings_dir"], Value::Null);
         assert_eq!(f["vae_dir"], "/vaes");
+        assert_eq!(f["esrgan_models_path"], "/esrgan");
         assert_eq!(f["medvram"], true);
         assert_eq!(f["lowvram"], false);
         assert_eq!(f["device_id"], "1");

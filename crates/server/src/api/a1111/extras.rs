@@ -1,8 +1,10 @@
 //! A1111's "Extras": `POST /sdapi/v1/extra-single-image` and `extra-batch-images` (webuiapi's
-//! `extra_single_image` / `extra_batch_images`), upscaling with A1111's built-in upscalers as
-//! its `run_extras` does (`sdserve_pipeline::upscale`; the rules in `validate::extras`).
+//! `extra_single_image` / `extra_batch_images`), upscaling with A1111's built-in upscalers and
+//! UPSCALERS_DIR's ESRGAN models as its `run_extras` does (`sdserve_pipeline::upscale`; the
+//! rules in `validate::extras`).
 //!
-//! No model and no job: it is CPU work on the images alone, so it runs beside generation
+//! No job: it is CPU work on the images alone (an ESRGAN model runs on the CPU in f32, in
+//! A1111's 192 px tiles, read from its file per request), so it runs beside generation
 //! (also while the model loads). It runs off the async runtime (tokio's blocking pool), at
 //! most [`AT_ONCE`] requests at a time, later ones waiting their turn as A1111's queue lock
 //! makes them wait; the wait and the work together are held to GENERATION_TIMEOUT_SECONDS
@@ -22,7 +24,9 @@ use tokio::sync::Semaphore;
 
 use crate::api::{required_body_object, AppState, Shared};
 use crate::error::{ApiError, TimeoutInfo};
-use crate::validate::extras::{check_size, validate_extras, BATCH_MAX_IMAGES, BATCH_MAX_PIXELS};
+use crate::validate::extras::{
+    check_size, load_models, validate_extras, BATCH_MAX_IMAGES, BATCH_MAX_PIXELS,
+};
 
 /// Extras requests working at once; more wait for a slot.
 pub const AT_ONCE: usize = 2;
@@ -74,6 +78,7 @@ async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Don
 /// Every image's size is checked from its header before any is decoded; then one at a time:
 /// decoded, upscaled, encoded.
 fn upscale_all(spec: &ExtrasUpscale, sent: Vec<Sent>) -> Result<Done, ApiError> {
+    load_models(spec)?;
     let mut files = Vec::with_capacity(sent.len());
     let mut pixels = 0u64;
     for s in sent {
@@ -99,7 +104,12 @@ fn upscale_all(spec: &ExtrasUpscale, sent: Vec<Sent>) -> Result<Done, ApiError> 
     for (field, bytes) in files {
         let image =
             crate::images::decode_bytes(&bytes).map_err(|e| ApiError::validation(&field, e))?;
-        let (up, info) = spec.run(&image.image);
+        let (up, info) = spec.run(&image.image).map_err(|e| match e {
+            sdserve_pipeline::PipelineError::InvalidRequest(why) => {
+                ApiError::validation(&field, why)
+            }
+            e => ApiError::Internal(format!("upscaling {field}: {e}")),
+        })?;
         infotext = info
             .iter()
             .map(|(k, v)| format!("{k}: {v}"))
@@ -130,6 +140,12 @@ pub fn html_info(text: &str) -> String {
     format!("<p>{}</p>", lines.join("<br>\n"))
 }
 
+/// UPSCALERS_DIR's models, read now.
+async fn models(app: &AppState) -> Result<Vec<crate::upscalers::UpscalerEntry>, ApiError> {
+    let catalog = app.upscalers.clone();
+    crate::api::off_the_runtime(move || Ok::<_, ApiError>(catalog.scan())).await
+}
+
 fn image_text(v: Option<&Value>, field: &str) -> Result<String, ApiError> {
     match v {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
@@ -148,13 +164,13 @@ fn image_text(v: Option<&Value>, field: &str) -> Result<String, ApiError> {
 /// by `extras_upscaler_2_visibility`), by `upscaling_resize` or to `upscaling_resize_w` x
 /// `upscaling_resize_h` (`resize_mode` 1, `upscaling_crop`). `{html_info, image}`.
 #[utoipa::path(post, path = "/sdapi/v1/extra-single-image", tag = "a1111", request_body = super::schema::ExtrasSingleImageRequest,
-    responses((status = 200, body = super::schema::ExtrasSingleImageResponse), (status = 400, description = "`invalid_json`: not a JSON object", body = crate::error::ErrorBody), (status = 408, description = "`timeout`: the wait for a slot and the work passed GENERATION_TIMEOUT_SECONDS", body = crate::error::ErrorBody), (status = 413, description = "`payload_too_large`", body = crate::error::ErrorBody), (status = 422, description = "A field breaks a rule: an unknown upscaler (the names listed), face restoration asked for, an image that is not one or is too large, a result over 4096 px a side or 16 MP", body = crate::error::ErrorBody)))]
+    responses((status = 200, body = super::schema::ExtrasSingleImageResponse), (status = 400, description = "`invalid_json`: not a JSON object", body = crate::error::ErrorBody), (status = 408, description = "`timeout`: the wait for a slot and the work passed GENERATION_TIMEOUT_SECONDS", body = crate::error::ErrorBody), (status = 413, description = "`payload_too_large`", body = crate::error::ErrorBody), (status = 422, description = "A field breaks a rule: an unknown upscaler (the names listed), face restoration asked for, an image that is not one or is too large, a result (or a model's round) over 4096 px a side or 16 MP, an UPSCALERS_DIR file that is not an ESRGAN model", body = crate::error::ErrorBody)))]
 pub(super) async fn extra_single_image(
     State(app): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = required_body_object(app.max_body_bytes, body)?;
-    let spec = validate_extras(&body)?;
+    let spec = validate_extras(&body, &models(&app).await?)?;
     let b64 = image_text(body.get("image"), "image")?;
     let field = "image".to_string();
     let done = run(&app, spec, vec![Sent { field, b64 }]).await?;
@@ -173,7 +189,7 @@ pub(super) async fn extra_batch_images(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = required_body_object(app.max_body_bytes, body)?;
-    let spec = validate_extras(&body)?;
+    let spec = validate_extras(&body, &models(&app).await?)?;
     let list = match body.get("imageList") {
         Some(Value::Array(a)) => a,
         None | Some(Value::Null) => {

@@ -119,19 +119,25 @@ pub(super) async fn scripts() -> Json<Value> {
     Json(json!({"txt2img": [], "img2img": []}))
 }
 
-/// `[{name, model_name, model_path, model_url, scale}]`: the image upscalers of the hires fix
-/// (`hr_upscaler`) and the Extras (`upscaler_1`, `upscaler_2`): `None`, `Lanczos`, `Nearest`
-/// (A1111's built-in ones; no ESRGAN models).
-#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "`None`, `Lanczos`, `Nearest`")))]
-pub(super) async fn upscalers() -> Json<Value> {
-    Json(Value::Array(
-        crate::validate::hires::IMAGE_UPSCALERS
-            .iter()
-            .map(|(name, _)| {
-                json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4})
-            })
-            .collect(),
-    ))
+/// `[{name, model_name, model_path, model_url, scale}]`: the image upscalers: A1111's built-in
+/// `None`, `Lanczos`, `Nearest` (also the hires fix's `hr_upscaler`), then UPSCALERS_DIR's
+/// ESRGAN models (Extras' `upscaler_1`, `upscaler_2`) as A1111's `UpscalerESRGAN` lists them:
+/// `model_name` `ESRGAN_4x`, `scale` 4 whatever the file's (A1111 does not read it there);
+/// `model_path` is the file name (no paths leave the server).
+#[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "`None`, `Lanczos`, `Nearest`, then UPSCALERS_DIR's models by file stem")))]
+pub(super) async fn upscalers(State(app): State<Shared>) -> Json<Value> {
+    let builtin = crate::validate::hires::IMAGE_UPSCALERS.iter().map(|(name, _)| {
+        json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4})
+    });
+    let catalog = app.upscalers.clone();
+    let models = tokio::task::spawn_blocking(move || catalog.scan())
+        .await
+        .unwrap_or_default();
+    let models = models.into_iter().map(|m| {
+        let file = m.path.file_name().map(|f| f.to_string_lossy().into_owned());
+        json!({"name": m.name, "model_name": "ESRGAN_4x", "model_path": file, "model_url": null, "scale": 4})
+    });
+    Json(Value::Array(builtin.chain(models).collect()))
 }
 
 /// `[{model_name, filename}]`: the VAEs of VAE_DIR (`[]` without it), read now.
