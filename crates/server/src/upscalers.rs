@@ -10,6 +10,9 @@
 
 use std::path::PathBuf;
 
+use serde::Serialize;
+use utoipa::ToSchema;
+
 /// The extensions A1111's ESRGAN upscaler lists.
 const EXTENSIONS: [&str; 3] = ["pth", "pt", "safetensors"];
 
@@ -58,6 +61,45 @@ impl UpscalerCatalog {
         // Two files of one stem (x.pth, x.safetensors): the first in that order is the name's.
         out.dedup_by(|b, a| a.name == b.name);
         out
+    }
+}
+
+/// One upscaler as `GET /upscalers` lists it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UpscalerListing {
+    /// The name Extras' `upscaler_1` / `upscaler_2` take.
+    pub name: String,
+    /// `builtin` (A1111's `None`, `Lanczos`, `Nearest`: Pillow's filters) or `esrgan` (a model
+    /// of UPSCALERS_DIR).
+    pub kind: String,
+    /// The model's file name in UPSCALERS_DIR (null for the built-ins).
+    pub file: Option<String>,
+}
+
+/// The body of `GET /upscalers`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UpscalerList {
+    /// The built-ins, then UPSCALERS_DIR's models by name (files are read when a request uses
+    /// them: one that is not an ESRGAN model is listed, and a 422 when named).
+    pub upscalers: Vec<UpscalerListing>,
+}
+
+impl UpscalerCatalog {
+    /// `GET /upscalers`. Blocking (reads the folder).
+    pub fn listing(&self) -> UpscalerList {
+        let builtin = crate::validate::extras::UPSCALERS.map(|(n, _)| UpscalerListing {
+            name: n.to_string(),
+            kind: "builtin".into(),
+            file: None,
+        });
+        let models = self.scan().into_iter().map(|m| UpscalerListing {
+            file: m.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+            name: m.name,
+            kind: "esrgan".into(),
+        });
+        UpscalerList {
+            upscalers: builtin.into_iter().chain(models).collect(),
+        }
     }
 }
 

@@ -97,6 +97,7 @@ impl AppState {
         native::refresh_adapters,
         models::list,
         models::vaes,
+        models::upscalers,
         styles::list,
         native::metrics,
         native::openapi_json,
@@ -140,6 +141,8 @@ impl AppState {
         crate::vaes::VaeList,
         crate::vaes::VaeListing,
         crate::vaes::VaeKind,
+        crate::upscalers::UpscalerList,
+        crate::upscalers::UpscalerListing,
         styles::StyleList,
         crate::styles::Style,
         GpuInfo
@@ -156,6 +159,7 @@ fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Sh
         ("/loras", &["get"], get(native::loras)),
         ("/models", &["get"], get(models::list)),
         ("/vaes", &["get"], get(models::vaes)),
+        ("/upscalers", &["get"], get(models::upscalers)),
         ("/styles", &["get"], get(styles::list)),
         ("/embeddings", &["get"], get(native::embeddings)),
         (

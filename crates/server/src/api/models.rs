@@ -1,5 +1,6 @@
 //! `GET /models`: the models a request may name (MODELS_DIR and the default), and which one
-//! the worker holds; `GET /vaes`: the VAEs it may decode with (VAE_DIR).
+//! the worker holds; `GET /vaes`: the VAEs it may decode with (VAE_DIR); `GET /upscalers`: the
+//! image upscalers of A1111's Extras (UPSCALERS_DIR's ESRGAN models among them).
 
 use axum::extract::State;
 use axum::Json;
@@ -34,4 +35,14 @@ pub(super) async fn vaes(State(app): State<Shared>) -> Json<VaeList> {
     let vaes = app.vaes.clone();
     let listing = tokio::task::spawn_blocking(move || vaes.listing()).await;
     Json(listing.unwrap_or(VaeList { vaes: Vec::new() }))
+}
+
+/// The image upscalers A1111's Extras (`/sdapi/v1/extra-single-image`: `upscaler_1`,
+/// `upscaler_2`) take: the built-ins, then UPSCALERS_DIR's ESRGAN models (read now: files
+/// added later are listed).
+#[utoipa::path(get, path = "/upscalers", responses((status = 200, body = crate::upscalers::UpscalerList)))]
+pub(super) async fn upscalers(State(app): State<Shared>) -> Json<crate::upscalers::UpscalerList> {
+    let catalog = app.upscalers.clone();
+    let listing = tokio::task::spawn_blocking(move || catalog.listing()).await;
+    Json(listing.unwrap_or_else(|_| crate::upscalers::UpscalerCatalog::default().listing()))
 }

@@ -242,6 +242,16 @@ fn upscalers_dir_models_upscale_as_the_pipeline_and_a1111() {
     );
     assert_eq!(listed[3]["model_path"], "4x-Tiny.pth");
     assert_eq!(listed[3]["model_name"], "ESRGAN_4x");
+    let native = s.get("/upscalers").json();
+    assert_eq!(native["upscalers"].as_array().unwrap().len(), 7);
+    assert_eq!(
+        native["upscalers"][1],
+        json!({"name": "Lanczos", "kind": "builtin", "file": null})
+    );
+    assert_eq!(
+        native["upscalers"][3],
+        json!({"name": "4x-Tiny", "kind": "esrgan", "file": "4x-Tiny.pth"})
+    );
 
     // A1111's result (tools/make_esrgan_fixtures.py: Upscaler.upscale with the x4 model to
     // 2.5), within one level of float noise; and exactly what the pipeline makes.
