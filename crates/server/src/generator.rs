@@ -108,13 +108,23 @@ pub struct Loaded {
 /// Loads the model; runs on the worker thread. The error is a message for /health and the log.
 pub type Loader = Box<dyn FnOnce() -> Result<Loaded, String> + Send>;
 
-/// Loads a model on the worker when a job names one other than the loaded one: a MODELS_DIR
-/// model by name, or (`None`) the default model again. Called only once the previous pipeline
-/// was dropped (one pipeline at a time). The error is for the log only (it may hold paths).
-pub type Switcher = Box<dyn FnMut(Option<&str>) -> Result<Loaded, String> + Send>;
+/// `Switcher::load`.
+pub type LoadByName = Box<dyn FnMut(Option<&str>) -> Result<Loaded, String> + Send>;
 
-/// What the worker holds after a failed switch whose way back failed too: no model. Every
-/// job first has its model loaded (`engine::switch`), so this never runs one.
+/// Loads a model on the worker after the first: the one a job names when the worker holds
+/// another (MODELS_DIR), or the held one again after A1111's `unload-checkpoint`.
+pub struct Switcher {
+    /// Loads a MODELS_DIR model by name, or (`None`) the default model again. Called only
+    /// once the previous pipeline was dropped (one pipeline at a time). The error is for the
+    /// log only (it may hold paths).
+    pub load: LoadByName,
+    /// Whether `load` takes names (MODELS_DIR is set); without, only the default model.
+    pub by_name: bool,
+}
+
+/// What the worker holds when it holds no model: after `unload-checkpoint`, or after a failed
+/// switch whose way back failed too. Every job first has its model loaded (`engine::switch`),
+/// so this never runs one.
 pub struct Unloaded;
 
 impl Generator for Unloaded {
@@ -223,6 +233,19 @@ impl FakeSpec {
                 speed_probe: self.speed_probe,
             })
         })
+    }
+}
+
+impl FakeSpec {
+    /// Loads the fake again (the default model only: the fake has no MODELS_DIR).
+    pub fn switcher(self) -> Switcher {
+        Switcher {
+            load: Box::new(move |name| match name {
+                None => self.clone().loader()(),
+                Some(name) => Err(format!("the fake generator has no model {name:?}")),
+            }),
+            by_name: false,
+        }
     }
 }
 

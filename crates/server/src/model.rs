@@ -35,18 +35,20 @@ pub fn real_loader(
 
 /// Loads the models jobs name (MODELS_DIR `dir`, by name; `None`: `args.model` again) on the
 /// worker, with `args`' device, dtype and levers; no TAESD (the worker keeps the first one),
-/// no hub retries, no speed probe.
+/// no hub retries, no speed probe. Without `dir`, only `args.model` again (after an unload).
 pub fn switcher(
     args: ModelArgs,
     rt: Runtime,
-    dir: std::path::PathBuf,
+    dir: Option<std::path::PathBuf>,
     status: hub::LoadStatus,
 ) -> crate::generator::Switcher {
-    Box::new(move |name| {
+    let by_name = dir.is_some();
+    let load = Box::new(move |name: Option<&str>| {
         let mut args = args.clone();
         if let Some(name) = name {
+            let dir = dir.clone().ok_or("this server has no MODELS_DIR")?;
             // Only a name the folder lists reaches a path.
-            let entry = crate::models::Catalog::new(Some(dir.clone()), "", None)
+            let entry = crate::models::Catalog::new(Some(dir), "", None)
                 .find(name)
                 .ok_or_else(|| format!("{name:?} is no longer in MODELS_DIR"))?;
             args.model = entry.path.to_string_lossy().into_owned();
@@ -54,7 +56,8 @@ pub fn switcher(
             args.model_config = None;
         }
         load_real(&args, &rt, &status, &LoadOptions::default())
-    })
+    });
+    crate::generator::Switcher { load, by_name }
 }
 
 /// The real pipeline together with the setup it was loaded with, so repeated out-of-memory

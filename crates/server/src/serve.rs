@@ -138,15 +138,15 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     } else {
         loader
     };
-    let switcher = match (&args.fake_generator, &args.models_dir) {
-        (None, Some(dir)) => Some(crate::model::switcher(
+    let switcher = Some(match &args.fake_generator {
+        Some(spec) => spec.clone().switcher(),
+        None => crate::model::switcher(
             args.model.clone(),
             rt.clone(),
-            dir.clone(),
+            args.models_dir.clone(),
             load_status.clone(),
-        )),
-        _ => None,
-    };
+        ),
+    });
     let engine_cfg = EngineConfig {
         max_concurrent: args.max_concurrent_requests as usize,
         timeout: Duration::from_secs(args.generation_timeout_seconds),

@@ -12,7 +12,7 @@ use super::{
     GpuInfo, HealthResponse, HealthStatus, QueueInfo, RequestStats, Shared,
 };
 use crate::cache::{CachedBody, ResponseCache};
-use crate::engine::ModelState;
+use crate::engine::{ModelHold, ModelState};
 use crate::error::{ApiError, ErrorBody};
 
 /// Every parameter that changes the images, the resolved scheduler, the model version (with the
@@ -294,7 +294,15 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
         ModelState::Failed(why) => (HealthStatus::Unavailable, None, Some(why)),
         ModelState::Ready(info) => match app.engine.degraded(cluster.as_ref()) {
             Some(why) => (HealthStatus::Degraded, Some(info.model_version), Some(why)),
-            None => (HealthStatus::Ok, Some(info.model_version), None),
+            // Unloaded on request, the server still takes jobs: they load the model first.
+            None => (
+                HealthStatus::Ok,
+                Some(info.model_version),
+                app.engine.model_hold().map(|hold| match hold {
+                    ModelHold::Unloaded => "the model is unloaded (unload-checkpoint): the next job loads it again first (its `loading` event), or reload-checkpoint does now".to_string(),
+                    ModelHold::Reloading => "the model is being loaded again (reload-checkpoint)".to_string(),
+                }),
+            ),
         },
     };
     // Without its queue a replica can take no job, whatever its model does.

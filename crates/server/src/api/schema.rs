@@ -449,11 +449,12 @@ pub struct HealthResponse {
     /// Why the status is not `ok` (download progress while loading; the load failure; while the
     /// hub cannot be reached, the last failure, the ways out and when the next background try
     /// is; the circuit breaker; a run stuck past its deadline, or every worker `stuck`;
-    /// QUEUE_URL's Redis unreachable), else null.
+    /// QUEUE_URL's Redis unreachable); with `ok`, that the model is unloaded
+    /// (`/sdapi/v1/unload-checkpoint`) or being reloaded; else null.
     pub detail: Option<String>,
     /// The model this process's worker holds now (MODELS_DIR switches it per job; `model_version`
     /// above stays the default model's); null while it holds none (loading, a switch under
-    /// way or failed) and on an API replica.
+    /// way or failed, unloaded by `/sdapi/v1/unload-checkpoint`) and on an API replica.
     pub loaded_model: Option<crate::models::LoadedModelHealth>,
     /// With QUEUE_URL: the workers whose heartbeat is fresh (id, state, model_version,
     /// running_job, jobs_done, started_at); null without QUEUE_URL.

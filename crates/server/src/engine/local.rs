@@ -5,7 +5,7 @@
 //! channel while still holding it, so a subscriber that takes a snapshot under the same lock
 //! sees each change exactly once: either in the snapshot or as an event after it.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,6 +48,10 @@ pub(super) struct Inner {
     pub avg_gen_ms: AtomicU64,
     /// Reads of LORA_DIR/EMBEDDINGS_DIR asked of the worker.
     pub rescans: super::worker::Rescans,
+    /// The worker holds no model since `unload-checkpoint` (until a job or a reload loads one).
+    pub unloaded: AtomicBool,
+    /// `reload-checkpoint` is loading a model now.
+    pub reloading: AtomicBool,
     next_seq: AtomicU64,
     worker_done: Mutex<bool>,
     worker_done_cv: Condvar,
@@ -93,6 +97,8 @@ impl Local {
             loaded: RwLock::new(None),
             avg_gen_ms: AtomicU64::new(0),
             rescans: Default::default(),
+            unloaded: AtomicBool::new(false),
+            reloading: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             worker_done: Mutex::new(false),
             worker_done_cv: Condvar::new(),
@@ -220,6 +226,32 @@ impl JobBackend for Local {
     fn stuck_since(&self) -> Option<Instant> {
         let jobs = self.inner.jobs();
         jobs.running.as_ref().and(jobs.running_stuck)
+    }
+
+    fn model_hold(&self) -> Option<super::ModelHold> {
+        if self.inner.reloading.load(Ordering::SeqCst) {
+            Some(super::ModelHold::Reloading)
+        } else if self.inner.unloaded.load(Ordering::SeqCst) {
+            Some(super::ModelHold::Unloaded)
+        } else {
+            None
+        }
+    }
+
+    fn ask_model(&self, ask: super::ModelAsk) -> Option<super::ModelAskTicket> {
+        let (reply, ticket) = tokio::sync::oneshot::channel();
+        let mut jobs = self.inner.jobs();
+        if jobs.shutting_down {
+            let _ = reply.send(Err(ApiError::ModelUnavailable(
+                "the server is shutting down".into(),
+            )));
+        } else {
+            jobs.model_asks
+                .push_back(super::switch::PendingAsk { ask, reply });
+            // Under the lock the worker waits with, so the wake cannot be missed.
+            self.inner.wake.notify_all();
+        }
+        Some(ticket)
     }
 
     fn speed(&self) -> Option<SpeedProbe> {

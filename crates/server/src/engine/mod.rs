@@ -30,6 +30,16 @@ mod worker;
 
 pub use cluster::{ClusterConfig, ClusterHealth, Role, WorkerHealth};
 pub use job::{Finished, JobEvent, JobSpec, JobStatus, JobView, StopReason};
+pub use switch::ModelAsk;
+
+/// Where this process's worker stands with its model, beyond which one it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelHold {
+    /// Unloaded (`unload-checkpoint`): the next job, or `reload-checkpoint`, loads it again.
+    Unloaded,
+    /// `reload-checkpoint` is loading it.
+    Reloading,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelState {
@@ -118,6 +128,9 @@ pub struct RescanTicket {
     pub done: tokio::sync::watch::Receiver<u64>,
 }
 
+/// The worker's answer to a `ModelAsk`; dropping it withdraws an ask not yet done.
+pub type ModelAskTicket = tokio::sync::oneshot::Receiver<Result<(), ApiError>>;
+
 /// Where jobs live and run. Every method answers at once; waiting is done on the event
 /// channel `subscribe` hands out.
 pub trait JobBackend: Send + Sync {
@@ -138,6 +151,15 @@ pub trait JobBackend: Send + Sync {
     /// The model this process's worker holds now; `None` while it holds none (loading, a
     /// failed switch) or runs no jobs.
     fn loaded_model(&self) -> Option<LoadedModel> {
+        None
+    }
+    /// Where this process's worker stands with its model when it is unloaded or reloading.
+    fn model_hold(&self) -> Option<ModelHold> {
+        None
+    }
+    /// Asks this process's worker to unload or reload its model between jobs (after the
+    /// running one); the answer comes once it is done. `None` where this process runs no jobs.
+    fn ask_model(&self, _ask: ModelAsk) -> Option<ModelAskTicket> {
         None
     }
     /// What the CPU speed probe of this process's worker measured, once it has.
@@ -427,6 +449,34 @@ impl Engine {
             }
         }
         self.model_info()
+    }
+
+    /// Has this process's worker unload or reload its model (A1111's `unload-checkpoint`,
+    /// `reload-checkpoint`) after the running job, if any; 503 when this process runs no jobs
+    /// (an API replica), when the worker cannot load its model again, or when it did not get
+    /// to it within `within` (the ask is then withdrawn).
+    pub async fn ask_model(&self, ask: ModelAsk, within: Duration) -> Result<(), ApiError> {
+        self.model_info()?;
+        let Some(ticket) = self.backend.ask_model(ask.clone()) else {
+            return Err(ApiError::ModelUnavailable(
+                "this process runs no jobs (--role api), so it holds no model: send this to a worker replica (--role worker or all), whose model it acts on".into(),
+            ));
+        };
+        match tokio::time::timeout(within, ticket).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ApiError::ModelUnavailable(
+                "the worker stopped before it got to it".into(),
+            )),
+            Err(_) => Err(ApiError::ModelUnavailable(format!(
+                "the worker did not get to it within {} s (it does between jobs, after the running one); nothing was done",
+                within.as_secs()
+            ))),
+        }
+    }
+
+    /// Where this process's worker stands with its model when it is unloaded or reloading.
+    pub fn model_hold(&self) -> Option<ModelHold> {
+        self.backend.model_hold()
     }
 
     /// Keeps `id`'s previews made while the watch lives (see `JobBackend::watch_previews`).

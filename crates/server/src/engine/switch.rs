@@ -3,8 +3,13 @@
 //! held one is dropped, with its LoRA state, kept deltas and offload host copies, before the
 //! next is loaded. A model that fails to load fails that job (503 `model_unavailable` naming
 //! it) and the previous one is loaded back for later jobs.
+//!
+//! A1111's `unload-checkpoint` drops the held pipeline between jobs (`unload_now`); the next
+//! job loads its model first, as after a switch, and `reload-checkpoint` loads one now
+//! (`reload_now`).
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::job::JobEvent;
@@ -15,14 +20,96 @@ use crate::generator::{Generator, Loaded, Switcher, Unloaded};
 
 /// What the worker holds.
 pub(super) struct Held {
-    /// The MODELS_DIR name of the held model; `None`: the default model.
+    /// The MODELS_DIR name of the held model (of the last one held, while none is); `None`:
+    /// the default model.
     pub name: Option<String>,
-    /// False once a failed switch could not load the previous model back either.
+    /// False once it was unloaded (`unload-checkpoint`), or a failed switch could not load
+    /// the previous model back either.
     pub present: bool,
+}
+
+/// What the API asks of the worker's model between jobs (A1111's checkpoint routes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelAsk {
+    /// Drop the held pipeline (weights, device memory, caches); jobs load it again.
+    Unload,
+    /// Hold this model now (a MODELS_DIR name; `None`: the default), loading it if needed.
+    Reload(Option<String>),
+}
+
+/// A `ModelAsk` waiting for the worker, with where its answer goes. An ask whose asker went
+/// away (`reply` closed) before the worker got to it is dropped undone.
+pub(super) struct PendingAsk {
+    pub ask: ModelAsk,
+    pub reply: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
 }
 
 fn label(name: Option<&str>) -> &str {
     name.unwrap_or("the default model")
+}
+
+/// Does what `pending` asks, between jobs, and answers it.
+pub(super) fn answer(
+    inner: &Inner,
+    switcher: Option<&mut Switcher>,
+    held: &mut Held,
+    generator: &mut Box<dyn Generator>,
+    pending: PendingAsk,
+) {
+    if pending.reply.is_closed() {
+        return;
+    }
+    let outcome = match (&pending.ask, switcher) {
+        (_, None) => Err(ApiError::ModelUnavailable(
+            "this worker cannot load its model again, so it keeps it".into(),
+        )),
+        (ModelAsk::Unload, Some(_)) => {
+            if held.present {
+                unload(inner, held, generator);
+                inner.unloaded.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+        (ModelAsk::Reload(want), Some(switcher)) => {
+            reload_now(inner, switcher, held, generator, want.as_deref())
+        }
+    };
+    let _ = pending.reply.send(outcome);
+}
+
+/// Makes `want` the held model now, with no job waiting on it: the previous one (if any) is
+/// dropped first and, when `want` fails to load, loaded back.
+fn reload_now(
+    inner: &Inner,
+    switcher: &mut Switcher,
+    held: &mut Held,
+    generator: &mut Box<dyn Generator>,
+    want: Option<&str>,
+) -> Result<(), ApiError> {
+    if held.present && held.name.as_deref() == want {
+        return Ok(());
+    }
+    if want.is_some() && !switcher.by_name {
+        return Err(no_models_dir(want));
+    }
+    inner.reloading.store(true, Ordering::SeqCst);
+    let outcome = switch(
+        inner,
+        switcher,
+        held,
+        generator,
+        "(reload-checkpoint)",
+        want,
+    );
+    inner.reloading.store(false, Ordering::SeqCst);
+    outcome
+}
+
+fn no_models_dir(want: Option<&str>) -> ApiError {
+    ApiError::ModelUnavailable(format!(
+        "model {:?} cannot be loaded here: this server has no MODELS_DIR",
+        label(want)
+    ))
 }
 
 /// Makes `want` the held model before job `job` runs (nothing to do when it is held).
@@ -37,11 +124,8 @@ pub(super) fn ensure(
     if held.present && held.name.as_deref() == want {
         return Ok(());
     }
-    let Some(switcher) = switcher else {
-        return Err(ApiError::ModelUnavailable(format!(
-            "model {:?} cannot be loaded here: this server has no MODELS_DIR",
-            label(want)
-        )));
+    let Some(switcher) = switcher.filter(|s| want.is_none() || s.by_name) else {
+        return Err(no_models_dir(want));
     };
     let model = want.map_or_else(
         || {
@@ -66,11 +150,30 @@ pub(super) fn ensure(
             });
         }
     }
+    let outcome = switch(inner, switcher, held, generator, job, want);
+    if let Some(r) = inner.jobs().records.get_mut(job) {
+        r.loading = None;
+    }
+    outcome
+}
+
+/// Drops the held model (if any) and loads `want`; when that fails, loads the previous one
+/// back (if there was one) and answers 503 naming `want`. `job` names the cause in the log.
+fn switch(
+    inner: &Inner,
+    switcher: &mut Switcher,
+    held: &mut Held,
+    generator: &mut Box<dyn Generator>,
+    job: &str,
+    want: Option<&str>,
+) -> Result<(), ApiError> {
     let previous = held.name.clone();
     let had = held.present;
-    unload(inner, held, generator);
+    if had {
+        unload(inner, held, generator);
+    }
     let t0 = Instant::now();
-    let outcome = match load(switcher, want) {
+    match load(switcher, want) {
         Ok(loaded) => {
             install(inner, held, generator, want, loaded, t0);
             Ok(())
@@ -93,11 +196,7 @@ pub(super) fn ensure(
                 label(want)
             )))
         }
-    };
-    if let Some(r) = inner.jobs().records.get_mut(job) {
-        r.loading = None;
     }
-    outcome
 }
 
 /// Drops the held pipeline (and what belongs to it) before another is loaded.
@@ -114,7 +213,7 @@ fn unload(inner: &Inner, held: &mut Held, generator: &mut Box<dyn Generator>) {
 }
 
 fn load(switcher: &mut Switcher, want: Option<&str>) -> Result<Loaded, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| switcher(want)))
+    std::panic::catch_unwind(AssertUnwindSafe(|| (switcher.load)(want)))
         .unwrap_or_else(|_| Err("the model loader panicked".into()))
 }
 
@@ -136,6 +235,7 @@ fn install(
     *generator = loaded.generator;
     held.name = name.map(str::to_string);
     held.present = true;
+    inner.unloaded.store(false, Ordering::SeqCst);
     *inner.device.write().unwrap_or_else(|e| e.into_inner()) = generator.device();
     *inner.memory_plan.write().unwrap_or_else(|e| e.into_inner()) = generator.memory_plan();
     *inner.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(LoadedModel {

@@ -34,6 +34,8 @@ pub(super) struct Jobs {
     pub results_budget: usize,
     /// Records dropped early (`sdserve_jobs_evicted_total`).
     pub evicted: Counter,
+    /// What the API asked of the worker's model, done between jobs before the next one.
+    pub model_asks: VecDeque<super::switch::PendingAsk>,
 }
 
 impl Jobs {

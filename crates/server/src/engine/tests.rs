@@ -396,16 +396,19 @@ async fn a_switch_drops_the_held_model_first_and_a_failed_one_brings_the_previou
     let (a, f) = (alive.clone(), fake.clone());
     let loader: Loader = Box::new(move || Ok(count(f.loader()()?, &a, "default@0".into())));
     let (a, s) = (alive.clone(), seen.clone());
-    let switcher: crate::generator::Switcher = Box::new(move |name| {
-        s.lock().unwrap().push(a.load(Ordering::SeqCst));
-        match name {
-            Some("bad") => Err("/models/bad.safetensors: not a checkpoint".into()),
-            other => {
-                let version = format!("{}@0", other.unwrap_or("default"));
-                Ok(count(fake.clone().loader()()?, &a, version))
+    let switcher = crate::generator::Switcher {
+        load: Box::new(move |name| {
+            s.lock().unwrap().push(a.load(Ordering::SeqCst));
+            match name {
+                Some("bad") => Err("/models/bad.safetensors: not a checkpoint".into()),
+                other => {
+                    let version = format!("{}@0", other.unwrap_or("default"));
+                    Ok(count(fake.clone().loader()()?, &a, version))
+                }
             }
-        }
-    });
+        }),
+        by_name: true,
+    };
     let engine = Engine::start_switching(
         EngineConfig::new(2, Duration::from_secs(30)),
         loader,

@@ -74,6 +74,11 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader, mut switcher: Option<Sw
                     jobs = inner.jobs();
                     continue;
                 }
+                if !jobs.shutting_down {
+                    if let Some(pending) = jobs.model_asks.pop_front() {
+                        break Some(Work::Model(pending));
+                    }
+                }
                 if let Some(id) = jobs.queue.pop_front() {
                     let speed = jobs.speed;
                     let Some(r) = jobs.records.get_mut(&id) else {
@@ -97,7 +102,7 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader, mut switcher: Option<Sw
                     jobs.running = Some(id);
                     jobs.announce_positions(0);
                     inner.metrics.queue_seconds.observe(queue_secs);
-                    break Some(picked);
+                    break Some(Work::Job(picked));
                 }
                 if jobs.shutting_down {
                     break None;
@@ -117,6 +122,7 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader, mut switcher: Option<Sw
                 }
                 // The probe runs only once the worker has been idle (no wake) for a while.
                 if probe_tries > 0
+                    && held.present
                     && quiet_since.elapsed() >= PROBE_IDLE
                     && jobs.queue.is_empty()
                     && !jobs.shutting_down
@@ -128,8 +134,13 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader, mut switcher: Option<Sw
                 }
             }
         };
-        let Some((id, spec, stop, deadline)) = picked else {
-            break;
+        let (id, spec, stop, deadline) = match picked {
+            None => break,
+            Some(Work::Model(pending)) => {
+                super::switch::answer(inner, switcher.as_mut(), &mut held, &mut generator, pending);
+                continue;
+            }
+            Some(Work::Job(job)) => job,
         };
         let want = spec.model.as_deref();
         if let Err(e) = super::switch::ensure(
@@ -177,7 +188,28 @@ pub(super) fn worker_main(inner: &Inner, loader: Loader, mut switcher: Option<Sw
         jobs.running_stuck = None;
         jobs.finish(&id, status, result);
     }
+    let refused = std::mem::take(&mut inner.jobs().model_asks);
+    for pending in refused {
+        let _ = pending.reply.send(Err(ApiError::ModelUnavailable(
+            "the server is shutting down".into(),
+        )));
+    }
     tracing::info!("worker stopped");
+}
+
+/// What the worker does next.
+enum Work {
+    /// A job: its id, spec, stop flag and deadline.
+    Job(
+        (
+            String,
+            Arc<JobSpec>,
+            Arc<std::sync::atomic::AtomicU8>,
+            Instant,
+        ),
+    ),
+    /// An ask about its model (`unload-checkpoint`, `reload-checkpoint`).
+    Model(super::switch::PendingAsk),
 }
 
 /// Reads of LORA_DIR/EMBEDDINGS_DIR asked of the worker (`JobBackend::rescan_adapters`): it

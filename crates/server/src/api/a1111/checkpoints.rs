@@ -6,8 +6,12 @@
 
 use serde_json::{json, Map, Value};
 
+use axum::extract::State;
+use axum::Json;
+
 use super::lock;
-use crate::api::AppState;
+use crate::api::{AppState, Shared};
+use crate::engine::ModelAsk;
 use crate::error::ApiError;
 use crate::generator::ModelInfo;
 use crate::models::{Catalog, ModelKind};
@@ -174,6 +178,44 @@ pub(super) async fn requested(
             Ok(None)
         }
     }
+}
+
+/// How long the checkpoint routes wait for the worker: a running job may take its whole
+/// deadline (JOB_TIMEOUT_SECONDS) before the worker gets to the ask, then the load itself.
+fn ask_bound(app: &AppState) -> std::time::Duration {
+    let cfg = app.engine.config();
+    cfg.job_timeout.max(cfg.timeout) + cfg.timeout
+}
+
+/// A1111's `unload-checkpoint` (`sd_models.unload_model_weights`): the worker drops its model
+/// (weights, device memory, caches) after the running job, if any, never under it; answers
+/// `{}` once it has, as A1111 does. Jobs still queue: each loads the model again first (its
+/// `loading` event), as after a MODELS_DIR switch.
+#[utoipa::path(post, path = "/sdapi/v1/unload-checkpoint", tag = "a1111", responses(
+    (status = 200, description = "`{}`, once this process's worker holds no model (`/health`: `loaded_model` null, `detail` says it is unloaded). With QUEUE_URL it acts on the worker of the replica it is sent to"),
+    (status = 503, description = "`model_unavailable`: still loading, shutting down, an API replica (`--role api`, no worker), or the running job did not end in time (nothing done)", body = crate::error::ErrorBody),
+))]
+pub(super) async fn unload(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
+    app.engine
+        .ask_model(ModelAsk::Unload, ask_bound(&app))
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// A1111's `reload-checkpoint` (`sd_models.reload_model_weights`): the worker loads the
+/// checkpoint `POST options` selected (`sd_model_checkpoint`; the default model when none is)
+/// now, after the running job, if any; answers `{}` once it is loaded.
+#[utoipa::path(post, path = "/sdapi/v1/reload-checkpoint", tag = "a1111", responses(
+    (status = 200, description = "`{}`, once this process's worker holds the model (already held: nothing to do). With QUEUE_URL it acts on the worker of the replica it is sent to"),
+    (status = 503, description = "`model_unavailable`: still loading, shutting down, an API replica (`--role api`, no worker), the model could not be loaded, or the running job did not end in time", body = crate::error::ErrorBody),
+))]
+pub(super) async fn reload(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let default = app.engine.model_info()?;
+    let target = requested(&app, &default, &Map::new()).await?;
+    app.engine
+        .ask_model(ModelAsk::Reload(target), ask_bound(&app))
+        .await?;
+    Ok(Json(json!({})))
 }
 
 #[cfg(test)]

@@ -146,6 +146,8 @@ pub fn router(json_limit: usize) -> Router<Shared> {
             "/sdapi/v1/refresh-checkpoints",
             post(listings::refresh_checkpoints),
         )
+        .route("/sdapi/v1/unload-checkpoint", post(checkpoints::unload))
+        .route("/sdapi/v1/reload-checkpoint", post(checkpoints::reload))
 }
 
 /// A1111's names for the default model: title, short hash.

@@ -264,7 +264,8 @@ pub struct ExtrasBatchImagesResponse {
         super::listings::hypernetworks, super::listings::face_restorers,
         super::listings::realesrgan_models, super::listings::scripts, super::listings::upscalers,
         super::listings::sd_vae, super::listings::latent_upscale_modes,
-        super::listings::prompt_styles, super::listings::refresh_checkpoints
+        super::listings::prompt_styles, super::listings::refresh_checkpoints,
+        super::checkpoints::unload, super::checkpoints::reload
     ),
     components(schemas(A1111Request, A1111Response, A1111Progress, ExtrasOptions,
         ExtrasSingleImageRequest, ExtrasBatchImagesRequest, FileData, ExtrasSingleImageResponse,

@@ -450,6 +450,14 @@ impl JobBackend for Cluster {
         self.local.as_ref().and_then(|l| l.memory_plan())
     }
 
+    fn model_hold(&self) -> Option<super::ModelHold> {
+        self.local.as_ref().and_then(|l| l.model_hold())
+    }
+
+    fn ask_model(&self, ask: super::ModelAsk) -> Option<super::ModelAskTicket> {
+        self.local.as_ref().and_then(|l| l.ask_model(ask))
+    }
+
     fn loaded_model(&self) -> Option<super::LoadedModel> {
         self.local.as_ref().and_then(|l| l.loaded_model())
     }
