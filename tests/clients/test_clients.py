@@ -41,6 +41,9 @@ NEGATIVE = "blurry"
 SIZE = 256
 
 
+ESRGAN = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "esrgan")
+
+
 class Server:
     """`sdserve serve` on a free port (PORT=0; the address comes from the JSON start-up log)."""
 
@@ -53,6 +56,10 @@ class Server:
         os.makedirs(self.embeddings)
         self.vaes = os.path.join(self.cache, "vaes")
         os.makedirs(self.vaes)
+        # A tiny ESRGAN (tools/make_esrgan_fixtures.py) as A1111's models/ESRGAN holds one.
+        self.upscalers = os.path.join(self.cache, "esrgan")
+        os.makedirs(self.upscalers)
+        shutil.copy(os.path.join(ESRGAN, "x4-old.pth"), os.path.join(self.upscalers, "4x-Tiny.pth"))
         self.models = os.path.join(self.cache, "models")
         shutil.copytree(os.path.join(os.path.dirname(MODEL), OTHER), os.path.join(self.models, OTHER))
         env = {
@@ -71,6 +78,7 @@ class Server:
             "EMBEDDINGS_DIR": self.embeddings,
             "MODELS_DIR": self.models,
             "VAE_DIR": self.vaes,
+            "UPSCALERS_DIR": self.upscalers,
             "STYLES_FILE": STYLES,
         }
         self.proc = subprocess.Popen(
@@ -490,7 +498,8 @@ class A1111(Timed):
         self.assertEqual(status, 422)
         self.assertIn("hr_upscaler", text)
         self.assertIn("Latent (nearest-exact)", text)
-        self.assertEqual([u["name"] for u in self.api.get_upscalers()], ["None", "Lanczos", "Nearest"])
+        # The hires fix takes the built-ins (UPSCALERS_DIR's models follow them, for Extras).
+        self.assertEqual([u["name"] for u in self.api.get_upscalers()][:3], ["None", "Lanczos", "Nearest"])
         self.assertIn("Latent (bicubic antialiased)",
                       [m["name"] for m in self.api.get_latent_upscale_modes()])
 
@@ -537,6 +546,19 @@ class A1111(Timed):
         with self.assertRaises(RuntimeError) as cm:
             self.api.extra_single_image(img, upscaler_1="R-ESRGAN 4x+")
         self.assertEqual(cm.exception.args[0], 422)
+
+    def test_extras_with_an_esrgan_model_as_a1111(self):
+        names = [u["name"] for u in self.api.get_upscalers()]
+        self.assertEqual(names, ["None", "Lanczos", "Nearest", "4x-Tiny"])
+        # A1111's Upscaler.upscale with the x4 model to 2.5 (tools/make_esrgan_fixtures.py),
+        # within one level of float noise.
+        img = Image.open(os.path.join(ESRGAN, "input.tall.png"))
+        r = self.api.extra_single_image(img, upscaler_1="4x-Tiny", upscaling_resize=2.5)
+        want = Image.open(os.path.join(ESRGAN, "upscale.x4_by_2_5.png"))
+        self.assertEqual(r.image.size, want.size)
+        diff = max(abs(a - b) for a, b in zip(pixels(r.image), pixels(want)))
+        self.assertLessEqual(diff, 1)
+        self.assertIn("Postprocess upscaler: 4x-Tiny", r.info)
 
     def test_progress_and_interrupt(self):
         result = {}
