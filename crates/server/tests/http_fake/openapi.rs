@@ -82,8 +82,17 @@ fn the_openapi_schema_and_the_server_agree() {
     assert_eq!(schema["additionalProperties"], false);
     // Small and seeded, so two answers can be compared image for image.
     let base = json!({"prompt": "x", "steps": 1, "width": 256, "height": 256, "seed": 7});
+    // Fields that only go in pairs: a value for one comes with a valid value for the other.
+    let partner = |field: &str| match field {
+        "seed_resize_from_width" => Some(("seed_resize_from_height", json!(320))),
+        "seed_resize_from_height" => Some(("seed_resize_from_width", json!(320))),
+        _ => None,
+    };
     let send = |field: &str, value: serde_json::Value| {
         let mut body = base.clone();
+        if let Some((other, v)) = partner(field).filter(|_| !value.is_null()) {
+            body[other] = v;
+        }
         body[field] = value;
         s.post_json(&body)
     };
