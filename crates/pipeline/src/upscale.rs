@@ -174,6 +174,16 @@ impl ExtrasUpscale {
     /// its order, values as Python writes them. Sides must be above 0 ([`sizes`](Self::sizes)).
     /// Fails only where a model does (a file that is not one, a device error).
     pub fn run(&self, image: &RgbImage) -> crate::Result<(RgbImage, Vec<(String, String)>)> {
+        self.run_until(image, None)
+    }
+
+    /// [`run`](Self::run), a model's work given up (`Cancelled`) before a tile that would
+    /// start after `deadline`.
+    pub fn run_until(
+        &self,
+        image: &RgbImage,
+        deadline: Option<std::time::Instant>,
+    ) -> crate::Result<(RgbImage, Vec<(String, String)>)> {
         let mut info = Vec::new();
         let Some(first) = &self.upscaler else {
             return Ok((image.clone(), info));
@@ -185,7 +195,7 @@ impl ExtrasUpscale {
                 info.push(("Postprocess upscale to".into(), format!("{width}x{height}")))
             }
         }
-        let mut out = self.upscale_one(image, first, scale)?;
+        let mut out = self.upscale_one(image, first, scale, deadline)?;
         if let UpscaleTarget::To { crop: true, .. } = self.target {
             info.push((
                 "Postprocess crop to".into(),
@@ -194,7 +204,7 @@ impl ExtrasUpscale {
         }
         info.push(("Postprocess upscaler".into(), first.name().into()));
         if let Some((second, visibility)) = self.second.as_ref().filter(|(_, v)| *v > 0.0) {
-            let other = self.upscale_one(image, second, scale)?;
+            let other = self.upscale_one(image, second, scale, deadline)?;
             out = blend(&out, &other, *visibility);
             info.push(("Postprocess upscaler 2".into(), second.name().into()));
         }
@@ -208,11 +218,12 @@ impl ExtrasUpscale {
         image: &RgbImage,
         upscaler: &ImageUpscaler,
         scale: f64,
+        deadline: Option<std::time::Instant>,
     ) -> crate::Result<RgbImage> {
         let up = match upscaler {
             ImageUpscaler::Model(m) => {
                 let model = m.load().map_err(crate::PipelineError::InvalidRequest)?;
-                crate::upscaler::upscale_by(model, image, scale)?
+                crate::upscaler::upscale_by_until(model, image, scale, deadline)?
             }
             _ => upscale(image, upscaler, scale),
         };

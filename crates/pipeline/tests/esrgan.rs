@@ -144,3 +144,16 @@ fn files_that_are_not_rrdbnets_are_refused_by_name() {
     );
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+#[test]
+fn a_deadline_stops_the_work_between_tiles() {
+    use sdserve_pipeline::upscaler::upscale_tiled_until;
+    let m = model("x2-old.safetensors");
+    let input = png("input.wide.png");
+    let past = std::time::Instant::now();
+    let e = upscale_tiled_until(&m, &input, TILE, TILE_OVERLAP, Some(past)).unwrap_err();
+    assert!(matches!(e, sdserve_pipeline::PipelineError::Cancelled), "{e}");
+    let later = past + std::time::Duration::from_secs(3600);
+    let done = upscale_tiled_until(&m, &input, TILE, TILE_OVERLAP, Some(later)).unwrap();
+    assert_eq!(done, upscale_tiled(&m, &input, TILE, TILE_OVERLAP).unwrap());
+}

@@ -7,7 +7,7 @@ mod state;
 pub mod tiles;
 
 pub use net::Esrgan;
-pub use tiles::{upscale_tiled, TILE, TILE_OVERLAP};
+pub use tiles::{upscale_tiled, upscale_tiled_until, TILE, TILE_OVERLAP};
 
 use crate::image_in::resize_lanczos;
 use crate::pipeline::RgbImage;
@@ -38,6 +38,16 @@ pub fn rounds(model_scale: usize, width: usize, height: usize, scale: f64) -> Ve
 /// [`upscale_tiled`] with A1111's default tile and overlap): the model's rounds (see
 /// [`rounds`]), then a Lanczos resize to `side * scale // 8 * 8` where that differs.
 pub fn upscale_by(model: &Esrgan, image: &RgbImage, scale: f64) -> Result<RgbImage> {
+    upscale_by_until(model, image, scale, None)
+}
+
+/// [`upscale_by`], given up (`Cancelled`) before a tile that would start after `deadline`.
+pub fn upscale_by_until(
+    model: &Esrgan,
+    image: &RgbImage,
+    scale: f64,
+    deadline: Option<std::time::Instant>,
+) -> Result<RgbImage> {
     let dest = (
         crate::upscale::dest_side(image.width, scale),
         crate::upscale::dest_side(image.height, scale),
@@ -49,7 +59,7 @@ pub fn upscale_by(model: &Esrgan, image: &RgbImage, scale: f64) -> Result<RgbIma
         image.height as usize,
         scale,
     ) {
-        out = upscale_tiled(model, &out, TILE, TILE_OVERLAP)?;
+        out = upscale_tiled_until(model, &out, TILE, TILE_OVERLAP, deadline)?;
     }
     if (out.width as usize, out.height as usize) != dest {
         out = resize_lanczos(&out, dest.0, dest.1);

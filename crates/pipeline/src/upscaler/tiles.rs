@@ -167,6 +167,19 @@ pub fn upscale_tiled(
     tile: usize,
     overlap: usize,
 ) -> Result<RgbImage> {
+    upscale_tiled_until(model, image, tile, overlap, None)
+}
+
+/// [`upscale_tiled`], giving up with [`crate::PipelineError::Cancelled`] before any tile
+/// that would start after `deadline` (a large image through a large model can take minutes
+/// on a CPU; the caller has answered by then).
+pub fn upscale_tiled_until(
+    model: &Esrgan,
+    image: &RgbImage,
+    tile: usize,
+    overlap: usize,
+    deadline: Option<std::time::Instant>,
+) -> Result<RgbImage> {
     let (w, h) = (image.width as usize, image.height as usize);
     if w <= overlap || h <= overlap {
         return Err(crate::PipelineError::InvalidRequest(format!(
@@ -179,6 +192,9 @@ pub fn upscale_tiled(
     for y in origins(h, tile, overlap) {
         let mut tiles = Vec::new();
         for &x in &xs {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Err(crate::PipelineError::Cancelled);
+            }
             let out = run_tile(model, &crop(image, x, y, tile, tile))?;
             scale = out.width as usize / tile;
             tiles.push((x, out));

@@ -12,6 +12,7 @@
 //! infotext) and the sent PNG's `parameters` text, as A1111 keeps it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -55,6 +56,7 @@ struct Done {
 /// Upscales the images in a slot, off the runtime, within the deadline.
 async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Done, ApiError> {
     let deadline = app.engine.config().timeout;
+    let until = Instant::now() + deadline;
     let slots = app.a1111.extras.0.clone();
     let work = async move {
         let permit = slots
@@ -62,10 +64,10 @@ async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Don
             .await
             .map_err(|e| ApiError::Internal(format!("extras slots closed: {e}")))?;
         // The slot goes with the work: a request given up at its deadline still holds it
-        // until its (bounded) work ends.
+        // until its work ends (bounded: a model stops at the next tile).
         crate::api::off_the_runtime(move || {
             let _slot = permit;
-            upscale_all(&spec, sent)
+            upscale_all(&spec, sent, (until, deadline))
         })
         .await
     };
@@ -77,7 +79,13 @@ async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Don
 
 /// Every image's size is checked from its header before any is decoded; then one at a time:
 /// decoded, upscaled, encoded.
-fn upscale_all(spec: &ExtrasUpscale, sent: Vec<Sent>) -> Result<Done, ApiError> {
+/// A model's work stops at `deadline` (the request has had its 408 by then) rather than run
+/// on in its slot.
+fn upscale_all(
+    spec: &ExtrasUpscale,
+    sent: Vec<Sent>,
+    (until, deadline): (Instant, Duration),
+) -> Result<Done, ApiError> {
     load_models(spec)?;
     let mut files = Vec::with_capacity(sent.len());
     let mut pixels = 0u64;
@@ -104,12 +112,17 @@ fn upscale_all(spec: &ExtrasUpscale, sent: Vec<Sent>) -> Result<Done, ApiError> 
     for (field, bytes) in files {
         let image =
             crate::images::decode_bytes(&bytes).map_err(|e| ApiError::validation(&field, e))?;
-        let (up, info) = spec.run(&image.image).map_err(|e| match e {
-            sdserve_pipeline::PipelineError::InvalidRequest(why) => {
-                ApiError::validation(&field, why)
-            }
-            e => ApiError::Internal(format!("upscaling {field}: {e}")),
-        })?;
+        let (up, info) = spec
+            .run_until(&image.image, Some(until))
+            .map_err(|e| match e {
+                sdserve_pipeline::PipelineError::InvalidRequest(why) => {
+                    ApiError::validation(&field, why)
+                }
+                sdserve_pipeline::PipelineError::Cancelled => {
+                    ApiError::Timeout(TimeoutInfo::from(deadline.as_secs()))
+                }
+                e => ApiError::Internal(format!("upscaling {field}: {e}")),
+            })?;
         infotext = info
             .iter()
             .map(|(k, v)| format!("{k}: {v}"))
