@@ -96,6 +96,29 @@ fn styles_give_the_image_of_the_styled_prompts_in_every_dialect() {
     };
     assert_eq!(job["request"]["prompt"], want_prompt);
     assert!(pixels(&job["result"]) == pixels(&written_out));
+    // It keeps the names and the prompts as written: sent again, they are styled once.
+    assert_eq!(job["request"]["styles"], json!(["Appended", "Cinematic"]));
+    let written = &job["request"]["as_written"];
+    assert_eq!(
+        written,
+        &json!({"prompt": "a cat", "negative_prompt": "blurry"})
+    );
+    let mut reused = native(
+        written["prompt"].as_str().unwrap(),
+        written["negative_prompt"].as_str().unwrap(),
+    );
+    reused["styles"] = job["request"]["styles"].clone();
+    let again = ok(&s.post_json(&reused));
+    assert_eq!(again["metadata"]["prompt"], want_prompt);
+    assert!(pixels(&again) == pixels(&written_out));
+    // Without styles the record says so.
+    let plain_job = post_json_to(s.addr, "/jobs", &native("a cat", "blurry")).json();
+    let id = plain_job["id"].as_str().unwrap();
+    let j = s.get(&format!("/jobs/{id}")).json();
+    assert_eq!(
+        (&j["request"]["styles"], &j["request"]["as_written"]),
+        (&json!([]), &Value::Null)
+    );
 
     // OpenAI's images/generations passes `styles` as it passes the other native extras.
     let openai = json!({"prompt": "a cat", "negative_prompt": "blurry", "seed": 3, "steps": 2,
@@ -116,6 +139,15 @@ fn styles_give_the_image_of_the_styled_prompts_in_every_dialect() {
     assert!(image == pixels(&written_out), "A1111 styled image differs");
     let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
     assert_eq!(info["styles"], json!(["Cinematic"]));
+    // The A1111 request's job keeps them too (`/jobs` lists it).
+    let listed = s.get("/jobs").json();
+    let a1111_job = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["request"]["styles"] == json!(["Cinematic"]))
+        .expect("the A1111 job, with its styles");
+    assert_eq!(a1111_job["request"]["as_written"]["prompt"], "a cat");
     assert_eq!(info["prompt"], want_prompt);
     assert_eq!(info["negative_prompt"], want_negative);
     let infotext = info["infotexts"][0].as_str().unwrap();

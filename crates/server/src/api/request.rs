@@ -150,8 +150,12 @@ pub(crate) async fn read_generate_body(
     let styles = app.styles.clone();
     off_the_runtime(move || {
         let mut map = validate::parse_object(&body)?;
+        let written = crate::styles::AsWritten::read(&map);
         let styled = styles.apply(&mut map, crate::styles::Dialect::Native);
-        crate::styles::with_styles(styled, validate::validate_object(&map))
+        let (mut valid, as_written) =
+            crate::styles::with_styles(styled, written, validate::validate_object(&map))?;
+        valid.as_written = as_written;
+        Ok(valid)
     })
     .await
 }
@@ -387,6 +391,12 @@ pub(crate) fn job_spec(
         "variation_strength": params.variation.map_or(0.0, |v| v.strength),
         "seed_resize_from_width": params.seed_resize_from.map(|r| r.width),
         "seed_resize_from_height": params.seed_resize_from.map(|r| r.height),
+        // `prompt` and `negative_prompt` above have the styles' texts in them.
+        "styles": req.as_written.as_ref().map_or(&[][..], |w| &w.styles[..]),
+        "as_written": req.as_written.as_ref().map(|w| serde_json::json!({
+            "prompt": w.prompt,
+            "negative_prompt": w.negative_prompt,
+        })),
     });
     let mut png_texts = crate::png::batch_texts(&params, &info.model_version, vae.as_ref());
     if let Some(h) = &req.hires {

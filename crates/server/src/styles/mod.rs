@@ -160,17 +160,55 @@ impl StyleBook {
 /// The outcome of a request's checks after [`StyleBook::apply`]: a 422 lists every broken
 /// field at once, so a broken `styles` joins the other fields' (after them: `styles` is read
 /// last) rather than hiding them.
+/// With the names applied, the prompts as the client wrote them (`written`, read before
+/// `apply`), or `None` when it named no style.
 pub fn with_styles<T>(
     styled: Result<Vec<String>, ApiError>,
+    written: AsWritten,
     checked: Result<T, ApiError>,
-) -> Result<T, ApiError> {
+) -> Result<(T, Option<AsWritten>), ApiError> {
     match (styled, checked) {
-        (Ok(_), checked) => checked,
+        (Ok(names), Ok(checked)) => Ok((
+            checked,
+            (!names.is_empty()).then_some(AsWritten {
+                styles: names,
+                ..written
+            }),
+        )),
+        (Ok(_), Err(e)) => Err(e),
         (Err(ApiError::Validation(mut fields)), Err(ApiError::Validation(mut first))) => {
             first.append(&mut fields);
             Err(ApiError::Validation(first))
         }
         (Err(e), _) => Err(e),
+    }
+}
+
+/// A request's styles and its prompts as the client wrote them, before the styles' texts
+/// went in: the job's record keeps them, since sending its styled prompts again with the
+/// same styles would apply them twice (A1111 takes them back out of a pasted infotext).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AsWritten {
+    /// The style names, in the order applied.
+    pub styles: Vec<String>,
+    pub prompt: String,
+    pub negative_prompt: String,
+}
+
+impl AsWritten {
+    /// The prompts of `body` before [`StyleBook::apply`] (absent or not a string: "").
+    pub fn read(body: &Map<String, Value>) -> Self {
+        let text = |f: &str| {
+            body.get(f)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        Self {
+            styles: Vec::new(),
+            prompt: text("prompt"),
+            negative_prompt: text("negative_prompt"),
+        }
     }
 }
 

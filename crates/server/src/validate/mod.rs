@@ -136,6 +136,9 @@ pub struct ValidRequest {
     /// A1111's seed resize (`seed_resize_from_w`/`_h`): the size whose noise the images keep
     /// in their centre; `None`: off.
     pub seed_resize_from: Option<SeedResize>,
+    /// The styles applied to the prompts (before validation) and the prompts as written;
+    /// `None` without styles. Set by the routes that apply them.
+    pub as_written: Option<crate::styles::AsWritten>,
 }
 
 impl ValidRequest {
@@ -451,6 +454,7 @@ pub fn validate_request(
         variation_seed: variation_seed.map(|v| v as u32),
         variation_strength: variation_strength.unwrap_or(0.0),
         seed_resize_from: seed_resize,
+        as_written: None,
     };
     if let Some(read) = hires {
         valid.hires = Some(native_hires::build(&read, &valid)?);

@@ -210,9 +210,12 @@ async fn generate(
     let styles = app.styles.clone();
     let (t, body) = crate::api::off_the_runtime(move || {
         // Styles first, as A1111's setup_prompts: their texts are prompt text like any other.
+        let written = crate::styles::AsWritten::read(&body);
         let styled = styles.apply(&mut body, crate::styles::Dialect::A1111);
         let t = translate::translate(&body, mode, clip_skip.as_ref(), random_seed);
-        crate::styles::with_styles(styled, t).map(|t| (t, body))
+        let (mut t, as_written) = crate::styles::with_styles(styled, written, t)?;
+        t.valid.as_written = as_written;
+        Ok((t, body))
     })
     .await?;
     if !t.ignored.is_empty() {

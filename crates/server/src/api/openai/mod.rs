@@ -134,8 +134,14 @@ async fn run(
     let styles = app.styles.clone();
     let req = crate::api::off_the_runtime(move || {
         let mut native_body = native_body;
+        let written = crate::styles::AsWritten::read(&native_body);
         let styled = styles.apply(&mut native_body, crate::styles::Dialect::Native);
-        crate::styles::with_styles(styled, crate::validate::validate_object(&native_body))
+        let checked = crate::validate::validate_object(&native_body);
+        crate::styles::with_styles(styled, written, checked)
+            .map(|(mut valid, as_written)| {
+                valid.as_written = as_written;
+                valid
+            })
             .map_err(translate::openai_names)
     })
     .await?;
