@@ -160,6 +160,8 @@ def test_model_select_runs_the_other_model(browser, stocked):
     # The default first, as the empty choice (requests without `model` run on it).
     assert options(model) == ["", OTHER]
     expect(model.locator("option").first).to_have_text(f"{DEFAULT} (default)")
+    default_version = stocked.get_json("/health")["model_version"]
+    expect(page.locator("#server")).to_contain_text(default_version)
     fill_request(page, "a red boat", 2, 256, 11)
     model.select_option(OTHER)
     sent, ids = posted_jobs(page)
@@ -179,6 +181,11 @@ def test_model_select_runs_the_other_model(browser, stocked):
     assert sent == [{**body, "model": OTHER}]
     assert stocked.get_json(f"/jobs/{ids[0]}")["request"]["model"] == OTHER
     expect(page.locator("#params")).to_contain_text(f"model{OTHER}")
+    # The header names the model the worker holds, which made this image, not the default.
+    held = stocked.get_json("/health")["loaded_model"]
+    assert held["name"] == OTHER and held["model_version"] != default_version, held
+    expect(page.locator("#server")).to_contain_text(held["model_version"])
+    expect(page.locator("#server")).not_to_contain_text(default_version)
     assert native_png(stocked, {**body, "model": OTHER}) == png
     assert native_png(stocked, body) != png
     model.select_option("")

@@ -14,17 +14,12 @@ import { api, KEY_STORE } from './http.js';
 import { initImagesIn } from './images_in.js';
 import { initLoras, startLoras } from './loras.js';
 import { cancel, generate } from './run.js';
-import { setProgress, showError } from './status.js';
+import { setProgress, showError, showServer } from './status.js';
 import { initStyles, startStyles } from './styles.js';
 import { syncVariation } from './variation.js';
 
 async function probeServer() {
-  try {
-    const health = await (await fetch('/health')).json();
-    $('server').textContent = `${health.model_version || 'model'} · ${health.device || ''} ${health.dtype || ''} · ${health.status}`;
-  } catch (_) {
-    $('server').textContent = 'The server did not answer /health.';
-  }
+  await showServer();
   try {
     await api('/jobs'); // 401 here shows the key field before the first Generate
     const doc = await (await api('/openapi.json')).json();

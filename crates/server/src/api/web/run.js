@@ -4,7 +4,7 @@ import { buildRequest } from './form.js';
 import { hiresText } from './hires.js';
 import { addToHistory } from './history.js';
 import { api, HttpError, KEY_STORE, readEvents } from './http.js';
-import { eta, setBusy, setProgress, setStatus, showError } from './status.js';
+import { eta, setBusy, setProgress, setStatus, showError, showServer } from './status.js';
 
 export async function generate(event) {
   event.preventDefault();
@@ -95,6 +95,7 @@ export async function cancel() {
 }
 
 function finish(result) {
+  showServer(); // the worker holds the model that made it now
   state.result = result;
   state.asked = state.request;
   const meta = result.metadata || {};

@@ -1,6 +1,19 @@
 // What the page tells the user while it works: the status line, the error box, the progress bar.
 import { $ } from './dom.js';
 
+// The header's line from /health: the model the worker holds (`loaded_model`: after a job on
+// another MODELS_DIR model, that one, which made the result shown), else the default model's
+// version; device, dtype, status. Called at start and after every job.
+export async function showServer() {
+  try {
+    const health = await (await fetch('/health')).json();
+    const model = (health.loaded_model && health.loaded_model.model_version) || health.model_version || 'model';
+    $('server').textContent = `${model} · ${health.device || ''} ${health.dtype || ''} · ${health.status}`;
+  } catch (_) {
+    $('server').textContent = 'The server did not answer /health.';
+  }
+}
+
 export function setBusy(busy) {
   $('generate').disabled = busy;
   $('cancel').disabled = !busy;
