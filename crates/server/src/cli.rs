@@ -159,6 +159,10 @@ pub struct ModelArgs {
     /// look, so files added later are picked up.
     #[arg(long, env = "UPSCALERS_DIR")]
     pub upscalers_dir: Option<PathBuf>,
+    /// MODELS_DIR for the worker's VAE lookups (its `*.vae.*` files are VAEs, as in A1111):
+    /// set by `serve` from `--models-dir`, not a flag of its own.
+    #[arg(skip)]
+    pub vae_models_dir: Option<PathBuf>,
     /// For a single-file checkpoint not shaped like SD 1.5: a folder with the diffusers
     /// configs (`unet/config.json`, `vae/config.json`, `text_encoder/config.json`,
     /// `scheduler/scheduler_config.json`, optionally `tokenizer/`) to convert it with.

@@ -67,8 +67,9 @@ pub struct GpuGenerator {
     setup: GpuSetup,
     /// LORA_DIR and EMBEDDINGS_DIR, read again when they change.
     adapters: crate::adapters::AdapterFolders,
-    /// VAE_DIR, where `set_vae` finds a VAE by name.
+    /// VAE_DIR and MODELS_DIR, where `set_vae` finds a VAE by name.
     vae_dir: Option<std::path::PathBuf>,
+    vae_models_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a VAE cannot be used, without the server's paths: the weights' message (which tensor,
@@ -110,8 +111,9 @@ impl Generator for GpuGenerator {
             None => None,
             Some(name) => Some(
                 crate::vaes::VaeCatalog::new(self.vae_dir.clone(), None)
+                    .with_models_dir(self.vae_models_dir.clone())
                     .find(name)
-                    .ok_or_else(|| format!("{name:?} is no longer in VAE_DIR"))?
+                    .ok_or_else(|| format!("{name:?} is no longer in VAE_DIR or MODELS_DIR"))?
                     .path,
             ),
         };
@@ -229,6 +231,7 @@ pub fn load_real(
             setup,
             adapters: folders,
             vae_dir: args.vae_dir.clone(),
+            vae_models_dir: args.vae_models_dir.clone(),
         }),
         info,
         taesd: None,

@@ -103,6 +103,20 @@ impl Catalog {
         canon(Path::new(&self.default_spec)).is_some_and(|d| Some(d) == canon(&entry.path))
     }
 
+    /// The single-file checkpoint a request runs on: the MODELS_DIR model it names, else the
+    /// default model; `None` for a folder or hub model.
+    pub fn checkpoint_file(&self, model: Option<&str>) -> Option<PathBuf> {
+        match model {
+            Some(name) => self
+                .find(name)
+                .filter(|e| e.kind == ModelKind::File)
+                .map(|e| e.path),
+            None => {
+                (self.default_kind() == ModelKind::File).then(|| PathBuf::from(&self.default_spec))
+            }
+        }
+    }
+
     /// The default model's kind.
     pub fn default_kind(&self) -> ModelKind {
         let p = Path::new(&self.default_spec);
@@ -175,6 +189,10 @@ fn entry_of(path: &Path) -> Option<ModelEntry> {
     let kind = if path.is_dir() {
         (path.join("model_index.json").is_file() || path.join("unet").is_dir())
             .then_some(ModelKind::Folder)?
+    } else if crate::vaes::is_vae_file_name(&name) {
+        // A1111's `model.vae.safetensors` beside `model.safetensors` (its checkpoint list
+        // leaves them out): a VAE, see `vaes::VaeCatalog::near_checkpoint`.
+        return None;
     } else {
         let ext = path.extension()?.to_str()?.to_ascii_lowercase();
         (path.is_file() && CHECKPOINT_EXTENSIONS.contains(&ext.as_str()))
@@ -335,6 +353,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("empty-folder")).unwrap();
         for f in [
             "a.safetensors",
+            "a.vae.safetensors",
             "b.CKPT",
             "notes.txt",
             ".hidden.safetensors",

@@ -106,13 +106,16 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     );
     crate::security::spawn_forgetting(&security);
     let load_status = crate::hub::LoadStatus::default();
+    // The worker finds the VAEs requests name among MODELS_DIR's VAE files too.
+    let mut model_args = args.model.clone();
+    model_args.vae_models_dir = args.models_dir.clone();
     let loader = match args.fake_generator.clone() {
         Some(spec) => {
             tracing::warn!(?spec, "using the FAKE generator (test mode)");
             spec.loader()
         }
         None => crate::model::real_loader(
-            args.model.clone(),
+            model_args.clone(),
             rt.clone(),
             load_status.clone(),
             crate::model::LoadOptions {
@@ -141,7 +144,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     let switcher = Some(match &args.fake_generator {
         Some(spec) => spec.clone().switcher(),
         None => crate::model::switcher(
-            args.model.clone(),
+            model_args.clone(),
             rt.clone(),
             args.models_dir.clone(),
             load_status.clone(),
@@ -198,7 +201,8 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         vaes: crate::vaes::VaeCatalog::new(
             args.model.vae_dir.clone(),
             args.model.model_cache_dir.clone(),
-        ),
+        )
+        .with_models_dir(args.models_dir.clone()),
         upscalers: crate::upscalers::UpscalerCatalog::new(args.model.upscalers_dir.clone()),
         styles: crate::styles::StyleBook::new(args.styles_file.clone()),
     });

@@ -15,10 +15,24 @@ use utoipa::ToSchema;
 /// A1111's VAE file extensions (`modules/sd_vae.py`).
 const VAE_EXTENSIONS: [&str; 3] = ["safetensors", "ckpt", "pt"];
 
-/// The names that mean the model's own VAE: A1111's `Automatic` and `None` (no external VAE;
-/// we look for none beside the checkpoint, so both are the model's baked one).
-pub fn means_own(name: &str) -> bool {
-    name.eq_ignore_ascii_case("automatic") || name.eq_ignore_ascii_case("none")
+/// A1111's `None`: no external VAE, the model's baked one.
+pub fn means_none(name: &str) -> bool {
+    name.eq_ignore_ascii_case("none")
+}
+
+/// A1111's `Automatic` (also its old `auto`): the VAE found near a single-file checkpoint
+/// ([`VaeCatalog::near_checkpoint`]), else the model's own.
+pub fn means_automatic(name: &str) -> bool {
+    name.eq_ignore_ascii_case("automatic") || name.eq_ignore_ascii_case("auto")
+}
+
+/// The A1111 VAE files MODELS_DIR may hold beside the checkpoints (`*.vae.ckpt`, `*.vae.pt`,
+/// `*.vae.safetensors`): VAEs, never models.
+pub fn is_vae_file_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    VAE_EXTENSIONS
+        .iter()
+        .any(|ext| lower.ends_with(&format!(".vae.{ext}")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -47,33 +61,69 @@ pub struct VaeUse {
     pub hash: String,
 }
 
-/// VAE_DIR, as this process sees it.
+/// VAE_DIR, and the VAE files of MODELS_DIR, as this process sees them.
 #[derive(Debug, Clone, Default)]
 pub struct VaeCatalog {
     pub dir: Option<PathBuf>,
     /// MODEL_CACHE_DIR, where digests are remembered.
     pub cache_dir: Option<PathBuf>,
+    /// MODELS_DIR, whose `*.vae.*` files are VAEs too (A1111's `ckpt_dir` in `vae_dict`).
+    pub models_dir: Option<PathBuf>,
 }
 
 impl VaeCatalog {
     pub fn new(dir: Option<PathBuf>, cache_dir: Option<PathBuf>) -> Self {
-        Self { dir, cache_dir }
+        Self {
+            dir,
+            cache_dir,
+            models_dir: None,
+        }
     }
 
-    /// The VAEs of VAE_DIR, by name (empty without it, or when it cannot be read).
+    /// The same catalog with MODELS_DIR's VAE files.
+    pub fn with_models_dir(self, models_dir: Option<PathBuf>) -> Self {
+        Self { models_dir, ..self }
+    }
+
+    /// The VAEs by name: MODELS_DIR's `*.vae.*` files, then VAE_DIR's files and folders (a
+    /// name in both is VAE_DIR's, as A1111's `vae_dict` keeps the later); empty without
+    /// either, or when they cannot be read.
     pub fn scan(&self) -> Vec<VaeEntry> {
-        let Some(dir) = &self.dir else {
-            return Vec::new();
+        let list = |dir: &Option<PathBuf>| -> Vec<VaeEntry> {
+            let Some(read) = dir.as_ref().and_then(|d| std::fs::read_dir(d).ok()) else {
+                return Vec::new();
+            };
+            read.filter_map(Result::ok)
+                .filter_map(|e| entry_of(&e.path()))
+                .collect()
         };
-        let Ok(read) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<VaeEntry> = read
-            .filter_map(Result::ok)
-            .filter_map(|e| entry_of(&e.path()))
+        let mut out: Vec<VaeEntry> = list(&self.models_dir)
+            .into_iter()
+            .filter(|e| e.kind == VaeKind::File && is_vae_file_name(&e.name))
             .collect();
+        for e in list(&self.dir) {
+            out.retain(|o| o.name != e.name);
+            out.push(e);
+        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// A1111's VAE "near the checkpoint" (`sd_vae.find_vae_near_checkpoint`, used when
+    /// `sd_vae` is `Automatic`): of the VAE files, in A1111's natural order of their names,
+    /// the first whose name starts with the checkpoint's file name less its extension
+    /// (`model.safetensors`: `model.vae.pt`, but also `model-v2.pt`). Folders are not
+    /// among them (A1111 has none).
+    pub fn near_checkpoint(&self, checkpoint: &Path) -> Option<VaeEntry> {
+        let name = checkpoint.file_name()?.to_str()?;
+        let stem = name.rsplit_once('.').map_or(name, |(stem, _)| stem);
+        let mut files: Vec<VaeEntry> = self
+            .scan()
+            .into_iter()
+            .filter(|e| e.kind == VaeKind::File)
+            .collect();
+        files.sort_by_cached_key(|e| natural_sort_key(&e.name));
+        files.into_iter().find(|e| e.name.starts_with(stem))
     }
 
     /// The VAE called `name` (exactly its file or folder name; nothing else reaches a path).
@@ -158,6 +208,37 @@ fn entry_of(path: &Path) -> Option<VaeEntry> {
     })
 }
 
+/// A part of A1111's `natural_sort_key`: text (lowercased) and numbers alternate, text first.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum NaturalPart {
+    Text(String),
+    /// A run of digits by value: its length without leading zeros, then the digits.
+    Number(usize, String),
+}
+
+/// A1111's `shared.natural_sort_key`: `[int(t) if t.isdigit() else t.lower() for t in
+/// re.split('([0-9]+)', s)]`, compared as Python compares lists.
+fn natural_sort_key(s: &str) -> Vec<NaturalPart> {
+    let mut parts = Vec::new();
+    let mut rest = s;
+    loop {
+        let digits_at = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        parts.push(NaturalPart::Text(rest[..digits_at].to_lowercase()));
+        rest = &rest[digits_at..];
+        if rest.is_empty() {
+            return parts;
+        }
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let value = rest[..end].trim_start_matches('0');
+        parts.push(NaturalPart::Number(value.len(), value.to_string()));
+        rest = &rest[end..];
+    }
+}
+
 /// One VAE as `GET /vaes` lists it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct VaeListing {
@@ -172,8 +253,9 @@ pub struct VaeListing {
 /// The body of `GET /vaes`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct VaeList {
-    /// VAE_DIR's VAEs by name (empty without VAE_DIR). Requests without `vae` (or with
-    /// `automatic`) decode with the model's own.
+    /// VAE_DIR's VAEs and MODELS_DIR's `*.vae.*` files by name (empty without either).
+    /// Requests without `vae` (or with `automatic`) decode with the one near their single-file
+    /// checkpoint, else with the model's own.
     pub vaes: Vec<VaeListing>,
 }
 
@@ -217,7 +299,68 @@ mod tests {
             digest,
             "a folder's hash is its weight file's"
         );
-        assert!(means_own("Automatic") && means_own("None") && !means_own("a.safetensors"));
+        assert!(means_automatic("Automatic") && means_automatic("auto") && means_none("None"));
+        assert!(!means_automatic("None") && !means_none("a.safetensors"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_vae_near_a_checkpoint_is_a1111_s() {
+        let root = std::env::temp_dir().join(format!("sdserve-vaes-near-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (models, vaes) = (root.join("models"), root.join("vaes"));
+        std::fs::create_dir_all(vaes.join("model-folder")).unwrap();
+        std::fs::create_dir_all(&models).unwrap();
+        for f in [
+            "model.safetensors",
+            "model.vae.pt",
+            "other.ckpt",
+            "x.vae.safetensors",
+        ] {
+            std::fs::write(models.join(f), b"x").unwrap();
+        }
+        for f in [
+            "model10.pt",
+            "Model2.safetensors",
+            "zeta.safetensors",
+            "x.vae.safetensors",
+        ] {
+            std::fs::write(vaes.join(f), b"x").unwrap();
+        }
+        std::fs::write(vaes.join("model-folder/config.json"), b"{}").unwrap();
+        std::fs::write(
+            vaes.join("model-folder/diffusion_pytorch_model.safetensors"),
+            b"x",
+        )
+        .unwrap();
+        let c = VaeCatalog::new(Some(vaes.clone()), None).with_models_dir(Some(models.clone()));
+        let names: Vec<String> = c.scan().into_iter().map(|e| e.name).collect();
+        // MODELS_DIR's checkpoints are not VAEs; a name in both folders is VAE_DIR's.
+        assert_eq!(
+            names,
+            [
+                "Model2.safetensors",
+                "model-folder",
+                "model.vae.pt",
+                "model10.pt",
+                "x.vae.safetensors",
+                "zeta.safetensors"
+            ]
+        );
+        assert_eq!(
+            c.find("x.vae.safetensors").unwrap().path,
+            vaes.join("x.vae.safetensors")
+        );
+        // Natural order, case-sensitive prefix: `model10` (["model", 10, ".pt"]) comes before
+        // `model.vae.pt` (["model.vae.pt"]); `Model2` does not start with `model`.
+        let near = |ckpt: &str| c.near_checkpoint(&models.join(ckpt)).map(|e| e.name);
+        assert_eq!(near("model.safetensors").as_deref(), Some("model10.pt"));
+        assert_eq!(near("other.ckpt"), None);
+        assert_eq!(near("x.safetensors").as_deref(), Some("x.vae.safetensors"));
+        std::fs::remove_file(vaes.join("model10.pt")).unwrap();
+        assert_eq!(near("model.safetensors").as_deref(), Some("model.vae.pt"));
+        assert!(natural_sort_key("a2.pt") < natural_sort_key("a10.pt"));
+        assert!(natural_sort_key("a010") == natural_sort_key("A10"));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -285,18 +285,36 @@ pub(crate) async fn named_model(
     Ok(info)
 }
 
-/// The VAE_DIR VAE `req` names (`None`: the model's own, also for `automatic` and `none`) with
-/// its hash (computed once per file, remembered). An unknown name is a 422 naming `field`.
+/// The VAE `req` decodes with, with its hash (computed once per file, remembered): the one it
+/// names; for `automatic` (or none named) A1111's VAE near its single-file checkpoint
+/// (`vaes::VaeCatalog::near_checkpoint`), else `None`, the model's own, as for `none`. An
+/// unknown name is a 422 naming `field`. After [`named_model`] (`req.model` is resolved).
 pub(crate) async fn named_vae(
     app: &AppState,
     req: &ValidRequest,
     field: &'static str,
 ) -> Result<Option<crate::vaes::VaeUse>, ApiError> {
-    let Some(name) = req.vae.clone().filter(|n| !crate::vaes::means_own(n)) else {
-        return Ok(None);
+    let named = match req.vae.as_deref() {
+        Some(n) if crate::vaes::means_none(n) => return Ok(None),
+        Some(n) if !crate::vaes::means_automatic(n) => Some(n.to_string()),
+        _ => None,
     };
     let catalog = app.vaes.clone();
+    let models = app.models.clone();
+    let model = req.model.clone();
     off_the_runtime(move || {
+        let name = match named {
+            Some(name) => name,
+            None => {
+                let near = models
+                    .checkpoint_file(model.as_deref())
+                    .and_then(|ckpt| catalog.near_checkpoint(&ckpt));
+                match near {
+                    Some(entry) => entry.name,
+                    None => return Ok(None),
+                }
+            }
+        };
         let entry = catalog.find(&name).ok_or_else(|| {
             ApiError::validation(
                 field,
@@ -306,7 +324,7 @@ pub(crate) async fn named_vae(
             )
         })?;
         let sha256 = catalog.sha256(&entry).map_err(|why| {
-            tracing::warn!(vae = %name, error = %why, "a VAE of VAE_DIR cannot be read");
+            tracing::warn!(vae = %name, error = %why, "a VAE of VAE_DIR or MODELS_DIR cannot be read");
             ApiError::validation(field, format!("VAE {name:?} cannot be read"))
         })?;
         Ok(Some(crate::vaes::VaeUse {

@@ -172,9 +172,12 @@ pub struct GenerateRequest {
     #[schema(nullable = true, min_length = 1, example = "dreamshaper_8.safetensors")]
     pub model: Option<String>,
     /// The VAE to decode with (and to encode `init_image` with), by name (`GET /vaes`): a
-    /// file or diffusers folder of VAE_DIR. Absent, null or `automatic`: the model's own. The
-    /// worker swaps it between jobs; one whose shapes do not fit the model fails the request
-    /// (422 naming `vae`); an unknown name is a 422. 1..=255 characters.
+    /// file or diffusers folder of VAE_DIR, or a `*.vae.*` file of MODELS_DIR. Absent, null or
+    /// `automatic`: A1111's VAE near a single-file checkpoint (the first VAE file, in natural
+    /// name order, whose name starts with the checkpoint's name less its extension, e.g.
+    /// `model.vae.safetensors` for `model.safetensors`), else the model's own; `none`: the
+    /// model's own. The worker swaps it between jobs; one whose shapes do not fit the model
+    /// fails the request (422 naming `vae`); an unknown name is a 422. 1..=255 characters.
     #[schema(
         nullable = true,
         min_length = 1,
@@ -329,7 +332,7 @@ pub struct GenerateMetadata {
     pub generation_time_seconds: f64,
     /// Model name and revision or content digest.
     pub model_version: String,
-    /// The VAE_DIR VAE that decoded the images; null: the model's own.
+    /// The VAE (of VAE_DIR or MODELS_DIR) that decoded the images; null: the model's own.
     #[serde(default)]
     pub vae: Option<String>,
     /// The seed of each image, in order: seed + i.

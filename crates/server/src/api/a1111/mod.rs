@@ -227,6 +227,8 @@ async fn generate(
     let vae_used = {
         let mut probe = t.valid.clone();
         probe.vae.clone_from(&vae);
+        // `Automatic` finds the VAE near the checkpoint the request runs on.
+        probe.model.clone_from(&checkpoint);
         crate::api::request::named_vae(app, &probe, "override_settings.sd_vae").await?
     };
     // The infotexts name the model that made the images.

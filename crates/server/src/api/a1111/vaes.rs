@@ -1,8 +1,9 @@
-//! A1111's VAE choice: `GET sd-vae` lists VAE_DIR's VAEs as A1111 lists its `models/VAE`
-//! folder, and `sd_vae` (in `override_settings` or `POST options`) names one as A1111's
-//! `sd_vae.resolve_vae` does: `Automatic` and `None` are the model's own (we look for no VAE
-//! beside the checkpoint), else the file name exactly; a name that is not there falls back to
-//! the model's own with a warning, as A1111 falls back ("Couldn't find VAE named ...").
+//! A1111's VAE choice: `GET sd-vae` lists VAE_DIR's VAEs and MODELS_DIR's `*.vae.*` files as
+//! A1111 lists its `vae_dict`, and `sd_vae` (in `override_settings` or `POST options`) names one
+//! as A1111's `sd_vae.resolve_vae` does: `Automatic` (its default) is the VAE near a single-file
+//! checkpoint (`vaes::VaeCatalog::near_checkpoint`) else the model's own, `None` the model's
+//! own, else the file name exactly; a name that is not there falls back to the model's own
+//! with a warning, as A1111 falls back ("Couldn't find VAE named ...; using None instead").
 
 use serde_json::{json, Map, Value};
 
@@ -25,8 +26,9 @@ pub(super) fn listing(app: &AppState) -> Value {
     )
 }
 
-/// The VAE_DIR name an A1111 request decodes with (`None`: the model's own): its
-/// `override_settings.sd_vae`, else the one `POST options` set.
+/// The request's `vae` for an A1111 request's `override_settings.sd_vae`, else the one `POST
+/// options` set: `None` for `Automatic` (and neither set), `None` the model's own (also for
+/// a name that is not there), else the name.
 pub(super) async fn requested(
     app: &AppState,
     body: &Map<String, Value>,
@@ -42,17 +44,23 @@ pub(super) async fn requested(
                 .and_then(Value::as_str)
                 .map(str::to_string)
         });
-    let Some(asked) = asked.filter(|a| !crate::vaes::means_own(a)) else {
+    let Some(asked) = asked.filter(|a| !crate::vaes::means_automatic(a)) else {
         return Ok(None);
     };
+    if crate::vaes::means_none(&asked) {
+        return Ok(Some(NONE.to_string()));
+    }
     let vaes = app.vaes.clone();
     let name = asked.clone();
     let found = crate::api::off_the_runtime(move || Ok::<_, ApiError>(vaes.find(&name))).await?;
     if found.is_none() {
         tracing::warn!(requested = %asked, "A1111 request names a VAE that is not in VAE_DIR; using the model's own");
     }
-    Ok(found.map(|e| e.name))
+    Ok(Some(found.map_or(NONE.to_string(), |e| e.name)))
 }
+
+/// `sd_vae`'s `None`: the model's own VAE.
+const NONE: &str = "None";
 
 /// `POST options {sd_vae}`: `Automatic`, `None` or a VAE of VAE_DIR; anything else is a 422.
 pub(super) async fn check_option(app: &AppState, v: &Value) -> Result<(), ApiError> {
@@ -63,7 +71,7 @@ pub(super) async fn check_option(app: &AppState, v: &Value) -> Result<(), ApiErr
         )
     };
     let name = v.as_str().ok_or_else(bad)?.to_string();
-    if crate::vaes::means_own(&name) {
+    if crate::vaes::means_automatic(&name) || crate::vaes::means_none(&name) {
         return Ok(());
     }
     let vaes = app.vaes.clone();
