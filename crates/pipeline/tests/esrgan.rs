@@ -152,7 +152,10 @@ fn a_deadline_stops_the_work_between_tiles() {
     let input = png("input.wide.png");
     let past = std::time::Instant::now();
     let e = upscale_tiled_until(&m, &input, TILE, TILE_OVERLAP, Some(past)).unwrap_err();
-    assert!(matches!(e, sdserve_pipeline::PipelineError::Cancelled), "{e}");
+    assert!(
+        matches!(e, sdserve_pipeline::PipelineError::Cancelled),
+        "{e}"
+    );
     let later = past + std::time::Duration::from_secs(3600);
     let done = upscale_tiled_until(&m, &input, TILE, TILE_OVERLAP, Some(later)).unwrap();
     assert_eq!(done, upscale_tiled(&m, &input, TILE, TILE_OVERLAP).unwrap());

@@ -381,12 +381,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn a_probe_reads_the_model_s_own_scheduler_and_version() {
-        let cache =
-            std::env::temp_dir().join(format!("sdserve-models-probe-{}", std::process::id()));
-        let c = Catalog::new(Some(fixtures()), "x", Some(cache.clone()));
-        let base = ModelInfo {
+    /// The default model's info a probe starts from.
+    fn base_info() -> ModelInfo {
+        ModelInfo {
             model_version: "base".into(),
             default_scheduler: SchedulerKind::Euler,
             default_schedule: SigmaSchedule::Uniform,
@@ -395,7 +392,15 @@ mod tests {
             guidance_distilled: false,
             memory: None,
             schedules: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_probe_reads_the_model_s_own_scheduler_and_version() {
+        let cache =
+            std::env::temp_dir().join(format!("sdserve-models-probe-{}", std::process::id()));
+        let c = Catalog::new(Some(fixtures()), "x", Some(cache.clone()));
+        let base = base_info();
         let b = c.probe(&c.find("tiny-b").unwrap(), &base).unwrap();
         assert_eq!(b.default_scheduler, SchedulerKind::Ddim);
         assert!(
@@ -448,16 +453,7 @@ mod tests {
         )
         .unwrap();
         let c = Catalog::new(Some(dir.clone()), "x", Some(dir.join(".cache")));
-        let base = ModelInfo {
-            model_version: "base".into(),
-            default_scheduler: SchedulerKind::Euler,
-            default_schedule: SigmaSchedule::Uniform,
-            adapters: Default::default(),
-            inpainting: false,
-            guidance_distilled: false,
-            memory: None,
-            schedules: None,
-        };
+        let base = base_info();
         let probed = c.probe(&c.find("tiny-a-dpm").unwrap(), &base).unwrap();
         assert_eq!(probed.default_scheduler, SchedulerKind::DpmPp2m);
         std::fs::remove_dir_all(&dir).unwrap();
