@@ -111,6 +111,21 @@ fn styles_give_the_image_of_the_styled_prompts_in_every_dialect() {
     let again = ok(&s.post_json(&reused));
     assert_eq!(again["metadata"]["prompt"], want_prompt);
     assert!(pixels(&again) == pixels(&written_out));
+    // A hires pass's own prompts are styled too, and kept as written beside the others.
+    let mut hires = native("a cat", "blurry");
+    hires["hires"] = json!({"scale": 1.25, "steps": 2, "prompt": "a lion", "negative_prompt": ""});
+    hires["styles"] = json!(["Appended", "Cinematic"]);
+    let created = post_json_to(s.addr, "/jobs", &hires);
+    assert_eq!(created.status, 202, "{}", created.text());
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let j = s.get(&format!("/jobs/{id}")).json();
+    let ran = j["request"]["hires"]["prompt"].as_str().unwrap();
+    assert!(ran.contains("a lion") && ran != "a lion", "{ran}");
+    assert_eq!(
+        j["request"]["as_written"],
+        json!({"prompt": "a cat", "negative_prompt": "blurry",
+               "hires": {"prompt": "a lion", "negative_prompt": ""}})
+    );
     // Without styles the record says so.
     let plain_job = post_json_to(s.addr, "/jobs", &native("a cat", "blurry")).json();
     let id = plain_job["id"].as_str().unwrap();

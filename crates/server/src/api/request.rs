@@ -411,10 +411,20 @@ pub(crate) fn job_spec(
         "seed_resize_from_height": params.seed_resize_from.map(|r| r.height),
         // `prompt` and `negative_prompt` above have the styles' texts in them.
         "styles": req.as_written.as_ref().map_or(&[][..], |w| &w.styles[..]),
-        "as_written": req.as_written.as_ref().map(|w| serde_json::json!({
-            "prompt": w.prompt,
-            "negative_prompt": w.negative_prompt,
-        })),
+        "as_written": req.as_written.as_ref().map(|w| {
+            let mut written = serde_json::json!({
+                "prompt": w.prompt,
+                "negative_prompt": w.negative_prompt,
+            });
+            // Only when the hires pass has prompts of its own (they were styled too).
+            if w.hires_prompt.is_some() || w.hires_negative_prompt.is_some() {
+                written["hires"] = serde_json::json!({
+                    "prompt": w.hires_prompt,
+                    "negative_prompt": w.hires_negative_prompt,
+                });
+            }
+            written
+        }),
     });
     let mut png_texts = crate::png::batch_texts(&params, &info.model_version, vae.as_ref());
     if let Some(h) = &req.hires {

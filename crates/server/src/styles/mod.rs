@@ -193,6 +193,10 @@ pub struct AsWritten {
     pub styles: Vec<String>,
     pub prompt: String,
     pub negative_prompt: String,
+    /// The hires pass's own prompts as written (native `hires.prompt`, A1111 `hr_prompt`, when
+    /// given: the styles go into those too); `None` where the pass has none of its own.
+    pub hires_prompt: Option<String>,
+    pub hires_negative_prompt: Option<String>,
 }
 
 impl AsWritten {
@@ -204,10 +208,23 @@ impl AsWritten {
                 .unwrap_or_default()
                 .to_string()
         };
+        // The hires prompts the styles are applied to: native `hires.{prompt,negative_prompt}`
+        // when strings, A1111's `hr_prompt`/`hr_negative_prompt` when not empty.
+        let hires = body.get("hires").and_then(Value::as_object);
+        let hires_text = |native: &str, a1111: &str| match hires {
+            Some(h) => h.get(native).and_then(Value::as_str).map(str::to_string),
+            None => body
+                .get(a1111)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        };
         Self {
             styles: Vec::new(),
             prompt: text("prompt"),
             negative_prompt: text("negative_prompt"),
+            hires_prompt: hires_text("prompt", "hr_prompt"),
+            hires_negative_prompt: hires_text("negative_prompt", "hr_negative_prompt"),
         }
     }
 }
