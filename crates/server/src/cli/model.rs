@@ -1,0 +1,186 @@
+//! Where the model comes from and what runs it: the flags `serve`, `generate` and `bench` share.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use sdserve_pipeline::attention::AttentionSlicing;
+use sdserve_pipeline::memory::plan::LEAN_SLICE_BYTES;
+use sdserve_pipeline::memory::{LeverOverrides, Offload};
+
+/// Number format of weights and arithmetic. On the CPU only f32 is fast (f16 is refused there);
+/// on a GPU f16 halves the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// f16 on CUDA, f32 on the CPU.
+    Auto,
+    /// Full precision: what the CPU runs; on a GPU twice the memory of f16.
+    F32,
+    /// Half precision, for CUDA GPUs (refused on the CPU, which has no fast f16 kernels).
+    F16,
+    /// Half precision with f32's range, for CUDA GPUs of compute capability 8.0 or newer (f32 on the CPU).
+    Bf16,
+}
+
+/// Attention slicing; `auto` leaves it to the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlicingArg {
+    Auto,
+    /// The whole score matrix at once (fastest, most memory).
+    Off,
+    /// Pieces of at most 256 MiB of scores.
+    On,
+    /// Pieces of at most 64 MiB of scores.
+    Lean,
+}
+
+/// A lever that is on, off, or left to the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ToggleArg {
+    Auto,
+    On,
+    Off,
+}
+
+/// Where the components live; `auto` leaves it to the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OffloadArg {
+    Auto,
+    /// Everything stays on the device.
+    None,
+    /// Text encoder, UNet and VAE on the device only for their stage.
+    Model,
+    /// As `model`, and the UNet's weights kept in host memory, its blocks put on the device one
+    /// at a time during each step (the least device memory, the slowest).
+    Sequential,
+}
+
+/// Where the model comes from and what runs it (shared by `serve` and `generate`).
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A local diffusers folder, a single-file checkpoint, or a hub id.
+    #[arg(
+        long = "model",
+        env = "MODEL_ID",
+        default_value = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )]
+    pub model: String,
+    /// Where hub downloads are kept (default: the Hugging Face cache).
+    #[arg(long, env = "MODEL_CACHE_DIR")]
+    pub model_cache_dir: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Number format: auto is f16 on CUDA and f32 on the CPU (which refuses f16).
+    #[arg(long, env = "DTYPE", value_enum, default_value = "auto")]
+    pub dtype: DtypeArg,
+    /// GPU memory budget the pipeline plans for (attention slicing, VAE tiling, offload).
+    #[arg(long, env = "VRAM_LIMIT_MB", default_value_t = 5120)]
+    pub vram_limit_mb: u64,
+    /// Overrides the memory plan's attention slicing.
+    #[arg(long, env = "ATTENTION_SLICING", value_enum, default_value = "auto")]
+    pub attention_slicing: SlicingArg,
+    /// Overrides the memory plan's tiled VAE (decode, and encode of init images; `on` still plans the tile size).
+    #[arg(long, env = "VAE_TILING", value_enum, default_value = "auto")]
+    pub vae_tiling: ToggleArg,
+    /// Overrides the memory plan's offload.
+    #[arg(long, env = "OFFLOAD", value_enum, default_value = "auto")]
+    pub offload: OffloadArg,
+    /// A folder of LoRA `.safetensors` files (kohya or PEFT) that requests name in `loras` or
+    /// `<lora:name:weight>` tags; listed by GET /loras. Files added, replaced or removed are
+    /// picked up without a restart (POST /adapters/refresh reads it at once).
+    #[arg(long, env = "LORA_DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// A folder of textual-inversion embeddings (A1111 `.pt`, `.safetensors`): a file's name
+    /// used as a word in a prompt stands for its vectors; listed by GET /embeddings. Picked up
+    /// without a restart, as LORA_DIR.
+    #[arg(long, env = "EMBEDDINGS_DIR")]
+    pub embeddings_dir: Option<PathBuf>,
+    /// A folder of external VAEs requests may decode with (`vae`; A1111's `sd_vae`): every
+    /// `.safetensors`, `.ckpt` and `.pt` file (original LDM key names) and diffusers VAE folder
+    /// in it, named by its file or folder name; listed by GET /vaes. Files added later are
+    /// picked up.
+    #[arg(long, env = "VAE_DIR")]
+    pub vae_dir: Option<PathBuf>,
+    /// A folder of ESRGAN-architecture upscalers (A1111's `models/ESRGAN`: R-ESRGAN 4x+,
+    /// 4x-UltraSharp, ...; `.pth`, `.pt`, `.safetensors`), each named by its file stem in
+    /// Extras' `upscaler_1` / `upscaler_2`; listed by GET /sdapi/v1/upscalers. Read on every
+    /// look, so files added later are picked up.
+    #[arg(long, env = "UPSCALERS_DIR")]
+    pub upscalers_dir: Option<PathBuf>,
+    /// MODELS_DIR for the worker's VAE lookups (its `*.vae.*` files are VAEs, as in A1111):
+    /// set by `serve` from `--models-dir`, not a flag of its own.
+    #[arg(skip)]
+    pub vae_models_dir: Option<PathBuf>,
+    /// For a single-file checkpoint not shaped like SD 1.5: a folder with the diffusers
+    /// configs (`unet/config.json`, `vae/config.json`, `text_encoder/config.json`,
+    /// `scheduler/scheduler_config.json`, optionally `tokenizer/`) to convert it with.
+    #[arg(long, env = "MODEL_CONFIG")]
+    pub model_config: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn adapter_dirs(&self) -> crate::adapters::AdapterDirs {
+        crate::adapters::AdapterDirs {
+            lora_dir: self.lora_dir.clone(),
+            embeddings_dir: self.embeddings_dir.clone(),
+        }
+    }
+
+    /// The levers fixed by flags; the planner picks the rest from `VRAM_LIMIT_MB`.
+    pub fn lever_overrides(&self) -> LeverOverrides {
+        LeverOverrides {
+            attention: match self.attention_slicing {
+                SlicingArg::Auto => None,
+                SlicingArg::Off => Some(AttentionSlicing::Off),
+                SlicingArg::On => Some(AttentionSlicing::Auto),
+                SlicingArg::Lean => Some(AttentionSlicing::MaxBytes(LEAN_SLICE_BYTES)),
+            },
+            vae_tiling: match self.vae_tiling {
+                ToggleArg::Auto => None,
+                ToggleArg::On => Some(true),
+                ToggleArg::Off => Some(false),
+            },
+            offload: match self.offload {
+                OffloadArg::Auto => None,
+                OffloadArg::None => Some(Offload::None),
+                OffloadArg::Model => Some(Offload::Model),
+                OffloadArg::Sequential => Some(Offload::Sequential),
+            },
+            vae_dtype: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn lever_flags_fix_the_plan() {
+        let cli = Cli::try_parse_from([
+            "sdserve",
+            "serve",
+            "--attention-slicing",
+            "lean",
+            "--vae-tiling",
+            "off",
+            "--offload",
+            "sequential",
+        ])
+        .unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!()
+        };
+        let o = a.model.lever_overrides();
+        assert_eq!(
+            o.attention,
+            Some(AttentionSlicing::MaxBytes(LEAN_SLICE_BYTES))
+        );
+        assert_eq!(o.vae_tiling, Some(false));
+        assert_eq!(o.offload, Some(Offload::Sequential));
+        assert!(Cli::try_parse_from(["sdserve", "serve", "--offload", "disk"]).is_err());
+    }
+}
