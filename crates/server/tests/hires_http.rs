@@ -121,9 +121,15 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
     );
     let m = &body["metadata"]["hires"];
     assert_eq!(
-        (&m["scheduler"], &m["prompt"], &m["negative_prompt"]),
+        (
+            &m["scheduler"],
+            &m["schedule"],
+            &m["prompt"],
+            &m["negative_prompt"]
+        ),
         (
             &json!("dpmpp_2m_karras"),
+            &json!("karras"),
             &json!("a lighthouse, (sharp:1.2)"),
             &json!("fog")
         ),
@@ -138,6 +144,40 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
     assert!(
         pixels != decode_png(plain["image_base64"].as_str().unwrap()).2,
         "the overrides changed nothing"
+    );
+    // Without a scheduler of its own the pass runs the first pass's (`metadata.schedule`).
+    let m = &plain["metadata"];
+    assert_eq!(
+        (
+            &m["hires"]["scheduler"],
+            &m["hires"]["schedule"],
+            &m["schedule"]
+        ),
+        (&Value::Null, &Value::Null, &json!("uniform")),
+        "{m}"
+    );
+    // A1111's hr_scheduler alone: the first pass's sampler on another schedule; its job's
+    // result says which.
+    ok(&post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(
+            json!({"hr_scale": 1.5, "hr_second_pass_steps": 3, "denoising_strength": 0.7,
+                      "hr_scheduler": "Exponential"}),
+        ),
+    ));
+    let jobs = s.get("/jobs").json();
+    let job = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["request"]["hires"]["schedule"] == "exponential")
+        .unwrap_or_else(|| panic!("no job ran the exponential schedule: {jobs}"));
+    let m = &job["result"]["metadata"]["hires"];
+    assert_eq!(
+        (&m["scheduler"], &m["schedule"]),
+        (&json!("euler"), &json!("exponential")),
+        "{m}"
     );
 
     // Without hires: no second pass, `metadata.hires` null, the image the first pass's size.

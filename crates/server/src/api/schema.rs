@@ -274,6 +274,12 @@ pub struct HiresMetadata {
     pub strength: f64,
     /// The second pass's own scheduler (A1111's `hr_sampler_name`); null: the first pass's.
     pub scheduler: Option<String>,
+    /// The sigma schedule that scheduler ran on (`uniform`, `karras`, `exponential`, `beta`:
+    /// A1111's `hr_scheduler`, else the scheduler name's own); null with `scheduler` (the
+    /// first pass's, `metadata.schedule`), as in results an older version recorded.
+    #[serde(default)]
+    #[schema(example = "karras")]
+    pub schedule: Option<String>,
     /// The second pass's own prompts (A1111's `hr_prompt`, `hr_negative_prompt`); null: the
     /// request's.
     pub prompt: Option<String>,

@@ -274,6 +274,10 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 steps: h.steps as u32,
                 strength: h.strength,
                 scheduler: h.scheduler.map(|k| k.name().to_string()),
+                // The pipeline runs the pass's own scheduler on `schedule`, or on its own.
+                schedule: h
+                    .scheduler
+                    .map(|k| h.schedule.unwrap_or(k.schedule()).name().to_string()),
                 prompt: h.prompt.clone(),
                 negative_prompt: h.negative_prompt.clone(),
             }),
