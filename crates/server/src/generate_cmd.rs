@@ -12,6 +12,7 @@ use sdserve_pipeline::pipeline::StepProgress;
 use serde_json::{json, Map, Value};
 
 use crate::cli::GenerateArgs;
+use crate::error::ApiError;
 
 /// A file as the API takes it: base64.
 fn file_base64(flag: &str, path: &Path) -> Result<Value, String> {
@@ -22,7 +23,8 @@ fn file_base64(flag: &str, path: &Path) -> Result<Value, String> {
     ))
 }
 
-/// The same rules as the API: the flags are checked by `validate::parse_generate`.
+/// The flags as the native request's JSON, which the API's own validation then checks
+/// (`api::request::validate_styled`).
 fn request_json(a: &GenerateArgs) -> Result<Value, String> {
     let mut m = Map::new();
     if let Some(p) = &a.init_image {
@@ -47,6 +49,24 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         ("batch_size", a.batch_size.map(|v| json!(v))),
         ("strength", a.strength.map(|v| json!(v))),
         ("tiling", a.tiling.then_some(json!(true))),
+        ("prompt_syntax", a.prompt_syntax.as_ref().map(|v| json!(v))),
+        ("clip_skip", a.clip_skip.map(|v| json!(v))),
+        (
+            "loras",
+            (!a.loras.is_empty()).then(|| a.loras.iter().map(|l| lora_use(l)).collect()),
+        ),
+        ("vae", a.vae.as_ref().map(|v| json!(v))),
+        ("variation_seed", a.variation_seed.map(|v| json!(v))),
+        ("variation_strength", a.variation_strength.map(|v| json!(v))),
+        (
+            "seed_resize_from_width",
+            a.seed_resize_from_width.map(|v| json!(v)),
+        ),
+        (
+            "seed_resize_from_height",
+            a.seed_resize_from_height.map(|v| json!(v)),
+        ),
+        ("styles", (!a.styles.is_empty()).then(|| json!(a.styles))),
     ];
     for (k, v) in opt {
         if let Some(v) = v {
@@ -75,6 +95,41 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         m.insert("hires".into(), Value::Object(hires));
     }
     Ok(Value::Object(m))
+}
+
+/// `--loras NAME[:WEIGHT]` as the native `loras` item: the weight after the last `:` when it
+/// is a number, else the whole text is the name (weight 1).
+fn lora_use(flag: &str) -> Value {
+    match flag.rsplit_once(':') {
+        Some((name, weight)) => match weight.trim().parse::<f64>() {
+            Ok(w) if w.is_finite() => json!({"name": name, "weight": w}),
+            _ => json!({"name": flag}),
+        },
+        None => json!({"name": flag}),
+    }
+}
+
+/// A refused request as the command line reads it: each broken field named by its flag
+/// (`hires.width` is `--hires-width`).
+fn flag_error(e: ApiError) -> String {
+    match e {
+        ApiError::Validation(fields) => fields
+            .iter()
+            .map(|f| format!("{}: {}", flag_of(&f.field), f.rule))
+            .collect::<Vec<_>>()
+            .join("; "),
+        ApiError::Internal(why) => why,
+        other => other.body().details.unwrap_or_else(|| other.to_string()),
+    }
+}
+
+/// The flag of a request field.
+fn flag_of(field: &str) -> String {
+    match field {
+        "hires" => "--hires-*".into(),
+        "request" => "the request".into(),
+        f => format!("--{}", f.replace(['_', '.'], "-")),
+    }
 }
 
 /// Where image `i` of a batch goes: `out.png`, then `out-1.png`, `out-2.png`, ...
@@ -224,9 +279,16 @@ pub fn run(a: GenerateArgs) -> ExitCode {
 
 fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     let body = serde_json::to_vec(&request_json(a)?).map_err(|e| e.to_string())?;
-    let req = crate::validate::parse_generate(&body)
-        .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
+    // The server's steps, in its order: styles and validation, the VAE, the model's checks.
+    let styles = crate::styles::StyleBook::new(a.styles_file.clone());
+    let req = crate::api::request::validate_styled(&styles, &body).map_err(flag_error)?;
     check_writable(&a.output)?;
+    let vaes =
+        crate::vaes::VaeCatalog::new(a.model.vae_dir.clone(), a.model.model_cache_dir.clone());
+    let model = Path::new(&a.model.model);
+    let checkpoint = || model.is_file().then(|| model.to_path_buf());
+    let vae = crate::api::request::resolve_vae(&vaes, req.vae.as_deref(), checkpoint, "vae")
+        .map_err(flag_error)?;
     let rt = crate::config::select_runtime(&a.model.device, a.model.dtype)?;
     for w in &rt.warnings {
         eprintln!("warning: {w}");
@@ -249,23 +311,38 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         loaded.info.model_version,
         t0.elapsed().as_secs_f64()
     );
-    let seed = req
-        .seed
-        .map(u64::from)
-        .unwrap_or_else(|| u64::from(crate::api::random_seed()));
-    crate::validate::check_for_model(&req, loaded.info.inpainting)
-        .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
-    let (scheduler, schedule) = req
-        .resolve_schedule((loaded.info.default_scheduler, loaded.info.default_schedule))
-        .map_err(|e| e.body().details.unwrap_or_else(|| e.to_string()))?;
-    eprintln!("seed {seed}, scheduler {scheduler}, schedule {schedule}");
-    let params = req.generation_params(seed, scheduler, schedule);
+    if let Some(v) = &vae {
+        loaded
+            .generator
+            .set_vae(Some(&v.name))
+            .map_err(|why| format!("--vae: {why}"))?;
+        eprintln!("VAE {} ({})", v.name, v.hash);
+    }
+    let spec = crate::api::job_spec(
+        req,
+        vae,
+        &loaded.info,
+        std::time::Duration::MAX,
+        crate::error::DeadlineSetting::Generation,
+    )
+    .map_err(flag_error)?;
+    let params = &spec.params;
+    let scheduler = params.scheduler.map_or("default", |k| k.name());
+    let schedule = params.schedule.map_or("default", |s| s.name());
+    let variation = params
+        .variation
+        .map(|v| format!(", variation seed {} at {}", v.seed, v.strength))
+        .unwrap_or_default();
+    eprintln!(
+        "seed {}{variation}, scheduler {scheduler}, schedule {schedule}",
+        params.seed
+    );
     let started = Instant::now();
     let mut err = std::io::stderr();
     let mut progress = Progress::new(err.is_terminal());
     let images = loaded
         .generator
-        .generate(&params, &mut |p| {
+        .generate(params, &mut |p| {
             if let Some(text) = progress.step(p) {
                 let _ = write!(err, "{text}");
                 let _ = err.flush();
@@ -274,14 +351,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
     progress.finish();
-    let mut texts = crate::png::batch_texts(&params, &loaded.info.model_version, None);
-    // As the server's: the second pass's A1111 keys follow the first's parameters.
-    if let Some(h) = &req.hires {
-        for text in &mut texts {
-            text.push_str(&h.infotext_suffix());
-        }
-    }
-    for (i, (img, text)) in images.iter().zip(&texts).enumerate() {
+    for (i, (img, text)) in images.iter().zip(&spec.png_texts).enumerate() {
         let path = batch_path(&a.output, i);
         let png = crate::png::encode(img, text)?;
         std::fs::write(&path, png).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -324,6 +394,31 @@ mod tests {
         };
         assert!(parse(&["--tiling"]).tiling);
         assert!(!parse(&[]).tiling);
+    }
+
+    #[test]
+    fn lora_flags_take_an_optional_weight() {
+        assert_eq!(lora_use("ink"), json!({"name": "ink"}));
+        assert_eq!(lora_use("ink:0.5"), json!({"name": "ink", "weight": 0.5}));
+        assert_eq!(lora_use("a:b"), json!({"name": "a:b"}));
+    }
+
+    #[test]
+    fn refusals_name_the_flag() {
+        let e = ApiError::Validation(vec![
+            crate::error::FieldError {
+                field: "seed_resize_from_height".into(),
+                rule: "is required".into(),
+            },
+            crate::error::FieldError {
+                field: "hires.width".into(),
+                rule: "odd".into(),
+            },
+        ]);
+        assert_eq!(
+            flag_error(e),
+            "--seed-resize-from-height: is required; --hires-width: odd"
+        );
     }
 
     #[test]

@@ -295,7 +295,7 @@ fn native_hires_rules_are_422s_naming_the_key() {
 }
 
 /// `sdserve generate --hires-*`: the flags are the native `hires` object (the same PNG as
-/// `/generate` with it), and its rules refuse a bad flag before the model loads, naming the key.
+/// `/generate` with it), and its rules refuse a bad flag before the model loads, naming its flag.
 #[test]
 fn the_cli_writes_the_hires_pass_of_the_native_object() {
     let dir = std::env::temp_dir().join(format!("sdserve-cli-hires-{}", std::process::id()));
@@ -358,11 +358,11 @@ fn the_cli_writes_the_hires_pass_of_the_native_object() {
     assert!(pixels == served, "the CLI's hires image is not /generate's");
 
     for (flags, key) in [
-        (&["--hires-scale", "1.3"][..], "hires.scale"),
-        (&["--hires-width", "384"][..], "hires.height"),
+        (&["--hires-scale", "1.3"][..], "--hires-scale: "),
+        (&["--hires-width", "384"][..], "--hires-height: "),
         (
             &["--hires-scale", "1.5", "--hires-upscaler", "ESRGAN_4x"][..],
-            "hires.upscaler",
+            "--hires-upscaler: ",
         ),
     ] {
         let refused = cli(flags);

@@ -310,6 +310,9 @@ fn the_cli_writes_numbered_files_and_prints_each_seed() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(stderr.contains("mask_image"), "{stderr}");
+    assert!(
+        stderr.contains("--mask-image: only with init_image"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -148,16 +148,23 @@ pub(crate) async fn read_generate_body(
             .and_then(|v| v.to_str().ok()),
     )?;
     let styles = app.styles.clone();
-    off_the_runtime(move || {
-        let mut map = validate::parse_object(&body)?;
-        let written = crate::styles::AsWritten::read(&map);
-        let styled = styles.apply(&mut map, crate::styles::Dialect::Native);
-        let (mut valid, as_written) =
-            crate::styles::with_styles(styled, written, validate::validate_object(&map))?;
-        valid.as_written = as_written;
-        Ok(valid)
-    })
-    .await
+    off_the_runtime(move || validate_styled(&styles, &body)).await
+}
+
+/// A native body through the one validation place, with `styles`' texts applied to its
+/// prompts first (`/generate`, `POST /jobs`, `sdserve generate`). Blocking: it may decode
+/// images.
+pub(crate) fn validate_styled(
+    styles: &crate::styles::StyleBook,
+    body: &[u8],
+) -> Result<ValidRequest, ApiError> {
+    let mut map = validate::parse_object(body)?;
+    let written = crate::styles::AsWritten::read(&map);
+    let styled = styles.apply(&mut map, crate::styles::Dialect::Native);
+    let (mut valid, as_written) =
+        crate::styles::with_styles(styled, written, validate::validate_object(&map))?;
+    valid.as_written = as_written;
+    Ok(valid)
 }
 
 /// How long a request waits for the worker to look at LORA_DIR/EMBEDDINGS_DIR when they
@@ -294,45 +301,47 @@ pub(crate) async fn named_vae(
     req: &ValidRequest,
     field: &'static str,
 ) -> Result<Option<crate::vaes::VaeUse>, ApiError> {
-    let named = match req.vae.as_deref() {
-        Some(n) if crate::vaes::means_none(n) => return Ok(None),
-        Some(n) if !crate::vaes::means_automatic(n) => Some(n.to_string()),
-        _ => None,
-    };
     let catalog = app.vaes.clone();
     let models = app.models.clone();
-    let model = req.model.clone();
+    let (vae, model) = (req.vae.clone(), req.model.clone());
     off_the_runtime(move || {
-        let name = match named {
-            Some(name) => name,
-            None => {
-                let near = models
-                    .checkpoint_file(model.as_deref())
-                    .and_then(|ckpt| catalog.near_checkpoint(&ckpt));
-                match near {
-                    Some(entry) => entry.name,
-                    None => return Ok(None),
-                }
-            }
-        };
-        let entry = catalog.find(&name).ok_or_else(|| {
-            ApiError::validation(
-                field,
-                format!(
-                    "no VAE named {name:?} (GET /vaes lists them; `automatic` is the model's own)"
-                ),
-            )
-        })?;
-        let sha256 = catalog.sha256(&entry).map_err(|why| {
-            tracing::warn!(vae = %name, error = %why, "a VAE of VAE_DIR or MODELS_DIR cannot be read");
-            ApiError::validation(field, format!("VAE {name:?} cannot be read"))
-        })?;
-        Ok(Some(crate::vaes::VaeUse {
-            name: entry.name,
-            hash: sha256[..10].to_string(),
-        }))
+        let checkpoint = || models.checkpoint_file(model.as_deref());
+        resolve_vae(&catalog, vae.as_deref(), checkpoint, field)
     })
     .await
+}
+
+/// [`named_vae`]'s look-up of a request's `vae` in `catalog` (blocking: it may hash the
+/// file); `checkpoint` gives the single-file checkpoint the request runs on, if any. Also
+/// `sdserve generate`'s.
+pub(crate) fn resolve_vae(
+    catalog: &crate::vaes::VaeCatalog,
+    vae: Option<&str>,
+    checkpoint: impl FnOnce() -> Option<std::path::PathBuf>,
+    field: &'static str,
+) -> Result<Option<crate::vaes::VaeUse>, ApiError> {
+    let name = match vae {
+        Some(n) if crate::vaes::means_none(n) => return Ok(None),
+        Some(n) if !crate::vaes::means_automatic(n) => n.to_string(),
+        _ => match checkpoint().and_then(|ckpt| catalog.near_checkpoint(&ckpt)) {
+            Some(entry) => entry.name,
+            None => return Ok(None),
+        },
+    };
+    let entry = catalog.find(&name).ok_or_else(|| {
+        ApiError::validation(
+            field,
+            format!("no VAE named {name:?} (GET /vaes lists them; `automatic` is the model's own)"),
+        )
+    })?;
+    let sha256 = catalog.sha256(&entry).map_err(|why| {
+        tracing::warn!(vae = %name, error = %why, "a VAE of VAE_DIR or MODELS_DIR cannot be read");
+        ApiError::validation(field, format!("VAE {name:?} cannot be read"))
+    })?;
+    Ok(Some(crate::vaes::VaeUse {
+        name: entry.name,
+        hash: sha256[..10].to_string(),
+    }))
 }
 
 /// The job for a validated request: seed and scheduler resolved, `request` the request as run;

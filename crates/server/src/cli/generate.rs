@@ -6,9 +6,9 @@ use clap::Args;
 
 use super::ModelArgs;
 
-/// `sdserve generate`. The request flags follow the API's rules (checked by
-/// `validate::parse_generate` before the model loads); their help is written by [`super::command`]
-/// from the same constants.
+/// `sdserve generate`. The request flags are the native request's fields under the API's rules
+/// (checked by the same validation before the model loads, errors naming the flag); their help
+/// is written by [`super::command`] from the same constants.
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -37,10 +37,32 @@ pub struct GenerateArgs {
     pub init_image: Option<PathBuf>,
     #[arg(long)]
     pub strength: Option<f64>,
-    #[arg(long = "mask")]
+    #[arg(long, visible_alias = "mask")]
     pub mask_image: Option<PathBuf>,
     #[arg(long)]
     pub tiling: bool,
+    #[arg(long)]
+    pub prompt_syntax: Option<String>,
+    #[arg(long)]
+    pub clip_skip: Option<u64>,
+    #[arg(long, visible_alias = "lora", value_name = "NAME[:WEIGHT]")]
+    pub loras: Vec<String>,
+    #[arg(long)]
+    pub vae: Option<String>,
+    #[arg(long)]
+    pub variation_seed: Option<u64>,
+    #[arg(long)]
+    pub variation_strength: Option<f64>,
+    #[arg(long)]
+    pub seed_resize_from_width: Option<u64>,
+    #[arg(long)]
+    pub seed_resize_from_height: Option<u64>,
+    #[arg(long, value_name = "NAME")]
+    pub styles: Vec<String>,
+    /// AUTOMATIC1111's prompt styles file (`styles.csv`: columns `name`, `prompt`,
+    /// `negative_prompt`) that `--styles` names, as `serve`'s.
+    #[arg(long, env = "STYLES_FILE")]
+    pub styles_file: Option<PathBuf>,
     /// The hires fix: any `--hires-*` flag asks for the second pass (the native `hires` object).
     #[command(flatten)]
     pub hires: HiresArgs,
@@ -142,6 +164,42 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
             "Seamless texture: the image continues across its edges (A1111's tiling: circular padding in every convolution)".to_string(),
         ),
         (
+            "prompt_syntax",
+            "How prompts are read: a1111 (weights, BREAK, prompt editing, AND, prompts past 77 tokens) or plain (diffusers: truncated to 77 tokens, brackets are text) [default: a1111]".to_string(),
+        ),
+        (
+            "clip_skip",
+            format!("A1111's CLIP skip, 1..={CLIP_SKIP_MAX}: 1 = the last layer, 2 = the penultimate, ... [default: 1]"),
+        ),
+        (
+            "loras",
+            format!("A LoRA of --lora-dir by name, with its weight ({LORA_WEIGHT_MIN}..={LORA_WEIGHT_MAX}; 1 when left out); repeat for more, at most {LORAS_MAX} with the prompt's <lora:name:weight> tags [default: none]"),
+        ),
+        (
+            "vae",
+            "The VAE to decode (and encode --init-image) with: a file or diffusers folder of --vae-dir by name; none: the model's own; automatic: the --vae-dir file named like a single-file --model, else the model's own [default: automatic]".to_string(),
+        ),
+        (
+            "variation_seed",
+            format!("A1111's variation seed, 0..={SEED_MAX}: the starting noise is bent towards this seed's by --variation-strength; image i of a batch uses it + i (text-to-image only) [default: random when --variation-strength is above 0, printed]"),
+        ),
+        (
+            "variation_strength",
+            "How far the noise goes towards the variation seed's, 0..=1: 0 is the seed's image, 1 the variation seed's noise [default: 0]".to_string(),
+        ),
+        (
+            "seed_resize_from_width",
+            format!("A1111's seed resize, with --seed-resize-from-height: the width a seed's image was made at, {SEED_RESIZE_MIN}..={SEED_RESIZE_MAX}; the image keeps that image's composition [default: off]"),
+        ),
+        (
+            "seed_resize_from_height",
+            format!("A1111's seed resize, with --seed-resize-from-width: the height a seed's image was made at, {SEED_RESIZE_MIN}..={SEED_RESIZE_MAX} [default: off]"),
+        ),
+        (
+            "styles",
+            format!("A style of --styles-file by name, added to the prompts as A1111 does ({{prompt}} in a style takes the prompt); repeat for more, at most {}, applied in order [default: none]", crate::styles::STYLES_MAX),
+        ),
+        (
             "hires_width",
             format!("Hires fix (text-to-image): a second pass at this width, with --hires-height; {SIZE_MIN}..={SIZE_MAX}, a multiple of {SIZE_MULTIPLE} [default: no second pass]"),
         ),
@@ -212,6 +270,36 @@ mod tests {
         for (id, _) in request_flag_help() {
             let arg = generate.get_arguments().find(|a| a.get_id() == id);
             assert!(arg.is_some_and(|a| a.get_help().is_some()), "{id}");
+        }
+    }
+
+    /// The native request fields `generate` has no flag for, and why (README says the same).
+    const NOT_FLAGS: [(&str, &str); 1] = [(
+        "model",
+        "--model is the model itself (a folder, a file or a hub id), where the native `model` names one of the server's MODELS_DIR",
+    )];
+
+    #[test]
+    fn every_native_request_field_is_a_flag() {
+        let cmd = command();
+        let generate = cmd.find_subcommand("generate").unwrap();
+        let described: Vec<&str> = request_flag_help().iter().map(|(id, _)| *id).collect();
+        let hires = crate::validate::HIRES_FIELDS.map(|k| format!("hires_{k}"));
+        let fields = crate::validate::FIELDS
+            .iter()
+            .filter(|f| **f != "hires")
+            .map(|f| f.to_string())
+            .chain(hires);
+        for field in fields {
+            if NOT_FLAGS.iter().any(|(f, _)| *f == field) {
+                continue;
+            }
+            let arg = generate
+                .get_arguments()
+                .find(|a| a.get_id() == field.as_str());
+            let long = arg.and_then(|a| a.get_long());
+            assert_eq!(long, Some(field.replace('_', "-").as_str()), "{field}");
+            assert!(described.contains(&field.as_str()), "{field} has no help");
         }
     }
 }

@@ -30,6 +30,9 @@ mod tests;
 
 use fields::FieldReader;
 pub use for_model::{check_for_model, check_loras, check_memory};
+/// The keys of the native `hires` object.
+#[cfg(test)]
+pub use native_hires::FIELDS as HIRES_FIELDS;
 pub use schedule::check_prompts_for_model;
 
 pub const PROMPT_MAX_CHARS: usize = 500;
@@ -241,7 +244,9 @@ pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-/// Parses and validates a `/generate` body.
+/// Parses and validates a `/generate` body without styles (the tests'; the routes and `sdserve
+/// generate` apply STYLES_FILE first: `api::request::validate_styled`).
+#[cfg(test)]
 pub fn parse_generate(body: &[u8]) -> Result<ValidRequest, ApiError> {
     validate_object(&parse_object(body)?)
 }
