@@ -48,6 +48,7 @@ class A1111(Timed):
         self.assertEqual(self.api.get_options()["CLIP_stop_at_last_layers"], 1)
         self.assertIsInstance(self.api.get_loras(), list)
         self.assertEqual(self.api.get_scripts(), {"txt2img": [], "img2img": []})
+        self.assertIsNone(self.api.refresh_checkpoints())  # A1111 answers null
         self.assertEqual(self.api.skip(), {})
 
     def test_util_set_model_switches_the_checkpoint_of_later_requests(self):

@@ -511,6 +511,13 @@ fn a1111_lists_options_and_png_info() {
         s.get("/sdapi/v1/scripts").json(),
         json!({"txt2img": [], "img2img": []})
     );
+    // webuiapi's get_script_info, A1111's extensions list and refresh routes (null, as A1111).
+    assert_eq!(s.get("/sdapi/v1/script-info").json(), json!([]));
+    assert_eq!(s.get("/sdapi/v1/extensions").json(), json!([]));
+    for route in ["/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae"] {
+        let r = post(&s, route, &json!({}));
+        assert_eq!((r.status, r.json()), (200, Value::Null), "{route}");
+    }
     assert!(s.get("/sdapi/v1/loras").json().is_array());
 
     let r = post(

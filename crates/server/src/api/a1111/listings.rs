@@ -165,8 +165,28 @@ pub(super) async fn prompt_styles(State(app): State<Shared>) -> Json<Value> {
     Json(json!(crate::api::styles::read(&app).await.styles))
 }
 
-/// `{}`: there is one model, loaded at start.
-#[utoipa::path(post, path = "/sdapi/v1/refresh-checkpoints", tag = "a1111", responses((status = 200, description = "`{}`")))]
+/// `null`, as A1111 answers: MODELS_DIR is read again at every listing and request, so there is
+/// nothing to refresh.
+#[utoipa::path(post, path = "/sdapi/v1/refresh-checkpoints", tag = "a1111", responses((status = 200, description = "`null`")))]
 pub(super) async fn refresh_checkpoints() -> Json<Value> {
-    Json(json!({}))
+    Json(Value::Null)
+}
+
+/// `null`, as A1111 answers: VAE_DIR is read again at every listing and request.
+#[utoipa::path(post, path = "/sdapi/v1/refresh-vae", tag = "a1111", responses((status = 200, description = "`null`")))]
+pub(super) async fn refresh_vae() -> Json<Value> {
+    Json(Value::Null)
+}
+
+/// `[]`: A1111's `[{name, is_alwayson, is_img2img, args}]` of the scripts a request may name;
+/// there are none here (as `scripts`).
+#[utoipa::path(get, path = "/sdapi/v1/script-info", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn script_info() -> Json<Value> {
+    Json(json!([]))
+}
+
+/// `[]`: A1111's installed extensions; none here.
+#[utoipa::path(get, path = "/sdapi/v1/extensions", tag = "a1111", responses((status = 200, description = "`[]`")))]
+pub(super) async fn extensions() -> Json<Value> {
+    Json(json!([]))
 }

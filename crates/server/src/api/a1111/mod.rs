@@ -135,6 +135,8 @@ pub fn router(json_limit: usize) -> Router<Shared> {
             get(listings::realesrgan_models),
         )
         .route("/sdapi/v1/scripts", get(listings::scripts))
+        .route("/sdapi/v1/script-info", get(listings::script_info))
+        .route("/sdapi/v1/extensions", get(listings::extensions))
         .route("/sdapi/v1/upscalers", get(listings::upscalers))
         .route(
             "/sdapi/v1/latent-upscale-modes",
@@ -146,6 +148,7 @@ pub fn router(json_limit: usize) -> Router<Shared> {
             "/sdapi/v1/refresh-checkpoints",
             post(listings::refresh_checkpoints),
         )
+        .route("/sdapi/v1/refresh-vae", post(listings::refresh_vae))
         .route("/sdapi/v1/unload-checkpoint", post(checkpoints::unload))
         .route("/sdapi/v1/reload-checkpoint", post(checkpoints::reload))
 }

@@ -265,6 +265,7 @@ pub struct ExtrasBatchImagesResponse {
         super::listings::realesrgan_models, super::listings::scripts, super::listings::upscalers,
         super::listings::sd_vae, super::listings::latent_upscale_modes,
         super::listings::prompt_styles, super::listings::refresh_checkpoints,
+        super::listings::refresh_vae, super::listings::script_info, super::listings::extensions,
         super::checkpoints::unload, super::checkpoints::reload
     ),
     components(schemas(A1111Request, A1111Response, A1111Progress, ExtrasOptions,
