@@ -24,12 +24,24 @@ pub enum ImageUpscaler {
     Model(Arc<ModelUpscaler>),
 }
 
-/// An ESRGAN model file by its upscaler name, read the first time it is needed.
-#[derive(Debug)]
+/// An ESRGAN model file by its upscaler name: read the first time it is needed, or handed
+/// over already loaded (the server's cache of networks, [`Self::with_network`]).
 pub struct ModelUpscaler {
     pub name: String,
+    /// The file; empty for a model known by name only until it runs ([`Self::named`]).
     pub path: PathBuf,
-    loaded: OnceLock<Result<Esrgan, String>>,
+    loaded: OnceLock<Result<Arc<Esrgan>, String>>,
+}
+
+impl std::fmt::Debug for ModelUpscaler {
+    /// The name and file only: the same model reads the same whether loaded or not (the
+    /// server's cache key writes requests with `Debug`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelUpscaler")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl PartialEq for ModelUpscaler {
@@ -37,6 +49,8 @@ impl PartialEq for ModelUpscaler {
         (&self.name, &self.path) == (&other.name, &other.path)
     }
 }
+
+impl Eq for ModelUpscaler {}
 
 impl ModelUpscaler {
     pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
@@ -47,20 +61,62 @@ impl ModelUpscaler {
         }
     }
 
+    /// A model known by its name alone, to be found where it runs (the server's worker looks
+    /// it up in its own UPSCALERS_DIR and hands the network over: [`Self::with_network`]).
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::new(name, PathBuf::new())
+    }
+
+    /// The model with its network already read (from `path`).
+    pub fn with_network(
+        name: impl Into<String>,
+        path: impl Into<PathBuf>,
+        network: Arc<Esrgan>,
+    ) -> Self {
+        let me = Self::new(name, path);
+        let _ = me.loaded.set(Ok(network));
+        me
+    }
+
     /// The network (read on the CPU in f32 on first use; blocking), or why the file is not
     /// one, naming it.
     pub fn load(&self) -> Result<&Esrgan, String> {
+        self.load_on(&Device::Cpu, DType::F32)
+    }
+
+    /// The network, read onto `device` in `dtype` on first use; one handed over
+    /// ([`Self::with_network`]) or read before is used where it is.
+    pub fn load_on(&self, device: &Device, dtype: DType) -> Result<&Esrgan, String> {
         self.loaded
             .get_or_init(|| {
-                Esrgan::load(&self.path, &Device::Cpu, DType::F32).map_err(|e| e.to_string())
+                if self.path.as_os_str().is_empty() {
+                    return Err(format!(
+                        "the upscaler {:?} was not found in an upscaler folder",
+                        self.name
+                    ));
+                }
+                Esrgan::load(&self.path, device, dtype)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
             })
             .as_ref()
+            .map(|n| n.as_ref())
             .map_err(Clone::clone)
     }
 
     /// The model's factor (1 until it is read: [`Self::load`] first).
     fn scale(&self) -> usize {
         self.load().map_or(1, Esrgan::scale)
+    }
+}
+
+/// The dtype an upscaling network runs in beside a pipeline on `device` in `dtype`: half
+/// precision where the pipeline runs in a half type on a GPU (A1111 loads upscalers with
+/// `prefer_half` unless `--no-half`), else f32 (the CPU has no f16 kernels).
+pub fn network_dtype(device: &Device, dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 if !device.is_cpu() => DType::F16,
+        _ => DType::F32,
     }
 }
 

@@ -146,7 +146,7 @@ fn image_upscalers_equal_txt2img_resize_img2img_by_hand() {
     let lanczos = by_hand(&model, 21, |im| resize_lanczos(im, 128, 96));
     for upscaler in [Upscaler::Resize, Upscaler::Lanczos] {
         let params = GenerationParams {
-            hires: Some(hires(upscaler)),
+            hires: Some(hires(upscaler.clone())),
             ..first_pass(21, 1)
         };
         let got = run(&model, &params);

@@ -191,7 +191,7 @@ fn the_hires_pass_resizes_its_noise_too() {
                 height: 48,
                 upscale_width: 64,
                 upscale_height: 48,
-                upscaler,
+                upscaler: upscaler.clone(),
                 // All of the pass's schedule: its noise counts most (at 0.6, one step at a
                 // low sigma, the images differ by 0.04 on 255).
                 steps: 3,

@@ -199,6 +199,9 @@ impl Progress {
 
     /// Moves the bar; off a terminal, the line to write for this step, if one is due.
     fn step(&mut self, p: StepProgress) -> Option<String> {
+        if p.between_steps {
+            return None;
+        }
         self.bar.set_length(p.total as u64);
         self.bar.set_position(p.step as u64);
         if self.terminal {
@@ -282,6 +285,10 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     // The server's steps, in its order: styles and validation, the VAE, the model's checks.
     let styles = crate::styles::StyleBook::new(a.styles_file.clone());
     let req = crate::api::request::validate_styled(&styles, &body).map_err(flag_error)?;
+    // A hires upscaler model is looked up before the model loads.
+    crate::upscalers::UpscalerCatalog::new(a.model.upscalers_dir.clone())
+        .check_hires(&req)
+        .map_err(flag_error)?;
     check_writable(&a.output)?;
     let vaes =
         crate::vaes::VaeCatalog::new(a.model.vae_dir.clone(), a.model.model_cache_dir.clone());
@@ -469,6 +476,7 @@ mod tests {
             step,
             total,
             latents: None,
+            between_steps: false,
         }
     }
 

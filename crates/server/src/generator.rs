@@ -301,6 +301,7 @@ impl Generator for FakeGenerator {
                 step,
                 total,
                 latents: Some(&latents),
+                between_steps: false,
             }) == ControlFlow::Break(())
             {
                 return Err(PipelineError::Cancelled);

@@ -70,6 +70,8 @@ pub struct GpuGenerator {
     /// VAE_DIR and MODELS_DIR, where `set_vae` finds a VAE by name.
     vae_dir: Option<std::path::PathBuf>,
     vae_models_dir: Option<std::path::PathBuf>,
+    /// UPSCALERS_DIR, where a hires pass's upscaler model is found by name.
+    upscalers_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a VAE cannot be used, without the server's paths: the weights' message (which tensor,
@@ -90,6 +92,15 @@ impl Generator for GpuGenerator {
         params: &GenerationParams,
         on_step: StepHook,
     ) -> Result<Vec<RgbImage>, PipelineError> {
+        // A hires upscaler model by name: found in this process's UPSCALERS_DIR, its network
+        // (cached) on the pipeline's device.
+        let resolved = crate::upscalers::with_hires_network(
+            params,
+            self.upscalers_dir.as_deref(),
+            self.sd.device(),
+            self.sd.dtype(),
+        )?;
+        let params = resolved.as_ref().unwrap_or(params);
         gpu::plan_request(&mut self.sd, &self.setup, params)?;
         self.sd.generate(params, on_step)
     }
@@ -232,6 +243,7 @@ pub fn load_real(
             adapters: folders,
             vae_dir: args.vae_dir.clone(),
             vae_models_dir: args.vae_models_dir.clone(),
+            upscalers_dir: args.upscalers_dir.clone(),
         }),
         info,
         taesd: None,

@@ -4,11 +4,26 @@
 //! `upscaler_2`) take these names beside A1111's built-in `None`, `Lanczos`, `Nearest`, which
 //! win where a file has one of their names.
 //!
+//! The hires fix (`hr_upscaler`, native `hires.upscaler`) takes them too.
+//!
 //! The folder is read on every look (one directory listing), as VAE_DIR is: a file dropped in
-//! can be named at once. A file is read when a request uses it; one that is not an RRDBNet is
-//! a 422 naming the file.
+//! can be named at once. A file is read when a request first uses it and kept in the
+//! [`NetworkCache`]; one that is not an RRDBNet is a 422 naming the file.
 
-use std::path::PathBuf;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use candle_core::{DType, Device};
+use sdserve_pipeline::pipeline::{GenerationParams, Upscaler};
+use sdserve_pipeline::upscale::{network_dtype, ModelUpscaler};
+use sdserve_pipeline::upscaler::Esrgan;
+use sdserve_pipeline::PipelineError;
+
+use crate::error::ApiError;
+use crate::validate::ValidRequest;
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -64,6 +79,49 @@ impl UpscalerCatalog {
     }
 }
 
+impl UpscalerCatalog {
+    /// The check a request's hires upscaler model gets before it is queued (blocking: reads
+    /// the folder and the file's metadata): a name the folder does not list is a 422 naming
+    /// the dialect's field and listing every name the hires fix takes. `Some` identifies the
+    /// file (name, size, modification time) for the image cache's key: a file replaced under
+    /// its name makes other images.
+    pub fn check_hires(&self, req: &ValidRequest) -> Result<Option<String>, ApiError> {
+        let Some(hires) = &req.hires else {
+            return Ok(None);
+        };
+        let Upscaler::Model(model) = &hires.params.upscaler else {
+            return Ok(None);
+        };
+        let models = self.scan();
+        let Some(entry) = models.iter().find(|e| e.name == model.name) else {
+            let why = if self.dir.is_some() {
+                "no upscaler of that name"
+            } else {
+                "no upscaler of that name (this server has no UPSCALERS_DIR)"
+            };
+            return Err(ApiError::validation(
+                hires.upscaler_field,
+                format!(
+                    "{why} ({:?}); one of {}",
+                    model.name,
+                    crate::validate::hires::every_upscaler_name(&models)
+                ),
+            ));
+        };
+        let meta = std::fs::metadata(&entry.path).ok();
+        let modified = meta
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(Some(format!(
+            "upscaler {} {} {modified}",
+            entry.name,
+            meta.map_or(0, |m| m.len())
+        )))
+    }
+}
+
 /// One upscaler as `GET /upscalers` lists it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UpscalerListing {
@@ -103,6 +161,137 @@ impl UpscalerCatalog {
     }
 }
 
+/// One cache of loaded upscaler networks for the process, shared by Extras and the hires fix
+/// (so a model is read once, not per request): keyed by the file (path, size, modification
+/// time: a file replaced under its name is read again) and the device and dtype it was read
+/// onto; at most [`NetworkCache::BOUND`] networks, the least lately used dropped first. A
+/// network on a GPU holds its weights there between jobs (about 33 MB in f16 for a 4x
+/// ESRGAN); the memory plan does not count them.
+pub struct NetworkCache {
+    entries: Mutex<VecDeque<(NetworkKey, Arc<Esrgan>)>>,
+    reads: AtomicUsize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetworkKey {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    device: String,
+    dtype: DType,
+}
+
+impl Default for NetworkCache {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::new(VecDeque::new()),
+            reads: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl NetworkCache {
+    /// Networks kept at once.
+    pub const BOUND: usize = 2;
+
+    /// The process's cache.
+    pub fn shared() -> &'static NetworkCache {
+        static SHARED: OnceLock<NetworkCache> = OnceLock::new();
+        SHARED.get_or_init(NetworkCache::default)
+    }
+
+    /// The network of the file at `path` on `device` in `dtype`: the cached one while the
+    /// file is unchanged, else read now (blocking; two callers missing at once may both read
+    /// it, the later one kept). The error names the file, not its folder.
+    pub fn get(&self, path: &Path, device: &Device, dtype: DType) -> Result<Arc<Esrgan>, String> {
+        let file = path
+            .file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {file:?}: {e}"))?;
+        let key = NetworkKey {
+            path: path.to_path_buf(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            device: format!("{:?}", device.location()),
+            dtype,
+        };
+        {
+            let mut entries = self.lock();
+            if let Some(at) = entries.iter().position(|(k, _)| *k == key) {
+                let hit = entries.remove(at).expect("found above");
+                let net = hit.1.clone();
+                entries.push_back(hit);
+                return Ok(net);
+            }
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let net = Arc::new(Esrgan::load(path, device, dtype).map_err(|e| e.to_string())?);
+        let mut entries = self.lock();
+        // The file's older versions are of no more use.
+        entries.retain(|(k, _)| (&k.path, &k.device, k.dtype) != (&key.path, &key.device, dtype));
+        entries.push_back((key, net.clone()));
+        while entries.len() > Self::BOUND {
+            entries.pop_front();
+        }
+        Ok(net)
+    }
+
+    /// Files read so far (each miss).
+    #[cfg(test)]
+    fn reads(&self) -> usize {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(NetworkKey, Arc<Esrgan>)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `params` with its hires pass's upscaler model (known by name: [`ModelUpscaler::named`])
+/// found in `dir` (this process's UPSCALERS_DIR) and its network read through the
+/// [`NetworkCache`] onto `device` in the dtype [`network_dtype`] gives beside a pipeline in
+/// `dtype`; `None` when there is nothing to find. A name no longer in the folder, or a file
+/// that is not a network, is the request's error.
+pub fn with_hires_network(
+    params: &GenerationParams,
+    dir: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<GenerationParams>, PipelineError> {
+    let Some(hires) = &params.hires else {
+        return Ok(None);
+    };
+    let Upscaler::Model(model) = &hires.upscaler else {
+        return Ok(None);
+    };
+    let name = &model.name;
+    let entry = UpscalerCatalog::new(dir.map(Path::to_path_buf))
+        .scan()
+        .into_iter()
+        .find(|e| e.name == *name)
+        .ok_or_else(|| {
+            PipelineError::InvalidRequest(format!(
+                "the hires upscaler {name:?} is no longer in UPSCALERS_DIR"
+            ))
+        })?;
+    let net = NetworkCache::shared()
+        .get(&entry.path, device, network_dtype(device, dtype))
+        .map_err(|why| {
+            PipelineError::InvalidRequest(format!(
+                "the hires upscaler {name:?} cannot be used: {why}"
+            ))
+        })?;
+    let mut resolved = params.clone();
+    if let Some(h) = &mut resolved.hires {
+        h.upscaler = Upscaler::Model(Arc::new(ModelUpscaler::with_network(
+            name.clone(),
+            entry.path,
+            net,
+        )));
+    }
+    Ok(Some(resolved))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +316,40 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(names, ["4x-UltraSharp", "R-ESRGAN 4x+"]);
         assert!(UpscalerCatalog::default().scan().is_empty());
+    }
+
+    #[test]
+    fn the_network_cache_reads_a_file_once_again_when_replaced_and_keeps_two() {
+        let fixtures =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/esrgan");
+        let dir = std::env::temp_dir().join(format!("sdserve-netcache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let [a, b, c] = ["a.safetensors", "b.pth", "c.pth"].map(|f| dir.join(f));
+        std::fs::copy(fixtures.join("x2-old.safetensors"), &a).unwrap();
+        std::fs::copy(fixtures.join("x4-old.pth"), &b).unwrap();
+        std::fs::copy(fixtures.join("x2-unshuffle.pth"), &c).unwrap();
+        let cache = NetworkCache::default();
+        let get = |p: &Path| cache.get(p, &Device::Cpu, DType::F32).unwrap();
+        let first = get(&a);
+        assert!(Arc::ptr_eq(&first, &get(&a)), "a hit is the same network");
+        assert_eq!(cache.reads(), 1);
+        // Replaced under its name (another size): read again.
+        std::fs::copy(fixtures.join("x4-new.safetensors"), &a).unwrap();
+        assert_eq!(get(&a).scale(), 4);
+        assert_eq!(cache.reads(), 2);
+        // Two kept: b and c push a out; b, used last but one, stays.
+        get(&b);
+        get(&c);
+        assert_eq!(cache.lock().len(), NetworkCache::BOUND);
+        get(&b);
+        assert_eq!(cache.reads(), 4);
+        get(&a);
+        assert_eq!(cache.reads(), 5);
+        // A file that is not a network: an error naming the file alone.
+        let not = dir.join("not.pth");
+        std::fs::copy(fixtures.join("not-rrdbnet.pth"), &not).unwrap();
+        let err = cache.get(&not, &Device::Cpu, DType::F32).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("not.pth"), "{err}");
     }
 }

@@ -67,6 +67,7 @@ impl StableDiffusion {
                 step: index + 1 - begin,
                 total,
                 latents: Some(&latents),
+                between_steps: false,
             })
             .is_break()
             {

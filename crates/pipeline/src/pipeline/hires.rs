@@ -4,7 +4,10 @@
 //! the larger size as img2img (diffusers' semantics, this crate's `images_in`), each image
 //! with a generator seeded like the first pass's.
 
-use candle_core::{DType, Tensor};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
 
 use super::{
     decode::postprocess, images_in, GenerationParams, RgbImage, StableDiffusion, StepHook,
@@ -14,6 +17,7 @@ use crate::image_in::{self, resize_lanczos, resize_nearest};
 use crate::interpolate::{interpolate, Interpolation};
 use crate::rng::TorchRng;
 use crate::schedulers::{Scheduler, SchedulerKind};
+use crate::upscale::{network_dtype, ModelUpscaler};
 use crate::{PipelineError, Result};
 
 /// The second pass of a text-to-image request.
@@ -45,7 +49,7 @@ pub struct Hires {
 }
 
 /// How the first pass's result is brought to the larger size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upscaler {
     /// A1111's `None`: the decoded image resized with Lanczos (`images.resize_image`).
     Resize,
@@ -56,21 +60,46 @@ pub enum Upscaler {
     Nearest,
     /// A1111's `Latent ...` modes: the latents themselves, interpolated.
     Latent(Interpolation),
+    /// An ESRGAN model (A1111's `UpscalerESRGAN`): the decoded image through the model's
+    /// rounds (`Upscaler.upscale`, [`crate::upscaler::upscale_by`]) by `max(w / w0, h / h0)`,
+    /// then Lanczos to the size where those differ (`images.resize_image`). Its network runs
+    /// where it was loaded (one handed over), else it is read onto the pipeline's device.
+    Model(Arc<ModelUpscaler>),
 }
 
 impl Upscaler {
-    fn on_image(self) -> bool {
+    fn on_image(&self) -> bool {
         !matches!(self, Self::Latent(_))
     }
 }
 
 impl Hires {
     /// The first pass's image brought to `upscale_width` x `upscale_height`, then cropped.
-    pub fn upscale_image(&self, image: &RgbImage) -> RgbImage {
+    /// Only a model fails (its file, its device) or stops (`check` breaks before a tile:
+    /// `Cancelled`); an unread model is read onto `device` in `dtype`.
+    pub fn upscale_image(
+        &self,
+        image: &RgbImage,
+        (device, dtype): (&Device, DType),
+        check: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<RgbImage> {
         let (w, h) = (self.upscale_width, self.upscale_height);
         let (w0, h0) = (image.width as f64, image.height as f64);
         let scale = (w as f64 / w0).max(h as f64 / h0);
-        let mut out = match self.upscaler {
+        let mut out = match &self.upscaler {
+            // `images.resize_image`'s `resize`: the upscaler only where the image grows, then
+            // Lanczos to the size where it is not that already.
+            Upscaler::Model(m) if scale > 1.0 => {
+                let net = m
+                    .load_on(device, dtype)
+                    .map_err(PipelineError::InvalidRequest)?;
+                let up = crate::upscaler::upscale_by_checked(net, image, scale, check)?;
+                if (up.width as usize, up.height as usize) != (w, h) {
+                    resize_lanczos(&up, w, h)
+                } else {
+                    up
+                }
+            }
             Upscaler::Lanczos | Upscaler::Nearest if scale > 1.0 => {
                 let (sw, sh) = ((w0 * scale) as usize, (h0 * scale) as usize);
                 let scaled = match self.upscaler {
@@ -88,7 +117,7 @@ impl Hires {
         if (left, top) != (0, 0) || (w, h) != (self.width, self.height) {
             out = crop(&out, left, top, self.width, self.height);
         }
-        out
+        Ok(out)
     }
 
     /// Pixels cropped off the left and top: A1111's `truncate // 2` latent cells of 8 pixels.
@@ -234,11 +263,22 @@ impl StableDiffusion {
         let mut rngs: Vec<TorchRng> = (0..first.batch_size)
             .map(|i| TorchRng::new(first.image_seed(i)))
             .collect();
+        let total = first_steps + pass.steps();
         let start = if hires.upscaler.on_image() {
             let mut images = Vec::with_capacity(latents.dim(0)?);
+            // An upscaler model's tiles ask the step hook whether to go on (no step is done).
+            let mut check = || {
+                on_step(StepProgress {
+                    step: first_steps,
+                    total,
+                    latents: None,
+                    between_steps: true,
+                })
+            };
+            let net = (&self.device, network_dtype(&self.device, self.dtype));
             for i in 0..latents.dim(0)? {
                 let decoded = postprocess(&self.decode_latents(&latents.narrow(0, i, 1)?)?)?;
-                let upscaled = hires.upscale_image(&decoded);
+                let upscaled = hires.upscale_image(&decoded, net, &mut check)?;
                 images.push(image_in::image_tensor(&upscaled, w, h, &self.device)?);
             }
             drop(latents);
@@ -250,7 +290,7 @@ impl StableDiffusion {
                 first,
             )?
         } else {
-            let Upscaler::Latent(how) = hires.upscaler else {
+            let Upscaler::Latent(how) = hires.upscaler.clone() else {
                 unreachable!("image upscalers are handled above")
             };
             let up = interpolate(
@@ -289,12 +329,11 @@ impl StableDiffusion {
         } else {
             text_embeddings
         };
-        let total = first_steps + pass.steps();
         let mut on_step = |p: StepProgress<'_>| {
             on_step(StepProgress {
                 step: first_steps + p.step,
                 total,
-                latents: p.latents,
+                ..p
             })
         };
         let begin = pass.begin;
@@ -341,6 +380,13 @@ mod tests {
         }
     }
 
+    fn up(h: &Hires, im: &RgbImage) -> RgbImage {
+        h.upscale_image(im, (&Device::Cpu, DType::F32), &mut || {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+    }
+
     fn image(w: u32, h: u32) -> RgbImage {
         RgbImage {
             width: w,
@@ -352,20 +398,20 @@ mod tests {
     #[test]
     fn resize_and_lanczos_agree_on_whole_scales_and_crops_are_centred_on_8_px_cells() {
         let im = image(16, 8);
-        let a = hires(Upscaler::Resize, (32, 16), (32, 16)).upscale_image(&im);
-        let b = hires(Upscaler::Lanczos, (32, 16), (32, 16)).upscale_image(&im);
+        let a = up(&hires(Upscaler::Resize, (32, 16), (32, 16)), &im);
+        let b = up(&hires(Upscaler::Lanczos, (32, 16), (32, 16)), &im);
         assert_eq!(a, b);
         assert_eq!(a, resize_lanczos(&im, 32, 16));
         // 48x24 cropped to 32x16: (48 - 32) / 8 = 2 cells, one off the left; (24 - 16) / 8 =
         // 1 cell, none off the top.
-        let c = hires(Upscaler::Resize, (32, 16), (48, 24)).upscale_image(&im);
+        let c = up(&hires(Upscaler::Resize, (32, 16), (48, 24)), &im);
         assert_eq!(c, crop(&resize_lanczos(&im, 48, 24), 8, 0, 32, 16));
     }
 
     #[test]
     fn nearest_scales_by_pixels_first() {
         let im = image(8, 8);
-        let n = hires(Upscaler::Nearest, (16, 16), (16, 16)).upscale_image(&im);
+        let n = up(&hires(Upscaler::Nearest, (16, 16), (16, 16)), &im);
         assert_eq!(n, resize_nearest(&im, 16, 16));
         assert_ne!(n, resize_lanczos(&im, 16, 16));
     }

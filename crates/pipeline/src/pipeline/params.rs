@@ -170,6 +170,10 @@ pub struct StepProgress<'a> {
     /// The latents after this step (`[B, 4, h, w]`), for previews; `None` where there are none
     /// (a fake generator).
     pub latents: Option<&'a Tensor>,
+    /// A check between steps, no step done (`step` is the last one done; `latents` `None`):
+    /// work between them that takes a while (the hires fix's upscaler model, before each
+    /// tile) asks whether to go on. A hook that counts or times steps skips these.
+    pub between_steps: bool,
 }
 
 /// The per-step hook: `ControlFlow::Break(())` cancels the run before the next step.

@@ -7,7 +7,7 @@ mod state;
 pub mod tiles;
 
 pub use net::Esrgan;
-pub use tiles::{upscale_tiled, upscale_tiled_until, TILE, TILE_OVERLAP};
+pub use tiles::{upscale_tiled, upscale_tiled_checked, upscale_tiled_until, TILE, TILE_OVERLAP};
 
 use crate::image_in::resize_lanczos;
 use crate::pipeline::RgbImage;
@@ -48,6 +48,16 @@ pub fn upscale_by_until(
     scale: f64,
     deadline: Option<std::time::Instant>,
 ) -> Result<RgbImage> {
+    upscale_by_checked(model, image, scale, &mut tiles::past(deadline))
+}
+
+/// [`upscale_by`], asking `check` before each tile of each round (`Break`: `Cancelled`).
+pub fn upscale_by_checked(
+    model: &Esrgan,
+    image: &RgbImage,
+    scale: f64,
+    check: &mut dyn FnMut() -> std::ops::ControlFlow<()>,
+) -> Result<RgbImage> {
     let dest = (
         crate::upscale::dest_side(image.width, scale),
         crate::upscale::dest_side(image.height, scale),
@@ -59,7 +69,7 @@ pub fn upscale_by_until(
         image.height as usize,
         scale,
     ) {
-        out = upscale_tiled_until(model, &out, TILE, TILE_OVERLAP, deadline)?;
+        out = upscale_tiled_checked(model, &out, TILE, TILE_OVERLAP, check)?;
     }
     if (out.width as usize, out.height as usize) != dest {
         out = resize_lanczos(&out, dest.0, dest.1);

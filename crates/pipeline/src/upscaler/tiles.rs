@@ -180,6 +180,29 @@ pub fn upscale_tiled_until(
     overlap: usize,
     deadline: Option<std::time::Instant>,
 ) -> Result<RgbImage> {
+    upscale_tiled_checked(model, image, tile, overlap, &mut past(deadline))
+}
+
+/// A check that breaks once `deadline` has passed.
+pub(crate) fn past(
+    deadline: Option<std::time::Instant>,
+) -> impl FnMut() -> std::ops::ControlFlow<()> {
+    move || match deadline {
+        Some(d) if std::time::Instant::now() >= d => std::ops::ControlFlow::Break(()),
+        _ => std::ops::ControlFlow::Continue(()),
+    }
+}
+
+/// [`upscale_tiled`], asking `check` before each tile: `Break` gives up with
+/// [`crate::PipelineError::Cancelled`] (a job cancelled, or past its deadline, stops within
+/// a tile).
+pub fn upscale_tiled_checked(
+    model: &Esrgan,
+    image: &RgbImage,
+    tile: usize,
+    overlap: usize,
+    check: &mut dyn FnMut() -> std::ops::ControlFlow<()>,
+) -> Result<RgbImage> {
     let (w, h) = (image.width as usize, image.height as usize);
     if w <= overlap || h <= overlap {
         return Err(crate::PipelineError::InvalidRequest(format!(
@@ -192,7 +215,7 @@ pub fn upscale_tiled_until(
     for y in origins(h, tile, overlap) {
         let mut tiles = Vec::new();
         for &x in &xs {
-            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            if check().is_break() {
                 return Err(crate::PipelineError::Cancelled);
             }
             let out = run_tile(model, &crop(image, x, y, tile, tile))?;

@@ -207,12 +207,17 @@ pub(super) async fn run_on_model(
     let (info, cacheable) = super::request::adapters_info(app, info, &req, Some(patience)).await;
     let info = super::request::named_model(app, info, &mut req, model_field).await?;
     let vae = super::request::named_vae(app, &req, "vae").await?;
+    let upscaler_file = super::request::named_upscaler(app, &req).await?;
     let seeded = req.seed.is_some() && cacheable;
     // The VAE decodes the image: a request with another VAE is another entry.
-    let cache_model = match &vae {
+    let mut cache_model = match &vae {
         Some(v) => format!("{}\u{0}vae {} {}", info.model_version, v.name, v.hash),
         None => info.model_version.clone(),
     };
+    // So does a hires upscaler model replaced under its name.
+    if let Some(file) = upscaler_file {
+        cache_model = format!("{cache_model}\u{0}{file}");
+    }
     let spec = job_spec(
         req,
         vae,

@@ -344,6 +344,27 @@ pub(crate) fn resolve_vae(
     }))
 }
 
+/// The request's hires upscaler model checked against UPSCALERS_DIR before it is queued
+/// (`upscalers::UpscalerCatalog::check_hires`): an unknown name is a 422; `Some` identifies the
+/// file for the image cache's key.
+pub(crate) async fn named_upscaler(
+    app: &AppState,
+    req: &ValidRequest,
+) -> Result<Option<String>, ApiError> {
+    let uses_model = req.hires.as_ref().is_some_and(|h| {
+        matches!(
+            h.params.upscaler,
+            sdserve_pipeline::pipeline::Upscaler::Model(_)
+        )
+    });
+    if !uses_model {
+        return Ok(None);
+    }
+    let catalog = app.upscalers.clone();
+    let req = req.clone();
+    off_the_runtime(move || catalog.check_hires(&req)).await
+}
+
 /// The job for a validated request: seed and scheduler resolved, `request` the request as run;
 /// `vae` as [`named_vae`] resolved it.
 pub(crate) fn job_spec(

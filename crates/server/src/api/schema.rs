@@ -238,7 +238,9 @@ pub struct HiresRequest {
     /// How the first image is enlarged, by A1111's names (`GET /sdapi/v1/latent-upscale-modes`
     /// and `/sdapi/v1/upscalers`): `Latent`, `Latent (antialiased)`, `Latent (bicubic)`,
     /// `Latent (bicubic antialiased)`, `Latent (nearest)`, `Latent (nearest-exact)` (the
-    /// latents), `None`, `Lanczos`, `Nearest` (the decoded image, encoded again).
+    /// latents), `None`, `Lanczos`, `Nearest` (the decoded image, encoded again), or an
+    /// UPSCALERS_DIR ESRGAN model by its name (`GET /upscalers`; the decoded image through the
+    /// model, as A1111's `resize_image`). An unknown name is a 422 listing the names.
     #[schema(default = "Latent", example = "Lanczos")]
     pub upscaler: Option<String>,
     /// Steps of the second pass's schedule; 0 or absent: the request's `steps`.

@@ -213,7 +213,7 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         ),
         (
             "hires_upscaler",
-            format!("Hires fix: how the first image is enlarged, one of {} [default: {}]", hires::upscalers().map(|(n, _)| n).collect::<Vec<_>>().join(", "), hires::UPSCALER_DEFAULT),
+            format!("Hires fix: how the first image is enlarged, one of {} or an ESRGAN model of --upscalers-dir by its file stem [default: {}]", hires::upscalers().map(|(n, _)| n).collect::<Vec<_>>().join(", "), hires::UPSCALER_DEFAULT),
         ),
         (
             "hires_steps",

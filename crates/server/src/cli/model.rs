@@ -104,8 +104,9 @@ pub struct ModelArgs {
     pub vae_dir: Option<PathBuf>,
     /// A folder of ESRGAN-architecture upscalers (A1111's `models/ESRGAN`: R-ESRGAN 4x+,
     /// 4x-UltraSharp, ...; `.pth`, `.pt`, `.safetensors`), each named by its file stem in
-    /// Extras' `upscaler_1` / `upscaler_2`; listed by GET /sdapi/v1/upscalers. Read on every
-    /// look, so files added later are picked up.
+    /// Extras' `upscaler_1` / `upscaler_2` and the hires fix's `hr_upscaler` /
+    /// `hires.upscaler`; listed by GET /sdapi/v1/upscalers. Read on every look, so files added
+    /// later are picked up; a model is read once (a replaced file again).
     #[arg(long, env = "UPSCALERS_DIR")]
     pub upscalers_dir: Option<PathBuf>,
     /// MODELS_DIR for the worker's VAE lookups (its `*.vae.*` files are VAEs, as in A1111):

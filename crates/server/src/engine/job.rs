@@ -270,7 +270,7 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             hires: p.hires.as_ref().map(|h| crate::api::HiresMetadata {
                 width: h.width as u32,
                 height: h.height as u32,
-                upscaler: crate::validate::hires::upscaler_name(h.upscaler).to_string(),
+                upscaler: crate::validate::hires::upscaler_name(&h.upscaler).to_string(),
                 steps: h.steps as u32,
                 strength: h.strength,
                 scheduler: h.scheduler.map(|k| k.name().to_string()),

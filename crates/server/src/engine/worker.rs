@@ -338,12 +338,15 @@ impl Run<'_> {
         let result = {
             let mut hook = |p: StepProgress<'_>| {
                 let now = Instant::now();
-                inner
-                    .metrics
-                    .step_seconds
-                    .observe(now.duration_since(last).as_secs_f64());
-                last = now;
-                self.progress(&p, start, now);
+                // A check between steps (an upscaler model's tiles) is no step.
+                if !p.between_steps {
+                    inner
+                        .metrics
+                        .step_seconds
+                        .observe(now.duration_since(last).as_secs_f64());
+                    last = now;
+                    self.progress(&p, start, now);
+                }
                 let shutdown = shutdown_deadline.or(*lock(&inner.shutdown_deadline));
                 stop_reason = if now >= self.deadline {
                     Some(StopReason::Timeout)

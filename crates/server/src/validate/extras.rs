@@ -10,12 +10,14 @@
 
 use std::sync::Arc;
 
+use candle_core::{DType, Device};
 use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, ModelUpscaler, UpscaleTarget};
 use serde_json::{Map, Value};
 
 use super::fields::FieldReader;
 use crate::error::ApiError;
 use crate::images::{MAX_PIXELS, MAX_SIDE};
+use crate::upscalers::NetworkCache;
 
 /// The fields of A1111's `ExtrasBaseRequest`; others are ignored, as A1111's pydantic model
 /// ignores them (`image` and `imageList` are the routes' own).
@@ -130,26 +132,31 @@ fn bool_rule(v: &Value) -> Result<bool, String> {
     v.as_bool().ok_or_else(|| "must be true or false".into())
 }
 
-/// Reads the request's models (blocking): a file that is not an ESRGAN model is a 422 naming
-/// the field and the file.
-pub fn load_models(spec: &ExtrasUpscale) -> Result<(), ApiError> {
-    let second = spec
-        .second
-        .as_ref()
-        .filter(|(_, v)| *v > 0.0)
-        .map(|(u, _)| u);
+/// Reads the request's models (blocking) through the process's [`NetworkCache`] (on the CPU
+/// in f32: Extras runs beside the worker, outside its queue and memory plan) and hands them
+/// over to `spec`; a file that is not an ESRGAN model is a 422 naming the field and the file.
+pub fn load_models(spec: &mut ExtrasUpscale) -> Result<(), ApiError> {
+    let second_runs = spec.second.as_ref().is_some_and(|(_, v)| *v > 0.0);
     let mut r = Vec::new();
-    for (field, upscaler) in [
-        ("upscaler_1", spec.upscaler.as_ref()),
-        ("upscaler_2", second),
-    ] {
-        if let Some(ImageUpscaler::Model(m)) = upscaler {
-            if let Err(why) = m.load() {
-                r.push(crate::error::FieldError {
-                    field: field.into(),
-                    rule: format!("names {:?}, which cannot be used: {why}", m.name),
-                });
+    let slots = [
+        ("upscaler_1", spec.upscaler.as_mut()),
+        (
+            "upscaler_2",
+            spec.second.as_mut().filter(|_| second_runs).map(|(u, _)| u),
+        ),
+    ];
+    for (field, upscaler) in slots {
+        let Some(ImageUpscaler::Model(m)) = upscaler else {
+            continue;
+        };
+        match NetworkCache::shared().get(&m.path, &Device::Cpu, DType::F32) {
+            Ok(net) => {
+                *m = Arc::new(ModelUpscaler::with_network(m.name.clone(), &m.path, net));
             }
+            Err(why) => r.push(crate::error::FieldError {
+                field: field.into(),
+                rule: format!("names {:?}, which cannot be used: {why}", m.name),
+            }),
         }
     }
     if r.is_empty() {

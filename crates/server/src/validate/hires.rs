@@ -5,9 +5,12 @@
 //! native range, so the second pass runs at a size `/generate` could ask for.
 
 use sdserve_pipeline::interpolate::{Interpolation, InterpolationMode};
+use std::sync::Arc;
+
 use sdserve_pipeline::pipeline::{Hires, PromptSyntax, Upscaler};
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
+use sdserve_pipeline::upscale::ModelUpscaler;
 use serde_json::{Map, Value};
 
 use super::fields::FieldReader;
@@ -36,13 +39,16 @@ const fn latent(mode: InterpolationMode, antialias: bool) -> Upscaler {
     Upscaler::Latent(Interpolation { mode, antialias })
 }
 
-/// A1111's image upscalers we have (`shared.sd_upscalers`: `None`, `Lanczos`, `Nearest`;
-/// ESRGAN and the other models are not here).
+/// A1111's built-in image upscalers (`shared.sd_upscalers`: `None`, `Lanczos`, `Nearest`);
+/// UPSCALERS_DIR's ESRGAN models come after them (`GET /sdapi/v1/upscalers`).
 pub const IMAGE_UPSCALERS: [(&str, Upscaler); 3] = [
     ("None", Upscaler::Resize),
     ("Lanczos", Upscaler::Lanczos),
     ("Nearest", Upscaler::Nearest),
 ];
+
+/// The longest upscaler name read (a file stem).
+const UPSCALER_NAME_MAX: usize = 255;
 
 /// A1111's `shared.latent_upscale_modes`, all of them.
 pub const LATENT_UPSCALERS: [(&str, Upscaler); 6] = [
@@ -69,26 +75,46 @@ pub const LATENT_UPSCALERS: [(&str, Upscaler); 6] = [
     ),
 ];
 
-/// Every upscaler by its A1111 name.
+/// The built-in upscalers by their A1111 names (the latent modes, then the image ones).
 pub fn upscalers() -> impl Iterator<Item = (&'static str, Upscaler)> {
     LATENT_UPSCALERS.into_iter().chain(IMAGE_UPSCALERS)
 }
 
-pub fn upscaler_named(name: &str) -> Option<Upscaler> {
-    upscalers().find(|(n, _)| *n == name).map(|(_, u)| u)
+/// The upscaler a name asks for: a built-in one, else an UPSCALERS_DIR model by that name
+/// (checked against the folder when the request is submitted, found again where it runs).
+pub fn upscaler_named(name: &str) -> Upscaler {
+    upscalers().find(|(n, _)| *n == name).map_or_else(
+        || Upscaler::Model(Arc::new(ModelUpscaler::named(name))),
+        |(_, u)| u,
+    )
 }
 
-pub fn upscaler_name(upscaler: Upscaler) -> &'static str {
+pub fn upscaler_name(upscaler: &Upscaler) -> &str {
+    match upscaler {
+        Upscaler::Model(m) => &m.name,
+        _ => upscalers()
+            .find(|(_, u)| u == upscaler)
+            .map_or("None", |(n, _)| n),
+    }
+}
+
+/// Every name the hires fix takes, for errors: the built-ins, then `models` (UPSCALERS_DIR's).
+pub fn every_upscaler_name(models: &[crate::upscalers::UpscalerEntry]) -> String {
     upscalers()
-        .find(|(_, u)| *u == upscaler)
-        .map_or("None", |(n, _)| n)
+        .map(|(n, _)| n)
+        .chain(models.iter().map(|m| m.name.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A validated second pass: the pipeline's part, and what A1111's infotext says of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidHires {
     pub params: Hires,
-    pub upscaler_name: &'static str,
+    pub upscaler_name: String,
+    /// The field that names the upscaler in the request's dialect (`hr_upscaler`, native
+    /// `hires.upscaler`), for the submit's check of a model's name.
+    pub upscaler_field: &'static str,
     /// The field that carries the pass's own prompt in the request's dialect (`hr_prompt`,
     /// or the native `hires.prompt`), for the rules checked against the model.
     pub prompt_field: &'static str,
@@ -174,6 +200,19 @@ fn quote(text: &str) -> String {
     }
 }
 
+/// An upscaler's name: a built-in one's or, whatever else it is, an UPSCALERS_DIR model's
+/// (which the submit checks against the folder).
+pub fn upscaler_rule(v: &Value) -> Result<String, String> {
+    match v.as_str() {
+        Some(s) if !s.is_empty() && s.chars().count() <= UPSCALER_NAME_MAX => Ok(s.to_string()),
+        _ => Err(format!(
+            "must be an upscaler's name: one of {}, or an UPSCALERS_DIR model's \
+             (GET /sdapi/v1/upscalers lists them)",
+            every_upscaler_name(&[])
+        )),
+    }
+}
+
 /// Checks the hires fields (`map` holds those of [`FIELDS`] the request sent) for the
 /// validated first pass `first`; `sampler` is the second pass's when it names its own.
 pub fn validate_hires(
@@ -185,9 +224,7 @@ pub fn validate_hires(
     let scale = r.number("hr_scale", 0.0, 16.0);
     let resize_x = r.int("hr_resize_x", 0, 16 * SIZE_MAX);
     let resize_y = r.int("hr_resize_y", 0, 16 * SIZE_MAX);
-    let upscalers: Vec<(&str, (&'static str, Upscaler))> =
-        upscalers().map(|(n, u)| (n, (n, u))).collect();
-    let upscaler = r.choice("hr_upscaler", &upscalers);
+    let upscaler = r.with("hr_upscaler", upscaler_rule);
     let upscaler_sent = r.value("hr_upscaler").is_some();
     let steps = r.int("hr_second_pass_steps", 0, STEPS_MAX);
     let strength = r.number("denoising_strength", 0.0, 1.0);
@@ -298,7 +335,8 @@ pub fn validate_hires(
     } else {
         (tw, th)
     };
-    let (upscaler_name, upscaler) = upscaler.unwrap_or((UPSCALER_DEFAULT, LATENT_UPSCALERS[0].1));
+    let upscaler_name = upscaler.unwrap_or_else(|| UPSCALER_DEFAULT.to_string());
+    let upscaler = upscaler_named(&upscaler_name);
     let mut infotext = vec![("Denoising strength", py_float(strength_value))];
     if let Some(s) = &sampler {
         if let Some(name) = s.name {
@@ -322,7 +360,7 @@ pub fn validate_hires(
         infotext.push(("Hires steps", s.to_string()));
     }
     if upscaler_sent {
-        infotext.push(("Hires upscaler", upscaler_name.to_string()));
+        infotext.push(("Hires upscaler", upscaler_name.clone()));
     }
     Ok(ValidHires {
         params: Hires {
@@ -339,6 +377,7 @@ pub fn validate_hires(
             negative_prompt: hr_negative,
         },
         upscaler_name,
+        upscaler_field: "hr_upscaler",
         prompt_field: "hr_prompt",
         infotext,
     })
@@ -428,7 +467,11 @@ mod tests {
             ["hr_resize_x", "hr_resize_y"]
         );
         assert_eq!(
-            fields(json!({"hr_scale": 1, "hr_upscaler": "SwinIR 4x"})),
+            fields(json!({"hr_scale": 1, "hr_upscaler": ""})),
+            ["hr_upscaler"]
+        );
+        assert_eq!(
+            fields(json!({"hr_scale": 1, "hr_upscaler": 4})),
             ["hr_upscaler"]
         );
         assert_eq!(
@@ -450,8 +493,12 @@ mod tests {
             ["hr_negative_prompt"]
         );
         for (name, upscaler) in upscalers() {
-            assert_eq!(upscaler_named(name), Some(upscaler));
-            assert_eq!(upscaler_name(upscaler), name);
+            assert_eq!(upscaler_name(&upscaler), name);
+            assert_eq!(upscaler_named(name), upscaler);
         }
+        // Any other name is a model's, found (or refused) at submit.
+        let model = upscaler_named("4x-UltraSharp");
+        assert!(matches!(&model, Upscaler::Model(m) if m.name == "4x-UltraSharp"));
+        assert_eq!(upscaler_name(&model), "4x-UltraSharp");
     }
 }

@@ -9,7 +9,7 @@ use sdserve_pipeline::schedulers::SchedulerKind;
 use serde_json::{json, Map, Value};
 
 use super::fields::FieldReader;
-use super::hires::{upscalers, validate_hires, HiresSampler, ValidHires, DENOISING_DEFAULT};
+use super::hires::{upscaler_rule, validate_hires, HiresSampler, ValidHires, DENOISING_DEFAULT};
 use super::{ValidRequest, PROMPT_MAX_CHARS, SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE, STEPS_MAX};
 use crate::error::{ApiError, FieldError};
 
@@ -79,8 +79,7 @@ pub(super) fn read(value: &Value, first: &FirstPass, outer: &mut FieldReader) ->
     let width = r.int_with("width", SIZE_MIN, SIZE_MAX, size_rule);
     let height = r.int_with("height", SIZE_MIN, SIZE_MAX, size_rule);
     let scale = r.number("scale", 1.0, SCALE_MAX);
-    let names: Vec<(&str, &str)> = upscalers().map(|(n, _)| (n, n)).collect();
-    let upscaler = r.choice("upscaler", &names);
+    let upscaler = r.with("upscaler", upscaler_rule);
     let steps = r.int("steps", 0, STEPS_MAX);
     let strength = r.number("strength", 0.0, 1.0);
     // As the first pass's: the scheduler by its native name, the prompts' length and type here,
@@ -207,6 +206,7 @@ pub(super) fn build(read: &ReadHires, first: &ValidRequest) -> Result<ValidHires
         e => e,
     })?;
     hires.prompt_field = "hires.prompt";
+    hires.upscaler_field = "hires.upscaler";
     Ok(hires)
 }
 
@@ -247,7 +247,10 @@ mod tests {
         let h = v(json!({"scale": 2, "upscaler": "Lanczos", "steps": 3, "strength": 0.5}));
         let p = &h.params;
         assert_eq!((p.width, p.height, p.upscale_width), (512, 640, 512));
-        assert_eq!((p.steps, p.strength, h.upscaler_name), (3, 0.5, "Lanczos"));
+        assert_eq!(
+            (p.steps, p.strength, &*h.upscaler_name),
+            (3, 0.5, "Lanczos")
+        );
         assert_eq!(v(json!({"scale": 2, "steps": 0})).params.steps, 6);
         // The pass's own scheduler and prompts, as A1111's hr_sampler_name / hr_prompt /
         // hr_negative_prompt.
@@ -295,7 +298,7 @@ mod tests {
         assert_eq!(fields(with(json!({"scale": 1.3}))), ["hires.scale"]);
         assert_eq!(fields(with(json!({"scale": 3.5}))), ["hires.scale"]);
         assert_eq!(
-            fields(with(json!({"scale": 1.25, "upscaler": "ESRGAN_4x"}))),
+            fields(with(json!({"scale": 1.25, "upscaler": ["ESRGAN_4x"]}))),
             ["hires.upscaler"]
         );
         assert_eq!(

@@ -4,7 +4,8 @@
 //! rules in `validate::extras`).
 //!
 //! No job: it is CPU work on the images alone (an ESRGAN model runs on the CPU in f32, in
-//! A1111's 192 px tiles, read from its file per request), so it runs beside generation
+//! A1111's 192 px tiles, read once into the process's `upscalers::NetworkCache`; on the CPU
+//! because it runs outside the worker's queue and device memory plan), so it runs beside generation
 //! (also while the model loads). It runs off the async runtime (tokio's blocking pool), at
 //! most [`AT_ONCE`] requests at a time, later ones waiting their turn as A1111's queue lock
 //! makes them wait; the wait and the work together are held to GENERATION_TIMEOUT_SECONDS
@@ -67,7 +68,7 @@ async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Don
         // until its work ends (bounded: a model stops at the next tile).
         crate::api::off_the_runtime(move || {
             let _slot = permit;
-            upscale_all(&spec, sent, (until, deadline))
+            upscale_all(spec, sent, (until, deadline))
         })
         .await
     };
@@ -82,11 +83,11 @@ async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Don
 /// A model's work stops at `deadline` (the request has had its 408 by then) rather than run
 /// on in its slot.
 fn upscale_all(
-    spec: &ExtrasUpscale,
+    mut spec: ExtrasUpscale,
     sent: Vec<Sent>,
     (until, deadline): (Instant, Duration),
 ) -> Result<Done, ApiError> {
-    load_models(spec)?;
+    load_models(&mut spec)?;
     let mut files = Vec::with_capacity(sent.len());
     let mut pixels = 0u64;
     for s in sent {
@@ -94,7 +95,7 @@ fn upscale_all(
             crate::images::base64_bytes(&s.b64).map_err(|e| ApiError::validation(&s.field, e))?;
         let (_, w, h) =
             crate::images::header(&bytes).map_err(|e| ApiError::validation(&s.field, e))?;
-        pixels += check_size(spec, w, h, &s.field)?;
+        pixels += check_size(&spec, w, h, &s.field)?;
         files.push((s.field, bytes));
     }
     if pixels > BATCH_MAX_PIXELS {

@@ -79,7 +79,8 @@ pub struct A1111Request {
     pub hr_resize_y: Option<u32>,
     /// `Latent`, `Latent (antialiased)`, `Latent (bicubic)`, `Latent (bicubic antialiased)`,
     /// `Latent (nearest)`, `Latent (nearest-exact)` (the latents interpolated), `None`,
-    /// `Lanczos`, `Nearest` (the image resized, encoded again); others are a 422.
+    /// `Lanczos`, `Nearest` (the image resized, encoded again), or an UPSCALERS_DIR ESRGAN
+    /// model by its name (`GET /sdapi/v1/upscalers`); others are a 422 listing the names.
     #[schema(default = "Latent", nullable = true)]
     pub hr_upscaler: Option<String>,
     /// 0: `steps`. The second pass runs `int(steps * denoising_strength)` of them.

@@ -99,10 +99,7 @@ fn values_map_and_errors_name_a1111_fields() {
     // enable_hr: A1111's defaults (hr_scale 2, Latent) from 256x320.
     let h = t.valid.hires.as_ref().expect("a hires pass").params.clone();
     assert_eq!((h.width, h.height, h.steps), (512, 640, 4));
-    assert_eq!(
-        h.upscaler,
-        crate::validate::hires::upscaler_named("Latent").unwrap()
-    );
+    assert_eq!(h.upscaler, crate::validate::hires::upscaler_named("Latent"));
     // Its own sampler only when it differs; "Use same sampler" is the first pass's.
     let hr = |extra: Value| {
         let mut body = json!({"prompt": "p", "width": 256, "height": 256, "enable_hr": true,

@@ -29,7 +29,7 @@ impl WireHires {
             height: h.height,
             upscale_width: h.upscale_width,
             upscale_height: h.upscale_height,
-            upscaler: crate::validate::hires::upscaler_name(h.upscaler).to_string(),
+            upscaler: crate::validate::hires::upscaler_name(&h.upscaler).to_string(),
             steps: h.steps,
             strength: h.strength,
             scheduler: h.scheduler.map(|k| k.name().to_string()),
@@ -45,8 +45,8 @@ impl WireHires {
             height: self.height,
             upscale_width: self.upscale_width,
             upscale_height: self.upscale_height,
-            upscaler: crate::validate::hires::upscaler_named(&self.upscaler)
-                .ok_or(format!("upscaler {:?}", self.upscaler))?,
+            // A model by name: the worker finds it in its own UPSCALERS_DIR.
+            upscaler: crate::validate::hires::upscaler_named(&self.upscaler),
             steps: self.steps,
             strength: self.strength,
             scheduler: match &self.scheduler {

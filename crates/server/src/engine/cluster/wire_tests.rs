@@ -58,7 +58,7 @@ fn a_spec_survives_the_trip_with_its_images() {
                 height: 384,
                 upscale_width: 512,
                 upscale_height: 512,
-                upscaler: crate::validate::hires::upscaler_named("Latent (bicubic)").unwrap(),
+                upscaler: crate::validate::hires::upscaler_named("Latent (bicubic)"),
                 steps: 7,
                 strength: 0.55,
                 scheduler: Some(SchedulerKind::Ddim),

@@ -1,0 +1,137 @@
+//! The hires fix with an UPSCALERS_DIR model over real HTTP on the real tiny model (`tiny-b`,
+//! 256 -> 384, the tiny ESRGAN of tools/make_esrgan_fixtures.py as `4x-Tiny`): A1111's
+//! `hr_upscaler` and native `hires.upscaler` make the same image, the model's (not Lanczos'),
+//! with `Hires upscaler: 4x-Tiny` in the infotext, the name in the metadata and the job's
+//! record; an unknown name is a 422 at submit naming the field and listing the names.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{decode_png, post_json_to, Server};
+use serde_json::{json, Value};
+
+fn server(dir: &std::path::Path) -> Server {
+    common::tiny_server(
+        "hires-upscaler",
+        &[
+            ("RESPONSE_CACHE_MB", "0"),
+            ("UPSCALERS_DIR", dir.to_str().unwrap()),
+        ],
+    )
+}
+
+fn upscalers_dir() -> PathBuf {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../pipeline/tests/fixtures/esrgan")
+        .join("x4-old.pth");
+    let dir = std::env::temp_dir().join(format!("sdserve-hires-upscalers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixtures, dir.join("4x-Tiny.pth")).unwrap();
+    dir
+}
+
+fn native(hires: Value) -> Value {
+    json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11, "steps": 2,
+           "width": 256, "height": 256, "guidance_scale": 6.0, "scheduler": "euler",
+           "hires": hires})
+}
+
+fn a1111(hires: Value) -> Value {
+    let mut body = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11,
+                          "steps": 2, "width": 256, "height": 256, "cfg_scale": 6.0,
+                          "sampler_name": "Euler", "enable_hr": true});
+    for (k, v) in hires.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn ok(r: &common::Resp) -> Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn an_upscalers_dir_model_runs_the_hires_fix_in_every_dialect() {
+    let dir = upscalers_dir();
+    let s = server(&dir);
+    let body = ok(&s.post_json(&native(json!({"scale": 1.5, "upscaler": "4x-Tiny"}))));
+    let (w, h, pixels, text) = decode_png(body["image_base64"].as_str().unwrap());
+    assert_eq!((w, h), (384, 384));
+    assert_eq!(body["metadata"]["hires"]["upscaler"], "4x-Tiny");
+    let text = text.unwrap();
+    assert!(text.contains("Hires upscaler: 4x-Tiny"), "{text}");
+
+    let a = ok(&post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(json!({"hr_scale": 1.5, "hr_upscaler": "4x-Tiny"})),
+    ));
+    assert!(
+        pixels == decode_png(a["images"][0].as_str().unwrap()).2,
+        "native and A1111 differ"
+    );
+    let info: Value = serde_json::from_str(a["info"].as_str().unwrap()).unwrap();
+    let infotext = info["infotexts"][0].as_str().unwrap();
+    assert!(infotext.contains("Hires upscaler: 4x-Tiny"), "{infotext}");
+
+    // The model made it: Lanczos makes another image.
+    let lanczos = ok(&s.post_json(&native(json!({"scale": 1.5, "upscaler": "Lanczos"}))));
+    assert!(pixels != decode_png(lanczos["image_base64"].as_str().unwrap()).2);
+
+    // A job: its record names the upscaler, its result is the same image.
+    let r = common::request(
+        s.addr,
+        "POST",
+        "/jobs",
+        &[("Content-Type", "application/json")],
+        native(json!({"scale": 1.5, "upscaler": "4x-Tiny"}))
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(300);
+    let job = loop {
+        let j = s.get(&format!("/jobs/{id}")).json();
+        if j["status"] == "succeeded" || j["status"] == "failed" || Instant::now() > until {
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["request"]["hires"]["upscaler"], "4x-Tiny", "{job}");
+    let result = &job["result"]["image_base64"];
+    assert!(pixels == decode_png(result.as_str().unwrap()).2);
+
+    // Unknown names: a 422 before anything is queued, naming the field and the names.
+    for (path, body, field) in [
+        (
+            "/generate",
+            native(json!({"scale": 1.5, "upscaler": "4x-Missing"})),
+            "hires.upscaler",
+        ),
+        (
+            "/jobs",
+            native(json!({"scale": 1.5, "upscaler": "4x-Missing"})),
+            "hires.upscaler",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            a1111(json!({"hr_scale": 1.5, "hr_upscaler": "4x-Missing"})),
+            "hr_upscaler",
+        ),
+    ] {
+        let r = post_json_to(s.addr, path, &body);
+        let e = r.error(422, "validation_error");
+        let details = e["details"].to_string();
+        assert!(details.contains(field), "{path}: {e}");
+        for name in ["4x-Missing", "4x-Tiny", "Latent (bicubic)", "Lanczos"] {
+            assert!(details.contains(name), "{path}: {name} in {e}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
