@@ -12,7 +12,7 @@ const APP_CSS: &str = include_str!("web/app.css");
 
 /// The page's script, one module per part of the page (`app.js` starts it and imports the
 /// others; they import each other by relative paths, so all sit under `/static/`).
-const SCRIPTS: [(&str, &str); 13] = [
+const SCRIPTS: [(&str, &str); 14] = [
     ("app.js", include_str!("web/app.js")),
     ("dom.js", include_str!("web/dom.js")),
     ("http.js", include_str!("web/http.js")),
@@ -23,6 +23,7 @@ const SCRIPTS: [(&str, &str); 13] = [
     ("loras.js", include_str!("web/loras.js")),
     ("hires.js", include_str!("web/hires.js")),
     ("history.js", include_str!("web/history.js")),
+    ("jobs.js", include_str!("web/jobs.js")),
     ("choices.js", include_str!("web/choices.js")),
     ("styles.js", include_str!("web/styles.js")),
     ("variation.js", include_str!("web/variation.js")),

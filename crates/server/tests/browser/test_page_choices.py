@@ -8,6 +8,7 @@ parameters" and the history, and is hidden when the server has nothing to offer.
 import base64
 import json
 import shutil
+import time
 import urllib.error
 
 import pytest
@@ -316,3 +317,49 @@ def test_a_key_protected_server_lists_its_choices_once_the_key_is_in(browser, tm
         p.close()
     finally:
         server.stop()
+
+
+def finished(server, job_id):
+    """The job record once the job ended (succeeded, else the test fails)."""
+    for _ in range(600):
+        job = server.get_json(f"/jobs/{job_id}")
+        if job["status"] not in ("queued", "running"):
+            assert job["status"] == "succeeded", job
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+def test_a_styled_job_of_another_client_is_reused_from_the_jobs_list(browser, stocked):
+    # A script sends a styled job (hires prompt of its own too); the page has never seen it.
+    styles = ["Cinematic", "Appended"]
+    body = {"prompt": "a quiet harbour", "negative_prompt": "fog", "steps": 2, "width": 256, "height": 256,
+            "seed": 17, "guidance_scale": 6.0, "scheduler": "euler", "styles": styles,
+            "hires": {"width": 320, "height": 320, "upscaler": "Lanczos", "steps": 2, "prompt": "a harbour, sharp"}}
+    job = finished(stocked, stocked.post_json("/jobs", body)["id"])
+    assert job["request"]["prompt"] != body["prompt"]  # it ran styled
+    p = Page(browser, stocked, DESKTOP)
+    page = p.page
+    jobs = page.get_by_role("region", name="Jobs on the server")
+    jobs.get_by_role("button", name="a quiet harbour", exact=True).click()
+    # The prompts as written, the styles ticked: the next run styles them once.
+    expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_have_value("a quiet harbour")
+    expect(page.get_by_role("textbox", name="Negative prompt", exact=True)).to_have_value("fog")
+    expect(page.locator("#styles-box summary")).to_have_text("Styles: Cinematic, Appended")
+    expect(page.get_by_label("Hires prompt", exact=True)).to_have_value("a harbour, sharp")
+    expect(page.get_by_role("checkbox", name="Enable hires fix")).to_be_checked()
+    expect(page.get_by_label("Seed", exact=True)).to_have_value("17")
+    sent, ids = posted_jobs(page)
+    page.get_by_role("button", name="Generate").click()
+    png = generated(page)
+    assert sent[0]["prompt"] == "a quiet harbour" and sent[0]["styles"] == styles, sent
+    again = stocked.get_json(f"/jobs/{ids[0]}")["request"]
+    for k in ["prompt", "negative_prompt", "hires", "styles", "as_written", "seed", "steps", "scheduler"]:
+        assert again[k] == job["request"][k], k
+    # The same image as the script's job.
+    assert png == base64.b64decode(job["result"]["image_base64"])
+    # The record's styled prompts sent with the styles again (styled twice) make another image.
+    twice = {**body, "prompt": job["request"]["prompt"], "negative_prompt": job["request"]["negative_prompt"]}
+    assert native_png(stocked, twice) != png
+    assert p.console_errors == []
+    p.close()

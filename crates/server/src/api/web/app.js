@@ -4,14 +4,15 @@
 //   dom.js (shared state), http.js (calls, key, events), status.js (status, error, progress),
 //   form.js (form <-> request), run.js (a job's run and result), images_in.js (init image and
 //   mask), loras.js, hires.js (the hires fix), choices.js (model, VAE, embeddings), styles.js,
-//   variation.js (clip skip and the variation seed), history.js.
+//   variation.js (clip skip and the variation seed), history.js, jobs.js (the server's jobs).
 import { initChoices, startChoices } from './choices.js';
 import { $, state } from './dom.js';
-import { fillForm } from './form.js';
+import { fillForm, fillFromRecord } from './form.js';
 import { initHires, loadHiresLists } from './hires.js';
 import { clearHistory, renderHistory } from './history.js';
 import { api, KEY_STORE } from './http.js';
 import { initImagesIn } from './images_in.js';
+import { initJobs, refreshJobs } from './jobs.js';
 import { initLoras, startLoras } from './loras.js';
 import { cancel, generate } from './run.js';
 import { setProgress, showError, showServer } from './status.js';
@@ -23,7 +24,7 @@ async function probeServer() {
   try {
     await api('/jobs'); // 401 here shows the key field before the first Generate
     const doc = await (await api('/openapi.json')).json();
-    await Promise.all([startLoras(doc), loadHiresLists(doc), startChoices(doc), startStyles(doc)]);
+    await Promise.all([startLoras(doc), loadHiresLists(doc), startChoices(doc), startStyles(doc), refreshJobs()]);
   } catch (err) {
     if (err.status !== 401) showError(err);
   }
@@ -44,7 +45,11 @@ function init() {
   });
   $('api-key').value = sessionStorage.getItem(KEY_STORE) || '';
   initImagesIn();
-  $('reuse').addEventListener('click', () => { if (state.result) fillForm(state.result.metadata || {}, state.asked); });
+  $('reuse').addEventListener('click', () => {
+    if (state.resultRecord) fillFromRecord(state.resultRecord, state.asked);
+    else if (state.result) fillForm(state.result.metadata || {}, state.asked);
+  });
+  initJobs();
   $('clear-history').addEventListener('click', clearHistory);
   initLoras();
   initHires();

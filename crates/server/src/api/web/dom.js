@@ -11,6 +11,8 @@ export const state = {
   result: null, // the last result body (GET /jobs/{id}.result)
   request: null, // what the page asked for the job it runs
   asked: null, // what the page asked for the last result
+  record: null, // the job record's `request` of the job it runs (GET /jobs/{id}.request)
+  resultRecord: null, // the same for the last result: "Reuse these parameters" fills it in
 };
 
 // A number field's value; null when empty.

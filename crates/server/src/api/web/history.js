@@ -1,6 +1,6 @@
 // The session's results, kept in this browser: thumbnails that fill the form again.
 import { $, pngSrc } from './dom.js';
-import { fillForm } from './form.js';
+import { fillForm, fillFromRecord } from './form.js';
 import { loadImage } from './images_in.js';
 
 const HISTORY_STORE = 'sdserve.history'; // localStorage: this browser
@@ -20,12 +20,14 @@ async function thumbnail(b64) {
   return c.toDataURL('image/jpeg', 0.8);
 }
 
-// `asked`: the request as the page sent it (how the hires size was asked, the model, the
-// styles, the prompts as written), less its images (large, and not brought back).
-export async function addToHistory(b64, meta, asked) {
+// `asked`: the request as the page sent it (how the hires size was asked), less its images
+// (large, and not brought back); `record`: the job record's `request` (a few hundred bytes:
+// images by digest), which fills the form when kept (entries from before the page kept it
+// fill it from `meta` and `asked`).
+export async function addToHistory(b64, meta, asked, record) {
   const kept = asked ? { ...asked } : null;
   if (kept) { delete kept.init_image; delete kept.mask_image; }
-  const entry = { thumb: await thumbnail(b64), meta: { ...meta }, asked: kept, at: Date.now() };
+  const entry = { thumb: await thumbnail(b64), meta: { ...meta }, asked: kept, record: record || null, at: Date.now() };
   const history = [entry, ...readHistory()].slice(0, HISTORY_MAX);
   try {
     localStorage.setItem(HISTORY_STORE, JSON.stringify(history));
@@ -49,10 +51,15 @@ export function renderHistory() {
     const caption = document.createElement('span');
     caption.textContent = entry.meta.prompt;
     button.append(img, caption);
-    button.addEventListener('click', () => fillForm(entry.meta, entry.asked));
+    button.addEventListener('click', () => reuse(entry));
     li.appendChild(button);
     list.appendChild(li);
   }
+}
+
+function reuse(entry) {
+  if (entry.record) fillFromRecord(entry.record, entry.asked);
+  else fillForm(entry.meta, entry.asked);
 }
 
 export function clearHistory() {

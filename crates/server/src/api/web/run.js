@@ -3,6 +3,7 @@ import { $, pngSrc, state } from './dom.js';
 import { buildRequest } from './form.js';
 import { hiresText } from './hires.js';
 import { addToHistory } from './history.js';
+import { refreshJobs } from './jobs.js';
 import { api, HttpError, KEY_STORE, readEvents } from './http.js';
 import { eta, setBusy, setProgress, setStatus, showError, showServer } from './status.js';
 
@@ -31,6 +32,7 @@ export async function generate(event) {
     const job = await response.json();
     state.job = job.id;
     state.request = request;
+    state.record = null;
     await follow(job.id);
   } catch (err) {
     if (err.name !== 'AbortError') showError(err);
@@ -48,6 +50,7 @@ function follow(id) {
   const onEvent = (type, data) => {
     switch (type) {
       case 'state':
+        if (data.request) state.record = data.request; // the job record's: what it runs
         if (data.status === 'queued') setStatus(`Queued, position ${data.position ?? '?'}.`);
         if (data.loading) setStatus(`Loading the model ${data.loading}…`);
         if (data.progress) setProgress(data.progress.step, data.progress.total);
@@ -98,6 +101,7 @@ function finish(result) {
   showServer(); // the worker holds the model that made it now
   state.result = result;
   state.asked = state.request;
+  state.resultRecord = state.record;
   const meta = result.metadata || {};
   const images = result.images && result.images.length ? result.images : [result.image_base64];
   setProgress($('progress').max, $('progress').max);
@@ -134,5 +138,6 @@ function finish(result) {
   $('download').href = pngSrc(images[0]);
   $('download').download = `sdserve-${meta.seed ?? 'image'}.png`;
   $('result-box').hidden = false;
-  addToHistory(images[0], meta, state.asked);
+  addToHistory(images[0], meta, state.asked, state.record);
+  refreshJobs();
 }
