@@ -329,3 +329,18 @@ fn mask_image_flag_and_its_old_name() {
     let e = refused("mask-alone", &["--mask-image", mask.to_str().unwrap()]);
     assert!(e.contains("--mask-image: only with init_image"), "{e}");
 }
+
+#[test]
+fn tiling_and_schedule_flags() {
+    let text = same_as_http(
+        "tiling",
+        json!({"tiling": true, "schedule": "karras"}),
+        &["--tiling", "--schedule", "karras"],
+    );
+    assert!(
+        text.contains("Schedule type: Karras") && text.contains("Tiling: True"),
+        "{text}"
+    );
+    let e = refused("schedule-bad", &["--schedule", "fancy"]);
+    assert!(e.contains("--schedule: must be one of"), "{e}");
+}
