@@ -359,8 +359,21 @@ class A1111(Timed):
         self.assertEqual(status, 422)
         self.assertIn("hr_upscaler", text)
         self.assertIn("Latent (nearest-exact)", text)
-        # The hires fix takes the built-ins (UPSCALERS_DIR's models follow them, for Extras).
-        self.assertEqual([u["name"] for u in self.api.get_upscalers()][:3], ["None", "Lanczos", "Nearest"])
+        self.assertIn("4x-Tiny", text)
+        # An UPSCALERS_DIR model by its name, as A1111 users set hr_upscaler: the native
+        # hires.upscaler's image, pixel for pixel.
+        r = self.api.txt2img(hr_upscaler="4x-Tiny", **common)
+        self.assertEqual(r.image.size, (big, big))
+        self.assertIn("Hires upscaler: 4x-Tiny", r.info["infotexts"][0])
+        (want,), meta = native(prompt=PROMPT, seed=17, steps=2, guidance_scale=7, width=SIZE,
+                               height=SIZE, scheduler="euler",
+                               hires={"scale": 1.25, "upscaler": "4x-Tiny", "steps": 4,
+                                      "strength": 0.5})
+        self.assertEqual(meta["hires"]["upscaler"], "4x-Tiny")
+        self.assertEqual(pixels(r.image), pixels(want))
+        # The hires fix takes the built-ins and UPSCALERS_DIR's models.
+        self.assertEqual([u["name"] for u in self.api.get_upscalers()],
+                         ["None", "Lanczos", "Nearest", "4x-Tiny"])
         self.assertIn("Latent (bicubic antialiased)",
                       [m["name"] for m in self.api.get_latent_upscale_modes()])
 

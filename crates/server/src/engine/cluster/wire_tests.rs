@@ -121,3 +121,31 @@ fn errors_keep_their_code_and_details() {
     let back: WireError = serde_json::from_str(&json).unwrap();
     assert_eq!(back.error(), e);
 }
+
+#[test]
+fn a_hires_upscaler_model_travels_by_name() {
+    use sdserve_pipeline::pipeline::Upscaler;
+    let hires = sdserve_pipeline::pipeline::Hires {
+        width: 384,
+        height: 384,
+        upscale_width: 384,
+        upscale_height: 384,
+        upscaler: crate::validate::hires::upscaler_named("4x-UltraSharp"),
+        steps: 4,
+        strength: 0.5,
+        scheduler: None,
+        schedule: None,
+        prompt: None,
+        negative_prompt: None,
+    };
+    let json = serde_json::to_value(WireHires::of(&hires)).unwrap();
+    assert_eq!(json["upscaler"], "4x-UltraSharp");
+    let back: WireHires = serde_json::from_value(json).unwrap();
+    let back = back.hires().unwrap();
+    // The worker finds the file in its own UPSCALERS_DIR: no path travels.
+    assert!(
+        matches!(&back.upscaler, Upscaler::Model(m) if m.name == "4x-UltraSharp" && m.path.as_os_str().is_empty()),
+        "{back:?}"
+    );
+    assert_eq!(back, hires);
+}
