@@ -1,8 +1,9 @@
 //! The hires fix with an UPSCALERS_DIR model over real HTTP on the real tiny model (`tiny-b`,
 //! 256 -> 384, the tiny ESRGAN of tools/make_esrgan_fixtures.py as `4x-Tiny`): A1111's
 //! `hr_upscaler` and native `hires.upscaler` make the same image, the model's (not Lanczos'),
-//! with `Hires upscaler: 4x-Tiny` in the infotext, the name in the metadata and the job's
-//! record; an unknown name is a 422 at submit naming the field and listing the names.
+//! (and OpenAI's `hires` extra) with `Hires upscaler: 4x-Tiny` in the infotext, the name in the
+//! metadata and the job's record; an unknown name is a 422 (OpenAI: 400) at submit naming the
+//! field and listing the names.
 
 mod common;
 
@@ -77,6 +78,25 @@ fn an_upscalers_dir_model_runs_the_hires_fix_in_every_dialect() {
     let info: Value = serde_json::from_str(a["info"].as_str().unwrap()).unwrap();
     let infotext = info["infotexts"][0].as_str().unwrap();
     assert!(infotext.contains("Hires upscaler: 4x-Tiny"), "{infotext}");
+
+    // OpenAI's images/generations takes the native object in its extras: the same image.
+    let openai = |upscaler: &str| {
+        post_json_to(
+            s.addr,
+            "/v1/images/generations",
+            &json!({"prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json",
+                    "negative_prompt": "blurry", "seed": 11, "steps": 2, "guidance_scale": 6.0,
+                    "scheduler": "euler", "hires": {"scale": 1.5, "upscaler": upscaler}}),
+        )
+    };
+    let o = openai("4x-Tiny");
+    assert_eq!(o.status, 200, "{}", o.text());
+    assert!(pixels == decode_png(o.json()["data"][0]["b64_json"].as_str().unwrap()).2);
+    let o = openai("4x-Missing");
+    assert_eq!(o.status, 400, "{}", o.text());
+    let e = &o.json()["error"];
+    assert_eq!(e["param"], "hires.upscaler", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("4x-Tiny"), "{e}");
 
     // The model made it: Lanczos makes another image.
     let lanczos = ok(&s.post_json(&native(json!({"scale": 1.5, "upscaler": "Lanczos"}))));
