@@ -92,6 +92,10 @@ pub struct ModelInfo {
     /// it runs (a job's progress `total`). `None` where it is not known here (the fake
     /// generator; an API replica, whose workers count for it once the job starts).
     pub schedules: Option<std::sync::Arc<sdserve_pipeline::pipeline::ModelSchedules>>,
+    /// What a request must fit, from the model's configs (clip skip, sizes, external VAEs),
+    /// checked before it is queued; `None` where not known here (the fake generator, a
+    /// single-file model not loaded yet, a worker older than the field): the run checks.
+    pub limits: Option<sdserve_pipeline::pipeline::ModelLimits>,
 }
 
 /// A loaded model: the generator and its description.
@@ -228,6 +232,7 @@ impl FakeSpec {
                     guidance_distilled: false,
                     memory: None,
                     schedules: None,
+                    limits: None,
                 },
                 taesd: None,
                 speed_probe: self.speed_probe,

@@ -234,6 +234,7 @@ pub fn load_real(
         guidance_distilled: sd.is_guidance_distilled(),
         memory: gpu::MemoryBudget::of(&setup).map(std::sync::Arc::new),
         schedules: Some(std::sync::Arc::new(sd.schedules().clone())),
+        limits: Some(sd.limits()),
     };
     Ok(Loaded {
         speed_probe: load.speed_probe && setup.device.is_cpu(),

@@ -148,13 +148,18 @@ impl Catalog {
     /// are the loaded model's (`base`): the same folders, the same device. Blocking (files).
     pub fn probe(&self, entry: &ModelEntry, base: &ModelInfo) -> Result<ModelInfo, String> {
         let opts = self.hub_options();
-        let (model_version, schedules, (inpainting, guidance_distilled)) = match entry.kind {
+        let (model_version, schedules, (inpainting, guidance_distilled), limits) = match entry.kind
+        {
             ModelKind::Folder => (
                 crate::hub::folder_version(&entry.path, &opts).map_err(|e| e.to_string())?,
                 schedules_of(read_json(
                     &entry.path.join("scheduler/scheduler_config.json"),
                 )?)?,
                 folder_unet_kind(&entry.path)?,
+                Some(
+                    sdserve_pipeline::pipeline::ModelLimits::of_folder(&entry.path)
+                        .map_err(|e| e.to_string())?,
+                ),
             ),
             _ => (
                 crate::hub::single_file_version(&entry.path, &opts).map_err(|e| e.to_string())?,
@@ -165,6 +170,8 @@ impl Catalog {
                 )?,
                 // Single files convert without `time_cond_proj_dim`: never distilled here.
                 (file_inpainting(&entry.path), false),
+                // Their configs are inferred from the weights' shapes as they convert.
+                None,
             ),
         };
         Ok(ModelInfo {
@@ -176,6 +183,7 @@ impl Catalog {
             adapters: base.adapters.clone(),
             memory: base.memory.clone(),
             schedules: Some(std::sync::Arc::new(schedules)),
+            limits,
         })
     }
 }
@@ -392,6 +400,7 @@ mod tests {
             guidance_distilled: false,
             memory: None,
             schedules: None,
+            limits: None,
         }
     }
 

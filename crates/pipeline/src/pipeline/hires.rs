@@ -196,7 +196,7 @@ impl StableDiffusion {
                 hires.steps, hires.strength
             )));
         }
-        let f = self.vae_scale_factor.max(8);
+        let f = self.limits.size_multiple();
         let sides = [
             hires.width,
             hires.height,

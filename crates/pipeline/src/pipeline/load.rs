@@ -59,6 +59,7 @@ impl StableDiffusion {
 
         let text_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
         let (text_vocab_size, text_hidden_size) = (text_config.vocab_size, text_config.hidden_size);
+        let text_layers = text_config.num_hidden_layers;
         let text_encoder = Component::new(
             "text_encoder",
             component_weight_files(dir, "text_encoder", "model", dtype)?,
@@ -80,13 +81,13 @@ impl StableDiffusion {
 
         let vae_weights = VaeWeights::of_model(dir, plan, dtype)?;
         let scaling_factor = vae_weights.config.scaling_factor;
-        let vae_scale_factor = 1usize
-            << (vae_weights
-                .config
-                .block_out_channels
-                .len()
-                .saturating_sub(1));
+        let vae_scale_factor = super::limits::vae_scale_factor(&vae_weights.config);
         let vae_latent_channels = vae_weights.config.latent_channels;
+        let limits = super::ModelLimits {
+            text_encoder_layers: text_layers,
+            vae_scale_factor,
+            vae_latent_channels,
+        };
         let (vae, vae_encoder, vae_f32) = vae_weights.components(plan, device)?;
 
         let schedules = super::ModelSchedules::from_config(read_json::<SchedulerConfig>(
@@ -101,6 +102,7 @@ impl StableDiffusion {
             unet_in_channels,
             vae_scaling_factor: scaling_factor,
             vae_scale_factor,
+            limits,
             vae,
             vae_encoder,
             vae_latent_channels,

@@ -28,6 +28,7 @@ mod denoise;
 mod encode_prompt;
 mod hires;
 mod images_in;
+mod limits;
 mod load;
 mod memory_levers;
 mod params;
@@ -41,6 +42,7 @@ pub(crate) use decode::postprocess;
 pub use encode_prompt::{Conditioning, ScheduledConditioning};
 pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
+pub use limits::ModelLimits;
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
 pub use prepare::ModelSchedules;
 pub use variation::{image_noise, resized_image_noise, slerp, SeedResize, Variation};
@@ -71,6 +73,8 @@ pub struct StableDiffusion {
     last_decode_retried: std::sync::atomic::AtomicBool,
     vae_scaling_factor: f64,
     vae_scale_factor: usize,
+    /// What requests must fit (clip skip, sizes, external VAEs), from the configs.
+    limits: ModelLimits,
     /// The model's scheduler config and the scheduler and schedule it names.
     schedules: ModelSchedules,
     device: Device,
@@ -137,6 +141,11 @@ impl StableDiffusion {
     /// Pixels per latent cell along each axis (8 for SD 1.5).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae_scale_factor
+    }
+
+    /// What a request must fit in this model, as its configs say (the model's own VAE).
+    pub fn limits(&self) -> ModelLimits {
+        self.limits
     }
 
     /// Runs one request: `batch_size` images, in order. `on_step` is called after every
@@ -243,7 +252,7 @@ impl StableDiffusion {
             ));
         }
         // diffusers requires multiples of 8; the latent grid also needs whole VAE cells.
-        let multiple = self.vae_scale_factor.max(8);
+        let multiple = self.limits.size_multiple();
         for (name, value) in [("width", params.width), ("height", params.height)] {
             if value == 0 || value % multiple != 0 {
                 return Err(PipelineError::InvalidRequest(format!(

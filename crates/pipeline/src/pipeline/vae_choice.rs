@@ -82,21 +82,11 @@ impl VaeWeights {
     fn external(path: &Path, own: &VaeConfig, plan: &MemoryPlan, dtype: DType) -> Result<Self> {
         if path.is_dir() {
             let w = Self::of_folder(path, Some(path.to_path_buf()), plan, dtype)?;
-            let (a, b) = (&w.config, own);
-            let mismatch = if a.latent_channels != b.latent_channels {
-                Some(format!(
-                    "it makes {} latent channels, the model's {}",
-                    a.latent_channels, b.latent_channels
-                ))
-            } else if a.block_out_channels.len() != b.block_out_channels.len() {
-                Some(format!(
-                    "its downscale factor is 2^{}, the model's 2^{}",
-                    a.block_out_channels.len().saturating_sub(1),
-                    b.block_out_channels.len().saturating_sub(1)
-                ))
-            } else {
-                None
-            };
+            let mismatch = super::limits::vae_mismatch(
+                &w.config,
+                own.latent_channels,
+                super::limits::vae_scale_factor(own),
+            );
             if let Some(why) = mismatch {
                 return Err(PipelineError::Weights {
                     path: path.to_path_buf(),

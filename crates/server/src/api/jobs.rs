@@ -61,7 +61,7 @@ pub(super) async fn create(
     let info = app.engine.model_info()?;
     let (info, _) = super::request::adapters_info(&app, info, &req, None).await;
     let info = super::request::named_model(&app, info, &mut req, "model").await?;
-    let vae = super::request::named_vae(&app, &req, "vae").await?;
+    let vae = super::request::named_vae(&app, &req, "vae", info.limits).await?;
     super::request::named_upscaler(&app, &req).await?;
     let spec = job_spec(
         req,

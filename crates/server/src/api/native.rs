@@ -206,7 +206,7 @@ pub(super) async fn run_on_model(
     let patience = app.engine.config().timeout;
     let (info, cacheable) = super::request::adapters_info(app, info, &req, Some(patience)).await;
     let info = super::request::named_model(app, info, &mut req, model_field).await?;
-    let vae = super::request::named_vae(app, &req, "vae").await?;
+    let vae = super::request::named_vae(app, &req, "vae", info.limits).await?;
     let upscaler_file = super::request::named_upscaler(app, &req).await?;
     let seeded = req.seed.is_some() && cacheable;
     // The VAE decodes the image: a request with another VAE is another entry.

@@ -295,30 +295,34 @@ pub(crate) async fn named_model(
 /// The VAE `req` decodes with, with its hash (computed once per file, remembered): the one it
 /// names; for `automatic` (or none named) A1111's VAE near its single-file checkpoint
 /// (`vaes::VaeCatalog::near_checkpoint`), else `None`, the model's own, as for `none`. An
-/// unknown name is a 422 naming `field`. After [`named_model`] (`req.model` is resolved).
+/// unknown name is a 422 naming `field`, and so is a diffusers VAE folder whose config does
+/// not fit `fits` (the limits of the model it runs on, when known: the swap would refuse it).
+/// After [`named_model`] (`req.model` is resolved).
 pub(crate) async fn named_vae(
     app: &AppState,
     req: &ValidRequest,
     field: &'static str,
+    fits: Option<sdserve_pipeline::pipeline::ModelLimits>,
 ) -> Result<Option<crate::vaes::VaeUse>, ApiError> {
     let catalog = app.vaes.clone();
     let models = app.models.clone();
     let (vae, model) = (req.vae.clone(), req.model.clone());
     off_the_runtime(move || {
         let checkpoint = || models.checkpoint_file(model.as_deref());
-        resolve_vae(&catalog, vae.as_deref(), checkpoint, field)
+        resolve_vae(&catalog, vae.as_deref(), checkpoint, field, fits)
     })
     .await
 }
 
 /// [`named_vae`]'s look-up of a request's `vae` in `catalog` (blocking: it may hash the
-/// file); `checkpoint` gives the single-file checkpoint the request runs on, if any. Also
-/// `sdserve generate`'s.
+/// file); `checkpoint` gives the single-file checkpoint the request runs on, if any; `fits`
+/// the limits of the model it runs on, when known. Also `sdserve generate`'s.
 pub(crate) fn resolve_vae(
     catalog: &crate::vaes::VaeCatalog,
     vae: Option<&str>,
     checkpoint: impl FnOnce() -> Option<std::path::PathBuf>,
     field: &'static str,
+    fits: Option<sdserve_pipeline::pipeline::ModelLimits>,
 ) -> Result<Option<crate::vaes::VaeUse>, ApiError> {
     let name = match vae {
         Some(n) if crate::vaes::means_none(n) => return Ok(None),
@@ -334,6 +338,21 @@ pub(crate) fn resolve_vae(
             format!("no VAE named {name:?} (GET /vaes lists them; `automatic` is the model's own)"),
         )
     })?;
+    // A folder brings its own config: one whose latents the model cannot take would fail the
+    // swap (`set_vae`); a file's shapes are checked there.
+    if let (Some(limits), crate::vaes::VaeKind::Folder) = (fits, &entry.kind) {
+        let config: sdserve_pipeline::vae::VaeConfig =
+            sdserve_pipeline::error::read_json(&entry.path.join("config.json")).map_err(|why| {
+                tracing::warn!(vae = %name, error = %why, "a VAE folder's config cannot be read");
+                ApiError::validation(field, format!("VAE {name:?} cannot be read"))
+            })?;
+        if let Some(why) = limits.external_vae_problem(&config) {
+            return Err(ApiError::validation(
+                field,
+                format!("VAE {name:?} does not fit this model: {why}"),
+            ));
+        }
+    }
     let sha256 = catalog.sha256(&entry).map_err(|why| {
         tracing::warn!(vae = %name, error = %why, "a VAE of VAE_DIR or MODELS_DIR cannot be read");
         ApiError::validation(field, format!("VAE {name:?} cannot be read"))
@@ -383,6 +402,7 @@ pub(crate) fn job_spec(
         }
     }
     validate::check_for_model(&req, info.inpainting)?;
+    validate::check_limits(&req, info.limits.as_ref())?;
     let (scheduler, schedule) =
         req.resolve_schedule((info.default_scheduler, info.default_schedule))?;
     let params = req.generation_params(

@@ -132,7 +132,10 @@ pub struct GenerateRequest {
     /// tokens, brackets are text).
     #[schema(nullable = true, default = "a1111")]
     pub prompt_syntax: Option<PromptSyntaxName>,
-    /// A1111's count: 1 = the last CLIP layer, 2 = the penultimate, ...
+    /// A1111's count: 1 = the last CLIP layer, 2 = the penultimate, and so on; at most the
+    /// model's text encoder layers plus one (its `hidden_states` hold the embeddings and each
+    /// layer's output, as A1111 and diffusers index them): past that, a 422 before the job is
+    /// queued.
     #[schema(minimum = 1, maximum = 4, default = 1, nullable = true)]
     pub clip_skip: Option<u32>,
     /// LoRAs for this request (names from `GET /loras`); `<lora:name:weight>` tags in the
@@ -176,8 +179,10 @@ pub struct GenerateRequest {
     /// `automatic`: A1111's VAE near a single-file checkpoint (the first VAE file, in natural
     /// name order, whose name starts with the checkpoint's name less its extension, e.g.
     /// `model.vae.safetensors` for `model.safetensors`), else the model's own; `none`: the
-    /// model's own. The worker swaps it between jobs; one whose shapes do not fit the model
-    /// fails the request (422 naming `vae`); an unknown name is a 422. 1..=255 characters.
+    /// model's own. The worker swaps it between jobs; a diffusers folder whose config makes
+    /// other latents than the model's (latent channels, downscale factor) is a 422 naming `vae`
+    /// before the job is queued, a file whose shapes do not fit the model fails the request (422
+    /// naming `vae`); an unknown name is a 422. 1..=255 characters.
     #[schema(
         nullable = true,
         min_length = 1,

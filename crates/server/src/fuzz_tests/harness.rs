@@ -119,6 +119,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
                         guidance_distilled: false,
                         memory: None,
                         schedules: None,
+                        limits: None,
                     },
                     taesd: None,
                     speed_probe: false,

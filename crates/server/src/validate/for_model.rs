@@ -1,7 +1,7 @@
-//! The rules that depend on the loaded model: inpainting models, the device memory budget, and
-//! the LoRAs it has.
+//! The rules that depend on the loaded model: inpainting models, the device memory budget, the
+//! LoRAs it has, and what its configs allow (clip skip, sizes).
 
-use sdserve_pipeline::pipeline::GenerationParams;
+use sdserve_pipeline::pipeline::{GenerationParams, ModelLimits};
 
 use super::ValidRequest;
 use crate::error::{ApiError, FieldError};
@@ -83,5 +83,68 @@ pub fn check_loras(
     match req.loras.iter().find_map(|(n, _)| adapters.lora_problem(n)) {
         Some(problem) => Err(ApiError::validation("loras", problem)),
         None => Ok(()),
+    }
+}
+
+/// What the model's configs allow (`ModelLimits`; `None`: not known here, the run checks): a
+/// clip skip within its text encoder (A1111 and diffusers index `hidden_states`, the embeddings
+/// and each layer's output: at most layers + 1), and image sides, the hires pass's too, in
+/// whole latent cells of its VAE (and multiples of 8, as diffusers asks). The run refuses
+/// the same; here it is a 422 naming the field before the job is queued.
+pub fn check_limits(req: &ValidRequest, limits: Option<&ModelLimits>) -> Result<(), ApiError> {
+    let Some(l) = limits else {
+        return Ok(());
+    };
+    let mut broken = Vec::new();
+    let mut fail = |field: &str, rule: String| {
+        broken.push(FieldError {
+            field: field.to_string(),
+            rule,
+        })
+    };
+    if req.clip_skip > l.clip_skip_max() {
+        fail(
+            "clip_skip",
+            format!(
+                "at most {} for this model: its text encoder has {} layers (1 is the last \
+                 layer's output, {} the embeddings under them), got {}",
+                l.clip_skip_max(),
+                l.text_encoder_layers,
+                l.clip_skip_max(),
+                req.clip_skip
+            ),
+        );
+    }
+    let m = l.size_multiple();
+    let vae = format!(
+        "must be a multiple of {m} for this model (its VAE's downscale factor is {})",
+        l.vae_scale_factor
+    );
+    for (field, side) in [("width", req.width), ("height", req.height)] {
+        if side % m != 0 {
+            fail(field, format!("{vae}, got {side}"));
+        }
+    }
+    if let Some(h) = &req.hires {
+        let p = &h.params;
+        if [p.width, p.height, p.upscale_width, p.upscale_height]
+            .iter()
+            .any(|s| s % m != 0)
+        {
+            for field in h.size_fields {
+                fail(
+                    field,
+                    format!(
+                        "the hires pass's size {}x{} (upscaled to {}x{} first) {vae}",
+                        p.width, p.height, p.upscale_width, p.upscale_height
+                    ),
+                );
+            }
+        }
+    }
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(broken))
     }
 }

@@ -118,6 +118,10 @@ pub struct ValidHires {
     /// The field that carries the pass's own prompt in the request's dialect (`hr_prompt`,
     /// or the native `hires.prompt`), for the rules checked against the model.
     pub prompt_field: &'static str,
+    /// The fields that set the pass's size in the request's dialect (`hr_scale`, or
+    /// `hr_resize_x`/`hr_resize_y`; natively `hires.scale` or `hires.width`/`hires.height`),
+    /// for the rules checked against the model.
+    pub size_fields: &'static [&'static str],
     /// A1111's infotext keys for the pass, in its order (`Denoising strength`, `Hires
     /// upscale` or `Hires resize`, `Hires steps`, `Hires upscaler`, ...), values as it writes
     /// them.
@@ -235,7 +239,7 @@ pub fn validate_hires(
     let scale_value = scale.unwrap_or(HR_SCALE_DEFAULT);
     let (rx, ry) = (resize_x.unwrap_or(0), resize_y.unwrap_or(0));
     // A1111's hr_upscale_to_x/y, and the fields that decide it.
-    let (asked, fields): ((u64, u64), &[&str]) = match (rx, ry) {
+    let (asked, fields): ((u64, u64), &'static [&'static str]) = match (rx, ry) {
         (0, 0) => (
             (
                 (w as f64 * scale_value) as u64,
@@ -379,6 +383,7 @@ pub fn validate_hires(
         upscaler_name,
         upscaler_field: "hr_upscaler",
         prompt_field: "hr_prompt",
+        size_fields: fields,
         infotext,
     })
 }

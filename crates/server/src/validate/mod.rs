@@ -29,7 +29,7 @@ mod schedule;
 mod tests;
 
 use fields::FieldReader;
-pub use for_model::{check_for_model, check_loras, check_memory};
+pub use for_model::{check_for_model, check_limits, check_loras, check_memory};
 /// The keys of the native `hires` object.
 #[cfg(test)]
 pub use native_hires::FIELDS as HIRES_FIELDS;

@@ -207,6 +207,10 @@ pub(super) fn build(read: &ReadHires, first: &ValidRequest) -> Result<ValidHires
     })?;
     hires.prompt_field = "hires.prompt";
     hires.upscaler_field = "hires.upscaler";
+    hires.size_fields = match hires.size_fields {
+        ["hr_scale"] => &["hires.scale"],
+        _ => &["hires.width", "hires.height"],
+    };
     Ok(hires)
 }
 

@@ -165,6 +165,7 @@ mod tests {
             guidance_distilled,
             memory: None,
             schedules: Some(std::sync::Arc::new(schedules)),
+            limits: None,
         }
     }
 

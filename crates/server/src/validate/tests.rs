@@ -420,3 +420,45 @@ fn seed_resize_takes_both_sides_within_a1111_s_sizes() {
         assert_eq!(field_of(e), field, "{fields}");
     }
 }
+
+#[test]
+fn the_model_s_limits_name_each_field_past_them() {
+    use sdserve_pipeline::pipeline::ModelLimits;
+    let limits = |layers, factor| ModelLimits {
+        text_encoder_layers: layers,
+        vae_scale_factor: factor,
+        vae_latent_channels: 4,
+    };
+    let fields =
+        |e: ApiError| -> Vec<String> { e.fields().iter().map(|f| f.field.clone()).collect() };
+    let r = parse(r#"{"prompt":"a cat","clip_skip":4,"width":320,"height":256}"#).unwrap();
+    // Unknown limits: the run checks.
+    assert!(check_limits(&r, None).is_ok());
+    // SD 1.5: 12 layers, factor 8.
+    assert!(check_limits(&r, Some(&limits(12, 8))).is_ok());
+    // Two layers: clip skip 1..=3.
+    let e = check_limits(&r, Some(&limits(2, 8))).unwrap_err();
+    assert!(e.fields()[0].rule.contains("at most 3"), "{e:?}");
+    assert_eq!(fields(e), ["clip_skip"]);
+    assert!(check_limits(&r, Some(&limits(3, 8))).is_ok());
+    // A factor-128 VAE takes sides in whole cells of 128: 256 is, 320 is not.
+    assert_eq!(
+        fields(check_limits(&r, Some(&limits(12, 128))).unwrap_err()),
+        ["width"]
+    );
+    // The hires pass's sides too, named by the fields that set them.
+    let h = parse(r#"{"prompt":"a cat","width":320,"height":384,"hires":{"width":448,"height":448,"steps":2}}"#)
+        .unwrap();
+    assert!(check_limits(&h, Some(&limits(12, 8))).is_ok());
+    let e = check_limits(&h, Some(&limits(12, 16))).unwrap_err();
+    assert!(e.fields()[0].rule.contains("448x536"), "{e:?}");
+    assert_eq!(fields(e), ["hires.width", "hires.height"]);
+    // A scale is named as the scale: 256 x 1.25 = 320, not whole cells of 128.
+    let s =
+        parse(r#"{"prompt":"a cat","width":256,"height":256,"hires":{"scale":1.25,"steps":2}}"#)
+            .unwrap();
+    assert_eq!(
+        fields(check_limits(&s, Some(&limits(12, 128))).unwrap_err()),
+        ["hires.scale"]
+    );
+}

@@ -232,7 +232,8 @@ async fn generate(
         probe.vae.clone_from(&vae);
         // `Automatic` finds the VAE near the checkpoint the request runs on.
         probe.model.clone_from(&checkpoint);
-        crate::api::request::named_vae(app, &probe, "override_settings.sd_vae").await?
+        // The model's limits are checked where it runs (`run_on_model`), once it is resolved.
+        crate::api::request::named_vae(app, &probe, "override_settings.sd_vae", None).await?
     };
     // The infotexts name the model that made the images.
     let mut used_version = info.model_version.clone();
@@ -289,7 +290,8 @@ async fn generate(
             // Its job was cancelled by interrupt or skip: stopped, not failed.
             Err(_) if active.interrupted.load(Ordering::SeqCst) => break,
             Err(_) if active.skipped.load(Ordering::SeqCst) => continue,
-            Err(e) => return Err(e),
+            // Rules checked against the model name the fields the client sent.
+            Err(e) => return Err(translate::a1111_names(e)),
         };
         if let Some(v) = out.model_version() {
             used_version = v;

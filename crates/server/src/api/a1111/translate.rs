@@ -53,7 +53,7 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 11] = [
+pub const FIELD_NAMES: [(&str, &str); 12] = [
     ("variation_seed", "subseed"),
     ("variation_strength", "subseed_strength"),
     ("seed_resize_from_width", "seed_resize_from_w"),
@@ -65,6 +65,7 @@ pub const FIELD_NAMES: [(&str, &str); 11] = [
     ("strength", "denoising_strength"),
     ("clip_skip", "override_settings.CLIP_stop_at_last_layers"),
     ("batch_size", "batch_size"),
+    ("vae", "override_settings.sd_vae"),
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.

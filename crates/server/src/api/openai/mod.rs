@@ -145,7 +145,10 @@ async fn run(
             .map_err(translate::openai_names)
     })
     .await?;
-    let out = native::run(app, req).await?;
+    // Rules checked against the model name OpenAI's parameters too.
+    let out = native::run(app, req)
+        .await
+        .map_err(translate::openai_names)?;
     let prompt = out.prompt()?;
     let mut data = Vec::new();
     for (b64, _seed) in out.images()? {

@@ -449,6 +449,10 @@ pub struct WireInfo {
     /// AND parts when they run the job).
     #[serde(default)]
     guidance_distilled: bool,
+    /// Absent from workers older than the field: not known (their workers refuse a request
+    /// past them when they run it).
+    #[serde(default)]
+    limits: Option<sdserve_pipeline::pipeline::ModelLimits>,
 }
 
 impl WireInfo {
@@ -460,6 +464,7 @@ impl WireInfo {
             adapters: i.adapters.clone(),
             inpainting: i.inpainting,
             guidance_distilled: i.guidance_distilled,
+            limits: i.limits,
         }
     }
     pub fn info(&self) -> Option<ModelInfo> {
@@ -477,6 +482,7 @@ impl WireInfo {
             // The worker checks each job against its own budget before running it.
             memory: None,
             schedules: None,
+            limits: self.limits,
         })
     }
 }

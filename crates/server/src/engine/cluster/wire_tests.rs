@@ -149,3 +149,31 @@ fn a_hires_upscaler_model_travels_by_name() {
     );
     assert_eq!(back, hires);
 }
+
+#[test]
+fn a_model_s_limits_go_to_the_api_replicas_and_older_workers_send_none() {
+    let limits = sdserve_pipeline::pipeline::ModelLimits {
+        text_encoder_layers: 12,
+        vae_scale_factor: 8,
+        vae_latent_channels: 4,
+    };
+    let info = ModelInfo {
+        model_version: "m@0".into(),
+        default_scheduler: SchedulerKind::Pndm,
+        default_schedule: SigmaSchedule::Uniform,
+        adapters: Default::default(),
+        inpainting: false,
+        guidance_distilled: false,
+        memory: None,
+        schedules: None,
+        limits: Some(limits),
+    };
+    let json = serde_json::to_value(WireInfo::of(&info)).unwrap();
+    let back: WireInfo = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(back.info().unwrap().limits, Some(limits));
+    // A worker older than the field: not known here, its run checks.
+    let mut old = json;
+    old.as_object_mut().unwrap().remove("limits");
+    let back: WireInfo = serde_json::from_value(old).unwrap();
+    assert_eq!(back.info().unwrap().limits, None);
+}

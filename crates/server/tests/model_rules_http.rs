@@ -1,0 +1,261 @@
+//! Rules a request must meet in the model it runs on, checked when it is submitted (a 422
+//! naming the field, OpenAI's 400) rather than by the worker once it runs (a job that fails
+//! later): a clip skip past the text encoder's layers, hires sizes the VAE cannot take in whole
+//! latent cells, an external VAE folder whose latents the model cannot take. Real binary, real
+//! tiny models in a MODELS_DIR (the default, `tiny-a-vae8`: 2 text layers, VAE factor 8;
+//! `tiny-b`: 3 text layers; `vae16`: tiny-a-vae8 with a VAE of factor 16), so the rules are
+//! the named model's, read from its configs before it is loaded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{copy_tree, post_json_to, Server};
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pipeline/tests/fixtures")
+        .join(name)
+}
+
+struct Folder(PathBuf);
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The server on tiny-a-vae8 with MODELS_DIR (tiny-a-vae8, tiny-b, vae16) and VAE_DIR
+/// (`factor16`: the factor-16 VAE folder), its response cache off.
+fn server(tag: &str) -> (Folder, Server) {
+    let root = std::env::temp_dir().join(format!("sdserve-rules-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (models, vaes, cache) = (root.join("models"), root.join("vaes"), root.join("cache"));
+    for m in ["tiny-a-vae8", "tiny-b"] {
+        copy_tree(&fixture(m), &models.join(m));
+    }
+    copy_tree(&fixture("tiny-a-vae8"), &models.join("vae16"));
+    std::fs::remove_dir_all(models.join("vae16/vae")).unwrap();
+    copy_tree(
+        &fixture("vae/factor16-diffusers"),
+        &models.join("vae16/vae"),
+    );
+    copy_tree(&fixture("vae/factor16-diffusers"), &vaes.join("factor16"));
+    std::fs::create_dir_all(&cache).unwrap();
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let env: Vec<(String, String)> = [
+        ("MODEL_ID", path(&models.join("tiny-a-vae8"))),
+        ("MODELS_DIR", path(&models)),
+        ("VAE_DIR", path(&vaes)),
+        ("MODEL_CACHE_DIR", path(&cache)),
+        ("RESPONSE_CACHE_MB", "0".into()),
+        ("GENERATION_TIMEOUT_SECONDS", "600".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let s = Server::start(&env);
+    s.wait_ready(Duration::from_secs(120));
+    (Folder(root), s)
+}
+
+fn native(extra: Value) -> Value {
+    let mut body = json!({"prompt": "a red boat", "seed": 5, "steps": 1, "width": 256,
+                          "height": 256, "scheduler": "euler"});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn a1111(extra: Value) -> Value {
+    let mut body = json!({"prompt": "a red boat", "seed": 5, "steps": 1, "width": 256,
+                          "height": 256, "sampler_name": "Euler"});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn openai(extra: Value) -> Value {
+    let mut body = json!({"prompt": "a red boat", "size": "256x256", "seed": 5, "steps": 1,
+                          "response_format": "b64_json"});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// A 422's broken fields and their rules, one string each.
+fn refused(r: &common::Resp) -> Vec<String> {
+    r.error(422, "validation_error")["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{}: {}",
+                f["field"].as_str().unwrap(),
+                f["rule"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// OpenAI's 400: the parameter named and the message.
+fn openai_refused(r: &common::Resp) -> (String, String) {
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = &r.json()["error"];
+    assert_eq!(e["type"], "invalid_request_error", "{e}");
+    (
+        e["param"].as_str().unwrap_or_default().to_string(),
+        e["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// `POST /jobs` answers 422 naming `fields` (each rule saying `says`), and queues nothing.
+fn jobs_refuse(s: &Server, body: &Value, fields: &[&str], says: &str) {
+    let before = s.get("/jobs").json()["jobs"].as_array().unwrap().len();
+    let r = post_json_to(s.addr, "/jobs", body);
+    let rules = refused(&r);
+    assert_eq!(rules.len(), fields.len(), "{body}: {rules:?}");
+    for (rule, field) in rules.iter().zip(fields) {
+        assert!(
+            rule.starts_with(&format!("{field}: ")) && rule.contains(says),
+            "{body}: {rules:?}"
+        );
+    }
+    let after = s.get("/jobs").json()["jobs"].as_array().unwrap().len();
+    assert_eq!(before, after, "a refused request made a job");
+}
+
+#[test]
+fn a_clip_skip_past_the_text_encoder_is_refused_at_submit_in_every_dialect() {
+    let (_root, s) = server("clip");
+    // tiny-a-vae8's text encoder has 2 layers: hidden_states holds 3 (the embeddings and each
+    // layer's output), so A1111's clip skip goes to 3; 4 is past it (the run would refuse it).
+    jobs_refuse(
+        &s,
+        &native(json!({"clip_skip": 4})),
+        &["clip_skip"],
+        "at most 3",
+    );
+    let r = s.post_json(&native(json!({"clip_skip": 4})));
+    assert!(refused(&r)[0].contains("2 layers"), "{}", r.text());
+    let field = "override_settings.CLIP_stop_at_last_layers";
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(json!({"override_settings": {"CLIP_stop_at_last_layers": 4}})),
+    );
+    assert!(refused(&r)[0].starts_with(field), "{}", r.text());
+    // The server-wide option too (A1111 applies it to every request).
+    let set = |v: u32| {
+        let r = post_json_to(
+            s.addr,
+            "/sdapi/v1/options",
+            &json!({"CLIP_stop_at_last_layers": v}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    set(4);
+    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111(json!({})));
+    assert!(refused(&r)[0].starts_with(field), "{}", r.text());
+    set(1);
+    let (param, message) = openai_refused(&post_json_to(
+        s.addr,
+        "/v1/images/generations",
+        &openai(json!({"clip_skip": 4})),
+    ));
+    assert_eq!(param, "clip_skip", "{message}");
+    assert!(message.contains("at most 3"), "{message}");
+
+    // The largest runs: the embeddings through the final layer norm.
+    let r = s.post_json(&native(json!({"clip_skip": 3})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A model named by the request has its own limit, read before it is loaded: tiny-b's
+    // text encoder has 3 layers.
+    let r = s.post_json(&native(json!({"clip_skip": 4, "model": "tiny-b"})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["metadata"]["clip_skip"], 4);
+}
+
+#[test]
+fn sizes_and_vaes_the_model_cannot_take_are_refused_at_submit_in_every_dialect() {
+    let (_root, s) = server("sizes");
+    // 320x384 to a 448x448 hires target: covered first at 448x536 (A1111's resize with both
+    // sides), whole cells of a factor-8 VAE but not of vae16's factor 16.
+    let hires = json!({"width": 320, "height": 384,
+                       "hires": {"width": 448, "height": 448, "steps": 2}});
+    let mut on_vae16 = hires.clone();
+    on_vae16["model"] = json!("vae16");
+    jobs_refuse(
+        &s,
+        &native(on_vae16.clone()),
+        &["hires.width", "hires.height"],
+        "448x536",
+    );
+    let r = s.post_json(&native(on_vae16));
+    assert!(refused(&r)[0].contains("multiple of 16"), "{}", r.text());
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(
+            json!({"width": 320, "height": 384, "enable_hr": true, "hr_resize_x": 448,
+                      "hr_resize_y": 448, "hr_second_pass_steps": 2,
+                      "override_settings": {"sd_model_checkpoint": "vae16"}}),
+        ),
+    );
+    let rules = refused(&r);
+    assert!(
+        rules[0].starts_with("hr_resize_x: ") && rules[1].starts_with("hr_resize_y: "),
+        "{rules:?}"
+    );
+    let (param, message) = openai_refused(&post_json_to(
+        s.addr,
+        "/v1/images/generations",
+        &openai(json!({"size": "320x384", "model": "vae16",
+                       "hires": {"width": 448, "height": 448, "steps": 2}})),
+    ));
+    assert_eq!(param, "hires.width", "{message}");
+    // The same pass on the factor-8 default is queued (and cancelled: it need not run).
+    let r = post_json_to(s.addr, "/jobs", &native(hires));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let r = s.request("DELETE", &format!("/jobs/{id}"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A VAE folder of factor 16 cannot decode the default's factor-8 latents.
+    jobs_refuse(
+        &s,
+        &native(json!({"vae": "factor16"})),
+        &["vae"],
+        "its downscale factor is 16, the model's 8",
+    );
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(json!({"override_settings": {"sd_vae": "factor16"}})),
+    );
+    assert!(
+        refused(&r)[0].starts_with("override_settings.sd_vae: "),
+        "{}",
+        r.text()
+    );
+    let (param, _) = openai_refused(&post_json_to(
+        s.addr,
+        "/v1/images/generations",
+        &openai(json!({"vae": "factor16"})),
+    ));
+    assert_eq!(param, "vae");
+    // It is vae16's own factor: there it fits.
+    let r = post_json_to(
+        s.addr,
+        "/jobs",
+        &native(json!({"vae": "factor16", "model": "vae16"})),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+}
