@@ -23,11 +23,14 @@ fn server(dir: &std::path::Path) -> Server {
     )
 }
 
-fn upscalers_dir() -> PathBuf {
+fn upscalers_dir(tag: &str) -> PathBuf {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../pipeline/tests/fixtures/esrgan")
         .join("x4-old.pth");
-    let dir = std::env::temp_dir().join(format!("sdserve-hires-upscalers-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "sdserve-hires-upscalers-{tag}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(fixtures, dir.join("4x-Tiny.pth")).unwrap();
@@ -57,7 +60,7 @@ fn ok(r: &common::Resp) -> Value {
 
 #[test]
 fn an_upscalers_dir_model_runs_the_hires_fix_in_every_dialect() {
-    let dir = upscalers_dir();
+    let dir = upscalers_dir("dialects");
     let s = server(&dir);
     let body = ok(&s.post_json(&native(json!({"scale": 1.5, "upscaler": "4x-Tiny"}))));
     let (w, h, pixels, text) = decode_png(body["image_base64"].as_str().unwrap());
@@ -153,5 +156,94 @@ fn an_upscalers_dir_model_runs_the_hires_fix_in_every_dialect() {
             assert!(details.contains(name), "{path}: {name} in {e}");
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A random RRDBNet of the common models' widths (nf 64, gc 32, x4; `blocks` RRDBs), in
+/// ESRGAN's old key names: slow enough on a CPU (seconds a tile) to be cancelled midway.
+fn write_slow_esrgan(path: &std::path::Path, blocks: usize) {
+    use candle_core::{Device, Tensor};
+    let (nf, gc) = (64, 32);
+    let mut t = std::collections::HashMap::new();
+    let mut conv = |name: String, out: usize, inp: usize| {
+        let w =
+            (Tensor::randn(0f32, 1f32, (out, inp, 3, 3), &Device::Cpu).unwrap() * 0.02).unwrap();
+        t.insert(format!("{name}.weight"), w);
+        t.insert(
+            format!("{name}.bias"),
+            Tensor::zeros(out, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    };
+    conv("model.0".into(), nf, 3);
+    for b in 0..blocks {
+        for r in 1..=3 {
+            for j in 1..=5 {
+                let out = if j == 5 { nf } else { gc };
+                conv(
+                    format!("model.1.sub.{b}.RDB{r}.conv{j}.0"),
+                    out,
+                    nf + (j - 1) * gc,
+                );
+            }
+        }
+    }
+    conv(format!("model.1.sub.{blocks}"), nf, nf);
+    for i in [3, 6, 8] {
+        conv(format!("model.{i}"), nf, nf);
+    }
+    conv("model.10".into(), 3, nf);
+    candle_core::safetensors::save(&t, path).unwrap();
+}
+
+/// Cancelling a hires job while its upscaler model runs stops it before the next tile: the
+/// job ends cancelled with its progress at the first pass's last step (a cancel seen only at
+/// the next step would let the upscale finish and count a second-pass step first).
+#[test]
+fn a_cancelled_hires_job_stops_within_an_upscaler_tile() {
+    let dir = upscalers_dir("cancel");
+    write_slow_esrgan(&dir.join("4x-Slow.safetensors"), 8);
+    let s = server(&dir);
+    let r = common::request(
+        s.addr,
+        "POST",
+        "/jobs",
+        &[("Content-Type", "application/json")],
+        native(json!({"scale": 1.5, "upscaler": "4x-Slow"}))
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(300);
+    // The first pass's 2 steps done: the upscale (4 tiles of 192 px on the 256 px image) runs.
+    loop {
+        let j = s.get(&format!("/jobs/{id}")).json();
+        assert!(
+            j["status"] != "succeeded",
+            "it ended before the upscale: {j}"
+        );
+        if j["progress"]["step"] == 2 || Instant::now() > until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cancelled_at = Instant::now();
+    let r = common::request(s.addr, "DELETE", &format!("/jobs/{id}"), &[], b"");
+    assert!(r.status < 300, "{}", r.text());
+    let job = loop {
+        let j = s.get(&format!("/jobs/{id}")).json();
+        if ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap())
+            || Instant::now() > until
+        {
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "cancelled {:.1}s after the DELETE",
+        cancelled_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert_eq!(job["progress"]["step"], 2, "a second-pass step ran: {job}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
