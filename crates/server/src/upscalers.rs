@@ -125,7 +125,7 @@ impl UpscalerCatalog {
 /// One upscaler as `GET /upscalers` lists it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UpscalerListing {
-    /// The name Extras' `upscaler_1` / `upscaler_2` take.
+    /// The name Extras' `upscaler_1` / `upscaler_2` and the hires fix's `hires.upscaler` take.
     pub name: String,
     /// `builtin` (A1111's `None`, `Lanczos`, `Nearest`: Pillow's filters) or `esrgan` (a model
     /// of UPSCALERS_DIR).

@@ -38,8 +38,8 @@ pub(super) async fn vaes(State(app): State<Shared>) -> Json<VaeList> {
 }
 
 /// The image upscalers A1111's Extras (`/sdapi/v1/extra-single-image`: `upscaler_1`,
-/// `upscaler_2`) take: the built-ins, then UPSCALERS_DIR's ESRGAN models (read now: files
-/// added later are listed).
+/// `upscaler_2`) and the hires fix (`hires.upscaler`, beside the latent modes) take: the
+/// built-ins, then UPSCALERS_DIR's ESRGAN models (read now: files added later are listed).
 #[utoipa::path(get, path = "/upscalers", responses((status = 200, body = crate::upscalers::UpscalerList)))]
 pub(super) async fn upscalers(State(app): State<Shared>) -> Json<crate::upscalers::UpscalerList> {
     let catalog = app.upscalers.clone();

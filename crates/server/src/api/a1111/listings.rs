@@ -120,8 +120,8 @@ pub(super) async fn scripts() -> Json<Value> {
 }
 
 /// `[{name, model_name, model_path, model_url, scale}]`: the image upscalers: A1111's built-in
-/// `None`, `Lanczos`, `Nearest` (also the hires fix's `hr_upscaler`), then UPSCALERS_DIR's
-/// ESRGAN models (Extras' `upscaler_1`, `upscaler_2`) as A1111's `UpscalerESRGAN` lists them:
+/// `None`, `Lanczos`, `Nearest`, then UPSCALERS_DIR's ESRGAN models (all of them Extras'
+/// `upscaler_1`, `upscaler_2` and the hires fix's `hr_upscaler`) as A1111's `UpscalerESRGAN` lists them:
 /// `model_name` `ESRGAN_4x`, `scale` 4 whatever the file's (A1111 does not read it there);
 /// `model_path` is the file name (no paths leave the server).
 #[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "`None`, `Lanczos`, `Nearest`, then UPSCALERS_DIR's models by file stem")))]
