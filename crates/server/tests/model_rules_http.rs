@@ -28,9 +28,15 @@ impl Drop for Folder {
     }
 }
 
-/// The server on tiny-a-vae8 with MODELS_DIR (tiny-a-vae8, tiny-b, vae16) and VAE_DIR
-/// (`factor16`: the factor-16 VAE folder), its response cache off.
+/// The server on tiny-a-vae8 with MODELS_DIR (tiny-a-vae8, tiny-b, vae16), VAE_DIR
+/// (`factor16`: the factor-16 VAE folder) and LORA_DIR (the LoRA fixtures, made for tiny-a),
+/// its response cache off.
 fn server(tag: &str) -> (Folder, Server) {
+    server_on(tag, "tiny-a-vae8")
+}
+
+/// [`server`] with `default` (one of the MODELS_DIR models) as `--model`.
+fn server_on(tag: &str, default: &str) -> (Folder, Server) {
     let root = std::env::temp_dir().join(format!("sdserve-rules-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let (models, vaes, cache) = (root.join("models"), root.join("vaes"), root.join("cache"));
@@ -47,7 +53,8 @@ fn server(tag: &str) -> (Folder, Server) {
     std::fs::create_dir_all(&cache).unwrap();
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let env: Vec<(String, String)> = [
-        ("MODEL_ID", path(&models.join("tiny-a-vae8"))),
+        ("MODEL_ID", path(&models.join(default))),
+        ("LORA_DIR", path(&fixture("adapters/loras"))),
         ("MODELS_DIR", path(&models)),
         ("VAE_DIR", path(&vaes)),
         ("MODEL_CACHE_DIR", path(&cache)),
@@ -258,4 +265,80 @@ fn sizes_and_vaes_the_model_cannot_take_are_refused_at_submit_in_every_dialect()
         &native(json!({"vae": "factor16", "model": "vae16"})),
     );
     assert_eq!(r.status, 202, "{}", r.text());
+}
+
+#[test]
+fn a_lora_that_does_not_fit_the_named_model_is_refused_at_submit_in_every_dialect() {
+    let (_root, s) = server("loras");
+    // The fixtures fit the loaded tiny-a-vae8 (tiny-a's UNet and text encoder)...
+    let listed = s.get("/loras").json();
+    assert!(
+        listed["loras"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["error"].is_null()),
+        "{listed}"
+    );
+    // ... not tiny-b, whose shapes are read from its headers before it is loaded: the LoRA
+    // and its first layer without a weight of its shape are named.
+    let ink = json!([{"name": "ink_kohya", "weight": 0.5}]);
+    jobs_refuse(
+        &s,
+        &native(json!({"model": "tiny-b", "loras": ink})),
+        &["loras"],
+        "\"ink_kohya\"",
+    );
+    let r = s.post_json(&native(
+        json!({"model": "tiny-b", "prompt": "a boat <lora:ink_kohya:0.5>"}),
+    ));
+    let rule = &refused(&r)[0];
+    // Its first layer: tiny-b's first down block has no attention (no such weight at all).
+    assert!(
+        rule.contains("layer lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight")
+            && rule.contains("no matching unet weight"),
+        "{rule}"
+    );
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(json!({"prompt": "a boat <lora:ink_kohya:0.5>",
+                      "override_settings": {"sd_model_checkpoint": "tiny-b"}})),
+    );
+    assert!(refused(&r)[0].contains("\"ink_kohya\""), "{}", r.text());
+    let (param, message) = openai_refused(&post_json_to(
+        s.addr,
+        "/v1/images/generations",
+        &openai(json!({"model": "tiny-b", "loras": ink})),
+    ));
+    assert_eq!(param, "loras", "{message}");
+    // vae16 has tiny-a's UNet and text encoder: it fits there.
+    let r = post_json_to(
+        s.addr,
+        "/jobs",
+        &native(json!({"model": "vae16", "loras": ink})),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    drop(s);
+
+    // On a server whose loaded model they do not fit, a named model they fit runs them.
+    let (_root, s) = server_on("loras-b", "tiny-b");
+    let listed = s.get("/loras").json();
+    assert!(
+        listed["loras"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["error"].is_string()),
+        "{listed}"
+    );
+    let r = s.post_json(&native(json!({"model": "tiny-a-vae8", "loras": ink})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["metadata"]["loras"], ink);
+    jobs_refuse(
+        &s,
+        &native(json!({"loras": ink})),
+        &["loras"],
+        "\"ink_kohya\"",
+    );
 }

@@ -14,8 +14,9 @@
 //! while these ask for the same set (bounded; see `pipeline::DEFAULT_LORA_DELTA_LIMIT`).
 //!
 //! Files: `library` (reading LoRA files' headers, the folder's library), `merge` (matching
-//! layers to the model's weights, merging and restoring them); this one holds the types they
-//! share and the prompt tags.
+//! layers to the model's weights, merging and restoring them), `folder` (whether a file fits a
+//! model folder that is not loaded, from its headers); this one holds the types they share and
+//! the prompt tags.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,9 +28,13 @@ use crate::kernels::Conv2d;
 use crate::Result;
 
 mod add_delta;
+mod folder;
 mod library;
 mod merge;
 
+pub use folder::fit_problem_in_folder;
+#[cfg(test)]
+pub(crate) use folder::target_shapes_of_folder;
 use library::header_shapes;
 pub use library::LoraLibrary;
 use merge::match_layers;

@@ -360,3 +360,51 @@ fn deltas_by_part(deltas: Deltas) -> HashMap<Part, BTreeMap<usize, Tensor>> {
     }
     by_part
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The targets read from a folder's headers are the built model's, path for path and dim
+    /// for dim, whatever the architecture (so a LoRA fits an unloaded folder exactly when it
+    /// would fit it loaded).
+    #[test]
+    fn a_folder_s_headers_give_the_built_model_s_lora_targets() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for model in ["tiny-a", "tiny-b", "tiny-inpaint", "tiny-lcm"] {
+            let dir = fixtures.join(model);
+            let sd =
+                StableDiffusion::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)
+                    .unwrap();
+            let mut built = sd.lora_target_shapes().unwrap();
+            for list in built.values_mut() {
+                list.sort();
+            }
+            let read = crate::lora::target_shapes_of_folder(&dir).unwrap().unwrap();
+            assert_eq!(read, built, "{model}");
+            assert!(
+                built[&Part::Unet].iter().any(|(_, d)| d.len() == 4),
+                "{model}"
+            );
+            // And each LoRA fixture fits the folder exactly when it fits the loaded model,
+            // refused with the same words (the LoRA, its first layer that does not fit).
+            for file in ["ink_kohya", "soft_peft", "te_kohya"] {
+                let path = fixtures.join(format!("adapters/loras/{file}.safetensors"));
+                let info = crate::lora::LoraInfo::read(&path).unwrap();
+                let loaded = match crate::lora::check_fits(&info, &built) {
+                    Ok(()) => None,
+                    Err(PipelineError::InvalidRequest(why)) => Some(why),
+                    Err(e) => panic!("{e}"),
+                };
+                let unloaded = crate::lora::fit_problem_in_folder(&info, &dir).unwrap();
+                assert_eq!(unloaded, loaded, "{file} on {model}");
+                // The fixtures were made for tiny-a; tiny-b has other shapes everywhere.
+                match model {
+                    "tiny-a" => assert_eq!(loaded, None, "{file}"),
+                    "tiny-b" => assert!(loaded.is_some_and(|w| w.contains(file)), "{file}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}

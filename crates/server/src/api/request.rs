@@ -264,6 +264,7 @@ pub(crate) async fn named_model(
         return Ok(base);
     };
     let catalog = app.models.clone();
+    let loras: Vec<String> = req.loras.iter().map(|(n, _)| n.clone()).collect();
     let (model, info) = off_the_runtime(move || {
         if name == catalog.default_name() || name == base.model_version {
             return Ok((None, base));
@@ -278,7 +279,14 @@ pub(crate) async fn named_model(
             return Ok((None, base));
         }
         match catalog.probe(&entry, &base) {
-            Ok(info) => Ok((Some(entry.name), info)),
+            Ok(mut info) => {
+                // The listing's verdicts are the loaded model's; the request's LoRAs are
+                // checked against this one's shapes.
+                if entry.kind == crate::models::ModelKind::Folder && !loras.is_empty() {
+                    info.adapters = info.adapters.fitted_to_folder(&loras, &entry.path);
+                }
+                Ok((Some(entry.name), info))
+            }
             Err(why) => {
                 tracing::warn!(model = %name, error = %why, "a model of MODELS_DIR cannot be read");
                 Err(ApiError::ModelUnavailable(format!(

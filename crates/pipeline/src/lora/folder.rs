@@ -1,0 +1,118 @@
+//! Whether a LoRA fits a diffusers model folder that is not loaded: the weights a LoRA may
+//! change, with the dims their built modules report, read from the safetensors headers of the
+//! folder's UNet and text encoder (no tensor data), then the same matching as for a loaded
+//! model ([`super::check_fits`]). A server checks a request naming another model with it
+//! before the job is queued.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::DType;
+
+use super::library::header_shapes;
+use super::{match_layers, LoraInfo, Part, TargetShapes};
+use crate::pipeline::component_weight_files;
+use crate::Result;
+
+/// The UNet's LoRA targets by module path suffix: linear layers (`Dense`, `Linear`: their
+/// modules report `[out, in]`, also for a projection stored as a 1x1 convolution) and
+/// convolutions (`[out, in, k, k]` as stored). Only inside the down, mid and up blocks, as the
+/// built model lists them (`UNet2DConditionModel::lora_targets`).
+const UNET_LINEAR: [&str; 9] = [
+    ".to_q",
+    ".to_k",
+    ".to_v",
+    ".to_out.0",
+    ".proj_in",
+    ".proj_out",
+    ".ff.net.0.proj",
+    ".ff.net.2",
+    ".time_emb_proj",
+];
+const UNET_CONV: [&str; 5] = [
+    ".conv1",
+    ".conv2",
+    ".conv_shortcut",
+    ".downsamplers.0.conv",
+    ".upsamplers.0.conv",
+];
+const UNET_BLOCKS: [&str; 3] = ["down_blocks.", "mid_block.", "up_blocks."];
+/// The text encoder's: every encoder layer's attention projections and MLP.
+const TEXT_LINEAR: [&str; 6] = [
+    ".self_attn.q_proj",
+    ".self_attn.k_proj",
+    ".self_attn.v_proj",
+    ".self_attn.out_proj",
+    ".mlp.fc1",
+    ".mlp.fc2",
+];
+
+/// Why the LoRA `info` does not fit the model of diffusers folder `dir`, naming the LoRA and
+/// its first layer without a weight of its shape; `None` when it fits, or when the folder's
+/// weights are not safetensors (pickles hold no header to read: the run checks).
+pub fn fit_problem_in_folder(info: &LoraInfo, dir: &Path) -> Result<Option<String>> {
+    let Some(targets) = target_shapes_of_folder(dir)? else {
+        return Ok(None);
+    };
+    let shapes = header_shapes(&info.file)?;
+    match match_layers(info, &shapes, &targets) {
+        Ok(_) => Ok(None),
+        Err(crate::PipelineError::InvalidRequest(why)) => Ok(Some(why)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Paths and dims of every LoRA target of the folder's UNet and text encoder, from the
+/// headers of their full-precision safetensors files (shards merged); `None` when a part's
+/// weights are not safetensors.
+pub(crate) fn target_shapes_of_folder(dir: &Path) -> Result<Option<TargetShapes>> {
+    let mut targets = TargetShapes::new();
+    for (part, stem) in [
+        (Part::Unet, "diffusion_pytorch_model"),
+        (Part::TextEncoder, "model"),
+    ] {
+        let mut shapes = HashMap::new();
+        for file in component_weight_files(dir, part.name(), stem, DType::F32)? {
+            if file.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+                return Ok(None);
+            }
+            shapes.extend(header_shapes(&file)?);
+        }
+        let mut list: Vec<(String, Vec<usize>)> = shapes
+            .into_iter()
+            .filter_map(|(key, dims)| {
+                let path = key.strip_suffix(".weight")?;
+                // Some text encoder files leave out `text_model.`; the built module's paths
+                // have it (as the loader reads both).
+                let path = match part {
+                    Part::TextEncoder if !path.starts_with("text_model.") => {
+                        format!("text_model.{path}")
+                    }
+                    _ => path.to_string(),
+                };
+                target_dims(part, &path, &dims).map(|d| (path, d))
+            })
+            .collect();
+        list.sort();
+        targets.insert(part, list);
+    }
+    Ok(Some(targets))
+}
+
+/// The dims the built module of weight `path` (stored as `dims`) reports, if it is a target.
+fn target_dims(part: Part, path: &str, dims: &[usize]) -> Option<Vec<usize>> {
+    let ends = |suffixes: &[&str]| suffixes.iter().any(|s| path.ends_with(s));
+    let linear = || (dims.len() >= 2).then(|| vec![dims[0], dims[1..].iter().product()]);
+    match part {
+        Part::Unet if !UNET_BLOCKS.iter().any(|b| path.starts_with(b)) => None,
+        Part::Unet if ends(&UNET_LINEAR) => linear(),
+        Part::Unet if ends(&UNET_CONV) && dims.len() == 4 => Some(dims.to_vec()),
+        Part::Unet => None,
+        Part::TextEncoder
+            if path.starts_with("text_model.encoder.layers.") && ends(&TEXT_LINEAR) =>
+        {
+            linear()
+        }
+        Part::TextEncoder => None,
+    }
+}
