@@ -73,6 +73,93 @@ pub(super) struct Local {
 }
 
 impl Local {
+    /// Queues a job and, with `follow`, subscribes to its events in the same step: the cluster
+    /// worker relays every event of the job it runs (a subscription made after `submit` could
+    /// miss the first ones, a model switch's `loading`, when the worker thread starts at once).
+    pub fn submit_followed(
+        &self,
+        spec: JobSpec,
+    ) -> Result<(JobView, broadcast::Receiver<JobEvent>), ApiError> {
+        let (view, rx) = self.enqueue(spec, true)?;
+        Ok((view, rx.expect("a followed job has an event channel")))
+    }
+
+    fn enqueue(
+        &self,
+        spec: JobSpec,
+        follow: bool,
+    ) -> Result<(JobView, Option<broadcast::Receiver<JobEvent>>), ApiError> {
+        let inner = &self.inner;
+        let device = inner
+            .device
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Err(retry_after) = inner.oom.admit(&device) {
+            let secs = retry_after.as_secs().max(1);
+            return Err(ApiError::OutOfMemory {
+                detail: format!(
+                    "memory circuit breaker open after repeated out-of-memory failures; retry after {secs} s"
+                ),
+                retry_after_secs: Some(secs),
+            });
+        }
+        let retry_after_secs = self.retry_after_secs();
+        let mut jobs = inner.jobs();
+        if jobs.shutting_down {
+            inner.oom.release_probe();
+            return Err(ApiError::ModelUnavailable(
+                "the server is shutting down".into(),
+            ));
+        }
+        if jobs.queue.len() >= inner.cfg.max_queued {
+            inner.oom.release_probe();
+            return Err(ApiError::Overloaded { retry_after_secs });
+        }
+        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let id = new_id(seq);
+        let now = Instant::now();
+        // Both passes of a hires request, as the pipeline counts them.
+        let total = spec.progress_total;
+        let record = Record {
+            id: id.clone(),
+            seq,
+            deadline: now + spec.timeout,
+            spec: Arc::new(spec),
+            status: JobStatus::Queued,
+            created: SystemTime::now(),
+            created_instant: now,
+            started: None,
+            finished: None,
+            progress: JobProgress {
+                step: 0,
+                total,
+                eta_seconds: None,
+            },
+            cancel_requested: false,
+            stop: Arc::new(AtomicU8::new(0)),
+            result: None,
+            error: None,
+            gen_secs: 0.0,
+            preview: None,
+            loading: None,
+            preview_watchers: Default::default(),
+            previews_asked_until: None,
+            // Made before the job can start, so a follower misses none of its events.
+            events: follow.then(|| broadcast::channel(EVENT_BUFFER).0),
+        };
+        jobs.records.insert(id.clone(), record);
+        jobs.queue.push_back(id.clone());
+        let view = jobs.view(&id).expect("just inserted");
+        let rx = jobs.records[&id]
+            .events
+            .as_ref()
+            .map(broadcast::Sender::subscribe);
+        drop(jobs);
+        inner.wake.notify_one();
+        Ok((view, rx))
+    }
+
     /// Starts the worker thread (which loads the model first) and the reaper.
     pub fn start(
         cfg: EngineConfig,
@@ -282,70 +369,7 @@ impl JobBackend for Local {
     }
 
     fn submit(&self, spec: JobSpec) -> Result<JobView, ApiError> {
-        let inner = &self.inner;
-        let device = inner
-            .device
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Err(retry_after) = inner.oom.admit(&device) {
-            let secs = retry_after.as_secs().max(1);
-            return Err(ApiError::OutOfMemory {
-                detail: format!(
-                    "memory circuit breaker open after repeated out-of-memory failures; retry after {secs} s"
-                ),
-                retry_after_secs: Some(secs),
-            });
-        }
-        let retry_after_secs = self.retry_after_secs();
-        let mut jobs = inner.jobs();
-        if jobs.shutting_down {
-            inner.oom.release_probe();
-            return Err(ApiError::ModelUnavailable(
-                "the server is shutting down".into(),
-            ));
-        }
-        if jobs.queue.len() >= inner.cfg.max_queued {
-            inner.oom.release_probe();
-            return Err(ApiError::Overloaded { retry_after_secs });
-        }
-        let seq = inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        let id = new_id(seq);
-        let now = Instant::now();
-        // Both passes of a hires request, as the pipeline counts them.
-        let total = spec.progress_total;
-        let record = Record {
-            id: id.clone(),
-            seq,
-            deadline: now + spec.timeout,
-            spec: Arc::new(spec),
-            status: JobStatus::Queued,
-            created: SystemTime::now(),
-            created_instant: now,
-            started: None,
-            finished: None,
-            progress: JobProgress {
-                step: 0,
-                total,
-                eta_seconds: None,
-            },
-            cancel_requested: false,
-            stop: Arc::new(AtomicU8::new(0)),
-            result: None,
-            error: None,
-            gen_secs: 0.0,
-            preview: None,
-            loading: None,
-            preview_watchers: Default::default(),
-            previews_asked_until: None,
-            events: None,
-        };
-        jobs.records.insert(id.clone(), record);
-        jobs.queue.push_back(id.clone());
-        let view = jobs.view(&id).expect("just inserted");
-        drop(jobs);
-        inner.wake.notify_one();
-        Ok(view)
+        self.enqueue(spec, false).map(|(view, _)| view)
     }
 
     fn get(&self, id: &str) -> Result<Option<JobView>, ApiError> {

@@ -259,6 +259,44 @@ async fn event_slots_are_allocated_for_followers_only() {
     assert_eq!(names.last(), Some(&"succeeded"));
 }
 
+/// The cluster worker's way in: a job followed from its submission gives every event to its
+/// follower, the first ones too, however soon the worker thread runs it (a subscription after
+/// `submit` missed a model switch's `loading` under load).
+#[tokio::test]
+async fn a_job_submitted_followed_misses_none_of_its_events() {
+    let s: FakeSpec = "step_ms=0".parse().unwrap();
+    let timeout = Duration::from_secs(30);
+    let local = local::Local::start(
+        EngineConfig::new(1, timeout),
+        s.loader(),
+        None,
+        Arc::new(Metrics::default()),
+    );
+    while matches!(local.model_state(), ModelState::Loading) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (view, mut rx) = local.submit_followed(spec(3, timeout)).unwrap();
+    // The job ends before anything is read.
+    while !matches!(local.finished(&view.id), Ok(Some(_))) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut names = vec![];
+    while names
+        .last()
+        .is_none_or(|n| !["succeeded", "failed", "cancelled"].contains(n))
+    {
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no more events after {names:?}"))
+            .unwrap();
+        names.push(e.name());
+    }
+    assert_eq!(
+        names,
+        ["started", "progress", "progress", "progress", "succeeded"]
+    );
+}
+
 #[tokio::test]
 async fn queue_limit_positions_cancel_and_ttl() {
     let s: FakeSpec = "step_ms=10".parse().unwrap();

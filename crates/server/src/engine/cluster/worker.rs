@@ -335,20 +335,12 @@ async fn run_one(w: &Worker, id: &str) -> Result<(), ApiError> {
     }
     tracing::info!(job = %id, worker = %w.id, attempt = record.attempts, "job started");
 
-    let local_view = match w.local.submit(spec) {
+    // Followed from before it can start: its first events (a switch's `loading`) reach Redis.
+    let (local_view, mut rx) = match w.local.submit_followed(spec) {
         Ok(v) => v,
         Err(e) => return end(w, &record, JobStatus::Failed, Err(e)).await,
     };
     let lid = local_view.id;
-    let Ok(Some((_, mut rx))) = w.local.subscribe(&lid) else {
-        return end(
-            w,
-            &record,
-            JobStatus::Failed,
-            Err(ApiError::Internal("the local job vanished".into())),
-        )
-        .await;
-    };
     let renew = Script::new(scripts::RENEW);
     let renew_every = (w.sh.cluster.lease / 3).max(Duration::from_millis(100));
     let mut last_renew = tokio::time::Instant::now();
