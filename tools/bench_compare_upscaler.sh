@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Runs our ESRGAN bench (crates/pipeline/benches/upscaler.rs) and spandrel's on torch
+# Runs our upscaler bench (crates/pipeline/benches/upscaler.rs: any file upscaler::Network reads,
+# ESRGAN or Real-ESRGAN Compact) and spandrel's on torch
 # (tools/bench_esrgan.py) back to back on the same model file, tile sides and thread count, then
 # prints a table of medians and ours/spandrel ratios.
 #
 #   tools/bench_compare_upscaler.sh MODEL_FILE [THREADS] [TILES] [REPEATS] [IMAGE_SIZES]
 #   e.g. python3 tools/bench_esrgan.py --make-random /tmp/esrgan-4x.pth   # full size, random
+#        python3 tools/bench_esrgan.py --make-random /tmp/compact-4x.pth --arch compact
 #        tools/bench_compare_upscaler.sh /tmp/esrgan-4x.pth 2 64,192 3
 # IMAGE_SIZES: A1111's whole tiled upscale of a picture of that side (ours only; "" none).
 # Writes upscaler-ours.json, upscaler-spandrel.json and upscaler-compare.json in $OUT_DIR.
 # PYTHON names a python with torch and spandrel (tools/requirements.txt).
 set -euo pipefail
-MODEL=${1:?ESRGAN model file}
+MODEL=${1:?upscaler model file}
 THREADS=${2:-2}
 TILES=${3:-64,192}
 REPEATS=${4:-3}

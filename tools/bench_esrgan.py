@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU timings of an ESRGAN upscaler run by spandrel 0.4.2 on torch 2.11.0, as the Rust bench
+"""CPU timings of an upscaler (ESRGAN, Real-ESRGAN Compact, ...) run by spandrel 0.4.2 on torch 2.11.0, as the Rust bench
 `crates/pipeline/benches/upscaler.rs` measures ours: one forward pass of the network on a square
 tile (A1111 upscales in tiles of 192 px, one at a time), the same synthetic picture as the Rust
 bench; medians over repeats with min/max, the median CPU time of the process (all threads) and
@@ -7,10 +7,13 @@ peak RSS (VmHWM, reset before each stage).
 
     python3 tools/bench_esrgan.py --model 4x.pth --threads 2 --tiles 64,192 --repeats 3 --json ref.json
     python3 tools/bench_esrgan.py --make-random /tmp/esrgan-4x-random.pth   # a full-size model
+    python3 tools/bench_esrgan.py --make-random /tmp/compact-4x.pth --arch compact
 
 --make-random writes an ESRGAN of the size of the common 4x models (RealESRGAN_x4plus,
 4x-UltraSharp: 23 RRDB blocks, 64 features, growth 32, two x2 upsamplings) with torch's default
-initialisation, in the original ESRGAN key names, and exits. For benchmarks only, never for tests.
+initialisation, in the original ESRGAN key names, and exits; with --arch compact, a Real-ESRGAN
+Compact of realesr-general-x4v3's size (64 features, 32 body convs, PReLU, x4; --scale sets the
+factor). For benchmarks only, never for tests.
 Prints a table on stderr and one JSON object on stdout (the schema of tools/bench_diffusers.py).
 """
 
@@ -37,6 +40,8 @@ def main():
     ap.add_argument("--model")
     ap.add_argument("--make-random", metavar="OUT")
     ap.add_argument("--scale", type=int, default=4, help="with --make-random")
+    ap.add_argument("--arch", choices=["esrgan", "compact"], default="esrgan",
+                    help="with --make-random")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiles", default="64,192")
     ap.add_argument("--repeats", type=int, default=3)
@@ -47,10 +52,15 @@ def main():
 
     torch.set_num_threads(args.threads)
     if args.make_random:
-        from spandrel.architectures.ESRGAN import ESRGAN
-
         torch.manual_seed(0)
-        net = ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=args.scale)
+        if args.arch == "compact":
+            from spandrel.architectures.Compact import Compact
+
+            net = Compact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=32, upscale=args.scale)
+        else:
+            from spandrel.architectures.ESRGAN import ESRGAN
+
+            net = ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=args.scale)
         torch.save(net.state_dict(), args.make_random)
         print(f"wrote {args.make_random}", file=sys.stderr)
         return

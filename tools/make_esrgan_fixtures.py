@@ -15,6 +15,16 @@ Files (random weights, seeded):
   x2-unshuffle.pth       a Real-ESRGAN x2 network (pixel-unshuffled input, 12 channels; 1
                          block), BasicSR names under `params_ema` as Real-ESRGAN ships them
   x2-old.safetensors     one x2 upsampling, old names, 1 block
+  plus-x4.pth            ESRGAN+ (spandrel's `plus`: conv1x1 shortcuts in the dense blocks),
+                         old names, 1 block
+  x8-old.pth             three x2 upsamplings, old names, 1 block
+  x3-old.pth             a "3x" ESRGAN (one x3 upsampling, as spandrel's RRDBNet(scale=3)
+                         builds it): spandrel reads its length as one x2 upsampling and runs it
+                         as a 2x network, and so does A1111 1.8+; the reference is that
+  compact-x4.pth         Real-ESRGAN Compact (spandrel's `Compact`, SRVGGNetCompact): nf 8,
+                         3 body convs, x4, under `params` as realesr-general-x4v3 ships
+  compact-x2.safetensors the same architecture, 2 body convs, x2
+  compact-x1.pth         a 1x compact network (1 body conv), as community "1x" models are
   not-rrdbnet.pth        a state dict of some other network (two convs)
 
 References, A1111's own code run here (taken with `ast` from a checkout of
@@ -23,7 +33,7 @@ AUTOMATIC1111/stable-diffusion-webui, not copied): modules/upscaler_utils.py
 overlapping by 8) with modules/images.py `split_grid` / `combine_grid`, and modules/upscaler.py
 `Upscaler.upscale` (the model repeated until the size is reached, then Lanczos):
   forward.safetensors    the network's raw output for `input.small.png` (as A1111 feeds it:
-                         BGR, /255), per model
+                         BGR, /255), per model (x8: of its top-left 6x8 only)
   input.<name>.png       the images
   tiled.<case>.png       upscale_with_model's result
   upscale.<case>.png     Upscaler.upscale's result at a factor
@@ -51,6 +61,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures", "esrgan")
 
 TILE, OVERLAP = 192, 8
+FORWARD_CROP = (6, 8)  # rows, columns of input.small.png the x8 network's forward is of
 
 
 def narrow_growth():
@@ -65,12 +76,12 @@ def narrow_growth():
     B.RRDB = narrow
 
 
-def network(seed, nb, scale, shuffle=None):
+def network(seed, nb, scale, shuffle=None, plus=False):
     from spandrel.architectures.ESRGAN import ESRGAN
     torch.manual_seed(seed)
     in_nc = 3 * (shuffle or 1) ** 2
     net = ESRGAN(in_nc=in_nc, out_nc=3, num_filters=8, num_blocks=nb,
-                 scale=scale * (shuffle or 1), shuffle_factor=shuffle)
+                 scale=scale * (shuffle or 1), shuffle_factor=shuffle, plus=plus)
     with torch.no_grad():
         for name, p in net.named_parameters():
             # torch's default init, a little stronger so the tiny trunk changes the picture;
@@ -78,6 +89,21 @@ def network(seed, nb, scale, shuffle=None):
             p.mul_(1.5)
         last = max(int(k.split(".")[1]) for k in net.state_dict() if k.startswith("model."))
         getattr(net.model, str(last)).bias.fill_(0.5)
+    return net.eval()
+
+
+def compact(seed, num_conv, scale):
+    from spandrel.architectures.Compact import Compact
+    torch.manual_seed(seed)
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=num_conv, upscale=scale)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() == 1 and name.endswith(".weight"):
+                # PReLU slopes: each channel its own, some negative (torch's init is 0.25
+                # everywhere, which a plain LeakyReLU would also match).
+                p.uniform_(-0.5, 0.5)
+        # The residual onto the nearest-upsampled input: small enough to leave the picture.
+        net.body[-1].weight.mul_(0.5)
     return net.eval()
 
 
@@ -197,14 +223,28 @@ def main():
     os.makedirs(out, exist_ok=True)
 
     nets = {"x4-old": network(1, 2, 4), "x2-unshuffle": network(2, 1, 2, shuffle=2),
-            "x2-old": network(3, 1, 2)}
+            "x2-old": network(3, 1, 2), "plus-x4": network(4, 1, 4, plus=True),
+            "x8-old": network(5, 1, 8), "x3-old": network(6, 1, 3),
+            "compact-x4": compact(7, 3, 4), "compact-x2": compact(8, 2, 2),
+            "compact-x1": compact(9, 1, 1)}
     files = {
         "x4-old.pth": ("x4-old", nets["x4-old"].state_dict()),
         "x4-new.safetensors": ("x4-old", new_names(nets["x4-old"].state_dict(), 2)),
         "x2-unshuffle.pth": ("x2-unshuffle",
                              {"params_ema": new_names(nets["x2-unshuffle"].state_dict(), 1)}),
         "x2-old.safetensors": ("x2-old", nets["x2-old"].state_dict()),
+        "plus-x4.pth": ("plus-x4", nets["plus-x4"].state_dict()),
+        "x8-old.pth": ("x8-old", nets["x8-old"].state_dict()),
+        "x3-old.pth": ("x3-old", nets["x3-old"].state_dict()),
+        "compact-x4.pth": ("compact-x4", {"params": nets["compact-x4"].state_dict()}),
+        "compact-x2.safetensors": ("compact-x2", nets["compact-x2"].state_dict()),
+        "compact-x1.pth": ("compact-x1", nets["compact-x1"].state_dict()),
     }
+    # What spandrel reads each file as: (architecture, scale, ESRGAN+).
+    expect = {"plus-x4.pth": ("ESRGAN", 4, True), "x3-old.pth": ("ESRGAN", 2, False),
+              "x8-old.pth": ("ESRGAN", 8, False), "compact-x4.pth": ("Compact", 4, None),
+              "compact-x2.safetensors": ("Compact", 2, None),
+              "compact-x1.pth": ("Compact", 1, None)}
     images = inputs()
     for name, img in images.items():
         img.save(os.path.join(out, f"input.{name}.png"))
@@ -221,14 +261,21 @@ def main():
         else:
             torch.save(sd, path)
         loaded = spandrel.ModelLoader().load_from_file(path)
-        assert loaded.architecture.id == "ESRGAN", loaded.architecture.id
+        arch, scale, plus = expect.get(fname, ("ESRGAN", None, False))
+        assert loaded.architecture.id == arch, loaded.architecture.id
+        assert scale is None or loaded.scale == scale, (fname, loaded.scale)
+        if plus is not None:
+            assert ("ESRGAN+" in loaded.tags) == plus, (fname, loaded.tags)
+        # The x8 network's output is kept small: the input's top-left FORWARD_CROP.
+        x = small[:, :, :FORWARD_CROP[0], :FORWARD_CROP[1]] if fname == "x8-old.pth" else small
         with torch.no_grad():
-            want = nets[net](small)
-            got = loaded.model.eval()(small)
-        assert torch.equal(want, got), fname
+            got = loaded.model.eval()(x)
+            if fname != "x3-old.pth":  # read as another network: its own output is not it
+                assert torch.equal(nets[net](x), got), fname
         if fname != "x4-new.safetensors":  # the same network as x4-old.pth
             forward[fname] = got[0].contiguous()
-        print(f"{fname}: spandrel loads it as {loaded.architecture.id} x{loaded.scale}, "
+        print(f"{fname}: spandrel loads it as {loaded.architecture.id} x{loaded.scale} "
+              f"{loaded.tags}, "
               f"{os.path.getsize(path)} bytes, output {tuple(got.shape)} "
               f"range {got.min():.3f}..{got.max():.3f}")
     torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "conv2.weight": torch.zeros(3, 4, 1, 1)},
@@ -242,14 +289,18 @@ def main():
     # Several tiles each way, and an image smaller than a tile (black-padded tiles).
     for label, (fname, img) in {"x4_wide": ("x4-old.pth", "wide"),
                                 "x2_unshuffle_tall": ("x2-unshuffle.pth", "tall"),
-                                "x4_small": ("x4-new.safetensors", "small")}.items():
+                                "x4_small": ("x4-new.safetensors", "small"),
+                                "compact_x4_wide": ("compact-x4.pth", "wide"),
+                                "plus_x4_small": ("plus-x4.pth", "small")}.items():
         res = tiled(model(fname), sent[img])
         res.save(os.path.join(out, f"tiled.{label}.png"))
         cases[label] = dict(kind="tiled", model=fname, input=img, size=list(res.size))
         print(label, sent[img].size, "->", res.size)
     # Upscaler.upscale: x4 to 2.5 (one pass, Lanczos down); x2 to 3 (two passes, Lanczos down).
     for label, (fname, img, scale) in {"x4_by_2_5": ("x4-old.pth", "tall", 2.5),
-                                       "x2_by_3": ("x2-old.safetensors", "small", 3.0)}.items():
+                                       "x2_by_3": ("x2-old.safetensors", "small", 3.0),
+                                       "compact_x2_by_3": ("compact-x2.safetensors", "small",
+                                                           3.0)}.items():
         res = upscale(model(fname), sent[img], scale)
         res.save(os.path.join(out, f"upscale.{label}.png"))
         cases[label] = dict(kind="upscale", model=fname, input=img, scale=scale,
@@ -260,7 +311,7 @@ def main():
         "versions": {"spandrel": spandrel.__version__, "torch": torch.__version__,
                      "pillow": PIL.__version__, "numpy": np.__version__},
         "a1111_sources": {k: f"sha256 {v}" for k, v in digests.items()},
-        "tile": TILE, "overlap": OVERLAP,
+        "tile": TILE, "overlap": OVERLAP, "forward_crop": {"x8-old.pth": list(FORWARD_CROP)},
         "cases": cases,
     }
     with open(os.path.join(out, "esrgan.json"), "w", encoding="utf-8") as f:

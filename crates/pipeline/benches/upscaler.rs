@@ -1,5 +1,6 @@
-//! ESRGAN upscaler timings on the CPU, printed as a table and as JSON (the schema of the
-//! `stages` bench), to set beside spandrel's (tools/bench_esrgan.py; both through
+//! Upscaler network timings on the CPU (any file `upscaler::Network` reads: ESRGAN, Real-ESRGAN
+//! Compact), printed as a table and as JSON (the schema of the `stages` bench), to set beside
+//! spandrel's (tools/bench_esrgan.py; both through
 //! tools/bench_compare_upscaler.sh).
 //!
 //! `ESRGAN=/path/4x.pth cargo bench -p sdserve-pipeline --bench upscaler -- [--tiles 64,192]
@@ -13,7 +14,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::pipeline::RgbImage;
-use sdserve_pipeline::upscaler::{upscale_tiled, Esrgan, TILE, TILE_OVERLAP};
+use sdserve_pipeline::upscaler::{upscale_tiled, Network, TILE, TILE_OVERLAP};
 
 #[path = "stages/stats.rs"]
 mod stats;
@@ -75,13 +76,12 @@ fn main() {
     let path = std::env::var("ESRGAN").expect("set ESRGAN to an ESRGAN model file");
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let start = std::time::Instant::now();
-    let model = Esrgan::load(std::path::Path::new(&path), &Device::Cpu, DType::F32)
+    let model = Network::load(std::path::Path::new(&path), &Device::Cpu, DType::F32)
         .expect("the model loads");
     let load_s = start.elapsed().as_secs_f64();
     eprintln!(
-        "loaded {path} in {load_s:.2} s: {} blocks, x{} (threads {threads})",
-        model.blocks(),
-        model.scale()
+        "loaded {path} in {load_s:.2} s: {} (threads {threads})",
+        model.describe()
     );
     let mut stats = Vec::new();
     for side in tiles {

@@ -13,7 +13,7 @@ use candle_core::{DType, Device};
 
 use crate::image_in::{resize_lanczos, resize_nearest};
 use crate::pipeline::RgbImage;
-use crate::upscaler::Esrgan;
+use crate::upscaler::Network;
 
 /// An image upscaler: A1111's built-in ones, or an ESRGAN model (`None` is "no upscaler":
 /// see [`ExtrasUpscale`]).
@@ -30,7 +30,7 @@ pub struct ModelUpscaler {
     pub name: String,
     /// The file; empty for a model known by name only until it runs ([`Self::named`]).
     pub path: PathBuf,
-    loaded: OnceLock<Result<Arc<Esrgan>, String>>,
+    loaded: OnceLock<Result<Arc<Network>, String>>,
 }
 
 impl std::fmt::Debug for ModelUpscaler {
@@ -71,7 +71,7 @@ impl ModelUpscaler {
     pub fn with_network(
         name: impl Into<String>,
         path: impl Into<PathBuf>,
-        network: Arc<Esrgan>,
+        network: Arc<Network>,
     ) -> Self {
         let me = Self::new(name, path);
         let _ = me.loaded.set(Ok(network));
@@ -80,13 +80,13 @@ impl ModelUpscaler {
 
     /// The network (read on the CPU in f32 on first use; blocking), or why the file is not
     /// one, naming it.
-    pub fn load(&self) -> Result<&Esrgan, String> {
+    pub fn load(&self) -> Result<&Network, String> {
         self.load_on(&Device::Cpu, DType::F32)
     }
 
     /// The network, read onto `device` in `dtype` on first use; one handed over
     /// ([`Self::with_network`]) or read before is used where it is.
-    pub fn load_on(&self, device: &Device, dtype: DType) -> Result<&Esrgan, String> {
+    pub fn load_on(&self, device: &Device, dtype: DType) -> Result<&Network, String> {
         self.loaded
             .get_or_init(|| {
                 if self.path.as_os_str().is_empty() {
@@ -95,7 +95,7 @@ impl ModelUpscaler {
                         self.name
                     ));
                 }
-                Esrgan::load(&self.path, device, dtype)
+                Network::load(&self.path, device, dtype)
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })
@@ -106,7 +106,7 @@ impl ModelUpscaler {
 
     /// The model's factor (1 until it is read: [`Self::load`] first).
     fn scale(&self) -> usize {
-        self.load().map_or(1, Esrgan::scale)
+        self.load().map_or(1, Network::scale)
     }
 }
 

@@ -1,6 +1,6 @@
-//! ESRGAN upscalers (`sdserve_pipeline::upscaler`) against spandrel's network and A1111's
-//! tiled upscale (`tools/make_esrgan_fixtures.py`): the network's output within float noise
-//! for every layout, and A1111's tiles, blend and `Upscaler.upscale` rounds within one level
+//! Upscaler networks (`sdserve_pipeline::upscaler`: ESRGAN in every layout, ESRGAN+, x8 and
+//! "3x" RRDBNets, Real-ESRGAN Compact) against spandrel's network and A1111's tiled upscale
+//! (`tools/make_esrgan_fixtures.py`): the network's output within float noise for each, and A1111's tiles, blend and `Upscaler.upscale` rounds within one level
 //! of a byte (the float noise crossing a truncation).
 
 mod common;
@@ -8,11 +8,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_path, max_abs_diff, read_png};
 use sdserve_pipeline::pipeline::RgbImage;
-use sdserve_pipeline::upscaler::{upscale_by, upscale_tiled, Esrgan, TILE, TILE_OVERLAP};
+use sdserve_pipeline::upscaler::{upscale_by, upscale_tiled, Network, TILE, TILE_OVERLAP};
 use serde_json::Value;
 
-fn model(file: &str) -> Esrgan {
-    Esrgan::load(&fixture_path("esrgan").join(file), &Device::Cpu, DType::F32).unwrap()
+fn model(file: &str) -> Network {
+    Network::load(&fixture_path("esrgan").join(file), &Device::Cpu, DType::F32).unwrap()
 }
 
 fn png(name: &str) -> RgbImage {
@@ -44,15 +44,79 @@ fn the_network_is_spandrels_in_every_layout() {
         ("x4-new.safetensors", "x4-old.pth", 4, 2),
         ("x2-unshuffle.pth", "x2-unshuffle.pth", 2, 1),
         ("x2-old.safetensors", "x2-old.safetensors", 2, 1),
+        // A "3x" file's length reads as one x2 upsampling in spandrel, which runs it as 2x.
+        ("x3-old.pth", "x3-old.pth", 2, 1),
     ] {
         let m = model(file);
+        assert_eq!(m.architecture(), "ESRGAN", "{file}");
+        let n = m.esrgan().unwrap();
         assert_eq!(
-            (m.scale(), m.blocks(), m.features, m.growth),
+            (m.scale(), n.blocks(), n.features, n.growth),
             (scale, blocks, 8, 4)
         );
         let got = m.forward(&x).unwrap().squeeze(0).unwrap();
         let diff = max_abs_diff(&got, &want[reference]);
         assert!(diff < 1e-4, "{file}: max difference {diff}");
+    }
+}
+
+/// The network's output for `input.small.png` (or the crop of it esrgan.json names) within
+/// float noise of spandrel's.
+fn assert_forward_is_spandrels(file: &str) -> Network {
+    let want = candle_core::safetensors::load(
+        fixture_path("esrgan").join("forward.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("esrgan").join("esrgan.json")).unwrap(),
+    )
+    .unwrap();
+    let mut x = a1111_input(&png("input.small.png"));
+    if let Some(crop) = meta["forward_crop"][file].as_array() {
+        let (rows, cols) = (crop[0].as_u64().unwrap(), crop[1].as_u64().unwrap());
+        x = x
+            .narrow(2, 0, rows as usize)
+            .unwrap()
+            .narrow(3, 0, cols as usize)
+            .unwrap();
+    }
+    let m = model(file);
+    let got = m.forward(&x).unwrap().squeeze(0).unwrap();
+    let diff = max_abs_diff(&got, &want[file]);
+    assert!(diff < 1e-4, "{file}: max difference {diff}");
+    m
+}
+
+#[test]
+fn esrgan_plus_runs_its_shortcuts() {
+    let m = assert_forward_is_spandrels("plus-x4.pth");
+    assert_eq!(m.architecture(), "ESRGAN+");
+    assert_eq!((m.scale(), m.esrgan().unwrap().blocks()), (4, 1));
+}
+
+#[test]
+fn an_x8_rrdbnet_upsamples_three_times() {
+    let m = assert_forward_is_spandrels("x8-old.pth");
+    assert_eq!((m.architecture(), m.scale()), ("ESRGAN", 8));
+}
+
+#[test]
+fn real_esrgan_compact_is_spandrels() {
+    for (file, scale, convs) in [
+        ("compact-x4.pth", 4, 3),
+        ("compact-x2.safetensors", 2, 2),
+        ("compact-x1.pth", 1, 1),
+    ] {
+        let m = assert_forward_is_spandrels(file);
+        assert_eq!(m.architecture(), "RealESRGAN Compact");
+        let n = m.compact().unwrap();
+        assert_eq!(
+            (m.scale(), n.convs(), n.features),
+            (scale, convs, 8),
+            "{file}"
+        );
+        assert!(m.esrgan().is_none());
     }
 }
 
@@ -87,7 +151,7 @@ fn tiles_and_rounds_are_a1111s() {
         (Some(TILE as u64), Some(TILE_OVERLAP as u64))
     );
     let cases = meta["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 8);
     for (label, case) in cases {
         let m = model(case["model"].as_str().unwrap());
         let input = png(&format!("input.{}.png", case["input"].as_str().unwrap()));
@@ -109,13 +173,15 @@ fn tiles_and_rounds_are_a1111s() {
 fn files_that_are_not_rrdbnets_are_refused_by_name() {
     let dir = fixture_path("esrgan");
     let err = |path: &std::path::Path| {
-        Esrgan::load(path, &Device::Cpu, DType::F32)
+        Network::load(path, &Device::Cpu, DType::F32)
             .unwrap_err()
             .to_string()
     };
     let e = err(&dir.join("not-rrdbnet.pth"));
     assert!(
-        e.contains("not-rrdbnet.pth") && e.contains("not an ESRGAN"),
+        e.contains("not-rrdbnet.pth")
+            && e.contains("not an upscaler network")
+            && e.contains(sdserve_pipeline::upscaler::SUPPORTED),
         "{e}"
     );
     // Cut short: the zip's directory (or the safetensors header's tensors) are gone.

@@ -1,5 +1,5 @@
-//! UPSCALERS_DIR: ESRGAN-architecture upscaler models (A1111's `models/ESRGAN` folder: R-ESRGAN
-//! 4x+, 4x-UltraSharp, NMKD's, ...), every `.pth`, `.pt` and `.safetensors` file in it named by
+//! UPSCALERS_DIR: upscaler models (A1111's `models/ESRGAN` folder: ESRGAN-architecture ones,
+//! R-ESRGAN 4x+, 4x-UltraSharp, NMKD's, ..., ESRGAN+, and Real-ESRGAN Compact ones), every `.pth`, `.pt` and `.safetensors` file in it named by
 //! its stem, as A1111's `modelloader.friendly_name` names them. Extras (`upscaler_1`,
 //! `upscaler_2`) take these names beside A1111's built-in `None`, `Lanczos`, `Nearest`, which
 //! win where a file has one of their names.
@@ -8,7 +8,8 @@
 //!
 //! The folder is read on every look (one directory listing), as VAE_DIR is: a file dropped in
 //! can be named at once. A file is read when a request first uses it and kept in the
-//! [`NetworkCache`]; one that is not an RRDBNet is a 422 naming the file.
+//! [`NetworkCache`]; one of no architecture the server runs is a 422 naming the file and
+//! those it runs.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use std::time::SystemTime;
 use candle_core::{DType, Device};
 use sdserve_pipeline::pipeline::{GenerationParams, Upscaler};
 use sdserve_pipeline::upscale::{network_dtype, ModelUpscaler};
-use sdserve_pipeline::upscaler::Esrgan;
+use sdserve_pipeline::upscaler::Network;
 use sdserve_pipeline::PipelineError;
 
 use crate::error::ApiError;
@@ -128,7 +129,8 @@ pub struct UpscalerListing {
     /// The name Extras' `upscaler_1` / `upscaler_2` and the hires fix's `hires.upscaler` take.
     pub name: String,
     /// `builtin` (A1111's `None`, `Lanczos`, `Nearest`: Pillow's filters) or `esrgan` (a model
-    /// of UPSCALERS_DIR).
+    /// of UPSCALERS_DIR, A1111's `models/ESRGAN`: an ESRGAN, ESRGAN+ or Real-ESRGAN Compact
+    /// network).
     pub kind: String,
     /// The model's file name in UPSCALERS_DIR (null for the built-ins).
     pub file: Option<String>,
@@ -138,7 +140,7 @@ pub struct UpscalerListing {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UpscalerList {
     /// The built-ins, then UPSCALERS_DIR's models by name (files are read when a request uses
-    /// them: one that is not an ESRGAN model is listed, and a 422 when named).
+    /// them: one of no supported architecture is listed, and a 422 when named).
     pub upscalers: Vec<UpscalerListing>,
 }
 
@@ -168,7 +170,7 @@ impl UpscalerCatalog {
 /// network on a GPU holds its weights there between jobs (about 33 MB in f16 for a 4x
 /// ESRGAN); the memory plan does not count them.
 pub struct NetworkCache {
-    entries: Mutex<VecDeque<(NetworkKey, Arc<Esrgan>)>>,
+    entries: Mutex<VecDeque<(NetworkKey, Arc<Network>)>>,
     reads: AtomicUsize,
 }
 
@@ -203,7 +205,7 @@ impl NetworkCache {
     /// The network of the file at `path` on `device` in `dtype`: the cached one while the
     /// file is unchanged, else read now (blocking; two callers missing at once may both read
     /// it, the later one kept). The error names the file, not its folder.
-    pub fn get(&self, path: &Path, device: &Device, dtype: DType) -> Result<Arc<Esrgan>, String> {
+    pub fn get(&self, path: &Path, device: &Device, dtype: DType) -> Result<Arc<Network>, String> {
         let file = path
             .file_name()
             .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
@@ -225,7 +227,7 @@ impl NetworkCache {
             }
         }
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let net = Arc::new(Esrgan::load(path, device, dtype).map_err(|e| e.to_string())?);
+        let net = Arc::new(Network::load(path, device, dtype).map_err(|e| e.to_string())?);
         let mut entries = self.lock();
         // The file's older versions are of no more use.
         entries.retain(|(k, _)| (&k.path, &k.device, k.dtype) != (&key.path, &key.device, dtype));
@@ -242,7 +244,7 @@ impl NetworkCache {
         self.reads.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(NetworkKey, Arc<Esrgan>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(NetworkKey, Arc<Network>)>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

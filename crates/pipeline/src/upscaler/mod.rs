@@ -1,12 +1,17 @@
-//! Upscaling networks: ESRGAN-architecture models (RRDBNet: ESRGAN, Real-ESRGAN,
-//! 4x-UltraSharp, NMKD's, ...), the `models/ESRGAN/*.pth` A1111 users upscale with, run the
-//! way A1111 runs them ([`tiles`]) and repeated to a factor as its `Upscaler.upscale` does.
+//! Upscaling networks, the `models/ESRGAN/*.pth` A1111 users upscale with: ESRGAN-architecture
+//! models (RRDBNet: ESRGAN, Real-ESRGAN, 4x-UltraSharp, NMKD's, ...) and Real-ESRGAN Compact
+//! ones, one [`Network`] whichever the file holds, run the way A1111 runs them ([`tiles`])
+//! and repeated to a factor as its `Upscaler.upscale` does.
 
+mod compact;
 mod net;
+mod network;
 mod state;
 pub mod tiles;
 
+pub use compact::Compact;
 pub use net::Esrgan;
+pub use network::{Network, SUPPORTED};
 pub use tiles::{upscale_tiled, upscale_tiled_checked, upscale_tiled_until, TILE, TILE_OVERLAP};
 
 use crate::image_in::resize_lanczos;
@@ -34,16 +39,16 @@ pub fn rounds(model_scale: usize, width: usize, height: usize, scale: f64) -> Ve
     out
 }
 
-/// A1111's `Upscaler.upscale(img, scale)` with an ESRGAN model (`UpscalerESRGAN.do_upscale`:
+/// A1111's `Upscaler.upscale(img, scale)` with a model (`UpscalerESRGAN.do_upscale`:
 /// [`upscale_tiled`] with A1111's default tile and overlap): the model's rounds (see
 /// [`rounds`]), then a Lanczos resize to `side * scale // 8 * 8` where that differs.
-pub fn upscale_by(model: &Esrgan, image: &RgbImage, scale: f64) -> Result<RgbImage> {
+pub fn upscale_by(model: &Network, image: &RgbImage, scale: f64) -> Result<RgbImage> {
     upscale_by_until(model, image, scale, None)
 }
 
 /// [`upscale_by`], given up (`Cancelled`) before a tile that would start after `deadline`.
 pub fn upscale_by_until(
-    model: &Esrgan,
+    model: &Network,
     image: &RgbImage,
     scale: f64,
     deadline: Option<std::time::Instant>,
@@ -53,7 +58,7 @@ pub fn upscale_by_until(
 
 /// [`upscale_by`], asking `check` before each tile of each round (`Break`: `Cancelled`).
 pub fn upscale_by_checked(
-    model: &Esrgan,
+    model: &Network,
     image: &RgbImage,
     scale: f64,
     check: &mut dyn FnMut() -> std::ops::ControlFlow<()>,

@@ -7,6 +7,9 @@
 //! `x5 * 0.2 + x`), then `out * 0.2 + x`. Real-ESRGAN's x2 / x1 models take their input
 //! pixel-unshuffled (reflect-padded to a multiple first, the output cropped back).
 //!
+//! ESRGAN+ (spandrel's `plus`, old names only) adds to each dense block a bias-free 1x1 conv of
+//! its input onto the second conv's output, and that sum onto the fourth's.
+//!
 //! Everything is read from the weights: the layout (the "old" ESRGAN names `model.0`,
 //! `model.1.sub.N.RDBk.convj.0`, ... or the Real-ESRGAN / BasicSR names `conv_first`,
 //! `body.N.rdbk.convj`, `conv_body`, `conv_up1`, ... and BSRGAN's `RRDB_trunk`, `trunk_conv`,
@@ -14,7 +17,7 @@
 //! upsamplings and the unshuffle factor (input channels 4x or 16x the output's).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -158,9 +161,11 @@ impl Layout {
     }
 }
 
-/// One residual dense block: five convs.
+/// One residual dense block: five convs, and ESRGAN+'s 1x1 conv (`conv1x1`, no bias) of
+/// the block's input added to the second conv's output.
 struct DenseBlock {
     convs: [Conv2d; 5],
+    plus: Option<Conv2d>,
 }
 
 fn leaky_relu(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -169,10 +174,19 @@ fn leaky_relu(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl DenseBlock {
+    /// spandrel's `ResidualDenseBlock_5C.forward`; with ESRGAN+'s shortcuts `x2 +=
+    /// conv1x1(x)` and `x4 += x2`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut features = vec![x.clone()];
-        for conv in &self.convs[..4] {
-            let y = leaky_relu(&conv.forward(&Tensor::cat(&features, 1)?)?)?;
+        for (i, conv) in self.convs[..4].iter().enumerate() {
+            let mut y = leaky_relu(&conv.forward(&Tensor::cat(&features, 1)?)?)?;
+            if let Some(shortcut) = &self.plus {
+                match i {
+                    1 => y = (y + shortcut.forward(x)?)?,
+                    3 => y = (y + &features[2])?,
+                    _ => {}
+                }
+            }
             features.push(y);
         }
         let x5 = self.convs[4].forward(&Tensor::cat(&features, 1)?)?;
@@ -190,35 +204,34 @@ pub struct Esrgan {
     conv_last: Conv2d,
     /// Real-ESRGAN's pixel-unshuffle factor of the input (2 for x2, 4 for x1 models).
     unshuffle: Option<usize>,
+    /// ESRGAN+: the dense blocks' extra shortcuts.
+    plus: bool,
     /// The factor the image grows by (the upsamplings' 2^n over the unshuffle).
     scale: usize,
     pub features: usize,
     pub growth: usize,
-    path: PathBuf,
 }
 
 impl std::fmt::Debug for Esrgan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Esrgan")
-            .field("path", &self.path)
             .field("scale", &self.scale)
             .field("blocks", &self.blocks.len())
             .field("features", &self.features)
             .field("growth", &self.growth)
             .field("unshuffle", &self.unshuffle)
+            .field("plus", &self.plus)
             .finish()
     }
 }
 
 impl Esrgan {
-    /// Reads an ESRGAN-architecture upscaler (`.pth`, `.pt`, `.safetensors`) onto `device`
-    /// in `dtype`; anything else is an error naming the file and what is wrong.
-    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let state = super::state::read_state(path)?;
-        Self::from_state(path, &state, device, dtype)
+    /// spandrel's detection (`ESRGANArch`): one of the layouts' names are there.
+    pub(super) fn detect(state: &HashMap<String, Tensor>) -> bool {
+        Layout::detect(state).is_some()
     }
 
-    fn from_state(
+    pub(super) fn from_state(
         path: &Path,
         state: &HashMap<String, Tensor>,
         device: &Device,
@@ -228,37 +241,34 @@ impl Esrgan {
             path: path.to_path_buf(),
             message,
         };
-        let layout = Layout::detect(state).ok_or_else(|| {
-            bad(
-                "not an ESRGAN (RRDBNet) upscaler: neither the ESRGAN names (model.0, \
-                 model.1.sub.0.RDB1.conv1.0) nor the Real-ESRGAN ones (conv_first, body.0.rdb1, \
-                 conv_body, conv_last) are there"
-                    .into(),
-            )
-        })?;
-        if state.keys().any(|k| k.contains(".conv1x1.")) {
-            return Err(bad(
-                "an ESRGAN+ network (conv1x1 layers), which this server does not run".into(),
-            ));
-        }
+        let layout =
+            Layout::detect(state).ok_or_else(|| bad("not an ESRGAN (RRDBNet) upscaler".into()))?;
+        // ESRGAN+ (spandrel's `plus`): conv1x1 layers among the old names. spandrel's mapping
+        // of the newer names carries none over, so there they are not read.
+        let plus = matches!(layout, Layout::Old) && state.keys().any(|k| k.contains(".conv1x1."));
+        // The tensor `key`, of `shape`, on the device in the dtype.
+        let get = |key: String, shape: &[usize]| -> Result<Tensor> {
+            let t = state
+                .get(&key)
+                .ok_or_else(|| bad(format!("{key} is missing")))?;
+            if t.dims() != shape {
+                return Err(bad(format!(
+                    "{key} has shape {:?}, the network needs {shape:?}",
+                    t.dims()
+                )));
+            }
+            Ok(t.to_device(device)?.to_dtype(dtype)?)
+        };
         // A 3x3 conv `name` with `cout` outputs and `cin` inputs, and its bias.
         let conv = |name: &str, cout: usize, cin: usize| -> Result<Conv2d> {
-            let get = |suffix: &str, shape: &[usize]| -> Result<Tensor> {
-                let key = format!("{name}.{suffix}");
-                let t = state
-                    .get(&key)
-                    .ok_or_else(|| bad(format!("{key} is missing")))?;
-                if t.dims() != shape {
-                    return Err(bad(format!(
-                        "{key} has shape {:?}, the network needs {shape:?}",
-                        t.dims()
-                    )));
-                }
-                Ok(t.to_device(device)?.to_dtype(dtype)?)
-            };
-            let weight = get("weight", &[cout, cin, 3, 3])?;
-            let bias = get("bias", &[cout])?;
+            let weight = get(format!("{name}.weight"), &[cout, cin, 3, 3])?;
+            let bias = get(format!("{name}.bias"), &[cout])?;
             Ok(Conv2d::new(weight, Some(bias), 1, 1))
+        };
+        // ESRGAN+'s 1x1 conv, without a bias.
+        let conv1x1 = |name: &str, cout: usize, cin: usize| -> Result<Conv2d> {
+            let weight = get(format!("{name}.weight"), &[cout, cin, 1, 1])?;
+            Ok(Conv2d::new(weight, None, 1, 0))
         };
         let dims = |key: String| -> Result<Vec<usize>> {
             let t = state
@@ -308,8 +318,12 @@ impl Esrgan {
                     let c = |j: usize, cout: usize| {
                         conv(&layout.rdb_conv(b, r, j), cout, nf + (j - 1) * gc)
                     };
+                    let shortcut = plus
+                        .then(|| conv1x1(&format!("model.1.sub.{b}.RDB{r}.conv1x1"), gc, nf))
+                        .transpose()?;
                     Ok(DenseBlock {
                         convs: [c(1, gc)?, c(2, gc)?, c(3, gc)?, c(4, gc)?, c(5, nf)?],
+                        plus: shortcut,
                     })
                 };
                 Ok([rdb(1)?, rdb(2)?, rdb(3)?])
@@ -325,10 +339,10 @@ impl Esrgan {
             conv_last: conv(&layout.conv_last(ups), 3, nf)?,
             blocks,
             unshuffle,
+            plus,
             scale,
             features,
             growth,
-            path: path.to_path_buf(),
         })
     }
 
@@ -337,12 +351,13 @@ impl Esrgan {
         self.scale
     }
 
-    pub fn blocks(&self) -> usize {
-        self.blocks.len()
+    /// Whether this is an ESRGAN+ network (spandrel's `plus`).
+    pub fn plus(&self) -> bool {
+        self.plus
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
     }
 
     /// The device and dtype the weights are on.

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::Esrgan;
+use super::Network;
 use crate::pipeline::RgbImage;
 use crate::Result;
 
@@ -124,7 +124,7 @@ fn ramp(i: usize, overlap: usize) -> u8 {
 }
 
 /// `upscale_without_tiling`: one tile through the network.
-fn run_tile(model: &Esrgan, tile: &RgbImage) -> Result<RgbImage> {
+fn run_tile(model: &Network, tile: &RgbImage) -> Result<RgbImage> {
     let (w, h) = (tile.width as usize, tile.height as usize);
     let plane = w * h;
     let mut input = vec![0f32; 3 * plane];
@@ -162,7 +162,7 @@ fn run_tile(model: &Esrgan, tile: &RgbImage) -> Result<RgbImage> {
 /// `upscale_with_model(model, image, tile_size=tile, tile_overlap=overlap)`: the image
 /// `model.scale()` times larger. Sides must exceed `overlap`.
 pub fn upscale_tiled(
-    model: &Esrgan,
+    model: &Network,
     image: &RgbImage,
     tile: usize,
     overlap: usize,
@@ -174,7 +174,7 @@ pub fn upscale_tiled(
 /// that would start after `deadline` (a large image through a large model can take minutes
 /// on a CPU; the caller has answered by then).
 pub fn upscale_tiled_until(
-    model: &Esrgan,
+    model: &Network,
     image: &RgbImage,
     tile: usize,
     overlap: usize,
@@ -197,7 +197,7 @@ pub(crate) fn past(
 /// [`crate::PipelineError::Cancelled`] (a job cancelled, or past its deadline, stops within
 /// a tile).
 pub fn upscale_tiled_checked(
-    model: &Esrgan,
+    model: &Network,
     image: &RgbImage,
     tile: usize,
     overlap: usize,

@@ -134,7 +134,7 @@ fn bool_rule(v: &Value) -> Result<bool, String> {
 
 /// Reads the request's models (blocking) through the process's [`NetworkCache`] (on the CPU
 /// in f32: Extras runs beside the worker, outside its queue and memory plan) and hands them
-/// over to `spec`; a file that is not an ESRGAN model is a 422 naming the field and the file.
+/// over to `spec`; a file of no supported architecture is a 422 naming the field and the file.
 pub fn load_models(spec: &mut ExtrasUpscale) -> Result<(), ApiError> {
     let second_runs = spec.second.as_ref().is_some_and(|(_, v)| *v > 0.0);
     let mut r = Vec::new();

@@ -317,7 +317,9 @@ fn upscalers_dir_models_upscale_as_the_pipeline_and_a1111() {
         "upscaler_1",
     );
     assert!(
-        d.contains("Broken.pth") && d.contains("not an ESRGAN"),
+        d.contains("Broken.pth")
+            && d.contains("not an upscaler network")
+            && d.contains("Real-ESRGAN Compact"),
         "{d}"
     );
     let d = named(json!({"image": input, "upscaler_1": "Cut"}), "upscaler_1");
@@ -333,5 +335,57 @@ fn upscalers_dir_models_upscale_as_the_pipeline_and_a1111() {
         "upscaling_resize",
     );
     assert!(d.contains("4400x80"), "{d}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A Real-ESRGAN Compact model (SRVGGNetCompact) in UPSCALERS_DIR: listed by its name, and
+/// Extras with it gives A1111's image (tools/make_esrgan_fixtures.py: `Upscaler.upscale` with
+/// the x2 compact network to 3, through spandrel) and exactly the pipeline's.
+#[test]
+fn compact_models_upscale_as_the_pipeline_and_a1111() {
+    use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, ModelUpscaler, UpscaleTarget};
+    let dir = std::env::temp_dir().join(format!("sdserve-compact-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fx = esrgan_fixtures();
+    let file = dir.join("2x-Compact.safetensors");
+    std::fs::copy(fx.join("compact-x2.safetensors"), &file).unwrap();
+    let s = ready("step_ms=0", &[("UPSCALERS_DIR", dir.to_str().unwrap())]);
+    let listed = s.get("/sdapi/v1/upscalers").json();
+    assert_eq!(listed[3]["name"], "2x-Compact");
+    assert_eq!(listed[3]["model_path"], "2x-Compact.safetensors");
+    let native = s.get("/upscalers").json();
+    assert_eq!(native["upscalers"][3]["name"], "2x-Compact");
+
+    let input = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(fx.join("input.small.png")).unwrap());
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-single-image",
+        &json!({"image": input, "upscaler_1": "2x-Compact", "upscaling_resize": 3}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = r.json()["image"].as_str().unwrap().to_string();
+    let (w, h, pixels, _) = decode_png(&got);
+    let (ww, wh, want, _) = decode_png(
+        &base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(fx.join("upscale.compact_x2_by_3.png")).unwrap()),
+    );
+    assert_eq!((w, h), (ww, wh));
+    assert!(pixels.iter().zip(&want).all(|(a, b)| a.abs_diff(*b) <= 1));
+    let (iw, ih, sent, _) = decode_png(&input);
+    let spec = ExtrasUpscale {
+        target: UpscaleTarget::By(3.0),
+        upscaler: Some(ImageUpscaler::Model(std::sync::Arc::new(
+            ModelUpscaler::new("2x-Compact", &file),
+        ))),
+        second: None,
+    };
+    let image = sdserve_pipeline::pipeline::RgbImage {
+        width: iw,
+        height: ih,
+        pixels: sent,
+    };
+    assert!(spec.run(&image).unwrap().0.pixels == pixels);
     std::fs::remove_dir_all(&dir).unwrap();
 }
