@@ -454,7 +454,8 @@ impl Engine {
     /// Has this process's worker unload or reload its model (A1111's `unload-checkpoint`,
     /// `reload-checkpoint`) after the running job, if any; 503 when this process runs no jobs
     /// (an API replica), when the worker cannot load its model again, or when it did not get
-    /// to it within `within` (the ask is then withdrawn).
+    /// to it within `within`. Then the ask is withdrawn (a worker that takes it later drops
+    /// it), unless the worker already took it: a load under way goes on, and the 503 says so.
     pub async fn ask_model(&self, ask: ModelAsk, within: Duration) -> Result<(), ApiError> {
         self.model_info()?;
         let Some(ticket) = self.backend.ask_model(ask.clone()) else {
@@ -462,13 +463,25 @@ impl Engine {
                 "this process runs no jobs (--role api), so it holds no model: send this to a worker replica (--role worker or all), whose model it acts on".into(),
             ));
         };
-        match tokio::time::timeout(within, ticket).await {
+        // The ticket is dropped with the timeout's future at the end of this statement: from
+        // then on a worker that takes the ask drops it undone.
+        let answer = tokio::time::timeout(within, ticket).await;
+        match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(ApiError::ModelUnavailable(
                 "the worker stopped before it got to it".into(),
             )),
+            Err(_) if self.backend.model_hold() == Some(ModelHold::Reloading) => {
+                Err(ApiError::ModelUnavailable(format!(
+                    "the model did not finish loading within {} s; the load goes on: GET /health \
+                     says when it is ready (`loaded_model`)",
+                    within.as_secs()
+                )))
+            }
             Err(_) => Err(ApiError::ModelUnavailable(format!(
-                "the worker did not get to it within {} s (it does between jobs, after the running one); nothing was done",
+                "the worker did not get to it within {} s (it does between jobs, after the \
+                 running one): it is withdrawn, the worker drops it when it gets to it; GET \
+                 /health says which model the worker holds (`loaded_model`)",
                 within.as_secs()
             ))),
         }

@@ -477,3 +477,67 @@ async fn a_switch_drops_the_held_model_first_and_a_failed_one_brings_the_previou
     assert_eq!(*seen.lock().unwrap(), [0, 0, 0, 0]);
     assert_eq!(alive.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_reload_past_its_wait_says_whether_the_load_goes_on() {
+    let fake: FakeSpec = "step_ms=50".parse().unwrap();
+    let slow = fake.clone();
+    let switcher = crate::generator::Switcher {
+        load: Box::new(move |name| {
+            std::thread::sleep(Duration::from_millis(600));
+            let mut l = slow.clone().loader()()?;
+            l.info.model_version = format!("{}@0", name.unwrap_or("default"));
+            Ok(l)
+        }),
+        by_name: true,
+    };
+    let engine = Engine::start_switching(
+        EngineConfig::new(2, Duration::from_secs(30)),
+        fake.clone().loader(),
+        Some(switcher),
+        Arc::new(Metrics::default()),
+    );
+    ready(&engine).await;
+    let held = |e: &Engine| e.loaded_model().and_then(|m| m.name);
+    let wait = Duration::from_millis(100);
+    // The idle worker takes the ask at once; its load outlasts the wait, and goes on.
+    let err = engine
+        .ask_model(ModelAsk::Reload(Some("b".into())), wait)
+        .await
+        .unwrap_err();
+    let ApiError::ModelUnavailable(why) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(why.contains("the load goes on"), "{why}");
+    let t = Instant::now();
+    while held(&engine).as_deref() != Some("b") {
+        assert!(t.elapsed() < Duration::from_secs(5), "the load stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A job on b holds the worker past the wait: the ask is withdrawn and never done.
+    let e2 = engine.clone();
+    let job = tokio::spawn(async move {
+        let on_b = JobSpec {
+            model: Some("b".into()),
+            ..spec(20, Duration::from_secs(30))
+        };
+        e2.run(on_b, |_| {}).await
+    });
+    while engine
+        .current()
+        .is_none_or(|j| j.status != JobStatus::Running)
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let err = engine
+        .ask_model(ModelAsk::Reload(None), wait)
+        .await
+        .unwrap_err();
+    let ApiError::ModelUnavailable(why) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(why.contains("withdrawn"), "{why}");
+    job.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(held(&engine).as_deref(), Some("b"));
+}

@@ -207,7 +207,7 @@ pub(super) async fn unload(State(app): State<Shared>) -> Result<Json<Value>, Api
 /// now, after the running job, if any; answers `{}` once it is loaded.
 #[utoipa::path(post, path = "/sdapi/v1/reload-checkpoint", tag = "a1111", responses(
     (status = 200, description = "`{}`, once this process's worker holds the model (already held: nothing to do). With QUEUE_URL it acts on the worker of the replica it is sent to"),
-    (status = 503, description = "`model_unavailable`: still loading, shutting down, an API replica (`--role api`, no worker), the model could not be loaded, or the running job did not end in time", body = crate::error::ErrorBody),
+    (status = 503, description = "`model_unavailable`: still loading, shutting down, an API replica (`--role api`, no worker), the model could not be loaded, the running job did not end in time (the ask is withdrawn), or the load outlasted the wait (it goes on: `/health`'s `loaded_model` says when the model is held)", body = crate::error::ErrorBody),
 ))]
 pub(super) async fn reload(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
     let default = app.engine.model_info()?;
