@@ -31,7 +31,11 @@ def folders(root):
     (root / "vaes").mkdir()
     shutil.copy(FIXTURES / "vae/alt.safetensors", root / "vaes")
     shutil.copytree(FIXTURES / "adapters/embeddings", root / "embeddings")
+    # UPSCALERS_DIR: the tiny RRDBNet of tools/make_esrgan_fixtures.py under a model's name.
+    (root / "upscalers").mkdir()
+    shutil.copy(FIXTURES / "esrgan/x4-old.pth", root / "upscalers" / "4x-Tiny.pth")
     return {"MODELS_DIR": str(root / "models"), "VAE_DIR": str(root / "vaes"),
+            "UPSCALERS_DIR": str(root / "upscalers"),
             "EMBEDDINGS_DIR": str(root / "embeddings"), "STYLES_FILE": str(STYLES_FILE),
             # Every request reaches the model: the native images compared are really made again.
             "RESPONSE_CACHE_MB": "0"}
@@ -362,4 +366,36 @@ def test_a_styled_job_of_another_client_is_reused_from_the_jobs_list(browser, st
     twice = {**body, "prompt": job["request"]["prompt"], "negative_prompt": job["request"]["negative_prompt"]}
     assert native_png(stocked, twice) != png
     assert p.console_errors == []
+    p.close()
+
+
+def test_an_upscaler_model_of_the_server_runs_the_hires_fix(browser, stocked):
+    """UPSCALERS_DIR's models join the hires fix's upscalers (A1111's list); the page's image is
+    the native API's with `hires.upscaler` that model, and the parameters name it."""
+    p = Page(browser, stocked, DESKTOP)
+    page = p.page
+    fill_request(page, "a hires lighthouse", 2, 256, 21)
+    page.get_by_text("Hires fix", exact=True).click()
+    page.get_by_role("checkbox", name="Enable hires fix").check()
+    page.get_by_label("Hires width").fill("320")
+    page.get_by_label("Hires height").fill("320")
+    upscaler = page.get_by_role("combobox", name="Upscaler")
+    expect(upscaler.locator("option", has_text="4x-Tiny")).to_have_count(1)
+    assert options(upscaler)[-1] == "4x-Tiny", options(upscaler)
+    upscaler.select_option("4x-Tiny")
+    page.get_by_label("Hires strength").fill("0.5")
+    page.get_by_label("Hires steps").fill("2")
+    sent, _ = posted_jobs(page)
+    page.get_by_role("button", name="Generate").click()
+    png = generated(page)
+    assert sent[-1]["hires"]["upscaler"] == "4x-Tiny", sent[-1]
+    expect(page.locator("#params")).to_contain_text("320x320, 4x-Tiny, strength 0.5, 2 steps")
+    hires = {"width": 320, "height": 320, "upscaler": "4x-Tiny", "strength": 0.5, "steps": 2}
+    body = {"prompt": "a hires lighthouse", "steps": 2, "width": 256, "height": 256, "seed": 21,
+            "negative_prompt": "", "guidance_scale": 7.5, "hires": hires}
+    assert native_png(stocked, body) == png
+    # Not the built-in upscaler's image: the model ran.
+    assert native_png(stocked, {**body, "hires": {**hires, "upscaler": "Lanczos"}}) != png
+    assert p.console_errors == []
+    assert p.foreign_requests() == []
     p.close()
