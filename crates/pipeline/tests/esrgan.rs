@@ -181,6 +181,16 @@ fn files_that_are_not_rrdbnets_are_refused_by_name() {
     assert!(
         e.contains("not-rrdbnet.pth")
             && e.contains("not an upscaler network")
+            && e.contains(sdserve_pipeline::upscaler::SUPPORTED)
+            && e.contains("the layer names are none of them"),
+        "{e}"
+    );
+    // An architecture spandrel loads and this server does not is named (its int64
+    // relative_position_index buffer is no obstacle).
+    let e = err(&dir.join("swinir-x2.pth"));
+    assert!(
+        e.contains("swinir-x2.pth")
+            && e.contains("a SwinIR network")
             && e.contains(sdserve_pipeline::upscaler::SUPPORTED),
         "{e}"
     );

@@ -15,6 +15,77 @@ use crate::{PipelineError, Result};
 pub const SUPPORTED: &str = "ESRGAN (RRDBNet: ESRGAN, Real-ESRGAN, BSRGAN, ESRGAN+) and \
                              Real-ESRGAN Compact (SRVGGNetCompact)";
 
+/// Architectures spandrel loads that this server does not run, each with float tensors that
+/// spandrel's detection of it requires (and the others' do not all have), so that such a file
+/// is refused by its name. In spandrel's order.
+const OTHERS: [(&str, &[&str]); 12] = [
+    (
+        "SwiftSRGAN",
+        &[
+            "initial.cnn.depthwise.weight",
+            "final_conv.pointwise.weight",
+        ],
+    ),
+    (
+        "HAT",
+        &[
+            "conv_first.weight",
+            "layers.0.residual_group.overlap_attn.qkv.weight",
+        ],
+    ),
+    (
+        "Swin2SR",
+        &[
+            "patch_embed.proj.weight",
+            "layers.0.residual_group.blocks.0.norm1.weight",
+        ],
+    ),
+    (
+        "SwinIR",
+        &[
+            "conv_first.weight",
+            "layers.0.residual_group.blocks.0.mlp.fc1.bias",
+        ],
+    ),
+    (
+        "OmniSR",
+        &[
+            "residual_layer.0.residual_layer.0.layer.0.fn.0.weight",
+            "input.weight",
+        ],
+    ),
+    ("RGT", &["before_RG.1.weight", "layers.0.blocks.0.gamma"]),
+    (
+        "DAT",
+        &["before_RG.1.weight", "layers.0.blocks.0.ffn.sg.conv.weight"],
+    ),
+    ("SPAN", &["conv_1.sk.weight", "block_1.c1_r.sk.weight"]),
+    (
+        "RealCUGAN",
+        &["unet1.conv1.conv.0.weight", "unet2.conv1.conv.0.weight"],
+    ),
+    (
+        "ATD",
+        &[
+            "layers.0.residual_group.layers.0.wqkv.weight",
+            "conv_first.weight",
+        ],
+    ),
+    (
+        "DRCT",
+        &["layers.0.swin1.norm1.weight", "layers.0.adjust1.weight"],
+    ),
+    ("PLKSR", &["feats.0.weight", "feats.1.refine.weight"]),
+];
+
+/// The name of the unsupported architecture `state` looks like, if any of [`OTHERS`].
+fn other_architecture(state: &HashMap<String, Tensor>) -> Option<&'static str> {
+    OTHERS
+        .iter()
+        .find(|(_, keys)| keys.iter().all(|k| state.contains_key(*k)))
+        .map(|(name, _)| *name)
+}
+
 enum Arch {
     Esrgan(Esrgan),
     Compact(Compact),
@@ -57,12 +128,13 @@ impl Network {
         } else if Esrgan::detect(state) {
             Arch::Esrgan(Esrgan::from_state(path, state, device, dtype)?)
         } else {
+            let what = match other_architecture(state) {
+                Some(name) => format!("a {name} network (by its layer names)"),
+                None => "the layer names are none of them".into(),
+            };
             return Err(PipelineError::Weights {
                 path: path.to_path_buf(),
-                message: format!(
-                    "not an upscaler network this server runs: the layer names are none of \
-                     {SUPPORTED}"
-                ),
+                message: format!("not an upscaler network this server runs ({SUPPORTED}): {what}"),
             });
         };
         Ok(Self {

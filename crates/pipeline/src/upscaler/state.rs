@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::ckpt::{Checkpoint, Value};
 use crate::{PipelineError, Result};
 
-/// Every tensor of the file, f32 on the CPU, by its (canonical) name.
+/// Every float tensor of the file, f32 on the CPU, by its (canonical) name.
 pub fn read_state(path: &Path) -> Result<HashMap<String, Tensor>> {
     let is_safetensors = path
         .extension()
@@ -50,16 +50,16 @@ fn bad(path: &Path, message: impl std::fmt::Display) -> PipelineError {
     }
 }
 
-fn dtype_of(path: &Path, name: &str, dtype: safetensors::Dtype) -> Result<DType> {
+/// The float dtype of a tensor; `None` for integer and bool ones (buffers such as a
+/// transformer's `relative_position_index`, which none of the networks run here has), left
+/// out so that such a file reaches the architecture detection and is named there.
+fn dtype_of(dtype: safetensors::Dtype) -> Option<DType> {
     match dtype {
-        safetensors::Dtype::F32 => Ok(DType::F32),
-        safetensors::Dtype::F16 => Ok(DType::F16),
-        safetensors::Dtype::BF16 => Ok(DType::BF16),
-        safetensors::Dtype::F64 => Ok(DType::F64),
-        other => Err(bad(
-            path,
-            format!("{name} is of dtype {other:?}, not a float"),
-        )),
+        safetensors::Dtype::F32 => Some(DType::F32),
+        safetensors::Dtype::F16 => Some(DType::F16),
+        safetensors::Dtype::BF16 => Some(DType::BF16),
+        safetensors::Dtype::F64 => Some(DType::F64),
+        _ => None,
     }
 }
 
@@ -69,7 +69,9 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
         .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
     let mut out = Vec::new();
     for (name, view) in file.tensors() {
-        let dtype = dtype_of(path, &name, view.dtype())?;
+        let Some(dtype) = dtype_of(view.dtype()) else {
+            continue;
+        };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?
             .to_dtype(DType::F32)?;
         out.push((name, t));
@@ -97,7 +99,9 @@ fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
         let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
             continue;
         };
-        let dtype = dtype_of(path, name, t.dtype)?;
+        let Some(dtype) = dtype_of(t.dtype) else {
+            continue;
+        };
         let bytes = ckpt.read_tensor(t)?;
         let t =
             Tensor::from_raw_buffer(&bytes, dtype, &t.shape, &Device::Cpu)?.to_dtype(DType::F32)?;
