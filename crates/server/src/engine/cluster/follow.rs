@@ -109,8 +109,14 @@ pub(super) async fn poll(sh: Arc<Shared>) {
         for ((id, position), seen) in followed.into_iter().zip(seen) {
             let view = match seen {
                 Some(Ok((_, view))) => view,
+                // Unreadable: the job's end as its reads answer it (failed, or as it ended).
                 Some(Err(unparsable)) => {
-                    deliver(&sh, &id, JobEvent::Failed(unparsable.body()));
+                    let end = unparsable.view.as_deref().and_then(JobEvent::terminal);
+                    deliver(
+                        &sh,
+                        &id,
+                        end.unwrap_or_else(|| JobEvent::Failed(record_gone().body())),
+                    );
                     continue;
                 }
                 None => {

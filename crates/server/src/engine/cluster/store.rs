@@ -51,9 +51,96 @@ fn script(code: &'static str) -> Script {
 }
 
 /// One record key as read: absent (`None`), unparsable (`Some(Err)`: written by hand or by
-/// another sdserve version; warned about once, and the error that job's own reads answer),
-/// or the record and the view a client sees.
-pub(super) type Found = Option<Result<(Record, JobView), ApiError>>;
+/// another sdserve version; warned about once), or the record and the view a client sees.
+pub(super) type Found = Option<Result<(Record, JobView), Unreadable>>;
+
+/// A record this version cannot parse, as its own reads answer it (the cause, naming the key,
+/// is in the log): a job's record (its `view` names the job) is that job, failed with
+/// `job_record_unreadable`, so a client stops waiting and can submit it again; anything else
+/// under the key is no job (404 `job_not_found`).
+#[derive(Debug, Clone)]
+pub(super) struct Unreadable {
+    /// The job, failed; `None` when the record is not a job's. Boxed: the error variant of
+    /// every read stays small.
+    pub view: Option<Box<JobView>>,
+}
+
+/// The error of a job whose record cannot be read.
+pub(super) fn unreadable_error() -> crate::error::ErrorBody {
+    crate::error::ErrorBody {
+        error: "this job's record cannot be read by this server".into(),
+        details: Some(
+            "it was written by another sdserve version, or changed by hand (the server log \
+             names the key); nothing runs it: submit the request again"
+                .into(),
+        ),
+        error_code: "job_record_unreadable".into(),
+        fields: None,
+    }
+}
+
+impl Unreadable {
+    /// What `json` under job `id`'s key says of the job, if it names it: the view as it
+    /// parses (an ended one kept as it ended), failed when it had not ended or does not
+    /// parse; the creation time kept where it reads.
+    fn of(id: &str, json: &str) -> Self {
+        let value: Option<serde_json::Value> = serde_json::from_str(json).ok();
+        let view = value
+            .as_ref()
+            .and_then(|v| v.get("view"))
+            .filter(|v| v.get("id").and_then(serde_json::Value::as_str) == Some(id));
+        let Some(view) = view else {
+            return Self { view: None };
+        };
+        let failed = |mut v: JobView| {
+            if !v.status.is_final() {
+                v.status = JobStatus::Failed;
+                v.position = None;
+                v.result = None;
+                v.error = Some(unreadable_error());
+            }
+            v
+        };
+        let view = match serde_json::from_value::<JobView>(view.clone()) {
+            Ok(v) => failed(v),
+            Err(_) => JobView {
+                id: id.to_string(),
+                status: JobStatus::Failed,
+                position: None,
+                progress: JobProgress {
+                    step: 0,
+                    total: 0,
+                    eta_seconds: None,
+                },
+                created_at: view
+                    .get("created_at")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                started_at: None,
+                finished_at: None,
+                cancel_requested: false,
+                request: serde_json::Value::Null,
+                result: None,
+                error: Some(unreadable_error()),
+                links: JobLinks::for_id(id),
+                loading: None,
+                preview: None,
+            },
+        };
+        Self {
+            view: Some(Box::new(view)),
+        }
+    }
+
+    /// The error its reads answer where they need one: the job's failure, or no such job.
+    pub fn error(&self, id: &str) -> ApiError {
+        match &self.view {
+            Some(_) => ApiError::Internal(format!("job {id}'s record cannot be read")),
+            None => ApiError::JobNotFound(format!("no job {id}")),
+        }
+    }
+}
 
 impl Store {
     pub fn new(sh: Arc<Shared>) -> Self {
@@ -70,23 +157,21 @@ impl Store {
 
     /// A record as JSON and the view a client sees: `cancel` whether a stop was asked for,
     /// `from_right` the job's place in the queue counted from the end workers take from.
-    /// A record that does not parse fails only its own reads: 500 `internal_error`, the
-    /// cause (naming the key) in the log; listings and the reaper skip it.
+    /// A record that does not parse answers only its own reads ([`Unreadable`]), the cause
+    /// (naming the key) in the log; listings and the reaper skip it.
     fn seen_as(
         &self,
         id: &str,
         json: &str,
         cancel: bool,
         from_right: Option<i64>,
-    ) -> Result<(Record, JobView), ApiError> {
+    ) -> Result<(Record, JobView), Unreadable> {
         let record: Record = match serde_json::from_str(json) {
             Ok(r) => r,
             Err(e) => {
                 let key = self.keys().job(id);
                 self.sh.note_unparsable(&key, &e);
-                return Err(ApiError::Internal(format!(
-                    "job record {key} does not parse: {e}"
-                )));
+                return Err(Unreadable::of(id, json));
             }
         };
         let mut view = record.view.clone();
@@ -166,9 +251,12 @@ impl Store {
         })
     }
 
-    /// The record, and the view as a client sees it now (an unparsable record: its 500).
+    /// The record, and the view as a client sees it now (an unparsable record: its error).
     pub async fn read(&self, id: &str) -> Result<Option<(Record, JobView)>, ApiError> {
-        self.read_found(id).await?.transpose()
+        self.read_found(id)
+            .await?
+            .transpose()
+            .map_err(|u| u.error(id))
     }
 
     /// `read`, telling an unparsable record (`Some(Err)`) from Redis failing (`Err`).
@@ -225,8 +313,13 @@ impl Store {
             .collect())
     }
 
+    /// The view a client sees; an unparsable record's is the job failed, or none.
     pub async fn view(&self, id: &str) -> Result<Option<JobView>, ApiError> {
-        Ok(self.read(id).await?.map(|(_, v)| v))
+        Ok(match self.read_found(id).await? {
+            Some(Ok((_, v))) => Some(v),
+            Some(Err(u)) => u.view.map(|v| *v),
+            None => None,
+        })
     }
 
     pub async fn list(&self) -> Result<Vec<JobView>, ApiError> {
@@ -242,7 +335,7 @@ impl Store {
         for (id, seen) in ids.into_iter().zip(read) {
             match seen {
                 Some(Ok((_, v))) => views.push(v),
-                // Unparsable: skipped (warned about once); GET /jobs/{id} answers its 500.
+                // Unparsable: skipped (warned about once); GET /jobs/{id} answers it.
                 Some(Err(_)) => {}
                 None => gone.push(id),
             }
@@ -279,8 +372,11 @@ impl Store {
     }
 
     pub async fn cancel(&self, id: &str, why: StopReason) -> Result<Option<JobView>, ApiError> {
-        let Some((record, view)) = self.read(id).await? else {
-            return Ok(None);
+        let (record, view) = match self.read_found(id).await? {
+            Some(Ok(found)) => found,
+            // Nothing runs it: nothing to stop; its view says so.
+            Some(Err(u)) => return Ok(u.view.map(|v| *v)),
+            None => return Ok(None),
         };
         let k = self.keys();
         if why == StopReason::Cancelled || !view.status.is_final() {
