@@ -36,6 +36,7 @@ mod follow;
 mod previews;
 mod scripts;
 mod store;
+mod unreadable;
 mod worker;
 
 use store::Store;
