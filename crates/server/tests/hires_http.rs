@@ -8,35 +8,13 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{decode_png, post_json_to, Server};
+use common::hires::{a1111, native};
+use common::{decode_png, ok, post_json_to, Server};
 use serde_json::{json, Value};
 
 /// Every request here must run: the A1111 one must not be the native one's cached answer.
 fn tiny_server() -> Server {
     common::tiny_server("hires", &[("RESPONSE_CACHE_MB", "0")])
-}
-
-/// The first pass of every request here, natively.
-fn native(hires: Value) -> Value {
-    json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11, "steps": 2,
-           "width": 256, "height": 256, "guidance_scale": 6.0, "scheduler": "euler",
-           "hires": hires})
-}
-
-/// The same request in A1111's terms.
-fn a1111(hires: Value) -> Value {
-    let mut body = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11,
-                          "steps": 2, "width": 256, "height": 256, "cfg_scale": 6.0,
-                          "sampler_name": "Euler", "enable_hr": true});
-    for (k, v) in hires.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
-}
-
-fn ok(r: &common::Resp) -> Value {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
 }
 
 #[test]

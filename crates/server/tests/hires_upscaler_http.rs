@@ -10,7 +10,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{decode_png, post_json_to, Server};
+use common::hires::{a1111, native};
+use common::{decode_png, ok, post_json_to, Server};
 use serde_json::{json, Value};
 
 fn server(dir: &std::path::Path) -> Server {
@@ -35,27 +36,6 @@ fn upscalers_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(fixtures, dir.join("4x-Tiny.pth")).unwrap();
     dir
-}
-
-fn native(hires: Value) -> Value {
-    json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11, "steps": 2,
-           "width": 256, "height": 256, "guidance_scale": 6.0, "scheduler": "euler",
-           "hires": hires})
-}
-
-fn a1111(hires: Value) -> Value {
-    let mut body = json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 11,
-                          "steps": 2, "width": 256, "height": 256, "cfg_scale": 6.0,
-                          "sampler_name": "Euler", "enable_hr": true});
-    for (k, v) in hires.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
-}
-
-fn ok(r: &common::Resp) -> Value {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
 }
 
 #[test]

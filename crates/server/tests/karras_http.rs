@@ -7,17 +7,12 @@
 
 mod common;
 
-use common::{decode_png, post_json_to, Server};
+use common::{decode_png, ok, post_json_to, Server};
 use serde_json::{json, Value};
 
 /// Every request here must run, not be another's cached answer.
 fn tiny_server() -> Server {
     common::tiny_server("karras", &[("RESPONSE_CACHE_MB", "0")])
-}
-
-fn ok(r: &common::Resp) -> Value {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
 }
 
 fn native(scheduler: &str) -> Value {

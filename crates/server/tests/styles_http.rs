@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{decode_png, post_json_to, Server};
+use common::{decode_png, ok, post_json_to, Server};
 use serde_json::{json, Value};
 
 fn styles_dir() -> PathBuf {
@@ -47,11 +47,6 @@ fn case(prompt: &str, negative: &str, styles: &[&str]) -> (String, String) {
         c["want_prompt"].as_str().unwrap().to_string(),
         c["want_negative_prompt"].as_str().unwrap().to_string(),
     )
-}
-
-fn ok(r: &common::Resp) -> Value {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
 }
 
 fn native(prompt: &str, negative: &str) -> Value {

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod exposition;
+pub mod hires;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,6 +23,12 @@ pub struct Resp {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+/// The JSON body of a 200, or a panic showing what came instead.
+pub fn ok(r: &Resp) -> serde_json::Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
 }
 
 impl Resp {
