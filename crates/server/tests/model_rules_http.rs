@@ -69,31 +69,30 @@ fn server_on(tag: &str, default: &str) -> (Folder, Server) {
     (Folder(root), s)
 }
 
-fn native(extra: Value) -> Value {
-    let mut body = json!({"prompt": "a red boat", "seed": 5, "steps": 1, "width": 256,
-                          "height": 256, "scheduler": "euler"});
+/// `body` with `extra`'s fields set over it.
+fn with(mut body: Value, extra: Value) -> Value {
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
     body
+}
+
+fn native(extra: Value) -> Value {
+    let body = json!({"prompt": "a red boat", "seed": 5, "steps": 1, "width": 256,
+                      "height": 256, "scheduler": "euler"});
+    with(body, extra)
 }
 
 fn a1111(extra: Value) -> Value {
-    let mut body = json!({"prompt": "a red boat", "seed": 5, "steps": 1, "width": 256,
-                          "height": 256, "sampler_name": "Euler"});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
+    let body = json!({"prompt": "a red boat", "seed": 5, "steps": 1, "width": 256,
+                      "height": 256, "sampler_name": "Euler"});
+    with(body, extra)
 }
 
 fn openai(extra: Value) -> Value {
-    let mut body = json!({"prompt": "a red boat", "size": "256x256", "seed": 5, "steps": 1,
-                          "response_format": "b64_json"});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
+    let body = json!({"prompt": "a red boat", "size": "256x256", "seed": 5, "steps": 1,
+                      "response_format": "b64_json"});
+    with(body, extra)
 }
 
 /// A 422's broken fields and their rules, one string each.
