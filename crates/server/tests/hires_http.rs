@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use common::hires::{a1111, native};
 use common::{decode_png, ok, post_json_to, Server};
@@ -169,25 +168,10 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
     );
 
     // POST /jobs: the same request, its record and result.
-    let r = common::request(
-        s.addr,
-        "POST",
-        "/jobs",
-        &[("Content-Type", "application/json")],
-        native(json!({"width": 320, "height": 384, "upscaler": "Nearest"}))
-            .to_string()
-            .as_bytes(),
+    let job = common::job_to_end(
+        &s,
+        &native(json!({"width": 320, "height": 384, "upscaler": "Nearest"})),
     );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let until = Instant::now() + Duration::from_secs(300);
-    let job = loop {
-        let j = s.get(&format!("/jobs/{id}")).json();
-        if j["status"] == "succeeded" || j["status"] == "failed" || Instant::now() > until {
-            break j;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["request"]["hires"]["width"], 320, "{job}");
     let result = &job["result"];

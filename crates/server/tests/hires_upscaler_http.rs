@@ -86,25 +86,7 @@ fn an_upscalers_dir_model_runs_the_hires_fix_in_every_dialect() {
     assert!(pixels != decode_png(lanczos["image_base64"].as_str().unwrap()).2);
 
     // A job: its record names the upscaler, its result is the same image.
-    let r = common::request(
-        s.addr,
-        "POST",
-        "/jobs",
-        &[("Content-Type", "application/json")],
-        native(json!({"scale": 1.5, "upscaler": "4x-Tiny"}))
-            .to_string()
-            .as_bytes(),
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let until = Instant::now() + Duration::from_secs(300);
-    let job = loop {
-        let j = s.get(&format!("/jobs/{id}")).json();
-        if j["status"] == "succeeded" || j["status"] == "failed" || Instant::now() > until {
-            break j;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let job = common::job_to_end(&s, &native(json!({"scale": 1.5, "upscaler": "4x-Tiny"})));
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["request"]["hires"]["upscaler"], "4x-Tiny", "{job}");
     let result = &job["result"]["image_base64"];

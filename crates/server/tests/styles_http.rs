@@ -78,17 +78,8 @@ fn styles_give_the_image_of_the_styled_prompts_in_every_dialect() {
     assert!(pixels(&plain) != pixels(&written_out));
 
     // A job runs the styled prompts and says so in its request.
-    let created = post_json_to(s.addr, "/jobs", &styled);
-    assert_eq!(created.status, 202, "{}", created.text());
-    let id = created.json()["id"].as_str().unwrap().to_string();
-    let job = loop {
-        let j = s.get(&format!("/jobs/{id}")).json();
-        if j["status"] == "succeeded" {
-            break j;
-        }
-        assert!(j["status"] != "failed", "{j}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let job = common::job_to_end(&s, &styled);
+    assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["request"]["prompt"], want_prompt);
     assert!(pixels(&job["result"]) == pixels(&written_out));
     // It keeps the names and the prompts as written: sent again, they are styled once.

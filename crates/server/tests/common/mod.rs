@@ -411,6 +411,26 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Submits `body` to `POST /jobs` (202 asserted) and polls the job until it has ended
+/// (succeeded, failed or cancelled; a panic past 300 s): the job's last `GET /jobs/{id}`.
+pub fn job_to_end(s: &Server, body: &serde_json::Value) -> serde_json::Value {
+    let created = post_json_to(s.addr, "/jobs", body);
+    assert_eq!(created.status, 202, "{}", created.text());
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let until = Instant::now() + Duration::from_secs(300);
+    loop {
+        let j = s.get(&format!("/jobs/{id}")).json();
+        if ["succeeded", "failed", "cancelled"]
+            .iter()
+            .any(|e| j["status"] == *e)
+        {
+            return j;
+        }
+        assert!(Instant::now() < until, "the job did not end: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Decodes a base64 PNG: (width, height, RGB pixels, `parameters` text).
 pub fn decode_png(b64: &str) -> (u32, u32, Vec<u8>, Option<String>) {
     use base64::Engine as _;

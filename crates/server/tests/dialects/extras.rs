@@ -204,7 +204,6 @@ fn png_of(w: u32, h: u32) -> String {
 
 #[test]
 fn upscalers_dir_models_upscale_as_the_pipeline_and_a1111() {
-    use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, ModelUpscaler, UpscaleTarget};
     let dir = std::env::temp_dir().join(format!("sdserve-upscalers-http-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -257,38 +256,17 @@ fn upscalers_dir_models_upscale_as_the_pipeline_and_a1111() {
     // 2.5), within one level of float noise; and exactly what the pipeline makes.
     let input = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(fx.join("input.tall.png")).unwrap());
-    let r = post(
+    let got = extras_by_model(
         &s,
-        "/sdapi/v1/extra-single-image",
-        &json!({"image": input, "upscaler_1": "4x-Tiny", "upscaling_resize": 2.5}),
+        &input,
+        ("4x-Tiny", &dir.join("4x-Tiny.pth")),
+        2.5,
+        &fx.join("upscale.x4_by_2_5.png"),
     );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let got = r.json()["image"].as_str().unwrap().to_string();
     assert_eq!(
         png_text(&got, "postprocessing").unwrap(),
         "Postprocess upscale by: 2.5, Postprocess upscaler: 4x-Tiny"
     );
-    let (w, h, pixels, _) = decode_png(&got);
-    let (ww, wh, want, _) = decode_png(
-        &base64::engine::general_purpose::STANDARD
-            .encode(std::fs::read(fx.join("upscale.x4_by_2_5.png")).unwrap()),
-    );
-    assert_eq!((w, h), (ww, wh));
-    assert!(pixels.iter().zip(&want).all(|(a, b)| a.abs_diff(*b) <= 1));
-    let (iw, ih, sent, _) = decode_png(&input);
-    let spec = ExtrasUpscale {
-        target: UpscaleTarget::By(2.5),
-        upscaler: Some(ImageUpscaler::Model(std::sync::Arc::new(
-            ModelUpscaler::new("4x-Tiny", dir.join("4x-Tiny.pth")),
-        ))),
-        second: None,
-    };
-    let image = sdserve_pipeline::pipeline::RgbImage {
-        width: iw,
-        height: ih,
-        pixels: sent,
-    };
-    assert!(spec.run(&image).unwrap().0.pixels == pixels);
 
     // Blended with a built-in, and the Real-ESRGAN x2 layout, by size.
     let r = post(
@@ -343,7 +321,6 @@ fn upscalers_dir_models_upscale_as_the_pipeline_and_a1111() {
 /// the x2 compact network to 3, through spandrel) and exactly the pipeline's.
 #[test]
 fn compact_models_upscale_as_the_pipeline_and_a1111() {
-    use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, ModelUpscaler, UpscaleTarget};
     let dir = std::env::temp_dir().join(format!("sdserve-compact-http-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -359,25 +336,44 @@ fn compact_models_upscale_as_the_pipeline_and_a1111() {
 
     let input = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(fx.join("input.small.png")).unwrap());
-    let r = post(
+    extras_by_model(
         &s,
+        &input,
+        ("2x-Compact", &file),
+        3.0,
+        &fx.join("upscale.compact_x2_by_3.png"),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A1111's Extras upscale of `input` (base64 PNG) by `factor` with the UPSCALERS_DIR model
+/// `(name, file)`: within one level of `want` (A1111's image, tools/make_esrgan_fixtures.py)
+/// and exactly what the pipeline makes of it. Answers the PNG (base64).
+fn extras_by_model(
+    s: &Server,
+    input: &str,
+    (name, file): (&str, &std::path::Path),
+    factor: f64,
+    want: &std::path::Path,
+) -> String {
+    use sdserve_pipeline::upscale::{ExtrasUpscale, ImageUpscaler, ModelUpscaler, UpscaleTarget};
+    let r = post(
+        s,
         "/sdapi/v1/extra-single-image",
-        &json!({"image": input, "upscaler_1": "2x-Compact", "upscaling_resize": 3}),
+        &json!({"image": input, "upscaler_1": name, "upscaling_resize": factor}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let got = r.json()["image"].as_str().unwrap().to_string();
     let (w, h, pixels, _) = decode_png(&got);
-    let (ww, wh, want, _) = decode_png(
-        &base64::engine::general_purpose::STANDARD
-            .encode(std::fs::read(fx.join("upscale.compact_x2_by_3.png")).unwrap()),
-    );
+    let (ww, wh, want, _) =
+        decode_png(&base64::engine::general_purpose::STANDARD.encode(std::fs::read(want).unwrap()));
     assert_eq!((w, h), (ww, wh));
     assert!(pixels.iter().zip(&want).all(|(a, b)| a.abs_diff(*b) <= 1));
-    let (iw, ih, sent, _) = decode_png(&input);
+    let (iw, ih, sent, _) = decode_png(input);
     let spec = ExtrasUpscale {
-        target: UpscaleTarget::By(3.0),
+        target: UpscaleTarget::By(factor),
         upscaler: Some(ImageUpscaler::Model(std::sync::Arc::new(
-            ModelUpscaler::new("2x-Compact", &file),
+            ModelUpscaler::new(name, file),
         ))),
         second: None,
     };
@@ -387,5 +383,5 @@ fn compact_models_upscale_as_the_pipeline_and_a1111() {
         pixels: sent,
     };
     assert!(spec.run(&image).unwrap().0.pixels == pixels);
-    std::fs::remove_dir_all(&dir).unwrap();
+    got
 }
