@@ -6,7 +6,7 @@
 #   pipeline-tests.xz   the pipeline's unit tests built with --features cuda (GPU kernel tests)
 #   whl/                diffusers 0.42.1 (+ importlib_metadata) wheels
 #   tools/              make_random_sd15.py, bench_diffusers_gpu.py, api_schedulers.py,
-#                       compare_images.py, gpu_summary.py, ptx_check_gpu.py
+#                       compare_images.py, gpu_summary.py, ptx_check_gpu.py, make_random_rrdbnet.py
 #   sm61/               sm_61 PTX from scripts/sm61-ptx.sh (optional)
 #   sm61-on-cu13/       sdserve.xz from `scripts/build-cuda.sh sm61-on-cu13` (the GTX 1060 build's
 #                       device code linked against CUDA 13) and sdserve_kernels_sm61.ptx.xz (our
@@ -20,7 +20,7 @@
 #
 # Stages (in this order; each under its own timeout, a failure does not stop the next):
 #   setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 sm61_on_cu13 variants profile
-#   pre_ampere sm61 summary   (and, only when named in STAGES: ablate algos)
+#   pre_ampere upscalers sm61 summary   (and, only when named in STAGES: ablate algos)
 # A device command runs at most 10 minutes: a stage that would end past SESSION_BUDGET_S
 # (540 on a GPU; 0 = no budget, the dry run's default) after the start is skipped, or run with
 # what is left when that is at least half its limit and 60 s. Skipped stages are listed in
@@ -32,7 +32,7 @@ G=$(cd "${GPU_DIR:-.gpu}" && pwd)
 OUT=${OUT:-/tmp/sdserve-gpu-out}
 WORK=${WORK:-/tmp/sdserve-gpu}
 DRY=${DRY_RUN:-}
-STAGES=${STAGES:-setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 sm61_on_cu13 variants profile pre_ampere sm61 summary}
+STAGES=${STAGES:-setup tests model ours_f16 diffusers_f16 diffusers_f32 ours_f32 sm61_on_cu13 variants profile pre_ampere upscalers sm61 summary}
 BUDGET=${SESSION_BUDGET_S:-$([[ -n $DRY ]] && echo 0 || echo 540)}
 mkdir -p "$OUT" "$WORK/json" "$WORK/png"
 LOG=$OUT/log.txt
@@ -329,6 +329,23 @@ if want pre_ampere; then
         --sizes "${SIZES%%,*}" --repeats 2 --seeds "$SEEDS" --png-dir "$WORK/png/pre_ampere"
     bench pre_ampere_simt_warp 120 SDSERVE_CUDA_KERNEL_ARCH=75 SDSERVE_CUDA_ATTENTION=simt_warp -- \
         --dtype f16 --vram-limit-mb 5120 --sizes "${SIZES%%,*}" --repeats 2 --seeds "${SEEDS%%,*}"
+fi
+
+# An upscaler model on the GPU: the hires fix (512 -> 1024, f16, default plan, Euler) with a
+# full-size random 4x RRDBNet (the size of RealESRGAN_x4plus / 4x-UltraSharp, made here with
+# torch alone) against Lanczos, the same binary: the second pass's transition (decode, upscale,
+# encode), its steps, and peak memory with the network on the device (outside the memory plan).
+if want upscalers; then
+    net=$WORK/upscalers/4x-Random.pth
+    mkdir -p "$WORK/upscalers"
+    [[ -f $net ]] || run_stage upscaler_model 60 $PY "$G/tools/make_random_rrdbnet.py" "$net"
+    dt=f16
+    [[ -n $DRY ]] && dt=f32 # the CPU refuses f16
+    for u in "lanczos:Lanczos" "rrdbnet:$net"; do
+        bench "hires_${u%%:*}_f16" 150 -- --dtype $dt --vram-limit-mb 5120 --sizes "${SIZES%%,*}" \
+            --repeats 2 --seeds "${SEEDS%%,*}" --schedulers euler --hires-scale 2 \
+            --hires-upscaler "${u#*:}" --png-dir "$WORK/png/hires_${u%%:*}_f16"
+    done
 fi
 
 # cuDNN's forward algorithm for the f16 convolutions (SDSERVE_CUDNN_ALGO; the default is

@@ -30,7 +30,7 @@ mkdir -p "$dest/tools" "$dest/whl"
     xz -T2 -3 -f "$dest/$name"
 done
 cp "$wheels"/*.whl "$dest/whl/"
-cp "$root"/tools/{gpu_session.sh,gpu_summary.py,bench_diffusers_gpu.py,api_schedulers.py,compare_images.py,ptx_check_gpu.py} "$dest/tools/"
+cp "$root"/tools/{gpu_session.sh,gpu_summary.py,bench_diffusers_gpu.py,api_schedulers.py,compare_images.py,ptx_check_gpu.py,make_random_rrdbnet.py} "$dest/tools/"
 if [[ -n ${SM61_PTX:-} ]]; then
     mkdir -p "$dest/sm61"
     for p in "$SM61_PTX"/*.ptx; do xz -T2 -2 -c "$p" >"$dest/sm61/$(basename "$p").xz"; done

@@ -130,6 +130,24 @@ def optin_table(r):
     return lines
 
 
+def hires_table(r):
+    """The hires fix with a 4x RRDBNet against Lanczos (same binary, same run): the second pass's
+    transition (first pass decode, upscale, encode), its step, the whole image, peak memory."""
+    rows = []
+    for k, label in (("hires_lanczos_f16", "Lanczos"), ("hires_rrdbnet_f16", "4x RRDBNet (random, full size)")):
+        for c in (r.get(k) or {}).get("cases", []):
+            runs = [x["hires"] for x in c.get("runs", []) if x.get("hires")]
+            if not runs:
+                continue
+            mid = sorted(runs, key=lambda h: h["transition_s"])[len(runs) // 2]
+            rows.append(f"| {label} | {c['size']} -> {mid['width']} | {mid['transition_s']:.3f} | "
+                        f"{mid['step_median_s']:.4f} | {c['wall_median_s']:.3f} | {c.get('peak_used_max_mb')} |")
+    if not rows:
+        return []
+    return ["| hires fix upscaler (f16, default plan) | size | transition s | second-pass step s | image s |"
+            " peak MiB |", "|---|---|---|---|---|---|"] + rows + [""]
+
+
 def table(r):
     rows = []
 
@@ -192,6 +210,7 @@ def table(r):
             lines.append(f"| {k[8:]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += optin_table(r)
+    lines += hires_table(r)
     lines += sm61_table(r)
     lines += profile_table(r)
     # The ablations run at the first size of the session.

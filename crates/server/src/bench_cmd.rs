@@ -11,8 +11,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use sdserve_pipeline::pipeline::{GenerationParams, StepProgress};
+use std::sync::Arc;
+
+use sdserve_pipeline::interpolate::{Interpolation, InterpolationMode};
+use sdserve_pipeline::pipeline::{GenerationParams, Hires, StepProgress, Upscaler};
 use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::upscale::ModelUpscaler;
 use serde::Serialize;
 
 use crate::cli::ModelArgs;
@@ -43,6 +47,56 @@ pub struct BenchArgs {
     /// Writes `<size>_<scheduler>_<seed>.png` for the first generation of each seed.
     #[arg(long)]
     pub png_dir: Option<PathBuf>,
+    /// Adds A1111's hires fix: a second pass at the size times this factor (floored to a
+    /// multiple of 8), upscaled by `--hires-upscaler`.
+    #[arg(long)]
+    pub hires_scale: Option<f64>,
+    /// `Lanczos`, `Nearest`, `None` (a plain resize), `Latent`, or an upscaler model's file
+    /// (ESRGAN, Real-ESRGAN Compact...), read onto the pipeline's device at its first use and
+    /// kept for the later repeats, as the server's cache keeps it.
+    #[arg(long, default_value = "Lanczos", requires = "hires_scale")]
+    pub hires_upscaler: String,
+    /// The second pass's denoising strength (A1111's default).
+    #[arg(long, default_value_t = 0.7, requires = "hires_scale")]
+    pub hires_strength: f64,
+}
+
+/// `--hires-upscaler` as the pipeline takes it.
+fn hires_upscaler(name: &str) -> Result<Upscaler, String> {
+    Ok(match name {
+        "Lanczos" => Upscaler::Lanczos,
+        "Nearest" => Upscaler::Nearest,
+        "None" => Upscaler::Resize,
+        // A1111's `Latent`: bilinear, no antialias.
+        "Latent" => Upscaler::Latent(Interpolation {
+            mode: InterpolationMode::Bilinear,
+            antialias: false,
+        }),
+        file => {
+            let path = PathBuf::from(file);
+            if !path.is_file() {
+                return Err(format!(
+                    "--hires-upscaler {file}: not Lanczos, Nearest, None, Latent or a file"
+                ));
+            }
+            let stem = path
+                .file_stem()
+                .map_or_else(|| file.to_string(), |s| s.to_string_lossy().into_owned());
+            Upscaler::Model(Arc::new(ModelUpscaler::new(stem, path)))
+        }
+    })
+}
+
+/// The second pass of a `--hires-scale` run: its steps apart from the first pass's.
+#[derive(Debug, Serialize)]
+struct HiresRun {
+    width: usize,
+    height: usize,
+    /// Median seconds per second-pass step.
+    step_median_s: f64,
+    /// The second pass's first step less its median step: the first pass's decode, the
+    /// upscale (a model's network, tile by tile) and the VAE encode of the upscaled image.
+    transition_s: f64,
 }
 
 /// One generation.
@@ -70,6 +124,9 @@ struct Run {
     /// The same after the last step: VAE decode and postprocessing.
     #[serde(skip_serializing_if = "Option::is_none")]
     decode_device_ms: Option<BTreeMap<String, (f64, usize)>>,
+    /// `--hires-scale`: the second pass (`step_median_s` is then the first pass's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hires: Option<HiresRun>,
 }
 
 type Profile = BTreeMap<String, (f64, usize)>;
@@ -193,6 +250,14 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     let device = sd.device().clone();
+    // One upscaler for every run: a model's network is read once, as the server's cache does.
+    let upscaler = match a.hires_scale {
+        Some(s) if !(s > 1.0 && s <= 4.0) => {
+            return Err(format!("--hires-scale {s}: must be above 1 and at most 4"))
+        }
+        Some(_) => Some(hires_upscaler(&a.hires_upscaler)?),
+        None => None,
+    };
     let mut cases = Vec::new();
     for &size in &a.sizes {
         for &scheduler in &schedulers {
@@ -208,8 +273,25 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                     seed,
                     guidance_scale: a.guidance_scale,
                     scheduler: Some(scheduler),
+                    hires: upscaler.as_ref().zip(a.hires_scale).map(|(u, scale)| {
+                        let side = (size as f64 * scale) as usize / 8 * 8;
+                        Hires {
+                            width: side,
+                            height: side,
+                            upscale_width: side,
+                            upscale_height: side,
+                            upscaler: u.clone(),
+                            steps: a.steps,
+                            strength: a.hires_strength,
+                            scheduler: None,
+                            schedule: None,
+                            prompt: None,
+                            negative_prompt: None,
+                        }
+                    }),
                     ..Default::default()
                 };
+                let hires_steps = params.hires_steps();
                 let cpu_start = process_cpu_s();
                 let started = Instant::now();
                 let mut last = started;
@@ -217,7 +299,11 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 let profiling = sdserve_pipeline::kernels::cuda::profiling();
                 let mut profiles: Vec<Profile> = Vec::new();
                 let images = sd
-                    .generate(&params, &mut |_p: StepProgress<'_>| {
+                    .generate(&params, &mut |p: StepProgress<'_>| {
+                        // The upscaler model's checks between its tiles are no steps.
+                        if p.between_steps {
+                            return ControlFlow::Continue(());
+                        }
                         // The host has issued the step; the wait below is the device catching up
                         // (near zero when the host is the bottleneck).
                         let issued = Instant::now();
@@ -243,6 +329,22 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                 } else {
                     None
                 };
+                // The second pass's steps are the last `hires_steps`; its first one also ran
+                // the first pass's decode, the upscale and the encode.
+                let first = step_s.len().saturating_sub(hires_steps);
+                let hires = (hires_steps > 0 && first > 0).then(|| {
+                    let pass = &step_s[first..];
+                    let step = median(pass.get(1..).unwrap_or(pass).to_vec());
+                    let side = params.hires.as_ref().map_or(0, |h| h.width);
+                    HiresRun {
+                        width: side,
+                        height: side,
+                        step_median_s: step,
+                        transition_s: pass[0] - if step.is_nan() { 0.0 } else { step },
+                    }
+                });
+                step_s.truncate(first.max(1));
+                issue_s.truncate(first.max(1));
                 let step_device_ms = profiling.then(|| {
                     let n = profiles.len().min(step_s.len());
                     let from = usize::from(n > 1);
@@ -277,6 +379,7 @@ fn run_inner(a: &BenchArgs) -> Result<Report, String> {
                     end_used_mb: usage.map(|u| mib(u.end_used_bytes)),
                     step_device_ms,
                     decode_device_ms,
+                    hires,
                 };
                 eprintln!(
                     "{size}x{size} {} seed {seed}: {wall_s:.3}s (cpu {:?}s), {:.4}s/step ({:.4}s issuing), peak {:?} MiB, pool peak {:?} MiB",
@@ -336,5 +439,22 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn hires_upscaler_names_and_files() {
+        assert_eq!(hires_upscaler("Lanczos"), Ok(Upscaler::Lanczos));
+        assert_eq!(hires_upscaler("None"), Ok(Upscaler::Resize));
+        assert!(matches!(hires_upscaler("Latent"), Ok(Upscaler::Latent(_))));
+        let err = hires_upscaler("/nonexistent/4x.pth").unwrap_err();
+        assert!(err.contains("not Lanczos"), "{err}");
+        let file = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../pipeline/tests/fixtures/esrgan/x4-old.pth"
+        );
+        match hires_upscaler(file) {
+            Ok(Upscaler::Model(m)) => assert_eq!(m.name, "x4-old"),
+            other => panic!("{other:?}"),
+        }
     }
 }
