@@ -158,6 +158,19 @@ fn a_clip_skip_past_the_text_encoder_is_refused_at_submit_in_every_dialect() {
         &a1111(json!({"override_settings": {"CLIP_stop_at_last_layers": 4}})),
     );
     assert!(refused(&r)[0].starts_with(field), "{}", r.text());
+    // A1111's own range goes to 12 (its slider), past the native 1..=4: what refuses 12 here
+    // is this model's limit.
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(json!({"override_settings": {"CLIP_stop_at_last_layers": 12}})),
+    );
+    let rule = &refused(&r)[0];
+    assert!(
+        rule.starts_with(field) && rule.contains("at most 3"),
+        "{}",
+        r.text()
+    );
     // The server-wide option too (A1111 applies it to every request).
     let set = |v: u32| {
         let r = post_json_to(
@@ -167,9 +180,11 @@ fn a_clip_skip_past_the_text_encoder_is_refused_at_submit_in_every_dialect() {
         );
         assert_eq!(r.status, 200, "{}", r.text());
     };
-    set(4);
-    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111(json!({})));
-    assert!(refused(&r)[0].starts_with(field), "{}", r.text());
+    for v in [4, 12] {
+        set(v);
+        let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &a1111(json!({})));
+        assert!(refused(&r)[0].starts_with(field), "{}", r.text());
+    }
     set(1);
     let (param, message) = openai_refused(&post_json_to(
         s.addr,

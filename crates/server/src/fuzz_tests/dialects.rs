@@ -175,6 +175,7 @@ fn a1111_body() -> impl Strategy<Value = Value> {
     let clip = prop_oneof![
         Just(json!({"CLIP_stop_at_last_layers": 2})),
         Just(json!({"CLIP_stop_at_last_layers": 5})),
+        Just(json!({"CLIP_stop_at_last_layers": 13})),
         Just(json!({"CLIP_stop_at_last_layers": null, "sd_model_checkpoint": "other"})),
         Just(json!({"CLIP_stop_at_last_layers": "2"})),
         Just(json!("not an object")),
@@ -281,7 +282,7 @@ fn check_a1111(path: &str, body: Vec<u8>, sent: Option<&Map<String, Value>>) {
             let per_run: usize = a.generated.iter().map(|p| p.batch_size).sum();
             assert_eq!(images.len(), per_run, "{j}");
             for p in &a.generated {
-                assert_rules(p, validate::PromptRule::MayBeEmpty);
+                assert_rules(p, validate::DialectRules::A1111);
                 assert_eq!(p.init_image.is_some(), path.ends_with("img2img"));
             }
         }

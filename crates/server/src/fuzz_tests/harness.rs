@@ -196,13 +196,14 @@ impl Harness {
 
 /// Every native rule, on what reached the generator (whatever dialect it came from).
 pub fn assert_native_rules(p: &GenerationParams) {
-    assert_rules(p, validate::PromptRule::Required)
+    assert_rules(p, validate::DialectRules::NATIVE)
 }
 
-/// The native rules with a dialect's prompt rule (A1111 may send an empty prompt).
-pub fn assert_rules(p: &GenerationParams, prompt: validate::PromptRule) {
+/// The native rules as a dialect has them (A1111 may send an empty prompt and a clip skip up
+/// to 12).
+pub fn assert_rules(p: &GenerationParams, dialect: validate::DialectRules) {
     let n = p.prompt.chars().count();
-    let least = usize::from(prompt == validate::PromptRule::Required);
+    let least = usize::from(dialect.prompt == validate::PromptRule::Required);
     assert!((least..=validate::PROMPT_MAX_CHARS).contains(&n), "{p:?}");
     assert!(p.negative_prompt.chars().count() <= validate::PROMPT_MAX_CHARS);
     assert!(!p
@@ -223,7 +224,7 @@ pub fn assert_rules(p: &GenerationParams, prompt: validate::PromptRule) {
         "{p:?}"
     );
     assert!(
-        (1..=validate::CLIP_SKIP_MAX as usize).contains(&p.clip_skip),
+        (1..=dialect.clip_skip_max as usize).contains(&p.clip_skip),
         "{p:?}"
     );
     assert!(p.loras.len() <= validate::LORAS_MAX, "{p:?}");

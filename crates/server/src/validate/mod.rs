@@ -84,6 +84,9 @@ pub const FIELDS: [&str; 25] = [
 /// The longest model name a request may give (a file or folder name).
 pub const MODEL_NAME_MAX_CHARS: usize = 255;
 pub const CLIP_SKIP_MAX: u64 = 4;
+/// A1111's own clip skip range (its `CLIP_stop_at_last_layers` slider, 1..=12, in
+/// `modules/shared_options.py`), which its dialect takes; the model's limit still holds.
+pub const A1111_CLIP_SKIP_MAX: u64 = 12;
 pub const LORAS_MAX: usize = 8;
 pub const LORA_WEIGHT_MIN: f64 = -4.0;
 pub const LORA_WEIGHT_MAX: f64 = 4.0;
@@ -262,18 +265,39 @@ pub enum PromptRule {
     MayBeEmpty,
 }
 
-/// Every rule of `/generate` on a parsed object; a 422 lists every broken field.
-pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiError> {
-    validate_request(map, PromptRule::Required)
+/// Where the rules of the dialect a request came in differ from the native contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DialectRules {
+    pub prompt: PromptRule,
+    /// The largest `clip_skip` (before the model's own limit, [`check_limits`]).
+    pub clip_skip_max: u64,
 }
 
-/// [`validate_object`] with the prompt rule of the dialect the request came in.
+impl DialectRules {
+    /// The native contract's (and OpenAI's extras').
+    pub const NATIVE: Self = Self {
+        prompt: PromptRule::Required,
+        clip_skip_max: CLIP_SKIP_MAX,
+    };
+    /// AUTOMATIC1111's: the prompt may be empty, clip skip goes to its slider's 12.
+    pub const A1111: Self = Self {
+        prompt: PromptRule::MayBeEmpty,
+        clip_skip_max: A1111_CLIP_SKIP_MAX,
+    };
+}
+
+/// Every rule of `/generate` on a parsed object; a 422 lists every broken field.
+pub fn validate_object(map: &Map<String, Value>) -> Result<ValidRequest, ApiError> {
+    validate_request(map, DialectRules::NATIVE)
+}
+
+/// [`validate_object`] with the rules of the dialect the request came in.
 pub fn validate_request(
     map: &Map<String, Value>,
-    prompt_rule: PromptRule,
+    dialect: DialectRules,
 ) -> Result<ValidRequest, ApiError> {
     let mut r = FieldReader::new(map, &FIELDS);
-    let prompt = match prompt_rule {
+    let prompt = match dialect.prompt {
         PromptRule::Required => r
             .require("prompt")
             .then(|| r.text("prompt", 1, PROMPT_MAX_CHARS))
@@ -308,7 +332,7 @@ pub fn validate_request(
             ("plain", PromptSyntax::Plain),
         ],
     );
-    let clip_skip = r.int("clip_skip", 1, CLIP_SKIP_MAX);
+    let clip_skip = r.int("clip_skip", 1, dialect.clip_skip_max);
     let mut loras = r.with("loras", lora_list).unwrap_or_default();
     // `<lora:name:weight>` tags do what `loras` does and leave the prompt.
     let prompt = prompt.map(|p| {

@@ -116,7 +116,8 @@ pub struct A1111Request {
     /// The native `seed_resize_from_height`, with `seed_resize_from_w`.
     #[schema(default = -1, nullable = true)]
     pub seed_resize_from_h: Option<i64>,
-    /// `CLIP_stop_at_last_layers` is the native `clip_skip`; `sd_model_checkpoint` naming another
+    /// `CLIP_stop_at_last_layers` is the native `clip_skip` in A1111's range, 1..=12 (its slider;
+    /// still at most the model's text encoder layers + 1); `sd_model_checkpoint` naming another
     /// model falls back to the loaded one (as A1111 does).
     #[schema(value_type = Object, nullable = true, required = false)]
     pub override_settings: Option<serde_json::Value>,

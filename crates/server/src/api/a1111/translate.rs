@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::declared_types::DeclaredTypes;
 use crate::error::ApiError;
-use crate::validate::{PromptRule, ValidRequest};
+use crate::validate::{DialectRules, ValidRequest};
 
 pub use super::samplers::{resolve_sampler, Resolved, SAMPLERS, SCHEDULES};
 
@@ -328,7 +328,7 @@ pub fn translate(
 
     // A1111's prompt defaults to "" (webuiapi sends that): empty is fine here, not natively.
     let mut valid =
-        crate::validate::validate_request(&native, PromptRule::MayBeEmpty).map_err(a1111_names)?;
+        crate::validate::validate_request(&native, DialectRules::A1111).map_err(a1111_names)?;
     // Hires fix is txt2img's (A1111's img2img has no such pass).
     if enable_hr && mode == Mode::Txt2Img {
         valid.hires = Some(hires(body, &valid, &sampler)?);

@@ -259,3 +259,35 @@ fn the_hires_schedule_is_a1111_s_hr_scheduler() {
         (None, None, vec![])
     );
 }
+
+#[test]
+fn clip_skip_takes_a1111s_range_where_the_native_rule_stops_at_4() {
+    // A1111's slider (`modules/shared_options.py`): 1..=12, in an override or the option.
+    let field = "override_settings.CLIP_stop_at_last_layers";
+    for v in [1, 2, 5, 12] {
+        let body = json!({"prompt": "p", "override_settings": {"CLIP_stop_at_last_layers": v}});
+        let t = tr(body, Mode::Txt2Img).unwrap_or_else(|e| panic!("{v}: {e:?}"));
+        assert_eq!(t.valid.clip_skip, v, "{v}");
+        let option = json!(v);
+        let t = translate(
+            json!({"prompt": "p"}).as_object().unwrap(),
+            Mode::Txt2Img,
+            Some(&option),
+            || 1,
+        )
+        .unwrap();
+        assert_eq!(t.valid.clip_skip, v, "option {v}");
+    }
+    for v in [json!(0), json!(13), json!(-1), json!(2.5)] {
+        let body = json!({"prompt": "p", "override_settings": {"CLIP_stop_at_last_layers": v}});
+        let e = tr(body, Mode::Txt2Img).expect_err(&v.to_string());
+        assert_eq!(field_of(e.clone()), field, "{v}");
+        if v == json!(13) {
+            assert!(e.fields()[0].rule.contains("12"), "{e:?}");
+        }
+    }
+    // The native contract keeps its 1..=4.
+    let native = json!({"prompt": "p", "clip_skip": 5});
+    let e = crate::validate::validate_object(native.as_object().unwrap()).unwrap_err();
+    assert_eq!(field_of(e), "clip_skip");
+}
