@@ -7,6 +7,7 @@ pub mod attention;
 pub mod ckpt;
 pub mod clip;
 pub mod config_json;
+pub mod controlnet;
 pub mod device;
 pub mod embeddings;
 pub mod error;

@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+use super::control::{unet_forward, ControlState, StepControl};
 use super::encode_prompt::{ScheduledConditioning, StepConditioning};
 use super::{images_in, Conditioning, StableDiffusion, StepHook, StepProgress};
 use crate::kernels::cuda::StepGraph;
@@ -20,6 +21,7 @@ impl StableDiffusion {
         begin: usize,
         guidance_scale: f64,
         rngs: &mut [TorchRng],
+        control: Option<&ControlState>,
         on_step: StepHook,
     ) -> Result<Tensor> {
         let images_in::Start {
@@ -43,6 +45,11 @@ impl StableDiffusion {
             }
             // A1111's denoiser counts its calls from 0: one per UNet evaluation.
             let conditioning = text_embeddings.at(index - begin)?;
+            let control = control.map(|state| StepControl {
+                state,
+                step: index - begin,
+                steps: total,
+            });
             let noise_pred = self.predict_noise_with(
                 &unet,
                 &model_input,
@@ -50,6 +57,7 @@ impl StableDiffusion {
                 &conditioning,
                 guidance_scale,
                 Some(&mut graph),
+                control,
             )?;
             let unet_done = start.elapsed();
             latents = scheduler.step(&noise_pred, index, &latents, rngs)?;
@@ -93,13 +101,15 @@ impl StableDiffusion {
             _ => Conditioning::Cond(text_embeddings.clone()),
         };
         let conditioning = StepConditioning::Single(conditioning);
-        self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale, None)
+        self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale, None, None)
     }
 
     /// `latents` holds the batch's `n` images; `text_embeddings` one image's `[uncond, cond]`
     /// (or `[cond]` without guidance), repeated for the batch as diffusers'
     /// `num_images_per_prompt` does: `[uncond x n, cond x n]`. `graph`: the loop's CUDA graph
-    /// of the one-pass step (the two-pass one runs plainly).
+    /// of the one-pass step (the two-pass one, and any with ControlNets, runs plainly).
+    /// `control`: the step's ControlNets, run on every UNet evaluation's input.
+    #[allow(clippy::too_many_arguments)]
     fn predict_noise_with(
         &self,
         unet: &UNet2DConditionModel,
@@ -108,6 +118,7 @@ impl StableDiffusion {
         conditioning: &StepConditioning,
         guidance_scale: f64,
         graph: Option<&mut StepGraph>,
+        control: Option<StepControl<'_>>,
     ) -> Result<Tensor> {
         let n = latents.dim(0)?;
         // diffusers' num_images_per_prompt: each row of the conditioning repeated n times.
@@ -137,6 +148,7 @@ impl StableDiffusion {
                     (uncond, conds, weights),
                     guidance_scale,
                     repeat,
+                    control,
                 )
             }
         };
@@ -146,8 +158,8 @@ impl StableDiffusion {
                 // Two passes, each with its own sequence length.
                 let t = Tensor::full(t as f32, n, &self.device)?;
                 // Only with guidance on, which a guidance-distilled UNet never has.
-                let uncond = unet.forward(latents, &t, &repeat(uncond)?)?;
-                let cond = unet.forward(latents, &t, &repeat(cond)?)?;
+                let uncond = unet_forward(unet, latents, &t, &repeat(uncond)?, None, control)?;
+                let cond = unet_forward(unet, latents, &t, &repeat(cond)?, None, control)?;
                 return Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?);
             }
         };
@@ -169,6 +181,7 @@ impl StableDiffusion {
             )?),
             None => None,
         };
+        let graph = graph.filter(|_| control.is_none());
         let noise_pred = match (graph, &timestep_cond) {
             (Some(g), None) => g.run(&[&model_input, &t, &embeddings], |x| {
                 unet.forward(&x[0], &x[1], &x[2])
@@ -176,7 +189,7 @@ impl StableDiffusion {
             (Some(g), Some(c)) => g.run(&[&model_input, &t, &embeddings, c], |x| {
                 unet.forward_with_cond(&x[0], &x[1], &x[2], Some(&x[3]))
             })?,
-            (None, c) => unet.forward_with_cond(&model_input, &t, &embeddings, c.as_ref())?,
+            (None, c) => unet_forward(unet, &model_input, &t, &embeddings, c.as_ref(), control)?,
         };
         if !cfg {
             return Ok(noise_pred);
@@ -191,6 +204,7 @@ impl StableDiffusion {
     /// Composable diffusion as A1111's `combine_denoised`: `uncond + sum_i w_i * g * (cond_i -
     /// uncond)` over the AND parts, every part a row of one UNet batch with the negative
     /// prompt's (two passes where the negative prompt's length differs, as A1111 batches).
+    #[allow(clippy::too_many_arguments)]
     fn predict_composed(
         &self,
         unet: &UNet2DConditionModel,
@@ -199,6 +213,7 @@ impl StableDiffusion {
         (uncond, conds, weights): (&Tensor, &Tensor, &[f64]),
         guidance_scale: f64,
         repeat: impl Fn(&Tensor) -> Result<Tensor>,
+        control: Option<StepControl<'_>>,
     ) -> Result<Tensor> {
         let n = latents.dim(0)?;
         let parts = conds.dim(0)?;
@@ -206,14 +221,18 @@ impl StableDiffusion {
             let embeddings = Tensor::cat(&[repeat(uncond)?, repeat(conds)?], 0)?;
             let input = Tensor::cat(&vec![latents; parts + 1], 0)?;
             let t = Tensor::full(t as f32, embeddings.dim(0)?, &self.device)?;
-            let out = unet.forward(&input, &t, &embeddings)?;
+            let out = unet_forward(unet, &input, &t, &embeddings, None, control)?;
             (out.narrow(0, 0, n)?, out.narrow(0, n, n * parts)?)
         } else {
             let tu = Tensor::full(t as f32, n, &self.device)?;
-            let uncond_pred = unet.forward(latents, &tu, &repeat(uncond)?)?;
+            let uncond_pred = unet_forward(unet, latents, &tu, &repeat(uncond)?, None, control)?;
             let tc = Tensor::full(t as f32, n * parts, &self.device)?;
             let input = Tensor::cat(&vec![latents; parts], 0)?;
-            (uncond_pred, unet.forward(&input, &tc, &repeat(conds)?)?)
+            let conds = repeat(conds)?;
+            (
+                uncond_pred,
+                unet_forward(unet, &input, &tc, &conds, None, control)?,
+            )
         };
         let mut pred = uncond_pred.clone();
         for (i, w) in weights.iter().enumerate() {

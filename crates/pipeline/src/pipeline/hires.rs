@@ -347,6 +347,7 @@ impl StableDiffusion {
             begin,
             pass.params.guidance_scale,
             &mut rngs,
+            None,
             &mut on_step,
         )?;
         drop(text_embeddings);

@@ -23,6 +23,7 @@ use crate::vae_encoder::AutoencoderKlEncoder;
 use crate::{PipelineError, Result};
 
 mod adapters;
+mod control;
 mod decode;
 mod denoise;
 mod encode_prompt;
@@ -179,6 +180,7 @@ impl StableDiffusion {
             Some(h) => Some(self.second_pass(params, h)?),
             None => None,
         };
+        let control = self.prepare_control(params)?;
         let (mut scheduler, begin) = self.prepare_timesteps(params)?;
         // A1111 schedules prompts over the steps times the sampler's evaluations per step
         // (`total_steps`: twice the steps for second-order samplers).
@@ -211,6 +213,7 @@ impl StableDiffusion {
             begin,
             params.guidance_scale,
             &mut rngs,
+            control.as_ref(),
             &mut on_step,
         )?;
         if let Some(second) = second {

@@ -46,6 +46,9 @@ pub struct GenerationParams {
     /// its centre, its seed's noise drawn at this size (cropped where larger); in every mode
     /// and pass. `None`: off. See [`starting_noise`](Self::starting_noise).
     pub seed_resize_from: Option<SeedResize>,
+    /// ControlNets steering text-to-image (diffusers' `StableDiffusionControlNetPipeline`;
+    /// several: `MultiControlNetModel`, their residuals summed). Empty: none.
+    pub controlnets: Vec<crate::controlnet::ControlNetUnit>,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -72,6 +75,7 @@ impl Default for GenerationParams {
             tiling: false,
             variation: None,
             seed_resize_from: None,
+            controlnets: Vec::new(),
         }
     }
 }

@@ -34,6 +34,7 @@ use crate::error::{PipelineError, Result};
 
 mod checked;
 mod configs;
+mod controlnet_file;
 mod convert;
 mod key_map;
 mod vae_file;
@@ -41,6 +42,7 @@ mod validate;
 
 pub use checked::{checked_var_builder, CheckedWeights};
 pub use configs::sd15_scheduler_config;
+pub use controlnet_file::{read_controlnet_file, ControlNetFileShapes};
 pub use convert::convert_single_file;
 pub use key_map::{map_unet_key, map_vae_key};
 pub use vae_file::read_vae_file;
@@ -170,6 +172,44 @@ impl SourceFile {
                 Ok(Cow::Owned(ck.read_tensor(t)?))
             }
         }
+    }
+}
+
+impl SourceFile {
+    /// Tensor `src` read in `shape` (its element count unchanged) and converted to `dtype` on
+    /// the CPU; `what` names the model in the error for a non-float tensor. Bytes read from the
+    /// safetensors mapping leave the resident set once copied.
+    fn host_tensor(
+        &self,
+        src: &str,
+        shape: &[usize],
+        dtype: candle_core::DType,
+        what: &str,
+    ) -> Result<candle_core::Tensor> {
+        use candle_core::{DType, Device, Tensor};
+        let stored = match self.tensors[src].dtype {
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F32 => DType::F32,
+            Dtype::F64 => DType::F64,
+            other => {
+                return Err(weights(
+                    &self.path,
+                    format!("`{src}` is {other:?}; a {what} weight is a float tensor"),
+                ))
+            }
+        };
+        let bytes = self.read(src)?;
+        let tensor = Tensor::from_raw_buffer(&bytes, stored, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| weights(&self.path, format!("`{src}`: {e}")))?;
+        if let Cow::Borrowed(mapped) = &bytes {
+            // Copied: its pages of the file leave the resident set now, not when the whole
+            // file is read (the read peaks at the weights plus one tensor, not twice the file).
+            // SAFETY: borrowed bytes lie in the read-only mapping of the safetensors file.
+            unsafe { crate::weights::release_mapped(mapped) };
+        }
+        Ok(tensor)
     }
 }
 

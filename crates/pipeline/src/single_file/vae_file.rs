@@ -8,8 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use safetensors::Dtype;
+use candle_core::{DType, Tensor};
 
 use super::key_map::map_vae_key;
 use super::{weights, SourceFile, VAE_PREFIXES};
@@ -60,28 +59,7 @@ pub fn read_vae_file(path: &Path, levels: usize, dtype: DType) -> Result<HashMap
             }
             shape.truncate(2);
         }
-        let stored = match t.dtype {
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F32 => DType::F32,
-            Dtype::F64 => DType::F64,
-            other => {
-                return Err(weights(
-                    path,
-                    format!("`{src}` is {other:?}; a VAE weight is a float tensor"),
-                ))
-            }
-        };
-        let bytes = file.read(src)?;
-        let tensor = Tensor::from_raw_buffer(&bytes, stored, &shape, &Device::Cpu)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| weights(path, format!("`{src}`: {e}")))?;
-        if let std::borrow::Cow::Borrowed(mapped) = &bytes {
-            // Copied: its pages of the file leave the resident set now, not when the whole
-            // file is read (the read peaks at the weights plus one tensor, not twice the file).
-            // SAFETY: borrowed bytes lie in the read-only mapping of the safetensors file.
-            unsafe { crate::weights::release_mapped(mapped) };
-        }
+        let tensor = file.host_tensor(src, &shape, dtype, "VAE")?;
         out.insert(name, tensor);
     }
     if !out.keys().any(|k| k.starts_with("decoder.")) {

@@ -1,8 +1,8 @@
 //! diffusers `UNet2DConditionModel` (the SD 1.x / 2.x family), built from `unet/config.json`.
 //!
 //! `forward` equals `unet(sample, timesteps, encoder_hidden_states).sample` without the optional
-//! inputs (class labels, masks, ControlNet residuals) that Stable Diffusion text-to-image never
-//! passes. Weights may be f32, f16 or bf16; norms and softmax run in f32.
+//! inputs (class labels, masks) that Stable Diffusion never passes; [`UNet2DConditionModel::forward_with_residuals`]
+//! takes a ControlNet's residuals. Weights may be f32, f16 or bf16; norms and softmax run in f32.
 //!
 //! The model is resident (every part built on its device, [`UNet2DConditionModel::new`]) or
 //! streamed for sequential offload (weights in host memory, each part built on the device for
@@ -10,6 +10,7 @@
 
 pub(crate) mod blocks;
 mod config;
+mod encoder;
 mod streaming;
 mod time_embedding;
 
@@ -24,6 +25,8 @@ use blocks::{
 };
 use config::{BlockKind, Resolved};
 pub use config::{PerBlock, UNetConfig};
+pub use encoder::AdditionalResiduals;
+pub(crate) use encoder::UNetEncoder;
 pub(crate) use streaming::host_var_builder;
 pub use streaming::StreamStats;
 use streaming::{HostWeights, PartOnDevice};
@@ -461,6 +464,27 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_with_residuals(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            timestep_cond,
+            None,
+        )
+    }
+
+    /// [`Self::forward_with_cond`] with a ControlNet's residuals, added where diffusers'
+    /// `UNet2DConditionModel.forward` adds `down_block_additional_residuals` (to every skip
+    /// connection, after the down blocks) and `mid_block_additional_residual` (to the mid
+    /// block's output).
+    pub fn forward_with_residuals(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep_cond: Option<&Tensor>,
+        residuals: Option<&AdditionalResiduals>,
+    ) -> Result<Tensor> {
         let c = &self.layout.config;
         let (b, cin, h, w) = sample.dims4()?;
         if cin != c.in_channels {
@@ -469,19 +493,7 @@ impl UNet2DConditionModel {
                 c.in_channels
             )));
         }
-        let timesteps = match timesteps.rank() {
-            0 => timesteps.reshape(1)?,
-            _ => timesteps.flatten_all()?,
-        };
-        let timesteps = match timesteps.dim(0)? {
-            1 if b != 1 => timesteps.broadcast_as(b)?.contiguous()?,
-            tb if tb == b => timesteps,
-            tb => {
-                return Err(PipelineError::InvalidRequest(format!(
-                    "{tb} timesteps for a batch of {b} samples"
-                )))
-            }
-        };
+        let timesteps = encoder::batch_timesteps(timesteps, b)?;
         if let UNetWeights::Streamed(host) = &self.weights {
             host.counters.forward_started();
         }
@@ -535,11 +547,26 @@ impl UNet2DConditionModel {
             let d = self.part(|p| &p.down_blocks[i], |l, vb| l.build_down(i, vb))?;
             x = d.forward(&x, &emb, &ctx, o, &mut skips)?;
         }
+        if let Some(r) = residuals {
+            if r.down.len() != skips.len() {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "{} down residuals for a UNet of {} skip connections",
+                    r.down.len(),
+                    skips.len()
+                )));
+            }
+            for (s, add) in skips.iter_mut().zip(&r.down) {
+                *s = s.broadcast_add(&add.to_dtype(self.dtype)?)?;
+            }
+        }
         if self.layout.has_mid_block() {
             let mid = self.part(|p| &p.mid_block, |l, vb| l.build_mid(vb))?;
             if let Some(m) = &*mid {
                 x = m.forward(&x, &emb, &ctx, o)?;
             }
+        }
+        if let Some(r) = residuals {
+            x = x.broadcast_add(&r.mid.to_dtype(self.dtype)?)?;
         }
         for i in 0..n {
             let u = self.part(|p| &p.up_blocks[i], |l, vb| l.build_up(i, vb))?;

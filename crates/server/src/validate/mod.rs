@@ -210,6 +210,7 @@ impl ValidRequest {
                 strength: self.variation_strength,
             }),
             seed_resize_from: self.seed_resize_from,
+            controlnets: Vec::new(),
         }
     }
 }

@@ -272,6 +272,7 @@ impl WireSpec {
                 seed_resize_from: self.seed_resize_from.map(|(width, height)| {
                     sdserve_pipeline::pipeline::SeedResize { width, height }
                 }),
+                controlnets: Vec::new(),
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),

@@ -1,0 +1,110 @@
+//! A ControlNet as a request carries it: by name and file, loaded on first use or handed over
+//! already loaded (the server's cache), and one unit of a request (model, image, scale, the
+//! part of the schedule it steers).
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device};
+
+use super::ControlNetModel;
+use crate::pipeline::RgbImage;
+use crate::unet::UNetConfig;
+
+/// A ControlNet file (or diffusers folder) by its name.
+pub struct ControlNet {
+    pub name: String,
+    /// The file or folder; empty for one known by name only until it runs ([`Self::named`]).
+    pub path: PathBuf,
+    loaded: OnceLock<Result<Arc<ControlNetModel>, String>>,
+}
+
+impl std::fmt::Debug for ControlNet {
+    /// The name and file only: the same ControlNet reads the same whether loaded or not (the
+    /// server's cache key writes requests with `Debug`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlNet")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl PartialEq for ControlNet {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.path) == (&other.name, &other.path)
+    }
+}
+
+impl ControlNet {
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+            loaded: OnceLock::new(),
+        }
+    }
+
+    /// Known by name alone, to be found where it runs (the worker's CONTROLNET_DIR).
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::new(name, PathBuf::new())
+    }
+
+    /// With its model already loaded (from `path`).
+    pub fn with_model(
+        name: impl Into<String>,
+        path: impl Into<PathBuf>,
+        model: Arc<ControlNetModel>,
+    ) -> Self {
+        let me = Self::new(name, path);
+        let _ = me.loaded.set(Ok(model));
+        me
+    }
+
+    /// The model, read onto `device` in `dtype` (a single file's config from `unet`) on first
+    /// use; one handed over is used where it is. The error names the file.
+    pub fn load_on(
+        &self,
+        unet: &UNetConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Arc<ControlNetModel>, String> {
+        self.loaded
+            .get_or_init(|| {
+                if self.path.as_os_str().is_empty() {
+                    return Err(format!(
+                        "the ControlNet {:?} was not found in a ControlNet folder",
+                        self.name
+                    ));
+                }
+                ControlNetModel::load(&self.path, unet, device, dtype)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+}
+
+/// One ControlNet of a request: diffusers' `controlnet` (one of a `MultiControlNetModel`) with
+/// its `image`, `controlnet_conditioning_scale`, `control_guidance_start` and `_end`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetUnit {
+    pub model: Arc<ControlNet>,
+    /// Any size: resized (Lanczos) to the request's width and height, as diffusers'
+    /// `VaeImageProcessor` (no normalisation: `[0, 1]`).
+    pub image: RgbImage,
+    pub scale: f64,
+    /// The fraction of the steps before which the ControlNet does not steer.
+    pub guidance_start: f64,
+    /// The fraction of the steps after which it does not steer.
+    pub guidance_end: f64,
+}
+
+impl ControlNetUnit {
+    /// diffusers' `controlnet_keep[i]`: whether step `i` of `steps` (UNet evaluations) is
+    /// within `[guidance_start, guidance_end]`: `not (i / n < start or (i + 1) / n > end)`.
+    pub fn steers(&self, i: usize, steps: usize) -> bool {
+        let n = steps as f64;
+        !((i as f64) / n < self.guidance_start || (i as f64 + 1.0) / n > self.guidance_end)
+    }
+}

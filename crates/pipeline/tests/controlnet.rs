@@ -1,0 +1,264 @@
+//! ControlNets against diffusers (`tools/make_controlnet_fixtures.py`): the model's residuals
+//! from a diffusers folder and from the original single-file names (`.safetensors` under
+//! `control_model.`, a `.pth` pickle without), the UNet with them, and whole images of
+//! `StableDiffusionControlNetPipeline` on tiny-a-vae8 (one ControlNet, several, a guidance
+//! window, a resized control image, a batch, no CFG).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture_path, image_case_failures, image_failure, max_abs_diff, read_png, Fixtures};
+use common::{generate_one, request_params};
+use sdserve_pipeline::controlnet::{ControlNet, ControlNetModel, ControlNetUnit};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
+use sdserve_pipeline::unet::{AdditionalResiduals, UNet2DConditionModel, UNetConfig};
+use sdserve_pipeline::PipelineError;
+
+fn net_path(name: &str) -> PathBuf {
+    let dir = fixture_path("controlnet");
+    match name {
+        "cn-a" => dir.join("cn-a"),
+        "cn-a-ldm" => dir.join("cn-a-ldm.safetensors"),
+        "cn-b" => dir.join("cn-b.pth"),
+        other => panic!("no ControlNet fixture {other}"),
+    }
+}
+
+fn unet_config() -> UNetConfig {
+    let text = std::fs::read_to_string(fixture_path("tiny-a-vae8/unet/config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn load(name: &str) -> ControlNetModel {
+    ControlNetModel::load(&net_path(name), &unet_config(), &Device::Cpu, DType::F32)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn residuals(f: &Fixtures, net: &ControlNetModel, scale: f64) -> AdditionalResiduals {
+    net.forward(
+        f.get("model.sample"),
+        f.get("model.timesteps"),
+        f.get("model.context"),
+        f.get("model.cond"),
+        scale,
+        Default::default(),
+    )
+    .unwrap()
+}
+
+/// Every residual within 1e-4 of the largest reference value (f32 against torch's f32).
+fn assert_residuals(label: &str, f: &Fixtures, reference: &str, got: &AdditionalResiduals) {
+    let want = |k: String| f.get(&format!("model.{reference}.{k}")).clone();
+    let mut pairs: Vec<(String, Tensor, &Tensor)> = got
+        .down
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("down.{i}"), want(format!("down.{i}")), t))
+        .collect();
+    assert!(
+        f.tensors
+            .contains_key(&format!("model.{reference}.down.{}", got.down.len()))
+            .eq(&false),
+        "{label}: fewer residuals than diffusers"
+    );
+    pairs.push(("mid".into(), want("mid".into()), &got.mid));
+    for (k, want, got) in pairs {
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&want, got);
+        assert!(scale > 1e-3, "{label} {k}: reference residual is ~0");
+        assert!(
+            d < 1e-4 * scale.max(1.0),
+            "{label} {k}: max abs diff {d} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn residuals_match_diffusers_from_a_folder_and_from_single_files() {
+    let f = Fixtures::load("controlnet");
+    let a = load("cn-a");
+    assert_eq!(a.image_scale_factor(), 8);
+    assert_residuals("cn-a folder", &f, "cn-a", &residuals(&f, &a, 0.7));
+    // The LDM single file (`control_model.` prefix, config from the UNet's plus the hint
+    // encoder's shapes) holds the same values.
+    let a_ldm = load("cn-a-ldm");
+    assert_eq!(
+        a_ldm.config().conditioning_embedding_out_channels,
+        Some(vec![16, 32, 96, 256])
+    );
+    assert_residuals(
+        "cn-a-ldm.safetensors",
+        &f,
+        "cn-a",
+        &residuals(&f, &a_ldm, 0.7),
+    );
+    // A pickle without the prefix, another hint encoder (8, 8, 16, 16).
+    let b = load("cn-b");
+    assert_eq!(
+        b.config().conditioning_embedding_out_channels,
+        Some(vec![8, 8, 16, 16])
+    );
+    assert_residuals("cn-b.pth", &f, "cn-b", &residuals(&f, &b, 1.3));
+}
+
+#[test]
+fn the_unet_adds_the_residuals_where_diffusers_does() {
+    let f = Fixtures::load("controlnet");
+    let dir = fixture_path("tiny-a-vae8/unet");
+    let files = sdserve_pipeline::pipeline::component_weight_files(
+        &dir,
+        "",
+        "diffusion_pytorch_model",
+        DType::F32,
+    )
+    .unwrap();
+    let vb = || {
+        sdserve_pipeline::single_file::checked_var_builder(&files, DType::F32, &Device::Cpu)
+            .unwrap()
+    };
+    let unet = UNet2DConditionModel::new(vb(), &unet_config()).unwrap();
+    // Sequential offload: the streamed parts take the residuals as the resident model does.
+    let streamed = UNet2DConditionModel::streamed(vb(), &unet_config(), &Device::Cpu).unwrap();
+    let r = residuals(&f, &load("cn-a"), 0.7);
+    let (x, t, ctx) = (
+        f.get("model.sample"),
+        f.get("model.timesteps"),
+        f.get("model.context"),
+    );
+    let got = unet
+        .forward_with_residuals(x, t, ctx, None, Some(&r))
+        .unwrap();
+    let want = f.get("model.unet.with_cn-a");
+    let d = max_abs_diff(want, &got);
+    assert!(d < 1e-4, "with residuals: {d}");
+    let got_streamed = streamed
+        .forward_with_residuals(x, t, ctx, None, Some(&r))
+        .unwrap();
+    assert_eq!(max_abs_diff(&got, &got_streamed), 0.0);
+    // Without them the output is the plain UNet's, far from the steered one.
+    let plain = unet.forward(x, t, ctx).unwrap();
+    assert!(max_abs_diff(f.get("model.unet.plain"), &plain) < 1e-4);
+    assert!(max_abs_diff(want, &plain) > 0.05);
+}
+
+fn params_of(case: &serde_json::Value) -> GenerationParams {
+    let controlnets = case["controlnets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            let name = u["model"].as_str().unwrap();
+            ControlNetUnit {
+                model: Arc::new(ControlNet::new(name, net_path(name))),
+                image: read_png(u["image"].as_str().unwrap()),
+                scale: u["scale"].as_f64().unwrap(),
+                guidance_start: u["guidance_start"].as_f64().unwrap(),
+                guidance_end: u["guidance_end"].as_f64().unwrap(),
+            }
+        })
+        .collect();
+    GenerationParams {
+        batch_size: case["batch_size"].as_u64().unwrap() as usize,
+        controlnets,
+        ..request_params(case)
+    }
+}
+
+#[test]
+fn images_match_diffusers_controlnet_pipeline() {
+    let f = Fixtures::load("controlnet");
+    let cases = f.meta["cases"].as_object().unwrap().clone();
+    let (failures, images) = image_case_failures(&cases, params_of, |label| {
+        f.get(&format!("image.{label}")).clone()
+    });
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(images, 6);
+}
+
+fn model() -> StableDiffusion {
+    StableDiffusion::load(&fixture_path("tiny-a-vae8"), &Device::Cpu, DType::F32).unwrap()
+}
+
+#[test]
+fn without_the_controlnet_the_image_is_not_diffusers_controlnet_image() {
+    // The check above fails when the residuals are dropped: the same request without its
+    // ControlNet is diffusers' plain image, outside the bounds of the steered one.
+    let f = Fixtures::load("controlnet");
+    let case = &f.meta["cases"]["single"];
+    let sd = model();
+    let plain = generate_one(
+        &sd,
+        &GenerationParams {
+            controlnets: vec![],
+            ..params_of(case)
+        },
+    );
+    assert!(image_failure(
+        "plain vs steered",
+        &plain.pixels,
+        &f.get("image.single").get(0).unwrap()
+    )
+    .is_some());
+    assert!(image_failure(
+        "plain",
+        &plain.pixels,
+        &f.get("plain.single").get(0).unwrap()
+    )
+    .is_none());
+}
+
+#[test]
+fn what_a_controlnet_cannot_do_is_refused() {
+    let f = Fixtures::load("controlnet");
+    let sd = model();
+    let base = params_of(&f.meta["cases"]["single"]);
+    let run = |p: &GenerationParams| {
+        sd.generate(p, &mut |_| std::ops::ControlFlow::Continue(()))
+            .unwrap_err()
+            .to_string()
+    };
+    let img2img = GenerationParams {
+        init_image: Some(InitImage {
+            image: read_png("control-64.png"),
+            mask: None,
+            strength: 0.5,
+        }),
+        ..base.clone()
+    };
+    let e = run(&img2img);
+    assert!(
+        e.contains("text-to-image only") && e.contains("init image"),
+        "{e}"
+    );
+    // A ControlNet of another UNet (tiny-b's widths) does not fit tiny-a's.
+    let tiny_b: UNetConfig = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("tiny-b/unet/config.json")).unwrap(),
+    )
+    .unwrap();
+    let foreign = ControlNetModel::load(&net_path("cn-b"), &tiny_b, &Device::Cpu, DType::F32);
+    match foreign {
+        Err(PipelineError::Weights { message, .. }) => {
+            assert!(message.contains("does not fit"), "{message}")
+        }
+        Err(other) => panic!("{other}"),
+        Ok(net) => assert!(net.fits(&unet_config()).is_err()),
+    }
+    let missing = GenerationParams {
+        controlnets: vec![ControlNetUnit {
+            model: Arc::new(ControlNet::named("nowhere")),
+            ..base.controlnets[0].clone()
+        }],
+        ..base
+    };
+    let e = run(&missing);
+    assert!(e.contains("nowhere"), "{e}");
+}
