@@ -34,21 +34,64 @@ fn lanczos(x: f64) -> f64 {
     }
 }
 
-/// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis: per output pixel the first
-/// input index and its fixed-point weights.
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
-    let scale = in_size as f64 / out_size as f64;
+/// PIL's `bicubic_filter` (a = -0.5).
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// The resampling filters PIL's `Image.resize` takes here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Lanczos,
+    /// `Image.resize`'s default for RGB and L images.
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Lanczos => LANCZOS_SUPPORT,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Lanczos => lanczos(x),
+            Filter::Bicubic => bicubic(x),
+        }
+    }
+}
+
+/// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis of the source span
+/// `in0..in1` (a box; `0..in_size` for a plain resize): per output pixel the first input index
+/// and its fixed-point weights.
+fn coefficients(
+    in_size: usize,
+    (in0, in1): (f32, f32),
+    out_size: usize,
+    filter: Filter,
+) -> Vec<(usize, Vec<i32>)> {
+    let scale = (in1 - in0) as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = LANCZOS_SUPPORT * filter_scale;
+    let support = filter.support() * filter_scale;
     (0..out_size)
         .map(|xx| {
-            let center = (xx as f64 + 0.5) * scale;
+            let center = in0 as f64 + (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filter_scale;
             // C casts truncate toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
             let weights: Vec<f64> = (xmin..xmax.max(xmin))
-                .map(|x| lanczos((x as f64 - center + 0.5) * ss))
+                .map(|x| filter.weight((x as f64 - center + 0.5) * ss))
                 .collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
@@ -78,18 +121,52 @@ fn clip8(acc: i64) -> u8 {
 /// more than twice as many pixels as the width does, else the horizontal pass first; each
 /// pass rounds to u8, so the order shows in the pixels.
 pub fn resize_lanczos(image: &RgbImage, width: usize, height: usize) -> RgbImage {
+    resize_with(image, width, height, Filter::Lanczos, None)
+}
+
+/// `image.resize((width, height), filter, box=(x0, y0, x1, y1))` as Pillow computes it for RGB
+/// (and, channel by channel, L) images; `None` is the whole image. A box may be empty along
+/// an axis: each output pixel then blends the source pixels around that edge (A1111's
+/// `resize_image` fills its borders so).
+pub fn resize_with(
+    image: &RgbImage,
+    width: usize,
+    height: usize,
+    filter: Filter,
+    bbox: Option<[f32; 4]>,
+) -> RgbImage {
     let (w0, h0) = (image.width as usize, image.height as usize);
-    if (w0, h0) == (width, height) {
+    let [x0, y0, x1, y1] = bbox.unwrap_or([0.0, 0.0, w0 as f32, h0 as f32]);
+    // Pillow's need_horizontal / need_vertical.
+    let need_h = width != w0 || x0 != 0.0 || x1 != width as f32;
+    let need_v = height != h0 || y0 != 0.0 || y1 != height as f32;
+    if !need_h && !need_v {
         return image.clone();
     }
     let shrink_h = h0 as i64 - height as i64;
     let vertical_first = shrink_h > 0 && shrink_h > (w0 as i64 - width as i64) * 2;
+    let horizontal = |pixels: &[u8], h: usize| {
+        if need_h {
+            let coeffs = coefficients(w0, (x0, x1), width, filter);
+            (lanczos_horizontal(pixels, w0, h, &coeffs), width)
+        } else {
+            (pixels.to_vec(), w0)
+        }
+    };
+    let vertical = |pixels: &[u8], w: usize| {
+        if need_v {
+            let coeffs = coefficients(h0, (y0, y1), height, filter);
+            lanczos_vertical(pixels, w, &coeffs)
+        } else {
+            pixels.to_vec()
+        }
+    };
     let pixels = if vertical_first {
-        let tall = lanczos_vertical(&image.pixels, w0, h0, height);
-        lanczos_horizontal(&tall, w0, height, width)
+        let tall = vertical(&image.pixels, w0);
+        horizontal(&tall, height).0
     } else {
-        let wide = lanczos_horizontal(&image.pixels, w0, h0, width);
-        lanczos_vertical(&wide, width, h0, height)
+        let (wide, w) = horizontal(&image.pixels, h0);
+        vertical(&wide, w)
     };
     RgbImage {
         width: width as u32,
@@ -98,13 +175,11 @@ pub fn resize_lanczos(image: &RgbImage, width: usize, height: usize) -> RgbImage
     }
 }
 
-/// One horizontal Lanczos pass of an RGB8 `w0` x `h` image to `width` (a copy when equal).
-fn lanczos_horizontal(pixels: &[u8], w0: usize, h: usize, width: usize) -> Vec<u8> {
-    if width == w0 {
-        return pixels.to_vec();
-    }
+/// One horizontal pass of an RGB8 `w0` x `h` image through `coeffs` (one entry per output
+/// column).
+fn lanczos_horizontal(pixels: &[u8], w0: usize, h: usize, coeffs: &[(usize, Vec<i32>)]) -> Vec<u8> {
     let round = 1i64 << (PRECISION_BITS - 1);
-    let coeffs = coefficients(w0, width);
+    let width = coeffs.len();
     let mut out = vec![0u8; width * h * 3];
     for y in 0..h {
         let row = &pixels[y * w0 * 3..(y + 1) * w0 * 3];
@@ -120,13 +195,10 @@ fn lanczos_horizontal(pixels: &[u8], w0: usize, h: usize, width: usize) -> Vec<u
     out
 }
 
-/// One vertical Lanczos pass of an RGB8 `w` x `h0` image to `height` (a copy when equal).
-fn lanczos_vertical(pixels: &[u8], w: usize, h0: usize, height: usize) -> Vec<u8> {
-    if height == h0 {
-        return pixels.to_vec();
-    }
+/// One vertical pass of an RGB8 image `w` wide through `coeffs` (one entry per output row).
+fn lanczos_vertical(pixels: &[u8], w: usize, coeffs: &[(usize, Vec<i32>)]) -> Vec<u8> {
     let round = 1i64 << (PRECISION_BITS - 1);
-    let coeffs = coefficients(h0, height);
+    let height = coeffs.len();
     let mut out = vec![0u8; w * height * 3];
     for (yy, (ymin, k)) in coeffs.iter().enumerate() {
         for x in 0..w * 3 {
@@ -281,7 +353,7 @@ mod tests {
     #[test]
     fn lanczos_coefficients_sum_to_one_in_fixed_point() {
         for (a, b) in [(50, 32), (35, 32), (16, 40)] {
-            for (_, k) in coefficients(a, b) {
+            for (_, k) in coefficients(a, (0.0, a as f32), b, Filter::Lanczos) {
                 let sum: i64 = k.iter().map(|&v| v as i64).sum();
                 assert!(
                     (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,

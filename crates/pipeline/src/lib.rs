@@ -12,6 +12,7 @@ pub mod device;
 pub mod embeddings;
 pub mod error;
 pub mod image_in;
+pub mod inpaint_a1111;
 pub mod interpolate;
 pub mod kernels;
 pub mod lora;

@@ -59,6 +59,10 @@ impl StableDiffusion {
                 Some(&mut graph),
                 control,
             )?;
+            let noise_pred = match &inpaint {
+                Some(state) => state.blend_prediction(noise_pred, &latents, scheduler, index)?,
+                None => noise_pred,
+            };
             let unet_done = start.elapsed();
             latents = scheduler.step(&noise_pred, index, &latents, rngs)?;
             if let Some(state) = &inpaint {
@@ -82,7 +86,10 @@ impl StableDiffusion {
                 return Err(PipelineError::Cancelled);
             }
         }
-        Ok(latents)
+        match &inpaint {
+            Some(state) => state.finish(latents),
+            None => Ok(latents),
+        }
     }
 
     /// The UNet's noise prediction at timestep `t` for (already scaled) `latents`, with

@@ -5,8 +5,10 @@
 
 use candle_core::{DType, Tensor};
 
+use super::inpaint_blend::{latent_mask, A1111Blend};
 use super::{GenerationParams, RgbImage, StableDiffusion};
 use crate::image_in;
+use crate::inpaint_a1111::MaskedContent;
 use crate::rng::TorchRng;
 use crate::schedulers::Scheduler;
 use crate::{PipelineError, Result};
@@ -81,6 +83,12 @@ enum InpaintKind {
         image_latents: Tensor,
         noise: Tensor,
     },
+    /// A1111's blend on the prediction (either UNet; a 9-channel one also takes its masked
+    /// image latents).
+    A1111 {
+        blend: A1111Blend,
+        masked_image_latents: Option<Tensor>,
+    },
 }
 
 impl InpaintState {
@@ -89,6 +97,10 @@ impl InpaintState {
         Ok(match &self.kind {
             InpaintKind::Channels {
                 masked_image_latents,
+            }
+            | InpaintKind::A1111 {
+                masked_image_latents: Some(masked_image_latents),
+                ..
             } => Tensor::cat(
                 &[
                     &scaled,
@@ -97,8 +109,32 @@ impl InpaintState {
                 ],
                 1,
             )?,
-            InpaintKind::Blend { .. } => scaled,
+            InpaintKind::Blend { .. } | InpaintKind::A1111 { .. } => scaled,
         })
+    }
+
+    /// A1111's blend of the (guided) model output at step `index`; others' output as it is.
+    pub(super) fn blend_prediction(
+        &self,
+        output: Tensor,
+        latents: &Tensor,
+        scheduler: &dyn Scheduler,
+        index: usize,
+    ) -> Result<Tensor> {
+        match &self.kind {
+            InpaintKind::A1111 { blend, .. } => {
+                blend.blend_prediction(&output, latents, scheduler, index)
+            }
+            _ => Ok(output),
+        }
+    }
+
+    /// After the last step: A1111's blend of the samples with the init latents.
+    pub(super) fn finish(&self, latents: Tensor) -> Result<Tensor> {
+        match &self.kind {
+            InpaintKind::A1111 { blend, .. } => blend.blend_samples(&latents),
+            _ => Ok(latents),
+        }
     }
 
     /// 4-channel inpainting after the step at `index`: `(1 - m) * add_noise(image_latents,
@@ -172,6 +208,42 @@ impl StableDiffusion {
                 }
             }
         }
+    }
+
+    /// A1111's inpainting: the init image and mask as its preprocessing leaves them (at the
+    /// request's size) and what goes back over the results; `None` without it.
+    pub(super) fn a1111_inpaint_inputs(
+        &self,
+        params: &GenerationParams,
+    ) -> Result<Option<(InitImage, crate::inpaint_a1111::Prepared)>> {
+        let (Some(options), Some(init)) = (&params.a1111_inpaint, &params.init_image) else {
+            return Ok(None);
+        };
+        let Some(mask) = &init.mask else {
+            return Err(PipelineError::InvalidRequest(
+                "A1111's inpainting options need a mask".into(),
+            ));
+        };
+        if params.hires.is_some() {
+            return Err(PipelineError::InvalidRequest(
+                "the hires fix is for text-to-image only".into(),
+            ));
+        }
+        let (w, h) = (params.width, params.height);
+        let prepared = crate::inpaint_a1111::prepare(&init.image, mask, w, h, options)?;
+        // A blank mask under "only masked": A1111 runs img2img (a 9-channel UNet, which
+        // needs a mask, repaints everywhere).
+        let mask = match (&prepared.mask, self.is_inpainting()) {
+            (Some(m), _) => Some(m.clone()),
+            (None, true) => Some(crate::inpaint_a1111::grey(&vec![255; w * h], w, h)),
+            (None, false) => None,
+        };
+        let init = InitImage {
+            image: prepared.image.clone(),
+            mask,
+            strength: init.strength,
+        };
+        Ok(Some((init, prepared)))
     }
 
     /// `latent_dist` of each image `[1, 3, H, W]` in [-1, 1] through the VAE encoder, which
@@ -254,16 +326,28 @@ impl StableDiffusion {
         let mask = image_in::mask_tensor(mask_image, w, h, &self.device)?;
         // `image * (mask < 0.5)`: the known part only.
         let masked_image = image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
-        let blend = self.unet_in_channels == self.vae_latent_channels;
+        let a1111 = params.a1111_inpaint.as_ref().map(|o| o.masked_content);
+        let channels = self.unet_in_channels != self.vae_latent_channels;
+        let blend = !channels && a1111.is_none();
         let from_noise = init.strength == 1.0;
-        // The image's distribution (4-channel UNet or strength < 1), then the masked image's.
-        let mut dists = if blend || !from_noise {
-            self.encode_images(&[&image, &masked_image])?
-        } else {
-            self.encode_images(&[&masked_image])?
+        // The image's distribution (4-channel UNet, strength < 1, or A1111's init latents),
+        // then the masked image's (a 9-channel UNet's input; diffusers draws it always).
+        let with_image = !channels || !from_noise || a1111.is_some();
+        let with_masked = channels || a1111.is_none();
+        let mut images = Vec::new();
+        images.extend(with_image.then_some(&image));
+        images.extend(with_masked.then_some(&masked_image));
+        let mut dists = self.encode_images(&images)?.into_iter();
+        let image_dist = if with_image { dists.next() } else { None };
+        let masked_dist = dists.next();
+        let latent_hw = (h / f, w / f);
+        let keep_mask = match a1111 {
+            Some(_) => Some(
+                latent_mask(mask_image, latent_hw.1, latent_hw.0, &self.device)?
+                    .affine(-1.0, 1.0)?,
+            ),
+            None => None,
         };
-        let masked_dist = dists.pop().expect("one per image");
-        let image_dist = dists.pop();
         let (mut latents, mut image_latents, mut noises, mut masked_latents) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, rng) in rngs.iter_mut().enumerate() {
@@ -273,26 +357,51 @@ impl StableDiffusion {
             };
             let noise =
                 params.starting_noise(i, rng, (shape.1, shape.2, shape.3), f, &self.device)?;
+            // A1111's masked content in latent space: the kept region as encoded, the
+            // masked one zeroed ("latent nothing") or noise ("latent noise", the image's
+            // own starting noise as A1111's seeded draw is).
+            let image_lat = match (image_lat, a1111, &keep_mask) {
+                (Some(lat), Some(MaskedContent::LatentNothing), Some(keep)) => {
+                    Some(lat.broadcast_mul(keep)?)
+                }
+                (Some(lat), Some(MaskedContent::LatentNoise), Some(keep)) => Some(
+                    (lat.broadcast_mul(keep)? + noise.broadcast_mul(&keep.affine(-1.0, 1.0)?)?)?,
+                ),
+                (lat, ..) => lat,
+            };
             latents.push(match (&image_lat, from_noise) {
                 (Some(lat), false) => scheduler.add_noise(lat, &noise, begin)?,
                 _ => (&noise * scheduler.init_noise_sigma())?,
             });
-            masked_latents.push((masked_dist.sample(rng)? * sf)?);
+            if let Some(d) = &masked_dist {
+                masked_latents.push((d.sample(rng)? * sf)?);
+            }
             image_latents.extend(image_lat);
             noises.push(noise);
         }
         let n = rngs.len();
-        let mask = image_in::mask_to_latent_size(&mask, h / f, w / f)?;
+        let mask = image_in::mask_to_latent_size(&mask, latent_hw.0, latent_hw.1)?;
         let mask = Tensor::cat(&vec![&mask; n], 0)?;
-        let kind = if blend {
-            InpaintKind::Blend {
+        let masked_image_latents = match channels {
+            true => Some(cat(masked_latents)?.to_dtype(self.dtype)?),
+            false => None,
+        };
+        let kind = match (keep_mask, blend) {
+            (Some(keep), _) => InpaintKind::A1111 {
+                blend: A1111Blend {
+                    init: cat(image_latents)?.to_dtype(DType::F32)?,
+                    nmask: Tensor::cat(&vec![&keep.affine(-1.0, 1.0)?; n], 0)?,
+                    prediction: self.schedules.prediction_type()?,
+                },
+                masked_image_latents,
+            },
+            (None, true) => InpaintKind::Blend {
                 image_latents: cat(image_latents)?,
                 noise: cat(noises)?,
-            }
-        } else {
-            InpaintKind::Channels {
-                masked_image_latents: cat(masked_latents)?.to_dtype(self.dtype)?,
-            }
+            },
+            (None, false) => InpaintKind::Channels {
+                masked_image_latents: masked_image_latents.expect("a 9-channel UNet"),
+            },
         };
         Ok(Start {
             latents: cat(latents)?.to_dtype(self.dtype)?,

@@ -29,6 +29,7 @@ mod denoise;
 mod encode_prompt;
 mod hires;
 mod images_in;
+mod inpaint_blend;
 mod limits;
 mod load;
 mod memory_levers;
@@ -192,7 +193,14 @@ impl StableDiffusion {
         let mut rngs: Vec<TorchRng> = (0..params.batch_size)
             .map(|i| TorchRng::new(params.image_seed(i)))
             .collect();
-        let start = match &params.init_image {
+        // A1111's inpainting works on its own processed image and mask, and puts the kept
+        // pixels back over each result.
+        let a1111 = self.a1111_inpaint_inputs(params)?;
+        let (init, overlay) = match &a1111 {
+            Some((init, prepared)) => (Some(init), Some(prepared)),
+            None => (params.init_image.as_ref(), None),
+        };
+        let start = match init {
             None => images_in::Start {
                 latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs)?,
                 inpaint: None,
@@ -232,7 +240,15 @@ impl StableDiffusion {
         for i in 0..latents.dim(0)? {
             let image = self.decode_latents(&latents.narrow(0, i, 1)?)?;
             tracker.sample();
-            images.push(postprocess(&image)?);
+            let image = postprocess(&image)?;
+            images.push(match overlay {
+                Some(crate::inpaint_a1111::Prepared {
+                    overlay: Some(o),
+                    paste_to,
+                    ..
+                }) => o.apply(&image, *paste_to),
+                _ => image,
+            });
         }
         Ok(images)
     }

@@ -49,6 +49,10 @@ pub struct GenerationParams {
     /// ControlNets steering text-to-image (diffusers' `StableDiffusionControlNetPipeline`;
     /// several: `MultiControlNetModel`, their residuals summed). Empty: none.
     pub controlnets: Vec<crate::controlnet::ControlNetUnit>,
+    /// Inpainting as A1111 does it (mask invert and blur, masked content, "only masked", the
+    /// blend on the denoised prediction each step and the overlay of the kept pixels);
+    /// `None`: diffusers' `StableDiffusionInpaintPipeline`. Only with a mask.
+    pub a1111_inpaint: Option<crate::inpaint_a1111::A1111Inpaint>,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -76,6 +80,7 @@ impl Default for GenerationParams {
             variation: None,
             seed_resize_from: None,
             controlnets: Vec::new(),
+            a1111_inpaint: None,
         }
     }
 }

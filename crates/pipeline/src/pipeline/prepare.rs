@@ -81,6 +81,13 @@ impl ModelSchedules {
         self.default_schedule
     }
 
+    /// What the model predicts (`prediction_type`, diffusers' default `epsilon`).
+    pub fn prediction_type(&self) -> Result<schedulers::common::PredictionType> {
+        schedulers::common::PredictionType::parse(
+            self.config.prediction_type.as_deref().unwrap_or("epsilon"),
+        )
+    }
+
     /// The scheduler of `kind` (`None`: the model's) on `schedule` (`None`: the kind's own, or
     /// with no kind the model's) for `steps`, begun where an init image of `strength` begins
     /// (`None`: text-to-image, from the first step).

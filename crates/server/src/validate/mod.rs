@@ -211,6 +211,7 @@ impl ValidRequest {
             }),
             seed_resize_from: self.seed_resize_from,
             controlnets: Vec::new(),
+            a1111_inpaint: None,
         }
     }
 }

@@ -273,6 +273,7 @@ impl WireSpec {
                     sdserve_pipeline::pipeline::SeedResize { width, height }
                 }),
                 controlnets: Vec::new(),
+                a1111_inpaint: None,
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),

@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""A1111's inpainting on the tiny models: its own preprocessing and overlay around diffusers'
+pieces, for the pipeline's `GenerationParams::a1111_inpaint` (tests/a1111_inpaint.rs).
+
+From a checkout of AUTOMATIC1111/stable-diffusion-webui (v1.10.1; taken with `ast`, not copied),
+these run as they are:
+  modules/processing.py   StableDiffusionProcessingImg2Img.init (mask invert, OpenCV blur,
+                          "only masked"'s crop, the overlay image, masked content, the latent
+                          mask, the extra generation parameters), create_binary_mask,
+                          inpainting_image_conditioning (9-channel models), uncrop,
+                          apply_overlay
+  modules/masking.py      get_crop_region_v2, expand_crop_region, fill
+  modules/images.py       resize_image (no upscaler: Lanczos), flatten
+with A1111's model calls stubbed by diffusers' pieces on the pipeline's generators (one per
+image, seeded seed + i; draw order: the init image's latent sample, the starting noise, then
+for a 9-channel UNet the conditioning image's sample). Sampling is diffusers' (the scheduler
+by its API name, `get_timesteps`/`set_begin_index`, strength 1.0 from pure noise) with A1111's
+blend (sd_samplers_cfg_denoiser.py: `denoised * nmask + init_latent * mask` after every model
+evaluation, `sample`'s same blend after the last step) on the clean latents each scheduler's
+output implies; decode as diffusers (`round(x * 255)`), then `apply_overlay`.
+
+Writes, under OUT (default crates/pipeline/tests/fixtures):
+  a1111-inpaint/*.png            init images and masks
+  a1111-inpaint.safetensors      blur.<case>: A1111's blurred L mask (cv2.GaussianBlur)
+                                 image.<case>, mask.<case>: init's processed image and
+                                 image_mask (RGB) at the processing size; latmask.<case>;
+                                 overlay.<case>: the RGBA overlay; result.<case>: [n, H, W, 3]
+  a1111-inpaint.json             cases, blur cases, infotext parameters, paste_to, versions
+
+Usage:
+  python tools/make_inpaint_a1111_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
+"""
+
+import argparse
+import ast
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import types
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from api_schedulers import make_scheduler  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
+
+
+def functions(path, wanted, namespace):
+    """Executes the named functions (`Class.method` or `function`) of a file; their objects
+    and the sha256 of each one's source."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    tree = ast.parse(source)
+    out, digests = {}, {}
+    for name in wanted:
+        cls, _, fn = name.rpartition(".")
+        body = tree.body
+        if cls:
+            (c,) = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls]
+            body = c.body
+        (node,) = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == fn]
+        node.decorator_list = []
+        exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
+        out[name] = namespace[fn]
+        digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
+    return out, digests
+
+
+def a1111(checkout):
+    """A1111's functions, executed from the checkout, and their sources' digests."""
+    mod = os.path.join(checkout, "modules")
+    opts = types.SimpleNamespace(upscaler_for_img2img=None, img2img_color_correction=False,
+                                 save_init_img=False, img2img_background_color="#ffffff",
+                                 sd_vae_encode_method="Full", inpainting_mask_weight=1.0)
+    shared = types.SimpleNamespace(opts=opts, device=torch.device("cpu"), sd_upscalers=[],
+                                   sd_model=types.SimpleNamespace(cond_stage_key="txt"))
+    base = {"Image": Image, "ImageFilter": ImageFilter, "ImageOps": ImageOps, "np": np,
+            "cv2": cv2, "torch": torch, "LANCZOS": Image.Resampling.LANCZOS, "opts": opts,
+            "shared": shared, "logging": logging, "hashlib": hashlib}
+    digests = {}
+    masking_fns, d = functions(os.path.join(mod, "masking.py"),
+                               ["get_crop_region_v2", "expand_crop_region", "fill"], dict(base))
+    digests.update({f"masking.{k}": v for k, v in d.items()})
+    images_fns, d = functions(os.path.join(mod, "images.py"), ["resize_image", "flatten"],
+                              dict(base))
+    digests.update({f"images.{k}": v for k, v in d.items()})
+    masking = types.SimpleNamespace(get_crop_region_v2=masking_fns["get_crop_region_v2"],
+                                    expand_crop_region=masking_fns["expand_crop_region"],
+                                    fill=masking_fns["fill"])
+    images = types.SimpleNamespace(resize_image=images_fns["resize_image"],
+                                   flatten=images_fns["flatten"])
+    ns = dict(base, masking=masking, images=images,
+              devices=types.SimpleNamespace(dtype_vae=torch.float32, dtype=torch.float32,
+                                            torch_gc=lambda: None,
+                                            cond_cast_float=lambda x: x),
+              model_hijack=types.SimpleNamespace(comments=[]), approximation_indexes={},
+              opt_f=8, setup_color_correction=None)
+    proc, d = functions(os.path.join(mod, "processing.py"),
+                        ["create_binary_mask", "uncrop", "apply_overlay",
+                         "StableDiffusionProcessingImg2Img.init",
+                         "StableDiffusionProcessing.inpainting_image_conditioning"], ns)
+    digests.update({f"processing.{k}": v for k, v in d.items()})
+    return ns, proc, digests
+
+
+# --------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------
+
+
+def synthetic_image(width, height, seed):
+    """Gradients, a disc and noise: structure for the VAE to carry."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    u, v = x / max(width - 1, 1), y / max(height - 1, 1)
+    r, g = 255 * (0.2 + 0.6 * u), 255 * (0.3 + 0.5 * v)
+    b = 255 * (0.5 + 0.4 * np.sin(6.0 * u + 3.0 * v))
+    disc = (x - width * 0.6) ** 2 + (y - height * 0.4) ** 2 < (min(width, height) * 0.25) ** 2
+    r[disc], g[disc], b[disc] = 230, 40, 60
+    img = np.stack([r, g, b], -1) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(np.round(img), 0, 255).astype(np.uint8), "RGB")
+
+
+def rect_mask(width, height, box, mode="RGB"):
+    m = np.zeros((height, width), np.uint8)
+    x1, y1, x2, y2 = box
+    m[y1:y2, x1:x2] = 255
+    return Image.fromarray(m, "L").convert(mode)
+
+
+# --------------------------------------------------------------------------
+# The run: A1111's init around diffusers' VAE, then diffusers' sampling with A1111's blend
+# --------------------------------------------------------------------------
+
+MODELS = {
+    "tiny-a": dict(prompt="a photo of an astronaut riding a horse on mars",
+                   negative_prompt="blurry, low quality", guidance_scale=7.5),
+    "tiny-b": dict(prompt="a watercolor painting of a lighthouse at sunset", negative_prompt="",
+                   guidance_scale=1.0),
+    "tiny-inpaint": dict(prompt="a red bench in a park", negative_prompt="", guidance_scale=6.0),
+}
+
+# inpaint_full_res_padding None: the whole picture.
+CASES = {
+    "whole.euler.blur4": dict(model="tiny-a", scheduler="euler", steps=8, strength=0.75,
+                              width=32, height=32, seed=42, init="init-32x32.png",
+                              mask="mask-32x32.png", blur_x=4, blur_y=4, invert=False,
+                              fill=1, padding=None, batch_size=1),
+    "whole.ddim.invert.batch": dict(model="tiny-a", scheduler="ddim", steps=8, strength=0.6,
+                                    width=32, height=32, seed=7, init="init-32x32.png",
+                                    mask="mask-32x32.png", blur_x=2, blur_y=2, invert=True,
+                                    fill=1, padding=None, batch_size=2),
+    "whole.vpred.dpmpp_2m.blurxy": dict(model="tiny-b", scheduler="dpmpp_2m", steps=8,
+                                        strength=0.8, width=32, height=48, seed=3000000000,
+                                        init="init-40x60.png", mask="mask-40x60.png", blur_x=3,
+                                        blur_y=1, invert=False, fill=1, padding=None,
+                                        batch_size=1),
+    "only_masked.euler_a.pad4": dict(model="tiny-a", scheduler="euler_a", steps=8, strength=0.75,
+                                     width=32, height=32, seed=5, init="init-96x64.png",
+                                     mask="mask-96x64.png", blur_x=4, blur_y=4, invert=False,
+                                     fill=1, padding=4, batch_size=1),
+    "only_masked.vpred.unipc.pad0": dict(model="tiny-b", scheduler="unipc", steps=8,
+                                         strength=0.7, width=32, height=48, seed=99,
+                                         init="init-96x64.png", mask="mask-96x64.png", blur_x=2,
+                                         blur_y=2, invert=False, fill=1, padding=0,
+                                         batch_size=1),
+    "nine.only_masked.lms.pad8": dict(model="tiny-inpaint", scheduler="lms", steps=8,
+                                      strength=1.0, width=32, height=32, seed=11,
+                                      init="init-96x64.png", mask="mask-96x64.png", blur_x=4,
+                                      blur_y=4, invert=False, fill=1, padding=8, batch_size=1),
+    "whole.fill.euler.blur4": dict(model="tiny-a", scheduler="euler", steps=8, strength=0.9,
+                                   width=32, height=32, seed=8, init="init-32x32.png",
+                                   mask="mask-32x32.png", blur_x=4, blur_y=4, invert=False,
+                                   fill=0, padding=None, batch_size=1),
+    "only_masked.latent_noise.euler_a": dict(model="tiny-a", scheduler="euler_a", steps=8,
+                                             strength=0.9, width=32, height=32, seed=12,
+                                             init="init-96x64.png", mask="mask-96x64.png",
+                                             blur_x=4, blur_y=4, invert=False, fill=2,
+                                             padding=16, batch_size=1),
+    "whole.latent_nothing.vpred.ddim": dict(model="tiny-b", scheduler="ddim", steps=8,
+                                            strength=1.0, width=32, height=48, seed=13,
+                                            init="init-40x60.png", mask="mask-40x60.png",
+                                            blur_x=0, blur_y=0, invert=False, fill=3,
+                                            padding=None, batch_size=2),
+    "nine.whole.fill.dpmpp_2m": dict(model="tiny-inpaint", scheduler="dpmpp_2m", steps=8,
+                                     strength=0.8, width=32, height=32, seed=14,
+                                     init="init-32x32.png", mask="mask-32x32.png", blur_x=4,
+                                     blur_y=4, invert=False, fill=0, padding=None,
+                                     batch_size=1),
+    "nine.whole.pndm.invert": dict(model="tiny-inpaint", scheduler="pndm", steps=8,
+                                   strength=0.6, width=32, height=32, seed=3,
+                                   init="init-32x32.png", mask="mask-32x32.png", blur_x=4,
+                                   blur_y=4, invert=True, fill=1, padding=None, batch_size=1),
+}
+
+
+def coefficients(sched, index, t):
+    """`latents = a * x0 + b * eps` at the scheduler's step `index` (timestep `t`)."""
+    name = type(sched).__name__
+    if name in ("DDIMScheduler", "PNDMScheduler"):
+        ac = float(sched.alphas_cumprod[int(t)])
+        return math.sqrt(ac), math.sqrt(1.0 - ac)
+    if name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        a, s = sched._sigma_to_alpha_sigma_t(sched.sigmas[index])
+        return float(a), float(s)
+    # k-diffusion's parametrisation (Euler, Euler a, LMS, ...): x0 + sigma * eps.
+    return 1.0, float(sched.sigmas[index])
+
+
+def a1111_blend(output, latents, sched, index, t, prediction, init_latent, nmask):
+    """The output whose implied x0 is `denoised * nmask + init_latent * (1 - nmask)`."""
+    a, b = coefficients(sched, index, t)
+    n = math.sqrt(a * a + b * b)
+    alpha, sigma = a / n, b / n
+    if prediction == "epsilon":
+        eps = output
+    else:  # v_prediction: v = alpha * eps - sigma * x0 on x_t = latents / n
+        eps = sigma * (latents / n) + alpha * output
+    denoised = (latents - b * eps) / a
+    blended = denoised * nmask + init_latent * (1.0 - nmask)
+    eps = (latents - a * blended) / b
+    return eps if prediction == "epsilon" else alpha * eps - sigma * blended
+
+
+@torch.no_grad()
+def run_case(ns, proc, pipe, own_config, case, files, resize_image):
+    r = dict(MODELS[case["model"]], **case)
+    # init keeps `image_mask` in a local: it is the L mask's resize to the processing size
+    # (resize_image(0, ...) for the whole picture, (2, crop) for "only masked").
+    caught = {}
+
+    def catching(mode, im, width, height, **kw):
+        res = resize_image(mode, im, width, height, **kw)
+        if im.mode == "L" and (width, height) == (r["width"], r["height"]):
+            caught["mask"] = res
+        return res
+    ns["images"].resize_image = catching
+    n = r["batch_size"]
+    gens = [torch.Generator("cpu").manual_seed(r["seed"] + i) for i in range(n)]
+    vae, unet = pipe.vae, pipe.unet
+    sf = vae.config.scaling_factor
+    drawn = {}
+
+    def images_tensor_to_samples(image, approximation, model=None):
+        # A1111's VAE encode of [0, 1] images; each image's sample from its generator, then
+        # that generator's starting noise (the pipeline's draw order).
+        dist = vae.encode(image * 2 - 1).latent_dist
+        lat = torch.cat([dist.mean[i:i + 1] + dist.std[i:i + 1] *
+                         torch.randn(dist.mean[i:i + 1].shape, generator=g)
+                         for i, g in enumerate(gens)]) * sf
+        drawn["noise"] = torch.cat([torch.randn(lat[:1].shape, generator=g) for g in gens])
+        return lat
+
+    def create_random_tensors(shape, seeds):
+        return drawn["noise"]
+
+    captured = {}
+
+    def first_stage(x):
+        # get_first_stage_encoding(encode_first_stage(x)): a sample per generator.
+        dist = vae.encode(x).latent_dist
+        return torch.cat([dist.mean[i:i + 1] + dist.std[i:i + 1] *
+                          torch.randn(dist.mean[i:i + 1].shape, generator=g)
+                          for i, g in enumerate(gens)]) * sf
+
+    nine = unet.config.in_channels == 9
+
+    def img2img_image_conditioning(source_image, latent_image, image_mask=None,
+                                   round_image_mask=True):
+        captured["source"] = source_image
+        if not nine:
+            return None
+        me = types.SimpleNamespace(sd_model=types.SimpleNamespace(
+            get_first_stage_encoding=lambda z: z, encode_first_stage=first_stage,
+            dtype=torch.float32))
+        return proc["StableDiffusionProcessing.inpainting_image_conditioning"](
+            me, source_image, latent_image, image_mask, round_image_mask)
+
+    ns["images_tensor_to_samples"] = images_tensor_to_samples
+    ns["create_random_tensors"] = create_random_tensors
+    ns["create_binary_mask"] = proc["create_binary_mask"]
+    ns["sd_samplers"] = types.SimpleNamespace(create_sampler=lambda name, model: None)
+    p = types.SimpleNamespace(
+        denoising_strength=r["strength"], extra_generation_params={}, image_cfg_scale=None,
+        sampler_name="Euler", sd_model=None, image_mask=files[r["mask"]], mask_round=True,
+        inpainting_mask_invert=int(r["invert"]), mask_blur_x=r["blur_x"],
+        mask_blur_y=r["blur_y"], mask_blur=r["blur_x"] if r["blur_x"] == r["blur_y"] else None,
+        inpaint_full_res=r["padding"] is not None, inpaint_full_res_padding=r["padding"] or 0,
+        width=r["width"], height=r["height"], resize_mode=0, latent_mask=None,
+        color_corrections=None, init_images=[files[r["init"]]], inpainting_fill=r["fill"],
+        batch_size=n, overlay_images=None, paste_to=None, mask_for_overlay=None,
+        img2img_image_conditioning=img2img_image_conditioning)
+    proc["StableDiffusionProcessingImg2Img.init"](p, [r["prompt"]] * n, [r["seed"]] * n, [0] * n)
+
+    # diffusers' sampling with A1111's blend.
+    pipe.scheduler = make_scheduler(r["scheduler"], own_config)
+    sched = pipe.scheduler
+    prediction = sched.config.prediction_type
+    cfg = r["guidance_scale"] > 1.0
+    cond, uncond = pipe.encode_prompt(r["prompt"], torch.device("cpu"), n, cfg,
+                                      r["negative_prompt"])
+    embeds = torch.cat([uncond, cond]) if cfg else cond
+    sched.set_timesteps(r["steps"])
+    timesteps, _ = pipe.get_timesteps(r["steps"], r["strength"], torch.device("cpu"))
+    begin = len(sched.timesteps) - len(timesteps)
+    init_latent = p.init_latent
+    noise = drawn["noise"]
+    if r["strength"] == 1.0:
+        latents = noise * sched.init_noise_sigma
+    else:
+        latents = sched.add_noise(init_latent, noise, timesteps[:1].repeat(n))
+    nmask = p.nmask[:1][None].expand(n, 1, -1, -1)
+    for k, t in enumerate(timesteps):
+        index = begin + k
+        x_in = torch.cat([latents] * 2) if cfg else latents
+        x_in = sched.scale_model_input(x_in, t)
+        if nine:
+            cond_in = torch.cat([p.image_conditioning] * 2) if cfg else p.image_conditioning
+            x_in = torch.cat([x_in, cond_in], dim=1)
+        out = unet(x_in, t, encoder_hidden_states=embeds).sample
+        if cfg:
+            u, c = out.chunk(2)
+            out = u + r["guidance_scale"] * (c - u)
+        out = a1111_blend(out, latents, sched, index, t, prediction, init_latent, nmask)
+        kw = {}
+        if "generator" in inspect.signature(sched.step).parameters:
+            kw["generator"] = gens if n > 1 else gens[0]
+        latents = sched.step(out, t, latents, **kw).prev_sample
+    latents = latents * nmask + init_latent * (1.0 - nmask)
+    decoded = vae.decode(latents / sf).sample
+    decoded = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    results = []
+    for i in range(n):
+        image = Image.fromarray((decoded[i] * 255).round().astype(np.uint8))
+        image, _ = proc["apply_overlay"](image, p.paste_to, p.overlay_images[i])
+        results.append(np.asarray(image))
+    source = captured["source"][0].permute(1, 2, 0).numpy()
+    # The processed image back to u8 (exactly: it was u8 / 255 * 2 - 1).
+    processed = np.round((source + 1) / 2 * 255).astype(np.uint8)
+    return dict(
+        results=np.stack(results), image=processed,
+        mask=np.asarray(caught["mask"].convert("RGB")),
+        latmask=p.nmask[0].numpy(), overlay=np.asarray(p.overlay_images[0]),
+        params={k: v for k, v in p.extra_generation_params.items()}, paste_to=p.paste_to,
+        timesteps=[float(t) for t in timesteps])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
+                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args()
+    if not args.a1111:
+        print("make_inpaint_a1111_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+        return
+    import diffusers
+    from diffusers import StableDiffusionInpaintPipeline
+    from safetensors.torch import save_file
+
+    ns, proc, digests = a1111(args.a1111)
+    resize_image = ns["images"].resize_image
+
+    img_dir = os.path.join(args.out, "a1111-inpaint")
+    os.makedirs(img_dir, exist_ok=True)
+    files = {}
+
+    def save(name, image):
+        image.save(os.path.join(img_dir, name), optimize=True)
+        files[name] = Image.open(os.path.join(img_dir, name))
+        files[name].load()
+
+    save("init-32x32.png", synthetic_image(32, 32, 3232))
+    save("mask-32x32.png", rect_mask(32, 32, (9, 6, 24, 22)))
+    save("init-40x60.png", synthetic_image(40, 60, 4060))
+    save("mask-40x60.png", rect_mask(40, 60, (5, 30, 33, 52)))
+    save("init-96x64.png", synthetic_image(96, 64, 9664))
+    save("mask-96x64.png", rect_mask(96, 64, (60, 14, 75, 26)))
+
+    tensors, cases, blur_cases = {}, {}, {}
+    # OpenCV's blur alone: masks with edges, noise and a single dot; sigmas past the size.
+    rng = np.random.default_rng(77)
+    blur_masks = {
+        "rect": np.asarray(rect_mask(40, 30, (8, 5, 31, 21), "L")),
+        "noise": rng.integers(0, 256, (23, 17), dtype=np.uint8),
+        "dot": np.pad(np.full((1, 1), 255, np.uint8), ((6, 6), (9, 4))),
+    }
+    for name, m in blur_masks.items():
+        for sx, sy in ((1, 1), (4, 4), (3, 0), (0, 7), (16, 16), (64, 2)):
+            out = m.copy()
+            if sx > 0:
+                k = 2 * int(2.5 * sx + 0.5) + 1
+                out = cv2.GaussianBlur(out, (k, 1), sx)
+            if sy > 0:
+                k = 2 * int(2.5 * sy + 0.5) + 1
+                out = cv2.GaussianBlur(out, (1, k), sy)
+            label = f"{name}.{sx}.{sy}"
+            tensors[f"blur_in.{label}"] = torch.from_numpy(m.copy())
+            tensors[f"blur.{label}"] = torch.from_numpy(out)
+            blur_cases[label] = dict(sigma_x=sx, sigma_y=sy)
+
+    # masking.fill alone: images and blurred masks of several sizes.
+    fill_cases = {}
+    fill_inputs = [("32x32", files["init-32x32.png"], files["mask-32x32.png"], 4),
+                   ("96x64", files["init-96x64.png"], files["mask-96x64.png"], 0),
+                   ("40x60", files["init-40x60.png"], files["mask-40x60.png"], 9)]
+    for name, image, mask, sigma in fill_inputs:
+        m = np.asarray(mask.convert("L"))
+        if sigma:
+            k = 2 * int(2.5 * sigma + 0.5) + 1
+            m = cv2.GaussianBlur(cv2.GaussianBlur(m, (k, 1), sigma), (1, k), sigma)
+        filled = ns["masking"].fill(image.convert("RGB"), Image.fromarray(m))
+        tensors[f"fill_mask.{name}"] = torch.from_numpy(m.copy())
+        tensors[f"fill_image.{name}"] = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+        tensors[f"fill.{name}"] = torch.from_numpy(np.asarray(filled).copy())
+        fill_cases[name] = dict(sigma=sigma)
+
+    pipes = {}
+    for model in MODELS:
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(
+            os.path.join(args.out, model), dtype=torch.float32, safety_checker=None,
+            requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipes[model] = (pipe, dict(pipe.scheduler.config))
+
+    for label, case in CASES.items():
+        pipe, own = pipes[case["model"]]
+        out = run_case(ns, proc, pipe, own, case, files, resize_image)
+        tensors[f"result.{label}"] = torch.from_numpy(out["results"].copy())
+        tensors[f"image.{label}"] = torch.from_numpy(out["image"].copy())
+        tensors[f"mask.{label}"] = torch.from_numpy(out["mask"].copy())
+        tensors[f"latmask.{label}"] = torch.from_numpy(out["latmask"].copy())
+        tensors[f"overlay.{label}"] = torch.from_numpy(out["overlay"].copy())
+        cases[label] = dict(case, infotext=out["params"], paste_to=out["paste_to"],
+                            prompt=MODELS[case["model"]]["prompt"],
+                            negative_prompt=MODELS[case["model"]]["negative_prompt"],
+                            guidance_scale=MODELS[case["model"]]["guidance_scale"],
+                            timesteps=out["timesteps"])
+        print(f"{label}: params {out['params']} paste_to {out['paste_to']} "
+              f"result mean {out['results'].mean():.1f}")
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(args.out, "a1111-inpaint.safetensors"))
+    with open(os.path.join(args.out, "a1111-inpaint.json"), "w") as f:
+        json.dump({"cases": cases, "blur_cases": blur_cases, "fill_cases": fill_cases,
+                   "a1111_sources": {k: f"sha256 {v}" for k, v in digests.items()},
+                   "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                "opencv": cv2.__version__,
+                                "pillow": Image.__version__}}, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
