@@ -26,9 +26,8 @@ Files (random weights, seeded):
   compact-x2.safetensors the same architecture, 2 body convs, x2
   compact-x1.pth         a 1x compact network (1 body conv), as community "1x" models are
   not-rrdbnet.pth        a state dict of some other network (two convs)
-  swinir-x2.pth          a tiny SwinIR (spandrel's class; 6 features, one block): an
-                         architecture spandrel loads and this server does not run (its
-                         relative_position_index an int64 buffer)
+(A transformer spandrel loads and this server does not run: tools/make_swinir_fixtures.py's
+swin2sr-x2.pth.)
 
 References, A1111's own code run here (taken with `ast` from a checkout of
 AUTOMATIC1111/stable-diffusion-webui, not copied): modules/upscaler_utils.py
@@ -283,13 +282,6 @@ def main():
               f"range {got.min():.3f}..{got.max():.3f}")
     torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "conv2.weight": torch.zeros(3, 4, 1, 1)},
                os.path.join(out, "not-rrdbnet.pth"))
-    from spandrel.architectures.SwinIR import SwinIR
-    torch.manual_seed(10)
-    swinir = SwinIR(img_size=8, embed_dim=6, depths=[1], num_heads=[1], window_size=4, upscale=2,
-                    upsampler="pixelshuffledirect", mlp_ratio=1.0)
-    torch.save(swinir.state_dict(), os.path.join(out, "swinir-x2.pth"))
-    swinir_id = spandrel.ModelLoader().load_from_file(os.path.join(out, "swinir-x2.pth"))
-    assert swinir_id.architecture.id == "SwinIR", swinir_id.architecture.id
     safetensors.torch.save_file(forward, os.path.join(out, "forward.safetensors"))
 
     def model(name):

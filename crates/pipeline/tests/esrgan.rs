@@ -187,10 +187,10 @@ fn files_that_are_not_rrdbnets_are_refused_by_name() {
     );
     // An architecture spandrel loads and this server does not is named (its int64
     // relative_position_index buffer is no obstacle).
-    let e = err(&dir.join("swinir-x2.pth"));
+    let e = err(&fixture_path("swinir").join("swin2sr-x2.pth"));
     assert!(
-        e.contains("swinir-x2.pth")
-            && e.contains("a SwinIR network")
+        e.contains("swin2sr-x2.pth")
+            && e.contains("a Swin2SR network")
             && e.contains(sdserve_pipeline::upscaler::SUPPORTED),
         "{e}"
     );

@@ -1,6 +1,7 @@
 //! UPSCALERS_DIR: upscaler models (A1111's `models/ESRGAN` folder: ESRGAN-architecture ones,
-//! R-ESRGAN 4x+, 4x-UltraSharp, NMKD's, ..., ESRGAN+, and Real-ESRGAN Compact ones), every `.pth`, `.pt` and `.safetensors` file in it named by
-//! its stem, as A1111's `modelloader.friendly_name` names them. Extras (`upscaler_1`,
+//! R-ESRGAN 4x+, 4x-UltraSharp, NMKD's, ..., ESRGAN+, and Real-ESRGAN Compact ones; and its
+//! `models/SwinIR` ones, run with SwinIR's tiles), every `.pth`, `.pt` and `.safetensors` file
+//! in it named by its stem, as A1111's `modelloader.friendly_name` names them. Extras (`upscaler_1`,
 //! `upscaler_2`) take these names beside A1111's built-in `None`, `Lanczos`, `Nearest`, which
 //! win where a file has one of their names.
 //!
@@ -123,14 +124,40 @@ impl UpscalerCatalog {
     }
 }
 
+/// What a listing calls a model file: `swinir` for a SwinIR, else `esrgan` (ESRGAN, ESRGAN+,
+/// Real-ESRGAN Compact, or a file of none: refused when a request names it). Told from the
+/// file's tensor names (a safetensors header, a checkpoint's pickle; no weights), read once
+/// per file version (path, size, modification time) in the process.
+pub fn kind_of(path: &Path) -> &'static str {
+    type Key = (PathBuf, u64, Option<SystemTime>);
+    static KINDS: OnceLock<Mutex<std::collections::HashMap<Key, &'static str>>> = OnceLock::new();
+    let Ok(meta) = std::fs::metadata(path) else {
+        return "esrgan";
+    };
+    let key = (path.to_path_buf(), meta.len(), meta.modified().ok());
+    let kinds = KINDS.get_or_init(Default::default);
+    if let Some(kind) = kinds.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return kind;
+    }
+    let kind = match Network::architecture_of(path) {
+        Ok(Some("SwinIR")) => "swinir",
+        _ => "esrgan",
+    };
+    let mut kinds = kinds.lock().unwrap_or_else(|e| e.into_inner());
+    // Older versions of the file are of no more use.
+    kinds.retain(|k, _| k.0 != key.0);
+    kinds.insert(key, kind);
+    kind
+}
+
 /// One upscaler as `GET /upscalers` lists it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UpscalerListing {
     /// The name Extras' `upscaler_1` / `upscaler_2` and the hires fix's `hires.upscaler` take.
     pub name: String,
-    /// `builtin` (A1111's `None`, `Lanczos`, `Nearest`: Pillow's filters) or `esrgan` (a model
+    /// `builtin` (A1111's `None`, `Lanczos`, `Nearest`: Pillow's filters), `esrgan` (a model
     /// of UPSCALERS_DIR, A1111's `models/ESRGAN`: an ESRGAN, ESRGAN+ or Real-ESRGAN Compact
-    /// network).
+    /// network) or `swinir` (a SwinIR model, A1111's `models/SwinIR`, run with its tiles).
     pub kind: String,
     /// The model's file name in UPSCALERS_DIR (null for the built-ins).
     pub file: Option<String>,
@@ -154,8 +181,8 @@ impl UpscalerCatalog {
         });
         let models = self.scan().into_iter().map(|m| UpscalerListing {
             file: m.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+            kind: kind_of(&m.path).into(),
             name: m.name,
-            kind: "esrgan".into(),
         });
         UpscalerList {
             upscalers: builtin.into_iter().chain(models).collect(),

@@ -209,3 +209,37 @@ fn a_cancelled_hires_job_stops_within_an_upscaler_tile() {
     assert_eq!(job["progress"]["step"], 2, "a second-pass step ran: {job}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A SwinIR file (tools/make_swinir_fixtures.py's nearest+conv x4, as A1111's "SwinIR 4x" is)
+/// runs the hires fix as an ESRGAN one does: native and A1111 make the same image, the
+/// model's (not Lanczos'), named in the infotext.
+#[test]
+fn a_swinir_model_runs_the_hires_fix() {
+    let dir = upscalers_dir("swinir");
+    std::fs::copy(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../pipeline/tests/fixtures/swinir/nc-x4.pth"),
+        dir.join("SwinIR-Tiny.pth"),
+    )
+    .unwrap();
+    let s = server(&dir);
+    let image = |upscaler: &str| {
+        let body = ok(&s.post_json(&native(json!({"scale": 1.5, "upscaler": upscaler}))));
+        let (w, h, pixels, text) = decode_png(body["image_base64"].as_str().unwrap());
+        assert_eq!((w, h), (384, 384));
+        (pixels, text.unwrap())
+    };
+    let (pixels, text) = image("SwinIR-Tiny");
+    assert!(text.contains("Hires upscaler: SwinIR-Tiny"), "{text}");
+    let a = ok(&post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &a1111(json!({"hr_scale": 1.5, "hr_upscaler": "SwinIR-Tiny"})),
+    ));
+    assert!(
+        pixels == decode_png(a["images"][0].as_str().unwrap()).2,
+        "native and A1111 differ"
+    );
+    assert!(pixels != image("Lanczos").0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

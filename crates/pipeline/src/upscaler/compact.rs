@@ -52,7 +52,7 @@ fn prelu(x: &Tensor, slope: &Tensor) -> candle_core::Result<Tensor> {
 
 /// torch's `pixel_shuffle`: `[B, C r^2, H, W]` -> `[B, C, H r, W r]`, the pixel at
 /// `(y r + i, x r + j)` of channel `c` from channel `c r^2 + i r + j`.
-fn pixel_shuffle(x: &Tensor, r: usize) -> candle_core::Result<Tensor> {
+pub(super) fn pixel_shuffle(x: &Tensor, r: usize) -> candle_core::Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let c = c / (r * r);
     x.reshape((b, c, r, r, h, w))?
@@ -74,8 +74,8 @@ fn scale_and_out_channels(x: usize, in_channels: usize) -> Option<(usize, usize)
 
 impl Compact {
     /// spandrel's detection (`CompactArch`).
-    pub(super) fn detect(state: &HashMap<String, Tensor>) -> bool {
-        state.contains_key("body.0.weight") && state.contains_key("body.1.weight")
+    pub(super) fn detect(has: &dyn Fn(&str) -> bool) -> bool {
+        has("body.0.weight") && has("body.1.weight")
     }
 
     pub(super) fn from_state(

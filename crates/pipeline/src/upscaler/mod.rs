@@ -1,18 +1,23 @@
-//! Upscaling networks, the `models/ESRGAN/*.pth` A1111 users upscale with: ESRGAN-architecture
-//! models (RRDBNet: ESRGAN, Real-ESRGAN, 4x-UltraSharp, NMKD's, ...) and Real-ESRGAN Compact
-//! ones, one [`Network`] whichever the file holds, run the way A1111 runs them ([`tiles`])
-//! and repeated to a factor as its `Upscaler.upscale` does.
+//! Upscaling networks, the `models/ESRGAN/*.pth` (and `models/SwinIR`) files A1111 users
+//! upscale with: ESRGAN-architecture models (RRDBNet: ESRGAN, Real-ESRGAN, 4x-UltraSharp,
+//! NMKD's, ...), Real-ESRGAN Compact ones and SwinIR ones, one [`Network`] whichever the file
+//! holds, run the way A1111 runs them (ESRGAN's [`tiles`], SwinIR's [`tiles_averaged`]) and
+//! repeated to a factor as its `Upscaler.upscale` does.
 
 mod compact;
 mod net;
 mod network;
 mod state;
+mod swinir;
 pub mod tiles;
+pub mod tiles_averaged;
 
 pub use compact::Compact;
 pub use net::Esrgan;
-pub use network::{Network, SUPPORTED};
+pub use network::{Network, Tiling, SUPPORTED};
+pub use swinir::{SwinIr, Upsampler as SwinIrUpsampler};
 pub use tiles::{upscale_tiled, upscale_tiled_checked, upscale_tiled_until, TILE, TILE_OVERLAP};
+pub use tiles_averaged::{upscale_averaged_checked, SWIN_TILE, SWIN_TILE_OVERLAP};
 
 use crate::image_in::resize_lanczos;
 use crate::pipeline::RgbImage;
@@ -39,9 +44,26 @@ pub fn rounds(model_scale: usize, width: usize, height: usize, scale: f64) -> Ve
     out
 }
 
-/// A1111's `Upscaler.upscale(img, scale)` with a model (`UpscalerESRGAN.do_upscale`:
-/// [`upscale_tiled`] with A1111's default tile and overlap): the model's rounds (see
-/// [`rounds`]), then a Lanczos resize to `side * scale // 8 * 8` where that differs.
+/// One pass of the network over the image as A1111's upscaler for its architecture runs it:
+/// `UpscalerESRGAN.do_upscale` ([`upscale_tiled`], `ESRGAN_tile` 192, overlap 8) or
+/// `UpscalerSwinIR.do_upscale` ([`upscale_averaged_checked`], `SWIN_tile` 192, overlap 8),
+/// asking `check` before each tile.
+pub fn upscale_once_checked(
+    model: &Network,
+    image: &RgbImage,
+    check: &mut dyn FnMut() -> std::ops::ControlFlow<()>,
+) -> Result<RgbImage> {
+    match model.tiling() {
+        Tiling::Grid => upscale_tiled_checked(model, image, TILE, TILE_OVERLAP, check),
+        Tiling::Averaged => {
+            upscale_averaged_checked(model, image, SWIN_TILE, SWIN_TILE_OVERLAP, check)
+        }
+    }
+}
+
+/// A1111's `Upscaler.upscale(img, scale)` with a model (its `do_upscale`:
+/// [`upscale_once_checked`]): the model's rounds (see [`rounds`]), then a Lanczos resize to
+/// `side * scale // 8 * 8` where that differs.
 pub fn upscale_by(model: &Network, image: &RgbImage, scale: f64) -> Result<RgbImage> {
     upscale_by_until(model, image, scale, None)
 }
@@ -74,7 +96,7 @@ pub fn upscale_by_checked(
         image.height as usize,
         scale,
     ) {
-        out = upscale_tiled_checked(model, &out, TILE, TILE_OVERLAP, check)?;
+        out = upscale_once_checked(model, &out, check)?;
     }
     if (out.width as usize, out.height as usize) != dest {
         out = resize_lanczos(&out, dest.0, dest.1);

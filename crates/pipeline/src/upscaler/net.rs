@@ -56,8 +56,8 @@ const BSRGAN: Layout = Layout::New {
 
 impl Layout {
     /// spandrel's detection (`ESRGANArch`): the keys each layout must have.
-    fn detect(state: &HashMap<String, Tensor>) -> Option<Self> {
-        let has = |keys: &[&str]| keys.iter().all(|k| state.contains_key(*k));
+    fn detect(has_key: &dyn Fn(&str) -> bool) -> Option<Self> {
+        let has = |keys: &[&str]| keys.iter().all(|k| has_key(k));
         if has(&["model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"]) {
             Some(Self::Old)
         } else if has(&[
@@ -227,8 +227,8 @@ impl std::fmt::Debug for Esrgan {
 
 impl Esrgan {
     /// spandrel's detection (`ESRGANArch`): one of the layouts' names are there.
-    pub(super) fn detect(state: &HashMap<String, Tensor>) -> bool {
-        Layout::detect(state).is_some()
+    pub(super) fn detect(has: &dyn Fn(&str) -> bool) -> bool {
+        Layout::detect(has).is_some()
     }
 
     pub(super) fn from_state(
@@ -241,8 +241,8 @@ impl Esrgan {
             path: path.to_path_buf(),
             message,
         };
-        let layout =
-            Layout::detect(state).ok_or_else(|| bad("not an ESRGAN (RRDBNet) upscaler".into()))?;
+        let layout = Layout::detect(&|k| state.contains_key(k))
+            .ok_or_else(|| bad("not an ESRGAN (RRDBNet) upscaler".into()))?;
         // ESRGAN+ (spandrel's `plus`): conv1x1 layers among the old names. spandrel's mapping
         // of the newer names carries none over, so there they are not read.
         let plus = matches!(layout, Layout::Old) && state.keys().any(|k| k.contains(".conv1x1."));
@@ -415,7 +415,7 @@ fn pixel_unshuffle(x: &Tensor, f: usize) -> candle_core::Result<Tensor> {
 
 /// spandrel's `pad_to_multiple(x, f, mode="reflect")`: rows and columns reflected (the edge
 /// not repeated) onto the bottom and right until both sides are multiples of `f`.
-fn reflect_pad_to_multiple(x: &Tensor, f: usize) -> Result<Tensor> {
+pub(super) fn reflect_pad_to_multiple(x: &Tensor, f: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let mut x = x.clone();
     for (dim, size) in [(2usize, h), (3usize, w)] {

@@ -12,16 +12,40 @@ use candle_core::{DType, Device, Tensor};
 use crate::ckpt::{Checkpoint, Value};
 use crate::{PipelineError, Result};
 
-/// Every float tensor of the file, f32 on the CPU, by its (canonical) name.
+/// Every float (and int64) tensor of the file, f32 on the CPU, by its (canonical) name.
 pub fn read_state(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let is_safetensors = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    let mut named = if is_safetensors {
+    let mut named = if is_safetensors(path) {
         read_safetensors(path)?
     } else {
         read_pickle(path)?
     };
+    strip_common_prefix(&mut named);
+    Ok(named.into_iter().collect())
+}
+
+/// The (canonical) names of the file's tensors, read without their data: a safetensors
+/// file's header, a checkpoint's pickle.
+pub fn read_names(path: &Path) -> Result<Vec<String>> {
+    let mut named: Vec<(String, ())> = if is_safetensors(path) {
+        safetensors_names(path)?
+    } else {
+        let ckpt = Checkpoint::open(path)?;
+        pickle_tensors(&ckpt)?
+            .into_iter()
+            .map(|(k, _)| (k, ()))
+            .collect()
+    };
+    strip_common_prefix(&mut named);
+    Ok(named.into_iter().map(|(k, _)| k).collect())
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
+
+/// A prefix every name has (`module.` from `DataParallel`, `netG.`) dropped.
+fn strip_common_prefix<T>(named: &mut [(String, T)]) {
     for prefix in ["module.", "netG."] {
         if !named.is_empty() && named.iter().all(|(k, _)| k.starts_with(prefix)) {
             for (k, _) in named.iter_mut() {
@@ -29,7 +53,6 @@ pub fn read_state(path: &Path) -> Result<HashMap<String, Tensor>> {
             }
         }
     }
-    Ok(named.into_iter().collect())
 }
 
 /// spandrel's `unwrap_keys`, in its order.
@@ -50,17 +73,41 @@ fn bad(path: &Path, message: impl std::fmt::Display) -> PipelineError {
     }
 }
 
-/// The float dtype of a tensor; `None` for integer and bool ones (buffers such as a
-/// transformer's `relative_position_index`, which none of the networks run here has), left
-/// out so that such a file reaches the architecture detection and is named there.
+/// The dtype a tensor is read in: the float ones, and int64 (the index buffers of a
+/// transformer such as SwinIR's `relative_position_index`, whose presence its detection
+/// asks for; read as f32, which holds such indices exactly). `None` for the others, left out.
 fn dtype_of(dtype: safetensors::Dtype) -> Option<DType> {
     match dtype {
         safetensors::Dtype::F32 => Some(DType::F32),
         safetensors::Dtype::F16 => Some(DType::F16),
         safetensors::Dtype::BF16 => Some(DType::BF16),
         safetensors::Dtype::F64 => Some(DType::F64),
+        safetensors::Dtype::I64 => Some(DType::I64),
         _ => None,
     }
+}
+
+/// A safetensors file's tensor names, from its header alone.
+fn safetensors_names(path: &Path) -> Result<Vec<(String, ())>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| PipelineError::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(path, "not a safetensors file: a header of over 100 MB"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    Ok(header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, _)| (k, ()))
+        .collect())
 }
 
 fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
@@ -79,8 +126,9 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let ckpt = Checkpoint::open(path)?;
+/// The checkpoint's weights dict, unwrapped as spandrel unwraps it, as (name, tensor).
+fn pickle_tensors(ckpt: &Checkpoint) -> Result<Vec<(String, crate::ckpt::TensorRef)>> {
+    let path = ckpt.path();
     let root = ckpt.root();
     let mut dict = UNWRAP_KEYS
         .iter()
@@ -94,18 +142,26 @@ fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let Value::Dict(items) = dict else {
         return Err(bad(path, "the file does not hold a dict of tensors"));
     };
+    Ok(items
+        .iter()
+        .filter_map(|(k, v)| match (k, v) {
+            (Value::Str(name), Value::Tensor(t)) => Some((name.clone(), t.clone())),
+            _ => None,
+        })
+        .collect())
+}
+
+fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let ckpt = Checkpoint::open(path)?;
     let mut out = Vec::new();
-    for (k, v) in items {
-        let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
-            continue;
-        };
+    for (name, t) in pickle_tensors(&ckpt)? {
         let Some(dtype) = dtype_of(t.dtype) else {
             continue;
         };
-        let bytes = ckpt.read_tensor(t)?;
+        let bytes = ckpt.read_tensor(&t)?;
         let t =
             Tensor::from_raw_buffer(&bytes, dtype, &t.shape, &Device::Cpu)?.to_dtype(DType::F32)?;
-        out.push((name.clone(), t));
+        out.push((name, t));
     }
     Ok(out)
 }

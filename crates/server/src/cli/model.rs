@@ -102,8 +102,8 @@ pub struct ModelArgs {
     /// picked up.
     #[arg(long, env = "VAE_DIR")]
     pub vae_dir: Option<PathBuf>,
-    /// A folder of ESRGAN-architecture upscalers (A1111's `models/ESRGAN`: R-ESRGAN 4x+,
-    /// 4x-UltraSharp, ...; `.pth`, `.pt`, `.safetensors`), each named by its file stem in
+    /// A folder of upscaler models (A1111's `models/ESRGAN`: R-ESRGAN 4x+, 4x-UltraSharp, ...,
+    /// and `models/SwinIR`: SwinIR 4x, ...; `.pth`, `.pt`, `.safetensors`), each named by its file stem in
     /// Extras' `upscaler_1` / `upscaler_2` and the hires fix's `hr_upscaler` /
     /// `hires.upscaler`; listed by GET /sdapi/v1/upscalers. Read on every look, so files added
     /// later are picked up; a model is read once (a replaced file again).

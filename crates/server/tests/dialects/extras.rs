@@ -346,8 +346,61 @@ fn compact_models_upscale_as_the_pipeline_and_a1111() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// SwinIR models in UPSCALERS_DIR (A1111's `models/SwinIR`): listed as `swinir` (A1111:
+/// `SwinIR 4x`), and Extras with one gives A1111's image (tools/make_swinir_fixtures.py:
+/// `Upscaler.upscale` with its SwinIR tiles, the x2 pixelshuffle network to 3) and exactly
+/// the pipeline's; in a batch too.
+#[test]
+fn swinir_models_upscale_as_the_pipeline_and_a1111() {
+    let dir = std::env::temp_dir().join(format!("sdserve-swinir-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fx =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/swinir");
+    let file = dir.join("SwinIR-Tiny.safetensors");
+    std::fs::copy(fx.join("ps-x2.safetensors"), &file).unwrap();
+    std::fs::copy(
+        esrgan_fixtures().join("x2-old.safetensors"),
+        dir.join("2x-Esrgan.safetensors"),
+    )
+    .unwrap();
+    let s = ready("step_ms=0", &[("UPSCALERS_DIR", dir.to_str().unwrap())]);
+    let listed = s.get("/sdapi/v1/upscalers").json();
+    assert_eq!(
+        (&listed[4]["name"], &listed[4]["model_name"]),
+        (&json!("SwinIR-Tiny"), &json!("SwinIR 4x"))
+    );
+    assert_eq!(listed[3]["model_name"], "ESRGAN_4x");
+    let native = s.get("/upscalers").json();
+    assert_eq!(
+        native["upscalers"][4],
+        json!({"name": "SwinIR-Tiny", "kind": "swinir", "file": "SwinIR-Tiny.safetensors"})
+    );
+    assert_eq!(native["upscalers"][3]["kind"], "esrgan");
+
+    let input = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(fx.join("input.small.png")).unwrap());
+    let single = extras_by_model(
+        &s,
+        &input,
+        ("SwinIR-Tiny", &file),
+        3.0,
+        &fx.join("upscale.ps_x2_by_3.png"),
+    );
+    let r = post(
+        &s,
+        "/sdapi/v1/extra-batch-images",
+        &json!({"imageList": [{"data": input, "name": "a.png"}], "upscaler_1": "SwinIR-Tiny",
+                "upscaling_resize": 3.0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(decode_png(r.json()["images"][0].as_str().unwrap()).2 == decode_png(&single).2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A1111's Extras upscale of `input` (base64 PNG) by `factor` with the UPSCALERS_DIR model
-/// `(name, file)`: within one level of `want` (A1111's image, tools/make_esrgan_fixtures.py)
+/// `(name, file)`: within one level of `want` (A1111's image, tools/make_esrgan_fixtures.py or
+/// tools/make_swinir_fixtures.py)
 /// and exactly what the pipeline makes of it. Answers the PNG (base64).
 fn extras_by_model(
     s: &Server,

@@ -120,9 +120,10 @@ pub(super) async fn scripts() -> Json<Value> {
 }
 
 /// `[{name, model_name, model_path, model_url, scale}]`: the image upscalers: A1111's built-in
-/// `None`, `Lanczos`, `Nearest`, then UPSCALERS_DIR's ESRGAN models (all of them Extras'
-/// `upscaler_1`, `upscaler_2` and the hires fix's `hr_upscaler`) as A1111's `UpscalerESRGAN` lists them:
-/// `model_name` `ESRGAN_4x`, `scale` 4 whatever the file's (A1111 does not read it there);
+/// `None`, `Lanczos`, `Nearest`, then UPSCALERS_DIR's models (all of them Extras'
+/// `upscaler_1`, `upscaler_2` and the hires fix's `hr_upscaler`) as A1111's `UpscalerESRGAN`
+/// lists them (`model_name` `ESRGAN_4x`) or, for a SwinIR, its `UpscalerSwinIR`
+/// (`model_name` `SwinIR 4x`); `scale` 4 whatever the file's (A1111 does not read it there);
 /// `model_path` is the file name (no paths leave the server).
 #[utoipa::path(get, path = "/sdapi/v1/upscalers", tag = "a1111", responses((status = 200, description = "`None`, `Lanczos`, `Nearest`, then UPSCALERS_DIR's models by file stem")))]
 pub(super) async fn upscalers(State(app): State<Shared>) -> Json<Value> {
@@ -130,12 +131,22 @@ pub(super) async fn upscalers(State(app): State<Shared>) -> Json<Value> {
         json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4})
     });
     let catalog = app.upscalers.clone();
-    let models = tokio::task::spawn_blocking(move || catalog.scan())
-        .await
-        .unwrap_or_default();
-    let models = models.into_iter().map(|m| {
+    let models = tokio::task::spawn_blocking(move || {
+        catalog
+            .scan()
+            .into_iter()
+            .map(|m| {
+                let kind = crate::upscalers::kind_of(&m.path);
+                (m, kind)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let models = models.into_iter().map(|(m, kind)| {
         let file = m.path.file_name().map(|f| f.to_string_lossy().into_owned());
-        json!({"name": m.name, "model_name": "ESRGAN_4x", "model_path": file, "model_url": null, "scale": 4})
+        let model_name = if kind == "swinir" { "SwinIR 4x" } else { "ESRGAN_4x" };
+        json!({"name": m.name, "model_name": model_name, "model_path": file, "model_url": null, "scale": 4})
     });
     Json(Value::Array(builtin.chain(models).collect()))
 }
