@@ -7,7 +7,10 @@ tools/make_esrgan_fixtures.py (runs after both: tools/make_tiny_a_vae8.py, esrga
 Each case, as A1111's `StableDiffusionProcessingTxt2Img.sample_hr_pass` runs an image upscaler
 (diffusers' semantics elsewhere, as the pipeline's hires pass):
   1. txt2img at width x height (diffusers `StableDiffusionPipeline`, the scheduler by its API
-     name, one generator seeded with the seed), the image as diffusers gives it (PIL);
+     name, one generator seeded with the seed), its latents decoded (`vae.decode(latents /
+     sf)`) and made 8-bit as A1111's `sample_hr_pass` makes them: `255. * clamp((x + 1) / 2)`
+     then `astype(np.uint8)`, which truncates (tools/make_upscale_hires_fixtures.py runs that
+     code itself);
   2. `images.resize_image(0, image, hires_w, hires_h, upscaler_name=name)` from a checkout of
      AUTOMATIC1111/stable-diffusion-webui (taken with `ast`, not copied), its
      `shared.sd_upscalers` holding the model as A1111's `UpscalerESRGAN`: modules/upscaler.py
@@ -128,10 +131,13 @@ def main():
         img2img.scheduler = make_scheduler(case["scheduler"], own)
         common = dict(prompt=case["prompt"], negative_prompt=case["negative_prompt"],
                       guidance_scale=case["guidance_scale"])
-        first = txt(**common, num_inference_steps=case["steps"], width=case["width"],
-                    height=case["height"],
-                    generator=torch.Generator("cpu").manual_seed(case["seed"]),
-                    output_type="pil").images[0]
+        latents = txt(**common, num_inference_steps=case["steps"], width=case["width"],
+                      height=case["height"],
+                      generator=torch.Generator("cpu").manual_seed(case["seed"]),
+                      output_type="latent").images
+        decoded = txt.vae.decode(latents / txt.vae.config.scaling_factor).sample
+        x = torch.clamp((decoded[0].to(torch.float32) + 1.0) / 2.0, min=0.0, max=1.0)
+        first = Image.fromarray((255. * np.moveaxis(x.numpy(), 0, 2)).astype(np.uint8))
         model = spandrel.ModelLoader().load_from_file(
             os.path.join(args.out, case["file"])).model.eval()
         upscaled = resize(first, case["hires_width"], case["hires_height"], case["upscaler"],
@@ -156,7 +162,8 @@ def main():
                      "spandrel": spandrel.__version__},
         "a1111_sources": {k: f"sha256 {v}" for k, v in digests.items()},
         "images": "image.<case>: [H, W, 3] u8 = round(output_type='np' * 255); first.<case>: "
-                  "the first pass's PIL image; upscaled.<case>: resize_image's result",
+                  "the first pass's image, truncated to 8 bits as A1111's sample_hr_pass; "
+                  "upscaled.<case>: resize_image's result",
         "cases": CASES,
     }
     save_file(tensors, os.path.join(args.out, "upscaler-hires-images.safetensors"),

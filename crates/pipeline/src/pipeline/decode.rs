@@ -51,6 +51,19 @@ impl StableDiffusion {
 
 /// `(x / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)` to RGB8, as diffusers' image processor.
 pub(crate) fn postprocess(image: &Tensor) -> Result<RgbImage> {
+    to_rgb8(image, |x| {
+        ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8
+    })
+}
+
+/// The first pass's image as A1111's hires fix makes it (`sample_hr_pass`):
+/// `255. * clamp((x + 1) / 2, 0, 1)` in float32, then numpy's `astype(np.uint8)`, which
+/// truncates.
+pub(crate) fn postprocess_truncated(image: &Tensor) -> Result<RgbImage> {
+    to_rgb8(image, |x| (255.0 * ((x + 1.0) / 2.0).clamp(0.0, 1.0)) as u8)
+}
+
+fn to_rgb8(image: &Tensor, quantize: impl Fn(f32) -> u8) -> Result<RgbImage> {
     let (_, channels, height, width) = image.dims4()?;
     if channels != 3 {
         return Err(PipelineError::InvalidRequest(format!(
@@ -59,13 +72,9 @@ pub(crate) fn postprocess(image: &Tensor) -> Result<RgbImage> {
     }
     let hwc = image.get(0)?.permute((1, 2, 0))?.to_dtype(DType::F32)?;
     let values = hwc.flatten_all()?.to_vec1::<f32>()?;
-    let pixels = values
-        .into_iter()
-        .map(|x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect();
     Ok(RgbImage {
         width: width as u32,
         height: height as u32,
-        pixels,
+        pixels: values.into_iter().map(quantize).collect(),
     })
 }

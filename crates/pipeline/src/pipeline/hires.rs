@@ -1,8 +1,9 @@
 //! A1111's "hires fix" (`StableDiffusionProcessingTxt2Img.sample_hr_pass`) as stages after
 //! text-to-image's `denoise`: the latents are upscaled (in latent space with torch's
-//! `interpolate`, or decoded, resized as an image and encoded again) and denoised once more at
-//! the larger size as img2img (diffusers' semantics, this crate's `images_in`), each image
-//! with a generator seeded like the first pass's.
+//! `interpolate`, or decoded to 8 bits as A1111 truncates them, resized as an image and
+//! encoded again), cropped in latent cells (`truncate_x/y`), and denoised once more at the
+//! larger size as img2img (diffusers' semantics, this crate's `images_in`), each image with a
+//! generator seeded like the first pass's. References: `tools/make_hires_fixtures.py`.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::{
-    decode::postprocess, images_in, GenerationParams, RgbImage, StableDiffusion, StepHook,
-    StepProgress,
+    decode::{postprocess, postprocess_truncated},
+    images_in::{self, LatentCrop},
+    GenerationParams, RgbImage, StableDiffusion, StepHook, StepProgress,
 };
 use crate::image_in::{self, resize_lanczos, resize_nearest};
 use crate::interpolate::{interpolate, Interpolation};
@@ -23,13 +25,14 @@ use crate::{PipelineError, Result};
 /// The second pass of a text-to-image request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hires {
-    /// The size of the final image.
+    /// The size of the final image: whole latent cells.
     pub width: usize,
     pub height: usize,
-    /// The size upscaled to before a centred crop to `width` x `height` (A1111's
-    /// `hr_upscale_to_x/y` when both `hr_resize_x` and `hr_resize_y` are given and the aspect
-    /// differs); `width` x `height` otherwise. The crop is A1111's: `(upscale - size) / 8 / 2`
-    /// cells of 8 pixels off the left and top.
+    /// The size upscaled to (A1111's `hr_upscale_to_x/y`, any size): the latents are
+    /// interpolated to its whole cells, or the image resized to it exactly and encoded (the
+    /// VAE floors it to whole cells); then A1111's crop to `width` x `height`: of the
+    /// `truncate = upscale / f - width / f` cells too many, `truncate / 2` go off the left
+    /// (top), the rest off the right (bottom).
     pub upscale_width: usize,
     pub upscale_height: usize,
     pub upscaler: Upscaler,
@@ -74,9 +77,10 @@ impl Upscaler {
 }
 
 impl Hires {
-    /// The first pass's image brought to `upscale_width` x `upscale_height`, then cropped.
-    /// Only a model fails (its file, its device) or stops (`check` breaks before a tile:
-    /// `Cancelled`); an unread model is read onto `device` in `dtype`.
+    /// The first pass's image brought to `upscale_width` x `upscale_height` (A1111's
+    /// `images.resize_image`; the crop comes after the encode). Only a model fails (its file,
+    /// its device) or stops (`check` breaks before a tile: `Cancelled`); an unread model is
+    /// read onto `device` in `dtype`.
     pub fn upscale_image(
         &self,
         image: &RgbImage,
@@ -86,7 +90,7 @@ impl Hires {
         let (w, h) = (self.upscale_width, self.upscale_height);
         let (w0, h0) = (image.width as f64, image.height as f64);
         let scale = (w as f64 / w0).max(h as f64 / h0);
-        let mut out = match &self.upscaler {
+        Ok(match &self.upscaler {
             // `images.resize_image`'s `resize`: the upscaler only where the image grows, then
             // Lanczos to the size where it is not that already.
             Upscaler::Model(m) if scale > 1.0 => {
@@ -112,35 +116,20 @@ impl Hires {
                 resize_lanczos(&scaled, w, h)
             }
             _ => resize_lanczos(image, w, h),
-        };
-        let (left, top) = self.crop_offset();
-        if (left, top) != (0, 0) || (w, h) != (self.width, self.height) {
-            out = crop(&out, left, top, self.width, self.height);
+        })
+    }
+
+    /// The latent cells kept of the upscale's, for a VAE of factor `f`: A1111's
+    /// `samples[:, :, ty // 2 : h - (ty + 1) // 2, tx // 2 : w - (tx + 1) // 2]`.
+    fn latent_crop(&self, f: usize) -> LatentCrop {
+        let (height, width) = (self.height / f, self.width / f);
+        let truncate = |up: usize, cells: usize| (up / f).saturating_sub(cells);
+        LatentCrop {
+            top: truncate(self.upscale_height, height) / 2,
+            left: truncate(self.upscale_width, width) / 2,
+            height,
+            width,
         }
-        Ok(out)
-    }
-
-    /// Pixels cropped off the left and top: A1111's `truncate // 2` latent cells of 8 pixels.
-    fn crop_offset(&self) -> (usize, usize) {
-        let cells = |up: usize, size: usize| (up.saturating_sub(size) / 8) / 2 * 8;
-        (
-            cells(self.upscale_width, self.width),
-            cells(self.upscale_height, self.height),
-        )
-    }
-}
-
-fn crop(image: &RgbImage, left: usize, top: usize, width: usize, height: usize) -> RgbImage {
-    let stride = image.width as usize * 3;
-    let mut pixels = Vec::with_capacity(width * height * 3);
-    for y in top..top + height {
-        let at = y * stride + left * 3;
-        pixels.extend_from_slice(&image.pixels[at..at + width * 3]);
-    }
-    RgbImage {
-        width: width as u32,
-        height: height as u32,
-        pixels,
     }
 }
 
@@ -197,19 +186,15 @@ impl StableDiffusion {
             )));
         }
         let f = self.limits.size_multiple();
-        let sides = [
-            hires.width,
-            hires.height,
-            hires.upscale_width,
-            hires.upscale_height,
-        ];
-        if sides.iter().any(|&s| s == 0 || s % f != 0)
-            || hires.upscale_width < hires.width
-            || hires.upscale_height < hires.height
+        if [hires.width, hires.height]
+            .iter()
+            .any(|&s| s == 0 || s % f != 0)
+            || hires.upscale_width / f < hires.width / f
+            || hires.upscale_height / f < hires.height / f
         {
             return Err(PipelineError::InvalidRequest(format!(
-                "hires: sizes must be positive multiples of {f}, the upscale at least the size \
-                 (got {}x{} from {}x{})",
+                "hires: the size must be positive multiples of {f}, the upscale at least as \
+                 many whole cells (got {}x{} from {}x{})",
                 hires.width, hires.height, hires.upscale_width, hires.upscale_height
             )));
         }
@@ -264,6 +249,7 @@ impl StableDiffusion {
             .map(|i| TorchRng::new(first.image_seed(i)))
             .collect();
         let total = first_steps + pass.steps();
+        let crop = hires.latent_crop(f);
         let start = if hires.upscaler.on_image() {
             let mut images = Vec::with_capacity(latents.dim(0)?);
             // An upscaler model's tiles ask the step hook whether to go on (no step is done).
@@ -276,10 +262,12 @@ impl StableDiffusion {
                 })
             };
             let net = (&self.device, network_dtype(&self.device, self.dtype));
+            let (uw, uh) = (hires.upscale_width, hires.upscale_height);
             for i in 0..latents.dim(0)? {
-                let decoded = postprocess(&self.decode_latents(&latents.narrow(0, i, 1)?)?)?;
-                let upscaled = hires.upscale_image(&decoded, net, &mut check)?;
-                images.push(image_in::image_tensor(&upscaled, w, h, &self.device)?);
+                let decoded = self.decode_latents(&latents.narrow(0, i, 1)?)?;
+                let upscaled =
+                    hires.upscale_image(&postprocess_truncated(&decoded)?, net, &mut check)?;
+                images.push(image_in::image_tensor(&upscaled, uw, uh, &self.device)?);
             }
             drop(latents);
             self.noised_image_latents(
@@ -288,6 +276,7 @@ impl StableDiffusion {
                 pass.begin,
                 &mut rngs,
                 first,
+                Some(crop),
             )?
         } else {
             let Upscaler::Latent(how) = hires.upscaler.clone() else {
@@ -300,8 +289,7 @@ impl StableDiffusion {
                 how,
             )?;
             drop(latents);
-            let (left, top) = hires.crop_offset();
-            let up = up.narrow(2, top / f, h / f)?.narrow(3, left / f, w / f)?;
+            let up = crop.apply(&up)?;
             // The upscaled latents take the VAE encoder's place: only the noise is drawn, bent
             // by a variation seed and resized as the first pass's (A1111 makes the same
             // `ImageRNG` again, at this pass's size).
@@ -397,16 +385,40 @@ mod tests {
     }
 
     #[test]
-    fn resize_and_lanczos_agree_on_whole_scales_and_crops_are_centred_on_8_px_cells() {
+    fn resize_and_lanczos_agree_on_whole_scales_and_the_upscale_is_not_cropped() {
         let im = image(16, 8);
         let a = up(&hires(Upscaler::Resize, (32, 16), (32, 16)), &im);
         let b = up(&hires(Upscaler::Lanczos, (32, 16), (32, 16)), &im);
         assert_eq!(a, b);
         assert_eq!(a, resize_lanczos(&im, 32, 16));
-        // 48x24 cropped to 32x16: (48 - 32) / 8 = 2 cells, one off the left; (24 - 16) / 8 =
-        // 1 cell, none off the top.
-        let c = up(&hires(Upscaler::Resize, (32, 16), (48, 24)), &im);
-        assert_eq!(c, crop(&resize_lanczos(&im, 48, 24), 8, 0, 32, 16));
+        // The image comes out at the upscale's size, odd sides too; the latents are cropped.
+        let c = up(&hires(Upscaler::Resize, (32, 16), (50, 27)), &im);
+        assert_eq!(c, resize_lanczos(&im, 50, 27));
+    }
+
+    #[test]
+    fn latent_crops_are_a1111_s_truncate_halves() {
+        // 50x27 is 6x3 cells of 8; 32x16 keeps 4x2: truncate 2 (one off the left) and 1
+        // (none off the top, one off the bottom), as A1111's slicing.
+        let h = hires(Upscaler::Resize, (32, 16), (50, 27));
+        let c = h.latent_crop(8);
+        assert_eq!((c.top, c.left, c.height, c.width), (0, 1, 2, 4));
+        let h = hires(Upscaler::Resize, (32, 16), (75, 43));
+        let c = h.latent_crop(8);
+        // 9x5 cells: truncate 5 (2 off the left) and 3 (1 off the top).
+        assert_eq!((c.top, c.left, c.height, c.width), (1, 2, 2, 4));
+        let x = Tensor::arange(0f32, 45.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 5, 9))
+            .unwrap();
+        let kept = c
+            .apply(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(kept, [11.0, 12.0, 13.0, 14.0, 20.0, 21.0, 22.0, 23.0]);
     }
 
     #[test]

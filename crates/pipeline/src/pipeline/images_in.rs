@@ -166,6 +166,23 @@ impl InpaintState {
     }
 }
 
+/// The part of a latent image kept, in latent cells: `height` x `width` from `top`, `left`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LatentCrop {
+    pub top: usize,
+    pub left: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl LatentCrop {
+    /// `x[:, :, top:top + height, left:left + width]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.narrow(2, self.top, self.height)?
+            .narrow(3, self.left, self.width)?)
+    }
+}
+
 impl StableDiffusion {
     /// The rules an image request must meet beyond the API's own (which the server checks
     /// first, naming the field): strength in range and leaving at least one step, a mask for
@@ -274,7 +291,9 @@ impl StableDiffusion {
     /// then that generator's noise, `add_noise`d at `begin`. `images` holds one image for the
     /// whole batch (encoded once) or one per generator. The noise is `params`'
     /// [`starting_noise`](GenerationParams::starting_noise): bent by a variation seed (the
-    /// hires pass, as A1111's `ImageRNG`) and resized by a seed resize.
+    /// hires pass, as A1111's `ImageRNG`) and resized by a seed resize. `crop` keeps part of
+    /// each image's latents before the noise is drawn at its size (the hires pass's
+    /// `truncate_x/y`).
     pub(super) fn noised_image_latents(
         &self,
         images: &[&Tensor],
@@ -282,13 +301,17 @@ impl StableDiffusion {
         begin: usize,
         rngs: &mut [TorchRng],
         params: &GenerationParams,
+        crop: Option<LatentCrop>,
     ) -> Result<Tensor> {
         let dists = self.encode_images(images)?;
         let sf = self.vae_scaling_factor;
         let mut latents = Vec::with_capacity(rngs.len());
         for (i, rng) in rngs.iter_mut().enumerate() {
             let dist = &dists[i.min(dists.len() - 1)];
-            let image_latents = (dist.sample(rng)? * sf)?;
+            let mut image_latents = (dist.sample(rng)? * sf)?;
+            if let Some(c) = crop {
+                image_latents = c.apply(&image_latents)?;
+            }
             let (_, c, h, w) = image_latents.dims4()?;
             let f = self.vae_scale_factor;
             let noise = params.starting_noise(i, rng, (c, h, w), f, &self.device)?;
@@ -318,7 +341,14 @@ impl StableDiffusion {
 
         let Some(mask_image) = &init.mask else {
             return Ok(Start {
-                latents: self.noised_image_latents(&[&image], scheduler, begin, rngs, params)?,
+                latents: self.noised_image_latents(
+                    &[&image],
+                    scheduler,
+                    begin,
+                    rngs,
+                    params,
+                    None,
+                )?,
                 inpaint: None,
             });
         };

@@ -127,10 +127,8 @@ pub fn check_limits(req: &ValidRequest, limits: Option<&ModelLimits>) -> Result<
     }
     if let Some(h) = &req.hires {
         let p = &h.params;
-        if [p.width, p.height, p.upscale_width, p.upscale_height]
-            .iter()
-            .any(|s| s % m != 0)
-        {
+        // The upscale may be any size (A1111's: the VAE encoder floors it to whole cells).
+        if [p.width, p.height].iter().any(|s| s % m != 0) {
             for field in h.size_fields {
                 fail(
                     field,

@@ -1,8 +1,8 @@
 //! The rules of A1111's hires fix (`enable_hr`: a second, img2img pass at a larger size; only
-//! the A1111 dialect asks for it, so errors name its fields). The target size is A1111's
-//! (`StableDiffusionProcessingTxt2Img.calculate_target_resolution`), floored to the native
-//! size grid (a multiple of 64, where A1111's latents floor it to 8) and then held to the
-//! native range, so the second pass runs at a size `/generate` could ask for.
+//! the A1111 dialect asks for it, so errors name its fields). The sizes are A1111's
+//! (`StableDiffusionProcessingTxt2Img.calculate_target_resolution` and `sample_hr_pass`): the
+//! upscale to `hr_upscale_to_x/y`, its whole latent cells less `truncate_x/y`, so the pass
+//! runs at whole cells of 8 pixels (not the native grid of 64), held to the native range.
 
 use sdserve_pipeline::interpolate::{Interpolation, InterpolationMode};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use sdserve_pipeline::upscale::ModelUpscaler;
 use serde_json::{Map, Value};
 
 use super::fields::FieldReader;
-use super::{ValidRequest, PROMPT_MAX_CHARS, SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE, STEPS_MAX};
+use super::{ValidRequest, PROMPT_MAX_CHARS, SIZE_MAX, SIZE_MIN, STEPS_MAX};
 use crate::error::ApiError;
 
 /// The A1111 fields of the second pass (`enable_hr` itself is the dialect's switch).
@@ -186,6 +186,54 @@ pub fn a1111_sampler_of(
     )
 }
 
+/// A1111's latent cell in pixels (`opt_f`), which its hires sizes count in.
+const OPT_F: u64 = 8;
+
+/// The hires pass's sizes as A1111 makes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct A1111Target {
+    /// `hr_upscale_to_x/y`: the size the image (or latents) are upscaled to.
+    pub upscale: (u64, u64),
+    /// `truncate_x/y`: latent cells cropped off the upscale's (both sides given in another
+    /// aspect), half (rounded down) on the left or top.
+    pub truncate: (u64, u64),
+}
+
+impl A1111Target {
+    /// `calculate_target_resolution` from the first pass's `width` x `height`, `hr_scale`
+    /// and `hr_resize_x`/`hr_resize_y` (0: not given).
+    pub fn new((w, h): (u64, u64), scale: f64, (rx, ry): (u64, u64)) -> Self {
+        let (upscale, truncate) = match (rx, ry) {
+            (0, 0) => (
+                ((w as f64 * scale) as u64, (h as f64 * scale) as u64),
+                (0, 0),
+            ),
+            (x, 0) => ((x, x * h / w), (0, 0)),
+            (0, y) => ((y * w / h, y), (0, 0)),
+            (x, y) => {
+                // Upscaled to cover, as A1111 compares the ratios: in floats.
+                let up = if (w as f64 / h as f64) < (x as f64 / y as f64) {
+                    (x, x * h / w)
+                } else {
+                    (y * w / h, y)
+                };
+                (up, ((up.0 - x) / OPT_F, (up.1 - y) / OPT_F))
+            }
+        };
+        Self { upscale, truncate }
+    }
+
+    /// The pass's size: the upscale's whole cells less the truncated ones (the latents'
+    /// shape after `sample_hr_pass`'s crop), in pixels.
+    pub fn size(&self) -> (u64, u64) {
+        let side = |up: u64, t: u64| (up / OPT_F).saturating_sub(t) * OPT_F;
+        (
+            side(self.upscale.0, self.truncate.0),
+            side(self.upscale.1, self.truncate.1),
+        )
+    }
+}
+
 /// Python's `str(float)`: `2.0`, `0.7`.
 fn py_float(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e16 {
@@ -238,30 +286,25 @@ pub fn validate_hires(
     let (w, h) = (first.width as u64, first.height as u64);
     let scale_value = scale.unwrap_or(HR_SCALE_DEFAULT);
     let (rx, ry) = (resize_x.unwrap_or(0), resize_y.unwrap_or(0));
-    // A1111's hr_upscale_to_x/y, and the fields that decide it.
-    let (asked, fields): ((u64, u64), &'static [&'static str]) = match (rx, ry) {
-        (0, 0) => (
-            (
-                (w as f64 * scale_value) as u64,
-                (h as f64 * scale_value) as u64,
-            ),
-            &["hr_scale"],
-        ),
-        (x, 0) => ((x, x * h / w), &["hr_resize_x"]),
-        (0, y) => ((y * w / h, y), &["hr_resize_y"]),
-        (x, y) => ((x, y), &["hr_resize_x", "hr_resize_y"]),
+    // A1111's sizes, and the fields that decide them.
+    let target = A1111Target::new((w, h), scale_value, (rx, ry));
+    let fields: &'static [&'static str] = match (rx, ry) {
+        (0, 0) => &["hr_scale"],
+        (_, 0) => &["hr_resize_x"],
+        (0, _) => &["hr_resize_y"],
+        _ => &["hr_resize_x", "hr_resize_y"],
     };
-    let floor = |v: u64| v / SIZE_MULTIPLE * SIZE_MULTIPLE;
-    let (tw, th) = (floor(asked.0), floor(asked.1));
+    let (tw, th) = target.size();
     let fits = |v: u64| (SIZE_MIN..=SIZE_MAX).contains(&v);
     if !(fits(tw) && fits(th)) {
+        let (ux, uy) = target.upscale;
         for f in fields {
             r.fail(
                 f,
                 format!(
-                    "the hires size {}x{} from {w}x{h} (floored to a multiple of \
-                     {SIZE_MULTIPLE}: {tw}x{th}) must be {SIZE_MIN}..={SIZE_MAX} a side",
-                    asked.0, asked.1
+                    "the hires size {tw}x{th} from {w}x{h} (A1111's: upscaled to {ux}x{uy}, \
+                     in whole cells of {OPT_F}, cropped to cover) must be \
+                     {SIZE_MIN}..={SIZE_MAX} a side"
                 ),
             );
         }
@@ -328,17 +371,7 @@ pub fn validate_hires(
     }
     r.finish()?;
 
-    let (upscale_w, upscale_h) = if rx != 0 && ry != 0 && w * th != tw * h {
-        // Both sides given in another aspect: A1111 upscales to cover them, then crops.
-        let cover = if w * th < tw * h {
-            (tw, tw * h / w)
-        } else {
-            (th * w / h, th)
-        };
-        (cover.0 / 8 * 8, cover.1 / 8 * 8)
-    } else {
-        (tw, th)
-    };
+    let (upscale_w, upscale_h) = target.upscale;
     let upscaler_name = upscaler.unwrap_or_else(|| UPSCALER_DEFAULT.to_string());
     let upscaler = upscaler_named(&upscaler_name);
     let mut infotext = vec![("Denoising strength", py_float(strength_value))];
@@ -408,16 +441,16 @@ mod tests {
     }
 
     #[test]
-    fn target_sizes_follow_a1111_floored_to_the_native_grid() {
+    fn target_sizes_follow_a1111() {
         // A1111's defaults: hr_scale 2, Latent, the first pass's steps, strength 0.75.
         let v = check(json!({}), 256, 320).unwrap();
         assert_eq!(sizes(&v), [512, 640, 512, 640]);
         assert_eq!(v.upscaler_name, "Latent");
         assert_eq!((v.params.steps, v.params.strength), (10, 0.75));
-        // int(512 * 1.3) = 665, floored to 640 (A1111's latents would make 664).
+        // int(512 * 1.3) = 665: the image resized to that, its latents 83 cells of 8.
         assert_eq!(
-            sizes(&check(json!({"hr_scale": 1.3}), 512, 512).unwrap())[..2],
-            [640, 640]
+            sizes(&check(json!({"hr_scale": 1.3}), 512, 512).unwrap()),
+            [664, 664, 665, 665]
         );
         // One side given: the other keeps the aspect (integer division, as A1111).
         let v = check(json!({"hr_resize_x": 512}), 256, 320).unwrap();
@@ -430,6 +463,48 @@ mod tests {
         // Both, same aspect: no crop.
         let v = check(json!({"hr_resize_x": 512, "hr_resize_y": 512}), 256, 256).unwrap();
         assert_eq!(sizes(&v), [512, 512, 512, 512]);
+    }
+
+    /// A1111's own `calculate_target_resolution` on a grid of requests
+    /// (`tools/make_upscale_hires_fixtures.py`); each pass that fits runs at the upscale's
+    /// cells less the truncated ones.
+    #[test]
+    fn sizes_are_a1111s_calculate_target_resolution() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../pipeline/tests/fixtures/upscale-hires.json"
+        );
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let rows = json["sizes"].as_array().unwrap();
+        let (mut fitting, mut cropped) = (0, 0);
+        for row in rows {
+            let n = |i: usize| row[i].as_u64().unwrap();
+            let (w, h, scale, rx, ry) = (n(0), n(1), row[2].as_f64().unwrap(), n(3), n(4));
+            let t = A1111Target::new((w, h), scale, (rx, ry));
+            assert_eq!(
+                (t.upscale, t.truncate),
+                ((n(5), n(6)), (n(7), n(8))),
+                "{row}"
+            );
+            let body = json!({"hr_scale": scale, "hr_resize_x": rx, "hr_resize_y": ry});
+            let (tw, th) = t.size();
+            match check(body, w as usize, h as usize) {
+                Ok(v) => {
+                    assert_eq!(sizes(&v), [tw, th, n(5), n(6)].map(|v| v as usize), "{row}");
+                    fitting += 1;
+                    cropped += usize::from(t.truncate != (0, 0));
+                }
+                Err(_) => assert!(
+                    ![tw, th].iter().all(|s| (SIZE_MIN..=SIZE_MAX).contains(s)),
+                    "{row}: refused, yet {tw}x{th} fits"
+                ),
+            }
+        }
+        assert_eq!(rows.len(), 1120);
+        assert!(
+            fitting > 200 && cropped > 50,
+            "{fitting} fit, {cropped} cropped"
+        );
     }
 
     #[test]

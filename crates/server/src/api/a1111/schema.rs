@@ -65,14 +65,15 @@ pub struct A1111Request {
     #[schema(default = 0.75, minimum = 0.0, maximum = 1.0, nullable = true)]
     pub denoising_strength: Option<f64>,
     /// txt2img: A1111's hires fix, a second pass (img2img of the upscaled first image, same
-    /// seeds) at `hr_scale` times the size or `hr_resize_x` x `hr_resize_y`, floored to a
-    /// multiple of 64 and within 256..=768 a side.
+    /// seeds) at `hr_scale` times the size or `hr_resize_x` x `hr_resize_y` as A1111 sizes it:
+    /// whole latent cells of 8 (cropped after the upscale when both sides are given in
+    /// another aspect), within 256..=768 a side.
     #[schema(default = false, nullable = true)]
     pub enable_hr: Option<bool>,
     #[schema(default = 2.0, nullable = true)]
     pub hr_scale: Option<f64>,
     /// 0: from `hr_scale`; one side alone keeps the aspect; both in another aspect: upscaled
-    /// to cover, then centre-cropped.
+    /// to cover, then centre-cropped in latent cells (A1111's `truncate_x/y`).
     #[schema(default = 0, minimum = 0, nullable = true)]
     pub hr_resize_x: Option<u32>,
     #[schema(default = 0, minimum = 0, nullable = true)]
