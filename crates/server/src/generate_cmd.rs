@@ -33,6 +33,14 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
     if let Some(p) = &a.mask_image {
         m.insert("mask_image".into(), file_base64("--mask", p)?);
     }
+    if !a.controlnets.is_empty() {
+        let units = a
+            .controlnets
+            .iter()
+            .map(|flag| controlnet_use(flag))
+            .collect::<Result<Vec<_>, String>>()?;
+        m.insert("controlnets".into(), Value::Array(units));
+    }
     m.insert("prompt".into(), json!(a.prompt));
     let opt = [
         (
@@ -95,6 +103,31 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         m.insert("hires".into(), Value::Object(hires));
     }
     Ok(Value::Object(m))
+}
+
+/// `--controlnet MODEL:IMAGE[:SCALE]` as the native `controlnets` item: the model before the
+/// first `:`, the scale after the last when it is a number, the image file between.
+fn controlnet_use(flag: &str) -> Result<Value, String> {
+    let rule = || format!("--controlnet {flag:?}: MODEL:IMAGE[:SCALE] (a name, an image file)");
+    let (model, rest) = flag.split_once(':').ok_or_else(rule)?;
+    let (image, scale) = match rest.rsplit_once(':') {
+        Some((image, s)) => match s.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() => (image, Some(v)),
+            _ => (rest, None),
+        },
+        None => (rest, None),
+    };
+    if model.is_empty() || image.is_empty() {
+        return Err(rule());
+    }
+    let mut unit = json!({
+        "model": model,
+        "image": file_base64("--controlnet", Path::new(image))?,
+    });
+    if let Some(s) = scale {
+        unit["scale"] = json!(s);
+    }
+    Ok(unit)
 }
 
 /// `--loras NAME[:WEIGHT]` as the native `loras` item: the weight after the last `:` when it
@@ -289,6 +322,9 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     crate::upscalers::UpscalerCatalog::new(a.model.upscalers_dir.clone())
         .check_hires(&req)
         .map_err(flag_error)?;
+    crate::controlnets::ControlNetCatalog::new(a.model.controlnet_dir.clone())
+        .check(&req, "controlnets")
+        .map_err(flag_error)?;
     check_writable(&a.output)?;
     let vaes =
         crate::vaes::VaeCatalog::new(a.model.vae_dir.clone(), a.model.model_cache_dir.clone());
@@ -407,6 +443,28 @@ mod tests {
         };
         assert!(parse(&["--tiling"]).tiling);
         assert!(!parse(&[]).tiling);
+    }
+
+    #[test]
+    fn controlnet_flags_take_a_model_an_image_and_an_optional_scale() {
+        let dir = std::env::temp_dir().join(format!("sdserve-cnflag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("edge:map.png");
+        std::fs::write(&img, b"png").unwrap();
+        let p = img.to_str().unwrap();
+        let u = controlnet_use(&format!("canny:{p}:0.5")).unwrap();
+        assert_eq!(
+            (u["model"].clone(), u["scale"].clone()),
+            (json!("canny"), json!(0.5))
+        );
+        // No number after the last `:`: all of it is the file.
+        let u = controlnet_use(&format!("canny:{p}")).unwrap();
+        assert!(u.get("scale").is_none() && u["image"].is_string(), "{u}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(controlnet_use("canny").unwrap_err().contains("MODEL:IMAGE"));
+        assert!(controlnet_use("canny:/no/such.png")
+            .unwrap_err()
+            .contains("--controlnet"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod bench_cmd;
 mod cache;
 mod cli;
 mod config;
+mod controlnets;
 mod engine;
 mod error;
 #[cfg(test)]

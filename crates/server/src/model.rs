@@ -72,6 +72,8 @@ pub struct GpuGenerator {
     vae_models_dir: Option<std::path::PathBuf>,
     /// UPSCALERS_DIR, where a hires pass's upscaler model is found by name.
     upscalers_dir: Option<std::path::PathBuf>,
+    /// CONTROLNET_DIR, where a request's ControlNets are found by name.
+    controlnet_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a VAE cannot be used, without the server's paths: the weights' message (which tensor,
@@ -101,6 +103,14 @@ impl Generator for GpuGenerator {
             self.sd.dtype(),
         )?;
         let params = resolved.as_ref().unwrap_or(params);
+        // ControlNets by name: found in this process's CONTROLNET_DIR, loaded (cached) on the
+        // pipeline's device in its dtype.
+        let controlled = crate::controlnets::with_controlnet_models(
+            params,
+            self.controlnet_dir.as_deref(),
+            &self.sd,
+        )?;
+        let params = controlled.as_ref().unwrap_or(params);
         gpu::plan_request(&mut self.sd, &self.setup, params)?;
         self.sd.generate(params, on_step)
     }
@@ -245,6 +255,7 @@ pub fn load_real(
             vae_dir: args.vae_dir.clone(),
             vae_models_dir: args.vae_models_dir.clone(),
             upscalers_dir: args.upscalers_dir.clone(),
+            controlnet_dir: args.controlnet_dir.clone(),
         }),
         info,
         taesd: None,

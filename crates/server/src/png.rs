@@ -78,8 +78,20 @@ pub fn parameters_text(
     let vae = vae
         .map(|v| format!(", VAE hash: {}, VAE: {}", v.hash, v.name))
         .unwrap_or_default();
+    // The sd-webui-controlnet extension's entries: one quoted list per unit.
+    let controlnets: String = p
+        .controlnets
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                ", ControlNet {i}: \"Module: none, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}, Control Mode: Balanced\"",
+                c.model.name, c.scale, c.guidance_start, c.guidance_end
+            )
+        })
+        .collect();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,

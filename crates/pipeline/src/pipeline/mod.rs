@@ -122,6 +122,11 @@ impl StableDiffusion {
         self.dtype
     }
 
+    /// The UNet's config (what a ControlNet must fit; a single-file ControlNet's config).
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.unet_config
+    }
+
     /// Latent channels the UNet takes.
     pub fn unet_in_channels(&self) -> usize {
         self.unet_in_channels

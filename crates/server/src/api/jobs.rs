@@ -63,6 +63,7 @@ pub(super) async fn create(
     let info = super::request::named_model(&app, info, &mut req, "model").await?;
     let vae = super::request::named_vae(&app, &req, "vae", info.limits).await?;
     super::request::named_upscaler(&app, &req).await?;
+    super::request::named_controlnets(&app, &req, "controlnets").await?;
     let spec = job_spec(
         req,
         vae,

@@ -66,6 +66,8 @@ pub struct AppState {
     pub vaes: crate::vaes::VaeCatalog,
     /// UPSCALERS_DIR: the ESRGAN models Extras may upscale with.
     pub upscalers: crate::upscalers::UpscalerCatalog,
+    /// CONTROLNET_DIR: the ControlNets a request may name (`controlnets`).
+    pub controlnets: crate::controlnets::ControlNetCatalog,
     /// STYLES_FILE: the prompt styles requests may name (`styles`).
     pub styles: crate::styles::StyleBook,
 }
@@ -98,6 +100,7 @@ impl AppState {
         models::list,
         models::vaes,
         models::upscalers,
+        models::controlnets,
         styles::list,
         native::metrics,
         native::openapi_json,
@@ -143,6 +146,10 @@ impl AppState {
         crate::vaes::VaeKind,
         crate::upscalers::UpscalerList,
         crate::upscalers::UpscalerListing,
+        crate::controlnets::ControlNetList,
+        crate::controlnets::ControlNetListing,
+        ControlNetUse,
+        ControlNetMetadata,
         styles::StyleList,
         crate::styles::Style,
         GpuInfo
@@ -160,6 +167,7 @@ fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Sh
         ("/models", &["get"], get(models::list)),
         ("/vaes", &["get"], get(models::vaes)),
         ("/upscalers", &["get"], get(models::upscalers)),
+        ("/controlnets", &["get"], get(models::controlnets)),
         ("/styles", &["get"], get(styles::list)),
         ("/embeddings", &["get"], get(native::embeddings)),
         (

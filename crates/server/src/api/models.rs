@@ -37,6 +37,17 @@ pub(super) async fn vaes(State(app): State<Shared>) -> Json<VaeList> {
     Json(listing.unwrap_or(VaeList { vaes: Vec::new() }))
 }
 
+/// CONTROLNET_DIR's ControlNets (read now: files added later are listed), by the names
+/// `controlnets[i].model` takes.
+#[utoipa::path(get, path = "/controlnets", responses((status = 200, body = crate::controlnets::ControlNetList)))]
+pub(super) async fn controlnets(
+    State(app): State<Shared>,
+) -> Json<crate::controlnets::ControlNetList> {
+    let catalog = app.controlnets.clone();
+    let listing = tokio::task::spawn_blocking(move || catalog.listing()).await;
+    Json(listing.unwrap_or_else(|_| crate::controlnets::ControlNetCatalog::default().listing()))
+}
+
 /// The image upscalers A1111's Extras (`/sdapi/v1/extra-single-image`: `upscaler_1`,
 /// `upscaler_2`) and the hires fix (`hires.upscaler`, beside the latent modes) take: the
 /// built-ins, then UPSCALERS_DIR's ESRGAN models (read now: files added later are listed).

@@ -36,6 +36,22 @@ fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> Strin
         "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
         p.hires, p.tiling, p.variation, p.schedule, p.seed_resize_from
     );
+    // Each ControlNet by name (its file is in the model part), control image and numbers.
+    let controlnets: Vec<_> = p
+        .controlnets
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {:?} {:?} {:?}",
+                c.model.name,
+                crate::images::digest(&c.image),
+                c.scale,
+                c.guidance_start,
+                c.guidance_end
+            )
+        })
+        .collect();
+    let images = format!("{images}\u{0}{controlnets:?}");
     format!(
         "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
         p.prompt,
@@ -208,6 +224,7 @@ pub(super) async fn run_on_model(
     let info = super::request::named_model(app, info, &mut req, model_field).await?;
     let vae = super::request::named_vae(app, &req, "vae", info.limits).await?;
     let upscaler_file = super::request::named_upscaler(app, &req).await?;
+    let controlnet_files = super::request::named_controlnets(app, &req, "controlnets").await?;
     let seeded = req.seed.is_some() && cacheable;
     // The VAE decodes the image: a request with another VAE is another entry.
     let mut cache_model = match &vae {
@@ -215,7 +232,8 @@ pub(super) async fn run_on_model(
         None => info.model_version.clone(),
     };
     // So does a hires upscaler model replaced under its name.
-    if let Some(file) = upscaler_file {
+    // And ControlNets replaced under their names.
+    for file in upscaler_file.into_iter().chain(controlnet_files) {
         cache_model = format!("{cache_model}\u{0}{file}");
     }
     let spec = job_spec(

@@ -392,6 +392,22 @@ pub(crate) async fn named_upscaler(
     off_the_runtime(move || catalog.check_hires(&req)).await
 }
 
+/// The request's ControlNets checked against CONTROLNET_DIR before it is queued
+/// (`controlnets::ControlNetCatalog::check`): an unknown name is a 422 naming `field` (the
+/// dialect's name of the list); `Some` identifies the files for the image cache's key.
+pub(crate) async fn named_controlnets(
+    app: &AppState,
+    req: &ValidRequest,
+    field: &'static str,
+) -> Result<Option<String>, ApiError> {
+    if req.controlnets.is_empty() {
+        return Ok(None);
+    }
+    let catalog = app.controlnets.clone();
+    let req = req.clone();
+    off_the_runtime(move || catalog.check(&req, field)).await
+}
+
 /// The job for a validated request: seed and scheduler resolved, `request` the request as run;
 /// `vae` as [`named_vae`] resolved it.
 pub(crate) fn job_spec(

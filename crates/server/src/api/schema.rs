@@ -226,6 +226,49 @@ pub struct GenerateRequest {
     /// the styled text. An unknown name is a 422.
     #[schema(nullable = true, example = json!(["Cinematic"]))]
     pub styles: Option<Vec<String>>,
+    /// ControlNets steering the composition (text-to-image only; not with `init_image` or
+    /// `hires`): diffusers' `StableDiffusionControlNetPipeline`, several summed as its
+    /// `MultiControlNetModel`. At most 3. A model is a name of CONTROLNET_DIR (`GET
+    /// /controlnets`; unknown: a 422 listing the names); one that is not a ControlNet for the
+    /// model's UNet fails the request (422 naming it).
+    #[schema(max_items = 3, nullable = true)]
+    pub controlnets: Option<Vec<ControlNetUse>>,
+}
+
+/// One ControlNet of a request and its control image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetUse {
+    /// A ControlNet of CONTROLNET_DIR by name (`GET /controlnets`): a file's stem or a
+    /// diffusers folder's name. 1..=255 characters.
+    #[schema(min_length = 1, example = "control_v11p_sd15_canny")]
+    pub model: String,
+    /// The control image (an edge map, a pose, a depth map: already preprocessed), base64
+    /// PNG, JPEG or WebP (a `data:image/...;base64,` prefix is allowed), at most 4096 pixels a
+    /// side and 16 MP; resized (Lanczos) to the request's width and height and given to the
+    /// ControlNet as RGB in [0, 1], as diffusers' control image processor does.
+    #[schema(example = "iVBORw0KGgoAAAANSUhEUgAA...")]
+    pub image: String,
+    /// diffusers' `controlnet_conditioning_scale`: the residuals' weight.
+    #[schema(minimum = 0.0, maximum = 2.0, default = 1.0, nullable = true)]
+    pub scale: Option<f64>,
+    /// diffusers' `control_guidance_start`: the fraction of the steps before which it does
+    /// not steer (below `guidance_end`).
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.0, nullable = true)]
+    pub guidance_start: Option<f64>,
+    /// diffusers' `control_guidance_end`: the fraction of the steps after which it does not
+    /// steer.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 1.0, nullable = true)]
+    pub guidance_end: Option<f64>,
+}
+
+/// A ControlNet a result was made with.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ControlNetMetadata {
+    pub model: String,
+    pub scale: f64,
+    pub guidance_start: f64,
+    pub guidance_end: f64,
 }
 
 /// The hires fix's second pass: the target is `width` and `height`, or `scale` (one of the
@@ -379,6 +422,9 @@ pub struct GenerateMetadata {
     /// The seed resize's height; absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_resize_from_height: Option<u32>,
+    /// The ControlNets that steered the images (`controlnets`); absent without any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controlnets: Vec<ControlNetMetadata>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -59,6 +59,8 @@ pub struct GenerateArgs {
     pub seed_resize_from_height: Option<u64>,
     #[arg(long, value_name = "NAME")]
     pub styles: Vec<String>,
+    #[arg(long, visible_alias = "controlnet", value_name = "MODEL:IMAGE[:SCALE]")]
+    pub controlnets: Vec<String>,
     /// AUTOMATIC1111's prompt styles file (`styles.csv`: columns `name`, `prompt`,
     /// `negative_prompt`) that `--styles` names, as `serve`'s.
     #[arg(long, env = "STYLES_FILE")]
@@ -194,6 +196,10 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "seed_resize_from_height",
             format!("A1111's seed resize, with --seed-resize-from-width: the height a seed's image was made at, {SEED_RESIZE_MIN}..={SEED_RESIZE_MAX} [default: off]"),
+        ),
+        (
+            "controlnets",
+            "A ControlNet of --controlnet-dir by name, its control image file (already preprocessed: an edge map, a pose, a depth map; resized to the image's size) and its scale (0..=2; 1 when left out); repeat for more, at most 3, their effects summed (text-to-image only) [default: none]".to_string(),
         ),
         (
             "styles",

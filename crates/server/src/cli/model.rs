@@ -109,6 +109,13 @@ pub struct ModelArgs {
     /// later are picked up; a model is read once (a replaced file again).
     #[arg(long, env = "UPSCALERS_DIR")]
     pub upscalers_dir: Option<PathBuf>,
+    /// A folder of ControlNets (A1111's `models/ControlNet`: `control_v11p_sd15_canny.pth`,
+    /// `.safetensors`, `.pt`, `.ckpt` files with the original key names, and diffusers
+    /// ControlNet folders), each named by its file stem or folder name in `controlnets[i].model`;
+    /// listed by GET /controlnets. Read on every look; a model is read once onto the
+    /// pipeline's device (a replaced file again; at most two kept).
+    #[arg(long, env = "CONTROLNET_DIR")]
+    pub controlnet_dir: Option<PathBuf>,
     /// MODELS_DIR for the worker's VAE lookups (its `*.vae.*` files are VAEs, as in A1111):
     /// set by `serve` from `--models-dir`, not a flag of its own.
     #[arg(skip)]

@@ -286,6 +286,16 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             variation_strength: p.image_variation(0).map_or(0.0, |(_, s)| s),
             seed_resize_from_width: p.seed_resize_from.map(|r| r.width as u32),
             seed_resize_from_height: p.seed_resize_from.map(|r| r.height as u32),
+            controlnets: p
+                .controlnets
+                .iter()
+                .map(|c| crate::api::ControlNetMetadata {
+                    model: c.model.name.clone(),
+                    scale: c.scale,
+                    guidance_start: c.guidance_start,
+                    guidance_end: c.guidance_end,
+                })
+                .collect(),
         },
     }
 }

@@ -155,6 +155,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
         models: Default::default(),
         vaes: Default::default(),
         upscalers: Default::default(),
+        controlnets: Default::default(),
         styles: Default::default(),
     })
 }

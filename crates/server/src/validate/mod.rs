@@ -8,6 +8,7 @@
 //!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
 //!   optional field.
 
+use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::{
     GenerationParams, InitImage, LoraWeight, PromptSyntax, SeedResize, Variation,
@@ -19,6 +20,7 @@ use serde_json::{Map, Value};
 use crate::error::ApiError;
 use crate::images::RequestImage;
 
+mod controlnets;
 pub mod extras;
 mod fields;
 mod for_model;
@@ -28,6 +30,7 @@ mod schedule;
 #[cfg(test)]
 mod tests;
 
+pub use controlnets::ValidControlNet;
 use fields::FieldReader;
 pub use for_model::{check_for_model, check_limits, check_loras, check_memory};
 /// The keys of the native `hires` object.
@@ -53,7 +56,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 25] = [
+pub const FIELDS: [&str; 26] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -78,6 +81,7 @@ pub const FIELDS: [&str; 25] = [
     "variation_strength",
     "seed_resize_from_width",
     "seed_resize_from_height",
+    "controlnets",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];
@@ -142,6 +146,8 @@ pub struct ValidRequest {
     /// A1111's seed resize (`seed_resize_from_w`/`_h`): the size whose noise the images keep
     /// in their centre; `None`: off.
     pub seed_resize_from: Option<SeedResize>,
+    /// ControlNets steering text-to-image (`controlnets`), their images at the request's size.
+    pub controlnets: Vec<ValidControlNet>,
     /// The styles applied to the prompts (before validation) and the prompts as written;
     /// `None` without styles. Set by the routes that apply them.
     pub as_written: Option<crate::styles::AsWritten>,
@@ -210,7 +216,17 @@ impl ValidRequest {
                 strength: self.variation_strength,
             }),
             seed_resize_from: self.seed_resize_from,
-            controlnets: Vec::new(),
+            controlnets: self
+                .controlnets
+                .iter()
+                .map(|c| ControlNetUnit {
+                    model: std::sync::Arc::new(ControlNet::named(&c.model)),
+                    image: c.image.image.clone(),
+                    scale: c.scale,
+                    guidance_start: c.guidance_start,
+                    guidance_end: c.guidance_end,
+                })
+                .collect(),
             a1111_inpaint: None,
         }
     }
@@ -438,6 +454,17 @@ pub fn validate_request(
         );
     }
     let seed_resize = seed_resize_from(&mut r);
+    let controlnets = r.with("controlnets", controlnets::read).unwrap_or_default();
+    // diffusers' ControlNet img2img and inpainting pipelines are not implemented, nor a hires
+    // pass with one (A1111's extension steers it too).
+    if !controlnets.is_empty() {
+        if has_init {
+            r.fail("controlnets", "text-to-image only (not with init_image)");
+        }
+        if r.value("hires").is_some() {
+            r.fail("controlnets", "not with the hires fix");
+        }
+    }
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     });
@@ -461,6 +488,13 @@ pub fn validate_request(
         })
     };
     let (init_image, mask_image) = (fit(init_image), fit(mask_image));
+    let controlnets = controlnets
+        .into_iter()
+        .map(|mut c| {
+            c.image.image = resize_lanczos(&c.image.image, width, height);
+            c
+        })
+        .collect();
     let mut valid = ValidRequest {
         prompt: prompt.unwrap_or_default(),
         negative_prompt: negative_prompt.unwrap_or_default(),
@@ -485,6 +519,7 @@ pub fn validate_request(
         variation_seed: variation_seed.map(|v| v as u32),
         variation_strength: variation_strength.unwrap_or(0.0),
         seed_resize_from: seed_resize,
+        controlnets,
         as_written: None,
     };
     if let Some(read) = hires {

@@ -85,6 +85,10 @@ pub struct GenerationRequest {
     /// Prompt styles by name (`GET /styles`), applied to the prompts as the native API does.
     #[schema(nullable = true)]
     pub styles: Option<Vec<String>>,
+    /// Our extra: ControlNets (`GET /controlnets`, CONTROLNET_DIR) with their control images,
+    /// as natively; at most 3.
+    #[schema(max_items = 3, nullable = true)]
+    pub controlnets: Option<Vec<crate::api::ControlNetUse>>,
 }
 
 /// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:

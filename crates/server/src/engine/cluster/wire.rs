@@ -161,6 +161,10 @@ pub struct WireSpec {
     /// Seed resize's width and height (absent from older replicas' jobs: none).
     #[serde(default)]
     seed_resize_from: Option<(usize, usize)>,
+    /// ControlNets by name (each worker finds the name in its own CONTROLNET_DIR), their
+    /// images, scale, guidance start and end (absent from older replicas' jobs: none).
+    #[serde(default)]
+    controlnets: Vec<(String, WireImage, f64, f64, f64)>,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -208,6 +212,19 @@ impl WireSpec {
             tiling: p.tiling,
             variation: p.variation.map(|v| (v.seed, v.strength)),
             seed_resize_from: p.seed_resize_from.map(|r| (r.width, r.height)),
+            controlnets: p
+                .controlnets
+                .iter()
+                .map(|c| {
+                    (
+                        c.model.name.clone(),
+                        WireImage::of(&c.image),
+                        c.scale,
+                        c.guidance_start,
+                        c.guidance_end,
+                    )
+                })
+                .collect(),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -272,7 +289,21 @@ impl WireSpec {
                 seed_resize_from: self.seed_resize_from.map(|(width, height)| {
                     sdserve_pipeline::pipeline::SeedResize { width, height }
                 }),
-                controlnets: Vec::new(),
+                controlnets: self
+                    .controlnets
+                    .iter()
+                    .map(|(name, image, scale, start, end)| {
+                        Ok(sdserve_pipeline::controlnet::ControlNetUnit {
+                            model: std::sync::Arc::new(
+                                sdserve_pipeline::controlnet::ControlNet::named(name),
+                            ),
+                            image: image.image()?,
+                            scale: *scale,
+                            guidance_start: *start,
+                            guidance_end: *end,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
                 a1111_inpaint: None,
             },
             request: self.request.clone(),

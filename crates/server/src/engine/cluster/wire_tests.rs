@@ -75,6 +75,14 @@ fn a_spec_survives_the_trip_with_its_images() {
                 width: 320,
                 height: 192,
             }),
+            // By name: the worker finds it in its own CONTROLNET_DIR.
+            controlnets: vec![sdserve_pipeline::controlnet::ControlNetUnit {
+                model: Arc::new(sdserve_pipeline::controlnet::ControlNet::named("canny")),
+                image: img.clone(),
+                scale: 0.8,
+                guidance_start: 0.1,
+                guidance_end: 0.9,
+            }],
             ..Default::default()
         },
         request: serde_json::json!({"prompt": "a (cat:1.2)"}),

@@ -1,0 +1,95 @@
+//! The native `controlnets` field: `[{model, image, scale, guidance_start, guidance_end}]`,
+//! diffusers' `StableDiffusionControlNetPipeline` arguments (`controlnet`, `image`,
+//! `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end`), one
+//! object per ControlNet (several: `MultiControlNetModel`).
+
+use serde_json::Value;
+
+use crate::images::RequestImage;
+
+/// ControlNets one request may use (each holds a UNet encoder's weights on the device).
+pub const CONTROLNETS_MAX: usize = 3;
+/// `scale`: the sd-webui-controlnet extension's weight slider range.
+pub const SCALE_MIN: f64 = 0.0;
+pub const SCALE_MAX: f64 = 2.0;
+/// The longest model name (a file or folder name).
+const NAME_MAX: usize = 255;
+
+/// One ControlNet of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidControlNet {
+    /// A name of CONTROLNET_DIR (`GET /controlnets`), checked before the job is queued.
+    pub model: String,
+    /// The control image as uploaded (resized to the request's size once that is known).
+    pub image: RequestImage,
+    pub scale: f64,
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+}
+
+fn number(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    i: usize,
+    min: f64,
+    max: f64,
+    default: f64,
+) -> Result<f64, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| (min..=max).contains(x))
+            .ok_or_else(|| format!("[{i}].{key}: must be a number between {min} and {max}")),
+    }
+}
+
+/// `controlnets`: at most [`CONTROLNETS_MAX`] objects; `model` a name (1..=255 characters),
+/// `image` a base64 PNG/JPEG/WebP, `scale` 0..=2 (1), `guidance_start` 0..=1 (0) below
+/// `guidance_end` 0..=1 (1), as diffusers requires (`start < end`).
+pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
+    let rule = format!(
+        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1}}"
+    );
+    let items = v.as_array().ok_or_else(|| rule.clone())?;
+    if items.len() > CONTROLNETS_MAX {
+        return Err(rule);
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
+        const KEYS: [&str; 5] = ["model", "image", "scale", "guidance_start", "guidance_end"];
+        if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
+        }
+        let model = obj
+            .get("model")
+            .and_then(Value::as_str)
+            .map(super::fields::sanitize_text)
+            .filter(|n| !n.is_empty() && n.chars().count() <= NAME_MAX)
+            .ok_or_else(|| {
+                format!("[{i}].model: a name of 1..={NAME_MAX} characters is required")
+            })?;
+        let image = obj
+            .get("image")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("[{i}].image: a base64 image is required"))?;
+        let image = crate::images::decode_base64(image).map_err(|e| format!("[{i}].image: {e}"))?;
+        let scale = number(obj, "scale", i, SCALE_MIN, SCALE_MAX, 1.0)?;
+        let guidance_start = number(obj, "guidance_start", i, 0.0, 1.0, 0.0)?;
+        let guidance_end = number(obj, "guidance_end", i, 0.0, 1.0, 1.0)?;
+        if guidance_start >= guidance_end {
+            return Err(format!(
+                "[{i}]: guidance_start ({guidance_start}) must be below guidance_end ({guidance_end})"
+            ));
+        }
+        out.push(ValidControlNet {
+            model,
+            image,
+            scale,
+            guidance_start,
+            guidance_end,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,181 @@
+//! ControlNet over real HTTP against the real binary (tiny-a-vae8 with the pipeline's tiny
+//! ControlNets as CONTROLNET_DIR): the listing, a steered image equal to the pipeline's own
+//! (which `crates/pipeline/tests/controlnet.rs` holds to diffusers), the single file giving the
+//! folder's image, metadata and PNG parameters, and every refusal naming `controlnets`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::{copy_tree, decode_png, Server};
+use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
+use sdserve_pipeline::pipeline::{GenerationParams, PromptSyntax, StableDiffusion};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
+}
+
+fn control_png() -> String {
+    let bytes = std::fs::read(fixtures().join("images/control-64.png")).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
+fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
+    // CONTROLNET_DIR: the fixtures plus a file that is not a ControlNet.
+    let dir = std::env::temp_dir().join(format!("sdserve-cn-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_tree(&fixtures().join("controlnet"), &dir);
+    std::fs::copy(
+        fixtures().join("tiny-a/text_encoder/model.safetensors"),
+        dir.join("not-a-controlnet.safetensors"),
+    )
+    .unwrap();
+    let env: Vec<(String, String)> = [
+        ("MODEL_ID", fixtures().join("tiny-a-vae8")),
+        ("CONTROLNET_DIR", dir.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned()))
+    .chain([
+        ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
+        ("GENERATION_TIMEOUT_SECONDS".to_string(), "120".to_string()),
+    ])
+    .collect();
+    let s = Server::start(&env);
+    s.wait_ready(Duration::from_secs(300));
+
+    let listed = s.get("/controlnets").json();
+    let names: Vec<&str> = listed["controlnets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["cn-a", "cn-a-ldm", "cn-b", "not-a-controlnet"],
+        "{listed}"
+    );
+
+    let base = json!({"prompt": "a house by a lake", "steps": 3, "width": 256, "height": 256,
+                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let unit = |model: &str| {
+        json!({"model": model, "image": control_png(), "scale": 0.8,
+                                     "guidance_start": 0.0, "guidance_end": 0.7})
+    };
+    let with = |units: Vec<Value>| {
+        let mut b = base.clone();
+        b["controlnets"] = json!(units);
+        b
+    };
+    let run = |body: &Value| {
+        let r = s.post_json(body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let (w, h, px, text) = decode_png(j["image_base64"].as_str().unwrap());
+        assert_eq!((w, h), (256, 256));
+        (px, j["metadata"].clone(), text.unwrap_or_default())
+    };
+    let (plain, plain_meta, _) = run(&base);
+    assert!(plain_meta.get("controlnets").is_none(), "{plain_meta}");
+    let (steered, meta, text) = run(&with(vec![unit("cn-a")]));
+    let differing = plain.iter().zip(&steered).filter(|(a, b)| a != b).count();
+    assert!(
+        differing > plain.len() / 4,
+        "the ControlNet changes the image: {differing}"
+    );
+    assert_eq!(
+        meta["controlnets"],
+        json!([{"model": "cn-a", "scale": 0.8, "guidance_start": 0.0, "guidance_end": 0.7}])
+    );
+    assert!(
+        text.contains(r#"ControlNet 0: "Module: none, Model: cn-a, Weight: 0.8, Guidance Start: 0, Guidance End: 0.7, Control Mode: Balanced""#),
+        "{text}"
+    );
+    // The single file of the same weights makes the same image.
+    let (from_file, _, _) = run(&with(vec![unit("cn-a-ldm")]));
+    assert!(
+        from_file == steered,
+        "cn-a-ldm.safetensors and the cn-a folder differ"
+    );
+
+    // The pipeline's own image for these parameters (control image resized by the server to
+    // 256x256, as the pipeline would).
+    let sd = StableDiffusion::load(
+        &fixtures().join("tiny-a-vae8"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let image = {
+        let (w, h, px, _) = decode_png(&control_png());
+        sdserve_pipeline::pipeline::RgbImage {
+            width: w,
+            height: h,
+            pixels: px,
+        }
+    };
+    let params = GenerationParams {
+        prompt: "a house by a lake".into(),
+        steps: 3,
+        width: 256,
+        height: 256,
+        seed: 11,
+        scheduler: Some(SchedulerKind::Euler),
+        prompt_syntax: PromptSyntax::Plain,
+        controlnets: vec![ControlNetUnit {
+            model: Arc::new(ControlNet::new("cn-a", dir.join("cn-a"))),
+            image: sdserve_pipeline::image_in::resize_lanczos(&image, 256, 256),
+            scale: 0.8,
+            guidance_start: 0.0,
+            guidance_end: 0.7,
+        }],
+        ..Default::default()
+    };
+    let own = sd
+        .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap()
+        .remove(0);
+    assert!(
+        own.pixels == steered,
+        "the server's image is the pipeline's"
+    );
+
+    // Refusals, each a 422 naming `controlnets`.
+    let refused = |body: Value, needle: &str| {
+        let r = s.post_json(&body);
+        let e = r.error(422, "validation_error");
+        let text = e.to_string();
+        assert!(
+            r.broken_fields().iter().any(|f| f == "controlnets"),
+            "{text}"
+        );
+        assert!(text.contains(needle), "{needle}: {text}");
+    };
+    refused(with(vec![unit("nope")]), "cn-a-ldm");
+    let mut bad_image = unit("cn-a");
+    bad_image["image"] = json!("bm90IGFuIGltYWdl");
+    refused(with(vec![bad_image]), "[0].image");
+    let mut window = unit("cn-a");
+    window["guidance_start"] = json!(0.7);
+    refused(with(vec![window]), "below guidance_end");
+    refused(with(vec![unit("cn-a"); 4]), "at most 3");
+    let mut img2img = with(vec![unit("cn-a")]);
+    img2img["init_image"] = json!(control_png());
+    refused(img2img, "text-to-image only");
+    // A file that is not a ControlNet fails the request when it runs, naming it.
+    let r = s.post_json(&with(vec![unit("not-a-controlnet")]));
+    let e = r.error(422, "validation_error").to_string();
+    assert!(
+        e.contains("not-a-controlnet") && e.contains("cannot be used"),
+        "{e}"
+    );
+    assert!(!e.contains(dir.to_str().unwrap()), "no server path: {e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
