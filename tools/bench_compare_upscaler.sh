@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs our upscaler bench (crates/pipeline/benches/upscaler.rs: any file upscaler::Network reads,
-# ESRGAN or Real-ESRGAN Compact) and spandrel's on torch
+# ESRGAN, Real-ESRGAN Compact or SwinIR) and spandrel's on torch
 # (tools/bench_esrgan.py) back to back on the same model file, tile sides and thread count, then
 # prints a table of medians and ours/spandrel ratios.
 #
 #   tools/bench_compare_upscaler.sh MODEL_FILE [THREADS] [TILES] [REPEATS] [IMAGE_SIZES]
 #   e.g. python3 tools/bench_esrgan.py --make-random /tmp/esrgan-4x.pth   # full size, random
 #        python3 tools/bench_esrgan.py --make-random /tmp/compact-4x.pth --arch compact
+#        python3 tools/bench_esrgan.py --make-random /tmp/swinir-m-4x.pth --arch swinir
+#        tools/bench_compare_upscaler.sh /tmp/swinir-m-4x.pth 2 64 3
 #        tools/bench_compare_upscaler.sh /tmp/esrgan-4x.pth 2 64,192 3
 # IMAGE_SIZES: A1111's whole tiled upscale of a picture of that side (ours only; "" none).
 # Writes upscaler-ours.json, upscaler-spandrel.json and upscaler-compare.json in $OUT_DIR.

@@ -1,5 +1,5 @@
 //! Upscaler network timings on the CPU (any file `upscaler::Network` reads: ESRGAN, Real-ESRGAN
-//! Compact), printed as a table and as JSON (the schema of the `stages` bench), to set beside
+//! Compact, SwinIR), printed as a table and as JSON (the schema of the `stages` bench), to set beside
 //! spandrel's (tools/bench_esrgan.py; both through
 //! tools/bench_compare_upscaler.sh).
 //!
@@ -9,12 +9,13 @@
 //! Stages: one forward pass of the network on a square tile of each `--tiles` side
 //! (`esrgan_tile_N`; A1111 upscales in 192 px tiles, one at a time), and, at each
 //! `--image-sizes` side, A1111's whole upscale of a picture by the model's factor
-//! (`esrgan_upscale_N`: its tiles with their overlap, then the blend; ours only). The pictures
+//! (`esrgan_upscale_N`: its tiles with their overlap, then the blend, or for a SwinIR its
+//! averaged tiles; ours only). The pictures
 //! are synthetic (the same formula as tools/bench_esrgan.py).
 
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::pipeline::RgbImage;
-use sdserve_pipeline::upscaler::{upscale_tiled, Network, TILE, TILE_OVERLAP};
+use sdserve_pipeline::upscaler::{upscale_once_checked, Network};
 
 #[path = "stages/stats.rs"]
 mod stats;
@@ -93,7 +94,8 @@ fn main() {
     for side in image_sizes {
         let image = picture(side);
         stats.push(measure(&format!("esrgan_upscale_{side}"), repeats, || {
-            upscale_tiled(&model, &image, TILE, TILE_OVERLAP).expect("upscale");
+            upscale_once_checked(&model, &image, &mut || std::ops::ControlFlow::Continue(()))
+                .expect("upscale");
         }));
     }
     let peak_rss_mb = stats
