@@ -1,6 +1,6 @@
 //! Property-based fuzzing of the adapter files a server reads from `LORA_DIR` and
 //! `EMBEDDINGS_DIR`, which may come from strangers: LoRA `.safetensors` (kohya and PEFT key
-//! styles) and textual-inversion embeddings (A1111 `.pt` through the pickle reader,
+//! styles, LyCORIS LoHa/LoKr/full/CP modules) and textual-inversion embeddings (A1111 `.pt` through the pickle reader,
 //! `.safetensors` `emb_params`). Files are the committed adapter fixtures mutated byte by byte,
 //! or rebuilt tensor by tensor with edits (keys renamed across styles, tensors dropped, shapes,
 //! ranks and dtypes changed, alpha of the wrong shape, NaN and infinity, data offsets claiming
@@ -27,8 +27,8 @@ use sdserve_pipeline::lora::LoraLibrary;
 use sdserve_pipeline::pipeline::{GenerationParams, LoraWeight, StableDiffusion};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
-fn adapter_fixture(kind: &str, name: &str) -> Vec<u8> {
-    let p = common::fixture_path("adapters").join(kind).join(name);
+fn adapter_fixture(name: &str) -> Vec<u8> {
+    let p = common::fixture_path("adapters").join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -52,10 +52,13 @@ mod safetensors_edits;
 // ---------------------------------------------------------------------------------------------
 // What a server does with the files.
 
+/// Under `adapters/`: the first three are the small ones the edits start from.
 const LORA_FIXTURES: &[&str] = &[
-    "te_kohya.safetensors",
-    "soft_peft.safetensors",
-    "ink_kohya.safetensors",
+    "loras/te_kohya.safetensors",
+    "loras/soft_peft.safetensors",
+    "lycoris/mixed.safetensors",
+    "loras/ink_kohya.safetensors",
+    "lycoris/lokr.safetensors",
 ];
 
 /// Scans a folder holding `bytes` as `fuzz.safetensors`, checks the LoRA against tiny-a, merges
@@ -94,8 +97,10 @@ fn exercise_lora(bytes: &[u8], weight: f64) -> Result<bool, TestCaseError> {
     Ok(merged.is_ok())
 }
 
-/// Whether a tensor a LoRA layer uses (down, up or alpha of a layer with a down key) holds a
-/// value that is not finite, as the merge reads it (converted to f32).
+/// Whether a tensor a LoRA layer uses holds a value that is not finite, as the merge reads it
+/// (converted to f32): down, up and alpha of a layer with a down key (and LoCon's mid), and the
+/// tensors of a LyCORIS module A1111 would apply, sorted by type in its order (`alpha` only
+/// where the type has a rank).
 fn uses_non_finite(bytes: &[u8]) -> bool {
     let Ok(tensors) = candle_core::safetensors::load_buffer(bytes, &Device::Cpu) else {
         return false;
@@ -111,9 +116,54 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
                     name.clone(),
                     format!("{layer}{up}"),
                     format!("{layer}.alpha"),
+                    format!("{layer}.lora_mid.weight"),
                 ]);
             }
         }
+    }
+    let mut modules: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for name in tensors.keys() {
+        if let Some((module, part)) = name.split_once('.') {
+            modules.entry(module).or_default().push(part);
+        }
+    }
+    for (module, parts) in modules {
+        let has = |p: &str| parts.contains(&p);
+        let at = |p: &str| format!("{module}.{p}");
+        let hada = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+        let factor = |n: u8| {
+            let whole = format!("lokr_w{n}");
+            let (a, b) = (format!("lokr_w{n}_a"), format!("lokr_w{n}_b"));
+            if has(&whole) {
+                Some(vec![at(&whole)])
+            } else if has(&a) && has(&b) {
+                Some(vec![at(&a), at(&b)])
+            } else {
+                None
+            }
+        };
+        let refused = ["dora_scale", "diff_b", "bias"].iter().any(|p| has(p));
+        if has("lora_down.weight") || refused {
+            continue;
+        } else if hada.iter().all(|p| has(p)) {
+            used.extend(["hada_t1", "hada_t2", "alpha"].iter().map(|p| at(p)));
+            used.extend(hada.iter().map(|p| at(p)));
+        } else if has("weight") || has("on_input") {
+            continue;
+        } else if let (Some(w1), Some(w2)) = (factor(1), factor(2)) {
+            if w1.len() + w2.len() > 2 {
+                used.push(at("alpha"));
+            }
+            if w2.len() == 2 {
+                used.push(at("lokr_t2"));
+            }
+            used.extend(w1.into_iter().chain(w2));
+        } else if has("diff") {
+            used.push(at("diff"));
+        } else {
+            continue;
+        }
+        used.push(at("scale"));
     }
     used.iter().filter_map(|n| tensors.get(n)).any(|t| {
         t.to_dtype(DType::F32)
@@ -177,11 +227,11 @@ proptest! {
 
     #[test]
     fn edited_loras_never_panic(
-        seed in 0..2usize,
+        seed in 0..3usize,
         edits in prop::collection::vec(edit(), 1..6),
         w in weight(),
     ) {
-        let entries = parse_safetensors(&adapter_fixture("loras", LORA_FIXTURES[seed]));
+        let entries = parse_safetensors(&adapter_fixture(LORA_FIXTURES[seed]));
         let bytes = write_safetensors(&apply_edits(entries, &edits));
         let poisoned = uses_non_finite(&bytes);
         let merged = exercise_lora(&bytes, w)?;
@@ -194,7 +244,7 @@ proptest! {
         muts in prop::collection::vec(mutation(), 1..6),
         w in weight(),
     ) {
-        let bytes = apply(adapter_fixture("loras", LORA_FIXTURES[seed]), &muts);
+        let bytes = apply(adapter_fixture(LORA_FIXTURES[seed]), &muts);
         let poisoned = uses_non_finite(&bytes);
         let merged = exercise_lora(&bytes, w)?;
         prop_assert!(!(poisoned && merged), "a LoRA with a non-finite value it uses was merged");
@@ -202,7 +252,7 @@ proptest! {
 
     #[test]
     fn mutated_pt_embeddings_never_panic(muts in prop::collection::vec(mutation(), 1..6)) {
-        let bytes = apply(adapter_fixture("embeddings", "tinystyle.pt"), &muts);
+        let bytes = apply(adapter_fixture("embeddings/tinystyle.pt"), &muts);
         exercise_embedding("fuzzemb.pt", &bytes)?;
     }
 
@@ -212,7 +262,7 @@ proptest! {
         edits in prop::collection::vec(edit(), 0..4),
         muts in prop::collection::vec(mutation(), 0..2),
     ) {
-        let entries = parse_safetensors(&adapter_fixture("embeddings", "tinyneg.safetensors"));
+        let entries = parse_safetensors(&adapter_fixture("embeddings/tinyneg.safetensors"));
         // Also start from an empty file, or one with a second tensor beside emb_params.
         let entries = match base {
             0 => entries,
@@ -237,7 +287,7 @@ proptest! {
 // Regressions: each case the fuzzing found, kept.
 
 fn lora_with(edit: impl FnOnce(&mut Vec<Entry>)) -> Vec<u8> {
-    let mut entries = parse_safetensors(&adapter_fixture("loras", "te_kohya.safetensors"));
+    let mut entries = parse_safetensors(&adapter_fixture("loras/te_kohya.safetensors"));
     edit(&mut entries);
     write_safetensors(&entries)
 }
@@ -366,7 +416,7 @@ fn a_lora_header_longer_than_its_file_is_refused_before_allocating() {
 
 #[test]
 fn non_finite_embeddings_are_refused() {
-    let mut entries = parse_safetensors(&adapter_fixture("embeddings", "tinyneg.safetensors"));
+    let mut entries = parse_safetensors(&adapter_fixture("embeddings/tinyneg.safetensors"));
     entries[0].data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
     let dir = ScratchDir::new("fuzz-adapters-emb-regression");
     let e = EmbeddingLibrary::scan(dir.put("nan.safetensors", &write_safetensors(&entries)))
@@ -378,7 +428,7 @@ fn non_finite_embeddings_are_refused() {
 
 #[test]
 fn embeddings_of_the_wrong_width_are_refused_naming_them() {
-    let mut entries = parse_safetensors(&adapter_fixture("embeddings", "tinyneg.safetensors"));
+    let mut entries = parse_safetensors(&adapter_fixture("embeddings/tinyneg.safetensors"));
     let e = &mut entries[0];
     let vectors = e.shape[0];
     e.shape = vec![vectors, 33];
@@ -401,7 +451,7 @@ fn embeddings_of_the_wrong_width_are_refused_naming_them() {
 fn bad_loras_are_refused_before_an_offloaded_part_is_built() {
     use sdserve_pipeline::memory::Offload;
     let nan_in_first_down = |fixture: &str| {
-        let mut entries = parse_safetensors(&adapter_fixture("loras", fixture));
+        let mut entries = parse_safetensors(&adapter_fixture(&format!("loras/{fixture}")));
         let e = entries
             .iter_mut()
             .find(|e| e.name.ends_with(".lora_down.weight") && e.dtype == "F32")

@@ -37,9 +37,15 @@ pub struct LoraListing {
     pub rank: usize,
     /// The parts it adapts: `unet`, `text_encoder`.
     pub targets: Vec<String>,
-    /// Adapted layers, and how many of them are convolutions (LoCon).
+    /// Adapted layers, and how many of them are convolutions with a kernel (LoCon's 3x3).
     pub layers: usize,
     pub conv_layers: usize,
+    /// The module types of its layers, as A1111 names them: `lora` (LoRA, LoCon), `loha`,
+    /// `lokr` and `full` (LyCORIS) are applied; a file with `ia3`, `oft`, `glora`, `norm`,
+    /// `dora` (DoRA's `dora_scale`), `bias` (bias diffs) or `unknown` layers is listed with its
+    /// `error` and refused.
+    #[serde(default)]
+    pub types: Vec<String>,
     /// The safetensors header's `__metadata__` (string pairs; kohya's training notes).
     #[serde(default)]
     #[schema(value_type = Object)]
@@ -335,6 +341,7 @@ fn install_loras(
             targets: info.targets.clone(),
             layers: info.layers,
             conv_layers: info.conv_layers,
+            types: info.types.clone(),
             metadata: metadata_json(&info.metadata),
             error,
         });
@@ -351,6 +358,7 @@ fn install_loras(
             targets: Vec::new(),
             layers: 0,
             conv_layers: 0,
+            types: Vec::new(),
             metadata: Default::default(),
             error: Some(e.to_string()),
         });
@@ -467,6 +475,7 @@ mod tests {
             targets: vec!["unet".into()],
             layers: 1,
             conv_layers: 0,
+            types: vec!["lora".into()],
             metadata: Default::default(),
             error: None,
         }

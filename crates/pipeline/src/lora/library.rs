@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::{LayerKeys, LoraFormat, LoraInfo, Part};
+use super::{LayerKeys, LayerKind, LoraFormat, LoraInfo, Part};
 use crate::{PipelineError, Result};
 
 impl LoraInfo {
@@ -20,88 +20,74 @@ impl LoraInfo {
             message: m,
         };
         let (shapes, metadata) = header(path)?;
-        let mut keys = Vec::new();
-        let mut format = None;
-        for key in shapes.keys() {
-            let Some((layer, format_here)) = parse_down_key(key) else {
-                continue;
-            };
-            if *format.get_or_insert(format_here) != format_here {
-                return Err(bad("mixes kohya and PEFT key names".into()));
+        let mut keys = peft_layers(&shapes);
+        let kohya = kohya_layers(&shapes).map_err(bad)?;
+        let format = match (keys.is_empty(), kohya.is_empty()) {
+            (false, false) => return Err(bad("mixes kohya and PEFT key names".into())),
+            (false, true) => LoraFormat::Peft,
+            (true, false) => LoraFormat::Kohya,
+            (true, true) => {
+                return Err(bad(
+                    "no LoRA layers (expected lora_down/lora_up or lora_A/lora_B weights, or LyCORIS hada_/lokr_/diff keys)".into(),
+                ))
             }
-            let (part, module, up, alpha) = match format_here {
-                LoraFormat::Kohya => {
-                    let (part, module) = if let Some(m) = layer.strip_prefix("lora_unet_") {
-                        (Part::Unet, m)
-                    } else if let Some(m) = layer.strip_prefix("lora_te_") {
-                        (Part::TextEncoder, m)
-                    } else {
-                        return Err(bad(format!(
-                            "{key}: unknown part (expected lora_unet_ or lora_te_)"
-                        )));
-                    };
-                    (
-                        part,
-                        module.to_owned(),
-                        format!("{layer}.lora_up.weight"),
-                        format!("{layer}.alpha"),
-                    )
-                }
-                LoraFormat::Peft => {
-                    let (part, module) = if let Some(m) = layer.strip_prefix("unet.") {
-                        (Part::Unet, m)
-                    } else if let Some(m) = layer.strip_prefix("text_encoder.") {
-                        (Part::TextEncoder, m)
-                    } else if let Some(m) = layer.strip_prefix("base_model.model.") {
-                        (Part::Unet, m)
-                    } else {
-                        (Part::Unet, layer)
-                    };
-                    (
-                        part,
-                        module.to_owned(),
-                        format!("{layer}.lora_B.weight"),
-                        format!("{layer}.alpha"),
-                    )
-                }
-            };
-            let Some(up_shape) = shapes.get(&up) else {
-                return Err(bad(format!("{key} has no matching {up}")));
-            };
-            let alpha = shapes.contains_key(&alpha).then_some(alpha);
-            if let Some(why) = layer_shape_problem(
-                &shapes[key],
-                up_shape,
-                alpha.as_ref().map(|a| shapes[a].as_slice()),
-            ) {
-                return Err(bad(format!("{layer}: {why}")));
-            }
-            keys.push(LayerKeys {
-                part,
-                module,
-                down: key.clone(),
-                up,
-                alpha,
-            });
-        }
-        let Some(format) = format else {
-            return Err(bad(
-                "no LoRA layers (expected lora_down/lora_up or lora_A/lora_B weights)".into(),
-            ));
         };
-        keys.sort_by(|a, b| a.down.cmp(&b.down));
-        let rank = keys
-            .iter()
-            .filter_map(|k| shapes[&k.down].first().copied())
-            .max()
-            .unwrap_or(0);
-        let conv_layers = keys
-            .iter()
-            .filter(|k| shapes[&k.down].len() == 4 && shapes[&k.down][2..] != [1, 1])
-            .count();
+        keys.extend(kohya);
+        let mut rank = 0;
+        let mut conv_layers = 0;
+        for layer in &keys {
+            let up = match &layer.kind {
+                LayerKind::Lora { up, mid: None, .. } => Some(up),
+                _ => None,
+            };
+            let shape = match (&layer.kind, up) {
+                (LayerKind::Refused { .. }, _) => None,
+                (_, Some(up)) => {
+                    let Some(up_shape) = shapes.get(up) else {
+                        return Err(bad(format!("{} has no matching {up}", layer.name)));
+                    };
+                    if let Some(why) = layer_shape_problem(&shapes[&layer.name], up_shape, None) {
+                        return Err(bad(format!("{}: {why}", layer.module_key())));
+                    }
+                    Some(layer.kind.delta_shape(&shapes).map_err(bad)?)
+                }
+                _ => Some(
+                    layer
+                        .kind
+                        .delta_shape(&shapes)
+                        .map_err(|why| bad(format!("{}: {why}", layer.module_key())))?,
+                ),
+            };
+            for (what, key) in [("alpha", &layer.alpha), ("scale", &layer.scale)] {
+                if let Some(key) = key {
+                    let s = &shapes[key];
+                    if s.iter().product::<usize>() != 1 {
+                        return Err(bad(format!(
+                            "{}: {what} has shape {s:?}; it must be one number",
+                            layer.module_key()
+                        )));
+                    }
+                }
+            }
+            if let Some(shape) = shape {
+                rank = rank.max(shape.dim.unwrap_or(0));
+                // LoHa and LoKr files flatten a convolution's kernel: the kohya names of the
+                // 3x3 convolutions tell those.
+                let conv_name = ["conv1", "conv2", "samplers_0_conv", "samplers.0.conv"]
+                    .iter()
+                    .any(|n| layer.module.ends_with(n));
+                if shape.kernel || conv_name {
+                    conv_layers += 1;
+                }
+            }
+        }
+        keys.sort_by(|a, b| a.name.cmp(&b.name));
         let mut targets: Vec<String> = keys.iter().map(|k| k.part.name().to_owned()).collect();
         targets.sort();
         targets.dedup();
+        let mut types: Vec<String> = keys.iter().map(|k| k.kind.type_name().to_owned()).collect();
+        types.sort();
+        types.dedup();
         Ok(Self {
             name,
             file: path.to_path_buf(),
@@ -110,10 +96,100 @@ impl LoraInfo {
             targets,
             layers: keys.len(),
             conv_layers,
+            types,
             metadata,
             keys,
         })
     }
+}
+
+/// The layers of diffusers/PEFT key names (`<module>.lora_A.weight`, `.lora_B.weight`).
+fn peft_layers(shapes: &Shapes) -> Vec<LayerKeys> {
+    let mut out = Vec::new();
+    for key in shapes.keys() {
+        let Some(layer) = key.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let (part, module) = if let Some(m) = layer.strip_prefix("unet.") {
+            (Part::Unet, m)
+        } else if let Some(m) = layer.strip_prefix("text_encoder.") {
+            (Part::TextEncoder, m)
+        } else if let Some(m) = layer.strip_prefix("base_model.model.") {
+            (Part::Unet, m)
+        } else {
+            (Part::Unet, layer)
+        };
+        let alpha = format!("{layer}.alpha");
+        out.push(LayerKeys {
+            part,
+            module: module.to_owned(),
+            name: key.clone(),
+            kind: LayerKind::Lora {
+                down: key.clone(),
+                up: format!("{layer}.lora_B.weight"),
+                mid: None,
+            },
+            alpha: shapes.contains_key(&alpha).then_some(alpha),
+            scale: None,
+        });
+    }
+    out
+}
+
+/// The layers of kohya/A1111 key names: `lora_unet_<path>.<part>` and `lora_te_<path>.<part>`,
+/// each module's parts sorted into a type as A1111 does (its keys split at the first `.`).
+/// Modules of other prefixes are left out (a bundled embedding), unless their keys make a
+/// layer: then the file is refused.
+fn kohya_layers(shapes: &Shapes) -> std::result::Result<Vec<LayerKeys>, String> {
+    let mut modules: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    for key in shapes.keys() {
+        if let Some((module, part)) = key.split_once('.') {
+            modules.entry(module).or_default().insert(part);
+        }
+    }
+    let mut out = Vec::new();
+    for (prefix, parts) in modules {
+        let at = |p: &str| format!("{prefix}.{p}");
+        if parts.contains("lora_down.weight") && !parts.contains("lora_up.weight") {
+            return Err(format!(
+                "{} has no matching {}",
+                at("lora_down.weight"),
+                at("lora_up.weight")
+            ));
+        }
+        let kind = LayerKind::classify(prefix, &parts);
+        let (part, module) = if let Some(m) = prefix.strip_prefix("lora_unet_") {
+            (Part::Unet, m)
+        } else if let Some(m) = prefix.strip_prefix("lora_te_") {
+            (Part::TextEncoder, m)
+        } else if kind.is_some() {
+            return Err(format!(
+                "{prefix}: unknown part (expected lora_unet_ or lora_te_)"
+            ));
+        } else {
+            continue;
+        };
+        let kind = kind.unwrap_or_else(|| LayerKind::Refused {
+            type_name: "unknown",
+            why: format!(
+                "has keys no module type takes ({})",
+                parts.iter().copied().collect::<Vec<_>>().join(", ")
+            ),
+        });
+        let name = match &kind {
+            LayerKind::Lora { down, .. } => down.clone(),
+            _ => prefix.to_owned(),
+        };
+        out.push(LayerKeys {
+            part,
+            module: module.to_owned(),
+            name,
+            kind,
+            alpha: parts.contains("alpha").then(|| at("alpha")),
+            scale: parts.contains("scale").then(|| at("scale")),
+        });
+    }
+    Ok(out)
 }
 
 /// What is wrong with a layer's shapes, if anything: `down` is `[rank, in]` or
@@ -144,17 +220,6 @@ pub(super) fn layer_shape_problem(
         }
         _ => None,
     }
-}
-
-/// `(layer prefix, format)` of a down-projection key.
-fn parse_down_key(key: &str) -> Option<(&str, LoraFormat)> {
-    if let Some(l) = key.strip_suffix(".lora_down.weight") {
-        return Some((l, LoraFormat::Kohya));
-    }
-    if let Some(l) = key.strip_suffix(".lora_A.weight") {
-        return Some((l, LoraFormat::Peft));
-    }
-    None
 }
 
 /// Tensor shapes from a safetensors file's JSON header, without reading tensor data.

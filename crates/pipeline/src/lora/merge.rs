@@ -7,7 +7,9 @@ use candle_core::{DType, Device, Tensor};
 
 use super::add_delta::add_in_place;
 use super::library::layer_shape_problem;
-use super::{LayerKeys, LoraFormat, LoraInfo, LoraKey, LoraLibrary, Part, Target, TargetShapes};
+use super::{
+    LayerKeys, LayerKind, LoraFormat, LoraInfo, LoraKey, LoraLibrary, Part, Target, TargetShapes,
+};
 use crate::{PipelineError, Result};
 
 /// Matches a file's layers to the model's weights: `(target index, layer)` per layer, or an
@@ -31,6 +33,13 @@ pub(super) fn match_layers<'a>(
     }
     let mut out = Vec::new();
     for layer in info.keys.iter().filter(|l| targets.contains_key(&l.part)) {
+        if let LayerKind::Refused { why, .. } = &layer.kind {
+            return Err(PipelineError::InvalidRequest(format!(
+                "LoRA {:?}: layer {} {why} (applied: LoRA/LoCon, LoHa, LoKr and full diffs)",
+                info.name,
+                layer.module_key()
+            )));
+        }
         let module = match (info.format, layer.part) {
             // The text encoder's paths start at `text_model`; some files leave it out.
             (LoraFormat::Peft, Part::TextEncoder) if !layer.module.starts_with("text_model.") => {
@@ -45,7 +54,7 @@ pub(super) fn match_layers<'a>(
             return Err(PipelineError::InvalidRequest(format!(
                 "LoRA {:?}: layer {} has no matching {} weight in this model",
                 info.name,
-                layer.down,
+                layer.name,
                 layer.part.name()
             )));
         };
@@ -53,33 +62,68 @@ pub(super) fn match_layers<'a>(
         let changed = || {
             PipelineError::InvalidRequest(format!(
                 "LoRA {:?}: layer {} changed on disk since the folder was scanned",
-                info.name, layer.down
+                info.name, layer.name
             ))
         };
-        let (Some(down), Some(up)) = (shapes.get(&layer.down), shapes.get(&layer.up)) else {
-            return Err(changed());
-        };
-        let alpha = match &layer.alpha {
-            Some(a) => Some(shapes.get(a).ok_or_else(changed)?.as_slice()),
-            None => None,
-        };
-        if let Some(why) = layer_shape_problem(down, up, alpha) {
-            return Err(PipelineError::InvalidRequest(format!(
-                "LoRA {:?}: layer {}: {why}",
-                info.name, layer.down
-            )));
+        let used = layer
+            .kind
+            .keys()
+            .into_iter()
+            .chain(&layer.alpha)
+            .chain(&layer.scale);
+        for key in used {
+            if !shapes.contains_key(key) {
+                return Err(changed());
+            }
         }
-        let rest: usize = down[1..].iter().product();
-        let fits = down[0] == up[0..].get(1).copied().unwrap_or(0)
-            && up[0] == want[0]
-            && rest == want[1..].iter().product::<usize>()
-            && up[2..].iter().all(|&d| d == 1)
-            && (down.len() == want.len() || (down.len() == 4 && down[2..] == [1, 1]));
-        if !fits {
-            return Err(PipelineError::InvalidRequest(format!(
-                "LoRA {:?}: layer {} (down {down:?}, up {up:?}) does not fit the model's weight {want:?}",
-                info.name, layer.down
-            )));
+        let invalid = |why: String| {
+            PipelineError::InvalidRequest(format!(
+                "LoRA {:?}: layer {}: {why}",
+                info.name, layer.name
+            ))
+        };
+        for key in layer.alpha.iter().chain(&layer.scale) {
+            if shapes[key].iter().product::<usize>() != 1 {
+                return Err(invalid(format!(
+                    "{key} has shape {:?}; it must be one number",
+                    shapes[key]
+                )));
+            }
+        }
+        if let LayerKind::Lora {
+            down,
+            up,
+            mid: None,
+        } = &layer.kind
+        {
+            let (down, up) = (&shapes[down], &shapes[up]);
+            if let Some(why) = layer_shape_problem(down, up, None) {
+                return Err(invalid(why));
+            }
+            let rest: usize = down[1..].iter().product();
+            let fits = down[0] == up[0..].get(1).copied().unwrap_or(0)
+                && up[0] == want[0]
+                && rest == want[1..].iter().product::<usize>()
+                && up[2..].iter().all(|&d| d == 1)
+                && (down.len() == want.len() || (down.len() == 4 && down[2..] == [1, 1]));
+            if !fits {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "LoRA {:?}: layer {} (down {down:?}, up {up:?}) does not fit the model's weight {want:?}",
+                    info.name, layer.name
+                )));
+            }
+        } else {
+            let shape = layer.kind.delta_shape(shapes).map_err(invalid)?;
+            if shape.rows != want[0] || shape.cols != want[1..].iter().product::<usize>() {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "LoRA {:?}: layer {} ({}, a delta of {} x {}) does not fit the model's weight {want:?}",
+                    info.name,
+                    layer.name,
+                    layer.kind.type_name(),
+                    shape.rows,
+                    shape.cols
+                )));
+            }
         }
         out.push((layer.part, index, layer));
     }
@@ -122,31 +166,42 @@ pub(crate) fn compute_deltas(
             .map(|(k, v)| (k.clone(), v.dims().to_vec()))
             .collect();
         let invalid = |layer: &LayerKeys, why: &str| {
-            PipelineError::InvalidRequest(format!("LoRA {name:?}: layer {}: {why}", layer.down))
+            PipelineError::InvalidRequest(format!("LoRA {name:?}: layer {}: {why}", layer.name))
         };
         for (part, index, layer) in match_layers(info, &shapes, targets)? {
-            // match_layers found both keys (and alpha's) in this very map.
-            let down = tensors[&layer.down].to_dtype(DType::F32)?;
-            let up = tensors[&layer.up].to_dtype(DType::F32)?;
-            let rank = down.dim(0)?;
-            let alpha = match &layer.alpha {
-                Some(a) => tensors[a]
+            // match_layers found every key in this very map, and checked the shapes.
+            let shape = layer
+                .kind
+                .delta_shape(&shapes)
+                .map_err(|why| invalid(layer, &why))?;
+            let number = |key: &String| -> Result<f64> {
+                tensors[key]
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?
                     .first()
                     .map(|&v| f64::from(v))
-                    .ok_or_else(|| invalid(layer, "alpha holds no number"))?,
-                None => rank as f64,
+                    .ok_or_else(|| invalid(layer, &format!("{key} holds no number")))
             };
-            if !alpha.is_finite() {
-                return Err(invalid(layer, &format!("alpha is {alpha}")));
-            }
-            let scale = weight * alpha / rank as f64;
-            let out_dim = up.dim(0)?;
-            let delta = up
-                .reshape((out_dim, rank))?
-                .matmul(&down.reshape((rank, ()))?)?;
+            // A1111's calc_scale: the file's scale, else alpha / dim, else 1.
+            let scale = match (&layer.scale, &layer.alpha, shape.dim) {
+                (Some(s), _, _) => {
+                    let s = number(s)?;
+                    if !s.is_finite() {
+                        return Err(invalid(layer, &format!("scale is {s}")));
+                    }
+                    weight * s
+                }
+                (None, Some(a), Some(dim)) => {
+                    let alpha = number(a)?;
+                    if !alpha.is_finite() {
+                        return Err(invalid(layer, &format!("alpha is {alpha}")));
+                    }
+                    weight * alpha / dim as f64
+                }
+                _ => *weight,
+            };
+            let delta = layer.kind.delta(&tensors, &shape)?;
             let want = targets[&part][index].1.as_slice();
             let delta = (delta.reshape(want)? * scale)?;
             // NaN or infinity (in the file, or from overflow) would spread through every

@@ -1,11 +1,13 @@
 //! LoRA adapters (README "Prompts, LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
 //! UNet (attention, feed-forward, projections, and LoCon's resnet and sampler convolutions) and
-//! the text encoder.
+//! the text encoder; in kohya-named files also LyCORIS LoHa, LoKr and full diffs, as A1111
+//! applies them (`kinds`).
 //!
-//! `W += weight * (alpha / rank) * up @ down`, summed over a request's LoRAs, merged into the
-//! resident modules' weight tensors in place. Each changed tensor's original values are copied
-//! first and written back when a request asks for other LoRAs (or none), so base weights come
-//! back bit for bit and the model is never reloaded. Requests with the same LoRAs as the one
+//! `W += weight * (alpha / rank) * up @ down` (or the layer type's delta and scale), summed
+//! over a request's LoRAs, merged into the resident modules' weight tensors in place. Each
+//! changed tensor's original values are copied first and written back when a request asks for
+//! other LoRAs (or none), so base weights come back bit for bit and the model is never
+//! reloaded. Requests with the same LoRAs as the one
 //! before reuse the merged weights. Offloaded parts: under sequential offload the UNet's weights
 //! in host memory are the resident tensors; under model offload a part is merged each time it is
 //! built for its stage, keeping no originals (it is dropped after the stage). Deltas are computed
@@ -13,10 +15,10 @@
 //! run builds anything; the offloaded parts' are kept for their builds, and for the next runs
 //! while these ask for the same set (bounded; see `pipeline::DEFAULT_LORA_DELTA_LIMIT`).
 //!
-//! Files: `library` (reading LoRA files' headers, the folder's library), `merge` (matching
-//! layers to the model's weights, merging and restoring them), `folder` (whether a file fits a
-//! model folder that is not loaded, from its headers); this one holds the types they share and
-//! the prompt tags.
+//! Files: `library` (reading LoRA files' headers, the folder's library), `kinds` (the layers'
+//! module types: their shapes and deltas; `products` the tensor products they use), `merge` (matching layers to the model's weights,
+//! merging and restoring them), `folder` (whether a file fits a model folder that is not
+//! loaded, from its headers); this one holds the types they share and the prompt tags.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,14 +29,19 @@ use crate::kernels::linear::Dense;
 use crate::kernels::Conv2d;
 use crate::Result;
 
+#[cfg(test)]
+mod a1111_deltas;
 mod add_delta;
 mod folder;
+mod kinds;
 mod library;
 mod merge;
+mod products;
 
 pub use folder::fit_problem_in_folder;
 #[cfg(test)]
 pub(crate) use folder::target_shapes_of_folder;
+use kinds::LayerKind;
 use library::header_shapes;
 pub use library::LoraLibrary;
 use merge::match_layers;
@@ -182,9 +189,22 @@ struct LayerKeys {
     /// Module path: dotted for PEFT, underscored for kohya (matched against the model's paths
     /// with `.` written as `_`).
     module: String,
-    down: String,
-    up: String,
+    /// What errors call the layer: its down key (LoRA), else its module's key prefix.
+    name: String,
+    kind: LayerKind,
     alpha: Option<String>,
+    /// A1111's `scale` key: when the file has one, the layer's scale instead of alpha / rank.
+    scale: Option<String>,
+}
+
+impl LayerKeys {
+    /// The key prefix of the layer's module, as the file writes it.
+    fn module_key(&self) -> &str {
+        [".lora_down.weight", ".lora_A.weight"]
+            .iter()
+            .find_map(|s| self.name.strip_suffix(s))
+            .unwrap_or(&self.name)
+    }
 }
 
 /// What a LoRA file holds, read from its header (no tensor data).
@@ -199,8 +219,12 @@ pub struct LoraInfo {
     pub targets: Vec<String>,
     /// Number of adapted layers.
     pub layers: usize,
-    /// Adapted convolutions (LoCon) among them.
+    /// Adapted convolutions with a kernel (LoCon: the resnets' and samplers' 3x3) among them.
     pub conv_layers: usize,
+    /// The module types of its layers (A1111's): `lora` (LoRA, LoCon), `loha`, `lokr`, `full`
+    /// are applied; `ia3`, `oft`, `glora`, `norm`, `dora` (DoRA's `dora_scale`) and `bias`
+    /// (bias diffs) are listed, and a request naming the file is refused.
+    pub types: Vec<String>,
     /// The header's `__metadata__` (kohya writes its training notes there, `ss_output_name`
     /// among them).
     pub metadata: std::collections::BTreeMap<String, String>,

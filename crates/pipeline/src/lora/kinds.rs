@@ -1,0 +1,490 @@
+//! The module types of a kohya-named LoRA file's layers, as A1111's Lora extension applies
+//! them (`extensions-builtin/Lora/network_*.py`): LoRA/LoCon (`up @ down`, LoCon's CP form with
+//! `lora_mid`), LyCORIS LoHa (`(w1a @ w1b) * (w2a @ w2b)`, Tucker form with `hada_t1`/`hada_t2`),
+//! LoKr (`kron(w1, w2)`, each factor whole or low-rank, Tucker `lokr_t2`) and full diffs
+//! (`diff`). Types A1111 knows and this server does not apply (IA3, OFT/BOFT, GLoRA, norm
+//! layers, DoRA's `dora_scale`, bias diffs) are kept as refused layers: the file is listed
+//! and a request naming it is refused, naming the LoRA and the type.
+//!
+//! Each layer's delta is `[rows, cols]` (`cols` the weight's input dims flattened), reshaped
+//! to the target's dims by the caller, and scaled by A1111's `calc_scale`: the layer's `scale`
+//! when the file has one, else `alpha / dim` when it has an alpha and the type a rank (`dim`),
+//! else 1.
+
+use std::collections::{BTreeSet, HashMap};
+
+use candle_core::{DType, Tensor};
+
+use super::products::{cp_decomposition, kron, make_weight_cp};
+
+/// A LoKr factor: one matrix (`lokr_w1`), or a low-rank product (`lokr_w1_a @ lokr_w1_b`).
+#[derive(Debug, Clone)]
+pub(super) enum Factor {
+    Whole(String),
+    LowRank(String, String),
+}
+
+/// One layer's module type, with the keys of its tensors.
+#[derive(Debug, Clone)]
+pub(super) enum LayerKind {
+    /// `up @ down` (kohya, LoCon, PEFT); with `mid`, LoCon's CP decomposition.
+    Lora {
+        down: String,
+        up: String,
+        mid: Option<String>,
+    },
+    /// LoHa: the Hadamard product of two low-rank products (each in Tucker form with `t`).
+    Hada {
+        w1a: String,
+        w1b: String,
+        w2a: String,
+        w2b: String,
+        t1: Option<String>,
+        t2: Option<String>,
+    },
+    /// LoKr: the Kronecker product `kron(w1, w2)`; `t2`: `w2` in Tucker form.
+    Lokr {
+        w1: Factor,
+        w2: Factor,
+        t2: Option<String>,
+    },
+    /// The weight's difference itself.
+    Full { diff: String },
+    /// A type (or part of one) this server does not apply: `type_name` as `GET /loras` lists it
+    /// and `why` as a request naming the file is told.
+    Refused {
+        type_name: &'static str,
+        why: String,
+    },
+}
+
+/// What a layer's tensors make, from their shapes alone.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct DeltaShape {
+    pub rows: usize,
+    /// The input dims flattened (`in * kh * kw` for a convolution).
+    pub cols: usize,
+    /// A1111's `dim`: the rank `alpha` is divided by (`None`: alpha is not used).
+    pub dim: Option<usize>,
+    /// A convolution kernel larger than 1x1 is in the file's shapes.
+    pub kernel: bool,
+}
+
+impl LayerKind {
+    /// The type as `GET /loras` lists it.
+    pub(super) fn type_name(&self) -> &'static str {
+        match self {
+            LayerKind::Lora { .. } => "lora",
+            LayerKind::Hada { .. } => "loha",
+            LayerKind::Lokr { .. } => "lokr",
+            LayerKind::Full { .. } => "full",
+            LayerKind::Refused { type_name, .. } => type_name,
+        }
+    }
+
+    /// The kind of kohya module `prefix` from the part of its keys after the module name (A1111
+    /// tries the types in this order; `networks.py`), `None` when no type takes these keys.
+    pub(super) fn classify(prefix: &str, parts: &BTreeSet<&str>) -> Option<LayerKind> {
+        let has = |k: &str| parts.contains(k);
+        let key = |k: &str| format!("{prefix}.{k}");
+        let refused = |type_name, what: &str| {
+            Some(LayerKind::Refused {
+                type_name,
+                why: format!("is {what}, which this server does not apply"),
+            })
+        };
+        let kind = if has("lora_up.weight") && has("lora_down.weight") {
+            LayerKind::Lora {
+                down: key("lora_down.weight"),
+                up: key("lora_up.weight"),
+                mid: has("lora_mid.weight").then(|| key("lora_mid.weight")),
+            }
+        } else if ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+            .iter()
+            .all(|k| has(k))
+        {
+            LayerKind::Hada {
+                w1a: key("hada_w1_a"),
+                w1b: key("hada_w1_b"),
+                w2a: key("hada_w2_a"),
+                w2b: key("hada_w2_b"),
+                t1: has("hada_t1").then(|| key("hada_t1")),
+                t2: has("hada_t2").then(|| key("hada_t2")),
+            }
+        } else if has("weight") || has("on_input") {
+            return refused("ia3", "an IA3 module (weight, on_input)");
+        } else if let (Some(w1), Some(w2)) = (factor(parts, prefix, 1), factor(parts, prefix, 2)) {
+            LayerKind::Lokr {
+                w1,
+                w2,
+                t2: has("lokr_t2").then(|| key("lokr_t2")),
+            }
+        } else if has("diff") {
+            LayerKind::Full { diff: key("diff") }
+        } else if has("w_norm") || has("b_norm") {
+            return refused("norm", "a norm layer's diff (w_norm, b_norm)");
+        } else if ["a1.weight", "a2.weight", "b1.weight", "b2.weight"]
+            .iter()
+            .any(|k| has(k))
+        {
+            return refused("glora", "a GLoRA module (a1, a2, b1, b2)");
+        } else if has("oft_blocks") || has("oft_diag") {
+            return refused("oft", "an OFT/BOFT module (oft_blocks, oft_diag)");
+        } else {
+            return None;
+        };
+        // Parts of a type that change what it does, which this server does not apply: refused
+        // rather than silently left out.
+        if has("dora_scale") {
+            return refused(
+                "dora",
+                &format!(
+                    "a {} module with DoRA's weight decomposition (dora_scale)",
+                    kind.type_name()
+                ),
+            );
+        }
+        if has("diff_b") || has("bias") {
+            return refused(
+                "bias",
+                &format!(
+                    "a {} module with a bias diff (diff_b or bias)",
+                    kind.type_name()
+                ),
+            );
+        }
+        Some(kind)
+    }
+
+    /// The keys of the tensors the delta is made of.
+    pub(super) fn keys(&self) -> Vec<&String> {
+        match self {
+            LayerKind::Lora { down, up, mid } => [Some(down), Some(up), mid.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            LayerKind::Hada {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                t1,
+                t2,
+            } => [
+                Some(w1a),
+                Some(w1b),
+                Some(w2a),
+                Some(w2b),
+                t1.as_ref(),
+                t2.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            LayerKind::Lokr { w1, w2, t2 } => {
+                let mut keys = w1.keys();
+                keys.extend(w2.keys());
+                keys.extend(t2);
+                keys
+            }
+            LayerKind::Full { diff } => vec![diff],
+            LayerKind::Refused { .. } => Vec::new(),
+        }
+    }
+
+    /// The delta's shape from the file's shapes, or what is wrong with them (checked before
+    /// any tensor is indexed; again when the file is read for merging, in case it changed).
+    pub(super) fn delta_shape(
+        &self,
+        shapes: &HashMap<String, Vec<usize>>,
+    ) -> std::result::Result<DeltaShape, String> {
+        let get = |k: &String| -> std::result::Result<&[usize], String> {
+            let s = shapes
+                .get(k)
+                .ok_or_else(|| format!("{k} is missing (the file changed on disk?)"))?;
+            if s.is_empty() || s.contains(&0) {
+                return Err(format!("{k} has shape {s:?}"));
+            }
+            Ok(s.as_slice())
+        };
+        let cols = |s: &[usize]| s[1..].iter().product::<usize>();
+        match self {
+            LayerKind::Lora { down, up, mid } => {
+                let (d, u) = (get(down)?, get(up)?);
+                if d.len() < 2 || u.len() < 2 {
+                    return Err(format!("down {d:?} and up {u:?} must be at least 2-D"));
+                }
+                match mid {
+                    None => {
+                        if cols(u) != d[0] {
+                            return Err(format!("up {u:?} does not take down {d:?}'s rank"));
+                        }
+                        Ok(DeltaShape {
+                            rows: u[0],
+                            cols: cols(d),
+                            dim: Some(d[0]),
+                            kernel: d.len() == 4 && d[2..] != [1, 1],
+                        })
+                    }
+                    Some(mid) => {
+                        // rebuild_cp_decomposition: einsum('n m k l, i n, m j -> i j k l').
+                        let m = get(mid)?;
+                        if m.len() != 4 || cols(u) != m[0] || d[0] != m[1] {
+                            return Err(format!(
+                                "up {u:?}, mid {m:?} and down {d:?} do not chain (up's columns = mid[0], mid[1] = down[0], mid 4-D)"
+                            ));
+                        }
+                        Ok(DeltaShape {
+                            rows: u[0],
+                            cols: cols(d) * m[2] * m[3],
+                            dim: Some(d[0]),
+                            kernel: m[2..] != [1, 1],
+                        })
+                    }
+                }
+            }
+            LayerKind::Hada {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                t1,
+                t2,
+            } => {
+                let halves = [(w1a, w1b, t1), (w2a, w2b, t2)];
+                let mut made = Vec::new();
+                for (a, b, t) in halves {
+                    let (sa, sb) = (get(a)?, get(b)?);
+                    made.push(match t {
+                        None => {
+                            if cols(sa) != sb[0] {
+                                return Err(format!("{a} {sa:?} does not take {b} {sb:?}'s rank"));
+                            }
+                            (sa[0], cols(sb), sb.len() == 4 && sb[2..] != [1, 1])
+                        }
+                        Some(t) => {
+                            let st = get(t)?;
+                            cp_shape(st, sa, sb).map_err(|why| format!("{t}: {why}"))?
+                        }
+                    });
+                }
+                if t1.is_some() != t2.is_some() || made[0].0 != made[1].0 || made[0].1 != made[1].1
+                {
+                    return Err(format!(
+                        "its two halves make different shapes ({} x {} and {} x {}; hada_t1 and hada_t2 come together)",
+                        made[0].0, made[0].1, made[1].0, made[1].1
+                    ));
+                }
+                Ok(DeltaShape {
+                    rows: made[0].0,
+                    cols: made[0].1,
+                    dim: Some(get(w1b)?[0]),
+                    kernel: made[0].2,
+                })
+            }
+            LayerKind::Lokr { w1, w2, t2 } => {
+                let (r1, c1, _) = factor_shape(w1, &get, None)?;
+                let (r2, c2, kernel) = factor_shape(w2, &get, t2.as_ref())?;
+                // A1111: the rank of w2's product, else of w1's; none when both are whole.
+                let dim = match (w1, w2) {
+                    (_, Factor::LowRank(_, b)) | (Factor::LowRank(_, b), _) => Some(get(b)?[0]),
+                    _ => None,
+                };
+                let (Some(rows), Some(cols)) = (r1.checked_mul(r2), c1.checked_mul(c2)) else {
+                    return Err("its factors are too large".into());
+                };
+                Ok(DeltaShape {
+                    rows,
+                    cols,
+                    dim,
+                    kernel,
+                })
+            }
+            LayerKind::Full { diff } => {
+                let s = get(diff)?;
+                Ok(DeltaShape {
+                    rows: s[0],
+                    cols: if s.len() == 1 { 1 } else { cols(s) },
+                    dim: None,
+                    kernel: s.len() == 4 && s[2..] != [1, 1],
+                })
+            }
+            LayerKind::Refused { why, .. } => Err(why.clone()),
+        }
+    }
+
+    /// The unscaled delta `[rows, cols]` in f32, from the file's tensors (keys and shapes
+    /// checked by [`LayerKind::delta_shape`]).
+    pub(super) fn delta(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        shape: &DeltaShape,
+    ) -> candle_core::Result<Tensor> {
+        let t = |k: &String| tensors[k].to_dtype(DType::F32);
+        let matrix = |k: &String| -> candle_core::Result<Tensor> {
+            let x = t(k)?;
+            let rows = x.dim(0)?;
+            x.reshape((rows, ()))
+        };
+        let delta = match self {
+            LayerKind::Lora { down, up, mid } => match mid {
+                None => matrix(up)?.matmul(&matrix(down)?)?,
+                Some(mid) => cp_decomposition(&t(mid)?, &matrix(up)?, &matrix(down)?)?,
+            },
+            LayerKind::Hada {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                t1,
+                t2,
+            } => {
+                let half = |a, b, t_: &Option<String>| -> candle_core::Result<Tensor> {
+                    match t_ {
+                        None => matrix(a)?.matmul(&matrix(b)?),
+                        Some(tk) => make_weight_cp(&t(tk)?, &t(a)?, &t(b)?),
+                    }
+                };
+                let one = half(w1a, w1b, t1)?.reshape((shape.rows, shape.cols))?;
+                let two = half(w2a, w2b, t2)?.reshape((shape.rows, shape.cols))?;
+                (one * two)?
+            }
+            LayerKind::Lokr { w1, w2, t2 } => {
+                let w1 = match w1 {
+                    Factor::Whole(w) => matrix(w)?,
+                    Factor::LowRank(a, b) => matrix(a)?.matmul(&matrix(b)?)?,
+                };
+                let w2 = match (w2, t2) {
+                    (Factor::Whole(w), _) => matrix(w)?,
+                    (Factor::LowRank(a, b), None) => matrix(a)?.matmul(&matrix(b)?)?,
+                    (Factor::LowRank(a, b), Some(tk)) => {
+                        let w = make_weight_cp(&t(tk)?, &t(a)?, &t(b)?)?;
+                        let rows = w.dim(0)?;
+                        w.reshape((rows, ()))?
+                    }
+                };
+                kron(&w1, &w2)?
+            }
+            LayerKind::Full { diff } => t(diff)?,
+            LayerKind::Refused { .. } => candle_core::bail!("a refused layer has no delta"),
+        };
+        delta.reshape((shape.rows, shape.cols))
+    }
+}
+
+impl Factor {
+    fn keys(&self) -> Vec<&String> {
+        match self {
+            Factor::Whole(w) => vec![w],
+            Factor::LowRank(a, b) => vec![a, b],
+        }
+    }
+}
+
+/// LoKr factor `n` (1 or 2) of a module's keys: `lokr_w{n}`, else `lokr_w{n}_a` and `_b`.
+fn factor(parts: &BTreeSet<&str>, prefix: &str, n: u8) -> Option<Factor> {
+    let whole = format!("lokr_w{n}");
+    let (a, b) = (format!("lokr_w{n}_a"), format!("lokr_w{n}_b"));
+    if parts.contains(whole.as_str()) {
+        Some(Factor::Whole(format!("{prefix}.{whole}")))
+    } else if parts.contains(a.as_str()) && parts.contains(b.as_str()) {
+        Some(Factor::LowRank(
+            format!("{prefix}.{a}"),
+            format!("{prefix}.{b}"),
+        ))
+    } else {
+        None
+    }
+}
+
+/// `(rows, cols, kernel)` of a LoKr factor: a whole matrix (`w2` may be 4-D), a low-rank
+/// product of 2-D matrices, or with `t`, the Tucker form.
+fn factor_shape<'a>(
+    f: &Factor,
+    get: &impl Fn(&String) -> std::result::Result<&'a [usize], String>,
+    t: Option<&String>,
+) -> std::result::Result<(usize, usize, bool), String> {
+    match (f, t) {
+        (Factor::Whole(w), _) => {
+            let s = get(w)?;
+            if s.len() < 2 {
+                return Err(format!("{w} has shape {s:?}; it must be 2-D or 4-D"));
+            }
+            Ok((
+                s[0],
+                s[1..].iter().product(),
+                s.len() == 4 && s[2..] != [1, 1],
+            ))
+        }
+        (Factor::LowRank(a, b), None) => {
+            let (sa, sb) = (get(a)?, get(b)?);
+            if sa.len() != 2 || sb.len() != 2 || sa[1] != sb[0] {
+                return Err(format!(
+                    "{a} {sa:?} and {b} {sb:?} must be 2-D and share a rank"
+                ));
+            }
+            Ok((sa[0], sb[1], false))
+        }
+        (Factor::LowRank(a, b), Some(t)) => {
+            let (sa, sb, st) = (get(a)?, get(b)?, get(t)?);
+            cp_shape(st, sa, sb).map_err(|why| format!("{t}: {why}"))
+        }
+    }
+}
+
+/// `(rows, cols, kernel)` of A1111's `make_weight_cp(t, wa, wb)`: `t [r1, r2, kh, kw]`,
+/// `wa [r1, out]`, `wb [r2, in]` make `[out, in, kh, kw]`.
+fn cp_shape(
+    t: &[usize],
+    wa: &[usize],
+    wb: &[usize],
+) -> std::result::Result<(usize, usize, bool), String> {
+    if t.len() != 4 || wa.len() != 2 || wb.len() != 2 || wa[0] != t[0] || wb[0] != t[1] {
+        return Err(format!(
+            "the Tucker core {t:?} does not take its factors {wa:?} and {wb:?} (core [r1, r2, kh, kw], factors [r1, out] and [r2, in])"
+        ));
+    }
+    Ok((wa[1], wb[1] * t[2] * t[3], t[2..] != [1, 1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_are_told_apart_as_a1111_does() {
+        let kind = |keys: &[&str]| LayerKind::classify("m", &keys.iter().copied().collect());
+        let name = |keys: &[&str]| kind(keys).map(|k| k.type_name());
+        assert_eq!(
+            name(&["lora_down.weight", "lora_up.weight", "alpha"]),
+            Some("lora")
+        );
+        assert_eq!(
+            name(&["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"]),
+            Some("loha")
+        );
+        assert_eq!(name(&["lokr_w1", "lokr_w2_a", "lokr_w2_b"]), Some("lokr"));
+        assert_eq!(name(&["lokr_w1_a", "lokr_w1_b", "lokr_w2"]), Some("lokr"));
+        assert_eq!(name(&["lokr_w1"]), None);
+        assert_eq!(name(&["diff"]), Some("full"));
+        assert_eq!(name(&["diff", "diff_b"]), Some("bias"));
+        assert_eq!(name(&["weight", "on_input"]), Some("ia3"));
+        assert_eq!(name(&["oft_blocks", "alpha"]), Some("oft"));
+        assert_eq!(name(&["w_norm", "b_norm"]), Some("norm"));
+        assert_eq!(
+            name(&["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]),
+            Some("glora")
+        );
+        assert_eq!(
+            name(&[
+                "hada_w1_a",
+                "hada_w1_b",
+                "hada_w2_a",
+                "hada_w2_b",
+                "dora_scale"
+            ]),
+            Some("dora")
+        );
+        assert_eq!(name(&["alpha"]), None);
+    }
+}

@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""LyCORIS references (LoHa, LoKr, full diffs, LoCon's CP form) for the tiny model, with A1111's
+own module code: crates/pipeline/tests/lycoris.rs and crates/server/tests/lycoris_http.rs.
+
+A1111's Lora extension runs here, imported from a checkout of
+AUTOMATIC1111/stable-diffusion-webui (not copied): extensions-builtin/Lora/network.py
+(`NetworkModule.finalize_updown`, `calc_scale`: the file's `scale`, else `alpha / dim`, else 1;
+`multiplier`), network_lora.py (with `lora_mid`), network_hada.py, network_lokr.py,
+network_full.py and lyco_helpers.py, with small stubs for the webui's `modules` they import.
+Each layer's delta is `calc_updown(weight)`, what `networks.network_apply_weights` adds to the
+weight; the module types are tried in networks.py's order.
+
+Writes, under OUT (default crates/pipeline/tests/fixtures/adapters), in lycoris/ (a LORA_DIR)
+files in the layouts LyCORIS saves (kohya key names, lora_unet_* and lora_te_*), for tiny-a:
+  loha.safetensors    LoHa: every attention linear and proj_in/proj_out of down_blocks.0 and
+                      up_blocks.1 (rank 4, alpha 2), down_blocks.0's resnet conv1 (3x3, the kernel
+                      flattened into hada_w*_b as LyCORIS writes it; rank 2, alpha 1),
+                      up_blocks.1's resnet conv2 in Tucker form (hada_t1/hada_t2), and text
+                      encoder layer 0's q_proj, v_proj, fc1
+  lokr.safetensors    LoKr: w1 whole and w2 low-rank (attention), w1 low-rank and w2 whole (ff in),
+                      both low-rank with different ranks (ff out: alpha over w2's rank), both
+                      whole (proj_in/proj_out: alpha present and not used), a 3x3 conv with a 4-D
+                      w2, one with w2 low-rank and the kernel flattened, one with Tucker lokr_t2,
+                      and text encoder q_proj and fc1 (37 outputs: w1 of one row)
+  full.safetensors    full diffs (`diff`): attention, a 3x3 and a 1x1 conv, time_emb_proj, a text
+                      encoder layer; one layer with an alpha (not used), one with a `scale`
+  mixed.safetensors   one file of several types: LoCon in CP form (lora_mid), LoHa, LoKr, full,
+                      and a plain LoRA text encoder layer
+  ia3.safetensors, oft.safetensors, dora.safetensors, bias.safetensors
+                      types A1111 loads and this server refuses by name (IA3, OFT, LoHa with
+                      DoRA's dora_scale, a full diff with a bias diff)
+and beside that folder:
+  lycoris.safetensors / lycoris.json
+                      delta.<file>.<part>.<module>: A1111's delta for a layer of each form, at
+                      multiplier 1; image.base and image.<case>: diffusers images (64x64, euler)
+                      with A1111's deltas for the case's files and multipliers added to the
+                      weights
+Pinned: torch 2.11.0, diffusers 0.42.1 (tools/requirements.txt).
+
+Usage:
+  python tools/make_lycoris_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import types
+
+import torch
+from safetensors.torch import save_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
+DEFAULT_OUT = os.path.join(FIXTURES, "adapters")
+BASE_MODEL = os.path.join(FIXTURES, "tiny-a")
+
+REQUEST = dict(prompt="a photo of an astronaut riding a horse on mars", negative_prompt="blurry, low quality",
+               steps=6, width=64, height=64, seed=21, guidance_scale=7.5, scheduler="euler")
+# case -> [(file, multiplier)]
+CASES = {
+    "loha": [("loha", 0.8)],
+    "lokr": [("lokr", 1.0)],
+    "full": [("full", 0.7)],
+    "mixed": [("mixed", 1.0)],
+    "loha_lokr": [("loha", 0.6), ("lokr", -0.5)],
+}
+A1111_SOURCES = ["network.py", "network_lora.py", "network_hada.py", "network_lokr.py", "network_full.py",
+                 "lyco_helpers.py"]
+
+
+def a1111(root):
+    """A1111's module types (networks.py's order, less IA3 which no file here uses)."""
+    lora_dir = os.path.join(root, "extensions-builtin", "Lora")
+    # The webui modules these files import, as far as calc_updown uses them.
+    mods = {}
+    for name in ["modules", "modules.sd_models", "modules.cache", "modules.errors", "modules.hashes",
+                 "modules.shared", "modules.devices", "modules.models", "modules.models.sd3",
+                 "modules.models.sd3.mmdit"]:
+        mods[name] = types.ModuleType(name)
+        sys.modules[name] = mods[name]
+    for parent, child in [("modules", "sd_models"), ("modules", "cache"), ("modules", "errors"),
+                          ("modules", "hashes"), ("modules", "shared"), ("modules", "devices"),
+                          ("modules", "models"), ("modules.models", "sd3"), ("modules.models.sd3", "mmdit")]:
+        setattr(mods[parent], child, mods[f"{parent}.{child}"])
+    mods["modules.devices"].cpu = torch.device("cpu")
+    mods["modules.devices"].device = torch.device("cpu")
+    mods["modules.devices"].dtype = torch.float32
+    mods["modules.models.sd3.mmdit"].QkvLinear = type("QkvLinear", (torch.nn.Linear,), {})
+    sys.path.insert(0, lora_dir)
+    import network, network_full, network_hada, network_lokr, network_lora  # noqa: E401
+    digests = {}
+    for f in A1111_SOURCES:
+        with open(os.path.join(lora_dir, f), "rb") as fh:
+            digests[f] = hashlib.sha256(fh.read()).hexdigest()
+    module_types = [network_lora.ModuleTypeLora(), network_hada.ModuleTypeHada(), network_lokr.ModuleTypeLokr(),
+                    network_full.ModuleTypeFull()]
+    return network, module_types, digests
+
+
+def calc_updown(a, key, w, sd_module, part, multiplier):
+    """What A1111 adds to `sd_module.weight` for the module of `key` with weights `w`."""
+    network, module_types, _ = a
+    net = network.Network("ref", None)
+    net.te_multiplier = net.unet_multiplier = multiplier
+    sd_key = ("transformer_" if part == "te" else "diffusion_model_") + key
+    weights = network.NetworkWeights(network_key=key, sd_key=sd_key, w=dict(w), sd_module=sd_module)
+    for t in module_types:
+        m = t.create_module(net, weights)
+        if m is not None:
+            break
+    assert m is not None, key
+    updown, ex_bias = m.calc_updown(sd_module.weight)
+    assert ex_bias is None
+    return updown.reshape(sd_module.weight.shape)
+
+
+def factorization(n):
+    """Two factors of n, the smaller first (LyCORIS splits dims so; any split is a valid file)."""
+    m = int(n ** 0.5)
+    while n % m:
+        m -= 1
+    return m, n // m
+
+
+def kohya_key(part, path):
+    if part == "te":
+        return "lora_te_" + path.replace(".", "_")
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def dims(m):
+    if isinstance(m, torch.nn.Conv2d):
+        return m.out_channels, m.in_channels, m.kernel_size
+    return m.out_features, m.in_features, (1, 1)
+
+
+def loha(m, g, rank, tucker=False):
+    out, inp, k = dims(m)
+    flat = inp * k[0] * k[1]
+    if tucker:
+        return {"hada_t1": torch.randn(rank, rank, *k, generator=g), "hada_w1_a": torch.randn(rank, out, generator=g),
+                "hada_w1_b": torch.randn(rank, inp, generator=g),
+                "hada_t2": torch.randn(rank, rank, *k, generator=g), "hada_w2_a": torch.randn(rank, out, generator=g),
+                "hada_w2_b": torch.randn(rank, inp, generator=g)}
+    return {"hada_w1_a": torch.randn(out, rank, generator=g), "hada_w1_b": torch.randn(rank, flat, generator=g),
+            "hada_w2_a": torch.randn(out, rank, generator=g), "hada_w2_b": torch.randn(rank, flat, generator=g)}
+
+
+def lokr(m, g, w1_rank=None, w2_rank=None, tucker=False, conv_w2_4d=False):
+    out, inp, k = dims(m)
+    a, c = factorization(out)
+    b, d = factorization(inp)
+    kk = k[0] * k[1]
+    w = {}
+    if w1_rank:
+        w["lokr_w1_a"] = torch.randn(a, w1_rank, generator=g)
+        w["lokr_w1_b"] = torch.randn(w1_rank, b, generator=g)
+    else:
+        w["lokr_w1"] = torch.randn(a, b, generator=g)
+    if tucker:
+        w["lokr_t2"] = torch.randn(w2_rank, w2_rank, *k, generator=g)
+        w["lokr_w2_a"] = torch.randn(w2_rank, c, generator=g)
+        w["lokr_w2_b"] = torch.randn(w2_rank, d, generator=g)
+    elif w2_rank:
+        w["lokr_w2_a"] = torch.randn(c, w2_rank, generator=g)
+        w["lokr_w2_b"] = torch.randn(w2_rank, d * kk, generator=g)
+    elif conv_w2_4d:
+        w["lokr_w2"] = torch.randn(c, d, *k, generator=g)
+    else:
+        w["lokr_w2"] = torch.randn(c, d * kk, generator=g)
+    return w
+
+
+def full(m, g):
+    return {"diff": torch.randn(m.weight.shape, generator=g)}
+
+
+def locon_cp(m, g, rank):
+    out, inp, k = dims(m)
+    return {"lora_down.weight": torch.randn(rank, inp, 1, 1, generator=g),
+            "lora_mid.weight": torch.randn(rank, rank, *k, generator=g),
+            "lora_up.weight": torch.randn(out, rank, 1, 1, generator=g)}
+
+
+def lora(m, g, rank):
+    out, inp, _ = dims(m)
+    return {"lora_down.weight": torch.randn(rank, inp, generator=g), "lora_up.weight": torch.randn(out, rank, generator=g)}
+
+
+# The tensor each type's delta is linear in: scaled so that the delta is a set fraction of the weight.
+LEADING = ["hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "lora_up.weight"]
+
+
+def attention_paths(unet, blocks):
+    out = []
+    for n, mod in unet.named_modules():
+        if not any(n.startswith(b) for b in blocks) or ".attentions." not in n:
+            continue
+        leaf = n.split(".")[-1]
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and (leaf in ("to_q", "to_k", "to_v", "proj_in", "proj_out") or n.endswith("to_out.0")):
+            out.append(n)
+    return out
+
+
+def layer_plan(unet):
+    """file -> [(part, module path, form, builder kwargs, alpha, extra keys)]"""
+    te0 = "text_model.encoder.layers.0"
+    plan = {"loha": [], "lokr": [], "full": [], "mixed": []}
+    for p in attention_paths(unet, ["down_blocks.0", "up_blocks.1"]):
+        plan["loha"].append(("unet", p, "loha", dict(rank=4), 2.0, {}))
+    plan["loha"] += [
+        ("unet", "down_blocks.0.resnets.0.conv1", "loha", dict(rank=2), 1.0, {}),
+        ("unet", "down_blocks.0.resnets.1.conv1", "loha", dict(rank=2), 1.0, {}),
+        ("unet", "up_blocks.1.resnets.0.conv2", "loha", dict(rank=2, tucker=True), 2.0, {}),
+        ("unet", "up_blocks.1.resnets.1.conv2", "loha", dict(rank=3, tucker=True), 1.0, {}),
+        ("te", f"{te0}.self_attn.q_proj", "loha", dict(rank=2), 1.5, {}),
+        ("te", f"{te0}.self_attn.v_proj", "loha", dict(rank=2), 1.5, {}),
+        ("te", f"{te0}.mlp.fc1", "loha", dict(rank=2), 1.5, {}),
+    ]
+    for p in attention_paths(unet, ["down_blocks.0", "mid_block"]):
+        leaf = p.split(".")[-1]
+        if leaf in ("proj_in", "proj_out"):
+            plan["lokr"].append(("unet", p, "lokr", dict(), 5.0, {}))  # both whole: alpha not used
+        else:
+            plan["lokr"].append(("unet", p, "lokr", dict(w2_rank=2), 1.0, {}))
+    plan["lokr"] += [
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj", "lokr", dict(w1_rank=2), 4.0, {}),
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2", "lokr", dict(w1_rank=1, w2_rank=2), 3.0, {}),
+        ("unet", "down_blocks.0.resnets.0.conv1", "lokr", dict(conv_w2_4d=True), 1.0, {}),
+        ("unet", "down_blocks.0.resnets.0.conv2", "lokr", dict(w2_rank=2), 1.0, {}),
+        ("unet", "down_blocks.0.resnets.1.conv2", "lokr", dict(w2_rank=2, tucker=True), 1.0, {}),
+        ("te", f"{te0}.self_attn.q_proj", "lokr", dict(w2_rank=2), 1.0, {}),
+        ("te", f"{te0}.mlp.fc1", "lokr", dict(), None, {}),
+    ]
+    attn = "down_blocks.0.attentions.1.transformer_blocks.0.attn1"
+    plan["full"] += [
+        ("unet", f"{attn}.to_k", "full", {}, 4.0, {}),  # an alpha a full diff does not use
+        ("unet", f"{attn}.to_v", "full", {}, None, {"scale": 0.5}),
+        ("unet", f"{attn}.to_out.0", "full", {}, None, {}),
+        ("unet", "down_blocks.0.resnets.0.conv2", "full", {}, None, {}),
+        ("unet", "down_blocks.1.resnets.0.conv_shortcut", "full", {}, None, {}),
+        ("unet", "down_blocks.1.resnets.0.time_emb_proj", "full", {}, None, {}),
+        ("te", f"{te0}.self_attn.out_proj", "full", {}, None, {}),
+    ]
+    mid = "mid_block.attentions.0.transformer_blocks.0"
+    plan["mixed"] += [
+        ("unet", "down_blocks.0.resnets.1.conv2", "locon_cp", dict(rank=3), 2.0, {}),
+        ("unet", "up_blocks.0.resnets.1.conv2", "locon_cp", dict(rank=2), None, {}),
+        ("unet", f"{mid}.attn1.to_q", "loha", dict(rank=2), 1.0, {}),
+        ("unet", f"{mid}.ff.net.2", "lokr", dict(w2_rank=4), 2.0, {}),
+        ("unet", "up_blocks.1.attentions.0.proj_out", "full", {}, None, {}),
+        ("te", "text_model.encoder.layers.1.self_attn.k_proj", "lora", dict(rank=2), 1.0, {}),
+    ]
+    return plan
+
+
+BUILDERS = {"loha": loha, "lokr": lokr, "full": full, "locon_cp": locon_cp, "lora": lora}
+# One layer of each form whose delta is kept in the reference (the images cover all of them).
+KEPT = {
+    "loha": ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "down_blocks.0.attentions.0.proj_in",
+             "down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.0.conv2", "text_model.encoder.layers.0.mlp.fc1"],
+    "lokr": ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.attentions.0.proj_out",
+             "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+             "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2", "down_blocks.0.resnets.0.conv1",
+             "down_blocks.0.resnets.0.conv2", "down_blocks.0.resnets.1.conv2", "text_model.encoder.layers.0.mlp.fc1"],
+    "full": ["down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_k",
+             "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_v", "down_blocks.0.resnets.0.conv2",
+             "down_blocks.1.resnets.0.conv_shortcut", "text_model.encoder.layers.0.self_attn.out_proj"],
+    "mixed": ["down_blocks.0.resnets.1.conv2", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+              "mid_block.attentions.0.transformer_blocks.0.ff.net.2", "up_blocks.1.attentions.0.proj_out",
+              "text_model.encoder.layers.1.self_attn.k_proj"],
+}
+
+
+def named_modules(pipe):
+    """Modules by path; the text encoder's under `text_model.` (as kohya names them) whether or
+    not this transformers version nests them so."""
+    te = {n if n.startswith("text_model.") else f"text_model.{n}": m for n, m in pipe.text_encoder.named_modules()}
+    return {"unet": dict(pipe.unet.named_modules()), "te": te}
+
+
+def build_files(a, pipe, out):
+    """Writes the LyCORIS files; returns {file: [(part, path, key, w)]}."""
+    modules = named_modules(pipe)
+    layers = {}
+    for i, (name, plan) in enumerate(layer_plan(pipe.unet).items()):
+        g = torch.Generator().manual_seed(300 + i)
+        sd, kept = {}, []
+        for part, path, form, kwargs, alpha, extra in plan:
+            m = modules[part][path]
+            w = BUILDERS[form](m, g, **kwargs)
+            if alpha is not None:
+                w["alpha"] = torch.tensor(alpha)
+            for k, v in extra.items():
+                w[k] = torch.tensor(v)
+            key = kohya_key(part, path)
+            # The delta a fifth of the weight's spread (a third for the full diffs' few layers).
+            target = (0.33 if form == "full" else 0.2) * m.weight.std().item()
+            got = calc_updown(a, key, w, m, part, 1.0).std().item()
+            lead = next(k for k in LEADING if k in w)
+            w[lead] = w[lead] * (target / got)
+            for k, v in w.items():
+                sd[f"{key}.{k}"] = v.contiguous()
+            kept.append((part, path, key, w))
+        save_file(sd, os.path.join(out, f"{name}.safetensors"),
+                  metadata={"ss_network_module": "lycoris.kohya", "generated_by": "tools/make_lycoris_fixtures.py"})
+        layers[name] = kept
+        print(f"{name}: {len(plan)} layers, {len(sd)} tensors")
+    return layers
+
+
+def refused_files(pipe, out):
+    g = torch.Generator().manual_seed(399)
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    key = kohya_key("unet", f"{attn}.to_k")
+    m = dict(pipe.unet.named_modules())[f"{attn}.to_k"]
+    files = {
+        "ia3": {f"{key}.weight": torch.randn(32, generator=g) * 0.1, f"{key}.on_input": torch.tensor(False)},
+        "oft": {f"{key}.oft_blocks": torch.randn(4, 8, 8, generator=g) * 0.01, f"{key}.alpha": torch.tensor(0.0)},
+        "dora": {**{f"{key}.{k}": v * 0.1 for k, v in loha(m, g, 2).items()}, f"{key}.alpha": torch.tensor(2.0),
+                 f"{key}.dora_scale": m.weight.norm(dim=0, keepdim=True).contiguous()},
+        "bias": {f"{kohya_key('unet', attn + '.to_out.0')}.diff": torch.randn(32, 32, generator=g) * 0.01,
+                 f"{kohya_key('unet', attn + '.to_out.0')}.diff_b": torch.randn(32, generator=g) * 0.01},
+    }
+    for name, sd in files.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, f"{name}.safetensors"),
+                  metadata={"generated_by": "tools/make_lycoris_fixtures.py"})
+
+
+def generate(pipe):
+    import diffusers
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from api_schedulers import SCHEDULERS
+    cls_name, extra = SCHEDULERS[REQUEST["scheduler"]]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    img = pipe(REQUEST["prompt"], negative_prompt=REQUEST["negative_prompt"], num_inference_steps=REQUEST["steps"],
+               width=REQUEST["width"], height=REQUEST["height"], guidance_scale=REQUEST["guidance_scale"],
+               generator=torch.Generator("cpu").manual_seed(REQUEST["seed"]), output_type="np").images
+    return torch.from_numpy((img[0] * 255).round().astype("uint8"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
+                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args()
+    if not args.a1111:
+        # tools/make_fixtures.sh runs every script: without A1111's source the committed
+        # fixtures stay as they are.
+        print("make_lycoris_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+        return
+    from diffusers import StableDiffusionPipeline
+    torch.set_grad_enabled(False)
+    a = a1111(args.a1111)
+    files_dir = os.path.join(args.out, "lycoris")
+    os.makedirs(files_dir, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    layers = build_files(a, pipe, files_dir)
+    refused_files(pipe, files_dir)
+
+    modules = named_modules(pipe)
+    tensors = {}
+    for name, kept in layers.items():
+        for part, path, key, w in kept:
+            if path in KEPT[name]:
+                tensors[f"delta.{name}.{'unet' if part == 'unet' else 'text_encoder'}.{path}"] = \
+                    calc_updown(a, key, w, modules[part][path], part, 1.0)
+    base = generate(pipe)
+    tensors["image.base"] = base
+    originals = {(p, path): modules[p][path].weight.detach().clone()
+                 for kept in layers.values() for p, path, _, _ in kept}
+    for case, files in CASES.items():
+        # networks.network_apply_weights: from the original weight, each network's updown added.
+        for (p, path), w0 in originals.items():
+            modules[p][path].weight.copy_(w0)
+        for name, multiplier in files:
+            for part, path, key, w in layers[name]:
+                m = modules[part][path]
+                m.weight += calc_updown(a, key, w, m, part, multiplier)
+        img = generate(pipe)
+        tensors[f"image.{case}"] = img
+        diff = (img.float() - base.float()).abs().mean()
+        print(f"image.{case}: mean abs diff from the base image {diff:.1f}")
+        assert diff > 3.0, f"{case}: the files barely change the image"
+    for (p, path), w0 in originals.items():
+        modules[p][path].weight.copy_(w0)
+    assert torch.equal(generate(pipe), base)
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(args.out, "lycoris.safetensors"),
+              metadata={"generated_by": "tools/make_lycoris_fixtures.py"})
+    meta = {"generated_by": "tools/make_lycoris_fixtures.py", "base_model": "tiny-a", "request": REQUEST,
+            "cases": CASES, "a1111_sources_sha256": a[2],
+            "layers": {name: len(kept) for name, kept in layers.items()},
+            "refused": {"ia3": "ia3", "oft": "oft", "dora": "dora", "bias": "bias"}}
+    with open(os.path.join(args.out, "lycoris.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
