@@ -105,12 +105,13 @@ impl Adapters {
     }
 
     /// The listing as it stands for another model than the loaded one, the diffusers folder
-    /// `dir` (MODELS_DIR, not loaded): the LoRAs `names` (a request's) checked against its
-    /// weights' shapes, read from the headers of both (no tensor data), so that one that does
-    /// not fit it is refused before the job is queued, and one that fits it though not the
-    /// loaded model is not. A file that cannot be read keeps its error; a folder whose weights
-    /// are not safetensors keeps the loaded model's verdict (its run checks).
-    pub fn fitted_to_folder(mut self, names: &[String], dir: &Path) -> Self {
+    /// `model` (a MODELS_DIR folder or single file, not loaded): the LoRAs `names` (a
+    /// request's) checked against its weights' shapes, read from the names and shapes of both
+    /// (safetensors headers, pickles' object trees; no tensor data), so that one that does not
+    /// fit it is refused before the job is queued, and one that fits it though not the loaded
+    /// model is not. A LoRA file that cannot be read keeps its error; a model that cannot be
+    /// read keeps the loaded model's verdict (its run checks).
+    pub fn fitted_to_model(mut self, names: &[String], model: &Path) -> Self {
         for name in names {
             let Some(i) = self
                 .lora(name)
@@ -124,11 +125,11 @@ impl Adapters {
                 continue;
             }
             let fit = sdserve_pipeline::lora::LoraInfo::read(Path::new(&listing.file))
-                .and_then(|info| sdserve_pipeline::lora::fit_problem_in_folder(&info, dir));
+                .and_then(|info| sdserve_pipeline::lora::fit_problem_in_model(&info, model));
             match fit {
                 Ok(problem) => listing.error = problem,
                 Err(e) => {
-                    tracing::warn!(lora = %listing.name, model = %dir.display(), error = %e, "could not check a LoRA against a model before it is loaded");
+                    tracing::warn!(lora = %listing.name, model = %model.display(), error = %e, "could not check a LoRA against a model before it is loaded");
                 }
             }
         }

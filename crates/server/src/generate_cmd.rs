@@ -330,12 +330,17 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         crate::vaes::VaeCatalog::new(a.model.vae_dir.clone(), a.model.model_cache_dir.clone());
     let model = Path::new(&a.model.model);
     let checkpoint = || model.is_file().then(|| model.to_path_buf());
-    // A diffusers folder's limits are known before it loads (a VAE folder that does not fit it
-    // is refused now); a single file's are checked by the swap.
-    let fits = model
-        .is_dir()
-        .then(|| sdserve_pipeline::pipeline::ModelLimits::of_folder(model).ok())
-        .flatten();
+    // The model's limits are known before it loads (a VAE folder that does not fit it is
+    // refused now): a folder's from its configs, a single file's from its names and shapes.
+    let fits = if model.is_dir() {
+        sdserve_pipeline::pipeline::ModelLimits::of_folder(model).ok()
+    } else if model.is_file() {
+        sdserve_pipeline::single_file::SingleFileShapes::read(model)
+            .ok()
+            .map(|s| s.limits)
+    } else {
+        None
+    };
     let vae = crate::api::request::resolve_vae(&vaes, req.vae.as_deref(), checkpoint, "vae", fits)
         .map_err(flag_error)?;
     let rt = crate::config::select_runtime(&a.model.device, a.model.dtype)?;

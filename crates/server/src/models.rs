@@ -170,8 +170,9 @@ impl Catalog {
                 )?,
                 // Single files convert without `time_cond_proj_dim`: never distilled here.
                 (file_inpainting(&entry.path), false),
-                // Their configs are inferred from the weights' shapes as they convert.
-                None,
+                // Their configs are inferred from the weights' shapes as they convert: here
+                // from the names and shapes alone (a safetensors header, a pickle's tree).
+                single_file_limits(&entry.path),
             ),
         };
         Ok(ModelInfo {
@@ -185,6 +186,18 @@ impl Catalog {
             schedules: Some(std::sync::Arc::new(schedules)),
             limits,
         })
+    }
+}
+
+/// The limits of a single-file checkpoint, as its conversion would infer its configs; `None`
+/// (the run checks, and says why) when its names and shapes are not a model's.
+fn single_file_limits(path: &Path) -> Option<sdserve_pipeline::pipeline::ModelLimits> {
+    match sdserve_pipeline::single_file::SingleFileShapes::read(path) {
+        Ok(shapes) => Some(shapes.limits),
+        Err(e) => {
+            tracing::debug!(model = %path.display(), error = %e, "a single file's limits are not known before it loads");
+            None
+        }
     }
 }
 

@@ -28,7 +28,8 @@ impl Drop for Folder {
     }
 }
 
-/// The server on tiny-a-vae8 with MODELS_DIR (tiny-a-vae8, tiny-b, vae16), VAE_DIR
+/// The server on tiny-a-vae8 with MODELS_DIR (tiny-a-vae8, tiny-b, vae16, and tiny-a as the
+/// single files `tiny-a.safetensors` and `tiny-a-pickle.ckpt`), VAE_DIR
 /// (`factor16`: the factor-16 VAE folder) and LORA_DIR (the LoRA fixtures, made for tiny-a),
 /// its response cache off.
 fn server(tag: &str) -> (Folder, Server) {
@@ -50,6 +51,13 @@ fn server_on(tag: &str, default: &str) -> (Folder, Server) {
         &models.join("vae16/vae"),
     );
     copy_tree(&fixture("vae/factor16-diffusers"), &vaes.join("factor16"));
+    // tiny-a's weights as single files (LDM names): safetensors and a pickle.
+    for (from, to) in [
+        ("single-file/tiny-a.safetensors", "tiny-a.safetensors"),
+        ("single-file/tiny-a-fp16.ckpt", "tiny-a-pickle.ckpt"),
+    ] {
+        std::fs::copy(fixture(from), models.join(to)).unwrap();
+    }
     std::fs::create_dir_all(&cache).unwrap();
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let env: Vec<(String, String)> = [
@@ -344,4 +352,31 @@ fn a_lora_that_does_not_fit_the_named_model_is_refused_at_submit_in_every_dialec
         &["loras"],
         "\"ink_kohya\"",
     );
+}
+
+#[test]
+fn single_file_models_are_checked_at_submit_from_their_names_and_shapes() {
+    // On tiny-b (3 text layers; the LoRA fixtures, made for tiny-a, do not fit it).
+    let (_root, s) = server_on("single", "tiny-b");
+    let ink = json!([{"name": "ink_kohya", "weight": 0.5}]);
+    for model in ["tiny-a.safetensors", "tiny-a-pickle.ckpt"] {
+        // tiny-a's text encoder has 2 layers: clip skip 4 is past it, read from the file's
+        // names before it is converted or loaded (the worker would have refused it later).
+        jobs_refuse(
+            &s,
+            &native(json!({"clip_skip": 4, "model": model})),
+            &["clip_skip"],
+            "at most 3",
+        );
+        // The LoRAs fit it, though not the loaded tiny-b: queued (and cancelled).
+        let r = post_json_to(
+            s.addr,
+            "/jobs",
+            &native(json!({"model": model, "loras": ink})),
+        );
+        assert_eq!(r.status, 202, "{model}: {}", r.text());
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        let r = s.request("DELETE", &format!("/jobs/{id}"), &[], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
 }

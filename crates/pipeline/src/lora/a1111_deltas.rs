@@ -13,9 +13,7 @@ use super::{compute_deltas, target_shapes_of_folder, LoraLibrary};
 fn deltas_match_a1111_s_calc_updown() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let library = LoraLibrary::scan(&fixtures.join("adapters/lycoris")).unwrap();
-    let targets = target_shapes_of_folder(&fixtures.join("tiny-a"))
-        .unwrap()
-        .unwrap();
+    let targets = target_shapes_of_folder(&fixtures.join("tiny-a")).unwrap();
     let reference =
         candle_core::safetensors::load(fixtures.join("adapters/lycoris.safetensors"), &Device::Cpu)
             .unwrap();

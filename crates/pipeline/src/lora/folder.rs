@@ -1,8 +1,9 @@
-//! Whether a LoRA fits a diffusers model folder that is not loaded: the weights a LoRA may
-//! change, with the dims their built modules report, read from the safetensors headers of the
-//! folder's UNet and text encoder (no tensor data), then the same matching as for a loaded
-//! model ([`super::check_fits`]). A server checks a request naming another model with it
-//! before the job is queued.
+//! Whether a LoRA fits a model that is not loaded (a diffusers folder or a single-file
+//! checkpoint): the weights a LoRA may change, with the dims their built modules report, read
+//! from the UNet's and text encoder's tensor names and shapes (safetensors headers, pickles'
+//! object trees: no tensor data), then the same matching as for a loaded model
+//! ([`super::check_fits`]). A server checks a request naming another model with it before the
+//! job is queued.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,12 +48,14 @@ const TEXT_LINEAR: [&str; 6] = [
     ".mlp.fc2",
 ];
 
-/// Why the LoRA `info` does not fit the model of diffusers folder `dir`, naming the LoRA and
-/// its first layer without a weight of its shape; `None` when it fits, or when the folder's
-/// weights are not safetensors (pickles hold no header to read: the run checks).
-pub fn fit_problem_in_folder(info: &LoraInfo, dir: &Path) -> Result<Option<String>> {
-    let Some(targets) = target_shapes_of_folder(dir)? else {
-        return Ok(None);
+/// Why the LoRA `info` does not fit the model at `path` (a diffusers folder, or a single-file
+/// checkpoint read as conversion reads it), naming the LoRA and its first layer without a
+/// weight of its shape; `None` when it fits.
+pub fn fit_problem_in_model(info: &LoraInfo, path: &Path) -> Result<Option<String>> {
+    let targets = if path.is_dir() {
+        target_shapes_of_folder(path)?
+    } else {
+        target_shapes_of_single_file(path)?
     };
     let shapes = header_shapes(&info.file)?;
     match match_layers(info, &shapes, &targets) {
@@ -63,9 +66,9 @@ pub fn fit_problem_in_folder(info: &LoraInfo, dir: &Path) -> Result<Option<Strin
 }
 
 /// Paths and dims of every LoRA target of the folder's UNet and text encoder, from the
-/// headers of their full-precision safetensors files (shards merged); `None` when a part's
-/// weights are not safetensors.
-pub(crate) fn target_shapes_of_folder(dir: &Path) -> Result<Option<TargetShapes>> {
+/// headers of their full-precision safetensors files or the object trees of their pickles
+/// (`.bin`; parsed, never run), shards merged.
+pub(crate) fn target_shapes_of_folder(dir: &Path) -> Result<TargetShapes> {
     let mut targets = TargetShapes::new();
     for (part, stem) in [
         (Part::Unet, "diffusion_pytorch_model"),
@@ -73,30 +76,50 @@ pub(crate) fn target_shapes_of_folder(dir: &Path) -> Result<Option<TargetShapes>
     ] {
         let mut shapes = HashMap::new();
         for file in component_weight_files(dir, part.name(), stem, DType::F32)? {
-            if file.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-                return Ok(None);
+            if file.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+                shapes.extend(header_shapes(&file)?);
+            } else {
+                let ckpt = crate::ckpt::Checkpoint::open(&file)?;
+                shapes.extend(ckpt.state_dict()?.into_iter().map(|(k, t)| (k, t.shape)));
             }
-            shapes.extend(header_shapes(&file)?);
         }
-        let mut list: Vec<(String, Vec<usize>)> = shapes
-            .into_iter()
-            .filter_map(|(key, dims)| {
-                let path = key.strip_suffix(".weight")?;
-                // Some text encoder files leave out `text_model.`; the built module's paths
-                // have it (as the loader reads both).
-                let path = match part {
-                    Part::TextEncoder if !path.starts_with("text_model.") => {
-                        format!("text_model.{path}")
-                    }
-                    _ => path.to_string(),
-                };
-                target_dims(part, &path, &dims).map(|d| (path, d))
-            })
-            .collect();
-        list.sort();
-        targets.insert(part, list);
+        targets.insert(part, targets_of(part, shapes));
     }
-    Ok(Some(targets))
+    Ok(targets)
+}
+
+/// [`target_shapes_of_folder`] for a single-file checkpoint, its names as conversion makes
+/// them ([`crate::single_file::SingleFileShapes`]).
+pub(crate) fn target_shapes_of_single_file(path: &Path) -> Result<TargetShapes> {
+    let file = crate::single_file::SingleFileShapes::read(path)?;
+    let mut targets = TargetShapes::new();
+    targets.insert(Part::Unet, targets_of(Part::Unet, file.unet));
+    targets.insert(
+        Part::TextEncoder,
+        targets_of(Part::TextEncoder, file.text_encoder),
+    );
+    Ok(targets)
+}
+
+/// The LoRA targets among a part's weights (shapes by name, `.weight` included), sorted.
+fn targets_of(part: Part, shapes: HashMap<String, Vec<usize>>) -> Vec<(String, Vec<usize>)> {
+    let mut list: Vec<(String, Vec<usize>)> = shapes
+        .into_iter()
+        .filter_map(|(key, dims)| {
+            let path = key.strip_suffix(".weight")?;
+            // Some text encoder files leave out `text_model.`; the built module's paths
+            // have it (as the loader reads both).
+            let path = match part {
+                Part::TextEncoder if !path.starts_with("text_model.") => {
+                    format!("text_model.{path}")
+                }
+                _ => path.to_string(),
+            };
+            target_dims(part, &path, &dims).map(|d| (path, d))
+        })
+        .collect();
+    list.sort();
+    list
 }
 
 /// The dims the built module of weight `path` (stored as `dims`) reports, if it is a target.

@@ -38,9 +38,9 @@ mod library;
 mod merge;
 mod products;
 
-pub use folder::fit_problem_in_folder;
+pub use folder::fit_problem_in_model;
 #[cfg(test)]
-pub(crate) use folder::target_shapes_of_folder;
+pub(crate) use folder::{target_shapes_of_folder, target_shapes_of_single_file};
 use kinds::LayerKind;
 use library::header_shapes;
 pub use library::LoraLibrary;

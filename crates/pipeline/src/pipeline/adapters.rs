@@ -371,7 +371,14 @@ mod tests {
     #[test]
     fn a_folder_s_headers_give_the_built_model_s_lora_targets() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        for model in ["tiny-a", "tiny-b", "tiny-inpaint", "tiny-lcm"] {
+        // tiny-inpaint-bin keeps its weights as pickles (`.bin`).
+        for model in [
+            "tiny-a",
+            "tiny-b",
+            "tiny-inpaint",
+            "tiny-inpaint-bin",
+            "tiny-lcm",
+        ] {
             let dir = fixtures.join(model);
             let sd =
                 StableDiffusion::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)
@@ -380,7 +387,7 @@ mod tests {
             for list in built.values_mut() {
                 list.sort();
             }
-            let read = crate::lora::target_shapes_of_folder(&dir).unwrap().unwrap();
+            let read = crate::lora::target_shapes_of_folder(&dir).unwrap();
             assert_eq!(read, built, "{model}");
             assert!(
                 built[&Part::Unet].iter().any(|(_, d)| d.len() == 4),
@@ -411,7 +418,7 @@ mod tests {
                     Err(PipelineError::InvalidRequest(why)) => Some(why),
                     Err(e) => panic!("{e}"),
                 };
-                let unloaded = crate::lora::fit_problem_in_folder(&info, &dir).unwrap();
+                let unloaded = crate::lora::fit_problem_in_model(&info, &dir).unwrap();
                 assert_eq!(unloaded, loaded, "{file} on {model}");
                 // The fixtures were made for tiny-a; tiny-b has other shapes everywhere.
                 match model {
@@ -420,6 +427,17 @@ mod tests {
                         assert!(loaded.is_some_and(|w| w.contains(name)), "{file}")
                     }
                     _ => {}
+                }
+                // tiny-a's single files (LDM names) read as conversion reads them: the same
+                // targets, the same verdicts.
+                if model == "tiny-a" {
+                    for single in ["tiny-a.safetensors", "tiny-a-fp16.ckpt"] {
+                        let p = fixtures.join("single-file").join(single);
+                        let read = crate::lora::target_shapes_of_single_file(&p).unwrap();
+                        assert_eq!(read, built, "{single}");
+                        let fit = crate::lora::fit_problem_in_model(&info, &p).unwrap();
+                        assert_eq!(fit, unloaded, "{file} on {single}");
+                    }
                 }
             }
         }

@@ -176,7 +176,7 @@ pub fn convert_single_file(
 /// Splits the file's keys into UNet / VAE / text-encoder maps (source name -> key without the
 /// prefix) and counts the keys that belong to none.
 #[allow(clippy::type_complexity)]
-fn split_components(file: &SourceFile) -> Result<([Vec<(String, String)>; 3], usize)> {
+pub(super) fn split_components(file: &SourceFile) -> Result<([Vec<(String, String)>; 3], usize)> {
     let names: Vec<&String> = file.tensors.keys().collect();
     if names
         .iter()

@@ -20,7 +20,8 @@
 //! Files: `convert` (the conversion), `key_map` (LDM -> diffusers key names), `configs`
 //! (configs read or inferred from shapes), `validate` (weight checks of a folder), `checked`
 //! (a VarBuilder that checks each tensor as it loads), `vae_file` (a standalone VAE file read
-//! for a swap); this one reads the source file.
+//! for a swap), `shapes` (limits and weight shapes from the names and shapes alone); this one
+//! reads the source file.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -37,6 +38,7 @@ mod configs;
 mod controlnet_file;
 mod convert;
 mod key_map;
+mod shapes;
 mod vae_file;
 mod validate;
 
@@ -45,6 +47,7 @@ pub use configs::sd15_scheduler_config;
 pub use controlnet_file::{read_controlnet_file, ControlNetFileShapes};
 pub use convert::convert_single_file;
 pub use key_map::{map_unet_key, map_vae_key};
+pub use shapes::SingleFileShapes;
 pub use vae_file::read_vae_file;
 pub use validate::{component_weight_files, validate_folder, validate_safetensors, weight_variant};
 pub(crate) use validate::{finite_sample_step, first_non_finite};

@@ -281,9 +281,9 @@ pub(crate) async fn named_model(
         match catalog.probe(&entry, &base) {
             Ok(mut info) => {
                 // The listing's verdicts are the loaded model's; the request's LoRAs are
-                // checked against this one's shapes.
-                if entry.kind == crate::models::ModelKind::Folder && !loras.is_empty() {
-                    info.adapters = info.adapters.fitted_to_folder(&loras, &entry.path);
+                // checked against this one's shapes (a folder's or a single file's).
+                if !loras.is_empty() {
+                    info.adapters = info.adapters.fitted_to_model(&loras, &entry.path);
                 }
                 Ok((Some(entry.name), info))
             }

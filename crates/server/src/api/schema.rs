@@ -141,9 +141,9 @@ pub struct GenerateRequest {
     /// LoRAs for this request (names from `GET /loras`); `<lora:name:weight>` tags in the
     /// prompt do the same and are removed from its text. At most 8 in all. One that does not
     /// fit the model the request runs on (`GET /loras` says so of the loaded one; a MODELS_DIR
-    /// folder named by `model` is checked from the headers of its weights and the LoRA's,
-    /// before it loads) is a 422 naming the LoRA and its first layer without a weight of its
-    /// shape.
+    /// folder or single file named by `model` is checked from its weights' names and shapes
+    /// and the LoRA's, before it loads) is a 422 naming the LoRA and its first layer without a
+    /// weight of its shape.
     #[schema(max_items = 8, nullable = true)]
     pub loras: Option<Vec<LoraUse>>,
     /// Images made at once (one UNet batch); image i uses seed + i, so each can be made again
