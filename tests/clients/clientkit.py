@@ -31,6 +31,9 @@ STYLES = os.path.join(ROOT, "crates", "server", "tests", "fixtures", "styles", "
 PROMPT = "a watercolor lighthouse at dawn"
 NEGATIVE = "blurry"
 SIZE = 256
+# Tiny ControlNets for tiny-a-vae8 (tools/make_controlnet_fixtures.py) and their control images.
+CONTROLNETS = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "controlnet")
+IMAGES = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "images")
 # ESRGAN models for the Extras (tools/make_esrgan_fixtures.py).
 ESRGAN = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures", "esrgan")
 
@@ -51,6 +54,8 @@ class Server:
         self.upscalers = os.path.join(self.cache, "esrgan")
         os.makedirs(self.upscalers)
         shutil.copy(os.path.join(ESRGAN, "x4-old.pth"), os.path.join(self.upscalers, "4x-Tiny.pth"))
+        self.controlnets = os.path.join(self.cache, "controlnet")
+        shutil.copytree(CONTROLNETS, self.controlnets)
         self.models = os.path.join(self.cache, "models")
         shutil.copytree(os.path.join(os.path.dirname(MODEL), OTHER), os.path.join(self.models, OTHER))
         env = {
@@ -70,6 +75,7 @@ class Server:
             "MODELS_DIR": self.models,
             "VAE_DIR": self.vaes,
             "UPSCALERS_DIR": self.upscalers,
+            "CONTROLNET_DIR": self.controlnets,
             "STYLES_FILE": STYLES,
         }
         self.proc = subprocess.Popen(

@@ -285,6 +285,64 @@ class A1111(Timed):
         self.assertIn("Euler a", text)
         self.assertIn("sampler_name", text)
 
+    def test_controlnet_units_equal_native_controlnets(self):
+        # The sd-webui-controlnet extension's API, through webuiapi's own ControlNetUnit.
+        self.assertEqual(self.api.controlnet_version(), 2)
+        names = self.api.controlnet_model_list()
+        ldm = [n for n in names if n.startswith("cn-a-ldm [")]
+        self.assertEqual(len(ldm), 1, names)
+        self.assertIn("cn-a", names)  # a diffusers folder: its name alone
+        self.assertEqual(self.api.controlnet_module_list(), ["none"])
+        control = Image.open(os.path.join(kit.IMAGES, "control-80x48.png")).convert("RGB")
+        models = self.api.get_sd_models()
+        default, other = models[0]["title"], models[1]["title"]
+        # A fresh `alwayson_scripts` each call: webuiapi's default dict is shared, and the units
+        # put in it would stay for every later call of the process.
+        def txt2img(unit):
+            return self.api.txt2img(
+                prompt=PROMPT, negative_prompt=NEGATIVE, seed=3, steps=4, cfg_scale=6,
+                width=SIZE, height=SIZE, sampler_name="Euler", alwayson_scripts={},
+                controlnet_units=[unit]).image
+        # 4 steps: a window of 0.1..0.8 steers steps 1 and 2 (diffusers' controlnet_keep).
+        want_fields = dict(prompt=PROMPT, negative_prompt=NEGATIVE, seed=3, steps=4,
+                           guidance_scale=6, width=SIZE, height=SIZE, scheduler="euler",
+                           model=OTHER)
+        try:
+            # The ControlNets are tiny-a-vae8's (tiny-b's UNet has other widths).
+            self.api.util_set_model(other)
+            unit = webuiapi.ControlNetUnit(image=control, model=ldm[0], weight=0.7,
+                                           guidance_start=0.1, guidance_end=0.8,
+                                           resize_mode="Just Resize")
+            got = txt2img(unit)
+            (want,), meta = native(controlnets=[{
+                "model": "cn-a-ldm", "image": b64_png(control), "scale": 0.7,
+                "guidance_start": 0.1, "guidance_end": 0.8}], **want_fields)
+            self.assertEqual(meta["controlnets"][0]["model"], "cn-a-ldm")
+            self.assertEqual(pixels(got), pixels(want))
+            (plain,), _ = native(**want_fields)
+            self.assertNotEqual(pixels(got), pixels(plain))
+            # Crop and Resize (the extension's default) covers the size and crops the centre:
+            # k = max(256 / 48, 256 / 80), sides round(80 k) x round(48 k), PIL's Lanczos.
+            k = max(SIZE / 48, SIZE / 80)
+            w, h = round(80 * k), round(48 * k)
+            cropped = control.resize((w, h), Image.LANCZOS)
+            left, top = max(0, (w - SIZE) // 2), max(0, (h - SIZE) // 2)
+            cropped = cropped.crop((left, top, left + SIZE, top + SIZE))
+            unit = webuiapi.ControlNetUnit(image=control, model="cn-a", resize_mode="Crop and Resize")
+            got = txt2img(unit)
+            (want,), _ = native(controlnets=[{"model": "cn-a", "image": b64_png(cropped)}],
+                               **want_fields)
+            self.assertEqual(pixels(got), pixels(want))
+            # A preprocessor is a 422 naming the unit's field.
+            with self.assertRaises(RuntimeError) as cm:
+                txt2img(webuiapi.ControlNetUnit(image=control, model="cn-a", module="canny"))
+            status, text = cm.exception.args
+            self.assertEqual(status, 422)
+            self.assertIn("alwayson_scripts.controlnet.args", text)
+            self.assertIn("canny", text)
+        finally:
+            self.api.util_set_model(default)
+
     def test_img2img_equals_native(self):
         if "init_image" not in native_fields():
             self.skipTest("the native API has no init_image yet")

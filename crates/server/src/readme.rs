@@ -290,7 +290,7 @@ mod tests {
         let readme = std::fs::read_to_string(README).unwrap();
         let doc = doc();
         for (path, ops) in doc["paths"].as_object().unwrap() {
-            if path.starts_with("/sdapi/") || path.starts_with("/v1/") {
+            if crate::api::a1111::is_dialect_path(path) || path.starts_with("/v1/") {
                 continue; // the dialects have their own section
             }
             for method in ops.as_object().unwrap().keys() {

@@ -267,7 +267,7 @@ mod tests {
             .as_object()
             .unwrap()
             .iter()
-            .filter(|(path, _)| !path.starts_with("/sdapi/") && !path.starts_with("/v1/"))
+            .filter(|(path, _)| !super::a1111::is_dialect_path(path) && !path.starts_with("/v1/"))
             .map(|(path, ops)| {
                 let mut methods: Vec<String> = ops.as_object().unwrap().keys().cloned().collect();
                 methods.sort();

@@ -11,6 +11,7 @@
 
 mod checkpoints;
 pub mod cmd_flags;
+mod controlnet;
 pub mod extras;
 pub mod info;
 mod listings;
@@ -118,6 +119,9 @@ pub fn router(json_limit: usize) -> Router<Shared> {
             post(listings::refresh_embeddings),
         )
         .route("/sdapi/v1/png-info", post(png_info))
+        .route("/controlnet/version", get(controlnet::version))
+        .route("/controlnet/model_list", get(controlnet::model_list))
+        .route("/controlnet/module_list", get(controlnet::module_list))
         .route("/sdapi/v1/cmd-flags", get(cmd_flags::cmd_flags))
         .route(
             "/sdapi/v1/extra-single-image",
@@ -151,6 +155,13 @@ pub fn router(json_limit: usize) -> Router<Shared> {
         .route("/sdapi/v1/refresh-vae", post(listings::refresh_vae))
         .route("/sdapi/v1/unload-checkpoint", post(checkpoints::unload))
         .route("/sdapi/v1/reload-checkpoint", post(checkpoints::reload))
+}
+
+/// Whether a path is this dialect's: A1111's `/sdapi/v1` and the sd-webui-controlnet
+/// extension's `/controlnet/*` (the route tests tell the dialects' paths apart with it).
+#[cfg(test)]
+pub fn is_dialect_path(path: &str) -> bool {
+    path.starts_with("/sdapi/") || path.starts_with("/controlnet/")
 }
 
 /// A1111's names for the default model: title, short hash.

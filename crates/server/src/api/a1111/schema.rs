@@ -5,7 +5,7 @@ use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 /// Body of `POST /sdapi/v1/txt2img` and `img2img`. Absent or null fields take A1111's defaults;
-/// other A1111 fields (`styles`, `alwayson_scripts`, `hr_checkpoint_name`, ...) are accepted and
+/// other A1111 fields (`hr_checkpoint_name`, other `alwayson_scripts`, ...) are accepted and
 /// ignored. Rules are the native ones (`/generate`), reported under these names.
 #[derive(Serialize, ToSchema)]
 #[schema(as = a1111::GenerateRequest)]
@@ -102,6 +102,14 @@ pub struct A1111Request {
     /// UNet and the VAE, as A1111's); the infotext says `Tiling: True`.
     #[schema(default = false, nullable = true)]
     pub tiling: Option<bool>,
+    /// Extension scripts by name. `controlnet` (the sd-webui-controlnet extension's, any case:
+    /// `{"args": [unit, ...]}`) runs its enabled units as the native `controlnets`: `model` (a
+    /// CONTROLNET_DIR name, with or without its ` [hash]`), `image` / `input_image`, `weight`,
+    /// `guidance_start`, `guidance_end`, `resize_mode` (`Crop and Resize` by default, `Resize
+    /// and Fill`, `Just Resize`); `module` only `none` and `control_mode` only `Balanced`
+    /// (others: a 422 naming them). Other scripts are accepted and ignored.
+    #[schema(nullable = true, value_type = Option<Object>)]
+    pub alwayson_scripts: Option<serde_json::Value>,
     /// The native `variation_seed`; -1: random (drawn once). Used only with a non-zero
     /// `subseed_strength`; every image keeps `seed` and image i uses subseed + i, as A1111.
     #[schema(default = -1, minimum = -1, maximum = 4294967295_i64, nullable = true)]
@@ -269,7 +277,8 @@ pub struct ExtrasBatchImagesResponse {
         super::listings::sd_vae, super::listings::latent_upscale_modes,
         super::listings::prompt_styles, super::listings::refresh_checkpoints,
         super::listings::refresh_vae, super::listings::script_info, super::listings::extensions,
-        super::checkpoints::unload, super::checkpoints::reload
+        super::checkpoints::unload, super::checkpoints::reload, super::controlnet::version,
+        super::controlnet::model_list, super::controlnet::module_list
     ),
     components(schemas(A1111Request, A1111Response, A1111Progress, ExtrasOptions,
         ExtrasSingleImageRequest, ExtrasBatchImagesRequest, FileData, ExtrasSingleImageResponse,

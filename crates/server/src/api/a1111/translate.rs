@@ -53,7 +53,7 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 12] = [
+pub const FIELD_NAMES: [(&str, &str); 13] = [
     ("variation_seed", "subseed"),
     ("variation_strength", "subseed_strength"),
     ("seed_resize_from_width", "seed_resize_from_w"),
@@ -66,10 +66,11 @@ pub const FIELD_NAMES: [(&str, &str); 12] = [
     ("clip_skip", "override_settings.CLIP_stop_at_last_layers"),
     ("batch_size", "batch_size"),
     ("vae", "override_settings.sd_vae"),
+    ("controlnets", super::controlnet::FIELD),
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 33] = [
+const USED: [&str; 34] = [
     "enable_hr",
     "hr_scale",
     "hr_resize_x",
@@ -103,6 +104,7 @@ const USED: [&str; 33] = [
     "seed_resize_from_w",
     "seed_resize_from_h",
     "styles",
+    "alwayson_scripts",
 ];
 
 /// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
@@ -313,6 +315,12 @@ pub fn translate(
     if let (Some(w), Some(h)) = (resize_w, resize_side("seed_resize_from_h")?) {
         native.insert("seed_resize_from_width".into(), w);
         native.insert("seed_resize_from_height".into(), h);
+    }
+
+    // The sd-webui-controlnet extension's units, their images fitted to the request's size.
+    let side = |k: &str| native.get(k).and_then(Value::as_u64);
+    if let Some(units) = super::controlnet::native_units(body, side("width"), side("height"))? {
+        native.insert("controlnets".into(), units);
     }
 
     // `tiling` is the native field of the same name (A1111: circular padding in every Conv2d).

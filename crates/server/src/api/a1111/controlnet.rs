@@ -1,0 +1,393 @@
+//! The sd-webui-controlnet extension's API (its `scripts/api.py` and `external_code.py`, API
+//! version 2): units in `alwayson_scripts.controlnet.args` on txt2img and img2img, translated to
+//! the native `controlnets`, and `GET /controlnet/version`, `/controlnet/model_list`,
+//! `/controlnet/module_list`.
+//!
+//! A unit (`external_code.to_processing_unit`: a dict, `input_image` for `image`, `guidance`
+//! for `guidance_end`) runs when `enabled` (default true). Preprocessor `module`: only `none`
+//! (the image is the control map itself; others are a 422 naming the module). `control_mode`:
+//! only `Balanced` (0), which is diffusers' semantics; the extension's other two modes are a
+//! 422. `resize_mode` (default `Crop and Resize`, as the extension's) is its `detectmap_proc`
+//! geometry: `Crop and Resize` scales the image to cover the request's size (`k = max(h / H, w
+//! / W)`, sides `round(W * k)`, `round(H * k)`) and crops the centre; `Resize and Fill` scales
+//! it to fit (`k = min`) and centres it on the median colour of its border pixels; `Just
+//! Resize` stretches it. The resampling is the native API's Lanczos, not the extension's
+//! OpenCV filters. `weight`, `guidance_start`, `guidance_end` are the native `scale` and its
+//! window; `low_vram`, `processor_res`, `threshold_a/b`, `pixel_perfect`, `hr_option` concern
+//! preprocessors and memory and change nothing here. A `model` is a CONTROLNET_DIR name, with
+//! or without the extension's ` [hash]` suffix.
+
+use std::path::Path;
+
+use axum::extract::State;
+use axum::Json;
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use crate::api::Shared;
+use crate::error::ApiError;
+use sdserve_pipeline::image_in::resize_lanczos;
+use sdserve_pipeline::pipeline::RgbImage;
+
+/// The field errors name (the extension's list), as sent.
+pub const FIELD: &str = "alwayson_scripts.controlnet.args";
+
+/// `external_code.get_api_version()`.
+const API_VERSION: u32 = 2;
+
+fn bad(rule: String) -> ApiError {
+    ApiError::validation(FIELD, rule)
+}
+
+/// The extension's `ResizeMode`, from its names, aliases or index
+/// (`external_code.resize_mode_from_value`; 3, `Just Resize (Latent upscale)`, is a plain resize).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResizeMode {
+    Resize,
+    CropAndResize,
+    ResizeAndFill,
+}
+
+fn resize_mode(v: Option<&Value>, i: usize) -> Result<ResizeMode, ApiError> {
+    let mode = match v {
+        None | Some(Value::Null) => return Ok(ResizeMode::CropAndResize),
+        Some(Value::String(s)) => match s.as_str() {
+            "Just Resize" => Some(ResizeMode::Resize),
+            "Crop and Resize" | "Inner Fit (Scale to Fit)" | "Scale to Fit (Inner Fit)" => {
+                Some(ResizeMode::CropAndResize)
+            }
+            "Resize and Fill" | "Outer Fit (Shrink to Fit)" | "Envelope (Outer Fit)" => {
+                Some(ResizeMode::ResizeAndFill)
+            }
+            _ => None,
+        },
+        Some(n) => match n.as_i64() {
+            Some(0) | Some(3) => Some(ResizeMode::Resize),
+            Some(1) => Some(ResizeMode::CropAndResize),
+            Some(2) => Some(ResizeMode::ResizeAndFill),
+            // The extension falls back to a plain resize for larger numbers.
+            Some(n) if n > 3 => Some(ResizeMode::Resize),
+            _ => None,
+        },
+    };
+    mode.ok_or_else(|| {
+        bad(format!(
+            "[{i}].resize_mode: one of \"Just Resize\", \"Crop and Resize\", \"Resize and Fill\" (or 0, 1, 2)"
+        ))
+    })
+}
+
+/// `int(np.round(x))`: halves to even.
+fn safeint(x: f64) -> usize {
+    x.round_ties_even().max(1.0) as usize
+}
+
+/// The extension's `detectmap_proc` geometry for a `w` x `h` request.
+fn fit(image: &RgbImage, mode: ResizeMode, w: usize, h: usize) -> RgbImage {
+    let (ow, oh) = (image.width as f64, image.height as f64);
+    let (k0, k1) = (h as f64 / oh, w as f64 / ow);
+    match mode {
+        ResizeMode::Resize => resize_lanczos(image, w, h),
+        ResizeMode::CropAndResize => {
+            let k = k0.max(k1);
+            let (nw, nh) = (safeint(ow * k), safeint(oh * k));
+            let scaled = resize_lanczos(image, nw, nh);
+            let (pad_h, pad_w) = (nh.saturating_sub(h) / 2, nw.saturating_sub(w) / 2);
+            let (cw, ch) = (w.min(nw - pad_w), h.min(nh - pad_h));
+            let mut pixels = Vec::with_capacity(cw * ch * 3);
+            for y in pad_h..pad_h + ch {
+                let row = (y * nw + pad_w) * 3;
+                pixels.extend_from_slice(&scaled.pixels[row..row + cw * 3]);
+            }
+            RgbImage {
+                width: cw as u32,
+                height: ch as u32,
+                pixels,
+            }
+        }
+        ResizeMode::ResizeAndFill => {
+            let k = k0.min(k1);
+            let (nw, nh) = (safeint(ow * k), safeint(oh * k));
+            let scaled = resize_lanczos(image, nw, nh);
+            let fill = border_median(image);
+            let mut pixels: Vec<u8> = fill.iter().copied().cycle().take(w * h * 3).collect();
+            let (pad_h, pad_w) = (h.saturating_sub(nh) / 2, w.saturating_sub(nw) / 2);
+            for y in 0..nh.min(h - pad_h) {
+                let cols = nw.min(w - pad_w);
+                let src = y * nw * 3;
+                let dst = ((y + pad_h) * w + pad_w) * 3;
+                pixels[dst..dst + cols * 3].copy_from_slice(&scaled.pixels[src..src + cols * 3]);
+            }
+            RgbImage {
+                width: w as u32,
+                height: h as u32,
+                pixels,
+            }
+        }
+    }
+}
+
+/// `np.median(concat(top row, bottom row, left column, right column), axis=0)` cast to u8
+/// (truncating), per channel.
+fn border_median(image: &RgbImage) -> [u8; 3] {
+    let (w, h) = (image.width as usize, image.height as usize);
+    let px = |x: usize, y: usize, c: usize| image.pixels[(y * w + x) * 3 + c];
+    let mut out = [0u8; 3];
+    for (c, o) in out.iter_mut().enumerate() {
+        let mut v: Vec<u8> = (0..w).map(|x| px(x, 0, c)).collect();
+        v.extend((0..w).map(|x| px(x, h - 1, c)));
+        v.extend((0..h).map(|y| px(0, y, c)));
+        v.extend((0..h).map(|y| px(w - 1, y, c)));
+        v.sort_unstable();
+        let n = v.len();
+        let m = if n % 2 == 1 {
+            f64::from(v[n / 2])
+        } else {
+            (f64::from(v[n / 2 - 1]) + f64::from(v[n / 2])) / 2.0
+        };
+        *o = m as u8;
+    }
+    out
+}
+
+/// The model name without the extension's ` [hash]` suffix.
+fn model_name(s: &str) -> &str {
+    match s.rsplit_once(" [") {
+        Some((name, hash))
+            if hash.len() == 9
+                && hash.ends_with(']')
+                && hash[..8].chars().all(|c| c.is_ascii_hexdigit()) =>
+        {
+            name
+        }
+        _ => s,
+    }
+}
+
+/// The units of `alwayson_scripts.controlnet` (the key matched without case, as A1111 matches
+/// script titles) as native `controlnets`, their images fitted to `width` x `height` by the
+/// unit's resize mode; `None` without enabled units.
+pub fn native_units(
+    body: &Map<String, Value>,
+    width: Option<u64>,
+    height: Option<u64>,
+) -> Result<Option<Value>, ApiError> {
+    let Some(scripts) = body.get("alwayson_scripts").and_then(Value::as_object) else {
+        return Ok(None);
+    };
+    let Some(script) = scripts
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("controlnet"))
+        .map(|(_, v)| v)
+    else {
+        return Ok(None);
+    };
+    let args = match script.get("args") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(bad("must be a list of ControlNet units (objects)".into())),
+    };
+    let mut units = Vec::new();
+    for (i, unit) in args.iter().enumerate() {
+        // The extension skips `None` entries; `false` is webuiapi's "no units" placeholder.
+        let unit = match unit {
+            Value::Null | Value::Bool(false) => continue,
+            Value::Object(u) => u,
+            _ => return Err(bad(format!("[{i}]: a ControlNet unit is an object"))),
+        };
+        if unit.get("enabled").and_then(Value::as_bool) == Some(false) {
+            continue;
+        }
+        let text = |k: &str| unit.get(k).and_then(Value::as_str);
+        let module = text("module").unwrap_or("none");
+        if !module.eq_ignore_ascii_case("none") {
+            return Err(bad(format!(
+                "[{i}].module: the preprocessor {module:?} is not supported; send the control map itself (an edge map, a pose, a depth map) with module \"none\""
+            )));
+        }
+        match unit.get("control_mode") {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_str() == Some("Balanced") || v.as_i64() == Some(0) => {}
+            Some(v) => {
+                return Err(bad(format!(
+                    "[{i}].control_mode: only \"Balanced\" (0) is supported, got {v}"
+                )))
+            }
+        }
+        if unit.get("mask").is_some_and(|m| !m.is_null() && m != "") {
+            return Err(bad(format!("[{i}].mask: a unit's mask is not supported")));
+        }
+        let model = text("model")
+            .map(model_name)
+            .filter(|m| !m.is_empty() && *m != "None")
+            .ok_or_else(|| bad(format!("[{i}].model: a ControlNet model name is required")))?;
+        let image = match unit.get("image").or_else(|| unit.get("input_image")) {
+            Some(Value::String(s)) if !s.is_empty() => s.as_str(),
+            Some(Value::Object(o)) => o
+                .get("image")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("[{i}].image.image: a base64 image is required")))?,
+            _ => return Err(bad(format!("[{i}].image: a base64 image is required"))),
+        };
+        let mode = resize_mode(unit.get("resize_mode"), i)?;
+        let image = match (width, height, mode) {
+            (Some(w), Some(h), ResizeMode::CropAndResize | ResizeMode::ResizeAndFill) => {
+                let decoded = crate::images::decode_base64(image)
+                    .map_err(|e| bad(format!("[{i}].image: {e}")))?;
+                let fitted = fit(&decoded.image, mode, w as usize, h as usize);
+                let png = crate::png::encode_with_text(&fitted, &[]).map_err(ApiError::Internal)?;
+                Value::String(base64::engine::general_purpose::STANDARD.encode(png))
+            }
+            _ => Value::String(image.to_string()),
+        };
+        let mut native = json!({"model": model, "image": image});
+        for (ours, theirs) in [
+            ("scale", "weight"),
+            ("guidance_start", "guidance_start"),
+            ("guidance_end", "guidance_end"),
+        ] {
+            let v = unit.get(theirs).or_else(|| {
+                (theirs == "guidance_end")
+                    .then(|| unit.get("guidance"))
+                    .flatten()
+            });
+            if let Some(v) = v.filter(|v| !v.is_null()) {
+                native[ours] = v.clone();
+            }
+        }
+        units.push(native);
+    }
+    Ok((!units.is_empty()).then_some(Value::Array(units)))
+}
+
+/// `{"version": 2}`.
+#[utoipa::path(get, path = "/controlnet/version", tag = "a1111", responses((status = 200, description = "`{version}`: the sd-webui-controlnet API version this server speaks (2)")))]
+pub(super) async fn version() -> Json<Value> {
+    Json(json!({"version": API_VERSION}))
+}
+
+/// A1111's old short hash (`sd_models.model_hash`): the first 8 hex digits of the sha256 of
+/// 64 KiB from 1 MiB into the file (of what is there).
+fn short_hash(path: &Path) -> Option<String> {
+    use sha2::Digest as _;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(0x100000)).ok()?;
+    let mut buf = Vec::with_capacity(0x10000);
+    f.take(0x10000).read_to_end(&mut buf).ok()?;
+    let digest = sha2::Sha256::digest(&buf);
+    Some(digest[..4].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `{"model_list": ["name [hash]", ...]}`: CONTROLNET_DIR's files as the extension names them
+/// (diffusers folders, which it does not read, by name alone).
+#[utoipa::path(get, path = "/controlnet/model_list", tag = "a1111", responses((status = 200, description = "`{model_list}`: CONTROLNET_DIR's models as `name [short hash]` (A1111's old 8-digit hash); a unit's `model` takes them with or without the hash")))]
+pub(super) async fn model_list(State(app): State<Shared>) -> Json<Value> {
+    let catalog = app.controlnets.clone();
+    let names = tokio::task::spawn_blocking(move || {
+        catalog
+            .scan()
+            .into_iter()
+            .map(
+                |e| match e.path.is_file().then(|| short_hash(&e.path)).flatten() {
+                    Some(h) => format!("{} [{h}]", e.name),
+                    None => e.name,
+                },
+            )
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    Json(json!({"model_list": names}))
+}
+
+/// `{"module_list": ["none"], "module_detail": {...}}`: the preprocessors this server runs.
+#[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111", responses((status = 200, description = "`{module_list, module_detail}`: only `none` (the image is the control map itself)")))]
+pub(super) async fn module_list() -> Json<Value> {
+    Json(json!({
+        "module_list": ["none"],
+        "module_detail": {"none": {"model_free": false, "sliders": []}},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(w: u32, h: u32) -> RgbImage {
+        let pixels = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+        RgbImage {
+            width: w,
+            height: h,
+            pixels,
+        }
+    }
+
+    #[test]
+    fn crop_and_fill_keep_the_extension_s_geometry() {
+        // 100x50 into 64x64: cover (k = 1.28, 128x64) and crop 32 px off each side.
+        let src = image(100, 50);
+        let c = fit(&src, ResizeMode::CropAndResize, 64, 64);
+        assert_eq!((c.width, c.height), (64, 64));
+        let scaled = resize_lanczos(&src, 128, 64);
+        assert_eq!(&c.pixels[..64 * 3], &scaled.pixels[32 * 3..96 * 3]);
+        // Fit (k = 0.64, 64x32), centred with 16 rows of the border median above and below.
+        let f = fit(&src, ResizeMode::ResizeAndFill, 64, 64);
+        assert_eq!((f.width, f.height), (64, 64));
+        let m = border_median(&src);
+        assert_eq!(&f.pixels[..3], &m);
+        let scaled = resize_lanczos(&src, 64, 32);
+        assert_eq!(
+            &f.pixels[16 * 64 * 3..17 * 64 * 3],
+            &scaled.pixels[..64 * 3]
+        );
+        assert_eq!(&f.pixels[48 * 64 * 3..48 * 64 * 3 + 3], &m);
+    }
+
+    #[test]
+    fn units_become_native_controlnets_and_unsupported_options_are_refused() {
+        let body = |unit: Value| {
+            json!({"alwayson_scripts": {"ControlNet": {"args": [unit, false]}}})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let png = "iVBORw0KGgo";
+        let u = native_units(
+            &body(
+                json!({"input_image": png, "model": "canny [0123abcd]", "weight": 0.5,
+                         "guidance": 0.8, "resize_mode": "Just Resize", "enabled": true}),
+            ),
+            Some(512),
+            Some(512),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            u,
+            json!([{"model": "canny", "image": png, "scale": 0.5, "guidance_end": 0.8}])
+        );
+        let off = native_units(&body(json!({"enabled": false})), None, None).unwrap();
+        assert!(off.is_none());
+        for (unit, needle) in [
+            (
+                json!({"image": png, "model": "c", "module": "canny"}),
+                "[0].module",
+            ),
+            (
+                json!({"image": png, "model": "c", "control_mode": 2}),
+                "[0].control_mode",
+            ),
+            (json!({"image": png, "model": "None"}), "[0].model"),
+            (json!({"model": "c", "image": ""}), "[0].image"),
+            (
+                json!({"image": png, "model": "c", "resize_mode": "Stretch"}),
+                "[0].resize_mode",
+            ),
+        ] {
+            let e = native_units(&body(unit), Some(512), Some(512)).unwrap_err();
+            let e = format!("{:?}", e.body());
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+}
