@@ -30,15 +30,20 @@ Files (random weights, seeded):
 swin2sr-x2.pth.)
 
 References, A1111's own code run here (taken with `ast` from a checkout of
-AUTOMATIC1111/stable-diffusion-webui, not copied): modules/upscaler_utils.py
-`upscale_with_model` / `upscale_without_tiling` (BGR in, tiles of ESRGAN_tile 192 px
-overlapping by 8) with modules/images.py `split_grid` / `combine_grid`, and modules/upscaler.py
-`Upscaler.upscale` (the model repeated until the size is reached, then Lanczos):
+AUTOMATIC1111/stable-diffusion-webui, not copied; it needs A1111 1.8.0 or later, the spandrel
+era, and was run on v1.10.1, master's head): modules/upscaler_utils.py `upscale_with_model`
+with `upscale_pil_patch`, `pil_image_to_torch_bgr` and `torch_bgr_to_pil_image` (BGR in, tiles
+of ESRGAN_tile 192 px overlapping by 8, each tile's output clamped and rounded to bytes) with
+modules/images.py `split_grid` / `combine_grid`, and modules/upscaler.py `Upscaler.upscale`
+(the model repeated while the image is below the size, then Lanczos); the network in float32,
+as `UpscalerESRGAN` loads it (`load_spandrel_model` without `prefer_half`):
   forward.safetensors    the network's raw output for `input.small.png` (as A1111 feeds it:
                          BGR, /255), per model (x8: of its top-left 6x8 only)
   input.<name>.png       the images
   tiled.<case>.png       upscale_with_model's result
-  upscale.<case>.png     Upscaler.upscale's result at a factor
+  upscale.<case>.png     Upscaler.upscale's result at a factor (below 1 and at the size the
+                         image already floors to, no round runs; at exactly 1 a 1x model
+                         runs once)
   esrgan.json            the cases, the sources' digests and the versions
 
 Usage: python tools/make_esrgan_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
@@ -153,9 +158,10 @@ def functions(path, wanted, namespace):
 
 
 def a1111(checkout):
-    mod = os.path.join(checkout, "modules")
-    img_fns, d1 = functions(os.path.join(mod, "images.py"), ["split_grid", "combine_grid"],
-                            {"math": __import__("math"), "np": np, "Image": Image})
+    import contextlib
+    import logging
+    import tqdm
+    from typing import Callable
 
     class Grid(collections.namedtuple("Grid", ["tiles", "tile_w", "tile_h", "image_w",
                                                "image_h", "overlap"])):
@@ -163,20 +169,24 @@ def a1111(checkout):
         def tile_count(self):
             return sum(len(row[2]) for row in self.tiles)
 
-    img_fns["split_grid"].__globals__["Grid"] = Grid
+    mod = os.path.join(checkout, "modules")
+    img_fns, d1 = functions(os.path.join(mod, "images.py"), ["split_grid", "combine_grid"],
+                            {"math": __import__("math"), "np": np, "Image": Image,
+                             "Grid": Grid})
     images = types.SimpleNamespace(Grid=Grid, **img_fns)
-    import logging
-    import tqdm
-    from typing import Callable
+    shared = types.SimpleNamespace(
+        opts=types.SimpleNamespace(enable_upscale_progressbar=False),
+        state=types.SimpleNamespace(interrupted=False, skipped=False))
     ns = {"np": np, "torch": torch, "Image": Image, "images": images, "tqdm": tqdm,
-          "Callable": Callable,
-          "logger": logging.getLogger("a1111"),
-          "shared": types.SimpleNamespace(opts=types.SimpleNamespace(enable_upscale_progressbar=False)),
+          "Callable": Callable, "logger": logging.getLogger("a1111"), "shared": shared,
+          "devices": types.SimpleNamespace(without_autocast=contextlib.nullcontext),
           "torch_utils": types.SimpleNamespace(get_param=lambda m: next(m.parameters()))}
     utils, d2 = functions(os.path.join(mod, "upscaler_utils.py"),
-                          ["upscale_without_tiling", "upscale_with_model"], ns)
+                          ["pil_image_to_torch_bgr", "torch_bgr_to_pil_image",
+                           "upscale_pil_patch", "upscale_with_model"], ns)
     up, d3 = functions(os.path.join(mod, "upscaler.py"), ["Upscaler.upscale"],
-                       {"Image": Image, "PIL": PIL, "LANCZOS": Image.Resampling.LANCZOS})
+                       {"Image": Image, "PIL": PIL, "LANCZOS": Image.Resampling.LANCZOS,
+                        "shared": shared})
 
     def tiled(model, img):
         return utils["upscale_with_model"](model, img, tile_size=TILE, tile_overlap=OVERLAP)
@@ -194,7 +204,7 @@ def a1111(checkout):
     def upscale(model, img, scale):
         return Esrgan(model).upscale(img, scale, None)
 
-    return tiled, utils["upscale_without_tiling"], upscale, {**d1, **d2, **d3}
+    return tiled, utils["upscale_pil_patch"], upscale, {**d1, **d2, **d3}
 
 
 def inputs():
@@ -220,7 +230,7 @@ def main():
         print("make_esrgan_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
         return
     narrow_growth()
-    tiled, untiled, upscale, digests = a1111(args.a1111)
+    tiled, _, upscale, digests = a1111(args.a1111)
     out = args.out
     os.makedirs(out, exist_ok=True)
 
@@ -298,11 +308,18 @@ def main():
         res.save(os.path.join(out, f"tiled.{label}.png"))
         cases[label] = dict(kind="tiled", model=fname, input=img, size=list(res.size))
         print(label, sent[img].size, "->", res.size)
-    # Upscaler.upscale: x4 to 2.5 (one pass, Lanczos down); x2 to 3 (two passes, Lanczos down).
+    # Upscaler.upscale: x4 to 2.5 (one pass, Lanczos down); x2 to 3 (two passes, Lanczos
+    # down); x4 to 0.5 and to 1.02 of a 37x203 image (37.74 x 207.06 floor to 32 x 200, which
+    # it already covers: no pass, Lanczos alone); a 1x model at exactly 1 (one pass, then
+    # Lanczos to 32x200).
     for label, (fname, img, scale) in {"x4_by_2_5": ("x4-old.pth", "tall", 2.5),
                                        "x2_by_3": ("x2-old.safetensors", "small", 3.0),
                                        "compact_x2_by_3": ("compact-x2.safetensors", "small",
-                                                           3.0)}.items():
+                                                           3.0),
+                                       "x4_by_0_5": ("x4-old.pth", "tall", 0.5),
+                                       "x4_by_1_02": ("x4-old.pth", "tall", 1.02),
+                                       "compact_x1_by_1": ("compact-x1.pth", "tall",
+                                                           1.0)}.items():
         res = upscale(model(fname), sent[img], scale)
         res.save(os.path.join(out, f"upscale.{label}.png"))
         cases[label] = dict(kind="upscale", model=fname, input=img, scale=scale,

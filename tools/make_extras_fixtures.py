@@ -3,9 +3,11 @@
 `extra-batch-images`) with its built-in upscalers `Lanczos` and `Nearest` (Pillow resizes).
 
 A1111's own code runs here, taken with `ast` from a checkout of
-AUTOMATIC1111/stable-diffusion-webui (the functions' source is executed, not copied):
-`modules/upscaler.py` (`Upscaler.upscale`: the upscaler's resize, then a Lanczos resize to a
-multiple of 8; `UpscalerLanczos.do_upscale`, `UpscalerNearest.do_upscale`) and
+AUTOMATIC1111/stable-diffusion-webui (the functions' source is executed, not copied; it needs
+A1111 1.8.0 or later and was run on v1.10.1, master's head):
+`modules/upscaler.py` (`Upscaler.upscale`: the upscaler's resize where the image is below the
+size floored to a multiple of 8, then a Lanczos resize to that multiple of 8;
+`UpscalerLanczos.do_upscale`, `UpscalerNearest.do_upscale`) and
 `scripts/postprocessing_upscale.py` (`ScriptPostprocessingUpscale.upscale` and `.process`:
 scale by, or scale to `upscaling_resize_w` x `upscaling_resize_h` with its crop, the second
 upscaler blended by `Image.blend`, the `Postprocess ...` info). Around them, what
@@ -67,6 +69,9 @@ CASES = {
                                         upscaler_2="Nearest", extras_upscaler_2_visibility=1.0)),
     "none_keeps_the_image": ("rgba", dict(resize_mode=0, upscaling_resize=2, upscaler_1="None",
                                           upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5)),
+    # 33x20 by 1.1 floors to 32x16, which the image covers: no Nearest round, Lanczos alone.
+    "nearest_by_1_1_grey": ("grey", dict(resize_mode=0, upscaling_resize=1.1,
+                                         upscaler_1="Nearest")),
     "second_none_is_ignored": ("grey", dict(resize_mode=0, upscaling_resize=2,
                                             upscaler_1="Lanczos", upscaler_2="None",
                                             extras_upscaler_2_visibility=0.7)),
@@ -121,7 +126,9 @@ def functions(path, wanted, namespace):
 def a1111(checkout):
     lanczos = Image.Resampling.LANCZOS
     nearest = Image.Resampling.NEAREST
-    ns = {"Image": Image, "PIL": PIL, "np": np, "LANCZOS": lanczos, "NEAREST": nearest}
+    state = types.SimpleNamespace(interrupted=False)
+    ns = {"Image": Image, "PIL": PIL, "np": np, "LANCZOS": lanczos, "NEAREST": nearest,
+          "shared": types.SimpleNamespace(state=state)}
     up, d1 = functions(os.path.join(checkout, "modules", "upscaler.py"),
                        ["Upscaler.upscale", "UpscalerLanczos.do_upscale",
                         "UpscalerNearest.do_upscale"], dict(ns))
@@ -147,6 +154,7 @@ def a1111(checkout):
         return types.SimpleNamespace(name=scaler.name, scaler=scaler, data_path=None)
 
     shared = types.SimpleNamespace(
+        state=state,
         sd_upscalers=[data(NoneUpscaler()), data(Lanczos()), data(Nearest())],
         opts=types.SimpleNamespace(upscaling_max_images_in_cache=5,
                                    use_upscaler_name_as_suffix=False))

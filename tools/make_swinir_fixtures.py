@@ -36,7 +36,7 @@ References:
   swinir.json          the cases, the A1111 sources' digests and the versions
 
 A1111's functions are executed from a checkout of AUTOMATIC1111/stable-diffusion-webui (taken
-with `ast`, not copied): modules/upscaler_utils.py `pil_image_to_torch_bgr`,
+with `ast`, not copied; A1111 1.8.0 or later, run on v1.10.1, master's head): modules/upscaler_utils.py `pil_image_to_torch_bgr`,
 `torch_bgr_to_pil_image`, `tiled_upscale_2`, `upscale_2`, and modules/upscaler.py
 `Upscaler.upscale`.
 
@@ -132,7 +132,8 @@ def a1111(checkout):
                           ["pil_image_to_torch_bgr", "torch_bgr_to_pil_image",
                            "tiled_upscale_2", "upscale_2"], ns)
     up, d2 = functions(os.path.join(mod, "upscaler.py"), ["Upscaler.upscale"],
-                       {"Image": Image, "PIL": PIL, "LANCZOS": Image.Resampling.LANCZOS})
+                       {"Image": Image, "PIL": PIL, "LANCZOS": Image.Resampling.LANCZOS,
+                        "shared": ns["shared"]})
 
     def tiled(model, img):
         # UpscalerSwinIR.do_upscale (extensions-builtin/SwinIR/scripts/swinir_model.py).

@@ -12,13 +12,14 @@ Each case, as A1111's `StableDiffusionProcessingTxt2Img.sample_hr_pass` runs an 
      then `astype(np.uint8)`, which truncates (tools/make_upscale_hires_fixtures.py runs that
      code itself);
   2. `images.resize_image(0, image, hires_w, hires_h, upscaler_name=name)` from a checkout of
-     AUTOMATIC1111/stable-diffusion-webui (taken with `ast`, not copied), its
-     `shared.sd_upscalers` holding the model as A1111's `UpscalerESRGAN`: modules/upscaler.py
-     `Upscaler.upscale` (the model's rounds by `max(w / w0, h / h0)`, then Lanczos to the size
-     floored to 8) over modules/upscaler_utils.py `upscale_with_model` (192 px tiles,
-     overlap 8), the network loaded by spandrel in f32; then Lanczos to the size where it is
-     not that already. (A checkout whose `resize_image` has no `upscaler_name` reads the name
-     from `opts.upscaler_for_img2img`: set to it.)
+     AUTOMATIC1111/stable-diffusion-webui (taken with `ast`, not copied; A1111 1.8.0 or
+     later, run on v1.10.1, master's head), its `shared.sd_upscalers` holding the model as
+     A1111's `UpscalerESRGAN`: modules/upscaler.py `Upscaler.upscale` (the model's rounds by
+     `max(w / w0, h / h0)`, then Lanczos to the size floored to 8) over
+     modules/upscaler_utils.py `upscale_with_model` (192 px tiles, overlap 8, each tile's
+     output rounded to bytes: tools/make_esrgan_fixtures.py), the network loaded by spandrel
+     in f32 (as `UpscalerESRGAN` loads it, beside a half-precision model too); then Lanczos
+     to the size where it is not that already.
   3. img2img of that image at its size (diffusers `StableDiffusionImg2ImgPipeline`, hires
      steps and strength, a fresh generator seeded with the seed: A1111's `ImageRNG(seeds)`).
 

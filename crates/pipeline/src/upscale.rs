@@ -110,15 +110,12 @@ impl ModelUpscaler {
     }
 }
 
-/// The dtype an upscaling network runs in beside a pipeline on `device` in `dtype`: half
-/// precision where the pipeline runs in a half type on a GPU (A1111 loads upscalers with
-/// `prefer_half` unless `--no-half`), else f32 (the CPU has no f16 kernels).
-pub fn network_dtype(device: &Device, dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 if !device.is_cpu() => DType::F16,
-        _ => DType::F32,
-    }
-}
+/// The dtype an upscaling network runs in, whatever the pipeline's: float32. A1111's
+/// `UpscalerESRGAN` (its `models/ESRGAN` folder, which UPSCALERS_DIR is) loads with
+/// `load_spandrel_model`'s `prefer_half=False` and runs each tile outside autocast, so in the
+/// weights' float32 (only its built-in Real-ESRGAN and DAT upscalers prefer half); SwinIR
+/// has no half type in spandrel.
+pub const NETWORK_DTYPE: DType = DType::F32;
 
 impl ImageUpscaler {
     pub fn name(&self) -> &str {
@@ -295,16 +292,21 @@ impl ExtrasUpscale {
 }
 
 /// A1111's `Upscaler.upscale(img, scale)` for the built-in upscalers: their resize to
-/// `int(side * scale)` (the loop's first round; it ends there, as that size is never below
-/// the destination), then Lanczos to `side * scale // 8 * 8` where that differs. (A model
+/// `int(side * scale)` where the image is below `side * scale // 8 * 8` on a side or `scale`
+/// is exactly 1 (the loop's first round; it ends there, as that size is never below the
+/// destination), then Lanczos to `side * scale // 8 * 8` where that differs. (A model
 /// resizes as Lanczos here; its own rounds are [`crate::upscaler::upscale_by`].)
 pub fn upscale(image: &RgbImage, upscaler: &ImageUpscaler, scale: f64) -> RgbImage {
     let (w, h) = (image.width as f64, image.height as f64);
-    let scaled = upscaler.resize(image, (w * scale) as usize, (h * scale) as usize);
     let dest = (
         dest_side(image.width, scale),
         dest_side(image.height, scale),
     );
+    let below = (image.width as usize) < dest.0 || (image.height as usize) < dest.1;
+    if !below && scale != 1.0 {
+        return resize_lanczos(image, dest.0, dest.1);
+    }
+    let scaled = upscaler.resize(image, (w * scale) as usize, (h * scale) as usize);
     resize_lanczos(&scaled, dest.0, dest.1)
 }
 

@@ -1,14 +1,15 @@
 //! Upscaler networks (`sdserve_pipeline::upscaler`: ESRGAN in every layout, ESRGAN+, x8 and
 //! "3x" RRDBNets, Real-ESRGAN Compact) against spandrel's network and A1111's tiled upscale
-//! (`tools/make_esrgan_fixtures.py`): the network's output within float noise for each, and A1111's tiles, blend and `Upscaler.upscale` rounds within one level
-//! of a byte (the float noise crossing a truncation).
+//! (`tools/make_esrgan_fixtures.py`): the network's output within float noise for each, and
+//! A1111's tiles, blend, rounding to bytes and `Upscaler.upscale` rounds within one level of
+//! a byte (the float noise carrying a value across a half).
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_path, max_abs_diff, read_png};
 use sdserve_pipeline::pipeline::RgbImage;
-use sdserve_pipeline::upscaler::{upscale_by, upscale_tiled, Network, TILE, TILE_OVERLAP};
+use sdserve_pipeline::upscaler::{rounds, upscale_by, upscale_tiled, Network, TILE, TILE_OVERLAP};
 use serde_json::Value;
 
 fn model(file: &str) -> Network {
@@ -120,8 +121,8 @@ fn real_esrgan_compact_is_spandrels() {
     }
 }
 
-/// Every byte within 1 of A1111's, and nearly all equal.
-fn assert_close(label: &str, got: &RgbImage, want: &RgbImage) {
+/// Every byte within 1 of A1111's, and at most `per_10000` in 10000 off at all.
+fn assert_close(label: &str, got: &RgbImage, want: &RgbImage, per_10000: usize) {
     assert_eq!(
         (got.width, got.height),
         (want.width, want.height),
@@ -133,8 +134,9 @@ fn assert_close(label: &str, got: &RgbImage, want: &RgbImage) {
         assert!(d <= 1, "{label}: a byte differs by {d}");
         off += (d > 0) as usize;
     }
+    eprintln!("{label}: {off} of {} bytes differ", got.pixels.len());
     assert!(
-        off * 1000 <= got.pixels.len(),
+        off * 10000 <= got.pixels.len() * per_10000,
         "{label}: {off} of {} bytes differ",
         got.pixels.len()
     );
@@ -151,21 +153,31 @@ fn tiles_and_rounds_are_a1111s() {
         (Some(TILE as u64), Some(TILE_OVERLAP as u64))
     );
     let cases = meta["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 11);
     for (label, case) in cases {
         let m = model(case["model"].as_str().unwrap());
         let input = png(&format!("input.{}.png", case["input"].as_str().unwrap()));
-        let (got, want) = match case["kind"].as_str().unwrap() {
+        let (got, want, passes) = match case["kind"].as_str().unwrap() {
             "tiled" => (
                 upscale_tiled(&m, &input, TILE, TILE_OVERLAP).unwrap(),
                 png(&format!("tiled.{label}.png")),
+                1,
             ),
-            _ => (
-                upscale_by(&m, &input, case["scale"].as_f64().unwrap()).unwrap(),
-                png(&format!("upscale.{label}.png")),
-            ),
+            _ => {
+                let scale = case["scale"].as_f64().unwrap();
+                let (w, h) = (input.width as usize, input.height as usize);
+                (
+                    upscale_by(&m, &input, scale).unwrap(),
+                    png(&format!("upscale.{label}.png")),
+                    rounds(m.scale(), w, h, scale).len(),
+                )
+            }
         };
-        assert_close(label, &got, &want);
+        // One pass: a byte is off only where A1111's own value lies within float noise
+        // (~1e-4 of a level) of a half. A byte off after the first of several passes goes
+        // into the next one's network, which spreads it over its neighbours (x2_by_3: 1 byte
+        // of its first pass, 9 of the result).
+        assert_close(label, &got, &want, if passes > 1 { 20 } else { 1 });
     }
 }
 

@@ -24,7 +24,7 @@ fn extras_upscale_matches_a1111_pixel_for_pixel() {
     )
     .unwrap();
     let cases = meta["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 12);
+    assert_eq!(cases.len(), 13);
     for (label, case) in cases {
         let f = &case["fields"];
         let num = |k: &str, default: f64| f.get(k).and_then(Value::as_f64).unwrap_or(default);

@@ -95,12 +95,11 @@ impl Generator for GpuGenerator {
         on_step: StepHook,
     ) -> Result<Vec<RgbImage>, PipelineError> {
         // A hires upscaler model by name: found in this process's UPSCALERS_DIR, its network
-        // (cached) on the pipeline's device.
+        // (cached) on the pipeline's device, in float32.
         let resolved = crate::upscalers::with_hires_network(
             params,
             self.upscalers_dir.as_deref(),
             self.sd.device(),
-            self.sd.dtype(),
         )?;
         let params = resolved.as_ref().unwrap_or(params);
         // ControlNets by name: found in this process's CONTROLNET_DIR, loaded (cached) on the

@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use candle_core::{DType, Device};
 use sdserve_pipeline::pipeline::{GenerationParams, Upscaler};
-use sdserve_pipeline::upscale::{network_dtype, ModelUpscaler};
+use sdserve_pipeline::upscale::{ModelUpscaler, NETWORK_DTYPE};
 use sdserve_pipeline::upscaler::Network;
 use sdserve_pipeline::PipelineError;
 
@@ -278,14 +278,14 @@ impl NetworkCache {
 
 /// `params` with its hires pass's upscaler model (known by name: [`ModelUpscaler::named`])
 /// found in `dir` (this process's UPSCALERS_DIR) and its network read through the
-/// [`NetworkCache`] onto `device` in the dtype [`network_dtype`] gives beside a pipeline in
-/// `dtype`; `None` when there is nothing to find. A name no longer in the folder, or a file
-/// that is not a network, is the request's error.
+/// [`NetworkCache`] onto `device` in [`NETWORK_DTYPE`] (float32, as A1111 runs its ESRGAN
+/// folder's models beside a half-precision pipeline too); `None` when there is nothing to
+/// find. A name no longer in the folder, or a file that is not a network, is the request's
+/// error.
 pub fn with_hires_network(
     params: &GenerationParams,
     dir: Option<&Path>,
     device: &Device,
-    dtype: DType,
 ) -> Result<Option<GenerationParams>, PipelineError> {
     let Some(hires) = &params.hires else {
         return Ok(None);
@@ -304,7 +304,7 @@ pub fn with_hires_network(
             ))
         })?;
     let net = NetworkCache::shared()
-        .get(&entry.path, device, network_dtype(device, dtype))
+        .get(&entry.path, device, NETWORK_DTYPE)
         .map_err(|why| {
             PipelineError::InvalidRequest(format!(
                 "the hires upscaler {name:?} cannot be used: {why}"

@@ -15,11 +15,11 @@ use super::{
     images_in::{self, LatentCrop},
     GenerationParams, RgbImage, StableDiffusion, StepHook, StepProgress,
 };
-use crate::image_in::{self, resize_lanczos, resize_nearest};
+use crate::image_in::{self, resize_lanczos};
 use crate::interpolate::{interpolate, Interpolation};
 use crate::rng::TorchRng;
 use crate::schedulers::{Scheduler, SchedulerKind};
-use crate::upscale::{network_dtype, ModelUpscaler};
+use crate::upscale::{ImageUpscaler, ModelUpscaler, NETWORK_DTYPE};
 use crate::{PipelineError, Result};
 
 /// The second pass of a text-to-image request.
@@ -56,8 +56,9 @@ pub struct Hires {
 pub enum Upscaler {
     /// A1111's `None`: the decoded image resized with Lanczos (`images.resize_image`).
     Resize,
-    /// A1111's `Lanczos` / `Nearest` upscalers (`Upscaler.upscale`): the decoded image scaled
-    /// by `max(w / w0, h / h0)` with that filter, then Lanczos to a multiple of 8 and to the
+    /// A1111's `Lanczos` / `Nearest` upscalers (`Upscaler.upscale`, [`crate::upscale::upscale`]):
+    /// the decoded image scaled by `max(w / w0, h / h0)` with that filter (where it is below
+    /// that size floored to a multiple of 8), then Lanczos to that multiple of 8 and to the
     /// size where those differ.
     Lanczos,
     Nearest,
@@ -105,15 +106,11 @@ impl Hires {
                 }
             }
             Upscaler::Lanczos | Upscaler::Nearest if scale > 1.0 => {
-                let (sw, sh) = ((w0 * scale) as usize, (h0 * scale) as usize);
-                let scaled = match self.upscaler {
-                    Upscaler::Nearest => resize_nearest(image, sw, sh),
-                    _ => resize_lanczos(image, sw, sh),
+                let builtin = match self.upscaler {
+                    Upscaler::Nearest => ImageUpscaler::Nearest,
+                    _ => ImageUpscaler::Lanczos,
                 };
-                // `int((img.width * scale) // 8 * 8)`
-                let dest = |side: f64| ((side * scale / 8.0).floor() * 8.0) as usize;
-                let scaled = resize_lanczos(&scaled, dest(w0), dest(h0));
-                resize_lanczos(&scaled, w, h)
+                resize_lanczos(&crate::upscale::upscale(image, &builtin, scale), w, h)
             }
             _ => resize_lanczos(image, w, h),
         })
@@ -261,7 +258,7 @@ impl StableDiffusion {
                     between_steps: true,
                 })
             };
-            let net = (&self.device, network_dtype(&self.device, self.dtype));
+            let net = (&self.device, NETWORK_DTYPE);
             let (uw, uh) = (hires.upscale_width, hires.upscale_height);
             for i in 0..latents.dim(0)? {
                 let decoded = self.decode_latents(&latents.narrow(0, i, 1)?)?;
@@ -352,6 +349,7 @@ impl StableDiffusion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image_in::resize_nearest;
 
     fn hires(upscaler: Upscaler, size: (usize, usize), upscale: (usize, usize)) -> Hires {
         Hires {
@@ -427,5 +425,14 @@ mod tests {
         let n = up(&hires(Upscaler::Nearest, (16, 16), (16, 16)), &im);
         assert_eq!(n, resize_nearest(&im, 16, 16));
         assert_ne!(n, resize_lanczos(&im, 16, 16));
+    }
+
+    #[test]
+    fn nearest_is_skipped_where_the_floored_size_is_reached() {
+        // 8x8 to 15x15: 15 // 8 * 8 = 8, which the image already is, so A1111 1.8+'s
+        // `Upscaler.upscale` runs no round and only `resize_image`'s Lanczos is left.
+        let im = image(8, 8);
+        let n = up(&hires(Upscaler::Nearest, (15, 15), (15, 15)), &im);
+        assert_eq!(n, resize_lanczos(&im, 15, 15));
     }
 }

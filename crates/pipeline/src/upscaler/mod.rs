@@ -23,9 +23,11 @@ use crate::image_in::resize_lanczos;
 use crate::pipeline::RgbImage;
 use crate::Result;
 
-/// The sizes of the image after each round of A1111's `Upscaler.upscale` loop for a model
-/// growing sides by `model_scale`: at most 3 rounds, ending once the image reaches
-/// `side * scale // 8 * 8` on both sides (or a round leaves it as it was, a 1x model).
+/// The sizes of the image after each round of A1111's `Upscaler.upscale` loop (1.8+ to
+/// master) for a model growing sides by `model_scale`: at most 3 rounds, each run only while
+/// the image is below `side * scale // 8 * 8` on a side (none at all when it is not, unless
+/// `scale` is exactly 1: a 1x model still runs once), ending early where a round leaves the
+/// size as it was.
 pub fn rounds(model_scale: usize, width: usize, height: usize, scale: f64) -> Vec<(usize, usize)> {
     let dest = (
         crate::upscale::dest_side(width as u32, scale),
@@ -33,11 +35,14 @@ pub fn rounds(model_scale: usize, width: usize, height: usize, scale: f64) -> Ve
     );
     let mut size = (width, height);
     let mut out = Vec::new();
-    for _ in 0..3 {
+    for i in 0..3 {
+        if size.0 >= dest.0 && size.1 >= dest.1 && (i > 0 || scale != 1.0) {
+            break;
+        }
         let before = size;
         size = (size.0 * model_scale, size.1 * model_scale);
         out.push(size);
-        if size == before || (size.0 >= dest.0 && size.1 >= dest.1) {
+        if size == before {
             break;
         }
     }

@@ -1,11 +1,13 @@
 //! A1111's way of running an upscaling network on an image (modules/upscaler_utils.py
-//! `upscale_with_model`, with `images.split_grid` / `combine_grid`): square tiles of
-//! `ESRGAN_tile` px overlapping by `ESRGAN_tile_overlap`, each run alone (so memory is
-//! bounded by one tile), then joined with a linear ramp over the overlap, in Pillow's
-//! integer blend. Each tile goes in as A1111 sends it: BGR (the channels reversed), `/ 255`
-//! in float64 then float32; it comes out clamped to 0..1, times 255 and truncated to bytes.
-//! A tile that reaches past the image (an image smaller than a tile) is padded with black,
-//! as Pillow's `crop` pads it.
+//! `upscale_with_model`, with `images.split_grid` / `combine_grid`; A1111 1.8+ to master,
+//! 1.10.1): square tiles of `ESRGAN_tile` px overlapping by `ESRGAN_tile_overlap`, each run
+//! alone (so memory is bounded by one tile), then joined with a linear ramp over the overlap,
+//! in Pillow's integer blend. Each tile goes in as `upscale_pil_patch` sends it
+//! (`pil_image_to_torch_bgr`): BGR (the channels reversed), `/ 255` in float64, then the
+//! weights' dtype; it comes out as `torch_bgr_to_pil_image` makes it: clamped to 0..1 in
+//! float32, times 255, rounded half to even to bytes (A1111 1.7 truncated there). A tile
+//! that reaches past the image (an image smaller than a tile) is padded with black, as
+//! Pillow's `crop` pads it.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -123,7 +125,7 @@ fn ramp(i: usize, overlap: usize) -> u8 {
     (i as f32 * 255.0 / overlap as f32) as u8
 }
 
-/// `upscale_without_tiling`: one tile through the network.
+/// `upscale_pil_patch`: one tile through the network.
 fn run_tile(model: &Network, tile: &RgbImage) -> Result<RgbImage> {
     let (w, h) = (tile.width as usize, tile.height as usize);
     let plane = w * h;
@@ -149,7 +151,8 @@ fn run_tile(model: &Network, tile: &RgbImage) -> Result<RgbImage> {
     let mut pixels = vec![0u8; 3 * plane];
     for i in 0..plane {
         for c in 0..3 {
-            pixels[i * 3 + (2 - c)] = (255f32 * out[c * plane + i]) as u8;
+            // `(255.0 * arr).round().astype(np.uint8)` on float32: numpy rounds half to even.
+            pixels[i * 3 + (2 - c)] = (255f32 * out[c * plane + i]).round_ties_even() as u8;
         }
     }
     Ok(RgbImage {

@@ -36,7 +36,7 @@ fn extras_give_a1111s_pixels_and_info() {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("extras.json")).unwrap())
             .unwrap();
     let cases = meta["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 12);
+    assert_eq!(cases.len(), 13);
     let mut batch = Vec::new();
     for (label, case) in cases {
         let mut body = case["fields"].clone();
