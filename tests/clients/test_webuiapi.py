@@ -356,6 +356,44 @@ class A1111(Timed):
         self.assertEqual(pixels(r.image), pixels(want))
         self.assertEqual(r.info["denoising_strength"], 0.5)
 
+    def test_inpainting_equals_native_and_keeps_unmasked_pixels(self):
+        if "inpaint" not in native_fields():
+            self.skipTest("the native API has no A1111 inpainting yet")
+        # A larger picture than the request's size, a small mask on it.
+        init = Image.new("RGB", (384, 320))
+        init.putdata([(x * 255 // 383, y * 255 // 319, (x + y) % 256)
+                      for y in range(320) for x in range(384)])
+        mask = Image.new("RGB", (384, 320))
+        mask.paste((255, 255, 255), (250, 60, 310, 140))
+        common = dict(prompt=PROMPT, seed=5, steps=3, denoising_strength=0.75, cfg_scale=6,
+                      width=SIZE, height=SIZE, sampler_name="Euler")
+        native_common = dict(prompt=PROMPT, seed=5, steps=3, strength=0.75, guidance_scale=6,
+                             width=SIZE, height=SIZE, scheduler="euler",
+                             init_image=webuiapi.raw_b64_img(init),
+                             mask_image=webuiapi.raw_b64_img(mask))
+        # webuiapi's defaults: blur 4, fill, only masked with padding 0.
+        r = self.api.img2img(images=[init], mask_image=mask, **common)
+        (want,), meta = native(**native_common, inpaint={
+            "mask_blur": 4, "masked_content": "fill", "area": "only_masked", "padding": 0})
+        self.assertEqual(r.image.size, (384, 320))
+        self.assertEqual(pixels(r.image), pixels(want))
+        self.assertEqual((meta["image_width"], meta["image_height"]), (384, 320))
+        self.assertIn("Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0, "
+                      "Masked content: fill", r.info["infotexts"][0])
+        # Far from the mask, the picture comes back exactly as sent.
+        for xy in [(0, 0), (100, 300), (383, 319), (200, 60)]:
+            self.assertEqual(r.image.getpixel(xy), init.getpixel(xy), xy)
+        # Each option by webuiapi's own keyword arguments.
+        r = self.api.img2img(images=[init], mask_image=mask, mask_blur=2, inpainting_fill=1,
+                             inpaint_full_res=False, inpaint_full_res_padding=16,
+                             inpainting_mask_invert=1, **common)
+        (want,), _ = native(**native_common, inpaint={
+            "mask_blur": 2, "masked_content": "original", "area": "whole", "padding": 16,
+            "mask_invert": True})
+        self.assertEqual(r.image.size, (SIZE, SIZE))
+        self.assertEqual(pixels(r.image), pixels(want))
+        self.assertIn("Mask mode: Inpaint not masked, Mask blur: 2", r.info["infotexts"][0])
+
     def test_seed_resize_equals_native(self):
         if "seed_resize_from_width" not in native_fields():
             self.skipTest("the native API has no seed resize yet")

@@ -108,8 +108,34 @@ pub fn parameters_text(
             mode.name()
         ));
     }
+    if let Some(o) = p.a1111_inpaint.as_ref().filter(|_| mode == Mode::Inpaint) {
+        s.push_str(&a1111_inpaint_text(o));
+    }
     // As A1111 strips its infotext: an empty prompt leaves no empty first line.
     s.trim_start().to_string()
+}
+
+/// What A1111's `init` adds to the infotext for its inpainting options, in its order: `Mask
+/// mode` (inverted), `Mask blur` (when on and the same both ways; A1111 leaves it out
+/// otherwise), `Inpaint area` and `Masked area padding` ("only masked"), `Masked content` (all
+/// but original).
+fn a1111_inpaint_text(o: &sdserve_pipeline::inpaint_a1111::A1111Inpaint) -> String {
+    let mut s = String::new();
+    if o.invert {
+        s.push_str(", Mask mode: Inpaint not masked");
+    }
+    if (o.mask_blur_x > 0 || o.mask_blur_y > 0) && o.mask_blur_x == o.mask_blur_y {
+        s.push_str(&format!(", Mask blur: {}", o.mask_blur_x));
+    }
+    if let Some(padding) = o.only_masked_padding {
+        s.push_str(&format!(
+            ", Inpaint area: Only masked, Masked area padding: {padding}"
+        ));
+    }
+    if let Some(content) = o.masked_content.infotext() {
+        s.push_str(&format!(", Masked content: {content}"));
+    }
+    s
 }
 
 /// The parameters text of each image of a batch: image `i` with its own seed (`seed + i`).
@@ -208,6 +234,51 @@ pub fn read_parameters(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a1111_inpainting_writes_a1111_s_keys_in_its_order() {
+        use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
+        use sdserve_pipeline::pipeline::InitImage;
+        let img = RgbImage {
+            width: 1,
+            height: 1,
+            pixels: vec![0; 3],
+        };
+        let mut p = GenerationParams {
+            prompt: "p".into(),
+            init_image: Some(InitImage {
+                image: img.clone(),
+                mask: Some(img),
+                strength: 0.75,
+            }),
+            a1111_inpaint: Some(A1111Inpaint {
+                mask_blur_x: 4,
+                mask_blur_y: 4,
+                invert: true,
+                masked_content: MaskedContent::Fill,
+                only_masked_padding: Some(32),
+            }),
+            ..Default::default()
+        };
+        let text = parameters_text(&p, "m", None);
+        assert!(
+            text.ends_with(
+                "Denoising strength: 0.75, Mode: inpaint, Mask mode: Inpaint not masked, \
+                 Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32, \
+                 Masked content: fill"
+            ),
+            "{text}"
+        );
+        // Blur differing across and down, whole picture, original content: none of those.
+        p.a1111_inpaint = Some(A1111Inpaint {
+            mask_blur_x: 4,
+            mask_blur_y: 2,
+            invert: false,
+            masked_content: MaskedContent::Original,
+            only_masked_padding: None,
+        });
+        assert!(parameters_text(&p, "m", None).ends_with("Mode: inpaint"));
+    }
 
     /// Found by fuzzing review: `get_text` inflated a zTXt chunk without bound, so a small PNG
     /// sent to `/sdapi/v1/png-info` could ask for gigabytes.

@@ -4,6 +4,7 @@
 
 pub mod a1111;
 mod declared_types;
+mod inpaint_schema;
 mod jobs;
 mod models;
 mod native;
@@ -32,6 +33,7 @@ use crate::error::{ApiError, ErrorBody, FieldError};
 use crate::metrics::Metrics;
 use crate::security::OpenApiSecurity;
 
+pub use inpaint_schema::*;
 pub use observe::dialect_error;
 use observe::{observe, RequestStats};
 pub use request::random_seed;
@@ -311,8 +313,11 @@ mod tests {
         let missing: Vec<&str> = crate::validate::FIELDS
             .iter()
             .copied()
-            // `strength` needs an image: an extra of edits only.
-            .filter(|f| !openai::translate::MAPPED.contains(f) && *f != "strength")
+            // `strength` needs an image: an extra of edits only; `inpaint` needs a mask, and
+            // edits keep diffusers' inpainting (README).
+            .filter(|f| {
+                !openai::translate::MAPPED.contains(f) && !["strength", "inpaint"].contains(f)
+            })
             .filter(|f| !props.contains_key(*f))
             .collect();
         assert!(missing.is_empty(), "undocumented extras: {missing:?}");

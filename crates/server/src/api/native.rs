@@ -33,8 +33,8 @@ fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> Strin
     };
     // Every field of the second pass (`Debug` writes floats exactly), and the sigma schedule.
     let images = format!(
-        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
-        p.hires, p.tiling, p.variation, p.schedule, p.seed_resize_from
+        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
+        p.hires, p.tiling, p.variation, p.schedule, p.seed_resize_from, p.a1111_inpaint
     );
     // Each ControlNet by name (its file is in the model part), control image and numbers.
     let controlnets: Vec<_> = p

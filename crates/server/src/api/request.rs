@@ -483,6 +483,17 @@ pub(crate) fn job_spec(
         "variation_strength": params.variation.map_or(0.0, |v| v.strength),
         "seed_resize_from_width": params.seed_resize_from.map(|r| r.width),
         "seed_resize_from_height": params.seed_resize_from.map(|r| r.height),
+        "inpaint": params.a1111_inpaint.as_ref().map(|o| {
+            let m = crate::api::InpaintMetadata::of(o);
+            serde_json::json!({
+                "mask_blur_x": m.mask_blur_x,
+                "mask_blur_y": m.mask_blur_y,
+                "mask_invert": m.mask_invert,
+                "masked_content": m.masked_content,
+                "area": m.area,
+                "padding": m.padding,
+            })
+        }),
         // `prompt` and `negative_prompt` above have the styles' texts in them.
         "styles": req.as_written.as_ref().map_or(&[][..], |w| &w.styles[..]),
         "as_written": req.as_written.as_ref().map(|w| {

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::inpaint_schema::{InpaintMetadata, InpaintRequest};
+
 /// Scheduler names of the API.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 pub enum SchedulerName {
@@ -219,6 +221,15 @@ pub struct GenerateRequest {
     /// A1111's `seed_resize_from_h`: the height in pixels, with `seed_resize_from_width`.
     #[schema(minimum = 64, maximum = 2048, nullable = true, example = 512)]
     pub seed_resize_from_height: Option<u32>,
+    /// With mask_image: inpaint as AUTOMATIC1111 does (its `img2img` with a mask): the mask
+    /// inverted and blurred, the masked region's start (`masked_content`), "only masked"
+    /// (`area`), the denoised prediction mixed with the init image's latents in the kept
+    /// region after every step, and the original composited over the result through the
+    /// blurred mask, so kept pixels come back exactly as sent. `{}` takes A1111's web UI
+    /// defaults. Absent or null: diffusers' inpainting (mask binarised at 0.5, the known region
+    /// re-noised each step, the whole image decoded as generated).
+    #[schema(nullable = true)]
+    pub inpaint: Option<InpaintRequest>,
     /// Prompt styles by name (`GET /styles`; STYLES_FILE, A1111's `styles.csv`), at most 16,
     /// applied in order as A1111 applies them: a style text holding `{prompt}` takes the
     /// prompt in its place, any other is appended after ", "; the same for the negative
@@ -425,6 +436,9 @@ pub struct GenerateMetadata {
     /// The ControlNets that steered the images (`controlnets`); absent without any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controlnets: Vec<ControlNetMetadata>,
+    /// A1111's inpainting (the request's `inpaint`, defaults filled); absent without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inpaint: Option<InpaintMetadata>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -68,6 +68,9 @@ pub struct GenerateArgs {
     /// The hires fix: any `--hires-*` flag asks for the second pass (the native `hires` object).
     #[command(flatten)]
     pub hires: HiresArgs,
+    /// A1111's inpainting: `--inpaint` or any `--inpaint-*` flag (the native `inpaint` object).
+    #[command(flatten)]
+    pub inpaint: InpaintArgs,
     /// The PNG to write (a batch adds -1, -2, ... before the extension); checked before the
     /// model loads.
     #[arg(short, long, default_value = "out.png")]
@@ -96,6 +99,28 @@ pub struct HiresArgs {
     pub hires_prompt: Option<String>,
     #[arg(long)]
     pub hires_negative_prompt: Option<String>,
+}
+
+/// `generate`'s A1111 inpainting flags: the keys of the native `inpaint` object, checked by the
+/// same validation (errors name `inpaint.<key>`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct InpaintArgs {
+    #[arg(long)]
+    pub inpaint: bool,
+    #[arg(long)]
+    pub inpaint_mask_blur: Option<u64>,
+    #[arg(long)]
+    pub inpaint_mask_blur_x: Option<u64>,
+    #[arg(long)]
+    pub inpaint_mask_blur_y: Option<u64>,
+    #[arg(long)]
+    pub inpaint_mask_invert: bool,
+    #[arg(long)]
+    pub inpaint_masked_content: Option<String>,
+    #[arg(long)]
+    pub inpaint_area: Option<String>,
+    #[arg(long)]
+    pub inpaint_padding: Option<u64>,
 }
 
 /// The request flags of `generate`: (flag id, help), from the API's rules and defaults.
@@ -240,6 +265,38 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "hires_negative_prompt",
             format!("Hires fix: the second pass's own negative prompt, 0..={PROMPT_MAX_CHARS} characters [default: --negative-prompt]"),
+        ),
+        (
+            "inpaint",
+            "With --mask: inpaint as A1111 does (blurred mask, masked content, only masked, the kept pixels back as sent) with its web UI's defaults; any --inpaint-* flag implies it [default: diffusers' inpainting]".to_string(),
+        ),
+        (
+            "inpaint_mask_blur",
+            format!("A1111 inpainting: Gaussian blur of the mask in pixels, 0..={} both ways [default: {}]", native_inpaint::MASK_BLUR_MAX, native_inpaint::MASK_BLUR_DEFAULT),
+        ),
+        (
+            "inpaint_mask_blur_x",
+            format!("A1111 inpainting: the mask's blur across only, 0..={} (not with --inpaint-mask-blur) [default: {}]", native_inpaint::MASK_BLUR_MAX, native_inpaint::MASK_BLUR_DEFAULT),
+        ),
+        (
+            "inpaint_mask_blur_y",
+            format!("A1111 inpainting: the mask's blur down only, 0..={} (not with --inpaint-mask-blur) [default: {}]", native_inpaint::MASK_BLUR_MAX, native_inpaint::MASK_BLUR_DEFAULT),
+        ),
+        (
+            "inpaint_mask_invert",
+            "A1111 inpainting: repaint what the mask leaves black".to_string(),
+        ),
+        (
+            "inpaint_masked_content",
+            format!("A1111 inpainting: what the masked region starts from, one of {} [default: original]", native_inpaint::MASKED_CONTENT.map(|(n, _)| n).join(", ")),
+        ),
+        (
+            "inpaint_area",
+            "A1111 inpainting: whole (the picture at --width x --height) or only_masked (the mask's region repainted at --width x --height and pasted back into the image at its own size) [default: whole]".to_string(),
+        ),
+        (
+            "inpaint_padding",
+            format!("A1111 inpainting, only_masked: pixels around the mask's region, 0..={} [default: {}]", native_inpaint::PADDING_MAX, native_inpaint::PADDING_DEFAULT),
         ),
     ]
 }

@@ -226,6 +226,12 @@ pub struct Finished {
 /// The `/generate` 200 body for a finished run: `pngs` are the encoded images, in order.
 pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> GenerateResponse {
     let p = &spec.params;
+    // The images' own size: the hires pass's, or with A1111's "only masked" the init image's.
+    let output = p.output_size();
+    let image_size = pngs
+        .first()
+        .and_then(|png| png_size(png))
+        .unwrap_or((output.0 as u32, output.1 as u32));
     let images: Vec<Arc<str>> = pngs
         .iter()
         .map(|png| Arc::from(base64::engine::general_purpose::STANDARD.encode(png)))
@@ -244,8 +250,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             steps: p.steps as u32,
             width: p.width as u32,
             height: p.height as u32,
-            image_width: Some(p.output_size().0 as u32),
-            image_height: Some(p.output_size().1 as u32),
+            image_width: Some(image_size.0),
+            image_height: Some(image_size.1),
             seed: p.seed,
             guidance_scale: p.guidance_scale,
             scheduler: p.scheduler.map(|k| k.name()).unwrap_or("").to_string(),
@@ -296,8 +302,18 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                     guidance_end: c.guidance_end,
                 })
                 .collect(),
+            inpaint: p
+                .a1111_inpaint
+                .as_ref()
+                .map(crate::api::InpaintMetadata::of),
         },
     }
+}
+
+/// A PNG's size from its IHDR chunk (bytes 16..24, big-endian).
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    let be = |at: usize| Some(u32::from_be_bytes(png.get(at..at + 4)?.try_into().ok()?));
+    Some((be(16)?, be(20)?))
 }
 
 /// RFC 3339 in UTC with milliseconds.

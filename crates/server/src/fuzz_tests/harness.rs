@@ -234,8 +234,11 @@ pub fn assert_rules(p: &GenerationParams, dialect: validate::DialectRules) {
         assert!((0.0..=1.0).contains(&init.strength), "{}", init.strength);
         assert!((p.steps as f64 * init.strength) >= 1.0);
         let i = &init.image;
-        // Resized to the request's size before it is queued (memory held per job is bounded).
-        assert_eq!((i.width as usize, i.height as usize), (p.width, p.height));
+        // Resized to the request's size before it is queued (memory held per job is bounded),
+        // but for A1111's inpainting, which blurs and crops at the upload's size.
+        if p.a1111_inpaint.is_none() {
+            assert_eq!((i.width as usize, i.height as usize), (p.width, p.height));
+        }
         assert_eq!(i.pixels.len(), (i.width * i.height * 3) as usize);
         if let Some(m) = &init.mask {
             assert_eq!((m.width, m.height), (i.width, i.height));

@@ -10,6 +10,7 @@
 
 use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::image_in::resize_lanczos;
+use sdserve_pipeline::inpaint_a1111::A1111Inpaint;
 use sdserve_pipeline::pipeline::{
     GenerationParams, InitImage, LoraWeight, PromptSyntax, SeedResize, Variation,
 };
@@ -26,6 +27,7 @@ mod fields;
 mod for_model;
 pub mod hires;
 mod native_hires;
+pub mod native_inpaint;
 mod schedule;
 #[cfg(test)]
 mod tests;
@@ -56,7 +58,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 26] = [
+pub const FIELDS: [&str; 27] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -82,6 +84,7 @@ pub const FIELDS: [&str; 26] = [
     "seed_resize_from_width",
     "seed_resize_from_height",
     "controlnets",
+    "inpaint",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];
@@ -148,6 +151,9 @@ pub struct ValidRequest {
     pub seed_resize_from: Option<SeedResize>,
     /// ControlNets steering text-to-image (`controlnets`), their images at the request's size.
     pub controlnets: Vec<ValidControlNet>,
+    /// Inpainting as A1111 does it (the `inpaint` object); `None`: diffusers'. The init image
+    /// and mask then stay at their uploaded size (A1111 blurs and crops there).
+    pub inpaint: Option<A1111Inpaint>,
     /// The styles applied to the prompts (before validation) and the prompts as written;
     /// `None` without styles. Set by the routes that apply them.
     pub as_written: Option<crate::styles::AsWritten>,
@@ -227,7 +233,7 @@ impl ValidRequest {
                     guidance_end: c.guidance_end,
                 })
                 .collect(),
-            a1111_inpaint: None,
+            a1111_inpaint: self.inpaint.clone(),
         }
     }
 }
@@ -423,6 +429,11 @@ pub fn validate_request(
             );
         }
     }
+    // A mask that failed its own rules leaves nothing to inpaint either.
+    let has_mask = mask_image.is_some();
+    let inpaint = r
+        .value("inpaint")
+        .and_then(|v| native_inpaint::read(v, has_mask, &mut r));
     // The default strength counts too (steps 1 at 0.8 runs no step); a broken strength is
     // reported once, by its own rule.
     let usable = strength.or((r.value("strength").is_none()).then_some(STRENGTH_DEFAULT));
@@ -480,10 +491,13 @@ pub fn validate_request(
     let height = side(height, init_size.map(|s| s.1));
     // The pipeline resizes both images to the request's size with this same Lanczos (a no-op
     // at that size), so resizing here gives identical pixels; a queued job then holds the small
-    // image, not the upload's full decode (48 MB for a 4096x4096 one).
+    // image, not the upload's full decode (48 MB for a 4096x4096 one). A1111's inpainting
+    // blurs the mask and crops "only masked" at the upload's size: kept as sent.
     let fit = |i: Option<RequestImage>| {
         i.map(|mut i| {
-            i.image = resize_lanczos(&i.image, width, height);
+            if inpaint.is_none() {
+                i.image = resize_lanczos(&i.image, width, height);
+            }
             i
         })
     };
@@ -520,6 +534,7 @@ pub fn validate_request(
         variation_strength: variation_strength.unwrap_or(0.0),
         seed_resize_from: seed_resize,
         controlnets,
+        inpaint,
         as_written: None,
     };
     if let Some(read) = hires {

@@ -464,3 +464,91 @@ fn the_model_s_limits_name_each_field_past_them() {
         ["hires.scale"]
     );
 }
+
+/// A small PNG upload, base64.
+fn upload_b64(w: u32, h: u32, salt: u32) -> String {
+    use base64::Engine;
+    let img = sdserve_pipeline::pipeline::RgbImage {
+        width: w,
+        height: h,
+        pixels: (0..w * h * 3)
+            .map(|i| ((i * 7 + salt) % 253) as u8)
+            .collect(),
+    };
+    base64::engine::general_purpose::STANDARD.encode(crate::png::encode(&img, "").unwrap())
+}
+
+#[test]
+fn inpaint_takes_a1111_s_options_with_its_web_ui_defaults() {
+    use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
+    let (init, mask) = (upload_b64(300, 200, 1), upload_b64(300, 200, 2));
+    let body = |inpaint: serde_json::Value| {
+        serde_json::json!({"prompt": "p", "init_image": init, "mask_image": mask,
+                           "width": 256, "height": 256, "inpaint": inpaint})
+        .to_string()
+    };
+    let r = parse(&body(serde_json::json!({}))).unwrap();
+    assert_eq!(
+        r.inpaint,
+        Some(A1111Inpaint {
+            mask_blur_x: 4,
+            mask_blur_y: 4,
+            invert: false,
+            masked_content: MaskedContent::Original,
+            only_masked_padding: None,
+        })
+    );
+    // The images stay at their uploaded size: A1111 blurs and crops there.
+    let kept = &r.init_image.as_ref().unwrap().image;
+    assert_eq!((kept.width, kept.height), (300, 200));
+    assert_eq!(r.mask_image.as_ref().unwrap().image.width, 300);
+    let all = serde_json::json!({"mask_blur_x": 0, "mask_blur_y": 9, "mask_invert": true,
+                                 "masked_content": "latent_noise", "area": "only_masked"});
+    let r = parse(&body(all)).unwrap().inpaint.unwrap();
+    assert_eq!((r.mask_blur_x, r.mask_blur_y, r.invert), (0, 9, true));
+    assert_eq!(r.masked_content, MaskedContent::LatentNoise);
+    assert_eq!(r.only_masked_padding, Some(32));
+    let r = parse(&body(
+        serde_json::json!({"mask_blur": 7, "area": "only_masked", "padding": 0}),
+    ))
+    .unwrap()
+    .inpaint
+    .unwrap();
+    assert_eq!(
+        (r.mask_blur_x, r.mask_blur_y, r.only_masked_padding),
+        (7, 7, Some(0))
+    );
+    // Absent or null: diffusers' inpainting, the images at the request's size.
+    let r = parse(&body(serde_json::Value::Null)).unwrap();
+    assert_eq!(r.inpaint, None);
+    assert_eq!(r.init_image.unwrap().image.width, 256);
+    for (bad, field) in [
+        (serde_json::json!({"mask_blur": 65}), "inpaint.mask_blur"),
+        (
+            serde_json::json!({"mask_blur": 2, "mask_blur_y": 3}),
+            "inpaint.mask_blur",
+        ),
+        (
+            serde_json::json!({"mask_blur_x": -1}),
+            "inpaint.mask_blur_x",
+        ),
+        (
+            serde_json::json!({"masked_content": "noise"}),
+            "inpaint.masked_content",
+        ),
+        (serde_json::json!({"area": "masked"}), "inpaint.area"),
+        (serde_json::json!({"padding": 257}), "inpaint.padding"),
+        (serde_json::json!({"mask_invert": 1}), "inpaint.mask_invert"),
+        (serde_json::json!({"blur": 1}), "inpaint.blur"),
+        (serde_json::json!(4), "inpaint"),
+    ] {
+        let e = parse(&body(bad.clone())).unwrap_err();
+        assert_eq!(field_of(e), field, "{bad}");
+    }
+    // Without a mask there is nothing to inpaint.
+    let no_mask = serde_json::json!({"prompt": "p", "init_image": init, "inpaint": {}});
+    assert_eq!(
+        field_of(parse(&no_mask.to_string()).unwrap_err()),
+        "inpaint"
+    );
+}

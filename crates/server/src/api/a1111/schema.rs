@@ -96,8 +96,30 @@ pub struct A1111Request {
     pub hr_prompt: Option<String>,
     #[schema(nullable = true)]
     pub hr_negative_prompt: Option<String>,
-    /// img2img: inpainting mask, white = repaint.
+    /// img2img: inpainting mask, white = repaint; inpainting as A1111 does it (the native
+    /// `inpaint` object, with A1111's API defaults for the fields below).
     pub mask: Option<String>,
+    /// Gaussian blur of the mask (OpenCV, sigma in pixels) in both directions; sets
+    /// `mask_blur_x` and `mask_blur_y`, as A1111's setter does.
+    #[schema(minimum = 0, maximum = 64, nullable = true)]
+    pub mask_blur: Option<u32>,
+    #[schema(default = 4, minimum = 0, maximum = 64, nullable = true)]
+    pub mask_blur_x: Option<u32>,
+    #[schema(default = 4, minimum = 0, maximum = 64, nullable = true)]
+    pub mask_blur_y: Option<u32>,
+    /// Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.
+    #[schema(default = 0, minimum = 0, maximum = 3, nullable = true)]
+    pub inpainting_fill: Option<u8>,
+    /// "Only masked": the mask's region (plus the padding) repainted at width x height and
+    /// pasted back; the image comes back at the init image's size.
+    #[schema(default = true, nullable = true)]
+    pub inpaint_full_res: Option<bool>,
+    /// "Only masked" padding in pixels.
+    #[schema(default = 0, minimum = 0, maximum = 256, nullable = true)]
+    pub inpaint_full_res_padding: Option<u32>,
+    /// 1: repaint what the mask leaves black ("Inpaint not masked").
+    #[schema(default = 0, minimum = 0, maximum = 1, nullable = true)]
+    pub inpainting_mask_invert: Option<u8>,
     /// Seamless textures: the native `tiling` (circular padding in every convolution of the
     /// UNet and the VAE, as A1111's); the infotext says `Tiling: True`.
     #[schema(default = false, nullable = true)]

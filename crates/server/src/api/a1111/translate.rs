@@ -53,7 +53,16 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 13] = [
+pub const FIELD_NAMES: [(&str, &str); 21] = [
+    // The object comes with the mask: a mask that failed its rules leaves it nothing to do.
+    ("inpaint", "mask"),
+    ("inpaint.mask_blur", "mask_blur"),
+    ("inpaint.mask_blur_x", "mask_blur_x"),
+    ("inpaint.mask_blur_y", "mask_blur_y"),
+    ("inpaint.mask_invert", "inpainting_mask_invert"),
+    ("inpaint.masked_content", "inpainting_fill"),
+    ("inpaint.area", "inpaint_full_res"),
+    ("inpaint.padding", "inpaint_full_res_padding"),
     ("variation_seed", "subseed"),
     ("variation_strength", "subseed_strength"),
     ("seed_resize_from_width", "seed_resize_from_w"),
@@ -70,7 +79,7 @@ pub const FIELD_NAMES: [(&str, &str); 13] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 34] = [
+const USED: [&str; 40] = [
     "enable_hr",
     "hr_scale",
     "hr_resize_x",
@@ -98,6 +107,12 @@ const USED: [&str; 34] = [
     "mask",
     "override_settings",
     "inpainting_mask_invert",
+    "mask_blur",
+    "mask_blur_x",
+    "mask_blur_y",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
     "tiling",
     "subseed",
     "subseed_strength",
@@ -142,6 +157,45 @@ fn not_supported(field: &str, what: &str) -> ApiError {
     ApiError::validation(field, format!("{what} is not supported by this server yet"))
 }
 
+/// A1111's inpainting fields as the native `inpaint` object, with its API's defaults
+/// (`StableDiffusionProcessingImg2Img`: blur 4 both ways, `inpainting_fill` 0 "fill",
+/// `inpaint_full_res` true "only masked" with padding 0, no invert). `mask_blur` sets both
+/// directions over `mask_blur_x`/`_y`, as its setter does. Types and ranges are the declared
+/// schema's (checked before).
+fn inpaint_options(body: &Map<String, Value>) -> Value {
+    let int =
+        |field: &str, default: i64| get(body, field).and_then(Value::as_i64).unwrap_or(default);
+    let mut o = Map::new();
+    match get(body, "mask_blur") {
+        Some(v) => {
+            o.insert("mask_blur".into(), v.clone());
+        }
+        None => {
+            o.insert("mask_blur_x".into(), json!(int("mask_blur_x", 4)));
+            o.insert("mask_blur_y".into(), json!(int("mask_blur_y", 4)));
+        }
+    }
+    o.insert(
+        "mask_invert".into(),
+        json!(int("inpainting_mask_invert", 0) == 1),
+    );
+    let fill = usize::try_from(int("inpainting_fill", 0)).unwrap_or(0);
+    let names = crate::validate::native_inpaint::MASKED_CONTENT;
+    o.insert(
+        "masked_content".into(),
+        json!(names.get(fill).map_or("fill", |(n, _)| n)),
+    );
+    let only_masked = get(body, "inpaint_full_res")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    o.insert(
+        "area".into(),
+        json!(if only_masked { "only_masked" } else { "whole" }),
+    );
+    o.insert("padding".into(), json!(int("inpaint_full_res_padding", 0)));
+    Value::Object(o)
+}
+
 /// Translates an A1111 `txt2img`/`img2img` body. `clip_skip_option` is the server-wide
 /// `CLIP_stop_at_last_layers` set through `POST options` (A1111 applies it to every request).
 pub fn translate(
@@ -171,6 +225,13 @@ pub fn translate(
     fill("seed_resize_from_h", json!(-1));
     if mode == Mode::Img2Img {
         fill("denoising_strength", json!(DENOISING_DEFAULT));
+        // `StableDiffusionProcessingImg2Img`'s inpainting defaults (`mask_blur` stays null).
+        fill("mask_blur_x", json!(4));
+        fill("mask_blur_y", json!(4));
+        fill("inpainting_fill", json!(0));
+        fill("inpaint_full_res", json!(true));
+        fill("inpaint_full_res_padding", json!(0));
+        fill("inpainting_mask_invert", json!(0));
     }
 
     native.insert(
@@ -278,13 +339,8 @@ pub fn translate(
             if !native_has("mask_image") {
                 return Err(not_supported("mask", "inpainting"));
             }
-            if get(body, "inpainting_mask_invert").and_then(Value::as_f64) == Some(1.0) {
-                return Err(not_supported(
-                    "inpainting_mask_invert",
-                    "an inverted mask (1)",
-                ));
-            }
             native.insert("mask_image".into(), mask.clone());
+            native.insert("inpaint".into(), inpaint_options(body));
         }
     }
 

@@ -291,3 +291,61 @@ fn clip_skip_takes_a1111s_range_where_the_native_rule_stops_at_4() {
     let e = crate::validate::validate_object(native.as_object().unwrap()).unwrap_err();
     assert_eq!(field_of(e), "clip_skip");
 }
+
+#[test]
+fn a_mask_is_a1111_s_inpainting_with_its_api_s_defaults() {
+    use base64::Engine;
+    let img = sdserve_pipeline::pipeline::RgbImage {
+        width: 64,
+        height: 64,
+        pixels: vec![128; 64 * 64 * 3],
+    };
+    let img =
+        base64::engine::general_purpose::STANDARD.encode(crate::png::encode(&img, "").unwrap());
+    let body = json!({"prompt": "p", "init_images": [img], "mask": img, "width": 256,
+                      "height": 256, "inpainting_mask_invert": 1});
+    let t = tr(body, Mode::Img2Img).unwrap();
+    assert_eq!(t.native["inpaint"]["mask_invert"], true);
+    let o = t.valid.inpaint.expect("A1111's inpainting");
+    assert_eq!((o.mask_blur_x, o.only_masked_padding), (4, Some(0)));
+    // `parameters` echoes A1111's defaults on img2img.
+    assert_eq!(t.parameters["inpainting_fill"], 0);
+    assert_eq!(t.parameters["inpaint_full_res"], true);
+    assert_eq!(t.parameters["mask_blur_x"], 4);
+    let native = |body: Value| {
+        let mut n = Map::new();
+        n.insert("inpaint".into(), inpaint_options(body.as_object().unwrap()));
+        n["inpaint"].clone()
+    };
+    assert_eq!(
+        native(json!({})),
+        json!({"mask_blur_x": 4, "mask_blur_y": 4, "mask_invert": false,
+               "masked_content": "fill", "area": "only_masked", "padding": 0})
+    );
+    assert_eq!(
+        native(
+            json!({"mask_blur": 8, "mask_blur_x": 1, "inpainting_fill": 3,
+                      "inpaint_full_res": false, "inpaint_full_res_padding": 32,
+                      "inpainting_mask_invert": 1})
+        ),
+        json!({"mask_blur": 8, "mask_invert": true, "masked_content": "latent_nothing",
+               "area": "whole", "padding": 32})
+    );
+    assert_eq!(
+        native(json!({"mask_blur_x": 2, "mask_blur_y": 0, "inpainting_fill": 1}))["mask_blur_y"],
+        0
+    );
+    // Out of the declared ranges: a 422 naming A1111's field.
+    for (field, v) in [
+        ("inpainting_fill", json!(4)),
+        ("mask_blur", json!(65)),
+        ("inpaint_full_res_padding", json!(-1)),
+        ("inpainting_mask_invert", json!(2)),
+        ("inpaint_full_res", json!("yes")),
+    ] {
+        let mut body = json!({"prompt": "p"});
+        body[field] = v;
+        let e = tr(body, Mode::Img2Img).unwrap_err();
+        assert_eq!(field_of(e), field);
+    }
+}

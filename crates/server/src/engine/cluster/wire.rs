@@ -5,7 +5,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax, RgbImage};
+
+/// `inpainting_fill`'s values in order, as the wire carries them.
+const MASKED_CONTENT: [MaskedContent; 4] = [
+    MaskedContent::Fill,
+    MaskedContent::Original,
+    MaskedContent::LatentNoise,
+    MaskedContent::LatentNothing,
+];
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde::{Deserialize, Serialize};
 
@@ -165,6 +174,10 @@ pub struct WireSpec {
     /// images, scale, guidance start and end (absent from older replicas' jobs: none).
     #[serde(default)]
     controlnets: Vec<(String, WireImage, f64, f64, f64)>,
+    /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
+    /// padding (absent from older replicas' jobs: diffusers' inpainting).
+    #[serde(default)]
+    inpaint: Option<(u32, u32, bool, u8, Option<u32>)>,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -225,6 +238,16 @@ impl WireSpec {
                     )
                 })
                 .collect(),
+            inpaint: p.a1111_inpaint.as_ref().map(|o| {
+                let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
+                (
+                    o.mask_blur_x,
+                    o.mask_blur_y,
+                    o.invert,
+                    fill.unwrap_or(1) as u8,
+                    o.only_masked_padding,
+                )
+            }),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -304,7 +327,18 @@ impl WireSpec {
                         })
                     })
                     .collect::<Result<_, String>>()?,
-                a1111_inpaint: None,
+                a1111_inpaint: match self.inpaint {
+                    Some((x, y, invert, fill, padding)) => Some(A1111Inpaint {
+                        mask_blur_x: x,
+                        mask_blur_y: y,
+                        invert,
+                        masked_content: *MASKED_CONTENT
+                            .get(fill as usize)
+                            .ok_or(format!("masked content {fill}"))?,
+                        only_masked_padding: padding,
+                    }),
+                    None => None,
+                },
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),

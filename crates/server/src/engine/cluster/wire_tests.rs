@@ -83,6 +83,13 @@ fn a_spec_survives_the_trip_with_its_images() {
                 guidance_start: 0.1,
                 guidance_end: 0.9,
             }],
+            a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
+                mask_blur_x: 3,
+                mask_blur_y: 5,
+                invert: true,
+                masked_content: sdserve_pipeline::inpaint_a1111::MaskedContent::LatentNoise,
+                only_masked_padding: Some(12),
+            }),
             ..Default::default()
         },
         request: serde_json::json!({"prompt": "a (cat:1.2)"}),

@@ -1,0 +1,174 @@
+//! A1111's inpainting over real HTTP on the real pipeline (tiny model `tiny-b`), against A1111's
+//! own preprocessing and overlay around diffusers' sampling with its blend
+//! (`tools/make_inpaint_a1111_fixtures.py`, cases `http.*`): `/sdapi/v1/img2img` with a mask
+//! and A1111's API defaults ("fill", "only masked" with padding 0, blur 4) gives A1111's image
+//! at the init image's own size, its infotext keys and `parameters`; the native `inpaint`
+//! object gives the same pixels, and `{}` the web UI's defaults (whole picture, original);
+//! kept pixels come back exactly as sent; jobs carry the options; broken ones are 422s.
+
+mod common;
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use common::{decode_png, ok, post_json_to, Server};
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    common::tiny_b().parent().unwrap().to_path_buf()
+}
+
+fn file_b64(name: &str) -> String {
+    let bytes = std::fs::read(fixtures().join("a1111-inpaint").join(name)).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A case's reference image (`[H, W, 3]` u8) and its size.
+fn reference(label: &str) -> (Vec<u8>, usize, usize) {
+    let path = fixtures().join("a1111-inpaint.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let t = tensors[&format!("result.{label}")].get(0).unwrap();
+    let (h, w, _) = t.dims3().unwrap();
+    (t.flatten_all().unwrap().to_vec1().unwrap(), w, h)
+}
+
+/// Within float noise of the reference: the pipeline's own test holds 0.05 mean abs diff.
+fn assert_matches(label: &str, ours: &[u8], want: &[u8]) {
+    assert_eq!(ours.len(), want.len(), "{label}: size");
+    let mean = ours
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| a.abs_diff(b) as f64)
+        .sum::<f64>()
+        / want.len() as f64;
+    eprintln!("{label}: mean abs diff {mean:.4}");
+    assert!(mean <= 0.05, "{label}: mean abs diff {mean}");
+}
+
+fn first_image(r: &common::Resp, key: &str) -> (u32, u32, Vec<u8>, String) {
+    let body = ok(r);
+    let b64 = match key {
+        "images" => body["images"][0].as_str().unwrap().to_string(),
+        _ => body[key].as_str().unwrap().to_string(),
+    };
+    let (w, h, pixels, text) = decode_png(&b64);
+    (w, h, pixels, text.unwrap_or_default())
+}
+
+fn native_base(seed: u64, inpaint: Value) -> Value {
+    json!({"prompt": "a watercolor painting of a lighthouse at sunset",
+           "init_image": file_b64("init-384x320.png"), "mask_image": file_b64("mask-384x320.png"),
+           "width": 256, "height": 256, "steps": 3, "guidance_scale": 1.0, "scheduler": "euler",
+           "seed": seed, "strength": 0.75, "inpaint": inpaint})
+}
+
+#[test]
+fn a1111_img2img_with_a_mask_is_a1111_s_inpainting() {
+    let s: Server = common::tiny_server("inpaint", &[("RESPONSE_CACHE_MB", "0")]);
+    let init = file_b64("init-384x320.png");
+    let (want, w, h) = reference("http.a1111_defaults");
+    assert_eq!((w, h), (384, 320));
+
+    // A1111's API defaults: blur 4, fill, only masked with padding 0.
+    let a1111 = json!({"prompt": "a watercolor painting of a lighthouse at sunset",
+                       "init_images": [init], "mask": file_b64("mask-384x320.png"),
+                       "width": 256, "height": 256, "steps": 3, "cfg_scale": 1.0,
+                       "sampler_name": "Euler", "seed": 21, "denoising_strength": 0.75});
+    let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111);
+    let (iw, ih, a1111_pixels, text) = first_image(&r, "images");
+    assert_eq!(
+        (iw, ih),
+        (384, 320),
+        "only masked answers at the image's own size"
+    );
+    assert_matches("A1111 http.a1111_defaults", &a1111_pixels, &want);
+    assert!(
+        text.contains(
+            "Mode: inpaint, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0, \
+             Masked content: fill"
+        ),
+        "{text}"
+    );
+    let params = &r.json()["parameters"];
+    assert_eq!(
+        (&params["inpainting_fill"], &params["inpaint_full_res"]),
+        (&json!(0), &json!(true))
+    );
+
+    // The native object with the same options: the same pixels.
+    let native = native_base(
+        21,
+        json!({"masked_content": "fill", "area": "only_masked", "padding": 0}),
+    );
+    let r = s.post_json(&native);
+    let (_, _, native_pixels, _) = first_image(&r, "image_base64");
+    assert!(
+        native_pixels == a1111_pixels,
+        "native equals A1111's answer"
+    );
+    let meta = &r.json()["metadata"];
+    assert_eq!(
+        (&meta["image_width"], &meta["image_height"]),
+        (&json!(384), &json!(320))
+    );
+    assert_eq!(
+        meta["inpaint"],
+        json!({"mask_blur_x": 4, "mask_blur_y": 4, "mask_invert": false,
+               "masked_content": "fill", "area": "only_masked", "padding": 0})
+    );
+
+    // Kept pixels come back as sent: outside the blurred mask's reach the init image's own.
+    let (_, _, init_pixels, _) = decode_png(&init);
+    let at = |x: usize, y: usize| (y * 384 + x) * 3;
+    for (x, y) in [(0, 0), (100, 300), (383, 319), (200, 60)] {
+        assert_eq!(
+            native_pixels[at(x, y)..at(x, y) + 3],
+            init_pixels[at(x, y)..at(x, y) + 3],
+            "({x}, {y})"
+        );
+    }
+}
+
+#[test]
+fn native_inpaint_takes_the_web_ui_s_defaults_and_jobs_carry_it() {
+    let s: Server = common::tiny_server("inpaint-native", &[("RESPONSE_CACHE_MB", "0")]);
+    let (want, w, h) = reference("http.web_ui_defaults");
+    assert_eq!((w, h), (256, 256));
+    let r = s.post_json(&native_base(22, json!({})));
+    let (iw, ih, pixels, text) = first_image(&r, "image_base64");
+    assert_eq!((iw, ih), (256, 256));
+    assert_matches("native http.web_ui_defaults", &pixels, &want);
+    assert!(text.ends_with("Mode: inpaint, Mask blur: 4"), "{text}");
+    // diffusers' inpainting (no `inpaint`) is another image.
+    let mut plain = native_base(22, Value::Null);
+    plain.as_object_mut().unwrap().remove("inpaint");
+    let (_, _, diffusers, text) = first_image(&s.post_json(&plain), "image_base64");
+    assert!(!text.contains("Mask blur"), "{text}");
+    let diff = diffusers
+        .iter()
+        .zip(&want)
+        .map(|(&a, &b)| a.abs_diff(b) as f64)
+        .sum::<f64>()
+        / want.len() as f64;
+    assert!(diff > 1.0, "diffusers' inpainting is A1111's? {diff}");
+
+    // A job carries the options in its request and its result.
+    let job = common::job_to_end(&s, &native_base(22, json!({"mask_invert": true})));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["request"]["inpaint"]["mask_invert"], true);
+    assert_eq!(job["result"]["metadata"]["inpaint"]["mask_invert"], true);
+
+    // Broken options are 422s naming the key; no mask, nothing to inpaint.
+    let r = s.post_json(&native_base(22, json!({"masked_content": "blur"})));
+    assert_eq!(r.broken_fields(), ["inpaint.masked_content"]);
+    let mut no_mask = native_base(22, json!({}));
+    no_mask.as_object_mut().unwrap().remove("mask_image");
+    assert_eq!(s.post_json(&no_mask).broken_fields(), ["inpaint"]);
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/img2img",
+        &json!({"prompt": "p", "init_images": [file_b64("init-384x320.png")],
+                "mask": file_b64("mask-384x320.png"), "inpainting_fill": 5}),
+    );
+    assert_eq!(r.broken_fields(), ["inpainting_fill"]);
+}
