@@ -23,16 +23,19 @@ files in the layouts LyCORIS saves (kohya key names, lora_unet_* and lora_te_*),
                       w2, one with w2 low-rank and the kernel flattened, one with Tucker lokr_t2,
                       and text encoder q_proj and fc1 (37 outputs: w1 of one row)
   full.safetensors    full diffs (`diff`): attention, a 3x3 and a 1x1 conv, time_emb_proj, a text
-                      encoder layer; one layer with an alpha (not used), one with a `scale`
+                      encoder layer; one layer with an alpha (not used), one with a `scale`;
+                      bias diffs (`diff_b`, A1111's ex_bias: times the multiplier, not the
+                      scale, added to the layer's bias) on to_out.0, both convs, time_emb_proj
+                      and the text encoder's out_proj
   mixed.safetensors   one file of several types: LoCon in CP form (lora_mid), LoHa, LoKr, full,
                       and a plain LoRA text encoder layer
   ia3.safetensors, oft.safetensors, dora.safetensors, bias.safetensors
                       types A1111 loads and this server refuses by name (IA3, OFT, LoHa with
-                      DoRA's dora_scale, a full diff with a bias diff)
+                      DoRA's dora_scale, a LoHa with a diff_b that A1111 ignores)
 and beside that folder:
   lycoris.safetensors / lycoris.json
                       delta.<file>.<part>.<module>: A1111's delta for a layer of each form, at
-                      multiplier 1; image.base and image.<case>: diffusers images (64x64, euler)
+                      multiplier 1 (delta.<...>.<module>.bias: its ex_bias, for a diff_b); image.base and image.<case>: diffusers images (64x64, euler)
                       with A1111's deltas for the case's files and multipliers added to the
                       weights
 Pinned: torch 2.11.0, diffusers 0.42.1 (tools/requirements.txt).
@@ -112,8 +115,7 @@ def calc_updown(a, key, w, sd_module, part, multiplier):
             break
     assert m is not None, key
     updown, ex_bias = m.calc_updown(sd_module.weight)
-    assert ex_bias is None
-    return updown.reshape(sd_module.weight.shape)
+    return updown.reshape(sd_module.weight.shape), ex_bias
 
 
 def factorization(n):
@@ -173,8 +175,15 @@ def lokr(m, g, w1_rank=None, w2_rank=None, tucker=False, conv_w2_4d=False):
     return w
 
 
-def full(m, g):
-    return {"diff": torch.randn(m.weight.shape, generator=g)}
+def full(m, g, bias=False):
+    w = {"diff": torch.randn(m.weight.shape, generator=g)}
+    if bias:
+        # From a generator of its own: the other layers' tensors stay as they were.
+        gb = torch.Generator().manual_seed(500 + m.weight.numel())
+        # A third of the bias's spread (at least of the weight's: some biases start at zero).
+        spread = max(m.bias.std().item(), m.weight.std().item())
+        w["diff_b"] = torch.randn(m.bias.shape, generator=gb) * 0.33 * spread
+    return w
 
 
 def locon_cp(m, g, rank):
@@ -238,11 +247,11 @@ def layer_plan(unet):
     plan["full"] += [
         ("unet", f"{attn}.to_k", "full", {}, 4.0, {}),  # an alpha a full diff does not use
         ("unet", f"{attn}.to_v", "full", {}, None, {"scale": 0.5}),
-        ("unet", f"{attn}.to_out.0", "full", {}, None, {}),
-        ("unet", "down_blocks.0.resnets.0.conv2", "full", {}, None, {}),
-        ("unet", "down_blocks.1.resnets.0.conv_shortcut", "full", {}, None, {}),
-        ("unet", "down_blocks.1.resnets.0.time_emb_proj", "full", {}, None, {}),
-        ("te", f"{te0}.self_attn.out_proj", "full", {}, None, {}),
+        ("unet", f"{attn}.to_out.0", "full", dict(bias=True), None, {}),
+        ("unet", "down_blocks.0.resnets.0.conv2", "full", dict(bias=True), None, {}),
+        ("unet", "down_blocks.1.resnets.0.conv_shortcut", "full", dict(bias=True), None, {}),
+        ("unet", "down_blocks.1.resnets.0.time_emb_proj", "full", dict(bias=True), None, {}),
+        ("te", f"{te0}.self_attn.out_proj", "full", dict(bias=True), None, {}),
     ]
     mid = "mid_block.attentions.0.transformer_blocks.0"
     plan["mixed"] += [
@@ -298,7 +307,7 @@ def build_files(a, pipe, out):
             key = kohya_key(part, path)
             # The delta a fifth of the weight's spread (a third for the full diffs' few layers).
             target = (0.33 if form == "full" else 0.2) * m.weight.std().item()
-            got = calc_updown(a, key, w, m, part, 1.0).std().item()
+            got = calc_updown(a, key, w, m, part, 1.0)[0].std().item()
             lead = next(k for k in LEADING if k in w)
             w[lead] = w[lead] * (target / got)
             for k, v in w.items():
@@ -321,7 +330,9 @@ def refused_files(pipe, out):
         "oft": {f"{key}.oft_blocks": torch.randn(4, 8, 8, generator=g) * 0.01, f"{key}.alpha": torch.tensor(0.0)},
         "dora": {**{f"{key}.{k}": v * 0.1 for k, v in loha(m, g, 2).items()}, f"{key}.alpha": torch.tensor(2.0),
                  f"{key}.dora_scale": m.weight.norm(dim=0, keepdim=True).contiguous()},
-        "bias": {f"{kohya_key('unet', attn + '.to_out.0')}.diff": torch.randn(32, 32, generator=g) * 0.01,
+        # A1111 reads diff_b only with a full diff (network_full.py); a LoHa ignores it.
+        "bias": {**{f"{kohya_key('unet', attn + '.to_out.0')}.{k}": v * 0.1
+                    for k, v in loha(dict(pipe.unet.named_modules())[f"{attn}.to_out.0"], g, 2).items()},
                  f"{kohya_key('unet', attn + '.to_out.0')}.diff_b": torch.randn(32, generator=g) * 0.01},
     }
     for name, sd in files.items():
@@ -368,27 +379,40 @@ def main():
     for name, kept in layers.items():
         for part, path, key, w in kept:
             if path in KEPT[name]:
-                tensors[f"delta.{name}.{'unet' if part == 'unet' else 'text_encoder'}.{path}"] = \
-                    calc_updown(a, key, w, modules[part][path], part, 1.0)
+                updown, ex_bias = calc_updown(a, key, w, modules[part][path], part, 1.0)
+                prefix = f"delta.{name}.{'unet' if part == 'unet' else 'text_encoder'}.{path}"
+                tensors[prefix] = updown
+                if ex_bias is not None:
+                    tensors[f"{prefix}.bias"] = ex_bias
     base = generate(pipe)
     tensors["image.base"] = base
-    originals = {(p, path): modules[p][path].weight.detach().clone()
+    originals = {(p, path): (modules[p][path].weight.detach().clone(), modules[p][path].bias.detach().clone()
+                             if modules[p][path].bias is not None else None)
                  for kept in layers.values() for p, path, _, _ in kept}
-    for case, files in CASES.items():
-        # networks.network_apply_weights: from the original weight, each network's updown added.
-        for (p, path), w0 in originals.items():
+
+    def restore():
+        for (p, path), (w0, b0) in originals.items():
             modules[p][path].weight.copy_(w0)
+            if b0 is not None:
+                modules[p][path].bias.copy_(b0)
+
+    for case, files in CASES.items():
+        # networks.network_apply_weights: from the original weight and bias, each network's
+        # updown added to the weight and its ex_bias (a full diff's diff_b) to the bias.
+        restore()
         for name, multiplier in files:
             for part, path, key, w in layers[name]:
                 m = modules[part][path]
-                m.weight += calc_updown(a, key, w, m, part, multiplier)
+                updown, ex_bias = calc_updown(a, key, w, m, part, multiplier)
+                m.weight += updown
+                if ex_bias is not None:
+                    m.bias += ex_bias
         img = generate(pipe)
         tensors[f"image.{case}"] = img
         diff = (img.float() - base.float()).abs().mean()
         print(f"image.{case}: mean abs diff from the base image {diff:.1f}")
         assert diff > 3.0, f"{case}: the files barely change the image"
-    for (p, path), w0 in originals.items():
-        modules[p][path].weight.copy_(w0)
+    restore()
     assert torch.equal(generate(pipe), base)
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(args.out, "lycoris.safetensors"),

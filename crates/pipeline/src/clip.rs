@@ -414,7 +414,7 @@ impl ClipTextModel {
                 out.push((format!("{p}.{name}"), Target::Dense(d)));
             }
         }
-        out
+        crate::lora::with_biases(out)
     }
 }
 

@@ -59,6 +59,7 @@ const LORA_FIXTURES: &[&str] = &[
     "lycoris/mixed.safetensors",
     "loras/ink_kohya.safetensors",
     "lycoris/lokr.safetensors",
+    "lycoris/full.safetensors",
 ];
 
 /// Scans a folder holding `bytes` as `fuzz.safetensors`, checks the LoRA against tiny-a, merges
@@ -142,15 +143,22 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
                 None
             }
         };
-        let refused = ["dora_scale", "diff_b", "bias"].iter().any(|p| has(p));
+        // A bias diff (`diff_b`) is applied with a full diff only; with another type refused.
+        let refused = ["dora_scale", "bias"].iter().any(|p| has(p));
         if has("lora_down.weight") || refused {
             continue;
         } else if hada.iter().all(|p| has(p)) {
+            if has("diff_b") {
+                continue;
+            }
             used.extend(["hada_t1", "hada_t2", "alpha"].iter().map(|p| at(p)));
             used.extend(hada.iter().map(|p| at(p)));
         } else if has("weight") || has("on_input") {
             continue;
         } else if let (Some(w1), Some(w2)) = (factor(1), factor(2)) {
+            if has("diff_b") {
+                continue;
+            }
             if w1.len() + w2.len() > 2 {
                 used.push(at("alpha"));
             }
@@ -159,7 +167,7 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
             }
             used.extend(w1.into_iter().chain(w2));
         } else if has("diff") {
-            used.push(at("diff"));
+            used.extend([at("diff"), at("diff_b")]);
         } else {
             continue;
         }

@@ -1,8 +1,9 @@
-//! LyCORIS files (LoHa, LoKr, full diffs, LoCon's CP form, several types in one file) on tiny-a
-//! against diffusers images with A1111's own deltas added to the weights
-//! (`tools/make_lycoris_fixtures.py`); the types A1111 loads and this server does not apply
-//! (IA3, OFT, DoRA, bias diffs) are listed and refused naming the LoRA and the type. (Each
-//! form's delta against A1111's, value by value: `lora::a1111_deltas` in the crate.)
+//! LyCORIS files (LoHa, LoKr, full diffs with bias diffs, LoCon's CP form, several types in one
+//! file) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
+//! its `ex_bias` to the biases; `tools/make_lycoris_fixtures.py`); the types A1111 loads and
+//! this server does not apply (IA3, OFT, DoRA, a LoHa's bias diff) are listed and refused
+//! naming the LoRA and the type. (Each form's delta against A1111's, value by value:
+//! `lora::a1111_deltas` in the crate.)
 
 mod common;
 

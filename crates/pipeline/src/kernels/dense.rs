@@ -175,6 +175,14 @@ impl Dense {
         }
     }
 
+    /// The bias `[out]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Transposed { bias, .. } | Self::Deferred { bias, .. } => bias.as_ref(),
+            Self::Candle(l) => l.bias(),
+        }
+    }
+
     /// The tensor holding the weight: `[in, out]` when transposed (a deferred transpose is
     /// made now), else `[out, in]`.
     pub fn weight_storage(&self) -> Result<&Tensor> {

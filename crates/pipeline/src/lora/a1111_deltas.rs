@@ -1,7 +1,8 @@
 //! Each LyCORIS form's delta (LoHa plain and Tucker, LoKr with whole, low-rank and Tucker
 //! factors, linear and 3x3 and flattened kernels, full diffs with an unused alpha and a
-//! `scale`, LoCon's CP form, text-encoder layers) against A1111's own `calc_updown`, value by
-//! value (`tools/make_lycoris_fixtures.py`).
+//! `scale`, LoCon's CP form, text-encoder layers, and full diffs' bias diffs as the `ex_bias`
+//! of their `<module>.bias` targets) against A1111's own `calc_updown`, value by value
+//! (`tools/make_lycoris_fixtures.py`).
 
 use std::path::Path;
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::DType;
 
 use super::library::header_shapes;
-use super::{match_layers, LoraInfo, Part, TargetShapes};
+use super::{match_layers, LoraInfo, Part, TargetShapes, BIAS};
 use crate::pipeline::component_weight_files;
 use crate::Result;
 
@@ -104,22 +104,31 @@ pub(crate) fn target_shapes_of_single_file(path: &Path) -> Result<TargetShapes> 
 /// The LoRA targets among a part's weights (shapes by name, `.weight` included), sorted.
 fn targets_of(part: Part, shapes: HashMap<String, Vec<usize>>) -> Vec<(String, Vec<usize>)> {
     let mut list: Vec<(String, Vec<usize>)> = shapes
-        .into_iter()
+        .iter()
         .filter_map(|(key, dims)| {
-            let path = key.strip_suffix(".weight")?;
-            // Some text encoder files leave out `text_model.`; the built module's paths
-            // have it (as the loader reads both).
-            let path = match part {
-                Part::TextEncoder if !path.starts_with("text_model.") => {
-                    format!("text_model.{path}")
-                }
-                _ => path.to_string(),
-            };
-            target_dims(part, &path, &dims).map(|d| (path, d))
+            // A target's bias is one too (`<module>.bias`, its dims as stored).
+            if let Some(module) = key.strip_suffix(BIAS) {
+                let weight = shapes.get(&format!("{module}.weight"))?;
+                let (path, _) = target_path_dims(part, module, weight)?;
+                return Some((format!("{path}{BIAS}"), dims.clone()));
+            }
+            target_path_dims(part, key.strip_suffix(".weight")?, dims)
         })
         .collect();
     list.sort();
     list
+}
+
+/// The built module's path and dims of the weight of module `path` (as the file names it,
+/// stored as `dims`), if it is a target.
+fn target_path_dims(part: Part, path: &str, dims: &[usize]) -> Option<(String, Vec<usize>)> {
+    // Some text encoder files leave out `text_model.`; the built module's paths have it (as
+    // the loader reads both).
+    let path = match part {
+        Part::TextEncoder if !path.starts_with("text_model.") => format!("text_model.{path}"),
+        _ => path.to_string(),
+    };
+    target_dims(part, &path, dims).map(|d| (path, d))
 }
 
 /// The dims the built module of weight `path` (stored as `dims`) reports, if it is a target.

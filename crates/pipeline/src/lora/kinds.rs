@@ -2,8 +2,9 @@
 //! them (`extensions-builtin/Lora/network_*.py`): LoRA/LoCon (`up @ down`, LoCon's CP form with
 //! `lora_mid`), LyCORIS LoHa (`(w1a @ w1b) * (w2a @ w2b)`, Tucker form with `hada_t1`/`hada_t2`),
 //! LoKr (`kron(w1, w2)`, each factor whole or low-rank, Tucker `lokr_t2`) and full diffs
-//! (`diff`). Types A1111 knows and this server does not apply (IA3, OFT/BOFT, GLoRA, norm
-//! layers, DoRA's `dora_scale`, bias diffs) are kept as refused layers: the file is listed
+//! (`diff`, with `diff_b` the bias's). Types A1111 knows and this server does not apply (IA3,
+//! OFT/BOFT, GLoRA, norm layers, DoRA's `dora_scale`, `diff_b` on another type, which A1111
+//! ignores, and the weight-shaped `bias`) are kept as refused layers: the file is listed
 //! and a request naming it is refused, naming the LoRA and the type.
 //!
 //! Each layer's delta is `[rows, cols]` (`cols` the weight's input dims flattened), reshaped
@@ -48,8 +49,11 @@ pub(super) enum LayerKind {
         w2: Factor,
         t2: Option<String>,
     },
-    /// The weight's difference itself.
-    Full { diff: String },
+    /// The weight's difference itself, and with `diff_b` the bias's.
+    Full {
+        diff: String,
+        diff_b: Option<String>,
+    },
     /// A type (or part of one) this server does not apply: `type_name` as `GET /loras` lists it
     /// and `why` as a request naming the file is told.
     Refused {
@@ -120,7 +124,10 @@ impl LayerKind {
                 t2: has("lokr_t2").then(|| key("lokr_t2")),
             }
         } else if has("diff") {
-            LayerKind::Full { diff: key("diff") }
+            LayerKind::Full {
+                diff: key("diff"),
+                diff_b: has("diff_b").then(|| key("diff_b")),
+            }
         } else if has("w_norm") || has("b_norm") {
             return refused("norm", "a norm layer's diff (w_norm, b_norm)");
         } else if ["a1.weight", "a2.weight", "b1.weight", "b2.weight"]
@@ -144,11 +151,22 @@ impl LayerKind {
                 ),
             );
         }
-        if has("diff_b") || has("bias") {
+        // A1111 reads `diff_b` only for full diffs (network_full.py; other types ignore it) and
+        // adds `bias`, a weight-shaped term, to the delta (finalize_updown).
+        if has("diff_b") && !matches!(kind, LayerKind::Full { .. }) {
             return refused(
                 "bias",
                 &format!(
-                    "a {} module with a bias diff (diff_b or bias)",
+                    "a {} module with a bias diff (diff_b; applied with full diffs only)",
+                    kind.type_name()
+                ),
+            );
+        }
+        if has("bias") {
+            return refused(
+                "bias",
+                &format!(
+                    "a {} module with a weight-shaped bias term",
                     kind.type_name()
                 ),
             );
@@ -187,7 +205,10 @@ impl LayerKind {
                 keys.extend(t2);
                 keys
             }
-            LayerKind::Full { diff } => vec![diff],
+            LayerKind::Full { diff, diff_b } => [Some(diff), diff_b.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
             LayerKind::Refused { .. } => Vec::new(),
         }
     }
@@ -300,7 +321,7 @@ impl LayerKind {
                     kernel,
                 })
             }
-            LayerKind::Full { diff } => {
+            LayerKind::Full { diff, .. } => {
                 let s = get(diff)?;
                 Ok(DeltaShape {
                     rows: s[0],
@@ -365,7 +386,7 @@ impl LayerKind {
                 };
                 kron(&w1, &w2)?
             }
-            LayerKind::Full { diff } => t(diff)?,
+            LayerKind::Full { diff, .. } => t(diff)?,
             LayerKind::Refused { .. } => candle_core::bail!("a refused layer has no delta"),
         };
         delta.reshape((shape.rows, shape.cols))
@@ -467,7 +488,12 @@ mod tests {
         assert_eq!(name(&["lokr_w1_a", "lokr_w1_b", "lokr_w2"]), Some("lokr"));
         assert_eq!(name(&["lokr_w1"]), None);
         assert_eq!(name(&["diff"]), Some("full"));
-        assert_eq!(name(&["diff", "diff_b"]), Some("bias"));
+        assert_eq!(name(&["diff", "diff_b"]), Some("full"));
+        assert_eq!(
+            name(&["lora_down.weight", "lora_up.weight", "diff_b"]),
+            Some("bias")
+        );
+        assert_eq!(name(&["diff", "bias"]), Some("bias"));
         assert_eq!(name(&["weight", "on_input"]), Some("ia3"));
         assert_eq!(name(&["oft_blocks", "alpha"]), Some("oft"));
         assert_eq!(name(&["w_norm", "b_norm"]), Some("norm"));

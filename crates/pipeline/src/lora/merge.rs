@@ -1,5 +1,5 @@
-//! Merging LoRAs into the resident weights (`W += weight * (alpha / rank) * up @ down`) and
-//! writing the originals back.
+//! Merging LoRAs into the resident weights (`W += weight * (alpha / rank) * up @ down`, and a
+//! full diff's bias diff into the layer's bias) and writing the originals back.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -9,26 +9,41 @@ use super::add_delta::add_in_place;
 use super::library::layer_shape_problem;
 use super::{
     LayerKeys, LayerKind, LoraFormat, LoraInfo, LoraKey, LoraLibrary, Part, Target, TargetShapes,
+    BIAS,
 };
 use crate::{PipelineError, Result};
 
-/// Matches a file's layers to the model's weights: `(target index, layer)` per layer, or an
-/// error naming the LoRA and the first layer that has no target or the wrong shape. Layers of a
-/// part `targets` does not hold are left out (merging into one offloaded part as it is built;
-/// checks always pass every part).
+/// A file's layer matched to the model's weight (`part`, target index), and with a bias diff,
+/// to the layer's bias (its target index).
+pub(super) struct Matched<'a> {
+    pub part: Part,
+    pub weight: usize,
+    pub bias: Option<usize>,
+    pub layer: &'a LayerKeys,
+}
+
+/// Matches a file's layers to the model's weights, or an error naming the LoRA and the first
+/// layer that has no target or the wrong shape. Layers of a part `targets` does not hold are
+/// left out (merging into one offloaded part as it is built; checks always pass every part).
 pub(super) fn match_layers<'a>(
     info: &'a LoraInfo,
     shapes: &HashMap<String, Vec<usize>>,
     targets: &TargetShapes,
-) -> Result<Vec<(Part, usize, &'a LayerKeys)>> {
+) -> Result<Vec<Matched<'a>>> {
+    // Weights by module name as the file writes it; biases by their module's name.
     let mut by_name: HashMap<(Part, String), usize> = HashMap::new();
+    let mut biases: HashMap<(Part, String), usize> = HashMap::new();
     for (part, list) in targets {
         for (i, (path, _)) in list.iter().enumerate() {
-            let key = match info.format {
-                LoraFormat::Kohya => path.replace('.', "_"),
-                LoraFormat::Peft => path.clone(),
+            let (module, map) = match path.strip_suffix(BIAS) {
+                Some(module) => (module, &mut biases),
+                None => (path.as_str(), &mut by_name),
             };
-            by_name.insert((*part, key), i);
+            let key = match info.format {
+                LoraFormat::Kohya => module.replace('.', "_"),
+                LoraFormat::Peft => module.to_owned(),
+            };
+            map.insert((*part, key), i);
         }
     }
     let mut out = Vec::new();
@@ -125,7 +140,34 @@ pub(super) fn match_layers<'a>(
                 )));
             }
         }
-        out.push((layer.part, index, layer));
+        let bias = match &layer.kind {
+            LayerKind::Full {
+                diff_b: Some(diff_b),
+                ..
+            } => {
+                // A1111 gives a layer without a bias one; a built module here has its bias or
+                // none for good.
+                let Some(&bias) = biases.get(&(layer.part, module)) else {
+                    return Err(invalid(
+                        "its bias diff (diff_b) is for a layer that has no bias in this model (this server does not add one)".into(),
+                    ));
+                };
+                let (got, want) = (&shapes[diff_b], &targets[&layer.part][bias].1);
+                if got != want {
+                    return Err(invalid(format!(
+                        "its bias diff (diff_b) has shape {got:?}; the layer's bias is {want:?}"
+                    )));
+                }
+                Some(bias)
+            }
+            _ => None,
+        };
+        out.push(Matched {
+            part: layer.part,
+            weight: index,
+            bias,
+            layer,
+        });
     }
     Ok(out)
 }
@@ -168,7 +210,8 @@ pub(crate) fn compute_deltas(
         let invalid = |layer: &LayerKeys, why: &str| {
             PipelineError::InvalidRequest(format!("LoRA {name:?}: layer {}: {why}", layer.name))
         };
-        for (part, index, layer) in match_layers(info, &shapes, targets)? {
+        for matched in match_layers(info, &shapes, targets)? {
+            let (part, layer) = (matched.part, matched.layer);
             // match_layers found every key in this very map, and checked the shapes.
             let shape = layer
                 .kind
@@ -202,27 +245,40 @@ pub(crate) fn compute_deltas(
                 _ => *weight,
             };
             let delta = layer.kind.delta(&tensors, &shape)?;
-            let want = targets[&part][index].1.as_slice();
-            let delta = (delta.reshape(want)? * scale)?;
-            // NaN or infinity (in the file, or from overflow) would spread through every
-            // image: refuse the file rather than merge it.
-            let total = delta.abs()?.sum_all()?.to_scalar::<f32>()?;
-            if !total.is_finite() {
-                return Err(invalid(
-                    layer,
-                    "its weights are not finite (NaN or infinity, or too large)",
-                ));
+            let want = targets[&part][matched.weight].1.as_slice();
+            let mut made = vec![(matched.weight, (delta.reshape(want)? * scale)?)];
+            if let (
+                Some(index),
+                LayerKind::Full {
+                    diff_b: Some(b), ..
+                },
+            ) = (matched.bias, &layer.kind)
+            {
+                // A1111's finalize_updown: the bias diff times the multiplier alone (no scale).
+                made.push((index, (tensors[b].to_dtype(DType::F32)? * *weight)?));
             }
-            let sum = match deltas.remove(&(part, index)) {
-                Some(d) => {
-                    summed.insert((part, index));
-                    (d.to_dtype(DType::F32)? + delta)?
+            for (index, delta) in made {
+                // NaN or infinity (in the file, or from overflow) would spread through every
+                // image: refuse the file rather than merge it.
+                let total = delta.abs()?.sum_all()?.to_scalar::<f32>()?;
+                if !total.is_finite() {
+                    return Err(invalid(
+                        layer,
+                        "its weights are not finite (NaN or infinity, or too large)",
+                    ));
                 }
-                // A set of one LoRA rounds each delta now: the set is never all in f32 at once.
-                None if round_now => checked_in(dtype, delta, || overflow_at(part, index))?,
-                None => delta,
-            };
-            deltas.insert((part, index), sum);
+                let sum = match deltas.remove(&(part, index)) {
+                    Some(d) => {
+                        summed.insert((part, index));
+                        (d.to_dtype(DType::F32)? + delta)?
+                    }
+                    // A set of one LoRA rounds each delta now: the set is never all in f32 at
+                    // once.
+                    None if round_now => checked_in(dtype, delta, || overflow_at(part, index))?,
+                    None => delta,
+                };
+                deltas.insert((part, index), sum);
+            }
         }
     }
     for (&(part, index), delta) in deltas.iter_mut() {
@@ -349,5 +405,49 @@ impl LoraState {
     /// Notes `key` as the set now merged.
     pub(crate) fn set_active(&mut self, key: Vec<LoraKey>) {
         self.active = key;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::super::{check_fits, target_shapes_of_folder, LoraInfo};
+
+    /// A bias diff for a layer the model built without a bias (the UNet's `to_k`) is refused
+    /// naming the LoRA, the layer and why; the same diff on `to_out.0`, which has one, fits.
+    #[test]
+    fn a_bias_diff_needs_a_bias_to_change() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let targets = target_shapes_of_folder(&fixtures.join("tiny-a")).unwrap();
+        let dir = std::env::temp_dir().join(format!("sdserve-bias-diff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1";
+        for (leaf, fits) in [("to_k", false), ("to_out_0", true)] {
+            let file = dir.join(format!("{leaf}.safetensors"));
+            let zeros = |dims: &[usize]| Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu);
+            candle_core::safetensors::save(
+                &[
+                    (format!("{attn}_{leaf}.diff"), zeros(&[32, 32]).unwrap()),
+                    (format!("{attn}_{leaf}.diff_b"), zeros(&[32]).unwrap()),
+                ]
+                .into_iter()
+                .collect(),
+                &file,
+            )
+            .unwrap();
+            let info = LoraInfo::read(&file).unwrap();
+            let got = check_fits(&info, &targets);
+            if fits {
+                assert!(got.is_ok(), "{got:?}");
+            } else {
+                let why = got.unwrap_err().to_string();
+                assert!(
+                    why.contains(leaf) && why.contains("diff_b") && why.contains("no bias"),
+                    "{why}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

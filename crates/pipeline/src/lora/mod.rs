@@ -58,17 +58,30 @@ pub(crate) enum Target<'a> {
     /// A weight as its file stores it, with the dims the built module would report for it
     /// (a 1x1 convolution built as a linear layer reports `[out, in]`).
     Host(&'a Tensor, &'a [usize]),
+    /// A layer's bias `[out]` (listed as `<module path>.bias`, after its weight): what a full
+    /// diff's `diff_b` changes.
+    Bias(&'a Tensor),
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
     /// The tensor whose storage holds the weight (a deferred transpose is made now).
     fn storage(&self) -> Result<&Tensor> {
         Ok(match self {
             Target::Dense(d) => d.weight_storage()?,
             Target::Linear(l) => l.weight(),
             Target::Conv(c) => c.weight(),
-            Target::Host(t, _) => t,
+            Target::Host(t, _) | Target::Bias(t) => t,
         })
+    }
+
+    /// The bias of a built layer (a host weight's is its own host tensor).
+    fn bias(&self) -> Option<&'a Tensor> {
+        match *self {
+            Target::Dense(d) => d.bias(),
+            Target::Linear(l) => l.bias(),
+            Target::Conv(c) => c.bias(),
+            Target::Host(..) | Target::Bias(_) => None,
+        }
     }
 
     /// `[out, in]` (linear) or `[out, in, k, k]` (conv), as the files write the weight.
@@ -81,6 +94,7 @@ impl Target<'_> {
             Target::Linear(l) => l.weight().dims().to_vec(),
             Target::Conv(c) => c.weight().dims().to_vec(),
             Target::Host(_, dims) => dims.to_vec(),
+            Target::Bias(t) => t.dims().to_vec(),
         }
     }
 
@@ -108,6 +122,23 @@ pub(crate) fn shapes_of(targets: &[(String, Target<'_>)]) -> Vec<(String, Vec<us
         .iter()
         .map(|(path, t)| (path.clone(), t.canonical_dims()))
         .collect()
+}
+
+/// The suffix of a bias target's path (module paths never end in it).
+pub(crate) const BIAS: &str = ".bias";
+
+/// `targets` with each layer's bias, if it has one, right after its weight (as
+/// `<module path>.bias`): the targets of a part as every path lists them.
+pub(crate) fn with_biases<'a>(targets: Vec<(String, Target<'a>)>) -> Vec<(String, Target<'a>)> {
+    let mut out = Vec::with_capacity(targets.len() * 2);
+    for (path, target) in targets {
+        let bias = target.bias();
+        out.push((path.clone(), target));
+        if let Some(b) = bias {
+            out.push((format!("{path}{BIAS}"), Target::Bias(b)));
+        }
+    }
+    out
 }
 
 /// Modules that can list the weights a LoRA may change, by diffusers module path.

@@ -269,7 +269,7 @@ impl Layout {
         let mut keep = |part: &dyn LoraTargets, prefix: String| {
             let mut targets = Vec::new();
             part.lora_targets(&prefix, &mut targets);
-            shapes.extend(shapes_of(&targets));
+            shapes.extend(shapes_of(&crate::lora::with_biases(targets)));
         };
         drop(self.build_stem(vb)?);
         for i in 0..self.levels() {
@@ -404,7 +404,7 @@ impl UNet2DConditionModel {
         for (i, b) in parts.up_blocks.iter().enumerate() {
             b.lora_targets(&join("up_blocks", i), &mut out);
         }
-        out
+        crate::lora::with_biases(out)
     }
 
     /// What streaming did since the model was built; `None` when resident.

@@ -134,8 +134,15 @@ impl HostWeights {
         self.lora_shapes
             .iter()
             .filter_map(|(path, dims)| {
-                let weight = self.tensors.get(&format!("{path}.weight"))?;
-                Some((path.clone(), crate::lora::Target::Host(weight, dims)))
+                // A bias is listed by its own name (`<module>.bias`), a weight by its module's.
+                let target = match path.strip_suffix(crate::lora::BIAS) {
+                    Some(_) => crate::lora::Target::Bias(self.tensors.get(path)?),
+                    None => crate::lora::Target::Host(
+                        self.tensors.get(&format!("{path}.weight"))?,
+                        dims,
+                    ),
+                };
+                Some((path.clone(), target))
             })
             .collect()
     }

@@ -30,6 +30,10 @@ impl Conv2d {
         &self.weight
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub(super) fn candle_forward(&self, x: &Tensor, padding: usize) -> Result<Tensor> {
         let algo = if x.device().is_cpu() {
             None
