@@ -91,15 +91,26 @@ fn unload_frees_the_model_and_the_next_job_or_a_reload_loads_it_again() {
 
     // The next job loads the model first (a load, logged; its `loading` event may come before
     // the event stream is open), and makes the same image.
-    let loads = || {
-        s.logs()
-            .iter()
-            .filter(|l| l.contains("\"model loaded\""))
-            .count()
+    // The server logs a load before it answers, but the test reads its log through a pipe:
+    // under load the line may not have reached `logs()` yet, so a count waits up to 10 s to
+    // reach what is expected (a count past it fails at once).
+    let loads_reach = |want: usize| {
+        let t = std::time::Instant::now();
+        loop {
+            let n = s
+                .logs()
+                .iter()
+                .filter(|l| l.contains("\"model loaded\""))
+                .count();
+            if n >= want || t.elapsed() > std::time::Duration::from_secs(10) {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     };
     let (_, after) = job(&s, &request(7));
     assert_eq!(
-        loads(),
+        loads_reach(1),
         1,
         "the job after the unload did not load the model"
     );
@@ -116,11 +127,11 @@ fn unload_frees_the_model_and_the_next_job_or_a_reload_loads_it_again() {
     assert_eq!((r.status, r.json()), (200, json!({})));
     assert_eq!(health(&s)["loaded_model"]["name"], "tiny-b");
     assert!(mapped_model_files(pid) > 0);
-    assert_eq!(loads(), 2);
+    assert_eq!(loads_reach(2), 2);
     let (events, again) = job(&s, &request(7));
     assert!(!events.contains(&"loading".to_string()), "{events:?}");
     assert_eq!(
-        loads(),
+        loads_reach(2),
         2,
         "the job after the reload loaded the model again"
     );
