@@ -160,8 +160,8 @@ def to_u8(images_np):
 @torch.no_grad()
 def main():
     import diffusers
-    from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline,
+                           StableDiffusionControlNetPipeline, UNet2DConditionModel)
     from safetensors.torch import save_file
 
     if os.path.isdir(OUT):
@@ -219,10 +219,18 @@ def main():
                                "control-b-64.png": (64, 64, 3)}.items():
         control_image(w, h, seed).save(os.path.join(img_dir, name), optimize=True)
         images[name] = Image.open(os.path.join(img_dir, name)).convert("RGB")
+    # An init image for img2img: smooth gradients and a disc.
+    y, x = np.mgrid[0:64, 0:64].astype(np.float64)
+    init = np.stack([255 * (0.2 + 0.6 * x / 63), 255 * (0.3 + 0.5 * y / 63),
+                     255 * (0.5 + 0.4 * np.sin(6 * x / 63 + 3 * y / 63))], -1)
+    init[(x - 38) ** 2 + (y - 26) ** 2 < 15 ** 2] = (230, 40, 60)
+    Image.fromarray(np.round(init).astype(np.uint8), "RGB").save(
+        os.path.join(img_dir, "cn-init-64.png"), optimize=True)
+    images["cn-init-64.png"] = Image.open(os.path.join(img_dir, "cn-init-64.png")).convert("RGB")
 
-    def pipe_for(names):
+    def pipe_for(names, cls=StableDiffusionControlNetPipeline):
         cn = [nets[n] for n in names]
-        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        pipe = cls.from_pretrained(
             BASE, controlnet=cn if len(cn) > 1 else cn[0], dtype=torch.float32,
             safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
@@ -231,9 +239,13 @@ def main():
     base = dict(prompt="a house by a lake, evening", negative_prompt="blurry", steps=8,
                 width=64, height=64, seed=77, guidance_scale=7.5)
 
-    def run(label, units, scheduler=None, batch_size=1, **over):
+    def run(label, units, scheduler=None, batch_size=1, init=None, strength=None, **over):
         r = dict(base, **over)
-        pipe = pipe_for([u["model"] for u in units])
+        cls = StableDiffusionControlNetImg2ImgPipeline if init else StableDiffusionControlNetPipeline
+        pipe = pipe_for([u["model"] for u in units], cls)
+        # img2img: `image` is the init image, the control images `control_image`.
+        extra = dict(image=images[init], strength=strength,
+                     control_image=pick_images(units)) if init else dict(image=pick_images(units))
         own = dict(pipe.scheduler.config)
         if scheduler is not None:
             pipe.scheduler = make_scheduler(scheduler, own)
@@ -241,7 +253,7 @@ def main():
         pick = (lambda k: [u[k] for u in units]) if multi else (lambda k: units[0][k])
         gens = [torch.Generator("cpu").manual_seed(r["seed"] + i) for i in range(batch_size)]
         out = pipe(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
-                   image=pick("image_pil"), num_inference_steps=r["steps"],
+                   num_inference_steps=r["steps"], **extra,
                    guidance_scale=r["guidance_scale"], width=r["width"], height=r["height"],
                    generator=gens if batch_size > 1 else gens[0],
                    num_images_per_prompt=batch_size, output_type="np",
@@ -251,10 +263,14 @@ def main():
         img = to_u8(out)
         tensors[f"image.{label}"] = img
         cases[label] = dict(r, model="tiny-a-vae8", scheduler=scheduler, batch_size=batch_size,
+                            init_image=init, strength=strength,
                             controlnets=[{k: v for k, v in u.items() if k != "image_pil"}
                                          for u in units])
         st = img.float()
         print(f"{label}: mean {st.mean():.1f} std {st.std():.1f}")
+
+    def pick_images(units):
+        return [u["image_pil"] for u in units] if len(units) > 1 else units[0]["image_pil"]
 
     def unit(model, image, scale=1.0, start=0.0, end=1.0):
         return dict(model=model, image=image, image_pil=images[image], scale=scale,
@@ -267,6 +283,9 @@ def main():
     run("batch", [unit("cn-a", "control-64.png", 1.2)], scheduler="dpmpp_2m", batch_size=2,
         guidance_scale=5.0)
     run("no-cfg", [unit("cn-b", "control-b-64.png", 0.9)], scheduler="euler", guidance_scale=1.0)
+    # img2img (StableDiffusionControlNetImg2ImgPipeline): the window over the steps that run.
+    run("img2img", [unit("cn-a", "control-64.png", 0.9, 0.0, 0.8)], scheduler="euler_a",
+        init="cn-init-64.png", strength=0.6, steps=10)
     # The same request without the ControlNet: the tests check the ControlNet changes the image.
     pipe = pipe_for(["cn-a"])
     plain = diffusers.StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()

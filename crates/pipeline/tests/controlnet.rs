@@ -2,7 +2,8 @@
 //! from a diffusers folder and from the original single-file names (`.safetensors` under
 //! `control_model.`, a `.pth` pickle without), the UNet with them, and whole images of
 //! `StableDiffusionControlNetPipeline` on tiny-a-vae8 (one ControlNet, several, a guidance
-//! window, a resized control image, a batch, no CFG).
+//! window, a resized control image, a batch, no CFG) and
+//! `StableDiffusionControlNetImg2ImgPipeline`.
 
 mod common;
 
@@ -166,9 +167,15 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             }
         })
         .collect();
+    let init_image = case["init_image"].as_str().map(|name| InitImage {
+        image: read_png(name),
+        mask: None,
+        strength: case["strength"].as_f64().unwrap(),
+    });
     GenerationParams {
         batch_size: case["batch_size"].as_u64().unwrap() as usize,
         controlnets,
+        init_image,
         ..request_params(case)
     }
 }
@@ -181,7 +188,7 @@ fn images_match_diffusers_controlnet_pipeline() {
         f.get(&format!("image.{label}")).clone()
     });
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(images, 6);
+    assert_eq!(images, 7);
 }
 
 fn model() -> StableDiffusion {
@@ -226,17 +233,17 @@ fn what_a_controlnet_cannot_do_is_refused() {
             .unwrap_err()
             .to_string()
     };
-    let img2img = GenerationParams {
+    let inpaint = GenerationParams {
         init_image: Some(InitImage {
             image: read_png("control-64.png"),
-            mask: None,
+            mask: Some(read_png("control-b-64.png")),
             strength: 0.5,
         }),
         ..base.clone()
     };
-    let e = run(&img2img);
+    let e = run(&inpaint);
     assert!(
-        e.contains("text-to-image only") && e.contains("init image"),
+        e.contains("img2img only") && e.contains("inpainting"),
         "{e}"
     );
     // A ControlNet of another UNet (tiny-b's widths) does not fit tiny-a's.

@@ -166,9 +166,16 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
     window["guidance_start"] = json!(0.7);
     refused(with(vec![window]), "below guidance_end");
     refused(with(vec![unit("cn-a"); 4]), "at most 3");
+    let mut inpaint = with(vec![unit("cn-a")]);
+    inpaint["init_image"] = json!(control_png());
+    inpaint["mask_image"] = json!(control_png());
+    refused(inpaint, "not with mask_image");
+    // img2img runs (diffusers' ControlNet img2img, `crates/pipeline/tests/controlnet.rs`).
     let mut img2img = with(vec![unit("cn-a")]);
     img2img["init_image"] = json!(control_png());
-    refused(img2img, "text-to-image only");
+    img2img["strength"] = json!(0.7);
+    let (with_image, _, _) = run(&img2img);
+    assert_eq!(with_image.len(), steered.len());
     // A file that is not a ControlNet fails the request when it runs, naming it.
     let r = s.post_json(&with(vec![unit("not-a-controlnet")]));
     let e = r.error(422, "validation_error").to_string();

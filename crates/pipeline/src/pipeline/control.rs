@@ -4,7 +4,9 @@
 //! ControlNet run on the UNet's own input rows (both halves of a guided batch, not guess mode)
 //! with `conditioning_scale * controlnet_keep[i]`; several ControlNets' residuals summed
 //! (`MultiControlNetModel`). A ControlNet outside its `[guidance_start, guidance_end]` is
-//! skipped: diffusers runs it with scale 0, which adds exact zeros.
+//! skipped: diffusers runs it with scale 0, which adds exact zeros. With an init image (no
+//! mask) this is `StableDiffusionControlNetImg2ImgPipeline`: the window counts the steps that
+//! run (`controlnet_keep` over the strength's timesteps).
 
 use std::sync::Arc;
 
@@ -49,9 +51,8 @@ fn control_image(unit: &ControlNetUnit, width: usize, height: usize) -> Result<T
 impl StableDiffusion {
     /// Loads the request's ControlNets (each handed over or read onto the pipeline's device in
     /// its dtype) and prepares their images; `None` without any. Refuses what the pipeline does
-    /// not do with one: a start image (diffusers' ControlNet img2img and inpainting pipelines
-    /// are not implemented), a hires pass, a ControlNet for another UNet, an image smaller than
-    /// one pixel.
+    /// not do with one: an inpainting mask (diffusers' ControlNet inpainting pipeline is not
+    /// implemented), a hires pass, a ControlNet for another UNet, an empty image.
     pub(super) fn prepare_control(
         &self,
         params: &GenerationParams,
@@ -61,11 +62,12 @@ impl StableDiffusion {
         }
         let refuse = |what: &str| {
             Err(PipelineError::InvalidRequest(format!(
-                "ControlNets steer text-to-image only: {what} with a ControlNet is not supported"
+                "ControlNets steer text-to-image and img2img only: {what} with a ControlNet is \
+                 not supported"
             )))
         };
-        if params.init_image.is_some() {
-            return refuse("an init image (img2img, inpainting)");
+        if params.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
+            return refuse("inpainting (an init image with a mask)");
         }
         if params.hires.is_some() {
             return refuse("the hires fix");

@@ -237,9 +237,9 @@ pub struct GenerateRequest {
     /// the styled text. An unknown name is a 422.
     #[schema(nullable = true, example = json!(["Cinematic"]))]
     pub styles: Option<Vec<String>>,
-    /// ControlNets steering the composition (text-to-image only; not with `init_image` or
-    /// `hires`): diffusers' `StableDiffusionControlNetPipeline`, several summed as its
-    /// `MultiControlNetModel`. At most 3. A model is a name of CONTROLNET_DIR (`GET
+    /// ControlNets steering the composition (text-to-image and img2img; not with `mask_image`
+    /// or `hires`): diffusers' `StableDiffusionControlNetPipeline` (with `init_image` its
+    /// `...Img2ImgPipeline`), several summed as its `MultiControlNetModel`. At most 3. A model is a name of CONTROLNET_DIR (`GET
     /// /controlnets`; unknown: a 422 listing the names); one that is not a ControlNet for the
     /// model's UNet fails the request (422 naming it).
     #[schema(max_items = 3, nullable = true)]

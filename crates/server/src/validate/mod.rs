@@ -466,11 +466,14 @@ pub fn validate_request(
     }
     let seed_resize = seed_resize_from(&mut r);
     let controlnets = r.with("controlnets", controlnets::read).unwrap_or_default();
-    // diffusers' ControlNet img2img and inpainting pipelines are not implemented, nor a hires
-    // pass with one (A1111's extension steers it too).
+    // diffusers' ControlNet inpainting pipeline is not implemented, nor a hires pass with one
+    // (A1111's extension steers it too).
     if !controlnets.is_empty() {
-        if has_init {
-            r.fail("controlnets", "text-to-image only (not with init_image)");
+        if r.value("mask_image").is_some() {
+            r.fail(
+                "controlnets",
+                "text-to-image and img2img only (not with mask_image)",
+            );
         }
         if r.value("hires").is_some() {
             r.fail("controlnets", "not with the hires fix");
