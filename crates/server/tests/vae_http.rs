@@ -240,6 +240,18 @@ fn a_named_vae_decodes_as_diffusers_and_the_model_s_own_comes_back() {
     assert_eq!(r.broken_fields(), ["vae"], "{}", r.text());
     assert!(!r.text().contains(vaes.to_str().unwrap()), "{}", r.text());
     assert!(r.text().contains("shape"), "{}", r.text());
+    // Known from the file's names and shapes when it is submitted: no job is made for it.
+    let jobs = |s: &Server| s.get("/jobs").json()["jobs"].as_array().unwrap().len();
+    let before = jobs(&s);
+    let r = post(&s, "/jobs", &wrong);
+    assert_eq!(r.broken_fields(), ["vae"], "{}", r.text());
+    assert!(
+        r.text()
+            .contains("blocks of [8, 8, 16, 8] channels, the model's VAE [8, 8, 16, 16]"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(jobs(&s), before);
     assert_eq!(job_pixels(&s, &refs.native("txt2img")), own);
 }
 

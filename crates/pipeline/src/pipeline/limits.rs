@@ -18,6 +18,13 @@ pub struct ModelLimits {
     pub vae_scale_factor: usize,
     /// `vae/config.json`'s `latent_channels`.
     pub vae_latent_channels: usize,
+    /// `vae/config.json`'s `block_out_channels` (zeros after them; all zeros: not known, as
+    /// from a worker of an older version) and `layers_per_block` (0: not known): with the
+    /// latent channels, the shapes a VAE file must have to take the model's VAE's place.
+    #[serde(default)]
+    pub vae_widths: [usize; 8],
+    #[serde(default)]
+    pub vae_layers_per_block: usize,
 }
 
 impl ModelLimits {
@@ -29,10 +36,22 @@ impl ModelLimits {
     }
 
     pub(crate) fn of_configs(text: &ClipTextConfig, vae: &VaeConfig) -> Self {
+        Self::of(text.num_hidden_layers, vae)
+    }
+
+    /// The limits of a model whose text encoder has `text_encoder_layers` and whose VAE is
+    /// `vae`.
+    pub(crate) fn of(text_encoder_layers: usize, vae: &VaeConfig) -> Self {
+        let mut vae_widths = [0; 8];
+        for (w, c) in vae_widths.iter_mut().zip(&vae.block_out_channels) {
+            *w = *c;
+        }
         Self {
-            text_encoder_layers: text.num_hidden_layers,
+            text_encoder_layers,
             vae_scale_factor: vae_scale_factor(vae),
             vae_latent_channels: vae.latent_channels,
+            vae_widths,
+            vae_layers_per_block: vae.layers_per_block,
         }
     }
 
@@ -55,6 +74,30 @@ impl ModelLimits {
     /// cannot: other latent channels, or another downscale factor.
     pub fn external_vae_problem(&self, config: &VaeConfig) -> Option<String> {
         vae_mismatch(config, self.vae_latent_channels, self.vae_scale_factor)
+    }
+
+    /// Why a VAE *file* whose weights' shapes imply `config` cannot take this model's VAE's
+    /// place, if it cannot: a file is built on the model's own VAE config, so beyond the
+    /// latents ([`Self::external_vae_problem`]) its blocks' widths and depth must be the
+    /// model's (where those are known).
+    pub fn vae_file_problem(&self, config: &VaeConfig) -> Option<String> {
+        if let Some(why) = self.external_vae_problem(config) {
+            return Some(why);
+        }
+        let widths: Vec<usize> = self.vae_widths.iter().copied().filter(|&w| w > 0).collect();
+        if !widths.is_empty() && config.block_out_channels != widths {
+            return Some(format!(
+                "its weights' shapes make blocks of {:?} channels, the model's VAE {widths:?}",
+                config.block_out_channels
+            ));
+        }
+        if self.vae_layers_per_block > 0 && config.layers_per_block != self.vae_layers_per_block {
+            return Some(format!(
+                "its weights' shapes make {} layers per block, the model's VAE {}",
+                config.layers_per_block, self.vae_layers_per_block
+            ));
+        }
+        None
     }
 }
 

@@ -81,13 +81,7 @@ impl StableDiffusion {
 
         let vae_weights = VaeWeights::of_model(dir, plan, dtype)?;
         let scaling_factor = vae_weights.config.scaling_factor;
-        let vae_scale_factor = super::limits::vae_scale_factor(&vae_weights.config);
-        let vae_latent_channels = vae_weights.config.latent_channels;
-        let limits = super::ModelLimits {
-            text_encoder_layers: text_layers,
-            vae_scale_factor,
-            vae_latent_channels,
-        };
+        let limits = super::ModelLimits::of(text_layers, &vae_weights.config);
         let (vae, vae_encoder, vae_f32) = vae_weights.components(plan, device)?;
 
         let schedules = super::ModelSchedules::from_config(read_json::<SchedulerConfig>(
@@ -101,11 +95,11 @@ impl StableDiffusion {
             unet_config,
             unet_in_channels,
             vae_scaling_factor: scaling_factor,
-            vae_scale_factor,
+            vae_scale_factor: limits.vae_scale_factor,
             limits,
             vae,
             vae_encoder,
-            vae_latent_channels,
+            vae_latent_channels: limits.vae_latent_channels,
             vae_f32,
             own_vae: vae_weights.clone(),
             vae_weights,

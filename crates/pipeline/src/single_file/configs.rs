@@ -127,7 +127,7 @@ impl Configs {
     }
 }
 
-type ShapeOf<'a> = dyn Fn(&str) -> Result<Vec<usize>> + 'a;
+pub(super) type ShapeOf<'a> = dyn Fn(&str) -> Result<Vec<usize>> + 'a;
 
 fn indices(parts: &[(String, String)], prefix: &str) -> Vec<usize> {
     let mut v: Vec<usize> = parts
@@ -253,7 +253,7 @@ fn infer_unet(parts: &[(String, String)], shape: &ShapeOf) -> Result<serde_json:
     }))
 }
 
-fn infer_vae(parts: &[(String, String)], shape: &ShapeOf) -> Result<serde_json::Value> {
+pub(super) fn infer_vae(parts: &[(String, String)], shape: &ShapeOf) -> Result<serde_json::Value> {
     let levels = indices(parts, "encoder.down.").len();
     if levels == 0 {
         return Err(PipelineError::config(

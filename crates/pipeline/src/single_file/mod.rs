@@ -48,7 +48,7 @@ pub use controlnet_file::{read_controlnet_file, ControlNetFileShapes};
 pub use convert::convert_single_file;
 pub use key_map::{map_unet_key, map_vae_key};
 pub use shapes::SingleFileShapes;
-pub use vae_file::read_vae_file;
+pub use vae_file::{read_vae_file, vae_file_config};
 pub use validate::{component_weight_files, validate_folder, validate_safetensors, weight_variant};
 pub(crate) use validate::{finite_sample_step, first_non_finite};
 

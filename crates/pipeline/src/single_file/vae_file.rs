@@ -68,6 +68,40 @@ pub fn read_vae_file(path: &Path, levels: usize, dtype: DType) -> Result<HashMap
     Ok(out)
 }
 
+/// The VAE config the weights of VAE file `path` imply (`block_out_channels`, layers per
+/// block, latent channels, ...), from their names and shapes alone (a safetensors header, a
+/// pickle's object tree; no tensor data), keys read as [`read_vae_file`] reads them: so a
+/// file that cannot take a model's VAE's place is known before the swap.
+pub fn vae_file_config(path: &Path) -> Result<crate::vae::VaeConfig> {
+    let file = SourceFile::open(path)?;
+    let prefix = VAE_PREFIXES
+        .iter()
+        .copied()
+        .find(|p| file.tensors.keys().any(|k| k.starts_with(p)));
+    let parts: Vec<(String, String)> = file
+        .tensors
+        .keys()
+        .filter_map(|src| {
+            let key = match prefix {
+                Some(p) => src.strip_prefix(p)?,
+                None => src.as_str(),
+            };
+            (!key.starts_with("loss.") && !key.starts_with("model_ema."))
+                .then(|| (src.clone(), key.to_string()))
+        })
+        .collect();
+    let shape = |key: &str| -> Result<Vec<usize>> {
+        parts
+            .iter()
+            .find(|(_, k)| k == key)
+            .map(|(src, _)| file.tensors[src].shape.clone())
+            .ok_or_else(|| weights(path, format!("no `{key}`: not a VAE's weights")))
+    };
+    let config = super::configs::infer_vae(&parts, &shape)?;
+    serde_json::from_value(config)
+        .map_err(|e| weights(path, format!("its shapes make no VAE config: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +127,29 @@ mod tests {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k}");
         }
+    }
+
+    #[test]
+    fn a_file_s_config_is_read_from_its_shapes() {
+        let own: crate::vae::VaeConfig = crate::error::read_json(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/tiny-a-vae8/vae/config.json"),
+        )
+        .unwrap();
+        for f in ["alt.safetensors", "alt.ckpt"] {
+            let c = vae_file_config(&fixture(f)).unwrap();
+            assert_eq!(
+                (&c.block_out_channels, c.layers_per_block, c.latent_channels),
+                (
+                    &own.block_out_channels,
+                    own.layers_per_block,
+                    own.latent_channels
+                ),
+                "{f}"
+            );
+        }
+        let wrong = vae_file_config(&fixture("wrong-shape.safetensors")).unwrap();
+        assert_ne!(wrong.block_out_channels, own.block_out_channels);
     }
 
     #[test]

@@ -347,14 +347,27 @@ pub(crate) fn resolve_vae(
         )
     })?;
     // A folder brings its own config: one whose latents the model cannot take would fail the
-    // swap (`set_vae`); a file's shapes are checked there.
-    if let (Some(limits), crate::vaes::VaeKind::Folder) = (fits, &entry.kind) {
-        let config: sdserve_pipeline::vae::VaeConfig =
-            sdserve_pipeline::error::read_json(&entry.path.join("config.json")).map_err(|why| {
-                tracing::warn!(vae = %name, error = %why, "a VAE folder's config cannot be read");
-                ApiError::validation(field, format!("VAE {name:?} cannot be read"))
-            })?;
-        if let Some(why) = limits.external_vae_problem(&config) {
+    // swap (`set_vae`). A file is built on the model's VAE config: the config its weights'
+    // shapes imply (read from their names and shapes, no tensor data) must be the model's.
+    if let Some(limits) = fits {
+        let unreadable = |why: String| {
+            tracing::warn!(vae = %name, error = %why, "a VAE's config cannot be read");
+            ApiError::validation(field, format!("VAE {name:?} cannot be read"))
+        };
+        let problem = match &entry.kind {
+            crate::vaes::VaeKind::Folder => {
+                let config: sdserve_pipeline::vae::VaeConfig =
+                    sdserve_pipeline::error::read_json(&entry.path.join("config.json"))
+                        .map_err(|e| unreadable(e.to_string()))?;
+                limits.external_vae_problem(&config)
+            }
+            _ => {
+                let config = sdserve_pipeline::single_file::vae_file_config(&entry.path)
+                    .map_err(|e| unreadable(e.to_string()))?;
+                limits.vae_file_problem(&config)
+            }
+        };
+        if let Some(why) = problem {
             return Err(ApiError::validation(
                 field,
                 format!("VAE {name:?} does not fit this model: {why}"),

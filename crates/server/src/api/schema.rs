@@ -187,8 +187,9 @@ pub struct GenerateRequest {
     /// `model.vae.safetensors` for `model.safetensors`), else the model's own; `none`: the
     /// model's own. The worker swaps it between jobs; a diffusers folder whose config makes
     /// other latents than the model's (latent channels, downscale factor) is a 422 naming `vae`
-    /// before the job is queued, a file whose shapes do not fit the model fails the request (422
-    /// naming `vae`); an unknown name is a 422. 1..=255 characters.
+    /// before the job is queued, and so is a file whose weights' shapes (read from its names
+    /// and shapes) make another VAE than the model's (latents, block widths, layers per block);
+    /// an unknown name is a 422. 1..=255 characters.
     #[schema(
         nullable = true,
         min_length = 1,

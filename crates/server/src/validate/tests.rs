@@ -428,6 +428,8 @@ fn the_model_s_limits_name_each_field_past_them() {
         text_encoder_layers: layers,
         vae_scale_factor: factor,
         vae_latent_channels: 4,
+        vae_widths: [0; 8],
+        vae_layers_per_block: 0,
     };
     let fields =
         |e: ApiError| -> Vec<String> { e.fields().iter().map(|f| f.field.clone()).collect() };

@@ -171,6 +171,8 @@ fn a_model_s_limits_go_to_the_api_replicas_and_older_workers_send_none() {
         text_encoder_layers: 12,
         vae_scale_factor: 8,
         vae_latent_channels: 4,
+        vae_widths: [128, 256, 512, 512, 0, 0, 0, 0],
+        vae_layers_per_block: 2,
     };
     let info = ModelInfo {
         model_version: "m@0".into(),
