@@ -3,6 +3,7 @@
 //! One module per dialect translates to and from the one internal request (docs/ARCHITECTURE.md).
 
 pub mod a1111;
+mod cache_key;
 mod declared_types;
 mod inpaint_schema;
 mod jobs;

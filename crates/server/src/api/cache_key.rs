@@ -1,0 +1,251 @@
+//! The response cache's key for a generation: what makes two requests' images the same.
+
+use sdserve_pipeline::pipeline::GenerationParams;
+
+/// Every parameter that changes the images, the resolved scheduler, the model version (with the
+/// VAE, when the request names one) and the
+/// adapter folders' fingerprint (a LoRA or embedding replaced under the same name changes the
+/// image); init image and mask by the sha256 of their pixels.
+pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &str) -> String {
+    let images = match &p.init_image {
+        None => "txt2img".to_string(),
+        Some(init) => format!(
+            "{}\u{0}{}\u{0}{:016x}",
+            crate::images::digest(&init.image),
+            init.mask
+                .as_ref()
+                .map_or_else(|| "no mask".to_string(), crate::images::digest),
+            init.strength.to_bits()
+        ),
+    };
+    // Every field of the second pass (`Debug` writes floats exactly), and the sigma schedule.
+    let images = format!(
+        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
+        p.hires, p.tiling, p.variation, p.schedule, p.seed_resize_from, p.a1111_inpaint
+    );
+    // Each ControlNet by name (its file is in the model part), control image and numbers.
+    let controlnets: Vec<_> = p
+        .controlnets
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {:?} {:?} {:?}",
+                c.model.name,
+                crate::images::digest(&c.image),
+                c.scale,
+                c.guidance_start,
+                c.guidance_end
+            )
+        })
+        .collect();
+    let images = format!("{images}\u{0}{controlnets:?}");
+    format!(
+        "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
+        p.prompt,
+        p.negative_prompt,
+        p.steps,
+        p.width,
+        p.height,
+        p.seed,
+        p.guidance_scale.to_bits(),
+        p.scheduler.map(|k| k.name()).unwrap_or("default"),
+        p.prompt_syntax,
+        p.clip_skip,
+        p.loras
+            .iter()
+            .map(|l| (&l.name, l.weight.to_bits()))
+            .collect::<Vec<_>>(),
+        p.batch_size,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdserve_pipeline::pipeline::PromptSyntax;
+
+    use sdserve_pipeline::pipeline::{InitImage, LoraWeight};
+
+    #[test]
+    fn cache_key_covers_every_parameter() {
+        let base = GenerationParams {
+            prompt: "a".into(),
+            negative_prompt: String::new(),
+            steps: 4,
+            width: 256,
+            height: 256,
+            seed: 1,
+            guidance_scale: 7.5,
+            scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+            ..Default::default()
+        };
+        let k = cache_key(&base, "m@1", "f1");
+        let pixel = |v: u8| sdserve_pipeline::pipeline::RgbImage {
+            width: 1,
+            height: 1,
+            pixels: vec![v; 3],
+        };
+        let init = InitImage {
+            image: pixel(9),
+            mask: None,
+            strength: 0.8,
+        };
+        let variants = [
+            GenerationParams {
+                prompt: "b".into(),
+                ..base.clone()
+            },
+            GenerationParams {
+                negative_prompt: "n".into(),
+                ..base.clone()
+            },
+            GenerationParams {
+                steps: 5,
+                ..base.clone()
+            },
+            GenerationParams {
+                width: 320,
+                ..base.clone()
+            },
+            GenerationParams {
+                height: 320,
+                ..base.clone()
+            },
+            GenerationParams {
+                seed: 2,
+                ..base.clone()
+            },
+            GenerationParams {
+                guidance_scale: 7.0,
+                ..base.clone()
+            },
+            GenerationParams {
+                scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Ddim),
+                ..base.clone()
+            },
+            GenerationParams {
+                prompt_syntax: PromptSyntax::A1111,
+                ..base.clone()
+            },
+            GenerationParams {
+                clip_skip: 2,
+                ..base.clone()
+            },
+            GenerationParams {
+                loras: vec![LoraWeight {
+                    name: "x".into(),
+                    weight: 0.5,
+                }],
+                ..base.clone()
+            },
+            GenerationParams {
+                batch_size: 2,
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(init.clone()),
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(InitImage {
+                    strength: 0.5,
+                    ..init.clone()
+                }),
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(InitImage {
+                    mask: Some(pixel(255)),
+                    ..init.clone()
+                }),
+                ..base.clone()
+            },
+            GenerationParams {
+                init_image: Some(InitImage {
+                    image: pixel(7),
+                    ..init.clone()
+                }),
+                ..base.clone()
+            },
+        ];
+        let hires = sdserve_pipeline::pipeline::Hires {
+            width: 512,
+            height: 512,
+            upscale_width: 512,
+            upscale_height: 512,
+            upscaler: sdserve_pipeline::pipeline::Upscaler::Resize,
+            steps: 4,
+            strength: 0.7,
+            scheduler: None,
+            schedule: None,
+            prompt: None,
+            negative_prompt: None,
+        };
+        let with_hires = |h: sdserve_pipeline::pipeline::Hires| GenerationParams {
+            hires: Some(h),
+            ..base.clone()
+        };
+        let hires_variants = [
+            with_hires(hires.clone()),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                width: 448,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                upscaler: sdserve_pipeline::pipeline::Upscaler::Lanczos,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                steps: 5,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                strength: 0.71,
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                prompt: Some("x".into()),
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+                ..hires.clone()
+            }),
+            with_hires(sdserve_pipeline::pipeline::Hires {
+                scheduler: Some(sdserve_pipeline::schedulers::SchedulerKind::Euler),
+                schedule: Some(sdserve_pipeline::schedulers::SigmaSchedule::Beta),
+                ..hires.clone()
+            }),
+        ];
+        let hires_keys: std::collections::HashSet<String> = hires_variants
+            .iter()
+            .map(|v| cache_key(v, "m@1", "f1"))
+            .collect();
+        assert_eq!(
+            hires_keys.len(),
+            hires_variants.len(),
+            "each hires field counts"
+        );
+        assert!(!hires_keys.contains(&k));
+        for v in variants {
+            assert_ne!(cache_key(&v, "m@1", "f1"), k, "{v:?}");
+        }
+        let resized = |width, height| {
+            let from = sdserve_pipeline::pipeline::SeedResize { width, height };
+            let p = GenerationParams {
+                seed_resize_from: Some(from),
+                ..base.clone()
+            };
+            cache_key(&p, "m@1", "f1")
+        };
+        assert_ne!(resized(512, 512), k, "a seed resize counts");
+        assert_ne!(resized(512, 512), resized(512, 576), "its size counts");
+        assert_ne!(cache_key(&base, "m@2", "f1"), k);
+        assert_ne!(
+            cache_key(&base, "m@1", "f2"),
+            k,
+            "the adapter folders changed"
+        );
+        assert_eq!(cache_key(&base.clone(), "m@1", "f1"), k);
+    }
+}
