@@ -12,89 +12,14 @@ mod common;
 static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
     sdserve_pipeline::weights::mapped::MappedAlloc;
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use common::pixel_difference;
-use sdserve_pipeline::lora::{LoraFormat, LoraLibrary};
-use sdserve_pipeline::pipeline::{GenerationParams, LoraWeight, StableDiffusion};
-use sdserve_pipeline::schedulers::SchedulerKind;
-use serde_json::Value;
+use common::lora_reference::{assert_close, expected, generate, request, Reference};
+use sdserve_pipeline::lora::LoraFormat;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-struct Reference {
-    model: StableDiffusion,
-    meta: Value,
-    tensors: HashMap<String, Tensor>,
-}
-
+/// tiny-a with the LyCORIS folder of `tools/make_lycoris_fixtures.py`.
 fn reference() -> Reference {
-    let dir = fixtures().join("adapters");
-    let mut model = StableDiffusion::load(&fixtures().join("tiny-a"), &Device::Cpu, DType::F32)
-        .expect("model loads");
-    model
-        .set_lora_library(LoraLibrary::scan(&dir.join("lycoris")).unwrap())
-        .unwrap();
-    let text = std::fs::read_to_string(dir.join("lycoris.json")).unwrap();
-    Reference {
-        model,
-        meta: serde_json::from_str(&text).unwrap(),
-        tensors: candle_core::safetensors::load(dir.join("lycoris.safetensors"), &Device::Cpu)
-            .unwrap(),
-    }
-}
-
-fn request(r: &Reference, loras: &[(&str, f64)]) -> GenerationParams {
-    let q = &r.meta["request"];
-    GenerationParams {
-        prompt: q["prompt"].as_str().unwrap().into(),
-        negative_prompt: q["negative_prompt"].as_str().unwrap().into(),
-        steps: q["steps"].as_u64().unwrap() as usize,
-        width: q["width"].as_u64().unwrap() as usize,
-        height: q["height"].as_u64().unwrap() as usize,
-        seed: q["seed"].as_u64().unwrap(),
-        guidance_scale: q["guidance_scale"].as_f64().unwrap(),
-        scheduler: Some(SchedulerKind::from_name(q["scheduler"].as_str().unwrap()).unwrap()),
-        loras: loras
-            .iter()
-            .map(|(n, w)| LoraWeight {
-                name: n.to_string(),
-                weight: *w,
-            })
-            .collect(),
-        ..Default::default()
-    }
-}
-
-fn generate(r: &Reference, params: &GenerationParams) -> Vec<u8> {
-    r.model
-        .generate(params, &mut |_| ControlFlow::Continue(()))
-        .expect("generates")
-        .remove(0)
-        .pixels
-}
-
-fn expected(r: &Reference, key: &str) -> Vec<u8> {
-    r.tensors[key]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u8>()
-        .unwrap()
-}
-
-/// The tolerance of the LoRA images (tests/adapters.rs).
-fn assert_close(label: &str, ours: &[u8], reference: &[u8]) {
-    let (mean, over) = pixel_difference(ours, reference);
-    eprintln!("{label}: mean abs diff {mean:.4}, fraction > 8: {over:.5}");
-    assert!(
-        mean <= 1.0 && over <= 0.005,
-        "{label}: mean {mean}, >8 {over}"
-    );
+    common::lora_reference::reference("lycoris", "lycoris")
 }
 
 fn cases(r: &Reference) -> Vec<(String, Vec<(String, f64)>)> {

@@ -6,8 +6,8 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use common::{fixture_path, max_abs_diff, read_png};
+use candle_core::{DType, Device};
+use common::{a1111_input, fixture_path, max_abs_diff, read_png};
 use sdserve_pipeline::pipeline::RgbImage;
 use sdserve_pipeline::upscaler::{
     upscale_averaged_checked, upscale_by, Network, SwinIrUpsampler, Tiling, SWIN_TILE,
@@ -21,18 +21,6 @@ fn model(file: &str) -> Network {
 
 fn png(name: &str) -> RgbImage {
     read_png(&format!("../swinir/{name}"))
-}
-
-/// The image as A1111 hands it to the network: BGR, `/ 255` in float64, then float32.
-fn a1111_input(image: &RgbImage) -> Tensor {
-    let (w, h) = (image.width as usize, image.height as usize);
-    let mut v = vec![0f32; 3 * w * h];
-    for (i, p) in image.pixels.chunks(3).enumerate() {
-        for c in 0..3 {
-            v[c * w * h + i] = (p[2 - c] as f64 / 255.0) as f32;
-        }
-    }
-    Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap()
 }
 
 #[test]

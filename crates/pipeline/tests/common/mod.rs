@@ -10,6 +10,7 @@ use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StableDiffusion};
 use sdserve_pipeline::schedulers::{SchedulerConfig, SchedulerKind};
 
 pub mod fuzz;
+pub mod lora_reference;
 
 /// `crates/pipeline/tests/fixtures/<name>`.
 pub fn fixture_path(name: &str) -> PathBuf {
@@ -275,4 +276,16 @@ pub fn read_png(name: &str) -> RgbImage {
         height: info.height,
         pixels,
     }
+}
+
+/// The image as A1111 hands it to an upscaler network (tests/esrgan.rs, tests/swinir.rs): BGR, `/ 255` in float64, then float32.
+pub fn a1111_input(image: &RgbImage) -> Tensor {
+    let (w, h) = (image.width as usize, image.height as usize);
+    let mut v = vec![0f32; 3 * w * h];
+    for (i, p) in image.pixels.chunks(3).enumerate() {
+        for c in 0..3 {
+            v[c * w * h + i] = (p[2 - c] as f64 / 255.0) as f32;
+        }
+    }
+    Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap()
 }
