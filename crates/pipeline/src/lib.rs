@@ -17,6 +17,7 @@ pub mod interpolate;
 pub mod kernels;
 pub mod lora;
 pub mod memory;
+pub mod named_file;
 pub mod pipeline;
 pub mod preview;
 pub mod prompt;

@@ -7,11 +7,12 @@
 //! the same Lanczos resize.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
 use crate::image_in::{resize_lanczos, resize_nearest};
+use crate::named_file::NamedFile;
 use crate::pipeline::RgbImage;
 use crate::upscaler::Network;
 
@@ -24,58 +25,18 @@ pub enum ImageUpscaler {
     Model(Arc<ModelUpscaler>),
 }
 
-/// An ESRGAN model file by its upscaler name: read the first time it is needed, or handed
-/// over already loaded (the server's cache of networks, [`Self::with_network`]).
-pub struct ModelUpscaler {
-    pub name: String,
-    /// The file; empty for a model known by name only until it runs ([`Self::named`]).
-    pub path: PathBuf,
-    loaded: OnceLock<Result<Arc<Network>, String>>,
-}
+/// An ESRGAN-family or SwinIR model file by its upscaler name, read the first time it is
+/// needed or handed over already loaded (the server's cache of networks).
+pub type ModelUpscaler = NamedFile<Network>;
 
-impl std::fmt::Debug for ModelUpscaler {
-    /// The name and file only: the same model reads the same whether loaded or not (the
-    /// server's cache key writes requests with `Debug`).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelUpscaler")
-            .field("name", &self.name)
-            .field("path", &self.path)
-            .finish()
-    }
-}
-
-impl PartialEq for ModelUpscaler {
-    fn eq(&self, other: &Self) -> bool {
-        (&self.name, &self.path) == (&other.name, &other.path)
-    }
-}
-
-impl Eq for ModelUpscaler {}
-
-impl ModelUpscaler {
-    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        Self {
-            name: name.into(),
-            path: path.into(),
-            loaded: OnceLock::new(),
-        }
-    }
-
-    /// A model known by its name alone, to be found where it runs (the server's worker looks
-    /// it up in its own UPSCALERS_DIR and hands the network over: [`Self::with_network`]).
-    pub fn named(name: impl Into<String>) -> Self {
-        Self::new(name, PathBuf::new())
-    }
-
+impl NamedFile<Network> {
     /// The model with its network already read (from `path`).
     pub fn with_network(
         name: impl Into<String>,
         path: impl Into<PathBuf>,
         network: Arc<Network>,
     ) -> Self {
-        let me = Self::new(name, path);
-        let _ = me.loaded.set(Ok(network));
-        me
+        Self::with_loaded(name, path, network)
     }
 
     /// The network (read on the CPU in f32 on first use; blocking), or why the file is not
@@ -87,21 +48,10 @@ impl ModelUpscaler {
     /// The network, read onto `device` in `dtype` on first use; one handed over
     /// ([`Self::with_network`]) or read before is used where it is.
     pub fn load_on(&self, device: &Device, dtype: DType) -> Result<&Network, String> {
-        self.loaded
-            .get_or_init(|| {
-                if self.path.as_os_str().is_empty() {
-                    return Err(format!(
-                        "the upscaler {:?} was not found in an upscaler folder",
-                        self.name
-                    ));
-                }
-                Network::load(&self.path, device, dtype)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map(|n| n.as_ref())
-            .map_err(Clone::clone)
+        self.get_or_read("upscaler", "an upscaler folder", |path| {
+            Network::load(path, device, dtype).map_err(|e| e.to_string())
+        })
+        .map(|n| n.as_ref())
     }
 
     /// The model's factor (1 until it is read: [`Self::load`] first).

@@ -3,62 +3,26 @@
 //! part of the schedule it steers).
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
 use super::ControlNetModel;
+use crate::named_file::NamedFile;
 use crate::pipeline::RgbImage;
 use crate::unet::UNetConfig;
 
 /// A ControlNet file (or diffusers folder) by its name.
-pub struct ControlNet {
-    pub name: String,
-    /// The file or folder; empty for one known by name only until it runs ([`Self::named`]).
-    pub path: PathBuf,
-    loaded: OnceLock<Result<Arc<ControlNetModel>, String>>,
-}
+pub type ControlNet = NamedFile<ControlNetModel>;
 
-impl std::fmt::Debug for ControlNet {
-    /// The name and file only: the same ControlNet reads the same whether loaded or not (the
-    /// server's cache key writes requests with `Debug`).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlNet")
-            .field("name", &self.name)
-            .field("path", &self.path)
-            .finish()
-    }
-}
-
-impl PartialEq for ControlNet {
-    fn eq(&self, other: &Self) -> bool {
-        (&self.name, &self.path) == (&other.name, &other.path)
-    }
-}
-
-impl ControlNet {
-    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        Self {
-            name: name.into(),
-            path: path.into(),
-            loaded: OnceLock::new(),
-        }
-    }
-
-    /// Known by name alone, to be found where it runs (the worker's CONTROLNET_DIR).
-    pub fn named(name: impl Into<String>) -> Self {
-        Self::new(name, PathBuf::new())
-    }
-
+impl NamedFile<ControlNetModel> {
     /// With its model already loaded (from `path`).
     pub fn with_model(
         name: impl Into<String>,
         path: impl Into<PathBuf>,
         model: Arc<ControlNetModel>,
     ) -> Self {
-        let me = Self::new(name, path);
-        let _ = me.loaded.set(Ok(model));
-        me
+        Self::with_loaded(name, path, model)
     }
 
     /// The model, read onto `device` in `dtype` (a single file's config from `unet`) on first
@@ -69,19 +33,10 @@ impl ControlNet {
         device: &Device,
         dtype: DType,
     ) -> Result<Arc<ControlNetModel>, String> {
-        self.loaded
-            .get_or_init(|| {
-                if self.path.as_os_str().is_empty() {
-                    return Err(format!(
-                        "the ControlNet {:?} was not found in a ControlNet folder",
-                        self.name
-                    ));
-                }
-                ControlNetModel::load(&self.path, unet, device, dtype)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
-            })
-            .clone()
+        self.get_or_read("ControlNet", "a ControlNet folder", |path| {
+            ControlNetModel::load(path, unet, device, dtype).map_err(|e| e.to_string())
+        })
+        .cloned()
     }
 }
 
