@@ -7,10 +7,9 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine as _;
-use common::{copy_tree, decode_png, Server};
+use common::{copy_tree, decode_png};
 use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::pipeline::{GenerationParams, PromptSyntax, StableDiffusion};
 use sdserve_pipeline::schedulers::SchedulerKind;
@@ -36,19 +35,7 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
         dir.join("not-a-controlnet.safetensors"),
     )
     .unwrap();
-    let env: Vec<(String, String)> = [
-        ("MODEL_ID", fixtures().join("tiny-a-vae8")),
-        ("CONTROLNET_DIR", dir.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned()))
-    .chain([
-        ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
-        ("GENERATION_TIMEOUT_SECONDS".to_string(), "120".to_string()),
-    ])
-    .collect();
-    let s = Server::start(&env);
-    s.wait_ready(Duration::from_secs(300));
+    let s = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &dir)]);
 
     let listed = s.get("/controlnets").json();
     let names: Vec<&str> = listed["controlnets"]

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use common::{decode_png, Server};
 use serde_json::{json, Value};
@@ -36,19 +35,7 @@ fn differing(a: &[u8], b: &[u8]) -> String {
 // the API's smallest image, 256x256, is 32x32 latents, and seven generations take seconds.
 #[test]
 fn loras_by_tag_or_field_change_the_image_and_the_base_comes_back_bit_for_bit() {
-    let env: Vec<(String, String)> = [
-        ("MODEL_ID", fixtures().join("tiny-a-vae8")),
-        ("LORA_DIR", fixtures().join("adapters/loras")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned()))
-    .chain([
-        ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
-        ("GENERATION_TIMEOUT_SECONDS".to_string(), "120".to_string()),
-    ])
-    .collect();
-    let s = Server::start(&env);
-    s.wait_ready(Duration::from_secs(300));
+    let s = common::tiny_a_vae8_server(&[("LORA_DIR", &fixtures().join("adapters/loras"))]);
 
     // GET /loras lists every file of the folder with what its header says.
     let listed = s.get("/loras").json();

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use common::{decode_png, Server};
 use serde_json::{json, Value};
@@ -27,19 +26,7 @@ fn pixels(s: &Server, body: &Value) -> Vec<u8> {
 // tiny-a-vae8: tiny-a's UNet and text encoder (the files are made for them), 256x256 images.
 #[test]
 fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
-    let env: Vec<(String, String)> = [
-        ("MODEL_ID", fixtures().join("tiny-a-vae8")),
-        ("LORA_DIR", fixtures().join("adapters/lycoris")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned()))
-    .chain([
-        ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
-        ("GENERATION_TIMEOUT_SECONDS".to_string(), "120".to_string()),
-    ])
-    .collect();
-    let s = Server::start(&env);
-    s.wait_ready(Duration::from_secs(300));
+    let s = common::tiny_a_vae8_server(&[("LORA_DIR", &fixtures().join("adapters/lycoris"))]);
 
     let listed = s.get("/loras").json();
     let loras = listed["loras"].as_array().expect("a list");

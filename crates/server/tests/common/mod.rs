@@ -291,6 +291,25 @@ pub fn tiny_server(tag: &str, extra: &[(&str, &str)]) -> Server {
     s
 }
 
+/// A ready server on the pipeline's tiny-a-vae8 (the API's smallest image, 256x256, is 32x32
+/// latents there) with these folders (`LORA_DIR`, `CONTROLNET_DIR`, ...), no response cache and
+/// a 120 s generation timeout.
+pub fn tiny_a_vae8_server(folders: &[(&str, &std::path::Path)]) -> Server {
+    let model = tiny_b().with_file_name("tiny-a-vae8");
+    let env: Vec<(String, String)> = [("MODEL_ID", model.as_path())]
+        .into_iter()
+        .chain(folders.iter().copied())
+        .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned()))
+        .chain([
+            ("RESPONSE_CACHE_MB".to_string(), "0".to_string()),
+            ("GENERATION_TIMEOUT_SECONDS".to_string(), "120".to_string()),
+        ])
+        .collect();
+    let s = Server::start(&env);
+    s.wait_ready(Duration::from_secs(300));
+    s
+}
+
 pub fn send_only(addr: SocketAddr, body: &serde_json::Value) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     let body = body.to_string();
