@@ -1,21 +1,26 @@
 //! `sdserve generate`'s tests (`generate_cmd`), in a file of their own.
 use super::*;
 
+/// The native request `sdserve generate --prompt wall <extra>` sends.
+fn request_of(extra: &[&str]) -> serde_json::Value {
+    use clap::FromArgMatches;
+    let args = ["sdserve", "generate", "--prompt", "wall"]
+        .iter()
+        .chain(extra);
+    let cli = crate::cli::Cli::from_arg_matches(
+        &crate::cli::command().try_get_matches_from(args).unwrap(),
+    )
+    .unwrap();
+    let crate::cli::Command::Generate(a) = cli.command else {
+        panic!("generate")
+    };
+    request_json(&a).unwrap()
+}
+
 #[test]
 fn tiling_flag_is_the_native_tiling_field() {
-    use clap::FromArgMatches;
     let parse = |extra: &[&str]| {
-        let args = ["sdserve", "generate", "--prompt", "wall"]
-            .iter()
-            .chain(extra);
-        let cli = crate::cli::Cli::from_arg_matches(
-            &crate::cli::command().try_get_matches_from(args).unwrap(),
-        )
-        .unwrap();
-        let crate::cli::Command::Generate(a) = cli.command else {
-            panic!("generate")
-        };
-        let body = request_json(&a).unwrap();
+        let body = request_of(extra);
         crate::validate::parse_generate(body.to_string().as_bytes()).unwrap()
     };
     assert!(parse(&["--tiling"]).tiling);
@@ -46,20 +51,7 @@ fn controlnet_flags_take_a_model_an_image_and_an_optional_scale() {
 
 #[test]
 fn inpaint_flags_are_the_native_inpaint_object() {
-    use clap::FromArgMatches;
-    let body = |extra: &[&str]| {
-        let args = ["sdserve", "generate", "--prompt", "wall"]
-            .iter()
-            .chain(extra);
-        let cli = crate::cli::Cli::from_arg_matches(
-            &crate::cli::command().try_get_matches_from(args).unwrap(),
-        )
-        .unwrap();
-        let crate::cli::Command::Generate(a) = cli.command else {
-            panic!("generate")
-        };
-        request_json(&a).unwrap()
-    };
+    let body = request_of;
     assert_eq!(body(&[]).get("inpaint"), None);
     assert_eq!(body(&["--inpaint"])["inpaint"], json!({}));
     assert_eq!(
