@@ -89,18 +89,7 @@ impl Compact {
             message,
         };
         let get = |key: String, shape: Option<&[usize]>| -> Result<Tensor> {
-            let t = state
-                .get(&key)
-                .ok_or_else(|| bad(format!("{key} is missing")))?;
-            if let Some(shape) = shape {
-                if t.dims() != shape {
-                    return Err(bad(format!(
-                        "{key} has shape {:?}, the network needs {shape:?}",
-                        t.dims()
-                    )));
-                }
-            }
-            Ok(t.clone())
+            Ok(super::state::checked_tensor(path, state, &key, shape)?.clone())
         };
         let first = get("body.0.weight".into(), None)?;
         let (features, in_channels) = match first.dims() {

@@ -248,15 +248,7 @@ impl Esrgan {
         let plus = matches!(layout, Layout::Old) && state.keys().any(|k| k.contains(".conv1x1."));
         // The tensor `key`, of `shape`, on the device in the dtype.
         let get = |key: String, shape: &[usize]| -> Result<Tensor> {
-            let t = state
-                .get(&key)
-                .ok_or_else(|| bad(format!("{key} is missing")))?;
-            if t.dims() != shape {
-                return Err(bad(format!(
-                    "{key} has shape {:?}, the network needs {shape:?}",
-                    t.dims()
-                )));
-            }
+            let t = super::state::checked_tensor(path, state, &key, Some(shape))?;
             Ok(t.to_device(device)?.to_dtype(dtype)?)
         };
         // A 3x3 conv `name` with `cout` outputs and `cin` inputs, and its bias.

@@ -66,6 +66,29 @@ const UNWRAP_KEYS: [&str; 7] = [
     "net",
 ];
 
+/// The state dict's tensor `key` of `file`, of `shape` when one is given; else an error naming
+/// the file and the key (every architecture's loader reads its tensors through this).
+pub(super) fn checked_tensor<'a>(
+    file: &Path,
+    state: &'a HashMap<String, Tensor>,
+    key: &str,
+    shape: Option<&[usize]>,
+) -> Result<&'a Tensor> {
+    let t = state
+        .get(key)
+        .ok_or_else(|| bad(file, format!("{key} is missing")))?;
+    match shape {
+        Some(shape) if t.dims() != shape => Err(bad(
+            file,
+            format!(
+                "{key} has shape {:?}, the network needs {shape:?}",
+                t.dims()
+            ),
+        )),
+        _ => Ok(t),
+    }
+}
+
 fn bad(path: &Path, message: impl std::fmt::Display) -> PipelineError {
     PipelineError::Weights {
         path: path.to_path_buf(),

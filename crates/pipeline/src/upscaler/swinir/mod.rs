@@ -197,15 +197,7 @@ impl SwinIr {
                 .ok_or_else(|| bad(format!("{key} is missing")))
         };
         let get = |key: String, shape: &[usize]| -> Result<Tensor> {
-            let t = state
-                .get(&key)
-                .ok_or_else(|| bad(format!("{key} is missing")))?;
-            if t.dims() != shape {
-                return Err(bad(format!(
-                    "{key} has shape {:?}, the network needs {shape:?}",
-                    t.dims()
-                )));
-            }
+            let t = crate::upscaler::state::checked_tensor(path, state, &key, Some(shape))?;
             Ok(t.to_device(device)?.to_dtype(dtype)?)
         };
         let conv = |name: &str, cout: usize, cin: usize, k: usize| -> Result<Conv2d> {
