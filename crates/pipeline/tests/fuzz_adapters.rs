@@ -107,19 +107,14 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
         return false;
     };
     let mut used = Vec::new();
+    // PEFT names: the module is everything before the suffix.
     for name in tensors.keys() {
-        for (down, up) in [
-            (".lora_down.weight", ".lora_up.weight"),
-            (".lora_A.weight", ".lora_B.weight"),
-        ] {
-            if let Some(layer) = name.strip_suffix(down) {
-                used.extend([
-                    name.clone(),
-                    format!("{layer}{up}"),
-                    format!("{layer}.alpha"),
-                    format!("{layer}.lora_mid.weight"),
-                ]);
-            }
+        if let Some(layer) = name.strip_suffix(".lora_A.weight") {
+            used.extend([
+                name.clone(),
+                format!("{layer}.lora_B.weight"),
+                format!("{layer}.alpha"),
+            ]);
         }
     }
     let mut modules: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
@@ -145,7 +140,20 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
         };
         // A bias diff (`diff_b`) is applied with a full diff only; with another type refused.
         let refused = ["dora_scale", "bias"].iter().any(|p| has(p));
-        if has("lora_down.weight") || refused {
+        if refused {
+            continue;
+        } else if has("lora_down.weight") {
+            // kohya names: the module is the part before the first `.`, as A1111 splits them.
+            used.extend(
+                [
+                    "lora_down.weight",
+                    "lora_up.weight",
+                    "alpha",
+                    "lora_mid.weight",
+                ]
+                .iter()
+                .map(|p| at(p)),
+            );
             continue;
         } else if hada.iter().all(|p| has(p)) {
             if has("diff_b") {
@@ -408,6 +416,26 @@ fn non_finite_loras_are_refused_and_the_weights_restored() {
     }));
     assert!(e.contains("not finite"), "{e}");
     assert_eq!(image(), before, "the base weights came back");
+}
+
+#[test]
+fn keys_of_no_module_are_left_out_as_a1111_splits_them() {
+    // `..lora_down.weight` is module "" with part `.lora_down.weight` (A1111 splits a key at its
+    // first `.`): no type takes it, so its NaN alpha `..alpha` is never read and the file's real
+    // layers merge. (The fuzzing's oracle once grouped it as module `.`; CI caught the mismatch.)
+    let bytes = lora_with(|entries| {
+        let mut down = entries[0].clone();
+        down.name = "..lora_down.weight".into();
+        down.shape = vec![];
+        down.dtype = "F32".into();
+        down.data = 0.5f32.to_le_bytes().to_vec();
+        let mut alpha = down.clone();
+        alpha.name = "..alpha".into();
+        alpha.data = f32::NAN.to_le_bytes().to_vec();
+        entries.extend([down, alpha]);
+    });
+    assert!(!uses_non_finite(&bytes));
+    assert!(exercise_lora(&bytes, 1.0).unwrap(), "the real layers merge");
 }
 
 #[test]
