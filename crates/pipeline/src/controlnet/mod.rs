@@ -11,10 +11,12 @@
 //! UNet's it is used with plus the hint encoder's shapes from its weights (as diffusers'
 //! single-file loader takes SD 1.5's UNet config).
 //!
-//! Files: `handle` (a ControlNet by name, loaded once, as requests carry it); this one holds
+//! Files: `handle` (a ControlNet by name, loaded once, as requests carry it), `preprocess`
+//! (the extension's model-free preprocessors: the control map from a photo); this one holds
 //! the config and the model.
 
 mod handle;
+pub mod preprocess;
 
 use std::path::Path;
 
