@@ -124,6 +124,51 @@ fn names(list: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A styled job's record keeps the LoRAs the request listed (`as_written.loras`) apart from
+/// those of its prompt's tags, which the prompt as written brings back; the record's `loras`
+/// hold both, by file name (a tag naming an alias ran the file). Sent again as written, with
+/// its styles, the job runs each LoRA once: the same image.
+#[test]
+fn a_styled_jobs_record_keeps_the_listed_loras_apart_from_the_tags() {
+    let f = Folders::new("adapters-written");
+    std::fs::write(f.loras().join("ink_kohya.safetensors"), ink_as("Ink1")).unwrap();
+    std::fs::write(
+        f.loras().join("soft_peft.safetensors"),
+        fixture_bytes("loras/soft_peft.safetensors"),
+    )
+    .unwrap();
+    let styles = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/styles/styles.csv");
+    let s = common::tiny_a_vae8_server(&[("LORA_DIR", &f.loras()), ("STYLES_FILE", &styles)]);
+    let mut body = request("a red house <lora:Ink1:0.5>");
+    body["loras"] = json!([{"name": "soft_peft", "weight": 0.75}]);
+    body["styles"] = json!(["Appended"]);
+    let job = common::job_to_end(&s, &body);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let record = &job["request"];
+    let listed = json!([{"name": "soft_peft", "weight": 0.75}]);
+    assert_eq!(
+        record["loras"],
+        json!([{"name": "soft_peft", "weight": 0.75}, {"name": "ink_kohya", "weight": 0.5}])
+    );
+    let written = &record["as_written"];
+    assert_eq!(written["prompt"], "a red house <lora:Ink1:0.5>", "{record}");
+    assert_eq!(written["loras"], listed, "{record}");
+    let pixels = |job: &Value| decode_png(job["result"]["image_base64"].as_str().unwrap()).2;
+    let mut again = request(written["prompt"].as_str().unwrap());
+    again["loras"] = written["loras"].clone();
+    again["styles"] = record["styles"].clone();
+    let rerun = common::job_to_end(&s, &again);
+    assert!(pixels(&rerun) == pixels(&job), "the same job again");
+    // The record's `loras` with the prompt as written would run ink_kohya twice.
+    again["loras"] = record["loras"].clone();
+    let doubled = common::job_to_end(&s, &again);
+    assert_eq!(doubled["request"]["loras"].as_array().unwrap().len(), 3);
+    assert!(
+        pixels(&doubled) != pixels(&job),
+        "ink_kohya twice is another image"
+    );
+}
+
 #[test]
 fn loras_and_embeddings_follow_their_folders_without_a_restart() {
     let f = Folders::new("adapters-http");

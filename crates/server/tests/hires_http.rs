@@ -150,6 +150,8 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
         .iter()
         .find(|j| j["request"]["hires"]["schedule"] == "exponential")
         .unwrap_or_else(|| panic!("no job ran the exponential schedule: {jobs}"));
+    // Its record says the size was asked as a scale (a client asking again asks the same).
+    assert_eq!(job["request"]["hires"]["scale"], 1.5, "{job}");
     let m = &job["result"]["metadata"]["hires"];
     assert_eq!(
         (&m["scheduler"], &m["schedule"]),
@@ -174,6 +176,10 @@ fn native_hires_is_a1111_s_second_pass_and_says_its_size() {
     );
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["request"]["hires"]["width"], 320, "{job}");
+    assert!(
+        job["request"]["hires"]["scale"].is_null(),
+        "asked by size: {job}"
+    );
     let result = &job["result"];
     let (w, h, _, _) = decode_png(result["image_base64"].as_str().unwrap());
     assert_eq!((w, h), (320, 384));

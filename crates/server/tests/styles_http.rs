@@ -87,7 +87,7 @@ fn styles_give_the_image_of_the_styled_prompts_in_every_dialect() {
     let written = &job["request"]["as_written"];
     assert_eq!(
         written,
-        &json!({"prompt": "a cat", "negative_prompt": "blurry"})
+        &json!({"prompt": "a cat", "negative_prompt": "blurry", "loras": []})
     );
     let mut reused = native(
         written["prompt"].as_str().unwrap(),
@@ -109,9 +109,10 @@ fn styles_give_the_image_of_the_styled_prompts_in_every_dialect() {
     assert!(ran.contains("a lion") && ran != "a lion", "{ran}");
     assert_eq!(
         j["request"]["as_written"],
-        json!({"prompt": "a cat", "negative_prompt": "blurry",
+        json!({"prompt": "a cat", "negative_prompt": "blurry", "loras": [],
                "hires": {"prompt": "a lion", "negative_prompt": ""}})
     );
+    assert_eq!(j["request"]["hires"]["scale"], 1.25, "{j}");
     // Without styles the record says so.
     let plain_job = post_json_to(s.addr, "/jobs", &native("a cat", "blurry")).json();
     let id = plain_job["id"].as_str().unwrap();

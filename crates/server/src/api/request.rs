@@ -473,7 +473,7 @@ pub(crate) fn job_spec(
         "schedule": schedule.name(),
         "prompt_syntax": prompt_syntax_name(params.prompt_syntax),
         "clip_skip": params.clip_skip,
-        "loras": params.loras.iter().map(|l| serde_json::json!({"name": l.name, "weight": l.weight})).collect::<Vec<_>>(),
+        "loras": loras_json(&req.loras),
         "batch_size": params.batch_size,
         "init_image": req.init_image.as_ref().map(image),
         "mask_image": req.mask_image.as_ref().map(image),
@@ -483,6 +483,7 @@ pub(crate) fn job_spec(
         "hires": req.hires.as_ref().map(|h| serde_json::json!({
             "width": h.params.width,
             "height": h.params.height,
+            "scale": h.scale,
             "upscaler": h.upscaler_name,
             "steps": h.params.steps,
             "strength": h.params.strength,
@@ -513,6 +514,9 @@ pub(crate) fn job_spec(
             let mut written = serde_json::json!({
                 "prompt": w.prompt,
                 "negative_prompt": w.negative_prompt,
+                // Those of `loras` the `loras` field listed: the prompt's tags (its own and
+                // the styles') come back with the prompt and the styles.
+                "loras": loras_json(&req.loras[..req.loras_listed]),
             });
             // Only when the hires pass has prompts of its own (they were styled too).
             if w.hires_prompt.is_some() || w.hires_negative_prompt.is_some() {
@@ -541,6 +545,14 @@ pub(crate) fn job_spec(
         timeout_setting,
         timeout,
     })
+}
+
+/// `[{name, weight}]`, the record's LoRAs.
+fn loras_json(loras: &[(String, f64)]) -> serde_json::Value {
+    loras
+        .iter()
+        .map(|(name, weight)| serde_json::json!({"name": name, "weight": weight}))
+        .collect()
 }
 
 /// The UNet evaluations the job will count, from the model's scheduler config; a request

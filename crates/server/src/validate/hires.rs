@@ -122,6 +122,10 @@ pub struct ValidHires {
     /// `hr_resize_x`/`hr_resize_y`; natively `hires.scale` or `hires.width`/`hires.height`),
     /// for the rules checked against the model.
     pub size_fields: &'static [&'static str],
+    /// The scale the size was asked as (`hr_scale`, A1111's default 2 when neither
+    /// `hr_resize_x` nor `hr_resize_y` is given; natively `hires.scale`), `None` when asked by
+    /// width or height: the job's record keeps it so the pass can be asked the same way again.
+    pub scale: Option<f64>,
     /// A1111's infotext keys for the pass, in its order (`Denoising strength`, `Hires
     /// upscale` or `Hires resize`, `Hires steps`, `Hires upscaler`, ...), values as it writes
     /// them.
@@ -417,6 +421,7 @@ pub fn validate_hires(
         upscaler_field: "hr_upscaler",
         prompt_field: "hr_prompt",
         size_fields: fields,
+        scale: (rx == 0 && ry == 0).then_some(scale_value),
         infotext,
     })
 }

@@ -120,6 +120,10 @@ pub struct ValidRequest {
     pub clip_skip: usize,
     /// From `loras` and the prompt's `<lora:name:weight>` tags (taken out of `prompt`).
     pub loras: Vec<(String, f64)>,
+    /// How many of `loras`, from the first, the `loras` field listed (the rest are the
+    /// prompt's tags): the job's record keeps them apart for a client that sends the prompt
+    /// as written again.
+    pub loras_listed: usize,
     /// Images in one run; image i uses seed + i.
     pub batch_size: usize,
     /// img2img / inpainting: the decoded image, resized to `width` x `height` (which default to
@@ -358,6 +362,7 @@ pub fn validate_request(
     );
     let clip_skip = r.int("clip_skip", 1, dialect.clip_skip_max);
     let mut loras = r.with("loras", lora_list).unwrap_or_default();
+    let loras_listed = loras.len();
     // `<lora:name:weight>` tags do what `loras` does and leave the prompt.
     let prompt = prompt.map(|p| {
         let (text, tagged) = sdserve_pipeline::lora::extract_lora_tags(&p);
@@ -525,6 +530,7 @@ pub fn validate_request(
         prompt_syntax: prompt_syntax.unwrap_or(PromptSyntax::A1111),
         clip_skip: clip_skip.map_or(1, |v| v as usize),
         loras,
+        loras_listed,
         batch_size: batch_size.map_or(1, |v| v as usize),
         init_image,
         mask_image,

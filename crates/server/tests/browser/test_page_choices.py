@@ -399,3 +399,63 @@ def test_an_upscaler_model_of_the_server_runs_the_hires_fix(browser, stocked):
     assert p.console_errors == []
     assert p.foreign_requests() == []
     p.close()
+
+
+def aliased(lora, alias):
+    """A LoRA file's bytes with `ss_output_name` (A1111's alias) in its safetensors metadata."""
+    data = lora.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = {"ss_output_name": alias}
+    packed = json.dumps(header).encode()
+    return len(packed).to_bytes(8, "little") + packed + data[8 + n:]
+
+
+def test_jobs_of_other_clients_come_back_with_their_loras_once_and_their_hires_scale(browser, tmp_path):
+    """A styled job whose prompt names a LoRA by its alias, beside one listed in `loras`, ticks
+    only the listed one (the prompt's tag brings the other); a hires pass asked by scale (native
+    `hires.scale`, A1111's `hr_scale`) comes back by scale. Run again: the job's image."""
+    loras = FIXTURES / "adapters/loras"
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras/ink_kohya.safetensors").write_bytes(aliased(loras / "ink_kohya.safetensors", "Ink Style"))
+    shutil.copy(loras / "soft_peft.safetensors", tmp_path / "loras")
+    server = Server("--model", str(FIXTURES / DEFAULT), env={
+        "LORA_DIR": str(tmp_path / "loras"), "STYLES_FILE": str(STYLES_FILE), "RESPONSE_CACHE_MB": "0"})
+    try:
+        body = {"prompt": "a red house <lora:Ink Style:0.5>", "steps": 2, "width": 256, "height": 256,
+                "seed": 5, "scheduler": "euler", "styles": ["Appended"],
+                "loras": [{"name": "soft_peft", "weight": 0.75}],
+                "hires": {"scale": 1.25, "upscaler": "Lanczos", "steps": 2}}
+        job = finished(server, server.post_json("/jobs", body)["id"])
+        assert [l["name"] for l in job["request"]["loras"]] == ["soft_peft", "ink_kohya"], job["request"]
+        a1111 = {"prompt": "a blue boat", "steps": 2, "width": 256, "height": 256, "seed": 6,
+                 "sampler_name": "Euler", "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos",
+                 "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+        server.post_json("/sdapi/v1/txt2img", a1111)
+        p = Page(browser, server, DESKTOP)
+        page = p.page
+        jobs = page.get_by_role("region", name="Jobs on the server")
+        ink = page.get_by_role("checkbox", name="ink_kohya")
+        soft = page.get_by_role("checkbox", name="soft_peft")
+        by_scale = page.get_by_role("radio", name="By scale")
+        jobs.get_by_role("button", name="a blue boat", exact=True).click()
+        expect(by_scale).to_be_checked()
+        expect(page.get_by_label("Hires scale")).to_have_value("1.5")
+        jobs.get_by_role("button", name=body["prompt"], exact=True).click()
+        expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_have_value(body["prompt"])
+        page.locator("#lora-box summary").click()
+        expect(soft).to_be_checked()
+        expect(page.get_by_label("Weight of soft_peft")).to_have_value("0.75")
+        expect(ink).not_to_be_checked()
+        expect(by_scale).to_be_checked()
+        expect(page.get_by_label("Hires scale")).to_have_value("1.25")
+        sent, _ = posted_jobs(page)
+        page.get_by_role("button", name="Generate").click()
+        png = generated(page)
+        assert sent[0]["loras"] == body["loras"] and sent[0]["hires"]["scale"] == 1.25, sent
+        assert "width" not in sent[0]["hires"], sent
+        assert png == base64.b64decode(job["result"]["image_base64"])
+        assert p.console_errors == []
+        p.close()
+    finally:
+        server.stop()

@@ -78,37 +78,44 @@ export function fillForm(p, asked) {
   $('prompt').focus();
 }
 
-// The LoRAs of a job record's `request` that its prompt as written does not bring back: the
-// record lists those of `loras` and of the prompt's `<lora:name:weight>` tags in one list, so
-// each tag of `prompt` takes one entry of its name out (the tags come after `loras`).
-function lorasBesideTags(loras, prompt) {
-  const left = [...loras];
-  for (const [, name] of prompt.matchAll(/<lora:([^:>]+)(?::[^>]*)?>/g)) {
+// The LoRAs of a job record's `request` that its prompt as written and its styles do not bring
+// back: `as_written.loras`, those the request listed in `loras` (the record's `loras` also hold
+// the tags of the prompt and of the styles, by file name where a tag named an alias). Records of
+// servers from before it: each tag of `prompt` takes one entry of its name out.
+function lorasBesideTags(r, written) {
+  if (Array.isArray(written.loras)) return written.loras;
+  const left = [...(r.loras || [])];
+  for (const [, name] of written.prompt.matchAll(/<lora:([^:>]+)(?::[^>]*)?>/g)) {
     const i = left.findLastIndex((l) => l.name === name.trim());
     if (i >= 0) left.splice(i, 1);
   }
   return left;
 }
 
+// How the hires size was asked: the record's `hires.scale` (null: by width and height), else
+// (records from before it) the page's copy of what it sent, `sent`.
+function hiresScale(r, sent) {
+  if (r.hires && r.hires.scale !== undefined) return r.hires.scale;
+  return sent && sent.hires ? sent.hires.scale : null;
+}
+
 // A job record's `request` (GET /jobs/{id}: the validated request as it ran, its prompts
 // styled, `styles` and `as_written` the prompts before the styles went in) into the form.
 // The record, not the page's copy of what it sent, so a job from any client, or a reloaded
 // page, comes back as it ran; with styles, the prompts as written are filled in and the
-// styles ticked, so the next run styles them once. The hires size comes back as width and
-// height (the record has no `scale`) unless `sent`, the page's copy of the request, asked it
-// by scale.
+// styles ticked, so the next run styles them once. The hires size comes back as it was
+// asked: by scale or by width and height.
 export function fillFromRecord(r, sent) {
   const written = (r.styles && r.styles.length && r.as_written) || null;
   const prompt = written ? written.prompt : r.prompt;
-  const loras = written ? lorasBesideTags(r.loras || [], prompt) : r.loras || [];
+  const loras = written ? lorasBesideTags(r, written) : r.loras || [];
   const asked = {
     styles: written ? r.styles : [],
     prompt,
     negative_prompt: written ? written.negative_prompt : r.negative_prompt,
     loras,
     model: r.model,
-    // How the page asked for the hires size, when it sent the job (the record has the size).
-    hires: { ...((written && written.hires) || {}), scale: sent && sent.hires ? sent.hires.scale : null },
+    hires: { ...((written && written.hires) || {}), scale: hiresScale(r, sent) },
   };
   fillForm(r, asked);
 }
