@@ -194,6 +194,12 @@ pub struct AdapterFolders {
     dirs: AdapterDirs,
     /// The listing as of the last scan.
     current: Adapters,
+    /// The default model's files, when the pipeline is another model (a MODELS_DIR model the
+    /// worker switched to): the listing's LoRA verdicts are judged against them, from names
+    /// and shapes, because the listing is the default model's (`GET /loras`, and validation
+    /// of requests that name no model; a named model's are judged at submit). `None`: the
+    /// pipeline is the default model, judged as loaded.
+    judged_against: Option<PathBuf>,
 }
 
 /// The extensions each folder's scan reads.
@@ -235,7 +241,15 @@ impl AdapterFolders {
         Self {
             dirs,
             current: Adapters::default(),
+            judged_against: None,
         }
+    }
+
+    /// These folders for a pipeline that is not the default model, whose files are
+    /// `default_model` (a diffusers folder or single file): see `judged_against`.
+    pub fn judged_against(mut self, default_model: PathBuf) -> Self {
+        self.judged_against = Some(default_model);
+        self
     }
 
     fn fingerprint(&self) -> String {
@@ -293,7 +307,10 @@ impl AdapterFolders {
     fn scan(&mut self, sd: &mut StableDiffusion, fingerprint: String) {
         if let Some(dir) = self.dirs.lora_dir.clone() {
             match LoraLibrary::scan_each(&dir) {
-                Ok((library, failed)) => self.current.loras = install_loras(sd, library, failed),
+                Ok((library, failed)) => {
+                    let judged_against = self.judged_against.as_deref();
+                    self.current.loras = install_loras(sd, library, failed, judged_against)
+                }
                 Err(e) => {
                     tracing::error!(dir = %dir.display(), error = %e, "LORA_DIR cannot be read; keeping the LoRAs read before")
                 }
@@ -314,18 +331,30 @@ impl AdapterFolders {
 }
 
 /// Installs `library` (its LoRAs unmerged first, so a replaced file never keeps its old
-/// deltas) and lists it with the files that could not be read.
+/// deltas) and lists it with the files that could not be read; each verdict is the loaded
+/// model's, or `judged_against`'s (the default model's files) when given.
 fn install_loras(
     sd: &mut StableDiffusion,
     library: LoraLibrary,
     failed: Vec<(PathBuf, sdserve_pipeline::PipelineError)>,
+    judged_against: Option<&Path>,
 ) -> Vec<LoraListing> {
     if let Err(e) = sd.set_lora_library(library) {
         tracing::error!(error = %e, "the LoRAs merged before could not be taken out");
     }
     let mut out = Vec::new();
     for info in sd.lora_library().list() {
-        let error = sd.check_lora(&info.name).err().map(|e| e.to_string());
+        let loaded_verdict = || sd.check_lora(&info.name).err().map(|e| e.to_string());
+        let error = match judged_against {
+            None => loaded_verdict(),
+            Some(model) => match sdserve_pipeline::lora::fit_problem_in_model(info, model) {
+                Ok(problem) => problem,
+                Err(e) => {
+                    tracing::warn!(lora = %info.name, model = %model.display(), error = %e, "could not check a LoRA against the default model's files; listing the loaded model's verdict");
+                    loaded_verdict()
+                }
+            },
+        };
         if let Some(e) = &error {
             tracing::warn!(lora = %info.name, "{e}");
         }

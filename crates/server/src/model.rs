@@ -20,6 +20,23 @@ pub struct LoadOptions {
     /// On the CPU, have the worker time a small generation once it is idle (`speed`) and log
     /// what fits the deadlines.
     pub speed_probe: bool,
+    /// The default model's files, shared by the loads of one server: the default model's load
+    /// records them; a MODELS_DIR model's (`other_model`) judges LORA_DIR's files against
+    /// them, so the published listing stays the default model's.
+    pub default_files: DefaultModelFiles,
+    /// This load is a MODELS_DIR model's, not the default model's.
+    pub other_model: bool,
+}
+
+/// Where the default model's files are (a diffusers folder, or a single file's conversion),
+/// once it has loaded.
+#[derive(Debug, Clone, Default)]
+pub struct DefaultModelFiles(std::sync::Arc<std::sync::Mutex<Option<std::path::PathBuf>>>);
+
+impl DefaultModelFiles {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::path::PathBuf>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Loads the real pipeline on the worker thread; download/conversion progress goes to `status`
@@ -41,6 +58,7 @@ pub fn switcher(
     rt: Runtime,
     dir: Option<std::path::PathBuf>,
     status: hub::LoadStatus,
+    default_files: DefaultModelFiles,
 ) -> crate::generator::Switcher {
     let by_name = dir.is_some();
     let load = Box::new(move |name: Option<&str>| {
@@ -55,7 +73,12 @@ pub fn switcher(
             // MODEL_CONFIG describes `--model`'s checkpoint, not the folder's.
             args.model_config = None;
         }
-        load_real(&args, &rt, &status, &LoadOptions::default())
+        let opts = LoadOptions {
+            default_files: default_files.clone(),
+            other_model: name.is_some(),
+            ..LoadOptions::default()
+        };
+        load_real(&args, &rt, &status, &opts)
     });
     crate::generator::Switcher { load, by_name }
 }
@@ -227,6 +250,11 @@ pub fn load_real(
         tracing::debug!(component, seconds, "component loaded");
     }
     let mut folders = crate::adapters::AdapterFolders::new(args.adapter_dirs());
+    if !load.other_model {
+        *load.default_files.lock() = Some(resolved.dir.clone());
+    } else if let Some(default) = load.default_files.lock().clone() {
+        folders = folders.judged_against(default);
+    }
     let adapters = folders.load(&mut sd)?;
     if !setup.device.is_cpu() {
         tracing::info!(

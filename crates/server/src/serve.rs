@@ -109,6 +109,8 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
     // The worker finds the VAEs requests name among MODELS_DIR's VAE files too.
     let mut model_args = args.model.clone();
     model_args.vae_models_dir = args.models_dir.clone();
+    // The default model's files, once loaded: a MODELS_DIR model's load judges LoRAs against them.
+    let default_files = crate::model::DefaultModelFiles::default();
     let loader = match args.fake_generator.clone() {
         Some(spec) => {
             tracing::warn!(?spec, "using the FAKE generator (test mode)");
@@ -124,6 +126,8 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
                     max: Duration::from_secs(args.model_retry_seconds.max(300)),
                 }),
                 speed_probe: true,
+                default_files: default_files.clone(),
+                other_model: false,
             },
         ),
     };
@@ -148,6 +152,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             rt.clone(),
             args.models_dir.clone(),
             load_status.clone(),
+            default_files,
         ),
     });
     let engine_cfg = EngineConfig {

@@ -355,6 +355,46 @@ fn a_lora_that_does_not_fit_the_named_model_is_refused_at_submit_in_every_dialec
 }
 
 #[test]
+fn lora_verdicts_stay_the_default_model_s_while_the_worker_holds_another() {
+    let (_root, s) = server("held");
+    let ink = json!([{"name": "ink_kohya", "weight": 0.5}]);
+    let fits_all = |listed: &Value| {
+        listed["loras"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["error"].is_null())
+    };
+    // A job on tiny-b (which the LoRA fixtures do not fit): the worker holds it after.
+    let r = s.post_json(&native(json!({"model": "tiny-b"})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.get("/health").json()["loaded_model"]["name"], "tiny-b");
+    // LORA_DIR read again now, by A1111's refresh and the native one: the verdicts are still
+    // the default model's, which requests naming no model run on.
+    let r = post_json_to(s.addr, "/sdapi/v1/refresh-loras", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        fits_all(&s.get("/loras").json()),
+        "{}",
+        s.get("/loras").text()
+    );
+    let r = post_json_to(s.addr, "/adapters/refresh", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(fits_all(&r.json()), "{}", r.text());
+    // So such a request with a LoRA is queued and runs (on the default model again).
+    let r = s.post_json(&native(json!({"loras": ink})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["metadata"]["loras"], ink);
+    // And one naming tiny-b is still refused at submit.
+    jobs_refuse(
+        &s,
+        &native(json!({"model": "tiny-b", "loras": ink})),
+        &["loras"],
+        "\"ink_kohya\"",
+    );
+}
+
+#[test]
 fn single_file_models_are_checked_at_submit_from_their_names_and_shapes() {
     // On tiny-b (3 text layers; the LoRA fixtures, made for tiny-a, do not fit it).
     let (_root, s) = server_on("single", "tiny-b");

@@ -142,7 +142,7 @@ pub struct GenerateRequest {
     pub clip_skip: Option<u32>,
     /// LoRAs for this request (names from `GET /loras`); `<lora:name:weight>` tags in the
     /// prompt do the same and are removed from its text. At most 8 in all. One that does not
-    /// fit the model the request runs on (`GET /loras` says so of the loaded one; a MODELS_DIR
+    /// fit the model the request runs on (`GET /loras` says so of the default one; a MODELS_DIR
     /// folder or single file named by `model` is checked from its weights' names and shapes
     /// and the LoRA's, before it loads) is a 422 naming the LoRA and its first layer without a
     /// weight of its shape.
