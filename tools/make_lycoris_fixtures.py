@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""LyCORIS references (LoHa, LoKr, full diffs, LoCon's CP form) for the tiny model, with A1111's
+"""LyCORIS references (LoHa, LoKr, full diffs, LoCon's CP form, DoRA) for the tiny model, with A1111's
 own module code: crates/pipeline/tests/lycoris.rs and crates/server/tests/lycoris_http.rs.
 
 A1111's Lora extension runs here, imported from a checkout of
@@ -29,13 +29,22 @@ files in the layouts LyCORIS saves (kohya key names, lora_unet_* and lora_te_*),
                       and the text encoder's out_proj
   mixed.safetensors   one file of several types: LoCon in CP form (lora_mid), LoHa, LoKr, full,
                       and a plain LoRA text encoder layer
-  ia3.safetensors, oft.safetensors, dora.safetensors, bias.safetensors
-                      types A1111 loads and this server refuses by name (IA3, OFT, LoHa with
-                      DoRA's dora_scale, a LoHa with a diff_b that A1111 ignores)
+  dora.safetensors    DoRA (`dora_scale`, A1111's `apply_weight_decompose`) with LoRA, LoCon's
+                      CP form, LoHa, LoKr and a full diff: per input channel (`[1, in]`,
+                      `[1, in, 1, 1]`: 1x1 and 3x3 convolutions) and per output channel
+                      (`[out, 1]`, LyCORIS's wd_on_out, which A1111 broadcasts as it is), on
+                      layers the LoHa file also changes, and text encoder layers; each scale
+                      the base weight's norms times 1 + 0.3 * noise
+  ia3.safetensors, oft.safetensors, bias.safetensors
+                      types A1111 loads and this server refuses by name (IA3, OFT, a LoHa with
+                      a diff_b that A1111 ignores)
 and beside that folder:
   lycoris.safetensors / lycoris.json
                       delta.<file>.<part>.<module>: A1111's delta for a layer of each form, at
-                      multiplier 1 (delta.<...>.<module>.bias: its ex_bias, for a diff_b); image.base and image.<case>: diffusers images (64x64, euler)
+                      multiplier 1 (delta.<...>.<module>.bias: its ex_bias, for a diff_b; DoRA's
+                      from tiny-a's weights); delta.<case>.<part>.<module>: a case's whole
+                      change of each DoRA layer's weight (cases of several files with DoRA);
+                      image.base and image.<case>: diffusers images (64x64, euler)
                       with A1111's deltas for the case's files and multipliers added to the
                       weights
 Pinned: torch 2.11.0, diffusers 0.42.1 (tools/requirements.txt).
@@ -68,6 +77,10 @@ CASES = {
     "full": [("full", 0.7)],
     "mixed": [("mixed", 1.0)],
     "loha_lokr": [("loha", 0.6), ("lokr", -0.5)],
+    "dora": [("dora", 0.8)],
+    # DoRA decomposes the weight the earlier files left (A1111 merges them in order).
+    "loha_dora": [("loha", 0.6), ("dora", -0.7)],
+    "dora_loha": [("dora", 1.0), ("loha", 0.6)],
 }
 A1111_SOURCES = ["network.py", "network_lora.py", "network_hada.py", "network_lokr.py", "network_full.py",
                  "lyco_helpers.py"]
@@ -216,7 +229,7 @@ def attention_paths(unet, blocks):
 def layer_plan(unet):
     """file -> [(part, module path, form, builder kwargs, alpha, extra keys)]"""
     te0 = "text_model.encoder.layers.0"
-    plan = {"loha": [], "lokr": [], "full": [], "mixed": []}
+    plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": []}
     for p in attention_paths(unet, ["down_blocks.0", "up_blocks.1"]):
         plan["loha"].append(("unet", p, "loha", dict(rank=4), 2.0, {}))
     plan["loha"] += [
@@ -262,6 +275,19 @@ def layer_plan(unet):
         ("unet", "up_blocks.1.attentions.0.proj_out", "full", {}, None, {}),
         ("te", "text_model.encoder.layers.1.self_attn.k_proj", "lora", dict(rank=2), 1.0, {}),
     ]
+    d0 = "down_blocks.0.attentions.0"
+    # extra "dora": the dora_scale's orientation, per input ("in") or output ("out") channel.
+    plan["dora"] += [
+        ("unet", f"{d0}.transformer_blocks.0.attn1.to_q", "lora", dict(rank=4), 2.0, {"dora": "in"}),
+        ("unet", f"{d0}.transformer_blocks.0.attn1.to_k", "loha", dict(rank=2), 1.0, {"dora": "in"}),
+        ("unet", f"{d0}.transformer_blocks.0.attn2.to_v", "lokr", dict(w2_rank=2), 1.0, {"dora": "out"}),
+        ("unet", f"{d0}.proj_in", "lora", dict(rank=2), None, {"dora": "in"}),
+        ("unet", f"{d0}.transformer_blocks.0.ff.net.2", "full", {}, None, {"dora": "in", "scale": 0.5}),
+        ("unet", "down_blocks.0.resnets.0.conv1", "loha", dict(rank=2), 1.0, {"dora": "in"}),
+        ("unet", "up_blocks.0.resnets.1.conv2", "locon_cp", dict(rank=2), 1.0, {"dora": "out"}),
+        ("te", "text_model.encoder.layers.0.self_attn.q_proj", "lora", dict(rank=2), 1.0, {"dora": "in"}),
+        ("te", "text_model.encoder.layers.1.mlp.fc1", "loha", dict(rank=2), 1.0, {"dora": "out"}),
+    ]
     return plan
 
 
@@ -280,7 +306,18 @@ KEPT = {
     "mixed": ["down_blocks.0.resnets.1.conv2", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
               "mid_block.attentions.0.transformer_blocks.0.ff.net.2", "up_blocks.1.attentions.0.proj_out",
               "text_model.encoder.layers.1.self_attn.k_proj"],
+    "dora": None,  # every layer (each is a form of its own)
 }
+
+
+def dora_scale(m, orientation, g):
+    """A DoRA magnitude near the base weight's norms, per input channel as LyCORIS's default
+    (`[1, in]`, `[1, in, 1, 1]`) or per output channel (`wd_on_out`: `[out, 1]`, ...)."""
+    w = m.weight.detach()
+    keep = 1 if orientation == "in" else 0
+    dims = [d for d in range(w.dim()) if d != keep]
+    norm = w.pow(2).sum(dim=dims, keepdim=True).sqrt()
+    return norm * (1 + 0.3 * torch.randn(norm.shape, generator=g))
 
 
 def named_modules(pipe):
@@ -302,6 +339,8 @@ def build_files(a, pipe, out):
             w = BUILDERS[form](m, g, **kwargs)
             if alpha is not None:
                 w["alpha"] = torch.tensor(alpha)
+            extra = dict(extra)
+            dora = extra.pop("dora", None)
             for k, v in extra.items():
                 w[k] = torch.tensor(v)
             key = kohya_key(part, path)
@@ -310,6 +349,8 @@ def build_files(a, pipe, out):
             got = calc_updown(a, key, w, m, part, 1.0)[0].std().item()
             lead = next(k for k in LEADING if k in w)
             w[lead] = w[lead] * (target / got)
+            if dora:
+                w["dora_scale"] = dora_scale(m, dora, g)
             for k, v in w.items():
                 sd[f"{key}.{k}"] = v.contiguous()
             kept.append((part, path, key, w))
@@ -324,12 +365,9 @@ def refused_files(pipe, out):
     g = torch.Generator().manual_seed(399)
     attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     key = kohya_key("unet", f"{attn}.to_k")
-    m = dict(pipe.unet.named_modules())[f"{attn}.to_k"]
     files = {
         "ia3": {f"{key}.weight": torch.randn(32, generator=g) * 0.1, f"{key}.on_input": torch.tensor(False)},
         "oft": {f"{key}.oft_blocks": torch.randn(4, 8, 8, generator=g) * 0.01, f"{key}.alpha": torch.tensor(0.0)},
-        "dora": {**{f"{key}.{k}": v * 0.1 for k, v in loha(m, g, 2).items()}, f"{key}.alpha": torch.tensor(2.0),
-                 f"{key}.dora_scale": m.weight.norm(dim=0, keepdim=True).contiguous()},
         # A1111 reads diff_b only with a full diff (network_full.py); a LoHa ignores it.
         "bias": {**{f"{kohya_key('unet', attn + '.to_out.0')}.{k}": v * 0.1
                     for k, v in loha(dict(pipe.unet.named_modules())[f"{attn}.to_out.0"], g, 2).items()},
@@ -378,7 +416,7 @@ def main():
     tensors = {}
     for name, kept in layers.items():
         for part, path, key, w in kept:
-            if path in KEPT[name]:
+            if KEPT[name] is None or path in KEPT[name]:
                 updown, ex_bias = calc_updown(a, key, w, modules[part][path], part, 1.0)
                 prefix = f"delta.{name}.{'unet' if part == 'unet' else 'text_encoder'}.{path}"
                 tensors[prefix] = updown
@@ -407,6 +445,12 @@ def main():
                 m.weight += updown
                 if ex_bias is not None:
                     m.bias += ex_bias
+        if len(files) > 1 and "dora" in dict(files):
+            # The set's whole change of each DoRA layer's weight: DoRA decomposes the weight as
+            # the files before it left it.
+            for part, path, _, _ in layers["dora"]:
+                prefix = f"delta.{case}.{'unet' if part == 'unet' else 'text_encoder'}.{path}"
+                tensors[prefix] = modules[part][path].weight - originals[(part, path)][0]
         img = generate(pipe)
         tensors[f"image.{case}"] = img
         diff = (img.float() - base.float()).abs().mean()
@@ -420,7 +464,7 @@ def main():
     meta = {"generated_by": "tools/make_lycoris_fixtures.py", "base_model": "tiny-a", "request": REQUEST,
             "cases": CASES, "a1111_sources_sha256": a[2],
             "layers": {name: len(kept) for name, kept in layers.items()},
-            "refused": {"ia3": "ia3", "oft": "oft", "dora": "dora", "bias": "bias"}}
+            "refused": {"ia3": "ia3", "oft": "oft", "bias": "bias"}}
     with open(os.path.join(args.out, "lycoris.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")

@@ -1,6 +1,6 @@
 //! Property-based fuzzing of the adapter files a server reads from `LORA_DIR` and
 //! `EMBEDDINGS_DIR`, which may come from strangers: LoRA `.safetensors` (kohya and PEFT key
-//! styles, LyCORIS LoHa/LoKr/full/CP modules) and textual-inversion embeddings (A1111 `.pt` through the pickle reader,
+//! styles, LyCORIS LoHa/LoKr/full/CP modules, DoRA) and textual-inversion embeddings (A1111 `.pt` through the pickle reader,
 //! `.safetensors` `emb_params`). Files are the committed adapter fixtures mutated byte by byte,
 //! or rebuilt tensor by tensor with edits (keys renamed across styles, tensors dropped, shapes,
 //! ranks and dtypes changed, alpha of the wrong shape, NaN and infinity, data offsets claiming
@@ -60,6 +60,7 @@ const LORA_FIXTURES: &[&str] = &[
     "loras/ink_kohya.safetensors",
     "lycoris/lokr.safetensors",
     "lycoris/full.safetensors",
+    "lycoris/dora.safetensors",
 ];
 
 /// Scans a folder holding `bytes` as `fuzz.safetensors`, checks the LoRA against tiny-a, merges
@@ -139,7 +140,7 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
             }
         };
         // A bias diff (`diff_b`) is applied with a full diff only; with another type refused.
-        let refused = ["dora_scale", "bias"].iter().any(|p| has(p));
+        let refused = has("bias");
         if refused {
             continue;
         } else if has("lora_down.weight") {
@@ -150,6 +151,7 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
                     "lora_up.weight",
                     "alpha",
                     "lora_mid.weight",
+                    "dora_scale",
                 ]
                 .iter()
                 .map(|p| at(p)),
@@ -179,7 +181,7 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
         } else {
             continue;
         }
-        used.push(at("scale"));
+        used.extend([at("scale"), at("dora_scale")]);
     }
     used.iter().filter_map(|n| tensors.get(n)).any(|t| {
         t.to_dtype(DType::F32)

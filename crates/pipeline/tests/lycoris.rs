@@ -1,7 +1,8 @@
 //! LyCORIS files (LoHa, LoKr, full diffs with bias diffs, LoCon's CP form, several types in one
-//! file) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
+//! file, DoRA's decomposition with each, alone and before or after another file on the same
+//! layers) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
 //! its `ex_bias` to the biases; `tools/make_lycoris_fixtures.py`); the types A1111 loads and
-//! this server does not apply (IA3, OFT, DoRA, a LoHa's bias diff) are listed and refused
+//! this server does not apply (IA3, OFT, a LoHa's bias diff) are listed and refused
 //! naming the LoRA and the type. (Each form's delta against A1111's, value by value:
 //! `lora::a1111_deltas` in the crate.)
 
@@ -52,6 +53,7 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     assert_eq!(types("lokr"), ["lokr"]);
     assert_eq!(types("full"), ["full"]);
     assert_eq!(types("mixed"), ["full", "loha", "lokr", "lora"]);
+    assert_eq!(types("dora"), ["dora", "full", "loha", "lokr", "lora"]);
     let loha = lib.get("loha").unwrap();
     assert_eq!(loha.format, LoraFormat::Kohya);
     assert_eq!(loha.targets, ["text_encoder", "unet"]);
@@ -62,7 +64,7 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     // Two flattened 3x3 kernels and two in Tucker form.
     assert_eq!(loha.conv_layers, 4, "{loha:?}");
     assert_eq!(loha.rank, 4);
-    for name in ["loha", "lokr", "full", "mixed"] {
+    for name in ["loha", "lokr", "full", "mixed", "dora"] {
         r.model.check_lora(name).unwrap();
     }
     for (name, type_name) in r.meta["refused"].as_object().unwrap() {
@@ -71,7 +73,6 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
         let said = match name.as_str() {
             "ia3" => "IA3",
             "oft" => "OFT",
-            "dora" => "DoRA",
             _ => "bias diff",
         };
         assert!(
@@ -110,14 +111,18 @@ fn lycoris_images_match_a1111_s_merged_weights_and_the_base_comes_back() {
 }
 
 /// Offloaded, the deltas are computed from the files and the targets' shapes alone and merged
-/// into each part as it is built (model offload) or into the host weights (sequential): the
-/// resident model's images, bit for bit, and the base image after.
+/// into each part as it is built (model offload) or into the host weights (sequential), a DoRA
+/// layer's made then from the weight as built: the resident model's images, bit for bit, and
+/// the base image after.
 #[test]
 fn lycoris_files_under_offload_give_the_resident_images() {
     use sdserve_pipeline::memory::Offload;
     let mut r = reference();
     let base = generate(&r, &request(&r, &[]));
-    let set = request(&r, &[("mixed", 0.9), ("loha", 0.5), ("full", -0.4)]);
+    let set = request(
+        &r,
+        &[("mixed", 0.9), ("loha", 0.5), ("dora", 0.8), ("full", -0.4)],
+    );
     let with = generate(&r, &set);
     for offload in [Offload::Model, Offload::Sequential] {
         r.model.set_offload(offload).unwrap();

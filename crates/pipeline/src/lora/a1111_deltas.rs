@@ -1,14 +1,15 @@
 //! Each LyCORIS form's delta (LoHa plain and Tucker, LoKr with whole, low-rank and Tucker
 //! factors, linear and 3x3 and flattened kernels, full diffs with an unused alpha and a
 //! `scale`, LoCon's CP form, text-encoder layers, and full diffs' bias diffs as the `ex_bias`
-//! of their `<module>.bias` targets) against A1111's own `calc_updown`, value by value
+//! of their `<module>.bias` targets; DoRA's decomposition with each type, made from tiny-a's
+//! weights) against A1111's own `calc_updown`, value by value
 //! (`tools/make_lycoris_fixtures.py`).
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
-use super::{compute_deltas, target_shapes_of_folder, LoraLibrary};
+use super::{compute_deltas, target_shapes_of_folder, Delta, LoraLibrary, Part};
 
 #[test]
 fn deltas_match_a1111_s_calc_updown() {
@@ -18,16 +19,45 @@ fn deltas_match_a1111_s_calc_updown() {
     let reference =
         candle_core::safetensors::load(fixtures.join("adapters/lycoris.safetensors"), &Device::Cpu)
             .unwrap();
+    // The base weights, as the files store them (a DoRA delta is made from the weight).
+    let load = |file: &str| {
+        candle_core::safetensors::load(fixtures.join("tiny-a").join(file), &Device::Cpu).unwrap()
+    };
+    let unet = load("unet/diffusion_pytorch_model.safetensors");
+    let text = load("text_encoder/model.safetensors");
     let mut compared = Vec::new();
-    for name in ["loha", "lokr", "full", "mixed"] {
-        // At weight 1 each delta is A1111's updown (its multiplier 1).
-        let deltas = compute_deltas(&library, &[(name.into(), 1.0)], &targets, DType::F32).unwrap();
+    let mut from_weight = 0;
+    // At weight 1 each delta is A1111's updown (its multiplier 1); a case of several files with
+    // DoRA, the whole change of the DoRA layers' weights (each file merged in order).
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("adapters/lycoris.json")).unwrap(),
+    )
+    .unwrap();
+    let mut sets: Vec<(String, Vec<(String, f64)>)> = ["loha", "lokr", "full", "mixed", "dora"]
+        .iter()
+        .map(|n| (n.to_string(), vec![(n.to_string(), 1.0)]))
+        .collect();
+    for case in ["loha_dora", "dora_loha"] {
+        let files = meta["cases"][case].as_array().unwrap().iter();
+        let files = files.map(|f| (f[0].as_str().unwrap().into(), f[1].as_f64().unwrap()));
+        sets.push((case.into(), files.collect()));
+    }
+    for (name, set) in &sets {
+        let deltas = compute_deltas(&library, set, &targets, DType::F32).unwrap();
         for ((part, index), ours) in &deltas {
-            let path = &targets[part][*index].0;
+            let (path, dims) = &targets[part][*index];
             let key = format!("delta.{name}.{}.{path}", part.name());
             let Some(want) = reference.get(&key) else {
                 continue;
             };
+            let base = || {
+                let weights = if *part == Part::Unet { &unet } else { &text };
+                Ok(weights[&format!("{path}.weight")].reshape(dims.as_slice())?)
+            };
+            if matches!(ours, Delta::FromWeight(_)) {
+                from_weight += 1;
+            }
+            let ours: Tensor = ours.for_weight(base).unwrap().into_owned();
             let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(ours.len(), want.len(), "{key}");
@@ -50,4 +80,6 @@ fn deltas_match_a1111_s_calc_updown() {
         kept,
         "every reference delta compared: {compared:?}"
     );
+    // The DoRA file's 9 layers alone and in two sets.
+    assert_eq!(from_weight, 27, "the DoRA layers are made from the weight");
 }

@@ -2,8 +2,9 @@
 //! them (`extensions-builtin/Lora/network_*.py`): LoRA/LoCon (`up @ down`, LoCon's CP form with
 //! `lora_mid`), LyCORIS LoHa (`(w1a @ w1b) * (w2a @ w2b)`, Tucker form with `hada_t1`/`hada_t2`),
 //! LoKr (`kron(w1, w2)`, each factor whole or low-rank, Tucker `lokr_t2`) and full diffs
-//! (`diff`, with `diff_b` the bias's). Types A1111 knows and this server does not apply (IA3,
-//! OFT/BOFT, GLoRA, norm layers, DoRA's `dora_scale`, `diff_b` on another type, which A1111
+//! (`diff`, with `diff_b` the bias's); DoRA's `dora_scale` beside any of them is the layer's
+//! (`from_weight`). Types A1111 knows and this server does not apply (IA3,
+//! OFT/BOFT, GLoRA, norm layers, `diff_b` on another type, which A1111
 //! ignores, and the weight-shaped `bias`) are kept as refused layers: the file is listed
 //! and a request naming it is refused, naming the LoRA and the type.
 //!
@@ -142,15 +143,6 @@ impl LayerKind {
         };
         // Parts of a type that change what it does, which this server does not apply: refused
         // rather than silently left out.
-        if has("dora_scale") {
-            return refused(
-                "dora",
-                &format!(
-                    "a {} module with DoRA's weight decomposition (dora_scale)",
-                    kind.type_name()
-                ),
-            );
-        }
         // A1111 reads `diff_b` only for full diffs (network_full.py; other types ignore it) and
         // adds `bias`, a weight-shaped term, to the delta (finalize_updown).
         if has("diff_b") && !matches!(kind, LayerKind::Full { .. }) {
@@ -501,6 +493,7 @@ mod tests {
             name(&["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]),
             Some("glora")
         );
+        // DoRA's magnitude goes with the type (the layer keeps it: `from_weight`).
         assert_eq!(
             name(&[
                 "hada_w1_a",
@@ -509,7 +502,7 @@ mod tests {
                 "hada_w2_b",
                 "dora_scale"
             ]),
-            Some("dora")
+            Some("loha")
         );
         assert_eq!(name(&["alpha"]), None);
     }

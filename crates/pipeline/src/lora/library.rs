@@ -86,6 +86,11 @@ impl LoraInfo {
         targets.sort();
         targets.dedup();
         let mut types: Vec<String> = keys.iter().map(|k| k.kind.type_name().to_owned()).collect();
+        let dora =
+            |k: &LayerKeys| k.dora_scale.is_some() && !matches!(k.kind, LayerKind::Refused { .. });
+        if keys.iter().any(dora) {
+            types.push("dora".into());
+        }
         types.sort();
         types.dedup();
         Ok(Self {
@@ -131,6 +136,7 @@ fn peft_layers(shapes: &Shapes) -> Vec<LayerKeys> {
             },
             alpha: shapes.contains_key(&alpha).then_some(alpha),
             scale: None,
+            dora_scale: None,
         });
     }
     out
@@ -187,6 +193,7 @@ fn kohya_layers(shapes: &Shapes) -> std::result::Result<Vec<LayerKeys>, String> 
             kind,
             alpha: parts.contains("alpha").then(|| at("alpha")),
             scale: parts.contains("scale").then(|| at("scale")),
+            dora_scale: parts.contains("dora_scale").then(|| at("dora_scale")),
         });
     }
     Ok(out)

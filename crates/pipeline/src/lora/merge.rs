@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 
 use super::add_delta::add_in_place;
+use super::from_weight::{dora_scale_dims, Delta, Dora, Step};
 use super::library::layer_shape_problem;
 use super::{
     LayerKeys, LayerKind, LoraFormat, LoraInfo, LoraKey, LoraLibrary, Part, Target, TargetShapes,
@@ -85,7 +86,8 @@ pub(super) fn match_layers<'a>(
             .keys()
             .into_iter()
             .chain(&layer.alpha)
-            .chain(&layer.scale);
+            .chain(&layer.scale)
+            .chain(&layer.dora_scale);
         for key in used {
             if !shapes.contains_key(key) {
                 return Err(changed());
@@ -140,6 +142,9 @@ pub(super) fn match_layers<'a>(
                 )));
             }
         }
+        if let Some(key) = &layer.dora_scale {
+            dora_scale_dims(&shapes[key], want).map_err(invalid)?;
+        }
         let bias = match &layer.kind {
             LayerKind::Full {
                 diff_b: Some(diff_b),
@@ -172,16 +177,24 @@ pub(super) fn match_layers<'a>(
     Ok(out)
 }
 
-/// Summed deltas of a LoRA set by (part, target index): `sum of weight * (alpha / rank) * up @
-/// down` in the canonical layout (`[out, in]` or `[out, in, k, k]`), on the CPU, in `dtype`
-/// (the dtype of the weights they go into).
-pub(crate) type Deltas = BTreeMap<(Part, usize), Tensor>;
+/// The deltas of a LoRA set by (part, target index), in the canonical layout (`[out, in]` or
+/// `[out, in, k, k]`), on the CPU: sums of `weight * (alpha / rank) * up @ down` (or the type's
+/// delta and scale) in `dtype` (the dtype of the weights they go into), or, for a weight a DoRA
+/// layer changes, the steps that make its delta from the weight when it is merged.
+pub(crate) type Deltas = BTreeMap<(Part, usize), Delta>;
+
+/// A layer's contribution to a weight, as it is made.
+enum Made {
+    Plain(Tensor),
+    Dora(Dora),
+}
 
 /// The deltas of `loras` (resolved in `library`) for every weight of `targets`, checked: a
 /// layer whose delta is not finite (NaN or infinity in the file, or f32 overflow) is refused
 /// naming the LoRA and the layer, and a summed delta beyond the range of `dtype` naming the
 /// weight. All of it needs only the LoRA files and the targets' shapes, not the weights: it can
-/// run before any offloaded part is built.
+/// run before any offloaded part is built. (A DoRA layer's delta needs the weight: its steps
+/// are checked here as far as the file goes, and made when the weight is merged.)
 ///
 /// Each sum is rounded to `dtype` once (a no-op for f32 weights): every path then merges the
 /// same rounded values (offloaded builds keep them between runs at the weights' size, not twice
@@ -226,27 +239,42 @@ pub(crate) fn compute_deltas(
                     .map(|&v| f64::from(v))
                     .ok_or_else(|| invalid(layer, &format!("{key} holds no number")))
             };
-            // A1111's calc_scale: the file's scale, else alpha / dim, else 1.
-            let scale = match (&layer.scale, &layer.alpha, shape.dim) {
+            // A1111's calc_scale: the file's scale, else alpha / dim, else 1; `scale` is it
+            // times the LoRA's weight (DoRA's decomposition comes between the two).
+            let (scale, calc_scale) = match (&layer.scale, &layer.alpha, shape.dim) {
                 (Some(s), _, _) => {
                     let s = number(s)?;
                     if !s.is_finite() {
                         return Err(invalid(layer, &format!("scale is {s}")));
                     }
-                    weight * s
+                    (weight * s, s)
                 }
                 (None, Some(a), Some(dim)) => {
                     let alpha = number(a)?;
                     if !alpha.is_finite() {
                         return Err(invalid(layer, &format!("alpha is {alpha}")));
                     }
-                    weight * alpha / dim as f64
+                    (weight * alpha / dim as f64, alpha / dim as f64)
                 }
-                _ => *weight,
+                _ => (*weight, 1.0),
             };
-            let delta = layer.kind.delta(&tensors, &shape)?;
             let want = targets[&part][matched.weight].1.as_slice();
-            let mut made = vec![(matched.weight, (delta.reshape(want)? * scale)?)];
+            let delta = layer.kind.delta(&tensors, &shape)?.reshape(want)?;
+            let made = match &layer.dora_scale {
+                None => Made::Plain((delta * scale)?),
+                Some(key) => {
+                    let [a, b, c] = dora_scale_dims(tensors[key].dims(), want)
+                        .map_err(|w| invalid(layer, &w))?;
+                    Made::Dora(Dora {
+                        updown: (delta * calc_scale)?,
+                        scale: tensors[key].to_dtype(DType::F32)?.reshape((a, b, c))?,
+                        multiplier: *weight,
+                        lora: name.clone(),
+                        layer: layer.name.clone(),
+                    })
+                }
+            };
+            let mut made = vec![(matched.weight, made)];
             if let (
                 Some(index),
                 LayerKind::Full {
@@ -255,37 +283,63 @@ pub(crate) fn compute_deltas(
             ) = (matched.bias, &layer.kind)
             {
                 // A1111's finalize_updown: the bias diff times the multiplier alone (no scale).
-                made.push((index, (tensors[b].to_dtype(DType::F32)? * *weight)?));
+                made.push((
+                    index,
+                    Made::Plain((tensors[b].to_dtype(DType::F32)? * *weight)?),
+                ));
             }
-            for (index, delta) in made {
+            for (index, made) in made {
                 // NaN or infinity (in the file, or from overflow) would spread through every
                 // image: refuse the file rather than merge it.
-                let total = delta.abs()?.sum_all()?.to_scalar::<f32>()?;
-                if !total.is_finite() {
-                    return Err(invalid(
-                        layer,
-                        "its weights are not finite (NaN or infinity, or too large)",
-                    ));
-                }
-                let sum = match deltas.remove(&(part, index)) {
-                    Some(d) => {
-                        summed.insert((part, index));
-                        (d.to_dtype(DType::F32)? + delta)?
+                let read = match &made {
+                    Made::Plain(t) => vec![t],
+                    Made::Dora(d) => vec![&d.updown, &d.scale],
+                };
+                for t in read {
+                    if !t.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                        return Err(invalid(
+                            layer,
+                            "its weights are not finite (NaN or infinity, or too large)",
+                        ));
                     }
+                }
+                let f32_of = |d: Tensor| d.to_dtype(DType::F32);
+                let next = match (deltas.remove(&(part, index)), made) {
                     // A set of one LoRA rounds each delta now: the set is never all in f32 at
                     // once.
-                    None if round_now => checked_in(dtype, delta, || overflow_at(part, index))?,
-                    None => delta,
+                    (None, Made::Plain(d)) if round_now => {
+                        Delta::Sum(checked_in(dtype, d, || overflow_at(part, index))?)
+                    }
+                    (None, Made::Plain(d)) => Delta::Sum(d),
+                    (Some(Delta::Sum(sum)), Made::Plain(d)) => {
+                        summed.insert((part, index));
+                        Delta::Sum((f32_of(sum)? + d)?)
+                    }
+                    (Some(Delta::FromWeight(mut steps)), Made::Plain(d)) => {
+                        steps.push(Step::Add(d));
+                        Delta::FromWeight(steps)
+                    }
+                    (None, Made::Dora(d)) => Delta::FromWeight(vec![Step::Dora(d)]),
+                    (Some(Delta::Sum(sum)), Made::Dora(d)) => {
+                        Delta::FromWeight(vec![Step::Add(f32_of(sum)?), Step::Dora(d)])
+                    }
+                    (Some(Delta::FromWeight(mut steps)), Made::Dora(d)) => {
+                        steps.push(Step::Dora(d));
+                        Delta::FromWeight(steps)
+                    }
                 };
-                deltas.insert((part, index), sum);
+                deltas.insert((part, index), next);
             }
         }
     }
     for (&(part, index), delta) in deltas.iter_mut() {
+        let Delta::Sum(sum) = delta else {
+            continue; // made in f32 when merged, checked then
+        };
         // One f32 delta is finite, checked above: all f32 holds.
         if summed.contains(&(part, index)) || (dtype != DType::F32 && !round_now) {
             // Several LoRAs' sum can pass what the weights' dtype holds (65504 in f16).
-            *delta = checked_in(dtype, delta.clone(), || overflow_at(part, index))?;
+            *sum = checked_in(dtype, sum.clone(), || overflow_at(part, index))?;
         }
     }
     Ok(deltas)
@@ -329,13 +383,15 @@ fn overflow(loras: &[(String, f64)], part: Part, path: &str, dtype: DType) -> Pi
 pub(crate) fn merge_deltas(
     loras: &[(String, f64)],
     part: Part,
-    deltas: impl IntoIterator<Item = (usize, impl std::borrow::Borrow<Tensor>)>,
+    deltas: impl IntoIterator<Item = (usize, impl std::borrow::Borrow<Delta>)>,
     targets: &[(String, Target<'_>)],
     mut originals: Option<&mut Vec<(Tensor, Tensor)>>,
 ) -> Result<()> {
     for (index, delta) in deltas {
-        let delta = delta.borrow();
         let target = &targets[index].1;
+        // A DoRA layer's delta is made now, from the weight as it is before the set.
+        let delta = delta.borrow().for_weight(|| target.canonical_weight())?;
+        let delta = delta.as_ref();
         let weight = target.storage()?;
         let limit = dtype_limit(weight.dtype());
         if let Some(originals) = originals.as_deref_mut() {
@@ -396,7 +452,7 @@ impl LoraState {
         &mut self,
         loras: &[(String, f64)],
         part: Part,
-        deltas: BTreeMap<usize, Tensor>,
+        deltas: BTreeMap<usize, Delta>,
         targets: &[(String, Target<'_>)],
     ) -> Result<()> {
         merge_deltas(loras, part, deltas, targets, Some(&mut self.originals))

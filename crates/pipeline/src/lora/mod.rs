@@ -1,7 +1,7 @@
 //! LoRA adapters (README "Prompts, LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
 //! UNet (attention, feed-forward, projections, and LoCon's resnet and sampler convolutions) and
 //! the text encoder; in kohya-named files also LyCORIS LoHa, LoKr and full diffs, as A1111
-//! applies them (`kinds`).
+//! applies them (`kinds`), and DoRA's weight decomposition with any of them (`from_weight`).
 //!
 //! `W += weight * (alpha / rank) * up @ down` (or the layer type's delta and scale), summed
 //! over a request's LoRAs, merged into the resident modules' weight tensors in place. Each
@@ -16,7 +16,8 @@
 //! while these ask for the same set (bounded; see `pipeline::DEFAULT_LORA_DELTA_LIMIT`).
 //!
 //! Files: `library` (reading LoRA files' headers, the folder's library), `kinds` (the layers'
-//! module types: their shapes and deltas; `products` the tensor products they use), `merge` (matching layers to the model's weights,
+//! module types: their shapes and deltas; `products` the tensor products they use), `from_weight`
+//! (DoRA's deltas, made from the weight when it is merged), `merge` (matching layers to the model's weights,
 //! merging and restoring them), `folder` (whether a file fits a model folder that is not
 //! loaded, from its headers); this one holds the types they share and the prompt tags.
 
@@ -33,6 +34,7 @@ use crate::Result;
 mod a1111_deltas;
 mod add_delta;
 mod folder;
+mod from_weight;
 mod kinds;
 mod library;
 mod merge;
@@ -41,6 +43,7 @@ mod products;
 pub use folder::fit_problem_in_model;
 #[cfg(test)]
 pub(crate) use folder::{target_shapes_of_folder, target_shapes_of_single_file};
+pub(crate) use from_weight::Delta;
 use kinds::LayerKind;
 use library::header_shapes;
 pub use library::LoraLibrary;
@@ -96,6 +99,22 @@ impl<'a> Target<'a> {
             Target::Host(_, dims) => dims.to_vec(),
             Target::Bias(t) => t.dims().to_vec(),
         }
+    }
+
+    /// The weight in its canonical dims, in f32 on the CPU: what a delta made from the weight
+    /// reads (`from_weight`).
+    fn canonical_weight(&self) -> Result<Tensor> {
+        let stored = self.storage()?;
+        let weight = if self.stored_transposed() {
+            stored.t()?
+        } else {
+            stored.clone()
+        };
+        Ok(weight
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?
+            .contiguous()?
+            .reshape(self.canonical_dims())?)
     }
 
     /// True for a linear weight stored `[in, out]`.
@@ -226,6 +245,9 @@ struct LayerKeys {
     alpha: Option<String>,
     /// A1111's `scale` key: when the file has one, the layer's scale instead of alpha / rank.
     scale: Option<String>,
+    /// DoRA's magnitude (`dora_scale`): the delta is made from the weight it goes into
+    /// (`from_weight`).
+    dora_scale: Option<String>,
 }
 
 impl LayerKeys {
@@ -253,8 +275,9 @@ pub struct LoraInfo {
     /// Adapted convolutions with a kernel (LoCon: the resnets' and samplers' 3x3) among them.
     pub conv_layers: usize,
     /// The module types of its layers (A1111's): `lora` (LoRA, LoCon), `loha`, `lokr`, `full`
-    /// are applied; `ia3`, `oft`, `glora`, `norm`, `dora` (DoRA's `dora_scale`) and `bias`
-    /// (bias diffs) are listed, and a request naming the file is refused.
+    /// are applied, and `dora` (DoRA's `dora_scale`, beside one of those) with them; `ia3`,
+    /// `oft`, `glora`, `norm` and `bias` (bias diffs) are listed, and a request naming the file
+    /// is refused.
     pub types: Vec<String>,
     /// The header's `__metadata__` (kohya writes its training notes there, `ss_output_name`
     /// among them).
