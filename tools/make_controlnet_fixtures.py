@@ -10,6 +10,8 @@ them would pass with the residuals dropped. Weights are rounded to fp16 and stor
 
   cn-a   conditioning embedding (16, 32, 96, 256) (diffusers' default, SD 1.5's), seed 6100
   cn-b   conditioning embedding (8, 8, 16, 16), seed 6200
+  cn-i   for tiny-inpaint's 9-channel UNet, taking the 4 latent channels (as SD 1.5's
+         ControlNets with an inpainting checkpoint); conditioning embedding (8, 16), seed 6400
 
 tiny-a-vae8's VAE has factor 8, as SD 1.5's: the conditioning embedding's three stride-2
 convolutions bring a 64x64 control image to the 8x8 latents.
@@ -19,6 +21,9 @@ Writes, under crates/pipeline/tests/fixtures:
   controlnet/cn-a-ldm.safetensors      cn-a with the original ControlNet's (LDM) key names under
                                        `control_model.`, as `control_v11p_sd15_canny.safetensors`
   controlnet/cn-b.pth                  cn-b as a torch.save pickle of LDM names, no prefix
+  controlnet-inpaint/cn-i/             cn-i, diffusers folder
+  controlnet-inpaint/cn-i-ldm.safetensors  cn-i with LDM names, no prefix (not read back by
+                                       diffusers: its converter takes six hint blocks only)
   images/control-*.png                 control images
   controlnet.safetensors               model.<name>.*: inputs, ControlNet residuals and the UNet
                                        output with them; image.<case>: [batch, H, W, 3] u8
@@ -27,10 +32,11 @@ Writes, under crates/pipeline/tests/fixtures:
 Each LDM file is loaded back by diffusers' `ControlNetModel.from_single_file` (config: the
 diffusers folder) and checked equal to the model it was written from, so the key names are
 diffusers' reading of the original format. Images: `StableDiffusionControlNetPipeline` (one
-ControlNet, or a list: `MultiControlNetModel`), output_type "np", u8 = round(x * 255).
+ControlNet, or a list: `MultiControlNetModel`), its Img2Img and Inpaint pipelines (4- and
+9-channel UNets), output_type "np", u8 = round(x * 255).
 
 Pinned: torch 2.11.0, diffusers 0.42.1 (tools/requirements.txt). Runs after
-tools/make_tiny_a_vae8.py (reads tiny-a-vae8/).
+tools/make_tiny_a_vae8.py and tools/make_tiny_models.py (reads tiny-a-vae8/, tiny-inpaint/).
 Usage: python3 tools/make_controlnet_fixtures.py
 """
 
@@ -40,7 +46,7 @@ import shutil
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from api_schedulers import make_scheduler
 
@@ -48,11 +54,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures")
 BASE = os.path.join(FIXTURES, "tiny-a-vae8")
 OUT = os.path.join(FIXTURES, "controlnet")
+INPAINT = os.path.join(FIXTURES, "tiny-inpaint")
+OUT_INPAINT = os.path.join(FIXTURES, "controlnet-inpaint")
 
 NETS = {
     "cn-a": dict(seed=6100, channels=(16, 32, 96, 256)),
     "cn-b": dict(seed=6200, channels=(8, 8, 16, 16)),
 }
+# cn-i: for tiny-inpaint's 9-channel UNet (VAE factor 2: one stride-2 step in the hint encoder).
+LATENT_NET = dict(seed=6400, channels=(8, 16))
 
 RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
           ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."),
@@ -121,6 +131,30 @@ def make_net(unet, name, spec):
 
     torch.manual_seed(spec["seed"])
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=spec["channels"])
+    return randomise(net)
+
+
+@torch.no_grad()
+def make_latent_net(unet, spec):
+    """A ControlNet for a 9-channel inpainting UNet: its config the UNet's but taking the 4
+    latent channels (as SD 1.5's ControlNets used with sd-v1-5-inpainting: diffusers feeds them
+    the latents alone), its weights the UNet's where the shapes agree (not conv_in)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(spec["seed"])
+    config = dict(ControlNetModel.from_unet(
+        unet, load_weights_from_unet=False,
+        conditioning_embedding_out_channels=spec["channels"]).config)
+    config["in_channels"] = 4
+    net = ControlNetModel.from_config(config)
+    own, theirs = net.state_dict(), unet.state_dict()
+    net.load_state_dict({k: theirs[k] if k in theirs and theirs[k].shape == v.shape else v
+                         for k, v in own.items()})
+    return randomise(net)
+
+
+@torch.no_grad()
+def randomise(net):
     zero = list(net.controlnet_down_blocks) + [net.controlnet_mid_block,
                                                 net.controlnet_cond_embedding.conv_out]
     for m in zero:
@@ -161,11 +195,13 @@ def to_u8(images_np):
 def main():
     import diffusers
     from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline,
+                           StableDiffusionControlNetInpaintPipeline,
                            StableDiffusionControlNetPipeline, UNet2DConditionModel)
     from safetensors.torch import save_file
 
-    if os.path.isdir(OUT):
-        shutil.rmtree(OUT)
+    for out in (OUT, OUT_INPAINT):
+        if os.path.isdir(out):
+            shutil.rmtree(out)
     os.makedirs(OUT)
     unet = UNet2DConditionModel.from_pretrained(os.path.join(BASE, "unet"))
     nets = {}
@@ -228,10 +264,10 @@ def main():
         os.path.join(img_dir, "cn-init-64.png"), optimize=True)
     images["cn-init-64.png"] = Image.open(os.path.join(img_dir, "cn-init-64.png")).convert("RGB")
 
-    def pipe_for(names, cls=StableDiffusionControlNetPipeline):
+    def pipe_for(names, cls=StableDiffusionControlNetPipeline, base=BASE):
         cn = [nets[n] for n in names]
         pipe = cls.from_pretrained(
-            BASE, controlnet=cn if len(cn) > 1 else cn[0], dtype=torch.float32,
+            base, controlnet=cn if len(cn) > 1 else cn[0], dtype=torch.float32,
             safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -239,13 +275,18 @@ def main():
     base = dict(prompt="a house by a lake, evening", negative_prompt="blurry", steps=8,
                 width=64, height=64, seed=77, guidance_scale=7.5)
 
-    def run(label, units, scheduler=None, batch_size=1, init=None, strength=None, **over):
+    def run(label, units, scheduler=None, batch_size=1, init=None, strength=None, mask=None,
+            model="tiny-a-vae8", **over):
         r = dict(base, **over)
         cls = StableDiffusionControlNetImg2ImgPipeline if init else StableDiffusionControlNetPipeline
-        pipe = pipe_for([u["model"] for u in units], cls)
+        if mask:
+            cls = StableDiffusionControlNetInpaintPipeline
+        pipe = pipe_for([u["model"] for u in units], cls, os.path.join(FIXTURES, model))
         # img2img: `image` is the init image, the control images `control_image`.
         extra = dict(image=images[init], strength=strength,
                      control_image=pick_images(units)) if init else dict(image=pick_images(units))
+        if mask:
+            extra["mask_image"] = images[mask]
         own = dict(pipe.scheduler.config)
         if scheduler is not None:
             pipe.scheduler = make_scheduler(scheduler, own)
@@ -262,8 +303,8 @@ def main():
                    control_guidance_end=pick("guidance_end")).images
         img = to_u8(out)
         tensors[f"image.{label}"] = img
-        cases[label] = dict(r, model="tiny-a-vae8", scheduler=scheduler, batch_size=batch_size,
-                            init_image=init, strength=strength,
+        cases[label] = dict(r, model=model, scheduler=scheduler, batch_size=batch_size,
+                            init_image=init, strength=strength, mask_image=mask,
                             controlnets=[{k: v for k, v in u.items() if k != "image_pil"}
                                          for u in units])
         st = img.float()
@@ -286,6 +327,35 @@ def main():
     # img2img (StableDiffusionControlNetImg2ImgPipeline): the window over the steps that run.
     run("img2img", [unit("cn-a", "control-64.png", 0.9, 0.0, 0.8)], scheduler="euler_a",
         init="cn-init-64.png", strength=0.6, steps=10)
+    # Inpainting (StableDiffusionControlNetInpaintPipeline). A mask: a disc and a bar, white
+    # (repaint) on black, with an anti-aliased edge the mask processor binarises.
+    mask = np.zeros((64, 64))
+    mask[(x - 30) ** 2 + (y - 34) ** 2 < 14 ** 2] = 255
+    mask[6:16, 8:56] = 255
+    Image.fromarray(mask.astype(np.uint8), "L").filter(ImageFilter.GaussianBlur(1)).convert(
+        "RGB").save(os.path.join(img_dir, "cn-mask-64.png"), optimize=True)
+    images["cn-mask-64.png"] = Image.open(os.path.join(img_dir, "cn-mask-64.png")).convert("RGB")
+    # A 4-channel UNet: the known region put back at each step's noise level. No batches: with
+    # a list of generators diffusers samples the init image's latents with the first alone,
+    # where sdserve keeps image i the single run of seed + i (tests/img2img_images.rs).
+    run("inpaint", [unit("cn-a", "control-64.png", 0.9, 0.1, 0.9)], scheduler="euler_a",
+        init="cn-init-64.png", strength=0.75, mask="cn-mask-64.png")
+    run("inpaint-full-multi", [unit("cn-a", "control-64.png", 1.0),
+                               unit("cn-b", "control-b-64.png", 0.7, 0.0, 0.6)],
+        init="cn-init-64.png", strength=1.0, mask="cn-mask-64.png", scheduler="euler")
+    # A 9-channel inpainting UNet (tiny-inpaint, VAE factor 2): cn-i takes the 4 latent channels.
+    inpaint_unet = UNet2DConditionModel.from_pretrained(os.path.join(INPAINT, "unet"))
+    nets["cn-i"] = make_latent_net(inpaint_unet, LATENT_NET)
+    # A folder, and the LDM names (diffusers' single-file converter reads only six hint
+    # encoder blocks, SD's; the key mapping is the one checked on cn-a and cn-b above).
+    nets["cn-i"].half().save_pretrained(os.path.join(OUT_INPAINT, "cn-i"), safe_serialization=True)
+    nets["cn-i"].float()
+    save_file(ldm_state(nets["cn-i"]), os.path.join(OUT_INPAINT, "cn-i-ldm.safetensors"))
+    run("inpaint-9ch", [unit("cn-i", "control-64.png", 1.0)], init="cn-init-64.png",
+        strength=1.0, mask="cn-mask-64.png", model="tiny-inpaint", scheduler="euler")
+    run("inpaint-9ch-strength", [unit("cn-i", "control-b-64.png", 0.8, 0.0, 0.7)],
+        init="cn-init-64.png", strength=0.7, mask="cn-mask-64.png", model="tiny-inpaint",
+        scheduler="dpmpp_2m")
     # The same request without the ControlNet: the tests check the ControlNet changes the image.
     pipe = pipe_for(["cn-a"])
     plain = diffusers.StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()
@@ -303,7 +373,8 @@ def main():
     meta = {
         "generated_by": "tools/make_controlnet_fixtures.py",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-        "nets": {n: dict(s, channels=list(s["channels"])) for n, s in NETS.items()},
+        "nets": {n: dict(s, channels=list(s["channels"]))
+                 for n, s in dict(NETS, **{"cn-i": LATENT_NET}).items()},
         "model": "model.*: cn-a (scale 0.7) and cn-b (scale 1.3) on sample/timesteps/context/cond; "
                  "model.unet.with_cn-a: tiny-a-vae8's UNet with cn-a's residuals",
         "images": "image.<case>: [batch, H, W, 3] u8 = round(output_type='np' * 255); "

@@ -2,8 +2,9 @@
 //! from a diffusers folder and from the original single-file names (`.safetensors` under
 //! `control_model.`, a `.pth` pickle without), the UNet with them, and whole images of
 //! `StableDiffusionControlNetPipeline` on tiny-a-vae8 (one ControlNet, several, a guidance
-//! window, a resized control image, a batch, no CFG) and
-//! `StableDiffusionControlNetImg2ImgPipeline`.
+//! window, a resized control image, a batch, no CFG),
+//! `StableDiffusionControlNetImg2ImgPipeline` and `StableDiffusionControlNetInpaintPipeline`
+//! (tiny-a-vae8's 4-channel UNet, tiny-inpaint's 9-channel one).
 
 mod common;
 
@@ -24,6 +25,8 @@ fn net_path(name: &str) -> PathBuf {
         "cn-a" => dir.join("cn-a"),
         "cn-a-ldm" => dir.join("cn-a-ldm.safetensors"),
         "cn-b" => dir.join("cn-b.pth"),
+        "cn-i" => fixture_path("controlnet-inpaint/cn-i"),
+        "cn-i-ldm" => fixture_path("controlnet-inpaint/cn-i-ldm.safetensors"),
         other => panic!("no ControlNet fixture {other}"),
     }
 }
@@ -164,12 +167,14 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
                 scale: u["scale"].as_f64().unwrap(),
                 guidance_start: u["guidance_start"].as_f64().unwrap(),
                 guidance_end: u["guidance_end"].as_f64().unwrap(),
+                hires_image: None,
+                hr_option: Default::default(),
             }
         })
         .collect();
     let init_image = case["init_image"].as_str().map(|name| InitImage {
         image: read_png(name),
-        mask: None,
+        mask: case["mask_image"].as_str().map(read_png),
         strength: case["strength"].as_f64().unwrap(),
     });
     GenerationParams {
@@ -188,7 +193,7 @@ fn images_match_diffusers_controlnet_pipeline() {
         f.get(&format!("image.{label}")).clone()
     });
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(images, 7);
+    assert_eq!(images, 11);
 }
 
 fn model() -> StableDiffusion {
@@ -224,6 +229,37 @@ fn without_the_controlnet_the_image_is_not_diffusers_controlnet_image() {
 }
 
 #[test]
+fn inpainting_without_the_controlnets_is_not_diffusers_controlnet_inpainting() {
+    // The inpainting cases fail with the residuals dropped (4- and 9-channel UNets), and a
+    // 9-channel UNet's ControlNet reads the same from the original single-file names (its
+    // config the UNet's, taking the VAE's 4 latent channels) as from its folder.
+    let f = Fixtures::load("controlnet");
+    for (label, model) in [("inpaint", "tiny-a-vae8"), ("inpaint-9ch", "tiny-inpaint")] {
+        let sd = StableDiffusion::load(&fixture_path(model), &Device::Cpu, DType::F32).unwrap();
+        let case = &f.meta["cases"][label];
+        let want = f.get(&format!("image.{label}")).get(0).unwrap();
+        let plain = generate_one(
+            &sd,
+            &GenerationParams {
+                controlnets: vec![],
+                ..params_of(case)
+            },
+        );
+        assert!(
+            image_failure(&format!("{label} without"), &plain.pixels, &want).is_some(),
+            "{label}: the ControlNet changes nothing"
+        );
+        if model == "tiny-inpaint" {
+            let folder = generate_one(&sd, &params_of(case));
+            let mut single = params_of(case);
+            single.controlnets[0].model =
+                Arc::new(ControlNet::new("cn-i-ldm", net_path("cn-i-ldm")));
+            assert_eq!(generate_one(&sd, &single), folder, "single file vs folder");
+        }
+    }
+}
+
+#[test]
 fn what_a_controlnet_cannot_do_is_refused() {
     let f = Fixtures::load("controlnet");
     let sd = model();
@@ -233,19 +269,6 @@ fn what_a_controlnet_cannot_do_is_refused() {
             .unwrap_err()
             .to_string()
     };
-    let inpaint = GenerationParams {
-        init_image: Some(InitImage {
-            image: read_png("control-64.png"),
-            mask: Some(read_png("control-b-64.png")),
-            strength: 0.5,
-        }),
-        ..base.clone()
-    };
-    let e = run(&inpaint);
-    assert!(
-        e.contains("img2img only") && e.contains("inpainting"),
-        "{e}"
-    );
     // A ControlNet of another UNet (tiny-b's widths) does not fit tiny-a's.
     let tiny_b: UNetConfig = serde_json::from_str(
         &std::fs::read_to_string(fixture_path("tiny-b/unet/config.json")).unwrap(),

@@ -286,13 +286,13 @@ pub fn with_controlnet_models(
             ))
         })?;
         let model = ControlNetCache::shared()
-            .get(entry, sd.unet_config(), sd.device(), sd.dtype())
+            .get(entry, &sd.controlnet_unet_config(), sd.device(), sd.dtype())
             .map_err(|why| {
                 PipelineError::InvalidRequest(format!(
                     "controlnets[{i}].model: the ControlNet {name:?} cannot be used: {why}"
                 ))
             })?;
-        model.fits(sd.unet_config()).map_err(|why| {
+        model.fits(&sd.controlnet_unet_config()).map_err(|why| {
             PipelineError::InvalidRequest(format!(
                 "controlnets[{i}].model: the ControlNet {name:?} does not fit the model: {why}"
             ))

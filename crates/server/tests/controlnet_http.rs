@@ -19,9 +19,17 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
 }
 
-fn control_png() -> String {
-    let bytes = std::fs::read(fixtures().join("images/control-64.png")).unwrap();
+fn fixture_png(name: &str) -> String {
+    let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn control_png() -> String {
+    fixture_png("control-64.png")
+}
+
+fn init_png() -> String {
+    fixture_png("cn-init-64.png")
 }
 
 #[test]
@@ -122,6 +130,8 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
             scale: 0.8,
             guidance_start: 0.0,
             guidance_end: 0.7,
+            hires_image: None,
+            hr_option: Default::default(),
         }],
         ..Default::default()
     };
@@ -153,10 +163,25 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
     window["guidance_start"] = json!(0.7);
     refused(with(vec![window]), "below guidance_end");
     refused(with(vec![unit("cn-a"); 4]), "at most 3");
-    let mut inpaint = with(vec![unit("cn-a")]);
-    inpaint["init_image"] = json!(control_png());
-    inpaint["mask_image"] = json!(control_png());
-    refused(inpaint, "not with mask_image");
+    // Inpainting runs, diffusers' (`crates/pipeline/tests/controlnet.rs`) and A1111's
+    // (`inpaint`): the ControlNet changes the repainted pixels.
+    for a1111 in [None, Some(json!({"mask_blur": 0}))] {
+        let mut inpaint = base.clone();
+        inpaint["init_image"] = json!(init_png());
+        inpaint["mask_image"] = json!(control_png());
+        if let Some(o) = &a1111 {
+            inpaint["inpaint"] = o.clone();
+        }
+        let (alone, _, _) = run(&inpaint);
+        inpaint["controlnets"] = json!([unit("cn-a")]);
+        let (steered, meta, _) = run(&inpaint);
+        assert_eq!(meta["controlnets"][0]["model"], "cn-a", "{meta}");
+        let differing = alone.iter().zip(&steered).filter(|(a, b)| a != b).count();
+        assert!(
+            differing > alone.len() / 20,
+            "{a1111:?}: {differing} differ"
+        );
+    }
     // img2img runs (diffusers' ControlNet img2img, `crates/pipeline/tests/controlnet.rs`).
     let mut img2img = with(vec![unit("cn-a")]);
     img2img["init_image"] = json!(control_png());

@@ -53,9 +53,52 @@ pub struct ControlNetUnit {
     pub guidance_start: f64,
     /// The fraction of the steps after which it does not steer.
     pub guidance_end: f64,
+    /// The hires pass's control image (any size, resized to that pass's); `None`: `image`.
+    pub hires_image: Option<RgbImage>,
+    /// Which passes of a hires request it steers; without a hires pass it steers the one.
+    pub hr_option: HiresOption,
+}
+
+/// The sd-webui-controlnet extension's `hr_option`: the passes of a hires request a ControlNet
+/// steers (`ControlParams.disabled_by_hr_option`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HiresOption {
+    #[default]
+    Both,
+    LowResOnly,
+    HighResOnly,
+}
+
+impl HiresOption {
+    /// The API's name (the extension's words in snake case).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Both => "both",
+            Self::LowResOnly => "low_res_only",
+            Self::HighResOnly => "high_res_only",
+        }
+    }
+
+    /// From [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Both, Self::LowResOnly, Self::HighResOnly]
+            .into_iter()
+            .find(|o| o.name() == name)
+    }
 }
 
 impl ControlNetUnit {
+    /// Whether it steers a pass of a request: `hires` the pass is the hires fix's second,
+    /// `with_hires` the request has one (without, the extension steers with every option).
+    pub fn steers_pass(&self, hires: bool, with_hires: bool) -> bool {
+        match self.hr_option {
+            _ if !with_hires => true,
+            HiresOption::Both => true,
+            HiresOption::LowResOnly => !hires,
+            HiresOption::HighResOnly => hires,
+        }
+    }
+
     /// diffusers' `controlnet_keep[i]`: whether step `i` of `steps` (UNet evaluations) is
     /// within `[guidance_start, guidance_end]`: `not (i / n < start or (i + 1) / n > end)`.
     pub fn steers(&self, i: usize, steps: usize) -> bool {

@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-pub use handle::{ControlNet, ControlNetUnit};
+pub use handle::{ControlNet, ControlNetUnit, HiresOption};
 
 use crate::attention::AttentionSlicing;
 use crate::kernels::{conv2d, Conv2d};

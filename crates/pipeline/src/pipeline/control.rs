@@ -6,13 +6,18 @@
 //! (`MultiControlNetModel`). A ControlNet outside its `[guidance_start, guidance_end]` is
 //! skipped: diffusers runs it with scale 0, which adds exact zeros. With an init image (no
 //! mask) this is `StableDiffusionControlNetImg2ImgPipeline`: the window counts the steps that
-//! run (`controlnet_keep` over the strength's timesteps).
+//! run (`controlnet_keep` over the strength's timesteps); with a mask
+//! `StableDiffusionControlNetInpaintPipeline` (the ControlNet sees the noisy latents, not a
+//! 9-channel UNet's mask and masked image). A1111's inpainting runs them as the
+//! sd-webui-controlnet extension does (the same residuals; "only masked" crops the control
+//! image as the init image). The hires fix runs them in both passes, each at its size, as the
+//! extension's `hr_option` says ([`ControlPass`]).
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::{GenerationParams, StableDiffusion};
+use super::{GenerationParams, RgbImage, StableDiffusion};
 use crate::controlnet::{ControlNetModel, ControlNetUnit};
 use crate::unet::{AdditionalResiduals, UNet2DConditionModel};
 use crate::{PipelineError, Result};
@@ -32,8 +37,8 @@ pub(super) struct StepControl<'a> {
 
 /// A control image as diffusers' control image processor makes it: `[1, 3, height, width]`
 /// in `[0, 1]`.
-fn control_image(unit: &ControlNetUnit, width: usize, height: usize) -> Result<Tensor> {
-    let image = crate::image_in::resize_lanczos(&unit.image, width, height);
+fn control_image(image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
+    let image = crate::image_in::resize_lanczos(image, width, height);
     let plane = width * height;
     let mut chw = vec![0f32; 3 * plane];
     for (i, px) in image.pixels.chunks_exact(3).enumerate() {
@@ -48,40 +53,86 @@ fn control_image(unit: &ControlNetUnit, width: usize, height: usize) -> Result<T
     )?)
 }
 
+/// The pass a [`ControlState`] is prepared for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ControlPass {
+    /// A request without a hires pass: every ControlNet steers it.
+    Only,
+    /// A hires request's first pass, or its second: each ControlNet as its `hr_option` says,
+    /// the second with the unit's hires image (else its image) at the pass's size.
+    First,
+    Hires,
+}
+
+/// A1111's "only masked" inpainting: the init image's size and the region of it that is
+/// repainted at the request's size.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MaskedCrop {
+    pub image_size: (usize, usize),
+    pub region: crate::inpaint_a1111::crop::Region,
+}
+
+impl MaskedCrop {
+    /// The sd-webui-controlnet extension's `try_crop_image_with_a1111_mask` (its default
+    /// `inpaint_crop_input_image`): the control image resized to the init image's size
+    /// (`resize_image` 0: the native Just Resize), cropped to the region and fitted to the
+    /// request's size by `resize_image` 2 (resize and fill), as A1111 crops the init image.
+    fn apply(&self, image: &RgbImage, width: usize, height: usize) -> RgbImage {
+        use crate::inpaint_a1111::crop;
+        let (iw, ih) = self.image_size;
+        let whole = crop::resize_image(0, image, iw, ih);
+        crop::resize_image(2, &crop::crop(&whole, self.region), width, height)
+    }
+}
+
+/// The crop of A1111's "only masked" inpainting (`prepared`), if it crops.
+pub(super) fn masked_crop(
+    params: &GenerationParams,
+    prepared: Option<&crate::inpaint_a1111::Prepared>,
+) -> Option<MaskedCrop> {
+    let (x, y, w, h) = prepared?.paste_to?;
+    let init = &params.init_image.as_ref()?.image;
+    let at = |v: usize| v as i64;
+    Some(MaskedCrop {
+        image_size: (init.width as usize, init.height as usize),
+        region: (at(x), at(y), at(x + w), at(y + h)),
+    })
+}
+
 impl StableDiffusion {
-    /// Loads the request's ControlNets (each handed over or read onto the pipeline's device in
-    /// its dtype) and prepares their images; `None` without any. Refuses what the pipeline does
-    /// not do with one: an inpainting mask (diffusers' ControlNet inpainting pipeline is not
-    /// implemented), a hires pass, a ControlNet for another UNet, an empty image.
+    /// The UNet config a ControlNet for this model has (what it must fit; a single file's
+    /// config): the UNet's, taking the VAE's latent channels. A 9-channel inpainting UNet's
+    /// ControlNets see only the noisy latents, as diffusers' ControlNet inpaint pipeline feeds
+    /// them (`control_model_input` before the mask and masked image join) and the extension
+    /// cuts them (`x[:, :4]`).
+    pub fn controlnet_unet_config(&self) -> crate::unet::UNetConfig {
+        crate::unet::UNetConfig {
+            in_channels: self.vae_latent_channels,
+            ..self.unet_config.clone()
+        }
+    }
+
+    /// Loads the request's ControlNets that steer `pass` (each handed over or read onto the
+    /// pipeline's device in its dtype) and prepares their images at `params`' size (the
+    /// pass's), cropped as A1111's "only masked" inpainting crops the init image; `None`
+    /// without any. Refuses a ControlNet for another UNet and an empty image.
     pub(super) fn prepare_control(
         &self,
         params: &GenerationParams,
+        pass: ControlPass,
+        crop: Option<MaskedCrop>,
     ) -> Result<Option<ControlState>> {
-        if params.controlnets.is_empty() {
-            return Ok(None);
-        }
-        let refuse = |what: &str| {
-            Err(PipelineError::InvalidRequest(format!(
-                "ControlNets steer text-to-image and img2img only: {what} with a ControlNet is \
-                 not supported"
-            )))
-        };
-        if params.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
-            return refuse("inpainting (an init image with a mask)");
-        }
-        if params.hires.is_some() {
-            return refuse("the hires fix");
-        }
+        let config = self.controlnet_unet_config();
         let mut units = Vec::with_capacity(params.controlnets.len());
         for unit in &params.controlnets {
             let name = &unit.model.name;
             let model = unit
                 .model
-                .load_on(&self.unet_config, &self.device, self.dtype)
+                .load_on(&config, &self.device, self.dtype)
                 .map_err(|e| {
                     PipelineError::InvalidRequest(format!("the ControlNet {name:?}: {e}"))
                 })?;
-            model.fits(&self.unet_config).map_err(|e| {
+            model.fits(&config).map_err(|e| {
                 PipelineError::InvalidRequest(format!("the ControlNet {name:?} does not fit: {e}"))
             })?;
             let f = model.image_scale_factor();
@@ -92,15 +143,26 @@ impl StableDiffusion {
                     self.vae_scale_factor
                 )));
             }
-            if unit.image.width == 0 || unit.image.height == 0 {
+            let image = match (pass, &unit.hires_image) {
+                (ControlPass::Hires, Some(hires)) => hires,
+                _ => &unit.image,
+            };
+            if image.width == 0 || image.height == 0 {
                 return Err(PipelineError::InvalidRequest(format!(
                     "the ControlNet {name:?}'s image is empty"
                 )));
             }
-            let image = control_image(unit, params.width, params.height)?;
+            if !unit.steers_pass(pass == ControlPass::Hires, pass != ControlPass::Only) {
+                continue;
+            }
+            let (w, h) = (params.width, params.height);
+            let image = match crop {
+                Some(c) => control_image(&c.apply(image, w, h), w, h)?,
+                None => control_image(image, w, h)?,
+            };
             units.push((unit.clone(), model, image));
         }
-        Ok(Some(ControlState { units }))
+        Ok((!units.is_empty()).then_some(ControlState { units }))
     }
 }
 
@@ -122,8 +184,13 @@ impl StepControl<'_> {
                 continue;
             }
             let cond = Tensor::cat(&vec![image; rows], 0)?;
+            // The noisy latents alone: a 9-channel UNet's input also holds the mask and the
+            // masked image's latents after them.
+            let latents = x
+                .narrow(1, 0, model.config().unet.in_channels.min(x.dim(1)?))?
+                .contiguous()?;
             let r = model.forward(
-                x,
+                &latents,
                 t,
                 embeddings,
                 &cond,

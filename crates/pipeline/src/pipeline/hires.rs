@@ -322,6 +322,9 @@ impl StableDiffusion {
             })
         };
         let begin = pass.begin;
+        // The ControlNets again, at this pass's size, as the extension's `hr_option` says.
+        let control =
+            self.prepare_control(&pass.params, super::control::ControlPass::Hires, None)?;
         let latents = self.denoise(
             images_in::Start {
                 latents: start,
@@ -332,10 +335,10 @@ impl StableDiffusion {
             begin,
             pass.params.guidance_scale,
             &mut rngs,
-            None,
+            control.as_ref(),
             &mut on_step,
         )?;
-        drop(text_embeddings);
+        drop((text_embeddings, control));
         let mut images = Vec::with_capacity(first.batch_size);
         for i in 0..latents.dim(0)? {
             images.push(postprocess(

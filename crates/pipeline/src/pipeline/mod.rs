@@ -186,7 +186,6 @@ impl StableDiffusion {
             Some(h) => Some(self.second_pass(params, h)?),
             None => None,
         };
-        let control = self.prepare_control(params)?;
         let (mut scheduler, begin) = self.prepare_timesteps(params)?;
         // A1111 schedules prompts over the steps times the sampler's evaluations per step
         // (`total_steps`: twice the steps for second-order samplers).
@@ -205,6 +204,12 @@ impl StableDiffusion {
             Some((init, prepared)) => (Some(init), Some(prepared)),
             None => (params.init_image.as_ref(), None),
         };
+        let control_pass = match params.hires {
+            Some(_) => control::ControlPass::First,
+            None => control::ControlPass::Only,
+        };
+        let control =
+            self.prepare_control(params, control_pass, control::masked_crop(params, overlay))?;
         let start = match init {
             None => images_in::Start {
                 latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs)?,

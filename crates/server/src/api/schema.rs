@@ -238,9 +238,11 @@ pub struct GenerateRequest {
     /// the styled text. An unknown name is a 422.
     #[schema(nullable = true, example = json!(["Cinematic"]))]
     pub styles: Option<Vec<String>>,
-    /// ControlNets steering the composition (text-to-image and img2img; not with `mask_image`
-    /// or `hires`): diffusers' `StableDiffusionControlNetPipeline` (with `init_image` its
-    /// `...Img2ImgPipeline`), several summed as its `MultiControlNetModel`. At most 3. A model is a name of CONTROLNET_DIR (`GET
+    /// ControlNets steering the composition (text-to-image, img2img, inpainting; not with
+    /// `hires`): diffusers' `StableDiffusionControlNetPipeline` (with `init_image` its
+    /// `...Img2ImgPipeline`, with `mask_image` its `...InpaintPipeline`; with `inpaint`, A1111's
+    /// inpainting with the sd-webui-controlnet extension's residuals, "only masked" cropping
+    /// the control image as the init image), several summed as its `MultiControlNetModel`. At most 3. A model is a name of CONTROLNET_DIR (`GET
     /// /controlnets`; unknown: a 422 listing the names); one that is not a ControlNet for the
     /// model's UNet fails the request (422 naming it).
     #[schema(max_items = 3, nullable = true)]

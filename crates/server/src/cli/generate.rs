@@ -224,7 +224,7 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         ),
         (
             "controlnets",
-            "A ControlNet of --controlnet-dir by name, its control image file (already preprocessed: an edge map, a pose, a depth map; resized to the image's size) and its scale (0..=2; 1 when left out); repeat for more, at most 3, their effects summed (text-to-image and img2img) [default: none]".to_string(),
+            "A ControlNet of --controlnet-dir by name, its control image file (already preprocessed: an edge map, a pose, a depth map; resized to the image's size) and its scale (0..=2; 1 when left out); repeat for more, at most 3, their effects summed (text-to-image, img2img and inpainting) [default: none]".to_string(),
         ),
         (
             "styles",

@@ -235,6 +235,8 @@ impl ValidRequest {
                     scale: c.scale,
                     guidance_start: c.guidance_start,
                     guidance_end: c.guidance_end,
+                    hires_image: None,
+                    hr_option: Default::default(),
                 })
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),
@@ -471,18 +473,9 @@ pub fn validate_request(
     }
     let seed_resize = seed_resize_from(&mut r);
     let controlnets = r.with("controlnets", controlnets::read).unwrap_or_default();
-    // diffusers' ControlNet inpainting pipeline is not implemented, nor a hires pass with one
-    // (A1111's extension steers it too).
-    if !controlnets.is_empty() {
-        if r.value("mask_image").is_some() {
-            r.fail(
-                "controlnets",
-                "text-to-image and img2img only (not with mask_image)",
-            );
-        }
-        if r.value("hires").is_some() {
-            r.fail("controlnets", "not with the hires fix");
-        }
+    // A hires pass with ControlNets is not implemented (A1111's extension steers it too).
+    if !controlnets.is_empty() && r.value("hires").is_some() {
+        r.fail("controlnets", "not with the hires fix");
     }
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())

@@ -164,6 +164,19 @@ fn model_name(s: &str) -> &str {
     }
 }
 
+/// Whether the body has enabled ControlNet units.
+pub fn has_units(body: &Map<String, Value>) -> bool {
+    body.get("alwayson_scripts")
+        .and_then(Value::as_object)
+        .and_then(|s| s.iter().find(|(k, _)| k.eq_ignore_ascii_case("controlnet")))
+        .and_then(|(_, v)| v.get("args"))
+        .and_then(Value::as_array)
+        .is_some_and(|a| {
+            a.iter()
+                .any(|u| u.is_object() && u.get("enabled").and_then(Value::as_bool) != Some(false))
+        })
+}
+
 /// The units of `alwayson_scripts.controlnet` (the key matched without case, as A1111 matches
 /// script titles) as native `controlnets`, their images fitted to `width` x `height` by the
 /// unit's resize mode; `None` without enabled units.

@@ -339,6 +339,14 @@ pub fn translate(
             if !native_has("mask_image") {
                 return Err(not_supported("mask", "inpainting"));
             }
+            // The extension's inpainting (its control image from the init image, cropped
+            // with "only masked") is not followed yet.
+            if super::controlnet::has_units(body) {
+                return Err(ApiError::validation(
+                    super::controlnet::FIELD,
+                    "ControlNet units with a mask (inpainting) are not supported yet",
+                ));
+            }
             native.insert("mask_image".into(), mask.clone());
             native.insert("inpaint".into(), inpaint_options(body));
         }

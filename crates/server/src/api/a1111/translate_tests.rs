@@ -304,6 +304,7 @@ fn a_mask_is_a1111_s_inpainting_with_its_api_s_defaults() {
         base64::engine::general_purpose::STANDARD.encode(crate::png::encode(&img, "").unwrap());
     let body = json!({"prompt": "p", "init_images": [img], "mask": img, "width": 256,
                       "height": 256, "inpainting_mask_invert": 1});
+    let body_with_mask = body.clone();
     let t = tr(body, Mode::Img2Img).unwrap();
     assert_eq!(t.native["inpaint"]["mask_invert"], true);
     let o = t.valid.inpaint.expect("A1111's inpainting");
@@ -312,6 +313,14 @@ fn a_mask_is_a1111_s_inpainting_with_its_api_s_defaults() {
     assert_eq!(t.parameters["inpainting_fill"], 0);
     assert_eq!(t.parameters["inpaint_full_res"], true);
     assert_eq!(t.parameters["mask_blur_x"], 4);
+    // ControlNet units with a mask: a 422 naming them (disabled ones change nothing).
+    let mut with_units = body_with_mask.clone();
+    with_units["alwayson_scripts"] =
+        json!({"controlnet": {"args": [{"model": "c", "image": img}]}});
+    let e = tr(with_units.clone(), Mode::Img2Img).unwrap_err();
+    assert_eq!(field_of(e), "alwayson_scripts.controlnet.args");
+    with_units["alwayson_scripts"]["controlnet"]["args"][0]["enabled"] = json!(false);
+    assert!(tr(with_units, Mode::Img2Img).is_ok());
     let native = |body: Value| {
         let mut n = Map::new();
         n.insert("inpaint".into(), inpaint_options(body.as_object().unwrap()));

@@ -324,6 +324,8 @@ impl WireSpec {
                             scale: *scale,
                             guidance_start: *start,
                             guidance_end: *end,
+                            hires_image: None,
+                            hr_option: Default::default(),
                         })
                     })
                     .collect::<Result<_, String>>()?,

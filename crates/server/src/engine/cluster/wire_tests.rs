@@ -82,6 +82,8 @@ fn a_spec_survives_the_trip_with_its_images() {
                 scale: 0.8,
                 guidance_start: 0.1,
                 guidance_end: 0.9,
+                hires_image: None,
+                hr_option: Default::default(),
             }],
             a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
                 mask_blur_x: 3,
