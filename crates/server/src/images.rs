@@ -9,7 +9,7 @@
 use std::io::Cursor;
 
 use base64::Engine as _;
-use image::{ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 use sdserve_pipeline::pipeline::RgbImage;
 use sha2::{Digest, Sha256};
 
@@ -94,25 +94,85 @@ fn strip_data_url(text: &str) -> Result<&str, String> {
 /// from the header first.
 pub fn decode_bytes(bytes: &[u8]) -> Result<RequestImage, String> {
     let (format, _, _) = header(bytes)?;
-    let reader = || ImageReader::with_format(Cursor::new(bytes), format);
+    Ok(request_image(decode_image(bytes, format)?.to_rgb8()))
+}
+
+/// The decoded image of bytes whose header passed [`header`], under allocation limits.
+fn decode_image(bytes: &[u8], format: ImageFormat) -> Result<DynamicImage, String> {
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     // RGBA16 of the largest image: room for the decoder's own buffer, no more.
     limits.max_alloc = Some(MAX_PIXELS * 8 + (1 << 20));
-    let mut decoder = reader();
+    let mut decoder = ImageReader::with_format(Cursor::new(bytes), format);
     decoder.limits(limits);
-    let decoded = decoder
+    decoder
         .decode()
-        .map_err(|e| format!("is not a readable {} image ({e})", name(format)))?;
-    let rgb = decoded.to_rgb8();
+        .map_err(|e| format!("is not a readable {} image ({e})", name(format)))
+}
+
+fn request_image(rgb: image::RgbImage) -> RequestImage {
     let image = RgbImage {
         width: rgb.width(),
         height: rgb.height(),
         pixels: rgb.into_raw(),
     };
     let sha256 = digest(&image);
-    Ok(RequestImage { image, sha256 })
+    RequestImage { image, sha256 }
+}
+
+/// An A1111 img2img `mask` as its API reads it (`decode_base64_to_image`, then
+/// `create_binary_mask` with `mask_round`, its default): an image Pillow opens as RGBA whose
+/// alpha is not all 255 is its alpha channel, white above 128 and black at or below; any other
+/// is read as every request image is (its colours, whose luminance the pipeline takes).
+pub fn decode_a1111_mask_base64(text: &str) -> Result<RequestImage, String> {
+    let bytes = base64_bytes(text)?;
+    let (format, _, _) = header(&bytes)?;
+    let decoded = decode_image(&bytes, format)?;
+    let alpha: Option<Vec<u8>> = match &decoded {
+        _ if !pillow_opens_as_rgba(&bytes, format) => None,
+        DynamicImage::ImageRgba8(i) => Some(i.pixels().map(|p| p[3]).collect()),
+        // Pillow keeps each 16-bit sample's high byte.
+        DynamicImage::ImageRgba16(i) => Some(i.pixels().map(|p| (p[3] >> 8) as u8).collect()),
+        _ => None,
+    };
+    let Some(alpha) = alpha.filter(|a| a.iter().any(|&v| v != 255)) else {
+        return Ok(request_image(decoded.to_rgb8()));
+    };
+    let pixels = alpha
+        .iter()
+        .flat_map(|&a| [if a > 128 { 255 } else { 0 }; 3])
+        .collect();
+    let grey = image::RgbImage::from_raw(decoded.width(), decoded.height(), pixels)
+        .ok_or("has an alpha channel of the wrong length")?;
+    Ok(request_image(grey))
+}
+
+/// Whether Pillow opens these bytes as RGBA (A1111's `images.read` included): a PNG of colour
+/// type RGBA; a palette PNG whose `tRNS` is more than one fully transparent entry among opaque
+/// ones (Pillow keeps that one `P` with a transparent index, `fix_png_transparency` converts
+/// the others); a WebP with alpha (decoded as RGBA). Never an LA PNG, an RGB or grey PNG with
+/// a transparent colour, or a JPEG.
+fn pillow_opens_as_rgba(bytes: &[u8], format: ImageFormat) -> bool {
+    match format {
+        ImageFormat::WebP => true,
+        ImageFormat::Png => {
+            let Ok(reader) = png::Decoder::new(Cursor::new(bytes)).read_info() else {
+                return false;
+            };
+            let info = reader.info();
+            match info.color_type {
+                png::ColorType::Rgba => true,
+                // Pillow's `_simple_palette`: `^\xff*\x00\xff*$`.
+                png::ColorType::Indexed => info.trns.as_deref().is_some_and(|t| {
+                    !(t.iter().filter(|&&a| a == 0).count() == 1
+                        && t.iter().all(|&a| a == 0 || a == 255))
+                }),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// The format and size of PNG, JPEG or WebP bytes, from the header alone; the size rule
@@ -244,6 +304,35 @@ mod tests {
         assert!(check_dimensions(4096, 4096).is_ok());
         assert!(check_dimensions(4096, 4097).is_err());
         assert!(check_dimensions(4096, 4096 + 1).is_err());
+    }
+
+    /// A1111's own masks for files of every kind (tools/make_a1111_mask_alpha_fixtures.py):
+    /// through the pipeline's luminance (PIL's `L`), ours are its, pixel for pixel; read as
+    /// other images are (native, OpenAI) the transparent ones are not.
+    #[test]
+    fn a1111_masks_read_transparency_as_a1111_does() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/a1111-mask-alpha");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
+        let cases = meta["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 8);
+        for case in cases {
+            let file = std::fs::read(dir.join(case["file"].as_str().unwrap())).unwrap();
+            let expected = image::open(dir.join(case["expected"].as_str().unwrap()))
+                .unwrap()
+                .into_luma8()
+                .into_raw();
+            let text = base64::engine::general_purpose::STANDARD.encode(&file);
+            let luma = |read: fn(&str) -> Result<RequestImage, String>| {
+                sdserve_pipeline::inpaint_a1111::luma(&read(&text).unwrap().image)
+            };
+            let ours = luma(decode_a1111_mask_base64);
+            let differing = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 0, "{case}: {differing} pixels differ");
+            let alpha_used = case["alpha_used"].as_bool().unwrap();
+            assert_eq!(luma(decode_base64) != expected, alpha_used, "{case}");
+        }
     }
 
     #[test]

@@ -172,3 +172,53 @@ fn native_inpaint_takes_the_web_ui_s_defaults_and_jobs_carry_it() {
     );
     assert_eq!(r.broken_fields(), ["inpainting_fill"]);
 }
+
+/// An A1111 mask with transparency is its alpha, as A1111's `create_binary_mask` reads it (the
+/// file kinds: `images.rs`' test on tools/make_a1111_mask_alpha_fixtures.py's references);
+/// the native `mask_image` keeps its documented rule, the colours' luminance.
+#[test]
+fn an_a1111_mask_with_transparency_is_its_alpha() {
+    let s: Server = common::tiny_server("inpaint-alpha", &[("RESPONSE_CACHE_MB", "0")]);
+    let grey = file_b64("mask-384x320.png");
+    // White everywhere (its luminance: repaint all), the grey mask as the alpha channel.
+    let (w, h, pixels, _) = decode_png(&grey);
+    let alpha = image::RgbaImage::from_fn(w, h, |x, y| {
+        image::Rgba([255, 255, 255, pixels[((y * w + x) * 3) as usize]])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    alpha.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let rgba = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
+    let a1111 = |mask: &str| {
+        json!({"prompt": "a lighthouse", "init_images": [file_b64("init-384x320.png")],
+               "mask": mask, "width": 256, "height": 256, "steps": 2, "cfg_scale": 1.0,
+               "sampler_name": "Euler", "seed": 23, "inpaint_full_res": false})
+    };
+    let image = |path: &str, body: &Value| {
+        let key = if path == "/generate" {
+            "image_base64"
+        } else {
+            "images"
+        };
+        first_image(&post_json_to(s.addr, path, body), key).2
+    };
+    let by_alpha = image("/sdapi/v1/img2img", &a1111(&rgba));
+    assert!(by_alpha == image("/sdapi/v1/img2img", &a1111(&grey)));
+    // The native API reads the same file's colours: all white, all repainted.
+    let native = |mask: &str| {
+        let mut body = native_base(23, json!({}));
+        body["mask_image"] = json!(mask);
+        image("/generate", &body)
+    };
+    let white = native(&rgba);
+    assert!(
+        white != native(&grey),
+        "the native mask is the colours' luminance"
+    );
+    let all_white = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    all_white
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let all = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
+    assert!(white == native(&all));
+}

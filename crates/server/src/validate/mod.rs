@@ -296,11 +296,14 @@ pub enum PromptRule {
 }
 
 /// Where the rules of the dialect a request came in differ from the native contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct DialectRules {
     pub prompt: PromptRule,
     /// The largest `clip_skip` (before the model's own limit, [`check_limits`]).
     pub clip_skip_max: u64,
+    /// How `mask_image` is read: as every image (`decode_base64`), or as A1111 reads its
+    /// `mask`, transparency first (`decode_a1111_mask_base64`).
+    pub read_mask: fn(&str) -> Result<RequestImage, String>,
 }
 
 impl DialectRules {
@@ -308,11 +311,13 @@ impl DialectRules {
     pub const NATIVE: Self = Self {
         prompt: PromptRule::Required,
         clip_skip_max: CLIP_SKIP_MAX,
+        read_mask: crate::images::decode_base64,
     };
     /// AUTOMATIC1111's: the prompt may be empty, clip skip goes to its slider's 12.
     pub const A1111: Self = Self {
         prompt: PromptRule::MayBeEmpty,
         clip_skip_max: A1111_CLIP_SKIP_MAX,
+        read_mask: crate::images::decode_a1111_mask_base64,
     };
 }
 
@@ -405,11 +410,11 @@ pub fn validate_request(
     let batch_size = r.int("batch_size", BATCH_MIN, BATCH_MAX);
     let model = r.text("model", 1, MODEL_NAME_MAX_CHARS);
     let vae = r.text("vae", 1, MODEL_NAME_MAX_CHARS);
-    let image = |v: &Value| -> Result<RequestImage, String> {
-        crate::images::decode_base64(v.as_str().ok_or("must be a base64 string")?)
+    let image = |read: fn(&str) -> Result<RequestImage, String>| {
+        move |v: &Value| read(v.as_str().ok_or("must be a base64 string")?)
     };
-    let init_image = r.with("init_image", image);
-    let mask_image = r.with("mask_image", image);
+    let init_image = r.with("init_image", image(crate::images::decode_base64));
+    let mask_image = r.with("mask_image", image(dialect.read_mask));
     let strength = r.number("strength", 0.0, 1.0);
     let has_init = r.value("init_image").is_some();
     let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);

@@ -97,7 +97,9 @@ pub struct A1111Request {
     #[schema(nullable = true)]
     pub hr_negative_prompt: Option<String>,
     /// img2img: inpainting mask, white = repaint; inpainting as A1111 does it (the native
-    /// `inpaint` object, with A1111's API defaults for the fields below).
+    /// `inpaint` object, with A1111's API defaults for the fields below). A mask with
+    /// transparency (PNG RGBA, a palette with graded alpha, WebP with alpha; not all opaque)
+    /// is its alpha, repainting where it is above 128, as A1111's `create_binary_mask`.
     pub mask: Option<String>,
     /// Gaussian blur of the mask (OpenCV, sigma in pixels) in both directions; sets
     /// `mask_blur_x` and `mask_blur_y`, as A1111's setter does.
