@@ -292,7 +292,7 @@ class A1111(Timed):
         ldm = [n for n in names if n.startswith("cn-a-ldm [")]
         self.assertEqual(len(ldm), 1, names)
         self.assertIn("cn-a", names)  # a diffusers folder: its name alone
-        self.assertEqual(self.api.controlnet_module_list(), ["none"])
+        self.assertEqual(self.api.controlnet_module_list(), ["none", "canny"])
         control = Image.open(os.path.join(kit.IMAGES, "control-80x48.png")).convert("RGB")
         models = self.api.get_sd_models()
         default, other = models[0]["title"], models[1]["title"]
@@ -333,13 +333,26 @@ class A1111(Timed):
             (want,), _ = native(controlnets=[{"model": "cn-a", "image": b64_png(cropped)}],
                                **want_fields)
             self.assertEqual(pixels(got), pixels(want))
-            # A preprocessor is a 422 naming the unit's field.
+            # module canny: the map made from the image first, as the native preprocessor.
+            unit = webuiapi.ControlNetUnit(image=control, model="cn-a", module="canny",
+                                           processor_res=64, threshold_a=50, threshold_b=100,
+                                           resize_mode="Just Resize")
+            got = txt2img(unit)
+            (want,), meta = native(controlnets=[{"model": "cn-a", "image": b64_png(control),
+                                                 "preprocessor": {"type": "canny",
+                                                                  "low_threshold": 50,
+                                                                  "high_threshold": 100,
+                                                                  "resolution": 64}}],
+                                   **want_fields)
+            self.assertEqual(meta["controlnets"][0]["preprocessor"]["type"], "canny")
+            self.assertEqual(pixels(got), pixels(want))
+            # A model-based preprocessor is a 422 naming the unit's field and the modules.
             with self.assertRaises(RuntimeError) as cm:
-                txt2img(webuiapi.ControlNetUnit(image=control, model="cn-a", module="canny"))
+                txt2img(webuiapi.ControlNetUnit(image=control, model="cn-a", module="depth_midas"))
             status, text = cm.exception.args
             self.assertEqual(status, 422)
             self.assertIn("alwayson_scripts.controlnet.args", text)
-            self.assertIn("canny", text)
+            self.assertIn("depth_midas", text)
         finally:
             self.api.util_set_model(default)
 

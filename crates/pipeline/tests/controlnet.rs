@@ -164,6 +164,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             ControlNetUnit {
                 model: Arc::new(ControlNet::new(name, net_path(name))),
                 image: read_png(u["image"].as_str().unwrap()),
+                preprocessor: None,
                 scale: u["scale"].as_f64().unwrap(),
                 guidance_start: u["guidance_start"].as_f64().unwrap(),
                 guidance_end: u["guidance_end"].as_f64().unwrap(),

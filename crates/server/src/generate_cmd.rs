@@ -33,12 +33,22 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
     if let Some(p) = &a.mask_image {
         m.insert("mask_image".into(), file_base64("--mask", p)?);
     }
+    if a.controlnet_preprocessor.len() > a.controlnets.len() {
+        return Err(format!(
+            "--controlnet-preprocessor: {} given for {} --controlnet (one each, in order)",
+            a.controlnet_preprocessor.len(),
+            a.controlnets.len()
+        ));
+    }
     if !a.controlnets.is_empty() {
-        let units = a
+        let mut units = a
             .controlnets
             .iter()
             .map(|flag| controlnet_use(flag))
             .collect::<Result<Vec<_>, String>>()?;
+        for (unit, flag) in units.iter_mut().zip(&a.controlnet_preprocessor) {
+            unit["preprocessor"] = preprocessor_flag(flag)?;
+        }
         m.insert("controlnets".into(), Value::Array(units));
     }
     m.insert("prompt".into(), json!(a.prompt));
@@ -147,6 +157,34 @@ fn controlnet_use(flag: &str) -> Result<Value, String> {
         unit["scale"] = json!(s);
     }
     Ok(unit)
+}
+
+/// `--controlnet-preprocessor TYPE[:LOW:HIGH[:RESOLUTION]]` as the native `preprocessor`
+/// object (the API checks the type and the ranges).
+fn preprocessor_flag(flag: &str) -> Result<Value, String> {
+    let rule = || {
+        format!(
+            "--controlnet-preprocessor {flag:?}: canny[:LOW:HIGH[:RESOLUTION]] (integers) or none"
+        )
+    };
+    let mut parts = flag.split(':');
+    let kind = parts.next().unwrap_or_default();
+    let numbers = parts
+        .map(|p| p.trim().parse::<u64>().map_err(|_| rule()))
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut p = json!({ "type": kind });
+    match numbers.as_slice() {
+        [] => {}
+        [low, high, rest @ ..] if rest.len() <= 1 => {
+            p["low_threshold"] = json!(low);
+            p["high_threshold"] = json!(high);
+            if let Some(r) = rest.first() {
+                p["resolution"] = json!(r);
+            }
+        }
+        _ => return Err(rule()),
+    }
+    Ok(p)
 }
 
 /// `--loras NAME[:WEIGHT]` as the native `loras` item: the weight after the last `:` when it

@@ -50,6 +50,46 @@ fn controlnet_flags_take_a_model_an_image_and_an_optional_scale() {
 }
 
 #[test]
+fn controlnet_preprocessor_flags_are_the_units_preprocessors_in_order() {
+    assert_eq!(
+        preprocessor_flag("canny").unwrap(),
+        json!({"type": "canny"})
+    );
+    assert_eq!(
+        preprocessor_flag("canny:50:150:768").unwrap(),
+        json!({"type": "canny", "low_threshold": 50, "high_threshold": 150, "resolution": 768})
+    );
+    assert_eq!(preprocessor_flag("none").unwrap(), json!({"type": "none"}));
+    for bad in ["canny:50", "canny:a:b", "canny:1:2:3:4"] {
+        assert!(
+            preprocessor_flag(bad)
+                .unwrap_err()
+                .contains("canny[:LOW:HIGH"),
+            "{bad}"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("sdserve-cnpre-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("photo.png");
+    std::fs::write(&img, b"png").unwrap();
+    let unit = format!("cn:{}", img.to_str().unwrap());
+    let body = request_of(&[
+        "--controlnet",
+        &unit,
+        "--controlnet",
+        &unit,
+        "--controlnet-preprocessor",
+        "canny:1:2",
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        body["controlnets"][0]["preprocessor"],
+        json!({"type": "canny", "low_threshold": 1, "high_threshold": 2})
+    );
+    assert!(body["controlnets"][1].get("preprocessor").is_none());
+}
+
+#[test]
 fn inpaint_flags_are_the_native_inpaint_object() {
     let body = request_of;
     assert_eq!(body(&[]).get("inpaint"), None);

@@ -1,6 +1,7 @@
 //! PNG encoding with the generation parameters in a `parameters` tEXt chunk (AUTOMATIC1111 style,
 //! which image viewers and UIs such as A1111/ComfyUI read back).
 
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage, Variation};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
@@ -84,8 +85,22 @@ pub fn parameters_text(
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            // The extension's order; its thresholds are floats (`str(100.0)`).
+            let (module, settings) = match c.preprocessor {
+                None => ("none", String::new()),
+                Some(p @ Preprocessor::Canny {
+                    low_threshold,
+                    high_threshold,
+                    resolution,
+                }) => (
+                    p.module(),
+                    format!(
+                        ", Processor Res: {resolution}, Threshold A: {low_threshold}.0, Threshold B: {high_threshold}.0"
+                    ),
+                ),
+            };
             format!(
-                ", ControlNet {i}: \"Module: none, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}, Control Mode: Balanced\"",
+                ", ControlNet {i}: \"Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: Balanced\"",
                 c.model.name, c.scale, c.guidance_start, c.guidance_end
             )
         })

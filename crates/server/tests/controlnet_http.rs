@@ -127,6 +127,7 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
         controlnets: vec![ControlNetUnit {
             model: Arc::new(ControlNet::new("cn-a", dir.join("cn-a"))),
             image: sdserve_pipeline::image_in::resize_lanczos(&image, 256, 256),
+            preprocessor: None,
             scale: 0.8,
             guidance_start: 0.0,
             guidance_end: 0.7,

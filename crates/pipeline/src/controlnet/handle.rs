@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
+use super::preprocess::Preprocessor;
 use super::ControlNetModel;
 use crate::named_file::NamedFile;
 use crate::pipeline::RgbImage;
@@ -48,6 +49,9 @@ pub struct ControlNetUnit {
     /// Any size: resized (Lanczos) to the request's width and height, as diffusers'
     /// `VaeImageProcessor` (no normalisation: `[0, 1]`).
     pub image: RgbImage,
+    /// The preprocessor that made `image` from the uploaded one (already run; for the
+    /// metadata and infotext), or `None` when the upload is the control map itself.
+    pub preprocessor: Option<Preprocessor>,
     pub scale: f64,
     /// The fraction of the steps before which the ControlNet does not steer.
     pub guidance_start: f64,

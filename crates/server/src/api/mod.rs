@@ -152,6 +152,8 @@ impl AppState {
         crate::controlnets::ControlNetList,
         crate::controlnets::ControlNetListing,
         ControlNetUse,
+        ControlNetPreprocessor,
+        PreprocessorType,
         ControlNetMetadata,
         styles::StyleList,
         crate::styles::Style,

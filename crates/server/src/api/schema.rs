@@ -257,12 +257,17 @@ pub struct ControlNetUse {
     /// diffusers folder's name. 1..=255 characters.
     #[schema(min_length = 1, example = "control_v11p_sd15_canny")]
     pub model: String,
-    /// The control image (an edge map, a pose, a depth map: already preprocessed), base64
-    /// PNG, JPEG or WebP (a `data:image/...;base64,` prefix is allowed), at most 4096 pixels a
-    /// side and 16 MP; resized (Lanczos) to the request's width and height and given to the
+    /// The control image (an edge map, a pose, a depth map: already preprocessed), or with
+    /// `preprocessor` the photo it is made from; base64 PNG, JPEG or WebP (a
+    /// `data:image/...;base64,` prefix is allowed), at most 4096 pixels a side and 16 MP. The
+    /// control map is resized (Lanczos) to the request's width and height and given to the
     /// ControlNet as RGB in [0, 1], as diffusers' control image processor does.
     #[schema(example = "iVBORw0KGgoAAAANSUhEUgAA...")]
     pub image: String,
+    /// Makes the control map from `image` before use, as the sd-webui-controlnet extension's
+    /// preprocessor of that name; absent or null: `image` is the map.
+    #[schema(nullable = true)]
+    pub preprocessor: Option<ControlNetPreprocessor>,
     /// diffusers' `controlnet_conditioning_scale`: the residuals' weight.
     #[schema(minimum = 0.0, maximum = 2.0, default = 1.0, nullable = true)]
     pub scale: Option<f64>,
@@ -276,10 +281,47 @@ pub struct ControlNetUse {
     pub guidance_end: Option<f64>,
 }
 
+/// A model-free ControlNet preprocessor, as the sd-webui-controlnet extension runs it; each
+/// broken rule is a 422 naming `controlnets[i].preprocessor.<key>`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetPreprocessor {
+    /// `canny`: the image scaled so its shorter side is `resolution` (OpenCV's cubic
+    /// enlarging, area shrinking), OpenCV's Canny edges (white on black) at that size;
+    /// `none`: the image is the map. Model-based preprocessors (depth, openpose, hed, ...)
+    /// are not run here: send their map as `image`.
+    #[serde(rename = "type")]
+    pub kind: PreprocessorType,
+    /// `canny`: the hysteresis's low threshold on the L1 gradient (the extension's slider).
+    #[schema(minimum = 1, maximum = 255, default = 100, nullable = true)]
+    pub low_threshold: Option<u32>,
+    /// `canny`: the high threshold (a pixel above it starts an edge; swapped with
+    /// `low_threshold` when below it, as OpenCV does).
+    #[schema(minimum = 1, maximum = 255, default = 200, nullable = true)]
+    pub high_threshold: Option<u32>,
+    /// `canny`: the processor resolution: the shorter side of the image the map is made at
+    /// (the map is then resized to the request's size); the scaled image must keep the image
+    /// rule (at most 4096 pixels a side, 16 MP).
+    #[schema(minimum = 64, maximum = 2048, default = 512, nullable = true)]
+    pub resolution: Option<u32>,
+}
+
+/// The preprocessors this server runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PreprocessorType {
+    None,
+    Canny,
+}
+
 /// A ControlNet a result was made with.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ControlNetMetadata {
     pub model: String,
+    /// The preprocessor that made the control map from the upload, with every setting;
+    /// absent when the upload was the map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocessor: Option<ControlNetPreprocessor>,
     pub scale: f64,
     pub guidance_start: f64,
     pub guidance_end: f64,

@@ -61,6 +61,12 @@ pub struct GenerateArgs {
     pub styles: Vec<String>,
     #[arg(long, visible_alias = "controlnet", value_name = "MODEL:IMAGE[:SCALE]")]
     pub controlnets: Vec<String>,
+    /// The preprocessor of the --controlnet at the same position (the first for the first):
+    /// `canny` makes the control map from the image (OpenCV's Canny edges as the
+    /// sd-webui-controlnet extension runs it; thresholds 1..=255, 100 and 200 when left out;
+    /// processor resolution 64..=2048, 512), `none` takes the image as the map [default: none].
+    #[arg(long, value_name = "canny[:LOW:HIGH[:RESOLUTION]]|none")]
+    pub controlnet_preprocessor: Vec<String>,
     /// AUTOMATIC1111's prompt styles file (`styles.csv`: columns `name`, `prompt`,
     /// `negative_prompt`) that `--styles` names, as `serve`'s.
     #[arg(long, env = "STYLES_FILE")]

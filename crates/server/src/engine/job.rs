@@ -297,6 +297,10 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 .iter()
                 .map(|c| crate::api::ControlNetMetadata {
                     model: c.model.name.clone(),
+                    preprocessor: c
+                        .preprocessor
+                        .as_ref()
+                        .map(crate::validate::preprocessor::described),
                     scale: c.scale,
                     guidance_start: c.guidance_start,
                     guidance_end: c.guidance_end,

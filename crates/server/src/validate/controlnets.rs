@@ -1,9 +1,12 @@
-//! The native `controlnets` field: `[{model, image, scale, guidance_start, guidance_end}]`,
-//! diffusers' `StableDiffusionControlNetPipeline` arguments (`controlnet`, `image`,
-//! `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end`), one
-//! object per ControlNet (several: `MultiControlNetModel`).
+//! The native `controlnets` field: `[{model, image, preprocessor, scale, guidance_start,
+//! guidance_end}]`, diffusers' `StableDiffusionControlNetPipeline` arguments (`controlnet`,
+//! `image`, `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end`),
+//! one object per ControlNet (several: `MultiControlNetModel`); a `preprocessor` makes the
+//! control map from `image` here, at validation (`super::preprocessor`).
 
 use serde_json::Value;
+
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 
 use crate::images::RequestImage;
 
@@ -20,8 +23,11 @@ const NAME_MAX: usize = 255;
 pub struct ValidControlNet {
     /// A name of CONTROLNET_DIR (`GET /controlnets`), checked before the job is queued.
     pub model: String,
-    /// The control image as uploaded (resized to the request's size once that is known).
+    /// The control map: the upload, or what `preprocessor` made of it (resized to the
+    /// request's size once that is known).
     pub image: RequestImage,
+    /// The preprocessor already run on the upload, for the metadata.
+    pub preprocessor: Option<Preprocessor>,
     pub scale: f64,
     pub guidance_start: f64,
     pub guidance_end: f64,
@@ -49,7 +55,8 @@ fn number(
 /// `guidance_end` 0..=1 (1), as diffusers requires (`start < end`).
 pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let rule = format!(
-        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1}}"
+        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1}}",
+        super::preprocessor::TYPES
     );
     let items = v.as_array().ok_or_else(|| rule.clone())?;
     if items.len() > CONTROLNETS_MAX {
@@ -58,7 +65,14 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
-        const KEYS: [&str; 5] = ["model", "image", "scale", "guidance_start", "guidance_end"];
+        const KEYS: [&str; 6] = [
+            "model",
+            "image",
+            "preprocessor",
+            "scale",
+            "guidance_start",
+            "guidance_end",
+        ];
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
         }
@@ -74,7 +88,9 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
             .get("image")
             .and_then(Value::as_str)
             .ok_or_else(|| format!("[{i}].image: a base64 image is required"))?;
-        let image = crate::images::decode_base64(image).map_err(|e| format!("[{i}].image: {e}"))?;
+        let preprocessor = super::preprocessor::read(obj.get("preprocessor"), i)?;
+        let mut image =
+            crate::images::decode_base64(image).map_err(|e| format!("[{i}].image: {e}"))?;
         let scale = number(obj, "scale", i, SCALE_MIN, SCALE_MAX, 1.0)?;
         let guidance_start = number(obj, "guidance_start", i, 0.0, 1.0, 0.0)?;
         let guidance_end = number(obj, "guidance_end", i, 0.0, 1.0, 1.0)?;
@@ -83,9 +99,17 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
                 "[{i}]: guidance_start ({guidance_start}) must be below guidance_end ({guidance_end})"
             ));
         }
+        if let Some(p) = &preprocessor {
+            let map = super::preprocessor::run(p, &image.image, i)?;
+            image = RequestImage {
+                sha256: crate::images::digest(&map),
+                image: map,
+            };
+        }
         out.push(ValidControlNet {
             model,
             image,
+            preprocessor,
             scale,
             guidance_start,
             guidance_end,

@@ -28,6 +28,7 @@ mod for_model;
 pub mod hires;
 mod native_hires;
 pub mod native_inpaint;
+pub mod preprocessor;
 mod schedule;
 #[cfg(test)]
 mod tests;
@@ -232,6 +233,7 @@ impl ValidRequest {
                 .map(|c| ControlNetUnit {
                     model: std::sync::Arc::new(ControlNet::named(&c.model)),
                     image: c.image.image.clone(),
+                    preprocessor: c.preprocessor,
                     scale: c.scale,
                     guidance_start: c.guidance_start,
                     guidance_end: c.guidance_end,

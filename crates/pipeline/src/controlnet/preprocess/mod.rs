@@ -36,6 +36,13 @@ impl Preprocessor {
         }
     }
 
+    /// The processor resolution: the shorter side of the image the map is made at.
+    pub fn resolution(&self) -> u32 {
+        match *self {
+            Self::Canny { resolution, .. } => resolution,
+        }
+    }
+
     /// The control map of `image` (RGB; a one-channel result in all three channels, as the
     /// extension's `GRAY2RGB`), at the processor resolution's size.
     pub fn run(&self, image: &RgbImage) -> RgbImage {

@@ -4,8 +4,11 @@
 //! `/controlnet/module_list`.
 //!
 //! A unit (`external_code.to_processing_unit`: a dict, `input_image` for `image`, `guidance`
-//! for `guidance_end`) runs when `enabled` (default true). Preprocessor `module`: only `none`
-//! (the image is the control map itself; others are a 422 naming the module). `control_mode`:
+//! for `guidance_end`) runs when `enabled` (default true). Preprocessor `module`: `none` (the
+//! image is the control map itself) or a model-free one this server runs (`controlnet_modules`:
+//! `canny`, with `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here
+//! and then fitted by the resize mode below (the native unit gets the map, its validated unit
+//! the preprocessor); others are a 422 naming the module. `control_mode`:
 //! only `Balanced` (0), which is diffusers' semantics; the extension's other two modes are a
 //! 422. `resize_mode` (default `Crop and Resize`, as the extension's) is its `detectmap_proc`
 //! geometry: `Crop and Resize` scales the image to cover the request's size (`k = max(h / H, w
@@ -13,9 +16,8 @@
 //! it to fit (`k = min`) and centres it on the median colour of its border pixels; `Just
 //! Resize` stretches it. The resampling is the native API's Lanczos, not the extension's
 //! OpenCV filters. `weight`, `guidance_start`, `guidance_end` are the native `scale` and its
-//! window; `low_vram`, `processor_res`, `threshold_a/b`, `pixel_perfect`, `hr_option` concern
-//! preprocessors and memory and change nothing here. A `model` is a CONTROLNET_DIR name, with
-//! or without the extension's ` [hash]` suffix.
+//! window; `low_vram` and `hr_option` concern memory and the hires pass and change nothing
+//! here. A `model` is a CONTROLNET_DIR name, with or without the extension's ` [hash]` suffix.
 
 use std::path::Path;
 
@@ -26,6 +28,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::Shared;
 use crate::error::ApiError;
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -42,7 +45,7 @@ fn bad(rule: String) -> ApiError {
 /// The extension's `ResizeMode`, from its names, aliases or index
 /// (`external_code.resize_mode_from_value`; 3, `Just Resize (Latent upscale)`, is a plain resize).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ResizeMode {
+pub(super) enum ResizeMode {
     Resize,
     CropAndResize,
     ResizeAndFill,
@@ -177,14 +180,35 @@ pub fn has_units(body: &Map<String, Value>) -> bool {
         })
 }
 
+/// A request's units as native `controlnets` (a preprocessed unit's image is its map, made
+/// and fitted here), and the preprocessors that made maps.
+#[derive(Debug)]
+pub struct Units {
+    pub native: Value,
+    /// (native index, preprocessor) of each unit whose map was made here.
+    made: Vec<(usize, Preprocessor)>,
+}
+
+impl Units {
+    /// Records each preprocessor on its validated unit (the metadata and infotext name it).
+    pub fn name_preprocessors(&self, valid: &mut crate::validate::ValidRequest) {
+        for &(i, p) in &self.made {
+            if let Some(unit) = valid.controlnets.get_mut(i) {
+                unit.preprocessor = Some(p);
+            }
+        }
+    }
+}
+
 /// The units of `alwayson_scripts.controlnet` (the key matched without case, as A1111 matches
-/// script titles) as native `controlnets`, their images fitted to `width` x `height` by the
-/// unit's resize mode; `None` without enabled units.
+/// script titles) as native `controlnets`, their images (a preprocessed unit's: its map, made
+/// here first, as the extension's `detectmap_proc` fits the preprocessor's result) fitted to
+/// `width` x `height` by the unit's resize mode; `None` without enabled units.
 pub fn native_units(
     body: &Map<String, Value>,
     width: Option<u64>,
     height: Option<u64>,
-) -> Result<Option<Value>, ApiError> {
+) -> Result<Option<Units>, ApiError> {
     let Some(scripts) = body.get("alwayson_scripts").and_then(Value::as_object) else {
         return Ok(None);
     };
@@ -201,6 +225,7 @@ pub fn native_units(
         Some(_) => return Err(bad("must be a list of ControlNet units (objects)".into())),
     };
     let mut units = Vec::new();
+    let mut made = Vec::new();
     for (i, unit) in args.iter().enumerate() {
         // The extension skips `None` entries; `false` is webuiapi's "no units" placeholder.
         let unit = match unit {
@@ -212,12 +237,14 @@ pub fn native_units(
             continue;
         }
         let text = |k: &str| unit.get(k).and_then(Value::as_str);
-        let module = text("module").unwrap_or("none");
-        if !module.eq_ignore_ascii_case("none") {
-            return Err(bad(format!(
-                "[{i}].module: the preprocessor {module:?} is not supported; send the control map itself (an edge map, a pose, a depth map) with module \"none\""
-            )));
-        }
+        let preprocessor = super::controlnet_modules::preprocessor(
+            text("module").unwrap_or("none"),
+            unit.get("processor_res"),
+            unit.get("threshold_a"),
+            unit.get("threshold_b"),
+            &format!("[{i}]."),
+        )
+        .map_err(bad)?;
         match unit.get("control_mode") {
             None | Some(Value::Null) => {}
             Some(v) if v.as_str() == Some("Balanced") || v.as_i64() == Some(0) => {}
@@ -243,15 +270,52 @@ pub fn native_units(
             _ => return Err(bad(format!("[{i}].image: a base64 image is required"))),
         };
         let mode = resize_mode(unit.get("resize_mode"), i)?;
-        let image = match (width, height, mode) {
+        let pixel_perfect = unit.get("pixel_perfect").and_then(Value::as_bool) == Some(true);
+        let fits = matches!(
+            (width, height, mode),
+            (
+                Some(_),
+                Some(_),
+                ResizeMode::CropAndResize | ResizeMode::ResizeAndFill
+            )
+        );
+        let fitted = |image: &RgbImage| match (width, height, mode) {
             (Some(w), Some(h), ResizeMode::CropAndResize | ResizeMode::ResizeAndFill) => {
-                let decoded = crate::images::decode_base64(image)
-                    .map_err(|e| bad(format!("[{i}].image: {e}")))?;
-                let fitted = fit(&decoded.image, mode, w as usize, h as usize);
-                let png = crate::png::encode_with_text(&fitted, &[]).map_err(ApiError::Internal)?;
-                Value::String(base64::engine::general_purpose::STANDARD.encode(png))
+                Some(fit(image, mode, w as usize, h as usize))
             }
-            _ => Value::String(image.to_string()),
+            _ => None,
+        };
+        let as_png = |image: &RgbImage| -> Result<Value, ApiError> {
+            let png = crate::png::encode_with_text(image, &[]).map_err(ApiError::Internal)?;
+            Ok(Value::String(
+                base64::engine::general_purpose::STANDARD.encode(png),
+            ))
+        };
+        let decode =
+            || crate::images::decode_base64(image).map_err(|e| bad(format!("[{i}].image: {e}")));
+        let image = match preprocessor {
+            // The map made here (the native image rule and size rule checked first), then
+            // fitted; validation takes it as the image and the preprocessor for the records.
+            Some(p) => {
+                let decoded = decode()?;
+                let p = match (width, height) {
+                    (Some(w), Some(h)) if pixel_perfect => {
+                        let res = super::controlnet_modules::pixel_perfect_resolution(
+                            (decoded.image.width, decoded.image.height),
+                            (w, h),
+                            mode == ResizeMode::ResizeAndFill,
+                        );
+                        super::controlnet_modules::at_resolution(p, res)
+                    }
+                    _ => p,
+                };
+                let map = crate::validate::preprocessor::run(&p, &decoded.image, i)
+                    .map_err(|e| bad(e.replace("].preprocessor.resolution", "].processor_res")))?;
+                made.push((units.len(), p));
+                as_png(&fitted(&map).unwrap_or(map))?
+            }
+            None if fits => as_png(&fitted(&decode()?.image).expect("a size to fit"))?,
+            None => Value::String(image.to_string()),
         };
         let mut native = json!({"model": model, "image": image});
         for (ours, theirs) in [
@@ -270,7 +334,10 @@ pub fn native_units(
         }
         units.push(native);
     }
-    Ok((!units.is_empty()).then_some(Value::Array(units)))
+    Ok((!units.is_empty()).then_some(Units {
+        native: Value::Array(units),
+        made,
+    }))
 }
 
 /// `{"version": 2}`.
@@ -312,15 +379,6 @@ pub(super) async fn model_list(State(app): State<Shared>) -> Json<Value> {
     .await
     .unwrap_or_default();
     Json(json!({"model_list": names}))
-}
-
-/// `{"module_list": ["none"], "module_detail": {...}}`: the preprocessors this server runs.
-#[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111", responses((status = 200, description = "`{module_list, module_detail}`: only `none` (the image is the control map itself)")))]
-pub(super) async fn module_list() -> Json<Value> {
-    Json(json!({
-        "module_list": ["none"],
-        "module_detail": {"none": {"model_free": false, "sliders": []}},
-    }))
 }
 
 #[cfg(test)]
@@ -377,14 +435,14 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(
-            u,
+            u.native,
             json!([{"model": "canny", "image": png, "scale": 0.5, "guidance_end": 0.8}])
         );
         let off = native_units(&body(json!({"enabled": false})), None, None).unwrap();
         assert!(off.is_none());
         for (unit, needle) in [
             (
-                json!({"image": png, "model": "c", "module": "canny"}),
+                json!({"image": png, "model": "c", "module": "openpose"}),
                 "[0].module",
             ),
             (

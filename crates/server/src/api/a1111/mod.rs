@@ -12,6 +12,7 @@
 mod checkpoints;
 pub mod cmd_flags;
 mod controlnet;
+mod controlnet_modules;
 pub mod extras;
 pub mod info;
 mod listings;
@@ -121,7 +122,10 @@ pub fn router(json_limit: usize) -> Router<Shared> {
         .route("/sdapi/v1/png-info", post(png_info))
         .route("/controlnet/version", get(controlnet::version))
         .route("/controlnet/model_list", get(controlnet::model_list))
-        .route("/controlnet/module_list", get(controlnet::module_list))
+        .route(
+            "/controlnet/module_list",
+            get(controlnet_modules::module_list),
+        )
         .route("/sdapi/v1/cmd-flags", get(cmd_flags::cmd_flags))
         .route(
             "/sdapi/v1/extra-single-image",

@@ -302,7 +302,7 @@ pub struct ExtrasBatchImagesResponse {
         super::listings::prompt_styles, super::listings::refresh_checkpoints,
         super::listings::refresh_vae, super::listings::script_info, super::listings::extensions,
         super::checkpoints::unload, super::checkpoints::reload, super::controlnet::version,
-        super::controlnet::model_list, super::controlnet::module_list
+        super::controlnet::model_list, super::controlnet_modules::module_list
     ),
     components(schemas(A1111Request, A1111Response, A1111Progress, ExtrasOptions,
         ExtrasSingleImageRequest, ExtrasBatchImagesRequest, FileData, ExtrasSingleImageResponse,

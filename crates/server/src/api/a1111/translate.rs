@@ -383,8 +383,9 @@ pub fn translate(
 
     // The sd-webui-controlnet extension's units, their images fitted to the request's size.
     let side = |k: &str| native.get(k).and_then(Value::as_u64);
-    if let Some(units) = super::controlnet::native_units(body, side("width"), side("height"))? {
-        native.insert("controlnets".into(), units);
+    let units = super::controlnet::native_units(body, side("width"), side("height"))?;
+    if let Some(u) = &units {
+        native.insert("controlnets".into(), u.native.clone());
     }
 
     // `tiling` is the native field of the same name (A1111: circular padding in every Conv2d).
@@ -401,6 +402,9 @@ pub fn translate(
     // A1111's prompt defaults to "" (webuiapi sends that): empty is fine here, not natively.
     let mut valid =
         crate::validate::validate_request(&native, DialectRules::A1111).map_err(a1111_names)?;
+    if let Some(u) = &units {
+        u.name_preprocessors(&mut valid);
+    }
     // Hires fix is txt2img's (A1111's img2img has no such pass).
     if enable_hr && mode == Mode::Txt2Img {
         valid.hires = Some(hires(body, &valid, &sampler)?);

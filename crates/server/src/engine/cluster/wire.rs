@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax, RgbImage};
 
@@ -174,6 +175,10 @@ pub struct WireSpec {
     /// images, scale, guidance start and end (absent from older replicas' jobs: none).
     #[serde(default)]
     controlnets: Vec<(String, WireImage, f64, f64, f64)>,
+    /// Each ControlNet's preprocessor, already run (`controlnets`' images are its maps), for
+    /// the metadata (absent from older replicas' jobs: none).
+    #[serde(default)]
+    controlnet_preprocessors: Vec<Option<Preprocessor>>,
     /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
@@ -238,6 +243,7 @@ impl WireSpec {
                     )
                 })
                 .collect(),
+            controlnet_preprocessors: p.controlnets.iter().map(|c| c.preprocessor).collect(),
             inpaint: p.a1111_inpaint.as_ref().map(|o| {
                 let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
                 (
@@ -315,12 +321,14 @@ impl WireSpec {
                 controlnets: self
                     .controlnets
                     .iter()
-                    .map(|(name, image, scale, start, end)| {
+                    .enumerate()
+                    .map(|(i, (name, image, scale, start, end))| {
                         Ok(sdserve_pipeline::controlnet::ControlNetUnit {
                             model: std::sync::Arc::new(
                                 sdserve_pipeline::controlnet::ControlNet::named(name),
                             ),
                             image: image.image()?,
+                            preprocessor: self.controlnet_preprocessors.get(i).copied().flatten(),
                             scale: *scale,
                             guidance_start: *start,
                             guidance_end: *end,

@@ -79,6 +79,13 @@ fn a_spec_survives_the_trip_with_its_images() {
             controlnets: vec![sdserve_pipeline::controlnet::ControlNetUnit {
                 model: Arc::new(sdserve_pipeline::controlnet::ControlNet::named("canny")),
                 image: img.clone(),
+                preprocessor: Some(
+                    sdserve_pipeline::controlnet::preprocess::Preprocessor::Canny {
+                        low_threshold: 90,
+                        high_threshold: 180,
+                        resolution: 640,
+                    },
+                ),
                 scale: 0.8,
                 guidance_start: 0.1,
                 guidance_end: 0.9,

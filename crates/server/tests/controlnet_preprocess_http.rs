@@ -1,0 +1,187 @@
+//! ControlNet preprocessors over real HTTP (tiny-a-vae8, the pipeline's tiny ControlNets): a
+//! photo with the native `preprocessor` makes the image its map makes (the map made by
+//! `sdserve_pipeline::controlnet::preprocess`, which `crates/pipeline/tests/controlnet_preprocess.rs`
+//! holds to the extension's OpenCV calls), metadata and PNG parameters name it; A1111 units
+//! with `module: "canny"` (processor_res, pixel_perfect, the resize mode after the
+//! preprocessor) equal units sending that map; `/controlnet/module_list`; refusals.
+
+mod common;
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use common::{decode_png, post_json_to};
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
+use sdserve_pipeline::image_in::resize_lanczos;
+use sdserve_pipeline::pipeline::RgbImage;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn png(image: &RgbImage) -> String {
+    let mut out = Vec::new();
+    image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    b64(&out)
+}
+
+/// A small photo-like image (50x35) and its base64 PNG.
+fn photo() -> (RgbImage, String) {
+    let bytes = std::fs::read(fixtures().join("images/init-50x35.png")).unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    let image = RgbImage {
+        width: img.width(),
+        height: img.height(),
+        pixels: img.into_raw(),
+    };
+    (image, b64(&bytes))
+}
+
+fn canny(low: u32, high: u32, resolution: u32) -> Preprocessor {
+    Preprocessor::Canny {
+        low_threshold: low,
+        high_threshold: high,
+        resolution,
+    }
+}
+
+#[test]
+fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
+    let s = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
+    let (photo, photo_b64) = photo();
+
+    // Native: the photo with canny is the map made here, sent as the image.
+    let base = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
+                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let with = |unit: Value| {
+        let mut b = base.clone();
+        b["controlnets"] = json!([unit]);
+        b
+    };
+    let run = |body: &Value| {
+        let r = s.post_json(body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
+        (px, j["metadata"].clone(), text.unwrap_or_default())
+    };
+    let settings =
+        json!({"type": "canny", "low_threshold": 50, "high_threshold": 100, "resolution": 64});
+    let (got, meta, text) = run(&with(
+        json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}),
+    ));
+    let map = canny(50, 100, 64).run(&photo);
+    assert_eq!((map.width, map.height), (91, 64));
+    let edges = map.pixels.iter().filter(|&&v| v == 255).count();
+    assert!(edges > 300, "the photo has edges: {edges}");
+    let (want, want_meta, _) = run(&with(json!({"model": "cn-a", "image": png(&map)})));
+    assert!(got == want, "the preprocessed photo steers as its map");
+    let (plain, _, _) = run(&with(json!({"model": "cn-a", "image": photo_b64})));
+    assert!(
+        plain != got,
+        "without the preprocessor the photo is the map"
+    );
+    assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
+    assert!(want_meta["controlnets"][0].get("preprocessor").is_none());
+    assert!(
+        text.contains(r#"ControlNet 0: "Module: canny, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 50.0, Threshold B: 100.0, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced""#),
+        "{text}"
+    );
+    for (preprocessor, needle) in [
+        (json!({"type": "depth_midas"}), "[0].preprocessor.type"),
+        (
+            json!({"type": "canny", "low_threshold": 0}),
+            "[0].preprocessor.low_threshold: must be an integer in 1..=255",
+        ),
+        (
+            json!({"type": "canny", "resolution": 4096}),
+            "[0].preprocessor.resolution",
+        ),
+    ] {
+        let r = s.post_json(&with(
+            json!({"model": "cn-a", "image": photo_b64, "preprocessor": preprocessor}),
+        ));
+        let text = r.error(422, "validation_error").to_string();
+        assert!(
+            r.broken_fields().iter().any(|f| f == "controlnets"),
+            "{text}"
+        );
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+
+    // A1111 units: the map made at processor_res, then fitted by the resize mode, equals a
+    // unit sending that fitted map with module none.
+    let a1111 = |unit: Value| {
+        let body = json!({"prompt": "a house by a lake", "steps": 2, "width": 256,
+                          "height": 256, "seed": 11, "sampler_name": "Euler",
+                          "alwayson_scripts": {"controlnet": {"args": [unit]}}});
+        let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let (_, _, px, _) = decode_png(j["images"][0].as_str().unwrap());
+        (px, j["info"].as_str().unwrap_or_default().to_string())
+    };
+    // Crop and Resize: k = max(256 / 64, 256 / 91) = 4, 364x256, 54 columns off each side.
+    let (got, info) = a1111(
+        json!({"image": photo_b64, "model": "cn-a", "module": "canny",
+                                   "processor_res": 64, "threshold_a": 50, "threshold_b": 100,
+                                   "resize_mode": "Crop and Resize"}),
+    );
+    assert!(info.contains("Module: canny"), "{info}");
+    let scaled = resize_lanczos(&map, 364, 256);
+    let cropped = RgbImage {
+        width: 256,
+        height: 256,
+        pixels: (0..256)
+            .flat_map(|y| scaled.pixels[(y * 364 + 54) * 3..][..256 * 3].to_vec())
+            .collect(),
+    };
+    let (want, _) = a1111(
+        json!({"image": png(&cropped), "model": "cn-a", "module": "none",
+                                 "resize_mode": "Just Resize"}),
+    );
+    assert!(got == want, "the map is fitted after the preprocessor");
+    // Pixel perfect: max(256 / 35, 256 / 50) x 35 = 256, the processor_res ignored; the
+    // extension's defaults for -1 thresholds (100, 200).
+    let (got, _) = a1111(
+        json!({"image": photo_b64, "model": "cn-a", "module": "Canny",
+                                "processor_res": 64, "threshold_a": -1, "threshold_b": -1,
+                                "pixel_perfect": true, "resize_mode": "Just Resize"}),
+    );
+    let map = canny(100, 200, 256).run(&photo);
+    let (want, _) = a1111(
+        json!({"image": png(&map), "model": "cn-a", "module": "none",
+                                 "resize_mode": "Just Resize"}),
+    );
+    assert!(got == want, "pixel perfect");
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "steps": 1, "alwayson_scripts": {"controlnet": {"args": [
+            {"image": photo_b64, "model": "cn-a", "module": "openpose_full"}]}}}),
+    );
+    let e = r.error(422, "validation_error");
+    let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
+    assert!(
+        rule.starts_with("[0].module") && rule.contains("\"none\", \"canny\""),
+        "{e}"
+    );
+
+    let listed = s.get("/controlnet/module_list").json();
+    assert_eq!(listed["module_list"], json!(["none", "canny"]));
+    assert_eq!(
+        listed["module_detail"]["canny"],
+        json!({"model_free": false, "sliders": [
+            {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
+            {"name": "Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1},
+            {"name": "High Threshold", "value": 200, "min": 1, "max": 255, "step": 1}]})
+    );
+}
