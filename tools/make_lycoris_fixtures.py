@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""LyCORIS references (LoHa, LoKr, full diffs, LoCon's CP form, DoRA) for the tiny model, with A1111's
+"""LyCORIS references (LoHa, LoKr, IA3, full diffs, LoCon's CP form, DoRA) for the tiny model, with A1111's
 own module code: crates/pipeline/tests/lycoris.rs and crates/server/tests/lycoris_http.rs.
 
 A1111's Lora extension runs here, imported from a checkout of
@@ -35,15 +35,18 @@ files in the layouts LyCORIS saves (kohya key names, lora_unet_* and lora_te_*),
                       (`[out, 1]`, LyCORIS's wd_on_out, which A1111 broadcasts as it is), on
                       layers the LoHa file also changes, and text encoder layers; each scale
                       the base weight's norms times 1 + 0.3 * noise
-  ia3.safetensors, oft.safetensors, bias.safetensors
-                      types A1111 loads and this server refuses by name (IA3, OFT, a LoHa with
-                      a diff_b that A1111 ignores)
+  ia3.safetensors     IA3 (`weight`, `on_input`: A1111's `W * w` by output row or input column)
+                      on attention and feed-forward linears (one with a `scale` and an unused
+                      alpha, one with DoRA) and text encoder layers
+  oft.safetensors, bias.safetensors
+                      types A1111 loads and this server refuses by name (OFT, a LoHa with a
+                      diff_b that A1111 ignores)
 and beside that folder:
   lycoris.safetensors / lycoris.json
                       delta.<file>.<part>.<module>: A1111's delta for a layer of each form, at
                       multiplier 1 (delta.<...>.<module>.bias: its ex_bias, for a diff_b; DoRA's
-                      from tiny-a's weights); delta.<case>.<part>.<module>: a case's whole
-                      change of each DoRA layer's weight (cases of several files with DoRA);
+                      and IA3's from tiny-a's weights); delta.<case>.<part>.<module>: a case's
+                      whole change of each DoRA or IA3 layer's weight (cases of several files);
                       image.base and image.<case>: diffusers images (64x64, euler)
                       with A1111's deltas for the case's files and multipliers added to the
                       weights
@@ -81,13 +84,18 @@ CASES = {
     # DoRA decomposes the weight the earlier files left (A1111 merges them in order).
     "loha_dora": [("loha", 0.6), ("dora", -0.7)],
     "dora_loha": [("dora", 1.0), ("loha", 0.6)],
+    "ia3": [("ia3", 1.0)],
+    # IA3 scales the weight the earlier files left.
+    "loha_ia3": [("loha", 0.6), ("ia3", -0.8)],
 }
-A1111_SOURCES = ["network.py", "network_lora.py", "network_hada.py", "network_lokr.py", "network_full.py",
-                 "lyco_helpers.py"]
+# The files whose deltas depend on the weight (a case of several files keeps their whole change).
+FROM_WEIGHT = {"dora", "ia3"}
+A1111_SOURCES = ["network.py", "network_lora.py", "network_hada.py", "network_ia3.py", "network_lokr.py",
+                 "network_full.py", "lyco_helpers.py"]
 
 
 def a1111(root):
-    """A1111's module types (networks.py's order, less IA3 which no file here uses)."""
+    """A1111's module types (networks.py's order, as far as the files here use them)."""
     lora_dir = os.path.join(root, "extensions-builtin", "Lora")
     # The webui modules these files import, as far as calc_updown uses them.
     mods = {}
@@ -105,13 +113,13 @@ def a1111(root):
     mods["modules.devices"].dtype = torch.float32
     mods["modules.models.sd3.mmdit"].QkvLinear = type("QkvLinear", (torch.nn.Linear,), {})
     sys.path.insert(0, lora_dir)
-    import network, network_full, network_hada, network_lokr, network_lora  # noqa: E401
+    import network, network_full, network_hada, network_ia3, network_lokr, network_lora  # noqa: E401
     digests = {}
     for f in A1111_SOURCES:
         with open(os.path.join(lora_dir, f), "rb") as fh:
             digests[f] = hashlib.sha256(fh.read()).hexdigest()
-    module_types = [network_lora.ModuleTypeLora(), network_hada.ModuleTypeHada(), network_lokr.ModuleTypeLokr(),
-                    network_full.ModuleTypeFull()]
+    module_types = [network_lora.ModuleTypeLora(), network_hada.ModuleTypeHada(), network_ia3.ModuleTypeIa3(),
+                    network_lokr.ModuleTypeLokr(), network_full.ModuleTypeFull()]
     return network, module_types, digests
 
 
@@ -188,6 +196,11 @@ def lokr(m, g, w1_rank=None, w2_rank=None, tucker=False, conv_w2_4d=False):
     return w
 
 
+def ia3(m, g, on_input=False):
+    out, inp, _ = dims(m)
+    return {"weight": torch.randn(inp if on_input else out, generator=g), "on_input": torch.tensor(on_input)}
+
+
 def full(m, g, bias=False):
     w = {"diff": torch.randn(m.weight.shape, generator=g)}
     if bias:
@@ -212,7 +225,7 @@ def lora(m, g, rank):
 
 
 # The tensor each type's delta is linear in: scaled so that the delta is a set fraction of the weight.
-LEADING = ["hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "lora_up.weight"]
+LEADING = ["hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "lora_up.weight", "weight"]
 
 
 def attention_paths(unet, blocks):
@@ -229,7 +242,7 @@ def attention_paths(unet, blocks):
 def layer_plan(unet):
     """file -> [(part, module path, form, builder kwargs, alpha, extra keys)]"""
     te0 = "text_model.encoder.layers.0"
-    plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": []}
+    plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": [], "ia3": []}
     for p in attention_paths(unet, ["down_blocks.0", "up_blocks.1"]):
         plan["loha"].append(("unet", p, "loha", dict(rank=4), 2.0, {}))
     plan["loha"] += [
@@ -288,10 +301,19 @@ def layer_plan(unet):
         ("te", "text_model.encoder.layers.0.self_attn.q_proj", "lora", dict(rank=2), 1.0, {"dora": "in"}),
         ("te", "text_model.encoder.layers.1.mlp.fc1", "loha", dict(rank=2), 1.0, {"dora": "out"}),
     ]
+    t0 = f"{d0}.transformer_blocks.0"
+    plan["ia3"] += [
+        ("unet", f"{t0}.attn1.to_k", "ia3", {}, None, {}),
+        ("unet", f"{t0}.attn2.to_v", "ia3", dict(on_input=True), None, {}),
+        ("unet", f"{t0}.ff.net.2", "ia3", {}, 3.0, {"scale": 0.5}),  # an alpha IA3 does not use
+        ("unet", f"{t0}.attn1.to_out.0", "ia3", dict(on_input=True), None, {"dora": "in"}),
+        ("te", "text_model.encoder.layers.0.self_attn.k_proj", "ia3", {}, None, {}),
+        ("te", "text_model.encoder.layers.1.mlp.fc2", "ia3", dict(on_input=True), None, {}),
+    ]
     return plan
 
 
-BUILDERS = {"loha": loha, "lokr": lokr, "full": full, "locon_cp": locon_cp, "lora": lora}
+BUILDERS = {"loha": loha, "lokr": lokr, "full": full, "locon_cp": locon_cp, "lora": lora, "ia3": ia3}
 # One layer of each form whose delta is kept in the reference (the images cover all of them).
 KEPT = {
     "loha": ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "down_blocks.0.attentions.0.proj_in",
@@ -307,6 +329,7 @@ KEPT = {
               "mid_block.attentions.0.transformer_blocks.0.ff.net.2", "up_blocks.1.attentions.0.proj_out",
               "text_model.encoder.layers.1.self_attn.k_proj"],
     "dora": None,  # every layer (each is a form of its own)
+    "ia3": None,
 }
 
 
@@ -345,7 +368,8 @@ def build_files(a, pipe, out):
                 w[k] = torch.tensor(v)
             key = kohya_key(part, path)
             # The delta a fifth of the weight's spread (a third for the full diffs' few layers).
-            target = (0.33 if form == "full" else 0.2) * m.weight.std().item()
+            # IA3's as large as the weight (it scales a few layers' rows or columns by 1 + w).
+            target = {"full": 0.33, "ia3": 1.0}.get(form, 0.2) * m.weight.std().item()
             got = calc_updown(a, key, w, m, part, 1.0)[0].std().item()
             lead = next(k for k in LEADING if k in w)
             w[lead] = w[lead] * (target / got)
@@ -366,7 +390,6 @@ def refused_files(pipe, out):
     attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     key = kohya_key("unet", f"{attn}.to_k")
     files = {
-        "ia3": {f"{key}.weight": torch.randn(32, generator=g) * 0.1, f"{key}.on_input": torch.tensor(False)},
         "oft": {f"{key}.oft_blocks": torch.randn(4, 8, 8, generator=g) * 0.01, f"{key}.alpha": torch.tensor(0.0)},
         # A1111 reads diff_b only with a full diff (network_full.py); a LoHa ignores it.
         "bias": {**{f"{kohya_key('unet', attn + '.to_out.0')}.{k}": v * 0.1
@@ -445,10 +468,10 @@ def main():
                 m.weight += updown
                 if ex_bias is not None:
                     m.bias += ex_bias
-        if len(files) > 1 and "dora" in dict(files):
-            # The set's whole change of each DoRA layer's weight: DoRA decomposes the weight as
-            # the files before it left it.
-            for part, path, _, _ in layers["dora"]:
+        for name in FROM_WEIGHT & set(dict(files)) if len(files) > 1 else []:
+            # The set's whole change of each DoRA or IA3 layer's weight: they start from the
+            # weight as the files before them left it.
+            for part, path, _, _ in layers[name]:
                 prefix = f"delta.{case}.{'unet' if part == 'unet' else 'text_encoder'}.{path}"
                 tensors[prefix] = modules[part][path].weight - originals[(part, path)][0]
         img = generate(pipe)
@@ -464,7 +487,7 @@ def main():
     meta = {"generated_by": "tools/make_lycoris_fixtures.py", "base_model": "tiny-a", "request": REQUEST,
             "cases": CASES, "a1111_sources_sha256": a[2],
             "layers": {name: len(kept) for name, kept in layers.items()},
-            "refused": {"ia3": "ia3", "oft": "oft", "bias": "bias"}}
+            "refused": {"oft": "oft", "bias": "bias"}}
     with open(os.path.join(args.out, "lycoris.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")

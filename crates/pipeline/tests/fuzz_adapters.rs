@@ -61,6 +61,7 @@ const LORA_FIXTURES: &[&str] = &[
     "lycoris/lokr.safetensors",
     "lycoris/full.safetensors",
     "lycoris/dora.safetensors",
+    "lycoris/ia3.safetensors",
 ];
 
 /// Scans a folder holding `bytes` as `fuzz.safetensors`, checks the LoRA against tiny-a, merges
@@ -163,6 +164,9 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
             }
             used.extend(["hada_t1", "hada_t2", "alpha"].iter().map(|p| at(p)));
             used.extend(hada.iter().map(|p| at(p)));
+        } else if has("weight") && has("on_input") {
+            // IA3 (`on_input` a bool: the oracle's loader refuses the file).
+            used.push(at("weight"));
         } else if has("weight") || has("on_input") {
             continue;
         } else if let (Some(w1), Some(w2)) = (factor(1), factor(2)) {

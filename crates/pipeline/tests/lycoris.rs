@@ -1,8 +1,8 @@
-//! LyCORIS files (LoHa, LoKr, full diffs with bias diffs, LoCon's CP form, several types in one
-//! file, DoRA's decomposition with each, alone and before or after another file on the same
-//! layers) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
+//! LyCORIS files (LoHa, LoKr, IA3, full diffs with bias diffs, LoCon's CP form, several types
+//! in one file, DoRA's decomposition with each; DoRA and IA3 alone and before or after another
+//! file on the same layers) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
 //! its `ex_bias` to the biases; `tools/make_lycoris_fixtures.py`); the types A1111 loads and
-//! this server does not apply (IA3, OFT, a LoHa's bias diff) are listed and refused
+//! this server does not apply (OFT, a LoHa's bias diff) are listed and refused
 //! naming the LoRA and the type. (Each form's delta against A1111's, value by value:
 //! `lora::a1111_deltas` in the crate.)
 
@@ -54,6 +54,7 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     assert_eq!(types("full"), ["full"]);
     assert_eq!(types("mixed"), ["full", "loha", "lokr", "lora"]);
     assert_eq!(types("dora"), ["dora", "full", "loha", "lokr", "lora"]);
+    assert_eq!(types("ia3"), ["dora", "ia3"]);
     let loha = lib.get("loha").unwrap();
     assert_eq!(loha.format, LoraFormat::Kohya);
     assert_eq!(loha.targets, ["text_encoder", "unet"]);
@@ -64,14 +65,13 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     // Two flattened 3x3 kernels and two in Tucker form.
     assert_eq!(loha.conv_layers, 4, "{loha:?}");
     assert_eq!(loha.rank, 4);
-    for name in ["loha", "lokr", "full", "mixed", "dora"] {
+    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3"] {
         r.model.check_lora(name).unwrap();
     }
     for (name, type_name) in r.meta["refused"].as_object().unwrap() {
         assert_eq!(types(name), [type_name.as_str().unwrap()]);
         let err = r.model.check_lora(name).unwrap_err().to_string();
         let said = match name.as_str() {
-            "ia3" => "IA3",
             "oft" => "OFT",
             _ => "bias diff",
         };
@@ -121,7 +121,13 @@ fn lycoris_files_under_offload_give_the_resident_images() {
     let base = generate(&r, &request(&r, &[]));
     let set = request(
         &r,
-        &[("mixed", 0.9), ("loha", 0.5), ("dora", 0.8), ("full", -0.4)],
+        &[
+            ("mixed", 0.9),
+            ("loha", 0.5),
+            ("dora", 0.8),
+            ("ia3", 0.7),
+            ("full", -0.4),
+        ],
     );
     let with = generate(&r, &set);
     for offload in [Offload::Model, Offload::Sequential] {

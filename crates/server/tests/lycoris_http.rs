@@ -1,7 +1,7 @@
 //! LyCORIS files in `LORA_DIR` over real HTTP against the real binary: `GET /loras` says each
-//! file's module types, LoHa, LoKr, full diffs, a file mixing types and DoRA change the image by
+//! file's module types, LoHa, LoKr, full diffs, a file mixing types, DoRA and IA3 change the image by
 //! tag or field (the pipeline's tests compare them with A1111's deltas), the base image comes
-//! back bit for bit, and a file of a type the server does not apply (IA3, OFT, bias diffs) is
+//! back bit for bit, and a file of a type the server does not apply (OFT, bias diffs) is
 //! listed with its error and refused with a 422 naming the LoRA and the type.
 
 mod common;
@@ -37,6 +37,7 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         ("full", json!(["full"])),
         ("mixed", json!(["full", "loha", "lokr", "lora"])),
         ("dora", json!(["dora", "full", "loha", "lokr", "lora"])),
+        ("ia3", json!(["dora", "ia3"])),
     ] {
         let l = by_name(name);
         assert_eq!(
@@ -46,7 +47,7 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         );
     }
     assert_eq!(by_name("loha")["conv_layers"], 4);
-    for (name, said) in [("ia3", "IA3"), ("oft", "OFT"), ("bias", "bias diff")] {
+    for (name, said) in [("oft", "OFT"), ("bias", "bias diff")] {
         let l = by_name(name);
         assert_eq!(l["types"], json!([name]), "{l}");
         let error = l["error"].as_str().unwrap_or_default();
@@ -64,7 +65,7 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
     };
     let plain = pixels(&s, &base);
     let mut seen = vec![plain.clone()];
-    for name in ["loha", "lokr", "full", "mixed", "dora"] {
+    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3"] {
         let tagged = pixels(
             &s,
             &with(json!({"prompt": format!("a red house on a hill <lora:{name}:0.9>")})),
@@ -77,7 +78,7 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         );
         seen.push(tagged);
     }
-    for (name, said) in [("oft", "OFT"), ("ia3", "IA3")] {
+    for (name, said) in [("oft", "OFT"), ("bias", "bias diff")] {
         let r = s.post_json(&with(json!({"prompt": format!("a house <lora:{name}:1>")})));
         assert_eq!(r.broken_fields(), ["loras"], "{}", r.text());
         let details = r.json()["details"].as_str().unwrap().to_owned();

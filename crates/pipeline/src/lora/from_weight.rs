@@ -1,10 +1,12 @@
-//! Deltas that depend on the weight they go into. DoRA (`dora_scale` beside any type's keys)
-//! is A1111's `NetworkModule.apply_weight_decompose`: with `M = W + updown` (the type's delta
-//! times `calc_scale`), the weight becomes `M * (dora_scale / norm(M))`, the norm taken over
-//! each input channel (all outputs and kernel positions), and the delta `(that - W) *
-//! multiplier`. `W` is the weight as the earlier LoRAs of the set left it (A1111 merges them in
-//! order), so such a delta is kept as the set's steps and made when the weight is merged, from
-//! the weight as loaded (see [`Delta`]); every other delta is a sum made from the files alone.
+//! Deltas that depend on the weight they go into. IA3 (`network_ia3.py`) scales the weight:
+//! its `updown` is `W * w`, `w` over the output rows (or, with `on_input`, the input columns).
+//! DoRA (`dora_scale` beside any type's keys) is A1111's `NetworkModule.apply_weight_decompose`:
+//! with `M = W + updown` (the type's delta times `calc_scale`), the weight becomes
+//! `M * (dora_scale / norm(M))`, the norm taken over each input channel (all outputs and kernel
+//! positions), and the delta `(that - W) * multiplier`. `W` is the weight as the earlier LoRAs
+//! of the set left it (A1111 merges them in order), so such a delta is kept as the set's steps
+//! and made when the weight is merged, from the weight as loaded (see [`Delta`]); every other
+//! delta is a sum made from the files alone.
 
 use std::borrow::Cow;
 
@@ -27,18 +29,26 @@ pub(crate) enum Delta {
 pub(crate) enum Step {
     /// A delta that does not depend on the weight.
     Add(Tensor),
-    /// DoRA's decomposition of `W + updown`.
-    Dora(Dora),
+    /// A layer whose delta does (IA3, DoRA).
+    Weighted(Weighted),
+}
+
+/// A layer's `updown` (A1111's, times `calc_scale`, in the weight's dims).
+#[derive(Debug, Clone)]
+pub(crate) enum Updown {
+    /// Made from the file alone.
+    Fixed(Tensor),
+    /// IA3's `W * w * scale`: `w` `[out, 1]`, or `[1, in]` with `on_input`.
+    Ia3 { w: Tensor, scale: f64 },
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Dora {
-    /// The type's delta times `calc_scale` (not the multiplier), in the weight's dims.
-    pub updown: Tensor,
+pub(crate) struct Weighted {
+    pub updown: Updown,
     /// `dora_scale`, shaped to broadcast over the weight as `[out, in, rest]`: `[1, in, 1]` (the
     /// per-input-channel magnitude A1111 assumes) or `[out, 1, 1]` (LyCORIS's `wd_on_out`, which
     /// A1111 broadcasts against the input channels' norms all the same).
-    pub scale: Tensor,
+    pub dora_scale: Option<Tensor>,
     pub multiplier: f64,
     /// The LoRA and the layer, for errors.
     pub lora: String,
@@ -73,7 +83,12 @@ impl Delta {
                 .iter()
                 .map(|s| match s {
                     Step::Add(t) => size(t),
-                    Step::Dora(d) => size(&d.updown) + size(&d.scale),
+                    Step::Weighted(w) => {
+                        let updown = match &w.updown {
+                            Updown::Fixed(t) | Updown::Ia3 { w: t, .. } => size(t),
+                        };
+                        updown + w.dora_scale.as_ref().map_or(0, size)
+                    }
                 })
                 .sum(),
         }
@@ -94,12 +109,12 @@ impl Delta {
         for step in steps {
             let add = match step {
                 Step::Add(d) => d.clone(),
-                Step::Dora(dora) => {
+                Step::Weighted(layer) => {
                     let current = match &total {
                         Some(t) => (&base + t)?,
                         None => base.clone(),
                     };
-                    dora.delta(&current)?
+                    layer.delta(&current)?
                 }
             };
             total = Some(match total {
@@ -114,21 +129,32 @@ impl Delta {
     }
 }
 
-impl Dora {
-    /// `apply_weight_decompose(updown, current) * multiplier`.
+impl Weighted {
+    /// A1111's `finalize_updown` from the `updown`: `apply_weight_decompose(updown, current)`
+    /// with a `dora_scale`, times the multiplier.
     fn delta(&self, current: &Tensor) -> Result<Tensor> {
-        let dims = current.dims().to_vec();
-        let (out, inp) = (dims[0], dims[1]);
-        let merged = (current + &self.updown)?.reshape((out, inp, ()))?;
-        let norm = merged.sqr()?.sum_keepdim(2)?.sum_keepdim(0)?.sqrt()?;
-        let ratio = self.scale.broadcast_div(&norm)?;
-        let decomposed = merged.broadcast_mul(&ratio)?.reshape(dims)?;
-        let delta = ((decomposed - current)? * self.multiplier)?;
-        // An input channel of W + updown that is all zeros divides by a zero norm.
+        let updown = match &self.updown {
+            Updown::Fixed(t) => t.clone(),
+            Updown::Ia3 { w, scale } => (current.broadcast_mul(w)? * *scale)?,
+        };
+        let delta = match &self.dora_scale {
+            None => (updown * self.multiplier)?,
+            Some(dora_scale) => {
+                let dims = current.dims().to_vec();
+                let (out, inp) = (dims[0], dims[1]);
+                let merged = (current + updown)?.reshape((out, inp, ()))?;
+                let norm = merged.sqr()?.sum_keepdim(2)?.sum_keepdim(0)?.sqrt()?;
+                let ratio = dora_scale.broadcast_div(&norm)?;
+                let decomposed = merged.broadcast_mul(&ratio)?.reshape(dims)?;
+                ((decomposed - current)? * self.multiplier)?
+            }
+        };
+        // An input channel of W + updown that is all zeros divides by a zero norm; IA3 can
+        // overflow f32.
         let total = delta.abs()?.sum_all()?.to_scalar::<f32>()?;
         if !total.is_finite() {
             return Err(PipelineError::InvalidRequest(format!(
-                "LoRA {:?}: layer {}: DoRA's weight decomposition is not finite for this model's weight (an input channel of the weight plus the delta has norm 0, or the values are too large)",
+                "LoRA {:?}: layer {}: its delta is not finite for this model's weight (with DoRA, an input channel of the weight plus the delta has norm 0; or the values are too large)",
                 self.lora, self.layer
             )));
         }
@@ -159,9 +185,9 @@ mod tests {
     #[test]
     fn a_zero_norm_is_refused() {
         let zeros = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        let delta = Delta::FromWeight(vec![Step::Dora(Dora {
-            updown: zeros.clone(),
-            scale: Tensor::ones((1, 3, 1), DType::F32, &Device::Cpu).unwrap(),
+        let delta = Delta::FromWeight(vec![Step::Weighted(Weighted {
+            updown: Updown::Fixed(zeros.clone()),
+            dora_scale: Some(Tensor::ones((1, 3, 1), DType::F32, &Device::Cpu).unwrap()),
             multiplier: 1.0,
             lora: "d".into(),
             layer: "m".into(),
@@ -170,6 +196,9 @@ mod tests {
             .for_weight(|| Ok(zeros.clone()))
             .unwrap_err()
             .to_string();
-        assert!(why.contains("LoRA \"d\": layer m: DoRA"), "{why}");
+        assert!(
+            why.contains("LoRA \"d\": layer m: its delta is not finite"),
+            "{why}"
+        );
     }
 }

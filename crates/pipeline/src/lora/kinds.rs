@@ -2,9 +2,10 @@
 //! them (`extensions-builtin/Lora/network_*.py`): LoRA/LoCon (`up @ down`, LoCon's CP form with
 //! `lora_mid`), LyCORIS LoHa (`(w1a @ w1b) * (w2a @ w2b)`, Tucker form with `hada_t1`/`hada_t2`),
 //! LoKr (`kron(w1, w2)`, each factor whole or low-rank, Tucker `lokr_t2`) and full diffs
-//! (`diff`, with `diff_b` the bias's); DoRA's `dora_scale` beside any of them is the layer's
-//! (`from_weight`). Types A1111 knows and this server does not apply (IA3,
-//! OFT/BOFT, GLoRA, norm layers, `diff_b` on another type, which A1111
+//! (`diff`, with `diff_b` the bias's), and IA3 (`weight`, `on_input`: its delta is made from
+//! the weight, as is that of a layer with DoRA's `dora_scale` beside any type's keys;
+//! `from_weight`). Types A1111 knows and this server does not apply (OFT/BOFT, GLoRA, norm
+//! layers, `diff_b` on another type, which A1111
 //! ignores, and the weight-shaped `bias`) are kept as refused layers: the file is listed
 //! and a request naming it is refused, naming the LoRA and the type.
 //!
@@ -50,6 +51,9 @@ pub(super) enum LayerKind {
         w2: Factor,
         t2: Option<String>,
     },
+    /// IA3: `weight` scales the layer's weight by output row (or, with `on_input`, by input
+    /// column); its delta is made from the weight (`from_weight`).
+    Ia3 { weight: String, on_input: String },
     /// The weight's difference itself, and with `diff_b` the bias's.
     Full {
         diff: String,
@@ -82,6 +86,7 @@ impl LayerKind {
             LayerKind::Lora { .. } => "lora",
             LayerKind::Hada { .. } => "loha",
             LayerKind::Lokr { .. } => "lokr",
+            LayerKind::Ia3 { .. } => "ia3",
             LayerKind::Full { .. } => "full",
             LayerKind::Refused { type_name, .. } => type_name,
         }
@@ -116,8 +121,14 @@ impl LayerKind {
                 t1: has("hada_t1").then(|| key("hada_t1")),
                 t2: has("hada_t2").then(|| key("hada_t2")),
             }
+        } else if has("weight") && has("on_input") {
+            LayerKind::Ia3 {
+                weight: key("weight"),
+                on_input: key("on_input"),
+            }
         } else if has("weight") || has("on_input") {
-            return refused("ia3", "an IA3 module (weight, on_input)");
+            // A1111 reads both (network_ia3.py).
+            return refused("ia3", "an IA3 module without both weight and on_input");
         } else if let (Some(w1), Some(w2)) = (factor(parts, prefix, 1), factor(parts, prefix, 2)) {
             LayerKind::Lokr {
                 w1,
@@ -197,6 +208,7 @@ impl LayerKind {
                 keys.extend(t2);
                 keys
             }
+            LayerKind::Ia3 { weight, on_input } => vec![weight, on_input],
             LayerKind::Full { diff, diff_b } => [Some(diff), diff_b.as_ref()]
                 .into_iter()
                 .flatten()
@@ -322,6 +334,27 @@ impl LayerKind {
                     kernel: s.len() == 4 && s[2..] != [1, 1],
                 })
             }
+            LayerKind::Ia3 { weight, on_input } => {
+                // on_input is one value: a scalar `[]` as torch saves it.
+                let w = get(weight)?;
+                let flag = shapes
+                    .get(on_input)
+                    .ok_or_else(|| format!("{on_input} is missing"))?;
+                let n: usize = w.iter().product();
+                if w.iter().filter(|&&d| d != 1).count() > 1 || flag.iter().product::<usize>() != 1
+                {
+                    return Err(format!(
+                        "IA3's weight {w:?} must be one vector and on_input {flag:?} one value"
+                    ));
+                }
+                // The weight's other dim is not in the file: the merge makes the delta.
+                Ok(DeltaShape {
+                    rows: n,
+                    cols: 0,
+                    dim: None,
+                    kernel: false,
+                })
+            }
             LayerKind::Refused { why, .. } => Err(why.clone()),
         }
     }
@@ -379,6 +412,7 @@ impl LayerKind {
                 kron(&w1, &w2)?
             }
             LayerKind::Full { diff, .. } => t(diff)?,
+            LayerKind::Ia3 { .. } => candle_core::bail!("an IA3 delta is made from the weight"),
             LayerKind::Refused { .. } => candle_core::bail!("a refused layer has no delta"),
         };
         delta.reshape((shape.rows, shape.cols))
@@ -487,6 +521,10 @@ mod tests {
         );
         assert_eq!(name(&["diff", "bias"]), Some("bias"));
         assert_eq!(name(&["weight", "on_input"]), Some("ia3"));
+        let Some(LayerKind::Refused { why, .. }) = kind(&["weight"]) else {
+            panic!("IA3 without on_input")
+        };
+        assert!(why.contains("IA3"), "{why}");
         assert_eq!(name(&["oft_blocks", "alpha"]), Some("oft"));
         assert_eq!(name(&["w_norm", "b_norm"]), Some("norm"));
         assert_eq!(

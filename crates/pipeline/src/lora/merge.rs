@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 
 use super::add_delta::add_in_place;
-use super::from_weight::{dora_scale_dims, Delta, Dora, Step};
+use super::from_weight::{dora_scale_dims, Delta, Step, Updown, Weighted};
 use super::library::layer_shape_problem;
 use super::{
     LayerKeys, LayerKind, LoraFormat, LoraInfo, LoraKey, LoraLibrary, Part, Target, TargetShapes,
@@ -51,7 +51,7 @@ pub(super) fn match_layers<'a>(
     for layer in info.keys.iter().filter(|l| targets.contains_key(&l.part)) {
         if let LayerKind::Refused { why, .. } = &layer.kind {
             return Err(PipelineError::InvalidRequest(format!(
-                "LoRA {:?}: layer {} {why} (applied: LoRA/LoCon, LoHa, LoKr and full diffs)",
+                "LoRA {:?}: layer {} {why} (applied: LoRA/LoCon, LoHa, LoKr, IA3, full diffs and DoRA)",
                 info.name,
                 layer.module_key()
             )));
@@ -129,6 +129,15 @@ pub(super) fn match_layers<'a>(
                     info.name, layer.name
                 )));
             }
+        } else if let LayerKind::Ia3 { weight, .. } = &layer.kind {
+            // Its on_input (a value, not a shape) says which; the merge checks it.
+            let n = shapes[weight].iter().product::<usize>();
+            if want.len() != 2 || (n != want[0] && n != want[1]) {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "LoRA {:?}: layer {} (ia3, {n} values) does not fit the model's weight {want:?} (IA3 scales a linear weight's output rows or input columns)",
+                    info.name, layer.name
+                )));
+            }
         } else {
             let shape = layer.kind.delta_shape(shapes).map_err(invalid)?;
             if shape.rows != want[0] || shape.cols != want[1..].iter().product::<usize>() {
@@ -186,7 +195,7 @@ pub(crate) type Deltas = BTreeMap<(Part, usize), Delta>;
 /// A layer's contribution to a weight, as it is made.
 enum Made {
     Plain(Tensor),
-    Dora(Dora),
+    Weighted(Weighted),
 }
 
 /// The deltas of `loras` (resolved in `library`) for every weight of `targets`, checked: a
@@ -215,7 +224,7 @@ pub(crate) fn compute_deltas(
         let info = library
             .get(name)
             .ok_or_else(|| PipelineError::InvalidRequest(format!("unknown LoRA {name:?}")))?;
-        let tensors = candle_core::safetensors::load(&info.file, &Device::Cpu)?;
+        let tensors = load_tensors(&info.file)?;
         let shapes: HashMap<String, Vec<usize>> = tensors
             .iter()
             .map(|(k, v)| (k.clone(), v.dims().to_vec()))
@@ -226,10 +235,13 @@ pub(crate) fn compute_deltas(
         for matched in match_layers(info, &shapes, targets)? {
             let (part, layer) = (matched.part, matched.layer);
             // match_layers found every key in this very map, and checked the shapes.
-            let shape = layer
-                .kind
-                .delta_shape(&shapes)
-                .map_err(|why| invalid(layer, &why))?;
+            let shape = match &layer.kind {
+                LayerKind::Ia3 { .. } => None, // made from the weight
+                kind => Some(
+                    kind.delta_shape(&shapes)
+                        .map_err(|why| invalid(layer, &why))?,
+                ),
+            };
             let number = |key: &String| -> Result<f64> {
                 tensors[key]
                     .to_dtype(DType::F32)?
@@ -241,7 +253,8 @@ pub(crate) fn compute_deltas(
             };
             // A1111's calc_scale: the file's scale, else alpha / dim, else 1; `scale` is it
             // times the LoRA's weight (DoRA's decomposition comes between the two).
-            let (scale, calc_scale) = match (&layer.scale, &layer.alpha, shape.dim) {
+            let dim = shape.as_ref().and_then(|s| s.dim);
+            let (scale, calc_scale) = match (&layer.scale, &layer.alpha, dim) {
                 (Some(s), _, _) => {
                     let s = number(s)?;
                     if !s.is_finite() {
@@ -259,20 +272,58 @@ pub(crate) fn compute_deltas(
                 _ => (*weight, 1.0),
             };
             let want = targets[&part][matched.weight].1.as_slice();
-            let delta = layer.kind.delta(&tensors, &shape)?.reshape(want)?;
-            let made = match &layer.dora_scale {
-                None => Made::Plain((delta * scale)?),
+            let dora_scale = match &layer.dora_scale {
+                None => None,
                 Some(key) => {
                     let [a, b, c] = dora_scale_dims(tensors[key].dims(), want)
                         .map_err(|w| invalid(layer, &w))?;
-                    Made::Dora(Dora {
-                        updown: (delta * calc_scale)?,
-                        scale: tensors[key].to_dtype(DType::F32)?.reshape((a, b, c))?,
-                        multiplier: *weight,
-                        lora: name.clone(),
-                        layer: layer.name.clone(),
+                    Some(tensors[key].to_dtype(DType::F32)?.reshape((a, b, c))?)
+                }
+            };
+            let weighted = |updown| {
+                Made::Weighted(Weighted {
+                    updown,
+                    dora_scale: dora_scale.clone(),
+                    multiplier: *weight,
+                    lora: name.clone(),
+                    layer: layer.name.clone(),
+                })
+            };
+            let made = match (&layer.kind, shape) {
+                (
+                    LayerKind::Ia3 {
+                        weight: w,
+                        on_input,
+                    },
+                    _,
+                ) => {
+                    // network_ia3.py: `w` scales the rows, or with on_input the columns.
+                    let on_input = number(on_input)? != 0.0;
+                    let (rows, cols) = if on_input { (1, want[1]) } else { (want[0], 1) };
+                    let w = tensors[w].to_dtype(DType::F32)?;
+                    if w.elem_count() != rows * cols {
+                        return Err(invalid(
+                            layer,
+                            &format!(
+                                "IA3's weight has {} values; with on_input {on_input} it scales the weight {want:?} by {}",
+                                w.elem_count(),
+                                if on_input { "input column" } else { "output row" }
+                            ),
+                        ));
+                    }
+                    weighted(Updown::Ia3 {
+                        w: w.reshape((rows, cols))?,
+                        scale: calc_scale,
                     })
                 }
+                (kind, Some(shape)) => {
+                    let delta = kind.delta(&tensors, &shape)?.reshape(want)?;
+                    match dora_scale {
+                        None => Made::Plain((delta * scale)?),
+                        Some(_) => weighted(Updown::Fixed((delta * calc_scale)?)),
+                    }
+                }
+                (_, None) => unreachable!("every type but IA3 has its delta's shape"),
             };
             let mut made = vec![(matched.weight, made)];
             if let (
@@ -293,7 +344,12 @@ pub(crate) fn compute_deltas(
                 // image: refuse the file rather than merge it.
                 let read = match &made {
                     Made::Plain(t) => vec![t],
-                    Made::Dora(d) => vec![&d.updown, &d.scale],
+                    Made::Weighted(w) => {
+                        let updown = match &w.updown {
+                            Updown::Fixed(t) | Updown::Ia3 { w: t, .. } => t,
+                        };
+                        [updown].into_iter().chain(&w.dora_scale).collect()
+                    }
                 };
                 for t in read {
                     if !t.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
@@ -319,12 +375,12 @@ pub(crate) fn compute_deltas(
                         steps.push(Step::Add(d));
                         Delta::FromWeight(steps)
                     }
-                    (None, Made::Dora(d)) => Delta::FromWeight(vec![Step::Dora(d)]),
-                    (Some(Delta::Sum(sum)), Made::Dora(d)) => {
-                        Delta::FromWeight(vec![Step::Add(f32_of(sum)?), Step::Dora(d)])
+                    (None, Made::Weighted(w)) => Delta::FromWeight(vec![Step::Weighted(w)]),
+                    (Some(Delta::Sum(sum)), Made::Weighted(w)) => {
+                        Delta::FromWeight(vec![Step::Add(f32_of(sum)?), Step::Weighted(w)])
                     }
-                    (Some(Delta::FromWeight(mut steps)), Made::Dora(d)) => {
-                        steps.push(Step::Dora(d));
+                    (Some(Delta::FromWeight(mut steps)), Made::Weighted(w)) => {
+                        steps.push(Step::Weighted(w));
                         Delta::FromWeight(steps)
                     }
                 };
@@ -343,6 +399,26 @@ pub(crate) fn compute_deltas(
         }
     }
     Ok(deltas)
+}
+
+/// A LoRA file's tensors on the CPU; a bool (IA3's `on_input`) as a u8 (candle has no bool).
+fn load_tensors(path: &std::path::Path) -> Result<HashMap<String, Tensor>> {
+    let data = std::fs::read(path).map_err(|e| PipelineError::io(path, e))?;
+    let bad = |e: safetensors::SafeTensorError| PipelineError::Weights {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let file = safetensors::SafeTensors::deserialize(&data).map_err(bad)?;
+    let mut out = HashMap::new();
+    for (name, view) in file.tensors() {
+        let tensor = if view.dtype() == safetensors::Dtype::BOOL {
+            Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), &Device::Cpu)?
+        } else {
+            candle_core::safetensors::Load::load(&view, &Device::Cpu)?
+        };
+        out.insert(name, tensor);
+    }
+    Ok(out)
 }
 
 /// `delta` (f32) in `dtype`, or `overflow()` when a value is beyond what `dtype` holds.
