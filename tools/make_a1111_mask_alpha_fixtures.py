@@ -22,11 +22,10 @@ Usage:
 """
 
 import argparse
-import ast
-import hashlib
 import io
 import json
 import os
+import sys
 import struct
 import zlib
 
@@ -34,24 +33,12 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import functions  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "server", "tests", "fixtures", "a1111-mask-alpha")
 W, H = 40, 24
-
-
-def functions(path, wanted, namespace):
-    """Executes the named top-level functions of a file; their objects and sources' sha256."""
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    tree = ast.parse(source)
-    out, digests = {}, {}
-    for name in wanted:
-        (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
-        node.decorator_list = []
-        exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
-        out[name] = namespace[name]
-        digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
-    return out, digests
 
 
 def a1111(checkout):

@@ -50,11 +50,10 @@ Usage: python tools/make_esrgan_fixtures.py --a1111 PATH/TO/stable-diffusion-web
 """
 
 import argparse
-import ast
 import collections
-import hashlib
 import json
 import os
+import sys
 import types
 
 import numpy as np
@@ -63,6 +62,9 @@ import safetensors.torch
 import spandrel
 import torch
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures", "esrgan")
@@ -136,25 +138,6 @@ def new_names(old, nb):
             else:
                 out[f"conv_up{i // 3}.{p[2]}"] = v
     return out
-
-
-def functions(path, wanted, namespace):
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    tree = ast.parse(source)
-    out, digests = {}, {}
-    for name in wanted:
-        cls, _, fn = name.rpartition(".")
-        body = tree.body
-        if cls:
-            (c,) = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls]
-            body = c.body
-        (node,) = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == fn]
-        node.decorator_list = []
-        exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
-        out[name] = namespace[fn]
-        digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
-    return out, digests
 
 
 def a1111(checkout):

@@ -28,16 +28,18 @@ Usage:
 """
 
 import argparse
-import ast
-import hashlib
 import html
 import json
 import os
+import sys
 import types
 
 import numpy as np
 import PIL
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures", "extras")
@@ -100,27 +102,6 @@ def inputs():
         "rgba": Image.fromarray(np.concatenate([rgba, alpha], axis=-1), "RGBA"),
         "grey": Image.fromarray(pattern(20, 33, 1)[:, :, 0], "L"),
     }
-
-
-def functions(path, wanted, namespace):
-    """Executes the named functions (`Class.method` or `function`) of a file; their objects
-    and the sha256 of each one's source."""
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    tree = ast.parse(source)
-    out, digests = {}, {}
-    for name in wanted:
-        cls, _, fn = name.rpartition(".")
-        body = tree.body
-        if cls:
-            (c,) = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls]
-            body = c.body
-        (node,) = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == fn]
-        node.decorator_list = []
-        exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
-        out[name] = namespace[fn]
-        digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
-    return out, digests
 
 
 def a1111(checkout):

@@ -32,7 +32,6 @@ Usage:
 """
 
 import argparse
-import ast
 import hashlib
 import inspect
 import json
@@ -48,31 +47,11 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import functions  # noqa: E402
 from api_schedulers import make_scheduler  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
-
-
-def functions(path, wanted, namespace):
-    """Executes the named functions (`Class.method` or `function`) of a file; their objects
-    and the sha256 of each one's source."""
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    tree = ast.parse(source)
-    out, digests = {}, {}
-    for name in wanted:
-        cls, _, fn = name.rpartition(".")
-        body = tree.body
-        if cls:
-            (c,) = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls]
-            body = c.body
-        (node,) = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == fn]
-        node.decorator_list = []
-        exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
-        out[name] = namespace[fn]
-        digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
-    return out, digests
 
 
 def a1111(checkout):

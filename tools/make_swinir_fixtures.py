@@ -44,11 +44,10 @@ Usage: python tools/make_swinir_fixtures.py --a1111 PATH/TO/stable-diffusion-web
 """
 
 import argparse
-import ast
-import hashlib
 import json
 import math
 import os
+import sys
 import types
 
 import numpy as np
@@ -57,6 +56,9 @@ import safetensors.torch
 import spandrel
 import torch
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures", "swinir")
@@ -89,25 +91,6 @@ def swinir(seed, out_scale=0.3, **kw):
         for p in net.parameters():
             p.copy_(p.half().float())  # float16's values, so the files may be stored so
     return net.eval()
-
-
-def functions(path, wanted, namespace):
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    tree = ast.parse(source)
-    out, digests = {}, {}
-    for name in wanted:
-        cls, _, fn = name.rpartition(".")
-        body = tree.body
-        if cls:
-            (c,) = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls]
-            body = c.body
-        (node,) = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == fn]
-        node.decorator_list = []
-        exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
-        out[name] = namespace[fn]
-        digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
-    return out, digests
 
 
 def get_param(model):

@@ -43,7 +43,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from api_schedulers import make_scheduler  # noqa: E402
-from make_esrgan_fixtures import functions  # noqa: E402
+from a1111_source import functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")

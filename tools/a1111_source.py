@@ -1,0 +1,30 @@
+"""A1111's own functions, taken from a checkout's source with `ast` and run as they are (not
+copied into ours). Shared by the A1111 reference scripts (make_esrgan_fixtures.py,
+make_extras_fixtures.py, make_inpaint_a1111_fixtures.py, make_swinir_fixtures.py,
+make_upscale_hires_fixtures.py, make_a1111_mask_alpha_fixtures.py)."""
+
+import ast
+import hashlib
+
+
+def functions(path, wanted, namespace):
+    """Executes the named functions (`Class.method` or `function`) of a file in `namespace`
+    (decorators dropped); returns their objects and the sha256 of each one's source, by name.
+    Each is bound in `namespace` by its bare name: take a function before another of the same
+    bare name shadows it."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    tree = ast.parse(source)
+    out, digests = {}, {}
+    for name in wanted:
+        cls, _, fn = name.rpartition(".")
+        body = tree.body
+        if cls:
+            (c,) = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls]
+            body = c.body
+        (node,) = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == fn]
+        node.decorator_list = []
+        exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
+        out[name] = namespace[fn]
+        digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
+    return out, digests
