@@ -125,7 +125,7 @@ impl Adapters {
                 continue;
             }
             let fit = sdserve_pipeline::lora::LoraInfo::read(Path::new(&listing.file))
-                .and_then(|info| sdserve_pipeline::lora::fit_problem_in_model(&info, model));
+                .and_then(|info| fit_problem(&info, model));
             match fit {
                 Ok(problem) => listing.error = problem,
                 Err(e) => {
@@ -155,6 +155,21 @@ impl Adapters {
                 .as_ref()
                 .map(|e| format!("LoRA {name:?} cannot be used: {e}")),
         }
+    }
+}
+
+/// Why LoRA `info` does not fit the model at `model` (a diffusers folder, or a single file
+/// whose names and shapes are read once per version of it), if it does not.
+fn fit_problem(
+    info: &sdserve_pipeline::lora::LoraInfo,
+    model: &Path,
+) -> sdserve_pipeline::Result<Option<String>> {
+    if !model.is_file() {
+        return sdserve_pipeline::lora::fit_problem_in_model(info, model);
+    }
+    match &*crate::single_files::shapes(model) {
+        Ok(file) => sdserve_pipeline::lora::fit_problem_in_single_file(info, file),
+        Err(e) => Err(sdserve_pipeline::PipelineError::InvalidRequest(e.clone())),
     }
 }
 

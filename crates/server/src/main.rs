@@ -25,6 +25,7 @@ mod png;
 mod readme;
 mod security;
 mod serve;
+mod single_files;
 mod speed;
 mod styles;
 mod upscalers;

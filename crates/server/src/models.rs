@@ -148,17 +148,20 @@ impl Catalog {
     /// are the loaded model's (`base`): the same folders, the same device. Blocking (files).
     pub fn probe(&self, entry: &ModelEntry, base: &ModelInfo) -> Result<ModelInfo, String> {
         let opts = self.hub_options();
-        let (model_version, schedules, (inpainting, guidance_distilled), limits) = match entry.kind
+        let (model_version, schedules, ((inpainting, guidance_distilled), limits)) = match entry
+            .kind
         {
             ModelKind::Folder => (
                 crate::hub::folder_version(&entry.path, &opts).map_err(|e| e.to_string())?,
                 schedules_of(read_json(
                     &entry.path.join("scheduler/scheduler_config.json"),
                 )?)?,
-                folder_unet_kind(&entry.path)?,
-                Some(
-                    sdserve_pipeline::pipeline::ModelLimits::of_folder(&entry.path)
-                        .map_err(|e| e.to_string())?,
+                (
+                    folder_unet_kind(&entry.path)?,
+                    Some(
+                        sdserve_pipeline::pipeline::ModelLimits::of_folder(&entry.path)
+                            .map_err(|e| e.to_string())?,
+                    ),
                 ),
             ),
             _ => (
@@ -169,10 +172,10 @@ impl Catalog {
                         .map_err(|e| e.to_string())?,
                 )?,
                 // Single files convert without `time_cond_proj_dim`: never distilled here.
-                (file_inpainting(&entry.path), false),
                 // Their configs are inferred from the weights' shapes as they convert: here
-                // from the names and shapes alone (a safetensors header, a pickle's tree).
-                single_file_limits(&entry.path),
+                // from the names and shapes alone (a safetensors header, a pickle's tree),
+                // read once per version of the file.
+                single_file_facts(&entry.path),
             ),
         };
         Ok(ModelInfo {
@@ -189,14 +192,23 @@ impl Catalog {
     }
 }
 
-/// The limits of a single-file checkpoint, as its conversion would infer its configs; `None`
-/// (the run checks, and says why) when its names and shapes are not a model's.
-fn single_file_limits(path: &Path) -> Option<sdserve_pipeline::pipeline::ModelLimits> {
-    match sdserve_pipeline::single_file::SingleFileShapes::read(path) {
-        Ok(shapes) => Some(shapes.limits),
+/// Whether a single-file checkpoint inpaints and is guidance-distilled (never: single files
+/// convert without `time_cond_proj_dim`), and its limits as its conversion would infer its
+/// configs; `None` (the run checks, and says why) when its names and shapes are not a model's.
+fn single_file_facts(
+    path: &Path,
+) -> (
+    (bool, bool),
+    Option<sdserve_pipeline::pipeline::ModelLimits>,
+) {
+    match &*crate::single_files::shapes(path) {
+        Ok(shapes) => {
+            let in_channels = shapes.unet.get("conv_in.weight").and_then(|s| s.get(1));
+            ((in_channels == Some(&9), false), Some(shapes.limits))
+        }
         Err(e) => {
             tracing::debug!(model = %path.display(), error = %e, "a single file's limits are not known before it loads");
-            None
+            ((file_inpainting(path), false), None)
         }
     }
 }

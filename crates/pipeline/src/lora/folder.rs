@@ -52,13 +52,25 @@ const TEXT_LINEAR: [&str; 6] = [
 /// checkpoint read as conversion reads it), naming the LoRA and its first layer without a
 /// weight of its shape; `None` when it fits.
 pub fn fit_problem_in_model(info: &LoraInfo, path: &Path) -> Result<Option<String>> {
-    let targets = if path.is_dir() {
-        target_shapes_of_folder(path)?
+    if path.is_dir() {
+        fit_problem_in(info, &target_shapes_of_folder(path)?)
     } else {
-        target_shapes_of_single_file(path)?
-    };
+        let file = crate::single_file::SingleFileShapes::read(path)?;
+        fit_problem_in_single_file(info, &file)
+    }
+}
+
+/// [`fit_problem_in_model`] for a single file whose names and shapes were read already.
+pub fn fit_problem_in_single_file(
+    info: &LoraInfo,
+    file: &crate::single_file::SingleFileShapes,
+) -> Result<Option<String>> {
+    fit_problem_in(info, &target_shapes_of_single_file(file))
+}
+
+fn fit_problem_in(info: &LoraInfo, targets: &TargetShapes) -> Result<Option<String>> {
     let shapes = header_shapes(&info.file)?;
-    match match_layers(info, &shapes, &targets) {
+    match match_layers(info, &shapes, targets) {
         Ok(_) => Ok(None),
         Err(crate::PipelineError::InvalidRequest(why)) => Ok(Some(why)),
         Err(e) => Err(e),
@@ -83,26 +95,27 @@ pub(crate) fn target_shapes_of_folder(dir: &Path) -> Result<TargetShapes> {
                 shapes.extend(ckpt.state_dict()?.into_iter().map(|(k, t)| (k, t.shape)));
             }
         }
-        targets.insert(part, targets_of(part, shapes));
+        targets.insert(part, targets_of(part, &shapes));
     }
     Ok(targets)
 }
 
 /// [`target_shapes_of_folder`] for a single-file checkpoint, its names as conversion makes
 /// them ([`crate::single_file::SingleFileShapes`]).
-pub(crate) fn target_shapes_of_single_file(path: &Path) -> Result<TargetShapes> {
-    let file = crate::single_file::SingleFileShapes::read(path)?;
+pub(crate) fn target_shapes_of_single_file(
+    file: &crate::single_file::SingleFileShapes,
+) -> TargetShapes {
     let mut targets = TargetShapes::new();
-    targets.insert(Part::Unet, targets_of(Part::Unet, file.unet));
+    targets.insert(Part::Unet, targets_of(Part::Unet, &file.unet));
     targets.insert(
         Part::TextEncoder,
-        targets_of(Part::TextEncoder, file.text_encoder),
+        targets_of(Part::TextEncoder, &file.text_encoder),
     );
-    Ok(targets)
+    targets
 }
 
 /// The LoRA targets among a part's weights (shapes by name, `.weight` included), sorted.
-fn targets_of(part: Part, shapes: HashMap<String, Vec<usize>>) -> Vec<(String, Vec<usize>)> {
+fn targets_of(part: Part, shapes: &HashMap<String, Vec<usize>>) -> Vec<(String, Vec<usize>)> {
     let mut list: Vec<(String, Vec<usize>)> = shapes
         .iter()
         .filter_map(|(key, dims)| {

@@ -40,7 +40,7 @@ mod library;
 mod merge;
 mod products;
 
-pub use folder::fit_problem_in_model;
+pub use folder::{fit_problem_in_model, fit_problem_in_single_file};
 #[cfg(test)]
 pub(crate) use folder::{target_shapes_of_folder, target_shapes_of_single_file};
 pub(crate) use from_weight::Delta;

@@ -431,7 +431,8 @@ mod tests {
                 if model == "tiny-a" {
                     for single in ["tiny-a.safetensors", "tiny-a-fp16.ckpt"] {
                         let p = fixtures.join("single-file").join(single);
-                        let read = crate::lora::target_shapes_of_single_file(&p).unwrap();
+                        let shapes = crate::single_file::SingleFileShapes::read(&p).unwrap();
+                        let read = crate::lora::target_shapes_of_single_file(&shapes);
                         assert_eq!(read, built, "{single}");
                         let fit = crate::lora::fit_problem_in_model(&info, &p).unwrap();
                         assert_eq!(fit, unloaded, "{file} on {single}");
