@@ -346,6 +346,17 @@ class A1111(Timed):
                                    **want_fields)
             self.assertEqual(meta["controlnets"][0]["preprocessor"]["type"], "canny")
             self.assertEqual(pixels(got), pixels(want))
+            # /controlnet/detect (webuiapi's controlnet_detect) answers that map: sent with
+            # module none it steers as the canny unit did. 80x48 at 64: 107x64.
+            r = self.api.controlnet_detect([control], module="canny", processor_res=64,
+                                           threshold_a=50, threshold_b=100)
+            self.assertEqual(r.info, "Success")
+            (edges,) = r.images
+            self.assertEqual(edges.size, (107, 64))
+            self.assertEqual(set(edges.convert("L").getdata()), {0, 255})
+            unit = webuiapi.ControlNetUnit(image=edges.convert("RGB"), model="cn-a",
+                                           resize_mode="Just Resize")
+            self.assertEqual(pixels(txt2img(unit)), pixels(got))
             # A model-based preprocessor is a 422 naming the unit's field and the modules.
             with self.assertRaises(RuntimeError) as cm:
                 txt2img(webuiapi.ControlNetUnit(image=control, model="cn-a", module="depth_midas"))

@@ -12,6 +12,7 @@
 mod checkpoints;
 pub mod cmd_flags;
 mod controlnet;
+mod controlnet_detect;
 mod controlnet_modules;
 pub mod extras;
 pub mod info;
@@ -126,6 +127,7 @@ pub fn router(json_limit: usize) -> Router<Shared> {
             "/controlnet/module_list",
             get(controlnet_modules::module_list),
         )
+        .route("/controlnet/detect", post(controlnet_detect::detect))
         .route("/sdapi/v1/cmd-flags", get(cmd_flags::cmd_flags))
         .route(
             "/sdapi/v1/extra-single-image",

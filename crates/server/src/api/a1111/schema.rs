@@ -302,11 +302,13 @@ pub struct ExtrasBatchImagesResponse {
         super::listings::prompt_styles, super::listings::refresh_checkpoints,
         super::listings::refresh_vae, super::listings::script_info, super::listings::extensions,
         super::checkpoints::unload, super::checkpoints::reload, super::controlnet::version,
-        super::controlnet::model_list, super::controlnet_modules::module_list
+        super::controlnet::model_list, super::controlnet_modules::module_list,
+        super::controlnet_detect::detect
     ),
     components(schemas(A1111Request, A1111Response, A1111Progress, ExtrasOptions,
         ExtrasSingleImageRequest, ExtrasBatchImagesRequest, FileData, ExtrasSingleImageResponse,
-        ExtrasBatchImagesResponse)),
+        ExtrasBatchImagesResponse, super::controlnet_detect::ControlNetDetectRequest,
+        super::controlnet_detect::ControlNetDetectResponse)),
     tags((name = "a1111", description = "AUTOMATIC1111's /sdapi/v1, translated into the native request"))
 )]
 pub struct ApiDoc;

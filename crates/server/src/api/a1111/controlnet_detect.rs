@@ -1,0 +1,239 @@
+//! `POST /controlnet/detect`, the sd-webui-controlnet extension's (`scripts/api.py`): each of
+//! `controlnet_input_images` through the preprocessor `controlnet_module` with
+//! `controlnet_processor_res`, `controlnet_threshold_a` and `_b` (as a unit's settings:
+//! `controlnet_modules`), answered as `{images, info: "Success"}` (base64 PNGs, in order).
+//! `none` answers the images as they are. webuiapi 0.9.17's `controlnet_detect()` sends the
+//! images as `controlnet_images`, which the extension ignores (its 422 "No image selected"):
+//! taken here as the same list. `controlnet_masks` and `low_vram` change nothing (no module
+//! here takes a mask).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::Json;
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+
+use super::super::request::required_body_object;
+use crate::api::Shared;
+use crate::error::ApiError;
+
+/// Images one call may preprocess.
+pub const DETECT_MAX_IMAGES: usize = 16;
+
+/// Body of `POST /controlnet/detect`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::ControlNetDetectRequest)]
+pub struct ControlNetDetectRequest {
+    /// A module of `GET /controlnet/module_list` (name or label, any case).
+    #[schema(default = "none")]
+    pub controlnet_module: Option<String>,
+    /// Base64 PNG, JPEG or WebP images (a `data:image/...;base64,` prefix is allowed), at most
+    /// 4096 px a side and 16 MP; 1..=16 of them.
+    #[schema(max_items = 16)]
+    pub controlnet_input_images: Option<Vec<String>>,
+    /// webuiapi's name for `controlnet_input_images` (used when that is absent or empty).
+    #[schema(max_items = 16)]
+    pub controlnet_images: Option<Vec<String>>,
+    /// The processor resolution; -1 or outside the module's slider: its default (512).
+    #[schema(default = -1)]
+    pub controlnet_processor_res: Option<f64>,
+    /// The module's first slider (canny: the low threshold); -1 or outside it: its default.
+    #[schema(default = -1)]
+    pub controlnet_threshold_a: Option<f64>,
+    /// The module's second slider (canny: the high threshold); -1 or outside it: its default.
+    #[schema(default = -1)]
+    pub controlnet_threshold_b: Option<f64>,
+    /// Accepted and ignored (no module here takes a mask).
+    pub controlnet_masks: Option<Vec<String>>,
+    /// Accepted and ignored.
+    pub low_vram: Option<bool>,
+}
+
+/// Answer of `POST /controlnet/detect`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = a1111::ControlNetDetectResponse)]
+pub struct ControlNetDetectResponse {
+    /// The maps, base64 PNG, in the order of the images.
+    pub images: Vec<String>,
+    /// `Success`.
+    pub info: String,
+}
+
+/// The images of the body: `controlnet_input_images`, else webuiapi's `controlnet_images`.
+fn images(body: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
+    let list = |key: &str| match body.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str()
+                    .map(|s| (format!("{key}[{i}]"), s.to_string()))
+                    .ok_or_else(|| {
+                        ApiError::validation(key, format!("[{i}]: a base64 image (a string)"))
+                    })
+            })
+            .collect(),
+        Some(_) => Err(ApiError::validation(key, "must be a list of base64 images")),
+    };
+    let mut found = list("controlnet_input_images")?;
+    if found.is_empty() {
+        found = list("controlnet_images")?;
+    }
+    if found.is_empty() {
+        return Err(ApiError::validation(
+            "controlnet_input_images",
+            "No image selected: a list of 1 or more base64 images is required",
+        ));
+    }
+    if found.len() > DETECT_MAX_IMAGES {
+        return Err(ApiError::validation(
+            "controlnet_input_images",
+            format!("at most {DETECT_MAX_IMAGES} images, got {}", found.len()),
+        ));
+    }
+    Ok(found)
+}
+
+/// A rule from `controlnet_modules::preprocessor` (`controlnet_<key>: <rule>`) as a field error.
+fn named(message: String) -> ApiError {
+    match message.split_once(": ") {
+        Some((field, rule)) => ApiError::validation(field, rule),
+        None => ApiError::validation("controlnet_module", message),
+    }
+}
+
+/// The maps of the body's images, base64 PNGs. Blocking (decodes and preprocesses).
+fn detect_maps(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    let module = match body.get("controlnet_module") {
+        None | Some(Value::Null) => "none",
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "controlnet_module",
+                "must be a module name (GET /controlnet/module_list)",
+            ))
+        }
+    };
+    let preprocessor = super::controlnet_modules::preprocessor(
+        module,
+        body.get("controlnet_processor_res"),
+        body.get("controlnet_threshold_a"),
+        body.get("controlnet_threshold_b"),
+        "controlnet_",
+    )
+    .map_err(named)?;
+    let mut out = Vec::new();
+    for (i, (field, b64)) in images(body)?.into_iter().enumerate() {
+        let decoded =
+            crate::images::decode_base64(&b64).map_err(|e| ApiError::validation(&field, e))?;
+        let map = match &preprocessor {
+            Some(p) => crate::validate::preprocessor::run(p, &decoded.image, i).map_err(|e| {
+                // The rule names the resolution as the native field; here it is this one.
+                let rule = e
+                    .split_once(": ")
+                    .map_or(e.as_str(), |(_, r)| r)
+                    .to_string();
+                ApiError::validation("controlnet_processor_res", format!("{field}: {rule}"))
+            })?,
+            None => decoded.image,
+        };
+        let png = crate::png::encode_with_text(&map, &[]).map_err(ApiError::Internal)?;
+        out.push(base64::engine::general_purpose::STANDARD.encode(png));
+    }
+    Ok(out)
+}
+
+/// The extension's `/controlnet/detect`.
+#[utoipa::path(post, path = "/controlnet/detect", tag = "a1111", request_body = ControlNetDetectRequest,
+    responses((status = 200, body = ControlNetDetectResponse), (status = 400, description = "`invalid_json`: not a JSON object", body = crate::error::ErrorBody), (status = 413, description = "`payload_too_large`", body = crate::error::ErrorBody), (status = 422, description = "A module not run here (the modules listed), no image or more than 16, an image that is not one or is too large, or too large at the processor resolution", body = crate::error::ErrorBody)))]
+pub(super) async fn detect(
+    State(app): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = required_body_object(app.max_body_bytes, body)?;
+    let images = crate::api::off_the_runtime(move || detect_maps(&body)).await?;
+    Ok(Json(json!({"images": images, "info": "Success"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdserve_pipeline::controlnet::preprocess::Preprocessor;
+    use sdserve_pipeline::pipeline::RgbImage;
+
+    fn png_b64(image: &RgbImage) -> String {
+        let png = crate::png::encode_with_text(image, &[]).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(png)
+    }
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn detect_answers_each_image_s_map_and_names_broken_fields() {
+        let photo = RgbImage {
+            width: 20,
+            height: 16,
+            pixels: (0..20 * 16 * 3)
+                .map(|i| if (i / 3) % 20 < 9 { 20 } else { 230 })
+                .collect(),
+        };
+        let b64 = png_b64(&photo);
+        let maps = detect_maps(&body(json!({
+            "controlnet_module": "canny", "controlnet_input_images": [b64, b64],
+            "controlnet_processor_res": 64, "controlnet_threshold_a": 50,
+            "controlnet_threshold_b": -1})))
+        .unwrap();
+        let want = Preprocessor::Canny {
+            low_threshold: 50,
+            high_threshold: 200,
+            resolution: 64,
+        }
+        .run(&photo);
+        assert!(want.pixels.contains(&255));
+        assert_eq!(maps, vec![png_b64(&want), png_b64(&want)]);
+        // webuiapi's key; `none` answers the image itself.
+        let same = detect_maps(&body(json!({"controlnet_images": [b64]}))).unwrap();
+        assert_eq!(same, vec![b64.clone()]);
+        for (v, field, needle) in [
+            (
+                json!({"controlnet_module": "canny"}),
+                "controlnet_input_images",
+                "No image selected",
+            ),
+            (
+                json!({"controlnet_module": "hed", "controlnet_input_images": [b64]}),
+                "controlnet_module",
+                "is not run here; one of",
+            ),
+            (
+                json!({"controlnet_module": "canny", "controlnet_input_images": [b64],
+                       "controlnet_threshold_a": "high"}),
+                "controlnet_threshold_a",
+                "must be a number",
+            ),
+            (
+                json!({"controlnet_input_images": ["bm90IGFuIGltYWdl"]}),
+                "controlnet_input_images[0]",
+                "",
+            ),
+            (
+                json!({"controlnet_input_images": vec![b64.clone(); 17]}),
+                "controlnet_input_images",
+                "at most 16",
+            ),
+        ] {
+            let e = detect_maps(&body(v)).unwrap_err();
+            let text = format!("{:?}", e.body());
+            assert!(
+                text.contains(field) && text.contains(needle),
+                "{field} {needle}: {text}"
+            );
+        }
+    }
+}
