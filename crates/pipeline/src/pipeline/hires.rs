@@ -2,7 +2,7 @@
 //! text-to-image's `denoise`: the latents are upscaled (in latent space with torch's
 //! `interpolate`, or decoded to 8 bits as A1111 truncates them, resized as an image and
 //! encoded again), cropped in latent cells (`truncate_x/y`), and denoised once more at the
-//! larger size as img2img (diffusers' semantics, this crate's `images_in`), each image with a
+//! larger size as img2img (this crate's `images_in`, on the request's `StepRule`), each image with a
 //! generator seeded like the first pass's. References: `tools/make_hires_fixtures.py`.
 
 use std::ops::ControlFlow;
@@ -36,8 +36,9 @@ pub struct Hires {
     pub upscale_width: usize,
     pub upscale_height: usize,
     pub upscaler: Upscaler,
-    /// The second pass's schedule has this many steps, of which it runs
-    /// `int(steps * strength)` (img2img's `strength`).
+    /// The second pass's steps and img2img strength: under diffusers' rule a schedule of
+    /// `steps` of which `int(steps * strength)` run; under A1111's (`GenerationParams::
+    /// step_rule`) `steps` of a schedule stretched to `int(steps / min(strength, 0.999))`.
     pub steps: usize,
     pub strength: f64,
     /// `None`: the first pass's scheduler (and sigma schedule); a scheduler given here runs on
@@ -174,13 +175,9 @@ impl StableDiffusion {
                 "the hires pass follows text-to-image only (no init image)".into(),
             ));
         }
-        if !(0.0..=1.0).contains(&hires.strength)
-            || images_in::init_steps(hires.steps, hires.strength) == 0
-        {
-            return Err(PipelineError::InvalidRequest(format!(
-                "hires: int(steps * strength) = int({} * {}) must be at least 1",
-                hires.steps, hires.strength
-            )));
+        let rule = params.step_rule.for_hires();
+        if let Err(PipelineError::InvalidRequest(e)) = rule.slice(hires.steps, hires.strength) {
+            return Err(PipelineError::InvalidRequest(format!("hires: {e}")));
         }
         let f = self.limits.size_multiple();
         if [hires.width, hires.height]
@@ -216,7 +213,7 @@ impl StableDiffusion {
             second.scheduler,
             second.schedule,
             second.steps,
-            Some(hires.strength),
+            Some((hires.strength, rule)),
         )?;
         Ok(SecondPass {
             hires,

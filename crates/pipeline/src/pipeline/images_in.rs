@@ -21,7 +21,8 @@ pub struct InitImage {
     /// White = repaint, black = keep; grey is binarised at 0.5. Resized like the image.
     pub mask: Option<RgbImage>,
     /// How much of the schedule runs: `int(steps * strength)` steps, from the noise level of
-    /// the first of them. 1.0 starts from pure noise for inpainting.
+    /// the first of them (A1111's rule: [`super::StepRule`]). 1.0 starts from pure noise for
+    /// diffusers' inpainting.
     pub strength: f64,
 }
 
@@ -55,11 +56,6 @@ impl Mode {
 /// 32-bit seed space so that the number reported is one a request can send back.
 pub fn seed_of_image(seed: u64, index: usize) -> u64 {
     (seed + index as u64) & 0xFFFF_FFFF
-}
-
-/// `min(int(steps * strength), steps)`: the steps an init image runs (diffusers' `init_timestep`).
-pub(super) fn init_steps(steps: usize, strength: f64) -> usize {
-    ((steps as f64 * strength) as usize).min(steps)
 }
 
 /// The latents the denoising loop starts from, and for inpainting what each step needs.
@@ -198,18 +194,7 @@ impl StableDiffusion {
             ))),
             None => Ok(()),
             Some(init) => {
-                if !(0.0..=1.0).contains(&init.strength) {
-                    return Err(PipelineError::InvalidRequest(format!(
-                        "strength must be within 0..=1, got {}",
-                        init.strength
-                    )));
-                }
-                if init_steps(params.steps, init.strength) == 0 {
-                    return Err(PipelineError::InvalidRequest(format!(
-                        "int(steps * strength) = int({} * {}) is 0: no step would run",
-                        params.steps, init.strength
-                    )));
-                }
+                params.step_rule.slice(params.steps, init.strength)?;
                 match (&init.mask, inpainting_unet) {
                     (None, true) => Err(PipelineError::InvalidRequest(format!(
                         "this is an inpainting model (its UNet takes {unet} channels): it needs \
@@ -359,7 +344,9 @@ impl StableDiffusion {
         let a1111 = params.a1111_inpaint.as_ref().map(|o| o.masked_content);
         let channels = self.unet_in_channels != self.vae_latent_channels;
         let blend = !channels && a1111.is_none();
-        let from_noise = init.strength == 1.0;
+        // diffusers starts strength 1.0 from pure noise; A1111 caps it below 1 and noises the
+        // image as at any strength.
+        let from_noise = init.strength == 1.0 && !params.step_rule.is_a1111();
         // The image's distribution (4-channel UNet, strength < 1, or A1111's init latents),
         // then the masked image's (a 9-channel UNet's input; diffusers draws it always).
         let with_image = !channels || !from_noise || a1111.is_some();

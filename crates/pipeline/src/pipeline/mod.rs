@@ -35,6 +35,7 @@ mod load;
 mod memory_levers;
 mod params;
 mod prepare;
+mod steps;
 mod vae_choice;
 mod variation;
 mod weight_files;
@@ -47,6 +48,7 @@ pub use images_in::{seed_of_image, InitImage, Mode};
 pub use limits::ModelLimits;
 pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
 pub use prepare::ModelSchedules;
+pub use steps::{ScheduleSlice, StepRule};
 pub use variation::{image_noise, resized_image_noise, slerp, SeedResize, Variation};
 pub use weight_files::component_weight_files;
 

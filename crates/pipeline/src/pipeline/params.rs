@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
-use super::{Hires, InitImage, SeedResize, Variation};
+use super::{Hires, InitImage, SeedResize, StepRule, Variation};
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// What one request asks of the pipeline (already validated by the caller). New fields keep a
@@ -53,6 +53,9 @@ pub struct GenerationParams {
     /// blend on the denoised prediction each step and the overlay of the kept pixels);
     /// `None`: diffusers' `StableDiffusionInpaintPipeline`. Only with a mask.
     pub a1111_inpaint: Option<crate::inpaint_a1111::A1111Inpaint>,
+    /// Which steps an init image's strength (and the hires pass's) runs: diffusers' rule or
+    /// A1111's ([`StepRule`]).
+    pub step_rule: StepRule,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -81,6 +84,7 @@ impl Default for GenerationParams {
             seed_resize_from: None,
             controlnets: Vec::new(),
             a1111_inpaint: None,
+            step_rule: StepRule::Diffusers,
         }
     }
 }
@@ -137,11 +141,20 @@ impl GenerationParams {
         }
     }
 
-    /// The steps the hires pass runs: `int(steps * strength)` of its schedule (0 without one).
-    pub fn hires_steps(&self) -> usize {
-        self.hires
+    /// An init image's strength and the rule its steps follow (`None`: text-to-image).
+    pub fn init_start(&self) -> Option<(f64, StepRule)> {
+        self.init_image
             .as_ref()
-            .map_or(0, |h| super::images_in::init_steps(h.steps, h.strength))
+            .map(|init| (init.strength, self.step_rule))
+    }
+
+    /// The steps the hires pass runs (0 without one): `int(steps * strength)` of its schedule
+    /// under diffusers' rule, its `steps` under A1111's (of a stretched schedule).
+    pub fn hires_steps(&self) -> usize {
+        self.hires.as_ref().map_or(0, |h| {
+            let rule = self.step_rule.for_hires();
+            rule.slice(h.steps, h.strength).map_or(0, |s| s.steps_run())
+        })
     }
 }
 

@@ -3,23 +3,23 @@
 
 use candle_core::Tensor;
 
-use super::{images_in, GenerationParams, StableDiffusion};
+use super::{GenerationParams, StableDiffusion, StepRule};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, Scheduler};
 use crate::Result;
 
 impl StableDiffusion {
     /// The scheduler for the request's steps and the index of the first timestep to run: 0 for
-    /// text-to-image; with an init image, `t_start * order` where `t_start = steps - init` and
-    /// `init = min(int(steps * strength), steps)` (diffusers' `get_timesteps`, which also calls
-    /// `set_begin_index` there).
+    /// text-to-image; with an init image, where its [`StepRule`] starts (diffusers:
+    /// `t_start * order` with `t_start = steps - min(int(steps * strength), steps)`, as its
+    /// `get_timesteps`, which also calls `set_begin_index` there).
     pub(super) fn prepare_timesteps(
         &self,
         params: &GenerationParams,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
-        let strength = params.init_image.as_ref().map(|init| init.strength);
+        let start = params.init_start();
         self.schedules
-            .schedule(params.scheduler, params.schedule, params.steps, strength)
+            .schedule(params.scheduler, params.schedule, params.steps, start)
     }
 
     /// The model's scheduler config and defaults: enough to know a request's timesteps
@@ -89,14 +89,16 @@ impl ModelSchedules {
     }
 
     /// The scheduler of `kind` (`None`: the model's) on `schedule` (`None`: the kind's own, or
-    /// with no kind the model's) for `steps`, begun where an init image of `strength` begins
-    /// (`None`: text-to-image, from the first step).
+    /// with no kind the model's) for a pass of `steps`, and the index of its first timestep:
+    /// `start` is an init image's strength and [`StepRule`] (`None`: text-to-image, from the
+    /// first step). A1111's rules may build a longer schedule than `steps` (the hires pass's
+    /// stretch), at most the model's `num_train_timesteps`.
     pub fn schedule(
         &self,
         kind: Option<schedulers::SchedulerKind>,
         schedule: Option<schedulers::SigmaSchedule>,
         steps: usize,
-        strength: Option<f64>,
+        start: Option<(f64, StepRule)>,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
         let (kind, schedule) = match kind {
             Some(kind) => (kind, schedule.unwrap_or(kind.schedule())),
@@ -105,13 +107,24 @@ impl ModelSchedules {
                 schedule.unwrap_or(self.default_schedule),
             ),
         };
-        let mut scheduler = schedulers::build_with(kind, schedule, &self.config, steps)?;
-        let begin = match strength {
+        let slice = match start {
+            None => None,
+            Some((strength, rule)) => Some((rule, rule.slice(steps, strength)?)),
+        };
+        let schedule_steps = slice.map_or(steps, |(_, s)| s.schedule_steps);
+        // diffusers' class default, as every scheduler's `from_config` takes it.
+        let train = self.config.num_train_timesteps.unwrap_or(1000);
+        if schedule_steps > train {
+            return Err(crate::PipelineError::InvalidRequest(format!(
+                "the strength stretches the schedule to {schedule_steps} steps \
+                 (int(steps / strength)); the model has {train} timesteps"
+            )));
+        }
+        let mut scheduler = schedulers::build_with(kind, schedule, &self.config, schedule_steps)?;
+        let begin = match slice {
             None => 0,
-            Some(strength) => {
-                let t_start = steps - images_in::init_steps(steps, strength);
-                t_start * scheduler.order()
-            }
+            Some((StepRule::Diffusers, s)) => s.start * scheduler.order(),
+            Some((_, s)) => scheduler.first_index_of_step(s.start),
         };
         scheduler.set_begin_index(begin);
         Ok((scheduler, begin))
@@ -122,15 +135,15 @@ impl ModelSchedules {
     /// schedulers refuse (an LCM model's `original_inference_steps` below the steps, ...) is
     /// the error the run would end with.
     pub fn unet_evaluations(&self, params: &GenerationParams) -> Result<usize> {
-        let strength = params.init_image.as_ref().map(|init| init.strength);
+        let start = params.init_start();
         let (first, begin) =
-            self.schedule(params.scheduler, params.schedule, params.steps, strength)?;
+            self.schedule(params.scheduler, params.schedule, params.steps, start)?;
         let hires = match &params.hires {
             None => 0,
             Some(h) => {
                 let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
-                let (second, begin) =
-                    self.schedule(scheduler, schedule, h.steps, Some(h.strength))?;
+                let start = Some((h.strength, params.step_rule.for_hires()));
+                let (second, begin) = self.schedule(scheduler, schedule, h.steps, start)?;
                 second.timesteps().len() - begin
             }
         };
@@ -142,14 +155,14 @@ impl ModelSchedules {
     /// evaluations per step (`order`), for the first pass and the hires pass. Refused as
     /// [`Self::unet_evaluations`] is.
     pub fn prompt_steps(&self, params: &GenerationParams) -> Result<(usize, Option<usize>)> {
-        let strength = params.init_image.as_ref().map(|init| init.strength);
-        let (first, _) =
-            self.schedule(params.scheduler, params.schedule, params.steps, strength)?;
+        let start = params.init_start();
+        let (first, _) = self.schedule(params.scheduler, params.schedule, params.steps, start)?;
         let hires = match &params.hires {
             None => None,
             Some(h) => {
                 let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
-                let (second, _) = self.schedule(scheduler, schedule, h.steps, Some(h.strength))?;
+                let start = Some((h.strength, params.step_rule.for_hires()));
+                let (second, _) = self.schedule(scheduler, schedule, h.steps, start)?;
                 Some(h.steps * second.order())
             }
         };

@@ -372,6 +372,12 @@ pub trait Scheduler: Send {
     fn order(&self) -> usize {
         1
     }
+    /// The index in `timesteps()` of step `step`'s first UNet evaluation, where a run that
+    /// starts at that step's noise level begins (A1111's img2img rule): `step * order`, the
+    /// second-order samplers' pairs included.
+    fn first_index_of_step(&self, step: usize) -> usize {
+        step * self.order()
+    }
     /// `set_begin_index`: the run starts at `timesteps()[begin]` (img2img's `t_start * order`).
     /// Only schedulers that keep their own step counter need it; the others read `index`.
     fn set_begin_index(&mut self, _begin: usize) {}

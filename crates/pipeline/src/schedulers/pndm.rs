@@ -230,6 +230,17 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
+    /// PLMS repeats its second timestep (`[t0, t1, t1, t2, ...]`: the first step's two
+    /// evaluations), so step `k > 0` begins at `k + 1`. Started there, the run is the one
+    /// diffusers' img2img makes from `t_start = k + 1` (its warm-up step included). PRK steps
+    /// keep `step` (diffusers' index).
+    fn first_index_of_step(&self, step: usize) -> usize {
+        match (self.skip_prk_steps, step) {
+            (true, k) if k > 0 => k + 1,
+            _ => step,
+        }
+    }
+
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
         common::add_noise_alphas(
             &self.alphas_cumprod,

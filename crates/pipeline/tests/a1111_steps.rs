@@ -1,0 +1,126 @@
+//! img2img on A1111 1.10's step rule (`StepRule::A1111`, `A1111FixSteps`) against diffusers run
+//! over the slice A1111's own `setup_img2img_steps` / `sample_img2img` give
+//! (`tools/make_a1111_steps_fixtures.py`, `a1111-steps.json`): the images, the UNet evaluations
+//! the step hook counts and the server announces, and the prompt schedule's span (A1111's
+//! `p.steps`, not the stretched schedule). diffusers' rule gives other images.
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Tensor};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion, StepRule};
+
+fn load() -> (serde_json::Map<String, serde_json::Value>, Tensors) {
+    let text = std::fs::read_to_string(common::fixture_path("a1111-steps.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let tensors = candle_core::safetensors::load(
+        common::fixture_path("a1111-steps.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (json["cases"].as_object().unwrap().clone(), tensors)
+}
+
+type Tensors = std::collections::HashMap<String, Tensor>;
+
+fn params_of(case: &serde_json::Value) -> GenerationParams {
+    GenerationParams {
+        batch_size: case["batch_size"].as_u64().unwrap() as usize,
+        init_image: Some(InitImage {
+            image: common::read_png(case["init_image"].as_str().unwrap()),
+            mask: None,
+            strength: case["strength"].as_f64().unwrap(),
+        }),
+        step_rule: StepRule::from_name(case["step_rule"].as_str().unwrap()).unwrap(),
+        ..common::request_params(case)
+    }
+}
+
+#[test]
+fn a1111_img2img_matches_diffusers_over_a1111_s_slice() {
+    let (cases, tensors) = load();
+    let (failures, images) = common::image_case_failures(&cases, params_of, |label| {
+        tensors[&format!("image.{label}")].clone()
+    });
+    assert_eq!(images, 12);
+    assert!(
+        failures.is_empty(),
+        "differ from the reference: {failures:?}"
+    );
+}
+
+#[test]
+fn evaluations_and_prompt_spans_follow_the_rule() {
+    let (cases, _) = load();
+    let model =
+        StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap();
+    for (label, case) in &cases {
+        let params = params_of(case);
+        let schedules = model.schedules();
+        let want = case["evaluations"].as_u64().unwrap() as usize;
+        assert_eq!(
+            schedules.unet_evaluations(&params).unwrap(),
+            want,
+            "{label}"
+        );
+        let diffusers = GenerationParams {
+            step_rule: StepRule::Diffusers,
+            ..params.clone()
+        };
+        assert_eq!(
+            schedules.unet_evaluations(&diffusers).unwrap(),
+            case["diffusers_evaluations"].as_u64().unwrap() as usize,
+            "{label}: diffusers' rule"
+        );
+        // A1111 schedules prompts over `p.steps` (times the sampler's order), whatever the
+        // schedule the strength stretched.
+        let order = if case["scheduler"] == "heun" { 2 } else { 1 };
+        assert_eq!(
+            schedules.prompt_steps(&params).unwrap(),
+            (params.steps * order, None),
+            "{label}"
+        );
+    }
+    // A1111 counts `t_enc + 1` steps, as the first-order samplers' UNet evaluations.
+    let case = &cases["dpmpp_2m.6.0.3.fix"];
+    assert_eq!(case["a1111_count"], case["evaluations"]);
+    assert_eq!(case["schedule_steps"], 20);
+}
+
+#[test]
+fn the_step_hook_counts_the_steps_that_run() {
+    let (cases, _) = load();
+    let model =
+        StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap();
+    let case = &cases["lms.10.0.75.fix"];
+    let mut seen = Vec::new();
+    model
+        .generate(&params_of(case), &mut |p| {
+            seen.push((p.step, p.total));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    let want: Vec<_> = (1..=10).map(|s| (s, 10)).collect();
+    assert_eq!(seen, want);
+}
+
+/// The same requests on diffusers' rule miss the reference where the rules run other steps.
+#[test]
+fn diffusers_rule_gives_other_images() {
+    let (cases, tensors) = load();
+    let differing: serde_json::Map<_, _> = cases
+        .into_iter()
+        .filter(|(_, c)| c["evaluations"] != c["diffusers_evaluations"])
+        .collect();
+    assert!(differing.len() >= 8, "{}", differing.len());
+    let (failures, images) = common::image_case_failures(
+        &differing,
+        |case| GenerationParams {
+            step_rule: StepRule::Diffusers,
+            ..params_of(case)
+        },
+        |label| tensors[&format!("image.{label}")].clone(),
+    );
+    assert_eq!(failures.len(), images, "{failures:?}");
+}

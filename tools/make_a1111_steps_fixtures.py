@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""img2img on A1111 1.10's step rule (`StepRule::A1111`, `A1111FixSteps`) on the tiny model
+tiny-a: A1111's own `setup_img2img_steps` and `sample_img2img` slicing (tools/a1111_steps.py)
+give the schedule, the step to start from and A1111's step count; diffusers' img2img runs that
+slice (its scheduler's timesteps from the step's first, `add_noise` at its noise level).
+
+Writes, under OUT (default crates/pipeline/tests/fixtures):
+  a1111-steps.json          cases: the request (init image from images/, strength, rule), what
+                            A1111's code gave (schedule_steps, start, t_enc, its progress
+                            count), our UNet evaluations (timesteps from `begin`), diffusers'
+                            own rule's (`diffusers_evaluations`), versions, A1111's digests
+  a1111-steps.safetensors   image.<case>: [batch, H, W, 3] u8 = round(output_type='np' * 255)
+
+Usage:
+  python tools/make_a1111_steps_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_steps import A1111Steps, a1111_img2img_class, first_index_of_step  # noqa: E402
+from api_schedulers import make_scheduler  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
+
+BASE = dict(model="tiny-a", prompt="a photo of an astronaut riding a horse on mars",
+            negative_prompt="blurry, low quality", width=32, height=32, guidance_scale=7.5,
+            init_image="init-32x32.png", batch_size=1)
+# label: (scheduler, steps, strength, rule, seed[, batch_size]). Strengths where A1111's
+# float64 product truncates (0.7 * 10 = 6.999...), 1.0 (capped at 0.999), second-order
+# samplers' pairs, PNDM's repeated timestep, multistep warm-up from a later step.
+CASES = {
+    "euler.10.0.75": ("euler", 10, 0.75, "a1111", 11),
+    "euler.10.1.0": ("euler", 10, 1.0, "a1111", 12),
+    "euler_a.8.0.5.batch": ("euler_a", 8, 0.5, "a1111", 13, 2),
+    "dpmpp_2m_karras.10.0.6": ("dpmpp_2m_karras", 10, 0.6, "a1111", 14),
+    "heun.6.0.5": ("heun", 6, 0.5, "a1111", 15),
+    "ddim.10.0.7": ("ddim", 10, 0.7, "a1111", 16),
+    "pndm.10.0.75": ("pndm", 10, 0.75, "a1111", 17),
+    "pndm.6.0.99": ("pndm", 6, 0.99, "a1111", 18),
+    "unipc.8.0.5": ("unipc", 8, 0.5, "a1111", 19),
+    "lms.10.0.75.fix": ("lms", 10, 0.75, "a1111_fix_steps", 20),
+    "dpmpp_2m.6.0.3.fix": ("dpmpp_2m", 6, 0.3, "a1111_fix_steps", 21),
+}
+
+
+def to_u8(images_np):
+    return torch.from_numpy((images_np * 255).round().astype("uint8"))
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
+                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args()
+    if not args.a1111:
+        print("make_a1111_steps_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+        return
+
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from safetensors.torch import save_file
+
+    a1111 = A1111Steps(args.a1111)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    pipe = a1111_img2img_class().from_pretrained(
+        os.path.join(args.out, BASE["model"]), dtype=torch.float32, safety_checker=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    plain = StableDiffusionImg2ImgPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    own = dict(pipe.scheduler.config)
+    init = Image.open(os.path.join(args.out, "images", BASE["init_image"])).convert("RGB")
+
+    tensors, cases = {}, {}
+    for label, case in CASES.items():
+        name, steps, strength, rule, seed = case[:5]
+        batch = case[5] if len(case) > 5 else 1
+
+        def build(name=name):
+            return make_scheduler(name, own)
+        got = a1111.slice(name, build, steps, strength, fix_steps=rule == "a1111_fix_steps")
+        pipe.scheduler = build()
+        pipe.scheduler.set_timesteps(got["schedule_steps"])
+        pipe.begin = first_index_of_step(pipe.scheduler, got["start"])
+        evaluations = len(pipe.scheduler.timesteps) - pipe.begin
+        # The slice starts where A1111's does: the same sigma (k-diffusion), the same timestep
+        # (DDIM, PLMS; A1111's UniPC is its own).
+        t0 = float(pipe.scheduler.timesteps[pipe.begin])
+        if name in ("ddim", "pndm"):
+            assert t0 == got["first"], (label, t0, got["first"])
+        elif name not in ("unipc",):
+            sigma = float(pipe.scheduler.sigmas[pipe.begin])
+            assert abs(sigma - got["first"]) < 1e-6, (label, sigma, got["first"])
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+        out = pipe(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"], image=init,
+                   strength=strength, num_inference_steps=got["schedule_steps"],
+                   guidance_scale=BASE["guidance_scale"],
+                   generator=gens if batch > 1 else gens[0], num_images_per_prompt=batch,
+                   output_type="np").images
+        image = to_u8(out)
+        # diffusers' own rule gives another image (what the Rust test must not match).
+        plain.scheduler = build()
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+        other = to_u8(plain(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"],
+                            image=init, strength=strength, num_inference_steps=steps,
+                            guidance_scale=BASE["guidance_scale"],
+                            generator=gens if batch > 1 else gens[0],
+                            num_images_per_prompt=batch, output_type="np").images)
+        apart = float((image.float() - other.float()).abs().mean())
+        diffusers_evaluations = len(plain.get_timesteps(steps, strength, "cpu")[0])
+        # Where the rules run other steps, the images are far apart (img2img at strength 1
+        # runs every step either way).
+        if diffusers_evaluations != evaluations:
+            assert apart > 1.0, f"{label}: diffusers' rule gives nearly the same image ({apart})"
+        tensors[f"image.{label}"] = image.contiguous()
+        cases[label] = dict(BASE, scheduler=name, steps=steps, strength=strength, step_rule=rule,
+                            seed=seed, batch_size=batch, schedule_steps=got["schedule_steps"],
+                            start=got["start"], t_enc=got["t_enc"], a1111_count=got["count"],
+                            begin=pipe.begin, evaluations=evaluations,
+                            diffusers_evaluations=diffusers_evaluations,
+                            diffusers_mean_abs_diff=round(apart, 3))
+        print(f"{label}: schedule {got['schedule_steps']}, start {got['start']}, "
+              f"A1111 count {got['count']}, evaluations {evaluations}, "
+              f"diffusers' rule {apart:.1f} apart")
+
+    meta = {
+        "generated_by": "tools/make_a1111_steps_fixtures.py",
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+        "a1111_sources": {k: f"sha256 {v}" for k, v in a1111.digests.items()},
+        "images": "image.<case>: [batch, H, W, 3] u8 = round(output_type='np' * 255)",
+        "cases": cases,
+    }
+    with open(os.path.join(args.out, "a1111-steps.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    save_file(tensors, os.path.join(args.out, "a1111-steps.safetensors"))
+    print(f"wrote a1111-steps.* ({len(cases)} cases)")
+
+
+if __name__ == "__main__":
+    main()
