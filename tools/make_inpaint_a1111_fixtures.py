@@ -14,7 +14,9 @@ these run as they are:
 with A1111's model calls stubbed by diffusers' pieces on the pipeline's generators (one per
 image, seeded seed + i; draw order: the init image's latent sample, the starting noise, then
 for a 9-channel UNet the conditioning image's sample). Sampling is diffusers' (the scheduler
-by its API name, `get_timesteps`/`set_begin_index`, strength 1.0 from pure noise) with A1111's
+by its API name) over A1111 1.10's step rule (its `setup_img2img_steps` and `sample_img2img`
+slicing, tools/a1111_steps.py: the whole schedule, `t_enc + 1` steps from the noise level of
+step `steps - t_enc - 1`, `set_begin_index` there; strength 1.0 is 0.999) with A1111's
 blend (sd_samplers_cfg_denoiser.py: `denoised * nmask + init_latent * mask` after every model
 evaluation, `sample`'s same blend after the last step) on the clean latents each scheduler's
 output implies; decode as diffusers (`round(x * 255)`), then `apply_overlay`.
@@ -48,6 +50,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from a1111_source import functions  # noqa: E402
+from a1111_steps import A1111Steps, first_index_of_step  # noqa: E402
 from api_schedulers import make_scheduler  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,7 +224,7 @@ def a1111_blend(output, latents, sched, index, t, prediction, init_latent, nmask
 
 
 @torch.no_grad()
-def run_case(ns, proc, pipe, own_config, case, files, resize_image):
+def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
     r = dict(MODELS[case["model"]], **case)
     # init keeps `image_mask` in a local: it is the L mask's resize to the processing size
     # (resize_image(0, ...) for the whole picture, (2, crop) for "only masked").
@@ -298,15 +301,19 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image):
     cond, uncond = pipe.encode_prompt(r["prompt"], torch.device("cpu"), n, cfg,
                                       r["negative_prompt"])
     embeds = torch.cat([uncond, cond]) if cfg else cond
-    sched.set_timesteps(r["steps"])
-    timesteps, _ = pipe.get_timesteps(r["steps"], r["strength"], torch.device("cpu"))
-    begin = len(sched.timesteps) - len(timesteps)
+    # A1111's step rule (its own setup_img2img_steps and slicing, tools/a1111_steps.py): the
+    # schedule, the step it starts from, the image noised at that step's level (strength 1
+    # is 0.999 there: never pure noise).
+    got = steps_rule.slice(r["scheduler"], lambda: make_scheduler(r["scheduler"], own_config),
+                           r["steps"], r["strength"])
+    sched.set_timesteps(got["schedule_steps"])
+    begin = first_index_of_step(sched, got["start"])
+    timesteps = sched.timesteps[begin:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(begin)
     init_latent = p.init_latent
     noise = drawn["noise"]
-    if r["strength"] == 1.0:
-        latents = noise * sched.init_noise_sigma
-    else:
-        latents = sched.add_noise(init_latent, noise, timesteps[:1].repeat(n))
+    latents = sched.add_noise(init_latent, noise, timesteps[:1].repeat(n))
     nmask = p.nmask[:1][None].expand(n, 1, -1, -1)
     for k, t in enumerate(timesteps):
         index = begin + k
@@ -357,6 +364,8 @@ def main():
     from safetensors.torch import save_file
 
     ns, proc, digests = a1111(args.a1111)
+    steps_rule = A1111Steps(args.a1111)
+    digests.update({f"steps.{k}": v for k, v in steps_rule.digests.items()})
     resize_image = ns["images"].resize_image
 
     img_dir = os.path.join(args.out, "a1111-inpaint")
@@ -426,7 +435,7 @@ def main():
 
     for label, case in CASES.items():
         pipe, own = pipes[case["model"]]
-        out = run_case(ns, proc, pipe, own, case, files, resize_image)
+        out = run_case(ns, proc, pipe, own, case, files, resize_image, steps_rule)
         tensors[f"result.{label}"] = torch.from_numpy(out["results"].copy())
         # The server's cases keep their results only (the small cases check the steps).
         if not label.startswith("http."):

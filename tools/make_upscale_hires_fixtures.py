@@ -16,7 +16,10 @@ Where A1111 calls its own model, diffusers does the work (the pipeline's semanti
 pass is diffusers' txt2img (`output_type="latent"`) and its decode `vae.decode(latents / sf)`;
 `images_tensor_to_samples` is `vae.encode(2x - 1).latent_dist.sample(generator) * sf`; the
 sampler's `sample_img2img` is diffusers' img2img with the cropped latents as its image (4
-channels: taken as the init latents) and the same generator, which draws the noise next.
+channels: taken as the init latents) and the same generator, which draws the noise next, over
+A1111 1.10's step rule for the pass (tools/a1111_steps.py: its `setup_img2img_steps` with the
+pass's steps, `sample_img2img`'s slicing: `steps` of a schedule stretched to
+`int(steps / min(strength, 0.999))`).
 Each image's generator is seeded with its seed again for the second pass (A1111's
 `ImageRNG(seeds)`): the encode's sample, then the noise.
 
@@ -42,6 +45,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_steps import A1111Steps, a1111_img2img_class, first_index_of_step  # noqa: E402
 from api_schedulers import make_scheduler  # noqa: E402
 from a1111_source import functions  # noqa: E402
 
@@ -167,10 +171,12 @@ def main():
         return
 
     import diffusers
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
     proc, hooks, digests = a1111_functions(args.a1111)
+    steps_rule = A1111Steps(args.a1111)
+    digests.update({f"steps.{k}": v for k, v in steps_rule.digests.items()})
     calculate = proc["StableDiffusionProcessingTxt2Img.calculate_target_resolution"]
     sample_hr_pass = proc["StableDiffusionProcessingTxt2Img.sample_hr_pass"]
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -178,7 +184,7 @@ def main():
     txt = StableDiffusionPipeline.from_pretrained(
         os.path.join(args.out, "tiny-a-vae8"), dtype=torch.float32, safety_checker=None,
         requires_safety_checker=False)
-    img2img = StableDiffusionImg2ImgPipeline(**txt.components)
+    img2img = a1111_img2img_class()(**txt.components)
     for pipe in (txt, img2img):
         pipe.set_progress_bar_config(disable=True)
     own = dict(txt.scheduler.config)
@@ -215,8 +221,15 @@ def main():
 
         def sample_img2img(p_, x, noise, c, uc, steps, image_conditioning=None):
             seen["cropped"] = tuple(x.shape[2:])
+            # A1111's step rule for the pass: `steps` of a stretched schedule.
+            got = steps_rule.slice(FIRST["scheduler"],
+                                   lambda: make_scheduler(FIRST["scheduler"], own), steps,
+                                   p_.denoising_strength, hires=True)
+            img2img.scheduler.set_timesteps(got["schedule_steps"])
+            img2img.begin = first_index_of_step(img2img.scheduler, got["start"])
+            seen["slice"] = (got["schedule_steps"], got["start"])
             return img2img(**prompts, image=x, strength=p_.denoising_strength,
-                           num_inference_steps=steps, generator=generator,
+                           num_inference_steps=got["schedule_steps"], generator=generator,
                            output_type="np").images
 
         hooks.encode, hooks.sample_img2img, hooks.decode = encode, sample_img2img, lambda s: s
@@ -229,7 +242,8 @@ def main():
         cases[label] = {**case, "upscale_width": p.hr_upscale_to_x,
                         "upscale_height": p.hr_upscale_to_y, "truncate_x": p.truncate_x,
                         "truncate_y": p.truncate_y, "width": cells[1] * OPT_F,
-                        "height": cells[0] * OPT_F, "encoded_cells": seen.get("encoded")}
+                        "height": cells[0] * OPT_F, "encoded_cells": seen.get("encoded"),
+                        "schedule_steps": seen["slice"][0], "start": seen["slice"][1]}
         print(f"{label}: upscale {p.hr_upscale_to_x}x{p.hr_upscale_to_y}, truncate "
               f"{p.truncate_x}x{p.truncate_y} -> {image.shape[1]}x{image.shape[0]}, "
               f"mean {image.float().mean():.1f} std {image.float().std():.1f}")

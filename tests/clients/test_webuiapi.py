@@ -374,9 +374,14 @@ class A1111(Timed):
         r = self.api.img2img(images=[init], prompt=PROMPT, seed=5, steps=4,
                              denoising_strength=0.5, cfg_scale=6, width=SIZE, height=SIZE,
                              sampler_name="Euler")
+        # A1111's step rule (4 steps at 0.5: 3 from index 1), natively `step_rule`.
         (want,), meta = native(prompt=PROMPT, seed=5, steps=4, strength=0.5,
                                guidance_scale=6, width=SIZE, height=SIZE, scheduler="euler",
-                               init_image=webuiapi.raw_b64_img(init))
+                               init_image=webuiapi.raw_b64_img(init), step_rule="a1111")
+        (other,), _ = native(prompt=PROMPT, seed=5, steps=4, strength=0.5, guidance_scale=6,
+                             width=SIZE, height=SIZE, scheduler="euler",
+                             init_image=webuiapi.raw_b64_img(init))
+        self.assertNotEqual(pixels(other), pixels(want))
         self.assertEqual(pixels(r.image), pixels(want))
         self.assertEqual(r.info["denoising_strength"], 0.5)
 
@@ -394,7 +399,7 @@ class A1111(Timed):
         native_common = dict(prompt=PROMPT, seed=5, steps=3, strength=0.75, guidance_scale=6,
                              width=SIZE, height=SIZE, scheduler="euler",
                              init_image=webuiapi.raw_b64_img(init),
-                             mask_image=webuiapi.raw_b64_img(mask))
+                             mask_image=webuiapi.raw_b64_img(mask), step_rule="a1111")
         # webuiapi's defaults: blur 4, fill, only masked with padding 0.
         r = self.api.img2img(images=[init], mask_image=mask, **common)
         (want,), meta = native(**native_common, inpaint={
@@ -443,7 +448,8 @@ class A1111(Timed):
         (want,), _ = native(prompt=PROMPT, seed=5, steps=4, strength=0.5, guidance_scale=6,
                             width=SIZE, height=SIZE, scheduler="euler",
                             init_image=webuiapi.raw_b64_img(plain),
-                            seed_resize_from_width=384, seed_resize_from_height=384)
+                            seed_resize_from_width=384, seed_resize_from_height=384,
+                            step_rule="a1111")
         self.assertEqual(pixels(r.image), pixels(want))
 
     def test_hires_fix_is_the_native_hires_pass(self):
@@ -468,7 +474,7 @@ class A1111(Timed):
         (want,), _ = native(prompt=PROMPT, seed=17, steps=2, guidance_scale=7, width=SIZE,
                             height=SIZE, scheduler="euler",
                             hires={"scale": 1.25, "upscaler": "None", "steps": 4,
-                                   "strength": 0.5})
+                                   "strength": 0.5}, step_rule="a1111")
         self.assertEqual(want.size, (big, big))
         self.assertEqual(pixels(r.image), pixels(want))
         self.assertIn("Hires upscaler: None", r.info["infotexts"][0])
@@ -488,7 +494,7 @@ class A1111(Timed):
         (want,), meta = native(prompt=PROMPT, seed=17, steps=2, guidance_scale=7, width=SIZE,
                                height=SIZE, scheduler="euler",
                                hires={"scale": 1.25, "upscaler": "4x-Tiny", "steps": 4,
-                                      "strength": 0.5})
+                                      "strength": 0.5}, step_rule="a1111")
         self.assertEqual(meta["hires"]["upscaler"], "4x-Tiny")
         self.assertEqual(pixels(r.image), pixels(want))
         # The hires fix takes the built-ins and UPSCALERS_DIR's models.

@@ -1,7 +1,7 @@
 //! A1111's inpainting against A1111's own code (`tools/make_inpaint_a1111_fixtures.py`, cases
 //! in `a1111-inpaint.json`): OpenCV's mask blur, `init`'s processed image, mask, latent mask
-//! and overlay, and whole generations on the tiny models (diffusers' sampling with A1111's
-//! blend, then `apply_overlay`).
+//! and overlay, and whole generations on the tiny models (diffusers' sampling over A1111's step
+//! rule with A1111's blend, then `apply_overlay`).
 
 mod common;
 
@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::inpaint_a1111::{self, A1111Inpaint, MaskedContent};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, RgbImage, StableDiffusion};
+use sdserve_pipeline::pipeline::{
+    GenerationParams, InitImage, RgbImage, StableDiffusion, StepRule,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -64,6 +66,8 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             strength: case["strength"].as_f64().unwrap(),
         }),
         a1111_inpaint: Some(options(case)),
+        // A1111's inpainting runs A1111's step rule (the references do).
+        step_rule: StepRule::A1111,
         ..common::request_params(case)
     }
 }

@@ -2,7 +2,7 @@
 //! upscaler against Pillow), references from `tools/make_interpolate_fixtures.py`; whole
 //! passes against A1111's own `sample_hr_pass` between diffusers' passes
 //! (`tools/make_upscale_hires_fixtures.py`: its sizes, the 8-bit truncation, the crop of the
-//! latents); the pass on a tiny model against the same steps done by hand (txt2img, A1111's
+//! latents, A1111's step rule for the pass); the pass on a tiny model against the same steps done by hand (txt2img, A1111's
 //! truncation, resize, img2img).
 
 mod common;
@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::image_in::{resize_lanczos, resize_nearest};
 use sdserve_pipeline::interpolate::{interpolate, Interpolation, InterpolationMode};
 use sdserve_pipeline::pipeline::{
-    GenerationParams, Hires, InitImage, RgbImage, StableDiffusion, Upscaler,
+    GenerationParams, Hires, InitImage, RgbImage, StableDiffusion, StepRule, Upscaler,
 };
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use sdserve_pipeline::PipelineError;
@@ -450,6 +450,8 @@ fn hires_passes_match_a1111s_sample_hr_pass_between_diffusers_passes() {
                 prompt: None,
                 negative_prompt: None,
             }),
+            // A1111's pass: its steps of a stretched schedule.
+            step_rule: StepRule::A1111,
             ..Default::default()
         };
         let image = run(&model, &params).remove(0);

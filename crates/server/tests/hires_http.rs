@@ -224,10 +224,11 @@ fn native_hires_rules_are_422s_naming_the_key() {
             "Lanczos",
         ),
         (json!({"scale": 1.5, "steps": 51}), "hires.steps", "50"),
+        // A1111's rule (`native` sends `step_rule: a1111`) stretches the schedule.
         (
-            json!({"scale": 1.5, "steps": 1, "strength": 0.5}),
+            json!({"scale": 1.5, "steps": 1, "strength": 0.0}),
             "hires.strength",
-            "at least 1",
+            "above 0",
         ),
         (
             json!({"scale": 1.5, "denoise": 0.5}),
@@ -280,6 +281,8 @@ fn the_cli_writes_the_hires_pass_of_the_native_object() {
                 "--seed", "11", "--steps", "2", "--width", "256", "--height", "256",
             ])
             .args(["--guidance-scale", "6", "--scheduler", "euler"])
+            // As `native` (A1111's step rule).
+            .args(["--step-rule", "a1111"])
             .args(hires)
             .arg("-o")
             .arg(&out)
@@ -370,7 +373,7 @@ fn openai_generations_take_the_native_hires_object() {
             "/v1/images/generations",
             &json!({"prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json",
                     "negative_prompt": "blurry", "seed": 11, "steps": 2, "guidance_scale": 6.0,
-                    "scheduler": "euler", "hires": hires}),
+                    "scheduler": "euler", "hires": hires, "step_rule": "a1111"}),
         )
     };
     let r = openai(hires.clone());

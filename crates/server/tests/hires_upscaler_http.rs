@@ -69,7 +69,8 @@ fn an_upscalers_dir_model_runs_the_hires_fix_in_every_dialect() {
             "/v1/images/generations",
             &json!({"prompt": "a lighthouse", "size": "256x256", "response_format": "b64_json",
                     "negative_prompt": "blurry", "seed": 11, "steps": 2, "guidance_scale": 6.0,
-                    "scheduler": "euler", "hires": {"scale": 1.5, "upscaler": upscaler}}),
+                    "scheduler": "euler", "hires": {"scale": 1.5, "upscaler": upscaler},
+                    "step_rule": "a1111"}),
         )
     };
     let o = openai("4x-Tiny");

@@ -3,7 +3,7 @@
 //! (`tools/make_inpaint_a1111_fixtures.py`, cases `http.*`): `/sdapi/v1/img2img` with a mask
 //! and A1111's API defaults ("fill", "only masked" with padding 0, blur 4) gives A1111's image
 //! at the init image's own size, its infotext keys and `parameters`; the native `inpaint`
-//! object gives the same pixels, and `{}` the web UI's defaults (whole picture, original);
+//! object (with `step_rule: a1111`, as the A1111 route runs) gives the same pixels, and `{}` the web UI's defaults (whole picture, original);
 //! kept pixels come back exactly as sent; jobs carry the options; broken ones are 422s.
 
 mod common;
@@ -32,15 +32,18 @@ fn reference(label: &str) -> (Vec<u8>, usize, usize) {
     (t.flatten_all().unwrap().to_vec1().unwrap(), w, h)
 }
 
+fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&a, &b)| a.abs_diff(b) as f64)
+        .sum::<f64>()
+        / b.len() as f64
+}
+
 /// Within float noise of the reference: the pipeline's own test holds 0.05 mean abs diff.
 fn assert_matches(label: &str, ours: &[u8], want: &[u8]) {
     assert_eq!(ours.len(), want.len(), "{label}: size");
-    let mean = ours
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| a.abs_diff(b) as f64)
-        .sum::<f64>()
-        / want.len() as f64;
+    let mean = mean_abs_diff(ours, want);
     eprintln!("{label}: mean abs diff {mean:.4}");
     assert!(mean <= 0.05, "{label}: mean abs diff {mean}");
 }
@@ -59,7 +62,7 @@ fn native_base(seed: u64, inpaint: Value) -> Value {
     json!({"prompt": "a watercolor painting of a lighthouse at sunset",
            "init_image": file_b64("init-384x320.png"), "mask_image": file_b64("mask-384x320.png"),
            "width": 256, "height": 256, "steps": 3, "guidance_scale": 1.0, "scheduler": "euler",
-           "seed": seed, "strength": 0.75, "inpaint": inpaint})
+           "seed": seed, "strength": 0.75, "inpaint": inpaint, "step_rule": "a1111"})
 }
 
 #[test]
@@ -144,18 +147,21 @@ fn native_inpaint_takes_the_web_ui_s_defaults_and_jobs_carry_it() {
     plain.as_object_mut().unwrap().remove("inpaint");
     let (_, _, diffusers, text) = first_image(&s.post_json(&plain), "image_base64");
     assert!(!text.contains("Mask blur"), "{text}");
-    let diff = diffusers
-        .iter()
-        .zip(&want)
-        .map(|(&a, &b)| a.abs_diff(b) as f64)
-        .sum::<f64>()
-        / want.len() as f64;
+    let diff = mean_abs_diff(&diffusers, &want);
     assert!(diff > 1.0, "diffusers' inpainting is A1111's? {diff}");
+    // A1111's inpainting on diffusers' step rule (3 steps at 0.75: 2 from index 1, where
+    // A1111's runs 3 from 0) is another image too.
+    let mut steps = native_base(22, json!({}));
+    steps.as_object_mut().unwrap().remove("step_rule");
+    let (_, _, other, _) = first_image(&s.post_json(&steps), "image_base64");
+    let diff = mean_abs_diff(&other, &want);
+    assert!(diff > 1.0, "diffusers' step rule is A1111's? {diff}");
 
     // A job carries the options in its request and its result.
     let job = common::job_to_end(&s, &native_base(22, json!({"mask_invert": true})));
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["request"]["inpaint"]["mask_invert"], true);
+    assert_eq!(job["request"]["step_rule"], "a1111");
     assert_eq!(job["result"]["metadata"]["inpaint"]["mask_invert"], true);
 
     // Broken options are 422s naming the key; no mask, nothing to inpaint.
@@ -221,4 +227,78 @@ fn an_a1111_mask_with_transparency_is_its_alpha() {
         .unwrap();
     let all = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
     assert!(white == native(&all));
+}
+
+/// A1111's img2img runs A1111 1.10's step rule (the native `step_rule: a1111`): 4 steps at 0.5
+/// run 3 (`int(0.5 * 4) + 1`; diffusers' 2); `img2img_fix_steps` (override or option) runs the
+/// 4 steps exactly, of a schedule of 8. The jobs count them.
+#[test]
+fn a1111_img2img_runs_a1111_s_steps_and_its_fix_steps_option() {
+    let s: Server = common::tiny_server("a1111-steps", &[("RESPONSE_CACHE_MB", "0")]);
+    let init = file_b64("init-384x320.png");
+    let body = |seed: u64, extra: Value| {
+        let mut b = json!({"prompt": "a lighthouse", "init_images": [init], "width": 256,
+                           "height": 256, "steps": 4, "cfg_scale": 1.0, "sampler_name": "Euler",
+                           "seed": seed, "denoising_strength": 0.5});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let a1111 = first_image(
+        &post_json_to(s.addr, "/sdapi/v1/img2img", &body(31, json!({}))),
+        "images",
+    );
+    let native = json!({"prompt": "a lighthouse", "init_image": init, "width": 256,
+                        "height": 256, "steps": 4, "guidance_scale": 1.0, "scheduler": "euler",
+                        "seed": 31, "strength": 0.5, "step_rule": "a1111"});
+    assert!(first_image(&s.post_json(&native), "image_base64").2 == a1111.2);
+    let mut diffusers = native.clone();
+    diffusers.as_object_mut().unwrap().remove("step_rule");
+    assert!(first_image(&s.post_json(&diffusers), "image_base64").2 != a1111.2);
+
+    let fix = json!({"override_settings": {"img2img_fix_steps": true}});
+    ok(&post_json_to(s.addr, "/sdapi/v1/img2img", &body(32, fix)));
+    let set = |v: bool| {
+        let r = post_json_to(
+            s.addr,
+            "/sdapi/v1/options",
+            &json!({"img2img_fix_steps": v}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    set(true);
+    assert_eq!(s.get("/sdapi/v1/options").json()["img2img_fix_steps"], true);
+    ok(&post_json_to(
+        s.addr,
+        "/sdapi/v1/img2img",
+        &body(33, json!({})),
+    ));
+    set(false);
+    let r = post_json_to(
+        s.addr,
+        "/sdapi/v1/options",
+        &json!({"img2img_fix_steps": "yes"}),
+    );
+    assert_eq!(r.broken_fields(), ["img2img_fix_steps"], "{}", r.text());
+
+    let jobs = s.get("/jobs").json();
+    let job = |seed: u64| {
+        jobs["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["request"]["seed"] == seed && j["request"]["step_rule"] != "diffusers")
+            .unwrap_or_else(|| panic!("no job of seed {seed}: {jobs}"))
+            .clone()
+    };
+    for (seed, rule, total) in [
+        (31, "a1111", 3),
+        (32, "a1111_fix_steps", 4),
+        (33, "a1111_fix_steps", 4),
+    ] {
+        let j = job(seed);
+        assert_eq!(j["request"]["step_rule"], rule, "{j}");
+        assert_eq!(j["progress"]["total"], total, "{j}");
+    }
 }

@@ -20,8 +20,14 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
     };
     // Every field of the second pass (`Debug` writes floats exactly), and the sigma schedule.
     let images = format!(
-        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
-        p.hires, p.tiling, p.variation, p.schedule, p.seed_resize_from, p.a1111_inpaint
+        "{images}\u{0}{:?}\u{0}tiling {}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}",
+        p.hires,
+        p.tiling,
+        p.variation,
+        p.schedule,
+        p.seed_resize_from,
+        p.a1111_inpaint,
+        p.step_rule
     );
     // Each ControlNet by name (its file is in the model part), control image and numbers.
     let controlnets: Vec<_> = p
@@ -130,6 +136,10 @@ mod tests {
             },
             GenerationParams {
                 clip_skip: 2,
+                ..base.clone()
+            },
+            GenerationParams {
+                step_rule: sdserve_pipeline::pipeline::StepRule::A1111,
                 ..base.clone()
             },
             GenerationParams {

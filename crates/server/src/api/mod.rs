@@ -131,6 +131,7 @@ impl AppState {
         SchedulerName,
         SigmaScheduleName,
         PromptSyntaxName,
+        StepRuleName,
         LoraUse,
         crate::adapters::LoraListing,
         crate::adapters::EmbeddingListing,

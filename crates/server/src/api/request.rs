@@ -478,6 +478,7 @@ pub(crate) fn job_spec(
         "init_image": req.init_image.as_ref().map(image),
         "mask_image": req.mask_image.as_ref().map(image),
         "strength": params.init_image.as_ref().map(|i| i.strength),
+        "step_rule": params.step_rule.name(),
         "model": req.model,
         "vae": vae.as_ref().map(|v| &v.name),
         "hires": req.hires.as_ref().map(|h| serde_json::json!({

@@ -158,11 +158,20 @@ pub struct GenerateRequest {
     /// multiple of 64, clamped to 256..=768); it is resized (Lanczos) to them.
     #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
     pub init_image: Option<String>,
-    /// With init_image: how much of the schedule runs (`int(steps * strength)` steps, at
-    /// least 1); 1.0 keeps nothing of the image but what inpainting's mask keeps. Ignored
-    /// without init_image.
+    /// With init_image: how much of the schedule runs, by `step_rule` (diffusers':
+    /// `int(steps * strength)` steps, at least 1); 1.0 keeps nothing of the image but what
+    /// inpainting's mask keeps (A1111's rules: 0.999). Ignored without init_image.
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.8, example = 0.75)]
     pub strength: Option<f64>,
+    /// Which steps `strength` runs, for init_image and the hires pass. `diffusers`: the last
+    /// `int(steps * strength)` of a `steps` schedule. `a1111` (AUTOMATIC1111 1.10, what its
+    /// dialect runs): img2img keeps the `steps` schedule and runs `int(min(strength, 0.999) *
+    /// steps) + 1` steps (20 at 0.75: 16 from sigma index 4), from the noise level of the
+    /// first; the hires pass runs its `steps` of a schedule stretched to `int(steps /
+    /// min(strength, 0.999))` (then strength must be above 0). `a1111_fix_steps`: img2img as
+    /// the hires pass (A1111's option `img2img_fix_steps`).
+    #[schema(nullable = true, default = "diffusers")]
+    pub step_rule: Option<StepRuleName>,
     /// Only with init_image, same size: inpainting. White = repaint, black = keep; grey is
     /// binarised at 0.5. An inpainting model (9-channel UNet) needs it.
     #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
@@ -354,7 +363,9 @@ pub struct HiresRequest {
     /// Steps of the second pass's schedule; 0 or absent: the request's `steps`.
     #[schema(minimum = 0, maximum = 50, default = 0)]
     pub steps: Option<u32>,
-    /// How much of the second pass's schedule runs (`int(steps * strength)` steps, at least 1).
+    /// How much of the second pass's schedule runs: `int(steps * strength)` steps (at least 1)
+    /// under the request's `step_rule` `diffusers`; A1111's rules run `steps` of a schedule
+    /// stretched to `int(steps / min(strength, 0.999))` (strength above 0).
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.75)]
     pub strength: Option<f64>,
     /// The second pass's own scheduler (A1111's `hr_sampler_name`); absent or null: the
@@ -403,6 +414,17 @@ pub enum PromptSyntaxName {
     A1111,
     #[serde(rename = "plain")]
     Plain,
+}
+
+/// Which steps an init image's strength runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum StepRuleName {
+    #[serde(rename = "diffusers")]
+    Diffusers,
+    #[serde(rename = "a1111")]
+    A1111,
+    #[serde(rename = "a1111_fix_steps")]
+    A1111FixSteps,
 }
 
 /// A LoRA and its weight.

@@ -37,6 +37,8 @@ pub struct GenerateArgs {
     pub init_image: Option<PathBuf>,
     #[arg(long)]
     pub strength: Option<f64>,
+    #[arg(long)]
+    pub step_rule: Option<String>,
     #[arg(long, visible_alias = "mask")]
     pub mask_image: Option<PathBuf>,
     #[arg(long)]
@@ -187,6 +189,10 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "strength",
             format!("With --init-image: how much to change it, 0..=1; int(steps * strength) steps run [default: {STRENGTH_DEFAULT}]"),
+        ),
+        (
+            "step_rule",
+            "Which steps --strength runs: diffusers (int(steps * strength) of the schedule), a1111 (A1111 1.10: int(min(strength, 0.999) * steps) + 1; the hires pass its steps of a schedule stretched to int(steps / strength)), a1111_fix_steps (img2img as the hires pass) [default: diffusers]".to_string(),
         ),
         (
             "mask_image",

@@ -323,14 +323,12 @@ pub fn validate_hires(
         .value("denoising_strength")
         .is_none()
         .then_some(DENOISING_DEFAULT));
-    if usable.is_some_and(|s| (steps_value as f64 * s) < 1.0) {
-        r.fail(
-            "denoising_strength",
-            format!(
-                "int(hires steps * denoising_strength) must be at least 1 (steps \
-                 {steps_value}, denoising_strength {strength_value})"
-            ),
-        );
+    let rule = first.step_rule.for_hires();
+    if let Some(rule) = usable.and_then(|s| {
+        let (steps, strength) = (("hires steps", steps_value), ("denoising_strength", s));
+        super::steps::strength_rule(rule, steps, strength)
+    }) {
+        r.fail("denoising_strength", rule);
     }
     // One set of LoRAs runs both passes: hr_prompt may repeat the prompt's tags, no others.
     let mut hr_prompt = None;

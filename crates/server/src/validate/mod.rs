@@ -12,7 +12,7 @@ use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::inpaint_a1111::A1111Inpaint;
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, PromptSyntax, SeedResize, Variation,
+    GenerationParams, InitImage, LoraWeight, PromptSyntax, SeedResize, StepRule, Variation,
 };
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
@@ -30,6 +30,7 @@ mod native_hires;
 pub mod native_inpaint;
 pub mod preprocessor;
 mod schedule;
+pub mod steps;
 #[cfg(test)]
 mod tests;
 
@@ -59,7 +60,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 27] = [
+pub const FIELDS: [&str; 28] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -86,6 +87,7 @@ pub const FIELDS: [&str; 27] = [
     "seed_resize_from_height",
     "controlnets",
     "inpaint",
+    "step_rule",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];
@@ -132,8 +134,10 @@ pub struct ValidRequest {
     pub init_image: Option<RequestImage>,
     /// Inpainting: white = repaint; uploaded at the size of `init_image`, resized like it.
     pub mask_image: Option<RequestImage>,
-    /// With an init image: how much of the schedule runs.
+    /// With an init image: how much of the schedule runs, by `step_rule`.
     pub strength: f64,
+    /// Which steps `strength` (and the hires pass's) runs: diffusers' rule or A1111's.
+    pub step_rule: StepRule,
     /// The hires fix: a second pass at a larger size (text-to-image only; from the native
     /// `hires` object or A1111's `enable_hr`, both through [`hires::validate_hires`]).
     pub hires: Option<hires::ValidHires>,
@@ -242,6 +246,7 @@ impl ValidRequest {
                 })
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),
+            step_rule: self.step_rule,
         }
     }
 }
@@ -418,6 +423,7 @@ pub fn validate_request(
     let init_image = r.with("init_image", image(crate::images::decode_base64));
     let mask_image = r.with("mask_image", image(dialect.read_mask));
     let strength = r.number("strength", 0.0, 1.0);
+    let step_rule = r.choice("step_rule", &steps::CHOICES).unwrap_or_default();
     let has_init = r.value("init_image").is_some();
     let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);
     if let (Some(p), PromptSyntax::A1111) = (&prompt, prompt_syntax.unwrap_or(PromptSyntax::A1111))
@@ -452,11 +458,8 @@ pub fn validate_request(
     // reported once, by its own rule.
     let usable = strength.or((r.value("strength").is_none()).then_some(STRENGTH_DEFAULT));
     if let (true, Some(s)) = (has_init, usable) {
-        if (steps as f64 * s) < 1.0 {
-            r.fail(
-                "strength",
-                format!("int(steps * strength) must be at least 1 (steps {steps}, strength {s})"),
-            );
+        if let Some(rule) = steps::strength_rule(step_rule, ("steps", steps), ("strength", s)) {
+            r.fail("strength", rule);
         }
     }
     // The second pass needs the first's size (absent: the default; broken: unknown).
@@ -467,6 +470,7 @@ pub fn validate_request(
             size: first_size,
             steps,
             has_init_image: has_init,
+            step_rule,
         };
         native_hires::read(v, &first, &mut r)
     });
@@ -535,6 +539,7 @@ pub fn validate_request(
         init_image,
         mask_image,
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
+        step_rule,
         hires: None,
         model,
         vae,

@@ -52,6 +52,8 @@ pub(super) struct FirstPass {
     pub size: Option<(u64, u64)>,
     pub steps: usize,
     pub has_init_image: bool,
+    /// The request's step rule (the pass runs `StepRule::for_hires` of it).
+    pub step_rule: sdserve_pipeline::pipeline::StepRule,
 }
 
 /// Reads `hires`, recording each broken rule in `outer` as `hires.<key>`; the
@@ -130,13 +132,11 @@ pub(super) fn read(value: &Value, first: &FirstPass, outer: &mut FieldReader) ->
         Some(s) => s as usize,
     };
     let usable = strength.or((!given("strength")).then_some(DENOISING_DEFAULT));
-    if let Some(s) = usable.filter(|s| (steps_value as f64 * s) < 1.0) {
-        r.fail(
-            "strength",
-            format!(
-                "int(steps * strength) must be at least 1 (hires steps {steps_value}, strength {s})"
-            ),
-        );
+    let rule = first.step_rule.for_hires();
+    if let Some(rule) = usable.and_then(|s| {
+        super::steps::strength_rule(rule, ("hires steps", steps_value), ("strength", s))
+    }) {
+        r.fail("strength", rule);
     }
     if let Err(ApiError::Validation(errors)) = r.finish() {
         for e in errors {

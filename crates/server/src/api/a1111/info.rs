@@ -144,7 +144,13 @@ mod tests {
     use crate::api::a1111::translate::{translate, Mode};
 
     fn tr(body: Value) -> Translated {
-        translate(body.as_object().unwrap(), Mode::Txt2Img, None, || 1234).unwrap()
+        translate(
+            body.as_object().unwrap(),
+            Mode::Txt2Img,
+            &Map::new(),
+            || 1234,
+        )
+        .unwrap()
     }
 
     #[test]

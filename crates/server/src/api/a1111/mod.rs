@@ -223,16 +223,14 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let mut body = required_body_object(app.max_body_bytes, body)?;
     let info = app.engine.model_info()?;
-    let clip_skip = lock(&app.a1111.options)
-        .get("CLIP_stop_at_last_layers")
-        .cloned();
+    let options = lock(&app.a1111.options).clone();
     // Off the runtime's threads: validation decodes init_images and mask.
     let styles = app.styles.clone();
     let (t, body) = crate::api::off_the_runtime(move || {
         // Styles first, as A1111's setup_prompts: their texts are prompt text like any other.
         let written = crate::styles::AsWritten::read(&body);
         let styled = styles.apply(&mut body, crate::styles::Dialect::A1111);
-        let t = translate::translate(&body, mode, clip_skip.as_ref(), random_seed);
+        let t = translate::translate(&body, mode, &options, random_seed);
         let (mut t, as_written) = crate::styles::with_styles(styled, written, t)?;
         t.valid.as_written = as_written;
         Ok((t, body))
@@ -402,6 +400,7 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
     out.insert("sd_model_checkpoint".into(), json!(title));
     out.insert("sd_checkpoint_hash".into(), json!(hash));
     out.insert("CLIP_stop_at_last_layers".into(), json!(1));
+    out.insert("img2img_fix_steps".into(), json!(false));
     out.insert("sd_vae".into(), json!(vaes::AUTOMATIC));
     out.extend(lock(&app.a1111.options).clone());
     // A checkpoint set by `POST options`: its hash (null until hashed), as A1111 says it.
@@ -438,10 +437,16 @@ async fn set_options(
     if let Some(v) = body.get("sd_vae") {
         vaes::check_option(&app, v).await?;
     }
-    if let Some(v) = body.get("CLIP_stop_at_last_layers") {
-        // Checked now, by the native rules, rather than at the next txt2img.
-        let probe = json!({"prompt": "x"});
-        translate::translate(probe.as_object().unwrap(), Mode::Txt2Img, Some(v), || 0)?;
+    // Checked now, by the native rules, rather than at the next txt2img.
+    let probe = json!({"prompt": "x"});
+    for name in ["CLIP_stop_at_last_layers", "img2img_fix_steps"] {
+        if let Some(v) = body.get(name) {
+            let option = Map::from_iter([(name.to_string(), v.clone())]);
+            translate::translate(probe.as_object().unwrap(), Mode::Txt2Img, &option, || 0)
+                .map_err(|e| {
+                    super::rename_fields(e, &[(&format!("override_settings.{name}"), name)])
+                })?;
+        }
     }
     let mut options = lock(&app.a1111.options);
     let mut merged = options.clone();

@@ -196,12 +196,13 @@ fn inpaint_options(body: &Map<String, Value>) -> Value {
     Value::Object(o)
 }
 
-/// Translates an A1111 `txt2img`/`img2img` body. `clip_skip_option` is the server-wide
-/// `CLIP_stop_at_last_layers` set through `POST options` (A1111 applies it to every request).
+/// Translates an A1111 `txt2img`/`img2img` body. `options` are the server-wide options set
+/// through `POST options` (A1111 applies them to every request; `override_settings` wins):
+/// `CLIP_stop_at_last_layers` and `img2img_fix_steps` are read.
 pub fn translate(
     body: &Map<String, Value>,
     mode: Mode,
-    clip_skip_option: Option<&Value>,
+    options: &Map<String, Value>,
     random_seed: impl FnOnce() -> u32,
 ) -> Result<Translated, ApiError> {
     static TYPES: std::sync::LazyLock<DeclaredTypes> =
@@ -279,10 +280,13 @@ pub fn translate(
     }
     let n_iter = count(body, "n_iter", N_ITER_MAX)?;
 
-    let clip_skip = get(body, "override_settings")
-        .and_then(|o| o.get("CLIP_stop_at_last_layers"))
-        .filter(|v| !v.is_null())
-        .or(clip_skip_option);
+    let setting = |name: &str| {
+        get(body, "override_settings")
+            .and_then(|o| o.get(name))
+            .filter(|v| !v.is_null())
+            .or(options.get(name).filter(|v| !v.is_null()))
+    };
+    let clip_skip = setting("CLIP_stop_at_last_layers");
     if let Some(v) = clip_skip {
         if v.as_f64() != Some(1.0) {
             if !native_has("clip_skip") {
@@ -388,6 +392,19 @@ pub fn translate(
         native.insert("controlnets".into(), u.native.clone());
     }
 
+    // A1111 1.10's step rule for img2img and the hires pass (`setup_img2img_steps`):
+    // `img2img_fix_steps` runs img2img as the hires pass, exactly `steps` steps.
+    let fix_steps = match setting("img2img_fix_steps") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => {
+            return Err(ApiError::validation(
+                "override_settings.img2img_fix_steps",
+                "must be true or false",
+            ))
+        }
+    };
+
     // `tiling` is the native field of the same name (A1111: circular padding in every Conv2d).
     if let Some(v) = get(body, "tiling") {
         native.insert("tiling".into(), v.clone());
@@ -398,6 +415,16 @@ pub fn translate(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::validation("enable_hr", "must be true or false")),
     };
+
+    // Where a strength runs (plain text-to-image stays the native request as it is).
+    if mode == Mode::Img2Img || enable_hr {
+        let rule = if fix_steps {
+            "a1111_fix_steps"
+        } else {
+            "a1111"
+        };
+        native.insert("step_rule".into(), json!(rule));
+    }
 
     // A1111's prompt defaults to "" (webuiapi sends that): empty is fine here, not natively.
     let mut valid =

@@ -11,7 +11,7 @@ fn field_of(e: ApiError) -> String {
 }
 
 fn tr(body: Value, mode: Mode) -> Result<Translated, ApiError> {
-    translate(body.as_object().unwrap(), mode, None, || 1234)
+    translate(body.as_object().unwrap(), mode, &Map::new(), || 1234)
 }
 
 #[test]
@@ -268,11 +268,11 @@ fn clip_skip_takes_a1111s_range_where_the_native_rule_stops_at_4() {
         let body = json!({"prompt": "p", "override_settings": {"CLIP_stop_at_last_layers": v}});
         let t = tr(body, Mode::Txt2Img).unwrap_or_else(|e| panic!("{v}: {e:?}"));
         assert_eq!(t.valid.clip_skip, v, "{v}");
-        let option = json!(v);
+        let option = Map::from_iter([("CLIP_stop_at_last_layers".to_string(), json!(v))]);
         let t = translate(
             json!({"prompt": "p"}).as_object().unwrap(),
             Mode::Txt2Img,
-            Some(&option),
+            &option,
             || 1,
         )
         .unwrap();
@@ -357,4 +357,46 @@ fn a_mask_is_a1111_s_inpainting_with_its_api_s_defaults() {
         let e = tr(body, Mode::Img2Img).unwrap_err();
         assert_eq!(field_of(e), field);
     }
+}
+
+#[test]
+fn a1111_requests_run_a1111_s_step_rule_and_img2img_fix_steps_stretches_it() {
+    use sdserve_pipeline::pipeline::StepRule;
+    let body = json!({"prompt": "p", "enable_hr": true, "width": 256, "height": 256});
+    let t = tr(body.clone(), Mode::Txt2Img).unwrap();
+    assert_eq!(t.valid.step_rule, StepRule::A1111);
+    assert_eq!(t.native["step_rule"], "a1111");
+    // Plain text-to-image runs no strength: the native request as it is.
+    let plain = tr(json!({"prompt": "p"}), Mode::Txt2Img).unwrap();
+    assert_eq!(plain.native.get("step_rule"), None);
+    let option = |v: Value| Map::from_iter([("img2img_fix_steps".to_string(), v)]);
+    let run = |body: &Value, options: &Map<String, Value>| {
+        translate(body.as_object().unwrap(), Mode::Txt2Img, options, || 1)
+    };
+    // The option (`POST options`), and `override_settings` over it.
+    let t = run(&body, &option(json!(true))).unwrap();
+    assert_eq!(t.valid.step_rule, StepRule::A1111FixSteps);
+    let mut over = body.clone();
+    over["override_settings"] = json!({"img2img_fix_steps": false});
+    let t = run(&over, &option(json!(true))).unwrap();
+    assert_eq!(t.valid.step_rule, StepRule::A1111);
+    let mut over = body.clone();
+    over["override_settings"] = json!({"img2img_fix_steps": true});
+    assert_eq!(
+        run(&over, &Map::new()).unwrap().valid.step_rule,
+        StepRule::A1111FixSteps
+    );
+    let e = run(&body, &option(json!("yes"))).unwrap_err();
+    assert_eq!(field_of(e), "override_settings.img2img_fix_steps");
+    // A1111 runs denoising 0 (one step, the last); its stretched hires pass cannot.
+    let zero = json!({"prompt": "p", "enable_hr": true, "denoising_strength": 0, "width": 256,
+                      "height": 256});
+    let e = tr(zero, Mode::Txt2Img).unwrap_err();
+    assert_eq!(field_of(e.clone()), "denoising_strength", "{e:?}");
+    assert!(e.fields()[0].rule.contains("above 0"), "{e:?}");
+    // diffusers' rule refuses 5 hires steps at 0.1; A1111's runs them (of 50).
+    let low = json!({"prompt": "p", "enable_hr": true, "denoising_strength": 0.1,
+                     "hr_second_pass_steps": 5, "width": 256, "height": 256});
+    let t = tr(low, Mode::Txt2Img).unwrap();
+    assert_eq!(t.valid.hires.unwrap().params.steps, 5);
 }

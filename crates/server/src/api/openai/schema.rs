@@ -49,6 +49,10 @@ pub struct GenerationRequest {
     /// `512x512`). A broken rule is a 400 whose `param` names `hires.<key>`.
     #[schema(nullable = true)]
     pub hires: Option<crate::api::HiresRequest>,
+    /// Our extra, as natively: which steps the hires pass's strength runs (`diffusers`, the
+    /// default, or A1111 1.10's `a1111`: its steps of a stretched schedule).
+    #[schema(nullable = true, default = "diffusers")]
+    pub step_rule: Option<crate::api::StepRuleName>,
     /// Our extras as natively: A1111's prompt syntax (`a1111`, the default, or `plain`),
     /// clip skip and LoRAs.
     #[schema(nullable = true, default = "a1111")]
@@ -112,6 +116,10 @@ pub struct EditRequest {
     pub response_format: Option<ResponseFormat>,
     #[schema(default = 0.8, minimum = 0.0, maximum = 1.0, nullable = true)]
     pub strength: Option<f64>,
+    /// Which steps `strength` runs, as natively: `diffusers` (the default) or A1111 1.10's
+    /// `a1111` / `a1111_fix_steps`.
+    #[schema(nullable = true, default = "diffusers")]
+    pub step_rule: Option<crate::api::StepRuleName>,
 }
 
 /// How images come back.

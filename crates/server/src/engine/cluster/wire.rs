@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, LoraWeight, PromptSyntax, RgbImage};
+use sdserve_pipeline::pipeline::{
+    GenerationParams, InitImage, LoraWeight, PromptSyntax, RgbImage, StepRule,
+};
 
 /// `inpainting_fill`'s values in order, as the wire carries them.
 const MASKED_CONTENT: [MaskedContent; 4] = [
@@ -183,6 +185,9 @@ pub struct WireSpec {
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
     inpaint: Option<(u32, u32, bool, u8, Option<u32>)>,
+    /// The step rule's API name (absent from older replicas' jobs: diffusers').
+    #[serde(default)]
+    step_rule: Option<String>,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -254,6 +259,7 @@ impl WireSpec {
                     o.only_masked_padding,
                 )
             }),
+            step_rule: Some(p.step_rule.name().to_string()),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -348,6 +354,10 @@ impl WireSpec {
                         only_masked_padding: padding,
                     }),
                     None => None,
+                },
+                step_rule: match &self.step_rule {
+                    None => StepRule::Diffusers,
+                    Some(name) => StepRule::from_name(name).ok_or(format!("step rule {name:?}"))?,
                 },
             },
             request: self.request.clone(),

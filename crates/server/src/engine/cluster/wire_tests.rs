@@ -99,6 +99,7 @@ fn a_spec_survives_the_trip_with_its_images() {
                 masked_content: sdserve_pipeline::inpaint_a1111::MaskedContent::LatentNoise,
                 only_masked_padding: Some(12),
             }),
+            step_rule: sdserve_pipeline::pipeline::StepRule::A1111FixSteps,
             ..Default::default()
         },
         request: serde_json::json!({"prompt": "a (cat:1.2)"}),
