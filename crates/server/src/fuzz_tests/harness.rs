@@ -232,7 +232,9 @@ pub fn assert_rules(p: &GenerationParams, dialect: validate::DialectRules) {
     assert!(p.scheduler.is_some());
     if let Some(init) = &p.init_image {
         assert!((0.0..=1.0).contains(&init.strength), "{}", init.strength);
-        assert!((p.steps as f64 * init.strength) >= 1.0);
+        // At least one step runs under the request's rule (diffusers': int(steps * strength)).
+        let slice = p.step_rule.slice(p.steps, init.strength);
+        assert!(slice.is_ok_and(|s| s.steps_run() >= 1), "{:?}", p.step_rule);
         let i = &init.image;
         // Resized to the request's size before it is queued (memory held per job is bounded),
         // but for A1111's inpainting, which blurs and crops at the upload's size.
