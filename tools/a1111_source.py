@@ -1,7 +1,7 @@
 """A1111's own functions, taken from a checkout's source with `ast` and run as they are (not
 copied into ours). Shared by the A1111 reference scripts (make_esrgan_fixtures.py,
 make_extras_fixtures.py, make_inpaint_a1111_fixtures.py, make_swinir_fixtures.py,
-make_upscale_hires_fixtures.py, make_a1111_mask_alpha_fixtures.py)."""
+make_upscale_hires_fixtures.py, make_a1111_mask_alpha_fixtures.py, a1111_steps.py)."""
 
 import ast
 import hashlib

@@ -32,7 +32,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_esrgan_fixtures import functions  # noqa: E402
+from a1111_source import functions  # noqa: E402
 
 # A1111's samplers in `sd_samplers_timesteps.py`, by our API name; the rest are k-diffusion's.
 TIMESTEPS_SAMPLERS = ("ddim", "pndm", "unipc", "unipc_karras")
