@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""LyCORIS references (LoHa, LoKr, IA3, full diffs, LoCon's CP form, DoRA) for the tiny model, with A1111's
+"""LyCORIS references (LoHa, LoKr, IA3, GLoRA, full diffs, LoCon's CP form, DoRA) for the tiny model, with A1111's
 own module code: crates/pipeline/tests/lycoris.rs and crates/server/tests/lycoris_http.rs.
 
 A1111's Lora extension runs here, imported from a checkout of
@@ -38,6 +38,9 @@ files in the layouts LyCORIS saves (kohya key names, lora_unet_* and lora_te_*),
   ia3.safetensors     IA3 (`weight`, `on_input`: A1111's `W * w` by output row or input column)
                       on attention and feed-forward linears (one with a `scale` and an unused
                       alpha, one with DoRA) and text encoder layers
+  glora.safetensors   GLoRA (`a1`, `a2`, `b1`, `b2`: A1111's `b2 @ b1 + (W @ a2) @ a1`; its
+                      alpha is required and not used) on attention and feed-forward linears
+                      (one with a `scale`, one with DoRA) and a text encoder layer
   oft.safetensors, bias.safetensors
                       types A1111 loads and this server refuses by name (OFT, a LoHa with a
                       diff_b that A1111 ignores)
@@ -45,8 +48,9 @@ and beside that folder:
   lycoris.safetensors / lycoris.json
                       delta.<file>.<part>.<module>: A1111's delta for a layer of each form, at
                       multiplier 1 (delta.<...>.<module>.bias: its ex_bias, for a diff_b; DoRA's
-                      and IA3's from tiny-a's weights); delta.<case>.<part>.<module>: a case's
-                      whole change of each DoRA or IA3 layer's weight (cases of several files);
+                      IA3's and GLoRA's from tiny-a's weights); delta.<case>.<part>.<module>: a
+                      case's whole change of each DoRA, IA3 or GLoRA layer's weight (cases of
+                      several files);
                       image.base and image.<case>: diffusers images (64x64, euler)
                       with A1111's deltas for the case's files and multipliers added to the
                       weights
@@ -87,11 +91,13 @@ CASES = {
     "ia3": [("ia3", 1.0)],
     # IA3 scales the weight the earlier files left.
     "loha_ia3": [("loha", 0.6), ("ia3", -0.8)],
+    "glora": [("glora", 1.0)],
+    "loha_glora": [("loha", 0.6), ("glora", 0.8)],
 }
 # The files whose deltas depend on the weight (a case of several files keeps their whole change).
-FROM_WEIGHT = {"dora", "ia3"}
+FROM_WEIGHT = {"dora", "ia3", "glora"}
 A1111_SOURCES = ["network.py", "network_lora.py", "network_hada.py", "network_ia3.py", "network_lokr.py",
-                 "network_full.py", "lyco_helpers.py"]
+                 "network_full.py", "network_glora.py", "lyco_helpers.py"]
 
 
 def a1111(root):
@@ -113,13 +119,13 @@ def a1111(root):
     mods["modules.devices"].dtype = torch.float32
     mods["modules.models.sd3.mmdit"].QkvLinear = type("QkvLinear", (torch.nn.Linear,), {})
     sys.path.insert(0, lora_dir)
-    import network, network_full, network_hada, network_ia3, network_lokr, network_lora  # noqa: E401
+    import network, network_full, network_glora, network_hada, network_ia3, network_lokr, network_lora  # noqa: E401
     digests = {}
     for f in A1111_SOURCES:
         with open(os.path.join(lora_dir, f), "rb") as fh:
             digests[f] = hashlib.sha256(fh.read()).hexdigest()
     module_types = [network_lora.ModuleTypeLora(), network_hada.ModuleTypeHada(), network_ia3.ModuleTypeIa3(),
-                    network_lokr.ModuleTypeLokr(), network_full.ModuleTypeFull()]
+                    network_lokr.ModuleTypeLokr(), network_full.ModuleTypeFull(), network_glora.ModuleTypeGLora()]
     return network, module_types, digests
 
 
@@ -201,6 +207,13 @@ def ia3(m, g, on_input=False):
     return {"weight": torch.randn(inp if on_input else out, generator=g), "on_input": torch.tensor(on_input)}
 
 
+def glora(m, g, rank):
+    """LyCORIS's GLoRA: a1 [r, in], a2 [in, r], b1 [r, in], b2 [out, r]."""
+    out, inp, _ = dims(m)
+    return {"a1.weight": torch.randn(rank, inp, generator=g), "a2.weight": torch.randn(inp, rank, generator=g),
+            "b1.weight": torch.randn(rank, inp, generator=g), "b2.weight": torch.randn(out, rank, generator=g)}
+
+
 def full(m, g, bias=False):
     w = {"diff": torch.randn(m.weight.shape, generator=g)}
     if bias:
@@ -242,7 +255,7 @@ def attention_paths(unet, blocks):
 def layer_plan(unet):
     """file -> [(part, module path, form, builder kwargs, alpha, extra keys)]"""
     te0 = "text_model.encoder.layers.0"
-    plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": [], "ia3": []}
+    plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": [], "ia3": [], "glora": []}
     for p in attention_paths(unet, ["down_blocks.0", "up_blocks.1"]):
         plan["loha"].append(("unet", p, "loha", dict(rank=4), 2.0, {}))
     plan["loha"] += [
@@ -310,10 +323,19 @@ def layer_plan(unet):
         ("te", "text_model.encoder.layers.0.self_attn.k_proj", "ia3", {}, None, {}),
         ("te", "text_model.encoder.layers.1.mlp.fc2", "ia3", dict(on_input=True), None, {}),
     ]
+    # A1111 takes GLoRA with an alpha, and does not use it.
+    plan["glora"] += [
+        ("unet", f"{t0}.attn1.to_q", "glora", dict(rank=2), 4.0, {}),
+        ("unet", f"{t0}.attn2.to_k", "glora", dict(rank=3), 1.0, {}),
+        ("unet", f"{t0}.ff.net.0.proj", "glora", dict(rank=2), 1.0, {"scale": 0.5}),
+        ("unet", f"{t0}.attn1.to_v", "glora", dict(rank=2), 1.0, {"dora": "in"}),
+        ("te", "text_model.encoder.layers.0.self_attn.v_proj", "glora", dict(rank=2), 1.0, {}),
+    ]
     return plan
 
 
-BUILDERS = {"loha": loha, "lokr": lokr, "full": full, "locon_cp": locon_cp, "lora": lora, "ia3": ia3}
+BUILDERS = {"loha": loha, "lokr": lokr, "full": full, "locon_cp": locon_cp, "lora": lora, "ia3": ia3,
+            "glora": glora}
 # One layer of each form whose delta is kept in the reference (the images cover all of them).
 KEPT = {
     "loha": ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "down_blocks.0.attentions.0.proj_in",
@@ -330,6 +352,7 @@ KEPT = {
               "text_model.encoder.layers.1.self_attn.k_proj"],
     "dora": None,  # every layer (each is a form of its own)
     "ia3": None,
+    "glora": None,
 }
 
 
@@ -368,11 +391,13 @@ def build_files(a, pipe, out):
                 w[k] = torch.tensor(v)
             key = kohya_key(part, path)
             # The delta a fifth of the weight's spread (a third for the full diffs' few layers).
-            # IA3's as large as the weight (it scales a few layers' rows or columns by 1 + w).
-            target = {"full": 0.33, "ia3": 1.0}.get(form, 0.2) * m.weight.std().item()
+            # IA3's as large as the weight (it scales a few layers' rows or columns by 1 + w), GLoRA's half.
+            target = {"full": 0.33, "ia3": 1.0, "glora": 0.5}.get(form, 0.2) * m.weight.std().item()
             got = calc_updown(a, key, w, m, part, 1.0)[0].std().item()
-            lead = next(k for k in LEADING if k in w)
-            w[lead] = w[lead] * (target / got)
+            # GLoRA's updown is linear in a1 and b2 together (b2 @ b1 + (W @ a2) @ a1).
+            leads = ["a1.weight", "b2.weight"] if form == "glora" else [next(k for k in LEADING if k in w)]
+            for lead in leads:
+                w[lead] = w[lead] * (target / got)
             if dora:
                 w["dora_scale"] = dora_scale(m, dora, g)
             for k, v in w.items():

@@ -62,6 +62,7 @@ const LORA_FIXTURES: &[&str] = &[
     "lycoris/full.safetensors",
     "lycoris/dora.safetensors",
     "lycoris/ia3.safetensors",
+    "lycoris/glora.safetensors",
 ];
 
 /// Scans a folder holding `bytes` as `fuzz.safetensors`, checks the LoRA against tiny-a, merges
@@ -182,6 +183,12 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
             used.extend(w1.into_iter().chain(w2));
         } else if has("diff") {
             used.extend([at("diff"), at("diff_b")]);
+        } else if ["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]
+            .iter()
+            .all(|p| has(p))
+        {
+            // GLoRA (its alpha required, not used).
+            used.extend(["a1.weight", "a2.weight", "b1.weight", "b2.weight"].map(at));
         } else {
             continue;
         }

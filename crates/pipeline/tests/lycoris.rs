@@ -1,5 +1,5 @@
-//! LyCORIS files (LoHa, LoKr, IA3, full diffs with bias diffs, LoCon's CP form, several types
-//! in one file, DoRA's decomposition with each; DoRA and IA3 alone and before or after another
+//! LyCORIS files (LoHa, LoKr, IA3, GLoRA, full diffs with bias diffs, LoCon's CP form, several types
+//! in one file, DoRA's decomposition with each; DoRA, IA3 and GLoRA alone and before or after another
 //! file on the same layers) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
 //! its `ex_bias` to the biases; `tools/make_lycoris_fixtures.py`); the types A1111 loads and
 //! this server does not apply (OFT, a LoHa's bias diff) are listed and refused
@@ -55,6 +55,7 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     assert_eq!(types("mixed"), ["full", "loha", "lokr", "lora"]);
     assert_eq!(types("dora"), ["dora", "full", "loha", "lokr", "lora"]);
     assert_eq!(types("ia3"), ["dora", "ia3"]);
+    assert_eq!(types("glora"), ["dora", "glora"]);
     let loha = lib.get("loha").unwrap();
     assert_eq!(loha.format, LoraFormat::Kohya);
     assert_eq!(loha.targets, ["text_encoder", "unet"]);
@@ -65,7 +66,7 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     // Two flattened 3x3 kernels and two in Tucker form.
     assert_eq!(loha.conv_layers, 4, "{loha:?}");
     assert_eq!(loha.rank, 4);
-    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3"] {
+    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3", "glora"] {
         r.model.check_lora(name).unwrap();
     }
     for (name, type_name) in r.meta["refused"].as_object().unwrap() {
@@ -126,6 +127,7 @@ fn lycoris_files_under_offload_give_the_resident_images() {
             ("loha", 0.5),
             ("dora", 0.8),
             ("ia3", 0.7),
+            ("glora", 0.6),
             ("full", -0.4),
         ],
     );

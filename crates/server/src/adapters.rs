@@ -41,8 +41,8 @@ pub struct LoraListing {
     pub layers: usize,
     pub conv_layers: usize,
     /// The module types of its layers, as A1111 names them: `lora` (LoRA, LoCon), `loha`,
-    /// `lokr`, `ia3` and `full` (LyCORIS) are applied, and `dora` (DoRA's `dora_scale` beside
-    /// one of them) with them; a file with `oft`, `glora`, `norm`, `bias` (bias diffs) or
+    /// `lokr`, `ia3`, `glora` and `full` (LyCORIS) are applied, and `dora` (DoRA's `dora_scale`
+    /// beside one of them) with them; a file with `oft`, `norm`, `bias` (bias diffs) or
     /// `unknown` layers is listed with its `error` and refused.
     #[serde(default)]
     pub types: Vec<String>,

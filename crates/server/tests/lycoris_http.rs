@@ -1,6 +1,6 @@
 //! LyCORIS files in `LORA_DIR` over real HTTP against the real binary: `GET /loras` says each
-//! file's module types, LoHa, LoKr, full diffs, a file mixing types, DoRA and IA3 change the image by
-//! tag or field (the pipeline's tests compare them with A1111's deltas), the base image comes
+//! file's module types, LoHa, LoKr, full diffs, a file mixing types, DoRA, IA3 and GLoRA change
+//! the image by tag or field (the pipeline's tests compare them with A1111's deltas), the base image comes
 //! back bit for bit, and a file of a type the server does not apply (OFT, bias diffs) is
 //! listed with its error and refused with a 422 naming the LoRA and the type.
 
@@ -38,6 +38,7 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         ("mixed", json!(["full", "loha", "lokr", "lora"])),
         ("dora", json!(["dora", "full", "loha", "lokr", "lora"])),
         ("ia3", json!(["dora", "ia3"])),
+        ("glora", json!(["dora", "glora"])),
     ] {
         let l = by_name(name);
         assert_eq!(
@@ -65,7 +66,7 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
     };
     let plain = pixels(&s, &base);
     let mut seen = vec![plain.clone()];
-    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3"] {
+    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3", "glora"] {
         let tagged = pixels(
             &s,
             &with(json!({"prompt": format!("a red house on a hill <lora:{name}:0.9>")})),

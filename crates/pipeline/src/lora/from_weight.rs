@@ -1,5 +1,6 @@
 //! Deltas that depend on the weight they go into. IA3 (`network_ia3.py`) scales the weight:
-//! its `updown` is `W * w`, `w` over the output rows (or, with `on_input`, the input columns).
+//! its `updown` is `W * w`, `w` over the output rows (or, with `on_input`, the input columns);
+//! GLoRA's (`network_glora.py`) is `b2 @ b1 + (W @ a2) @ a1`.
 //! DoRA (`dora_scale` beside any type's keys) is A1111's `NetworkModule.apply_weight_decompose`:
 //! with `M = W + updown` (the type's delta times `calc_scale`), the weight becomes
 //! `M * (dora_scale / norm(M))`, the norm taken over each input channel (all outputs and kernel
@@ -40,6 +41,13 @@ pub(crate) enum Updown {
     Fixed(Tensor),
     /// IA3's `W * w * scale`: `w` `[out, 1]`, or `[1, in]` with `on_input`.
     Ia3 { w: Tensor, scale: f64 },
+    /// GLoRA's `(b2 @ b1 + (W @ a2) @ a1) * scale` (`fixed`: `b2 @ b1`).
+    Glora {
+        fixed: Tensor,
+        a2: Tensor,
+        a1: Tensor,
+        scale: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +94,9 @@ impl Delta {
                     Step::Weighted(w) => {
                         let updown = match &w.updown {
                             Updown::Fixed(t) | Updown::Ia3 { w: t, .. } => size(t),
+                            Updown::Glora { fixed, a2, a1, .. } => {
+                                size(fixed) + size(a2) + size(a1)
+                            }
                         };
                         updown + w.dora_scale.as_ref().map_or(0, size)
                     }
@@ -136,6 +147,12 @@ impl Weighted {
         let updown = match &self.updown {
             Updown::Fixed(t) => t.clone(),
             Updown::Ia3 { w, scale } => (current.broadcast_mul(w)? * *scale)?,
+            Updown::Glora {
+                fixed,
+                a2,
+                a1,
+                scale,
+            } => ((fixed + current.matmul(a2)?.matmul(a1)?)? * *scale)?,
         };
         let delta = match &self.dora_scale {
             None => (updown * self.multiplier)?,

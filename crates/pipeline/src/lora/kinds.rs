@@ -3,8 +3,8 @@
 //! `lora_mid`), LyCORIS LoHa (`(w1a @ w1b) * (w2a @ w2b)`, Tucker form with `hada_t1`/`hada_t2`),
 //! LoKr (`kron(w1, w2)`, each factor whole or low-rank, Tucker `lokr_t2`) and full diffs
 //! (`diff`, with `diff_b` the bias's), and IA3 (`weight`, `on_input`: its delta is made from
-//! the weight, as is that of a layer with DoRA's `dora_scale` beside any type's keys;
-//! `from_weight`). Types A1111 knows and this server does not apply (OFT/BOFT, GLoRA, norm
+//! the weight, as are GLoRA's and that of a layer with DoRA's `dora_scale` beside any type's
+//! keys; `from_weight`). Types A1111 knows and this server does not apply (OFT/BOFT, norm
 //! layers, `diff_b` on another type, which A1111
 //! ignores, and the weight-shaped `bias`) are kept as refused layers: the file is listed
 //! and a request naming it is refused, naming the LoRA and the type.
@@ -54,6 +54,14 @@ pub(super) enum LayerKind {
     /// IA3: `weight` scales the layer's weight by output row (or, with `on_input`, by input
     /// column); its delta is made from the weight (`from_weight`).
     Ia3 { weight: String, on_input: String },
+    /// GLoRA (`network_glora.py`): `b2 @ b1 + (W @ a2) @ a1`; made from the weight
+    /// (`from_weight`).
+    Glora {
+        a1: String,
+        a2: String,
+        b1: String,
+        b2: String,
+    },
     /// The weight's difference itself, and with `diff_b` the bias's.
     Full {
         diff: String,
@@ -87,6 +95,7 @@ impl LayerKind {
             LayerKind::Hada { .. } => "loha",
             LayerKind::Lokr { .. } => "lokr",
             LayerKind::Ia3 { .. } => "ia3",
+            LayerKind::Glora { .. } => "glora",
             LayerKind::Full { .. } => "full",
             LayerKind::Refused { type_name, .. } => type_name,
         }
@@ -142,11 +151,25 @@ impl LayerKind {
             }
         } else if has("w_norm") || has("b_norm") {
             return refused("norm", "a norm layer's diff (w_norm, b_norm)");
+        } else if ["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]
+            .iter()
+            .all(|k| has(k))
+        {
+            LayerKind::Glora {
+                a1: key("a1.weight"),
+                a2: key("a2.weight"),
+                b1: key("b1.weight"),
+                b2: key("b2.weight"),
+            }
         } else if ["a1.weight", "a2.weight", "b1.weight", "b2.weight"]
             .iter()
             .any(|k| has(k))
         {
-            return refused("glora", "a GLoRA module (a1, a2, b1, b2)");
+            // A1111 takes GLoRA with all five (network_glora.py).
+            return refused(
+                "glora",
+                "a GLoRA module without all of a1, a2, b1, b2 and alpha",
+            );
         } else if has("oft_blocks") || has("oft_diag") {
             return refused("oft", "an OFT/BOFT module (oft_blocks, oft_diag)");
         } else {
@@ -209,6 +232,7 @@ impl LayerKind {
                 keys
             }
             LayerKind::Ia3 { weight, on_input } => vec![weight, on_input],
+            LayerKind::Glora { a1, a2, b1, b2 } => vec![a1, a2, b1, b2],
             LayerKind::Full { diff, diff_b } => [Some(diff), diff_b.as_ref()]
                 .into_iter()
                 .flatten()
@@ -355,6 +379,26 @@ impl LayerKind {
                     kernel: false,
                 })
             }
+            LayerKind::Glora { a1, a2, b1, b2 } => {
+                let (sa1, sa2, sb1, sb2) = (get(a1)?, get(a2)?, get(b1)?, get(b2)?);
+                // a1 [r, in], a2 [in, r], b1 [q, in], b2 [out, q].
+                let chain = [sa1, sa2, sb1, sb2].iter().all(|s| s.len() == 2)
+                    && sa2[0] == sa1[1]
+                    && sa2[1] == sa1[0]
+                    && sb1[1] == sa1[1]
+                    && sb2[1] == sb1[0];
+                if !chain {
+                    return Err(format!(
+                        "a1 {sa1:?}, a2 {sa2:?}, b1 {sb1:?} and b2 {sb2:?} do not chain (a1 [r, in], a2 [in, r], b1 [q, in], b2 [out, q])"
+                    ));
+                }
+                Ok(DeltaShape {
+                    rows: sb2[0],
+                    cols: sb1[1],
+                    dim: None, // A1111 gives GLoRA no dim: its alpha is not used
+                    kernel: false,
+                })
+            }
             LayerKind::Refused { why, .. } => Err(why.clone()),
         }
     }
@@ -412,7 +456,9 @@ impl LayerKind {
                 kron(&w1, &w2)?
             }
             LayerKind::Full { diff, .. } => t(diff)?,
-            LayerKind::Ia3 { .. } => candle_core::bail!("an IA3 delta is made from the weight"),
+            LayerKind::Ia3 { .. } | LayerKind::Glora { .. } => {
+                candle_core::bail!("this type's delta is made from the weight")
+            }
             LayerKind::Refused { .. } => candle_core::bail!("a refused layer has no delta"),
         };
         delta.reshape((shape.rows, shape.cols))
@@ -531,6 +577,12 @@ mod tests {
             name(&["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]),
             Some("glora")
         );
+        let Some(LayerKind::Refused { why, .. }) =
+            kind(&["a1.weight", "a2.weight", "b1.weight", "b2.weight"])
+        else {
+            panic!("GLoRA without alpha")
+        };
+        assert!(why.contains("GLoRA"), "{why}");
         // DoRA's magnitude goes with the type (the layer keeps it: `from_weight`).
         assert_eq!(
             name(&[

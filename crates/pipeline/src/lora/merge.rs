@@ -51,7 +51,7 @@ pub(super) fn match_layers<'a>(
     for layer in info.keys.iter().filter(|l| targets.contains_key(&l.part)) {
         if let LayerKind::Refused { why, .. } = &layer.kind {
             return Err(PipelineError::InvalidRequest(format!(
-                "LoRA {:?}: layer {} {why} (applied: LoRA/LoCon, LoHa, LoKr, IA3, full diffs and DoRA)",
+                "LoRA {:?}: layer {} {why} (applied: LoRA/LoCon, LoHa, LoKr, IA3, GLoRA, full diffs and DoRA)",
                 info.name,
                 layer.module_key()
             )));
@@ -140,7 +140,12 @@ pub(super) fn match_layers<'a>(
             }
         } else {
             let shape = layer.kind.delta_shape(shapes).map_err(invalid)?;
-            if shape.rows != want[0] || shape.cols != want[1..].iter().product::<usize>() {
+            // GLoRA multiplies the weight as a matrix (A1111: linear weights only).
+            let matrix_only = matches!(layer.kind, LayerKind::Glora { .. }) && want.len() != 2;
+            if matrix_only
+                || shape.rows != want[0]
+                || shape.cols != want[1..].iter().product::<usize>()
+            {
                 return Err(PipelineError::InvalidRequest(format!(
                     "LoRA {:?}: layer {} ({}, a delta of {} x {}) does not fit the model's weight {want:?}",
                     info.name,
@@ -316,6 +321,15 @@ pub(crate) fn compute_deltas(
                         scale: calc_scale,
                     })
                 }
+                (LayerKind::Glora { a1, a2, b1, b2 }, _) => {
+                    let m = |k: &String| tensors[k].to_dtype(DType::F32);
+                    weighted(Updown::Glora {
+                        fixed: m(b2)?.matmul(&m(b1)?)?,
+                        a2: m(a2)?,
+                        a1: m(a1)?,
+                        scale: calc_scale,
+                    })
+                }
                 (kind, Some(shape)) => {
                     let delta = kind.delta(&tensors, &shape)?.reshape(want)?;
                     match dora_scale {
@@ -346,9 +360,10 @@ pub(crate) fn compute_deltas(
                     Made::Plain(t) => vec![t],
                     Made::Weighted(w) => {
                         let updown = match &w.updown {
-                            Updown::Fixed(t) | Updown::Ia3 { w: t, .. } => t,
+                            Updown::Fixed(t) | Updown::Ia3 { w: t, .. } => vec![t],
+                            Updown::Glora { fixed, a2, a1, .. } => vec![fixed, a2, a1],
                         };
-                        [updown].into_iter().chain(&w.dora_scale).collect()
+                        updown.into_iter().chain(&w.dora_scale).collect()
                     }
                 };
                 for t in read {

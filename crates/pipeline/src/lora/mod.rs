@@ -1,6 +1,6 @@
 //! LoRA adapters (README "Prompts, LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
 //! UNet (attention, feed-forward, projections, and LoCon's resnet and sampler convolutions) and
-//! the text encoder; in kohya-named files also LyCORIS LoHa, LoKr, IA3 and full diffs, as A1111
+//! the text encoder; in kohya-named files also LyCORIS LoHa, LoKr, IA3, GLoRA and full diffs, as A1111
 //! applies them (`kinds`), and DoRA's weight decomposition with any of them (`from_weight`).
 //!
 //! `W += weight * (alpha / rank) * up @ down` (or the layer type's delta and scale), summed
@@ -17,7 +17,7 @@
 //!
 //! Files: `library` (reading LoRA files' headers, the folder's library), `kinds` (the layers'
 //! module types: their shapes and deltas; `products` the tensor products they use), `from_weight`
-//! (IA3's and DoRA's deltas, made from the weight when it is merged), `merge` (matching layers to the model's weights,
+//! (IA3's, GLoRA's and DoRA's deltas, made from the weight when it is merged), `merge` (matching layers to the model's weights,
 //! merging and restoring them), `folder` (whether a file fits a model folder that is not
 //! loaded, from its headers); this one holds the types they share and the prompt tags.
 
@@ -275,9 +275,9 @@ pub struct LoraInfo {
     /// Adapted convolutions with a kernel (LoCon: the resnets' and samplers' 3x3) among them.
     pub conv_layers: usize,
     /// The module types of its layers (A1111's): `lora` (LoRA, LoCon), `loha`, `lokr`, `ia3`,
-    /// `full` are applied, and `dora` (DoRA's `dora_scale`, beside one of those) with them;
-    /// `oft`, `glora`, `norm` and `bias` (bias diffs) are listed, and a request naming the file
-    /// is refused.
+    /// `glora`, `full` are applied, and `dora` (DoRA's `dora_scale`, beside one of those) with
+    /// them; `oft`, `norm` and `bias` (bias diffs) are listed, and a request naming the file is
+    /// refused.
     pub types: Vec<String>,
     /// The header's `__metadata__` (kohya writes its training notes there, `ss_output_name`
     /// among them).

@@ -313,7 +313,7 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
 }
 
 /// The LoRA files of `LORA_DIR` (empty when unset or while the model loads).
-#[utoipa::path(get, path = "/loras", responses((status = 200, description = "`{loras: [{name, alias, file, format, rank, targets, layers, conv_layers, types, metadata, error}]}`: kohya/A1111 and PEFT LoRA and LoCon, and LyCORIS LoHa, LoKr, IA3 and full diffs, with DoRA (`types`); `error` says why a file cannot be used (does not fit the default model, whichever model the worker holds: a request naming another in `model` is checked against that one when submitted; a module type not applied such as OFT or GLoRA; cannot be read)")))]
+#[utoipa::path(get, path = "/loras", responses((status = 200, description = "`{loras: [{name, alias, file, format, rank, targets, layers, conv_layers, types, metadata, error}]}`: kohya/A1111 and PEFT LoRA and LoCon, and LyCORIS LoHa, LoKr, IA3, GLoRA and full diffs, with DoRA (`types`); `error` says why a file cannot be used (does not fit the default model, whichever model the worker holds: a request naming another in `model` is checked against that one when submitted; a module type not applied such as OFT; cannot be read)")))]
 pub(super) async fn loras(State(app): State<Shared>) -> Response {
     let loras = super::request::listed_adapters(&app).await.loras;
     axum::Json(serde_json::json!({ "loras": loras })).into_response()
