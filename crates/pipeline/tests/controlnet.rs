@@ -293,3 +293,90 @@ fn what_a_controlnet_cannot_do_is_refused() {
     let e = run(&missing);
     assert!(e.contains("nowhere"), "{e}");
 }
+
+#[test]
+fn the_hires_pass_is_steered_as_each_unit_s_hr_option_says() {
+    // The extension's `hr_option`: both passes (the second with the image at the hires size,
+    // or the unit's own hires image), the first alone, the second alone. Each pair differs
+    // where the pass it leaves out would be steered: dropping the second pass's residuals
+    // makes `both` the `low_res_only` image.
+    use sdserve_pipeline::controlnet::HiresOption;
+    use sdserve_pipeline::pipeline::{Hires, Upscaler};
+    let f = Fixtures::load("controlnet");
+    let sd = model();
+    let base = GenerationParams {
+        steps: 4,
+        hires: Some(Hires {
+            width: 128,
+            height: 128,
+            upscale_width: 128,
+            upscale_height: 128,
+            upscaler: Upscaler::Resize,
+            steps: 4,
+            strength: 0.6,
+            scheduler: None,
+            schedule: None,
+            prompt: None,
+            negative_prompt: None,
+        }),
+        ..params_of(&f.meta["cases"]["single"])
+    };
+    let run = |option: Option<HiresOption>, hires_image: Option<&str>| {
+        let mut p = base.clone();
+        match option {
+            None => p.controlnets.clear(),
+            Some(o) => {
+                p.controlnets[0].hr_option = o;
+                p.controlnets[0].hires_image = hires_image.map(read_png);
+            }
+        }
+        let image = generate_one(&sd, &p);
+        assert_eq!((image.width, image.height), (128, 128));
+        image.pixels
+    };
+    let none = run(None, None);
+    let both = run(Some(HiresOption::Both), None);
+    let low = run(Some(HiresOption::LowResOnly), None);
+    let high = run(Some(HiresOption::HighResOnly), None);
+    let both_own = run(Some(HiresOption::Both), Some("control-b-64.png"));
+    let differ = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+    for (what, a, b, least) in [
+        (
+            "both vs low_res_only (second pass)",
+            &both,
+            &low,
+            none.len() / 10,
+        ),
+        (
+            "low_res_only vs none (first pass)",
+            &low,
+            &none,
+            none.len() / 10,
+        ),
+        (
+            "high_res_only vs none (second pass)",
+            &high,
+            &none,
+            none.len() / 10,
+        ),
+        (
+            "high_res_only vs both (first pass)",
+            &high,
+            &both,
+            none.len() / 10,
+        ),
+        // Two steps of the second pass from a steered first pass: a small change.
+        ("the hires image", &both_own, &both, 1),
+    ] {
+        let n = differ(a, b);
+        assert!(n >= least, "{what}: {n} of {} differ", a.len());
+    }
+    // Without a hires pass every option steers the one pass.
+    let one = |o: HiresOption| {
+        let mut p = params_of(&f.meta["cases"]["single"]);
+        p.controlnets[0].hr_option = o;
+        generate_one(&sd, &p).pixels
+    };
+    assert_eq!(one(HiresOption::HighResOnly), one(HiresOption::Both));
+    assert_eq!(one(HiresOption::LowResOnly), one(HiresOption::Both));
+}

@@ -189,6 +189,23 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
     img2img["strength"] = json!(0.7);
     let (with_image, _, _) = run(&img2img);
     assert_eq!(with_image.len(), steered.len());
+    // The hires fix runs them in both passes by default (`hr_option`).
+    let hires = |option: &str| {
+        let mut unit = unit("cn-a");
+        unit["hr_option"] = json!(option);
+        let mut b = with(vec![unit]);
+        // Two steps run: the first within the unit's window (to 0.7).
+        b["hires"] = json!({"width": 320, "height": 320, "steps": 4, "strength": 0.6});
+        let r = s.post_json(&b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        decode_png(r.json()["image_base64"].as_str().unwrap()).2
+    };
+    let (both, low) = (hires("both"), hires("low_res_only"));
+    assert_eq!(both.len(), 320 * 320 * 3);
+    assert!(both != low, "the second pass is steered");
+    let mut bad_option = unit("cn-a");
+    bad_option["hr_option"] = json!("Both");
+    refused(with(vec![bad_option]), "[0].hr_option");
     // A file that is not a ControlNet fails the request when it runs, naming it.
     let r = s.post_json(&with(vec![unit("not-a-controlnet")]));
     let e = r.error(422, "validation_error").to_string();

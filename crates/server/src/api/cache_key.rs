@@ -35,13 +35,15 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         .iter()
         .map(|c| {
             format!(
-                "{} {} {:?} {:?} {:?} {:?}",
+                "{} {} {:?} {:?} {:?} {:?} {:?} {:?}",
                 c.model.name,
                 crate::images::digest(&c.image),
                 c.preprocessor,
                 c.scale,
                 c.guidance_start,
-                c.guidance_end
+                c.guidance_end,
+                c.hr_option,
+                c.hires_image.as_ref().map(crate::images::digest),
             )
         })
         .collect();

@@ -247,8 +247,8 @@ pub struct GenerateRequest {
     /// the styled text. An unknown name is a 422.
     #[schema(nullable = true, example = json!(["Cinematic"]))]
     pub styles: Option<Vec<String>>,
-    /// ControlNets steering the composition (text-to-image, img2img, inpainting; not with
-    /// `hires`): diffusers' `StableDiffusionControlNetPipeline` (with `init_image` its
+    /// ControlNets steering the composition (text-to-image, img2img, inpainting, both passes
+    /// of `hires` unless a unit's `hr_option` says otherwise): diffusers' `StableDiffusionControlNetPipeline` (with `init_image` its
     /// `...Img2ImgPipeline`, with `mask_image` its `...InpaintPipeline`; with `inpaint`, A1111's
     /// inpainting with the sd-webui-controlnet extension's residuals, "only masked" cropping
     /// the control image as the init image), several summed as its `MultiControlNetModel`. At most 3. A model is a name of CONTROLNET_DIR (`GET
@@ -288,6 +288,22 @@ pub struct ControlNetUse {
     /// steer.
     #[schema(minimum = 0.0, maximum = 1.0, default = 1.0, nullable = true)]
     pub guidance_end: Option<f64>,
+    /// With `hires`: the passes it steers (the sd-webui-controlnet extension's `hr_option`):
+    /// `both` (the default: the second pass with the image resized to the hires size),
+    /// `low_res_only`, `high_res_only`. Without `hires` it steers the one pass.
+    #[schema(nullable = true, default = "both")]
+    pub hr_option: Option<HiresOptionName>,
+}
+
+/// The passes of a hires request a ControlNet steers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum HiresOptionName {
+    #[serde(rename = "both")]
+    Both,
+    #[serde(rename = "low_res_only")]
+    LowResOnly,
+    #[serde(rename = "high_res_only")]
+    HighResOnly,
 }
 
 /// A model-free ControlNet preprocessor, as the sd-webui-controlnet extension runs it; each

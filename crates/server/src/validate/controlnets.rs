@@ -2,13 +2,15 @@
 //! guidance_end}]`, diffusers' `StableDiffusionControlNetPipeline` arguments (`controlnet`,
 //! `image`, `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end`),
 //! one object per ControlNet (several: `MultiControlNetModel`); a `preprocessor` makes the
-//! control map from `image` here, at validation (`super::preprocessor`).
+//! control map from `image` here, at validation (`super::preprocessor`), and the sd-webui-controlnet
+//! extension's `hr_option` for a hires request's passes.
 
 use serde_json::Value;
 
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 
 use crate::images::RequestImage;
+use sdserve_pipeline::controlnet::HiresOption;
 
 /// ControlNets one request may use (each holds a UNet encoder's weights on the device).
 pub const CONTROLNETS_MAX: usize = 3;
@@ -31,6 +33,11 @@ pub struct ValidControlNet {
     pub scale: f64,
     pub guidance_start: f64,
     pub guidance_end: f64,
+    /// The passes of a hires request it steers (`hr_option`).
+    pub hr_option: HiresOption,
+    /// The hires pass's control image, where a dialect fits the upload to that size itself
+    /// (A1111's resize modes); `None`: `image`, resized by the pipeline.
+    pub hires_image: Option<RequestImage>,
 }
 
 fn number(
@@ -55,7 +62,7 @@ fn number(
 /// `guidance_end` 0..=1 (1), as diffusers requires (`start < end`).
 pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let rule = format!(
-        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1}}",
+        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\"}}",
         super::preprocessor::TYPES
     );
     let items = v.as_array().ok_or_else(|| rule.clone())?;
@@ -65,13 +72,14 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
-        const KEYS: [&str; 6] = [
+        const KEYS: [&str; 7] = [
             "model",
             "image",
             "preprocessor",
             "scale",
             "guidance_start",
             "guidance_end",
+            "hr_option",
         ];
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
@@ -106,6 +114,12 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
                 image: map,
             };
         }
+        let hr_option = match obj.get("hr_option") {
+            None | Some(Value::Null) => HiresOption::Both,
+            Some(v) => v.as_str().and_then(HiresOption::from_name).ok_or_else(|| {
+                format!("[{i}].hr_option: one of \"both\", \"low_res_only\", \"high_res_only\"")
+            })?,
+        };
         out.push(ValidControlNet {
             model,
             image,
@@ -113,6 +127,8 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
             scale,
             guidance_start,
             guidance_end,
+            hr_option,
+            hires_image: None,
         });
     }
     Ok(out)

@@ -241,8 +241,8 @@ impl ValidRequest {
                     scale: c.scale,
                     guidance_start: c.guidance_start,
                     guidance_end: c.guidance_end,
-                    hires_image: None,
-                    hr_option: Default::default(),
+                    hires_image: c.hires_image.as_ref().map(|i| i.image.clone()),
+                    hr_option: c.hr_option,
                 })
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),
@@ -484,10 +484,6 @@ pub fn validate_request(
     }
     let seed_resize = seed_resize_from(&mut r);
     let controlnets = r.with("controlnets", controlnets::read).unwrap_or_default();
-    // A hires pass with ControlNets is not implemented (A1111's extension steers it too).
-    if !controlnets.is_empty() && r.value("hires").is_some() {
-        r.fail("controlnets", "not with the hires fix");
-    }
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     });

@@ -16,8 +16,11 @@
 //! it to fit (`k = min`) and centres it on the median colour of its border pixels; `Just
 //! Resize` stretches it. The resampling is the native API's Lanczos, not the extension's
 //! OpenCV filters. `weight`, `guidance_start`, `guidance_end` are the native `scale` and its
-//! window; `low_vram` and `hr_option` concern memory and the hires pass and change nothing
-//! here. A `model` is a CONTROLNET_DIR name, with or without the extension's ` [hash]` suffix.
+//! window; `low_vram` changes nothing here. With `enable_hr` the units steer both passes as
+//! their `hr_option` says (`Both`, `Low res only`, `High res only`: the native `hr_option`), a
+//! crop or fill unit's image fitted again at the hires size (`Units::fit_hires`); a canny or
+//! mlsd unit steering the hires pass is a 422 (the extension forces its soft weights there,
+//! which are not implemented). A `model` is a CONTROLNET_DIR name, with or without the extension's ` [hash]` suffix.
 
 use std::path::Path;
 
@@ -29,6 +32,7 @@ use serde_json::{json, Map, Value};
 use crate::api::Shared;
 use crate::error::ApiError;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
+use sdserve_pipeline::controlnet::HiresOption;
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -187,9 +191,33 @@ pub struct Units {
     pub native: Value,
     /// (native index, preprocessor) of each unit whose map was made here.
     made: Vec<(usize, Preprocessor)>,
+    /// With `enable_hr`: (native index, image or map, mode) of each unit its resize mode fits,
+    /// to fit again at the hires size (the extension's `hr_control`).
+    hires: Vec<(usize, RgbImage, ResizeMode)>,
 }
 
 impl Units {
+    /// The hires pass's control images: each fitted unit's image (or map) fitted to the
+    /// second pass's `width` x `height` by its resize mode, as the extension's `get_control`
+    /// makes `hr_control` with `detectmap_proc` at the hires size (a plain resize is the
+    /// pipeline's own, from `image`).
+    pub fn fit_hires(
+        &self,
+        valid: &mut crate::validate::ValidRequest,
+        width: usize,
+        height: usize,
+    ) {
+        for (i, image, mode) in &self.hires {
+            if let Some(unit) = valid.controlnets.get_mut(*i) {
+                let map = fit(image, *mode, width, height);
+                unit.hires_image = Some(crate::images::RequestImage {
+                    sha256: crate::images::digest(&map),
+                    image: map,
+                });
+            }
+        }
+    }
+
     /// Records each preprocessor on its validated unit (the metadata and infotext name it).
     pub fn name_preprocessors(&self, valid: &mut crate::validate::ValidRequest) {
         for &(i, p) in &self.made {
@@ -226,6 +254,8 @@ pub fn native_units(
     };
     let mut units = Vec::new();
     let mut made = Vec::new();
+    let mut hires = Vec::new();
+    let enable_hr = body.get("enable_hr").and_then(Value::as_bool) == Some(true);
     for (i, unit) in args.iter().enumerate() {
         // The extension skips `None` entries; `false` is webuiapi's "no units" placeholder.
         let unit = match unit {
@@ -312,12 +342,50 @@ pub fn native_units(
                 let map = crate::validate::preprocessor::run(&p, &decoded.image, i)
                     .map_err(|e| bad(e.replace("].preprocessor.resolution", "].processor_res")))?;
                 made.push((units.len(), p));
-                as_png(&fitted(&map).unwrap_or(map))?
+                let png = as_png(fitted(&map).as_ref().unwrap_or(&map))?;
+                if enable_hr && fits {
+                    hires.push((units.len(), map, mode));
+                }
+                png
             }
-            None if fits => as_png(&fitted(&decode()?.image).expect("a size to fit"))?,
+            None if fits => {
+                let decoded = decode()?.image;
+                let png = as_png(&fitted(&decoded).expect("a size to fit"))?;
+                if enable_hr {
+                    hires.push((units.len(), decoded, mode));
+                }
+                png
+            }
             None => Value::String(image.to_string()),
         };
         let mut native = json!({"model": model, "image": image});
+        let hr_option = match unit.get("hr_option") {
+            None | Some(Value::Null) => HiresOption::Both,
+            Some(v) => match v.as_str() {
+                Some("Both") => HiresOption::Both,
+                Some("Low res only") => HiresOption::LowResOnly,
+                Some("High res only") => HiresOption::HighResOnly,
+                _ => {
+                    return Err(bad(format!(
+                        "[{i}].hr_option: one of \"Both\", \"Low res only\", \"High res only\""
+                    )))
+                }
+            },
+        };
+        // The extension forces its soft weights (0.825^(12 - i)) on canny and mlsd units in
+        // the hires pass; those weights are not implemented.
+        let module = text("module").unwrap_or("none").to_ascii_lowercase();
+        if enable_hr
+            && hr_option != HiresOption::LowResOnly
+            && (module.contains("canny") || module.contains("mlsd"))
+        {
+            return Err(bad(format!(
+                "[{i}]: a {module} unit in the hires pass (the extension's forced soft weights) is not supported; set hr_option \"Low res only\""
+            )));
+        }
+        if hr_option != HiresOption::Both {
+            native["hr_option"] = json!(hr_option.name());
+        }
         for (ours, theirs) in [
             ("scale", "weight"),
             ("guidance_start", "guidance_start"),
@@ -337,6 +405,7 @@ pub fn native_units(
     Ok((!units.is_empty()).then_some(Units {
         native: Value::Array(units),
         made,
+        hires,
     }))
 }
 

@@ -130,8 +130,10 @@ pub struct A1111Request {
     /// `{"args": [unit, ...]}`) runs its enabled units as the native `controlnets`: `model` (a
     /// CONTROLNET_DIR name, with or without its ` [hash]`), `image` / `input_image`, `weight`,
     /// `guidance_start`, `guidance_end`, `resize_mode` (`Crop and Resize` by default, `Resize
-    /// and Fill`, `Just Resize`); `module` only `none` and `control_mode` only `Balanced`
-    /// (others: a 422 naming them). Other scripts are accepted and ignored.
+    /// and Fill`, `Just Resize`), `hr_option` with `enable_hr` (`Both`, `Low res only`, `High
+    /// res only`); `module` `none` or a preprocessor of `GET /controlnet/module_list`,
+    /// `control_mode` only `Balanced` (others: a 422 naming them). Other scripts
+    /// are accepted and ignored.
     #[schema(nullable = true, value_type = Option<Object>)]
     pub alwayson_scripts: Option<serde_json::Value>,
     /// The native `variation_seed`; -1: random (drawn once). Used only with a non-zero

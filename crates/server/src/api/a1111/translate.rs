@@ -434,7 +434,11 @@ pub fn translate(
     }
     // Hires fix is txt2img's (A1111's img2img has no such pass).
     if enable_hr && mode == Mode::Txt2Img {
-        valid.hires = Some(hires(body, &valid, &sampler)?);
+        let second = hires(body, &valid, &sampler)?;
+        if let Some(u) = &units {
+            u.fit_hires(&mut valid, second.params.width, second.params.height);
+        }
+        valid.hires = Some(second);
     }
     let ignored = body
         .iter()

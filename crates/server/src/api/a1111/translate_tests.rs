@@ -400,3 +400,60 @@ fn a1111_requests_run_a1111_s_step_rule_and_img2img_fix_steps_stretches_it() {
     let t = tr(low, Mode::Txt2Img).unwrap();
     assert_eq!(t.valid.hires.unwrap().params.steps, 5);
 }
+
+#[test]
+fn enable_hr_fits_each_unit_again_at_the_hires_size() {
+    // The extension's `hr_control`: `detectmap_proc` at the hires size from the same upload
+    // (a crop-and-resize unit); `hr_option` maps to the native field; a canny unit steering
+    // the hires pass (forced soft weights) is refused.
+    use base64::Engine;
+    let img = sdserve_pipeline::pipeline::RgbImage {
+        width: 100,
+        height: 50,
+        pixels: (0..100 * 50 * 3).map(|i| (i * 7 % 251) as u8).collect(),
+    };
+    let png =
+        base64::engine::general_purpose::STANDARD.encode(crate::png::encode(&img, "").unwrap());
+    let body = |unit: Value| {
+        json!({"prompt": "p", "width": 256, "height": 256, "enable_hr": true, "hr_scale": 1.5,
+               "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    };
+    let t = tr(
+        body(json!({"model": "c", "image": png, "hr_option": "Low res only"})),
+        Mode::Txt2Img,
+    )
+    .unwrap();
+    assert_eq!(t.native["controlnets"][0]["hr_option"], "low_res_only");
+    let unit = &t.valid.controlnets[0];
+    assert_eq!(
+        unit.hr_option,
+        sdserve_pipeline::controlnet::HiresOption::LowResOnly
+    );
+    let hires = unit
+        .hires_image
+        .as_ref()
+        .expect("a hires image")
+        .image
+        .clone();
+    assert_eq!((hires.width, hires.height), (384, 384));
+    // Cover 384x384 (768x384) and crop the centre, as the first pass's 256x256 from 512x256.
+    let scaled = sdserve_pipeline::image_in::resize_lanczos(&img, 768, 384);
+    assert_eq!(&hires.pixels[..384 * 3], &scaled.pixels[192 * 3..576 * 3]);
+    // Just Resize: the pipeline resizes the upload itself.
+    let t = tr(
+        body(json!({"model": "c", "image": png, "resize_mode": "Just Resize"})),
+        Mode::Txt2Img,
+    )
+    .unwrap();
+    assert!(t.valid.controlnets[0].hires_image.is_none());
+    assert!(t.native["controlnets"][0].get("hr_option").is_none());
+    for unit in [
+        json!({"model": "c", "image": png, "hr_option": "both"}),
+        json!({"model": "c", "image": png, "module": "canny"}),
+    ] {
+        let e = tr(body(unit), Mode::Txt2Img).unwrap_err();
+        assert_eq!(field_of(e), "alwayson_scripts.controlnet.args");
+    }
+    let low = json!({"model": "c", "image": png, "module": "canny", "hr_option": "Low res only"});
+    assert!(tr(body(low), Mode::Txt2Img).is_ok());
+}

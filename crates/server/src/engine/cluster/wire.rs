@@ -181,6 +181,10 @@ pub struct WireSpec {
     /// the metadata (absent from older replicas' jobs: none).
     #[serde(default)]
     controlnet_preprocessors: Vec<Option<Preprocessor>>,
+    /// Each ControlNet's hires image and `hr_option` name, in `controlnets`' order (absent
+    /// from older replicas' jobs: none, both).
+    #[serde(default)]
+    controlnet_hires: Vec<(Option<WireImage>, String)>,
     /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
@@ -249,6 +253,16 @@ impl WireSpec {
                 })
                 .collect(),
             controlnet_preprocessors: p.controlnets.iter().map(|c| c.preprocessor).collect(),
+            controlnet_hires: p
+                .controlnets
+                .iter()
+                .map(|c| {
+                    (
+                        c.hires_image.as_ref().map(WireImage::of),
+                        c.hr_option.name().to_string(),
+                    )
+                })
+                .collect(),
             inpaint: p.a1111_inpaint.as_ref().map(|o| {
                 let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
                 (
@@ -329,6 +343,14 @@ impl WireSpec {
                     .iter()
                     .enumerate()
                     .map(|(i, (name, image, scale, start, end))| {
+                        let (hires_image, hr_option) = match self.controlnet_hires.get(i) {
+                            None => (None, Default::default()),
+                            Some((image, option)) => (
+                                image.as_ref().map(WireImage::image).transpose()?,
+                                sdserve_pipeline::controlnet::HiresOption::from_name(option)
+                                    .ok_or_else(|| format!("unknown hr_option {option:?}"))?,
+                            ),
+                        };
                         Ok(sdserve_pipeline::controlnet::ControlNetUnit {
                             model: std::sync::Arc::new(
                                 sdserve_pipeline::controlnet::ControlNet::named(name),
@@ -338,8 +360,8 @@ impl WireSpec {
                             scale: *scale,
                             guidance_start: *start,
                             guidance_end: *end,
-                            hires_image: None,
-                            hr_option: Default::default(),
+                            hires_image,
+                            hr_option,
                         })
                     })
                     .collect::<Result<_, String>>()?,

@@ -89,8 +89,8 @@ fn a_spec_survives_the_trip_with_its_images() {
                 scale: 0.8,
                 guidance_start: 0.1,
                 guidance_end: 0.9,
-                hires_image: None,
-                hr_option: Default::default(),
+                hires_image: Some(img.clone()),
+                hr_option: sdserve_pipeline::controlnet::HiresOption::HighResOnly,
             }],
             a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
                 mask_blur_x: 3,
