@@ -432,6 +432,29 @@ fn non_finite_loras_are_refused_and_the_weights_restored() {
 }
 
 #[test]
+fn peft_dora_layers_are_refused_not_merged_as_plain_loras() {
+    // PEFT saves DoRA's magnitude as `<module>.lora_magnitude_vector` beside lora_A/lora_B.
+    for suffix in [".lora_magnitude_vector", ".lora_magnitude_vector.weight"] {
+        let mut entries = parse_safetensors(&adapter_fixture("loras/soft_peft.safetensors"));
+        let down = entries
+            .iter()
+            .find(|e| e.name.ends_with(".lora_A.weight"))
+            .unwrap()
+            .clone();
+        let layer = down.name.strip_suffix(".lora_A.weight").unwrap().to_owned();
+        let mut magnitude = down;
+        magnitude.name = format!("{layer}{suffix}");
+        magnitude.shape = vec![1];
+        magnitude.dtype = "F32".into();
+        magnitude.data = 1.0f32.to_le_bytes().to_vec();
+        entries.push(magnitude);
+        let e = lora_error(&write_safetensors(&entries));
+        assert!(e.contains("PEFT DoRA layer (lora_magnitude_vector)"), "{e}");
+        assert!(e.contains("LoRA \"fuzz\""), "{e}");
+    }
+}
+
+#[test]
 fn keys_of_no_module_are_left_out_as_a1111_splits_them() {
     // `..lora_down.weight` is module "" with part `.lora_down.weight` (A1111 splits a key at its
     // first `.`): no type takes it, so its NaN alpha `..alpha` is never read and the file's real

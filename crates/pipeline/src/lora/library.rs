@@ -125,15 +125,28 @@ fn peft_layers(shapes: &Shapes) -> Vec<LayerKeys> {
             (Part::Unet, layer)
         };
         let alpha = format!("{layer}.alpha");
+        // PEFT's DoRA magnitudes (saved without PEFT's `.weight`, or with it): left out, the
+        // layer would merge as a plain LoRA, silently another result.
+        let kind = if [".lora_magnitude_vector", ".lora_magnitude_vector.weight"]
+            .iter()
+            .any(|suffix| shapes.contains_key(&format!("{layer}{suffix}")))
+        {
+            LayerKind::Refused {
+                type_name: "dora",
+                why: "is a PEFT DoRA layer (lora_magnitude_vector), which this server does not apply to PEFT files".into(),
+            }
+        } else {
+            LayerKind::Lora {
+                down: key.clone(),
+                up: format!("{layer}.lora_B.weight"),
+                mid: None,
+            }
+        };
         out.push(LayerKeys {
             part,
             module: module.to_owned(),
             name: key.clone(),
-            kind: LayerKind::Lora {
-                down: key.clone(),
-                up: format!("{layer}.lora_B.weight"),
-                mid: None,
-            },
+            kind,
             alpha: shapes.contains_key(&alpha).then_some(alpha),
             scale: None,
             dora_scale: None,
