@@ -3,8 +3,10 @@ copied into ours). Shared by the A1111 reference scripts (make_esrgan_fixtures.p
 make_extras_fixtures.py, make_inpaint_a1111_fixtures.py, make_swinir_fixtures.py,
 make_upscale_hires_fixtures.py, make_a1111_mask_alpha_fixtures.py, a1111_steps.py)."""
 
+import argparse
 import ast
 import hashlib
+import os
 
 
 def functions(path, wanted, namespace):
@@ -28,3 +30,18 @@ def functions(path, wanted, namespace):
         out[name] = namespace[fn]
         digests[name] = hashlib.sha256(ast.get_source_segment(source, node).encode()).hexdigest()
     return out, digests
+
+
+def a1111_args(script, doc, default_out):
+    """The command line of an A1111 reference script: `--a1111` (a checkout; default
+    $A1111_DIR) and `--out` (default `default_out`). None, after saying so, without a checkout:
+    tools/make_fixtures.sh runs every script, and the committed fixtures then stay as they are."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
+                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
+    ap.add_argument("--out", default=default_out)
+    args = ap.parse_args()
+    if not args.a1111:
+        print(f"{os.path.basename(script)}: skipped (needs --a1111 or A1111_DIR)")
+        return None
+    return args

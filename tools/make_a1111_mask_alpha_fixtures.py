@@ -21,7 +21,6 @@ Usage:
   python tools/make_a1111_mask_alpha_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import io
 import json
 import os
@@ -34,7 +33,7 @@ import PIL
 from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from a1111_source import functions  # noqa: E402
+from a1111_source import a1111_args, functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "server", "tests", "fixtures", "a1111-mask-alpha")
@@ -105,13 +104,8 @@ def cases():
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        print("make_a1111_mask_alpha_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
     read, create_binary_mask, digests = a1111(args.a1111)
     os.makedirs(args.out, exist_ok=True)

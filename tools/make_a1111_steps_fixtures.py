@@ -15,7 +15,6 @@ Usage:
   python tools/make_a1111_steps_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import a1111_args  # noqa: E402
 from a1111_steps import A1111Steps, a1111_img2img_class, first_index_of_step  # noqa: E402
 from api_schedulers import make_scheduler  # noqa: E402
 
@@ -57,13 +57,8 @@ def to_u8(images_np):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        print("make_a1111_steps_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
 
     import diffusers

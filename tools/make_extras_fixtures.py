@@ -27,7 +27,6 @@ Usage:
   python tools/make_extras_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import html
 import json
 import os
@@ -39,7 +38,7 @@ import PIL
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from a1111_source import functions  # noqa: E402
+from a1111_source import a1111_args, functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures", "extras")
@@ -171,15 +170,8 @@ def a1111(checkout):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        # tools/make_fixtures.sh runs every script: without A1111's source the committed
-        # fixtures stay as they are.
-        print("make_extras_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
     run, digests = a1111(args.a1111)
     os.makedirs(args.out, exist_ok=True)

@@ -33,7 +33,6 @@ Usage:
   python tools/make_inpaint_a1111_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -49,7 +48,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from a1111_source import functions  # noqa: E402
+from a1111_source import a1111_args, functions  # noqa: E402
 from a1111_steps import A1111Steps, first_index_of_step  # noqa: E402
 from api_schedulers import make_scheduler  # noqa: E402
 
@@ -351,13 +350,8 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        print("make_inpaint_a1111_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
     import diffusers
     from diffusers import StableDiffusionInpaintPipeline

@@ -60,7 +60,6 @@ Usage:
   python tools/make_lycoris_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -69,6 +68,9 @@ import types
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import a1111_args  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
@@ -439,15 +441,8 @@ def generate(pipe):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        # tools/make_fixtures.sh runs every script: without A1111's source the committed
-        # fixtures stay as they are.
-        print("make_lycoris_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
     from diffusers import StableDiffusionPipeline
     torch.set_grad_enabled(False)

@@ -28,15 +28,18 @@ Usage:
   python tools/make_seed_resize_images.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import json
 import os
+import sys
 
 import torch
 from PIL import Image
 
 from api_schedulers import make_scheduler
 from make_seed_resize_fixtures import a1111_rng
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from a1111_source import a1111_args  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
@@ -122,15 +125,8 @@ def image_rng_noise(ImageRNG, case, factor, calls):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        # tools/make_fixtures.sh runs every script: without A1111's source the committed
-        # fixtures stay as they are.
-        print("make_seed_resize_images.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
 
     import importlib

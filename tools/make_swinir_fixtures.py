@@ -43,7 +43,6 @@ with `ast`, not copied; A1111 1.8.0 or later, run on v1.10.1, master's head): mo
 Usage: python tools/make_swinir_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import json
 import math
 import os
@@ -58,7 +57,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from a1111_source import functions  # noqa: E402
+from a1111_source import a1111_args, functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures", "swinir")
@@ -153,13 +152,8 @@ def inputs():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        print("make_swinir_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
     tiled, upscale, digests = a1111(args.a1111)
     out = args.out

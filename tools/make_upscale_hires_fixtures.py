@@ -33,7 +33,6 @@ Usage:
   python tools/make_upscale_hires_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -47,7 +46,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from a1111_steps import A1111Steps, a1111_img2img_class, first_index_of_step  # noqa: E402
 from api_schedulers import make_scheduler  # noqa: E402
-from a1111_source import functions  # noqa: E402
+from a1111_source import a1111_args, functions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
@@ -161,13 +160,8 @@ def sizes(calculate):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        print("make_upscale_hires_fixtures.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
 
     import diffusers

@@ -33,7 +33,6 @@ Usage:
   python tools/make_upscaler_hires_images.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
-import argparse
 import inspect
 import json
 import os
@@ -46,7 +45,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from api_schedulers import make_scheduler  # noqa: E402
-from a1111_source import functions  # noqa: E402
+from a1111_source import a1111_args, functions  # noqa: E402
 from make_esrgan_fixtures import a1111, narrow_growth  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,13 +98,8 @@ def a1111_resize_image(checkout, upscale_by):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a1111", default=os.environ.get("A1111_DIR"),
-                    help="a checkout of stable-diffusion-webui (default: $A1111_DIR)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    args = ap.parse_args()
-    if not args.a1111:
-        print("make_upscaler_hires_images.py: skipped (needs --a1111 or A1111_DIR)")
+    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+    if args is None:
         return
 
     import diffusers
