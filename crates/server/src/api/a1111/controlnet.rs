@@ -231,9 +231,11 @@ impl Units {
 /// The units of `alwayson_scripts.controlnet` (the key matched without case, as A1111 matches
 /// script titles) as native `controlnets`, their images (a preprocessed unit's: its map, made
 /// here first, as the extension's `detectmap_proc` fits the preprocessor's result) fitted to
-/// `width` x `height` by the unit's resize mode; `None` without enabled units.
+/// `width` x `height` by the unit's resize mode; `None` without enabled units. `hires_pass`:
+/// a hires pass runs (txt2img's `enable_hr`; img2img ignores it, as A1111 does).
 pub fn native_units(
     body: &Map<String, Value>,
+    hires_pass: bool,
     width: Option<u64>,
     height: Option<u64>,
 ) -> Result<Option<Units>, ApiError> {
@@ -255,7 +257,7 @@ pub fn native_units(
     let mut units = Vec::new();
     let mut made = Vec::new();
     let mut hires = Vec::new();
-    let enable_hr = body.get("enable_hr").and_then(Value::as_bool) == Some(true);
+    let enable_hr = hires_pass;
     for (i, unit) in args.iter().enumerate() {
         // The extension skips `None` entries; `false` is webuiapi's "no units" placeholder.
         let unit = match unit {
@@ -498,6 +500,7 @@ mod tests {
                 json!({"input_image": png, "model": "canny [0123abcd]", "weight": 0.5,
                          "guidance": 0.8, "resize_mode": "Just Resize", "enabled": true}),
             ),
+            false,
             Some(512),
             Some(512),
         )
@@ -507,7 +510,7 @@ mod tests {
             u.native,
             json!([{"model": "canny", "image": png, "scale": 0.5, "guidance_end": 0.8}])
         );
-        let off = native_units(&body(json!({"enabled": false})), None, None).unwrap();
+        let off = native_units(&body(json!({"enabled": false})), false, None, None).unwrap();
         assert!(off.is_none());
         for (unit, needle) in [
             (
@@ -525,7 +528,7 @@ mod tests {
                 "[0].resize_mode",
             ),
         ] {
-            let e = native_units(&body(unit), Some(512), Some(512)).unwrap_err();
+            let e = native_units(&body(unit), false, Some(512), Some(512)).unwrap_err();
             let e = format!("{:?}", e.body());
             assert!(e.contains(needle), "{needle}: {e}");
         }

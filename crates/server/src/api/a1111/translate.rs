@@ -387,7 +387,8 @@ pub fn translate(
 
     // The sd-webui-controlnet extension's units, their images fitted to the request's size.
     let side = |k: &str| native.get(k).and_then(Value::as_u64);
-    let units = super::controlnet::native_units(body, side("width"), side("height"))?;
+    let hires_pass = mode == Mode::Txt2Img && get(body, "enable_hr") == Some(&Value::Bool(true));
+    let units = super::controlnet::native_units(body, hires_pass, side("width"), side("height"))?;
     if let Some(u) = &units {
         native.insert("controlnets".into(), u.native.clone());
     }

@@ -456,4 +456,9 @@ fn enable_hr_fits_each_unit_again_at_the_hires_size() {
     }
     let low = json!({"model": "c", "image": png, "module": "canny", "hr_option": "Low res only"});
     assert!(tr(body(low), Mode::Txt2Img).is_ok());
+    // img2img has no hires pass (A1111 ignores `enable_hr` there): a canny unit runs.
+    let mut img2img = body(json!({"model": "c", "image": png, "module": "canny"}));
+    img2img["init_images"] = json!([png]);
+    let t = tr(img2img, Mode::Img2Img).unwrap();
+    assert!(t.valid.controlnets[0].hires_image.is_none());
 }
