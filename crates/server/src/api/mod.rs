@@ -5,6 +5,7 @@
 pub mod a1111;
 mod cache_key;
 mod declared_types;
+mod controlnet_schema;
 mod inpaint_schema;
 mod jobs;
 mod models;
@@ -34,6 +35,7 @@ use crate::error::{ApiError, ErrorBody, FieldError};
 use crate::metrics::Metrics;
 use crate::security::OpenApiSecurity;
 
+pub use controlnet_schema::*;
 pub use inpaint_schema::*;
 pub use observe::dialect_error;
 use observe::{observe, RequestStats};
