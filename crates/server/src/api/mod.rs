@@ -4,8 +4,8 @@
 
 pub mod a1111;
 mod cache_key;
-mod declared_types;
 mod controlnet_schema;
+mod declared_types;
 mod inpaint_schema;
 mod jobs;
 mod models;
