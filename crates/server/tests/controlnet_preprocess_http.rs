@@ -184,4 +184,12 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             {"name": "Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1},
             {"name": "High Threshold", "value": 200, "min": 1, "max": 255, "step": 1}]})
     );
+    let labels = s.get("/controlnet/module_list?alias_names=true").json();
+    // Their labels are their names (the extension's `Preprocessor.label`).
+    assert_eq!(labels["module_list"], listed["module_list"]);
+    // Not a boolean (schemathesis sent `alias_names=null` twice): a 422 naming it, not a 400.
+    let e = s
+        .get("/controlnet/module_list?alias_names=null&alias_names=null")
+        .error(422, "validation_error");
+    assert_eq!(e["fields"][0]["field"], "alias_names", "{e}");
 }

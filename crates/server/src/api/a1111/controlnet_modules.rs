@@ -9,13 +9,14 @@
 //! `external_code.pixel_perfect_resolution` of the uploaded image and the request's size, kept
 //! within 64..=2048 here (the native rule; the extension does not bound it).
 
-use axum::extract::Query;
+use axum::extract::RawQuery;
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 
+use crate::api::query_bool;
+use crate::error::ApiError;
 use crate::validate::preprocessor::{
     HIGH_DEFAULT, LOW_DEFAULT, RESOLUTION_DEFAULT, RESOLUTION_MAX, RESOLUTION_MIN, THRESHOLD_MAX,
     THRESHOLD_MIN,
@@ -168,19 +169,14 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
     }
 }
 
-#[derive(Deserialize)]
-pub(super) struct ModuleListQuery {
-    /// The UI labels instead of the names (the extension's `alias_names`).
-    #[serde(default)]
-    alias_names: bool,
-}
-
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `canny`), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)")))]
-pub(super) async fn module_list(Query(q): Query<ModuleListQuery>) -> Json<Value> {
-    let name = |m: &Module| if q.alias_names { m.label } else { m.name };
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `canny`), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+        (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
+pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+    let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
+    let name = |m: &Module| if alias_names { m.label } else { m.name };
     let mut detail = Map::new();
     for m in &MODULES {
         let sliders: Vec<Value> = m
@@ -195,10 +191,10 @@ pub(super) async fn module_list(Query(q): Query<ModuleListQuery>) -> Json<Value>
             json!({"model_free": false, "sliders": sliders}),
         );
     }
-    Json(json!({
+    Ok(Json(json!({
         "module_list": MODULES.iter().map(name).collect::<Vec<_>>(),
         "module_detail": detail,
-    }))
+    })))
 }
 
 #[cfg(test)]
