@@ -8,12 +8,8 @@
 //!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
 //!   optional field.
 
-use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::image_in::resize_lanczos;
-use sdserve_pipeline::inpaint_a1111::A1111Inpaint;
-use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, PromptSyntax, SeedResize, StepRule, Variation,
-};
+use sdserve_pipeline::pipeline::{PromptSyntax, SeedResize};
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde_json::{Map, Value};
@@ -33,6 +29,7 @@ mod schedule;
 pub mod steps;
 #[cfg(test)]
 mod tests;
+mod valid_request;
 
 pub use controlnets::ValidControlNet;
 use fields::FieldReader;
@@ -41,6 +38,7 @@ pub use for_model::{check_for_model, check_limits, check_loras, check_memory};
 #[cfg(test)]
 pub use native_hires::FIELDS as HIRES_FIELDS;
 pub use schedule::check_prompts_for_model;
+pub use valid_request::ValidRequest;
 
 pub const PROMPT_MAX_CHARS: usize = 500;
 pub const STEPS_MIN: u64 = 1;
@@ -103,153 +101,6 @@ pub const LORA_WEIGHT_MAX: f64 = 4.0;
 /// A seed resize's "from" sides: the sizes A1111's UI makes (its width and height sliders).
 pub const SEED_RESIZE_MIN: u64 = 64;
 pub const SEED_RESIZE_MAX: u64 = 2048;
-
-/// A request that passed every rule, with defaults filled (seed and scheduler stay optional:
-/// they are resolved later, from the RNG and the loaded model).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidRequest {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub steps: usize,
-    pub width: usize,
-    pub height: usize,
-    pub seed: Option<u32>,
-    pub guidance_scale: f64,
-    pub scheduler: Option<SchedulerKind>,
-    /// The sigma schedule; `None` (`default`): the scheduler name's own, or with no scheduler
-    /// the model's (resolved with the scheduler, [`Self::resolve_schedule`]).
-    pub schedule: Option<SigmaSchedule>,
-    pub prompt_syntax: PromptSyntax,
-    pub clip_skip: usize,
-    /// From `loras` and the prompt's `<lora:name:weight>` tags (taken out of `prompt`).
-    pub loras: Vec<(String, f64)>,
-    /// How many of `loras`, from the first, the `loras` field listed (the rest are the
-    /// prompt's tags): the job's record keeps them apart for a client that sends the prompt
-    /// as written again.
-    pub loras_listed: usize,
-    /// Images in one run; image i uses seed + i.
-    pub batch_size: usize,
-    /// img2img / inpainting: the decoded image, resized to `width` x `height` (which default to
-    /// its own size); `sha256` is the upload's.
-    pub init_image: Option<RequestImage>,
-    /// Inpainting: white = repaint; uploaded at the size of `init_image`, resized like it.
-    pub mask_image: Option<RequestImage>,
-    /// With an init image: how much of the schedule runs, by `step_rule`.
-    pub strength: f64,
-    /// Which steps `strength` (and the hires pass's) runs: diffusers' rule or A1111's.
-    pub step_rule: StepRule,
-    /// The hires fix: a second pass at a larger size (text-to-image only; from the native
-    /// `hires` object or A1111's `enable_hr`, both through [`hires::validate_hires`]).
-    pub hires: Option<hires::ValidHires>,
-    /// The model asked for by name (`model`, A1111's `sd_model_checkpoint`, OpenAI's `model`);
-    /// once resolved (`api::request::named_model`), the MODELS_DIR model it runs on, `None`
-    /// for the default model.
-    pub model: Option<String>,
-    /// The VAE_DIR VAE asked for by name (`vae`, A1111's `sd_vae`); `None`, `automatic` or
-    /// `none`: the model's own. Resolved by `api::request::named_vae`.
-    pub vae: Option<String>,
-    /// A1111's `tiling`: the image wraps at its edges (circular padding in every convolution).
-    pub tiling: bool,
-    /// A1111's variation seed (`subseed`): random when absent and `variation_strength` > 0
-    /// (drawn with the seed).
-    pub variation_seed: Option<u32>,
-    /// A1111's `subseed_strength`: 0 leaves the seed's noise as it is.
-    pub variation_strength: f64,
-    /// A1111's seed resize (`seed_resize_from_w`/`_h`): the size whose noise the images keep
-    /// in their centre; `None`: off.
-    pub seed_resize_from: Option<SeedResize>,
-    /// ControlNets steering text-to-image (`controlnets`), their images at the request's size.
-    pub controlnets: Vec<ValidControlNet>,
-    /// Inpainting as A1111 does it (the `inpaint` object); `None`: diffusers'. The init image
-    /// and mask then stay at their uploaded size (A1111 blurs and crops there).
-    pub inpaint: Option<A1111Inpaint>,
-    /// The styles applied to the prompts (before validation) and the prompts as written;
-    /// `None` without styles. Set by the routes that apply them.
-    pub as_written: Option<crate::styles::AsWritten>,
-}
-
-impl ValidRequest {
-    /// The scheduler and sigma schedule this request runs on a model whose own are `default`:
-    /// the named scheduler on `schedule` (or on its name's own), or the model's scheduler on
-    /// `schedule` (or on the model's own). A pair that cannot run is a 422 on `schedule`.
-    pub fn resolve_schedule(
-        &self,
-        default: (SchedulerKind, SigmaSchedule),
-    ) -> Result<(SchedulerKind, SigmaSchedule), ApiError> {
-        let (kind, schedule) = match self.scheduler {
-            Some(kind) => (kind, self.schedule.unwrap_or(kind.schedule())),
-            None => (default.0, self.schedule.unwrap_or(default.1)),
-        };
-        kind.check_schedule(schedule).map_err(|rule| {
-            let rule = if self.scheduler.is_none() {
-                format!("{rule} (the model's own scheduler; name one in `scheduler`)")
-            } else {
-                rule
-            };
-            ApiError::validation("schedule", rule)
-        })?;
-        Ok((kind, schedule))
-    }
-
-    /// The pipeline's parameters for this request with its seed, scheduler and schedule resolved.
-    pub fn generation_params(
-        &self,
-        seed: u64,
-        scheduler: SchedulerKind,
-        schedule: SigmaSchedule,
-    ) -> GenerationParams {
-        GenerationParams {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            steps: self.steps,
-            width: self.width,
-            height: self.height,
-            seed,
-            guidance_scale: self.guidance_scale,
-            scheduler: Some(scheduler),
-            schedule: Some(schedule),
-            prompt_syntax: self.prompt_syntax,
-            clip_skip: self.clip_skip,
-            loras: self
-                .loras
-                .iter()
-                .map(|(name, weight)| LoraWeight {
-                    name: name.clone(),
-                    weight: *weight,
-                })
-                .collect(),
-            batch_size: self.batch_size,
-            init_image: self.init_image.as_ref().map(|init| InitImage {
-                image: init.image.clone(),
-                mask: self.mask_image.as_ref().map(|m| m.image.clone()),
-                strength: self.strength,
-            }),
-            hires: self.hires.as_ref().map(|h| h.params.clone()),
-            tiling: self.tiling,
-            variation: (self.variation_strength > 0.0).then(|| Variation {
-                seed: u64::from(self.variation_seed.unwrap_or_else(crate::api::random_seed)),
-                strength: self.variation_strength,
-            }),
-            seed_resize_from: self.seed_resize_from,
-            controlnets: self
-                .controlnets
-                .iter()
-                .map(|c| ControlNetUnit {
-                    model: std::sync::Arc::new(ControlNet::named(&c.model)),
-                    image: c.image.image.clone(),
-                    preprocessor: c.preprocessor,
-                    scale: c.scale,
-                    guidance_start: c.guidance_start,
-                    guidance_end: c.guidance_end,
-                    hires_image: c.hires_image.as_ref().map(|i| i.image.clone()),
-                    hr_option: c.hr_option,
-                })
-                .collect(),
-            a1111_inpaint: self.inpaint.clone(),
-            step_rule: self.step_rule,
-        }
-    }
-}
 
 /// Checks the `Content-Type` header value: JSON is required.
 pub fn check_content_type(value: Option<&str>) -> Result<(), ApiError> {

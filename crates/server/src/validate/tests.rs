@@ -1,4 +1,5 @@
 use super::*;
+use sdserve_pipeline::pipeline::GenerationParams;
 
 fn parse(s: &str) -> Result<ValidRequest, ApiError> {
     parse_generate(s.as_bytes())

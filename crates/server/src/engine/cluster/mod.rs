@@ -33,6 +33,7 @@ use crate::error::ApiError;
 use crate::metrics::Gauges;
 
 mod follow;
+mod keys;
 mod previews;
 mod scripts;
 mod store;
