@@ -175,7 +175,9 @@ fn loras_and_embeddings_follow_their_folders_without_a_restart() {
     // The response cache stays on: a replaced file must not answer from it.
     let s = Server::start(&env(&fixtures().join("tiny-a-vae8"), &f));
     s.wait_ready(Duration::from_secs(300));
-    assert_eq!(s.get("/loras").json(), json!({"loras": []}));
+    let model = fixtures().join("tiny-a-vae8").canonicalize().unwrap();
+    let model = model.file_name().unwrap().to_str().unwrap();
+    assert_eq!(s.get("/loras").json(), json!({"model": model, "loras": []}));
     assert_eq!(s.get("/sdapi/v1/loras").json(), json!([]));
     assert_eq!(
         s.get("/sdapi/v1/embeddings").json(),

@@ -335,6 +335,7 @@ fn a_lora_that_does_not_fit_the_named_model_is_refused_at_submit_in_every_dialec
     // On a server whose loaded model they do not fit, a named model they fit runs them.
     let (_root, s) = server_on("loras-b", "tiny-b");
     let listed = s.get("/loras").json();
+    assert_eq!(listed["model"], "tiny-b", "{listed}");
     assert!(
         listed["loras"]
             .as_array()
@@ -373,14 +374,14 @@ fn lora_verdicts_stay_the_default_model_s_while_the_worker_holds_another() {
     // the default model's, which requests naming no model run on.
     let r = post_json_to(s.addr, "/sdapi/v1/refresh-loras", &json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(
-        fits_all(&s.get("/loras").json()),
-        "{}",
-        s.get("/loras").text()
-    );
+    let listed = s.get("/loras").json();
+    assert!(fits_all(&listed), "{listed}");
+    // The listing names the model it judged against: the default, not the one held.
+    assert_eq!(listed["model"], "tiny-a-vae8", "{listed}");
     let r = post_json_to(s.addr, "/adapters/refresh", &json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(fits_all(&r.json()), "{}", r.text());
+    assert_eq!(r.json()["model"], "tiny-a-vae8", "{}", r.text());
     // So such a request with a LoRA is queued and runs (on the default model again).
     let r = s.post_json(&native(json!({"loras": ink})));
     assert_eq!(r.status, 200, "{}", r.text());

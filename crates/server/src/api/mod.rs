@@ -135,6 +135,7 @@ impl AppState {
         PromptSyntaxName,
         StepRuleName,
         LoraUse,
+        native::LoraList,
         crate::adapters::LoraListing,
         crate::adapters::EmbeddingListing,
         ErrorBody,

@@ -312,20 +312,34 @@ pub(super) async fn health(State(app): State<Shared>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
+/// The body of `GET /loras`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct LoraList {
+    /// The model each `error` was judged against, named as `GET /models` names it: the
+    /// default model (`--model`), whichever model the worker holds; a request naming another
+    /// in `model` has its LoRAs checked against that one when submitted.
+    pub model: String,
+    pub loras: Vec<crate::adapters::LoraListing>,
+}
+
 /// The LoRA files of `LORA_DIR` (empty when unset or while the model loads).
-#[utoipa::path(get, path = "/loras", responses((status = 200, description = "`{loras: [{name, alias, file, format, rank, targets, layers, conv_layers, types, metadata, error}]}`: kohya/A1111 and PEFT LoRA and LoCon, and LyCORIS LoHa, LoKr, IA3, GLoRA and full diffs, with DoRA (`types`); `error` says why a file cannot be used (does not fit the default model, whichever model the worker holds: a request naming another in `model` is checked against that one when submitted; a module type not applied such as OFT; cannot be read)")))]
-pub(super) async fn loras(State(app): State<Shared>) -> Response {
+#[utoipa::path(get, path = "/loras", responses((status = 200, description = "kohya/A1111 and PEFT LoRA and LoCon, and LyCORIS LoHa, LoKr, IA3, GLoRA and full diffs, with DoRA (`types`); `error` says why a file cannot be used (does not fit `model`, the default model; a module type not applied such as OFT; cannot be read)", body = LoraList)))]
+pub(super) async fn loras(State(app): State<Shared>) -> axum::Json<LoraList> {
     let loras = super::request::listed_adapters(&app).await.loras;
-    axum::Json(serde_json::json!({ "loras": loras })).into_response()
+    axum::Json(LoraList {
+        model: app.models.default_name(),
+        loras,
+    })
 }
 
 /// Reads LORA_DIR and EMBEDDINGS_DIR again now (A1111's `refresh-loras`); answers both lists.
 /// The worker reads them between jobs, so this waits for a running job. Changes are picked up
 /// without it too: within a second while idle, and before every job.
-#[utoipa::path(post, path = "/adapters/refresh", responses((status = 200, description = "`{loras: [...], embeddings: [...]}` as `GET /loras` and `GET /embeddings` list them"), (status = 503, description = "`model_unavailable`: the model is not loaded, or the worker did not get to it within GENERATION_TIMEOUT_SECONDS", body = ErrorBody)))]
+#[utoipa::path(post, path = "/adapters/refresh", responses((status = 200, description = "`{model, loras: [...], embeddings: [...]}` as `GET /loras` and `GET /embeddings` list them"), (status = 503, description = "`model_unavailable`: the model is not loaded, or the worker did not get to it within GENERATION_TIMEOUT_SECONDS", body = ErrorBody)))]
 pub(super) async fn refresh_adapters(State(app): State<Shared>) -> Result<Response, ApiError> {
     let info = super::request::fresh_adapters(&app, true, app.engine.config().timeout).await?;
     Ok(axum::Json(serde_json::json!({
+        "model": app.models.default_name(),
         "loras": info.adapters.loras,
         "embeddings": info.adapters.embeddings,
     }))
