@@ -16,10 +16,12 @@
 //! while these ask for the same set (bounded; see `pipeline::DEFAULT_LORA_DELTA_LIMIT`).
 //!
 //! Files: `library` (reading LoRA files' headers, the folder's library), `kinds` (the layers'
-//! module types: their shapes and deltas; `products` the tensor products they use), `from_weight`
-//! (IA3's, GLoRA's and DoRA's deltas, made from the weight when it is merged), `merge` (matching layers to the model's weights,
-//! merging and restoring them), `folder` (whether a file fits a model folder that is not
-//! loaded, from its headers); this one holds the types they share and the prompt tags.
+//! module types and their deltas; `shapes` what their tensors make, from the shapes alone;
+//! `products` the tensor products they use), `deltas` (a set's deltas, from the files),
+//! `from_weight` (IA3's, GLoRA's and DoRA's deltas, made from the weight when it is merged),
+//! `merge` (matching layers to the model's weights, merging and restoring them), `folder`
+//! (whether a file fits a model folder that is not loaded, from its headers); this one holds
+//! the types they share and the prompt tags.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,13 +35,16 @@ use crate::Result;
 #[cfg(test)]
 mod a1111_deltas;
 mod add_delta;
+mod deltas;
 mod folder;
 mod from_weight;
 mod kinds;
 mod library;
 mod merge;
 mod products;
+mod shapes;
 
+pub(crate) use deltas::{compute_deltas, Deltas};
 pub use folder::{fit_problem_in_model, fit_problem_in_single_file};
 #[cfg(test)]
 pub(crate) use folder::{target_shapes_of_folder, target_shapes_of_single_file};
@@ -48,7 +53,7 @@ use kinds::LayerKind;
 use library::header_shapes;
 pub use library::LoraLibrary;
 use merge::match_layers;
-pub(crate) use merge::{compute_deltas, merge_deltas, Deltas, LoraState};
+pub(crate) use merge::{merge_deltas, LoraState};
 
 /// A weight a LoRA may change, borrowed from a built module (or, under sequential offload,
 /// from the UNet's weights in host memory).
