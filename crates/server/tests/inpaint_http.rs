@@ -162,7 +162,19 @@ fn native_inpaint_takes_the_web_ui_s_defaults_and_jobs_carry_it() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["request"]["inpaint"]["mask_invert"], true);
     assert_eq!(job["request"]["step_rule"], "a1111");
+    assert_eq!(job["result"]["metadata"]["step_rule"], "a1111");
     assert_eq!(job["result"]["metadata"]["inpaint"]["mask_invert"], true);
+    // Text to image starts from no image: no step rule in its metadata.
+    let r = s.post_json(
+        &json!({"prompt": "a lighthouse", "width": 256, "height": 256,
+                                "steps": 1, "seed": 22}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.json()["metadata"].get("step_rule").is_none(),
+        "{}",
+        r.text()
+    );
 
     // Broken options are 422s naming the key; no mask, nothing to inpaint.
     let r = s.post_json(&native_base(22, json!({"masked_content": "blur"})));
@@ -299,6 +311,7 @@ fn a1111_img2img_runs_a1111_s_steps_and_its_fix_steps_option() {
     ] {
         let j = job(seed);
         assert_eq!(j["request"]["step_rule"], rule, "{j}");
+        assert_eq!(j["result"]["metadata"]["step_rule"], rule, "{j}");
         assert_eq!(j["progress"]["total"], total, "{j}");
     }
 }

@@ -404,6 +404,12 @@ pub struct GenerateMetadata {
     /// `txt2img`, `img2img` or `inpaint`.
     #[schema(example = "img2img")]
     pub mode: String,
+    /// Which steps `strength` ran (the request's `step_rule`: `diffusers`, `a1111` or
+    /// `a1111_fix_steps`), with an init image or the hires fix; absent otherwise (no pass
+    /// started from an image) and in results an older version recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "a1111")]
+    pub step_rule: Option<String>,
     /// With the hires fix: its second pass, whose size the images have; null without.
     #[serde(default)]
     pub hires: Option<HiresMetadata>,

@@ -245,6 +245,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             batch_size: p.batch_size as u32,
             strength: p.init_image.as_ref().map(|i| i.strength),
             mode: Mode::of(p).name().to_string(),
+            step_rule: (p.init_image.is_some() || p.hires.is_some())
+                .then(|| p.step_rule.name().to_string()),
             prompt: p.prompt.clone(),
             negative_prompt: p.negative_prompt.clone(),
             steps: p.steps as u32,
