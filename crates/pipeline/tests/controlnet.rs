@@ -170,6 +170,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
                 guidance_end: u["guidance_end"].as_f64().unwrap(),
                 hires_image: None,
                 hr_option: Default::default(),
+                inpaint_crop: true,
             }
         })
         .collect();

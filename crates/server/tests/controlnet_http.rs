@@ -133,6 +133,7 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
             guidance_end: 0.7,
             hires_image: None,
             hr_option: Default::default(),
+            inpaint_crop: true,
         }],
         ..Default::default()
     };

@@ -61,6 +61,10 @@ pub struct ControlNetUnit {
     pub hires_image: Option<RgbImage>,
     /// Which passes of a hires request it steers; without a hires pass it steers the one.
     pub hr_option: HiresOption,
+    /// With A1111's "only masked" inpainting: whether `image` is cropped as the init image is
+    /// (the sd-webui-controlnet extension's `inpaint_crop_input_image`, true there by
+    /// default); false: `image` is used whole (a dialect that cropped it already).
+    pub inpaint_crop: bool,
 }
 
 /// The sd-webui-controlnet extension's `hr_option`: the passes of a hires request a ControlNet

@@ -114,7 +114,8 @@ impl StableDiffusion {
 
     /// Loads the request's ControlNets that steer `pass` (each handed over or read onto the
     /// pipeline's device in its dtype) and prepares their images at `params`' size (the
-    /// pass's), cropped as A1111's "only masked" inpainting crops the init image; `None`
+    /// pass's), cropped as A1111's "only masked" inpainting crops the init image (each unit
+    /// whose `inpaint_crop` says so); `None`
     /// without any. Refuses a ControlNet for another UNet and an empty image.
     pub(super) fn prepare_control(
         &self,
@@ -157,8 +158,8 @@ impl StableDiffusion {
             }
             let (w, h) = (params.width, params.height);
             let image = match crop {
-                Some(c) => control_image(&c.apply(image, w, h), w, h)?,
-                None => control_image(image, w, h)?,
+                Some(c) if unit.inpaint_crop => control_image(&c.apply(image, w, h), w, h)?,
+                _ => control_image(image, w, h)?,
             };
             units.push((unit.clone(), model, image));
         }

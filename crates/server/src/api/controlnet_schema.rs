@@ -39,6 +39,13 @@ pub struct ControlNetUse {
     /// `low_res_only`, `high_res_only`. Without `hires` it steers the one pass.
     #[schema(nullable = true, default = "both")]
     pub hr_option: Option<HiresOptionName>,
+    /// With `inpaint.area` `only_masked` (A1111's "only masked" inpainting): true crops the
+    /// control image as the init image is cropped (resized to the init image's size, cut to
+    /// the mask's region, fitted to the request's size as A1111's resize and fill), the
+    /// sd-webui-controlnet extension's `inpaint_crop_input_image`; false uses it whole (a map
+    /// already made for the region). Otherwise it changes nothing.
+    #[schema(nullable = true, default = true)]
+    pub inpaint_crop: Option<bool>,
 }
 
 /// The passes of a hires request a ControlNet steers.

@@ -3,7 +3,8 @@
 //! `image`, `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end`),
 //! one object per ControlNet (several: `MultiControlNetModel`); a `preprocessor` makes the
 //! control map from `image` here, at validation (`super::preprocessor`), and the sd-webui-controlnet
-//! extension's `hr_option` for a hires request's passes.
+//! extension's `hr_option` for a hires request's passes, and its `inpaint_crop_input_image`
+//! (`inpaint_crop`) for A1111's "only masked" inpainting.
 
 use serde_json::Value;
 
@@ -38,6 +39,9 @@ pub struct ValidControlNet {
     /// The hires pass's control image, where a dialect fits the upload to that size itself
     /// (A1111's resize modes); `None`: `image`, resized by the pipeline.
     pub hires_image: Option<RequestImage>,
+    /// With `inpaint.area` `only_masked`: the image cropped as the init image (true), or
+    /// used whole (`inpaint_crop`).
+    pub inpaint_crop: bool,
 }
 
 fn number(
@@ -59,10 +63,11 @@ fn number(
 
 /// `controlnets`: at most [`CONTROLNETS_MAX`] objects; `model` a name (1..=255 characters),
 /// `image` a base64 PNG/JPEG/WebP, `scale` 0..=2 (1), `guidance_start` 0..=1 (0) below
-/// `guidance_end` 0..=1 (1), as diffusers requires (`start < end`).
+/// `guidance_end` 0..=1 (1), as diffusers requires (`start < end`); `inpaint_crop` a boolean
+/// (true).
 pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let rule = format!(
-        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\"}}",
+        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\", \"inpaint_crop\": boolean}}",
         super::preprocessor::TYPES
     );
     let items = v.as_array().ok_or_else(|| rule.clone())?;
@@ -72,7 +77,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
-        const KEYS: [&str; 7] = [
+        const KEYS: [&str; 8] = [
             "model",
             "image",
             "preprocessor",
@@ -80,6 +85,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
             "guidance_start",
             "guidance_end",
             "hr_option",
+            "inpaint_crop",
         ];
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
@@ -120,6 +126,12 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
                 format!("[{i}].hr_option: one of \"both\", \"low_res_only\", \"high_res_only\"")
             })?,
         };
+        let inpaint_crop = match obj.get("inpaint_crop") {
+            None | Some(Value::Null) => true,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| format!("[{i}].inpaint_crop: must be true or false"))?,
+        };
         out.push(ValidControlNet {
             model,
             image,
@@ -129,6 +141,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
             guidance_end,
             hr_option,
             hires_image: None,
+            inpaint_crop,
         });
     }
     Ok(out)

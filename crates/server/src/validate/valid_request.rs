@@ -151,6 +151,7 @@ impl ValidRequest {
                     guidance_end: c.guidance_end,
                     hires_image: c.hires_image.as_ref().map(|i| i.image.clone()),
                     hr_option: c.hr_option,
+                    inpaint_crop: c.inpaint_crop,
                 })
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),

@@ -21,6 +21,14 @@
 //! crop or fill unit's image fitted again at the hires size (`Units::fit_hires`); a canny or
 //! mlsd unit steering the hires pass is a 422 (the extension forces its soft weights there,
 //! which are not implemented). A `model` is a CONTROLNET_DIR name, with or without the extension's ` [hash]` suffix.
+//!
+//! The image (`get_input_images_rgba`): base64, `{image, mask}` or `[image, mask]`, with the
+//! unit's `mask` (or `mask_image`) as the extension's canvas scribble (`from_rgba_to_input`). On
+//! img2img a unit without one takes the init image, and with a mask and "only masked" every
+//! unit's image is cut to A1111's region before its preprocessor (`controlnet_img2img`); the
+//! native unit then says `inpaint_crop: false`. The inpaint modules (`inpaint`, `inpaint_only`)
+//! are a 422 naming them: their map is the image with masked pixels at -1 for an inpaint
+//! ControlNet, which the native control image (RGB in [0, 1]) cannot carry.
 
 use std::path::Path;
 
@@ -33,8 +41,11 @@ use crate::api::Shared;
 use crate::error::ApiError;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::controlnet::HiresOption;
-use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
+
+pub(super) use super::controlnet_fit::ResizeMode;
+use super::controlnet_fit::{fit, resize_mode};
+use super::controlnet_img2img::Img2ImgInput;
 
 /// The field errors name (the extension's list), as sent.
 pub const FIELD: &str = "alwayson_scripts.controlnet.args";
@@ -44,117 +55,6 @@ const API_VERSION: u32 = 2;
 
 fn bad(rule: String) -> ApiError {
     ApiError::validation(FIELD, rule)
-}
-
-/// The extension's `ResizeMode`, from its names, aliases or index
-/// (`external_code.resize_mode_from_value`; 3, `Just Resize (Latent upscale)`, is a plain resize).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ResizeMode {
-    Resize,
-    CropAndResize,
-    ResizeAndFill,
-}
-
-fn resize_mode(v: Option<&Value>, i: usize) -> Result<ResizeMode, ApiError> {
-    let mode = match v {
-        None | Some(Value::Null) => return Ok(ResizeMode::CropAndResize),
-        Some(Value::String(s)) => match s.as_str() {
-            "Just Resize" => Some(ResizeMode::Resize),
-            "Crop and Resize" | "Inner Fit (Scale to Fit)" | "Scale to Fit (Inner Fit)" => {
-                Some(ResizeMode::CropAndResize)
-            }
-            "Resize and Fill" | "Outer Fit (Shrink to Fit)" | "Envelope (Outer Fit)" => {
-                Some(ResizeMode::ResizeAndFill)
-            }
-            _ => None,
-        },
-        Some(n) => match n.as_i64() {
-            Some(0) | Some(3) => Some(ResizeMode::Resize),
-            Some(1) => Some(ResizeMode::CropAndResize),
-            Some(2) => Some(ResizeMode::ResizeAndFill),
-            // The extension falls back to a plain resize for larger numbers.
-            Some(n) if n > 3 => Some(ResizeMode::Resize),
-            _ => None,
-        },
-    };
-    mode.ok_or_else(|| {
-        bad(format!(
-            "[{i}].resize_mode: one of \"Just Resize\", \"Crop and Resize\", \"Resize and Fill\" (or 0, 1, 2)"
-        ))
-    })
-}
-
-/// `int(np.round(x))`: halves to even.
-fn safeint(x: f64) -> usize {
-    x.round_ties_even().max(1.0) as usize
-}
-
-/// The extension's `detectmap_proc` geometry for a `w` x `h` request.
-fn fit(image: &RgbImage, mode: ResizeMode, w: usize, h: usize) -> RgbImage {
-    let (ow, oh) = (image.width as f64, image.height as f64);
-    let (k0, k1) = (h as f64 / oh, w as f64 / ow);
-    match mode {
-        ResizeMode::Resize => resize_lanczos(image, w, h),
-        ResizeMode::CropAndResize => {
-            let k = k0.max(k1);
-            let (nw, nh) = (safeint(ow * k), safeint(oh * k));
-            let scaled = resize_lanczos(image, nw, nh);
-            let (pad_h, pad_w) = (nh.saturating_sub(h) / 2, nw.saturating_sub(w) / 2);
-            let (cw, ch) = (w.min(nw - pad_w), h.min(nh - pad_h));
-            let mut pixels = Vec::with_capacity(cw * ch * 3);
-            for y in pad_h..pad_h + ch {
-                let row = (y * nw + pad_w) * 3;
-                pixels.extend_from_slice(&scaled.pixels[row..row + cw * 3]);
-            }
-            RgbImage {
-                width: cw as u32,
-                height: ch as u32,
-                pixels,
-            }
-        }
-        ResizeMode::ResizeAndFill => {
-            let k = k0.min(k1);
-            let (nw, nh) = (safeint(ow * k), safeint(oh * k));
-            let scaled = resize_lanczos(image, nw, nh);
-            let fill = border_median(image);
-            let mut pixels: Vec<u8> = fill.iter().copied().cycle().take(w * h * 3).collect();
-            let (pad_h, pad_w) = (h.saturating_sub(nh) / 2, w.saturating_sub(nw) / 2);
-            for y in 0..nh.min(h - pad_h) {
-                let cols = nw.min(w - pad_w);
-                let src = y * nw * 3;
-                let dst = ((y + pad_h) * w + pad_w) * 3;
-                pixels[dst..dst + cols * 3].copy_from_slice(&scaled.pixels[src..src + cols * 3]);
-            }
-            RgbImage {
-                width: w as u32,
-                height: h as u32,
-                pixels,
-            }
-        }
-    }
-}
-
-/// `np.median(concat(top row, bottom row, left column, right column), axis=0)` cast to u8
-/// (truncating), per channel.
-fn border_median(image: &RgbImage) -> [u8; 3] {
-    let (w, h) = (image.width as usize, image.height as usize);
-    let px = |x: usize, y: usize, c: usize| image.pixels[(y * w + x) * 3 + c];
-    let mut out = [0u8; 3];
-    for (c, o) in out.iter_mut().enumerate() {
-        let mut v: Vec<u8> = (0..w).map(|x| px(x, 0, c)).collect();
-        v.extend((0..w).map(|x| px(x, h - 1, c)));
-        v.extend((0..h).map(|y| px(0, y, c)));
-        v.extend((0..h).map(|y| px(w - 1, y, c)));
-        v.sort_unstable();
-        let n = v.len();
-        let m = if n % 2 == 1 {
-            f64::from(v[n / 2])
-        } else {
-            (f64::from(v[n / 2 - 1]) + f64::from(v[n / 2])) / 2.0
-        };
-        *o = m as u8;
-    }
-    out
 }
 
 /// The model name without the extension's ` [hash]` suffix.
@@ -238,6 +138,7 @@ pub fn native_units(
     hires_pass: bool,
     width: Option<u64>,
     height: Option<u64>,
+    img2img: Option<&Img2ImgInput>,
 ) -> Result<Option<Units>, ApiError> {
     let Some(scripts) = body.get("alwayson_scripts").and_then(Value::as_object) else {
         return Ok(None);
@@ -286,22 +187,25 @@ pub fn native_units(
                 )))
             }
         }
-        if unit.get("mask").is_some_and(|m| !m.is_null() && m != "") {
-            return Err(bad(format!("[{i}].mask: a unit's mask is not supported")));
-        }
         let model = text("model")
             .map(model_name)
             .filter(|m| !m.is_empty() && *m != "None")
             .ok_or_else(|| bad(format!("[{i}].model: a ControlNet model name is required")))?;
-        let image = match unit.get("image").or_else(|| unit.get("input_image")) {
-            Some(Value::String(s)) if !s.is_empty() => s.as_str(),
-            Some(Value::Object(o)) => o
-                .get("image")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(format!("[{i}].image.image: a base64 image is required")))?,
-            _ => return Err(bad(format!("[{i}].image: a base64 image is required"))),
+        let own = own_image(unit, i)?;
+        // Without an image of its own a unit takes img2img's init image, fitted as A1111 fits
+        // that (`p.resize_mode`; Just Resize here, as the server runs the init image).
+        let (image, mode) = match (own, img2img) {
+            (Some(own), _) => (Source::Own(own), resize_mode(unit.get("resize_mode"), i)?),
+            (None, Some(input)) => (Source::Init(&input.init), ResizeMode::Resize),
+            (None, None) => return Err(bad(format!("[{i}].image: a base64 image is required"))),
         };
-        let mode = resize_mode(unit.get("resize_mode"), i)?;
+        // "Only masked" inpainting: the image cut to the repainted region first
+        // (`inpaint_crop_input_image`, true by default).
+        let crop = img2img.and_then(|input| input.crop).filter(|_| {
+            unit.get("inpaint_crop_input_image")
+                .and_then(Value::as_bool)
+                != Some(false)
+        });
         let pixel_perfect = unit.get("pixel_perfect").and_then(Value::as_bool) == Some(true);
         let fits = matches!(
             (width, height, mode),
@@ -323,8 +227,36 @@ pub fn native_units(
                 base64::engine::general_purpose::STANDARD.encode(png),
             ))
         };
-        let decode =
-            || crate::images::decode_base64(image).map_err(|e| bad(format!("[{i}].image: {e}")));
+        let decode = || -> Result<RgbImage, ApiError> {
+            let (text, mask) = match &image {
+                Source::Init(init) => return Ok((*init).clone()),
+                Source::Own(own) => *own,
+            };
+            let field = |k: &str, e: String| bad(format!("[{i}].{k}: {e}"));
+            let decoded = crate::images::decode_base64(text).map_err(|e| field("image", e))?;
+            match mask {
+                None => Ok(decoded.image),
+                Some(m) => {
+                    let m = crate::images::decode_base64(m).map_err(|e| field("mask", e))?;
+                    super::controlnet_img2img::apply_unit_mask(decoded.image, &m.image, i)
+                }
+            }
+        };
+        let decode = || -> Result<crate::images::RequestImage, ApiError> {
+            let image = decode()?;
+            let image = match (crop, width, height) {
+                (Some(c), Some(w), Some(h)) => c.apply(&image, mode, w as usize, h as usize),
+                _ => image,
+            };
+            Ok(crate::images::RequestImage {
+                sha256: String::new(),
+                image,
+            })
+        };
+        let passed_as_sent = match &image {
+            Source::Own((text, None)) if crop.is_none() => Some(*text),
+            _ => None,
+        };
         let image = match preprocessor {
             // The map made here (the native image rule and size rule checked first), then
             // fitted; validation takes it as the image and the preprocessor for the records.
@@ -358,9 +290,16 @@ pub fn native_units(
                 }
                 png
             }
-            None => Value::String(image.to_string()),
+            None => match passed_as_sent {
+                Some(text) => Value::String(text.to_string()),
+                None => as_png(&decode()?.image)?,
+            },
         };
         let mut native = json!({"model": model, "image": image});
+        if img2img.is_some_and(|input| input.crop.is_some()) {
+            // Cut here already (or, `inpaint_crop_input_image` false, whole).
+            native["inpaint_crop"] = json!(false);
+        }
         let hr_option = match unit.get("hr_option") {
             None | Some(Value::Null) => HiresOption::Both,
             Some(v) => match v.as_str() {
@@ -411,6 +350,67 @@ pub fn native_units(
     }))
 }
 
+/// Where a unit's image comes from.
+enum Source<'a> {
+    /// Its own image and mask, base64.
+    Own((&'a str, Option<&'a str>)),
+    /// img2img's init image.
+    Init(&'a RgbImage),
+}
+
+/// A unit's own image and mask (base64) as the extension's `get_input_images_rgba` reads
+/// them: `image` (or `input_image`) a string with `mask` (or `mask_image`, not both), an
+/// `{image, mask}` object, or an `[image, mask]` pair; `None` without an image.
+fn own_image(
+    unit: &Map<String, Value>,
+    i: usize,
+) -> Result<Option<(&str, Option<&str>)>, ApiError> {
+    fn text<'a>(v: Option<&'a Value>, k: &str, i: usize) -> Result<Option<&'a str>, ApiError> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(bad(format!("[{i}].{k}: a base64 image is required"))),
+        }
+    }
+    let text = |v, k| text(v, k, i);
+    let (mask, mask_image) = (
+        text(unit.get("mask"), "mask")?,
+        text(unit.get("mask_image"), "mask_image")?,
+    );
+    if mask.is_some() && mask_image.is_some() {
+        return Err(bad(format!("[{i}].mask_image: not with mask (its alias)")));
+    }
+    let mask = mask.or(mask_image);
+    let own = match unit.get("image").or_else(|| unit.get("input_image")) {
+        Some(Value::Object(o)) => {
+            let image = text(o.get("image"), "image.image")?
+                .ok_or_else(|| bad(format!("[{i}].image.image: a base64 image is required")))?;
+            Some((image, text(o.get("mask"), "image.mask")?))
+        }
+        Some(Value::Array(a)) => match a.as_slice() {
+            [image, m] if image.is_string() => Some((
+                text(Some(image), "image[0]")?.ok_or_else(|| {
+                    bad(format!("[{i}].image[0]: a base64 image is required"))
+                })?,
+                text(Some(m), "image[1]")?,
+            )),
+            _ => {
+                return Err(bad(format!(
+                    "[{i}].image: one image, as base64, {{\"image\", \"mask\"}} or [image, mask] (several images are not supported)"
+                )))
+            }
+        },
+        v => text(v, "image")?.map(|image| (image, mask)),
+    };
+    if own.is_none() && mask.is_some() {
+        return Err(bad(format!(
+            "[{i}].mask: a unit's mask needs the unit's image"
+        )));
+    }
+    Ok(own)
+}
+
 /// `{"version": 2}`.
 #[utoipa::path(get, path = "/controlnet/version", tag = "a1111", responses((status = 200, description = "`{version}`: the sd-webui-controlnet API version this server speaks (2)")))]
 pub(super) async fn version() -> Json<Value> {
@@ -456,36 +456,6 @@ pub(super) async fn model_list(State(app): State<Shared>) -> Json<Value> {
 mod tests {
     use super::*;
 
-    fn image(w: u32, h: u32) -> RgbImage {
-        let pixels = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
-        RgbImage {
-            width: w,
-            height: h,
-            pixels,
-        }
-    }
-
-    #[test]
-    fn crop_and_fill_keep_the_extension_s_geometry() {
-        // 100x50 into 64x64: cover (k = 1.28, 128x64) and crop 32 px off each side.
-        let src = image(100, 50);
-        let c = fit(&src, ResizeMode::CropAndResize, 64, 64);
-        assert_eq!((c.width, c.height), (64, 64));
-        let scaled = resize_lanczos(&src, 128, 64);
-        assert_eq!(&c.pixels[..64 * 3], &scaled.pixels[32 * 3..96 * 3]);
-        // Fit (k = 0.64, 64x32), centred with 16 rows of the border median above and below.
-        let f = fit(&src, ResizeMode::ResizeAndFill, 64, 64);
-        assert_eq!((f.width, f.height), (64, 64));
-        let m = border_median(&src);
-        assert_eq!(&f.pixels[..3], &m);
-        let scaled = resize_lanczos(&src, 64, 32);
-        assert_eq!(
-            &f.pixels[16 * 64 * 3..17 * 64 * 3],
-            &scaled.pixels[..64 * 3]
-        );
-        assert_eq!(&f.pixels[48 * 64 * 3..48 * 64 * 3 + 3], &m);
-    }
-
     #[test]
     fn units_become_native_controlnets_and_unsupported_options_are_refused() {
         let body = |unit: Value| {
@@ -503,6 +473,7 @@ mod tests {
             false,
             Some(512),
             Some(512),
+            None,
         )
         .unwrap()
         .unwrap();
@@ -510,7 +481,7 @@ mod tests {
             u.native,
             json!([{"model": "canny", "image": png, "scale": 0.5, "guidance_end": 0.8}])
         );
-        let off = native_units(&body(json!({"enabled": false})), false, None, None).unwrap();
+        let off = native_units(&body(json!({"enabled": false})), false, None, None, None).unwrap();
         assert!(off.is_none());
         for (unit, needle) in [
             (
@@ -528,7 +499,7 @@ mod tests {
                 "[0].resize_mode",
             ),
         ] {
-            let e = native_units(&body(unit), false, Some(512), Some(512)).unwrap_err();
+            let e = native_units(&body(unit), false, Some(512), Some(512), None).unwrap_err();
             let e = format!("{:?}", e.body());
             assert!(e.contains(needle), "{needle}: {e}");
         }

@@ -13,6 +13,8 @@ mod checkpoints;
 pub mod cmd_flags;
 mod controlnet;
 mod controlnet_detect;
+mod controlnet_fit;
+mod controlnet_img2img;
 mod controlnet_modules;
 pub mod extras;
 pub mod info;

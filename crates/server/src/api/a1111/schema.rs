@@ -128,7 +128,10 @@ pub struct A1111Request {
     pub tiling: Option<bool>,
     /// Extension scripts by name. `controlnet` (the sd-webui-controlnet extension's, any case:
     /// `{"args": [unit, ...]}`) runs its enabled units as the native `controlnets`: `model` (a
-    /// CONTROLNET_DIR name, with or without its ` [hash]`), `image` / `input_image`, `weight`,
+    /// CONTROLNET_DIR name, with or without its ` [hash]`), `image` / `input_image` (on img2img
+    /// optional: the init image; with a `mask` and `inpaint_full_res` cut to the region A1111
+    /// repaints, as the extension, unless `inpaint_crop_input_image` is false), `mask` (the
+    /// extension's canvas scribble), `weight`,
     /// `guidance_start`, `guidance_end`, `resize_mode` (`Crop and Resize` by default, `Resize
     /// and Fill`, `Just Resize`), `hr_option` with `enable_hr` (`Both`, `Low res only`, `High
     /// res only`); `module` `none` or a preprocessor of `GET /controlnet/module_list`,

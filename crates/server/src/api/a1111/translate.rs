@@ -343,14 +343,6 @@ pub fn translate(
             if !native_has("mask_image") {
                 return Err(not_supported("mask", "inpainting"));
             }
-            // The extension's inpainting (its control image from the init image, cropped
-            // with "only masked") is not followed yet.
-            if super::controlnet::has_units(body) {
-                return Err(ApiError::validation(
-                    super::controlnet::FIELD,
-                    "ControlNet units with a mask (inpainting) are not supported yet",
-                ));
-            }
             native.insert("mask_image".into(), mask.clone());
             native.insert("inpaint".into(), inpaint_options(body));
         }
@@ -385,10 +377,30 @@ pub fn translate(
         native.insert("seed_resize_from_height".into(), h);
     }
 
-    // The sd-webui-controlnet extension's units, their images fitted to the request's size.
+    // The sd-webui-controlnet extension's units, their images fitted to the request's size
+    // (in img2img: the init image for a unit without one, and "only masked"'s crop).
     let side = |k: &str| native.get(k).and_then(Value::as_u64);
     let hires_pass = mode == Mode::Txt2Img && get(body, "enable_hr") == Some(&Value::Bool(true));
-    let units = super::controlnet::native_units(body, hires_pass, side("width"), side("height"))?;
+    let img2img = match mode {
+        Mode::Img2Img if super::controlnet::has_units(body) => {
+            // A broken size is the native rule's to report: any size does meanwhile.
+            let size = |k: &str| side(k).unwrap_or(SIZE_DEFAULT) as usize;
+            Some(super::controlnet_img2img::input(
+                body,
+                native.get("inpaint"),
+                size("width"),
+                size("height"),
+            )?)
+        }
+        _ => None,
+    };
+    let units = super::controlnet::native_units(
+        body,
+        hires_pass,
+        side("width"),
+        side("height"),
+        img2img.as_ref(),
+    )?;
     if let Some(u) = &units {
         native.insert("controlnets".into(), u.native.clone());
     }

@@ -313,14 +313,19 @@ fn a_mask_is_a1111_s_inpainting_with_its_api_s_defaults() {
     assert_eq!(t.parameters["inpainting_fill"], 0);
     assert_eq!(t.parameters["inpaint_full_res"], true);
     assert_eq!(t.parameters["mask_blur_x"], 4);
-    // ControlNet units with a mask: a 422 naming them (disabled ones change nothing).
+    // ControlNet units with a mask run, their images cut to "only masked"'s region
+    // (controlnet_img2img_tests.rs); disabled ones change nothing.
     let mut with_units = body_with_mask.clone();
     with_units["alwayson_scripts"] =
         json!({"controlnet": {"args": [{"model": "c", "image": img}]}});
-    let e = tr(with_units.clone(), Mode::Img2Img).unwrap_err();
-    assert_eq!(field_of(e), "alwayson_scripts.controlnet.args");
+    let t = tr(with_units.clone(), Mode::Img2Img).unwrap();
+    assert_eq!(t.native["controlnets"][0]["inpaint_crop"], false);
     with_units["alwayson_scripts"]["controlnet"]["args"][0]["enabled"] = json!(false);
-    assert!(tr(with_units, Mode::Img2Img).is_ok());
+    assert!(tr(with_units, Mode::Img2Img)
+        .unwrap()
+        .native
+        .get("controlnets")
+        .is_none());
     let native = |body: Value| {
         let mut n = Map::new();
         n.insert("inpaint".into(), inpaint_options(body.as_object().unwrap()));

@@ -101,6 +101,10 @@ pub struct WireSpec {
     /// from older replicas' jobs: none, both).
     #[serde(default)]
     controlnet_hires: Vec<(Option<WireImage>, String)>,
+    /// Each ControlNet's `inpaint_crop`, in `controlnets`' order (absent from older replicas'
+    /// jobs: true).
+    #[serde(default)]
+    controlnet_inpaint_crop: Vec<bool>,
     /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
@@ -179,6 +183,7 @@ impl WireSpec {
                     )
                 })
                 .collect(),
+            controlnet_inpaint_crop: p.controlnets.iter().map(|c| c.inpaint_crop).collect(),
             inpaint: p.a1111_inpaint.as_ref().map(|o| {
                 let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
                 (
@@ -278,6 +283,11 @@ impl WireSpec {
                             guidance_end: *end,
                             hires_image,
                             hr_option,
+                            inpaint_crop: self
+                                .controlnet_inpaint_crop
+                                .get(i)
+                                .copied()
+                                .unwrap_or(true),
                         })
                     })
                     .collect::<Result<_, String>>()?,

@@ -91,6 +91,8 @@ fn a_spec_survives_the_trip_with_its_images() {
                 guidance_end: 0.9,
                 hires_image: Some(img.clone()),
                 hr_option: sdserve_pipeline::controlnet::HiresOption::HighResOnly,
+                // Not the default: the round trip must carry it.
+                inpaint_crop: false,
             }],
             a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
                 mask_blur_x: 3,
