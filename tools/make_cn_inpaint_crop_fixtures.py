@@ -23,7 +23,8 @@ The unit is a stand-in object carrying the extension's own methods; `p` a stand-
 `process` callback, before A1111's `init`: `p.image_mask` is the mask as sent).
 
 Writes, under OUT (default crates/server/tests/fixtures/cn-inpaint-crop):
-  init.png, mask.png, unit-mask.png  the request's images (synthetic)
+  init.png, mask.png, unit-mask.png  the request's images (synthetic); unit-rgba.png a unit
+                                     image with alpha
   map-<case>.png                     the control map each case's unit gives the ControlNet
   cases.json                         the cases (A1111 fields), each one's crop region, the
                                      sources' sha256
@@ -64,7 +65,7 @@ INIT_W, INIT_H = 320, 224
 MASK_BOX = (180, 40, 260, 100)
 
 # unit: "own" (control-80x48.png), "init" (none: img2img's init image), "scribble" (own image
-# with a unit mask); resize_mode the unit's; A1111's mask_blur, padding, invert.
+# with a unit mask), "rgba" (unit-rgba.png: control-80x48.png with a partly transparent alpha); resize_mode the unit's; A1111's mask_blur, padding, invert.
 CASES = {
     "own-crop": dict(unit="own", resize_mode="Crop and Resize", blur=4, padding=8, invert=0),
     "own-fill": dict(unit="own", resize_mode="Resize and Fill", blur=0, padding=0, invert=0),
@@ -73,6 +74,7 @@ CASES = {
     "scribble": dict(unit="scribble", resize_mode="Crop and Resize", blur=2, padding=4,
                      invert=0),
     "inverted": dict(unit="own", resize_mode="Crop and Resize", blur=4, padding=0, invert=1),
+    "rgba": dict(unit="rgba", resize_mode="Resize and Fill", blur=4, padding=8, invert=0),
 }
 
 
@@ -110,6 +112,15 @@ def scribble_mask():
     m = np.zeros((48, 80), np.uint8)
     cv2.line(m, (5, 40), (75, 6), 255, 5)
     return Image.fromarray(m, "L").convert("RGB")
+
+
+def rgba_control():
+    """control-80x48.png with an alpha ramp and a transparent band (HWC3 composites it)."""
+    rgb = np.asarray(Image.open(CONTROL).convert("RGB"))
+    h, w, _ = rgb.shape
+    alpha = np.tile(np.linspace(40, 255, w).round().astype(np.uint8), (h, 1))
+    alpha[10:20, :] = 0
+    return Image.fromarray(np.concatenate([rgb, alpha[:, :, None]], axis=2), "RGBA")
 
 
 def main():
@@ -201,6 +212,8 @@ def main():
     init.save(os.path.join(args.out, "init.png"))
     mask.save(os.path.join(args.out, "mask.png"))
     scribble.save(os.path.join(args.out, "unit-mask.png"))
+    rgba = rgba_control()
+    rgba.save(os.path.join(args.out, "unit-rgba.png"))
     control = np.asarray(Image.open(CONTROL).convert("RGB"))
 
     out_cases = {}
@@ -209,7 +222,9 @@ def main():
         unit.module = "none"
         unit.resize_mode = ResizeMode(c["resize_mode"])
         unit.inpaint_crop_input_image = True
-        unit.image = None if c["unit"] == "init" else control
+        # The API's decode: np.array of the image A1111's `images.read` opens.
+        unit.image = {"init": None, "rgba": np.array(Image.open(
+            os.path.join(args.out, "unit-rgba.png"))).astype("uint8")}.get(c["unit"], control)
         unit.mask = np.asarray(scribble) if c["unit"] == "scribble" else None
         p = StableDiffusionProcessingImg2Img()
         p.init_images = [init]

@@ -148,6 +148,35 @@ pub fn decode_a1111_mask_base64(text: &str) -> Result<RequestImage, String> {
     Ok(request_image(grey))
 }
 
+/// A sd-webui-controlnet unit's image or mask as the extension reads it (`to_base64_nparray`,
+/// then `HWC3`): an image Pillow opens as RGBA is composited over white in float32
+/// (`color * a + 255 * (1 - a)`, `a = alpha / 255`, truncated to u8); any other is read as
+/// every request image is. `None`: not RGBA (the upload can be used as sent).
+pub fn decode_hwc3_base64(text: &str) -> Result<Option<RequestImage>, String> {
+    let bytes = base64_bytes(text)?;
+    let (format, _, _) = header(&bytes)?;
+    if !pillow_opens_as_rgba(&bytes, format) {
+        return Ok(None);
+    }
+    let rgba: Vec<[u8; 4]> = match decode_image(&bytes, format)? {
+        // Pillow keeps each 16-bit sample's high byte.
+        DynamicImage::ImageRgba16(i) => i.pixels().map(|p| p.0.map(|v| (v >> 8) as u8)).collect(),
+        other => other.to_rgba8().pixels().map(|p| p.0).collect(),
+    };
+    let (w, h) = image::ImageReader::with_format(Cursor::new(&bytes), format)
+        .into_dimensions()
+        .map_err(|e| e.to_string())?;
+    let pixels = rgba
+        .iter()
+        .flat_map(|p| {
+            let a = f32::from(p[3]) / 255.0;
+            [0, 1, 2].map(|c| (f32::from(p[c]) * a + 255.0 * (1.0 - a)).clamp(0.0, 255.0) as u8)
+        })
+        .collect();
+    let rgb = image::RgbImage::from_raw(w, h, pixels).ok_or("has pixels of the wrong length")?;
+    Ok(Some(request_image(rgb)))
+}
+
 /// Whether Pillow opens these bytes as RGBA (A1111's `images.read` included): a PNG of colour
 /// type RGBA; a palette PNG whose `tRNS` is more than one fully transparent entry among opaque
 /// ones (Pillow keeps that one `P` with a transparent index, `fix_png_transparency` converts

@@ -233,11 +233,11 @@ pub fn native_units(
                 Source::Own(own) => *own,
             };
             let field = |k: &str, e: String| bad(format!("[{i}].{k}: {e}"));
-            let decoded = crate::images::decode_base64(text).map_err(|e| field("image", e))?;
+            let decoded = read_hwc3(text).map_err(|e| field("image", e))?;
             match mask {
                 None => Ok(decoded.image),
                 Some(m) => {
-                    let m = crate::images::decode_base64(m).map_err(|e| field("mask", e))?;
+                    let m = read_hwc3(m).map_err(|e| field("mask", e))?;
                     super::controlnet_img2img::apply_unit_mask(decoded.image, &m.image, i)
                 }
             }
@@ -253,8 +253,15 @@ pub fn native_units(
                 image,
             })
         };
-        let passed_as_sent = match &image {
-            Source::Own((text, None)) if crop.is_none() => Some(*text),
+        // An upload that is not RGBA reads the same natively (an RGBA one is composited
+        // over white here, as the extension's `HWC3`).
+        let passed_as_sent = || match &image {
+            Source::Own((text, None))
+                if crop.is_none()
+                    && !matches!(crate::images::decode_hwc3_base64(text), Ok(Some(_))) =>
+            {
+                Some(*text)
+            }
             _ => None,
         };
         let image = match preprocessor {
@@ -290,7 +297,7 @@ pub fn native_units(
                 }
                 png
             }
-            None => match passed_as_sent {
+            None => match passed_as_sent() {
                 Some(text) => Value::String(text.to_string()),
                 None => as_png(&decode()?.image)?,
             },
@@ -348,6 +355,14 @@ pub fn native_units(
         made,
         hires,
     }))
+}
+
+/// A unit's image or mask as the extension reads it (`HWC3`: RGBA over white).
+fn read_hwc3(text: &str) -> Result<crate::images::RequestImage, String> {
+    match crate::images::decode_hwc3_base64(text)? {
+        Some(image) => Ok(image),
+        None => crate::images::decode_base64(text),
+    }
 }
 
 /// Where a unit's image comes from.

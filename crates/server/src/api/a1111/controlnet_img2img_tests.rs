@@ -37,6 +37,7 @@ fn body(case: &Value, extra: Value) -> Value {
     let mut unit = json!({"model": "c", "resize_mode": case["resize_mode"]});
     match case["unit"].as_str().unwrap() {
         "own" => unit["image"] = json!(control_b64()),
+        "rgba" => unit["image"] = json!(b64(dir().join("unit-rgba.png"))),
         "scribble" => {
             unit["image"] = json!(control_b64());
             unit["mask"] = json!(b64(dir().join("unit-mask.png")));
@@ -107,6 +108,21 @@ fn the_preprocessor_runs_on_the_cut_image_and_a_unit_may_keep_its_image_whole() 
         want.valid.controlnets[0].image.image
     );
     assert!(t.valid.controlnets[0].preprocessor.is_some());
+    // An RGBA upload sent whole (Just Resize, no crop) is composited over white too, as the
+    // cut one (map-rgba.png) shows the extension does: not passed on as sent.
+    let rgba = b64(dir().join("unit-rgba.png"));
+    let just = json!({"prompt": "p", "width": 256, "height": 256,
+                      "alwayson_scripts": {"controlnet": {"args": [
+                          {"model": "c", "image": rgba, "resize_mode": "Just Resize"}]}}});
+    let sent = tr(&just, Mode::Txt2Img).native["controlnets"][0]["image"].clone();
+    assert_ne!(sent, json!(rgba));
+    let composited = decoded(sent.as_str().unwrap());
+    let dropped = decoded(&rgba);
+    assert_eq!((composited.width, composited.height), (80, 48));
+    assert!(composited.pixels[10 * 80 * 3..20 * 80 * 3]
+        .iter()
+        .all(|&v| v == 255));
+    assert_ne!(composited, dropped);
     // `inpaint_crop_input_image` false: the whole image, fitted as in txt2img; the pipeline
     // must not cut it either.
     let whole = tr(
