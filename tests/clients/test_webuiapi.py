@@ -292,7 +292,9 @@ class A1111(Timed):
         ldm = [n for n in names if n.startswith("cn-a-ldm [")]
         self.assertEqual(len(ldm), 1, names)
         self.assertIn("cn-a", names)  # a diffusers folder: its name alone
-        self.assertEqual(self.api.controlnet_module_list(), ["none", "canny"])
+        self.assertEqual(self.api.controlnet_module_list(),
+                         ["none", "tile_resample", "lineart_standard", "canny", "invert",
+                          "threshold", "scribble_xdog", "blur_gaussian"])
         control = Image.open(os.path.join(kit.IMAGES, "control-80x48.png")).convert("RGB")
         models = self.api.get_sd_models()
         default, other = models[0]["title"], models[1]["title"]

@@ -161,11 +161,11 @@ fn controlnet_use(flag: &str) -> Result<Value, String> {
 }
 
 /// `--controlnet-preprocessor TYPE[:LOW:HIGH[:RESOLUTION]]` as the native `preprocessor`
-/// object (the API checks the type and the ranges).
+/// object (the API checks the type and the ranges); a type alone takes its defaults.
 fn preprocessor_flag(flag: &str) -> Result<Value, String> {
     let rule = || {
         format!(
-            "--controlnet-preprocessor {flag:?}: canny[:LOW:HIGH[:RESOLUTION]] (integers) or none"
+            "--controlnet-preprocessor {flag:?}: canny[:LOW:HIGH[:RESOLUTION]] (integers), or a type alone (invert, threshold, lineart_standard, scribble_xdog, blur_gaussian, tile_resample: their defaults), or none"
         )
     };
     let mut parts = flag.split(':');

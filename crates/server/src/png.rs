@@ -85,19 +85,9 @@ pub fn parameters_text(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            // The extension's order; its thresholds are floats (`str(100.0)`).
-            let (module, settings) = match c.preprocessor {
+            let (module, settings) = match &c.preprocessor {
                 None => ("none", String::new()),
-                Some(p @ Preprocessor::Canny {
-                    low_threshold,
-                    high_threshold,
-                    resolution,
-                }) => (
-                    p.module(),
-                    format!(
-                        ", Processor Res: {resolution}, Threshold A: {low_threshold}.0, Threshold B: {high_threshold}.0"
-                    ),
-                ),
+                Some(p) => (p.module(), unit_settings(p)),
             };
             format!(
                 ", ControlNet {i}: \"Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: Balanced\"",
@@ -244,6 +234,40 @@ pub fn read_parameters(bytes: &[u8]) -> Option<String> {
     read_text_chunks(bytes)
         .remove("parameters")
         .and_then(|v| v.as_str().map(str::to_string))
+}
+
+/// A unit's `Processor Res`, `Threshold A` and `Threshold B` as the extension's infotext
+/// writes them (`str()` of the unit's values: the thresholds are floats); a slider the module
+/// hides holds the hidden slider's default, 0.5, after `bound_check_params`.
+fn unit_settings(p: &Preprocessor) -> String {
+    let hidden = "0.5".to_string();
+    let float = |x: f64| format!("{x:?}");
+    let whole = |t: u32| format!("{t}.0");
+    let res = p
+        .resolution()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| match p {
+            // The legacy modules keep the class's visible resolution slider (512 for -1).
+            Preprocessor::TileResample { .. } => "512".into(),
+            _ => hidden.clone(),
+        });
+    let (a, b) = match *p {
+        Preprocessor::Canny {
+            low_threshold,
+            high_threshold,
+            ..
+        } => (whole(low_threshold), whole(high_threshold)),
+        Preprocessor::Threshold { threshold, .. }
+        | Preprocessor::ScribbleXdog { threshold, .. } => (whole(threshold), hidden.clone()),
+        Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden.clone()),
+        Preprocessor::TileResample { down_sampling_rate } => {
+            (float(down_sampling_rate), hidden.clone())
+        }
+        Preprocessor::Invert | Preprocessor::LineartStandard { .. } => {
+            (hidden.clone(), hidden.clone())
+        }
+    };
+    format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
 }
 
 #[cfg(test)]

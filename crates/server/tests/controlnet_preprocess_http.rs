@@ -3,7 +3,8 @@
 //! `sdserve_pipeline::controlnet::preprocess`, which `crates/pipeline/tests/controlnet_preprocess.rs`
 //! holds to the extension's OpenCV calls), metadata and PNG parameters name it; A1111 units
 //! with `module: "canny"` (processor_res, pixel_perfect, the resize mode after the
-//! preprocessor) equal units sending that map; `/controlnet/module_list`; refusals.
+//! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
+//! `/controlnet/module_list`; refusals.
 
 mod common;
 
@@ -95,8 +96,29 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         text.contains(r#"ControlNet 0: "Module: canny, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 50.0, Threshold B: 100.0, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced""#),
         "{text}"
     );
+    // Another module: its settings in the metadata, its map steering as the map would.
+    let xdog = json!({"type": "scribble_xdog", "threshold": 20, "resolution": 64});
+    let (got, meta, text) = run(&with(
+        json!({"model": "cn-a", "image": photo_b64, "preprocessor": xdog}),
+    ));
+    let xdog_map = Preprocessor::ScribbleXdog {
+        threshold: 20,
+        resolution: 64,
+    }
+    .run(&photo);
+    let (want, _, _) = run(&with(json!({"model": "cn-a", "image": png(&xdog_map)})));
+    assert!(got == want, "the xdog map steers as its map");
+    assert_eq!(meta["controlnets"][0]["preprocessor"], xdog);
+    assert!(
+        text.contains("Module: scribble_xdog, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 20.0, Threshold B: 0.5,"),
+        "{text}"
+    );
     for (preprocessor, needle) in [
         (json!({"type": "depth_midas"}), "[0].preprocessor.type"),
+        (
+            json!({"type": "blur_gaussian", "sigma": 65}),
+            "[0].preprocessor.sigma: must be a number in 0.01..=64",
+        ),
         (
             json!({"type": "canny", "low_threshold": 0}),
             "[0].preprocessor.low_threshold: must be an integer in 1..=255",
@@ -162,6 +184,17 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
                                  "resize_mode": "Just Resize"}),
     );
     assert!(got == want, "pixel perfect");
+    // A module without a resolution: pixel perfect changes nothing; the label finds it.
+    let (got, info) = a1111(
+        json!({"image": photo_b64, "model": "cn-a", "module": "invert (from white bg & black line)",
+               "pixel_perfect": true, "resize_mode": "Just Resize"}),
+    );
+    assert!(info.contains("Module: invert"), "{info}");
+    let (want, _) = a1111(
+        json!({"image": png(&Preprocessor::Invert.run(&photo)), "model": "cn-a",
+               "module": "none", "resize_mode": "Just Resize"}),
+    );
+    assert!(got == want, "invert");
     let r = post_json_to(
         s.addr,
         "/sdapi/v1/txt2img",
@@ -171,12 +204,33 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let e = r.error(422, "validation_error");
     let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
     assert!(
-        rule.starts_with("[0].module") && rule.contains("\"none\", \"canny\""),
+        rule.starts_with("[0].module") && rule.contains("\"canny\", \"invert\""),
         "{e}"
     );
 
     let listed = s.get("/controlnet/module_list").json();
-    assert_eq!(listed["module_list"], json!(["none", "canny"]));
+    // The extension's order (`get_sorted_preprocessors`: priority, then label, descending).
+    assert_eq!(
+        listed["module_list"],
+        json!([
+            "none",
+            "tile_resample",
+            "lineart_standard",
+            "canny",
+            "invert",
+            "threshold",
+            "scribble_xdog",
+            "blur_gaussian"
+        ])
+    );
+    assert_eq!(
+        listed["module_detail"]["invert"],
+        json!({"model_free": false, "sliders": []})
+    );
+    assert_eq!(
+        listed["module_detail"]["blur_gaussian"]["sliders"][1],
+        json!({"name": "Sigma", "value": 9, "min": 0.01, "max": 64, "step": 0.01})
+    );
     assert_eq!(
         listed["module_detail"]["canny"],
         json!({"model_free": false, "sliders": [
@@ -185,8 +239,20 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             {"name": "High Threshold", "value": 200, "min": 1, "max": 255, "step": 1}]})
     );
     let labels = s.get("/controlnet/module_list?alias_names=true").json();
-    // Their labels are their names (the extension's `Preprocessor.label`).
-    assert_eq!(labels["module_list"], listed["module_list"]);
+    // The extension's `Preprocessor.label`s: two differ from the names.
+    assert_eq!(
+        labels["module_list"][2],
+        "lineart_standard (from white bg & black line)"
+    );
+    assert_eq!(
+        labels["module_list"][4],
+        "invert (from white bg & black line)"
+    );
+    assert_eq!(labels["module_list"][3], "canny");
+    assert_eq!(
+        labels["module_detail"]["invert (from white bg & black line)"],
+        listed["module_detail"]["invert"]
+    );
     // Not a boolean (schemathesis sent `alias_names=null` twice): a 422 naming it, not a 400.
     let e = s
         .get("/controlnet/module_list?alias_names=null&alias_names=null")

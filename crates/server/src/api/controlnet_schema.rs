@@ -60,27 +60,53 @@ pub enum HiresOptionName {
 }
 
 /// A model-free ControlNet preprocessor, as the sd-webui-controlnet extension runs it; each
-/// broken rule is a 422 naming `controlnets[i].preprocessor.<key>`.
+/// broken rule is a 422 naming `controlnets[i].preprocessor.<key>`. Each type takes only its
+/// own keys.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ControlNetPreprocessor {
-    /// `canny`: the image scaled so its shorter side is `resolution` (OpenCV's cubic
-    /// enlarging, area shrinking), OpenCV's Canny edges (white on black) at that size;
-    /// `none`: the image is the map. Model-based preprocessors (depth, openpose, hed, ...)
-    /// are not run here: send their map as `image`.
+    /// What makes the map (the image is first scaled so its shorter side is `resolution`:
+    /// OpenCV's cubic enlarging, area shrinking, as the extension does, except for `invert`
+    /// and `tile_resample`): `canny`: OpenCV's Canny edges, white on black; `invert`: `255 -
+    /// image` (white lines on black from black lines on white); `threshold`: white where every
+    /// channel is above `threshold`; `lineart_standard`: dark lines on a light ground as white
+    /// lines (the image minus its Gaussian blur, σ 6, scaled by the median line strength);
+    /// `scribble_xdog`: XDoG edges (the difference of Gaussian blurs σ 0.5 and 5) above
+    /// `threshold`; `blur_gaussian`: OpenCV's Gaussian blur with `sigma` (for tile
+    /// ControlNets); `tile_resample`: the image shrunk by `down_sampling_rate` (area
+    /// resampling; below 1.1 unchanged); `none`: the image is the map. Model-based
+    /// preprocessors (depth, openpose, hed, ...) are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
     /// `canny`: the hysteresis's low threshold on the L1 gradient (the extension's slider).
     #[schema(minimum = 1, maximum = 255, default = 100, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_threshold: Option<u32>,
     /// `canny`: the high threshold (a pixel above it starts an edge; swapped with
     /// `low_threshold` when below it, as OpenCV does).
     #[schema(minimum = 1, maximum = 255, default = 200, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_threshold: Option<u32>,
-    /// `canny`: the processor resolution: the shorter side of the image the map is made at
-    /// (the map is then resized to the request's size); the scaled image must keep the image
-    /// rule (at most 4096 pixels a side, 16 MP).
+    /// `threshold`: 0..=255, default 127 (a pixel is white when its darkest channel is above
+    /// it); `scribble_xdog`: 1..=64, default 32 (an edge is white when twice its strength,
+    /// in 8 bits, is above it).
+    #[schema(minimum = 0, maximum = 255, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u32>,
+    /// `blur_gaussian`: the blur's standard deviation in pixels at the processor resolution.
+    #[schema(minimum = 0.01, maximum = 64.0, default = 9.0, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma: Option<f64>,
+    /// `tile_resample`: the image's sides are divided by it (`int(side / rate)`; a side
+    /// shrunk to nothing is refused); below 1.1 the image is the map.
+    #[schema(minimum = 1.0, maximum = 8.0, default = 1.0, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_sampling_rate: Option<f64>,
+    /// All but `invert`, `tile_resample` and `none`: the processor resolution, the shorter
+    /// side of the image the map is made at (the map is then resized to the request's size);
+    /// the scaled image must keep the image rule (at most 4096 pixels a side, 16 MP).
     #[schema(minimum = 64, maximum = 2048, default = 512, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<u32>,
 }
 
@@ -90,6 +116,12 @@ pub struct ControlNetPreprocessor {
 pub enum PreprocessorType {
     None,
     Canny,
+    Invert,
+    Threshold,
+    LineartStandard,
+    ScribbleXdog,
+    BlurGaussian,
+    TileResample,
 }
 
 /// A ControlNet a result was made with.

@@ -1,7 +1,8 @@
 //! `controlnets[i].preprocessor`: a model-free preprocessor of the sd-webui-controlnet
 //! extension (`sdserve_pipeline::controlnet::preprocess`), its settings in the ranges of the
-//! extension's sliders (`PreprocessorCanny`, the class's `slider_resolution`), and the run that
-//! turns the uploaded image into the control map at validation.
+//! extension's sliders (`PreprocessorCanny` and the other model-free classes, the legacy
+//! modules' `slider_1`, the class's `slider_resolution`), and the run that turns the uploaded
+//! image into the control map at validation.
 
 use serde_json::Value;
 
@@ -19,9 +20,14 @@ pub const THRESHOLD_MIN: u32 = 1;
 pub const THRESHOLD_MAX: u32 = 255;
 pub const LOW_DEFAULT: u32 = 100;
 pub const HIGH_DEFAULT: u32 = 200;
+/// The other modules' first sliders: (min, max, default).
+pub const BINARY_THRESHOLD: (f64, f64, f64) = (0.0, 255.0, 127.0);
+pub const XDOG_THRESHOLD: (f64, f64, f64) = (1.0, 64.0, 32.0);
+pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
+pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`.
 pub fn read(v: Option<&Value>, i: usize) -> Result<Option<Preprocessor>, String> {
@@ -37,8 +43,12 @@ pub fn read(v: Option<&Value>, i: usize) -> Result<Option<Preprocessor>, String>
     };
     let kind = obj.get("type").and_then(Value::as_str).unwrap_or_default();
     let keys: &[&str] = match kind {
-        "none" => &["type"],
+        "none" | "invert" => &["type"],
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
+        "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
+        "lineart_standard" => &["type", "resolution"],
+        "blur_gaussian" => &["type", "sigma", "resolution"],
+        "tile_resample" => &["type", "down_sampling_rate"],
         other => {
             return Err(format!(
                 "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (model-based ones such as depth, openpose, hed: send their map as the image)"
@@ -51,9 +61,6 @@ pub fn read(v: Option<&Value>, i: usize) -> Result<Option<Preprocessor>, String>
             keys.join(", ")
         ));
     }
-    if kind == "none" {
-        return Ok(None);
-    }
     let int = |key: &str, min: u32, max: u32, default: u32| match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v
@@ -62,51 +69,119 @@ pub fn read(v: Option<&Value>, i: usize) -> Result<Option<Preprocessor>, String>
             .map(|n| n as u32)
             .ok_or_else(|| format!("{field}.{key}: must be an integer in {min}..={max}")),
     };
-    Ok(Some(Preprocessor::Canny {
-        low_threshold: int("low_threshold", THRESHOLD_MIN, THRESHOLD_MAX, LOW_DEFAULT)?,
-        high_threshold: int("high_threshold", THRESHOLD_MIN, THRESHOLD_MAX, HIGH_DEFAULT)?,
-        resolution: int(
+    let number = |key: &str, (min, max, default): (f64, f64, f64)| match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| (min..=max).contains(x))
+            .ok_or_else(|| format!("{field}.{key}: must be a number in {min}..={max}")),
+    };
+    let resolution = || {
+        int(
             "resolution",
             RESOLUTION_MIN,
             RESOLUTION_MAX,
             RESOLUTION_DEFAULT,
-        )?,
+        )
+    };
+    let threshold = |(min, max, default): (f64, f64, f64)| {
+        int("threshold", min as u32, max as u32, default as u32)
+    };
+    Ok(Some(match kind {
+        "none" => return Ok(None),
+        "canny" => Preprocessor::Canny {
+            low_threshold: int("low_threshold", THRESHOLD_MIN, THRESHOLD_MAX, LOW_DEFAULT)?,
+            high_threshold: int("high_threshold", THRESHOLD_MIN, THRESHOLD_MAX, HIGH_DEFAULT)?,
+            resolution: resolution()?,
+        },
+        "invert" => Preprocessor::Invert,
+        "threshold" => Preprocessor::Threshold {
+            threshold: threshold(BINARY_THRESHOLD)?,
+            resolution: resolution()?,
+        },
+        "lineart_standard" => Preprocessor::LineartStandard {
+            resolution: resolution()?,
+        },
+        "scribble_xdog" => Preprocessor::ScribbleXdog {
+            threshold: threshold(XDOG_THRESHOLD)?,
+            resolution: resolution()?,
+        },
+        "blur_gaussian" => Preprocessor::BlurGaussian {
+            sigma: number("sigma", BLUR_SIGMA)?,
+            resolution: resolution()?,
+        },
+        _ => Preprocessor::TileResample {
+            down_sampling_rate: number("down_sampling_rate", TILE_RATE)?,
+        },
     }))
 }
 
 /// The control map of unit `i`'s `image`; the image scaled to the processor resolution must
-/// keep the request image rule (the extension has none: a long thin image would be huge).
+/// keep the request image rule (the extension has none: a long thin image would be huge), and
+/// tile_resample's shrink must leave a pixel a side (OpenCV refuses an empty size).
 pub fn run(p: &Preprocessor, image: &RgbImage, i: usize) -> Result<RgbImage, String> {
-    let resolution = p.resolution();
-    let (w, h) = (f64::from(image.width), f64::from(image.height));
-    let k = f64::from(resolution) / w.min(h);
-    let (sw, sh) = ((w * k).round_ties_even(), (h * k).round_ties_even());
-    let checked = if sw <= f64::from(u32::MAX) && sh <= f64::from(u32::MAX) {
-        crate::images::check_dimensions(sw as u32, sh as u32)
-    } else {
-        Err("is too large".into())
-    };
-    if let Err(why) = checked {
-        return Err(format!(
-            "[{i}].preprocessor.resolution: the {}x{} image scaled to {resolution} on its shorter side {why}",
-            image.width, image.height
-        ));
+    let (w, h) = p.map_size(image.width, image.height);
+    if let Preprocessor::TileResample { down_sampling_rate } = p {
+        if w == 0 || h == 0 {
+            return Err(format!(
+                "[{i}].preprocessor.down_sampling_rate: the {}x{} image shrunk by {down_sampling_rate} has no pixels (int(side / rate) is 0)",
+                image.width, image.height
+            ));
+        }
+    }
+    if let Some(resolution) = p.resolution() {
+        let checked = match (u32::try_from(w), u32::try_from(h)) {
+            (Ok(w), Ok(h)) => crate::images::check_dimensions(w, h),
+            _ => Err("is too large".into()),
+        };
+        if let Err(why) = checked {
+            return Err(format!(
+                "[{i}].preprocessor.resolution: the {}x{} image scaled to {resolution} on its shorter side {why}",
+                image.width, image.height
+            ));
+        }
     }
     Ok(p.run(image))
 }
 
 /// The metadata's and the wire's form, every setting written.
 pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
+    let base = |kind| ControlNetPreprocessor {
+        kind,
+        low_threshold: None,
+        high_threshold: None,
+        resolution: p.resolution(),
+        threshold: None,
+        sigma: None,
+        down_sampling_rate: None,
+    };
     match *p {
         Preprocessor::Canny {
             low_threshold,
             high_threshold,
-            resolution,
+            ..
         } => ControlNetPreprocessor {
-            kind: PreprocessorType::Canny,
             low_threshold: Some(low_threshold),
             high_threshold: Some(high_threshold),
-            resolution: Some(resolution),
+            ..base(PreprocessorType::Canny)
+        },
+        Preprocessor::Invert => base(PreprocessorType::Invert),
+        Preprocessor::Threshold { threshold, .. } => ControlNetPreprocessor {
+            threshold: Some(threshold),
+            ..base(PreprocessorType::Threshold)
+        },
+        Preprocessor::LineartStandard { .. } => base(PreprocessorType::LineartStandard),
+        Preprocessor::ScribbleXdog { threshold, .. } => ControlNetPreprocessor {
+            threshold: Some(threshold),
+            ..base(PreprocessorType::ScribbleXdog)
+        },
+        Preprocessor::BlurGaussian { sigma, .. } => ControlNetPreprocessor {
+            sigma: Some(sigma),
+            ..base(PreprocessorType::BlurGaussian)
+        },
+        Preprocessor::TileResample { down_sampling_rate } => ControlNetPreprocessor {
+            down_sampling_rate: Some(down_sampling_rate),
+            ..base(PreprocessorType::TileResample)
         },
     }
 }
@@ -160,6 +235,108 @@ mod tests {
             json!({"type": "canny", "low_threshold": 7, "high_threshold": 200, "resolution": 512})
         );
         assert_eq!(read(Some(&described), 0).unwrap(), Some(p));
+    }
+
+    #[test]
+    fn the_other_modules_read_their_settings_and_describe_themselves_back() {
+        let read1 = |v: Value| read(Some(&v), 2);
+        for (v, want) in [
+            (json!({"type": "invert"}), Preprocessor::Invert),
+            (
+                json!({"type": "threshold"}),
+                Preprocessor::Threshold {
+                    threshold: 127,
+                    resolution: 512,
+                },
+            ),
+            (
+                json!({"type": "threshold", "threshold": 0, "resolution": 64}),
+                Preprocessor::Threshold {
+                    threshold: 0,
+                    resolution: 64,
+                },
+            ),
+            (
+                json!({"type": "scribble_xdog", "threshold": 64}),
+                Preprocessor::ScribbleXdog {
+                    threshold: 64,
+                    resolution: 512,
+                },
+            ),
+            (
+                json!({"type": "lineart_standard", "resolution": 768}),
+                Preprocessor::LineartStandard { resolution: 768 },
+            ),
+            (
+                json!({"type": "blur_gaussian", "sigma": 0.01}),
+                Preprocessor::BlurGaussian {
+                    sigma: 0.01,
+                    resolution: 512,
+                },
+            ),
+            (
+                json!({"type": "tile_resample", "down_sampling_rate": 2.5}),
+                Preprocessor::TileResample {
+                    down_sampling_rate: 2.5,
+                },
+            ),
+        ] {
+            let got = read1(v.clone()).unwrap().unwrap();
+            assert_eq!(got, want, "{v}");
+            let back = serde_json::to_value(described(&got)).unwrap();
+            assert_eq!(read1(back).unwrap(), Some(got), "{v}");
+        }
+        assert_eq!(
+            serde_json::to_value(described(&Preprocessor::BlurGaussian {
+                sigma: 2.5,
+                resolution: 64
+            }))
+            .unwrap(),
+            json!({"type": "blur_gaussian", "sigma": 2.5, "resolution": 64})
+        );
+        for (v, needle) in [
+            (
+                json!({"type": "threshold", "threshold": 256}),
+                "[2].preprocessor.threshold: must be an integer in 0..=255",
+            ),
+            (
+                json!({"type": "scribble_xdog", "threshold": 0}),
+                "[2].preprocessor.threshold: must be an integer in 1..=64",
+            ),
+            (
+                json!({"type": "blur_gaussian", "sigma": 0}),
+                "[2].preprocessor.sigma: must be a number in 0.01..=64",
+            ),
+            (
+                json!({"type": "tile_resample", "down_sampling_rate": 8.5}),
+                "[2].preprocessor.down_sampling_rate: must be a number in 1..=8",
+            ),
+            (
+                json!({"type": "tile_resample", "resolution": 512}),
+                "unknown key \"resolution\" for \"tile_resample\"",
+            ),
+            (json!({"type": "invert", "threshold": 1}), "unknown key"),
+            (
+                json!({"type": "color"}),
+                "is not a preprocessor this server runs",
+            ),
+        ] {
+            let e = read1(v).unwrap_err();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // A side shorter than the rate shrinks to nothing: refused, not OpenCV's error.
+        let tiny = RgbImage {
+            width: 30,
+            height: 3,
+            pixels: vec![5; 30 * 3 * 3],
+        };
+        let rate = |r| Preprocessor::TileResample {
+            down_sampling_rate: r,
+        };
+        let e = run(&rate(4.0), &tiny, 0).unwrap_err();
+        assert!(e.starts_with("[0].preprocessor.down_sampling_rate"), "{e}");
+        assert_eq!(run(&rate(3.0), &tiny, 0).unwrap().width, 10);
+        assert_eq!(run(&Preprocessor::Invert, &tiny, 0).unwrap().pixels[0], 250);
     }
 
     #[test]

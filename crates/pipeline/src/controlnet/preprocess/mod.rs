@@ -1,22 +1,35 @@
 //! ControlNet preprocessors that need no model, as the sd-webui-controlnet extension runs them
-//! (`scripts/preprocessor/model_free_preprocessors.py`, `scripts/utils.py`): pure functions
-//! from the uploaded RGB image to the control map the ControlNet is given.
+//! (`scripts/preprocessor/model_free_preprocessors.py`, `scripts/preprocessor/legacy/`,
+//! `scripts/utils.py`): pure functions from the uploaded RGB image to the control map the
+//! ControlNet is given.
 //!
 //! Files: `resize` (the extension's `resize_image_with_pad`: OpenCV's cubic and area resizes,
-//! the pad to 64), `canny` (OpenCV's `Canny`).
+//! the pad to 64), `gaussian` (OpenCV's Gaussian blur, 8-bit and float), one file per family
+//! of modules: `canny`, `pointwise` (invert, threshold), `lines` (scribble_xdog,
+//! lineart_standard), `tile` (blur_gaussian, tile_resample).
 
 mod canny;
+mod gaussian;
+mod lines;
+mod pointwise;
 mod resize;
+mod tile;
 
 use serde::{Deserialize, Serialize};
 
 pub use canny::canny;
+pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
+pub use lines::{lineart_standard, scribble_xdog};
+pub use pointwise::{invert, threshold};
 pub use resize::{resize_image_with_pad, Padded};
+pub use tile::{blur_gaussian, tile_resample, tile_resample_size};
 
 use crate::pipeline::RgbImage;
 
-/// A preprocessor with its settings, as a request names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A preprocessor with its settings, as a request names it. The settings are the extension's
+/// sliders (`threshold_a`, `threshold_b`, `processor_res`); thresholds compared with 8-bit
+/// values are integers (a fraction changes nothing there).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Preprocessor {
     /// `PreprocessorCanny`: OpenCV's Canny at the processor resolution (the extension's
@@ -26,6 +39,19 @@ pub enum Preprocessor {
         high_threshold: u32,
         resolution: u32,
     },
+    /// `PreprocessorInvert`: `255 - image` at the image's size (no resolution).
+    Invert,
+    /// The legacy `threshold`: white where every channel is above `threshold` (0..=255, 127).
+    Threshold { threshold: u32, resolution: u32 },
+    /// The legacy `lineart_standard`: dark lines on a light ground as white lines.
+    LineartStandard { resolution: u32 },
+    /// `PreprocessorScribbleXdog`: the XDoG edges above `threshold` (1..=64, 32).
+    ScribbleXdog { threshold: u32, resolution: u32 },
+    /// `PreprocessorBlurGaussian`: OpenCV's Gaussian blur with `sigma` (0.01..=64, 9).
+    BlurGaussian { sigma: f64, resolution: u32 },
+    /// The legacy `tile_resample`: the image shrunk by `down_sampling_rate` (1..=8, 1; below
+    /// 1.1 unchanged), at the image's size otherwise (no resolution).
+    TileResample { down_sampling_rate: f64 },
 }
 
 impl Preprocessor {
@@ -33,38 +59,80 @@ impl Preprocessor {
     pub fn module(&self) -> &'static str {
         match self {
             Self::Canny { .. } => "canny",
+            Self::Invert => "invert",
+            Self::Threshold { .. } => "threshold",
+            Self::LineartStandard { .. } => "lineart_standard",
+            Self::ScribbleXdog { .. } => "scribble_xdog",
+            Self::BlurGaussian { .. } => "blur_gaussian",
+            Self::TileResample { .. } => "tile_resample",
         }
     }
 
-    /// The processor resolution: the shorter side of the image the map is made at.
-    pub fn resolution(&self) -> u32 {
+    /// The processor resolution (the shorter side of the image the map is made at), for the
+    /// modules that take one.
+    pub fn resolution(&self) -> Option<u32> {
         match *self {
-            Self::Canny { resolution, .. } => resolution,
+            Self::Canny { resolution, .. }
+            | Self::Threshold { resolution, .. }
+            | Self::LineartStandard { resolution }
+            | Self::ScribbleXdog { resolution, .. }
+            | Self::BlurGaussian { resolution, .. } => Some(resolution),
+            Self::Invert | Self::TileResample { .. } => None,
+        }
+    }
+
+    /// The same preprocessor at `resolution` (pixel perfect); unchanged for those taking none.
+    pub fn with_resolution(self, resolution: u32) -> Self {
+        let mut p = self;
+        match &mut p {
+            Self::Canny { resolution: r, .. }
+            | Self::Threshold { resolution: r, .. }
+            | Self::LineartStandard { resolution: r }
+            | Self::ScribbleXdog { resolution: r, .. }
+            | Self::BlurGaussian { resolution: r, .. } => *r = resolution,
+            Self::Invert | Self::TileResample { .. } => {}
+        }
+        p
+    }
+
+    /// The size of the map of a `width` x `height` image (the resize `resize_image_with_pad`
+    /// makes, or the module's own).
+    pub fn map_size(&self, width: u32, height: u32) -> (u64, u64) {
+        match (self, self.resolution()) {
+            (Self::TileResample { down_sampling_rate }, _) => {
+                let (w, h) = tile_resample_size(width, height, *down_sampling_rate);
+                (u64::from(w), u64::from(h))
+            }
+            (_, Some(resolution)) => {
+                let (w, h) = (f64::from(width), f64::from(height));
+                let k = f64::from(resolution) / w.min(h);
+                let side = |s: f64| (s * k).round_ties_even().min(u64::MAX as f64) as u64;
+                (side(w), side(h))
+            }
+            (_, None) => (u64::from(width), u64::from(height)),
         }
     }
 
     /// The control map of `image` (RGB; a one-channel result in all three channels, as the
-    /// extension's `GRAY2RGB`), at the processor resolution's size.
+    /// extension's `GRAY2RGB` and `HWC3`).
     pub fn run(&self, image: &RgbImage) -> RgbImage {
+        let padded = || resize_image_with_pad(image, self.resolution().unwrap_or(512));
         match *self {
             Self::Canny {
                 low_threshold,
                 high_threshold,
-                resolution,
+                ..
             } => {
-                let padded = resize_image_with_pad(image, resolution);
+                let padded = padded();
                 let edges = canny(&padded.image, low_threshold, high_threshold);
-                gray_to_rgb(padded.width, padded.height, &padded.crop_gray(&edges))
+                padded.crop_gray_to_rgb(&edges)
             }
+            Self::Invert => invert(image),
+            Self::Threshold { threshold: t, .. } => threshold(&padded(), t),
+            Self::LineartStandard { .. } => lineart_standard(&padded()),
+            Self::ScribbleXdog { threshold, .. } => scribble_xdog(&padded(), threshold),
+            Self::BlurGaussian { sigma, .. } => blur_gaussian(&padded(), sigma),
+            Self::TileResample { down_sampling_rate } => tile_resample(image, down_sampling_rate),
         }
-    }
-}
-
-/// `cv2.COLOR_GRAY2RGB`.
-fn gray_to_rgb(width: usize, height: usize, gray: &[u8]) -> RgbImage {
-    RgbImage {
-        width: width as u32,
-        height: height as u32,
-        pixels: gray.iter().flat_map(|&v| [v, v, v]).collect(),
     }
 }

@@ -30,6 +30,35 @@ impl Padded {
             .flat_map(|y| map[y * pw..y * pw + self.width].iter().copied())
             .collect()
     }
+
+    /// `remove_pad` of the padded image itself.
+    pub fn crop_rgb(&self) -> RgbImage {
+        let pw = self.image.width as usize * 3;
+        RgbImage {
+            width: self.width as u32,
+            height: self.height as u32,
+            pixels: (0..self.height)
+                .flat_map(|y| {
+                    self.image.pixels[y * pw..][..self.width * 3]
+                        .iter()
+                        .copied()
+                })
+                .collect(),
+        }
+    }
+
+    /// `remove_pad` of a one-channel map, as RGB (`cv2.COLOR_GRAY2RGB`, `HWC3`).
+    pub fn crop_gray_to_rgb(&self, map: &[u8]) -> RgbImage {
+        RgbImage {
+            width: self.width as u32,
+            height: self.height as u32,
+            pixels: self
+                .crop_gray(map)
+                .iter()
+                .flat_map(|&v| [v, v, v])
+                .collect(),
+        }
+    }
 }
 
 /// `int(np.round(x))`: halves to even.
@@ -136,7 +165,7 @@ fn resize_cubic(image: &RgbImage, w: usize, h: usize) -> RgbImage {
 }
 
 /// `cv2.resize(..., INTER_AREA)` for a shrink (or the same size: a copy).
-fn resize_area(image: &RgbImage, w: usize, h: usize) -> RgbImage {
+pub(super) fn resize_area(image: &RgbImage, w: usize, h: usize) -> RgbImage {
     let (w0, h0) = (image.width as usize, image.height as usize);
     if (w, h) == (w0, h0) {
         return image.clone();

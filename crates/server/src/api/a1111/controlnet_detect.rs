@@ -37,10 +37,13 @@ pub struct ControlNetDetectRequest {
     /// webuiapi's name for `controlnet_input_images` (used when that is absent or empty).
     #[schema(max_items = 16)]
     pub controlnet_images: Option<Vec<String>>,
-    /// The processor resolution; -1 or outside the module's slider: its default (512).
+    /// The processor resolution (not used by invert and tile_resample); -1 or outside the
+    /// module's slider: its default (512).
     #[schema(default = -1)]
     pub controlnet_processor_res: Option<f64>,
-    /// The module's first slider (canny: the low threshold); -1 or outside it: its default.
+    /// The module's first slider (canny: the low threshold; threshold and scribble_xdog: the
+    /// threshold; blur_gaussian: sigma; tile_resample: the down sampling rate); -1 or outside
+    /// it: its default.
     #[schema(default = -1)]
     pub controlnet_threshold_a: Option<f64>,
     /// The module's second slider (canny: the high threshold); -1 or outside it: its default.
@@ -137,7 +140,13 @@ fn detect_maps(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
                     .split_once(": ")
                     .map_or(e.as_str(), |(_, r)| r)
                     .to_string();
-                ApiError::validation("controlnet_processor_res", format!("{field}: {rule}"))
+                // tile_resample's rule is about its rate, the first slider.
+                let key = if e.contains(".down_sampling_rate: ") {
+                    "controlnet_threshold_a"
+                } else {
+                    "controlnet_processor_res"
+                };
+                ApiError::validation(key, format!("{field}: {rule}"))
             })?,
             None => decoded.image,
         };
@@ -197,6 +206,58 @@ mod tests {
         .run(&photo);
         assert!(want.pixels.contains(&255));
         assert_eq!(maps, vec![png_b64(&want), png_b64(&want)]);
+        // The other modules, each with its first slider as the extension names it.
+        for (module, a, want) in [
+            (
+                "invert (from white bg & black line)",
+                json!(-1),
+                Preprocessor::Invert,
+            ),
+            (
+                "threshold",
+                json!(100),
+                Preprocessor::Threshold {
+                    threshold: 100,
+                    resolution: 64,
+                },
+            ),
+            (
+                "blur_gaussian",
+                json!(1.5),
+                Preprocessor::BlurGaussian {
+                    sigma: 1.5,
+                    resolution: 64,
+                },
+            ),
+            (
+                "tile_resample",
+                json!(2),
+                Preprocessor::TileResample {
+                    down_sampling_rate: 2.0,
+                },
+            ),
+        ] {
+            let maps = detect_maps(&body(json!({
+                "controlnet_module": module, "controlnet_input_images": [b64],
+                "controlnet_processor_res": 64, "controlnet_threshold_a": a})))
+            .unwrap();
+            assert_eq!(maps, vec![png_b64(&want.run(&photo))], "{module}");
+        }
+        // A side shorter than the rate: no pixels left, a 422 naming the slider.
+        let thin = png_b64(&RgbImage {
+            width: 20,
+            height: 3,
+            pixels: vec![90; 20 * 3 * 3],
+        });
+        let e = detect_maps(&body(json!({
+            "controlnet_module": "tile_resample", "controlnet_input_images": [thin],
+            "controlnet_threshold_a": 8})))
+        .unwrap_err();
+        assert!(
+            format!("{:?}", e.body()).contains("controlnet_threshold_a"),
+            "{:?}",
+            e.body()
+        );
         // webuiapi's key; `none` answers the image itself.
         let same = detect_maps(&body(json!({"controlnet_images": [b64]}))).unwrap();
         assert_eq!(same, vec![b64.clone()]);

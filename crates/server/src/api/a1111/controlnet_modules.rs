@@ -5,7 +5,12 @@
 //! A module is found by name or label, as `Preprocessor.get_preprocessor` (here without
 //! case). Settings follow the unit's `bound_check_params`: -1 (the API's default) or a value
 //! outside the preprocessor's slider is the slider's default; the thresholds are then truncated
-//! to integers (`int(slider_1)`). `pixel_perfect` replaces the resolution by
+//! to integers (canny's `int(slider_1)`; `threshold` and `scribble_xdog` compare 8-bit values
+//! with theirs, where the integer part acts the same); blur_gaussian's sigma and
+//! tile_resample's rate stay numbers. Modules: `none`, `canny`, `invert`, `threshold`,
+//! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, their names and
+//! labels and sliders copied from the extension's `model_free_preprocessors.py` and
+//! `legacy/preprocessor_compiled.py`. `pixel_perfect` replaces the resolution by
 //! `external_code.pixel_perfect_resolution` of the uploaded image and the request's size, kept
 //! within 64..=2048 here (the native rule; the extension does not bound it).
 
@@ -18,63 +23,134 @@ use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use crate::api::query_bool;
 use crate::error::ApiError;
 use crate::validate::preprocessor::{
-    HIGH_DEFAULT, LOW_DEFAULT, RESOLUTION_DEFAULT, RESOLUTION_MAX, RESOLUTION_MIN, THRESHOLD_MAX,
-    THRESHOLD_MIN,
+    BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LOW_DEFAULT, RESOLUTION_DEFAULT, RESOLUTION_MAX,
+    RESOLUTION_MIN, THRESHOLD_MAX, THRESHOLD_MIN, TILE_RATE, XDOG_THRESHOLD,
 };
 
-/// A preprocessor's slider (`PreprocessorParameter.api_json`).
+/// A preprocessor's slider (`PreprocessorParameter.api_json`); the extension's
+/// `PreprocessorParameter` step is 0.01 where a module does not set one.
 struct Slider {
     name: &'static str,
-    value: u32,
-    min: u32,
-    max: u32,
-    step: u32,
+    value: f64,
+    min: f64,
+    max: f64,
+    step: f64,
 }
 
-/// `Preprocessor.slider_resolution` (the class default every preprocessor here keeps).
-const RESOLUTION: Slider = Slider {
-    name: "Resolution",
-    value: RESOLUTION_DEFAULT,
-    min: RESOLUTION_MIN,
-    max: RESOLUTION_MAX,
-    step: 8,
-};
+const fn slider(name: &'static str, (min, max, value): (f64, f64, f64), step: f64) -> Slider {
+    Slider {
+        name,
+        value,
+        min,
+        max,
+        step,
+    }
+}
 
-/// One module: its name, UI label and visible sliders (resolution, slider 1, slider 2).
+/// `Preprocessor.slider_resolution` (the class default every module here keeps visible but
+/// `invert`; the legacy modules set a `resolution` attribute the list never reads).
+const RESOLUTION: Slider = slider(
+    "Resolution",
+    (
+        RESOLUTION_MIN as f64,
+        RESOLUTION_MAX as f64,
+        RESOLUTION_DEFAULT as f64,
+    ),
+    8.0,
+);
+
+/// One module: its name, UI label and sliders (resolution, slider 1, slider 2), `None` where
+/// the extension hides one.
 struct Module {
     name: &'static str,
     label: &'static str,
     sliders: [Option<Slider>; 3],
 }
 
-/// In `get_sorted_preprocessors` order: `none`, then by priority and label, descending.
-const MODULES: [Module; 2] = [
+const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider>; 3]) -> Module {
     Module {
-        name: "none",
-        label: "none",
-        sliders: [Some(RESOLUTION), None, None],
-    },
-    Module {
-        name: "canny",
-        label: "canny",
-        sliders: [
+        name,
+        label,
+        sliders,
+    }
+}
+
+/// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
+/// lineart_standard, tile_resample 100; invert 20; the others 0) and label, descending
+/// (`color`, `t2ia_color_grid`, would come after threshold: not run here).
+const MODULES: [Module; 8] = [
+    module("none", "none", [Some(RESOLUTION), None, None]),
+    module(
+        "tile_resample",
+        "tile_resample",
+        [
             Some(RESOLUTION),
-            Some(Slider {
-                name: "Low Threshold",
-                value: LOW_DEFAULT,
-                min: THRESHOLD_MIN,
-                max: THRESHOLD_MAX,
-                step: 1,
-            }),
-            Some(Slider {
-                name: "High Threshold",
-                value: HIGH_DEFAULT,
-                min: THRESHOLD_MIN,
-                max: THRESHOLD_MAX,
-                step: 1,
-            }),
+            Some(slider("Down Sampling Rate", TILE_RATE, 0.01)),
+            None,
         ],
-    },
+    ),
+    module(
+        "lineart_standard",
+        "lineart_standard (from white bg & black line)",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "canny",
+        "canny",
+        [
+            Some(RESOLUTION),
+            Some(slider(
+                "Low Threshold",
+                (
+                    THRESHOLD_MIN as f64,
+                    THRESHOLD_MAX as f64,
+                    LOW_DEFAULT as f64,
+                ),
+                1.0,
+            )),
+            Some(slider(
+                "High Threshold",
+                (
+                    THRESHOLD_MIN as f64,
+                    THRESHOLD_MAX as f64,
+                    HIGH_DEFAULT as f64,
+                ),
+                1.0,
+            )),
+        ],
+    ),
+    module(
+        "invert",
+        "invert (from white bg & black line)",
+        [None, None, None],
+    ),
+    module(
+        "threshold",
+        "threshold",
+        [
+            Some(RESOLUTION),
+            Some(slider("Binarization Threshold", BINARY_THRESHOLD, 0.01)),
+            None,
+        ],
+    ),
+    module(
+        "scribble_xdog",
+        "scribble_xdog",
+        [
+            Some(RESOLUTION),
+            Some(slider("XDoG Threshold", XDOG_THRESHOLD, 0.01)),
+            None,
+        ],
+    ),
+    module(
+        "blur_gaussian",
+        "blur_gaussian",
+        [
+            Some(RESOLUTION),
+            Some(slider("Sigma", BLUR_SIGMA, 0.01)),
+            None,
+        ],
+    ),
 ];
 
 fn find(module: &str) -> Option<&'static Module> {
@@ -94,18 +170,14 @@ fn names() -> String {
 
 /// A slider's value as the unit's `bound_check_params` sets it: absent, null, -1 or out of
 /// range is the default. `key` names the field in errors.
-fn slider(v: Option<&Value>, s: &Slider, key: &str) -> Result<f64, String> {
+fn value(v: Option<&Value>, s: &Slider, key: &str) -> Result<f64, String> {
     let x = match v {
         None | Some(Value::Null) => -1.0,
         Some(v) => v
             .as_f64()
             .ok_or_else(|| format!("{key}: must be a number (-1 for the default)"))?,
     };
-    Ok(if x < f64::from(s.min) || x > f64::from(s.max) {
-        f64::from(s.value)
-    } else {
-        x
-    })
+    Ok(if x < s.min || x > s.max { s.value } else { x })
 }
 
 /// The preprocessor of `module` with the A1111 settings (`None` for `none`); `prefix` is
@@ -124,19 +196,42 @@ pub(super) fn preprocessor(
         )
     })?;
     let [res, a, b] = &found.sliders;
-    let value = |v, s: &Option<Slider>, key: &str| -> Result<u32, String> {
+    let setting = |v, s: &Option<Slider>, key: &str| -> Result<f64, String> {
         let s = s.as_ref().expect("the module's slider");
-        // `int(...)`: pydantic's for the resolution, the preprocessor's for the thresholds.
-        Ok(slider(v, s, &format!("{prefix}{key}"))?.trunc() as u32)
+        value(v, s, &format!("{prefix}{key}"))
     };
-    Ok(match found.name {
-        "canny" => Some(Preprocessor::Canny {
-            resolution: value(processor_res, res, "processor_res")?,
-            low_threshold: value(threshold_a, a, "threshold_a")?,
-            high_threshold: value(threshold_b, b, "threshold_b")?,
-        }),
-        _ => None,
-    })
+    // `int(...)`: pydantic's for the resolution; the thresholds compared with 8-bit values
+    // act as their integer part (`v > t` is `v > int(t)` for integers v, t >= 0).
+    let resolution =
+        || Ok::<_, String>(setting(processor_res, res, "processor_res")?.trunc() as u32);
+    let int_a = || Ok::<_, String>(setting(threshold_a, a, "threshold_a")?.trunc() as u32);
+    Ok(Some(match found.name {
+        "canny" => Preprocessor::Canny {
+            resolution: resolution()?,
+            low_threshold: int_a()?,
+            high_threshold: setting(threshold_b, b, "threshold_b")?.trunc() as u32,
+        },
+        "invert" => Preprocessor::Invert,
+        "threshold" => Preprocessor::Threshold {
+            threshold: int_a()?,
+            resolution: resolution()?,
+        },
+        "lineart_standard" => Preprocessor::LineartStandard {
+            resolution: resolution()?,
+        },
+        "scribble_xdog" => Preprocessor::ScribbleXdog {
+            threshold: int_a()?,
+            resolution: resolution()?,
+        },
+        "blur_gaussian" => Preprocessor::BlurGaussian {
+            sigma: setting(threshold_a, a, "threshold_a")?,
+            resolution: resolution()?,
+        },
+        "tile_resample" => Preprocessor::TileResample {
+            down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
+        },
+        _ => return Ok(None),
+    }))
 }
 
 /// `external_code.pixel_perfect_resolution`: the resolution at which the map comes out at the
@@ -154,25 +249,15 @@ pub(super) fn pixel_perfect_resolution(
     estimation.clamp(f64::from(RESOLUTION_MIN), f64::from(RESOLUTION_MAX)) as u32
 }
 
-/// `p` at `resolution`.
+/// `p` at `resolution` (unchanged for a module that takes none).
 pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
-    match p {
-        Preprocessor::Canny {
-            low_threshold,
-            high_threshold,
-            ..
-        } => Preprocessor::Canny {
-            low_threshold,
-            high_threshold,
-            resolution,
-        },
-    }
+    p.with_resolution(resolution)
 }
 
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `canny`), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `lineart_standard`, `canny`, `invert`, `threshold`, `scribble_xdog`, `blur_gaussian`), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
@@ -183,7 +268,7 @@ pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>
             .sliders
             .iter()
             .flatten()
-            .map(|s| json!({"name": s.name, "value": s.value, "min": s.min, "max": s.max, "step": s.step}))
+            .map(|s| json!({"name": s.name, "value": number(s.value), "min": number(s.min), "max": number(s.max), "step": number(s.step)}))
             .collect();
         // `model_free` is the extension's `do_not_need_model`: false for these.
         detail.insert(
@@ -195,6 +280,15 @@ pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>
         "module_list": MODULES.iter().map(name).collect::<Vec<_>>(),
         "module_detail": detail,
     })))
+}
+
+/// A whole number as a JSON integer (as the extension's integer settings), else a float.
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
 }
 
 #[cfg(test)]
@@ -226,9 +320,95 @@ mod tests {
             e.starts_with("[1].module: the preprocessor \"depth_midas\""),
             "{e}"
         );
-        assert!(e.contains("\"none\", \"canny\""), "{e}");
+        assert!(
+            e.contains("\"none\", \"tile_resample\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"scribble_xdog\", \"blur_gaussian\""),
+            "{e}"
+        );
         let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].").unwrap_err();
         assert!(e.starts_with("[0].processor_res: must be a number"), "{e}");
+    }
+
+    #[test]
+    fn the_other_modules_take_their_sliders_as_the_extension_s() {
+        let p = |m: &str, res: Value, a: Value| {
+            preprocessor(m, Some(&res), Some(&a), None, "[0].")
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(p("invert", json!(-1), json!(-1)), Preprocessor::Invert);
+        // Found by label too.
+        assert_eq!(
+            p("INVERT (from white bg & black line)", json!(1), json!(1)),
+            Preprocessor::Invert
+        );
+        assert_eq!(
+            p("threshold", json!(-1), json!(-1)),
+            Preprocessor::Threshold {
+                threshold: 127,
+                resolution: 512
+            }
+        );
+        assert_eq!(
+            p("threshold", json!(100), json!(0)),
+            Preprocessor::Threshold {
+                threshold: 0,
+                resolution: 100
+            }
+        );
+        assert_eq!(
+            p("scribble_xdog", json!(64), json!(0.5)),
+            Preprocessor::ScribbleXdog {
+                threshold: 32,
+                resolution: 64
+            }
+        );
+        assert_eq!(
+            p("scribble_xdog", json!(64), json!(10.9)),
+            Preprocessor::ScribbleXdog {
+                threshold: 10,
+                resolution: 64
+            }
+        );
+        assert_eq!(
+            p("blur_gaussian", json!(-1), json!(2.25)),
+            Preprocessor::BlurGaussian {
+                sigma: 2.25,
+                resolution: 512
+            }
+        );
+        assert_eq!(
+            p("blur_gaussian", json!(-1), json!(65)),
+            Preprocessor::BlurGaussian {
+                sigma: 9.0,
+                resolution: 512
+            }
+        );
+        assert_eq!(
+            p("tile_resample", json!(-1), json!(-1)),
+            Preprocessor::TileResample {
+                down_sampling_rate: 1.0
+            }
+        );
+        assert_eq!(
+            p(
+                "lineart_standard (from white bg & black line)",
+                json!(256),
+                json!(3)
+            ),
+            Preprocessor::LineartStandard { resolution: 256 }
+        );
+        // Pixel perfect leaves the modules without a resolution as they are.
+        assert_eq!(
+            at_resolution(Preprocessor::Invert, 300),
+            Preprocessor::Invert
+        );
+        assert_eq!(
+            at_resolution(p("threshold", json!(-1), json!(9)), 300),
+            Preprocessor::Threshold {
+                threshold: 9,
+                resolution: 300
+            }
+        );
     }
 
     #[test]

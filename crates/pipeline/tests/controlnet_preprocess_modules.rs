@@ -1,0 +1,251 @@
+//! The extension's other model-free preprocessors (invert, threshold, lineart_standard,
+//! scribble_xdog, blur_gaussian, tile_resample) against its own functions on OpenCV 4.10
+//! (`tools/make_preprocess_module_fixtures.py`). Each module twice: on the reference's own
+//! padded image (the operation alone: exact for the integer ones, within a stated bound for
+//! the float blurs), and whole from the photo (exact where the area resize runs; where the
+//! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use common::fixture_path;
+use sdserve_pipeline::controlnet::preprocess::{
+    blur_gaussian, lineart_standard, scribble_xdog, threshold, Padded, Preprocessor,
+};
+use sdserve_pipeline::pipeline::RgbImage;
+
+struct Refs {
+    tensors: HashMap<String, Tensor>,
+    cases: Vec<serde_json::Value>,
+}
+
+fn refs() -> Refs {
+    let tensors = candle_core::safetensors::load(
+        fixture_path("preprocess-modules.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("tools/make_preprocess_module_fixtures.py output");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("preprocess-modules.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = json["cases"].as_array().unwrap().clone();
+    Refs { tensors, cases }
+}
+
+impl Refs {
+    fn image(&self, key: &str) -> RgbImage {
+        let t = &self.tensors[key];
+        let (h, w, _) = t.dims3().unwrap();
+        RgbImage {
+            width: w as u32,
+            height: h as u32,
+            pixels: t.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+        }
+    }
+
+    /// The reference's padded image and the size the pad is cropped to.
+    fn padded(&self, name: &str, res: u32, map: &RgbImage) -> Padded {
+        Padded {
+            image: self.image(&format!("padded.{name}.{res}")),
+            width: map.width as usize,
+            height: map.height as usize,
+        }
+    }
+
+    fn of(&self, module: &str) -> Vec<Case> {
+        let cases: Vec<Case> = self
+            .cases
+            .iter()
+            .filter(|c| c["module"] == module)
+            .map(|c| {
+                let name = c["image"].as_str().unwrap().to_string();
+                Case {
+                    image: self.image(&format!("image.{name}")),
+                    want: self.image(c["key"].as_str().unwrap()),
+                    resolution: c["resolution"].as_u64().unwrap() as u32,
+                    setting: c["setting"].as_f64(),
+                    name,
+                }
+            })
+            .collect();
+        assert!(cases.len() >= 5, "{module}: {} cases", cases.len());
+        cases
+    }
+}
+
+struct Case {
+    name: String,
+    image: RgbImage,
+    want: RgbImage,
+    resolution: u32,
+    setting: Option<f64>,
+}
+
+impl Case {
+    fn enlarged(&self) -> bool {
+        self.resolution > self.image.width.min(self.image.height)
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{} res {} setting {:?}",
+            self.name, self.resolution, self.setting
+        )
+    }
+}
+
+/// Values (not pixels) that differ, and the largest difference.
+fn compare(got: &RgbImage, want: &RgbImage, label: &str) -> (usize, u8) {
+    assert_eq!(
+        (got.width, got.height),
+        (want.width, want.height),
+        "{label}"
+    );
+    let diffs: Vec<u8> = got
+        .pixels
+        .iter()
+        .zip(&want.pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .filter(|&d| d > 0)
+        .collect();
+    (diffs.len(), diffs.into_iter().max().unwrap_or(0))
+}
+
+fn whites(m: &RgbImage) -> usize {
+    m.pixels.iter().filter(|&&v| v == 255).count()
+}
+
+#[test]
+fn invert_is_exact() {
+    let refs = refs();
+    for c in refs.of("invert") {
+        let got = Preprocessor::Invert.run(&c.image);
+        assert_eq!(compare(&got, &c.want, &c.label()), (0, 0), "{}", c.label());
+    }
+}
+
+#[test]
+fn threshold_is_exact_on_the_padded_image_and_whole_where_the_area_resize_runs() {
+    let refs = refs();
+    let mut seen = 0;
+    for c in refs.of("threshold") {
+        let t = c.setting.unwrap().trunc() as u32;
+        let op = threshold(&refs.padded(&c.name, c.resolution, &c.want), t);
+        assert_eq!(compare(&op, &c.want, &c.label()), (0, 0), "{}", c.label());
+        let whole = Preprocessor::Threshold {
+            threshold: t,
+            resolution: c.resolution,
+        }
+        .run(&c.image);
+        let (n, _) = compare(&whole, &c.want, &c.label());
+        if c.enlarged() {
+            // A cubic value one level off flips a pixel only when it sits on the threshold.
+            assert!(n * 200 <= c.want.pixels.len(), "{}: {n}", c.label());
+        } else {
+            assert_eq!(n, 0, "{}", c.label());
+        }
+        seen += whites(&c.want);
+    }
+    assert!(seen > 1000, "{seen}");
+}
+
+#[test]
+fn blur_gaussian_is_opencv_s_fixed_point_blur_bit_for_bit() {
+    let refs = refs();
+    for c in refs.of("blur_gaussian") {
+        let sigma = c.setting.unwrap();
+        let op = blur_gaussian(&refs.padded(&c.name, c.resolution, &c.want), sigma);
+        assert_eq!(compare(&op, &c.want, &c.label()), (0, 0), "{}", c.label());
+        let whole = Preprocessor::BlurGaussian {
+            sigma,
+            resolution: c.resolution,
+        }
+        .run(&c.image);
+        let (n, worst) = compare(&whole, &c.want, &c.label());
+        if c.enlarged() {
+            assert!(worst <= 1, "{}: {worst}", c.label());
+        } else {
+            assert_eq!(n, 0, "{}", c.label());
+        }
+    }
+}
+
+/// A map's values that differ, and the share allowed (the whole module where the cubic
+/// resize runs: its values one level off can cross a threshold).
+fn binary_within(got: &RgbImage, want: &RgbImage, per_mille: usize, label: &str) {
+    let (n, _) = compare(got, want, label);
+    assert!(
+        n * 1000 <= want.pixels.len() * per_mille,
+        "{label}: {n} of {} values differ",
+        want.pixels.len()
+    );
+}
+
+// The float blurs: OpenCV's SIMD sums in an order of its own in places, so the code states
+// a bound (a value within float rounding of a truncation or threshold can fall on the other
+// side); on every case here they agree exactly, which the tests hold.
+
+#[test]
+fn scribble_xdog_is_the_extension_s() {
+    let refs = refs();
+    let mut seen = 0;
+    for c in refs.of("scribble_xdog") {
+        let t = c.setting.unwrap().trunc() as u32;
+        let op = scribble_xdog(&refs.padded(&c.name, c.resolution, &c.want), t);
+        assert_eq!(compare(&op, &c.want, &c.label()), (0, 0), "{}", c.label());
+        let whole = Preprocessor::ScribbleXdog {
+            threshold: t,
+            resolution: c.resolution,
+        }
+        .run(&c.image);
+        if c.enlarged() {
+            binary_within(&whole, &c.want, 10, &c.label());
+        } else {
+            assert_eq!(whole, c.want, "{}", c.label());
+        }
+        seen += whites(&c.want);
+    }
+    assert!(seen > 1000, "{seen}");
+}
+
+#[test]
+fn lineart_standard_is_the_extension_s() {
+    let refs = refs();
+    let mut lines = 0;
+    for c in refs.of("lineart_standard") {
+        let op = lineart_standard(&refs.padded(&c.name, c.resolution, &c.want));
+        assert_eq!(compare(&op, &c.want, &c.label()), (0, 0), "{}", c.label());
+        let whole = Preprocessor::LineartStandard {
+            resolution: c.resolution,
+        }
+        .run(&c.image);
+        let (n, worst) = compare(&whole, &c.want, &c.label());
+        if c.enlarged() {
+            // The median divides every value: a cubic level moves it a little.
+            assert!(
+                worst <= 4 && n * 20 <= c.want.pixels.len(),
+                "{}: {n}, {worst}",
+                c.label()
+            );
+        } else {
+            assert_eq!((n, worst), (0, 0), "{}", c.label());
+        }
+        lines += c.want.pixels.iter().filter(|&&v| v > 100).count();
+    }
+    assert!(lines > 300, "{lines}");
+}
+
+#[test]
+fn tile_resample_is_exact() {
+    let refs = refs();
+    for c in refs.of("tile_resample") {
+        let got = Preprocessor::TileResample {
+            down_sampling_rate: c.setting.unwrap(),
+        }
+        .run(&c.image);
+        assert_eq!(compare(&got, &c.want, &c.label()), (0, 0), "{}", c.label());
+    }
+}
