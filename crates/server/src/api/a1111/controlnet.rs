@@ -6,7 +6,8 @@
 //! A unit (`external_code.to_processing_unit`: a dict, `input_image` for `image`, `guidance`
 //! for `guidance_end`) runs when `enabled` (default true). Preprocessor `module`: `none` (the
 //! image is the control map itself) or a model-free one this server runs (`controlnet_modules`:
-//! `canny`, with `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here
+//! `canny`, `invert`, `threshold`, `lineart_standard`, `scribble_xdog`, `blur_gaussian`,
+//! `tile_resample`, with `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here
 //! and then fitted by the resize mode below (the native unit gets the map, its validated unit
 //! the preprocessor); others are a 422 naming the module. `control_mode`:
 //! only `Balanced` (0), which is diffusers' semantics; the extension's other two modes are a
