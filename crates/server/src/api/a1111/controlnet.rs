@@ -193,11 +193,11 @@ pub fn native_units(
             .filter(|m| !m.is_empty() && *m != "None")
             .ok_or_else(|| bad(format!("[{i}].model: a ControlNet model name is required")))?;
         let own = own_image(unit, i)?;
-        // Without an image of its own a unit takes img2img's init image, fitted as A1111 fits
-        // that (`p.resize_mode`; Just Resize here, as the server runs the init image).
+        // Without an image of its own a unit takes img2img's init image, fitted by A1111's
+        // `resize_mode` as the extension reads it.
         let (image, mode) = match (own, img2img) {
             (Some(own), _) => (Source::Own(own), resize_mode(unit.get("resize_mode"), i)?),
-            (None, Some(input)) => (Source::Init(&input.init), ResizeMode::Resize),
+            (None, Some(input)) => (Source::Init(&input.init), input.init_fit),
             (None, None) => return Err(bad(format!("[{i}].image: a base64 image is required"))),
         };
         // "Only masked" inpainting: the image cut to the repainted region first

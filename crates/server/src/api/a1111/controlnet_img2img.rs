@@ -1,6 +1,6 @@
 //! What img2img gives the sd-webui-controlnet extension's units (its `scripts/controlnet.py`):
 //! a unit without an image of its own takes the init image (`choose_input_image`; its resize
-//! mode then A1111's for the init image, which this server always runs as Just Resize), and
+//! mode then A1111's `resize_mode`, `resize_mode_from_value`), and
 //! with a mask and "only masked" (`inpaint_full_res`, A1111's default) each unit's image is
 //! cut to the region A1111 repaints before its preprocessor runs
 //! (`try_crop_image_with_a1111_mask`, while the unit's `inpaint_crop_input_image`, true by
@@ -23,6 +23,9 @@ use super::controlnet::ResizeMode;
 /// to.
 pub struct Img2ImgInput {
     pub init: RgbImage,
+    /// How a unit without an image fits `init`: A1111's `resize_mode` as the extension reads
+    /// it (`resize_mode_from_value(p.resize_mode)`).
+    pub init_fit: ResizeMode,
     pub crop: Option<MaskCrop>,
 }
 
@@ -57,6 +60,7 @@ pub fn input(
     inpaint: Option<&Value>,
     width: usize,
     height: usize,
+    init_fit: ResizeMode,
 ) -> Result<Img2ImgInput, ApiError> {
     let decode = |field: &str, v: Option<&Value>| {
         let text = v.and_then(Value::as_str).unwrap_or_default();
@@ -75,7 +79,11 @@ pub fn input(
             Some(mask_crop(&mask, o, width, height)?)
         }
     };
-    Ok(Img2ImgInput { init, crop })
+    Ok(Img2ImgInput {
+        init,
+        init_fit,
+        crop,
+    })
 }
 
 /// The extension's `prepare_mask` and crop region for a `width` x `height` request.

@@ -83,8 +83,14 @@ fn only_masked_cuts_each_unit_s_image_as_the_extension() {
         assert!(!t.valid.controlnets[0].inpaint_crop, "{name}");
         // The region the extension cut.
         let b = body(case, json!({}));
-        let input =
-            super::input(b.as_object().unwrap(), t.native.get("inpaint"), 256, 256).unwrap();
+        let input = super::input(
+            b.as_object().unwrap(),
+            t.native.get("inpaint"),
+            256,
+            256,
+            super::ResizeMode::Resize,
+        )
+        .unwrap();
         let (x1, y1, x2, y2) = input.crop.unwrap().region;
         assert_eq!(json!([x1, y1, x2, y2]), case["region"], "{name}");
     }

@@ -17,6 +17,7 @@ mod controlnet_fit;
 mod controlnet_img2img;
 mod controlnet_modules;
 pub mod extras;
+mod img2img_resize;
 pub mod info;
 mod listings;
 mod progress;

@@ -119,6 +119,14 @@ pub struct A1111Request {
     /// "Only masked" padding in pixels.
     #[schema(default = 0, minimum = 0, maximum = 256, nullable = true)]
     pub inpaint_full_res_padding: Option<u32>,
+    /// img2img: how the init image is fitted to width x height (A1111's `images.resize_image`):
+    /// 0 Just resize (stretched), 1 Crop and resize (scaled to cover, centre cropped), 2 Resize
+    /// and fill (scaled to fit, borders filled with its stretched edges). With "only masked" it
+    /// changes nothing (the mask's region is cut at the upload's size); with a mask over the
+    /// whole picture only 0 runs, and 3 (the latent upscale) is refused: a 422 naming it.
+    /// ControlNet units without an image fit the init image by the same mode.
+    #[schema(default = 0, minimum = 0, maximum = 3, nullable = true)]
+    pub resize_mode: Option<u8>,
     /// 1: repaint what the mask leaves black ("Inpaint not masked").
     #[schema(default = 0, minimum = 0, maximum = 1, nullable = true)]
     pub inpainting_mask_invert: Option<u8>,

@@ -79,8 +79,9 @@ pub const FIELD_NAMES: [(&str, &str); 21] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 40] = [
+const USED: [&str; 41] = [
     "enable_hr",
+    "resize_mode",
     "hr_scale",
     "hr_resize_x",
     "hr_resize_y",
@@ -299,6 +300,8 @@ pub fn translate(
         }
     }
 
+    // How a ControlNet unit without an image fits the init image (A1111's `resize_mode`).
+    let mut init_fit = super::controlnet_fit::ResizeMode::Resize;
     if mode == Mode::Img2Img {
         let images = match get(body, "init_images") {
             Some(Value::Array(a)) => a,
@@ -346,6 +349,14 @@ pub fn translate(
             native.insert("mask_image".into(), mask.clone());
             native.insert("inpaint".into(), inpaint_options(body));
         }
+        let side = |k: &str| {
+            native
+                .get(k)
+                .and_then(Value::as_u64)
+                .unwrap_or(SIZE_DEFAULT)
+        };
+        let (w, h) = (side("width"), side("height"));
+        init_fit = super::img2img_resize::fit_init_image(body, &mut native, w, h)?;
     }
 
     // Variation seed: `subseed` -1 (or absent) draws one now, as A1111's `fix_seed` does;
@@ -390,6 +401,7 @@ pub fn translate(
                 native.get("inpaint"),
                 size("width"),
                 size("height"),
+                init_fit,
             )?)
         }
         _ => None,
