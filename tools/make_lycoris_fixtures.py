@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""LyCORIS references (LoHa, LoKr, IA3, GLoRA, full diffs, LoCon's CP form, DoRA) for the tiny model, with A1111's
+"""LyCORIS references (LoHa, LoKr, IA3, GLoRA, full diffs, LoCon's CP form, DoRA, OFT/BOFT, norm layers) for the
+tiny model, with A1111's
 own module code: crates/pipeline/tests/lycoris.rs and crates/server/tests/lycoris_http.rs.
 
 A1111's Lora extension runs here, imported from a checkout of
 AUTOMATIC1111/stable-diffusion-webui (not copied): extensions-builtin/Lora/network.py
 (`NetworkModule.finalize_updown`, `calc_scale`: the file's `scale`, else `alpha / dim`, else 1;
 `multiplier`), network_lora.py (with `lora_mid`), network_hada.py, network_lokr.py,
-network_full.py and lyco_helpers.py, with small stubs for the webui's `modules` they import.
+network_full.py, network_norm.py, network_oft.py and lyco_helpers.py, with small stubs for the webui's `modules` they import.
 Each layer's delta is `calc_updown(weight)`, what `networks.network_apply_weights` adds to the
 weight; the module types are tried in networks.py's order.
 
@@ -41,16 +42,31 @@ files in the layouts LyCORIS saves (kohya key names, lora_unet_* and lora_te_*),
   glora.safetensors   GLoRA (`a1`, `a2`, `b1`, `b2`: A1111's `b2 @ b1 + (W @ a2) @ a1`; its
                       alpha is required and not used) on attention and feed-forward linears
                       (one with a `scale`, one with DoRA) and a text encoder layer
-  oft.safetensors, bias.safetensors
-                      types A1111 loads and this server refuses by name (OFT, a LoHa with a
-                      diff_b that A1111 ignores)
+  oft.safetensors     OFT as LyCORIS saves it (`oft_blocks` [blocks, n, n], `alpha` the
+                      constraint, optional `rescale` [out, 1, ...]): A1111's Cayley rotation of each
+                      block of output rows, `R^T W`, minus W; the constraint clamping the norm
+                      (one layer), not reached (one), absent (one); a rescale; a 3x3 conv; DoRA
+                      on one layer; a text encoder layer
+  boft.safetensors    BOFT (`oft_blocks` [m, blocks, b, b]): A1111's butterfly of m rotations, with
+                      a constraint and a rescale, on linears, a conv and a text encoder layer
+  oft_diag.safetensors
+                      the old LyCORIS OFT (`oft_diag`: R itself, no Cayley, alpha not used)
+  norm.safetensors    norm-layer diffs (`w_norm`, `b_norm`: added to a GroupNorm's or LayerNorm's
+                      weight and bias, the weight's times calc_scale and the multiplier, the
+                      bias's times the multiplier): resnets' and attentions' GroupNorms,
+                      transformer blocks' LayerNorms, text encoder layer norms; one with a
+                      `scale`, one with an unused alpha; a full diff with diff_b on a norm
+  bias.safetensors, norm_half.safetensors
+                      types A1111 loads and this server refuses by name (a LoHa with a diff_b
+                      that A1111 ignores; a norm module with w_norm and no b_norm, which no
+                      A1111 module type takes)
 and beside that folder:
   lycoris.safetensors / lycoris.json
                       delta.<file>.<part>.<module>: A1111's delta for a layer of each form, at
-                      multiplier 1 (delta.<...>.<module>.bias: its ex_bias, for a diff_b; DoRA's
-                      IA3's and GLoRA's from tiny-a's weights); delta.<case>.<part>.<module>: a
-                      case's whole change of each DoRA, IA3 or GLoRA layer's weight (cases of
-                      several files);
+                      multiplier 1 (delta.<...>.<module>.bias: its ex_bias, for a diff_b or a
+                      b_norm; DoRA's, IA3's, GLoRA's and OFT's from tiny-a's weights);
+                      delta.<case>.<part>.<module>: a case's whole change of each DoRA, IA3,
+                      GLoRA or OFT layer's weight (cases of several files);
                       image.base and image.<case>: diffusers images (64x64, euler)
                       with A1111's deltas for the case's files and multipliers added to the
                       weights
@@ -95,11 +111,18 @@ CASES = {
     "loha_ia3": [("loha", 0.6), ("ia3", -0.8)],
     "glora": [("glora", 1.0)],
     "loha_glora": [("loha", 0.6), ("glora", 0.8)],
+    "oft": [("oft", 0.8)],
+    "boft": [("boft", 1.0)],
+    "oft_diag": [("oft_diag", 0.9)],
+    "norm": [("norm", 0.8)],
+    # OFT rotates the weight the earlier files left; norm diffs add up with the others.
+    "loha_oft": [("loha", 0.6), ("oft", -0.7)],
+    "lokr_norm_boft": [("lokr", 0.5), ("norm", 1.0), ("boft", 0.6)],
 }
 # The files whose deltas depend on the weight (a case of several files keeps their whole change).
-FROM_WEIGHT = {"dora", "ia3", "glora"}
+FROM_WEIGHT = {"dora", "ia3", "glora", "oft", "boft", "oft_diag"}
 A1111_SOURCES = ["network.py", "network_lora.py", "network_hada.py", "network_ia3.py", "network_lokr.py",
-                 "network_full.py", "network_glora.py", "lyco_helpers.py"]
+                 "network_full.py", "network_norm.py", "network_glora.py", "network_oft.py", "lyco_helpers.py"]
 
 
 def a1111(root):
@@ -122,12 +145,14 @@ def a1111(root):
     mods["modules.models.sd3.mmdit"].QkvLinear = type("QkvLinear", (torch.nn.Linear,), {})
     sys.path.insert(0, lora_dir)
     import network, network_full, network_glora, network_hada, network_ia3, network_lokr, network_lora  # noqa: E401
+    import network_norm, network_oft  # noqa: E401
     digests = {}
     for f in A1111_SOURCES:
         with open(os.path.join(lora_dir, f), "rb") as fh:
             digests[f] = hashlib.sha256(fh.read()).hexdigest()
     module_types = [network_lora.ModuleTypeLora(), network_hada.ModuleTypeHada(), network_ia3.ModuleTypeIa3(),
-                    network_lokr.ModuleTypeLokr(), network_full.ModuleTypeFull(), network_glora.ModuleTypeGLora()]
+                    network_lokr.ModuleTypeLokr(), network_full.ModuleTypeFull(), network_norm.ModuleTypeNorm(),
+                    network_glora.ModuleTypeGLora(), network_oft.ModuleTypeOFT()]
     return network, module_types, digests
 
 
@@ -216,13 +241,50 @@ def glora(m, g, rank):
             "b1.weight": torch.randn(rank, inp, generator=g), "b2.weight": torch.randn(out, rank, generator=g)}
 
 
+def rescale_of(m, g):
+    """LyCORIS's `rescale` (`rescaled=True`): one factor per output row, `[out, 1, ...]`."""
+    shape = [m.weight.shape[0]] + [1] * (m.weight.dim() - 1)
+    return 1 + 0.2 * torch.randn(shape, generator=g)
+
+
+def oft(m, g, blocks, spread, rescale=False):
+    """LyCORIS's OFT (diag-oft): `oft_blocks` [blocks, n, n], n = out / blocks."""
+    out = m.weight.shape[0]
+    w = {"oft_blocks": torch.randn(blocks, out // blocks, out // blocks, generator=g) * spread}
+    if rescale:
+        w["rescale"] = rescale_of(m, g)
+    return w
+
+
+def boft(m, g, steps, size, spread, rescale=False):
+    """LyCORIS's BOFT: `oft_blocks` [m, out / b, b, b], m butterfly steps of blocks of size b."""
+    out = m.weight.shape[0]
+    w = {"oft_blocks": torch.randn(steps, out // size, size, size, generator=g) * spread}
+    if rescale:
+        w["rescale"] = rescale_of(m, g)
+    return w
+
+
+def oft_diag(m, g, blocks, spread):
+    """The old LyCORIS OFT: `oft_diag` [blocks, n, n] is R itself (A1111's is_R)."""
+    n = m.weight.shape[0] // blocks
+    return {"oft_diag": torch.eye(n).expand(blocks, n, n) + torch.randn(blocks, n, n, generator=g) * spread}
+
+
+def norm(m, g):
+    """LyCORIS's norm module: `w_norm` and `b_norm`, of the norm's weight and bias shapes."""
+    return {"w_norm": torch.randn(m.weight.shape, generator=g) * 0.4,
+            "b_norm": torch.randn(m.bias.shape, generator=g) * 0.4}
+
+
 def full(m, g, bias=False):
     w = {"diff": torch.randn(m.weight.shape, generator=g)}
     if bias:
         # From a generator of its own: the other layers' tensors stay as they were.
         gb = torch.Generator().manual_seed(500 + m.weight.numel())
-        # A third of the bias's spread (at least of the weight's: some biases start at zero).
-        spread = max(m.bias.std().item(), m.weight.std().item())
+        # A third of the bias's spread (at least of the weight's: some biases start at zero; a
+        # norm's weight starts as ones, and then its size).
+        spread = max(m.bias.std().item(), m.weight.std().item()) or m.weight.abs().mean().item()
         w["diff_b"] = torch.randn(m.bias.shape, generator=gb) * 0.33 * spread
     return w
 
@@ -257,7 +319,8 @@ def attention_paths(unet, blocks):
 def layer_plan(unet):
     """file -> [(part, module path, form, builder kwargs, alpha, extra keys)]"""
     te0 = "text_model.encoder.layers.0"
-    plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": [], "ia3": [], "glora": []}
+    plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": [], "ia3": [], "glora": [], "oft": [],
+            "boft": [], "oft_diag": [], "norm": []}
     for p in attention_paths(unet, ["down_blocks.0", "up_blocks.1"]):
         plan["loha"].append(("unet", p, "loha", dict(rank=4), 2.0, {}))
     plan["loha"] += [
@@ -333,11 +396,48 @@ def layer_plan(unet):
         ("unet", f"{t0}.attn1.to_v", "glora", dict(rank=2), 1.0, {"dora": "in"}),
         ("te", "text_model.encoder.layers.0.self_attn.v_proj", "glora", dict(rank=2), 1.0, {}),
     ]
+    # OFT's alpha is its constraint: the norm of the skew blocks clamped to alpha * out.
+    plan["oft"] += [
+        ("unet", f"{t0}.attn1.to_q", "oft", dict(blocks=4, spread=0.05), 0.02, {}),  # clamped
+        ("unet", f"{t0}.attn1.to_k", "oft", dict(blocks=8, spread=0.05), 1.0, {}),  # not reached
+        ("unet", f"{t0}.attn2.to_v", "oft", dict(blocks=2, spread=0.03), None, {}),  # no constraint
+        ("unet", f"{t0}.ff.net.0.proj", "oft", dict(blocks=8, spread=0.05, rescale=True), 0.0, {}),
+        ("unet", f"{t0}.ff.net.2", "oft", dict(blocks=4, spread=0.05), None, {"dora": "in"}),
+        ("unet", f"{d0}.proj_in", "oft", dict(blocks=4, spread=0.05), None, {"scale": 0.5}),  # scale not used
+        ("unet", "down_blocks.0.resnets.0.conv1", "oft", dict(blocks=8, spread=0.05), None, {}),
+        ("te", "text_model.encoder.layers.0.self_attn.q_proj", "oft", dict(blocks=4, spread=0.05), None, {}),
+    ]
+    plan["boft"] += [
+        ("unet", f"{t0}.attn1.to_q", "boft", dict(steps=2, size=4, spread=0.1), None, {}),
+        ("unet", f"{t0}.attn1.to_v", "boft", dict(steps=3, size=4, spread=0.1), 0.01, {}),
+        ("unet", f"{t0}.attn2.to_out.0", "boft", dict(steps=2, size=8, spread=0.05, rescale=True), None, {}),
+        ("unet", "down_blocks.0.resnets.1.conv2", "boft", dict(steps=2, size=4, spread=0.1), None, {}),
+        ("te", "text_model.encoder.layers.1.self_attn.out_proj", "boft", dict(steps=2, size=4, spread=0.1),
+         None, {}),
+    ]
+    plan["oft_diag"] += [
+        ("unet", f"{t0}.attn1.to_k", "oft_diag", dict(blocks=4, spread=0.1), 1.0, {}),  # alpha not used
+        ("unet", "up_blocks.1.resnets.0.conv2", "oft_diag", dict(blocks=8, spread=0.1), None, {}),
+        ("te", "text_model.encoder.layers.1.self_attn.v_proj", "oft_diag", dict(blocks=2, spread=0.1), None, {}),
+    ]
+    plan["norm"] += [
+        ("unet", "down_blocks.0.resnets.0.norm1", "norm", {}, None, {}),
+        ("unet", "down_blocks.1.resnets.1.norm2", "norm", {}, 2.0, {}),  # an alpha a norm does not use
+        ("unet", f"{d0}.norm", "norm", {}, None, {"scale": 0.5}),
+        ("unet", f"{t0}.norm1", "norm", {}, None, {}),
+        ("unet", "mid_block.attentions.0.transformer_blocks.0.norm3", "norm", {}, None, {}),
+        ("unet", "up_blocks.0.resnets.2.norm1", "norm", {}, None, {}),
+        ("unet", "up_blocks.1.attentions.2.transformer_blocks.0.norm2", "full", dict(bias=True), None, {}),
+        ("te", "text_model.encoder.layers.0.layer_norm1", "norm", {}, None, {}),
+        ("te", "text_model.encoder.layers.1.layer_norm2", "norm", {}, None, {}),
+    ]
     return plan
 
 
 BUILDERS = {"loha": loha, "lokr": lokr, "full": full, "locon_cp": locon_cp, "lora": lora, "ia3": ia3,
-            "glora": glora}
+            "glora": glora, "oft": oft, "boft": boft, "oft_diag": oft_diag, "norm": norm}
+# Forms whose spread is set by their builder (a rotation's size, a norm's diff), not scaled.
+UNSCALED = {"oft", "boft", "oft_diag", "norm"}
 # One layer of each form whose delta is kept in the reference (the images cover all of them).
 KEPT = {
     "loha": ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "down_blocks.0.attentions.0.proj_in",
@@ -355,6 +455,10 @@ KEPT = {
     "dora": None,  # every layer (each is a form of its own)
     "ia3": None,
     "glora": None,
+    "oft": None,
+    "boft": None,
+    "oft_diag": None,
+    "norm": None,
 }
 
 
@@ -394,7 +498,16 @@ def build_files(a, pipe, out):
             key = kohya_key(part, path)
             # The delta a fifth of the weight's spread (a third for the full diffs' few layers).
             # IA3's as large as the weight (it scales a few layers' rows or columns by 1 + w), GLoRA's half.
-            target = {"full": 0.33, "ia3": 1.0, "glora": 0.5}.get(form, 0.2) * m.weight.std().item()
+            # (A norm's weight starts as ones: its spread is its size.)
+            spread = m.weight.std().item() or m.weight.abs().mean().item()
+            target = {"full": 0.33, "ia3": 1.0, "glora": 0.5}.get(form, 0.2) * spread
+            if form in UNSCALED:
+                if dora:
+                    w["dora_scale"] = dora_scale(m, dora, g)
+                for k, v in w.items():
+                    sd[f"{key}.{k}"] = v.contiguous()
+                kept.append((part, path, key, w))
+                continue
             got = calc_updown(a, key, w, m, part, 1.0)[0].std().item()
             # GLoRA's updown is linear in a1 and b2 together (b2 @ b1 + (W @ a2) @ a1).
             leads = ["a1.weight", "b2.weight"] if form == "glora" else [next(k for k in LEADING if k in w)]
@@ -415,9 +528,10 @@ def build_files(a, pipe, out):
 def refused_files(pipe, out):
     g = torch.Generator().manual_seed(399)
     attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-    key = kohya_key("unet", f"{attn}.to_k")
+    norm1 = kohya_key("unet", "down_blocks.0.attentions.0.transformer_blocks.0.norm1")
     files = {
-        "oft": {f"{key}.oft_blocks": torch.randn(4, 8, 8, generator=g) * 0.01, f"{key}.alpha": torch.tensor(0.0)},
+        # A1111's norm module takes w_norm and b_norm together; no module type takes w_norm alone.
+        "norm_half": {f"{norm1}.w_norm": torch.randn(32, generator=g) * 0.1},
         # A1111 reads diff_b only with a full diff (network_full.py); a LoHa ignores it.
         "bias": {**{f"{kohya_key('unet', attn + '.to_out.0')}.{k}": v * 0.1
                     for k, v in loha(dict(pipe.unet.named_modules())[f"{attn}.to_out.0"], g, 2).items()},
@@ -507,7 +621,7 @@ def main():
     meta = {"generated_by": "tools/make_lycoris_fixtures.py", "base_model": "tiny-a", "request": REQUEST,
             "cases": CASES, "a1111_sources_sha256": a[2],
             "layers": {name: len(kept) for name, kept in layers.items()},
-            "refused": {"oft": "oft", "bias": "bias"}}
+            "refused": {"norm_half": "norm", "bias": "bias"}}
     with open(os.path.join(args.out, "lycoris.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")

@@ -413,6 +413,12 @@ impl ClipTextModel {
             ] {
                 out.push((format!("{p}.{name}"), Target::Dense(d)));
             }
+            for (name, n) in [
+                ("layer_norm1", &l.layer_norm1),
+                ("layer_norm2", &l.layer_norm2),
+            ] {
+                out.push((format!("{p}.{name}"), Target::Norm(&n.weight, &n.bias)));
+            }
         }
         crate::lora::with_biases(out)
     }

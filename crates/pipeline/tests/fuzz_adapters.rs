@@ -1,6 +1,6 @@
 //! Property-based fuzzing of the adapter files a server reads from `LORA_DIR` and
 //! `EMBEDDINGS_DIR`, which may come from strangers: LoRA `.safetensors` (kohya and PEFT key
-//! styles, LyCORIS LoHa/LoKr/full/CP modules, DoRA) and textual-inversion embeddings (A1111 `.pt` through the pickle reader,
+//! styles, LyCORIS LoHa/LoKr/full/CP/IA3/GLoRA/OFT/BOFT/norm modules, DoRA) and textual-inversion embeddings (A1111 `.pt` through the pickle reader,
 //! `.safetensors` `emb_params`). Files are the committed adapter fixtures mutated byte by byte,
 //! or rebuilt tensor by tensor with edits (keys renamed across styles, tensors dropped, shapes,
 //! ranks and dtypes changed, alpha of the wrong shape, NaN and infinity, data offsets claiming
@@ -52,11 +52,15 @@ mod safetensors_edits;
 // ---------------------------------------------------------------------------------------------
 // What a server does with the files.
 
-/// Under `adapters/`: the first three are the small ones the edits start from.
+/// Under `adapters/`: the first `EDITED` are the small ones the edits start from.
 const LORA_FIXTURES: &[&str] = &[
     "loras/te_kohya.safetensors",
     "loras/soft_peft.safetensors",
     "lycoris/mixed.safetensors",
+    "lycoris/oft_diag.safetensors",
+    "lycoris/boft.safetensors",
+    "lycoris/oft.safetensors",
+    "lycoris/norm.safetensors",
     "loras/ink_kohya.safetensors",
     "lycoris/lokr.safetensors",
     "lycoris/full.safetensors",
@@ -67,6 +71,8 @@ const LORA_FIXTURES: &[&str] = &[
 
 /// Scans a folder holding `bytes` as `fuzz.safetensors`, checks the LoRA against tiny-a, merges
 /// it, and restores the base weights. Returns whether the merge succeeded.
+const EDITED: usize = 7;
+
 fn exercise_lora(bytes: &[u8], weight: f64) -> Result<bool, TestCaseError> {
     let dir = ScratchDir::new("fuzz-adapters-lora");
     let Ok(library) = LoraLibrary::scan(dir.put("fuzz.safetensors", bytes)) else {
@@ -183,12 +189,26 @@ fn uses_non_finite(bytes: &[u8]) -> bool {
             used.extend(w1.into_iter().chain(w2));
         } else if has("diff") {
             used.extend([at("diff"), at("diff_b")]);
+        } else if has("w_norm") && has("b_norm") {
+            used.extend([at("w_norm"), at("b_norm")]);
+        } else if has("w_norm") || has("b_norm") {
+            continue;
         } else if ["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]
             .iter()
             .all(|p| has(p))
         {
             // GLoRA (its alpha required, not used).
             used.extend(["a1.weight", "a2.weight", "b1.weight", "b2.weight"].map(at));
+        } else if has("oft_blocks") || has("oft_diag") {
+            // OFT: its scale is 1 (the file's is not read); alpha (oft_blocks' constraint)
+            // clamps a norm, and an infinite one clamps nothing, as in A1111.
+            let blocks = if has("oft_blocks") {
+                "oft_blocks"
+            } else {
+                "oft_diag"
+            };
+            used.extend([at(blocks), at("rescale"), at("dora_scale")]);
+            continue;
         } else {
             continue;
         }
@@ -256,7 +276,7 @@ proptest! {
 
     #[test]
     fn edited_loras_never_panic(
-        seed in 0..3usize,
+        seed in 0..EDITED,
         edits in prop::collection::vec(edit(), 1..6),
         w in weight(),
     ) {

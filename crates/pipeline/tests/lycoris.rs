@@ -1,9 +1,10 @@
 //! LyCORIS files (LoHa, LoKr, IA3, GLoRA, full diffs with bias diffs, LoCon's CP form, several types
-//! in one file, DoRA's decomposition with each; DoRA, IA3 and GLoRA alone and before or after another
-//! file on the same layers) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
-//! its `ex_bias` to the biases; `tools/make_lycoris_fixtures.py`); the types A1111 loads and
-//! this server does not apply (OFT, a LoHa's bias diff) are listed and refused
-//! naming the LoRA and the type. (Each form's delta against A1111's, value by value:
+//! in one file, DoRA's decomposition with each; OFT, BOFT and the old `oft_diag`; norm layers'
+//! diffs; DoRA, IA3, GLoRA, OFT and BOFT alone and before or after another file on the same
+//! layers) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
+//! its `ex_bias` to the biases; `tools/make_lycoris_fixtures.py`); the parts A1111 loads and
+//! this server does not apply (a LoHa's bias diff) and a norm module A1111 cannot load (no
+//! b_norm) are listed and refused naming the LoRA and the type. (Each form's delta against A1111's, value by value:
 //! `lora::a1111_deltas` in the crate.)
 
 mod common;
@@ -56,6 +57,10 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     assert_eq!(types("dora"), ["dora", "full", "loha", "lokr", "lora"]);
     assert_eq!(types("ia3"), ["dora", "ia3"]);
     assert_eq!(types("glora"), ["dora", "glora"]);
+    assert_eq!(types("oft"), ["dora", "oft"]);
+    assert_eq!(types("boft"), ["oft"]);
+    assert_eq!(types("oft_diag"), ["oft"]);
+    assert_eq!(types("norm"), ["full", "norm"]);
     let loha = lib.get("loha").unwrap();
     assert_eq!(loha.format, LoraFormat::Kohya);
     assert_eq!(loha.targets, ["text_encoder", "unet"]);
@@ -66,14 +71,16 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     // Two flattened 3x3 kernels and two in Tucker form.
     assert_eq!(loha.conv_layers, 4, "{loha:?}");
     assert_eq!(loha.rank, 4);
-    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3", "glora"] {
+    for name in [
+        "loha", "lokr", "full", "mixed", "dora", "ia3", "glora", "oft", "boft", "oft_diag", "norm",
+    ] {
         r.model.check_lora(name).unwrap();
     }
     for (name, type_name) in r.meta["refused"].as_object().unwrap() {
         assert_eq!(types(name), [type_name.as_str().unwrap()]);
         let err = r.model.check_lora(name).unwrap_err().to_string();
         let said = match name.as_str() {
-            "oft" => "OFT",
+            "norm_half" => "without both w_norm and b_norm",
             _ => "bias diff",
         };
         assert!(
@@ -129,6 +136,8 @@ fn lycoris_files_under_offload_give_the_resident_images() {
             ("ia3", 0.7),
             ("glora", 0.6),
             ("full", -0.4),
+            ("oft", 0.7),
+            ("norm", 0.9),
         ],
     );
     let with = generate(&r, &set);

@@ -1,8 +1,9 @@
 //! LyCORIS files in `LORA_DIR` over real HTTP against the real binary: `GET /loras` says each
-//! file's module types, LoHa, LoKr, full diffs, a file mixing types, DoRA, IA3 and GLoRA change
-//! the image by tag or field (the pipeline's tests compare them with A1111's deltas), the base image comes
-//! back bit for bit, and a file of a type the server does not apply (OFT, bias diffs) is
-//! listed with its error and refused with a 422 naming the LoRA and the type.
+//! file's module types, LoHa, LoKr, full diffs, a file mixing types, DoRA, IA3, GLoRA, OFT, BOFT
+//! and norm diffs change the image by tag or field (the pipeline's tests compare them with
+//! A1111's deltas), the base image comes back bit for bit, and a file the server does not apply
+//! (a LoHa's bias diff, a norm module without b_norm) is listed with its error and refused with
+//! a 422 naming the LoRA and the type.
 
 mod common;
 
@@ -39,6 +40,10 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         ("dora", json!(["dora", "full", "loha", "lokr", "lora"])),
         ("ia3", json!(["dora", "ia3"])),
         ("glora", json!(["dora", "glora"])),
+        ("oft", json!(["dora", "oft"])),
+        ("boft", json!(["oft"])),
+        ("oft_diag", json!(["oft"])),
+        ("norm", json!(["full", "norm"])),
     ] {
         let l = by_name(name);
         assert_eq!(
@@ -48,9 +53,12 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         );
     }
     assert_eq!(by_name("loha")["conv_layers"], 4);
-    for (name, said) in [("oft", "OFT"), ("bias", "bias diff")] {
+    for (name, type_name, said) in [
+        ("norm_half", "norm", "b_norm"),
+        ("bias", "bias", "bias diff"),
+    ] {
         let l = by_name(name);
-        assert_eq!(l["types"], json!([name]), "{l}");
+        assert_eq!(l["types"], json!([type_name]), "{l}");
         let error = l["error"].as_str().unwrap_or_default();
         assert!(error.contains(said), "{l}");
     }
@@ -66,7 +74,9 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
     };
     let plain = pixels(&s, &base);
     let mut seen = vec![plain.clone()];
-    for name in ["loha", "lokr", "full", "mixed", "dora", "ia3", "glora"] {
+    for name in [
+        "loha", "lokr", "full", "mixed", "dora", "ia3", "glora", "oft", "boft", "oft_diag", "norm",
+    ] {
         let tagged = pixels(
             &s,
             &with(json!({"prompt": format!("a red house on a hill <lora:{name}:0.9>")})),
@@ -79,7 +89,7 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         );
         seen.push(tagged);
     }
-    for (name, said) in [("oft", "OFT"), ("bias", "bias diff")] {
+    for (name, said) in [("norm_half", "b_norm"), ("bias", "bias diff")] {
         let r = s.post_json(&with(json!({"prompt": format!("a house <lora:{name}:1>")})));
         assert_eq!(r.broken_fields(), ["loras"], "{}", r.text());
         let details = r.json()["details"].as_str().unwrap().to_owned();

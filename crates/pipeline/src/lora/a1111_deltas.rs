@@ -1,7 +1,8 @@
 //! Each LyCORIS form's delta (LoHa plain and Tucker, LoKr with whole, low-rank and Tucker
 //! factors, linear and 3x3 and flattened kernels, full diffs with an unused alpha and a
 //! `scale`, LoCon's CP form, text-encoder layers, and full diffs' bias diffs as the `ex_bias`
-//! of their `<module>.bias` targets; IA3, GLoRA, and DoRA's decomposition with each type, made from
+//! of their `<module>.bias` targets; norm layers' `w_norm` and `b_norm`; IA3, GLoRA, OFT, BOFT,
+//! `oft_diag`, and DoRA's decomposition with each type, made from
 //! tiny-a's weights, alone and after another file on the same layers) against A1111's own `calc_updown`, value by value
 //! (`tools/make_lycoris_fixtures.py`).
 
@@ -33,12 +34,21 @@ fn deltas_match_a1111_s_calc_updown() {
         &std::fs::read_to_string(fixtures.join("adapters/lycoris.json")).unwrap(),
     )
     .unwrap();
-    let files = ["loha", "lokr", "full", "mixed", "dora", "ia3", "glora"];
+    let files = [
+        "loha", "lokr", "full", "mixed", "dora", "ia3", "glora", "oft", "boft", "oft_diag", "norm",
+    ];
     let mut sets: Vec<(String, Vec<(String, f64)>)> = files
         .iter()
         .map(|n| (n.to_string(), vec![(n.to_string(), 1.0)]))
         .collect();
-    for case in ["loha_dora", "dora_loha", "loha_ia3", "loha_glora"] {
+    for case in [
+        "loha_dora",
+        "dora_loha",
+        "loha_ia3",
+        "loha_glora",
+        "loha_oft",
+        "lokr_norm_boft",
+    ] {
         let files = meta["cases"][case].as_array().unwrap().iter();
         let files = files.map(|f| (f[0].as_str().unwrap().into(), f[1].as_f64().unwrap()));
         sets.push((case.into(), files.collect()));
@@ -82,9 +92,10 @@ fn deltas_match_a1111_s_calc_updown() {
         "every reference delta compared: {compared:?}"
     );
     // The DoRA file's 9 layers alone and in two sets, the IA3 file's 6 and the GLoRA file's 5
-    // alone and in one.
+    // alone and in one, the OFT file's 8 and the BOFT file's 5 alone and in one, the oft_diag
+    // file's 3 alone.
     assert_eq!(
-        from_weight, 49,
-        "the DoRA, IA3 and GLoRA layers are made from the weight"
+        from_weight, 78,
+        "the DoRA, IA3, GLoRA and OFT layers are made from the weight"
     );
 }

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::from_weight::{dora_scale_dims, Delta, Step, Updown, Weighted};
 use super::merge::match_layers;
+use super::oft::rotation;
 use super::{LayerKeys, LayerKind, LoraLibrary, Part, TargetShapes};
 use crate::{PipelineError, Result};
 
@@ -80,7 +81,10 @@ pub(crate) fn compute_deltas(
             // A1111's calc_scale: the file's scale, else alpha / dim, else 1; `scale` is it
             // times the LoRA's weight (DoRA's decomposition comes between the two).
             let dim = shape.as_ref().and_then(|s| s.dim);
+            let oft = matches!(layer.kind, LayerKind::Oft { .. });
             let (scale, calc_scale) = match (&layer.scale, &layer.alpha, dim) {
+                // network_oft.py sets the module's scale to 1 (its alpha is a constraint).
+                _ if oft => (*weight, 1.0),
                 (Some(s), _, _) => {
                     let s = number(s)?;
                     if !s.is_finite() {
@@ -142,6 +146,46 @@ pub(crate) fn compute_deltas(
                         scale: calc_scale,
                     })
                 }
+                (
+                    LayerKind::Oft {
+                        blocks,
+                        is_r,
+                        rescale,
+                    },
+                    _,
+                ) => {
+                    // The constraint: alpha times the rows, for oft_blocks (0: none).
+                    let constraint = match (&layer.alpha, is_r) {
+                        (Some(a), false) => number(a)? * want[0] as f64,
+                        _ => 0.0,
+                    };
+                    // (An infinite constraint clamps nothing, as in A1111.)
+                    if constraint.is_nan() {
+                        return Err(invalid(layer, "alpha is NaN"));
+                    }
+                    let rescale = match rescale {
+                        None => None,
+                        Some(k) => {
+                            let r = tensors[k].to_dtype(DType::F32)?;
+                            let n = r.elem_count();
+                            if n != want[0] && n != 1 {
+                                return Err(invalid(
+                                    layer,
+                                    &format!(
+                                        "rescale has {n} values; it scales the weight {want:?} by output row"
+                                    ),
+                                ));
+                            }
+                            Some(r.reshape((n, 1))?)
+                        }
+                    };
+                    weighted(Updown::Oft(rotation(
+                        &tensors[blocks],
+                        *is_r,
+                        constraint as f32,
+                        rescale,
+                    )?))
+                }
                 (LayerKind::Glora { a1, a2, b1, b2 }, _) => {
                     let m = |k: &String| tensors[k].to_dtype(DType::F32);
                     weighted(Updown::Glora {
@@ -161,14 +205,9 @@ pub(crate) fn compute_deltas(
                 (_, None) => unreachable!("every type but IA3 has its delta's shape"),
             };
             let mut made = vec![(matched.weight, made)];
-            if let (
-                Some(index),
-                LayerKind::Full {
-                    diff_b: Some(b), ..
-                },
-            ) = (matched.bias, &layer.kind)
-            {
-                // A1111's finalize_updown: the bias diff times the multiplier alone (no scale).
+            if let (Some(index), Some(b)) = (matched.bias, layer.kind.bias_key()) {
+                // A1111's finalize_updown: the bias diff (a full diff's diff_b, a norm's
+                // b_norm) times the multiplier alone (no scale).
                 made.push((
                     index,
                     Made::Plain((tensors[b].to_dtype(DType::F32)? * *weight)?),
@@ -183,6 +222,7 @@ pub(crate) fn compute_deltas(
                         let updown = match &w.updown {
                             Updown::Fixed(t) | Updown::Ia3 { w: t, .. } => vec![t],
                             Updown::Glora { fixed, a2, a1, .. } => vec![fixed, a2, a1],
+                            Updown::Oft(r) => r.tensors().collect(),
                         };
                         updown.into_iter().chain(&w.dora_scale).collect()
                     }

@@ -38,7 +38,11 @@ const UNET_CONV: [&str; 5] = [
     ".upsamplers.0.conv",
 ];
 const UNET_BLOCKS: [&str; 3] = ["down_blocks.", "mid_block.", "up_blocks."];
-/// The text encoder's: every encoder layer's attention projections and MLP.
+/// Norm layers (weight `[channels]`): the resnets' and attentions' GroupNorms, the transformer
+/// blocks' LayerNorms.
+const UNET_NORM: [&str; 4] = [".norm1", ".norm2", ".norm3", ".attentions.N.norm"];
+/// The text encoder's: every encoder layer's attention projections and MLP, and its layer norms.
+const TEXT_NORM: [&str; 2] = [".layer_norm1", ".layer_norm2"];
 const TEXT_LINEAR: [&str; 6] = [
     ".self_attn.q_proj",
     ".self_attn.k_proj",
@@ -152,12 +156,33 @@ fn target_dims(part: Part, path: &str, dims: &[usize]) -> Option<Vec<usize>> {
         Part::Unet if !UNET_BLOCKS.iter().any(|b| path.starts_with(b)) => None,
         Part::Unet if ends(&UNET_LINEAR) => linear(),
         Part::Unet if ends(&UNET_CONV) && dims.len() == 4 => Some(dims.to_vec()),
+        Part::Unet if dims.len() == 1 && (ends(&UNET_NORM[..3]) || attention_norm(path)) => {
+            Some(dims.to_vec())
+        }
         Part::Unet => None,
         Part::TextEncoder
             if path.starts_with("text_model.encoder.layers.") && ends(&TEXT_LINEAR) =>
         {
             linear()
         }
+        Part::TextEncoder
+            if path.starts_with("text_model.encoder.layers.")
+                && ends(&TEXT_NORM)
+                && dims.len() == 1 =>
+        {
+            Some(dims.to_vec())
+        }
         Part::TextEncoder => None,
     }
+}
+
+/// `<block>.attentions.<n>.norm`: an attention's GroupNorm (`UNET_NORM`'s last form).
+fn attention_norm(path: &str) -> bool {
+    let Some(rest) = path.strip_suffix(".norm") else {
+        return false;
+    };
+    let Some((head, n)) = rest.rsplit_once('.') else {
+        return false;
+    };
+    head.ends_with(".attentions") && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
 }

@@ -1,6 +1,7 @@
 //! Deltas that depend on the weight they go into. IA3 (`network_ia3.py`) scales the weight:
 //! its `updown` is `W * w`, `w` over the output rows (or, with `on_input`, the input columns);
-//! GLoRA's (`network_glora.py`) is `b2 @ b1 + (W @ a2) @ a1`.
+//! GLoRA's (`network_glora.py`) is `b2 @ b1 + (W @ a2) @ a1`; OFT's the rotated `W` minus `W`
+//! (`oft`).
 //! DoRA (`dora_scale` beside any type's keys) is A1111's `NetworkModule.apply_weight_decompose`:
 //! with `M = W + updown` (the type's delta times `calc_scale`), the weight becomes
 //! `M * (dora_scale / norm(M))`, the norm taken over each input channel (all outputs and kernel
@@ -13,6 +14,7 @@ use std::borrow::Cow;
 
 use candle_core::{DType, Tensor};
 
+use super::oft::Rotation;
 use crate::{PipelineError, Result};
 
 /// A weight's delta from a set of LoRAs.
@@ -30,7 +32,7 @@ pub(crate) enum Delta {
 pub(crate) enum Step {
     /// A delta that does not depend on the weight.
     Add(Tensor),
-    /// A layer whose delta does (IA3, DoRA).
+    /// A layer whose delta does (IA3, GLoRA, OFT, DoRA).
     Weighted(Weighted),
 }
 
@@ -48,6 +50,8 @@ pub(crate) enum Updown {
         a1: Tensor,
         scale: f64,
     },
+    /// OFT's and BOFT's rotated weight minus `W` (its scale is 1; `oft`).
+    Oft(Rotation),
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +101,7 @@ impl Delta {
                             Updown::Glora { fixed, a2, a1, .. } => {
                                 size(fixed) + size(a2) + size(a1)
                             }
+                            Updown::Oft(r) => r.tensors().map(size).sum(),
                         };
                         updown + w.dora_scale.as_ref().map_or(0, size)
                     }
@@ -153,6 +158,7 @@ impl Weighted {
                 a1,
                 scale,
             } => ((fixed + current.matmul(a2)?.matmul(a1)?)? * *scale)?,
+            Updown::Oft(r) => r.updown(current)?,
         };
         let delta = match &self.dora_scale {
             None => (updown * self.multiplier)?,

@@ -4,10 +4,12 @@
 //! LoKr (`kron(w1, w2)`, each factor whole or low-rank, Tucker `lokr_t2`) and full diffs
 //! (`diff`, with `diff_b` the bias's), and IA3 (`weight`, `on_input`: its delta is made from
 //! the weight, as are GLoRA's and that of a layer with DoRA's `dora_scale` beside any type's
-//! keys; `from_weight`). Types A1111 knows and this server does not apply (OFT/BOFT, norm
-//! layers, `diff_b` on another type, which A1111
-//! ignores, and the weight-shaped `bias`) are kept as refused layers: the file is listed
-//! and a request naming it is refused, naming the LoRA and the type.
+//! keys; `from_weight`), OFT/BOFT (`oft_blocks`, `oft_diag`: the weight's rows rotated, made
+//! from the weight too; `oft`), and norm layers' diffs (`w_norm` added to a GroupNorm's or
+//! LayerNorm's weight, `b_norm` to its bias). Parts A1111 knows and this server does not apply
+//! (`diff_b` on another type, which A1111 ignores, and the weight-shaped `bias`) are kept as
+//! refused layers: the file is listed and a request naming it is refused, naming the LoRA and
+//! the type.
 //!
 //! Each layer's delta is `[rows, cols]` (`cols` the weight's input dims flattened), reshaped
 //! to the target's dims by the caller, and scaled by A1111's `calc_scale`: the layer's `scale`
@@ -63,6 +65,16 @@ pub(super) enum LayerKind {
         b1: String,
         b2: String,
     },
+    /// OFT/BOFT: `blocks` (`oft_blocks`, or with `is_r` the old LyCORIS `oft_diag`) rotate
+    /// the weight's output rows, `rescale` scales them (`oft`); the layer's alpha is the
+    /// constraint of `oft_blocks`.
+    Oft {
+        blocks: String,
+        is_r: bool,
+        rescale: Option<String>,
+    },
+    /// A norm layer's diff: `w` (`w_norm`) added to its weight, `b` (`b_norm`) to its bias.
+    Norm { w: String, b: String },
     /// The weight's difference itself, and with `diff_b` the bias's.
     Full {
         diff: String,
@@ -86,6 +98,8 @@ impl LayerKind {
             LayerKind::Ia3 { .. } => "ia3",
             LayerKind::Glora { .. } => "glora",
             LayerKind::Full { .. } => "full",
+            LayerKind::Oft { .. } => "oft", // OFT, BOFT and the old oft_diag alike
+            LayerKind::Norm { .. } => "norm",
             LayerKind::Refused { type_name, .. } => type_name,
         }
     }
@@ -138,8 +152,14 @@ impl LayerKind {
                 diff: key("diff"),
                 diff_b: has("diff_b").then(|| key("diff_b")),
             }
+        } else if has("w_norm") && has("b_norm") {
+            LayerKind::Norm {
+                w: key("w_norm"),
+                b: key("b_norm"),
+            }
         } else if has("w_norm") || has("b_norm") {
-            return refused("norm", "a norm layer's diff (w_norm, b_norm)");
+            // A1111's norm module takes both (network_norm.py); no other type takes either.
+            return refused("norm", "a norm module without both w_norm and b_norm");
         } else if ["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]
             .iter()
             .all(|k| has(k))
@@ -160,7 +180,12 @@ impl LayerKind {
                 "a GLoRA module without all of a1, a2, b1, b2 and alpha",
             );
         } else if has("oft_blocks") || has("oft_diag") {
-            return refused("oft", "an OFT/BOFT module (oft_blocks, oft_diag)");
+            let is_r = !has("oft_blocks");
+            LayerKind::Oft {
+                blocks: key(if is_r { "oft_diag" } else { "oft_blocks" }),
+                is_r,
+                rescale: has("rescale").then(|| key("rescale")),
+            }
         } else {
             return None;
         };
@@ -226,7 +251,24 @@ impl LayerKind {
                 .into_iter()
                 .flatten()
                 .collect(),
+            LayerKind::Oft {
+                blocks, rescale, ..
+            } => [Some(blocks), rescale.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            LayerKind::Norm { w, b } => vec![w, b],
             LayerKind::Refused { .. } => Vec::new(),
+        }
+    }
+
+    /// The key of what the type adds to the layer's bias (A1111's `ex_bias`): a full diff's
+    /// `diff_b`, a norm's `b_norm`.
+    pub(super) fn bias_key(&self) -> Option<&String> {
+        match self {
+            LayerKind::Full { diff_b, .. } => diff_b.as_ref(),
+            LayerKind::Norm { b, .. } => Some(b),
+            _ => None,
         }
     }
 
@@ -283,7 +325,8 @@ impl LayerKind {
                 kron(&w1, &w2)?
             }
             LayerKind::Full { diff, .. } => t(diff)?,
-            LayerKind::Ia3 { .. } | LayerKind::Glora { .. } => {
+            LayerKind::Norm { w, .. } => t(w)?,
+            LayerKind::Ia3 { .. } | LayerKind::Glora { .. } | LayerKind::Oft { .. } => {
                 candle_core::bail!("this type's delta is made from the weight")
             }
             LayerKind::Refused { .. } => candle_core::bail!("a refused layer has no delta"),
@@ -349,7 +392,15 @@ mod tests {
         };
         assert!(why.contains("IA3"), "{why}");
         assert_eq!(name(&["oft_blocks", "alpha"]), Some("oft"));
+        assert_eq!(name(&["oft_blocks", "oft_diag", "rescale"]), Some("oft"));
+        assert_eq!(name(&["oft_diag", "alpha"]), Some("oft"));
         assert_eq!(name(&["w_norm", "b_norm"]), Some("norm"));
+        let Some(LayerKind::Refused { why, .. }) = kind(&["w_norm"]) else {
+            panic!("a norm without b_norm")
+        };
+        assert!(why.contains("both w_norm and b_norm"), "{why}");
+        // networks.py tries the norm type before GLoRA and OFT.
+        assert_eq!(name(&["w_norm", "b_norm", "oft_blocks"]), Some("norm"));
         assert_eq!(
             name(&["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"]),
             Some("glora")

@@ -51,7 +51,7 @@ pub(super) fn match_layers<'a>(
     for layer in info.keys.iter().filter(|l| targets.contains_key(&l.part)) {
         if let LayerKind::Refused { why, .. } = &layer.kind {
             return Err(PipelineError::InvalidRequest(format!(
-                "LoRA {:?}: layer {} {why} (applied: LoRA/LoCon, LoHa, LoKr, IA3, GLoRA, full diffs and DoRA)",
+                "LoRA {:?}: layer {} {why} (applied: LoRA/LoCon, LoHa, LoKr, IA3, GLoRA, full diffs, OFT/BOFT, norm diffs and DoRA)",
                 info.name,
                 layer.module_key()
             )));
@@ -138,11 +138,23 @@ pub(super) fn match_layers<'a>(
                     info.name, layer.name
                 )));
             }
+        } else if let LayerKind::Oft { .. } = &layer.kind {
+            // The blocks rotate the output rows of a linear or convolution weight.
+            let rows = layer.kind.delta_shape(shapes).map_err(invalid)?.rows;
+            if want.len() < 2 || rows != want[0] {
+                return Err(PipelineError::InvalidRequest(format!(
+                    "LoRA {:?}: layer {} (oft, blocks of {rows} rows) does not fit the model's weight {want:?} (OFT rotates a linear or convolution weight's output rows)",
+                    info.name, layer.name
+                )));
+            }
         } else {
             let shape = layer.kind.delta_shape(shapes).map_err(invalid)?;
-            // GLoRA multiplies the weight as a matrix (A1111: linear weights only).
+            // GLoRA multiplies the weight as a matrix (A1111: linear weights only); a norm's
+            // diff is a norm's weight.
             let matrix_only = matches!(layer.kind, LayerKind::Glora { .. }) && want.len() != 2;
+            let norm_only = matches!(layer.kind, LayerKind::Norm { .. }) && want.len() != 1;
             if matrix_only
+                || norm_only
                 || shape.rows != want[0]
                 || shape.cols != want[1..].iter().product::<usize>()
             {
@@ -157,29 +169,35 @@ pub(super) fn match_layers<'a>(
             }
         }
         if let Some(key) = &layer.dora_scale {
+            // A1111's decomposition takes norms per input channel: a norm's weight has none
+            // (it fails there).
+            if want.len() < 2 {
+                return Err(invalid(format!(
+                    "dora_scale is for a weight of input channels; the model's weight is {want:?}"
+                )));
+            }
             dora_scale_dims(&shapes[key], want).map_err(invalid)?;
         }
-        let bias = match &layer.kind {
-            LayerKind::Full {
-                diff_b: Some(diff_b),
-                ..
-            } => {
-                // A1111 gives a layer without a bias one; a built module here has its bias or
-                // none for good.
+        let bias = match layer.kind.bias_key() {
+            Some(key) => {
+                let what = key.rsplit('.').next().unwrap_or(key);
+                // A1111 (network_apply_weights) makes a bias of the diff where the layer has
+                // none (in fp16, with an fp32 diff, it raises instead); a built module here has
+                // its bias or none for good, so the file is refused.
                 let Some(&bias) = biases.get(&(layer.part, module)) else {
-                    return Err(invalid(
-                        "its bias diff (diff_b) is for a layer that has no bias in this model (this server does not add one)".into(),
-                    ));
+                    return Err(invalid(format!(
+                        "its bias diff ({what}) is for a layer that has no bias in this model (this server does not add one)"
+                    )));
                 };
-                let (got, want) = (&shapes[diff_b], &targets[&layer.part][bias].1);
+                let (got, want) = (&shapes[key], &targets[&layer.part][bias].1);
                 if got != want {
                     return Err(invalid(format!(
-                        "its bias diff (diff_b) has shape {got:?}; the layer's bias is {want:?}"
+                        "its bias diff ({what}) has shape {got:?}; the layer's bias is {want:?}"
                     )));
                 }
                 Some(bias)
             }
-            _ => None,
+            None => None,
         };
         out.push(Matched {
             part: layer.part,

@@ -1,7 +1,8 @@
 //! LoRA adapters (README "Prompts, LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
 //! UNet (attention, feed-forward, projections, and LoCon's resnet and sampler convolutions) and
-//! the text encoder; in kohya-named files also LyCORIS LoHa, LoKr, IA3, GLoRA and full diffs, as A1111
-//! applies them (`kinds`), and DoRA's weight decomposition with any of them (`from_weight`).
+//! the text encoder; in kohya-named files also LyCORIS LoHa, LoKr, IA3, GLoRA, full diffs, OFT/BOFT
+//! and norm layers' diffs (GroupNorm, LayerNorm), as A1111 applies them (`kinds`, `oft`), and
+//! DoRA's weight decomposition with any of them but the norms (`from_weight`).
 //!
 //! `W += weight * (alpha / rank) * up @ down` (or the layer type's delta and scale), summed
 //! over a request's LoRAs, merged into the resident modules' weight tensors in place. Each
@@ -41,6 +42,7 @@ mod from_weight;
 mod kinds;
 mod library;
 mod merge;
+mod oft;
 mod products;
 mod shapes;
 
@@ -69,6 +71,9 @@ pub(crate) enum Target<'a> {
     /// A layer's bias `[out]` (listed as `<module path>.bias`, after its weight): what a full
     /// diff's `diff_b` changes.
     Bias(&'a Tensor),
+    /// A GroupNorm's or LayerNorm's weight `[channels]` and bias (what `w_norm` and `b_norm`
+    /// change).
+    Norm(&'a Tensor, &'a Tensor),
 }
 
 impl<'a> Target<'a> {
@@ -78,7 +83,7 @@ impl<'a> Target<'a> {
             Target::Dense(d) => d.weight_storage()?,
             Target::Linear(l) => l.weight(),
             Target::Conv(c) => c.weight(),
-            Target::Host(t, _) | Target::Bias(t) => t,
+            Target::Host(t, _) | Target::Bias(t) | Target::Norm(t, _) => t,
         })
     }
 
@@ -88,6 +93,7 @@ impl<'a> Target<'a> {
             Target::Dense(d) => d.bias(),
             Target::Linear(l) => l.bias(),
             Target::Conv(c) => c.bias(),
+            Target::Norm(_, b) => Some(b),
             Target::Host(..) | Target::Bias(_) => None,
         }
     }
@@ -102,7 +108,7 @@ impl<'a> Target<'a> {
             Target::Linear(l) => l.weight().dims().to_vec(),
             Target::Conv(c) => c.weight().dims().to_vec(),
             Target::Host(_, dims) => dims.to_vec(),
-            Target::Bias(t) => t.dims().to_vec(),
+            Target::Bias(t) | Target::Norm(t, _) => t.dims().to_vec(),
         }
     }
 
@@ -280,9 +286,9 @@ pub struct LoraInfo {
     /// Adapted convolutions with a kernel (LoCon: the resnets' and samplers' 3x3) among them.
     pub conv_layers: usize,
     /// The module types of its layers (A1111's): `lora` (LoRA, LoCon), `loha`, `lokr`, `ia3`,
-    /// `glora`, `full` are applied, and `dora` (DoRA's `dora_scale`, beside one of those) with
-    /// them; `oft`, `norm` and `bias` (bias diffs) are listed, and a request naming the file is
-    /// refused.
+    /// `glora`, `full`, `oft` (OFT, BOFT, `oft_diag`), `norm` are applied, and `dora` (DoRA's
+    /// `dora_scale`, beside one of those) with them; `bias` (a bias diff on another type, a
+    /// weight-shaped bias) and `unknown` are listed, and a request naming the file is refused.
     pub types: Vec<String>,
     /// The header's `__metadata__` (kohya writes its training notes there, `ss_output_name`
     /// among them).

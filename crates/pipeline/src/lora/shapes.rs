@@ -176,6 +176,30 @@ impl LayerKind {
                     kernel: false,
                 })
             }
+            LayerKind::Oft { blocks, is_r, .. } => {
+                // The columns are the weight's (the rotation is made from it).
+                let rows = super::oft::rows_of(get(blocks)?, *is_r)?;
+                Ok(DeltaShape {
+                    rows,
+                    cols: 0,
+                    dim: None, // A1111's OFT sets its scale to 1: alpha is its constraint
+                    kernel: false,
+                })
+            }
+            LayerKind::Norm { w, b } => {
+                let (sw, sb) = (get(w)?, get(b)?);
+                if sw.len() != 1 || sb != sw {
+                    return Err(format!(
+                        "w_norm {sw:?} and b_norm {sb:?} must be one vector each, of one length"
+                    ));
+                }
+                Ok(DeltaShape {
+                    rows: sw[0],
+                    cols: 1,
+                    dim: None,
+                    kernel: false,
+                })
+            }
             LayerKind::Refused { why, .. } => Err(why.clone()),
         }
     }

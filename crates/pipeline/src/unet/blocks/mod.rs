@@ -69,6 +69,11 @@ pub(crate) struct GroupNorm {
 }
 
 impl GroupNorm {
+    /// Its weight and bias as a LoRA target (a norm diff's).
+    pub(crate) fn lora_target(&self) -> crate::lora::Target<'_> {
+        crate::lora::Target::Norm(&self.weight, &self.bias)
+    }
+
     pub(crate) fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!(
@@ -130,6 +135,11 @@ pub(crate) struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Its weight and bias as a LoRA target (a norm diff's).
+    pub(crate) fn lora_target(&self) -> crate::lora::Target<'_> {
+        crate::lora::Target::Norm(&self.weight, &self.bias)
+    }
+
     pub(crate) fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(dim, "weight")?.to_dtype(DType::F32)?;
         let bias = vb.get(dim, "bias")?.to_dtype(DType::F32)?;

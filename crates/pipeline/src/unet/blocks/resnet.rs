@@ -87,6 +87,8 @@ impl ResnetBlock {
 
 impl LoraTargets for ResnetBlock {
     fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+        out.push((join(p, "norm1"), self.norm1.lora_target()));
+        out.push((join(p, "norm2"), self.norm2.lora_target()));
         out.push((join(p, "conv1"), Target::Conv(&self.conv1)));
         out.push((
             join(p, "time_emb_proj"),

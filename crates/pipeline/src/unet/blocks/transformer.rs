@@ -260,9 +260,13 @@ impl LoraTargets for Attention {
 
 impl LoraTargets for Transformer2D {
     fn lora_targets<'a>(&'a self, p: &str, out: &mut Out<'a>) {
+        out.push((join(p, "norm"), self.norm.lora_target()));
         out.push((join(p, "proj_in"), Target::Dense(&self.proj_in)));
         for (i, b) in self.blocks.iter().enumerate() {
             let bp = join(p, format!("transformer_blocks.{i}"));
+            out.push((join(&bp, "norm1"), b.norm1.lora_target()));
+            out.push((join(&bp, "norm2"), b.norm2.lora_target()));
+            out.push((join(&bp, "norm3"), b.norm3.lora_target()));
             b.attn1.lora_targets(&join(&bp, "attn1"), out);
             b.attn2.lora_targets(&join(&bp, "attn2"), out);
             out.push((join(&bp, "ff.net.0.proj"), Target::Dense(&b.ff.proj)));
