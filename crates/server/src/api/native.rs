@@ -323,7 +323,7 @@ pub struct LoraList {
 }
 
 /// The LoRA files of `LORA_DIR` (empty when unset or while the model loads).
-#[utoipa::path(get, path = "/loras", responses((status = 200, description = "kohya/A1111 and PEFT LoRA and LoCon, and LyCORIS LoHa, LoKr, IA3, GLoRA and full diffs, with DoRA (`types`); `error` says why a file cannot be used (does not fit `model`, the default model; a module type not applied such as OFT; cannot be read)", body = LoraList)))]
+#[utoipa::path(get, path = "/loras", responses((status = 200, description = "kohya/A1111 and PEFT LoRA and LoCon, and LyCORIS LoHa, LoKr, IA3, GLoRA, OFT/BOFT, norm and full diffs, with DoRA (`types`); `error` says why a file cannot be used (does not fit `model`, the default model; a part not applied such as a LoHa's bias diff; cannot be read)", body = LoraList)))]
 pub(super) async fn loras(State(app): State<Shared>) -> axum::Json<LoraList> {
     let loras = super::request::listed_adapters(&app).await.loras;
     axum::Json(LoraList {
