@@ -171,6 +171,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
                 hires_image: None,
                 hr_option: Default::default(),
                 inpaint_crop: true,
+                control_mode: Default::default(),
             }
         })
         .collect();

@@ -90,8 +90,12 @@ pub fn parameters_text(
                 Some(p) => (p.module(), unit_settings(p)),
             };
             format!(
-                ", ControlNet {i}: \"Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: Balanced\"",
-                c.model.name, c.scale, c.guidance_start, c.guidance_end
+                ", ControlNet {i}: \"Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: {}\"",
+                c.model.name,
+                c.scale,
+                c.guidance_start,
+                c.guidance_end,
+                c.control_mode.label()
             )
         })
         .collect();

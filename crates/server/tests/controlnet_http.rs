@@ -87,7 +87,8 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
     );
     assert_eq!(
         meta["controlnets"],
-        json!([{"model": "cn-a", "scale": 0.8, "guidance_start": 0.0, "guidance_end": 0.7}])
+        json!([{"model": "cn-a", "scale": 0.8, "guidance_start": 0.0, "guidance_end": 0.7,
+                 "hr_option": "both", "control_mode": "balanced"}])
     );
     assert!(
         text.contains(r#"ControlNet 0: "Module: none, Model: cn-a, Weight: 0.8, Guidance Start: 0, Guidance End: 0.7, Control Mode: Balanced""#),
@@ -134,6 +135,7 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
             hires_image: None,
             hr_option: Default::default(),
             inpaint_crop: true,
+            control_mode: Default::default(),
         }],
         ..Default::default()
     };

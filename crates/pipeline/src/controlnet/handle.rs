@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
+use super::modes::ControlMode;
 use super::preprocess::Preprocessor;
 use super::ControlNetModel;
 use crate::named_file::NamedFile;
@@ -65,6 +66,9 @@ pub struct ControlNetUnit {
     /// (the sd-webui-controlnet extension's `inpaint_crop_input_image`, true there by
     /// default); false: `image` is used whole (a dialect that cropped it already).
     pub inpaint_crop: bool,
+    /// The extension's control mode: how its residuals are weighted and which rows of the
+    /// batch they steer ([`super::modes`]).
+    pub control_mode: ControlMode,
 }
 
 /// The sd-webui-controlnet extension's `hr_option`: the passes of a hires request a ControlNet
@@ -105,6 +109,17 @@ impl ControlNetUnit {
             HiresOption::LowResOnly => !hires,
             HiresOption::HighResOnly => hires,
         }
+    }
+
+    /// Whether its residuals take the soft weights in a pass (`hires`: the hires fix's
+    /// second): in its control mode, or forced there on a unit whose preprocessor is a canny or
+    /// mlsd one, as the extension's `high_res_fix_forced_soft_injection` tests the module name.
+    pub fn soft_weights(&self, hires: bool) -> bool {
+        let forced = hires
+            && self
+                .preprocessor
+                .is_some_and(|p| p.module().contains("canny") || p.module().contains("mlsd"));
+        self.control_mode.soft() || forced
     }
 
     /// diffusers' `controlnet_keep[i]`: whether step `i` of `steps` (UNet evaluations) is

@@ -16,6 +16,7 @@
 //! the config and the model.
 
 mod handle;
+pub mod modes;
 pub mod preprocess;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 pub use handle::{ControlNet, ControlNetUnit, HiresOption};
+pub use modes::{CondRows, ControlMode};
 
 use crate::attention::AttentionSlicing;
 use crate::kernels::{conv2d, Conv2d};
@@ -305,6 +307,11 @@ impl ControlNetModel {
         1 << self.hint.downsamples()
     }
 
+    /// How many residuals it hands the UNet: one per skip connection, and the mid block's.
+    pub fn residual_count(&self) -> usize {
+        self.down_zero.len() + 1
+    }
+
     /// diffusers' `controlnet(sample, t, encoder_hidden_states, controlnet_cond,
     /// conditioning_scale, guess_mode=False)`: `sample` `[B, in, h, w]`, `cond` `[B, C, H, W]`
     /// in `[0, 1]` (RGB), with `H = h * image_scale_factor()`. The residuals come back in
@@ -318,6 +325,35 @@ impl ControlNetModel {
         scale: f64,
         slicing: AttentionSlicing,
     ) -> Result<AdditionalResiduals> {
+        let weights = vec![scale; self.residual_count()];
+        self.forward_weighted(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            cond,
+            &weights,
+            slicing,
+        )
+    }
+
+    /// [`Self::forward`] with a weight per residual (skip connections first, the mid block's
+    /// last: [`Self::residual_count`] of them), as the extension's `control_scales`.
+    pub fn forward_weighted(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        cond: &Tensor,
+        weights: &[f64],
+        slicing: AttentionSlicing,
+    ) -> Result<AdditionalResiduals> {
+        if weights.len() != self.residual_count() {
+            return Err(PipelineError::InvalidRequest(format!(
+                "{} residual weights for a ControlNet of {} residuals",
+                weights.len(),
+                self.residual_count()
+            )));
+        }
         let (b, _, h, w) = sample.dims4()?;
         let (cb, cc, ch, cw) = cond.dims4()?;
         let f = self.image_scale_factor();
@@ -346,7 +382,7 @@ impl ControlNetModel {
         let x = (self.encoder.conv_in(&on(sample)?)? + self.hint.forward(&cond)?)?;
         let ctx = on(encoder_hidden_states)?;
         let (skips, mid) = self.encoder.run(x, &emb, &ctx, slicing)?;
-        let pool = |t: Tensor| -> Result<Tensor> {
+        let pool = |t: Tensor, scale: f64| -> Result<Tensor> {
             let t = (t * scale)?;
             if self.config.global_pool_conditions {
                 Ok(t.mean_keepdim(3)?.mean_keepdim(2)?)
@@ -357,9 +393,10 @@ impl ControlNetModel {
         let down = skips
             .iter()
             .zip(&self.down_zero)
-            .map(|(s, z)| pool(z.forward(s)?))
+            .zip(weights)
+            .map(|((s, z), &w)| pool(z.forward(s)?, w))
             .collect::<Result<_>>()?;
-        let mid = pool(self.mid_zero.forward(&mid)?)?;
+        let mid = pool(self.mid_zero.forward(&mid)?, weights[weights.len() - 1])?;
         Ok(AdditionalResiduals { down, mid })
     }
 }

@@ -11,20 +11,26 @@
 //! 9-channel UNet's mask and masked image). A1111's inpainting runs them as the
 //! sd-webui-controlnet extension does (the same residuals; "only masked" crops the control
 //! image as the init image). The hires fix runs them in both passes, each at its size, as the
-//! extension's `hr_option` says ([`ControlPass`]).
+//! extension's `hr_option` says ([`ControlPass`]). The extension's control modes weight each
+//! unit's residuals and choose the rows of the batch they steer (`crate::controlnet::modes`):
+//! the guided batch `[uncond x n, cond x n]` has the prompt from row `n` on; of two passes
+//! (prompts of different lengths) the negative prompt's has none, the prompt's all.
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use super::{GenerationParams, RgbImage, StableDiffusion};
-use crate::controlnet::{ControlNetModel, ControlNetUnit};
+use crate::controlnet::modes::residual_weights;
+use crate::controlnet::{CondRows, ControlNetModel, ControlNetUnit};
 use crate::unet::{AdditionalResiduals, UNet2DConditionModel};
 use crate::{PipelineError, Result};
 
-/// The request's ControlNets, loaded, with their images as tensors.
+/// The request's ControlNets, loaded, with their images as tensors, for one pass.
 pub(super) struct ControlState {
     units: Vec<(ControlNetUnit, Arc<ControlNetModel>, Tensor)>,
+    /// The hires fix's second pass (where the extension forces soft weights on some units).
+    hires: bool,
 }
 
 /// The ControlNets at one step: which step of how many (diffusers' `i` and `len(timesteps)`).
@@ -163,20 +169,27 @@ impl StableDiffusion {
             };
             units.push((unit.clone(), model, image));
         }
-        Ok((!units.is_empty()).then_some(ControlState { units }))
+        Ok((!units.is_empty()).then_some(ControlState {
+            units,
+            hires: pass == ControlPass::Hires,
+        }))
     }
 }
 
 impl StepControl<'_> {
     /// The summed residuals of the ControlNets that steer this step, for a UNet input `x`
-    /// (`rows` rows: the control image repeated) at `t` with `embeddings`; `None` when none
-    /// steers.
+    /// (its rows: the control image repeated) at `t` with `embeddings`, whose rows `cond`
+    /// carry the prompt; `None` when none steers. Each unit's residuals are weighted as its
+    /// control mode says; one that steers the prompt's rows only (the extension's
+    /// `cfg_injection`, or a pooling ControlNet) runs on those rows alone, zeros on the
+    /// others, as `control * cond_mark` leaves them.
     pub(super) fn residuals(
         &self,
         unet: &UNet2DConditionModel,
         x: &Tensor,
         t: &Tensor,
         embeddings: &Tensor,
+        cond: CondRows,
     ) -> Result<Option<AdditionalResiduals>> {
         let rows = x.dim(0)?;
         let mut sum: Option<AdditionalResiduals> = None;
@@ -184,20 +197,37 @@ impl StepControl<'_> {
             if !unit.steers(self.step, self.steps) {
                 continue;
             }
-            let cond = Tensor::cat(&vec![image; rows], 0)?;
+            let cond_only = unit.control_mode.cond_only() || model.config().global_pool_conditions;
+            let first = match cond_only {
+                false => 0,
+                true => match cond.first(rows) {
+                    Some(first) => first,
+                    None => continue,
+                },
+            };
+            let n = rows - first;
+            let weights = residual_weights(
+                unit.scale,
+                model.residual_count(),
+                unit.soft_weights(self.state.hires),
+            )?;
+            let image = Tensor::cat(&vec![image; n], 0)?;
             // The noisy latents alone: a 9-channel UNet's input also holds the mask and the
             // masked image's latents after them.
             let latents = x
+                .narrow(0, first, n)?
                 .narrow(1, 0, model.config().unet.in_channels.min(x.dim(1)?))?
                 .contiguous()?;
-            let r = model.forward(
-                &latents,
-                t,
-                embeddings,
-                &cond,
-                unit.scale,
-                unet.attention_slicing(),
-            )?;
+            let r = model
+                .forward_weighted(
+                    &latents,
+                    &t.narrow(0, first, n)?,
+                    &embeddings.narrow(0, first, n)?,
+                    &image,
+                    &weights,
+                    unet.attention_slicing(),
+                )?
+                .after_zero_rows(first)?;
             sum = Some(match sum {
                 None => r,
                 Some(s) => s.add(&r)?,
@@ -207,7 +237,8 @@ impl StepControl<'_> {
     }
 }
 
-/// `unet(x, t, embeddings, timestep_cond)` with the step's ControlNet residuals, if any.
+/// `unet(x, t, embeddings, timestep_cond)` with the step's ControlNet residuals, if any;
+/// `cond`: the rows of `x` that carry the prompt.
 pub(super) fn unet_forward(
     unet: &UNet2DConditionModel,
     x: &Tensor,
@@ -215,9 +246,10 @@ pub(super) fn unet_forward(
     embeddings: &Tensor,
     timestep_cond: Option<&Tensor>,
     control: Option<StepControl<'_>>,
+    cond: CondRows,
 ) -> Result<Tensor> {
     let residuals = match control {
-        Some(c) => c.residuals(unet, x, t, embeddings)?,
+        Some(c) => c.residuals(unet, x, t, embeddings, cond)?,
         None => None,
     };
     unet.forward_with_residuals(x, t, embeddings, timestep_cond, residuals.as_ref())

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use super::control::{unet_forward, ControlState, StepControl};
 use super::encode_prompt::{ScheduledConditioning, StepConditioning};
 use super::{images_in, Conditioning, StableDiffusion, StepHook, StepProgress};
+use crate::controlnet::CondRows;
 use crate::kernels::cuda::StepGraph;
 use crate::rng::TorchRng;
 use crate::schedulers::Scheduler;
@@ -165,8 +166,24 @@ impl StableDiffusion {
                 // Two passes, each with its own sequence length.
                 let t = Tensor::full(t as f32, n, &self.device)?;
                 // Only with guidance on, which a guidance-distilled UNet never has.
-                let uncond = unet_forward(unet, latents, &t, &repeat(uncond)?, None, control)?;
-                let cond = unet_forward(unet, latents, &t, &repeat(cond)?, None, control)?;
+                let uncond = unet_forward(
+                    unet,
+                    latents,
+                    &t,
+                    &repeat(uncond)?,
+                    None,
+                    control,
+                    CondRows::None,
+                )?;
+                let cond = unet_forward(
+                    unet,
+                    latents,
+                    &t,
+                    &repeat(cond)?,
+                    None,
+                    control,
+                    CondRows::All,
+                )?;
                 return Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?);
             }
         };
@@ -196,7 +213,22 @@ impl StableDiffusion {
             (Some(g), Some(c)) => g.run(&[&model_input, &t, &embeddings, c], |x| {
                 unet.forward_with_cond(&x[0], &x[1], &x[2], Some(&x[3]))
             })?,
-            (None, c) => unet_forward(unet, &model_input, &t, &embeddings, c.as_ref(), control)?,
+            (None, c) => {
+                let cond = if cfg {
+                    CondRows::From(n)
+                } else {
+                    CondRows::All
+                };
+                unet_forward(
+                    unet,
+                    &model_input,
+                    &t,
+                    &embeddings,
+                    c.as_ref(),
+                    control,
+                    cond,
+                )?
+            }
         };
         if !cfg {
             return Ok(noise_pred);
@@ -228,17 +260,34 @@ impl StableDiffusion {
             let embeddings = Tensor::cat(&[repeat(uncond)?, repeat(conds)?], 0)?;
             let input = Tensor::cat(&vec![latents; parts + 1], 0)?;
             let t = Tensor::full(t as f32, embeddings.dim(0)?, &self.device)?;
-            let out = unet_forward(unet, &input, &t, &embeddings, None, control)?;
+            // Every AND part is the prompt's (A1111 marks `conditioning` as one).
+            let out = unet_forward(
+                unet,
+                &input,
+                &t,
+                &embeddings,
+                None,
+                control,
+                CondRows::From(n),
+            )?;
             (out.narrow(0, 0, n)?, out.narrow(0, n, n * parts)?)
         } else {
             let tu = Tensor::full(t as f32, n, &self.device)?;
-            let uncond_pred = unet_forward(unet, latents, &tu, &repeat(uncond)?, None, control)?;
+            let uncond_pred = unet_forward(
+                unet,
+                latents,
+                &tu,
+                &repeat(uncond)?,
+                None,
+                control,
+                CondRows::None,
+            )?;
             let tc = Tensor::full(t as f32, n * parts, &self.device)?;
             let input = Tensor::cat(&vec![latents; parts], 0)?;
             let conds = repeat(conds)?;
             (
                 uncond_pred,
-                unet_forward(unet, &input, &tc, &conds, None, control)?,
+                unet_forward(unet, &input, &tc, &conds, None, control, CondRows::All)?,
             )
         };
         let mut pred = uncond_pred.clone();

@@ -42,6 +42,27 @@ impl AdditionalResiduals {
             mid: self.mid.broadcast_add(&other.mid)?,
         })
     }
+
+    /// The residuals with `rows` rows of zeros before their own: a ControlNet run on a batch's
+    /// last rows alone, steering none of the first (the extension's `control * cond_mark`).
+    pub fn after_zero_rows(self, rows: usize) -> Result<Self> {
+        if rows == 0 {
+            return Ok(self);
+        }
+        let pad = |t: Tensor| -> candle_core::Result<Tensor> {
+            let mut dims = t.dims().to_vec();
+            dims[0] = rows;
+            Tensor::cat(&[&Tensor::zeros(dims, t.dtype(), t.device())?, &t], 0)
+        };
+        Ok(Self {
+            down: self
+                .down
+                .into_iter()
+                .map(pad)
+                .collect::<candle_core::Result<_>>()?,
+            mid: pad(self.mid)?,
+        })
+    }
 }
 
 /// `timesteps` (scalar, `[1]` or `[b]`) as `[b]`, as diffusers' `timesteps.expand(batch)`.

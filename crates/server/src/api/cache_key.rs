@@ -35,7 +35,7 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         .iter()
         .map(|c| {
             format!(
-                "{} {} {:?} {:?} {:?} {:?} {:?} {:?}",
+                "{} {} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
                 c.model.name,
                 crate::images::digest(&c.image),
                 c.preprocessor,
@@ -44,6 +44,7 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
                 c.guidance_end,
                 c.hr_option,
                 c.hires_image.as_ref().map(crate::images::digest),
+                c.control_mode,
             )
         })
         .collect();

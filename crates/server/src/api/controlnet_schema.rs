@@ -1,6 +1,7 @@
 //! The native `controlnets` entries (the ControlNets a request uses, their preprocessors and
 //! hires passes) in the request and the metadata.
 
+use sdserve_pipeline::controlnet::{ControlMode, HiresOption};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -46,11 +47,34 @@ pub struct ControlNetUse {
     /// already made for the region). Otherwise it changes nothing.
     #[schema(nullable = true, default = true)]
     pub inpaint_crop: Option<bool>,
+    /// The sd-webui-controlnet extension's control mode: `balanced` (the default; diffusers'
+    /// semantics: every residual times `scale`, on the prompt's and the negative prompt's
+    /// UNet rows), `prompt` ("My prompt is more important": residual `i` of the 13, the skip
+    /// connections from the top and the mid block last, times `scale * 0.825^(12 - i)`), or
+    /// `controlnet` ("ControlNet is more important": those weights, on the prompt's rows
+    /// only; without guidance it is `prompt`). A ControlNet whose config pools its residuals
+    /// (`global_pool_conditions`, shuffle) steers the prompt's rows only in every mode. In the
+    /// hires pass a unit with the `canny` preprocessor takes the `prompt` weights, as the
+    /// extension forces there.
+    #[schema(nullable = true, default = "balanced")]
+    pub control_mode: Option<ControlModeName>,
+}
+
+/// The extension's control modes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlModeName {
+    #[default]
+    Balanced,
+    Prompt,
+    #[serde(rename = "controlnet")]
+    ControlNet,
 }
 
 /// The passes of a hires request a ControlNet steers.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub enum HiresOptionName {
+    #[default]
     #[serde(rename = "both")]
     Both,
     #[serde(rename = "low_res_only")]
@@ -135,4 +159,30 @@ pub struct ControlNetMetadata {
     pub scale: f64,
     pub guidance_start: f64,
     pub guidance_end: f64,
+    /// The passes of a hires request it steered (`both` without one).
+    #[serde(default)]
+    pub hr_option: HiresOptionName,
+    /// How its residuals were weighted (`control_mode`).
+    #[serde(default)]
+    pub control_mode: ControlModeName,
+}
+
+impl From<HiresOption> for HiresOptionName {
+    fn from(o: HiresOption) -> Self {
+        match o {
+            HiresOption::Both => Self::Both,
+            HiresOption::LowResOnly => Self::LowResOnly,
+            HiresOption::HighResOnly => Self::HighResOnly,
+        }
+    }
+}
+
+impl From<ControlMode> for ControlModeName {
+    fn from(m: ControlMode) -> Self {
+        match m {
+            ControlMode::Balanced => Self::Balanced,
+            ControlMode::Prompt => Self::Prompt,
+            ControlMode::ControlNet => Self::ControlNet,
+        }
+    }
 }

@@ -306,6 +306,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                     scale: c.scale,
                     guidance_start: c.guidance_start,
                     guidance_end: c.guidance_end,
+                    hr_option: c.hr_option.into(),
+                    control_mode: c.control_mode.into(),
                 })
                 .collect(),
             inpaint: p

@@ -3,15 +3,16 @@
 //! `image`, `controlnet_conditioning_scale`, `control_guidance_start`, `control_guidance_end`),
 //! one object per ControlNet (several: `MultiControlNetModel`); a `preprocessor` makes the
 //! control map from `image` here, at validation (`super::preprocessor`), and the sd-webui-controlnet
-//! extension's `hr_option` for a hires request's passes, and its `inpaint_crop_input_image`
-//! (`inpaint_crop`) for A1111's "only masked" inpainting.
+//! extension's `hr_option` for a hires request's passes, its `inpaint_crop_input_image`
+//! (`inpaint_crop`) for A1111's "only masked" inpainting, and its `control_mode`
+//! (`sdserve_pipeline::controlnet::modes`).
 
 use serde_json::Value;
 
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 
 use crate::images::RequestImage;
-use sdserve_pipeline::controlnet::HiresOption;
+use sdserve_pipeline::controlnet::{ControlMode, HiresOption};
 
 /// ControlNets one request may use (each holds a UNet encoder's weights on the device).
 pub const CONTROLNETS_MAX: usize = 3;
@@ -36,6 +37,8 @@ pub struct ValidControlNet {
     pub guidance_end: f64,
     /// The passes of a hires request it steers (`hr_option`).
     pub hr_option: HiresOption,
+    /// The extension's control mode (`control_mode`).
+    pub control_mode: ControlMode,
     /// The hires pass's control image, where a dialect fits the upload to that size itself
     /// (A1111's resize modes); `None`: `image`, resized by the pipeline.
     pub hires_image: Option<RequestImage>,
@@ -67,7 +70,7 @@ fn number(
 /// (true).
 pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let rule = format!(
-        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\", \"inpaint_crop\": boolean}}",
+        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\", \"inpaint_crop\": boolean, \"control_mode\": \"balanced\"|\"prompt\"|\"controlnet\"}}",
         super::preprocessor::TYPES
     );
     let items = v.as_array().ok_or_else(|| rule.clone())?;
@@ -77,7 +80,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
-        const KEYS: [&str; 8] = [
+        const KEYS: [&str; 9] = [
             "model",
             "image",
             "preprocessor",
@@ -86,6 +89,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
             "guidance_end",
             "hr_option",
             "inpaint_crop",
+            "control_mode",
         ];
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
@@ -132,6 +136,12 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
                 .as_bool()
                 .ok_or_else(|| format!("[{i}].inpaint_crop: must be true or false"))?,
         };
+        let control_mode = match obj.get("control_mode") {
+            None | Some(Value::Null) => ControlMode::Balanced,
+            Some(v) => v.as_str().and_then(ControlMode::from_name).ok_or_else(|| {
+                format!("[{i}].control_mode: one of \"balanced\", \"prompt\", \"controlnet\"")
+            })?,
+        };
         out.push(ValidControlNet {
             model,
             image,
@@ -140,6 +150,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
             guidance_start,
             guidance_end,
             hr_option,
+            control_mode,
             hires_image: None,
             inpaint_crop,
         });

@@ -152,6 +152,7 @@ impl ValidRequest {
                     hires_image: c.hires_image.as_ref().map(|i| i.image.clone()),
                     hr_option: c.hr_option,
                     inpaint_crop: c.inpaint_crop,
+                    control_mode: c.control_mode,
                 })
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),

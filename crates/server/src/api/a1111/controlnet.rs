@@ -9,9 +9,10 @@
 //! `canny`, `invert`, `threshold`, `lineart_standard`, `scribble_xdog`, `blur_gaussian`,
 //! `tile_resample`, with `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here
 //! and then fitted by the resize mode below (the native unit gets the map, its validated unit
-//! the preprocessor); others are a 422 naming the module. `control_mode`:
-//! only `Balanced` (0), which is diffusers' semantics; the extension's other two modes are a
-//! 422. `resize_mode` (default `Crop and Resize`, as the extension's) is its `detectmap_proc`
+//! the preprocessor); others are a 422 naming the module. `control_mode` (the extension's
+//! `ControlMode` value or index): `Balanced` (0), `My prompt is more important` (1),
+//! `ControlNet is more important` (2): the native `control_mode` (`balanced`, `prompt`,
+//! `controlnet`). `resize_mode` (default `Crop and Resize`, as the extension's) is its `detectmap_proc`
 //! geometry: `Crop and Resize` scales the image to cover the request's size (`k = max(h / H, w
 //! / W)`, sides `round(W * k)`, `round(H * k)`) and crops the centre; `Resize and Fill` scales
 //! it to fit (`k = min`) and centres it on the median colour of its border pixels; `Just
@@ -19,9 +20,9 @@
 //! OpenCV filters. `weight`, `guidance_start`, `guidance_end` are the native `scale` and its
 //! window; `low_vram` changes nothing here. With `enable_hr` the units steer both passes as
 //! their `hr_option` says (`Both`, `Low res only`, `High res only`: the native `hr_option`), a
-//! crop or fill unit's image fitted again at the hires size (`Units::fit_hires`); a canny or
-//! mlsd unit steering the hires pass is a 422 (the extension forces its soft weights there,
-//! which are not implemented). A `model` is a CONTROLNET_DIR name, with or without the extension's ` [hash]` suffix.
+//! crop or fill unit's image fitted again at the hires size (`Units::fit_hires`); a canny unit
+//! takes the soft weights in the hires pass, as the extension forces them there (the pipeline
+//! does it from the unit's preprocessor). A `model` is a CONTROLNET_DIR name, with or without the extension's ` [hash]` suffix.
 //!
 //! The image (`get_input_images_rgba`): base64, `{image, mask}` or `[image, mask]`, with the
 //! unit's `mask` (or `mask_image`) as the extension's canvas scribble (`from_rgba_to_input`). On
@@ -41,7 +42,7 @@ use serde_json::{json, Map, Value};
 use crate::api::Shared;
 use crate::error::ApiError;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
-use sdserve_pipeline::controlnet::HiresOption;
+use sdserve_pipeline::controlnet::{ControlMode, HiresOption};
 use sdserve_pipeline::pipeline::RgbImage;
 
 pub(super) use super::controlnet_fit::ResizeMode;
@@ -56,6 +57,23 @@ const API_VERSION: u32 = 2;
 
 fn bad(rule: String) -> ApiError {
     ApiError::validation(FIELD, rule)
+}
+
+/// The extension's `ControlMode`, from its value or its index (the order of its radio
+/// buttons, which older API clients send).
+fn control_mode(v: Option<&Value>, i: usize) -> Result<ControlMode, ApiError> {
+    let mode = match v {
+        None | Some(Value::Null) => return Ok(ControlMode::Balanced),
+        Some(Value::String(s)) => ControlMode::ALL.into_iter().find(|m| m.label() == s),
+        Some(n) => n
+            .as_u64()
+            .and_then(|n| ControlMode::ALL.get(n as usize).copied()),
+    };
+    mode.ok_or_else(|| {
+        bad(format!(
+            "[{i}].control_mode: one of \"Balanced\", \"My prompt is more important\", \"ControlNet is more important\" (or 0, 1, 2)"
+        ))
+    })
 }
 
 /// The model name without the extension's ` [hash]` suffix.
@@ -179,15 +197,7 @@ pub fn native_units(
             &format!("[{i}]."),
         )
         .map_err(bad)?;
-        match unit.get("control_mode") {
-            None | Some(Value::Null) => {}
-            Some(v) if v.as_str() == Some("Balanced") || v.as_i64() == Some(0) => {}
-            Some(v) => {
-                return Err(bad(format!(
-                    "[{i}].control_mode: only \"Balanced\" (0) is supported, got {v}"
-                )))
-            }
-        }
+        let control_mode = control_mode(unit.get("control_mode"), i)?;
         let model = text("model")
             .map(model_name)
             .filter(|m| !m.is_empty() && *m != "None")
@@ -321,16 +331,8 @@ pub fn native_units(
                 }
             },
         };
-        // The extension forces its soft weights (0.825^(12 - i)) on canny and mlsd units in
-        // the hires pass; those weights are not implemented.
-        let module = text("module").unwrap_or("none").to_ascii_lowercase();
-        if enable_hr
-            && hr_option != HiresOption::LowResOnly
-            && (module.contains("canny") || module.contains("mlsd"))
-        {
-            return Err(bad(format!(
-                "[{i}]: a {module} unit in the hires pass (the extension's forced soft weights) is not supported; set hr_option \"Low res only\""
-            )));
+        if control_mode != ControlMode::Balanced {
+            native["control_mode"] = json!(control_mode.name());
         }
         if hr_option != HiresOption::Both {
             native["hr_option"] = json!(hr_option.name());
@@ -497,6 +499,30 @@ mod tests {
             u.native,
             json!([{"model": "canny", "image": png, "scale": 0.5, "guidance_end": 0.8}])
         );
+        // The extension's modes by value or index: the native names.
+        for (mode, native) in [
+            (json!("Balanced"), None),
+            (json!(0), None),
+            (json!("My prompt is more important"), Some("prompt")),
+            (json!(1), Some("prompt")),
+            (json!("ControlNet is more important"), Some("controlnet")),
+            (json!(2), Some("controlnet")),
+        ] {
+            let u = native_units(
+                &body(json!({"image": png, "model": "c", "control_mode": mode,
+                             "resize_mode": "Just Resize"})),
+                false,
+                None,
+                None,
+                None,
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                u.native[0].get("control_mode").and_then(Value::as_str),
+                native
+            );
+        }
         let off = native_units(&body(json!({"enabled": false})), false, None, None, None).unwrap();
         assert!(off.is_none());
         for (unit, needle) in [
@@ -505,7 +531,11 @@ mod tests {
                 "[0].module",
             ),
             (
-                json!({"image": png, "model": "c", "control_mode": 2}),
+                json!({"image": png, "model": "c", "control_mode": 3}),
+                "[0].control_mode",
+            ),
+            (
+                json!({"image": png, "model": "c", "control_mode": "Prompt"}),
                 "[0].control_mode",
             ),
             (json!({"image": png, "model": "None"}), "[0].model"),

@@ -143,7 +143,8 @@ pub struct A1111Request {
     /// `guidance_start`, `guidance_end`, `resize_mode` (`Crop and Resize` by default, `Resize
     /// and Fill`, `Just Resize`), `hr_option` with `enable_hr` (`Both`, `Low res only`, `High
     /// res only`); `module` `none` or a preprocessor of `GET /controlnet/module_list`,
-    /// `control_mode` only `Balanced` (others: a 422 naming them). Other scripts
+    /// `control_mode` (`Balanced`, `My prompt is more important`, `ControlNet is more
+    /// important`, or 0, 1, 2: the native `control_mode`). Other scripts
     /// are accepted and ignored.
     #[schema(nullable = true, value_type = Option<Object>)]
     pub alwayson_scripts: Option<serde_json::Value>,

@@ -409,8 +409,8 @@ fn a1111_requests_run_a1111_s_step_rule_and_img2img_fix_steps_stretches_it() {
 #[test]
 fn enable_hr_fits_each_unit_again_at_the_hires_size() {
     // The extension's `hr_control`: `detectmap_proc` at the hires size from the same upload
-    // (a crop-and-resize unit); `hr_option` maps to the native field; a canny unit steering
-    // the hires pass (forced soft weights) is refused.
+    // (a crop-and-resize unit); `hr_option` maps to the native field; a canny unit steers
+    // the hires pass (the pipeline forces the soft weights there from its preprocessor).
     use base64::Engine;
     let img = sdserve_pipeline::pipeline::RgbImage {
         width: 100,
@@ -452,15 +452,27 @@ fn enable_hr_fits_each_unit_again_at_the_hires_size() {
     .unwrap();
     assert!(t.valid.controlnets[0].hires_image.is_none());
     assert!(t.native["controlnets"][0].get("hr_option").is_none());
-    for unit in [
-        json!({"model": "c", "image": png, "hr_option": "both"}),
-        json!({"model": "c", "image": png, "module": "canny"}),
-    ] {
-        let e = tr(body(unit), Mode::Txt2Img).unwrap_err();
-        assert_eq!(field_of(e), "alwayson_scripts.controlnet.args");
+    let e = tr(
+        body(json!({"model": "c", "image": png, "hr_option": "both"})),
+        Mode::Txt2Img,
+    )
+    .unwrap_err();
+    assert_eq!(field_of(e), "alwayson_scripts.controlnet.args");
+    for hr_option in ["Both", "High res only", "Low res only"] {
+        let unit = json!({"model": "c", "image": png, "module": "canny", "hr_option": hr_option,
+                          "control_mode": "My prompt is more important"});
+        let t = tr(body(unit), Mode::Txt2Img).unwrap();
+        let unit = &t.valid.controlnets[0];
+        assert_eq!(
+            unit.preprocessor.map(|p| p.module()),
+            Some("canny"),
+            "{hr_option}"
+        );
+        assert_eq!(
+            unit.control_mode,
+            sdserve_pipeline::controlnet::ControlMode::Prompt
+        );
     }
-    let low = json!({"model": "c", "image": png, "module": "canny", "hr_option": "Low res only"});
-    assert!(tr(body(low), Mode::Txt2Img).is_ok());
     // img2img has no hires pass (A1111 ignores `enable_hr` there): a canny unit runs.
     let mut img2img = body(json!({"model": "c", "image": png, "module": "canny"}));
     img2img["init_images"] = json!([png]);

@@ -105,6 +105,10 @@ pub struct WireSpec {
     /// jobs: true).
     #[serde(default)]
     controlnet_inpaint_crop: Vec<bool>,
+    /// Each ControlNet's control mode name, in `controlnets`' order (absent from older
+    /// replicas' jobs: balanced).
+    #[serde(default)]
+    controlnet_modes: Vec<String>,
     /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
@@ -184,6 +188,11 @@ impl WireSpec {
                 })
                 .collect(),
             controlnet_inpaint_crop: p.controlnets.iter().map(|c| c.inpaint_crop).collect(),
+            controlnet_modes: p
+                .controlnets
+                .iter()
+                .map(|c| c.control_mode.name().to_string())
+                .collect(),
             inpaint: p.a1111_inpaint.as_ref().map(|o| {
                 let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
                 (
@@ -272,6 +281,13 @@ impl WireSpec {
                                     .ok_or_else(|| format!("unknown hr_option {option:?}"))?,
                             ),
                         };
+                        let control_mode = match self.controlnet_modes.get(i) {
+                            None => Default::default(),
+                            Some(mode) => {
+                                sdserve_pipeline::controlnet::ControlMode::from_name(mode)
+                                    .ok_or_else(|| format!("unknown control_mode {mode:?}"))?
+                            }
+                        };
                         Ok(sdserve_pipeline::controlnet::ControlNetUnit {
                             model: std::sync::Arc::new(
                                 sdserve_pipeline::controlnet::ControlNet::named(name),
@@ -288,6 +304,7 @@ impl WireSpec {
                                 .get(i)
                                 .copied()
                                 .unwrap_or(true),
+                            control_mode,
                         })
                     })
                     .collect::<Result<_, String>>()?,
