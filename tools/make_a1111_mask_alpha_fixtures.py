@@ -7,7 +7,7 @@ these run as they are:
   modules/images.py       read, fix_image, fix_png_transparency (what the API's
                           decode_base64_to_image does with the bytes)
   modules/processing.py   create_binary_mask (StableDiffusionProcessingImg2Img.init, with
-                          mask_round at its default True)
+                          mask_round at its default True, and False)
 on small mask files of every kind Pillow opens differently: RGBA with graded alpha, RGBA fully
 opaque, LA, palette with one fully transparent entry (Pillow keeps it `P`) and with graded
 entries (`RGBA`), RGB with a transparent colour, 16-bit RGBA, WebP with alpha.
@@ -15,6 +15,7 @@ entries (`RGBA`), RGB with a transparent colour, 16-bit RGBA, WebP with alpha.
 Writes, under OUT (default crates/server/tests/fixtures/a1111-mask-alpha):
   <case>.png / <case>.webp   the mask file a client sends
   <case>.expected.png        A1111's binary mask (mode L) for it
+  <case>.unrounded.png       its mask with mask_round False (mode L: the alpha's grey levels)
   cases.json                 the cases, what Pillow opened each as, and the functions' digests
 
 Usage:
@@ -118,8 +119,12 @@ def main():
         mask = create_binary_mask(opened, round=True)
         assert mask.mode == "L" and mask.size == (W, H), (name, mask.mode, mask.size)
         mask.save(os.path.join(args.out, f"{name}.expected.png"))
+        unrounded = create_binary_mask(opened, round=False)
+        assert unrounded.mode == "L" and unrounded.size == (W, H), (name, unrounded.mode)
+        unrounded.save(os.path.join(args.out, f"{name}.unrounded.png"))
         alpha_used = opened.mode == "RGBA" and opened.getextrema()[-1] != (255, 255)
         listed.append({"name": name, "file": f"{name}.{ext}", "expected": f"{name}.expected.png",
+                       "unrounded": f"{name}.unrounded.png",
                        "pillow_mode": opened.mode, "alpha_used": alpha_used})
         print(f"{name}: opened as {opened.mode}, alpha used: {alpha_used}")
     meta = {"a1111": "v1.10.1 (82a973c0)", "pillow": PIL.__version__, "digests": digests,

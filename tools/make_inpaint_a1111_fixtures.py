@@ -191,6 +191,27 @@ CASES = {
                                    strength=0.6, width=32, height=32, seed=3,
                                    init="init-32x32.png", mask="mask-32x32.png", blur_x=4,
                                    blur_y=4, invert=True, fill=1, padding=None, batch_size=1),
+    # mask_round False: the blurred mask's grey levels stay in the latent mask (and a
+    # 9-channel UNet's conditioning mask and masked image).
+    "unrounded.whole.euler.blur4": dict(model="tiny-a", scheduler="euler", steps=8,
+                                        strength=0.75, width=32, height=32, seed=42,
+                                        init="init-32x32.png", mask="mask-32x32.png", blur_x=4,
+                                        blur_y=4, invert=False, fill=1, padding=None,
+                                        batch_size=1, mask_round=False),
+    "unrounded.only_masked.latent_nothing.vpred": dict(
+        model="tiny-b", scheduler="dpmpp_2m", steps=8, strength=0.8, width=32, height=48,
+        seed=31, init="init-96x64.png", mask="mask-96x64.png", blur_x=6, blur_y=3,
+        invert=False, fill=3, padding=8, batch_size=1, mask_round=False),
+    "unrounded.nine.whole.fill.dpmpp_2m": dict(model="tiny-inpaint", scheduler="dpmpp_2m",
+                                               steps=8, strength=0.8, width=32, height=32,
+                                               seed=14, init="init-32x32.png",
+                                               mask="mask-32x32.png", blur_x=4, blur_y=4,
+                                               invert=False, fill=0, padding=None,
+                                               batch_size=1, mask_round=False),
+    "http.unrounded": dict(model="tiny-b", scheduler="euler", steps=3, strength=0.75,
+                           width=256, height=256, seed=23, init="init-384x320.png",
+                           mask="mask-384x320.png", blur_x=12, blur_y=12, invert=False,
+                           fill=1, padding=None, batch_size=1, mask_round=False),
 }
 
 
@@ -282,7 +303,8 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
     ns["sd_samplers"] = types.SimpleNamespace(create_sampler=lambda name, model: None)
     p = types.SimpleNamespace(
         denoising_strength=r["strength"], extra_generation_params={}, image_cfg_scale=None,
-        sampler_name="Euler", sd_model=None, image_mask=files[r["mask"]], mask_round=True,
+        sampler_name="Euler", sd_model=None, image_mask=files[r["mask"]],
+        mask_round=r.get("mask_round", True),
         inpainting_mask_invert=int(r["invert"]), mask_blur_x=r["blur_x"],
         mask_blur_y=r["blur_y"], mask_blur=r["blur_x"] if r["blur_x"] == r["blur_y"] else None,
         inpaint_full_res=r["padding"] is not None, inpaint_full_res_padding=r["padding"] or 0,
@@ -437,7 +459,8 @@ def main():
             tensors[f"mask.{label}"] = torch.from_numpy(out["mask"].copy())
             tensors[f"latmask.{label}"] = torch.from_numpy(out["latmask"].copy())
             tensors[f"overlay.{label}"] = torch.from_numpy(out["overlay"].copy())
-        cases[label] = dict(case, infotext=out["params"], paste_to=out["paste_to"],
+        cases[label] = dict(case, mask_round=case.get("mask_round", True),
+                            infotext=out["params"], paste_to=out["paste_to"],
                             prompt=MODELS[case["model"]]["prompt"],
                             negative_prompt=MODELS[case["model"]]["negative_prompt"],
                             guidance_scale=MODELS[case["model"]]["guidance_scale"],

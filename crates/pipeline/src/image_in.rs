@@ -304,6 +304,17 @@ pub fn mask_tensor(
     Ok(Tensor::from_vec(values, (1, 1, height, width), device)?)
 }
 
+/// A mask's grey levels as they are, Pillow's RGB-to-L `/ 255` (1 = repaint), at its own size:
+/// `[1, 1, H, W]` f32. A1111's conditioning mask with `mask_round` false.
+pub fn grey_mask_tensor(mask: &RgbImage, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = crate::inpaint_a1111::luma(mask)
+        .into_iter()
+        .map(|l| l as f32 / 255.0)
+        .collect();
+    let (w, h) = (mask.width as usize, mask.height as usize);
+    Ok(Tensor::from_vec(values, (1, 1, h, w), device)?)
+}
+
 /// `F.interpolate(mask, size=(h, w))` (mode `nearest`): source index `floor(i * in / out)`
 /// with the ratio in f32, as torch computes it.
 pub fn mask_to_latent_size(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {

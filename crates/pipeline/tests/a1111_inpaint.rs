@@ -54,6 +54,7 @@ fn options(case: &serde_json::Value) -> A1111Inpaint {
             _ => MaskedContent::LatentNothing,
         },
         only_masked_padding: case["padding"].as_u64().map(|p| p as u32),
+        mask_round: case["mask_round"].as_bool().unwrap(),
     }
 }
 
@@ -164,7 +165,7 @@ fn preprocessing_and_overlay_are_a1111s() {
         let (lh, lw) = lat.dims2().unwrap();
         let want: Vec<f32> = lat.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(
-            inpaint_a1111::latent_mask(p_mask, lw, lh),
+            inpaint_a1111::latent_mask(p_mask, lw, lh, case["mask_round"].as_bool().unwrap()),
             want,
             "{label} latmask"
         );

@@ -122,10 +122,11 @@ fn request_image(rgb: image::RgbImage) -> RequestImage {
 }
 
 /// An A1111 img2img `mask` as its API reads it (`decode_base64_to_image`, then
-/// `create_binary_mask` with `mask_round`, its default): an image Pillow opens as RGBA whose
-/// alpha is not all 255 is its alpha channel, white above 128 and black at or below; any other
-/// is read as every request image is (its colours, whose luminance the pipeline takes).
-pub fn decode_a1111_mask_base64(text: &str) -> Result<RequestImage, String> {
+/// `create_binary_mask` with `mask_round` as `round`): an image Pillow opens as RGBA whose
+/// alpha is not all 255 is its alpha channel, white above 128 and black at or below when
+/// `round`, its levels as they are when not; any other is read as every request image is (its
+/// colours, whose luminance the pipeline takes).
+pub fn decode_a1111_mask_base64(text: &str, round: bool) -> Result<RequestImage, String> {
     let bytes = base64_bytes(text)?;
     let (format, _, _) = header(&bytes)?;
     let decoded = decode_image(&bytes, format)?;
@@ -141,7 +142,12 @@ pub fn decode_a1111_mask_base64(text: &str) -> Result<RequestImage, String> {
     };
     let pixels = alpha
         .iter()
-        .flat_map(|&a| [if a > 128 { 255 } else { 0 }; 3])
+        .map(|&a| match round {
+            true if a > 128 => 255,
+            true => 0,
+            false => a,
+        })
+        .flat_map(|a| [a; 3])
         .collect();
     let grey = image::RgbImage::from_raw(decoded.width(), decoded.height(), pixels)
         .ok_or("has an alpha channel of the wrong length")?;
@@ -337,7 +343,8 @@ mod tests {
 
     /// A1111's own masks for files of every kind (tools/make_a1111_mask_alpha_fixtures.py):
     /// through the pipeline's luminance (PIL's `L`), ours are its, pixel for pixel; read as
-    /// other images are (native, OpenAI) the transparent ones are not.
+    /// other images are (native, OpenAI) the transparent ones are not. With `mask_round` false
+    /// the alpha's levels are kept, as A1111's `create_binary_mask(round=False)`.
     #[test]
     fn a1111_masks_read_transparency_as_a1111_does() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -348,19 +355,28 @@ mod tests {
         assert_eq!(cases.len(), 8);
         for case in cases {
             let file = std::fs::read(dir.join(case["file"].as_str().unwrap())).unwrap();
-            let expected = image::open(dir.join(case["expected"].as_str().unwrap()))
-                .unwrap()
-                .into_luma8()
-                .into_raw();
+            let reference = |key: &str| {
+                image::open(dir.join(case[key].as_str().unwrap()))
+                    .unwrap()
+                    .into_luma8()
+                    .into_raw()
+            };
+            let (expected, unrounded) = (reference("expected"), reference("unrounded"));
             let text = base64::engine::general_purpose::STANDARD.encode(&file);
-            let luma = |read: fn(&str) -> Result<RequestImage, String>| {
+            let luma = |read: &dyn Fn(&str) -> Result<RequestImage, String>| {
                 sdserve_pipeline::inpaint_a1111::luma(&read(&text).unwrap().image)
             };
-            let ours = luma(decode_a1111_mask_base64);
-            let differing = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
-            assert_eq!(differing, 0, "{case}: {differing} pixels differ");
+            for (round, want) in [(true, &expected), (false, &unrounded)] {
+                let ours = luma(&|t| decode_a1111_mask_base64(t, round));
+                let differing = ours.iter().zip(want).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    differing, 0,
+                    "{case} round {round}: {differing} pixels differ"
+                );
+            }
             let alpha_used = case["alpha_used"].as_bool().unwrap();
-            assert_eq!(luma(decode_base64) != expected, alpha_used, "{case}");
+            assert_eq!(luma(&decode_base64) != expected, alpha_used, "{case}");
+            assert_eq!(unrounded != expected, alpha_used, "{case}");
         }
     }
 

@@ -300,6 +300,7 @@ mod tests {
                 invert: true,
                 masked_content: MaskedContent::Fill,
                 only_masked_padding: Some(32),
+                mask_round: true,
             }),
             ..Default::default()
         };
@@ -319,6 +320,7 @@ mod tests {
             invert: false,
             masked_content: MaskedContent::Original,
             only_masked_padding: None,
+            mask_round: true,
         });
         assert!(parameters_text(&p, "m", None).ends_with("Mode: inpaint"));
     }

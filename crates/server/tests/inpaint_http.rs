@@ -117,7 +117,8 @@ fn a1111_img2img_with_a_mask_is_a1111_s_inpainting() {
     assert_eq!(
         meta["inpaint"],
         json!({"mask_blur_x": 4, "mask_blur_y": 4, "mask_invert": false,
-               "masked_content": "fill", "area": "only_masked", "padding": 0})
+               "masked_content": "fill", "area": "only_masked", "padding": 0,
+               "mask_round": true})
     );
 
     // Kept pixels come back as sent: outside the blurred mask's reach the init image's own.
@@ -189,6 +190,47 @@ fn native_inpaint_takes_the_web_ui_s_defaults_and_jobs_carry_it() {
                 "mask": file_b64("mask-384x320.png"), "inpainting_fill": 5}),
     );
     assert_eq!(r.broken_fields(), ["inpainting_fill"]);
+}
+
+/// `mask_round` false (A1111's field, the native `inpaint.mask_round`): the blurred mask's grey
+/// levels stay in the latent mask, as A1111's own `init` and blend give them (`http.unrounded`).
+#[test]
+fn mask_round_false_keeps_the_mask_s_grey_levels() {
+    let s: Server = common::tiny_server("inpaint-unrounded", &[("RESPONSE_CACHE_MB", "0")]);
+    let (want, w, h) = reference("http.unrounded");
+    assert_eq!((w, h), (256, 256));
+    let a1111 = |round: Value| {
+        json!({"prompt": "a watercolor painting of a lighthouse at sunset",
+               "init_images": [file_b64("init-384x320.png")],
+               "mask": file_b64("mask-384x320.png"), "width": 256, "height": 256, "steps": 3,
+               "cfg_scale": 1.0, "sampler_name": "Euler", "seed": 23,
+               "denoising_strength": 0.75, "mask_blur": 12, "inpainting_fill": 1,
+               "inpaint_full_res": false, "mask_round": round})
+    };
+    let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(json!(false)));
+    let (_, _, unrounded, _) = first_image(&r, "images");
+    assert_matches("A1111 http.unrounded", &unrounded, &want);
+    assert_eq!(r.json()["parameters"]["mask_round"], false);
+    // Rounded (A1111's default, also for null) is another image.
+    let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(Value::Null));
+    let (_, _, rounded, _) = first_image(&r, "images");
+    let diff = mean_abs_diff(&rounded, &want);
+    assert!(diff > 0.2, "rounding changes nothing? {diff}");
+
+    // The native object: the same pixels, and the metadata says so.
+    let r = s.post_json(&native_base(
+        23,
+        json!({"mask_blur": 12, "mask_round": false}),
+    ));
+    let (_, _, native, _) = first_image(&r, "image_base64");
+    assert!(native == unrounded, "native equals A1111's answer");
+    assert_eq!(r.json()["metadata"]["inpaint"]["mask_round"], false);
+
+    // Not a boolean: a 422 naming the field as each dialect names it.
+    let r = s.post_json(&native_base(23, json!({"mask_round": "no"})));
+    assert_eq!(r.broken_fields(), ["inpaint.mask_round"]);
+    let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(json!("no")));
+    assert_eq!(r.broken_fields(), ["mask_round"]);
 }
 
 /// An A1111 mask with transparency is its alpha, as A1111's `create_binary_mask` reads it (the

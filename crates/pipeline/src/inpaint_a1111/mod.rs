@@ -51,6 +51,10 @@ pub struct A1111Inpaint {
     /// `inpaint_full_res` ("only masked") with `inpaint_full_res_padding` pixels around the
     /// mask; `None`: the whole picture.
     pub only_masked_padding: Option<u32>,
+    /// `mask_round` (A1111's default true): the latent mask (and a 9-channel UNet's
+    /// conditioning mask) rounded to 0 or 1; false keeps the processed mask's grey levels,
+    /// so a blurred edge blends gradually.
+    pub mask_round: bool,
 }
 
 /// What the model runs on, at the processing size, and what goes back over its results.
@@ -88,14 +92,16 @@ pub fn grey(values: &[u8], width: usize, height: usize) -> RgbImage {
 }
 
 /// `latmask`: `image_mask.convert('RGB').resize((w, h))` (Pillow's default, bicubic), its
-/// first channel `/ 255`, `np.around` (`mask_round`): 1 = repaint, row-major `h` x `w`.
-pub fn latent_mask(mask: &RgbImage, w: usize, h: usize) -> Vec<f32> {
+/// first channel `/ 255`, `np.around` when `round` (`mask_round`): 1 = repaint, row-major `h`
+/// x `w`.
+pub fn latent_mask(mask: &RgbImage, w: usize, h: usize, round: bool) -> Vec<f32> {
     let small = crate::image_in::resize_with(mask, w, h, crate::image_in::Filter::Bicubic, None);
     // k / 255 is never exactly one half: rounding is a threshold.
     small
         .pixels
         .chunks_exact(3)
-        .map(|p| (p[0] as f32 / 255.0).round())
+        .map(|p| p[0] as f32 / 255.0)
+        .map(|v| if round { v.round() } else { v })
         .collect()
 }
 

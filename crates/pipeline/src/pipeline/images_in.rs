@@ -338,8 +338,14 @@ impl StableDiffusion {
             });
         };
 
-        let mask = image_in::mask_tensor(mask_image, w, h, &self.device)?;
-        // `image * (mask < 0.5)`: the known part only.
+        let round = params.a1111_inpaint.as_ref().is_none_or(|o| o.mask_round);
+        // A1111 with `mask_round` false conditions a 9-channel UNet on the processed mask's
+        // grey levels (`inpainting_image_conditioning`), already at the processing size.
+        let mask = match round {
+            true => image_in::mask_tensor(mask_image, w, h, &self.device)?,
+            false => image_in::grey_mask_tensor(mask_image, &self.device)?,
+        };
+        // `image * (mask < 0.5)` (A1111: `image * (1 - mask)`): the known part only.
         let masked_image = image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
         let a1111 = params.a1111_inpaint.as_ref().map(|o| o.masked_content);
         let channels = self.unet_in_channels != self.vae_latent_channels;
@@ -360,7 +366,7 @@ impl StableDiffusion {
         let latent_hw = (h / f, w / f);
         let keep_mask = match a1111 {
             Some(_) => Some(
-                latent_mask(mask_image, latent_hw.1, latent_hw.0, &self.device)?
+                latent_mask(mask_image, latent_hw.1, latent_hw.0, round, &self.device)?
                     .affine(-1.0, 1.0)?,
             ),
             None => None,

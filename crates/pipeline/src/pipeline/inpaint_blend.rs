@@ -14,9 +14,15 @@ use crate::schedulers::common::PredictionType;
 use crate::schedulers::Scheduler;
 use crate::Result;
 
-/// A1111's `latmask` as a `[1, 1, h, w]` tensor (1 = repaint).
-pub(super) fn latent_mask(mask: &RgbImage, w: usize, h: usize, device: &Device) -> Result<Tensor> {
-    let values = crate::inpaint_a1111::latent_mask(mask, w, h);
+/// A1111's `latmask` as a `[1, 1, h, w]` tensor (1 = repaint), rounded when `round`.
+pub(super) fn latent_mask(
+    mask: &RgbImage,
+    w: usize,
+    h: usize,
+    round: bool,
+    device: &Device,
+) -> Result<Tensor> {
+    let values = crate::inpaint_a1111::latent_mask(mask, w, h, round);
     Ok(Tensor::from_vec(values, (1, 1, h, w), device)?)
 }
 

@@ -35,6 +35,11 @@ pub struct InpaintRequest {
     /// `inpaint_full_res_padding`).
     #[schema(minimum = 0, maximum = 256, default = 32, nullable = true)]
     pub padding: Option<u32>,
+    /// A1111's `mask_round`: the latent mask (and an inpainting model's conditioning mask)
+    /// rounded to repaint or keep; false keeps the blurred mask's grey levels, so the edge
+    /// blends gradually (and an A1111 `mask` with transparency keeps its alpha's levels).
+    #[schema(default = true, nullable = true)]
+    pub mask_round: Option<bool>,
 }
 
 /// The inpainting options a request ran with (the `inpaint` object, every default filled).
@@ -48,6 +53,13 @@ pub struct InpaintMetadata {
     /// Only with `area` `only_masked`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub padding: Option<u32>,
+    /// Records written before it was carried ran true.
+    #[serde(default = "mask_round_default")]
+    pub mask_round: bool,
+}
+
+fn mask_round_default() -> bool {
+    true
 }
 
 impl InpaintMetadata {
@@ -65,6 +77,7 @@ impl InpaintMetadata {
             }
             .to_string(),
             padding: o.only_masked_padding,
+            mask_round: o.mask_round,
         }
     }
 }

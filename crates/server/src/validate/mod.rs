@@ -160,8 +160,9 @@ pub struct DialectRules {
     /// The largest `clip_skip` (before the model's own limit, [`check_limits`]).
     pub clip_skip_max: u64,
     /// How `mask_image` is read: as every image (`decode_base64`), or as A1111 reads its
-    /// `mask`, transparency first (`decode_a1111_mask_base64`).
-    pub read_mask: fn(&str) -> Result<RequestImage, String>,
+    /// `mask`, transparency first (`decode_a1111_mask_base64`); the flag is
+    /// `inpaint.mask_round`.
+    pub read_mask: fn(&str, bool) -> Result<RequestImage, String>,
 }
 
 impl DialectRules {
@@ -169,7 +170,7 @@ impl DialectRules {
     pub const NATIVE: Self = Self {
         prompt: PromptRule::Required,
         clip_skip_max: CLIP_SKIP_MAX,
-        read_mask: crate::images::decode_base64,
+        read_mask: |text, _| crate::images::decode_base64(text),
     };
     /// AUTOMATIC1111's: the prompt may be empty, clip skip goes to its slider's 12.
     pub const A1111: Self = Self {
@@ -272,7 +273,16 @@ pub fn validate_request(
         move |v: &Value| read(v.as_str().ok_or("must be a base64 string")?)
     };
     let init_image = r.with("init_image", image(crate::images::decode_base64));
-    let mask_image = r.with("mask_image", image(dialect.read_mask));
+    // `inpaint.mask_round` as sent (its rule is checked with the object's): false keeps a
+    // transparent A1111 mask's alpha levels.
+    let round = map
+        .get("inpaint")
+        .and_then(|o| o.get("mask_round"))
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let mask_image = r.with("mask_image", |v: &Value| {
+        (dialect.read_mask)(v.as_str().ok_or("must be a base64 string")?, round)
+    });
     let strength = r.number("strength", 0.0, 1.0);
     let step_rule = r.choice("step_rule", &steps::CHOICES).unwrap_or_default();
     let has_init = r.value("init_image").is_some();

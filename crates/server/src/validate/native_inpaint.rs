@@ -11,7 +11,7 @@ use super::fields::FieldReader;
 use crate::error::ApiError;
 
 /// The keys of the `inpaint` object.
-pub const FIELDS: [&str; 7] = [
+pub const FIELDS: [&str; 8] = [
     "mask_blur",
     "mask_blur_x",
     "mask_blur_y",
@@ -19,6 +19,7 @@ pub const FIELDS: [&str; 7] = [
     "masked_content",
     "area",
     "padding",
+    "mask_round",
 ];
 /// A1111's sliders: mask blur 0..=64, "only masked" padding 0..=256 pixels.
 pub const MASK_BLUR_MAX: u64 = 64;
@@ -54,7 +55,8 @@ pub(super) fn read(value: &Value, has_mask: bool, outer: &mut FieldReader) -> Op
         outer.fail(
             "inpaint",
             "must be an object with optional \"mask_blur\" (or \"mask_blur_x\" and \
-             \"mask_blur_y\"), \"mask_invert\", \"masked_content\", \"area\", \"padding\"",
+             \"mask_blur_y\"), \"mask_invert\", \"masked_content\", \"area\", \"padding\", \
+             \"mask_round\"",
         );
         return None;
     };
@@ -76,6 +78,9 @@ pub(super) fn read(value: &Value, has_mask: bool, outer: &mut FieldReader) -> Op
     let masked_content = r.choice("masked_content", &MASKED_CONTENT);
     let area = r.choice("area", &[("whole", false), ("only_masked", true)]);
     let padding = r.int("padding", 0, PADDING_MAX);
+    let mask_round = r.with("mask_round", |v| {
+        v.as_bool().ok_or_else(|| "must be true or false".into())
+    });
     if let Err(ApiError::Validation(errors)) = r.finish() {
         for e in errors {
             outer.fail(&format!("inpaint.{}", e.field), e.rule);
@@ -95,5 +100,6 @@ pub(super) fn read(value: &Value, has_mask: bool, outer: &mut FieldReader) -> Op
         only_masked_padding: area
             .unwrap_or(false)
             .then(|| padding.map_or(PADDING_DEFAULT, |p| p as u32)),
+        mask_round: mask_round.unwrap_or(true),
     })
 }

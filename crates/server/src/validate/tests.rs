@@ -499,6 +499,7 @@ fn inpaint_takes_a1111_s_options_with_its_web_ui_defaults() {
             invert: false,
             masked_content: MaskedContent::Original,
             only_masked_padding: None,
+            mask_round: true,
         })
     );
     // The images stay at their uploaded size: A1111 blurs and crops there.

@@ -99,7 +99,8 @@ pub struct A1111Request {
     /// img2img: inpainting mask, white = repaint; inpainting as A1111 does it (the native
     /// `inpaint` object, with A1111's API defaults for the fields below). A mask with
     /// transparency (PNG RGBA, a palette with graded alpha, WebP with alpha; not all opaque)
-    /// is its alpha, repainting where it is above 128, as A1111's `create_binary_mask`.
+    /// is its alpha, repainting where it is above 128 (`mask_round` false: its levels), as
+    /// A1111's `create_binary_mask`.
     pub mask: Option<String>,
     /// Gaussian blur of the mask (OpenCV, sigma in pixels) in both directions; sets
     /// `mask_blur_x` and `mask_blur_y`, as A1111's setter does.
@@ -130,6 +131,11 @@ pub struct A1111Request {
     /// 1: repaint what the mask leaves black ("Inpaint not masked").
     #[schema(default = 0, minimum = 0, maximum = 1, nullable = true)]
     pub inpainting_mask_invert: Option<u8>,
+    /// false: the mask's grey levels (its blur, its alpha's levels) are kept where A1111
+    /// rounds them: the latent mask, an inpainting model's conditioning mask, and a mask
+    /// with transparency (then its alpha as it is, not cut at 128).
+    #[schema(default = true, nullable = true)]
+    pub mask_round: Option<bool>,
     /// Seamless textures: the native `tiling` (circular padding in every convolution of the
     /// UNet and the VAE, as A1111's); the infotext says `Tiling: True`.
     #[schema(default = false, nullable = true)]

@@ -53,7 +53,7 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 21] = [
+pub const FIELD_NAMES: [(&str, &str); 22] = [
     // The object comes with the mask: a mask that failed its rules leaves it nothing to do.
     ("inpaint", "mask"),
     ("inpaint.mask_blur", "mask_blur"),
@@ -63,6 +63,7 @@ pub const FIELD_NAMES: [(&str, &str); 21] = [
     ("inpaint.masked_content", "inpainting_fill"),
     ("inpaint.area", "inpaint_full_res"),
     ("inpaint.padding", "inpaint_full_res_padding"),
+    ("inpaint.mask_round", "mask_round"),
     ("variation_seed", "subseed"),
     ("variation_strength", "subseed_strength"),
     ("seed_resize_from_width", "seed_resize_from_w"),
@@ -79,7 +80,7 @@ pub const FIELD_NAMES: [(&str, &str); 21] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 41] = [
+const USED: [&str; 42] = [
     "enable_hr",
     "resize_mode",
     "hr_scale",
@@ -114,6 +115,7 @@ const USED: [&str; 41] = [
     "inpainting_fill",
     "inpaint_full_res",
     "inpaint_full_res_padding",
+    "mask_round",
     "tiling",
     "subseed",
     "subseed_strength",
@@ -160,7 +162,7 @@ fn not_supported(field: &str, what: &str) -> ApiError {
 
 /// A1111's inpainting fields as the native `inpaint` object, with its API's defaults
 /// (`StableDiffusionProcessingImg2Img`: blur 4 both ways, `inpainting_fill` 0 "fill",
-/// `inpaint_full_res` true "only masked" with padding 0, no invert). `mask_blur` sets both
+/// `inpaint_full_res` true "only masked" with padding 0, no invert, `mask_round` true). `mask_blur` sets both
 /// directions over `mask_blur_x`/`_y`, as its setter does. Types and ranges are the declared
 /// schema's (checked before).
 fn inpaint_options(body: &Map<String, Value>) -> Value {
@@ -194,6 +196,8 @@ fn inpaint_options(body: &Map<String, Value>) -> Value {
         json!(if only_masked { "only_masked" } else { "whole" }),
     );
     o.insert("padding".into(), json!(int("inpaint_full_res_padding", 0)));
+    let round = get(body, "mask_round").and_then(Value::as_bool);
+    o.insert("mask_round".into(), json!(round.unwrap_or(true)));
     Value::Object(o)
 }
 
@@ -234,6 +238,7 @@ pub fn translate(
         fill("inpaint_full_res", json!(true));
         fill("inpaint_full_res_padding", json!(0));
         fill("inpainting_mask_invert", json!(0));
+        fill("mask_round", json!(true));
     }
 
     native.insert(

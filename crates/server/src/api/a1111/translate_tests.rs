@@ -334,16 +334,17 @@ fn a_mask_is_a1111_s_inpainting_with_its_api_s_defaults() {
     assert_eq!(
         native(json!({})),
         json!({"mask_blur_x": 4, "mask_blur_y": 4, "mask_invert": false,
-               "masked_content": "fill", "area": "only_masked", "padding": 0})
+               "masked_content": "fill", "area": "only_masked", "padding": 0,
+               "mask_round": true})
     );
     assert_eq!(
         native(
             json!({"mask_blur": 8, "mask_blur_x": 1, "inpainting_fill": 3,
                       "inpaint_full_res": false, "inpaint_full_res_padding": 32,
-                      "inpainting_mask_invert": 1})
+                      "inpainting_mask_invert": 1, "mask_round": false})
         ),
         json!({"mask_blur": 8, "mask_invert": true, "masked_content": "latent_nothing",
-               "area": "whole", "padding": 32})
+               "area": "whole", "padding": 32, "mask_round": false})
     );
     assert_eq!(
         native(json!({"mask_blur_x": 2, "mask_blur_y": 0, "inpainting_fill": 1}))["mask_blur_y"],
@@ -356,6 +357,7 @@ fn a_mask_is_a1111_s_inpainting_with_its_api_s_defaults() {
         ("inpaint_full_res_padding", json!(-1)),
         ("inpainting_mask_invert", json!(2)),
         ("inpaint_full_res", json!("yes")),
+        ("mask_round", json!(1)),
     ] {
         let mut body = json!({"prompt": "p"});
         body[field] = v;

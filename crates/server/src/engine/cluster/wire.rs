@@ -113,6 +113,10 @@ pub struct WireSpec {
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
     inpaint: Option<(u32, u32, bool, u8, Option<u32>)>,
+    /// A1111's `mask_round` with `inpaint` (absent from older replicas' jobs: true, A1111's
+    /// default and all they ran).
+    #[serde(default)]
+    inpaint_mask_round: Option<bool>,
     /// The step rule's API name (absent from older replicas' jobs: diffusers').
     #[serde(default)]
     step_rule: Option<String>,
@@ -203,6 +207,7 @@ impl WireSpec {
                     o.only_masked_padding,
                 )
             }),
+            inpaint_mask_round: p.a1111_inpaint.as_ref().map(|o| o.mask_round),
             step_rule: Some(p.step_rule.name().to_string()),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
@@ -317,6 +322,7 @@ impl WireSpec {
                             .get(fill as usize)
                             .ok_or(format!("masked content {fill}"))?,
                         only_masked_padding: padding,
+                        mask_round: self.inpaint_mask_round.unwrap_or(true),
                     }),
                     None => None,
                 },

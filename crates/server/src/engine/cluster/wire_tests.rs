@@ -101,6 +101,7 @@ fn a_spec_survives_the_trip_with_its_images() {
                 invert: true,
                 masked_content: sdserve_pipeline::inpaint_a1111::MaskedContent::LatentNoise,
                 only_masked_padding: Some(12),
+                mask_round: false,
             }),
             step_rule: sdserve_pipeline::pipeline::StepRule::A1111FixSteps,
             ..Default::default()
