@@ -9,7 +9,7 @@
 use std::io::Cursor;
 
 use base64::Engine as _;
-use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use sdserve_pipeline::pipeline::RgbImage;
 use sha2::{Digest, Sha256};
 
@@ -97,18 +97,29 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RequestImage, String> {
     Ok(request_image(decode_image(bytes, format)?.to_rgb8()))
 }
 
-/// The decoded image of bytes whose header passed [`header`], under allocation limits.
+/// The decoded image of bytes whose header passed [`header`], under allocation limits, turned
+/// upright by its EXIF Orientation tag (phones write rotated JPEGs): Pillow's
+/// `ImageOps.exif_transpose`, which diffusers' `load_image` and A1111's `images.read` (its
+/// API's every uploaded image) apply. A tag that cannot be read leaves the image as stored, as
+/// A1111's `fix_image` does.
 fn decode_image(bytes: &[u8], format: ImageFormat) -> Result<DynamicImage, String> {
+    let unreadable =
+        |e: image::ImageError| format!("is not a readable {} image ({e})", name(format));
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     // RGBA16 of the largest image: room for the decoder's own buffer, no more.
     limits.max_alloc = Some(MAX_PIXELS * 8 + (1 << 20));
-    let mut decoder = ImageReader::with_format(Cursor::new(bytes), format);
-    decoder.limits(limits);
-    decoder
-        .decode()
-        .map_err(|e| format!("is not a readable {} image ({e})", name(format)))
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(limits.clone());
+    let mut decoder = reader.into_decoder().map_err(unreadable)?;
+    limits.reserve(decoder.total_bytes()).map_err(unreadable)?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(unreadable)?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
 fn request_image(rgb: image::RgbImage) -> RequestImage {
@@ -377,6 +388,50 @@ mod tests {
             let alpha_used = case["alpha_used"].as_bool().unwrap();
             assert_eq!(luma(&decode_base64) != expected, alpha_used, "{case}");
             assert_eq!(unrounded != expected, alpha_used, "{case}");
+        }
+    }
+
+    /// Files with each EXIF Orientation (tools/make_exif_orientation_fixtures.py: 4:4:4 JPEGs of
+    /// flat 8x8 blocks for 1..=8, a PNG's eXIf, a WebP's EXIF) come out as Pillow's
+    /// `exif_transpose` (diffusers' `load_image`, A1111's `images.read`) gives them, pixel for
+    /// pixel, in every reader of request images.
+    #[test]
+    fn exif_orientation_is_applied_as_pillow_does() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/exif-orientation");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
+        let cases = meta["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 11);
+        let stored = image::open(dir.join("jpeg-1.jpg")).unwrap().to_rgb8();
+        for case in cases {
+            let file = std::fs::read(dir.join(case["file"].as_str().unwrap())).unwrap();
+            let want = image::open(dir.join(case["expected"].as_str().unwrap()))
+                .unwrap()
+                .to_rgb8();
+            let text = base64::engine::general_purpose::STANDARD.encode(&file);
+            for (reader, got) in [
+                ("decode_base64", decode_base64(&text).unwrap()),
+                ("decode_bytes", decode_bytes(&file).unwrap()),
+                ("a1111 mask", decode_a1111_mask_base64(&text, true).unwrap()),
+            ] {
+                let got = got.image;
+                assert_eq!(
+                    (got.width, got.height),
+                    want.dimensions(),
+                    "{case} {reader}"
+                );
+                let differing = got
+                    .pixels
+                    .iter()
+                    .zip(want.as_raw())
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(differing, 0, "{case} {reader}: {differing} bytes differ");
+            }
+            // Not as stored, but for orientation 1: each tag does something.
+            let turned = case["orientation"] != 1;
+            assert_eq!(want != stored, turned, "{case}");
         }
     }
 

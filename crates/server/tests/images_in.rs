@@ -204,6 +204,31 @@ fn img2img_batches_answer_every_image_with_its_seed() {
     );
 }
 
+/// A phone's JPEG, stored 320x256 with EXIF Orientation 6 (tools/make_exif_orientation_fixtures.py),
+/// is the upright 256x320 picture Pillow's `exif_transpose` makes of it (diffusers' `load_image`,
+/// A1111's `images.read`): the size defaults to it, and a mask must have it.
+#[test]
+fn an_init_image_with_an_exif_orientation_is_read_upright() {
+    let s = started(fake("step_ms=0"), Duration::from_secs(10));
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/exif-orientation");
+    let jpeg = b64(&std::fs::read(dir.join("http-jpeg-6.jpg")).unwrap());
+    let body = json!({"prompt": "x", "steps": 2, "init_image": jpeg});
+    let r = s.post_json(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = &r.json()["metadata"];
+    assert_eq!(
+        (m["width"].as_u64(), m["height"].as_u64()),
+        (Some(256), Some(320))
+    );
+    let mut upright = body.clone();
+    upright["mask_image"] = json!(b64(&png(256, 320, Some(255))));
+    let r = s.post_json(&upright);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut stored = body;
+    stored["mask_image"] = json!(b64(&png(320, 256, Some(255))));
+    assert_eq!(s.post_json(&stored).broken_fields(), ["mask_image"]);
+}
+
 fn tiny_inpaint() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/tiny-inpaint")
 }

@@ -294,7 +294,8 @@ pub fn mask_from_alpha(png_bytes: &[u8], field: &str) -> Result<Option<Vec<u8>>,
     Ok(Some(out))
 }
 
-/// The alpha channel of a PNG, 8-bit, when it has one with a pixel below full opacity.
+/// The alpha channel of a PNG, 8-bit, when it has one with a pixel below full opacity, turned
+/// by the PNG's EXIF Orientation as its colours are (`images::decode_bytes`).
 /// Not a PNG: `None` (the native decoder reports what is wrong with it). The size rule of
 /// request images is checked from the header, before any pixel buffer exists.
 pub fn png_alpha(bytes: &[u8], field: &str) -> Result<Option<(u32, u32, Vec<u8>)>, ApiError> {
@@ -305,6 +306,11 @@ pub fn png_alpha(bytes: &[u8], field: &str) -> Result<Option<(u32, u32, Vec<u8>)
     };
     let (w, h) = (reader.info().width, reader.info().height);
     crate::images::check_dimensions(w, h).map_err(|rule| bad(field, rule))?;
+    let orientation = reader
+        .info()
+        .exif_metadata
+        .as_deref()
+        .and_then(image::metadata::Orientation::from_exif_chunk);
     let Some(size) = reader.output_buffer_size() else {
         return Ok(None);
     };
@@ -324,7 +330,15 @@ pub fn png_alpha(bytes: &[u8], field: &str) -> Result<Option<(u32, u32, Vec<u8>)
     if alpha.iter().all(|&a| a == 255) {
         return Ok(None);
     }
-    Ok(Some((w, h, alpha)))
+    let Some(orientation) = orientation else {
+        return Ok(Some((w, h, alpha)));
+    };
+    let plane = image::GrayImage::from_raw(w, h, alpha)
+        .ok_or_else(|| bad(field, "has an alpha channel of the wrong length"))?;
+    let mut turned = image::DynamicImage::ImageLuma8(plane);
+    turned.apply_orientation(orientation);
+    let (w, h) = (turned.width(), turned.height());
+    Ok(Some((w, h, turned.into_luma8().into_raw())))
 }
 
 #[cfg(test)]
