@@ -58,6 +58,21 @@ impl Configs {
         })
     }
 
+    /// The LDM config at `path` (`<checkpoint>.yaml`) applied: the files are written from the
+    /// values then, not copied.
+    pub(super) fn apply_yaml(&mut self, path: &Path) -> Result<()> {
+        super::ldm_yaml::apply(
+            path,
+            super::ldm_yaml::Inferred {
+                unet: &mut self.unet,
+                vae: &mut self.vae,
+                scheduler: &mut self.scheduler,
+            },
+        )?;
+        self.copy_from = None;
+        Ok(())
+    }
+
     pub(super) fn write(&self, dir: &Path, opts: &ConvertOptions) -> Result<()> {
         let put = |rel: &str, bytes: &[u8]| -> Result<()> {
             let p = dir.join(rel);

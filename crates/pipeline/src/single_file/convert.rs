@@ -34,10 +34,14 @@ pub fn convert_single_file(
     let parts = split_components(&file)?;
     let ([unet, vae, clip], ignored) = parts;
 
-    let configs = match opts.config_dir {
+    let mut configs = match opts.config_dir {
         Some(dir) => Configs::from_dir(dir)?,
         None => Configs::infer(&file, &unet, &vae, &clip)?,
     };
+    let yaml_config = super::ldm_yaml::beside(src);
+    if let Some(yaml) = &yaml_config {
+        configs.apply_yaml(yaml)?;
+    }
     let layers = configs.unet["layers_per_block"].as_u64().ok_or_else(|| {
         PipelineError::config("unet/config.json", "layers_per_block must be an integer")
     })? as usize;
@@ -170,6 +174,7 @@ pub fn convert_single_file(
         tensors: [plans[0].len(), plans[1].len(), plans[2].len()],
         ignored,
         inferred_configs: opts.config_dir.is_none(),
+        yaml_config,
     })
 }
 

@@ -7,7 +7,9 @@
 //! `convert_ldm_clip_checkpoint` (loaders/single_file_utils.py, diffusers 0.42.1).
 //!
 //! Configs: with [`ConvertOptions::config_dir`] the folder's configs are used verbatim (as
-//! diffusers' `from_single_file(path, config=...)`). Without, everything the tensor shapes imply
+//! diffusers' `from_single_file(path, config=...)`). A `<checkpoint>.yaml` beside the file (the
+//! LDM config A1111 reads, `ldm_yaml`) then decides what it states: prediction type, betas,
+//! latent scale, head count; what contradicts the weights is refused. Without, everything the tensor shapes imply
 //! is read from them (channels, block counts, layers per block, which blocks have attention,
 //! cross-attention width, linear vs conv projections, text encoder width/depth/vocabulary,
 //! latent channels); what shapes cannot say takes the Stable Diffusion 1.5 value: UNet
@@ -38,6 +40,7 @@ mod configs;
 mod controlnet_file;
 mod convert;
 mod key_map;
+mod ldm_yaml;
 mod shapes;
 mod vae_file;
 mod validate;
@@ -60,6 +63,12 @@ const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const UNET_WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
 pub const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
 pub const TEXT_ENCODER_WEIGHTS: &str = "text_encoder/model.safetensors";
+
+/// The LDM `.yaml` config A1111 reads for a single-file checkpoint, if there is one beside it:
+/// the same path with `.yaml` (its settings decide what the weights cannot say).
+pub fn config_beside(checkpoint: &Path) -> Option<PathBuf> {
+    ldm_yaml::beside(checkpoint)
+}
 
 /// Does this path look like a single-file checkpoint (by extension)?
 pub fn is_single_file(path: &Path) -> bool {
@@ -92,6 +101,8 @@ pub struct ConvertSummary {
     pub ignored: usize,
     /// Whether the configs were inferred (no `config_dir`).
     pub inferred_configs: bool,
+    /// The `<checkpoint>.yaml` applied over them, if there was one.
+    pub yaml_config: Option<PathBuf>,
 }
 
 /// One tensor of the source file.

@@ -173,6 +173,13 @@ pub fn resolve_single_file(
             format!("{key}\0{}", folder_digest(cfg, opts)?).as_bytes(),
         ));
     }
+    // So does the LDM `.yaml` beside it (A1111's), by its contents.
+    if let Some(yaml) = sdserve_pipeline::single_file::config_beside(file) {
+        let bytes = std::fs::read(&yaml).map_err(io_err(&yaml))?;
+        key = hex(&Sha256::digest(
+            format!("{key}\0yaml {}", hex(&Sha256::digest(&bytes))).as_bytes(),
+        ));
+    }
     let out = sdserve_dir(opts).join("single-file").join(&key);
     let version = format!("{name}@sha256:{}", &file_digest_hex[..12]);
     let source = super::ModelSource::SingleFile {
@@ -212,6 +219,7 @@ pub fn resolve_single_file(
             text_encoder = summary.tensors[2],
             ignored = summary.ignored,
             inferred_configs = summary.inferred_configs,
+            yaml_config = ?summary.yaml_config,
             "converted"
         );
     }
