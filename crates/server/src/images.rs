@@ -175,14 +175,14 @@ pub fn decode_hwc3_base64(text: &str) -> Result<Option<RequestImage>, String> {
     if !pillow_opens_as_rgba(&bytes, format) {
         return Ok(None);
     }
-    let rgba: Vec<[u8; 4]> = match decode_image(&bytes, format)? {
+    let decoded = decode_image(&bytes, format)?;
+    // The decoded size: an EXIF Orientation may have turned it.
+    let (w, h) = (decoded.width(), decoded.height());
+    let rgba: Vec<[u8; 4]> = match decoded {
         // Pillow keeps each 16-bit sample's high byte.
         DynamicImage::ImageRgba16(i) => i.pixels().map(|p| p.0.map(|v| (v >> 8) as u8)).collect(),
         other => other.to_rgba8().pixels().map(|p| p.0).collect(),
     };
-    let (w, h) = image::ImageReader::with_format(Cursor::new(&bytes), format)
-        .into_dimensions()
-        .map_err(|e| e.to_string())?;
     let pixels = rgba
         .iter()
         .flat_map(|p| {
