@@ -44,6 +44,9 @@ CASES = {
                     negative_prompt="blurry"),
     "v.pndm": dict(model="tiny-a", scheduler="pndm", steps=5, width=32, height=48, seed=11,
                    guidance_scale=4.0, prompt="a red house on a hill", negative_prompt=""),
+    "v.euler": dict(model="tiny-a", scheduler="euler", steps=6, width=32, height=32, seed=7,
+                    guidance_scale=7.5, prompt="a photo of an astronaut riding a horse on mars",
+                    negative_prompt="blurry"),
 }
 
 
@@ -106,9 +109,12 @@ def main():
                                                    safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    # As the scheduler_config.json of a v-prediction folder: the key present (diffusers drops
-    # the keys `_use_default_values` lists, prediction_type among them here).
-    own = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    # As the scheduler_config.json of a v-prediction folder: the file's keys and prediction_type.
+    # The keys `_use_default_values` lists are PNDM's defaults, not the file's; passing them on
+    # would give another class PNDM's `timestep_spacing: leading` (Euler's own is linspace).
+    defaults = set(pipe.scheduler.config["_use_default_values"])
+    own = {k: v for k, v in pipe.scheduler.config.items()
+           if k != "_use_default_values" and k not in defaults}
     own["prediction_type"] = "v_prediction"
     tensors = {}
     for label, c in CASES.items():

@@ -102,7 +102,7 @@ fn a_v_prediction_yaml_gives_diffusers_v_prediction_images() {
     let v_model = StableDiffusion::load(&v_folder, &Device::Cpu, DType::F32).unwrap();
 
     let cases = f.meta["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 2);
+    assert_eq!(cases.len(), 3);
     for (label, case) in cases {
         let params = common::request_params(case);
         let want = f.tensors[&format!("result.{label}")].get(0).unwrap();
