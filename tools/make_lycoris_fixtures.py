@@ -56,6 +56,17 @@ files in the layouts LyCORIS saves (kohya key names, lora_unet_* and lora_te_*),
                       bias's times the multiplier): resnets' and attentions' GroupNorms,
                       transformer blocks' LayerNorms, text encoder layer norms; one with a
                       `scale`, one with an unused alpha; a full diff with diff_b on a norm
+  kohya_oft.safetensors
+                      kohya-ss sd-scripts' OFT (networks/oft.py: `oft_unet_<path>.oft_blocks`,
+                      `.alpha`, one block count and alpha for every CrossAttention linear and two
+                      resnet convolutions), which A1111's load_network matches in SDXL models only:
+                      its deltas are A1111's OFT module's, and, with SD_SCRIPTS_DIR set to a
+                      checkout of sd-scripts, checked against kohya's own OFTInfModule.merge_to
+                      (its classes run as they are)
+  ignored_norms.safetensors
+                      a full diff on the UNet's conv_norm_out and a norm diff on the text
+                      encoder's final_layer_norm, which A1111 does not match in an SD 1.5 model
+                      (left out of the images and deltas), beside norm diffs it does match
   bias.safetensors, norm_half.safetensors
                       types A1111 loads and this server refuses by name (a LoHa with a diff_b
                       that A1111 ignores; a norm module with w_norm and no b_norm, which no
@@ -69,11 +80,14 @@ and beside that folder:
                       GLoRA or OFT layer's weight (cases of several files);
                       image.base and image.<case>: diffusers images (64x64, euler)
                       with A1111's deltas for the case's files and multipliers added to the
-                      weights
+                      weights (the layers A1111 matches, and kohya's OFT);
+                      a1111_unmatched in lycoris.json: the modules of each file networks.py's
+                      load_network (key conversion and matching, run as it is) leaves out in
+                      tiny-a, named as A1111 names an SD 1.5 model's modules
 Pinned: torch 2.11.0, diffusers 0.42.1 (tools/requirements.txt).
 
 Usage:
-  python tools/make_lycoris_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
+  [SD_SCRIPTS_DIR=PATH/TO/sd-scripts] python tools/make_lycoris_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
 """
 
 import hashlib
@@ -118,9 +132,15 @@ CASES = {
     # OFT rotates the weight the earlier files left; norm diffs add up with the others.
     "loha_oft": [("loha", 0.6), ("oft", -0.7)],
     "lokr_norm_boft": [("lokr", 0.5), ("norm", 1.0), ("boft", 0.6)],
+    # kohya's OFT, which A1111 leaves out of an SD 1.5 model: applied as kohya's oft.py merges it.
+    "kohya_oft": [("kohya_oft", 0.8)],
+    # Only the layers A1111 matches.
+    "ignored_norms": [("ignored_norms", 1.0)],
 }
 # The files whose deltas depend on the weight (a case of several files keeps their whole change).
-FROM_WEIGHT = {"dora", "ia3", "glora", "oft", "boft", "oft_diag"}
+FROM_WEIGHT = {"dora", "ia3", "glora", "oft", "boft", "oft_diag", "kohya_oft"}
+# Files applied whole though A1111's load_network matches none of their keys in an SD 1.5 model.
+APPLIED_UNMATCHED = {"kohya_oft"}
 A1111_SOURCES = ["network.py", "network_lora.py", "network_hada.py", "network_ia3.py", "network_lokr.py",
                  "network_full.py", "network_norm.py", "network_glora.py", "network_oft.py", "lyco_helpers.py"]
 
@@ -156,6 +176,75 @@ def a1111(root):
     return network, module_types, digests
 
 
+def a1111_load_network(root, network, module_types):
+    """networks.py's `load_network` (its key conversion and module matching), run as it is against
+    an SD 1.5 model's module names (tiny-a's, as A1111 names them: the LDM checkpoint's, through
+    tools/make_single_file.py). Returns (digests, unmatched(path)): the module names of a file's
+    keys that it leaves out (A1111 logs them at debug level and loads the rest)."""
+    import logging
+    import re
+    from a1111_source import functions
+    from make_single_file import load_folder, to_ldm
+    path = os.path.join(root, "extensions-builtin", "Lora", "networks.py")
+    ns = {"os": os, "re": re, "logging": logging, "network": network, "module_types": module_types}
+    with open(path, encoding="utf-8") as f:
+        tree = __import__("ast").parse(f.read())
+    wanted = {"re_digits", "re_x_proj", "re_compiled", "suffix_conversion"}
+    for node in tree.body:
+        if isinstance(node, __import__("ast").Assign) and {getattr(t, "id", None) for t in node.targets} & wanted:
+            exec(compile(__import__("ast").Module(body=[node], type_ignores=[]), path, "exec"), ns)
+    fns, digests = functions(path, ["convert_diffusers_name_to_compvis", "load_network"], ns)
+    # assign_network_names_to_compvis_modules: every module (containers too) of model.* and of
+    # cond_stage_model (its `transformer`), dots as underscores. A linear stands for each: the
+    # module types only read its shape when created.
+    names = set()
+    for key in to_ldm(load_folder(BASE_MODEL)):
+        for prefix in ("model.", "cond_stage_model."):
+            if key.startswith(prefix):
+                parts = key[len(prefix):].split(".")[:-1]
+                names.update("_".join(parts[:i]) for i in range(1, len(parts) + 1))
+    stand_in = torch.nn.Linear(64, 64)
+    model = types.SimpleNamespace(network_layer_mapping={n: stand_in for n in names})
+    ns["shared"] = types.SimpleNamespace(sd_model=model)
+
+    def unmatched(file):
+        from safetensors.torch import load_file
+        sd = load_file(file)
+        ns["sd_models"] = types.SimpleNamespace(read_state_dict=lambda _: sd)
+        net = fns["load_network"]("ref", types.SimpleNamespace(filename=file))
+        matched = {m.network_key.partition(".")[0] for m in net.modules.values()}
+        return sorted({k.partition(".")[0] for k in sd} - matched)
+
+    return digests, unmatched
+
+
+def kohya_oft_check(w, sd_module, multiplier):
+    """With SD_SCRIPTS_DIR (a checkout of kohya-ss/sd-scripts): what kohya's own networks/oft.py
+    adds to the weight (OFTInfModule.merge_to: the Cayley blocks, `multiplier * (R - I) + I`,
+    `R^T W` block by block), its classes taken with `ast` and run as they are; else None."""
+    root = os.environ.get("SD_SCRIPTS_DIR")
+    if not root:
+        return None
+    import ast
+    import einops
+    path = os.path.join(root, "networks", "oft.py")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    nodes = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name in ("OFTModule", "OFTInfModule")]
+    ns = {"torch": torch, "einops": einops, "F": torch.nn.functional, "OFTNetwork": None}
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), path, "exec"), ns)
+    if isinstance(sd_module, torch.nn.Linear):
+        org = torch.nn.Linear(sd_module.in_features, sd_module.out_features, bias=sd_module.bias is not None)
+    else:
+        org = torch.nn.Conv2d(sd_module.in_channels, sd_module.out_channels, sd_module.kernel_size,
+                              bias=sd_module.bias is not None)
+    org.load_state_dict(sd_module.state_dict())
+    m = ns["OFTInfModule"]("oft", org, multiplier, w["oft_blocks"].shape[0], w["alpha"])
+    m.oft_blocks.data.copy_(w["oft_blocks"])
+    m.merge_to()
+    return org.weight.detach() - sd_module.weight.detach()
+
+
 def calc_updown(a, key, w, sd_module, part, multiplier):
     """What A1111 adds to `sd_module.weight` for the module of `key` with weights `w`."""
     network, module_types, _ = a
@@ -180,7 +269,9 @@ def factorization(n):
     return m, n // m
 
 
-def kohya_key(part, path):
+def kohya_key(part, path, prefix=None):
+    if prefix:
+        return prefix + path.replace(".", "_")
     if part == "te":
         return "lora_te_" + path.replace(".", "_")
     return "lora_unet_" + path.replace(".", "_")
@@ -320,7 +411,7 @@ def layer_plan(unet):
     """file -> [(part, module path, form, builder kwargs, alpha, extra keys)]"""
     te0 = "text_model.encoder.layers.0"
     plan = {"loha": [], "lokr": [], "full": [], "mixed": [], "dora": [], "ia3": [], "glora": [], "oft": [],
-            "boft": [], "oft_diag": [], "norm": []}
+            "boft": [], "oft_diag": [], "norm": [], "kohya_oft": [], "ignored_norms": []}
     for p in attention_paths(unet, ["down_blocks.0", "up_blocks.1"]):
         plan["loha"].append(("unet", p, "loha", dict(rank=4), 2.0, {}))
     plan["loha"] += [
@@ -431,6 +522,24 @@ def layer_plan(unet):
         ("te", "text_model.encoder.layers.0.layer_norm1", "norm", {}, None, {}),
         ("te", "text_model.encoder.layers.1.layer_norm2", "norm", {}, None, {}),
     ]
+    # kohya-ss sd-scripts' OFT (networks/oft.py): every CrossAttention linear with one number of
+    # blocks and one alpha (the constraint), and with enable_conv the resnets' convolutions; its
+    # keys oft_unet_<path>, which A1111 matches in an SDXL model only.
+    for p in attention_paths(unet, ["down_blocks.0", "up_blocks.1"]):
+        if p.split(".")[-1] not in ("proj_in", "proj_out"):
+            plan["kohya_oft"].append(("unet", p, "oft", dict(blocks=4, spread=0.05), 0.03, {"prefix": "oft_unet_"}))
+    plan["kohya_oft"] += [
+        ("unet", "down_blocks.0.resnets.0.conv1", "oft", dict(blocks=4, spread=0.05), 0.03, {"prefix": "oft_unet_"}),
+        ("unet", "down_blocks.0.resnets.1.conv2", "oft", dict(blocks=4, spread=0.05), 0.03, {"prefix": "oft_unet_"}),
+    ]
+    # Norm diffs on the UNet's conv_norm_out and the text encoder's final_layer_norm, whose kohya
+    # names A1111 does not match in an SD 1.5 model (left out, as A1111 does), beside layers it does.
+    plan["ignored_norms"] += [
+        ("unet", "conv_norm_out", "full", dict(bias=True), None, {}),
+        ("te", "text_model.final_layer_norm", "norm", {}, None, {}),
+        ("unet", "down_blocks.0.resnets.0.norm1", "norm", {}, None, {}),
+        ("te", "text_model.encoder.layers.0.layer_norm1", "norm", {}, None, {}),
+    ]
     return plan
 
 
@@ -459,6 +568,8 @@ KEPT = {
     "boft": None,
     "oft_diag": None,
     "norm": None,
+    "kohya_oft": None,
+    "ignored_norms": None,
 }
 
 
@@ -493,9 +604,10 @@ def build_files(a, pipe, out):
                 w["alpha"] = torch.tensor(alpha)
             extra = dict(extra)
             dora = extra.pop("dora", None)
+            prefix = extra.pop("prefix", None)
             for k, v in extra.items():
                 w[k] = torch.tensor(v)
-            key = kohya_key(part, path)
+            key = kohya_key(part, path, prefix)
             # The delta a fifth of the weight's spread (a third for the full diffs' few layers).
             # IA3's as large as the weight (it scales a few layers' rows or columns by 1 + w), GLoRA's half.
             # (A norm's weight starts as ones: its spread is its size.)
@@ -519,7 +631,8 @@ def build_files(a, pipe, out):
                 sd[f"{key}.{k}"] = v.contiguous()
             kept.append((part, path, key, w))
         save_file(sd, os.path.join(out, f"{name}.safetensors"),
-                  metadata={"ss_network_module": "lycoris.kohya", "generated_by": "tools/make_lycoris_fixtures.py"})
+                  metadata={"ss_network_module": "networks.oft" if name == "kohya_oft" else "lycoris.kohya",
+                            "generated_by": "tools/make_lycoris_fixtures.py"})
         layers[name] = kept
         print(f"{name}: {len(plan)} layers, {len(sd)} tensors")
     return layers
@@ -568,13 +681,27 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     layers = build_files(a, pipe, files_dir)
     refused_files(pipe, files_dir)
+    networks_digests, unmatched_of = a1111_load_network(args.a1111, a[0], a[1])
+    unmatched = {name: unmatched_of(os.path.join(files_dir, f"{name}.safetensors")) for name in layers}
+    for name, keys in unmatched.items():
+        print(f"{name}: A1111 leaves out {len(keys)} modules")
+    assert sorted(unmatched["kohya_oft"]) == sorted(key for _, _, key, _ in layers["kohya_oft"])
+    assert unmatched["ignored_norms"] == ["lora_te_text_model_final_layer_norm", "lora_unet_conv_norm_out"]
+    assert all(not keys for name, keys in unmatched.items() if name not in ("kohya_oft", "ignored_norms"))
+
+    def applied(name, key):
+        return name in APPLIED_UNMATCHED or key not in unmatched[name]
 
     modules = named_modules(pipe)
     tensors = {}
     for name, kept in layers.items():
         for part, path, key, w in kept:
-            if KEPT[name] is None or path in KEPT[name]:
+            if (KEPT[name] is None or path in KEPT[name]) and applied(name, key):
                 updown, ex_bias = calc_updown(a, key, w, modules[part][path], part, 1.0)
+                kohya = kohya_oft_check(w, modules[part][path], 1.0) if name == "kohya_oft" else None
+                if kohya is not None:
+                    # kohya's formula is A1111's OFT module's (network_oft.py), alpha not 0.
+                    assert torch.allclose(kohya, updown, rtol=1e-4, atol=1e-6 * updown.abs().max()), key
                 prefix = f"delta.{name}.{'unet' if part == 'unet' else 'text_encoder'}.{path}"
                 tensors[prefix] = updown
                 if ex_bias is not None:
@@ -597,6 +724,8 @@ def main():
         restore()
         for name, multiplier in files:
             for part, path, key, w in layers[name]:
+                if not applied(name, key):
+                    continue
                 m = modules[part][path]
                 updown, ex_bias = calc_updown(a, key, w, m, part, multiplier)
                 m.weight += updown
@@ -619,7 +748,8 @@ def main():
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(args.out, "lycoris.safetensors"),
               metadata={"generated_by": "tools/make_lycoris_fixtures.py"})
     meta = {"generated_by": "tools/make_lycoris_fixtures.py", "base_model": "tiny-a", "request": REQUEST,
-            "cases": CASES, "a1111_sources_sha256": a[2],
+            "cases": CASES, "a1111_sources_sha256": {**a[2], **{f"networks.py:{k}": v for k, v in networks_digests.items()}},
+            "a1111_unmatched": unmatched, "kohya_oft_checked": bool(os.environ.get("SD_SCRIPTS_DIR")),
             "layers": {name: len(kept) for name, kept in layers.items()},
             "refused": {"norm_half": "norm", "bias": "bias"}}
     with open(os.path.join(args.out, "lycoris.json"), "w", encoding="utf-8") as f:

@@ -4,7 +4,9 @@
 //! layers) on tiny-a against diffusers images with A1111's own deltas added to the weights (and
 //! its `ex_bias` to the biases; `tools/make_lycoris_fixtures.py`); the parts A1111 loads and
 //! this server does not apply (a LoHa's bias diff) and a norm module A1111 cannot load (no
-//! b_norm) are listed and refused naming the LoRA and the type. (Each form's delta against A1111's, value by value:
+//! b_norm) are listed and refused naming the LoRA and the type; kohya's OFT files (`oft_unet_`,
+//! which A1111 leaves out of an SD 1.5 model) applied as kohya merges them, and norm diffs on
+//! `conv_norm_out` and `final_layer_norm` left out as A1111 leaves them. (Each form's delta against A1111's, value by value:
 //! `lora::a1111_deltas` in the crate.)
 
 mod common;
@@ -61,6 +63,19 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     assert_eq!(types("boft"), ["oft"]);
     assert_eq!(types("oft_diag"), ["oft"]);
     assert_eq!(types("norm"), ["full", "norm"]);
+    // kohya's OFT (`oft_unet_` keys), all of it; the norm diffs but those A1111 leaves out
+    // (conv_norm_out, final_layer_norm).
+    assert_eq!(types("kohya_oft"), ["oft"]);
+    assert_eq!(lib.get("kohya_oft").unwrap().targets, ["unet"]);
+    assert_eq!(
+        lib.get("kohya_oft").unwrap().layers,
+        r.meta["layers"]["kohya_oft"].as_u64().unwrap() as usize
+    );
+    assert_eq!(types("ignored_norms"), ["norm"]);
+    assert_eq!(
+        lib.get("ignored_norms").unwrap().layers,
+        r.meta["layers"]["ignored_norms"].as_u64().unwrap() as usize - 2
+    );
     let loha = lib.get("loha").unwrap();
     assert_eq!(loha.format, LoraFormat::Kohya);
     assert_eq!(loha.targets, ["text_encoder", "unet"]);
@@ -72,7 +87,19 @@ fn the_library_lists_each_file_s_types_and_refuses_those_not_applied() {
     assert_eq!(loha.conv_layers, 4, "{loha:?}");
     assert_eq!(loha.rank, 4);
     for name in [
-        "loha", "lokr", "full", "mixed", "dora", "ia3", "glora", "oft", "boft", "oft_diag", "norm",
+        "loha",
+        "lokr",
+        "full",
+        "mixed",
+        "dora",
+        "ia3",
+        "glora",
+        "oft",
+        "boft",
+        "oft_diag",
+        "norm",
+        "kohya_oft",
+        "ignored_norms",
     ] {
         r.model.check_lora(name).unwrap();
     }
@@ -138,6 +165,8 @@ fn lycoris_files_under_offload_give_the_resident_images() {
             ("full", -0.4),
             ("oft", 0.7),
             ("norm", 0.9),
+            ("kohya_oft", -0.6),
+            ("ignored_norms", 0.5),
         ],
     );
     let with = generate(&r, &set);

@@ -44,6 +44,9 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
         ("boft", json!(["oft"])),
         ("oft_diag", json!(["oft"])),
         ("norm", json!(["full", "norm"])),
+        // kohya's OFT (`oft_unet_`); norm diffs, but on conv_norm_out and final_layer_norm.
+        ("kohya_oft", json!(["oft"])),
+        ("ignored_norms", json!(["norm"])),
     ] {
         let l = by_name(name);
         assert_eq!(
@@ -75,7 +78,18 @@ fn lycoris_files_are_listed_with_their_types_applied_or_refused_by_name() {
     let plain = pixels(&s, &base);
     let mut seen = vec![plain.clone()];
     for name in [
-        "loha", "lokr", "full", "mixed", "dora", "ia3", "glora", "oft", "boft", "oft_diag", "norm",
+        "loha",
+        "lokr",
+        "full",
+        "mixed",
+        "dora",
+        "ia3",
+        "glora",
+        "oft",
+        "boft",
+        "oft_diag",
+        "norm",
+        "kohya_oft",
     ] {
         let tagged = pixels(
             &s,

@@ -35,7 +35,19 @@ fn deltas_match_a1111_s_calc_updown() {
     )
     .unwrap();
     let files = [
-        "loha", "lokr", "full", "mixed", "dora", "ia3", "glora", "oft", "boft", "oft_diag", "norm",
+        "loha",
+        "lokr",
+        "full",
+        "mixed",
+        "dora",
+        "ia3",
+        "glora",
+        "oft",
+        "boft",
+        "oft_diag",
+        "norm",
+        "kohya_oft",
+        "ignored_norms",
     ];
     let mut sets: Vec<(String, Vec<(String, f64)>)> = files
         .iter()
@@ -93,9 +105,53 @@ fn deltas_match_a1111_s_calc_updown() {
     );
     // The DoRA file's 9 layers alone and in two sets, the IA3 file's 6 and the GLoRA file's 5
     // alone and in one, the OFT file's 8 and the BOFT file's 5 alone and in one, the oft_diag
-    // file's 3 alone.
+    // file's 3 alone, kohya's OFT file's 42.
     assert_eq!(
-        from_weight, 78,
+        from_weight, 120,
         "the DoRA, IA3, GLoRA and OFT layers are made from the weight"
     );
+}
+
+/// The layers each file is read into are those A1111's `load_network` matches in an SD 1.5 model
+/// (tiny-a's module names as A1111 names them): all of them, but the UNet's `conv_norm_out` and
+/// the text encoder's `final_layer_norm`, which A1111 leaves out and so do we; and kohya's OFT
+/// file (`oft_unet_`), which A1111 leaves out whole and we apply (kohya's merge).
+#[test]
+fn layers_read_are_those_a1111_matches() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let library = LoraLibrary::scan(&fixtures.join("adapters/lycoris")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("adapters/lycoris.json")).unwrap(),
+    )
+    .unwrap();
+    let unmatched = meta["a1111_unmatched"].as_object().unwrap();
+    assert!(unmatched.len() >= 13, "{unmatched:?}");
+    for (name, left_out) in unmatched {
+        let info = library.get(name).unwrap();
+        let shapes = super::library::header_shapes(&info.file).unwrap();
+        let mut modules: Vec<&str> = shapes
+            .keys()
+            .map(|k| k.split_once('.').map_or(k.as_str(), |(m, _)| m))
+            .collect();
+        modules.sort();
+        modules.dedup();
+        let left_out: Vec<&str> = left_out
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        let want: Vec<&str> = if name == "kohya_oft" {
+            assert_eq!(left_out, modules, "A1111 matches none of kohya's OFT");
+            modules
+        } else {
+            modules
+                .into_iter()
+                .filter(|m| !left_out.contains(m))
+                .collect()
+        };
+        let mut ours: Vec<&str> = info.keys.iter().map(|k| k.module_key()).collect();
+        ours.sort();
+        assert_eq!(ours, want, "{name}");
+    }
 }

@@ -155,10 +155,11 @@ fn peft_layers(shapes: &Shapes) -> Vec<LayerKeys> {
     out
 }
 
-/// The layers of kohya/A1111 key names: `lora_unet_<path>.<part>` and `lora_te_<path>.<part>`,
-/// each module's parts sorted into a type as A1111 does (its keys split at the first `.`).
-/// Modules of other prefixes are left out (a bundled embedding), unless their keys make a
-/// layer: then the file is refused.
+/// The layers of kohya/A1111 key names: `lora_unet_<path>.<part>` and `lora_te_<path>.<part>`
+/// (and kohya's OFT, `oft_unet_<path>`), each module's parts sorted into a type as A1111 does
+/// (its keys split at the first `.`). Modules of other prefixes are left out (a bundled
+/// embedding), unless their keys make a layer: then the file is refused. So are the modules
+/// A1111 cannot match in an SD 1.5 model although the model has them ([`A1111_UNMATCHED`]).
 fn kohya_layers(shapes: &Shapes) -> std::result::Result<Vec<LayerKeys>, String> {
     let mut modules: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
     for key in shapes.keys() {
@@ -177,17 +178,30 @@ fn kohya_layers(shapes: &Shapes) -> std::result::Result<Vec<LayerKeys>, String> 
             ));
         }
         let kind = LayerKind::classify(prefix, &parts);
-        let (part, module) = if let Some(m) = prefix.strip_prefix("lora_unet_") {
+        // kohya-ss sd-scripts' OFT (networks/oft.py) names its modules `oft_unet_<path>`, with
+        // the same paths as its LoRAs. A1111 maps that prefix to an SDXL model's names only, so
+        // in an SD 1.5 model it matches none of them and drops the file's layers silently (its
+        // load_network); applied here as kohya's own merge does, which is A1111's OFT formula.
+        let (part, module) = if let Some(m) = prefix
+            .strip_prefix("lora_unet_")
+            .or_else(|| prefix.strip_prefix("oft_unet_"))
+        {
             (Part::Unet, m)
         } else if let Some(m) = prefix.strip_prefix("lora_te_") {
             (Part::TextEncoder, m)
         } else if kind.is_some() {
             return Err(format!(
-                "{prefix}: unknown part (expected lora_unet_ or lora_te_)"
+                "{prefix}: unknown part (expected lora_unet_, lora_te_ or oft_unet_)"
             ));
         } else {
             continue;
         };
+        if A1111_UNMATCHED
+            .iter()
+            .any(|&(p, m)| p == part && module.strip_prefix("text_model_").unwrap_or(module) == m)
+        {
+            continue;
+        }
         let kind = kind.unwrap_or_else(|| LayerKind::Refused {
             type_name: "unknown",
             why: format!(
@@ -211,6 +225,14 @@ fn kohya_layers(shapes: &Shapes) -> std::result::Result<Vec<LayerKeys>, String> 
     }
     Ok(out)
 }
+
+/// Modules of the model a kohya-named file may name that A1111's `load_network` matches to no
+/// module of an SD 1.5 model (its name conversion knows neither): A1111 leaves their layers out
+/// without a word, and so does this server, so that a file gives the image it gives there.
+const A1111_UNMATCHED: [(Part, &str); 2] = [
+    (Part::Unet, "conv_norm_out"),
+    (Part::TextEncoder, "final_layer_norm"),
+];
 
 /// What is wrong with a layer's shapes, if anything: `down` is `[rank, in]` or
 /// `[rank, in, kh, kw]` with rank at least 1, `up` is `[out, rank]` or `[out, rank, 1, 1]`,

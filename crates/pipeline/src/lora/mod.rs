@@ -1,7 +1,8 @@
 //! LoRA adapters (README "Prompts, LoRA and embeddings"): kohya/A1111 and diffusers/PEFT files, on the
 //! UNet (attention, feed-forward, projections, and LoCon's resnet and sampler convolutions) and
 //! the text encoder; in kohya-named files also LyCORIS LoHa, LoKr, IA3, GLoRA, full diffs, OFT/BOFT
-//! and norm layers' diffs (GroupNorm, LayerNorm), as A1111 applies them (`kinds`, `oft`), and
+//! (kohya's `oft_unet_` files too, which A1111 leaves out of SD 1.5 models: `library`) and norm
+//! layers' diffs (GroupNorm, LayerNorm), as A1111 applies them (`kinds`, `oft`), and
 //! DoRA's weight decomposition with any of them but the norms (`from_weight`).
 //!
 //! `W += weight * (alpha / rank) * up @ down` (or the layer type's delta and scale), summed

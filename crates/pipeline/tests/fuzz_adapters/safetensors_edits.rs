@@ -119,6 +119,7 @@ pub const PREFIXES: &[&str] = &[
     "lora_unet_",
     "lora_te_",
     "lora_te_text_model_",
+    "oft_unet_",
     "unet.",
     "text_encoder.",
     "text_encoder.text_model.",
