@@ -9,6 +9,11 @@ as pinned in tools/requirements.txt):
   scripts/preprocessor/legacy/processor.py: threshold, lineart_standard, tile_resample (the
       legacy `call_function`s; LegacyPreprocessor then applies HWC3), with that file's
       resize_image_with_pad
+  scripts/preprocessor/legacy/processor.py: color (`t2ia_color_grid`), with
+      annotator/color/__init__.py's cv2_resize_shortest_edge and apply_color
+  scripts/preprocessor/model_free_preprocessors.py: PreprocessorShuffle, with
+      annotator/shuffle/__init__.py's ContentShuffleDetector and annotator/util.py's
+      make_noise_disk, numpy seeded by scripts/controlnet.py's set_numpy_seed
   annotator/util.py: HWC3
 The extension imports A1111 (`modules.*`) at the top of these files; only the functions are
 taken, so nothing of A1111 is needed.
@@ -18,6 +23,11 @@ Writes crates/pipeline/tests/fixtures/preprocess-modules.safetensors (uint8 tens
   padded.<n>.<res>                         = resize_image_with_pad(image.<n>, res), padded
   <module>.<n>.<res>.<setting>             = the module's map (HxWx3; `res` is 0 where the
                                              module takes none)
+  color_scaled.<n>.<res>                   = cv2_resize_shortest_edge(image.<n>, res) where it
+                                             enlarges (OpenCV's INTER_AREA emulating bilinear)
+  shuffle.<n>.<res>.<numpy seed>           = shuffle's map after set_numpy_seed(p) of a
+                                             request's seed, subseed and all_seeds
+and in the JSON: numpy_uniforms (np.random.seed(s); np.random.uniform(0, 1, 4)).
 and preprocess-modules.json: the cases, and the sha256 of each function's source.
 Run from the repository root:
   python3 tools/make_preprocess_module_fixtures.py --extension /path/to/sd-webui-controlnet
@@ -27,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -60,9 +71,19 @@ IMAGES = {
     "square": lambda: photo(41, 41, 4, 8.0),
     "large": lambda: photo(70, 90, 3, 6.0),
     "flat": lambda: np.full((20, 30, 3), 128, np.uint8),
+    "big": lambda: photo(200, 300, 5, 6.0),
 }
 # Enlarging (cubic), shrinking (area table), 2x (the area fast path) where the image allows.
-RESOLUTIONS = {"sketch": [47, 64, 40], "wide": [64, 30], "tall": [64, 20], "square": [64, 41], "large": [35, 64], "flat": [64]}
+RESOLUTIONS = {"sketch": [47, 64, 40], "wide": [64, 30], "tall": [64, 20], "square": [64, 41], "large": [35, 64], "flat": [64], "big": []}
+# `color`'s resolutions (at least 64: a side under 64 has no cell and OpenCV refuses it):
+# enlarging (INTER_AREA's bilinear), shrinking (the area table, the 2x fast path), the same.
+COLOR_RESOLUTIONS = {"wide": [64, 130], "tall": [128], "square": [64], "large": [64, 200],
+                     "big": [100, 128, 200]}
+COLOR_ONLY = {"big"}
+# `shuffle`: (image, resolution, A1111's seed, subseed, all_seeds[0]); the extension seeds
+# numpy with (seed or all_seeds[0] for -1) + (subseed or all_seeds[0] for -1), mod 2^32.
+SHUFFLE = [("wide", 64, 1234, -1, 1234), ("large", 64, -1, -1, 77), ("big", 200, 3000000000, 2000000000, 3000000000),
+           ("tall", 100, 5, 9, 5)]
 SETTINGS = {
     "invert": [None],
     "threshold": [127, 0, 200, 254.5],
@@ -107,6 +128,25 @@ def load(ext):
     def free_call(fn):
         return lambda img, res, setting: fn(None, img, res, slider_1=setting)
 
+    ns_shuffle = {"cv2": cv2, "np": np}
+    shuffle, d_shuffle = functions(os.path.join(ext, "annotator", "util.py"), ["make_noise_disk"], ns_shuffle)
+    det, d_det = functions(os.path.join(ext, "annotator", "shuffle", "__init__.py"),
+                           ["ContentShuffleDetector.__call__"], ns_shuffle)
+    detector = type("ContentShuffleDetector", (), {"__call__": det["ContentShuffleDetector.__call__"]})()
+    pre, d_pre = functions(os.path.join(ext, "scripts", "preprocessor", "model_free_preprocessors.py"),
+                           ["PreprocessorShuffle.__call__"], ns_free)
+    # The preprocessor imports its detector on first use; it is handed over instead.
+    shuffle_self = type("PreprocessorShuffle", (), {"model_shuffle": detector})()
+    seeding, d_seeding = functions(os.path.join(ext, "scripts", "controlnet.py"), ["set_numpy_seed"],
+                                   {"np": np, "logger": None, "Optional": Optional,
+                                    "processing": type("processing", (), {"StableDiffusionProcessing": object})})
+    ns_color = {"cv2": cv2, "np": np}
+    color, d_color = functions(os.path.join(ext, "annotator", "color", "__init__.py"),
+                               ["cv2_resize_shortest_edge", "apply_color"], ns_color)
+    # The legacy `color` imports apply_color on first use; it is handed over instead.
+    ns_legacy["model_color"] = color["apply_color"]
+    legacy_color, d_legacy_color = functions(
+        os.path.join(ext, "scripts", "preprocessor", "legacy", "processor.py"), ["color"], ns_legacy)
     modules = {
         "invert": free_call(free["PreprocessorInvert.__call__"]),
         "blur_gaussian": free_call(free["PreprocessorBlurGaussian.__call__"]),
@@ -114,11 +154,13 @@ def load(ext):
         "threshold": legacy_call(legacy["threshold"]),
         "lineart_standard": legacy_call(legacy["lineart_standard"]),
         "tile_resample": legacy_call(legacy["tile_resample"]),
+        "color": legacy_call(legacy_color["color"]),
+        "shuffle": lambda img, res, setting: pre["PreprocessorShuffle.__call__"](shuffle_self, img, res),
     }
     digests = {}
-    for d in (d_util, d_utils, d_free, d_legacy):
+    for d in (d_util, d_utils, d_free, d_legacy, d_color, d_legacy_color, d_shuffle, d_det, d_pre, d_seeding):
         digests.update(d)
-    return modules, utils["resize_image_with_pad"], digests
+    return modules, utils["resize_image_with_pad"], color["cv2_resize_shortest_edge"], seeding["set_numpy_seed"], digests
 
 
 def key(setting):
@@ -134,7 +176,7 @@ def main():
         print("make_preprocess_module_fixtures.py: skipped (needs --extension or SD_WEBUI_CONTROLNET_DIR)")
         return
     assert cv2.__version__ == "4.10.0", cv2.__version__
-    modules, resize_image_with_pad, digests = load(args.extension)
+    modules, resize_image_with_pad, resize_shortest_edge, set_numpy_seed, digests = load(args.extension)
     tensors, cases = {}, []
     for name, make in IMAGES.items():
         img = make()
@@ -142,7 +184,17 @@ def main():
         for res in RESOLUTIONS[name]:
             padded, _ = resize_image_with_pad(img, res)
             tensors[f"padded.{name}.{res}"] = torch.from_numpy(np.ascontiguousarray(padded))
+        for res in COLOR_RESOLUTIONS.get(name, []):
+            out = modules["color"](img.copy(), res, None)
+            k = f"color.{name}.{res}.none"
+            tensors[k] = torch.from_numpy(np.ascontiguousarray(out))
+            cases.append({"module": "color", "image": name, "resolution": res, "setting": None, "key": k})
+            if res > min(img.shape[:2]):
+                scaled = resize_shortest_edge(img.copy(), res)
+                tensors[f"color_scaled.{name}.{res}"] = torch.from_numpy(np.ascontiguousarray(scaled))
         for module, settings in SETTINGS.items():
+            if name in COLOR_ONLY:
+                continue
             resolutions = RESOLUTIONS[name] if module in TAKES_RESOLUTION else [0]
             for res in resolutions:
                 for setting in settings:
@@ -152,11 +204,25 @@ def main():
                     tensors[k] = torch.from_numpy(np.ascontiguousarray(out))
                     cases.append({"module": module, "image": name, "resolution": res,
                                   "setting": setting, "key": k})
+    for name, res, seed, subseed, first in SHUFFLE:
+        img = IMAGES[name]()
+        p = type("Processing", (), {"seed": seed, "subseed": subseed, "all_seeds": [first]})()
+        numpy_seed = set_numpy_seed(p)
+        out = modules["shuffle"](img.copy(), res, None)
+        k = f"shuffle.{name}.{res}.{numpy_seed}"
+        tensors[k] = torch.from_numpy(np.ascontiguousarray(out))
+        cases.append({"module": "shuffle", "image": name, "resolution": res, "setting": None, "key": k,
+                      "a1111_seed": seed, "a1111_subseed": subseed, "all_seeds_0": first,
+                      "numpy_seed": numpy_seed})
+    uniforms = []
+    for seed in [0, 1, 2468, 4294967295]:
+        np.random.seed(seed)
+        uniforms.append({"seed": seed, "draws": np.random.uniform(low=0, high=1, size=4).tolist()})
     save_file(tensors, os.path.join(OUT, "preprocess-modules.safetensors"))
     with open(os.path.join(OUT, "preprocess-modules.json"), "w") as f:
         json.dump({"opencv": cv2.__version__, "numpy": np.__version__,
                    "extension_sources": {k: f"sha256 {v}" for k, v in digests.items()},
-                   "cases": cases}, f, indent=1)
+                   "cases": cases, "numpy_uniforms": uniforms}, f, indent=1)
         f.write("\n")
     print(f"wrote {len(tensors)} tensors, {len(cases)} cases to {OUT}/preprocess-modules.*")
 

@@ -66,6 +66,31 @@ impl Mt19937 {
     }
 }
 
+/// numpy's legacy global generator after `np.random.seed(seed)` (`RandomState`: the same
+/// MT19937, `init_genrand` of the 32-bit seed), drawing `np.random.uniform(0, 1)` /
+/// `random_sample`: 53 bits from two draws, `(a >> 5) * 2^26 + (b >> 6)` over 2^53. The
+/// sd-webui-controlnet extension seeds it before each unit's preprocessor (`shuffle`).
+#[derive(Clone)]
+pub struct NumpyRandomState {
+    mt: Mt19937,
+}
+
+impl NumpyRandomState {
+    /// `np.random.seed(seed)`.
+    pub fn new(seed: u32) -> Self {
+        Self {
+            mt: Mt19937::new(seed),
+        }
+    }
+
+    /// `np.random.random_sample()`: uniform in [0, 1).
+    pub fn random_sample(&mut self) -> f64 {
+        let a = u64::from(self.mt.next_u32() >> 5);
+        let b = u64::from(self.mt.next_u32() >> 6);
+        (a * 67_108_864 + b) as f64 / 9_007_199_254_740_992.0
+    }
+}
+
 /// A CPU generator that draws the same normals as one seeded `torch.Generator("cpu")`.
 #[derive(Clone)]
 pub struct TorchRng {

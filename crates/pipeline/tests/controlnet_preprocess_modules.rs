@@ -1,5 +1,5 @@
 //! The extension's other model-free preprocessors (invert, threshold, lineart_standard,
-//! scribble_xdog, blur_gaussian, tile_resample) against its own functions on OpenCV 4.10
+//! scribble_xdog, blur_gaussian, tile_resample, color, shuffle) against its own functions on OpenCV 4.10
 //! (`tools/make_preprocess_module_fixtures.py`). Each module twice: on the reference's own
 //! padded image (the operation alone: exact for the integer ones, within a stated bound for
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
@@ -19,6 +19,7 @@ use sdserve_pipeline::pipeline::RgbImage;
 struct Refs {
     tensors: HashMap<String, Tensor>,
     cases: Vec<serde_json::Value>,
+    json: serde_json::Value,
 }
 
 fn refs() -> Refs {
@@ -32,7 +33,11 @@ fn refs() -> Refs {
     )
     .unwrap();
     let cases = json["cases"].as_array().unwrap().clone();
-    Refs { tensors, cases }
+    Refs {
+        tensors,
+        cases,
+        json,
+    }
 }
 
 impl Refs {
@@ -71,7 +76,7 @@ impl Refs {
                 }
             })
             .collect();
-        assert!(cases.len() >= 5, "{module}: {} cases", cases.len());
+        assert!(cases.len() >= 4, "{module}: {} cases", cases.len());
         cases
     }
 }
@@ -247,5 +252,71 @@ fn tile_resample_is_exact() {
         }
         .run(&c.image);
         assert_eq!(compare(&got, &c.want, &c.label()), (0, 0), "{}", c.label());
+    }
+}
+
+#[test]
+fn color_is_the_extension_s_grid() {
+    let refs = refs();
+    let mut enlarged = 0;
+    for c in refs.of("color") {
+        let got = Preprocessor::Color {
+            resolution: c.resolution,
+        }
+        .run(&c.image);
+        // INTER_AREA, INTER_NEAREST and (on every case here) the cubic shrink: exact.
+        assert_eq!(compare(&got, &c.want, &c.label()), (0, 0), "{}", c.label());
+        if c.enlarged() {
+            // The enlarging INTER_AREA (a bilinear resize) alone, before the grid.
+            let scaled = refs.image(&format!("color_scaled.{}.{}", c.name, c.resolution));
+            let got = sdserve_pipeline::controlnet::preprocess::resize_shortest_edge(
+                &c.image,
+                c.resolution,
+            );
+            assert_eq!(compare(&got, &scaled, &c.label()), (0, 0), "{}", c.label());
+            enlarged += 1;
+        }
+        let cells = (c.want.width / 64) * (c.want.height / 64);
+        assert!(cells >= 1, "{}", c.label());
+    }
+    assert!(enlarged >= 4, "{enlarged}");
+}
+
+#[test]
+fn numpy_s_legacy_generator_draws_numpy_s_uniforms() {
+    let refs = refs();
+    let cases = refs.json["numpy_uniforms"].as_array().unwrap();
+    assert!(cases.len() >= 3);
+    for c in cases {
+        let seed = c["seed"].as_u64().unwrap() as u32;
+        let mut rng = sdserve_pipeline::rng::NumpyRandomState::new(seed);
+        for want in c["draws"].as_array().unwrap() {
+            assert_eq!(rng.random_sample(), want.as_f64().unwrap(), "seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn shuffle_is_the_extension_s_with_its_numpy_seed() {
+    let refs = refs();
+    for case in refs.cases.iter().filter(|c| c["module"] == "shuffle") {
+        let seed = case["numpy_seed"].as_u64().unwrap() as u32;
+        let name = case["image"].as_str().unwrap();
+        let image = refs.image(&format!("image.{name}"));
+        let want = refs.image(case["key"].as_str().unwrap());
+        let resolution = case["resolution"].as_u64().unwrap() as u32;
+        let got = Preprocessor::Shuffle { resolution, seed }.run(&image);
+        let label = format!("{name} res {resolution} seed {seed}");
+        assert_eq!(compare(&got, &want, &label), (0, 0), "{label}");
+        // Another seed, another map.
+        let other = Preprocessor::Shuffle {
+            resolution,
+            seed: seed ^ 1,
+        }
+        .run(&image);
+        assert!(
+            compare(&other, &want, &label).0 * 2 > want.pixels.len(),
+            "{label}"
+        );
     }
 }

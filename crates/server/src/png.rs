@@ -267,9 +267,10 @@ fn unit_settings(p: &Preprocessor) -> String {
         Preprocessor::TileResample { down_sampling_rate } => {
             (float(down_sampling_rate), hidden.clone())
         }
-        Preprocessor::Invert | Preprocessor::LineartStandard { .. } => {
-            (hidden.clone(), hidden.clone())
-        }
+        Preprocessor::Invert
+        | Preprocessor::LineartStandard { .. }
+        | Preprocessor::Color { .. }
+        | Preprocessor::Shuffle { .. } => (hidden.clone(), hidden.clone()),
     };
     format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
 }

@@ -113,6 +113,28 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         text.contains("Module: scribble_xdog, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 20.0, Threshold B: 0.5,"),
         "{text}"
     );
+    // shuffle: seeded as the extension seeds numpy (seed 11 and no variation seed: 22), the
+    // seed in the metadata; a seed of the unit's own wins.
+    let (got, meta, text) = run(&with(json!({"model": "cn-a", "image": photo_b64,
+        "preprocessor": {"type": "shuffle", "resolution": 64}})));
+    let shuffled = Preprocessor::Shuffle {
+        resolution: 64,
+        seed: 22,
+    }
+    .run(&photo);
+    let (want, _, _) = run(&with(json!({"model": "cn-a", "image": png(&shuffled)})));
+    assert!(got == want, "the shuffled map steers as its map");
+    assert_eq!(
+        meta["controlnets"][0]["preprocessor"],
+        json!({"type": "shuffle", "seed": 22, "resolution": 64})
+    );
+    assert!(
+        text.contains("Module: shuffle, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.5, Threshold B: 0.5,"),
+        "{text}"
+    );
+    let (_, meta, _) = run(&with(json!({"model": "cn-a", "image": photo_b64,
+        "preprocessor": {"type": "shuffle", "resolution": 64, "seed": 5}})));
+    assert_eq!(meta["controlnets"][0]["preprocessor"]["seed"], 5);
     for (preprocessor, needle) in [
         (json!({"type": "depth_midas"}), "[0].preprocessor.type"),
         (
@@ -195,6 +217,17 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
                "module": "none", "resize_mode": "Just Resize"}),
     );
     assert!(got == want, "invert");
+    // shuffle's numpy seed is seed + subseed, the seed again without one (set_numpy_seed): 22.
+    let (got, info) = a1111(
+        json!({"image": photo_b64, "model": "cn-a", "module": "shuffle",
+        "processor_res": -1, "resize_mode": "Just Resize"}),
+    );
+    assert!(info.contains("Module: shuffle"), "{info}");
+    let (want, _) = a1111(
+        json!({"image": png(&Preprocessor::Shuffle { resolution: 512, seed: 22 }.run(&photo)),
+        "model": "cn-a", "module": "none", "resize_mode": "Just Resize"}),
+    );
+    assert!(got == want, "shuffle with the request's seed");
     let r = post_json_to(
         s.addr,
         "/sdapi/v1/txt2img",
@@ -219,9 +252,18 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "canny",
             "invert",
             "threshold",
+            "color",
+            "shuffle",
             "scribble_xdog",
             "blur_gaussian"
         ])
+    );
+    let aliases = s.get("/controlnet/module_list?alias_names=true").json();
+    assert_eq!(aliases["module_list"][6], "t2ia_color_grid");
+    assert_eq!(
+        aliases["module_detail"]["t2ia_color_grid"],
+        json!({"model_free": false, "sliders": [
+            {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]})
     );
     assert_eq!(
         listed["module_detail"]["invert"],

@@ -98,7 +98,12 @@ pub struct ControlNetPreprocessor {
     /// `scribble_xdog`: XDoG edges (the difference of Gaussian blurs σ 0.5 and 5) above
     /// `threshold`; `blur_gaussian`: OpenCV's Gaussian blur with `sigma` (for tile
     /// ControlNets); `tile_resample`: the image shrunk by `down_sampling_rate` (area
-    /// resampling; below 1.1 unchanged); `none`: the image is the map. Model-based
+    /// resampling; below 1.1 unchanged); `color`: the extension's `t2ia_color_grid`, the
+    /// image scaled (OpenCV's area resize) so its shorter side is `resolution`, as a grid of
+    /// 64-pixel colour cells (for T2I-Adapter color); `shuffle`: the image (at `resolution`)
+    /// warped by a smooth random flow drawn from numpy's generator seeded with `seed`, as the
+    /// extension's `ContentShuffleDetector` (for shuffle ControlNets); `none`: the image is
+    /// the map. Model-based
     /// preprocessors (depth, openpose, hed, ...) are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
@@ -126,7 +131,15 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 1.0, maximum = 8.0, default = 1.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down_sampling_rate: Option<f64>,
-    /// All but `invert`, `tile_resample` and `none`: the processor resolution, the shorter
+    /// `shuffle`: the seed of numpy's legacy generator (`np.random.seed`), which draws the
+    /// flow. Default: the one the extension sets before each unit (`set_numpy_seed`), the
+    /// request's `seed` plus its `variation_seed` (the seed again without one), modulo 2^32;
+    /// a random one without a request seed. The metadata carries the one used.
+    #[schema(minimum = 0, maximum = 4294967295_u32, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    /// All but `invert`, `tile_resample` and `none`: the processor resolution (`color`: at
+    /// least 64, one cell), the shorter
     /// side of the image the map is made at (the map is then resized to the request's size);
     /// the scaled image must keep the image rule (at most 4096 pixels a side, 16 MP).
     #[schema(minimum = 64, maximum = 2048, default = 512, nullable = true)]
@@ -146,6 +159,8 @@ pub enum PreprocessorType {
     ScribbleXdog,
     BlurGaussian,
     TileResample,
+    Color,
+    Shuffle,
 }
 
 /// A ControlNet a result was made with.

@@ -67,8 +67,8 @@ fn number(
 /// `controlnets`: at most [`CONTROLNETS_MAX`] objects; `model` a name (1..=255 characters),
 /// `image` a base64 PNG/JPEG/WebP, `scale` 0..=2 (1), `guidance_start` 0..=1 (0) below
 /// `guidance_end` 0..=1 (1), as diffusers requires (`start < end`); `inpaint_crop` a boolean
-/// (true).
-pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
+/// (true). `numpy_seed` seeds `shuffle` where the unit gives no seed.
+pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> {
     let rule = format!(
         "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\", \"inpaint_crop\": boolean, \"control_mode\": \"balanced\"|\"prompt\"|\"controlnet\"}}",
         super::preprocessor::TYPES
@@ -106,7 +106,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidControlNet>, String> {
             .get("image")
             .and_then(Value::as_str)
             .ok_or_else(|| format!("[{i}].image: a base64 image is required"))?;
-        let preprocessor = super::preprocessor::read(obj.get("preprocessor"), i)?;
+        let preprocessor = super::preprocessor::read(obj.get("preprocessor"), i, numpy_seed)?;
         let mut image =
             crate::images::decode_base64(image).map_err(|e| format!("[{i}].image: {e}"))?;
         let scale = number(obj, "scale", i, SCALE_MIN, SCALE_MAX, 1.0)?;

@@ -344,7 +344,15 @@ pub fn validate_request(
         );
     }
     let seed_resize = seed_resize_from(&mut r);
-    let controlnets = r.with("controlnets", controlnets::read).unwrap_or_default();
+    // `shuffle`'s default seed: the extension's `set_numpy_seed` (seed plus variation seed,
+    // the seed again without one); a random one when the request leaves the seed to chance.
+    let numpy_seed = match seed {
+        Some(s) => (s + variation_seed.unwrap_or(s)) as u32,
+        None => crate::api::random_seed(),
+    };
+    let controlnets = r
+        .with("controlnets", |v| controlnets::read(v, numpy_seed))
+        .unwrap_or_default();
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     });

@@ -27,10 +27,11 @@ pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
 pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"none\"";
 
-/// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`.
-pub fn read(v: Option<&Value>, i: usize) -> Result<Option<Preprocessor>, String> {
+/// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
+/// is `shuffle`'s seed where it names none.
+pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Preprocessor>, String> {
     let field = format!("[{i}].preprocessor");
     let obj = match v {
         None | Some(Value::Null) => return Ok(None),
@@ -46,9 +47,10 @@ pub fn read(v: Option<&Value>, i: usize) -> Result<Option<Preprocessor>, String>
         "none" | "invert" => &["type"],
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
-        "lineart_standard" => &["type", "resolution"],
+        "lineart_standard" | "color" => &["type", "resolution"],
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
+        "shuffle" => &["type", "seed", "resolution"],
         other => {
             return Err(format!(
                 "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (model-based ones such as depth, openpose, hed: send their map as the image)"
@@ -106,6 +108,19 @@ pub fn read(v: Option<&Value>, i: usize) -> Result<Option<Preprocessor>, String>
             threshold: threshold(XDOG_THRESHOLD)?,
             resolution: resolution()?,
         },
+        "color" => Preprocessor::Color {
+            resolution: resolution()?,
+        },
+        "shuffle" => Preprocessor::Shuffle {
+            resolution: resolution()?,
+            seed: match obj.get("seed") {
+                None | Some(Value::Null) => numpy_seed,
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| format!("{field}.seed: must be an integer in 0..=4294967295"))?,
+            },
+        },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
             resolution: resolution()?,
@@ -154,6 +169,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         threshold: None,
         sigma: None,
         down_sampling_rate: None,
+        seed: None,
     };
     match *p {
         Preprocessor::Canny {
@@ -171,6 +187,11 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
             ..base(PreprocessorType::Threshold)
         },
         Preprocessor::LineartStandard { .. } => base(PreprocessorType::LineartStandard),
+        Preprocessor::Color { .. } => base(PreprocessorType::Color),
+        Preprocessor::Shuffle { seed, .. } => ControlNetPreprocessor {
+            seed: Some(seed),
+            ..base(PreprocessorType::Shuffle)
+        },
         Preprocessor::ScribbleXdog { threshold, .. } => ControlNetPreprocessor {
             threshold: Some(threshold),
             ..base(PreprocessorType::ScribbleXdog)
@@ -193,7 +214,7 @@ mod tests {
 
     #[test]
     fn settings_default_as_the_extension_s_sliders_and_are_checked() {
-        let canny = |v: Value| read(Some(&v), 0);
+        let canny = |v: Value| read(Some(&v), 0, 0);
         assert_eq!(
             canny(json!({"type": "canny"})).unwrap(),
             Some(Preprocessor::Canny {
@@ -203,7 +224,7 @@ mod tests {
             })
         );
         assert_eq!(canny(json!({"type": "none"})).unwrap(), None);
-        assert_eq!(read(None, 0).unwrap(), None);
+        assert_eq!(read(None, 0, 0).unwrap(), None);
         for (v, needle) in [
             (json!({"type": "depth"}), "[0].preprocessor.type: \"depth\""),
             (json!({}), "[0].preprocessor.type"),
@@ -234,12 +255,12 @@ mod tests {
             described,
             json!({"type": "canny", "low_threshold": 7, "high_threshold": 200, "resolution": 512})
         );
-        assert_eq!(read(Some(&described), 0).unwrap(), Some(p));
+        assert_eq!(read(Some(&described), 0, 0).unwrap(), Some(p));
     }
 
     #[test]
     fn the_other_modules_read_their_settings_and_describe_themselves_back() {
-        let read1 = |v: Value| read(Some(&v), 2);
+        let read1 = |v: Value| read(Some(&v), 2, 99);
         for (v, want) in [
             (json!({"type": "invert"}), Preprocessor::Invert),
             (
@@ -280,6 +301,25 @@ mod tests {
                     down_sampling_rate: 2.5,
                 },
             ),
+            (
+                json!({"type": "color", "resolution": 64}),
+                Preprocessor::Color { resolution: 64 },
+            ),
+            // The request's seed where the unit names none.
+            (
+                json!({"type": "shuffle"}),
+                Preprocessor::Shuffle {
+                    resolution: 512,
+                    seed: 99,
+                },
+            ),
+            (
+                json!({"type": "shuffle", "seed": 4294967295_u32, "resolution": 256}),
+                Preprocessor::Shuffle {
+                    resolution: 256,
+                    seed: u32::MAX,
+                },
+            ),
         ] {
             let got = read1(v.clone()).unwrap().unwrap();
             assert_eq!(got, want, "{v}");
@@ -317,7 +357,19 @@ mod tests {
             ),
             (json!({"type": "invert", "threshold": 1}), "unknown key"),
             (
-                json!({"type": "color"}),
+                json!({"type": "shuffle", "seed": 4294967296_u64}),
+                "[2].preprocessor.seed: must be an integer in 0..=4294967295",
+            ),
+            (
+                json!({"type": "shuffle", "seed": -1}),
+                "[2].preprocessor.seed: must be an integer",
+            ),
+            (
+                json!({"type": "color", "resolution": 63}),
+                "[2].preprocessor.resolution: must be an integer in 64..=2048",
+            ),
+            (
+                json!({"type": "recolor_luminance"}),
                 "is not a preprocessor this server runs",
             ),
         ] {

@@ -6,22 +6,26 @@
 //! Files: `resize` (the extension's `resize_image_with_pad`: OpenCV's cubic and area resizes,
 //! the pad to 64), `gaussian` (OpenCV's Gaussian blur, 8-bit and float), one file per family
 //! of modules: `canny`, `pointwise` (invert, threshold), `lines` (scribble_xdog,
-//! lineart_standard), `tile` (blur_gaussian, tile_resample).
+//! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`.
 
 mod canny;
+mod color;
 mod gaussian;
 mod lines;
 mod pointwise;
 mod resize;
+mod shuffle;
 mod tile;
 
 use serde::{Deserialize, Serialize};
 
 pub use canny::canny;
+pub use color::{color, color_size, resize_shortest_edge};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use lines::{lineart_standard, scribble_xdog};
 pub use pointwise::{invert, threshold};
 pub use resize::{resize_image_with_pad, Padded};
+pub use shuffle::{shuffle, shuffle_image};
 pub use tile::{blur_gaussian, tile_resample, tile_resample_size};
 
 use crate::pipeline::RgbImage;
@@ -52,6 +56,12 @@ pub enum Preprocessor {
     /// The legacy `tile_resample`: the image shrunk by `down_sampling_rate` (1..=8, 1; below
     /// 1.1 unchanged), at the image's size otherwise (no resolution).
     TileResample { down_sampling_rate: f64 },
+    /// The legacy `color` (`t2ia_color_grid`): the image scaled so its shorter side is the
+    /// resolution (no pad), as a grid of 64-pixel colour cells.
+    Color { resolution: u32 },
+    /// `PreprocessorShuffle`: the image warped by a random flow drawn from numpy's generator
+    /// seeded with `seed` (the extension's resolution slider is hidden: 512).
+    Shuffle { resolution: u32, seed: u32 },
 }
 
 impl Preprocessor {
@@ -65,6 +75,8 @@ impl Preprocessor {
             Self::ScribbleXdog { .. } => "scribble_xdog",
             Self::BlurGaussian { .. } => "blur_gaussian",
             Self::TileResample { .. } => "tile_resample",
+            Self::Color { .. } => "color",
+            Self::Shuffle { .. } => "shuffle",
         }
     }
 
@@ -76,7 +88,9 @@ impl Preprocessor {
             | Self::Threshold { resolution, .. }
             | Self::LineartStandard { resolution }
             | Self::ScribbleXdog { resolution, .. }
-            | Self::BlurGaussian { resolution, .. } => Some(resolution),
+            | Self::BlurGaussian { resolution, .. }
+            | Self::Color { resolution }
+            | Self::Shuffle { resolution, .. } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
     }
@@ -89,7 +103,9 @@ impl Preprocessor {
             | Self::Threshold { resolution: r, .. }
             | Self::LineartStandard { resolution: r }
             | Self::ScribbleXdog { resolution: r, .. }
-            | Self::BlurGaussian { resolution: r, .. } => *r = resolution,
+            | Self::BlurGaussian { resolution: r, .. }
+            | Self::Color { resolution: r }
+            | Self::Shuffle { resolution: r, .. } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
         p
@@ -101,6 +117,10 @@ impl Preprocessor {
         match (self, self.resolution()) {
             (Self::TileResample { down_sampling_rate }, _) => {
                 let (w, h) = tile_resample_size(width, height, *down_sampling_rate);
+                (u64::from(w), u64::from(h))
+            }
+            (Self::Color { resolution }, _) => {
+                let (w, h) = color_size(width, height, *resolution);
                 (u64::from(w), u64::from(h))
             }
             (_, Some(resolution)) => {
@@ -133,6 +153,8 @@ impl Preprocessor {
             Self::ScribbleXdog { threshold, .. } => scribble_xdog(&padded(), threshold),
             Self::BlurGaussian { sigma, .. } => blur_gaussian(&padded(), sigma),
             Self::TileResample { down_sampling_rate } => tile_resample(image, down_sampling_rate),
+            Self::Color { resolution } => color(image, resolution),
+            Self::Shuffle { seed, .. } => shuffle(&padded(), seed),
         }
     }
 }

@@ -129,7 +129,7 @@ fn cubic_taps(src: usize, dst: usize) -> Vec<([usize; 4], [f32; 4])> {
 }
 
 /// `cv2.resize(..., INTER_CUBIC)` as IPP computes it (within one level; see the module).
-fn resize_cubic(image: &RgbImage, w: usize, h: usize) -> RgbImage {
+pub(super) fn resize_cubic(image: &RgbImage, w: usize, h: usize) -> RgbImage {
     let (w0, h0) = (image.width as usize, image.height as usize);
     let rows = cubic_taps(h0, h);
     let cols = cubic_taps(w0, w);

@@ -151,9 +151,11 @@ impl Units {
 /// script titles) as native `controlnets`, their images (a preprocessed unit's: its map, made
 /// here first, as the extension's `detectmap_proc` fits the preprocessor's result) fitted to
 /// `width` x `height` by the unit's resize mode; `None` without enabled units. `hires_pass`:
-/// a hires pass runs (txt2img's `enable_hr`; img2img ignores it, as A1111 does).
+/// a hires pass runs (txt2img's `enable_hr`; img2img ignores it, as A1111 does);
+/// `numpy_seed`: what the extension seeds numpy with before each unit (`shuffle` draws from it).
 pub fn native_units(
     body: &Map<String, Value>,
+    numpy_seed: u32,
     hires_pass: bool,
     width: Option<u64>,
     height: Option<u64>,
@@ -195,6 +197,7 @@ pub fn native_units(
             unit.get("threshold_a"),
             unit.get("threshold_b"),
             &format!("[{i}]."),
+            numpy_seed,
         )
         .map_err(bad)?;
         let control_mode = control_mode(unit.get("control_mode"), i)?;
@@ -488,6 +491,7 @@ mod tests {
                 json!({"input_image": png, "model": "canny [0123abcd]", "weight": 0.5,
                          "guidance": 0.8, "resize_mode": "Just Resize", "enabled": true}),
             ),
+            0,
             false,
             Some(512),
             Some(512),
@@ -511,6 +515,7 @@ mod tests {
             let u = native_units(
                 &body(json!({"image": png, "model": "c", "control_mode": mode,
                              "resize_mode": "Just Resize"})),
+                0,
                 false,
                 None,
                 None,
@@ -523,7 +528,8 @@ mod tests {
                 native
             );
         }
-        let off = native_units(&body(json!({"enabled": false})), false, None, None, None).unwrap();
+        let off =
+            native_units(&body(json!({"enabled": false})), 0, false, None, None, None).unwrap();
         assert!(off.is_none());
         for (unit, needle) in [
             (
@@ -545,7 +551,7 @@ mod tests {
                 "[0].resize_mode",
             ),
         ] {
-            let e = native_units(&body(unit), false, Some(512), Some(512), None).unwrap_err();
+            let e = native_units(&body(unit), 0, false, Some(512), Some(512), None).unwrap_err();
             let e = format!("{:?}", e.body());
             assert!(e.contains(needle), "{needle}: {e}");
         }

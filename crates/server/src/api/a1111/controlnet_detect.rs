@@ -5,7 +5,8 @@
 //! `none` answers the images as they are. webuiapi 0.9.17's `controlnet_detect()` sends the
 //! images as `controlnet_images`, which the extension ignores (its 422 "No image selected"):
 //! taken here as the same list. `controlnet_masks` and `low_vram` change nothing (no module
-//! here takes a mask).
+//! here takes a mask). `shuffle` draws from numpy's generator, which the extension leaves
+//! unseeded here (a new map each call): a random seed here too, or `controlnet_seed` (ours).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -53,6 +54,10 @@ pub struct ControlNetDetectRequest {
     pub controlnet_masks: Option<Vec<String>>,
     /// Accepted and ignored.
     pub low_vram: Option<bool>,
+    /// Not the extension's: `shuffle`'s numpy seed (`np.random.seed`), the same map each
+    /// time; absent or null: a random one, as the extension's unseeded generator.
+    #[schema(minimum = 0, maximum = 4294967295_u32)]
+    pub controlnet_seed: Option<u32>,
 }
 
 /// Answer of `POST /controlnet/detect`.
@@ -121,12 +126,22 @@ fn detect_maps(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
             ))
         }
     };
+    let numpy_seed = match body.get("controlnet_seed") {
+        None | Some(Value::Null) => crate::api::random_seed(),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::validation("controlnet_seed", "must be an integer in 0..=4294967295")
+            })?,
+    };
     let preprocessor = super::controlnet_modules::preprocessor(
         module,
         body.get("controlnet_processor_res"),
         body.get("controlnet_threshold_a"),
         body.get("controlnet_threshold_b"),
         "controlnet_",
+        numpy_seed,
     )
     .map_err(named)?;
     let mut out = Vec::new();
@@ -236,6 +251,11 @@ mod tests {
                     down_sampling_rate: 2.0,
                 },
             ),
+            (
+                "t2ia_color_grid",
+                json!(-1),
+                Preprocessor::Color { resolution: 64 },
+            ),
         ] {
             let maps = detect_maps(&body(json!({
                 "controlnet_module": module, "controlnet_input_images": [b64],
@@ -243,6 +263,26 @@ mod tests {
             .unwrap();
             assert_eq!(maps, vec![png_b64(&want.run(&photo))], "{module}");
         }
+        // shuffle: our `controlnet_seed` decides the map, else a random one (the extension's
+        // unseeded numpy); its hidden resolution slider is 512 for 64.
+        let shuffle = |seed: Value| {
+            detect_maps(&body(json!({
+                "controlnet_module": "shuffle", "controlnet_input_images": [b64],
+                "controlnet_processor_res": 64, "controlnet_seed": seed})))
+        };
+        let seeded = Preprocessor::Shuffle {
+            resolution: 512,
+            seed: 9,
+        }
+        .run(&photo);
+        assert_eq!(shuffle(json!(9)).unwrap(), vec![png_b64(&seeded)]);
+        assert_ne!(shuffle(Value::Null).unwrap(), shuffle(Value::Null).unwrap());
+        let e = shuffle(json!(-3)).unwrap_err();
+        assert!(
+            format!("{:?}", e.body()).contains("controlnet_seed"),
+            "{:?}",
+            e.body()
+        );
         // A side shorter than the rate: no pixels left, a 422 naming the slider.
         let thin = png_b64(&RgbImage {
             width: 20,

@@ -8,7 +8,7 @@
 //! to integers (canny's `int(slider_1)`; `threshold` and `scribble_xdog` compare 8-bit values
 //! with theirs, where the integer part acts the same); blur_gaussian's sigma and
 //! tile_resample's rate stay numbers. Modules: `none`, `canny`, `invert`, `threshold`,
-//! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, their names and
+//! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, `color`, `shuffle`, their names and
 //! labels and sliders copied from the extension's `model_free_preprocessors.py` and
 //! `legacy/preprocessor_compiled.py`. `pixel_perfect` replaces the resolution by
 //! `external_code.pixel_perfect_resolution` of the uploaded image and the request's size, kept
@@ -77,8 +77,8 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 
 /// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
 /// lineart_standard, tile_resample 100; invert 20; the others 0) and label, descending
-/// (`color`, `t2ia_color_grid`, would come after threshold: not run here).
-const MODULES: [Module; 8] = [
+/// (`color` sorts by its label, `t2ia_color_grid`).
+const MODULES: [Module; 10] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -133,6 +133,9 @@ const MODULES: [Module; 8] = [
             None,
         ],
     ),
+    module("color", "t2ia_color_grid", [Some(RESOLUTION), None, None]),
+    // Its resolution slider is hidden (`PreprocessorParameter(value=512, visible=False)`).
+    module("shuffle", "shuffle", [None, None, None]),
     module(
         "scribble_xdog",
         "scribble_xdog",
@@ -180,14 +183,19 @@ fn value(v: Option<&Value>, s: &Slider, key: &str) -> Result<f64, String> {
     Ok(if x < s.min || x > s.max { s.value } else { x })
 }
 
+/// `shuffle`'s hidden resolution slider: the class default's range (0..=1) with 512.
+const SHUFFLE_RESOLUTION: Slider = slider("Resolution", (0.0, 1.0, 512.0), 0.01);
+
 /// The preprocessor of `module` with the A1111 settings (`None` for `none`); `prefix` is
-/// prepended to the names in errors (`[0].` for a unit, `controlnet_` for `/detect`).
+/// prepended to the names in errors (`[0].` for a unit, `controlnet_` for `/detect`);
+/// `numpy_seed` seeds `shuffle` (the extension's `set_numpy_seed`).
 pub(super) fn preprocessor(
     module: &str,
     processor_res: Option<&Value>,
     threshold_a: Option<&Value>,
     threshold_b: Option<&Value>,
     prefix: &str,
+    numpy_seed: u32,
 ) -> Result<Option<Preprocessor>, String> {
     let found = find(module).ok_or_else(|| {
         format!(
@@ -227,11 +235,40 @@ pub(super) fn preprocessor(
             sigma: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
         },
+        "color" => Preprocessor::Color {
+            resolution: resolution()?,
+        },
+        "shuffle" => {
+            // The hidden slider keeps a processor_res of 0..=1, too small an image to run.
+            let key = format!("{prefix}processor_res");
+            let res = value(processor_res, &SHUFFLE_RESOLUTION, &key)?;
+            if res < f64::from(RESOLUTION_MIN) {
+                return Err(format!(
+                    "{key}: shuffle's resolution slider is hidden (0..=1, 512): {res} would make an image of under a pixel; send -1 for 512"
+                ));
+            }
+            Preprocessor::Shuffle {
+                resolution: res as u32,
+                seed: numpy_seed,
+            }
+        }
         "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
         },
         _ => return Ok(None),
     }))
+}
+
+/// What the extension seeds numpy with before each unit (`set_numpy_seed`): the request's
+/// seed (`all_seeds[0]`, the one drawn for -1) plus its `subseed` (the seed again for -1 or
+/// none; a negative one is 0), modulo 2^32. `seed` is the translated (drawn) seed.
+pub(super) fn numpy_seed(seed: Option<&Value>, subseed: Option<&Value>) -> u32 {
+    let seed = seed.and_then(Value::as_u64).unwrap_or(0);
+    let subseed = match subseed.and_then(Value::as_f64) {
+        None | Some(-1.0) => seed,
+        Some(s) => s.trunc().max(0.0) as u64,
+    };
+    (seed.wrapping_add(subseed) & 0xFFFF_FFFF) as u32
 }
 
 /// `external_code.pixel_perfect_resolution`: the resolution at which the map comes out at the
@@ -257,7 +294,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `lineart_standard`, `canny`, `invert`, `threshold`, `scribble_xdog`, `blur_gaussian`), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `shuffle`, `scribble_xdog`, `blur_gaussian`), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
@@ -298,7 +335,7 @@ mod tests {
     #[test]
     fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         let canny = |res: Value, a: Value, b: Value| {
-            preprocessor("Canny", Some(&res), Some(&a), Some(&b), "[0].").unwrap()
+            preprocessor("Canny", Some(&res), Some(&a), Some(&b), "[0].", 0).unwrap()
         };
         let p = |resolution, low_threshold, high_threshold| {
             Some(Preprocessor::Canny {
@@ -314,24 +351,59 @@ mod tests {
             canny(json!(640.9), json!(20.7), json!(254.99)),
             p(640, 20, 254)
         );
-        assert_eq!(preprocessor("none", None, None, None, "").unwrap(), None);
-        let e = preprocessor("depth_midas", None, None, None, "[1].").unwrap_err();
+        assert_eq!(preprocessor("none", None, None, None, "", 0).unwrap(), None);
+        let e = preprocessor("depth_midas", None, None, None, "[1].", 0).unwrap_err();
         assert!(
             e.starts_with("[1].module: the preprocessor \"depth_midas\""),
             "{e}"
         );
         assert!(
-            e.contains("\"none\", \"tile_resample\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"scribble_xdog\", \"blur_gaussian\""),
+            e.contains("\"none\", \"tile_resample\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"shuffle\", \"scribble_xdog\", \"blur_gaussian\""),
             "{e}"
         );
-        let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].").unwrap_err();
+        let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
         assert!(e.starts_with("[0].processor_res: must be a number"), "{e}");
+    }
+
+    /// The extension's `set_numpy_seed` on A1111's seed, subseed and `all_seeds[0]`
+    /// (`tools/make_preprocess_module_fixtures.py`); the translated seed is the drawn one for -1.
+    #[test]
+    fn numpy_seed_is_set_numpy_seed_s() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../pipeline/tests/fixtures/preprocess-modules.json"
+        );
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases: Vec<&Value> = json["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["module"] == "shuffle")
+            .collect();
+        assert!(cases.len() >= 4);
+        for c in cases {
+            let translated = match c["a1111_seed"].as_i64().unwrap() {
+                -1 => c["all_seeds_0"].clone(),
+                _ => c["a1111_seed"].clone(),
+            };
+            assert_eq!(
+                u64::from(numpy_seed(Some(&translated), Some(&c["a1111_subseed"]))),
+                c["numpy_seed"].as_u64().unwrap(),
+                "{c}"
+            );
+            if c["a1111_subseed"] == -1 {
+                assert_eq!(
+                    numpy_seed(Some(&translated), None),
+                    numpy_seed(Some(&translated), Some(&c["a1111_subseed"]))
+                );
+            }
+        }
     }
 
     #[test]
     fn the_other_modules_take_their_sliders_as_the_extension_s() {
         let p = |m: &str, res: Value, a: Value| {
-            preprocessor(m, Some(&res), Some(&a), None, "[0].")
+            preprocessor(m, Some(&res), Some(&a), None, "[0].", 0)
                 .unwrap()
                 .unwrap()
         };
@@ -397,6 +469,27 @@ mod tests {
             ),
             Preprocessor::LineartStandard { resolution: 256 }
         );
+        // `color` by its label; below the resolution slider: the default.
+        assert_eq!(
+            p("T2IA_Color_Grid", json!(63), json!(3)),
+            Preprocessor::Color { resolution: 512 }
+        );
+        assert_eq!(
+            p("color", json!(64), json!(-1)),
+            Preprocessor::Color { resolution: 64 }
+        );
+        // shuffle's hidden resolution slider: anything but 0..=1 is 512; the seed is given.
+        for res in [json!(-1), json!(64), json!(1024)] {
+            assert_eq!(
+                preprocessor("shuffle", Some(&res), None, None, "[0].", 77).unwrap(),
+                Some(Preprocessor::Shuffle {
+                    resolution: 512,
+                    seed: 77
+                })
+            );
+        }
+        let e = preprocessor("shuffle", Some(&json!(1)), None, None, "[0].", 7).unwrap_err();
+        assert!(e.starts_with("[0].processor_res: shuffle's"), "{e}");
         // Pixel perfect leaves the modules without a resolution as they are.
         assert_eq!(
             at_resolution(Preprocessor::Invert, 300),

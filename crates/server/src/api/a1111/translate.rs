@@ -413,6 +413,7 @@ pub fn translate(
     };
     let units = super::controlnet::native_units(
         body,
+        super::controlnet_modules::numpy_seed(native.get("seed"), get(body, "subseed")),
         hires_pass,
         side("width"),
         side("height"),
