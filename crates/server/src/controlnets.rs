@@ -179,8 +179,9 @@ pub struct ControlNetList {
 /// Loaded ControlNets of the process: keyed by the file (path, size, modification time), the
 /// UNet they were read for (a single file takes its config from it) and the device and dtype;
 /// at most [`ControlNetCache::BOUND`], the least lately used dropped first. Each holds its
-/// weights on the pipeline's device between jobs (about 0.7 GB in f16 for SD 1.5's); the memory
-/// plan does not count them (docs/GPU.md).
+/// weights on the pipeline's device between jobs (about 0.7 GB in f16 for SD 1.5's); on a GPU
+/// only the running request's stay ([`ControlNetCache::keep_only`]), which its memory plan
+/// counts (docs/GPU.md).
 #[derive(Default)]
 pub struct ControlNetCache {
     entries: Mutex<VecDeque<(CacheKey, Arc<ControlNetModel>)>>,
@@ -242,6 +243,14 @@ impl ControlNetCache {
         Ok(model)
     }
 
+    /// Drops the models not read from `paths`. On a GPU the worker keeps only the running
+    /// request's ControlNets (the memory plan counts those alone); a CPU keeps its cache, its
+    /// memory being the host's.
+    pub fn keep_only(&self, paths: &[&Path]) {
+        self.lock()
+            .retain(|(k, _)| paths.contains(&k.path.as_path()));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(CacheKey, Arc<ControlNetModel>)>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -273,18 +282,30 @@ pub fn with_controlnet_models(
     dir: Option<&Path>,
     sd: &StableDiffusion,
 ) -> Result<Option<GenerationParams>, PipelineError> {
-    if params.controlnets.is_empty() {
-        return Ok(None);
-    }
-    let models = ControlNetCatalog::new(dir.map(Path::to_path_buf)).scan();
-    let mut resolved = params.clone();
-    for (i, unit) in resolved.controlnets.iter_mut().enumerate() {
-        let name = unit.model.name.clone();
-        let entry = models.iter().find(|e| e.name == name).ok_or_else(|| {
+    let models = match params.controlnets.is_empty() {
+        true => Vec::new(),
+        false => ControlNetCatalog::new(dir.map(Path::to_path_buf)).scan(),
+    };
+    let mut entries = Vec::with_capacity(params.controlnets.len());
+    for (i, unit) in params.controlnets.iter().enumerate() {
+        let name = &unit.model.name;
+        let entry = models.iter().find(|e| e.name == *name).ok_or_else(|| {
             PipelineError::InvalidRequest(format!(
                 "controlnets[{i}].model: the ControlNet {name:?} is no longer in CONTROLNET_DIR"
             ))
         })?;
+        entries.push(entry);
+    }
+    if !sd.device().is_cpu() {
+        let paths: Vec<&Path> = entries.iter().map(|e| e.path.as_path()).collect();
+        ControlNetCache::shared().keep_only(&paths);
+    }
+    if params.controlnets.is_empty() {
+        return Ok(None);
+    }
+    let mut resolved = params.clone();
+    for (i, (unit, entry)) in resolved.controlnets.iter_mut().zip(entries).enumerate() {
+        let name = unit.model.name.clone();
         let model = ControlNetCache::shared()
             .get(entry, &sd.controlnet_unet_config(), sd.device(), sd.dtype())
             .map_err(|why| {
@@ -340,6 +361,13 @@ mod tests {
             !Arc::ptr_eq(&a, &get(0)),
             "the least lately used was dropped"
         );
+        // What a GPU worker does before a request that uses the first model only.
+        let kept = get(0);
+        cache.keep_only(&[entries[0].path.as_path()]);
+        assert_eq!(cache.len(), 1);
+        assert!(Arc::ptr_eq(&kept, &get(0)));
+        cache.keep_only(&[]);
+        assert_eq!(cache.len(), 0);
         // A file that is no ControlNet: the message names no server path.
         let dir = std::env::temp_dir().join(format!("sdserve-cn-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

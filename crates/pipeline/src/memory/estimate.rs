@@ -59,14 +59,47 @@ pub fn unet_activation_bytes(
         let piece = attention_piece(bh, n, n, slicing);
         attention = attention.max(piece * (2 * s + 8));
     }
+    let skips = unet_skip_bytes(shapes, h, w, b, s);
+    let c0 = shapes.unet_channels.first().copied().unwrap_or(0) as u64;
+    let working = b * (h * w) as u64 * c0 * (15 * s + 12);
+    attention + skips + working
+}
+
+/// The skip connections of a `h` x `w` latent grid, `layers + 1` feature maps per level: also
+/// what one set of ControlNet residuals takes (one per skip, the same shapes).
+fn unet_skip_bytes(shapes: &ModelShapes, h: usize, w: usize, b: u64, s: u64) -> u64 {
     let mut skips = 0u64;
     for (i, &c) in shapes.unet_channels.iter().enumerate() {
         let n = (div_ceil_pow2(h, i) * div_ceil_pow2(w, i)) as u64;
         skips += (shapes.unet_layers_per_block as u64 + 1) * b * c as u64 * n * s;
     }
-    let c0 = shapes.unet_channels.first().copied().unwrap_or(0) as u64;
-    let working = b * (h * w) as u64 * c0 * (15 * s + 12);
-    attention + skips + working
+    skips
+}
+
+/// What a request's ControlNets add to the UNet stage's activations, bytes. A unit's forward
+/// pass is the UNet's down half (no larger than the UNet's own pass, which runs after it), but
+/// its residuals outlive it: one set while the UNet runs, two while a further unit computes
+/// its own beside their running sum (`pipeline::control`). The control image, repeated over
+/// the rows, feeds the conditioning embedding at pixel resolution (its first convolutions are
+/// 16 channels wide: input and output alive).
+pub fn controlnet_activation_bytes(
+    shapes: &ModelShapes,
+    width: usize,
+    height: usize,
+    batch: usize,
+    dtype: DType,
+    units: usize,
+) -> u64 {
+    if units == 0 {
+        return 0;
+    }
+    let s = dtype.size_in_bytes() as u64;
+    let f = shapes.vae_scale_factor;
+    let (h, w) = (height.div_ceil(f), width.div_ceil(f));
+    let b = batch as u64;
+    let residual_sets = units.min(2) as u64;
+    let hint = b * (width * height) as u64 * (3 + 2 * 16) * s;
+    residual_sets * unet_skip_bytes(shapes, h, w, b, s) + hint
 }
 
 /// The VAE mid block's attention over the `n` cells of the latent grid (one head of `n x n`
@@ -163,11 +196,22 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
         wts.vae_encoder * sv,
         wts.vae_decoder * sv,
     );
+    // A request's ControlNets stay on the device through every stage (read there before the
+    // run); their activations join the UNet's.
+    let cn = req.controlnets.params * s;
     let all = te + unet + enc + dec;
     let (w, h) = (req.max_width, req.max_height);
     // Text encoder: 77 tokens, a few MB of activations; 64 MiB covers any SD 1.x encoder.
     let text_act = 64u64 << 20;
-    let unet_act = unet_activation_bytes(&fp.shapes, w, h, req.batch, req.dtype, plan.attention);
+    let unet_act = unet_activation_bytes(&fp.shapes, w, h, req.batch, req.dtype, plan.attention)
+        + controlnet_activation_bytes(
+            &fp.shapes,
+            w,
+            h,
+            req.batch,
+            req.dtype,
+            req.controlnets.units,
+        );
     let vae_act = match plan.vae_tiling {
         Some(t) => {
             let px = t.tile_latent * fp.shapes.vae_scale_factor;
@@ -214,10 +258,10 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
     };
     // The text embeddings and latents live through the whole run; they are tiny.
     StageEstimate {
-        text: text_w + text_act,
-        encode: enc_w + enc_act,
-        unet: unet_w + unet_act,
-        vae: vae_w + vae_act,
+        text: cn + text_w + text_act,
+        encode: cn + enc_w + enc_act,
+        unet: cn + unet_w + unet_act,
+        vae: cn + vae_w + vae_act,
     }
 }
 
@@ -236,6 +280,7 @@ mod tests {
             batch: 2,
             dtype: DType::F16,
             overrides: LeverOverrides::default(),
+            controlnets: Default::default(),
         }
     }
 
@@ -335,5 +380,45 @@ mod tests {
         assert_eq!(none.vae - model.vae, (110 + 50 + 30) * 2);
         let act = vae_encoder_activation_bytes(&fp.shapes, 16, 16, DType::F16, p.attention);
         assert_eq!(model.encode, 30 * 2 + act + init_image_bytes(16, 16));
+    }
+
+    #[test]
+    fn controlnets_stay_resident_and_their_residuals_join_the_unet_stage() {
+        let fp = toy();
+        let bare = toy_request();
+        let one = PlanRequest {
+            controlnets: crate::memory::plan::ControlNetLoad {
+                units: 1,
+                params: 40,
+            },
+            ..bare
+        };
+        let two = PlanRequest {
+            controlnets: crate::memory::plan::ControlNetLoad {
+                units: 3,
+                params: 40,
+            },
+            ..bare
+        };
+        for offload in [Offload::None, Offload::Model, Offload::Sequential] {
+            let mut p = MemoryPlan::cpu(DType::F16);
+            p.offload = offload;
+            let (b, o, t) = (
+                estimate(&fp, &bare, &p),
+                estimate(&fp, &one, &p),
+                estimate(&fp, &two, &p),
+            );
+            // 40 f16 parameters on the device at every stage, whatever the offload.
+            assert_eq!(o.text - b.text, 40 * 2, "{offload:?}");
+            assert_eq!(o.encode - b.encode, 40 * 2);
+            assert_eq!(o.vae - b.vae, 40 * 2);
+            // 16x16 -> 2x2 latent, batch 2, one level of 4 channels with 1 layer: 2 skips of
+            // 2 * 4 * 4 values; the control image and 2 x 16 channels at 16x16 per row.
+            let skips = 2 * 2 * 4 * 4 * 2;
+            let hint = 2 * 16 * 16 * (3 + 32) * 2;
+            assert_eq!(o.unet - b.unet, 40 * 2 + skips + hint);
+            // Several units: their running sum beside one unit's residuals, never more.
+            assert_eq!(t.unet - b.unet, 40 * 2 + 2 * skips + hint);
+        }
     }
 }

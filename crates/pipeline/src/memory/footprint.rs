@@ -138,6 +138,27 @@ impl WeightCounts {
     }
 }
 
+/// Parameters of a ControlNet (a diffusers folder, read for `dtype` as the loader reads it, or
+/// a single file, of which only the `control_model.` tensors when it has any: some files carry
+/// the whole SD model beside them), from the headers alone: what the planner counts for a
+/// request's ControlNets before they are read.
+pub fn controlnet_weight_count(path: &Path, dtype: DType) -> Result<u64> {
+    if path.is_dir() {
+        let mut total = 0;
+        for file in component_weight_files(path, "", "diffusion_pytorch_model", dtype)? {
+            total += weight_numels(&file)?.iter().map(|(_, n)| n).sum::<u64>();
+        }
+        return Ok(total);
+    }
+    let numels = weight_numels(path)?;
+    let prefixed = numels.iter().any(|(k, _)| k.starts_with("control_model."));
+    Ok(numels
+        .iter()
+        .filter(|(k, _)| !prefixed || k.starts_with("control_model."))
+        .map(|(_, n)| n)
+        .sum())
+}
+
 /// One UNet resolution level that has attention.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttentionLevel {
@@ -241,6 +262,28 @@ impl Footprint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_controlnet_counts_its_own_weights_only() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/controlnet");
+        // The diffusers folder and the same model as an LDM single file (other key names).
+        let folder = controlnet_weight_count(&dir.join("cn-a"), DType::F32).unwrap();
+        let file = dir.join("cn-a-ldm.safetensors");
+        let single = controlnet_weight_count(&file, DType::F32).unwrap();
+        let tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+        let all: u64 = tensors.values().map(|t| t.elem_count() as u64).sum();
+        assert_eq!((folder, single), (all, all));
+        // A file carrying an SD model beside its `control_model.` tensors: those alone.
+        let mut with_sd = tensors.clone();
+        let extra = candle_core::Tensor::zeros((3, 5), DType::F32, &candle_core::Device::Cpu);
+        with_sd.insert("model.diffusion_model.out.2.weight".into(), extra.unwrap());
+        let tmp =
+            std::env::temp_dir().join(format!("cn-with-sd-{}.safetensors", std::process::id()));
+        candle_core::safetensors::save(&with_sd, &tmp).unwrap();
+        let counted = controlnet_weight_count(&tmp, DType::F32);
+        std::fs::remove_file(&tmp).unwrap();
+        assert_eq!(counted.unwrap(), all);
+    }
 
     #[test]
     fn groups_unet_keys_by_block() {

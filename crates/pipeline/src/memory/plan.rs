@@ -82,6 +82,19 @@ pub struct PlanRequest {
     /// The UNet's and text encoder's dtype.
     pub dtype: DType,
     pub overrides: LeverOverrides,
+    /// The ControlNets the request runs (none for the start-up plan).
+    pub controlnets: ControlNetLoad,
+}
+
+/// A request's ControlNets, as the planner counts them: their weights resident on the device
+/// for the whole run (the server reads them there, in the model's dtype, and keeps no other
+/// ControlNet there on a GPU), and each unit's forward pass and residuals beside the UNet's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ControlNetLoad {
+    /// Units (several may share one model: each runs its own forward pass).
+    pub units: usize,
+    /// Parameters of the distinct models the units use.
+    pub params: u64,
 }
 
 /// Estimated peak device memory of each stage, bytes.
@@ -372,6 +385,7 @@ pub(crate) mod tests {
             batch: 2,
             dtype,
             overrides: LeverOverrides::default(),
+            controlnets: ControlNetLoad::default(),
         }
     }
 

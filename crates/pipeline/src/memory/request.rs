@@ -151,7 +151,7 @@ mod tests {
     use super::*;
     use crate::memory::estimate::vae_encoder_activation_bytes;
     use crate::memory::plan::tests::{request, sd15};
-    use crate::memory::plan::{leaner, plan, DEFAULT_MAX_SIDE};
+    use crate::memory::plan::{leaner, plan, Offload, DEFAULT_MAX_SIDE};
     use candle_core::DType;
 
     fn base(budget_mb: u64) -> PlanRequest {
@@ -260,5 +260,72 @@ mod tests {
         let act =
             |side| vae_encoder_activation_bytes(&fp.shapes, side, side, DType::F32, p.attention);
         assert!(act(768) > 2 * act(512));
+    }
+
+    /// SD 1.5's ControlNet copies the UNet's stem, down blocks and mid block (plus a small
+    /// hint encoder and zero convolutions, left out here).
+    fn sd15_controlnet(units: usize) -> crate::memory::plan::ControlNetLoad {
+        let w = &sd15().weights;
+        let params = w
+            .unet
+            .iter()
+            .filter(|(k, _)| !k.starts_with("up_blocks"))
+            .map(|(_, n)| n)
+            .sum();
+        crate::memory::plan::ControlNetLoad { units, params }
+    }
+
+    #[test]
+    fn controlnets_take_leaner_levers_under_the_5_gb_plan() {
+        let fp = sd15();
+        let req = base(5120);
+        let current = plan(&fp, &req);
+        let one = PlanRequest {
+            controlnets: sd15_controlnet(1),
+            ..req
+        };
+        let two = PlanRequest {
+            controlnets: crate::memory::plan::ControlNetLoad {
+                units: 2,
+                params: 2 * sd15_controlnet(1).params,
+            },
+            ..req
+        };
+        let bare = plan_for_request(&fp, &req, &current, 768, 768, 1, true).unwrap();
+        let with_one = plan_for_request(&fp, &one, &current, 768, 768, 1, true).unwrap();
+        let with_two = plan_for_request(&fp, &two, &current, 768, 768, 1, true).unwrap();
+        eprintln!(
+            "768, 5 GB: {}\n  one ControlNet: {}\n  two: {}",
+            bare.summary(),
+            with_one.summary(),
+            with_two.summary()
+        );
+        assert_eq!(bare.levers(), current.levers());
+        // The start-up plan's estimate with the ControlNet passes the budget: leaner levers.
+        assert!(estimate(&fp, &one, &current).peak() > usable_bytes(req.budget_bytes));
+        assert!(with_one.fits && with_two.fits);
+        assert!(no_faster_than(&with_one, &current, 96));
+        assert!(
+            with_one.levers() != current.levers(),
+            "{}",
+            with_one.summary()
+        );
+        // Two need more again: one's plan does not hold them.
+        assert!(estimate(&fp, &two, &with_one).peak() > usable_bytes(req.budget_bytes));
+        assert!(no_faster_than(&with_two, &current, 96));
+        // At 512 one ControlNet keeps everything on the device.
+        let small = plan_for_request(&fp, &one, &current, 512, 512, 1, true).unwrap();
+        assert_eq!(small.offload, Offload::None, "{}", small.summary());
+        // The batch that fits shrinks with ControlNets.
+        let largest = |r: &PlanRequest| match check_request(&fp, r, 768, 768, 8, true) {
+            Ok(()) => 8,
+            Err(o) => o.largest_batch_size,
+        };
+        assert!(
+            largest(&one) < largest(&req),
+            "{} {}",
+            largest(&one),
+            largest(&req)
+        );
     }
 }

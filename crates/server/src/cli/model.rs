@@ -114,7 +114,8 @@ pub struct ModelArgs {
     /// `.safetensors`, `.pt`, `.ckpt` files with the original key names, and diffusers
     /// ControlNet folders), each named by its file stem or folder name in `controlnets[i].model`;
     /// listed by GET /controlnets. Read on every look; a model is read once onto the
-    /// pipeline's device (a replaced file again; at most two kept).
+    /// pipeline's device (a replaced file again; at most two kept, on a GPU only the running
+    /// request's).
     #[arg(long, env = "CONTROLNET_DIR")]
     pub controlnet_dir: Option<PathBuf>,
     /// MODELS_DIR for the worker's VAE lookups (its `*.vae.*` files are VAEs, as in A1111):

@@ -20,8 +20,9 @@ use candle_core::{DType, Device};
 use sdserve_pipeline::device::{
     dtype_label, gpu_info, select_device, select_dtype, DTypeRequest, DeviceRequest,
 };
+use sdserve_pipeline::memory::footprint::controlnet_weight_count;
 use sdserve_pipeline::memory::plan::{
-    check_request, plan, plan_for_request, OverBudget, DEFAULT_MAX_SIDE,
+    check_request, plan, plan_for_request, ControlNetLoad, OverBudget, DEFAULT_MAX_SIDE,
 };
 use sdserve_pipeline::memory::{Footprint, LeverOverrides, MemoryPlan, PlanRequest};
 use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
@@ -132,6 +133,7 @@ pub fn resolve_with(
         batch: 2,
         dtype,
         overrides,
+        controlnets: ControlNetLoad::default(),
     };
     let plan = plan(&footprint, &request);
     if !plan.fits {
@@ -168,22 +170,51 @@ impl MemoryBudget {
         })
     }
 
-    /// Whether `batch_size` images of `width` x `height` fit with the leanest levers allowed.
+    /// Whether `batch_size` images of `width` x `height` with `controlnets` fit with the
+    /// leanest levers allowed.
     pub fn check(
         &self,
         width: usize,
         height: usize,
         batch_size: usize,
         guidance: bool,
+        controlnets: ControlNetLoad,
     ) -> Result<(), OverBudget> {
         check_request(
             &self.footprint,
-            &self.request,
+            &PlanRequest {
+                controlnets,
+                ..self.request
+            },
             width,
             height,
             batch_size,
             guidance,
         )
+    }
+}
+
+/// What `params`' ControlNets weigh for the planner, from their files' headers (read before
+/// the models are). A ControlNet known by name only (a cluster's API process), or whose
+/// header cannot be read (its load will say why), counts its unit without weights.
+pub fn controlnet_load(params: &GenerationParams, dtype: DType) -> ControlNetLoad {
+    let mut paths: Vec<&Path> = params
+        .controlnets
+        .iter()
+        .map(|u| u.model.path.as_path())
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    paths.sort();
+    paths.dedup();
+    let params_of = |path: &Path| {
+        controlnet_weight_count(path, dtype).unwrap_or_else(|e| {
+            tracing::debug!(path = %path.display(), "ControlNet not counted: {e}");
+            0
+        })
+    };
+    ControlNetLoad {
+        units: params.controlnets.len(),
+        params: paths.into_iter().map(params_of).sum(),
     }
 }
 
@@ -206,6 +237,10 @@ pub fn plan_request(
         params.height,
         params.guided_batch_equivalent(),
     );
+    let req = &PlanRequest {
+        controlnets: controlnet_load(params, req.dtype),
+        ..*req
+    };
     let wanted = plan_for_request(fp, req, &setup.plan, w, h, n, guidance)
         .map_err(|o| PipelineError::InvalidRequest(o.describe(w, h, n)))?;
     let now = sd.memory_plan();

@@ -107,6 +107,7 @@ fn oom_guard_counts_only_oom_and_steps_down() {
         batch: 2,
         dtype: DType::F32,
         overrides: LeverOverrides::default(),
+        controlnets: Default::default(),
     };
     setup.plan = plan(&fp, &req);
     setup.footprint = Some(fp);
@@ -149,6 +150,7 @@ fn each_request_gets_the_levers_its_batch_needs() {
         batch: 2,
         dtype: DType::F32,
         overrides: LeverOverrides::default(),
+        controlnets: Default::default(),
     };
     setup.plan = plan(&fp, &req);
     setup.footprint = Some(fp.clone());

@@ -36,7 +36,8 @@ pub fn check_memory(
     // AND parts are UNet rows too: one per part and one for the negative prompt, guided or not.
     let rows_as_batch = params.guided_batch_equivalent();
     let guided = params.guidance_scale > 1.0 || params.composed_parts().is_some();
-    match budget.check(w, h, rows_as_batch, guided) {
+    let controlnets = crate::gpu::controlnet_load(params, budget.request.dtype);
+    match budget.check(w, h, rows_as_batch, guided, controlnets) {
         Ok(()) => Ok(()),
         Err(over) if rows_as_batch != n => {
             let parts = params.composed_parts().unwrap_or(1);
@@ -56,7 +57,16 @@ pub fn check_memory(
             ))
         }
         Err(over) => {
-            let rule = over.describe(w, h, n);
+            let mut rule = over.describe(w, h, n);
+            if controlnets.units > 0 {
+                rule.push_str(&format!(
+                    " (counting its {} ControlNet unit(s): {} MiB of weights on the device, \
+                     and their residuals)",
+                    controlnets.units,
+                    (controlnets.params * budget.request.dtype.size_in_bytes() as u64)
+                        .div_ceil(1 << 20)
+                ));
+            }
             let fields: &[&str] = if over.largest_batch_size > 0 {
                 &["batch_size"]
             } else {

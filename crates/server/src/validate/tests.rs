@@ -215,6 +215,7 @@ fn a_batch_over_the_memory_budget_is_a_422_naming_batch_size() {
             batch: 2,
             dtype: candle_core::DType::F32,
             overrides: LeverOverrides::default(),
+            controlnets: Default::default(),
         },
     };
     let params = |batch_size, side, guidance_scale| GenerationParams {
@@ -247,6 +248,44 @@ fn a_batch_over_the_memory_budget_is_a_422_naming_batch_size() {
     assert_eq!(names, ["prompt", "batch_size"], "{e:?}");
     assert!(
         e.fields()[0].rule.contains("8 AND parts run 9 UNet rows"),
+        "{e:?}"
+    );
+    // ControlNets count: their residuals and weights leave room for fewer images.
+    let cn_dir = dir.join("../controlnet/cn-a");
+    let with_controlnets = |batch_size, units: usize| GenerationParams {
+        controlnets: (0..units)
+            .map(|_| sdserve_pipeline::controlnet::ControlNetUnit {
+                model: std::sync::Arc::new(sdserve_pipeline::controlnet::ControlNet::new(
+                    "cn-a", &cn_dir,
+                )),
+                image: sdserve_pipeline::pipeline::RgbImage {
+                    width: 8,
+                    height: 8,
+                    pixels: vec![0; 8 * 8 * 3],
+                },
+                preprocessor: None,
+                scale: 1.0,
+                guidance_start: 0.0,
+                guidance_end: 1.0,
+                hires_image: None,
+                hr_option: Default::default(),
+                inpaint_crop: true,
+                control_mode: Default::default(),
+            })
+            .collect(),
+        ..params(batch_size, 768, 7.5)
+    };
+    let largest_with = |units| {
+        (1..=8)
+            .take_while(|&n| check_memory(&with_controlnets(n, units), Some(&budget)).is_ok())
+            .last()
+            .unwrap_or(0)
+    };
+    assert!(largest_with(1) < largest, "{} {largest}", largest_with(1));
+    assert!(largest_with(2) <= largest_with(1));
+    let e = check_memory(&with_controlnets(largest, 1), Some(&budget)).unwrap_err();
+    assert!(
+        e.fields()[0].rule.contains("its 1 ControlNet unit(s)"),
         "{e:?}"
     );
     // No budget (the CPU): nothing to check.
