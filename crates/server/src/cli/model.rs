@@ -87,7 +87,8 @@ pub struct ModelArgs {
     #[arg(long, env = "OFFLOAD", value_enum, default_value = "auto")]
     pub offload: OffloadArg,
     /// A folder of LoRA `.safetensors` files (kohya or PEFT; LyCORIS LoHa, LoKr, IA3, GLoRA,
-    /// OFT/BOFT, norm and full diffs, DoRA, under kohya's names) that requests name in `loras`
+    /// OFT/BOFT, norm and full diffs, DoRA, under kohya's names; kohya-ss's own OFT files)
+    /// that requests name in `loras`
     /// or `<lora:name:weight>` tags; listed by GET /loras. Files added, replaced or removed are
     /// picked up without a restart (POST /adapters/refresh reads it at once).
     #[arg(long, env = "LORA_DIR")]
