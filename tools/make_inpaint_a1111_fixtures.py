@@ -11,6 +11,10 @@ these run as they are:
                           apply_overlay
   modules/masking.py      get_crop_region_v2, expand_crop_region, fill
   modules/images.py       resize_image (no upscaler: Lanczos), flatten
+Cases with `resize_mode` 1 and 2 fit image and mask by the mode after the blur; 3 (the latent
+upscale) runs `init`'s `interpolate` of the init latents (opt_f: the tiny VAE's factor), without
+a mask too (img2img); REFUSED_CASES are what the pipeline refuses, with what A1111 does there (an error, or an
+overlay of another size than the result).
 with A1111's model calls stubbed by diffusers' pieces on the pipeline's generators (one per
 image, seeded seed + i; draw order: the init image's latent sample, the starting noise, then
 for a 9-channel UNet the conditioning image's sample). Sampling is diffusers' (the scheduler
@@ -27,7 +31,8 @@ Writes, under OUT (default crates/pipeline/tests/fixtures):
                                  image.<case>, mask.<case>: init's processed image and
                                  image_mask (RGB) at the processing size; latmask.<case>;
                                  overlay.<case>: the RGBA overlay; result.<case>: [n, H, W, 3]
-  a1111-inpaint.json             cases, blur cases, infotext parameters, paste_to, versions
+  a1111-inpaint.json             cases, failing cases, blur cases, infotext parameters,
+                                 paste_to, versions
 
 Usage:
   python tools/make_inpaint_a1111_fixtures.py --a1111 PATH/TO/stable-diffusion-webui [--out DIR]
@@ -212,6 +217,72 @@ CASES = {
                            width=256, height=256, seed=23, init="init-384x320.png",
                            mask="mask-384x320.png", blur_x=12, blur_y=12, invert=False,
                            fill=1, padding=None, batch_size=1, mask_round=False),
+    # resize_mode 1 and 2 over the whole picture: the mask blurred at the upload's size, then
+    # image and mask fitted by the mode.
+    "resize_crop.whole.euler.blur4": dict(model="tiny-a", scheduler="euler", steps=8,
+                                          strength=0.75, width=32, height=32, seed=41,
+                                          init="init-40x60.png", mask="mask-40x60.png",
+                                          blur_x=4, blur_y=4, invert=False, fill=1,
+                                          padding=None, batch_size=1, resize_mode=1),
+    "resize_fill.whole.fill.vpred.ddim": dict(model="tiny-b", scheduler="ddim", steps=8,
+                                              strength=0.8, width=48, height=32, seed=42,
+                                              init="init-40x60.png", mask="mask-40x60.png",
+                                              blur_x=3, blur_y=2, invert=False, fill=0,
+                                              padding=None, batch_size=1, resize_mode=2),
+    "resize_crop.nine.whole.invert.dpmpp_2m": dict(model="tiny-inpaint", scheduler="dpmpp_2m",
+                                                   steps=8, strength=0.8, width=32, height=32,
+                                                   seed=43, init="init-96x64.png",
+                                                   mask="mask-96x64.png", blur_x=2, blur_y=2,
+                                                   invert=True, fill=1, padding=None,
+                                                   batch_size=1, resize_mode=1),
+    # resize_mode 3, the latent upscale: the init image encoded at its own size (the VAE
+    # floors odd sides), its latents resized bilinearly; without a mask (img2img) and with one
+    # at the request's size (the only size A1111 runs it at, below).
+    "latent_upscale.up.euler": dict(model="tiny-a", scheduler="euler", steps=8, strength=0.6,
+                                    width=32, height=32, seed=44, init="init-24x20.png",
+                                    mask=None, batch_size=1, resize_mode=3),
+    "latent_upscale.down.vpred.dpmpp_2m.batch": dict(model="tiny-b", scheduler="dpmpp_2m",
+                                                     steps=8, strength=0.7, width=32,
+                                                     height=48, seed=45,
+                                                     init="init-40x60.png", mask=None,
+                                                     batch_size=2, resize_mode=3),
+    "latent_upscale.odd.euler_a": dict(model="tiny-a", scheduler="euler_a", steps=8,
+                                       strength=0.75, width=32, height=32, seed=46,
+                                       init="init-27x21.png", mask=None, batch_size=1,
+                                       resize_mode=3),
+    "latent_upscale.whole.same_size.euler": dict(model="tiny-a", scheduler="euler", steps=8,
+                                                 strength=0.75, width=32, height=32, seed=47,
+                                                 init="init-32x32.png", mask="mask-32x32.png",
+                                                 blur_x=4, blur_y=4, invert=False, fill=0,
+                                                 padding=None, batch_size=1, resize_mode=3),
+    # Through the server (tests/inpaint_http.rs): resize_mode 2 with a mask, 3 without.
+    "http.resize_fill": dict(model="tiny-b", scheduler="euler", steps=3, strength=0.75,
+                             width=256, height=256, seed=24, init="init-384x320.png",
+                             mask="mask-384x320.png", blur_x=4, blur_y=4, invert=False,
+                             fill=1, padding=None, batch_size=1, resize_mode=2),
+    "http.latent_upscale": dict(model="tiny-b", scheduler="euler", steps=3, strength=0.75,
+                                width=256, height=256, seed=25, init="init-384x320.png",
+                                mask=None, batch_size=1, resize_mode=3),
+}
+
+# What the pipeline refuses: the latent upscale with a mask over the whole picture at another
+# size than the request's. A1111 keeps the image and the overlay at the upload's size and the
+# result at the request's: `masking.fill` (masked content fill) raises, and otherwise
+# `apply_overlay`'s in-place `alpha_composite` pastes the upload-sized overlay at the result's
+# top-left corner, cropped (kept pixels of another scale over the picture). Recorded: the
+# error, or both sizes.
+REFUSED_CASES = {
+    "latent_upscale.whole.other_size": dict(model="tiny-a", scheduler="euler", steps=8,
+                                            strength=0.75, width=32, height=32, seed=48,
+                                            init="init-40x60.png", mask="mask-40x60.png",
+                                            blur_x=4, blur_y=4, invert=False, fill=1,
+                                            padding=None, batch_size=1, resize_mode=3),
+    "latent_upscale.whole.other_size.fill": dict(model="tiny-a", scheduler="euler", steps=8,
+                                                 strength=0.75, width=32, height=32, seed=48,
+                                                 init="init-40x60.png",
+                                                 mask="mask-40x60.png", blur_x=4, blur_y=4,
+                                                 invert=False, fill=0, padding=None,
+                                                 batch_size=1, resize_mode=3),
 }
 
 
@@ -260,6 +331,10 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
     gens = [torch.Generator("cpu").manual_seed(r["seed"] + i) for i in range(n)]
     vae, unet = pipe.vae, pipe.unet
     sf = vae.config.scaling_factor
+    # A1111's opt_f (8, SD's VAE) is the tiny VAE's factor here.
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    ns["opt_f"] = f
+    mask = r.get("mask")
     drawn = {}
 
     def images_tensor_to_samples(image, approximation, model=None):
@@ -269,7 +344,9 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
         lat = torch.cat([dist.mean[i:i + 1] + dist.std[i:i + 1] *
                          torch.randn(dist.mean[i:i + 1].shape, generator=g)
                          for i, g in enumerate(gens)]) * sf
-        drawn["noise"] = torch.cat([torch.randn(lat[:1].shape, generator=g) for g in gens])
+        # At the processing size: the latent upscale resizes the latents before sampling.
+        shape = (1, lat.shape[1], r["height"] // f, r["width"] // f)
+        drawn["noise"] = torch.cat([torch.randn(shape, generator=g) for g in gens])
         return lat
 
     def create_random_tensors(shape, seeds):
@@ -303,13 +380,15 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
     ns["sd_samplers"] = types.SimpleNamespace(create_sampler=lambda name, model: None)
     p = types.SimpleNamespace(
         denoising_strength=r["strength"], extra_generation_params={}, image_cfg_scale=None,
-        sampler_name="Euler", sd_model=None, image_mask=files[r["mask"]],
+        sampler_name="Euler", sd_model=None, image_mask=files[mask] if mask else None,
         mask_round=r.get("mask_round", True),
-        inpainting_mask_invert=int(r["invert"]), mask_blur_x=r["blur_x"],
-        mask_blur_y=r["blur_y"], mask_blur=r["blur_x"] if r["blur_x"] == r["blur_y"] else None,
-        inpaint_full_res=r["padding"] is not None, inpaint_full_res_padding=r["padding"] or 0,
-        width=r["width"], height=r["height"], resize_mode=0, latent_mask=None,
-        color_corrections=None, init_images=[files[r["init"]]], inpainting_fill=r["fill"],
+        inpainting_mask_invert=int(r.get("invert", False)), mask_blur_x=r.get("blur_x", 4),
+        mask_blur_y=r.get("blur_y", 4),
+        mask_blur=r.get("blur_x", 4) if r.get("blur_x", 4) == r.get("blur_y", 4) else None,
+        inpaint_full_res=r.get("padding") is not None,
+        inpaint_full_res_padding=r.get("padding") or 0, width=r["width"], height=r["height"],
+        resize_mode=r.get("resize_mode", 0), latent_mask=None,
+        color_corrections=None, init_images=[files[r["init"]]], inpainting_fill=r.get("fill", 1),
         batch_size=n, overlay_images=None, paste_to=None, mask_for_overlay=None,
         img2img_image_conditioning=img2img_image_conditioning)
     proc["StableDiffusionProcessingImg2Img.init"](p, [r["prompt"]] * n, [r["seed"]] * n, [0] * n)
@@ -335,7 +414,8 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
     init_latent = p.init_latent
     noise = drawn["noise"]
     latents = sched.add_noise(init_latent, noise, timesteps[:1].repeat(n))
-    nmask = p.nmask[:1][None].expand(n, 1, -1, -1)
+    # img2img (no mask): nothing to blend.
+    nmask = p.nmask[:1][None].expand(n, 1, -1, -1) if mask else None
     for k, t in enumerate(timesteps):
         index = begin + k
         x_in = torch.cat([latents] * 2) if cfg else latents
@@ -347,22 +427,29 @@ def run_case(ns, proc, pipe, own_config, case, files, resize_image, steps_rule):
         if cfg:
             u, c = out.chunk(2)
             out = u + r["guidance_scale"] * (c - u)
-        out = a1111_blend(out, latents, sched, index, t, prediction, init_latent, nmask)
+        if mask:
+            out = a1111_blend(out, latents, sched, index, t, prediction, init_latent, nmask)
         kw = {}
         if "generator" in inspect.signature(sched.step).parameters:
             kw["generator"] = gens if n > 1 else gens[0]
         latents = sched.step(out, t, latents, **kw).prev_sample
-    latents = latents * nmask + init_latent * (1.0 - nmask)
+    if mask:
+        latents = latents * nmask + init_latent * (1.0 - nmask)
     decoded = vae.decode(latents / sf).sample
     decoded = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     results = []
     for i in range(n):
         image = Image.fromarray((decoded[i] * 255).round().astype(np.uint8))
-        image, _ = proc["apply_overlay"](image, p.paste_to, p.overlay_images[i])
+        overlay = p.overlay_images[i] if p.overlay_images else None
+        image, _ = proc["apply_overlay"](image, p.paste_to, overlay)
         results.append(np.asarray(image))
     source = captured["source"][0].permute(1, 2, 0).numpy()
     # The processed image back to u8 (exactly: it was u8 / 255 * 2 - 1).
     processed = np.round((source + 1) / 2 * 255).astype(np.uint8)
+    if not mask:
+        return dict(results=np.stack(results), image=processed,
+                    params=dict(p.extra_generation_params),
+                    paste_to=None, timesteps=[float(t) for t in timesteps])
     return dict(
         results=np.stack(results), image=processed,
         mask=np.asarray(caught["mask"].convert("RGB")),
@@ -400,6 +487,8 @@ def main():
     save("init-96x64.png", synthetic_image(96, 64, 9664))
     save("mask-96x64.png", rect_mask(96, 64, (60, 14, 75, 26)))
     # Little noise: the server's fixture stays small.
+    save("init-24x20.png", synthetic_image(24, 20, 2420))
+    save("init-27x21.png", synthetic_image(27, 21, 2721))
     save("init-384x320.png", synthetic_image(384, 320, 384320, noise=0.5))
     save("mask-384x320.png", rect_mask(384, 320, (250, 60, 310, 140)))
 
@@ -454,12 +543,14 @@ def main():
         out = run_case(ns, proc, pipe, own, case, files, resize_image, steps_rule)
         tensors[f"result.{label}"] = torch.from_numpy(out["results"].copy())
         # The server's cases keep their results only (the small cases check the steps).
-        if not label.startswith("http."):
+        # img2img (no mask) keeps its result only.
+        if not label.startswith("http.") and case.get("mask"):
             tensors[f"image.{label}"] = torch.from_numpy(out["image"].copy())
             tensors[f"mask.{label}"] = torch.from_numpy(out["mask"].copy())
             tensors[f"latmask.{label}"] = torch.from_numpy(out["latmask"].copy())
             tensors[f"overlay.{label}"] = torch.from_numpy(out["overlay"].copy())
         cases[label] = dict(case, mask_round=case.get("mask_round", True),
+                            resize_mode=case.get("resize_mode", 0),
                             infotext=out["params"], paste_to=out["paste_to"],
                             prompt=MODELS[case["model"]]["prompt"],
                             negative_prompt=MODELS[case["model"]]["negative_prompt"],
@@ -467,10 +558,24 @@ def main():
                             timesteps=out["timesteps"])
         print(f"{label}: params {out['params']} paste_to {out['paste_to']} "
               f"result mean {out['results'].mean():.1f}")
+    refused = {}
+    for label, case in REFUSED_CASES.items():
+        pipe, own = pipes[case["model"]]
+        try:
+            out = run_case(ns, proc, pipe, own, case, files, resize_image, steps_rule)
+        except ValueError as e:
+            refused[label] = dict(case, mask_round=True, raises=f"ValueError: {e}")
+        else:
+            result, overlay = out["results"].shape[1:3], out["overlay"].shape[:2]
+            assert result != overlay, label
+            refused[label] = dict(case, mask_round=True, result_hw=list(result),
+                                  overlay_hw=list(overlay))
+        print(f"{label}: A1111: {refused[label]}")
     save_file({k: v.contiguous() for k, v in tensors.items()},
               os.path.join(args.out, "a1111-inpaint.safetensors"))
     with open(os.path.join(args.out, "a1111-inpaint.json"), "w") as f:
-        json.dump({"cases": cases, "blur_cases": blur_cases, "fill_cases": fill_cases,
+        json.dump({"cases": cases, "refused_cases": refused, "blur_cases": blur_cases,
+                   "fill_cases": fill_cases,
                    "a1111_sources": {k: f"sha256 {v}" for k, v in digests.items()},
                    "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                 "opencv": cv2.__version__,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::inpaint_a1111::{self, A1111Inpaint, MaskedContent};
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, RgbImage, StableDiffusion, StepRule,
+    GenerationParams, InitImage, ResizeMode, RgbImage, StableDiffusion, StepRule,
 };
 
 fn fixtures() -> PathBuf {
@@ -58,15 +58,22 @@ fn options(case: &serde_json::Value) -> A1111Inpaint {
     }
 }
 
+fn resize_mode(case: &serde_json::Value) -> ResizeMode {
+    ResizeMode::from_a1111_index(case["resize_mode"].as_u64().unwrap()).unwrap()
+}
+
+/// A case without a mask is A1111's img2img (the latent upscale's).
 fn params_of(case: &serde_json::Value) -> GenerationParams {
+    let mask = case["mask"].as_str().map(png);
     GenerationParams {
         batch_size: case["batch_size"].as_u64().unwrap() as usize,
+        a1111_inpaint: mask.is_some().then(|| options(case)),
         init_image: Some(InitImage {
             image: png(case["init"].as_str().unwrap()),
-            mask: Some(png(case["mask"].as_str().unwrap())),
+            mask,
             strength: case["strength"].as_f64().unwrap(),
         }),
-        a1111_inpaint: Some(options(case)),
+        resize_mode: resize_mode(case),
         // A1111's inpainting runs A1111's step rule (the references do).
         step_rule: StepRule::A1111,
         ..common::request_params(case)
@@ -129,7 +136,7 @@ fn preprocessing_and_overlay_are_a1111s() {
     let f = load();
     for (label, case) in f.json["cases"].as_object().unwrap() {
         // The server's cases (tests/inpaint_http.rs) keep their images only.
-        if label.starts_with("http.") {
+        if label.starts_with("http.") || case["mask"].is_null() {
             continue;
         }
         let (w, h) = (
@@ -138,7 +145,8 @@ fn preprocessing_and_overlay_are_a1111s() {
         );
         let image = png(case["init"].as_str().unwrap());
         let mask = png(case["mask"].as_str().unwrap());
-        let p = inpaint_a1111::prepare(&image, &mask, w, h, &options(case)).unwrap();
+        let p =
+            inpaint_a1111::prepare(&image, &mask, w, h, &options(case), resize_mode(case)).unwrap();
         assert_eq!(
             p.image.pixels,
             bytes(&f.tensors[&format!("image.{label}")]),
@@ -229,4 +237,48 @@ fn kept_pixels_come_back_exactly() {
     }
     assert!(kept > init.pixels.len() / 3 / 2, "{kept}");
     assert_eq!(differ, 0, "{differ} of {kept} kept pixels changed");
+}
+
+/// The resize modes' cases are there (a reference losing them fails here, not silently), and
+/// the latent upscale with a mask over the whole picture at another size is refused, naming
+/// the rule: A1111 fails there (masked content fill) or pastes an overlay of the upload's size
+/// over a result of the request's.
+#[test]
+fn resize_modes_are_covered_and_what_a1111_fails_on_is_refused() {
+    let f = load();
+    let cases = f.json["cases"].as_object().unwrap();
+    for (mode, masked) in [(1, true), (2, true), (3, true), (3, false)] {
+        let n = cases
+            .values()
+            .filter(|c| c["resize_mode"] == mode && c["mask"].is_null() != masked)
+            .count();
+        assert!(n >= 1, "no case of resize_mode {mode} (mask: {masked})");
+    }
+    let refused = f.json["refused_cases"].as_object().unwrap();
+    assert_eq!(refused.len(), 2);
+    for (label, case) in refused {
+        let raises = case["raises"]
+            .as_str()
+            .is_some_and(|e| e.contains("do not match"));
+        assert!(raises || case["result_hw"] != case["overlay_hw"], "{label}");
+        let image = png(case["init"].as_str().unwrap());
+        let mask = png(case["mask"].as_str().unwrap());
+        let (w, h) = (32, 32);
+        let err = inpaint_a1111::prepare(&image, &mask, w, h, &options(case), resize_mode(case))
+            .unwrap_err();
+        assert!(err.to_string().contains("32x32"), "{label}: {err}");
+        let model =
+            StableDiffusion::load(&fixtures().join("tiny-a"), &Device::Cpu, DType::F32).unwrap();
+        // The refusal comes before any prompt is read.
+        let mut case = case.clone();
+        case["prompt"] = "p".into();
+        case["negative_prompt"] = "".into();
+        case["guidance_scale"] = 1.0.into();
+        let err = model
+            .generate(&params_of(&case), &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("latent upscale"), "{label}: {err}");
+    }
 }

@@ -357,3 +357,56 @@ fn a1111_img2img_runs_a1111_s_steps_and_its_fix_steps_option() {
         assert_eq!(j["progress"]["total"], total, "{j}");
     }
 }
+
+/// A1111 img2img's `resize_mode` (and the native `resize_mode`): 2 with a mask over the whole
+/// picture (blurred at the upload's size, then both fitted) and 3, the latent upscale, without
+/// one, give A1111's images (`http.resize_fill`, `http.latent_upscale`); the latent upscale
+/// with a mask at another size than the request's is a 422 naming the field.
+#[test]
+fn resize_modes_fit_the_init_image_and_mask_as_a1111() {
+    let s: Server = common::tiny_server("inpaint-resize", &[("RESPONSE_CACHE_MB", "0")]);
+    let a1111 = |seed: u64, mode: u64, mask: bool| {
+        let mut body = json!({"prompt": "a watercolor painting of a lighthouse at sunset",
+               "init_images": [file_b64("init-384x320.png")], "width": 256, "height": 256,
+               "steps": 3, "cfg_scale": 1.0, "sampler_name": "Euler", "seed": seed,
+               "denoising_strength": 0.75, "resize_mode": mode});
+        if mask {
+            body["mask"] = json!(file_b64("mask-384x320.png"));
+            body["inpainting_fill"] = json!(1);
+            body["inpaint_full_res"] = json!(false);
+        }
+        body
+    };
+    let (want, w, h) = reference("http.resize_fill");
+    assert_eq!((w, h), (256, 256));
+    let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(24, 2, true));
+    let (_, _, filled, _) = first_image(&r, "images");
+    assert_matches("A1111 http.resize_fill", &filled, &want);
+    let mut native = native_base(24, json!({}));
+    native["resize_mode"] = json!("resize_and_fill");
+    let (_, _, native_filled, _) = first_image(&s.post_json(&native), "image_base64");
+    assert!(native_filled == filled, "native equals A1111's answer");
+
+    let (want, w, h) = reference("http.latent_upscale");
+    assert_eq!((w, h), (256, 256));
+    let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(25, 3, false));
+    let (_, _, latent, _) = first_image(&r, "images");
+    assert_matches("A1111 http.latent_upscale", &latent, &want);
+    let (_, _, stretched, _) = first_image(
+        &post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(25, 0, false)),
+        "images",
+    );
+    let diff = mean_abs_diff(&stretched, &want);
+    assert!(diff > 0.2, "the latent upscale changes nothing? {diff}");
+    let mut native = native_base(25, Value::Null);
+    native.as_object_mut().unwrap().remove("mask_image");
+    native["resize_mode"] = json!("latent_upscale");
+    let r = s.post_json(&native);
+    let (_, _, native_latent, _) = first_image(&r, "image_base64");
+    assert!(native_latent == latent, "native equals A1111's answer");
+
+    let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(26, 3, true));
+    assert_eq!(r.broken_fields(), ["resize_mode"]);
+    let r = s.post_json(&json!({"prompt": "p", "resize_mode": "crop_and_resize"}));
+    assert_eq!(r.broken_fields(), ["resize_mode"]);
+}

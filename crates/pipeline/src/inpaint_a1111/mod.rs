@@ -11,7 +11,7 @@ pub mod fill;
 
 pub use composite::Overlay;
 
-use crate::pipeline::RgbImage;
+use crate::pipeline::{check_latent_upscale_mask, ResizeMode, RgbImage};
 use crate::{PipelineError, Result};
 
 /// A1111's `inpainting_fill`: what the masked region starts from.
@@ -119,13 +119,15 @@ fn fill_unless_original(image: RgbImage, mask: &RgbImage, content: MaskedContent
 }
 
 /// `StableDiffusionProcessingImg2Img.init`'s image side for one init image and its mask
-/// (same size; `resize_mode` 0), to the processing size `width` x `height`.
+/// (same size), to the processing size `width` x `height`. Over the whole picture both are
+/// fitted by `resize_mode` after the mask's blur; "only masked" crops at the upload's size.
 pub fn prepare(
     image: &RgbImage,
     mask: &RgbImage,
     width: usize,
     height: usize,
     options: &A1111Inpaint,
+    resize_mode: ResizeMode,
 ) -> Result<Prepared> {
     if (image.width, image.height) != (mask.width, mask.height) {
         return Err(PipelineError::InvalidRequest(format!(
@@ -145,7 +147,13 @@ pub fn prepare(
         blur::blur_vertical(&mut m, mw, mh, options.mask_blur_y);
     }
     let Some(padding) = options.only_masked_padding else {
-        let image_mask = crop::resize_image(0, &grey(&m, mw, mh), width, height);
+        if resize_mode == ResizeMode::LatentUpscale {
+            // At the request's size (the only one A1111 runs) the latent upscale is a no-op.
+            check_latent_upscale_mask((image.width, image.height), width, height)
+                .map_err(PipelineError::InvalidRequest)?;
+        }
+        let mode = resize_mode.image_index();
+        let image_mask = crop::resize_image(mode, &grey(&m, mw, mh), width, height);
         // mask_for_overlay: the resized mask doubled (clipped), so the overlay keeps only
         // what the mask left well outside.
         let doubled: Vec<u8> = image_mask
@@ -153,7 +161,7 @@ pub fn prepare(
             .chunks_exact(3)
             .map(|p| (p[0] as u32 * 2).min(255) as u8)
             .collect();
-        let image = crop::resize_image(0, image, width, height);
+        let image = crop::resize_image(mode, image, width, height);
         return Ok(Prepared {
             overlay: Some(Overlay::new(&image, &doubled)),
             image: fill_unless_original(image, &image_mask, options.masked_content),

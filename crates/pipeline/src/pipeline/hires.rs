@@ -271,6 +271,7 @@ impl StableDiffusion {
                 &mut rngs,
                 first,
                 Some(crop),
+                None,
             )?
         } else {
             let Upscaler::Latent(how) = hires.upscaler.clone() else {

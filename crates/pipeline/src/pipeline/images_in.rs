@@ -6,7 +6,7 @@
 use candle_core::{DType, Tensor};
 
 use super::inpaint_blend::{latent_mask, A1111Blend};
-use super::{GenerationParams, RgbImage, StableDiffusion};
+use super::{GenerationParams, ResizeMode, RgbImage, StableDiffusion};
 use crate::image_in;
 use crate::inpaint_a1111::MaskedContent;
 use crate::rng::TorchRng;
@@ -232,7 +232,8 @@ impl StableDiffusion {
             ));
         }
         let (w, h) = (params.width, params.height);
-        let prepared = crate::inpaint_a1111::prepare(&init.image, mask, w, h, options)?;
+        let prepared =
+            crate::inpaint_a1111::prepare(&init.image, mask, w, h, options, params.resize_mode)?;
         // A blank mask under "only masked": A1111 runs img2img (a 9-channel UNet, which
         // needs a mask, repaints everywhere).
         let mask = match (&prepared.mask, self.is_inpainting()) {
@@ -278,7 +279,9 @@ impl StableDiffusion {
     /// [`starting_noise`](GenerationParams::starting_noise): bent by a variation seed (the
     /// hires pass, as A1111's `ImageRNG`) and resized by a seed resize. `crop` keeps part of
     /// each image's latents before the noise is drawn at its size (the hires pass's
-    /// `truncate_x/y`).
+    /// `truncate_x/y`); `resize` resizes them to `(h, w)` latent cells instead (A1111's latent
+    /// upscale of the init image, `resize_mode` 3).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn noised_image_latents(
         &self,
         images: &[&Tensor],
@@ -287,6 +290,7 @@ impl StableDiffusion {
         rngs: &mut [TorchRng],
         params: &GenerationParams,
         crop: Option<LatentCrop>,
+        resize: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let dists = self.encode_images(images)?;
         let sf = self.vae_scaling_factor;
@@ -296,6 +300,9 @@ impl StableDiffusion {
             let mut image_latents = (dist.sample(rng)? * sf)?;
             if let Some(c) = crop {
                 image_latents = c.apply(&image_latents)?;
+            }
+            if let Some((h, w)) = resize {
+                image_latents = super::resize_mode::upscale_latents(&image_latents, h, w)?;
             }
             let (_, c, h, w) = image_latents.dims4()?;
             let f = self.vae_scale_factor;
@@ -321,10 +328,16 @@ impl StableDiffusion {
         let f = self.vae_scale_factor;
         let shape = (1, self.vae_latent_channels, h / f, w / f);
         let sf = self.vae_scaling_factor;
-        let image = image_in::image_tensor(&init.image, w, h, &self.device)?;
+        let init = &super::resize_mode::fit_init(init, params.resize_mode, w, h)?;
         let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
 
         let Some(mask_image) = &init.mask else {
+            // The latent upscale encodes the image at its own size, then resizes its latents.
+            let (iw, ih) = (init.image.width as usize, init.image.height as usize);
+            let upscale = params.resize_mode == ResizeMode::LatentUpscale && (iw, ih) != (w, h);
+            let resize = upscale.then_some((h / f, w / f));
+            let (iw, ih) = if upscale { (iw, ih) } else { (w, h) };
+            let image = image_in::image_tensor(&init.image, iw, ih, &self.device)?;
             return Ok(Start {
                 latents: self.noised_image_latents(
                     &[&image],
@@ -333,10 +346,12 @@ impl StableDiffusion {
                     rngs,
                     params,
                     None,
+                    resize,
                 )?,
                 inpaint: None,
             });
         };
+        let image = image_in::image_tensor(&init.image, w, h, &self.device)?;
 
         let round = params.a1111_inpaint.as_ref().is_none_or(|o| o.mask_round);
         // A1111 with `mask_round` false conditions a 9-channel UNet on the processed mask's

@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
-use super::{Hires, InitImage, SeedResize, StepRule, Variation};
+use super::{Hires, InitImage, ResizeMode, SeedResize, StepRule, Variation};
 use crate::schedulers::{SchedulerKind, SigmaSchedule};
 
 /// What one request asks of the pipeline (already validated by the caller). New fields keep a
@@ -34,6 +34,8 @@ pub struct GenerationParams {
     pub batch_size: usize,
     /// img2img (no mask) or inpainting (with a mask); `None`: text-to-image.
     pub init_image: Option<InitImage>,
+    /// How the init image (and mask) is fitted to `width` x `height` (A1111's `resize_mode`).
+    pub resize_mode: ResizeMode,
     /// Text-to-image only: A1111's hires fix, a second pass at a larger size.
     pub hires: Option<Hires>,
     /// A1111's `tiling` (seamless textures): every convolution of the UNet and the VAE pads
@@ -75,6 +77,7 @@ impl Default for GenerationParams {
             schedule: None,
             batch_size: 1,
             init_image: None,
+            resize_mode: ResizeMode::JustResize,
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: 1,
             loras: Vec::new(),

@@ -29,6 +29,7 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         p.a1111_inpaint,
         p.step_rule
     );
+    let images = format!("{images}\u{0}{:?}", p.resize_mode);
     // Each ControlNet by name (its file is in the model part), control image and numbers.
     let controlnets: Vec<_> = p
         .controlnets

@@ -134,6 +134,7 @@ impl AppState {
         SigmaScheduleName,
         PromptSyntaxName,
         StepRuleName,
+        ResizeModeName,
         LoraUse,
         native::LoraList,
         crate::adapters::LoraListing,

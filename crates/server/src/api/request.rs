@@ -477,6 +477,7 @@ pub(crate) fn job_spec(
         "batch_size": params.batch_size,
         "init_image": req.init_image.as_ref().map(image),
         "mask_image": req.mask_image.as_ref().map(image),
+        "resize_mode": crate::validate::resize_mode::name(params.resize_mode),
         "strength": params.init_image.as_ref().map(|i| i.strength),
         "step_rule": params.step_rule.name(),
         "model": req.model,

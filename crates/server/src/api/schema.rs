@@ -173,6 +173,16 @@ pub struct GenerateRequest {
     /// the hires pass (A1111's option `img2img_fix_steps`).
     #[schema(nullable = true, default = "diffusers")]
     pub step_rule: Option<StepRuleName>,
+    /// With init_image: how it (and mask_image) is fitted to width x height, as A1111
+    /// img2img's `resize_mode`: `just_resize` stretches it (Lanczos), `crop_and_resize` covers
+    /// the size and crops the centre, `resize_and_fill` fits it and fills the borders with its
+    /// stretched edges, `latent_upscale` encodes it at its own size (8..=768 a side) and
+    /// resizes the latents (bilinear). With `inpaint` the mask is blurred first, then both are
+    /// fitted; "only masked" ignores the mode; the latent upscale with a mask over the whole
+    /// picture needs the image at width x height (at another, A1111 fails or pastes its
+    /// overlay over the result's corner).
+    #[schema(nullable = true, default = "just_resize")]
+    pub resize_mode: Option<ResizeModeName>,
     /// Only with init_image, same size: inpainting. White = repaint, black = keep; grey is
     /// binarised at 0.5. An inpainting model (9-channel UNet) needs it.
     #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
@@ -337,6 +347,16 @@ pub enum PromptSyntaxName {
     A1111,
     #[serde(rename = "plain")]
     Plain,
+}
+
+/// How an init image is fitted to the request's size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeModeName {
+    JustResize,
+    CropAndResize,
+    ResizeAndFill,
+    LatentUpscale,
 }
 
 /// Which steps an init image's strength runs.

@@ -25,6 +25,7 @@ pub mod hires;
 mod native_hires;
 pub mod native_inpaint;
 pub mod preprocessor;
+pub mod resize_mode;
 mod schedule;
 pub mod steps;
 #[cfg(test)]
@@ -58,7 +59,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 28] = [
+pub const FIELDS: [&str; 29] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -75,6 +76,7 @@ pub const FIELDS: [&str; 28] = [
     "init_image",
     "strength",
     "mask_image",
+    "resize_mode",
     "hires",
     "model",
     "vae",
@@ -286,6 +288,11 @@ pub fn validate_request(
     let strength = r.number("strength", 0.0, 1.0);
     let step_rule = r.choice("step_rule", &steps::CHOICES).unwrap_or_default();
     let has_init = r.value("init_image").is_some();
+    let resize_mode = r.choice("resize_mode", &resize_mode::CHOICES);
+    if !has_init && r.value("resize_mode").is_some() {
+        r.fail("resize_mode", "only with init_image");
+    }
+    let resize_mode = resize_mode.unwrap_or_default();
     let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);
     if let (Some(p), PromptSyntax::A1111) = (&prompt, prompt_syntax.unwrap_or(PromptSyntax::A1111))
     {
@@ -366,14 +373,25 @@ pub fn validate_request(
     let init_size = init_image.as_ref().map(|i| (i.image.width, i.image.height));
     let width = side(width, init_size.map(|s| s.0));
     let height = side(height, init_size.map(|s| s.1));
-    // The pipeline resizes both images to the request's size with this same Lanczos (a no-op
-    // at that size), so resizing here gives identical pixels; a queued job then holds the small
-    // image, not the upload's full decode (48 MB for a 4096x4096 one). A1111's inpainting
-    // blurs the mask and crops "only masked" at the upload's size: kept as sent.
+    if let Some(init) = &init_image {
+        let whole = mask_image.is_some().then(|| {
+            inpaint
+                .as_ref()
+                .is_none_or(|o| o.only_masked_padding.is_none())
+        });
+        let size = (init.image.width, init.image.height);
+        if let Some(rule) = resize_mode::rule(resize_mode, size, whole, width, height) {
+            return Err(ApiError::validation("resize_mode", rule));
+        }
+    }
+    // The pipeline fits both images to the request's size by the same mode (a no-op at that
+    // size), so fitting here gives identical pixels; a queued job then holds the small image,
+    // not the upload's full decode (48 MB for a 4096x4096 one). A1111's inpainting blurs the
+    // mask and crops "only masked" at the upload's size: kept as sent.
     let fit = |i: Option<RequestImage>| {
         i.map(|mut i| {
             if inpaint.is_none() {
-                i.image = resize_lanczos(&i.image, width, height);
+                i.image = resize_mode::fit(&i.image, resize_mode, width, height);
             }
             i
         })
@@ -403,6 +421,7 @@ pub fn validate_request(
         batch_size: batch_size.map_or(1, |v| v as usize),
         init_image,
         mask_image,
+        resize_mode,
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
         step_rule,
         hires: None,

@@ -4,7 +4,8 @@
 use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::inpaint_a1111::A1111Inpaint;
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, PromptSyntax, SeedResize, StepRule, Variation,
+    GenerationParams, InitImage, LoraWeight, PromptSyntax, ResizeMode, SeedResize, StepRule,
+    Variation,
 };
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 
@@ -37,11 +38,14 @@ pub struct ValidRequest {
     pub loras_listed: usize,
     /// Images in one run; image i uses seed + i.
     pub batch_size: usize,
-    /// img2img / inpainting: the decoded image, resized to `width` x `height` (which default to
-    /// its own size); `sha256` is the upload's.
+    /// img2img / inpainting: the decoded image, fitted to `width` x `height` (which default to
+    /// its own size) by `resize_mode` (A1111's inpainting and the latent upscale: as sent);
+    /// `sha256` is the upload's.
     pub init_image: Option<RequestImage>,
     /// Inpainting: white = repaint; uploaded at the size of `init_image`, resized like it.
     pub mask_image: Option<RequestImage>,
+    /// How `init_image` (and `mask_image`) is fitted to `width` x `height` (`resize_mode`).
+    pub resize_mode: ResizeMode,
     /// With an init image: how much of the schedule runs, by `step_rule`.
     pub strength: f64,
     /// Which steps `strength` (and the hires pass's) runs: diffusers' rule or A1111's.
@@ -132,6 +136,7 @@ impl ValidRequest {
                 mask: self.mask_image.as_ref().map(|m| m.image.clone()),
                 strength: self.strength,
             }),
+            resize_mode: self.resize_mode,
             hires: self.hires.as_ref().map(|h| h.params.clone()),
             tiling: self.tiling,
             variation: (self.variation_strength > 0.0).then(|| Variation {

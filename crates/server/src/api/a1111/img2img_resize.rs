@@ -1,75 +1,32 @@
 //! A1111 img2img's `resize_mode` for the init image (`StableDiffusionProcessingImg2Img.init`:
-//! `images.resize_image(resize_mode, image, width, height)` unless "only masked" crops it):
-//! 0 stretches it to the request's size (what the native API does), 1 scales it to cover the
-//! size and crops the centre, 2 scales it to fit and fills the borders with its stretched edge
-//! rows or columns. Modes 1 and 2 are applied here, with A1111's own geometry and filters
-//! (`inpaint_a1111::crop::resize_image`), and the native request gets the fitted image.
-//! A mask painted over the whole picture would need the same mode after its blur (A1111 blurs
-//! at the upload's size, then resizes): a 422 there, as is 3 (the latent upscale) without
-//! "only masked", which leaves the init image's size alone.
+//! `images.resize_image(resize_mode, image, width, height)` unless "only masked" crops it; 3,
+//! "Just resize (latent upscale)", encodes it at its own size and resizes the latents): the
+//! native request's `resize_mode` by name, which fits it (with a mask, after the blur, as
+//! A1111). The native rules name `resize_mode` where the mode cannot run.
 
-use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use super::controlnet_fit::ResizeMode;
-use crate::error::ApiError;
-use sdserve_pipeline::inpaint_a1111::crop;
 
 const FIELD: &str = "resize_mode";
 
-/// Fits `native.init_image` to `width` x `height` by the body's `resize_mode` (types and the
-/// 0..=3 range are the declared schema's, checked before); answers the mode as the
-/// sd-webui-controlnet extension reads it for a unit that takes the init image
-/// (`resize_mode_from_value(p.resize_mode)`). An init image that does not decode, or a size the
-/// native rules refuse, is left for the native validation to name.
-pub fn fit_init_image(
-    body: &Map<String, Value>,
-    native: &mut Map<String, Value>,
-    width: u64,
-    height: u64,
-) -> Result<ResizeMode, ApiError> {
+/// Sets `native.resize_mode` from the body's `resize_mode` (types and the 0..=3 range are the
+/// declared schema's, checked before; 0, the native default, is left out); answers the mode as
+/// the sd-webui-controlnet extension reads it for a unit that takes the init image
+/// (`resize_mode_from_value(p.resize_mode)`).
+pub fn fit_init_image(body: &Map<String, Value>, native: &mut Map<String, Value>) -> ResizeMode {
     let mode = body.get(FIELD).and_then(Value::as_u64).unwrap_or(0);
     let unit_mode = match mode {
         1 => ResizeMode::CropAndResize,
         2 => ResizeMode::ResizeAndFill,
         _ => ResizeMode::Resize,
     };
-    if mode == 0 {
-        return Ok(unit_mode);
+    let native_mode = sdserve_pipeline::pipeline::ResizeMode::from_a1111_index(mode);
+    if let Some(m) = native_mode.filter(|m| m.a1111_index() > 0) {
+        let name = crate::validate::resize_mode::name(m);
+        native.insert(FIELD.into(), Value::String(name.into()));
     }
-    if let Some(inpaint) = native.get("inpaint") {
-        if inpaint["area"] == "only_masked" {
-            // The init image is cut to the mask's region at its own size: no resize to apply.
-            return Ok(unit_mode);
-        }
-        return Err(ApiError::validation(
-            FIELD,
-            "with a mask and inpaint_full_res false only 0 (Just resize) is supported",
-        ));
-    }
-    if mode == 3 {
-        return Err(ApiError::validation(
-            FIELD,
-            "3 (Just resize (latent upscale)) is not supported; 0, 1 or 2",
-        ));
-    }
-    let fits = |side: u64| (crate::validate::SIZE_MIN..=crate::validate::SIZE_MAX).contains(&side);
-    let Some(text) = native.get("init_image").and_then(Value::as_str) else {
-        return Ok(unit_mode);
-    };
-    let Ok(init) = crate::images::decode_base64(text) else {
-        return Ok(unit_mode);
-    };
-    if !fits(width) || !fits(height) {
-        return Ok(unit_mode);
-    }
-    let fitted = crop::resize_image(mode as u8, &init.image, width as usize, height as usize);
-    let png = crate::png::encode_with_text(&fitted, &[]).map_err(ApiError::Internal)?;
-    native.insert(
-        "init_image".into(),
-        Value::String(base64::engine::general_purpose::STANDARD.encode(png)),
-    );
-    Ok(unit_mode)
+    unit_mode
 }
 
 #[cfg(test)]
@@ -77,6 +34,9 @@ mod tests {
     use super::super::controlnet_fit::fit;
     use super::super::translate::{translate, Mode};
     use super::*;
+    use crate::error::ApiError;
+    use base64::Engine as _;
+    use sdserve_pipeline::inpaint_a1111::crop;
     use sdserve_pipeline::pipeline::RgbImage;
     use serde_json::json;
 
@@ -121,17 +81,25 @@ mod tests {
         translate(body.as_object().unwrap(), Mode::Img2Img, &Map::new(), || 1).map(|t| t.native)
     }
 
+    /// The translation and the native rules (A1111's, for its mask) together.
+    fn valid(extra: Value) -> Result<crate::validate::ValidRequest, ApiError> {
+        let native = run(extra)?;
+        crate::validate::validate_request(&native, crate::validate::DialectRules::A1111)
+    }
+
     #[test]
-    fn crop_and_fill_fit_the_init_image_as_a1111_s_resize_image() {
+    fn the_mode_goes_native_by_name_and_crop_and_fill_fit_as_a1111_s_resize_image() {
         let original = b64(&init());
-        assert_eq!(run(json!({})).unwrap()["init_image"], original);
-        assert_eq!(
-            run(json!({"resize_mode": 0})).unwrap()["init_image"],
-            original
-        );
-        for mode in [1u8, 2] {
+        for extra in [json!({}), json!({"resize_mode": 0})] {
+            let native = run(extra).unwrap();
+            assert_eq!(native["init_image"], original);
+            assert!(!native.contains_key("resize_mode"));
+        }
+        for (mode, name) in [(1u8, "crop_and_resize"), (2, "resize_and_fill")] {
             let native = run(json!({"resize_mode": mode})).unwrap();
-            let got = decoded(&native["init_image"]);
+            assert_eq!(native["resize_mode"], name);
+            let got = valid(json!({"resize_mode": mode})).unwrap();
+            let got = got.init_image.unwrap().image;
             assert_eq!((got.width, got.height), (256, 384));
             assert_eq!(
                 got,
@@ -140,24 +108,38 @@ mod tests {
             );
             assert_ne!(got, crop::resize_image(0, &init(), 256, 384), "mode {mode}");
         }
+        // The latent upscale keeps the image at its own size (the pipeline encodes it so).
+        let latent = valid(json!({"resize_mode": 3})).unwrap();
+        assert_eq!(latent.init_image.unwrap().image, init());
     }
 
     #[test]
-    fn only_masked_ignores_it_and_the_rest_is_a_422_naming_it() {
-        let mask = b64(&RgbImage {
-            width: 320,
-            height: 224,
-            pixels: vec![255; 320 * 224 * 3],
-        });
-        let only_masked = run(json!({"resize_mode": 1, "mask": mask})).unwrap();
-        assert_eq!(only_masked["init_image"], b64(&init()));
-        for extra in [
-            json!({"resize_mode": 1, "mask": mask, "inpaint_full_res": false}),
-            json!({"resize_mode": 3}),
-        ] {
-            let e = run(extra).unwrap_err();
-            assert_eq!(e.fields()[0].field, "resize_mode", "{e:?}");
+    fn with_a_mask_the_mode_runs_and_a_latent_upscale_a1111_cannot_run_is_a_422() {
+        let mask = |w: u32, h: u32| {
+            b64(&RgbImage {
+                width: w,
+                height: h,
+                pixels: vec![255; (w * h * 3) as usize],
+            })
+        };
+        // A1111's inpainting keeps both as sent; the pipeline fits them after the blur.
+        for (mode, whole) in [(1, false), (2, true), (3, false)] {
+            let r = valid(json!({"resize_mode": mode, "mask": mask(320, 224),
+                                 "inpaint_full_res": !whole}))
+            .unwrap();
+            assert_eq!(r.resize_mode.a1111_index(), mode, "{mode}");
+            assert_eq!(r.init_image.unwrap().image, init(), "{mode}");
         }
+        // Over the whole picture A1111's overlay (the upload's size) and result (the request's)
+        // do not match: it fails; at the request's size it runs.
+        let e = valid(json!({"resize_mode": 3, "mask": mask(320, 224),
+                             "inpaint_full_res": false}))
+        .unwrap_err();
+        assert_eq!(e.fields()[0].field, "resize_mode", "{e:?}");
+        assert!(format!("{e:?}").contains("256x384"), "{e:?}");
+        let at_size = valid(json!({"resize_mode": 3, "init_images": [mask(256, 384)],
+                                   "mask": mask(256, 384), "inpaint_full_res": false}));
+        assert_eq!(at_size.unwrap().resize_mode.a1111_index(), 3);
     }
 
     #[test]

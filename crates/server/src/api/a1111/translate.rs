@@ -354,14 +354,7 @@ pub fn translate(
             native.insert("mask_image".into(), mask.clone());
             native.insert("inpaint".into(), inpaint_options(body));
         }
-        let side = |k: &str| {
-            native
-                .get(k)
-                .and_then(Value::as_u64)
-                .unwrap_or(SIZE_DEFAULT)
-        };
-        let (w, h) = (side("width"), side("height"));
-        init_fit = super::img2img_resize::fit_init_image(body, &mut native, w, h)?;
+        init_fit = super::img2img_resize::fit_init_image(body, &mut native);
     }
 
     // Variation seed: `subseed` -1 (or absent) draws one now, as A1111's `fix_seed` does;

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, PromptSyntax, RgbImage, StepRule,
+    GenerationParams, InitImage, LoraWeight, PromptSyntax, ResizeMode, RgbImage, StepRule,
 };
 
 /// `inpainting_fill`'s values in order, as the wire carries them.
@@ -117,6 +117,9 @@ pub struct WireSpec {
     /// default and all they ran).
     #[serde(default)]
     inpaint_mask_round: Option<bool>,
+    /// A1111's `resize_mode` 0..=3 for the init image (absent from older replicas' jobs: 0).
+    #[serde(default)]
+    resize_mode: u8,
     /// The step rule's API name (absent from older replicas' jobs: diffusers').
     #[serde(default)]
     step_rule: Option<String>,
@@ -208,6 +211,7 @@ impl WireSpec {
                 )
             }),
             inpaint_mask_round: p.a1111_inpaint.as_ref().map(|o| o.mask_round),
+            resize_mode: p.resize_mode.a1111_index(),
             step_rule: Some(p.step_rule.name().to_string()),
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
@@ -326,6 +330,8 @@ impl WireSpec {
                     }),
                     None => None,
                 },
+                resize_mode: ResizeMode::from_a1111_index(u64::from(self.resize_mode))
+                    .ok_or(format!("resize mode {}", self.resize_mode))?,
                 step_rule: match &self.step_rule {
                     None => StepRule::Diffusers,
                     Some(name) => StepRule::from_name(name).ok_or(format!("step rule {name:?}"))?,
