@@ -141,7 +141,7 @@ fn threshold_is_exact_on_the_padded_image_and_whole_where_the_area_resize_runs()
         let op = threshold(&refs.padded(&c.name, c.resolution, &c.want), t);
         assert_eq!(compare(&op, &c.want, &c.label()), (0, 0), "{}", c.label());
         let whole = Preprocessor::Threshold {
-            threshold: t,
+            threshold: c.setting.unwrap(),
             resolution: c.resolution,
         }
         .run(&c.image);
@@ -202,7 +202,7 @@ fn scribble_xdog_is_the_extension_s() {
         let op = scribble_xdog(&refs.padded(&c.name, c.resolution, &c.want), t);
         assert_eq!(compare(&op, &c.want, &c.label()), (0, 0), "{}", c.label());
         let whole = Preprocessor::ScribbleXdog {
-            threshold: t,
+            threshold: c.setting.unwrap(),
             resolution: c.resolution,
         }
         .run(&c.image);

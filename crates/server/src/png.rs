@@ -262,7 +262,7 @@ fn unit_settings(p: &Preprocessor) -> String {
             ..
         } => (whole(low_threshold), whole(high_threshold)),
         Preprocessor::Threshold { threshold, .. }
-        | Preprocessor::ScribbleXdog { threshold, .. } => (whole(threshold), hidden.clone()),
+        | Preprocessor::ScribbleXdog { threshold, .. } => (float(threshold), hidden.clone()),
         Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden.clone()),
         Preprocessor::TileResample { down_sampling_rate } => {
             (float(down_sampling_rate), hidden.clone())
@@ -324,6 +324,34 @@ mod tests {
             mask_round: true,
         });
         assert!(parameters_text(&p, "m", None).ends_with("Mode: inpaint"));
+    }
+
+    /// The extension's float sliders written as it writes them (`str()` of the unit's
+    /// float): a fraction kept, a whole value with `.0`, hidden sliders 0.5.
+    #[test]
+    fn unit_settings_write_the_float_sliders_as_sent() {
+        let text = |p| unit_settings(&p);
+        assert_eq!(
+            text(Preprocessor::Threshold {
+                threshold: 127.5,
+                resolution: 512
+            }),
+            ", Processor Res: 512, Threshold A: 127.5, Threshold B: 0.5"
+        );
+        assert_eq!(
+            text(Preprocessor::ScribbleXdog {
+                threshold: 32.0,
+                resolution: 64
+            }),
+            ", Processor Res: 64, Threshold A: 32.0, Threshold B: 0.5"
+        );
+        assert_eq!(
+            text(Preprocessor::Shuffle {
+                resolution: 512,
+                seed: 3
+            }),
+            ", Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5"
+        );
     }
 
     /// Found by fuzzing review: `get_text` inflated a zTXt chunk without bound, so a small PNG

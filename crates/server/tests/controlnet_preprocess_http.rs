@@ -97,12 +97,12 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         "{text}"
     );
     // Another module: its settings in the metadata, its map steering as the map would.
-    let xdog = json!({"type": "scribble_xdog", "threshold": 20, "resolution": 64});
+    let xdog = json!({"type": "scribble_xdog", "threshold": 20.5, "resolution": 64});
     let (got, meta, text) = run(&with(
         json!({"model": "cn-a", "image": photo_b64, "preprocessor": xdog}),
     ));
     let xdog_map = Preprocessor::ScribbleXdog {
-        threshold: 20,
+        threshold: 20.5,
         resolution: 64,
     }
     .run(&photo);
@@ -110,7 +110,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert!(got == want, "the xdog map steers as its map");
     assert_eq!(meta["controlnets"][0]["preprocessor"], xdog);
     assert!(
-        text.contains("Module: scribble_xdog, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 20.0, Threshold B: 0.5,"),
+        text.contains("Module: scribble_xdog, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 20.5, Threshold B: 0.5,"),
         "{text}"
     );
     // shuffle: seeded as the extension seeds numpy (seed 11 and no variation seed: 22), the

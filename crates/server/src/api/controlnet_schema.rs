@@ -118,10 +118,11 @@ pub struct ControlNetPreprocessor {
     pub high_threshold: Option<u32>,
     /// `threshold`: 0..=255, default 127 (a pixel is white when its darkest channel is above
     /// it); `scribble_xdog`: 1..=64, default 32 (an edge is white when twice its strength,
-    /// in 8 bits, is above it).
-    #[schema(minimum = 0, maximum = 255, nullable = true)]
+    /// in 8 bits, is above it). A number, as the extension's float sliders: kept as sent (the
+    /// infotext writes it), only its integer part counts.
+    #[schema(minimum = 0.0, maximum = 255.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub threshold: Option<u32>,
+    pub threshold: Option<f64>,
     /// `blur_gaussian`: the blur's standard deviation in pixels at the processor resolution.
     #[schema(minimum = 0.01, maximum = 64.0, default = 9.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]

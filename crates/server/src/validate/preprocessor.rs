@@ -86,9 +86,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             RESOLUTION_DEFAULT,
         )
     };
-    let threshold = |(min, max, default): (f64, f64, f64)| {
-        int("threshold", min as u32, max as u32, default as u32)
-    };
+    // The extension's float sliders: the value kept as sent (only its integer part counts).
+    let threshold = |slider: (f64, f64, f64)| number("threshold", slider);
     Ok(Some(match kind {
         "none" => return Ok(None),
         "canny" => Preprocessor::Canny {
@@ -266,21 +265,21 @@ mod tests {
             (
                 json!({"type": "threshold"}),
                 Preprocessor::Threshold {
-                    threshold: 127,
+                    threshold: 127.0,
                     resolution: 512,
                 },
             ),
             (
-                json!({"type": "threshold", "threshold": 0, "resolution": 64}),
+                json!({"type": "threshold", "threshold": 127.5, "resolution": 64}),
                 Preprocessor::Threshold {
-                    threshold: 0,
+                    threshold: 127.5,
                     resolution: 64,
                 },
             ),
             (
                 json!({"type": "scribble_xdog", "threshold": 64}),
                 Preprocessor::ScribbleXdog {
-                    threshold: 64,
+                    threshold: 64.0,
                     resolution: 512,
                 },
             ),
@@ -337,11 +336,11 @@ mod tests {
         for (v, needle) in [
             (
                 json!({"type": "threshold", "threshold": 256}),
-                "[2].preprocessor.threshold: must be an integer in 0..=255",
+                "[2].preprocessor.threshold: must be a number in 0..=255",
             ),
             (
                 json!({"type": "scribble_xdog", "threshold": 0}),
-                "[2].preprocessor.threshold: must be an integer in 1..=64",
+                "[2].preprocessor.threshold: must be a number in 1..=64",
             ),
             (
                 json!({"type": "blur_gaussian", "sigma": 0}),

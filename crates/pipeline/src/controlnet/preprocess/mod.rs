@@ -31,8 +31,9 @@ pub use tile::{blur_gaussian, tile_resample, tile_resample_size};
 use crate::pipeline::RgbImage;
 
 /// A preprocessor with its settings, as a request names it. The settings are the extension's
-/// sliders (`threshold_a`, `threshold_b`, `processor_res`); thresholds compared with 8-bit
-/// values are integers (a fraction changes nothing there).
+/// sliders (`threshold_a`, `threshold_b`, `processor_res`); the float sliders keep their
+/// value as given (the infotext writes it), though compared with 8-bit values only its
+/// integer part counts.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Preprocessor {
@@ -46,11 +47,11 @@ pub enum Preprocessor {
     /// `PreprocessorInvert`: `255 - image` at the image's size (no resolution).
     Invert,
     /// The legacy `threshold`: white where every channel is above `threshold` (0..=255, 127).
-    Threshold { threshold: u32, resolution: u32 },
+    Threshold { threshold: f64, resolution: u32 },
     /// The legacy `lineart_standard`: dark lines on a light ground as white lines.
     LineartStandard { resolution: u32 },
     /// `PreprocessorScribbleXdog`: the XDoG edges above `threshold` (1..=64, 32).
-    ScribbleXdog { threshold: u32, resolution: u32 },
+    ScribbleXdog { threshold: f64, resolution: u32 },
     /// `PreprocessorBlurGaussian`: OpenCV's Gaussian blur with `sigma` (0.01..=64, 9).
     BlurGaussian { sigma: f64, resolution: u32 },
     /// The legacy `tile_resample`: the image shrunk by `down_sampling_rate` (1..=8, 1; below
@@ -148,9 +149,12 @@ impl Preprocessor {
                 padded.crop_gray_to_rgb(&edges)
             }
             Self::Invert => invert(image),
-            Self::Threshold { threshold: t, .. } => threshold(&padded(), t),
+            // `v > t` is `v > int(t)` for 8-bit v and t >= 0.
+            Self::Threshold { threshold: t, .. } => threshold(&padded(), t.trunc() as u32),
             Self::LineartStandard { .. } => lineart_standard(&padded()),
-            Self::ScribbleXdog { threshold, .. } => scribble_xdog(&padded(), threshold),
+            Self::ScribbleXdog { threshold, .. } => {
+                scribble_xdog(&padded(), threshold.trunc() as u32)
+            }
             Self::BlurGaussian { sigma, .. } => blur_gaussian(&padded(), sigma),
             Self::TileResample { down_sampling_rate } => tile_resample(image, down_sampling_rate),
             Self::Color { resolution } => color(image, resolution),

@@ -232,7 +232,7 @@ mod tests {
                 "threshold",
                 json!(100),
                 Preprocessor::Threshold {
-                    threshold: 100,
+                    threshold: 100.0,
                     resolution: 64,
                 },
             ),

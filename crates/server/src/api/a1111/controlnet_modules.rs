@@ -4,10 +4,10 @@
 //!
 //! A module is found by name or label, as `Preprocessor.get_preprocessor` (here without
 //! case). Settings follow the unit's `bound_check_params`: -1 (the API's default) or a value
-//! outside the preprocessor's slider is the slider's default; the thresholds are then truncated
-//! to integers (canny's `int(slider_1)`; `threshold` and `scribble_xdog` compare 8-bit values
-//! with theirs, where the integer part acts the same); blur_gaussian's sigma and
-//! tile_resample's rate stay numbers. Modules: `none`, `canny`, `invert`, `threshold`,
+//! outside the preprocessor's slider is the slider's default; canny's thresholds are then
+//! truncated to integers (its `int(slider_1)`); `threshold`'s and `scribble_xdog`'s stay
+//! numbers as the unit keeps them (the infotext writes e.g. 127.5; compared with 8-bit values
+//! only the integer part counts), as do blur_gaussian's sigma and tile_resample's rate. Modules: `none`, `canny`, `invert`, `threshold`,
 //! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, `color`, `shuffle`, their names and
 //! labels and sliders copied from the extension's `model_free_preprocessors.py` and
 //! `legacy/preprocessor_compiled.py`. `pixel_perfect` replaces the resolution by
@@ -208,8 +208,7 @@ pub(super) fn preprocessor(
         let s = s.as_ref().expect("the module's slider");
         value(v, s, &format!("{prefix}{key}"))
     };
-    // `int(...)`: pydantic's for the resolution; the thresholds compared with 8-bit values
-    // act as their integer part (`v > t` is `v > int(t)` for integers v, t >= 0).
+    // `int(...)`: pydantic's for the resolution, canny's for its thresholds.
     let resolution =
         || Ok::<_, String>(setting(processor_res, res, "processor_res")?.trunc() as u32);
     let int_a = || Ok::<_, String>(setting(threshold_a, a, "threshold_a")?.trunc() as u32);
@@ -221,14 +220,14 @@ pub(super) fn preprocessor(
         },
         "invert" => Preprocessor::Invert,
         "threshold" => Preprocessor::Threshold {
-            threshold: int_a()?,
+            threshold: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
         },
         "lineart_standard" => Preprocessor::LineartStandard {
             resolution: resolution()?,
         },
         "scribble_xdog" => Preprocessor::ScribbleXdog {
-            threshold: int_a()?,
+            threshold: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
@@ -416,28 +415,28 @@ mod tests {
         assert_eq!(
             p("threshold", json!(-1), json!(-1)),
             Preprocessor::Threshold {
-                threshold: 127,
+                threshold: 127.0,
                 resolution: 512
             }
         );
         assert_eq!(
-            p("threshold", json!(100), json!(0)),
+            p("threshold", json!(100), json!(127.5)),
             Preprocessor::Threshold {
-                threshold: 0,
+                threshold: 127.5,
                 resolution: 100
             }
         );
         assert_eq!(
             p("scribble_xdog", json!(64), json!(0.5)),
             Preprocessor::ScribbleXdog {
-                threshold: 32,
+                threshold: 32.0,
                 resolution: 64
             }
         );
         assert_eq!(
             p("scribble_xdog", json!(64), json!(10.9)),
             Preprocessor::ScribbleXdog {
-                threshold: 10,
+                threshold: 10.9,
                 resolution: 64
             }
         );
@@ -498,7 +497,7 @@ mod tests {
         assert_eq!(
             at_resolution(p("threshold", json!(-1), json!(9)), 300),
             Preprocessor::Threshold {
-                threshold: 9,
+                threshold: 9.0,
                 resolution: 300
             }
         );
