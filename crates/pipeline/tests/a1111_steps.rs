@@ -124,3 +124,169 @@ fn diffusers_rule_gives_other_images() {
     );
     assert_eq!(failures.len(), images, "{failures:?}");
 }
+
+/// A1111's own DDIM and PLMS (`ddim_a1111`, `plms_a1111`), txt2img and img2img, against its
+/// `sd_samplers_timesteps_impl` functions run by `tools/make_a1111_timestep_sampler_fixtures.py`
+/// (`a1111-timestep-samplers.json`); diffusers' DDIM and PNDM give other images.
+mod a1111_timestep_samplers {
+    use super::*;
+    use sdserve_pipeline::schedulers::SchedulerKind;
+
+    fn load() -> (serde_json::Map<String, serde_json::Value>, Tensors) {
+        let path = common::fixture_path("a1111-timestep-samplers.json");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let tensors = candle_core::safetensors::load(
+            common::fixture_path("a1111-timestep-samplers.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        (json["cases"].as_object().unwrap().clone(), tensors)
+    }
+
+    fn params_of(case: &serde_json::Value) -> GenerationParams {
+        let base = GenerationParams {
+            batch_size: case["batch_size"].as_u64().unwrap() as usize,
+            ..common::request_params(case)
+        };
+        match case.get("init_image") {
+            None => base,
+            Some(_) => GenerationParams {
+                step_rule: StepRule::from_name(case["step_rule"].as_str().unwrap()).unwrap(),
+                ..params_of_image(case, base)
+            },
+        }
+    }
+
+    fn params_of_image(case: &serde_json::Value, base: GenerationParams) -> GenerationParams {
+        GenerationParams {
+            init_image: Some(InitImage {
+                image: common::read_png(case["init_image"].as_str().unwrap()),
+                mask: None,
+                strength: case["strength"].as_f64().unwrap(),
+            }),
+            ..base
+        }
+    }
+
+    #[test]
+    fn images_match_a1111_s_own_samplers() {
+        let (cases, tensors) = load();
+        let (failures, images) = common::image_case_failures(&cases, params_of, |label| {
+            tensors[&format!("image.{label}")].clone()
+        });
+        assert_eq!(images, 15);
+        assert!(failures.is_empty(), "differ from A1111's: {failures:?}");
+    }
+
+    #[test]
+    fn unet_evaluations_are_a1111_s() {
+        let (cases, _) = load();
+        let mut models = std::collections::HashMap::new();
+        for (label, case) in &cases {
+            let name = case["model"].as_str().unwrap();
+            let model = models.entry(name).or_insert_with(|| {
+                StableDiffusion::load(&common::fixture_path(name), &Device::Cpu, DType::F32)
+                    .unwrap()
+            });
+            assert_eq!(
+                model
+                    .schedules()
+                    .unet_evaluations(&params_of(case))
+                    .unwrap(),
+                case["unet_evaluations"].as_u64().unwrap() as usize,
+                "{label}"
+            );
+        }
+    }
+
+    /// The latents after the last step (the step hook's), per model.
+    fn final_latents(
+        cases: &serde_json::Map<String, serde_json::Value>,
+        params_of: impl Fn(&serde_json::Value) -> GenerationParams,
+    ) -> Vec<(String, Tensor)> {
+        let mut models = std::collections::HashMap::new();
+        cases
+            .iter()
+            .map(|(label, case)| {
+                let name = case["model"].as_str().unwrap();
+                let model = models.entry(name).or_insert_with(|| {
+                    StableDiffusion::load(&common::fixture_path(name), &Device::Cpu, DType::F32)
+                        .unwrap()
+                });
+                let mut last = None;
+                model
+                    .generate(&params_of(case), &mut |p| {
+                        if let Some(l) = p.latents {
+                            last = Some(l.to_dtype(DType::F32).unwrap());
+                        }
+                        ControlFlow::Continue(())
+                    })
+                    .unwrap();
+                (label.clone(), last.expect("a step ran"))
+            })
+            .collect()
+    }
+
+    /// A1111's samples to float noise (the images above hide small differences: the tiny
+    /// models' decoders are forgiving), and diffusers' DDIM and PNDM (the dialect's mapping
+    /// before) far from every one of them.
+    #[test]
+    fn latents_match_a1111_s_and_not_diffusers() {
+        let (cases, tensors) = load();
+        let want = |label: &str| tensors[&format!("latents.{label}")].clone();
+        // The UNet's float noise over up to 10 evaluations (latents of magnitude about 1-4).
+        let mut worst = 0f32;
+        for (label, got) in final_latents(&cases, params_of) {
+            let d = common::max_abs_diff(&got, &want(&label));
+            eprintln!("{label}: max abs diff {d:e}");
+            worst = worst.max(d);
+        }
+        assert!(worst < 1e-3, "{worst}");
+        let diffusers = |case: &serde_json::Value| {
+            let kind = match case["scheduler"].as_str().unwrap() {
+                "ddim_a1111" => SchedulerKind::Ddim,
+                "plms_a1111" => SchedulerKind::Pndm,
+                other => panic!("{other}"),
+            };
+            GenerationParams {
+                scheduler: Some(kind),
+                ..params_of(case)
+            }
+        };
+        for (label, got) in final_latents(&cases, diffusers) {
+            let d = common::max_abs_diff(&got, &want(&label));
+            eprintln!("{label}, diffusers' scheduler: max abs diff {d}");
+            assert!(
+                d > 1e-2,
+                "{label}: diffusers' scheduler gives A1111's latents ({d})"
+            );
+        }
+    }
+
+    /// One step is a single timestep and no update: A1111 hands back the noise, and so do we
+    /// (no step runs, nothing fails).
+    #[test]
+    fn one_step_runs_no_update() {
+        let (cases, _) = load();
+        let model =
+            StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32)
+                .unwrap();
+        for kind in [SchedulerKind::DdimA1111, SchedulerKind::PlmsA1111] {
+            let params = GenerationParams {
+                steps: 1,
+                scheduler: Some(kind),
+                ..params_of(&cases["ddim.10"])
+            };
+            let mut steps = 0;
+            let images = model
+                .generate(&params, &mut |_| {
+                    steps += 1;
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            assert_eq!((images.len(), steps), (1, 0), "{kind}");
+            assert_eq!(model.schedules().unet_evaluations(&params).unwrap(), 0);
+        }
+    }
+}

@@ -292,10 +292,11 @@ impl StableDiffusion {
             for (i, rng) in rngs.iter_mut().enumerate() {
                 let (_, c, lh, lw) = shape;
                 let noise = first.starting_noise(i, rng, (c, lh, lw), f, &self.device)?;
-                noised.push(
-                    pass.scheduler
-                        .add_noise(&up.narrow(0, i, 1)?, &noise, pass.begin)?,
-                );
+                noised.push(pass.scheduler.add_start_noise(
+                    &up.narrow(0, i, 1)?,
+                    &noise,
+                    pass.begin,
+                )?);
             }
             Tensor::cat(&noised, 0)?.to_dtype(self.dtype)?
         };

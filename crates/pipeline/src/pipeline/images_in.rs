@@ -307,7 +307,7 @@ impl StableDiffusion {
             let (_, c, h, w) = image_latents.dims4()?;
             let f = self.vae_scale_factor;
             let noise = params.starting_noise(i, rng, (c, h, w), f, &self.device)?;
-            latents.push(scheduler.add_noise(&image_latents, &noise, begin)?);
+            latents.push(scheduler.add_start_noise(&image_latents, &noise, begin)?);
         }
         Ok(Tensor::cat(&latents, 0)?.to_dtype(self.dtype)?)
     }
@@ -408,7 +408,7 @@ impl StableDiffusion {
                 (lat, ..) => lat,
             };
             latents.push(match (&image_lat, from_noise) {
-                (Some(lat), false) => scheduler.add_noise(lat, &noise, begin)?,
+                (Some(lat), false) => scheduler.add_start_noise(lat, &noise, begin)?,
                 _ => (&noise * scheduler.init_noise_sigma())?,
             });
             if let Some(d) = &masked_dist {

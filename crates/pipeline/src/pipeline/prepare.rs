@@ -124,8 +124,13 @@ impl ModelSchedules {
         let begin = match slice {
             None => 0,
             Some((StepRule::Diffusers, s)) => s.start * scheduler.order(),
-            Some((_, s)) => scheduler.first_index_of_step(s.start),
+            Some((_, s)) => {
+                scheduler.set_start_step(s.start);
+                scheduler.first_index_of_step(s.start)
+            }
         };
+        // A1111's DDIM and PLMS run fewer updates than steps (19 of 20): a late start runs none.
+        let begin = begin.min(scheduler.timesteps().len());
         scheduler.set_begin_index(begin);
         Ok((scheduler, begin))
     }

@@ -8,6 +8,7 @@ use crate::Result;
 
 pub use sigma_schedule::SigmaSchedule;
 
+pub mod a1111_timesteps;
 pub mod brownian;
 pub mod common;
 pub mod ddim;
@@ -49,6 +50,10 @@ pub enum Sampler {
     Dpm2Ancestral,
     /// LCMScheduler (for LCM-distilled UNets and LCM-LoRAs).
     Lcm,
+    /// A1111's own `DDIM` (`sd_samplers_timesteps_impl.ddim`, eta 0): its timesteps and img2img.
+    DdimA1111,
+    /// A1111's own `PLMS` (`sd_samplers_timesteps_impl.plms`).
+    PlmsA1111,
 }
 
 impl Sampler {
@@ -89,11 +94,13 @@ pub enum SchedulerKind {
     Dpm2Ancestral,
     Dpm2AncestralKarras,
     Lcm,
+    DdimA1111,
+    PlmsA1111,
 }
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 23] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 25] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -182,6 +189,18 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 23] = [
         true,
     ),
     (SchedulerKind::Lcm, "lcm", Sampler::Lcm, false),
+    (
+        SchedulerKind::DdimA1111,
+        "ddim_a1111",
+        Sampler::DdimA1111,
+        false,
+    ),
+    (
+        SchedulerKind::PlmsA1111,
+        "plms_a1111",
+        Sampler::PlmsA1111,
+        false,
+    ),
 ];
 
 const fn all_kinds() -> [SchedulerKind; KINDS.len()] {
@@ -339,6 +358,16 @@ pub fn build_with(
         Sampler::Dpm2 => Box::new(dpm2::KDpm2::new(cfg, n)?),
         Sampler::Dpm2Ancestral => Box::new(dpm2::KDpm2Ancestral::new(cfg, n)?),
         Sampler::Lcm => Box::new(lcm::Lcm::new(cfg, n)?),
+        Sampler::DdimA1111 => Box::new(a1111_timesteps::A1111Timesteps::new(
+            a1111_timesteps::Rule::Ddim,
+            cfg,
+            n,
+        )?),
+        Sampler::PlmsA1111 => Box::new(a1111_timesteps::A1111Timesteps::new(
+            a1111_timesteps::Rule::Plms,
+            cfg,
+            n,
+        )?),
     })
 }
 
@@ -381,9 +410,18 @@ pub trait Scheduler: Send {
     /// `set_begin_index`: the run starts at `timesteps()[begin]` (img2img's `t_start * order`).
     /// Only schedulers that keep their own step counter need it; the others read `index`.
     fn set_begin_index(&mut self, _begin: usize) {}
+    /// An A1111 img2img pass starts from step `step` of the schedule (called before
+    /// [`Self::set_begin_index`]); only A1111's own timestep samplers, whose start is not their
+    /// first evaluation's noise level, need it.
+    fn set_start_step(&mut self, _step: usize) {}
     /// `add_noise(original, noise, timesteps()[index])`: the sample at that timestep's noise level
-    /// (img2img's start, inpainting's known region after each step).
+    /// (inpainting's known region after each step; the blend's coefficients).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
+    /// The noised image a pass that begins at `begin` starts from: [`Self::add_noise`] there,
+    /// except for A1111's timestep samplers (one level above, [`Self::set_start_step`]).
+    fn add_start_noise(&self, original: &Tensor, noise: &Tensor, begin: usize) -> Result<Tensor> {
+        self.add_noise(original, noise, begin)
+    }
 }
 
 /// `scheduler_config.json`, every key optional: `None` means "absent from the file", and each

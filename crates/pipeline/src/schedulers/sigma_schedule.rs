@@ -107,7 +107,11 @@ impl Sampler {
     /// PNDM, DDIM and LCM only on their own timesteps.
     pub fn schedules(self) -> &'static [SigmaSchedule] {
         match self {
-            Sampler::Pndm | Sampler::Ddim | Sampler::Lcm => &[SigmaSchedule::Uniform],
+            Sampler::Pndm
+            | Sampler::Ddim
+            | Sampler::Lcm
+            | Sampler::DdimA1111
+            | Sampler::PlmsA1111 => &[SigmaSchedule::Uniform],
             Sampler::EulerAncestral => &[SigmaSchedule::Uniform, SigmaSchedule::Karras],
             _ => &SigmaSchedule::ALL,
         }

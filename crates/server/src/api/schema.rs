@@ -57,6 +57,12 @@ pub enum SchedulerName {
     Dpm2AKarras,
     #[serde(rename = "lcm")]
     Lcm,
+    /// A1111's own DDIM (its timesteps and img2img start), not diffusers'.
+    #[serde(rename = "ddim_a1111")]
+    DdimA1111,
+    /// A1111's own PLMS, not diffusers' PNDM.
+    #[serde(rename = "plms_a1111")]
+    PlmsA1111,
 }
 
 /// Sigma schedules of the API (`schedule`): `default` is the scheduler name's own (Karras for
@@ -115,7 +121,10 @@ pub struct GenerateRequest {
     /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a` and `lcm` add noise drawn from
     /// the seed at every step; `dpmpp_sde`, `heun`, `dpm2` and `dpm2_a` run the UNet twice per
     /// step but the last (2 * steps - 1 evaluations, which progress counts); `lcm` is for LCM
-    /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2).
+    /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2); `ddim_a1111` and
+    /// `plms_a1111` are A1111's own DDIM and PLMS (its timesteps, `steps - 1` updates when
+    /// `steps` divides 1000, its img2img start with `step_rule` `a1111`), not diffusers' `ddim`
+    /// and `pndm`.
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// The sigmas the scheduler steps through (diffusers' `use_karras_sigmas`,
@@ -125,7 +134,7 @@ pub struct GenerateRequest {
     /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
     /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
     /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`; `euler_a` has `uniform` and `karras`;
-    /// `pndm`, `ddim` and `lcm` only `uniform`. Another combination (a `_karras` name with
+    /// `pndm`, `ddim`, `ddim_a1111`, `plms_a1111` and `lcm` only `uniform`. Another combination (a `_karras` name with
     /// another schedule too) is a 422 naming `schedule`.
     #[schema(nullable = true, default = "default")]
     pub schedule: Option<SigmaScheduleName>,

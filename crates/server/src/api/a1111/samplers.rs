@@ -60,14 +60,14 @@ pub const SAMPLERS: [Sampler; 13] = [
     Sampler {
         name: "DDIM",
         aliases: &["ddim"],
-        uniform: SchedulerKind::Ddim,
+        uniform: SchedulerKind::DdimA1111,
         karras: None,
         automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "PLMS",
         aliases: &["plms"],
-        uniform: SchedulerKind::Pndm,
+        uniform: SchedulerKind::PlmsA1111,
         karras: None,
         automatic: SigmaSchedule::Uniform,
     },
@@ -297,8 +297,11 @@ mod tests {
             r(Some("k_euler_a"), None).kind,
             SchedulerKind::EulerAncestral
         );
-        assert_eq!(r(Some("PLMS"), None).kind, SchedulerKind::Pndm);
-        assert_eq!(r(Some("DDIM"), Some("automatic")).kind, SchedulerKind::Ddim);
+        assert_eq!(r(Some("PLMS"), None).kind, SchedulerKind::PlmsA1111);
+        assert_eq!(
+            r(Some("DDIM"), Some("automatic")).kind,
+            SchedulerKind::DdimA1111
+        );
         assert_eq!(r(Some("LMS"), Some("Uniform")).kind, SchedulerKind::Lms);
         assert_eq!(r(Some("UniPC"), Some("")).kind, SchedulerKind::UniPc);
         // DPM++ 2M: automatic means Karras; Uniform is the plain one.

@@ -481,3 +481,27 @@ fn enable_hr_fits_each_unit_again_at_the_hires_size() {
     let t = tr(img2img, Mode::Img2Img).unwrap();
     assert!(t.valid.controlnets[0].hires_image.is_none());
 }
+
+/// `DDIM` and `PLMS` run A1111's own timestep samplers (`ddim_a1111`, `plms_a1111`), not
+/// diffusers' `ddim` and `pndm`; the infotext keeps A1111's names.
+#[test]
+fn ddim_and_plms_are_a1111_s_own() {
+    for (name, native) in [
+        ("DDIM", "ddim_a1111"),
+        ("ddim", "ddim_a1111"),
+        ("PLMS", "plms_a1111"),
+    ] {
+        let t = tr(json!({"prompt": "p", "sampler_name": name}), Mode::Txt2Img).unwrap();
+        assert_eq!(t.native["scheduler"], native, "{name}");
+        assert_eq!(t.valid.scheduler.map(|k| k.name()), Some(native), "{name}");
+    }
+    assert_eq!(
+        crate::api::a1111::samplers::a1111_names(SchedulerKind::PlmsA1111),
+        ("PLMS", None)
+    );
+    // diffusers' classes keep their own names.
+    assert_eq!(
+        crate::api::a1111::samplers::a1111_names(SchedulerKind::Pndm),
+        ("pndm", None)
+    );
+}
