@@ -152,6 +152,12 @@ pub fn a1111_names(kind: SchedulerKind) -> (&'static str, Option<&'static str>) 
                 None
             }
         })
+        .or(match kind {
+            // diffusers' classes of A1111's names (our infotext's `Scheduler:` tells them apart).
+            SchedulerKind::Ddim => Some(("DDIM", None)),
+            SchedulerKind::Pndm => Some(("PLMS", None)),
+            _ => None,
+        })
         .unwrap_or((kind.name(), None))
 }
 

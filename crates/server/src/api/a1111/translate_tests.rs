@@ -499,9 +499,9 @@ fn ddim_and_plms_are_a1111_s_own() {
         crate::api::a1111::samplers::a1111_names(SchedulerKind::PlmsA1111),
         ("PLMS", None)
     );
-    // diffusers' classes keep their own names.
+    // diffusers' classes keep A1111's nearest names in infotexts.
     assert_eq!(
         crate::api::a1111::samplers::a1111_names(SchedulerKind::Pndm),
-        ("pndm", None)
+        ("PLMS", None)
     );
 }
