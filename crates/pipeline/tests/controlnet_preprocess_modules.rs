@@ -4,8 +4,11 @@
 //! padded image (the operation alone: exact for the integer ones, within a stated bound for
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
+//! The HED modules, model-based, in `controlnet_preprocess_modules/hed.rs`.
 
 mod common;
+#[path = "controlnet_preprocess_modules/hed.rs"]
+mod hed;
 
 use std::collections::HashMap;
 

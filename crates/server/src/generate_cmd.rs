@@ -165,7 +165,7 @@ fn controlnet_use(flag: &str) -> Result<Value, String> {
 fn preprocessor_flag(flag: &str) -> Result<Value, String> {
     let rule = || {
         format!(
-            "--controlnet-preprocessor {flag:?}: canny[:LOW:HIGH[:RESOLUTION]] (integers), or a type alone (invert, threshold, lineart_standard, scribble_xdog, blur_gaussian, tile_resample, color, shuffle: their defaults), or none"
+            "--controlnet-preprocessor {flag:?}: canny[:LOW:HIGH[:RESOLUTION]] (integers), or a type alone (invert, threshold, lineart_standard, scribble_xdog, blur_gaussian, tile_resample, color, shuffle, softedge_hed, softedge_hedsafe, scribble_hed: their defaults), or none"
         )
     };
     let mut parts = flag.split(':');
@@ -375,6 +375,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     let body = serde_json::to_vec(&request_json(a)?).map_err(|e| e.to_string())?;
     // The server's steps, in its order: styles and validation, the VAE, the model's checks.
     let styles = crate::styles::StyleBook::new(a.styles_file.clone());
+    crate::annotators::AnnotatorStore::shared().set_dir(a.model.annotator_dir.clone());
     let req = crate::api::request::validate_styled(&styles, &body).map_err(flag_error)?;
     // A hires upscaler model is looked up before the model loads.
     crate::upscalers::UpscalerCatalog::new(a.model.upscalers_dir.clone())

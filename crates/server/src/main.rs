@@ -1,6 +1,7 @@
 //! sdserve: Stable Diffusion 1.5 text-to-image over HTTP, and a one-shot `generate` command.
 
 mod adapters;
+mod annotators;
 mod api;
 mod bench_cmd;
 mod cache;

@@ -270,7 +270,10 @@ fn unit_settings(p: &Preprocessor) -> String {
         Preprocessor::Invert
         | Preprocessor::LineartStandard { .. }
         | Preprocessor::Color { .. }
-        | Preprocessor::Shuffle { .. } => (hidden.clone(), hidden.clone()),
+        | Preprocessor::Shuffle { .. }
+        | Preprocessor::SoftedgeHed { .. }
+        | Preprocessor::SoftedgeHedsafe { .. }
+        | Preprocessor::ScribbleHed { .. } => (hidden.clone(), hidden.clone()),
     };
     format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
 }

@@ -180,6 +180,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             Engine::start_cluster(engine_cfg, c.clone(), loader, switcher, metrics.clone())?
         }
     };
+    crate::annotators::AnnotatorStore::shared().set_dir(args.model.annotator_dir.clone());
     let state = Arc::new(AppState {
         engine: engine.clone(),
         cache: ResponseCache::new((args.response_cache_mb as usize).saturating_mul(1 << 20)),

@@ -4,7 +4,8 @@
 //! holds to the extension's OpenCV calls), metadata and PNG parameters name it; A1111 units
 //! with `module: "canny"` (processor_res, pixel_perfect, the resize mode after the
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
-//! `/controlnet/module_list`; refusals.
+//! `/controlnet/module_list`; refusals. The HED modules with the pipeline's tiny HED network
+//! in ANNOTATOR_DIR, and without it.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 use common::{decode_png, post_json_to};
-use sdserve_pipeline::controlnet::preprocess::Preprocessor;
+use sdserve_pipeline::controlnet::preprocess::{AnnotatorNetworks, HedNetwork, Preprocessor};
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
 use serde_json::{json, Value};
@@ -253,8 +254,11 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "invert",
             "threshold",
             "color",
+            "hed_safe",
+            "hed",
             "shuffle",
             "scribble_xdog",
+            "scribble_hed",
             "blur_gaussian"
         ])
     );
@@ -262,6 +266,12 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert_eq!(aliases["module_list"][6], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
+        json!({"model_free": false, "sliders": [
+            {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]})
+    );
+    // Listed without their weights (this server has no ANNOTATOR_DIR), as the extension does.
+    assert_eq!(
+        listed["module_detail"]["hed"],
         json!({"model_free": false, "sliders": [
             {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]})
     );
@@ -291,6 +301,8 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][3], "canny");
+    assert_eq!(labels["module_list"][7], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][8], "softedge_hed");
     assert_eq!(
         labels["module_detail"]["invert (from white bg & black line)"],
         listed["module_detail"]["invert"]
@@ -300,4 +312,112 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         .get("/controlnet/module_list?alias_names=null&alias_names=null")
         .error(422, "validation_error");
     assert_eq!(e["fields"][0]["field"], "alias_names", "{e}");
+}
+
+/// The tiny HED network of `tools/make_hed_fixtures.py`, as the server reads it.
+struct Hed(std::sync::Arc<HedNetwork>);
+
+impl AnnotatorNetworks for Hed {
+    fn hed(&self) -> sdserve_pipeline::Result<std::sync::Arc<HedNetwork>> {
+        Ok(self.0.clone())
+    }
+}
+
+#[test]
+fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
+    let annotators = fixtures().join("hed");
+    let s = common::tiny_a_vae8_server(&[
+        ("CONTROLNET_DIR", &fixtures().join("controlnet")),
+        ("ANNOTATOR_DIR", &annotators),
+    ]);
+    let (photo, photo_b64) = photo();
+    let net = Hed(std::sync::Arc::new(
+        HedNetwork::load(
+            &annotators.join("ControlNetHED.pth"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    ));
+    // /controlnet/detect by name and by label: the maps made here.
+    for (module, p) in [
+        ("hed", Preprocessor::SoftedgeHed { resolution: 64 }),
+        (
+            "softedge_hedsafe",
+            Preprocessor::SoftedgeHedsafe { resolution: 64 },
+        ),
+        ("scribble_hed", Preprocessor::ScribbleHed { resolution: 64 }),
+    ] {
+        let r = post_json_to(
+            s.addr,
+            "/controlnet/detect",
+            &json!({"controlnet_module": module, "controlnet_input_images": [photo_b64],
+                    "controlnet_processor_res": 64}),
+        );
+        assert_eq!(r.status, 200, "{module}: {}", r.text());
+        let (w, h, px, _) = decode_png(r.json()["images"][0].as_str().unwrap());
+        let want = p.run_with(&photo, &net).unwrap();
+        assert_eq!((w, h), (want.width, want.height), "{module}");
+        assert!(px == want.pixels, "{module}");
+        let levels: std::collections::BTreeSet<u8> = px.iter().copied().collect();
+        assert!(levels.len() >= 2, "{module}: {levels:?}");
+    }
+    // Native: the map steers as the map sent; the metadata and parameters name the module.
+    let base = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
+                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let run = |unit: Value| {
+        let mut b = base.clone();
+        b["controlnets"] = json!([unit]);
+        let r = s.post_json(&b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
+        (px, j["metadata"].clone(), text.unwrap_or_default())
+    };
+    let settings = json!({"type": "softedge_hed", "resolution": 64});
+    let (got, meta, text) =
+        run(json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}));
+    let map = Preprocessor::SoftedgeHed { resolution: 64 }
+        .run_with(&photo, &net)
+        .unwrap();
+    let (want, _, _) = run(json!({"model": "cn-a", "image": png(&map)}));
+    assert!(got == want, "the HED map steers as its map");
+    assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
+    assert!(
+        text.contains("Module: softedge_hed, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.5, Threshold B: 0.5,"),
+        "{text}"
+    );
+
+    // Without the weights: a 422 naming the module and the file, natively and in A1111's.
+    let bare = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
+    let mut b = base.clone();
+    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
+                               "preprocessor": {"type": "scribble_hed"}}]);
+    let text = bare
+        .post_json(&b)
+        .error(422, "validation_error")
+        .to_string();
+    assert!(
+        text.contains("[0].preprocessor.type: \\\"scribble_hed\\\" needs ControlNetHED.pth"),
+        "{text}"
+    );
+    let r = post_json_to(
+        bare.addr,
+        "/controlnet/detect",
+        &json!({"controlnet_module": "softedge_hed", "controlnet_input_images": [photo_b64]}),
+    );
+    let e = r.error(422, "validation_error");
+    assert_eq!(e["fields"][0]["field"], "controlnet_module", "{e}");
+    assert!(e.to_string().contains("ControlNetHED.pth"), "{e}");
+    let r = post_json_to(
+        bare.addr,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "steps": 1, "alwayson_scripts": {"controlnet": {"args": [
+            {"image": photo_b64, "model": "cn-a", "module": "hed_safe"}]}}}),
+    );
+    let e = r.error(422, "validation_error");
+    let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
+    assert!(
+        rule.starts_with("[0].module: \"softedge_hedsafe\" needs ControlNetHED.pth"),
+        "{e}"
+    );
 }

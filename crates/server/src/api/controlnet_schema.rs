@@ -102,9 +102,11 @@ pub struct ControlNetPreprocessor {
     /// image scaled (OpenCV's area resize) so its shorter side is `resolution`, as a grid of
     /// 64-pixel colour cells (for T2I-Adapter color); `shuffle`: the image (at `resolution`)
     /// warped by a smooth random flow drawn from numpy's generator seeded with `seed`, as the
-    /// extension's `ContentShuffleDetector` (for shuffle ControlNets); `none`: the image is
-    /// the map. Model-based
-    /// preprocessors (depth, openpose, hed, ...) are not run here: send their map as `image`.
+    /// extension's `ContentShuffleDetector` (for shuffle ControlNets); `softedge_hed`: the HED
+    /// network's soft edges, `softedge_hedsafe` the same quantized to 0, 127, 255,
+    /// `scribble_hed` them thinned to white strokes (these three need `ControlNetHED.pth` in
+    /// the server's ANNOTATOR_DIR); `none`: the image is the map. Other model-based
+    /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
     /// `canny`: the hysteresis's low threshold on the L1 gradient (the extension's slider).
@@ -162,6 +164,9 @@ pub enum PreprocessorType {
     TileResample,
     Color,
     Shuffle,
+    SoftedgeHed,
+    SoftedgeHedsafe,
+    ScribbleHed,
 }
 
 /// A ControlNet a result was made with.

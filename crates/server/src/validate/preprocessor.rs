@@ -2,7 +2,8 @@
 //! extension (`sdserve_pipeline::controlnet::preprocess`), its settings in the ranges of the
 //! extension's sliders (`PreprocessorCanny` and the other model-free classes, the legacy
 //! modules' `slider_1`, the class's `slider_resolution`), and the run that turns the uploaded
-//! image into the control map at validation.
+//! image into the control map at validation; the model-based ones (HED) take their network
+//! from ANNOTATOR_DIR (`crate::annotators`).
 
 use serde_json::Value;
 
@@ -27,7 +28,7 @@ pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
 pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -47,13 +48,15 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "none" | "invert" => &["type"],
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
-        "lineart_standard" | "color" => &["type", "resolution"],
+        "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed" => {
+            &["type", "resolution"]
+        }
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
         "shuffle" => &["type", "seed", "resolution"],
         other => {
             return Err(format!(
-                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (model-based ones such as depth, openpose, hed: send their map as the image)"
+                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth, openpose: send their map as the image)"
             ))
         }
     };
@@ -120,6 +123,15 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
                     .ok_or_else(|| format!("{field}.seed: must be an integer in 0..=4294967295"))?,
             },
         },
+        "softedge_hed" => Preprocessor::SoftedgeHed {
+            resolution: resolution()?,
+        },
+        "softedge_hedsafe" => Preprocessor::SoftedgeHedsafe {
+            resolution: resolution()?,
+        },
+        "scribble_hed" => Preprocessor::ScribbleHed {
+            resolution: resolution()?,
+        },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
             resolution: resolution()?,
@@ -132,7 +144,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
 
 /// The control map of unit `i`'s `image`; the image scaled to the processor resolution must
 /// keep the request image rule (the extension has none: a long thin image would be huge), and
-/// tile_resample's shrink must leave a pixel a side (OpenCV refuses an empty size).
+/// tile_resample's shrink must leave a pixel a side (OpenCV refuses an empty size); a
+/// model-based module needs its file in ANNOTATOR_DIR (`[i].preprocessor.type` names both).
 pub fn run(p: &Preprocessor, image: &RgbImage, i: usize) -> Result<RgbImage, String> {
     let (w, h) = p.map_size(image.width, image.height);
     if let Preprocessor::TileResample { down_sampling_rate } = p {
@@ -155,7 +168,14 @@ pub fn run(p: &Preprocessor, image: &RgbImage, i: usize) -> Result<RgbImage, Str
             ));
         }
     }
-    Ok(p.run(image))
+    p.run_with(image, crate::annotators::AnnotatorStore::shared())
+        .map_err(|e| {
+            let why = match e {
+                sdserve_pipeline::PipelineError::InvalidRequest(why) => why,
+                other => other.to_string(),
+            };
+            format!("[{i}].preprocessor.type: {:?} {why}", p.module())
+        })
 }
 
 /// The metadata's and the wire's form, every setting written.
@@ -203,6 +223,9 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
             down_sampling_rate: Some(down_sampling_rate),
             ..base(PreprocessorType::TileResample)
         },
+        Preprocessor::SoftedgeHed { .. } => base(PreprocessorType::SoftedgeHed),
+        Preprocessor::SoftedgeHedsafe { .. } => base(PreprocessorType::SoftedgeHedsafe),
+        Preprocessor::ScribbleHed { .. } => base(PreprocessorType::ScribbleHed),
     }
 }
 

@@ -1,16 +1,19 @@
-//! ControlNet preprocessors that need no model, as the sd-webui-controlnet extension runs them
+//! ControlNet preprocessors as the sd-webui-controlnet extension runs them
 //! (`scripts/preprocessor/model_free_preprocessors.py`, `scripts/preprocessor/legacy/`,
-//! `scripts/utils.py`): pure functions from the uploaded RGB image to the control map the
-//! ControlNet is given.
+//! `scripts/utils.py`): functions from the uploaded RGB image to the control map the
+//! ControlNet is given; the model-based ones (HED) take their network from an
+//! [`AnnotatorNetworks`].
 //!
 //! Files: `resize` (the extension's `resize_image_with_pad`: OpenCV's cubic and area resizes,
 //! the pad to 64), `gaussian` (OpenCV's Gaussian blur, 8-bit and float), one file per family
 //! of modules: `canny`, `pointwise` (invert, threshold), `lines` (scribble_xdog,
-//! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`.
+//! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`, `hed`
+//! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps).
 
 mod canny;
 mod color;
 mod gaussian;
+mod hed;
 mod lines;
 mod pointwise;
 mod resize;
@@ -22,13 +25,24 @@ use serde::{Deserialize, Serialize};
 pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
+pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED_FILE};
 pub use lines::{lineart_standard, scribble_xdog};
 pub use pointwise::{invert, threshold};
 pub use resize::{resize_image_with_pad, Padded};
 pub use shuffle::{shuffle, shuffle_image};
 pub use tile::{blur_gaussian, tile_resample, tile_resample_size};
 
+use std::sync::Arc;
+
 use crate::pipeline::RgbImage;
+use crate::Result;
+
+/// Where the model-based modules get their networks (the server: its annotator folder,
+/// read once and kept).
+pub trait AnnotatorNetworks {
+    /// The HED network ([`HED_FILE`]); the error says why there is none to run.
+    fn hed(&self) -> Result<Arc<HedNetwork>>;
+}
 
 /// A preprocessor with its settings, as a request names it. The settings are the extension's
 /// sliders (`threshold_a`, `threshold_b`, `processor_res`); the float sliders keep their
@@ -63,6 +77,12 @@ pub enum Preprocessor {
     /// `PreprocessorShuffle`: the image warped by a random flow drawn from numpy's generator
     /// seeded with `seed` (the extension's resolution slider is hidden: 512).
     Shuffle { resolution: u32, seed: u32 },
+    /// The legacy `hed` (`softedge_hed`): the HED network's soft edges.
+    SoftedgeHed { resolution: u32 },
+    /// The legacy `hed_safe` (`softedge_hedsafe`): the same quantized to 0, 127, 255.
+    SoftedgeHedsafe { resolution: u32 },
+    /// The legacy `scribble_hed`: HED's edges thinned and thickened to white strokes.
+    ScribbleHed { resolution: u32 },
 }
 
 impl Preprocessor {
@@ -78,6 +98,20 @@ impl Preprocessor {
             Self::TileResample { .. } => "tile_resample",
             Self::Color { .. } => "color",
             Self::Shuffle { .. } => "shuffle",
+            Self::SoftedgeHed { .. } => "softedge_hed",
+            Self::SoftedgeHedsafe { .. } => "softedge_hedsafe",
+            Self::ScribbleHed { .. } => "scribble_hed",
+        }
+    }
+
+    /// The weights file a model-based module runs (the extension's name for it); `None` for
+    /// the model-free ones.
+    pub fn model_file(&self) -> Option<&'static str> {
+        match self {
+            Self::SoftedgeHed { .. } | Self::SoftedgeHedsafe { .. } | Self::ScribbleHed { .. } => {
+                Some(HED_FILE)
+            }
+            _ => None,
         }
     }
 
@@ -91,7 +125,10 @@ impl Preprocessor {
             | Self::ScribbleXdog { resolution, .. }
             | Self::BlurGaussian { resolution, .. }
             | Self::Color { resolution }
-            | Self::Shuffle { resolution, .. } => Some(resolution),
+            | Self::Shuffle { resolution, .. }
+            | Self::SoftedgeHed { resolution }
+            | Self::SoftedgeHedsafe { resolution }
+            | Self::ScribbleHed { resolution } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
     }
@@ -106,7 +143,10 @@ impl Preprocessor {
             | Self::ScribbleXdog { resolution: r, .. }
             | Self::BlurGaussian { resolution: r, .. }
             | Self::Color { resolution: r }
-            | Self::Shuffle { resolution: r, .. } => *r = resolution,
+            | Self::Shuffle { resolution: r, .. }
+            | Self::SoftedgeHed { resolution: r }
+            | Self::SoftedgeHedsafe { resolution: r }
+            | Self::ScribbleHed { resolution: r } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
         p
@@ -135,7 +175,39 @@ impl Preprocessor {
     }
 
     /// The control map of `image` (RGB; a one-channel result in all three channels, as the
-    /// extension's `GRAY2RGB` and `HWC3`).
+    /// extension's `GRAY2RGB` and `HWC3`), the network of a model-based module taken from
+    /// `networks`. Blocking (a network on the CPU takes seconds at 512).
+    pub fn run_with(&self, image: &RgbImage, networks: &dyn AnnotatorNetworks) -> Result<RgbImage> {
+        let padded = || resize_image_with_pad(image, self.resolution().unwrap_or(512));
+        let hed = |safe: bool| -> Result<(Padded, Vec<u8>)> {
+            let net = networks.hed()?;
+            let padded = padded();
+            let edges = hed_edges(&net, &padded.image, safe)?;
+            Ok((padded, edges))
+        };
+        Ok(match *self {
+            Self::SoftedgeHed { .. } | Self::SoftedgeHedsafe { .. } => {
+                let (padded, edges) = hed(matches!(self, Self::SoftedgeHedsafe { .. }))?;
+                padded.crop_gray_to_rgb(&edges)
+            }
+            Self::ScribbleHed { .. } => {
+                let (padded, edges) = hed(false)?;
+                let cropped = padded.crop_gray(&edges);
+                let map = scribble_hed(&cropped, padded.width, padded.height);
+                RgbImage {
+                    width: padded.width as u32,
+                    height: padded.height as u32,
+                    pixels: map.iter().flat_map(|&v| [v, v, v]).collect(),
+                }
+            }
+            _ => self.run(image),
+        })
+    }
+
+    /// The control map of `image` made by a model-free module ([`Self::run_with`] for any).
+    ///
+    /// # Panics
+    /// For a model-based module ([`Self::model_file`] is `Some`): it has no network here.
     pub fn run(&self, image: &RgbImage) -> RgbImage {
         let padded = || resize_image_with_pad(image, self.resolution().unwrap_or(512));
         match *self {
@@ -159,6 +231,9 @@ impl Preprocessor {
             Self::TileResample { down_sampling_rate } => tile_resample(image, down_sampling_rate),
             Self::Color { resolution } => color(image, resolution),
             Self::Shuffle { seed, .. } => shuffle(&padded(), seed),
+            Self::SoftedgeHed { .. } | Self::SoftedgeHedsafe { .. } | Self::ScribbleHed { .. } => {
+                panic!("{} needs its network: run_with", self.module())
+            }
         }
     }
 }

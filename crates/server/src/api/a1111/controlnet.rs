@@ -7,7 +7,8 @@
 //! for `guidance_end`) runs when `enabled` (default true). Preprocessor `module`: `none` (the
 //! image is the control map itself) or a model-free one this server runs (`controlnet_modules`:
 //! `canny`, `invert`, `threshold`, `lineart_standard`, `scribble_xdog`, `blur_gaussian`,
-//! `tile_resample`, with `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here
+//! `tile_resample`, and HED's `hed`, `hed_safe`, `scribble_hed` with ANNOTATOR_DIR, with
+//! `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here
 //! and then fitted by the resize mode below (the native unit gets the map, its validated unit
 //! the preprocessor); others are a 422 naming the module. `control_mode` (the extension's
 //! `ControlMode` value or index): `Balanced` (0), `My prompt is more important` (1),
@@ -294,8 +295,11 @@ pub fn native_units(
                     }
                     _ => p,
                 };
-                let map = crate::validate::preprocessor::run(&p, &decoded.image, i)
-                    .map_err(|e| bad(e.replace("].preprocessor.resolution", "].processor_res")))?;
+                let map =
+                    crate::validate::preprocessor::run(&p, &decoded.image, i).map_err(|e| {
+                        let e = e.replace("].preprocessor.type", "].module");
+                        bad(e.replace("].preprocessor.resolution", "].processor_res"))
+                    })?;
                 made.push((units.len(), p));
                 let png = as_png(fitted(&map).as_ref().unwrap_or(&map))?;
                 if enable_hr && fits {

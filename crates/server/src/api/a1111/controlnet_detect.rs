@@ -158,6 +158,9 @@ fn detect_maps(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
                 // tile_resample's rule is about its rate, the first slider.
                 let key = if e.contains(".down_sampling_rate: ") {
                     "controlnet_threshold_a"
+                } else if e.contains(".type: ") {
+                    // A model-based module without its weights.
+                    "controlnet_module"
                 } else {
                     "controlnet_processor_res"
                 };
@@ -308,9 +311,15 @@ mod tests {
                 "No image selected",
             ),
             (
-                json!({"controlnet_module": "hed", "controlnet_input_images": [b64]}),
+                json!({"controlnet_module": "depth_midas", "controlnet_input_images": [b64]}),
                 "controlnet_module",
                 "is not run here; one of",
+            ),
+            (
+                // A model-based module without ANNOTATOR_DIR.
+                json!({"controlnet_module": "hed", "controlnet_input_images": [b64]}),
+                "controlnet_module",
+                "\\\"softedge_hed\\\" needs ControlNetHED.pth",
             ),
             (
                 json!({"controlnet_module": "canny", "controlnet_input_images": [b64],

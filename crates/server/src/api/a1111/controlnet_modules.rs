@@ -8,8 +8,11 @@
 //! truncated to integers (its `int(slider_1)`); `threshold`'s and `scribble_xdog`'s stay
 //! numbers as the unit keeps them (the infotext writes e.g. 127.5; compared with 8-bit values
 //! only the integer part counts), as do blur_gaussian's sigma and tile_resample's rate. Modules: `none`, `canny`, `invert`, `threshold`,
-//! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, `color`, `shuffle`, their names and
-//! labels and sliders copied from the extension's `model_free_preprocessors.py` and
+//! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, `color`, `shuffle`,
+//! and the HED ones `hed` (`softedge_hed`), `hed_safe` (`softedge_hedsafe`), `scribble_hed`
+//! (their weights from ANNOTATOR_DIR; listed without them, as the extension lists its
+//! model-based modules), their names and labels and sliders copied from the extension's
+//! `model_free_preprocessors.py` and
 //! `legacy/preprocessor_compiled.py`. `pixel_perfect` replaces the resolution by
 //! `external_code.pixel_perfect_resolution` of the uploaded image and the request's size, kept
 //! within 64..=2048 here (the native rule; the extension does not bound it).
@@ -78,7 +81,7 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
 /// lineart_standard, tile_resample 100; invert 20; the others 0) and label, descending
 /// (`color` sorts by its label, `t2ia_color_grid`).
-const MODULES: [Module; 10] = [
+const MODULES: [Module; 13] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -134,6 +137,12 @@ const MODULES: [Module; 10] = [
         ],
     ),
     module("color", "t2ia_color_grid", [Some(RESOLUTION), None, None]),
+    module(
+        "hed_safe",
+        "softedge_hedsafe",
+        [Some(RESOLUTION), None, None],
+    ),
+    module("hed", "softedge_hed", [Some(RESOLUTION), None, None]),
     // Its resolution slider is hidden (`PreprocessorParameter(value=512, visible=False)`).
     module("shuffle", "shuffle", [None, None, None]),
     module(
@@ -144,6 +153,11 @@ const MODULES: [Module; 10] = [
             Some(slider("XDoG Threshold", XDOG_THRESHOLD, 0.01)),
             None,
         ],
+    ),
+    module(
+        "scribble_hed",
+        "scribble_hed",
+        [Some(RESOLUTION), None, None],
     ),
     module(
         "blur_gaussian",
@@ -199,7 +213,7 @@ pub(super) fn preprocessor(
 ) -> Result<Option<Preprocessor>, String> {
     let found = find(module).ok_or_else(|| {
         format!(
-            "{prefix}module: the preprocessor {module:?} is not run here; one of {} (model-based ones such as depth, openpose, hed: send their map as the image with module \"none\")",
+            "{prefix}module: the preprocessor {module:?} is not run here; one of {} (other model-based ones such as depth, openpose: send their map as the image with module \"none\")",
             names()
         )
     })?;
@@ -251,6 +265,15 @@ pub(super) fn preprocessor(
                 seed: numpy_seed,
             }
         }
+        "hed" => Preprocessor::SoftedgeHed {
+            resolution: resolution()?,
+        },
+        "hed_safe" => Preprocessor::SoftedgeHedsafe {
+            resolution: resolution()?,
+        },
+        "scribble_hed" => Preprocessor::ScribbleHed {
+            resolution: resolution()?,
+        },
         "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
         },
@@ -293,7 +316,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `shuffle`, `scribble_xdog`, `blur_gaussian`), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
@@ -357,7 +380,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("\"none\", \"tile_resample\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"shuffle\", \"scribble_xdog\", \"blur_gaussian\""),
+            e.contains("\"none\", \"tile_resample\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"blur_gaussian\""),
             "{e}"
         );
         let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
