@@ -321,10 +321,11 @@ mod tests {
         let missing: Vec<&str> = crate::validate::FIELDS
             .iter()
             .copied()
-            // `strength` needs an image: an extra of edits only; `inpaint` needs a mask, and
-            // edits keep diffusers' inpainting (README).
+            // `strength` and `resize_mode` need an image, which generations have none of;
+            // `inpaint` needs a mask, and edits keep diffusers' inpainting (README).
             .filter(|f| {
-                !openai::translate::MAPPED.contains(f) && !["strength", "inpaint"].contains(f)
+                !openai::translate::MAPPED.contains(f)
+                    && !["strength", "resize_mode", "inpaint"].contains(f)
             })
             .filter(|f| !props.contains_key(*f))
             .collect();

@@ -39,6 +39,8 @@ pub struct GenerateArgs {
     pub strength: Option<f64>,
     #[arg(long)]
     pub step_rule: Option<String>,
+    #[arg(long)]
+    pub resize_mode: Option<String>,
     #[arg(long, visible_alias = "mask")]
     pub mask_image: Option<PathBuf>,
     #[arg(long)]
@@ -193,6 +195,10 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "step_rule",
             "Which steps --strength runs: diffusers (int(steps * strength) of the schedule), a1111 (A1111 1.10: int(min(strength, 0.999) * steps) + 1; the hires pass its steps of a schedule stretched to int(steps / strength)), a1111_fix_steps (img2img as the hires pass) [default: diffusers]".to_string(),
+        ),
+        (
+            "resize_mode",
+            "With --init-image: how it (and --mask-image) is fitted to --width x --height, as A1111 img2img's resize_mode: just_resize (stretched, Lanczos), crop_and_resize (covers the size, centre cropped), resize_and_fill (fits, borders filled with its stretched edges), latent_upscale (encoded at its own size, 8..=768 a side, the latents resized bilinearly) [default: just_resize]".to_string(),
         ),
         (
             "mask_image",
