@@ -189,7 +189,7 @@ pub struct GenerateRequest {
     /// resizes the latents (bilinear). With `inpaint` the mask is blurred first, then both are
     /// fitted; "only masked" ignores the mode; the latent upscale with a mask over the whole
     /// picture needs the image at width x height (at another, A1111 fails or pastes its
-    /// overlay over the result's corner).
+    /// overlay over the result's corner). Ignored without init_image.
     #[schema(nullable = true, default = "just_resize")]
     pub resize_mode: Option<ResizeModeName>,
     /// Only with init_image, same size: inpainting. White = repaint, black = keep; grey is

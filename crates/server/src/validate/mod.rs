@@ -288,11 +288,10 @@ pub fn validate_request(
     let strength = r.number("strength", 0.0, 1.0);
     let step_rule = r.choice("step_rule", &steps::CHOICES).unwrap_or_default();
     let has_init = r.value("init_image").is_some();
-    let resize_mode = r.choice("resize_mode", &resize_mode::CHOICES);
-    if !has_init && r.value("resize_mode").is_some() {
-        r.fail("resize_mode", "only with init_image");
-    }
-    let resize_mode = resize_mode.unwrap_or_default();
+    // Ignored without init_image, as strength (the schema's every value is a valid request).
+    let resize_mode = r
+        .choice("resize_mode", &resize_mode::CHOICES)
+        .unwrap_or_default();
     let steps = steps.map_or(STEPS_DEFAULT, |v| v as usize);
     if let (Some(p), PromptSyntax::A1111) = (&prompt, prompt_syntax.unwrap_or(PromptSyntax::A1111))
     {
