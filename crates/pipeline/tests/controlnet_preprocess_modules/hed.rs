@@ -104,26 +104,14 @@ fn hed_modules_make_the_extension_s_maps() {
             assert_eq!(padded.image, image(&t, &format!("padded.{name}.{res}")));
         }
         let got = preprocessor(module, res).run_with(&photo, &net).unwrap();
-        assert_eq!(
-            (got.width, got.height),
-            (want.width, want.height),
-            "{module} {name} {res}"
-        );
-        let diffs: Vec<u8> = got
-            .pixels
-            .iter()
-            .zip(&want.pixels)
-            .map(|(a, b)| a.abs_diff(*b))
-            .filter(|&d| d > 0)
-            .collect();
-        let max = diffs.iter().copied().max().unwrap_or(0);
+        let label = format!("{module} {name} {res}");
+        let (differing, max) = super::compare(&got, &want, &label);
         println!(
-            "{module} {name} {res}: {} of {} values differ, by at most {max}",
-            diffs.len(),
+            "{label}: {differing} of {} values differ, by at most {max}",
             got.pixels.len()
         );
         if !enlarged {
-            assert_eq!(diffs.len(), 0, "{module} {name} {res}: max {max}");
+            assert_eq!(differing, 0, "{label}: max {max}");
         }
     }
 }
