@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import requests
 import webuiapi
 from PIL import Image
 
@@ -190,7 +191,9 @@ class A1111(Timed):
             # A1111 1.9: DPM++ 2M SDE's automatic schedule is Exponential.
             ("DPM++ 2M SDE", None, "dpmpp_2m_sde", 1, "exponential"),
             ("Euler", "Beta", "euler", 1, "beta"),
-            ("PLMS", None, "pndm", 1, None),
+            # A1111's own timestep sampler, not diffusers' PNDM.
+            ("PLMS", None, "plms_a1111", 1, None),
+            ("DDIM", None, "ddim_a1111", 1, None),
         ]:
             r = self.api.txt2img(
                 prompt=PROMPT,
@@ -292,9 +295,13 @@ class A1111(Timed):
         ldm = [n for n in names if n.startswith("cn-a-ldm [")]
         self.assertEqual(len(ldm), 1, names)
         self.assertIn("cn-a", names)  # a diffusers folder: its name alone
-        self.assertEqual(self.api.controlnet_module_list(),
-                         ["none", "tile_resample", "lineart_standard", "canny", "invert",
-                          "threshold", "scribble_xdog", "blur_gaussian"])
+        # webuiapi hands back the server's list as it is, in the extension's names and order.
+        modules = self.api.controlnet_module_list()
+        raw = requests.get(kit.SERVER.url + "/controlnet/module_list").json()["module_list"]
+        self.assertEqual(modules, raw)
+        self.assertEqual(modules[0], "none")
+        for name in ["canny", "tile_resample", "shuffle", "hed"]:
+            self.assertIn(name, modules)
         control = Image.open(os.path.join(kit.IMAGES, "control-80x48.png")).convert("RGB")
         models = self.api.get_sd_models()
         default, other = models[0]["title"], models[1]["title"]
