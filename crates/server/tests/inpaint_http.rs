@@ -384,8 +384,12 @@ fn resize_modes_fit_the_init_image_and_mask_as_a1111() {
     assert_matches("A1111 http.resize_fill", &filled, &want);
     let mut native = native_base(24, json!({}));
     native["resize_mode"] = json!("resize_and_fill");
-    let (_, _, native_filled, _) = first_image(&s.post_json(&native), "image_base64");
+    let r = s.post_json(&native);
+    let (_, _, native_filled, text) = first_image(&r, "image_base64");
     assert!(native_filled == filled, "native equals A1111's answer");
+    // Metadata reports the mode; the PNG text does not (A1111's infotext has no resize mode).
+    assert_eq!(r.json()["metadata"]["resize_mode"], "resize_and_fill");
+    assert!(!text.to_lowercase().contains("resize"), "{text}");
 
     let (want, w, h) = reference("http.latent_upscale");
     assert_eq!((w, h), (256, 256));
@@ -404,6 +408,15 @@ fn resize_modes_fit_the_init_image_and_mask_as_a1111() {
     let r = s.post_json(&native);
     let (_, _, native_latent, _) = first_image(&r, "image_base64");
     assert!(native_latent == latent, "native equals A1111's answer");
+    assert_eq!(r.json()["metadata"]["resize_mode"], "latent_upscale");
+    // The job's record reports it as the 200 body does; A1111's default is just_resize.
+    native.as_object_mut().unwrap().remove("resize_mode");
+    let job = common::job_to_end(&s, &native);
+    assert_eq!(
+        job["result"]["metadata"]["resize_mode"], "just_resize",
+        "{}",
+        job["status"]
+    );
 
     let r = post_json_to(s.addr, "/sdapi/v1/img2img", &a1111(26, 3, true));
     assert_eq!(r.broken_fields(), ["resize_mode"]);
@@ -413,4 +426,5 @@ fn resize_modes_fit_the_init_image_and_mask_as_a1111() {
                                 "width": 256, "height": 256}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["metadata"]["resize_mode"], Value::Null);
 }

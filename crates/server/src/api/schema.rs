@@ -430,6 +430,12 @@ pub struct GenerateMetadata {
     pub batch_size: u32,
     /// With an init image; null for text-to-image.
     pub strength: Option<f64>,
+    /// How the init image was fitted to `width` x `height` (the request's `resize_mode`:
+    /// `just_resize`, `crop_and_resize`, `resize_and_fill` or `latent_upscale`); null for
+    /// text-to-image and in results an older version recorded.
+    #[serde(default)]
+    #[schema(example = "just_resize")]
+    pub resize_mode: Option<String>,
     /// `txt2img`, `img2img` or `inpaint`.
     #[schema(example = "img2img")]
     pub mode: String,

@@ -244,6 +244,10 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             seeds: (0..p.batch_size).map(|i| p.image_seed(i)).collect(),
             batch_size: p.batch_size as u32,
             strength: p.init_image.as_ref().map(|i| i.strength),
+            resize_mode: p
+                .init_image
+                .as_ref()
+                .map(|_| crate::validate::resize_mode::name(p.resize_mode).to_string()),
             mode: Mode::of(p).name().to_string(),
             step_rule: (p.init_image.is_some() || p.hires.is_some())
                 .then(|| p.step_rule.name().to_string()),
