@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 use common::{decode_png, post_json_to};
-use sdserve_pipeline::controlnet::preprocess::{AnnotatorNetworks, HedNetwork, Preprocessor};
+use sdserve_pipeline::controlnet::preprocess::{LoadedNetworks, Preprocessor, HED};
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
 use serde_json::{json, Value};
@@ -314,15 +314,6 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert_eq!(e["fields"][0]["field"], "alias_names", "{e}");
 }
 
-/// The tiny HED network of `tools/make_hed_fixtures.py`, as the server reads it.
-struct Hed(std::sync::Arc<HedNetwork>);
-
-impl AnnotatorNetworks for Hed {
-    fn hed(&self) -> sdserve_pipeline::Result<std::sync::Arc<HedNetwork>> {
-        Ok(self.0.clone())
-    }
-}
-
 #[test]
 fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
     let annotators = fixtures().join("hed");
@@ -331,13 +322,10 @@ fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
         ("ANNOTATOR_DIR", &annotators),
     ]);
     let (photo, photo_b64) = photo();
-    let net = Hed(std::sync::Arc::new(
-        HedNetwork::load(
-            &annotators.join("ControlNetHED.pth"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap(),
-    ));
+    // The tiny HED network of `tools/make_hed_fixtures.py`, as the server reads it.
+    let net = LoadedNetworks::default()
+        .read(&HED, &annotators.join("ControlNetHED.pth"))
+        .unwrap();
     // /controlnet/detect by name and by label: the maps made here.
     for (module, p) in [
         ("hed", Preprocessor::SoftedgeHed { resolution: 64 }),

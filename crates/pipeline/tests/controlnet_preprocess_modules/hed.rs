@@ -9,23 +9,18 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use sdserve_pipeline::controlnet::preprocess::{
-    hed_logits, resize_image_with_pad, AnnotatorNetworks, HedNetwork, Preprocessor,
+    hed_logits, network, resize_image_with_pad, HedNetwork, LoadedNetworks, Preprocessor, HED,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
 use super::common::fixture_path;
 
-struct Net(Arc<HedNetwork>);
-
-impl AnnotatorNetworks for Net {
-    fn hed(&self) -> sdserve_pipeline::Result<Arc<HedNetwork>> {
-        Ok(self.0.clone())
-    }
-}
-
-fn net() -> Net {
+/// The fixture network, with the network itself.
+fn net() -> (LoadedNetworks, Arc<HedNetwork>) {
     let path = fixture_path("hed/ControlNetHED.pth");
-    Net(Arc::new(HedNetwork::load(&path, &Device::Cpu).unwrap()))
+    let nets = LoadedNetworks::default().read(&HED, &path).unwrap();
+    let hed = network::<HedNetwork>(&nets, &HED).unwrap();
+    (nets, hed)
 }
 
 fn tensors() -> HashMap<String, Tensor> {
@@ -62,14 +57,14 @@ fn preprocessor(module: &str, resolution: u32) -> Preprocessor {
 #[test]
 fn the_network_reads_its_widths_and_its_logits_agree_to_float_noise() {
     let net = net();
-    assert_eq!(net.0.widths(), [4, 8, 16, 32, 32]);
+    assert_eq!(net.1.widths(), [4, 8, 16, 32, 32]);
     let t = tensors();
     let mut worst = 0f32;
     for key in t.keys().filter(|k| k.starts_with("logits.")) {
         let rest = key.strip_prefix("logits.").unwrap();
         let padded = image(&t, &format!("padded.{rest}"));
         let want = t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let got = hed_logits(&net.0, &padded).unwrap();
+        let got = hed_logits(&net.1, &padded).unwrap();
         assert_eq!(got.len(), want.len(), "{key}");
         let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(
@@ -103,7 +98,7 @@ fn hed_modules_make_the_extension_s_maps() {
         if !enlarged {
             assert_eq!(padded.image, image(&t, &format!("padded.{name}.{res}")));
         }
-        let got = preprocessor(module, res).run_with(&photo, &net).unwrap();
+        let got = preprocessor(module, res).run_with(&photo, &net.0).unwrap();
         let label = format!("{module} {name} {res}");
         let (differing, max) = super::compare(&got, &want, &label);
         println!(

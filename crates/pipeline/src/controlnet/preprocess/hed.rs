@@ -12,16 +12,25 @@
 //!   3-neighbourhood, white above 127), then an 8-bit Gaussian blur with σ 3, white above 4.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::gaussian::{gaussian_blur_f32, gaussian_blur_u8};
+use super::networks::AnnotatorFile;
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
 
 /// The file the extension loads the network from (`annotator/downloads/hed/`).
 pub const HED_FILE: &str = "ControlNetHED.pth";
+
+/// [`HedNetwork`]'s weights file, for an [`AnnotatorNetworks`](super::AnnotatorNetworks).
+pub static HED: AnnotatorFile = AnnotatorFile {
+    name: HED_FILE,
+    subfolder: "hed",
+    load: |path| Ok(Arc::new(HedNetwork::load(path, &Device::Cpu)?)),
+};
 
 /// Convs in each of the five blocks.
 const BLOCK_CONVS: [usize; 5] = [2, 2, 3, 3, 3];

@@ -2,7 +2,7 @@
 //! (`scripts/preprocessor/model_free_preprocessors.py`, `scripts/preprocessor/legacy/`,
 //! `scripts/utils.py`): functions from the uploaded RGB image to the control map the
 //! ControlNet is given; the model-based ones (HED) take their network from an
-//! [`AnnotatorNetworks`].
+//! [`AnnotatorNetworks`] (`networks`: any network by its weights file).
 //!
 //! Files: `resize` (the extension's `resize_image_with_pad`: OpenCV's cubic and area resizes,
 //! the pad to 64), `gaussian` (OpenCV's Gaussian blur, 8-bit and float), one file per family
@@ -15,6 +15,7 @@ mod color;
 mod gaussian;
 mod hed;
 mod lines;
+mod networks;
 mod pointwise;
 mod resize;
 mod shuffle;
@@ -25,24 +26,16 @@ use serde::{Deserialize, Serialize};
 pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
-pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED_FILE};
+pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
 pub use lines::{lineart_standard, scribble_xdog};
+pub use networks::{network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, LoadedNetworks};
 pub use pointwise::{invert, threshold};
 pub use resize::{resize_image_with_pad, Padded};
 pub use shuffle::{shuffle, shuffle_image};
 pub use tile::{blur_gaussian, tile_resample, tile_resample_size};
 
-use std::sync::Arc;
-
 use crate::pipeline::RgbImage;
 use crate::Result;
-
-/// Where the model-based modules get their networks (the server: its annotator folder,
-/// read once and kept).
-pub trait AnnotatorNetworks {
-    /// The HED network ([`HED_FILE`]); the error says why there is none to run.
-    fn hed(&self) -> Result<Arc<HedNetwork>>;
-}
 
 /// A preprocessor with its settings, as a request names it. The settings are the extension's
 /// sliders (`threshold_a`, `threshold_b`, `processor_res`); the float sliders keep their
@@ -107,9 +100,14 @@ impl Preprocessor {
     /// The weights file a model-based module runs (the extension's name for it); `None` for
     /// the model-free ones.
     pub fn model_file(&self) -> Option<&'static str> {
+        self.annotator_file().map(|f| f.name)
+    }
+
+    /// The weights file a model-based module runs; `None` for the model-free ones.
+    pub fn annotator_file(&self) -> Option<&'static AnnotatorFile> {
         match self {
             Self::SoftedgeHed { .. } | Self::SoftedgeHedsafe { .. } | Self::ScribbleHed { .. } => {
-                Some(HED_FILE)
+                Some(&HED)
             }
             _ => None,
         }
@@ -180,7 +178,7 @@ impl Preprocessor {
     pub fn run_with(&self, image: &RgbImage, networks: &dyn AnnotatorNetworks) -> Result<RgbImage> {
         let padded = || resize_image_with_pad(image, self.resolution().unwrap_or(512));
         let hed = |safe: bool| -> Result<(Padded, Vec<u8>)> {
-            let net = networks.hed()?;
+            let net = network::<HedNetwork>(networks, &HED)?;
             let padded = padded();
             let edges = hed_edges(&net, &padded.image, safe)?;
             Ok((padded, edges))
