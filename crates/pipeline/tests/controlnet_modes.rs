@@ -174,8 +174,8 @@ fn the_hires_pass_forces_soft_weights_on_canny_units() {
         ..params_of(&f.meta["cases"]["balanced"], &scratch)
     };
     let canny = Preprocessor::Canny {
-        low_threshold: 100,
-        high_threshold: 200,
+        low_threshold: 100.0,
+        high_threshold: 200.0,
         resolution: 512,
     };
     let run = |option: HiresOption, preprocessor: Option<Preprocessor>, mode: ControlMode| {

@@ -153,12 +153,18 @@ fn the_canny_module_matches_the_extension() {
             case["high"].as_u64().unwrap() as u32,
         );
         let image = refs.image(&format!("image.{name}"));
-        let map = Preprocessor::Canny {
-            low_threshold: lo,
-            high_threshold: hi,
-            resolution: res,
-        }
-        .run(&image);
+        let module = |lo: f64, hi: f64| {
+            Preprocessor::Canny {
+                low_threshold: lo,
+                high_threshold: hi,
+                resolution: res,
+            }
+            .run(&image)
+        };
+        let map = module(f64::from(lo), f64::from(hi));
+        // The sliders' fractions: the extension runs Canny on `int(slider)`.
+        let fractions = module(f64::from(lo) + 0.7, f64::from(hi) + 0.7);
+        assert!(fractions == map, "{name} {res} {lo}.7/{hi}.7 is {lo}/{hi}");
         let want = refs.edges(&format!("canny.{name}.{res}.{lo}.{hi}"), map.width as usize);
         assert_eq!(map.pixels.len(), want.len() * 3, "{name} {res}");
         let got: Vec<u8> = map.pixels.chunks(3).map(|p| p[0]).collect();

@@ -246,7 +246,6 @@ pub fn read_parameters(bytes: &[u8]) -> Option<String> {
 fn unit_settings(p: &Preprocessor) -> String {
     let hidden = "0.5".to_string();
     let float = |x: f64| format!("{x:?}");
-    let whole = |t: u32| format!("{t}.0");
     let res = p
         .resolution()
         .map(|r| r.to_string())
@@ -260,7 +259,7 @@ fn unit_settings(p: &Preprocessor) -> String {
             low_threshold,
             high_threshold,
             ..
-        } => (whole(low_threshold), whole(high_threshold)),
+        } => (float(low_threshold), float(high_threshold)),
         Preprocessor::Threshold { threshold, .. }
         | Preprocessor::ScribbleXdog { threshold, .. } => (float(threshold), hidden.clone()),
         Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden.clone()),
@@ -334,6 +333,14 @@ mod tests {
     #[test]
     fn unit_settings_write_the_float_sliders_as_sent() {
         let text = |p| unit_settings(&p);
+        assert_eq!(
+            text(Preprocessor::Canny {
+                low_threshold: 100.7,
+                high_threshold: 200.0,
+                resolution: 512
+            }),
+            ", Processor Res: 512, Threshold A: 100.7, Threshold B: 200.0"
+        );
         assert_eq!(
             text(Preprocessor::Threshold {
                 threshold: 127.5,

@@ -47,7 +47,7 @@ fn photo() -> (RgbImage, String) {
     (image, b64(&bytes))
 }
 
-fn canny(low: u32, high: u32, resolution: u32) -> Preprocessor {
+fn canny(low: f64, high: f64, resolution: u32) -> Preprocessor {
     Preprocessor::Canny {
         low_threshold: low,
         high_threshold: high,
@@ -75,12 +75,13 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
         (px, j["metadata"].clone(), text.unwrap_or_default())
     };
+    // The sliders' numbers kept (metadata, infotext); Canny runs on their integer parts.
     let settings =
-        json!({"type": "canny", "low_threshold": 50, "high_threshold": 100, "resolution": 64});
+        json!({"type": "canny", "low_threshold": 50.5, "high_threshold": 100.7, "resolution": 64});
     let (got, meta, text) = run(&with(
         json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}),
     ));
-    let map = canny(50, 100, 64).run(&photo);
+    let map = canny(50.0, 100.0, 64).run(&photo);
     assert_eq!((map.width, map.height), (91, 64));
     let edges = map.pixels.iter().filter(|&&v| v == 255).count();
     assert!(edges > 300, "the photo has edges: {edges}");
@@ -94,7 +95,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
     assert!(want_meta["controlnets"][0].get("preprocessor").is_none());
     assert!(
-        text.contains(r#"ControlNet 0: "Module: canny, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 50.0, Threshold B: 100.0, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced""#),
+        text.contains(r#"ControlNet 0: "Module: canny, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 50.5, Threshold B: 100.7, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced""#),
         "{text}"
     );
     // Another module: its settings in the metadata, its map steering as the map would.
@@ -144,7 +145,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ),
         (
             json!({"type": "canny", "low_threshold": 0}),
-            "[0].preprocessor.low_threshold: must be an integer in 1..=255",
+            "[0].preprocessor.low_threshold: must be a number in 1..=255",
         ),
         (
             json!({"type": "canny", "resolution": 4096}),
@@ -201,7 +202,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
                                 "processor_res": 64, "threshold_a": -1, "threshold_b": -1,
                                 "pixel_perfect": true, "resize_mode": "Just Resize"}),
     );
-    let map = canny(100, 200, 256).run(&photo);
+    let map = canny(100.0, 200.0, 256).run(&photo);
     let (want, _) = a1111(
         json!({"image": png(&map), "model": "cn-a", "module": "none",
                                  "resize_mode": "Just Resize"}),

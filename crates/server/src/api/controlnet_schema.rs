@@ -110,14 +110,16 @@ pub struct ControlNetPreprocessor {
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
     /// `canny`: the hysteresis's low threshold on the L1 gradient (the extension's slider).
-    #[schema(minimum = 1, maximum = 255, default = 100, nullable = true)]
+    /// A number, as the extension's float slider: kept as sent (the infotext writes it),
+    /// Canny runs on its integer part.
+    #[schema(minimum = 1.0, maximum = 255.0, default = 100.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub low_threshold: Option<u32>,
+    pub low_threshold: Option<f64>,
     /// `canny`: the high threshold (a pixel above it starts an edge; swapped with
-    /// `low_threshold` when below it, as OpenCV does).
-    #[schema(minimum = 1, maximum = 255, default = 200, nullable = true)]
+    /// `low_threshold` when below it, as OpenCV does); a number as `low_threshold`.
+    #[schema(minimum = 1.0, maximum = 255.0, default = 200.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub high_threshold: Option<u32>,
+    pub high_threshold: Option<f64>,
     /// `threshold`: 0..=255, default 127 (a pixel is white when its darkest channel is above
     /// it); `scribble_xdog`: 1..=64, default 32 (an edge is white when twice its strength,
     /// in 8 bits, is above it). A number, as the extension's float sliders: kept as sent (the

@@ -91,11 +91,15 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
     };
     // The extension's float sliders: the value kept as sent (only its integer part counts).
     let threshold = |slider: (f64, f64, f64)| number("threshold", slider);
+    let canny_threshold = |key: &str, default: u32| {
+        let (min, max) = (f64::from(THRESHOLD_MIN), f64::from(THRESHOLD_MAX));
+        number(key, (min, max, f64::from(default)))
+    };
     Ok(Some(match kind {
         "none" => return Ok(None),
         "canny" => Preprocessor::Canny {
-            low_threshold: int("low_threshold", THRESHOLD_MIN, THRESHOLD_MAX, LOW_DEFAULT)?,
-            high_threshold: int("high_threshold", THRESHOLD_MIN, THRESHOLD_MAX, HIGH_DEFAULT)?,
+            low_threshold: canny_threshold("low_threshold", LOW_DEFAULT)?,
+            high_threshold: canny_threshold("high_threshold", HIGH_DEFAULT)?,
             resolution: resolution()?,
         },
         "invert" => Preprocessor::Invert,
@@ -240,8 +244,8 @@ mod tests {
         assert_eq!(
             canny(json!({"type": "canny"})).unwrap(),
             Some(Preprocessor::Canny {
-                low_threshold: 100,
-                high_threshold: 200,
+                low_threshold: 100.0,
+                high_threshold: 200.0,
                 resolution: 512
             })
         );
@@ -252,7 +256,7 @@ mod tests {
             (json!({}), "[0].preprocessor.type"),
             (
                 json!({"type": "canny", "low_threshold": 0}),
-                "low_threshold: must be an integer in 1..=255",
+                "low_threshold: must be a number in 1..=255",
             ),
             (
                 json!({"type": "canny", "high_threshold": 256}),
@@ -269,13 +273,14 @@ mod tests {
             let e = canny(v).unwrap_err();
             assert!(e.contains(needle), "{needle}: {e}");
         }
-        let p = canny(json!({"type": "canny", "low_threshold": 7}))
+        // A fraction is kept, as the extension's slider keeps it.
+        let p = canny(json!({"type": "canny", "low_threshold": 7.5}))
             .unwrap()
             .unwrap();
         let described = serde_json::to_value(described(&p)).unwrap();
         assert_eq!(
             described,
-            json!({"type": "canny", "low_threshold": 7, "high_threshold": 200, "resolution": 512})
+            json!({"type": "canny", "low_threshold": 7.5, "high_threshold": 200.0, "resolution": 512})
         );
         assert_eq!(read(Some(&described), 0, 0).unwrap(), Some(p));
     }
@@ -416,8 +421,8 @@ mod tests {
     #[test]
     fn a_long_thin_image_at_a_high_resolution_is_refused() {
         let p = Preprocessor::Canny {
-            low_threshold: 100,
-            high_threshold: 200,
+            low_threshold: 100.0,
+            high_threshold: 200.0,
             resolution: 2048,
         };
         let thin = RgbImage {

@@ -45,10 +45,11 @@ use crate::Result;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Preprocessor {
     /// `PreprocessorCanny`: OpenCV's Canny at the processor resolution (the extension's
-    /// sliders: thresholds 1..=255, 100 and 200 by default; resolution 512).
+    /// sliders: thresholds 1..=255, 100 and 200 by default; resolution 512). The thresholds
+    /// are the float sliders' values; Canny runs on their integer parts (`int(slider_1)`).
     Canny {
-        low_threshold: u32,
-        high_threshold: u32,
+        low_threshold: f64,
+        high_threshold: f64,
         resolution: u32,
     },
     /// `PreprocessorInvert`: `255 - image` at the image's size (no resolution).
@@ -215,7 +216,8 @@ impl Preprocessor {
                 ..
             } => {
                 let padded = padded();
-                let edges = canny(&padded.image, low_threshold, high_threshold);
+                let int = |t: f64| t.trunc() as u32;
+                let edges = canny(&padded.image, int(low_threshold), int(high_threshold));
                 padded.crop_gray_to_rgb(&edges)
             }
             Self::Invert => invert(image),

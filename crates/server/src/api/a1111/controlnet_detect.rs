@@ -217,8 +217,8 @@ mod tests {
             "controlnet_threshold_b": -1})))
         .unwrap();
         let want = Preprocessor::Canny {
-            low_threshold: 50,
-            high_threshold: 200,
+            low_threshold: 50.0,
+            high_threshold: 200.0,
             resolution: 64,
         }
         .run(&photo);

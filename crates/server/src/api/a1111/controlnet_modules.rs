@@ -4,9 +4,9 @@
 //!
 //! A module is found by name or label, as `Preprocessor.get_preprocessor` (here without
 //! case). Settings follow the unit's `bound_check_params`: -1 (the API's default) or a value
-//! outside the preprocessor's slider is the slider's default; canny's thresholds are then
-//! truncated to integers (its `int(slider_1)`); `threshold`'s and `scribble_xdog`'s stay
-//! numbers as the unit keeps them (the infotext writes e.g. 127.5; compared with 8-bit values
+//! outside the preprocessor's slider is the slider's default; the thresholds of canny,
+//! `threshold` and `scribble_xdog` stay numbers as the unit keeps them (the infotext writes
+//! e.g. 127.5; canny runs on `int(slider_1)`, and compared with 8-bit values
 //! only the integer part counts), as do blur_gaussian's sigma and tile_resample's rate. Modules: `none`, `canny`, `invert`, `threshold`,
 //! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, `color`, `shuffle`,
 //! and the HED ones `hed` (`softedge_hed`), `hed_safe` (`softedge_hedsafe`), `scribble_hed`
@@ -222,15 +222,14 @@ pub(super) fn preprocessor(
         let s = s.as_ref().expect("the module's slider");
         value(v, s, &format!("{prefix}{key}"))
     };
-    // `int(...)`: pydantic's for the resolution, canny's for its thresholds.
+    // `int(...)`: pydantic's for the resolution.
     let resolution =
         || Ok::<_, String>(setting(processor_res, res, "processor_res")?.trunc() as u32);
-    let int_a = || Ok::<_, String>(setting(threshold_a, a, "threshold_a")?.trunc() as u32);
     Ok(Some(match found.name {
         "canny" => Preprocessor::Canny {
             resolution: resolution()?,
-            low_threshold: int_a()?,
-            high_threshold: setting(threshold_b, b, "threshold_b")?.trunc() as u32,
+            low_threshold: setting(threshold_a, a, "threshold_a")?,
+            high_threshold: setting(threshold_b, b, "threshold_b")?,
         },
         "invert" => Preprocessor::Invert,
         "threshold" => Preprocessor::Threshold {
@@ -366,12 +365,16 @@ mod tests {
                 resolution,
             })
         };
-        assert_eq!(canny(json!(-1), json!(-1), json!(-1)), p(512, 100, 200));
-        assert_eq!(canny(json!(768), json!(64), json!(64)), p(768, 64, 64));
-        assert_eq!(canny(json!(4096), json!(0.5), json!(300)), p(512, 100, 200));
+        assert_eq!(canny(json!(-1), json!(-1), json!(-1)), p(512, 100.0, 200.0));
+        assert_eq!(canny(json!(768), json!(64), json!(64)), p(768, 64.0, 64.0));
+        assert_eq!(
+            canny(json!(4096), json!(0.5), json!(300)),
+            p(512, 100.0, 200.0)
+        );
+        // The unit keeps the sliders' numbers (the computation takes their integer parts).
         assert_eq!(
             canny(json!(640.9), json!(20.7), json!(254.99)),
-            p(640, 20, 254)
+            p(640, 20.7, 254.99)
         );
         assert_eq!(preprocessor("none", None, None, None, "", 0).unwrap(), None);
         let e = preprocessor("depth_midas", None, None, None, "[1].", 0).unwrap_err();

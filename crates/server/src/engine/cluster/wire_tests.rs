@@ -81,8 +81,8 @@ fn a_spec_survives_the_trip_with_its_images() {
                 image: img.clone(),
                 preprocessor: Some(
                     sdserve_pipeline::controlnet::preprocess::Preprocessor::Canny {
-                        low_threshold: 90,
-                        high_threshold: 180,
+                        low_threshold: 90.0,
+                        high_threshold: 180.0,
                         resolution: 640,
                     },
                 ),
