@@ -3,7 +3,9 @@
 //! `lllyasviel/Annotators`), either in the folder itself or in the subfolder the extension
 //! downloads each into (`hed/ControlNetHED.pth`, as its `annotator/downloads` holds them), so
 //! that folder can be given as it is. Which files there are, and how each is read, the
-//! pipeline says (`AnnotatorFile`); the store keeps any of them the same way.
+//! pipeline says (`AnnotatorFile`); the store keeps any of them the same way. A file not in
+//! the folder (or with no folder) is looked for in the model cache, where
+//! `sdserve download --annotators` puts the hub repo's files (its `main` snapshot).
 //!
 //! Preprocessors run at validation, on the CPU (on tokio's blocking pool), so a network is
 //! read once onto the CPU and kept while its file is unchanged (a replaced file is read
@@ -16,8 +18,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
-use sdserve_pipeline::controlnet::preprocess::{AnnotatorFile, AnnotatorNetworks, AnyNetwork};
+use sdserve_pipeline::controlnet::preprocess::{
+    AnnotatorFile, AnnotatorNetworks, AnyNetwork, ANNOTATOR_FILES,
+};
 use sdserve_pipeline::PipelineError;
+
+/// The hub repo the extension downloads the files from.
+pub const HUB_REPO: &str = "lllyasviel/Annotators";
+
+/// The files `sdserve download --annotators` fetches: every network's file.
+pub fn hub_files() -> &'static [&'static str] {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    NAMES.get_or_init(|| ANNOTATOR_FILES.iter().map(|f| f.name).collect())
+}
 
 /// The folder and the networks read from it.
 #[derive(Default)]
@@ -28,6 +41,8 @@ pub struct AnnotatorStore {
 #[derive(Default)]
 struct State {
     dir: Option<PathBuf>,
+    /// The hub cache (MODEL_CACHE_DIR), where `sdserve download --annotators` puts the files.
+    cache: Option<PathBuf>,
     /// By file name: the file as it was read and its network.
     networks: HashMap<&'static str, (FileKey, AnyNetwork)>,
 }
@@ -47,12 +62,14 @@ impl AnnotatorStore {
         SHARED.get_or_init(AnnotatorStore::default)
     }
 
-    /// Sets the folder (at startup); the networks read from another are dropped.
-    pub fn set_dir(&self, dir: Option<PathBuf>) {
+    /// Sets the folder and the hub cache (at startup); the networks read from others are
+    /// dropped.
+    pub fn set_dirs(&self, dir: Option<PathBuf>, cache: Option<PathBuf>) {
         let mut state = self.lock();
-        if state.dir != dir {
+        if state.dir != dir || state.cache != cache {
             *state = State {
                 dir,
+                cache,
                 networks: HashMap::new(),
             };
         }
@@ -70,6 +87,13 @@ fn find(dir: &Path, sub: &str, file: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `file` in the hub cache's snapshot of the repo, if `sdserve download --annotators` put it
+/// there (read on every look: a later download is found without a restart).
+fn find_cached(cache: &Path, file: &str) -> Option<PathBuf> {
+    let path = crate::hub::cached_snapshot(cache, HUB_REPO, "main")?.join(file);
+    path.is_file().then_some(path)
+}
+
 fn missing(why: String) -> PipelineError {
     PipelineError::InvalidRequest(why)
 }
@@ -79,17 +103,23 @@ impl AnnotatorNetworks for AnnotatorStore {
         let name = file.name;
         // Held while reading: two requests missing at once read the file once.
         let mut state = self.lock();
-        let Some(dir) = state.dir.clone() else {
-            return Err(missing(format!(
-                "needs {name} (lllyasviel/Annotators) in ANNOTATOR_DIR, and this server has none (--annotator-dir)"
-            )));
+        let in_dir = state
+            .dir
+            .as_deref()
+            .and_then(|d| find(d, file.subfolder, name));
+        let in_cache = || state.cache.as_deref().and_then(|c| find_cached(c, name));
+        let Some(path) = in_dir.or_else(in_cache) else {
+            let fetch = "or in the model cache, where `sdserve download --annotators` puts it";
+            return Err(missing(match &state.dir {
+                None => format!(
+                    "needs {name} ({HUB_REPO}) in ANNOTATOR_DIR, and this server has none (--annotator-dir), {fetch}"
+                ),
+                Some(_) => format!(
+                    "needs {name} ({HUB_REPO}) in ANNOTATOR_DIR (or its {}/ folder), and it is not there, {fetch}",
+                    file.subfolder
+                ),
+            }));
         };
-        let path = find(&dir, file.subfolder, name).ok_or_else(|| {
-            missing(format!(
-                "needs {name} (lllyasviel/Annotators) in ANNOTATOR_DIR (or its {}/ folder), and it is not there",
-                file.subfolder
-            ))
-        })?;
         let meta =
             std::fs::metadata(&path).map_err(|e| missing(format!("cannot read {name}: {e}")))?;
         let key = FileKey {
@@ -141,19 +171,19 @@ mod tests {
             e.contains("ControlNetHED.pth") && e.contains("--annotator-dir"),
             "{e}"
         );
-        store.set_dir(Some(fixture()));
+        store.set_dirs(Some(fixture()), None);
         let a = hed(&store).unwrap();
         assert!(Arc::ptr_eq(&a, &hed(&store).unwrap()), "read once");
         assert_eq!(a.widths(), [4, 8, 16, 32, 32]);
         // The extension's layout: <dir>/hed/ControlNetHED.pth; an empty folder has none.
-        store.set_dir(Some(fixture().join("..")));
+        store.set_dirs(Some(fixture().join("..")), None);
         assert!(
             !Arc::ptr_eq(&a, &hed(&store).unwrap()),
             "another folder's file"
         );
         let dir = std::env::temp_dir().join(format!("sdserve-annotators-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        store.set_dir(Some(dir.clone()));
+        store.set_dirs(Some(dir.clone()), None);
         let e = hed(&store).unwrap_err().to_string();
         assert!(e.contains("it is not there"), "{e}");
         std::fs::create_dir_all(dir.join("hed")).unwrap();
@@ -165,6 +195,38 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.contains("cannot use ControlNetHED.pth"), "{e}");
         assert!(!e.contains(dir.to_str().unwrap()), "{e}");
+    }
+
+    /// The hub cache's layout as `sdserve download --annotators` leaves it (tests/hub.rs
+    /// checks the download itself): found without a folder, or when the folder lacks it.
+    #[test]
+    fn a_file_missing_from_the_folder_is_taken_from_the_model_cache() {
+        let root =
+            std::env::temp_dir().join(format!("sdserve-annotators-cache-{}", std::process::id()));
+        let repo = root.join("models--lllyasviel--Annotators");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+        let store = AnnotatorStore::default();
+        store.set_dirs(None, Some(root.clone()));
+        let e = hed(&store).unwrap_err().to_string();
+        assert!(e.contains("sdserve download --annotators"), "{e}");
+        std::fs::write(repo.join("refs/main"), commit).unwrap();
+        let e = hed(&store).unwrap_err().to_string();
+        assert!(e.contains("sdserve download --annotators"), "{e}");
+        std::fs::copy(
+            fixture().join(HED_FILE),
+            repo.join("snapshots").join(commit).join(HED_FILE),
+        )
+        .unwrap();
+        assert_eq!(hed(&store).unwrap().widths(), [4, 8, 16, 32, 32]);
+        let empty = root.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        store.set_dirs(Some(empty), Some(root.clone()));
+        let found = hed(&store);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(found.is_ok(), "the folder lacks it, the cache has it");
+        assert!(hub_files().contains(&HED_FILE));
     }
 
     #[test]
@@ -189,7 +251,7 @@ mod tests {
         std::fs::write(dir.join("one.pth"), b"1").unwrap();
         std::fs::write(dir.join("two").join("two.pth"), b"22").unwrap();
         let store = AnnotatorStore::default();
-        store.set_dir(Some(dir.clone()));
+        store.set_dirs(Some(dir.clone()), None);
         let one = network::<Vec<u8>>(&store, &ONE).unwrap();
         let two = network::<Vec<u8>>(&store, &TWO).unwrap();
         assert_eq!((one.as_slice(), two.as_slice()), (&b"1"[..], &b"22"[..]));

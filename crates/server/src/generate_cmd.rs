@@ -376,7 +376,10 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     let body = serde_json::to_vec(&request_json(a)?).map_err(|e| e.to_string())?;
     // The server's steps, in its order: styles and validation, the VAE, the model's checks.
     let styles = crate::styles::StyleBook::new(a.styles_file.clone());
-    crate::annotators::AnnotatorStore::shared().set_dir(a.model.annotator_dir.clone());
+    crate::annotators::AnnotatorStore::shared().set_dirs(
+        a.model.annotator_dir.clone(),
+        Some(crate::hub::HubOptions::from_env(a.model.model_cache_dir.clone(), false).cache_dir),
+    );
     let req = crate::api::request::validate_styled(&styles, &body).map_err(flag_error)?;
     // A hires upscaler model is looked up before the model loads.
     crate::upscalers::UpscalerCatalog::new(a.model.upscalers_dir.clone())

@@ -46,6 +46,12 @@ fn main() -> std::process::ExitCode {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Generate(args) => generate_cmd::run(*args),
         cli::Command::Bench(args) => bench_cmd::run(*args),
+        cli::Command::Download(args) if args.annotators => hub::command::download_main(
+            annotators::HUB_REPO,
+            args.model_cache_dir,
+            false,
+            hub::Layout::Files(annotators::hub_files()),
+        ),
         cli::Command::Download(args) => {
             let layout = if args.taesd {
                 hub::Layout::Component

@@ -180,7 +180,10 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
             Engine::start_cluster(engine_cfg, c.clone(), loader, switcher, metrics.clone())?
         }
     };
-    crate::annotators::AnnotatorStore::shared().set_dir(args.model.annotator_dir.clone());
+    crate::annotators::AnnotatorStore::shared().set_dirs(
+        args.model.annotator_dir.clone(),
+        Some(crate::hub::HubOptions::from_env(args.model.model_cache_dir.clone(), false).cache_dir),
+    );
     let state = Arc::new(AppState {
         engine: engine.clone(),
         cache: ResponseCache::new((args.response_cache_mb as usize).saturating_mul(1 << 20)),

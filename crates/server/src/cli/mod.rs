@@ -53,6 +53,11 @@ pub struct DownloadArgs {
     /// at the repo's root), not a pipeline.
     #[arg(long)]
     pub taesd: bool,
+    /// Fetch the weights of the model-based ControlNet preprocessors (the files of
+    /// lllyasviel/Annotators they read) instead of a model; `serve` and `generate` find them in
+    /// this cache when ANNOTATOR_DIR lacks them.
+    #[arg(long, conflicts_with_all = ["taesd", "fp16"])]
+    pub annotators: bool,
 }
 
 /// The command line, with `generate`'s request flags described from the API's rules.

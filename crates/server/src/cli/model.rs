@@ -122,8 +122,9 @@ pub struct ModelArgs {
     /// A folder of the model-based ControlNet preprocessors' weights under the
     /// sd-webui-controlnet extension's names, at its top or in the extension's subfolders (its
     /// `annotator/downloads` as it is): `ControlNetHED.pth` (lllyasviel/Annotators) runs
-    /// `softedge_hed`, `softedge_hedsafe` and `scribble_hed`. Read once, on the CPU (a replaced
-    /// file again); without it those modules are a 422 naming the file.
+    /// `softedge_hed`, `softedge_hedsafe` and `scribble_hed`. A file it lacks is taken from the
+    /// model cache, where `sdserve download --annotators` puts them. Read once, on the CPU (a
+    /// replaced file again); without it those modules are a 422 naming the file.
     #[arg(long, env = "ANNOTATOR_DIR")]
     pub annotator_dir: Option<PathBuf>,
     /// MODELS_DIR for the worker's VAE lookups (its `*.vae.*` files are VAEs, as in A1111):

@@ -63,6 +63,14 @@ pub fn single_file_version(file: &std::path::Path, opts: &HubOptions) -> Result<
 }
 pub use spec::{parse_spec, Spec};
 
+/// The snapshot folder that `revision` of `repo` points at in the cache, if it was fetched
+/// (no network; the files in it are complete: links are made only after verification).
+pub fn cached_snapshot(cache_dir: &std::path::Path, repo: &str, revision: &str) -> Option<PathBuf> {
+    let cache = cache::RepoCache::new(cache_dir, repo);
+    let commit = cache.read_ref(revision)?;
+    Some(cache.snapshot(&commit))
+}
+
 /// The version a local diffusers folder loads as (`<name>@sha256:<12 hex>`); file digests are
 /// remembered, so this is cheap after the first time.
 pub fn folder_version(dir: &std::path::Path, opts: &HubOptions) -> Result<String, HubError> {
@@ -165,6 +173,9 @@ pub enum Layout {
     /// `.bin`),
     /// e.g. the TAESD preview decoder `madebyollin/taesd`.
     Component,
+    /// These files of a repo and nothing else (the ControlNet preprocessors' weights of
+    /// `lllyasviel/Annotators`), each required.
+    Files(&'static [&'static str]),
 }
 
 impl Layout {
@@ -172,6 +183,18 @@ impl Layout {
         match self {
             Self::Pipeline => select::select_files(all, fp16),
             Self::Component => select::select_component_files(all, fp16),
+            Self::Files(names) => {
+                let missing: Vec<&str> = names
+                    .iter()
+                    .copied()
+                    .filter(|n| !all.iter().any(|f| f == n))
+                    .collect();
+                if missing.is_empty() {
+                    Ok(names.iter().map(|n| n.to_string()).collect())
+                } else {
+                    Err(format!("the repo lacks {}", missing.join(", ")))
+                }
+            }
         }
     }
 }

@@ -45,6 +45,7 @@ pub(super) fn resolve_hub(
                 match opts.layout {
                     Layout::Pipeline => format!("run `sdserve download {repo}` where the hub is reachable, or point MODEL_CACHE_DIR at a cache that has it"),
                     Layout::Component => format!("run `sdserve download --taesd {repo}` where the hub is reachable, point MODEL_CACHE_DIR at a cache that has it, or name a local folder instead"),
+                    Layout::Files(_) => "run `sdserve download --annotators` where the hub is reachable, or point MODEL_CACHE_DIR at a cache that has them".to_string(),
                 }
             )));
         };

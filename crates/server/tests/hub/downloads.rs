@@ -260,3 +260,101 @@ fn the_retired_runwayml_id_maps_to_the_maintained_copy() {
     assert_eq!(m.model_version, format!("{}@{commit}", hub::DEFAULT_MODEL));
     assert!(!hub.log().join("\n").contains("runwayml"));
 }
+
+/// A list of files (the ControlNet preprocessors' weights of `lllyasviel/Annotators`): those
+/// and nothing else, found again from the cache by revision; a file the repo lacks is named.
+/// `sdserve download --annotators` fetches the server's own list, which it names when the repo
+/// lacks them.
+#[test]
+fn a_file_list_fetches_those_files_and_the_cache_finds_them() {
+    let hub = FakeHub::start();
+    let empty = Scratch::new("files-repo");
+    std::fs::create_dir_all(&empty.0).unwrap();
+    let commit = hub.add_repo(
+        "test/annotators",
+        &empty.0,
+        &[
+            ("ControlNetHED.pth", b"hed weights"),
+            ("table5_pidinet.pth", b"pidinet weights"),
+            ("body_pose_model.pth", b"not asked for"),
+        ],
+    );
+    let cache = Scratch::new("files");
+    let mut o = opts(&hub, &cache.0);
+    assert_eq!(
+        hub::cached_snapshot(&cache.0, "test/annotators", "main"),
+        None
+    );
+    o.layout = hub::Layout::Files(&["ControlNetHED.pth", "table5_pidinet.pth"]);
+    let m = hub::resolve_model("test/annotators", &o, &quiet).unwrap();
+    assert_eq!(m.model_version, format!("test/annotators@{commit}"));
+    assert_eq!(
+        std::fs::read(m.dir.join("ControlNetHED.pth")).unwrap(),
+        b"hed weights"
+    );
+    assert!(m.dir.join("table5_pidinet.pth").is_file());
+    assert!(!m.dir.join("body_pose_model.pth").exists());
+    assert_eq!(
+        hub::cached_snapshot(&cache.0, "test/annotators", "main"),
+        Some(m.dir.clone())
+    );
+    no_incomplete(&cache.0);
+
+    o.layout = hub::Layout::Files(&["ControlNetHED.pth", "sk_model.pth"]);
+    let err = hub::resolve_model("test/annotators", &o, &quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lacks sk_model.pth"), "{err}");
+
+    // The command: against a repo without the server's files it names them all; with them
+    // (any bytes) it fetches them into the cache and prints where.
+    let cli_cache = Scratch::new("files-cli");
+    let download = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+            .args(["download", "--annotators"])
+            .env_clear()
+            .env("HF_ENDPOINT", &hub.url)
+            .env("MODEL_CACHE_DIR", &cli_cache.0)
+            .output()
+            .unwrap()
+    };
+    hub.add_repo("lllyasviel/Annotators", &empty.0, &[]);
+    let out = download();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let wanted: Vec<String> = stderr
+        .split("lacks ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{stderr}"))
+        .trim()
+        .split(", ")
+        .map(str::to_string)
+        .collect();
+    assert!(
+        wanted.contains(&"ControlNetHED.pth".to_string()),
+        "{stderr}"
+    );
+    let files: Vec<(&str, &[u8])> = wanted
+        .iter()
+        .map(|f| (f.as_str(), f.as_bytes()))
+        .chain([("README.md", &b"not asked for"[..])])
+        .collect();
+    let commit = hub.add_repo("lllyasviel/Annotators", &empty.0, &files);
+    let out = download();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (version, dir) = stdout.trim().split_once('\t').unwrap();
+    assert_eq!(version, format!("lllyasviel/Annotators@{commit}"));
+    for f in &wanted {
+        assert_eq!(std::fs::read(Path::new(dir).join(f)).unwrap(), f.as_bytes());
+    }
+    assert!(!Path::new(dir).join("README.md").exists());
+    assert_eq!(
+        hub::cached_snapshot(&cli_cache.0, "lllyasviel/Annotators", "main").as_deref(),
+        Some(Path::new(dir))
+    );
+}

@@ -28,7 +28,9 @@ pub use color::{color, color_size, resize_shortest_edge};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
 pub use lines::{lineart_standard, scribble_xdog};
-pub use networks::{network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, LoadedNetworks};
+pub use networks::{
+    network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, LoadedNetworks, ANNOTATOR_FILES,
+};
 pub use pointwise::{invert, threshold};
 pub use resize::{resize_image_with_pad, Padded};
 pub use shuffle::{shuffle, shuffle_image};

@@ -23,6 +23,9 @@ pub struct AnnotatorFile {
     pub load: fn(&Path) -> Result<AnyNetwork>,
 }
 
+/// Every network's file, for whoever fetches them ahead (`sdserve download --annotators`).
+pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[&super::HED];
+
 /// Where the model-based modules get their networks (the server: its annotator folder,
 /// read once and kept).
 pub trait AnnotatorNetworks {

@@ -529,6 +529,25 @@ mod tests {
         );
     }
 
+    /// `sdserve download --annotators` fetches the file of every model-based module listed.
+    #[test]
+    fn every_listed_module_s_network_file_is_downloaded_ahead() {
+        let mut files = 0;
+        for m in &MODULES {
+            let p = preprocessor(m.name, None, None, None, "", 0).unwrap();
+            if let Some(file) = p.and_then(|p| p.annotator_file()) {
+                files += 1;
+                assert!(
+                    crate::annotators::hub_files().contains(&file.name),
+                    "{}: {} is not in ANNOTATOR_FILES",
+                    m.name,
+                    file.name
+                );
+            }
+        }
+        assert!(files >= 3, "the HED modules at least");
+    }
+
     #[test]
     fn pixel_perfect_is_the_extension_s_estimate() {
         // 1000x500 into 512x512: cover k = max(512/500, 512/1000) = 1.024, x 500 = 512.
