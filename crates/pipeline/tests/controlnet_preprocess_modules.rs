@@ -4,11 +4,13 @@
 //! padded image (the operation alone: exact for the integer ones, within a stated bound for
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
-//! The HED modules, model-based, in `controlnet_preprocess_modules/hed.rs`.
+//! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`.
 
 mod common;
 #[path = "controlnet_preprocess_modules/hed.rs"]
 mod hed;
+#[path = "controlnet_preprocess_modules/lineart.rs"]
+mod lineart;
 
 use std::collections::HashMap;
 

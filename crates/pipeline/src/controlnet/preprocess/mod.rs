@@ -1,19 +1,23 @@
 //! ControlNet preprocessors as the sd-webui-controlnet extension runs them
 //! (`scripts/preprocessor/model_free_preprocessors.py`, `scripts/preprocessor/legacy/`,
 //! `scripts/utils.py`): functions from the uploaded RGB image to the control map the
-//! ControlNet is given; the model-based ones (HED) take their network from an
+//! ControlNet is given; the model-based ones (HED, lineart) take their network from an
 //! [`AnnotatorNetworks`] (`networks`: any network by its weights file).
 //!
 //! Files: `resize` (the extension's `resize_image_with_pad`: OpenCV's cubic and area resizes,
 //! the pad to 64), `gaussian` (OpenCV's Gaussian blur, 8-bit and float), one file per family
 //! of modules: `canny`, `pointwise` (invert, threshold), `lines` (scribble_xdog,
 //! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`, `hed`
-//! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps).
+//! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps), `lineart`
+//! (lineart_realistic, lineart_coarse: the generator, and the layers the anime one shares),
+//! `lineart_anime`.
 
 mod canny;
 mod color;
 mod gaussian;
 mod hed;
+mod lineart;
+mod lineart_anime;
 mod lines;
 mod networks;
 mod pointwise;
@@ -27,6 +31,13 @@ pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
+pub use lineart::{
+    lineart_map, LineartNetwork, LINEART, LINEART_COARSE, LINEART_COARSE_FILE, LINEART_FILE,
+};
+pub use lineart_anime::{
+    lineart_anime_map, lineart_anime_values, resize_cubic_f32, LineartAnimeNetwork, LINEART_ANIME,
+    LINEART_ANIME_FILE,
+};
 pub use lines::{lineart_standard, scribble_xdog};
 pub use networks::{
     network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, LoadedNetworks, ANNOTATOR_FILES,
@@ -79,6 +90,13 @@ pub enum Preprocessor {
     SoftedgeHedsafe { resolution: u32 },
     /// The legacy `scribble_hed`: HED's edges thinned and thickened to white strokes.
     ScribbleHed { resolution: u32 },
+    /// The legacy `lineart` (`lineart_realistic`): the `sk_model.pth` generator's lines,
+    /// white on black.
+    LineartRealistic { resolution: u32 },
+    /// The legacy `lineart_coarse`: the same with `sk_model2.pth`.
+    LineartCoarse { resolution: u32 },
+    /// The legacy `lineart_anime`: the `netG.pth` U-Net's lines, white on black.
+    LineartAnime { resolution: u32 },
 }
 
 impl Preprocessor {
@@ -97,6 +115,9 @@ impl Preprocessor {
             Self::SoftedgeHed { .. } => "softedge_hed",
             Self::SoftedgeHedsafe { .. } => "softedge_hedsafe",
             Self::ScribbleHed { .. } => "scribble_hed",
+            Self::LineartRealistic { .. } => "lineart_realistic",
+            Self::LineartCoarse { .. } => "lineart_coarse",
+            Self::LineartAnime { .. } => "lineart_anime",
         }
     }
 
@@ -112,6 +133,9 @@ impl Preprocessor {
             Self::SoftedgeHed { .. } | Self::SoftedgeHedsafe { .. } | Self::ScribbleHed { .. } => {
                 Some(&HED)
             }
+            Self::LineartRealistic { .. } => Some(&LINEART),
+            Self::LineartCoarse { .. } => Some(&LINEART_COARSE),
+            Self::LineartAnime { .. } => Some(&LINEART_ANIME),
             _ => None,
         }
     }
@@ -129,7 +153,10 @@ impl Preprocessor {
             | Self::Shuffle { resolution, .. }
             | Self::SoftedgeHed { resolution }
             | Self::SoftedgeHedsafe { resolution }
-            | Self::ScribbleHed { resolution } => Some(resolution),
+            | Self::ScribbleHed { resolution }
+            | Self::LineartRealistic { resolution }
+            | Self::LineartCoarse { resolution }
+            | Self::LineartAnime { resolution } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
     }
@@ -147,7 +174,10 @@ impl Preprocessor {
             | Self::Shuffle { resolution: r, .. }
             | Self::SoftedgeHed { resolution: r }
             | Self::SoftedgeHedsafe { resolution: r }
-            | Self::ScribbleHed { resolution: r } => *r = resolution,
+            | Self::ScribbleHed { resolution: r }
+            | Self::LineartRealistic { resolution: r }
+            | Self::LineartCoarse { resolution: r }
+            | Self::LineartAnime { resolution: r } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
         p
@@ -201,6 +231,19 @@ impl Preprocessor {
                     pixels: map.iter().flat_map(|&v| [v, v, v]).collect(),
                 }
             }
+            Self::LineartRealistic { .. } | Self::LineartCoarse { .. } => {
+                let file = self.annotator_file().expect("a lineart file");
+                let net = network::<LineartNetwork>(networks, file)?;
+                let padded = padded();
+                let map = lineart_map(&net, &padded.image)?;
+                padded.crop_gray_to_rgb(&map)
+            }
+            Self::LineartAnime { .. } => {
+                let net = network::<LineartAnimeNetwork>(networks, &LINEART_ANIME)?;
+                let padded = padded();
+                let map = lineart_anime_map(&net, &padded.image)?;
+                padded.crop_gray_to_rgb(&map)
+            }
             _ => self.run(image),
         })
     }
@@ -233,7 +276,12 @@ impl Preprocessor {
             Self::TileResample { down_sampling_rate } => tile_resample(image, down_sampling_rate),
             Self::Color { resolution } => color(image, resolution),
             Self::Shuffle { seed, .. } => shuffle(&padded(), seed),
-            Self::SoftedgeHed { .. } | Self::SoftedgeHedsafe { .. } | Self::ScribbleHed { .. } => {
+            Self::SoftedgeHed { .. }
+            | Self::SoftedgeHedsafe { .. }
+            | Self::ScribbleHed { .. }
+            | Self::LineartRealistic { .. }
+            | Self::LineartCoarse { .. }
+            | Self::LineartAnime { .. } => {
                 panic!("{} needs its network: run_with", self.module())
             }
         }

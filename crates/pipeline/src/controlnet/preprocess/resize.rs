@@ -114,7 +114,7 @@ fn cubic_coeffs(x: f64) -> [f32; 4] {
 
 /// For each destination index: its four source indices (replicated at the ends) and weights,
 /// the pixel centres aligned (`(d + 0.5) * src / dst - 0.5`).
-fn cubic_taps(src: usize, dst: usize) -> Vec<([usize; 4], [f32; 4])> {
+pub(super) fn cubic_taps(src: usize, dst: usize) -> Vec<([usize; 4], [f32; 4])> {
     let scale = src as f64 / dst as f64;
     (0..dst)
         .map(|d| {

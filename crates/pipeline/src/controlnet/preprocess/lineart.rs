@@ -1,0 +1,390 @@
+//! The extension's lineart networks (`annotator/lineart/__init__.py`, the legacy `lineart`
+//! (`lineart_realistic`) and `lineart_coarse` of `scripts/preprocessor/legacy/processor.py`):
+//! - [`LineartNetwork`]: its `Generator(3, 1, 3)`, a CycleGAN-style generator: a 7x7 conv
+//!   after a reflection pad of 3, two stride-2 3x3 convs, residual blocks (reflection pad,
+//!   3x3 conv, twice), two stride-2 transposed 3x3 convs, a 7x7 conv to one channel and the
+//!   sigmoid; every conv but the last followed by an `InstanceNorm2d` without weights (eps
+//!   1e-5) and ReLU. The widths (64, 128, 256 in `sk_model.pth` and `sk_model2.pth`) and the
+//!   number of residual blocks (3) are read from the weights.
+//! - [`lineart_map`]: `LineartDetector.__call__` on the padded image (RGB / 255), the line
+//!   times 255, clipped, truncated to u8, then the legacy functions' `255 - line`.
+//!
+//! The shared layers (reflection pad, instance norm, transposed conv) are here too, for the
+//! anime network of `lineart_anime`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::networks::AnnotatorFile;
+use crate::kernels::Conv2d;
+use crate::pipeline::RgbImage;
+use crate::{PipelineError, Result};
+
+/// The file `lineart_realistic` (the extension's `lineart`) loads (`annotator/downloads/lineart/`).
+pub const LINEART_FILE: &str = "sk_model.pth";
+/// The file `lineart_coarse` loads, beside [`LINEART_FILE`].
+pub const LINEART_COARSE_FILE: &str = "sk_model2.pth";
+
+/// [`LineartNetwork`]'s file for `lineart_realistic`, for an
+/// [`AnnotatorNetworks`](super::AnnotatorNetworks).
+pub static LINEART: AnnotatorFile = AnnotatorFile {
+    name: LINEART_FILE,
+    subfolder: "lineart",
+    load: |path| Ok(Arc::new(LineartNetwork::load(path, &Device::Cpu)?)),
+};
+
+/// [`LineartNetwork`]'s file for `lineart_coarse`.
+pub static LINEART_COARSE: AnnotatorFile = AnnotatorFile {
+    name: LINEART_COARSE_FILE,
+    subfolder: "lineart",
+    load: |path| Ok(Arc::new(LineartNetwork::load(path, &Device::Cpu)?)),
+};
+
+/// A state dict read by [`crate::upscaler::read_state`], its tensors taken by name onto a
+/// device in f32; errors name the file.
+pub(super) struct Weights<'a> {
+    pub path: &'a Path,
+    pub state: HashMap<String, Tensor>,
+    pub device: &'a Device,
+}
+
+impl<'a> Weights<'a> {
+    pub fn read(path: &'a Path, device: &'a Device) -> Result<Self> {
+        Ok(Self {
+            path,
+            state: crate::upscaler::read_state(path)?,
+            device,
+        })
+    }
+
+    pub fn bad(&self, message: String) -> PipelineError {
+        PipelineError::Weights {
+            path: self.path.to_path_buf(),
+            message,
+        }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.state.contains_key(key)
+    }
+
+    /// The tensor `key`, of `rank` dimensions; `what` names the network in the error.
+    pub fn get(&self, key: &str, rank: usize, what: &str) -> Result<Tensor> {
+        let t = self
+            .state
+            .get(key)
+            .ok_or_else(|| self.bad(format!("{key} is missing (not a {what} network)")))?;
+        if t.rank() != rank {
+            return Err(self.bad(format!("{key} has shape {:?}", t.dims())));
+        }
+        Ok(t.to_dtype(DType::F32)?.to_device(self.device)?)
+    }
+
+    /// A conv's weight `[out, in, k, k]` from `input` channels with its bias; its out channels.
+    pub fn conv(
+        &self,
+        key: &str,
+        input: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        what: &str,
+    ) -> Result<(Conv2d, usize)> {
+        let weight = self.get(&format!("{key}.weight"), 4, what)?;
+        let bias = self.get(&format!("{key}.bias"), 1, what)?;
+        match *weight.dims() {
+            [out, c, kh, kw] if c == input && (kh, kw) == (k, k) && bias.dims() == [out] => Ok((
+                Conv2d::new(weight, Some(bias), stride, padding),
+                out,
+            )),
+            ref d => Err(self.bad(format!(
+                "{key}.weight has shape {d:?} (bias {:?}); the layer needs a {k}x{k} conv from {input} channels",
+                bias.dims()
+            ))),
+        }
+    }
+
+    /// A `ConvTranspose2d`'s weight `[in, out, k, k]` from `input` channels with its bias.
+    pub fn conv_transpose(
+        &self,
+        key: &str,
+        input: usize,
+        k: usize,
+        padding: usize,
+        output_padding: usize,
+        what: &str,
+    ) -> Result<(ConvTranspose, usize)> {
+        let weight = self.get(&format!("{key}.weight"), 4, what)?;
+        let bias = self.get(&format!("{key}.bias"), 1, what)?;
+        match *weight.dims() {
+            [c, out, kh, kw] if c == input && (kh, kw) == (k, k) && bias.dims() == [out] => Ok((
+                ConvTranspose::new(&weight, bias, padding, output_padding)?,
+                out,
+            )),
+            ref d => Err(self.bad(format!(
+                "{key}.weight has shape {d:?} (bias {:?}); the layer needs a {k}x{k} transposed conv from {input} channels",
+                bias.dims()
+            ))),
+        }
+    }
+}
+
+/// `ConvTranspose2d(stride=2)`, run as the stride-1 conv of the flipped kernel over the input
+/// spread with zeros, so it takes the fast conv kernels.
+pub(super) struct ConvTranspose {
+    conv: Conv2d,
+    /// Zeros before the spread input (`k - 1 - padding`) and after it.
+    before: usize,
+    after: usize,
+}
+
+impl ConvTranspose {
+    fn new(weight: &Tensor, bias: Tensor, padding: usize, output_padding: usize) -> Result<Self> {
+        let (cin, cout, k, _) = weight.dims4()?;
+        // [in, out, k, k] -> [out, in, k, k], flipped in both spatial axes.
+        let w = weight
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut flipped = vec![0f32; w.len()];
+        for i in 0..cin {
+            for o in 0..cout {
+                for y in 0..k {
+                    for x in 0..k {
+                        flipped[((o * cin + i) * k + (k - 1 - y)) * k + (k - 1 - x)] =
+                            w[((i * cout + o) * k + y) * k + x];
+                    }
+                }
+            }
+        }
+        let weight = Tensor::from_vec(flipped, (cout, cin, k, k), weight.device())?;
+        // The spread input (2n) ends in one zero already: the after-pad is one less.
+        let before = k - 1 - padding;
+        Ok(Self {
+            conv: Conv2d::new(weight, Some(bias), 1, 0),
+            before,
+            after: before + output_padding - 1,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let zeros = x.zeros_like()?;
+        // Each value followed by a zero along the width, then each row by a zero row.
+        let spread = Tensor::stack(&[x, &zeros], 4)?.reshape((n, c, h, 2 * w))?;
+        let spread =
+            Tensor::stack(&[&spread, &spread.zeros_like()?], 3)?.reshape((n, c, 2 * h, 2 * w))?;
+        let padded = spread
+            .pad_with_zeros(2, self.before, self.after)?
+            .pad_with_zeros(3, self.before, self.after)?;
+        Ok(self.conv.forward(&padded)?)
+    }
+}
+
+/// `nn.ReflectionPad2d(p)`: the edge rows and columns mirrored, the edge itself not repeated.
+pub(super) fn reflection_pad(x: &Tensor, p: usize) -> Result<Tensor> {
+    let indices = |n: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..n + 2 * p)
+            .map(|i| {
+                let i = i as isize - p as isize;
+                let r = if i < 0 {
+                    -i
+                } else if i >= n as isize {
+                    2 * (n as isize - 1) - i
+                } else {
+                    i
+                };
+                r as u32
+            })
+            .collect();
+        Ok(Tensor::new(idx, x.device())?)
+    };
+    let (_, _, h, w) = x.dims4()?;
+    Ok(x.contiguous()?
+        .index_select(&indices(h)?, 2)?
+        .index_select(&indices(w)?, 3)?)
+}
+
+/// `InstanceNorm2d` without weights or running statistics (eps 1e-5): each channel of each
+/// image to mean 0, (biased) variance 1.
+pub(super) fn instance_norm(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let flat = x.reshape((n, c, h * w))?;
+    let mean = flat.mean_keepdim(2)?;
+    let centred = flat.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(2)?;
+    Ok(centred
+        .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+        .reshape((n, c, h, w))?)
+}
+
+/// `ResidualBlock`: `x` plus two reflection-padded 3x3 convs, each instance-normed (ReLU
+/// between).
+struct Residual {
+    first: Conv2d,
+    second: Conv2d,
+}
+
+/// The `Generator(3, 1, n)` of `annotator/lineart` with its weights, on one device in f32.
+pub struct LineartNetwork {
+    head: Conv2d,
+    down: Vec<Conv2d>,
+    residuals: Vec<Residual>,
+    up: Vec<ConvTranspose>,
+    tail: Conv2d,
+}
+
+impl std::fmt::Debug for LineartNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineartNetwork")
+            .field("widths", &self.widths())
+            .field("residual_blocks", &self.residuals.len())
+            .finish()
+    }
+}
+
+const GENERATOR: &str = "lineart Generator";
+
+impl LineartNetwork {
+    /// The network of an `sk_model.pth` / `sk_model2.pth` (a torch pickle, read without
+    /// running it) or a `.safetensors` file of the same names, onto `device` in f32.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let wts = Weights::read(path, device)?;
+        let (head, mut c) = wts.conv("model0.1", 3, 7, 1, 0, GENERATOR)?;
+        let mut down = Vec::with_capacity(2);
+        for key in ["model1.0", "model1.3"] {
+            let (conv, out) = wts.conv(key, c, 3, 2, 1, GENERATOR)?;
+            down.push(conv);
+            c = out;
+        }
+        let mut residuals = Vec::new();
+        while wts.has(&format!("model2.{}.conv_block.1.weight", residuals.len())) {
+            let key = format!("model2.{}.conv_block", residuals.len());
+            let (first, a) = wts.conv(&format!("{key}.1"), c, 3, 1, 0, GENERATOR)?;
+            let (second, b) = wts.conv(&format!("{key}.5"), a, 3, 1, 0, GENERATOR)?;
+            if (a, b) != (c, c) {
+                return Err(wts.bad(format!("{key} changes the width {c} (to {a}, {b})")));
+            }
+            residuals.push(Residual { first, second });
+        }
+        let mut up = Vec::with_capacity(2);
+        for key in ["model3.0", "model3.3"] {
+            let (conv, out) = wts.conv_transpose(key, c, 3, 1, 1, GENERATOR)?;
+            up.push(conv);
+            c = out;
+        }
+        let (tail, out) = wts.conv("model4.1", c, 7, 1, 0, GENERATOR)?;
+        if out != 1 {
+            return Err(wts.bad(format!("model4.1 makes {out} channels, not 1")));
+        }
+        Ok(Self {
+            head,
+            down,
+            residuals,
+            up,
+            tail,
+        })
+    }
+
+    /// The widths: the head's, after each downsampling (64, 128, 256 for the extension's files).
+    pub fn widths(&self) -> Vec<usize> {
+        std::iter::once(&self.head)
+            .chain(&self.down)
+            .map(|c| c.weight().dims()[0])
+            .collect()
+    }
+
+    /// The sigmoid line of `image` (its sides multiples of 4, as the padded image's are), one
+    /// value per pixel in 0..=1.
+    pub fn line(&self, image: &RgbImage) -> Result<Vec<f32>> {
+        let x = image_tensor(image, self.head.weight().device(), |v| v / 255.0)?;
+        let block = |x: Tensor, conv: &Conv2d| -> Result<Tensor> {
+            Ok(instance_norm(&conv.forward(&x)?)?.relu()?)
+        };
+        let mut x = block(reflection_pad(&x, 3)?, &self.head)?;
+        for conv in &self.down {
+            x = block(x, conv)?;
+        }
+        for r in &self.residuals {
+            let y = block(reflection_pad(&x, 1)?, &r.first)?;
+            let y = instance_norm(&r.second.forward(&reflection_pad(&y, 1)?)?)?;
+            x = (x + y)?;
+        }
+        for conv in &self.up {
+            x = instance_norm(&conv.forward(&x)?)?.relu()?;
+        }
+        let line = candle_nn::ops::sigmoid(&self.tail.forward(&reflection_pad(&x, 3)?)?)?;
+        Ok(line.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// `image` as a `[1, 3, h, w]` f32 tensor on `device`, each value through `f`.
+pub(super) fn image_tensor(
+    image: &RgbImage,
+    device: &Device,
+    f: impl Fn(f32) -> f32,
+) -> Result<Tensor> {
+    let (w, h) = (image.width as usize, image.height as usize);
+    let hwc: Vec<f32> = image.pixels.iter().map(|&v| f(f32::from(v))).collect();
+    Ok(Tensor::from_vec(hwc, (h, w, 3), &Device::Cpu)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .to_device(device)?)
+}
+
+/// The legacy `lineart` / `lineart_coarse` on the padded image: `255 - line`, the line
+/// (`LineartDetector`'s) times 255, clipped, truncated to u8.
+pub fn lineart_map(net: &LineartNetwork, padded: &RgbImage) -> Result<Vec<u8>> {
+    Ok(net
+        .line(padded)?
+        .into_iter()
+        .map(|v| 255 - (v * 255.0).clamp(0.0, 255.0) as u8)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflection_pad_mirrors_without_repeating_the_edge() {
+        let x = Tensor::new(&[[[[1f32, 2.0, 3.0]]]], &Device::Cpu).unwrap();
+        let x = x.broadcast_as((1, 1, 3, 3)).unwrap().contiguous().unwrap();
+        let p = reflection_pad(&x, 2).unwrap();
+        assert_eq!(p.dims(), [1, 1, 7, 7]);
+        let row: Vec<f32> = p
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(row, [3.0, 2.0, 1.0, 2.0, 3.0, 2.0, 1.0]);
+    }
+
+    #[test]
+    fn transposed_conv_of_a_single_one_is_the_kernel() {
+        // One input pixel of 1 with a 3x3 kernel 1..=9, stride 2, padding 1, output padding
+        // 1: the output is 2x2, the kernel's centre and its right/lower neighbours.
+        let weight = Tensor::arange(1f32, 10.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 3, 3))
+            .unwrap();
+        let bias = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+        let t = ConvTranspose::new(&weight, bias, 1, 1).unwrap();
+        let x = Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        let y: Vec<f32> = t
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y, [5.5, 6.5, 8.5, 9.5]);
+    }
+}
