@@ -272,7 +272,10 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::Shuffle { .. }
         | Preprocessor::SoftedgeHed { .. }
         | Preprocessor::SoftedgeHedsafe { .. }
-        | Preprocessor::ScribbleHed { .. } => (hidden.clone(), hidden.clone()),
+        | Preprocessor::ScribbleHed { .. }
+        | Preprocessor::LineartRealistic { .. }
+        | Preprocessor::LineartCoarse { .. }
+        | Preprocessor::LineartAnime { .. } => (hidden.clone(), hidden.clone()),
     };
     format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
 }

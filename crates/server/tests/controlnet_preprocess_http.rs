@@ -4,8 +4,8 @@
 //! holds to the extension's OpenCV calls), metadata and PNG parameters name it; A1111 units
 //! with `module: "canny"` (processor_res, pixel_perfect, the resize mode after the
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
-//! `/controlnet/module_list`; refusals. The HED modules with the pipeline's tiny HED network
-//! in ANNOTATOR_DIR, and without it.
+//! `/controlnet/module_list`; refusals. The HED and lineart modules with the pipeline's tiny
+//! networks in ANNOTATOR_DIR, and without them.
 
 mod common;
 
@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 use common::{decode_png, post_json_to};
-use sdserve_pipeline::controlnet::preprocess::{LoadedNetworks, Preprocessor, HED};
+use sdserve_pipeline::controlnet::preprocess::{
+    LoadedNetworks, Preprocessor, HED, LINEART, LINEART_ANIME, LINEART_COARSE,
+};
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
 use serde_json::{json, Value};
@@ -260,6 +262,9 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "shuffle",
             "scribble_xdog",
             "scribble_hed",
+            "lineart",
+            "lineart_coarse",
+            "lineart_anime",
             "blur_gaussian"
         ])
     );
@@ -276,6 +281,13 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         json!({"model_free": false, "sliders": [
             {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]})
     );
+    for lineart in ["lineart", "lineart_coarse", "lineart_anime"] {
+        assert_eq!(
+            listed["module_detail"][lineart],
+            listed["module_detail"]["hed"],
+            "{lineart}"
+        );
+    }
     assert_eq!(
         listed["module_detail"]["invert"],
         json!({"model_free": false, "sliders": []})
@@ -304,6 +316,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert_eq!(labels["module_list"][3], "canny");
     assert_eq!(labels["module_list"][7], "softedge_hedsafe");
     assert_eq!(labels["module_list"][8], "softedge_hed");
+    assert_eq!(labels["module_list"][12], "lineart_realistic");
     assert_eq!(
         labels["module_detail"]["invert (from white bg & black line)"],
         listed["module_detail"]["invert"]
@@ -407,6 +420,101 @@ fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
     let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
     assert!(
         rule.starts_with("[0].module: \"softedge_hedsafe\" needs ControlNetHED.pth"),
+        "{e}"
+    );
+}
+
+#[test]
+fn lineart_modules_run_with_annotator_dir_and_are_refused_without_it() {
+    let annotators = fixtures().join("lineart");
+    let s = common::tiny_a_vae8_server(&[
+        ("CONTROLNET_DIR", &fixtures().join("controlnet")),
+        ("ANNOTATOR_DIR", &annotators),
+    ]);
+    let (photo, photo_b64) = photo();
+    // The tiny networks of `tools/make_lineart_fixtures.py`, as the server reads them.
+    let mut nets = LoadedNetworks::default();
+    for f in [&LINEART, &LINEART_COARSE, &LINEART_ANIME] {
+        nets = nets.read(f, &annotators.join(f.name)).unwrap();
+    }
+    // /controlnet/detect by name and by label: the maps made here.
+    let realistic = Preprocessor::LineartRealistic { resolution: 64 };
+    for (module, p) in [
+        ("lineart", realistic),
+        ("lineart_realistic", realistic),
+        (
+            "lineart_coarse",
+            Preprocessor::LineartCoarse { resolution: 64 },
+        ),
+        (
+            "lineart_anime",
+            Preprocessor::LineartAnime { resolution: 64 },
+        ),
+    ] {
+        let r = post_json_to(
+            s.addr,
+            "/controlnet/detect",
+            &json!({"controlnet_module": module, "controlnet_input_images": [photo_b64],
+                    "controlnet_processor_res": 64}),
+        );
+        assert_eq!(r.status, 200, "{module}: {}", r.text());
+        let (w, h, px, _) = decode_png(r.json()["images"][0].as_str().unwrap());
+        let want = p.run_with(&photo, &nets).unwrap();
+        assert_eq!((w, h), (want.width, want.height), "{module}");
+        assert!(px == want.pixels, "{module}");
+        let levels: std::collections::BTreeSet<u8> = px.iter().copied().collect();
+        assert!(levels.len() >= 16, "{module}: {levels:?}");
+    }
+    // Native: the metadata and parameters name the module.
+    let mut b = json!({"prompt": "a house by a lake", "steps": 1, "width": 256, "height": 256,
+                       "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let settings = json!({"type": "lineart_anime", "resolution": 64});
+    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64, "preprocessor": settings}]);
+    let r = s.post_json(&b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["metadata"]["controlnets"][0]["preprocessor"], settings);
+    let (_, _, _, text) = decode_png(j["image_base64"].as_str().unwrap());
+    assert!(
+        text.unwrap_or_default()
+            .contains("Module: lineart_anime, Model: cn-a, Weight: 1, Processor Res: 64,"),
+        "{j}"
+    );
+
+    // Without the weights: a 422 naming the module and the file, natively and in A1111's.
+    let bare = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
+    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
+                               "preprocessor": {"type": "lineart_coarse"}}]);
+    let text = bare
+        .post_json(&b)
+        .error(422, "validation_error")
+        .to_string();
+    assert!(
+        text.contains("[0].preprocessor.type: \\\"lineart_coarse\\\" needs sk_model2.pth"),
+        "{text}"
+    );
+    let r = post_json_to(
+        bare.addr,
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "steps": 1, "alwayson_scripts": {"controlnet": {"args": [
+            {"image": photo_b64, "model": "cn-a", "module": "lineart"}]}}}),
+    );
+    let e = r.error(422, "validation_error");
+    let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
+    assert!(
+        rule.starts_with("[0].module: \"lineart_realistic\" needs sk_model.pth"),
+        "{e}"
+    );
+    let r = post_json_to(
+        bare.addr,
+        "/controlnet/detect",
+        &json!({"controlnet_module": "lineart_anime", "controlnet_input_images": [photo_b64]}),
+    );
+    let e = r.error(422, "validation_error");
+    assert_eq!(e["fields"][0]["field"], "controlnet_module", "{e}");
+    let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
+    assert!(
+        rule.contains("netG.pth") && rule.contains("sdserve download --annotators"),
         "{e}"
     );
 }

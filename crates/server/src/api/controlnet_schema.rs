@@ -105,7 +105,9 @@ pub struct ControlNetPreprocessor {
     /// extension's `ContentShuffleDetector` (for shuffle ControlNets); `softedge_hed`: the HED
     /// network's soft edges, `softedge_hedsafe` the same quantized to 0, 127, 255,
     /// `scribble_hed` them thinned to white strokes (these three need `ControlNetHED.pth` in
-    /// the server's ANNOTATOR_DIR); `none`: the image is the map. Other model-based
+    /// the server's ANNOTATOR_DIR); `lineart_realistic`, `lineart_coarse`, `lineart_anime`:
+    /// the extension's lineart networks' lines, white on black (they need `sk_model.pth`,
+    /// `sk_model2.pth`, `netG.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
     /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
@@ -169,6 +171,9 @@ pub enum PreprocessorType {
     SoftedgeHed,
     SoftedgeHedsafe,
     ScribbleHed,
+    LineartRealistic,
+    LineartCoarse,
+    LineartAnime,
 }
 
 /// A ControlNet a result was made with.

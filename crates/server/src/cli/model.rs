@@ -121,10 +121,12 @@ pub struct ModelArgs {
     pub controlnet_dir: Option<PathBuf>,
     /// A folder of the model-based ControlNet preprocessors' weights under the
     /// sd-webui-controlnet extension's names, at its top or in the extension's subfolders (its
-    /// `annotator/downloads` as it is): `ControlNetHED.pth` (lllyasviel/Annotators) runs
-    /// `softedge_hed`, `softedge_hedsafe` and `scribble_hed`. A file it lacks is taken from the
-    /// model cache, where `sdserve download --annotators` puts them. Read once, on the CPU (a
-    /// replaced file again); without it those modules are a 422 naming the file.
+    /// `annotator/downloads` as it is), all from lllyasviel/Annotators: `ControlNetHED.pth`
+    /// (`hed/`) runs `softedge_hed`, `softedge_hedsafe` and `scribble_hed`; `sk_model.pth` and
+    /// `sk_model2.pth` (`lineart/`) run `lineart_realistic` and `lineart_coarse`; `netG.pth`
+    /// (`lineart_anime/`) runs `lineart_anime`. A file it lacks is taken from the model cache,
+    /// where `sdserve download --annotators` puts them. Each read once, on the CPU (a replaced
+    /// file again); without its file a module is a 422 naming the file.
     #[arg(long, env = "ANNOTATOR_DIR")]
     pub annotator_dir: Option<PathBuf>,
     /// MODELS_DIR for the worker's VAE lookups (its `*.vae.*` files are VAEs, as in A1111):

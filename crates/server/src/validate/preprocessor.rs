@@ -28,7 +28,7 @@ pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
 pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -48,9 +48,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "none" | "invert" => &["type"],
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
-        "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed" => {
-            &["type", "resolution"]
-        }
+        "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
+        | "lineart_realistic" | "lineart_coarse" | "lineart_anime" => &["type", "resolution"],
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
         "shuffle" => &["type", "seed", "resolution"],
@@ -134,6 +133,15 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             resolution: resolution()?,
         },
         "scribble_hed" => Preprocessor::ScribbleHed {
+            resolution: resolution()?,
+        },
+        "lineart_realistic" => Preprocessor::LineartRealistic {
+            resolution: resolution()?,
+        },
+        "lineart_coarse" => Preprocessor::LineartCoarse {
+            resolution: resolution()?,
+        },
+        "lineart_anime" => Preprocessor::LineartAnime {
             resolution: resolution()?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
@@ -230,6 +238,9 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::SoftedgeHed { .. } => base(PreprocessorType::SoftedgeHed),
         Preprocessor::SoftedgeHedsafe { .. } => base(PreprocessorType::SoftedgeHedsafe),
         Preprocessor::ScribbleHed { .. } => base(PreprocessorType::ScribbleHed),
+        Preprocessor::LineartRealistic { .. } => base(PreprocessorType::LineartRealistic),
+        Preprocessor::LineartCoarse { .. } => base(PreprocessorType::LineartCoarse),
+        Preprocessor::LineartAnime { .. } => base(PreprocessorType::LineartAnime),
     }
 }
 
@@ -332,6 +343,18 @@ mod tests {
                 json!({"type": "color", "resolution": 64}),
                 Preprocessor::Color { resolution: 64 },
             ),
+            (
+                json!({"type": "lineart_realistic"}),
+                Preprocessor::LineartRealistic { resolution: 512 },
+            ),
+            (
+                json!({"type": "lineart_coarse", "resolution": 640}),
+                Preprocessor::LineartCoarse { resolution: 640 },
+            ),
+            (
+                json!({"type": "lineart_anime", "resolution": 64}),
+                Preprocessor::LineartAnime { resolution: 64 },
+            ),
             // The request's seed where the unit names none.
             (
                 json!({"type": "shuffle"}),
@@ -394,6 +417,14 @@ mod tests {
             (
                 json!({"type": "color", "resolution": 63}),
                 "[2].preprocessor.resolution: must be an integer in 64..=2048",
+            ),
+            (
+                json!({"type": "lineart_anime", "resolution": 2056}),
+                "[2].preprocessor.resolution: must be an integer in 64..=2048",
+            ),
+            (
+                json!({"type": "lineart_coarse", "threshold": 10}),
+                "unknown key \"threshold\" for \"lineart_coarse\"",
             ),
             (
                 json!({"type": "recolor_luminance"}),

@@ -24,7 +24,12 @@ pub struct AnnotatorFile {
 }
 
 /// Every network's file, for whoever fetches them ahead (`sdserve download --annotators`).
-pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[&super::HED];
+pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
+    &super::HED,
+    &super::LINEART,
+    &super::LINEART_COARSE,
+    &super::LINEART_ANIME,
+];
 
 /// Where the model-based modules get their networks (the server: its annotator folder,
 /// read once and kept).

@@ -9,9 +9,10 @@
 //! e.g. 127.5; canny runs on `int(slider_1)`, and compared with 8-bit values
 //! only the integer part counts), as do blur_gaussian's sigma and tile_resample's rate. Modules: `none`, `canny`, `invert`, `threshold`,
 //! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, `color`, `shuffle`,
-//! and the HED ones `hed` (`softedge_hed`), `hed_safe` (`softedge_hedsafe`), `scribble_hed`
-//! (their weights from ANNOTATOR_DIR; listed without them, as the extension lists its
-//! model-based modules), their names and labels and sliders copied from the extension's
+//! the HED ones `hed` (`softedge_hed`), `hed_safe` (`softedge_hedsafe`), `scribble_hed`, and
+//! the lineart ones `lineart` (`lineart_realistic`), `lineart_coarse`, `lineart_anime` (their
+//! weights from ANNOTATOR_DIR; listed without them, as the extension lists its model-based
+//! modules), their names and labels and sliders copied from the extension's
 //! `model_free_preprocessors.py` and
 //! `legacy/preprocessor_compiled.py`. `pixel_perfect` replaces the resolution by
 //! `external_code.pixel_perfect_resolution` of the uploaded image and the request's size, kept
@@ -81,7 +82,7 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
 /// lineart_standard, tile_resample 100; invert 20; the others 0) and label, descending
 /// (`color` sorts by its label, `t2ia_color_grid`).
-const MODULES: [Module; 13] = [
+const MODULES: [Module; 16] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -157,6 +158,21 @@ const MODULES: [Module; 13] = [
     module(
         "scribble_hed",
         "scribble_hed",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "lineart",
+        "lineart_realistic",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "lineart_coarse",
+        "lineart_coarse",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "lineart_anime",
+        "lineart_anime",
         [Some(RESOLUTION), None, None],
     ),
     module(
@@ -273,6 +289,15 @@ pub(super) fn preprocessor(
         "scribble_hed" => Preprocessor::ScribbleHed {
             resolution: resolution()?,
         },
+        "lineart" => Preprocessor::LineartRealistic {
+            resolution: resolution()?,
+        },
+        "lineart_coarse" => Preprocessor::LineartCoarse {
+            resolution: resolution()?,
+        },
+        "lineart_anime" => Preprocessor::LineartAnime {
+            resolution: resolution()?,
+        },
         "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
         },
@@ -315,7 +340,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `lineart`, `lineart_coarse`, `lineart_anime`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, netG.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
@@ -383,7 +408,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("\"none\", \"tile_resample\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"blur_gaussian\""),
+            e.contains("\"none\", \"tile_resample\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime\", \"blur_gaussian\""),
             "{e}"
         );
         let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -503,6 +528,33 @@ mod tests {
             p("color", json!(64), json!(-1)),
             Preprocessor::Color { resolution: 64 }
         );
+        // The lineart modules by name, the legacy `lineart` by its label too; their
+        // resolution slider as the others'.
+        for (m, want) in [
+            (
+                "lineart",
+                Preprocessor::LineartRealistic { resolution: 256 },
+            ),
+            (
+                "LineArt_Realistic",
+                Preprocessor::LineartRealistic { resolution: 256 },
+            ),
+            (
+                "lineart_coarse",
+                Preprocessor::LineartCoarse { resolution: 256 },
+            ),
+            (
+                "lineart_anime",
+                Preprocessor::LineartAnime { resolution: 256 },
+            ),
+        ] {
+            assert_eq!(p(m, json!(256), json!(-1)), want, "{m}");
+            assert_eq!(
+                p(m, json!(4096), json!(-1)),
+                want.with_resolution(512),
+                "{m}"
+            );
+        }
         // shuffle's hidden resolution slider: anything but 0..=1 is 512; the seed is given.
         for res in [json!(-1), json!(64), json!(1024)] {
             assert_eq!(
@@ -545,7 +597,7 @@ mod tests {
                 );
             }
         }
-        assert!(files >= 3, "the HED modules at least");
+        assert!(files >= 6, "the HED and lineart modules at least");
     }
 
     #[test]
