@@ -10,8 +10,8 @@ import os
 
 
 def functions(path, wanted, namespace):
-    """Executes the named functions (`Class.method` or `function`) of a file in `namespace`
-    (decorators dropped); returns their objects and the sha256 of each one's source, by name.
+    """Executes the named functions (`Class.method` or `function`) or classes (`Class`) of a
+    file in `namespace` (decorators dropped); returns their objects and the sha256 of each one's source, by name.
     Each is bound in `namespace` by its bare name: take a function before another of the same
     bare name shadows it."""
     with open(path, encoding="utf-8") as f:
@@ -24,7 +24,8 @@ def functions(path, wanted, namespace):
         if cls:
             (c,) = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls]
             body = c.body
-        (node,) = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == fn]
+        kinds = (ast.FunctionDef, ast.ClassDef)
+        (node,) = [n for n in body if isinstance(n, kinds) and n.name == fn]
         node.decorator_list = []
         exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
         out[name] = namespace[fn]

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""A1111 1.10's own DDIM and PLMS (our `ddim_a1111`, `plms_a1111`) on the tiny models, txt2img
-and img2img (`step_rule` a1111 and a1111_fix_steps), eta 0.
+"""A1111 1.10's own DDIM, PLMS and UniPC (our `ddim_a1111`, `plms_a1111`, `unipc_a1111`) on the
+tiny models, txt2img and img2img (`step_rule` a1111 and a1111_fix_steps), eta 0; UniPC with
+A1111's default options (`uni_pc_variant` bh1, `uni_pc_skip_type` time_uniform,
+`uni_pc_lower_order_final` true, `uni_pc_order` 3, or the case's `uni_pc_order`).
 
 A1111's code runs as written (taken with `ast` by tools/a1111_source.py, not copied):
-  modules/sd_samplers_timesteps_impl.py  ddim, plms (the samplers)
+  modules/sd_samplers_timesteps_impl.py  ddim, plms, unipc, UniPCCFG (the samplers)
+  modules/models/diffusion/uni_pc/uni_pc.py  the whole module (NoiseScheduleVP, UniPC), imported
+                                         as it is (its progress bar silenced)
   modules/sd_samplers_timesteps.py       CompVisSampler.sample, sample_img2img, get_timesteps
                                          (its timesteps, img2img's noise at timesteps[t_enc] and
                                          the slice), CompVisTimestepsVDenoiser's v -> epsilon
@@ -26,6 +30,9 @@ Usage:
   python tools/make_a1111_timestep_sampler_fixtures.py --a1111 PATH/TO/stable-diffusion-webui
 """
 
+import contextlib
+import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -66,6 +73,27 @@ CASES = {
                                    step_rule="a1111_fix_steps"),
     "plms.4.0.6.fix.img2img": dict(scheduler="plms_a1111", steps=4, seed=47, strength=0.6,
                                    step_rule="a1111_fix_steps"),
+    # UniPC runs len(timesteps) steps (8 for 7: 1000 // 7 = 142), img2img t_enc steps from
+    # t_start = (timesteps[t_enc - 1] + 1) / 1000. Orders: 10 steps 1,2,3,3,...,2,1; 5 steps
+    # 1,2,3,2,1; 3 steps 1,2,1. A1111 asserts `steps >= order`: with fewer steps (2; img2img
+    # t_enc 2) it fails, and these cases run its code with `uni_pc_order` lowered to the step
+    # count, what `unipc_a1111` does there. The v-prediction cases put a model time on a whole
+    # number (666, 333; 376), where float32 decides the alphas_cumprod row of the v -> eps.
+    "unipc.10": dict(scheduler="unipc_a1111", steps=10, seed=51),
+    "unipc.5": dict(scheduler="unipc_a1111", steps=5, seed=52),
+    "unipc.3": dict(scheduler="unipc_a1111", steps=3, seed=53),
+    "unipc.7.batch": dict(scheduler="unipc_a1111", steps=7, seed=54, batch_size=2),
+    "unipc.2.order2": dict(scheduler="unipc_a1111", steps=2, seed=55, uni_pc_order=2),
+    "unipc.8.v": dict(scheduler="unipc_a1111", steps=8, seed=56, model="tiny-b"),
+    "unipc.3.v": dict(scheduler="unipc_a1111", steps=3, seed=57, model="tiny-b"),
+    "unipc.10.0.7.img2img": dict(scheduler="unipc_a1111", steps=10, seed=61, strength=0.7),
+    "unipc.10.0.35.img2img": dict(scheduler="unipc_a1111", steps=10, seed=62, strength=0.35),
+    "unipc.10.0.2.order2.img2img": dict(scheduler="unipc_a1111", steps=10, seed=63,
+                                        strength=0.2, uni_pc_order=2),
+    "unipc.8.0.5.v.img2img": dict(scheduler="unipc_a1111", steps=8, seed=64, strength=0.5,
+                                  model="tiny-b"),
+    "unipc.6.0.5.fix.img2img": dict(scheduler="unipc_a1111", steps=6, seed=65, strength=0.5,
+                                    step_rule="a1111_fix_steps"),
 }
 INIT_IMAGE = "init-32x32.png"
 
@@ -80,17 +108,28 @@ class A1111:
     def __init__(self, checkout):
         mod = os.path.join(checkout, "modules")
         self.opts = types.SimpleNamespace(img2img_fix_steps=False, img2img_extra_noise=0.0,
-                                          always_discard_next_to_last_sigma=False)
+                                          always_discard_next_to_last_sigma=False,
+                                          uni_pc_variant="bh1", uni_pc_skip_type="time_uniform",
+                                          uni_pc_order=3, uni_pc_lower_order_final=True)
         tu, d0 = functions(os.path.join(mod, "torch_utils.py"), ["float64"], {"torch": torch})
         common, d1 = functions(os.path.join(mod, "sd_samplers_common.py"),
                                ["setup_img2img_steps"], {"opts": self.opts})
         # A1111 asks for a progress bar (disable=False): a plain range here.
         quiet = types.SimpleNamespace(trange=lambda n, disable=None: range(n))
+        uni_pc_path = os.path.join(mod, "models", "diffusion", "uni_pc", "uni_pc.py")
+        spec = importlib.util.spec_from_file_location("a1111_uni_pc", uni_pc_path)
+        uni_pc = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(uni_pc)
+        uni_pc.tqdm = types.SimpleNamespace(tqdm=lambda total=None: contextlib.nullcontext(
+            types.SimpleNamespace(update=lambda: None)))
+        with open(uni_pc_path, "rb") as f:
+            d_uni_pc = {"uni_pc.py": hashlib.sha256(f.read()).hexdigest()}
         impl_ns = {"torch": torch, "tqdm": quiet, "np": np, "float64": tu["float64"],
                    "k_diffusion": types.SimpleNamespace(
-                       sampling=types.SimpleNamespace(torch=torch))}
+                       sampling=types.SimpleNamespace(torch=torch)),
+                   "uni_pc": uni_pc, "shared": types.SimpleNamespace(opts=self.opts)}
         impl, d2 = functions(os.path.join(mod, "sd_samplers_timesteps_impl.py"),
-                             ["ddim", "plms"], impl_ns)
+                             ["ddim", "plms", "UniPCCFG", "unipc"], impl_ns)
         self.shared = types.SimpleNamespace(sd_model=types.SimpleNamespace(alphas_cumprod=None))
         ns = {"sd_samplers_common": types.SimpleNamespace(
                   setup_img2img_steps=common["setup_img2img_steps"]),
@@ -101,23 +140,26 @@ class A1111:
                            ["CompVisSampler.sample", "CompVisSampler.sample_img2img",
                             "CompVisSampler.get_timesteps",
                             "CompVisTimestepsVDenoiser.predict_eps_from_z_and_v"], ns)
-        self.funcs = {"ddim_a1111": impl["ddim"], "plms_a1111": impl["plms"]}
+        self.funcs = {"ddim_a1111": impl["ddim"], "plms_a1111": impl["plms"],
+                      "unipc_a1111": impl["unipc"]}
         self.methods = ts
-        self.digests = {**d0, **d1, **d2, **d3}
+        self.digests = {**d0, **d1, **d2, **d3, **d_uni_pc}
 
     def run(self, name, unet, alphas_cumprod, v_prediction, x, cond, uncond, cfg_scale, steps,
-            *, image=None, strength=None, fix_steps=False):
+            *, image=None, strength=None, fix_steps=False, uni_pc_order=3):
         """A1111's txt2img (`x` the noise) or, with `image` (latents), img2img: the samples and
         what A1111 did (timesteps, t_enc, UNet evaluations)."""
         self.opts.img2img_fix_steps = fix_steps
+        self.opts.uni_pc_order = uni_pc_order
         self.shared.sd_model.alphas_cumprod = alphas_cumprod
-        seen = {"evaluations": 0}
+        seen = {"evaluations": 0, "model_times": []}
         predict_eps = self.methods["CompVisTimestepsVDenoiser.predict_eps_from_z_and_v"]
         v_denoiser = types.SimpleNamespace(
             inner_model=types.SimpleNamespace(alphas_cumprod=alphas_cumprod))
 
         def model(x, t, cond, uncond, cond_scale, image_cond=None, s_min_uncond=0.0):
             seen["evaluations"] += 1
+            seen["model_times"].append(float(t[0]))
             n = x.shape[0]
             out = unet(torch.cat([x, x]), torch.cat([t, t]),
                        encoder_hidden_states=torch.cat([uncond, cond])).sample
@@ -138,7 +180,8 @@ class A1111:
         me = types.SimpleNamespace(
             config=types.SimpleNamespace(options={}), model_wrap_cfg=wrap, func=traced,
             s_min_uncond=0.0, initialize=lambda p: {}, add_infotext=lambda p: None,
-            callback_state=None)
+            # UniPCCFG calls its callback after every update (ddim and plms check for None).
+            callback_state=lambda d: None)
         me.get_timesteps = lambda p_, n: self.methods["CompVisSampler.get_timesteps"](me, p_, n)
 
         def launch_sampling(count, run):
@@ -208,13 +251,14 @@ def main():
         samples, seen = a1111.run(case["scheduler"], pipe.unet, sched.alphas_cumprod,
                                   v_prediction, x, cond, uncond, case["guidance_scale"],
                                   case["steps"], image=image, strength=case.get("strength"),
-                                  fix_steps=case.get("step_rule") == "a1111_fix_steps")
+                                  fix_steps=case.get("step_rule") == "a1111_fix_steps",
+                                  uni_pc_order=case.get("uni_pc_order", 3))
         decoded = pipe.vae.decode(samples / pipe.vae.config.scaling_factor).sample
         out = to_u8(pipe.image_processor.postprocess(decoded, output_type="np"))
         tensors[f"image.{label}"] = out.contiguous()
         tensors[f"latents.{label}"] = samples.float().contiguous()
         case.update(a1111_timesteps=seen["timesteps"], a1111_t_enc=seen.get("t_enc"),
-                    unet_evaluations=seen["evaluations"])
+                    unet_evaluations=seen["evaluations"], model_times=seen["model_times"])
         cases[label] = case
         print(f"{label}: timesteps {seen['timesteps']}, t_enc {seen.get('t_enc')}, "
               f"{seen['evaluations']} UNet evaluations")

@@ -194,6 +194,8 @@ class A1111(Timed):
             # A1111's own timestep sampler, not diffusers' PNDM.
             ("PLMS", None, "plms_a1111", 1, None),
             ("DDIM", None, "ddim_a1111", 1, None),
+            # A1111's own UniPC (bh1, order 3), not diffusers' unipc.
+            ("UniPC", None, "unipc_a1111", 1, None),
         ]:
             r = self.api.txt2img(
                 prompt=PROMPT,

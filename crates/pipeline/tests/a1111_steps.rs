@@ -125,9 +125,10 @@ fn diffusers_rule_gives_other_images() {
     assert_eq!(failures.len(), images, "{failures:?}");
 }
 
-/// A1111's own DDIM and PLMS (`ddim_a1111`, `plms_a1111`), txt2img and img2img, against its
-/// `sd_samplers_timesteps_impl` functions run by `tools/make_a1111_timestep_sampler_fixtures.py`
-/// (`a1111-timestep-samplers.json`); diffusers' DDIM and PNDM give other images.
+/// A1111's own DDIM, PLMS and UniPC (`ddim_a1111`, `plms_a1111`, `unipc_a1111`), txt2img and
+/// img2img, against its `sd_samplers_timesteps_impl` functions (and its `uni_pc.py`) run by
+/// `tools/make_a1111_timestep_sampler_fixtures.py` (`a1111-timestep-samplers.json`);
+/// diffusers' DDIM, PNDM and UniPC give other images.
 mod a1111_timestep_samplers {
     use super::*;
     use sdserve_pipeline::schedulers::SchedulerKind;
@@ -175,7 +176,7 @@ mod a1111_timestep_samplers {
         let (failures, images) = common::image_case_failures(&cases, params_of, |label| {
             tensors[&format!("image.{label}")].clone()
         });
-        assert_eq!(images, 15);
+        assert_eq!(images, 28);
         assert!(failures.is_empty(), "differ from A1111's: {failures:?}");
     }
 
@@ -247,6 +248,7 @@ mod a1111_timestep_samplers {
             let kind = match case["scheduler"].as_str().unwrap() {
                 "ddim_a1111" => SchedulerKind::Ddim,
                 "plms_a1111" => SchedulerKind::Pndm,
+                "unipc_a1111" => SchedulerKind::UniPc,
                 other => panic!("{other}"),
             };
             GenerationParams {
@@ -262,6 +264,41 @@ mod a1111_timestep_samplers {
                 "{label}: diffusers' scheduler gives A1111's latents ({d})"
             );
         }
+    }
+
+    /// UniPC's model times (fractional, float32) are the ones A1111's UNet got: the run's
+    /// length, its start (img2img's `t_start`) and the float32 rounding that picks a
+    /// v-prediction model's `alphas_cumprod` row.
+    #[test]
+    fn unipc_model_times_are_a1111_s() {
+        let (cases, _) = load();
+        let model =
+            StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32)
+                .unwrap();
+        let mut checked = 0;
+        for (label, case) in cases
+            .iter()
+            .filter(|(_, c)| c["scheduler"] == "unipc_a1111")
+        {
+            let params = params_of(case);
+            let (scheduler, begin) = model
+                .schedules()
+                .schedule(params.scheduler, None, params.steps, params.init_start())
+                .unwrap();
+            let got: Vec<f32> = scheduler.timesteps()[begin..]
+                .iter()
+                .map(|&t| t as f32)
+                .collect();
+            let want: Vec<f32> = case["model_times"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(got, want, "{label}");
+            checked += 1;
+        }
+        assert_eq!(checked, 12);
     }
 
     /// One step is a single timestep and no update: A1111 hands back the noise, and so do we

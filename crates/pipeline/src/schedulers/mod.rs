@@ -26,6 +26,7 @@ pub mod seed_sequence;
 pub mod sigma_schedule;
 pub mod torch_math;
 pub mod unipc;
+pub mod unipc_a1111;
 
 /// The update rule of a scheduler (diffusers' class, or A1111's sampler), whatever its sigmas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +55,8 @@ pub enum Sampler {
     DdimA1111,
     /// A1111's own `PLMS` (`sd_samplers_timesteps_impl.plms`).
     PlmsA1111,
+    /// A1111's own `UniPC` (`sd_samplers_timesteps_impl.unipc`: bh1, order 3).
+    UniPcA1111,
 }
 
 impl Sampler {
@@ -96,11 +99,12 @@ pub enum SchedulerKind {
     Lcm,
     DdimA1111,
     PlmsA1111,
+    UniPcA1111,
 }
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 25] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 26] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -199,6 +203,12 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 25] = [
         SchedulerKind::PlmsA1111,
         "plms_a1111",
         Sampler::PlmsA1111,
+        false,
+    ),
+    (
+        SchedulerKind::UniPcA1111,
+        "unipc_a1111",
+        Sampler::UniPcA1111,
         false,
     ),
 ];
@@ -368,6 +378,7 @@ pub fn build_with(
             cfg,
             n,
         )?),
+        Sampler::UniPcA1111 => Box::new(unipc_a1111::UniPcA1111::new(cfg, n)?),
     })
 }
 

@@ -111,7 +111,8 @@ impl Sampler {
             | Sampler::Ddim
             | Sampler::Lcm
             | Sampler::DdimA1111
-            | Sampler::PlmsA1111 => &[SigmaSchedule::Uniform],
+            | Sampler::PlmsA1111
+            | Sampler::UniPcA1111 => &[SigmaSchedule::Uniform],
             Sampler::EulerAncestral => &[SigmaSchedule::Uniform, SigmaSchedule::Karras],
             _ => &SigmaSchedule::ALL,
         }

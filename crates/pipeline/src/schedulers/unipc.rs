@@ -282,7 +282,7 @@ fn weighted_sum(rhos: &[f32], d1s: &[Tensor]) -> Result<Tensor> {
 /// multipliers use the pivot's reciprocal and the substitutions fused multiply-adds, which
 /// reproduces torch 2.11's CPU results bit for bit on 2x2 systems (UniPC order 2), and to an ulp
 /// on larger ones.
-fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Result<Vec<f32>> {
+pub(super) fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Result<Vec<f32>> {
     let n = b.len();
     for col in 0..n {
         // The first row with the largest magnitude, as isamax.

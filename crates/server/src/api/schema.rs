@@ -63,6 +63,9 @@ pub enum SchedulerName {
     /// A1111's own PLMS, not diffusers' PNDM.
     #[serde(rename = "plms_a1111")]
     PlmsA1111,
+    /// A1111's own UniPC (bh1, order 3, its times), not diffusers' `unipc`.
+    #[serde(rename = "unipc_a1111")]
+    UniPcA1111,
 }
 
 /// Sigma schedules of the API (`schedule`): `default` is the scheduler name's own (Karras for
@@ -124,7 +127,9 @@ pub struct GenerateRequest {
     /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2); `ddim_a1111` and
     /// `plms_a1111` are A1111's own DDIM and PLMS (its timesteps, `steps - 1` updates when
     /// `steps` divides 1000, its img2img start with `step_rule` `a1111`), not diffusers' `ddim`
-    /// and `pndm`.
+    /// and `pndm`; `unipc_a1111` is A1111's own UniPC (bh1, order 3, its continuous times:
+    /// `steps + 1` evaluations where `steps` does not divide 1000; img2img with `step_rule`
+    /// `a1111` runs `int(steps * strength)` evaluations), not diffusers' `unipc`.
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// The sigmas the scheduler steps through (diffusers' `use_karras_sigmas`,
@@ -134,8 +139,9 @@ pub struct GenerateRequest {
     /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
     /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
     /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`; `euler_a` has `uniform` and `karras`;
-    /// `pndm`, `ddim`, `ddim_a1111`, `plms_a1111` and `lcm` only `uniform`. Another combination (a `_karras` name with
-    /// another schedule too) is a 422 naming `schedule`.
+    /// `pndm`, `ddim`, `ddim_a1111`, `plms_a1111`, `unipc_a1111` and `lcm` only `uniform`.
+    /// Another combination (a `_karras` name with another schedule too) is a 422 naming
+    /// `schedule`.
     #[schema(nullable = true, default = "default")]
     pub schedule: Option<SigmaScheduleName>,
     /// `a1111`: `(word:1.3)`, `((word))`, `[word]`, `\\(` escapes, `BREAK`, prompts past 77

@@ -81,8 +81,10 @@ pub const SAMPLERS: [Sampler; 13] = [
     Sampler {
         name: "UniPC",
         aliases: &["unipc"],
-        uniform: SchedulerKind::UniPc,
-        karras: Some(SchedulerKind::UniPcKarras),
+        // A1111's own (bh1, order 3; a timesteps sampler without a schedule choice), not
+        // diffusers' UniPCMultistep (`unipc`).
+        uniform: SchedulerKind::UniPcA1111,
+        karras: None,
         automatic: SigmaSchedule::Uniform,
     },
     // A1111's k-diffusion DPM2 and DPM2 a drop the next-to-last sigma of their schedule
@@ -138,7 +140,7 @@ pub fn schedule_label(schedule: SigmaSchedule) -> &'static str {
 }
 
 /// A1111's sampler name for `kind`, and its schedule label where the sampler has a choice
-/// (`Karras` or `Uniform`; none for DDIM and PLMS).
+/// (`Karras` or `Uniform`; none for DDIM, PLMS and UniPC).
 pub fn a1111_names(kind: SchedulerKind) -> (&'static str, Option<&'static str>) {
     SAMPLERS
         .iter()
@@ -156,6 +158,8 @@ pub fn a1111_names(kind: SchedulerKind) -> (&'static str, Option<&'static str>) 
             // diffusers' classes of A1111's names (our infotext's `Scheduler:` tells them apart).
             SchedulerKind::Ddim => Some(("DDIM", None)),
             SchedulerKind::Pndm => Some(("PLMS", None)),
+            SchedulerKind::UniPc => Some(("UniPC", Some("Uniform"))),
+            SchedulerKind::UniPcKarras => Some(("UniPC", Some("Karras"))),
             _ => None,
         })
         .unwrap_or((kind.name(), None))
@@ -309,7 +313,7 @@ mod tests {
             SchedulerKind::DdimA1111
         );
         assert_eq!(r(Some("LMS"), Some("Uniform")).kind, SchedulerKind::Lms);
-        assert_eq!(r(Some("UniPC"), Some("")).kind, SchedulerKind::UniPc);
+        assert_eq!(r(Some("UniPC"), Some("")).kind, SchedulerKind::UniPcA1111);
         // DPM++ 2M: automatic means Karras; Uniform is the plain one.
         assert_eq!(
             r(Some("DPM++ 2M"), Some("automatic")).kind,
@@ -339,7 +343,6 @@ mod tests {
             ("Euler a", SchedulerKind::EulerAncestralKarras),
             ("Euler", SchedulerKind::EulerKarras),
             ("LMS", SchedulerKind::LmsKarras),
-            ("UniPC", SchedulerKind::UniPcKarras),
             ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSdeKarras),
             ("DPM++ SDE", SchedulerKind::DpmPpSdeKarras),
         ] {
@@ -370,7 +373,6 @@ mod tests {
             ("DPM++ SDE", SchedulerKind::DpmPpSde),
             ("Heun", SchedulerKind::Heun),
             ("DPM2 a", SchedulerKind::Dpm2Ancestral),
-            ("UniPC", SchedulerKind::UniPc),
             ("LMS", SchedulerKind::Lms),
         ] {
             for (label, sigmas) in [
@@ -395,6 +397,7 @@ mod tests {
         for (name, label) in [
             ("Euler a", "Exponential"),
             ("DDIM", "Beta"),
+            ("UniPC", "Exponential"),
             ("LCM", "Exponential"),
         ] {
             let e = resolve_sampler("sampler_name", Some(name), Some(label)).unwrap_err();
@@ -481,6 +484,7 @@ mod tests {
             assert!(details.contains(name), "{details}");
         }
         assert!(!details.contains("DDIM Karras"), "{details}");
+        assert!(!details.contains("UniPC Karras"), "{details}");
         let e = resolve_sampler("sampler_name", Some("DDIM"), Some("Karras")).unwrap_err();
         let details = e.body().details.unwrap();
         assert!(details.contains("Euler a, Euler, DPM++ 2M"), "{details}");

@@ -41,8 +41,9 @@ pub struct A1111Request {
     #[schema(default = -1, minimum = -1, maximum = 4294967295_i64, nullable = true)]
     pub seed: Option<i64>,
     /// `Euler a`, `Euler`, `DPM++ 2M`, `DPM++ 2M SDE`, `DPM++ SDE`, `DDIM`, `PLMS`, `LMS`,
-    /// `UniPC`, `Heun`, `DPM2`, `DPM2 a`, `LCM`; all but `DDIM`, `PLMS` and `LCM` also as
-    /// `<name> Karras` (A1111's older one-word form).
+    /// `UniPC`, `Heun`, `DPM2`, `DPM2 a`, `LCM`; all but `DDIM`, `PLMS`, `UniPC` and `LCM`
+    /// also as `<name> Karras` (A1111's older one-word form). `DDIM`, `PLMS` and `UniPC` are
+    /// A1111's own (`ddim_a1111`, `plms_a1111`, `unipc_a1111`).
     #[schema(default = "Euler")]
     pub sampler_name: Option<String>,
     /// The older name of `sampler_name` (used when `sampler_name` is absent).

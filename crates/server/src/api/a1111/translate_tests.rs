@@ -482,23 +482,36 @@ fn enable_hr_fits_each_unit_again_at_the_hires_size() {
     assert!(t.valid.controlnets[0].hires_image.is_none());
 }
 
-/// `DDIM` and `PLMS` run A1111's own timestep samplers (`ddim_a1111`, `plms_a1111`), not
-/// diffusers' `ddim` and `pndm`; the infotext keeps A1111's names.
+/// `DDIM`, `PLMS` and `UniPC` run A1111's own timestep samplers (`ddim_a1111`,
+/// `plms_a1111`, `unipc_a1111`), not diffusers' `ddim`, `pndm` and `unipc`; the infotext
+/// keeps A1111's names.
 #[test]
-fn ddim_and_plms_are_a1111_s_own() {
+fn ddim_plms_and_unipc_are_a1111_s_own() {
     for (name, native) in [
         ("DDIM", "ddim_a1111"),
         ("ddim", "ddim_a1111"),
         ("PLMS", "plms_a1111"),
+        ("UniPC", "unipc_a1111"),
+        ("unipc", "unipc_a1111"),
     ] {
         let t = tr(json!({"prompt": "p", "sampler_name": name}), Mode::Txt2Img).unwrap();
         assert_eq!(t.native["scheduler"], native, "{name}");
         assert_eq!(t.valid.scheduler.map(|k| k.name()), Some(native), "{name}");
     }
-    assert_eq!(
-        crate::api::a1111::samplers::a1111_names(SchedulerKind::PlmsA1111),
-        ("PLMS", None)
-    );
+    for (kind, name) in [
+        (SchedulerKind::PlmsA1111, "PLMS"),
+        (SchedulerKind::UniPcA1111, "UniPC"),
+    ] {
+        assert_eq!(crate::api::a1111::samplers::a1111_names(kind), (name, None));
+    }
+    // A1111's UniPC has no schedule choice: Karras is a 422 naming `scheduler`.
+    for body in [
+        json!({"prompt": "p", "sampler_name": "UniPC", "scheduler": "Karras"}),
+        json!({"prompt": "p", "sampler_name": "UniPC Karras"}),
+    ] {
+        let e = tr(body, Mode::Txt2Img).unwrap_err();
+        assert!(e.body().details.unwrap().starts_with("scheduler"), "{e:?}");
+    }
     // diffusers' classes keep A1111's nearest names in infotexts.
     assert_eq!(
         crate::api::a1111::samplers::a1111_names(SchedulerKind::Pndm),
