@@ -4,13 +4,16 @@
 //! padded image (the operation alone: exact for the integer ones, within a stated bound for
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
-//! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`.
+//! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
+//! `pidinet.rs`.
 
 mod common;
 #[path = "controlnet_preprocess_modules/hed.rs"]
 mod hed;
 #[path = "controlnet_preprocess_modules/lineart.rs"]
 mod lineart;
+#[path = "controlnet_preprocess_modules/pidinet.rs"]
+mod pidinet;
 
 use std::collections::HashMap;
 

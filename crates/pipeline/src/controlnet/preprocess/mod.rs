@@ -10,7 +10,7 @@
 //! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`, `hed`
 //! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps), `lineart`
 //! (lineart_realistic, lineart_coarse: the generator, and the layers the anime one shares),
-//! `lineart_anime`.
+//! `lineart_anime`, `pidinet` (the PiDiNet network and its edge map).
 
 mod canny;
 mod color;
@@ -20,6 +20,7 @@ mod lineart;
 mod lineart_anime;
 mod lines;
 mod networks;
+mod pidinet;
 mod pointwise;
 mod resize;
 mod shuffle;
@@ -42,6 +43,7 @@ pub use lines::{lineart_standard, scribble_xdog};
 pub use networks::{
     network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, LoadedNetworks, ANNOTATOR_FILES,
 };
+pub use pidinet::{pidinet_edges, pidinet_logits, PidiNetwork, PIDINET, PIDINET_FILE};
 pub use pointwise::{invert, threshold};
 pub use resize::{resize_image_with_pad, Padded};
 pub use shuffle::{shuffle, shuffle_image};

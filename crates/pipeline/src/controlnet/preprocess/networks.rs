@@ -29,6 +29,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::LINEART,
     &super::LINEART_COARSE,
     &super::LINEART_ANIME,
+    &super::PIDINET,
 ];
 
 /// Where the model-based modules get their networks (the server: its annotator folder,
