@@ -139,6 +139,20 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let (_, meta, _) = run(&with(json!({"model": "cn-a", "image": photo_b64,
         "preprocessor": {"type": "shuffle", "resolution": 64, "seed": 5}})));
     assert_eq!(meta["controlnets"][0]["preprocessor"]["seed"], 5);
+    // A request that leaves the seed to chance: the map follows the drawn seed as well.
+    let mut unseeded = with(json!({"model": "cn-a", "image": photo_b64,
+        "preprocessor": {"type": "shuffle", "resolution": 64}}));
+    unseeded.as_object_mut().unwrap().remove("seed");
+    let (got, meta, _) = run(&unseeded);
+    let seed = meta["seed"].as_u64().unwrap();
+    let numpy_seed = (2 * seed) as u32;
+    assert_eq!(
+        meta["controlnets"][0]["preprocessor"]["seed"], numpy_seed,
+        "seed {seed}"
+    );
+    let mut seeded = unseeded.clone();
+    seeded["seed"] = json!(seed);
+    assert!(run(&seeded).0 == got, "the drawn seed reproduces the image");
     for (preprocessor, needle) in [
         (json!({"type": "depth_midas"}), "[0].preprocessor.type"),
         (
@@ -283,8 +297,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     );
     for lineart in ["lineart", "lineart_coarse", "lineart_anime"] {
         assert_eq!(
-            listed["module_detail"][lineart],
-            listed["module_detail"]["hed"],
+            listed["module_detail"][lineart], listed["module_detail"]["hed"],
             "{lineart}"
         );
     }

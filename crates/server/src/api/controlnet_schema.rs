@@ -140,8 +140,9 @@ pub struct ControlNetPreprocessor {
     pub down_sampling_rate: Option<f64>,
     /// `shuffle`: the seed of numpy's legacy generator (`np.random.seed`), which draws the
     /// flow. Default: the one the extension sets before each unit (`set_numpy_seed`), the
-    /// request's `seed` plus its `variation_seed` (the seed again without one), modulo 2^32;
-    /// a random one without a request seed. The metadata carries the one used.
+    /// request's `seed` plus its `variation_seed` (the seed again without one), modulo 2^32.
+    /// A request without `seed` has its seed drawn at submit, so the map follows it too and
+    /// the metadata's `seed` reproduces the image. The metadata carries the one used.
     #[schema(minimum = 0, maximum = 4294967295_u32, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u32>,

@@ -8,6 +8,7 @@
 //!   body's `fields` lists them (see [`FieldReader`]). `null` means the default for every
 //!   optional field.
 
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::{PromptSyntax, SeedResize};
 use sdserve_pipeline::prompt::parse_attention;
@@ -350,15 +351,19 @@ pub fn validate_request(
         );
     }
     let seed_resize = seed_resize_from(&mut r);
-    // `shuffle`'s default seed: the extension's `set_numpy_seed` (seed plus variation seed,
-    // the seed again without one); a random one when the request leaves the seed to chance.
-    let numpy_seed = match seed {
-        Some(s) => (s + variation_seed.unwrap_or(s)) as u32,
-        None => crate::api::random_seed(),
-    };
+    // `shuffle`'s default seed: the extension's `set_numpy_seed` of the generation's seed
+    // (seed plus variation seed, the seed again without one, mod 2^32). A request that
+    // leaves the seed to chance has it drawn here when a shuffle map is made, so the map and
+    // the images follow the one seed the metadata reports.
+    let generation_seed = seed.unwrap_or_else(|| u64::from(crate::api::random_seed()));
+    let numpy_seed = (generation_seed + variation_seed.unwrap_or(generation_seed)) as u32;
     let controlnets = r
         .with("controlnets", |v| controlnets::read(v, numpy_seed))
         .unwrap_or_default();
+    let shuffles = controlnets
+        .iter()
+        .any(|c| matches!(c.preprocessor, Some(Preprocessor::Shuffle { .. })));
+    let seed = seed.or(shuffles.then_some(generation_seed));
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     });
