@@ -266,10 +266,11 @@ impl Scheduler for A1111Timesteps {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sd15() -> SchedulerConfig {
+    /// SD 1.5's scheduler config, as A1111's samplers see it.
+    pub(crate) fn sd15() -> SchedulerConfig {
         SchedulerConfig {
             beta_start: Some(0.00085),
             beta_end: Some(0.012),

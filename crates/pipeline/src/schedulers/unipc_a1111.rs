@@ -355,15 +355,7 @@ impl Scheduler for UniPcA1111 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sd15() -> SchedulerConfig {
-        SchedulerConfig {
-            beta_start: Some(0.00085),
-            beta_end: Some(0.012),
-            beta_schedule: Some("scaled_linear".into()),
-            ..Default::default()
-        }
-    }
+    use crate::schedulers::a1111_timesteps::tests::sd15;
 
     #[test]
     fn model_times_are_a1111_s() {
