@@ -275,7 +275,10 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::ScribbleHed { .. }
         | Preprocessor::LineartRealistic { .. }
         | Preprocessor::LineartCoarse { .. }
-        | Preprocessor::LineartAnime { .. } => (hidden.clone(), hidden.clone()),
+        | Preprocessor::LineartAnime { .. }
+        | Preprocessor::SoftedgePidinet { .. }
+        | Preprocessor::SoftedgePidisafe { .. }
+        | Preprocessor::ScribblePidinet { .. } => (hidden.clone(), hidden.clone()),
     };
     format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
 }

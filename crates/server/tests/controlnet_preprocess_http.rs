@@ -4,7 +4,7 @@
 //! holds to the extension's OpenCV calls), metadata and PNG parameters name it; A1111 units
 //! with `module: "canny"` (processor_res, pixel_perfect, the resize mode after the
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
-//! `/controlnet/module_list`; refusals. The HED and lineart modules with the pipeline's tiny
+//! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR, and without them.
 
 mod common;
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use base64::Engine as _;
 use common::{decode_png, post_json_to};
 use sdserve_pipeline::controlnet::preprocess::{
-    LoadedNetworks, Preprocessor, HED, LINEART, LINEART_ANIME, LINEART_COARSE,
+    LoadedNetworks, Preprocessor, HED, LINEART, LINEART_ANIME, LINEART_COARSE, PIDINET,
 };
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
@@ -266,11 +266,14 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         json!([
             "none",
             "tile_resample",
+            "pidinet",
+            "pidinet_scribble",
             "lineart_standard",
             "canny",
             "invert",
             "threshold",
             "color",
+            "pidinet_safe",
             "hed_safe",
             "hed",
             "shuffle",
@@ -283,7 +286,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][6], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][8], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -295,10 +298,17 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         json!({"model_free": false, "sliders": [
             {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]})
     );
-    for lineart in ["lineart", "lineart_coarse", "lineart_anime"] {
+    for module in [
+        "lineart",
+        "lineart_coarse",
+        "lineart_anime",
+        "pidinet",
+        "pidinet_safe",
+        "pidinet_scribble",
+    ] {
         assert_eq!(
-            listed["module_detail"][lineart], listed["module_detail"]["hed"],
-            "{lineart}"
+            listed["module_detail"][module], listed["module_detail"]["hed"],
+            "{module}"
         );
     }
     assert_eq!(
@@ -319,17 +329,20 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let labels = s.get("/controlnet/module_list?alias_names=true").json();
     // The extension's `Preprocessor.label`s: two differ from the names.
     assert_eq!(
-        labels["module_list"][2],
+        labels["module_list"][4],
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][4],
+        labels["module_list"][6],
         "invert (from white bg & black line)"
     );
-    assert_eq!(labels["module_list"][3], "canny");
-    assert_eq!(labels["module_list"][7], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][8], "softedge_hed");
-    assert_eq!(labels["module_list"][12], "lineart_realistic");
+    assert_eq!(labels["module_list"][2], "softedge_pidinet");
+    assert_eq!(labels["module_list"][3], "scribble_pidinet");
+    assert_eq!(labels["module_list"][5], "canny");
+    assert_eq!(labels["module_list"][9], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][10], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][11], "softedge_hed");
+    assert_eq!(labels["module_list"][15], "lineart_realistic");
     assert_eq!(
         labels["module_detail"]["invert (from white bg & black line)"],
         listed["module_detail"]["invert"]
@@ -342,16 +355,32 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
 }
 
 #[test]
-fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
-    let annotators = fixtures().join("hed");
+fn hed_and_pidinet_modules_run_with_annotator_dir_and_are_refused_without_it() {
+    // The extension's layout: each file in its own subfolder.
+    let annotators =
+        std::env::temp_dir().join(format!("sdserve-annotators-http-{}", std::process::id()));
+    for (sub, file) in [
+        ("hed", "ControlNetHED.pth"),
+        ("pidinet", "table5_pidinet.pth"),
+    ] {
+        std::fs::create_dir_all(annotators.join(sub)).unwrap();
+        std::fs::copy(
+            fixtures().join(sub).join(file),
+            annotators.join(sub).join(file),
+        )
+        .unwrap();
+    }
     let s = common::tiny_a_vae8_server(&[
         ("CONTROLNET_DIR", &fixtures().join("controlnet")),
         ("ANNOTATOR_DIR", &annotators),
     ]);
     let (photo, photo_b64) = photo();
-    // The tiny HED network of `tools/make_hed_fixtures.py`, as the server reads it.
+    // The tiny networks of `tools/make_hed_fixtures.py` and `make_pidinet_fixtures.py`, as
+    // the server reads them.
     let net = LoadedNetworks::default()
-        .read(&HED, &annotators.join("ControlNetHED.pth"))
+        .read(&HED, &annotators.join("hed/ControlNetHED.pth"))
+        .unwrap()
+        .read(&PIDINET, &annotators.join("pidinet/table5_pidinet.pth"))
         .unwrap();
     // /controlnet/detect by name and by label: the maps made here.
     for (module, p) in [
@@ -361,6 +390,15 @@ fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
             Preprocessor::SoftedgeHedsafe { resolution: 64 },
         ),
         ("scribble_hed", Preprocessor::ScribbleHed { resolution: 64 }),
+        ("pidinet", Preprocessor::SoftedgePidinet { resolution: 64 }),
+        (
+            "softedge_pidisafe",
+            Preprocessor::SoftedgePidisafe { resolution: 64 },
+        ),
+        (
+            "scribble_pidinet",
+            Preprocessor::ScribblePidinet { resolution: 64 },
+        ),
     ] {
         let r = post_json_to(
             s.addr,
@@ -403,6 +441,7 @@ fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
     );
 
     // Without the weights: a 422 naming the module and the file, natively and in A1111's.
+    std::fs::remove_dir_all(&annotators).unwrap();
     let bare = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
     let mut b = base.clone();
     b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
@@ -434,6 +473,17 @@ fn hed_modules_run_with_annotator_dir_and_are_refused_without_it() {
     assert!(
         rule.starts_with("[0].module: \"softedge_hedsafe\" needs ControlNetHED.pth"),
         "{e}"
+    );
+    let mut b = base.clone();
+    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
+                               "preprocessor": {"type": "softedge_pidinet", "resolution": 64}}]);
+    let text = bare
+        .post_json(&b)
+        .error(422, "validation_error")
+        .to_string();
+    assert!(
+        text.contains("[0].preprocessor.type: \\\"softedge_pidinet\\\" needs table5_pidinet.pth"),
+        "{text}"
     );
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use sdserve_pipeline::controlnet::preprocess::{
     network, pidinet_edges, pidinet_logits, resize_image_with_pad, scribble_hed, LoadedNetworks,
-    PidiNetwork, PIDINET,
+    PidiNetwork, Preprocessor, PIDINET,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -49,6 +49,15 @@ fn image(t: &HashMap<String, Tensor>, key: &str) -> RgbImage {
     }
 }
 
+fn preprocessor(module: &str, resolution: u32) -> Preprocessor {
+    match module {
+        "softedge_pidinet" => Preprocessor::SoftedgePidinet { resolution },
+        "softedge_pidisafe" => Preprocessor::SoftedgePidisafe { resolution },
+        "scribble_pidinet" => Preprocessor::ScribblePidinet { resolution },
+        other => panic!("{other}"),
+    }
+}
+
 #[test]
 fn the_network_reads_its_widths_and_its_logits_agree_to_float_noise() {
     let (_, net) = net();
@@ -76,7 +85,7 @@ fn the_network_reads_its_widths_and_its_logits_agree_to_float_noise() {
 
 #[test]
 fn pidinet_modules_make_the_extension_s_maps() {
-    let (_, net) = net();
+    let (nets, net) = net();
     let t = tensors();
     let cases = cases();
     assert_eq!(cases.len(), 21);
@@ -115,6 +124,11 @@ fn pidinet_modules_make_the_extension_s_maps() {
             _ => assert_eq!(differing, 0, "{label}: max {max}"),
         }
         total += differing;
+        // Whole, from the photo, where the area resize runs: the same map.
+        if res <= photo.width.min(photo.height) {
+            let got = preprocessor(module, res).run_with(&photo, &nets).unwrap();
+            assert!(got == from_padded, "{label}: whole run differs");
+        }
     }
     println!("PiDiNet maps: {total} values differ in all");
 }

@@ -107,7 +107,9 @@ pub struct ControlNetPreprocessor {
     /// `scribble_hed` them thinned to white strokes (these three need `ControlNetHED.pth` in
     /// the server's ANNOTATOR_DIR); `lineart_realistic`, `lineart_coarse`, `lineart_anime`:
     /// the extension's lineart networks' lines, white on black (they need `sk_model.pth`,
-    /// `sk_model2.pth`, `netG.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
+    /// `sk_model2.pth`, `netG.pth` in ANNOTATOR_DIR); `softedge_pidinet`, `softedge_pidisafe`,
+    /// `scribble_pidinet`: the three HED ones' kinds from the PiDiNet network
+    /// (`table5_pidinet.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
     /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
@@ -175,6 +177,9 @@ pub enum PreprocessorType {
     LineartRealistic,
     LineartCoarse,
     LineartAnime,
+    SoftedgePidinet,
+    SoftedgePidisafe,
+    ScribblePidinet,
 }
 
 /// A ControlNet a result was made with.

@@ -2,8 +2,8 @@
 //! extension (`sdserve_pipeline::controlnet::preprocess`), its settings in the ranges of the
 //! extension's sliders (`PreprocessorCanny` and the other model-free classes, the legacy
 //! modules' `slider_1`, the class's `slider_resolution`), and the run that turns the uploaded
-//! image into the control map at validation; the model-based ones (HED) take their network
-//! from ANNOTATOR_DIR (`crate::annotators`).
+//! image into the control map at validation; the model-based ones (HED, lineart, PiDiNet) take
+//! their network from ANNOTATOR_DIR (`crate::annotators`).
 
 use serde_json::Value;
 
@@ -28,7 +28,7 @@ pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
 pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -49,7 +49,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
         "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
-        | "lineart_realistic" | "lineart_coarse" | "lineart_anime" => &["type", "resolution"],
+        | "lineart_realistic" | "lineart_coarse" | "lineart_anime"
+        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" => &["type", "resolution"],
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
         "shuffle" => &["type", "seed", "resolution"],
@@ -142,6 +143,15 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             resolution: resolution()?,
         },
         "lineart_anime" => Preprocessor::LineartAnime {
+            resolution: resolution()?,
+        },
+        "softedge_pidinet" => Preprocessor::SoftedgePidinet {
+            resolution: resolution()?,
+        },
+        "softedge_pidisafe" => Preprocessor::SoftedgePidisafe {
+            resolution: resolution()?,
+        },
+        "scribble_pidinet" => Preprocessor::ScribblePidinet {
             resolution: resolution()?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
@@ -241,6 +251,9 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::LineartRealistic { .. } => base(PreprocessorType::LineartRealistic),
         Preprocessor::LineartCoarse { .. } => base(PreprocessorType::LineartCoarse),
         Preprocessor::LineartAnime { .. } => base(PreprocessorType::LineartAnime),
+        Preprocessor::SoftedgePidinet { .. } => base(PreprocessorType::SoftedgePidinet),
+        Preprocessor::SoftedgePidisafe { .. } => base(PreprocessorType::SoftedgePidisafe),
+        Preprocessor::ScribblePidinet { .. } => base(PreprocessorType::ScribblePidinet),
     }
 }
 
@@ -354,6 +367,18 @@ mod tests {
             (
                 json!({"type": "lineart_anime", "resolution": 64}),
                 Preprocessor::LineartAnime { resolution: 64 },
+            ),
+            (
+                json!({"type": "softedge_pidinet"}),
+                Preprocessor::SoftedgePidinet { resolution: 512 },
+            ),
+            (
+                json!({"type": "softedge_pidisafe", "resolution": 640}),
+                Preprocessor::SoftedgePidisafe { resolution: 640 },
+            ),
+            (
+                json!({"type": "scribble_pidinet", "resolution": 64}),
+                Preprocessor::ScribblePidinet { resolution: 64 },
             ),
             // The request's seed where the unit names none.
             (

@@ -10,7 +10,7 @@
 //! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`, `hed`
 //! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps), `lineart`
 //! (lineart_realistic, lineart_coarse: the generator, and the layers the anime one shares),
-//! `lineart_anime`, `pidinet` (the PiDiNet network and its edge map).
+//! `lineart_anime`, `pidinet` (softedge_pidinet, softedge_pidisafe, scribble_pidinet).
 
 mod canny;
 mod color;
@@ -99,6 +99,13 @@ pub enum Preprocessor {
     LineartCoarse { resolution: u32 },
     /// The legacy `lineart_anime`: the `netG.pth` U-Net's lines, white on black.
     LineartAnime { resolution: u32 },
+    /// The legacy `pidinet` (`softedge_pidinet`): the PiDiNet network's soft edges.
+    SoftedgePidinet { resolution: u32 },
+    /// The legacy `pidinet_safe` (`softedge_pidisafe`): the same quantized to 0, 127, 255.
+    SoftedgePidisafe { resolution: u32 },
+    /// The legacy `pidinet_scribble` (`scribble_pidinet`): PiDiNet's edges thinned and
+    /// thickened as scribble_hed's.
+    ScribblePidinet { resolution: u32 },
 }
 
 impl Preprocessor {
@@ -120,6 +127,9 @@ impl Preprocessor {
             Self::LineartRealistic { .. } => "lineart_realistic",
             Self::LineartCoarse { .. } => "lineart_coarse",
             Self::LineartAnime { .. } => "lineart_anime",
+            Self::SoftedgePidinet { .. } => "softedge_pidinet",
+            Self::SoftedgePidisafe { .. } => "softedge_pidisafe",
+            Self::ScribblePidinet { .. } => "scribble_pidinet",
         }
     }
 
@@ -138,6 +148,9 @@ impl Preprocessor {
             Self::LineartRealistic { .. } => Some(&LINEART),
             Self::LineartCoarse { .. } => Some(&LINEART_COARSE),
             Self::LineartAnime { .. } => Some(&LINEART_ANIME),
+            Self::SoftedgePidinet { .. }
+            | Self::SoftedgePidisafe { .. }
+            | Self::ScribblePidinet { .. } => Some(&PIDINET),
             _ => None,
         }
     }
@@ -158,7 +171,10 @@ impl Preprocessor {
             | Self::ScribbleHed { resolution }
             | Self::LineartRealistic { resolution }
             | Self::LineartCoarse { resolution }
-            | Self::LineartAnime { resolution } => Some(resolution),
+            | Self::LineartAnime { resolution }
+            | Self::SoftedgePidinet { resolution }
+            | Self::SoftedgePidisafe { resolution }
+            | Self::ScribblePidinet { resolution } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
     }
@@ -179,7 +195,10 @@ impl Preprocessor {
             | Self::ScribbleHed { resolution: r }
             | Self::LineartRealistic { resolution: r }
             | Self::LineartCoarse { resolution: r }
-            | Self::LineartAnime { resolution: r } => *r = resolution,
+            | Self::LineartAnime { resolution: r }
+            | Self::SoftedgePidinet { resolution: r }
+            | Self::SoftedgePidisafe { resolution: r }
+            | Self::ScribblePidinet { resolution: r } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
         p
@@ -212,19 +231,33 @@ impl Preprocessor {
     /// `networks`. Blocking (a network on the CPU takes seconds at 512).
     pub fn run_with(&self, image: &RgbImage, networks: &dyn AnnotatorNetworks) -> Result<RgbImage> {
         let padded = || resize_image_with_pad(image, self.resolution().unwrap_or(512));
-        let hed = |safe: bool| -> Result<(Padded, Vec<u8>)> {
-            let net = network::<HedNetwork>(networks, &HED)?;
+        // HED's or PiDiNet's edge map of the padded image (`safe`: quantized).
+        let edges = |safe: bool| -> Result<(Padded, Vec<u8>)> {
             let padded = padded();
-            let edges = hed_edges(&net, &padded.image, safe)?;
+            let edges = if self.model_file() == Some(PIDINET_FILE) {
+                let net = network::<PidiNetwork>(networks, &PIDINET)?;
+                pidinet_edges(&net, &padded.image, safe)?
+            } else {
+                let net = network::<HedNetwork>(networks, &HED)?;
+                hed_edges(&net, &padded.image, safe)?
+            };
             Ok((padded, edges))
         };
         Ok(match *self {
-            Self::SoftedgeHed { .. } | Self::SoftedgeHedsafe { .. } => {
-                let (padded, edges) = hed(matches!(self, Self::SoftedgeHedsafe { .. }))?;
+            Self::SoftedgeHed { .. }
+            | Self::SoftedgeHedsafe { .. }
+            | Self::SoftedgePidinet { .. }
+            | Self::SoftedgePidisafe { .. } => {
+                let safe = matches!(
+                    self,
+                    Self::SoftedgeHedsafe { .. } | Self::SoftedgePidisafe { .. }
+                );
+                let (padded, edges) = edges(safe)?;
                 padded.crop_gray_to_rgb(&edges)
             }
-            Self::ScribbleHed { .. } => {
-                let (padded, edges) = hed(false)?;
+            // scribble_pidinet thins and thickens the cropped map as scribble_hed does.
+            Self::ScribbleHed { .. } | Self::ScribblePidinet { .. } => {
+                let (padded, edges) = edges(false)?;
                 let cropped = padded.crop_gray(&edges);
                 let map = scribble_hed(&cropped, padded.width, padded.height);
                 RgbImage {
@@ -283,7 +316,10 @@ impl Preprocessor {
             | Self::ScribbleHed { .. }
             | Self::LineartRealistic { .. }
             | Self::LineartCoarse { .. }
-            | Self::LineartAnime { .. } => {
+            | Self::LineartAnime { .. }
+            | Self::SoftedgePidinet { .. }
+            | Self::SoftedgePidisafe { .. }
+            | Self::ScribblePidinet { .. } => {
                 panic!("{} needs its network: run_with", self.module())
             }
         }
