@@ -31,32 +31,52 @@ struct Refs {
 }
 
 fn refs() -> Refs {
-    let tensors = candle_core::safetensors::load(
-        fixture_path("preprocess-modules.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("tools/make_preprocess_module_fixtures.py output");
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_path("preprocess-modules.json")).unwrap(),
-    )
-    .unwrap();
-    let cases = json["cases"].as_array().unwrap().clone();
-    Refs {
-        tensors,
-        cases,
-        json,
-    }
+    Refs::load("preprocess-modules")
 }
 
 impl Refs {
+    /// A fixture's tensors and cases: `<name>.safetensors` and `<name>.json`, as a
+    /// `tools/make_*_fixtures.py` script writes them (`hed/hed` for tools/make_hed_fixtures.py).
+    fn load(name: &str) -> Refs {
+        let tensors = candle_core::safetensors::load(
+            fixture_path(&format!("{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .expect("the fixture script's output");
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_path(&format!("{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let cases = json["cases"].as_array().unwrap().clone();
+        Refs {
+            tensors,
+            cases,
+            json,
+        }
+    }
+
+    /// An 8-bit HxWx3 tensor, or an HxW map (a module's three equal channels), as an image.
     fn image(&self, key: &str) -> RgbImage {
         let t = &self.tensors[key];
-        let (h, w, _) = t.dims3().unwrap();
+        let pixels = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let (h, w, pixels) = match *t.dims() {
+            [h, w, 3] => (h, w, pixels),
+            [h, w] => (h, w, pixels.iter().flat_map(|&v| [v, v, v]).collect()),
+            ref d => panic!("{key}: {d:?}"),
+        };
         RgbImage {
             width: w as u32,
             height: h as u32,
-            pixels: t.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+            pixels,
         }
+    }
+
+    fn floats(&self, key: &str) -> Vec<f32> {
+        self.tensors[key]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
 
     /// The reference's padded image and the size the pad is cropped to.

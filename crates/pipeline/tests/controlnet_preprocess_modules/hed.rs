@@ -4,16 +4,14 @@
 //! `ControlNetHED.pth` is). The network's logits agree to float noise; the u8 maps they make
 //! are compared value by value, the few that float noise moves across a rounding step counted.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use sdserve_pipeline::controlnet::preprocess::{
     hed_logits, network, resize_image_with_pad, HedNetwork, LoadedNetworks, Preprocessor, HED,
 };
-use sdserve_pipeline::pipeline::RgbImage;
 
 use super::common::fixture_path;
+use super::Refs;
 
 /// The fixture network, with the network itself.
 fn net() -> (LoadedNetworks, Arc<HedNetwork>) {
@@ -21,28 +19,6 @@ fn net() -> (LoadedNetworks, Arc<HedNetwork>) {
     let nets = LoadedNetworks::default().read(&HED, &path).unwrap();
     let hed = network::<HedNetwork>(&nets, &HED).unwrap();
     (nets, hed)
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_path("hed/hed.safetensors"), &Device::Cpu)
-        .expect("tools/make_hed_fixtures.py output")
-}
-
-fn cases() -> Vec<serde_json::Value> {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_path("hed/hed.json")).unwrap())
-            .unwrap();
-    json["cases"].as_array().unwrap().clone()
-}
-
-fn image(t: &HashMap<String, Tensor>, key: &str) -> RgbImage {
-    let t = &t[key];
-    let (h, w, _) = t.dims3().unwrap();
-    RgbImage {
-        width: w as u32,
-        height: h as u32,
-        pixels: t.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
-    }
 }
 
 fn preprocessor(module: &str, resolution: u32) -> Preprocessor {
@@ -58,12 +34,12 @@ fn preprocessor(module: &str, resolution: u32) -> Preprocessor {
 fn the_network_reads_its_widths_and_its_logits_agree_to_float_noise() {
     let net = net();
     assert_eq!(net.1.widths(), [4, 8, 16, 32, 32]);
-    let t = tensors();
+    let t = Refs::load("hed/hed");
     let mut worst = 0f32;
-    for key in t.keys().filter(|k| k.starts_with("logits.")) {
+    for key in t.tensors.keys().filter(|k| k.starts_with("logits.")) {
         let rest = key.strip_prefix("logits.").unwrap();
-        let padded = image(&t, &format!("padded.{rest}"));
-        let want = t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let padded = t.image(&format!("padded.{rest}"));
+        let want = t.floats(key);
         let got = hed_logits(&net.1, &padded).unwrap();
         assert_eq!(got.len(), want.len(), "{key}");
         let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -82,21 +58,21 @@ fn the_network_reads_its_widths_and_its_logits_agree_to_float_noise() {
 #[test]
 fn hed_modules_make_the_extension_s_maps() {
     let net = net();
-    let t = tensors();
-    let cases = cases();
+    let t = Refs::load("hed/hed");
+    let cases = &t.cases;
     assert_eq!(cases.len(), 21);
     for c in cases {
         let module = c["module"].as_str().unwrap();
         let name = c["image"].as_str().unwrap();
         let res = c["resolution"].as_u64().unwrap() as u32;
-        let photo = image(&t, &format!("image.{name}"));
-        let want = image(&t, c["key"].as_str().unwrap());
+        let photo = t.image(&format!("image.{name}"));
+        let want = t.image(c["key"].as_str().unwrap());
         // The resize to the processor resolution is checked elsewhere (the cubic one within
         // a level): where it enlarges, start from the reference's padded image.
         let enlarged = res > photo.width.min(photo.height);
         let padded = resize_image_with_pad(&photo, res);
         if !enlarged {
-            assert_eq!(padded.image, image(&t, &format!("padded.{name}.{res}")));
+            assert_eq!(padded.image, t.image(&format!("padded.{name}.{res}")));
         }
         let got = preprocessor(module, res).run_with(&photo, &net.0).unwrap();
         let label = format!("{module} {name} {res}");

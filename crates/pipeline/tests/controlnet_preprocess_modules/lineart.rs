@@ -5,17 +5,15 @@
 //! the u8 maps they make are compared value by value, the few that float noise (or, for the
 //! anime module, the cubic resizes) move across a truncation step counted and bounded.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use sdserve_pipeline::controlnet::preprocess::{
     network, resize_image_with_pad, LineartAnimeNetwork, LineartNetwork, LoadedNetworks,
     Preprocessor, LINEART, LINEART_ANIME, LINEART_COARSE,
 };
-use sdserve_pipeline::pipeline::RgbImage;
 
 use super::common::fixture_path;
+use super::Refs;
 
 fn file(name: &str) -> std::path::PathBuf {
     fixture_path(&format!("lineart/{name}"))
@@ -42,31 +40,6 @@ fn nets() -> Nets {
     }
 }
 
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(file("lineart.safetensors"), &Device::Cpu)
-        .expect("tools/make_lineart_fixtures.py output")
-}
-
-fn image(t: &HashMap<String, Tensor>, key: &str) -> RgbImage {
-    let t = &t[key];
-    let pixels = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let (h, w, pixels) = match *t.dims() {
-        [h, w, 3] => (h, w, pixels),
-        // A one-channel map: the module's three equal channels.
-        [h, w] => (h, w, pixels.iter().flat_map(|&v| [v, v, v]).collect()),
-        ref d => panic!("{key}: {d:?}"),
-    };
-    RgbImage {
-        width: w as u32,
-        height: h as u32,
-        pixels,
-    }
-}
-
-fn floats(t: &HashMap<String, Tensor>, key: &str) -> Vec<f32> {
-    t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
 fn largest_difference(got: &[f32], want: &[f32], key: &str) -> f32 {
     assert_eq!(got.len(), want.len(), "{key}");
     got.iter()
@@ -79,7 +52,7 @@ fn the_networks_read_their_widths_and_their_lines_agree_to_float_noise() {
     let nets = nets();
     assert_eq!(nets.realistic.widths(), [4, 8, 16]);
     assert_eq!(nets.anime.widths(), [2, 4, 8, 16, 16, 16, 16, 16]);
-    let t = tensors();
+    let t = Refs::load("lineart/lineart");
     let mut worst = 0f32;
     let mut checked = 0;
     for (key, net) in [
@@ -87,9 +60,9 @@ fn the_networks_read_their_widths_and_their_lines_agree_to_float_noise() {
         (LINEART_COARSE.name, &nets.coarse),
     ] {
         let prefix = format!("line.{key}.");
-        for k in t.keys().filter(|k| k.starts_with(&prefix)) {
-            let padded = image(&t, &format!("padded.{}", &k[prefix.len()..]));
-            let want = floats(&t, k);
+        for k in t.tensors.keys().filter(|k| k.starts_with(&prefix)) {
+            let padded = t.image(&format!("padded.{}", &k[prefix.len()..]));
+            let want = t.floats(k);
             let (lo, hi) = want
                 .iter()
                 .fold((1f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
@@ -101,8 +74,8 @@ fn the_networks_read_their_widths_and_their_lines_agree_to_float_noise() {
     assert_eq!(checked, 14);
     println!("largest Generator line difference: {worst:e}");
     assert!(worst < 1e-4, "{worst}");
-    let feed = image(&t, "feed.sketch.47");
-    let want = floats(&t, "anime.sketch.47");
+    let feed = t.image("feed.sketch.47");
+    let want = t.floats("anime.sketch.47");
     let anime = largest_difference(&nets.anime.line(&feed).unwrap(), &want, "anime");
     println!("largest UnetGenerator line difference: {anime:e}");
     assert!(anime < 1e-5, "{anime}");
@@ -111,22 +84,20 @@ fn the_networks_read_their_widths_and_their_lines_agree_to_float_noise() {
 #[test]
 fn lineart_modules_make_the_extension_s_maps() {
     let nets = nets();
-    let t = tensors();
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(file("lineart.json")).unwrap()).unwrap();
-    let cases = json["cases"].as_array().unwrap();
+    let t = Refs::load("lineart/lineart");
+    let cases = &t.cases;
     assert_eq!(cases.len(), 21);
     for c in cases {
         let module = c["module"].as_str().unwrap();
         let name = c["image"].as_str().unwrap();
         let resolution = c["resolution"].as_u64().unwrap() as u32;
-        let photo = image(&t, &format!("image.{name}"));
-        let want = image(&t, c["key"].as_str().unwrap());
+        let photo = t.image(&format!("image.{name}"));
+        let want = t.image(c["key"].as_str().unwrap());
         if resolution <= photo.width.min(photo.height) {
             let padded = resize_image_with_pad(&photo, resolution);
             assert_eq!(
                 padded.image,
-                image(&t, &format!("padded.{name}.{resolution}"))
+                t.image(&format!("padded.{name}.{resolution}"))
             );
         }
         let p = match module {

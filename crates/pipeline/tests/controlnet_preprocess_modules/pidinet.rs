@@ -6,10 +6,8 @@
 //! plain ones when it reads them; the logits agree to float noise, and the u8 maps are
 //! compared value by value, the few that float noise moves across a rounding step counted.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use sdserve_pipeline::controlnet::preprocess::{
     network, pidinet_edges, pidinet_logits, resize_image_with_pad, scribble_hed, LoadedNetworks,
     PidiNetwork, Preprocessor, PIDINET,
@@ -17,6 +15,7 @@ use sdserve_pipeline::controlnet::preprocess::{
 use sdserve_pipeline::pipeline::RgbImage;
 
 use super::common::fixture_path;
+use super::Refs;
 
 /// The fixture network, as a keeper hands it out.
 fn net() -> (LoadedNetworks, Arc<PidiNetwork>) {
@@ -24,29 +23,6 @@ fn net() -> (LoadedNetworks, Arc<PidiNetwork>) {
     let nets = LoadedNetworks::default().read(&PIDINET, &path).unwrap();
     let pidi = network::<PidiNetwork>(&nets, &PIDINET).unwrap();
     (nets, pidi)
-}
-
-fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_path("pidinet/pidinet.safetensors"), &Device::Cpu)
-        .expect("tools/make_pidinet_fixtures.py output")
-}
-
-fn cases() -> Vec<serde_json::Value> {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_path("pidinet/pidinet.json")).unwrap(),
-    )
-    .unwrap();
-    json["cases"].as_array().unwrap().clone()
-}
-
-fn image(t: &HashMap<String, Tensor>, key: &str) -> RgbImage {
-    let t = &t[key];
-    let (h, w, _) = t.dims3().unwrap();
-    RgbImage {
-        width: w as u32,
-        height: h as u32,
-        pixels: t.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
-    }
 }
 
 fn preprocessor(module: &str, resolution: u32) -> Preprocessor {
@@ -62,12 +38,12 @@ fn preprocessor(module: &str, resolution: u32) -> Preprocessor {
 fn the_network_reads_its_widths_and_its_logits_agree_to_float_noise() {
     let (_, net) = net();
     assert_eq!(net.widths(), (4, 8));
-    let t = tensors();
+    let t = Refs::load("pidinet/pidinet");
     let mut worst = 0f32;
-    for key in t.keys().filter(|k| k.starts_with("logits.")) {
+    for key in t.tensors.keys().filter(|k| k.starts_with("logits.")) {
         let rest = key.strip_prefix("logits.").unwrap();
-        let padded = image(&t, &format!("padded.{rest}"));
-        let want = t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let padded = t.image(&format!("padded.{rest}"));
+        let want = t.floats(key);
         let got = pidinet_logits(&net, &padded).unwrap();
         assert_eq!(got.len(), want.len(), "{key}");
         let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -86,21 +62,21 @@ fn the_network_reads_its_widths_and_its_logits_agree_to_float_noise() {
 #[test]
 fn pidinet_modules_make_the_extension_s_maps() {
     let (nets, net) = net();
-    let t = tensors();
-    let cases = cases();
+    let t = Refs::load("pidinet/pidinet");
+    let cases = &t.cases;
     assert_eq!(cases.len(), 21);
     let mut total = 0;
     for c in cases {
         let module = c["module"].as_str().unwrap();
         let name = c["image"].as_str().unwrap();
         let res = c["resolution"].as_u64().unwrap() as u32;
-        let photo = image(&t, &format!("image.{name}"));
-        let want = image(&t, c["key"].as_str().unwrap());
+        let photo = t.image(&format!("image.{name}"));
+        let want = t.image(c["key"].as_str().unwrap());
         let label = format!("{module} {name} {res}");
         // The module's steps on the reference's padded image (the cubic enlarging resize is
         // matched within a level elsewhere, so this isolates the network and its steps).
         let mut ours = resize_image_with_pad(&photo, res);
-        ours.image = image(&t, &format!("padded.{name}.{res}"));
+        ours.image = t.image(&format!("padded.{name}.{res}"));
         let edges = pidinet_edges(&net, &ours.image, module == "softedge_pidisafe").unwrap();
         let from_padded = if module == "scribble_pidinet" {
             let map = scribble_hed(&ours.crop_gray(&edges), ours.width, ours.height);
