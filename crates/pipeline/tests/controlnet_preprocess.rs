@@ -160,6 +160,7 @@ fn the_canny_module_matches_the_extension() {
                 resolution: res,
             }
             .run(&image)
+            .unwrap()
         };
         let map = module(f64::from(lo), f64::from(hi));
         // The sliders' fractions: the extension runs Canny on `int(slider)`.

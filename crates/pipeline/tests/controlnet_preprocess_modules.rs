@@ -155,7 +155,7 @@ fn whites(m: &RgbImage) -> usize {
 fn invert_is_exact() {
     let refs = refs();
     for c in refs.of("invert") {
-        let got = Preprocessor::Invert.run(&c.image);
+        let got = Preprocessor::Invert.run(&c.image).unwrap();
         assert_eq!(compare(&got, &c.want, &c.label()), (0, 0), "{}", c.label());
     }
 }
@@ -172,7 +172,8 @@ fn threshold_is_exact_on_the_padded_image_and_whole_where_the_area_resize_runs()
             threshold: c.setting.unwrap(),
             resolution: c.resolution,
         }
-        .run(&c.image);
+        .run(&c.image)
+        .unwrap();
         let (n, _) = compare(&whole, &c.want, &c.label());
         if c.enlarged() {
             // A cubic value one level off flips a pixel only when it sits on the threshold.
@@ -196,7 +197,8 @@ fn blur_gaussian_is_opencv_s_fixed_point_blur_bit_for_bit() {
             sigma,
             resolution: c.resolution,
         }
-        .run(&c.image);
+        .run(&c.image)
+        .unwrap();
         let (n, worst) = compare(&whole, &c.want, &c.label());
         if c.enlarged() {
             assert!(worst <= 1, "{}: {worst}", c.label());
@@ -233,7 +235,8 @@ fn scribble_xdog_is_the_extension_s() {
             threshold: c.setting.unwrap(),
             resolution: c.resolution,
         }
-        .run(&c.image);
+        .run(&c.image)
+        .unwrap();
         if c.enlarged() {
             binary_within(&whole, &c.want, 10, &c.label());
         } else {
@@ -254,7 +257,8 @@ fn lineart_standard_is_the_extension_s() {
         let whole = Preprocessor::LineartStandard {
             resolution: c.resolution,
         }
-        .run(&c.image);
+        .run(&c.image)
+        .unwrap();
         let (n, worst) = compare(&whole, &c.want, &c.label());
         if c.enlarged() {
             // The median divides every value: a cubic level moves it a little.
@@ -278,7 +282,8 @@ fn tile_resample_is_exact() {
         let got = Preprocessor::TileResample {
             down_sampling_rate: c.setting.unwrap(),
         }
-        .run(&c.image);
+        .run(&c.image)
+        .unwrap();
         assert_eq!(compare(&got, &c.want, &c.label()), (0, 0), "{}", c.label());
     }
 }
@@ -291,7 +296,8 @@ fn color_is_the_extension_s_grid() {
         let got = Preprocessor::Color {
             resolution: c.resolution,
         }
-        .run(&c.image);
+        .run(&c.image)
+        .unwrap();
         // INTER_AREA, INTER_NEAREST and (on every case here) the cubic shrink: exact.
         assert_eq!(compare(&got, &c.want, &c.label()), (0, 0), "{}", c.label());
         if c.enlarged() {
@@ -333,7 +339,9 @@ fn shuffle_is_the_extension_s_with_its_numpy_seed() {
         let image = refs.image(&format!("image.{name}"));
         let want = refs.image(case["key"].as_str().unwrap());
         let resolution = case["resolution"].as_u64().unwrap() as u32;
-        let got = Preprocessor::Shuffle { resolution, seed }.run(&image);
+        let got = Preprocessor::Shuffle { resolution, seed }
+            .run(&image)
+            .unwrap();
         let label = format!("{name} res {resolution} seed {seed}");
         assert_eq!(compare(&got, &want, &label), (0, 0), "{label}");
         // Another seed, another map.
@@ -341,7 +349,8 @@ fn shuffle_is_the_extension_s_with_its_numpy_seed() {
             resolution,
             seed: seed ^ 1,
         }
-        .run(&image);
+        .run(&image)
+        .unwrap();
         assert!(
             compare(&other, &want, &label).0 * 2 > want.pixels.len(),
             "{label}"

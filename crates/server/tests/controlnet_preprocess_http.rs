@@ -83,7 +83,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let (got, meta, text) = run(&with(
         json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}),
     ));
-    let map = canny(50.0, 100.0, 64).run(&photo);
+    let map = canny(50.0, 100.0, 64).run(&photo).unwrap();
     assert_eq!((map.width, map.height), (91, 64));
     let edges = map.pixels.iter().filter(|&&v| v == 255).count();
     assert!(edges > 300, "the photo has edges: {edges}");
@@ -109,7 +109,8 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         threshold: 20.5,
         resolution: 64,
     }
-    .run(&photo);
+    .run(&photo)
+    .unwrap();
     let (want, _, _) = run(&with(json!({"model": "cn-a", "image": png(&xdog_map)})));
     assert!(got == want, "the xdog map steers as its map");
     assert_eq!(meta["controlnets"][0]["preprocessor"], xdog);
@@ -125,7 +126,8 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         resolution: 64,
         seed: 22,
     }
-    .run(&photo);
+    .run(&photo)
+    .unwrap();
     let (want, _, _) = run(&with(json!({"model": "cn-a", "image": png(&shuffled)})));
     assert!(got == want, "the shuffled map steers as its map");
     assert_eq!(
@@ -218,7 +220,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
                                 "processor_res": 64, "threshold_a": -1, "threshold_b": -1,
                                 "pixel_perfect": true, "resize_mode": "Just Resize"}),
     );
-    let map = canny(100.0, 200.0, 256).run(&photo);
+    let map = canny(100.0, 200.0, 256).run(&photo).unwrap();
     let (want, _) = a1111(
         json!({"image": png(&map), "model": "cn-a", "module": "none",
                                  "resize_mode": "Just Resize"}),
@@ -231,7 +233,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     );
     assert!(info.contains("Module: invert"), "{info}");
     let (want, _) = a1111(
-        json!({"image": png(&Preprocessor::Invert.run(&photo)), "model": "cn-a",
+        json!({"image": png(&Preprocessor::Invert.run(&photo).unwrap()), "model": "cn-a",
                "module": "none", "resize_mode": "Just Resize"}),
     );
     assert!(got == want, "invert");
@@ -242,7 +244,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     );
     assert!(info.contains("Module: shuffle"), "{info}");
     let (want, _) = a1111(
-        json!({"image": png(&Preprocessor::Shuffle { resolution: 512, seed: 22 }.run(&photo)),
+        json!({"image": png(&Preprocessor::Shuffle { resolution: 512, seed: 22 }.run(&photo).unwrap()),
         "model": "cn-a", "module": "none", "resize_mode": "Just Resize"}),
     );
     assert!(got == want, "shuffle with the request's seed");

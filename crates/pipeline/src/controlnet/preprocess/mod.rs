@@ -50,7 +50,7 @@ pub use shuffle::{shuffle, shuffle_image};
 pub use tile::{blur_gaussian, tile_resample, tile_resample_size};
 
 use crate::pipeline::RgbImage;
-use crate::Result;
+use crate::{PipelineError, Result};
 
 /// A preprocessor with its settings, as a request names it. The settings are the extension's
 /// sliders (`threshold_a`, `threshold_b`, `processor_res`); the float sliders keep their
@@ -279,17 +279,16 @@ impl Preprocessor {
                 let map = lineart_anime_map(&net, &padded.image)?;
                 padded.crop_gray_to_rgb(&map)
             }
-            _ => self.run(image),
+            _ => self.run(image)?,
         })
     }
 
     /// The control map of `image` made by a model-free module ([`Self::run_with`] for any).
-    ///
-    /// # Panics
-    /// For a model-based module ([`Self::model_file`] is `Some`): it has no network here.
-    pub fn run(&self, image: &RgbImage) -> RgbImage {
+    /// A model-based module ([`Self::model_file`] is `Some`) has no network here: an
+    /// `InvalidRequest` naming its file.
+    pub fn run(&self, image: &RgbImage) -> Result<RgbImage> {
         let padded = || resize_image_with_pad(image, self.resolution().unwrap_or(512));
-        match *self {
+        Ok(match *self {
             Self::Canny {
                 low_threshold,
                 high_threshold,
@@ -320,8 +319,36 @@ impl Preprocessor {
             | Self::SoftedgePidinet { .. }
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. } => {
-                panic!("{} needs its network: run_with", self.module())
+                return Err(PipelineError::InvalidRequest(format!(
+                    "{} needs its network ({}): run_with",
+                    self.module(),
+                    self.model_file().unwrap_or("?")
+                )))
             }
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_refuses_a_network_module_naming_its_file_and_runs_a_model_free_one() {
+        let image = RgbImage {
+            width: 8,
+            height: 8,
+            pixels: vec![200; 8 * 8 * 3],
+        };
+        let e = Preprocessor::SoftedgePidinet { resolution: 64 }
+            .run(&image)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("softedge_pidinet") && e.contains(PIDINET_FILE),
+            "{e}"
+        );
+        let inverted = Preprocessor::Invert.run(&image).unwrap();
+        assert!(inverted.pixels.iter().all(|&v| v == 55));
     }
 }

@@ -221,7 +221,8 @@ mod tests {
             high_threshold: 200.0,
             resolution: 64,
         }
-        .run(&photo);
+        .run(&photo)
+        .unwrap();
         assert!(want.pixels.contains(&255));
         assert_eq!(maps, vec![png_b64(&want), png_b64(&want)]);
         // The other modules, each with its first slider as the extension names it.
@@ -264,7 +265,7 @@ mod tests {
                 "controlnet_module": module, "controlnet_input_images": [b64],
                 "controlnet_processor_res": 64, "controlnet_threshold_a": a})))
             .unwrap();
-            assert_eq!(maps, vec![png_b64(&want.run(&photo))], "{module}");
+            assert_eq!(maps, vec![png_b64(&want.run(&photo).unwrap())], "{module}");
         }
         // shuffle: our `controlnet_seed` decides the map, else a random one (the extension's
         // unseeded numpy); its hidden resolution slider is 512 for 64.
@@ -277,7 +278,8 @@ mod tests {
             resolution: 512,
             seed: 9,
         }
-        .run(&photo);
+        .run(&photo)
+        .unwrap();
         assert_eq!(shuffle(json!(9)).unwrap(), vec![png_b64(&seeded)]);
         assert_ne!(shuffle(Value::Null).unwrap(), shuffle(Value::Null).unwrap());
         let e = shuffle(json!(-3)).unwrap_err();
