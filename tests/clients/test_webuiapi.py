@@ -215,14 +215,23 @@ class A1111(Timed):
             self.assertEqual(r.info["seed"], 41)
             self.assertEqual(len(r.images), n_iter)
             for img, seed, infotext in zip(r.images, r.info["all_seeds"], r.info["infotexts"]):
+                # webuiapi sends eta 1.0 with every request, and A1111 gives it to the
+                # samplers that take one: DDIM then adds noise at every update.
                 (want,), meta = native(
                     prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=2,
                     guidance_scale=5, width=SIZE, height=SIZE, scheduler=native_name,
-                    schedule=schedule,
+                    schedule=schedule, eta=1.0,
                 )
                 self.assertEqual(meta["scheduler"], native_name)
                 self.assertEqual(pixels(img), pixels(want), f"{sampler} seed {seed}")
                 self.assertIn(f"Seed: {seed}", infotext)
+                # A1111 writes the eta that is not the sampler's default (DDIM's is 0).
+                self.assertEqual("Eta DDIM: 1.0" in infotext, sampler == "DDIM", infotext)
+                if sampler == "DDIM":
+                    (eta0,), _ = native(
+                        prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=2,
+                        guidance_scale=5, width=SIZE, height=SIZE, scheduler=native_name)
+                    self.assertNotEqual(pixels(img), pixels(eta0), "DDIM with eta 1")
                 if native_name.endswith("_karras"):
                     self.assertIn("Schedule type: Karras", infotext)
                 if schedule:

@@ -283,7 +283,13 @@ mod a1111_timestep_samplers {
             let params = params_of(case);
             let (scheduler, begin) = model
                 .schedules()
-                .schedule(params.scheduler, None, params.steps, params.init_start())
+                .schedule(
+                    params.scheduler,
+                    None,
+                    params.steps,
+                    params.init_start(),
+                    None,
+                )
                 .unwrap();
             let got: Vec<f32> = scheduler.timesteps()[begin..]
                 .iter()

@@ -53,6 +53,16 @@ pub fn parameters_text(
         None => "default".to_string(),
     };
     let scheduler = p.scheduler.map(|k| k.name()).unwrap_or("default");
+    // A1111 writes a sampler's eta where it is not the default: `Eta DDIM` for its timestep
+    // samplers, `Eta` for k-diffusion's.
+    let eta = match (p.scheduler.and_then(|k| Some((k, k.eta_default()?))), p.eta) {
+        (Some((kind, default)), Some(eta)) if eta != default => {
+            let ddim = kind.sampler() == sdserve_pipeline::schedulers::Sampler::DdimA1111
+                || kind.sampler() == sdserve_pipeline::schedulers::Sampler::Ddim;
+            format!(", Eta{}: {eta:?}", if ddim { " DDIM" } else { "" })
+        }
+        _ => String::new(),
+    };
     let clip_skip = match p.clip_skip {
         1 => String::new(),
         n => format!(", Clip skip: {n}"),
@@ -100,7 +110,7 @@ pub fn parameters_text(
         })
         .collect();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{eta}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,
@@ -446,6 +456,39 @@ mod tests {
             adapted.contains(", Size: 3x2, Clip skip: 2, Model: m@1"),
             "{adapted}"
         );
+        // A sampler's eta where it is not its default, under A1111's names.
+        for (kind, eta, written) in [
+            (
+                SchedulerKind::DdimA1111,
+                Some(1.0),
+                ", Eta DDIM: 1.0, Version",
+            ),
+            (SchedulerKind::Ddim, Some(0.25), ", Eta DDIM: 0.25, Version"),
+            (
+                SchedulerKind::EulerAncestral,
+                Some(0.5),
+                ", Eta: 0.5, Version",
+            ),
+            (
+                SchedulerKind::EulerAncestralKarras,
+                Some(0.0),
+                ", Eta: 0.0, Version",
+            ),
+            (SchedulerKind::EulerAncestral, Some(1.0), ""),
+            (SchedulerKind::DdimA1111, Some(0.0), ""),
+            (SchedulerKind::DdimA1111, None, ""),
+            (SchedulerKind::Euler, Some(0.5), ""),
+            (SchedulerKind::PlmsA1111, Some(0.5), ""),
+        ] {
+            let p = GenerationParams {
+                scheduler: Some(kind),
+                eta,
+                ..params.clone()
+            };
+            let text = parameters_text(&p, "m@1", None);
+            assert_eq!(text.contains("Eta"), !written.is_empty(), "{text}");
+            assert!(text.contains(written), "{text}");
+        }
         // The schedule type is the run's sigma schedule.
         use sdserve_pipeline::schedulers::SigmaSchedule;
         for (kind, schedule, label) in [

@@ -214,6 +214,7 @@ impl StableDiffusion {
             second.schedule,
             second.steps,
             Some((hires.strength, rule)),
+            second.eta,
         )?;
         Ok(SecondPass {
             hires,

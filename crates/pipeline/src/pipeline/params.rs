@@ -23,6 +23,10 @@ pub struct GenerationParams {
     /// The sigma schedule; `None`: the scheduler name's own (Karras for the `_karras` names, else
     /// uniform) or, with no scheduler either, the model's own config's.
     pub schedule: Option<SigmaSchedule>,
+    /// The sampler's eta ([`Scheduler::eta`](crate::schedulers::Scheduler::eta): DDIM's, and
+    /// the ancestral noise of Euler a); `None`: the sampler's default (0 for DDIM, 1 for
+    /// Euler a). Ignored by samplers without one.
+    pub eta: Option<f64>,
     /// How the prompts are read: `Plain` (diffusers: 77 tokens, brackets are text) or `A1111`.
     pub prompt_syntax: PromptSyntax,
     /// A1111's "clip skip": 1 conditions on the last CLIP layer, 2 on the penultimate, ...
@@ -75,6 +79,7 @@ impl Default for GenerationParams {
             guidance_scale: 7.5,
             scheduler: None,
             schedule: None,
+            eta: None,
             batch_size: 1,
             init_image: None,
             resize_mode: ResizeMode::JustResize,

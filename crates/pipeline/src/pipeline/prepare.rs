@@ -18,8 +18,13 @@ impl StableDiffusion {
         params: &GenerationParams,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
         let start = params.init_start();
-        self.schedules
-            .schedule(params.scheduler, params.schedule, params.steps, start)
+        self.schedules.schedule(
+            params.scheduler,
+            params.schedule,
+            params.steps,
+            start,
+            params.eta,
+        )
     }
 
     /// The model's scheduler config and defaults: enough to know a request's timesteps
@@ -99,6 +104,7 @@ impl ModelSchedules {
         schedule: Option<schedulers::SigmaSchedule>,
         steps: usize,
         start: Option<(f64, StepRule)>,
+        eta: Option<f64>,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
         let (kind, schedule) = match kind {
             Some(kind) => (kind, schedule.unwrap_or(kind.schedule())),
@@ -121,6 +127,9 @@ impl ModelSchedules {
             )));
         }
         let mut scheduler = schedulers::build_with(kind, schedule, &self.config, schedule_steps)?;
+        if let Some(eta) = eta {
+            scheduler.set_eta(eta);
+        }
         let begin = match slice {
             None => 0,
             Some((StepRule::Diffusers, s)) => s.start * scheduler.order(),
@@ -141,14 +150,20 @@ impl ModelSchedules {
     /// the error the run would end with.
     pub fn unet_evaluations(&self, params: &GenerationParams) -> Result<usize> {
         let start = params.init_start();
-        let (first, begin) =
-            self.schedule(params.scheduler, params.schedule, params.steps, start)?;
+        let (first, begin) = self.schedule(
+            params.scheduler,
+            params.schedule,
+            params.steps,
+            start,
+            params.eta,
+        )?;
         let hires = match &params.hires {
             None => 0,
             Some(h) => {
                 let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
                 let start = Some((h.strength, params.step_rule.for_hires()));
-                let (second, begin) = self.schedule(scheduler, schedule, h.steps, start)?;
+                let (second, begin) =
+                    self.schedule(scheduler, schedule, h.steps, start, params.eta)?;
                 second.timesteps().len() - begin
             }
         };
@@ -161,13 +176,19 @@ impl ModelSchedules {
     /// [`Self::unet_evaluations`] is.
     pub fn prompt_steps(&self, params: &GenerationParams) -> Result<(usize, Option<usize>)> {
         let start = params.init_start();
-        let (first, _) = self.schedule(params.scheduler, params.schedule, params.steps, start)?;
+        let (first, _) = self.schedule(
+            params.scheduler,
+            params.schedule,
+            params.steps,
+            start,
+            params.eta,
+        )?;
         let hires = match &params.hires {
             None => None,
             Some(h) => {
                 let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
                 let start = Some((h.strength, params.step_rule.for_hires()));
-                let (second, _) = self.schedule(scheduler, schedule, h.steps, start)?;
+                let (second, _) = self.schedule(scheduler, schedule, h.steps, start, params.eta)?;
                 Some(h.steps * second.order())
             }
         };

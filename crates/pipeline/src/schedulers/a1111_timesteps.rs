@@ -1,5 +1,6 @@
 //! A1111 1.10's own timestep samplers, `DDIM` and `PLMS` (`modules/sd_samplers_timesteps.py`,
-//! `sd_samplers_timesteps_impl.py`), with eta 0: not diffusers' DDIM and PNDM classes.
+//! `sd_samplers_timesteps_impl.py`): not diffusers' DDIM and PNDM classes. DDIM takes A1111's
+//! `eta` (0 by default, its `eta_ddim` option).
 //!
 //! What differs from diffusers: the timesteps are `clip(range(0, 1000, 1000 // steps) + 1, 0,
 //! 999)` (`CompVisSampler.get_timesteps`), and the loop updates from each one to the one below
@@ -56,6 +57,8 @@ pub struct A1111Timesteps {
     timesteps: Vec<f64>,
     /// A1111's `t_enc` where an img2img start was set ([`Scheduler::set_start_step`]).
     t_enc: Option<usize>,
+    /// DDIM's eta (PLMS has none).
+    eta: f64,
     // PLMS run state: the first update's sample and output, the last three outputs.
     cur_sample: Option<Tensor>,
     first_output: Option<Tensor>,
@@ -87,6 +90,7 @@ impl A1111Timesteps {
             entries: Vec::new(),
             timesteps: Vec::new(),
             t_enc: None,
+            eta: 0.0,
             cur_sample: None,
             first_output: None,
             old_eps: Vec::new(),
@@ -141,11 +145,30 @@ impl A1111Timesteps {
 
     /// `get_x_prev_and_pred_x0` (eta 0): from `x` at `timesteps[index]` to `timesteps[index - 1]`.
     fn update(&self, x: &Tensor, eps: &Tensor, index: usize) -> Result<Tensor> {
+        self.update_with_sigma(x, eps, index, 0.0)
+    }
+
+    /// DDIM's update with `sigma_t` (the noise's scale, added by the caller).
+    fn update_with_sigma(
+        &self,
+        x: &Tensor,
+        eps: &Tensor,
+        index: usize,
+        sigma_t: f32,
+    ) -> Result<Tensor> {
         let a_t = self.alpha(index);
         let a_prev = self.alpha(index - 1);
         let pred_x0 = div_s(&(x - mul_s(eps, (1.0 - a_t).sqrt())?)?, a_t.sqrt())?;
-        let dir_xt = mul_s(eps, (1.0 - a_prev).sqrt())?;
+        let dir_xt = mul_s(eps, (1.0 - a_prev - sigma_t * sigma_t).sqrt())?;
         Ok((mul_s(&pred_x0, a_prev.sqrt())? + dir_xt)?)
+    }
+
+    /// `ddim`'s `sigmas[index]`: `eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))`,
+    /// in float64 from the float32 alphas, then float32 (`.item() * s_x`).
+    fn ddim_sigma(&self, index: usize) -> f32 {
+        let a_t = f64::from(self.alpha(index));
+        let a_prev = f64::from(self.alpha(index - 1));
+        (self.eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).sqrt()) as f32
     }
 
     /// The index into A1111's `timesteps` of the noise level the sample entering entry `index`
@@ -206,12 +229,20 @@ impl Scheduler for A1111Timesteps {
         }
     }
 
+    fn eta(&self) -> Option<f64> {
+        (self.rule == Rule::Ddim).then_some(self.eta)
+    }
+
+    fn set_eta(&mut self, eta: f64) {
+        self.eta = eta;
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _rngs: &mut [TorchRng],
+        rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         check_index(index, self.entries.len())?;
         let dtype = sample.dtype();
@@ -219,7 +250,14 @@ impl Scheduler for A1111Timesteps {
         let entry = self.entries[index];
         let eps = self.epsilon(&mo, &x, entry.at)?;
         let prev = match self.rule {
-            Rule::Ddim => self.update(&x, &eps, entry.at)?,
+            Rule::Ddim => {
+                // A1111 draws the noise at every update (`randn_like` from each image's
+                // generator), eta 0 included.
+                let sigma_t = self.ddim_sigma(entry.at);
+                let noise = common::batch_randn(&x, rngs)?;
+                let prev = self.update_with_sigma(&x, &eps, entry.at, sigma_t)?;
+                (prev + mul_s(&noise, sigma_t)?)?
+            }
             Rule::Plms if entry.warm_up_second => {
                 // Pseudo improved Euler: the mean of both outputs, from the first sample.
                 let (Some(x0), Some(e0)) = (self.cur_sample.take(), self.first_output.take())
@@ -323,5 +361,52 @@ pub(crate) mod tests {
         // t_enc 0 and 1 run no update.
         assert_eq!(plms.first_index_of_step(9), 9);
         assert_eq!(plms.first_index_of_step(8), 9);
+    }
+
+    /// A1111's DDIM with eta is the DDIM paper's update, as diffusers' DDIMScheduler (whose eta
+    /// the pipeline test `eta` checks against diffusers) computes it: on SD 1.5's config the
+    /// two share their timesteps (leading, offset 1) and every update but diffusers' last, and
+    /// both draw each update's noise from the images' generators.
+    #[test]
+    fn ddim_eta_is_diffusers_ddim_on_the_shared_updates() {
+        use crate::rng::TorchRng;
+        use candle_core::{DType, Device};
+        let cfg = SchedulerConfig {
+            steps_offset: Some(1),
+            set_alpha_to_one: Some(false),
+            clip_sample: Some(false),
+            ..sd15()
+        };
+        let mut a1111 = A1111Timesteps::new(Rule::Ddim, &cfg, 20).unwrap();
+        let mut diffusers = super::super::ddim::Ddim::new(&cfg, 20).unwrap();
+        for s in [&mut a1111 as &mut dyn Scheduler, &mut diffusers] {
+            s.set_eta(0.7);
+        }
+        assert_eq!(a1111.timesteps(), &diffusers.timesteps()[..19]);
+        let randn = |seed: u64| {
+            let v = TorchRng::new(seed).randn(2 * 4 * 3 * 3);
+            Tensor::from_vec(v, (2, 4, 3, 3), &Device::Cpu).unwrap()
+        };
+        let (mut x, mut y) = (randn(1), randn(1));
+        let mut rngs_a = [TorchRng::new(5), TorchRng::new(6)];
+        let mut rngs_d = [TorchRng::new(5), TorchRng::new(6)];
+        for i in 0..19 {
+            let eps = randn(100 + i as u64);
+            x = a1111.step(&eps, i, &x, &mut rngs_a).unwrap();
+            y = diffusers.step(&eps, i, &y, &mut rngs_d).unwrap();
+            let diff = (&x - &y).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = diff
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 2e-5, "update {i}: {diff}");
+        }
+        // PLMS has no eta.
+        assert_eq!(a1111.eta(), Some(0.7));
+        assert_eq!(
+            A1111Timesteps::new(Rule::Plms, &cfg, 20).unwrap().eta(),
+            None
+        );
     }
 }

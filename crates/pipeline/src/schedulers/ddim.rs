@@ -1,4 +1,5 @@
-//! `DDIMScheduler` with `eta = 0` (what `StableDiffusionPipeline` passes): deterministic.
+//! `DDIMScheduler`: deterministic with `eta = 0` (what `StableDiffusionPipeline` passes by
+//! default); with `eta > 0` each step adds `eta`-scaled noise from the images' generators.
 
 use candle_core::Tensor;
 
@@ -20,6 +21,8 @@ pub struct Ddim {
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
     timesteps: Vec<f64>,
+    /// The pipeline's `eta` (0: no noise).
+    eta: f64,
 }
 
 impl Ddim {
@@ -59,6 +62,7 @@ impl Ddim {
             alphas_cumprod: ac,
             final_alpha_cumprod,
             timesteps,
+            eta: 0.0,
         })
     }
 
@@ -88,12 +92,20 @@ impl Scheduler for Ddim {
         )
     }
 
+    fn eta(&self) -> Option<f64> {
+        Some(self.eta)
+    }
+
+    fn set_eta(&mut self, eta: f64) {
+        self.eta = eta;
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
         index: usize,
         sample: &Tensor,
-        _rngs: &mut [TorchRng],
+        rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         check_index(index, self.timesteps.len())?;
         let dtype = sample.dtype();
@@ -121,10 +133,18 @@ impl Scheduler for Ddim {
             Some(range) => pred_x0.clamp(-range as f32, range as f32)?,
             None => pred_x0,
         };
-        // eta = 0: std_dev_t = 0, no noise.
-        let std_dev_t = 0.0f32;
+        // `_get_variance`, then `std_dev_t = eta * variance ** 0.5` (float32).
+        let variance = (1.0 - a_prev) / b_t * (1.0 - a_t / a_prev);
+        let std_dev_t = self.eta as f32 * variance.sqrt();
         let dir = mul_s(&pred_eps, (1.0 - a_prev - std_dev_t * std_dev_t).sqrt())?;
         let prev = (mul_s(&pred_x0, a_prev.sqrt())? + dir)?;
+        // diffusers draws the noise only when eta > 0.
+        let prev = if self.eta > 0.0 {
+            let noise = common::batch_randn(&mo, rngs)?;
+            (prev + mul_s(&noise, std_dev_t)?)?
+        } else {
+            prev
+        };
         Ok(prev.to_dtype(dtype)?)
     }
 }

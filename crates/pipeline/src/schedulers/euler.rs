@@ -282,6 +282,8 @@ impl Scheduler for EulerDiscrete {
 
 pub struct EulerAncestral {
     base: SigmaBase,
+    /// k-diffusion's `eta` (1: diffusers' EulerAncestralDiscreteScheduler).
+    eta: f32,
 }
 
 impl EulerAncestral {
@@ -296,6 +298,7 @@ impl EulerAncestral {
         };
         Ok(Self {
             base: SigmaBase::new(cfg, num_inference_steps, opts)?,
+            eta: 1.0,
         })
     }
 
@@ -308,6 +311,14 @@ impl EulerAncestral {
 impl Scheduler for EulerAncestral {
     sigma_scheduler_methods!();
 
+    fn eta(&self) -> Option<f64> {
+        Some(f64::from(self.eta))
+    }
+
+    fn set_eta(&mut self, eta: f64) {
+        self.eta = eta as f32;
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -319,7 +330,10 @@ impl Scheduler for EulerAncestral {
         let (s, sigma, x0) = self.base.step_start(model_output, sample, index)?;
         let mo = model_output;
         let (from, to) = (sigma, self.base.sched.sigmas[index + 1]);
-        let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
+        // k-diffusion's get_ancestral_step: min(sigma_to, eta * ...); with eta 1 the min never
+        // binds and this is diffusers' step.
+        let sigma_up =
+            (self.eta * (to * to * (from * from - to * to) / (from * from)).sqrt()).min(to);
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
         let derivative = div_s(&(&s - x0)?, sigma)?;
         let prev = (&s + mul_s(&derivative, sigma_down - sigma)?)?;

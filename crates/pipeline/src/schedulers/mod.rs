@@ -249,6 +249,16 @@ impl SchedulerKind {
         self.entry().2
     }
 
+    /// The default of the sampler's eta ([`Scheduler::eta`]): 0 for DDIM, 1 for Euler a;
+    /// `None` for the samplers without one.
+    pub fn eta_default(self) -> Option<f64> {
+        match self.sampler() {
+            Sampler::Ddim | Sampler::DdimA1111 => Some(0.0),
+            Sampler::EulerAncestral => Some(1.0),
+            _ => None,
+        }
+    }
+
     /// Whether the sigmas are Karras' (the `_karras` names).
     pub fn karras(self) -> bool {
         self.entry().3
@@ -407,6 +417,14 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         rngs: &mut [TorchRng],
     ) -> Result<Tensor>;
+    /// The sampler's eta (the DDIM paper's; k-diffusion's for ancestral samplers): how much of
+    /// each step's noise level is fresh noise. `None`: the scheduler has no eta, and a request's
+    /// is ignored (as diffusers' `prepare_extra_step_kwargs` and A1111 ignore it).
+    fn eta(&self) -> Option<f64> {
+        None
+    }
+    /// Sets [`Self::eta`]; nothing for a scheduler without one.
+    fn set_eta(&mut self, _eta: f64) {}
     /// Model evaluations per step (diffusers' `scheduler.order`): 2 for Heun, KDPM2 and DPM++ SDE,
     /// else 1.
     fn order(&self) -> usize {

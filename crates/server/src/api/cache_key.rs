@@ -51,7 +51,7 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         .collect();
     let images = format!("{images}\u{0}{controlnets:?}");
     format!(
-        "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{images}",
+        "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{images}",
         p.prompt,
         p.negative_prompt,
         p.steps,
@@ -67,6 +67,7 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
             .map(|l| (&l.name, l.weight.to_bits()))
             .collect::<Vec<_>>(),
         p.batch_size,
+        p.eta.map(f64::to_bits),
     )
 }
 

@@ -469,6 +469,7 @@ pub(crate) fn job_spec(
         "height": params.height,
         "seed": params.seed,
         "guidance_scale": params.guidance_scale,
+        "eta": params.eta,
         "scheduler": scheduler.name(),
         "schedule": schedule.name(),
         "prompt_syntax": prompt_syntax_name(params.prompt_syntax),

@@ -120,6 +120,13 @@ pub struct GenerateRequest {
     /// no effect.
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
+    /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
+    /// `ddim` and `ddim_a1111` (the DDIM paper's eta, diffusers' and A1111's), `euler_a` and
+    /// `euler_a_karras` (k-diffusion's, what A1111's `Euler a` takes); other schedulers have
+    /// none and ignore it, as diffusers and A1111 do. Absent or null: the sampler's default,
+    /// 0 for DDIM, 1 for Euler a.
+    #[schema(minimum = 0.0, maximum = 1.0, nullable = true)]
+    pub eta: Option<f64>,
     /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
     /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a` and `lcm` add noise drawn from
     /// the seed at every step; `dpmpp_sde`, `heun`, `dpm2` and `dpm2_a` run the UNet twice per
@@ -415,6 +422,9 @@ pub struct GenerateMetadata {
     pub image_height: Option<u32>,
     pub seed: u64,
     pub guidance_scale: f64,
+    /// The request's `eta`, where it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f64>,
     /// The scheduler actually used (the model's own when the request named none).
     pub scheduler: String,
     /// The sigma schedule it ran on (`uniform`, `karras`, `exponential`, `beta`).

@@ -28,6 +28,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub guidance_scale: Option<f64>,
     #[arg(long)]
+    pub eta: Option<f64>,
+    #[arg(long)]
     pub scheduler: Option<String>,
     #[arg(long)]
     pub schedule: Option<String>,
@@ -168,6 +170,10 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "guidance_scale",
             format!("How closely to follow the prompt, {GUIDANCE_MIN}..={GUIDANCE_MAX}; at or below 1 guidance is off [default: {GUIDANCE_DEFAULT}]"),
+        ),
+        (
+            "eta",
+            "0..=1: the fresh noise each step of ddim, ddim_a1111 and euler_a adds [default: the sampler's own, 0 for DDIM, 1 for Euler a]".to_string(),
         ),
         (
             "scheduler",

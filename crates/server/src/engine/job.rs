@@ -260,6 +260,7 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             image_height: Some(image_size.1),
             seed: p.seed,
             guidance_scale: p.guidance_scale,
+            eta: p.eta,
             scheduler: p.scheduler.map(|k| k.name()).unwrap_or("").to_string(),
             schedule: p
                 .scheduler

@@ -60,7 +60,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 29] = [
+pub const FIELDS: [&str; 30] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -68,6 +68,7 @@ pub const FIELDS: [&str; 29] = [
     "height",
     "seed",
     "guidance_scale",
+    "eta",
     "scheduler",
     "schedule",
     "prompt_syntax",
@@ -211,6 +212,7 @@ pub fn validate_request(
     let height = r.int_with("height", SIZE_MIN, SIZE_MAX, size_rule);
     let seed = r.int("seed", 0, SEED_MAX);
     let guidance_scale = r.number("guidance_scale", GUIDANCE_MIN, GUIDANCE_MAX);
+    let eta = r.number("eta", 0.0, 1.0);
     let schedulers: Vec<(&str, SchedulerKind)> =
         SchedulerKind::ALL.iter().map(|k| (k.name(), *k)).collect();
     let scheduler = r.choice("scheduler", &schedulers);
@@ -416,6 +418,7 @@ pub fn validate_request(
         height,
         seed: seed.map(|v| v as u32),
         guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
+        eta,
         scheduler,
         schedule,
         prompt_syntax: prompt_syntax.unwrap_or(PromptSyntax::A1111),

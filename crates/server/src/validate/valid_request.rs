@@ -24,6 +24,8 @@ pub struct ValidRequest {
     pub height: usize,
     pub seed: Option<u32>,
     pub guidance_scale: f64,
+    /// The sampler's eta; `None`: its default.
+    pub eta: Option<f64>,
     pub scheduler: Option<SchedulerKind>,
     /// The sigma schedule; `None` (`default`): the scheduler name's own, or with no scheduler
     /// the model's (resolved with the scheduler, [`Self::resolve_schedule`]).
@@ -118,6 +120,7 @@ impl ValidRequest {
             height: self.height,
             seed,
             guidance_scale: self.guidance_scale,
+            eta: self.eta,
             scheduler: Some(scheduler),
             schedule: Some(schedule),
             prompt_syntax: self.prompt_syntax,

@@ -53,7 +53,7 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 22] = [
+pub const FIELD_NAMES: [(&str, &str); 23] = [
     // The object comes with the mask: a mask that failed its rules leaves it nothing to do.
     ("inpaint", "mask"),
     ("inpaint.mask_blur", "mask_blur"),
@@ -69,6 +69,7 @@ pub const FIELD_NAMES: [(&str, &str); 22] = [
     ("seed_resize_from_width", "seed_resize_from_w"),
     ("seed_resize_from_height", "seed_resize_from_h"),
     ("guidance_scale", "cfg_scale"),
+    ("eta", "eta"),
     ("scheduler", "sampler_name"),
     ("init_image", "init_images"),
     ("mask_image", "mask"),
@@ -80,7 +81,7 @@ pub const FIELD_NAMES: [(&str, &str); 22] = [
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 42] = [
+const USED: [&str; 43] = [
     "enable_hr",
     "resize_mode",
     "hr_scale",
@@ -96,6 +97,7 @@ const USED: [&str; 42] = [
     "negative_prompt",
     "steps",
     "cfg_scale",
+    "eta",
     "width",
     "height",
     "seed",
@@ -255,6 +257,12 @@ pub fn translate(
         ("height", "height", json!(SIZE_DEFAULT)),
     ] {
         native.insert(ours.into(), get(body, theirs).cloned().unwrap_or(default));
+    }
+
+    // `eta` (webuiapi always sends 1.0): A1111 gives it to the samplers that take one; absent
+    // or null, each sampler's default (its eta_ddim and eta_ancestral options).
+    if let Some(v) = get(body, "eta") {
+        native.insert("eta".into(), v.clone());
     }
 
     // Seed: -1 (or absent) draws one now, so every batch of the request follows from it;

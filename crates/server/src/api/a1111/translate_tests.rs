@@ -518,3 +518,26 @@ fn ddim_plms_and_unipc_are_a1111_s_own() {
         ("PLMS", None)
     );
 }
+
+#[test]
+fn eta_goes_to_the_sampler_as_a1111_gives_it() {
+    // webuiapi sends eta 1.0 with every request: A1111's DDIM then runs with eta 1.
+    let t = tr(
+        json!({"prompt": "p", "sampler_name": "DDIM", "eta": 1.0}),
+        Mode::Txt2Img,
+    )
+    .unwrap();
+    assert_eq!(t.native["eta"], 1.0);
+    assert_eq!(t.valid.eta, Some(1.0));
+    assert!(t.ignored.is_empty(), "{:?}", t.ignored);
+    // Absent or null: each sampler's default.
+    for body in [json!({"prompt": "p"}), json!({"prompt": "p", "eta": null})] {
+        let t = tr(body, Mode::Txt2Img).unwrap();
+        assert!(!t.native.contains_key("eta"));
+        assert_eq!(t.valid.eta, None);
+    }
+    for eta in [json!(1.5), json!(-0.1), json!("high")] {
+        let e = tr(json!({"prompt": "p", "eta": eta}), Mode::Txt2Img).unwrap_err();
+        assert_eq!(field_of(e), "eta");
+    }
+}

@@ -39,6 +39,9 @@ pub struct GenerationRequest {
     pub steps: Option<u32>,
     #[schema(default = 7.5, minimum = 0.0, maximum = 30.0, nullable = true)]
     pub guidance_scale: Option<f64>,
+    /// The sampler's eta, as natively (`ddim`, `ddim_a1111`, `euler_a`; others ignore it).
+    #[schema(minimum = 0.0, maximum = 1.0, nullable = true)]
+    pub eta: Option<f64>,
     #[schema(nullable = true)]
     pub scheduler: Option<crate::api::SchedulerName>,
     /// The sigma schedule, as natively (`default`, `uniform`, `karras`, `exponential`, `beta`).

@@ -68,6 +68,9 @@ pub struct WireSpec {
     height: usize,
     seed: u64,
     guidance_scale: f64,
+    /// Absent from older API processes: the sampler's default.
+    #[serde(default)]
+    eta: Option<f64>,
     scheduler: Option<String>,
     /// Absent from older API processes: the scheduler name's own.
     #[serde(default)]
@@ -153,6 +156,7 @@ impl WireSpec {
             height: p.height,
             seed: p.seed,
             guidance_scale: p.guidance_scale,
+            eta: p.eta,
             scheduler: p.scheduler.map(|k| k.name().to_string()),
             schedule: p.schedule.map(|s| s.name().to_string()),
             a1111_syntax: p.prompt_syntax == PromptSyntax::A1111,
@@ -251,6 +255,7 @@ impl WireSpec {
                 height: self.height,
                 seed: self.seed,
                 guidance_scale: self.guidance_scale,
+                eta: self.eta,
                 scheduler,
                 schedule,
                 prompt_syntax: if self.a1111_syntax {
