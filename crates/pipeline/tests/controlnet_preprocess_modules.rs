@@ -5,13 +5,15 @@
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
-//! `pidinet.rs`.
+//! `manga_line.rs`, `pidinet.rs`.
 
 mod common;
 #[path = "controlnet_preprocess_modules/hed.rs"]
 mod hed;
 #[path = "controlnet_preprocess_modules/lineart.rs"]
 mod lineart;
+#[path = "controlnet_preprocess_modules/manga_line.rs"]
+mod manga_line;
 #[path = "controlnet_preprocess_modules/pidinet.rs"]
 mod pidinet;
 

@@ -10,7 +10,7 @@
 //! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`, `hed`
 //! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps), `lineart`
 //! (lineart_realistic, lineart_coarse: the generator, and the layers the anime one shares),
-//! `lineart_anime`, `pidinet` (softedge_pidinet, softedge_pidisafe, scribble_pidinet).
+//! `lineart_anime`, `manga_line` (lineart_anime_denoise), `pidinet` (softedge_pidinet, softedge_pidisafe, scribble_pidinet).
 
 mod canny;
 mod color;
@@ -19,6 +19,7 @@ mod hed;
 mod lineart;
 mod lineart_anime;
 mod lines;
+mod manga_line;
 mod networks;
 mod pidinet;
 mod pointwise;
@@ -40,6 +41,7 @@ pub use lineart_anime::{
     LINEART_ANIME_FILE,
 };
 pub use lines::{lineart_standard, scribble_xdog};
+pub use manga_line::{manga_line_map, rgb_to_grey, MangaLineNetwork, MANGA_LINE, MANGA_LINE_FILE};
 pub use networks::{
     network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, LoadedNetworks, ANNOTATOR_FILES,
 };
@@ -99,6 +101,9 @@ pub enum Preprocessor {
     LineartCoarse { resolution: u32 },
     /// The legacy `lineart_anime`: the `netG.pth` U-Net's lines, white on black.
     LineartAnime { resolution: u32 },
+    /// The legacy `lineart_anime_denoise`: the `erika.pth` network's (manga_line's) lines of
+    /// the grey image, white on black.
+    LineartAnimeDenoise { resolution: u32 },
     /// The legacy `pidinet` (`softedge_pidinet`): the PiDiNet network's soft edges.
     SoftedgePidinet { resolution: u32 },
     /// The legacy `pidinet_safe` (`softedge_pidisafe`): the same quantized to 0, 127, 255.
@@ -127,6 +132,7 @@ impl Preprocessor {
             Self::LineartRealistic { .. } => "lineart_realistic",
             Self::LineartCoarse { .. } => "lineart_coarse",
             Self::LineartAnime { .. } => "lineart_anime",
+            Self::LineartAnimeDenoise { .. } => "lineart_anime_denoise",
             Self::SoftedgePidinet { .. } => "softedge_pidinet",
             Self::SoftedgePidisafe { .. } => "softedge_pidisafe",
             Self::ScribblePidinet { .. } => "scribble_pidinet",
@@ -148,6 +154,7 @@ impl Preprocessor {
             Self::LineartRealistic { .. } => Some(&LINEART),
             Self::LineartCoarse { .. } => Some(&LINEART_COARSE),
             Self::LineartAnime { .. } => Some(&LINEART_ANIME),
+            Self::LineartAnimeDenoise { .. } => Some(&MANGA_LINE),
             Self::SoftedgePidinet { .. }
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. } => Some(&PIDINET),
@@ -172,6 +179,7 @@ impl Preprocessor {
             | Self::LineartRealistic { resolution }
             | Self::LineartCoarse { resolution }
             | Self::LineartAnime { resolution }
+            | Self::LineartAnimeDenoise { resolution }
             | Self::SoftedgePidinet { resolution }
             | Self::SoftedgePidisafe { resolution }
             | Self::ScribblePidinet { resolution } => Some(resolution),
@@ -196,6 +204,7 @@ impl Preprocessor {
             | Self::LineartRealistic { resolution: r }
             | Self::LineartCoarse { resolution: r }
             | Self::LineartAnime { resolution: r }
+            | Self::LineartAnimeDenoise { resolution: r }
             | Self::SoftedgePidinet { resolution: r }
             | Self::SoftedgePidisafe { resolution: r }
             | Self::ScribblePidinet { resolution: r } => *r = resolution,
@@ -279,6 +288,12 @@ impl Preprocessor {
                 let map = lineart_anime_map(&net, &padded.image)?;
                 padded.crop_gray_to_rgb(&map)
             }
+            Self::LineartAnimeDenoise { .. } => {
+                let net = network::<MangaLineNetwork>(networks, &MANGA_LINE)?;
+                let padded = padded();
+                let map = manga_line_map(&net, &padded.image)?;
+                padded.crop_gray_to_rgb(&map)
+            }
             _ => self.run(image)?,
         })
     }
@@ -316,6 +331,7 @@ impl Preprocessor {
             | Self::LineartRealistic { .. }
             | Self::LineartCoarse { .. }
             | Self::LineartAnime { .. }
+            | Self::LineartAnimeDenoise { .. }
             | Self::SoftedgePidinet { .. }
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. } => {

@@ -29,6 +29,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::LINEART,
     &super::LINEART_COARSE,
     &super::LINEART_ANIME,
+    &super::MANGA_LINE,
     &super::PIDINET,
 ];
 
