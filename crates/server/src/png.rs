@@ -286,6 +286,7 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::LineartRealistic { .. }
         | Preprocessor::LineartCoarse { .. }
         | Preprocessor::LineartAnime { .. }
+        | Preprocessor::LineartAnimeDenoise { .. }
         | Preprocessor::SoftedgePidinet { .. }
         | Preprocessor::SoftedgePidisafe { .. }
         | Preprocessor::ScribblePidinet { .. } => (hidden.clone(), hidden.clone()),

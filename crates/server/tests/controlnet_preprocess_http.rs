@@ -5,9 +5,11 @@
 //! with `module: "canny"` (processor_res, pixel_perfect, the resize mode after the
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
-//! networks in ANNOTATOR_DIR, and without them.
+//! networks in ANNOTATOR_DIR, and without them (lineart_anime_denoise in `manga_line.rs`).
 
 mod common;
+#[path = "controlnet_preprocess_http/manga_line.rs"]
+mod manga_line;
 
 use std::path::PathBuf;
 
@@ -283,6 +285,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "scribble_hed",
             "lineart",
             "lineart_coarse",
+            "lineart_anime_denoise",
             "lineart_anime",
             "blur_gaussian"
         ])
@@ -304,6 +307,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         "lineart",
         "lineart_coarse",
         "lineart_anime",
+        "lineart_anime_denoise",
         "pidinet",
         "pidinet_safe",
         "pidinet_scribble",

@@ -107,7 +107,9 @@ pub struct ControlNetPreprocessor {
     /// `scribble_hed` them thinned to white strokes (these three need `ControlNetHED.pth` in
     /// the server's ANNOTATOR_DIR); `lineart_realistic`, `lineart_coarse`, `lineart_anime`:
     /// the extension's lineart networks' lines, white on black (they need `sk_model.pth`,
-    /// `sk_model2.pth`, `netG.pth` in ANNOTATOR_DIR); `softedge_pidinet`, `softedge_pidisafe`,
+    /// `sk_model2.pth`, `netG.pth` in ANNOTATOR_DIR); `lineart_anime_denoise`: the
+    /// extension's manga_line network's lines of the grey image, white on black (`erika.pth`
+    /// in ANNOTATOR_DIR); `softedge_pidinet`, `softedge_pidisafe`,
     /// `scribble_pidinet`: the three HED ones' kinds from the PiDiNet network
     /// (`table5_pidinet.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
     /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
@@ -177,6 +179,7 @@ pub enum PreprocessorType {
     LineartRealistic,
     LineartCoarse,
     LineartAnime,
+    LineartAnimeDenoise,
     SoftedgePidinet,
     SoftedgePidisafe,
     ScribblePidinet,

@@ -124,7 +124,8 @@ pub struct ModelArgs {
     /// `annotator/downloads` as it is), all from lllyasviel/Annotators: `ControlNetHED.pth`
     /// (`hed/`) runs `softedge_hed`, `softedge_hedsafe` and `scribble_hed`; `sk_model.pth` and
     /// `sk_model2.pth` (`lineart/`) run `lineart_realistic` and `lineart_coarse`; `netG.pth`
-    /// (`lineart_anime/`) runs `lineart_anime`; `table5_pidinet.pth` (`pidinet/`) runs
+    /// (`lineart_anime/`) runs `lineart_anime`; `erika.pth` (`manga_line/`) runs
+    /// `lineart_anime_denoise`; `table5_pidinet.pth` (`pidinet/`) runs
     /// `softedge_pidinet`, `softedge_pidisafe` and `scribble_pidinet`. A file it lacks is taken
     /// from the model cache, where `sdserve download --annotators` puts them. Each read once, on
     /// the CPU (a replaced file again); without its file a module is a 422 naming the file.

@@ -28,7 +28,7 @@ pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
 pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -49,7 +49,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
         "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
-        | "lineart_realistic" | "lineart_coarse" | "lineart_anime"
+        | "lineart_realistic" | "lineart_coarse" | "lineart_anime" | "lineart_anime_denoise"
         | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" => &["type", "resolution"],
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
@@ -143,6 +143,9 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             resolution: resolution()?,
         },
         "lineart_anime" => Preprocessor::LineartAnime {
+            resolution: resolution()?,
+        },
+        "lineart_anime_denoise" => Preprocessor::LineartAnimeDenoise {
             resolution: resolution()?,
         },
         "softedge_pidinet" => Preprocessor::SoftedgePidinet {
@@ -251,6 +254,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::LineartRealistic { .. } => base(PreprocessorType::LineartRealistic),
         Preprocessor::LineartCoarse { .. } => base(PreprocessorType::LineartCoarse),
         Preprocessor::LineartAnime { .. } => base(PreprocessorType::LineartAnime),
+        Preprocessor::LineartAnimeDenoise { .. } => base(PreprocessorType::LineartAnimeDenoise),
         Preprocessor::SoftedgePidinet { .. } => base(PreprocessorType::SoftedgePidinet),
         Preprocessor::SoftedgePidisafe { .. } => base(PreprocessorType::SoftedgePidisafe),
         Preprocessor::ScribblePidinet { .. } => base(PreprocessorType::ScribblePidinet),
@@ -369,6 +373,10 @@ mod tests {
                 Preprocessor::LineartAnime { resolution: 64 },
             ),
             (
+                json!({"type": "lineart_anime_denoise", "resolution": 96}),
+                Preprocessor::LineartAnimeDenoise { resolution: 96 },
+            ),
+            (
                 json!({"type": "softedge_pidinet"}),
                 Preprocessor::SoftedgePidinet { resolution: 512 },
             ),
@@ -446,6 +454,14 @@ mod tests {
             (
                 json!({"type": "lineart_anime", "resolution": 2056}),
                 "[2].preprocessor.resolution: must be an integer in 64..=2048",
+            ),
+            (
+                json!({"type": "lineart_anime_denoise", "resolution": 32}),
+                "[2].preprocessor.resolution: must be an integer in 64..=2048",
+            ),
+            (
+                json!({"type": "lineart_anime_denoise", "sigma": 2}),
+                "unknown key \"sigma\" for \"lineart_anime_denoise\"",
             ),
             (
                 json!({"type": "lineart_coarse", "threshold": 10}),

@@ -10,7 +10,8 @@
 //! only the integer part counts), as do blur_gaussian's sigma and tile_resample's rate. Modules: `none`, `canny`, `invert`, `threshold`,
 //! `lineart_standard`, `scribble_xdog`, `blur_gaussian`, `tile_resample`, `color`, `shuffle`,
 //! the HED ones `hed` (`softedge_hed`), `hed_safe` (`softedge_hedsafe`), `scribble_hed`, the
-//! lineart ones `lineart` (`lineart_realistic`), `lineart_coarse`, `lineart_anime`, and the
+//! lineart ones `lineart` (`lineart_realistic`), `lineart_coarse`, `lineart_anime`,
+//! `lineart_anime_denoise`, and the
 //! PiDiNet ones `pidinet` (`softedge_pidinet`), `pidinet_safe` (`softedge_pidisafe`),
 //! `pidinet_scribble` (`scribble_pidinet`) (their weights from ANNOTATOR_DIR; listed without
 //! them, as the extension lists its model-based modules), their names and labels and sliders
@@ -84,8 +85,9 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
 /// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet 100; invert 20; the
 /// others 0) and label, descending
-/// (`color` sorts by its label, `t2ia_color_grid`).
-const MODULES: [Module; 19] = [
+/// (`color` sorts by its label, `t2ia_color_grid`; `lineart_anime_denoise` before its prefix
+/// `lineart_anime`).
+const MODULES: [Module; 20] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -186,6 +188,11 @@ const MODULES: [Module; 19] = [
     module(
         "lineart_coarse",
         "lineart_coarse",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "lineart_anime_denoise",
+        "lineart_anime_denoise",
         [Some(RESOLUTION), None, None],
     ),
     module(
@@ -316,6 +323,9 @@ pub(super) fn preprocessor(
         "lineart_anime" => Preprocessor::LineartAnime {
             resolution: resolution()?,
         },
+        "lineart_anime_denoise" => Preprocessor::LineartAnimeDenoise {
+            resolution: resolution()?,
+        },
         "pidinet" => Preprocessor::SoftedgePidinet {
             resolution: resolution()?,
         },
@@ -367,7 +377,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `pidinet_safe`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `lineart`, `lineart_coarse`, `lineart_anime`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, netG.pth, the PiDiNet ones table5_pidinet.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `pidinet_safe`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);

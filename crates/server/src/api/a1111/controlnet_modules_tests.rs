@@ -32,7 +32,7 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"blur_gaussian\""),
         "{e}"
     );
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -171,6 +171,10 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
             "lineart_anime",
             Preprocessor::LineartAnime { resolution: 256 },
         ),
+        (
+            "lineart_anime_denoise",
+            Preprocessor::LineartAnimeDenoise { resolution: 256 },
+        ),
         ("pidinet", Preprocessor::SoftedgePidinet { resolution: 256 }),
         (
             "softedge_pidisafe",
@@ -234,7 +238,7 @@ fn every_listed_module_s_network_file_is_downloaded_ahead() {
             );
         }
     }
-    assert!(files >= 9, "the HED, lineart and PiDiNet modules at least");
+    assert!(files >= 10, "the HED, lineart and PiDiNet modules at least");
 }
 
 #[test]
