@@ -1,6 +1,7 @@
 //! ANNOTATOR_DIR: the weights of the model-based ControlNet preprocessors, under the
 //! sd-webui-controlnet extension's file names (`ControlNetHED.pth`, `sk_model.pth`,
-//! `sk_model2.pth`, `netG.pth`, `erika.pth`, ... from the hub repo `lllyasviel/Annotators`), either in the
+//! `sk_model2.pth`, `netG.pth`, `erika.pth`, ... from the hub repo `lllyasviel/Annotators`,
+//! `7_model.pth` from `bdsqlsz/qinglong_controlnet-lllite`'s `Annotators/`: each file's `hub`), either in the
 //! folder itself or in the subfolder the extension downloads each into
 //! (`hed/ControlNetHED.pth`, `lineart/sk_model.pth`, as its `annotator/downloads` holds them), so
 //! that folder can be given as it is. Which files there are, and how each is read, the
@@ -24,13 +25,20 @@ use sdserve_pipeline::controlnet::preprocess::{
 };
 use sdserve_pipeline::PipelineError;
 
-/// The hub repo the extension downloads the files from.
-pub const HUB_REPO: &str = "lllyasviel/Annotators";
-
-/// The files `sdserve download --annotators` fetches: every network's file.
-pub fn hub_files() -> &'static [&'static str] {
-    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
-    NAMES.get_or_init(|| ANNOTATOR_FILES.iter().map(|f| f.name).collect())
+/// The files `sdserve download --annotators` fetches: every network's file, by hub repo (in
+/// the order of ANNOTATOR_FILES), each as its path in the repo.
+pub fn hub_repos() -> &'static [(&'static str, Vec<&'static str>)] {
+    static REPOS: OnceLock<Vec<(&'static str, Vec<&'static str>)>> = OnceLock::new();
+    REPOS.get_or_init(|| {
+        let mut repos: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+        for f in ANNOTATOR_FILES {
+            match repos.iter_mut().find(|(r, _)| *r == f.hub.repo) {
+                Some((_, paths)) => paths.push(f.hub.path),
+                None => repos.push((f.hub.repo, vec![f.hub.path])),
+            }
+        }
+        repos
+    })
 }
 
 /// The folder and the networks read from it.
@@ -88,10 +96,10 @@ fn find(dir: &Path, sub: &str, file: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// `file` in the hub cache's snapshot of the repo, if `sdserve download --annotators` put it
+/// `file` in the hub cache's snapshot of its repo, if `sdserve download --annotators` put it
 /// there (read on every look: a later download is found without a restart).
-fn find_cached(cache: &Path, file: &str) -> Option<PathBuf> {
-    let path = crate::hub::cached_snapshot(cache, HUB_REPO, "main")?.join(file);
+fn find_cached(cache: &Path, file: &AnnotatorFile) -> Option<PathBuf> {
+    let path = crate::hub::cached_snapshot(cache, file.hub.repo, "main")?.join(file.hub.path);
     path.is_file().then_some(path)
 }
 
@@ -108,15 +116,16 @@ impl AnnotatorNetworks for AnnotatorStore {
             .dir
             .as_deref()
             .and_then(|d| find(d, file.subfolder, name));
-        let in_cache = || state.cache.as_deref().and_then(|c| find_cached(c, name));
+        let in_cache = || state.cache.as_deref().and_then(|c| find_cached(c, file));
+        let repo = file.hub.repo;
         let Some(path) = in_dir.or_else(in_cache) else {
             let fetch = "or in the model cache, where `sdserve download --annotators` puts it";
             return Err(missing(match &state.dir {
                 None => format!(
-                    "needs {name} ({HUB_REPO}) in ANNOTATOR_DIR, and this server has none (--annotator-dir), {fetch}"
+                    "needs {name} ({repo}) in ANNOTATOR_DIR, and this server has none (--annotator-dir), {fetch}"
                 ),
                 Some(_) => format!(
-                    "needs {name} ({HUB_REPO}) in ANNOTATOR_DIR (or its {}/ folder), and it is not there, {fetch}",
+                    "needs {name} ({repo}) in ANNOTATOR_DIR (or its {}/ folder), and it is not there, {fetch}",
                     file.subfolder
                 ),
             }));
@@ -227,7 +236,17 @@ mod tests {
         let found = hed(&store);
         std::fs::remove_dir_all(&root).unwrap();
         assert!(found.is_ok(), "the folder lacks it, the cache has it");
-        assert!(hub_files().contains(&HED_FILE));
+        assert!(hub_repos().contains(&(
+            "lllyasviel/Annotators",
+            vec![
+                HED_FILE,
+                "sk_model.pth",
+                "sk_model2.pth",
+                "netG.pth",
+                "erika.pth",
+                "table5_pidinet.pth"
+            ]
+        )));
     }
 
     #[test]
@@ -237,6 +256,7 @@ mod tests {
         static ONE: AnnotatorFile = AnnotatorFile {
             name: "one.pth",
             subfolder: "one",
+            hub: sdserve_pipeline::controlnet::preprocess::lllyasviel("one.pth"),
             load: |p| {
                 READS.fetch_add(1, Ordering::SeqCst);
                 Ok(Arc::new(std::fs::read(p).unwrap()))
@@ -245,6 +265,7 @@ mod tests {
         static TWO: AnnotatorFile = AnnotatorFile {
             name: "two.pth",
             subfolder: "two",
+            hub: sdserve_pipeline::controlnet::preprocess::lllyasviel("two.pth"),
             load: ONE.load,
         };
         let dir = std::env::temp_dir().join(format!("sdserve-annotators2-{}", std::process::id()));

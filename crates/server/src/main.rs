@@ -46,12 +46,25 @@ fn main() -> std::process::ExitCode {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Generate(args) => generate_cmd::run(*args),
         cli::Command::Bench(args) => bench_cmd::run(*args),
-        cli::Command::Download(args) if args.annotators => hub::command::download_main(
-            annotators::HUB_REPO,
-            args.model_cache_dir,
-            false,
-            hub::Layout::Files(annotators::hub_files()),
-        ),
+        // Each repo's files in turn (TEED's is not in lllyasviel/Annotators); a failure fails
+        // the command after the others are fetched.
+        cli::Command::Download(args) if args.annotators => annotators::hub_repos()
+            .iter()
+            .map(|(repo, paths)| {
+                hub::command::download_main(
+                    repo,
+                    args.model_cache_dir.clone(),
+                    false,
+                    hub::Layout::Files(paths),
+                )
+            })
+            .fold(std::process::ExitCode::SUCCESS, |code, c| {
+                if c == std::process::ExitCode::SUCCESS {
+                    code
+                } else {
+                    c
+                }
+            }),
         cli::Command::Download(args) => {
             let layout = if args.taesd {
                 hub::Layout::Component

@@ -273,6 +273,7 @@ fn unit_settings(p: &Preprocessor) -> String {
         Preprocessor::Threshold { threshold, .. }
         | Preprocessor::ScribbleXdog { threshold, .. } => (float(threshold), hidden.clone()),
         Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden.clone()),
+        Preprocessor::SoftedgeTeed { safe_steps, .. } => (float(safe_steps), hidden.clone()),
         Preprocessor::TileResample { down_sampling_rate } => {
             (float(down_sampling_rate), hidden.clone())
         }

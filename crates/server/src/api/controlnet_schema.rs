@@ -111,7 +111,9 @@ pub struct ControlNetPreprocessor {
     /// extension's manga_line network's lines of the grey image, white on black (`erika.pth`
     /// in ANNOTATOR_DIR); `softedge_pidinet`, `softedge_pidisafe`,
     /// `scribble_pidinet`: the three HED ones' kinds from the PiDiNet network
-    /// (`table5_pidinet.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
+    /// (`table5_pidinet.pth` in ANNOTATOR_DIR); `softedge_teed`: the TEED network's soft edges,
+    /// quantized to `safe_steps` + 1 levels (`7_model.pth` in ANNOTATOR_DIR); `none`: the
+    /// image is the map. Other model-based
     /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
@@ -150,6 +152,12 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 0, maximum = 4294967295_u32, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u32>,
+    /// `softedge_teed`: the edges are quantized by the extension's `safe_step` to this many
+    /// steps above 0 (0: left soft). A number, as the extension's slider: kept as sent (the
+    /// infotext writes it), only its integer part counts.
+    #[schema(minimum = 0.0, maximum = 10.0, default = 2.0, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_steps: Option<f64>,
     /// All but `invert`, `tile_resample` and `none`: the processor resolution (`color`: at
     /// least 64, one cell), the shorter
     /// side of the image the map is made at (the map is then resized to the request's size);
@@ -183,6 +191,7 @@ pub enum PreprocessorType {
     SoftedgePidinet,
     SoftedgePidisafe,
     ScribblePidinet,
+    SoftedgeTeed,
 }
 
 /// A ControlNet a result was made with.

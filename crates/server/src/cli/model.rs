@@ -121,12 +121,13 @@ pub struct ModelArgs {
     pub controlnet_dir: Option<PathBuf>,
     /// A folder of the model-based ControlNet preprocessors' weights under the
     /// sd-webui-controlnet extension's names, at its top or in the extension's subfolders (its
-    /// `annotator/downloads` as it is), all from lllyasviel/Annotators: `ControlNetHED.pth`
+    /// `annotator/downloads` as it is), from lllyasviel/Annotators: `ControlNetHED.pth`
     /// (`hed/`) runs `softedge_hed`, `softedge_hedsafe` and `scribble_hed`; `sk_model.pth` and
     /// `sk_model2.pth` (`lineart/`) run `lineart_realistic` and `lineart_coarse`; `netG.pth`
     /// (`lineart_anime/`) runs `lineart_anime`; `erika.pth` (`manga_line/`) runs
     /// `lineart_anime_denoise`; `table5_pidinet.pth` (`pidinet/`) runs
-    /// `softedge_pidinet`, `softedge_pidisafe` and `scribble_pidinet`. A file it lacks is taken
+    /// `softedge_pidinet`, `softedge_pidisafe` and `scribble_pidinet`; and TEED's `7_model.pth`
+    /// (`TEED/`, from bdsqlsz/qinglong_controlnet-lllite) runs `softedge_teed`. A file it lacks is taken
     /// from the model cache, where `sdserve download --annotators` puts them. Each read once, on
     /// the CPU (a replaced file again); without its file a module is a 422 naming the file.
     #[arg(long, env = "ANNOTATOR_DIR")]

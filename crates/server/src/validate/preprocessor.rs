@@ -2,7 +2,7 @@
 //! extension (`sdserve_pipeline::controlnet::preprocess`), its settings in the ranges of the
 //! extension's sliders (`PreprocessorCanny` and the other model-free classes, the legacy
 //! modules' `slider_1`, the class's `slider_resolution`), and the run that turns the uploaded
-//! image into the control map at validation; the model-based ones (HED, lineart, PiDiNet) take
+//! image into the control map at validation; the model-based ones (HED, lineart, PiDiNet, TEED) take
 //! their network from ANNOTATOR_DIR (`crate::annotators`).
 
 use serde_json::Value;
@@ -26,9 +26,11 @@ pub const BINARY_THRESHOLD: (f64, f64, f64) = (0.0, 255.0, 127.0);
 pub const XDOG_THRESHOLD: (f64, f64, f64) = (1.0, 64.0, 32.0);
 pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
 pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
+/// softedge_teed's `Safe Steps` (`PreprocessorTEED.slider_1`, step 1).
+pub const SAFE_STEPS: (f64, f64, f64) = (0.0, 10.0, 2.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -54,6 +56,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
         "shuffle" => &["type", "seed", "resolution"],
+        "softedge_teed" => &["type", "safe_steps", "resolution"],
         other => {
             return Err(format!(
                 "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth, openpose: send their map as the image)"
@@ -157,6 +160,10 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "scribble_pidinet" => Preprocessor::ScribblePidinet {
             resolution: resolution()?,
         },
+        "softedge_teed" => Preprocessor::SoftedgeTeed {
+            safe_steps: number("safe_steps", SAFE_STEPS)?,
+            resolution: resolution()?,
+        },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
             resolution: resolution()?,
@@ -214,6 +221,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         sigma: None,
         down_sampling_rate: None,
         seed: None,
+        safe_steps: None,
     };
     match *p {
         Preprocessor::Canny {
@@ -258,6 +266,10 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::SoftedgePidinet { .. } => base(PreprocessorType::SoftedgePidinet),
         Preprocessor::SoftedgePidisafe { .. } => base(PreprocessorType::SoftedgePidisafe),
         Preprocessor::ScribblePidinet { .. } => base(PreprocessorType::ScribblePidinet),
+        Preprocessor::SoftedgeTeed { safe_steps, .. } => ControlNetPreprocessor {
+            safe_steps: Some(safe_steps),
+            ..base(PreprocessorType::SoftedgeTeed)
+        },
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::gaussian::{gaussian_blur_f32, gaussian_blur_u8};
-use super::networks::AnnotatorFile;
+use super::networks::{lllyasviel, AnnotatorFile};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
@@ -29,6 +29,7 @@ pub const HED_FILE: &str = "ControlNetHED.pth";
 pub static HED: AnnotatorFile = AnnotatorFile {
     name: HED_FILE,
     subfolder: "hed",
+    hub: lllyasviel(HED_FILE),
     load: |path| Ok(Arc::new(HedNetwork::load(path, &Device::Cpu)?)),
 };
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::networks::AnnotatorFile;
+use super::networks::{lllyasviel, AnnotatorFile};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
@@ -33,6 +33,7 @@ pub const LINEART_COARSE_FILE: &str = "sk_model2.pth";
 pub static LINEART: AnnotatorFile = AnnotatorFile {
     name: LINEART_FILE,
     subfolder: "lineart",
+    hub: lllyasviel(LINEART_FILE),
     load: |path| Ok(Arc::new(LineartNetwork::load(path, &Device::Cpu)?)),
 };
 
@@ -40,6 +41,7 @@ pub static LINEART: AnnotatorFile = AnnotatorFile {
 pub static LINEART_COARSE: AnnotatorFile = AnnotatorFile {
     name: LINEART_COARSE_FILE,
     subfolder: "lineart",
+    hub: lllyasviel(LINEART_COARSE_FILE),
     load: |path| Ok(Arc::new(LineartNetwork::load(path, &Device::Cpu)?)),
 };
 

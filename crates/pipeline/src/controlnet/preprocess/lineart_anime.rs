@@ -16,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{Device, Module, Tensor};
 
 use super::lineart::{image_tensor, instance_norm, ConvTranspose, Weights};
-use super::networks::AnnotatorFile;
+use super::networks::{lllyasviel, AnnotatorFile};
 use super::resize::{cubic_taps, resize_cubic};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
@@ -29,6 +29,7 @@ pub const LINEART_ANIME_FILE: &str = "netG.pth";
 pub static LINEART_ANIME: AnnotatorFile = AnnotatorFile {
     name: LINEART_ANIME_FILE,
     subfolder: "lineart_anime",
+    hub: lllyasviel(LINEART_ANIME_FILE),
     load: |path| Ok(Arc::new(LineartAnimeNetwork::load(path, &Device::Cpu)?)),
 };
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::{Device, Module, Tensor};
 
 use super::lineart::Weights;
-use super::networks::AnnotatorFile;
+use super::networks::{lllyasviel, AnnotatorFile};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::Result;
@@ -30,6 +30,7 @@ pub const MANGA_LINE_FILE: &str = "erika.pth";
 pub static MANGA_LINE: AnnotatorFile = AnnotatorFile {
     name: MANGA_LINE_FILE,
     subfolder: "manga_line",
+    hub: lllyasviel(MANGA_LINE_FILE),
     load: |path| Ok(Arc::new(MangaLineNetwork::load(path, &Device::Cpu)?)),
 };
 

@@ -10,7 +10,8 @@
 //! lineart_standard), `tile` (blur_gaussian, tile_resample), `color`, `shuffle`, `hed`
 //! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps), `lineart`
 //! (lineart_realistic, lineart_coarse: the generator, and the layers the anime one shares),
-//! `lineart_anime`, `manga_line` (lineart_anime_denoise), `pidinet` (softedge_pidinet, softedge_pidisafe, scribble_pidinet).
+//! `lineart_anime`, `manga_line` (lineart_anime_denoise), `pidinet` (softedge_pidinet,
+//! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed).
 
 mod canny;
 mod color;
@@ -25,6 +26,7 @@ mod pidinet;
 mod pointwise;
 mod resize;
 mod shuffle;
+mod teed;
 mod tile;
 
 use serde::{Deserialize, Serialize};
@@ -43,12 +45,14 @@ pub use lineart_anime::{
 pub use lines::{lineart_standard, scribble_xdog};
 pub use manga_line::{manga_line_map, rgb_to_grey, MangaLineNetwork, MANGA_LINE, MANGA_LINE_FILE};
 pub use networks::{
-    network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, LoadedNetworks, ANNOTATOR_FILES,
+    lllyasviel, network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, HubFile, LoadedNetworks,
+    ANNOTATOR_FILES,
 };
 pub use pidinet::{pidinet_edges, pidinet_logits, PidiNetwork, PIDINET, PIDINET_FILE};
 pub use pointwise::{invert, threshold};
 pub use resize::{resize_image_with_pad, Padded};
 pub use shuffle::{shuffle, shuffle_image};
+pub use teed::{teed_edges, teed_logits, TeedNetwork, TEED, TEED_FILE};
 pub use tile::{blur_gaussian, tile_resample, tile_resample_size};
 
 use crate::pipeline::RgbImage;
@@ -111,6 +115,10 @@ pub enum Preprocessor {
     /// The legacy `pidinet_scribble` (`scribble_pidinet`): PiDiNet's edges thinned and
     /// thickened as scribble_hed's.
     ScribblePidinet { resolution: u32 },
+    /// `PreprocessorTEED` (`softedge_teed`): the TEED network's soft edges, quantized by
+    /// `safe_step` to `safe_steps` + 1 levels (its slider: 0..=10, 2; 0 leaves them soft; its
+    /// integer part counts, `int(slider_1)`).
+    SoftedgeTeed { safe_steps: f64, resolution: u32 },
 }
 
 impl Preprocessor {
@@ -136,6 +144,7 @@ impl Preprocessor {
             Self::SoftedgePidinet { .. } => "softedge_pidinet",
             Self::SoftedgePidisafe { .. } => "softedge_pidisafe",
             Self::ScribblePidinet { .. } => "scribble_pidinet",
+            Self::SoftedgeTeed { .. } => "softedge_teed",
         }
     }
 
@@ -158,6 +167,7 @@ impl Preprocessor {
             Self::SoftedgePidinet { .. }
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. } => Some(&PIDINET),
+            Self::SoftedgeTeed { .. } => Some(&TEED),
             _ => None,
         }
     }
@@ -182,7 +192,8 @@ impl Preprocessor {
             | Self::LineartAnimeDenoise { resolution }
             | Self::SoftedgePidinet { resolution }
             | Self::SoftedgePidisafe { resolution }
-            | Self::ScribblePidinet { resolution } => Some(resolution),
+            | Self::ScribblePidinet { resolution }
+            | Self::SoftedgeTeed { resolution, .. } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
     }
@@ -207,7 +218,8 @@ impl Preprocessor {
             | Self::LineartAnimeDenoise { resolution: r }
             | Self::SoftedgePidinet { resolution: r }
             | Self::SoftedgePidisafe { resolution: r }
-            | Self::ScribblePidinet { resolution: r } => *r = resolution,
+            | Self::ScribblePidinet { resolution: r }
+            | Self::SoftedgeTeed { resolution: r, .. } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
         p
@@ -294,6 +306,13 @@ impl Preprocessor {
                 let map = manga_line_map(&net, &padded.image)?;
                 padded.crop_gray_to_rgb(&map)
             }
+            Self::SoftedgeTeed { safe_steps, .. } => {
+                let net = network::<TeedNetwork>(networks, &TEED)?;
+                let padded = padded();
+                let steps = safe_steps.trunc().max(0.0) as u32;
+                let map = teed_edges(&net, &padded.image, steps)?;
+                padded.crop_gray_to_rgb(&map)
+            }
             _ => self.run(image)?,
         })
     }
@@ -334,7 +353,8 @@ impl Preprocessor {
             | Self::LineartAnimeDenoise { .. }
             | Self::SoftedgePidinet { .. }
             | Self::SoftedgePidisafe { .. }
-            | Self::ScribblePidinet { .. } => {
+            | Self::ScribblePidinet { .. }
+            | Self::SoftedgeTeed { .. } => {
                 return Err(PipelineError::InvalidRequest(format!(
                     "{} needs its network ({}): run_with",
                     self.module(),

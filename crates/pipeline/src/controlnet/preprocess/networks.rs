@@ -12,13 +12,30 @@ use crate::{PipelineError, Result};
 /// A network as its keeper holds it; [`network`] gives it back typed.
 pub type AnyNetwork = Arc<dyn Any + Send + Sync>;
 
-/// A weights file of the extension's annotators (`lllyasviel/Annotators` on the hub).
+/// Where the extension downloads a file from: a hub repo and the file's path in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubFile {
+    pub repo: &'static str,
+    pub path: &'static str,
+}
+
+/// A file at the top of `lllyasviel/Annotators`, where the extension fetches most of them.
+pub const fn lllyasviel(path: &'static str) -> HubFile {
+    HubFile {
+        repo: "lllyasviel/Annotators",
+        path,
+    }
+}
+
+/// A weights file of the extension's annotators.
 #[derive(Debug)]
 pub struct AnnotatorFile {
     /// The extension's file name (`ControlNetHED.pth`).
     pub name: &'static str,
     /// The subfolder of `annotator/downloads` the extension keeps it in (`hed`).
     pub subfolder: &'static str,
+    /// Where the extension downloads it from (`sdserve download --annotators` too).
+    pub hub: HubFile,
     /// Reads the network onto the CPU (preprocessors run there, at validation).
     pub load: fn(&Path) -> Result<AnyNetwork>,
 }
@@ -31,6 +48,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::LINEART_ANIME,
     &super::MANGA_LINE,
     &super::PIDINET,
+    &super::TEED,
 ];
 
 /// Where the model-based modules get their networks (the server: its annotator folder,
@@ -84,11 +102,13 @@ mod tests {
     static NUMBER: AnnotatorFile = AnnotatorFile {
         name: "number.pth",
         subfolder: "n",
+        hub: lllyasviel("number.pth"),
         load: |_| Ok(Arc::new(7u32)),
     };
     static TEXT: AnnotatorFile = AnnotatorFile {
         name: "text.pth",
         subfolder: "t",
+        hub: lllyasviel("text.pth"),
         load: |_| Ok(Arc::new("seven")),
     };
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::hed::resize_linear_f32;
-use super::networks::AnnotatorFile;
+use super::networks::{lllyasviel, AnnotatorFile};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
@@ -36,6 +36,7 @@ pub const PIDINET_FILE: &str = "table5_pidinet.pth";
 pub static PIDINET: AnnotatorFile = AnnotatorFile {
     name: PIDINET_FILE,
     subfolder: "pidinet",
+    hub: lllyasviel(PIDINET_FILE),
     load: |path| Ok(Arc::new(PidiNetwork::load(path, &Device::Cpu)?)),
 };
 

@@ -32,7 +32,7 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"blur_gaussian\""),
         "{e}"
     );
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -177,6 +177,13 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
         ),
         ("pidinet", Preprocessor::SoftedgePidinet { resolution: 256 }),
         (
+            "softedge_teed",
+            Preprocessor::SoftedgeTeed {
+                safe_steps: 2.0,
+                resolution: 256,
+            },
+        ),
+        (
             "softedge_pidisafe",
             Preprocessor::SoftedgePidisafe { resolution: 256 },
         ),
@@ -195,6 +202,19 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
             want.with_resolution(512),
             "{m}"
         );
+    }
+    // softedge_teed's Safe Steps (threshold_a, 0..=10): kept as sent, outside it the default 2.
+    for (a, steps) in [
+        (json!(0), 0.0),
+        (json!(3.7), 3.7),
+        (json!(10), 10.0),
+        (json!(10.5), 2.0),
+    ] {
+        let want = Preprocessor::SoftedgeTeed {
+            safe_steps: steps,
+            resolution: 64,
+        };
+        assert_eq!(p("softedge_teed", json!(64), a.clone()), want, "{a}");
     }
     // shuffle's hidden resolution slider: anything but 0..=1 is 512; the seed is given.
     for res in [json!(-1), json!(64), json!(1024)] {
@@ -231,14 +251,19 @@ fn every_listed_module_s_network_file_is_downloaded_ahead() {
         if let Some(file) = p.and_then(|p| p.annotator_file()) {
             files += 1;
             assert!(
-                crate::annotators::hub_files().contains(&file.name),
+                crate::annotators::hub_repos()
+                    .iter()
+                    .any(|(repo, paths)| *repo == file.hub.repo && paths.contains(&file.hub.path)),
                 "{}: {} is not in ANNOTATOR_FILES",
                 m.name,
                 file.name
             );
         }
     }
-    assert!(files >= 10, "the HED, lineart and PiDiNet modules at least");
+    assert!(
+        files >= 11,
+        "the HED, lineart, PiDiNet and TEED modules at least"
+    );
 }
 
 #[test]
