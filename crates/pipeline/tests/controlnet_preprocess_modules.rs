@@ -5,7 +5,7 @@
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
-//! `manga_line.rs`, `pidinet.rs`, `teed.rs`.
+//! `manga_line.rs`, `pidinet.rs`, `teed.rs`, `mlsd.rs`.
 
 mod common;
 #[path = "controlnet_preprocess_modules/hed.rs"]
@@ -14,6 +14,8 @@ mod hed;
 mod lineart;
 #[path = "controlnet_preprocess_modules/manga_line.rs"]
 mod manga_line;
+#[path = "controlnet_preprocess_modules/mlsd.rs"]
+mod mlsd;
 #[path = "controlnet_preprocess_modules/pidinet.rs"]
 mod pidinet;
 #[path = "controlnet_preprocess_modules/teed.rs"]

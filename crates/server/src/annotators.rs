@@ -244,7 +244,8 @@ mod tests {
                 "sk_model2.pth",
                 "netG.pth",
                 "erika.pth",
-                "table5_pidinet.pth"
+                "table5_pidinet.pth",
+                "mlsd_large_512_fp32.pth"
             ]
         )));
     }

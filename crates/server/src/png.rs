@@ -291,6 +291,11 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::SoftedgePidinet { .. }
         | Preprocessor::SoftedgePidisafe { .. }
         | Preprocessor::ScribblePidinet { .. } => (hidden.clone(), hidden.clone()),
+        Preprocessor::Mlsd {
+            value_threshold,
+            distance_threshold,
+            ..
+        } => (float(value_threshold), float(distance_threshold)),
     };
     format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
 }

@@ -275,6 +275,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "tile_resample",
             "pidinet",
             "pidinet_scribble",
+            "mlsd",
             "lineart_standard",
             "canny",
             "invert",
@@ -295,7 +296,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][8], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][9], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -339,21 +340,22 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let labels = s.get("/controlnet/module_list?alias_names=true").json();
     // The extension's `Preprocessor.label`s: two differ from the names.
     assert_eq!(
-        labels["module_list"][4],
+        labels["module_list"][5],
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][6],
+        labels["module_list"][7],
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][2], "softedge_pidinet");
     assert_eq!(labels["module_list"][3], "scribble_pidinet");
-    assert_eq!(labels["module_list"][5], "canny");
-    assert_eq!(labels["module_list"][9], "softedge_teed");
-    assert_eq!(labels["module_list"][10], "softedge_pidisafe");
-    assert_eq!(labels["module_list"][11], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][12], "softedge_hed");
-    assert_eq!(labels["module_list"][16], "lineart_realistic");
+    assert_eq!(labels["module_list"][4], "mlsd");
+    assert_eq!(labels["module_list"][6], "canny");
+    assert_eq!(labels["module_list"][10], "softedge_teed");
+    assert_eq!(labels["module_list"][11], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][12], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][13], "softedge_hed");
+    assert_eq!(labels["module_list"][17], "lineart_realistic");
     // `PreprocessorTEED`'s sliders: the class's resolution and `Safe Steps`.
     assert_eq!(
         listed["module_detail"]["softedge_teed"],

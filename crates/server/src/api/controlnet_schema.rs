@@ -112,8 +112,9 @@ pub struct ControlNetPreprocessor {
     /// in ANNOTATOR_DIR); `softedge_pidinet`, `softedge_pidisafe`,
     /// `scribble_pidinet`: the three HED ones' kinds from the PiDiNet network
     /// (`table5_pidinet.pth` in ANNOTATOR_DIR); `softedge_teed`: the TEED network's soft edges,
-    /// quantized to `safe_steps` + 1 levels (`7_model.pth` in ANNOTATOR_DIR); `none`: the
-    /// image is the map. Other model-based
+    /// quantized to `safe_steps` + 1 levels (`7_model.pth` in ANNOTATOR_DIR); `mlsd`: the M-LSD
+    /// network's straight line segments, one pixel wide, white on black
+    /// (`mlsd_large_512_fp32.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
     /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
@@ -144,6 +145,16 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 1.0, maximum = 8.0, default = 1.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down_sampling_rate: Option<f64>,
+    /// `mlsd`: a segment is drawn where its centre's score (a sigmoid, 0..1) is above it (the
+    /// extension's `MLSD Value Threshold`).
+    #[schema(minimum = 0.01, maximum = 2.0, default = 0.1, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_threshold: Option<f64>,
+    /// `mlsd`: and where it is longer than this, in pixels of the half-size map the network
+    /// makes at the processor resolution (the extension's `MLSD Distance Threshold`).
+    #[schema(minimum = 0.01, maximum = 20.0, default = 0.1, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance_threshold: Option<f64>,
     /// `shuffle`: the seed of numpy's legacy generator (`np.random.seed`), which draws the
     /// flow. Default: the one the extension sets before each unit (`set_numpy_seed`), the
     /// request's `seed` plus its `variation_seed` (the seed again without one), modulo 2^32.
@@ -192,6 +203,7 @@ pub enum PreprocessorType {
     SoftedgePidisafe,
     ScribblePidinet,
     SoftedgeTeed,
+    Mlsd,
 }
 
 /// A ControlNet a result was made with.

@@ -26,11 +26,16 @@ pub const BINARY_THRESHOLD: (f64, f64, f64) = (0.0, 255.0, 127.0);
 pub const XDOG_THRESHOLD: (f64, f64, f64) = (1.0, 64.0, 32.0);
 pub const BLUR_SIGMA: (f64, f64, f64) = (0.01, 64.0, 9.0);
 pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
+/// The legacy `mlsd`'s `slider_1` (MLSD Value Threshold) and `slider_2` (MLSD Distance
+/// Threshold): (min, max, default).
+pub const MLSD_VALUE: (f64, f64, f64) = (0.01, 2.0, 0.1);
+pub const MLSD_DISTANCE: (f64, f64, f64) = (0.01, 20.0, 0.1);
+
 /// softedge_teed's `Safe Steps` (`PreprocessorTEED.slider_1`, step 1).
 pub const SAFE_STEPS: (f64, f64, f64) = (0.0, 10.0, 2.0);
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"mlsd\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -57,6 +62,12 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "tile_resample" => &["type", "down_sampling_rate"],
         "shuffle" => &["type", "seed", "resolution"],
         "softedge_teed" => &["type", "safe_steps", "resolution"],
+        "mlsd" => &[
+            "type",
+            "value_threshold",
+            "distance_threshold",
+            "resolution",
+        ],
         other => {
             return Err(format!(
                 "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth, openpose: send their map as the image)"
@@ -164,6 +175,11 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             safe_steps: number("safe_steps", SAFE_STEPS)?,
             resolution: resolution()?,
         },
+        "mlsd" => Preprocessor::Mlsd {
+            value_threshold: number("value_threshold", MLSD_VALUE)?,
+            distance_threshold: number("distance_threshold", MLSD_DISTANCE)?,
+            resolution: resolution()?,
+        },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
             resolution: resolution()?,
@@ -220,6 +236,8 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         threshold: None,
         sigma: None,
         down_sampling_rate: None,
+        value_threshold: None,
+        distance_threshold: None,
         seed: None,
         safe_steps: None,
     };
@@ -269,6 +287,15 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::SoftedgeTeed { safe_steps, .. } => ControlNetPreprocessor {
             safe_steps: Some(safe_steps),
             ..base(PreprocessorType::SoftedgeTeed)
+        },
+        Preprocessor::Mlsd {
+            value_threshold,
+            distance_threshold,
+            ..
+        } => ControlNetPreprocessor {
+            value_threshold: Some(value_threshold),
+            distance_threshold: Some(distance_threshold),
+            ..base(PreprocessorType::Mlsd)
         },
     }
 }
@@ -400,6 +427,22 @@ mod tests {
                 json!({"type": "scribble_pidinet", "resolution": 64}),
                 Preprocessor::ScribblePidinet { resolution: 64 },
             ),
+            (
+                json!({"type": "mlsd"}),
+                Preprocessor::Mlsd {
+                    value_threshold: 0.1,
+                    distance_threshold: 0.1,
+                    resolution: 512,
+                },
+            ),
+            (
+                json!({"type": "mlsd", "value_threshold": 0.27, "distance_threshold": 7.5, "resolution": 640}),
+                Preprocessor::Mlsd {
+                    value_threshold: 0.27,
+                    distance_threshold: 7.5,
+                    resolution: 640,
+                },
+            ),
             // The request's seed where the unit names none.
             (
                 json!({"type": "shuffle"}),
@@ -445,6 +488,14 @@ mod tests {
             (
                 json!({"type": "tile_resample", "down_sampling_rate": 8.5}),
                 "[2].preprocessor.down_sampling_rate: must be a number in 1..=8",
+            ),
+            (
+                json!({"type": "mlsd", "value_threshold": 0}),
+                "[2].preprocessor.value_threshold: must be a number in 0.01..=2",
+            ),
+            (
+                json!({"type": "mlsd", "distance_threshold": 20.5}),
+                "[2].preprocessor.distance_threshold: must be a number in 0.01..=20",
             ),
             (
                 json!({"type": "tile_resample", "resolution": 512}),

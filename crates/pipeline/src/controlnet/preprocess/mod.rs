@@ -11,16 +11,19 @@
 //! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps), `lineart`
 //! (lineart_realistic, lineart_coarse: the generator, and the layers the anime one shares),
 //! `lineart_anime`, `manga_line` (lineart_anime_denoise), `pidinet` (softedge_pidinet,
-//! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed).
+//! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed), `mlsd` (the M-LSD network,
+//! its segments, drawn by `line`: OpenCV's `cv2.line`).
 
 mod canny;
 mod color;
 mod gaussian;
 mod hed;
+mod line;
 mod lineart;
 mod lineart_anime;
 mod lines;
 mod manga_line;
+mod mlsd;
 mod networks;
 mod pidinet;
 mod pointwise;
@@ -35,6 +38,7 @@ pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
+pub use line::draw_line;
 pub use lineart::{
     lineart_map, LineartNetwork, LINEART, LINEART_COARSE, LINEART_COARSE_FILE, LINEART_FILE,
 };
@@ -44,6 +48,7 @@ pub use lineart_anime::{
 };
 pub use lines::{lineart_standard, scribble_xdog};
 pub use manga_line::{manga_line_map, rgb_to_grey, MangaLineNetwork, MANGA_LINE, MANGA_LINE_FILE};
+pub use mlsd::{decode_lines, draw_segments, mlsd_lines, mlsd_map, MlsdNetwork, MLSD, MLSD_FILE};
 pub use networks::{
     lllyasviel, network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, HubFile, LoadedNetworks,
     ANNOTATOR_FILES,
@@ -119,6 +124,14 @@ pub enum Preprocessor {
     /// `safe_step` to `safe_steps` + 1 levels (its slider: 0..=10, 2; 0 leaves them soft; its
     /// integer part counts, `int(slider_1)`).
     SoftedgeTeed { safe_steps: f64, resolution: u32 },
+    /// The legacy `mlsd`: the M-LSD network's straight segments, white on black, those with
+    /// a centre score above `value_threshold` (0.01..=2, 0.1) and longer than
+    /// `distance_threshold` (0.01..=20, 0.1; in pixels at half the padded image's size).
+    Mlsd {
+        value_threshold: f64,
+        distance_threshold: f64,
+        resolution: u32,
+    },
 }
 
 impl Preprocessor {
@@ -145,6 +158,7 @@ impl Preprocessor {
             Self::SoftedgePidisafe { .. } => "softedge_pidisafe",
             Self::ScribblePidinet { .. } => "scribble_pidinet",
             Self::SoftedgeTeed { .. } => "softedge_teed",
+            Self::Mlsd { .. } => "mlsd",
         }
     }
 
@@ -168,6 +182,7 @@ impl Preprocessor {
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. } => Some(&PIDINET),
             Self::SoftedgeTeed { .. } => Some(&TEED),
+            Self::Mlsd { .. } => Some(&MLSD),
             _ => None,
         }
     }
@@ -194,6 +209,7 @@ impl Preprocessor {
             | Self::SoftedgePidisafe { resolution }
             | Self::ScribblePidinet { resolution }
             | Self::SoftedgeTeed { resolution, .. } => Some(resolution),
+            Self::Mlsd { resolution, .. } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
     }
@@ -220,6 +236,7 @@ impl Preprocessor {
             | Self::SoftedgePidisafe { resolution: r }
             | Self::ScribblePidinet { resolution: r }
             | Self::SoftedgeTeed { resolution: r, .. } => *r = resolution,
+            Self::Mlsd { resolution: r, .. } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
         p
@@ -313,6 +330,16 @@ impl Preprocessor {
                 let map = teed_edges(&net, &padded.image, steps)?;
                 padded.crop_gray_to_rgb(&map)
             }
+            Self::Mlsd {
+                value_threshold,
+                distance_threshold,
+                ..
+            } => {
+                let net = network::<MlsdNetwork>(networks, &MLSD)?;
+                let padded = padded();
+                let map = mlsd_map(&net, &padded.image, value_threshold, distance_threshold)?;
+                padded.crop_gray_to_rgb(&map)
+            }
             _ => self.run(image)?,
         })
     }
@@ -354,7 +381,8 @@ impl Preprocessor {
             | Self::SoftedgePidinet { .. }
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. }
-            | Self::SoftedgeTeed { .. } => {
+            | Self::SoftedgeTeed { .. }
+            | Self::Mlsd { .. } => {
                 return Err(PipelineError::InvalidRequest(format!(
                     "{} needs its network ({}): run_with",
                     self.module(),

@@ -49,6 +49,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::MANGA_LINE,
     &super::PIDINET,
     &super::TEED,
+    &super::MLSD,
 ];
 
 /// Where the model-based modules get their networks (the server: its annotator folder,

@@ -13,8 +13,9 @@
 //! lineart ones `lineart` (`lineart_realistic`), `lineart_coarse`, `lineart_anime`,
 //! `lineart_anime_denoise`, and the
 //! PiDiNet ones `pidinet` (`softedge_pidinet`), `pidinet_safe` (`softedge_pidisafe`),
-//! `pidinet_scribble` (`scribble_pidinet`), and `softedge_teed` (TEED; its `Safe Steps` slider
-//! kept as a number as the others, `int(slider_1)` runs) (their weights from ANNOTATOR_DIR; listed without
+//! `pidinet_scribble` (`scribble_pidinet`), `softedge_teed` (TEED; its `Safe Steps` slider
+//! kept as a number as the others, `int(slider_1)` runs), and `mlsd` (its thresholds kept as
+//! numbers) (their weights from ANNOTATOR_DIR; listed without
 //! them, as the extension lists its model-based modules), their names and labels and sliders
 //! copied from the extension's
 //! `model_free_preprocessors.py`, `teed.py` and
@@ -31,8 +32,9 @@ use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use crate::api::query_bool;
 use crate::error::ApiError;
 use crate::validate::preprocessor::{
-    BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LOW_DEFAULT, RESOLUTION_DEFAULT, RESOLUTION_MAX,
-    RESOLUTION_MIN, SAFE_STEPS, THRESHOLD_MAX, THRESHOLD_MIN, TILE_RATE, XDOG_THRESHOLD,
+    BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LOW_DEFAULT, MLSD_DISTANCE, MLSD_VALUE,
+    RESOLUTION_DEFAULT, RESOLUTION_MAX, RESOLUTION_MIN, SAFE_STEPS, THRESHOLD_MAX, THRESHOLD_MIN,
+    TILE_RATE, XDOG_THRESHOLD,
 };
 
 /// A preprocessor's slider (`PreprocessorParameter.api_json`); the extension's
@@ -84,11 +86,11 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 }
 
 /// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
-/// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet 100; invert 20; the
+/// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet, mlsd 100; invert 20; the
 /// others 0) and label, descending
 /// (`color` sorts by its label, `t2ia_color_grid`; `lineart_anime_denoise` before its prefix
 /// `lineart_anime`; softedge_teed, 0, by its name).
-const MODULES: [Module; 21] = [
+const MODULES: [Module; 22] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -108,6 +110,15 @@ const MODULES: [Module; 21] = [
         "pidinet_scribble",
         "scribble_pidinet",
         [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "mlsd",
+        "mlsd",
+        [
+            Some(RESOLUTION),
+            Some(slider("MLSD Value Threshold", MLSD_VALUE, 0.01)),
+            Some(slider("MLSD Distance Threshold", MLSD_DISTANCE, 0.01)),
+        ],
     ),
     module(
         "lineart_standard",
@@ -349,6 +360,11 @@ pub(super) fn preprocessor(
             safe_steps: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
         },
+        "mlsd" => Preprocessor::Mlsd {
+            value_threshold: setting(threshold_a, a, "threshold_a")?,
+            distance_threshold: setting(threshold_b, b, "threshold_b")?,
+            resolution: resolution()?,
+        },
         "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
         },
@@ -391,7 +407,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, softedge_teed 7_model.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `mlsd`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);

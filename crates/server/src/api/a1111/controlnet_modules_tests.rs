@@ -32,7 +32,7 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"mlsd\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"blur_gaussian\""),
         "{e}"
     );
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -216,6 +216,21 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
         };
         assert_eq!(p("softedge_teed", json!(64), a.clone()), want, "{a}");
     }
+    // mlsd's two float sliders, kept as sent; -1 or outside them their defaults (0.1, 0.1).
+    let mlsd = |a: Value, b: Value| {
+        preprocessor("mlsd", Some(&json!(320)), Some(&a), Some(&b), "[0].", 0)
+            .unwrap()
+            .unwrap()
+    };
+    let want = |v: f64, d: f64| Preprocessor::Mlsd {
+        value_threshold: v,
+        distance_threshold: d,
+        resolution: 320,
+    };
+    assert_eq!(mlsd(json!(0.35), json!(12.5)), want(0.35, 12.5));
+    assert_eq!(mlsd(json!(-1), json!(-1)), want(0.1, 0.1));
+    assert_eq!(mlsd(json!(2.5), json!(20.01)), want(0.1, 0.1));
+    assert_eq!(mlsd(json!(2.0), json!(0.01)), want(2.0, 0.01));
     // shuffle's hidden resolution slider: anything but 0..=1 is 512; the seed is given.
     for res in [json!(-1), json!(64), json!(1024)] {
         assert_eq!(

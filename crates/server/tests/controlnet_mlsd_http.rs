@@ -1,0 +1,151 @@
+//! The M-LSD module (`mlsd`) over real HTTP (tiny-a-vae8, the pipeline's tiny ControlNets),
+//! with the pipeline's tiny M-LSD network (`tools/make_mlsd_fixtures.py`) in ANNOTATOR_DIR's
+//! `mlsd/` subfolder: `/controlnet/detect` and a native unit make the map `run_with` makes
+//! with the thresholds sent; the metadata and the infotext carry them; without the file a 422
+//! names it.
+
+mod common;
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use common::{decode_png, post_json_to};
+use sdserve_pipeline::controlnet::preprocess::{LoadedNetworks, Preprocessor, MLSD};
+use sdserve_pipeline::pipeline::RgbImage;
+use serde_json::json;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn png(image: &RgbImage) -> String {
+    let mut out = Vec::new();
+    image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    b64(&out)
+}
+
+/// A small photo-like image (50x35) and its base64 PNG.
+fn photo() -> (RgbImage, String) {
+    let bytes = std::fs::read(fixtures().join("images/init-50x35.png")).unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    let image = RgbImage {
+        width: img.width(),
+        height: img.height(),
+        pixels: img.into_raw(),
+    };
+    (image, b64(&bytes))
+}
+
+#[test]
+fn mlsd_runs_with_annotator_dir_and_is_refused_without_it() {
+    let annotators =
+        std::env::temp_dir().join(format!("sdserve-annotators-mlsd-{}", std::process::id()));
+    let file = "mlsd_large_512_fp32.pth";
+    std::fs::create_dir_all(annotators.join("mlsd")).unwrap();
+    std::fs::copy(
+        fixtures().join("mlsd").join(file),
+        annotators.join("mlsd").join(file),
+    )
+    .unwrap();
+    let s = common::tiny_a_vae8_server(&[
+        ("CONTROLNET_DIR", &fixtures().join("controlnet")),
+        ("ANNOTATOR_DIR", &annotators),
+    ]);
+    let (photo, photo_b64) = photo();
+    let net = LoadedNetworks::default()
+        .read(&MLSD, &annotators.join("mlsd").join(file))
+        .unwrap();
+    let mlsd = |v: f64, d: f64| Preprocessor::Mlsd {
+        value_threshold: v,
+        distance_threshold: d,
+        resolution: 64,
+    };
+    // Listed with the extension's sliders (preprocessor_compiled.py's `mlsd`).
+    let listed = s.get("/controlnet/module_list").json();
+    assert_eq!(
+        listed["module_detail"]["mlsd"],
+        json!({"model_free": false, "sliders": [
+            {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
+            {"name": "MLSD Value Threshold", "value": 0.1, "min": 0.01, "max": 2, "step": 0.01},
+            {"name": "MLSD Distance Threshold", "value": 0.1, "min": 0.01, "max": 20, "step": 0.01}]})
+    );
+    // /controlnet/detect: the thresholds as threshold_a and threshold_b; the extension's
+    // defaults (0.1, 0.1) for -1.
+    let mut whites = Vec::new();
+    for (a, b, want) in [
+        (json!(-1), json!(-1), mlsd(0.1, 0.1)),
+        (json!(0.3), json!(8.5), mlsd(0.3, 8.5)),
+    ] {
+        let r = post_json_to(
+            s.addr,
+            "/controlnet/detect",
+            &json!({"controlnet_module": "mlsd", "controlnet_input_images": [photo_b64],
+                    "controlnet_processor_res": 64, "controlnet_threshold_a": a,
+                    "controlnet_threshold_b": b}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (w, h, px, _) = decode_png(r.json()["images"][0].as_str().unwrap());
+        let map = want.run_with(&photo, &net).unwrap();
+        assert_eq!((w, h), (map.width, map.height));
+        assert!(px == map.pixels, "{want:?}");
+        whites.push(px.iter().filter(|&&v| v == 255).count());
+        assert!(px.iter().all(|&v| v == 0 || v == 255));
+    }
+    // Lines drawn, fewer at the stricter thresholds.
+    assert!(whites[0] > whites[1] && whites[1] > 0, "{whites:?}");
+
+    // Native: the map steers as the map sent; metadata and infotext carry the thresholds.
+    let base = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
+                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let settings = json!({"type": "mlsd", "value_threshold": 0.3, "distance_threshold": 8.5,
+                          "resolution": 64});
+    let run = |unit: serde_json::Value| {
+        let mut b = base.clone();
+        b["controlnets"] = json!([unit]);
+        let r = s.post_json(&b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
+        (px, j["metadata"].clone(), text.unwrap_or_default())
+    };
+    let (got, meta, text) =
+        run(json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}));
+    let map = mlsd(0.3, 8.5).run_with(&photo, &net).unwrap();
+    let (want, _, _) = run(json!({"model": "cn-a", "image": png(&map)}));
+    assert!(got == want, "the M-LSD map steers as its map");
+    assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
+    assert!(
+        text.contains("Module: mlsd, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.3, Threshold B: 8.5,"),
+        "{text}"
+    );
+
+    // Without the weights: a 422 naming the file, natively and through /controlnet/detect.
+    std::fs::remove_dir_all(&annotators).unwrap();
+    let bare = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
+    let mut b = base.clone();
+    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
+                               "preprocessor": {"type": "mlsd"}}]);
+    let text = bare
+        .post_json(&b)
+        .error(422, "validation_error")
+        .to_string();
+    assert!(
+        text.contains("[0].preprocessor.type: \\\"mlsd\\\" needs mlsd_large_512_fp32.pth"),
+        "{text}"
+    );
+    let r = post_json_to(
+        bare.addr,
+        "/controlnet/detect",
+        &json!({"controlnet_module": "mlsd", "controlnet_input_images": [photo_b64]}),
+    );
+    let e = r.error(422, "validation_error");
+    assert_eq!(e["fields"][0]["field"], "controlnet_module", "{e}");
+    assert!(e.to_string().contains(file), "{e}");
+}
