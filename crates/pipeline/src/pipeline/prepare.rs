@@ -67,6 +67,9 @@ pub struct ModelSchedules {
     default_schedule: schedulers::SigmaSchedule,
 }
 
+/// A pass's scheduler and the index of `timesteps()` its run begins at.
+type PassScheduler = (Box<dyn Scheduler>, usize);
+
 impl ModelSchedules {
     pub fn from_config(config: schedulers::SchedulerConfig) -> Result<Self> {
         Ok(Self {
@@ -149,25 +152,9 @@ impl ModelSchedules {
     /// schedulers refuse (an LCM model's `original_inference_steps` below the steps, ...) is
     /// the error the run would end with.
     pub fn unet_evaluations(&self, params: &GenerationParams) -> Result<usize> {
-        let start = params.init_start();
-        let (first, begin) = self.schedule(
-            params.scheduler,
-            params.schedule,
-            params.steps,
-            start,
-            params.eta,
-        )?;
-        let hires = match &params.hires {
-            None => 0,
-            Some(h) => {
-                let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
-                let start = Some((h.strength, params.step_rule.for_hires()));
-                let (second, begin) =
-                    self.schedule(scheduler, schedule, h.steps, start, params.eta)?;
-                second.timesteps().len() - begin
-            }
-        };
-        Ok(first.timesteps().len() - begin + hires)
+        let (first, hires) = self.pass_schedulers(params)?;
+        let run = |(s, begin): &PassScheduler| s.timesteps().len() - begin;
+        Ok(run(&first) + hires.as_ref().map_or(0, run))
     }
 
     /// The step counts A1111's prompt schedule of each pass spans, as `generate` gives them to
@@ -175,12 +162,25 @@ impl ModelSchedules {
     /// evaluations per step (`order`), for the first pass and the hires pass. Refused as
     /// [`Self::unet_evaluations`] is.
     pub fn prompt_steps(&self, params: &GenerationParams) -> Result<(usize, Option<usize>)> {
-        let start = params.init_start();
-        let (first, _) = self.schedule(
+        let (first, hires) = self.pass_schedulers(params)?;
+        let hires = hires.zip(params.hires.as_ref());
+        Ok((
+            params.steps * first.0.order(),
+            hires.map(|((second, _), h)| h.steps * second.order()),
+        ))
+    }
+
+    /// The schedulers of the first pass and of the hires pass (where the request has one), each
+    /// with the index its run begins at.
+    fn pass_schedulers(
+        &self,
+        params: &GenerationParams,
+    ) -> Result<(PassScheduler, Option<PassScheduler>)> {
+        let first = self.schedule(
             params.scheduler,
             params.schedule,
             params.steps,
-            start,
+            params.init_start(),
             params.eta,
         )?;
         let hires = match &params.hires {
@@ -188,10 +188,9 @@ impl ModelSchedules {
             Some(h) => {
                 let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
                 let start = Some((h.strength, params.step_rule.for_hires()));
-                let (second, _) = self.schedule(scheduler, schedule, h.steps, start, params.eta)?;
-                Some(h.steps * second.order())
+                Some(self.schedule(scheduler, schedule, h.steps, start, params.eta)?)
             }
         };
-        Ok((params.steps * first.order(), hires))
+        Ok((first, hires))
     }
 }
