@@ -1,8 +1,8 @@
 //! The M-LSD module (`mlsd`) over real HTTP (tiny-a-vae8, the pipeline's tiny ControlNets),
 //! with the pipeline's tiny M-LSD network (`tools/make_mlsd_fixtures.py`) in ANNOTATOR_DIR's
 //! `mlsd/` subfolder: `/controlnet/detect` and a native unit make the map `run_with` makes
-//! with the thresholds sent; the metadata and the infotext carry them; without the file a 422
-//! names it.
+//! with the thresholds sent; the metadata and the infotext carry them (without the file:
+//! controlnet_preprocess_http's `missing_networks.rs`).
 
 mod common;
 
@@ -44,7 +44,7 @@ fn photo() -> (RgbImage, String) {
 }
 
 #[test]
-fn mlsd_runs_with_annotator_dir_and_is_refused_without_it() {
+fn mlsd_runs_with_annotator_dir() {
     let annotators =
         std::env::temp_dir().join(format!("sdserve-annotators-mlsd-{}", std::process::id()));
     let file = "mlsd_large_512_fp32.pth";
@@ -125,27 +125,4 @@ fn mlsd_runs_with_annotator_dir_and_is_refused_without_it() {
         text.contains("Module: mlsd, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.3, Threshold B: 8.5,"),
         "{text}"
     );
-
-    // Without the weights: a 422 naming the file, natively and through /controlnet/detect.
-    std::fs::remove_dir_all(&annotators).unwrap();
-    let bare = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
-    let mut b = base.clone();
-    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
-                               "preprocessor": {"type": "mlsd"}}]);
-    let text = bare
-        .post_json(&b)
-        .error(422, "validation_error")
-        .to_string();
-    assert!(
-        text.contains("[0].preprocessor.type: \\\"mlsd\\\" needs mlsd_large_512_fp32.pth"),
-        "{text}"
-    );
-    let r = post_json_to(
-        bare.addr,
-        "/controlnet/detect",
-        &json!({"controlnet_module": "mlsd", "controlnet_input_images": [photo_b64]}),
-    );
-    let e = r.error(422, "validation_error");
-    assert_eq!(e["fields"][0]["field"], "controlnet_module", "{e}");
-    assert!(e.to_string().contains(file), "{e}");
 }

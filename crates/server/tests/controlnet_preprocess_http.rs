@@ -5,12 +5,14 @@
 //! with `module: "canny"` (processor_res, pixel_perfect, the resize mode after the
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
-//! networks in ANNOTATOR_DIR, and without them (lineart_anime_denoise in `manga_line.rs`,
-//! softedge_teed in `teed.rs`).
+//! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
+//! `teed.rs`); every network module without its file in `missing_networks.rs`.
 
 mod common;
 #[path = "controlnet_preprocess_http/manga_line.rs"]
 mod manga_line;
+#[path = "controlnet_preprocess_http/missing_networks.rs"]
+mod missing_networks;
 #[path = "controlnet_preprocess_http/teed.rs"]
 mod teed;
 
@@ -375,7 +377,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
 }
 
 #[test]
-fn hed_and_pidinet_modules_run_with_annotator_dir_and_are_refused_without_it() {
+fn hed_and_pidinet_modules_run_with_annotator_dir() {
     // The extension's layout: each file in its own subfolder.
     let annotators =
         std::env::temp_dir().join(format!("sdserve-annotators-http-{}", std::process::id()));
@@ -459,56 +461,10 @@ fn hed_and_pidinet_modules_run_with_annotator_dir_and_are_refused_without_it() {
         text.contains("Module: softedge_hed, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.5, Threshold B: 0.5,"),
         "{text}"
     );
-
-    // Without the weights: a 422 naming the module and the file, natively and in A1111's.
-    std::fs::remove_dir_all(&annotators).unwrap();
-    let bare = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
-    let mut b = base.clone();
-    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
-                               "preprocessor": {"type": "scribble_hed"}}]);
-    let text = bare
-        .post_json(&b)
-        .error(422, "validation_error")
-        .to_string();
-    assert!(
-        text.contains("[0].preprocessor.type: \\\"scribble_hed\\\" needs ControlNetHED.pth"),
-        "{text}"
-    );
-    let r = post_json_to(
-        bare.addr,
-        "/controlnet/detect",
-        &json!({"controlnet_module": "softedge_hed", "controlnet_input_images": [photo_b64]}),
-    );
-    let e = r.error(422, "validation_error");
-    assert_eq!(e["fields"][0]["field"], "controlnet_module", "{e}");
-    assert!(e.to_string().contains("ControlNetHED.pth"), "{e}");
-    let r = post_json_to(
-        bare.addr,
-        "/sdapi/v1/txt2img",
-        &json!({"prompt": "x", "steps": 1, "alwayson_scripts": {"controlnet": {"args": [
-            {"image": photo_b64, "model": "cn-a", "module": "hed_safe"}]}}}),
-    );
-    let e = r.error(422, "validation_error");
-    let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
-    assert!(
-        rule.starts_with("[0].module: \"softedge_hedsafe\" needs ControlNetHED.pth"),
-        "{e}"
-    );
-    let mut b = base.clone();
-    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
-                               "preprocessor": {"type": "softedge_pidinet", "resolution": 64}}]);
-    let text = bare
-        .post_json(&b)
-        .error(422, "validation_error")
-        .to_string();
-    assert!(
-        text.contains("[0].preprocessor.type: \\\"softedge_pidinet\\\" needs table5_pidinet.pth"),
-        "{text}"
-    );
 }
 
 #[test]
-fn lineart_modules_run_with_annotator_dir_and_are_refused_without_it() {
+fn lineart_modules_run_with_annotator_dir() {
     let annotators = fixtures().join("lineart");
     let s = common::tiny_a_vae8_server(&[
         ("CONTROLNET_DIR", &fixtures().join("controlnet")),
@@ -562,42 +518,5 @@ fn lineart_modules_run_with_annotator_dir_and_are_refused_without_it() {
         text.unwrap_or_default()
             .contains("Module: lineart_anime, Model: cn-a, Weight: 1, Processor Res: 64,"),
         "{j}"
-    );
-
-    // Without the weights: a 422 naming the module and the file, natively and in A1111's.
-    let bare = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
-    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64,
-                               "preprocessor": {"type": "lineart_coarse"}}]);
-    let text = bare
-        .post_json(&b)
-        .error(422, "validation_error")
-        .to_string();
-    assert!(
-        text.contains("[0].preprocessor.type: \\\"lineart_coarse\\\" needs sk_model2.pth"),
-        "{text}"
-    );
-    let r = post_json_to(
-        bare.addr,
-        "/sdapi/v1/txt2img",
-        &json!({"prompt": "x", "steps": 1, "alwayson_scripts": {"controlnet": {"args": [
-            {"image": photo_b64, "model": "cn-a", "module": "lineart"}]}}}),
-    );
-    let e = r.error(422, "validation_error");
-    let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
-    assert!(
-        rule.starts_with("[0].module: \"lineart_realistic\" needs sk_model.pth"),
-        "{e}"
-    );
-    let r = post_json_to(
-        bare.addr,
-        "/controlnet/detect",
-        &json!({"controlnet_module": "lineart_anime", "controlnet_input_images": [photo_b64]}),
-    );
-    let e = r.error(422, "validation_error");
-    assert_eq!(e["fields"][0]["field"], "controlnet_module", "{e}");
-    let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
-    assert!(
-        rule.contains("netG.pth") && rule.contains("sdserve download --annotators"),
-        "{e}"
     );
 }
