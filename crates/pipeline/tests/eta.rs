@@ -29,15 +29,7 @@ fn images_match_diffusers_and_k_diffusion() {
             .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
             .expect("generates");
         let expected = f.get(&format!("image.{label}"));
-        assert_eq!(images.len(), expected.dim(0).unwrap(), "{label}");
-        for (i, image) in images.iter().enumerate() {
-            let row = expected.get(i).unwrap();
-            failures.extend(common::image_failure(
-                &format!("{label}[{i}]"),
-                &image.pixels,
-                &row,
-            ));
-        }
+        failures.extend(common::batch_failures(label, &images, expected));
         // The sampler's default eta: Euler a's is 1, DDIM's 0 (another image than eta > 0).
         let default = generate_one(
             &model,

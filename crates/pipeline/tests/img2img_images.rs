@@ -77,19 +77,13 @@ fn check(prefixes: &[&str]) {
         let params = params_of(&case);
         let images = generate(model, &params);
         let expected = &f.tensors[&format!("image.{label}")];
-        assert_eq!(images.len(), expected.dim(0).unwrap(), "{label}");
-        for (i, image) in images.iter().enumerate() {
+        for image in &images {
             assert_eq!(
                 (image.width as usize, image.height as usize),
                 (params.width, params.height)
             );
-            let row = expected.get(i).unwrap();
-            failures.extend(common::image_failure(
-                &format!("{label}[{i}]"),
-                &image.pixels,
-                &row,
-            ));
         }
+        failures.extend(common::batch_failures(label, &images, expected));
     }
     assert!(failures.is_empty(), "differ from diffusers: {failures:?}");
 }

@@ -45,15 +45,7 @@ fn images_match_diffusers() {
             "{label}: one progress call per UNet evaluation"
         );
         let expected = f.get(&format!("image.{label}"));
-        assert_eq!(images.len(), expected.dim(0).unwrap(), "{label}");
-        for (i, image) in images.iter().enumerate() {
-            let row = expected.get(i).unwrap();
-            failures.extend(common::image_failure(
-                &format!("{label}[{i}]"),
-                &image.pixels,
-                &row,
-            ));
-        }
+        failures.extend(common::batch_failures(label, &images, expected));
     }
     assert!(failures.is_empty(), "differ from diffusers: {failures:?}");
 }

@@ -57,15 +57,7 @@ fn images_match_diffusers() {
             "{label}: progress {progress:?}"
         );
         let expected = f.get(&format!("image.{label}"));
-        assert_eq!(images.len(), expected.dim(0).unwrap(), "{label}");
-        for (i, image) in images.iter().enumerate() {
-            let row = expected.get(i).unwrap();
-            failures.extend(common::image_failure(
-                &format!("{label}[{i}]"),
-                &image.pixels,
-                &row,
-            ));
-        }
+        failures.extend(common::batch_failures(label, &images, expected));
     }
     assert!(failures.is_empty(), "differ from diffusers: {failures:?}");
 }

@@ -244,15 +244,23 @@ pub fn image_case_failures(
         let got = model
             .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
             .unwrap();
-        let want = want(label);
-        assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
-        for (i, image) in got.iter().enumerate() {
-            let row = want.get(i).unwrap();
-            failures.extend(image_failure(&format!("{label}[{i}]"), &image.pixels, &row));
-            images += 1;
-        }
+        failures.extend(batch_failures(label, &got, &want(label)));
+        images += got.len();
     }
     (failures, images)
+}
+
+/// A batch's images held to [`image_failure`], image `i` against row `i` of `want` (a u8
+/// tensor, one row per image): the failures to report. The counts must agree.
+pub fn batch_failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
+    assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
+    got.iter()
+        .enumerate()
+        .filter_map(|(i, image)| {
+            let row = want.get(i).unwrap();
+            image_failure(&format!("{label}[{i}]"), &image.pixels, &row)
+        })
+        .collect()
 }
 
 /// A PNG fixture of `fixtures/images/` as RGB8 (grey images repeated over the three channels).
