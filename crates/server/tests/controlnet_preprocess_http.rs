@@ -6,13 +6,16 @@
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
-//! `teed.rs`); every network module without its file in `missing_networks.rs`.
+//! `teed.rs`, mlsd in `mlsd.rs`); every network module without its file in
+//! `missing_networks.rs`.
 
 mod common;
 #[path = "controlnet_preprocess_http/manga_line.rs"]
 mod manga_line;
 #[path = "controlnet_preprocess_http/missing_networks.rs"]
 mod missing_networks;
+#[path = "controlnet_preprocess_http/mlsd.rs"]
+mod mlsd;
 #[path = "controlnet_preprocess_http/teed.rs"]
 mod teed;
 

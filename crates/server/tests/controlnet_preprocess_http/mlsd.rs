@@ -2,46 +2,14 @@
 //! with the pipeline's tiny M-LSD network (`tools/make_mlsd_fixtures.py`) in ANNOTATOR_DIR's
 //! `mlsd/` subfolder: `/controlnet/detect` and a native unit make the map `run_with` makes
 //! with the thresholds sent; the metadata and the infotext carry them (without the file:
-//! controlnet_preprocess_http's `missing_networks.rs`).
+//! `missing_networks.rs`).
 
-mod common;
-
-use std::path::PathBuf;
-
-use base64::Engine as _;
-use common::{decode_png, post_json_to};
-use sdserve_pipeline::controlnet::preprocess::{LoadedNetworks, Preprocessor, MLSD};
-use sdserve_pipeline::pipeline::RgbImage;
 use serde_json::json;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
-}
+use sdserve_pipeline::controlnet::preprocess::{LoadedNetworks, Preprocessor, MLSD};
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn png(image: &RgbImage) -> String {
-    let mut out = Vec::new();
-    image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
-        .unwrap()
-        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-        .unwrap();
-    b64(&out)
-}
-
-/// A small photo-like image (50x35) and its base64 PNG.
-fn photo() -> (RgbImage, String) {
-    let bytes = std::fs::read(fixtures().join("images/init-50x35.png")).unwrap();
-    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
-    let image = RgbImage {
-        width: img.width(),
-        height: img.height(),
-        pixels: img.into_raw(),
-    };
-    (image, b64(&bytes))
-}
+use super::common::{self, decode_png, post_json_to};
+use super::{fixtures, photo, png};
 
 #[test]
 fn mlsd_runs_with_annotator_dir() {
