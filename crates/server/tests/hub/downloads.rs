@@ -263,8 +263,8 @@ fn the_retired_runwayml_id_maps_to_the_maintained_copy() {
 
 /// A list of files (the ControlNet preprocessors' weights of `lllyasviel/Annotators`): those
 /// and nothing else, found again from the cache by revision; a file the repo lacks is named.
-/// `sdserve download --annotators` fetches the server's own list, which it names when the repo
-/// lacks them.
+/// `sdserve download --annotators` fetches the server's own list from each of its repos, and
+/// names what a repo lacks.
 #[test]
 fn a_file_list_fetches_those_files_and_the_cache_finds_them() {
     let hub = FakeHub::start();
@@ -306,55 +306,77 @@ fn a_file_list_fetches_those_files_and_the_cache_finds_them() {
         .to_string();
     assert!(err.contains("lacks sk_model.pth"), "{err}");
 
-    // The command: against a repo without the server's files it names them all; with them
-    // (any bytes) it fetches them into the cache and prints where.
+    // The command: each repo it resolves (the server's own list, by repo), against repos
+    // without the server's files, names each repo's files; with them (any bytes) it fetches
+    // them into the cache and prints each repo's snapshot.
     let cli_cache = Scratch::new("files-cli");
     let download = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
             .args(["download", "--annotators"])
             .env_clear()
             .env("HF_ENDPOINT", &hub.url)
             .env("MODEL_CACHE_DIR", &cli_cache.0)
             .output()
-            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out, stderr)
     };
-    hub.add_repo("lllyasviel/Annotators", &empty.0, &[]);
-    let out = download();
+    let (out, stderr) = download();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let wanted: Vec<String> = stderr
-        .split("lacks ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("{stderr}"))
-        .trim()
-        .split(", ")
-        .map(str::to_string)
+    let repos: Vec<String> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("resolving "))
+        .map(|r| r.trim().to_string())
         .collect();
     assert!(
-        wanted.contains(&"ControlNetHED.pth".to_string()),
+        repos.contains(&"lllyasviel/Annotators".to_string()) && repos.len() >= 2,
         "{stderr}"
     );
-    let files: Vec<(&str, &[u8])> = wanted
-        .iter()
-        .map(|f| (f.as_str(), f.as_bytes()))
-        .chain([("README.md", &b"not asked for"[..])])
-        .collect();
-    let commit = hub.add_repo("lllyasviel/Annotators", &empty.0, &files);
-    let out = download();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (version, dir) = stdout.trim().split_once('\t').unwrap();
-    assert_eq!(version, format!("lllyasviel/Annotators@{commit}"));
-    for f in &wanted {
-        assert_eq!(std::fs::read(Path::new(dir).join(f)).unwrap(), f.as_bytes());
+    for repo in &repos {
+        hub.add_repo(repo, &empty.0, &[]);
     }
-    assert!(!Path::new(dir).join("README.md").exists());
-    assert_eq!(
-        hub::cached_snapshot(&cli_cache.0, "lllyasviel/Annotators", "main").as_deref(),
-        Some(Path::new(dir))
+    let (out, stderr) = download();
+    assert!(!out.status.success());
+    // `error: <repo>@<commit>: the repo lacks <file>, <file>`, one line per repo.
+    let wanted: Vec<(String, Vec<String>)> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("error: ")?.split_once(": the repo lacks "))
+        .map(|(head, list)| {
+            let repo = head.split('@').next().unwrap().to_string();
+            (repo, list.trim().split(", ").map(str::to_string).collect())
+        })
+        .collect();
+    assert_eq!(wanted.len(), repos.len(), "{stderr}");
+    assert!(
+        wanted
+            .iter()
+            .any(|(_, files)| files.contains(&"ControlNetHED.pth".to_string())),
+        "{stderr}"
     );
+    let mut commits = Vec::new();
+    for (repo, files) in &wanted {
+        let files: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|f| (f.as_str(), f.as_bytes()))
+            .chain([("README.md", &b"not asked for"[..])])
+            .collect();
+        commits.push(hub.add_repo(repo, &empty.0, &files));
+    }
+    let (out, stderr) = download();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let printed: Vec<&str> = stdout.lines().collect();
+    assert_eq!(printed.len(), wanted.len(), "{stdout}");
+    for (((repo, files), commit), line) in wanted.iter().zip(&commits).zip(printed) {
+        let (version, dir) = line.trim().split_once('\t').unwrap();
+        assert_eq!(version, format!("{repo}@{commit}"));
+        for f in files {
+            assert_eq!(std::fs::read(Path::new(dir).join(f)).unwrap(), f.as_bytes());
+        }
+        assert!(!Path::new(dir).join("README.md").exists());
+        assert_eq!(
+            hub::cached_snapshot(&cli_cache.0, repo, "main").as_deref(),
+            Some(Path::new(dir))
+        );
+    }
 }
