@@ -1,8 +1,9 @@
 //! A request's `eta` end to end on the tiny-a pipeline (fixtures from tools/make_eta_fixtures.py):
-//! DDIM against diffusers' StableDiffusionPipeline with `eta`, Euler a against k-diffusion's own
-//! `sample_euler_ancestral` with `eta` (A1111's `Euler a`), batches drawing each image's noise
-//! from its own generator. Without eta (`None`) each sampler keeps its default: the eta 1 Euler a
-//! case is diffusers' own image, and DDIM with eta 0 is not the eta 1 image.
+//! DDIM against diffusers' StableDiffusionPipeline with `eta`; Euler a, DPM2 a, DPM++ SDE and
+//! DPM++ 2M SDE against k-diffusion's own samplers with `eta` (A1111's), batches drawing each
+//! image's noise from its own generator (DPM++ SDE: its own Brownian tree). Without eta (`None`)
+//! each sampler keeps its default: the eta 1 Euler a case is diffusers' own image, DDIM with eta
+//! 0 is not the eta 1 image, and the k-diffusion cases at eta < 1 are not their eta 1 image.
 
 mod common;
 

@@ -206,6 +206,8 @@ pub struct KDpm2Ancestral {
     sigmas_interpol: Vec<f32>,
     sigmas_up: Vec<f32>,
     sigmas_down: Vec<f32>,
+    /// k-diffusion's `eta` (1: diffusers' class).
+    eta: f32,
     first_half: Option<Tensor>,
 }
 
@@ -214,6 +216,26 @@ impl KDpm2Ancestral {
     /// `set_timesteps(num_inference_steps)`.
     pub fn new(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         let c = Common::new(cfg, num_inference_steps)?;
+        let mut s = Self {
+            sigmas: repeat_interior(&c.s.sigmas),
+            c,
+            timesteps: Vec::new(),
+            sigmas_interpol: Vec::new(),
+            sigmas_up: Vec::new(),
+            sigmas_down: Vec::new(),
+            eta: 1.0,
+            first_half: None,
+        };
+        s.build_ancestral_sigmas();
+        Ok(s)
+    }
+
+    /// The ancestral sigmas of each step and the interpolated timesteps that follow from them.
+    /// With eta 1 this is diffusers' `set_timesteps`; another eta is k-diffusion's
+    /// `get_ancestral_step(sigma, sigma_next, eta)` (what A1111's `DPM2 a` runs), whose
+    /// `sigma_down` moves the midpoint the UNet is evaluated at.
+    fn build_ancestral_sigmas(&mut self) {
+        let c = &self.c;
         let sig = &c.s.sigmas;
         let len = sig.len();
         let next = |i: usize| if i + 1 < len { sig[i + 1] } else { 0.0 };
@@ -221,7 +243,13 @@ impl KDpm2Ancestral {
         let up: Vec<f32> = (0..len)
             .map(|i| {
                 let (s, n) = (sig[i], next(i));
-                (n * n * (s * s - n * n) / (s * s)).sqrt()
+                let up = (n * n * (s * s - n * n) / (s * s)).sqrt();
+                if self.eta == 1.0 {
+                    up
+                } else {
+                    // k-diffusion: min(sigma_to, eta * ...) (eta 0: no fresh noise).
+                    (self.eta * up).min(n)
+                }
             })
             .collect();
         let down: Vec<f32> = (0..len)
@@ -242,16 +270,10 @@ impl KDpm2Ancestral {
             .iter()
             .map(|&s| sigma_to_t_f32(s, &c.s.log_sigmas))
             .collect();
-        let timesteps = c.interleave(&t_interpol[..len - 2]);
-        Ok(Self {
-            sigmas: repeat_interior(sig),
-            sigmas_interpol: repeat_interior(&interpol),
-            sigmas_up: repeat_interior(&up),
-            sigmas_down: repeat_interior(&down),
-            timesteps,
-            c,
-            first_half: None,
-        })
+        self.timesteps = c.interleave(&t_interpol[..len - 2]);
+        self.sigmas_interpol = repeat_interior(&interpol);
+        self.sigmas_up = repeat_interior(&up);
+        self.sigmas_down = repeat_interior(&down);
     }
 
     /// The float32 sigmas (diffusers' `sigmas`).
@@ -262,6 +284,15 @@ impl KDpm2Ancestral {
 
 impl Scheduler for KDpm2Ancestral {
     kdpm2_methods!();
+
+    fn eta(&self) -> Option<f64> {
+        Some(f64::from(self.eta))
+    }
+
+    fn set_eta(&mut self, eta: f64) {
+        self.eta = eta as f32;
+        self.build_ancestral_sigmas();
+    }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.timesteps.len())?;

@@ -49,6 +49,8 @@ pub struct DpmSolverSde {
     midpoint: Option<Midpoint>,
     /// Made at the first step that draws noise, from the sample's shape and the image seeds.
     noise: Option<BrownianNoise>,
+    /// k-diffusion's `eta` of `sample_dpmpp_sde` (1: diffusers' class).
+    eta: f32,
 }
 
 impl DpmSolverSde {
@@ -131,6 +133,7 @@ impl DpmSolverSde {
             init_noise_sigma,
             midpoint: None,
             noise: None,
+            eta: 1.0,
         })
     }
 
@@ -192,6 +195,14 @@ fn t_fn(sigma: f32) -> f32 {
 impl Scheduler for DpmSolverSde {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn eta(&self) -> Option<f64> {
+        Some(f64::from(self.eta))
+    }
+
+    fn set_eta(&mut self, eta: f64) {
+        self.eta = eta as f32;
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -258,7 +269,8 @@ impl Scheduler for DpmSolverSde {
         };
         let (sigma_from, sigma_to) = (sigma_fn(t), sigma_fn(t_next));
         let (from2, to2) = (sigma_from.powi(2), sigma_to.powi(2));
-        let up = ((to2 * (from2 - to2)) / from2).sqrt();
+        // k-diffusion's get_ancestral_step: min(sigma_to, eta * ...); diffusers' with eta 1.
+        let up = self.eta * ((to2 * (from2 - to2)) / from2).sqrt();
         // Python's min(a, b): b only when b < a.
         let sigma_up = if up < sigma_to { up } else { sigma_to };
         let sigma_down = (to2 - sigma_up.powi(2)).sqrt();

@@ -51,6 +51,9 @@ pub struct DpmSolverMultistep {
     model_outputs: Vec<Option<Tensor>>,
     lower_order_nums: usize,
     step_index: Option<usize>,
+    /// The SDE solver's share of fresh noise: k-diffusion's `eta` of `sample_dpmpp_2m_sde` /
+    /// `_3m_sde` (A1111's `DPM++ 2M SDE`); 1 is diffusers' `sde-dpmsolver++`.
+    eta: f32,
 }
 
 impl DpmSolverMultistep {
@@ -109,6 +112,7 @@ impl DpmSolverMultistep {
             model_outputs: vec![None; solver_order],
             lower_order_nums: 0,
             step_index: None,
+            eta: 1.0,
         })
     }
 
@@ -147,9 +151,9 @@ impl DpmSolverMultistep {
                 (mul(sample, alpha_t / alpha_s)? - mul(m0, sigma_t * (h.exp() - 1.0))?)?
             }
             Algorithm::SdeDpmSolverPp => {
-                let e2 = 1.0 - (-2.0 * h).exp();
-                let x = (mul(sample, sigma_t / sigma_s * (-h).exp())? + mul(m0, alpha_t * e2)?)?;
-                (x + sde_noise(noise, sigma_t, h)?)?
+                let sde = self.sde_terms(h);
+                let x = (mul(sample, sigma_t / sigma_s * sde.keep)? + mul(m0, alpha_t * sde.e2)?)?;
+                (x + sde.noise(noise, sigma_t)?)?
             }
         })
     }
@@ -192,14 +196,14 @@ impl DpmSolverMultistep {
                 ((mul(sample, alpha_t / alpha_s0)? - mul(d0, c)?)? - mul(&d1, c1)?)?
             }
             (Algorithm::SdeDpmSolverPp, solver_type) => {
-                let e2 = 1.0 - (-2.0 * h).exp();
-                let c = alpha_t * e2;
+                let sde = self.sde_terms(h);
+                let c = alpha_t * sde.e2;
                 let c1 = match solver_type {
                     SolverType::Midpoint => 0.5 * c,
-                    SolverType::Heun => alpha_t * (e2 / (-2.0 * h) + 1.0),
+                    SolverType::Heun => alpha_t * (sde.e2 / (-sde.h_eta) + 1.0),
                 };
-                let x = (mul(sample, sigma_t / sigma_s0 * (-h).exp())? + mul(d0, c)?)?;
-                ((x + mul(&d1, c1)?)? + sde_noise(noise, sigma_t, h)?)?
+                let x = (mul(sample, sigma_t / sigma_s0 * sde.keep)? + mul(d0, c)?)?;
+                ((x + mul(&d1, c1)?)? + sde.noise(noise, sigma_t)?)?
             }
         })
     }
@@ -246,13 +250,26 @@ impl DpmSolverMultistep {
                 (x - mul(&d2, sigma_t * ((e - h) / (h * h) - 0.5))?)?
             }
             Algorithm::SdeDpmSolverPp => {
-                let e2 = 1.0 - (-2.0 * h).exp();
-                let x = (mul(sample, sigma_t / sigma_s0 * (-h).exp())? + mul(d0, alpha_t * e2)?)?;
-                let x = (x + mul(&d1, alpha_t * (e2 / (-2.0 * h) + 1.0))?)?;
-                let c2 = alpha_t * ((e2 - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5);
-                ((x + mul(&d2, c2)?)? + sde_noise(noise, sigma_t, h)?)?
+                let sde = self.sde_terms(h);
+                let (e2, h_eta) = (sde.e2, sde.h_eta);
+                let x = (mul(sample, sigma_t / sigma_s0 * sde.keep)? + mul(d0, alpha_t * e2)?)?;
+                let x = (x + mul(&d1, alpha_t * (e2 / (-h_eta) + 1.0))?)?;
+                let c2 = alpha_t * ((e2 - h_eta) / (h_eta * h_eta) - 0.5);
+                ((x + mul(&d2, c2)?)? + sde.noise(noise, sigma_t)?)?
             }
         })
+    }
+
+    fn sde_terms(&self, h: f32) -> SdeTerms {
+        // The step to a final sigma of 0 has h = inf: eta 0 must give eta h = 0 there, not NaN.
+        let eta_h = if self.eta == 0.0 { 0.0 } else { self.eta * h };
+        let h_eta = h + eta_h;
+        SdeTerms {
+            keep: (-eta_h).exp(),
+            h_eta,
+            e2: 1.0 - (-h_eta).exp(),
+            noise: (1.0 - (-2.0 * eta_h).exp()).sqrt(),
+        }
     }
 
     /// The `k`-th newest stored model output (1 = newest).
@@ -261,16 +278,41 @@ impl DpmSolverMultistep {
     }
 }
 
-/// The SDE solver's noise term `sigma_t * sqrt(1 - exp(-2h)) * noise` (scalar first, as torch
-/// evaluates it left to right).
-fn sde_noise(noise: Option<&Tensor>, sigma_t: f32, h: f32) -> Result<Tensor> {
-    let noise = noise.expect("the SDE solver draws its noise before the update");
-    mul(noise, sigma_t * (1.0 - (-2.0 * h).exp()).sqrt())
+/// The SDE solver's scalars for a step of `h` (in lambda) and its `eta`, as k-diffusion's
+/// `sample_dpmpp_2m_sde` writes them: with eta 1 they are diffusers' `exp(-h)`, `1 - exp(-2h)`,
+/// `2h` and `sqrt(1 - exp(-2h))`, computed the same way (so eta 1 is diffusers' bit for bit).
+/// The third-order update takes them in diffusers' form too.
+struct SdeTerms {
+    /// `exp(-eta h)`: how much of the sample is kept beyond the deterministic ratio.
+    keep: f32,
+    /// `h + eta h`.
+    h_eta: f32,
+    /// `1 - exp(-(1 + eta) h)`: the data prediction's weight (times alpha_t).
+    e2: f32,
+    /// `sqrt(1 - exp(-2 eta h))`: the fresh noise's weight (times sigma_t).
+    noise: f32,
+}
+
+impl SdeTerms {
+    /// The noise term `sigma_t * sqrt(1 - exp(-2 eta h)) * noise` (scalar first, as torch
+    /// evaluates it left to right).
+    fn noise(&self, noise: Option<&Tensor>, sigma_t: f32) -> Result<Tensor> {
+        let noise = noise.expect("the SDE solver draws its noise before the update");
+        mul(noise, sigma_t * self.noise)
+    }
 }
 
 impl super::Scheduler for DpmSolverMultistep {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn eta(&self) -> Option<f64> {
+        (self.algorithm == Algorithm::SdeDpmSolverPp).then_some(f64::from(self.eta))
+    }
+
+    fn set_eta(&mut self, eta: f64) {
+        self.eta = eta as f32;
     }
 
     fn set_begin_index(&mut self, begin: usize) {

@@ -249,12 +249,16 @@ impl SchedulerKind {
         self.entry().2
     }
 
-    /// The default of the sampler's eta ([`Scheduler::eta`]): 0 for DDIM, 1 for Euler a;
-    /// `None` for the samplers without one.
+    /// The default of the sampler's eta ([`Scheduler::eta`]): 0 for DDIM, 1 for the ancestral
+    /// and SDE samplers (k-diffusion's, whose eta 1 is diffusers' class); `None` for the
+    /// samplers without one.
     pub fn eta_default(self) -> Option<f64> {
         match self.sampler() {
             Sampler::Ddim | Sampler::DdimA1111 => Some(0.0),
-            Sampler::EulerAncestral => Some(1.0),
+            Sampler::EulerAncestral
+            | Sampler::Dpm2Ancestral
+            | Sampler::DpmPpSde
+            | Sampler::DpmPp2mSde => Some(1.0),
             _ => None,
         }
     }

@@ -121,10 +121,12 @@ pub struct GenerateRequest {
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
     /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
-    /// `ddim` and `ddim_a1111` (the DDIM paper's eta, diffusers' and A1111's), `euler_a` and
-    /// `euler_a_karras` (k-diffusion's, what A1111's `Euler a` takes); other schedulers have
-    /// none and ignore it, as diffusers and A1111 do. Absent or null: the sampler's default,
-    /// 0 for DDIM, 1 for Euler a.
+    /// `ddim` and `ddim_a1111` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
+    /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde` and `dpmpp_2m_sde` and their `_karras`
+    /// names (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`, `DPM++ SDE` and
+    /// `DPM++ 2M SDE` take); other schedulers have none and ignore it, as diffusers and A1111
+    /// do. Absent or null: the sampler's default, 0 for DDIM, 1 for the others (diffusers'
+    /// schedulers).
     #[schema(minimum = 0.0, maximum = 1.0, nullable = true)]
     pub eta: Option<f64>,
     /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
