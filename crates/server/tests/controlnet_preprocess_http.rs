@@ -6,7 +6,8 @@
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
-//! `teed.rs`, mlsd in `mlsd.rs`); every network module without its file in
+//! `teed.rs`, mlsd in `mlsd.rs`: each through
+//! `detect_is` and `native_unit_is_its_map`); every network module without its file in
 //! `missing_networks.rs`.
 
 mod common;
@@ -19,7 +20,7 @@ mod mlsd;
 #[path = "controlnet_preprocess_http/teed.rs"]
 mod teed;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use common::{decode_png, post_json_to};
@@ -57,6 +58,61 @@ fn photo() -> (RgbImage, String) {
         pixels: img.into_raw(),
     };
     (image, b64(&bytes))
+}
+
+/// A server with the tiny ControlNets and `annotators` as its ANNOTATOR_DIR.
+fn annotator_server(annotators: &Path) -> common::Server {
+    common::tiny_a_vae8_server(&[
+        ("CONTROLNET_DIR", &fixtures().join("controlnet")),
+        ("ANNOTATOR_DIR", annotators),
+    ])
+}
+
+/// `/controlnet/detect` of the photo with `module` and the `controlnet_*` settings of
+/// `settings` makes `want` (its size and pixels); the number of distinct values in it.
+fn detect_is(s: &common::Server, module: &str, settings: Value, want: &RgbImage) -> usize {
+    let (_, photo_b64) = photo();
+    let mut body = json!({"controlnet_module": module, "controlnet_input_images": [photo_b64]});
+    let fields = settings.as_object().expect("controlnet_* settings").clone();
+    body.as_object_mut().unwrap().extend(fields);
+    let r = post_json_to(s.addr, "/controlnet/detect", &body);
+    assert_eq!(r.status, 200, "{module} {settings}: {}", r.text());
+    let (w, h, px, _) = decode_png(r.json()["images"][0].as_str().unwrap());
+    assert_eq!((w, h), (want.width, want.height), "{module} {settings}");
+    assert!(px == want.pixels, "{module} {settings}");
+    px.iter()
+        .copied()
+        .collect::<std::collections::BTreeSet<u8>>()
+        .len()
+}
+
+/// Native: the photo with `settings` as its unit's preprocessor makes the image that a unit
+/// sending `map` makes; the metadata holds `settings` as sent; the infotext names the module,
+/// its resolution and `thresholds` (`Threshold A: .., Threshold B: ..`).
+fn native_unit_is_its_map(s: &common::Server, settings: Value, map: &RgbImage, thresholds: &str) {
+    let (_, photo_b64) = photo();
+    let base = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
+                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let run = |unit: Value| {
+        let mut b = base.clone();
+        b["controlnets"] = json!([unit]);
+        let r = s.post_json(&b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
+        (px, j["metadata"].clone(), text.unwrap_or_default())
+    };
+    let (got, meta, text) =
+        run(json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}));
+    let (want, _, _) = run(json!({"model": "cn-a", "image": png(map)}));
+    assert!(got == want, "{settings}: the map steers as its map");
+    assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
+    let unit = format!(
+        "Module: {}, Model: cn-a, Weight: 1, Processor Res: {}, {thresholds},",
+        settings["type"].as_str().unwrap(),
+        settings["resolution"]
+    );
+    assert!(text.contains(&unit), "{unit}: {text}");
 }
 
 fn canny(low: f64, high: f64, resolution: u32) -> Preprocessor {
@@ -395,11 +451,8 @@ fn hed_and_pidinet_modules_run_with_annotator_dir() {
         )
         .unwrap();
     }
-    let s = common::tiny_a_vae8_server(&[
-        ("CONTROLNET_DIR", &fixtures().join("controlnet")),
-        ("ANNOTATOR_DIR", &annotators),
-    ]);
-    let (photo, photo_b64) = photo();
+    let s = annotator_server(&annotators);
+    let (photo, _) = photo();
     // The tiny networks of `tools/make_hed_fixtures.py` and `make_pidinet_fixtures.py`, as
     // the server reads them.
     let net = LoadedNetworks::default()
@@ -425,55 +478,22 @@ fn hed_and_pidinet_modules_run_with_annotator_dir() {
             Preprocessor::ScribblePidinet { resolution: 64 },
         ),
     ] {
-        let r = post_json_to(
-            s.addr,
-            "/controlnet/detect",
-            &json!({"controlnet_module": module, "controlnet_input_images": [photo_b64],
-                    "controlnet_processor_res": 64}),
-        );
-        assert_eq!(r.status, 200, "{module}: {}", r.text());
-        let (w, h, px, _) = decode_png(r.json()["images"][0].as_str().unwrap());
         let want = p.run_with(&photo, &net).unwrap();
-        assert_eq!((w, h), (want.width, want.height), "{module}");
-        assert!(px == want.pixels, "{module}");
-        let levels: std::collections::BTreeSet<u8> = px.iter().copied().collect();
-        assert!(levels.len() >= 2, "{module}: {levels:?}");
+        let levels = detect_is(&s, module, json!({"controlnet_processor_res": 64}), &want);
+        assert!(levels >= 2, "{module}: {levels} levels");
     }
-    // Native: the map steers as the map sent; the metadata and parameters name the module.
-    let base = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
-                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
-    let run = |unit: Value| {
-        let mut b = base.clone();
-        b["controlnets"] = json!([unit]);
-        let r = s.post_json(&b);
-        assert_eq!(r.status, 200, "{}", r.text());
-        let j = r.json();
-        let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
-        (px, j["metadata"].clone(), text.unwrap_or_default())
-    };
-    let settings = json!({"type": "softedge_hed", "resolution": 64});
-    let (got, meta, text) =
-        run(json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}));
     let map = Preprocessor::SoftedgeHed { resolution: 64 }
         .run_with(&photo, &net)
         .unwrap();
-    let (want, _, _) = run(json!({"model": "cn-a", "image": png(&map)}));
-    assert!(got == want, "the HED map steers as its map");
-    assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
-    assert!(
-        text.contains("Module: softedge_hed, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.5, Threshold B: 0.5,"),
-        "{text}"
-    );
+    let settings = json!({"type": "softedge_hed", "resolution": 64});
+    native_unit_is_its_map(&s, settings, &map, "Threshold A: 0.5, Threshold B: 0.5");
 }
 
 #[test]
 fn lineart_modules_run_with_annotator_dir() {
     let annotators = fixtures().join("lineart");
-    let s = common::tiny_a_vae8_server(&[
-        ("CONTROLNET_DIR", &fixtures().join("controlnet")),
-        ("ANNOTATOR_DIR", &annotators),
-    ]);
-    let (photo, photo_b64) = photo();
+    let s = annotator_server(&annotators);
+    let (photo, _) = photo();
     // The tiny networks of `tools/make_lineart_fixtures.py`, as the server reads them.
     let mut nets = LoadedNetworks::default();
     for f in [&LINEART, &LINEART_COARSE, &LINEART_ANIME] {
@@ -493,33 +513,13 @@ fn lineart_modules_run_with_annotator_dir() {
             Preprocessor::LineartAnime { resolution: 64 },
         ),
     ] {
-        let r = post_json_to(
-            s.addr,
-            "/controlnet/detect",
-            &json!({"controlnet_module": module, "controlnet_input_images": [photo_b64],
-                    "controlnet_processor_res": 64}),
-        );
-        assert_eq!(r.status, 200, "{module}: {}", r.text());
-        let (w, h, px, _) = decode_png(r.json()["images"][0].as_str().unwrap());
         let want = p.run_with(&photo, &nets).unwrap();
-        assert_eq!((w, h), (want.width, want.height), "{module}");
-        assert!(px == want.pixels, "{module}");
-        let levels: std::collections::BTreeSet<u8> = px.iter().copied().collect();
-        assert!(levels.len() >= 16, "{module}: {levels:?}");
+        let levels = detect_is(&s, module, json!({"controlnet_processor_res": 64}), &want);
+        assert!(levels >= 16, "{module}: {levels} levels");
     }
-    // Native: the metadata and parameters name the module.
-    let mut b = json!({"prompt": "a house by a lake", "steps": 1, "width": 256, "height": 256,
-                       "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let map = Preprocessor::LineartAnime { resolution: 64 }
+        .run_with(&photo, &nets)
+        .unwrap();
     let settings = json!({"type": "lineart_anime", "resolution": 64});
-    b["controlnets"] = json!([{"model": "cn-a", "image": photo_b64, "preprocessor": settings}]);
-    let r = s.post_json(&b);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let j = r.json();
-    assert_eq!(j["metadata"]["controlnets"][0]["preprocessor"], settings);
-    let (_, _, _, text) = decode_png(j["image_base64"].as_str().unwrap());
-    assert!(
-        text.unwrap_or_default()
-            .contains("Module: lineart_anime, Model: cn-a, Weight: 1, Processor Res: 64,"),
-        "{j}"
-    );
+    native_unit_is_its_map(&s, settings, &map, "Threshold A: 0.5, Threshold B: 0.5");
 }

@@ -8,8 +8,7 @@ use serde_json::json;
 
 use sdserve_pipeline::controlnet::preprocess::{LoadedNetworks, Preprocessor, MLSD};
 
-use super::common::{self, decode_png, post_json_to};
-use super::{fixtures, photo, png};
+use super::{annotator_server, detect_is, fixtures, native_unit_is_its_map, photo};
 
 #[test]
 fn mlsd_runs_with_annotator_dir() {
@@ -22,11 +21,8 @@ fn mlsd_runs_with_annotator_dir() {
         annotators.join("mlsd").join(file),
     )
     .unwrap();
-    let s = common::tiny_a_vae8_server(&[
-        ("CONTROLNET_DIR", &fixtures().join("controlnet")),
-        ("ANNOTATOR_DIR", &annotators),
-    ]);
-    let (photo, photo_b64) = photo();
+    let s = annotator_server(&annotators);
+    let (photo, _) = photo();
     let net = LoadedNetworks::default()
         .read(&MLSD, &annotators.join("mlsd").join(file))
         .unwrap();
@@ -51,46 +47,20 @@ fn mlsd_runs_with_annotator_dir() {
         (json!(-1), json!(-1), mlsd(0.1, 0.1)),
         (json!(0.3), json!(8.5), mlsd(0.3, 8.5)),
     ] {
-        let r = post_json_to(
-            s.addr,
-            "/controlnet/detect",
-            &json!({"controlnet_module": "mlsd", "controlnet_input_images": [photo_b64],
-                    "controlnet_processor_res": 64, "controlnet_threshold_a": a,
-                    "controlnet_threshold_b": b}),
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
-        let (w, h, px, _) = decode_png(r.json()["images"][0].as_str().unwrap());
         let map = want.run_with(&photo, &net).unwrap();
-        assert_eq!((w, h), (map.width, map.height));
-        assert!(px == map.pixels, "{want:?}");
-        whites.push(px.iter().filter(|&&v| v == 255).count());
-        assert!(px.iter().all(|&v| v == 0 || v == 255));
+        let settings = json!({"controlnet_processor_res": 64, "controlnet_threshold_a": a,
+                              "controlnet_threshold_b": b});
+        // detect_is: the same pixels as `map`.
+        assert_eq!(detect_is(&s, "mlsd", settings, &map), 2, "{want:?}");
+        whites.push(map.pixels.iter().filter(|&&v| v == 255).count());
+        assert!(map.pixels.iter().all(|&v| v == 0 || v == 255));
     }
     // Lines drawn, fewer at the stricter thresholds.
     assert!(whites[0] > whites[1] && whites[1] > 0, "{whites:?}");
 
-    // Native: the map steers as the map sent; metadata and infotext carry the thresholds.
-    let base = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
-                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    // Native: metadata and infotext carry the thresholds.
     let settings = json!({"type": "mlsd", "value_threshold": 0.3, "distance_threshold": 8.5,
                           "resolution": 64});
-    let run = |unit: serde_json::Value| {
-        let mut b = base.clone();
-        b["controlnets"] = json!([unit]);
-        let r = s.post_json(&b);
-        assert_eq!(r.status, 200, "{}", r.text());
-        let j = r.json();
-        let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
-        (px, j["metadata"].clone(), text.unwrap_or_default())
-    };
-    let (got, meta, text) =
-        run(json!({"model": "cn-a", "image": photo_b64, "preprocessor": settings}));
     let map = mlsd(0.3, 8.5).run_with(&photo, &net).unwrap();
-    let (want, _, _) = run(json!({"model": "cn-a", "image": png(&map)}));
-    assert!(got == want, "the M-LSD map steers as its map");
-    assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
-    assert!(
-        text.contains("Module: mlsd, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.3, Threshold B: 8.5,"),
-        "{text}"
-    );
+    native_unit_is_its_map(&s, settings, &map, "Threshold A: 0.3, Threshold B: 8.5");
 }
