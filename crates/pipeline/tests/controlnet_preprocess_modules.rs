@@ -5,8 +5,10 @@
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
-//! `manga_line.rs`, `pidinet.rs`, `teed.rs`, `mlsd.rs`.
+//! `manga_line.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`.
 
+#[path = "controlnet_preprocess_modules/anyline.rs"]
+mod anyline;
 mod common;
 #[path = "controlnet_preprocess_modules/hed.rs"]
 mod hed;

@@ -1,7 +1,8 @@
 //! ANNOTATOR_DIR: the weights of the model-based ControlNet preprocessors, under the
 //! sd-webui-controlnet extension's file names (`ControlNetHED.pth`, `sk_model.pth`,
 //! `sk_model2.pth`, `netG.pth`, `erika.pth`, ... from the hub repo `lllyasviel/Annotators`,
-//! `7_model.pth` from `bdsqlsz/qinglong_controlnet-lllite`'s `Annotators/`: each file's `hub`), either in the
+//! `7_model.pth` from `bdsqlsz/qinglong_controlnet-lllite`'s `Annotators/`, `MTEED.pth` from
+//! `TheMistoAI/MistoLine`'s `Anyline/`: each file's `hub`), either in the
 //! folder itself or in the subfolder the extension downloads each into
 //! (`hed/ControlNetHED.pth`, `lineart/sk_model.pth`, as its `annotator/downloads` holds them), so
 //! that folder can be given as it is. Which files there are, and how each is read, the

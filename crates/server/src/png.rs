@@ -273,7 +273,8 @@ fn unit_settings(p: &Preprocessor) -> String {
         Preprocessor::Threshold { threshold, .. }
         | Preprocessor::ScribbleXdog { threshold, .. } => (float(threshold), hidden.clone()),
         Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden.clone()),
-        Preprocessor::SoftedgeTeed { safe_steps, .. } => (float(safe_steps), hidden.clone()),
+        Preprocessor::SoftedgeTeed { safe_steps, .. }
+        | Preprocessor::SoftedgeAnyline { safe_steps, .. } => (float(safe_steps), hidden.clone()),
         Preprocessor::TileResample { down_sampling_rate } => {
             (float(down_sampling_rate), hidden.clone())
         }

@@ -6,10 +6,12 @@
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
-//! `teed.rs`, mlsd in `mlsd.rs`: each through
+//! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`: each through
 //! `detect_is` and `native_unit_is_its_map`); every network module without its file in
 //! `missing_networks.rs`.
 
+#[path = "controlnet_preprocess_http/anyline.rs"]
+mod anyline;
 mod common;
 #[path = "controlnet_preprocess_http/manga_line.rs"]
 mod manga_line;
@@ -346,6 +348,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "pidinet_safe",
             "hed_safe",
             "hed",
+            "softedge_anyline",
             "shuffle",
             "scribble_xdog",
             "scribble_hed",
@@ -416,7 +419,8 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert_eq!(labels["module_list"][11], "softedge_pidisafe");
     assert_eq!(labels["module_list"][12], "softedge_hedsafe");
     assert_eq!(labels["module_list"][13], "softedge_hed");
-    assert_eq!(labels["module_list"][17], "lineart_realistic");
+    assert_eq!(labels["module_list"][14], "softedge_anyline");
+    assert_eq!(labels["module_list"][18], "lineart_realistic");
     // `PreprocessorTEED`'s sliders: the class's resolution and `Safe Steps`.
     assert_eq!(
         listed["module_detail"]["softedge_teed"],

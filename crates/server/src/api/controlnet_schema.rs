@@ -112,7 +112,10 @@ pub struct ControlNetPreprocessor {
     /// in ANNOTATOR_DIR); `softedge_pidinet`, `softedge_pidisafe`,
     /// `scribble_pidinet`: the three HED ones' kinds from the PiDiNet network
     /// (`table5_pidinet.pth` in ANNOTATOR_DIR); `softedge_teed`: the TEED network's soft edges,
-    /// quantized to `safe_steps` + 1 levels (`7_model.pth` in ANNOTATOR_DIR); `mlsd`: the M-LSD
+    /// quantized to `safe_steps` + 1 levels (`7_model.pth` in ANNOTATOR_DIR);
+    /// `softedge_anyline`: the same network with MistoLine's weights (`MTEED.pth` in
+    /// ANNOTATOR_DIR), the faint lines lineart_standard finds (its value 1, in components of 12
+    /// pixels or more) set to 1; `mlsd`: the M-LSD
     /// network's straight line segments, one pixel wide, white on black
     /// (`mlsd_large_512_fp32.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
     /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
@@ -163,7 +166,7 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 0, maximum = 4294967295_u32, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u32>,
-    /// `softedge_teed`: the edges are quantized by the extension's `safe_step` to this many
+    /// `softedge_teed`, `softedge_anyline`: the edges are quantized by the extension's `safe_step` to this many
     /// steps above 0 (0: left soft). A number, as the extension's slider: kept as sent (the
     /// infotext writes it), only its integer part counts.
     #[schema(minimum = 0.0, maximum = 10.0, default = 2.0, nullable = true)]
@@ -173,6 +176,8 @@ pub struct ControlNetPreprocessor {
     /// least 64, one cell), the shorter
     /// side of the image the map is made at (the map is then resized to the request's size);
     /// the scaled image must keep the image rule (at most 4096 pixels a side, 16 MP).
+    /// `softedge_anyline`: 1280 by default (its own slider's), and a multiple of 64 (the
+    /// extension fails at any other).
     #[schema(minimum = 64, maximum = 2048, default = 512, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<u32>,
@@ -203,6 +208,7 @@ pub enum PreprocessorType {
     SoftedgePidisafe,
     ScribblePidinet,
     SoftedgeTeed,
+    SoftedgeAnyline,
     Mlsd,
 }
 

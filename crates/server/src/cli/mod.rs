@@ -54,7 +54,8 @@ pub struct DownloadArgs {
     #[arg(long)]
     pub taesd: bool,
     /// Fetch the weights of the model-based ControlNet preprocessors (the files of
-    /// lllyasviel/Annotators they read, and TEED's from bdsqlsz/qinglong_controlnet-lllite)
+    /// lllyasviel/Annotators they read, TEED's from bdsqlsz/qinglong_controlnet-lllite and
+    /// Anyline's from TheMistoAI/MistoLine)
     /// instead of a model; `serve` and `generate` find them in
     /// this cache when ANNOTATOR_DIR lacks them.
     #[arg(long, conflicts_with_all = ["taesd", "fp16"])]

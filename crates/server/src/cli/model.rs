@@ -127,7 +127,8 @@ pub struct ModelArgs {
     /// (`lineart_anime/`) runs `lineart_anime`; `erika.pth` (`manga_line/`) runs
     /// `lineart_anime_denoise`; `table5_pidinet.pth` (`pidinet/`) runs
     /// `softedge_pidinet`, `softedge_pidisafe` and `scribble_pidinet`; and TEED's `7_model.pth`
-    /// (`TEED/`, from bdsqlsz/qinglong_controlnet-lllite) runs `softedge_teed`; `mlsd_large_512_fp32.pth` (`mlsd/`)
+    /// (`TEED/`, from bdsqlsz/qinglong_controlnet-lllite) runs `softedge_teed`; `MTEED.pth`
+    /// (`TEED/`, from TheMistoAI/MistoLine) runs `softedge_anyline`; `mlsd_large_512_fp32.pth` (`mlsd/`)
     /// runs `mlsd`. A file it lacks is taken
     /// from the model cache, where `sdserve download --annotators` puts them. Each read once, on
     /// the CPU (a replaced file again); without its file a module is a 422 naming the file.

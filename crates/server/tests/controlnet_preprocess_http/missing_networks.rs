@@ -5,14 +5,14 @@ use serde_json::json;
 
 use sdserve_pipeline::controlnet::preprocess::{
     HED_FILE, LINEART_ANIME_FILE, LINEART_COARSE_FILE, LINEART_FILE, MANGA_LINE_FILE, MLSD_FILE,
-    PIDINET_FILE, TEED_FILE,
+    MTEED_FILE, PIDINET_FILE, TEED_FILE,
 };
 
 use super::common::{self, post_json_to};
 use super::{fixtures, photo};
 
 /// (native `preprocessor.type`, A1111 module name, the file it needs).
-const NETWORK_MODULES: [(&str, &str, &str); 12] = [
+const NETWORK_MODULES: [(&str, &str, &str); 13] = [
     ("softedge_hed", "hed", HED_FILE),
     ("softedge_hedsafe", "hed_safe", HED_FILE),
     ("scribble_hed", "scribble_hed", HED_FILE),
@@ -28,6 +28,7 @@ const NETWORK_MODULES: [(&str, &str, &str); 12] = [
     ("softedge_pidisafe", "pidinet_safe", PIDINET_FILE),
     ("scribble_pidinet", "pidinet_scribble", PIDINET_FILE),
     ("softedge_teed", "softedge_teed", TEED_FILE),
+    ("softedge_anyline", "softedge_anyline", MTEED_FILE),
     ("mlsd", "mlsd", MLSD_FILE),
 ];
 

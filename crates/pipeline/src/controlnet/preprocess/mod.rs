@@ -11,9 +11,11 @@
 //! (softedge_hed, softedge_hedsafe, scribble_hed: the network and its steps), `lineart`
 //! (lineart_realistic, lineart_coarse: the generator, and the layers the anime one shares),
 //! `lineart_anime`, `manga_line` (lineart_anime_denoise), `pidinet` (softedge_pidinet,
-//! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed), `mlsd` (the M-LSD network,
+//! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed), `anyline` (softedge_anyline:
+//! TEED with MistoLine's weights, combined with lineart_standard's faint lines), `mlsd` (the M-LSD network,
 //! its segments, drawn by `line`: OpenCV's `cv2.line`).
 
+mod anyline;
 mod canny;
 mod color;
 mod gaussian;
@@ -34,6 +36,9 @@ mod tile;
 
 use serde::{Deserialize, Serialize};
 
+pub use anyline::{
+    anyline_lineart, anyline_map, combine_layers, remove_small_objects, MTEED, MTEED_FILE,
+};
 pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
@@ -124,6 +129,11 @@ pub enum Preprocessor {
     /// `safe_step` to `safe_steps` + 1 levels (its slider: 0..=10, 2; 0 leaves them soft; its
     /// integer part counts, `int(slider_1)`).
     SoftedgeTeed { safe_steps: f64, resolution: u32 },
+    /// `PreprocessorAnyline` (`softedge_anyline`): TEED's soft edges with MistoLine's
+    /// `MTEED.pth` (`safe_steps` as softedge_teed's), the faint lines of lineart_standard
+    /// (value 1) that form components of 12 pixels or more set to 1. Its resolution slider
+    /// defaults to 1280; it must be a multiple of 64 (the extension fails otherwise).
+    SoftedgeAnyline { safe_steps: f64, resolution: u32 },
     /// The legacy `mlsd`: the M-LSD network's straight segments, white on black, those with
     /// a centre score above `value_threshold` (0.01..=2, 0.1) and longer than
     /// `distance_threshold` (0.01..=20, 0.1; in pixels at half the padded image's size).
@@ -158,6 +168,7 @@ impl Preprocessor {
             Self::SoftedgePidisafe { .. } => "softedge_pidisafe",
             Self::ScribblePidinet { .. } => "scribble_pidinet",
             Self::SoftedgeTeed { .. } => "softedge_teed",
+            Self::SoftedgeAnyline { .. } => "softedge_anyline",
             Self::Mlsd { .. } => "mlsd",
         }
     }
@@ -182,6 +193,7 @@ impl Preprocessor {
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. } => Some(&PIDINET),
             Self::SoftedgeTeed { .. } => Some(&TEED),
+            Self::SoftedgeAnyline { .. } => Some(&MTEED),
             Self::Mlsd { .. } => Some(&MLSD),
             _ => None,
         }
@@ -208,7 +220,8 @@ impl Preprocessor {
             | Self::SoftedgePidinet { resolution }
             | Self::SoftedgePidisafe { resolution }
             | Self::ScribblePidinet { resolution }
-            | Self::SoftedgeTeed { resolution, .. } => Some(resolution),
+            | Self::SoftedgeTeed { resolution, .. }
+            | Self::SoftedgeAnyline { resolution, .. } => Some(resolution),
             Self::Mlsd { resolution, .. } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
@@ -235,7 +248,8 @@ impl Preprocessor {
             | Self::SoftedgePidinet { resolution: r }
             | Self::SoftedgePidisafe { resolution: r }
             | Self::ScribblePidinet { resolution: r }
-            | Self::SoftedgeTeed { resolution: r, .. } => *r = resolution,
+            | Self::SoftedgeTeed { resolution: r, .. }
+            | Self::SoftedgeAnyline { resolution: r, .. } => *r = resolution,
             Self::Mlsd { resolution: r, .. } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
@@ -330,6 +344,16 @@ impl Preprocessor {
                 let map = teed_edges(&net, &padded.image, steps)?;
                 padded.crop_gray_to_rgb(&map)
             }
+            Self::SoftedgeAnyline {
+                safe_steps,
+                resolution,
+            } => {
+                let net = network::<TeedNetwork>(networks, &MTEED)?;
+                let padded = padded();
+                let steps = safe_steps.trunc().max(0.0) as u32;
+                let map = anyline_map(&net, &padded.image, resolution, steps)?;
+                padded.crop_gray_to_rgb(&map)
+            }
             Self::Mlsd {
                 value_threshold,
                 distance_threshold,
@@ -382,6 +406,7 @@ impl Preprocessor {
             | Self::SoftedgePidisafe { .. }
             | Self::ScribblePidinet { .. }
             | Self::SoftedgeTeed { .. }
+            | Self::SoftedgeAnyline { .. }
             | Self::Mlsd { .. } => {
                 return Err(PipelineError::InvalidRequest(format!(
                     "{} needs its network ({}): run_with",

@@ -49,6 +49,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::MANGA_LINE,
     &super::PIDINET,
     &super::TEED,
+    &super::MTEED,
     &super::MLSD,
 ];
 

@@ -14,7 +14,9 @@
 //! `lineart_anime_denoise`, and the
 //! PiDiNet ones `pidinet` (`softedge_pidinet`), `pidinet_safe` (`softedge_pidisafe`),
 //! `pidinet_scribble` (`scribble_pidinet`), `softedge_teed` (TEED; its `Safe Steps` slider
-//! kept as a number as the others, `int(slider_1)` runs), and `mlsd` (its thresholds kept as
+//! kept as a number as the others, `int(slider_1)` runs), `softedge_anyline` (Anyline: TEED with
+//! MistoLine's weights and lineart_standard's faint lines; its own Resolution slider, 1280 by
+//! default, and Safe Steps), and `mlsd` (its thresholds kept as
 //! numbers) (their weights from ANNOTATOR_DIR; listed without
 //! them, as the extension lists its model-based modules), their names and labels and sliders
 //! copied from the extension's
@@ -32,9 +34,9 @@ use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use crate::api::query_bool;
 use crate::error::ApiError;
 use crate::validate::preprocessor::{
-    BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LOW_DEFAULT, MLSD_DISTANCE, MLSD_VALUE,
-    RESOLUTION_DEFAULT, RESOLUTION_MAX, RESOLUTION_MIN, SAFE_STEPS, THRESHOLD_MAX, THRESHOLD_MIN,
-    TILE_RATE, XDOG_THRESHOLD,
+    ANYLINE_RESOLUTION_DEFAULT, BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LOW_DEFAULT,
+    MLSD_DISTANCE, MLSD_VALUE, RESOLUTION_DEFAULT, RESOLUTION_MAX, RESOLUTION_MIN, SAFE_STEPS,
+    THRESHOLD_MAX, THRESHOLD_MIN, TILE_RATE, XDOG_THRESHOLD,
 };
 
 /// A preprocessor's slider (`PreprocessorParameter.api_json`); the extension's
@@ -69,6 +71,17 @@ const RESOLUTION: Slider = slider(
     8.0,
 );
 
+/// `PreprocessorAnyline.slider_resolution`: the class default's range and step, 1280.
+const ANYLINE_RESOLUTION: Slider = slider(
+    "Resolution",
+    (
+        RESOLUTION_MIN as f64,
+        RESOLUTION_MAX as f64,
+        ANYLINE_RESOLUTION_DEFAULT as f64,
+    ),
+    8.0,
+);
+
 /// One module: its name, UI label and sliders (resolution, slider 1, slider 2), `None` where
 /// the extension hides one.
 struct Module {
@@ -89,8 +102,8 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet, mlsd 100; invert 20; the
 /// others 0) and label, descending
 /// (`color` sorts by its label, `t2ia_color_grid`; `lineart_anime_denoise` before its prefix
-/// `lineart_anime`; softedge_teed, 0, by its name).
-const MODULES: [Module; 22] = [
+/// `lineart_anime`; softedge_teed and softedge_anyline, 0, by their names).
+const MODULES: [Module; 23] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -185,6 +198,15 @@ const MODULES: [Module; 22] = [
         [Some(RESOLUTION), None, None],
     ),
     module("hed", "softedge_hed", [Some(RESOLUTION), None, None]),
+    module(
+        "softedge_anyline",
+        "softedge_anyline",
+        [
+            Some(ANYLINE_RESOLUTION),
+            Some(slider("Safe Steps", SAFE_STEPS, 1.0)),
+            None,
+        ],
+    ),
     // Its resolution slider is hidden (`PreprocessorParameter(value=512, visible=False)`).
     module("shuffle", "shuffle", [None, None, None]),
     module(
@@ -360,6 +382,10 @@ pub(super) fn preprocessor(
             safe_steps: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
         },
+        "softedge_anyline" => Preprocessor::SoftedgeAnyline {
+            safe_steps: setting(threshold_a, a, "threshold_a")?,
+            resolution: resolution()?,
+        },
         "mlsd" => Preprocessor::Mlsd {
             value_threshold: setting(threshold_a, a, "threshold_a")?,
             distance_threshold: setting(threshold_b, b, "threshold_b")?,
@@ -407,7 +433,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `mlsd`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `shuffle`, `scribble_xdog`, `scribble_hed`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `mlsd`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);

@@ -32,7 +32,7 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"mlsd\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"mlsd\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"blur_gaussian\""),
         "{e}"
     );
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -216,6 +216,24 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
         };
         assert_eq!(p("softedge_teed", json!(64), a.clone()), want, "{a}");
     }
+    // softedge_anyline: its own resolution slider (1280 by default, outside 64..=2048 too) and
+    // Safe Steps as softedge_teed's.
+    let anyline = |res: Value, a: Value| {
+        preprocessor("softedge_anyline", Some(&res), Some(&a), None, "[0].", 0)
+            .unwrap()
+            .unwrap()
+    };
+    let want = |safe_steps: f64, resolution: u32| Preprocessor::SoftedgeAnyline {
+        safe_steps,
+        resolution,
+    };
+    assert_eq!(anyline(json!(-1), json!(-1)), want(2.0, 1280));
+    assert_eq!(anyline(json!(256), json!(3.5)), want(3.5, 256));
+    assert_eq!(anyline(json!(4096), json!(11)), want(2.0, 1280));
+    assert_eq!(
+        preprocessor("softedge_anyline", None, None, None, "", 0).unwrap(),
+        Some(want(2.0, 1280))
+    );
     // mlsd's two float sliders, kept as sent; -1 or outside them their defaults (0.1, 0.1).
     let mlsd = |a: Value, b: Value| {
         preprocessor("mlsd", Some(&json!(320)), Some(&a), Some(&b), "[0].", 0)
@@ -276,8 +294,8 @@ fn every_listed_module_s_network_file_is_downloaded_ahead() {
         }
     }
     assert!(
-        files >= 11,
-        "the HED, lineart, PiDiNet and TEED modules at least"
+        files >= 12,
+        "the HED, lineart, PiDiNet, TEED and Anyline modules at least"
     );
 }
 
