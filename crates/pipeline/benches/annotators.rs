@@ -1,0 +1,169 @@
+//! ControlNet network annotator timings on the CPU, printed as a table and as JSON (the schema
+//! of the `stages` bench), to set beside the extension's own detector calls on torch
+//! (tools/bench_annotators.py; both through tools/bench_compare_annotators.sh).
+//!
+//! `ANNOTATOR_DIR=/tmp/annotators cargo bench -p sdserve-pipeline --bench annotators --
+//! [--modules mlsd,softedge_teed] [--repeats 3] [--resolution 512] [--json out.json]`
+//!
+//! The folder is tools/make_random_annotators.py's (every network at its real widths with random
+//! weights, in the extension's subfolders, and `bench_photo.png`, the 512 x 512 image). Stages,
+//! one network module each at its default settings: `<module>` is the whole map
+//! (`Preprocessor::run_with`: resize with pad, the network and its steps, the crop) and
+//! `<module>_net` the network alone on the padded image. Each runs once untimed first (as
+//! the Python side does), then `--repeats` times.
+
+use std::path::Path;
+
+use sdserve_pipeline::controlnet::preprocess::{
+    network, resize_image_with_pad, rgb_to_grey, AnnotatorFile, HedNetwork, LineartAnimeNetwork,
+    LineartNetwork, LoadedNetworks, MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor,
+    TeedNetwork, HED, LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MLSD, PIDINET, TEED,
+};
+use sdserve_pipeline::pipeline::RgbImage;
+
+#[path = "stages/stats.rs"]
+mod stats;
+use stats::{measure, stage_json, status_kb};
+
+fn read_png(path: &Path) -> RgbImage {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size().expect("its size")];
+    let info = reader.next_frame(&mut buf).expect("its pixels");
+    assert_eq!(info.color_type, png::ColorType::Rgb, "an RGB PNG");
+    buf.truncate(info.buffer_size());
+    RgbImage {
+        width: info.width,
+        height: info.height,
+        pixels: buf,
+    }
+}
+
+/// Each network module at the extension's default settings, with its file.
+fn modules(resolution: u32) -> Vec<(Preprocessor, &'static AnnotatorFile)> {
+    vec![
+        (Preprocessor::SoftedgeHed { resolution }, &HED),
+        (Preprocessor::SoftedgePidinet { resolution }, &PIDINET),
+        (Preprocessor::LineartRealistic { resolution }, &LINEART),
+        (Preprocessor::LineartCoarse { resolution }, &LINEART_COARSE),
+        (Preprocessor::LineartAnime { resolution }, &LINEART_ANIME),
+        (
+            Preprocessor::LineartAnimeDenoise { resolution },
+            &MANGA_LINE,
+        ),
+        (
+            Preprocessor::SoftedgeTeed {
+                safe_steps: 2.0,
+                resolution,
+            },
+            &TEED,
+        ),
+        (
+            Preprocessor::Mlsd {
+                value_threshold: 0.1,
+                distance_threshold: 0.1,
+                resolution,
+            },
+            &MLSD,
+        ),
+    ]
+}
+
+/// The network alone on the padded image, as the module's map feeds it.
+fn forward(nets: &LoadedNetworks, file: &'static AnnotatorFile, padded: &RgbImage) {
+    let done = match file.name {
+        n if n == HED.name => network::<HedNetwork>(nets, &HED)
+            .and_then(|net| net.projections(padded))
+            .map(drop),
+        n if n == PIDINET.name => network::<PidiNetwork>(nets, &PIDINET)
+            .and_then(|net| net.side_maps(padded))
+            .map(drop),
+        n if n == LINEART.name || n == LINEART_COARSE.name => {
+            network::<LineartNetwork>(nets, file).and_then(|net| net.line(padded).map(drop))
+        }
+        n if n == LINEART_ANIME.name => network::<LineartAnimeNetwork>(nets, &LINEART_ANIME)
+            .and_then(|net| net.line(padded))
+            .map(drop),
+        n if n == MANGA_LINE.name => network::<MangaLineNetwork>(nets, &MANGA_LINE)
+            .and_then(|net| {
+                let (w, h) = (padded.width as usize, padded.height as usize);
+                net.line(&rgb_to_grey(padded), w, h)
+            })
+            .map(drop),
+        n if n == TEED.name => network::<TeedNetwork>(nets, &TEED)
+            .and_then(|net| net.maps(padded))
+            .map(drop),
+        n if n == MLSD.name => network::<MlsdNetwork>(nets, &MLSD)
+            .and_then(|net| net.output(padded))
+            .map(drop),
+        n => panic!("no network stage for {n}"),
+    };
+    done.expect("forward");
+}
+
+fn main() {
+    let (mut wanted, mut repeats, mut resolution, mut json) = (Vec::new(), 3, 512, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--modules" => {
+                wanted = value()
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "--repeats" => repeats = value().parse().expect("--repeats N"),
+            "--resolution" => resolution = value().parse().expect("--resolution N"),
+            "--json" => json = Some(value()),
+            // cargo bench passes --bench.
+            _ => {}
+        }
+    }
+    let dir = std::env::var("ANNOTATOR_DIR")
+        .expect("set ANNOTATOR_DIR to tools/make_random_annotators.py's folder");
+    let dir = Path::new(&dir);
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    let image = read_png(&dir.join("bench_photo.png"));
+    let mut stats = Vec::new();
+    for (module, file) in modules(resolution) {
+        if !wanted.is_empty() && !wanted.iter().any(|m| m == module.module()) {
+            continue;
+        }
+        let path = dir.join(file.subfolder).join(file.name);
+        let start = std::time::Instant::now();
+        let nets = LoadedNetworks::default()
+            .read(file, &path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        eprintln!(
+            "{}: {} read in {:.2} s (threads {threads})",
+            module.module(),
+            path.display(),
+            start.elapsed().as_secs_f64()
+        );
+        let run = || drop(module.run_with(&image, &nets).expect("the map"));
+        run();
+        stats.push(measure(module.module(), repeats, run));
+        let padded = resize_image_with_pad(&image, resolution).image;
+        let net = || forward(&nets, file, &padded);
+        net();
+        stats.push(measure(&format!("{}_net", module.module()), repeats, net));
+    }
+    let peak_rss_mb = stats
+        .iter()
+        .map(|s| s.peak_rss_mb)
+        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max);
+    let stages: Vec<String> = stats.iter().map(stage_json).collect();
+    let out = format!(
+        "{{\"implementation\":\"sdserve\",\"annotators\":\"{}\",\"threads\":\"{threads}\",\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
+        dir.display(),
+        stages.join(",")
+    );
+    println!("{out}");
+    if let Some(p) = json {
+        std::fs::write(p, &out).expect("write json");
+    }
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""CPU timings of the sd-webui-controlnet extension's network annotators on torch, as the Rust
+bench `crates/pipeline/benches/annotators.rs` measures ours, with the same weights files
+(tools/make_random_annotators.py: real widths, random weights), image (its bench_photo.png,
+512 x 512) and thread count:
+  <module>       the extension's whole legacy preprocessor call at resolution 512 (resize with
+                 pad, the detector, the pad removed, HWC3): softedge_hed, softedge_pidinet,
+                 lineart_realistic, lineart_coarse, lineart_anime, lineart_anime_denoise,
+                 softedge_teed (safe_steps 2), mlsd (thresholds 0.1, 0.1)
+  <module>_net   the network's forward alone (no_grad) on the padded image as the detector
+                 feeds it
+Each stage runs once untimed, then `--repeats` times: the median, min, max, the process's median
+CPU time (all threads) and peak RSS (the schema of tools/bench_diffusers.py).
+
+    python3 tools/bench_annotators.py --extension EXT --annotators DIR --threads 2 --repeats 3 \
+        [--modules mlsd,softedge_teed] [--json out.json]
+Prints a table on stderr and one JSON object on stdout.
+"""
+import argparse
+import json
+import os
+import sys
+
+import cv2
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_diffusers import measure, status_kb  # noqa: E402
+from make_random_annotators import build  # noqa: E402
+
+
+def load_file(net, path):
+    """The file into the extension's class as the extension loads it (the `module.` prefix and
+    PiDiNet's checkpoint wrapper dropped), strictly: the weights timed are the file's."""
+    state = torch.load(path, map_location="cpu")
+    state = state.get("state_dict", state)
+    net.load_state_dict({k.replace("module.", ""): v for k, v in state.items()}, strict=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--extension", default=os.environ.get("SD_WEBUI_CONTROLNET_DIR"))
+    ap.add_argument("--annotators", required=True, help="make_random_annotators.py's folder")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--modules", default="", help="comma-separated; all by default")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not args.extension:
+        sys.exit("bench_annotators.py: needs --extension or SD_WEBUI_CONTROLNET_DIR")
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    wanted = [m for m in args.modules.split(",") if m]
+    bgr = cv2.imread(os.path.join(args.annotators, "bench_photo.png"), cv2.IMREAD_COLOR)
+    image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    stats = []
+    networks, resize_image_with_pad = build(args.extension)
+    for sub, name, net, _, modules, feed in networks:
+        for module, run in modules.items():
+            if wanted and module not in wanted:
+                continue
+            load_file(net, os.path.join(args.annotators, sub, name))
+            net.eval()
+            run(image.copy(), args.resolution)
+            stats.append(measure(module, args.repeats, lambda: run(image.copy(), args.resolution)))
+            x = feed(resize_image_with_pad(image, args.resolution)[0])
+
+            def forward():
+                with torch.no_grad():
+                    net(x)
+
+            forward()
+            stats.append(measure(f"{module}_net", args.repeats, forward))
+    out = {"implementation": "torch", "torch": torch.__version__, "opencv": cv2.__version__,
+           "threads": str(args.threads), "annotators": args.annotators,
+           "peak_rss_mb": round(status_kb("VmHWM:") / 1024), "stages": stats}
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

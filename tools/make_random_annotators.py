@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Every network annotator's weights file at the REAL widths, with seeded random weights, for
+benchmarks only (never for tests): the sd-webui-controlnet extension's own model classes, built
+as the extension builds them for its real files, and saved with torch.save in the real files'
+key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`, networks.rs
+`AnnotatorFile`):
+
+  hed/ControlNetHED.pth                 ControlNetHED_Apache2() (widths 64, 128, 256, 512, 512)
+  pidinet/table5_pidinet.pth            PiDiNet(60, carv4, dil=24, sa=True), {"epoch",
+                                        "state_dict": {"module.<name>"}}
+  lineart/sk_model.pth, sk_model2.pth   Generator(3, 1, 3) (64, 128, 256, 3 residual blocks)
+  lineart_anime/netG.pth                UnetGenerator(3, 1, 8, 64) with the `module.` prefix
+  manga_line/erika.pth                  res_skip() with the `module.` prefix
+  TEED/7_model.pth                      TED()
+  mlsd/mlsd_large_512_fp32.pth          MobileV2_MLSD_Large()
+  bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
+
+The classes are taken from a checkout of the extension the way the fixture scripts
+(tools/make_<name>_fixtures.py) take them: their `load` functions are reused with the
+fixtures' width reductions undone (each `network` builder swapped for the full-width one
+here), so the extension's detector calls come with them (`build`, which
+tools/bench_annotators.py uses to time those calls). The weights are each class's own
+initialisation from the fixture's seed (plus the fixture's rescaling of a few layers, which
+keeps the maps away from all-black; timings do not depend on the values).
+
+    python3 tools/make_random_annotators.py --extension /path/to/sd-webui-controlnet OUT_DIR
+"""
+import argparse
+import os
+import sys
+import types
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_hed_fixtures as hed_fx  # noqa: E402
+import make_lineart_fixtures as lineart_fx  # noqa: E402
+import make_manga_line_fixtures as manga_fx  # noqa: E402
+import make_mlsd_fixtures as mlsd_fx  # noqa: E402
+import make_pidinet_fixtures as pidinet_fx  # noqa: E402
+import make_teed_fixtures as teed_fx  # noqa: E402
+from a1111_source import functions  # noqa: E402
+from make_preprocess_fixtures import photo  # noqa: E402
+
+RESIZE = []
+# The benchmarks' image: photo()'s sky, disc, rectangle, stripe and noise at 512 x 512.
+PHOTO = (512, 512, 11, 8.0)
+
+
+def with_prefix(state):
+    """A DataParallel save's names (the real netG.pth, erika.pth, table5_pidinet.pth)."""
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def full_hed(ns):
+    torch.manual_seed(hed_fx.SEED)
+    net = ns["ControlNetHED_Apache2"]()
+    with torch.no_grad():
+        net.norm.copy_(torch.tensor([120.0, 115.0, 105.0]).reshape(1, 3, 1, 1))
+    return net.float().eval()
+
+
+def hed(ext):
+    hed_fx.network = full_hed
+    net, modules, resize, _, _ = hed_fx.load(ext)
+    # The extension's resize_image_with_pad (scripts/preprocessor/legacy/processor.py's copy).
+    RESIZE[:] = [resize]
+    return [("hed", "ControlNetHED.pth", net, net.state_dict(),
+             {"softedge_hed": modules["softedge_hed"]}, lambda p: chw(p, 1.0))]
+
+
+def pidinet(ext):
+    # annotator/pidinet/model.py's pidinet(): PiDiNet(60, config_model('carv4'), dil=24, sa=True).
+    pidinet_fx.INPLANE, pidinet_fx.DIL = 60, 24
+    net, modules, _, _, _ = pidinet_fx.load(ext)
+    state = {"epoch": 14, "state_dict": with_prefix(net.state_dict())}
+    # apply_pidinet feeds BGR / 255.
+    return [("pidinet", "table5_pidinet.pth", net, state,
+             {"softedge_pidinet": modules["softedge_pidinet"]},
+             lambda p: chw(np.ascontiguousarray(p[:, :, ::-1]), 1 / 255.0))]
+
+
+def lineart(ext):
+    # The fixture divides widths of 64 and more by SHRINK and builds netG at ngf NGF; the real
+    # files are at 1 and LineartAnimeDetector's 64.
+    lineart_fx.SHRINK, lineart_fx.NGF = 1, 64
+    nets, modules, _, _ = lineart_fx.load(ext)
+    return [
+        ("lineart", "sk_model.pth", nets["sk_model.pth"], nets["sk_model.pth"].state_dict(),
+         {"lineart_realistic": modules["lineart_realistic"]}, lambda p: chw(p, 1 / 255.0)),
+        ("lineart", "sk_model2.pth", nets["sk_model2.pth"], nets["sk_model2.pth"].state_dict(),
+         {"lineart_coarse": modules["lineart_coarse"]}, lambda p: chw(p, 1 / 255.0)),
+        ("lineart_anime", "netG.pth", nets["netG.pth"], with_prefix(nets["netG.pth"].state_dict()),
+         {"lineart_anime": modules["lineart_anime"]}, lambda p: chw(p, 1 / 127.5, -1.0)),
+    ]
+
+
+def manga_line(ext):
+    manga_fx.WIDTHS = {}  # res_skip's own widths (24, 48, 96, 192, 384, 16)
+    net, module, _, _ = manga_fx.load(ext)
+
+    def grey(p):
+        g = cv2.cvtColor(p, cv2.COLOR_RGB2GRAY)
+        return torch.from_numpy(g).float()[None, None]
+
+    return [("manga_line", "erika.pth", net, with_prefix(net.state_dict()),
+             {"lineart_anime_denoise": module}, grey)]
+
+
+def teed(ext):
+    caught = []
+    built = teed_fx.network
+
+    def network(ted):
+        caught.append(built(ted))
+        return caught[-1]
+
+    teed_fx.network = network
+    module, _, _, _ = teed_fx.load(ext)
+    net = caught[-1]
+    return [("TEED", "7_model.pth", net, net.state_dict(),
+             {"softedge_teed": lambda img, res: module(img, res, 2)}, lambda p: chw(p, 1.0))]
+
+
+def mlsd(ext):
+    """MobileV2_MLSD_Large() and the legacy `mlsd` at its default thresholds (0.1, 0.1), wired
+    as make_mlsd_fixtures.main wires them."""
+    modules = types.ModuleType("modules")
+    modules.devices = mlsd_fx.CPU
+    sys.modules["modules"] = modules
+    m = mlsd_fx.import_file("mbv2_mlsd_large", os.path.join(ext, "annotator", "mlsd", "models",
+                                                             "mbv2_mlsd_large.py"))
+    utils = mlsd_fx.import_file("mlsd_utils", os.path.join(ext, "annotator", "mlsd", "utils.py"))
+    mlsd_fx.reduced = lambda m: m.MobileV2_MLSD_Large()
+    net = mlsd_fx.network(m)
+    ns = {"torch": torch, "np": np, "cv2": cv2, "os": os, "mlsdmodel": net, "devices": mlsd_fx.CPU,
+          "pred_lines": utils.pred_lines, "MobileV2_MLSD_Large": None, "modeldir": None,
+          "old_modeldir": None, "remote_model_path": None}
+    f, _ = functions(os.path.join(ext, "annotator", "mlsd", "__init__.py"), ["apply_mlsd"], ns)
+    util, _ = functions(os.path.join(ext, "annotator", "util.py"), ["HWC3"], {"np": np})
+    annotator_mlsd = types.ModuleType("annotator.mlsd")
+    annotator_mlsd.apply_mlsd = f["apply_mlsd"]
+    sys.modules.setdefault("annotator", types.ModuleType("annotator"))
+    sys.modules["annotator.mlsd"] = annotator_mlsd
+    legacy, _ = functions(
+        os.path.join(ext, "scripts", "preprocessor", "legacy", "processor.py"),
+        ["pad64", "safer_memory", "resize_image_with_pad", "mlsd"],
+        {"cv2": cv2, "np": np, "HWC3": util["HWC3"], "model_mlsd": None})
+
+    def module(img, res):
+        result, is_image = legacy["mlsd"](img, res=res)
+        return util["HWC3"](result) if is_image else result
+
+    def feed(p):
+        # pred_lines' input: the image (already 512 x 512) and a channel of ones, / 127.5 - 1.
+        x = np.concatenate([p, np.ones(p.shape[:2] + (1,))], axis=-1)
+        x = np.expand_dims(x.transpose((2, 0, 1)), 0).astype("float32") / 127.5 - 1.0
+        return torch.from_numpy(x)
+
+    return [("mlsd", "mlsd_large_512_fp32.pth", net, net.state_dict(), {"mlsd": module}, feed)]
+
+
+def chw(padded, scale, offset=0.0):
+    """The padded HWC uint8 image as the detectors feed it: 1 x C x H x W f32, v * scale + offset."""
+    x = torch.from_numpy(np.ascontiguousarray(padded)).float() * scale + offset
+    return x.permute(2, 0, 1)[None].contiguous()
+
+
+def build(ext):
+    """Every network as (subfolder, file, net, state as saved, {module: fn(img, res) -> map},
+    fn(padded) -> the network's input), and the extension's resize_image_with_pad."""
+    out = []
+    for part in [hed, pidinet, lineart, manga_line, teed, mlsd]:
+        out += part(ext)
+    return out, RESIZE[0]
+
+
+def bench_photo():
+    return photo(*PHOTO)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--extension", default=os.environ.get("SD_WEBUI_CONTROLNET_DIR"),
+                    help="a checkout of sd-webui-controlnet (default: $SD_WEBUI_CONTROLNET_DIR)")
+    ap.add_argument("out")
+    args = ap.parse_args()
+    if not args.extension:
+        sys.exit("make_random_annotators.py: needs --extension or SD_WEBUI_CONTROLNET_DIR")
+    torch.set_num_threads(2)
+    for sub, name, net, state, _, _ in build(args.extension)[0]:
+        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+        path = os.path.join(args.out, sub, name)
+        torch.save(state, path)
+        n = sum(p.numel() for p in net.state_dict().values())
+        print(f"{path}: {n / 1e6:.2f} M values, {os.path.getsize(path) / 1e6:.1f} MB")
+    cv2.imwrite(os.path.join(args.out, "bench_photo.png"), cv2.cvtColor(bench_photo(), cv2.COLOR_RGB2BGR))
+
+
+if __name__ == "__main__":
+    main()
