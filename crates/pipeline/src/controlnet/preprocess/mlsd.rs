@@ -23,10 +23,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::line::draw_line;
 use super::networks::{lllyasviel, AnnotatorFile};
+use crate::kernels::{depthwise_conv2d, Conv2d};
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
 
@@ -81,14 +82,30 @@ impl Conv {
         } else {
             x.clone()
         };
-        let y = x.conv2d(
-            &self.weight,
-            self.padding,
-            self.stride,
-            self.dilation,
-            self.groups,
-        )?;
-        let y = y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        // candle's grouped conv runs one conv per channel and its conv2d copies the whole
+        // im2col: the depthwise ones take our per-channel kernel, the plain ones our tiled
+        // im2col/Winograd; only the dilated conv stays on candle's.
+        let y = if self.groups > 1 {
+            depthwise_conv2d(
+                &x,
+                &self.weight,
+                Some(&self.bias),
+                self.stride,
+                self.padding,
+                self.dilation,
+            )?
+        } else if self.dilation == 1 {
+            Conv2d::new(
+                self.weight.clone(),
+                Some(self.bias.clone()),
+                self.stride,
+                self.padding,
+            )
+            .forward(&x)?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, self.dilation, 1)?
+                .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+        };
         Ok(match self.act {
             Act::None => y,
             Act::Relu => y.relu()?,

@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::hed::resize_linear_f32;
 use super::networks::{lllyasviel, AnnotatorFile};
-use crate::kernels::Conv2d;
+use crate::kernels::{depthwise_conv2d, Conv2d};
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
 
@@ -113,7 +113,8 @@ fn plain_kernel(pdc: Pdc, weight: &Tensor) -> Result<(Tensor, usize)> {
     Ok((t, padding))
 }
 
-/// A depthwise conv (one kernel per channel), candle's grouped conv.
+/// A depthwise conv (one kernel per channel; our kernel: candle's grouped conv runs one conv
+/// per channel).
 struct Depthwise {
     weight: Tensor,
     padding: usize,
@@ -121,8 +122,7 @@ struct Depthwise {
 
 impl Depthwise {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let groups = self.weight.dim(0)?;
-        Ok(x.conv2d(&self.weight, self.padding, 1, 1, groups)?)
+        Ok(depthwise_conv2d(x, &self.weight, None, 1, self.padding, 1)?)
     }
 }
 

@@ -8,9 +8,11 @@
 //! convolutions skip the im2col copy entirely: the input plane already is the right matrix.
 //!
 //! `circular.rs` holds A1111's circular padding (`tiling`), `layer.rs` the [`Conv2d`] layer that
-//! runs these kernels on the CPU and candle's (or cuDNN's) elsewhere.
+//! runs these kernels on the CPU and candle's (or cuDNN's) elsewhere, `depthwise.rs` the
+//! one-kernel-per-channel convs of the annotators' MobileNet-style blocks.
 
 mod circular;
+mod depthwise;
 mod layer;
 #[cfg(test)]
 mod tests;
@@ -21,6 +23,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 pub use circular::{circular_padding, circular_padding_on, wrap_pad, CircularPadding};
+pub use depthwise::{depthwise_conv2d, depthwise_f32, DepthwiseShape};
 pub use layer::{conv2d, Conv2d};
 
 /// Shape and hyper-parameters of one convolution call.
