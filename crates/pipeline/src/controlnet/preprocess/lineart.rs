@@ -134,55 +134,102 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// `ConvTranspose2d(stride=2)`, run as the stride-1 conv of the flipped kernel over the input
-/// spread with zeros, so it takes the fast conv kernels.
+/// `ConvTranspose2d(stride=2)` as four stride-1 convs, one per output phase (row and column
+/// parity), interleaved: output `2m + r` takes only the kernel taps of parity `r + padding`, so
+/// each phase is a plain conv of the input with those taps, and the fast conv kernels do a
+/// quarter of the work of a conv over the input spread with zeros (which is what it was).
 pub(super) struct ConvTranspose {
-    conv: Conv2d,
-    /// Zeros before the spread input (`k - 1 - padding`) and after it.
-    before: usize,
-    after: usize,
+    /// Per phase `(ry, rx)` (index `2 * ry + rx`): its conv, and along each axis the zeros
+    /// before the input and the first padded row/column it reads.
+    phases: Vec<(Conv2d, [PhaseAxis; 2])>,
+    k: usize,
+    padding: usize,
+    output_padding: usize,
+}
+
+/// One axis of one phase: the input offset of its first tap (`d0`: output `m` reads inputs
+/// `m + d0 ..`) and how many taps it has.
+#[derive(Clone, Copy)]
+struct PhaseAxis {
+    d0: isize,
+    taps: usize,
+}
+
+/// The taps `kk` of a stride-2 transposed conv that reach outputs of parity `r`, by increasing
+/// input offset `(r + padding - kk) / 2`.
+fn phase_taps(k: usize, padding: usize, r: usize) -> Vec<usize> {
+    (0..k)
+        .rev()
+        .filter(|kk| (r + padding + kk).is_multiple_of(2))
+        .collect()
 }
 
 impl ConvTranspose {
     fn new(weight: &Tensor, bias: Tensor, padding: usize, output_padding: usize) -> Result<Self> {
         let (cin, cout, k, _) = weight.dims4()?;
-        // [in, out, k, k] -> [out, in, k, k], flipped in both spatial axes.
         let w = weight
             .to_device(&Device::Cpu)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let mut flipped = vec![0f32; w.len()];
-        for i in 0..cin {
+        let mut phases = Vec::with_capacity(4);
+        for (ry, rx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let (ty, tx) = (phase_taps(k, padding, ry), phase_taps(k, padding, rx));
+            // [in, out, k, k] -> [out, in, ty, tx], taps in increasing input offset.
+            let mut pw = vec![0f32; cout * cin * ty.len() * tx.len()];
             for o in 0..cout {
-                for y in 0..k {
-                    for x in 0..k {
-                        flipped[((o * cin + i) * k + (k - 1 - y)) * k + (k - 1 - x)] =
-                            w[((i * cout + o) * k + y) * k + x];
+                for i in 0..cin {
+                    for (u, &ky) in ty.iter().enumerate() {
+                        for (v, &kx) in tx.iter().enumerate() {
+                            pw[((o * cin + i) * ty.len() + u) * tx.len() + v] =
+                                w[((i * cout + o) * k + ky) * k + kx];
+                        }
                     }
                 }
             }
+            let pw = Tensor::from_vec(pw, (cout, cin, ty.len(), tx.len()), weight.device())?;
+            let axis = |r: usize, taps: &[usize]| PhaseAxis {
+                d0: (r + padding) as isize / 2 - taps[0] as isize / 2,
+                taps: taps.len(),
+            };
+            let axes = [axis(ry, &ty), axis(rx, &tx)];
+            phases.push((Conv2d::new(pw, Some(bias.clone()), 1, 0), axes));
         }
-        let weight = Tensor::from_vec(flipped, (cout, cin, k, k), weight.device())?;
-        // The spread input (2n) ends in one zero already: the after-pad is one less.
-        let before = k - 1 - padding;
         Ok(Self {
-            conv: Conv2d::new(weight, Some(bias), 1, 0),
-            before,
-            after: before + output_padding - 1,
+            phases,
+            k,
+            padding,
+            output_padding,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let zeros = x.zeros_like()?;
-        // Each value followed by a zero along the width, then each row by a zero row.
-        let spread = Tensor::stack(&[x, &zeros], 4)?.reshape((n, c, h, 2 * w))?;
-        let spread =
-            Tensor::stack(&[&spread, &spread.zeros_like()?], 3)?.reshape((n, c, 2 * h, 2 * w))?;
-        let padded = spread
-            .pad_with_zeros(2, self.before, self.after)?
-            .pad_with_zeros(3, self.before, self.after)?;
-        Ok(self.conv.forward(&padded)?)
+        let (_, _, h, w) = x.dims4()?;
+        let size = |n: usize| 2 * (n - 1) + self.k + self.output_padding - 2 * self.padding;
+        let (oh, ow) = (size(h), size(w));
+        // Every phase computes ceil(out / 2) rows and columns; the interleave is cropped.
+        let (mh, mw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let mut ys = Vec::with_capacity(4);
+        for (conv, [ay, ax]) in &self.phases {
+            // Input rows d0 .. d0 + m + taps - 1, zeros outside the image.
+            let window = |x: Tensor, dim: usize, n: usize, m: usize, a: PhaseAxis| {
+                let before = (-a.d0).max(0) as usize;
+                let end = a.d0 + (m + a.taps - 1) as isize;
+                let after = (end - n as isize).max(0) as usize;
+                let x = x.pad_with_zeros(dim, before, after)?;
+                x.narrow(dim, (a.d0 + before as isize) as usize, m + a.taps - 1)
+            };
+            let xp = window(x.clone(), 2, h, mh, *ay)?;
+            let xp = window(xp, 3, w, mw, *ax)?;
+            ys.push(conv.forward(&xp)?);
+        }
+        // [n, c, mh, mw] x 4 -> columns interleaved per row parity, then the rows.
+        let (n, c) = (ys[0].dim(0)?, ys[0].dim(1)?);
+        let row = |a: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
+            Tensor::stack(&[a, b], 4)?.reshape((n, c, mh, 2 * mw))
+        };
+        let (even, odd) = (row(&ys[0], &ys[1])?, row(&ys[2], &ys[3])?);
+        let y = Tensor::stack(&[&even, &odd], 3)?.reshape((n, c, 2 * mh, 2 * mw))?;
+        Ok(y.narrow(2, 0, oh)?.narrow(3, 0, ow)?)
     }
 }
 
@@ -388,5 +435,52 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(y, [5.5, 6.5, 8.5, 9.5]);
+    }
+
+    /// The phase split against candle's conv_transpose2d, on the Generator's (3x3, padding 1,
+    /// output padding 1) and netG's (4x4, padding 1) geometries, odd and even sizes.
+    #[test]
+    fn transposed_conv_matches_candles() {
+        let dev = Device::Cpu;
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| {
+                    ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0
+                        - 1.0
+                })
+                .collect()
+        };
+        for &(cin, cout, h, w, k, p, op) in &[
+            (3, 4, 5, 7, 3, 1, 1),
+            (2, 3, 6, 6, 3, 1, 1),
+            (3, 2, 5, 6, 4, 1, 0),
+            (4, 3, 8, 8, 4, 1, 0),
+        ] {
+            let weight =
+                Tensor::from_vec(values(cin * cout * k * k, 1), (cin, cout, k, k), &dev).unwrap();
+            let bias = Tensor::from_vec(values(cout, 2), cout, &dev).unwrap();
+            let x = Tensor::from_vec(values(cin * h * w, 3), (1, cin, h, w), &dev).unwrap();
+            let ours = ConvTranspose::new(&weight, bias.clone(), p, op)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let candle = x
+                .conv_transpose2d(&weight, p, op, 2, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), candle.dims(), "k{k} {h}x{w}");
+            let diff: f32 = (ours - candle)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "k{k} {h}x{w}: {diff}");
+        }
     }
 }
