@@ -5,11 +5,13 @@
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
-//! `manga_line.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`.
+//! `manga_line.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`.
 
 #[path = "controlnet_preprocess_modules/anyline.rs"]
 mod anyline;
 mod common;
+#[path = "controlnet_preprocess_modules/depth_anything.rs"]
+mod depth_anything;
 #[path = "controlnet_preprocess_modules/hed.rs"]
 mod hed;
 #[path = "controlnet_preprocess_modules/lineart.rs"]

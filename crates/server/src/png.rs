@@ -291,7 +291,8 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::LineartAnimeDenoise { .. }
         | Preprocessor::SoftedgePidinet { .. }
         | Preprocessor::SoftedgePidisafe { .. }
-        | Preprocessor::ScribblePidinet { .. } => (hidden.clone(), hidden.clone()),
+        | Preprocessor::ScribblePidinet { .. }
+        | Preprocessor::DepthAnythingV2 { .. } => (hidden.clone(), hidden.clone()),
         Preprocessor::Mlsd {
             value_threshold,
             distance_threshold,

@@ -6,13 +6,16 @@
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
-//! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`: each through
-//! `detect_is` and `native_unit_is_its_map`); every network module without its file in
+//! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 in
+//! `depth_anything.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
+//! module without its file in
 //! `missing_networks.rs`.
 
 #[path = "controlnet_preprocess_http/anyline.rs"]
 mod anyline;
 mod common;
+#[path = "controlnet_preprocess_http/depth_anything.rs"]
+mod depth_anything;
 #[path = "controlnet_preprocess_http/manga_line.rs"]
 mod manga_line;
 #[path = "controlnet_preprocess_http/missing_networks.rs"]
@@ -356,6 +359,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "lineart_coarse",
             "lineart_anime_denoise",
             "lineart_anime",
+            "depth_anything_v2",
             "blur_gaussian"
         ])
     );

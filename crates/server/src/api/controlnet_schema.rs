@@ -117,8 +117,11 @@ pub struct ControlNetPreprocessor {
     /// ANNOTATOR_DIR), the faint lines lineart_standard finds (its value 1, in components of 12
     /// pixels or more) set to 1; `mlsd`: the M-LSD
     /// network's straight line segments, one pixel wide, white on black
-    /// (`mlsd_large_512_fp32.pth` in ANNOTATOR_DIR); `none`: the image is the map. Other model-based
-    /// preprocessors (depth, openpose, ...) are not run here: send their map as `image`.
+    /// (`mlsd_large_512_fp32.pth` in ANNOTATOR_DIR); `depth_anything_v2`: Depth Anything V2's
+    /// relative depth, near light, min-max scaled to 0..255, grey
+    /// (`depth_anything_v2_vitl.safetensors` in ANNOTATOR_DIR); `none`: the image is the map.
+    /// Other model-based preprocessors (other depth ones, openpose, ...) are not run here: send
+    /// their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
     /// `canny`: the hysteresis's low threshold on the L1 gradient (the extension's slider).
@@ -210,6 +213,7 @@ pub enum PreprocessorType {
     SoftedgeTeed,
     SoftedgeAnyline,
     Mlsd,
+    DepthAnythingV2,
 }
 
 /// A ControlNet a result was made with.

@@ -43,7 +43,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything_v2\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -65,7 +65,9 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
         "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
         | "lineart_realistic" | "lineart_coarse" | "lineart_anime" | "lineart_anime_denoise"
-        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" => &["type", "resolution"],
+        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" | "depth_anything_v2" => {
+            &["type", "resolution"]
+        }
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
         "shuffle" => &["type", "seed", "resolution"],
@@ -199,6 +201,9 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "mlsd" => Preprocessor::Mlsd {
             value_threshold: number("value_threshold", MLSD_VALUE)?,
             distance_threshold: number("distance_threshold", MLSD_DISTANCE)?,
+            resolution: resolution()?,
+        },
+        "depth_anything_v2" => Preprocessor::DepthAnythingV2 {
             resolution: resolution()?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
@@ -336,6 +341,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
             distance_threshold: Some(distance_threshold),
             ..base(PreprocessorType::Mlsd)
         },
+        Preprocessor::DepthAnythingV2 { .. } => base(PreprocessorType::DepthAnythingV2),
     }
 }
 

@@ -110,6 +110,10 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             Preprocessor::LineartAnime { resolution: 64 },
         ),
         (
+            json!({"type": "depth_anything_v2"}),
+            Preprocessor::DepthAnythingV2 { resolution: 512 },
+        ),
+        (
             json!({"type": "lineart_anime_denoise", "resolution": 96}),
             Preprocessor::LineartAnimeDenoise { resolution: 96 },
         ),
@@ -219,6 +223,10 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
         (
             json!({"type": "lineart_anime_denoise", "resolution": 32}),
             "[2].preprocessor.resolution: must be an integer in 64..=2048",
+        ),
+        (
+            json!({"type": "depth_anything_v2", "colored": true}),
+            "unknown key \"colored\" for \"depth_anything_v2\"",
         ),
         (
             json!({"type": "lineart_anime_denoise", "sigma": 2}),

@@ -4,15 +4,15 @@
 use serde_json::json;
 
 use sdserve_pipeline::controlnet::preprocess::{
-    HED_FILE, LINEART_ANIME_FILE, LINEART_COARSE_FILE, LINEART_FILE, MANGA_LINE_FILE, MLSD_FILE,
-    MTEED_FILE, PIDINET_FILE, TEED_FILE,
+    DEPTH_ANYTHING_V2_FILE, HED_FILE, LINEART_ANIME_FILE, LINEART_COARSE_FILE, LINEART_FILE,
+    MANGA_LINE_FILE, MLSD_FILE, MTEED_FILE, PIDINET_FILE, TEED_FILE,
 };
 
 use super::common::{self, post_json_to};
 use super::{fixtures, photo};
 
 /// (native `preprocessor.type`, A1111 module name, the file it needs).
-const NETWORK_MODULES: [(&str, &str, &str); 13] = [
+const NETWORK_MODULES: [(&str, &str, &str); 14] = [
     ("softedge_hed", "hed", HED_FILE),
     ("softedge_hedsafe", "hed_safe", HED_FILE),
     ("scribble_hed", "scribble_hed", HED_FILE),
@@ -30,6 +30,11 @@ const NETWORK_MODULES: [(&str, &str, &str); 13] = [
     ("softedge_teed", "softedge_teed", TEED_FILE),
     ("softedge_anyline", "softedge_anyline", MTEED_FILE),
     ("mlsd", "mlsd", MLSD_FILE),
+    (
+        "depth_anything_v2",
+        "depth_anything_v2",
+        DEPTH_ANYTHING_V2_FILE,
+    ),
 ];
 
 #[test]

@@ -13,11 +13,13 @@
 //! `lineart_anime`, `manga_line` (lineart_anime_denoise), `pidinet` (softedge_pidinet,
 //! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed), `anyline` (softedge_anyline:
 //! TEED with MistoLine's weights, combined with lineart_standard's faint lines), `mlsd` (the M-LSD network,
-//! its segments, drawn by `line`: OpenCV's `cv2.line`).
+//! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything_v2:
+//! DINOv2 and the DPT head).
 
 mod anyline;
 mod canny;
 mod color;
+mod depth_anything;
 mod gaussian;
 mod hed;
 mod line;
@@ -41,6 +43,10 @@ pub use anyline::{
 };
 pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
+pub use depth_anything::{
+    depth_anything_depth, depth_anything_input_size, depth_anything_map, DepthAnythingNetwork,
+    DEPTH_ANYTHING_V2, DEPTH_ANYTHING_V2_FILE,
+};
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
 pub use line::draw_line;
@@ -142,6 +148,9 @@ pub enum Preprocessor {
         distance_threshold: f64,
         resolution: u32,
     },
+    /// The legacy `depth_anything_v2` (colored=False): Depth Anything V2's relative depth,
+    /// near light, min-max scaled (the extension hides its resolution slider: 512).
+    DepthAnythingV2 { resolution: u32 },
 }
 
 impl Preprocessor {
@@ -170,6 +179,7 @@ impl Preprocessor {
             Self::SoftedgeTeed { .. } => "softedge_teed",
             Self::SoftedgeAnyline { .. } => "softedge_anyline",
             Self::Mlsd { .. } => "mlsd",
+            Self::DepthAnythingV2 { .. } => "depth_anything_v2",
         }
     }
 
@@ -195,6 +205,7 @@ impl Preprocessor {
             Self::SoftedgeTeed { .. } => Some(&TEED),
             Self::SoftedgeAnyline { .. } => Some(&MTEED),
             Self::Mlsd { .. } => Some(&MLSD),
+            Self::DepthAnythingV2 { .. } => Some(&DEPTH_ANYTHING_V2),
             _ => None,
         }
     }
@@ -221,7 +232,8 @@ impl Preprocessor {
             | Self::SoftedgePidisafe { resolution }
             | Self::ScribblePidinet { resolution }
             | Self::SoftedgeTeed { resolution, .. }
-            | Self::SoftedgeAnyline { resolution, .. } => Some(resolution),
+            | Self::SoftedgeAnyline { resolution, .. }
+            | Self::DepthAnythingV2 { resolution } => Some(resolution),
             Self::Mlsd { resolution, .. } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
@@ -249,7 +261,8 @@ impl Preprocessor {
             | Self::SoftedgePidisafe { resolution: r }
             | Self::ScribblePidinet { resolution: r }
             | Self::SoftedgeTeed { resolution: r, .. }
-            | Self::SoftedgeAnyline { resolution: r, .. } => *r = resolution,
+            | Self::SoftedgeAnyline { resolution: r, .. }
+            | Self::DepthAnythingV2 { resolution: r } => *r = resolution,
             Self::Mlsd { resolution: r, .. } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
@@ -364,6 +377,12 @@ impl Preprocessor {
                 let map = mlsd_map(&net, &padded.image, value_threshold, distance_threshold)?;
                 padded.crop_gray_to_rgb(&map)
             }
+            Self::DepthAnythingV2 { .. } => {
+                let net = network::<DepthAnythingNetwork>(networks, &DEPTH_ANYTHING_V2)?;
+                let padded = padded();
+                let map = depth_anything_map(&net, &padded.image)?;
+                padded.crop_gray_to_rgb(&map)
+            }
             _ => self.run(image)?,
         })
     }
@@ -407,7 +426,8 @@ impl Preprocessor {
             | Self::ScribblePidinet { .. }
             | Self::SoftedgeTeed { .. }
             | Self::SoftedgeAnyline { .. }
-            | Self::Mlsd { .. } => {
+            | Self::Mlsd { .. }
+            | Self::DepthAnythingV2 { .. } => {
                 return Err(PipelineError::InvalidRequest(format!(
                     "{} needs its network ({}): run_with",
                     self.module(),

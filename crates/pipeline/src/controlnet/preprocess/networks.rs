@@ -51,6 +51,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::TEED,
     &super::MTEED,
     &super::MLSD,
+    &super::DEPTH_ANYTHING_V2,
 ];
 
 /// Where the model-based modules get their networks (the server: its annotator folder,
