@@ -39,6 +39,14 @@ SCHEDULERS = {
         "DPMSolverMultistepScheduler",
         {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
     ),
+    "dpmpp_2m_sde_heun": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+    ),
+    "dpmpp_2m_sde_heun_karras": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+    ),
     "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
@@ -68,7 +76,8 @@ FIRST_NAMES = ["pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"
 
 # The names whose `step` draws noise from the pipeline's generator(s).
 STOCHASTIC = {
-    "euler_a", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpm2_a", "dpm2_a_karras", "lcm",
+    "euler_a", "euler_a_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_heun",
+    "dpmpp_2m_sde_heun_karras", "dpm2_a", "dpm2_a_karras", "lcm",
 }
 
 

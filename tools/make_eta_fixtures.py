@@ -4,8 +4,8 @@
 1. `ddim`: diffusers 0.42.1's StableDiffusionPipeline with DDIMScheduler and `eta` (the noise
    each step adds, from the images' generators), one CPU generator per image (seed + i).
 2. `euler_a`, `dpm2_a`, `dpmpp_sde`, `dpmpp_2m_sde`: k-diffusion's own `sample_euler_ancestral`,
-   `sample_dpm_2_ancestral`, `sample_dpmpp_sde` and `sample_dpmpp_2m_sde` with `eta` (what A1111's
-   `Euler a`, `DPM2 a`, `DPM++ SDE` and `DPM++ 2M SDE` run; diffusers' classes have no eta), their
+   `sample_dpm_2_ancestral`, `sample_dpmpp_sde` and `sample_dpmpp_2m_sde` (midpoint and heun) with
+   `eta` (what A1111's `Euler a`, `DPM2 a`, `DPM++ SDE`, `DPM++ 2M SDE` and its Heun run; diffusers' classes have no eta), their
    functions taken from the k-diffusion wheel's sampling.py with `ast` (tools/a1111_source.py's
    `functions`, not copied), on the diffusers class's schedule (its sigmas and the timestep of
    each UNet call: the class's own, and KDPM2's `sigma_to_t` for DPM2's midpoints, which eta
@@ -60,6 +60,7 @@ CASES = {
     "dpmpp_sde.eta0.5.batch": dict(scheduler="dpmpp_sde", eta=0.5, seed=79, batch_size=2),
     "dpmpp_2m_sde.eta0": dict(scheduler="dpmpp_2m_sde", eta=0.0, seed=80),
     "dpmpp_2m_sde.eta0.5.batch": dict(scheduler="dpmpp_2m_sde", eta=0.5, seed=81, batch_size=2),
+    "dpmpp_2m_sde_heun.eta0.5": dict(scheduler="dpmpp_2m_sde_heun", eta=0.5, seed=82),
 }
 # The k-diffusion function each sampler name runs.
 K_SAMPLERS = {
@@ -67,7 +68,10 @@ K_SAMPLERS = {
     "dpm2_a": "sample_dpm_2_ancestral",
     "dpmpp_sde": "sample_dpmpp_sde",
     "dpmpp_2m_sde": "sample_dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun": "sample_dpmpp_2m_sde",
 }
+# Their keyword arguments beyond eta (A1111's sampler options).
+K_OPTIONS = {"dpmpp_2m_sde_heun": {"solver_type": "heun"}}
 
 
 def k_diffusion(path):
@@ -76,7 +80,7 @@ def k_diffusion(path):
     utils, d0 = functions(utils_path, ["append_dims"], {"torch": torch})
     ns = {"torch": torch, "utils": types.SimpleNamespace(append_dims=utils["append_dims"]),
           "trange": lambda n, disable=None: range(n)}
-    fns, d1 = functions(path, ["to_d", "get_ancestral_step", *K_SAMPLERS.values()], ns)
+    fns, d1 = functions(path, ["to_d", "get_ancestral_step", *dict.fromkeys(K_SAMPLERS.values())], ns)
     return {name: fns[f] for name, f in K_SAMPLERS.items()}, {**d0, **d1}
 
 
@@ -97,7 +101,7 @@ def run_kdiffusion(pipe, samplers, case, gens):
     sched = scheduler_for(pipe, case)
     # Each step's sigma once (the KDPM2 and SDE classes interleave theirs), ending in 0.
     sigmas = torch.unique_consecutive(sched.sigmas.float())
-    vp = name == "dpmpp_2m_sde"
+    vp = name.startswith("dpmpp_2m_sde")
     if vp:
         steps = sched.timesteps
     elif name in ("dpm2_a", "dpmpp_sde"):
@@ -150,7 +154,8 @@ def run_kdiffusion(pipe, samplers, case, gens):
     else:
         def noise(sigma, sigma_next):
             return draw()
-    out = samplers[name](model, x, sigmas, eta=case["eta"], noise_sampler=noise)
+    out = samplers[name](model, x, sigmas, eta=case["eta"], noise_sampler=noise,
+                         **K_OPTIONS.get(name, {}))
     decoded = pipe.vae.decode(out / pipe.vae.config.scaling_factor).sample
     return to_u8(pipe.image_processor.postprocess(decoded, output_type="np"))
 

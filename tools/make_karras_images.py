@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Whole images for the scheduler names added with the Karras schedule and DPM++ 2M SDE
-(euler_karras, euler_a_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, lms_karras, unipc_karras), from
+(euler_karras, euler_a_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, lms_karras, unipc_karras) and
+DPM++ 2M SDE Heun (dpmpp_2m_sde_heun, dpmpp_2m_sde_heun_karras), from
 diffusers 0.42.1's StableDiffusionPipeline / StableDiffusionImg2ImgPipeline on the tiny models.
 
 Writes crates/pipeline/tests/fixtures/karras-images.safetensors and karras-images.json:
@@ -39,6 +40,11 @@ CASES["tiny-a.txt2img.euler_a_karras.batch"] = ("tiny-a", dict(scheduler="euler_
 # img2img: the encoder's sample, the start noise, then the steps' noise, from one generator.
 CASES["tiny-a.img2img.dpmpp_2m_sde.0.6"] = ("tiny-a", dict(scheduler="dpmpp_2m_sde", strength=0.6))
 CASES["tiny-b.img2img.lms_karras.0.75"] = ("tiny-b", dict(scheduler="lms_karras", strength=0.75))
+# DPM++ 2M SDE Heun (solver_type "heun"): both models, a batch, an img2img.
+CASES["tiny-a.txt2img.dpmpp_2m_sde_heun"] = ("tiny-a", dict(scheduler="dpmpp_2m_sde_heun"))
+CASES["tiny-b.txt2img.dpmpp_2m_sde_heun_karras"] = ("tiny-b", dict(scheduler="dpmpp_2m_sde_heun_karras"))
+CASES["tiny-a.txt2img.dpmpp_2m_sde_heun_karras.batch"] = ("tiny-a", dict(scheduler="dpmpp_2m_sde_heun_karras", batch_size=2))
+CASES["tiny-a.img2img.dpmpp_2m_sde_heun.0.6"] = ("tiny-a", dict(scheduler="dpmpp_2m_sde_heun", strength=0.6))
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ class A1111(Timed):
         names = self.api.util_get_sampler_names()
         self.assertEqual(
             names,
-            sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "DDIM", "PLMS", "LMS",
+            sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE", "DDIM", "PLMS", "LMS",
                     "UniPC", "Heun", "DPM2", "DPM2 a", "LCM"]),
         )
         labels = [s["label"] for s in self.api.get_schedulers()]
@@ -190,6 +190,7 @@ class A1111(Timed):
             ("Euler a", "Karras", "euler_a_karras", 2, None),
             # A1111 1.9: DPM++ 2M SDE's automatic schedule is Exponential.
             ("DPM++ 2M SDE", None, "dpmpp_2m_sde", 1, "exponential"),
+            ("DPM++ 2M SDE Heun", "Karras", "dpmpp_2m_sde_heun_karras", 1, None),
             ("Euler", "Beta", "euler", 1, "beta"),
             # A1111's own timestep sampler, not diffusers' PNDM.
             ("PLMS", None, "plms_a1111", 1, None),

@@ -455,6 +455,7 @@ fn a1111_lists_options_and_png_info() {
             "Euler",
             "DPM++ 2M",
             "DPM++ 2M SDE",
+            "DPM++ 2M SDE Heun",
             "DPM++ SDE",
             "DDIM",
             "PLMS",

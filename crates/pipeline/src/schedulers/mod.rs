@@ -38,6 +38,8 @@ pub enum Sampler {
     DpmPp2m,
     /// DPMSolverMultistep with `algorithm_type="sde-dpmsolver++"` (A1111's `DPM++ 2M SDE`).
     DpmPp2mSde,
+    /// The same with `solver_type="heun"` (A1111's `DPM++ 2M SDE Heun`).
+    DpmPp2mSdeHeun,
     /// DPMSolverSDEScheduler (A1111's `DPM++ SDE`): two UNet evaluations per step, Brownian-tree
     /// noise seeded per image.
     DpmPpSde,
@@ -84,6 +86,8 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     DpmPp2mSde,
     DpmPp2mSdeKarras,
+    DpmPp2mSdeHeun,
+    DpmPp2mSdeHeunKarras,
     DpmPpSde,
     DpmPpSdeKarras,
     Lms,
@@ -104,7 +108,7 @@ pub enum SchedulerKind {
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 26] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 28] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -143,6 +147,18 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 26] = [
         SchedulerKind::DpmPp2mSdeKarras,
         "dpmpp_2m_sde_karras",
         Sampler::DpmPp2mSde,
+        true,
+    ),
+    (
+        SchedulerKind::DpmPp2mSdeHeun,
+        "dpmpp_2m_sde_heun",
+        Sampler::DpmPp2mSdeHeun,
+        false,
+    ),
+    (
+        SchedulerKind::DpmPp2mSdeHeunKarras,
+        "dpmpp_2m_sde_heun_karras",
+        Sampler::DpmPp2mSdeHeun,
         true,
     ),
     (
@@ -258,7 +274,8 @@ impl SchedulerKind {
             Sampler::EulerAncestral
             | Sampler::Dpm2Ancestral
             | Sampler::DpmPpSde
-            | Sampler::DpmPp2mSde => Some(1.0),
+            | Sampler::DpmPp2mSde
+            | Sampler::DpmPp2mSdeHeun => Some(1.0),
             _ => None,
         }
     }
@@ -372,7 +389,7 @@ pub fn build_with(
         Sampler::Ddim => Box::new(ddim::Ddim::new(cfg, n)?),
         Sampler::Euler => Box::new(euler::EulerDiscrete::new(cfg, n)?),
         Sampler::EulerAncestral => Box::new(euler::EulerAncestral::new(cfg, n)?),
-        Sampler::DpmPp2m | Sampler::DpmPp2mSde => {
+        Sampler::DpmPp2m | Sampler::DpmPp2mSde | Sampler::DpmPp2mSdeHeun => {
             Box::new(dpm_solver::DpmSolverMultistep::new(cfg, n)?)
         }
         Sampler::DpmPpSde => Box::new(dpm_sde::DpmSolverSde::new(cfg, n)?),

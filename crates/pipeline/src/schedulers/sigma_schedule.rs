@@ -159,8 +159,9 @@ impl SchedulerKind {
     /// the keys the name and schedule decide set, as `Class.from_config(cfg, **overrides)`
     /// (tools/api_schedulers.py): `use_karras_sigmas`, `use_exponential_sigmas` and
     /// `use_beta_sigmas` for every sampler whose class has them, so `euler` is uniform even when the
-    /// model's file asks for other sigmas, and DPM-Solver's `algorithm_type`. Errors where the name
-    /// does not run on `schedule` ([`Self::check_schedule`]).
+    /// model's file asks for other sigmas, and DPM-Solver's `algorithm_type` (and `solver_type`
+    /// heun for the `_heun` names). Errors where the name does not run on `schedule`
+    /// ([`Self::check_schedule`]).
     pub fn config_with(
         self,
         schedule: SigmaSchedule,
@@ -182,6 +183,10 @@ impl SchedulerKind {
             // The deterministic solver: the file's own choice unless it is a stochastic one.
             Sampler::DpmPp2m if stochastic => cfg.algorithm_type = Some("dpmsolver++".into()),
             Sampler::DpmPp2mSde => cfg.algorithm_type = Some("sde-dpmsolver++".into()),
+            Sampler::DpmPp2mSdeHeun => {
+                cfg.algorithm_type = Some("sde-dpmsolver++".into());
+                cfg.solver_type = Some("heun".into());
+            }
             _ => {}
         }
         Ok(cfg)

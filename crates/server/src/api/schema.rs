@@ -31,6 +31,10 @@ pub enum SchedulerName {
     DpmPp2mSde,
     #[serde(rename = "dpmpp_2m_sde_karras")]
     DpmPp2mSdeKarras,
+    #[serde(rename = "dpmpp_2m_sde_heun")]
+    DpmPp2mSdeHeun,
+    #[serde(rename = "dpmpp_2m_sde_heun_karras")]
+    DpmPp2mSdeHeunKarras,
     #[serde(rename = "dpmpp_sde")]
     DpmPpSde,
     #[serde(rename = "dpmpp_sde_karras")]
@@ -122,9 +126,9 @@ pub struct GenerateRequest {
     pub guidance_scale: Option<f64>,
     /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
     /// `ddim` and `ddim_a1111` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
-    /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde` and `dpmpp_2m_sde` and their `_karras`
-    /// names (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`, `DPM++ SDE` and
-    /// `DPM++ 2M SDE` take); other schedulers have none and ignore it, as diffusers and A1111
+    /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde`, `dpmpp_2m_sde` and `dpmpp_2m_sde_heun`
+    /// and their `_karras` names (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`,
+    /// `DPM++ SDE`, `DPM++ 2M SDE` and `DPM++ 2M SDE Heun` take); other schedulers have none and ignore it, as diffusers and A1111
     /// do. Absent or null: the sampler's default, 0 for DDIM, 1 for the others (diffusers'
     /// schedulers).
     #[schema(minimum = 0.0, maximum = 1.0, nullable = true)]

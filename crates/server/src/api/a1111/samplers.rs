@@ -19,7 +19,7 @@ pub struct Sampler {
     pub automatic: SigmaSchedule,
 }
 
-pub const SAMPLERS: [Sampler; 13] = [
+pub const SAMPLERS: [Sampler; 14] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -47,6 +47,14 @@ pub const SAMPLERS: [Sampler; 13] = [
         uniform: SchedulerKind::DpmPp2mSde,
         karras: Some(SchedulerKind::DpmPp2mSdeKarras),
         // A1111 1.9+ lists it with `scheduler: exponential`.
+        automatic: SigmaSchedule::Exponential,
+    },
+    Sampler {
+        name: "DPM++ 2M SDE Heun",
+        aliases: &["k_dpmpp_2m_sde_heun"],
+        uniform: SchedulerKind::DpmPp2mSdeHeun,
+        karras: Some(SchedulerKind::DpmPp2mSdeHeunKarras),
+        // k-diffusion's sample_dpmpp_2m_sde with `solver_type: heun`; exponential as above.
         automatic: SigmaSchedule::Exponential,
     },
     Sampler {
@@ -344,6 +352,7 @@ mod tests {
             ("Euler", SchedulerKind::EulerKarras),
             ("LMS", SchedulerKind::LmsKarras),
             ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSdeKarras),
+            ("DPM++ 2M SDE Heun", SchedulerKind::DpmPp2mSdeHeunKarras),
             ("DPM++ SDE", SchedulerKind::DpmPpSdeKarras),
         ] {
             let k = r(Some(name), Some("Karras"));
@@ -356,16 +365,18 @@ mod tests {
             r(Some("Euler a"), Some("automatic")).kind,
             SchedulerKind::EulerAncestral
         );
-        // DPM++ 2M SDE: A1111 1.9's automatic is its Exponential schedule.
-        let k = r(Some("DPM++ 2M SDE"), None);
-        assert_eq!(
-            (k.kind, k.sigmas, k.schedule),
-            (
-                SchedulerKind::DpmPp2mSde,
-                SigmaSchedule::Exponential,
-                "Automatic"
-            )
-        );
+        // DPM++ 2M SDE and its Heun: A1111 1.9's automatic is its Exponential schedule.
+        for (name, kind) in [
+            ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSde),
+            ("DPM++ 2M SDE Heun", SchedulerKind::DpmPp2mSdeHeun),
+            ("k_dpmpp_2m_sde_heun", SchedulerKind::DpmPp2mSdeHeun),
+        ] {
+            let k = r(Some(name), None);
+            assert_eq!(
+                (k.kind, k.sigmas, k.schedule),
+                (kind, SigmaSchedule::Exponential, "Automatic")
+            );
+        }
         // Exponential and Beta: the uniform scheduler on those sigmas, where it has them.
         for (name, kind) in [
             ("Euler", SchedulerKind::Euler),
