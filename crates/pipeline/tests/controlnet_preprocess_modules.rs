@@ -157,6 +157,25 @@ fn compare(got: &RgbImage, want: &RgbImage, label: &str) -> (usize, u8) {
     (diffs.len(), diffs.into_iter().max().unwrap_or(0))
 }
 
+/// A TEED-based map (softedge_teed, softedge_anyline) against the extension's: float noise in
+/// the logits can move a value across a truncation step (one level; a safe_step's step is
+/// 255 / steps levels), in at most 1 in 1000 values (a pixel's three channels count three
+/// times). Returns how many values differ.
+fn check_safe_step_map(got: &RgbImage, want: &RgbImage, steps: u32, label: &str) -> usize {
+    let (differing, max) = compare(got, want, label);
+    println!(
+        "{label}: {differing} of {} values differ, by at most {max}",
+        want.pixels.len()
+    );
+    let bound = 255u32.checked_div(steps).map_or(1, |s| s + 1);
+    assert!(u32::from(max) <= bound, "{label}: off by {max}");
+    assert!(
+        differing * 1000 <= want.pixels.len(),
+        "{label}: {differing} differ"
+    );
+    differing
+}
+
 fn whites(m: &RgbImage) -> usize {
     m.pixels.iter().filter(|&&v| v == 255).count()
 }

@@ -72,20 +72,7 @@ fn softedge_teed_makes_the_extension_s_maps() {
         ours.image = t.image(&format!("padded.{name}.{res}"));
         let edges = teed_edges(&net, &ours.image, steps).unwrap();
         let from_padded = ours.crop_gray_to_rgb(&edges);
-        let (differing, max) = super::compare(&from_padded, &want, &label);
-        println!(
-            "{label}: {differing} of {} values differ, by at most {max}",
-            want.pixels.len()
-        );
-        // Float noise in the logits can move a value across a truncation step (one level; a
-        // safe_step's step is 255 / steps levels), in at most 1 in 1000 values (the same
-        // pixel's three channels count three times).
-        let bound = 255u32.checked_div(steps).map_or(1, |s| s + 1);
-        assert!(u32::from(max) <= bound, "{label}: off by {max}");
-        assert!(
-            differing * 1000 <= want.pixels.len(),
-            "{label}: {differing} differ"
-        );
+        let differing = super::check_safe_step_map(&from_padded, &want, steps, &label);
         total += differing;
         values += want.pixels.len();
         // Whole, from the photo, where the area resize runs: the same map; the slider's
