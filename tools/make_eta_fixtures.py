@@ -102,12 +102,8 @@ def run_kdiffusion(pipe, samplers, case, gens):
     # Each step's sigma once (the KDPM2 and SDE classes interleave theirs), ending in 0.
     sigmas = torch.unique_consecutive(sched.sigmas.float())
     vp = name.startswith("dpmpp_2m_sde")
-    if vp:
-        steps = sched.timesteps
-    elif name in ("dpm2_a", "dpmpp_sde"):
-        steps = sched.timesteps[0::2]
-    else:
-        steps = sched.timesteps
+    # The timestep of each step's sigma (KDPM2 and DPM++ SDE interleave their midpoints').
+    steps = sched.timesteps[0::2] if name in ("dpm2_a", "dpmpp_sde") else sched.timesteps
     assert len(steps) == len(sigmas) - 1, (len(steps), len(sigmas))
     cond, uncond = pipe.encode_prompt(case["prompt"], "cpu", batch, True,
                                       case["negative_prompt"])
@@ -118,15 +114,16 @@ def run_kdiffusion(pipe, samplers, case, gens):
     def draw():
         return torch.cat([torch.randn(shape, generator=g) for g in gens])
 
-    calls = []
+    begun = []  # the index of each step the sampler began, in order
 
     def timestep(sigma):
         hits = (sigmas[:-1] == sigma).nonzero()
         if len(hits):
+            begun.append(int(hits[0, 0]))
             return steps[hits[0, 0]]
         if name == "dpmpp_sde":
             # The midpoint of the step just begun: the class's interleaved timestep.
-            return sched.timesteps[2 * calls[-1] + 1]
+            return sched.timesteps[2 * begun[-1] + 1]
         # DPM2's midpoint, wherever eta put it: KDPM2's own _sigma_to_t, as set_timesteps
         # calls it on its interpolated sigmas.
         t = sched._sigma_to_t(sigma.cpu(), sched.log_sigmas.cpu())
@@ -135,8 +132,6 @@ def run_kdiffusion(pipe, samplers, case, gens):
     def model(x, sigma):
         sigma = sigma[0]
         t = timestep(sigma)
-        if (sigmas[:-1] == sigma).any():
-            calls.append(int((sigmas[:-1] == sigma).nonzero()[0, 0]))
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
         t = torch.as_tensor(t).expand(2 * x.shape[0])
         eps = pipe.unet(torch.cat([x, x]) * c_in, t, encoder_hidden_states=emb).sample
