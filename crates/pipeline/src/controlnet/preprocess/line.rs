@@ -55,6 +55,18 @@ fn clip_line(w: i64, h: i64, p1: (i64, i64), p2: (i64, i64)) -> Option<((i64, i6
 
 /// `cv2.line(map, p1, p2, value, 1)` on a `w` x `h` one-channel map (row-major).
 pub fn draw_line(map: &mut [u8], w: usize, h: usize, p1: (i64, i64), p2: (i64, i64), value: u8) {
+    line_pixels(w, h, p1, p2, |x, y| map[y * w + x] = value);
+}
+
+/// The pixels `cv2.line(img, p1, p2, color, 1)` (OpenCV's `Line`, 8-connected) sets on a
+/// `w` x `h` image, in its order (`fillConvexPoly` outlines its polygon with the same).
+pub fn line_pixels(
+    w: usize,
+    h: usize,
+    p1: (i64, i64),
+    p2: (i64, i64),
+    mut put: impl FnMut(usize, usize),
+) {
     let (wi, hi) = (w as i64, h as i64);
     let inside = |(x, y): (i64, i64)| (0..wi).contains(&x) && (0..hi).contains(&y);
     let (mut p1, mut p2) = (p1, p2);
@@ -77,7 +89,7 @@ pub fn draw_line(map: &mut [u8], w: usize, h: usize, p1: (i64, i64), p2: (i64, i
     let mut err = major - 2 * minor;
     let (mut x, mut y) = p1;
     for _ in 0..=major {
-        map[y as usize * w + x as usize] = value;
+        put(x as usize, y as usize);
         let minor_step = err < 0;
         err += -2 * minor + if minor_step { 2 * major } else { 0 };
         if vertical {

@@ -14,7 +14,10 @@
 //! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed), `anyline` (softedge_anyline:
 //! TEED with MistoLine's weights, combined with lineart_standard's faint lines), `mlsd` (the M-LSD network,
 //! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything_v2:
-//! DINOv2 and the DPT head).
+//! DINOv2 and the DPT head), `openpose` (the OpenPose body network and its maps),
+//! `openpose_body` (peaks, limbs and people from those maps), `pose_draw` (the pose drawn with
+//! OpenCV's ellipse, convex fill and circle), `resize_lanczos` (OpenCV's Lanczos-4 and float
+//! area resizes).
 
 mod anyline;
 mod canny;
@@ -29,9 +32,13 @@ mod lines;
 mod manga_line;
 mod mlsd;
 mod networks;
+mod openpose;
+mod openpose_body;
 mod pidinet;
 mod pointwise;
+mod pose_draw;
 mod resize;
+mod resize_lanczos;
 mod shuffle;
 mod teed;
 mod tile;
@@ -49,7 +56,7 @@ pub use depth_anything::{
 };
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
-pub use line::draw_line;
+pub use line::{draw_line, line_pixels};
 pub use lineart::{
     lineart_map, LineartNetwork, LINEART, LINEART_COARSE, LINEART_COARSE_FILE, LINEART_FILE,
 };
@@ -64,9 +71,16 @@ pub use networks::{
     lllyasviel, network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, HubFile, LoadedNetworks,
     ANNOTATOR_FILES,
 };
+pub use openpose::{
+    body_maps, body_outputs, draw_bodies, openpose_body, outputs_to_image, BodyNetwork, Maps,
+    BODY_POSE, BODY_POSE_FILE,
+};
+pub use openpose_body::{body_pose, find_peaks, gaussian_filter, BodyPose, Peak};
 pub use pidinet::{pidinet_edges, pidinet_logits, PidiNetwork, PIDINET, PIDINET_FILE};
 pub use pointwise::{invert, threshold};
+pub use pose_draw::{draw_bodypose, ellipse2poly, fill_circle, fill_convex_poly, Canvas};
 pub use resize::{resize_image_with_pad, Padded};
+pub use resize_lanczos::{resize_area_f32, resize_lanczos4_f32, resize_lanczos4_u8};
 pub use shuffle::{shuffle, shuffle_image};
 pub use teed::{teed_edges, teed_logits, TeedNetwork, TEED, TEED_FILE};
 pub use tile::{blur_gaussian, tile_resample, tile_resample_size};

@@ -217,7 +217,7 @@ fn area_fast(image: &RgbImage, w: usize, h: usize, sx: usize, sy: usize) -> Vec<
 }
 
 /// One axis of `computeResizeAreaTab`: (destination, source, weight) in order.
-fn area_tab(src: usize, dst: usize, scale: f64) -> Vec<(usize, usize, f32)> {
+pub(super) fn area_tab(src: usize, dst: usize, scale: f64) -> Vec<(usize, usize, f32)> {
     let mut tab = Vec::new();
     for d in 0..dst {
         let fs1 = d as f64 * scale;
