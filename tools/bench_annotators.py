@@ -6,14 +6,15 @@ bench `crates/pipeline/benches/annotators.rs` measures ours, with the same weigh
   <module>       the extension's whole legacy preprocessor call at resolution 512 (resize with
                  pad, the detector, the pad removed, HWC3): softedge_hed, softedge_pidinet,
                  lineart_realistic, lineart_coarse, lineart_anime, lineart_anime_denoise,
-                 softedge_teed (safe_steps 2), mlsd (thresholds 0.1, 0.1)
+                 softedge_teed (safe_steps 2), mlsd (thresholds 0.1, 0.1), and
+                 depth_anything_v2 (colored=False) with --depth-anything
   <module>_net   the network's forward alone (no_grad) on the padded image as the detector
                  feeds it
 Each stage runs once untimed, then `--repeats` times: the median, min, max, the process's median
 CPU time (all threads) and peak RSS (the schema of tools/bench_diffusers.py).
 
     python3 tools/bench_annotators.py --extension EXT --annotators DIR --threads 2 --repeats 3 \
-        [--modules mlsd,softedge_teed] [--json out.json]
+        [--depth-anything DA2] [--modules mlsd,softedge_teed] [--json out.json]
 Prints a table on stderr and one JSON object on stdout.
 """
 import argparse
@@ -23,6 +24,7 @@ import sys
 
 import cv2
 import torch
+from safetensors.torch import load_file as load_safetensors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_diffusers import measure, status_kb  # noqa: E402
@@ -32,7 +34,10 @@ from make_random_annotators import build  # noqa: E402
 def load_file(net, path):
     """The file into the extension's class as the extension loads it (the `module.` prefix and
     PiDiNet's checkpoint wrapper dropped), strictly: the weights timed are the file's."""
-    state = torch.load(path, map_location="cpu")
+    if path.endswith(".safetensors"):
+        state = load_safetensors(path)
+    else:
+        state = torch.load(path, map_location="cpu")
     state = state.get("state_dict", state)
     net.load_state_dict({k.replace("module.", ""): v for k, v in state.items()}, strict=True)
 
@@ -41,6 +46,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--extension", default=os.environ.get("SD_WEBUI_CONTROLNET_DIR"))
     ap.add_argument("--annotators", required=True, help="make_random_annotators.py's folder")
+    ap.add_argument("--depth-anything", default=os.environ.get("DEPTH_ANYTHING_V2_DIR"),
+                    help="a checkout of (Upgraded-)Depth-Anything-V2 (else depth_anything_v2 "
+                         "is left out)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--resolution", type=int, default=512)
@@ -49,6 +57,8 @@ def main():
     args = ap.parse_args()
     if not args.extension:
         sys.exit("bench_annotators.py: needs --extension or SD_WEBUI_CONTROLNET_DIR")
+    if args.depth_anything:
+        os.environ["DEPTH_ANYTHING_V2_DIR"] = args.depth_anything
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     wanted = [m for m in args.modules.split(",") if m]

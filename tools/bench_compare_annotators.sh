@@ -11,7 +11,9 @@
 #        SD_WEBUI_CONTROLNET_DIR=EXT tools/bench_compare_annotators.sh /tmp/annotators 2 3 1 mlsd
 # Writes annotators-ours.<round>.json, annotators-torch.<round>.json and
 # annotators-compare.json in $OUT_DIR. PYTHON names a python with torch, opencv-python-headless,
-# numpy and einops; SD_WEBUI_CONTROLNET_DIR a checkout of the extension.
+# numpy, einops and safetensors; SD_WEBUI_CONTROLNET_DIR a checkout of the extension;
+# DEPTH_ANYTHING_V2_DIR (optional) a checkout of the depth_anything_v2 package, for
+# depth_anything_v2 (both scripts leave it out without one).
 set -euo pipefail
 DIR=${1:?make_random_annotators.py folder}
 THREADS=${2:-2}

@@ -172,14 +172,16 @@ def load(ext, da2):
     digests.update(d)
     module = functools.partial(f["depth_anything_v2"], colored=False)
 
-    def depth(padded):
-        # The detector's own steps up to the model's output.
+    def net_input(padded):
+        # The detector's own steps up to the model's input.
         image = cv2.cvtColor(padded, cv2.COLOR_BGR2RGB) / 255.0
-        image = ns["transform"]({"image": image})["image"]
-        with torch.no_grad():
-            return model(torch.from_numpy(image).unsqueeze(0))[0].numpy()
+        return torch.from_numpy(ns["transform"]({"image": image})["image"]).unsqueeze(0)
 
-    return module, utils["resize_image_with_pad"], depth, model, digests
+    def depth(padded):
+        with torch.no_grad():
+            return model(net_input(padded))[0].numpy()
+
+    return module, utils["resize_image_with_pad"], depth, model, digests, net_input
 
 
 def main():
@@ -201,7 +203,8 @@ def main():
         full = dpt.DepthAnythingV2(encoder="vitl", features=256, out_channels=[256, 512, 1024, 1024])
         save_file({k: v.contiguous() for k, v in full.state_dict().items()}, args.full_width)
         print(f"wrote the full-width network to {args.full_width}")
-    module, resize_image_with_pad, depth, model, digests = load(args.extension, args.depth_anything)
+    module, resize_image_with_pad, depth, model, digests, _ = load(
+        args.extension, args.depth_anything)
     os.makedirs(OUT, exist_ok=True)
     state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(OUT, "depth_anything_v2_vitl.safetensors"))

@@ -13,6 +13,12 @@ key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`,
   manga_line/erika.pth                  res_skip() with the `module.` prefix
   TEED/7_model.pth                      TED()
   mlsd/mlsd_large_512_fp32.pth          MobileV2_MLSD_Large()
+  depth_anything_v2/depth_anything_v2_vitl.safetensors
+                                        DepthAnythingV2("vitl", features 256, out_channels
+                                        [256, 512, 1024, 1024]) as the detector builds it
+                                        (safetensors, as the real file; only with
+                                        --depth-anything or $DEPTH_ANYTHING_V2_DIR, a checkout of
+                                        the depth_anything_v2 package)
   bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
 
 The classes are taken from a checkout of the extension the way the fixture scripts
@@ -23,7 +29,8 @@ tools/bench_annotators.py uses to time those calls). The weights are each class'
 initialisation from the fixture's seed (plus the fixture's rescaling of a few layers, which
 keeps the maps away from all-black; timings do not depend on the values).
 
-    python3 tools/make_random_annotators.py --extension /path/to/sd-webui-controlnet OUT_DIR
+    python3 tools/make_random_annotators.py --extension /path/to/sd-webui-controlnet \
+        [--depth-anything /path/to/Upgraded-Depth-Anything-V2] OUT_DIR
 """
 import argparse
 import os
@@ -33,8 +40,10 @@ import types
 import cv2
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_depth_anything_v2_fixtures as da2_fx  # noqa: E402
 import make_hed_fixtures as hed_fx  # noqa: E402
 import make_lineart_fixtures as lineart_fx  # noqa: E402
 import make_manga_line_fixtures as manga_fx  # noqa: E402
@@ -162,6 +171,28 @@ def mlsd(ext):
     return [("mlsd", "mlsd_large_512_fp32.pth", net, net.state_dict(), {"mlsd": module}, feed)]
 
 
+def depth_anything_v2(ext):
+    """The detector's DepthAnythingV2 (vitl at its real widths, the package's own
+    initialisation from the fixture's seed) and the legacy `depth_anything_v2` (colored=False),
+    wired as make_depth_anything_v2_fixtures.load wires them; nothing without the package."""
+    da2 = os.environ.get("DEPTH_ANYTHING_V2_DIR")
+    if not da2:
+        print("make_random_annotators.py: no DEPTH_ANYTHING_V2_DIR, depth_anything_v2 left out",
+              file=sys.stderr)
+        return []
+
+    def full(_dinov2, dpt):
+        torch.manual_seed(da2_fx.SEED)
+        net = dpt.DepthAnythingV2(encoder="vitl", features=256, out_channels=[256, 512, 1024, 1024])
+        return net.float().eval()
+
+    da2_fx.network = full
+    module, _, _, net, _, net_input = da2_fx.load(ext, da2)
+    return [("depth_anything_v2", "depth_anything_v2_vitl.safetensors", net,
+             {k: v.contiguous() for k, v in net.state_dict().items()},
+             {"depth_anything_v2": lambda img, res: module(img, res=res)}, net_input)]
+
+
 def chw(padded, scale, offset=0.0):
     """The padded HWC uint8 image as the detectors feed it: 1 x C x H x W f32, v * scale + offset."""
     x = torch.from_numpy(np.ascontiguousarray(padded)).float() * scale + offset
@@ -172,7 +203,7 @@ def build(ext):
     """Every network as (subfolder, file, net, state as saved, {module: fn(img, res) -> map},
     fn(padded) -> the network's input), and the extension's resize_image_with_pad."""
     out = []
-    for part in [hed, pidinet, lineart, manga_line, teed, mlsd]:
+    for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2]:
         out += part(ext)
     return out, RESIZE[0]
 
@@ -186,14 +217,22 @@ def main():
     ap.add_argument("--extension", default=os.environ.get("SD_WEBUI_CONTROLNET_DIR"),
                     help="a checkout of sd-webui-controlnet (default: $SD_WEBUI_CONTROLNET_DIR)")
     ap.add_argument("out")
+    ap.add_argument("--depth-anything", default=os.environ.get("DEPTH_ANYTHING_V2_DIR"),
+                    help="a checkout of (Upgraded-)Depth-Anything-V2 (else depth_anything_v2 "
+                         "is left out)")
     args = ap.parse_args()
     if not args.extension:
         sys.exit("make_random_annotators.py: needs --extension or SD_WEBUI_CONTROLNET_DIR")
+    if args.depth_anything:
+        os.environ["DEPTH_ANYTHING_V2_DIR"] = args.depth_anything
     torch.set_num_threads(2)
     for sub, name, net, state, _, _ in build(args.extension)[0]:
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
         path = os.path.join(args.out, sub, name)
-        torch.save(state, path)
+        if name.endswith(".safetensors"):
+            save_file(state, path)
+        else:
+            torch.save(state, path)
         n = sum(p.numel() for p in net.state_dict().values())
         print(f"{path}: {n / 1e6:.2f} M values, {os.path.getsize(path) / 1e6:.1f} MB")
     cv2.imwrite(os.path.join(args.out, "bench_photo.png"), cv2.cvtColor(bench_photo(), cv2.COLOR_RGB2BGR))

@@ -15,9 +15,10 @@
 use std::path::Path;
 
 use sdserve_pipeline::controlnet::preprocess::{
-    network, resize_image_with_pad, rgb_to_grey, AnnotatorFile, HedNetwork, LineartAnimeNetwork,
-    LineartNetwork, LoadedNetworks, MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor,
-    TeedNetwork, HED, LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MLSD, PIDINET, TEED,
+    depth_anything_depth, network, resize_image_with_pad, rgb_to_grey, AnnotatorFile,
+    DepthAnythingNetwork, HedNetwork, LineartAnimeNetwork, LineartNetwork, LoadedNetworks,
+    MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor, TeedNetwork, DEPTH_ANYTHING_V2, HED,
+    LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MLSD, PIDINET, TEED,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -68,6 +69,10 @@ fn modules(resolution: u32) -> Vec<(Preprocessor, &'static AnnotatorFile)> {
             },
             &MLSD,
         ),
+        (
+            Preprocessor::DepthAnythingV2 { resolution },
+            &DEPTH_ANYTHING_V2,
+        ),
     ]
 }
 
@@ -98,6 +103,13 @@ fn forward(nets: &LoadedNetworks, file: &'static AnnotatorFile, padded: &RgbImag
         n if n == MLSD.name => network::<MlsdNetwork>(nets, &MLSD)
             .and_then(|net| net.output(padded))
             .map(drop),
+        // The detector's input steps and the model (`depth_anything_depth`), as the Python side's
+        // network stage has the model alone: the input steps are a few ms of 18+ s.
+        n if n == DEPTH_ANYTHING_V2.name => {
+            network::<DepthAnythingNetwork>(nets, &DEPTH_ANYTHING_V2)
+                .and_then(|net| depth_anything_depth(&net, padded))
+                .map(drop)
+        }
         n => panic!("no network stage for {n}"),
     };
     done.expect("forward");
@@ -134,6 +146,11 @@ fn main() {
             continue;
         }
         let path = dir.join(file.subfolder).join(file.name);
+        // depth_anything_v2's file is only there when the Depth Anything package was given.
+        if !path.exists() {
+            eprintln!("{}: no {}, skipped", module.module(), path.display());
+            continue;
+        }
         let start = std::time::Instant::now();
         let nets = LoadedNetworks::default()
             .read(file, &path)
