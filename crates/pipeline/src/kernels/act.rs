@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::linear::with_slice;
-use super::math::{geglu_rows, quick_gelu_inplace};
+use super::math::{geglu_rows, gelu_rows, quick_gelu_inplace};
 
 /// Rows handed to one rayon task (enough work to amortise scheduling).
 const ROWS_PER_TASK: usize = 16;
@@ -45,6 +45,21 @@ pub fn quick_gelu(x: &Tensor) -> Result<Option<Tensor>> {
     Tensor::from_vec(v, x.dims(), &Device::Cpu).map(Some)
 }
 
+/// torch's exact GELU (`nn.GELU()`, erf) in one parallel pass into a new tensor; `None` when the
+/// fast path does not apply (not f32 on the CPU).
+pub fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let mut out = vec![0f32; x.elem_count()];
+    with_slice(x, |xs| {
+        out.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(xs.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(o, x)| gelu_rows(x, o))
+    })?;
+    Tensor::from_vec(out, x.dims(), &Device::Cpu).map(Some)
+}
+
 /// Elements handed to one rayon task by element-wise kernels.
 const ELEMS_PER_TASK: usize = 1 << 14;
 
@@ -71,6 +86,23 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         assert!(geglu(&h.to_dtype(DType::F16)?)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn gelu_erf_matches_candle_ops() -> Result<()> {
+        // Past one task's elements, so the chunks are stitched back in order.
+        let x = (crate::rng::TorchRng::new(13)
+            .randn_tensor((3, ELEMS_PER_TASK / 100 + 7, 100), &Device::Cpu, DType::F32)
+            .unwrap()
+            * 4.0)?;
+        let got = gelu_erf(&x)?.expect("fast path");
+        let want = x.gelu_erf()?;
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-5, "{d}");
+        // tanh's GELU differs by more: the bound tells them apart.
+        assert!(max_abs_diff(&got, &x.gelu()?) > 1e-4);
+        assert!(gelu_erf(&x.to_dtype(DType::F16)?)?.is_none());
         Ok(())
     }
 

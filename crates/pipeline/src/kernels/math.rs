@@ -97,6 +97,15 @@ macro_rules! dispatch {
 pub(crate) use dispatch;
 
 dispatch! {
+    /// `dst = gelu(src)` (erf, as torch's `nn.GELU()`).
+    fn gelu_rows(src: &[f32], dst: &mut [f32]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = gelu(v);
+        }
+    }
+}
+
+dispatch! {
     fn silu_inplace(xs: &mut [f32]) {
         for v in xs.iter_mut() {
             *v = silu(*v);

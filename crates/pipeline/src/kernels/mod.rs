@@ -14,10 +14,11 @@ mod linear_timing;
 pub mod math;
 pub mod norm;
 pub mod simd;
+pub mod upsample;
 pub mod winograd;
 pub mod winograd4;
 
-pub use conv::{conv2d, depthwise_conv2d, Conv2d};
+pub use conv::{conv2d, conv_transpose_unpatch, depthwise_conv2d, Conv2d};
 
 /// `group_norm(x)` (then SiLU when `silu`) over `[B, C, ...]` through our own kernels: the CUDA
 /// one on a GPU, else the CPU one for f32; `None` when neither applies (the caller composes it

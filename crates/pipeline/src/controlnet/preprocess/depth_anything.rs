@@ -1,7 +1,8 @@
 //! The extension's Depth Anything V2 module (the legacy `depth_anything_v2` of
 //! `scripts/preprocessor/legacy/processor.py`, `annotator/depth_anything_v2.py`, the
 //! `depth_anything_v2` package's `dpt.py`, `dinov2.py`, `dinov2_layers/`, `util/`):
-//! - [`DepthAnythingNetwork`]: `DepthAnythingV2`. A DINOv2 ViT (`pretrained`): 14x14 patches
+//! - [`DepthAnythingNetwork`]: `DepthAnythingV2`. A DINOv2 ViT (`pretrained`; its blocks in
+//!   `vit.rs`, on our CPU kernels for f32): 14x14 patches
 //!   (a strided conv), the class token, the learnt position embedding (a square grid; resized
 //!   bicubically to the patch grid unless that is the grid itself, the sizes offset by 0.1 as
 //!   `interpolate_pos_encoding` does), blocks of pre-norm attention and GELU MLP, each branch
@@ -30,6 +31,9 @@ use super::networks::{AnnotatorFile, HubFile};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
+
+mod vit;
+use vit::{Block, BlockWeights};
 
 /// The file the extension loads the network from (`annotator/downloads/depth_anything_v2/`).
 pub const DEPTH_ANYTHING_V2_FILE: &str = "depth_anything_v2_vitl.safetensors";
@@ -70,47 +74,6 @@ fn taken_blocks(depth: usize) -> Option<[usize; 4]> {
     }
 }
 
-/// One ViT block: `x + ls1 * attn(norm1(x))`, then `x + ls2 * mlp(norm2(x))`.
-struct Block {
-    norm1: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
-    ls1: Tensor,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    ls2: Tensor,
-}
-
-impl Block {
-    fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let hd = c / heads;
-        let qkv = self
-            .qkv
-            .forward(&self.norm1.forward(x)?)?
-            .reshape((b, n, 3, heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let scale = (hd as f64).powf(-0.5);
-        // One head at a time: a wide image's attention matrix for all heads is large.
-        let mut outs = Vec::with_capacity(heads);
-        for h in 0..heads {
-            let pick =
-                |i: usize| -> Result<Tensor> { Ok(qkv.get(i)?.narrow(1, h, 1)?.contiguous()?) };
-            let q = (pick(0)? * scale)?;
-            let attn = q.matmul(&pick(1)?.t()?.contiguous()?)?;
-            let attn = candle_nn::ops::softmax_last_dim(&attn)?;
-            outs.push(attn.matmul(&pick(2)?)?);
-        }
-        let y = Tensor::cat(&outs, 1)?.transpose(1, 2)?.reshape((b, n, c))?;
-        let x = (x + self.proj.forward(&y)?.broadcast_mul(&self.ls1)?)?;
-        let y = self
-            .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
-        Ok((&x + y.broadcast_mul(&self.ls2)?)?)
-    }
-}
-
 /// `ResidualConvUnit` (no batch norm): `x + conv2(relu(conv1(relu(x))))`.
 struct Rcu([Conv2d; 2]);
 
@@ -136,7 +99,7 @@ impl Fusion {
             _ => x.clone(),
         };
         let x = self.unit2.forward(&x)?;
-        let x = x.upsample_bilinear2d(size.0, size.1, true)?;
+        let x = bilinear(&x, size.0, size.1, true)?;
         Ok(self.out_conv.forward(&x)?)
     }
 }
@@ -296,7 +259,7 @@ impl DepthAnythingNetwork {
         let blocks = (0..depth)
             .map(|i| {
                 let k = |n: &str| format!("pretrained.blocks.{i}.{n}");
-                Ok(Block {
+                let weights = BlockWeights {
                     norm1: s.norm(&k("norm1"), d)?,
                     qkv: s.linear(&k("attn.qkv"), 3 * d, d)?,
                     proj: s.linear(&k("attn.proj"), d, d)?,
@@ -305,7 +268,8 @@ impl DepthAnythingNetwork {
                     fc1: s.linear(&k("mlp.fc1"), hidden, d)?,
                     fc2: s.linear(&k("mlp.fc2"), d, hidden)?,
                     ls2: s.get(&k("ls2.gamma"), &[d])?,
-                })
+                };
+                Block::new(weights, NORM_EPS)
             })
             .collect::<Result<Vec<_>>>()?;
         let h = "depth_head";
@@ -458,9 +422,14 @@ impl DepthAnythingNetwork {
             let x = f.transpose(1, 2)?.reshape((1, d, rows, cols))?;
             let x = self.projects[i].forward(&x)?;
             let x = match &self.resize[i] {
-                Resize::Up { weight, bias, k } => x
-                    .conv_transpose2d(weight, 0, 0, *k, 1)?
-                    .broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
+                Resize::Up { weight, bias, k } => {
+                    match crate::kernels::conv_transpose_unpatch(&x, weight, Some(bias))? {
+                        Some(y) => y,
+                        None => x
+                            .conv_transpose2d(weight, 0, 0, *k, 1)?
+                            .broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
+                    }
+                }
                 Resize::Same => x,
                 Resize::Down(conv) => conv.forward(&x)?,
             };
@@ -473,10 +442,18 @@ impl DepthAnythingNetwork {
         let (h1, w1) = size(&levels[0])?;
         let path1 = self.fusion[0].forward(&path2, Some(&levels[0]), (2 * h1, 2 * w1))?;
         let out = self.output_conv1.forward(&path1)?;
-        let out = out.upsample_bilinear2d(hh, ww, true)?;
+        let out = bilinear(&out, hh, ww, true)?;
         let out = self.output_conv2[0].forward(&out)?.relu()?;
         // output_conv2's last ReLU; `forward`'s own `F.relu` after it changes nothing.
         Ok(self.output_conv2[1].forward(&out)?.relu()?)
+    }
+}
+
+/// `upsample_bilinear2d` through the parallel CPU kernel where it applies (the same values).
+fn bilinear(x: &Tensor, h: usize, w: usize, align_corners: bool) -> Result<Tensor> {
+    match crate::kernels::upsample::upsample_bilinear(x, h, w, align_corners)? {
+        Some(y) => Ok(y),
+        None => Ok(x.upsample_bilinear2d(h, w, align_corners)?),
     }
 }
 
@@ -539,8 +516,8 @@ pub fn depth_anything_depth(
 pub fn depth_anything_map(net: &DepthAnythingNetwork, padded: &RgbImage) -> Result<Vec<u8>> {
     let (w, h) = (padded.width as usize, padded.height as usize);
     let (nw, nh, depth) = depth_anything_depth(net, padded)?;
-    let depth = Tensor::from_vec(depth, (1, 1, nh, nw), &Device::Cpu)?
-        .upsample_bilinear2d(h, w, false)?
+    let depth = Tensor::from_vec(depth, (1, 1, nh, nw), &Device::Cpu)?;
+    let depth = bilinear(&depth, h, w, false)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let (lo, hi) = depth

@@ -22,6 +22,8 @@ struct Fused {
     /// Per (b, h): `[blocks * kbs][dvp]`, rows and columns padded with zeros.
     vp: *const f32,
     out: *mut f32,
+    /// Elements between q rows.
+    q_rs: usize,
     s: AttnShape,
     scale: f32,
     /// Keys per block, a multiple of two vectors.
@@ -48,6 +50,48 @@ pub fn attention_fused_f32(
 ) {
     s.assert_slices(q, k, v, out);
     let (cq, cv) = (s.heads * s.dh, s.heads * s.dv);
+    let rows = RowStrides {
+        q: cq,
+        k: cq,
+        v: cv,
+    };
+    attention_fused_strided(q, k, v, s, rows, scale, out, isa)
+}
+
+/// Elements between one token's row and the next in q, k and v (`heads * dh` for separate
+/// projections; `3 * heads * dh` when they are the thirds of one packed QKV row).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowStrides {
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+}
+
+/// [`attention_fused_f32`] reading token `j` of image `b` at `(b * n + j) * rows.q` in `q`
+/// (`rows.k`, `rows.v` likewise, with `m` tokens), each head's values contiguous from
+/// `h * dh` there; `out` as there.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_fused_strided(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: &AttnShape,
+    rows: RowStrides,
+    scale: f32,
+    out: &mut [f32],
+    isa: Isa,
+) {
+    let (cq, cv) = (s.heads * s.dh, s.heads * s.dv);
+    // The last row only needs its own values (a packed row's later thirds are not read).
+    let need = |tokens: usize, stride: usize, width: usize| match s.batch * tokens {
+        0 => 0,
+        t => (t - 1) * stride + width,
+    };
+    assert!(rows.q >= cq && rows.k >= cq && rows.v >= cv, "row strides");
+    assert!(q.len() >= need(s.n, rows.q, cq), "q too short");
+    assert!(k.len() >= need(s.m, rows.k, cq), "k too short");
+    assert!(v.len() >= need(s.m, rows.v, cv), "v too short");
+    assert_eq!(out.len(), s.batch * s.n * cv, "attention output size");
     if s.n == 0 || s.dv == 0 {
         return;
     }
@@ -74,12 +118,12 @@ pub fn attention_fused_f32(
             let (b, h) = (bh / s.heads, bh % s.heads);
             for j in 0..s.m {
                 let (blk, jj) = (j / kbs, j % kbs);
-                let krow = &k[(b * s.m + j) * cq + h * s.dh..][..s.dh];
+                let krow = &k[(b * s.m + j) * rows.k + h * s.dh..][..s.dh];
                 for (d, &x) in krow.iter().enumerate() {
                     kt[(blk * s.dh + d) * kbs + jj] = x;
                 }
                 vp[j * dvp..j * dvp + s.dv]
-                    .copy_from_slice(&v[(b * s.m + j) * cv + h * s.dv..][..s.dv]);
+                    .copy_from_slice(&v[(b * s.m + j) * rows.v + h * s.dv..][..s.dv]);
             }
         });
     let ctx = Fused {
@@ -87,6 +131,7 @@ pub fn attention_fused_f32(
         kt: kt.as_ptr(),
         vp: vp.as_ptr(),
         out: out.as_mut_ptr(),
+        q_rs: rows.q,
         s: *s,
         scale,
         kbs,
@@ -124,7 +169,7 @@ unsafe fn fused_task_avx2(c: &Fused, t: usize) {
 #[inline(always)]
 unsafe fn fused_task<S: F32s>(c: &Fused, t: usize) {
     let s = &c.s;
-    let (cq, cv) = (s.heads * s.dh, s.heads * s.dv);
+    let cv = s.heads * s.dv;
     let blocks = s.n.div_ceil(QUERY_BLOCK);
     let (blk, h, b) = (t % blocks, (t / blocks) % s.heads, t / (blocks * s.heads));
     let r0 = blk * QUERY_BLOCK;
@@ -133,7 +178,7 @@ unsafe fn fused_task<S: F32s>(c: &Fused, t: usize) {
     // Scaling q (nr*dh values) is cheaper than scaling the scores.
     let mut qs = vec![0f32; nr * dh];
     for (i, row) in qs.chunks_exact_mut(dh).enumerate() {
-        let src = std::slice::from_raw_parts(c.q.add((b * s.n + r0 + i) * cq + h * dh), dh);
+        let src = std::slice::from_raw_parts(c.q.add((b * s.n + r0 + i) * c.q_rs + h * dh), dh);
         for (d, &x) in row.iter_mut().zip(src) {
             *d = x * c.scale;
         }

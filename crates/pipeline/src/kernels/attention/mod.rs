@@ -19,6 +19,7 @@ use super::simd::Isa;
 mod fused;
 
 pub use fused::attention_fused_f32;
+use fused::{attention_fused_strided, RowStrides};
 
 /// Target size of one block of scores (bytes).
 const BLOCK_BYTES: usize = 512 << 10;
@@ -208,6 +209,46 @@ pub fn attention(
         attention_f32(qs, ks, vs, &s, scale as f32, &mut out);
     }
     Tensor::from_vec(out, (b, n, cv), &Device::Cpu).map(Some)
+}
+
+/// Self-attention straight from one packed projection: `qkv` `[B, N, 3 * heads * dh]`, each row
+/// q, then k, then v (a ViT's fused `qkv` linear, split as `reshape(B, N, 3, heads, dh)`), into
+/// `[B, N, heads * dh]`, with no copies splitting it. `None` when the fast path does not apply
+/// (not f32 on the CPU).
+pub fn attention_packed_qkv(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+    if qkv.dtype() != DType::F32 || !matches!(qkv.device(), Device::Cpu) || heads == 0 {
+        return Ok(None);
+    }
+    let (b, n, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    if c3 % 3 != 0 || !c.is_multiple_of(heads) || n == 0 {
+        return Ok(None);
+    }
+    let dh = c / heads;
+    let s = AttnShape {
+        batch: b,
+        n,
+        m: n,
+        heads,
+        dh,
+        dv: dh,
+    };
+    let qkv = qkv.contiguous()?;
+    let mut out = vec![0f32; b * n * c];
+    {
+        let (g, l) = qkv.storage_and_layout();
+        let Some(all) = cpu_f32_slice(&g, l, qkv.elem_count()) else {
+            return Ok(None);
+        };
+        let rows = RowStrides {
+            q: c3,
+            k: c3,
+            v: c3,
+        };
+        let (q, k, v) = (all, &all[c..], &all[2 * c..]);
+        attention_fused_strided(q, k, v, &s, rows, scale as f32, &mut out, Isa::detect());
+    }
+    Tensor::from_vec(out, (b, n, c), &Device::Cpu).map(Some)
 }
 
 #[cfg(test)]

@@ -214,3 +214,25 @@ fn declines_half_precision() -> Result<()> {
     assert!(attention(&q, &q, &q, 2, 0.5)?.is_none());
     Ok(())
 }
+
+/// The packed-QKV front end against the reference on q, k and v cut from the packed rows, at a
+/// ViT's shape (class token + a patch grid: N not a multiple of any block) and a small one.
+#[test]
+fn packed_qkv_matches_reference() -> Result<()> {
+    let dev = Device::Cpu;
+    for &(b, n, heads, dh) in &[(1, 1 + 7 * 9, 4, 16), (2, 5, 1, 8), (1, 300, 3, 64)] {
+        let c = heads * dh;
+        let qkv = Tensor::randn(0f32, 1.0, (b, n, 3 * c), &dev)?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let got = attention_packed_qkv(&qkv, heads, scale)?.expect("fast path");
+        let part = |i: usize| qkv.narrow(2, i * c, c).unwrap().contiguous().unwrap();
+        let want = reference(&part(0), &part(1), &part(2), heads, scale);
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-5, "{b} {n} {heads} {dh}: {d}");
+        // Not the same as reading the thirds in another order (the test can fail).
+        let swapped = reference(&part(1), &part(0), &part(2), heads, scale);
+        assert!(max_abs_diff(&got, &swapped) > 1e-3);
+    }
+    assert!(attention_packed_qkv(&Tensor::zeros((1, 4, 12), DType::F16, &dev)?, 2, 1.0)?.is_none());
+    Ok(())
+}

@@ -16,6 +16,7 @@ mod depthwise;
 mod layer;
 #[cfg(test)]
 mod tests;
+mod unpatch;
 
 use std::cell::RefCell;
 
@@ -25,6 +26,7 @@ use rayon::prelude::*;
 pub use circular::{circular_padding, circular_padding_on, wrap_pad, CircularPadding};
 pub use depthwise::{depthwise_conv2d, depthwise_f32, DepthwiseShape};
 pub use layer::{conv2d, Conv2d};
+pub use unpatch::conv_transpose_unpatch;
 
 /// Shape and hyper-parameters of one convolution call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
