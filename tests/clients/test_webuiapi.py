@@ -35,7 +35,7 @@ class A1111(Timed):
         self.assertEqual(
             names,
             sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE", "DDIM", "PLMS", "LMS",
-                    "UniPC", "Heun", "DPM2", "DPM2 a", "LCM"]),
+                    "UniPC", "Heun", "DPM2", "DPM2 a", "LCM", "DPM++ 2S a", "DPM++ 3M SDE"]),
         )
         labels = [s["label"] for s in self.api.get_schedulers()]
         self.assertEqual(labels, ["Automatic", "Uniform", "Karras", "Exponential", "Beta"])
@@ -189,8 +189,12 @@ class A1111(Timed):
             ("Euler a", None, "euler_a", 1, None),
             ("Euler a", "Karras", "euler_a_karras", 2, None),
             # A1111 1.9: DPM++ 2M SDE's automatic schedule is Exponential.
-            ("DPM++ 2M SDE", None, "dpmpp_2m_sde", 1, "exponential"),
-            ("DPM++ 2M SDE Heun", "Karras", "dpmpp_2m_sde_heun_karras", 1, None),
+            # A1111's noise for them: Brownian trees (the native _brownian names).
+            ("DPM++ 2M SDE", None, "dpmpp_2m_sde_brownian", 1, "exponential"),
+            ("DPM++ 2M SDE Heun", "Karras", "dpmpp_2m_sde_heun_brownian_karras", 1, None),
+            # k-diffusion's own: 2S a's automatic schedule is Karras, 3M SDE's Exponential.
+            ("DPM++ 2S a", None, "dpmpp_2s_ancestral_karras", 1, None),
+            ("DPM++ 3M SDE", None, "dpmpp_3m_sde", 1, "exponential"),
             ("Euler", "Beta", "euler", 1, "beta"),
             # A1111's own timestep sampler, not diffusers' PNDM.
             ("PLMS", None, "plms_a1111", 1, None),
@@ -294,7 +298,7 @@ class A1111(Timed):
     def test_unknown_sampler_is_a_422_listing_the_names(self):
         with self.assertRaises(RuntimeError) as cm:
             self.api.txt2img(prompt=PROMPT, steps=1, width=SIZE, height=SIZE,
-                             sampler_name="DPM++ 3M SDE")
+                             sampler_name="DPM++ 4M")
         status, text = cm.exception.args
         self.assertEqual(status, 422)
         self.assertIn("Euler a", text)

@@ -495,6 +495,8 @@ mod tests {
                 ", Eta: 0.0, Version",
             ),
             (SchedulerKind::DpmPpSdeKarras, Some(1.0), ""),
+            (SchedulerKind::DpmPp3mSde, Some(0.5), ", Eta: 0.5, Version"),
+            (SchedulerKind::DpmPp2sAncestralKarras, Some(1.0), ""),
             (SchedulerKind::DpmPp2m, Some(0.5), ""),
             (SchedulerKind::Dpm2, Some(0.5), ""),
             (SchedulerKind::EulerAncestral, Some(1.0), ""),

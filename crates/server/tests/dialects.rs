@@ -242,7 +242,7 @@ fn a1111_errors_name_a1111_fields() {
     let r = post(
         &s,
         "/sdapi/v1/txt2img",
-        &json!({"prompt": "x", "sampler_name": "DPM++ 3M SDE"}),
+        &json!({"prompt": "x", "sampler_name": "DPM++ 4M"}),
     );
     assert_eq!(r.broken_fields(), ["sampler_name"]);
     let details = r.json()["details"].as_str().unwrap().to_string();
@@ -464,7 +464,9 @@ fn a1111_lists_options_and_png_info() {
             "Heun",
             "DPM2",
             "DPM2 a",
-            "LCM"
+            "LCM",
+            "DPM++ 2S a",
+            "DPM++ 3M SDE"
         ])
         .as_array()
         .unwrap()

@@ -333,6 +333,48 @@ impl NodeCache {
     }
 }
 
+/// A sampler's Brownian noise between two sigmas for a batch shaped as `like`: one tree per
+/// image, seeded with its generator's seed, over the smallest positive and largest of `sigmas`
+/// (the whole schedule, whichever step a run starts from: A1111's `create_noise_sampler`),
+/// made at the first call and kept in `tree`.
+pub fn batch_noise(
+    tree: &mut Option<BrownianNoise>,
+    sigmas: &[f32],
+    like: &candle_core::Tensor,
+    rngs: &[TorchRng],
+    sigma: f32,
+    sigma_next: f32,
+) -> Result<candle_core::Tensor> {
+    let batch = like.dim(0)?;
+    if rngs.len() != batch {
+        return Err(PipelineError::InvalidRequest(format!(
+            "{} generators for a batch of {batch}",
+            rngs.len()
+        )));
+    }
+    if tree.is_none() {
+        let positive = sigmas.iter().copied().filter(|&s| s > 0.0);
+        let min = positive.fold(f32::INFINITY, f32::min);
+        let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let seeds: Vec<u64> = rngs.iter().map(TorchRng::initial_seed).collect();
+        *tree = Some(BrownianNoise::new(
+            min,
+            max,
+            &seeds,
+            like.elem_count() / batch.max(1),
+        )?);
+    }
+    let values = tree
+        .as_mut()
+        .expect("made above")
+        .sample(sigma, sigma_next)?;
+    Ok(candle_core::Tensor::from_vec(
+        values,
+        like.shape(),
+        like.device(),
+    )?)
+}
+
 /// diffusers' `BrownianTreeNoiseSampler` over a `BatchedBrownianTree`: one tree per image, each
 /// seeded with its own seed, over `[sigma_min, sigma_max]`.
 #[derive(Debug, Clone)]

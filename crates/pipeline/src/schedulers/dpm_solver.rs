@@ -7,6 +7,7 @@
 
 use candle_core::Tensor;
 
+use super::brownian::{self, BrownianNoise};
 use super::common::{self, config_error, mul_s as mul, PredictionType};
 use super::multistep::{
     add_noise_alpha_sigma, alpha_sigma, convert_model_output, current_step_index, final_sigma_zero,
@@ -25,7 +26,8 @@ enum Algorithm {
     /// Noise prediction (`dpmsolver`, deprecated in diffusers but deterministic).
     DpmSolver,
     /// Data prediction with noise added at every step (`sde-dpmsolver++`, A1111's
-    /// `DPM++ 2M SDE`): the noise comes from the request's generators.
+    /// `DPM++ 2M SDE`): the noise comes from the request's generators, or with
+    /// [`DpmSolverMultistep::use_brownian_noise`] from Brownian trees (A1111's).
     SdeDpmSolverPp,
 }
 
@@ -54,6 +56,10 @@ pub struct DpmSolverMultistep {
     /// The SDE solver's share of fresh noise: k-diffusion's `eta` of `sample_dpmpp_2m_sde` /
     /// `_3m_sde` (A1111's `DPM++ 2M SDE`); 1 is diffusers' `sde-dpmsolver++`.
     eta: f32,
+    /// A1111's noise for the SDE solver: k-diffusion's `BrownianTreeNoiseSampler` seeded with
+    /// the images' seeds (`create_noise_sampler`), rather than diffusers' generator draws.
+    brownian: bool,
+    tree: Option<BrownianNoise>,
 }
 
 impl DpmSolverMultistep {
@@ -113,7 +119,16 @@ impl DpmSolverMultistep {
             lower_order_nums: 0,
             step_index: None,
             eta: 1.0,
+            brownian: false,
+            tree: None,
         })
+    }
+
+    /// The SDE solver draws its noise as A1111 gives it to k-diffusion's `sample_dpmpp_2m_sde`:
+    /// the Brownian increment between the step's two sigmas (none on the step to sigma 0,
+    /// where k-diffusion returns the denoised estimate).
+    pub fn use_brownian_noise(&mut self) {
+        self.brownian = true;
     }
 
     /// The float32 sigmas, `timesteps().len() + 1` of them.
@@ -345,6 +360,21 @@ impl super::Scheduler for DpmSolverMultistep {
 
         // randn_tensor(model_output.shape, generator=...) at every step, the last one included.
         let noise = match self.algorithm {
+            Algorithm::SdeDpmSolverPp if self.brownian => {
+                let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
+                Some(if next > 0.0 {
+                    brownian::batch_noise(
+                        &mut self.tree,
+                        &self.sigmas,
+                        &converted,
+                        rngs,
+                        sigma,
+                        next,
+                    )?
+                } else {
+                    converted.zeros_like()?
+                })
+            }
             Algorithm::SdeDpmSolverPp => Some(common::batch_randn(&converted, rngs)?),
             _ => None,
         };

@@ -18,6 +18,7 @@ pub mod dpm_solver;
 pub mod euler;
 pub mod heun;
 mod interleaved;
+pub mod kdiffusion;
 pub mod lcm;
 pub mod lms;
 pub mod multistep;
@@ -40,9 +41,19 @@ pub enum Sampler {
     DpmPp2mSde,
     /// The same with `solver_type="heun"` (A1111's `DPM++ 2M SDE Heun`).
     DpmPp2mSdeHeun,
+    /// [`Sampler::DpmPp2mSde`] with A1111's noise: Brownian trees seeded with the images' seeds
+    /// (what A1111 gives k-diffusion's `sample_dpmpp_2m_sde`), not the generators' draws.
+    DpmPp2mSdeBrownian,
+    /// The same for [`Sampler::DpmPp2mSdeHeun`].
+    DpmPp2mSdeHeunBrownian,
     /// DPMSolverSDEScheduler (A1111's `DPM++ SDE`): two UNet evaluations per step, Brownian-tree
     /// noise seeded per image.
     DpmPpSde,
+    /// k-diffusion's `sample_dpmpp_2s_ancestral` (A1111's `DPM++ 2S a`): two UNet evaluations
+    /// per step but the last, noise from the images' generators.
+    DpmPp2sAncestral,
+    /// k-diffusion's `sample_dpmpp_3m_sde` (A1111's `DPM++ 3M SDE`): Brownian-tree noise.
+    DpmPp3mSde,
     Lms,
     UniPc,
     /// HeunDiscreteScheduler (second order: two UNet evaluations per step but the last).
@@ -66,7 +77,11 @@ impl Sampler {
     /// samplers (A1111's `second_order`), which run it twice per step but the last.
     pub fn evaluations_per_step(self) -> usize {
         match self {
-            Sampler::DpmPpSde | Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2Ancestral => 2,
+            Sampler::DpmPpSde
+            | Sampler::DpmPp2sAncestral
+            | Sampler::Heun
+            | Sampler::Dpm2
+            | Sampler::Dpm2Ancestral => 2,
             _ => 1,
         }
     }
@@ -88,8 +103,16 @@ pub enum SchedulerKind {
     DpmPp2mSdeKarras,
     DpmPp2mSdeHeun,
     DpmPp2mSdeHeunKarras,
+    DpmPp2mSdeBrownian,
+    DpmPp2mSdeBrownianKarras,
+    DpmPp2mSdeHeunBrownian,
+    DpmPp2mSdeHeunBrownianKarras,
     DpmPpSde,
     DpmPpSdeKarras,
+    DpmPp2sAncestral,
+    DpmPp2sAncestralKarras,
+    DpmPp3mSde,
+    DpmPp3mSdeKarras,
     Lms,
     LmsKarras,
     UniPc,
@@ -108,7 +131,7 @@ pub enum SchedulerKind {
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 28] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 36] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -162,6 +185,30 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 28] = [
         true,
     ),
     (
+        SchedulerKind::DpmPp2mSdeBrownian,
+        "dpmpp_2m_sde_brownian",
+        Sampler::DpmPp2mSdeBrownian,
+        false,
+    ),
+    (
+        SchedulerKind::DpmPp2mSdeBrownianKarras,
+        "dpmpp_2m_sde_brownian_karras",
+        Sampler::DpmPp2mSdeBrownian,
+        true,
+    ),
+    (
+        SchedulerKind::DpmPp2mSdeHeunBrownian,
+        "dpmpp_2m_sde_heun_brownian",
+        Sampler::DpmPp2mSdeHeunBrownian,
+        false,
+    ),
+    (
+        SchedulerKind::DpmPp2mSdeHeunBrownianKarras,
+        "dpmpp_2m_sde_heun_brownian_karras",
+        Sampler::DpmPp2mSdeHeunBrownian,
+        true,
+    ),
+    (
         SchedulerKind::DpmPpSde,
         "dpmpp_sde",
         Sampler::DpmPpSde,
@@ -171,6 +218,30 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 28] = [
         SchedulerKind::DpmPpSdeKarras,
         "dpmpp_sde_karras",
         Sampler::DpmPpSde,
+        true,
+    ),
+    (
+        SchedulerKind::DpmPp2sAncestral,
+        "dpmpp_2s_ancestral",
+        Sampler::DpmPp2sAncestral,
+        false,
+    ),
+    (
+        SchedulerKind::DpmPp2sAncestralKarras,
+        "dpmpp_2s_ancestral_karras",
+        Sampler::DpmPp2sAncestral,
+        true,
+    ),
+    (
+        SchedulerKind::DpmPp3mSde,
+        "dpmpp_3m_sde",
+        Sampler::DpmPp3mSde,
+        false,
+    ),
+    (
+        SchedulerKind::DpmPp3mSdeKarras,
+        "dpmpp_3m_sde_karras",
+        Sampler::DpmPp3mSde,
         true,
     ),
     (SchedulerKind::Lms, "lms", Sampler::Lms, false),
@@ -275,7 +346,11 @@ impl SchedulerKind {
             | Sampler::Dpm2Ancestral
             | Sampler::DpmPpSde
             | Sampler::DpmPp2mSde
-            | Sampler::DpmPp2mSdeHeun => Some(1.0),
+            | Sampler::DpmPp2mSdeHeun
+            | Sampler::DpmPp2mSdeBrownian
+            | Sampler::DpmPp2mSdeHeunBrownian
+            | Sampler::DpmPp2sAncestral
+            | Sampler::DpmPp3mSde => Some(1.0),
             _ => None,
         }
     }
@@ -392,7 +467,14 @@ pub fn build_with(
         Sampler::DpmPp2m | Sampler::DpmPp2mSde | Sampler::DpmPp2mSdeHeun => {
             Box::new(dpm_solver::DpmSolverMultistep::new(cfg, n)?)
         }
+        Sampler::DpmPp2mSdeBrownian | Sampler::DpmPp2mSdeHeunBrownian => {
+            let mut s = dpm_solver::DpmSolverMultistep::new(cfg, n)?;
+            s.use_brownian_noise();
+            Box::new(s)
+        }
         Sampler::DpmPpSde => Box::new(dpm_sde::DpmSolverSde::new(cfg, n)?),
+        Sampler::DpmPp2sAncestral => Box::new(kdiffusion::DpmPp2sAncestral::new(cfg, n)?),
+        Sampler::DpmPp3mSde => Box::new(kdiffusion::DpmPp3mSde::new(cfg, n)?),
         Sampler::Lms => Box::new(lms::LmsDiscrete::new(cfg, n)?),
         Sampler::UniPc => Box::new(unipc::UniPcMultistep::new(cfg, n)?),
         Sampler::Heun => Box::new(heun::HeunDiscrete::new(cfg, n)?),

@@ -182,8 +182,10 @@ impl SchedulerKind {
         match self.sampler() {
             // The deterministic solver: the file's own choice unless it is a stochastic one.
             Sampler::DpmPp2m if stochastic => cfg.algorithm_type = Some("dpmsolver++".into()),
-            Sampler::DpmPp2mSde => cfg.algorithm_type = Some("sde-dpmsolver++".into()),
-            Sampler::DpmPp2mSdeHeun => {
+            Sampler::DpmPp2mSde | Sampler::DpmPp2mSdeBrownian => {
+                cfg.algorithm_type = Some("sde-dpmsolver++".into())
+            }
+            Sampler::DpmPp2mSdeHeun | Sampler::DpmPp2mSdeHeunBrownian => {
                 cfg.algorithm_type = Some("sde-dpmsolver++".into());
                 cfg.solver_type = Some("heun".into());
             }

@@ -35,10 +35,26 @@ pub enum SchedulerName {
     DpmPp2mSdeHeun,
     #[serde(rename = "dpmpp_2m_sde_heun_karras")]
     DpmPp2mSdeHeunKarras,
+    #[serde(rename = "dpmpp_2m_sde_brownian")]
+    DpmPp2mSdeBrownian,
+    #[serde(rename = "dpmpp_2m_sde_brownian_karras")]
+    DpmPp2mSdeBrownianKarras,
+    #[serde(rename = "dpmpp_2m_sde_heun_brownian")]
+    DpmPp2mSdeHeunBrownian,
+    #[serde(rename = "dpmpp_2m_sde_heun_brownian_karras")]
+    DpmPp2mSdeHeunBrownianKarras,
     #[serde(rename = "dpmpp_sde")]
     DpmPpSde,
     #[serde(rename = "dpmpp_sde_karras")]
     DpmPpSdeKarras,
+    #[serde(rename = "dpmpp_2s_ancestral")]
+    DpmPp2sAncestral,
+    #[serde(rename = "dpmpp_2s_ancestral_karras")]
+    DpmPp2sAncestralKarras,
+    #[serde(rename = "dpmpp_3m_sde")]
+    DpmPp3mSde,
+    #[serde(rename = "dpmpp_3m_sde_karras")]
+    DpmPp3mSdeKarras,
     #[serde(rename = "lms")]
     Lms,
     #[serde(rename = "lms_karras")]
@@ -126,17 +142,24 @@ pub struct GenerateRequest {
     pub guidance_scale: Option<f64>,
     /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
     /// `ddim` and `ddim_a1111` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
-    /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde`, `dpmpp_2m_sde` and `dpmpp_2m_sde_heun`
-    /// and their `_karras` names (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`,
-    /// `DPM++ SDE`, `DPM++ 2M SDE` and `DPM++ 2M SDE Heun` take); other schedulers have none and ignore it, as diffusers and A1111
-    /// do. Absent or null: the sampler's default, 0 for DDIM, 1 for the others (diffusers'
+    /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde`, `dpmpp_2m_sde`, `dpmpp_2m_sde_heun`,
+    /// `dpmpp_2s_ancestral` and `dpmpp_3m_sde` and their `_karras` names (k-diffusion's eta, what
+    /// A1111's `Euler a`, `DPM2 a`, `DPM++ SDE`, `DPM++ 2M SDE`, `DPM++ 2M SDE Heun`,
+    /// `DPM++ 2S a` and `DPM++ 3M SDE` take); other schedulers have none and ignore it, as
+    /// diffusers and A1111 do. Absent or null: the sampler's default, 0 for DDIM, 1 for the others (diffusers'
     /// schedulers).
     #[schema(minimum = 0.0, maximum = 1.0, nullable = true)]
     pub eta: Option<f64>,
     /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
-    /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a` and `lcm` add noise drawn from
-    /// the seed at every step; `dpmpp_sde`, `heun`, `dpm2` and `dpm2_a` run the UNet twice per
-    /// step but the last (2 * steps - 1 evaluations, which progress counts); `lcm` is for LCM
+    /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a`, `dpmpp_2s_ancestral`,
+    /// `dpmpp_3m_sde` and `lcm` add noise drawn from the seed at every step; `dpmpp_sde`, `heun`,
+    /// `dpm2`, `dpm2_a` and `dpmpp_2s_ancestral` run the UNet twice per step but the last
+    /// (2 * steps - 1 evaluations, which progress counts); `dpmpp_2s_ancestral` and
+    /// `dpmpp_3m_sde` are k-diffusion's samplers on A1111's sigmas (3M SDE drops the
+    /// next-to-last sigma as A1111 does, and its noise is a Brownian tree per image, as
+    /// `dpmpp_sde`'s); the `_brownian` names are `dpmpp_2m_sde` and `dpmpp_2m_sde_heun` with
+    /// that noise (A1111's, which its `DPM++ 2M SDE` and Heun run) instead of the seed's
+    /// generator draws; `lcm` is for LCM
     /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2); `ddim_a1111` and
     /// `plms_a1111` are A1111's own DDIM and PLMS (its timesteps, `steps - 1` updates when
     /// `steps` divides 1000, its img2img start with `step_rule` `a1111`), not diffusers' `ddim`

@@ -114,7 +114,7 @@ fn a1111_hires_rules_are_422s_naming_its_fields() {
             "1",
         ),
         (
-            json!({"hr_sampler_name": "DPM++ 3M SDE"}),
+            json!({"hr_sampler_name": "DPM++ 4M"}),
             "hr_sampler_name",
             "Euler a",
         ),

@@ -19,7 +19,7 @@ pub struct Sampler {
     pub automatic: SigmaSchedule,
 }
 
-pub const SAMPLERS: [Sampler; 14] = [
+pub const SAMPLERS: [Sampler; 16] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -44,16 +44,18 @@ pub const SAMPLERS: [Sampler; 14] = [
     Sampler {
         name: "DPM++ 2M SDE",
         aliases: &["k_dpmpp_2m_sde"],
-        uniform: SchedulerKind::DpmPp2mSde,
-        karras: Some(SchedulerKind::DpmPp2mSdeKarras),
+        // A1111's noise for it: Brownian trees seeded with the images' seeds (its
+        // `brownian_noise` option), not diffusers' generator draws (`dpmpp_2m_sde`).
+        uniform: SchedulerKind::DpmPp2mSdeBrownian,
+        karras: Some(SchedulerKind::DpmPp2mSdeBrownianKarras),
         // A1111 1.9+ lists it with `scheduler: exponential`.
         automatic: SigmaSchedule::Exponential,
     },
     Sampler {
         name: "DPM++ 2M SDE Heun",
         aliases: &["k_dpmpp_2m_sde_heun"],
-        uniform: SchedulerKind::DpmPp2mSdeHeun,
-        karras: Some(SchedulerKind::DpmPp2mSdeHeunKarras),
+        uniform: SchedulerKind::DpmPp2mSdeHeunBrownian,
+        karras: Some(SchedulerKind::DpmPp2mSdeHeunBrownianKarras),
         // k-diffusion's sample_dpmpp_2m_sde with `solver_type: heun`; exponential as above.
         automatic: SigmaSchedule::Exponential,
     },
@@ -125,6 +127,22 @@ pub const SAMPLERS: [Sampler; 14] = [
         karras: None,
         automatic: SigmaSchedule::Uniform,
     },
+    // k-diffusion's own samplers (no diffusers class), on A1111's sigmas; A1111 1.9+ lists
+    // 2S a with `scheduler: karras` and 3M SDE with `scheduler: exponential`.
+    Sampler {
+        name: "DPM++ 2S a",
+        aliases: &["k_dpmpp_2s_a"],
+        uniform: SchedulerKind::DpmPp2sAncestral,
+        karras: Some(SchedulerKind::DpmPp2sAncestralKarras),
+        automatic: SigmaSchedule::Karras,
+    },
+    Sampler {
+        name: "DPM++ 3M SDE",
+        aliases: &["k_dpmpp_3m_sde"],
+        uniform: SchedulerKind::DpmPp3mSde,
+        karras: Some(SchedulerKind::DpmPp3mSdeKarras),
+        automatic: SigmaSchedule::Exponential,
+    },
 ];
 
 /// A1111's schedules we can honour: (name, label). Its Polyexponential, SGM Uniform, KL Optimal,
@@ -168,6 +186,10 @@ pub fn a1111_names(kind: SchedulerKind) -> (&'static str, Option<&'static str>) 
             SchedulerKind::Pndm => Some(("PLMS", None)),
             SchedulerKind::UniPc => Some(("UniPC", Some("Uniform"))),
             SchedulerKind::UniPcKarras => Some(("UniPC", Some("Karras"))),
+            SchedulerKind::DpmPp2mSde => Some(("DPM++ 2M SDE", Some("Uniform"))),
+            SchedulerKind::DpmPp2mSdeKarras => Some(("DPM++ 2M SDE", Some("Karras"))),
+            SchedulerKind::DpmPp2mSdeHeun => Some(("DPM++ 2M SDE Heun", Some("Uniform"))),
+            SchedulerKind::DpmPp2mSdeHeunKarras => Some(("DPM++ 2M SDE Heun", Some("Karras"))),
             _ => None,
         })
         .unwrap_or((kind.name(), None))
@@ -351,9 +373,14 @@ mod tests {
             ("Euler a", SchedulerKind::EulerAncestralKarras),
             ("Euler", SchedulerKind::EulerKarras),
             ("LMS", SchedulerKind::LmsKarras),
-            ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSdeKarras),
-            ("DPM++ 2M SDE Heun", SchedulerKind::DpmPp2mSdeHeunKarras),
+            ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSdeBrownianKarras),
+            (
+                "DPM++ 2M SDE Heun",
+                SchedulerKind::DpmPp2mSdeHeunBrownianKarras,
+            ),
             ("DPM++ SDE", SchedulerKind::DpmPpSdeKarras),
+            ("DPM++ 2S a", SchedulerKind::DpmPp2sAncestralKarras),
+            ("DPM++ 3M SDE", SchedulerKind::DpmPp3mSdeKarras),
         ] {
             let k = r(Some(name), Some("Karras"));
             assert_eq!((k.kind, k.sampler, k.schedule), (karras, name, "Karras"));
@@ -365,11 +392,13 @@ mod tests {
             r(Some("Euler a"), Some("automatic")).kind,
             SchedulerKind::EulerAncestral
         );
-        // DPM++ 2M SDE and its Heun: A1111 1.9's automatic is its Exponential schedule.
+        // DPM++ 2M SDE, its Heun and 3M SDE: A1111 1.9's automatic is its Exponential schedule.
         for (name, kind) in [
-            ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSde),
-            ("DPM++ 2M SDE Heun", SchedulerKind::DpmPp2mSdeHeun),
-            ("k_dpmpp_2m_sde_heun", SchedulerKind::DpmPp2mSdeHeun),
+            ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSdeBrownian),
+            ("DPM++ 2M SDE Heun", SchedulerKind::DpmPp2mSdeHeunBrownian),
+            ("k_dpmpp_2m_sde_heun", SchedulerKind::DpmPp2mSdeHeunBrownian),
+            ("DPM++ 3M SDE", SchedulerKind::DpmPp3mSde),
+            ("k_dpmpp_3m_sde", SchedulerKind::DpmPp3mSde),
         ] {
             let k = r(Some(name), None);
             assert_eq!(
@@ -400,7 +429,7 @@ mod tests {
         assert_eq!(
             (k.kind, k.sigmas, k.schedule),
             (
-                SchedulerKind::DpmPp2mSde,
+                SchedulerKind::DpmPp2mSdeBrownian,
                 SigmaSchedule::Exponential,
                 "Exponential"
             )
@@ -418,7 +447,16 @@ mod tests {
         }
         assert_eq!(
             r(Some("k_dpmpp_2m_sde"), Some("Uniform")).kind,
-            SchedulerKind::DpmPp2mSde
+            SchedulerKind::DpmPp2mSdeBrownian
+        );
+        // The native diffusers-noise names still carry A1111's sampler names in infotexts.
+        assert_eq!(
+            a1111_names(SchedulerKind::DpmPp2mSdeKarras),
+            ("DPM++ 2M SDE", Some("Karras"))
+        );
+        assert_eq!(
+            a1111_names(SchedulerKind::DpmPp2mSdeBrownian),
+            ("DPM++ 2M SDE", Some("Uniform"))
         );
         // Heun, DPM2, DPM2 a (automatic: uniform, as A1111) and LCM (no Karras form).
         for (name, alias, uniform, karras) in [
@@ -457,6 +495,24 @@ mod tests {
             field_of(resolve_sampler("sampler_name", Some("LCM"), Some("Karras")).unwrap_err()),
             "scheduler"
         );
+        // DPM++ 2S a: Karras is its automatic schedule too.
+        let k = r(Some("DPM++ 2S a"), None);
+        assert_eq!(
+            (k.kind, k.sigmas, k.schedule),
+            (
+                SchedulerKind::DpmPp2sAncestralKarras,
+                SigmaSchedule::Karras,
+                "Automatic"
+            )
+        );
+        assert_eq!(
+            r(Some("k_dpmpp_2s_a"), Some("Uniform")).kind,
+            SchedulerKind::DpmPp2sAncestral
+        );
+        assert_eq!(
+            r(Some("DPM++ 2S a"), Some("Beta")).kind,
+            SchedulerKind::DpmPp2sAncestral
+        );
         // DPM++ SDE: A1111 lists it with the Karras schedule as its own.
         let k = r(Some("DPM++ SDE"), None);
         assert_eq!(
@@ -475,7 +531,7 @@ mod tests {
 
     #[test]
     fn unknown_samplers_and_schedules_are_named() {
-        let e = resolve_sampler("sampler_index", Some("DPM++ 3M SDE"), None).unwrap_err();
+        let e = resolve_sampler("sampler_index", Some("DPM++ 4M"), None).unwrap_err();
         let details = e.body().details.unwrap();
         assert!(details.starts_with("sampler_index:"), "{details}");
         for name in [
