@@ -70,7 +70,11 @@ class A1111Steps:
         ns = {"sd_samplers_common": types.SimpleNamespace(
                   setup_img2img_steps=common["setup_img2img_steps"]),
               "opts": self.opts, "shared": self.shared, "inspect": inspect, "torch": torch,
-              "ExtraNoiseParams": None, "extra_noise_callback": None,
+              # script_callbacks' ExtraNoiseParams and extra_noise_callback with no extension
+              # registered (the callback changes nothing).
+              "ExtraNoiseParams": lambda noise, x, xi: types.SimpleNamespace(
+                  noise=noise, x=x, xi=xi),
+              "extra_noise_callback": lambda params: None,
               "devices": types.SimpleNamespace(device="cpu")}
         kd, d2 = functions(os.path.join(mod, "sd_samplers_kdiffusion.py"),
                            ["KDiffusionSampler.sample_img2img"], dict(ns))
@@ -83,12 +87,14 @@ class A1111Steps:
         self.digests = {**d1, **d2, **d3}
 
     def slice(self, name, make_scheduler, steps, strength, *, fix_steps=False, hires=False,
-              x=None, noise=None):
+              x=None, noise=None, extra_noise=0.0):
         """A1111's img2img (or with `hires`, its hires pass) of `steps` at `strength` for our
         scheduler `name` (`make_scheduler()` builds it): dict(schedule_steps, start (the step
         run first), t_enc, count (A1111's progress total), xi (A1111's noised latents for `x`,
-        `noise`), first (its sigma, or timestep for DDIM/PLMS/UniPC))."""
+        `noise`, with the option `img2img_extra_noise` at `extra_noise`), first (its sigma, or
+        timestep for DDIM/PLMS/UniPC), infotext (the parameters it added))."""
         self.opts.img2img_fix_steps = fix_steps
+        self.opts.img2img_extra_noise = extra_noise
         seen = {}
         p = types.SimpleNamespace(steps=steps, denoising_strength=strength, cfg_scale=7.0,
                                   extra_generation_params={})
@@ -137,7 +143,7 @@ class A1111Steps:
             assert len(seen["sigma_sched"]) == t_enc + 2, (len(seen["sigma_sched"]), t_enc)
             seen["first"] = float(seen["sigma_sched"][0])
         return dict(schedule_steps=n, start=n - t_enc - 1, t_enc=t_enc, count=seen["count"],
-                    xi=seen["xi"], first=seen["first"])
+                    xi=seen["xi"], first=seen["first"], infotext=p.extra_generation_params)
 
 
 def a1111_img2img_class():

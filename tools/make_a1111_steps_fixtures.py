@@ -3,6 +3,11 @@
 tiny-a: A1111's own `setup_img2img_steps` and `sample_img2img` slicing (tools/a1111_steps.py)
 give the schedule, the step to start from and A1111's step count; diffusers' img2img runs that
 slice (its scheduler's timesteps from the step's first, `add_noise` at its noise level).
+The `.noise` cases add A1111's `img2img_extra_noise` and img2img's `initial_noise_multiplier`
+(processing.py: the noise times it before `sample_img2img`): their start is the latents
+A1111's own `sample_img2img` makes from the image latents and that noise (on a VP scheduler,
+DPMSolverMultistep's, times alpha_t = 1 / sqrt(1 + sigma^2)), put in place of diffusers'
+`add_noise`; the same case without them is far apart.
 
 Writes, under OUT (default crates/pipeline/tests/fixtures):
   a1111-steps.json          cases: the request (init image from images/, strength, rule), what
@@ -33,7 +38,8 @@ DEFAULT_OUT = os.path.join(REPO, "crates", "pipeline", "tests", "fixtures")
 BASE = dict(model="tiny-a", prompt="a photo of an astronaut riding a horse on mars",
             negative_prompt="blurry, low quality", width=32, height=32, guidance_scale=7.5,
             init_image="init-32x32.png", batch_size=1)
-# label: (scheduler, steps, strength, rule, seed[, batch_size]). Strengths where A1111's
+# label: (scheduler, steps, strength, rule, seed[, batch_size[, (extra_noise,
+# noise_multiplier)]]). Strengths where A1111's
 # float64 product truncates (0.7 * 10 = 6.999...), 1.0 (capped at 0.999), second-order
 # samplers' pairs, PNDM's repeated timestep, multistep warm-up from a later step.
 CASES = {
@@ -48,7 +54,14 @@ CASES = {
     "unipc.8.0.5": ("unipc", 8, 0.5, "a1111", 19),
     "lms.10.0.75.fix": ("lms", 10, 0.75, "a1111_fix_steps", 20),
     "dpmpp_2m.6.0.3.fix": ("dpmpp_2m", 6, 0.3, "a1111_fix_steps", 21),
+    "euler.10.0.6.noise": ("euler", 10, 0.6, "a1111", 22, 1, (0.3, 1.0)),
+    "euler_a.8.0.5.batch.noise": ("euler_a", 8, 0.5, "a1111", 23, 2, (0.15, 1.2)),
+    "ddim.10.0.7.noise": ("ddim", 10, 0.7, "a1111", 24, 1, (0.3, 1.0)),
+    "dpmpp_2m_karras.10.0.6.noise": ("dpmpp_2m_karras", 10, 0.6, "a1111", 25, 1, (0.3, 1.1)),
+    "lms.10.0.75.fix.noise": ("lms", 10, 0.75, "a1111_fix_steps", 26, 1, (0.0, 1.3)),
 }
+# diffusers' schedulers whose latents are VP samples (alpha_t * x + sigma_t * noise).
+VP = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler")
 
 
 def to_u8(images_np):
@@ -80,6 +93,7 @@ def main():
     for label, case in CASES.items():
         name, steps, strength, rule, seed = case[:5]
         batch = case[5] if len(case) > 5 else 1
+        extra, multiplier = case[6] if len(case) > 6 else (0.0, 1.0)
 
         def build(name=name):
             return make_scheduler(name, own)
@@ -96,13 +110,38 @@ def main():
         elif name not in ("unipc",):
             sigma = float(pipe.scheduler.sigmas[pipe.begin])
             assert abs(sigma - got["first"]) < 1e-6, (label, sigma, got["first"])
-        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-        out = pipe(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"], image=init,
-                   strength=strength, num_inference_steps=got["schedule_steps"],
-                   guidance_scale=BASE["guidance_scale"],
-                   generator=gens if batch > 1 else gens[0], num_images_per_prompt=batch,
-                   output_type="np").images
-        image = to_u8(out)
+        def run():
+            gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+            return to_u8(pipe(prompt=BASE["prompt"], negative_prompt=BASE["negative_prompt"],
+                              image=init, strength=strength,
+                              num_inference_steps=got["schedule_steps"],
+                              guidance_scale=BASE["guidance_scale"],
+                              generator=gens if batch > 1 else gens[0],
+                              num_images_per_prompt=batch, output_type="np").images)
+        noise_fields = {}
+        if len(case) > 6:
+            without = run()
+            seen = {}
+
+            def a1111_start(latents, noise, timestep, name=name, build=build, rule=rule,
+                            steps=steps, strength=strength, extra=extra, m=multiplier):
+                start = a1111.slice(name, build, steps, strength,
+                                    fix_steps=rule == "a1111_fix_steps", x=latents,
+                                    noise=noise * m, extra_noise=extra)
+                seen["infotext"] = start["infotext"]
+                xi = start["xi"]
+                if type(pipe.scheduler).__name__ in VP:
+                    xi = xi / (1 + start["first"] ** 2) ** 0.5
+                return xi
+            pipe.scheduler.add_noise = a1111_start
+            image = run()
+            apart_without = float((image.float() - without.float()).abs().mean())
+            assert apart_without > 1.0, f"{label}: the noise options change little ({apart_without})"
+            noise_fields = dict(extra_noise=extra, noise_multiplier=multiplier,
+                                a1111_infotext=seen["infotext"],
+                                without_noise_options_mean_abs_diff=round(apart_without, 3))
+        else:
+            image = run()
         # diffusers' own rule gives another image (what the Rust test must not match).
         plain.scheduler = build()
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
@@ -123,7 +162,7 @@ def main():
                             start=got["start"], t_enc=got["t_enc"], a1111_count=got["count"],
                             begin=pipe.begin, evaluations=evaluations,
                             diffusers_evaluations=diffusers_evaluations,
-                            diffusers_mean_abs_diff=round(apart, 3))
+                            diffusers_mean_abs_diff=round(apart, 3), **noise_fields)
         print(f"{label}: schedule {got['schedule_steps']}, start {got['start']}, "
               f"A1111 count {got['count']}, evaluations {evaluations}, "
               f"diffusers' rule {apart:.1f} apart")

@@ -2,7 +2,8 @@
 //! over the slice A1111's own `setup_img2img_steps` / `sample_img2img` give
 //! (`tools/make_a1111_steps_fixtures.py`, `a1111-steps.json`): the images, the UNet evaluations
 //! the step hook counts and the server announces, and the prompt schedule's span (A1111's
-//! `p.steps`, not the stretched schedule). diffusers' rule gives other images.
+//! `p.steps`, not the stretched schedule). diffusers' rule gives other images. The `.noise` cases
+//! add A1111's `img2img_extra_noise` and `initial_noise_multiplier`.
 
 mod common;
 
@@ -33,6 +34,10 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             strength: case["strength"].as_f64().unwrap(),
         }),
         step_rule: StepRule::from_name(case["step_rule"].as_str().unwrap()).unwrap(),
+        noise_multiplier: case
+            .get("noise_multiplier")
+            .map_or(1.0, |v| v.as_f64().unwrap()),
+        extra_noise: case.get("extra_noise").map_or(0.0, |v| v.as_f64().unwrap()),
         ..common::request_params(case)
     }
 }
@@ -43,11 +48,33 @@ fn a1111_img2img_matches_diffusers_over_a1111_s_slice() {
     let (failures, images) = common::image_case_failures(&cases, params_of, |label| {
         tensors[&format!("image.{label}")].clone()
     });
-    assert_eq!(images, 12);
+    assert_eq!(images, 18);
     assert!(
         failures.is_empty(),
         "differ from the reference: {failures:?}"
     );
+}
+
+/// The `.noise` cases (A1111's `img2img_extra_noise` and `initial_noise_multiplier`, on its own
+/// `sample_img2img`s' start) miss the reference without them.
+#[test]
+fn the_noise_cases_need_the_multiplier_and_the_extra_noise() {
+    let (cases, tensors) = load();
+    let noise: serde_json::Map<_, _> = cases
+        .into_iter()
+        .filter(|(label, _)| label.ends_with(".noise"))
+        .collect();
+    assert_eq!(noise.len(), 5);
+    let (failures, images) = common::image_case_failures(
+        &noise,
+        |case| GenerationParams {
+            noise_multiplier: 1.0,
+            extra_noise: 0.0,
+            ..params_of(case)
+        },
+        |label| tensors[&format!("image.{label}")].clone(),
+    );
+    assert_eq!(failures.len(), images, "{failures:?}");
 }
 
 #[test]

@@ -68,6 +68,8 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         ("batch_size", a.batch_size.map(|v| json!(v))),
         ("strength", a.strength.map(|v| json!(v))),
         ("step_rule", a.step_rule.as_ref().map(|v| json!(v))),
+        ("noise_multiplier", a.noise_multiplier.map(|v| json!(v))),
+        ("extra_noise", a.extra_noise.map(|v| json!(v))),
         ("resize_mode", a.resize_mode.as_ref().map(|v| json!(v))),
         ("tiling", a.tiling.then_some(json!(true))),
         ("prompt_syntax", a.prompt_syntax.as_ref().map(|v| json!(v))),

@@ -89,6 +89,14 @@ pub fn parameters_text(
     let vae = vae
         .map(|v| format!(", VAE hash: {}, VAE: {}", v.hash, v.name))
         .unwrap_or_default();
+    // A1111's `extra_generation_params` as `sample` and `sample_img2img` add them, before Eta.
+    let mut noise = String::new();
+    if p.init_image.is_some() && p.noise_multiplier != 1.0 {
+        noise.push_str(&format!(", Noise multiplier: {:?}", p.noise_multiplier));
+    }
+    if (p.init_image.is_some() || p.hires.is_some()) && p.extra_noise != 0.0 {
+        noise.push_str(&format!(", Extra noise: {:?}", p.extra_noise));
+    }
     // The sd-webui-controlnet extension's entries: one quoted list per unit.
     let controlnets: String = p
         .controlnets
@@ -110,7 +118,7 @@ pub fn parameters_text(
         })
         .collect();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{eta}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,
@@ -562,5 +570,39 @@ mod tests {
         assert_eq!(chunks[0].text, text);
         assert_eq!(read_parameters(&bytes).as_deref(), Some(text.as_str()));
         assert!(read_text_chunks(b"not a png").is_empty());
+    }
+
+    #[test]
+    fn noise_options_are_written_where_they_applied() {
+        let image = RgbImage {
+            width: 8,
+            height: 8,
+            pixels: vec![0; 8 * 8 * 3],
+        };
+        let init = sdserve_pipeline::pipeline::InitImage {
+            image,
+            mask: None,
+            strength: 0.5,
+        };
+        let noisy = GenerationParams {
+            noise_multiplier: 1.2,
+            extra_noise: 0.3,
+            scheduler: Some(SchedulerKind::EulerAncestral),
+            eta: Some(0.5),
+            ..Default::default()
+        };
+        // As A1111 adds them: `Noise multiplier` (processing), `Extra noise`, then `Eta`.
+        let img2img = GenerationParams {
+            init_image: Some(init),
+            ..noisy.clone()
+        };
+        let text = parameters_text(&img2img, "m@1", None);
+        assert!(
+            text.contains(", Noise multiplier: 1.2, Extra noise: 0.3, Eta: 0.5, Version"),
+            "{text}"
+        );
+        // Text-to-image without the hires pass starts from no image: neither applied.
+        let text = parameters_text(&noisy, "m@1", None);
+        assert!(!text.contains("noise"), "{text}");
     }
 }

@@ -273,6 +273,7 @@ impl StableDiffusion {
                 first,
                 Some(crop),
                 None,
+                1.0,
             )?
         } else {
             let Upscaler::Latent(how) = hires.upscaler.clone() else {
@@ -293,10 +294,13 @@ impl StableDiffusion {
             for (i, rng) in rngs.iter_mut().enumerate() {
                 let (_, c, lh, lw) = shape;
                 let noise = first.starting_noise(i, rng, (c, lh, lw), f, &self.device)?;
-                noised.push(pass.scheduler.add_start_noise(
-                    &up.narrow(0, i, 1)?,
+                noised.push(images_in::start_from_image(
+                    pass.scheduler.as_ref(),
+                    Some(&up.narrow(0, i, 1)?),
                     &noise,
                     pass.begin,
+                    1.0,
+                    first.extra_noise,
                 )?);
             }
             Tensor::cat(&noised, 0)?.to_dtype(self.dtype)?

@@ -280,7 +280,8 @@ impl StableDiffusion {
     /// hires pass, as A1111's `ImageRNG`) and resized by a seed resize. `crop` keeps part of
     /// each image's latents before the noise is drawn at its size (the hires pass's
     /// `truncate_x/y`); `resize` resizes them to `(h, w)` latent cells instead (A1111's latent
-    /// upscale of the init image, `resize_mode` 3).
+    /// upscale of the init image, `resize_mode` 3). The noise is `multiplier` times the drawn
+    /// one ([`GenerationParams::noise_multiplier`], 1 in the hires pass).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn noised_image_latents(
         &self,
@@ -291,6 +292,7 @@ impl StableDiffusion {
         params: &GenerationParams,
         crop: Option<LatentCrop>,
         resize: Option<(usize, usize)>,
+        multiplier: f64,
     ) -> Result<Tensor> {
         let dists = self.encode_images(images)?;
         let sf = self.vae_scaling_factor;
@@ -307,7 +309,14 @@ impl StableDiffusion {
             let (_, c, h, w) = image_latents.dims4()?;
             let f = self.vae_scale_factor;
             let noise = params.starting_noise(i, rng, (c, h, w), f, &self.device)?;
-            latents.push(scheduler.add_start_noise(&image_latents, &noise, begin)?);
+            latents.push(start_from_image(
+                scheduler,
+                Some(&image_latents),
+                &noise,
+                begin,
+                multiplier,
+                params.extra_noise,
+            )?);
         }
         Ok(Tensor::cat(&latents, 0)?.to_dtype(self.dtype)?)
     }
@@ -347,6 +356,7 @@ impl StableDiffusion {
                     params,
                     None,
                     resize,
+                    params.noise_multiplier,
                 )?,
                 inpaint: None,
             });
@@ -407,10 +417,14 @@ impl StableDiffusion {
                 ),
                 (lat, ..) => lat,
             };
-            latents.push(match (&image_lat, from_noise) {
-                (Some(lat), false) => scheduler.add_start_noise(lat, &noise, begin)?,
-                _ => (&noise * scheduler.init_noise_sigma())?,
-            });
+            latents.push(start_from_image(
+                scheduler,
+                image_lat.as_ref().filter(|_| !from_noise),
+                &noise,
+                begin,
+                params.noise_multiplier,
+                params.extra_noise,
+            )?);
             if let Some(d) = &masked_dist {
                 masked_latents.push((d.sample(rng)? * sf)?);
             }
@@ -446,4 +460,36 @@ impl StableDiffusion {
             inpaint: Some(InpaintState { mask, kind }),
         })
     }
+}
+
+/// A pass's start from an image's latents `image` (`None`: pure noise,
+/// `noise * init_noise_sigma`): `add_start_noise(image, multiplier * noise)`, then A1111's extra
+/// noise (`img2img_extra_noise`): `extra * multiplier * noise` in k-diffusion's sigma units,
+/// which each scheduler carries as it carries a clean latent (`add_start_noise(noise, 0)`: the
+/// noise itself on sigma schedules, `sqrt(alphas_cumprod) * noise` on A1111's timesteps
+/// samplers, `alpha_t * noise` on VP ones), as both of A1111's `sample_img2img`s add it.
+pub(super) fn start_from_image(
+    scheduler: &dyn Scheduler,
+    image: Option<&Tensor>,
+    noise: &Tensor,
+    begin: usize,
+    multiplier: f64,
+    extra: f64,
+) -> Result<Tensor> {
+    let scaled;
+    let noise = if multiplier == 1.0 {
+        noise
+    } else {
+        scaled = (noise * multiplier)?;
+        &scaled
+    };
+    let start = match image {
+        Some(image) => scheduler.add_start_noise(image, noise, begin)?,
+        None => (noise * scheduler.init_noise_sigma())?,
+    };
+    if extra == 0.0 {
+        return Ok(start);
+    }
+    let carried = scheduler.add_start_noise(&(noise * extra)?, &noise.zeros_like()?, begin)?;
+    Ok((start + carried)?)
 }

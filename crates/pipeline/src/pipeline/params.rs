@@ -62,6 +62,12 @@ pub struct GenerationParams {
     /// Which steps an init image's strength (and the hires pass's) runs: diffusers' rule or
     /// A1111's ([`StepRule`]).
     pub step_rule: StepRule,
+    /// With an init image: its starting noise times this (A1111's `initial_noise_multiplier`,
+    /// img2img and inpainting; not the hires pass). 1: off.
+    pub noise_multiplier: f64,
+    /// With an init image and in the hires pass: `extra_noise * noise` more on the start, in
+    /// k-diffusion's sigma units (A1111's `img2img_extra_noise`). 0: off.
+    pub extra_noise: f64,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -93,6 +99,8 @@ impl Default for GenerationParams {
             controlnets: Vec::new(),
             a1111_inpaint: None,
             step_rule: StepRule::Diffusers,
+            noise_multiplier: 1.0,
+            extra_noise: 0.0,
         }
     }
 }

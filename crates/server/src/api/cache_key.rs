@@ -30,6 +30,11 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         p.step_rule
     );
     let images = format!("{images}\u{0}{:?}", p.resize_mode);
+    let images = format!(
+        "{images}\u{0}noise {:016x} {:016x}",
+        p.noise_multiplier.to_bits(),
+        p.extra_noise.to_bits()
+    );
     // Each ControlNet by name (its file is in the model part), control image and numbers.
     let controlnets: Vec<_> = p
         .controlnets

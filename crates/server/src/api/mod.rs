@@ -321,11 +321,12 @@ mod tests {
         let missing: Vec<&str> = crate::validate::FIELDS
             .iter()
             .copied()
-            // `strength` and `resize_mode` need an image, which generations have none of;
+            // `strength`, `resize_mode` and `noise_multiplier` need an image, which generations
+            // have none of;
             // `inpaint` needs a mask, and edits keep diffusers' inpainting (README).
             .filter(|f| {
                 !openai::translate::MAPPED.contains(f)
-                    && !["strength", "resize_mode", "inpaint"].contains(f)
+                    && !["strength", "resize_mode", "noise_multiplier", "inpaint"].contains(f)
             })
             .filter(|f| !props.contains_key(*f))
             .collect();

@@ -481,6 +481,8 @@ pub(crate) fn job_spec(
         "resize_mode": crate::validate::resize_mode::name(params.resize_mode),
         "strength": params.init_image.as_ref().map(|i| i.strength),
         "step_rule": params.step_rule.name(),
+        "noise_multiplier": params.noise_multiplier,
+        "extra_noise": params.extra_noise,
         "model": req.model,
         "vae": vae.as_ref().map(|v| &v.name),
         "hires": req.hires.as_ref().map(|h| serde_json::json!({

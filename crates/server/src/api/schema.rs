@@ -224,6 +224,28 @@ pub struct GenerateRequest {
     /// the hires pass (A1111's option `img2img_fix_steps`).
     #[schema(nullable = true, default = "diffusers")]
     pub step_rule: Option<StepRuleName>,
+    /// With init_image: its starting noise times this (A1111's `initial_noise_multiplier`;
+    /// not the hires pass). Ignored without init_image.
+    #[schema(
+        nullable = true,
+        minimum = 0.0,
+        maximum = 1.5,
+        default = 1.0,
+        example = 1.05
+    )]
+    pub noise_multiplier: Option<f64>,
+    /// With init_image and in the hires pass: this much more of the starting noise on top, in
+    /// sigma units (A1111's `img2img_extra_noise`: `x + (sigma + extra_noise) * noise` at the
+    /// first step; on DDIM, PLMS and UniPC `sqrt(alphas_cumprod)` times it). 0: none. Ignored
+    /// without either.
+    #[schema(
+        nullable = true,
+        minimum = 0.0,
+        maximum = 1.0,
+        default = 0.0,
+        example = 0.05
+    )]
+    pub extra_noise: Option<f64>,
     /// With init_image: how it (and mask_image) is fitted to width x height, as A1111
     /// img2img's `resize_mode`: `just_resize` stretches it (Lanczos), `crop_and_resize` covers
     /// the size and crops the centre, `resize_and_fill` fits it and fills the borders with its
@@ -490,6 +512,13 @@ pub struct GenerateMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "a1111")]
     pub step_rule: Option<String>,
+    /// The request's `noise_multiplier` where it applied (an init image) and is not 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// The request's `extra_noise` where it applied (an init image or the hires fix) and is
+    /// not 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_noise: Option<f64>,
     /// With the hires fix: its second pass, whose size the images have; null without.
     #[serde(default)]
     pub hires: Option<HiresMetadata>,

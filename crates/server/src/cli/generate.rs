@@ -42,6 +42,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub step_rule: Option<String>,
     #[arg(long)]
+    pub noise_multiplier: Option<f64>,
+    #[arg(long)]
+    pub extra_noise: Option<f64>,
+    #[arg(long)]
     pub resize_mode: Option<String>,
     #[arg(long, visible_alias = "mask")]
     pub mask_image: Option<PathBuf>,
@@ -201,6 +205,14 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "step_rule",
             "Which steps --strength runs: diffusers (int(steps * strength) of the schedule), a1111 (A1111 1.10: int(min(strength, 0.999) * steps) + 1; the hires pass its steps of a schedule stretched to int(steps / strength)), a1111_fix_steps (img2img as the hires pass) [default: diffusers]".to_string(),
+        ),
+        (
+            "noise_multiplier",
+            "With --init-image: its starting noise times this, 0..=1.5 (A1111's initial_noise_multiplier) [default: 1]".to_string(),
+        ),
+        (
+            "extra_noise",
+            "With --init-image or the hires fix (--hires-*): this much more noise at the start, in sigma units, 0..=1 (A1111's img2img_extra_noise) [default: 0]".to_string(),
         ),
         (
             "resize_mode",

@@ -251,6 +251,10 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             mode: Mode::of(p).name().to_string(),
             step_rule: (p.init_image.is_some() || p.hires.is_some())
                 .then(|| p.step_rule.name().to_string()),
+            noise_multiplier: (p.init_image.is_some() && p.noise_multiplier != 1.0)
+                .then_some(p.noise_multiplier),
+            extra_noise: ((p.init_image.is_some() || p.hires.is_some()) && p.extra_noise != 0.0)
+                .then_some(p.extra_noise),
             prompt: p.prompt.clone(),
             negative_prompt: p.negative_prompt.clone(),
             steps: p.steps as u32,

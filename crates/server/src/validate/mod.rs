@@ -60,7 +60,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 30] = [
+pub const FIELDS: [&str; 32] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -90,6 +90,8 @@ pub const FIELDS: [&str; 30] = [
     "controlnets",
     "inpaint",
     "step_rule",
+    "noise_multiplier",
+    "extra_noise",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];
@@ -291,6 +293,9 @@ pub fn validate_request(
     let strength = r.number("strength", 0.0, 1.0);
     let step_rule = r.choice("step_rule", &steps::CHOICES).unwrap_or_default();
     let has_init = r.value("init_image").is_some();
+    // A1111's slider ranges; ignored where nothing starts from an image, as strength.
+    let noise_multiplier = r.number("noise_multiplier", 0.0, 1.5);
+    let extra_noise = r.number("extra_noise", 0.0, 1.0);
     // Ignored without init_image, as strength (the schema's every value is a valid request).
     let resize_mode = r
         .choice("resize_mode", &resize_mode::CHOICES)
@@ -431,6 +436,8 @@ pub fn validate_request(
         resize_mode,
         strength: strength.unwrap_or(STRENGTH_DEFAULT),
         step_rule,
+        noise_multiplier: noise_multiplier.unwrap_or(1.0),
+        extra_noise: extra_noise.unwrap_or(0.0),
         hires: None,
         model,
         vae,

@@ -52,6 +52,10 @@ pub struct ValidRequest {
     pub strength: f64,
     /// Which steps `strength` (and the hires pass's) runs: diffusers' rule or A1111's.
     pub step_rule: StepRule,
+    /// With an init image: its starting noise times this (`noise_multiplier`).
+    pub noise_multiplier: f64,
+    /// With an init image or the hires fix: more noise at the start (`extra_noise`).
+    pub extra_noise: f64,
     /// The hires fix: a second pass at a larger size (text-to-image only; from the native
     /// `hires` object or A1111's `enable_hr`, both through [`hires::validate_hires`]).
     pub hires: Option<hires::ValidHires>,
@@ -165,6 +169,8 @@ impl ValidRequest {
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),
             step_rule: self.step_rule,
+            noise_multiplier: self.noise_multiplier,
+            extra_noise: self.extra_noise,
         }
     }
 }

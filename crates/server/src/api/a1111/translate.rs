@@ -53,7 +53,7 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 23] = [
+pub const FIELD_NAMES: [(&str, &str); 25] = [
     // The object comes with the mask: a mask that failed its rules leaves it nothing to do.
     ("inpaint", "mask"),
     ("inpaint.mask_blur", "mask_blur"),
@@ -77,11 +77,13 @@ pub const FIELD_NAMES: [(&str, &str); 23] = [
     ("clip_skip", "override_settings.CLIP_stop_at_last_layers"),
     ("batch_size", "batch_size"),
     ("vae", "override_settings.sd_vae"),
+    ("noise_multiplier", "initial_noise_multiplier"),
+    ("extra_noise", "override_settings.img2img_extra_noise"),
     ("controlnets", super::controlnet::FIELD),
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 43] = [
+const USED: [&str; 44] = [
     "enable_hr",
     "resize_mode",
     "hr_scale",
@@ -125,6 +127,7 @@ const USED: [&str; 43] = [
     "seed_resize_from_h",
     "styles",
     "alwayson_scripts",
+    "initial_noise_multiplier",
 ];
 
 /// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
@@ -456,6 +459,16 @@ pub fn translate(
             "a1111"
         };
         native.insert("step_rule".into(), json!(rule));
+        // A1111 1.10's `img2img_extra_noise` (both `sample_img2img`s: img2img and the hires
+        // pass) and img2img's `initial_noise_multiplier` (the request's, else the option's).
+        if let Some(v) = setting("img2img_extra_noise") {
+            native.insert("extra_noise".into(), v.clone());
+        }
+        let multiplier =
+            get(body, "initial_noise_multiplier").or_else(|| setting("initial_noise_multiplier"));
+        if let (Mode::Img2Img, Some(v)) = (mode, multiplier) {
+            native.insert("noise_multiplier".into(), v.clone());
+        }
     }
 
     // A1111's prompt defaults to "" (webuiapi sends that): empty is fine here, not natively.

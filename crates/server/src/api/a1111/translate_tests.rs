@@ -541,3 +541,61 @@ fn eta_goes_to_the_sampler_as_a1111_gives_it() {
         assert_eq!(field_of(e), "eta");
     }
 }
+
+#[test]
+fn noise_multiplier_and_extra_noise_go_where_a1111_applies_them() {
+    use base64::Engine;
+    let img = sdserve_pipeline::pipeline::RgbImage {
+        width: 64,
+        height: 64,
+        pixels: vec![90; 64 * 64 * 3],
+    };
+    let img =
+        base64::engine::general_purpose::STANDARD.encode(crate::png::encode(&img, "").unwrap());
+    let run = |body: Value, mode: Mode, options: &Map<String, Value>| {
+        translate(body.as_object().unwrap(), mode, options, || 1)
+    };
+    let none = Map::new();
+    // img2img: the request's `initial_noise_multiplier`, else the option; `img2img_extra_noise`
+    // from `override_settings` over `POST options`.
+    let body = json!({"prompt": "p", "init_images": [img], "width": 256, "height": 256,
+                      "initial_noise_multiplier": 1.2,
+                      "override_settings": {"img2img_extra_noise": 0.3}});
+    let t = run(body, Mode::Img2Img, &none).unwrap();
+    assert_eq!(
+        (
+            t.native["noise_multiplier"].clone(),
+            t.native["extra_noise"].clone()
+        ),
+        (json!(1.2), json!(0.3))
+    );
+    assert_eq!((t.valid.noise_multiplier, t.valid.extra_noise), (1.2, 0.3));
+    let options = Map::from_iter([
+        ("initial_noise_multiplier".to_string(), json!(0.8)),
+        ("img2img_extra_noise".to_string(), json!(0.1)),
+    ]);
+    let body = json!({"prompt": "p", "init_images": [img], "width": 256, "height": 256});
+    let t = run(body, Mode::Img2Img, &options).unwrap();
+    assert_eq!((t.valid.noise_multiplier, t.valid.extra_noise), (0.8, 0.1));
+    // txt2img: the multiplier is img2img's; the extra noise reaches the hires pass only.
+    let hires = json!({"prompt": "p", "enable_hr": true, "width": 256, "height": 256,
+                       "initial_noise_multiplier": 1.2});
+    let t = run(hires, Mode::Txt2Img, &options).unwrap();
+    assert_eq!((t.valid.noise_multiplier, t.valid.extra_noise), (1.0, 0.1));
+    let plain = run(json!({"prompt": "p"}), Mode::Txt2Img, &options).unwrap();
+    assert!(!plain.native.contains_key("extra_noise"));
+    assert_eq!(plain.valid.extra_noise, 0.0);
+    // Out of A1111's slider ranges: a 422 naming A1111's field.
+    let bad = json!({"prompt": "p", "init_images": [img], "width": 256, "height": 256,
+                     "initial_noise_multiplier": 2.0});
+    assert_eq!(
+        field_of(run(bad, Mode::Img2Img, &none).unwrap_err()),
+        "initial_noise_multiplier"
+    );
+    let bad = json!({"prompt": "p", "init_images": [img], "width": 256, "height": 256,
+                     "override_settings": {"img2img_extra_noise": "lots"}});
+    assert_eq!(
+        field_of(run(bad, Mode::Img2Img, &none).unwrap_err()),
+        "override_settings.img2img_extra_noise"
+    );
+}

@@ -56,6 +56,10 @@ pub struct GenerationRequest {
     /// default, or A1111 1.10's `a1111`: its steps of a stretched schedule).
     #[schema(nullable = true, default = "diffusers")]
     pub step_rule: Option<crate::api::StepRuleName>,
+    /// Our extra, as natively: more noise at the hires pass's start, in sigma units (A1111's
+    /// `img2img_extra_noise`; 0, the default, adds none).
+    #[schema(nullable = true, minimum = 0.0, maximum = 1.0, default = 0.0)]
+    pub extra_noise: Option<f64>,
     /// Our extras as natively: A1111's prompt syntax (`a1111`, the default, or `plain`),
     /// clip skip and LoRAs.
     #[schema(nullable = true, default = "a1111")]

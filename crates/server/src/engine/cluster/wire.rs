@@ -126,6 +126,11 @@ pub struct WireSpec {
     /// The step rule's API name (absent from older replicas' jobs: diffusers').
     #[serde(default)]
     step_rule: Option<String>,
+    /// Absent from older replicas' jobs: 1 and 0, what they ran.
+    #[serde(default = "one")]
+    noise_multiplier: f64,
+    #[serde(default)]
+    extra_noise: f64,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -217,6 +222,8 @@ impl WireSpec {
             inpaint_mask_round: p.a1111_inpaint.as_ref().map(|o| o.mask_round),
             resize_mode: p.resize_mode.a1111_index(),
             step_rule: Some(p.step_rule.name().to_string()),
+            noise_multiplier: p.noise_multiplier,
+            extra_noise: p.extra_noise,
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -341,6 +348,8 @@ impl WireSpec {
                     None => StepRule::Diffusers,
                     Some(name) => StepRule::from_name(name).ok_or(format!("step rule {name:?}"))?,
                 },
+                noise_multiplier: self.noise_multiplier,
+                extra_noise: self.extra_noise,
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),
@@ -572,3 +581,8 @@ pub struct Heartbeat {
 #[cfg(test)]
 #[path = "wire_tests.rs"]
 mod tests;
+
+/// serde's default for a multiplier absent from an older replica's job.
+fn one() -> f64 {
+    1.0
+}
