@@ -1,6 +1,6 @@
 //! ANNOTATOR_DIR: the weights of the model-based ControlNet preprocessors, under the
 //! sd-webui-controlnet extension's file names (`ControlNetHED.pth`, `sk_model.pth`,
-//! `sk_model2.pth`, `netG.pth`, `erika.pth`, ... from the hub repo `lllyasviel/Annotators`,
+//! `sk_model2.pth`, `netG.pth`, `erika.pth`, `body_pose_model.pth`, ... from the hub repo `lllyasviel/Annotators`,
 //! `7_model.pth` from `bdsqlsz/qinglong_controlnet-lllite`'s `Annotators/`, `MTEED.pth` from
 //! `TheMistoAI/MistoLine`'s `Anyline/`, `depth_anything_v2_vitl.safetensors` from
 //! `MackinationsAi/Depth-Anything-V2_Safetensors`: each file's `hub`), either in the
@@ -247,7 +247,8 @@ mod tests {
                 "netG.pth",
                 "erika.pth",
                 "table5_pidinet.pth",
-                "mlsd_large_512_fp32.pth"
+                "mlsd_large_512_fp32.pth",
+                "body_pose_model.pth"
             ]
         )));
     }

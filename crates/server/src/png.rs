@@ -300,7 +300,8 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::SoftedgePidinet { .. }
         | Preprocessor::SoftedgePidisafe { .. }
         | Preprocessor::ScribblePidinet { .. }
-        | Preprocessor::DepthAnythingV2 { .. } => (hidden.clone(), hidden.clone()),
+        | Preprocessor::DepthAnythingV2 { .. }
+        | Preprocessor::Openpose { .. } => (hidden.clone(), hidden.clone()),
         Preprocessor::Mlsd {
             value_threshold,
             distance_threshold,

@@ -355,6 +355,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "shuffle",
             "scribble_xdog",
             "scribble_hed",
+            "openpose",
             "lineart",
             "lineart_coarse",
             "lineart_anime_denoise",
@@ -424,7 +425,13 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert_eq!(labels["module_list"][12], "softedge_hedsafe");
     assert_eq!(labels["module_list"][13], "softedge_hed");
     assert_eq!(labels["module_list"][14], "softedge_anyline");
-    assert_eq!(labels["module_list"][18], "lineart_realistic");
+    assert_eq!(labels["module_list"][18], "openpose");
+    assert_eq!(labels["module_list"][19], "lineart_realistic");
+    assert_eq!(
+        listed["module_detail"]["openpose"],
+        json!({"model_free": false, "sliders": [
+            {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]})
+    );
     // `PreprocessorTEED`'s sliders: the class's resolution and `Safe Steps`.
     assert_eq!(
         listed["module_detail"]["softedge_teed"],

@@ -7,8 +7,8 @@
 use candle_core::{Device, Tensor};
 use sdserve_pipeline::controlnet::preprocess::{
     body_outputs, body_pose, draw_bodies, ellipse2poly, fill_circle, fill_convex_poly, network,
-    openpose_body, outputs_to_image, resize_area_f32, resize_image_with_pad, resize_lanczos4_f32,
-    resize_lanczos4_u8, BodyNetwork, Canvas, LoadedNetworks, Maps, Padded, BODY_POSE,
+    outputs_to_image, resize_area_f32, resize_lanczos4_f32, resize_lanczos4_u8, BodyNetwork,
+    Canvas, LoadedNetworks, Maps, Preprocessor, BODY_POSE,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -226,17 +226,6 @@ fn crafted_outputs_give_the_extension_s_people_keypoints_and_map() {
     }
 }
 
-/// The legacy `openpose` module: the padded image's body map, the pad cropped.
-fn openpose_module(net: &BodyNetwork, image: &RgbImage, res: u32) -> RgbImage {
-    let padded = resize_image_with_pad(image, res);
-    let (map, _) = openpose_body(net, &padded.image).unwrap();
-    Padded {
-        image: map,
-        ..padded
-    }
-    .crop_rgb()
-}
-
 /// The fixture script's formula weights (its docstring), as a safetensors file.
 fn formula_network(t: &Refs) -> std::path::PathBuf {
     let mut tensors = std::collections::HashMap::new();
@@ -311,13 +300,23 @@ fn the_body_network_with_formula_weights_agrees_to_float_noise() {
         let res = case["resolution"].as_u64().unwrap() as u32;
         let image = t.image(&format!("net.{name}.image"));
         let want = t.image(&format!("net.{name}.whole"));
-        let got = openpose_module(&net, &image, res);
+        let (got, poses) = Preprocessor::Openpose { resolution: res }
+            .run_with_poses(&image, &nets)
+            .unwrap();
+        let poses = poses.unwrap();
+        let padded = t.image(&format!("net.{name}.padded"));
+        assert_eq!(
+            (poses.people.len(), poses.canvas_width, poses.canvas_height),
+            (0, padded.width, padded.height)
+        );
         assert_eq!(compare(&got, &want, name), (0, 0), "{name}: the map");
     }
     // One 512 map at the real widths (these weights have the real file's shapes), timed.
     let image = t.image("net.square.image");
     let start = std::time::Instant::now();
-    let map = openpose_module(&net, &image, 512);
+    let map = Preprocessor::Openpose { resolution: 512 }
+        .run_with(&image, &nets)
+        .unwrap();
     println!(
         "openpose at 512 ({}x{}): {:.2} s",
         map.width,

@@ -119,9 +119,11 @@ pub struct ControlNetPreprocessor {
     /// network's straight line segments, one pixel wide, white on black
     /// (`mlsd_large_512_fp32.pth` in ANNOTATOR_DIR); `depth_anything_v2`: Depth Anything V2's
     /// relative depth, near light, min-max scaled to 0..255, grey
-    /// (`depth_anything_v2_vitl.safetensors` in ANNOTATOR_DIR); `none`: the image is the map.
-    /// Other model-based preprocessors (other depth ones, openpose, ...) are not run here: send
-    /// their map as `image`.
+    /// (`depth_anything_v2_vitl.safetensors` in ANNOTATOR_DIR); `openpose`: OpenPose's body
+    /// keypoints of each person found, coloured limbs and joints on black
+    /// (`body_pose_model.pth` in ANNOTATOR_DIR); `none`: the image is the map.
+    /// Other model-based preprocessors (other depth ones, openpose's hand and face ones, ...)
+    /// are not run here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
     /// `canny`: the hysteresis's low threshold on the L1 gradient (the extension's slider).
@@ -214,6 +216,7 @@ pub enum PreprocessorType {
     SoftedgeAnyline,
     Mlsd,
     DepthAnythingV2,
+    Openpose,
 }
 
 /// A ControlNet a result was made with.

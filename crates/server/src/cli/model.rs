@@ -130,7 +130,8 @@ pub struct ModelArgs {
     /// (`TEED/`, from bdsqlsz/qinglong_controlnet-lllite) runs `softedge_teed`; `MTEED.pth`
     /// (`TEED/`, from TheMistoAI/MistoLine) runs `softedge_anyline`; `mlsd_large_512_fp32.pth` (`mlsd/`)
     /// runs `mlsd`; `depth_anything_v2_vitl.safetensors` (`depth_anything_v2/`, from
-    /// MackinationsAi/Depth-Anything-V2_Safetensors) runs `depth_anything_v2`. A file it lacks
+    /// MackinationsAi/Depth-Anything-V2_Safetensors) runs `depth_anything_v2`;
+    /// `body_pose_model.pth` (`openpose/`) runs `openpose`. A file it lacks
     /// is taken
     /// from the model cache, where `sdserve download --annotators` puts them. Each read once, on
     /// the CPU (a replaced file again); without its file a module is a 422 naming the file.

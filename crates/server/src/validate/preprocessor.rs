@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use sdserve_pipeline::controlnet::preprocess::Preprocessor;
+use sdserve_pipeline::controlnet::preprocess::{Poses, Preprocessor};
 use sdserve_pipeline::pipeline::RgbImage;
 
 use crate::api::{ControlNetPreprocessor, PreprocessorType};
@@ -43,7 +43,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything_v2\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything_v2\", \"openpose\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -65,7 +65,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
         "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
         | "lineart_realistic" | "lineart_coarse" | "lineart_anime" | "lineart_anime_denoise"
-        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" | "depth_anything_v2" => {
+        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" | "depth_anything_v2"
+        | "openpose" => {
             &["type", "resolution"]
         }
         "blur_gaussian" => &["type", "sigma", "resolution"],
@@ -206,6 +207,9 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "depth_anything_v2" => Preprocessor::DepthAnythingV2 {
             resolution: resolution()?,
         },
+        "openpose" => Preprocessor::Openpose {
+            resolution: resolution()?,
+        },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
             resolution: resolution()?,
@@ -231,6 +235,15 @@ fn anyline_resolution(resolution: u32, field: &str) -> Result<(), String> {
 /// tile_resample's shrink must leave a pixel a side (OpenCV refuses an empty size); a
 /// model-based module needs its file in ANNOTATOR_DIR (`[i].preprocessor.type` names both).
 pub fn run(p: &Preprocessor, image: &RgbImage, i: usize) -> Result<RgbImage, String> {
+    run_with_poses(p, image, i).map(|(map, _)| map)
+}
+
+/// [`run`], and the OpenPose modules' people as the extension's pose JSON ([`pose_json`]).
+pub fn run_with_poses(
+    p: &Preprocessor,
+    image: &RgbImage,
+    i: usize,
+) -> Result<(RgbImage, Option<Value>), String> {
     let (w, h) = p.map_size(image.width, image.height);
     if let Preprocessor::TileResample { down_sampling_rate } = p {
         if w == 0 || h == 0 {
@@ -256,14 +269,48 @@ pub fn run(p: &Preprocessor, image: &RgbImage, i: usize) -> Result<RgbImage, Str
     if let Preprocessor::SoftedgeAnyline { resolution, .. } = p {
         anyline_resolution(*resolution, &format!("[{i}].preprocessor"))?;
     }
-    p.run_with(image, crate::annotators::AnnotatorStore::shared())
+    let (map, poses) = p
+        .run_with_poses(image, crate::annotators::AnnotatorStore::shared())
         .map_err(|e| {
             let why = match e {
                 sdserve_pipeline::PipelineError::InvalidRequest(why) => why,
                 other => other.to_string(),
             };
             format!("[{i}].preprocessor.type: {:?} {why}", p.module())
+        })?;
+    Ok((map, poses.as_ref().map(pose_json)))
+}
+
+/// The extension's pose JSON of `poses` (`encode_poses_as_json`): `people` with
+/// `pose_keypoints_2d` as x / W, y / H, 1 per keypoint (0, 0, 0 where none), the hand and face
+/// lists null (body only); `animals` empty; the padded image's `canvas_height` and
+/// `canvas_width`.
+pub fn pose_json(poses: &Poses) -> Value {
+    let people: Vec<Value> = poses
+        .people
+        .iter()
+        .map(|body| {
+            let flat: Vec<f64> = body
+                .iter()
+                .flat_map(|k| match k {
+                    Some((x, y)) => [*x, *y, 1.0],
+                    None => [0.0, 0.0, 0.0],
+                })
+                .collect();
+            serde_json::json!({
+                "pose_keypoints_2d": flat,
+                "face_keypoints_2d": null,
+                "hand_left_keypoints_2d": null,
+                "hand_right_keypoints_2d": null,
+            })
         })
+        .collect();
+    serde_json::json!({
+        "people": people,
+        "animals": [],
+        "canvas_height": poses.canvas_height,
+        "canvas_width": poses.canvas_width,
+    })
 }
 
 /// The metadata's and the wire's form, every setting written.
@@ -342,6 +389,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
             ..base(PreprocessorType::Mlsd)
         },
         Preprocessor::DepthAnythingV2 { .. } => base(PreprocessorType::DepthAnythingV2),
+        Preprocessor::Openpose { .. } => base(PreprocessorType::Openpose),
     }
 }
 

@@ -114,6 +114,10 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             Preprocessor::DepthAnythingV2 { resolution: 512 },
         ),
         (
+            json!({"type": "openpose", "resolution": 320}),
+            Preprocessor::Openpose { resolution: 320 },
+        ),
+        (
             json!({"type": "lineart_anime_denoise", "resolution": 96}),
             Preprocessor::LineartAnimeDenoise { resolution: 96 },
         ),
@@ -229,6 +233,10 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             "unknown key \"colored\" for \"depth_anything_v2\"",
         ),
         (
+            json!({"type": "openpose", "include_hand": true}),
+            "unknown key \"include_hand\" for \"openpose\"",
+        ),
+        (
             json!({"type": "lineart_anime_denoise", "sigma": 2}),
             "unknown key \"sigma\" for \"lineart_anime_denoise\"",
         ),
@@ -342,5 +350,26 @@ fn softedge_anyline_takes_its_own_resolution_default_and_only_multiples_of_64() 
     assert_eq!(
         (d.kind, d.safe_steps, d.resolution),
         (PreprocessorType::SoftedgeAnyline, Some(2.0), Some(100))
+    );
+}
+
+#[test]
+fn pose_json_is_the_extension_s_openpose_format() {
+    let mut body = vec![None; 18];
+    body[0] = Some((0.25, 0.5));
+    body[17] = Some((0.75, 0.125));
+    let poses = sdserve_pipeline::controlnet::preprocess::Poses {
+        people: vec![body],
+        canvas_width: 64,
+        canvas_height: 128,
+    };
+    let mut flat = vec![0.0; 54];
+    flat[..3].copy_from_slice(&[0.25, 0.5, 1.0]);
+    flat[51..].copy_from_slice(&[0.75, 0.125, 1.0]);
+    assert_eq!(
+        pose_json(&poses),
+        json!({"people": [{"pose_keypoints_2d": flat, "face_keypoints_2d": null,
+                           "hand_left_keypoints_2d": null, "hand_right_keypoints_2d": null}],
+               "animals": [], "canvas_height": 128, "canvas_width": 64})
     );
 }

@@ -72,8 +72,8 @@ pub use networks::{
     ANNOTATOR_FILES,
 };
 pub use openpose::{
-    body_maps, body_outputs, draw_bodies, openpose_body, outputs_to_image, BodyNetwork, Maps,
-    BODY_POSE, BODY_POSE_FILE,
+    body_maps, body_outputs, draw_bodies, openpose_body, openpose_module, outputs_to_image,
+    BodyNetwork, Maps, Poses, BODY_POSE, BODY_POSE_FILE,
 };
 pub use openpose_body::{body_pose, find_peaks, gaussian_filter, BodyPose, Peak};
 pub use pidinet::{pidinet_edges, pidinet_logits, PidiNetwork, PIDINET, PIDINET_FILE};
@@ -165,6 +165,9 @@ pub enum Preprocessor {
     /// The legacy `depth_anything_v2` (colored=False): Depth Anything V2's relative depth,
     /// near light, min-max scaled (the extension hides its resolution slider: 512).
     DepthAnythingV2 { resolution: u32 },
+    /// The legacy `openpose` (include_body only): OpenPose's body keypoints of each person
+    /// found, drawn as coloured limbs and joints on black.
+    Openpose { resolution: u32 },
 }
 
 impl Preprocessor {
@@ -194,6 +197,7 @@ impl Preprocessor {
             Self::SoftedgeAnyline { .. } => "softedge_anyline",
             Self::Mlsd { .. } => "mlsd",
             Self::DepthAnythingV2 { .. } => "depth_anything_v2",
+            Self::Openpose { .. } => "openpose",
         }
     }
 
@@ -220,6 +224,7 @@ impl Preprocessor {
             Self::SoftedgeAnyline { .. } => Some(&MTEED),
             Self::Mlsd { .. } => Some(&MLSD),
             Self::DepthAnythingV2 { .. } => Some(&DEPTH_ANYTHING_V2),
+            Self::Openpose { .. } => Some(&BODY_POSE),
             _ => None,
         }
     }
@@ -247,7 +252,8 @@ impl Preprocessor {
             | Self::ScribblePidinet { resolution }
             | Self::SoftedgeTeed { resolution, .. }
             | Self::SoftedgeAnyline { resolution, .. }
-            | Self::DepthAnythingV2 { resolution } => Some(resolution),
+            | Self::DepthAnythingV2 { resolution }
+            | Self::Openpose { resolution } => Some(resolution),
             Self::Mlsd { resolution, .. } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
@@ -276,7 +282,8 @@ impl Preprocessor {
             | Self::ScribblePidinet { resolution: r }
             | Self::SoftedgeTeed { resolution: r, .. }
             | Self::SoftedgeAnyline { resolution: r, .. }
-            | Self::DepthAnythingV2 { resolution: r } => *r = resolution,
+            | Self::DepthAnythingV2 { resolution: r }
+            | Self::Openpose { resolution: r } => *r = resolution,
             Self::Mlsd { resolution: r, .. } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
@@ -397,8 +404,24 @@ impl Preprocessor {
                 let map = depth_anything_map(&net, &padded.image)?;
                 padded.crop_gray_to_rgb(&map)
             }
+            Self::Openpose { .. } => self.run_with_poses(image, networks)?.0,
             _ => self.run(image)?,
         })
+    }
+
+    /// [`Self::run_with`], and for the OpenPose modules the people found (the extension's
+    /// `json_pose_callback`; `None` for the others).
+    pub fn run_with_poses(
+        &self,
+        image: &RgbImage,
+        networks: &dyn AnnotatorNetworks,
+    ) -> Result<(RgbImage, Option<Poses>)> {
+        if let Self::Openpose { resolution } = *self {
+            let net = network::<BodyNetwork>(networks, &BODY_POSE)?;
+            let (map, poses) = openpose_module(&net, image, resolution)?;
+            return Ok((map, Some(poses)));
+        }
+        Ok((self.run_with(image, networks)?, None))
     }
 
     /// The control map of `image` made by a model-free module ([`Self::run_with`] for any).
@@ -441,7 +464,8 @@ impl Preprocessor {
             | Self::SoftedgeTeed { .. }
             | Self::SoftedgeAnyline { .. }
             | Self::Mlsd { .. }
-            | Self::DepthAnythingV2 { .. } => {
+            | Self::DepthAnythingV2 { .. }
+            | Self::Openpose { .. } => {
                 return Err(PipelineError::InvalidRequest(format!(
                     "{} needs its network ({}): run_with",
                     self.module(),

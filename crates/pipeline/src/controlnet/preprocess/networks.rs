@@ -52,6 +52,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::MTEED,
     &super::MLSD,
     &super::DEPTH_ANYTHING_V2,
+    &super::BODY_POSE,
 ];
 
 /// Where the model-based modules get their networks (the server: its annotator folder,

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::networks::{lllyasviel, AnnotatorFile};
 use super::openpose_body::{body_pose, BodyPose};
 use super::pose_draw::{draw_bodypose, Canvas};
-use super::resize::resize_area;
+use super::resize::{resize_area, resize_image_with_pad, Padded};
 use super::resize_lanczos::{resize_area_f32, resize_lanczos4_f32, resize_lanczos4_u8};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
@@ -336,4 +336,47 @@ pub fn draw_bodies(people: &[BodyPose], width: u32, height: u32) -> RgbImage {
         height,
         pixels,
     }
+}
+
+/// The people of a map as the extension's pose JSON holds them (`encode_poses_as_json`): each
+/// body's 18 keypoints normalized by the padded image's size (`None`: not found), and that
+/// size (`canvas_width`, `canvas_height`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Poses {
+    pub people: Vec<Vec<Option<(f64, f64)>>>,
+    pub canvas_width: u32,
+    pub canvas_height: u32,
+}
+
+/// The legacy `openpose` module (`OpenposeModel.run_model`, body only): the image padded
+/// (`resize_image_with_pad`), its people and their map, the pad cropped off the map.
+pub fn openpose_module(
+    net: &BodyNetwork,
+    image: &RgbImage,
+    resolution: u32,
+) -> Result<(RgbImage, Poses)> {
+    let padded = resize_image_with_pad(image, resolution);
+    let (map, people) = openpose_body(net, &padded.image)?;
+    let (w, h) = (padded.image.width, padded.image.height);
+    let poses = Poses {
+        people: people
+            .iter()
+            .map(|p| {
+                p.keypoints
+                    .iter()
+                    .map(|k| k.map(|k| (k.x as f64 / f64::from(w), k.y as f64 / f64::from(h))))
+                    .collect()
+            })
+            .collect(),
+        canvas_width: w,
+        canvas_height: h,
+    };
+    Ok((
+        Padded {
+            image: map,
+            ..padded
+        }
+        .crop_rgb(),
+        poses,
+    ))
 }

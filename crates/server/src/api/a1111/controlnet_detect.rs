@@ -1,7 +1,9 @@
 //! `POST /controlnet/detect`, the sd-webui-controlnet extension's (`scripts/api.py`): each of
 //! `controlnet_input_images` through the preprocessor `controlnet_module` with
 //! `controlnet_processor_res`, `controlnet_threshold_a` and `_b` (as a unit's settings:
-//! `controlnet_modules`), answered as `{images, info: "Success"}` (base64 PNGs, in order).
+//! `controlnet_modules`), answered as `{images, info: "Success"}` (base64 PNGs, in order), with
+//! `poses` (each image's pose JSON, as the extension's `json_pose_callback` gives it) for
+//! `openpose`.
 //! `none` answers the images as they are. webuiapi 0.9.17's `controlnet_detect()` sends the
 //! images as `controlnet_images`, which the extension ignores (its 422 "No image selected"):
 //! taken here as the same list. `controlnet_masks` and `low_vram` change nothing (no module
@@ -66,6 +68,11 @@ pub struct ControlNetDetectRequest {
 pub struct ControlNetDetectResponse {
     /// The maps, base64 PNG, in the order of the images.
     pub images: Vec<String>,
+    /// `openpose` only: each image's people in the OpenPose JSON format (`people` with
+    /// `pose_keypoints_2d`: x, y normalized by the padded image, 1 per keypoint, or 0, 0, 0;
+    /// `animals`, `canvas_height`, `canvas_width`), in the order of the images.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub poses: Option<Vec<Value>>,
     /// `Success`.
     pub info: String,
 }
@@ -114,8 +121,9 @@ fn named(message: String) -> ApiError {
     }
 }
 
-/// The maps of the body's images, base64 PNGs. Blocking (decodes and preprocesses).
-fn detect_maps(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+/// The maps of the body's images, base64 PNGs, and the OpenPose modules' pose JSON of each.
+/// Blocking (decodes and preprocesses).
+fn detect_maps_and_poses(body: &Map<String, Value>) -> Result<(Vec<String>, Vec<Value>), ApiError> {
     let module = match body.get("controlnet_module") {
         None | Some(Value::Null) => "none",
         Some(Value::String(s)) => s.as_str(),
@@ -145,33 +153,37 @@ fn detect_maps(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     )
     .map_err(named)?;
     let mut out = Vec::new();
+    let mut poses = Vec::new();
     for (i, (field, b64)) in images(body)?.into_iter().enumerate() {
         let decoded =
             crate::images::decode_base64(&b64).map_err(|e| ApiError::validation(&field, e))?;
         let map = match &preprocessor {
-            Some(p) => crate::validate::preprocessor::run(p, &decoded.image, i).map_err(|e| {
-                // The rule names the resolution as the native field; here it is this one.
-                let rule = e
-                    .split_once(": ")
-                    .map_or(e.as_str(), |(_, r)| r)
-                    .to_string();
-                // tile_resample's rule is about its rate, the first slider.
-                let key = if e.contains(".down_sampling_rate: ") {
-                    "controlnet_threshold_a"
-                } else if e.contains(".type: ") {
-                    // A model-based module without its weights.
-                    "controlnet_module"
-                } else {
-                    "controlnet_processor_res"
-                };
-                ApiError::validation(key, format!("{field}: {rule}"))
-            })?,
-            None => decoded.image,
+            Some(p) => crate::validate::preprocessor::run_with_poses(p, &decoded.image, i)
+                .map_err(|e| {
+                    // The rule names the resolution as the native field; here it is this one.
+                    let rule = e
+                        .split_once(": ")
+                        .map_or(e.as_str(), |(_, r)| r)
+                        .to_string();
+                    // tile_resample's rule is about its rate, the first slider.
+                    let key = if e.contains(".down_sampling_rate: ") {
+                        "controlnet_threshold_a"
+                    } else if e.contains(".type: ") {
+                        // A model-based module without its weights.
+                        "controlnet_module"
+                    } else {
+                        "controlnet_processor_res"
+                    };
+                    ApiError::validation(key, format!("{field}: {rule}"))
+                })?,
+            None => (decoded.image, None),
         };
+        let (map, pose) = map;
+        poses.extend(pose);
         let png = crate::png::encode_with_text(&map, &[]).map_err(ApiError::Internal)?;
         out.push(base64::engine::general_purpose::STANDARD.encode(png));
     }
-    Ok(out)
+    Ok((out, poses))
 }
 
 /// The extension's `/controlnet/detect`.
@@ -182,8 +194,18 @@ pub(super) async fn detect(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = required_body_object(app.max_body_bytes, body)?;
-    let images = crate::api::off_the_runtime(move || detect_maps(&body)).await?;
-    Ok(Json(json!({"images": images, "info": "Success"})))
+    let (images, poses) = crate::api::off_the_runtime(move || detect_maps_and_poses(&body)).await?;
+    let mut answer = json!({"images": images, "info": "Success"});
+    if !poses.is_empty() {
+        answer["poses"] = json!(poses);
+    }
+    Ok(Json(answer))
+}
+
+/// The maps alone (the tests of the other modules).
+#[cfg(test)]
+fn detect_maps(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    detect_maps_and_poses(body).map(|(maps, _)| maps)
 }
 
 #[cfg(test)]
