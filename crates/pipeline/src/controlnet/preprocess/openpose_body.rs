@@ -11,7 +11,7 @@
 use super::openpose::Maps;
 
 /// The 19 limbs (1-based keypoints) and their PAF channels (`mapIdx` minus 19).
-const LIMB_SEQ: [(usize, usize); 19] = [
+pub(super) const LIMB_SEQ: [(usize, usize); 19] = [
     (2, 3),
     (2, 6),
     (3, 4),

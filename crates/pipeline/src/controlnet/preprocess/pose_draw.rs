@@ -225,26 +225,9 @@ pub fn fill_circle(canvas: &mut Canvas, center: (i64, i64), radius: i64, color: 
     }
 }
 
-/// The body's limbs as `draw_bodypose` lists them (1-based keypoint numbers).
-pub const LIMBS: [(usize, usize); 17] = [
-    (2, 3),
-    (2, 6),
-    (3, 4),
-    (4, 5),
-    (6, 7),
-    (7, 8),
-    (2, 9),
-    (9, 10),
-    (10, 11),
-    (2, 12),
-    (12, 13),
-    (13, 14),
-    (2, 1),
-    (1, 15),
-    (15, 17),
-    (1, 16),
-    (16, 18),
-];
+/// The body's limbs as `draw_bodypose` draws them (1-based keypoint numbers): the first 17 of
+/// body.py's `limbSeq` (its last two, ear to shoulder, are scored but not drawn).
+pub const LIMBS: &[(usize, usize)] = super::openpose_body::LIMB_SEQ.split_at(17).0;
 
 /// `draw_bodypose`'s colours: limb k's (at 0.6) and keypoint k's.
 pub const COLORS: [[u8; 3]; 18] = [
