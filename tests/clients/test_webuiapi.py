@@ -35,7 +35,7 @@ class A1111(Timed):
         self.assertEqual(
             names,
             sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE", "DDIM", "PLMS", "LMS",
-                    "UniPC", "Heun", "DPM2", "DPM2 a", "LCM", "DPM++ 2S a", "DPM++ 3M SDE"]),
+                    "UniPC", "Heun", "DPM2", "DPM2 a", "Restart", "LCM", "DPM++ 2S a", "DPM++ 3M SDE"]),
         )
         labels = [s["label"] for s in self.api.get_schedulers()]
         self.assertEqual(labels, ["Automatic", "Uniform", "Karras", "Exponential", "Beta"])
@@ -201,6 +201,8 @@ class A1111(Timed):
             ("DDIM", None, "ddim_a1111", 1, None),
             # A1111's own UniPC (bh1, order 3), not diffusers' unipc.
             ("UniPC", None, "unipc_a1111", 1, None),
+            # A1111 1.10 lists Restart with the Karras schedule.
+            ("Restart", None, "restart_karras", 1, None),
         ]:
             r = self.api.txt2img(
                 prompt=PROMPT,

@@ -176,8 +176,8 @@ fn init_png(s: &Server) -> String {
     r.json()["image_base64"].as_str().unwrap().to_string()
 }
 
-/// Heun, DPM2, DPM2 a and LCM: each A1111 name (with its schedule) runs the native scheduler of
-/// that name, and the infotext names both.
+/// Heun, DPM2, DPM2 a, Restart and LCM: each A1111 name (with its schedule) runs the native
+/// scheduler of that name, and the infotext names both.
 #[test]
 fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
     let s = ready("step_ms=0", &[]);
@@ -206,6 +206,19 @@ fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
             Some("Karras"),
             "dpm2_a_karras",
             "DPM2 a, Schedule type: Karras",
+        ),
+        // A1111 1.10 lists Restart with the Karras schedule: Automatic is Karras.
+        (
+            "Restart",
+            None,
+            "restart_karras",
+            "Restart, Schedule type: Karras",
+        ),
+        (
+            "restart",
+            Some("Uniform"),
+            "restart",
+            "Restart, Schedule type: Uniform",
         ),
         ("LCM", Some("automatic"), "lcm", "LCM"),
     ] {
@@ -464,6 +477,7 @@ fn a1111_lists_options_and_png_info() {
             "Heun",
             "DPM2",
             "DPM2 a",
+            "Restart",
             "LCM",
             "DPM++ 2S a",
             "DPM++ 3M SDE"

@@ -13,7 +13,7 @@ use crate::rng::TorchRng;
 use crate::Result;
 
 /// The class's own defaults (its betas default to SD's, unlike most classes).
-const DEFAULTS: ClassDefaults = ClassDefaults {
+pub(super) const DEFAULTS: ClassDefaults = ClassDefaults {
     beta_start: 0.00085,
     beta_end: 0.012,
     ..ClassDefaults::with_spacing("linspace")

@@ -23,6 +23,7 @@ pub mod lcm;
 pub mod lms;
 pub mod multistep;
 pub mod pndm;
+pub mod restart;
 pub mod seed_sequence;
 pub mod sigma_schedule;
 pub mod torch_math;
@@ -70,6 +71,9 @@ pub enum Sampler {
     PlmsA1111,
     /// A1111's own `UniPC` (`sd_samplers_timesteps_impl.unipc`: bh1, order 3).
     UniPcA1111,
+    /// A1111's own `Restart` (`sd_samplers_extra.restart_sampler`): Heun steps with a restart
+    /// from 20 steps.
+    Restart,
 }
 
 impl Sampler {
@@ -81,7 +85,8 @@ impl Sampler {
             | Sampler::DpmPp2sAncestral
             | Sampler::Heun
             | Sampler::Dpm2
-            | Sampler::Dpm2Ancestral => 2,
+            | Sampler::Dpm2Ancestral
+            | Sampler::Restart => 2,
             _ => 1,
         }
     }
@@ -127,11 +132,13 @@ pub enum SchedulerKind {
     DdimA1111,
     PlmsA1111,
     UniPcA1111,
+    Restart,
+    RestartKarras,
 }
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 36] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 38] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -297,6 +304,13 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 36] = [
         "unipc_a1111",
         Sampler::UniPcA1111,
         false,
+    ),
+    (SchedulerKind::Restart, "restart", Sampler::Restart, false),
+    (
+        SchedulerKind::RestartKarras,
+        "restart_karras",
+        Sampler::Restart,
+        true,
     ),
 ];
 
@@ -492,6 +506,7 @@ pub fn build_with(
             n,
         )?),
         Sampler::UniPcA1111 => Box::new(unipc_a1111::UniPcA1111::new(cfg, n)?),
+        Sampler::Restart => Box::new(restart::Restart::new(cfg, n)?),
     })
 }
 

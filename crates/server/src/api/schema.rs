@@ -86,6 +86,11 @@ pub enum SchedulerName {
     /// A1111's own UniPC (bh1, order 3, its times), not diffusers' `unipc`.
     #[serde(rename = "unipc_a1111")]
     UniPcA1111,
+    /// A1111's own Restart (Heun steps; from 20 steps a restart with fresh noise).
+    #[serde(rename = "restart")]
+    Restart,
+    #[serde(rename = "restart_karras")]
+    RestartKarras,
 }
 
 /// Sigma schedules of the API (`schedule`): `default` is the scheduler name's own (Karras for
@@ -165,7 +170,10 @@ pub struct GenerateRequest {
     /// `steps` divides 1000, its img2img start with `step_rule` `a1111`), not diffusers' `ddim`
     /// and `pndm`; `unipc_a1111` is A1111's own UniPC (bh1, order 3, its continuous times:
     /// `steps + 1` evaluations where `steps` does not divide 1000; img2img with `step_rule`
-    /// `a1111` runs `int(steps * strength)` evaluations), not diffusers' `unipc`.
+    /// `a1111` runs `int(steps * strength)` evaluations), not diffusers' `unipc`; `restart` is
+    /// A1111's Restart (Heun steps, `2 * steps - 1` evaluations; from 20 steps it moves 9 of
+    /// them (from 36, `2 * (steps / 4)`) into a restart: back up from sigma 0.1 to 2 with fresh
+    /// noise from the seed, and down again).
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// The sigmas the scheduler steps through (diffusers' `use_karras_sigmas`,
@@ -174,7 +182,7 @@ pub struct GenerateRequest {
     /// training schedule's) or, with no `scheduler`, the model's own config's. `karras` with a
     /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
     /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
-    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`; `euler_a` has `uniform` and `karras`;
+    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`, `restart`; `euler_a` has `uniform` and `karras`;
     /// `pndm`, `ddim`, `ddim_a1111`, `plms_a1111`, `unipc_a1111` and `lcm` only `uniform`.
     /// Another combination (a `_karras` name with another schedule too) is a 422 naming
     /// `schedule`.

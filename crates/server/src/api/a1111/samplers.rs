@@ -19,7 +19,7 @@ pub struct Sampler {
     pub automatic: SigmaSchedule,
 }
 
-pub const SAMPLERS: [Sampler; 16] = [
+pub const SAMPLERS: [Sampler; 17] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -119,6 +119,14 @@ pub const SAMPLERS: [Sampler; 16] = [
         uniform: SchedulerKind::Dpm2Ancestral,
         karras: Some(SchedulerKind::Dpm2AncestralKarras),
         automatic: SigmaSchedule::Uniform,
+    },
+    Sampler {
+        name: "Restart",
+        aliases: &["restart"],
+        uniform: SchedulerKind::Restart,
+        karras: Some(SchedulerKind::RestartKarras),
+        // A1111 1.10 lists it with `scheduler: karras`.
+        automatic: SigmaSchedule::Karras,
     },
     Sampler {
         name: "LCM",
@@ -512,6 +520,23 @@ mod tests {
         assert_eq!(
             r(Some("DPM++ 2S a"), Some("Beta")).kind,
             SchedulerKind::DpmPp2sAncestral
+        );
+        // Restart: A1111 1.10 lists it with the Karras schedule as its own.
+        let k = r(Some("Restart"), None);
+        assert_eq!(
+            (k.kind, k.sampler, k.schedule),
+            (SchedulerKind::RestartKarras, "Restart", "Automatic")
+        );
+        assert_eq!(
+            r(Some("restart"), Some("Uniform")).kind,
+            SchedulerKind::Restart
+        );
+        assert_eq!(
+            (
+                r(Some("Restart"), Some("Exponential")).kind,
+                r(Some("Restart"), Some("Exponential")).sigmas
+            ),
+            (SchedulerKind::Restart, SigmaSchedule::Exponential)
         );
         // DPM++ SDE: A1111 lists it with the Karras schedule as its own.
         let k = r(Some("DPM++ SDE"), None);

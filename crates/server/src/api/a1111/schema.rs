@@ -41,7 +41,7 @@ pub struct A1111Request {
     #[schema(default = -1, minimum = -1, maximum = 4294967295_i64, nullable = true)]
     pub seed: Option<i64>,
     /// `Euler a`, `Euler`, `DPM++ 2M`, `DPM++ 2M SDE`, `DPM++ 2M SDE Heun`, `DPM++ SDE`, `DDIM`,
-    /// `PLMS`, `LMS`, `UniPC`, `Heun`, `DPM2`, `DPM2 a`, `LCM`, `DPM++ 2S a`, `DPM++ 3M SDE`; all
+    /// `PLMS`, `LMS`, `UniPC`, `Heun`, `DPM2`, `DPM2 a`, `Restart`, `LCM`, `DPM++ 2S a`, `DPM++ 3M SDE`; all
     /// but `DDIM`, `PLMS`, `UniPC` and `LCM` also as `<name> Karras` (A1111's older one-word form). `DDIM`, `PLMS` and `UniPC` are
     /// A1111's own (`ddim_a1111`, `plms_a1111`, `unipc_a1111`).
     #[schema(default = "Euler")]
