@@ -1,9 +1,10 @@
 //! The Karras names and DPM++ 2M SDE over real HTTP on the real tiny model (`tiny-b`): A1111's
 //! `Euler a` + `Karras` (and its one-word `Euler a Karras`) is the native `euler_a_karras` pixel
 //! for pixel, says so in its infotext, and differs from the uniform schedule; `DPM++ 2M SDE` is
-//! listed and its automatic schedule is A1111 1.9's (Exponential); `Euler` + `Exponential` / `Beta`
-//! is the native `euler` with `schedule`. The images themselves are checked against diffusers in
-//! the pipeline's tests (crates/pipeline/tests/karras_images.rs, sigma_schedules.rs).
+//! listed, its automatic schedule is A1111 1.9's (Exponential) and its noise Brownian
+//! (`dpmpp_2m_sde_brownian`); `Euler` + `Exponential` / `Beta` is the native `euler` with
+//! `schedule`. The images themselves are checked against diffusers in the pipeline's tests
+//! (crates/pipeline/tests/karras_images.rs, sigma_schedules.rs).
 
 mod common;
 
@@ -87,13 +88,22 @@ fn a1111_euler_a_with_karras_is_the_native_euler_a_karras() {
         .find(|x| x["name"] == "DPM++ 2M SDE")
         .unwrap_or_else(|| panic!("no DPM++ 2M SDE in {names:?}"));
     assert_eq!(sde["options"]["scheduler"], "exponential");
-    let mut exp = native("dpmpp_2m_sde");
+    // A1111 draws its noise from Brownian trees: the native `dpmpp_2m_sde_brownian`, not
+    // diffusers' generator noise (`dpmpp_2m_sde`).
+    let mut exp = native("dpmpp_2m_sde_brownian");
     exp["schedule"] = json!("exponential");
     let body = ok(&s.post_json(&exp));
     assert_eq!(body["metadata"]["schedule"], "exponential");
     let (_, _, sde_pixels, _) = decode_png(body["image_base64"].as_str().unwrap());
     let (a_sde, info) = txt2img(&s, &a1111("DPM++ 2M SDE", None));
     assert!(a_sde == sde_pixels, "DPM++ 2M SDE (automatic) differs");
+    exp["scheduler"] = json!("dpmpp_2m_sde");
+    let body = ok(&s.post_json(&exp));
+    let (_, _, generator_pixels, _) = decode_png(body["image_base64"].as_str().unwrap());
+    assert!(
+        generator_pixels != sde_pixels,
+        "generator noise gave A1111's Brownian image"
+    );
     assert_eq!(
         info["extra_generation_params"]["Schedule type"],
         "Automatic"
