@@ -604,6 +604,9 @@ mod tests {
         );
         // Text-to-image without the hires pass starts from no image: neither applied.
         let text = parameters_text(&noisy, "m@1", None);
-        assert!(!text.contains("noise"), "{text}");
+        assert!(
+            !text.contains("Noise multiplier") && !text.contains("Extra noise"),
+            "{text}"
+        );
     }
 }
