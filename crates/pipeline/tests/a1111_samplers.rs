@@ -9,7 +9,7 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion, StepRule};
 use sdserve_pipeline::schedulers::restart::Restart;
 use sdserve_pipeline::schedulers::{Scheduler, SchedulerConfig};
@@ -96,30 +96,14 @@ fn images_match_a1111_s_restart() {
         let got = model
             .generate(&params_of(case), &mut |_| ControlFlow::Continue(()))
             .unwrap();
-        let want: &Tensor = f.get(&format!("image.{label}"));
-        assert_eq!(got.len(), want.dim(0).unwrap(), "{label}");
-        for (i, image) in got.iter().enumerate() {
-            let row: Vec<u8> = want
-                .get(i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let (mean, _) = common::pixel_difference(&image.pixels, &row);
-            let max = image
-                .pixels
-                .iter()
-                .zip(&row)
-                .map(|(&a, &b)| (a as i32 - b as i32).abs())
-                .max()
-                .unwrap();
-            eprintln!("{label}[{i}]: mean abs diff {mean:.4}, max {max}");
-            if mean > MEAN_BOUND || max > MAX_BOUND {
-                failures.push(format!("{label}[{i}]: mean {mean:.4}, max {max}"));
-            }
-            images += 1;
-        }
+        failures.extend(common::tight_batch_failures(
+            label,
+            &got,
+            f.get(&format!("image.{label}")),
+            MAX_BOUND,
+            MEAN_BOUND,
+        ));
+        images += got.len();
     }
     assert_eq!(images, 7);
     assert!(failures.is_empty(), "differ from A1111's: {failures:?}");

@@ -50,29 +50,13 @@ fn images_match_k_diffusion_as_a1111_runs_it() {
                 std::ops::ControlFlow::Continue(())
             })
             .expect("generates");
-        let want = f.get(&format!("image.{label}"));
-        assert_eq!(images.len(), want.dim(0).unwrap(), "{label}");
-        for (i, image) in images.iter().enumerate() {
-            let want: Vec<u8> = want
-                .get(i)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let diffs: Vec<i32> = image
-                .pixels
-                .iter()
-                .zip(&want)
-                .map(|(&a, &b)| (a as i32 - b as i32).abs())
-                .collect();
-            let max = diffs.iter().copied().max().unwrap();
-            let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-            eprintln!("{label}[{i}]: max {max}, mean {mean:.4}");
-            if max > MAX_BYTE_DIFF || mean > MAX_MEAN_DIFF {
-                failures.push(format!("{label}[{i}]: max {max}, mean {mean:.4}"));
-            }
-        }
+        failures.extend(common::tight_batch_failures(
+            label,
+            &images,
+            f.get(&format!("image.{label}")),
+            MAX_BYTE_DIFF,
+            MAX_MEAN_DIFF,
+        ));
     }
     assert!(failures.is_empty(), "differ from k-diffusion: {failures:?}");
 }

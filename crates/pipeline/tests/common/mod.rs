@@ -263,6 +263,42 @@ pub fn batch_failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<Strin
         .collect()
 }
 
+/// A batch's images held to a sampler test's tight bounds against the same sampler's reference
+/// run (image `i` against row `i` of `want`, a u8 tensor): every value within `max_bound` and a
+/// mean absolute difference of at most `mean_bound`. Prints the figures; returns the failures.
+pub fn tight_batch_failures(
+    label: &str,
+    got: &[RgbImage],
+    want: &Tensor,
+    max_bound: i32,
+    mean_bound: f64,
+) -> Vec<String> {
+    assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
+    let mut failures = Vec::new();
+    for (i, image) in got.iter().enumerate() {
+        let row: Vec<u8> = want
+            .get(i)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (mean, _) = pixel_difference(&image.pixels, &row);
+        let max = image
+            .pixels
+            .iter()
+            .zip(&row)
+            .map(|(&a, &b)| (a as i32 - b as i32).abs())
+            .max()
+            .unwrap();
+        eprintln!("{label}[{i}]: max {max}, mean abs diff {mean:.4}");
+        if max > max_bound || mean > mean_bound {
+            failures.push(format!("{label}[{i}]: max {max}, mean {mean:.4}"));
+        }
+    }
+    failures
+}
+
 /// A PNG fixture of `fixtures/images/` as RGB8 (grey images repeated over the three channels).
 pub fn read_png(name: &str) -> RgbImage {
     let file = std::fs::File::open(fixture_path("images").join(name)).unwrap();
