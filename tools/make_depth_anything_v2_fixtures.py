@@ -119,6 +119,12 @@ def network(dinov2, dpt):
     dinov2.vit_large = narrow_vit_large
     torch.manual_seed(SEED)
     model = dpt.DepthAnythingV2(encoder="vitl", features=FEATURES, out_channels=OUT_CHANNELS)
+    return randomize(model)
+
+
+def randomize(model):
+    """Seeded random weights for a Depth Anything model (V2's, or V1's DPT_DINOv2: the same
+    parameter names), rounded to f16; the torch RNG is seeded by the caller."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "pretrained.norm.weight":
