@@ -201,8 +201,16 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>, base: &str) {
         range.map(|r| format!(" range={r}")).unwrap_or_default()
     ));
 
-    // GET /api/models/{org}/{name}/revision/{rev}
-    if let Some(rest) = path.strip_prefix("/api/models/") {
+    // GET /api/models/{org}/{name}/revision/{rev}, /api/spaces/... (a Space's: its id with
+    // `spaces/` in front, as it resolves files)
+    let api = path
+        .strip_prefix("/api/models/")
+        .map(str::to_string)
+        .or_else(|| {
+            path.strip_prefix("/api/spaces/")
+                .map(|r| format!("spaces/{r}"))
+        });
+    if let Some(rest) = api.as_deref() {
         let (repo, _rev) = rest.split_once("/revision/").unwrap_or((rest, "main"));
         let body = match st.repos.get(repo) {
             Some((commit, files)) => serde_json::json!({

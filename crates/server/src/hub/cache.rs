@@ -27,7 +27,11 @@ pub fn unique_tmp_suffix() -> String {
 }
 
 pub fn repo_folder_name(repo: &str) -> String {
-    format!("models--{}", repo.replace('/', "--"))
+    // huggingface_hub's `<type>s--<org>--<name>`: a Space's files under `spaces--`.
+    match repo.strip_prefix(super::spec::SPACES) {
+        Some(space) => format!("spaces--{}", space.replace('/', "--")),
+        None => format!("models--{}", repo.replace('/', "--")),
+    }
 }
 
 pub struct RepoCache {

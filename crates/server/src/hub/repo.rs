@@ -21,6 +21,15 @@ struct Sibling {
     rfilename: String,
 }
 
+/// The hub API's answer for a revision: a Space's under `api/spaces/`, a model's under
+/// `api/models/` (files resolve under the id itself either way: `spaces/org/name/resolve/..`).
+fn api_url(endpoint: &str, repo: &str, revision: &str) -> String {
+    match repo.strip_prefix(super::spec::SPACES) {
+        Some(space) => format!("{endpoint}/api/spaces/{space}/revision/{revision}"),
+        None => format!("{endpoint}/api/models/{repo}/revision/{revision}"),
+    }
+}
+
 fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -84,10 +93,7 @@ pub(super) fn resolve_hub(
     } else {
         opts.retries
     };
-    let url = format!(
-        "{}/api/models/{repo}/revision/{revision}",
-        client.endpoint()
-    );
+    let url = api_url(client.endpoint(), repo, revision);
     let info = client.with_retries(repo, api_retries, |_| {
         let mut r = classify(client.send_hub("GET", &url, &[]), repo)?;
         match r.status {
@@ -220,4 +226,30 @@ pub(super) fn resolve_hub(
             commit,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_space_is_asked_for_and_cached_as_the_hub_names_it() {
+        let e = "https://huggingface.co";
+        assert_eq!(
+            api_url(e, "spaces/LiheYoung/Depth-Anything", "main"),
+            "https://huggingface.co/api/spaces/LiheYoung/Depth-Anything/revision/main"
+        );
+        assert_eq!(
+            api_url(e, "lllyasviel/Annotators", "main"),
+            "https://huggingface.co/api/models/lllyasviel/Annotators/revision/main"
+        );
+        assert_eq!(
+            super::super::cache::repo_folder_name("spaces/LiheYoung/Depth-Anything"),
+            "spaces--LiheYoung--Depth-Anything"
+        );
+        assert_eq!(
+            super::super::cache::repo_folder_name("lllyasviel/Annotators"),
+            "models--lllyasviel--Annotators"
+        );
+    }
 }

@@ -92,13 +92,17 @@ pub enum Spec {
     },
 }
 
+/// The hub's prefix of a Space's id (`spaces/org/name`): the extension fetches some
+/// annotators' files from one (Depth Anything's from `spaces/LiheYoung/Depth-Anything`).
+pub const SPACES: &str = "spaces/";
+
 fn looks_like_path(s: &str) -> bool {
     s.starts_with('/')
         || s.starts_with("./")
         || s.starts_with("../")
         || s.starts_with('~')
         || s.starts_with('.')
-        || s.split('/').count() > 2
+        || s.strip_prefix(SPACES).unwrap_or(s).split('/').count() > 2
         || sdserve_pipeline::single_file::is_single_file(Path::new(s))
 }
 
@@ -134,7 +138,7 @@ pub fn parse_spec(spec: &str) -> Result<Spec, HubError> {
         Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
         _ => (spec, None),
     };
-    match repo.split_once('/') {
+    match repo.strip_prefix(SPACES).unwrap_or(repo).split_once('/') {
         Some((org, name)) if valid_repo_part(org) && valid_repo_part(name) => Ok(Spec::Hub {
             repo: repo.to_string(),
             revision,
@@ -168,6 +172,15 @@ mod tests {
         let e = parse_spec("/no/such/model.safetensors")
             .unwrap_err()
             .to_string();
+        assert!(e.contains("no such file"), "{e}");
+        assert_eq!(
+            parse_spec("spaces/LiheYoung/Depth-Anything").unwrap(),
+            Spec::Hub {
+                repo: "spaces/LiheYoung/Depth-Anything".into(),
+                revision: None
+            }
+        );
+        let e = parse_spec("spaces/a/b/c").unwrap_err().to_string();
         assert!(e.contains("no such file"), "{e}");
         let e = parse_spec("justaname").unwrap_err().to_string();
         assert!(e.contains("org/name"), "{e}");
