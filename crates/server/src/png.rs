@@ -300,6 +300,7 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::SoftedgePidinet { .. }
         | Preprocessor::SoftedgePidisafe { .. }
         | Preprocessor::ScribblePidinet { .. }
+        | Preprocessor::DepthAnything { .. }
         | Preprocessor::DepthAnythingV2 { .. }
         | Preprocessor::Openpose { .. } => (hidden.clone(), hidden.clone()),
         Preprocessor::Mlsd {

@@ -6,8 +6,8 @@
 //! preprocessor) and `invert` equal units sending that map; scribble_xdog natively;
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
-//! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 in
-//! `depth_anything.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
+//! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 and
+//! depth_anything in `depth_anything.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
 //! module without its file in
 //! `missing_networks.rs`.
 
@@ -361,6 +361,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "lineart_anime_denoise",
             "lineart_anime",
             "depth_anything_v2",
+            "depth_anything",
             "blur_gaussian"
         ])
     );

@@ -1,39 +1,80 @@
 //! depth_anything_v2 against the original `depth_anything_v2` package's `DepthAnythingV2`, the
 //! extension's `DepthAnythingV2Detector.__call__` and legacy `depth_anything_v2`
-//! (`tools/make_depth_anything_v2_fixtures.py`: vitl's 24 blocks and its layers 4, 11, 17, 23,
-//! at reduced widths (embed 16, 2 heads, features 8), seeded random weights in the real file's
-//! key layout). The depth agrees to float noise; the u8 maps are compared value by value.
+//! (`tools/make_depth_anything_v2_fixtures.py`: vitl's 24 blocks and its layers 4, 11, 17, 23),
+//! and depth_anything (v1) against the `depth_anything` package's `DPT_DINOv2` on
+//! facebookresearch/dinov2's `dinov2_vitl14`, `DepthAnythingDetector.__call__` and legacy
+//! `depth_anything` (`tools/make_depth_anything_fixtures.py`: the same 24 blocks, the last four
+//! taken); both at reduced widths (embed 16, 2 heads, features 8), seeded random weights in the
+//! real file's key layout and format. The depth agrees to float noise; the u8 maps are compared
+//! value by value.
 
 use std::sync::Arc;
 
 use candle_core::Device;
 use sdserve_pipeline::controlnet::preprocess::{
     depth_anything_depth, depth_anything_input_size, depth_anything_map, network,
-    resize_image_with_pad, AnnotatorFile, DepthAnythingNetwork, LoadedNetworks, Preprocessor,
-    DEPTH_ANYTHING_V2,
+    resize_image_with_pad, AnnotatorFile, DepthAnythingNetwork, DepthAnythingVersion,
+    LoadedNetworks, Preprocessor, DEPTH_ANYTHING, DEPTH_ANYTHING_V2,
 };
 
 use super::common::fixture_path;
 use super::Refs;
 
-/// The fixture's file as the real one is named, read with its 2 heads (the real file's
+/// The fixtures' files as the real ones are named, read with their 2 heads (the real file's
 /// 64-wide heads would make one of its 16 channels).
-static FIXTURE: AnnotatorFile = AnnotatorFile {
+static FIXTURE_V1: AnnotatorFile = AnnotatorFile {
     load: |path| {
         Ok(Arc::new(DepthAnythingNetwork::load_with_heads(
             path,
             &Device::Cpu,
+            DepthAnythingVersion::V1,
+            Some(2),
+        )?))
+    },
+    ..DEPTH_ANYTHING
+};
+static FIXTURE_V2: AnnotatorFile = AnnotatorFile {
+    load: |path| {
+        Ok(Arc::new(DepthAnythingNetwork::load_with_heads(
+            path,
+            &Device::Cpu,
+            DepthAnythingVersion::V2,
             Some(2),
         )?))
     },
     ..DEPTH_ANYTHING_V2
 };
 
+/// One version's fixtures.
+struct Version {
+    /// The weights, the references (under tests/fixtures).
+    weights: &'static str,
+    refs: &'static str,
+    fixture: &'static AnnotatorFile,
+    file: &'static AnnotatorFile,
+    module: fn(u32) -> Preprocessor,
+}
+
+const V1: Version = Version {
+    weights: "depth_anything/depth_anything_vitl14.pth",
+    refs: "depth_anything/depth_anything",
+    fixture: &FIXTURE_V1,
+    file: &DEPTH_ANYTHING,
+    module: |resolution| Preprocessor::DepthAnything { resolution },
+};
+const V2: Version = Version {
+    weights: "depth_anything_v2/depth_anything_v2_vitl.safetensors",
+    refs: "depth_anything_v2/depth_anything_v2",
+    fixture: &FIXTURE_V2,
+    file: &DEPTH_ANYTHING_V2,
+    module: |resolution| Preprocessor::DepthAnythingV2 { resolution },
+};
+
 /// The fixture network, as a keeper hands it out.
-fn net() -> (LoadedNetworks, Arc<DepthAnythingNetwork>) {
-    let path = fixture_path("depth_anything_v2/depth_anything_v2_vitl.safetensors");
-    let nets = LoadedNetworks::default().read(&FIXTURE, &path).unwrap();
-    let net = network::<DepthAnythingNetwork>(&nets, &DEPTH_ANYTHING_V2).unwrap();
+fn net(v: &Version) -> (LoadedNetworks, Arc<DepthAnythingNetwork>) {
+    let path = fixture_path(v.weights);
+    let nets = LoadedNetworks::default().read(v.fixture, &path).unwrap();
+    let net = network::<DepthAnythingNetwork>(&nets, v.file).unwrap();
     (nets, net)
 }
 
@@ -49,8 +90,27 @@ fn the_input_size_is_the_transform_s() {
 
 #[test]
 fn depth_anything_v2_depth_agrees_to_float_noise() {
-    let (_, net) = net();
-    let t = Refs::load("depth_anything_v2/depth_anything_v2");
+    depth_agrees_to_float_noise(&V2);
+}
+
+#[test]
+fn depth_anything_v1_depth_agrees_to_float_noise() {
+    depth_agrees_to_float_noise(&V1);
+}
+
+#[test]
+fn depth_anything_v2_makes_the_extension_s_maps() {
+    makes_the_extension_s_maps(&V2);
+}
+
+#[test]
+fn depth_anything_v1_makes_the_extension_s_maps() {
+    makes_the_extension_s_maps(&V1);
+}
+
+fn depth_agrees_to_float_noise(v: &Version) {
+    let (_, net) = net(v);
+    let t = Refs::load(v.refs);
     let stride = t.json["stride"].as_u64().unwrap() as usize;
     let mut worst = 0f32;
     for c in &t.cases {
@@ -87,14 +147,16 @@ fn depth_anything_v2_depth_agrees_to_float_noise() {
         println!("{name} {res}: depth up to {top:e}, largest difference {diff:e}");
         worst = worst.max(diff / top);
     }
-    println!("Depth Anything V2 depth: largest difference {worst:e} of the largest depth");
+    println!(
+        "{}: largest difference {worst:e} of the largest depth",
+        v.file.name
+    );
     assert!(worst < 1e-4, "depth differs by {worst} of its range");
 }
 
-#[test]
-fn depth_anything_v2_makes_the_extension_s_maps() {
-    let (nets, net) = net();
-    let t = Refs::load("depth_anything_v2/depth_anything_v2");
+fn makes_the_extension_s_maps(v: &Version) {
+    let (nets, net) = net(v);
+    let t = Refs::load(v.refs);
     assert_eq!(t.cases.len(), 6);
     let (mut total, mut values) = (0, 0);
     for c in &t.cases {
@@ -102,7 +164,7 @@ fn depth_anything_v2_makes_the_extension_s_maps() {
         let res = c["resolution"].as_u64().unwrap() as u32;
         let photo = t.image(&format!("image.{name}"));
         let want = t.image(c["map"].as_str().unwrap());
-        let label = format!("depth_anything_v2 {name} {res}");
+        let label = format!("{} {name} {res}", (v.module)(res).module());
         // On the reference's padded image (the cubic enlarging resize is matched within a
         // level elsewhere, so this isolates the network and its steps).
         let mut ours = resize_image_with_pad(&photo, res);
@@ -125,12 +187,14 @@ fn depth_anything_v2_makes_the_extension_s_maps() {
         values += want.pixels.len();
         // Whole, from the photo, where the area resize runs: the same map.
         if res <= photo.width.min(photo.height) {
-            let p = Preprocessor::DepthAnythingV2 { resolution: res };
-            let got = p.run_with(&photo, &nets).unwrap();
+            let got = (v.module)(res).run_with(&photo, &nets).unwrap();
             assert!(got == from_padded, "{label}: whole run differs");
         }
     }
-    println!("Depth Anything V2 maps: {total} of {values} values differ in all");
+    println!(
+        "{}: maps {total} of {values} values differ in all",
+        v.file.name
+    );
 }
 
 /// One 512 map at the real widths (vitl, features 256: `make_depth_anything_v2_fixtures.py
@@ -139,20 +203,31 @@ fn depth_anything_v2_makes_the_extension_s_maps() {
 #[test]
 #[ignore]
 fn depth_anything_v2_at_real_widths() {
-    let path = std::env::var("DEPTH_ANYTHING_V2_FULL").expect("DEPTH_ANYTHING_V2_FULL");
+    at_real_widths(&V2, "DEPTH_ANYTHING_V2_FULL");
+}
+
+/// The same for v1 (`make_depth_anything_fixtures.py --full-width PATH`, a `.pth`):
+/// `DEPTH_ANYTHING_FULL=PATH`.
+#[test]
+#[ignore]
+fn depth_anything_v1_at_real_widths() {
+    at_real_widths(&V1, "DEPTH_ANYTHING_FULL");
+}
+
+fn at_real_widths(v: &Version, var: &str) {
+    let path = std::env::var(var).expect(var);
     let t0 = std::time::Instant::now();
     let nets = LoadedNetworks::default()
-        .read(&DEPTH_ANYTHING_V2, std::path::Path::new(&path))
+        .read(v.file, std::path::Path::new(&path))
         .unwrap();
     let loaded = t0.elapsed();
-    let t = Refs::load("depth_anything_v2/depth_anything_v2");
+    let t = Refs::load(v.refs);
     let photo = t.image("image.wide");
     let t0 = std::time::Instant::now();
-    let map = Preprocessor::DepthAnythingV2 { resolution: 512 }
-        .run_with(&photo, &nets)
-        .unwrap();
+    let map = (v.module)(512).run_with(&photo, &nets).unwrap();
     println!(
-        "vitl: read in {loaded:.1?}; a {}x{} map in {:.1?}",
+        "{}: read in {loaded:.1?}; a {}x{} map in {:.1?}",
+        v.file.name,
         map.width,
         map.height,
         t0.elapsed()

@@ -119,7 +119,8 @@ pub struct ControlNetPreprocessor {
     /// network's straight line segments, one pixel wide, white on black
     /// (`mlsd_large_512_fp32.pth` in ANNOTATOR_DIR); `depth_anything_v2`: Depth Anything V2's
     /// relative depth, near light, min-max scaled to 0..255, grey
-    /// (`depth_anything_v2_vitl.safetensors` in ANNOTATOR_DIR); `openpose`: OpenPose's body
+    /// (`depth_anything_v2_vitl.safetensors` in ANNOTATOR_DIR); `depth_anything`: the same from
+    /// Depth Anything (v1) (`depth_anything_vitl14.pth` in ANNOTATOR_DIR); `openpose`: OpenPose's body
     /// keypoints of each person found, coloured limbs and joints on black
     /// (`body_pose_model.pth` in ANNOTATOR_DIR); `none`: the image is the map.
     /// Other model-based preprocessors (other depth ones, openpose's hand and face ones, ...)
@@ -215,6 +216,7 @@ pub enum PreprocessorType {
     SoftedgeTeed,
     SoftedgeAnyline,
     Mlsd,
+    DepthAnything,
     DepthAnythingV2,
     Openpose,
 }

@@ -131,6 +131,8 @@ pub struct ModelArgs {
     /// (`TEED/`, from TheMistoAI/MistoLine) runs `softedge_anyline`; `mlsd_large_512_fp32.pth` (`mlsd/`)
     /// runs `mlsd`; `depth_anything_v2_vitl.safetensors` (`depth_anything_v2/`, from
     /// MackinationsAi/Depth-Anything-V2_Safetensors) runs `depth_anything_v2`;
+    /// `depth_anything_vitl14.pth` (`depth_anything/`, from the LiheYoung/Depth-Anything
+    /// space's `checkpoints/`) runs `depth_anything`;
     /// `body_pose_model.pth` (`openpose/`) runs `openpose`. A file it lacks
     /// is taken
     /// from the model cache, where `sdserve download --annotators` puts them. Each read once, on

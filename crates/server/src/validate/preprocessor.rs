@@ -43,7 +43,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything_v2\", \"openpose\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"openpose\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -65,8 +65,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
         "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
         | "lineart_realistic" | "lineart_coarse" | "lineart_anime" | "lineart_anime_denoise"
-        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" | "depth_anything_v2"
-        | "openpose" => {
+        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" | "depth_anything"
+        | "depth_anything_v2" | "openpose" => {
             &["type", "resolution"]
         }
         "blur_gaussian" => &["type", "sigma", "resolution"],
@@ -202,6 +202,9 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "mlsd" => Preprocessor::Mlsd {
             value_threshold: number("value_threshold", MLSD_VALUE)?,
             distance_threshold: number("distance_threshold", MLSD_DISTANCE)?,
+            resolution: resolution()?,
+        },
+        "depth_anything" => Preprocessor::DepthAnything {
             resolution: resolution()?,
         },
         "depth_anything_v2" => Preprocessor::DepthAnythingV2 {
@@ -388,6 +391,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
             distance_threshold: Some(distance_threshold),
             ..base(PreprocessorType::Mlsd)
         },
+        Preprocessor::DepthAnything { .. } => base(PreprocessorType::DepthAnything),
         Preprocessor::DepthAnythingV2 { .. } => base(PreprocessorType::DepthAnythingV2),
         Preprocessor::Openpose { .. } => base(PreprocessorType::Openpose),
     }

@@ -114,6 +114,10 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             Preprocessor::DepthAnythingV2 { resolution: 512 },
         ),
         (
+            json!({"type": "depth_anything", "resolution": 448}),
+            Preprocessor::DepthAnything { resolution: 448 },
+        ),
+        (
             json!({"type": "openpose", "resolution": 320}),
             Preprocessor::Openpose { resolution: 320 },
         ),
@@ -231,6 +235,10 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
         (
             json!({"type": "depth_anything_v2", "colored": true}),
             "unknown key \"colored\" for \"depth_anything_v2\"",
+        ),
+        (
+            json!({"type": "depth_anything", "colored": true}),
+            "unknown key \"colored\" for \"depth_anything\"",
         ),
         (
             json!({"type": "openpose", "include_hand": true}),

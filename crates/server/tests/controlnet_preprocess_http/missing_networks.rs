@@ -4,15 +4,16 @@
 use serde_json::json;
 
 use sdserve_pipeline::controlnet::preprocess::{
-    BODY_POSE_FILE, DEPTH_ANYTHING_V2_FILE, HED_FILE, LINEART_ANIME_FILE, LINEART_COARSE_FILE,
-    LINEART_FILE, MANGA_LINE_FILE, MLSD_FILE, MTEED_FILE, PIDINET_FILE, TEED_FILE,
+    BODY_POSE_FILE, DEPTH_ANYTHING_FILE, DEPTH_ANYTHING_V2_FILE, HED_FILE, LINEART_ANIME_FILE,
+    LINEART_COARSE_FILE, LINEART_FILE, MANGA_LINE_FILE, MLSD_FILE, MTEED_FILE, PIDINET_FILE,
+    TEED_FILE,
 };
 
 use super::common::{self, post_json_to};
 use super::{fixtures, photo};
 
 /// (native `preprocessor.type`, A1111 module name, the file it needs).
-const NETWORK_MODULES: [(&str, &str, &str); 15] = [
+const NETWORK_MODULES: [(&str, &str, &str); 16] = [
     ("softedge_hed", "hed", HED_FILE),
     ("softedge_hedsafe", "hed_safe", HED_FILE),
     ("scribble_hed", "scribble_hed", HED_FILE),
@@ -35,6 +36,7 @@ const NETWORK_MODULES: [(&str, &str, &str); 15] = [
         "depth_anything_v2",
         DEPTH_ANYTHING_V2_FILE,
     ),
+    ("depth_anything", "depth_anything", DEPTH_ANYTHING_FILE),
     ("openpose", "openpose", BODY_POSE_FILE),
 ];
 

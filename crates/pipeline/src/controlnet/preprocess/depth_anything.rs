@@ -1,19 +1,24 @@
-//! The extension's Depth Anything V2 module (the legacy `depth_anything_v2` of
-//! `scripts/preprocessor/legacy/processor.py`, `annotator/depth_anything_v2.py`, the
-//! `depth_anything_v2` package's `dpt.py`, `dinov2.py`, `dinov2_layers/`, `util/`):
-//! - [`DepthAnythingNetwork`]: `DepthAnythingV2`. A DINOv2 ViT (`pretrained`; its blocks in
+//! The extension's Depth Anything modules (the legacy `depth_anything` and
+//! `depth_anything_v2` of `scripts/preprocessor/legacy/processor.py`,
+//! `annotator/depth_anything.py` and `annotator/depth_anything_v2.py`; the `depth_anything`
+//! package's `dpt.py` with facebookresearch/dinov2's ViT, the `depth_anything_v2` package's
+//! `dpt.py`, `dinov2.py`, `dinov2_layers/`, `util/`). The two versions are one network and
+//! one detector; they differ only in which blocks feed the head ([`Version`]).
+//! - [`DepthAnythingNetwork`]: `DPT_DINOv2` / `DepthAnythingV2`. A DINOv2 ViT (`pretrained`; its blocks in
 //!   `vit.rs`, on our CPU kernels for f32): 14x14 patches
 //!   (a strided conv), the class token, the learnt position embedding (a square grid; resized
 //!   bicubically to the patch grid unless that is the grid itself, the sizes offset by 0.1 as
 //!   `interpolate_pos_encoding` does), blocks of pre-norm attention and GELU MLP, each branch
-//!   times its layer scale. Four blocks' outputs (by depth: `intermediate_layer_idx`), through
+//!   times its layer scale. Four blocks' outputs (v1: the last four, `get_intermediate_layers(x,
+//!   4)`; v2: by depth, `intermediate_layer_idx`), through
 //!   the final norm, the class token dropped, feed the DPT head (`depth_head`): a 1x1 projection
 //!   each, resized to 4x, 2x, 1x and 1/2 of the patch grid, a 3x3 `layerN_rn` each, fused
 //!   coarse to fine by `refinenet4..1` (residual conv units, a bilinear resize with corners
 //!   aligned, a 1x1), `output_conv1`, a resize to the input's size, `output_conv2` (3x3 to 32,
 //!   ReLU, 1x1 to 1, ReLU). Widths and depth are read from the weights; the heads are
 //!   DINOv2's 64 wide.
-//! - [`depth_anything_depth`] (`DepthAnythingV2Detector.__call__` up to the model): the padded
+//! - [`depth_anything_depth`] (`DepthAnythingDetector.__call__`, `DepthAnythingV2Detector.__call__`:
+//!   the same steps, the same transform, up to the model): the padded
 //!   image with its channels swapped (`COLOR_BGR2RGB` of an RGB image), / 255, resized with
 //!   OpenCV's cubic so its shorter side is at least 518 and both are multiples of 14 (the
 //!   transform's `Resize`), ImageNet-normalised; the model's depth.
@@ -35,7 +40,29 @@ use crate::{PipelineError, Result};
 mod vit;
 use vit::{Block, BlockWeights};
 
-/// The file the extension loads the network from (`annotator/downloads/depth_anything_v2/`).
+/// The file the extension loads Depth Anything (v1) from (`annotator/downloads/depth_anything/`).
+pub const DEPTH_ANYTHING_FILE: &str = "depth_anything_vitl14.pth";
+
+/// The v1 network's weights file, for an [`AnnotatorNetworks`](super::AnnotatorNetworks).
+pub static DEPTH_ANYTHING: AnnotatorFile = AnnotatorFile {
+    name: DEPTH_ANYTHING_FILE,
+    subfolder: "depth_anything",
+    // `DepthAnythingDetector`'s remote_url: the LiheYoung/Depth-Anything space's checkpoints/
+    // (not in lllyasviel/Annotators).
+    hub: HubFile {
+        repo: "spaces/LiheYoung/Depth-Anything",
+        path: "checkpoints/depth_anything_vitl14.pth",
+    },
+    load: |path| {
+        Ok(Arc::new(DepthAnythingNetwork::load(
+            path,
+            &Device::Cpu,
+            Version::V1,
+        )?))
+    },
+};
+
+/// The file the extension loads the V2 network from (`annotator/downloads/depth_anything_v2/`).
 pub const DEPTH_ANYTHING_V2_FILE: &str = "depth_anything_v2_vitl.safetensors";
 
 /// [`DepthAnythingNetwork`]'s weights file, for an [`AnnotatorNetworks`](super::AnnotatorNetworks).
@@ -47,8 +74,23 @@ pub static DEPTH_ANYTHING_V2: AnnotatorFile = AnnotatorFile {
         repo: "MackinationsAi/Depth-Anything-V2_Safetensors",
         path: DEPTH_ANYTHING_V2_FILE,
     },
-    load: |path| Ok(Arc::new(DepthAnythingNetwork::load(path, &Device::Cpu)?)),
+    load: |path| {
+        Ok(Arc::new(DepthAnythingNetwork::load(
+            path,
+            &Device::Cpu,
+            Version::V2,
+        )?))
+    },
 };
+
+/// Which Depth Anything: the one difference the networks have is the blocks the head takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// `DPT_DINOv2`: `get_intermediate_layers(x, 4)`, dinov2's "the n last blocks".
+    V1,
+    /// `DepthAnythingV2`: `intermediate_layer_idx[encoder]`, spread over the depth.
+    V2,
+}
 
 /// DINOv2's attention heads are 64 wide in every size (vits 6, vitb 12, vitl 16, vitg 24).
 const HEAD_WIDTH: usize = 64;
@@ -63,13 +105,15 @@ const INPUT_MULTIPLE: f64 = 14.0;
 const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const STD: [f64; 3] = [0.229, 0.224, 0.225];
 
-/// `DepthAnythingV2.intermediate_layer_idx`, by the encoder's depth (vits and vitb: 12 blocks,
-/// vitl 24, vitg 40).
-fn taken_blocks(depth: usize) -> Option<[usize; 4]> {
-    match depth {
-        12 => Some([2, 5, 8, 11]),
-        24 => Some([4, 11, 17, 23]),
-        40 => Some([9, 19, 29, 39]),
+/// The four blocks whose outputs feed the head: v1 the last four; v2
+/// `DepthAnythingV2.intermediate_layer_idx`, by the encoder's depth (vits and vitb: 12
+/// blocks, vitl 24, vitg 40).
+fn taken_blocks(version: Version, depth: usize) -> Option<[usize; 4]> {
+    match (version, depth) {
+        (Version::V1, 4..) => Some(std::array::from_fn(|i| depth - 4 + i)),
+        (Version::V2, 12) => Some([2, 5, 8, 11]),
+        (Version::V2, 24) => Some([4, 11, 17, 23]),
+        (Version::V2, 40) => Some([9, 19, 29, 39]),
         _ => None,
     }
 }
@@ -117,7 +161,7 @@ enum Resize {
     Down(Conv2d),
 }
 
-/// `DepthAnythingV2` with its weights, on one device in f32.
+/// `DPT_DINOv2` (v1) or `DepthAnythingV2` with its weights, on one device in f32.
 pub struct DepthAnythingNetwork {
     patch: Conv2d,
     patch_size: usize,
@@ -163,11 +207,10 @@ impl State<'_> {
     }
 
     fn any(&self, key: &str) -> Result<Tensor> {
-        let t = self.tensors.get(key).ok_or_else(|| {
-            self.bad(format!(
-                "{key} is missing (not a Depth Anything V2 network)"
-            ))
-        })?;
+        let t = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| self.bad(format!("{key} is missing (not a Depth Anything network)")))?;
         Ok(t.to_dtype(DType::F32)?.to_device(self.device)?)
     }
 
@@ -215,15 +258,21 @@ impl State<'_> {
 }
 
 impl DepthAnythingNetwork {
-    /// The network of a `depth_anything_v2_*.safetensors` file (or a torch pickle of the same
-    /// state dict), onto `device` in f32, with DINOv2's 64-wide heads (one head for a
+    /// The network of a `depth_anything_vitl14.pth` (v1) or `depth_anything_v2_*.safetensors`
+    /// file (either a safetensors file or a torch pickle of the state dict: the two have one
+    /// key layout), onto `device` in f32, with DINOv2's 64-wide heads (one head for a
     /// narrower network: the reduced test ones).
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Self::load_with_heads(path, device, None)
+    pub fn load(path: &Path, device: &Device, version: Version) -> Result<Self> {
+        Self::load_with_heads(path, device, version, None)
     }
 
     /// The same with `heads` attention heads (the weights do not say; `None`: 64 wide each).
-    pub fn load_with_heads(path: &Path, device: &Device, heads: Option<usize>) -> Result<Self> {
+    pub fn load_with_heads(
+        path: &Path,
+        device: &Device,
+        version: Version,
+        heads: Option<usize>,
+    ) -> Result<Self> {
         let s = State {
             path,
             tensors: crate::upscaler::read_state(path)?,
@@ -253,8 +302,11 @@ impl DepthAnythingNetwork {
                     .contains_key(&format!("pretrained.blocks.{i}.ls1.gamma"))
             })
             .count();
-        let taken = taken_blocks(depth)
-            .ok_or_else(|| s.bad(format!("{depth} blocks: not a DINOv2 size (12, 24, 40)")))?;
+        let taken = taken_blocks(version, depth).ok_or_else(|| {
+            s.bad(format!(
+                "{depth} blocks: not a DINOv2 size for {version:?} (12, 24, 40)"
+            ))
+        })?;
         let hidden = s.any("pretrained.blocks.0.mlp.fc1.weight")?.dim(0)?;
         let blocks = (0..depth)
             .map(|i| {
@@ -400,8 +452,9 @@ impl DepthAnythingNetwork {
         Ok(Tensor::cat(&[cls, patches], 1)?)
     }
 
-    /// `DepthAnythingV2.forward` of a `[1, 3, H, W]` input (sides multiples of the patch):
-    /// the `[1, 1, H, W]` depth.
+    /// `DPT_DINOv2.forward` / `DepthAnythingV2.forward` of a `[1, 3, H, W]` input (sides
+    /// multiples of the patch): the `[1, 1, H, W]` depth. (v1's second resize, to the input's
+    /// size with corners aligned, is to the size the head already gives: the identity.)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, hh, ww) = x.dims4()?;
         let (rows, cols) = (hh / self.patch_size, ww / self.patch_size);
@@ -511,7 +564,7 @@ pub fn depth_anything_depth(
     Ok((nw, nh, depth.to_vec1::<f32>()?))
 }
 
-/// The legacy `depth_anything_v2` (colored=False) on the padded image: its depth resized back
+/// The legacy `depth_anything` / `depth_anything_v2` (colored=False) on the padded image: its depth resized back
 /// (bilinear, pixel centres), min-max scaled to 0..=255, truncated.
 pub fn depth_anything_map(net: &DepthAnythingNetwork, padded: &RgbImage) -> Result<Vec<u8>> {
     let (w, h) = (padded.width as usize, padded.height as usize);

@@ -13,8 +13,8 @@
 //! `lineart_anime`, `manga_line` (lineart_anime_denoise), `pidinet` (softedge_pidinet,
 //! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed), `anyline` (softedge_anyline:
 //! TEED with MistoLine's weights, combined with lineart_standard's faint lines), `mlsd` (the M-LSD network,
-//! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything_v2:
-//! DINOv2 and the DPT head), `openpose` (the OpenPose body network and its maps),
+//! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything,
+//! depth_anything_v2: DINOv2 and the DPT head), `openpose` (the OpenPose body network and its maps),
 //! `openpose_body` (peaks, limbs and people from those maps), `pose_draw` (the pose drawn with
 //! OpenCV's ellipse, convex fill and circle), `resize_lanczos` (OpenCV's Lanczos-4 and float
 //! area resizes).
@@ -52,7 +52,8 @@ pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
 pub use depth_anything::{
     depth_anything_depth, depth_anything_input_size, depth_anything_map, DepthAnythingNetwork,
-    DEPTH_ANYTHING_V2, DEPTH_ANYTHING_V2_FILE,
+    Version as DepthAnythingVersion, DEPTH_ANYTHING, DEPTH_ANYTHING_FILE, DEPTH_ANYTHING_V2,
+    DEPTH_ANYTHING_V2_FILE,
 };
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
@@ -162,6 +163,9 @@ pub enum Preprocessor {
         distance_threshold: f64,
         resolution: u32,
     },
+    /// The legacy `depth_anything` (colored=False): Depth Anything (v1)'s relative depth, near
+    /// light, min-max scaled (the extension hides its resolution slider: 512).
+    DepthAnything { resolution: u32 },
     /// The legacy `depth_anything_v2` (colored=False): Depth Anything V2's relative depth,
     /// near light, min-max scaled (the extension hides its resolution slider: 512).
     DepthAnythingV2 { resolution: u32 },
@@ -196,6 +200,7 @@ impl Preprocessor {
             Self::SoftedgeTeed { .. } => "softedge_teed",
             Self::SoftedgeAnyline { .. } => "softedge_anyline",
             Self::Mlsd { .. } => "mlsd",
+            Self::DepthAnything { .. } => "depth_anything",
             Self::DepthAnythingV2 { .. } => "depth_anything_v2",
             Self::Openpose { .. } => "openpose",
         }
@@ -223,6 +228,7 @@ impl Preprocessor {
             Self::SoftedgeTeed { .. } => Some(&TEED),
             Self::SoftedgeAnyline { .. } => Some(&MTEED),
             Self::Mlsd { .. } => Some(&MLSD),
+            Self::DepthAnything { .. } => Some(&DEPTH_ANYTHING),
             Self::DepthAnythingV2 { .. } => Some(&DEPTH_ANYTHING_V2),
             Self::Openpose { .. } => Some(&BODY_POSE),
             _ => None,
@@ -252,6 +258,7 @@ impl Preprocessor {
             | Self::ScribblePidinet { resolution }
             | Self::SoftedgeTeed { resolution, .. }
             | Self::SoftedgeAnyline { resolution, .. }
+            | Self::DepthAnything { resolution }
             | Self::DepthAnythingV2 { resolution }
             | Self::Openpose { resolution } => Some(resolution),
             Self::Mlsd { resolution, .. } => Some(resolution),
@@ -282,6 +289,7 @@ impl Preprocessor {
             | Self::ScribblePidinet { resolution: r }
             | Self::SoftedgeTeed { resolution: r, .. }
             | Self::SoftedgeAnyline { resolution: r, .. }
+            | Self::DepthAnything { resolution: r }
             | Self::DepthAnythingV2 { resolution: r }
             | Self::Openpose { resolution: r } => *r = resolution,
             Self::Mlsd { resolution: r, .. } => *r = resolution,
@@ -398,8 +406,9 @@ impl Preprocessor {
                 let map = mlsd_map(&net, &padded.image, value_threshold, distance_threshold)?;
                 padded.crop_gray_to_rgb(&map)
             }
-            Self::DepthAnythingV2 { .. } => {
-                let net = network::<DepthAnythingNetwork>(networks, &DEPTH_ANYTHING_V2)?;
+            Self::DepthAnything { .. } | Self::DepthAnythingV2 { .. } => {
+                let file = self.annotator_file().expect("a network module");
+                let net = network::<DepthAnythingNetwork>(networks, file)?;
                 let padded = padded();
                 let map = depth_anything_map(&net, &padded.image)?;
                 padded.crop_gray_to_rgb(&map)
@@ -464,6 +473,7 @@ impl Preprocessor {
             | Self::SoftedgeTeed { .. }
             | Self::SoftedgeAnyline { .. }
             | Self::Mlsd { .. }
+            | Self::DepthAnything { .. }
             | Self::DepthAnythingV2 { .. }
             | Self::Openpose { .. } => {
                 return Err(PipelineError::InvalidRequest(format!(

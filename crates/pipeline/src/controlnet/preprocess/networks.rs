@@ -51,6 +51,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::TEED,
     &super::MTEED,
     &super::MLSD,
+    &super::DEPTH_ANYTHING,
     &super::DEPTH_ANYTHING_V2,
     &super::BODY_POSE,
 ];

@@ -16,8 +16,8 @@
 //! `pidinet_scribble` (`scribble_pidinet`), `softedge_teed` (TEED; its `Safe Steps` slider
 //! kept as a number as the others, `int(slider_1)` runs), `softedge_anyline` (Anyline: TEED with
 //! MistoLine's weights and lineart_standard's faint lines; its own Resolution slider, 1280 by
-//! default, and Safe Steps), `mlsd` (its thresholds kept as numbers), `depth_anything_v2`
-//! and `openpose` (body only) (no sliders but the resolution) (their weights from ANNOTATOR_DIR; listed without
+//! default, and Safe Steps), `mlsd` (its thresholds kept as numbers), `depth_anything_v2`,
+//! `depth_anything` and `openpose` (body only) (no sliders but the resolution) (their weights from ANNOTATOR_DIR; listed without
 //! them, as the extension lists its model-based modules), their names and labels and sliders
 //! copied from the extension's
 //! `model_free_preprocessors.py`, `teed.py` and
@@ -102,9 +102,9 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet, mlsd 100; invert 20; the
 /// others 0) and label, descending
 /// (`color` sorts by its label, `t2ia_color_grid`; `lineart_anime_denoise` before its prefix
-/// `lineart_anime`; softedge_teed, softedge_anyline, depth_anything_v2 and openpose, 0, by
-/// their names).
-const MODULES: [Module; 25] = [
+/// `lineart_anime`; softedge_teed, softedge_anyline, depth_anything_v2, depth_anything and
+/// openpose, 0, by their names; `depth_anything_v2` before its prefix `depth_anything`).
+const MODULES: [Module; 26] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -248,6 +248,11 @@ const MODULES: [Module; 25] = [
     module(
         "depth_anything_v2",
         "depth_anything_v2",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "depth_anything",
+        "depth_anything",
         [Some(RESOLUTION), None, None],
     ),
     module(
@@ -401,6 +406,9 @@ pub(super) fn preprocessor(
         "depth_anything_v2" => Preprocessor::DepthAnythingV2 {
             resolution: resolution()?,
         },
+        "depth_anything" => Preprocessor::DepthAnything {
+            resolution: resolution()?,
+        },
         "openpose" => Preprocessor::Openpose {
             resolution: resolution()?,
         },
@@ -446,7 +454,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `mlsd`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `openpose`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `depth_anything_v2`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, openpose body_pose_model.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `mlsd`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `openpose`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, openpose body_pose_model.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
