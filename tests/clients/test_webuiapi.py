@@ -35,7 +35,8 @@ class A1111(Timed):
         self.assertEqual(
             names,
             sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE", "DDIM", "PLMS", "LMS",
-                    "UniPC", "Heun", "DPM2", "DPM2 a", "Restart", "LCM", "DPM++ 2S a", "DPM++ 3M SDE"]),
+                    "UniPC", "Heun", "DPM2", "DPM2 a", "Restart", "LCM", "DPM++ 2S a", "DPM++ 3M SDE",
+                    "DPM fast"]),
         )
         labels = [s["label"] for s in self.api.get_schedulers()]
         self.assertEqual(labels, ["Automatic", "Uniform", "Karras", "Exponential", "Beta"])
@@ -195,6 +196,8 @@ class A1111(Timed):
             # k-diffusion's own: 2S a's automatic schedule is Karras, 3M SDE's Exponential.
             ("DPM++ 2S a", None, "dpmpp_2s_ancestral_karras", 1, None),
             ("DPM++ 3M SDE", None, "dpmpp_3m_sde", 1, "exponential"),
+            # k-diffusion's DPM-Solver-Fast, between the sigmas' ends.
+            ("DPM fast", None, "dpm_fast", 1, None),
             ("Euler", "Beta", "euler", 1, "beta"),
             # A1111's own timestep sampler, not diffusers' PNDM.
             ("PLMS", None, "plms_a1111", 1, None),

@@ -507,6 +507,8 @@ mod tests {
             (SchedulerKind::DpmPpSdeKarras, Some(1.0), ""),
             (SchedulerKind::DpmPp3mSde, Some(0.5), ", Eta: 0.5, Version"),
             (SchedulerKind::DpmPp2sAncestralKarras, Some(1.0), ""),
+            (SchedulerKind::DpmFast, Some(0.5), ", Eta: 0.5, Version"),
+            (SchedulerKind::DpmFast, None, ""),
             (SchedulerKind::DpmPp2m, Some(0.5), ""),
             (SchedulerKind::Dpm2, Some(0.5), ""),
             (SchedulerKind::EulerAncestral, Some(1.0), ""),

@@ -30,16 +30,18 @@ const DEFAULTS: ClassDefaults = ClassDefaults {
 };
 
 /// The denoiser's tables and a run's sigmas.
-struct KSigmas {
+pub(super) struct KSigmas {
     prediction_type: PredictionType,
     /// `n + 1` float32 sigmas, the last 0.
-    sigmas: Vec<f32>,
+    pub(super) sigmas: Vec<f32>,
     /// `log` of the float32 training sigmas (the denoiser's `log_sigmas`).
     log_sigmas: Vec<f32>,
+    /// The smallest and largest training sigma (the denoiser's `sigmas[0]`, `sigmas[-1]`).
+    pub(super) train_ends: (f32, f32),
 }
 
 impl KSigmas {
-    fn new(cfg: &SchedulerConfig, n: usize, discard_penultimate: bool) -> Result<Self> {
+    pub(super) fn new(cfg: &SchedulerConfig, n: usize, discard_penultimate: bool) -> Result<Self> {
         common::check_steps(n)?;
         let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
         if r.prediction_type == PredictionType::Sample {
@@ -93,25 +95,31 @@ impl KSigmas {
             prediction_type: r.prediction_type,
             sigmas,
             log_sigmas,
+            train_ends: (min, max),
         })
     }
 
-    fn t(&self, sigma: f32) -> f64 {
+    pub(super) fn t(&self, sigma: f32) -> f64 {
         sigma_to_t_f32(sigma, &self.log_sigmas) as f64
     }
 
-    fn x0(&self, mo: &Tensor, x: &Tensor, sigma: f32) -> Result<Tensor> {
+    pub(super) fn x0(&self, mo: &Tensor, x: &Tensor, sigma: f32) -> Result<Tensor> {
         pred_original(self.prediction_type, mo, x, sigma)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    pub(super) fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        sigma: f32,
+    ) -> Result<Tensor> {
         let dtype = original.dtype();
         Ok((to_f32(original)? + mul_s(&to_f32(noise)?, sigma)?)?.to_dtype(dtype)?)
     }
 }
 
 /// k-diffusion's `get_ancestral_step(sigma_from, sigma_to, eta)` in float32: (down, up).
-fn ancestral_step(from: f32, to: f32, eta: f32) -> (f32, f32) {
+pub(super) fn ancestral_step(from: f32, to: f32, eta: f32) -> (f32, f32) {
     if eta == 0.0 {
         return (to, 0.0);
     }

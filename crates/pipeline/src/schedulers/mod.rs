@@ -13,6 +13,7 @@ pub mod brownian;
 pub mod common;
 pub mod ddim;
 pub mod dpm2;
+pub mod dpm_fast;
 pub mod dpm_sde;
 pub mod dpm_solver;
 pub mod euler;
@@ -74,6 +75,9 @@ pub enum Sampler {
     /// A1111's own `Restart` (`sd_samplers_extra.restart_sampler`): Heun steps with a restart
     /// from 20 steps.
     Restart,
+    /// k-diffusion's `sample_dpm_fast` (A1111's `DPM fast`): DPM-Solver-Fast between A1111's
+    /// ends, one UNet evaluation per step counted, noise from the images' generators.
+    DpmFast,
 }
 
 impl Sampler {
@@ -134,11 +138,12 @@ pub enum SchedulerKind {
     UniPcA1111,
     Restart,
     RestartKarras,
+    DpmFast,
 }
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 38] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 39] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -312,6 +317,7 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 38] = [
         Sampler::Restart,
         true,
     ),
+    (SchedulerKind::DpmFast, "dpm_fast", Sampler::DpmFast, false),
 ];
 
 const fn all_kinds() -> [SchedulerKind; KINDS.len()] {
@@ -364,7 +370,8 @@ impl SchedulerKind {
             | Sampler::DpmPp2mSdeBrownian
             | Sampler::DpmPp2mSdeHeunBrownian
             | Sampler::DpmPp2sAncestral
-            | Sampler::DpmPp3mSde => Some(1.0),
+            | Sampler::DpmPp3mSde
+            | Sampler::DpmFast => Some(1.0),
             _ => None,
         }
     }
@@ -507,6 +514,7 @@ pub fn build_with(
         )?),
         Sampler::UniPcA1111 => Box::new(unipc_a1111::UniPcA1111::new(cfg, n)?),
         Sampler::Restart => Box::new(restart::Restart::new(cfg, n)?),
+        Sampler::DpmFast => Box::new(dpm_fast::DpmFast::new(cfg, n)?),
     })
 }
 

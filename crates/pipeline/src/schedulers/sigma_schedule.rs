@@ -112,7 +112,9 @@ impl Sampler {
             | Sampler::Lcm
             | Sampler::DdimA1111
             | Sampler::PlmsA1111
-            | Sampler::UniPcA1111 => &[SigmaSchedule::Uniform],
+            | Sampler::UniPcA1111
+            // A1111 hands DPM fast the sigmas' ends, which every schedule shares.
+            | Sampler::DpmFast => &[SigmaSchedule::Uniform],
             Sampler::EulerAncestral => &[SigmaSchedule::Uniform, SigmaSchedule::Karras],
             _ => &SigmaSchedule::ALL,
         }

@@ -19,7 +19,7 @@ pub struct Sampler {
     pub automatic: SigmaSchedule,
 }
 
-pub const SAMPLERS: [Sampler; 17] = [
+pub const SAMPLERS: [Sampler; 18] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -150,6 +150,15 @@ pub const SAMPLERS: [Sampler; 17] = [
         uniform: SchedulerKind::DpmPp3mSde,
         karras: Some(SchedulerKind::DpmPp3mSdeKarras),
         automatic: SigmaSchedule::Exponential,
+    },
+    // k-diffusion's sample_dpm_fast: A1111 hands it the sigmas' ends, not a schedule, so only
+    // its Automatic (uniform) schedule is offered.
+    Sampler {
+        name: "DPM fast",
+        aliases: &["k_dpm_fast"],
+        uniform: SchedulerKind::DpmFast,
+        karras: None,
+        automatic: SigmaSchedule::Uniform,
     },
 ];
 
@@ -538,6 +547,20 @@ mod tests {
             ),
             (SchedulerKind::Restart, SigmaSchedule::Exponential)
         );
+        // DPM fast: k-diffusion's sample_dpm_fast between the sigmas' ends; Uniform only.
+        let k = r(Some("DPM fast"), None);
+        assert_eq!(
+            (k.kind, k.sigmas, k.schedule),
+            (SchedulerKind::DpmFast, SigmaSchedule::Uniform, "Automatic")
+        );
+        assert_eq!(
+            r(Some("k_dpm_fast"), Some("Uniform")).kind,
+            SchedulerKind::DpmFast
+        );
+        for schedule in ["Karras", "Exponential"] {
+            let e = resolve_sampler("sampler_name", Some("DPM fast"), Some(schedule)).unwrap_err();
+            assert_eq!(field_of(e), "scheduler", "{schedule}");
+        }
         // DPM++ SDE: A1111 lists it with the Karras schedule as its own.
         let k = r(Some("DPM++ SDE"), None);
         assert_eq!(
