@@ -209,12 +209,13 @@ pub struct AdapterFolders {
     dirs: AdapterDirs,
     /// The listing as of the last scan.
     current: Adapters,
-    /// The default model's files, when the pipeline is another model (a MODELS_DIR model the
-    /// worker switched to): the listing's LoRA verdicts are judged against them, from names
-    /// and shapes, because the listing is the default model's (`GET /loras`, and validation
-    /// of requests that name no model; a named model's are judged at submit). `None`: the
-    /// pipeline is the default model, judged as loaded.
-    judged_against: Option<PathBuf>,
+    /// The default model, when the pipeline is another model (a MODELS_DIR model the worker
+    /// switched to): the listing's verdicts are judged against it (LoRAs from its files' names
+    /// and shapes, embeddings by its text encoder's width), because the listing is the default
+    /// model's (`GET /loras`, `/sdapi/v1/embeddings`, and validation of requests that name no
+    /// model; a named model's are judged at submit). `None`: the pipeline is the default
+    /// model, judged as loaded.
+    judged_against: Option<crate::model::DefaultModel>,
 }
 
 /// The extensions each folder's scan reads.
@@ -260,9 +261,8 @@ impl AdapterFolders {
         }
     }
 
-    /// These folders for a pipeline that is not the default model, whose files are
-    /// `default_model` (a diffusers folder or single file): see `judged_against`.
-    pub fn judged_against(mut self, default_model: PathBuf) -> Self {
+    /// These folders for a pipeline that is not the default model: see `judged_against`.
+    pub fn judged_against(mut self, default_model: crate::model::DefaultModel) -> Self {
         self.judged_against = Some(default_model);
         self
     }
@@ -323,7 +323,7 @@ impl AdapterFolders {
         if let Some(dir) = self.dirs.lora_dir.clone() {
             match LoraLibrary::scan_each(&dir) {
                 Ok((library, failed)) => {
-                    let judged_against = self.judged_against.as_deref();
+                    let judged_against = self.judged_against.as_ref().map(|d| d.files.as_path());
                     self.current.loras = install_loras(sd, library, failed, judged_against)
                 }
                 Err(e) => {
@@ -334,7 +334,8 @@ impl AdapterFolders {
         if let Some(dir) = self.dirs.embeddings_dir.clone() {
             match EmbeddingLibrary::scan_each(&dir) {
                 Ok((library, failed)) => {
-                    self.current.embeddings = install_embeddings(sd, library, failed)
+                    let judged_width = self.judged_against.as_ref().map(|d| d.text_hidden_size);
+                    self.current.embeddings = install_embeddings(sd, library, failed, judged_width)
                 }
                 Err(e) => {
                     tracing::error!(dir = %dir.display(), error = %e, "EMBEDDINGS_DIR cannot be read; keeping the embeddings read before")
@@ -412,13 +413,19 @@ fn install_loras(
     out
 }
 
-/// Installs the embeddings of `library` that fit the model and lists them all, with why the
-/// others cannot be used.
+/// Installs the embeddings of `library` that fit the loaded model and lists them all, with why
+/// the others cannot be used: the loaded model's verdict, or that of the default model's text
+/// encoder width `judged_width` when given (see `AdapterFolders::judged_against`).
 fn install_embeddings(
     sd: &mut StableDiffusion,
     mut library: EmbeddingLibrary,
     failed: Vec<(PathBuf, sdserve_pipeline::PipelineError)>,
+    judged_width: Option<usize>,
 ) -> Vec<EmbeddingListing> {
+    let misfits: Vec<(String, String)> = library
+        .list()
+        .filter_map(|e| Some((e.name.clone(), sd.embedding_problem(e)?)))
+        .collect();
     let mut out: Vec<EmbeddingListing> = library
         .list()
         .map(|e| EmbeddingListing {
@@ -430,14 +437,15 @@ fn install_embeddings(
             step: e.step,
             sd_checkpoint: e.sd_checkpoint.clone(),
             sd_checkpoint_name: e.sd_checkpoint_name.clone(),
-            error: sd.embedding_problem(e),
+            error: match judged_width {
+                None => sd.embedding_problem(e),
+                Some(width) => sd.embedding_problem_for(e, width),
+            },
         })
         .collect();
-    for e in &out {
-        if let Some(why) = &e.error {
-            tracing::warn!(embedding = %e.name, "embedding does not fit this model: {why}");
-            library.remove(&e.name);
-        }
+    for (name, why) in misfits {
+        tracing::warn!(embedding = %name, "embedding does not fit this model: {why}");
+        library.remove(&name);
     }
     if let Err(e) = sd.set_embedding_library(library) {
         // Not expected once the misfits are out; no embedding beats a wrong one.

@@ -21,20 +21,28 @@ pub struct LoadOptions {
     /// what fits the deadlines.
     pub speed_probe: bool,
     /// The default model's files, shared by the loads of one server: the default model's load
-    /// records them; a MODELS_DIR model's (`other_model`) judges LORA_DIR's files against
-    /// them, so the published listing stays the default model's.
+    /// records them; a MODELS_DIR model's (`other_model`) judges LORA_DIR's and
+    /// EMBEDDINGS_DIR's files against them, so the published listing stays the default model's.
     pub default_files: DefaultModelFiles,
     /// This load is a MODELS_DIR model's, not the default model's.
     pub other_model: bool,
 }
 
-/// Where the default model's files are (a diffusers folder, or a single file's conversion),
-/// once it has loaded.
+/// What another model's listing is judged against, once the default model has loaded.
 #[derive(Debug, Clone, Default)]
-pub struct DefaultModelFiles(std::sync::Arc<std::sync::Mutex<Option<std::path::PathBuf>>>);
+pub struct DefaultModelFiles(std::sync::Arc<std::sync::Mutex<Option<DefaultModel>>>);
+
+/// The default model as the adapter listings judge against it.
+#[derive(Debug, Clone)]
+pub struct DefaultModel {
+    /// Its files: a diffusers folder, or a single file's conversion.
+    pub files: std::path::PathBuf,
+    /// Its text encoder's width (an embedding fits it with vectors of this width).
+    pub text_hidden_size: usize,
+}
 
 impl DefaultModelFiles {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::path::PathBuf>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<DefaultModel>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -251,7 +259,10 @@ pub fn load_real(
     }
     let mut folders = crate::adapters::AdapterFolders::new(args.adapter_dirs());
     if !load.other_model {
-        *load.default_files.lock() = Some(resolved.dir.clone());
+        *load.default_files.lock() = Some(DefaultModel {
+            files: resolved.dir.clone(),
+            text_hidden_size: sd.text_hidden_size(),
+        });
     } else if let Some(default) = load.default_files.lock().clone() {
         folders = folders.judged_against(default);
     }

@@ -63,6 +63,7 @@ fn server_on(tag: &str, default: &str) -> (Folder, Server) {
     let env: Vec<(String, String)> = [
         ("MODEL_ID", path(&models.join(default))),
         ("LORA_DIR", path(&fixture("adapters/loras"))),
+        ("EMBEDDINGS_DIR", path(&fixture("adapters/embeddings"))),
         ("MODELS_DIR", path(&models)),
         ("VAE_DIR", path(&vaes)),
         ("MODEL_CACHE_DIR", path(&cache)),
@@ -382,6 +383,17 @@ fn lora_verdicts_stay_the_default_model_s_while_the_worker_holds_another() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(fits_all(&r.json()), "{}", r.text());
     assert_eq!(r.json()["model"], "tiny-a-vae8", "{}", r.text());
+    // The embeddings too: vectors of tiny-a's width (32) fit the default model, though not
+    // tiny-b's 48-wide text encoder, which the worker holds.
+    let embeddings = r.json()["embeddings"].clone();
+    assert_eq!(embeddings.as_array().unwrap().len(), 2, "{embeddings}");
+    for e in embeddings.as_array().unwrap() {
+        assert_eq!(e["shape"], 32, "{e}");
+        assert!(e["error"].is_null(), "{e}");
+    }
+    let a1111 = s.get("/sdapi/v1/embeddings").json();
+    assert_eq!(a1111["skipped"], json!({}), "{a1111}");
+    assert_eq!(a1111["loaded"].as_object().unwrap().len(), 2, "{a1111}");
     // So such a request with a LoRA is queued and runs (on the default model again).
     let r = s.post_json(&native(json!({"loras": ink})));
     assert_eq!(r.status, 200, "{}", r.text());

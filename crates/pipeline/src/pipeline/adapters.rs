@@ -72,11 +72,20 @@ impl StableDiffusion {
     /// Why `set_embedding_library` would refuse embedding `e`, if it would: vectors of another
     /// width than the text encoder's, or a name the vocabulary already has.
     pub fn embedding_problem(&self, e: &crate::embeddings::Embedding) -> Option<String> {
-        if e.hidden_size() != self.text_hidden_size {
+        self.embedding_problem_for(e, self.text_hidden_size)
+    }
+
+    /// [`Self::embedding_problem`] as a model whose text encoder is `text_hidden_size` wide
+    /// would judge it (with this model's vocabulary: SD 1.x models share CLIP's).
+    pub fn embedding_problem_for(
+        &self,
+        e: &crate::embeddings::Embedding,
+        text_hidden_size: usize,
+    ) -> Option<String> {
+        if e.hidden_size() != text_hidden_size {
             return Some(format!(
-                "vectors of {} values; this text encoder takes {}",
+                "vectors of {} values; this text encoder takes {text_hidden_size}",
                 e.hidden_size(),
-                self.text_hidden_size
             ));
         }
         self.base_tokenizer

@@ -136,6 +136,11 @@ impl StableDiffusion {
         self.unet_in_channels
     }
 
+    /// The width of the text encoder's vectors (an embedding's must match it).
+    pub fn text_hidden_size(&self) -> usize {
+        self.text_hidden_size
+    }
+
     /// True for an inpainting model: its UNet takes the latents, the mask and the masked
     /// image's latents (9 channels for SD 1.5), so every request needs an init image and a mask.
     pub fn is_inpainting(&self) -> bool {
