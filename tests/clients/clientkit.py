@@ -1,4 +1,4 @@
-"""What the client tests share (test_webuiapi.py, test_openai.py): the fixtures' paths, the
+"""What the client tests share (test_webuiapi*.py, test_openai.py): the fixtures' paths, the
 `sdserve serve` they run against on the tiny test model, and the native answers they compare
 with. Every image that comes through a dialect must hold exactly the pixels that the native
 `POST /generate` gives for the same parameters (PNG decoded, pixels compared).
