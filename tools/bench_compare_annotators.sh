@@ -13,7 +13,9 @@
 # annotators-compare.json in $OUT_DIR. PYTHON names a python with torch, opencv-python-headless,
 # numpy, einops and safetensors; SD_WEBUI_CONTROLNET_DIR a checkout of the extension;
 # DEPTH_ANYTHING_V2_DIR (optional) a checkout of the depth_anything_v2 package, for
-# depth_anything_v2 (both scripts leave it out without one).
+# depth_anything_v2; DEPTH_ANYTHING_DIR and DINOV2_DIR (optional) checkouts of the
+# depth_anything package and facebookresearch/dinov2, for depth_anything (both scripts leave
+# each out without them).
 set -euo pipefail
 DIR=${1:?make_random_annotators.py folder}
 THREADS=${2:-2}

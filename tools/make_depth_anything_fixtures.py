@@ -127,10 +127,16 @@ def detector_model(dpt, features, out_channels):
                           localhub=False)
 
 
-def load(ext, da1, dinov2_dir):
-    dpt, tr, digests = packages(da1, dinov2_dir, narrow=True)
+def load(ext, da1, dinov2_dir, full=False):
+    """The legacy module, resize_image_with_pad, the model's depth, the model, the sources'
+    digests and the model's input of a padded image; `full`: the detector's own widths, the
+    package's initialisation (tools/make_random_annotators.py's timing network)."""
+    dpt, tr, digests = packages(da1, dinov2_dir, narrow=not full)
     torch.manual_seed(SEED)
-    model = randomize(detector_model(dpt, FEATURES, OUT_CHANNELS))
+    if full:
+        model = detector_model(dpt, 256, [256, 512, 1024, 1024]).float().eval()
+    else:
+        model = randomize(detector_model(dpt, FEATURES, OUT_CHANNELS))
     from torchvision.transforms import Compose
     det_path = os.path.join(ext, "annotator", "depth_anything.py")
     ns = {"torch": torch, "cv2": cv2, "np": np, "F": F, "Compose": Compose,
@@ -152,14 +158,16 @@ def load(ext, da1, dinov2_dir):
     digests.update(d)
     module = functools.partial(f["depth_anything"], colored=False)
 
-    def depth(padded):
-        # The detector's own steps up to the model's output.
+    def net_input(padded):
+        # The detector's own steps up to the model's input.
         image = cv2.cvtColor(padded, cv2.COLOR_BGR2RGB) / 255.0
-        x = torch.from_numpy(ns["transform"]({"image": image})["image"]).unsqueeze(0)
-        with torch.no_grad():
-            return model(x)[0].numpy()
+        return torch.from_numpy(ns["transform"]({"image": image})["image"]).unsqueeze(0)
 
-    return module, utils["resize_image_with_pad"], depth, model, digests
+    def depth(padded):
+        with torch.no_grad():
+            return model(net_input(padded))[0].numpy()
+
+    return module, utils["resize_image_with_pad"], depth, model, digests, net_input
 
 
 def main():
@@ -185,7 +193,7 @@ def main():
         torch.save(full.state_dict(), args.full_width)
         print(f"wrote the full-width network to {args.full_width}")
         return
-    module, resize_image_with_pad, depth, model, digests = load(
+    module, resize_image_with_pad, depth, model, digests, _ = load(
         args.extension, args.depth_anything, args.dinov2)
     os.makedirs(OUT, exist_ok=True)
     state = {k: v.half().contiguous() for k, v in model.state_dict().items()}

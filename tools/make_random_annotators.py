@@ -19,6 +19,12 @@ key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`,
                                         (safetensors, as the real file; only with
                                         --depth-anything or $DEPTH_ANYTHING_V2_DIR, a checkout of
                                         the depth_anything_v2 package)
+  depth_anything/depth_anything_vitl14.pth
+                                        DPT_DINOv2("vitl", features 256, out_channels
+                                        [256, 512, 1024, 1024]) as the detector builds it
+                                        (only with $DEPTH_ANYTHING_DIR, a checkout of the
+                                        depth_anything package, and $DINOV2_DIR, one of
+                                        facebookresearch/dinov2)
   bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
 
 The classes are taken from a checkout of the extension the way the fixture scripts
@@ -193,6 +199,22 @@ def depth_anything_v2(ext):
              {"depth_anything_v2": lambda img, res: module(img, res=res)}, net_input)]
 
 
+def depth_anything(ext):
+    """The detector's DPT_DINOv2 (vitl at its real widths, the package's own initialisation
+    from the fixture's seed) and the legacy `depth_anything` (colored=False), wired as
+    make_depth_anything_fixtures.load wires them; nothing without the depth_anything package
+    (DEPTH_ANYTHING_DIR) and facebookresearch/dinov2 (DINOV2_DIR)."""
+    da1, dinov2 = os.environ.get("DEPTH_ANYTHING_DIR"), os.environ.get("DINOV2_DIR")
+    if not da1 or not dinov2:
+        print("make_random_annotators.py: no DEPTH_ANYTHING_DIR and DINOV2_DIR, depth_anything "
+              "left out", file=sys.stderr)
+        return []
+    import make_depth_anything_fixtures as da1_fx
+    module, _, _, net, _, net_input = da1_fx.load(ext, da1, dinov2, full=True)
+    return [("depth_anything", "depth_anything_vitl14.pth", net, net.state_dict(),
+             {"depth_anything": lambda img, res: module(img, res=res)}, net_input)]
+
+
 def chw(padded, scale, offset=0.0):
     """The padded HWC uint8 image as the detectors feed it: 1 x C x H x W f32, v * scale + offset."""
     x = torch.from_numpy(np.ascontiguousarray(padded)).float() * scale + offset
@@ -203,7 +225,7 @@ def build(ext):
     """Every network as (subfolder, file, net, state as saved, {module: fn(img, res) -> map},
     fn(padded) -> the network's input), and the extension's resize_image_with_pad."""
     out = []
-    for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2]:
+    for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2, depth_anything]:
         out += part(ext)
     return out, RESIZE[0]
 

@@ -17,8 +17,9 @@ use std::path::Path;
 use sdserve_pipeline::controlnet::preprocess::{
     depth_anything_depth, network, resize_image_with_pad, rgb_to_grey, AnnotatorFile,
     DepthAnythingNetwork, HedNetwork, LineartAnimeNetwork, LineartNetwork, LoadedNetworks,
-    MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor, TeedNetwork, DEPTH_ANYTHING_V2, HED,
-    LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MLSD, PIDINET, TEED,
+    MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor, TeedNetwork, DEPTH_ANYTHING,
+    DEPTH_ANYTHING_V2, HED, LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MLSD, PIDINET,
+    TEED,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -73,6 +74,7 @@ fn modules(resolution: u32) -> Vec<(Preprocessor, &'static AnnotatorFile)> {
             Preprocessor::DepthAnythingV2 { resolution },
             &DEPTH_ANYTHING_V2,
         ),
+        (Preprocessor::DepthAnything { resolution }, &DEPTH_ANYTHING),
     ]
 }
 
@@ -105,8 +107,8 @@ fn forward(nets: &LoadedNetworks, file: &'static AnnotatorFile, padded: &RgbImag
             .map(drop),
         // The detector's input steps and the model (`depth_anything_depth`), as the Python side's
         // network stage has the model alone: the input steps are a few ms of 18+ s.
-        n if n == DEPTH_ANYTHING_V2.name => {
-            network::<DepthAnythingNetwork>(nets, &DEPTH_ANYTHING_V2)
+        n if n == DEPTH_ANYTHING_V2.name || n == DEPTH_ANYTHING.name => {
+            network::<DepthAnythingNetwork>(nets, file)
                 .and_then(|net| depth_anything_depth(&net, padded))
                 .map(drop)
         }
@@ -146,7 +148,7 @@ fn main() {
             continue;
         }
         let path = dir.join(file.subfolder).join(file.name);
-        // depth_anything_v2's file is only there when the Depth Anything package was given.
+        // The Depth Anything files are only there when their packages were given.
         if !path.exists() {
             eprintln!("{}: no {}, skipped", module.module(), path.display());
             continue;
