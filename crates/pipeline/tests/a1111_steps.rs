@@ -316,6 +316,7 @@ mod a1111_timestep_samplers {
                     params.steps,
                     params.init_start(),
                     None,
+                    Default::default(),
                 )
                 .unwrap();
             let got: Vec<f32> = scheduler.timesteps()[begin..]

@@ -70,6 +70,18 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         ("step_rule", a.step_rule.as_ref().map(|v| json!(v))),
         ("noise_multiplier", a.noise_multiplier.map(|v| json!(v))),
         ("extra_noise", a.extra_noise.map(|v| json!(v))),
+        ("sigma_churn", a.sigma_churn.map(|v| json!(v))),
+        ("sigma_tmin", a.sigma_tmin.map(|v| json!(v))),
+        ("sigma_tmax", a.sigma_tmax.map(|v| json!(v))),
+        ("sigma_noise", a.sigma_noise.map(|v| json!(v))),
+        (
+            "negative_guidance_min_sigma",
+            a.negative_guidance_min_sigma.map(|v| json!(v)),
+        ),
+        (
+            "negative_guidance_all_steps",
+            a.negative_guidance_all_steps.then_some(json!(true)),
+        ),
         ("resize_mode", a.resize_mode.as_ref().map(|v| json!(v))),
         ("tiling", a.tiling.then_some(json!(true))),
         ("prompt_syntax", a.prompt_syntax.as_ref().map(|v| json!(v))),

@@ -53,6 +53,7 @@ pub fn parameters_text(
         None => "default".to_string(),
     };
     let scheduler = p.scheduler.map(|k| k.name()).unwrap_or("default");
+    let sampler_params = crate::validate::sampler_params::infotext(p);
     // A1111 writes a sampler's eta where it is not the default: `Eta DDIM` for its timestep
     // samplers, `Eta` for k-diffusion's.
     let eta = match (p.scheduler.and_then(|k| Some((k, k.eta_default()?))), p.eta) {
@@ -118,7 +119,7 @@ pub fn parameters_text(
         })
         .collect();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}{sampler_params}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 
 use super::control::{unet_forward, ControlState, StepControl};
 use super::encode_prompt::{ScheduledConditioning, StepConditioning};
-use super::{images_in, Conditioning, StableDiffusion, StepHook, StepProgress};
+use super::{images_in, Conditioning, NegativeGuidance, StableDiffusion, StepHook, StepProgress};
 use crate::controlnet::CondRows;
 use crate::kernels::cuda::StepGraph;
 use crate::rng::TorchRng;
@@ -20,7 +20,7 @@ impl StableDiffusion {
         text_embeddings: &ScheduledConditioning,
         scheduler: &mut dyn Scheduler,
         begin: usize,
-        guidance_scale: f64,
+        (guidance_scale, negative_guidance): (f64, NegativeGuidance),
         rngs: &mut [TorchRng],
         control: Option<&ControlState>,
         on_step: StepHook,
@@ -40,12 +40,27 @@ impl StableDiffusion {
         let mut graph = StepGraph::new(&self.device);
         for (index, &t) in timesteps.iter().enumerate().skip(begin) {
             let start = std::time::Instant::now();
+            // k-diffusion's churn raises the sample before the evaluation.
+            if let Some(raised) = scheduler.prepare_sample(&latents, index, rngs)? {
+                latents = raised;
+            }
             let mut model_input = scheduler.scale_model_input(&latents, index)?;
             if let Some(state) = &inpaint {
                 model_input = state.unet_input(model_input)?;
             }
             // A1111's denoiser counts its calls from 0: one per UNet evaluation.
-            let conditioning = text_embeddings.at(index - begin)?;
+            let mut conditioning = text_embeddings.at(index - begin)?;
+            let mut guidance = guidance_scale;
+            if negative_guidance.min_sigma > 0.0 {
+                let sigma = match scheduler.guidance_sigma(index) {
+                    Some(sigma) => sigma,
+                    None => self.schedules.sigma_at(t)?,
+                };
+                if negative_guidance.skips(index - begin, sigma) {
+                    conditioning = conditioning.prompt_only()?;
+                    guidance = 1.0;
+                }
+            }
             let control = control.map(|state| StepControl {
                 state,
                 step: index - begin,
@@ -56,8 +71,9 @@ impl StableDiffusion {
                 &model_input,
                 t,
                 &conditioning,
-                guidance_scale,
-                Some(&mut graph),
+                guidance,
+                // A skipping evaluation's batch is half the captured one.
+                (guidance == guidance_scale).then_some(&mut graph),
                 control,
             )?;
             let noise_pred = match &inpaint {

@@ -208,6 +208,28 @@ pub(crate) enum StepConditioning {
     },
 }
 
+impl StepConditioning {
+    /// The conditioning of an evaluation that skips the negative prompt (A1111's `skip_uncond`):
+    /// the prompt alone, unguided; AND parts keep their weights against the first part, which
+    /// stands in for the negative prompt (A1111's `fake_uncond`, guidance 1).
+    pub(crate) fn prompt_only(self) -> Result<Self> {
+        Ok(match self {
+            StepConditioning::Single(Conditioning::Joint(e)) => {
+                StepConditioning::Single(Conditioning::Cond(e.narrow(0, 1, 1)?))
+            }
+            StepConditioning::Single(Conditioning::Separate { cond, .. }) => {
+                StepConditioning::Single(Conditioning::Cond(cond))
+            }
+            StepConditioning::Composed { conds, weights, .. } => StepConditioning::Composed {
+                uncond: conds.narrow(0, 0, 1)?,
+                conds,
+                weights,
+            },
+            single => single,
+        })
+    }
+}
+
 impl ScheduledConditioning {
     /// The step count the schedules were made for (a hires pass's schedules go on from it).
     pub fn steps(&self) -> usize {

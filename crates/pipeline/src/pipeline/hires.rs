@@ -215,6 +215,7 @@ impl StableDiffusion {
             second.steps,
             Some((hires.strength, rule)),
             second.eta,
+            second.churn,
         )?;
         Ok(SecondPass {
             hires,
@@ -337,7 +338,7 @@ impl StableDiffusion {
             &text_embeddings,
             pass.scheduler.as_mut(),
             begin,
-            pass.params.guidance_scale,
+            (pass.params.guidance_scale, pass.params.negative_guidance),
             &mut rngs,
             control.as_ref(),
             &mut on_step,

@@ -47,7 +47,9 @@ pub use encode_prompt::{Conditioning, ScheduledConditioning};
 pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
 pub use limits::ModelLimits;
-pub use params::{GenerationParams, LoraWeight, PromptSyntax, RgbImage, StepHook, StepProgress};
+pub use params::{
+    GenerationParams, LoraWeight, NegativeGuidance, PromptSyntax, RgbImage, StepHook, StepProgress,
+};
 pub use prepare::ModelSchedules;
 pub use resize_mode::{check_latent_upscale_mask, ResizeMode};
 pub use steps::{ScheduleSlice, StepRule};
@@ -238,7 +240,7 @@ impl StableDiffusion {
             &text_embeddings,
             scheduler.as_mut(),
             begin,
-            params.guidance_scale,
+            (params.guidance_scale, params.negative_guidance),
             &mut rngs,
             control.as_ref(),
             &mut on_step,

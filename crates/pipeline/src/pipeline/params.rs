@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 
 use super::{Hires, InitImage, ResizeMode, SeedResize, StepRule, Variation};
-use crate::schedulers::{SchedulerKind, SigmaSchedule};
+use crate::schedulers::{Churn, SchedulerKind, SigmaSchedule};
 
 /// What one request asks of the pipeline (already validated by the caller). New fields keep a
 /// default, so callers write `..Default::default()` for what they do not set.
@@ -27,6 +27,12 @@ pub struct GenerationParams {
     /// the ancestral noise of Euler a); `None`: the sampler's default (0 for DDIM, 1 for
     /// Euler a). Ignored by samplers without one.
     pub eta: Option<f64>,
+    /// k-diffusion's churn (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`): Euler, Heun and DPM2
+    /// take it, the other samplers ignore it (as A1111 passes it to those three only).
+    pub churn: Churn,
+    /// A1111's negative guidance minimum sigma (`s_min_uncond`): late evaluations skip the
+    /// negative prompt.
+    pub negative_guidance: NegativeGuidance,
     /// How the prompts are read: `Plain` (diffusers: 77 tokens, brackets are text) or `A1111`.
     pub prompt_syntax: PromptSyntax,
     /// A1111's "clip skip": 1 conditions on the last CLIP layer, 2 on the penultimate, ...
@@ -86,6 +92,8 @@ impl Default for GenerationParams {
             scheduler: None,
             schedule: None,
             eta: None,
+            churn: Churn::default(),
+            negative_guidance: NegativeGuidance::default(),
             batch_size: 1,
             init_image: None,
             resize_mode: ResizeMode::JustResize,
@@ -171,6 +179,28 @@ impl GenerationParams {
             let rule = self.step_rule.for_hires();
             rule.slice(h.steps, h.strength).map_or(0, |s| s.steps_run())
         })
+    }
+}
+
+/// A1111's "negative guidance minimum sigma" (`s_min_uncond`, infotext `NGMS`; its CFG
+/// denoiser): a UNet evaluation whose noise level (the sigma the sampler evaluates at; the
+/// timestep on A1111's DDIM, PLMS and UniPC) is below `min_sigma` runs the prompt alone, its
+/// prediction unguided, on every other evaluation (the odd ones, counted from 0 in each pass)
+/// or with `all_steps` (`s_min_uncond_all`) on all of them. `min_sigma` 0: off.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct NegativeGuidance {
+    pub min_sigma: f64,
+    pub all_steps: bool,
+}
+
+impl NegativeGuidance {
+    /// Whether evaluation `evaluation` (from 0) at `sigma` skips the negative prompt: A1111's
+    /// `(step % 2 or s_min_uncond_all) and s_min_uncond > 0 and sigma < s_min_uncond`, the
+    /// comparison in float32 (the sigma tensor's dtype).
+    pub fn skips(&self, evaluation: usize, sigma: f64) -> bool {
+        self.min_sigma > 0.0
+            && (evaluation % 2 == 1 || self.all_steps)
+            && (sigma as f32) < self.min_sigma as f32
     }
 }
 

@@ -24,6 +24,7 @@ impl StableDiffusion {
             params.steps,
             start,
             params.eta,
+            params.churn,
         )
     }
 
@@ -79,6 +80,18 @@ impl ModelSchedules {
         })
     }
 
+    /// The training noise level at timestep `t`, `sqrt((1 - ac) / ac)` interpolated linearly
+    /// between whole timesteps (np.interp, as diffusers' sigma schedules): what A1111's
+    /// `s_min_uncond` compares with where a scheduler has no sigma of its own.
+    pub fn sigma_at(&self, t: f64) -> Result<f64> {
+        use schedulers::common::{self, ClassDefaults, ResolvedConfig};
+        let r = ResolvedConfig::resolve(&self.config, &ClassDefaults::with_spacing("leading"))?;
+        let sigmas = common::sigmas_from_alphas_cumprod(&r.alphas_cumprod()?);
+        let xs: Vec<f64> = (0..sigmas.len()).map(|i| i as f64).collect();
+        let fp: Vec<f64> = sigmas.iter().map(|&s| s as f64).collect();
+        Ok(common::interp(&[t], &xs, &fp)[0])
+    }
+
     /// The scheduler the model's config names (requests without `scheduler` run it).
     pub fn default_scheduler(&self) -> schedulers::SchedulerKind {
         self.default_scheduler
@@ -108,6 +121,7 @@ impl ModelSchedules {
         steps: usize,
         start: Option<(f64, StepRule)>,
         eta: Option<f64>,
+        churn: schedulers::Churn,
     ) -> Result<(Box<dyn Scheduler>, usize)> {
         let (kind, schedule) = match kind {
             Some(kind) => (kind, schedule.unwrap_or(kind.schedule())),
@@ -133,6 +147,7 @@ impl ModelSchedules {
         if let Some(eta) = eta {
             scheduler.set_eta(eta);
         }
+        scheduler.set_churn(churn);
         let begin = match slice {
             None => 0,
             Some((StepRule::Diffusers, s)) => s.start * scheduler.order(),
@@ -182,13 +197,21 @@ impl ModelSchedules {
             params.steps,
             params.init_start(),
             params.eta,
+            params.churn,
         )?;
         let hires = match &params.hires {
             None => None,
             Some(h) => {
                 let (scheduler, schedule) = super::hires::second_pass_scheduler(params, h);
                 let start = Some((h.strength, params.step_rule.for_hires()));
-                Some(self.schedule(scheduler, schedule, h.steps, start, params.eta)?)
+                Some(self.schedule(
+                    scheduler,
+                    schedule,
+                    h.steps,
+                    start,
+                    params.eta,
+                    params.churn,
+                )?)
             }
         };
         Ok((first, hires))

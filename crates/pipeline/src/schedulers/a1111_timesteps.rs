@@ -197,6 +197,12 @@ impl Scheduler for A1111Timesteps {
         &self.timesteps
     }
 
+    /// A1111's timestep samplers hand its CFG denoiser the timestep where k-diffusion's hand
+    /// it the sigma: its `s_min_uncond` compares with that.
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        self.timesteps.get(index).copied()
+    }
+
     /// `sample_img2img`: `t_enc = steps - step - 1`; the first update runs from
     /// `timesteps[t_enc - 1]`, past every entry above it (none where `t_enc` is 0 or 1).
     fn first_index_of_step(&self, step: usize) -> usize {

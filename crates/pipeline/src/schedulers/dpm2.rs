@@ -7,6 +7,7 @@
 
 use candle_core::Tensor;
 
+use super::churn::{self, Churn};
 use super::common::{
     self, check_index, config_error, div_s, mul_s, np_round, to_f32, ClassDefaults, PredictionType,
     ResolvedConfig,
@@ -117,6 +118,12 @@ pub struct KDpm2 {
     sigmas_interpol: Vec<f32>,
     /// The sample at the start of the step while its second half is pending.
     first_half: Option<Tensor>,
+    churn: Churn,
+    /// Each step's `sigma_hat` (churn's; its sigma without it), the midpoint its second half
+    /// evaluates at, and the unchurned timesteps.
+    hats: Vec<f32>,
+    mids: Vec<f32>,
+    own_timesteps: Vec<f64>,
 }
 
 impl KDpm2 {
@@ -134,13 +141,45 @@ impl KDpm2 {
             .map(|&s| sigma_to_t_f32(s, &c.s.log_sigmas))
             .collect();
         let timesteps = c.interleave(&t_interpol[1..t_interpol.len() - 1]);
-        Ok(Self {
+        let mut me = Self {
             sigmas: repeat_interior(sig),
             sigmas_interpol: repeat_interior(&interpol),
+            own_timesteps: timesteps.clone(),
             timesteps,
             c,
             first_half: None,
-        })
+            churn: Churn::default(),
+            hats: Vec::new(),
+            mids: Vec::new(),
+        };
+        me.plan_from(0);
+        Ok(me)
+    }
+
+    /// The churned sigmas of a run from step `start`: a churned step's midpoint is
+    /// k-diffusion's `sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()` (0 on the last
+    /// step, an Euler step), its timesteps `_sigma_to_t`'s; an unchurned one keeps the class's.
+    fn plan_from(&mut self, start: usize) {
+        let step_sigmas = &self.c.s.sigmas;
+        let logs: Vec<f64> = self.c.s.log_sigmas.iter().map(|&l| l as f64).collect();
+        self.hats = self.churn.sigma_hats(step_sigmas, start);
+        self.mids = Vec::with_capacity(self.hats.len());
+        for (k, &hat) in self.hats.iter().enumerate() {
+            let (sigma, next) = (step_sigmas[k], step_sigmas[k + 1]);
+            let own_mid = self.sigmas_interpol[2 * k + 1];
+            let mid = match (hat == sigma, next == 0.0) {
+                (true, _) => own_mid,
+                (false, true) => 0.0,
+                (false, false) => log_midpoint(hat, next),
+            };
+            self.mids.push(mid);
+            self.timesteps[2 * k] =
+                churn::timestep_at(hat, sigma, self.own_timesteps[2 * k], &logs);
+            if 2 * k + 1 < self.timesteps.len() {
+                let own = self.own_timesteps[2 * k + 1];
+                self.timesteps[2 * k + 1] = churn::timestep_at(mid, own_mid, own, &logs);
+            }
+        }
     }
 
     /// The float32 sigmas (diffusers' `sigmas`).
@@ -160,11 +199,45 @@ impl Scheduler for KDpm2 {
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.timesteps.len())?;
         let sigma = if self.first_half.is_none() {
-            self.sigmas[index]
+            self.hats[index / 2]
         } else {
-            self.sigmas_interpol[index]
+            self.mids[index / 2]
         };
         scale_by_sigma(sample, sigma)
+    }
+
+    fn set_churn(&mut self, churn: Churn) {
+        self.churn = churn;
+        self.plan_from(0);
+    }
+
+    fn set_begin_index(&mut self, begin: usize) {
+        self.plan_from(begin / 2);
+    }
+
+    /// Even entries begin a step (churned there), odd ones evaluate its midpoint.
+    fn prepare_sample(
+        &mut self,
+        sample: &Tensor,
+        index: usize,
+        rngs: &mut [TorchRng],
+    ) -> Result<Option<Tensor>> {
+        check_index(index, self.timesteps.len())?;
+        if index % 2 == 1 {
+            return Ok(None);
+        }
+        let k = index / 2;
+        self.churn
+            .raise(sample, self.c.s.sigmas[k], self.hats[k], rngs)
+    }
+
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        let sigmas = if index.is_multiple_of(2) {
+            &self.hats
+        } else {
+            &self.mids
+        };
+        sigmas.get(index / 2).map(|&s| s as f64)
     }
 
     fn step(
@@ -179,7 +252,8 @@ impl Scheduler for KDpm2 {
         let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
         let prev = match self.first_half.take() {
             None => {
-                let (sigma, sigma_interpol) = (self.sigmas[index], self.sigmas_interpol[index + 1]);
+                // From sigma_hat (the sigma without churn) to the step's midpoint.
+                let (sigma, sigma_interpol) = (self.hats[index / 2], self.mids[index / 2]);
                 let x0 = self.c.x0(&mo, &s, sigma)?;
                 let derivative = div_s(&(&s - x0)?, sigma)?;
                 let prev = (&s + mul_s(&derivative, sigma_interpol - sigma)?)?;
@@ -187,8 +261,8 @@ impl Scheduler for KDpm2 {
                 prev
             }
             Some(start) => {
-                let sigma = self.sigmas[index - 1];
-                let sigma_interpol = self.sigmas_interpol[index];
+                let sigma = self.hats[index / 2];
+                let sigma_interpol = self.mids[index / 2];
                 let sigma_next = self.sigmas[index];
                 let x0 = self.c.x0(&mo, &s, sigma_interpol)?;
                 let derivative = div_s(&(&s - x0)?, sigma_interpol)?;
@@ -302,6 +376,15 @@ impl Scheduler for KDpm2Ancestral {
             self.sigmas_interpol[index - 1]
         };
         scale_by_sigma(sample, sigma)
+    }
+
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        let sigma = if index.is_multiple_of(2) {
+            self.sigmas.get(index)
+        } else {
+            self.sigmas_interpol.get(index - 1)
+        };
+        sigma.map(|&s| s as f64)
     }
 
     fn step(

@@ -279,6 +279,10 @@ impl Scheduler for DpmFast {
         scale_by_sigma(sample, self.sigma_at(index)?)
     }
 
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        self.sigma_at(index).ok().map(f64::from)
+    }
+
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
         self.k.add_noise(original, noise, self.sigma_at(index)?)
     }

@@ -322,6 +322,10 @@ impl super::Scheduler for DpmSolverMultistep {
         &self.timesteps
     }
 
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        self.sigmas.get(index).map(|&s| s as f64)
+    }
+
     fn eta(&self) -> Option<f64> {
         (self.algorithm == Algorithm::SdeDpmSolverPp).then_some(f64::from(self.eta))
     }

@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 
+use super::churn::{self, Churn};
 use super::common::{
     self, check_index, config_error, div_s, mul_s, to_f32, ClassDefaults, PredictionType,
     ResolvedConfig, TimestepSpacing,
@@ -232,12 +233,22 @@ macro_rules! sigma_scheduler_methods {
             $crate::schedulers::common::check_index(index, self.base.sched.timesteps.len())?;
             $crate::schedulers::euler::scale_by_sigma(sample, self.base.sched.sigmas[index])
         }
+
+        fn guidance_sigma(&self, index: usize) -> Option<f64> {
+            self.base.sched.sigmas.get(index).map(|&s| s as f64)
+        }
     };
 }
 pub(super) use sigma_scheduler_methods;
 
 pub struct EulerDiscrete {
     base: SigmaBase,
+    churn: Churn,
+    /// `np.log` of the training sigmas, for the timesteps of churned sigmas.
+    log_sigmas: Vec<f64>,
+    /// Each step's `sigma_hat` (its sigma without churn) and the UNet's timestep there.
+    hats: Vec<f32>,
+    timesteps: Vec<f64>,
 }
 
 impl EulerDiscrete {
@@ -247,19 +258,83 @@ impl EulerDiscrete {
             karras: true,
             exponential_beta: true,
         };
-        Ok(Self {
-            base: SigmaBase::new(cfg, num_inference_steps, opts)?,
-        })
+        let base = SigmaBase::new(cfg, num_inference_steps, opts)?;
+        let r = ResolvedConfig::resolve(cfg, &DEFAULTS)?;
+        let train = common::sigmas_from_alphas_cumprod(&r.alphas_cumprod()?);
+        let mut me = Self {
+            hats: base.sched.sigmas[..base.sched.timesteps.len()].to_vec(),
+            timesteps: base.sched.timesteps.clone(),
+            base,
+            churn: Churn::default(),
+            log_sigmas: train.iter().map(|s| s.ln() as f64).collect(),
+        };
+        me.plan_from(0);
+        Ok(me)
     }
 
     /// The float32 sigmas (one per timestep plus the final one).
     pub fn sigmas(&self) -> &[f32] {
         &self.base.sched.sigmas
     }
+
+    /// The churned sigmas and their timesteps of a run from step `start`.
+    fn plan_from(&mut self, start: usize) {
+        let sched = &self.base.sched;
+        self.hats = self.churn.sigma_hats(&sched.sigmas, start);
+        self.timesteps = (0..sched.timesteps.len())
+            .map(|i| {
+                churn::timestep_at(
+                    self.hats[i],
+                    sched.sigmas[i],
+                    sched.timesteps[i],
+                    &self.log_sigmas,
+                )
+            })
+            .collect();
+    }
 }
 
 impl Scheduler for EulerDiscrete {
-    sigma_scheduler_methods!();
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.base.sched.init_noise_sigma as f64
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        add_noise_sigma(&self.base.sched, original, noise, index)
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        check_index(index, self.timesteps.len())?;
+        scale_by_sigma(sample, self.hats[index])
+    }
+
+    fn set_churn(&mut self, churn: Churn) {
+        self.churn = churn;
+        self.plan_from(0);
+    }
+
+    fn set_begin_index(&mut self, begin: usize) {
+        self.plan_from(begin);
+    }
+
+    fn prepare_sample(
+        &mut self,
+        sample: &Tensor,
+        index: usize,
+        rngs: &mut [TorchRng],
+    ) -> Result<Option<Tensor>> {
+        check_index(index, self.timesteps.len())?;
+        let sigma = self.base.sched.sigmas[index];
+        self.churn.raise(sample, sigma, self.hats[index], rngs)
+    }
+
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        self.hats.get(index).map(|&s| s as f64)
+    }
 
     fn step(
         &mut self,
@@ -269,10 +344,12 @@ impl Scheduler for EulerDiscrete {
         _rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         let dtype = model_output.dtype();
-        let (s, sigma, x0) = self.base.step_start(model_output, sample, index)?;
-        // s_churn = 0, so gamma = 0 and sigma_hat = sigma: no noise.
-        // (diffusers uses sigma_hat for epsilon and sigma for v_prediction; equal while gamma = 0.)
-        let sigma_hat = sigma;
+        check_index(index, self.timesteps.len())?;
+        // k-diffusion's step from sigma_hat (the sigma itself where the step is not churned;
+        // the sample was raised there by `prepare_sample`), whatever the prediction type.
+        let sigma_hat = self.hats[index];
+        let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
+        let x0 = pred_original(self.base.prediction_type, &mo, &s, sigma_hat)?;
         let derivative = div_s(&(&s - x0)?, sigma_hat)?;
         let dt = self.base.sched.sigmas[index + 1] - sigma_hat;
         let prev = (&s + mul_s(&derivative, dt)?)?;

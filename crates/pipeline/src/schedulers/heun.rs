@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use super::churn::{self, Churn};
 use super::common::{self, check_index, div_s, mul_s, to_f32, ClassDefaults, ResolvedConfig};
 use super::euler::{pred_original, scale_by_sigma};
 use super::interleaved::{repeat_interior, step_schedule};
@@ -37,6 +38,13 @@ pub struct HeunDiscrete {
     sigmas: Vec<f32>,
     init_noise_sigma: f32,
     first_half: Option<FirstHalf>,
+    churn: Churn,
+    /// One sigma per step plus the final zero, each step's `sigma_hat` (churn's; the sigma
+    /// without it), the unchurned timesteps and `np.log` of the training sigmas.
+    step_sigmas: Vec<f32>,
+    hats: Vec<f32>,
+    own_timesteps: Vec<f64>,
+    log_sigmas: Vec<f64>,
 }
 
 impl HeunDiscrete {
@@ -61,17 +69,33 @@ impl HeunDiscrete {
             common::TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
             _ => max,
         };
+        let timesteps = repeat_interior(&timesteps)[..2 * num_inference_steps - 1].to_vec();
         Ok(Self {
             prediction_type: r.prediction_type,
             clip: cfg
                 .clip_sample
                 .unwrap_or(false)
                 .then(|| cfg.clip_sample_range.unwrap_or(1.0) as f32),
-            timesteps: repeat_interior(&timesteps)[..2 * num_inference_steps - 1].to_vec(),
+            own_timesteps: timesteps.clone(),
+            timesteps,
             sigmas,
             init_noise_sigma,
             first_half: None,
+            churn: Churn::default(),
+            hats: s.sigmas[..num_inference_steps].to_vec(),
+            step_sigmas: s.sigmas,
+            log_sigmas: s.log_sigmas.iter().map(|&l| l as f64).collect(),
         })
+    }
+
+    /// The churned sigmas of a run from step `start` and the first halves' timesteps there.
+    fn plan_from(&mut self, start: usize) {
+        self.hats = self.churn.sigma_hats(&self.step_sigmas, start);
+        for (k, &hat) in self.hats.iter().enumerate() {
+            let own = self.own_timesteps[2 * k];
+            self.timesteps[2 * k] =
+                churn::timestep_at(hat, self.step_sigmas[k], own, &self.log_sigmas);
+        }
     }
 
     /// The float32 sigmas, one per entry of `timesteps()` plus the final zero.
@@ -91,7 +115,41 @@ impl Scheduler for HeunDiscrete {
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.timesteps.len())?;
-        scale_by_sigma(sample, self.sigmas[index])
+        scale_by_sigma(sample, self.guidance_sigma(index).unwrap_or(0.0) as f32)
+    }
+
+    fn set_churn(&mut self, churn: Churn) {
+        self.churn = churn;
+        self.plan_from(0);
+    }
+
+    fn set_begin_index(&mut self, begin: usize) {
+        self.plan_from(begin / 2);
+    }
+
+    /// Even entries begin a step (churned there), odd ones are its corrector.
+    fn prepare_sample(
+        &mut self,
+        sample: &Tensor,
+        index: usize,
+        rngs: &mut [TorchRng],
+    ) -> Result<Option<Tensor>> {
+        check_index(index, self.timesteps.len())?;
+        if index % 2 == 1 {
+            return Ok(None);
+        }
+        let k = index / 2;
+        self.churn
+            .raise(sample, self.step_sigmas[k], self.hats[k], rngs)
+    }
+
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        let sigma = if index.is_multiple_of(2) {
+            *self.hats.get(index / 2)?
+        } else {
+            *self.sigmas.get(index)?
+        };
+        Some(sigma as f64)
     }
 
     fn order(&self) -> usize {
@@ -117,11 +175,12 @@ impl Scheduler for HeunDiscrete {
         let (mo, s) = (to_f32(model_output)?, to_f32(sample)?);
         let first = self.first_half.is_none();
         let (sigma, sigma_next) = if first {
-            (self.sigmas[index], self.sigmas[index + 1])
+            (self.hats[index / 2], self.sigmas[index + 1])
         } else {
             (self.sigmas[index - 1], self.sigmas[index])
         };
-        // gamma = 0: sigma_hat = sigma. The corrector evaluates the model at sigma_next.
+        // The step runs from sigma_hat (k-diffusion's churn; the sigma without it). The
+        // corrector evaluates the model at sigma_next.
         let sigma_input = if first { sigma } else { sigma_next };
         let mut x0 = pred_original(self.prediction_type, &mo, &s, sigma_input)?;
         if let Some(range) = self.clip {

@@ -257,6 +257,12 @@ impl Scheduler for DpmPp2sAncestral {
         scale_by_sigma(sample, if mid { st.mid.unwrap() } else { st.sigma })
     }
 
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        let &(step, mid) = self.calls.get(index)?;
+        let st = &self.steps[step];
+        Some(if mid { st.mid? } else { st.sigma } as f64)
+    }
+
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.calls.len())?;
         let (step, mid) = self.calls[index];
@@ -364,6 +370,10 @@ impl Scheduler for DpmPp3mSde {
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
         check_index(index, self.timesteps.len())?;
         scale_by_sigma(sample, self.k.sigmas[index])
+    }
+
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        self.k.sigmas.get(index).map(|&s| s as f64)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {

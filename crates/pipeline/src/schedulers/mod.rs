@@ -6,10 +6,12 @@ use candle_core::Tensor;
 use crate::rng::TorchRng;
 use crate::Result;
 
+pub use churn::Churn;
 pub use sigma_schedule::SigmaSchedule;
 
 pub mod a1111_timesteps;
 pub mod brownian;
+pub mod churn;
 pub mod common;
 pub mod ddim;
 pub mod dpm2;
@@ -376,6 +378,15 @@ impl SchedulerKind {
         }
     }
 
+    /// Whether the sampler takes k-diffusion's churn ([`Churn`]): Euler, Heun and DPM2, the
+    /// three A1111 passes it to (its `sampler_extra_params`).
+    pub fn takes_churn(self) -> bool {
+        matches!(
+            self.sampler(),
+            Sampler::Euler | Sampler::Heun | Sampler::Dpm2
+        )
+    }
+
     /// Whether the sigmas are Karras' (the `_karras` names).
     pub fn karras(self) -> bool {
         self.entry().3
@@ -551,6 +562,25 @@ pub trait Scheduler: Send {
     }
     /// Sets [`Self::eta`]; nothing for a scheduler without one.
     fn set_eta(&mut self, _eta: f64) {}
+    /// k-diffusion's churn ([`Churn`]): Euler, Heun and DPM2 take it (as A1111 passes it);
+    /// nothing for the others. Set before [`Self::set_begin_index`].
+    fn set_churn(&mut self, _churn: Churn) {}
+    /// Before the UNet evaluation at `index`: the sample it and the step then take, where the
+    /// scheduler changes it first (churn's noise, drawn from `rngs`); `None`: unchanged.
+    fn prepare_sample(
+        &mut self,
+        _sample: &Tensor,
+        _index: usize,
+        _rngs: &mut [TorchRng],
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// What A1111's CFG denoiser calls `sigma` at the UNet evaluation `index` (its
+    /// `s_min_uncond` test): the evaluation's noise level on sigma samplers, the timestep on
+    /// A1111's own timestep samplers. `None`: the noise level of the evaluation's timestep.
+    fn guidance_sigma(&self, _index: usize) -> Option<f64> {
+        None
+    }
     /// Model evaluations per step (diffusers' `scheduler.order`): 2 for Heun, KDPM2 and DPM++ SDE,
     /// else 1.
     fn order(&self) -> usize {

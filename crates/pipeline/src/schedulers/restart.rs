@@ -235,6 +235,10 @@ impl Scheduler for Restart {
         scale_by_sigma(sample, self.evals[index].sigma)
     }
 
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        self.evals.get(index).map(|e| e.sigma as f64)
+    }
+
     fn order(&self) -> usize {
         2
     }

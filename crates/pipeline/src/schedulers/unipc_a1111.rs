@@ -274,6 +274,12 @@ impl Scheduler for UniPcA1111 {
         &self.timesteps
     }
 
+    /// A1111's timestep samplers hand its CFG denoiser the timestep where k-diffusion's hand
+    /// it the sigma: its `s_min_uncond` compares with that.
+    fn guidance_sigma(&self, index: usize) -> Option<f64> {
+        self.timesteps.get(index).copied()
+    }
+
     /// With A1111's img2img start set, its run is the whole of [`Self::timesteps`].
     fn first_index_of_step(&self, step: usize) -> usize {
         match self.t_enc {

@@ -35,6 +35,16 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         p.noise_multiplier.to_bits(),
         p.extra_noise.to_bits()
     );
+    let (c, g) = (p.churn, p.negative_guidance);
+    let images = format!(
+        "{images}\u{0}churn {:016x} {:016x} {:016x} {:016x}\u{0}ngms {:016x} {}",
+        c.churn.to_bits(),
+        c.tmin.to_bits(),
+        c.tmax.to_bits(),
+        c.noise.to_bits(),
+        g.min_sigma.to_bits(),
+        g.all_steps
+    );
     // Each ControlNet by name (its file is in the model part), control image and numbers.
     let controlnets: Vec<_> = p
         .controlnets
@@ -110,6 +120,27 @@ mod tests {
         let variants = [
             GenerationParams {
                 prompt: "b".into(),
+                ..base.clone()
+            },
+            GenerationParams {
+                churn: sdserve_pipeline::schedulers::Churn {
+                    churn: 1.0,
+                    ..Default::default()
+                },
+                ..base.clone()
+            },
+            GenerationParams {
+                churn: sdserve_pipeline::schedulers::Churn {
+                    tmax: 5.0,
+                    ..Default::default()
+                },
+                ..base.clone()
+            },
+            GenerationParams {
+                negative_guidance: sdserve_pipeline::pipeline::NegativeGuidance {
+                    min_sigma: 1.0,
+                    all_steps: false,
+                },
                 ..base.clone()
             },
             GenerationParams {

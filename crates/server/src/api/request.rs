@@ -83,6 +83,24 @@ pub(super) fn query_bool(query: Option<&str>, name: &str) -> Result<Option<bool>
 
 /// Renames the fields of a validation error from native names to a dialect's (`(native,
 /// dialect)` pairs), so the error names what the client sent.
+/// The job's churn (`sigma_tmax` 0: no bound) and negative guidance, as the native fields.
+fn sampler_params_json(
+    p: &sdserve_pipeline::pipeline::GenerationParams,
+) -> serde_json::Map<String, serde_json::Value> {
+    let (c, g) = (p.churn, p.negative_guidance);
+    serde_json::json!({
+        "sigma_churn": c.churn,
+        "sigma_tmin": c.tmin,
+        "sigma_tmax": if c.tmax.is_finite() { c.tmax } else { 0.0 },
+        "sigma_noise": c.noise,
+        "negative_guidance_min_sigma": g.min_sigma,
+        "negative_guidance_all_steps": g.all_steps,
+    })
+    .as_object()
+    .cloned()
+    .unwrap_or_default()
+}
+
 pub(super) fn rename_fields(e: ApiError, names: &[(&str, &str)]) -> ApiError {
     match e {
         ApiError::Validation(mut fields) => {
@@ -461,7 +479,7 @@ pub(crate) fn job_spec(
             "height": i.image.height,
         })
     };
-    let request = serde_json::json!({
+    let mut request = serde_json::json!({
         "prompt": params.prompt,
         "negative_prompt": params.negative_prompt,
         "steps": params.steps,
@@ -533,6 +551,9 @@ pub(crate) fn job_spec(
             written
         }),
     });
+    if let Some(o) = request.as_object_mut() {
+        o.extend(sampler_params_json(&params));
+    }
     let mut png_texts = crate::png::batch_texts(&params, &info.model_version, vae.as_ref());
     if let Some(h) = &req.hires {
         for text in &mut png_texts {

@@ -261,6 +261,46 @@ pub struct GenerateRequest {
         example = 0.05
     )]
     pub extra_noise: Option<f64>,
+    /// k-diffusion's churn (A1111's `s_churn`): each step whose sigma is within
+    /// `sigma_tmin..=sigma_tmax` first raises the sample to `sigma * (1 + gamma)` with fresh noise
+    /// from the seed, `gamma = min(sigma_churn / steps, sqrt(2) - 1)` (steps: those the pass
+    /// runs). `euler`, `heun`, `dpm2` and their `_karras` names only, the samplers A1111 passes it
+    /// to (`Euler`, `Heun`, `DPM2`); the others ignore it. 0: off.
+    #[schema(
+        nullable = true,
+        minimum = 0.0,
+        maximum = 100.0,
+        default = 0.0,
+        example = 1.0
+    )]
+    pub sigma_churn: Option<f64>,
+    /// The smallest sigma `sigma_churn` applies at (A1111's `s_tmin`).
+    #[schema(nullable = true, minimum = 0.0, maximum = 10.0, default = 0.0)]
+    pub sigma_tmin: Option<f64>,
+    /// The largest sigma `sigma_churn` applies at (A1111's `s_tmax`); 0: no bound.
+    #[schema(nullable = true, minimum = 0.0, maximum = 999.0, default = 0.0)]
+    pub sigma_tmax: Option<f64>,
+    /// The churn noise's scale (A1111's `s_noise`; only with `sigma_churn`, on the same
+    /// samplers).
+    #[schema(nullable = true, minimum = 0.0, maximum = 1.1, default = 1.0)]
+    pub sigma_noise: Option<f64>,
+    /// A1111's negative guidance minimum sigma (`s_min_uncond`, infotext `NGMS`): with guidance
+    /// on, every other UNet evaluation (the second, fourth, ... of each pass) whose noise level
+    /// is below this runs the prompt alone, unguided, skipping the negative prompt's half of the
+    /// batch. The noise level is the sampler's sigma; on `ddim_a1111`, `plms_a1111` and
+    /// `unipc_a1111` the timestep, as A1111 compares it. 0: off.
+    #[schema(
+        nullable = true,
+        minimum = 0.0,
+        maximum = 15.0,
+        default = 0.0,
+        example = 0.5
+    )]
+    pub negative_guidance_min_sigma: Option<f64>,
+    /// With `negative_guidance_min_sigma`: every evaluation below it skips, not every other
+    /// (A1111's `s_min_uncond_all`).
+    #[schema(nullable = true, default = false)]
+    pub negative_guidance_all_steps: Option<bool>,
     /// With init_image: how it (and mask_image) is fitted to width x height, as A1111
     /// img2img's `resize_mode`: `just_resize` stretches it (Lanczos), `crop_and_resize` covers
     /// the size and crops the centre, `resize_and_fill` fits it and fills the borders with its
@@ -534,6 +574,22 @@ pub struct GenerateMetadata {
     /// not 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra_noise: Option<f64>,
+    /// The churn values the sampler took, each where it is not its default (`sigma_tmax` null:
+    /// no bound); absent where it took none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_churn: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_tmin: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_tmax: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_noise: Option<f64>,
+    /// The request's negative guidance minimum sigma where it is on (with guidance), and
+    /// whether every evaluation below it skips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_guidance_min_sigma: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_guidance_all_steps: Option<bool>,
     /// With the hires fix: its second pass, whose size the images have; null without.
     #[serde(default)]
     pub hires: Option<HiresMetadata>,

@@ -46,6 +46,18 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub extra_noise: Option<f64>,
     #[arg(long)]
+    pub sigma_churn: Option<f64>,
+    #[arg(long)]
+    pub sigma_tmin: Option<f64>,
+    #[arg(long)]
+    pub sigma_tmax: Option<f64>,
+    #[arg(long)]
+    pub sigma_noise: Option<f64>,
+    #[arg(long)]
+    pub negative_guidance_min_sigma: Option<f64>,
+    #[arg(long)]
+    pub negative_guidance_all_steps: bool,
+    #[arg(long)]
     pub resize_mode: Option<String>,
     #[arg(long, visible_alias = "mask")]
     pub mask_image: Option<PathBuf>,
@@ -213,6 +225,30 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "extra_noise",
             "With --init-image or the hires fix (--hires-*): this much more noise at the start, in sigma units, 0..=1 (A1111's img2img_extra_noise) [default: 0]".to_string(),
+        ),
+        (
+            "sigma_churn",
+            "k-diffusion's churn on euler, heun, dpm2 (and _karras): each step within --sigma-tmin..--sigma-tmax first raised to sigma * (1 + min(churn / steps, sqrt 2 - 1)) with fresh noise, 0..=100 (A1111's s_churn) [default: 0]".to_string(),
+        ),
+        (
+            "sigma_tmin",
+            "The smallest sigma --sigma-churn applies at, 0..=10 (A1111's s_tmin) [default: 0]".to_string(),
+        ),
+        (
+            "sigma_tmax",
+            "The largest sigma --sigma-churn applies at, 0..=999, 0: no bound (A1111's s_tmax) [default: 0]".to_string(),
+        ),
+        (
+            "sigma_noise",
+            "The churn noise's scale, 0..=1.1 (A1111's s_noise) [default: 1]".to_string(),
+        ),
+        (
+            "negative_guidance_min_sigma",
+            "With guidance: every other UNet evaluation whose sigma is below this skips the negative prompt, 0..=15 (A1111's s_min_uncond, NGMS) [default: 0]".to_string(),
+        ),
+        (
+            "negative_guidance_all_steps",
+            "With --negative-guidance-min-sigma: every evaluation below it skips (A1111's s_min_uncond_all)".to_string(),
         ),
         (
             "resize_mode",

@@ -236,6 +236,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
         .iter()
         .map(|png| Arc::from(base64::engine::general_purpose::STANDARD.encode(png)))
         .collect();
+    let churn = crate::validate::sampler_params::applied_churn(p).unwrap_or_default();
+    let guidance = crate::validate::sampler_params::applied_guidance(p);
     GenerateResponse {
         // One allocation for both fields: a record holds the first image once.
         image_base64: images.first().cloned().unwrap_or_else(|| Arc::from("")),
@@ -255,6 +257,12 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 .then_some(p.noise_multiplier),
             extra_noise: ((p.init_image.is_some() || p.hires.is_some()) && p.extra_noise != 0.0)
                 .then_some(p.extra_noise),
+            sigma_churn: churn[0],
+            sigma_tmin: churn[1],
+            sigma_tmax: churn[2],
+            sigma_noise: churn[3],
+            negative_guidance_min_sigma: guidance.map(|g| g.min_sigma),
+            negative_guidance_all_steps: guidance.map(|g| g.all_steps),
             prompt: p.prompt.clone(),
             negative_prompt: p.negative_prompt.clone(),
             steps: p.steps as u32,

@@ -27,6 +27,7 @@ mod native_hires;
 pub mod native_inpaint;
 pub mod preprocessor;
 pub mod resize_mode;
+pub mod sampler_params;
 mod schedule;
 pub mod steps;
 #[cfg(test)]
@@ -60,7 +61,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 32] = [
+pub const FIELDS: [&str; 38] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -92,6 +93,12 @@ pub const FIELDS: [&str; 32] = [
     "step_rule",
     "noise_multiplier",
     "extra_noise",
+    "sigma_churn",
+    "sigma_tmin",
+    "sigma_tmax",
+    "sigma_noise",
+    "negative_guidance_min_sigma",
+    "negative_guidance_all_steps",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];
@@ -215,6 +222,8 @@ pub fn validate_request(
     let seed = r.int("seed", 0, SEED_MAX);
     let guidance_scale = r.number("guidance_scale", GUIDANCE_MIN, GUIDANCE_MAX);
     let eta = r.number("eta", 0.0, 1.0);
+    // Ignored by samplers that take none, as eta.
+    let (churn, negative_guidance) = sampler_params::read(&mut r);
     let schedulers: Vec<(&str, SchedulerKind)> =
         SchedulerKind::ALL.iter().map(|k| (k.name(), *k)).collect();
     let scheduler = r.choice("scheduler", &schedulers);
@@ -424,6 +433,8 @@ pub fn validate_request(
         seed: seed.map(|v| v as u32),
         guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
         eta,
+        churn,
+        negative_guidance,
         scheduler,
         schedule,
         prompt_syntax: prompt_syntax.unwrap_or(PromptSyntax::A1111),

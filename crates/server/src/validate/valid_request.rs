@@ -4,10 +4,10 @@
 use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::inpaint_a1111::A1111Inpaint;
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, PromptSyntax, ResizeMode, SeedResize, StepRule,
-    Variation,
+    GenerationParams, InitImage, LoraWeight, NegativeGuidance, PromptSyntax, ResizeMode,
+    SeedResize, StepRule, Variation,
 };
-use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
+use sdserve_pipeline::schedulers::{Churn, SchedulerKind, SigmaSchedule};
 
 use super::{hires, ValidControlNet};
 use crate::error::ApiError;
@@ -26,6 +26,9 @@ pub struct ValidRequest {
     pub guidance_scale: f64,
     /// The sampler's eta; `None`: its default.
     pub eta: Option<f64>,
+    /// k-diffusion's churn and A1111's negative guidance minimum sigma (`sampler_params`).
+    pub churn: Churn,
+    pub negative_guidance: NegativeGuidance,
     pub scheduler: Option<SchedulerKind>,
     /// The sigma schedule; `None` (`default`): the scheduler name's own, or with no scheduler
     /// the model's (resolved with the scheduler, [`Self::resolve_schedule`]).
@@ -125,6 +128,8 @@ impl ValidRequest {
             seed,
             guidance_scale: self.guidance_scale,
             eta: self.eta,
+            churn: self.churn,
+            negative_guidance: self.negative_guidance,
             scheduler: Some(scheduler),
             schedule: Some(schedule),
             prompt_syntax: self.prompt_syntax,

@@ -21,6 +21,7 @@ mod img2img_resize;
 pub mod info;
 mod listings;
 mod progress;
+mod sampler_params;
 pub(crate) mod samplers;
 pub mod schema;
 pub mod translate;
@@ -404,6 +405,17 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
     out.insert("sd_checkpoint_hash".into(), json!(hash));
     out.insert("CLIP_stop_at_last_layers".into(), json!(1));
     out.insert("img2img_fix_steps".into(), json!(false));
+    // The sampler parameters' defaults (shared_options.py).
+    for (name, default) in [
+        ("s_churn", json!(0.0)),
+        ("s_tmin", json!(0.0)),
+        ("s_tmax", json!(0.0)),
+        ("s_noise", json!(1.0)),
+        ("s_min_uncond", json!(0.0)),
+        ("s_min_uncond_all", json!(false)),
+    ] {
+        out.insert(name.into(), default);
+    }
     out.insert("sd_vae".into(), json!(vaes::AUTOMATIC));
     out.extend(lock(&app.a1111.options).clone());
     // A checkpoint set by `POST options`: its hash (null until hashed), as A1111 says it.
@@ -442,7 +454,16 @@ async fn set_options(
     }
     // Checked now, by the native rules, rather than at the next txt2img.
     let probe = json!({"prompt": "x"});
-    for name in ["CLIP_stop_at_last_layers", "img2img_fix_steps"] {
+    for name in [
+        "CLIP_stop_at_last_layers",
+        "img2img_fix_steps",
+        "s_churn",
+        "s_tmin",
+        "s_tmax",
+        "s_noise",
+        "s_min_uncond",
+        "s_min_uncond_all",
+    ] {
         if let Some(v) = body.get(name) {
             let option = Map::from_iter([(name.to_string(), v.clone())]);
             translate::translate(probe.as_object().unwrap(), Mode::Txt2Img, &option, || 0)

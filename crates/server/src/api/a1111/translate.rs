@@ -471,6 +471,8 @@ pub fn translate(
         }
     }
 
+    super::sampler_params::add_native(|f| get(body, f), setting, &mut native);
+
     // A1111's prompt defaults to "" (webuiapi sends that): empty is fine here, not natively.
     let mut valid =
         crate::validate::validate_request(&native, DialectRules::A1111).map_err(a1111_names)?;
@@ -487,7 +489,11 @@ pub fn translate(
     }
     let ignored = body
         .iter()
-        .filter(|(k, v)| !USED.contains(&k.as_str()) && !is_default_like(v))
+        .filter(|(k, v)| {
+            !USED.contains(&k.as_str())
+                && !super::sampler_params::FIELDS.contains(&k.as_str())
+                && !is_default_like(v)
+        })
         .map(|(k, _)| k.clone())
         .collect();
     Ok(Translated {
@@ -596,7 +602,8 @@ fn is_default_like(v: &Value) -> bool {
 
 /// Renames native field names in a validation error to the A1111 names the client sent.
 pub fn a1111_names(e: ApiError) -> ApiError {
-    super::super::rename_fields(e, &FIELD_NAMES)
+    let e = super::super::rename_fields(e, &FIELD_NAMES);
+    super::super::rename_fields(e, &super::sampler_params::FIELD_NAMES)
 }
 
 #[cfg(test)]

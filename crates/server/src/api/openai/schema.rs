@@ -60,6 +60,20 @@ pub struct GenerationRequest {
     /// `img2img_extra_noise`; 0, the default, adds none).
     #[schema(nullable = true, minimum = 0.0, maximum = 1.0, default = 0.0)]
     pub extra_noise: Option<f64>,
+    /// Our extras, as natively: k-diffusion's churn (`euler`, `heun`, `dpm2`) and A1111's
+    /// negative guidance minimum sigma.
+    #[schema(nullable = true, minimum = 0.0, maximum = 100.0, default = 0.0)]
+    pub sigma_churn: Option<f64>,
+    #[schema(nullable = true, minimum = 0.0, maximum = 10.0, default = 0.0)]
+    pub sigma_tmin: Option<f64>,
+    #[schema(nullable = true, minimum = 0.0, maximum = 999.0, default = 0.0)]
+    pub sigma_tmax: Option<f64>,
+    #[schema(nullable = true, minimum = 0.0, maximum = 1.1, default = 1.0)]
+    pub sigma_noise: Option<f64>,
+    #[schema(nullable = true, minimum = 0.0, maximum = 15.0, default = 0.0)]
+    pub negative_guidance_min_sigma: Option<f64>,
+    #[schema(nullable = true, default = false)]
+    pub negative_guidance_all_steps: Option<bool>,
     /// Our extras as natively: A1111's prompt syntax (`a1111`, the default, or `plain`),
     /// clip skip and LoRAs.
     #[schema(nullable = true, default = "a1111")]

@@ -9,7 +9,8 @@ use base64::Engine as _;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, PromptSyntax, ResizeMode, RgbImage, StepRule,
+    GenerationParams, InitImage, LoraWeight, NegativeGuidance, PromptSyntax, ResizeMode, RgbImage,
+    StepRule,
 };
 
 /// `inpainting_fill`'s values in order, as the wire carries them.
@@ -19,7 +20,7 @@ const MASKED_CONTENT: [MaskedContent; 4] = [
     MaskedContent::LatentNoise,
     MaskedContent::LatentNothing,
 ];
-use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
+use sdserve_pipeline::schedulers::{Churn, SchedulerKind, SigmaSchedule};
 use serde::{Deserialize, Serialize};
 
 pub use super::keys::{now_ms, time_of_ms, unix_ms, Keys};
@@ -131,6 +132,20 @@ pub struct WireSpec {
     noise_multiplier: f64,
     #[serde(default)]
     extra_noise: f64,
+    /// k-diffusion's churn (`sigma_tmax` 0: no bound) and the negative guidance minimum
+    /// sigma; absent from older replicas' jobs: none, what they ran.
+    #[serde(default)]
+    sigma_churn: f64,
+    #[serde(default)]
+    sigma_tmin: f64,
+    #[serde(default)]
+    sigma_tmax: f64,
+    #[serde(default = "one")]
+    sigma_noise: f64,
+    #[serde(default)]
+    negative_guidance_min_sigma: f64,
+    #[serde(default)]
+    negative_guidance_all_steps: bool,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -224,6 +239,16 @@ impl WireSpec {
             step_rule: Some(p.step_rule.name().to_string()),
             noise_multiplier: p.noise_multiplier,
             extra_noise: p.extra_noise,
+            sigma_churn: p.churn.churn,
+            sigma_tmin: p.churn.tmin,
+            sigma_tmax: if p.churn.tmax.is_finite() {
+                p.churn.tmax
+            } else {
+                0.0
+            },
+            sigma_noise: p.churn.noise,
+            negative_guidance_min_sigma: p.negative_guidance.min_sigma,
+            negative_guidance_all_steps: p.negative_guidance.all_steps,
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -350,6 +375,20 @@ impl WireSpec {
                 },
                 noise_multiplier: self.noise_multiplier,
                 extra_noise: self.extra_noise,
+                churn: Churn {
+                    churn: self.sigma_churn,
+                    tmin: self.sigma_tmin,
+                    tmax: if self.sigma_tmax == 0.0 {
+                        f64::INFINITY
+                    } else {
+                        self.sigma_tmax
+                    },
+                    noise: self.sigma_noise,
+                },
+                negative_guidance: NegativeGuidance {
+                    min_sigma: self.negative_guidance_min_sigma,
+                    all_steps: self.negative_guidance_all_steps,
+                },
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),

@@ -43,6 +43,16 @@ fn a_spec_survives_the_trip_with_its_images() {
             prompt: "a (cat:1.2)".into(),
             seed: 7,
             scheduler: Some(SchedulerKind::Euler),
+            churn: sdserve_pipeline::schedulers::Churn {
+                churn: 2.0,
+                tmin: 0.5,
+                tmax: 9.0,
+                noise: 0.9,
+            },
+            negative_guidance: sdserve_pipeline::pipeline::NegativeGuidance {
+                min_sigma: 1.5,
+                all_steps: true,
+            },
             prompt_syntax: PromptSyntax::A1111,
             loras: vec![LoraWeight {
                 name: "l".into(),

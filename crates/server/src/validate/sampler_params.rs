@@ -1,0 +1,143 @@
+//! A1111's sampler parameters as the native request has them: k-diffusion's churn
+//! (`sigma_churn`, `sigma_tmin`, `sigma_tmax`, `sigma_noise`: A1111's `s_churn`, `s_tmin`,
+//! `s_tmax`, `s_noise`) and the negative guidance minimum sigma (`negative_guidance_min_sigma`,
+//! `negative_guidance_all_steps`: `s_min_uncond`, `s_min_uncond_all`). Their rules, and what the
+//! metadata and the infotext say of them.
+
+use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance};
+use sdserve_pipeline::schedulers::Churn;
+
+use super::fields::FieldReader;
+
+/// The largest values: A1111's option sliders (`s_churn` 100, `s_tmin` 10, `s_tmax` 999,
+/// `s_noise` 1.1, `s_min_uncond` 15).
+pub const CHURN_MAX: f64 = 100.0;
+pub const TMIN_MAX: f64 = 10.0;
+pub const TMAX_MAX: f64 = 999.0;
+pub const NOISE_MAX: f64 = 1.1;
+pub const MIN_SIGMA_MAX: f64 = 15.0;
+
+/// The fields' values (absent: the defaults, which change nothing); `sigma_tmax` 0 is no bound,
+/// as A1111's 0.
+pub fn read(r: &mut FieldReader) -> (Churn, NegativeGuidance) {
+    let none = Churn::default();
+    let tmax = r.number("sigma_tmax", 0.0, TMAX_MAX).unwrap_or(0.0);
+    let churn = Churn {
+        churn: r
+            .number("sigma_churn", 0.0, CHURN_MAX)
+            .unwrap_or(none.churn),
+        tmin: r.number("sigma_tmin", 0.0, TMIN_MAX).unwrap_or(none.tmin),
+        tmax: if tmax == 0.0 { f64::INFINITY } else { tmax },
+        noise: r
+            .number("sigma_noise", 0.0, NOISE_MAX)
+            .unwrap_or(none.noise),
+    };
+    let all_steps = r.with("negative_guidance_all_steps", |v| {
+        v.as_bool().ok_or_else(|| "must be true or false".into())
+    });
+    let guidance = NegativeGuidance {
+        min_sigma: r
+            .number("negative_guidance_min_sigma", 0.0, MIN_SIGMA_MAX)
+            .unwrap_or(0.0),
+        all_steps: all_steps.unwrap_or(false),
+    };
+    (churn, guidance)
+}
+
+/// The churn where it applied (the scheduler takes it and it is on): `(churn, tmin, tmax,
+/// noise)`, each where it is not its default.
+pub fn applied_churn(p: &GenerationParams) -> Option<[Option<f64>; 4]> {
+    let takes = p.scheduler.is_some_and(|k| k.takes_churn());
+    let c = p.churn;
+    let d = Churn::default();
+    let set = |v: f64, default: f64| (v != default).then_some(v);
+    (takes && c != d).then(|| {
+        [
+            set(c.churn, d.churn),
+            set(c.tmin, d.tmin),
+            set(c.tmax, d.tmax),
+            set(c.noise, d.noise),
+        ]
+    })
+}
+
+/// The negative guidance where it applied (on, with guidance).
+pub fn applied_guidance(p: &GenerationParams) -> Option<NegativeGuidance> {
+    let g = p.negative_guidance;
+    (g.min_sigma > 0.0 && p.guidance_scale > 1.0).then_some(g)
+}
+
+/// The infotext entries, under A1111's names (`Sigma churn`, `Sigma tmin`, `Sigma tmax`,
+/// `Sigma noise`, `NGMS`, `NGMS all steps`), in the order it adds them: the sampler's at its
+/// start, NGMS during sampling. A1111 writes the churn values only when they came from its
+/// options (a request's own `s_churn` runs unwritten); they are written here wherever they
+/// apply, so that the text reproduces the image. `NGMS` is written where it is on (A1111: once a
+/// step skipped the negative prompt).
+pub fn infotext(p: &GenerationParams) -> String {
+    let mut s = String::new();
+    if let Some(values) = applied_churn(p) {
+        let names = ["Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise"];
+        for (name, v) in names.iter().zip(values) {
+            if let Some(v) = v {
+                s.push_str(&format!(", {name}: {v:?}"));
+            }
+        }
+    }
+    if let Some(g) = applied_guidance(p) {
+        s.push_str(&format!(", NGMS: {:?}", g.min_sigma));
+        if g.all_steps {
+            s.push_str(", NGMS all steps: True");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use sdserve_pipeline::schedulers::SchedulerKind;
+
+    use super::*;
+
+    #[test]
+    fn the_fields_are_the_native_request_s() {
+        for f in [
+            "sigma_churn",
+            "sigma_tmin",
+            "sigma_tmax",
+            "sigma_noise",
+            "negative_guidance_min_sigma",
+            "negative_guidance_all_steps",
+        ] {
+            assert!(super::super::FIELDS.contains(&f), "{f}");
+        }
+    }
+
+    #[test]
+    fn infotext_names_what_applied() {
+        let p = GenerationParams {
+            scheduler: Some(SchedulerKind::Heun),
+            churn: Churn {
+                churn: 2.0,
+                tmin: 0.5,
+                tmax: f64::INFINITY,
+                noise: 0.9,
+            },
+            negative_guidance: NegativeGuidance {
+                min_sigma: 1.5,
+                all_steps: true,
+            },
+            ..Default::default()
+        };
+        assert_eq!(
+            infotext(&p),
+            ", Sigma churn: 2.0, Sigma tmin: 0.5, Sigma noise: 0.9, NGMS: 1.5, NGMS all steps: True"
+        );
+        // Euler a takes no churn (A1111 passes it none); without guidance nothing is skipped.
+        let p = GenerationParams {
+            scheduler: Some(SchedulerKind::EulerAncestral),
+            guidance_scale: 1.0,
+            ..p
+        };
+        assert_eq!(infotext(&p), "");
+    }
+}
