@@ -6,6 +6,8 @@ pub mod a1111;
 mod cache_key;
 mod controlnet_schema;
 mod declared_types;
+mod health_schema;
+mod hires_schema;
 mod inpaint_schema;
 mod jobs;
 mod models;
@@ -36,6 +38,8 @@ use crate::metrics::Metrics;
 use crate::security::OpenApiSecurity;
 
 pub use controlnet_schema::*;
+pub use health_schema::*;
+pub use hires_schema::*;
 pub use inpaint_schema::*;
 pub use observe::dialect_error;
 use observe::{observe, RequestStats};
