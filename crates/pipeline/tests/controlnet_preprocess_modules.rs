@@ -22,6 +22,8 @@ mod manga_line;
 mod mlsd;
 #[path = "controlnet_preprocess_modules/openpose.rs"]
 mod openpose;
+#[path = "controlnet_preprocess_modules/openpose_hand.rs"]
+mod openpose_hand;
 #[path = "controlnet_preprocess_modules/pidinet.rs"]
 mod pidinet;
 #[path = "controlnet_preprocess_modules/teed.rs"]

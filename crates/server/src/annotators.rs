@@ -1,6 +1,7 @@
 //! ANNOTATOR_DIR: the weights of the model-based ControlNet preprocessors, under the
 //! sd-webui-controlnet extension's file names (`ControlNetHED.pth`, `sk_model.pth`,
-//! `sk_model2.pth`, `netG.pth`, `erika.pth`, `body_pose_model.pth`, ... from the hub repo `lllyasviel/Annotators`,
+//! `sk_model2.pth`, `netG.pth`, `erika.pth`, `body_pose_model.pth`, `hand_pose_model.pth`,
+//! `facenet.pth`, ... from the hub repo `lllyasviel/Annotators`,
 //! `7_model.pth` from `bdsqlsz/qinglong_controlnet-lllite`'s `Annotators/`, `MTEED.pth` from
 //! `TheMistoAI/MistoLine`'s `Anyline/`, `depth_anything_v2_vitl.safetensors` from
 //! `MackinationsAi/Depth-Anything-V2_Safetensors`, `depth_anything_vitl14.pth` from the
@@ -249,7 +250,9 @@ mod tests {
                 "erika.pth",
                 "table5_pidinet.pth",
                 "mlsd_large_512_fp32.pth",
-                "body_pose_model.pth"
+                "body_pose_model.pth",
+                "hand_pose_model.pth",
+                "facenet.pth"
             ]
         )));
     }

@@ -303,7 +303,11 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::ScribblePidinet { .. }
         | Preprocessor::DepthAnything { .. }
         | Preprocessor::DepthAnythingV2 { .. }
-        | Preprocessor::Openpose { .. } => (hidden.clone(), hidden.clone()),
+        | Preprocessor::Openpose { .. }
+        | Preprocessor::OpenposeHand { .. }
+        | Preprocessor::OpenposeFace { .. }
+        | Preprocessor::OpenposeFaceonly { .. }
+        | Preprocessor::OpenposeFull { .. } => (hidden.clone(), hidden.clone()),
         Preprocessor::Mlsd {
             value_threshold,
             distance_threshold,

@@ -323,7 +323,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         s.addr,
         "/sdapi/v1/txt2img",
         &json!({"prompt": "x", "steps": 1, "alwayson_scripts": {"controlnet": {"args": [
-            {"image": photo_b64, "model": "cn-a", "module": "openpose_full"}]}}}),
+            {"image": photo_b64, "model": "cn-a", "module": "dw_openpose_full"}]}}}),
     );
     let e = r.error(422, "validation_error");
     let rule = e["fields"][0]["rule"].as_str().unwrap_or_default();
@@ -341,6 +341,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "tile_resample",
             "pidinet",
             "pidinet_scribble",
+            "openpose_full",
             "mlsd",
             "lineart_standard",
             "canny",
@@ -355,6 +356,9 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "shuffle",
             "scribble_xdog",
             "scribble_hed",
+            "openpose_hand",
+            "openpose_faceonly",
+            "openpose_face",
             "openpose",
             "lineart",
             "lineart_coarse",
@@ -366,7 +370,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][9], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][10], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -410,24 +414,42 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let labels = s.get("/controlnet/module_list?alias_names=true").json();
     // The extension's `Preprocessor.label`s: two differ from the names.
     assert_eq!(
-        labels["module_list"][5],
+        labels["module_list"][6],
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][7],
+        labels["module_list"][8],
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][2], "softedge_pidinet");
     assert_eq!(labels["module_list"][3], "scribble_pidinet");
-    assert_eq!(labels["module_list"][4], "mlsd");
-    assert_eq!(labels["module_list"][6], "canny");
-    assert_eq!(labels["module_list"][10], "softedge_teed");
-    assert_eq!(labels["module_list"][11], "softedge_pidisafe");
-    assert_eq!(labels["module_list"][12], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][13], "softedge_hed");
-    assert_eq!(labels["module_list"][14], "softedge_anyline");
-    assert_eq!(labels["module_list"][18], "openpose");
-    assert_eq!(labels["module_list"][19], "lineart_realistic");
+    // openpose_full's priority is 100 (preprocessor_compiled.py), the other OpenPose ones' 0.
+    assert_eq!(labels["module_list"][4], "openpose_full");
+    assert_eq!(labels["module_list"][5], "mlsd");
+    assert_eq!(labels["module_list"][7], "canny");
+    assert_eq!(labels["module_list"][11], "softedge_teed");
+    assert_eq!(labels["module_list"][12], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][13], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][14], "softedge_hed");
+    assert_eq!(labels["module_list"][15], "softedge_anyline");
+    assert_eq!(labels["module_list"][19], "openpose_hand");
+    assert_eq!(labels["module_list"][20], "openpose_faceonly");
+    assert_eq!(labels["module_list"][21], "openpose_face");
+    assert_eq!(labels["module_list"][22], "openpose");
+    assert_eq!(labels["module_list"][23], "lineart_realistic");
+    for m in [
+        "openpose_hand",
+        "openpose_face",
+        "openpose_faceonly",
+        "openpose_full",
+    ] {
+        assert_eq!(
+            listed["module_detail"][m],
+            json!({"model_free": false, "sliders": [
+                {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]}),
+            "{m}"
+        );
+    }
     assert_eq!(
         listed["module_detail"]["openpose"],
         json!({"model_free": false, "sliders": [

@@ -227,9 +227,9 @@ fn crafted_outputs_give_the_extension_s_people_keypoints_and_map() {
 }
 
 /// The fixture script's formula weights (its docstring), as a safetensors file.
-fn formula_network(t: &Refs) -> std::path::PathBuf {
+pub(super) fn formula_network(t: &Refs, key: &str) -> std::path::PathBuf {
     let mut tensors = std::collections::HashMap::new();
-    for (n, entry) in t.json["formula"].as_array().unwrap().iter().enumerate() {
+    for (n, entry) in t.json[key].as_array().unwrap().iter().enumerate() {
         let name = entry[0].as_str().unwrap();
         let shape: Vec<usize> = entry[1]
             .as_array()
@@ -238,7 +238,7 @@ fn formula_network(t: &Refs) -> std::path::PathBuf {
             .map(|v| v.as_u64().unwrap() as usize)
             .collect();
         let fan_in: usize = if name.ends_with(".bias") {
-            let w = &t.json["formula"].as_array().unwrap()[n - 1][1];
+            let w = &t.json[key].as_array().unwrap()[n - 1][1];
             w.as_array().unwrap()[1..]
                 .iter()
                 .map(|v| v.as_u64().unwrap() as usize)
@@ -260,10 +260,8 @@ fn formula_network(t: &Refs) -> std::path::PathBuf {
             Tensor::from_vec(values, shape, &Device::Cpu).unwrap(),
         );
     }
-    let path = std::env::temp_dir().join(format!(
-        "openpose-formula-{}.safetensors",
-        std::process::id()
-    ));
+    let path =
+        std::env::temp_dir().join(format!("openpose-{key}-{}.safetensors", std::process::id()));
     candle_core::safetensors::save(&tensors, &path).unwrap();
     path
 }
@@ -271,7 +269,7 @@ fn formula_network(t: &Refs) -> std::path::PathBuf {
 #[test]
 fn the_body_network_with_formula_weights_agrees_to_float_noise() {
     let t = Refs::load("openpose/openpose-net");
-    let path = formula_network(&t);
+    let path = formula_network(&t, "formula");
     let nets = LoadedNetworks::default().read(&BODY_POSE, &path).unwrap();
     let net = network::<BodyNetwork>(&nets, &BODY_POSE).unwrap();
     std::fs::remove_file(&path).unwrap();

@@ -122,9 +122,13 @@ pub struct ControlNetPreprocessor {
     /// (`depth_anything_v2_vitl.safetensors` in ANNOTATOR_DIR); `depth_anything`: the same from
     /// Depth Anything (v1) (`depth_anything_vitl14.pth` in ANNOTATOR_DIR); `openpose`: OpenPose's body
     /// keypoints of each person found, coloured limbs and joints on black
-    /// (`body_pose_model.pth` in ANNOTATOR_DIR); `none`: the image is the map.
-    /// Other model-based preprocessors (other depth ones, openpose's hand and face ones, ...)
-    /// are not run here: send their map as `image`.
+    /// (`body_pose_model.pth` in ANNOTATOR_DIR); `openpose_hand`: with each body's hands
+    /// (21 keypoints, rainbow bones, blue joints; also `hand_pose_model.pth`);
+    /// `openpose_face`: with each body's face (70 landmarks as white dots; also
+    /// `facenet.pth`); `openpose_faceonly`: the faces alone; `openpose_full`: bodies, hands
+    /// and faces (all three files); `none`: the image is the map.
+    /// Other model-based preprocessors (other depth ones, dw_openpose_full, ...) are not run
+    /// here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
     /// `canny`: the hysteresis's low threshold on the L1 gradient (the extension's slider).
@@ -219,6 +223,10 @@ pub enum PreprocessorType {
     DepthAnything,
     DepthAnythingV2,
     Openpose,
+    OpenposeHand,
+    OpenposeFace,
+    OpenposeFaceonly,
+    OpenposeFull,
 }
 
 /// A ControlNet a result was made with.

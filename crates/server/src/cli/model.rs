@@ -133,7 +133,9 @@ pub struct ModelArgs {
     /// MackinationsAi/Depth-Anything-V2_Safetensors) runs `depth_anything_v2`;
     /// `depth_anything_vitl14.pth` (`depth_anything/`, from the LiheYoung/Depth-Anything
     /// space's `checkpoints/`) runs `depth_anything`;
-    /// `body_pose_model.pth` (`openpose/`) runs `openpose`. A file it lacks
+    /// `body_pose_model.pth` (`openpose/`) runs `openpose`, with `hand_pose_model.pth`
+    /// (`openpose/`) `openpose_hand`, with `facenet.pth` (`openpose/`) `openpose_face` and
+    /// `openpose_faceonly`, with both `openpose_full`. A file it lacks
     /// is taken
     /// from the model cache, where `sdserve download --annotators` puts them. Each read once, on
     /// the CPU (a replaced file again); without its file a module is a 422 naming the file.

@@ -43,7 +43,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"openpose\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -66,7 +66,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
         | "lineart_realistic" | "lineart_coarse" | "lineart_anime" | "lineart_anime_denoise"
         | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" | "depth_anything"
-        | "depth_anything_v2" | "openpose" => {
+        | "depth_anything_v2" | "openpose" | "openpose_hand" | "openpose_face"
+        | "openpose_faceonly" | "openpose_full" => {
             &["type", "resolution"]
         }
         "blur_gaussian" => &["type", "sigma", "resolution"],
@@ -81,7 +82,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         ],
         other => {
             return Err(format!(
-                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth, openpose: send their map as the image)"
+                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth, dw_openpose_full: send their map as the image)"
             ))
         }
     };
@@ -213,6 +214,18 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "openpose" => Preprocessor::Openpose {
             resolution: resolution()?,
         },
+        "openpose_hand" => Preprocessor::OpenposeHand {
+            resolution: resolution()?,
+        },
+        "openpose_face" => Preprocessor::OpenposeFace {
+            resolution: resolution()?,
+        },
+        "openpose_faceonly" => Preprocessor::OpenposeFaceonly {
+            resolution: resolution()?,
+        },
+        "openpose_full" => Preprocessor::OpenposeFull {
+            resolution: resolution()?,
+        },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
             resolution: resolution()?,
@@ -285,15 +298,28 @@ pub fn run_with_poses(
 }
 
 /// The extension's pose JSON of `poses` (`encode_poses_as_json`): `people` with
-/// `pose_keypoints_2d` as x / W, y / H, 1 per keypoint (0, 0, 0 where none), the hand and face
-/// lists null (body only); `animals` empty; the padded image's `canvas_height` and
-/// `canvas_width`.
+/// `pose_keypoints_2d` as x / W, y / H, 1 per keypoint (0, 0, 0 where none), and
+/// `hand_left_keypoints_2d`, `hand_right_keypoints_2d` (21 points) and `face_keypoints_2d`
+/// (the points found) the same way (float32 values; a point not found is there as -1 / W,
+/// -1 / H, 1), null where not looked for or not found; `animals` empty; the padded image's
+/// `canvas_height` and `canvas_width`.
 pub fn pose_json(poses: &Poses) -> Value {
+    let flat = |points: &Option<Vec<(f32, f32)>>| -> Value {
+        match points {
+            Some(points) if !points.is_empty() => points
+                .iter()
+                .flat_map(|&(x, y)| [f64::from(x), f64::from(y), 1.0])
+                .collect::<Vec<f64>>()
+                .into(),
+            _ => Value::Null,
+        }
+    };
     let people: Vec<Value> = poses
         .people
         .iter()
-        .map(|body| {
-            let flat: Vec<f64> = body
+        .map(|person| {
+            let body: Vec<f64> = person
+                .body
                 .iter()
                 .flat_map(|k| match k {
                     Some((x, y)) => [*x, *y, 1.0],
@@ -301,10 +327,10 @@ pub fn pose_json(poses: &Poses) -> Value {
                 })
                 .collect();
             serde_json::json!({
-                "pose_keypoints_2d": flat,
-                "face_keypoints_2d": null,
-                "hand_left_keypoints_2d": null,
-                "hand_right_keypoints_2d": null,
+                "pose_keypoints_2d": body,
+                "face_keypoints_2d": flat(&person.face),
+                "hand_left_keypoints_2d": flat(&person.hand_left),
+                "hand_right_keypoints_2d": flat(&person.hand_right),
             })
         })
         .collect();
@@ -394,6 +420,10 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::DepthAnything { .. } => base(PreprocessorType::DepthAnything),
         Preprocessor::DepthAnythingV2 { .. } => base(PreprocessorType::DepthAnythingV2),
         Preprocessor::Openpose { .. } => base(PreprocessorType::Openpose),
+        Preprocessor::OpenposeHand { .. } => base(PreprocessorType::OpenposeHand),
+        Preprocessor::OpenposeFace { .. } => base(PreprocessorType::OpenposeFace),
+        Preprocessor::OpenposeFaceonly { .. } => base(PreprocessorType::OpenposeFaceonly),
+        Preprocessor::OpenposeFull { .. } => base(PreprocessorType::OpenposeFull),
     }
 }
 

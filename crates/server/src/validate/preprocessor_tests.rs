@@ -122,6 +122,22 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             Preprocessor::Openpose { resolution: 320 },
         ),
         (
+            json!({"type": "openpose_hand", "resolution": 256}),
+            Preprocessor::OpenposeHand { resolution: 256 },
+        ),
+        (
+            json!({"type": "openpose_face"}),
+            Preprocessor::OpenposeFace { resolution: 512 },
+        ),
+        (
+            json!({"type": "openpose_faceonly", "resolution": 640}),
+            Preprocessor::OpenposeFaceonly { resolution: 640 },
+        ),
+        (
+            json!({"type": "openpose_full", "resolution": 768}),
+            Preprocessor::OpenposeFull { resolution: 768 },
+        ),
+        (
             json!({"type": "lineart_anime_denoise", "resolution": 96}),
             Preprocessor::LineartAnimeDenoise { resolution: 96 },
         ),
@@ -241,8 +257,8 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             "unknown key \"colored\" for \"depth_anything\"",
         ),
         (
-            json!({"type": "openpose", "include_hand": true}),
-            "unknown key \"include_hand\" for \"openpose\"",
+            json!({"type": "openpose_full", "include_hand": true}),
+            "unknown key \"include_hand\" for \"openpose_full\"",
         ),
         (
             json!({"type": "lineart_anime_denoise", "sigma": 2}),
@@ -366,18 +382,38 @@ fn pose_json_is_the_extension_s_openpose_format() {
     let mut body = vec![None; 18];
     body[0] = Some((0.25, 0.5));
     body[17] = Some((0.75, 0.125));
+    // A hand's not-found point is -1 / W, -1 / H (float32), still marked 1.
+    let hand: Vec<(f32, f32)> = (0..21)
+        .map(|i| {
+            if i == 20 {
+                (-1.0 / 64.0, -1.0 / 128.0)
+            } else {
+                (0.1, 0.3)
+            }
+        })
+        .collect();
+    let person = sdserve_pipeline::controlnet::preprocess::PoseJson {
+        body,
+        hand_left: None,
+        hand_right: Some(hand),
+        face: Some(vec![(0.5, 0.25)]),
+    };
     let poses = sdserve_pipeline::controlnet::preprocess::Poses {
-        people: vec![body],
+        people: vec![person],
         canvas_width: 64,
         canvas_height: 128,
     };
     let mut flat = vec![0.0; 54];
     flat[..3].copy_from_slice(&[0.25, 0.5, 1.0]);
     flat[51..].copy_from_slice(&[0.75, 0.125, 1.0]);
+    let mut right: Vec<f64> = (0..20)
+        .flat_map(|_| [f64::from(0.1f32), f64::from(0.3f32), 1.0])
+        .collect();
+    right.extend([-1.0 / 64.0, -1.0 / 128.0, 1.0]);
     assert_eq!(
         pose_json(&poses),
-        json!({"people": [{"pose_keypoints_2d": flat, "face_keypoints_2d": null,
-                           "hand_left_keypoints_2d": null, "hand_right_keypoints_2d": null}],
+        json!({"people": [{"pose_keypoints_2d": flat, "face_keypoints_2d": [0.5, 0.25, 1.0],
+                           "hand_left_keypoints_2d": null, "hand_right_keypoints_2d": right}],
                "animals": [], "canvas_height": 128, "canvas_width": 64})
     );
 }

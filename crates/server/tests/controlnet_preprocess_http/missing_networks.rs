@@ -4,16 +4,16 @@
 use serde_json::json;
 
 use sdserve_pipeline::controlnet::preprocess::{
-    BODY_POSE_FILE, DEPTH_ANYTHING_FILE, DEPTH_ANYTHING_V2_FILE, HED_FILE, LINEART_ANIME_FILE,
-    LINEART_COARSE_FILE, LINEART_FILE, MANGA_LINE_FILE, MLSD_FILE, MTEED_FILE, PIDINET_FILE,
-    TEED_FILE,
+    BODY_POSE_FILE, DEPTH_ANYTHING_FILE, DEPTH_ANYTHING_V2_FILE, FACENET_FILE, HAND_POSE_FILE,
+    HED_FILE, LINEART_ANIME_FILE, LINEART_COARSE_FILE, LINEART_FILE, MANGA_LINE_FILE, MLSD_FILE,
+    MTEED_FILE, PIDINET_FILE, TEED_FILE,
 };
 
 use super::common::{self, post_json_to};
 use super::{fixtures, photo};
 
-/// (native `preprocessor.type`, A1111 module name, the file it needs).
-const NETWORK_MODULES: [(&str, &str, &str); 16] = [
+/// (native `preprocessor.type`, A1111 module name, the (first) file it needs).
+const NETWORK_MODULES: [(&str, &str, &str); 20] = [
     ("softedge_hed", "hed", HED_FILE),
     ("softedge_hedsafe", "hed_safe", HED_FILE),
     ("scribble_hed", "scribble_hed", HED_FILE),
@@ -38,7 +38,21 @@ const NETWORK_MODULES: [(&str, &str, &str); 16] = [
     ),
     ("depth_anything", "depth_anything", DEPTH_ANYTHING_FILE),
     ("openpose", "openpose", BODY_POSE_FILE),
+    ("openpose_hand", "openpose_hand", BODY_POSE_FILE),
+    ("openpose_face", "openpose_face", BODY_POSE_FILE),
+    ("openpose_faceonly", "openpose_faceonly", BODY_POSE_FILE),
+    ("openpose_full", "openpose_full", BODY_POSE_FILE),
 ];
+
+/// The other files a module needs, each named in the same refusal.
+fn also_needs(native: &str) -> &'static [&'static str] {
+    match native {
+        "openpose_hand" => &[HAND_POSE_FILE],
+        "openpose_face" | "openpose_faceonly" => &[FACENET_FILE],
+        "openpose_full" => &[HAND_POSE_FILE, FACENET_FILE],
+        _ => &[],
+    }
+}
 
 #[test]
 fn every_network_module_without_its_weights_is_a_422_naming_its_file() {
@@ -58,6 +72,9 @@ fn every_network_module_without_its_weights_is_a_422_naming_its_file() {
             )) && text.contains("sdserve download --annotators"),
             "{native}: {e}"
         );
+        for other in also_needs(native) {
+            assert!(text.contains(&format!("needs {other}")), "{native}: {e}");
+        }
 
         let r = post_json_to(
             bare.addr,

@@ -6,7 +6,12 @@
 
 /// `clipLine(Size(w, h), pt1, pt2)`: the part of the segment inside `[0, w) x [0, h)`, or
 /// `None` where none is (as OpenCV's, it may keep a segment whose clipped end is still off).
-fn clip_line(w: i64, h: i64, p1: (i64, i64), p2: (i64, i64)) -> Option<((i64, i64), (i64, i64))> {
+pub(super) fn clip_line(
+    w: i64,
+    h: i64,
+    p1: (i64, i64),
+    p2: (i64, i64),
+) -> Option<((i64, i64), (i64, i64))> {
     if w <= 0 || h <= 0 {
         return None;
     }

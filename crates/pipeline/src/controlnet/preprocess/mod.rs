@@ -15,8 +15,10 @@
 //! TEED with MistoLine's weights, combined with lineart_standard's faint lines), `mlsd` (the M-LSD network,
 //! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything,
 //! depth_anything_v2: DINOv2 and the DPT head), `openpose` (the OpenPose body network and its maps),
-//! `openpose_body` (peaks, limbs and people from those maps), `pose_draw` (the pose drawn with
-//! OpenCV's ellipse, convex fill and circle), `resize_lanczos` (OpenCV's Lanczos-4 and float
+//! `openpose_body` (peaks, limbs and people from those maps), `openpose_hand` (the hand and
+//! face network, the hands' boxes and keypoints), `openpose_face` (the face's box and
+//! keypoints), `pose_draw` (the pose drawn with OpenCV's ellipse, convex fill, circle and
+//! thick line), `resize_lanczos` (OpenCV's Lanczos-4 and float
 //! area resizes).
 
 mod anyline;
@@ -34,6 +36,8 @@ mod mlsd;
 mod networks;
 mod openpose;
 mod openpose_body;
+mod openpose_face;
+mod openpose_hand;
 mod pidinet;
 mod pointwise;
 mod pose_draw;
@@ -73,13 +77,22 @@ pub use networks::{
     ANNOTATOR_FILES,
 };
 pub use openpose::{
-    body_maps, body_outputs, draw_bodies, openpose_body, openpose_module, outputs_to_image,
-    BodyNetwork, Maps, Poses, BODY_POSE, BODY_POSE_FILE,
+    body_maps, body_outputs, detect_people, draw_bodies, draw_poses, openpose_body,
+    openpose_module, outputs_to_image, poses_json, BodyNetwork, Include, Maps, Person, PoseJson,
+    PoseNetworks, Poses, BODY_POSE, BODY_POSE_FILE,
 };
 pub use openpose_body::{body_pose, find_peaks, gaussian_filter, BodyPose, Peak};
+pub use openpose_face::{detect_face, face_box, face_peaks, FaceNetwork, FACENET, FACENET_FILE};
+pub use openpose_hand::{
+    crop, detect_hands, hand_boxes, hand_heatmaps, hand_peaks, CpmNetwork, HandBox, HandNetwork,
+    Outputs, HAND_POSE, HAND_POSE_FILE,
+};
 pub use pidinet::{pidinet_edges, pidinet_logits, PidiNetwork, PIDINET, PIDINET_FILE};
 pub use pointwise::{invert, threshold};
-pub use pose_draw::{draw_bodypose, ellipse2poly, fill_circle, fill_convex_poly, Canvas};
+pub use pose_draw::{
+    draw_bodypose, draw_facepose, draw_handpose, ellipse2poly, fill_circle, fill_convex_poly,
+    hue_color, thick_line, Canvas,
+};
 pub use resize::{resize_image_with_pad, Padded};
 pub use resize_lanczos::{resize_area_f32, resize_lanczos4_f32, resize_lanczos4_u8};
 pub use shuffle::{shuffle, shuffle_image};
@@ -172,6 +185,14 @@ pub enum Preprocessor {
     /// The legacy `openpose` (include_body only): OpenPose's body keypoints of each person
     /// found, drawn as coloured limbs and joints on black.
     Openpose { resolution: u32 },
+    /// The legacy `openpose_hand`: the bodies and each one's hands (hand_pose_model.pth).
+    OpenposeHand { resolution: u32 },
+    /// The legacy `openpose_face`: the bodies and each one's face (facenet.pth).
+    OpenposeFace { resolution: u32 },
+    /// The legacy `openpose_faceonly`: the faces alone (the bodies found but not drawn).
+    OpenposeFaceonly { resolution: u32 },
+    /// The legacy `openpose_full`: bodies, hands and faces.
+    OpenposeFull { resolution: u32 },
 }
 
 impl Preprocessor {
@@ -203,6 +224,10 @@ impl Preprocessor {
             Self::DepthAnything { .. } => "depth_anything",
             Self::DepthAnythingV2 { .. } => "depth_anything_v2",
             Self::Openpose { .. } => "openpose",
+            Self::OpenposeHand { .. } => "openpose_hand",
+            Self::OpenposeFace { .. } => "openpose_face",
+            Self::OpenposeFaceonly { .. } => "openpose_faceonly",
+            Self::OpenposeFull { .. } => "openpose_full",
         }
     }
 
@@ -230,9 +255,40 @@ impl Preprocessor {
             Self::Mlsd { .. } => Some(&MLSD),
             Self::DepthAnything { .. } => Some(&DEPTH_ANYTHING),
             Self::DepthAnythingV2 { .. } => Some(&DEPTH_ANYTHING_V2),
-            Self::Openpose { .. } => Some(&BODY_POSE),
+            Self::Openpose { .. }
+            | Self::OpenposeHand { .. }
+            | Self::OpenposeFace { .. }
+            | Self::OpenposeFaceonly { .. }
+            | Self::OpenposeFull { .. } => Some(&BODY_POSE),
             _ => None,
         }
+    }
+
+    /// Every weights file a model-based module runs (the OpenPose ones run two or three).
+    pub fn annotator_files(&self) -> Vec<&'static AnnotatorFile> {
+        let mut files: Vec<_> = self.annotator_file().into_iter().collect();
+        if let Some(include) = self.openpose_include() {
+            if include.hand {
+                files.push(&HAND_POSE);
+            }
+            if include.face {
+                files.push(&FACENET);
+            }
+        }
+        files
+    }
+
+    /// What an OpenPose module detects and draws (`None` for the others).
+    pub fn openpose_include(&self) -> Option<Include> {
+        let (body, hand, face) = match self {
+            Self::Openpose { .. } => (true, false, false),
+            Self::OpenposeHand { .. } => (true, true, false),
+            Self::OpenposeFace { .. } => (true, false, true),
+            Self::OpenposeFaceonly { .. } => (false, false, true),
+            Self::OpenposeFull { .. } => (true, true, true),
+            _ => return None,
+        };
+        Some(Include { body, hand, face })
     }
 
     /// The processor resolution (the shorter side of the image the map is made at), for the
@@ -260,7 +316,11 @@ impl Preprocessor {
             | Self::SoftedgeAnyline { resolution, .. }
             | Self::DepthAnything { resolution }
             | Self::DepthAnythingV2 { resolution }
-            | Self::Openpose { resolution } => Some(resolution),
+            | Self::Openpose { resolution }
+            | Self::OpenposeHand { resolution }
+            | Self::OpenposeFace { resolution }
+            | Self::OpenposeFaceonly { resolution }
+            | Self::OpenposeFull { resolution } => Some(resolution),
             Self::Mlsd { resolution, .. } => Some(resolution),
             Self::Invert | Self::TileResample { .. } => None,
         }
@@ -291,7 +351,11 @@ impl Preprocessor {
             | Self::SoftedgeAnyline { resolution: r, .. }
             | Self::DepthAnything { resolution: r }
             | Self::DepthAnythingV2 { resolution: r }
-            | Self::Openpose { resolution: r } => *r = resolution,
+            | Self::Openpose { resolution: r }
+            | Self::OpenposeHand { resolution: r }
+            | Self::OpenposeFace { resolution: r }
+            | Self::OpenposeFaceonly { resolution: r }
+            | Self::OpenposeFull { resolution: r } => *r = resolution,
             Self::Mlsd { resolution: r, .. } => *r = resolution,
             Self::Invert | Self::TileResample { .. } => {}
         }
@@ -413,7 +477,11 @@ impl Preprocessor {
                 let map = depth_anything_map(&net, &padded.image)?;
                 padded.crop_gray_to_rgb(&map)
             }
-            Self::Openpose { .. } => self.run_with_poses(image, networks)?.0,
+            Self::Openpose { .. }
+            | Self::OpenposeHand { .. }
+            | Self::OpenposeFace { .. }
+            | Self::OpenposeFaceonly { .. }
+            | Self::OpenposeFull { .. } => self.run_with_poses(image, networks)?.0,
             _ => self.run(image)?,
         })
     }
@@ -425,9 +493,45 @@ impl Preprocessor {
         image: &RgbImage,
         networks: &dyn AnnotatorNetworks,
     ) -> Result<(RgbImage, Option<Poses>)> {
-        if let Self::Openpose { resolution } = *self {
-            let net = network::<BodyNetwork>(networks, &BODY_POSE)?;
-            let (map, poses) = openpose_module(&net, image, resolution)?;
+        if let (Some(include), Some(resolution)) = (self.openpose_include(), self.resolution()) {
+            // Every file looked up first, so a refusal names each one missing.
+            let body = network::<BodyNetwork>(networks, &BODY_POSE);
+            let hand = include
+                .hand
+                .then(|| network::<HandNetwork>(networks, &HAND_POSE))
+                .transpose();
+            let face = include
+                .face
+                .then(|| network::<FaceNetwork>(networks, &FACENET))
+                .transpose();
+            let (body, hand, face) = match (body, hand, face) {
+                (Ok(b), Ok(h), Ok(f)) => (b, h, f),
+                (b, h, f) => {
+                    let errors = [b.err(), h.err(), f.err()];
+                    let errors: Vec<PipelineError> = errors.into_iter().flatten().collect();
+                    if errors.len() == 1
+                        || errors
+                            .iter()
+                            .any(|e| !matches!(e, PipelineError::InvalidRequest(_)))
+                    {
+                        return Err(errors.into_iter().next().expect("an error"));
+                    }
+                    let why: Vec<String> = errors
+                        .iter()
+                        .map(|e| match e {
+                            PipelineError::InvalidRequest(m) => m.clone(),
+                            e => e.to_string(),
+                        })
+                        .collect();
+                    return Err(PipelineError::InvalidRequest(why.join("; ")));
+                }
+            };
+            let nets = PoseNetworks {
+                body: &body,
+                hand: hand.as_ref().map(|h| &h.0),
+                face: face.as_ref().map(|f| &f.0),
+            };
+            let (map, poses) = openpose_module(&nets, image, resolution, include)?;
             return Ok((map, Some(poses)));
         }
         Ok((self.run_with(image, networks)?, None))
@@ -475,7 +579,11 @@ impl Preprocessor {
             | Self::Mlsd { .. }
             | Self::DepthAnything { .. }
             | Self::DepthAnythingV2 { .. }
-            | Self::Openpose { .. } => {
+            | Self::Openpose { .. }
+            | Self::OpenposeHand { .. }
+            | Self::OpenposeFace { .. }
+            | Self::OpenposeFaceonly { .. }
+            | Self::OpenposeFull { .. } => {
                 return Err(PipelineError::InvalidRequest(format!(
                     "{} needs its network ({}): run_with",
                     self.module(),

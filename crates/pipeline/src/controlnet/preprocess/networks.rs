@@ -54,6 +54,8 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::DEPTH_ANYTHING,
     &super::DEPTH_ANYTHING_V2,
     &super::BODY_POSE,
+    &super::HAND_POSE,
+    &super::FACENET,
 ];
 
 /// Where the model-based modules get their networks (the server: its annotator folder,

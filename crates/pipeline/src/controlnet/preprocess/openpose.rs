@@ -19,7 +19,9 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::networks::{lllyasviel, AnnotatorFile};
 use super::openpose_body::{body_pose, BodyPose};
-use super::pose_draw::{draw_bodypose, Canvas};
+use super::openpose_face::detect_face;
+use super::openpose_hand::{detect_hands, CpmNetwork, Outputs};
+use super::pose_draw::{draw_bodypose, draw_facepose, draw_handpose, Canvas};
 use super::resize::{resize_area, resize_image_with_pad, Padded};
 use super::resize_lanczos::{resize_area_f32, resize_lanczos4_f32, resize_lanczos4_u8};
 use crate::kernels::Conv2d;
@@ -44,7 +46,7 @@ const PAD_VALUE: u8 = 128;
 const SCALE_SEARCH: f64 = 0.5;
 
 /// One layer of a `make_layers` block.
-enum Layer {
+pub(super) enum Layer {
     Conv(Conv2d, bool),
     Pool,
 }
@@ -68,6 +70,34 @@ const MODEL0: [(&str, usize); 15] = [
     ("conv4_4_CPM", 3),
 ];
 
+/// A conv of a state by its name, f32 on `device`: its padding is half its (odd, square)
+/// kernel, as model.py's.
+pub(super) fn conv_layer(
+    state: &std::collections::HashMap<String, Tensor>,
+    path: &Path,
+    name: &str,
+    relu: bool,
+    device: &Device,
+) -> Result<Layer> {
+    let bad = |message: String| PipelineError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let get = |key: String| -> Result<Tensor> {
+        let t = state
+            .get(&key)
+            .ok_or_else(|| bad(format!("{key} is missing (not this OpenPose network)")))?;
+        Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+    };
+    let weight = get(format!("{name}.weight"))?;
+    let bias = get(format!("{name}.bias"))?;
+    let k = match *weight.dims() {
+        [o, _, k, k2] if k == k2 && k % 2 == 1 && bias.dims() == [o] => k,
+        ref d => return Err(bad(format!("{name}.weight has shape {d:?}"))),
+    };
+    Ok(Layer::Conv(Conv2d::new(weight, Some(bias), 1, k / 2), relu))
+}
+
 /// `bodypose_model` with its weights, in f32.
 pub struct BodyNetwork {
     model0: Vec<Layer>,
@@ -84,7 +114,7 @@ impl std::fmt::Debug for BodyNetwork {
     }
 }
 
-fn run(layers: &[Layer], x: &Tensor) -> Result<Tensor> {
+pub(super) fn run(layers: &[Layer], x: &Tensor) -> Result<Tensor> {
     let mut x = x.clone();
     for layer in layers {
         x = match layer {
@@ -107,26 +137,7 @@ impl BodyNetwork {
     /// `.safetensors` file of the same names, onto `device` in f32.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let state = crate::upscaler::read_state(path)?;
-        let bad = |message: String| PipelineError::Weights {
-            path: path.to_path_buf(),
-            message,
-        };
-        // A conv by its name: its padding is half its (odd, square) kernel, as model.py's.
-        let conv = |name: &str, relu: bool| -> Result<Layer> {
-            let get = |key: String| -> Result<Tensor> {
-                let t = state.get(&key).ok_or_else(|| {
-                    bad(format!("{key} is missing (not an OpenPose body network)"))
-                })?;
-                Ok(t.to_dtype(DType::F32)?.to_device(device)?)
-            };
-            let weight = get(format!("{name}.weight"))?;
-            let bias = get(format!("{name}.bias"))?;
-            let k = match *weight.dims() {
-                [o, _, k, k2] if k == k2 && k % 2 == 1 && bias.dims() == [o] => k,
-                ref d => return Err(bad(format!("{name}.weight has shape {d:?}"))),
-            };
-            Ok(Layer::Conv(Conv2d::new(weight, Some(bias), 1, k / 2), relu))
-        };
+        let conv = |name: &str, relu: bool| conv_layer(&state, path, name, relu, device);
         let mut model0 = Vec::new();
         for (name, _) in MODEL0 {
             model0.push(if name == "pool" {
@@ -220,7 +231,7 @@ fn scaled(side: usize, f: f64) -> usize {
 }
 
 /// `smart_resize_k` / `smart_resize` of an 8-bit image: area when `k < 1`, Lanczos-4 otherwise.
-fn smart_resize_u8(image: &RgbImage, w: usize, h: usize) -> RgbImage {
+pub(super) fn smart_resize_u8(image: &RgbImage, w: usize, h: usize) -> RgbImage {
     let (w0, h0) = (image.width as usize, image.height as usize);
     if (w, h) == (w0, h0) {
         return image.clone();
@@ -243,13 +254,10 @@ fn smart_resize_f32(map: &[f32], w0: usize, h0: usize, w: usize, h: usize) -> Ve
     }
 }
 
-/// The network's raw outputs for `image` (the RGB image the extension converts to BGR):
-/// (PAFs, heatmaps) at an eighth of the padded scaled image, and that scaled image's size.
-pub fn body_outputs(net: &BodyNetwork, image: &RgbImage) -> Result<(Maps, Maps, usize, usize)> {
-    let (w0, h0) = (image.width as usize, image.height as usize);
-    let scale = SCALE_SEARCH * BOXSIZE / h0 as f64;
-    let resized = smart_resize_u8(image, scaled(w0, scale), scaled(h0, scale));
-    let (w, h) = (resized.width as usize, resized.height as usize);
+/// `padRightDownCorner(image, 8, 128)` fed as the extension feeds its networks: BGR planes
+/// `[1, 3, h, w]` of `v / 256 - 0.5` (on the CPU), and the unpadded size.
+pub(super) fn bgr_input(image: &RgbImage) -> Result<(Tensor, usize, usize)> {
+    let (w, h) = (image.width as usize, image.height as usize);
     let pad = |s: usize| {
         if s.is_multiple_of(STRIDE) {
             0
@@ -258,17 +266,30 @@ pub fn body_outputs(net: &BodyNetwork, image: &RgbImage) -> Result<(Maps, Maps, 
         }
     };
     let (pw, ph) = (w + pad(w), h + pad(h));
-    // BGR planes of the padded image, v / 256 - 0.5.
     let mut planes = vec![f32::from(PAD_VALUE) / 256.0 - 0.5; 3 * pw * ph];
     for y in 0..h {
         for x in 0..w {
             for c in 0..3 {
-                let v = resized.pixels[(y * w + x) * 3 + 2 - c];
+                let v = image.pixels[(y * w + x) * 3 + 2 - c];
                 planes[c * pw * ph + y * pw + x] = f32::from(v) / 256.0 - 0.5;
             }
         }
     }
-    let input = Tensor::from_vec(planes, (1, 3, ph, pw), &Device::Cpu)?.to_device(&net.device)?;
+    Ok((
+        Tensor::from_vec(planes, (1, 3, ph, pw), &Device::Cpu)?,
+        w,
+        h,
+    ))
+}
+
+/// The network's raw outputs for `image` (the RGB image the extension converts to BGR):
+/// (PAFs, heatmaps) at an eighth of the padded scaled image, and that scaled image's size.
+pub fn body_outputs(net: &BodyNetwork, image: &RgbImage) -> Result<(Maps, Maps, usize, usize)> {
+    let (w0, h0) = (image.width as usize, image.height as usize);
+    let scale = SCALE_SEARCH * BOXSIZE / h0 as f64;
+    let resized = smart_resize_u8(image, scaled(w0, scale), scaled(h0, scale));
+    let (input, w, h) = bgr_input(&resized)?;
+    let input = input.to_device(&net.device)?;
     let (paf, heat) = net.forward(&input)?;
     let to_maps = |t: &Tensor| -> Result<Maps> {
         let (_, _, oh, ow) = t.dims4()?;
@@ -338,45 +359,178 @@ pub fn draw_bodies(people: &[BodyPose], width: u32, height: u32) -> RgbImage {
     }
 }
 
-/// The people of a map as the extension's pose JSON holds them (`encode_poses_as_json`): each
-/// body's 18 keypoints normalized by the padded image's size (`None`: not found), and that
-/// size (`canvas_width`, `canvas_height`).
+/// A person as `detect_poses` holds one: the body (keypoints in pixels), and each hand's 21
+/// and the face's keypoints normalized by the image's size in float32 (`-1 / size` for a
+/// point not found), `None` where not looked for or not found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Person {
+    pub body: BodyPose,
+    pub hand_left: Option<Vec<(f32, f32)>>,
+    pub hand_right: Option<Vec<(f32, f32)>>,
+    pub face: Option<Vec<(f32, f32)>>,
+}
+
+/// What a module detects and draws (`include_body`, `include_hand`, `include_face`): the
+/// body is always detected (hands and face are found from it), drawn only with `body`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Include {
+    pub body: bool,
+    pub hand: bool,
+    pub face: bool,
+}
+
+/// A body's keypoints in pixels, as f64.
+fn body_pixels(body: &BodyPose) -> Vec<Option<(f64, f64)>> {
+    body.keypoints
+        .iter()
+        .map(|k| k.map(|p| (p.x as f64, p.y as f64)))
+        .collect()
+}
+
+/// `detect_poses` after the body: each body's hands (where `hand` is given) and face (where
+/// `face` is given) found in `image` (the padded RGB image).
+pub fn detect_people(
+    image: &RgbImage,
+    bodies: Vec<BodyPose>,
+    hand: Option<Outputs>,
+    face: Option<Outputs>,
+) -> Result<Vec<Person>> {
+    bodies
+        .into_iter()
+        .map(|body| {
+            let pixels = body_pixels(&body);
+            let (hand_left, hand_right) = match hand {
+                Some(net) => detect_hands(net, image, &pixels)?,
+                None => (None, None),
+            };
+            let face = match face {
+                Some(net) => detect_face(net, image, &pixels)?,
+                None => None,
+            };
+            Ok(Person {
+                body,
+                hand_left,
+                hand_right,
+                face,
+            })
+        })
+        .collect()
+}
+
+/// `draw_poses(poses, H, W, draw_body, draw_hand, draw_face)` on black: per person its body
+/// (keypoints normalized by the image's size), left and right hands, then face.
+pub fn draw_poses(people: &[Person], width: u32, height: u32, include: Include) -> RgbImage {
+    let (w, h) = (width as usize, height as usize);
+    let mut pixels = vec![0u8; w * h * 3];
+    let mut canvas = Canvas {
+        pixels: &mut pixels,
+        width: w,
+        height: h,
+    };
+    for person in people {
+        if include.body {
+            let keypoints: Vec<Option<(f64, f64)>> = body_pixels(&person.body)
+                .iter()
+                .map(|k| k.map(|(x, y)| (x / w as f64, y / h as f64)))
+                .collect();
+            draw_bodypose(&mut canvas, &keypoints);
+        }
+        if include.hand {
+            for hand in [&person.hand_left, &person.hand_right]
+                .into_iter()
+                .flatten()
+            {
+                draw_handpose(&mut canvas, hand);
+            }
+        }
+        if include.face {
+            if let Some(face) = &person.face {
+                draw_facepose(&mut canvas, face);
+            }
+        }
+    }
+    RgbImage {
+        width,
+        height,
+        pixels,
+    }
+}
+
+/// One person of the extension's pose JSON (`encode_poses_as_json`): the body's 18 keypoints
+/// normalized by the padded image's size (`None`: not found), the hands' and the face's
+/// (float32, as found).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoseJson {
+    pub body: Vec<Option<(f64, f64)>>,
+    pub hand_left: Option<Vec<(f32, f32)>>,
+    pub hand_right: Option<Vec<(f32, f32)>>,
+    pub face: Option<Vec<(f32, f32)>>,
+}
+
+/// The people of a map as the extension's pose JSON holds them, and the padded image's size
+/// (`canvas_width`, `canvas_height`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Poses {
-    pub people: Vec<Vec<Option<(f64, f64)>>>,
+    pub people: Vec<PoseJson>,
     pub canvas_width: u32,
     pub canvas_height: u32,
 }
 
-/// The legacy `openpose` module (`OpenposeModel.run_model`, body only): the image padded
-/// (`resize_image_with_pad`), its people and their map, the pad cropped off the map.
-pub fn openpose_module(
-    net: &BodyNetwork,
-    image: &RgbImage,
-    resolution: u32,
-) -> Result<(RgbImage, Poses)> {
-    let padded = resize_image_with_pad(image, resolution);
-    let (map, people) = openpose_body(net, &padded.image)?;
-    let (w, h) = (padded.image.width, padded.image.height);
-    let poses = Poses {
+/// The people as the pose JSON holds them, for an image of `width` x `height`.
+pub fn poses_json(people: &[Person], width: u32, height: u32) -> Poses {
+    let (w, h) = (f64::from(width), f64::from(height));
+    Poses {
         people: people
             .iter()
-            .map(|p| {
-                p.keypoints
+            .map(|p| PoseJson {
+                body: body_pixels(&p.body)
                     .iter()
-                    .map(|k| k.map(|k| (k.x as f64 / f64::from(w), k.y as f64 / f64::from(h))))
-                    .collect()
+                    .map(|k| k.map(|(x, y)| (x / w, y / h)))
+                    .collect(),
+                hand_left: p.hand_left.clone(),
+                hand_right: p.hand_right.clone(),
+                face: p.face.clone(),
             })
             .collect(),
-        canvas_width: w,
-        canvas_height: h,
-    };
+        canvas_width: width,
+        canvas_height: height,
+    }
+}
+
+/// The networks an OpenPose module runs: the body's, and the hands' and the face's where it
+/// includes them.
+pub struct PoseNetworks<'a> {
+    pub body: &'a BodyNetwork,
+    pub hand: Option<&'a CpmNetwork>,
+    pub face: Option<&'a CpmNetwork>,
+}
+
+/// The legacy OpenPose modules (`OpenposeModel.run_model`): the image padded
+/// (`resize_image_with_pad`), its people and their map, the pad cropped off the map.
+pub fn openpose_module(
+    nets: &PoseNetworks,
+    image: &RgbImage,
+    resolution: u32,
+    include: Include,
+) -> Result<(RgbImage, Poses)> {
+    let padded = resize_image_with_pad(image, resolution);
+    let (paf, heat) = body_maps(nets.body, &padded.image)?;
+    let hand = nets.hand.map(|n| move |x: &Tensor| n.forward(x));
+    let face = nets.face.map(|n| move |x: &Tensor| n.forward(x));
+    let people = detect_people(
+        &padded.image,
+        body_pose(&paf, &heat),
+        hand.as_ref().map(|f| f as Outputs),
+        face.as_ref().map(|f| f as Outputs),
+    )?;
+    let (w, h) = (padded.image.width, padded.image.height);
+    let map = draw_poses(&people, w, h, include);
     Ok((
         Padded {
             image: map,
             ..padded
         }
         .crop_rgb(),
-        poses,
+        poses_json(&people, w, h),
     ))
 }

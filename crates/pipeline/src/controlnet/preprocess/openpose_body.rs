@@ -77,7 +77,7 @@ pub struct BodyPose {
 
 /// numpy's pairwise sum of a short f64 array (`phi_x.sum()`): eight running sums for 8..=128
 /// values, combined as a tree, the rest added after.
-fn numpy_sum(a: &[f64]) -> f64 {
+pub(super) fn numpy_sum(a: &[f64]) -> f64 {
     if a.len() < 8 {
         return a.iter().fold(0.0, |s, &v| s + v);
     }

@@ -10,7 +10,7 @@
 //! - [`fill_circle`]: `cv2.circle(thickness=-1)` (OpenCV's `Circle`): the midpoint circle's
 //!   spans.
 
-use super::line::line_pixels;
+use super::line::{clip_line, line_pixels};
 
 /// An RGB canvas being drawn on (row-major, 3 bytes a pixel).
 pub struct Canvas<'a> {
@@ -94,15 +94,27 @@ pub fn ellipse2poly(
     points
 }
 
+/// OpenCV's fixed-point coordinates: 16 fraction bits.
+const XY_SHIFT: i64 = 16;
+const XY_ONE: i64 = 1 << XY_SHIFT;
+const HALF: i64 = XY_ONE >> 1;
+
 /// `cv2.fillConvexPoly(canvas, points, color)` (line type 8, shift 0).
 pub fn fill_convex_poly(canvas: &mut Canvas, v: &[(i64, i64)], color: [u8; 3]) {
-    const SHIFT: i64 = 16;
-    const HALF: i64 = 1 << (SHIFT - 1);
+    fill_convex_poly_shifted(canvas, v, color, 0);
+}
+
+/// OpenCV's `FillConvexPoly` (line type 8) of points with `shift` fraction bits: the outline
+/// (`cv2.line`'s pixels without fractions, `Line2`'s with), then the scanlines between two
+/// edges walked in 16.16 fixed point from the topmost vertex, each end rounded.
+fn fill_convex_poly_shifted(canvas: &mut Canvas, v: &[(i64, i64)], color: [u8; 3], shift: i64) {
     let n = v.len();
     if n == 0 {
         return;
     }
+    let delta = (1i64 << shift) >> 1;
     let (w, h) = (canvas.width, canvas.height);
+    let up = |p: (i64, i64)| (p.0 << (XY_SHIFT - shift), p.1 << (XY_SHIFT - shift));
     // The outline first, each edge from the previous vertex.
     let mut p0 = v[n - 1];
     let (mut xmin, mut xmax, mut ymin, mut ymax) = (v[0].0, v[0].0, v[0].1, v[0].1);
@@ -115,9 +127,15 @@ pub fn fill_convex_poly(canvas: &mut Canvas, v: &[(i64, i64)], color: [u8; 3]) {
         ymax = ymax.max(p.1);
         xmax = xmax.max(p.0);
         xmin = xmin.min(p.0);
-        line_pixels(w, h, p0, p, |x, y| canvas.put(x, y, color));
+        if shift == 0 {
+            line_pixels(w, h, p0, p, |x, y| canvas.put(x, y, color));
+        } else {
+            line2(canvas, up(p0), up(p), color);
+        }
         p0 = p;
     }
+    let round = |c: i64| (c + delta) >> shift;
+    let (xmin, xmax, ymin, ymax) = (round(xmin), round(xmax), round(ymin), round(ymax));
     if n < 3 || xmax < 0 || ymax < 0 || xmin >= w as i64 || ymin >= h as i64 {
         return;
     }
@@ -134,14 +152,14 @@ pub fn fill_convex_poly(canvas: &mut Canvas, v: &[(i64, i64)], color: [u8; 3]) {
         Edge {
             idx: imin,
             di: 1,
-            x: -(1 << SHIFT),
+            x: -XY_ONE,
             dx: 0,
             ye: ymin,
         },
         Edge {
             idx: imin,
             di: n - 1,
-            x: -(1 << SHIFT),
+            x: -XY_ONE,
             dx: 0,
             ye: ymin,
         },
@@ -160,9 +178,9 @@ pub fn fill_convex_poly(canvas: &mut Canvas, v: &[(i64, i64)], color: [u8; 3]) {
                 if left_edges < 0 {
                     break;
                 }
-                let ty = v[idx].1;
+                let ty = round(v[idx].1);
                 if ty > y {
-                    let (xs, xe) = (v[idx0].0 << SHIFT, v[idx].0 << SHIFT);
+                    let (xs, xe) = (up(v[idx0]).0, up(v[idx]).0);
                     e.ye = ty;
                     // C's division: truncated toward zero.
                     e.dx = ((xe - xs) * 2 + (ty - y)) / (2 * (ty - y));
@@ -183,8 +201,8 @@ pub fn fill_convex_poly(canvas: &mut Canvas, v: &[(i64, i64)], color: [u8; 3]) {
             } else {
                 (0, 1)
             };
-            let x1 = (edges[l].x + HALF) >> SHIFT;
-            let x2 = (edges[r].x + HALF) >> SHIFT;
+            let x1 = (edges[l].x + HALF) >> XY_SHIFT;
+            let x2 = (edges[r].x + HALF) >> XY_SHIFT;
             if x2 >= 0 && x1 < w as i64 {
                 canvas.hline(y, x1, x2, color);
             }
@@ -195,6 +213,85 @@ pub fn fill_convex_poly(canvas: &mut Canvas, v: &[(i64, i64)], color: [u8; 3]) {
         if y > ymax {
             break;
         }
+    }
+}
+
+/// OpenCV's `Line2`: the segment between 16.16 points, clipped to the canvas, stepped one
+/// pixel along its longer axis from its left (or top) end, the other coordinate in fixed
+/// point; the far end's pixel first.
+fn line2(canvas: &mut Canvas, p1: (i64, i64), p2: (i64, i64), color: [u8; 3]) {
+    let (w, h) = (canvas.width as i64, canvas.height as i64);
+    let Some((mut p1, mut p2)) = clip_line(w << XY_SHIFT, h << XY_SHIFT, p1, p2) else {
+        return;
+    };
+    let mut put = |x: i64, y: i64| {
+        if (0..w).contains(&x) && (0..h).contains(&y) {
+            canvas.put(x as usize, y as usize, color);
+        }
+    };
+    let (ax, ay) = ((p2.0 - p1.0).abs(), (p2.1 - p1.1).abs());
+    let along_x = ax > ay;
+    if (along_x && p2.0 < p1.0) || (!along_x && p2.1 < p1.1) {
+        std::mem::swap(&mut p1, &mut p2);
+    }
+    put((p2.0 + HALF) >> XY_SHIFT, (p2.1 + HALF) >> XY_SHIFT);
+    let (x, y) = (p1.0 + HALF, p1.1 + HALF);
+    if along_x {
+        let step = ((p2.1 - p1.1) << XY_SHIFT) / (ax | 1);
+        let count = (p2.0 - p1.0) >> XY_SHIFT;
+        let (x, mut y) = (x >> XY_SHIFT, y);
+        for i in 0..=count {
+            put(x + i, y >> XY_SHIFT);
+            y += step;
+        }
+    } else {
+        let step = ((p2.0 - p1.0) << XY_SHIFT) / (ay | 1);
+        let count = (p2.1 - p1.1) >> XY_SHIFT;
+        let (mut x, y) = (x, y >> XY_SHIFT);
+        for i in 0..=count {
+            put(x >> XY_SHIFT, y + i);
+            x += step;
+        }
+    }
+}
+
+/// `cv2.line(canvas, p0, p1, color, thickness)` for `thickness > 1` (OpenCV's `ThickLine`,
+/// line type 8): a quadrilateral `thickness / 2` either side of the segment (its corners
+/// rounded to 16.16), filled, and a filled circle of radius `round(thickness / 2)` at
+/// each end.
+pub fn thick_line(
+    canvas: &mut Canvas,
+    p0: (i64, i64),
+    p1: (i64, i64),
+    thickness: i64,
+    color: [u8; 3],
+) {
+    let (p0, p1) = (
+        (p0.0 << XY_SHIFT, p0.1 << XY_SHIFT),
+        (p1.0 << XY_SHIFT, p1.1 << XY_SHIFT),
+    );
+    let one = XY_ONE as f64;
+    let (dx, dy) = ((p0.0 - p1.0) as f64 / one, (p1.1 - p0.1) as f64 / one);
+    let r = dx * dx + dy * dy;
+    let odd = thickness & 1;
+    let half = thickness << (XY_SHIFT - 1);
+    if r.abs() > f64::EPSILON {
+        let r = (half as f64 + odd as f64 * one * 0.5) / r.sqrt();
+        let dp = (
+            (dy * r).round_ties_even() as i64,
+            (dx * r).round_ties_even() as i64,
+        );
+        let corners = [
+            (p0.0 + dp.0, p0.1 + dp.1),
+            (p0.0 - dp.0, p0.1 - dp.1),
+            (p1.0 - dp.0, p1.1 - dp.1),
+            (p1.0 + dp.0, p1.1 + dp.1),
+        ];
+        fill_convex_poly_shifted(canvas, &corners, color, XY_SHIFT);
+    }
+    for p in [p0, p1] {
+        let center = ((p.0 + HALF) >> XY_SHIFT, (p.1 + HALF) >> XY_SHIFT);
+        fill_circle(canvas, center, (half + HALF) >> XY_SHIFT, color);
     }
 }
 
@@ -287,5 +384,99 @@ pub fn draw_bodypose(canvas: &mut Canvas, keypoints: &[Option<(f64, f64)>]) {
     for (k, color) in keypoints.iter().zip(COLORS) {
         let Some((x, y)) = *k else { continue };
         fill_circle(canvas, ((x * w) as i64, (y * h) as i64), 4, color);
+    }
+}
+
+/// `draw_handpose`'s 20 edges (keypoint indices): the wrist to each finger's four joints.
+pub const HAND_EDGES: [(usize, usize); 20] = [
+    (0, 1),
+    (1, 2),
+    (2, 3),
+    (3, 4),
+    (0, 5),
+    (5, 6),
+    (6, 7),
+    (7, 8),
+    (0, 9),
+    (9, 10),
+    (10, 11),
+    (11, 12),
+    (0, 13),
+    (13, 14),
+    (14, 15),
+    (15, 16),
+    (0, 17),
+    (17, 18),
+    (18, 19),
+    (19, 20),
+];
+
+/// `matplotlib.colors.hsv_to_rgb([hue, 1, 1]) * 255` as `cv2.line` takes it (each channel
+/// rounded half to even).
+pub fn hue_color(hue: f64) -> [u8; 3] {
+    let i = (hue * 6.0) as i64;
+    let f = hue * 6.0 - i as f64;
+    let (q, t) = (1.0 - f, 1.0 - (1.0 - f));
+    let rgb = match i % 6 {
+        0 => [1.0, t, 0.0],
+        1 => [q, 1.0, 0.0],
+        2 => [0.0, 1.0, t],
+        3 => [0.0, q, 1.0],
+        4 => [t, 0.0, 1.0],
+        _ => [1.0, 0.0, q],
+    };
+    rgb.map(|c: f64| (c * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+}
+
+/// util.py's `eps`: a hand or face point at pixel 0 (or the -1 of one not found) is skipped.
+const EPS: f32 = 0.01;
+
+/// The pixel of a normalized f32 keypoint as util.py computes it: `int(x * W)` in float32
+/// (the keypoints are numpy float32), `W` 1 where the points are not normalized.
+fn pixel(k: (f32, f32), w: f32, h: f32) -> (i64, i64) {
+    ((k.0 * w) as i64, (k.1 * h) as i64)
+}
+
+/// `is_normalized` for f32 keypoints: every point within -1..=1, and at least one.
+fn scale(canvas: &Canvas, keypoints: &[(f32, f32)]) -> (f32, f32) {
+    let normalized = !keypoints.is_empty()
+        && keypoints
+            .iter()
+            .all(|&(x, y)| x.abs() <= 1.0 && y.abs() <= 1.0);
+    if normalized {
+        (canvas.width as f32, canvas.height as f32)
+    } else {
+        (1.0, 1.0)
+    }
+}
+
+/// `draw_handpose(canvas, keypoints)`: edge k a 2-pixel line in hue k / 20 where both its
+/// ends lie past pixel 0, then each such keypoint a blue disc of radius 4.
+pub fn draw_handpose(canvas: &mut Canvas, keypoints: &[(f32, f32)]) {
+    let (w, h) = scale(canvas, keypoints);
+    for (ie, &(a, b)) in HAND_EDGES.iter().enumerate() {
+        let (p1, p2) = (pixel(keypoints[a], w, h), pixel(keypoints[b], w, h));
+        let past = |p: (i64, i64)| p.0 as f32 > EPS && p.1 as f32 > EPS;
+        if past(p1) && past(p2) {
+            let color = hue_color(ie as f64 / HAND_EDGES.len() as f64);
+            thick_line(canvas, p1, p2, 2, color);
+        }
+    }
+    for &k in keypoints {
+        let p = pixel(k, w, h);
+        if p.0 as f32 > EPS && p.1 as f32 > EPS {
+            fill_circle(canvas, p, 4, [0, 0, 255]);
+        }
+    }
+}
+
+/// `draw_facepose(canvas, keypoints)`: each keypoint past pixel 0 a white disc of radius 3.
+pub fn draw_facepose(canvas: &mut Canvas, keypoints: &[(f32, f32)]) {
+    let (w, h) = scale(canvas, keypoints);
+    for &k in keypoints {
+        let p = pixel(k, w, h);
+        if p.0 as f32 > EPS && p.1 as f32 > EPS {
+            fill_circle(canvas, p, 3, [255, 255, 255]);
+        }
     }
 }

@@ -8,7 +8,9 @@
 //! image is the control map itself) or a model-free one this server runs (`controlnet_modules`:
 //! `canny`, `invert`, `threshold`, `lineart_standard`, `scribble_xdog`, `blur_gaussian`,
 //! `tile_resample`, HED's `hed`, `hed_safe`, `scribble_hed`, the lineart ones and PiDiNet's
-//! `pidinet`, `pidinet_safe`, `pidinet_scribble`, `mlsd`, `depth_anything_v2`, `depth_anything`, `openpose` with
+//! `pidinet`, `pidinet_safe`, `pidinet_scribble`, `mlsd`, `depth_anything_v2`, `depth_anything`,
+//! the OpenPose ones (`openpose`, `openpose_hand`, `openpose_face`, `openpose_faceonly`,
+//! `openpose_full`) with
 //! ANNOTATOR_DIR, with
 //! `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here
 //! and then fitted by the resize mode below (the native unit gets the map, its validated unit
@@ -539,7 +541,7 @@ mod tests {
         assert!(off.is_none());
         for (unit, needle) in [
             (
-                json!({"image": png, "model": "c", "module": "openpose_full"}),
+                json!({"image": png, "model": "c", "module": "dw_openpose_full"}),
                 "[0].module",
             ),
             (

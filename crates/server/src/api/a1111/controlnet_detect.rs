@@ -3,7 +3,7 @@
 //! `controlnet_processor_res`, `controlnet_threshold_a` and `_b` (as a unit's settings:
 //! `controlnet_modules`), answered as `{images, info: "Success"}` (base64 PNGs, in order), with
 //! `poses` (each image's pose JSON, as the extension's `json_pose_callback` gives it) for
-//! `openpose`.
+//! the OpenPose modules.
 //! `none` answers the images as they are. webuiapi 0.9.17's `controlnet_detect()` sends the
 //! images as `controlnet_images`, which the extension ignores (its 422 "No image selected"):
 //! taken here as the same list. `controlnet_masks` and `low_vram` change nothing (no module
@@ -68,9 +68,11 @@ pub struct ControlNetDetectRequest {
 pub struct ControlNetDetectResponse {
     /// The maps, base64 PNG, in the order of the images.
     pub images: Vec<String>,
-    /// `openpose` only: each image's people in the OpenPose JSON format (`people` with
-    /// `pose_keypoints_2d`: x, y normalized by the padded image, 1 per keypoint, or 0, 0, 0;
-    /// `animals`, `canvas_height`, `canvas_width`), in the order of the images.
+    /// The OpenPose modules only: each image's people in the OpenPose JSON format (`people`
+    /// with `pose_keypoints_2d`: x, y normalized by the padded image, 1 per keypoint, or 0,
+    /// 0, 0; `hand_left_keypoints_2d`, `hand_right_keypoints_2d`, `face_keypoints_2d` the
+    /// same where looked for and found, else null; `animals`, `canvas_height`,
+    /// `canvas_width`), in the order of the images.
     #[schema(value_type = Option<Vec<Object>>)]
     pub poses: Option<Vec<Value>>,
     /// `Success`.

@@ -17,7 +17,8 @@
 //! kept as a number as the others, `int(slider_1)` runs), `softedge_anyline` (Anyline: TEED with
 //! MistoLine's weights and lineart_standard's faint lines; its own Resolution slider, 1280 by
 //! default, and Safe Steps), `mlsd` (its thresholds kept as numbers), `depth_anything_v2`,
-//! `depth_anything` and `openpose` (body only) (no sliders but the resolution) (their weights from ANNOTATOR_DIR; listed without
+//! `depth_anything` and the OpenPose ones `openpose` (bodies), `openpose_hand`,
+//! `openpose_face`, `openpose_faceonly`, `openpose_full` (no sliders but the resolution) (their weights from ANNOTATOR_DIR; listed without
 //! them, as the extension lists its model-based modules), their names and labels and sliders
 //! copied from the extension's
 //! `model_free_preprocessors.py`, `teed.py` and
@@ -99,12 +100,13 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 }
 
 /// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
-/// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet, mlsd 100; invert 20; the
-/// others 0) and label, descending
+/// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet, openpose_full, mlsd
+/// 100; invert 20; the others 0) and label, descending
 /// (`color` sorts by its label, `t2ia_color_grid`; `lineart_anime_denoise` before its prefix
-/// `lineart_anime`; softedge_teed, softedge_anyline, depth_anything_v2, depth_anything and
-/// openpose, 0, by their names; `depth_anything_v2` before its prefix `depth_anything`).
-const MODULES: [Module; 26] = [
+/// `lineart_anime`, and `openpose_faceonly` before `openpose_face`; softedge_teed,
+/// softedge_anyline, depth_anything_v2, depth_anything and the OpenPose ones by their names;
+/// `depth_anything_v2` before its prefix `depth_anything`).
+const MODULES: [Module; 30] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -123,6 +125,11 @@ const MODULES: [Module; 26] = [
     module(
         "pidinet_scribble",
         "scribble_pidinet",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "openpose_full",
+        "openpose_full",
         [Some(RESOLUTION), None, None],
     ),
     module(
@@ -224,6 +231,21 @@ const MODULES: [Module; 26] = [
         "scribble_hed",
         [Some(RESOLUTION), None, None],
     ),
+    module(
+        "openpose_hand",
+        "openpose_hand",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "openpose_faceonly",
+        "openpose_faceonly",
+        [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "openpose_face",
+        "openpose_face",
+        [Some(RESOLUTION), None, None],
+    ),
     module("openpose", "openpose", [Some(RESOLUTION), None, None]),
     module(
         "lineart",
@@ -309,7 +331,7 @@ pub(super) fn preprocessor(
 ) -> Result<Option<Preprocessor>, String> {
     let found = find(module).ok_or_else(|| {
         format!(
-            "{prefix}module: the preprocessor {module:?} is not run here; one of {} (other model-based ones such as depth, openpose: send their map as the image with module \"none\")",
+            "{prefix}module: the preprocessor {module:?} is not run here; one of {} (other model-based ones such as depth, dw_openpose_full: send their map as the image with module \"none\")",
             names()
         )
     })?;
@@ -412,6 +434,18 @@ pub(super) fn preprocessor(
         "openpose" => Preprocessor::Openpose {
             resolution: resolution()?,
         },
+        "openpose_hand" => Preprocessor::OpenposeHand {
+            resolution: resolution()?,
+        },
+        "openpose_face" => Preprocessor::OpenposeFace {
+            resolution: resolution()?,
+        },
+        "openpose_faceonly" => Preprocessor::OpenposeFaceonly {
+            resolution: resolution()?,
+        },
+        "openpose_full" => Preprocessor::OpenposeFull {
+            resolution: resolution()?,
+        },
         "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
         },
@@ -454,7 +488,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `mlsd`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `openpose`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, openpose body_pose_model.pth), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `openpose_full`, `mlsd`, `lineart_standard`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);

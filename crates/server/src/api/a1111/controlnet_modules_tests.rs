@@ -32,7 +32,7 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"mlsd\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"openpose\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"openpose_full\", \"mlsd\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
         "{e}"
     );
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -186,6 +186,22 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
         ),
         ("openpose", Preprocessor::Openpose { resolution: 256 }),
         (
+            "openpose_hand",
+            Preprocessor::OpenposeHand { resolution: 256 },
+        ),
+        (
+            "openpose_face",
+            Preprocessor::OpenposeFace { resolution: 256 },
+        ),
+        (
+            "openpose_faceonly",
+            Preprocessor::OpenposeFaceonly { resolution: 256 },
+        ),
+        (
+            "openpose_full",
+            Preprocessor::OpenposeFull { resolution: 256 },
+        ),
+        (
             "softedge_teed",
             Preprocessor::SoftedgeTeed {
                 safe_steps: 2.0,
@@ -284,13 +300,13 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
     );
 }
 
-/// `sdserve download --annotators` fetches the file of every model-based module listed.
+/// `sdserve download --annotators` fetches the files of every model-based module listed.
 #[test]
 fn every_listed_module_s_network_file_is_downloaded_ahead() {
     let mut files = 0;
     for m in &MODULES {
         let p = preprocessor(m.name, None, None, None, "", 0).unwrap();
-        if let Some(file) = p.and_then(|p| p.annotator_file()) {
+        for file in p.map(|p| p.annotator_files()).unwrap_or_default() {
             files += 1;
             assert!(
                 crate::annotators::hub_repos()
@@ -303,8 +319,8 @@ fn every_listed_module_s_network_file_is_downloaded_ahead() {
         }
     }
     assert!(
-        files >= 12,
-        "the HED, lineart, PiDiNet, TEED and Anyline modules at least"
+        files >= 20,
+        "the HED, lineart, PiDiNet, TEED, Anyline and OpenPose modules at least"
     );
 }
 
