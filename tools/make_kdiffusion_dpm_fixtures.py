@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Reference images for A1111's `DPM fast` (our `dpm_fast`) on the tiny models (run after
-tools/make_tiny_models.py and tools/make_img2img_fixtures.py).
+"""Reference images for A1111's `DPM fast` and `DPM adaptive` (our `dpm_fast`, `dpm_adaptive`) on
+the tiny models (run after tools/make_tiny_models.py and tools/make_img2img_fixtures.py).
 
-k-diffusion 0.1.1.post1's own `sample_dpm_fast` (its `DPMSolver` class, `get_ancestral_step`),
+k-diffusion 0.1.1.post1's own `sample_dpm_fast` and `sample_dpm_adaptive` (its `DPMSolver` and
+`PIDStepSizeController` classes, `get_ancestral_step`),
 taken from the wheel's sampling.py and external.py with `ast` (tools/a1111_source.py's
 `functions`, not copied), run with the arguments A1111 1.10's KDiffusionSampler gives it:
 - the denoiser: `DiscreteEpsDDPMDenoiser` (A1111's CompVisDenoiser) over the model's
   `alphas_cumprod`, quantize off, the tiny UNet with classifier-free guidance inside
   (make_kdiffusion_sampler_fixtures.py's `Guided`);
 - txt2img (`sample`): `sigma_min` / `sigma_max` the denoiser's `sigmas[0].item()` and
-  `sigmas[-1].item()` (the training sigmas' ends), `n` the steps, the start `noise *
+  `sigmas[-1].item()` (the training sigmas' ends), `n` the steps (DPM fast; DPM adaptive takes
+  none and runs k-diffusion's defaults: order 3, rtol 0.05, atol 0.0078, ...), the start `noise *
   sigmas[0]` of `get_sigmas(steps)` (its Automatic schedule: the denoiser's own uniform one);
 - img2img (`sample_img2img`, 0.6 strength): `t_enc = int(0.6 * steps)`, `sigma_sched =
   sigmas[steps - t_enc - 1:]`, `sigma_min = sigma_sched[-2]`, `sigma_max = sigma_sched[0]`,
@@ -64,6 +66,12 @@ CASES = {
     # t_enc 12: 13 evaluations; a batch of two.
     "dpm_fast.20.img2img.batch": dict(scheduler="dpm_fast", steps=20, seed=135, batch_size=2,
                                       **I2I),
+    # As many evaluations as its error control asks (three per try).
+    "dpm_adaptive.eta1": dict(scheduler="dpm_adaptive", seed=141),
+    "dpm_adaptive.eta0.batch": dict(scheduler="dpm_adaptive", eta=0.0, seed=142, batch_size=2),
+    "dpm_adaptive.img2img": dict(scheduler="dpm_adaptive", seed=143, **I2I),
+    "dpm_adaptive.eta0.5.img2img.batch": dict(scheduler="dpm_adaptive", eta=0.5, seed=144,
+                                              batch_size=2, **I2I),
 }
 
 
@@ -91,7 +99,7 @@ def k_diffusion(folder):
           "trange": lambda n, disable=None: range(n)}
     fns, d1 = functions(os.path.join(folder, "sampling.py"), [
         "append_zero", "get_ancestral_step", "default_noise_sampler", "PIDStepSizeController",
-        "DPMSolver", "sample_dpm_fast"], ns)
+        "DPMSolver", "sample_dpm_fast", "sample_dpm_adaptive"], ns)
     ext_ns = {"torch": torch, "nn": torch.nn, "math": math, "utils": utils_ns,
               "sampling": types.SimpleNamespace(append_zero=fns["append_zero"])}
     ext, d2 = functions(os.path.join(folder, "external.py"),
@@ -145,7 +153,9 @@ def run(pipe, k, case):
         return torch.cat([torch.randn(shape, generator=g) for g in gens])
 
     model = Recorded(denoiser)
-    out = k["sample_dpm_fast"](model, x, **ends, eta=case["eta"], noise_sampler=noise)
+    if case["scheduler"] == "dpm_adaptive":
+        del ends["n"]
+    out = k["sample_" + case["scheduler"]](model, x, **ends, eta=case["eta"], noise_sampler=noise)
     decoded = pipe.vae.decode(out / pipe.vae.config.scaling_factor).sample
     return to_u8(pipe.image_processor.postprocess(decoded, output_type="np")), model.sigmas
 

@@ -41,7 +41,7 @@ class A1111(WebUIApiCase):
             names,
             sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE", "DDIM", "PLMS", "LMS",
                     "UniPC", "Heun", "DPM2", "DPM2 a", "Restart", "LCM", "DPM++ 2S a", "DPM++ 3M SDE",
-                    "DPM fast"]),
+                    "DPM fast", "DPM adaptive"]),
         )
         labels = [s["label"] for s in self.api.get_schedulers()]
         self.assertEqual(labels, ["Automatic", "Uniform", "Karras", "Exponential", "Beta"])
@@ -203,6 +203,7 @@ class A1111(WebUIApiCase):
             ("DPM++ 3M SDE", None, "dpmpp_3m_sde", 1, "exponential"),
             # k-diffusion's DPM-Solver-Fast, between the sigmas' ends.
             ("DPM fast", None, "dpm_fast", 1, None),
+            ("DPM adaptive", None, "dpm_adaptive", 1, None),
             ("Euler", "Beta", "euler", 1, "beta"),
             # A1111's own timestep sampler, not diffusers' PNDM.
             ("PLMS", None, "plms_a1111", 1, None),

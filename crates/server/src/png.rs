@@ -514,6 +514,7 @@ mod tests {
             (SchedulerKind::DpmPp2sAncestralKarras, Some(1.0), ""),
             (SchedulerKind::DpmFast, Some(0.5), ", Eta: 0.5, Version"),
             (SchedulerKind::DpmFast, None, ""),
+            (SchedulerKind::DpmAdaptive, Some(0.0), ", Eta: 0.0, Version"),
             (SchedulerKind::DpmPp2m, Some(0.5), ""),
             (SchedulerKind::Dpm2, Some(0.5), ""),
             (SchedulerKind::EulerAncestral, Some(1.0), ""),

@@ -176,7 +176,7 @@ fn init_png(s: &Server) -> String {
     r.json()["image_base64"].as_str().unwrap().to_string()
 }
 
-/// Heun, DPM2, DPM2 a, Restart, DPM fast and LCM: each A1111 name (with its schedule) runs the native
+/// Heun, DPM2, DPM2 a, Restart, DPM fast, DPM adaptive and LCM: each A1111 name (with its schedule) runs the native
 /// scheduler of that name, and the infotext names both.
 #[test]
 fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
@@ -224,6 +224,7 @@ fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
         // k-diffusion's DPM-Solver-Fast: A1111 hands it the sigmas' ends (no schedule choice).
         ("DPM fast", None, "dpm_fast", "DPM fast"),
         ("k_dpm_fast", Some("Uniform"), "dpm_fast", "DPM fast"),
+        ("k_dpm_ad", None, "dpm_adaptive", "DPM adaptive"),
     ] {
         let r = post(
             &s,
@@ -484,7 +485,8 @@ fn a1111_lists_options_and_png_info() {
             "LCM",
             "DPM++ 2S a",
             "DPM++ 3M SDE",
-            "DPM fast"
+            "DPM fast",
+            "DPM adaptive"
         ])
         .as_array()
         .unwrap()

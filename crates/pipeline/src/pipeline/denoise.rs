@@ -29,8 +29,6 @@ impl StableDiffusion {
             mut latents,
             inpaint,
         } = start;
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len() - begin;
         // Model offload: the UNet comes to the device once for the whole loop and leaves after
         // it. Sequential: it stays in host memory and streams its parts in every forward pass.
         let unet = self.unet_for_run()?;
@@ -38,7 +36,12 @@ impl StableDiffusion {
         let timing = std::env::var_os("SDSERVE_STEP_TIMES").is_some();
         // SDSERVE_CUDA_GRAPH=1: the step as a CUDA graph for this loop (a no-op otherwise).
         let mut graph = StepGraph::new(&self.device);
-        for (index, &t) in timesteps.iter().enumerate().skip(begin) {
+        // The list is read again at every evaluation: DPM adaptive lists its next ones as it
+        // decides them, and estimates the rest for the progress.
+        let mut index = begin;
+        while index < scheduler.timesteps().len() {
+            let t = scheduler.timesteps()[index];
+            let total = scheduler.planned_evaluations().max(index + 1) - begin;
             let start = std::time::Instant::now();
             // k-diffusion's churn raises the sample before the evaluation.
             if let Some(raised) = scheduler.prepare_sample(&latents, index, rngs)? {
@@ -94,7 +97,7 @@ impl StableDiffusion {
             }
             if on_step(StepProgress {
                 step: index + 1 - begin,
-                total,
+                total: scheduler.planned_evaluations().max(index + 1) - begin,
                 latents: Some(&latents),
                 between_steps: false,
             })
@@ -102,6 +105,7 @@ impl StableDiffusion {
             {
                 return Err(PipelineError::Cancelled);
             }
+            index += 1;
         }
         match &inpaint {
             Some(state) => state.finish(latents),

@@ -322,7 +322,7 @@ impl StableDiffusion {
         let mut on_step = |p: StepProgress<'_>| {
             on_step(StepProgress {
                 step: first_steps + p.step,
-                total,
+                total: first_steps + p.total,
                 ..p
             })
         };

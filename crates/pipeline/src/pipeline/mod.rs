@@ -202,8 +202,7 @@ impl StableDiffusion {
         // (`total_steps`: twice the steps for second-order samplers).
         let text_embeddings =
             self.encode_schedule(params, params.steps * scheduler.order(), None)?;
-        let first_steps = scheduler.timesteps().len() - begin;
-        let total = first_steps + second.as_ref().map_or(0, |s| s.steps());
+        let second_steps = second.as_ref().map_or(0, |s| s.steps());
         // diffusers' list of generators: one per image, seeded seed + i.
         let mut rngs: Vec<TorchRng> = (0..params.batch_size)
             .map(|i| TorchRng::new(params.image_seed(i)))
@@ -231,20 +230,32 @@ impl StableDiffusion {
             }
         };
         tracker.sample();
+        let latents = {
+            // The first pass's count (DPM adaptive's estimate while it runs) and the hires pass's.
+            let mut on_step = |p: StepProgress<'_>| {
+                tracker.sample();
+                on_step(StepProgress {
+                    total: p.total + second_steps,
+                    ..p
+                })
+            };
+            self.denoise(
+                start,
+                &text_embeddings,
+                scheduler.as_mut(),
+                begin,
+                (params.guidance_scale, params.negative_guidance),
+                &mut rngs,
+                control.as_ref(),
+                &mut on_step,
+            )?
+        };
+        // The first pass's evaluations as it ran them.
+        let first_steps = scheduler.timesteps().len() - begin;
         let mut on_step = |p: StepProgress<'_>| {
             tracker.sample();
-            on_step(StepProgress { total, ..p })
+            on_step(p)
         };
-        let latents = self.denoise(
-            start,
-            &text_embeddings,
-            scheduler.as_mut(),
-            begin,
-            (params.guidance_scale, params.negative_guidance),
-            &mut rngs,
-            control.as_ref(),
-            &mut on_step,
-        )?;
         if let Some(second) = second {
             return self.hires_pass(
                 params,

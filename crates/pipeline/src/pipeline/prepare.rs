@@ -163,12 +163,13 @@ impl ModelSchedules {
     }
 
     /// The UNet evaluations `params` runs, as its step hook counts them (`StepProgress::total`):
-    /// the first pass's timesteps from where it begins, plus the hires pass's. A request its
+    /// the first pass's timesteps from where it begins, plus the hires pass's (for DPM adaptive,
+    /// whose evaluations are decided as it runs, its first estimate). A request its
     /// schedulers refuse (an LCM model's `original_inference_steps` below the steps, ...) is
     /// the error the run would end with.
     pub fn unet_evaluations(&self, params: &GenerationParams) -> Result<usize> {
         let (first, hires) = self.pass_schedulers(params)?;
-        let run = |(s, begin): &PassScheduler| s.timesteps().len() - begin;
+        let run = |(s, begin): &PassScheduler| s.planned_evaluations() - begin;
         Ok(run(&first) + hires.as_ref().map_or(0, run))
     }
 

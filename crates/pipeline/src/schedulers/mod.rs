@@ -15,6 +15,7 @@ pub mod churn;
 pub mod common;
 pub mod ddim;
 pub mod dpm2;
+pub mod dpm_adaptive;
 pub mod dpm_fast;
 pub mod dpm_sde;
 pub mod dpm_solver;
@@ -80,6 +81,10 @@ pub enum Sampler {
     /// k-diffusion's `sample_dpm_fast` (A1111's `DPM fast`): DPM-Solver-Fast between A1111's
     /// ends, one UNet evaluation per step counted, noise from the images' generators.
     DpmFast,
+    /// k-diffusion's `sample_dpm_adaptive` (A1111's `DPM adaptive`): DPM-Solver-23 with its
+    /// error control; the evaluations are not the step count (three per try, as many tries as
+    /// it takes).
+    DpmAdaptive,
 }
 
 impl Sampler {
@@ -141,11 +146,12 @@ pub enum SchedulerKind {
     Restart,
     RestartKarras,
     DpmFast,
+    DpmAdaptive,
 }
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 39] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 40] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -320,6 +326,12 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 39] = [
         true,
     ),
     (SchedulerKind::DpmFast, "dpm_fast", Sampler::DpmFast, false),
+    (
+        SchedulerKind::DpmAdaptive,
+        "dpm_adaptive",
+        Sampler::DpmAdaptive,
+        false,
+    ),
 ];
 
 const fn all_kinds() -> [SchedulerKind; KINDS.len()] {
@@ -373,7 +385,8 @@ impl SchedulerKind {
             | Sampler::DpmPp2mSdeHeunBrownian
             | Sampler::DpmPp2sAncestral
             | Sampler::DpmPp3mSde
-            | Sampler::DpmFast => Some(1.0),
+            | Sampler::DpmFast
+            | Sampler::DpmAdaptive => Some(1.0),
             _ => None,
         }
     }
@@ -526,6 +539,7 @@ pub fn build_with(
         Sampler::UniPcA1111 => Box::new(unipc_a1111::UniPcA1111::new(cfg, n)?),
         Sampler::Restart => Box::new(restart::Restart::new(cfg, n)?),
         Sampler::DpmFast => Box::new(dpm_fast::DpmFast::new(cfg, n)?),
+        Sampler::DpmAdaptive => Box::new(dpm_adaptive::DpmAdaptive::new(cfg, n)?),
     })
 }
 
@@ -533,7 +547,14 @@ pub fn build_with(
 /// entry of `timesteps()`, in order.
 pub trait Scheduler: Send {
     /// The timesteps handed to the UNet, in loop order (may be longer than the step count, e.g. PNDM).
+    /// A sampler with adaptive steps (DPM adaptive) lists its evaluations as it decides them:
+    /// the list grows after a `step`, and the loop reads it again.
     fn timesteps(&self) -> &[f64];
+    /// How many entries `timesteps()` will have when the run ends, for the progress: its
+    /// length, or an estimate where it grows (never below its length).
+    fn planned_evaluations(&self) -> usize {
+        self.timesteps().len()
+    }
     /// Standard deviation of the initial noise (`init_noise_sigma`).
     /// 1 unless the scheduler works in sigma space (Euler, LMS).
     fn init_noise_sigma(&self) -> f64 {

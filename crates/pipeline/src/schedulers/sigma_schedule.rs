@@ -113,8 +113,9 @@ impl Sampler {
             | Sampler::DdimA1111
             | Sampler::PlmsA1111
             | Sampler::UniPcA1111
-            // A1111 hands DPM fast the sigmas' ends, which every schedule shares.
-            | Sampler::DpmFast => &[SigmaSchedule::Uniform],
+            // A1111 hands DPM fast and adaptive the sigmas' ends, which every schedule shares.
+            | Sampler::DpmFast
+            | Sampler::DpmAdaptive => &[SigmaSchedule::Uniform],
             Sampler::EulerAncestral => &[SigmaSchedule::Uniform, SigmaSchedule::Karras],
             _ => &SigmaSchedule::ALL,
         }

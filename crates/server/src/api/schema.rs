@@ -96,6 +96,9 @@ pub enum SchedulerName {
     /// k-diffusion's DPM-Solver-Fast (A1111's DPM fast).
     #[serde(rename = "dpm_fast")]
     DpmFast,
+    /// k-diffusion's DPM-Solver-23 with adaptive steps (A1111's DPM adaptive).
+    #[serde(rename = "dpm_adaptive")]
+    DpmAdaptive,
 }
 
 /// Sigma schedules of the API (`schedule`): `default` is the scheduler name's own (Karras for
@@ -153,9 +156,10 @@ pub struct GenerateRequest {
     /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
     /// `ddim` and `ddim_a1111` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
     /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde`, `dpmpp_2m_sde`, `dpmpp_2m_sde_heun`,
-    /// `dpmpp_2s_ancestral` and `dpmpp_3m_sde` and their `_karras` names, and `dpm_fast`
-    /// (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`, `DPM++ SDE`, `DPM++ 2M SDE`,
-    /// `DPM++ 2M SDE Heun`, `DPM++ 2S a`, `DPM++ 3M SDE` and `DPM fast` take); other schedulers have none and ignore it, as
+    /// `dpmpp_2s_ancestral` and `dpmpp_3m_sde` and their `_karras` names, `dpm_fast` and
+    /// `dpm_adaptive` (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`, `DPM++ SDE`,
+    /// `DPM++ 2M SDE`, `DPM++ 2M SDE Heun`, `DPM++ 2S a`, `DPM++ 3M SDE`, `DPM fast` and
+    /// `DPM adaptive` take); other schedulers have none and ignore it, as
     /// diffusers and A1111 do. Absent or null: the sampler's default, 0 for DDIM, 1 for the others (diffusers'
     /// schedulers).
     #[schema(minimum = 0.0, maximum = 1.0, nullable = true)]
@@ -181,7 +185,10 @@ pub struct GenerateRequest {
     /// noise from the seed, and down again); `dpm_fast` is k-diffusion's DPM-Solver-Fast as
     /// A1111's `DPM fast` runs it (`steps` evaluations in `steps / 3 + 1` steps of up to third
     /// order from the largest training sigma to the smallest, not to 0; with eta, noise from
-    /// the seed after each step).
+    /// the seed after each step); `dpm_adaptive` is k-diffusion's DPM-Solver-23 with adaptive
+    /// steps as A1111's `DPM adaptive` runs it (between the same ends; `steps` only sets the
+    /// starting noise and img2img's start: its error control decides the evaluations, three per
+    /// try, so the progress total is an estimate until it ends).
     #[schema(nullable = true)]
     pub scheduler: Option<SchedulerName>,
     /// The sigmas the scheduler steps through (diffusers' `use_karras_sigmas`,
@@ -191,8 +198,8 @@ pub struct GenerateRequest {
     /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
     /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
     /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`, `restart`; `euler_a` has `uniform` and `karras`;
-    /// `pndm`, `ddim`, `ddim_a1111`, `plms_a1111`, `unipc_a1111`, `lcm` and `dpm_fast` only
-    /// `uniform`.
+    /// `pndm`, `ddim`, `ddim_a1111`, `plms_a1111`, `unipc_a1111`, `lcm`, `dpm_fast` and
+    /// `dpm_adaptive` only `uniform`.
     /// Another combination (a `_karras` name with another schedule too) is a 422 naming
     /// `schedule`.
     #[schema(nullable = true, default = "default")]

@@ -19,7 +19,7 @@ pub struct Sampler {
     pub automatic: SigmaSchedule,
 }
 
-pub const SAMPLERS: [Sampler; 18] = [
+pub const SAMPLERS: [Sampler; 19] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -151,12 +151,19 @@ pub const SAMPLERS: [Sampler; 18] = [
         karras: Some(SchedulerKind::DpmPp3mSdeKarras),
         automatic: SigmaSchedule::Exponential,
     },
-    // k-diffusion's sample_dpm_fast: A1111 hands it the sigmas' ends, not a schedule, so only
-    // its Automatic (uniform) schedule is offered.
+    // k-diffusion's sample_dpm_fast and sample_dpm_adaptive: A1111 hands them the sigmas' ends,
+    // not a schedule, so only their Automatic (uniform) schedule is offered.
     Sampler {
         name: "DPM fast",
         aliases: &["k_dpm_fast"],
         uniform: SchedulerKind::DpmFast,
+        karras: None,
+        automatic: SigmaSchedule::Uniform,
+    },
+    Sampler {
+        name: "DPM adaptive",
+        aliases: &["k_dpm_ad"],
+        uniform: SchedulerKind::DpmAdaptive,
         karras: None,
         automatic: SigmaSchedule::Uniform,
     },
@@ -561,6 +568,12 @@ mod tests {
             let e = resolve_sampler("sampler_name", Some("DPM fast"), Some(schedule)).unwrap_err();
             assert_eq!(field_of(e), "scheduler", "{schedule}");
         }
+        // DPM adaptive, as A1111 names it (alias k_dpm_ad).
+        let k = r(Some("k_dpm_ad"), None);
+        assert_eq!(
+            (k.kind, k.sampler, k.schedule),
+            (SchedulerKind::DpmAdaptive, "DPM adaptive", "Automatic")
+        );
         // DPM++ SDE: A1111 lists it with the Karras schedule as its own.
         let k = r(Some("DPM++ SDE"), None);
         assert_eq!(
