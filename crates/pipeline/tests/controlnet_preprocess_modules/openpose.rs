@@ -6,9 +6,9 @@
 
 use candle_core::{Device, Tensor};
 use sdserve_pipeline::controlnet::preprocess::{
-    body_outputs, body_pose, draw_bodies, ellipse2poly, fill_circle, fill_convex_poly, network,
+    body_outputs, body_pose, draw_poses, ellipse2poly, fill_circle, fill_convex_poly, network,
     outputs_to_image, resize_area_f32, resize_lanczos4_f32, resize_lanczos4_u8, BodyNetwork,
-    Canvas, LoadedNetworks, Maps, Preprocessor, BODY_POSE,
+    Canvas, Include, LoadedNetworks, Maps, Person, Preprocessor, BODY_POSE,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -219,7 +219,22 @@ fn crafted_outputs_give_the_extension_s_people_keypoints_and_map() {
             }
         }
         let want = t.image(&format!("crafted.{name}.map"));
-        let got = draw_bodies(&people, w0 as u32, h0 as u32);
+        // The body-only module's drawing: draw_poses with the bodies alone.
+        let bodies: Vec<Person> = people
+            .iter()
+            .map(|body| Person {
+                body: body.clone(),
+                hand_left: None,
+                hand_right: None,
+                face: None,
+            })
+            .collect();
+        let body_only = Include {
+            body: true,
+            hand: false,
+            face: false,
+        };
+        let got = draw_poses(&bodies, w0 as u32, h0 as u32, body_only);
         let (differing, max) = compare(&got, &want, name);
         println!("crafted {name}: {} people, {parts} keypoints; map: {differing} values differ (max {max})", people.len());
         assert_eq!((differing, max), (0, 0), "{name}: the map");

@@ -77,9 +77,9 @@ pub use networks::{
     ANNOTATOR_FILES,
 };
 pub use openpose::{
-    body_maps, body_outputs, detect_people, draw_bodies, draw_poses, openpose_body,
-    openpose_module, outputs_to_image, poses_json, BodyNetwork, Include, Maps, Person, PoseJson,
-    PoseNetworks, Poses, BODY_POSE, BODY_POSE_FILE,
+    body_maps, body_outputs, detect_people, draw_poses, openpose_module, outputs_to_image,
+    poses_json, BodyNetwork, Include, Maps, Person, PoseJson, PoseNetworks, Poses, BODY_POSE,
+    BODY_POSE_FILE,
 };
 pub use openpose_body::{body_pose, find_peaks, gaussian_filter, BodyPose, Peak};
 pub use openpose_face::{detect_face, face_box, face_peaks, FaceNetwork, FACENET, FACENET_FILE};

@@ -326,39 +326,6 @@ pub fn outputs_to_image(out: &Maps, w: usize, h: usize, w0: usize, h0: usize) ->
     })
 }
 
-/// The people `OpenposeDetector` finds in `image` (the padded RGB image) and their body map
-/// (`draw_poses` with only the bodies: black, `image`'s size), keypoints in pixels.
-pub fn openpose_body(net: &BodyNetwork, image: &RgbImage) -> Result<(RgbImage, Vec<BodyPose>)> {
-    let (paf, heat) = body_maps(net, image)?;
-    let people = body_pose(&paf, &heat);
-    Ok((draw_bodies(&people, image.width, image.height), people))
-}
-
-/// `draw_poses(poses, H, W, draw_body=True)`: each body's keypoints normalized by the image's
-/// size (`x / W`, `y / H`, as `detect_poses` stores them) drawn on a black canvas.
-pub fn draw_bodies(people: &[BodyPose], width: u32, height: u32) -> RgbImage {
-    let (w, h) = (width as usize, height as usize);
-    let mut pixels = vec![0u8; w * h * 3];
-    let mut canvas = Canvas {
-        pixels: &mut pixels,
-        width: w,
-        height: h,
-    };
-    for person in people {
-        let keypoints: Vec<Option<(f64, f64)>> = person
-            .keypoints
-            .iter()
-            .map(|k| k.map(|p| (p.x as f64 / w as f64, p.y as f64 / h as f64)))
-            .collect();
-        draw_bodypose(&mut canvas, &keypoints);
-    }
-    RgbImage {
-        width,
-        height,
-        pixels,
-    }
-}
-
 /// A person as `detect_poses` holds one: the body (keypoints in pixels), and each hand's 21
 /// and the face's keypoints normalized by the image's size in float32 (`-1 / size` for a
 /// point not found), `None` where not looked for or not found.
