@@ -12,9 +12,7 @@ mod common;
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, NegativeGuidance, RgbImage, StableDiffusion, StepRule,
-};
+use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage, StableDiffusion};
 use sdserve_pipeline::schedulers::Churn;
 
 /// The bounds stated above.
@@ -33,7 +31,6 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
     let num = |k: &str, default: f64| native[k].as_f64().unwrap_or(default);
     let tmax = num("sigma_tmax", 0.0);
     let base = GenerationParams {
-        batch_size: case["batch_size"].as_u64().unwrap() as usize,
         churn: Churn {
             churn: num("sigma_churn", 0.0),
             tmin: num("sigma_tmin", 0.0),
@@ -45,25 +42,13 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             all_steps: native["negative_guidance_all_steps"].as_bool().unwrap(),
         },
         // The case names A1111's sampler; the native one is below.
-        ..common::request_params(case)
+        ..common::sampler_case_params(case)
     };
-    let base = GenerationParams {
+    GenerationParams {
         scheduler: native["scheduler"]
             .as_str()
             .map(|n| sdserve_pipeline::schedulers::SchedulerKind::from_name(n).unwrap()),
         ..base
-    };
-    match case.get("init_image") {
-        None => base,
-        Some(image) => GenerationParams {
-            init_image: Some(InitImage {
-                image: common::read_png(image.as_str().unwrap()),
-                mask: None,
-                strength: case["strength"].as_f64().unwrap(),
-            }),
-            step_rule: StepRule::from_name(case["step_rule"].as_str().unwrap()).unwrap(),
-            ..base
-        },
     }
 }
 

@@ -10,7 +10,7 @@ mod common;
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Device};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion, StepRule};
+use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
 use sdserve_pipeline::schedulers::restart::Restart;
 use sdserve_pipeline::schedulers::{Scheduler, SchedulerConfig};
 
@@ -24,22 +24,7 @@ fn load() -> (serde_json::Map<String, serde_json::Value>, common::Fixtures) {
 }
 
 fn params_of(case: &serde_json::Value) -> GenerationParams {
-    let base = GenerationParams {
-        batch_size: case["batch_size"].as_u64().unwrap() as usize,
-        ..common::request_params(case)
-    };
-    match case.get("init_image") {
-        None => base,
-        Some(image) => GenerationParams {
-            init_image: Some(InitImage {
-                image: common::read_png(image.as_str().unwrap()),
-                mask: None,
-                strength: case["strength"].as_f64().unwrap(),
-            }),
-            step_rule: StepRule::from_name(case["step_rule"].as_str().unwrap()).unwrap(),
-            ..base
-        },
-    }
+    common::sampler_case_params(case)
 }
 
 #[test]

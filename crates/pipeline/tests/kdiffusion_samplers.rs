@@ -11,29 +11,19 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{fixture_path, request_params, Fixtures};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion, StepRule};
+use common::{fixture_path, Fixtures};
+use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
 use sdserve_pipeline::schedulers::SigmaSchedule;
 
 const MAX_BYTE_DIFF: i32 = 1;
 const MAX_MEAN_DIFF: f64 = 0.01;
 
 fn params_of(case: &serde_json::Value) -> GenerationParams {
-    let mut params = GenerationParams {
-        batch_size: case["batch_size"].as_u64().unwrap() as usize,
+    GenerationParams {
         eta: Some(case["eta"].as_f64().unwrap()),
         schedule: Some(SigmaSchedule::from_name(case["schedule"].as_str().unwrap()).unwrap()),
-        ..request_params(case)
-    };
-    if let Some(init) = case.get("init_image") {
-        params.init_image = Some(InitImage {
-            image: common::read_png(init.as_str().unwrap()),
-            mask: None,
-            strength: case["strength"].as_f64().unwrap(),
-        });
-        params.step_rule = StepRule::from_name(case["step_rule"].as_str().unwrap()).unwrap();
+        ..common::sampler_case_params(case)
     }
-    params
 }
 
 #[test]

@@ -78,6 +78,30 @@ pub fn request_params(request: &serde_json::Value) -> GenerationParams {
     }
 }
 
+/// A sampler fixture case's request (tools/make_*_sampler*_fixtures.py): [`request_params`] with
+/// its `batch_size`, and its init image (`init_image`, `strength`, `step_rule`) where it has one.
+pub fn sampler_case_params(case: &serde_json::Value) -> GenerationParams {
+    let params = GenerationParams {
+        batch_size: case["batch_size"].as_u64().unwrap() as usize,
+        ..request_params(case)
+    };
+    match case.get("init_image") {
+        None => params,
+        Some(image) => GenerationParams {
+            init_image: Some(sdserve_pipeline::pipeline::InitImage {
+                image: read_png(image.as_str().unwrap()),
+                mask: None,
+                strength: case["strength"].as_f64().unwrap(),
+            }),
+            step_rule: sdserve_pipeline::pipeline::StepRule::from_name(
+                case["step_rule"].as_str().unwrap(),
+            )
+            .unwrap(),
+            ..params
+        },
+    }
+}
+
 /// The first image `params` generates, run to the end.
 pub fn generate_one(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
     model
