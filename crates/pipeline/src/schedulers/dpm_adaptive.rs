@@ -267,9 +267,7 @@ impl Scheduler for DpmAdaptive {
     }
 
     fn add_start_noise(&self, original: &Tensor, noise: &Tensor, begin: usize) -> Result<Tensor> {
-        let sigmas = &self.k.sigmas;
-        self.k
-            .add_noise(original, noise, sigmas[begin.min(sigmas.len() - 1)])
+        self.k.add_start_noise(original, noise, begin)
     }
 
     fn step(

@@ -290,9 +290,7 @@ impl Scheduler for DpmFast {
     /// A1111's img2img start: the image plus the noise at the schedule's sigma there
     /// (`sigma_sched[0]`).
     fn add_start_noise(&self, original: &Tensor, noise: &Tensor, begin: usize) -> Result<Tensor> {
-        let sigmas = &self.k.sigmas;
-        self.k
-            .add_noise(original, noise, sigmas[begin.min(sigmas.len() - 1)])
+        self.k.add_start_noise(original, noise, begin)
     }
 
     fn step(

@@ -116,6 +116,18 @@ impl KSigmas {
         let dtype = original.dtype();
         Ok((to_f32(original)? + mul_s(&to_f32(noise)?, sigma)?)?.to_dtype(dtype)?)
     }
+
+    /// A1111's img2img start on a schedule it hands over whole (`sigma_sched[0]`): the image
+    /// plus the noise at the schedule's sigma at `begin` (the last one past its end).
+    pub(super) fn add_start_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        begin: usize,
+    ) -> Result<Tensor> {
+        let sigma = self.sigmas[begin.min(self.sigmas.len() - 1)];
+        self.add_noise(original, noise, sigma)
+    }
 }
 
 /// k-diffusion's `get_ancestral_step(sigma_from, sigma_to, eta)` in float32: (down, up).
