@@ -63,13 +63,6 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "none" | "invert" => &["type"],
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
-        "lineart_standard" | "color" | "softedge_hed" | "softedge_hedsafe" | "scribble_hed"
-        | "lineart_realistic" | "lineart_coarse" | "lineart_anime" | "lineart_anime_denoise"
-        | "softedge_pidinet" | "softedge_pidisafe" | "scribble_pidinet" | "depth_anything"
-        | "depth_anything_v2" | "openpose" | "openpose_hand" | "openpose_face"
-        | "openpose_faceonly" | "openpose_full" => {
-            &["type", "resolution"]
-        }
         "blur_gaussian" => &["type", "sigma", "resolution"],
         "tile_resample" => &["type", "down_sampling_rate"],
         "shuffle" => &["type", "seed", "resolution"],
@@ -80,6 +73,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             "distance_threshold",
             "resolution",
         ],
+        other if Preprocessor::resolution_only(other, 0).is_some() => &["type", "resolution"],
         other => {
             return Err(format!(
                 "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth, dw_openpose_full: send their map as the image)"
@@ -133,14 +127,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             threshold: threshold(BINARY_THRESHOLD)?,
             resolution: resolution()?,
         },
-        "lineart_standard" => Preprocessor::LineartStandard {
-            resolution: resolution()?,
-        },
         "scribble_xdog" => Preprocessor::ScribbleXdog {
             threshold: threshold(XDOG_THRESHOLD)?,
-            resolution: resolution()?,
-        },
-        "color" => Preprocessor::Color {
             resolution: resolution()?,
         },
         "shuffle" => Preprocessor::Shuffle {
@@ -152,36 +140,6 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
                     .and_then(|n| u32::try_from(n).ok())
                     .ok_or_else(|| format!("{field}.seed: must be an integer in 0..=4294967295"))?,
             },
-        },
-        "softedge_hed" => Preprocessor::SoftedgeHed {
-            resolution: resolution()?,
-        },
-        "softedge_hedsafe" => Preprocessor::SoftedgeHedsafe {
-            resolution: resolution()?,
-        },
-        "scribble_hed" => Preprocessor::ScribbleHed {
-            resolution: resolution()?,
-        },
-        "lineart_realistic" => Preprocessor::LineartRealistic {
-            resolution: resolution()?,
-        },
-        "lineart_coarse" => Preprocessor::LineartCoarse {
-            resolution: resolution()?,
-        },
-        "lineart_anime" => Preprocessor::LineartAnime {
-            resolution: resolution()?,
-        },
-        "lineart_anime_denoise" => Preprocessor::LineartAnimeDenoise {
-            resolution: resolution()?,
-        },
-        "softedge_pidinet" => Preprocessor::SoftedgePidinet {
-            resolution: resolution()?,
-        },
-        "softedge_pidisafe" => Preprocessor::SoftedgePidisafe {
-            resolution: resolution()?,
-        },
-        "scribble_pidinet" => Preprocessor::ScribblePidinet {
-            resolution: resolution()?,
         },
         "softedge_teed" => Preprocessor::SoftedgeTeed {
             safe_steps: number("safe_steps", SAFE_STEPS)?,
@@ -205,34 +163,16 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             distance_threshold: number("distance_threshold", MLSD_DISTANCE)?,
             resolution: resolution()?,
         },
-        "depth_anything" => Preprocessor::DepthAnything {
-            resolution: resolution()?,
-        },
-        "depth_anything_v2" => Preprocessor::DepthAnythingV2 {
-            resolution: resolution()?,
-        },
-        "openpose" => Preprocessor::Openpose {
-            resolution: resolution()?,
-        },
-        "openpose_hand" => Preprocessor::OpenposeHand {
-            resolution: resolution()?,
-        },
-        "openpose_face" => Preprocessor::OpenposeFace {
-            resolution: resolution()?,
-        },
-        "openpose_faceonly" => Preprocessor::OpenposeFaceonly {
-            resolution: resolution()?,
-        },
-        "openpose_full" => Preprocessor::OpenposeFull {
-            resolution: resolution()?,
-        },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
             resolution: resolution()?,
         },
-        _ => Preprocessor::TileResample {
+        "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: number("down_sampling_rate", TILE_RATE)?,
         },
+        // The key check above let through only the types this server runs.
+        other => Preprocessor::resolution_only(other, resolution()?)
+            .ok_or_else(|| format!("{field}.type: {other:?} is not a preprocessor"))?,
     }))
 }
 

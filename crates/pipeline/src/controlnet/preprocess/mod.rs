@@ -231,6 +231,34 @@ impl Preprocessor {
         }
     }
 
+    /// The preprocessor named `module` (as [`Self::module`] names it) at `resolution`, for the
+    /// modules whose one setting is the resolution; `None` for the others. The request
+    /// dialects build these from this one table and spell out only the modules with sliders.
+    pub fn resolution_only(module: &str, resolution: u32) -> Option<Self> {
+        Some(match module {
+            "lineart_standard" => Self::LineartStandard { resolution },
+            "color" => Self::Color { resolution },
+            "softedge_hed" => Self::SoftedgeHed { resolution },
+            "softedge_hedsafe" => Self::SoftedgeHedsafe { resolution },
+            "scribble_hed" => Self::ScribbleHed { resolution },
+            "lineart_realistic" => Self::LineartRealistic { resolution },
+            "lineart_coarse" => Self::LineartCoarse { resolution },
+            "lineart_anime" => Self::LineartAnime { resolution },
+            "lineart_anime_denoise" => Self::LineartAnimeDenoise { resolution },
+            "softedge_pidinet" => Self::SoftedgePidinet { resolution },
+            "softedge_pidisafe" => Self::SoftedgePidisafe { resolution },
+            "scribble_pidinet" => Self::ScribblePidinet { resolution },
+            "depth_anything" => Self::DepthAnything { resolution },
+            "depth_anything_v2" => Self::DepthAnythingV2 { resolution },
+            "openpose" => Self::Openpose { resolution },
+            "openpose_hand" => Self::OpenposeHand { resolution },
+            "openpose_face" => Self::OpenposeFace { resolution },
+            "openpose_faceonly" => Self::OpenposeFaceonly { resolution },
+            "openpose_full" => Self::OpenposeFull { resolution },
+            _ => return None,
+        })
+    }
+
     /// The weights file a model-based module runs (the extension's name for it); `None` for
     /// the model-free ones.
     pub fn model_file(&self) -> Option<&'static str> {
@@ -597,6 +625,52 @@ impl Preprocessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolution_only_builds_the_module_it_names_and_only_those_without_sliders() {
+        let names = [
+            "lineart_standard",
+            "color",
+            "softedge_hed",
+            "softedge_hedsafe",
+            "scribble_hed",
+            "lineart_realistic",
+            "lineart_coarse",
+            "lineart_anime",
+            "lineart_anime_denoise",
+            "softedge_pidinet",
+            "softedge_pidisafe",
+            "scribble_pidinet",
+            "depth_anything",
+            "depth_anything_v2",
+            "openpose",
+            "openpose_hand",
+            "openpose_face",
+            "openpose_faceonly",
+            "openpose_full",
+        ];
+        for name in names {
+            let p = Preprocessor::resolution_only(name, 321).unwrap();
+            assert_eq!((p.module(), p.resolution()), (name, Some(321)));
+        }
+        // The modules with sliders, or no resolution, are built by their dialects.
+        for name in [
+            "canny",
+            "invert",
+            "threshold",
+            "scribble_xdog",
+            "blur_gaussian",
+            "tile_resample",
+            "shuffle",
+            "softedge_teed",
+            "softedge_anyline",
+            "mlsd",
+            "none",
+            "hed",
+        ] {
+            assert_eq!(Preprocessor::resolution_only(name, 321), None, "{name}");
+        }
+    }
 
     #[test]
     fn run_refuses_a_network_module_naming_its_file_and_runs_a_model_free_one() {

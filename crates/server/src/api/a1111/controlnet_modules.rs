@@ -354,18 +354,12 @@ pub(super) fn preprocessor(
             threshold: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
         },
-        "lineart_standard" => Preprocessor::LineartStandard {
-            resolution: resolution()?,
-        },
         "scribble_xdog" => Preprocessor::ScribbleXdog {
             threshold: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: setting(threshold_a, a, "threshold_a")?,
-            resolution: resolution()?,
-        },
-        "color" => Preprocessor::Color {
             resolution: resolution()?,
         },
         "shuffle" => {
@@ -382,36 +376,6 @@ pub(super) fn preprocessor(
                 seed: numpy_seed,
             }
         }
-        "hed" => Preprocessor::SoftedgeHed {
-            resolution: resolution()?,
-        },
-        "hed_safe" => Preprocessor::SoftedgeHedsafe {
-            resolution: resolution()?,
-        },
-        "scribble_hed" => Preprocessor::ScribbleHed {
-            resolution: resolution()?,
-        },
-        "lineart" => Preprocessor::LineartRealistic {
-            resolution: resolution()?,
-        },
-        "lineart_coarse" => Preprocessor::LineartCoarse {
-            resolution: resolution()?,
-        },
-        "lineart_anime" => Preprocessor::LineartAnime {
-            resolution: resolution()?,
-        },
-        "lineart_anime_denoise" => Preprocessor::LineartAnimeDenoise {
-            resolution: resolution()?,
-        },
-        "pidinet" => Preprocessor::SoftedgePidinet {
-            resolution: resolution()?,
-        },
-        "pidinet_safe" => Preprocessor::SoftedgePidisafe {
-            resolution: resolution()?,
-        },
-        "pidinet_scribble" => Preprocessor::ScribblePidinet {
-            resolution: resolution()?,
-        },
         "softedge_teed" => Preprocessor::SoftedgeTeed {
             safe_steps: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
@@ -425,32 +389,29 @@ pub(super) fn preprocessor(
             distance_threshold: setting(threshold_b, b, "threshold_b")?,
             resolution: resolution()?,
         },
-        "depth_anything_v2" => Preprocessor::DepthAnythingV2 {
-            resolution: resolution()?,
-        },
-        "depth_anything" => Preprocessor::DepthAnything {
-            resolution: resolution()?,
-        },
-        "openpose" => Preprocessor::Openpose {
-            resolution: resolution()?,
-        },
-        "openpose_hand" => Preprocessor::OpenposeHand {
-            resolution: resolution()?,
-        },
-        "openpose_face" => Preprocessor::OpenposeFace {
-            resolution: resolution()?,
-        },
-        "openpose_faceonly" => Preprocessor::OpenposeFaceonly {
-            resolution: resolution()?,
-        },
-        "openpose_full" => Preprocessor::OpenposeFull {
-            resolution: resolution()?,
-        },
         "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
         },
-        _ => return Ok(None),
+        // The modules whose one setting is the resolution, by their native names.
+        name => match Preprocessor::resolution_only(native_name(name), 0) {
+            Some(p) => p.with_resolution(resolution()?),
+            None => return Ok(None),
+        },
     }))
+}
+
+/// The native `preprocessor.type` of an A1111 module: the extension's legacy names where they
+/// differ (`Preprocessor::module` gives the native ones).
+fn native_name(module: &str) -> &str {
+    match module {
+        "hed" => "softedge_hed",
+        "hed_safe" => "softedge_hedsafe",
+        "lineart" => "lineart_realistic",
+        "pidinet" => "softedge_pidinet",
+        "pidinet_safe" => "softedge_pidisafe",
+        "pidinet_scribble" => "scribble_pidinet",
+        other => other,
+    }
 }
 
 /// What the extension seeds numpy with before each unit (`set_numpy_seed`): the request's

@@ -300,6 +300,20 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
     );
 }
 
+/// Every listed module but `none` builds its own preprocessor: the native one its name (or the
+/// extension's legacy name for it) says, never a silent "none".
+#[test]
+fn every_listed_module_builds_the_preprocessor_it_names() {
+    let mut built = 0;
+    for m in MODULES.iter().filter(|m| m.name != "none") {
+        let p = preprocessor(m.name, None, None, None, "", 0).unwrap();
+        let p = p.unwrap_or_else(|| panic!("{} built no preprocessor", m.name));
+        assert_eq!(p.module(), native_name(m.name), "{}", m.name);
+        built += 1;
+    }
+    assert!(built >= 29, "{built} modules");
+}
+
 /// `sdserve download --annotators` fetches the files of every model-based module listed.
 #[test]
 fn every_listed_module_s_network_file_is_downloaded_ahead() {
