@@ -10,7 +10,6 @@ cd "$(dirname "$0")/.."
 BIN=${1:-target/debug/sdserve}
 VENV=${ST_VENV:-target/ci-venv-schemathesis}
 PIN=schemathesis==4.32.5
-[ -x "$BIN" ] || { echo "no sdserve binary at $BIN (cargo build first)" >&2; exit 1; }
 if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q 4.32.5; then
   if ! python3 -m venv "$VENV" 2>/dev/null; then
     # Debian's python3 needs the venv module from apt.
@@ -19,6 +18,9 @@ if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q 4.32.5; then
   fi
   "$VENV/bin/pip" install -q "$PIN"
 fi
+# PREPARE_ONLY=1: install, then stop (.ci/run fetches while it compiles).
+[ "${PREPARE_ONLY:-}" = 1 ] && exit 0
+[ -x "$BIN" ] || { echo "no sdserve binary at $BIN (cargo build first)" >&2; exit 1; }
 
 KEY=ci-schemathesis-key
 LOG=$(mktemp)

@@ -16,6 +16,8 @@ if [ ! -x "$venv/bin/pytest" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -r crates/server/tests/browser/requirements.txt
 fi
+# PREPARE_ONLY=1: install, then stop (.ci/run fetches while it compiles).
+[ "${PREPARE_ONLY:-}" = 1 ] && exit 0
 export SDSERVE_BIN=${SDSERVE_BIN:-$PWD/target/debug/sdserve}
 [ -x "$SDSERVE_BIN" ] || cargo build -p sdserve --locked
 export CHROMIUM=${CHROMIUM:-$(command -v chromium)}

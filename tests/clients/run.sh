@@ -6,10 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-BIN=${SDSERVE_BIN:-target/debug/sdserve}
-if [ ! -x "$BIN" ]; then
-    cargo build -p sdserve --locked
-fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     # Debian splits venv/ensurepip out of python3.
     apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null
@@ -19,4 +15,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/clients/requirements.txt
+# PREPARE_ONLY=1: install, then stop (.ci/run fetches while it compiles).
+[ "${PREPARE_ONLY:-}" = 1 ] && exit 0
+BIN=${SDSERVE_BIN:-target/debug/sdserve}
+if [ ! -x "$BIN" ]; then
+    cargo build -p sdserve --locked
+fi
 SDSERVE_BIN="$BIN" "$VENV/bin/python" tests/clients/test_clients.py
