@@ -53,7 +53,8 @@ impl StableDiffusion {
             }
             // A1111's denoiser counts its calls from 0: one per UNet evaluation.
             let mut conditioning = text_embeddings.at(index - begin)?;
-            let mut guidance = guidance_scale;
+            let mut guidance = guidance_scale * scheduler.guidance_scale_multiplier();
+            let mut skipped = false;
             if negative_guidance.min_sigma > 0.0 {
                 let sigma = match scheduler.guidance_sigma(index) {
                     Some(sigma) => sigma,
@@ -62,6 +63,7 @@ impl StableDiffusion {
                 if negative_guidance.skips(index - begin, sigma) {
                     conditioning = conditioning.prompt_only()?;
                     guidance = 1.0;
+                    skipped = true;
                 }
             }
             let control = control.map(|state| StepControl {
@@ -69,16 +71,21 @@ impl StableDiffusion {
                 step: index - begin,
                 steps: total,
             });
-            let noise_pred = self.predict_noise_with(
+            let wants_uncond = scheduler.takes_uncond_prediction();
+            let (noise_pred, uncond) = self.predict_noise_with(
                 &unet,
                 &model_input,
                 t,
                 &conditioning,
-                guidance,
+                (guidance, wants_uncond),
                 // A skipping evaluation's batch is half the captured one.
-                (guidance == guidance_scale).then_some(&mut graph),
+                (!skipped).then_some(&mut graph),
                 control,
             )?;
+            if wants_uncond {
+                // Without guidance rows the prompt's prediction stands in (A1111's fake_uncond).
+                scheduler.set_uncond_prediction(uncond.unwrap_or_else(|| noise_pred.clone()));
+            }
             let noise_pred = match &inpaint {
                 Some(state) => state.blend_prediction(noise_pred, &latents, scheduler, index)?,
                 None => noise_pred,
@@ -129,14 +136,25 @@ impl StableDiffusion {
             _ => Conditioning::Cond(text_embeddings.clone()),
         };
         let conditioning = StepConditioning::Single(conditioning);
-        self.predict_noise_with(&unet, latents, t, &conditioning, guidance_scale, None, None)
+        let (pred, _) = self.predict_noise_with(
+            &unet,
+            latents,
+            t,
+            &conditioning,
+            (guidance_scale, false),
+            None,
+            None,
+        )?;
+        Ok(pred)
     }
 
     /// `latents` holds the batch's `n` images; `text_embeddings` one image's `[uncond, cond]`
     /// (or `[cond]` without guidance), repeated for the batch as diffusers'
     /// `num_images_per_prompt` does: `[uncond x n, cond x n]`. `graph`: the loop's CUDA graph
     /// of the one-pass step (the two-pass one, and any with ControlNets, runs plainly).
-    /// `control`: the step's ControlNets, run on every UNet evaluation's input.
+    /// `control`: the step's ControlNets, run on every UNet evaluation's input. With
+    /// `want_uncond` the unconditional prediction comes back too (a view of the batch's rows;
+    /// `None` where the conditioning has no negative prompt).
     #[allow(clippy::too_many_arguments)]
     fn predict_noise_with(
         &self,
@@ -144,10 +162,10 @@ impl StableDiffusion {
         latents: &Tensor,
         t: f64,
         conditioning: &StepConditioning,
-        guidance_scale: f64,
+        (guidance_scale, want_uncond): (f64, bool),
         graph: Option<&mut StepGraph>,
         control: Option<StepControl<'_>>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let n = latents.dim(0)?;
         // diffusers' num_images_per_prompt: each row of the conditioning repeated n times.
         let repeat = |e: &Tensor| -> Result<Tensor> {
@@ -169,7 +187,7 @@ impl StableDiffusion {
                 conds,
                 weights,
             } => {
-                return self.predict_composed(
+                let (pred, uncond) = self.predict_composed(
                     unet,
                     latents,
                     t,
@@ -177,7 +195,8 @@ impl StableDiffusion {
                     guidance_scale,
                     repeat,
                     control,
-                )
+                )?;
+                return Ok((pred, want_uncond.then_some(uncond)));
             }
         };
         let text_embeddings = match conditioning {
@@ -204,7 +223,8 @@ impl StableDiffusion {
                     control,
                     CondRows::All,
                 )?;
-                return Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?);
+                let pred = (&uncond + ((cond - &uncond)? * guidance_scale)?)?;
+                return Ok((pred, want_uncond.then_some(uncond)));
             }
         };
         let cfg = text_embeddings.dim(0)? == 2;
@@ -251,11 +271,12 @@ impl StableDiffusion {
             }
         };
         if !cfg {
-            return Ok(noise_pred);
+            return Ok((noise_pred, None));
         }
         let uncond = noise_pred.narrow(0, 0, n)?;
         let cond = noise_pred.narrow(0, n, n)?;
-        Ok((&uncond + ((cond - &uncond)? * guidance_scale)?)?)
+        let pred = (&uncond + ((cond - &uncond)? * guidance_scale)?)?;
+        Ok((pred, want_uncond.then_some(uncond)))
     }
 }
 
@@ -263,6 +284,7 @@ impl StableDiffusion {
     /// Composable diffusion as A1111's `combine_denoised`: `uncond + sum_i w_i * g * (cond_i -
     /// uncond)` over the AND parts, every part a row of one UNet batch with the negative
     /// prompt's (two passes where the negative prompt's length differs, as A1111 batches).
+    /// Also the negative prompt's prediction.
     #[allow(clippy::too_many_arguments)]
     fn predict_composed(
         &self,
@@ -273,7 +295,7 @@ impl StableDiffusion {
         guidance_scale: f64,
         repeat: impl Fn(&Tensor) -> Result<Tensor>,
         control: Option<StepControl<'_>>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let n = latents.dim(0)?;
         let parts = conds.dim(0)?;
         let (uncond_pred, cond_pred) = if uncond.dim(1)? == conds.dim(1)? {
@@ -315,7 +337,7 @@ impl StableDiffusion {
             let delta = (cond_pred.narrow(0, i * n, n)? - &uncond_pred)?;
             pred = (pred + (delta * (w * guidance_scale))?)?;
         }
-        Ok(pred)
+        Ok((pred, uncond_pred))
     }
 }
 

@@ -1,6 +1,11 @@
-//! A1111 1.10's own timestep samplers, `DDIM` and `PLMS` (`modules/sd_samplers_timesteps.py`,
-//! `sd_samplers_timesteps_impl.py`): not diffusers' DDIM and PNDM classes. DDIM takes A1111's
-//! `eta` (0 by default, its `eta_ddim` option).
+//! A1111 1.10's own timestep samplers, `DDIM`, `DDIM CFG++` and `PLMS`
+//! (`modules/sd_samplers_timesteps.py`, `sd_samplers_timesteps_impl.py`): not diffusers' DDIM
+//! and PNDM classes. Both DDIMs take A1111's `eta` (0 by default, its `eta_ddim` option).
+//!
+//! `DDIM CFG++` (`ddim_cfgpp`, CFG++ by Chung et al. 2024) is DDIM whose update points back
+//! along the unconditional prediction (the CFG denoiser's `last_noise_uncond`) instead of the
+//! guided one, with the guidance scale divided by 12.5 (`cond_scale_miltiplier`): the denoise
+//! loop hands it that prediction ([`Scheduler::set_uncond_prediction`]).
 //!
 //! What differs from diffusers: the timesteps are `clip(range(0, 1000, 1000 // steps) + 1, 0,
 //! 999)` (`CompVisSampler.get_timesteps`), and the loop updates from each one to the one below
@@ -34,6 +39,8 @@ const DEFAULTS: ClassDefaults = ClassDefaults::with_spacing("leading");
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
     Ddim,
+    /// DDIM CFG++.
+    DdimCfgpp,
     Plms,
 }
 
@@ -59,6 +66,8 @@ pub struct A1111Timesteps {
     t_enc: Option<usize>,
     /// DDIM's eta (PLMS has none).
     eta: f64,
+    /// CFG++: the evaluation's unconditional prediction, taken by the next step.
+    uncond: Option<Tensor>,
     // PLMS run state: the first update's sample and output, the last three outputs.
     cur_sample: Option<Tensor>,
     first_output: Option<Tensor>,
@@ -91,6 +100,7 @@ impl A1111Timesteps {
             timesteps: Vec::new(),
             t_enc: None,
             eta: 0.0,
+            uncond: None,
             cur_sample: None,
             first_output: None,
             old_eps: Vec::new(),
@@ -145,21 +155,22 @@ impl A1111Timesteps {
 
     /// `get_x_prev_and_pred_x0` (eta 0): from `x` at `timesteps[index]` to `timesteps[index - 1]`.
     fn update(&self, x: &Tensor, eps: &Tensor, index: usize) -> Result<Tensor> {
-        self.update_with_sigma(x, eps, index, 0.0)
+        self.update_with_sigma(x, (eps, eps), index, 0.0)
     }
 
-    /// DDIM's update with `sigma_t` (the noise's scale, added by the caller).
+    /// DDIM's update with `sigma_t` (the noise's scale, added by the caller): the clean
+    /// estimate from `eps`, the direction back along `direction` (`eps` but for CFG++).
     fn update_with_sigma(
         &self,
         x: &Tensor,
-        eps: &Tensor,
+        (eps, direction): (&Tensor, &Tensor),
         index: usize,
         sigma_t: f32,
     ) -> Result<Tensor> {
         let a_t = self.alpha(index);
         let a_prev = self.alpha(index - 1);
         let pred_x0 = div_s(&(x - mul_s(eps, (1.0 - a_t).sqrt())?)?, a_t.sqrt())?;
-        let dir_xt = mul_s(eps, (1.0 - a_prev - sigma_t * sigma_t).sqrt())?;
+        let dir_xt = mul_s(direction, (1.0 - a_prev - sigma_t * sigma_t).sqrt())?;
         Ok((mul_s(&pred_x0, a_prev.sqrt())? + dir_xt)?)
     }
 
@@ -236,11 +247,27 @@ impl Scheduler for A1111Timesteps {
     }
 
     fn eta(&self) -> Option<f64> {
-        (self.rule == Rule::Ddim).then_some(self.eta)
+        (self.rule != Rule::Plms).then_some(self.eta)
     }
 
     fn set_eta(&mut self, eta: f64) {
         self.eta = eta;
+    }
+
+    /// CFG++'s `cond_scale_miltiplier`: A1111 maps the scale's 0..12.5 onto 0..1.
+    fn guidance_scale_multiplier(&self) -> f64 {
+        match self.rule {
+            Rule::DdimCfgpp => 1.0 / 12.5,
+            _ => 1.0,
+        }
+    }
+
+    fn takes_uncond_prediction(&self) -> bool {
+        self.rule == Rule::DdimCfgpp
+    }
+
+    fn set_uncond_prediction(&mut self, uncond: Tensor) {
+        self.uncond = Some(uncond);
     }
 
     fn step(
@@ -256,12 +283,21 @@ impl Scheduler for A1111Timesteps {
         let entry = self.entries[index];
         let eps = self.epsilon(&mo, &x, entry.at)?;
         let prev = match self.rule {
-            Rule::Ddim => {
+            Rule::Ddim | Rule::DdimCfgpp => {
+                let direction = match self.rule {
+                    Rule::DdimCfgpp => {
+                        let Some(uncond) = self.uncond.take() else {
+                            return Err(config_error("CFG++ got no unconditional prediction"));
+                        };
+                        self.epsilon(&to_f32(&uncond)?, &x, entry.at)?
+                    }
+                    _ => eps.clone(),
+                };
                 // A1111 draws the noise at every update (`randn_like` from each image's
                 // generator), eta 0 included.
                 let sigma_t = self.ddim_sigma(entry.at);
                 let noise = common::batch_randn(&x, rngs)?;
-                let prev = self.update_with_sigma(&x, &eps, entry.at, sigma_t)?;
+                let prev = self.update_with_sigma(&x, (&eps, &direction), entry.at, sigma_t)?;
                 (prev + mul_s(&noise, sigma_t)?)?
             }
             Rule::Plms if entry.warm_up_second => {

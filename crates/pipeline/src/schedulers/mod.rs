@@ -71,6 +71,9 @@ pub enum Sampler {
     Lcm,
     /// A1111's own `DDIM` (`sd_samplers_timesteps_impl.ddim`, eta 0): its timesteps and img2img.
     DdimA1111,
+    /// A1111's `DDIM CFG++` (`sd_samplers_timesteps_impl.ddim_cfgpp`): A1111's DDIM stepping
+    /// back along the unconditional prediction, the guidance scale over 12.5.
+    DdimCfgpp,
     /// A1111's own `PLMS` (`sd_samplers_timesteps_impl.plms`).
     PlmsA1111,
     /// A1111's own `UniPC` (`sd_samplers_timesteps_impl.unipc`: bh1, order 3).
@@ -141,6 +144,7 @@ pub enum SchedulerKind {
     Dpm2AncestralKarras,
     Lcm,
     DdimA1111,
+    DdimCfgpp,
     PlmsA1111,
     UniPcA1111,
     Restart,
@@ -151,7 +155,7 @@ pub enum SchedulerKind {
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 40] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 41] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -307,6 +311,12 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 40] = [
         false,
     ),
     (
+        SchedulerKind::DdimCfgpp,
+        "ddim_cfgpp",
+        Sampler::DdimCfgpp,
+        false,
+    ),
+    (
         SchedulerKind::PlmsA1111,
         "plms_a1111",
         Sampler::PlmsA1111,
@@ -375,7 +385,7 @@ impl SchedulerKind {
     /// samplers without one.
     pub fn eta_default(self) -> Option<f64> {
         match self.sampler() {
-            Sampler::Ddim | Sampler::DdimA1111 => Some(0.0),
+            Sampler::Ddim | Sampler::DdimA1111 | Sampler::DdimCfgpp => Some(0.0),
             Sampler::EulerAncestral
             | Sampler::Dpm2Ancestral
             | Sampler::DpmPpSde
@@ -531,6 +541,11 @@ pub fn build_with(
             cfg,
             n,
         )?),
+        Sampler::DdimCfgpp => Box::new(a1111_timesteps::A1111Timesteps::new(
+            a1111_timesteps::Rule::DdimCfgpp,
+            cfg,
+            n,
+        )?),
         Sampler::PlmsA1111 => Box::new(a1111_timesteps::A1111Timesteps::new(
             a1111_timesteps::Rule::Plms,
             cfg,
@@ -602,6 +617,20 @@ pub trait Scheduler: Send {
     fn guidance_sigma(&self, _index: usize) -> Option<f64> {
         None
     }
+    /// What the guidance scale is multiplied by where the negative prompt is run (A1111's
+    /// `cond_scale_miltiplier`): 1 but for CFG++ (1 / 12.5).
+    fn guidance_scale_multiplier(&self) -> f64 {
+        1.0
+    }
+    /// Whether [`Self::step`] needs the evaluation's unconditional prediction (CFG++'s
+    /// direction, A1111's `need_last_noise_uncond`); the loop then hands it over with
+    /// [`Self::set_uncond_prediction`] before the step.
+    fn takes_uncond_prediction(&self) -> bool {
+        false
+    }
+    /// The unconditional prediction of the evaluation the next [`Self::step`] takes (the
+    /// prompt's where the evaluation skipped the negative prompt, as A1111's `fake_uncond`).
+    fn set_uncond_prediction(&mut self, _uncond: Tensor) {}
     /// Model evaluations per step (diffusers' `scheduler.order`): 2 for Heun, KDPM2 and DPM++ SDE,
     /// else 1.
     fn order(&self) -> usize {

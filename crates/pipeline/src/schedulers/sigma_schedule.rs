@@ -111,6 +111,7 @@ impl Sampler {
             | Sampler::Ddim
             | Sampler::Lcm
             | Sampler::DdimA1111
+            | Sampler::DdimCfgpp
             | Sampler::PlmsA1111
             | Sampler::UniPcA1111
             // A1111 hands DPM fast and adaptive the sigmas' ends, which every schedule shares.
