@@ -41,7 +41,7 @@ class A1111(WebUIApiCase):
             names,
             sorted(["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE", "DDIM", "PLMS", "LMS",
                     "UniPC", "Heun", "DPM2", "DPM2 a", "Restart", "LCM", "DPM++ 2S a", "DPM++ 3M SDE",
-                    "DPM fast", "DPM adaptive"]),
+                    "DPM fast", "DPM adaptive", "DDIM CFG++"]),
         )
         labels = [s["label"] for s in self.api.get_schedulers()]
         self.assertEqual(labels, ["Automatic", "Uniform", "Karras", "Exponential", "Beta"])
@@ -208,6 +208,8 @@ class A1111(WebUIApiCase):
             # A1111's own timestep sampler, not diffusers' PNDM.
             ("PLMS", None, "plms_a1111", 1, None),
             ("DDIM", None, "ddim_a1111", 1, None),
+            # A1111's DDIM CFG++ (the negative prompt's prediction as the direction).
+            ("DDIM CFG++", None, "ddim_cfgpp", 1, None),
             # A1111's own UniPC (bh1, order 3), not diffusers' unipc.
             ("UniPC", None, "unipc_a1111", 1, None),
             # A1111 1.10 lists Restart with the Karras schedule.
@@ -242,8 +244,9 @@ class A1111(WebUIApiCase):
                 self.assertEqual(pixels(img), pixels(want), f"{sampler} seed {seed}")
                 self.assertIn(f"Seed: {seed}", infotext)
                 # A1111 writes the eta that is not the sampler's default (DDIM's is 0).
-                self.assertEqual("Eta DDIM: 1.0" in infotext, sampler == "DDIM", infotext)
-                if sampler == "DDIM":
+                ddim = sampler.startswith("DDIM")
+                self.assertEqual("Eta DDIM: 1.0" in infotext, ddim, infotext)
+                if ddim:
                     (eta0,), _ = native(
                         prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=2,
                         guidance_scale=5, width=SIZE, height=SIZE, scheduler=native_name)

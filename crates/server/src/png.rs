@@ -58,8 +58,11 @@ pub fn parameters_text(
     // samplers, `Eta` for k-diffusion's.
     let eta = match (p.scheduler.and_then(|k| Some((k, k.eta_default()?))), p.eta) {
         (Some((kind, default)), Some(eta)) if eta != default => {
-            let ddim = kind.sampler() == sdserve_pipeline::schedulers::Sampler::DdimA1111
-                || kind.sampler() == sdserve_pipeline::schedulers::Sampler::Ddim;
+            use sdserve_pipeline::schedulers::Sampler;
+            let ddim = matches!(
+                kind.sampler(),
+                Sampler::DdimA1111 | Sampler::DdimCfgpp | Sampler::Ddim
+            );
             format!(", Eta{}: {eta:?}", if ddim { " DDIM" } else { "" })
         }
         _ => String::new(),

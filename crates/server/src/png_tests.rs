@@ -170,6 +170,12 @@ fn roundtrip_with_parameters_chunk() {
         ),
         (SchedulerKind::Ddim, Some(0.25), ", Eta DDIM: 0.25, Version"),
         (
+            SchedulerKind::DdimCfgpp,
+            Some(0.5),
+            ", Eta DDIM: 0.5, Version",
+        ),
+        (SchedulerKind::DdimCfgpp, Some(0.0), ""),
+        (
             SchedulerKind::EulerAncestral,
             Some(0.5),
             ", Eta: 0.5, Version",

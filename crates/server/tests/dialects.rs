@@ -176,7 +176,7 @@ fn init_png(s: &Server) -> String {
     r.json()["image_base64"].as_str().unwrap().to_string()
 }
 
-/// Heun, DPM2, DPM2 a, Restart, DPM fast, DPM adaptive and LCM: each A1111 name (with its schedule) runs the native
+/// Heun, DPM2, DPM2 a, Restart, DPM fast, DPM adaptive, DDIM CFG++ and LCM: each A1111 name (with its schedule) runs the native
 /// scheduler of that name, and the infotext names both.
 #[test]
 fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
@@ -225,6 +225,9 @@ fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
         ("DPM fast", None, "dpm_fast", "DPM fast"),
         ("k_dpm_fast", Some("Uniform"), "dpm_fast", "DPM fast"),
         ("k_dpm_ad", None, "dpm_adaptive", "DPM adaptive"),
+        // A1111's DDIM CFG++ (a timesteps sampler: no schedule choice).
+        ("DDIM CFG++", None, "ddim_cfgpp", "DDIM CFG++"),
+        ("ddim_cfgpp", Some("Automatic"), "ddim_cfgpp", "DDIM CFG++"),
     ] {
         let r = post(
             &s,
@@ -475,6 +478,7 @@ fn a1111_lists_options_and_png_info() {
             "DPM++ 2M SDE Heun",
             "DPM++ SDE",
             "DDIM",
+            "DDIM CFG++",
             "PLMS",
             "LMS",
             "UniPC",

@@ -82,6 +82,10 @@ pub enum SchedulerName {
     /// A1111's own DDIM (its timesteps and img2img start), not diffusers'.
     #[serde(rename = "ddim_a1111")]
     DdimA1111,
+    /// A1111's DDIM CFG++ (the update along the negative prompt's prediction, the guidance
+    /// scale over 12.5).
+    #[serde(rename = "ddim_cfgpp")]
+    DdimCfgpp,
     /// A1111's own PLMS, not diffusers' PNDM.
     #[serde(rename = "plms_a1111")]
     PlmsA1111,
@@ -154,7 +158,7 @@ pub struct GenerateRequest {
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
     /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
-    /// `ddim` and `ddim_a1111` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
+    /// `ddim`, `ddim_a1111` and `ddim_cfgpp` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
     /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde`, `dpmpp_2m_sde`, `dpmpp_2m_sde_heun`,
     /// `dpmpp_2s_ancestral` and `dpmpp_3m_sde` and their `_karras` names, `dpm_fast` and
     /// `dpm_adaptive` (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`, `DPM++ SDE`,
@@ -177,7 +181,10 @@ pub struct GenerateRequest {
     /// models (4-8 steps, guidance about 8) and LCM-LoRAs (guidance 1-2); `ddim_a1111` and
     /// `plms_a1111` are A1111's own DDIM and PLMS (its timesteps, `steps - 1` updates when
     /// `steps` divides 1000, its img2img start with `step_rule` `a1111`), not diffusers' `ddim`
-    /// and `pndm`; `unipc_a1111` is A1111's own UniPC (bh1, order 3, its continuous times:
+    /// and `pndm`; `ddim_cfgpp` is A1111's `DDIM CFG++` (CFG++, Chung et al. 2024): A1111's DDIM
+    /// whose update points back along the negative prompt's prediction instead of the guided
+    /// one, the guidance scale divided by 12.5 (7.5 guides as 0.6 does; at 1 or below there is no
+    /// negative prompt and it is `ddim_a1111`); `unipc_a1111` is A1111's own UniPC (bh1, order 3, its continuous times:
     /// `steps + 1` evaluations where `steps` does not divide 1000; img2img with `step_rule`
     /// `a1111` runs `int(steps * strength)` evaluations), not diffusers' `unipc`; `restart` is
     /// A1111's Restart (Heun steps, `2 * steps - 1` evaluations; from 20 steps it moves 9 of
@@ -198,7 +205,7 @@ pub struct GenerateRequest {
     /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
     /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
     /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`, `restart`; `euler_a` has `uniform` and `karras`;
-    /// `pndm`, `ddim`, `ddim_a1111`, `plms_a1111`, `unipc_a1111`, `lcm`, `dpm_fast` and
+    /// `pndm`, `ddim`, `ddim_a1111`, `ddim_cfgpp`, `plms_a1111`, `unipc_a1111`, `lcm`, `dpm_fast` and
     /// `dpm_adaptive` only `uniform`.
     /// Another combination (a `_karras` name with another schedule too) is a 422 naming
     /// `schedule`.
@@ -296,8 +303,8 @@ pub struct GenerateRequest {
     /// A1111's negative guidance minimum sigma (`s_min_uncond`, infotext `NGMS`): with guidance
     /// on, every other UNet evaluation (the second, fourth, ... of each pass) whose noise level
     /// is below this runs the prompt alone, unguided, skipping the negative prompt's half of the
-    /// batch. The noise level is the sampler's sigma; on `ddim_a1111`, `plms_a1111` and
-    /// `unipc_a1111` the timestep, as A1111 compares it. 0: off.
+    /// batch. The noise level is the sampler's sigma; on `ddim_a1111`, `ddim_cfgpp`, `plms_a1111`
+    /// and `unipc_a1111` the timestep, as A1111 compares it. 0: off.
     #[schema(
         nullable = true,
         minimum = 0.0,

@@ -189,7 +189,7 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         ),
         (
             "eta",
-            "0..=1: the fresh noise each step of ddim, ddim_a1111, euler_a, dpm2_a, dpmpp_sde and dpmpp_2m_sde adds [default: the sampler's own, 0 for DDIM, 1 for the others]".to_string(),
+            "0..=1: the fresh noise each step of ddim, ddim_a1111, ddim_cfgpp, euler_a, dpm2_a, dpmpp_sde and dpmpp_2m_sde adds [default: the sampler's own, 0 for DDIM, 1 for the others]".to_string(),
         ),
         (
             "scheduler",

@@ -150,6 +150,7 @@ const SAMPLERS: &[&str] = &[
     "DPM++ 2M Uniform",
     "Euler Karras",
     "DDIM",
+    "DDIM CFG++",
     "PLMS",
     "LMS",
     "UniPC",

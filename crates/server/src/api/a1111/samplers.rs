@@ -19,7 +19,7 @@ pub struct Sampler {
     pub automatic: SigmaSchedule,
 }
 
-pub const SAMPLERS: [Sampler; 19] = [
+pub const SAMPLERS: [Sampler; 20] = [
     Sampler {
         name: "Euler a",
         aliases: &["k_euler_a", "k_euler_ancestral"],
@@ -71,6 +71,15 @@ pub const SAMPLERS: [Sampler; 19] = [
         name: "DDIM",
         aliases: &["ddim"],
         uniform: SchedulerKind::DdimA1111,
+        karras: None,
+        automatic: SigmaSchedule::Uniform,
+    },
+    // A1111's DDIM stepping back along the negative prompt's prediction (CFG++), the scale
+    // over 12.5; a timesteps sampler, no schedule choice.
+    Sampler {
+        name: "DDIM CFG++",
+        aliases: &["ddim_cfgpp"],
+        uniform: SchedulerKind::DdimCfgpp,
         karras: None,
         automatic: SigmaSchedule::Uniform,
     },
@@ -366,6 +375,21 @@ mod tests {
             r(Some("DDIM"), Some("automatic")).kind,
             SchedulerKind::DdimA1111
         );
+        // DDIM CFG++: A1111's timesteps sampler, no schedule choice.
+        for name in ["DDIM CFG++", "ddim_cfgpp"] {
+            let k = r(Some(name), None);
+            assert_eq!(
+                (k.kind, k.sigmas, k.sampler),
+                (
+                    SchedulerKind::DdimCfgpp,
+                    SigmaSchedule::Uniform,
+                    "DDIM CFG++"
+                )
+            );
+        }
+        let e = resolve_sampler("sampler_name", Some("DDIM CFG++"), Some("Karras")).unwrap_err();
+        assert_eq!(field_of(e), "scheduler");
+        assert_eq!(a1111_names(SchedulerKind::DdimCfgpp), ("DDIM CFG++", None));
         assert_eq!(r(Some("LMS"), Some("Uniform")).kind, SchedulerKind::Lms);
         assert_eq!(r(Some("UniPC"), Some("")).kind, SchedulerKind::UniPcA1111);
         // DPM++ 2M: automatic means Karras; Uniform is the plain one.

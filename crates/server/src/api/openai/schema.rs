@@ -39,7 +39,7 @@ pub struct GenerationRequest {
     pub steps: Option<u32>,
     #[schema(default = 7.5, minimum = 0.0, maximum = 30.0, nullable = true)]
     pub guidance_scale: Option<f64>,
-    /// The sampler's eta, as natively (`ddim`, `ddim_a1111`, `euler_a`; others ignore it).
+    /// The sampler's eta, as natively (`ddim`, `ddim_a1111`, `ddim_cfgpp`, `euler_a`; others ignore it).
     #[schema(minimum = 0.0, maximum = 1.0, nullable = true)]
     pub eta: Option<f64>,
     #[schema(nullable = true)]
