@@ -15,6 +15,7 @@ pub mod churn;
 pub mod common;
 pub mod ddim;
 pub mod dpm2;
+pub mod dpm2_a1111;
 pub mod dpm_adaptive;
 pub mod dpm_fast;
 pub mod dpm_sde;
@@ -67,6 +68,11 @@ pub enum Sampler {
     Dpm2,
     /// KDPM2AncestralDiscreteScheduler (second order, noise at every step).
     Dpm2Ancestral,
+    /// k-diffusion's `sample_dpm_2` on A1111's sigmas, the next-to-last dropped (A1111's
+    /// `DPM2`; [`Sampler::Dpm2`] is diffusers' class, which keeps it).
+    Dpm2A1111,
+    /// k-diffusion's `sample_dpm_2_ancestral` the same way (A1111's `DPM2 a`).
+    Dpm2AncestralA1111,
     /// LCMScheduler (for LCM-distilled UNets and LCM-LoRAs).
     Lcm,
     /// A1111's own `DDIM` (`sd_samplers_timesteps_impl.ddim`, eta 0): its timesteps and img2img.
@@ -100,6 +106,8 @@ impl Sampler {
             | Sampler::Heun
             | Sampler::Dpm2
             | Sampler::Dpm2Ancestral
+            | Sampler::Dpm2A1111
+            | Sampler::Dpm2AncestralA1111
             | Sampler::Restart => 2,
             _ => 1,
         }
@@ -142,6 +150,8 @@ pub enum SchedulerKind {
     Dpm2Karras,
     Dpm2Ancestral,
     Dpm2AncestralKarras,
+    Dpm2A1111,
+    Dpm2AncestralA1111,
     Lcm,
     DdimA1111,
     DdimCfgpp,
@@ -155,7 +165,7 @@ pub enum SchedulerKind {
 
 /// Every kind, in the order of the API documentation: its API name, its sampler, and whether its
 /// sigmas are Karras'.
-const KINDS: [(SchedulerKind, &str, Sampler, bool); 41] = [
+const KINDS: [(SchedulerKind, &str, Sampler, bool); 43] = [
     (SchedulerKind::Pndm, "pndm", Sampler::Pndm, false),
     (SchedulerKind::Ddim, "ddim", Sampler::Ddim, false),
     (SchedulerKind::Euler, "euler", Sampler::Euler, false),
@@ -303,6 +313,18 @@ const KINDS: [(SchedulerKind, &str, Sampler, bool); 41] = [
         Sampler::Dpm2Ancestral,
         true,
     ),
+    (
+        SchedulerKind::Dpm2A1111,
+        "dpm2_a1111",
+        Sampler::Dpm2A1111,
+        false,
+    ),
+    (
+        SchedulerKind::Dpm2AncestralA1111,
+        "dpm2_a_a1111",
+        Sampler::Dpm2AncestralA1111,
+        false,
+    ),
     (SchedulerKind::Lcm, "lcm", Sampler::Lcm, false),
     (
         SchedulerKind::DdimA1111,
@@ -388,6 +410,7 @@ impl SchedulerKind {
             Sampler::Ddim | Sampler::DdimA1111 | Sampler::DdimCfgpp => Some(0.0),
             Sampler::EulerAncestral
             | Sampler::Dpm2Ancestral
+            | Sampler::Dpm2AncestralA1111
             | Sampler::DpmPpSde
             | Sampler::DpmPp2mSde
             | Sampler::DpmPp2mSdeHeun
@@ -406,7 +429,7 @@ impl SchedulerKind {
     pub fn takes_churn(self) -> bool {
         matches!(
             self.sampler(),
-            Sampler::Euler | Sampler::Heun | Sampler::Dpm2
+            Sampler::Euler | Sampler::Heun | Sampler::Dpm2 | Sampler::Dpm2A1111
         )
     }
 
@@ -535,6 +558,8 @@ pub fn build_with(
         Sampler::Heun => Box::new(heun::HeunDiscrete::new(cfg, n)?),
         Sampler::Dpm2 => Box::new(dpm2::KDpm2::new(cfg, n)?),
         Sampler::Dpm2Ancestral => Box::new(dpm2::KDpm2Ancestral::new(cfg, n)?),
+        Sampler::Dpm2A1111 => Box::new(dpm2_a1111::Dpm2A1111::new(cfg, n, false)?),
+        Sampler::Dpm2AncestralA1111 => Box::new(dpm2_a1111::Dpm2A1111::new(cfg, n, true)?),
         Sampler::Lcm => Box::new(lcm::Lcm::new(cfg, n)?),
         Sampler::DdimA1111 => Box::new(a1111_timesteps::A1111Timesteps::new(
             a1111_timesteps::Rule::Ddim,
