@@ -204,6 +204,12 @@ fn roundtrip_with_parameters_chunk() {
         (SchedulerKind::DpmAdaptive, Some(0.0), ", Eta: 0.0, Version"),
         (SchedulerKind::DpmPp2m, Some(0.5), ""),
         (SchedulerKind::Dpm2, Some(0.5), ""),
+        (
+            SchedulerKind::Dpm2AncestralA1111,
+            Some(0.5),
+            ", Eta: 0.5, Version",
+        ),
+        (SchedulerKind::Dpm2A1111, Some(0.5), ""),
         (SchedulerKind::EulerAncestral, Some(1.0), ""),
         (SchedulerKind::DdimA1111, Some(0.0), ""),
         (SchedulerKind::DdimA1111, None, ""),

@@ -189,22 +189,23 @@ fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
             "heun_karras",
             "Heun, Schedule type: Karras",
         ),
+        // DPM2 and DPM2 a: k-diffusion's, the penultimate sigma dropped, on one name per sampler.
         (
             "DPM2 Karras",
             None,
-            "dpm2_karras",
+            "dpm2_a1111",
             "DPM2, Schedule type: Karras",
         ),
         (
             "k_dpm_2_a",
             Some("Uniform"),
-            "dpm2_a",
+            "dpm2_a_a1111",
             "DPM2 a, Schedule type: Uniform",
         ),
         (
             "DPM2 a",
             Some("Karras"),
-            "dpm2_a_karras",
+            "dpm2_a_a1111",
             "DPM2 a, Schedule type: Karras",
         ),
         // A1111 1.10 lists Restart with the Karras schedule: Automatic is Karras.

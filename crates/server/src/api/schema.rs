@@ -77,6 +77,12 @@ pub enum SchedulerName {
     Dpm2A,
     #[serde(rename = "dpm2_a_karras")]
     Dpm2AKarras,
+    /// k-diffusion's DPM2 as A1111's `DPM2` runs it (the next-to-last sigma dropped).
+    #[serde(rename = "dpm2_a1111")]
+    Dpm2A1111,
+    /// k-diffusion's DPM2 ancestral as A1111's `DPM2 a` runs it.
+    #[serde(rename = "dpm2_a_a1111")]
+    Dpm2AA1111,
     #[serde(rename = "lcm")]
     Lcm,
     /// A1111's own DDIM (its timesteps and img2img start), not diffusers'.
@@ -159,7 +165,7 @@ pub struct GenerateRequest {
     pub guidance_scale: Option<f64>,
     /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
     /// `ddim`, `ddim_a1111` and `ddim_cfgpp` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
-    /// SDE samplers `euler_a`, `dpm2_a`, `dpmpp_sde`, `dpmpp_2m_sde`, `dpmpp_2m_sde_heun`,
+    /// SDE samplers `euler_a`, `dpm2_a`, `dpm2_a_a1111`, `dpmpp_sde`, `dpmpp_2m_sde`, `dpmpp_2m_sde_heun`,
     /// `dpmpp_2s_ancestral` and `dpmpp_3m_sde` and their `_karras` names, `dpm_fast` and
     /// `dpm_adaptive` (k-diffusion's eta, what A1111's `Euler a`, `DPM2 a`, `DPM++ SDE`,
     /// `DPM++ 2M SDE`, `DPM++ 2M SDE Heun`, `DPM++ 2S a`, `DPM++ 3M SDE`, `DPM fast` and
@@ -171,8 +177,11 @@ pub struct GenerateRequest {
     /// Absent or null: the model's own scheduler config. `_karras` names use Karras et al.'s
     /// sigmas; `euler_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpm2_a`, `dpmpp_2s_ancestral`,
     /// `dpmpp_3m_sde` and `lcm` add noise drawn from the seed at every step; `dpmpp_sde`, `heun`,
-    /// `dpm2`, `dpm2_a` and `dpmpp_2s_ancestral` run the UNet twice per step but the last
-    /// (2 * steps - 1 evaluations, which progress counts); `dpmpp_2s_ancestral` and
+    /// `dpm2`, `dpm2_a`, their `_a1111` names and `dpmpp_2s_ancestral` run the UNet twice per
+    /// step but the last (2 * steps - 1 evaluations, which progress counts); `dpm2_a1111` and
+    /// `dpm2_a_a1111` are k-diffusion's DPM2 and DPM2 ancestral as A1111's `DPM2` and `DPM2 a`
+    /// run them: on A1111's schedule of `steps + 1` sigmas with the next-to-last dropped (any
+    /// `schedule`), where diffusers' `dpm2` and `dpm2_a` keep it; `dpmpp_2s_ancestral` and
     /// `dpmpp_3m_sde` are k-diffusion's samplers on A1111's sigmas (3M SDE drops the
     /// next-to-last sigma as A1111 does, and its noise is a Brownian tree per image, as
     /// `dpmpp_sde`'s); the `_brownian` names are `dpmpp_2m_sde` and `dpmpp_2m_sde_heun` with
@@ -204,7 +213,8 @@ pub struct GenerateRequest {
     /// training schedule's) or, with no `scheduler`, the model's own config's. `karras` with a
     /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
     /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
-    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`, `restart`; `euler_a` has `uniform` and `karras`;
+    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`, `dpm2_a1111`, `dpm2_a_a1111`, `restart`
+    /// (the last two with `karras` too, having no `_karras` names); `euler_a` has `uniform` and `karras`;
     /// `pndm`, `ddim`, `ddim_a1111`, `ddim_cfgpp`, `plms_a1111`, `unipc_a1111`, `lcm`, `dpm_fast` and
     /// `dpm_adaptive` only `uniform`.
     /// Another combination (a `_karras` name with another schedule too) is a 422 naming
@@ -280,8 +290,8 @@ pub struct GenerateRequest {
     /// k-diffusion's churn (A1111's `s_churn`): each step whose sigma is within
     /// `sigma_tmin..=sigma_tmax` first raises the sample to `sigma * (1 + gamma)` with fresh noise
     /// from the seed, `gamma = min(sigma_churn / steps, sqrt(2) - 1)` (steps: those the pass
-    /// runs). `euler`, `heun`, `dpm2` and their `_karras` names only, the samplers A1111 passes it
-    /// to (`Euler`, `Heun`, `DPM2`); the others ignore it. 0: off.
+    /// runs). `euler`, `heun`, `dpm2` and their `_karras` names and `dpm2_a1111` only, the
+    /// samplers A1111 passes it to (`Euler`, `Heun`, `DPM2`); the others ignore it. 0: off.
     #[schema(
         nullable = true,
         minimum = 0.0,

@@ -189,7 +189,7 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         ),
         (
             "eta",
-            "0..=1: the fresh noise each step of ddim, ddim_a1111, ddim_cfgpp, euler_a, dpm2_a, dpmpp_sde and dpmpp_2m_sde adds [default: the sampler's own, 0 for DDIM, 1 for the others]".to_string(),
+            "0..=1: the fresh noise each step of ddim, ddim_a1111, ddim_cfgpp, euler_a, dpm2_a, dpm2_a_a1111, dpmpp_sde and dpmpp_2m_sde adds [default: the sampler's own, 0 for DDIM, 1 for the others]".to_string(),
         ),
         (
             "scheduler",
@@ -228,7 +228,7 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         ),
         (
             "sigma_churn",
-            "k-diffusion's churn on euler, heun, dpm2 (and _karras): each step within --sigma-tmin..--sigma-tmax first raised to sigma * (1 + min(churn / steps, sqrt 2 - 1)) with fresh noise, 0..=100 (A1111's s_churn) [default: 0]".to_string(),
+            "k-diffusion's churn on euler, heun, dpm2 (and _karras), dpm2_a1111: each step within --sigma-tmin..--sigma-tmax first raised to sigma * (1 + min(churn / steps, sqrt 2 - 1)) with fresh noise, 0..=100 (A1111's s_churn) [default: 0]".to_string(),
         ),
         (
             "sigma_tmin",

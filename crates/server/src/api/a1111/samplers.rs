@@ -106,8 +106,6 @@ pub const SAMPLERS: [Sampler; 20] = [
         karras: None,
         automatic: SigmaSchedule::Uniform,
     },
-    // A1111's k-diffusion DPM2 and DPM2 a drop the next-to-last sigma of their schedule
-    // (`discard_next_to_last_sigma`); we follow diffusers' KDPM2 classes, which keep it.
     Sampler {
         name: "Heun",
         aliases: &["k_heun"],
@@ -115,18 +113,21 @@ pub const SAMPLERS: [Sampler; 20] = [
         karras: Some(SchedulerKind::HeunKarras),
         automatic: SigmaSchedule::Uniform,
     },
+    // k-diffusion's sample_dpm_2 / sample_dpm_2_ancestral on A1111's schedule of steps + 1
+    // with the next-to-last sigma dropped (`discard_next_to_last_sigma`); one name runs on every
+    // schedule. diffusers' KDPM2 classes (`dpm2`, `dpm2_a`) keep that sigma.
     Sampler {
         name: "DPM2",
         aliases: &["k_dpm_2"],
-        uniform: SchedulerKind::Dpm2,
-        karras: Some(SchedulerKind::Dpm2Karras),
+        uniform: SchedulerKind::Dpm2A1111,
+        karras: Some(SchedulerKind::Dpm2A1111),
         automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "DPM2 a",
         aliases: &["k_dpm_2_a"],
-        uniform: SchedulerKind::Dpm2Ancestral,
-        karras: Some(SchedulerKind::Dpm2AncestralKarras),
+        uniform: SchedulerKind::Dpm2AncestralA1111,
+        karras: Some(SchedulerKind::Dpm2AncestralA1111),
         automatic: SigmaSchedule::Uniform,
     },
     Sampler {
@@ -223,6 +224,10 @@ pub fn a1111_names(kind: SchedulerKind) -> (&'static str, Option<&'static str>) 
             SchedulerKind::DpmPp2mSdeKarras => Some(("DPM++ 2M SDE", Some("Karras"))),
             SchedulerKind::DpmPp2mSdeHeun => Some(("DPM++ 2M SDE Heun", Some("Uniform"))),
             SchedulerKind::DpmPp2mSdeHeunKarras => Some(("DPM++ 2M SDE Heun", Some("Karras"))),
+            SchedulerKind::Dpm2 => Some(("DPM2", Some("Uniform"))),
+            SchedulerKind::Dpm2Karras => Some(("DPM2", Some("Karras"))),
+            SchedulerKind::Dpm2Ancestral => Some(("DPM2 a", Some("Uniform"))),
+            SchedulerKind::Dpm2AncestralKarras => Some(("DPM2 a", Some("Karras"))),
             _ => None,
         })
         .unwrap_or((kind.name(), None))
@@ -460,7 +465,7 @@ mod tests {
             ("DPM++ 2M", SchedulerKind::DpmPp2m),
             ("DPM++ SDE", SchedulerKind::DpmPpSde),
             ("Heun", SchedulerKind::Heun),
-            ("DPM2 a", SchedulerKind::Dpm2Ancestral),
+            ("DPM2 a", SchedulerKind::Dpm2AncestralA1111),
             ("LMS", SchedulerKind::Lms),
         ] {
             for (label, sigmas) in [
@@ -517,14 +522,14 @@ mod tests {
             (
                 "DPM2",
                 "k_dpm_2",
-                SchedulerKind::Dpm2,
-                Some(SchedulerKind::Dpm2Karras),
+                SchedulerKind::Dpm2A1111,
+                Some(SchedulerKind::Dpm2A1111),
             ),
             (
                 "DPM2 a",
                 "k_dpm_2_a",
-                SchedulerKind::Dpm2Ancestral,
-                Some(SchedulerKind::Dpm2AncestralKarras),
+                SchedulerKind::Dpm2AncestralA1111,
+                Some(SchedulerKind::Dpm2AncestralA1111),
             ),
             ("LCM", "k_lcm", SchedulerKind::Lcm, None),
         ] {
@@ -539,6 +544,27 @@ mod tests {
                 assert_eq!(r(Some(&format!("{name} Karras")), None).kind, karras);
             }
         }
+        // DPM2 and DPM2 a: k-diffusion's (the penultimate sigma dropped) on every schedule;
+        // diffusers' KDPM2 names still write A1111's names in infotexts.
+        for (name, kind) in [
+            ("DPM2", SchedulerKind::Dpm2A1111),
+            ("k_dpm_2_a", SchedulerKind::Dpm2AncestralA1111),
+        ] {
+            for (label, sigmas) in [
+                ("Automatic", SigmaSchedule::Uniform),
+                ("Karras", SigmaSchedule::Karras),
+                ("Exponential", SigmaSchedule::Exponential),
+                ("Beta", SigmaSchedule::Beta),
+            ] {
+                let k = r(Some(name), Some(label));
+                assert_eq!((k.kind, k.sigmas, k.schedule), (kind, sigmas, label));
+            }
+        }
+        assert_eq!(a1111_names(SchedulerKind::Dpm2), ("DPM2", Some("Uniform")));
+        assert_eq!(
+            a1111_names(SchedulerKind::Dpm2AncestralKarras),
+            ("DPM2 a", Some("Karras"))
+        );
         assert_eq!(
             field_of(resolve_sampler("sampler_name", Some("LCM"), Some("Karras")).unwrap_err()),
             "scheduler"

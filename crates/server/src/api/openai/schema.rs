@@ -60,7 +60,7 @@ pub struct GenerationRequest {
     /// `img2img_extra_noise`; 0, the default, adds none).
     #[schema(nullable = true, minimum = 0.0, maximum = 1.0, default = 0.0)]
     pub extra_noise: Option<f64>,
-    /// Our extras, as natively: k-diffusion's churn (`euler`, `heun`, `dpm2`) and A1111's
+    /// Our extras, as natively: k-diffusion's churn (`euler`, `heun`, `dpm2`, `dpm2_a1111`) and A1111's
     /// negative guidance minimum sigma.
     #[schema(nullable = true, minimum = 0.0, maximum = 100.0, default = 0.0)]
     pub sigma_churn: Option<f64>,
