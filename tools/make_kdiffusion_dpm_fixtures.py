@@ -12,7 +12,10 @@ taken from the wheel's sampling.py and external.py with `ast` (tools/a1111_sourc
 - txt2img (`sample`): `sigma_min` / `sigma_max` the denoiser's `sigmas[0].item()` and
   `sigmas[-1].item()` (the training sigmas' ends), `n` the steps (DPM fast; DPM adaptive takes
   none and runs k-diffusion's defaults: order 3, rtol 0.05, atol 0.0078, ...), the start `noise *
-  sigmas[0]` of `get_sigmas(steps)` (its Automatic schedule: the denoiser's own uniform one);
+  sigmas[0]` of `get_sigmas(steps)` (Automatic: the denoiser's own uniform schedule; Karras and
+  Exponential: k-diffusion's `get_sigmas_karras` / `get_sigmas_exponential` between the
+  denoiser's `sigmas[0]` and `sigmas[-1]`, as make_kdiffusion_sampler_fixtures.py's
+  `a1111_sigmas`): the schedule changes only this scale and img2img's ends below;
 - img2img (`sample_img2img`, 0.6 strength): `t_enc = int(0.6 * steps)`, `sigma_sched =
   sigmas[steps - t_enc - 1:]`, `sigma_min = sigma_sched[-2]`, `sigma_max = sigma_sched[0]`,
   `n = len(sigma_sched) - 1`, from the image's latent sample plus the noise times
@@ -51,7 +54,7 @@ from make_kdiffusion_sampler_fixtures import Guided  # noqa: E402
 OUT = os.path.join("crates", "pipeline", "tests", "fixtures")
 BASE = dict(model="tiny-a", prompt="a photo of an astronaut riding a horse on mars",
             negative_prompt="blurry, low quality", width=32, height=32, guidance_scale=7.5,
-            steps=10, batch_size=1, eta=1.0)
+            steps=10, batch_size=1, eta=1.0, schedule="uniform")
 I2I = dict(init_image="init-32x32.png", strength=0.6, step_rule="a1111")
 CASES = {
     # 10 evaluations: steps of order 3, 3, 3, 1.
@@ -72,6 +75,17 @@ CASES = {
     "dpm_adaptive.img2img": dict(scheduler="dpm_adaptive", seed=143, **I2I),
     "dpm_adaptive.eta0.5.img2img.batch": dict(scheduler="dpm_adaptive", eta=0.5, seed=144,
                                               batch_size=2, **I2I),
+    # Another schedule: its first sigma scales the start noise; img2img starts at its sigma
+    # there and ends at its last positive one.
+    "dpm_fast.9.karras.batch": dict(scheduler="dpm_fast", steps=9, schedule="karras", seed=136,
+                                    batch_size=2),
+    "dpm_fast.10.karras.img2img": dict(scheduler="dpm_fast", schedule="karras", seed=137, **I2I),
+    "dpm_fast.10.exponential.img2img.batch": dict(scheduler="dpm_fast", schedule="exponential",
+                                                  seed=138, batch_size=2, **I2I),
+    "dpm_adaptive.karras.img2img": dict(scheduler="dpm_adaptive", schedule="karras", seed=145,
+                                        **I2I),
+    "dpm_adaptive.exponential.eta0": dict(scheduler="dpm_adaptive", schedule="exponential",
+                                          eta=0.0, seed=146),
 }
 
 
@@ -98,8 +112,9 @@ def k_diffusion(folder):
     ns = {"torch": torch, "nn": torch.nn, "math": math, "utils": utils_ns, "tqdm": NoBar,
           "trange": lambda n, disable=None: range(n)}
     fns, d1 = functions(os.path.join(folder, "sampling.py"), [
-        "append_zero", "get_ancestral_step", "default_noise_sampler", "PIDStepSizeController",
-        "DPMSolver", "sample_dpm_fast", "sample_dpm_adaptive"], ns)
+        "append_zero", "get_sigmas_karras", "get_sigmas_exponential", "get_ancestral_step",
+        "default_noise_sampler", "PIDStepSizeController", "DPMSolver", "sample_dpm_fast",
+        "sample_dpm_adaptive"], ns)
     ext_ns = {"torch": torch, "nn": torch.nn, "math": math, "utils": utils_ns,
               "sampling": types.SimpleNamespace(append_zero=fns["append_zero"])}
     ext, d2 = functions(os.path.join(folder, "external.py"),
@@ -129,7 +144,12 @@ def run(pipe, k, case):
     denoiser = k["DiscreteEpsDDPMDenoiser"](Guided(pipe, emb, case["guidance_scale"]), ac,
                                             quantize=False)
     steps = case["steps"]
-    sigmas = denoiser.get_sigmas(steps)
+    lo, hi = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+    sigmas = {"uniform": lambda: denoiser.get_sigmas(steps),
+              "karras": lambda: k["get_sigmas_karras"](n=steps, sigma_min=lo, sigma_max=hi),
+              "exponential": lambda: k["get_sigmas_exponential"](n=steps, sigma_min=lo,
+                                                                 sigma_max=hi),
+              }[case["schedule"]]()
     f = pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, case["height"] // f, case["width"] // f)
     if "init_image" in case:

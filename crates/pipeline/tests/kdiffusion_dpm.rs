@@ -4,7 +4,7 @@
 //! every UNet evaluation and their count as the server announces it; for both the evaluations the
 //! run reports (DPM adaptive's as many as k-diffusion's error control took, the progress never
 //! past its total) and the images: eta 1, 0.5 and 0, batches of two, img2img at 0.6 on A1111's
-//! rule. Bound: every byte within 1 of the reference and a mean absolute difference of at most
+//! rule, the Automatic, Karras and Exponential schedules (the start noise and img2img's ends). Bound: every byte within 1 of the reference and a mean absolute difference of at most
 //! 0.01 per image (DPM adaptive: 0.1, below) (float32 rounding flips a few values by one; a
 //! wrong order coefficient, a missed noise draw or the wrong ends move the mean by whole units).
 
@@ -16,7 +16,7 @@ use candle_core::{DType, Device};
 use common::{fixture_path, Fixtures};
 use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
 use sdserve_pipeline::schedulers::dpm_fast::DpmFast;
-use sdserve_pipeline::schedulers::{Scheduler, SchedulerConfig};
+use sdserve_pipeline::schedulers::{Scheduler, SchedulerConfig, SigmaSchedule};
 
 const MAX_BYTE_DIFF: i32 = 1;
 const MAX_MEAN_DIFF: f64 = 0.01;
@@ -28,6 +28,7 @@ const MAX_MEAN_DIFF_ADAPTIVE: f64 = 0.1;
 fn params_of(case: &serde_json::Value) -> GenerationParams {
     GenerationParams {
         eta: Some(case["eta"].as_f64().unwrap()),
+        schedule: Some(SigmaSchedule::from_name(case["schedule"].as_str().unwrap()).unwrap()),
         ..common::sampler_case_params(case)
     }
 }
@@ -60,7 +61,8 @@ fn evaluations_are_k_diffusion_s() {
         let count = model.schedules().unet_evaluations(&params).unwrap();
         assert_eq!(count, want.len(), "{label}: evaluations");
         let kind = params.scheduler.unwrap();
-        let mut s = DpmFast::new(&kind.config(&file), params.steps).unwrap();
+        let cfg = kind.config_with(params.schedule.unwrap(), &file).unwrap();
+        let mut s = DpmFast::new(&cfg, params.steps).unwrap();
         s.set_eta(params.eta.unwrap());
         let begin = match &params.init_image {
             None => 0,
@@ -84,7 +86,7 @@ fn evaluations_are_k_diffusion_s() {
 fn images_match_k_diffusion_as_a1111_runs_it() {
     let (f, model) = load();
     let cases = f.meta["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 9);
+    assert_eq!(cases.len(), 14);
     let mut failures = Vec::new();
     for (label, case) in cases {
         let mut progress = Vec::new();

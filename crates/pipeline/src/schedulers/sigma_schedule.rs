@@ -113,10 +113,7 @@ impl Sampler {
             | Sampler::DdimA1111
             | Sampler::DdimCfgpp
             | Sampler::PlmsA1111
-            | Sampler::UniPcA1111
-            // A1111 hands DPM fast and adaptive the sigmas' ends, which every schedule shares.
-            | Sampler::DpmFast
-            | Sampler::DpmAdaptive => &[SigmaSchedule::Uniform],
+            | Sampler::UniPcA1111 => &[SigmaSchedule::Uniform],
             Sampler::EulerAncestral => &[SigmaSchedule::Uniform, SigmaSchedule::Karras],
             _ => &SigmaSchedule::ALL,
         }
