@@ -222,10 +222,25 @@ fn a1111_heun_dpm2_and_lcm_are_their_native_schedulers() {
             "Restart, Schedule type: Uniform",
         ),
         ("LCM", Some("automatic"), "lcm", "LCM"),
-        // k-diffusion's DPM-Solver-Fast: A1111 hands it the sigmas' ends (no schedule choice).
-        ("DPM fast", None, "dpm_fast", "DPM fast"),
-        ("k_dpm_fast", Some("Uniform"), "dpm_fast", "DPM fast"),
-        ("k_dpm_ad", None, "dpm_adaptive", "DPM adaptive"),
+        // k-diffusion's DPM-Solver-Fast and -23: one name on every schedule type.
+        (
+            "DPM fast",
+            None,
+            "dpm_fast",
+            "DPM fast, Schedule type: Uniform",
+        ),
+        (
+            "k_dpm_fast",
+            Some("Karras"),
+            "dpm_fast",
+            "DPM fast, Schedule type: Karras",
+        ),
+        (
+            "k_dpm_ad",
+            Some("Exponential"),
+            "dpm_adaptive",
+            "DPM adaptive, Schedule type: Exponential",
+        ),
         // A1111's DDIM CFG++ (a timesteps sampler: no schedule choice).
         ("DDIM CFG++", None, "ddim_cfgpp", "DDIM CFG++"),
         ("ddim_cfgpp", Some("Automatic"), "ddim_cfgpp", "DDIM CFG++"),

@@ -213,10 +213,13 @@ pub struct GenerateRequest {
     /// training schedule's) or, with no `scheduler`, the model's own config's. `karras` with a
     /// plain name is its `_karras` name; `exponential` (evenly spaced in log sigma) and `beta`
     /// (Beta(0.6, 0.6) quantiles) run with `euler`, `lms`, `dpmpp_2m`, `dpmpp_2m_sde`,
-    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`, `dpm2_a1111`, `dpm2_a_a1111`, `restart`
-    /// (the last two with `karras` too, having no `_karras` names); `euler_a` has `uniform` and `karras`;
-    /// `pndm`, `ddim`, `ddim_a1111`, `ddim_cfgpp`, `plms_a1111`, `unipc_a1111`, `lcm`, `dpm_fast` and
-    /// `dpm_adaptive` only `uniform`.
+    /// `dpmpp_sde`, `unipc`, `heun`, `dpm2`, `dpm2_a`, `dpm2_a1111`, `dpm2_a_a1111`, `restart`,
+    /// `dpm_fast`, `dpm_adaptive` (`dpm2_a1111`, `dpm2_a_a1111`, `dpm_fast` and `dpm_adaptive`
+    /// with `karras` too, having no `_karras` names; `dpm_fast` and `dpm_adaptive` start from the
+    /// training sigmas' ends whatever the schedule, which sets the starting noise and img2img's
+    /// ends, as A1111); `euler_a` has `uniform` and `karras`;
+    /// `pndm`, `ddim`, `ddim_a1111`, `ddim_cfgpp`, `plms_a1111`, `unipc_a1111` and `lcm` only
+    /// `uniform`.
     /// Another combination (a `_karras` name with another schedule too) is a 422 naming
     /// `schedule`.
     #[schema(nullable = true, default = "default")]

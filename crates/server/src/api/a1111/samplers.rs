@@ -161,20 +161,21 @@ pub const SAMPLERS: [Sampler; 20] = [
         karras: Some(SchedulerKind::DpmPp3mSdeKarras),
         automatic: SigmaSchedule::Exponential,
     },
-    // k-diffusion's sample_dpm_fast and sample_dpm_adaptive: A1111 hands them the sigmas' ends,
-    // not a schedule, so only their Automatic (uniform) schedule is offered.
+    // k-diffusion's sample_dpm_fast and sample_dpm_adaptive: A1111 hands them the training
+    // sigmas' ends for txt2img; the schedule type (any, one name each) scales the start noise
+    // and gives img2img's ends.
     Sampler {
         name: "DPM fast",
         aliases: &["k_dpm_fast"],
         uniform: SchedulerKind::DpmFast,
-        karras: None,
+        karras: Some(SchedulerKind::DpmFast),
         automatic: SigmaSchedule::Uniform,
     },
     Sampler {
         name: "DPM adaptive",
         aliases: &["k_dpm_ad"],
         uniform: SchedulerKind::DpmAdaptive,
-        karras: None,
+        karras: Some(SchedulerKind::DpmAdaptive),
         automatic: SigmaSchedule::Uniform,
     },
 ];
@@ -604,7 +605,7 @@ mod tests {
             ),
             (SchedulerKind::Restart, SigmaSchedule::Exponential)
         );
-        // DPM fast: k-diffusion's sample_dpm_fast between the sigmas' ends; Uniform only.
+        // DPM fast: k-diffusion's sample_dpm_fast; every schedule type on the one name.
         let k = r(Some("DPM fast"), None);
         assert_eq!(
             (k.kind, k.sigmas, k.schedule),
@@ -614,9 +615,18 @@ mod tests {
             r(Some("k_dpm_fast"), Some("Uniform")).kind,
             SchedulerKind::DpmFast
         );
-        for schedule in ["Karras", "Exponential"] {
-            let e = resolve_sampler("sampler_name", Some("DPM fast"), Some(schedule)).unwrap_err();
-            assert_eq!(field_of(e), "scheduler", "{schedule}");
+        for (name, kind) in [
+            ("DPM fast", SchedulerKind::DpmFast),
+            ("k_dpm_ad", SchedulerKind::DpmAdaptive),
+        ] {
+            for (label, sigmas) in [
+                ("Karras", SigmaSchedule::Karras),
+                ("Exponential", SigmaSchedule::Exponential),
+                ("Beta", SigmaSchedule::Beta),
+            ] {
+                let k = r(Some(name), Some(label));
+                assert_eq!((k.kind, k.sigmas, k.schedule), (kind, sigmas, label));
+            }
         }
         // DPM adaptive, as A1111 names it (alias k_dpm_ad).
         let k = r(Some("k_dpm_ad"), None);

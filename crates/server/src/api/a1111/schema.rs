@@ -43,7 +43,7 @@ pub struct A1111Request {
     /// `Euler a`, `Euler`, `DPM++ 2M`, `DPM++ 2M SDE`, `DPM++ 2M SDE Heun`, `DPM++ SDE`, `DDIM`,
     /// `DDIM CFG++`, `PLMS`, `LMS`, `UniPC`, `Heun`, `DPM2`, `DPM2 a`, `Restart`, `LCM`,
     /// `DPM++ 2S a`, `DPM++ 3M SDE`, `DPM fast`, `DPM adaptive`; all but `DDIM`, `DDIM CFG++`,
-    /// `PLMS`, `UniPC`, `LCM`, `DPM fast` and `DPM adaptive` also as `<name> Karras`
+    /// `PLMS`, `UniPC` and `LCM` also as `<name> Karras`
     /// (A1111's older one-word form). `DDIM`, `DDIM CFG++`, `PLMS` and `UniPC` are
     /// A1111's own (`ddim_a1111`, `ddim_cfgpp`, `plms_a1111`, `unipc_a1111`).
     #[schema(default = "Euler")]
@@ -52,7 +52,7 @@ pub struct A1111Request {
     pub sampler_index: Option<String>,
     /// `Automatic` (the sampler's own: Karras for `DPM++ 2M`, `DPM++ SDE` and `DPM++ 2S a`,
     /// Exponential for `DPM++ 2M SDE`, its Heun and `DPM++ 3M SDE`, else Uniform), `Uniform`, `Karras` (every sampler but `DDIM`,
-    /// `DDIM CFG++`, `PLMS`, `LCM`, `DPM fast` and `DPM adaptive`), `Exponential` or `Beta` (where the sampler has them).
+    /// `DDIM CFG++`, `PLMS` and `LCM`), `Exponential` or `Beta` (where the sampler has them).
     #[schema(default = "automatic")]
     pub scheduler: Option<String>,
     /// Images generated together (native `batch_size`).
