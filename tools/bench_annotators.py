@@ -11,6 +11,12 @@ bench `crates/pipeline/benches/annotators.rs` measures ours, with the same weigh
                  (colored=False) with $DEPTH_ANYTHING_DIR and $DINOV2_DIR
   <module>_net   the network's forward alone (no_grad) on the padded image as the detector
                  feeds it
+  openpose_body, openpose_hand, openpose_face
+                 the extension's Body, Hand (the image as the hand's crop) and Face (the same)
+                 calls on the image, with the peaks (Face.compute_peaks_from_heatmaps), where
+                 make_random_annotators.py wrote openpose/; with `_net`, the network alone on
+                 the inputs those calls feed it (the hand's: its four scale_search squares,
+                 184 to 736 pixels)
 Each stage runs once untimed, then `--repeats` times: the median, min, max, the process's median
 CPU time (all threads) and peak RSS (the schema of tools/bench_diffusers.py).
 
@@ -24,12 +30,13 @@ import os
 import sys
 
 import cv2
+import numpy as np
 import torch
 from safetensors.torch import load_file as load_safetensors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_diffusers import measure, status_kb  # noqa: E402
-from make_random_annotators import build  # noqa: E402
+from make_random_annotators import build, openpose  # noqa: E402
 
 
 def load_file(net, path):
@@ -41,6 +48,46 @@ def load_file(net, path):
         state = torch.load(path, map_location="cpu")
     state = state.get("state_dict", state)
     net.load_state_dict({k.replace("module.", ""): v for k, v in state.items()}, strict=True)
+
+
+def openpose_stages(ext, annotators, image, wanted, repeats):
+    """The openpose_* stages (see the module's docstring) where their files are."""
+    nets, package = openpose(ext)
+    stats = []
+    for sub, name, detector, _ in nets:
+        module = {"body_pose_model.pth": "openpose_body", "hand_pose_model.pth": "openpose_hand",
+                  "facenet.pth": "openpose_face"}[name]
+        path = os.path.join(annotators, sub, name)
+        if (wanted and module not in wanted) or not os.path.exists(path):
+            continue
+        det = detector(path)
+        det.cn_device = "cpu"
+        util = package.util
+        if module == "openpose_body":
+            x = torch.zeros(1, 3, 184, 184)  # 0.5 * 368 / 512 of the image, padded to 8
+            run = lambda: det(image.copy())  # noqa: E731
+        elif module == "openpose_hand":
+            blurred = cv2.GaussianBlur(image, (0, 0), 0.8)
+            x = []
+            for s in [0.5, 1.0, 1.5, 2.0]:
+                padded, _ = util.padRightDownCorner(util.smart_resize(blurred, (s * 368, s * 368)), 8, 128)
+                x.append(torch.from_numpy(np.ascontiguousarray(
+                    np.float32(padded).transpose(2, 0, 1)[None] / 256 - 0.5)))
+            run = lambda: det(image.copy())  # noqa: E731
+        else:
+            x = torch.zeros(1, 3, 384, 384)
+            run = lambda: det.compute_peaks_from_heatmaps(det(image.copy()))  # noqa: E731
+        run()
+        stats.append(measure(module, repeats, run))
+
+        def forward():
+            with torch.no_grad():
+                for xi in (x if isinstance(x, list) else [x]):
+                    det.model(xi)
+
+        forward()
+        stats.append(measure(f"{module}_net", repeats, forward))
+    return stats
 
 
 def main():
@@ -83,6 +130,7 @@ def main():
 
             forward()
             stats.append(measure(f"{module}_net", args.repeats, forward))
+    stats += openpose_stages(args.extension, args.annotators, image, wanted, args.repeats)
     out = {"implementation": "torch", "torch": torch.__version__, "opencv": cv2.__version__,
            "threads": str(args.threads), "annotators": args.annotators,
            "peak_rss_mb": round(status_kb("VmHWM:") / 1024), "stages": stats}

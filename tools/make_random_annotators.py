@@ -25,6 +25,11 @@ key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`,
                                         (only with $DEPTH_ANYTHING_DIR, a checkout of the
                                         depth_anything package, and $DINOV2_DIR, one of
                                         facebookresearch/dinov2)
+  openpose/body_pose_model.pth, hand_pose_model.pth, facenet.pth
+                                        bodypose_model(), handpose_model() (bare layer names,
+                                        as util.transfer reads them) and FaceNet() (only with
+                                        scipy, scikit-image and matplotlib, which the
+                                        extension's annotator/openpose imports)
   bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
 
 The classes are taken from a checkout of the extension the way the fixture scripts
@@ -215,6 +220,37 @@ def depth_anything(ext):
              {"depth_anything": lambda img, res: module(img, res=res)}, net_input)]
 
 
+def openpose_package(ext):
+    """The extension's annotator.openpose (make_openpose_hand_fixtures.load), or None without
+    the packages it imports."""
+    try:
+        import make_openpose_hand_fixtures as openpose_fx
+        return openpose_fx.load(ext)[0], openpose_fx.SEED
+    except ImportError as e:
+        print(f"openpose left out: {e}", file=sys.stderr)
+        return None, None
+
+
+def openpose(ext):
+    """[(subfolder, file, detector class, state)] of the three OpenPose networks, each its
+    class's own initialisation from the hand fixture's seed."""
+    package, seed = openpose_package(ext)
+    if package is None:
+        return [], None
+    torch.manual_seed(seed)
+    out = []
+    for name, cls, bare, detector in [
+            ("body_pose_model.pth", package.model.bodypose_model, True, package.body.Body),
+            ("hand_pose_model.pth", package.model.handpose_model, True, package.hand.Hand),
+            ("facenet.pth", package.face.FaceNet, False, package.face.Face)]:
+        state = cls().float().state_dict()
+        if bare:
+            # util.transfer reads `conv1_1.weight` for the module's `model0.conv1_1.weight`.
+            state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        out.append(("openpose", name, detector, state))
+    return out, package
+
+
 def chw(padded, scale, offset=0.0):
     """The padded HWC uint8 image as the detectors feed it: 1 x C x H x W f32, v * scale + offset."""
     x = torch.from_numpy(np.ascontiguousarray(padded)).float() * scale + offset
@@ -257,6 +293,11 @@ def main():
             torch.save(state, path)
         n = sum(p.numel() for p in net.state_dict().values())
         print(f"{path}: {n / 1e6:.2f} M values, {os.path.getsize(path) / 1e6:.1f} MB")
+    for sub, name, _, state in openpose(args.extension)[0]:
+        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+        path = os.path.join(args.out, sub, name)
+        torch.save(state, path)
+        print(f"{path}: {sum(v.numel() for v in state.values()) / 1e6:.2f} M values")
     cv2.imwrite(os.path.join(args.out, "bench_photo.png"), cv2.cvtColor(bench_photo(), cv2.COLOR_RGB2BGR))
 
 

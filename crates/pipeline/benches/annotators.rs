@@ -14,12 +14,14 @@
 
 use std::path::Path;
 
+use candle_core::Tensor;
 use sdserve_pipeline::controlnet::preprocess::{
-    depth_anything_depth, network, resize_image_with_pad, rgb_to_grey, AnnotatorFile,
-    DepthAnythingNetwork, HedNetwork, LineartAnimeNetwork, LineartNetwork, LoadedNetworks,
-    MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor, TeedNetwork, DEPTH_ANYTHING,
-    DEPTH_ANYTHING_V2, HED, LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MLSD, PIDINET,
-    TEED,
+    body_maps, body_pose, depth_anything_depth, face_peaks, hand_heatmaps, hand_inputs, hand_peaks,
+    network, resize_image_with_pad, rgb_to_grey, AnnotatorFile, BodyNetwork, DepthAnythingNetwork,
+    FaceNetwork, HandNetwork, HedNetwork, LineartAnimeNetwork, LineartNetwork, LoadedNetworks,
+    MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor, TeedNetwork, BODY_POSE,
+    DEPTH_ANYTHING, DEPTH_ANYTHING_V2, FACENET, HAND_POSE, HED, LINEART, LINEART_ANIME,
+    LINEART_COARSE, MANGA_LINE, MLSD, PIDINET, TEED,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -117,6 +119,97 @@ fn forward(nets: &LoadedNetworks, file: &'static AnnotatorFile, padded: &RgbImag
     done.expect("forward");
 }
 
+/// A timed stage's body.
+type Stage<'a> = Box<dyn Fn() + 'a>;
+
+/// The OpenPose detectors on the whole image (`openpose_body`: `Body.__call__`, its maps and
+/// people; `openpose_hand`: `Hand.__call__` with the image as the crop, its heatmaps and peaks;
+/// `openpose_face`: `Face.__call__` and its peaks) and each network alone on the inputs those
+/// calls feed it (`openpose_hand_net`: the four `scale_search` squares, 184 to 736).
+fn openpose(dir: &Path, image: &RgbImage, wanted: &[String], repeats: usize) -> Vec<stats::Stat> {
+    let mut stats = Vec::new();
+    for file in [&BODY_POSE, &HAND_POSE, &FACENET] {
+        let module = match file.name {
+            n if n == BODY_POSE.name => "openpose_body",
+            n if n == HAND_POSE.name => "openpose_hand",
+            _ => "openpose_face",
+        };
+        let path = dir.join(file.subfolder).join(file.name);
+        if (!wanted.is_empty() && !wanted.iter().any(|m| m == module)) || !path.exists() {
+            continue;
+        }
+        let nets = LoadedNetworks::default()
+            .read(file, &path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (run, net): (Stage, Stage) = match module {
+            "openpose_body" => {
+                let body = network::<BodyNetwork>(&nets, &BODY_POSE).expect("body");
+                let b2 = body.clone();
+                let (w, h) = (image.width as usize, image.height as usize);
+                // Body.__call__'s input: the image scaled to 0.5 * 368 / H, padded to 8.
+                let side = |s: usize| (s * 184 / h).div_ceil(8) * 8;
+                let x = Tensor::zeros(
+                    (1, 3, side(h), side(w)),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .expect("input");
+                (
+                    Box::new(move || {
+                        let (paf, heat) = body_maps(&body, image).expect("maps");
+                        drop(body_pose(&paf, &heat));
+                    }),
+                    Box::new(move || drop(b2.forward(&x).expect("forward"))),
+                )
+            }
+            "openpose_hand" => {
+                let hand = network::<HandNetwork>(&nets, &HAND_POSE).expect("hand");
+                let h2 = hand.clone();
+                let inputs = hand_inputs(image).expect("inputs");
+                (
+                    Box::new(move || {
+                        let f = |x: &Tensor| hand.0.forward(x);
+                        let avg = hand_heatmaps(&f, image).expect("heatmaps");
+                        drop(hand_peaks(
+                            &avg,
+                            image.width as usize,
+                            image.height as usize,
+                        ));
+                    }),
+                    Box::new(move || {
+                        for (x, _, _) in &inputs {
+                            drop(h2.0.forward(x).expect("forward"));
+                        }
+                    }),
+                )
+            }
+            _ => {
+                let face = network::<FaceNetwork>(&nets, &FACENET).expect("face");
+                let f2 = face.clone();
+                // Face.__call__'s input: the crop resized to 384 x 384.
+                let x = Tensor::zeros(
+                    (1, 3, 384, 384),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .expect("input");
+                (
+                    Box::new(move || {
+                        let f = |x: &Tensor| face.0.forward(x);
+                        drop(face_peaks(&f, image).expect("peaks"));
+                    }),
+                    Box::new(move || drop(f2.0.forward(&x).expect("forward"))),
+                )
+            }
+        };
+        run();
+        stats.push(measure(module, repeats, &run));
+        net();
+        stats.push(measure(&format!("{module}_net"), repeats, &net));
+    }
+    stats
+}
+
 fn main() {
     let (mut wanted, mut repeats, mut resolution, mut json) = (Vec::new(), 3, 512, None);
     let mut args = std::env::args().skip(1);
@@ -171,6 +264,7 @@ fn main() {
         net();
         stats.push(measure(&format!("{}_net", module.module()), repeats, net));
     }
+    stats.extend(openpose(dir, &image, &wanted, repeats));
     let peak_rss_mb = stats
         .iter()
         .map(|s| s.peak_rss_mb)

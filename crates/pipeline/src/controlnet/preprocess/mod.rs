@@ -84,8 +84,8 @@ pub use openpose::{
 pub use openpose_body::{body_pose, find_peaks, gaussian_filter, BodyPose, Peak};
 pub use openpose_face::{detect_face, face_box, face_peaks, FaceNetwork, FACENET, FACENET_FILE};
 pub use openpose_hand::{
-    crop, detect_hands, hand_boxes, hand_heatmaps, hand_peaks, CpmNetwork, HandBox, HandNetwork,
-    Outputs, HAND_POSE, HAND_POSE_FILE,
+    crop, detect_hands, hand_boxes, hand_heatmaps, hand_inputs, hand_peaks, CpmNetwork, HandBox,
+    HandNetwork, Outputs, HAND_POSE, HAND_POSE_FILE,
 };
 pub use pidinet::{pidinet_edges, pidinet_logits, PidiNetwork, PIDINET, PIDINET_FILE};
 pub use pointwise::{invert, threshold};

@@ -139,19 +139,28 @@ pub type Keypoints = Vec<(f32, f32)>;
 /// A network's outputs for an input: the real one or, in tests, crafted ones.
 pub type Outputs<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
 
-/// `Hand.__call__` up to `heatmap_avg`: the heatmaps (channel-major, 128 x 128 each) of a
-/// crop (RGB; the extension's BGR order is taken when feeding the network).
-pub fn hand_heatmaps(net: Outputs, crop: &RgbImage) -> Result<Vec<f64>> {
+/// The network's inputs for a crop, one per `scale_search`, with their unpadded sizes: the
+/// crop blurred, resized to a square of `scale * 368` and padded to 8.
+pub fn hand_inputs(crop: &RgbImage) -> Result<Vec<(Tensor, usize, usize)>> {
     let (w0, h0) = (crop.width as usize, crop.height as usize);
     let blurred = RgbImage {
         pixels: gaussian_blur_u8(&crop.pixels, w0, h0, BLUR_SIGMA),
         ..crop.clone()
     };
+    SCALE_SEARCH
+        .iter()
+        .map(|s| {
+            let side = (s * BOXSIZE) as usize;
+            bgr_input(&smart_resize_u8(&blurred, side, side))
+        })
+        .collect()
+}
+
+/// `Hand.__call__` up to `heatmap_avg`: the heatmaps (channel-major, 128 x 128 each) of a
+/// crop (RGB; the extension's BGR order is taken when feeding the network).
+pub fn hand_heatmaps(net: Outputs, crop: &RgbImage) -> Result<Vec<f64>> {
     let mut avg: Vec<f64> = Vec::new();
-    for s in SCALE_SEARCH {
-        let side = (s * BOXSIZE) as usize;
-        let resized = smart_resize_u8(&blurred, side, side);
-        let (input, w, h) = bgr_input(&resized)?;
+    for (input, w, h) in hand_inputs(crop)? {
         let out = net(&input)?;
         let (_, c, oh, ow) = out.dims4()?;
         let maps = Maps {
