@@ -165,7 +165,12 @@ fn phase_taps(k: usize, padding: usize, r: usize) -> Vec<usize> {
 }
 
 impl ConvTranspose {
-    fn new(weight: &Tensor, bias: Tensor, padding: usize, output_padding: usize) -> Result<Self> {
+    pub(super) fn new(
+        weight: &Tensor,
+        bias: Tensor,
+        padding: usize,
+        output_padding: usize,
+    ) -> Result<Self> {
         let (cin, cout, k, _) = weight.dims4()?;
         let w = weight
             .to_device(&Device::Cpu)?
@@ -438,7 +443,8 @@ mod tests {
     }
 
     /// The phase split against candle's conv_transpose2d, on the Generator's (3x3, padding 1,
-    /// output padding 1) and netG's (4x4, padding 1) geometries, odd and even sizes.
+    /// output padding 1), netG's and TEED's (4x4, padding 1) and TEED's 2x2 (padding 0)
+    /// geometries, odd and even sizes.
     #[test]
     fn transposed_conv_matches_candles() {
         let dev = Device::Cpu;
@@ -455,6 +461,8 @@ mod tests {
             (2, 3, 6, 6, 3, 1, 1),
             (3, 2, 5, 6, 4, 1, 0),
             (4, 3, 8, 8, 4, 1, 0),
+            (3, 3, 5, 6, 2, 0, 0),
+            (1, 1, 7, 4, 2, 0, 0),
         ] {
             let weight =
                 Tensor::from_vec(values(cin * cout * k * k, 1), (cin, cout, k, k), &dev).unwrap();
