@@ -146,14 +146,15 @@ fn parse_args() -> Args {
 }
 
 /// A plain square sgemm (candle matmul = the gemm crate) as the machine's attainable rate, then
-/// SD 1.5 convolution shapes (batch 2 for the UNet with guidance, 1 for the VAE at 512) through
-/// our im2col, Winograd F(2x2) and F(4x4) paths and the routed `conv2d_f32`, interleaved.
+/// SD 1.5 convolution shapes (batch 2 for the UNet with guidance, 1 for the VAE at 512) and the
+/// annotators' through our im2col, Winograd F(2x2) and F(4x4), wide-kernel paths and the routed
+/// `conv2d_f32`, interleaved.
 fn kernel_stats(repeats: usize) -> Vec<Stat> {
-    use sdserve_pipeline::kernels::conv::{conv2d_f32, conv2d_im2col_f32, ConvShape};
+    use sdserve_pipeline::kernels::conv::{conv2d_f32, conv2d_im2col_f32, wide, ConvShape};
     use sdserve_pipeline::kernels::{winograd, winograd4};
     let dev = Device::Cpu;
     // (batch, cin, size, cout, kernel)
-    let shapes: [(usize, usize, usize, usize, usize); 16] = [
+    let shapes: [(usize, usize, usize, usize, usize); 22] = [
         // 256x256 generations: latents 32x32.
         (2, 320, 32, 320, 3),
         (2, 640, 16, 640, 3),
@@ -173,6 +174,14 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
         (1, 512, 128, 512, 3),
         (1, 256, 256, 256, 3),
         (2, 320, 64, 320, 1),
+        // OpenPose's CPM stages (hand at its 736 and 368 squares, body at 512: 23x23) and the
+        // VGG convs of the hand at 736 (tools/bench_conv_shapes.py times them on torch).
+        (1, 150, 92, 128, 7),
+        (1, 128, 92, 128, 7),
+        (1, 128, 46, 128, 7),
+        (1, 185, 23, 128, 7),
+        (1, 512, 92, 512, 3),
+        (1, 64, 368, 128, 3),
     ];
     let mut stats = Vec::new();
     for n in [1024usize, 2048] {
@@ -189,10 +198,11 @@ fn kernel_stats(repeats: usize) -> Vec<Stat> {
     }
     type ConvFn = fn(&[f32], &[f32], Option<&[f32]>, &ConvShape, &mut [f32]);
     type Applies = fn(&ConvShape) -> bool;
-    let paths: [(&str, ConvFn, Applies); 4] = [
+    let paths: [(&str, ConvFn, Applies); 5] = [
         ("im2col", conv2d_im2col_f32, |_| true),
         ("wino2", winograd::conv3x3_f32, winograd::applies),
         ("wino4", winograd4::conv3x3_f32, winograd4::applies),
+        ("wide", wide::conv_f32, wide::applies),
         ("routed", conv2d_f32, |_| true),
     ];
     for (b, cin, hw, cout, k) in shapes {

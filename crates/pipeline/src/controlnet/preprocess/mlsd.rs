@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::line::draw_line;
 use super::networks::{lllyasviel, AnnotatorFile};
+use crate::kernels::conv::wide::dilated_conv2d;
 use crate::kernels::{depthwise_conv2d, Conv2d};
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
@@ -84,7 +85,7 @@ impl Conv {
         };
         // candle's grouped conv runs one conv per channel and its conv2d copies the whole
         // im2col: the depthwise ones take our per-channel kernel, the plain ones our tiled
-        // im2col/Winograd; only the dilated conv stays on candle's.
+        // im2col/Winograd, the dilated one a GEMM per tap (kernels::conv::wide).
         let y = if self.groups > 1 {
             depthwise_conv2d(
                 &x,
@@ -102,6 +103,14 @@ impl Conv {
                 self.padding,
             )
             .forward(&x)?
+        } else if self.stride == 1 {
+            dilated_conv2d(
+                &x,
+                &self.weight,
+                Some(&self.bias),
+                self.padding,
+                self.dilation,
+            )?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, self.dilation, 1)?
                 .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?

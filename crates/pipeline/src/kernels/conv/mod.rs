@@ -9,7 +9,8 @@
 //!
 //! `circular.rs` holds A1111's circular padding (`tiling`), `layer.rs` the [`Conv2d`] layer that
 //! runs these kernels on the CPU and candle's (or cuDNN's) elsewhere, `depthwise.rs` the
-//! one-kernel-per-channel convs of the annotators' MobileNet-style blocks.
+//! one-kernel-per-channel convs of the annotators' MobileNet-style blocks, `wide.rs` the
+//! stride-1 convs with kernels of 5x5 and more (OpenPose's 7x7 stages) without im2col.
 
 mod circular;
 mod depthwise;
@@ -17,6 +18,7 @@ mod layer;
 #[cfg(test)]
 mod tests;
 mod unpatch;
+pub mod wide;
 
 use std::cell::RefCell;
 
@@ -134,9 +136,18 @@ pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape
                 return super::winograd::conv3x3_f32(x, weight, bias, s, out);
             }
         }
+        Some(Algo::NoWide) => {
+            // The routing before the wide-kernel path.
+            if super::winograd4::applies(s) && s.h * s.w >= WINOGRAD_MIN_PIXELS {
+                return super::winograd4::conv3x3_f32(x, weight, bias, s, out);
+            }
+        }
         None => {
             if super::winograd4::applies(s) && s.h * s.w >= WINOGRAD_MIN_PIXELS {
                 return super::winograd4::conv3x3_f32(x, weight, bias, s, out);
+            }
+            if wide::applies(s) {
+                return wide::conv_f32(x, weight, bias, s, out);
             }
         }
     }
@@ -147,15 +158,18 @@ pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape
 enum Algo {
     Im2col,
     Wino2,
+    NoWide,
 }
 
-/// `SDSERVE_CONV=im2col|wino2` forces a path for A/B measurements of whole stages in one build
-/// (`wino2` is the routing before F(4x4)); unset or anything else routes by shape.
+/// `SDSERVE_CONV=im2col|wino2|nowide` forces a path for A/B measurements of whole stages in one
+/// build (`wino2` is the routing before F(4x4), `nowide` the one before the wide-kernel path);
+/// unset or anything else routes by shape.
 fn algo_override() -> Option<Algo> {
     static ALGO: std::sync::OnceLock<Option<Algo>> = std::sync::OnceLock::new();
     *ALGO.get_or_init(|| match std::env::var("SDSERVE_CONV").as_deref() {
         Ok("im2col") => Some(Algo::Im2col),
         Ok("wino2") => Some(Algo::Wino2),
+        Ok("nowide") => Some(Algo::NoWide),
         _ => None,
     })
 }

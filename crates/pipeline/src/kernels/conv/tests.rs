@@ -50,8 +50,13 @@ fn reference_with(x: &[f32], w: &[f32], bias: &[f32], s: &ConvShape, circular: b
 fn matches_loop_reference_and_candle() -> Result<()> {
     let dev = Device::Cpu;
     // (batch, cin, h, w, cout, k, stride, padding): 3x3 same, stride 2 with and without
-    // padding, 1x1 direct, odd sizes, a tile count that does not divide the pixels.
+    // padding, 1x1 direct, odd sizes, a tile count that does not divide the pixels; 7x7 and
+    // 5x5 stride 1 (the wide-kernel path: "same", unpadded as after a reflection pad, and a
+    // map wider than tall over several tiles).
     let cases = [
+        (1, 9, 11, 13, 5, 7, 1, 3),
+        (2, 3, 12, 9, 4, 7, 1, 0),
+        (1, 6, 23, 40, 7, 5, 1, 2),
         (2, 5, 9, 7, 6, 3, 1, 1),
         (1, 3, 8, 8, 4, 3, 2, 1),
         (2, 4, 9, 9, 3, 3, 2, 0),
@@ -200,5 +205,31 @@ fn f16_falls_back_to_candle() -> Result<()> {
     let y = conv.forward(&x)?;
     assert_eq!(y.dtype(), DType::F16);
     assert_eq!(y.dims(), &[1, 2, 6, 6]);
+    Ok(())
+}
+
+/// The dilated path (a GEMM per tap) against candle's dilated conv2d: M-LSD's 3x3 dilated 5
+/// with padding 5, unpadded, and a 5x5 dilated 2 over several tiles.
+#[test]
+fn dilated_matches_candle() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = crate::rng::TorchRng::new(11);
+    let mut randn = |shape: &[usize]| rng.randn_tensor(shape, &dev, DType::F32).unwrap();
+    for (batch, cin, h, w, cout, k, padding, dilation) in [
+        (1, 4, 12, 11, 5, 3, 5, 5),
+        (2, 3, 9, 10, 2, 3, 0, 2),
+        (1, 6, 40, 30, 4, 5, 4, 2),
+    ] {
+        let x = randn(&[batch, cin, h, w]);
+        let wt = randn(&[cout, cin, k, k]);
+        let bias = randn(&[cout]);
+        let got = wide::dilated_conv2d(&x, &wt, Some(&bias), padding, dilation)?;
+        let want = x
+            .conv2d(&wt, padding, 1, dilation, 1)?
+            .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+        assert_eq!(got.dims(), want.dims());
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "{cin} {h}x{w} k{k} p{padding} d{dilation}: {d}");
+    }
     Ok(())
 }
