@@ -31,6 +31,9 @@ Run from the repository root with a python that has torch, timm, opencv-python-h
 4.10.0, einops, safetensors:
   python3 tools/make_midas_fixtures.py --extension /path/to/sd-webui-controlnet
 (default: $SD_WEBUI_CONTROLNET_DIR; without it the script says so and writes nothing).
+With `--full-width PATH` it writes only PATH: the model at the real widths (load_model's
+DPTDepthModel as it is, timm's vit_base_resnet50_384 unnarrowed), the same seeded random
+weights in f32, for the timing test and the annotator bench (`full_width`).
 """
 import argparse
 import functools
@@ -110,6 +113,28 @@ def narrow(ext):
     return api, digests, timm.__version__
 
 
+def full_width(ext):
+    """The extension's package unnarrowed, its model at the real widths with this script's
+    random weights (f32), and the legacy `midas` / `midas_normal` running that model
+    (apply_midas's global set to it, as MiDaSInference would hold it)."""
+    tmp = tempfile.mkdtemp()
+    stubs(tmp)
+    sys.path.insert(0, ext)
+    import annotator.midas as midas_pkg
+    import annotator.midas.api as api
+    torch.manual_seed(SEED)
+    model = randomize(api.DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True))
+    model.eval()
+    midas_pkg.model = model
+    utils, _ = functions(os.path.join(ext, "scripts", "utils.py"),
+                         ["pad64", "safer_memory", "resize_image_with_pad"], {"cv2": cv2, "np": np})
+    ns = {"np": np, "resize_image_with_pad": utils["resize_image_with_pad"],
+          "model_midas": midas_pkg.apply_midas}
+    legacy, _ = functions(os.path.join(ext, "scripts", "preprocessor", "legacy", "processor.py"),
+                          ["midas", "midas_normal"], ns)
+    return model, legacy, utils["resize_image_with_pad"]
+
+
 def randomize(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -153,9 +178,17 @@ def calibrate(model, padded):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--extension", default=os.environ.get("SD_WEBUI_CONTROLNET_DIR"))
+    ap.add_argument("--full-width", metavar="PATH",
+                    help="write only the real-width model with random weights to PATH")
     args = ap.parse_args()
     if not args.extension:
         print("make_midas_fixtures.py: skipped (needs --extension or SD_WEBUI_CONTROLNET_DIR)")
+        return
+    if args.full_width:
+        model = full_width(args.extension)[0]
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, args.full_width)
+        n = sum(v.numel() for v in model.state_dict().values())
+        print(f"{args.full_width}: {n / 1e6:.1f} M values")
         return
     assert cv2.__version__ == "4.10.0", cv2.__version__
     torch.set_num_threads(1)

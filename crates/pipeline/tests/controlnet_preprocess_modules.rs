@@ -5,7 +5,7 @@
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
-//! `manga_line.rs`, `openpose.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`.
+//! `manga_line.rs`, `openpose.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`, `midas.rs`.
 
 #[path = "controlnet_preprocess_modules/anyline.rs"]
 mod anyline;
@@ -18,6 +18,8 @@ mod hed;
 mod lineart;
 #[path = "controlnet_preprocess_modules/manga_line.rs"]
 mod manga_line;
+#[path = "controlnet_preprocess_modules/midas.rs"]
+mod midas;
 #[path = "controlnet_preprocess_modules/mlsd.rs"]
 mod mlsd;
 #[path = "controlnet_preprocess_modules/openpose.rs"]

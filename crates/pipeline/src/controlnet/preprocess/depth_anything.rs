@@ -37,7 +37,7 @@ use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
 
-mod vit;
+pub(super) mod vit;
 use vit::{Block, BlockWeights};
 
 /// The file the extension loads Depth Anything (v1) from (`annotator/downloads/depth_anything/`).
@@ -118,8 +118,9 @@ fn taken_blocks(version: Version, depth: usize) -> Option<[usize; 4]> {
     }
 }
 
-/// `ResidualConvUnit` (no batch norm): `x + conv2(relu(conv1(relu(x))))`.
-struct Rcu([Conv2d; 2]);
+/// `ResidualConvUnit` (no batch norm): `x + conv2(relu(conv1(relu(x))))`; MiDaS's
+/// `ResidualConvUnit_custom` without batch norm is the same.
+pub(super) struct Rcu([Conv2d; 2]);
 
 impl Rcu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -129,15 +130,21 @@ impl Rcu {
 }
 
 /// `FeatureFusionBlock`: the finer level's unit added (not for refinenet4), the second unit,
-/// the bilinear resize (corners aligned), the 1x1 `out_conv`.
-struct Fusion {
+/// the bilinear resize (corners aligned), the 1x1 `out_conv`. MiDaS's
+/// `FeatureFusionBlock_custom` (no batch norm, no expand) is the same with twice the size.
+pub(super) struct Fusion {
     unit1: Option<Rcu>,
     unit2: Rcu,
     out_conv: Conv2d,
 }
 
 impl Fusion {
-    fn forward(&self, x: &Tensor, skip: Option<&Tensor>, size: (usize, usize)) -> Result<Tensor> {
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        skip: Option<&Tensor>,
+        size: (usize, usize),
+    ) -> Result<Tensor> {
         let x = match (skip, &self.unit1) {
             (Some(s), Some(u)) => (x + u.forward(s)?)?,
             _ => x.clone(),
@@ -191,30 +198,32 @@ impl std::fmt::Debug for DepthAnythingNetwork {
     }
 }
 
-/// The state dict and where it came from, for errors naming the file and key.
-struct State<'a> {
-    path: &'a Path,
-    tensors: std::collections::HashMap<String, Tensor>,
-    device: &'a Device,
+/// The state dict and where it came from, for errors naming the file and key (`what`: the
+/// network it should be).
+pub(super) struct State<'a> {
+    pub(super) path: &'a Path,
+    pub(super) tensors: std::collections::HashMap<String, Tensor>,
+    pub(super) device: &'a Device,
+    pub(super) what: &'static str,
 }
 
 impl State<'_> {
-    fn bad(&self, message: String) -> PipelineError {
+    pub(super) fn bad(&self, message: String) -> PipelineError {
         PipelineError::Weights {
             path: self.path.to_path_buf(),
             message,
         }
     }
 
-    fn any(&self, key: &str) -> Result<Tensor> {
+    pub(super) fn any(&self, key: &str) -> Result<Tensor> {
         let t = self
             .tensors
             .get(key)
-            .ok_or_else(|| self.bad(format!("{key} is missing (not a Depth Anything network)")))?;
+            .ok_or_else(|| self.bad(format!("{key} is missing (not a {} network)", self.what)))?;
         Ok(t.to_dtype(DType::F32)?.to_device(self.device)?)
     }
 
-    fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+    pub(super) fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.any(key)?;
         if t.dims() != shape {
             return Err(self.bad(format!(
@@ -225,7 +234,13 @@ impl State<'_> {
         Ok(t)
     }
 
-    fn conv(&self, key: &str, shape: [usize; 4], stride: usize, bias: bool) -> Result<Conv2d> {
+    pub(super) fn conv(
+        &self,
+        key: &str,
+        shape: [usize; 4],
+        stride: usize,
+        bias: bool,
+    ) -> Result<Conv2d> {
         let weight = self.get(&format!("{key}.weight"), &shape)?;
         let bias = match bias {
             true => Some(self.get(&format!("{key}.bias"), &shape[..1])?),
@@ -234,7 +249,7 @@ impl State<'_> {
         Ok(Conv2d::new(weight, bias, stride, shape[2] / 2))
     }
 
-    fn linear(&self, key: &str, out: usize, inp: usize) -> Result<Linear> {
+    pub(super) fn linear(&self, key: &str, out: usize, inp: usize) -> Result<Linear> {
         let weight = self.get(&format!("{key}.weight"), &[out, inp])?;
         Ok(Linear::new(
             weight,
@@ -242,18 +257,30 @@ impl State<'_> {
         ))
     }
 
-    fn norm(&self, key: &str, dim: usize) -> Result<LayerNorm> {
+    pub(super) fn norm(&self, key: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
         let w = self.get(&format!("{key}.weight"), &[dim])?;
         Ok(LayerNorm::new(
             w,
             self.get(&format!("{key}.bias"), &[dim])?,
-            NORM_EPS,
+            eps,
         ))
     }
 
     fn rcu(&self, key: &str, f: usize) -> Result<Rcu> {
         let c = |i| self.conv(&format!("{key}.conv{i}"), [f, f, 3, 3], 1, true);
         Ok(Rcu([c(1)?, c(2)?]))
+    }
+
+    /// `refinenet{i}` (`f` wide) under `key`: the one at the coarsest level (`first`) fuses
+    /// nothing finer, so its (unused) first unit is not read.
+    pub(super) fn fusion(&self, key: &str, f: usize, first: bool) -> Result<Fusion> {
+        Ok(Fusion {
+            unit1: (!first)
+                .then(|| self.rcu(&format!("{key}.resConfUnit1"), f))
+                .transpose()?,
+            unit2: self.rcu(&format!("{key}.resConfUnit2"), f)?,
+            out_conv: self.conv(&format!("{key}.out_conv"), [f, f, 1, 1], 1, true)?,
+        })
     }
 }
 
@@ -277,6 +304,7 @@ impl DepthAnythingNetwork {
             path,
             tensors: crate::upscaler::read_state(path)?,
             device,
+            what: "Depth Anything",
         };
         let pw = s.any("pretrained.patch_embed.proj.weight")?;
         let (d, _, p, _) = pw.dims4()?;
@@ -312,11 +340,11 @@ impl DepthAnythingNetwork {
             .map(|i| {
                 let k = |n: &str| format!("pretrained.blocks.{i}.{n}");
                 let weights = BlockWeights {
-                    norm1: s.norm(&k("norm1"), d)?,
+                    norm1: s.norm(&k("norm1"), d, NORM_EPS)?,
                     qkv: s.linear(&k("attn.qkv"), 3 * d, d)?,
                     proj: s.linear(&k("attn.proj"), d, d)?,
                     ls1: s.get(&k("ls1.gamma"), &[d])?,
-                    norm2: s.norm(&k("norm2"), d)?,
+                    norm2: s.norm(&k("norm2"), d, NORM_EPS)?,
                     fc1: s.linear(&k("mlp.fc1"), hidden, d)?,
                     fc2: s.linear(&k("mlp.fc2"), d, hidden)?,
                     ls2: s.get(&k("ls2.gamma"), &[d])?,
@@ -362,17 +390,7 @@ impl DepthAnythingNetwork {
             })
             .collect::<Result<Vec<_>>>()?;
         let fusion = (1..=4)
-            .map(|i| {
-                let key = format!("{h}.scratch.refinenet{i}");
-                Ok(Fusion {
-                    // refinenet4 has one (unused: it fuses nothing finer).
-                    unit1: (i < 4)
-                        .then(|| s.rcu(&format!("{key}.resConfUnit1"), f))
-                        .transpose()?,
-                    unit2: s.rcu(&format!("{key}.resConfUnit2"), f)?,
-                    out_conv: s.conv(&format!("{key}.out_conv"), [f, f, 1, 1], 1, true)?,
-                })
-            })
+            .map(|i| s.fusion(&format!("{h}.scratch.refinenet{i}"), f, i == 4))
             .collect::<Result<Vec<_>>>()?;
         let sc = format!("{h}.scratch");
         let output_conv1 = s.conv(&format!("{sc}.output_conv1"), [f / 2, f, 3, 3], 1, true)?;
@@ -390,7 +408,7 @@ impl DepthAnythingNetwork {
             heads,
             blocks,
             taken,
-            norm: s.norm("pretrained.norm", d)?,
+            norm: s.norm("pretrained.norm", d, NORM_EPS)?,
             projects,
             resize,
             layer_rn,
@@ -503,7 +521,7 @@ impl DepthAnythingNetwork {
 }
 
 /// `upsample_bilinear2d` through the parallel CPU kernel where it applies (the same values).
-fn bilinear(x: &Tensor, h: usize, w: usize, align_corners: bool) -> Result<Tensor> {
+pub(super) fn bilinear(x: &Tensor, h: usize, w: usize, align_corners: bool) -> Result<Tensor> {
     match crate::kernels::upsample::upsample_bilinear(x, h, w, align_corners)? {
         Some(y) => Ok(y),
         None => Ok(x.upsample_bilinear2d(h, w, align_corners)?),

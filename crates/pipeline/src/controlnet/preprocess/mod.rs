@@ -14,7 +14,8 @@
 //! softedge_pidisafe, scribble_pidinet), `teed` (softedge_teed), `anyline` (softedge_anyline:
 //! TEED with MistoLine's weights, combined with lineart_standard's faint lines), `mlsd` (the M-LSD network,
 //! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything,
-//! depth_anything_v2: DINOv2 and the DPT head), `openpose` (the OpenPose body network and its maps),
+//! depth_anything_v2: DINOv2 and the DPT head), `midas` (depth_midas, normal_midas: DPT-Hybrid,
+//! its ResNet in `midas/resnet.rs`), `openpose` (the OpenPose body network and its maps),
 //! `openpose_body` (peaks, limbs and people from those maps), `openpose_hand` (the hand and
 //! face network, the hands' boxes and keypoints), `openpose_face` (the face's box and
 //! keypoints), `pose_draw` (the pose drawn with OpenCV's ellipse, convex fill, circle and
@@ -32,6 +33,7 @@ mod lineart;
 mod lineart_anime;
 mod lines;
 mod manga_line;
+mod midas;
 mod mlsd;
 mod networks;
 mod openpose;
@@ -71,6 +73,9 @@ pub use lineart_anime::{
 };
 pub use lines::{lineart_standard, scribble_xdog};
 pub use manga_line::{manga_line_map, rgb_to_grey, MangaLineNetwork, MANGA_LINE, MANGA_LINE_FILE};
+pub use midas::{
+    depth_midas_map, midas_depth, midas_module, normal_midas_map, MidasNetwork, MIDAS, MIDAS_FILE,
+};
 pub use mlsd::{decode_lines, draw_segments, mlsd_lines, mlsd_map, MlsdNetwork, MLSD, MLSD_FILE};
 pub use networks::{
     lllyasviel, network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, HubFile, LoadedNetworks,

@@ -74,7 +74,7 @@ enum Layers {
     },
 }
 
-pub(super) struct Block {
+pub(in crate::controlnet::preprocess) struct Block {
     norm1: LayerNorm,
     norm2: LayerNorm,
     /// LayerNorm's eps (candle's `LayerNorm` does not give it back).
@@ -83,7 +83,7 @@ pub(super) struct Block {
 }
 
 /// A block's weights as the file has them.
-pub(super) struct BlockWeights {
+pub(in crate::controlnet::preprocess) struct BlockWeights {
     pub norm1: LayerNorm,
     pub qkv: Linear,
     pub proj: Linear,
@@ -95,7 +95,7 @@ pub(super) struct BlockWeights {
 }
 
 impl Block {
-    pub(super) fn new(w: BlockWeights, eps: f64) -> Result<Self> {
+    pub(in crate::controlnet::preprocess) fn new(w: BlockWeights, eps: f64) -> Result<Self> {
         let cpu_f32 =
             w.qkv.weight().dtype() == DType::F32 && matches!(w.qkv.weight().device(), Device::Cpu);
         let layers = if cpu_f32 {
@@ -123,7 +123,11 @@ impl Block {
         })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+    pub(in crate::controlnet::preprocess) fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor> {
         let (_, _, c) = x.dims3()?;
         let scale = ((c / heads) as f64).powf(-0.5);
         match &self.layers {
