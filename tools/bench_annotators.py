@@ -8,7 +8,7 @@ bench `crates/pipeline/benches/annotators.rs` measures ours, with the same weigh
                  lineart_realistic, lineart_coarse, lineart_anime, lineart_anime_denoise,
                  softedge_teed (safe_steps 2), mlsd (thresholds 0.1, 0.1), and
                  depth_anything_v2 (colored=False) with --depth-anything, depth_anything
-                 (colored=False) with $DEPTH_ANYTHING_DIR and $DINOV2_DIR
+                 (colored=False) with $DEPTH_ANYTHING_DIR and $DINOV2_DIR, depth_midas
   <module>_net   the network's forward alone (no_grad) on the padded image as the detector
                  feeds it
   openpose_body, openpose_hand, openpose_face

@@ -30,6 +30,9 @@ key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`,
                                         as util.transfer reads them) and FaceNet() (only with
                                         scipy, scikit-image and matplotlib, which the
                                         extension's annotator/openpose imports)
+  midas/dpt_hybrid-midas-501f0c75.pt    DPTDepthModel(backbone "vitb_rn50_384", non_negative) as
+                                        load_model("dpt_hybrid") builds it (timm 1.0's
+                                        R50+ViT-B/16 hybrid)
   bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
 
 The classes are taken from a checkout of the extension the way the fixture scripts
@@ -251,6 +254,16 @@ def openpose(ext):
     return out, package
 
 
+def midas(ext):
+    """DPT-Hybrid at its real widths (make_midas_fixtures.full_width: the fixture's random
+    weights) and the legacy `midas` (depth_midas) running it."""
+    import make_midas_fixtures as midas_fx
+    net, legacy, _ = midas_fx.full_width(ext)
+    return [("midas", "dpt_hybrid-midas-501f0c75.pt", net, net.state_dict(),
+             {"depth_midas": lambda img, res: legacy["midas"](img, res=res)},
+             lambda p: chw(p, 1 / 127.5, -1.0))]
+
+
 def chw(padded, scale, offset=0.0):
     """The padded HWC uint8 image as the detectors feed it: 1 x C x H x W f32, v * scale + offset."""
     x = torch.from_numpy(np.ascontiguousarray(padded)).float() * scale + offset
@@ -261,7 +274,8 @@ def build(ext):
     """Every network as (subfolder, file, net, state as saved, {module: fn(img, res) -> map},
     fn(padded) -> the network's input), and the extension's resize_image_with_pad."""
     out = []
-    for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2, depth_anything]:
+    for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2, depth_anything,
+                 midas]:
         out += part(ext)
     return out, RESIZE[0]
 

@@ -17,11 +17,11 @@ use std::path::Path;
 use candle_core::Tensor;
 use sdserve_pipeline::controlnet::preprocess::{
     body_maps, body_pose, depth_anything_depth, face_peaks, hand_heatmaps, hand_inputs, hand_peaks,
-    network, resize_image_with_pad, rgb_to_grey, AnnotatorFile, BodyNetwork, DepthAnythingNetwork,
-    FaceNetwork, HandNetwork, HedNetwork, LineartAnimeNetwork, LineartNetwork, LoadedNetworks,
-    MangaLineNetwork, MlsdNetwork, PidiNetwork, Preprocessor, TeedNetwork, BODY_POSE,
-    DEPTH_ANYTHING, DEPTH_ANYTHING_V2, FACENET, HAND_POSE, HED, LINEART, LINEART_ANIME,
-    LINEART_COARSE, MANGA_LINE, MLSD, PIDINET, TEED,
+    midas_depth, network, resize_image_with_pad, rgb_to_grey, AnnotatorFile, BodyNetwork,
+    DepthAnythingNetwork, FaceNetwork, HandNetwork, HedNetwork, LineartAnimeNetwork,
+    LineartNetwork, LoadedNetworks, MangaLineNetwork, MidasNetwork, MlsdNetwork, PidiNetwork,
+    Preprocessor, TeedNetwork, BODY_POSE, DEPTH_ANYTHING, DEPTH_ANYTHING_V2, FACENET, HAND_POSE,
+    HED, LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MIDAS, MLSD, PIDINET, TEED,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -77,6 +77,7 @@ fn modules(resolution: u32) -> Vec<(Preprocessor, &'static AnnotatorFile)> {
             &DEPTH_ANYTHING_V2,
         ),
         (Preprocessor::DepthAnything { resolution }, &DEPTH_ANYTHING),
+        (Preprocessor::DepthMidas { resolution }, &MIDAS),
     ]
 }
 
@@ -114,6 +115,10 @@ fn forward(nets: &LoadedNetworks, file: &'static AnnotatorFile, padded: &RgbImag
                 .and_then(|net| depth_anything_depth(&net, padded))
                 .map(drop)
         }
+        // apply_midas's input (/ 127.5 - 1) and the model.
+        n if n == MIDAS.name => network::<MidasNetwork>(nets, &MIDAS)
+            .and_then(|net| midas_depth(&net, padded))
+            .map(drop),
         n => panic!("no network stage for {n}"),
     };
     done.expect("forward");

@@ -5,7 +5,8 @@
 //! `7_model.pth` from `bdsqlsz/qinglong_controlnet-lllite`'s `Annotators/`, `MTEED.pth` from
 //! `TheMistoAI/MistoLine`'s `Anyline/`, `depth_anything_v2_vitl.safetensors` from
 //! `MackinationsAi/Depth-Anything-V2_Safetensors`, `depth_anything_vitl14.pth` from the
-//! `LiheYoung/Depth-Anything` space's `checkpoints/`: each file's `hub`), either in the
+//! `LiheYoung/Depth-Anything` space's `checkpoints/`, `dpt_hybrid-midas-501f0c75.pt` from
+//! `lllyasviel/ControlNet`'s `annotator/ckpts/`: each file's `hub`), either in the
 //! folder itself or in the subfolder the extension downloads each into
 //! (`hed/ControlNetHED.pth`, `lineart/sk_model.pth`, as its `annotator/downloads` holds them), so
 //! that folder can be given as it is. Which files there are, and how each is read, the

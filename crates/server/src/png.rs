@@ -287,6 +287,10 @@ fn unit_settings(p: &Preprocessor) -> String {
         Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden.clone()),
         Preprocessor::SoftedgeTeed { safe_steps, .. }
         | Preprocessor::SoftedgeAnyline { safe_steps, .. } => (float(safe_steps), hidden.clone()),
+        Preprocessor::NormalMidas {
+            background_threshold,
+            ..
+        } => (float(background_threshold), hidden.clone()),
         Preprocessor::TileResample { down_sampling_rate } => {
             (float(down_sampling_rate), hidden.clone())
         }
@@ -306,6 +310,7 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::ScribblePidinet { .. }
         | Preprocessor::DepthAnything { .. }
         | Preprocessor::DepthAnythingV2 { .. }
+        | Preprocessor::DepthMidas { .. }
         | Preprocessor::Openpose { .. }
         | Preprocessor::OpenposeHand { .. }
         | Preprocessor::OpenposeFace { .. }

@@ -7,7 +7,7 @@
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
 //! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 and
-//! depth_anything in `depth_anything.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
+//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
 //! module without its file in
 //! `missing_networks.rs`.
 
@@ -18,6 +18,8 @@ mod common;
 mod depth_anything;
 #[path = "controlnet_preprocess_http/manga_line.rs"]
 mod manga_line;
+#[path = "controlnet_preprocess_http/midas.rs"]
+mod midas;
 #[path = "controlnet_preprocess_http/missing_networks.rs"]
 mod missing_networks;
 #[path = "controlnet_preprocess_http/mlsd.rs"]
@@ -227,7 +229,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     seeded["seed"] = json!(seed);
     assert!(run(&seeded).0 == got, "the drawn seed reproduces the image");
     for (preprocessor, needle) in [
-        (json!({"type": "depth_midas"}), "[0].preprocessor.type"),
+        (json!({"type": "depth_leres"}), "[0].preprocessor.type"),
         (
             json!({"type": "blur_gaussian", "sigma": 65}),
             "[0].preprocessor.sigma: must be a number in 0.01..=64",
@@ -344,6 +346,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "openpose_full",
             "mlsd",
             "lineart_standard",
+            "depth",
             "canny",
             "invert",
             "threshold",
@@ -360,6 +363,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "openpose_faceonly",
             "openpose_face",
             "openpose",
+            "normal_map",
             "lineart",
             "lineart_coarse",
             "lineart_anime_denoise",
@@ -370,7 +374,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][10], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][11], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -418,7 +422,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][8],
+        labels["module_list"][9],
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][2], "softedge_pidinet");
@@ -426,17 +430,20 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     // openpose_full's priority is 100 (preprocessor_compiled.py), the other OpenPose ones' 0.
     assert_eq!(labels["module_list"][4], "openpose_full");
     assert_eq!(labels["module_list"][5], "mlsd");
-    assert_eq!(labels["module_list"][7], "canny");
-    assert_eq!(labels["module_list"][11], "softedge_teed");
-    assert_eq!(labels["module_list"][12], "softedge_pidisafe");
-    assert_eq!(labels["module_list"][13], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][14], "softedge_hed");
-    assert_eq!(labels["module_list"][15], "softedge_anyline");
-    assert_eq!(labels["module_list"][19], "openpose_hand");
-    assert_eq!(labels["module_list"][20], "openpose_faceonly");
-    assert_eq!(labels["module_list"][21], "openpose_face");
-    assert_eq!(labels["module_list"][22], "openpose");
-    assert_eq!(labels["module_list"][23], "lineart_realistic");
+    // depth (label depth_midas) is priority 100 too; normal_map (normal_midas) 0.
+    assert_eq!(labels["module_list"][7], "depth_midas");
+    assert_eq!(labels["module_list"][8], "canny");
+    assert_eq!(labels["module_list"][12], "softedge_teed");
+    assert_eq!(labels["module_list"][13], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][14], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][15], "softedge_hed");
+    assert_eq!(labels["module_list"][16], "softedge_anyline");
+    assert_eq!(labels["module_list"][20], "openpose_hand");
+    assert_eq!(labels["module_list"][21], "openpose_faceonly");
+    assert_eq!(labels["module_list"][22], "openpose_face");
+    assert_eq!(labels["module_list"][23], "openpose");
+    assert_eq!(labels["module_list"][24], "normal_midas");
+    assert_eq!(labels["module_list"][25], "lineart_realistic");
     for m in [
         "openpose_hand",
         "openpose_face",

@@ -120,14 +120,17 @@ pub struct ControlNetPreprocessor {
     /// (`mlsd_large_512_fp32.pth` in ANNOTATOR_DIR); `depth_anything_v2`: Depth Anything V2's
     /// relative depth, near light, min-max scaled to 0..255, grey
     /// (`depth_anything_v2_vitl.safetensors` in ANNOTATOR_DIR); `depth_anything`: the same from
-    /// Depth Anything (v1) (`depth_anything_vitl14.pth` in ANNOTATOR_DIR); `openpose`: OpenPose's body
+    /// Depth Anything (v1) (`depth_anything_vitl14.pth` in ANNOTATOR_DIR); `depth_midas`: the
+    /// same from MiDaS DPT-Hybrid (`dpt_hybrid-midas-501f0c75.pt` in ANNOTATOR_DIR);
+    /// `normal_midas`: a normal map (RGB) from that depth's slopes, flat below
+    /// `background_threshold`; `openpose`: OpenPose's body
     /// keypoints of each person found, coloured limbs and joints on black
     /// (`body_pose_model.pth` in ANNOTATOR_DIR); `openpose_hand`: with each body's hands
     /// (21 keypoints, rainbow bones, blue joints; also `hand_pose_model.pth`);
     /// `openpose_face`: with each body's face (70 landmarks as white dots; also
     /// `facenet.pth`); `openpose_faceonly`: the faces alone; `openpose_full`: bodies, hands
     /// and faces (all three files); `none`: the image is the map.
-    /// Other model-based preprocessors (other depth ones, dw_openpose_full, ...) are not run
+    /// Other model-based preprocessors (depth_leres, depth_zoe, dw_openpose_full, ...) are not run
     /// here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
@@ -182,6 +185,11 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 0.0, maximum = 10.0, default = 2.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safe_steps: Option<f64>,
+    /// `normal_midas`: where the depth, min-max scaled to 0..1, is below it, the normal
+    /// faces the viewer (the extension's `Normal Background Threshold`).
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.4, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background_threshold: Option<f64>,
     /// All but `invert`, `tile_resample` and `none`: the processor resolution (`color`: at
     /// least 64, one cell), the shorter
     /// side of the image the map is made at (the map is then resized to the request's size);
@@ -222,6 +230,8 @@ pub enum PreprocessorType {
     Mlsd,
     DepthAnything,
     DepthAnythingV2,
+    DepthMidas,
+    NormalMidas,
     Openpose,
     OpenposeHand,
     OpenposeFace,

@@ -132,7 +132,8 @@ pub struct ModelArgs {
     /// runs `mlsd`; `depth_anything_v2_vitl.safetensors` (`depth_anything_v2/`, from
     /// MackinationsAi/Depth-Anything-V2_Safetensors) runs `depth_anything_v2`;
     /// `depth_anything_vitl14.pth` (`depth_anything/`, from the LiheYoung/Depth-Anything
-    /// space's `checkpoints/`) runs `depth_anything`;
+    /// space's `checkpoints/`) runs `depth_anything`; `dpt_hybrid-midas-501f0c75.pt` (`midas/`,
+    /// from lllyasviel/ControlNet's `annotator/ckpts/`) runs `depth_midas` and `normal_midas`;
     /// `body_pose_model.pth` (`openpose/`) runs `openpose`, with `hand_pose_model.pth`
     /// (`openpose/`) `openpose_hand`, with `facenet.pth` (`openpose/`) `openpose_face` and
     /// `openpose_faceonly`, with both `openpose_full`. A file it lacks

@@ -31,6 +31,8 @@ pub const TILE_RATE: (f64, f64, f64) = (1.0, 8.0, 1.0);
 /// Threshold): (min, max, default).
 pub const MLSD_VALUE: (f64, f64, f64) = (0.01, 2.0, 0.1);
 pub const MLSD_DISTANCE: (f64, f64, f64) = (0.01, 20.0, 0.1);
+/// The legacy `normal_map`'s `slider_1` (Normal Background Threshold, step 0.01).
+pub const NORMAL_BACKGROUND: (f64, f64, f64) = (0.0, 1.0, 0.4);
 
 /// softedge_teed's `Safe Steps` (`PreprocessorTEED.slider_1`, step 1); softedge_anyline's too.
 pub const SAFE_STEPS: (f64, f64, f64) = (0.0, 10.0, 2.0);
@@ -43,7 +45,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -73,10 +75,11 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             "distance_threshold",
             "resolution",
         ],
+        "normal_midas" => &["type", "background_threshold", "resolution"],
         other if Preprocessor::resolution_only(other, 0).is_some() => &["type", "resolution"],
         other => {
             return Err(format!(
-                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth, dw_openpose_full: send their map as the image)"
+                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth_leres, dw_openpose_full: send their map as the image)"
             ))
         }
     };
@@ -161,6 +164,10 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "mlsd" => Preprocessor::Mlsd {
             value_threshold: number("value_threshold", MLSD_VALUE)?,
             distance_threshold: number("distance_threshold", MLSD_DISTANCE)?,
+            resolution: resolution()?,
+        },
+        "normal_midas" => Preprocessor::NormalMidas {
+            background_threshold: number("background_threshold", NORMAL_BACKGROUND)?,
             resolution: resolution()?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
@@ -296,6 +303,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         distance_threshold: None,
         seed: None,
         safe_steps: None,
+        background_threshold: None,
     };
     match *p {
         Preprocessor::Canny {
@@ -359,6 +367,14 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         },
         Preprocessor::DepthAnything { .. } => base(PreprocessorType::DepthAnything),
         Preprocessor::DepthAnythingV2 { .. } => base(PreprocessorType::DepthAnythingV2),
+        Preprocessor::DepthMidas { .. } => base(PreprocessorType::DepthMidas),
+        Preprocessor::NormalMidas {
+            background_threshold,
+            ..
+        } => ControlNetPreprocessor {
+            background_threshold: Some(background_threshold),
+            ..base(PreprocessorType::NormalMidas)
+        },
         Preprocessor::Openpose { .. } => base(PreprocessorType::Openpose),
         Preprocessor::OpenposeHand { .. } => base(PreprocessorType::OpenposeHand),
         Preprocessor::OpenposeFace { .. } => base(PreprocessorType::OpenposeFace),

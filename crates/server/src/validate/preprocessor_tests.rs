@@ -118,6 +118,24 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             Preprocessor::DepthAnything { resolution: 448 },
         ),
         (
+            json!({"type": "depth_midas", "resolution": 384}),
+            Preprocessor::DepthMidas { resolution: 384 },
+        ),
+        (
+            json!({"type": "normal_midas"}),
+            Preprocessor::NormalMidas {
+                background_threshold: 0.4,
+                resolution: 512,
+            },
+        ),
+        (
+            json!({"type": "normal_midas", "background_threshold": 0.05, "resolution": 256}),
+            Preprocessor::NormalMidas {
+                background_threshold: 0.05,
+                resolution: 256,
+            },
+        ),
+        (
             json!({"type": "openpose", "resolution": 320}),
             Preprocessor::Openpose { resolution: 320 },
         ),
@@ -255,6 +273,14 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
         (
             json!({"type": "depth_anything", "colored": true}),
             "unknown key \"colored\" for \"depth_anything\"",
+        ),
+        (
+            json!({"type": "depth_midas", "background_threshold": 0.1}),
+            "unknown key \"background_threshold\" for \"depth_midas\"",
+        ),
+        (
+            json!({"type": "normal_midas", "background_threshold": 1.5}),
+            "[2].preprocessor.background_threshold: must be a number in 0..=1",
         ),
         (
             json!({"type": "openpose_full", "include_hand": true}),

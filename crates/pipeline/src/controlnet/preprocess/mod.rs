@@ -187,6 +187,15 @@ pub enum Preprocessor {
     /// The legacy `depth_anything_v2` (colored=False): Depth Anything V2's relative depth,
     /// near light, min-max scaled (the extension hides its resolution slider: 512).
     DepthAnythingV2 { resolution: u32 },
+    /// The legacy `midas` (`depth_midas`): MiDaS DPT-Hybrid's relative depth, near light,
+    /// min-max scaled.
+    DepthMidas { resolution: u32 },
+    /// The legacy `midas_normal` (`normal_midas`): a normal map from the same depth's Sobel
+    /// slopes, flat where the scaled depth is below `background_threshold` (0..=1, 0.4).
+    NormalMidas {
+        background_threshold: f64,
+        resolution: u32,
+    },
     /// The legacy `openpose` (include_body only): OpenPose's body keypoints of each person
     /// found, drawn as coloured limbs and joints on black.
     Openpose { resolution: u32 },
@@ -228,6 +237,8 @@ impl Preprocessor {
             Self::Mlsd { .. } => "mlsd",
             Self::DepthAnything { .. } => "depth_anything",
             Self::DepthAnythingV2 { .. } => "depth_anything_v2",
+            Self::DepthMidas { .. } => "depth_midas",
+            Self::NormalMidas { .. } => "normal_midas",
             Self::Openpose { .. } => "openpose",
             Self::OpenposeHand { .. } => "openpose_hand",
             Self::OpenposeFace { .. } => "openpose_face",
@@ -255,6 +266,7 @@ impl Preprocessor {
             "scribble_pidinet" => Self::ScribblePidinet { resolution },
             "depth_anything" => Self::DepthAnything { resolution },
             "depth_anything_v2" => Self::DepthAnythingV2 { resolution },
+            "depth_midas" => Self::DepthMidas { resolution },
             "openpose" => Self::Openpose { resolution },
             "openpose_hand" => Self::OpenposeHand { resolution },
             "openpose_face" => Self::OpenposeFace { resolution },
@@ -288,6 +300,7 @@ impl Preprocessor {
             Self::Mlsd { .. } => Some(&MLSD),
             Self::DepthAnything { .. } => Some(&DEPTH_ANYTHING),
             Self::DepthAnythingV2 { .. } => Some(&DEPTH_ANYTHING_V2),
+            Self::DepthMidas { .. } | Self::NormalMidas { .. } => Some(&MIDAS),
             Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
@@ -349,6 +362,8 @@ impl Preprocessor {
             | Self::SoftedgeAnyline { resolution, .. }
             | Self::DepthAnything { resolution }
             | Self::DepthAnythingV2 { resolution }
+            | Self::DepthMidas { resolution }
+            | Self::NormalMidas { resolution, .. }
             | Self::Openpose { resolution }
             | Self::OpenposeHand { resolution }
             | Self::OpenposeFace { resolution }
@@ -384,6 +399,8 @@ impl Preprocessor {
             | Self::SoftedgeAnyline { resolution: r, .. }
             | Self::DepthAnything { resolution: r }
             | Self::DepthAnythingV2 { resolution: r }
+            | Self::DepthMidas { resolution: r }
+            | Self::NormalMidas { resolution: r, .. }
             | Self::Openpose { resolution: r }
             | Self::OpenposeHand { resolution: r }
             | Self::OpenposeFace { resolution: r }
@@ -510,6 +527,17 @@ impl Preprocessor {
                 let map = depth_anything_map(&net, &padded.image)?;
                 padded.crop_gray_to_rgb(&map)
             }
+            Self::DepthMidas { .. } => {
+                let net = network::<MidasNetwork>(networks, &MIDAS)?;
+                midas_module(&net, &padded(), None)?
+            }
+            Self::NormalMidas {
+                background_threshold,
+                ..
+            } => {
+                let net = network::<MidasNetwork>(networks, &MIDAS)?;
+                midas_module(&net, &padded(), Some(background_threshold))?
+            }
             Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
@@ -612,6 +640,8 @@ impl Preprocessor {
             | Self::Mlsd { .. }
             | Self::DepthAnything { .. }
             | Self::DepthAnythingV2 { .. }
+            | Self::DepthMidas { .. }
+            | Self::NormalMidas { .. }
             | Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
@@ -648,6 +678,7 @@ mod tests {
             "scribble_pidinet",
             "depth_anything",
             "depth_anything_v2",
+            "depth_midas",
             "openpose",
             "openpose_hand",
             "openpose_face",
@@ -670,6 +701,7 @@ mod tests {
             "softedge_teed",
             "softedge_anyline",
             "mlsd",
+            "normal_midas",
             "none",
             "hed",
         ] {

@@ -53,6 +53,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::MLSD,
     &super::DEPTH_ANYTHING,
     &super::DEPTH_ANYTHING_V2,
+    &super::MIDAS,
     &super::BODY_POSE,
     &super::HAND_POSE,
     &super::FACENET,

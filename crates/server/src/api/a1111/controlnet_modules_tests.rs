@@ -26,13 +26,13 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         p(640, 20.7, 254.99)
     );
     assert_eq!(preprocessor("none", None, None, None, "", 0).unwrap(), None);
-    let e = preprocessor("depth_midas", None, None, None, "[1].", 0).unwrap_err();
+    let e = preprocessor("depth_leres", None, None, None, "[1].", 0).unwrap_err();
     assert!(
-        e.starts_with("[1].module: the preprocessor \"depth_midas\""),
+        e.starts_with("[1].module: the preprocessor \"depth_leres\""),
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"openpose_full\", \"mlsd\", \"lineart_standard\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"openpose_full\", \"mlsd\", \"lineart_standard\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
         "{e}"
     );
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -183,6 +183,15 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
         (
             "depth_anything",
             Preprocessor::DepthAnything { resolution: 256 },
+        ),
+        ("depth", Preprocessor::DepthMidas { resolution: 256 }),
+        ("depth_midas", Preprocessor::DepthMidas { resolution: 256 }),
+        (
+            "normal_map",
+            Preprocessor::NormalMidas {
+                background_threshold: 0.4,
+                resolution: 256,
+            },
         ),
         ("openpose", Preprocessor::Openpose { resolution: 256 }),
         (
