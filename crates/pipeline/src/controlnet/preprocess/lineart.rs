@@ -266,6 +266,11 @@ pub(super) fn reflection_pad(x: &Tensor, p: usize) -> Result<Tensor> {
 /// image to mean 0, (biased) variance 1.
 pub(super) fn instance_norm(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
+    if x.dtype() == DType::F32 && x.device().is_cpu() && h * w > 0 {
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        instance_norm_f32(&mut v, h * w);
+        return Ok(Tensor::from_vec(v, (n, c, h, w), &Device::Cpu)?);
+    }
     let flat = x.reshape((n, c, h * w))?;
     let mean = flat.mean_keepdim(2)?;
     let centred = flat.broadcast_sub(&mean)?;
@@ -273,6 +278,28 @@ pub(super) fn instance_norm(x: &Tensor) -> Result<Tensor> {
     Ok(centred
         .broadcast_div(&(var + 1e-5)?.sqrt()?)?
         .reshape((n, c, h, w))?)
+}
+
+/// [`instance_norm`] in place on each `plane` values, in parallel, with torch's CPU arithmetic
+/// (its training-mode batch norm, which InstanceNorm2d runs): mean and biased variance summed
+/// in f64 (two passes), mean and `1 / sqrt(var + eps)` rounded to f32, then
+/// `x * invstd + (-mean * invstd)` in f32 (candle's ops made six passes on one thread).
+fn instance_norm_f32(values: &mut [f32], plane: usize) {
+    use rayon::prelude::*;
+    values.par_chunks_mut(plane).for_each(|p| {
+        let n = p.len() as f64;
+        let mean = p.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = p
+            .iter()
+            .map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean))
+            .sum::<f64>()
+            / n;
+        let invstd = (1.0 / (var + 1e-5).sqrt()) as f32;
+        let beta = -(mean as f32) * invstd;
+        for v in p {
+            *v = *v * invstd + beta;
+        }
+    });
 }
 
 /// `ResidualBlock`: `x` plus two reflection-padded 3x3 convs, each instance-normed (ReLU
