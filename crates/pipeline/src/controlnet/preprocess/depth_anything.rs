@@ -28,17 +28,19 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::LayerNorm;
 
 use super::lineart_anime::resize_cubic_f32;
 use super::networks::{AnnotatorFile, HubFile};
 use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
-use crate::{PipelineError, Result};
+use crate::Result;
 
+mod state;
 pub(super) mod vit;
-use vit::{Block, BlockWeights};
+pub(super) use state::State;
+use vit::Block;
 
 /// The file the extension loads Depth Anything (v1) from (`annotator/downloads/depth_anything/`).
 pub const DEPTH_ANYTHING_FILE: &str = "depth_anything_vitl14.pth";
@@ -198,92 +200,6 @@ impl std::fmt::Debug for DepthAnythingNetwork {
     }
 }
 
-/// The state dict and where it came from, for errors naming the file and key (`what`: the
-/// network it should be).
-pub(super) struct State<'a> {
-    pub(super) path: &'a Path,
-    pub(super) tensors: std::collections::HashMap<String, Tensor>,
-    pub(super) device: &'a Device,
-    pub(super) what: &'static str,
-}
-
-impl State<'_> {
-    pub(super) fn bad(&self, message: String) -> PipelineError {
-        PipelineError::Weights {
-            path: self.path.to_path_buf(),
-            message,
-        }
-    }
-
-    pub(super) fn any(&self, key: &str) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .get(key)
-            .ok_or_else(|| self.bad(format!("{key} is missing (not a {} network)", self.what)))?;
-        Ok(t.to_dtype(DType::F32)?.to_device(self.device)?)
-    }
-
-    pub(super) fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.any(key)?;
-        if t.dims() != shape {
-            return Err(self.bad(format!(
-                "{key} has shape {:?}, the network needs {shape:?}",
-                t.dims()
-            )));
-        }
-        Ok(t)
-    }
-
-    pub(super) fn conv(
-        &self,
-        key: &str,
-        shape: [usize; 4],
-        stride: usize,
-        bias: bool,
-    ) -> Result<Conv2d> {
-        let weight = self.get(&format!("{key}.weight"), &shape)?;
-        let bias = match bias {
-            true => Some(self.get(&format!("{key}.bias"), &shape[..1])?),
-            false => None,
-        };
-        Ok(Conv2d::new(weight, bias, stride, shape[2] / 2))
-    }
-
-    pub(super) fn linear(&self, key: &str, out: usize, inp: usize) -> Result<Linear> {
-        let weight = self.get(&format!("{key}.weight"), &[out, inp])?;
-        Ok(Linear::new(
-            weight,
-            Some(self.get(&format!("{key}.bias"), &[out])?),
-        ))
-    }
-
-    pub(super) fn norm(&self, key: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
-        let w = self.get(&format!("{key}.weight"), &[dim])?;
-        Ok(LayerNorm::new(
-            w,
-            self.get(&format!("{key}.bias"), &[dim])?,
-            eps,
-        ))
-    }
-
-    fn rcu(&self, key: &str, f: usize) -> Result<Rcu> {
-        let c = |i| self.conv(&format!("{key}.conv{i}"), [f, f, 3, 3], 1, true);
-        Ok(Rcu([c(1)?, c(2)?]))
-    }
-
-    /// `refinenet{i}` (`f` wide) under `key`: the one at the coarsest level (`first`) fuses
-    /// nothing finer, so its (unused) first unit is not read.
-    pub(super) fn fusion(&self, key: &str, f: usize, first: bool) -> Result<Fusion> {
-        Ok(Fusion {
-            unit1: (!first)
-                .then(|| self.rcu(&format!("{key}.resConfUnit1"), f))
-                .transpose()?,
-            unit2: self.rcu(&format!("{key}.resConfUnit2"), f)?,
-            out_conv: self.conv(&format!("{key}.out_conv"), [f, f, 1, 1], 1, true)?,
-        })
-    }
-}
-
 impl DepthAnythingNetwork {
     /// The network of a `depth_anything_vitl14.pth` (v1) or `depth_anything_v2_*.safetensors`
     /// file (either a safetensors file or a torch pickle of the state dict: the two have one
@@ -311,19 +227,8 @@ impl DepthAnythingNetwork {
         let patch = s.conv("pretrained.patch_embed.proj", [d, 3, p, p], p, true)?;
         // The patch conv has no padding (its `p / 2` from `conv` is for the 3x3s).
         let patch = Conv2d::new(patch.weight().clone(), patch.bias().cloned(), p, 0);
-        let pos_embed = s.any("pretrained.pos_embed")?;
-        let tokens = pos_embed.dim(1)? - 1;
-        let grid = (tokens as f64).sqrt().round() as usize;
-        if grid * grid != tokens || pos_embed.dims() != [1, tokens + 1, d] {
-            return Err(s.bad(format!(
-                "pos_embed {:?} is not a square grid",
-                pos_embed.dims()
-            )));
-        }
-        let heads = heads.unwrap_or((d / HEAD_WIDTH).max(1));
-        if heads == 0 || d % heads != 0 {
-            return Err(s.bad(format!("{heads} heads do not divide the width {d}")));
-        }
+        let (pos_embed, grid) = s.pos_embed("pretrained.pos_embed", d)?;
+        let heads = s.heads(heads, d, HEAD_WIDTH)?;
         let depth = (0..)
             .take_while(|i| {
                 s.tensors
@@ -335,22 +240,8 @@ impl DepthAnythingNetwork {
                 "{depth} blocks: not a DINOv2 size for {version:?} (12, 24, 40)"
             ))
         })?;
-        let hidden = s.any("pretrained.blocks.0.mlp.fc1.weight")?.dim(0)?;
         let blocks = (0..depth)
-            .map(|i| {
-                let k = |n: &str| format!("pretrained.blocks.{i}.{n}");
-                let weights = BlockWeights {
-                    norm1: s.norm(&k("norm1"), d, NORM_EPS)?,
-                    qkv: s.linear(&k("attn.qkv"), 3 * d, d)?,
-                    proj: s.linear(&k("attn.proj"), d, d)?,
-                    ls1: s.get(&k("ls1.gamma"), &[d])?,
-                    norm2: s.norm(&k("norm2"), d, NORM_EPS)?,
-                    fc1: s.linear(&k("mlp.fc1"), hidden, d)?,
-                    fc2: s.linear(&k("mlp.fc2"), d, hidden)?,
-                    ls2: s.get(&k("ls2.gamma"), &[d])?,
-                };
-                Block::new(weights, NORM_EPS)
-            })
+            .map(|i| s.vit_block(&format!("pretrained.blocks.{i}"), d, NORM_EPS, true))
             .collect::<Result<Vec<_>>>()?;
         let h = "depth_head";
         let outs: Vec<usize> = (0..4)

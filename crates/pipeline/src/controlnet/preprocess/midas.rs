@@ -21,10 +21,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::Linear;
 
-use super::depth_anything::vit::{Block, BlockWeights};
+use super::depth_anything::vit::Block;
 use super::depth_anything::{bilinear, Fusion, State};
 use super::networks::{AnnotatorFile, HubFile};
 use super::resize::Padded;
@@ -121,19 +121,8 @@ impl MidasNetwork {
             true,
         )?;
         let proj = Conv2d::new(proj.weight().clone(), proj.bias().cloned(), k, 0);
-        let pos_embed = s.any(&format!("{m}.pos_embed"))?;
-        let tokens = pos_embed.dim(1)? - 1;
-        let grid = (tokens as f64).sqrt().round() as usize;
-        if grid * grid != tokens || pos_embed.dims() != [1, tokens + 1, d] {
-            return Err(s.bad(format!(
-                "pos_embed {:?} is not a square grid",
-                pos_embed.dims()
-            )));
-        }
-        let heads = heads.unwrap_or((d / HEAD_WIDTH).max(1));
-        if heads == 0 || d % heads != 0 {
-            return Err(s.bad(format!("{heads} heads do not divide the width {d}")));
-        }
+        let (pos_embed, grid) = s.pos_embed(&format!("{m}.pos_embed"), d)?;
+        let heads = s.heads(heads, d, HEAD_WIDTH)?;
         let depth = (0..)
             .take_while(|i| {
                 s.tensors
@@ -143,24 +132,9 @@ impl MidasNetwork {
         if depth <= HOOKS[1] {
             return Err(s.bad(format!("{depth} blocks: DPT-Hybrid takes blocks {HOOKS:?}")));
         }
-        let hidden = s.any(&format!("{m}.blocks.0.mlp.fc1.weight"))?.dim(0)?;
-        let ones = Tensor::ones(d, DType::F32, device)?;
+        // timm's ViT-B has no layer scale.
         let blocks = (0..=HOOKS[1])
-            .map(|i| {
-                let k = |n: &str| format!("{m}.blocks.{i}.{n}");
-                let weights = BlockWeights {
-                    norm1: s.norm(&k("norm1"), d, NORM_EPS)?,
-                    qkv: s.linear(&k("attn.qkv"), 3 * d, d)?,
-                    proj: s.linear(&k("attn.proj"), d, d)?,
-                    // timm's ViT-B has no layer scale.
-                    ls1: ones.clone(),
-                    norm2: s.norm(&k("norm2"), d, NORM_EPS)?,
-                    fc1: s.linear(&k("mlp.fc1"), hidden, d)?,
-                    fc2: s.linear(&k("mlp.fc2"), d, hidden)?,
-                    ls2: ones.clone(),
-                };
-                Block::new(weights, NORM_EPS)
-            })
+            .map(|i| s.vit_block(&format!("{m}.blocks.{i}"), d, NORM_EPS, false))
             .collect::<Result<Vec<_>>>()?;
         let p = |n: usize| format!("pretrained.act_postprocess{n}");
         let outs: Vec<usize> = [3, 4]
