@@ -14,10 +14,10 @@
 use candle_core::Tensor;
 
 use super::churn::Churn;
-use super::common::{self, check_index, div_s, mul_s, to_f32};
+use super::common::{self, div_s, mul_s, to_f32};
 use super::euler::scale_by_sigma;
 use super::interleaved::log_midpoint;
-use super::kdiffusion::{ancestral_step, KSigmas};
+use super::kdiffusion::{ancestral_step, KSigmas, MidpointCalls};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::{PipelineError, Result};
@@ -42,9 +42,7 @@ pub struct Dpm2A1111 {
     /// The step an img2img pass starts at (churn's run length counts from it).
     start_step: usize,
     steps: Vec<Step>,
-    /// Per entry of `timesteps`: its step and whether it is the step's midpoint call.
-    calls: Vec<(usize, bool)>,
-    timesteps: Vec<f64>,
+    calls: MidpointCalls,
     /// The step's starting sample while its midpoint call is pending.
     start: Option<Tensor>,
 }
@@ -59,8 +57,7 @@ impl Dpm2A1111 {
             churn: Churn::default(),
             start_step: 0,
             steps: Vec::new(),
-            calls: Vec::new(),
-            timesteps: Vec::new(),
+            calls: MidpointCalls::default(),
             start: None,
         };
         s.layout();
@@ -92,32 +89,12 @@ impl Dpm2A1111 {
                 }
             })
             .collect();
-        self.calls.clear();
-        self.timesteps.clear();
-        for (i, st) in self.steps.iter().enumerate() {
-            self.calls.push((i, false));
-            self.timesteps.push(self.k.t(st.hat));
-            if let Some(mid) = st.mid {
-                self.calls.push((i, true));
-                self.timesteps.push(self.k.t(mid));
-            }
-        }
+        self.calls = MidpointCalls::new(&self.k, self.steps.iter().map(|st| (st.hat, st.mid)));
     }
 
     /// The run's sigmas (one per step, then 0), the next-to-last of A1111's `steps + 1` gone.
     pub fn sigmas(&self) -> &[f32] {
         &self.k.sigmas
-    }
-
-    /// The sigma the UNet sees at call `index`.
-    fn call_sigma(&self, index: usize) -> Result<f32> {
-        check_index(index, self.calls.len())?;
-        let (step, mid) = self.calls[index];
-        let st = &self.steps[step];
-        Ok(match (mid, st.mid) {
-            (true, Some(m)) => m,
-            _ => st.hat,
-        })
     }
 
     /// DPM2 a's fresh noise after a step (drawn on every step, as k-diffusion draws it).
@@ -132,7 +109,7 @@ impl Dpm2A1111 {
 
 impl Scheduler for Dpm2A1111 {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.calls.timesteps()
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -162,16 +139,13 @@ impl Scheduler for Dpm2A1111 {
     }
 
     fn first_index_of_step(&self, step: usize) -> usize {
-        self.calls
-            .iter()
-            .position(|&(s, _)| s == step)
-            .unwrap_or(self.calls.len())
+        self.calls.first_of_step(step)
     }
 
     /// Churn's gamma counts the pass's own steps (k-diffusion's `len(sigmas) - 1` of
     /// `sigma_sched`), so the hats are planned again from the pass's first step.
     fn set_begin_index(&mut self, begin: usize) {
-        let step = self.calls.get(begin).map_or(self.steps.len(), |c| c.0);
+        let step = self.calls.step_of(begin, self.steps.len());
         if step != self.start_step {
             self.start_step = step;
             self.layout();
@@ -184,8 +158,7 @@ impl Scheduler for Dpm2A1111 {
         index: usize,
         rngs: &mut [TorchRng],
     ) -> Result<Option<Tensor>> {
-        check_index(index, self.calls.len())?;
-        let (step, mid) = self.calls[index];
+        let (step, mid) = self.calls.get(index)?;
         if mid || self.ancestral {
             return Ok(None);
         }
@@ -194,22 +167,20 @@ impl Scheduler for Dpm2A1111 {
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        scale_by_sigma(sample, self.call_sigma(index)?)
+        scale_by_sigma(sample, self.calls.sigma(index)?)
     }
 
     fn guidance_sigma(&self, index: usize) -> Option<f64> {
-        self.call_sigma(index).ok().map(f64::from)
+        self.calls.sigma(index).ok().map(f64::from)
     }
 
     /// The image at the call's noise level; a step's first call at the schedule's sigma
     /// (`sigma_sched[0]` for img2img's start), not churn's.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        check_index(index, self.calls.len())?;
-        let (step, mid) = self.calls[index];
-        let st = &self.steps[step];
-        let sigma = match (mid, st.mid) {
-            (true, Some(m)) => m,
-            _ => st.sigma,
+        let (step, mid) = self.calls.get(index)?;
+        let sigma = match mid {
+            true => self.calls.sigma(index)?,
+            false => self.steps[step].sigma,
         };
         self.k.add_noise(original, noise, sigma)
     }
@@ -221,10 +192,9 @@ impl Scheduler for Dpm2A1111 {
         sample: &Tensor,
         rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
-        check_index(index, self.calls.len())?;
+        let (step, is_mid) = self.calls.get(index)?;
         let dtype = model_output.dtype();
         let (mo, x) = (to_f32(model_output)?, to_f32(sample)?);
-        let (step, is_mid) = self.calls[index];
         let st = self.steps[step];
         let out = match (is_mid, st.mid) {
             (false, mid) => {

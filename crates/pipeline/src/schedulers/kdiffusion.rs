@@ -152,6 +152,60 @@ struct AncestralStep {
     mid: Option<f32>,
 }
 
+/// The UNet calls of a k-diffusion sampler that evaluates each step at its start and, where the
+/// step has one, again at a midpoint (DPM++ 2S a, A1111's DPM2 and DPM2 a): per call, its step,
+/// whether it is the midpoint, the sigma the UNet sees and its timestep.
+#[derive(Default)]
+pub(super) struct MidpointCalls {
+    calls: Vec<(usize, bool)>,
+    sigmas: Vec<f32>,
+    timesteps: Vec<f64>,
+}
+
+impl MidpointCalls {
+    /// The calls of `steps` (each step's starting sigma and midpoint), timesteps from `k`.
+    pub(super) fn new(k: &KSigmas, steps: impl Iterator<Item = (f32, Option<f32>)>) -> Self {
+        let mut out = Self::default();
+        for (i, (start, mid)) in steps.enumerate() {
+            for (sigma, is_mid) in std::iter::once((start, false)).chain(mid.map(|m| (m, true))) {
+                out.calls.push((i, is_mid));
+                out.sigmas.push(sigma);
+                out.timesteps.push(k.t(sigma));
+            }
+        }
+        out
+    }
+
+    /// Call `index`'s step and whether it is that step's midpoint.
+    pub(super) fn get(&self, index: usize) -> Result<(usize, bool)> {
+        check_index(index, self.calls.len())?;
+        Ok(self.calls[index])
+    }
+
+    /// The sigma the UNet sees at call `index`.
+    pub(super) fn sigma(&self, index: usize) -> Result<f32> {
+        check_index(index, self.calls.len())?;
+        Ok(self.sigmas[index])
+    }
+
+    pub(super) fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// The first call of `step` (the call count past the last step).
+    pub(super) fn first_of_step(&self, step: usize) -> usize {
+        self.calls
+            .iter()
+            .position(|&(s, _)| s == step)
+            .unwrap_or(self.calls.len())
+    }
+
+    /// The step of call `index` (the step count past the last call).
+    pub(super) fn step_of(&self, index: usize, steps: usize) -> usize {
+        self.calls.get(index).map_or(steps, |c| c.0)
+    }
+}
+
 /// `sample_dpmpp_2s_ancestral`: each step with `sigma_down > 0` evaluates the UNet at its sigma
 /// and at the midpoint (in `t = -ln sigma`) towards `sigma_down`; the last step (and any other
 /// with `sigma_down == 0`) is one Euler step. Fresh noise from the images' generators (A1111:
@@ -160,9 +214,7 @@ pub struct DpmPp2sAncestral {
     k: KSigmas,
     eta: f32,
     steps: Vec<AncestralStep>,
-    /// Per entry of `timesteps`: its step and whether it is the step's midpoint call.
-    calls: Vec<(usize, bool)>,
-    timesteps: Vec<f64>,
+    calls: MidpointCalls,
     /// The step's starting sample while its midpoint call is pending.
     start: Option<Tensor>,
 }
@@ -173,8 +225,7 @@ impl DpmPp2sAncestral {
             k: KSigmas::new(cfg, n, false)?,
             eta: 1.0,
             steps: Vec::new(),
-            calls: Vec::new(),
-            timesteps: Vec::new(),
+            calls: MidpointCalls::default(),
             start: None,
         };
         s.layout();
@@ -201,16 +252,7 @@ impl DpmPp2sAncestral {
                 }
             })
             .collect();
-        self.calls.clear();
-        self.timesteps.clear();
-        for (i, st) in self.steps.iter().enumerate() {
-            self.calls.push((i, false));
-            self.timesteps.push(self.k.t(st.sigma));
-            if let Some(mid) = st.mid {
-                self.calls.push((i, true));
-                self.timesteps.push(self.k.t(mid));
-            }
-        }
+        self.calls = MidpointCalls::new(&self.k, self.steps.iter().map(|st| (st.sigma, st.mid)));
     }
 
     /// The run's sigmas (one per step, then 0).
@@ -235,7 +277,7 @@ impl DpmPp2sAncestral {
 
 impl Scheduler for DpmPp2sAncestral {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.calls.timesteps()
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -256,34 +298,19 @@ impl Scheduler for DpmPp2sAncestral {
     }
 
     fn first_index_of_step(&self, step: usize) -> usize {
-        self.calls
-            .iter()
-            .position(|&(s, _)| s == step)
-            .unwrap_or(self.calls.len())
+        self.calls.first_of_step(step)
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        check_index(index, self.calls.len())?;
-        let (step, mid) = self.calls[index];
-        let st = &self.steps[step];
-        scale_by_sigma(sample, if mid { st.mid.unwrap() } else { st.sigma })
+        scale_by_sigma(sample, self.calls.sigma(index)?)
     }
 
     fn guidance_sigma(&self, index: usize) -> Option<f64> {
-        let &(step, mid) = self.calls.get(index)?;
-        let st = &self.steps[step];
-        Some(if mid { st.mid? } else { st.sigma } as f64)
+        self.calls.sigma(index).ok().map(f64::from)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        check_index(index, self.calls.len())?;
-        let (step, mid) = self.calls[index];
-        let st = &self.steps[step];
-        self.k.add_noise(
-            original,
-            noise,
-            if mid { st.mid.unwrap() } else { st.sigma },
-        )
+        self.k.add_noise(original, noise, self.calls.sigma(index)?)
     }
 
     fn step(
@@ -293,10 +320,9 @@ impl Scheduler for DpmPp2sAncestral {
         sample: &Tensor,
         rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
-        check_index(index, self.calls.len())?;
+        let (step, is_mid) = self.calls.get(index)?;
         let dtype = model_output.dtype();
         let (mo, x) = (to_f32(model_output)?, to_f32(sample)?);
-        let (step, is_mid) = self.calls[index];
         let st = self.steps[step];
         let (t, t_next) = (-log(st.sigma), -log(st.down));
         let h = t_next - t;
