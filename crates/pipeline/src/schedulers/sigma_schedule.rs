@@ -3,7 +3,8 @@
 //! types Karras, Exponential and Beta), with the `_convert_to_*` functions of diffusers 0.42.1.
 
 use super::common::{self, config_error};
-use super::{is_sde, Sampler, SchedulerConfig, SchedulerKind};
+use super::kind::is_sde;
+use super::{Sampler, SchedulerConfig, SchedulerKind};
 use crate::Result;
 
 /// Which sigmas a sampler steps through.
