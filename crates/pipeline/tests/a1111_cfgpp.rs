@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::ops::ControlFlow;
-
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage, StableDiffusion};
 use sdserve_pipeline::schedulers::SchedulerKind;
@@ -41,12 +39,6 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
 
 fn model() -> StableDiffusion {
     StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap()
-}
-
-fn generate(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {
-    model
-        .generate(params, &mut |_| ControlFlow::Continue(()))
-        .unwrap()
 }
 
 fn failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
@@ -107,7 +99,7 @@ fn images_match_a1111_s() {
     let model = model();
     let mut all = Vec::new();
     for (label, case) in &cases {
-        let got = generate(&model, &params_of(case));
+        let got = common::generate(&model, &params_of(case));
         all.extend(failures(label, &got, f.get(&format!("image.{label}"))));
     }
     assert!(all.is_empty(), "differ from A1111's: {all:?}");
@@ -124,7 +116,7 @@ fn plain_ddim_is_not_cfgpp() {
             scheduler: Some(SchedulerKind::DdimA1111),
             ..params_of(case)
         };
-        let got = generate(&model, &params);
+        let got = common::generate(&model, &params);
         let misses = failures(label, &got, f.get(&format!("image.{label}")));
         assert_eq!(misses.len(), got.len(), "{label}: {misses:?}");
     }

@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::ops::ControlFlow;
-
 use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage, StableDiffusion};
 use sdserve_pipeline::schedulers::Churn;
@@ -114,19 +112,13 @@ fn failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
     common::tight_batch_failures(label, got, want, MAX_BOUND, MEAN_BOUND)
 }
 
-fn generate(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {
-    model
-        .generate(params, &mut |_| ControlFlow::Continue(()))
-        .unwrap()
-}
-
 #[test]
 fn images_match_a1111_s() {
     let (cases, f) = load();
     let model = model();
     let mut all = Vec::new();
     for (label, case) in &cases {
-        let got = generate(&model, &params_of(case));
+        let got = common::generate(&model, &params_of(case));
         all.extend(failures(label, &got, f.get(&format!("image.{label}"))));
     }
     assert!(all.is_empty(), "differ from A1111's: {all:?}");
@@ -149,7 +141,7 @@ fn the_cases_need_their_parameters() {
             assert!(label.starts_with("euler_a"), "{label}");
             continue;
         }
-        let got = generate(&model, &without);
+        let got = common::generate(&model, &without);
         let misses = failures(label, &got, f.get(&format!("image.{label}")));
         assert_eq!(misses.len(), got.len(), "{label}: {misses:?}");
     }

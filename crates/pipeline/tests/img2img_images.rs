@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{GenerationParams, InitImage, RgbImage, StableDiffusion};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
 use sdserve_pipeline::PipelineError;
 
 fn fixtures() -> PathBuf {
@@ -50,12 +50,6 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
     }
 }
 
-fn generate(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {
-    model
-        .generate(params, &mut |_| ControlFlow::Continue(()))
-        .expect("generates")
-}
-
 /// Runs every case whose label starts with one of `prefixes` and compares each image of it.
 fn check(prefixes: &[&str]) {
     let mut f = load();
@@ -75,7 +69,7 @@ fn check(prefixes: &[&str]) {
                 .expect("model loads")
         });
         let params = params_of(&case);
-        let images = generate(model, &params);
+        let images = common::generate(model, &params);
         let expected = &f.tensors[&format!("image.{label}")];
         for image in &images {
             assert_eq!(
@@ -132,10 +126,10 @@ fn batch_images_are_their_single_runs() {
     for label in ["tiny-a.img2img.euler_a.0.75", "tiny-a.inpaint.euler_a.0.75"] {
         let mut params = params_of(&f.cases[label]);
         params.batch_size = 2;
-        let batch = generate(&model, &params);
+        let batch = common::generate(&model, &params);
         params.batch_size = 1;
         params.seed += 1;
-        let single = generate(&model, &params);
+        let single = common::generate(&model, &params);
         let (mean, over) = pixel_difference(&batch[1].pixels, &single[0].pixels);
         assert!(
             mean < 0.05 && over == 0.0,

@@ -14,12 +14,9 @@ static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
 use common::{fixture_path, pixel_difference, read_png, request_params};
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 
 use candle_core::{DType, Device};
-use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, PromptSyntax, RgbImage, StableDiffusion,
-};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, PromptSyntax, StableDiffusion};
 use sdserve_pipeline::prompt_schedule::{and_parts, schedule};
 
 /// The largest mean absolute difference (0..255) from diffusers' image these cases allow.
@@ -37,12 +34,6 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
         prompt_syntax: PromptSyntax::A1111,
         ..request_params(case)
     }
-}
-
-fn generate(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {
-    model
-        .generate(params, &mut |_| ControlFlow::Continue(()))
-        .unwrap()
 }
 
 #[test]
@@ -66,7 +57,7 @@ fn images_match_diffusers() {
             StableDiffusion::load(&fixture_path(name), &Device::Cpu, DType::F32).unwrap()
         });
         let params = params_of(case);
-        let got = generate(model, &params);
+        let got = common::generate(model, &params);
         let want = &tensors[&format!("image.{label}")];
         assert_eq!(got.len(), want.dim(0).unwrap(), "{label}: image count");
         let want_first: Vec<u8> = want
@@ -99,7 +90,7 @@ fn images_match_diffusers() {
         // further from the reference. (The tiny models' random text encoders move the image
         // less than the image bound for some prompts, so the test is against our difference.)
         let first = |p: &str| schedule(&and_parts(p)[0].text, 10, None).remove(0).1;
-        let unscheduled = generate(
+        let unscheduled = common::generate(
             model,
             &GenerationParams {
                 prompt: first(&params.prompt),
@@ -140,8 +131,8 @@ fn and_halves_of_one_text_are_that_text() {
             prompt_syntax: PromptSyntax::A1111,
             ..Default::default()
         };
-        let whole = generate(&model, &params);
-        let halves = generate(
+        let whole = common::generate(&model, &params);
+        let halves = common::generate(
             &model,
             &GenerationParams {
                 prompt: "a photo of a cat :0.5 AND a photo of a cat :0.5".into(),
@@ -150,7 +141,7 @@ fn and_halves_of_one_text_are_that_text() {
         );
         let (mean, _) = pixel_difference(&whole[0].pixels, &halves[0].pixels);
         assert!(mean < TIGHT_MEAN, "{negative:?}: mean abs diff {mean}");
-        let other = generate(
+        let other = common::generate(
             &model,
             &GenerationParams {
                 prompt: "a photo of a cat :0.7 AND a photo of a cat :0.5".into(),

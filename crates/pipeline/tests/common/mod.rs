@@ -102,12 +102,16 @@ pub fn sampler_case_params(case: &serde_json::Value) -> GenerationParams {
     }
 }
 
-/// The first image `params` generates, run to the end.
-pub fn generate_one(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
+/// The images `params` generates, run to the end.
+pub fn generate(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {
     model
         .generate(params, &mut |_| std::ops::ControlFlow::Continue(()))
         .expect("generates")
-        .remove(0)
+}
+
+/// The first image `params` generates, run to the end.
+pub fn generate_one(model: &StableDiffusion, params: &GenerationParams) -> RgbImage {
+    generate(model, params).remove(0)
 }
 
 /// A fixture pair written by a `tools/make_*_fixtures.py` script: tensors in `<stem>.safetensors`,
