@@ -85,7 +85,9 @@ class Params:
             (self.image_cond, self.sigma, _, _, self.text_cond, self.text_uncond) = rest[:6]
 
 
-def load_sources(a1111_dir):
+def load_sources(a1111_dir, samplers=("ddim_cfgpp",)):
+    """A1111's functions from a checkout: `samplers` are the sd_samplers_timesteps_impl.py
+    functions to take (make_a1111_skip_early_fixtures.py takes `ddim`)."""
     mod = os.path.join(a1111_dir, "modules")
     digests = {}
     opts = types.SimpleNamespace(**OPTION_DEFAULTS)
@@ -104,7 +106,7 @@ def load_sources(a1111_dir):
     tu, d = functions(os.path.join(mod, "torch_utils.py"), ["float64"], {"torch": torch})
     digests.update(d)
     quiet = types.SimpleNamespace(trange=lambda n, disable=None: range(n))
-    impl, d = functions(os.path.join(mod, "sd_samplers_timesteps_impl.py"), ["ddim_cfgpp"],
+    impl, d = functions(os.path.join(mod, "sd_samplers_timesteps_impl.py"), list(samplers),
                         {"torch": torch, "tqdm": quiet, "np": np, "float64": tu["float64"],
                          "k_diffusion": k_diffusion, "shared": shared})
     digests.update(d)
@@ -177,8 +179,10 @@ def run(pipe, src, case, x, image, gens):
         extra_generation_params={}, scripts=None,
         **{f: req.get(f) for f in ("s_min_uncond", "s_churn", "s_tmin", "s_tmax", "s_noise")})
     src["fill"](p)
-    sampler = src["CompVisSampler"](src["impl"]["ddim_cfgpp"], sd_model)
-    sampler.config = src["SamplerData"]("DDIM CFG++", None, ["ddim_cfgpp"], {})
+    # A1111's name and alias of the case's sampler (DDIM CFG++ unless the case says).
+    name, alias = case.get("a1111_sampler", ("DDIM CFG++", "ddim_cfgpp"))
+    sampler = src["CompVisSampler"](src["impl"][alias], sd_model)
+    sampler.config = src["SamplerData"](name, None, [alias], {})
     sampler.add_infotext = lambda p: None
     image_cond = torch.zeros(batch, 5, 1, 1)
     if image is None:

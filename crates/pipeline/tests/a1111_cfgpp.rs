@@ -32,6 +32,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             all_steps: native["negative_guidance_all_steps"]
                 .as_bool()
                 .unwrap_or(false),
+            ..Default::default()
         },
         ..common::sampler_case_params(case)
     }
@@ -77,7 +78,11 @@ fn evaluations_are_a1111_s() {
             .unwrap();
         assert_eq!(&scheduler.timesteps()[begin..], want.as_slice(), "{label}");
         let skipped: Vec<u64> = (0..want.len())
-            .filter(|&i| params.negative_guidance.skips(i, want[i]))
+            .filter(|&i| {
+                let total = params.steps_run() * scheduler.order();
+                let skips = params.negative_guidance.skips(i, total, || Ok(want[i]));
+                skips.unwrap()
+            })
             .map(|i| i as u64)
             .collect();
         let want_skipped: Vec<u64> = case["skipped_evaluations"]

@@ -38,6 +38,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
         negative_guidance: NegativeGuidance {
             min_sigma: num("negative_guidance_min_sigma", 0.0),
             all_steps: native["negative_guidance_all_steps"].as_bool().unwrap(),
+            ..Default::default()
         },
         // The case names A1111's sampler; the native one is below.
         ..common::sampler_case_params(case)
@@ -92,7 +93,8 @@ fn evaluation_sigmas_and_skips_are_a1111_s() {
                 ((g - w) / w).abs() < 2e-6,
                 "{label}: evaluation {i}: {g} against A1111's {w}"
             );
-            if params.negative_guidance.skips(i, g) {
+            let total = params.steps_run() * scheduler.order();
+            if params.negative_guidance.skips(i, total, || Ok(g)).unwrap() {
                 skipped.push(i as u64);
             }
         }

@@ -82,6 +82,10 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
             "negative_guidance_all_steps",
             a.negative_guidance_all_steps.then_some(json!(true)),
         ),
+        (
+            "negative_guidance_skip_early",
+            a.negative_guidance_skip_early.map(|v| json!(v)),
+        ),
         ("resize_mode", a.resize_mode.as_ref().map(|v| json!(v))),
         ("tiling", a.tiling.then_some(json!(true))),
         ("prompt_syntax", a.prompt_syntax.as_ref().map(|v| json!(v))),

@@ -2,7 +2,8 @@
 //! `sigma_churn` & co. and `negative_guidance_min_sigma` change the image, say so in the
 //! metadata and the infotext, and are what A1111's `s_churn` (request or option) and
 //! `s_min_uncond` give, pixel for pixel; Euler a takes no churn (A1111 passes it none); broken
-//! values are 422s naming the field as sent. The images themselves are checked against A1111's
+//! values are 422s naming the field as sent. "Skip Early CFG" (`negative_guidance_skip_early`,
+//! A1111's option `skip_early_cond`) likewise. The images themselves are checked against A1111's
 //! code in the pipeline's tests (crates/pipeline/tests/a1111_sampler_params.rs).
 
 mod common;
@@ -121,4 +122,52 @@ fn broken_values_name_the_field_as_sent() {
         &a1111("Euler", json!({"override_settings": {"s_min_uncond": 16}})),
     );
     assert_eq!(r.broken_fields(), vec!["s_min_uncond"]);
+}
+
+/// A1111's "Skip Early CFG": the native field, A1111's option (`override_settings` or posted
+/// to `/sdapi/v1/options`), the same pixels, the infotext entry in both, and 422s outside 0..=1.
+#[test]
+fn skip_early_cfg_runs_as_a1111_s_option() {
+    let s = tiny_server();
+    let (plain, _, _) = generate(&s, &native("euler", json!({})));
+    let early = json!({"negative_guidance_skip_early": 0.5});
+    let (skipped, meta, text) = generate(&s, &native("euler", early));
+    assert!(
+        skipped != plain,
+        "skipping the negative prompt changed nothing"
+    );
+    assert_eq!(meta["negative_guidance_skip_early"], json!(0.5));
+    assert!(text.contains(", Skip Early CFG: 0.5"), "{text}");
+
+    let body = a1111(
+        "Euler",
+        json!({"override_settings": {"skip_early_cond": 0.5}}),
+    );
+    let r = ok(&post_json_to(s.addr, "/sdapi/v1/txt2img", &body));
+    assert!(decode_png(r["images"][0].as_str().unwrap()).2 == skipped);
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    let infotext = info["infotexts"][0].as_str().unwrap();
+    assert!(infotext.contains(", Skip Early CFG: 0.5"), "{infotext}");
+
+    let set = |v: Value| post_json_to(s.addr, "/sdapi/v1/options", &json!({"skip_early_cond": v}));
+    assert_eq!(set(json!(0.5)).status, 200);
+    assert!(txt2img(&s, &a1111("Euler", json!({}))) == skipped);
+    let r = set(json!(2));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.broken_fields(), vec!["skip_early_cond"]);
+    assert_eq!(set(json!(0.0)).status, 200);
+    assert!(txt2img(&s, &a1111("Euler", json!({}))) == plain);
+
+    let r = s.post_json(&native(
+        "euler",
+        json!({"negative_guidance_skip_early": 1.5}),
+    ));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.broken_fields(), vec!["negative_guidance_skip_early"]);
+    let body = a1111(
+        "Euler",
+        json!({"override_settings": {"skip_early_cond": -0.1}}),
+    );
+    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &body);
+    assert_eq!(r.broken_fields(), vec!["override_settings.skip_early_cond"]);
 }

@@ -20,7 +20,7 @@ impl StableDiffusion {
         text_embeddings: &ScheduledConditioning,
         scheduler: &mut dyn Scheduler,
         begin: usize,
-        (guidance_scale, negative_guidance): (f64, NegativeGuidance),
+        (guidance_scale, negative_guidance, steps_run): (f64, NegativeGuidance, usize),
         rngs: &mut [TorchRng],
         control: Option<&ControlState>,
         on_step: StepHook,
@@ -36,6 +36,9 @@ impl StableDiffusion {
         let timing = std::env::var_os("SDSERVE_STEP_TIMES").is_some();
         // SDSERVE_CUDA_GRAPH=1: the step as a CUDA graph for this loop (a no-op otherwise).
         let mut graph = StepGraph::new(&self.device);
+        // A1111's `total_steps` (what "Skip Early CFG" counts against): the steps the pass runs,
+        // times two for second-order samplers; not the evaluations (Heun and DDIM run one fewer).
+        let total_steps = steps_run * scheduler.order();
         // The list is read again at every evaluation: DPM adaptive lists its next ones as it
         // decides them, and estimates the rest for the progress.
         let mut index = begin;
@@ -54,17 +57,14 @@ impl StableDiffusion {
             // A1111's denoiser counts its calls from 0: one per UNet evaluation.
             let mut conditioning = text_embeddings.at(index - begin)?;
             let mut guidance = guidance_scale * scheduler.guidance_scale_multiplier();
-            let mut skipped = false;
-            if negative_guidance.min_sigma > 0.0 {
-                let sigma = match scheduler.guidance_sigma(index) {
-                    Some(sigma) => sigma,
-                    None => self.schedules.sigma_at(t)?,
-                };
-                if negative_guidance.skips(index - begin, sigma) {
-                    conditioning = conditioning.prompt_only()?;
-                    guidance = 1.0;
-                    skipped = true;
-                }
+            let sigma = || match scheduler.guidance_sigma(index) {
+                Some(sigma) => Ok(sigma),
+                None => self.schedules.sigma_at(t),
+            };
+            let skipped = negative_guidance.skips(index - begin, total_steps, sigma)?;
+            if skipped {
+                conditioning = conditioning.prompt_only()?;
+                guidance = 1.0;
             }
             let control = control.map(|state| StepControl {
                 state,

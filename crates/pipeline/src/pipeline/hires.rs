@@ -338,7 +338,11 @@ impl StableDiffusion {
             &text_embeddings,
             pass.scheduler.as_mut(),
             begin,
-            (pass.params.guidance_scale, pass.params.negative_guidance),
+            (
+                pass.params.guidance_scale,
+                pass.params.negative_guidance,
+                first.hires_steps(),
+            ),
             &mut rngs,
             control.as_ref(),
             &mut on_step,

@@ -244,7 +244,11 @@ impl StableDiffusion {
                 &text_embeddings,
                 scheduler.as_mut(),
                 begin,
-                (params.guidance_scale, params.negative_guidance),
+                (
+                    params.guidance_scale,
+                    params.negative_guidance,
+                    params.steps_run(),
+                ),
                 &mut rngs,
                 control.as_ref(),
                 &mut on_step,

@@ -172,6 +172,15 @@ impl GenerationParams {
             .map(|init| (init.strength, self.step_rule))
     }
 
+    /// The steps the first pass runs: `steps` for text-to-image; with an init image, those its
+    /// strength runs under `step_rule` (A1111's: `t_enc + 1`).
+    pub fn steps_run(&self) -> usize {
+        self.init_start().map_or(self.steps, |(strength, rule)| {
+            rule.slice(self.steps, strength)
+                .map_or(self.steps, |s| s.steps_run())
+        })
+    }
+
     /// The steps the hires pass runs (0 without one): `int(steps * strength)` of its schedule
     /// under diffusers' rule, its `steps` under A1111's (of a stretched schedule).
     pub fn hires_steps(&self) -> usize {
@@ -182,25 +191,40 @@ impl GenerationParams {
     }
 }
 
-/// A1111's "negative guidance minimum sigma" (`s_min_uncond`, infotext `NGMS`; its CFG
-/// denoiser): a UNet evaluation whose noise level (the sigma the sampler evaluates at; the
-/// timestep on A1111's DDIM, PLMS and UniPC) is below `min_sigma` runs the prompt alone, its
-/// prediction unguided, on every other evaluation (the odd ones, counted from 0 in each pass)
-/// or with `all_steps` (`s_min_uncond_all`) on all of them. `min_sigma` 0: off.
+/// When a UNet evaluation skips the negative prompt and runs the prompt alone, unguided (A1111's
+/// CFG denoiser's `skip_uncond`). Two rules, A1111's early one first:
+///
+/// - "Skip Early CFG" (`skip_early_cond`): the evaluations of a pass whose share of A1111's
+///   `total_steps` is at most `skip_early` (a fraction, 0..=1; 0: off).
+/// - "negative guidance minimum sigma" (`s_min_uncond`, infotext `NGMS`): an evaluation whose
+///   noise level (the sigma the sampler evaluates at; the timestep on A1111's DDIM, PLMS and
+///   UniPC) is below `min_sigma`, on every other evaluation (the odd ones, counted from 0 in each
+///   pass) or with `all_steps` (`s_min_uncond_all`) on all of them. `min_sigma` 0: off.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct NegativeGuidance {
     pub min_sigma: f64,
     pub all_steps: bool,
+    pub skip_early: f64,
 }
 
 impl NegativeGuidance {
-    /// Whether evaluation `evaluation` (from 0) at `sigma` skips the negative prompt: A1111's
-    /// `(step % 2 or s_min_uncond_all) and s_min_uncond > 0 and sigma < s_min_uncond`, the
-    /// comparison in float32 (the sigma tensor's dtype).
-    pub fn skips(&self, evaluation: usize, sigma: f64) -> bool {
-        self.min_sigma > 0.0
+    /// Whether evaluation `evaluation` (from 0) of a pass A1111 counts as `total_steps` skips
+    /// (`sigma`: its noise level, asked for only where NGMS is on). A1111 1.10:
+    /// `skip_early_cond != 0 and step / total_steps <= skip_early_cond`, else `(step % 2 or
+    /// s_min_uncond_all) and s_min_uncond > 0 and sigma < s_min_uncond`, the sigma comparison in
+    /// float32 (the sigma tensor's dtype).
+    pub fn skips(
+        &self,
+        evaluation: usize,
+        total_steps: usize,
+        sigma: impl FnOnce() -> crate::Result<f64>,
+    ) -> crate::Result<bool> {
+        if self.skip_early != 0.0 && evaluation as f64 / total_steps as f64 <= self.skip_early {
+            return Ok(true);
+        }
+        Ok(self.min_sigma > 0.0
             && (evaluation % 2 == 1 || self.all_steps)
-            && (sigma as f32) < self.min_sigma as f32
+            && (sigma()? as f32) < self.min_sigma as f32)
     }
 }
 
@@ -246,3 +270,39 @@ pub struct StepProgress<'a> {
 
 /// The per-step hook: `ControlFlow::Break(())` cancels the run before the next step.
 pub type StepHook<'a> = &'a mut dyn FnMut(StepProgress<'_>) -> ControlFlow<()>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_skips_count_against_a1111_s_total_steps_before_ngms() {
+        let g = NegativeGuidance {
+            skip_early: 0.3,
+            ..Default::default()
+        };
+        let no_sigma = || -> crate::Result<f64> { panic!("NGMS is off") };
+        // 10 steps: 0/10 ..= 3/10 skip; Heun's 16 at 0.25: 0..=4.
+        let skipped = |g: NegativeGuidance, total| {
+            (0..total)
+                .filter(|&i| g.skips(i, total, no_sigma).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(skipped(g, 10), vec![0, 1, 2, 3]);
+        let g = NegativeGuidance {
+            skip_early: 0.25,
+            ..g
+        };
+        assert_eq!(skipped(g, 16), vec![0, 1, 2, 3, 4]);
+        // NGMS after them: every other evaluation below its sigma.
+        let g = NegativeGuidance {
+            min_sigma: 2.0,
+            skip_early: 0.2,
+            ..g
+        };
+        let skips = |i| g.skips(i, 10, || Ok(1.0)).unwrap();
+        let got: Vec<usize> = (0..10).filter(|&i| skips(i)).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 5, 7, 9]);
+        assert!(!NegativeGuidance::default().skips(0, 10, no_sigma).unwrap());
+    }
+}

@@ -37,13 +37,14 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
     );
     let (c, g) = (p.churn, p.negative_guidance);
     let images = format!(
-        "{images}\u{0}churn {:016x} {:016x} {:016x} {:016x}\u{0}ngms {:016x} {}",
+        "{images}\u{0}churn {:016x} {:016x} {:016x} {:016x}\u{0}ngms {:016x} {} {:016x}",
         c.churn.to_bits(),
         c.tmin.to_bits(),
         c.tmax.to_bits(),
         c.noise.to_bits(),
         g.min_sigma.to_bits(),
-        g.all_steps
+        g.all_steps,
+        g.skip_early.to_bits()
     );
     // Each ControlNet by name (its file is in the model part), control image and numbers.
     let controlnets: Vec<_> = p
@@ -140,6 +141,14 @@ mod tests {
                 negative_guidance: sdserve_pipeline::pipeline::NegativeGuidance {
                     min_sigma: 1.0,
                     all_steps: false,
+                    skip_early: 0.0,
+                },
+                ..base.clone()
+            },
+            GenerationParams {
+                negative_guidance: sdserve_pipeline::pipeline::NegativeGuidance {
+                    skip_early: 0.2,
+                    ..Default::default()
                 },
                 ..base.clone()
             },

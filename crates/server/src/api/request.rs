@@ -95,6 +95,7 @@ fn sampler_params_json(
         "sigma_noise": c.noise,
         "negative_guidance_min_sigma": g.min_sigma,
         "negative_guidance_all_steps": g.all_steps,
+        "negative_guidance_skip_early": g.skip_early,
     })
     .as_object()
     .cloned()

@@ -330,6 +330,21 @@ pub struct GenerateRequest {
     /// (A1111's `s_min_uncond_all`).
     #[schema(nullable = true, default = false)]
     pub negative_guidance_all_steps: Option<bool>,
+    /// A1111's "Skip Early CFG" (its option `skip_early_cond`): with guidance on, the UNet
+    /// evaluations at the start of each pass (the first pass and the hires pass, each counted
+    /// from 0) whose number over A1111's step count of the pass is at most this run the prompt
+    /// alone, unguided, skipping the negative prompt's half of the batch; the first evaluation
+    /// always skips. The step count is the steps the pass runs (with init_image, those
+    /// `strength` runs), twice that for the samplers that evaluate twice per step. It comes
+    /// before `negative_guidance_min_sigma`'s rule. 0: off.
+    #[schema(
+        nullable = true,
+        minimum = 0.0,
+        maximum = 1.0,
+        default = 0.0,
+        example = 0.25
+    )]
+    pub negative_guidance_skip_early: Option<f64>,
     /// With init_image: how it (and mask_image) is fitted to width x height, as A1111
     /// img2img's `resize_mode`: `just_resize` stretches it (Lanczos), `crop_and_resize` covers
     /// the size and crops the centre, `resize_and_fill` fits it and fills the borders with its
@@ -548,6 +563,9 @@ pub struct GenerateMetadata {
     pub negative_guidance_min_sigma: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_guidance_all_steps: Option<bool>,
+    /// The request's `negative_guidance_skip_early` where it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_guidance_skip_early: Option<f64>,
     /// With the hires fix: its second pass, whose size the images have; null without.
     #[serde(default)]
     pub hires: Option<HiresMetadata>,

@@ -58,6 +58,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub negative_guidance_all_steps: bool,
     #[arg(long)]
+    pub negative_guidance_skip_early: Option<f64>,
+    #[arg(long)]
     pub resize_mode: Option<String>,
     #[arg(long, visible_alias = "mask")]
     pub mask_image: Option<PathBuf>,
@@ -249,6 +251,10 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "negative_guidance_all_steps",
             "With --negative-guidance-min-sigma: every evaluation below it skips (A1111's s_min_uncond_all)".to_string(),
+        ),
+        (
+            "negative_guidance_skip_early",
+            "The share of each pass's steps, from its start, whose UNet evaluations skip the negative prompt, 0..=1 (A1111's skip_early_cond, Skip Early CFG) [default: 0]".to_string(),
         ),
         (
             "resize_mode",

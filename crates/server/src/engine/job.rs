@@ -263,6 +263,7 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             sigma_noise: churn[3],
             negative_guidance_min_sigma: guidance.map(|g| g.min_sigma),
             negative_guidance_all_steps: guidance.map(|g| g.all_steps),
+            negative_guidance_skip_early: crate::validate::sampler_params::applied_skip_early(p),
             prompt: p.prompt.clone(),
             negative_prompt: p.negative_prompt.clone(),
             steps: p.steps as u32,

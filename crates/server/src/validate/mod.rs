@@ -61,7 +61,7 @@ pub const STRENGTH_DEFAULT: f64 = 0.8;
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 38] = [
+pub const FIELDS: [&str; 39] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -99,6 +99,7 @@ pub const FIELDS: [&str; 38] = [
     "sigma_noise",
     "negative_guidance_min_sigma",
     "negative_guidance_all_steps",
+    "negative_guidance_skip_early",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];

@@ -1,8 +1,9 @@
 //! A1111's sampler parameters as the native request has them: k-diffusion's churn
 //! (`sigma_churn`, `sigma_tmin`, `sigma_tmax`, `sigma_noise`: A1111's `s_churn`, `s_tmin`,
-//! `s_tmax`, `s_noise`) and the negative guidance minimum sigma (`negative_guidance_min_sigma`,
-//! `negative_guidance_all_steps`: `s_min_uncond`, `s_min_uncond_all`). Their rules, and what the
-//! metadata and the infotext say of them.
+//! `s_tmax`, `s_noise`), the negative guidance minimum sigma (`negative_guidance_min_sigma`,
+//! `negative_guidance_all_steps`: `s_min_uncond`, `s_min_uncond_all`) and the early skip
+//! (`negative_guidance_skip_early`: `skip_early_cond`, "Skip Early CFG"). Their rules, and what
+//! the metadata and the infotext say of them.
 
 use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance};
 use sdserve_pipeline::schedulers::Churn;
@@ -10,12 +11,13 @@ use sdserve_pipeline::schedulers::Churn;
 use super::fields::FieldReader;
 
 /// The largest values: A1111's option sliders (`s_churn` 100, `s_tmin` 10, `s_tmax` 999,
-/// `s_noise` 1.1, `s_min_uncond` 15).
+/// `s_noise` 1.1, `s_min_uncond` 15; `skip_early_cond` 0..=1, a share of the steps).
 pub const CHURN_MAX: f64 = 100.0;
 pub const TMIN_MAX: f64 = 10.0;
 pub const TMAX_MAX: f64 = 999.0;
 pub const NOISE_MAX: f64 = 1.1;
 pub const MIN_SIGMA_MAX: f64 = 15.0;
+pub const SKIP_EARLY_MAX: f64 = 1.0;
 
 /// The fields' values (absent: the defaults, which change nothing); `sigma_tmax` 0 is no bound,
 /// as A1111's 0.
@@ -40,6 +42,9 @@ pub fn read(r: &mut FieldReader) -> (Churn, NegativeGuidance) {
             .number("negative_guidance_min_sigma", 0.0, MIN_SIGMA_MAX)
             .unwrap_or(0.0),
         all_steps: all_steps.unwrap_or(false),
+        skip_early: r
+            .number("negative_guidance_skip_early", 0.0, SKIP_EARLY_MAX)
+            .unwrap_or(0.0),
     };
     (churn, guidance)
 }
@@ -61,15 +66,22 @@ pub fn applied_churn(p: &GenerationParams) -> Option<[Option<f64>; 4]> {
     })
 }
 
-/// The negative guidance where it applied (on, with guidance).
+/// The negative guidance minimum sigma where it applied (on, with guidance).
 pub fn applied_guidance(p: &GenerationParams) -> Option<NegativeGuidance> {
     let g = p.negative_guidance;
     (g.min_sigma > 0.0 && p.guidance_scale > 1.0).then_some(g)
 }
 
+/// The early skip where it is on. A1111 writes `Skip Early CFG` whenever it is (its first
+/// call, `0 / total_steps`, always skips), whatever the guidance scale.
+pub fn applied_skip_early(p: &GenerationParams) -> Option<f64> {
+    let s = p.negative_guidance.skip_early;
+    (s != 0.0).then_some(s)
+}
+
 /// The infotext entries, under A1111's names (`Sigma churn`, `Sigma tmin`, `Sigma tmax`,
-/// `Sigma noise`, `NGMS`, `NGMS all steps`), in the order it adds them: the sampler's at its
-/// start, NGMS during sampling. A1111 writes the churn values only when they came from its
+/// `Sigma noise`, `Skip Early CFG`, `NGMS`, `NGMS all steps`), in the order it adds them: the
+/// sampler's at its start, the early skip at the first call, NGMS at a later one. A1111 writes the churn values only when they came from its
 /// options (a request's own `s_churn` runs unwritten); they are written here wherever they
 /// apply, so that the text reproduces the image. `NGMS` is written where it is on (A1111: once a
 /// step skipped the negative prompt).
@@ -82,6 +94,9 @@ pub fn infotext(p: &GenerationParams) -> String {
                 s.push_str(&format!(", {name}: {v:?}"));
             }
         }
+    }
+    if let Some(v) = applied_skip_early(p) {
+        s.push_str(&format!(", Skip Early CFG: {v:?}"));
     }
     if let Some(g) = applied_guidance(p) {
         s.push_str(&format!(", NGMS: {:?}", g.min_sigma));
@@ -107,6 +122,7 @@ mod tests {
             "sigma_noise",
             "negative_guidance_min_sigma",
             "negative_guidance_all_steps",
+            "negative_guidance_skip_early",
         ] {
             assert!(super::super::FIELDS.contains(&f), "{f}");
         }
@@ -125,17 +141,25 @@ mod tests {
             negative_guidance: NegativeGuidance {
                 min_sigma: 1.5,
                 all_steps: true,
+                skip_early: 0.25,
             },
             ..Default::default()
         };
         assert_eq!(
             infotext(&p),
-            ", Sigma churn: 2.0, Sigma tmin: 0.5, Sigma noise: 0.9, NGMS: 1.5, NGMS all steps: True"
+            ", Sigma churn: 2.0, Sigma tmin: 0.5, Sigma noise: 0.9, Skip Early CFG: 0.25, \
+             NGMS: 1.5, NGMS all steps: True"
         );
-        // Euler a takes no churn (A1111 passes it none); without guidance nothing is skipped.
+        // Euler a takes no churn (A1111 passes it none); without guidance NGMS skips nothing,
+        // while A1111 still writes the early skip.
         let p = GenerationParams {
             scheduler: Some(SchedulerKind::EulerAncestral),
             guidance_scale: 1.0,
+            ..p
+        };
+        assert_eq!(infotext(&p), ", Skip Early CFG: 0.25");
+        let p = GenerationParams {
+            negative_guidance: NegativeGuidance::default(),
             ..p
         };
         assert_eq!(infotext(&p), "");

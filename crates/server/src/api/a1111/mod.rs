@@ -413,6 +413,7 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
         ("s_noise", json!(1.0)),
         ("s_min_uncond", json!(0.0)),
         ("s_min_uncond_all", json!(false)),
+        ("skip_early_cond", json!(0.0)),
     ] {
         out.insert(name.into(), default);
     }
@@ -463,6 +464,7 @@ async fn set_options(
         "s_noise",
         "s_min_uncond",
         "s_min_uncond_all",
+        "skip_early_cond",
     ] {
         if let Some(v) = body.get(name) {
             let option = Map::from_iter([(name.to_string(), v.clone())]);

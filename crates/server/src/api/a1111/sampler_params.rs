@@ -1,13 +1,14 @@
 //! A1111 1.10's sampler parameters in native terms: `s_churn`, `s_tmin`, `s_tmax`, `s_noise`
 //! (request fields and options) and `s_min_uncond` (request field and option),
-//! `s_min_uncond_all` (option). See `validate::sampler_params` for what they do.
+//! `s_min_uncond_all` and `skip_early_cond` (options). See `validate::sampler_params` for what
+//! they do.
 
 use serde_json::{Map, Value};
 
 /// The request fields; the native names and A1111's, for error messages (an option's value
 /// is reported under the request field's name).
 pub const FIELDS: [&str; 5] = ["s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond"];
-pub const FIELD_NAMES: [(&str, &str); 6] = [
+pub const FIELD_NAMES: [(&str, &str); 7] = [
     ("sigma_churn", "s_churn"),
     ("sigma_tmin", "s_tmin"),
     ("sigma_tmax", "s_tmax"),
@@ -16,6 +17,10 @@ pub const FIELD_NAMES: [(&str, &str); 6] = [
     (
         "negative_guidance_all_steps",
         "override_settings.s_min_uncond_all",
+    ),
+    (
+        "negative_guidance_skip_early",
+        "override_settings.skip_early_cond",
     ),
 ];
 
@@ -34,7 +39,8 @@ const CHURN: [(&str, &str, f64); 4] = [
 /// The churn: `processing.py` fills each field with the request's value, else the option's,
 /// and `Sampler.initialize` passes that to `sample_euler`/`_heun`/`_dpm_2`, but an option set
 /// away from its default wins over the request. `s_min_uncond`: the request's, else the
-/// option's; `s_min_uncond_all`: the option.
+/// option's; `s_min_uncond_all` and `skip_early_cond`: the options (A1111 reads `opts` in its
+/// CFG denoiser; `override_settings` sets them for the request).
 pub fn add_native<'a>(
     get: impl Fn(&str) -> Option<&'a Value>,
     setting: impl Fn(&str) -> Option<&'a Value>,
@@ -51,6 +57,9 @@ pub fn add_native<'a>(
     }
     if let Some(v) = setting("s_min_uncond_all") {
         native.insert("negative_guidance_all_steps".into(), v.clone());
+    }
+    if let Some(v) = setting("skip_early_cond") {
+        native.insert("negative_guidance_skip_early".into(), v.clone());
     }
 }
 
@@ -84,11 +93,11 @@ mod tests {
         // An option away from its default wins over the request (`Sampler.initialize`); one at
         // its default does not. `s_min_uncond`: the request's over the option's.
         let options = json!({"s_churn": 0.0, "s_noise": 0.8, "s_min_uncond": 3.0,
-                             "s_min_uncond_all": true});
+                             "s_min_uncond_all": true, "skip_early_cond": 0.25});
         let t = run(body.clone(), options.clone()).unwrap();
         assert_eq!((t.valid.churn.churn, t.valid.churn.noise), (4.0, 0.8));
         let g = t.valid.negative_guidance;
-        assert_eq!((g.min_sigma, g.all_steps), (2.0, true));
+        assert_eq!((g.min_sigma, g.all_steps, g.skip_early), (2.0, true, 0.25));
         let over = json!({"prompt": "p", "s_churn": 4, "override_settings": {"s_churn": 1.5}});
         assert_eq!(run(over, none.clone()).unwrap().valid.churn.churn, 1.5);
         // Only the options: they apply.
@@ -110,6 +119,10 @@ mod tests {
         assert_eq!(
             run(json!({"prompt": "p"}), json!({"s_min_uncond_all": "yes"})).unwrap_err(),
             "override_settings.s_min_uncond_all"
+        );
+        assert_eq!(
+            run(json!({"prompt": "p"}), json!({"skip_early_cond": 1.5})).unwrap_err(),
+            "override_settings.skip_early_cond"
         );
     }
 }

@@ -176,8 +176,9 @@ pub struct A1111Request {
     /// `CLIP_stop_at_last_layers` is the native `clip_skip` in A1111's range, 1..=12 (its slider;
     /// still at most the model's text encoder layers + 1); `img2img_fix_steps` (true or false)
     /// runs img2img's `steps` exactly, of a stretched schedule (the native `step_rule`
-    /// `a1111_fix_steps`; else `a1111`); `sd_model_checkpoint` naming another model falls back
-    /// to the loaded one (as A1111 does).
+    /// `a1111_fix_steps`; else `a1111`); `skip_early_cond` (0..=1) is the native
+    /// `negative_guidance_skip_early` (A1111's "Skip Early CFG"); `sd_model_checkpoint` naming
+    /// another model falls back to the loaded one (as A1111 does).
     #[schema(value_type = Object, nullable = true, required = false)]
     pub override_settings: Option<serde_json::Value>,
 }

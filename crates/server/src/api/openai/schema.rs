@@ -74,6 +74,8 @@ pub struct GenerationRequest {
     pub negative_guidance_min_sigma: Option<f64>,
     #[schema(nullable = true, default = false)]
     pub negative_guidance_all_steps: Option<bool>,
+    #[schema(nullable = true, minimum = 0.0, maximum = 1.0, default = 0.0)]
+    pub negative_guidance_skip_early: Option<f64>,
     /// Our extras as natively: A1111's prompt syntax (`a1111`, the default, or `plain`),
     /// clip skip and LoRAs.
     #[schema(nullable = true, default = "a1111")]

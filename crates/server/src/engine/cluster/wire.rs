@@ -133,7 +133,7 @@ pub struct WireSpec {
     #[serde(default)]
     extra_noise: f64,
     /// k-diffusion's churn (`sigma_tmax` 0: no bound) and the negative guidance minimum
-    /// sigma; absent from older replicas' jobs: none, what they ran.
+    /// sigma and early skip; absent from older replicas' jobs: none, what they ran.
     #[serde(default)]
     sigma_churn: f64,
     #[serde(default)]
@@ -146,6 +146,8 @@ pub struct WireSpec {
     negative_guidance_min_sigma: f64,
     #[serde(default)]
     negative_guidance_all_steps: bool,
+    #[serde(default)]
+    negative_guidance_skip_early: f64,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -249,6 +251,7 @@ impl WireSpec {
             sigma_noise: p.churn.noise,
             negative_guidance_min_sigma: p.negative_guidance.min_sigma,
             negative_guidance_all_steps: p.negative_guidance.all_steps,
+            negative_guidance_skip_early: p.negative_guidance.skip_early,
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -388,6 +391,7 @@ impl WireSpec {
                 negative_guidance: NegativeGuidance {
                     min_sigma: self.negative_guidance_min_sigma,
                     all_steps: self.negative_guidance_all_steps,
+                    skip_early: self.negative_guidance_skip_early,
                 },
             },
             request: self.request.clone(),

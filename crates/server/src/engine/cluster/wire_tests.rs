@@ -52,6 +52,7 @@ fn a_spec_survives_the_trip_with_its_images() {
             negative_guidance: sdserve_pipeline::pipeline::NegativeGuidance {
                 min_sigma: 1.5,
                 all_steps: true,
+                skip_early: 0.25,
             },
             prompt_syntax: PromptSyntax::A1111,
             loras: vec![LoraWeight {
