@@ -201,15 +201,19 @@ def run(pipe, src, case, x, image, gens):
 
 
 @torch.no_grad()
-def main():
-    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+def main(stem="a1111-cfgpp", which=None, samplers=("ddim_cfgpp",), script=__file__,
+         doc=__doc__, a1111="v1.10"):
+    """Runs `which` (default CASES) and writes `<stem>.json` and `<stem>.safetensors`; `samplers`
+    and the rest as load_sources and a1111_args take them
+    (make_a1111_cfgpp_scale_fixtures.py writes its own cases this way)."""
+    args = a1111_args(script, doc, DEFAULT_OUT)
     if args is None:
         return
     import diffusers
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
     from safetensors.torch import save_file
 
-    src, digests = load_sources(args.a1111)
+    src, digests = load_sources(args.a1111, samplers)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     init = Image.open(os.path.join(args.out, "images", INIT_IMAGE)).convert("RGB")
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
@@ -218,7 +222,7 @@ def main():
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     tensors, cases = {}, {}
-    for label, over in CASES.items():
+    for label, over in (CASES if which is None else which).items():
         case = dict(BASE, **over)
         batch = case["batch_size"]
         gens = [torch.Generator("cpu").manual_seed(case["seed"] + i) for i in range(batch)]
@@ -247,18 +251,18 @@ def main():
               f"{record['evaluation_timesteps']}, skipped {record['skipped_evaluations']}, "
               f"infotext {record['infotext']}, mean {images.float().mean():.2f}")
     meta = {
-        "generated_by": "tools/make_a1111_cfgpp_fixtures.py",
+        "generated_by": "tools/" + os.path.basename(script),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "a1111": "v1.10"},
+                     "a1111": a1111},
         "sources": {key: f"sha256 {v}" for key, v in digests.items()},
         "images": "image.<case>: [batch, H, W, 3] u8 = round(output_type='np' * 255)",
         "cases": cases,
     }
-    with open(os.path.join(args.out, "a1111-cfgpp.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
-    save_file(tensors, os.path.join(args.out, "a1111-cfgpp.safetensors"))
-    print(f"wrote a1111-cfgpp.* ({len(cases)} cases)")
+    save_file(tensors, os.path.join(args.out, f"{stem}.safetensors"))
+    print(f"wrote {stem}.* ({len(cases)} cases)")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ StableDiffusionProcessing.fill_fields_from_opts (its digest is 1.10's), and an o
 sd_samplers_common.py (SamplerData, setup_img2img_steps, TorchHijack and InterruptedException
 match 1.10's digests; Sampler differs in `conditioning_key` only), sd_samplers_kdiffusion.py and
 sd_samplers_timesteps_impl.py (`ddim`). The JSON records each function's digest; rerun it on a
-1.10 checkout to compare. On the same folder (with a fork's copy of ddim_cfgpp added),
-make_a1111_cfgpp_fixtures.py's own cases come out as the committed a1111-cfgpp images, which a
-1.10 checkout made: 5 of 7 identical, 2 within 1.
+1.10 checkout to compare. On the same folder (with a fork's copy of ddim_cfgpp added, see
+make_a1111_cfgpp_scale_fixtures.py), make_a1111_cfgpp_fixtures.py's own cases come out as the
+committed a1111-cfgpp images, which a 1.10 checkout made: 5 of 7 identical, 2 within 1.
 
 Writes, under OUT (default crates/pipeline/tests/fixtures):
   a1111-skip-early.json         cases (request, options, the native request, each UNet call's

@@ -1,7 +1,9 @@
 //! A1111 1.10's `DDIM CFG++` (our `ddim_cfgpp`) against A1111's own code run by
 //! tools/make_a1111_cfgpp_fixtures.py (`a1111-cfgpp.json`): `ddim_cfgpp` under its CFG denoiser
 //! (the scale over 12.5, the unconditional prediction as the update's direction), txt2img and
-//! img2img, eta 0 and above, a batch of two, and the negative prompt skipped by `s_min_uncond`.
+//! img2img, eta 0 and above, a batch of two, and the negative prompt skipped by `s_min_uncond`;
+//! and by tools/make_a1111_cfgpp_scale_fixtures.py (`a1111-cfgpp-scale.json`): guidance scales 1,
+//! 0.5 and 0, where A1111 still runs the negative prompt, and "Skip Early CFG".
 //! Each image's values within 1 of A1111's and a mean absolute difference of at most 0.01 (float32
 //! rounding flips a few values by one; the guided prediction as the direction, or the scale
 //! undivided, moves the mean by whole units).
@@ -15,9 +17,16 @@ use sdserve_pipeline::schedulers::SchedulerKind;
 const MEAN_BOUND: f64 = 0.01;
 const MAX_BOUND: i32 = 1;
 
-fn load() -> (serde_json::Map<String, serde_json::Value>, common::Fixtures) {
-    let f = common::Fixtures::load("a1111-cfgpp");
-    (f.meta["cases"].as_object().unwrap().clone(), f)
+/// Every case of both fixture files, with its file.
+fn load() -> Vec<(String, serde_json::Value, std::rc::Rc<common::Fixtures>)> {
+    let mut all = Vec::new();
+    for stem in ["a1111-cfgpp", "a1111-cfgpp-scale"] {
+        let f = std::rc::Rc::new(common::Fixtures::load(stem));
+        for (label, case) in f.meta["cases"].as_object().unwrap() {
+            all.push((label.clone(), case.clone(), f.clone()));
+        }
+    }
+    all
 }
 
 /// The case's native request (`native`: the scheduler, eta, negative guidance).
@@ -32,7 +41,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             all_steps: native["negative_guidance_all_steps"]
                 .as_bool()
                 .unwrap_or(false),
-            ..Default::default()
+            skip_early: case["options"]["skip_early_cond"].as_f64().unwrap_or(0.0),
         },
         ..common::sampler_case_params(case)
     }
@@ -50,9 +59,9 @@ fn failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
 /// the negative prompt.
 #[test]
 fn evaluations_are_a1111_s() {
-    let (cases, _) = load();
+    let cases = load();
     let model = model();
-    for (label, case) in &cases {
+    for (label, case, _) in &cases {
         let params = params_of(case);
         let want: Vec<f64> = case["evaluation_timesteps"]
             .as_array()
@@ -93,17 +102,18 @@ fn evaluations_are_a1111_s() {
             .collect();
         assert_eq!(skipped, want_skipped, "{label}: skipped evaluations");
     }
-    for part in ["img2img", "batch", "eta", "ngms"] {
-        assert!(cases.keys().any(|k| k.contains(part)), "no {part} case");
+    for part in [
+        "img2img", "batch", "eta", "ngms", "scale1", "scale0.5", "skip",
+    ] {
+        assert!(cases.iter().any(|c| c.0.contains(part)), "no {part} case");
     }
 }
 
 #[test]
 fn images_match_a1111_s() {
-    let (cases, f) = load();
     let model = model();
     let mut all = Vec::new();
-    for (label, case) in &cases {
+    for (label, case, f) in &load() {
         let got = common::generate(&model, &params_of(case));
         all.extend(failures(label, &got, f.get(&format!("image.{label}"))));
     }
@@ -111,12 +121,12 @@ fn images_match_a1111_s() {
 }
 
 /// CFG++ is not A1111's DDIM: run as `ddim_a1111` (the guided prediction as the direction,
-/// the whole scale) every image leaves the bounds.
+/// the whole scale; at 1 or below, no negative prompt at all, as `ddim_cfgpp` ran before it
+/// followed A1111 there) every image leaves the bounds.
 #[test]
 fn plain_ddim_is_not_cfgpp() {
-    let (cases, f) = load();
     let model = model();
-    for (label, case) in &cases {
+    for (label, case, f) in &load() {
         let params = GenerationParams {
             scheduler: Some(SchedulerKind::DdimA1111),
             ..params_of(case)

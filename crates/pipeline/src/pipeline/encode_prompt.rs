@@ -30,10 +30,11 @@ impl StableDiffusion {
         Ok(Conditioning::Separate { uncond, cond })
     }
 
-    /// diffusers' do_classifier_free_guidance: never for a guidance-distilled (LCM) UNet,
-    /// which takes the guidance scale as an embedding instead (denoise).
+    /// Whether the negative prompt runs ([`GenerationParams::runs_negative_prompt`]): never for
+    /// a guidance-distilled (LCM) UNet, which takes the guidance scale as an embedding instead
+    /// (denoise).
     fn do_cfg(&self, params: &GenerationParams) -> bool {
-        params.guidance_scale > 1.0 && !self.is_guidance_distilled()
+        params.runs_negative_prompt() && !self.is_guidance_distilled()
     }
 
     /// Each text read with the request's `prompt_syntax` and encoded with its `clip_skip`:

@@ -307,10 +307,13 @@ impl StableDiffusion {
             Tensor::cat(&noised, 0)?.to_dtype(self.dtype)?
         };
         // A1111 schedules the hires pass's prompts on a timeline that goes on from the first
-        // pass's (`hires_steps`); unscheduled prompts equal to the first pass's are reused.
+        // pass's (`hires_steps`); unscheduled prompts equal to the first pass's are reused
+        // where the pass runs the negative prompt as the first did (`ddim_cfgpp` runs it at
+        // any scale).
         let text_embeddings = if !text_embeddings.is_fixed()
             || pass.params.prompt != first.prompt
             || pass.params.negative_prompt != first.negative_prompt
+            || pass.params.runs_negative_prompt() != first.runs_negative_prompt()
         {
             let first_steps = text_embeddings.steps();
             drop(text_embeddings);

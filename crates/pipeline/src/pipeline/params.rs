@@ -172,6 +172,24 @@ impl GenerationParams {
             .map(|init| (init.strength, self.step_rule))
     }
 
+    /// Whether this pass runs the negative prompt (classifier-free guidance): diffusers'
+    /// `guidance_scale > 1`, except for `ddim_cfgpp`, which steps along the negative prompt's
+    /// prediction and, as A1111's `DDIM CFG++` (whose CFG denoiser runs it at every scale),
+    /// runs it at any scale, guiding at the scale over 12.5.
+    pub fn runs_negative_prompt(&self) -> bool {
+        negative_prompt_runs(self.guidance_scale, self.scheduler)
+    }
+
+    /// [`Self::runs_negative_prompt`] for either pass (the hires pass may run another
+    /// scheduler): what a request's memory needs count.
+    pub fn any_pass_runs_negative_prompt(&self) -> bool {
+        self.runs_negative_prompt()
+            || self.hires.as_ref().is_some_and(|h| {
+                let (scheduler, _) = super::hires::second_pass_scheduler(self, h);
+                negative_prompt_runs(self.guidance_scale, scheduler)
+            })
+    }
+
     /// The steps the first pass runs: `steps` for text-to-image; with an init image, those its
     /// strength runs under `step_rule` (A1111's: `t_enc + 1`).
     pub fn steps_run(&self) -> usize {
@@ -228,6 +246,12 @@ impl NegativeGuidance {
     }
 }
 
+/// [`GenerationParams::runs_negative_prompt`] for a pass of `scheduler` at `guidance_scale`.
+fn negative_prompt_runs(guidance_scale: f64, scheduler: Option<SchedulerKind>) -> bool {
+    let cfgpp = |k: SchedulerKind| k.sampler() == crate::schedulers::Sampler::DdimCfgpp;
+    guidance_scale > 1.0 || scheduler.is_some_and(cfgpp)
+}
+
 /// How prompt text becomes CLIP conditioning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PromptSyntax {
@@ -274,6 +298,43 @@ pub type StepHook<'a> = &'a mut dyn FnMut(StepProgress<'_>) -> ControlFlow<()>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Upscaler;
+
+    fn params(guidance_scale: f64, scheduler: SchedulerKind) -> GenerationParams {
+        GenerationParams {
+            guidance_scale,
+            scheduler: Some(scheduler),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_negative_prompt_runs_above_1_and_always_on_ddim_cfgpp() {
+        assert!(!params(1.0, SchedulerKind::DdimA1111).runs_negative_prompt());
+        assert!(params(1.01, SchedulerKind::Euler).runs_negative_prompt());
+        for scale in [0.0, 0.5, 1.0] {
+            assert!(params(scale, SchedulerKind::DdimCfgpp).runs_negative_prompt());
+        }
+        // A hires pass on ddim_cfgpp runs it there: the request's memory counts it.
+        let hires = Hires {
+            width: 128,
+            height: 128,
+            upscale_width: 128,
+            upscale_height: 128,
+            upscaler: Upscaler::Resize,
+            steps: 4,
+            strength: 0.5,
+            scheduler: Some(SchedulerKind::DdimCfgpp),
+            schedule: None,
+            prompt: None,
+            negative_prompt: None,
+        };
+        let p = GenerationParams {
+            hires: Some(hires),
+            ..params(1.0, SchedulerKind::Euler)
+        };
+        assert!(!p.runs_negative_prompt() && p.any_pass_runs_negative_prompt());
+    }
 
     #[test]
     fn early_skips_count_against_a1111_s_total_steps_before_ngms() {

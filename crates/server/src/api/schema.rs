@@ -157,7 +157,8 @@ pub struct GenerateRequest {
     /// deterministic and may be answered from the response cache (`x-cache: hit`).
     #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
     pub seed: Option<u64>,
-    /// At or below 1.0 classifier-free guidance is off. A guidance-distilled model (a full LCM
+    /// At or below 1.0 classifier-free guidance is off (diffusers' rule), except with
+    /// `ddim_cfgpp`, which runs the negative prompt at every scale (A1111's). A guidance-distilled model (a full LCM
     /// model: `time_cond_proj_dim` in its UNet config) never runs classifier-free guidance: its
     /// UNet takes the scale as an embedding instead (as diffusers), and the negative prompt has
     /// no effect.
@@ -192,8 +193,9 @@ pub struct GenerateRequest {
     /// `steps` divides 1000, its img2img start with `step_rule` `a1111`), not diffusers' `ddim`
     /// and `pndm`; `ddim_cfgpp` is A1111's `DDIM CFG++` (CFG++, Chung et al. 2024): A1111's DDIM
     /// whose update points back along the negative prompt's prediction instead of the guided
-    /// one, the guidance scale divided by 12.5 (7.5 guides as 0.6 does; at 1 or below there is no
-    /// negative prompt and it is `ddim_a1111`); `unipc_a1111` is A1111's own UniPC (bh1, order 3, its continuous times:
+    /// one, the guidance scale divided by 12.5 (7.5 guides as 0.6 does; as A1111's, it runs the
+    /// negative prompt at every scale: 1 guides as 0.08 does, 0 follows the negative prompt);
+    /// `unipc_a1111` is A1111's own UniPC (bh1, order 3, its continuous times:
     /// `steps + 1` evaluations where `steps` does not divide 1000; img2img with `step_rule`
     /// `a1111` runs `int(steps * strength)` evaluations), not diffusers' `unipc`; `restart` is
     /// A1111's Restart (Heun steps, `2 * steps - 1` evaluations; from 20 steps it moves 9 of

@@ -231,7 +231,7 @@ pub fn plan_request(
         return Ok(());
     };
     // AND parts are UNet rows too (one per part and one for the negative prompt).
-    let guidance = params.guidance_scale > 1.0 || params.composed_parts().is_some();
+    let guidance = params.any_pass_runs_negative_prompt() || params.composed_parts().is_some();
     let (w, h, n) = (
         params.width,
         params.height,

@@ -35,7 +35,7 @@ pub fn check_memory(
     let n = params.batch_size;
     // AND parts are UNet rows too: one per part and one for the negative prompt, guided or not.
     let rows_as_batch = params.guided_batch_equivalent();
-    let guided = params.guidance_scale > 1.0 || params.composed_parts().is_some();
+    let guided = params.any_pass_runs_negative_prompt() || params.composed_parts().is_some();
     let controlnets = crate::gpu::controlnet_load(params, budget.request.dtype);
     match budget.check(w, h, rows_as_batch, guided, controlnets) {
         Ok(()) => Ok(()),

@@ -69,7 +69,7 @@ pub fn applied_churn(p: &GenerationParams) -> Option<[Option<f64>; 4]> {
 /// The negative guidance minimum sigma where it applied (on, with guidance).
 pub fn applied_guidance(p: &GenerationParams) -> Option<NegativeGuidance> {
     let g = p.negative_guidance;
-    (g.min_sigma > 0.0 && p.guidance_scale > 1.0).then_some(g)
+    (g.min_sigma > 0.0 && p.runs_negative_prompt()).then_some(g)
 }
 
 /// The early skip where it is on. A1111 writes `Skip Early CFG` whenever it is (its first
@@ -163,5 +163,15 @@ mod tests {
             ..p
         };
         assert_eq!(infotext(&p), "");
+        // ddim_cfgpp runs the negative prompt at every scale: NGMS applies at 1 too.
+        let p = GenerationParams {
+            scheduler: Some(SchedulerKind::DdimCfgpp),
+            negative_guidance: NegativeGuidance {
+                min_sigma: 4.5,
+                ..Default::default()
+            },
+            ..p
+        };
+        assert_eq!(infotext(&p), ", NGMS: 4.5");
     }
 }
