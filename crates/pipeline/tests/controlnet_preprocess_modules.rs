@@ -5,7 +5,7 @@
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
-//! `manga_line.rs`, `openpose.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`, `midas.rs`.
+//! `manga_line.rs`, `openpose.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`, `midas.rs`, `normalbae.rs`.
 
 #[path = "controlnet_preprocess_modules/anyline.rs"]
 mod anyline;
@@ -22,6 +22,8 @@ mod manga_line;
 mod midas;
 #[path = "controlnet_preprocess_modules/mlsd.rs"]
 mod mlsd;
+#[path = "controlnet_preprocess_modules/normalbae.rs"]
+mod normalbae;
 #[path = "controlnet_preprocess_modules/openpose.rs"]
 mod openpose;
 #[path = "controlnet_preprocess_modules/openpose_hand.rs"]

@@ -32,7 +32,7 @@ use crate::kernels::Conv2d;
 use crate::pipeline::RgbImage;
 use crate::Result;
 
-mod resnet;
+pub(super) mod resnet;
 use resnet::ResNet;
 
 /// The file the extension loads DPT-Hybrid from (`annotator/downloads/midas/`).

@@ -15,7 +15,8 @@
 //! TEED with MistoLine's weights, combined with lineart_standard's faint lines), `mlsd` (the M-LSD network,
 //! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything,
 //! depth_anything_v2: DINOv2 and the DPT head), `midas` (depth_midas, normal_midas: DPT-Hybrid,
-//! its ResNet in `midas/resnet.rs`), `openpose` (the OpenPose body network and its maps),
+//! its ResNet in `midas/resnet.rs`), `normalbae` (normal_bae: Bae et al.'s NNET, its
+//! EfficientNet-B5 encoder in `normalbae/efficientnet.rs`), `openpose` (the OpenPose body network and its maps),
 //! `openpose_body` (peaks, limbs and people from those maps), `openpose_hand` (the hand and
 //! face network, the hands' boxes and keypoints), `openpose_face` (the face's box and
 //! keypoints), `pose_draw` (the pose drawn with OpenCV's ellipse, convex fill, circle and
@@ -36,6 +37,7 @@ mod manga_line;
 mod midas;
 mod mlsd;
 mod networks;
+mod normalbae;
 mod openpose;
 mod openpose_body;
 mod openpose_face;
@@ -81,6 +83,10 @@ pub use mlsd::{decode_lines, draw_segments, mlsd_lines, mlsd_map, MlsdNetwork, M
 pub use networks::{
     lllyasviel, network, AnnotatorFile, AnnotatorNetworks, AnyNetwork, HubFile, LoadedNetworks,
     ANNOTATOR_FILES,
+};
+pub use normalbae::{
+    normal_bae_map, normal_bae_module, normal_bae_normals, NormalBaeNetwork, NORMAL_BAE,
+    NORMAL_BAE_FILE,
 };
 pub use openpose::{
     body_maps, body_outputs, detect_people, draw_poses, openpose_module, outputs_to_image,

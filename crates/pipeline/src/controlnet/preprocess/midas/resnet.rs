@@ -24,8 +24,8 @@ fn same_pad(i: usize, k: usize, s: usize) -> (usize, usize) {
     (total / 2, total - total / 2)
 }
 
-/// `x` padded by `same_pad` on both sides with `value`.
-fn pad_same(x: &Tensor, k: usize, s: usize, value: f32) -> Result<Tensor> {
+/// `x` padded by `same_pad` on both sides with `value` (EfficientNet's `Conv2dSame` too).
+pub(in super::super) fn pad_same(x: &Tensor, k: usize, s: usize, value: f32) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (top, bottom) = same_pad(h, k, s);
     let (left, right) = same_pad(w, k, s);
