@@ -45,6 +45,40 @@ pub fn quick_gelu(x: &Tensor) -> Result<Option<Tensor>> {
     Tensor::from_vec(v, x.dims(), &Device::Cpu).map(Some)
 }
 
+/// SiLU (swish, `x / (1 + exp(-x))`) in one parallel pass; `None` when the fast path does not
+/// apply (not f32 on the CPU). candle's runs on one thread.
+pub fn silu(x: &Tensor) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    // std's exp, as candle's and torch's: math::silu's faster exp moved networks whose
+    // swish feeds dozens of layers (EfficientNet's) past their float-noise bounds.
+    v.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| {
+        for e in c {
+            *e /= 1.0 + (-*e).exp();
+        }
+    });
+    Tensor::from_vec(v, x.dims(), &Device::Cpu).map(Some)
+}
+
+/// `F.leaky_relu(x, slope)` (`x > 0 ? x : x * slope`) in one parallel pass; `None` when the
+/// fast path does not apply (not f32 on the CPU).
+pub fn leaky_relu(x: &Tensor, slope: f32) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    v.par_chunks_mut(ELEMS_PER_TASK).for_each(|c| {
+        for e in c {
+            if *e <= 0.0 {
+                *e *= slope;
+            }
+        }
+    });
+    Tensor::from_vec(v, x.dims(), &Device::Cpu).map(Some)
+}
+
 /// torch's exact GELU (`nn.GELU()`, erf) in one parallel pass into a new tensor; `None` when the
 /// fast path does not apply (not f32 on the CPU).
 pub fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
@@ -103,6 +137,22 @@ mod tests {
         // tanh's GELU differs by more: the bound tells them apart.
         assert!(max_abs_diff(&got, &x.gelu()?) > 1e-4);
         assert!(gelu_erf(&x.to_dtype(DType::F16)?)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn silu_and_leaky_relu_match_candle_ops() -> Result<()> {
+        // Past one task's elements, so the chunks are stitched back in order.
+        let x = (crate::rng::TorchRng::new(14)
+            .randn_tensor((3, ELEMS_PER_TASK / 100 + 7, 100), &Device::Cpu, DType::F32)
+            .unwrap()
+            * 4.0)?;
+        let d = max_abs_diff(&silu(&x)?.expect("fast path"), &x.silu()?);
+        assert!(d < 1e-6, "{d}");
+        let got = leaky_relu(&x, 0.01)?.expect("fast path");
+        let want = (x.relu()? + (x.minimum(0f32)? * 0.01)?)?;
+        assert_eq!(max_abs_diff(&got, &want), 0.0);
+        assert!(silu(&x.to_dtype(DType::F16)?)?.is_none());
         Ok(())
     }
 

@@ -91,7 +91,10 @@ impl UpSample {
 }
 
 fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    // max(x, 0) + slope * min(x, 0), as `F.leaky_relu`'s `x > 0 ? x : x * slope`.
+    if let Some(y) = crate::kernels::act::leaky_relu(x, LEAKY_SLOPE as f32)? {
+        return Ok(y);
+    }
+    // max(x, 0) + slope * min(x, 0): `x > 0 ? x : x * slope`.
     Ok(x.maximum(0f32)?.add(&(x.minimum(0f32)? * LEAKY_SLOPE)?)?)
 }
 

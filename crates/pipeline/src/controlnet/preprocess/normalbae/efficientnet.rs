@@ -119,6 +119,14 @@ impl ConvBn {
     }
 }
 
+/// geffnet's swish (`nn.SiLU`), in parallel where it can be.
+fn swish(x: &Tensor) -> Result<Tensor> {
+    match crate::kernels::act::silu(x)? {
+        Some(y) => Ok(y),
+        None => Ok(x.silu()?),
+    }
+}
+
 /// `SqueezeExcite` of a block's `c`-wide depthwise output.
 struct SqueezeExcite {
     reduce: Conv2d,
@@ -136,7 +144,7 @@ impl SqueezeExcite {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let se = x.mean_keepdim(3)?.mean_keepdim(2)?;
-        let se = self.reduce.forward(&se)?.silu()?;
+        let se = swish(&self.reduce.forward(&se)?)?;
         let gate = candle_nn::ops::sigmoid(&self.expand.forward(&se)?)?;
         Ok(x.broadcast_mul(&gate)?)
     }
@@ -193,10 +201,10 @@ impl Block {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = match &self.expand {
-            Some(c) => c.forward(x)?.silu()?,
+            Some(c) => swish(&c.forward(x)?)?,
             None => x.clone(),
         };
-        y = self.depthwise.forward(&y)?.silu()?;
+        y = swish(&self.depthwise.forward(&y)?)?;
         if let Some(se) = &self.se {
             y = se.forward(&y)?;
         }
@@ -278,7 +286,7 @@ impl EfficientNet {
     /// The stages' outputs of a `[1, 3, H, W]` input, then `conv_head`'s (before its BN: the
     /// decoder takes `features[11]`).
     pub(super) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let mut x = self.stem.forward(x)?.silu()?;
+        let mut x = swish(&self.stem.forward(x)?)?;
         let mut outs = Vec::with_capacity(self.stages.len() + 1);
         for stage in &self.stages {
             for block in stage {
