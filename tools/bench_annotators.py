@@ -8,7 +8,8 @@ bench `crates/pipeline/benches/annotators.rs` measures ours, with the same weigh
                  lineart_realistic, lineart_coarse, lineart_anime, lineart_anime_denoise,
                  softedge_teed (safe_steps 2), mlsd (thresholds 0.1, 0.1), and
                  depth_anything_v2 (colored=False) with --depth-anything, depth_anything
-                 (colored=False) with $DEPTH_ANYTHING_DIR and $DINOV2_DIR, depth_midas
+                 (colored=False) with $DEPTH_ANYTHING_DIR and $DINOV2_DIR, depth_midas,
+                 normal_bae
   <module>_net   the network's forward alone (no_grad) on the padded image as the detector
                  feeds it
   openpose_body, openpose_hand, openpose_face
@@ -46,7 +47,9 @@ def load_file(net, path):
         state = load_safetensors(path)
     else:
         state = torch.load(path, map_location="cpu")
-    state = state.get("state_dict", state)
+    for wrapper in ["state_dict", "model"]:  # PiDiNet's and Bae's normal network's
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     net.load_state_dict({k.replace("module.", ""): v for k, v in state.items()}, strict=True)
 
 

@@ -30,7 +30,8 @@ Run from the repository root with a python that has torch, torchvision, opencv-p
   python3 tools/make_normalbae_fixtures.py --extension /path/to/sd-webui-controlnet
 (default: $SD_WEBUI_CONTROLNET_DIR; without it the script says so and writes nothing).
 With `--full-width PATH` it writes only PATH: NNET at the real widths (tf_efficientnet_b5_ap,
-the BN decoder) with the same seeded random weights in f32, for the annotator bench.
+the BN decoder) with the same seeded random weights in f32 (`full_width`, also the annotator
+bench's: tools/make_random_annotators.py).
 """
 import argparse
 import ast
@@ -131,6 +132,49 @@ def nnet(ext):
     return NNET(args)
 
 
+def full_width(ext):
+    """NNET at the real widths with this script's random weights (f32, eval), the legacy
+    `normal_bae` running it (NormalBaeDetector.load_model as it is, its load_checkpoint handed
+    this model instead of a file's), and the detector's Normalize (built on the first call)."""
+    tmp = tempfile.mkdtemp()
+    stubs(tmp)
+    sys.path.insert(0, ext)
+    sys.path.insert(0, geffnet_dir(ext))
+    import annotator.normalbae as normalbae
+    torch.manual_seed(SEED)
+    model = randomize(nnet(ext)).eval()
+    # load_model downloads where the file is missing: an empty one stands in.
+    normalbae.NormalBaeDetector.model_dir = os.path.join(tmp, "normal_bae")
+    os.makedirs(normalbae.NormalBaeDetector.model_dir)
+    open(os.path.join(normalbae.NormalBaeDetector.model_dir, "scannet.pt"), "wb").close()
+    normalbae.load_checkpoint = lambda fpath, _: model
+    utils, _ = functions(os.path.join(ext, "scripts", "utils.py"),
+                         ["pad64", "safer_memory", "resize_image_with_pad"], {"cv2": cv2, "np": np})
+    ns = {"np": np, "resize_image_with_pad": utils["resize_image_with_pad"], "model_normal_bae": None}
+    legacy, _ = functions(os.path.join(ext, "scripts", "preprocessor", "legacy", "processor.py"),
+                          ["normal_bae"], ns)
+    return model, legacy["normal_bae"], lambda x: ns["model_normal_bae"].norm(x)
+
+
+def reference_512(ext, model, legacy, norm, out):
+    """The legacy normal_bae of image.wide at 512 on the real-width model, as raw arrays in
+    `out`: padded_512.bin (its padded image, uint8 HxWx3), normal_512.f32 (the network's
+    out_res1[:, :3] on it, f32 3xHxW) and map_512.bin (the module's map, uint8)."""
+    utils, _ = functions(os.path.join(ext, "scripts", "utils.py"),
+                         ["pad64", "safer_memory", "resize_image_with_pad"], {"cv2": cv2, "np": np})
+    img = IMAGES["wide"]()
+    padded, _ = utils["resize_image_with_pad"](img, 512)
+    out_map, _ = legacy(img.copy(), res=512)
+    x = norm(torch.from_numpy(padded).float().permute(2, 0, 1)[None] / 255.0)
+    with torch.no_grad():
+        normal = model(x)[0][-1][0, :3].numpy()
+    os.makedirs(out, exist_ok=True)
+    np.ascontiguousarray(padded).tofile(os.path.join(out, "padded_512.bin"))
+    np.ascontiguousarray(normal, dtype=np.float32).tofile(os.path.join(out, "normal_512.f32"))
+    np.ascontiguousarray(out_map).tofile(os.path.join(out, "map_512.bin"))
+    print(f"{out}: padded {padded.shape}, map {out_map.shape}")
+
+
 def randomize(model):
     """Seeded weights: convs by fan-in, BN affine and running statistics near identity."""
     with torch.no_grad():
@@ -168,22 +212,24 @@ def main():
     ap.add_argument("--extension", default=os.environ.get("SD_WEBUI_CONTROLNET_DIR"))
     ap.add_argument("--full-width", metavar="PATH",
                     help="write only the real-width model with random weights to PATH")
+    ap.add_argument("--full-width-ref", metavar="DIR",
+                    help="with --full-width: the extension's run of it on image.wide at 512 in DIR")
     args = ap.parse_args()
     if not args.extension:
         print("make_normalbae_fixtures.py: skipped (needs --extension or SD_WEBUI_CONTROLNET_DIR)")
         return
-    tmp = tempfile.mkdtemp()
-    stubs(tmp)
     if args.full_width:
-        sys.path.insert(0, geffnet_dir(args.extension))
-        torch.manual_seed(SEED)
-        model = randomize(nnet(args.extension))
+        model, legacy, norm = full_width(args.extension)
         torch.save(checkpoint(model, torch.float32), args.full_width)
+        if args.full_width_ref:
+            reference_512(args.extension, model, legacy, norm, args.full_width_ref)
         n = sum(v.numel() for v in model.state_dict().values())
         print(f"{args.full_width}: {n / 1e6:.1f} M values")
         return
     assert cv2.__version__ == "4.10.0", cv2.__version__
     torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp()
+    stubs(tmp)
     digests = narrow(args.extension)
     torch.manual_seed(SEED)
     model = randomize(nnet(args.extension))

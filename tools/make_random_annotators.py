@@ -33,6 +33,8 @@ key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`,
   midas/dpt_hybrid-midas-501f0c75.pt    DPTDepthModel(backbone "vitb_rn50_384", non_negative) as
                                         load_model("dpt_hybrid") builds it (timm 1.0's
                                         R50+ViT-B/16 hybrid)
+  normal_bae/scannet.pt                 NNET(architecture BN) as NormalBaeDetector builds it
+                                        (tf_efficientnet_b5_ap), {"model": {"module.<name>"}}
   bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
 
 The classes are taken from a checkout of the extension the way the fixture scripts
@@ -254,14 +256,35 @@ def openpose(ext):
     return out, package
 
 
+def annotator_package(ext):
+    """The extension's `annotator` as a package again: hed's and mlsd's parts stand a bare
+    module in for it, under which `annotator.midas` and `annotator.normalbae` cannot be found."""
+    stub = sys.modules.get("annotator")
+    if stub is not None and not hasattr(stub, "__path__"):
+        stub.__path__ = [os.path.join(ext, "annotator")]
+
+
 def midas(ext):
     """DPT-Hybrid at its real widths (make_midas_fixtures.full_width: the fixture's random
     weights) and the legacy `midas` (depth_midas) running it."""
     import make_midas_fixtures as midas_fx
+    annotator_package(ext)
     net, legacy, _ = midas_fx.full_width(ext)
     return [("midas", "dpt_hybrid-midas-501f0c75.pt", net, net.state_dict(),
              {"depth_midas": lambda img, res: legacy["midas"](img, res=res)},
              lambda p: chw(p, 1 / 127.5, -1.0))]
+
+
+def normalbae(ext):
+    """NNET at its real widths (make_normalbae_fixtures.full_width: the fixture's random
+    weights, saved as scannet.pt is: {'model': state_dict} under `module.`) and the legacy
+    `normal_bae` running it; the network's input is the detector's: / 255, Normalize."""
+    import make_normalbae_fixtures as normalbae_fx
+    annotator_package(ext)
+    net, legacy, norm = normalbae_fx.full_width(ext)
+    return [("normal_bae", "scannet.pt", net, normalbae_fx.checkpoint(net, torch.float32),
+             {"normal_bae": lambda img, res: legacy(img, res=res)},
+             lambda p: norm(chw(p, 1 / 255.0)))]
 
 
 def chw(padded, scale, offset=0.0):
@@ -275,7 +298,7 @@ def build(ext):
     fn(padded) -> the network's input), and the extension's resize_image_with_pad."""
     out = []
     for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2, depth_anything,
-                 midas]:
+                 midas, normalbae]:
         out += part(ext)
     return out, RESIZE[0]
 

@@ -1,7 +1,7 @@
 //! ANNOTATOR_DIR: the weights of the model-based ControlNet preprocessors, under the
 //! sd-webui-controlnet extension's file names (`ControlNetHED.pth`, `sk_model.pth`,
 //! `sk_model2.pth`, `netG.pth`, `erika.pth`, `body_pose_model.pth`, `hand_pose_model.pth`,
-//! `facenet.pth`, ... from the hub repo `lllyasviel/Annotators`,
+//! `facenet.pth`, `scannet.pt`, ... from the hub repo `lllyasviel/Annotators`,
 //! `7_model.pth` from `bdsqlsz/qinglong_controlnet-lllite`'s `Annotators/`, `MTEED.pth` from
 //! `TheMistoAI/MistoLine`'s `Anyline/`, `depth_anything_v2_vitl.safetensors` from
 //! `MackinationsAi/Depth-Anything-V2_Safetensors`, `depth_anything_vitl14.pth` from the
@@ -166,7 +166,9 @@ impl AnnotatorNetworks for AnnotatorStore {
 mod tests {
     use std::sync::Arc;
 
-    use sdserve_pipeline::controlnet::preprocess::{network, HedNetwork, HED, HED_FILE};
+    use sdserve_pipeline::controlnet::preprocess::{
+        network, HedNetwork, HED, HED_FILE, NORMAL_BAE_FILE,
+    };
 
     use super::*;
 
@@ -251,6 +253,7 @@ mod tests {
                 "erika.pth",
                 "table5_pidinet.pth",
                 "mlsd_large_512_fp32.pth",
+                NORMAL_BAE_FILE,
                 "body_pose_model.pth",
                 "hand_pose_model.pth",
                 "facenet.pth"

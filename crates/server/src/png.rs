@@ -311,6 +311,7 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::DepthAnything { .. }
         | Preprocessor::DepthAnythingV2 { .. }
         | Preprocessor::DepthMidas { .. }
+        | Preprocessor::NormalBae { .. }
         | Preprocessor::Openpose { .. }
         | Preprocessor::OpenposeHand { .. }
         | Preprocessor::OpenposeFace { .. }

@@ -7,7 +7,7 @@
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
 //! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 and
-//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
+//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`, normal_bae in `normalbae.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
 //! module without its file in
 //! `missing_networks.rs`.
 
@@ -24,6 +24,8 @@ mod midas;
 mod missing_networks;
 #[path = "controlnet_preprocess_http/mlsd.rs"]
 mod mlsd;
+#[path = "controlnet_preprocess_http/normalbae.rs"]
+mod normalbae;
 #[path = "controlnet_preprocess_http/teed.rs"]
 mod teed;
 
@@ -344,6 +346,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "pidinet",
             "pidinet_scribble",
             "openpose_full",
+            "normal_bae",
             "mlsd",
             "lineart_standard",
             "depth",
@@ -374,7 +377,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][11], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][12], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -418,32 +421,34 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let labels = s.get("/controlnet/module_list?alias_names=true").json();
     // The extension's `Preprocessor.label`s: two differ from the names.
     assert_eq!(
-        labels["module_list"][6],
+        labels["module_list"][7],
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][9],
+        labels["module_list"][10],
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][2], "softedge_pidinet");
     assert_eq!(labels["module_list"][3], "scribble_pidinet");
     // openpose_full's priority is 100 (preprocessor_compiled.py), the other OpenPose ones' 0.
     assert_eq!(labels["module_list"][4], "openpose_full");
-    assert_eq!(labels["module_list"][5], "mlsd");
+    // normal_bae is priority 100: its label after openpose_full's, before mlsd.
+    assert_eq!(labels["module_list"][5], "normal_bae");
+    assert_eq!(labels["module_list"][6], "mlsd");
     // depth (label depth_midas) is priority 100 too; normal_map (normal_midas) 0.
-    assert_eq!(labels["module_list"][7], "depth_midas");
-    assert_eq!(labels["module_list"][8], "canny");
-    assert_eq!(labels["module_list"][12], "softedge_teed");
-    assert_eq!(labels["module_list"][13], "softedge_pidisafe");
-    assert_eq!(labels["module_list"][14], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][15], "softedge_hed");
-    assert_eq!(labels["module_list"][16], "softedge_anyline");
-    assert_eq!(labels["module_list"][20], "openpose_hand");
-    assert_eq!(labels["module_list"][21], "openpose_faceonly");
-    assert_eq!(labels["module_list"][22], "openpose_face");
-    assert_eq!(labels["module_list"][23], "openpose");
-    assert_eq!(labels["module_list"][24], "normal_midas");
-    assert_eq!(labels["module_list"][25], "lineart_realistic");
+    assert_eq!(labels["module_list"][8], "depth_midas");
+    assert_eq!(labels["module_list"][9], "canny");
+    assert_eq!(labels["module_list"][13], "softedge_teed");
+    assert_eq!(labels["module_list"][14], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][15], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][16], "softedge_hed");
+    assert_eq!(labels["module_list"][17], "softedge_anyline");
+    assert_eq!(labels["module_list"][21], "openpose_hand");
+    assert_eq!(labels["module_list"][22], "openpose_faceonly");
+    assert_eq!(labels["module_list"][23], "openpose_face");
+    assert_eq!(labels["module_list"][24], "openpose");
+    assert_eq!(labels["module_list"][25], "normal_midas");
+    assert_eq!(labels["module_list"][26], "lineart_realistic");
     for m in [
         "openpose_hand",
         "openpose_face",

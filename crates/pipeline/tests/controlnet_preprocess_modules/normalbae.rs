@@ -124,3 +124,56 @@ fn normal_bae_makes_the_extension_s_maps() {
     assert!(cropped >= 3, "{cropped} maps with their pad removed");
     println!("normal_bae: maps {total} of {values} values differ in all");
 }
+
+/// One 512 map at the real widths (`make_normalbae_fixtures.py --full-width PATH`, random
+/// weights), timed on the CPU; run with `NORMAL_BAE_FULL=PATH cargo test ... -- --ignored`.
+/// With `NORMAL_BAE_FULL_REF=DIR` (`--full-width-ref DIR`: the extension's run of the same
+/// file on `image.wide` at 512) also held to it: the normals to float noise, the map within a
+/// level.
+#[test]
+#[ignore]
+fn normal_bae_at_real_widths() {
+    let path = std::env::var("NORMAL_BAE_FULL").expect("NORMAL_BAE_FULL");
+    let t0 = std::time::Instant::now();
+    let nets = LoadedNetworks::default()
+        .read(&NORMAL_BAE, std::path::Path::new(&path))
+        .unwrap();
+    let loaded = t0.elapsed();
+    let net = network::<NormalBaeNetwork>(&nets, &NORMAL_BAE).unwrap();
+    let t = Refs::load("normalbae/normalbae");
+    let photo = t.image("image.wide");
+    let mut padded = resize_image_with_pad(&photo, 512);
+    let t0 = std::time::Instant::now();
+    let map = normal_bae_module(&net, &padded).unwrap();
+    println!(
+        "{}: read in {loaded:.1?}; a {}x{} map in {:.1?}",
+        NORMAL_BAE.name,
+        map.width,
+        map.height,
+        t0.elapsed()
+    );
+    assert_eq!(map.height, 512);
+    let Ok(dir) = std::env::var("NORMAL_BAE_FULL_REF") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir);
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    // The reference's padded image (its enlarging cubic resize is ours within a level).
+    padded.image.pixels = read("padded_512.bin");
+    let want: Vec<f32> = read("normal_512.f32")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let got = normal_bae_normals(&net, &padded.image).unwrap();
+    let (w, h) = (padded.image.width as usize, padded.image.height as usize);
+    let diff = largest_difference(&got, &want, h, w, 1);
+    println!("normal_bae 512: largest difference {diff:e}");
+    assert!(diff < 1e-3, "normals differ by {diff}");
+    let got = normal_bae_module(&net, &padded).unwrap();
+    let want = RgbImage {
+        width: got.width,
+        height: got.height,
+        pixels: read("map_512.bin"),
+    };
+    check(&got, &want, "normal_bae 512");
+}

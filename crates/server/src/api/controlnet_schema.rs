@@ -123,7 +123,8 @@ pub struct ControlNetPreprocessor {
     /// Depth Anything (v1) (`depth_anything_vitl14.pth` in ANNOTATOR_DIR); `depth_midas`: the
     /// same from MiDaS DPT-Hybrid (`dpt_hybrid-midas-501f0c75.pt` in ANNOTATOR_DIR);
     /// `normal_midas`: a normal map (RGB) from that depth's slopes, flat below
-    /// `background_threshold`; `openpose`: OpenPose's body
+    /// `background_threshold`; `normal_bae`: Bae et al.'s surface normals (x, y, z as R, G,
+    /// B; `scannet.pt` in ANNOTATOR_DIR); `openpose`: OpenPose's body
     /// keypoints of each person found, coloured limbs and joints on black
     /// (`body_pose_model.pth` in ANNOTATOR_DIR); `openpose_hand`: with each body's hands
     /// (21 keypoints, rainbow bones, blue joints; also `hand_pose_model.pth`);
@@ -232,6 +233,7 @@ pub enum PreprocessorType {
     DepthAnythingV2,
     DepthMidas,
     NormalMidas,
+    NormalBae,
     Openpose,
     OpenposeHand,
     OpenposeFace,

@@ -136,6 +136,10 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             },
         ),
         (
+            json!({"type": "normal_bae", "resolution": 576}),
+            Preprocessor::NormalBae { resolution: 576 },
+        ),
+        (
             json!({"type": "openpose", "resolution": 320}),
             Preprocessor::Openpose { resolution: 320 },
         ),

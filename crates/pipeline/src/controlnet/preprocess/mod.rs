@@ -203,6 +203,9 @@ pub enum Preprocessor {
         background_threshold: f64,
         resolution: u32,
     },
+    /// The legacy `normal_bae`: Bae et al.'s surface normals (NNET on EfficientNet-B5,
+    /// scannet.pt), x, y, z as R, G, B.
+    NormalBae { resolution: u32 },
     /// The legacy `openpose` (include_body only): OpenPose's body keypoints of each person
     /// found, drawn as coloured limbs and joints on black.
     Openpose { resolution: u32 },
@@ -246,6 +249,7 @@ impl Preprocessor {
             Self::DepthAnythingV2 { .. } => "depth_anything_v2",
             Self::DepthMidas { .. } => "depth_midas",
             Self::NormalMidas { .. } => "normal_midas",
+            Self::NormalBae { .. } => "normal_bae",
             Self::Openpose { .. } => "openpose",
             Self::OpenposeHand { .. } => "openpose_hand",
             Self::OpenposeFace { .. } => "openpose_face",
@@ -274,6 +278,7 @@ impl Preprocessor {
             "depth_anything" => Self::DepthAnything { resolution },
             "depth_anything_v2" => Self::DepthAnythingV2 { resolution },
             "depth_midas" => Self::DepthMidas { resolution },
+            "normal_bae" => Self::NormalBae { resolution },
             "openpose" => Self::Openpose { resolution },
             "openpose_hand" => Self::OpenposeHand { resolution },
             "openpose_face" => Self::OpenposeFace { resolution },
@@ -308,6 +313,7 @@ impl Preprocessor {
             Self::DepthAnything { .. } => Some(&DEPTH_ANYTHING),
             Self::DepthAnythingV2 { .. } => Some(&DEPTH_ANYTHING_V2),
             Self::DepthMidas { .. } | Self::NormalMidas { .. } => Some(&MIDAS),
+            Self::NormalBae { .. } => Some(&NORMAL_BAE),
             Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
@@ -371,6 +377,7 @@ impl Preprocessor {
             | Self::DepthAnythingV2 { resolution }
             | Self::DepthMidas { resolution }
             | Self::NormalMidas { resolution, .. }
+            | Self::NormalBae { resolution }
             | Self::Openpose { resolution }
             | Self::OpenposeHand { resolution }
             | Self::OpenposeFace { resolution }
@@ -408,6 +415,7 @@ impl Preprocessor {
             | Self::DepthAnythingV2 { resolution: r }
             | Self::DepthMidas { resolution: r }
             | Self::NormalMidas { resolution: r, .. }
+            | Self::NormalBae { resolution: r }
             | Self::Openpose { resolution: r }
             | Self::OpenposeHand { resolution: r }
             | Self::OpenposeFace { resolution: r }
@@ -464,6 +472,7 @@ mod tests {
             "depth_anything",
             "depth_anything_v2",
             "depth_midas",
+            "normal_bae",
             "openpose",
             "openpose_hand",
             "openpose_face",

@@ -54,6 +54,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::DEPTH_ANYTHING,
     &super::DEPTH_ANYTHING_V2,
     &super::MIDAS,
+    &super::NORMAL_BAE,
     &super::BODY_POSE,
     &super::HAND_POSE,
     &super::FACENET,

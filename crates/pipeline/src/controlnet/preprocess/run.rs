@@ -109,6 +109,10 @@ impl Preprocessor {
                 let net = network::<MidasNetwork>(networks, &MIDAS)?;
                 midas_module(&net, &padded(), Some(background_threshold))?
             }
+            Self::NormalBae { .. } => {
+                let net = network::<NormalBaeNetwork>(networks, &NORMAL_BAE)?;
+                normal_bae_module(&net, &padded())?
+            }
             Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
@@ -213,6 +217,7 @@ impl Preprocessor {
             | Self::DepthAnythingV2 { .. }
             | Self::DepthMidas { .. }
             | Self::NormalMidas { .. }
+            | Self::NormalBae { .. }
             | Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }

@@ -32,7 +32,7 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"openpose_full\", \"mlsd\", \"lineart_standard\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
         "{e}"
     );
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
@@ -193,6 +193,7 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
                 resolution: 256,
             },
         ),
+        ("normal_bae", Preprocessor::NormalBae { resolution: 256 }),
         ("openpose", Preprocessor::Openpose { resolution: 256 }),
         (
             "openpose_hand",
