@@ -176,5 +176,12 @@ fn normal_bae_at_real_widths() {
         height: got.height,
         pixels: read("map_512.bin"),
     };
-    check(&got, &want, "normal_bae 512");
+    // That noise (1.3e-3 at most, 0.17 of a level) moves about 1% of the values across a
+    // truncation step here (11,397 of 1,105,920 measured): one level, in at most 1 in 50.
+    let (differing, max) = super::compare(&got, &want, "normal_bae 512");
+    println!("normal_bae 512: {differing} values differ, by at most {max}");
+    assert!(
+        max <= 1 && differing * 50 <= want.pixels.len(),
+        "normal_bae 512"
+    );
 }
