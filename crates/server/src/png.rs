@@ -294,6 +294,9 @@ fn unit_settings(p: &Preprocessor) -> String {
         Preprocessor::TileResample { down_sampling_rate } => {
             (float(down_sampling_rate), hidden.clone())
         }
+        Preprocessor::RecolorLuminance { gamma } | Preprocessor::RecolorIntensity { gamma } => {
+            (float(gamma), hidden.clone())
+        }
         Preprocessor::Invert
         | Preprocessor::LineartStandard { .. }
         | Preprocessor::Color { .. }

@@ -7,7 +7,7 @@
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
 //! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 and
-//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`, normal_bae in `normalbae.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
+//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`, normal_bae in `normalbae.rs`, the model-free recolor ones and their post-processing in `recolor.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
 //! module without its file in
 //! `missing_networks.rs`.
 
@@ -26,6 +26,8 @@ mod missing_networks;
 mod mlsd;
 #[path = "controlnet_preprocess_http/normalbae.rs"]
 mod normalbae;
+#[path = "controlnet_preprocess_http/recolor.rs"]
+mod recolor;
 #[path = "controlnet_preprocess_http/teed.rs"]
 mod teed;
 

@@ -22,7 +22,9 @@ use candle_core::Tensor;
 
 use super::{GenerationParams, RgbImage, StableDiffusion};
 use crate::controlnet::modes::residual_weights;
+use crate::controlnet::preprocess::{recolor_post_process, RecolorChannel};
 use crate::controlnet::{CondRows, ControlNetModel, ControlNetUnit};
+use crate::image_in::resize_lanczos;
 use crate::unet::{AdditionalResiduals, UNet2DConditionModel};
 use crate::{PipelineError, Result};
 
@@ -44,7 +46,7 @@ pub(super) struct StepControl<'a> {
 /// A control image as diffusers' control image processor makes it: `[1, 3, height, width]`
 /// in `[0, 1]`.
 fn control_image(image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
-    let image = crate::image_in::resize_lanczos(image, width, height);
+    let image = resize_lanczos(image, width, height);
     let plane = width * height;
     let mut chw = vec![0f32; 3 * plane];
     for (i, px) in image.pixels.chunks_exact(3).enumerate() {
@@ -174,6 +176,51 @@ impl StableDiffusion {
             hires: pass == ControlPass::Hires,
         }))
     }
+}
+
+/// The recolor units' final control maps (the extension's `hr_control` after a hires pass,
+/// else `control`), each with the channel its post-processing replaces: the unit's image (its
+/// hires image in the hires pass) fitted to `params`' size as [`StableDiffusion::prepare_control`]
+/// fits it, whichever passes the unit steers (the extension makes both maps regardless).
+pub(super) fn recolor_maps(
+    params: &GenerationParams,
+    pass: ControlPass,
+    crop: Option<MaskedCrop>,
+) -> Vec<(RecolorChannel, RgbImage)> {
+    let (w, h) = (params.width, params.height);
+    params
+        .controlnets
+        .iter()
+        .filter_map(|unit| {
+            let channel = unit.preprocessor.as_ref()?.recolor_channel()?;
+            let image = match (pass, &unit.hires_image) {
+                (ControlPass::Hires, Some(hires)) => hires,
+                _ => &unit.image,
+            };
+            let map = match crop {
+                Some(c) if unit.inpaint_crop => resize_lanczos(&c.apply(image, w, h), w, h),
+                _ => resize_lanczos(image, w, h),
+            };
+            Some((channel, map))
+        })
+        .collect()
+}
+
+/// A decoded image (`[1, 3, h, w]` in `[-1, 1]`) to RGB8: diffusers' rounding, or with recolor
+/// units A1111's truncation followed by each unit's post-processing in order (the extension's
+/// `postprocess_batch`; every image of a batch takes the unit's one map).
+pub(super) fn to_rgb8_recolored(
+    decoded: &Tensor,
+    maps: &[(RecolorChannel, RgbImage)],
+) -> Result<RgbImage> {
+    if maps.is_empty() {
+        return super::postprocess(decoded);
+    }
+    let mut image = super::decode::postprocess_truncated(decoded)?;
+    for (channel, map) in maps {
+        image = recolor_post_process(&image, map, *channel);
+    }
+    Ok(image)
 }
 
 impl StepControl<'_> {

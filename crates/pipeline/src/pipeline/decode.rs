@@ -59,7 +59,7 @@ pub(crate) fn postprocess(image: &Tensor) -> Result<RgbImage> {
 /// The first pass's image as A1111's hires fix makes it (`sample_hr_pass`):
 /// `255. * clamp((x + 1) / 2, 0, 1)` in float32, then numpy's `astype(np.uint8)`, which
 /// truncates.
-pub(crate) fn postprocess_truncated(image: &Tensor) -> Result<RgbImage> {
+pub fn postprocess_truncated(image: &Tensor) -> Result<RgbImage> {
     to_rgb8(image, |x| (255.0 * ((x + 1.0) / 2.0).clamp(0.0, 1.0)) as u8)
 }
 

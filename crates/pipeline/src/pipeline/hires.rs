@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::{
-    decode::{postprocess, postprocess_truncated},
+    decode::postprocess_truncated,
     images_in::{self, LatentCrop},
     GenerationParams, RgbImage, StableDiffusion, StepHook, StepProgress,
 };
@@ -351,11 +351,13 @@ impl StableDiffusion {
             &mut on_step,
         )?;
         drop((text_embeddings, control));
+        // Recolor units' post-processing with their maps at this pass's size (`hr_control`).
+        let recolor =
+            super::control::recolor_maps(&pass.params, super::control::ControlPass::Hires, None);
         let mut images = Vec::with_capacity(first.batch_size);
         for i in 0..latents.dim(0)? {
-            images.push(postprocess(
-                &self.decode_latents(&latents.narrow(0, i, 1)?)?,
-            )?);
+            let decoded = self.decode_latents(&latents.narrow(0, i, 1)?)?;
+            images.push(super::control::to_rgb8_recolored(&decoded, &recolor)?);
         }
         Ok(images)
     }

@@ -43,6 +43,7 @@ mod weight_files;
 
 pub use adapters::{LoraDeltaStats, DEFAULT_LORA_DELTA_LIMIT};
 pub(crate) use decode::postprocess;
+pub use decode::postprocess_truncated;
 pub use encode_prompt::{Conditioning, ScheduledConditioning};
 pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
@@ -218,8 +219,8 @@ impl StableDiffusion {
             Some(_) => control::ControlPass::First,
             None => control::ControlPass::Only,
         };
-        let control =
-            self.prepare_control(params, control_pass, control::masked_crop(params, overlay))?;
+        let crop = control::masked_crop(params, overlay);
+        let control = self.prepare_control(params, control_pass, crop)?;
         let start = match init {
             None => images_in::Start {
                 latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs)?,
@@ -271,12 +272,15 @@ impl StableDiffusion {
             );
         }
         drop(text_embeddings);
+        // Recolor units replace a channel of each decoded image before the inpainting overlay,
+        // as A1111 runs the extension's postprocess_batch before apply_overlay.
+        let recolor = control::recolor_maps(params, control_pass, crop);
         // One image at a time through the VAE: its memory does not grow with the batch.
         let mut images = Vec::with_capacity(params.batch_size);
         for i in 0..latents.dim(0)? {
             let image = self.decode_latents(&latents.narrow(0, i, 1)?)?;
             tracker.sample();
-            let image = postprocess(&image)?;
+            let image = control::to_rgb8_recolored(&image, &recolor)?;
             images.push(match overlay {
                 Some(crate::inpaint_a1111::Prepared {
                     overlay: Some(o),

@@ -130,7 +130,14 @@ pub struct ControlNetPreprocessor {
     /// (21 keypoints, rainbow bones, blue joints; also `hand_pose_model.pth`);
     /// `openpose_face`: with each body's face (70 landmarks as white dots; also
     /// `facenet.pth`); `openpose_faceonly`: the faces alone; `openpose_full`: bodies, hands
-    /// and faces (all three files); `none`: the image is the map.
+    /// and faces (all three files); `recolor_luminance`: the image's lightness (Lab's L, the
+    /// RGB image converted as if it were BGR, as the extension does) raised to `gamma`, grey,
+    /// at the image's own size; `recolor_intensity`: the same with HSV's V (for the recolor
+    /// ControlNets, which colour a grey image). A unit with a recolor preprocessor also
+    /// recolours the result as the extension does: after decoding, each image's L (or V) is
+    /// replaced by the unit's control map at the request's size (the hires size with `hires`),
+    /// so the result keeps the grey image's lightness exactly and takes only its colours from
+    /// the model; `none`: the image is the map.
     /// Other model-based preprocessors (depth_leres, depth_zoe, dw_openpose_full, ...) are not run
     /// here: send their map as `image`.
     #[serde(rename = "type")]
@@ -191,7 +198,12 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.4, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub background_threshold: Option<f64>,
-    /// All but `invert`, `tile_resample` and `none`: the processor resolution (`color`: at
+    /// `recolor_luminance`, `recolor_intensity`: the extension's Gamma Correction, the
+    /// exponent the 0..1 level is raised to (below 1 lightens, above darkens).
+    #[schema(minimum = 0.1, maximum = 2.0, default = 1.0, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+    /// All but `invert`, `tile_resample`, the recolor ones and `none`: the processor resolution (`color`: at
     /// least 64, one cell), the shorter
     /// side of the image the map is made at (the map is then resized to the request's size);
     /// the scaled image must keep the image rule (at most 4096 pixels a side, 16 MP).
@@ -239,6 +251,8 @@ pub enum PreprocessorType {
     OpenposeFace,
     OpenposeFaceonly,
     OpenposeFull,
+    RecolorLuminance,
+    RecolorIntensity,
 }
 
 /// A ControlNet a result was made with.

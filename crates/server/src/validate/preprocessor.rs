@@ -34,6 +34,9 @@ pub const MLSD_DISTANCE: (f64, f64, f64) = (0.01, 20.0, 0.1);
 /// The legacy `normal_map`'s `slider_1` (Normal Background Threshold, step 0.01).
 pub const NORMAL_BACKGROUND: (f64, f64, f64) = (0.0, 1.0, 0.4);
 
+/// The recolor modules' `slider_1` (Gamma Correction, step 0.001).
+pub const RECOLOR_GAMMA: (f64, f64, f64) = (0.1, 2.0, 1.0);
+
 /// softedge_teed's `Safe Steps` (`PreprocessorTEED.slider_1`, step 1); softedge_anyline's too.
 pub const SAFE_STEPS: (f64, f64, f64) = (0.0, 10.0, 2.0);
 /// softedge_anyline's own resolution slider (`PreprocessorAnyline.slider_resolution`: 64..=2048,
@@ -45,7 +48,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -76,6 +79,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             "resolution",
         ],
         "normal_midas" => &["type", "background_threshold", "resolution"],
+        "recolor_luminance" | "recolor_intensity" => &["type", "gamma"],
         other if Preprocessor::resolution_only(other, 0).is_some() => &["type", "resolution"],
         other => {
             return Err(format!(
@@ -169,6 +173,12 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "normal_midas" => Preprocessor::NormalMidas {
             background_threshold: number("background_threshold", NORMAL_BACKGROUND)?,
             resolution: resolution()?,
+        },
+        "recolor_luminance" => Preprocessor::RecolorLuminance {
+            gamma: number("gamma", RECOLOR_GAMMA)?,
+        },
+        "recolor_intensity" => Preprocessor::RecolorIntensity {
+            gamma: number("gamma", RECOLOR_GAMMA)?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
@@ -304,6 +314,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         seed: None,
         safe_steps: None,
         background_threshold: None,
+        gamma: None,
     };
     match *p {
         Preprocessor::Canny {
@@ -381,6 +392,14 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::OpenposeFace { .. } => base(PreprocessorType::OpenposeFace),
         Preprocessor::OpenposeFaceonly { .. } => base(PreprocessorType::OpenposeFaceonly),
         Preprocessor::OpenposeFull { .. } => base(PreprocessorType::OpenposeFull),
+        Preprocessor::RecolorLuminance { gamma } => ControlNetPreprocessor {
+            gamma: Some(gamma),
+            ..base(PreprocessorType::RecolorLuminance)
+        },
+        Preprocessor::RecolorIntensity { gamma } => ControlNetPreprocessor {
+            gamma: Some(gamma),
+            ..base(PreprocessorType::RecolorIntensity)
+        },
     }
 }
 

@@ -122,6 +122,14 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             Preprocessor::DepthMidas { resolution: 384 },
         ),
         (
+            json!({"type": "recolor_luminance"}),
+            Preprocessor::RecolorLuminance { gamma: 1.0 },
+        ),
+        (
+            json!({"type": "recolor_intensity", "gamma": 0.35}),
+            Preprocessor::RecolorIntensity { gamma: 0.35 },
+        ),
+        (
             json!({"type": "normal_midas"}),
             Preprocessor::NormalMidas {
                 background_threshold: 0.4,
@@ -299,8 +307,20 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             "unknown key \"threshold\" for \"lineart_coarse\"",
         ),
         (
-            json!({"type": "recolor_luminance"}),
+            json!({"type": "depth_zoe"}),
             "is not a preprocessor this server runs",
+        ),
+        (
+            json!({"type": "recolor_luminance", "gamma": 2.5}),
+            "[2].preprocessor.gamma: must be a number in 0.1..=2",
+        ),
+        (
+            json!({"type": "recolor_intensity", "gamma": 0.05}),
+            "[2].preprocessor.gamma: must be a number in 0.1..=2",
+        ),
+        (
+            json!({"type": "recolor_intensity", "resolution": 512}),
+            "unknown key \"resolution\" for \"recolor_intensity\"",
         ),
     ] {
         let e = read1(v).unwrap_err();

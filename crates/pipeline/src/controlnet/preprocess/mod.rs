@@ -21,11 +21,13 @@
 //! face network, the hands' boxes and keypoints), `openpose_face` (the face's box and
 //! keypoints), `pose_draw` (the pose drawn with OpenCV's ellipse, convex fill, circle and
 //! thick line), `resize_lanczos` (OpenCV's Lanczos-4 and float
-//! area resizes); `run` runs a module on an image, with its network or without.
+//! area resizes), `recolor` (recolor_luminance, recolor_intensity and their post-processing),
+//! `colour` (OpenCV's 8-bit Lab and HSV conversions); `run` runs a module on an image, with its network or without.
 
 mod anyline;
 mod canny;
 mod color;
+mod colour;
 mod depth_anything;
 mod gaussian;
 mod hed;
@@ -45,6 +47,7 @@ mod openpose_hand;
 mod pidinet;
 mod pointwise;
 mod pose_draw;
+mod recolor;
 mod resize;
 mod resize_lanczos;
 mod run;
@@ -59,6 +62,7 @@ pub use anyline::{
 };
 pub use canny::canny;
 pub use color::{color, color_size, resize_shortest_edge};
+pub use colour::{hsv_to_rgb_row, lab_to_rgb, rgb_to_hsv, rgb_to_lab, HSV_BLOCK};
 pub use depth_anything::{
     depth_anything_depth, depth_anything_input_size, depth_anything_map, DepthAnythingNetwork,
     Version as DepthAnythingVersion, DEPTH_ANYTHING, DEPTH_ANYTHING_FILE, DEPTH_ANYTHING_V2,
@@ -105,6 +109,7 @@ pub use pose_draw::{
     draw_bodypose, draw_facepose, draw_handpose, ellipse2poly, fill_circle, fill_convex_poly,
     hue_color, thick_line, Canvas,
 };
+pub use recolor::{recolor, recolor_post_process, RecolorChannel};
 pub use resize::{resize_image_with_pad, Padded};
 pub use resize_lanczos::{resize_area_f32, resize_lanczos4_f32, resize_lanczos4_u8};
 pub use shuffle::{shuffle, shuffle_image};
@@ -217,6 +222,12 @@ pub enum Preprocessor {
     OpenposeFaceonly { resolution: u32 },
     /// The legacy `openpose_full`: bodies, hands and faces.
     OpenposeFull { resolution: u32 },
+    /// The legacy `recolor_luminance`: the image's Lab L (converted as if it were BGR, as the
+    /// extension does) raised to `gamma` (0.1..=2, 1), grey, at the image's size. A unit with it
+    /// also has its images' L replaced by its map after decoding ([`Self::recolor_channel`]).
+    RecolorLuminance { gamma: f64 },
+    /// The legacy `recolor_intensity`: the same with HSV's V.
+    RecolorIntensity { gamma: f64 },
 }
 
 impl Preprocessor {
@@ -255,6 +266,18 @@ impl Preprocessor {
             Self::OpenposeFace { .. } => "openpose_face",
             Self::OpenposeFaceonly { .. } => "openpose_faceonly",
             Self::OpenposeFull { .. } => "openpose_full",
+            Self::RecolorLuminance { .. } => "recolor_luminance",
+            Self::RecolorIntensity { .. } => "recolor_intensity",
+        }
+    }
+
+    /// The channel a recolor module's post-processing replaces in each decoded image (the
+    /// extension's `'recolor' in unit.module`); `None` for the other modules.
+    pub fn recolor_channel(&self) -> Option<RecolorChannel> {
+        match self {
+            Self::RecolorLuminance { .. } => Some(RecolorChannel::Luminance),
+            Self::RecolorIntensity { .. } => Some(RecolorChannel::Intensity),
+            _ => None,
         }
     }
 
@@ -384,7 +407,10 @@ impl Preprocessor {
             | Self::OpenposeFaceonly { resolution }
             | Self::OpenposeFull { resolution } => Some(resolution),
             Self::Mlsd { resolution, .. } => Some(resolution),
-            Self::Invert | Self::TileResample { .. } => None,
+            Self::Invert
+            | Self::TileResample { .. }
+            | Self::RecolorLuminance { .. }
+            | Self::RecolorIntensity { .. } => None,
         }
     }
 
@@ -422,7 +448,10 @@ impl Preprocessor {
             | Self::OpenposeFaceonly { resolution: r }
             | Self::OpenposeFull { resolution: r } => *r = resolution,
             Self::Mlsd { resolution: r, .. } => *r = resolution,
-            Self::Invert | Self::TileResample { .. } => {}
+            Self::Invert
+            | Self::TileResample { .. }
+            | Self::RecolorLuminance { .. }
+            | Self::RecolorIntensity { .. } => {}
         }
         p
     }
@@ -496,6 +525,8 @@ mod tests {
             "softedge_anyline",
             "mlsd",
             "normal_midas",
+            "recolor_luminance",
+            "recolor_intensity",
             "none",
             "hed",
         ] {

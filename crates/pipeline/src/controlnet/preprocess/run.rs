@@ -200,6 +200,8 @@ impl Preprocessor {
             Self::TileResample { down_sampling_rate } => tile_resample(image, down_sampling_rate),
             Self::Color { resolution } => color(image, resolution),
             Self::Shuffle { seed, .. } => shuffle(&padded(), seed),
+            Self::RecolorLuminance { gamma } => recolor(image, RecolorChannel::Luminance, gamma),
+            Self::RecolorIntensity { gamma } => recolor(image, RecolorChannel::Intensity, gamma),
             Self::SoftedgeHed { .. }
             | Self::SoftedgeHedsafe { .. }
             | Self::ScribbleHed { .. }

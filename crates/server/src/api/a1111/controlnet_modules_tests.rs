@@ -32,9 +32,25 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"recolor_luminance\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"recolor_intensity\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
         "{e}"
     );
+    // The recolor modules' Gamma Correction is threshold_a (0.1..=2, 1.0), kept as sent.
+    let recolor = |m, a: Value| {
+        preprocessor(m, None, Some(&a), None, "", 0)
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(
+        recolor("recolor_luminance", json!(0.437)),
+        Preprocessor::RecolorLuminance { gamma: 0.437 }
+    );
+    for a in [json!(-1), json!(2.5), json!(0.05)] {
+        assert_eq!(
+            recolor("recolor_intensity", a),
+            Preprocessor::RecolorIntensity { gamma: 1.0 }
+        );
+    }
     let e = preprocessor("canny", Some(&json!("x")), None, None, "[0].", 0).unwrap_err();
     assert!(e.starts_with("[0].processor_res: must be a number"), "{e}");
 }
