@@ -347,6 +347,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "tile_resample",
             "pidinet",
             "pidinet_scribble",
+            "recolor_luminance",
             "openpose_full",
             "normal_bae",
             "mlsd",
@@ -364,6 +365,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "shuffle",
             "scribble_xdog",
             "scribble_hed",
+            "recolor_intensity",
             "openpose_hand",
             "openpose_faceonly",
             "openpose_face",
@@ -379,7 +381,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][12], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][13], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -423,34 +425,37 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let labels = s.get("/controlnet/module_list?alias_names=true").json();
     // The extension's `Preprocessor.label`s: two differ from the names.
     assert_eq!(
-        labels["module_list"][7],
+        labels["module_list"][8],
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][10],
+        labels["module_list"][11],
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][2], "softedge_pidinet");
     assert_eq!(labels["module_list"][3], "scribble_pidinet");
+    // recolor_luminance is priority 100, recolor_intensity 0 (preprocessor_compiled.py).
+    assert_eq!(labels["module_list"][4], "recolor_luminance");
+    assert_eq!(labels["module_list"][22], "recolor_intensity");
     // openpose_full's priority is 100 (preprocessor_compiled.py), the other OpenPose ones' 0.
-    assert_eq!(labels["module_list"][4], "openpose_full");
+    assert_eq!(labels["module_list"][5], "openpose_full");
     // normal_bae is priority 100: its label after openpose_full's, before mlsd.
-    assert_eq!(labels["module_list"][5], "normal_bae");
-    assert_eq!(labels["module_list"][6], "mlsd");
+    assert_eq!(labels["module_list"][6], "normal_bae");
+    assert_eq!(labels["module_list"][7], "mlsd");
     // depth (label depth_midas) is priority 100 too; normal_map (normal_midas) 0.
-    assert_eq!(labels["module_list"][8], "depth_midas");
-    assert_eq!(labels["module_list"][9], "canny");
-    assert_eq!(labels["module_list"][13], "softedge_teed");
-    assert_eq!(labels["module_list"][14], "softedge_pidisafe");
-    assert_eq!(labels["module_list"][15], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][16], "softedge_hed");
-    assert_eq!(labels["module_list"][17], "softedge_anyline");
-    assert_eq!(labels["module_list"][21], "openpose_hand");
-    assert_eq!(labels["module_list"][22], "openpose_faceonly");
-    assert_eq!(labels["module_list"][23], "openpose_face");
-    assert_eq!(labels["module_list"][24], "openpose");
-    assert_eq!(labels["module_list"][25], "normal_midas");
-    assert_eq!(labels["module_list"][26], "lineart_realistic");
+    assert_eq!(labels["module_list"][9], "depth_midas");
+    assert_eq!(labels["module_list"][10], "canny");
+    assert_eq!(labels["module_list"][14], "softedge_teed");
+    assert_eq!(labels["module_list"][15], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][16], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][17], "softedge_hed");
+    assert_eq!(labels["module_list"][18], "softedge_anyline");
+    assert_eq!(labels["module_list"][23], "openpose_hand");
+    assert_eq!(labels["module_list"][24], "openpose_faceonly");
+    assert_eq!(labels["module_list"][25], "openpose_face");
+    assert_eq!(labels["module_list"][26], "openpose");
+    assert_eq!(labels["module_list"][27], "normal_midas");
+    assert_eq!(labels["module_list"][28], "lineart_realistic");
     for m in [
         "openpose_hand",
         "openpose_face",
