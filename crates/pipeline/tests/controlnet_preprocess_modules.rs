@@ -5,7 +5,8 @@
 //! the float blurs), and whole from the photo (exact where the area resize runs; where the
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
-//! `manga_line.rs`, `openpose.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`, `midas.rs`, `normalbae.rs`.
+//! `manga_line.rs`, `openpose.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`, `midas.rs`, `normalbae.rs`,
+//! `leres.rs`.
 
 #[path = "controlnet_preprocess_modules/anyline.rs"]
 mod anyline;
@@ -14,6 +15,8 @@ mod common;
 mod depth_anything;
 #[path = "controlnet_preprocess_modules/hed.rs"]
 mod hed;
+#[path = "controlnet_preprocess_modules/leres.rs"]
+mod leres;
 #[path = "controlnet_preprocess_modules/lineart.rs"]
 mod lineart;
 #[path = "controlnet_preprocess_modules/manga_line.rs"]

@@ -16,7 +16,7 @@ pub use compact::Compact;
 pub use net::Esrgan;
 pub use network::{Network, Tiling, SUPPORTED};
 /// The weights of a `.pth`/`.safetensors` network file by name (the annotators read theirs so).
-pub(crate) use state::read_state;
+pub(crate) use state::{read_state, read_state_under};
 pub use swinir::{SwinIr, Upsampler as SwinIrUpsampler};
 pub use tiles::{upscale_tiled, upscale_tiled_checked, upscale_tiled_until, TILE, TILE_OVERLAP};
 pub use tiles_averaged::{upscale_averaged_checked, SWIN_TILE, SWIN_TILE_OVERLAP};

@@ -14,10 +14,17 @@ use crate::{PipelineError, Result};
 
 /// Every float (and int64) tensor of the file, f32 on the CPU, by its (canonical) name.
 pub fn read_state(path: &Path) -> Result<HashMap<String, Tensor>> {
+    read_state_under(path, None)
+}
+
+/// [`read_state`], a pickle's weights taken from the dict under `under` where its top level
+/// has one (AdelaiDepth's checkpoints keep the depth network's under `depth_model`, beside
+/// their other networks').
+pub fn read_state_under(path: &Path, under: Option<&str>) -> Result<HashMap<String, Tensor>> {
     let mut named = if is_safetensors(path) {
         read_safetensors(path)?
     } else {
-        read_pickle(path)?
+        read_pickle(path, under)?
     };
     strip_common_prefix(&mut named);
     Ok(named.into_iter().collect())
@@ -30,7 +37,7 @@ pub fn read_names(path: &Path) -> Result<Vec<String>> {
         safetensors_names(path)?
     } else {
         let ckpt = Checkpoint::open(path)?;
-        pickle_tensors(&ckpt)?
+        pickle_tensors(&ckpt, None)?
             .into_iter()
             .map(|(k, _)| (k, ()))
             .collect()
@@ -149,12 +156,17 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// The checkpoint's weights dict, unwrapped as spandrel unwraps it, as (name, tensor).
-fn pickle_tensors(ckpt: &Checkpoint) -> Result<Vec<(String, crate::ckpt::TensorRef)>> {
+/// The checkpoint's weights dict (the one under `under` where given and there), unwrapped as
+/// spandrel unwraps it, as (name, tensor).
+fn pickle_tensors(
+    ckpt: &Checkpoint,
+    under: Option<&str>,
+) -> Result<Vec<(String, crate::ckpt::TensorRef)>> {
     let path = ckpt.path();
     let root = ckpt.root();
-    let mut dict = UNWRAP_KEYS
-        .iter()
+    let mut dict = under
+        .into_iter()
+        .chain(UNWRAP_KEYS)
         .find_map(|k| root.get(k).filter(|v| matches!(v, Value::Dict(_))))
         .unwrap_or(root);
     if let Value::Dict(items) = dict {
@@ -174,10 +186,10 @@ fn pickle_tensors(ckpt: &Checkpoint) -> Result<Vec<(String, crate::ckpt::TensorR
         .collect())
 }
 
-fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
+fn read_pickle(path: &Path, under: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     let ckpt = Checkpoint::open(path)?;
     let mut out = Vec::new();
-    for (name, t) in pickle_tensors(&ckpt)? {
+    for (name, t) in pickle_tensors(&ckpt, under)? {
         let Some(dtype) = dtype_of(t.dtype) else {
             continue;
         };

@@ -265,28 +265,54 @@ pub(super) fn reflection_pad(x: &Tensor, p: usize) -> Result<Tensor> {
 /// `InstanceNorm2d` without weights or running statistics (eps 1e-5): each channel of each
 /// image to mean 0, (biased) variance 1.
 pub(super) fn instance_norm(x: &Tensor) -> Result<Tensor> {
+    plane_norm(x, None)
+}
+
+/// `BatchNorm2d` in training mode (eps 1e-5) on a one-image batch: each channel normalised
+/// by its own mean and (biased) variance, as [`instance_norm`], then times `weight` plus
+/// `bias` (torch's CPU kernel: `alpha = invstd * weight`, `beta = bias - mean * alpha`, in f32).
+/// The running statistics are not read (LeReS's network is never put in eval mode).
+pub(super) fn batch_norm_of_batch(x: &Tensor, weight: &[f32], bias: &[f32]) -> Result<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
+    if n != 1 || weight.len() != c || bias.len() != c {
+        return Err(crate::PipelineError::InvalidRequest(format!(
+            "batch norm of {n} images of {c} channels with {} weights",
+            weight.len()
+        )));
+    }
+    plane_norm(x, Some((weight, bias)))
+}
+
+fn plane_norm(x: &Tensor, affine: Option<(&[f32], &[f32])>) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if x.dtype() == DType::F32 && x.device().is_cpu() && h * w > 0 {
         let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-        instance_norm_f32(&mut v, h * w);
+        instance_norm_f32(&mut v, h * w, affine);
         return Ok(Tensor::from_vec(v, (n, c, h, w), &Device::Cpu)?);
     }
     let flat = x.reshape((n, c, h * w))?;
     let mean = flat.mean_keepdim(2)?;
     let centred = flat.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(2)?;
-    Ok(centred
-        .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-        .reshape((n, c, h, w))?)
+    let y = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+    let y = match affine {
+        Some((weight, bias)) => {
+            let t = |v: &[f32]| Tensor::from_slice(v, (1, c, 1), x.device());
+            y.broadcast_mul(&t(weight)?)?.broadcast_add(&t(bias)?)?
+        }
+        None => y,
+    };
+    Ok(y.reshape((n, c, h, w))?)
 }
 
 /// [`instance_norm`] in place on each `plane` values, in parallel, with torch's CPU arithmetic
 /// (its training-mode batch norm, which InstanceNorm2d runs): mean and biased variance summed
 /// in f64 (two passes), mean and `1 / sqrt(var + eps)` rounded to f32, then
-/// `x * invstd + (-mean * invstd)` in f32 (candle's ops made six passes on one thread).
-fn instance_norm_f32(values: &mut [f32], plane: usize) {
+/// `x * invstd + (-mean * invstd)` in f32 (candle's ops made six passes on one thread); with
+/// `affine`, the plane's channel's weight and bias folded into those two factors first.
+fn instance_norm_f32(values: &mut [f32], plane: usize, affine: Option<(&[f32], &[f32])>) {
     use rayon::prelude::*;
-    values.par_chunks_mut(plane).for_each(|p| {
+    values.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
         let n = p.len() as f64;
         let mean = p.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
         let var = p
@@ -295,9 +321,16 @@ fn instance_norm_f32(values: &mut [f32], plane: usize) {
             .sum::<f64>()
             / n;
         let invstd = (1.0 / (var + 1e-5).sqrt()) as f32;
-        let beta = -(mean as f32) * invstd;
+        let (alpha, beta) = match affine {
+            Some((weight, bias)) => {
+                let c = i % weight.len();
+                let alpha = invstd * weight[c];
+                (alpha, bias[c] - mean as f32 * alpha)
+            }
+            None => (invstd, -(mean as f32) * invstd),
+        };
         for v in p {
-            *v = *v * invstd + beta;
+            *v = *v * alpha + beta;
         }
     });
 }

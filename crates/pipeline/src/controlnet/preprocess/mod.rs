@@ -16,7 +16,8 @@
 //! its segments, drawn by `line`: OpenCV's `cv2.line`), `depth_anything` (depth_anything,
 //! depth_anything_v2: DINOv2 and the DPT head), `midas` (depth_midas, normal_midas: DPT-Hybrid,
 //! its ResNet in `midas/resnet.rs`), `normalbae` (normal_bae: Bae et al.'s NNET, its
-//! EfficientNet-B5 encoder in `normalbae/efficientnet.rs`), `openpose` (the OpenPose body network and its maps),
+//! EfficientNet-B5 encoder in `normalbae/efficientnet.rs`), `leres` (depth_leres: LeReS, its ResNeXt in
+//! `leres/resnext.rs`), `openpose` (the OpenPose body network and its maps),
 //! `openpose_body` (peaks, limbs and people from those maps), `openpose_hand` (the hand and
 //! face network, the hands' boxes and keypoints), `openpose_face` (the face's box and
 //! keypoints), `pose_draw` (the pose drawn with OpenCV's ellipse, convex fill, circle and
@@ -31,6 +32,7 @@ mod colour;
 mod depth_anything;
 mod gaussian;
 mod hed;
+mod leres;
 mod line;
 mod lineart;
 mod lineart_anime;
@@ -70,6 +72,7 @@ pub use depth_anything::{
 };
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
+pub use leres::{depth_leres_map, leres_depth, leres_module, LeresNetwork, LERES, LERES_FILE};
 pub use line::{draw_line, line_pixels};
 pub use lineart::{
     lineart_map, LineartNetwork, LINEART, LINEART_COARSE, LINEART_COARSE_FILE, LINEART_FILE,
@@ -211,6 +214,15 @@ pub enum Preprocessor {
     /// The legacy `normal_bae`: Bae et al.'s surface normals (NNET on EfficientNet-B5,
     /// scannet.pt), x, y, z as R, G, B.
     NormalBae { resolution: u32 },
+    /// The legacy `leres` with boost=False (`depth_leres`): LeReS's relative depth, near
+    /// light, with Remove Near % (`remove_near`: values not above that share of 255 zeroed
+    /// before the map is inverted, so the nearest turn white) and Remove Background %
+    /// (`remove_background`: the same after, the farthest black), both 0..=100, 0 (off).
+    DepthLeres {
+        remove_near: f64,
+        remove_background: f64,
+        resolution: u32,
+    },
     /// The legacy `openpose` (include_body only): OpenPose's body keypoints of each person
     /// found, drawn as coloured limbs and joints on black.
     Openpose { resolution: u32 },
@@ -261,6 +273,7 @@ impl Preprocessor {
             Self::DepthMidas { .. } => "depth_midas",
             Self::NormalMidas { .. } => "normal_midas",
             Self::NormalBae { .. } => "normal_bae",
+            Self::DepthLeres { .. } => "depth_leres",
             Self::Openpose { .. } => "openpose",
             Self::OpenposeHand { .. } => "openpose_hand",
             Self::OpenposeFace { .. } => "openpose_face",
@@ -337,6 +350,7 @@ impl Preprocessor {
             Self::DepthAnythingV2 { .. } => Some(&DEPTH_ANYTHING_V2),
             Self::DepthMidas { .. } | Self::NormalMidas { .. } => Some(&MIDAS),
             Self::NormalBae { .. } => Some(&NORMAL_BAE),
+            Self::DepthLeres { .. } => Some(&LERES),
             Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
@@ -401,6 +415,7 @@ impl Preprocessor {
             | Self::DepthMidas { resolution }
             | Self::NormalMidas { resolution, .. }
             | Self::NormalBae { resolution }
+            | Self::DepthLeres { resolution, .. }
             | Self::Openpose { resolution }
             | Self::OpenposeHand { resolution }
             | Self::OpenposeFace { resolution }
@@ -442,6 +457,7 @@ impl Preprocessor {
             | Self::DepthMidas { resolution: r }
             | Self::NormalMidas { resolution: r, .. }
             | Self::NormalBae { resolution: r }
+            | Self::DepthLeres { resolution: r, .. }
             | Self::Openpose { resolution: r }
             | Self::OpenposeHand { resolution: r }
             | Self::OpenposeFace { resolution: r }
@@ -527,6 +543,7 @@ mod tests {
             "normal_midas",
             "recolor_luminance",
             "recolor_intensity",
+            "depth_leres",
             "none",
             "hed",
         ] {

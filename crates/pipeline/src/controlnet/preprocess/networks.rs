@@ -55,6 +55,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::DEPTH_ANYTHING_V2,
     &super::MIDAS,
     &super::NORMAL_BAE,
+    &super::LERES,
     &super::BODY_POSE,
     &super::HAND_POSE,
     &super::FACENET,

@@ -113,6 +113,14 @@ impl Preprocessor {
                 let net = network::<NormalBaeNetwork>(networks, &NORMAL_BAE)?;
                 normal_bae_module(&net, &padded())?
             }
+            Self::DepthLeres {
+                remove_near,
+                remove_background,
+                ..
+            } => {
+                let net = network::<LeresNetwork>(networks, &LERES)?;
+                leres_module(&net, &padded(), remove_near, remove_background)?
+            }
             Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
@@ -220,6 +228,7 @@ impl Preprocessor {
             | Self::DepthMidas { .. }
             | Self::NormalMidas { .. }
             | Self::NormalBae { .. }
+            | Self::DepthLeres { .. }
             | Self::Openpose { .. }
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
