@@ -398,11 +398,11 @@ class A1111(WebUIApiCase):
             self.assertEqual(pixels(txt2img(unit)), pixels(got))
             # A model-based preprocessor is a 422 naming the unit's field and the modules.
             with self.assertRaises(RuntimeError) as cm:
-                txt2img(webuiapi.ControlNetUnit(image=control, model="cn-a", module="depth_leres"))
+                txt2img(webuiapi.ControlNetUnit(image=control, model="cn-a", module="depth_zoe"))
             status, text = cm.exception.args
             self.assertEqual(status, 422)
             self.assertIn("alwayson_scripts.controlnet.args", text)
-            self.assertIn("depth_leres", text)
+            self.assertIn("depth_zoe", text)
         finally:
             self.api.util_set_model(default)
 

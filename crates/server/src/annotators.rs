@@ -254,6 +254,7 @@ mod tests {
                 "table5_pidinet.pth",
                 "mlsd_large_512_fp32.pth",
                 NORMAL_BAE_FILE,
+                "res101.pth",
                 "body_pose_model.pth",
                 "hand_pose_model.pth",
                 "facenet.pth"

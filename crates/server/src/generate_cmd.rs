@@ -185,7 +185,7 @@ fn controlnet_use(flag: &str) -> Result<Value, String> {
 fn preprocessor_flag(flag: &str) -> Result<Value, String> {
     let rule = || {
         format!(
-            "--controlnet-preprocessor {flag:?}: canny[:LOW:HIGH[:RESOLUTION]] (integers), or a type alone (invert, threshold, lineart_standard, scribble_xdog, blur_gaussian, tile_resample, color, shuffle, softedge_hed, softedge_hedsafe, scribble_hed, lineart_realistic, lineart_coarse, lineart_anime, lineart_anime_denoise, softedge_pidinet, softedge_pidisafe, scribble_pidinet, mlsd, depth_anything, depth_anything_v2, depth_midas, normal_midas, normal_bae, openpose, openpose_hand, openpose_face, openpose_faceonly, openpose_full, recolor_luminance, recolor_intensity: their defaults), or none"
+            "--controlnet-preprocessor {flag:?}: canny[:LOW:HIGH[:RESOLUTION]] (integers), or a type alone (invert, threshold, lineart_standard, scribble_xdog, blur_gaussian, tile_resample, color, shuffle, softedge_hed, softedge_hedsafe, scribble_hed, lineart_realistic, lineart_coarse, lineart_anime, lineart_anime_denoise, softedge_pidinet, softedge_pidisafe, scribble_pidinet, mlsd, depth_anything, depth_anything_v2, depth_midas, normal_midas, normal_bae, depth_leres, openpose, openpose_hand, openpose_face, openpose_faceonly, openpose_full, recolor_luminance, recolor_intensity: their defaults), or none"
         )
     };
     let mut parts = flag.split(':');

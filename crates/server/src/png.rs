@@ -291,6 +291,11 @@ fn unit_settings(p: &Preprocessor) -> String {
             background_threshold,
             ..
         } => (float(background_threshold), hidden.clone()),
+        Preprocessor::DepthLeres {
+            remove_near,
+            remove_background,
+            ..
+        } => (float(remove_near), float(remove_background)),
         Preprocessor::TileResample { down_sampling_rate } => {
             (float(down_sampling_rate), hidden.clone())
         }

@@ -7,7 +7,7 @@
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
 //! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 and
-//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`, normal_bae in `normalbae.rs`, the model-free recolor ones and their post-processing in `recolor.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
+//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`, normal_bae in `normalbae.rs`, depth_leres in `leres.rs`, the model-free recolor ones and their post-processing in `recolor.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
 //! module without its file in
 //! `missing_networks.rs`.
 
@@ -16,6 +16,8 @@ mod anyline;
 mod common;
 #[path = "controlnet_preprocess_http/depth_anything.rs"]
 mod depth_anything;
+#[path = "controlnet_preprocess_http/leres.rs"]
+mod leres;
 #[path = "controlnet_preprocess_http/manga_line.rs"]
 mod manga_line;
 #[path = "controlnet_preprocess_http/midas.rs"]
@@ -233,7 +235,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     seeded["seed"] = json!(seed);
     assert!(run(&seeded).0 == got, "the drawn seed reproduces the image");
     for (preprocessor, needle) in [
-        (json!({"type": "depth_leres"}), "[0].preprocessor.type"),
+        (json!({"type": "depth_zoe"}), "[0].preprocessor.type"),
         (
             json!({"type": "blur_gaussian", "sigma": 65}),
             "[0].preprocessor.sigma: must be a number in 0.01..=64",
@@ -375,6 +377,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "lineart_coarse",
             "lineart_anime_denoise",
             "lineart_anime",
+            "depth_leres",
             "depth_anything_v2",
             "depth_anything",
             "blur_gaussian"

@@ -124,7 +124,10 @@ pub struct ControlNetPreprocessor {
     /// same from MiDaS DPT-Hybrid (`dpt_hybrid-midas-501f0c75.pt` in ANNOTATOR_DIR);
     /// `normal_midas`: a normal map (RGB) from that depth's slopes, flat below
     /// `background_threshold`; `normal_bae`: Bae et al.'s surface normals (x, y, z as R, G,
-    /// B; `scannet.pt` in ANNOTATOR_DIR); `openpose`: OpenPose's body
+    /// B; `scannet.pt` in ANNOTATOR_DIR);
+    /// `depth_leres`: LeReS's relative depth, near light, min-max
+    /// scaled, the nearest flattened to white by `remove_near` and the farthest to black by
+    /// `remove_background` (`res101.pth` in ANNOTATOR_DIR); `openpose`: OpenPose's body
     /// keypoints of each person found, coloured limbs and joints on black
     /// (`body_pose_model.pth` in ANNOTATOR_DIR); `openpose_hand`: with each body's hands
     /// (21 keypoints, rainbow bones, blue joints; also `hand_pose_model.pth`);
@@ -138,7 +141,7 @@ pub struct ControlNetPreprocessor {
     /// replaced by the unit's control map at the request's size (the hires size with `hires`),
     /// so the result keeps the grey image's lightness exactly and takes only its colours from
     /// the model; `none`: the image is the map.
-    /// Other model-based preprocessors (depth_leres, depth_zoe, dw_openpose_full, ...) are not run
+    /// Other model-based preprocessors (depth_leres++, depth_zoe, dw_openpose_full, ...) are not run
     /// here: send their map as `image`.
     #[serde(rename = "type")]
     pub kind: PreprocessorType,
@@ -203,6 +206,17 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 0.1, maximum = 2.0, default = 1.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gamma: Option<f64>,
+    /// `depth_leres`: Remove Near %: on the map before it is inverted (far light), the values
+    /// not above this share of 255 (its integer part) become 0, so the nearest turn white in
+    /// the result. A number, as the extension's slider (step 0.1); 0: off.
+    #[schema(minimum = 0.0, maximum = 100.0, default = 0.0, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_near: Option<f64>,
+    /// `depth_leres`: Remove Background %: the same on the inverted map (near light), so the
+    /// farthest become black. 0: off.
+    #[schema(minimum = 0.0, maximum = 100.0, default = 0.0, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_background: Option<f64>,
     /// All but `invert`, `tile_resample`, the recolor ones and `none`: the processor resolution (`color`: at
     /// least 64, one cell), the shorter
     /// side of the image the map is made at (the map is then resized to the request's size);
@@ -246,6 +260,7 @@ pub enum PreprocessorType {
     DepthMidas,
     NormalMidas,
     NormalBae,
+    DepthLeres,
     Openpose,
     OpenposeHand,
     OpenposeFace,

@@ -135,6 +135,7 @@ pub struct ModelArgs {
     /// space's `checkpoints/`) runs `depth_anything`; `dpt_hybrid-midas-501f0c75.pt` (`midas/`,
     /// from lllyasviel/ControlNet's `annotator/ckpts/`) runs `depth_midas` and `normal_midas`;
     /// `scannet.pt` (`normal_bae/`) runs `normal_bae`;
+    /// `res101.pth` (`leres/`) runs `depth_leres`;
     /// `body_pose_model.pth` (`openpose/`) runs `openpose`, with `hand_pose_model.pth`
     /// (`openpose/`) `openpose_hand`, with `facenet.pth` (`openpose/`) `openpose_face` and
     /// `openpose_faceonly`, with both `openpose_full`. A file it lacks

@@ -33,6 +33,9 @@ pub const MLSD_VALUE: (f64, f64, f64) = (0.01, 2.0, 0.1);
 pub const MLSD_DISTANCE: (f64, f64, f64) = (0.01, 20.0, 0.1);
 /// The legacy `normal_map`'s `slider_1` (Normal Background Threshold, step 0.01).
 pub const NORMAL_BACKGROUND: (f64, f64, f64) = (0.0, 1.0, 0.4);
+/// The legacy `depth_leres`'s `slider_1` (Remove Near %) and `slider_2` (Remove Background %),
+/// step 0.1 each.
+pub const LERES_REMOVE: (f64, f64, f64) = (0.0, 100.0, 0.0);
 
 /// The recolor modules' `slider_1` (Gamma Correction, step 0.001).
 pub const RECOLOR_GAMMA: (f64, f64, f64) = (0.1, 2.0, 1.0);
@@ -48,7 +51,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"depth_leres\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -80,10 +83,11 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         ],
         "normal_midas" => &["type", "background_threshold", "resolution"],
         "recolor_luminance" | "recolor_intensity" => &["type", "gamma"],
+        "depth_leres" => &["type", "remove_near", "remove_background", "resolution"],
         other if Preprocessor::resolution_only(other, 0).is_some() => &["type", "resolution"],
         other => {
             return Err(format!(
-                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth_leres, dw_openpose_full: send their map as the image)"
+                "{field}.type: {other:?} is not a preprocessor this server runs; one of {TYPES} (other model-based ones such as depth_zoe, dw_openpose_full: send their map as the image)"
             ))
         }
     };
@@ -179,6 +183,11 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         },
         "recolor_intensity" => Preprocessor::RecolorIntensity {
             gamma: number("gamma", RECOLOR_GAMMA)?,
+        },
+        "depth_leres" => Preprocessor::DepthLeres {
+            remove_near: number("remove_near", LERES_REMOVE)?,
+            remove_background: number("remove_background", LERES_REMOVE)?,
+            resolution: resolution()?,
         },
         "blur_gaussian" => Preprocessor::BlurGaussian {
             sigma: number("sigma", BLUR_SIGMA)?,
@@ -315,6 +324,8 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         safe_steps: None,
         background_threshold: None,
         gamma: None,
+        remove_near: None,
+        remove_background: None,
     };
     match *p {
         Preprocessor::Canny {
@@ -387,6 +398,15 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
             ..base(PreprocessorType::NormalMidas)
         },
         Preprocessor::NormalBae { .. } => base(PreprocessorType::NormalBae),
+        Preprocessor::DepthLeres {
+            remove_near,
+            remove_background,
+            ..
+        } => ControlNetPreprocessor {
+            remove_near: Some(remove_near),
+            remove_background: Some(remove_background),
+            ..base(PreprocessorType::DepthLeres)
+        },
         Preprocessor::Openpose { .. } => base(PreprocessorType::Openpose),
         Preprocessor::OpenposeHand { .. } => base(PreprocessorType::OpenposeHand),
         Preprocessor::OpenposeFace { .. } => base(PreprocessorType::OpenposeFace),

@@ -148,6 +148,23 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
             Preprocessor::NormalBae { resolution: 576 },
         ),
         (
+            json!({"type": "depth_leres"}),
+            Preprocessor::DepthLeres {
+                remove_near: 0.0,
+                remove_background: 0.0,
+                resolution: 512,
+            },
+        ),
+        (
+            json!({"type": "depth_leres", "remove_near": 12.5, "remove_background": 100,
+                   "resolution": 320}),
+            Preprocessor::DepthLeres {
+                remove_near: 12.5,
+                remove_background: 100.0,
+                resolution: 320,
+            },
+        ),
+        (
             json!({"type": "openpose", "resolution": 320}),
             Preprocessor::Openpose { resolution: 320 },
         ),
@@ -293,6 +310,18 @@ fn the_other_modules_read_their_settings_and_describe_themselves_back() {
         (
             json!({"type": "normal_midas", "background_threshold": 1.5}),
             "[2].preprocessor.background_threshold: must be a number in 0..=1",
+        ),
+        (
+            json!({"type": "depth_leres", "remove_near": 100.1}),
+            "[2].preprocessor.remove_near: must be a number in 0..=100",
+        ),
+        (
+            json!({"type": "depth_leres", "remove_background": -1}),
+            "[2].preprocessor.remove_background: must be a number in 0..=100",
+        ),
+        (
+            json!({"type": "depth_leres", "background_threshold": 0.1}),
+            "unknown key \"background_threshold\" for \"depth_leres\"",
         ),
         (
             json!({"type": "openpose_full", "include_hand": true}),

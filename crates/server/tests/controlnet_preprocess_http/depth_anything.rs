@@ -13,11 +13,11 @@ use super::{annotator_server, detect_is, fixtures, native_unit_is_its_map, photo
 
 #[test]
 fn depth_anything_v2_runs_with_annotator_dir() {
-    // Listed after lineart_anime (priority 0, labels descending), with only the resolution.
+    // Listed after depth_leres (priority 0, labels descending), with only the resolution.
     runs_with_annotator_dir(
         &DEPTH_ANYTHING_V2,
         |resolution| Preprocessor::DepthAnythingV2 { resolution },
-        ("lineart_anime", "depth_anything"),
+        ("depth_leres", "depth_anything"),
     );
 }
 

@@ -5,15 +5,15 @@ use serde_json::json;
 
 use sdserve_pipeline::controlnet::preprocess::{
     BODY_POSE_FILE, DEPTH_ANYTHING_FILE, DEPTH_ANYTHING_V2_FILE, FACENET_FILE, HAND_POSE_FILE,
-    HED_FILE, LINEART_ANIME_FILE, LINEART_COARSE_FILE, LINEART_FILE, MANGA_LINE_FILE, MIDAS_FILE,
-    MLSD_FILE, MTEED_FILE, NORMAL_BAE_FILE, PIDINET_FILE, TEED_FILE,
+    HED_FILE, LERES_FILE, LINEART_ANIME_FILE, LINEART_COARSE_FILE, LINEART_FILE, MANGA_LINE_FILE,
+    MIDAS_FILE, MLSD_FILE, MTEED_FILE, NORMAL_BAE_FILE, PIDINET_FILE, TEED_FILE,
 };
 
 use super::common::{self, post_json_to};
 use super::{fixtures, photo};
 
 /// (native `preprocessor.type`, A1111 module name, the (first) file it needs).
-const NETWORK_MODULES: [(&str, &str, &str); 23] = [
+const NETWORK_MODULES: [(&str, &str, &str); 24] = [
     ("softedge_hed", "hed", HED_FILE),
     ("softedge_hedsafe", "hed_safe", HED_FILE),
     ("scribble_hed", "scribble_hed", HED_FILE),
@@ -40,6 +40,7 @@ const NETWORK_MODULES: [(&str, &str, &str); 23] = [
     ("depth_midas", "depth", MIDAS_FILE),
     ("normal_midas", "normal_map", MIDAS_FILE),
     ("normal_bae", "normal_bae", NORMAL_BAE_FILE),
+    ("depth_leres", "depth_leres", LERES_FILE),
     ("openpose", "openpose", BODY_POSE_FILE),
     ("openpose_hand", "openpose_hand", BODY_POSE_FILE),
     ("openpose_face", "openpose_face", BODY_POSE_FILE),

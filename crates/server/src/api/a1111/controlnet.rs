@@ -9,7 +9,7 @@
 //! `canny`, `invert`, `threshold`, `lineart_standard`, `scribble_xdog`, `blur_gaussian`,
 //! `tile_resample`, HED's `hed`, `hed_safe`, `scribble_hed`, the lineart ones and PiDiNet's
 //! `pidinet`, `pidinet_safe`, `pidinet_scribble`, `mlsd`, `depth_anything_v2`, `depth_anything`,
-//! `depth` and `normal_map` (MiDaS), `normal_bae`, the OpenPose ones (`openpose`, `openpose_hand`, `openpose_face`, `openpose_faceonly`,
+//! `depth` and `normal_map` (MiDaS), `normal_bae`, `depth_leres`, the OpenPose ones (`openpose`, `openpose_hand`, `openpose_face`, `openpose_faceonly`,
 //! `openpose_full`) with
 //! ANNOTATOR_DIR, with
 //! `processor_res`, `threshold_a/b`, `pixel_perfect`), whose map is made here

@@ -337,7 +337,7 @@ mod tests {
                 "No image selected",
             ),
             (
-                json!({"controlnet_module": "depth_leres", "controlnet_input_images": [b64]}),
+                json!({"controlnet_module": "depth_zoe", "controlnet_input_images": [b64]}),
                 "controlnet_module",
                 "is not run here; one of",
             ),

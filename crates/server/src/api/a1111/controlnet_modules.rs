@@ -18,7 +18,8 @@
 //! MistoLine's weights and lineart_standard's faint lines; its own Resolution slider, 1280 by
 //! default, and Safe Steps), `mlsd` (its thresholds kept as numbers), `depth_anything_v2`,
 //! `depth_anything`, `depth` (`depth_midas`), `normal_map` (`normal_midas`, its Normal
-//! Background Threshold slider kept as a number), `normal_bae` and the OpenPose ones `openpose` (bodies), `openpose_hand`,
+//! Background Threshold slider kept as a number), `normal_bae`, `depth_leres` (Remove Near % and Remove
+//! Background % as threshold_a and threshold_b, kept as numbers) and the OpenPose ones `openpose` (bodies), `openpose_hand`,
 //! `openpose_face`, `openpose_faceonly`, `openpose_full` (no sliders but the resolution) (their weights from ANNOTATOR_DIR; listed without
 //! them, as the extension lists its model-based modules), `recolor_luminance` and
 //! `recolor_intensity` (no resolution; their Gamma Correction slider, 0.1..=2, is threshold_a,
@@ -39,8 +40,8 @@ use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use crate::api::query_bool;
 use crate::error::ApiError;
 use crate::validate::preprocessor::{
-    ANYLINE_RESOLUTION_DEFAULT, BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LOW_DEFAULT,
-    MLSD_DISTANCE, MLSD_VALUE, NORMAL_BACKGROUND, RECOLOR_GAMMA, RESOLUTION_DEFAULT,
+    ANYLINE_RESOLUTION_DEFAULT, BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LERES_REMOVE,
+    LOW_DEFAULT, MLSD_DISTANCE, MLSD_VALUE, NORMAL_BACKGROUND, RECOLOR_GAMMA, RESOLUTION_DEFAULT,
     RESOLUTION_MAX, RESOLUTION_MIN, SAFE_STEPS, THRESHOLD_MAX, THRESHOLD_MIN, TILE_RATE,
     XDOG_THRESHOLD,
 };
@@ -109,9 +110,9 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// openpose_full, normal_bae, mlsd, depth_midas 100; invert 20; the others 0) and label, descending
 /// (`color` sorts by its label, `t2ia_color_grid`; `lineart_anime_denoise` before its prefix
 /// `lineart_anime`, and `openpose_faceonly` before `openpose_face`; softedge_teed,
-/// softedge_anyline, depth_anything_v2, depth_anything and the OpenPose ones by their names;
-/// `depth_anything_v2` before its prefix `depth_anything`).
-const MODULES: [Module; 35] = [
+/// softedge_anyline, depth_leres, depth_anything_v2, depth_anything and the OpenPose ones by
+/// their names; `depth_anything_v2` before its prefix `depth_anything`).
+const MODULES: [Module; 36] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -306,6 +307,15 @@ const MODULES: [Module; 35] = [
         [Some(RESOLUTION), None, None],
     ),
     module(
+        "depth_leres",
+        "depth_leres",
+        [
+            Some(RESOLUTION),
+            Some(slider("Remove Near %", LERES_REMOVE, 0.1)),
+            Some(slider("Remove Background %", LERES_REMOVE, 0.1)),
+        ],
+    ),
+    module(
         "depth_anything_v2",
         "depth_anything_v2",
         [Some(RESOLUTION), None, None],
@@ -369,7 +379,7 @@ pub(super) fn preprocessor(
 ) -> Result<Option<Preprocessor>, String> {
     let found = find(module).ok_or_else(|| {
         format!(
-            "{prefix}module: the preprocessor {module:?} is not run here; one of {} (other model-based ones such as depth_leres, dw_openpose_full: send their map as the image with module \"none\")",
+            "{prefix}module: the preprocessor {module:?} is not run here; one of {} (other model-based ones such as depth_zoe, dw_openpose_full: send their map as the image with module \"none\")",
             names()
         )
     })?;
@@ -437,6 +447,11 @@ pub(super) fn preprocessor(
         "recolor_intensity" => Preprocessor::RecolorIntensity {
             gamma: setting(threshold_a, a, "threshold_a")?,
         },
+        "depth_leres" => Preprocessor::DepthLeres {
+            remove_near: setting(threshold_a, a, "threshold_a")?,
+            remove_background: setting(threshold_b, b, "threshold_b")?,
+            resolution: resolution()?,
+        },
         "tile_resample" => Preprocessor::TileResample {
             down_sampling_rate: setting(threshold_a, a, "threshold_a")?,
         },
@@ -499,7 +514,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `depth_leres`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, depth_leres res101.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);

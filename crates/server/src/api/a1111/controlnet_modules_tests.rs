@@ -26,13 +26,13 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         p(640, 20.7, 254.99)
     );
     assert_eq!(preprocessor("none", None, None, None, "", 0).unwrap(), None);
-    let e = preprocessor("depth_leres", None, None, None, "[1].", 0).unwrap_err();
+    let e = preprocessor("depth_zoe", None, None, None, "[1].", 0).unwrap_err();
     assert!(
-        e.starts_with("[1].module: the preprocessor \"depth_leres\""),
+        e.starts_with("[1].module: the preprocessor \"depth_zoe\""),
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"recolor_luminance\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"recolor_intensity\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"recolor_luminance\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"recolor_intensity\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"depth_leres\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
         "{e}"
     );
     // The recolor modules' Gamma Correction is threshold_a (0.1..=2, 1.0), kept as sent.
@@ -300,6 +300,27 @@ fn the_other_modules_take_their_sliders_as_the_extension_s() {
     assert_eq!(mlsd(json!(-1), json!(-1)), want(0.1, 0.1));
     assert_eq!(mlsd(json!(2.5), json!(20.01)), want(0.1, 0.1));
     assert_eq!(mlsd(json!(2.0), json!(0.01)), want(2.0, 0.01));
+    // depth_leres's Remove Near % and Remove Background % (0..=100, 0), kept as sent.
+    let leres = |a: Value, b: Value| {
+        preprocessor(
+            "depth_leres",
+            Some(&json!(-1)),
+            Some(&a),
+            Some(&b),
+            "[0].",
+            0,
+        )
+        .unwrap()
+        .unwrap()
+    };
+    let want = |remove_near: f64, remove_background: f64| Preprocessor::DepthLeres {
+        remove_near,
+        remove_background,
+        resolution: 512,
+    };
+    assert_eq!(leres(json!(-1), json!(-1)), want(0.0, 0.0));
+    assert_eq!(leres(json!(12.3), json!(100)), want(12.3, 100.0));
+    assert_eq!(leres(json!(100.5), json!(-0.1)), want(0.0, 0.0));
     // shuffle's hidden resolution slider: anything but 0..=1 is 512; the seed is given.
     for res in [json!(-1), json!(64), json!(1024)] {
         assert_eq!(
