@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A1111's reading of an img2img `mask` with transparency, for the A1111 dialect's mask
-(crates/server/src/images.rs `decode_a1111_mask`; the server's tests/inpaint_http.rs).
+(crates/server/src/images.rs `decode_a1111_mask`; the server's tests/integration/inpaint_http.rs).
 
 From a checkout of AUTOMATIC1111/stable-diffusion-webui (v1.10.1; taken with `ast`, not copied),
 these run as they are:

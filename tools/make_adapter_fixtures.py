@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""LoRA and textual-inversion references for crates/pipeline/tests/adapters.rs.
+"""LoRA and textual-inversion references for crates/pipeline/tests/integration/adapters.rs.
 
 Made from tiny-a (tools/make_tiny_models.py):
   loras/ink_kohya.safetensors   kohya/A1111 names (lora_unet_*; .lora_down/.lora_up/.alpha):

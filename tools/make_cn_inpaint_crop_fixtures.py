@@ -2,7 +2,7 @@
 """The sd-webui-controlnet extension's control images for A1111 img2img inpainting with
 "only masked" (`inpaint_full_res`), for the A1111 dialect's ControlNet units
 (crates/server/src/api/a1111/controlnet_img2img.rs; tests in translate_tests.rs and
-crates/server/tests/controlnet_img2img_http.rs).
+crates/server/tests/integration/controlnet_img2img_http.rs).
 
 Taken with `ast` from the checkouts and run as they are (not copied):
   sd-webui-controlnet  scripts/controlnet.py     prepare_mask, Script.choose_input_image,

@@ -337,7 +337,7 @@ def main():
     images["cn-mask-64.png"] = Image.open(os.path.join(img_dir, "cn-mask-64.png")).convert("RGB")
     # A 4-channel UNet: the known region put back at each step's noise level. No batches: with
     # a list of generators diffusers samples the init image's latents with the first alone,
-    # where sdserve keeps image i the single run of seed + i (tests/img2img_images.rs).
+    # where sdserve keeps image i the single run of seed + i (tests/integration/img2img_images.rs).
     run("inpaint", [unit("cn-a", "control-64.png", 0.9, 0.1, 0.9)], scheduler="euler_a",
         init="cn-init-64.png", strength=0.75, mask="cn-mask-64.png")
     run("inpaint-full-multi", [unit("cn-a", "control-64.png", 1.0),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Uploaded images with an EXIF Orientation tag (phones write rotated JPEGs), as the references
-read them, for the server's image decoding (crates/server/src/images.rs; tests/images_in.rs).
+read them, for the server's image decoding (crates/server/src/images.rs; tests/integration/images_in.rs).
 
 Both references turn such an image upright with Pillow's `ImageOps.exif_transpose`:
   diffusers 0.42   `diffusers.utils.load_image` (the native API follows diffusers)
@@ -80,7 +80,7 @@ def main():
              for o in range(1, 9)]
     files.append(("png-6", "png", 6, saved(picture, "PNG", 6)))
     files.append(("webp-3", "webp", 3, saved(picture, "WEBP", 3, lossless=True)))
-    # For the server's tests (tests/images_in.rs): a size the API takes, stored on its side.
+    # For the server's tests (tests/integration/images_in.rs): a size the API takes, stored on its side.
     files.append(("http-jpeg-6", "jpg", 6, saved(blocks(320, 256), "JPEG", 6, quality=100,
                                                  subsampling=0)))
     listed = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A1111's inpainting on the tiny models: its own preprocessing and overlay around diffusers'
-pieces, for the pipeline's `GenerationParams::a1111_inpaint` (tests/a1111_inpaint.rs).
+pieces, for the pipeline's `GenerationParams::a1111_inpaint` (tests/integration/a1111_inpaint.rs).
 
 From a checkout of AUTOMATIC1111/stable-diffusion-webui (v1.10.1; taken with `ast`, not copied),
 these run as they are:
@@ -182,7 +182,7 @@ CASES = {
                                      init="init-32x32.png", mask="mask-32x32.png", blur_x=4,
                                      blur_y=4, invert=False, fill=0, padding=None,
                                      batch_size=1),
-    # Through the server (tests/inpaint_http.rs): sizes the API takes, on tiny-b. A1111's API
+    # Through the server (tests/integration/inpaint_http.rs): sizes the API takes, on tiny-b. A1111's API
     # defaults (fill, only masked, padding 0, blur 4), and the web UI's through `inpaint: {}`.
     "http.a1111_defaults": dict(model="tiny-b", scheduler="euler", steps=3, strength=0.75,
                                 width=256, height=256, seed=21, init="init-384x320.png",
@@ -255,7 +255,7 @@ CASES = {
                                                  init="init-32x32.png", mask="mask-32x32.png",
                                                  blur_x=4, blur_y=4, invert=False, fill=0,
                                                  padding=None, batch_size=1, resize_mode=3),
-    # Through the server (tests/inpaint_http.rs): resize_mode 2 with a mask, 3 without.
+    # Through the server (tests/integration/inpaint_http.rs): resize_mode 2 with a mask, 3 without.
     "http.resize_fill": dict(model="tiny-b", scheduler="euler", steps=3, strength=0.75,
                              width=256, height=256, seed=24, init="init-384x320.png",
                              mask="mask-384x320.png", blur_x=4, blur_y=4, invert=False,

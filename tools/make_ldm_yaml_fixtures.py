@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """LDM `.yaml` configs beside single-file checkpoints (A1111's `find_checkpoint_config`), for
-the single-file loader (crates/pipeline/src/single_file/ldm_yaml.rs; tests/single_file.rs).
+the single-file loader (crates/pipeline/src/single_file/ldm_yaml.rs; tests/integration/single_file.rs).
 
 Writes, under OUT (default crates/pipeline/tests/fixtures/ldm-yaml):
   a1111/<name>.yaml   A1111 v1.10.1's own configs/<name>.yaml, unchanged but for a first

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """LyCORIS references (LoHa, LoKr, IA3, GLoRA, full diffs, LoCon's CP form, DoRA, OFT/BOFT, norm layers) for the
 tiny model, with A1111's
-own module code: crates/pipeline/tests/lycoris.rs and crates/server/tests/lycoris_http.rs.
+own module code: crates/pipeline/tests/integration/lycoris.rs and crates/server/tests/integration/lycoris_http.rs.
 
 A1111's Lora extension runs here, imported from a checkout of
 AUTOMATIC1111/stable-diffusion-webui (not copied): extensions-builtin/Lora/network.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A1111 prompt conditioning references for crates/pipeline/tests/prompt_syntax.rs.
+"""A1111 prompt conditioning references for crates/pipeline/tests/integration/prompt_syntax.rs.
 
 The conditioning AUTOMATIC1111 builds from a prompt (A1111's prompt_parser.py, sd_hijack_clip.py),
 written here from that description on transformers' CLIPTextModel: emphasis, escapes and BREAK

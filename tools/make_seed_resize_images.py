@@ -85,7 +85,7 @@ CASES = {
         prompt="a red bench in a park", negative_prompt="", steps=10, width=32, height=32,
         seed=7, guidance_scale=6.0, batch_size=1, strength=1.0, init_image="init-32x32.png",
         mask_image="mask-32x32.png", seed_resize_from=[40, 24]),
-    # The server's tests (crates/server/tests/seed_resize_http.rs) ask for this one over HTTP,
+    # The server's tests (crates/server/tests/integration/seed_resize_http.rs) ask for this one over HTTP,
     # natively and through A1111, at the server's smallest size: 64x64 cells from 80x48.
     "tiny-b.txt2img.euler.http": dict(
         model="tiny-b", mode="txt2img", scheduler="euler", prompt="a lighthouse",

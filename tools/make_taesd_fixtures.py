@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TAESD (diffusers `AutoencoderTiny`) references for crates/pipeline/tests/taesd.rs.
+"""TAESD (diffusers `AutoencoderTiny`) references for crates/pipeline/tests/integration/taesd.rs.
 
 Two tiny random AutoencoderTiny models that differ in every config key the Rust code reads:
 

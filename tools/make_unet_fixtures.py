@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""UNet config-variant references for crates/pipeline/tests/unet.rs.
+"""UNet config-variant references for crates/pipeline/tests/integration/unet.rs.
 
 The tiny-a / tiny-b models cover the SD 1.5 / SD 2 UNet shapes; these tiny UNets cover the
 config keys they leave at defaults (odd latent sizes that need `upsample_size`, scale-shift

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Diffusers folders whose weights are PyTorch pickle `.bin` files (no safetensors), made from
-existing tiny fixtures, for crates/pipeline/tests/pickle_weights.rs and the server's tests.
+existing tiny fixtures, for crates/pipeline/tests/integration/pickle_weights.rs and the server's tests.
 
 Many SD 1.5 fine-tunes (older diffusers saves, `save_pretrained(safe_serialization=False)`)
 hold only `.bin` weights; diffusers and transformers load them when no safetensors exist.

@@ -118,7 +118,7 @@ class A1111ImagesIn(WebUIApiCase):
         self.assertEqual(r.info["denoising_strength"], 0.5)
         # Upscaler "None": the native hires pass with the same fields, pixel for pixel (the
         # pass itself, A1111's upscale step between diffusers' passes, is held to A1111's own
-        # sample_hr_pass in the pipeline's tests: crates/pipeline/tests/hires.rs).
+        # sample_hr_pass in the pipeline's tests: crates/pipeline/tests/integration/hires.rs).
         r = self.api.txt2img(hr_upscaler=webuiapi.HiResUpscaler.none, **common)
         (want,), _ = native(prompt=PROMPT, seed=17, steps=2, guidance_scale=7, width=SIZE,
                             height=SIZE, scheduler="euler",

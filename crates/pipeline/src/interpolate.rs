@@ -7,7 +7,7 @@
 //! are combined at once, `sum_h wh * (sum_w ww * x)` (torch's `upsample_generic_Nd_kernel`);
 //! with it, width first into a buffer, then height (torch's separable `_aa` kernels), each axis
 //! only when its size changes. Checked against torch (`tools/make_interpolate_fixtures.py`,
-//! `tests/hires.rs`): the nearest modes exactly; bilinear and bicubic to a few float32 ulps,
+//! `tests/integration/hires.rs`): the nearest modes exactly; bilinear and bicubic to a few float32 ulps,
 //! since torch's vectorised kernels order and fuse the same products otherwise.
 
 use candle_core::{DType, Tensor};

@@ -3,6 +3,7 @@
 //! the last one unmaps the file, `realloc` copies out, writes never reach the file, many
 //! mappings and concurrent drops keep the count right, and a full table falls back to copies.
 
+#[path = "integration/common/mod.rs"]
 mod common;
 
 use common::ScratchDir;

@@ -214,7 +214,7 @@ mod tests {
         assert!(!e.contains(dir.to_str().unwrap()), "{e}");
     }
 
-    /// The hub cache's layout as `sdserve download --annotators` leaves it (tests/hub.rs
+    /// The hub cache's layout as `sdserve download --annotators` leaves it (tests/integration/hub.rs
     /// checks the download itself): found without a folder, or when the folder lacks it.
     #[test]
     fn a_file_missing_from_the_folder_is_taken_from_the_model_cache() {

@@ -281,7 +281,7 @@ impl Metrics {
 
 #[cfg(test)]
 #[allow(dead_code)]
-#[path = "../tests/common/exposition.rs"]
+#[path = "../tests/integration/common/exposition.rs"]
 mod exposition;
 
 #[cfg(test)]

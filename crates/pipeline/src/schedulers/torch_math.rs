@@ -10,7 +10,7 @@
 //!   we take the correctly rounded value, which is torch's for ~95% of logs and ~99% of exps;
 //!   the rest differ by one ulp. (torch builds without MKL use SLEEF for them too.)
 //!
-//! Checked against torch by `tools/make_sde_fixtures.py` (tests/sde.rs).
+//! Checked against torch by `tools/make_sde_fixtures.py` (tests/integration/sde.rs).
 
 // The constants are written as SLEEF publishes them; the compiler rounds them to float32 as C does.
 #![allow(clippy::excessive_precision)]

@@ -272,7 +272,7 @@ mod tests {
     }
 
     /// The document lists exactly the router's native and jobs routes and methods (the
-    /// methods' handlers are probed over HTTP in tests/http_fake.rs).
+    /// methods' handlers are probed over HTTP in tests/integration/http_fake.rs).
     #[test]
     fn openapi_covers_every_route() {
         let doc: serde_json::Value = serde_json::from_str(&openapi_string()).unwrap();

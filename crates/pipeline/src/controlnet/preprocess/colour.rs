@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn greys_keep_their_level_and_primaries_land_where_lab_and_hsv_put_them() {
         // Greys: a and b at 128, hue 0 and saturation 0; back to the same grey. (Not grey 1:
-        // OpenCV's own round trip gives 2 there, and so does ours; tests/recolor.rs holds every
+        // OpenCV's own round trip gives 2 there, and so does ours; tests/integration/recolor.rs holds every
         // colour to OpenCV's.)
         for v in [0u8, 50, 128, 254, 255] {
             let lab = rgb_to_lab([v, v, v]);

@@ -13,7 +13,7 @@
 //! Float images take `sepFilter2D` in f32: the row pass accumulating the taps in order, the
 //! column pass pairing the symmetric rows (OpenCV's `RowVec_32f`, `SymmColumnVec_32f`, with
 //! fused multiply-adds); the summation order of OpenCV's SIMD tails may differ in the last
-//! bits (`tests/controlnet_preprocess_modules.rs` holds the bound).
+//! bits (`tests/integration/controlnet_preprocess_modules.rs` holds the bound).
 
 /// OpenCV's `borderInterpolate(p, len, BORDER_REFLECT_101)`, repeated until inside (a kernel
 /// wider than the image reflects more than once).

@@ -1,5 +1,5 @@
 //! The extension's line modules made from Gaussian differences, in f32 as it computes them
-//! (`tests/controlnet_preprocess_modules.rs` holds the bounds where OpenCV's float blur
+//! (`tests/integration/controlnet_preprocess_modules.rs` holds the bounds where OpenCV's float blur
 //! rounds differently):
 //! - `scribble_xdog` (`PreprocessorScribbleXdog`): `g1`, `g2` the image blurred with σ 0.5
 //!   and 5; `dog = uint8(clip(255 - min_c(g2 - g1), 0, 255))`; white where

@@ -10,7 +10,7 @@
 //! OpenCV wheels A1111 installs runs Intel IPP's resize, whose code is not public: here the
 //! same a = -0.75 cubic in f32, the vertical pass then the horizontal, rounded once, which
 //! matches it on all but about one value in 10,000, by one level
-//! (`tests/controlnet_preprocess.rs` holds the bound).
+//! (`tests/integration/controlnet_preprocess.rs` holds the bound).
 
 use crate::pipeline::RgbImage;
 
