@@ -9,7 +9,6 @@ use sdserve_pipeline::controlnet::preprocess::{
     depth_leres_map, leres_depth, leres_module, network, resize_image_with_pad, LeresNetwork,
     LoadedNetworks, LERES,
 };
-use sdserve_pipeline::pipeline::RgbImage;
 
 use super::common::fixture_path;
 use super::Refs;
@@ -54,22 +53,6 @@ fn leres_depth_agrees_to_float_noise() {
     assert!(worst < 1e-4, "depth differs by {worst} of its range");
 }
 
-/// Float noise can move a value across a truncation step: one level, in at most 1 in 200
-/// values (a pixel's three channels count three times).
-fn check(got: &RgbImage, want: &RgbImage, label: &str) -> usize {
-    let (differing, max) = super::compare(got, want, label);
-    println!(
-        "{label}: {differing} of {} values differ, by at most {max}",
-        want.pixels.len()
-    );
-    assert!(max <= 1, "{label}: off by {max}");
-    assert!(
-        differing * 200 <= want.pixels.len(),
-        "{label}: {differing} differ"
-    );
-    differing
-}
-
 #[test]
 fn depth_leres_makes_the_extension_s_maps() {
     let net = net();
@@ -92,7 +75,7 @@ fn depth_leres_makes_the_extension_s_maps() {
             let want = t.image(m["map"].as_str().unwrap());
             let label = format!("depth_leres {name} {res} near {near} bg {bg}");
             let got = ours.crop_gray_to_rgb(&depth_leres_map(&depth, near, bg));
-            total += check(&got, &want, &label);
+            total += super::check_one_level(&got, &want, &label);
             values += want.pixels.len();
             assert!(
                 leres_module(&net, &ours, near, bg).unwrap() == got,

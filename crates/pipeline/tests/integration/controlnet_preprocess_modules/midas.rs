@@ -70,22 +70,6 @@ fn midas_depth_agrees_to_float_noise() {
     assert!(worst < 1e-4, "depth differs by {worst} of its range");
 }
 
-/// Float noise can move a value across a truncation step: one level, in at most 1 in 200
-/// values (a pixel's three channels count three times).
-fn check(got: &RgbImage, want: &RgbImage, label: &str) -> usize {
-    let (differing, max) = super::compare(got, want, label);
-    println!(
-        "{label}: {differing} of {} values differ, by at most {max}",
-        want.pixels.len()
-    );
-    assert!(max <= 1, "{label}: off by {max}");
-    assert!(
-        differing * 200 <= want.pixels.len(),
-        "{label}: {differing} differ"
-    );
-    differing
-}
-
 #[test]
 fn depth_midas_and_normal_midas_make_the_extension_s_maps() {
     let (_, net) = net();
@@ -105,7 +89,7 @@ fn depth_midas_and_normal_midas_make_the_extension_s_maps() {
         let want = t.image(c["depth_map"].as_str().unwrap());
         let label = format!("depth_midas {name} {res}");
         let got = ours.crop_gray_to_rgb(&depth_midas_map(&depth));
-        total += check(&got, &want, &label);
+        total += super::check_one_level(&got, &want, &label);
         values += want.pixels.len();
         // Whole, from the photo, where the area resize runs: the same map.
         let area = res <= photo.width.min(photo.height);
@@ -128,7 +112,7 @@ fn depth_midas_and_normal_midas_make_the_extension_s_maps() {
                 ..ours.clone()
             };
             let got = normal.crop_rgb();
-            total += check(&got, &want, &label);
+            total += super::check_one_level(&got, &want, &label);
             values += want.pixels.len();
             if area {
                 let padded = resize_image_with_pad(&photo, res);
@@ -205,7 +189,7 @@ fn midas_at_real_widths() {
         .flat_map(|&v| [v, v, v])
         .collect();
     let got = midas_module(&net, &padded, None).unwrap();
-    check(&got, &image(depth_map), "depth_midas 512");
+    super::check_one_level(&got, &image(depth_map), "depth_midas 512");
     // The normal is the raw depth's Sobel slope against z = 2 pi: at these widths the depth
     // runs to thousands, and its float noise (torch's own f32 is 3e-5 of the range from its
     // float64) tilts a flat region's normal by up to two levels.

@@ -70,22 +70,6 @@ fn normal_bae_normals_agree_to_float_noise() {
     assert!(worst < 1e-4, "normals differ by {worst}");
 }
 
-/// Float noise can move a value across a truncation step: one level, in at most 1 in 200
-/// values (a pixel's three channels count three times).
-fn check(got: &RgbImage, want: &RgbImage, label: &str) -> usize {
-    let (differing, max) = super::compare(got, want, label);
-    println!(
-        "{label}: {differing} of {} values differ, by at most {max}",
-        want.pixels.len()
-    );
-    assert!(max <= 1, "{label}: off by {max}");
-    assert!(
-        differing * 200 <= want.pixels.len(),
-        "{label}: {differing} differ"
-    );
-    differing
-}
-
 #[test]
 fn normal_bae_makes_the_extension_s_maps() {
     let net = net();
@@ -108,7 +92,7 @@ fn normal_bae_makes_the_extension_s_maps() {
         let mut full = ours.clone();
         full.image.pixels = normal_bae_map(&normals, pw, ph);
         assert!(full.crop_rgb() == got, "{label}: the module's steps");
-        total += check(&got, &want, &label);
+        total += super::check_one_level(&got, &want, &label);
         values += want.pixels.len();
         if (got.width as usize, got.height as usize) != (pw, ph) {
             cropped += 1;
