@@ -17,6 +17,7 @@ mod observe;
 mod off_runtime_tests;
 pub mod openai;
 pub(crate) mod request;
+mod response_schema;
 mod schema;
 pub(crate) mod styles;
 pub mod web;
@@ -46,6 +47,7 @@ use observe::{observe, RequestStats};
 pub use request::random_seed;
 use request::{body_object, query_bool, rename_fields, required_body_object};
 pub(crate) use request::{job_spec, off_the_runtime, prompt_syntax_name, read_generate_body};
+pub use response_schema::*;
 pub use schema::*;
 
 pub struct AppState {
