@@ -9,9 +9,10 @@
 //! undivided, moves the mean by whole units).
 
 use crate::common;
+use common::a1111_guidance::{first_pass, image_failures, numbers, skipped_evaluations, tiny_a};
 
-use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage, StableDiffusion};
+use candle_core::Tensor;
+use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
 const MEAN_BOUND: f64 = 0.01;
@@ -47,10 +48,6 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
     }
 }
 
-fn model() -> StableDiffusion {
-    StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap()
-}
-
 fn failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
     common::tight_batch_failures(label, got, want, MAX_BOUND, MEAN_BOUND)
 }
@@ -60,46 +57,20 @@ fn failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
 #[test]
 fn evaluations_are_a1111_s() {
     let cases = load();
-    let model = model();
+    let model = tiny_a();
     for (label, case, _) in &cases {
         let params = params_of(case);
-        let want: Vec<f64> = case["evaluation_timesteps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let want = numbers(&case["evaluation_timesteps"]);
         assert_eq!(
             model.schedules().unet_evaluations(&params).unwrap(),
             want.len(),
             "{label}: evaluations"
         );
-        let (scheduler, begin) = model
-            .schedules()
-            .schedule(
-                params.scheduler,
-                None,
-                params.steps,
-                params.init_start(),
-                None,
-                params.churn,
-            )
-            .unwrap();
+        let (scheduler, begin) = first_pass(&model, &params);
         assert_eq!(&scheduler.timesteps()[begin..], want.as_slice(), "{label}");
-        let skipped: Vec<u64> = (0..want.len())
-            .filter(|&i| {
-                let total = params.steps_run() * scheduler.order();
-                let skips = params.negative_guidance.skips(i, total, || Ok(want[i]));
-                skips.unwrap()
-            })
-            .map(|i| i as u64)
-            .collect();
-        let want_skipped: Vec<u64> = case["skipped_evaluations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        // A1111's timesteps samplers compare NGMS's minimum with the timestep.
+        let skipped = skipped_evaluations(&params, scheduler.as_ref(), want.len(), |i| want[i]);
+        let want_skipped = numbers(&case["skipped_evaluations"]);
         assert_eq!(skipped, want_skipped, "{label}: skipped evaluations");
     }
     for part in [
@@ -111,12 +82,15 @@ fn evaluations_are_a1111_s() {
 
 #[test]
 fn images_match_a1111_s() {
-    let model = model();
-    let mut all = Vec::new();
-    for (label, case, f) in &load() {
-        let got = common::generate(&model, &params_of(case));
-        all.extend(failures(label, &got, f.get(&format!("image.{label}"))));
-    }
+    let cases = load();
+    let cases = cases.iter().map(|(label, case, f)| {
+        (
+            label.as_str(),
+            params_of(case),
+            f.get(&format!("image.{label}")),
+        )
+    });
+    let all = image_failures(&tiny_a(), cases, MAX_BOUND, MEAN_BOUND);
     assert!(all.is_empty(), "differ from A1111's: {all:?}");
 }
 
@@ -125,7 +99,7 @@ fn images_match_a1111_s() {
 /// followed A1111 there) every image leaves the bounds.
 #[test]
 fn plain_ddim_is_not_cfgpp() {
-    let model = model();
+    let model = tiny_a();
     for (label, case, f) in &load() {
         let params = GenerationParams {
             scheduler: Some(SchedulerKind::DdimA1111),

@@ -8,9 +8,10 @@
 //! the mean by whole units).
 
 use crate::common;
+use common::a1111_guidance::{first_pass, image_failures, numbers, skipped_evaluations, tiny_a};
 
-use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage, StableDiffusion};
+use candle_core::Tensor;
+use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage};
 use sdserve_pipeline::schedulers::Churn;
 
 /// The bounds stated above.
@@ -51,59 +52,27 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
     }
 }
 
-fn model() -> StableDiffusion {
-    StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap()
-}
-
-fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_f64().unwrap())
-        .collect()
-}
-
 #[test]
 fn evaluation_sigmas_and_skips_are_a1111_s() {
     let (cases, _) = load();
-    let model = model();
+    let model = tiny_a();
     for (label, case) in &cases {
         let params = params_of(case);
-        let want = f64s(&case["evaluation_sigmas"]);
+        let want = numbers(&case["evaluation_sigmas"]);
         assert_eq!(
             model.schedules().unet_evaluations(&params).unwrap(),
             want.len(),
             "{label}: evaluations"
         );
-        let (scheduler, begin) = model
-            .schedules()
-            .schedule(
-                params.scheduler,
-                None,
-                params.steps,
-                params.init_start(),
-                None,
-                params.churn,
-            )
-            .unwrap();
-        let mut skipped = Vec::new();
+        let (scheduler, begin) = first_pass(&model, &params);
+        let sigma = |i| scheduler.guidance_sigma(begin + i).unwrap();
         for (i, w) in want.iter().enumerate() {
-            let g = scheduler.guidance_sigma(begin + i).unwrap();
-            assert!(
-                ((g - w) / w).abs() < 2e-6,
-                "{label}: evaluation {i}: {g} against A1111's {w}"
-            );
-            let total = params.steps_run() * scheduler.order();
-            if params.negative_guidance.skips(i, total, || Ok(g)).unwrap() {
-                skipped.push(i as u64);
-            }
+            let g = sigma(i);
+            let close = ((g - w) / w).abs() < 2e-6;
+            assert!(close, "{label}: evaluation {i}: {g} against A1111's {w}");
         }
-        let want_skipped: Vec<u64> = case["skipped_evaluations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let skipped = skipped_evaluations(&params, scheduler.as_ref(), want.len(), sigma);
+        let want_skipped = numbers(&case["skipped_evaluations"]);
         assert_eq!(skipped, want_skipped, "{label}: skipped evaluations");
     }
     assert!(cases.keys().any(|k| k.contains("img2img")));
@@ -117,12 +86,14 @@ fn failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
 #[test]
 fn images_match_a1111_s() {
     let (cases, f) = load();
-    let model = model();
-    let mut all = Vec::new();
-    for (label, case) in &cases {
-        let got = common::generate(&model, &params_of(case));
-        all.extend(failures(label, &got, f.get(&format!("image.{label}"))));
-    }
+    let cases = cases.iter().map(|(label, case)| {
+        (
+            label.as_str(),
+            params_of(case),
+            f.get(&format!("image.{label}")),
+        )
+    });
+    let all = image_failures(&tiny_a(), cases, MAX_BOUND, MEAN_BOUND);
     assert!(all.is_empty(), "differ from A1111's: {all:?}");
 }
 
@@ -130,7 +101,7 @@ fn images_match_a1111_s() {
 #[test]
 fn the_cases_need_their_parameters() {
     let (cases, f) = load();
-    let model = model();
+    let model = tiny_a();
     for (label, case) in &cases {
         let params = params_of(case);
         let without = GenerationParams {

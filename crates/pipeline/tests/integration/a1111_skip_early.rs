@@ -7,9 +7,10 @@
 //! by whole units).
 
 use crate::common;
+use common::a1111_guidance::{first_pass, image_failures, numbers, skipped_evaluations, tiny_a};
 
-use candle_core::{DType, Device, Tensor};
-use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage, StableDiffusion};
+use candle_core::Tensor;
+use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance, RgbImage};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
 const MEAN_BOUND: f64 = 0.01;
@@ -34,21 +35,12 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
     }
 }
 
-fn model() -> StableDiffusion {
-    StableDiffusion::load(&common::fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap()
-}
-
-fn numbers(v: &serde_json::Value) -> Vec<f64> {
-    let list = v.as_array().unwrap().iter();
-    list.map(|s| s.as_f64().unwrap()).collect()
-}
-
 /// A1111's `total_steps`, its evaluations (sigmas on k-diffusion, timesteps on DDIM) and the ones
 /// that skip the negative prompt.
 #[test]
 fn skipped_evaluations_are_a1111_s() {
     let (cases, _) = load();
-    let model = model();
+    let model = tiny_a();
     for (label, case) in &cases {
         let params = params_of(case);
         let want = match case.get("evaluation_sigmas") {
@@ -60,34 +52,20 @@ fn skipped_evaluations_are_a1111_s() {
             want.len(),
             "{label}: evaluations"
         );
-        let (scheduler, begin) = model
-            .schedules()
-            .schedule(
-                params.scheduler,
-                None,
-                params.steps,
-                params.init_start(),
-                None,
-                params.churn,
-            )
-            .unwrap();
+        let (scheduler, begin) = first_pass(&model, &params);
         let total = params.steps_run() * scheduler.order();
         assert_eq!(
             total as u64,
             case["total_steps"].as_u64().unwrap(),
             "{label}"
         );
-        let mut skipped = Vec::new();
+        let sigma = |i| scheduler.guidance_sigma(begin + i).unwrap();
         for (i, w) in want.iter().enumerate() {
-            let g = scheduler.guidance_sigma(begin + i).unwrap();
-            assert!(
-                ((g - w) / w).abs() < 2e-6,
-                "{label}: evaluation {i}: {g} against {w}"
-            );
-            if params.negative_guidance.skips(i, total, || Ok(g)).unwrap() {
-                skipped.push(i as f64);
-            }
+            let g = sigma(i);
+            let close = ((g - w) / w).abs() < 2e-6;
+            assert!(close, "{label}: evaluation {i}: {g} against {w}");
         }
+        let skipped = skipped_evaluations(&params, scheduler.as_ref(), want.len(), sigma);
         assert_eq!(skipped, numbers(&case["skipped_evaluations"]), "{label}");
         assert!(case["infotext"]["Skip Early CFG"].is_number(), "{label}");
     }
@@ -101,12 +79,14 @@ fn failures(label: &str, got: &[RgbImage], want: &Tensor) -> Vec<String> {
 #[test]
 fn images_match_a1111_s() {
     let (cases, f) = load();
-    let model = model();
-    let mut all = Vec::new();
-    for (label, case) in &cases {
-        let got = common::generate(&model, &params_of(case));
-        all.extend(failures(label, &got, f.get(&format!("image.{label}"))));
-    }
+    let cases = cases.iter().map(|(label, case)| {
+        (
+            label.as_str(),
+            params_of(case),
+            f.get(&format!("image.{label}")),
+        )
+    });
+    let all = image_failures(&tiny_a(), cases, MAX_BOUND, MEAN_BOUND);
     assert!(all.is_empty(), "differ from A1111's: {all:?}");
 }
 
@@ -114,7 +94,7 @@ fn images_match_a1111_s() {
 #[test]
 fn the_cases_need_their_skips() {
     let (cases, f) = load();
-    let model = model();
+    let model = tiny_a();
     for (label, case) in &cases {
         let params = params_of(case);
         let without = GenerationParams {

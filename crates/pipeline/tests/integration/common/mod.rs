@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use sdserve_pipeline::pipeline::{GenerationParams, RgbImage, StableDiffusion};
 use sdserve_pipeline::schedulers::{SchedulerConfig, SchedulerKind};
 
+pub mod a1111_guidance;
 pub mod fuzz;
 pub mod lora_reference;
 
