@@ -168,6 +168,30 @@ fn compare(got: &RgbImage, want: &RgbImage, label: &str) -> (usize, u8) {
     (diffs.len(), diffs.into_iter().max().unwrap_or(0))
 }
 
+/// The largest difference of `got` (`planes` planes of `h` x `w`, one after another) from
+/// `want`, the reference's values at every `stride`-th row and column of each plane (the
+/// network tests' fixtures keep that sample of the full-size output).
+fn largest_difference_at_stride(
+    got: &[f32],
+    want: &[f32],
+    (planes, h, w): (usize, usize, usize),
+    stride: usize,
+) -> f32 {
+    assert_eq!(got.len(), planes * h * w);
+    let sub: Vec<f32> = (0..planes)
+        .flat_map(|c| {
+            (0..h)
+                .step_by(stride)
+                .flat_map(move |y| (0..w).step_by(stride).map(move |x| (c, y, x)))
+        })
+        .map(|(c, y, x)| got[(c * h + y) * w + x])
+        .collect();
+    assert_eq!(sub.len(), want.len());
+    sub.iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+}
+
 /// A network's map against the extension's (midas, normalbae, leres): float noise can move a
 /// value across a truncation step, one level, in at most 1 in 200 values (a pixel's three
 /// channels count three times). Returns how many values differ.

@@ -33,17 +33,8 @@ fn leres_depth_agrees_to_float_noise() {
         let depth = leres_depth(&net, &padded).unwrap();
         assert_eq!(depth.len(), w * h);
         let want = t.floats(c["depth"].as_str().unwrap());
-        let got: Vec<f32> = (0..h)
-            .step_by(stride)
-            .flat_map(|y| (0..w).step_by(stride).map(move |x| (y, x)))
-            .map(|(y, x)| depth[y * w + x])
-            .collect();
-        assert_eq!(got.len(), want.len(), "{name} {res}");
         let range = want.iter().fold(0f32, |m, &v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        let diff = super::largest_difference_at_stride(&depth, &want, (1, h, w), stride);
         println!(
             "{name} {res} ({w}x{h}): depth up to {range:e} in size, largest difference {diff:e}"
         );

@@ -14,29 +14,12 @@ use sdserve_pipeline::controlnet::preprocess::{
 use sdserve_pipeline::pipeline::RgbImage;
 
 use super::common::fixture_path;
-use super::Refs;
+use super::{largest_difference_at_stride, Refs};
 
 fn net() -> Arc<NormalBaeNetwork> {
     let path = fixture_path("normalbae/scannet.pt");
     let nets = LoadedNetworks::default().read(&NORMAL_BAE, &path).unwrap();
     network::<NormalBaeNetwork>(&nets, &NORMAL_BAE).unwrap()
-}
-
-/// The largest difference of `got` (`[3, h, w]`) from `want` (every `stride`-th row and
-/// column of it).
-fn largest_difference(got: &[f32], want: &[f32], h: usize, w: usize, stride: usize) -> f32 {
-    let sub: Vec<f32> = (0..3)
-        .flat_map(|c| {
-            (0..h)
-                .step_by(stride)
-                .flat_map(move |y| (0..w).step_by(stride).map(move |x| (c, y, x)))
-        })
-        .map(|(c, y, x)| got[(c * h + y) * w + x])
-        .collect();
-    assert_eq!(sub.len(), want.len());
-    sub.iter()
-        .zip(want)
-        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
 }
 
 #[test]
@@ -53,7 +36,7 @@ fn normal_bae_normals_agree_to_float_noise() {
         let normals = normal_bae_normals(&net, &padded).unwrap();
         assert_eq!(normals.len(), 3 * w * h);
         let want = t.floats(c["normal"].as_str().unwrap());
-        let diff = largest_difference(&normals, &want, h, w, stride);
+        let diff = largest_difference_at_stride(&normals, &want, (3, h, w), stride);
         println!("{name} {res} ({w}x{h}): largest difference {diff:e}");
         worst = worst.max(diff);
     }
@@ -63,7 +46,7 @@ fn normal_bae_normals_agree_to_float_noise() {
     let got = net.forward(x).unwrap();
     assert_eq!(got.dims(), [1, 3, h, w]);
     let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let diff = largest_difference(&got, &t.floats("normal.odd"), h, w, stride);
+    let diff = largest_difference_at_stride(&got, &t.floats("normal.odd"), (3, h, w), stride);
     println!("odd {w}x{h}: largest difference {diff:e}");
     worst = worst.max(diff);
     println!("normal_bae: largest difference {worst:e} (normals of length 1)");
@@ -150,7 +133,7 @@ fn normal_bae_at_real_widths() {
         .collect();
     let got = normal_bae_normals(&net, &padded.image).unwrap();
     let (w, h) = (padded.image.width as usize, padded.image.height as usize);
-    let diff = largest_difference(&got, &want, h, w, 1);
+    let diff = largest_difference_at_stride(&got, &want, (3, h, w), 1);
     println!("normal_bae 512: largest difference {diff:e}");
     // Random weights through 39 blocks and the decoder amplify f32 noise: 1.3e-3 measured.
     assert!(diff < 3e-3, "normals differ by {diff}");
