@@ -85,9 +85,11 @@ class Params:
             (self.image_cond, self.sigma, _, _, self.text_cond, self.text_uncond) = rest[:6]
 
 
-def load_sources(a1111_dir, samplers=("ddim_cfgpp",)):
+def load_sources(a1111_dir, samplers=("ddim_cfgpp",), impl_namespace=None, denoisers=()):
     """A1111's functions from a checkout: `samplers` are the sd_samplers_timesteps_impl.py
-    functions to take (make_a1111_skip_early_fixtures.py takes `ddim`)."""
+    functions to take (make_a1111_skip_early_fixtures.py takes `ddim`), with `impl_namespace`
+    added to their globals (UniPC's `uni_pc` module); `denoisers` more sd_samplers_timesteps.py
+    classes (CompVisTimestepsVDenoiser for a v-prediction model)."""
     mod = os.path.join(a1111_dir, "modules")
     digests = {}
     opts = types.SimpleNamespace(**OPTION_DEFAULTS)
@@ -108,7 +110,8 @@ def load_sources(a1111_dir, samplers=("ddim_cfgpp",)):
     quiet = types.SimpleNamespace(trange=lambda n, disable=None: range(n))
     impl, d = functions(os.path.join(mod, "sd_samplers_timesteps_impl.py"), list(samplers),
                         {"torch": torch, "tqdm": quiet, "np": np, "float64": tu["float64"],
-                         "k_diffusion": k_diffusion, "shared": shared})
+                         "k_diffusion": k_diffusion, "shared": shared,
+                         **(impl_namespace or {})})
     digests.update(d)
     common_ns = {"torch": torch, "inspect": inspect, "opts": opts, "shared": shared,
                  "state": state, "k_diffusion": k_diffusion,
@@ -143,10 +146,12 @@ def load_sources(a1111_dir, samplers=("ddim_cfgpp",)):
              "sd_samplers_common": samplers_common, "CFGDenoiser": cfg["CFGDenoiser"],
              "ExtraNoiseParams": None, "extra_noise_callback": None}
     ts, d = functions(os.path.join(mod, "sd_samplers_timesteps.py"),
-                      ["CompVisTimestepsDenoiser", "CFGDenoiserTimesteps", "CompVisSampler"],
+                      ["CompVisTimestepsDenoiser", *denoisers, "CFGDenoiserTimesteps",
+                       "CompVisSampler"],
                       ts_ns)
     digests.update(d)
     return dict(impl=impl, opts=opts, shared=shared, SamplerData=common["SamplerData"],
+                CFGDenoiserTimesteps=ts["CFGDenoiserTimesteps"],
                 fill=proc["StableDiffusionProcessing.fill_fields_from_opts"],
                 CompVisSampler=ts["CompVisSampler"]), digests
 

@@ -50,7 +50,14 @@ impl StableDiffusion {
             if let Some(raised) = scheduler.prepare_sample(&latents, index, rngs)? {
                 latents = raised;
             }
-            let mut model_input = scheduler.scale_model_input(&latents, index)?;
+            // A1111's timestep samplers blend the input (inpainting): the UNet and ControlNets
+            // see it, the step takes the unblended latents.
+            let blended = match &inpaint {
+                Some(state) => state.blended_input(&latents, scheduler)?,
+                None => None,
+            };
+            let mut model_input =
+                scheduler.scale_model_input(blended.as_ref().unwrap_or(&latents), index)?;
             if let Some(state) = &inpaint {
                 model_input = state.unet_input(model_input)?;
             }
@@ -82,14 +89,23 @@ impl StableDiffusion {
                 (!skipped).then_some(&mut graph),
                 control,
             )?;
-            if wants_uncond {
-                // Without guidance rows the prompt's prediction stands in (A1111's fake_uncond).
-                scheduler.set_uncond_prediction(uncond.unwrap_or_else(|| noise_pred.clone()));
-            }
-            let noise_pred = match &inpaint {
-                Some(state) => state.blend_prediction(noise_pred, &latents, scheduler, index)?,
-                None => noise_pred,
+            let carry = |output: Tensor| match &inpaint {
+                Some(state) => {
+                    state.blend_prediction(output, &latents, blended.as_ref(), scheduler, index)
+                }
+                None => Ok(output),
             };
+            // Without guidance rows the prompt's prediction stands in (A1111's fake_uncond).
+            // Taken on the blended input where there is one; never blended itself.
+            let uncond = match (wants_uncond, &blended) {
+                (false, _) => None,
+                (true, Some(_)) => Some(carry(uncond.unwrap_or_else(|| noise_pred.clone()))?),
+                (true, None) => Some(uncond.unwrap_or_else(|| noise_pred.clone())),
+            };
+            let noise_pred = carry(noise_pred)?;
+            if let Some(uncond) = uncond {
+                scheduler.set_uncond_prediction(uncond);
+            }
             let unet_done = start.elapsed();
             latents = scheduler.step(&noise_pred, index, &latents, rngs)?;
             if let Some(state) = &inpaint {

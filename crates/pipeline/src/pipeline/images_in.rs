@@ -109,16 +109,38 @@ impl InpaintState {
         })
     }
 
-    /// A1111's blend of the (guided) model output at step `index`; others' output as it is.
+    /// What the UNet (and the ControlNets) evaluate instead of `latents` (before scaling):
+    /// A1111's blend of the input on its timestep samplers ([`Scheduler::blends_model_input`]);
+    /// `None` elsewhere.
+    pub(super) fn blended_input(
+        &self,
+        latents: &Tensor,
+        scheduler: &dyn Scheduler,
+    ) -> Result<Option<Tensor>> {
+        match &self.kind {
+            InpaintKind::A1111 { blend, .. } if scheduler.blends_model_input() => {
+                Ok(Some(blend.blend_latents(latents)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A model output at step `index` (the guided one, or CFG++'s unconditional one) as the
+    /// scheduler takes it: with the input blended (`evaluated`), carried over to the unblended
+    /// `latents`; else A1111's blend of the prediction; others' output as it is.
     pub(super) fn blend_prediction(
         &self,
         output: Tensor,
         latents: &Tensor,
+        evaluated: Option<&Tensor>,
         scheduler: &dyn Scheduler,
         index: usize,
     ) -> Result<Tensor> {
-        match &self.kind {
-            InpaintKind::A1111 { blend, .. } => {
+        match (&self.kind, evaluated) {
+            (InpaintKind::A1111 { blend, .. }, Some(evaluated)) => {
+                blend.carry_output(output, evaluated, latents, scheduler, index)
+            }
+            (InpaintKind::A1111 { blend, .. }, None) => {
                 blend.blend_prediction(&output, latents, scheduler, index)
             }
             _ => Ok(output),
@@ -128,7 +150,7 @@ impl InpaintState {
     /// After the last step: A1111's blend of the samples with the init latents.
     pub(super) fn finish(&self, latents: Tensor) -> Result<Tensor> {
         match &self.kind {
-            InpaintKind::A1111 { blend, .. } => blend.blend_samples(&latents),
+            InpaintKind::A1111 { blend, .. } => blend.blend_latents(&latents),
             _ => Ok(latents),
         }
     }

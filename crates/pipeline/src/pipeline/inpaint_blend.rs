@@ -6,6 +6,11 @@
 //! schedulers take the model's output, not k-diffusion's `denoised`, so the blend is made on
 //! the x0 the output implies at that step and turned back into an output of the model's
 //! prediction type: the same update for every scheduler.
+//!
+//! A1111's timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC: `CFGDenoiserTimesteps`'s
+//! `mask_before_denoising`) blend the model's input instead, the sample with the clean init
+//! latents (`x * nmask + init_latent * mask`), and leave the prediction as it is; the sampler
+//! steps from its own, unblended sample with that epsilon.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -84,8 +89,41 @@ impl A1111Blend {
         Ok(result.to_dtype(dtype)?)
     }
 
-    /// `samples * nmask + init_latent * mask` after the last step.
-    pub(super) fn blend_samples(&self, latents: &Tensor) -> Result<Tensor> {
+    /// The model output computed on `evaluated` (the blended input) as an output for `latents`
+    /// with the same epsilon: A1111's timestep denoisers hand their samplers epsilon, a
+    /// v-prediction's taken on the model's input (`CompVisTimestepsVDenoiser`), and our
+    /// schedulers read a non-epsilon output against their own sample.
+    pub(super) fn carry_output(
+        &self,
+        output: Tensor,
+        evaluated: &Tensor,
+        latents: &Tensor,
+        scheduler: &dyn Scheduler,
+        index: usize,
+    ) -> Result<Tensor> {
+        // The factor of `evaluated - latents` that moves the output.
+        let factor = |(a, b): (f64, f64)| match self.prediction {
+            PredictionType::Epsilon => None,
+            // eps = alpha * v + sigma * x / norm: v moves by sigma / alpha * (x_in - x) / norm.
+            PredictionType::VPrediction => Some(b / a / (a * a + b * b).sqrt()),
+            // eps = (x - a * x0) / b: x0 moves by (x - x_in) / a.
+            PredictionType::Sample => Some(-1.0 / a),
+        };
+        if self.prediction == PredictionType::Epsilon {
+            return Ok(output);
+        }
+        let Some(factor) = factor(noise_coefficients(scheduler, index)?).filter(|f| f.is_finite())
+        else {
+            return Ok(output);
+        };
+        let shift = (evaluated.to_dtype(DType::F32)? - latents.to_dtype(DType::F32)?)?;
+        let result = (output.to_dtype(DType::F32)? + (shift * factor)?)?;
+        Ok(result.to_dtype(output.dtype())?)
+    }
+
+    /// `latents * nmask + init_latent * mask`: the samples after the last step, and on A1111's
+    /// timestep samplers the model's input before every evaluation.
+    pub(super) fn blend_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let dtype = latents.dtype();
         let keep = self.nmask.affine(-1.0, 1.0)?;
         let out = (latents.to_dtype(DType::F32)?.broadcast_mul(&self.nmask)?
@@ -142,6 +180,45 @@ mod tests {
                         assert!((x0 + 0.7).abs() < 1e-4, "{prediction} {kind}: x0 {x0}");
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carried to the unblended latents, a v or sample output implies the epsilon it implied on
+    /// the blended input (what A1111's timestep denoisers hand their samplers); epsilon stays.
+    #[test]
+    fn a_carried_output_keeps_the_epsilon_of_the_blended_input() -> Result<()> {
+        let dev = Device::Cpu;
+        for prediction in ["epsilon", "v_prediction", "sample"] {
+            let cfg = SchedulerConfig {
+                prediction_type: Some(prediction.into()),
+                ..Default::default()
+            };
+            let kind = SchedulerKind::from_name("ddim_a1111").unwrap();
+            let s = build(kind, &kind.config(&cfg), 10)?;
+            let (a, b) = noise_coefficients(s.as_ref(), 2)?;
+            let x = Tensor::arange(0f32, 8.0, &dev)?.reshape((1, 2, 2, 2))?;
+            let evaluated = (x.affine(0.5, 0.0)? - 1.0)?;
+            let out = Tensor::arange(-4f32, 4.0, &dev)?.reshape((1, 2, 2, 2))?;
+            let blend = A1111Blend {
+                init: x.zeros_like()?,
+                nmask: Tensor::ones((1, 1, 2, 2), DType::F32, &dev)?,
+                prediction: PredictionType::parse(prediction)?,
+            };
+            let carried = blend.carry_output(out.clone(), &evaluated, &x, s.as_ref(), 2)?;
+            // eps of (output, sample) with sample = a * x0 + b * eps (a^2 + b^2 = 1 here).
+            let eps = |o: &Tensor, sample: &Tensor| -> Result<Vec<f32>> {
+                let e = match blend.prediction {
+                    PredictionType::Epsilon => o.clone(),
+                    PredictionType::VPrediction => ((o * a)? + (sample * b)?)?,
+                    PredictionType::Sample => ((sample - (o * a)?)? / b)?,
+                };
+                Ok(e.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let (got, want) = (eps(&carried, &x)?, eps(&out, &evaluated)?);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{prediction}: {got:?} vs {want:?}");
             }
         }
         Ok(())

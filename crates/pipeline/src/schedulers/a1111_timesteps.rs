@@ -266,6 +266,10 @@ impl Scheduler for A1111Timesteps {
         self.rule == Rule::DdimCfgpp
     }
 
+    fn blends_model_input(&self) -> bool {
+        true
+    }
+
     fn set_uncond_prediction(&mut self, uncond: Tensor) {
         self.uncond = Some(uncond);
     }

@@ -177,6 +177,12 @@ pub trait Scheduler: Send {
     /// The unconditional prediction of the evaluation the next [`Self::step`] takes (the
     /// prompt's where the evaluation skipped the negative prompt, as A1111's `fake_uncond`).
     fn set_uncond_prediction(&mut self, _uncond: Tensor) {}
+    /// A1111's `mask_before_denoising` (the CFG denoiser of its timestep samplers, DDIM, DDIM
+    /// CFG++, PLMS and UniPC): A1111's inpainting blends the model's input with the init latents
+    /// before every evaluation instead of blending its prediction after it.
+    fn blends_model_input(&self) -> bool {
+        false
+    }
     /// Model evaluations per step (diffusers' `scheduler.order`): 2 for Heun, KDPM2 and DPM++ SDE,
     /// else 1.
     fn order(&self) -> usize {

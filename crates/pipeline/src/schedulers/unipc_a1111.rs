@@ -280,6 +280,10 @@ impl Scheduler for UniPcA1111 {
         self.timesteps.get(index).copied()
     }
 
+    fn blends_model_input(&self) -> bool {
+        true
+    }
+
     /// With A1111's img2img start set, its run is the whole of [`Self::timesteps`].
     fn first_index_of_step(&self, step: usize) -> usize {
         match self.t_enc {

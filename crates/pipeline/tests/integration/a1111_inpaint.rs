@@ -63,7 +63,7 @@ fn resize_mode(case: &serde_json::Value) -> ResizeMode {
 }
 
 /// A case without a mask is A1111's img2img (the latent upscale's).
-fn params_of(case: &serde_json::Value) -> GenerationParams {
+pub(crate) fn params_of(case: &serde_json::Value) -> GenerationParams {
     let mask = case["mask"].as_str().map(png);
     GenerationParams {
         batch_size: case["batch_size"].as_u64().unwrap() as usize,
