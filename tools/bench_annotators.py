@@ -9,7 +9,7 @@ bench `crates/pipeline/benches/annotators.rs` measures ours, with the same weigh
                  softedge_teed (safe_steps 2), mlsd (thresholds 0.1, 0.1), and
                  depth_anything_v2 (colored=False) with --depth-anything, depth_anything
                  (colored=False) with $DEPTH_ANYTHING_DIR and $DINOV2_DIR, depth_midas,
-                 normal_bae
+                 normal_bae, depth_leres
   <module>_net   the network's forward alone (no_grad) on the padded image as the detector
                  feeds it
   openpose_body, openpose_hand, openpose_face
@@ -47,7 +47,7 @@ def load_file(net, path):
         state = load_safetensors(path)
     else:
         state = torch.load(path, map_location="cpu")
-    for wrapper in ["state_dict", "model"]:  # PiDiNet's and Bae's normal network's
+    for wrapper in ["state_dict", "model", "depth_model"]:  # PiDiNet's, Bae's, LeReS's
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     net.load_state_dict({k.replace("module.", ""): v for k, v in state.items()}, strict=True)
@@ -122,7 +122,8 @@ def main():
             if wanted and module not in wanted:
                 continue
             load_file(net, os.path.join(args.annotators, sub, name))
-            net.eval()
+            if name != "res101.pth":  # apply_leres never calls eval()
+                net.eval()
             run(image.copy(), args.resolution)
             stats.append(measure(module, args.repeats, lambda: run(image.copy(), args.resolution)))
             x = feed(resize_image_with_pad(image, args.resolution)[0])

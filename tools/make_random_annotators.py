@@ -35,6 +35,8 @@ key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`,
                                         R50+ViT-B/16 hybrid)
   normal_bae/scannet.pt                 NNET(architecture BN) as NormalBaeDetector builds it
                                         (tf_efficientnet_b5_ap), {"model": {"module.<name>"}}
+  leres/res101.pth                      RelDepthModel("resnext101") as apply_leres builds it,
+                                        under `depth_model` with `module.` names
   bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
 
 The classes are taken from a checkout of the extension the way the fixture scripts
@@ -287,6 +289,17 @@ def normalbae(ext):
              lambda p: norm(chw(p, 1 / 255.0)))]
 
 
+def leres(ext):
+    """LeReS at its real widths (make_leres_fixtures.full_width: the fixture's random weights)
+    and the legacy `leres` (depth_leres, boost=False) running it."""
+    import make_leres_fixtures as leres_fx
+    annotator_package(ext)
+    net, legacy, scale_torch = leres_fx.full_width(ext)
+    return [("leres", "res101.pth", net, leres_fx.checkpoint(net, half=False),
+             {"depth_leres": lambda img, res: legacy["leres"](img, res=res, boost=False)},
+             lambda p: scale_torch(p[:, :, ::-1].copy())[None])]
+
+
 def chw(padded, scale, offset=0.0):
     """The padded HWC uint8 image as the detectors feed it: 1 x C x H x W f32, v * scale + offset."""
     x = torch.from_numpy(np.ascontiguousarray(padded)).float() * scale + offset
@@ -298,7 +311,7 @@ def build(ext):
     fn(padded) -> the network's input), and the extension's resize_image_with_pad."""
     out = []
     for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2, depth_anything,
-                 midas, normalbae]:
+                 midas, normalbae, leres]:
         out += part(ext)
     return out, RESIZE[0]
 

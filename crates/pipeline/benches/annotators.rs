@@ -17,12 +17,12 @@ use std::path::Path;
 use candle_core::Tensor;
 use sdserve_pipeline::controlnet::preprocess::{
     body_maps, body_pose, depth_anything_depth, face_peaks, hand_heatmaps, hand_inputs, hand_peaks,
-    midas_depth, network, normal_bae_normals, resize_image_with_pad, rgb_to_grey, AnnotatorFile,
-    BodyNetwork, DepthAnythingNetwork, FaceNetwork, HandNetwork, HedNetwork, LineartAnimeNetwork,
-    LineartNetwork, LoadedNetworks, MangaLineNetwork, MidasNetwork, MlsdNetwork, NormalBaeNetwork,
-    PidiNetwork, Preprocessor, TeedNetwork, BODY_POSE, DEPTH_ANYTHING, DEPTH_ANYTHING_V2, FACENET,
-    HAND_POSE, HED, LINEART, LINEART_ANIME, LINEART_COARSE, MANGA_LINE, MIDAS, MLSD, NORMAL_BAE,
-    PIDINET, TEED,
+    leres_depth, midas_depth, network, normal_bae_normals, resize_image_with_pad, rgb_to_grey,
+    AnnotatorFile, BodyNetwork, DepthAnythingNetwork, FaceNetwork, HandNetwork, HedNetwork,
+    LeresNetwork, LineartAnimeNetwork, LineartNetwork, LoadedNetworks, MangaLineNetwork,
+    MidasNetwork, MlsdNetwork, NormalBaeNetwork, PidiNetwork, Preprocessor, TeedNetwork, BODY_POSE,
+    DEPTH_ANYTHING, DEPTH_ANYTHING_V2, FACENET, HAND_POSE, HED, LERES, LINEART, LINEART_ANIME,
+    LINEART_COARSE, MANGA_LINE, MIDAS, MLSD, NORMAL_BAE, PIDINET, TEED,
 };
 use sdserve_pipeline::pipeline::RgbImage;
 
@@ -80,6 +80,14 @@ fn modules(resolution: u32) -> Vec<(Preprocessor, &'static AnnotatorFile)> {
         (Preprocessor::DepthAnything { resolution }, &DEPTH_ANYTHING),
         (Preprocessor::DepthMidas { resolution }, &MIDAS),
         (Preprocessor::NormalBae { resolution }, &NORMAL_BAE),
+        (
+            Preprocessor::DepthLeres {
+                remove_near: 0.0,
+                remove_background: 0.0,
+                resolution,
+            },
+            &LERES,
+        ),
     ]
 }
 
@@ -124,6 +132,10 @@ fn forward(nets: &LoadedNetworks, file: &'static AnnotatorFile, padded: &RgbImag
         // The detector's input (/ 255, Normalize) and the model.
         n if n == NORMAL_BAE.name => network::<NormalBaeNetwork>(nets, &NORMAL_BAE)
             .and_then(|net| normal_bae_normals(&net, padded))
+            .map(drop),
+        // estimateleres's input (channels reversed, ImageNet's statistics) and the model.
+        n if n == LERES.name => network::<LeresNetwork>(nets, &LERES)
+            .and_then(|net| leres_depth(&net, padded))
             .map(drop),
         n => panic!("no network stage for {n}"),
     };
