@@ -4,25 +4,40 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{circular_padding_on, conv2d_f32, wrap_pad, ConvShape};
+use super::{circular_padding_on, conv2d_f32, grouped_conv2d_f32, wrap_pad, ConvShape};
 
-/// A 2-D convolution layer (square kernel, symmetric padding, no dilation or groups) whose f32
-/// CPU forward runs [`super::conv2d_f32`]; other dtypes and devices use candle's `conv2d`.
+/// A 2-D convolution layer (square kernel, symmetric padding, no dilation; groups where made
+/// with [`Conv2d::grouped`]) whose f32 CPU forward runs [`super::conv2d_f32`] (each group's
+/// through [`super::grouped_conv2d_f32`]); other dtypes and devices use candle's `conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    groups: usize,
 }
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self::grouped(weight, bias, stride, padding, 1)
+    }
+
+    /// A conv of `groups` groups: `weight` is `[cout, cin / groups, k, k]`, each group's
+    /// `cout / groups` filters reading its `cin / groups` input channels.
+    pub fn grouped(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> Self {
         Self {
             weight,
             bias,
             stride,
             padding,
+            groups,
         }
     }
 
@@ -40,9 +55,16 @@ impl Conv2d {
         } else {
             cudnn_algo()
         };
-        let y = match crate::kernels::cuda::conv2d(x, &self.weight, self.stride, padding)? {
+        let planned = match self.groups {
+            1 => crate::kernels::cuda::conv2d(x, &self.weight, self.stride, padding)?,
+            _ => None,
+        };
+        let y = match planned {
             Some(y) => y,
-            None => x.conv2d_with_algo(&self.weight, padding, self.stride, 1, 1, algo)?,
+            None => {
+                let (stride, groups) = (self.stride, self.groups);
+                x.conv2d_with_algo(&self.weight, padding, stride, 1, groups, algo)?
+            }
         };
         match &self.bias {
             Some(b) if !y.device().is_cpu() && y.rank() == 4 => {
@@ -104,8 +126,9 @@ impl Conv2d {
         }
         let (batch, cin, h, w) = x.dims4()?;
         let (cout, wcin, kh, kw) = self.weight.dims4()?;
-        if wcin != cin {
-            candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin}");
+        if wcin * self.groups != cin {
+            let groups = self.groups;
+            candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin} x {groups}");
         }
         if h + 2 * padding < kh || w + 2 * padding < kw {
             candle_core::bail!("conv2d: input {h}x{w} smaller than kernel {kh}x{kw}");
@@ -146,7 +169,10 @@ impl Conv2d {
             None => None,
         };
         let mut out = vec![0f32; batch * cout * s.out_h() * s.out_w()];
-        conv2d_f32(xs_slice, ws, bias_owned.as_deref(), &s, &mut out);
+        match self.groups {
+            1 => conv2d_f32(xs_slice, ws, bias_owned.as_deref(), &s, &mut out),
+            groups => grouped_conv2d_f32(xs_slice, ws, bias_owned.as_deref(), &s, groups, &mut out),
+        }
         drop(xs_guard);
         drop(w_guard);
         Tensor::from_vec(out, (batch, cout, s.out_h(), s.out_w()), &Device::Cpu)

@@ -9,11 +9,13 @@
 //!
 //! `circular.rs` holds A1111's circular padding (`tiling`), `layer.rs` the [`Conv2d`] layer that
 //! runs these kernels on the CPU and candle's (or cuDNN's) elsewhere, `depthwise.rs` the
-//! one-kernel-per-channel convs of the annotators' MobileNet-style blocks, `wide.rs` the
+//! one-kernel-per-channel convs of the annotators' MobileNet-style blocks, `grouped.rs` grouped
+//! convs (ResNeXt's), `wide.rs` the
 //! stride-1 convs with kernels of 5x5 and more (OpenPose's 7x7 stages) without im2col.
 
 mod circular;
 mod depthwise;
+mod grouped;
 mod layer;
 #[cfg(test)]
 mod tests;
@@ -27,6 +29,7 @@ use rayon::prelude::*;
 
 pub use circular::{circular_padding, circular_padding_on, wrap_pad, CircularPadding};
 pub use depthwise::{depthwise_conv2d, depthwise_f32, DepthwiseShape};
+pub use grouped::grouped_conv2d_f32;
 pub use layer::{conv2d, Conv2d};
 pub use unpatch::conv_transpose_unpatch;
 

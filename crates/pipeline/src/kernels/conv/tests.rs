@@ -233,3 +233,38 @@ fn dilated_matches_candle() -> Result<()> {
     }
     Ok(())
 }
+
+/// Grouped convs (ResNeXt's 3x3 with the stride, a 1x1, a batch of two, Winograd-sized maps)
+/// against candle's grouped conv2d, through the layer.
+#[test]
+fn grouped_matches_candle() -> Result<()> {
+    let dev = Device::Cpu;
+    // (batch, cin, h, w, cout, k, stride, padding, groups)
+    let cases = [
+        (1, 32, 17, 13, 32, 3, 2, 1, 4),
+        (2, 24, 12, 20, 48, 3, 1, 1, 8),
+        (1, 16, 9, 7, 8, 1, 1, 0, 2),
+        (1, 64, 30, 30, 64, 3, 1, 1, 32),
+    ];
+    for (batch, cin, h, w, cout, k, stride, padding, groups) in cases {
+        let x = Tensor::randn(0f32, 1.0, (batch, cin, h, w), &dev)?;
+        let weight = Tensor::randn(0f32, 0.3, (cout, cin / groups, k, k), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+        let layer = Conv2d::grouped(weight.clone(), Some(bias.clone()), stride, padding, groups);
+        let got = layer.forward(&x)?;
+        let want = x
+            .conv2d(&weight, padding, stride, 1, groups)?
+            .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+        assert_eq!(got.dims(), want.dims());
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "{batch}x{cin}x{h}x{w} groups {groups}: {d}");
+        // One group's filters see only that group's channels: zeroing another group's input
+        // leaves the first group's outputs alone.
+        let rest = x.narrow(1, cin / groups, cin - cin / groups)?.zeros_like()?;
+        let x0 = Tensor::cat(&[x.narrow(1, 0, cin / groups)?, rest], 1)?;
+        let first = |t: &Tensor| t.narrow(1, 0, cout / groups);
+        let d = max_abs_diff(&first(&layer.forward(&x0)?)?, &first(&got)?);
+        assert!(d < 1e-5, "group 0 reads other groups: {d}");
+    }
+    Ok(())
+}

@@ -16,9 +16,8 @@ use crate::Result;
 
 /// A conv (grouped or not), then its BatchNorm where it has one.
 pub(super) struct ConvBn {
-    /// One conv per group (the whole conv where there is one group): candle's grouped conv
-    /// runs one conv per group too, on its own thread.
-    groups: Vec<Conv2d>,
+    /// The conv, grouped where the weight reads fewer channels than the input has.
+    conv: Conv2d,
     /// The BatchNorm's weight and bias.
     bn: Option<(Vec<f32>, Vec<f32>)>,
 }
@@ -59,39 +58,22 @@ impl ConvBn {
             }
             None => None,
         };
-        let (og, per) = (o / groups, i * k * k);
-        let groups = (0..groups)
-            .map(|g| {
-                let w =
-                    Tensor::from_slice(&wv[g * og * per..][..og * per], (og, i, k, k), s.device)?;
-                let b = Tensor::from_slice(&b[g * og..][..og], og, s.device)?;
-                Ok(Conv2d::new(w, Some(b), stride, k / 2))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { groups, bn })
+        let w = Tensor::from_vec(wv, (o, i, k, k), s.device)?;
+        let b = Tensor::from_vec(b, o, s.device)?;
+        let conv = Conv2d::grouped(w, Some(b), stride, k / 2, groups);
+        Ok(Self { conv, bn })
     }
 
     pub(super) fn device(&self) -> &candle_core::Device {
-        self.groups[0].weight().device()
+        self.conv.weight().device()
     }
 
     pub(super) fn cout(&self) -> usize {
-        self.groups.iter().map(|c| c.weight().dims()[0]).sum()
+        self.conv.weight().dims()[0]
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.groups.as_slice() {
-            [conv] => conv.forward(x)?,
-            groups => {
-                let per = x.dim(1)? / groups.len();
-                let outs = groups
-                    .iter()
-                    .enumerate()
-                    .map(|(g, conv)| Ok(conv.forward(&x.narrow(1, g * per, per)?)?))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&outs, 1)?
-            }
-        };
+        let y = self.conv.forward(x)?;
         match &self.bn {
             Some((weight, bias)) => batch_norm_of_batch(&y, weight, bias),
             None => Ok(y),
