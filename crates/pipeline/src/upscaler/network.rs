@@ -118,7 +118,8 @@ fn detect(has: &dyn Fn(&str) -> bool) -> std::result::Result<Kind, Option<&'stat
 enum Arch {
     Esrgan(Esrgan),
     Compact(Compact),
-    SwinIr(SwinIr),
+    /// Boxed: SwinIR holds twice the others' layers inline.
+    SwinIr(Box<SwinIr>),
 }
 
 /// Which of A1111's tile loops runs a network: `upscale_with_model`'s Pillow grid (its ESRGAN
@@ -173,7 +174,7 @@ impl Network {
                 } else {
                     dtype
                 };
-                Arch::SwinIr(SwinIr::from_state(path, state, device, dtype)?)
+                Arch::SwinIr(Box::new(SwinIr::from_state(path, state, device, dtype)?))
             }
             Ok(Kind::Esrgan) => Arch::Esrgan(Esrgan::from_state(path, state, device, dtype)?),
             Err(other) => {

@@ -128,7 +128,9 @@ impl Conv2d {
         let (cout, wcin, kh, kw) = self.weight.dims4()?;
         if wcin * self.groups != cin {
             let groups = self.groups;
-            candle_core::bail!("conv2d: input has {cin} channels, weight expects {wcin} x {groups}");
+            candle_core::bail!(
+                "conv2d: input has {cin} channels, weight expects {wcin} x {groups}"
+            );
         }
         if h + 2 * padding < kh || w + 2 * padding < kw {
             candle_core::bail!("conv2d: input {h}x{w} smaller than kernel {kh}x{kw}");

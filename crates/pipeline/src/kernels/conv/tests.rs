@@ -260,7 +260,9 @@ fn grouped_matches_candle() -> Result<()> {
         assert!(d < 1e-4, "{batch}x{cin}x{h}x{w} groups {groups}: {d}");
         // One group's filters see only that group's channels: zeroing another group's input
         // leaves the first group's outputs alone.
-        let rest = x.narrow(1, cin / groups, cin - cin / groups)?.zeros_like()?;
+        let rest = x
+            .narrow(1, cin / groups, cin - cin / groups)?
+            .zeros_like()?;
         let x0 = Tensor::cat(&[x.narrow(1, 0, cin / groups)?, rest], 1)?;
         let first = |t: &Tensor| t.narrow(1, 0, cout / groups);
         let d = max_abs_diff(&first(&layer.forward(&x0)?)?, &first(&got)?);

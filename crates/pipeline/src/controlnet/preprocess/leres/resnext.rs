@@ -45,10 +45,9 @@ impl ConvBn {
         }
         let groups = cin / i;
         let b = match bias {
-            true => s.get(&format!("{conv}.bias"), &[o])?.to_vec1::<f32>()?,
-            false => vec![0.0; o],
+            true => Some(s.get(&format!("{conv}.bias"), &[o])?),
+            false => None,
         };
-        let wv = w.flatten_all()?.to_vec1::<f32>()?;
         let bn = match bn {
             Some(bn) => {
                 let v = |n: &str| -> Result<Vec<f32>> {
@@ -58,9 +57,7 @@ impl ConvBn {
             }
             None => None,
         };
-        let w = Tensor::from_vec(wv, (o, i, k, k), s.device)?;
-        let b = Tensor::from_vec(b, o, s.device)?;
-        let conv = Conv2d::grouped(w, Some(b), stride, k / 2, groups);
+        let conv = Conv2d::grouped(w.contiguous()?, b, stride, k / 2, groups);
         Ok(Self { conv, bn })
     }
 
