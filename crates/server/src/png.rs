@@ -324,7 +324,9 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::OpenposeHand { .. }
         | Preprocessor::OpenposeFace { .. }
         | Preprocessor::OpenposeFaceonly { .. }
-        | Preprocessor::OpenposeFull { .. } => (hidden.clone(), hidden.clone()),
+        | Preprocessor::OpenposeFull { .. }
+        | Preprocessor::Inpaint
+        | Preprocessor::InpaintOnly => (hidden.clone(), hidden.clone()),
         Preprocessor::Mlsd {
             value_threshold,
             distance_threshold,

@@ -69,6 +69,13 @@ pub struct ControlNetUnit {
     /// The extension's control mode: how its residuals are weighted and which rows of the
     /// batch they steer ([`super::modes`]).
     pub control_mode: ControlMode,
+    /// The inpaint modules' mask (the alpha of the extension's RGBA feed), at `image`'s size:
+    /// its first channel, resized with the image to the ControlNet's size, repaints above 127
+    /// (the extension's `> 127`); those pixels reach the ControlNet as -1. `None`: nothing
+    /// masked.
+    pub mask: Option<RgbImage>,
+    /// The hires pass's mask, at `hires_image`'s size; `None`: `mask`.
+    pub hires_mask: Option<RgbImage>,
 }
 
 /// The sd-webui-controlnet extension's `hr_option`: the passes of a hires request a ControlNet

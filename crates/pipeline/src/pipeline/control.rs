@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::{GenerationParams, RgbImage, StableDiffusion};
+use super::{control_inpaint, GenerationParams, RgbImage, StableDiffusion};
 use crate::controlnet::modes::residual_weights;
 use crate::controlnet::preprocess::{recolor_post_process, RecolorChannel};
 use crate::controlnet::{CondRows, ControlNetModel, ControlNetUnit};
@@ -33,6 +33,16 @@ pub(super) struct ControlState {
     units: Vec<(ControlNetUnit, Arc<ControlNetModel>, Tensor)>,
     /// The hires fix's second pass (where the extension forces soft weights on some units).
     hires: bool,
+    /// The `inpaint_only` units' restores, in unit order (every step, whichever passes and
+    /// steps the unit steers, as the extension's hook runs them).
+    restores: Vec<super::control_inpaint::Restore>,
+}
+
+impl ControlState {
+    /// Whether a UNet output needs [`StepControl::sigma`] (an `inpaint_only` unit's restore).
+    pub(super) fn restores(&self) -> bool {
+        !self.restores.is_empty()
+    }
 }
 
 /// The ControlNets at one step: which step of how many (diffusers' `i` and `len(timesteps)`).
@@ -41,24 +51,9 @@ pub(super) struct StepControl<'a> {
     pub state: &'a ControlState,
     pub step: usize,
     pub steps: usize,
-}
-
-/// A control image as diffusers' control image processor makes it: `[1, 3, height, width]`
-/// in `[0, 1]`.
-fn control_image(image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
-    let image = resize_lanczos(image, width, height);
-    let plane = width * height;
-    let mut chw = vec![0f32; 3 * plane];
-    for (i, px) in image.pixels.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            chw[c * plane + i] = px[c] as f32 / 255.0;
-        }
-    }
-    Ok(Tensor::from_vec(
-        chw,
-        (1, 3, height, width),
-        &candle_core::Device::Cpu,
-    )?)
+    /// The training noise level at the step's timestep rounded (the restore's `t`), when
+    /// [`ControlState::restores`].
+    pub sigma: f64,
 }
 
 /// The pass a [`ControlState`] is prepared for.
@@ -85,7 +80,7 @@ impl MaskedCrop {
     /// `inpaint_crop_input_image`): the control image resized to the init image's size
     /// (`resize_image` 0: the native Just Resize), cropped to the region and fitted to the
     /// request's size by `resize_image` 2 (resize and fill), as A1111 crops the init image.
-    fn apply(&self, image: &RgbImage, width: usize, height: usize) -> RgbImage {
+    pub(super) fn apply(&self, image: &RgbImage, width: usize, height: usize) -> RgbImage {
         use crate::inpaint_a1111::crop;
         let (iw, ih) = self.image_size;
         let whole = crop::resize_image(0, image, iw, ih);
@@ -133,6 +128,7 @@ impl StableDiffusion {
     ) -> Result<Option<ControlState>> {
         let config = self.controlnet_unet_config();
         let mut units = Vec::with_capacity(params.controlnets.len());
+        let mut restores = Vec::new();
         for unit in &params.controlnets {
             let name = &unit.model.name;
             let model = unit
@@ -161,20 +157,26 @@ impl StableDiffusion {
                     "the ControlNet {name:?}'s image is empty"
                 )));
             }
+            let (fitted, mask) = control_inpaint::fitted_feed(unit, pass, crop, params);
+            if let Some(m) = mask
+                .as_deref()
+                .filter(|_| control_inpaint::restores(unit, params))
+            {
+                restores.push(self.restore_of(unit, &fitted, m)?);
+            }
             if !unit.steers_pass(pass == ControlPass::Hires, pass != ControlPass::Only) {
                 continue;
             }
-            let (w, h) = (params.width, params.height);
-            let image = match crop {
-                Some(c) if unit.inpaint_crop => control_image(&c.apply(image, w, h), w, h)?,
-                _ => control_image(image, w, h)?,
-            };
+            let image = control_inpaint::hint(&fitted, mask.as_deref())?;
             units.push((unit.clone(), model, image));
         }
-        Ok((!units.is_empty()).then_some(ControlState {
-            units,
-            hires: pass == ControlPass::Hires,
-        }))
+        Ok(
+            (!units.is_empty() || !restores.is_empty()).then_some(ControlState {
+                units,
+                hires: pass == ControlPass::Hires,
+                restores,
+            }),
+        )
     }
 }
 
@@ -182,7 +184,7 @@ impl StableDiffusion {
 /// else `control`), each with the channel its post-processing replaces: the unit's image (its
 /// hires image in the hires pass) fitted to `params`' size as [`StableDiffusion::prepare_control`]
 /// fits it, whichever passes the unit steers (the extension makes both maps regardless).
-pub(super) fn recolor_maps(
+fn recolor_maps(
     params: &GenerationParams,
     pass: ControlPass,
     crop: Option<MaskedCrop>,
@@ -206,18 +208,50 @@ pub(super) fn recolor_maps(
         .collect()
 }
 
-/// A decoded image (`[1, 3, h, w]` in `[-1, 1]`) to RGB8: diffusers' rounding, or with recolor
-/// units A1111's truncation followed by each unit's post-processing in order (the extension's
-/// `postprocess_batch`; every image of a batch takes the unit's one map).
-pub(super) fn to_rgb8_recolored(
-    decoded: &Tensor,
-    maps: &[(RecolorChannel, RgbImage)],
-) -> Result<RgbImage> {
-    if maps.is_empty() {
+/// The post-processing of decoded images: the `inpaint_only` units' feeds (image, blurred
+/// mask) and the recolor units' maps, for [`to_rgb8_post_processed`].
+pub(super) struct PostProcessing {
+    inpaint: Vec<(RgbImage, Vec<f32>)>,
+    recolor: Vec<(RecolorChannel, RgbImage)>,
+}
+
+impl PostProcessing {
+    /// The request's post-processing after `pass` (the extension's `hr_control` after a
+    /// hires pass).
+    pub(super) fn of(
+        params: &GenerationParams,
+        pass: ControlPass,
+        crop: Option<MaskedCrop>,
+    ) -> Self {
+        Self {
+            inpaint: control_inpaint::post_feeds(params, pass, crop),
+            recolor: recolor_maps(params, pass, crop),
+        }
+    }
+}
+
+/// A decoded image (`[1, 3, h, w]` in `[-1, 1]`) to RGB8: diffusers' rounding, or with
+/// post-processing units A1111's truncation after the `inpaint_only` units' (on the clamped
+/// floats), followed by each recolor unit's in order (the extension's `postprocess_batch`;
+/// every image of a batch takes the unit's one map). The extension runs its post-processors
+/// in unit order; here `inpaint_only`'s come first.
+pub(super) fn to_rgb8_post_processed(decoded: &Tensor, post: &PostProcessing) -> Result<RgbImage> {
+    if post.inpaint.is_empty() && post.recolor.is_empty() {
         return super::postprocess(decoded);
     }
-    let mut image = super::decode::postprocess_truncated(decoded)?;
-    for (channel, map) in maps {
+    let mut image = match post.inpaint.is_empty() {
+        true => super::decode::postprocess_truncated(decoded)?,
+        false => {
+            let (_, _, h, w) = decoded.dims4()?;
+            let values = control_inpaint::post_process(decoded, &post.inpaint)?;
+            RgbImage {
+                width: w as u32,
+                height: h as u32,
+                pixels: values.into_iter().map(|v| (255.0 * v) as u8).collect(),
+            }
+        }
+    };
+    for (channel, map) in &post.recolor {
         image = recolor_post_process(&image, map, *channel);
     }
     Ok(image)
@@ -299,5 +333,11 @@ pub(super) fn unet_forward(
         Some(c) => c.residuals(unet, x, t, embeddings, cond)?,
         None => None,
     };
-    unet.forward_with_residuals(x, t, embeddings, timestep_cond, residuals.as_ref())
+    let out = unet.forward_with_residuals(x, t, embeddings, timestep_cond, residuals.as_ref())?;
+    match control {
+        Some(c) if c.state.restores() => {
+            control_inpaint::restore(&c.state.restores, x, &out, c.sigma)
+        }
+        _ => Ok(out),
+    }
 }

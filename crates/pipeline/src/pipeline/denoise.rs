@@ -73,11 +73,18 @@ impl StableDiffusion {
                 conditioning = conditioning.prompt_only()?;
                 guidance = 1.0;
             }
-            let control = control.map(|state| StepControl {
-                state,
-                step: index - begin,
-                steps: total,
-            });
+            let control = match control {
+                Some(state) => Some(StepControl {
+                    state,
+                    step: index - begin,
+                    steps: total,
+                    sigma: match state.restores() {
+                        true => self.schedules.sigma_at(t.round_ties_even())?,
+                        false => 0.0,
+                    },
+                }),
+                None => None,
+            };
             let wants_uncond = scheduler.takes_uncond_prediction();
             let (noise_pred, uncond) = self.predict_noise_with(
                 &unet,

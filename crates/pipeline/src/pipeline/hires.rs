@@ -351,13 +351,16 @@ impl StableDiffusion {
             &mut on_step,
         )?;
         drop((text_embeddings, control));
-        // Recolor units' post-processing with their maps at this pass's size (`hr_control`).
-        let recolor =
-            super::control::recolor_maps(&pass.params, super::control::ControlPass::Hires, None);
+        // The units' post-processing with their maps at this pass's size (`hr_control`).
+        let post = super::control::PostProcessing::of(
+            &pass.params,
+            super::control::ControlPass::Hires,
+            None,
+        );
         let mut images = Vec::with_capacity(first.batch_size);
         for i in 0..latents.dim(0)? {
             let decoded = self.decode_latents(&latents.narrow(0, i, 1)?)?;
-            images.push(super::control::to_rgb8_recolored(&decoded, &recolor)?);
+            images.push(super::control::to_rgb8_post_processed(&decoded, &post)?);
         }
         Ok(images)
     }

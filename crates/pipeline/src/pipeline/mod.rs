@@ -24,6 +24,7 @@ use crate::{PipelineError, Result};
 
 mod adapters;
 mod control;
+mod control_inpaint;
 mod decode;
 mod denoise;
 mod encode_prompt;
@@ -272,15 +273,15 @@ impl StableDiffusion {
             );
         }
         drop(text_embeddings);
-        // Recolor units replace a channel of each decoded image before the inpainting overlay,
+        // Recolor and inpaint_only units post-process each decoded image before the inpainting overlay,
         // as A1111 runs the extension's postprocess_batch before apply_overlay.
-        let recolor = control::recolor_maps(params, control_pass, crop);
+        let post = control::PostProcessing::of(params, control_pass, crop);
         // One image at a time through the VAE: its memory does not grow with the batch.
         let mut images = Vec::with_capacity(params.batch_size);
         for i in 0..latents.dim(0)? {
             let image = self.decode_latents(&latents.narrow(0, i, 1)?)?;
             tracker.sample();
-            let image = control::to_rgb8_recolored(&image, &recolor)?;
+            let image = control::to_rgb8_post_processed(&image, &post)?;
             images.push(match overlay {
                 Some(crate::inpaint_a1111::Prepared {
                     overlay: Some(o),

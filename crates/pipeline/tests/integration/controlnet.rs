@@ -172,6 +172,8 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
                 hr_option: Default::default(),
                 inpaint_crop: true,
                 control_mode: Default::default(),
+                mask: None,
+                hires_mask: None,
             }
         })
         .collect();

@@ -59,6 +59,8 @@ fn params_of(case: &serde_json::Value, scratch: &ScratchDir) -> GenerationParams
                 hr_option: HiresOption::Both,
                 inpaint_crop: true,
                 control_mode: ControlMode::from_name(u["control_mode"].as_str().unwrap()).unwrap(),
+                mask: None,
+                hires_mask: None,
             }
         })
         .collect();

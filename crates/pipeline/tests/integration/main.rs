@@ -23,6 +23,7 @@ mod a1111_steps;
 mod adapters;
 mod config_json;
 mod controlnet;
+mod controlnet_inpaint;
 mod controlnet_modes;
 mod controlnet_preprocess;
 mod controlnet_preprocess_modules;

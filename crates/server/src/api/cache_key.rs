@@ -52,7 +52,7 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         .iter()
         .map(|c| {
             format!(
-                "{} {} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                "{} {} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
                 c.model.name,
                 crate::images::digest(&c.image),
                 c.preprocessor,
@@ -62,6 +62,8 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
                 c.hr_option,
                 c.hires_image.as_ref().map(crate::images::digest),
                 c.control_mode,
+                c.mask.as_ref().map(crate::images::digest),
+                c.hires_mask.as_ref().map(crate::images::digest),
             )
         })
         .collect();

@@ -58,6 +58,12 @@ pub struct ControlNetUse {
     /// extension forces there.
     #[schema(nullable = true, default = "balanced")]
     pub control_mode: Option<ControlModeName>,
+    /// With the `inpaint` and `inpaint_only` preprocessors (only with them): the mask of
+    /// `image`, of its size; white repaints (its first channel above 127 once resized with
+    /// the image to the request's size). Absent: with `init_image` and `mask_image`, the
+    /// request's mask (as the extension takes A1111's inpainting mask), else a 422.
+    #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
+    pub mask: Option<String>,
 }
 
 /// The extension's control modes.
@@ -140,7 +146,14 @@ pub struct ControlNetPreprocessor {
     /// recolours the result as the extension does: after decoding, each image's L (or V) is
     /// replaced by the unit's control map at the request's size (the hires size with `hires`),
     /// so the result keeps the grey image's lightness exactly and takes only its colours from
-    /// the model; `none`: the image is the map.
+    /// the model; `inpaint` (the extension's inpaint_global_harmonious) and `inpaint_only`:
+    /// the image as it is, with the unit's `mask` (for an inpaint ControlNet such as
+    /// control_v11p_sd15_inpaint: the masked pixels reach it as -1); `inpaint_only` also
+    /// keeps everything outside the mask: after each step the prediction there is the image's
+    /// (its VAE latents, the mask max-pooled to the latent grid, by `scale` up to 1), and
+    /// after decoding the image outside the mask (dilated and blurred by 7 pixels) is the
+    /// unit's image; on inpainting with `mask_image` it acts as `inpaint`, as the extension
+    /// does; `none`: the image is the map.
     /// Other model-based preprocessors (depth_leres++, depth_zoe, dw_openpose_full, ...) are not run
     /// here: send their map as `image`.
     #[serde(rename = "type")]
@@ -268,6 +281,8 @@ pub enum PreprocessorType {
     OpenposeFull,
     RecolorLuminance,
     RecolorIntensity,
+    Inpaint,
+    InpaintOnly,
 }
 
 /// A ControlNet a result was made with.

@@ -45,6 +45,11 @@ pub struct ValidControlNet {
     /// With `inpaint.area` `only_masked`: the image cropped as the init image (true), or
     /// used whole (`inpaint_crop`).
     pub inpaint_crop: bool,
+    /// The inpaint preprocessors' mask (`mask`, else the request's `mask_image`), at the
+    /// image's size; `None` for the other preprocessors.
+    pub mask: Option<RequestImage>,
+    /// The hires pass's mask, where a dialect fits it with `hires_image`; `None`: `mask`.
+    pub hires_mask: Option<RequestImage>,
 }
 
 fn number(
@@ -67,7 +72,9 @@ fn number(
 /// `controlnets`: at most [`CONTROLNETS_MAX`] objects; `model` a name (1..=255 characters),
 /// `image` a base64 PNG/JPEG/WebP, `scale` 0..=2 (1), `guidance_start` 0..=1 (0) below
 /// `guidance_end` 0..=1 (1), as diffusers requires (`start < end`); `inpaint_crop` a boolean
-/// (true). `numpy_seed` seeds `shuffle` where the unit gives no seed.
+/// (true); `mask` an image of `image`'s size, only with the inpaint preprocessors (the
+/// request's `mask_image` stands in for a missing one: [`masks_from_request`]). `numpy_seed`
+/// seeds `shuffle` where the unit gives no seed.
 pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> {
     let rule = format!(
         "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\", \"inpaint_crop\": boolean, \"control_mode\": \"balanced\"|\"prompt\"|\"controlnet\"}}",
@@ -80,7 +87,7 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let obj = item.as_object().ok_or_else(|| format!("[{i}]: {rule}"))?;
-        const KEYS: [&str; 9] = [
+        const KEYS: [&str; 10] = [
             "model",
             "image",
             "preprocessor",
@@ -90,6 +97,7 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
             "hr_option",
             "inpaint_crop",
             "control_mode",
+            "mask",
         ];
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
@@ -109,6 +117,29 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
         let preprocessor = super::preprocessor::read(obj.get("preprocessor"), i, numpy_seed)?;
         let mut image =
             crate::images::decode_base64(image).map_err(|e| format!("[{i}].image: {e}"))?;
+        let mask = match obj.get("mask") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let text = v
+                    .as_str()
+                    .ok_or_else(|| format!("[{i}].mask: a base64 image is required"))?;
+                let mask =
+                    crate::images::decode_base64(text).map_err(|e| format!("[{i}].mask: {e}"))?;
+                if !preprocessor.is_some_and(|p| p.takes_mask()) {
+                    return Err(format!(
+                        "[{i}].mask: only with the \"inpaint\" and \"inpaint_only\" preprocessors"
+                    ));
+                }
+                let (m, im) = (&mask.image, &image.image);
+                if (m.width, m.height) != (im.width, im.height) {
+                    return Err(format!(
+                        "[{i}].mask: {}x{}, its image {}x{}: they must be the same size",
+                        m.width, m.height, im.width, im.height
+                    ));
+                }
+                Some(mask)
+            }
+        };
         let scale = number(obj, "scale", i, SCALE_MIN, SCALE_MAX, 1.0)?;
         let guidance_start = number(obj, "guidance_start", i, 0.0, 1.0, 0.0)?;
         let guidance_end = number(obj, "guidance_end", i, 0.0, 1.0, 1.0)?;
@@ -153,7 +184,42 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
             control_mode,
             hires_image: None,
             inpaint_crop,
+            mask,
+            hires_mask: None,
         });
     }
     Ok(out)
+}
+
+/// The inpaint preprocessors' masks at the request's size: each unit's own resized with its
+/// image (Lanczos), or without one the request's `mask_image` (`with_init`: there is an
+/// init image; the extension takes A1111's inpainting mask so), else a 422 naming the unit.
+pub fn masks_from_request(
+    units: &mut [ValidControlNet],
+    mask_image: Option<&RequestImage>,
+    with_init: bool,
+    (width, height): (usize, usize),
+) -> Result<(), String> {
+    use sdserve_pipeline::image_in::resize_lanczos;
+    for (i, unit) in units.iter_mut().enumerate() {
+        if !unit.preprocessor.is_some_and(|p| p.takes_mask()) {
+            continue;
+        }
+        let mask = match (&unit.mask, mask_image) {
+            (Some(m), _) => m.clone(),
+            (None, Some(m)) if with_init => m.clone(),
+            _ => {
+                return Err(format!(
+                    "[{i}].mask: the {:?} preprocessor needs a mask (the unit's `mask`, or on inpainting the request's `mask_image`)",
+                    unit.preprocessor.map(|p| p.module()).unwrap_or_default()
+                ))
+            }
+        };
+        let image = resize_lanczos(&mask.image, width, height);
+        unit.mask = Some(RequestImage {
+            sha256: crate::images::digest(&image),
+            image,
+        });
+    }
+    Ok(())
 }

@@ -418,13 +418,20 @@ pub fn validate_request(
         })
     };
     let (init_image, mask_image) = (fit(init_image), fit(mask_image));
-    let controlnets = controlnets
+    let mut controlnets: Vec<_> = controlnets
         .into_iter()
         .map(|mut c| {
             c.image.image = resize_lanczos(&c.image.image, width, height);
             c
         })
         .collect();
+    controlnets::masks_from_request(
+        &mut controlnets,
+        mask_image.as_ref(),
+        init_image.is_some(),
+        (width, height),
+    )
+    .map_err(|rule| ApiError::validation("controlnets", rule))?;
     let mut valid = ValidRequest {
         prompt: prompt.unwrap_or_default(),
         negative_prompt: negative_prompt.unwrap_or_default(),

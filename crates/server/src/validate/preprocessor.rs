@@ -51,7 +51,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"depth_leres\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"depth_leres\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"inpaint\", \"inpaint_only\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -68,7 +68,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
     };
     let kind = obj.get("type").and_then(Value::as_str).unwrap_or_default();
     let keys: &[&str] = match kind {
-        "none" | "invert" => &["type"],
+        "none" | "invert" | "inpaint" | "inpaint_only" => &["type"],
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
         "blur_gaussian" => &["type", "sigma", "resolution"],
@@ -178,6 +178,8 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
             background_threshold: number("background_threshold", NORMAL_BACKGROUND)?,
             resolution: resolution()?,
         },
+        "inpaint" => Preprocessor::Inpaint,
+        "inpaint_only" => Preprocessor::InpaintOnly,
         "recolor_luminance" => Preprocessor::RecolorLuminance {
             gamma: number("gamma", RECOLOR_GAMMA)?,
         },
@@ -420,6 +422,8 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
             gamma: Some(gamma),
             ..base(PreprocessorType::RecolorIntensity)
         },
+        Preprocessor::Inpaint => base(PreprocessorType::Inpaint),
+        Preprocessor::InpaintOnly => base(PreprocessorType::InpaintOnly),
     }
 }
 

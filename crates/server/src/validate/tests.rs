@@ -271,6 +271,8 @@ fn a_batch_over_the_memory_budget_is_a_422_naming_batch_size() {
                 hr_option: Default::default(),
                 inpaint_crop: true,
                 control_mode: Default::default(),
+                mask: None,
+                hires_mask: None,
             })
             .collect(),
         ..params(batch_size, 768, 7.5)

@@ -170,6 +170,8 @@ impl ValidRequest {
                     hr_option: c.hr_option,
                     inpaint_crop: c.inpaint_crop,
                     control_mode: c.control_mode,
+                    mask: c.mask.as_ref().map(|i| i.image.clone()),
+                    hires_mask: c.hires_mask.as_ref().map(|i| i.image.clone()),
                 })
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),

@@ -136,6 +136,8 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
             hr_option: Default::default(),
             inpaint_crop: true,
             control_mode: Default::default(),
+            mask: None,
+            hires_mask: None,
         }],
         ..Default::default()
     };

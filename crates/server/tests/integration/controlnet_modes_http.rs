@@ -96,6 +96,8 @@ fn control_modes_run_are_recorded_and_translated_from_a1111() {
             hr_option: Default::default(),
             inpaint_crop: true,
             control_mode: ControlMode::ControlNet,
+            mask: None,
+            hires_mask: None,
         }],
         ..Default::default()
     };

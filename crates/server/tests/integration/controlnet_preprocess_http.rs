@@ -354,6 +354,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "normal_bae",
             "mlsd",
             "lineart_standard",
+            "inpaint_only",
             "depth",
             "canny",
             "invert",
@@ -377,6 +378,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "lineart_coarse",
             "lineart_anime_denoise",
             "lineart_anime",
+            "inpaint",
             "depth_leres",
             "depth_anything_v2",
             "depth_anything",
@@ -384,7 +386,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][13], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][14], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -432,33 +434,44 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][11],
+        labels["module_list"][12],
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][2], "softedge_pidinet");
+    // The inpaint modules: inpaint_only priority 100, inpaint (its label
+    // inpaint_global_harmonious) 0; no sliders.
+    assert_eq!(labels["module_list"][9], "inpaint_only");
+    assert_eq!(labels["module_list"][33], "inpaint_global_harmonious");
+    for m in ["inpaint", "inpaint_only"] {
+        assert_eq!(
+            listed["module_detail"][m],
+            json!({"model_free": false, "sliders": []}),
+            "{m}"
+        );
+    }
     assert_eq!(labels["module_list"][3], "scribble_pidinet");
     // recolor_luminance is priority 100, recolor_intensity 0 (preprocessor_compiled.py).
     assert_eq!(labels["module_list"][4], "recolor_luminance");
-    assert_eq!(labels["module_list"][22], "recolor_intensity");
+    assert_eq!(labels["module_list"][23], "recolor_intensity");
     // openpose_full's priority is 100 (preprocessor_compiled.py), the other OpenPose ones' 0.
     assert_eq!(labels["module_list"][5], "openpose_full");
     // normal_bae is priority 100: its label after openpose_full's, before mlsd.
     assert_eq!(labels["module_list"][6], "normal_bae");
     assert_eq!(labels["module_list"][7], "mlsd");
     // depth (label depth_midas) is priority 100 too; normal_map (normal_midas) 0.
-    assert_eq!(labels["module_list"][9], "depth_midas");
-    assert_eq!(labels["module_list"][10], "canny");
-    assert_eq!(labels["module_list"][14], "softedge_teed");
-    assert_eq!(labels["module_list"][15], "softedge_pidisafe");
-    assert_eq!(labels["module_list"][16], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][17], "softedge_hed");
-    assert_eq!(labels["module_list"][18], "softedge_anyline");
-    assert_eq!(labels["module_list"][23], "openpose_hand");
-    assert_eq!(labels["module_list"][24], "openpose_faceonly");
-    assert_eq!(labels["module_list"][25], "openpose_face");
-    assert_eq!(labels["module_list"][26], "openpose");
-    assert_eq!(labels["module_list"][27], "normal_midas");
-    assert_eq!(labels["module_list"][28], "lineart_realistic");
+    assert_eq!(labels["module_list"][10], "depth_midas");
+    assert_eq!(labels["module_list"][11], "canny");
+    assert_eq!(labels["module_list"][15], "softedge_teed");
+    assert_eq!(labels["module_list"][16], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][17], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][18], "softedge_hed");
+    assert_eq!(labels["module_list"][19], "softedge_anyline");
+    assert_eq!(labels["module_list"][24], "openpose_hand");
+    assert_eq!(labels["module_list"][25], "openpose_faceonly");
+    assert_eq!(labels["module_list"][26], "openpose_face");
+    assert_eq!(labels["module_list"][27], "openpose");
+    assert_eq!(labels["module_list"][28], "normal_midas");
+    assert_eq!(labels["module_list"][29], "lineart_realistic");
     for m in [
         "openpose_hand",
         "openpose_face",

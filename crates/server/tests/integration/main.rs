@@ -11,6 +11,7 @@ mod cluster_redis;
 mod cluster_traffic;
 mod controlnet_http;
 mod controlnet_img2img_http;
+mod controlnet_inpaint_http;
 mod controlnet_modes_http;
 mod controlnet_preprocess_http;
 mod dialects;

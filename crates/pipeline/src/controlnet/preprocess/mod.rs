@@ -240,6 +240,15 @@ pub enum Preprocessor {
     RecolorLuminance { gamma: f64 },
     /// The legacy `recolor_intensity`: the same with HSV's V.
     RecolorIntensity { gamma: f64 },
+    /// `inpaint` (inpaint_global_harmonious): the image passed through; the unit's mask
+    /// (white repaints) marks its pixels for an inpaint ControlNet, which sees
+    /// `c * (1 - m) - m` (the extension's "ControlNet inpaint protocol").
+    Inpaint,
+    /// `inpaint_only`: as `inpaint`, and after every UNet evaluation the prediction outside
+    /// the mask is restored to the image's, after decoding the image outside the mask too
+    /// (on inpainting with a mask of the request's own it falls back to `inpaint`, as the
+    /// extension does on A1111's img2img inpainting).
+    InpaintOnly,
 }
 
 impl Preprocessor {
@@ -281,6 +290,8 @@ impl Preprocessor {
             Self::OpenposeFull { .. } => "openpose_full",
             Self::RecolorLuminance { .. } => "recolor_luminance",
             Self::RecolorIntensity { .. } => "recolor_intensity",
+            Self::Inpaint => "inpaint",
+            Self::InpaintOnly => "inpaint_only",
         }
     }
 
@@ -292,6 +303,12 @@ impl Preprocessor {
             Self::RecolorIntensity { .. } => Some(RecolorChannel::Intensity),
             _ => None,
         }
+    }
+
+    /// Whether a unit with it takes a mask (the extension's `accepts_mask` and
+    /// `requires_mask`): the inpaint modules.
+    pub fn takes_mask(&self) -> bool {
+        matches!(self, Self::Inpaint | Self::InpaintOnly)
     }
 
     /// The preprocessor named `module` (as [`Self::module`] names it) at `resolution`, for the
@@ -425,7 +442,9 @@ impl Preprocessor {
             Self::Invert
             | Self::TileResample { .. }
             | Self::RecolorLuminance { .. }
-            | Self::RecolorIntensity { .. } => None,
+            | Self::RecolorIntensity { .. }
+            | Self::Inpaint
+            | Self::InpaintOnly => None,
         }
     }
 
@@ -467,7 +486,9 @@ impl Preprocessor {
             Self::Invert
             | Self::TileResample { .. }
             | Self::RecolorLuminance { .. }
-            | Self::RecolorIntensity { .. } => {}
+            | Self::RecolorIntensity { .. }
+            | Self::Inpaint
+            | Self::InpaintOnly => {}
         }
         p
     }

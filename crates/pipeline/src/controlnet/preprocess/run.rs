@@ -210,6 +210,8 @@ impl Preprocessor {
             Self::Shuffle { seed, .. } => shuffle(&padded(), seed),
             Self::RecolorLuminance { gamma } => recolor(image, RecolorChannel::Luminance, gamma),
             Self::RecolorIntensity { gamma } => recolor(image, RecolorChannel::Intensity, gamma),
+            // The RGB of the extension's RGBA pass-through: the mask travels beside it.
+            Self::Inpaint | Self::InpaintOnly => image.clone(),
             Self::SoftedgeHed { .. }
             | Self::SoftedgeHedsafe { .. }
             | Self::ScribbleHed { .. }

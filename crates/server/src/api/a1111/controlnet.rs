@@ -33,9 +33,14 @@
 //! unit's `mask` (or `mask_image`) as the extension's canvas scribble (`from_rgba_to_input`). On
 //! img2img a unit without one takes the init image, and with a mask and "only masked" every
 //! unit's image is cut to A1111's region before its preprocessor (`controlnet_img2img`); the
-//! native unit then says `inpaint_crop: false`. The inpaint modules (`inpaint`, `inpaint_only`)
-//! are a 422 naming them: their map is the image with masked pixels at -1 for an inpaint
-//! ControlNet, which the native control image (RGB in [0, 1]) cannot carry.
+//! native unit then says `inpaint_crop: false`. The inpaint modules (`inpaint`, label
+//! inpaint_global_harmonious, and `inpaint_only`) take the extension's RGBA feed instead
+//! (`choose_input_image`): the unit's image with its mask's first channel (none: nothing
+//! masked; a mask of another size is refused), or on img2img the init image with A1111's mask
+//! as `prepare_mask` makes it; the two are cut and fitted together ("Resize and Fill" fills
+//! the mask's border with 255: outpainting) and become the native unit's `image` and `mask`
+//! with the preprocessor of that name. `inpaint_only+lama` (the LaMa network) is a 422 naming
+//! it.
 
 use std::path::Path;
 
@@ -51,7 +56,7 @@ use sdserve_pipeline::controlnet::{ControlMode, HiresOption};
 use sdserve_pipeline::pipeline::RgbImage;
 
 pub(super) use super::controlnet_fit::ResizeMode;
-use super::controlnet_fit::{fit, resize_mode};
+use super::controlnet_fit::{fit, fit_mask, resize_mode};
 use super::controlnet_img2img::Img2ImgInput;
 
 /// The field errors name (the extension's list), as sent.
@@ -115,9 +120,10 @@ pub struct Units {
     pub native: Value,
     /// (native index, preprocessor) of each unit whose map was made here.
     made: Vec<(usize, Preprocessor)>,
-    /// With `enable_hr`: (native index, image or map, mode) of each unit its resize mode fits,
-    /// to fit again at the hires size (the extension's `hr_control`).
-    hires: Vec<(usize, RgbImage, ResizeMode)>,
+    /// With `enable_hr`: (native index, image or map, mode, an inpaint unit's mask) of each
+    /// unit its resize mode fits, to fit again at the hires size (the extension's
+    /// `hr_control`).
+    hires: Vec<(usize, RgbImage, ResizeMode, Option<RgbImage>)>,
 }
 
 impl Units {
@@ -131,13 +137,16 @@ impl Units {
         width: usize,
         height: usize,
     ) {
-        for (i, image, mode) in &self.hires {
+        let request_image = |image: RgbImage| crate::images::RequestImage {
+            sha256: crate::images::digest(&image),
+            image,
+        };
+        for (i, image, mode, mask) in &self.hires {
             if let Some(unit) = valid.controlnets.get_mut(*i) {
-                let map = fit(image, *mode, width, height);
-                unit.hires_image = Some(crate::images::RequestImage {
-                    sha256: crate::images::digest(&map),
-                    image: map,
-                });
+                unit.hires_image = Some(request_image(fit(image, *mode, width, height)));
+                unit.hires_mask = mask
+                    .as_ref()
+                    .map(|m| request_image(fit_mask(m, *mode, width, height)));
             }
         }
     }
@@ -283,7 +292,38 @@ pub fn native_units(
             }
             _ => None,
         };
+        let mut native = match preprocessor.filter(|p| p.takes_mask()) {
+            // The extension's RGBA feed, image and mask cut and fitted together; the native
+            // unit runs the pass-through preprocessor with the mask.
+            Some(p) => {
+                let (rgb, alpha) = rgba_feed(&image, img2img, i)?;
+                let ((rgb, alpha), size) = match (crop, width, height) {
+                    (Some(c), Some(w), Some(h)) => {
+                        let (w, h) = (w as usize, h as usize);
+                        (
+                            (c.apply(&rgb, mode, w, h), c.apply(&alpha, mode, w, h)),
+                            Some((w, h)),
+                        )
+                    }
+                    _ => (
+                        (rgb, alpha),
+                        width.zip(height).map(|(w, h)| (w as usize, h as usize)),
+                    ),
+                };
+                let (image, mask) = match size.filter(|_| fits) {
+                    Some((w, h)) => (fit(&rgb, mode, w, h), fit_mask(&alpha, mode, w, h)),
+                    None => (rgb.clone(), alpha.clone()),
+                };
+                if enable_hr && fits {
+                    hires.push((units.len(), rgb, mode, Some(alpha)));
+                }
+                json!({"model": model, "image": as_png(&image)?, "mask": as_png(&mask)?,
+                       "preprocessor": {"type": p.module()}})
+            }
+            None => json!({"model": model, "image": Value::Null}),
+        };
         let image = match preprocessor {
+            _ if !native["image"].is_null() => native["image"].clone(),
             // The map made here (the native image rule and size rule checked first), then
             // fitted; validation takes it as the image and the preprocessor for the records.
             Some(p) => {
@@ -307,7 +347,7 @@ pub fn native_units(
                 made.push((units.len(), p));
                 let png = as_png(fitted(&map).as_ref().unwrap_or(&map))?;
                 if enable_hr && fits {
-                    hires.push((units.len(), map, mode));
+                    hires.push((units.len(), map, mode, None));
                 }
                 png
             }
@@ -315,7 +355,7 @@ pub fn native_units(
                 let decoded = decode()?.image;
                 let png = as_png(&fitted(&decoded).expect("a size to fit"))?;
                 if enable_hr {
-                    hires.push((units.len(), decoded, mode));
+                    hires.push((units.len(), decoded, mode, None));
                 }
                 png
             }
@@ -324,7 +364,7 @@ pub fn native_units(
                 None => as_png(&decode()?.image)?,
             },
         };
-        let mut native = json!({"model": model, "image": image});
+        native["image"] = image;
         if img2img.is_some_and(|input| input.crop.is_some()) {
             // Cut here already (or, `inpaint_crop_input_image` false, whole).
             native["inpaint_crop"] = json!(false);
@@ -369,6 +409,49 @@ pub fn native_units(
         made,
         hires,
     }))
+}
+
+/// An inpaint unit's RGBA feed as the extension's `choose_input_image` makes it: its own image
+/// and its mask's first channel (none: zeros; a mask of another size is refused), or on
+/// img2img the init image and A1111's mask as `prepare_mask` makes it (none: zeros); the
+/// mask grey in three channels.
+fn rgba_feed(
+    source: &Source<'_>,
+    img2img: Option<&Img2ImgInput>,
+    i: usize,
+) -> Result<(RgbImage, RgbImage), ApiError> {
+    let field = |k: &str, e: String| bad(format!("[{i}].{k}: {e}"));
+    let (rgb, mask) = match source {
+        Source::Own((text, mask)) => {
+            let rgb = read_hwc3(text).map_err(|e| field("image", e))?.image;
+            let mask = match mask {
+                Some(m) => Some(read_hwc3(m).map_err(|e| field("mask", e))?.image),
+                None => None,
+            };
+            (rgb, mask)
+        }
+        Source::Init(init) => (
+            (*init).clone(),
+            img2img.and_then(|input| input.mask.clone()),
+        ),
+    };
+    let (w, h) = (rgb.width as usize, rgb.height as usize);
+    let alpha = match mask {
+        None => vec![0; w * h],
+        Some(m) if (m.width, m.height) == (rgb.width, rgb.height) => {
+            m.pixels.chunks_exact(3).map(|p| p[0]).collect()
+        }
+        Some(m) => {
+            return Err(field(
+                "mask",
+                format!(
+                    "{}x{}, its image {}x{}: they must be the same size",
+                    m.width, m.height, w, h
+                ),
+            ))
+        }
+    };
+    Ok((rgb, sdserve_pipeline::inpaint_a1111::grey(&alpha, w, h)))
 }
 
 /// A unit's image or mask as the extension reads it (`HWC3`: RGBA over white).

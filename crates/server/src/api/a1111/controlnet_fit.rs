@@ -67,6 +67,22 @@ fn safeint(x: f64) -> usize {
 
 /// The extension's `detectmap_proc` geometry for a `w` x `h` request.
 pub(super) fn fit(image: &RgbImage, mode: ResizeMode, w: usize, h: usize) -> RgbImage {
+    fit_filled(image, mode, w, h, None)
+}
+
+/// An inpaint unit's mask (its RGBA feed's alpha) fitted as its image: "Resize and Fill"
+/// fills the border with 255, masked (the extension's "Inpaint hijack": outpainting).
+pub(super) fn fit_mask(mask: &RgbImage, mode: ResizeMode, w: usize, h: usize) -> RgbImage {
+    fit_filled(mask, mode, w, h, Some([255; 3]))
+}
+
+fn fit_filled(
+    image: &RgbImage,
+    mode: ResizeMode,
+    w: usize,
+    h: usize,
+    fill: Option<[u8; 3]>,
+) -> RgbImage {
     let (ow, oh) = (image.width as f64, image.height as f64);
     let (k0, k1) = (h as f64 / oh, w as f64 / ow);
     match mode {
@@ -92,7 +108,7 @@ pub(super) fn fit(image: &RgbImage, mode: ResizeMode, w: usize, h: usize) -> Rgb
             let k = k0.min(k1);
             let (nw, nh) = (safeint(ow * k), safeint(oh * k));
             let scaled = resize_lanczos(image, nw, nh);
-            let fill = border_median(image);
+            let fill = fill.unwrap_or_else(|| border_median(image));
             let mut pixels: Vec<u8> = fill.iter().copied().cycle().take(w * h * 3).collect();
             let (pad_h, pad_w) = (h.saturating_sub(nh) / 2, w.saturating_sub(nw) / 2);
             for y in 0..nh.min(h - pad_h) {
@@ -165,5 +181,25 @@ mod tests {
             &scaled.pixels[..64 * 3]
         );
         assert_eq!(&f.pixels[48 * 64 * 3..48 * 64 * 3 + 3], &m);
+    }
+
+    #[test]
+    fn an_inpaint_mask_is_filled_masked_where_the_image_is_filled() {
+        // "Resize and Fill": the image's border is its median, the mask's 255 (outpainting).
+        let black = RgbImage {
+            width: 100,
+            height: 50,
+            pixels: vec![0; 100 * 50 * 3],
+        };
+        let m = fit_mask(&black, ResizeMode::ResizeAndFill, 64, 64);
+        assert_eq!(&m.pixels[..3], &[255; 3]);
+        assert_eq!(m.pixels[(32 * 64 + 32) * 3], 0);
+        assert_eq!(m.pixels[(63 * 64) * 3], 255);
+        let f = fit(&black, ResizeMode::ResizeAndFill, 64, 64);
+        assert_eq!(&f.pixels[..3], &[0; 3]);
+        // The other modes fit the mask as the image.
+        for mode in [ResizeMode::Resize, ResizeMode::CropAndResize] {
+            assert_eq!(fit_mask(&black, mode, 64, 64), fit(&black, mode, 64, 64));
+        }
     }
 }

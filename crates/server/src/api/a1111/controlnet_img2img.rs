@@ -27,6 +27,9 @@ pub struct Img2ImgInput {
     /// it (`resize_mode_from_value(p.resize_mode)`).
     pub init_fit: ResizeMode,
     pub crop: Option<MaskCrop>,
+    /// A1111's inpainting mask as the extension prepares it (`prepare_mask`), grey, at the
+    /// mask's size: the alpha an inpaint unit without an image of its own takes with `init`.
+    pub mask: Option<RgbImage>,
 }
 
 /// "Only masked"'s region, in the mask's pixels, and the mask's size.
@@ -72,27 +75,32 @@ pub fn input(
         "init_images",
         body.get("init_images").and_then(|a| a.get(0)),
     )?;
-    let crop = match inpaint.filter(|o| o["area"] == "only_masked") {
-        None => None,
-        Some(o) => {
-            let mask = decode("mask", body.get("mask"))?;
-            Some(mask_crop(&mask, o, width, height)?)
-        }
+    let Some(options) = inpaint.filter(|_| body.get("mask").is_some_and(|m| !m.is_null())) else {
+        return Ok(Img2ImgInput {
+            init,
+            init_fit,
+            crop: None,
+            mask: None,
+        });
+    };
+    let mask = decode("mask", body.get("mask"))?;
+    let (mw, mh) = (mask.width as usize, mask.height as usize);
+    let prepared = prepare_mask(&mask, options);
+    let crop = match options["area"] == "only_masked" {
+        false => None,
+        true => Some(mask_crop(&prepared, (mw, mh), options, width, height)?),
     };
     Ok(Img2ImgInput {
         init,
         init_fit,
         crop,
+        mask: Some(sdserve_pipeline::inpaint_a1111::grey(&prepared, mw, mh)),
     })
 }
 
-/// The extension's `prepare_mask` and crop region for a `width` x `height` request.
-fn mask_crop(
-    mask: &RgbImage,
-    options: &Value,
-    width: usize,
-    height: usize,
-) -> Result<MaskCrop, ApiError> {
+/// The extension's `prepare_mask`: luminance, inverted with `mask_invert`, OpenCV's blur by
+/// `mask_blur_x`/`_y` (or `mask_blur`).
+fn prepare_mask(mask: &RgbImage, options: &Value) -> Vec<u8> {
     let (mw, mh) = (mask.width as usize, mask.height as usize);
     let mut m = luma(mask);
     if options["mask_invert"] == true {
@@ -112,10 +120,21 @@ fn mask_crop(
     if by > 0 {
         blur::blur_vertical(&mut m, mw, mh, by);
     }
+    m
+}
+
+/// The crop region of the prepared mask `m` (`mw` x `mh`) for a `width` x `height` request.
+fn mask_crop(
+    m: &[u8],
+    (mw, mh): (usize, usize),
+    options: &Value,
+    width: usize,
+    height: usize,
+) -> Result<MaskCrop, ApiError> {
     let padding = options["padding"].as_u64().unwrap_or(0) as u32;
     // A blank mask leaves `get_crop_region` an inverted box, which the extension cannot crop
     // to (A1111 itself then runs plain img2img).
-    let region = crop::crop_region(&m, mw, mh, padding).ok_or_else(|| {
+    let region = crop::crop_region(m, mw, mh, padding).ok_or_else(|| {
         ApiError::validation(
             "mask",
             "is blank: with inpaint_full_res (\"only masked\") and ControlNet units there is no region to crop their images to",
@@ -175,6 +194,12 @@ mod tests {
             })
             .collect();
         sdserve_pipeline::inpaint_a1111::grey(&v, w, h)
+    }
+
+    /// The region of a mask prepared as the extension's `prepare_mask`.
+    fn mask_crop(mask: &RgbImage, o: &Value, w: usize, h: usize) -> Result<MaskCrop, ApiError> {
+        let size = (mask.width as usize, mask.height as usize);
+        super::mask_crop(&prepare_mask(mask, o), size, o, w, h)
     }
 
     #[test]

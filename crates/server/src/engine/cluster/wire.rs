@@ -113,6 +113,10 @@ pub struct WireSpec {
     /// replicas' jobs: balanced).
     #[serde(default)]
     controlnet_modes: Vec<String>,
+    /// Each ControlNet's inpaint mask and hires mask, in `controlnets`' order (absent from
+    /// older replicas' jobs: none).
+    #[serde(default)]
+    controlnet_masks: Vec<(Option<WireImage>, Option<WireImage>)>,
     /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
@@ -226,6 +230,16 @@ impl WireSpec {
                 .iter()
                 .map(|c| c.control_mode.name().to_string())
                 .collect(),
+            controlnet_masks: p
+                .controlnets
+                .iter()
+                .map(|c| {
+                    (
+                        c.mask.as_ref().map(WireImage::of),
+                        c.hires_mask.as_ref().map(WireImage::of),
+                    )
+                })
+                .collect(),
             inpaint: p.a1111_inpaint.as_ref().map(|o| {
                 let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
                 (
@@ -337,6 +351,13 @@ impl WireSpec {
                                     .ok_or_else(|| format!("unknown control_mode {mode:?}"))?
                             }
                         };
+                        let (mask, hires_mask) = match self.controlnet_masks.get(i) {
+                            None => (None, None),
+                            Some((m, h)) => (
+                                m.as_ref().map(WireImage::image).transpose()?,
+                                h.as_ref().map(WireImage::image).transpose()?,
+                            ),
+                        };
                         Ok(sdserve_pipeline::controlnet::ControlNetUnit {
                             model: std::sync::Arc::new(
                                 sdserve_pipeline::controlnet::ControlNet::named(name),
@@ -354,6 +375,8 @@ impl WireSpec {
                                 .copied()
                                 .unwrap_or(true),
                             control_mode,
+                            mask,
+                            hires_mask,
                         })
                     })
                     .collect::<Result<_, String>>()?,

@@ -105,6 +105,8 @@ fn a_spec_survives_the_trip_with_its_images() {
                 // Not the default: the round trip must carry it.
                 inpaint_crop: false,
                 control_mode: sdserve_pipeline::controlnet::ControlMode::ControlNet,
+                mask: Some(img.clone()),
+                hires_mask: None,
             }],
             a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
                 mask_blur_x: 3,

@@ -17,13 +17,13 @@ fn depth_leres_runs_with_annotator_dir() {
     let net = LoadedNetworks::default()
         .read(&LERES, &annotators.join(LERES.name))
         .unwrap();
-    // Priority 0, by label: after lineart_anime, before depth_anything_v2.
+    // Priority 0, by label: after inpaint (inpaint_global_harmonious), before depth_anything_v2.
     let listed = s.get("/controlnet/module_list").json();
     let names = listed["module_list"].as_array().unwrap();
     let at = names.iter().position(|n| n == "depth_leres").unwrap();
     assert_eq!(
         (&names[at - 1], &names[at + 1]),
-        (&json!("lineart_anime"), &json!("depth_anything_v2"))
+        (&json!("inpaint"), &json!("depth_anything_v2"))
     );
     let resolution = json!({"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8});
     let remove = |name: &str| json!({"name": name, "value": 0, "min": 0, "max": 100, "step": 0.1});

@@ -18,7 +18,7 @@ fn depth_midas_and_normal_midas_run_with_annotator_dir() {
     let net = LoadedNetworks::default()
         .read(&MIDAS, &annotators.join(MIDAS.name))
         .unwrap();
-    // depth_midas (priority 100) after lineart_standard's label, before canny; normal_midas
+    // depth_midas (priority 100) after inpaint_only's label, before canny; normal_midas
     // (priority 0) after openpose, before lineart_realistic.
     let listed = s.get("/controlnet/module_list").json();
     let names = listed["module_list"].as_array().unwrap();
@@ -26,7 +26,7 @@ fn depth_midas_and_normal_midas_run_with_annotator_dir() {
         let at = names.iter().position(|n| n == name).unwrap();
         (names[at - 1].clone(), names[at + 1].clone())
     };
-    assert_eq!(around("depth"), (json!("lineart_standard"), json!("canny")));
+    assert_eq!(around("depth"), (json!("inpaint_only"), json!("canny")));
     assert_eq!(around("normal_map"), (json!("openpose"), json!("lineart")));
     let resolution = json!({"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8});
     assert_eq!(

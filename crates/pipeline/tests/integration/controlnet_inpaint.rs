@@ -1,0 +1,108 @@
+//! The sd-webui-controlnet extension's inpaint modules against their references
+//! (`tools/make_cn_inpaint_fixtures.py`, tiny-a-vae8 with cn-h): `inpaint` is diffusers'
+//! `StableDiffusionControlNetPipeline` fed the control image with its masked pixels at -1;
+//! `inpaint_only` the same with the extension's restore after every UNet evaluation (its own
+//! `predict_start_from_noise` / `predict_noise_from_start`) and its post-processing of the
+//! decoded images.
+
+use crate::common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use common::{
+    fixture_path, generate_one, image_case_failures, image_failure, read_png, request_params,
+    Fixtures,
+};
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
+use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
+use sdserve_pipeline::pipeline::{GenerationParams, InitImage, StableDiffusion};
+
+fn params_of(case: &serde_json::Value) -> GenerationParams {
+    let controlnets = case["controlnets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| ControlNetUnit {
+            model: Arc::new(ControlNet::new(
+                "cn-h",
+                fixture_path("controlnet-hint/cn-h"),
+            )),
+            image: read_png(u["image"].as_str().unwrap()),
+            preprocessor: Some(match u["module"].as_str().unwrap() {
+                "inpaint" => Preprocessor::Inpaint,
+                _ => Preprocessor::InpaintOnly,
+            }),
+            scale: u["scale"].as_f64().unwrap(),
+            guidance_start: u["guidance_start"].as_f64().unwrap(),
+            guidance_end: u["guidance_end"].as_f64().unwrap(),
+            hires_image: None,
+            hr_option: Default::default(),
+            inpaint_crop: true,
+            control_mode: Default::default(),
+            mask: Some(read_png(u["mask"].as_str().unwrap())),
+            hires_mask: None,
+        })
+        .collect();
+    GenerationParams {
+        batch_size: case["batch_size"].as_u64().unwrap() as usize,
+        controlnets,
+        ..request_params(case)
+    }
+}
+
+#[test]
+fn images_match_the_references() {
+    let f = Fixtures::load("controlnet_inpaint");
+    let cases = f.meta["cases"].as_object().unwrap().clone();
+    let (failures, images) = image_case_failures(&cases, params_of, |label| {
+        f.get(&format!("image.{label}")).clone()
+    });
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(images, 5);
+}
+
+#[test]
+fn the_mask_the_restore_and_the_fallback_each_change_the_image() {
+    let f = Fixtures::load("controlnet_inpaint");
+    let sd = StableDiffusion::load(&fixture_path("tiny-a-vae8"), &Device::Cpu, DType::F32).unwrap();
+    let case = |label: &str| params_of(&f.meta["cases"][label]);
+    let want = |label: &str| f.get(&format!("image.{label}")).get(0).unwrap();
+    // Without its mask the unit's image reaches the ControlNet whole: not the reference.
+    let mut unmasked = case("inpaint");
+    unmasked.controlnets[0].mask = None;
+    let plain = generate_one(&sd, &unmasked);
+    assert!(image_failure("no mask", &plain.pixels, &want("inpaint")).is_some());
+    // inpaint_only without its restore and post-processing is inpaint's image.
+    let mut harmonious = case("inpaint-only");
+    harmonious.controlnets[0].preprocessor = Some(Preprocessor::Inpaint);
+    let image = generate_one(&sd, &harmonious);
+    assert!(image_failure("no restore", &image.pixels, &want("inpaint-only")).is_some());
+    assert_eq!(image, generate_one(&sd, &case("inpaint")));
+    // Outside the blurred mask the post-processing puts the unit's image back: the
+    // bottom-left corner (no mask within 7 pixels) is the image's, exactly.
+    let only = generate_one(&sd, &case("inpaint-only"));
+    let source = read_png("cn-init-64.png");
+    for y in 60..64 {
+        for x in 0..4 {
+            let i = (y * 64 + x) * 3;
+            assert_eq!(only.pixels[i..i + 3], source.pixels[i..i + 3], "({x}, {y})");
+        }
+    }
+    // On inpainting with the request's own mask it falls back to inpaint.
+    let inpainting = |module: Preprocessor| {
+        let mut p = case("inpaint-only");
+        p.controlnets[0].preprocessor = Some(module);
+        p.init_image = Some(InitImage {
+            image: read_png("cn-init-64.png"),
+            mask: Some(read_png("cn-mask-64.png")),
+            strength: 0.75,
+        });
+        generate_one(&sd, &p)
+    };
+    assert_eq!(
+        inpainting(Preprocessor::InpaintOnly),
+        inpainting(Preprocessor::Inpaint)
+    );
+}

@@ -1,0 +1,194 @@
+//! The sd-webui-controlnet extension's inpaint modules over real HTTP (tiny-a-vae8 with cn-h,
+//! the pipeline's ControlNet whose hint encoder sees the image): a native `inpaint_only` unit
+//! makes the pipeline's own image (which `crates/pipeline/tests/integration/controlnet_inpaint.rs`
+//! holds to the extension's formulas), the unit's image kept outside the mask; an A1111 unit
+//! with `module: inpaint_only` and its mask (any of the extension's forms) makes the same
+//! image natively sent; img2img inpainting takes the request's mask; the refusals.
+
+use crate::common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use common::{decode_png, post_json_to};
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
+use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
+use sdserve_pipeline::image_in::resize_lanczos;
+use sdserve_pipeline::pipeline::{GenerationParams, PromptSyntax, RgbImage, StableDiffusion};
+use sdserve_pipeline::schedulers::SchedulerKind;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures")
+}
+
+fn read(name: &str) -> RgbImage {
+    let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    RgbImage {
+        width: img.width(),
+        height: img.height(),
+        pixels: img.into_raw(),
+    }
+}
+
+fn png(image: &RgbImage) -> String {
+    let mut out = Vec::new();
+    image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    base64::engine::general_purpose::STANDARD.encode(out)
+}
+
+#[test]
+fn inpaint_units_in_both_dialects() {
+    let s = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet-hint"))]);
+    // The request's size, so neither dialect resizes them.
+    let image = resize_lanczos(&read("cn-init-64.png"), 256, 256);
+    let mask = resize_lanczos(&read("cn-mask-64.png"), 256, 256);
+    let base = json!({"prompt": "a house by a lake", "steps": 3, "width": 256, "height": 256,
+                      "seed": 11, "scheduler": "euler", "prompt_syntax": "plain"});
+    let unit = |module: &str| {
+        json!({"model": "cn-h", "image": png(&image), "mask": png(&mask),
+               "preprocessor": {"type": module}})
+    };
+    let with = |units: Vec<Value>| {
+        let mut b = base.clone();
+        b["controlnets"] = json!(units);
+        b
+    };
+    let run = |body: &Value| {
+        let r = s.post_json(body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let (_, _, px, text) = decode_png(j["image_base64"].as_str().unwrap());
+        (px, j["metadata"].clone(), text.unwrap_or_default())
+    };
+    let (only, meta, text) = run(&with(vec![unit("inpaint_only")]));
+    assert_eq!(
+        meta["controlnets"][0]["preprocessor"],
+        json!({"type": "inpaint_only"})
+    );
+    assert!(text.contains("Module: inpaint_only"), "{text}");
+    // The pipeline's own image.
+    let sd = StableDiffusion::load(
+        &fixtures().join("tiny-a-vae8"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let params = GenerationParams {
+        prompt: "a house by a lake".into(),
+        steps: 3,
+        width: 256,
+        height: 256,
+        seed: 11,
+        scheduler: Some(SchedulerKind::Euler),
+        prompt_syntax: PromptSyntax::Plain,
+        controlnets: vec![ControlNetUnit {
+            model: Arc::new(ControlNet::new(
+                "cn-h",
+                fixtures().join("controlnet-hint/cn-h"),
+            )),
+            image: image.clone(),
+            preprocessor: Some(Preprocessor::InpaintOnly),
+            scale: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+            hires_image: None,
+            hr_option: Default::default(),
+            inpaint_crop: true,
+            control_mode: Default::default(),
+            mask: Some(mask.clone()),
+            hires_mask: None,
+        }],
+        ..Default::default()
+    };
+    let own = sd
+        .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap()
+        .remove(0);
+    assert!(own.pixels == only, "the server's image is the pipeline's");
+    // Far from the mask the result is the unit's image.
+    let corner = (250 * 256) * 3;
+    assert_eq!(only[corner..corner + 18], image.pixels[corner..corner + 18]);
+    let (harmonious, meta, _) = run(&with(vec![unit("inpaint")]));
+    assert_eq!(meta["controlnets"][0]["preprocessor"]["type"], "inpaint");
+    assert!(harmonious != only);
+
+    // A1111: the unit's image and mask (as `image` + `mask` or `{image, mask}`), Just Resize.
+    let a1111 = |unit: Value| {
+        let body = json!({"prompt": "a house by a lake", "steps": 3, "width": 256,
+            "height": 256, "seed": 11, "sampler_name": "Euler", "cfg_scale": 7.5,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}});
+        post_json_to(s.addr, "/sdapi/v1/txt2img", &body)
+    };
+    let a1111_image = |unit: Value| {
+        let r = a1111(unit);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let info: Value = serde_json::from_str(j["info"].as_str().unwrap()).unwrap();
+        let (_, _, px, _) = decode_png(j["images"][0].as_str().unwrap());
+        (px, info["infotexts"][0].as_str().unwrap().to_string())
+    };
+    let (flat, infotext) = a1111_image(json!({"model": "cn-h", "module": "inpaint_only",
+        "image": png(&image), "mask": png(&mask), "resize_mode": "Just Resize"}));
+    assert!(infotext.contains("Module: inpaint_only"), "{infotext}");
+    let (object, _) = a1111_image(json!({"model": "cn-h", "module": "inpaint_only",
+        "image": {"image": png(&image), "mask": png(&mask)}, "resize_mode": "Just Resize"}));
+    assert!(flat == object, "`mask` and `{{image, mask}}` differ");
+    assert_eq!(flat[corner..corner + 18], image.pixels[corner..corner + 18]);
+    // Without a mask nothing is masked: the unit's image reaches the ControlNet whole.
+    let (unmasked, _) = a1111_image(json!({"model": "cn-h", "module": "inpaint",
+        "image": png(&image), "resize_mode": "Just Resize"}));
+    let (masked, infotext) = a1111_image(json!({"model": "cn-h",
+        "module": "inpaint_global_harmonious", "image": png(&image), "mask": png(&mask),
+        "resize_mode": "Just Resize"}));
+    assert!(infotext.contains("Module: inpaint,"), "{infotext}");
+    assert!(unmasked != masked);
+    let r = a1111(json!({"model": "cn-h", "module": "inpaint_only+lama", "image": png(&image)}));
+    let e = r.error(422, "validation_error").to_string();
+    assert!(e.contains("inpaint_only+lama"), "{e}");
+    let small = resize_lanczos(&mask, 128, 128);
+    let r = a1111(
+        json!({"model": "cn-h", "module": "inpaint", "image": png(&image),
+        "mask": png(&small)}),
+    );
+    let e = r.error(422, "validation_error").to_string();
+    assert!(e.contains("[0].mask"), "{e}");
+
+    // Native img2img inpainting: a unit without a mask takes the request's; inpaint_only
+    // acts as inpaint there.
+    let mut inpainting = with(vec![json!({"model": "cn-h", "image": png(&image),
+        "preprocessor": {"type": "inpaint_only"}})]);
+    inpainting["init_image"] = json!(png(&image));
+    inpainting["mask_image"] = json!(png(&mask));
+    let (by_request, _, _) = run(&inpainting);
+    let mut own_mask = inpainting.clone();
+    own_mask["controlnets"][0]["mask"] = json!(png(&mask));
+    own_mask["controlnets"][0]["preprocessor"]["type"] = json!("inpaint");
+    assert!(run(&own_mask).0 == by_request);
+
+    // Refusals, each a 422 naming `controlnets`.
+    let refused = |body: Value, needle: &str| {
+        let r = s.post_json(&body);
+        let e = r.error(422, "validation_error");
+        let text = e.to_string();
+        assert!(
+            r.broken_fields().iter().any(|f| f == "controlnets"),
+            "{text}"
+        );
+        assert!(text.contains(needle), "{needle}: {text}");
+    };
+    let mut no_mask = unit("inpaint");
+    no_mask["mask"] = Value::Null;
+    refused(with(vec![no_mask]), "needs a mask");
+    let mut wrong_size = unit("inpaint_only");
+    wrong_size["mask"] = json!(png(&small));
+    refused(with(vec![wrong_size]), "same size");
+    let mut canny = unit("inpaint");
+    canny["preprocessor"] = json!({"type": "canny"});
+    refused(with(vec![canny]), "only with the \\\"inpaint\\\"");
+}
