@@ -6,8 +6,10 @@
 //! the OpenPose modules.
 //! `none` answers the images as they are. webuiapi 0.9.17's `controlnet_detect()` sends the
 //! images as `controlnet_images`, which the extension ignores (its 422 "No image selected"):
-//! taken here as the same list. `controlnet_masks` and `low_vram` change nothing (no module
-//! here takes a mask). `shuffle` draws from numpy's generator, which the extension leaves
+//! taken here as the same list. The inpaint modules (`inpaint`, `inpaint_only`) need one of
+//! `controlnet_masks` per image (the extension's `requires_mask`) and answer what its
+//! `visualize_inpaint_mask` shows: the image as RGBA, alpha `255 - mask // 2` (the mask's first
+//! channel); other modules ignore the masks, as `low_vram`. `shuffle` draws from numpy's generator, which the extension leaves
 //! unseeded here (a new map each call): a random seed here too, or `controlnet_seed` (ours).
 
 use axum::body::Bytes;
@@ -52,7 +54,9 @@ pub struct ControlNetDetectRequest {
     /// The module's second slider (canny: the high threshold); -1 or outside it: its default.
     #[schema(default = -1)]
     pub controlnet_threshold_b: Option<f64>,
-    /// Accepted and ignored (no module here takes a mask).
+    /// One mask per image (base64, the image's size; its first channel), for the inpaint
+    /// modules, which need them; ignored by the others.
+    #[schema(max_items = 16)]
     pub controlnet_masks: Option<Vec<String>>,
     /// Accepted and ignored.
     pub low_vram: Option<bool>,
@@ -154,6 +158,9 @@ fn detect_maps_and_poses(body: &Map<String, Value>) -> Result<(Vec<String>, Vec<
         numpy_seed,
     )
     .map_err(named)?;
+    if preprocessor.is_some_and(|p| p.takes_mask()) {
+        return Ok((inpaint_maps(module, body)?, Vec::new()));
+    }
     let mut out = Vec::new();
     let mut poses = Vec::new();
     for (i, (field, b64)) in images(body)?.into_iter().enumerate() {
@@ -186,6 +193,55 @@ fn detect_maps_and_poses(body: &Map<String, Value>) -> Result<(Vec<String>, Vec<
         out.push(base64::engine::general_purpose::STANDARD.encode(png));
     }
     Ok((out, poses))
+}
+
+/// The inpaint modules' answer: each image with its mask (`controlnet_masks[i]`'s first
+/// channel) as the extension's `visualize_inpaint_mask` shows it, RGBA with alpha
+/// `255 - mask // 2`, base64 PNG.
+fn inpaint_maps(module: &str, body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    let images = images(body)?;
+    let masks: Vec<&str> = match body.get("controlnet_masks") {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if masks.len() != images.len() {
+        return Err(ApiError::validation(
+            "controlnet_masks",
+            format!("Preprocessor {module} requires `controlnet_masks` param: one base64 mask per image"),
+        ));
+    }
+    let mut out = Vec::with_capacity(images.len());
+    for (i, ((field, image), mask)) in images.into_iter().zip(masks).enumerate() {
+        let image = crate::images::decode_base64(&image)
+            .map_err(|e| ApiError::validation(&field, e))?
+            .image;
+        let mask_field = format!("controlnet_masks[{i}]");
+        let mask = crate::images::decode_base64(mask)
+            .map_err(|e| ApiError::validation(&mask_field, e))?
+            .image;
+        if (mask.width, mask.height) != (image.width, image.height) {
+            return Err(ApiError::validation(
+                &mask_field,
+                format!(
+                    "{}x{}, its image {}x{}: they must be the same size",
+                    mask.width, mask.height, image.width, image.height
+                ),
+            ));
+        }
+        let rgba: Vec<u8> = image
+            .pixels
+            .chunks_exact(3)
+            .zip(mask.pixels.chunks_exact(3))
+            .flat_map(|(c, m)| [c[0], c[1], c[2], 255 - m[0] / 2])
+            .collect();
+        let mut png = Vec::new();
+        image::RgbaImage::from_raw(image.width, image.height, rgba)
+            .expect("4 bytes a pixel")
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        out.push(base64::engine::general_purpose::STANDARD.encode(png));
+    }
+    Ok(out)
 }
 
 /// The extension's `/controlnet/detect`.
@@ -371,5 +427,54 @@ mod tests {
                 "{field} {needle}: {text}"
             );
         }
+    }
+
+    #[test]
+    fn inpaint_modules_answer_the_image_with_its_mask_as_alpha() {
+        let image = RgbImage {
+            width: 4,
+            height: 2,
+            pixels: (0..24).map(|i| (i * 10) as u8).collect(),
+        };
+        let mask = RgbImage {
+            width: 4,
+            height: 2,
+            pixels: [0u8, 255, 128, 7, 255, 0, 1, 200]
+                .iter()
+                .flat_map(|&v| [v, 0, 0])
+                .collect(),
+        };
+        for module in ["inpaint_only", "inpaint_global_harmonious"] {
+            let maps = detect_maps(&body(json!({"controlnet_module": module,
+                "controlnet_input_images": [png_b64(&image)],
+                "controlnet_masks": [png_b64(&mask)]})))
+            .unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&maps[0])
+                .unwrap();
+            let got = image::load_from_memory(&bytes).unwrap().to_rgba8();
+            let want: Vec<u8> = image
+                .pixels
+                .chunks_exact(3)
+                .zip([0u8, 255, 128, 7, 255, 0, 1, 200])
+                .flat_map(|(c, m)| [c[0], c[1], c[2], 255 - m / 2])
+                .collect();
+            assert_eq!(got.into_raw(), want, "{module}");
+        }
+        // Without a mask per image: the extension's 422.
+        let e = detect_maps(&body(json!({"controlnet_module": "inpaint",
+            "controlnet_input_images": [png_b64(&image)]})))
+        .unwrap_err();
+        assert!(format!("{:?}", e.body()).contains("controlnet_masks"));
+        let small = RgbImage {
+            width: 2,
+            height: 2,
+            pixels: vec![0; 12],
+        };
+        let e = detect_maps(&body(json!({"controlnet_module": "inpaint",
+            "controlnet_input_images": [png_b64(&image)],
+            "controlnet_masks": [png_b64(&small)]})))
+        .unwrap_err();
+        assert!(format!("{:?}", e.body()).contains("same size"));
     }
 }
