@@ -106,3 +106,46 @@ fn the_mask_the_restore_and_the_fallback_each_change_the_image() {
         inpainting(Preprocessor::Inpaint)
     );
 }
+
+#[test]
+fn after_a_hires_pass_the_post_processing_takes_the_hires_feed() {
+    // The extension's `hr_control`: the unit's image and mask fitted to the hires size; far
+    // from the mask the image is that fitted image, in every image of the batch.
+    use sdserve_pipeline::image_in::resize_lanczos;
+    use sdserve_pipeline::pipeline::{Hires, Upscaler};
+    let f = Fixtures::load("controlnet_inpaint");
+    let sd = StableDiffusion::load(&fixture_path("tiny-a-vae8"), &Device::Cpu, DType::F32).unwrap();
+    let params = GenerationParams {
+        steps: 4,
+        batch_size: 2,
+        hires: Some(Hires {
+            width: 128,
+            height: 128,
+            upscale_width: 128,
+            upscale_height: 128,
+            upscaler: Upscaler::Resize,
+            steps: 4,
+            strength: 0.6,
+            scheduler: None,
+            schedule: None,
+            prompt: None,
+            negative_prompt: None,
+        }),
+        ..params_of(&f.meta["cases"]["inpaint-only"])
+    };
+    let images = sd
+        .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap();
+    let fitted = resize_lanczos(&read_png("cn-init-64.png"), 128, 128);
+    assert_eq!(images.len(), 2);
+    for image in &images {
+        assert_eq!((image.width, image.height), (128, 128));
+        for y in 124..128 {
+            let i = y * 128 * 3;
+            assert_eq!(image.pixels[i..i + 12], fitted.pixels[i..i + 12], "row {y}");
+        }
+    }
+    // Inside the mask the model paints: the disc's centre is not the image's.
+    let centre = (68 * 128 + 60) * 3;
+    assert!(images[0].pixels[centre..centre + 3] != fitted.pixels[centre..centre + 3]);
+}
