@@ -188,8 +188,10 @@ def start(pipe, case, init, gens):
 
 
 @torch.no_grad()
-def main():
-    args = a1111_args(__file__, __doc__, DEFAULT_OUT)
+def main(stem="a1111-skip-early", which=None, script=__file__, doc=__doc__):
+    """Runs `which` (default CASES) and writes OUT/<stem>.json and .safetensors; `script` (and
+    its `doc`) is the script that calls it."""
+    args = a1111_args(script, doc, DEFAULT_OUT)
     if args is None:
         return
     k_dir = kparams.k_diffusion_path()
@@ -211,7 +213,7 @@ def main():
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     tensors, cases = {}, {}
-    for label, over in CASES.items():
+    for label, over in (CASES if which is None else which).items():
         case = dict(BASE, **over)
         gens = [torch.Generator("cpu").manual_seed(case["seed"] + i)
                 for i in range(case["batch_size"])]
@@ -220,7 +222,8 @@ def main():
             images, record = run_ddim(pipe, ddim_src, case, x, image, gens)
         else:
             images, record = run_k(pipe, k_src, case, x, image, gens)
-        record["native"]["negative_guidance_skip_early"] = case["options"]["skip_early_cond"]
+        record["native"]["negative_guidance_skip_early"] = case["options"].get(
+            "skip_early_cond", 0.0)
         case.update(record)
         tensors[f"image.{label}"] = images.contiguous()
         cases[label] = case
@@ -229,7 +232,7 @@ def main():
               f"{record['skipped_evaluations']}, infotext {record['infotext']}, "
               f"mean {images.float().mean():.2f}")
     meta = {
-        "generated_by": "tools/make_a1111_skip_early_fixtures.py",
+        "generated_by": f"tools/{os.path.basename(script)}",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "k_diffusion": "0.1.1.post1",
                      "a1111": "v1.10 CFGDenoiser; see the script's docstring for the sources"},
@@ -237,11 +240,11 @@ def main():
         "images": "image.<case>: [batch, H, W, 3] u8 = round(output_type='np' * 255)",
         "cases": cases,
     }
-    with open(os.path.join(args.out, "a1111-skip-early.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
-    save_file(tensors, os.path.join(args.out, "a1111-skip-early.safetensors"))
-    print(f"wrote a1111-skip-early.* ({len(cases)} cases)")
+    save_file(tensors, os.path.join(args.out, f"{stem}.safetensors"))
+    print(f"wrote {stem}.* ({len(cases)} cases)")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         ("height", a.height.map(|v| json!(v))),
         ("seed", a.seed.map(|v| json!(v))),
         ("guidance_scale", a.guidance_scale.map(|v| json!(v))),
+        ("guidance_rule", a.guidance_rule.as_ref().map(|v| json!(v))),
         ("eta", a.eta.map(|v| json!(v))),
         ("scheduler", a.scheduler.as_ref().map(|v| json!(v))),
         ("schedule", a.schedule.as_ref().map(|v| json!(v))),

@@ -18,6 +18,8 @@ pub struct GenerationParams {
     pub height: usize,
     pub seed: u64,
     pub guidance_scale: f64,
+    /// At which scales the negative prompt runs ([`GuidanceRule`]).
+    pub guidance_rule: GuidanceRule,
     /// `None`: the model's own scheduler config.
     pub scheduler: Option<SchedulerKind>,
     /// The sigma schedule; `None`: the scheduler name's own (Karras for the `_karras` names, else
@@ -89,6 +91,7 @@ impl Default for GenerationParams {
             height: 512,
             seed: 0,
             guidance_scale: 7.5,
+            guidance_rule: GuidanceRule::Diffusers,
             scheduler: None,
             schedule: None,
             eta: None,
@@ -172,12 +175,12 @@ impl GenerationParams {
             .map(|init| (init.strength, self.step_rule))
     }
 
-    /// Whether this pass runs the negative prompt (classifier-free guidance): diffusers'
-    /// `guidance_scale > 1`, except for `ddim_cfgpp`, which steps along the negative prompt's
-    /// prediction and, as A1111's `DDIM CFG++` (whose CFG denoiser runs it at every scale),
-    /// runs it at any scale, guiding at the scale over 12.5.
+    /// Whether this pass runs the negative prompt (classifier-free guidance): above a scale of
+    /// 1 under either rule; below it under [`GuidanceRule::A1111`]; at any scale on
+    /// `ddim_cfgpp`, which steps along the negative prompt's prediction and, as A1111's `DDIM
+    /// CFG++` (whose CFG denoiser runs it at every scale), guides at the scale over 12.5.
     pub fn runs_negative_prompt(&self) -> bool {
-        negative_prompt_runs(self.guidance_scale, self.scheduler)
+        negative_prompt_runs(self.guidance_scale, self.guidance_rule, self.scheduler)
     }
 
     /// [`Self::runs_negative_prompt`] for either pass (the hires pass may run another
@@ -186,7 +189,7 @@ impl GenerationParams {
         self.runs_negative_prompt()
             || self.hires.as_ref().is_some_and(|h| {
                 let (scheduler, _) = super::hires::second_pass_scheduler(self, h);
-                negative_prompt_runs(self.guidance_scale, scheduler)
+                negative_prompt_runs(self.guidance_scale, self.guidance_rule, scheduler)
             })
     }
 
@@ -247,9 +250,45 @@ impl NegativeGuidance {
 }
 
 /// [`GenerationParams::runs_negative_prompt`] for a pass of `scheduler` at `guidance_scale`.
-fn negative_prompt_runs(guidance_scale: f64, scheduler: Option<SchedulerKind>) -> bool {
+fn negative_prompt_runs(
+    guidance_scale: f64,
+    rule: GuidanceRule,
+    scheduler: Option<SchedulerKind>,
+) -> bool {
     let cfgpp = |k: SchedulerKind| k.sampler() == crate::schedulers::Sampler::DdimCfgpp;
-    guidance_scale > 1.0 || scheduler.is_some_and(cfgpp)
+    // At exactly 1 A1111's `uncond + (cond - uncond) * 1` is the prompt's prediction (up to
+    // rounding): the prompt alone makes it without the negative prompt's rows.
+    let a1111_below = rule == GuidanceRule::A1111 && guidance_scale < 1.0;
+    guidance_scale > 1.0 || a1111_below || scheduler.is_some_and(cfgpp)
+}
+
+/// At which guidance scales classifier-free guidance runs the negative prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuidanceRule {
+    /// diffusers' `do_classifier_free_guidance`: above 1 only; at or below 1 the prompt's
+    /// prediction alone.
+    #[default]
+    Diffusers,
+    /// A1111's CFG denoiser: at every scale, `uncond + (cond - uncond) * scale`, so below 1 the
+    /// prediction moves towards the negative prompt's (at 0 it is the negative prompt's).
+    A1111,
+}
+
+impl GuidanceRule {
+    /// The request's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Diffusers => "diffusers",
+            Self::A1111 => "a1111",
+        }
+    }
+
+    /// The rule a name means (`None`: not a rule).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Diffusers, Self::A1111]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
 }
 
 /// How prompt text becomes CLIP conditioning.
@@ -334,6 +373,25 @@ mod tests {
             ..params(1.0, SchedulerKind::Euler)
         };
         assert!(!p.runs_negative_prompt() && p.any_pass_runs_negative_prompt());
+    }
+
+    #[test]
+    fn a1111_s_rule_runs_the_negative_prompt_below_1_too() {
+        let a1111 = |scale| GenerationParams {
+            guidance_rule: GuidanceRule::A1111,
+            ..params(scale, SchedulerKind::EulerAncestral)
+        };
+        for scale in [0.0, 0.5, 0.99, 1.5] {
+            assert!(a1111(scale).runs_negative_prompt(), "{scale}");
+        }
+        // At 1 the combination is the prompt's prediction: it runs alone.
+        assert!(!a1111(1.0).runs_negative_prompt());
+        for scale in [0.0, 0.5, 1.0] {
+            assert!(!params(scale, SchedulerKind::EulerAncestral).runs_negative_prompt());
+        }
+        for rule in [GuidanceRule::Diffusers, GuidanceRule::A1111] {
+            assert_eq!(GuidanceRule::from_name(rule.name()), Some(rule));
+        }
     }
 
     #[test]

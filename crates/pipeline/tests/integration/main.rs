@@ -12,6 +12,7 @@ static ALLOCATOR: sdserve_pipeline::weights::mapped::MappedAlloc =
 
 mod common;
 
+mod a1111_cfg_below_one;
 mod a1111_cfgpp;
 mod a1111_dpm2;
 mod a1111_inpaint;

@@ -29,7 +29,7 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         p.a1111_inpaint,
         p.step_rule
     );
-    let images = format!("{images}\u{0}{:?}", p.resize_mode);
+    let images = format!("{images}\u{0}{:?} {:?}", p.resize_mode, p.guidance_rule);
     let images = format!(
         "{images}\u{0}noise {:016x} {:016x}",
         p.noise_multiplier.to_bits(),
@@ -192,6 +192,10 @@ mod tests {
             },
             GenerationParams {
                 step_rule: sdserve_pipeline::pipeline::StepRule::A1111,
+                ..base.clone()
+            },
+            GenerationParams {
+                guidance_rule: sdserve_pipeline::pipeline::GuidanceRule::A1111,
                 ..base.clone()
             },
             GenerationParams {

@@ -140,6 +140,7 @@ impl AppState {
         SigmaScheduleName,
         PromptSyntaxName,
         StepRuleName,
+        GuidanceRuleName,
         ResizeModeName,
         LoraUse,
         native::LoraList,

@@ -488,6 +488,7 @@ pub(crate) fn job_spec(
         "height": params.height,
         "seed": params.seed,
         "guidance_scale": params.guidance_scale,
+        "guidance_rule": params.guidance_rule.name(),
         "eta": params.eta,
         "scheduler": scheduler.name(),
         "schedule": schedule.name(),

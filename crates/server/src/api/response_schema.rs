@@ -30,6 +30,10 @@ pub struct GenerateMetadata {
     pub image_height: Option<u32>,
     pub seed: u64,
     pub guidance_scale: f64,
+    /// The request's `guidance_rule` where it is `a1111` (absent: `diffusers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "a1111")]
+    pub guidance_rule: Option<String>,
     /// The request's `eta`, where it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<f64>,

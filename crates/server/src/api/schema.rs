@@ -156,13 +156,20 @@ pub struct GenerateRequest {
     /// deterministic and may be answered from the response cache (`x-cache: hit`).
     #[schema(minimum = 0, maximum = 4294967295_u64, nullable = true)]
     pub seed: Option<u64>,
-    /// At or below 1.0 classifier-free guidance is off (diffusers' rule), except with
-    /// `ddim_cfgpp`, which runs the negative prompt at every scale (A1111's). A guidance-distilled model (a full LCM
+    /// At or below 1.0 classifier-free guidance is off under `guidance_rule: diffusers`;
+    /// below 1 under `a1111` it runs, and with `ddim_cfgpp` at every scale. A guidance-distilled model (a full LCM
     /// model: `time_cond_proj_dim` in its UNet config) never runs classifier-free guidance: its
     /// UNet takes the scale as an embedding instead (as diffusers), and the negative prompt has
     /// no effect.
     #[schema(minimum = 0.0, maximum = 30.0, default = 7.5)]
     pub guidance_scale: Option<f64>,
+    /// At which scales classifier-free guidance runs the negative prompt. `diffusers`: above 1
+    /// only; at or below 1 the prompt's prediction alone. `a1111` (AUTOMATIC1111 1.10's CFG
+    /// denoiser, what its dialect runs): below 1 too, `uncond + (cond - uncond) * scale`, so
+    /// at 0.5 the prediction is halfway between the negative prompt's and the prompt's and at
+    /// 0 it is the negative prompt's; at exactly 1 that is the prompt's, which runs alone.
+    #[schema(nullable = true, default = "diffusers")]
+    pub guidance_rule: Option<GuidanceRuleName>,
     /// The sampler's eta: how much of each step's noise level is fresh noise from the seed.
     /// `ddim`, `ddim_a1111` and `ddim_cfgpp` (the DDIM paper's eta, diffusers' and A1111's); the ancestral and
     /// SDE samplers `euler_a`, `dpm2_a`, `dpm2_a_a1111`, `dpmpp_sde`, `dpmpp_2m_sde`, `dpmpp_2m_sde_heun`,
@@ -459,6 +466,15 @@ pub enum ResizeModeName {
     CropAndResize,
     ResizeAndFill,
     LatentUpscale,
+}
+
+/// At which scales the negative prompt runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub enum GuidanceRuleName {
+    #[serde(rename = "diffusers")]
+    Diffusers,
+    #[serde(rename = "a1111")]
+    A1111,
 }
 
 /// Which steps an init image's strength runs.

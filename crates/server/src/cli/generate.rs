@@ -28,6 +28,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub guidance_scale: Option<f64>,
     #[arg(long)]
+    pub guidance_rule: Option<String>,
+    #[arg(long)]
     pub eta: Option<f64>,
     #[arg(long)]
     pub scheduler: Option<String>,
@@ -187,7 +189,11 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         ),
         (
             "guidance_scale",
-            format!("How closely to follow the prompt, {GUIDANCE_MIN}..={GUIDANCE_MAX}; at or below 1 guidance is off [default: {GUIDANCE_DEFAULT}]"),
+            format!("How closely to follow the prompt, {GUIDANCE_MIN}..={GUIDANCE_MAX}; at or below 1 guidance is off under --guidance-rule diffusers [default: {GUIDANCE_DEFAULT}]"),
+        ),
+        (
+            "guidance_rule",
+            "At which scales guidance runs the negative prompt: diffusers (above 1 only), a1111 (A1111 1.10: below 1 too, uncond + (cond - uncond) * scale; at 0 the negative prompt's prediction) [default: diffusers]".to_string(),
         ),
         (
             "eta",

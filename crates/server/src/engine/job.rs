@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use sdserve_pipeline::pipeline::{GenerationParams, Mode};
+use sdserve_pipeline::pipeline::{GenerationParams, GuidanceRule, Mode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -273,6 +273,8 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             image_height: Some(image_size.1),
             seed: p.seed,
             guidance_scale: p.guidance_scale,
+            guidance_rule: (p.guidance_rule != GuidanceRule::Diffusers)
+                .then(|| p.guidance_rule.name().to_string()),
             eta: p.eta,
             scheduler: p.scheduler.map(|k| k.name()).unwrap_or("").to_string(),
             schedule: p

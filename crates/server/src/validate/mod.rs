@@ -10,7 +10,7 @@
 
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::image_in::resize_lanczos;
-use sdserve_pipeline::pipeline::{PromptSyntax, SeedResize};
+use sdserve_pipeline::pipeline::{GuidanceRule, PromptSyntax, SeedResize};
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde_json::{Map, Value};
@@ -58,10 +58,15 @@ pub const GUIDANCE_DEFAULT: f64 = 7.5;
 pub const BATCH_MIN: u64 = 1;
 pub const BATCH_MAX: u64 = 8;
 pub const STRENGTH_DEFAULT: f64 = 0.8;
+/// `guidance_rule`'s names.
+const GUIDANCE_RULES: [(&str, GuidanceRule); 2] = [
+    ("diffusers", GuidanceRule::Diffusers),
+    ("a1111", GuidanceRule::A1111),
+];
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 39] = [
+pub const FIELDS: [&str; 40] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -69,6 +74,7 @@ pub const FIELDS: [&str; 39] = [
     "height",
     "seed",
     "guidance_scale",
+    "guidance_rule",
     "eta",
     "scheduler",
     "schedule",
@@ -222,6 +228,9 @@ pub fn validate_request(
     let height = r.int_with("height", SIZE_MIN, SIZE_MAX, size_rule);
     let seed = r.int("seed", 0, SEED_MAX);
     let guidance_scale = r.number("guidance_scale", GUIDANCE_MIN, GUIDANCE_MAX);
+    let guidance_rule = r
+        .choice("guidance_rule", &GUIDANCE_RULES)
+        .unwrap_or_default();
     let eta = r.number("eta", 0.0, 1.0);
     // Ignored by samplers that take none, as eta.
     let (churn, negative_guidance) = sampler_params::read(&mut r);
@@ -440,6 +449,7 @@ pub fn validate_request(
         height,
         seed: seed.map(|v| v as u32),
         guidance_scale: guidance_scale.unwrap_or(GUIDANCE_DEFAULT),
+        guidance_rule,
         eta,
         churn,
         negative_guidance,

@@ -4,8 +4,8 @@
 use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit};
 use sdserve_pipeline::inpaint_a1111::A1111Inpaint;
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, NegativeGuidance, PromptSyntax, ResizeMode,
-    SeedResize, StepRule, Variation,
+    GenerationParams, GuidanceRule, InitImage, LoraWeight, NegativeGuidance, PromptSyntax,
+    ResizeMode, SeedResize, StepRule, Variation,
 };
 use sdserve_pipeline::schedulers::{Churn, SchedulerKind, SigmaSchedule};
 
@@ -24,6 +24,8 @@ pub struct ValidRequest {
     pub height: usize,
     pub seed: Option<u32>,
     pub guidance_scale: f64,
+    /// At which scales the negative prompt runs (`guidance_rule`).
+    pub guidance_rule: GuidanceRule,
     /// The sampler's eta; `None`: its default.
     pub eta: Option<f64>,
     /// k-diffusion's churn and A1111's negative guidance minimum sigma (`sampler_params`).
@@ -127,6 +129,7 @@ impl ValidRequest {
             height: self.height,
             seed,
             guidance_scale: self.guidance_scale,
+            guidance_rule: self.guidance_rule,
             eta: self.eta,
             churn: self.churn,
             negative_guidance: self.negative_guidance,

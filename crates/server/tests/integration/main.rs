@@ -17,6 +17,7 @@ mod controlnet_preprocess_http;
 mod dialects;
 mod e2e_tiny;
 mod generate_cli;
+mod guidance_rule_http;
 mod hires_http;
 mod hires_upscaler_http;
 mod http_fake;

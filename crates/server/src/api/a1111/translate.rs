@@ -261,6 +261,8 @@ pub fn translate(
     ] {
         native.insert(ours.into(), get(body, theirs).cloned().unwrap_or(default));
     }
+    // A1111's CFG denoiser runs the negative prompt at every scale (its API takes cfg_scale 0).
+    native.insert("guidance_rule".into(), json!("a1111"));
 
     // `eta` (webuiapi always sends 1.0): A1111 gives it to the samplers that take one; absent
     // or null, each sampler's default (its eta_ddim and eta_ancestral options).

@@ -19,7 +19,7 @@ fn a1111_defaults_apply_to_absent_and_null_fields() {
     let t = tr(json!({"prompt": "a cat", "negative_prompt": null, "steps": null, "seed": -1, "sampler_name": null, "enable_hr": false, "styles": []}), Mode::Txt2Img).unwrap();
     assert_eq!(
         Value::Object(t.native.clone()),
-        json!({"prompt": "a cat", "steps": 50, "guidance_scale": 7.0, "width": 512, "height": 512, "seed": 1234, "scheduler": "euler", "schedule": "uniform"})
+        json!({"prompt": "a cat", "steps": 50, "guidance_scale": 7.0, "width": 512, "height": 512, "seed": 1234, "scheduler": "euler", "schedule": "uniform", "guidance_rule": "a1111"})
     );
     assert_eq!((t.seed, t.n_iter, t.batch_size), (1234, 1, 1));
     assert!(t.ignored.is_empty(), "{:?}", t.ignored);
@@ -27,6 +27,8 @@ fn a1111_defaults_apply_to_absent_and_null_fields() {
     assert_eq!(t.parameters["seed"], -1);
     let v = &t.valid;
     assert_eq!((v.steps, v.guidance_scale, v.seed), (50, 7.0, Some(1234)));
+    let a1111 = sdserve_pipeline::pipeline::GuidanceRule::A1111;
+    assert_eq!(v.guidance_rule, a1111);
 }
 
 #[test]

@@ -9,8 +9,8 @@ use base64::Engine as _;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
 use sdserve_pipeline::pipeline::{
-    GenerationParams, InitImage, LoraWeight, NegativeGuidance, PromptSyntax, ResizeMode, RgbImage,
-    StepRule,
+    GenerationParams, GuidanceRule, InitImage, LoraWeight, NegativeGuidance, PromptSyntax,
+    ResizeMode, RgbImage, StepRule,
 };
 
 /// `inpainting_fill`'s values in order, as the wire carries them.
@@ -69,6 +69,9 @@ pub struct WireSpec {
     height: usize,
     seed: u64,
     guidance_scale: f64,
+    /// The guidance rule's API name (absent from older replicas' jobs: diffusers').
+    #[serde(default)]
+    guidance_rule: Option<String>,
     /// Absent from older API processes: the sampler's default.
     #[serde(default)]
     eta: Option<f64>,
@@ -182,6 +185,7 @@ impl WireSpec {
             height: p.height,
             seed: p.seed,
             guidance_scale: p.guidance_scale,
+            guidance_rule: Some(p.guidance_rule.name().to_string()),
             eta: p.eta,
             scheduler: p.scheduler.map(|k| k.name().to_string()),
             schedule: p.schedule.map(|s| s.name().to_string()),
@@ -304,6 +308,12 @@ impl WireSpec {
                 height: self.height,
                 seed: self.seed,
                 guidance_scale: self.guidance_scale,
+                guidance_rule: match &self.guidance_rule {
+                    None => GuidanceRule::Diffusers,
+                    Some(name) => {
+                        GuidanceRule::from_name(name).ok_or(format!("guidance rule {name:?}"))?
+                    }
+                },
                 eta: self.eta,
                 scheduler,
                 schedule,

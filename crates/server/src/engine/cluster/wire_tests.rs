@@ -117,6 +117,7 @@ fn a_spec_survives_the_trip_with_its_images() {
                 mask_round: false,
             }),
             step_rule: sdserve_pipeline::pipeline::StepRule::A1111FixSteps,
+            guidance_rule: sdserve_pipeline::pipeline::GuidanceRule::A1111,
             ..Default::default()
         },
         request: serde_json::json!({"prompt": "a (cat:1.2)"}),
