@@ -191,14 +191,16 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
     Ok(out)
 }
 
-/// The inpaint preprocessors' masks at the request's size: each unit's own resized with its
-/// image (Lanczos), or without one the request's `mask_image` (`with_init`: there is an
-/// init image; the extension takes A1111's inpainting mask so), else a 422 naming the unit.
+/// The inpaint preprocessors' masks at the request's size (and at the hires pass's, `hires`):
+/// each unit's own resized with its image (Lanczos), or without one the request's
+/// `mask_image` (`with_init`: there is an init image; the extension takes A1111's inpainting
+/// mask so), else a 422 naming the unit.
 pub fn masks_from_request(
     units: &mut [ValidControlNet],
     mask_image: Option<&RequestImage>,
     with_init: bool,
     (width, height): (usize, usize),
+    hires: Option<(usize, usize)>,
 ) -> Result<(), String> {
     use sdserve_pipeline::image_in::resize_lanczos;
     for (i, unit) in units.iter_mut().enumerate() {
@@ -215,11 +217,15 @@ pub fn masks_from_request(
                 ))
             }
         };
-        let image = resize_lanczos(&mask.image, width, height);
-        unit.mask = Some(RequestImage {
-            sha256: crate::images::digest(&image),
-            image,
-        });
+        let fitted = |(w, h): (usize, usize)| {
+            let image = resize_lanczos(&mask.image, w, h);
+            RequestImage {
+                sha256: crate::images::digest(&image),
+                image,
+            }
+        };
+        unit.hires_mask = hires.map(fitted);
+        unit.mask = Some(fitted((width, height)));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::image_in::resize_lanczos;
-use sdserve_pipeline::pipeline::{GuidanceRule, PromptSyntax, SeedResize};
+use sdserve_pipeline::pipeline::{GuidanceRule, PromptSyntax, RgbImage, SeedResize};
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 use serde_json::{Map, Value};
@@ -427,20 +427,6 @@ pub fn validate_request(
         })
     };
     let (init_image, mask_image) = (fit(init_image), fit(mask_image));
-    let mut controlnets: Vec<_> = controlnets
-        .into_iter()
-        .map(|mut c| {
-            c.image.image = resize_lanczos(&c.image.image, width, height);
-            c
-        })
-        .collect();
-    controlnets::masks_from_request(
-        &mut controlnets,
-        mask_image.as_ref(),
-        init_image.is_some(),
-        (width, height),
-    )
-    .map_err(|rule| ApiError::validation("controlnets", rule))?;
     let mut valid = ValidRequest {
         prompt: prompt.unwrap_or_default(),
         negative_prompt: negative_prompt.unwrap_or_default(),
@@ -481,7 +467,35 @@ pub fn validate_request(
     if let Some(read) = hires {
         valid.hires = Some(native_hires::build(&read, &valid)?);
     }
+    fit_control_images(&mut valid)?;
     Ok(valid)
+}
+
+/// Each ControlNet image (its map, where a preprocessor made one) fitted to the first pass's
+/// size as the pipeline fits it (a no-op there), so a queued job holds the small image; with a
+/// hires pass, fitted to that pass's size too, from the map itself: as the extension's
+/// `hr_control`, not the first pass's image enlarged again. The inpaint units' masks likewise
+/// ([`controlnets::masks_from_request`]).
+fn fit_control_images(valid: &mut ValidRequest) -> Result<(), ApiError> {
+    let size = (valid.width, valid.height);
+    let hires = valid
+        .hires
+        .as_ref()
+        .map(|h| (h.params.width, h.params.height));
+    let fitted = |image: &RgbImage, (w, h): (usize, usize)| {
+        let image = resize_lanczos(image, w, h);
+        RequestImage {
+            sha256: crate::images::digest(&image),
+            image,
+        }
+    };
+    for c in &mut valid.controlnets {
+        c.hires_image = hires.map(|to| fitted(&c.image.image, to));
+        c.image.image = resize_lanczos(&c.image.image, size.0, size.1);
+    }
+    let (mask, with_init) = (valid.mask_image.as_ref(), valid.init_image.is_some());
+    controlnets::masks_from_request(&mut valid.controlnets, mask, with_init, size, hires)
+        .map_err(|rule| ApiError::validation("controlnets", rule))
 }
 
 /// `seed_resize_from_width` and `seed_resize_from_height`: both or neither (A1111 resizes only

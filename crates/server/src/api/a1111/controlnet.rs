@@ -24,8 +24,8 @@
 //! Resize` stretches it. The resampling is the native API's Lanczos, not the extension's
 //! OpenCV filters. `weight`, `guidance_start`, `guidance_end` are the native `scale` and its
 //! window; `low_vram` changes nothing here. With `enable_hr` the units steer both passes as
-//! their `hr_option` says (`Both`, `Low res only`, `High res only`: the native `hr_option`), a
-//! crop or fill unit's image fitted again at the hires size (`Units::fit_hires`); a canny unit
+//! their `hr_option` says (`Both`, `Low res only`, `High res only`: the native `hr_option`),
+//! each unit's image fitted again at the hires size from the upload (`Units::fit_hires`); a canny unit
 //! takes the soft weights in the hires pass, as the extension forces them there (the pipeline
 //! does it from the unit's preprocessor). A `model` is a CONTROLNET_DIR name, with or without the extension's ` [hash]` suffix.
 //!
@@ -121,16 +121,15 @@ pub struct Units {
     /// (native index, preprocessor) of each unit whose map was made here.
     made: Vec<(usize, Preprocessor)>,
     /// With `enable_hr`: (native index, image or map, mode, an inpaint unit's mask) of each
-    /// unit its resize mode fits, to fit again at the hires size (the extension's
-    /// `hr_control`).
+    /// unit, to fit again at the hires size (the extension's `hr_control`).
     hires: Vec<(usize, RgbImage, ResizeMode, Option<RgbImage>)>,
 }
 
 impl Units {
-    /// The hires pass's control images: each fitted unit's image (or map) fitted to the
-    /// second pass's `width` x `height` by its resize mode, as the extension's `get_control`
-    /// makes `hr_control` with `detectmap_proc` at the hires size (a plain resize is the
-    /// pipeline's own, from `image`).
+    /// The hires pass's control images: each unit's image (or map) fitted to the second
+    /// pass's `width` x `height` by its resize mode, as the extension's `get_control` makes
+    /// `hr_control` with `detectmap_proc` at the hires size, from the upload or map itself
+    /// (a "Just Resize" unit's too: its native image is fitted to the first pass's size).
     pub fn fit_hires(
         &self,
         valid: &mut crate::validate::ValidRequest,
@@ -314,7 +313,7 @@ pub fn native_units(
                     Some((w, h)) => (fit(&rgb, mode, w, h), fit_mask(&alpha, mode, w, h)),
                     None => (rgb.clone(), alpha.clone()),
                 };
-                if enable_hr && fits {
+                if enable_hr {
                     hires.push((units.len(), rgb, mode, Some(alpha)));
                 }
                 json!({"model": model, "image": as_png(&image)?, "mask": as_png(&mask)?,
@@ -346,7 +345,7 @@ pub fn native_units(
                     })?;
                 made.push((units.len(), p));
                 let png = as_png(fitted(&map).as_ref().unwrap_or(&map))?;
-                if enable_hr && fits {
+                if enable_hr {
                     hires.push((units.len(), map, mode, None));
                 }
                 png
@@ -359,10 +358,15 @@ pub fn native_units(
                 }
                 png
             }
-            None => match passed_as_sent() {
-                Some(text) => Value::String(text.to_string()),
-                None => as_png(&decode()?.image)?,
-            },
+            None => {
+                if enable_hr {
+                    hires.push((units.len(), decode()?.image, mode, None));
+                }
+                match passed_as_sent() {
+                    Some(text) => Value::String(text.to_string()),
+                    None => as_png(&decode()?.image)?,
+                }
+            }
         };
         native["image"] = image;
         if img2img.is_some_and(|input| input.crop.is_some()) {

@@ -448,13 +448,17 @@ fn enable_hr_fits_each_unit_again_at_the_hires_size() {
     // Cover 384x384 (768x384) and crop the centre, as the first pass's 256x256 from 512x256.
     let scaled = sdserve_pipeline::image_in::resize_lanczos(&img, 768, 384);
     assert_eq!(&hires.pixels[..384 * 3], &scaled.pixels[192 * 3..576 * 3]);
-    // Just Resize: the pipeline resizes the upload itself.
+    // Just Resize: the upload itself resized to each pass's size (not the first pass's image
+    // enlarged again).
     let t = tr(
         body(json!({"model": "c", "image": png, "resize_mode": "Just Resize"})),
         Mode::Txt2Img,
     )
     .unwrap();
-    assert!(t.valid.controlnets[0].hires_image.is_none());
+    let unit = &t.valid.controlnets[0];
+    let hires = &unit.hires_image.as_ref().expect("a hires image").image;
+    assert!(*hires == sdserve_pipeline::image_in::resize_lanczos(&img, 384, 384));
+    assert!(unit.image.image == sdserve_pipeline::image_in::resize_lanczos(&img, 256, 256));
     assert!(t.native["controlnets"][0].get("hr_option").is_none());
     let e = tr(
         body(json!({"model": "c", "image": png, "hr_option": "both"})),

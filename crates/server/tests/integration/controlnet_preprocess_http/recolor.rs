@@ -10,7 +10,7 @@ use sdserve_pipeline::controlnet::preprocess::{rgb_to_hsv, rgb_to_lab, Preproces
 use sdserve_pipeline::image_in::resize_lanczos;
 
 use super::{common, detect_is, fixtures, photo};
-use common::decode_png;
+use common::{decode_png, post_json_to};
 
 #[test]
 fn recolor_maps_and_their_post_processing() {
@@ -131,4 +131,55 @@ fn recolor_maps_and_their_post_processing() {
         e.contains("[0].preprocessor.gamma: must be a number in 0.1..=2"),
         "{e}"
     );
+}
+
+/// The post-processing takes the last pass's map and every image: with the hires fix (256 to
+/// 384) each image of a batch of two has the map fitted to 384 as its V, at every pixel; and
+/// A1111's txt2img with the unit in `alwayson_scripts` ("Just Resize": its map resized plainly)
+/// recolours as the native unit does.
+#[test]
+fn recolor_follows_the_hires_pass_every_image_of_a_batch_and_a1111() {
+    let s = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
+    let (photo, photo_b64) = photo();
+    let intensity = Preprocessor::RecolorIntensity { gamma: 0.8 }
+        .run(&photo)
+        .unwrap();
+    let v_is_the_map = |png_b64: &str, side: u32| {
+        let (w, h, px, _) = decode_png(png_b64);
+        assert_eq!((w, h), (side, side));
+        let map = resize_lanczos(&intensity, side as usize, side as usize);
+        let same = px
+            .chunks_exact(3)
+            .zip(map.pixels.chunks_exact(3))
+            .filter(|(p, m)| rgb_to_hsv([p[0], p[1], p[2]])[2] == m[0])
+            .count();
+        (same, px)
+    };
+    let unit = json!({"model": "cn-a", "image": photo_b64,
+                      "preprocessor": {"type": "recolor_intensity", "gamma": 0.8}});
+    let b = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
+                   "seed": 11, "scheduler": "euler", "prompt_syntax": "plain", "batch_size": 2,
+                   "hires": {"scale": 1.5, "steps": 2}, "controlnets": [unit]});
+    let r = s.post_json(&b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let images = r.json()["images"].as_array().unwrap().clone();
+    assert_eq!(images.len(), 2);
+    let mut seen = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        let (same, px) = v_is_the_map(image.as_str().unwrap(), 384);
+        assert_eq!(same, 384 * 384, "image {i}: V is the hires map everywhere");
+        seen.push(px);
+    }
+    assert!(seen[0] != seen[1], "two images, not one twice");
+
+    let body = json!({"prompt": "a house by a lake", "steps": 2, "width": 256, "height": 256,
+                      "seed": 11, "sampler_name": "Euler", "alwayson_scripts": {"controlnet":
+                      {"args": [{"image": photo_b64, "model": "cn-a",
+                                 "module": "recolor_intensity", "threshold_a": 0.8,
+                                 "resize_mode": "Just Resize"}]}}});
+    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let first = r.json()["images"][0].as_str().unwrap().to_string();
+    let (same, _) = v_is_the_map(&first, 256);
+    assert_eq!(same, 256 * 256, "A1111's image: V is the map everywhere");
 }
