@@ -76,6 +76,10 @@ pub struct GenerationRequest {
     pub negative_guidance_all_steps: Option<bool>,
     #[schema(nullable = true, minimum = 0.0, maximum = 1.0, default = 0.0)]
     pub negative_guidance_skip_early: Option<f64>,
+    /// As natively: `diffusers` (the default: no guidance at a scale of 1 or below) or `a1111`
+    /// (the negative prompt runs below 1 too).
+    #[schema(nullable = true, default = "diffusers")]
+    pub guidance_rule: Option<crate::api::GuidanceRuleName>,
     /// Our extras as natively: A1111's prompt syntax (`a1111`, the default, or `plain`),
     /// clip skip and LoRAs.
     #[schema(nullable = true, default = "a1111")]
