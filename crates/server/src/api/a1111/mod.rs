@@ -15,6 +15,7 @@ mod controlnet;
 mod controlnet_detect;
 mod controlnet_fit;
 mod controlnet_img2img;
+mod controlnet_input;
 mod controlnet_modules;
 pub mod extras;
 mod img2img_resize;
