@@ -2,7 +2,9 @@
 //! which image viewers and UIs such as A1111/ComfyUI read back).
 
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
-use sdserve_pipeline::pipeline::{seed_of_image, GenerationParams, Mode, RgbImage, Variation};
+use sdserve_pipeline::pipeline::{
+    seed_of_image, GenerationParams, GuidanceSkips, Mode, RgbImage, Variation,
+};
 use sdserve_pipeline::schedulers::SchedulerKind;
 
 /// A1111's names for a scheduler: its sampler (`DPM++ 2M`) and, for the samplers that have a
@@ -25,11 +27,13 @@ fn latin1(s: &str) -> String {
         .collect()
 }
 
-/// The A1111 "parameters" string.
+/// The A1111 "parameters" string; `skips`: the negative guidance rules that skipped some
+/// evaluation of the run (their entries are written only then).
 pub fn parameters_text(
     p: &GenerationParams,
     model_version: &str,
     vae: Option<&crate::vaes::VaeUse>,
+    skips: GuidanceSkips,
 ) -> String {
     // A1111 keeps the LoRA tags in the prompt line.
     let mut s = p.prompt.clone();
@@ -53,7 +57,7 @@ pub fn parameters_text(
         None => "default".to_string(),
     };
     let scheduler = p.scheduler.map(|k| k.name()).unwrap_or("default");
-    let sampler_params = crate::validate::sampler_params::infotext(p);
+    let sampler_params = crate::validate::sampler_params::infotext(p, skips);
     // A1111 writes a sampler's eta where it is not the default: `Eta DDIM` for its timestep
     // samplers, `Eta` for k-diffusion's.
     let eta = match (p.scheduler.and_then(|k| Some((k, k.eta_default()?))), p.eta) {
@@ -174,6 +178,7 @@ pub fn batch_texts(
     p: &GenerationParams,
     model_version: &str,
     vae: Option<&crate::vaes::VaeUse>,
+    skips: GuidanceSkips,
 ) -> Vec<String> {
     (0..p.batch_size.max(1))
         .map(|i| {
@@ -185,7 +190,7 @@ pub fn batch_texts(
                 }),
                 ..p.clone()
             };
-            parameters_text(&one, model_version, vae)
+            parameters_text(&one, model_version, vae, skips)
         })
         .collect()
 }

@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// The parameters text as a run with every negative guidance rule on that skipped would write it.
+fn text_of(p: &GenerationParams, model_version: &str) -> String {
+    let skips = crate::validate::sampler_params::skips_where_on(p);
+    parameters_text(p, model_version, None, skips)
+}
+
 #[test]
 fn a1111_inpainting_writes_a1111_s_keys_in_its_order() {
     use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
@@ -28,7 +34,7 @@ fn a1111_inpainting_writes_a1111_s_keys_in_its_order() {
         }),
         ..Default::default()
     };
-    let text = parameters_text(&p, "m", None);
+    let text = text_of(&p, "m");
     assert!(
         text.ends_with(
             "Denoising strength: 0.75, Mode: inpaint, Mask mode: Inpaint not masked, \
@@ -46,7 +52,7 @@ fn a1111_inpainting_writes_a1111_s_keys_in_its_order() {
         only_masked_padding: None,
         mask_round: true,
     });
-    assert!(parameters_text(&p, "m", None).ends_with("Mode: inpaint"));
+    assert!(text_of(&p, "m").ends_with("Mode: inpaint"));
 }
 
 /// The extension's float sliders written as it writes them (`str()` of the unit's
@@ -145,7 +151,7 @@ fn roundtrip_with_parameters_chunk() {
         prompt_syntax: sdserve_pipeline::pipeline::PromptSyntax::A1111,
         ..Default::default()
     };
-    let text = parameters_text(&params, "m@1", None);
+    let text = text_of(&params, "m@1");
     // Clip skip and LoRAs read as A1111 writes them.
     let with_adapters = GenerationParams {
         clip_skip: 2,
@@ -155,7 +161,7 @@ fn roundtrip_with_parameters_chunk() {
         }],
         ..params.clone()
     };
-    let adapted = parameters_text(&with_adapters, "m@1", None);
+    let adapted = text_of(&with_adapters, "m@1");
     assert!(adapted.starts_with("a cat <lora:ink:0.8>\n"), "{adapted}");
     assert!(
         adapted.contains(", Size: 3x2, Clip skip: 2, Model: m@1"),
@@ -221,7 +227,7 @@ fn roundtrip_with_parameters_chunk() {
             eta,
             ..params.clone()
         };
-        let text = parameters_text(&p, "m@1", None);
+        let text = text_of(&p, "m@1");
         assert_eq!(text.contains("Eta"), !written.is_empty(), "{text}");
         assert!(text.contains(written), "{text}");
     }
@@ -249,7 +255,7 @@ fn roundtrip_with_parameters_chunk() {
             schedule: Some(schedule),
             ..params.clone()
         };
-        let t = parameters_text(&p, "m@1", None);
+        let t = text_of(&p, "m@1");
         assert!(
             t.contains(&format!("Sampler: {label}, Scheduler: {kind}")),
             "{t}"
@@ -299,13 +305,13 @@ fn noise_options_are_written_where_they_applied() {
         init_image: Some(init),
         ..noisy.clone()
     };
-    let text = parameters_text(&img2img, "m@1", None);
+    let text = text_of(&img2img, "m@1");
     assert!(
         text.contains(", Noise multiplier: 1.2, Extra noise: 0.3, Eta: 0.5, Version"),
         "{text}"
     );
     // Text-to-image without the hires pass starts from no image: neither applied.
-    let text = parameters_text(&noisy, "m@1", None);
+    let text = text_of(&noisy, "m@1");
     assert!(
         !text.contains("Noise multiplier") && !text.contains("Extra noise"),
         "{text}"

@@ -50,8 +50,8 @@ pub use hires::{Hires, Upscaler};
 pub use images_in::{seed_of_image, InitImage, Mode};
 pub use limits::ModelLimits;
 pub use params::{
-    GenerationParams, GuidanceRule, LoraWeight, NegativeGuidance, PromptSyntax, RgbImage, StepHook,
-    StepProgress,
+    GenerationParams, GuidanceRule, GuidanceSkips, LoraWeight, NegativeGuidance, PromptSyntax,
+    RgbImage, SkipRule, StepHook, StepProgress,
 };
 pub use prepare::ModelSchedules;
 pub use resize_mode::{check_latent_upscale_mask, ResizeMode};

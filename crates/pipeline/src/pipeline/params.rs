@@ -240,13 +240,42 @@ impl NegativeGuidance {
         total_steps: usize,
         sigma: impl FnOnce() -> crate::Result<f64>,
     ) -> crate::Result<bool> {
-        if self.skip_early != 0.0 && evaluation as f64 / total_steps as f64 <= self.skip_early {
-            return Ok(true);
-        }
-        Ok(self.min_sigma > 0.0
-            && (evaluation % 2 == 1 || self.all_steps)
-            && (sigma()? as f32) < self.min_sigma as f32)
+        Ok(self.skip_rule(evaluation, total_steps, sigma)?.is_some())
     }
+
+    /// [`Self::skips`], saying which rule skipped (A1111 writes each rule's infotext entry
+    /// where that rule skipped an evaluation).
+    pub fn skip_rule(
+        &self,
+        evaluation: usize,
+        total_steps: usize,
+        sigma: impl FnOnce() -> crate::Result<f64>,
+    ) -> crate::Result<Option<SkipRule>> {
+        if self.skip_early != 0.0 && evaluation as f64 / total_steps as f64 <= self.skip_early {
+            return Ok(Some(SkipRule::Early));
+        }
+        let ngms = self.min_sigma > 0.0
+            && (evaluation % 2 == 1 || self.all_steps)
+            && (sigma()? as f32) < self.min_sigma as f32;
+        Ok(ngms.then_some(SkipRule::MinSigma))
+    }
+}
+
+/// Which of [`NegativeGuidance`]'s rules skipped an evaluation's negative prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipRule {
+    /// "Skip Early CFG".
+    Early,
+    /// The negative guidance minimum sigma (NGMS).
+    MinSigma,
+}
+
+/// Whether each of [`NegativeGuidance`]'s rules skips the negative prompt on some UNet
+/// evaluation of a request: A1111 writes `Skip Early CFG` and `NGMS` in the infotext only then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuidanceSkips {
+    pub early: bool,
+    pub min_sigma: bool,
 }
 
 /// [`GenerationParams::runs_negative_prompt`] for a pass of `scheduler` at `guidance_scale`.

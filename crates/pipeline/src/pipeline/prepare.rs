@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::{GenerationParams, StableDiffusion, StepRule};
+use super::{GenerationParams, GuidanceSkips, SkipRule, StableDiffusion, StepRule};
 use crate::rng::TorchRng;
 use crate::schedulers::{self, Scheduler};
 use crate::Result;
@@ -184,6 +184,35 @@ impl ModelSchedules {
             params.steps * first.0.order(),
             hires.map(|((second, _), h)| h.steps * second.order()),
         ))
+    }
+
+    /// Which of `params.negative_guidance`'s rules skip the negative prompt on some UNet
+    /// evaluation of its passes, as `denoise` applies them (each pass counted from 0 against
+    /// its own A1111 `total_steps`). DPM adaptive decides its evaluations as it runs: the ones
+    /// listed before it does.
+    pub fn guidance_skips(&self, params: &GenerationParams) -> Result<GuidanceSkips> {
+        let (first, hires) = self.pass_schedulers(params)?;
+        let mut skips = GuidanceSkips::default();
+        let passes = [
+            Some((first, params.steps_run())),
+            hires.map(|pass| (pass, params.hires_steps())),
+        ];
+        for ((scheduler, begin), steps_run) in passes.into_iter().flatten() {
+            let total_steps = steps_run * scheduler.order();
+            for (index, &t) in scheduler.timesteps().iter().enumerate().skip(begin) {
+                let sigma = || match scheduler.guidance_sigma(index) {
+                    Some(sigma) => Ok(sigma),
+                    None => self.sigma_at(t),
+                };
+                let guidance = &params.negative_guidance;
+                match guidance.skip_rule(index - begin, total_steps, sigma)? {
+                    Some(SkipRule::Early) => skips.early = true,
+                    Some(SkipRule::MinSigma) => skips.min_sigma = true,
+                    None => {}
+                }
+            }
+        }
+        Ok(skips)
     }
 
     /// The schedulers of the first pass and of the hires pass (where the request has one), each

@@ -15,6 +15,7 @@ mod common;
 mod a1111_cfg_below_one;
 mod a1111_cfgpp;
 mod a1111_dpm2;
+mod a1111_guidance_infotext;
 mod a1111_inpaint;
 mod a1111_inpaint_timesteps;
 mod a1111_sampler_params;

@@ -556,7 +556,8 @@ pub(crate) fn job_spec(
     if let Some(o) = request.as_object_mut() {
         o.extend(sampler_params_json(&params));
     }
-    let mut png_texts = crate::png::batch_texts(&params, &info.model_version, vae.as_ref());
+    let skips = crate::validate::sampler_params::skips(&params, info.schedules.as_deref());
+    let mut png_texts = crate::png::batch_texts(&params, &info.model_version, vae.as_ref(), skips);
     if let Some(h) = &req.hires {
         for text in &mut png_texts {
             text.push_str(&h.infotext_suffix());

@@ -5,7 +5,9 @@
 //! (`negative_guidance_skip_early`: `skip_early_cond`, "Skip Early CFG"). Their rules, and what
 //! the metadata and the infotext say of them.
 
-use sdserve_pipeline::pipeline::{GenerationParams, NegativeGuidance};
+use sdserve_pipeline::pipeline::{
+    GenerationParams, GuidanceRule, GuidanceSkips, ModelSchedules, NegativeGuidance,
+};
 use sdserve_pipeline::schedulers::Churn;
 
 use super::fields::FieldReader;
@@ -66,14 +68,34 @@ pub fn applied_churn(p: &GenerationParams) -> Option<[Option<f64>; 4]> {
     })
 }
 
-/// The negative guidance minimum sigma where it applied (on, with guidance).
+/// The negative guidance minimum sigma where it applied: on, with guidance, or under A1111's
+/// rule, whose CFG denoiser applies it at every scale (at exactly 1 a skip changes nothing).
 pub fn applied_guidance(p: &GenerationParams) -> Option<NegativeGuidance> {
     let g = p.negative_guidance;
-    (g.min_sigma > 0.0 && p.runs_negative_prompt()).then_some(g)
+    let guided = p.runs_negative_prompt() || p.guidance_rule == GuidanceRule::A1111;
+    (g.min_sigma > 0.0 && guided).then_some(g)
 }
 
-/// The early skip where it is on. A1111 writes `Skip Early CFG` whenever it is (its first
-/// call, `0 / total_steps`, always skips), whatever the guidance scale.
+/// Which rules skip some evaluation of the run (what the infotext writes), counted on the
+/// model's schedules; without them, or where they refuse the request, each rule where it is on.
+pub fn skips(p: &GenerationParams, schedules: Option<&ModelSchedules>) -> GuidanceSkips {
+    match schedules.map(|s| s.guidance_skips(p)) {
+        Some(Ok(skips)) => skips,
+        _ => skips_where_on(p),
+    }
+}
+
+/// Each rule wherever it is on: the skips where they cannot be counted.
+pub fn skips_where_on(p: &GenerationParams) -> GuidanceSkips {
+    let g = p.negative_guidance;
+    GuidanceSkips {
+        early: g.skip_early != 0.0,
+        min_sigma: g.min_sigma > 0.0,
+    }
+}
+
+/// The early skip where it is on (A1111's first call, `0 / total_steps`, always skips, whatever
+/// the guidance scale).
 pub fn applied_skip_early(p: &GenerationParams) -> Option<f64> {
     let s = p.negative_guidance.skip_early;
     (s != 0.0).then_some(s)
@@ -83,9 +105,10 @@ pub fn applied_skip_early(p: &GenerationParams) -> Option<f64> {
 /// `Sigma noise`, `Skip Early CFG`, `NGMS`, `NGMS all steps`), in the order it adds them: the
 /// sampler's at its start, the early skip at the first call, NGMS at a later one. A1111 writes the churn values only when they came from its
 /// options (a request's own `s_churn` runs unwritten); they are written here wherever they
-/// apply, so that the text reproduces the image. `NGMS` is written where it is on (A1111: once a
-/// step skipped the negative prompt).
-pub fn infotext(p: &GenerationParams) -> String {
+/// apply, so that the text reproduces the image. `Skip Early CFG` and `NGMS` are written, as
+/// A1111 writes them, only where an evaluation of the run skipped the negative prompt by that
+/// rule (`skips`): NGMS's sigma may never be reached, or every evaluation below it skip early.
+pub fn infotext(p: &GenerationParams, skips: GuidanceSkips) -> String {
     let mut s = String::new();
     if let Some(values) = applied_churn(p) {
         let names = ["Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise"];
@@ -95,10 +118,10 @@ pub fn infotext(p: &GenerationParams) -> String {
             }
         }
     }
-    if let Some(v) = applied_skip_early(p) {
+    if let Some(v) = applied_skip_early(p).filter(|_| skips.early) {
         s.push_str(&format!(", Skip Early CFG: {v:?}"));
     }
-    if let Some(g) = applied_guidance(p) {
+    if let Some(g) = applied_guidance(p).filter(|_| skips.min_sigma) {
         s.push_str(&format!(", NGMS: {:?}", g.min_sigma));
         if g.all_steps {
             s.push_str(", NGMS all steps: True");
@@ -146,7 +169,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            infotext(&p),
+            infotext(&p, skips_where_on(&p)),
             ", Sigma churn: 2.0, Sigma tmin: 0.5, Sigma noise: 0.9, Skip Early CFG: 0.25, \
              NGMS: 1.5, NGMS all steps: True"
         );
@@ -157,12 +180,12 @@ mod tests {
             guidance_scale: 1.0,
             ..p
         };
-        assert_eq!(infotext(&p), ", Skip Early CFG: 0.25");
+        assert_eq!(infotext(&p, skips_where_on(&p)), ", Skip Early CFG: 0.25");
         let p = GenerationParams {
             negative_guidance: NegativeGuidance::default(),
             ..p
         };
-        assert_eq!(infotext(&p), "");
+        assert_eq!(infotext(&p, skips_where_on(&p)), "");
         // ddim_cfgpp runs the negative prompt at every scale: NGMS applies at 1 too.
         let p = GenerationParams {
             scheduler: Some(SchedulerKind::DdimCfgpp),
@@ -172,6 +195,32 @@ mod tests {
             },
             ..p
         };
-        assert_eq!(infotext(&p), ", NGMS: 4.5");
+        assert_eq!(infotext(&p, skips_where_on(&p)), ", NGMS: 4.5");
+        // Where no evaluation skipped by a rule, its entry is not written.
+        let none = GuidanceSkips::default();
+        assert_eq!(infotext(&p, none), "");
+        let p = GenerationParams {
+            negative_guidance: NegativeGuidance {
+                skip_early: 0.5,
+                ..p.negative_guidance
+            },
+            ..p
+        };
+        let early_only = GuidanceSkips {
+            early: true,
+            min_sigma: false,
+        };
+        assert_eq!(infotext(&p, early_only), ", Skip Early CFG: 0.5");
+        // A1111's rule applies NGMS at a scale of 1 too (its denoiser guides at every scale).
+        let p = GenerationParams {
+            scheduler: Some(SchedulerKind::EulerAncestral),
+            guidance_rule: GuidanceRule::A1111,
+            ..p
+        };
+        assert!(!p.runs_negative_prompt());
+        assert_eq!(
+            infotext(&p, skips_where_on(&p)),
+            ", Skip Early CFG: 0.5, NGMS: 4.5"
+        );
     }
 }

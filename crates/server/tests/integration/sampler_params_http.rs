@@ -171,3 +171,45 @@ fn skip_early_cfg_runs_as_a1111_s_option() {
     let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &body);
     assert_eq!(r.broken_fields(), vec!["override_settings.skip_early_cond"]);
 }
+
+/// A1111 writes `NGMS` only where a call skipped the negative prompt by it: not where the sigmas
+/// never fall below it, nor where "Skip Early CFG" skipped every call below it (its own entry
+/// stays: the first call always skips early). The native PNG's text and A1111's infotext alike.
+#[test]
+fn ngms_is_written_only_where_it_skipped() {
+    let s = tiny_server();
+    let text_of = |body: &Value| generate(&s, body).2;
+    // 4 steps on tiny-b: the smallest sigma is SD's, above 0.01.
+    let unreached = json!({"negative_guidance_min_sigma": 0.01});
+    let text = text_of(&native("euler", unreached));
+    assert!(!text.contains("NGMS"), "{text}");
+    let covered = json!({"negative_guidance_min_sigma": 15.0, "negative_guidance_skip_early": 1.0});
+    let text = text_of(&native("euler", covered));
+    assert!(
+        text.contains(", Skip Early CFG: 1.0") && !text.contains("NGMS"),
+        "{text}"
+    );
+    // 0.25 of 4 skips calls 0 and 1 early; call 3 is odd and below 15.
+    let after = json!({"negative_guidance_min_sigma": 15.0, "negative_guidance_skip_early": 0.25});
+    let text = text_of(&native("euler", after));
+    assert!(
+        text.contains(", Skip Early CFG: 0.25, NGMS: 15.0"),
+        "{text}"
+    );
+
+    let infotext = |body: Value| {
+        let r = ok(&post_json_to(s.addr, "/sdapi/v1/txt2img", &body));
+        let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+        info["infotexts"][0].as_str().unwrap().to_string()
+    };
+    let text = infotext(a1111("Euler", json!({"s_min_uncond": 0.01})));
+    assert!(!text.contains("NGMS"), "{text}");
+    let covered = json!({"s_min_uncond": 15, "override_settings": {"skip_early_cond": 1.0}});
+    let text = infotext(a1111("Euler", covered));
+    assert!(
+        text.contains(", Skip Early CFG: 1.0") && !text.contains("NGMS"),
+        "{text}"
+    );
+    let text = infotext(a1111("Euler", json!({"s_min_uncond": 15})));
+    assert!(text.contains(", NGMS: 15.0"), "{text}");
+}
