@@ -77,7 +77,7 @@ fn a1111_txt2img_is_the_native_request_in_a1111_terms() {
             &s,
             json!({"prompt": "a cat", "negative_prompt": "dog", "seed": 5 + i, "steps": 3,
                    "guidance_scale": 6, "width": 256, "height": 320,
-                   "scheduler": "dpmpp_2m_karras"}),
+                   "scheduler": "dpmpp_2m_karras", "guidance_rule": "a1111"}),
         );
         assert_eq!(px, want, "image {i}");
         assert_eq!(info["infotexts"][i], text.unwrap());
@@ -98,7 +98,7 @@ fn a1111_txt2img_is_the_native_request_in_a1111_terms() {
     let want = native_pixels(
         &s,
         json!({"prompt": "x", "seed": seed, "steps": 50, "guidance_scale": 7,
-               "width": 256, "height": 256, "scheduler": "euler"}),
+               "width": 256, "height": 256, "scheduler": "euler", "guidance_rule": "a1111"}),
     );
     assert_eq!(decode_png(r.json()["images"][0].as_str().unwrap()).2, want);
 }

@@ -11,7 +11,8 @@ fn a1111_tiling_is_the_native_tiling_request() {
     let a1111 = json!({"prompt": "stone wall", "seed": 9, "steps": 3, "width": 256,
                        "height": 256, "sampler_name": "Euler", "cfg_scale": 7.5});
     let native = json!({"prompt": "stone wall", "seed": 9, "steps": 3, "width": 256,
-                        "height": 256, "scheduler": "euler", "guidance_scale": 7.5});
+                        "height": 256, "scheduler": "euler", "guidance_scale": 7.5,
+                        "guidance_rule": "a1111"});
     let with = |body: &Value, tiling: Value| {
         let mut body = body.clone();
         body["tiling"] = tiling;
