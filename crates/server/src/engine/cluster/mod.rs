@@ -43,6 +43,7 @@ mod worker;
 use store::Store;
 pub mod wire;
 mod wire_hires;
+mod wire_record;
 
 /// Longest a request waits on Redis before answering 503.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);

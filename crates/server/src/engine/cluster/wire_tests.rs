@@ -1,6 +1,11 @@
 //! Tests of the wire format (split from wire.rs).
 
+use std::sync::Arc;
+
 use super::*;
+use crate::engine::job::{JobEvent, JobProgress};
+use crate::error::{ApiError, TimeoutInfo};
+use crate::generator::ModelInfo;
 
 #[test]
 fn events_round_trip_through_their_message() {
