@@ -37,6 +37,9 @@ key layout, in a folder laid out as ANNOTATOR_DIR expects (`<subfolder>/<file>`,
                                         (tf_efficientnet_b5_ap), {"model": {"module.<name>"}}
   leres/res101.pth                      RelDepthModel("resnext101") as apply_leres builds it,
                                         under `depth_model` with `module.` names
+  lama/ControlNetLama.pth               FFCResNetGenerator as config.yaml builds it (ngf 64, 3
+                                        downsamplings, 18 FFC resnet blocks at ratio 0.75), the
+                                        generator's state dict (make_lama_fixtures.full_width)
   bench_photo.png                       the benchmarks' 512 x 512 photo-like image (PHOTO)
 
 The classes are taken from a checkout of the extension the way the fixture scripts
@@ -300,6 +303,24 @@ def leres(ext):
              lambda p: scale_torch(p[:, :, ::-1].copy())[None])]
 
 
+def lama(ext):
+    """LaMa's generator at its real widths (make_lama_fixtures.full_width: the fixture's random
+    weights) and the extension's inpaint_only+lama running it on the image with a centred
+    rectangle masked; the network's input is LamaInpainting's feed of the padded RGBA."""
+    import make_lama_fixtures as lama_fx
+    annotator_package(ext)
+    net = lama_fx.full_width(ext)
+    _, module, _, _ = lama_fx.extension_parts(ext, net)
+
+    def with_mask(img):
+        h, w = img.shape[:2]
+        return np.concatenate([img, lama_fx.rect(h, w)[:, :, None]], axis=2)
+
+    return [("lama", "ControlNetLama.pth", net, net.state_dict(),
+             {"inpaint_only+lama": lambda img, res: module(with_mask(img))[:, :, :3]},
+             lambda p: lama_fx.feed_tensor(with_mask(p)))]
+
+
 def chw(padded, scale, offset=0.0):
     """The padded HWC uint8 image as the detectors feed it: 1 x C x H x W f32, v * scale + offset."""
     x = torch.from_numpy(np.ascontiguousarray(padded)).float() * scale + offset
@@ -311,7 +332,7 @@ def build(ext):
     fn(padded) -> the network's input), and the extension's resize_image_with_pad."""
     out = []
     for part in [hed, pidinet, lineart, manga_line, teed, mlsd, depth_anything_v2, depth_anything,
-                 midas, normalbae, leres]:
+                 midas, normalbae, leres, lama]:
         out += part(ext)
     return out, RESIZE[0]
 

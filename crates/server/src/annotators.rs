@@ -255,6 +255,7 @@ mod tests {
                 "mlsd_large_512_fp32.pth",
                 NORMAL_BAE_FILE,
                 "res101.pth",
+                "ControlNetLama.pth",
                 "body_pose_model.pth",
                 "hand_pose_model.pth",
                 "facenet.pth"

@@ -6,7 +6,7 @@
 //! image is enlarged, IPP's cubic resize is matched within a level, so within a bound).
 //! The model-based modules in `controlnet_preprocess_modules/`: `hed.rs`, `lineart.rs`,
 //! `manga_line.rs`, `openpose.rs`, `pidinet.rs`, `teed.rs`, `anyline.rs`, `mlsd.rs`, `depth_anything.rs`, `midas.rs`, `normalbae.rs`,
-//! `leres.rs`.
+//! `leres.rs`, `lama.rs`.
 
 #[path = "controlnet_preprocess_modules/anyline.rs"]
 mod anyline;
@@ -15,6 +15,8 @@ use crate::common;
 mod depth_anything;
 #[path = "controlnet_preprocess_modules/hed.rs"]
 mod hed;
+#[path = "controlnet_preprocess_modules/lama.rs"]
+mod lama;
 #[path = "controlnet_preprocess_modules/leres.rs"]
 mod leres;
 #[path = "controlnet_preprocess_modules/lineart.rs"]

@@ -17,7 +17,8 @@
 //! depth_anything_v2: DINOv2 and the DPT head), `midas` (depth_midas, normal_midas: DPT-Hybrid,
 //! its ResNet in `midas/resnet.rs`), `normalbae` (normal_bae: Bae et al.'s NNET, its
 //! EfficientNet-B5 encoder in `normalbae/efficientnet.rs`), `leres` (depth_leres: LeReS, its ResNeXt in
-//! `leres/resnext.rs`), `openpose` (the OpenPose body network and its maps),
+//! `leres/resnext.rs`), `lama` (inpaint_only+lama: LaMa's FFC ResNet generator in `lama/ffc.rs`,
+//! its Fourier unit's FFTs in `lama/fourier.rs`; OpenCV's 8-bit linear resize), `openpose` (the OpenPose body network and its maps),
 //! `openpose_body` (peaks, limbs and people from those maps), `openpose_hand` (the hand and
 //! face network, the hands' boxes and keypoints), `openpose_face` (the face's box and
 //! keypoints), `pose_draw` (the pose drawn with OpenCV's ellipse, convex fill, circle and
@@ -32,6 +33,7 @@ mod colour;
 mod depth_anything;
 mod gaussian;
 mod hed;
+mod lama;
 mod leres;
 mod line;
 mod lineart;
@@ -72,6 +74,10 @@ pub use depth_anything::{
 };
 pub use gaussian::{gaussian_blur_f32, gaussian_blur_u8};
 pub use hed::{hed_edges, hed_logits, resize_linear_f32, scribble_hed, HedNetwork, HED, HED_FILE};
+pub use lama::{
+    inpaint_only_lama, lama_finish, lama_inpaint, lama_output, lama_padded, resize_linear,
+    LamaNetwork, LAMA, LAMA_FILE, LAMA_RESOLUTION,
+};
 pub use leres::{depth_leres_map, leres_depth, leres_module, LeresNetwork, LERES, LERES_FILE};
 pub use line::{draw_line, line_pixels};
 pub use lineart::{

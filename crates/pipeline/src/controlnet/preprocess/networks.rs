@@ -56,6 +56,7 @@ pub static ANNOTATOR_FILES: &[&AnnotatorFile] = &[
     &super::MIDAS,
     &super::NORMAL_BAE,
     &super::LERES,
+    &super::LAMA,
     &super::BODY_POSE,
     &super::HAND_POSE,
     &super::FACENET,
