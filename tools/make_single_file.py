@@ -20,10 +20,6 @@ Writes, under OUT (default crates/pipeline/tests/fixtures/single-file):
   features-legacy.ckpt   the same dict with _use_new_zipfile_serialization=False
   features.safetensors   the expected tensors of features*.ckpt (contiguous)
   features.json          the expected non-tensor values
-  inpaint-probe.ckpt     only the first UNet convolution of an inpainting checkpoint
-                         (`model.diffusion_model.input_blocks.0.0.weight`, 9 input
-                         channels, zeros, fp16, under "state_dict" as sd-v1-5-inpainting.ckpt):
-                         what a MODELS_DIR probe reads to know a .ckpt inpaints
   malicious-*.ckpt       pickles that would run a command if unpickled by Python
                          (os.system / builtins.exec / builtins.eval via REDUCE); each
                          command creates /tmp/sdserve_ckpt_pwned_<name>. They are
@@ -32,7 +28,6 @@ Writes, under OUT (default crates/pipeline/tests/fixtures/single-file):
 Usage:
   python tools/make_single_file.py [--model DIR] [--out DIR] [--no-check]
   python tools/make_single_file.py --model DIR --single-file OUT.safetensors [--dtype fp16]
-  python tools/make_single_file.py --only-inpaint-probe [--out DIR]
 """
 
 import argparse
@@ -297,15 +292,6 @@ def malicious(out):
         f.write("\n")
 
 
-def inpaint_probe(out):
-    weight = torch.zeros(8, 9, 3, 3, dtype=torch.float16)
-    p = os.path.join(out, "inpaint-probe.ckpt")
-    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": weight}}, p)
-    back = torch.load(p, weights_only=True)["state_dict"]
-    assert back["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 9
-    print(f"wrote {p}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(FIXTURES, "tiny-a"))
@@ -313,12 +299,7 @@ def main():
     ap.add_argument("--single-file", help="only write this one LDM .safetensors and stop")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--only-inpaint-probe", action="store_true", help="write inpaint-probe.ckpt only")
     args = ap.parse_args()
-    if args.only_inpaint_probe:
-        inpaint_probe(args.out)
-        return
-
     torch.manual_seed(0)
     parts = load_folder(args.model)
     ldm = to_ldm(parts)
@@ -357,7 +338,6 @@ def main():
         assert all(torch.equal(back["state_dict"][k], expected[k]) for k in expected), fn
     print("wrote features.ckpt, features-legacy.ckpt, features.safetensors, features.json")
 
-    inpaint_probe(args.out)
     malicious(args.out)
 
 

@@ -80,8 +80,6 @@ pub struct ModelInfo {
     pub default_schedule: SigmaSchedule,
     /// The LoRA files and embeddings requests may use.
     pub adapters: crate::adapters::Adapters,
-    /// An inpainting model (9-channel UNet): every request needs an init image and a mask.
-    pub inpainting: bool,
     /// A guidance-distilled (LCM) model (its UNet config sets `time_cond_proj_dim`): prompts
     /// with AND parts are refused before queueing, as the run would refuse them.
     pub guidance_distilled: bool,
@@ -228,7 +226,6 @@ impl FakeSpec {
                     default_scheduler: self.scheduler,
                     default_schedule: self.scheduler.schedule(),
                     adapters: Default::default(),
-                    inpainting: false,
                     guidance_distilled: false,
                     memory: None,
                     schedules: None,

@@ -278,7 +278,6 @@ pub fn load_real(
         default_scheduler: sd.default_scheduler(),
         default_schedule: sd.default_schedule(),
         adapters,
-        inpainting: sd.is_inpainting(),
         guidance_distilled: sd.is_guidance_distilled(),
         memory: gpu::MemoryBudget::of(&setup).map(std::sync::Arc::new),
         schedules: Some(std::sync::Arc::new(sd.schedules().clone())),

@@ -148,16 +148,14 @@ impl Catalog {
     /// are the loaded model's (`base`): the same folders, the same device. Blocking (files).
     pub fn probe(&self, entry: &ModelEntry, base: &ModelInfo) -> Result<ModelInfo, String> {
         let opts = self.hub_options();
-        let (model_version, schedules, ((inpainting, guidance_distilled), limits)) = match entry
-            .kind
-        {
+        let (model_version, schedules, (guidance_distilled, limits)) = match entry.kind {
             ModelKind::Folder => (
                 crate::hub::folder_version(&entry.path, &opts).map_err(|e| e.to_string())?,
                 schedules_of(read_json(
                     &entry.path.join("scheduler/scheduler_config.json"),
                 )?)?,
                 (
-                    folder_unet_kind(&entry.path)?,
+                    folder_distilled(&entry.path)?,
                     Some(
                         sdserve_pipeline::pipeline::ModelLimits::of_folder(&entry.path)
                             .map_err(|e| e.to_string())?,
@@ -182,7 +180,6 @@ impl Catalog {
             model_version,
             default_scheduler: schedules.default_scheduler(),
             default_schedule: schedules.default_schedule(),
-            inpainting,
             guidance_distilled,
             adapters: base.adapters.clone(),
             memory: base.memory.clone(),
@@ -192,23 +189,15 @@ impl Catalog {
     }
 }
 
-/// Whether a single-file checkpoint inpaints and is guidance-distilled (never: single files
-/// convert without `time_cond_proj_dim`), and its limits as its conversion would infer its
+/// Whether a single-file checkpoint is guidance-distilled (never: single files convert without
+/// `time_cond_proj_dim`), and its limits as its conversion would infer its
 /// configs; `None` (the run checks, and says why) when its names and shapes are not a model's.
-fn single_file_facts(
-    path: &Path,
-) -> (
-    (bool, bool),
-    Option<sdserve_pipeline::pipeline::ModelLimits>,
-) {
+fn single_file_facts(path: &Path) -> (bool, Option<sdserve_pipeline::pipeline::ModelLimits>) {
     match &*crate::single_files::shapes(path) {
-        Ok(shapes) => {
-            let in_channels = shapes.unet.get("conv_in.weight").and_then(|s| s.get(1));
-            ((in_channels == Some(&9), false), Some(shapes.limits))
-        }
+        Ok(shapes) => (false, Some(shapes.limits)),
         Err(e) => {
             tracing::debug!(model = %path.display(), error = %e, "a single file's limits are not known before it loads");
-            ((file_inpainting(path), false), None)
+            (false, None)
         }
     }
 }
@@ -258,55 +247,10 @@ fn schedules_of(cfg: SchedulerConfig) -> Result<ModelSchedules, String> {
     ModelSchedules::from_config(cfg).map_err(|e| e.to_string())
 }
 
-/// Whether a folder's UNet inpaints (it takes the latents, the mask and the masked image's
-/// latents) and whether it is guidance-distilled (`time_cond_proj_dim`, LCM).
-fn folder_unet_kind(dir: &Path) -> Result<(bool, bool), String> {
+/// Whether a folder's UNet is guidance-distilled (`time_cond_proj_dim`, LCM).
+fn folder_distilled(dir: &Path) -> Result<bool, String> {
     let unet: serde_json::Value = read_json(&dir.join("unet/config.json"))?;
-    let vae: serde_json::Value = read_json(&dir.join("vae/config.json")).unwrap_or_default();
-    let in_channels = unet["in_channels"].as_u64().unwrap_or(4);
-    let latent = vae["latent_channels"].as_u64().unwrap_or(4);
-    let distilled = !unet["time_cond_proj_dim"].is_null();
-    Ok((in_channels == 2 * latent + 1, distilled))
-}
-
-/// The key of the UNet's first convolution in an original-layout checkpoint: 9 input channels
-/// (latents, mask, masked image) make an inpainting model.
-const UNET_IN_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
-
-/// Whether a single-file checkpoint inpaints, from its first UNet convolution's shape: a
-/// `.safetensors` header or a `.ckpt`'s pickle (read as data, no tensor bytes). Unreadable: no
-/// (the load says why).
-fn file_inpainting(path: &Path) -> bool {
-    let in_channels = match path.extension().and_then(|e| e.to_str()) {
-        Some(e) if e.eq_ignore_ascii_case("safetensors") => safetensors_in_channels(path),
-        _ => ckpt_in_channels(path),
-    };
-    in_channels == Some(9)
-}
-
-fn safetensors_in_channels(path: &Path) -> Option<u64> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).ok()?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return None;
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
-    v[UNET_IN_KEY]["shape"][1].as_u64()
-}
-
-fn ckpt_in_channels(path: &Path) -> Option<u64> {
-    let ckpt = sdserve_pipeline::ckpt::Checkpoint::open(path).ok()?;
-    let (_, tensor) = ckpt
-        .state_dict()
-        .ok()?
-        .into_iter()
-        .find(|(k, _)| k == UNET_IN_KEY)?;
-    tensor.shape.get(1).map(|&c| c as u64)
+    Ok(!unet["time_cond_proj_dim"].is_null())
 }
 
 /// One model as `GET /models` lists it.
@@ -421,7 +365,6 @@ mod tests {
             default_scheduler: SchedulerKind::Euler,
             default_schedule: SigmaSchedule::Uniform,
             adapters: Default::default(),
-            inpainting: false,
             guidance_distilled: false,
             memory: None,
             schedules: None,
@@ -442,25 +385,11 @@ mod tests {
             "{}",
             b.model_version
         );
-        assert!(!b.inpainting);
         let inpaint = c.probe(&c.find("tiny-inpaint").unwrap(), &base).unwrap();
-        assert!(inpaint.inpainting);
         assert!(!b.guidance_distilled && !inpaint.guidance_distilled);
         let lcm = c.probe(&c.find("tiny-lcm").unwrap(), &base).unwrap();
-        assert!(lcm.guidance_distilled && !lcm.inpainting);
+        assert!(lcm.guidance_distilled);
         assert_eq!(lcm.default_scheduler, SchedulerKind::Lcm);
-        // Single files: the first UNet convolution's input channels, from a .safetensors
-        // header or a .ckpt's pickle.
-        let files = fixtures().join("single-file");
-        assert!(file_inpainting(&files.join("inpaint-probe.ckpt")));
-        assert_eq!(ckpt_in_channels(&files.join("tiny-a-fp16.ckpt")), Some(4));
-        assert_eq!(
-            safetensors_in_channels(&files.join("tiny-a.safetensors")),
-            Some(4)
-        );
-        assert!(!file_inpainting(&files.join("features-legacy.ckpt")));
-        assert!(!file_inpainting(&files.join("malicious-os-system.ckpt")));
-        assert!(!Path::new("/tmp/sdserve_ckpt_pwned_os-system").exists());
         std::fs::remove_dir_all(&cache).unwrap();
     }
 

@@ -333,10 +333,16 @@ impl StableDiffusion {
         // The ControlNets again, at this pass's size, as the extension's `hr_option` says.
         let control =
             self.prepare_control(&pass.params, super::control::ControlPass::Hires, None)?;
+        // An inpainting UNet's hires pass repaints the whole image, as A1111's
+        // (`txt2img_image_conditioning` at this size, its `inpainting_mask_weight` 1).
+        let inpaint = match self.is_inpainting() {
+            true => Some(self.unmasked_inpaint_state((w, h), &mut rngs)?),
+            false => None,
+        };
         let latents = self.denoise(
             images_in::Start {
                 latents: start,
-                inpaint: None,
+                inpaint,
             },
             &text_embeddings,
             pass.scheduler.as_mut(),

@@ -209,29 +209,19 @@ impl StableDiffusion {
         let unet = self.unet_in_channels;
         let latent = self.vae_latent_channels;
         let inpainting_unet = unet == 2 * latent + 1;
-        match &params.init_image {
-            None if inpainting_unet => Err(PipelineError::InvalidRequest(format!(
-                "this is an inpainting model (its UNet takes {unet} channels): it needs an init \
-                 image and a mask"
-            ))),
-            None => Ok(()),
-            Some(init) => {
-                params.step_rule.slice(params.steps, init.strength)?;
-                match (&init.mask, inpainting_unet) {
-                    (None, true) => Err(PipelineError::InvalidRequest(format!(
-                        "this is an inpainting model (its UNet takes {unet} channels): it needs \
-                         a mask"
-                    ))),
-                    _ if !inpainting_unet && unet != latent => {
-                        Err(PipelineError::InvalidRequest(format!(
-                            "a UNet taking {unet} channels cannot start from an image (VAE \
-                             latents have {latent})"
-                        )))
-                    }
-                    _ => Ok(()),
-                }
-            }
+        // An inpainting UNet runs without a mask too (the whole image repainted:
+        // `unmasked_inpaint_state`); another UNet must take the VAE's latents alone.
+        if !inpainting_unet && unet != latent {
+            return Err(PipelineError::InvalidRequest(format!(
+                "a UNet taking {unet} channels cannot run here (VAE latents have {latent}; an \
+                 inpainting UNet takes {})",
+                2 * latent + 1
+            )));
         }
+        if let Some(init) = &params.init_image {
+            params.step_rule.slice(params.steps, init.strength)?;
+        }
+        Ok(())
     }
 
     /// A1111's inpainting: the init image and mask as its preprocessing leaves them (at the
@@ -343,6 +333,34 @@ impl StableDiffusion {
         Ok(Tensor::cat(&latents, 0)?.to_dtype(self.dtype)?)
     }
 
+    /// A 9-channel (inpainting) UNet's inputs where no image or mask is given (text-to-image,
+    /// the hires pass): the whole image repainted. A1111 conditions an inpainting model so in
+    /// txt2img and its hires pass (`txt2img_image_conditioning`: a mask of ones and the latents
+    /// of a grey image, 0 in [-1, 1]); diffusers' inpainting pipeline given an all-white mask
+    /// encodes the same zeros (`image * (mask < 0.5)`). One sample of them per generator,
+    /// drawn after the starting noise, as both draw it.
+    pub(super) fn unmasked_inpaint_state(
+        &self,
+        (width, height): (usize, usize),
+        rngs: &mut [TorchRng],
+    ) -> Result<InpaintState> {
+        let f = self.vae_scale_factor;
+        let grey = Tensor::zeros((1, 3, height, width), DType::F32, &self.device)?;
+        let dist = self.encode_images(&[&grey])?.remove(0);
+        let sf = self.vae_scaling_factor;
+        let masked = rngs
+            .iter_mut()
+            .map(|rng| Ok((dist.sample(rng)? * sf)?))
+            .collect::<Result<Vec<_>>>()?;
+        let n = rngs.len();
+        Ok(InpaintState {
+            mask: Tensor::ones((n, 1, height / f, width / f), DType::F32, &self.device)?,
+            kind: InpaintKind::Channels {
+                masked_image_latents: Tensor::cat(&masked, 0)?.to_dtype(self.dtype)?,
+            },
+        })
+    }
+
     /// img2img and inpainting's `prepare_latents` (+ `prepare_mask_latents`), one generator per
     /// image. Draw order per generator, as diffusers: img2img: the image's latent sample, then
     /// the noise; inpainting: the image's sample (4-channel UNet or strength < 1), the noise,
@@ -362,7 +380,22 @@ impl StableDiffusion {
         let init = &super::resize_mode::fit_init(init, params.resize_mode, w, h)?;
         let cat = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 0)?) };
 
-        let Some(mask_image) = &init.mask else {
+        // An inpainting UNet without a mask repaints the whole image: a white mask, as
+        // A1111's `inpainting_image_conditioning` without one (a mask of ones) and diffusers'
+        // inpainting pipeline given an all-white mask.
+        let white;
+        let mask = match &init.mask {
+            None if self.is_inpainting() => {
+                white = RgbImage {
+                    width: w as u32,
+                    height: h as u32,
+                    pixels: vec![255; w * h * 3],
+                };
+                Some(&white)
+            }
+            m => m.as_ref(),
+        };
+        let Some(mask_image) = mask else {
             // The latent upscale encodes the image at its own size, then resizes its latents.
             let (iw, ih) = (init.image.width as usize, init.image.height as usize);
             let upscale = params.resize_mode == ResizeMode::LatentUpscale && (iw, ih) != (w, h);

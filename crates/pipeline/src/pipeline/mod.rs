@@ -226,7 +226,12 @@ impl StableDiffusion {
         let start = match init {
             None => images_in::Start {
                 latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs)?,
-                inpaint: None,
+                inpaint: match self.is_inpainting() {
+                    true => {
+                        Some(self.unmasked_inpaint_state((params.width, params.height), &mut rngs)?)
+                    }
+                    false => None,
+                },
             },
             Some(init) => {
                 self.prepare_image_latents(params, init, scheduler.as_ref(), begin, &mut rngs)?

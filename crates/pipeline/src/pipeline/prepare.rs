@@ -43,7 +43,7 @@ impl StableDiffusion {
         rngs: &mut [TorchRng],
     ) -> Result<Tensor> {
         let shape = (
-            self.unet_in_channels,
+            self.vae_latent_channels,
             params.height / self.vae_scale_factor,
             params.width / self.vae_scale_factor,
         );

@@ -1,5 +1,7 @@
 //! img2img, inpainting (4- and 9-channel UNets) and batches against diffusers on the tiny
-//! fixture models (references from `tools/make_img2img_fixtures.py`, cases in `img2img.json`).
+//! fixture models (references from `tools/make_img2img_fixtures.py`, cases in `img2img.json`;
+//! an inpainting model without a mask: `tools/make_unmasked_inpainting_fixtures.py`, cases in
+//! `inpainting-unmasked.json`).
 
 use crate::common;
 
@@ -24,12 +26,19 @@ struct Fixtures {
 }
 
 fn load() -> Fixtures {
-    let text = std::fs::read_to_string(fixtures().join("img2img.json")).unwrap();
+    load_set("img2img")
+}
+
+/// The cases in `{stem}.json` and their references in `{stem}.safetensors`.
+fn load_set(stem: &str) -> Fixtures {
+    let text = std::fs::read_to_string(fixtures().join(format!("{stem}.json"))).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let cases = json["cases"].as_object().expect("cases").clone();
-    let tensors =
-        candle_core::safetensors::load(fixtures().join("img2img.safetensors"), &Device::Cpu)
-            .expect("references");
+    let tensors = candle_core::safetensors::load(
+        fixtures().join(format!("{stem}.safetensors")),
+        &Device::Cpu,
+    )
+    .expect("references");
     Fixtures {
         cases,
         tensors,
@@ -52,7 +61,11 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
 
 /// Runs every case whose label starts with one of `prefixes` and compares each image of it.
 fn check(prefixes: &[&str]) {
-    let mut f = load();
+    check_set("img2img", prefixes)
+}
+
+fn check_set(stem: &str, prefixes: &[&str]) {
+    let mut f = load_set(stem);
     let labels: Vec<String> = f
         .cases
         .keys()
@@ -139,6 +152,70 @@ fn batch_images_are_their_single_runs() {
     }
 }
 
+/// Without a mask an inpainting model repaints the whole image (A1111's conditioning of one in
+/// txt2img and img2img; diffusers' inpainting pipeline with an all-white mask): text-to-image
+/// at two sizes and three schedulers, img2img at two strengths.
+#[test]
+fn an_inpainting_model_without_a_mask_repaints_everything() {
+    check_set("inpainting-unmasked", &["txt2img.", "img2img."]);
+}
+
+/// The unmasked run is not the masked one: the mask's conditioning reaches the UNet.
+#[test]
+fn an_inpainting_models_mask_changes_its_image() {
+    let f = load_set("inpainting-unmasked");
+    let model = StableDiffusion::load(&fixtures().join("tiny-inpaint"), &Device::Cpu, DType::F32)
+        .expect("the 9-channel model loads");
+    let unmasked = params_of(&f.cases["img2img.euler.0.6"]);
+    let mut masked = unmasked.clone();
+    masked.init_image.as_mut().unwrap().mask = Some(read_png("mask-32x32.png"));
+    let a = &common::generate(&model, &unmasked)[0];
+    let b = &common::generate(&model, &masked)[0];
+    let (mean, _) = pixel_difference(&a.pixels, &b.pixels);
+    assert!(
+        mean > 3.0,
+        "the mask changed the image by only {mean} levels on average"
+    );
+}
+
+/// The hires fix on an inpainting model: its second pass is conditioned as the first (a mask
+/// of ones, a grey image's latents at the hires size, A1111's `txt2img_image_conditioning`),
+/// and repaints the enlarged image rather than returning it.
+#[test]
+fn an_inpainting_models_hires_pass_repaints_the_enlarged_image() {
+    use sdserve_pipeline::image_in::resize_lanczos;
+    use sdserve_pipeline::pipeline::{Hires, Upscaler};
+    let f = load_set("inpainting-unmasked");
+    let model = StableDiffusion::load(&fixtures().join("tiny-inpaint"), &Device::Cpu, DType::F32)
+        .expect("the 9-channel model loads");
+    let first = params_of(&f.cases["txt2img.euler_a"]);
+    let hires = GenerationParams {
+        hires: Some(Hires {
+            width: 48,
+            height: 48,
+            upscale_width: 48,
+            upscale_height: 48,
+            upscaler: Upscaler::Resize,
+            steps: 4,
+            strength: 0.6,
+            scheduler: None,
+            schedule: None,
+            prompt: None,
+            negative_prompt: None,
+        }),
+        ..first.clone()
+    };
+    let small = &common::generate(&model, &first)[0];
+    let large = &common::generate(&model, &hires)[0];
+    assert_eq!((large.width, large.height), (48, 48));
+    let enlarged = resize_lanczos(small, 48, 48);
+    let (mean, _) = pixel_difference(&large.pixels, &enlarged.pixels);
+    assert!(
+        mean > 3.0,
+        "the hires pass changed the enlarged image by only {mean} levels"
+    );
+}
+
 #[test]
 fn requests_the_model_cannot_run_are_refused() {
     let f = load();
@@ -155,13 +232,6 @@ fn requests_the_model_cannot_run_are_refused() {
             r.map(|v| v.len())
         );
     };
-    // A 9-channel UNet needs a mask: neither text-to-image nor img2img.
-    let mut no_mask = params.clone();
-    no_mask.init_image.as_mut().unwrap().mask = None;
-    refused(&inpaint_model, &no_mask);
-    let mut text_only = params.clone();
-    text_only.init_image = None;
-    refused(&inpaint_model, &text_only);
     // int(10 * 0.05) = 0 steps; strength above 1.
     params.init_image.as_mut().unwrap().strength = 0.05;
     refused(&inpaint_model, &params);

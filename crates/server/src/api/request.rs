@@ -457,7 +457,6 @@ pub(crate) fn job_spec(
             name.clone_from(&l.name);
         }
     }
-    validate::check_for_model(&req, info.inpainting)?;
     validate::check_limits(&req, info.limits.as_ref())?;
     let (scheduler, schedule) =
         req.resolve_schedule((info.default_scheduler, info.default_schedule))?;

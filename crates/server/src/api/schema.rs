@@ -364,7 +364,8 @@ pub struct GenerateRequest {
     #[schema(nullable = true, default = "just_resize")]
     pub resize_mode: Option<ResizeModeName>,
     /// Only with init_image, same size: inpainting. White = repaint, black = keep; grey is
-    /// binarised at 0.5. An inpainting model (9-channel UNet) needs it.
+    /// binarised at 0.5. Without it an inpainting model (9-channel UNet) repaints the whole
+    /// image, in text-to-image too (A1111's conditioning of one: a mask of ones).
     #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
     pub mask_image: Option<String>,
     /// Hires fix (text-to-image only): a second, img2img pass at a larger size over the

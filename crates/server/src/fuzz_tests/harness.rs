@@ -115,7 +115,6 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
                         default_scheduler: SchedulerKind::Pndm,
                         default_schedule: sdserve_pipeline::schedulers::SigmaSchedule::Uniform,
                         adapters: Default::default(),
-                        inpainting: false,
                         guidance_distilled: false,
                         memory: None,
                         schedules: None,

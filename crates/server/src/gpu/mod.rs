@@ -270,22 +270,10 @@ pub fn load(setup: &GpuSetup, dir: &Path) -> Result<StableDiffusion, String> {
     Ok(sd)
 }
 
-/// One small generation (CFG on, two steps) touching every kernel the real requests use; an
-/// inpainting model (which takes no text-only request) inpaints a grey square.
+/// One small generation (CFG on, two steps) touching every kernel the real requests use (an
+/// inpainting model's text-to-image encodes its grey conditioning image too).
 pub fn warm_up(sd: &StableDiffusion) -> Result<(), PipelineError> {
     let side = 8 * sd.vae_scale_factor();
-    let square = |v: u8| sdserve_pipeline::pipeline::RgbImage {
-        width: side as u32,
-        height: side as u32,
-        pixels: vec![v; side * side * 3],
-    };
-    let init_image = sd
-        .is_inpainting()
-        .then(|| sdserve_pipeline::pipeline::InitImage {
-            image: square(128),
-            mask: Some(square(255)),
-            strength: 1.0,
-        });
     let params = GenerationParams {
         prompt: "warm-up".into(),
         negative_prompt: String::new(),
@@ -295,7 +283,6 @@ pub fn warm_up(sd: &StableDiffusion) -> Result<(), PipelineError> {
         seed: 0,
         guidance_scale: 7.5,
         scheduler: None,
-        init_image,
         ..Default::default()
     };
     sd.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))

@@ -1,23 +1,10 @@
-//! The rules that depend on the loaded model: inpainting models, the device memory budget, the
-//! LoRAs it has, and what its configs allow (clip skip, sizes).
+//! The rules that depend on the loaded model: the device memory budget, the LoRAs it has, and
+//! what its configs allow (clip skip, sizes).
 
 use sdserve_pipeline::pipeline::{GenerationParams, ModelLimits};
 
 use super::ValidRequest;
 use crate::error::{ApiError, FieldError};
-
-/// The rule that depends on the loaded model: an inpainting model (9-channel UNet) runs only
-/// requests with an init image and a mask.
-pub fn check_for_model(req: &ValidRequest, inpainting_model: bool) -> Result<(), ApiError> {
-    if inpainting_model && req.mask_image.is_none() {
-        return Err(ApiError::validation(
-            "mask_image",
-            "is required: the loaded model is an inpainting model (its UNet takes the mask), \
-             it needs init_image and mask_image",
-        ));
-    }
-    Ok(())
-}
 
 /// Refuses a request whose images cannot fit the device memory budget under any memory plan
 /// (estimated; a large batch at a large size on a small budget), before it is queued: a 422

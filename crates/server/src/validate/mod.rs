@@ -36,7 +36,7 @@ mod valid_request;
 
 pub use controlnets::ValidControlNet;
 use fields::FieldReader;
-pub use for_model::{check_for_model, check_limits, check_loras, check_memory};
+pub use for_model::{check_limits, check_loras, check_memory};
 /// The keys of the native `hires` object.
 #[cfg(test)]
 pub use native_hires::FIELDS as HIRES_FIELDS;

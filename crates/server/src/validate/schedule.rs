@@ -161,7 +161,6 @@ mod tests {
             default_scheduler: schedules.default_scheduler(),
             default_schedule: schedules.default_schedule(),
             adapters: Default::default(),
-            inpainting: false,
             guidance_distilled,
             memory: None,
             schedules: Some(std::sync::Arc::new(schedules)),

@@ -233,10 +233,13 @@ fn tiny_inpaint() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures/tiny-inpaint")
 }
 
-/// The real pipeline on the 9-channel model: a mask is required; with one, it inpaints, and a
-/// JPEG init image works as a PNG does.
+/// The real pipeline on the 9-channel model: without a mask it repaints the whole image, so
+/// text-to-image runs (the same pixels as the pipeline run in-process: A1111's conditioning of
+/// an inpainting model, checked against diffusers in tests/integration/img2img_images.rs, as
+/// img2img without a mask is); with one, it inpaints, and a JPEG init image works as a PNG
+/// does.
 #[test]
-fn an_inpainting_model_needs_a_mask_and_inpaints() {
+fn an_inpainting_model_runs_with_and_without_a_mask() {
     let env = vec![
         (
             "MODEL_ID".to_string(),
@@ -245,20 +248,34 @@ fn an_inpainting_model_needs_a_mask_and_inpaints() {
         ("GENERATION_TIMEOUT_SECONDS".to_string(), "600".to_string()),
     ];
     let s = started(env, Duration::from_secs(300));
-    let init = b64(&png(256, 256, None));
-    let no_mask = s.post_json(&json!({"prompt": "a bench", "steps": 2, "init_image": init}));
-    assert_eq!(
-        no_mask.broken_fields(),
-        ["mask_image"],
-        "{}",
-        no_mask.text()
-    );
-    let text_only = s.post_json(&json!({"prompt": "a bench", "steps": 2}));
-    assert_eq!(
-        text_only.broken_fields(),
-        ["mask_image"],
-        "{}",
-        text_only.text()
+    let body = json!({"prompt": "a bench", "steps": 2, "seed": 5, "guidance_scale": 7.5,
+                      "width": 256, "height": 256});
+    let r = s.post_json(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["metadata"]["mode"], "txt2img");
+    let (w, h, pixels, _) = decode_png(r.json()["image_base64"].as_str().unwrap());
+    assert_eq!((w, h), (256, 256));
+    let sd = sdserve_pipeline::pipeline::StableDiffusion::load(
+        &tiny_inpaint(),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .expect("the 9-channel model loads");
+    let params = sdserve_pipeline::pipeline::GenerationParams {
+        prompt: "a bench".into(),
+        steps: 2,
+        seed: 5,
+        width: 256,
+        height: 256,
+        guidance_scale: 7.5,
+        ..Default::default()
+    };
+    let own = sd
+        .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .expect("the pipeline runs it");
+    assert!(
+        pixels == own[0].pixels,
+        "the server's image is the pipeline's"
     );
 
     let mut jpeg = std::io::Cursor::new(Vec::new());

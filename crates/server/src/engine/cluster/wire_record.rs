@@ -165,7 +165,6 @@ pub struct WireInfo {
     #[serde(default)]
     default_schedule: Option<String>,
     adapters: Adapters,
-    inpainting: bool,
     /// Absent from workers older than the field: not distilled (their workers still refuse
     /// AND parts when they run the job).
     #[serde(default)]
@@ -183,7 +182,6 @@ impl WireInfo {
             default_scheduler: i.default_scheduler.name().to_string(),
             default_schedule: Some(i.default_schedule.name().to_string()),
             adapters: i.adapters.clone(),
-            inpainting: i.inpainting,
             guidance_distilled: i.guidance_distilled,
             limits: i.limits,
         }
@@ -198,7 +196,6 @@ impl WireInfo {
                 None => default_scheduler.schedule(),
             },
             adapters: self.adapters.clone(),
-            inpainting: self.inpainting,
             guidance_distilled: self.guidance_distilled,
             // The worker checks each job against its own budget before running it.
             memory: None,

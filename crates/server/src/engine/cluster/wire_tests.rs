@@ -212,7 +212,6 @@ fn a_model_s_limits_go_to_the_api_replicas_and_older_workers_send_none() {
         default_scheduler: SchedulerKind::Pndm,
         default_schedule: SigmaSchedule::Uniform,
         adapters: Default::default(),
-        inpainting: false,
         guidance_distilled: false,
         memory: None,
         schedules: None,
