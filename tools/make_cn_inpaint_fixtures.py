@@ -21,8 +21,19 @@ post-processed as controlnet.py's `inpaint_only_post_processing` (the mask dilat
 box-blurred by cv2 with `control_net_inpaint_blur_sigma` 7, `m * x + (1 - m) * raw`),
 then taken to 8 bits as A1111 does (`(255 * x).astype(uint8)`).
 
+`inpaint_only+lama`: `inpaint_only`'s run (its name contains `inpaint_only`, so the hook
+restores and controlnet.py post-processes; its img2img fallback compares the name exactly and
+so never applies) with the first pass's starting noise replaced as the extension's
+`HackedImageRNG.next()` replaces `p.rng.next()` (controlnet.py's `noise_modifier`, the
+control's VAE latents): `predict_q_sample(ldm, x0, 999, noise)` (hook.py, taken with
+`functions`), passed to diffusers as `latents` (which multiplies them by init_noise_sigma),
+each generator having drawn its noise first so the sampler's later draws follow it. The
+control image stands for LaMa's output here (the preprocessor has its own fixtures:
+make_lama_fixtures.py).
+
 Writes crates/pipeline/tests/fixtures/controlnet_inpaint.{safetensors,json}
-(image.<case>: [batch, H, W, 3] u8; the `inpaint` cases round(x * 255) of output_type "np").
+(image.<case>: [batch, H, W, 3] u8; the `inpaint` cases round(x * 255) of output_type "np";
+latents1.<case>: the `inpaint_only+lama` cases' latents after the first step, f32).
 Reads cn-init-64.png and cn-mask-64.png (images/, from make_controlnet_fixtures.py).
 
 Pinned: torch 2.11.0, diffusers 0.42.1, opencv-python 4.10.0 (tools/requirements.txt).
@@ -70,6 +81,8 @@ class Ldm:
                             config["num_train_timesteps"], dtype=np.float64) ** 2
         ac = np.cumprod(1.0 - betas, axis=0)
         f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+        self.sqrt_alphas_cumprod = f32(np.sqrt(ac))
+        self.sqrt_one_minus_alphas_cumprod = f32(np.sqrt(1.0 - ac))
         self.sqrt_recip_alphas_cumprod = f32(np.sqrt(1.0 / ac))
         self.sqrt_recipm1_alphas_cumprod = f32(np.sqrt(1.0 / ac - 1))
 
@@ -125,7 +138,8 @@ def main():
     assert cv2.__version__ == "4.10.0", cv2.__version__
     ns = {"torch": torch, "extract_into_tensor": extract_into_tensor}
     hook, digests = functions(os.path.join(args.extension, "scripts", "hook.py"),
-                              ["predict_start_from_noise", "predict_noise_from_start"], ns)
+                              ["predict_start_from_noise", "predict_noise_from_start",
+                               "predict_q_sample"], ns)
     img_dir = os.path.join(FIXTURES, "images")
     image = Image.open(os.path.join(img_dir, "cn-init-64.png")).convert("RGB")
     mask = Image.open(os.path.join(img_dir, "cn-mask-64.png")).convert("RGB")
@@ -175,10 +189,24 @@ def main():
     def run(label, module, scale, start, end, scheduler, batch_size=1, **over):
         r = dict(base, **over)
         pipe.scheduler = make_scheduler(scheduler, own)
-        only = module == "inpaint_only"
+        only = "inpaint_only" in module
         pipe.unet.forward = restoring(scale) if only else unet_forward
         gens = [torch.Generator("cpu").manual_seed(r["seed"] + i) for i in range(batch_size)]
-        out = pipe(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
+        latents = None
+        if "+lama" in module:
+            # HackedImageRNG.next(): the image's noise carries the control's latents.
+            shape = (1, 4, r["height"] // 8, r["width"] // 8)
+            noise = torch.cat([torch.randn(shape, generator=g) for g in gens], 0)
+            ts = torch.tensor([999] * noise.shape[0]).long()
+            latents = hook["predict_q_sample"](ldm, latent, ts, noise)
+        first_step = []
+
+        def after_step(_pipe, i, _t, kw):
+            if i == 0:
+                first_step.append(kw["latents"].clone())
+            return kw
+
+        out = pipe(latents=latents, callback_on_step_end=after_step, prompt=r["prompt"], negative_prompt=r["negative_prompt"],
                    num_inference_steps=r["steps"], image=inpaint_hint(image, mask),
                    guidance_scale=r["guidance_scale"], width=r["width"], height=r["height"],
                    generator=gens if batch_size > 1 else gens[0],
@@ -194,6 +222,10 @@ def main():
         else:
             img = torch.from_numpy((out * 255).round().astype("uint8"))
         tensors[f"image.{label}"] = img
+        if latents is not None:
+            # The noise modifier hardly shows in the tiny models' images (a level here and
+            # there): the latents after the first step carry it plainly.
+            tensors[f"latents1.{label}"] = first_step[0]
         cases[label] = dict(r, model="tiny-a-vae8", scheduler=scheduler, batch_size=batch_size, controlnets=[dict(
             model="cn-h", image="cn-init-64.png", mask="cn-mask-64.png", module=module,
             scale=scale, guidance_start=start, guidance_end=end)])
@@ -216,6 +248,10 @@ def main():
     run("inpaint-only", "inpaint_only", 1.0, 0.0, 1.0, "euler")
     # A weight under 1 mixes the restored prediction; the restore runs outside the window too.
     run("inpaint-only-weak", "inpaint_only", 0.6, 0.0, 0.5, "ddim")
+    run("lama", "inpaint_only+lama", 1.0, 0.0, 1.0, "euler")
+    # A batch on a sampler that draws noise as it goes: x0 broadcast over the batch, each
+    # generator's later draws after its starting noise.
+    run("lama-batch", "inpaint_only+lama", 0.8, 0.0, 1.0, "euler_a", batch_size=2)
     meta = {
         "generated_by": "tools/make_cn_inpaint_fixtures.py",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,

@@ -331,7 +331,8 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::OpenposeFaceonly { .. }
         | Preprocessor::OpenposeFull { .. }
         | Preprocessor::Inpaint
-        | Preprocessor::InpaintOnly => (hidden.clone(), hidden.clone()),
+        | Preprocessor::InpaintOnly
+        | Preprocessor::InpaintOnlyLama => (hidden.clone(), hidden.clone()),
         Preprocessor::Mlsd {
             value_threshold,
             distance_threshold,

@@ -22,7 +22,7 @@ use candle_core::Tensor;
 
 use super::{control_inpaint, GenerationParams, RgbImage, StableDiffusion};
 use crate::controlnet::modes::residual_weights;
-use crate::controlnet::preprocess::{recolor_post_process, RecolorChannel};
+use crate::controlnet::preprocess::{recolor_post_process, Preprocessor, RecolorChannel};
 use crate::controlnet::{CondRows, ControlNetModel, ControlNetUnit};
 use crate::image_in::resize_lanczos;
 use crate::unet::{AdditionalResiduals, UNet2DConditionModel};
@@ -36,12 +36,20 @@ pub(super) struct ControlState {
     /// The `inpaint_only` units' restores, in unit order (every step, whichever passes and
     /// steps the unit steers, as the extension's hook runs them).
     restores: Vec<super::control_inpaint::Restore>,
+    /// The last `inpaint_only+lama` unit's image latents, in the first pass (the extension's
+    /// `noise_modifier`, which each such unit sets in turn).
+    noise_modifier: Option<Tensor>,
 }
 
 impl ControlState {
     /// Whether a UNet output needs [`StepControl::sigma`] (an `inpaint_only` unit's restore).
     pub(super) fn restores(&self) -> bool {
         !self.restores.is_empty()
+    }
+
+    /// The latents `inpaint_only+lama` mixes into the starting noise, if any.
+    pub(super) fn noise_modifier(&self) -> Option<&Tensor> {
+        self.noise_modifier.as_ref()
     }
 }
 
@@ -129,6 +137,7 @@ impl StableDiffusion {
         let config = self.controlnet_unet_config();
         let mut units = Vec::with_capacity(params.controlnets.len());
         let mut restores = Vec::new();
+        let mut noise_modifier = None;
         for unit in &params.controlnets {
             let name = &unit.model.name;
             let model = unit
@@ -162,7 +171,12 @@ impl StableDiffusion {
                 .as_deref()
                 .filter(|_| control_inpaint::restores(unit, params))
             {
-                restores.push(self.restore_of(unit, &fitted, m)?);
+                let restore = self.restore_of(unit, &fitted, m)?;
+                let lama = unit.preprocessor == Some(Preprocessor::InpaintOnlyLama);
+                if lama && pass != ControlPass::Hires {
+                    noise_modifier = Some(restore.latents().clone());
+                }
+                restores.push(restore);
             }
             if !unit.steers_pass(pass == ControlPass::Hires, pass != ControlPass::Only) {
                 continue;
@@ -175,6 +189,7 @@ impl StableDiffusion {
                 units,
                 hires: pass == ControlPass::Hires,
                 restores,
+                noise_modifier,
             }),
         )
     }

@@ -73,11 +73,16 @@ pub(super) fn hint(image: &RgbImage, mask: Option<&[bool]>) -> Result<Tensor> {
     Ok(Tensor::from_vec(chw, (1, 3, h, w), &Device::Cpu)?)
 }
 
-/// Whether a unit runs `inpaint_only`'s restore and post-processing in this request: not on
-/// inpainting with the request's own mask (the extension's fallback to `inpaint`).
+/// Whether a unit runs `inpaint_only`'s restore and post-processing in this request: not for
+/// `inpaint_only` on inpainting with the request's own mask (the extension's fallback to
+/// `inpaint`, which compares the module's name exactly: `inpaint_only+lama` keeps them).
 pub(super) fn restores(unit: &ControlNetUnit, params: &GenerationParams) -> bool {
     let inpainting = params.init_image.as_ref().is_some_and(|i| i.mask.is_some());
-    unit.preprocessor == Some(Preprocessor::InpaintOnly) && !inpainting
+    match unit.preprocessor {
+        Some(Preprocessor::InpaintOnly) => !inpainting,
+        Some(p) => p.restores(),
+        None => false,
+    }
 }
 
 /// One `inpaint_only` unit's restore: its weight clipped to [0, 1], the mask on the latent
@@ -86,6 +91,13 @@ pub(super) struct Restore {
     weight: f64,
     mask: Tensor,
     latents: Tensor,
+}
+
+impl Restore {
+    /// The image's latents (`used_hint_cond_latent`).
+    pub(super) fn latents(&self) -> &Tensor {
+        &self.latents
+    }
 }
 
 impl StableDiffusion {

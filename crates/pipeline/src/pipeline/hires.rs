@@ -275,6 +275,8 @@ impl StableDiffusion {
                 Some(crop),
                 None,
                 1.0,
+                // A1111's hires pass draws from a new ImageRNG: no noise modifier.
+                None,
             )?
         } else {
             let Upscaler::Latent(how) = hires.upscaler.clone() else {

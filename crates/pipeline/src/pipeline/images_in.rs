@@ -293,7 +293,8 @@ impl StableDiffusion {
     /// each image's latents before the noise is drawn at its size (the hires pass's
     /// `truncate_x/y`); `resize` resizes them to `(h, w)` latent cells instead (A1111's latent
     /// upscale of the init image, `resize_mode` 3). The noise is `multiplier` times the drawn
-    /// one ([`GenerationParams::noise_multiplier`], 1 in the hires pass).
+    /// one ([`GenerationParams::noise_multiplier`], 1 in the hires pass), carrying `lama`'s
+    /// latents ([`StableDiffusion::lama_noise`]; the first pass's).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn noised_image_latents(
         &self,
@@ -305,6 +306,7 @@ impl StableDiffusion {
         crop: Option<LatentCrop>,
         resize: Option<(usize, usize)>,
         multiplier: f64,
+        lama: Option<&Tensor>,
     ) -> Result<Tensor> {
         let dists = self.encode_images(images)?;
         let sf = self.vae_scaling_factor;
@@ -321,6 +323,7 @@ impl StableDiffusion {
             let (_, c, h, w) = image_latents.dims4()?;
             let f = self.vae_scale_factor;
             let noise = params.starting_noise(i, rng, (c, h, w), f, &self.device)?;
+            let noise = self.lama_noise(noise, lama)?;
             latents.push(start_from_image(
                 scheduler,
                 Some(&image_latents),
@@ -372,6 +375,7 @@ impl StableDiffusion {
         scheduler: &dyn Scheduler,
         begin: usize,
         rngs: &mut [TorchRng],
+        lama: Option<&Tensor>,
     ) -> Result<Start> {
         let (w, h) = (params.width, params.height);
         let f = self.vae_scale_factor;
@@ -412,6 +416,7 @@ impl StableDiffusion {
                     None,
                     resize,
                     params.noise_multiplier,
+                    lama,
                 )?,
                 inpaint: None,
             });
@@ -472,6 +477,8 @@ impl StableDiffusion {
                 ),
                 (lat, ..) => lat,
             };
+            // After A1111's latent noise fill, which draws its own (`create_random_tensors`).
+            let noise = self.lama_noise(noise, lama)?;
             latents.push(start_from_image(
                 scheduler,
                 image_lat.as_ref().filter(|_| !from_noise),

@@ -223,9 +223,10 @@ impl StableDiffusion {
         };
         let crop = control::masked_crop(params, overlay);
         let control = self.prepare_control(params, control_pass, crop)?;
+        let lama = control.as_ref().and_then(|c| c.noise_modifier());
         let start = match init {
             None => images_in::Start {
-                latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs)?,
+                latents: self.prepare_latents(params, scheduler.as_ref(), &mut rngs, lama)?,
                 inpaint: match self.is_inpainting() {
                     true => {
                         Some(self.unmasked_inpaint_state((params.width, params.height), &mut rngs)?)
@@ -233,9 +234,14 @@ impl StableDiffusion {
                     false => None,
                 },
             },
-            Some(init) => {
-                self.prepare_image_latents(params, init, scheduler.as_ref(), begin, &mut rngs)?
-            }
+            Some(init) => self.prepare_image_latents(
+                params,
+                init,
+                scheduler.as_ref(),
+                begin,
+                &mut rngs,
+                lama,
+            )?,
         };
         tracker.sample();
         let latents = {

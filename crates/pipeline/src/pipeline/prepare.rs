@@ -8,6 +8,9 @@ use crate::rng::TorchRng;
 use crate::schedulers::{self, Scheduler};
 use crate::Result;
 
+/// The timestep of `HackedImageRNG.next()`'s `predict_q_sample` (`[999] * batch`).
+const LAMA_NOISE_TIMESTEP: f64 = 999.0;
+
 impl StableDiffusion {
     /// The scheduler for the request's steps and the index of the first timestep to run: 0 for
     /// text-to-image; with an init image, where its [`StepRule`] starts (diffusers:
@@ -41,6 +44,7 @@ impl StableDiffusion {
         params: &GenerationParams,
         scheduler: &dyn Scheduler,
         rngs: &mut [TorchRng],
+        lama: Option<&Tensor>,
     ) -> Result<Tensor> {
         let shape = (
             self.vae_latent_channels,
@@ -51,10 +55,32 @@ impl StableDiffusion {
             .iter_mut()
             .enumerate()
             .map(|(i, rng)| {
-                params.starting_noise(i, rng, shape, self.vae_scale_factor, &self.device)
+                let noise =
+                    params.starting_noise(i, rng, shape, self.vae_scale_factor, &self.device)?;
+                self.lama_noise(noise, lama)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((Tensor::cat(&noise, 0)? * scheduler.init_noise_sigma())?.to_dtype(self.dtype)?)
+    }
+
+    /// `inpaint_only+lama`'s starting noise (the extension's `HackedImageRNG.next()`, its
+    /// `noise_modifier` `x0` the control image's latents): `predict_q_sample(x0, 999, noise)`,
+    /// `sqrt(ac) * x0 + sqrt(1 - ac) * noise` at the training schedule's timestep 999
+    /// (`1 / sqrt(1 + s^2)` and `s / sqrt(1 + s^2)` of its sigma `s`), where the latent sizes
+    /// match; else, or without `x0`, the noise as drawn.
+    pub(super) fn lama_noise(&self, noise: Tensor, x0: Option<&Tensor>) -> Result<Tensor> {
+        let Some(x0) = x0 else {
+            return Ok(noise);
+        };
+        let (_, _, h, w) = noise.dims4()?;
+        let (_, _, xh, xw) = x0.dims4()?;
+        if (h, w) != (xh, xw) {
+            return Ok(noise);
+        }
+        let sigma = self.schedules.sigma_at(LAMA_NOISE_TIMESTEP)?;
+        let norm = (1.0 + sigma * sigma).sqrt();
+        let x0 = x0.to_dtype(noise.dtype())?;
+        Ok(((x0 / norm)? + (noise * (sigma / norm))?)?)
     }
 }
 

@@ -58,10 +58,11 @@ pub struct ControlNetUse {
     /// extension forces there.
     #[schema(nullable = true, default = "balanced")]
     pub control_mode: Option<ControlModeName>,
-    /// With the `inpaint` and `inpaint_only` preprocessors (only with them): the mask of
-    /// `image`, of its size; white repaints (its first channel above 127 once resized with
-    /// the image to the request's size). Absent: with `init_image` and `mask_image`, the
-    /// request's mask (as the extension takes A1111's inpainting mask), else a 422.
+    /// With the `inpaint`, `inpaint_only` and `inpaint_only+lama` preprocessors (only with
+    /// them): the mask of `image`, of its size; white repaints (its first channel above 127
+    /// once resized with the image to the request's size). Absent: with `init_image` and
+    /// `mask_image`, the request's mask (as the extension takes A1111's inpainting mask),
+    /// else a 422.
     #[schema(nullable = true, example = "iVBORw0KGgoAAAANSUhEUgAA...")]
     pub mask: Option<String>,
 }
@@ -153,7 +154,12 @@ pub struct ControlNetPreprocessor {
     /// (its VAE latents, the mask max-pooled to the latent grid, by `scale` up to 1), and
     /// after decoding the image outside the mask (dilated and blurred by 7 pixels) is the
     /// unit's image; on inpainting with `mask_image` it acts as `inpaint`, as the extension
-    /// does; `none`: the image is the map.
+    /// does; `inpaint_only+lama`: the masked area of the image first painted by LaMa
+    /// (`ControlNetLama.pth` in ANNOTATOR_DIR; at 256 on the shorter side, resized back and
+    /// blended by the mask), that image then as `inpaint_only` (also on inpainting), and the
+    /// starting noise of the first pass carries its VAE latents (`sqrt(ac) * latents +
+    /// sqrt(1 - ac) * noise` at timestep 999, the extension's noise modifier); `none`: the
+    /// image is the map.
     /// Other model-based preprocessors (depth_leres++, depth_zoe, dw_openpose_full, ...) are not run
     /// here: send their map as `image`.
     #[serde(rename = "type")]
@@ -283,6 +289,8 @@ pub enum PreprocessorType {
     RecolorIntensity,
     Inpaint,
     InpaintOnly,
+    #[serde(rename = "inpaint_only+lama")]
+    InpaintOnlyLama,
 }
 
 /// A ControlNet a result was made with.

@@ -136,6 +136,7 @@ pub struct ModelArgs {
     /// from lllyasviel/ControlNet's `annotator/ckpts/`) runs `depth_midas` and `normal_midas`;
     /// `scannet.pt` (`normal_bae/`) runs `normal_bae`;
     /// `res101.pth` (`leres/`) runs `depth_leres`;
+    /// `ControlNetLama.pth` (`lama/`) runs `inpaint_only+lama`;
     /// `body_pose_model.pth` (`openpose/`) runs `openpose`, with `hand_pose_model.pth`
     /// (`openpose/`) `openpose_hand`, with `facenet.pth` (`openpose/`) `openpose_face` and
     /// `openpose_faceonly`, with both `openpose_full`. A file it lacks

@@ -127,7 +127,7 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
                     crate::images::decode_base64(text).map_err(|e| format!("[{i}].mask: {e}"))?;
                 if !preprocessor.is_some_and(|p| p.takes_mask()) {
                     return Err(format!(
-                        "[{i}].mask: only with the \"inpaint\" and \"inpaint_only\" preprocessors"
+                        "[{i}].mask: only with the \"inpaint\", \"inpaint_only\" and \"inpaint_only+lama\" preprocessors"
                     ));
                 }
                 let (m, im) = (&mask.image, &image.image);
@@ -148,8 +148,10 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
                 "[{i}]: guidance_start ({guidance_start}) must be below guidance_end ({guidance_end})"
             ));
         }
-        if let Some(p) = &preprocessor {
-            let map = super::preprocessor::run(p, &image.image, i)?;
+        // inpaint_only+lama's map needs the mask, which may be the request's: made with it
+        // (`lama_maps`).
+        if let Some(p) = preprocessor.filter(|p| *p != Preprocessor::InpaintOnlyLama) {
+            let map = super::preprocessor::run(&p, &image.image, i)?;
             image = RequestImage {
                 sha256: crate::images::digest(&map),
                 image: map,
@@ -189,6 +191,46 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
         });
     }
     Ok(out)
+}
+
+/// inpaint_only+lama's maps: each such unit's image painted by LaMa under its mask (the
+/// unit's own, or the request's `mask_image` resized to the unit's image as the stand-in
+/// [`masks_from_request`] takes), before the images and masks are fitted to the request.
+pub fn lama_maps(
+    units: &mut [ValidControlNet],
+    mask_image: Option<&RequestImage>,
+    with_init: bool,
+) -> Result<(), String> {
+    use sdserve_pipeline::image_in::resize_lanczos;
+    for (i, unit) in units.iter_mut().enumerate() {
+        let Some(p) = unit
+            .preprocessor
+            .filter(|p| *p == Preprocessor::InpaintOnlyLama)
+        else {
+            continue;
+        };
+        let image = &unit.image.image;
+        let mask = match (&unit.mask, mask_image) {
+            (Some(m), _) => m.image.clone(),
+            (None, Some(m)) if with_init => resize_lanczos(
+                &m.image,
+                image.width as usize,
+                image.height as usize,
+            ),
+            _ => {
+                return Err(format!(
+                    "[{i}].mask: the \"inpaint_only+lama\" preprocessor needs a mask (the unit's `mask`, or on inpainting the request's `mask_image`)"
+                ))
+            }
+        };
+        let first: Vec<u8> = mask.pixels.iter().step_by(3).copied().collect();
+        let map = super::preprocessor::run_with_mask(&p, image, &first, i)?;
+        unit.image = RequestImage {
+            sha256: crate::images::digest(&map),
+            image: map,
+        };
+    }
+    Ok(())
 }
 
 /// The inpaint preprocessors' masks at the request's size (and at the hires pass's, `hires`):

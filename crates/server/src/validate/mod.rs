@@ -489,11 +489,13 @@ fn fit_control_images(valid: &mut ValidRequest) -> Result<(), ApiError> {
             image,
         }
     };
+    let (mask, with_init) = (valid.mask_image.as_ref(), valid.init_image.is_some());
+    controlnets::lama_maps(&mut valid.controlnets, mask, with_init)
+        .map_err(|rule| ApiError::validation("controlnets", rule))?;
     for c in &mut valid.controlnets {
         c.hires_image = hires.map(|to| fitted(&c.image.image, to));
         c.image.image = resize_lanczos(&c.image.image, size.0, size.1);
     }
-    let (mask, with_init) = (valid.mask_image.as_ref(), valid.init_image.is_some());
     controlnets::masks_from_request(&mut valid.controlnets, mask, with_init, size, hires)
         .map_err(|rule| ApiError::validation("controlnets", rule))
 }

@@ -51,7 +51,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"depth_leres\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"inpaint\", \"inpaint_only\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"depth_leres\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"inpaint\", \"inpaint_only\", \"inpaint_only+lama\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -68,7 +68,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
     };
     let kind = obj.get("type").and_then(Value::as_str).unwrap_or_default();
     let keys: &[&str] = match kind {
-        "none" | "invert" | "inpaint" | "inpaint_only" => &["type"],
+        "none" | "invert" | "inpaint" | "inpaint_only" | "inpaint_only+lama" => &["type"],
         "canny" => &["type", "low_threshold", "high_threshold", "resolution"],
         "threshold" | "scribble_xdog" => &["type", "threshold", "resolution"],
         "blur_gaussian" => &["type", "sigma", "resolution"],
@@ -180,6 +180,7 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         },
         "inpaint" => Preprocessor::Inpaint,
         "inpaint_only" => Preprocessor::InpaintOnly,
+        "inpaint_only+lama" => Preprocessor::InpaintOnlyLama,
         "recolor_luminance" => Preprocessor::RecolorLuminance {
             gamma: number("gamma", RECOLOR_GAMMA)?,
         },
@@ -220,6 +221,37 @@ fn anyline_resolution(resolution: u32, field: &str) -> Result<(), String> {
 /// model-based module needs its file in ANNOTATOR_DIR (`[i].preprocessor.type` names both).
 pub fn run(p: &Preprocessor, image: &RgbImage, i: usize) -> Result<RgbImage, String> {
     run_with_poses(p, image, i).map(|(map, _)| map)
+}
+
+/// [`run`] for a module that takes the unit's mask (`mask`: its first channel, one value a
+/// pixel at `image`'s size): `inpaint_only+lama`'s LaMa.
+pub fn run_with_mask(
+    p: &Preprocessor,
+    image: &RgbImage,
+    mask: &[u8],
+    i: usize,
+) -> Result<RgbImage, String> {
+    // LaMa runs at 256 on the shorter side: a long thin image would be huge there.
+    if *p == Preprocessor::InpaintOnlyLama {
+        let res = f64::from(sdserve_pipeline::controlnet::preprocess::LAMA_RESOLUTION);
+        let (w, h) = (f64::from(image.width), f64::from(image.height));
+        let k = res / w.min(h);
+        let side = |s: f64| (s * k).round_ties_even().min(f64::from(u32::MAX)) as u32;
+        crate::images::check_dimensions(side(w), side(h)).map_err(|why| {
+            format!(
+                "[{i}].image: the {}x{} image scaled to {res} on its shorter side (LaMa's size) {why}",
+                image.width, image.height
+            )
+        })?;
+    }
+    p.run_with_mask(image, mask, crate::annotators::AnnotatorStore::shared())
+        .map_err(|e| {
+            let why = match e {
+                sdserve_pipeline::PipelineError::InvalidRequest(why) => why,
+                other => other.to_string(),
+            };
+            format!("[{i}].preprocessor.type: {:?} {why}", p.module())
+        })
 }
 
 /// [`run`], and the OpenPose modules' people as the extension's pose JSON ([`pose_json`]).
@@ -424,6 +456,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         },
         Preprocessor::Inpaint => base(PreprocessorType::Inpaint),
         Preprocessor::InpaintOnly => base(PreprocessorType::InpaintOnly),
+        Preprocessor::InpaintOnlyLama => base(PreprocessorType::InpaintOnlyLama),
     }
 }
 

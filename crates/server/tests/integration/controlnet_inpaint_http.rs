@@ -4,6 +4,9 @@
 //! holds to the extension's formulas), the unit's image kept outside the mask; an A1111 unit
 //! with `module: inpaint_only` and its mask (any of the extension's forms) makes the same
 //! image natively sent; img2img inpainting takes the request's mask; the refusals.
+//! `inpaint_only+lama` (the narrowed LaMa of `tools/make_lama_fixtures.py` in ANNOTATOR_DIR)
+//! the same way: the pipeline's image of the unit's image painted by LaMa, in both dialects,
+//! and `/controlnet/detect`'s LaMa image.
 
 use crate::common;
 
@@ -148,9 +151,13 @@ fn inpaint_units_in_both_dialects() {
         "resize_mode": "Just Resize"}));
     assert!(infotext.contains("Module: inpaint,"), "{infotext}");
     assert!(unmasked != masked);
+    // inpaint_only+lama without its network (no ANNOTATOR_DIR here): a 422 naming it.
     let r = a1111(json!({"model": "cn-h", "module": "inpaint_only+lama", "image": png(&image)}));
     let e = r.error(422, "validation_error").to_string();
-    assert!(e.contains("inpaint_only+lama"), "{e}");
+    assert!(
+        e.contains("inpaint_only+lama") && e.contains("ControlNetLama.pth"),
+        "{e}"
+    );
     let small = resize_lanczos(&mask, 128, 128);
     let r = a1111(
         json!({"model": "cn-h", "module": "inpaint", "image": png(&image),
@@ -191,4 +198,107 @@ fn inpaint_units_in_both_dialects() {
     let mut canny = unit("inpaint");
     canny["preprocessor"] = json!({"type": "canny"});
     refused(with(vec![canny]), "only with the \\\"inpaint\\\"");
+}
+
+#[test]
+fn inpaint_only_lama_in_both_dialects_and_detect() {
+    use sdserve_pipeline::controlnet::preprocess::{inpaint_only_lama, LamaNetwork};
+    let s = common::tiny_a_vae8_server(&[
+        ("CONTROLNET_DIR", &fixtures().join("controlnet-hint")),
+        ("ANNOTATOR_DIR", &fixtures().join("lama")),
+    ]);
+    let image = resize_lanczos(&read("cn-init-64.png"), 256, 256);
+    let mask = resize_lanczos(&read("cn-mask-64.png"), 256, 256);
+    let net = LamaNetwork::load(
+        &fixtures().join("lama/ControlNetLama.pth"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let first: Vec<u8> = mask.pixels.iter().step_by(3).copied().collect();
+    let painted = inpaint_only_lama(&net, &image, &first).unwrap();
+    assert!(painted != image, "LaMa paints the masked area");
+    let body = json!({"prompt": "a house by a lake", "steps": 3, "width": 256, "height": 256,
+        "seed": 11, "scheduler": "euler", "prompt_syntax": "plain",
+        "controlnets": [{"model": "cn-h", "image": png(&image), "mask": png(&mask),
+                         "preprocessor": {"type": "inpaint_only+lama"}}]});
+    let r = s.post_json(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(
+        j["metadata"]["controlnets"][0]["preprocessor"],
+        json!({"type": "inpaint_only+lama"})
+    );
+    let (_, _, native, text) = decode_png(j["image_base64"].as_str().unwrap());
+    assert!(
+        text.unwrap_or_default()
+            .contains("Module: inpaint_only+lama"),
+        "the infotext names the module"
+    );
+    // The pipeline's own image of LaMa's map, with the noise modifier and the restore.
+    let sd = StableDiffusion::load(
+        &fixtures().join("tiny-a-vae8"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let params = GenerationParams {
+        prompt: "a house by a lake".into(),
+        steps: 3,
+        width: 256,
+        height: 256,
+        seed: 11,
+        scheduler: Some(SchedulerKind::Euler),
+        prompt_syntax: PromptSyntax::Plain,
+        controlnets: vec![ControlNetUnit {
+            model: Arc::new(ControlNet::new(
+                "cn-h",
+                fixtures().join("controlnet-hint/cn-h"),
+            )),
+            image: painted.clone(),
+            preprocessor: Some(Preprocessor::InpaintOnlyLama),
+            scale: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+            hires_image: None,
+            hr_option: Default::default(),
+            inpaint_crop: true,
+            control_mode: Default::default(),
+            mask: Some(mask.clone()),
+            hires_mask: None,
+        }],
+        ..Default::default()
+    };
+    let own = sd
+        .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap()
+        .remove(0);
+    assert!(own.pixels == native, "the server's image is the pipeline's");
+    // A1111, Just Resize at the request's size: the same image.
+    let body = json!({"prompt": "a house by a lake", "steps": 3, "width": 256,
+        "height": 256, "seed": 11, "sampler_name": "Euler", "cfg_scale": 7.5,
+        "alwayson_scripts": {"controlnet": {"args": [{"model": "cn-h",
+            "module": "inpaint_only+lama", "image": png(&image), "mask": png(&mask),
+            "resize_mode": "Just Resize"}]}}});
+    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    let info: Value = serde_json::from_str(j["info"].as_str().unwrap()).unwrap();
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("Module: inpaint_only+lama"));
+    let (_, _, a1111, _) = decode_png(j["images"][0].as_str().unwrap());
+    assert!(a1111 == native, "A1111's image is the native one");
+    // /controlnet/detect answers LaMa's image; without a mask, a 422.
+    let body = json!({"controlnet_module": "inpaint_only+lama",
+        "controlnet_input_images": [png(&image)], "controlnet_masks": [png(&mask)]});
+    let r = post_json_to(s.addr, "/controlnet/detect", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, _, detected, _) = decode_png(r.json()["images"][0].as_str().unwrap());
+    assert!(detected == painted.pixels, "detect's image is LaMa's");
+    let body = json!({"controlnet_module": "inpaint_only+lama",
+        "controlnet_input_images": [png(&image)]});
+    let r = post_json_to(s.addr, "/controlnet/detect", &body);
+    let e = r.error(422, "validation_error").to_string();
+    assert!(e.contains("controlnet_masks"), "{e}");
 }

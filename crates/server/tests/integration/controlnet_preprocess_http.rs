@@ -378,6 +378,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "lineart_coarse",
             "lineart_anime_denoise",
             "lineart_anime",
+            "inpaint_only+lama",
             "inpaint",
             "depth_leres",
             "depth_anything_v2",
@@ -438,11 +439,12 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         "invert (from white bg & black line)"
     );
     assert_eq!(labels["module_list"][2], "softedge_pidinet");
-    // The inpaint modules: inpaint_only priority 100, inpaint (its label
-    // inpaint_global_harmonious) 0; no sliders.
+    // The inpaint modules: inpaint_only priority 100, inpaint_only+lama and inpaint (its
+    // label inpaint_global_harmonious) 0, in that label order; no sliders.
     assert_eq!(labels["module_list"][9], "inpaint_only");
-    assert_eq!(labels["module_list"][33], "inpaint_global_harmonious");
-    for m in ["inpaint", "inpaint_only"] {
+    assert_eq!(labels["module_list"][33], "inpaint_only+lama");
+    assert_eq!(labels["module_list"][34], "inpaint_global_harmonious");
+    for m in ["inpaint", "inpaint_only", "inpaint_only+lama"] {
         assert_eq!(
             listed["module_detail"][m],
             json!({"model_free": false, "sliders": []}),

@@ -255,6 +255,13 @@ pub enum Preprocessor {
     /// (on inpainting with a mask of the request's own it falls back to `inpaint`, as the
     /// extension does on A1111's img2img inpainting).
     InpaintOnly,
+    /// `inpaint_only+lama`: the image's masked area painted by LaMa first (at 256 on its
+    /// shorter side, [`inpaint_only_lama`]: `ControlNetLama.pth`), then as `inpaint_only`
+    /// (restore and post-processing, also on inpainting: the extension falls back only for
+    /// `inpaint_only` by name), and the first pass's starting noise carries the image's latents
+    /// (the extension's `noise_modifier`: `q_sample(x0, 999, noise)`).
+    #[serde(rename = "inpaint_only+lama")]
+    InpaintOnlyLama,
 }
 
 impl Preprocessor {
@@ -298,6 +305,7 @@ impl Preprocessor {
             Self::RecolorIntensity { .. } => "recolor_intensity",
             Self::Inpaint => "inpaint",
             Self::InpaintOnly => "inpaint_only",
+            Self::InpaintOnlyLama => "inpaint_only+lama",
         }
     }
 
@@ -314,7 +322,16 @@ impl Preprocessor {
     /// Whether a unit with it takes a mask (the extension's `accepts_mask` and
     /// `requires_mask`): the inpaint modules.
     pub fn takes_mask(&self) -> bool {
-        matches!(self, Self::Inpaint | Self::InpaintOnly)
+        matches!(
+            self,
+            Self::Inpaint | Self::InpaintOnly | Self::InpaintOnlyLama
+        )
+    }
+
+    /// Whether it runs `inpaint_only`'s restore and post-processing (the extension's
+    /// `'inpaint_only' in module`).
+    pub fn restores(&self) -> bool {
+        matches!(self, Self::InpaintOnly | Self::InpaintOnlyLama)
     }
 
     /// The preprocessor named `module` (as [`Self::module`] names it) at `resolution`, for the
@@ -379,6 +396,7 @@ impl Preprocessor {
             | Self::OpenposeFace { .. }
             | Self::OpenposeFaceonly { .. }
             | Self::OpenposeFull { .. } => Some(&BODY_POSE),
+            Self::InpaintOnlyLama => Some(&LAMA),
             _ => None,
         }
     }
@@ -450,7 +468,8 @@ impl Preprocessor {
             | Self::RecolorLuminance { .. }
             | Self::RecolorIntensity { .. }
             | Self::Inpaint
-            | Self::InpaintOnly => None,
+            | Self::InpaintOnly
+            | Self::InpaintOnlyLama => None,
         }
     }
 
@@ -494,7 +513,8 @@ impl Preprocessor {
             | Self::RecolorLuminance { .. }
             | Self::RecolorIntensity { .. }
             | Self::Inpaint
-            | Self::InpaintOnly => {}
+            | Self::InpaintOnly
+            | Self::InpaintOnlyLama => {}
         }
         p
     }

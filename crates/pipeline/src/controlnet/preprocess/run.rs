@@ -126,8 +126,31 @@ impl Preprocessor {
             | Self::OpenposeFace { .. }
             | Self::OpenposeFaceonly { .. }
             | Self::OpenposeFull { .. } => self.run_with_poses(image, networks)?.0,
+            Self::InpaintOnlyLama => {
+                return Err(PipelineError::InvalidRequest(
+                    "inpaint_only+lama needs the unit's mask: run_with_mask".into(),
+                ))
+            }
             _ => self.run(image)?,
         })
+    }
+
+    /// [`Self::run_with`] for a unit with a mask (`mask`: one value a pixel at `image`'s size,
+    /// white repaints; the first channel of the extension's RGBA feed's alpha): `inpaint_only+lama`
+    /// paints the masked area with LaMa; the other modules ignore it.
+    pub fn run_with_mask(
+        &self,
+        image: &RgbImage,
+        mask: &[u8],
+        networks: &dyn AnnotatorNetworks,
+    ) -> Result<RgbImage> {
+        match self {
+            Self::InpaintOnlyLama => {
+                let net = network::<LamaNetwork>(networks, &LAMA)?;
+                inpaint_only_lama(&net, image, mask)
+            }
+            _ => self.run_with(image, networks),
+        }
     }
 
     /// [`Self::run_with`], and for the OpenPose modules the people found (the extension's
@@ -235,7 +258,8 @@ impl Preprocessor {
             | Self::OpenposeHand { .. }
             | Self::OpenposeFace { .. }
             | Self::OpenposeFaceonly { .. }
-            | Self::OpenposeFull { .. } => {
+            | Self::OpenposeFull { .. }
+            | Self::InpaintOnlyLama => {
                 return Err(PipelineError::InvalidRequest(format!(
                     "{} needs its network ({}): run_with",
                     self.module(),

@@ -34,13 +34,14 @@
 //! img2img a unit without one takes the init image, and with a mask and "only masked" every
 //! unit's image is cut to A1111's region before its preprocessor (`controlnet_img2img`); the
 //! native unit then says `inpaint_crop: false`. The inpaint modules (`inpaint`, label
-//! inpaint_global_harmonious, and `inpaint_only`) take the extension's RGBA feed instead
+//! inpaint_global_harmonious, `inpaint_only` and `inpaint_only+lama`) take the extension's RGBA feed instead
 //! (`choose_input_image`): the unit's image with its mask's first channel (none: nothing
 //! masked; a mask of another size is refused), or on img2img the init image with A1111's mask
 //! as `prepare_mask` makes it; the two are cut and fitted together ("Resize and Fill" fills
 //! the mask's border with 255: outpainting) and become the native unit's `image` and `mask`
-//! with the preprocessor of that name. `inpaint_only+lama` (the LaMa network) is a 422 naming
-//! it.
+//! with the preprocessor of that name (`inpaint_only+lama`'s LaMa then runs natively on the
+//! fitted feed: as the extension's outpainting fix runs it for "Resize and Fill", and
+//! unfitted for "Just Resize"; for "Crop and Resize" the extension runs LaMa before cropping).
 
 use std::path::Path;
 

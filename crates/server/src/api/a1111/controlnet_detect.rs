@@ -6,10 +6,11 @@
 //! the OpenPose modules.
 //! `none` answers the images as they are. webuiapi 0.9.17's `controlnet_detect()` sends the
 //! images as `controlnet_images`, which the extension ignores (its 422 "No image selected"):
-//! taken here as the same list. The inpaint modules (`inpaint`, `inpaint_only`) need one of
-//! `controlnet_masks` per image (the extension's `requires_mask`) and answer what its
-//! `visualize_inpaint_mask` shows: the image as RGBA, alpha `255 - mask // 2` (the mask's first
-//! channel); other modules ignore the masks, as `low_vram`. `shuffle` draws from numpy's generator, which the extension leaves
+//! taken here as the same list. The inpaint modules (`inpaint`, `inpaint_only`,
+//! `inpaint_only+lama`) need one of `controlnet_masks` per image (the extension's
+//! `requires_mask`) and answer what its `visualize_inpaint_mask` shows: the image as RGBA,
+//! alpha `255 - mask // 2` (the mask's first channel); `inpaint_only+lama` the image LaMa
+//! painted under the mask (its first display image, RGB); other modules ignore the masks, as `low_vram`. `shuffle` draws from numpy's generator, which the extension leaves
 //! unseeded here (a new map each call): a random seed here too, or `controlnet_seed` (ours).
 
 use axum::body::Bytes;
@@ -24,6 +25,7 @@ use utoipa::ToSchema;
 use super::super::request::required_body_object;
 use crate::api::Shared;
 use crate::error::ApiError;
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 
 /// Images one call may preprocess.
 pub const DETECT_MAX_IMAGES: usize = 16;
@@ -158,8 +160,8 @@ fn detect_maps_and_poses(body: &Map<String, Value>) -> Result<(Vec<String>, Vec<
         numpy_seed,
     )
     .map_err(named)?;
-    if preprocessor.is_some_and(|p| p.takes_mask()) {
-        return Ok((inpaint_maps(module, body)?, Vec::new()));
+    if let Some(p) = preprocessor.filter(|p| p.takes_mask()) {
+        return Ok((inpaint_maps(module, p, body)?, Vec::new()));
     }
     let mut out = Vec::new();
     let mut poses = Vec::new();
@@ -197,8 +199,13 @@ fn detect_maps_and_poses(body: &Map<String, Value>) -> Result<(Vec<String>, Vec<
 
 /// The inpaint modules' answer: each image with its mask (`controlnet_masks[i]`'s first
 /// channel) as the extension's `visualize_inpaint_mask` shows it, RGBA with alpha
-/// `255 - mask // 2`, base64 PNG.
-fn inpaint_maps(module: &str, body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+/// `255 - mask // 2`, base64 PNG; `inpaint_only+lama` the first of its display images, the
+/// RGB of its result (the image painted by LaMa under the mask).
+fn inpaint_maps(
+    module: &str,
+    p: Preprocessor,
+    body: &Map<String, Value>,
+) -> Result<Vec<String>, ApiError> {
     let images = images(body)?;
     let masks: Vec<&str> = match body.get("controlnet_masks") {
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
@@ -227,6 +234,18 @@ fn inpaint_maps(module: &str, body: &Map<String, Value>) -> Result<Vec<String>, 
                     mask.width, mask.height, image.width, image.height
                 ),
             ));
+        }
+        if p == Preprocessor::InpaintOnlyLama {
+            let first: Vec<u8> = mask.pixels.iter().step_by(3).copied().collect();
+            let map = crate::validate::preprocessor::run_with_mask(&p, &image, &first, i).map_err(
+                |e| {
+                    let rule = e.split_once(": ").map_or(e.as_str(), |(_, r)| r);
+                    ApiError::validation("controlnet_module", format!("{field}: {rule}"))
+                },
+            )?;
+            let png = crate::png::encode_with_text(&map, &[]).map_err(ApiError::Internal)?;
+            out.push(base64::engine::general_purpose::STANDARD.encode(png));
+            continue;
         }
         let rgba: Vec<u8> = image
             .pixels

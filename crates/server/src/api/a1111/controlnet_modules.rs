@@ -113,7 +113,7 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// `lineart_anime`, and `openpose_faceonly` before `openpose_face`; softedge_teed,
 /// softedge_anyline, depth_leres, depth_anything_v2, depth_anything and the OpenPose ones by
 /// their names; `depth_anything_v2` before its prefix `depth_anything`).
-const MODULES: [Module; 38] = [
+const MODULES: [Module; 39] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -309,6 +309,8 @@ const MODULES: [Module; 38] = [
         "lineart_anime",
         [Some(RESOLUTION), None, None],
     ),
+    // Priority 0, its label above inpaint_global_harmonious's.
+    module("inpaint_only+lama", "inpaint_only+lama", [None, None, None]),
     module("inpaint", "inpaint_global_harmonious", [None, None, None]),
     module(
         "depth_leres",
@@ -404,6 +406,7 @@ pub(super) fn preprocessor(
         "invert" => Preprocessor::Invert,
         "inpaint" => Preprocessor::Inpaint,
         "inpaint_only" => Preprocessor::InpaintOnly,
+        "inpaint_only+lama" => Preprocessor::InpaintOnlyLama,
         "threshold" => Preprocessor::Threshold {
             threshold: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
@@ -520,7 +523,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `inpaint_only`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `inpaint`, `depth_leres`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; `inpaint` and `inpaint_only` take the unit's mask; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, depth_leres res101.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `inpaint_only`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `inpaint_only+lama`, `inpaint`, `depth_leres`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; `inpaint`, `inpaint_only` and `inpaint_only+lama` take the unit's mask; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, depth_leres res101.pth, inpaint_only+lama ControlNetLama.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);

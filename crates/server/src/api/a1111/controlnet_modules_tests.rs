@@ -32,20 +32,19 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"recolor_luminance\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"inpaint_only\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"recolor_intensity\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"inpaint\", \"depth_leres\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"recolor_luminance\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"inpaint_only\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"recolor_intensity\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"inpaint_only+lama\", \"inpaint\", \"depth_leres\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
         "{e}"
     );
-    // The inpaint modules by name or label, without settings; inpaint_only+lama is not run.
+    // The inpaint modules by name or label, without settings.
     for (m, want) in [
         ("inpaint", Preprocessor::Inpaint),
         ("Inpaint_Global_Harmonious", Preprocessor::Inpaint),
         ("inpaint_only", Preprocessor::InpaintOnly),
+        ("inpaint_only+lama", Preprocessor::InpaintOnlyLama),
     ] {
         let got = preprocessor(m, Some(&json!(64)), None, None, "", 0).unwrap();
         assert_eq!(got, Some(want), "{m}");
     }
-    let e = preprocessor("inpaint_only+lama", None, None, None, "[0].", 0).unwrap_err();
-    assert!(e.contains("\"inpaint_only+lama\" is not run here"), "{e}");
     // The recolor modules' Gamma Correction is threshold_a (0.1..=2, 1.0), kept as sent.
     let recolor = |m, a: Value| {
         preprocessor(m, None, Some(&a), None, "", 0)
