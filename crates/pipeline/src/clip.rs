@@ -138,20 +138,20 @@ impl ClipTextConfig {
 
 /// LayerNorm whose statistics are computed in f32; parameters kept in f32.
 #[derive(Debug, Clone)]
-struct F32LayerNorm {
+pub(crate) struct F32LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl F32LayerNorm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
         let weight = vb.get(size, "weight")?.to_dtype(DType::F32)?;
         let bias = vb.get(size, "bias")?.to_dtype(DType::F32)?;
         Ok(Self { weight, bias, eps })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let fast = crate::kernels::norm::layer_norm;
         if let Some(y) = fast(x, &self.weight, &self.bias, self.eps)? {
             return Ok(y);
@@ -189,24 +189,52 @@ struct Attention {
     scale: f64,
 }
 
+/// What one encoder layer's weights are shaped by: shared by the text encoder and the vision
+/// encoder ([`crate::ip_adapter`]), whose layers are the same.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub heads: usize,
+    pub act: HiddenAct,
+    pub layer_norm_eps: f64,
+}
+
+impl ClipTextConfig {
+    fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            heads: self.num_attention_heads,
+            act: self.hidden_act,
+            layer_norm_eps: self.layer_norm_eps,
+        }
+    }
+}
+
 impl Attention {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &LayerShape, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
-        let head_dim = h / cfg.num_attention_heads;
+        let head_dim = h / cfg.heads;
         Ok(Self {
             q_proj: Dense::load(h, h, true, vb.pp("q_proj"))?,
             k_proj: Dense::load(h, h, true, vb.pp("k_proj"))?,
             v_proj: Dense::load(h, h, true, vb.pp("v_proj"))?,
             out_proj: Dense::load(h, h, true, vb.pp("out_proj"))?,
-            heads: cfg.num_attention_heads,
+            heads: cfg.heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
     /// `residual + out_proj(attention(x))`; `x`: [B, L, H]; `mask`: [L, L] f32 additive
-    /// causal mask.
-    fn forward(&self, x: &Tensor, mask: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+    /// causal mask, or none (every token sees every other: the vision encoder).
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (b, l, h) = x.dims3()?;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, l, self.heads, self.head_dim))?
@@ -217,10 +245,10 @@ impl Attention {
         let k = split(linear_fwd(&self.k_proj, x, None)?)?;
         let v = split(linear_fwd(&self.v_proj, x, None)?)?;
         // [B, heads, L, L]; mask and softmax in f32.
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
+        let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
         linear_fwd(&self.out_proj, &out, Some(residual))
@@ -228,7 +256,7 @@ impl Attention {
 }
 
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: F32LayerNorm,
     self_attn: Attention,
     layer_norm2: F32LayerNorm,
@@ -238,7 +266,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(cfg: &LayerShape, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
             layer_norm1: F32LayerNorm::new(h, eps, vb.pp("layer_norm1"))?,
@@ -246,11 +274,11 @@ impl EncoderLayer {
             layer_norm2: F32LayerNorm::new(h, eps, vb.pp("layer_norm2"))?,
             fc1: Dense::load(h, cfg.intermediate_size, true, vb.pp("mlp.fc1"))?,
             fc2: Dense::load(cfg.intermediate_size, h, true, vb.pp("mlp.fc2"))?,
-            act: cfg.hidden_act,
+            act: cfg.act,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let x = self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask, x)?;
@@ -288,7 +316,7 @@ impl ClipTextModel {
         let position_embedding =
             embedding(cfg.max_position_embeddings, h, emb.pp("position_embedding"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| EncoderLayer::new(&cfg.layer_shape(), vb.pp(format!("encoder.layers.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm = F32LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
         Ok(Self {
@@ -389,7 +417,7 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(l, &self.device)?;
         for layer in &self.layers[..self.layers.len() + 1 - clip_skip] {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
         }
         Ok(self.final_layer_norm.forward(&x)?)
     }

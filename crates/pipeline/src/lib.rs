@@ -14,6 +14,7 @@ pub mod error;
 pub mod image_in;
 pub mod inpaint_a1111;
 pub mod interpolate;
+pub mod ip_adapter;
 pub mod kernels;
 pub mod lora;
 pub mod memory;

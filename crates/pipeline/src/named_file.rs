@@ -76,4 +76,24 @@ impl<T> NamedFile<T> {
             .as_ref()
             .map_err(Clone::clone)
     }
+
+    /// As [`Self::get_or_read`], but a model read now is not kept: it lives as long as the
+    /// returned value (a large model used once per request, freed right after).
+    pub fn get_or_read_once(
+        &self,
+        what: &str,
+        folder: &str,
+        read: impl FnOnce(&Path) -> Result<T, String>,
+    ) -> Result<Arc<T>, String> {
+        if let Some(loaded) = self.loaded.get() {
+            return loaded.clone();
+        }
+        if self.path.as_os_str().is_empty() {
+            return Err(format!(
+                "the {what} {:?} was not found in {folder}",
+                self.name
+            ));
+        }
+        read(&self.path).map(Arc::new)
+    }
 }

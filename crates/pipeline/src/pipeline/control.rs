@@ -25,6 +25,7 @@ use crate::controlnet::modes::residual_weights;
 use crate::controlnet::preprocess::{recolor_post_process, Preprocessor, RecolorChannel};
 use crate::controlnet::{CondRows, ControlNetModel, ControlNetUnit};
 use crate::image_in::resize_lanczos;
+use crate::ip_adapter::ImagePrompts;
 use crate::unet::{AdditionalResiduals, UNet2DConditionModel};
 use crate::{PipelineError, Result};
 
@@ -39,6 +40,8 @@ pub(super) struct ControlState {
     /// The last `inpaint_only+lama` unit's image latents, in the first pass (the extension's
     /// `noise_modifier`, which each such unit sets in turn).
     noise_modifier: Option<Tensor>,
+    /// The IP-Adapters' image keys and values (every step of every pass).
+    image_prompts: Option<ImagePrompts>,
 }
 
 impl ControlState {
@@ -184,14 +187,20 @@ impl StableDiffusion {
             let image = control_inpaint::hint(&fitted, mask.as_deref())?;
             units.push((unit.clone(), model, image));
         }
-        Ok(
-            (!units.is_empty() || !restores.is_empty()).then_some(ControlState {
-                units,
-                hires: pass == ControlPass::Hires,
-                restores,
-                noise_modifier,
-            }),
-        )
+        let image_prompts = ImagePrompts::prepare(
+            &params.ip_adapters,
+            &self.unet_config,
+            &self.device,
+            self.dtype,
+        )?;
+        let any = !units.is_empty() || !restores.is_empty() || image_prompts.is_some();
+        Ok(any.then_some(ControlState {
+            units,
+            hires: pass == ControlPass::Hires,
+            restores,
+            noise_modifier,
+            image_prompts,
+        }))
     }
 }
 
@@ -333,8 +342,8 @@ impl StepControl<'_> {
     }
 }
 
-/// `unet(x, t, embeddings, timestep_cond)` with the step's ControlNet residuals, if any;
-/// `cond`: the rows of `x` that carry the prompt.
+/// `unet(x, t, embeddings, timestep_cond)` with the step's ControlNet residuals and image
+/// prompts, if any; `cond`: the rows of `x` that carry the prompt.
 pub(super) fn unet_forward(
     unet: &UNet2DConditionModel,
     x: &Tensor,
@@ -348,7 +357,18 @@ pub(super) fn unet_forward(
         Some(c) => c.residuals(unet, x, t, embeddings, cond)?,
         None => None,
     };
-    let out = unet.forward_with_residuals(x, t, embeddings, timestep_cond, residuals.as_ref())?;
+    let tokens = match control.and_then(|c| c.state.image_prompts.as_ref()) {
+        Some(prompts) => Some(prompts.for_rows(x.dim(0)?, cond)?),
+        None => None,
+    };
+    let out = unet.forward_with_image_tokens(
+        x,
+        t,
+        embeddings,
+        timestep_cond,
+        residuals.as_ref(),
+        tokens.as_ref(),
+    )?;
     match control {
         Some(c) if c.state.restores() => {
             control_inpaint::restore(&c.state.restores, x, &out, c.sigma)

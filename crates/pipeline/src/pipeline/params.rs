@@ -63,6 +63,9 @@ pub struct GenerationParams {
     /// ControlNets steering text-to-image (diffusers' `StableDiffusionControlNetPipeline`;
     /// several: `MultiControlNetModel`, their residuals summed). Empty: none.
     pub controlnets: Vec<crate::controlnet::ControlNetUnit>,
+    /// IP-Adapters (image prompts, diffusers' `load_ip_adapter` + `ip_adapter_image`): each
+    /// adapter's image attended to in every cross-attention at its scale. Empty: none.
+    pub ip_adapters: Vec<crate::ip_adapter::IpAdapterUnit>,
     /// Inpainting as A1111 does it (mask invert and blur, masked content, "only masked", the
     /// blend on the denoised prediction each step and the overlay of the kept pixels);
     /// `None`: diffusers' `StableDiffusionInpaintPipeline`. Only with a mask.
@@ -108,6 +111,7 @@ impl Default for GenerationParams {
             variation: None,
             seed_resize_from: None,
             controlnets: Vec::new(),
+            ip_adapters: Vec::new(),
             a1111_inpaint: None,
             step_rule: StepRule::Diffusers,
             noise_multiplier: 1.0,

@@ -246,7 +246,55 @@ pub(crate) fn check_act(name: &str, key: &str) -> Result<(), String> {
     }
 }
 
+/// One cross-attention of the UNet (a transformer block's `attn2`), where an IP-Adapter's
+/// image keys and values join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrossAttention {
+    /// Module path: `down_blocks.0.attentions.1.transformer_blocks.0.attn2`.
+    pub name: String,
+    /// Its query's width (the block's channels): the rows of `to_k_ip`.
+    pub hidden_size: usize,
+    /// The context's width: the columns of `to_k_ip`.
+    pub cross_attention_dim: usize,
+}
+
 impl UNetConfig {
+    /// The cross-attentions in diffusers' `attn_processors` order: the down blocks', the up
+    /// blocks', then the mid block's (the order `UNet2DConditionModel` registers its modules
+    /// in, which IP-Adapter files number their layers by).
+    pub fn cross_attentions(&self) -> Result<Vec<CrossAttention>, String> {
+        let r = self.resolve()?;
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let mut out = Vec::new();
+        let mut push = |block: String, level: usize, attentions: usize| {
+            for a in 0..attentions {
+                for t in 0..r.tlayers[level] {
+                    out.push(CrossAttention {
+                        name: format!("{block}.attentions.{a}.transformer_blocks.{t}.attn2"),
+                        hidden_size: ch[level],
+                        cross_attention_dim: r.cross_dim[level],
+                    });
+                }
+            }
+        };
+        for i in 0..n {
+            if r.down_kinds[i] == BlockKind::CrossAttn {
+                push(format!("down_blocks.{i}"), i, r.layers[i]);
+            }
+        }
+        for i in 0..n {
+            let j = n - 1 - i;
+            if r.up_kinds[i] == BlockKind::CrossAttn {
+                push(format!("up_blocks.{i}"), j, r.layers[j] + 1);
+            }
+        }
+        if r.mid_cross_attn {
+            push("mid_block".into(), n - 1, 1);
+        }
+        Ok(out)
+    }
+
     /// Checks the config and resolves per-block values (including diffusers' head-count quirk).
     pub(crate) fn resolve(&self) -> Result<Resolved, String> {
         let n = self.down_block_types.len();
@@ -412,6 +460,25 @@ mod tests {
         assert!(r.mid_cross_attn);
         assert_eq!(r.down_kinds[3], BlockKind::Plain);
         assert_eq!(c.freq_shift, 0.0);
+        // IP-Adapter's layers: SD 1.5's 16 cross-attentions (h94's ids 1, 3, ..., 31) in
+        // diffusers' order: down, up, then mid.
+        let x = c.cross_attentions().unwrap();
+        let at = |i: usize| {
+            (
+                x[i].name.as_str(),
+                x[i].hidden_size,
+                x[i].cross_attention_dim,
+            )
+        };
+        assert_eq!(x.len(), 16);
+        let first = "down_blocks.0.attentions.0.transformer_blocks.0.attn2";
+        assert_eq!(at(0), (first, 320, 768));
+        let up = "up_blocks.1.attentions.0.transformer_blocks.0.attn2";
+        assert_eq!(at(6), (up, 1280, 768));
+        let last_up = "up_blocks.3.attentions.2.transformer_blocks.0.attn2";
+        assert_eq!(at(14), (last_up, 320, 768));
+        let mid = "mid_block.attentions.0.transformer_blocks.0.attn2";
+        assert_eq!(at(15), (mid, 1280, 768));
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl UNetEncoder {
         ctx: &Tensor,
         slicing: AttentionSlicing,
     ) -> Result<(Vec<Tensor>, Tensor)> {
-        let o = RunOpts { slicing };
+        let o = RunOpts { slicing, ip: None };
         let mut skips = vec![x.clone()];
         let mut x = x;
         for d in &self.down_blocks {

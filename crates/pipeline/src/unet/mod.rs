@@ -24,7 +24,7 @@ use blocks::{
     UpBlock,
 };
 use config::{BlockKind, Resolved};
-pub use config::{PerBlock, UNetConfig};
+pub use config::{CrossAttention, PerBlock, UNetConfig};
 pub use encoder::AdditionalResiduals;
 pub(crate) use encoder::UNetEncoder;
 pub(crate) use streaming::host_var_builder;
@@ -485,6 +485,27 @@ impl UNet2DConditionModel {
         timestep_cond: Option<&Tensor>,
         residuals: Option<&AdditionalResiduals>,
     ) -> Result<Tensor> {
+        self.forward_with_image_tokens(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            timestep_cond,
+            residuals,
+            None,
+        )
+    }
+
+    /// [`Self::forward_with_residuals`] with IP-Adapters' image keys and values for each row
+    /// (diffusers' `encoder_hidden_states = (text, image_tokens)`).
+    pub fn forward_with_image_tokens(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep_cond: Option<&Tensor>,
+        residuals: Option<&AdditionalResiduals>,
+        image_tokens: Option<&crate::ip_adapter::ImageTokens>,
+    ) -> Result<Tensor> {
         let c = &self.layout.config;
         let (b, cin, h, w) = sample.dims4()?;
         if cin != c.in_channels {
@@ -499,6 +520,7 @@ impl UNet2DConditionModel {
         }
         let o = RunOpts {
             slicing: self.slicing,
+            ip: image_tokens,
         };
         let mut sample = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
         let ctx = encoder_hidden_states

@@ -7,7 +7,7 @@
 mod compact;
 mod net;
 mod network;
-mod state;
+pub(crate) mod state;
 mod swinir;
 pub mod tiles;
 pub mod tiles_averaged;

@@ -40,6 +40,7 @@ mod half_precision;
 mod hires;
 mod hires_upscaler;
 mod img2img_images;
+mod ip_adapter;
 mod karras_images;
 mod kdiffusion_dpm;
 mod kdiffusion_samplers;

@@ -177,8 +177,10 @@ fn linear_fwd(l: &Dense, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor
 
 /// Options every block needs at run time.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RunOpts {
+pub(crate) struct RunOpts<'a> {
     pub slicing: AttentionSlicing,
+    /// The IP-Adapters' image keys and values for this call's batch, by cross-attention.
+    pub ip: Option<&'a crate::ip_adapter::ImageTokens>,
 }
 
 // The weights a LoRA may change, by diffusers module path (see `crate::lora`).

@@ -19,6 +19,20 @@ pub(crate) struct Attention {
     heads: usize,
     scale: f64,
     upcast: bool,
+    /// A cross-attention's module path from its block on (`down_blocks.0.attentions.0.
+    /// transformer_blocks.0.attn2`): where an IP-Adapter's image keys and values join
+    /// ([`crate::ip_adapter::ImageTokens`]); `None` for a self-attention.
+    ip_layer: Option<String>,
+}
+
+/// The module path from the UNet's block on (any root prefix dropped).
+fn block_path(prefix: &str) -> String {
+    ["down_blocks.", "mid_block.", "up_blocks."]
+        .iter()
+        .filter_map(|b| prefix.find(b))
+        .min()
+        .map_or(prefix, |at| &prefix[at..])
+        .to_string()
 }
 
 impl Attention {
@@ -31,6 +45,10 @@ impl Attention {
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = heads * head_dim;
+        let ip_layer = vb
+            .prefix()
+            .ends_with("attn2")
+            .then(|| block_path(&vb.prefix()));
         Ok(Self {
             to_q: Dense::load(dim, inner, false, vb.pp("to_q"))?,
             to_k: Dense::load(ctx_dim, inner, false, vb.pp("to_k"))?,
@@ -39,15 +57,18 @@ impl Attention {
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
+            ip_layer,
         })
     }
 
-    /// `to_out(attention) + residual`.
+    /// `to_out(attention) + residual`; a cross-attention adds each IP-Adapter's
+    /// `scale * attention(q, k_ip, v_ip)` before `to_out` (diffusers'
+    /// `IPAdapterAttnProcessor2_0`).
     fn forward(
         &self,
         x: &Tensor,
         ctx: Option<&Tensor>,
-        o: RunOpts,
+        o: RunOpts<'_>,
         residual: &Tensor,
     ) -> Result<Tensor> {
         let ctx = ctx.unwrap_or(x);
@@ -56,21 +77,33 @@ impl Attention {
             linear_fwd(&self.to_k, ctx, None)?,
             linear_fwd(&self.to_v, ctx, None)?,
         );
+        let mut a = self.attend(&q, &k, &v, o)?;
+        let image = match (o.ip, &self.ip_layer) {
+            (Some(tokens), Some(layer)) => tokens.layer(layer),
+            _ => &[],
+        };
+        for kv in image {
+            let extra = self.attend(&q, &kv.key, &kv.value, o)?;
+            a = (a + (extra * kv.scale)?)?;
+        }
+        linear_fwd(&self.to_out, &a, Some(residual))
+    }
+
+    /// `softmax(q k^T * scale) v` with heads merged back: `[B, N, inner]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: RunOpts<'_>) -> Result<Tensor> {
         // f16 on a GPU: our flash kernel, heads read in place (slicing is moot: no scores).
-        let gpu = crate::kernels::cuda::attention;
-        if let Some(a) = gpu(&q, &k, &v, self.heads, self.scale)? {
-            return linear_fwd(&self.to_out, &a, Some(residual));
+        if let Some(a) = crate::kernels::cuda::attention(q, k, v, self.heads, self.scale)? {
+            return Ok(a);
         }
         // f32 on the CPU: fused attention, never the whole score matrix (slicing is moot).
-        let fast = crate::kernels::attention::attention;
-        if let Some(a) = fast(&q, &k, &v, self.heads, self.scale)? {
-            return linear_fwd(&self.to_out, &a, Some(residual));
+        if let Some(a) = crate::kernels::attention::attention(q, k, v, self.heads, self.scale)? {
+            return Ok(a);
         }
-        let q = split_heads(&q, self.heads)?;
-        let k = split_heads(&k, self.heads)?;
-        let v = split_heads(&v, self.heads)?;
+        let q = split_heads(q, self.heads)?;
+        let k = split_heads(k, self.heads)?;
+        let v = split_heads(v, self.heads)?;
         let a = sdpa(&q, &k, &v, self.scale, o.slicing, self.upcast)?;
-        linear_fwd(&self.to_out, &merge_heads(&a, self.heads)?, Some(residual))
+        merge_heads(&a, self.heads)
     }
 }
 
@@ -158,7 +191,7 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts<'_>) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
         let x = self
             .attn1
@@ -205,7 +238,7 @@ impl Transformer2D {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts<'_>) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let t = self.norm.forward(x)?;
         // f32 CPU: the projections read and write NCHW through strides (no transpose copies);

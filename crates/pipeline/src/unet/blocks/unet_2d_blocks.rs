@@ -55,7 +55,7 @@ impl DownBlock {
         x: &Tensor,
         temb: &Tensor,
         ctx: &Tensor,
-        o: RunOpts,
+        o: RunOpts<'_>,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut x = x.clone();
@@ -107,7 +107,7 @@ impl MidBlock {
         x: &Tensor,
         temb: &Tensor,
         ctx: &Tensor,
-        o: RunOpts,
+        o: RunOpts<'_>,
     ) -> Result<Tensor> {
         let mut x = self.first.forward(x, temb)?;
         for (a, r) in &self.rest {
@@ -177,7 +177,7 @@ impl UpBlock {
         temb: &Tensor,
         ctx: &Tensor,
         upsample_size: Option<(usize, usize)>,
-        o: RunOpts,
+        o: RunOpts<'_>,
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, r) in self.resnets.iter().enumerate() {
