@@ -51,6 +51,14 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         }
         m.insert("controlnets".into(), Value::Array(units));
     }
+    if !a.ip_adapters.is_empty() {
+        let units = a
+            .ip_adapters
+            .iter()
+            .map(|flag| model_image_scale("--ip-adapter", flag))
+            .collect::<Result<Vec<_>, String>>()?;
+        m.insert("ip_adapters".into(), Value::Array(units));
+    }
     m.insert("prompt".into(), json!(a.prompt));
     let opt = [
         (
@@ -159,7 +167,12 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
 /// `--controlnet MODEL:IMAGE[:SCALE]` as the native `controlnets` item: the model before the
 /// first `:`, the scale after the last when it is a number, the image file between.
 fn controlnet_use(flag: &str) -> Result<Value, String> {
-    let rule = || format!("--controlnet {flag:?}: MODEL:IMAGE[:SCALE] (a name, an image file)");
+    model_image_scale("--controlnet", flag)
+}
+
+/// `MODEL:IMAGE[:SCALE]` (`--controlnet`, `--ip-adapter`) as `{model, image, scale}`.
+fn model_image_scale(name: &str, flag: &str) -> Result<Value, String> {
+    let rule = || format!("{name} {flag:?}: MODEL:IMAGE[:SCALE] (a name, an image file)");
     let (model, rest) = flag.split_once(':').ok_or_else(rule)?;
     let (image, scale) = match rest.rsplit_once(':') {
         Some((image, s)) => match s.trim().parse::<f64>() {
@@ -173,7 +186,7 @@ fn controlnet_use(flag: &str) -> Result<Value, String> {
     }
     let mut unit = json!({
         "model": model,
-        "image": file_base64("--controlnet", Path::new(image))?,
+        "image": file_base64(name, Path::new(image))?,
     });
     if let Some(s) = scale {
         unit["scale"] = json!(s);
@@ -407,6 +420,9 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         .map_err(flag_error)?;
     crate::controlnets::ControlNetCatalog::new(a.model.controlnet_dir.clone())
         .check(&req, "controlnets")
+        .map_err(flag_error)?;
+    crate::ip_adapters::IpAdapterCatalog::new(a.model.ip_adapter_dir.clone())
+        .check(&req, "ip_adapters")
         .map_err(flag_error)?;
     check_writable(&a.output)?;
     let vaes =

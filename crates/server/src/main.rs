@@ -17,6 +17,7 @@ mod generator;
 mod gpu;
 mod hub;
 mod images;
+mod ip_adapters;
 mod listen;
 mod metrics;
 mod model;

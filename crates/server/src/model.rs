@@ -105,6 +105,8 @@ pub struct GpuGenerator {
     upscalers_dir: Option<std::path::PathBuf>,
     /// CONTROLNET_DIR, where a request's ControlNets are found by name.
     controlnet_dir: Option<std::path::PathBuf>,
+    /// IP_ADAPTER_DIR, where a request's IP-Adapters and their image encoder are found.
+    ip_adapter_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a VAE cannot be used, without the server's paths: the weights' message (which tensor,
@@ -141,6 +143,11 @@ impl Generator for GpuGenerator {
             &self.sd,
         )?;
         let params = controlled.as_ref().unwrap_or(params);
+        // IP-Adapters by name: their files and the image encoder in IP_ADAPTER_DIR, read for
+        // this request on the pipeline's device in its dtype.
+        let prompted =
+            crate::ip_adapters::with_ip_adapter_files(params, self.ip_adapter_dir.as_deref())?;
+        let params = prompted.as_ref().unwrap_or(params);
         gpu::plan_request(&mut self.sd, &self.setup, params)?;
         self.sd.generate(params, on_step)
     }
@@ -293,6 +300,7 @@ pub fn load_real(
             vae_models_dir: args.vae_models_dir.clone(),
             upscalers_dir: args.upscalers_dir.clone(),
             controlnet_dir: args.controlnet_dir.clone(),
+            ip_adapter_dir: args.ip_adapter_dir.clone(),
         }),
         info,
         taesd: None,

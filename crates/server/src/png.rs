@@ -125,6 +125,22 @@ pub fn parameters_text(
             )
         })
         .collect();
+    // IP-Adapters as the extension writes an ip-adapter unit (module ip-adapter_clip_sd15),
+    // numbered after the ControlNets.
+    let ip_adapters: String = p
+        .ip_adapters
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            format!(
+                ", ControlNet {}: \"Module: ip-adapter_clip_sd15, Model: {}, Weight: {}, Guidance Start: 0.0, Guidance End: 1.0\"",
+                p.controlnets.len() + i,
+                u.model.name,
+                u.scale
+            )
+        })
+        .collect();
+    let controlnets = format!("{controlnets}{ip_adapters}");
     s.push_str(&format!(
         "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}{sampler_params}, Version: sdserve {}",
         p.steps,

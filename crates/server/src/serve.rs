@@ -214,6 +214,7 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         .with_models_dir(args.models_dir.clone()),
         upscalers: crate::upscalers::UpscalerCatalog::new(args.model.upscalers_dir.clone()),
         controlnets: crate::controlnets::ControlNetCatalog::new(args.model.controlnet_dir.clone()),
+        ip_adapters: crate::ip_adapters::IpAdapterCatalog::new(args.model.ip_adapter_dir.clone()),
         styles: crate::styles::StyleBook::new(args.styles_file.clone()),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);

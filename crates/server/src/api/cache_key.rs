@@ -67,7 +67,20 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
             )
         })
         .collect();
-    let images = format!("{images}\u{0}{controlnets:?}");
+    // Each IP-Adapter by name (its files are in the model part), image and scale.
+    let ip_adapters: Vec<_> = p
+        .ip_adapters
+        .iter()
+        .map(|u| {
+            format!(
+                "{} {} {:?}",
+                u.model.name,
+                crate::images::digest(&u.image),
+                u.scale
+            )
+        })
+        .collect();
+    let images = format!("{images}\u{0}{controlnets:?}\u{0}{ip_adapters:?}");
     format!(
         "{model_version}\u{0}{adapters}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}x{}\u{0}{}\u{0}{:016x}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{:?}\u{0}{images}",
         p.prompt,

@@ -64,6 +64,7 @@ pub(super) async fn create(
     let vae = super::request::named_vae(&app, &req, "vae", info.limits).await?;
     super::request::named_upscaler(&app, &req).await?;
     super::request::named_controlnets(&app, &req, "controlnets").await?;
+    super::request::named_ip_adapters(&app, &req, "ip_adapters").await?;
     let spec = job_spec(
         req,
         vae,

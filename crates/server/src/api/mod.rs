@@ -9,6 +9,7 @@ mod declared_types;
 mod health_schema;
 mod hires_schema;
 mod inpaint_schema;
+mod ip_adapter_schema;
 mod jobs;
 mod models;
 mod native;
@@ -42,6 +43,7 @@ pub use controlnet_schema::*;
 pub use health_schema::*;
 pub use hires_schema::*;
 pub use inpaint_schema::*;
+pub use ip_adapter_schema::*;
 pub use observe::dialect_error;
 use observe::{observe, RequestStats};
 pub use request::random_seed;
@@ -79,6 +81,8 @@ pub struct AppState {
     pub upscalers: crate::upscalers::UpscalerCatalog,
     /// CONTROLNET_DIR: the ControlNets a request may name (`controlnets`).
     pub controlnets: crate::controlnets::ControlNetCatalog,
+    /// IP_ADAPTER_DIR: the IP-Adapters a request may name (`ip_adapters`).
+    pub ip_adapters: crate::ip_adapters::IpAdapterCatalog,
     /// STYLES_FILE: the prompt styles requests may name (`styles`).
     pub styles: crate::styles::StyleBook,
 }
@@ -112,6 +116,7 @@ impl AppState {
         models::vaes,
         models::upscalers,
         models::controlnets,
+        models::ip_adapters,
         styles::list,
         native::metrics,
         native::openapi_json,
@@ -163,6 +168,10 @@ impl AppState {
         crate::upscalers::UpscalerListing,
         crate::controlnets::ControlNetList,
         crate::controlnets::ControlNetListing,
+        crate::ip_adapters::IpAdapterList,
+        crate::ip_adapters::IpAdapterListing,
+        IpAdapterUse,
+        IpAdapterMetadata,
         ControlNetUse,
         ControlNetPreprocessor,
         PreprocessorType,
@@ -185,6 +194,7 @@ fn routes_table() -> Vec<(&'static str, &'static [&'static str], MethodRouter<Sh
         ("/vaes", &["get"], get(models::vaes)),
         ("/upscalers", &["get"], get(models::upscalers)),
         ("/controlnets", &["get"], get(models::controlnets)),
+        ("/ip-adapters", &["get"], get(models::ip_adapters)),
         ("/styles", &["get"], get(styles::list)),
         ("/embeddings", &["get"], get(native::embeddings)),
         (

@@ -48,6 +48,17 @@ pub(super) async fn controlnets(
     Json(listing.unwrap_or_else(|_| crate::controlnets::ControlNetCatalog::default().listing()))
 }
 
+/// IP_ADAPTER_DIR's adapters (read now: files added later are listed), by the names
+/// `ip_adapters[i].model` takes, and whether its image encoder is there.
+#[utoipa::path(get, path = "/ip-adapters", responses((status = 200, body = crate::ip_adapters::IpAdapterList)))]
+pub(super) async fn ip_adapters(
+    State(app): State<Shared>,
+) -> Json<crate::ip_adapters::IpAdapterList> {
+    let catalog = app.ip_adapters.clone();
+    let listing = tokio::task::spawn_blocking(move || catalog.listing()).await;
+    Json(listing.unwrap_or_else(|_| crate::ip_adapters::IpAdapterCatalog::default().listing()))
+}
+
 /// The image upscalers A1111's Extras (`/sdapi/v1/extra-single-image`: `upscaler_1`,
 /// `upscaler_2`) and the hires fix (`hires.upscaler`, beside the latent modes) take: the
 /// built-ins, then UPSCALERS_DIR's ESRGAN models (read now: files added later are listed).

@@ -168,6 +168,7 @@ pub(super) async fn run_on_model(
     let vae = super::request::named_vae(app, &req, "vae", info.limits).await?;
     let upscaler_file = super::request::named_upscaler(app, &req).await?;
     let controlnet_files = super::request::named_controlnets(app, &req, "controlnets").await?;
+    let ip_adapter_files = super::request::named_ip_adapters(app, &req, "ip_adapters").await?;
     let seeded = req.seed.is_some() && cacheable;
     // The VAE decodes the image: a request with another VAE is another entry.
     let mut cache_model = match &vae {
@@ -175,8 +176,9 @@ pub(super) async fn run_on_model(
         None => info.model_version.clone(),
     };
     // So does a hires upscaler model replaced under its name.
-    // And ControlNets replaced under their names.
-    for file in upscaler_file.into_iter().chain(controlnet_files) {
+    // And ControlNets and IP-Adapters replaced under their names.
+    let files = upscaler_file.into_iter().chain(controlnet_files);
+    for file in files.chain(ip_adapter_files) {
         cache_model = format!("{cache_model}\u{0}{file}");
     }
     let spec = job_spec(

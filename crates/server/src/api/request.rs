@@ -440,6 +440,22 @@ pub(crate) async fn named_controlnets(
     off_the_runtime(move || catalog.check(&req, field)).await
 }
 
+/// The request's IP-Adapters checked against IP_ADAPTER_DIR before it is queued
+/// (`ip_adapters::IpAdapterCatalog::check`): an unknown name is a 422 naming `field`; `Some`
+/// identifies the files for the image cache's key.
+pub(crate) async fn named_ip_adapters(
+    app: &AppState,
+    req: &ValidRequest,
+    field: &'static str,
+) -> Result<Option<String>, ApiError> {
+    if req.ip_adapters.is_empty() {
+        return Ok(None);
+    }
+    let catalog = app.ip_adapters.clone();
+    let req = req.clone();
+    off_the_runtime(move || catalog.check(&req, field)).await
+}
+
 /// The job for a validated request: seed and scheduler resolved, `request` the request as run;
 /// `vae` as [`named_vae`] resolved it.
 pub(crate) fn job_spec(

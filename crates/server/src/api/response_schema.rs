@@ -121,6 +121,9 @@ pub struct GenerateMetadata {
     /// The ControlNets that steered the images (`controlnets`); absent without any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub controlnets: Vec<ControlNetMetadata>,
+    /// The IP-Adapters that steered the images (`ip_adapters`); absent without any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_adapters: Vec<crate::api::IpAdapterMetadata>,
     /// A1111's inpainting (the request's `inpaint`, defaults filled); absent without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inpaint: Option<InpaintMetadata>,

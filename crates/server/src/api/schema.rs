@@ -448,6 +448,14 @@ pub struct GenerateRequest {
     /// model's UNet fails the request (422 naming it).
     #[schema(max_items = 3, nullable = true)]
     pub controlnets: Option<Vec<ControlNetUse>>,
+    /// IP-Adapters: image prompts (diffusers' `load_ip_adapter`, `ip_adapter_image`,
+    /// `set_ip_adapter_scale`): each image's CLIP embeds, projected to tokens, attended to by
+    /// every cross-attention of the UNet beside the prompt's, the negative side taking zero
+    /// embeds; several add up. In every mode and pass. At most 3. A model is a name of
+    /// IP_ADAPTER_DIR (`GET /ip-adapters`; unknown: a 422 listing the names); one that is not
+    /// an adapter for the model's UNet fails the request (422 naming it).
+    #[schema(max_items = 3, nullable = true)]
+    pub ip_adapters: Option<Vec<crate::api::IpAdapterUse>>,
 }
 
 /// How prompts are read.

@@ -93,6 +93,8 @@ pub struct GenerateArgs {
     /// processor resolution 64..=2048, 512), `none` takes the image as the map [default: none].
     #[arg(long, value_name = "canny[:LOW:HIGH[:RESOLUTION]]|none")]
     pub controlnet_preprocessor: Vec<String>,
+    #[arg(long, visible_alias = "ip-adapter", value_name = "MODEL:IMAGE[:SCALE]")]
+    pub ip_adapters: Vec<String>,
     /// AUTOMATIC1111's prompt styles file (`styles.csv`: columns `name`, `prompt`,
     /// `negative_prompt`) that `--styles` names, as `serve`'s.
     #[arg(long, env = "STYLES_FILE")]
@@ -309,6 +311,10 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "controlnets",
             "A ControlNet of --controlnet-dir by name, its control image file (already preprocessed: an edge map, a pose, a depth map; resized to the image's size) and its scale (0..=2; 1 when left out); repeat for more, at most 3, their effects summed (text-to-image, img2img and inpainting) [default: none]".to_string(),
+        ),
+        (
+            "ip_adapters",
+            "An IP-Adapter of --ip-adapter-dir by name, its image prompt file (any size) and its scale (0..=2; 1 when left out); repeat for more, at most 3, their effects summed [default: none]".to_string(),
         ),
         (
             "styles",

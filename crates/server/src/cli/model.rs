@@ -119,6 +119,13 @@ pub struct ModelArgs {
     /// request's).
     #[arg(long, env = "CONTROLNET_DIR")]
     pub controlnet_dir: Option<PathBuf>,
+    /// A folder laid out as h94/IP-Adapter's `models/`: IP-Adapter files
+    /// (`ip-adapter_sd15.safetensors` or `.bin`), each named by its file stem in `ip_adapters[i].model`, and
+    /// the CLIP image encoder they need in `image_encoder/` (`config.json`, weights,
+    /// `preprocessor_config.json` where present); listed by GET /ip-adapters. Read on every
+    /// look; the adapter and the encoder are read for the request that uses them.
+    #[arg(long, env = "IP_ADAPTER_DIR")]
+    pub ip_adapter_dir: Option<PathBuf>,
     /// A folder of the model-based ControlNet preprocessors' weights under the
     /// sd-webui-controlnet extension's names, at its top or in the extension's subfolders (its
     /// `annotator/downloads` as it is), from lllyasviel/Annotators: `ControlNetHED.pth`

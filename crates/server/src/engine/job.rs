@@ -330,6 +330,14 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                     control_mode: c.control_mode.into(),
                 })
                 .collect(),
+            ip_adapters: p
+                .ip_adapters
+                .iter()
+                .map(|u| crate::api::IpAdapterMetadata {
+                    model: u.model.name.clone(),
+                    scale: u.scale,
+                })
+                .collect(),
             inpaint: p
                 .a1111_inpaint
                 .as_ref()

@@ -155,6 +155,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
         vaes: Default::default(),
         upscalers: Default::default(),
         controlnets: Default::default(),
+        ip_adapters: Default::default(),
         styles: Default::default(),
     })
 }

@@ -23,6 +23,7 @@ pub mod extras;
 mod fields;
 mod for_model;
 pub mod hires;
+mod ip_adapters;
 mod native_hires;
 pub mod native_inpaint;
 pub mod preprocessor;
@@ -37,6 +38,7 @@ mod valid_request;
 pub use controlnets::ValidControlNet;
 use fields::FieldReader;
 pub use for_model::{check_limits, check_loras, check_memory};
+pub use ip_adapters::ValidIpAdapter;
 /// The keys of the native `hires` object.
 #[cfg(test)]
 pub use native_hires::FIELDS as HIRES_FIELDS;
@@ -66,7 +68,7 @@ const GUIDANCE_RULES: [(&str, GuidanceRule); 2] = [
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 40] = [
+pub const FIELDS: [&str; 41] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -95,6 +97,7 @@ pub const FIELDS: [&str; 40] = [
     "seed_resize_from_width",
     "seed_resize_from_height",
     "controlnets",
+    "ip_adapters",
     "inpaint",
     "step_rule",
     "noise_multiplier",
@@ -386,6 +389,7 @@ pub fn validate_request(
     let controlnets = r
         .with("controlnets", |v| controlnets::read(v, numpy_seed))
         .unwrap_or_default();
+    let ip_adapters = r.with("ip_adapters", ip_adapters::read).unwrap_or_default();
     let shuffles = controlnets
         .iter()
         .any(|c| matches!(c.preprocessor, Some(Preprocessor::Shuffle { .. })));
@@ -461,6 +465,7 @@ pub fn validate_request(
         variation_strength: variation_strength.unwrap_or(0.0),
         seed_resize_from: seed_resize,
         controlnets,
+        ip_adapters,
         inpaint,
         as_written: None,
     };

@@ -83,6 +83,8 @@ pub struct ValidRequest {
     pub seed_resize_from: Option<SeedResize>,
     /// ControlNets steering text-to-image (`controlnets`), their images at the request's size.
     pub controlnets: Vec<ValidControlNet>,
+    /// IP-Adapters (`ip_adapters`): image prompts by adapter name.
+    pub ip_adapters: Vec<super::ValidIpAdapter>,
     /// Inpainting as A1111 does it (the `inpaint` object); `None`: diffusers'. The init image
     /// and mask then stay at their uploaded size (A1111 blurs and crops there).
     pub inpaint: Option<A1111Inpaint>,
@@ -175,6 +177,22 @@ impl ValidRequest {
                     control_mode: c.control_mode,
                     mask: c.mask.as_ref().map(|i| i.image.clone()),
                     hires_mask: c.hires_mask.as_ref().map(|i| i.image.clone()),
+                })
+                .collect(),
+            ip_adapters: self
+                .ip_adapters
+                .iter()
+                .map(|u| sdserve_pipeline::ip_adapter::IpAdapterUnit {
+                    model: std::sync::Arc::new(sdserve_pipeline::ip_adapter::IpAdapter::named(
+                        &u.model,
+                    )),
+                    image_encoder: std::sync::Arc::new(
+                        sdserve_pipeline::ip_adapter::ImageEncoder::named(
+                            crate::ip_adapters::IMAGE_ENCODER,
+                        ),
+                    ),
+                    image: u.image.image.clone(),
+                    scale: u.scale,
                 })
                 .collect(),
             a1111_inpaint: self.inpaint.clone(),

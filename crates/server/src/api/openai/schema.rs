@@ -120,6 +120,10 @@ pub struct GenerationRequest {
     /// as natively; at most 3.
     #[schema(max_items = 3, nullable = true)]
     pub controlnets: Option<Vec<crate::api::ControlNetUse>>,
+    /// Our extra: IP-Adapters (`GET /ip-adapters`, IP_ADAPTER_DIR) with their image prompts, as
+    /// natively; at most 3.
+    #[schema(max_items = 3, nullable = true)]
+    pub ip_adapters: Option<Vec<crate::api::IpAdapterUse>>,
 }
 
 /// Multipart body of `POST /v1/images/edits`: `image` (PNG file), optional `mask` (PNG file:

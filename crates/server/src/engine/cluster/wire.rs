@@ -117,6 +117,10 @@ pub struct WireSpec {
     /// older replicas' jobs: none).
     #[serde(default)]
     controlnet_masks: Vec<(Option<WireImage>, Option<WireImage>)>,
+    /// IP-Adapters by name (each worker finds the name and the image encoder in its own
+    /// IP_ADAPTER_DIR), their images and scales (absent from older replicas' jobs: none).
+    #[serde(default)]
+    ip_adapters: Vec<(String, WireImage, f64)>,
     /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
@@ -240,6 +244,11 @@ impl WireSpec {
                         c.hires_mask.as_ref().map(WireImage::of),
                     )
                 })
+                .collect(),
+            ip_adapters: p
+                .ip_adapters
+                .iter()
+                .map(|u| (u.model.name.clone(), WireImage::of(&u.image), u.scale))
                 .collect(),
             inpaint: p.a1111_inpaint.as_ref().map(|o| {
                 let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
@@ -384,6 +393,23 @@ impl WireSpec {
                             control_mode,
                             mask,
                             hires_mask,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+                ip_adapters: self
+                    .ip_adapters
+                    .iter()
+                    .map(|(name, image, scale)| {
+                        use sdserve_pipeline::ip_adapter::{
+                            ImageEncoder, IpAdapter, IpAdapterUnit,
+                        };
+                        Ok(IpAdapterUnit {
+                            model: std::sync::Arc::new(IpAdapter::named(name)),
+                            image_encoder: std::sync::Arc::new(ImageEncoder::named(
+                                crate::ip_adapters::IMAGE_ENCODER,
+                            )),
+                            image: image.image()?,
+                            scale: *scale,
                         })
                     })
                     .collect::<Result<_, String>>()?,

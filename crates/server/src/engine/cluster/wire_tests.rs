@@ -113,6 +113,17 @@ fn a_spec_survives_the_trip_with_its_images() {
                 mask: Some(img.clone()),
                 hires_mask: None,
             }],
+            // By name: the worker finds it and the image encoder in its own IP_ADAPTER_DIR.
+            ip_adapters: vec![sdserve_pipeline::ip_adapter::IpAdapterUnit {
+                model: Arc::new(sdserve_pipeline::ip_adapter::IpAdapter::named(
+                    "ip-adapter_sd15",
+                )),
+                image_encoder: Arc::new(sdserve_pipeline::ip_adapter::ImageEncoder::named(
+                    crate::ip_adapters::IMAGE_ENCODER,
+                )),
+                image: img.clone(),
+                scale: 0.7,
+            }],
             a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
                 mask_blur_x: 3,
                 mask_blur_y: 5,

@@ -1,0 +1,234 @@
+//! IP_ADAPTER_DIR: IP-Adapters laid out as h94/IP-Adapter's `models/` folder: every
+//! `.safetensors` and `.bin` adapter file in it named by its stem (`ip-adapter_sd15`), and the
+//! CLIP image encoder they were trained with in `image_encoder/` (`config.json`, its weights,
+//! and `preprocessor_config.json` where present). Requests name adapters in
+//! `ip_adapters[i].model` (`GET /ip-adapters` lists them).
+//!
+//! The folder is read on every look, as CONTROLNET_DIR is. The adapter and the encoder are
+//! read for the request that uses them and dropped after it (the encoder, ViT-H/14 for SD 1.5's
+//! adapters, is about 1.2 GB in f16: on a GPU it is on the device only while a request uses
+//! it); an adapter for another UNet fails that request with a 422 naming it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use sdserve_pipeline::ip_adapter::{ImageEncoder, IpAdapter};
+use sdserve_pipeline::pipeline::GenerationParams;
+use sdserve_pipeline::PipelineError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::validate::ValidRequest;
+
+/// The adapter files read (h94's `.safetensors` and `.bin`).
+const EXTENSIONS: [&str; 2] = ["safetensors", "bin"];
+/// The image encoder's folder inside IP_ADAPTER_DIR.
+pub const IMAGE_ENCODER: &str = "image_encoder";
+
+/// One adapter of IP_ADAPTER_DIR.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpAdapterEntry {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// IP_ADAPTER_DIR, as this process sees it.
+#[derive(Debug, Clone, Default)]
+pub struct IpAdapterCatalog {
+    pub dir: Option<PathBuf>,
+}
+
+impl IpAdapterCatalog {
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        Self { dir }
+    }
+
+    /// The adapters by name, sorted (empty without the folder or when it cannot be read); of
+    /// two files of one stem, the `.safetensors`. Blocking.
+    pub fn scan(&self) -> Vec<IpAdapterEntry> {
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        let Ok(read) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<IpAdapterEntry> = read
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .filter_map(|path| {
+                let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+                if !EXTENSIONS.contains(&ext.as_str()) {
+                    return None;
+                }
+                let name = path.file_stem()?.to_str()?.to_string();
+                Some(IpAdapterEntry { name, path })
+            })
+            .collect();
+        let pickle = |e: &IpAdapterEntry| e.path.extension().is_none_or(|x| x != "safetensors");
+        out.sort_by(|a, b| {
+            (a.name.as_str(), pickle(a), &a.path).cmp(&(b.name.as_str(), pickle(b), &b.path))
+        });
+        out.dedup_by(|b, a| a.name == b.name);
+        out
+    }
+
+    /// The image encoder's folder, where it has a `config.json`.
+    pub fn image_encoder(&self) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?.join(IMAGE_ENCODER);
+        dir.join("config.json").is_file().then_some(dir)
+    }
+
+    fn names(models: &[IpAdapterEntry]) -> String {
+        if models.is_empty() {
+            return "none".into();
+        }
+        let names: Vec<String> = models.iter().map(|m| format!("{:?}", m.name)).collect();
+        names.join(", ")
+    }
+
+    /// The check a request's adapters get before it is queued (blocking: reads the folder and
+    /// the files' metadata): a name the folder does not list is a 422 naming
+    /// `ip_adapters[i].model` and listing the names; a folder without `image_encoder/` a 422
+    /// saying so. `Some` identifies the files (name, size, modification time) for the image
+    /// cache's key.
+    pub fn check(&self, req: &ValidRequest, field: &str) -> Result<Option<String>, ApiError> {
+        if req.ip_adapters.is_empty() {
+            return Ok(None);
+        }
+        let models = self.scan();
+        let mut ids = Vec::new();
+        for (i, unit) in req.ip_adapters.iter().enumerate() {
+            let Some(entry) = models.iter().find(|e| e.name == unit.model) else {
+                let why = match self.dir.is_some() {
+                    true => "no IP-Adapter of that name",
+                    false => "no IP-Adapter of that name (this server has no IP_ADAPTER_DIR)",
+                };
+                return Err(ApiError::validation(
+                    field,
+                    format!(
+                        "[{i}].model: {why} ({:?}); one of {}",
+                        unit.model,
+                        Self::names(&models)
+                    ),
+                ));
+            };
+            ids.push(identity(&entry.name, std::slice::from_ref(&entry.path)));
+        }
+        let Some(encoder) = self.image_encoder() else {
+            return Err(ApiError::validation(
+                field,
+                format!("IP_ADAPTER_DIR has no {IMAGE_ENCODER}/ folder (config.json and weights)"),
+            ));
+        };
+        let files: Vec<PathBuf> = std::fs::read_dir(&encoder)
+            .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        ids.push(identity(IMAGE_ENCODER, &files));
+        Ok(Some(format!("ip-adapters {}", ids.join(" "))))
+    }
+
+    /// `GET /ip-adapters`. Blocking (reads the folder).
+    pub fn listing(&self) -> IpAdapterList {
+        IpAdapterList {
+            ip_adapters: self
+                .scan()
+                .into_iter()
+                .map(|m| IpAdapterListing {
+                    file: m.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+                    name: m.name,
+                })
+                .collect(),
+            image_encoder: self.image_encoder().is_some(),
+        }
+    }
+}
+
+/// Name, total size and newest modification time of `files`.
+fn identity(name: &str, files: &[PathBuf]) -> String {
+    let stamp = |m: &std::fs::Metadata| {
+        m.modified()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos())
+    };
+    let (len, modified) = files
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .fold((0u64, 0u128), |(l, m), x| (l + x.len(), m.max(stamp(&x))));
+    format!("{name} {len} {modified}")
+}
+
+/// One adapter as `GET /ip-adapters` lists it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct IpAdapterListing {
+    /// The name `ip_adapters[i].model` takes: the file's stem.
+    pub name: String,
+    /// The file name in IP_ADAPTER_DIR.
+    pub file: Option<String>,
+}
+
+/// The body of `GET /ip-adapters`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct IpAdapterList {
+    /// IP_ADAPTER_DIR's adapters by name (read when a request uses them: a file that is not
+    /// an adapter for the loaded model is listed, and a 422 when used).
+    pub ip_adapters: Vec<IpAdapterListing>,
+    /// Whether IP_ADAPTER_DIR has the image encoder (`image_encoder/config.json`), which every
+    /// adapter needs.
+    pub image_encoder: bool,
+}
+
+/// `params` with its adapters (known by name) found in `dir` (this process's IP_ADAPTER_DIR),
+/// with the folder's image encoder; `None` when the request has none. A name no longer in the
+/// folder is the request's error. The files are read when the request runs.
+pub fn with_ip_adapter_files(
+    params: &GenerationParams,
+    dir: Option<&Path>,
+) -> Result<Option<GenerationParams>, PipelineError> {
+    if params.ip_adapters.is_empty() {
+        return Ok(None);
+    }
+    let catalog = IpAdapterCatalog::new(dir.map(Path::to_path_buf));
+    let models = catalog.scan();
+    let encoder = catalog.image_encoder().ok_or_else(|| {
+        PipelineError::InvalidRequest(format!(
+            "ip_adapters: IP_ADAPTER_DIR has no {IMAGE_ENCODER}/ folder"
+        ))
+    })?;
+    let encoder = Arc::new(ImageEncoder::new(IMAGE_ENCODER, encoder));
+    let mut resolved = params.clone();
+    for (i, unit) in resolved.ip_adapters.iter_mut().enumerate() {
+        let name = unit.model.name.clone();
+        let entry = models.iter().find(|e| e.name == name).ok_or_else(|| {
+            PipelineError::InvalidRequest(format!(
+                "ip_adapters[{i}].model: the IP-Adapter {name:?} is no longer in IP_ADAPTER_DIR"
+            ))
+        })?;
+        unit.model = Arc::new(IpAdapter::new(name, entry.path.clone()));
+        unit.image_encoder = encoder.clone();
+    }
+    Ok(Some(resolved))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_files_are_listed_by_stem_with_the_encoder() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../pipeline/tests/fixtures/ip-adapter/models");
+        let catalog = IpAdapterCatalog::new(Some(dir.clone()));
+        let entries = catalog.scan();
+        // The .bin and the .safetensors share a stem: one name, the .safetensors.
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["ip-adapter_sd15"]);
+        assert_eq!(entries[0].path, dir.join("ip-adapter_sd15.safetensors"));
+        assert_eq!(catalog.image_encoder(), Some(dir.join(IMAGE_ENCODER)));
+        assert!(catalog.listing().image_encoder);
+        assert!(IpAdapterCatalog::default().scan().is_empty());
+    }
+}
