@@ -42,6 +42,9 @@ pub(super) struct ControlState {
     noise_modifier: Option<Tensor>,
     /// The IP-Adapters' image keys and values (every step of every pass).
     image_prompts: Option<ImagePrompts>,
+    /// An inpainting UNet's mask and masked-image channels from the last inpaint unit (see
+    /// control_inpaint_channels.rs), on every evaluation of the pass.
+    inpaint_channels: Option<Tensor>,
 }
 
 impl ControlState {
@@ -53,6 +56,17 @@ impl ControlState {
     /// The latents `inpaint_only+lama` mixes into the starting noise, if any.
     pub(super) fn noise_modifier(&self) -> Option<&Tensor> {
         self.noise_modifier.as_ref()
+    }
+
+    /// An inpainting UNet's input (`[n, 9, h, w]`) with an inpaint unit's mask and masked
+    /// image in place of the request's; as it is without such a unit.
+    pub(super) fn unet_input(&self, input: Tensor, latent_channels: usize) -> Result<Tensor> {
+        match &self.inpaint_channels {
+            Some(c) => {
+                super::control_inpaint_channels::with_unit_channels(&input, c, latent_channels)
+            }
+            None => Ok(input),
+        }
     }
 }
 
@@ -141,6 +155,7 @@ impl StableDiffusion {
         let mut units = Vec::with_capacity(params.controlnets.len());
         let mut restores = Vec::new();
         let mut noise_modifier = None;
+        let mut inpaint_channels = None;
         for unit in &params.controlnets {
             let name = &unit.model.name;
             let model = unit
@@ -181,6 +196,9 @@ impl StableDiffusion {
                 }
                 restores.push(restore);
             }
+            if let Some(m) = mask.as_deref().filter(|_| self.is_inpainting()) {
+                inpaint_channels = Some(self.unit_inpaint_channels(&fitted, m)?);
+            }
             if !unit.steers_pass(pass == ControlPass::Hires, pass != ControlPass::Only) {
                 continue;
             }
@@ -193,13 +211,17 @@ impl StableDiffusion {
             &self.device,
             self.dtype,
         )?;
-        let any = !units.is_empty() || !restores.is_empty() || image_prompts.is_some();
+        let any = !units.is_empty()
+            || !restores.is_empty()
+            || image_prompts.is_some()
+            || inpaint_channels.is_some();
         Ok(any.then_some(ControlState {
             units,
             hires: pass == ControlPass::Hires,
             restores,
             noise_modifier,
             image_prompts,
+            inpaint_channels,
         }))
     }
 }

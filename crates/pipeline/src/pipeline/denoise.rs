@@ -61,6 +61,9 @@ impl StableDiffusion {
             if let Some(state) = &inpaint {
                 model_input = state.unet_input(model_input)?;
             }
+            if let Some(state) = control {
+                model_input = state.unet_input(model_input, self.vae_latent_channels)?;
+            }
             // A1111's denoiser counts its calls from 0: one per UNet evaluation.
             let mut conditioning = text_embeddings.at(index - begin)?;
             let mut guidance = guidance_scale * scheduler.guidance_scale_multiplier();

@@ -25,6 +25,7 @@ use crate::{PipelineError, Result};
 mod adapters;
 mod control;
 mod control_inpaint;
+mod control_inpaint_channels;
 mod decode;
 mod denoise;
 mod encode_prompt;

@@ -26,6 +26,7 @@ mod adapters;
 mod config_json;
 mod controlnet;
 mod controlnet_inpaint;
+mod controlnet_inpaint_channels;
 mod controlnet_modes;
 mod controlnet_preprocess;
 mod controlnet_preprocess_modules;
