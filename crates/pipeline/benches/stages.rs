@@ -386,9 +386,6 @@ fn main() {
             ..Default::default()
         };
         for (name, mask, strength) in [("img2img", None, 0.75), ("inpaint", Some(mask), 1.0)] {
-            if mask.is_none() && model.is_inpainting() {
-                continue; // an inpainting model needs a mask
-            }
             let params = GenerationParams {
                 init_image: Some(InitImage {
                     image: image.clone(),

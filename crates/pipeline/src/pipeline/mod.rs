@@ -148,7 +148,7 @@ impl StableDiffusion {
     }
 
     /// True for an inpainting model: its UNet takes the latents, the mask and the masked
-    /// image's latents (9 channels for SD 1.5), so every request needs an init image and a mask.
+    /// image's latents (9 channels for SD 1.5); without a mask it repaints the whole image.
     pub fn is_inpainting(&self) -> bool {
         self.unet_in_channels == 2 * self.vae_latent_channels + 1
     }
