@@ -440,7 +440,7 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
     } else {
         None
     };
-    let vae = crate::api::request::resolve_vae(&vaes, req.vae.as_deref(), checkpoint, "vae", fits)
+    let vae = crate::api::resolve::resolve_vae(&vaes, req.vae.as_deref(), checkpoint, "vae", fits)
         .map_err(flag_error)?;
     let rt = crate::config::select_runtime(&a.model.device, a.model.dtype)?;
     for w in &rt.warnings {

@@ -59,12 +59,12 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     let mut req = read_generate_body(&app, &headers, body).await?;
     let info = app.engine.model_info()?;
-    let (info, _) = super::request::adapters_info(&app, info, &req, None).await;
-    let info = super::request::named_model(&app, info, &mut req, "model").await?;
-    let vae = super::request::named_vae(&app, &req, "vae", info.limits).await?;
-    super::request::named_upscaler(&app, &req).await?;
-    super::request::named_controlnets(&app, &req, "controlnets").await?;
-    super::request::named_ip_adapters(&app, &req, "ip_adapters").await?;
+    let (info, _) = super::resolve::adapters_info(&app, info, &req, None).await;
+    let info = super::resolve::named_model(&app, info, &mut req, "model").await?;
+    let vae = super::resolve::named_vae(&app, &req, "vae", info.limits).await?;
+    super::resolve::named_upscaler(&app, &req).await?;
+    super::resolve::named_controlnets(&app, &req, "controlnets").await?;
+    super::resolve::named_ip_adapters(&app, &req, "ip_adapters").await?;
     let spec = job_spec(
         req,
         vae,

@@ -18,6 +18,7 @@ mod observe;
 mod off_runtime_tests;
 pub mod openai;
 pub(crate) mod request;
+pub(crate) mod resolve;
 mod response_schema;
 mod schema;
 pub(crate) mod styles;
@@ -71,7 +72,7 @@ pub struct AppState {
     /// Keys, rate limits, CORS and the body deadline, applied around every route.
     pub security: Arc<crate::security::Security>,
     /// LORA_DIR and EMBEDDINGS_DIR as this process sees them: a request looks at them before
-    /// it is checked and cached (`request::adapters_info`).
+    /// it is checked and cached (`resolve::adapters_info`).
     pub adapter_dirs: crate::adapters::AdapterDirs,
     /// MODELS_DIR and the default model (`--model`): the models a request may name.
     pub models: crate::models::Catalog,

@@ -163,12 +163,12 @@ pub(super) async fn run_on_model(
             None => e,
         })?;
     let patience = app.engine.config().timeout;
-    let (info, cacheable) = super::request::adapters_info(app, info, &req, Some(patience)).await;
-    let info = super::request::named_model(app, info, &mut req, model_field).await?;
-    let vae = super::request::named_vae(app, &req, "vae", info.limits).await?;
-    let upscaler_file = super::request::named_upscaler(app, &req).await?;
-    let controlnet_files = super::request::named_controlnets(app, &req, "controlnets").await?;
-    let ip_adapter_files = super::request::named_ip_adapters(app, &req, "ip_adapters").await?;
+    let (info, cacheable) = super::resolve::adapters_info(app, info, &req, Some(patience)).await;
+    let info = super::resolve::named_model(app, info, &mut req, model_field).await?;
+    let vae = super::resolve::named_vae(app, &req, "vae", info.limits).await?;
+    let upscaler_file = super::resolve::named_upscaler(app, &req).await?;
+    let controlnet_files = super::resolve::named_controlnets(app, &req, "controlnets").await?;
+    let ip_adapter_files = super::resolve::named_ip_adapters(app, &req, "ip_adapters").await?;
     let seeded = req.seed.is_some() && cacheable;
     // The VAE decodes the image: a request with another VAE is another entry.
     let mut cache_model = match &vae {
@@ -327,7 +327,7 @@ pub struct LoraList {
 /// The LoRA files of `LORA_DIR` (empty when unset or while the model loads).
 #[utoipa::path(get, path = "/loras", responses((status = 200, description = "kohya/A1111 and PEFT LoRA and LoCon, and LyCORIS LoHa, LoKr, IA3, GLoRA, OFT/BOFT, norm and full diffs, with DoRA (`types`); `error` says why a file cannot be used (does not fit `model`, the default model; a part not applied such as a LoHa's bias diff; cannot be read)", body = LoraList)))]
 pub(super) async fn loras(State(app): State<Shared>) -> axum::Json<LoraList> {
-    let loras = super::request::listed_adapters(&app).await.loras;
+    let loras = super::resolve::listed_adapters(&app).await.loras;
     axum::Json(LoraList {
         model: app.models.default_name(),
         loras,
@@ -339,7 +339,7 @@ pub(super) async fn loras(State(app): State<Shared>) -> axum::Json<LoraList> {
 /// without it too: within a second while idle, and before every job.
 #[utoipa::path(post, path = "/adapters/refresh", responses((status = 200, description = "`{model, loras: [...], embeddings: [...]}` as `GET /loras` and `GET /embeddings` list them"), (status = 503, description = "`model_unavailable`: the model is not loaded, or the worker did not get to it within GENERATION_TIMEOUT_SECONDS", body = ErrorBody)))]
 pub(super) async fn refresh_adapters(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let info = super::request::fresh_adapters(&app, true, app.engine.config().timeout).await?;
+    let info = super::resolve::fresh_adapters(&app, true, app.engine.config().timeout).await?;
     Ok(axum::Json(serde_json::json!({
         "model": app.models.default_name(),
         "loras": info.adapters.loras,
@@ -351,7 +351,7 @@ pub(super) async fn refresh_adapters(State(app): State<Shared>) -> Result<Respon
 /// The textual-inversion embeddings of `EMBEDDINGS_DIR` (empty when unset or while loading).
 #[utoipa::path(get, path = "/embeddings", responses((status = 200, description = "`{embeddings: [{name, file, format, vectors, shape, step, sd_checkpoint, sd_checkpoint_name, error}]}`; `error` says why prompts cannot use one")))]
 pub(super) async fn embeddings(State(app): State<Shared>) -> Response {
-    let embeddings = super::request::listed_adapters(&app).await.embeddings;
+    let embeddings = super::resolve::listed_adapters(&app).await.embeddings;
     axum::Json(serde_json::json!({ "embeddings": embeddings })).into_response()
 }
 

@@ -65,11 +65,11 @@ pub struct ValidRequest {
     /// `hires` object or A1111's `enable_hr`, both through [`hires::validate_hires`]).
     pub hires: Option<hires::ValidHires>,
     /// The model asked for by name (`model`, A1111's `sd_model_checkpoint`, OpenAI's `model`);
-    /// once resolved (`api::request::named_model`), the MODELS_DIR model it runs on, `None`
+    /// once resolved (`api::resolve::named_model`), the MODELS_DIR model it runs on, `None`
     /// for the default model.
     pub model: Option<String>,
     /// The VAE_DIR VAE asked for by name (`vae`, A1111's `sd_vae`); `None`, `automatic` or
-    /// `none`: the model's own. Resolved by `api::request::named_vae`.
+    /// `none`: the model's own. Resolved by `api::resolve::named_vae`.
     pub vae: Option<String>,
     /// A1111's `tiling`: the image wraps at its edges (circular padding in every convolution).
     pub tiling: bool,

@@ -15,7 +15,7 @@ use crate::error::ApiError;
 /// (a request naming one is a 422 saying why; `GET /loras` gives the reason as `error`).
 #[utoipa::path(get, path = "/sdapi/v1/loras", tag = "a1111", responses((status = 200, description = "`[{name, alias, path, metadata}]`: `name` is what `<lora:name:weight>` takes, `alias` the trainer's `ss_output_name` (else the name), `metadata` the file's safetensors metadata")))]
 pub(super) async fn loras(State(app): State<Shared>) -> Json<Value> {
-    let loras = crate::api::request::listed_adapters(&app).await.loras;
+    let loras = crate::api::resolve::listed_adapters(&app).await.loras;
     Json(Value::Array(loras.iter().map(lora_json).collect()))
 }
 
@@ -33,7 +33,7 @@ fn lora_json(l: &crate::adapters::LoraListing) -> Value {
 /// them); files that cannot be read are left out, as A1111 leaves them out.
 #[utoipa::path(get, path = "/sdapi/v1/embeddings", tag = "a1111", responses((status = 200, description = "`{loaded, skipped}`, each by name: `{step, sd_checkpoint, sd_checkpoint_name, shape, vectors}`")))]
 pub(super) async fn embeddings(State(app): State<Shared>) -> Json<Value> {
-    let embeddings = crate::api::request::listed_adapters(&app).await.embeddings;
+    let embeddings = crate::api::resolve::listed_adapters(&app).await.embeddings;
     let (mut loaded, mut skipped) = (Map::new(), Map::new());
     for e in embeddings.iter().filter(|e| e.vectors > 0) {
         let entry = json!({
@@ -56,14 +56,14 @@ pub(super) async fn embeddings(State(app): State<Shared>) -> Json<Value> {
 /// second while idle and before every job.
 #[utoipa::path(post, path = "/sdapi/v1/refresh-loras", tag = "a1111", responses((status = 200, description = "`null`, once the folder has been read again"), (status = 503, description = "`model_unavailable`: the model is not loaded, or the worker did not get to it in time", body = crate::error::ErrorBody)))]
 pub(super) async fn refresh_loras(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
-    crate::api::request::fresh_adapters(&app, true, app.engine.config().timeout).await?;
+    crate::api::resolve::fresh_adapters(&app, true, app.engine.config().timeout).await?;
     Ok(Json(Value::Null))
 }
 
 /// Reads EMBEDDINGS_DIR again now, as `refresh-loras` does; answers `null`, as A1111 does.
 #[utoipa::path(post, path = "/sdapi/v1/refresh-embeddings", tag = "a1111", responses((status = 200, description = "`null`, once the folder has been read again"), (status = 503, description = "`model_unavailable`", body = crate::error::ErrorBody)))]
 pub(super) async fn refresh_embeddings(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
-    crate::api::request::fresh_adapters(&app, true, app.engine.config().timeout).await?;
+    crate::api::resolve::fresh_adapters(&app, true, app.engine.config().timeout).await?;
     Ok(Json(Value::Null))
 }
 

@@ -253,7 +253,7 @@ async fn generate(
         // `Automatic` finds the VAE near the checkpoint the request runs on.
         probe.model.clone_from(&checkpoint);
         // The model's limits are checked where it runs (`run_on_model`), once it is resolved.
-        crate::api::request::named_vae(app, &probe, "override_settings.sd_vae", None).await?
+        crate::api::resolve::named_vae(app, &probe, "override_settings.sd_vae", None).await?
     };
     // The infotexts name the model that made the images.
     let mut used_version = info.model_version.clone();
