@@ -114,9 +114,11 @@ def main():
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    if os.path.isdir(OUT):
-        shutil.rmtree(OUT)
+    # Only this script's files: tools/make_ip_adapter_plus_fixtures.py adds the Plus adapters
+    # beside them (run it after this one).
     enc_dir = os.path.join(MODELS, "image_encoder")
+    if os.path.isdir(enc_dir):
+        shutil.rmtree(enc_dir)
     os.makedirs(enc_dir)
 
     torch.manual_seed(7100)

@@ -225,8 +225,15 @@ mod tests {
         let entries = catalog.scan();
         // The .bin and the .safetensors share a stem: one name, the .safetensors.
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["ip-adapter_sd15"]);
-        assert_eq!(entries[0].path, dir.join("ip-adapter_sd15.safetensors"));
+        assert_eq!(
+            names,
+            [
+                "ip-adapter-plus-face_sd15",
+                "ip-adapter-plus_sd15",
+                "ip-adapter_sd15"
+            ]
+        );
+        assert_eq!(entries[2].path, dir.join("ip-adapter_sd15.safetensors"));
         assert_eq!(catalog.image_encoder(), Some(dir.join(IMAGE_ENCODER)));
         assert!(catalog.listing().image_encoder);
         assert!(IpAdapterCatalog::default().scan().is_empty());

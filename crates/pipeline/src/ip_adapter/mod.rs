@@ -1,11 +1,16 @@
-//! IP-Adapter (image prompts), as diffusers 0.42 runs h94/IP-Adapter's `ip-adapter_sd15`:
-//! `load_ip_adapter`, `encode_image`, `prepare_ip_adapter_image_embeds`, `ImageProjection` and
+//! IP-Adapter (image prompts), as diffusers 0.42 runs h94/IP-Adapter's `ip-adapter_sd15`,
+//! `ip-adapter-plus_sd15` and `ip-adapter-plus-face_sd15`: `load_ip_adapter`, `encode_image`,
+//! `prepare_ip_adapter_image_embeds`, `ImageProjection`, `IPAdapterPlusImageProjection` and
 //! `IPAdapterAttnProcessor2_0`.
 //!
 //! The image goes through CLIP's image processor ([`clip_image`]) and image encoder
-//! ([`clip_vision`]) to `image_embeds`; the adapter's `ImageProjection` (a linear layer to
-//! `num_tokens x cross_attention_dim`, then a LayerNorm) makes image tokens of them, and of
-//! zero embeds for the negative side of classifier-free guidance. Every cross-attention of the
+//! ([`clip_vision`]). A plain adapter's `ImageProjection` (a linear layer to
+//! `num_tokens x cross_attention_dim`, then a LayerNorm) makes image tokens of its
+//! `image_embeds`, and of zero embeds for the negative side of classifier-free guidance. A Plus
+//! adapter's Resampler ([`resampler`]) makes them of the encoder's penultimate hidden states,
+//! and the negative side of the hidden states of zero pixel values (diffusers' `encode_image`
+//! with `output_hidden_states=True` runs the encoder on `zeros_like(pixel_values)`; they are
+//! not zeros). Every cross-attention of the
 //! UNet then adds `scale * attention(q, to_k_ip(tokens), to_v_ip(tokens))` to its text
 //! attention; several adapters' terms add up, and a scale of 0 adds nothing (diffusers skips
 //! it). The keys and values are the same at every step, so they are computed once per
@@ -21,12 +26,13 @@
 pub mod clip_image;
 pub mod clip_vision;
 mod prompts;
+mod resampler;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::clip::F32LayerNorm;
@@ -38,6 +44,7 @@ use crate::{PipelineError, Result};
 pub use clip_image::ClipImageProcessor;
 pub use clip_vision::{ClipVisionConfig, ClipVisionModel};
 pub use prompts::{ImagePrompts, ImageTokens, LayerKv};
+use resampler::Resampler;
 
 /// The LayerNorm of diffusers' `ImageProjection` (torch's default eps).
 const PROJECTION_NORM_EPS: f64 = 1e-5;
@@ -118,6 +125,34 @@ impl ImageEncoderModel {
         let pixels = self.processor.preprocess(image, &Device::Cpu)?;
         Ok(self.model.forward(&pixels, false)?.image_embeds)
     }
+
+    /// `encode_image(..., output_hidden_states=True)` for a Plus adapter: the penultimate
+    /// hidden states `[1, positions, hidden]` of the image and of zero pixel values (the
+    /// processor's output zeroed, diffusers' negative side), in that order.
+    pub fn penultimate_states(&self, image: &RgbImage) -> Result<(Tensor, Tensor)> {
+        let pixels = self.processor.preprocess(image, &Device::Cpu)?;
+        let states = |p: &Tensor| -> Result<Tensor> {
+            self.model.forward(p, true)?.penultimate.ok_or_else(|| {
+                PipelineError::InvalidRequest("the image encoder gave no hidden states".into())
+            })
+        };
+        Ok((states(&pixels)?, states(&pixels.zeros_like()?)?))
+    }
+
+    /// The encoder's outputs `adapter` takes for `image` and for its negative side.
+    pub fn adapter_inputs(
+        &self,
+        adapter: &IpAdapterModel,
+        image: &RgbImage,
+    ) -> Result<(Tensor, Tensor)> {
+        match adapter.takes_hidden_states() {
+            true => self.penultimate_states(image),
+            false => {
+                let embeds = self.image_embeds(image)?;
+                Ok((embeds.clone(), embeds.zeros_like()?))
+            }
+        }
+    }
 }
 
 /// diffusers' `ImageProjection`: `LayerNorm(Linear(embeds).reshape(B, tokens, cross))`.
@@ -138,6 +173,15 @@ impl ImageProjection {
     }
 }
 
+/// How an adapter makes image tokens.
+#[derive(Debug, Clone)]
+enum Projection {
+    /// `ip-adapter_sd15`: of `image_embeds`.
+    Linear(ImageProjection),
+    /// Plus: of the penultimate hidden states.
+    Resampler(Box<Resampler>),
+}
+
 /// One cross-attention's `to_k_ip` and `to_v_ip`.
 #[derive(Debug, Clone)]
 struct IpLayer {
@@ -149,7 +193,7 @@ struct IpLayer {
 /// An adapter's weights, matched to a UNet's cross-attentions.
 #[derive(Debug, Clone)]
 pub struct IpAdapterModel {
-    projection: ImageProjection,
+    projection: Projection,
     layers: Vec<IpLayer>,
     embed_dim: usize,
     path: PathBuf,
@@ -183,21 +227,23 @@ fn read_adapter_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 
 impl IpAdapterModel {
     /// Reads an adapter file and matches it to `unet`'s cross-attentions: one `N.to_k_ip` /
-    /// `N.to_v_ip` pair for each (N = 1, 3, 5, ...), each `[hidden_size, cross_attention_dim]`;
-    /// the projection's tokens are its rows over `cross_attention_dim`. An adapter for another
-    /// UNet (or a plus / FaceID adapter, not read yet) is refused naming what differs.
+    /// `N.to_v_ip` pair for each (N = 1, 3, 5, ...), each `[hidden_size, cross_attention_dim]`.
+    /// A plain adapter's projection (`image_proj.proj`) makes its rows over
+    /// `cross_attention_dim` tokens; a Plus adapter's (`image_proj.latents`) is a Resampler
+    /// with its constants read from the weights. An adapter for another UNet (or a FaceID /
+    /// full-face adapter, not read) is refused naming what differs.
     pub fn load(path: &Path, unet: &UNetConfig, device: &Device, dtype: DType) -> Result<Self> {
         let bad = |message: String| PipelineError::Weights {
             path: path.to_path_buf(),
             message,
         };
         let tensors = read_adapter_tensors(path)?;
-        if !tensors.contains_key("image_proj.proj.weight") {
-            let kind = match tensors.contains_key("image_proj.latents") {
-                true => "an IP-Adapter Plus (a Resampler projection), not supported yet",
-                false => "no image_proj.proj.weight: not an ip-adapter_sd15-style adapter",
-            };
-            return Err(bad(kind.into()));
+        let plus = tensors.contains_key("image_proj.latents");
+        if !plus && !tensors.contains_key("image_proj.proj.weight") {
+            return Err(bad("neither image_proj.proj.weight (ip-adapter_sd15) nor \
+                 image_proj.latents (Plus): not an adapter this server reads (FaceID and \
+                 full-face adapters are not)"
+                .into()));
         }
         let attentions = unet.cross_attentions().map_err(bad)?;
         let count = tensors
@@ -211,22 +257,38 @@ impl IpAdapterModel {
             )));
         }
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        let (proj_rows, embed_dim) = vb.pp("image_proj.proj").get_unchecked("weight")?.dims2()?;
         let cross_dim = attentions.first().map_or(0, |a| a.cross_attention_dim);
-        if cross_dim == 0 || !proj_rows.is_multiple_of(cross_dim) {
-            return Err(bad(format!(
-                "image_proj.proj has {proj_rows} rows, not a whole number of tokens of the \
-                 UNet's cross_attention_dim {cross_dim}"
-            )));
-        }
         let shape_err = |e: candle_core::Error| bad(format!("does not fit the model's UNet: {e}"));
-        let projection = ImageProjection {
-            proj: Dense::load(embed_dim, proj_rows, true, vb.pp("image_proj.proj"))
-                .map_err(shape_err)?,
-            norm: F32LayerNorm::new(cross_dim, PROJECTION_NORM_EPS, vb.pp("image_proj.norm"))
-                .map_err(shape_err)?,
-            tokens: proj_rows / cross_dim,
-            cross_dim,
+        let (projection, embed_dim) = match plus {
+            true => {
+                let r = Resampler::load(vb.pp("image_proj"), cross_dim)
+                    .map_err(|e| bad(format!("the Plus Resampler: {e}")))?;
+                let embed_dim = r.embed_dim();
+                (Projection::Resampler(Box::new(r)), embed_dim)
+            }
+            false => {
+                let (rows, embed_dim) =
+                    vb.pp("image_proj.proj").get_unchecked("weight")?.dims2()?;
+                if cross_dim == 0 || !rows.is_multiple_of(cross_dim) {
+                    return Err(bad(format!(
+                        "image_proj.proj has {rows} rows, not a whole number of tokens of the \
+                         UNet's cross_attention_dim {cross_dim}"
+                    )));
+                }
+                let projection = ImageProjection {
+                    proj: Dense::load(embed_dim, rows, true, vb.pp("image_proj.proj"))
+                        .map_err(shape_err)?,
+                    norm: F32LayerNorm::new(
+                        cross_dim,
+                        PROJECTION_NORM_EPS,
+                        vb.pp("image_proj.norm"),
+                    )
+                    .map_err(shape_err)?,
+                    tokens: rows / cross_dim,
+                    cross_dim,
+                };
+                (Projection::Linear(projection), embed_dim)
+            }
         };
         let layers = attentions
             .iter()
@@ -259,26 +321,64 @@ impl IpAdapterModel {
         self.dtype
     }
 
-    /// The image tokens per embed: the projection's output length.
+    /// The image tokens per image: the projection's output length.
     pub fn num_tokens(&self) -> usize {
-        self.projection.tokens
+        match &self.projection {
+            Projection::Linear(p) => p.tokens,
+            Projection::Resampler(r) => r.num_queries(),
+        }
     }
 
-    /// The image embeds' width it takes (the encoder's `projection_dim`).
+    /// Whether it takes the encoder's penultimate hidden states (Plus) rather than its
+    /// `image_embeds`.
+    pub fn takes_hidden_states(&self) -> bool {
+        matches!(self.projection, Projection::Resampler(_))
+    }
+
+    /// The width of the encoder output it takes: `projection_dim` (plain) or the encoder's
+    /// hidden size (Plus).
     pub fn embed_dim(&self) -> usize {
         self.embed_dim
     }
 
-    /// `ImageProjection(image_embeds)`: `[B, num_tokens, cross_attention_dim]`.
-    pub fn image_tokens(&self, image_embeds: &Tensor) -> Result<Tensor> {
-        let e = image_embeds.dim(1)?;
-        if e != self.embed_dim {
+    /// A Plus adapter's attention heads (the query rows over 64, as diffusers reads them).
+    pub fn resampler_heads(&self) -> Option<usize> {
+        match &self.projection {
+            Projection::Linear(_) => None,
+            Projection::Resampler(r) => Some(r.heads()),
+        }
+    }
+
+    /// The adapter with its Resampler's queries and keys split into `heads` instead: not the
+    /// adapter any more; tests use it to show the split matters.
+    #[doc(hidden)]
+    pub fn with_resampler_heads(mut self, heads: usize) -> Self {
+        if let Projection::Resampler(r) = &mut self.projection {
+            r.set_heads(heads);
+        }
+        self
+    }
+
+    /// The image tokens `[B, num_tokens, cross_attention_dim]` of the encoder's output: plain,
+    /// `ImageProjection(image_embeds [B, embed_dim])`; Plus, the Resampler of the hidden
+    /// states `[B, positions, embed_dim]`.
+    pub fn image_tokens(&self, input: &Tensor) -> Result<Tensor> {
+        let e = input.dim(D::Minus1)?;
+        let rank = match self.projection {
+            Projection::Linear(_) => 2,
+            Projection::Resampler(_) => 3,
+        };
+        if e != self.embed_dim || input.rank() != rank {
             return Err(PipelineError::InvalidRequest(format!(
-                "the IP-Adapter {} takes image embeds of {} values, the image encoder gives {e}",
+                "the IP-Adapter {} takes encoder outputs of rank {rank} and width {}, got {:?}",
                 self.path.display(),
-                self.embed_dim
+                self.embed_dim,
+                input.dims()
             )));
         }
-        self.projection.forward(image_embeds)
+        match &self.projection {
+            Projection::Linear(p) => p.forward(input),
+            Projection::Resampler(r) => r.forward(input),
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! A request's image prompts: each adapter's image keys and values at every cross-attention,
 //! computed once (they do not change between steps), and laid out per UNet call on the rows
-//! that carry the prompt (the image's tokens) and those that carry the negative prompt (the
-//! tokens of zero embeds, diffusers' `uncond_image_embeds`).
+//! that carry the prompt (the image's tokens) and those that carry the negative prompt
+//! (diffusers' `uncond_image_embeds`: the tokens of zero embeds for a plain adapter, of the
+//! zero image's hidden states for a Plus one).
 
 use std::collections::HashMap;
 
@@ -68,8 +69,8 @@ impl ImagePrompts {
                 |e: String| PipelineError::InvalidRequest(format!("the IP-Adapter {name:?}: {e}"));
             let adapter = unit.model.load_on(unet, device, dtype).map_err(refuse)?;
             let encoder = unit.image_encoder.load_on(device, dtype).map_err(refuse)?;
-            let embeds = encoder.image_embeds(&unit.image)?;
-            prompts.add(&adapter, &embeds, unit.scale)?;
+            let (cond, uncond) = encoder.adapter_inputs(&adapter, &unit.image)?;
+            prompts.add(&adapter, &cond, &uncond, unit.scale)?;
         }
         Ok((!prompts.layers.is_empty()).then_some(prompts))
     }
@@ -81,16 +82,37 @@ impl ImagePrompts {
             layers: HashMap::new(),
         };
         for &(adapter, embeds, scale) in items.iter().filter(|i| i.2 != 0.0) {
-            prompts.add(adapter, embeds, scale)?;
+            prompts.add(adapter, embeds, &embeds.zeros_like()?, scale)?;
         }
         Ok((!prompts.layers.is_empty()).then_some(prompts))
     }
 
-    fn add(&mut self, adapter: &IpAdapterModel, embeds: &Tensor, scale: f64) -> Result<()> {
+    /// Image prompts from the encoder's outputs already computed for each adapter, the
+    /// image's and the negative side's ([`super::ImageEncoderModel::adapter_inputs`]), with
+    /// their scales; `None` when every scale is 0.
+    pub fn from_encoder_outputs(
+        items: &[(&IpAdapterModel, &Tensor, &Tensor, f64)],
+    ) -> Result<Option<Self>> {
+        let mut prompts = Self {
+            layers: HashMap::new(),
+        };
+        for &(adapter, cond, uncond, scale) in items.iter().filter(|i| i.3 != 0.0) {
+            prompts.add(adapter, cond, uncond, scale)?;
+        }
+        Ok((!prompts.layers.is_empty()).then_some(prompts))
+    }
+
+    fn add(
+        &mut self,
+        adapter: &IpAdapterModel,
+        cond: &Tensor,
+        uncond: &Tensor,
+        scale: f64,
+    ) -> Result<()> {
         let (device, dtype) = (adapter.device(), adapter.dtype());
-        let embeds = embeds.to_device(device)?.to_dtype(dtype)?;
-        // Rows: [zero embeds, the image's], as diffusers' `[negative, positive]`.
-        let both = Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?;
+        let on = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);
+        // Rows: [negative side, the image's], as diffusers' `[negative, positive]`.
+        let both = Tensor::cat(&[&on(uncond)?, &on(cond)?], 0)?;
         let tokens = adapter.image_tokens(&both)?;
         for layer in &adapter.layers {
             let k = layer.to_k.forward(&tokens, None)?;

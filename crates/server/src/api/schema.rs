@@ -449,9 +449,11 @@ pub struct GenerateRequest {
     #[schema(max_items = 3, nullable = true)]
     pub controlnets: Option<Vec<ControlNetUse>>,
     /// IP-Adapters: image prompts (diffusers' `load_ip_adapter`, `ip_adapter_image`,
-    /// `set_ip_adapter_scale`): each image's CLIP embeds, projected to tokens, attended to by
+    /// `set_ip_adapter_scale`): each image's CLIP embeds (a Plus adapter: the encoder's
+    /// penultimate hidden states through its Resampler), projected to tokens, attended to by
     /// every cross-attention of the UNet beside the prompt's, the negative side taking zero
-    /// embeds; several add up. In every mode and pass. At most 3. A model is a name of
+    /// embeds (Plus: the zero image's states); several add up. In every mode and pass. At most
+    /// 3. A model is a name of
     /// IP_ADAPTER_DIR (`GET /ip-adapters`; unknown: a 422 listing the names); one that is not
     /// an adapter for the model's UNet fails the request (422 naming it).
     #[schema(max_items = 3, nullable = true)]

@@ -120,7 +120,8 @@ pub struct ModelArgs {
     #[arg(long, env = "CONTROLNET_DIR")]
     pub controlnet_dir: Option<PathBuf>,
     /// A folder laid out as h94/IP-Adapter's `models/`: IP-Adapter files
-    /// (`ip-adapter_sd15.safetensors` or `.bin`), each named by its file stem in `ip_adapters[i].model`, and
+    /// (`ip-adapter_sd15.safetensors`, `ip-adapter-plus_sd15.bin`, ...: `.safetensors` or
+    /// `.bin`), each named by its file stem in `ip_adapters[i].model`, and
     /// the CLIP image encoder they need in `image_encoder/` (`config.json`, weights,
     /// `preprocessor_config.json` where present); listed by GET /ip-adapters. Read on every
     /// look; the adapter and the encoder are read for the request that uses them.

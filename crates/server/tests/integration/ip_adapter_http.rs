@@ -1,7 +1,8 @@
 //! IP-Adapter over real HTTP against the real binary (tiny-a-vae8, whose UNet is tiny-a's, with
 //! the pipeline's tiny adapter folder as IP_ADAPTER_DIR): the listing, an image prompt's image
-//! equal to the pipeline's own (which `crates/pipeline/tests/integration/ip_adapter.rs` holds
-//! to diffusers), metadata and PNG parameters, and the refusals naming `ip_adapters`.
+//! equal to the pipeline's own (which `crates/pipeline/tests/integration/ip_adapter.rs` and
+//! `ip_adapter_plus.rs` hold to diffusers), for a plain and a Plus adapter, metadata and PNG
+//! parameters, and the refusals naming `ip_adapters`.
 
 use crate::common;
 
@@ -34,7 +35,10 @@ fn image_prompts_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused()
     let listed = s.get("/ip-adapters").json();
     assert_eq!(
         listed,
-        json!({"ip_adapters": [{"name": "ip-adapter_sd15", "file": "ip-adapter_sd15.safetensors"}],
+        json!({"ip_adapters": [
+                   {"name": "ip-adapter-plus-face_sd15", "file": "ip-adapter-plus-face_sd15.bin"},
+                   {"name": "ip-adapter-plus_sd15", "file": "ip-adapter-plus_sd15.safetensors"},
+                   {"name": "ip-adapter_sd15", "file": "ip-adapter_sd15.safetensors"}],
                "image_encoder": true})
     );
 
@@ -88,6 +92,7 @@ fn image_prompts_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused()
     )
     .unwrap();
     let (w, h, px, _) = decode_png(&prompt_png());
+    let own = |name: &str, file: &str| {
     let params = GenerationParams {
         prompt: "a house by a lake".into(),
         steps: 3,
@@ -97,10 +102,7 @@ fn image_prompts_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused()
         scheduler: Some(SchedulerKind::Euler),
         prompt_syntax: PromptSyntax::Plain,
         ip_adapters: vec![IpAdapterUnit {
-            model: Arc::new(IpAdapter::new(
-                "ip-adapter_sd15",
-                dir.join("ip-adapter_sd15.safetensors"),
-            )),
+            model: Arc::new(IpAdapter::new(name, dir.join(file))),
             image_encoder: Arc::new(ImageEncoder::new(
                 "image_encoder",
                 dir.join("image_encoder"),
@@ -108,19 +110,32 @@ fn image_prompts_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused()
             image: RgbImage {
                 width: w,
                 height: h,
-                pixels: px,
+                pixels: px.clone(),
             },
             scale: 0.8,
         }],
         ..Default::default()
     };
-    let own = sd
+    sd
         .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
         .unwrap()
-        .remove(0);
+        .remove(0)
+        .pixels
+    };
     assert!(
-        own.pixels == steered,
+        own("ip-adapter_sd15", "ip-adapter_sd15.safetensors") == steered,
         "the server's image is the pipeline's"
+    );
+    // A Plus adapter is one more name in the folder.
+    let (plus, meta, _) = run(&with(vec![unit("ip-adapter-plus_sd15", json!(0.8))]));
+    assert_eq!(
+        meta["ip_adapters"],
+        json!([{"model": "ip-adapter-plus_sd15", "scale": 0.8}])
+    );
+    assert!(plus != steered && plus != plain);
+    assert!(
+        own("ip-adapter-plus_sd15", "ip-adapter-plus_sd15.safetensors") == plus,
+        "the server's Plus image is the pipeline's"
     );
 
     // Refusals, each a 422 naming `ip_adapters` and its rule.
@@ -136,7 +151,7 @@ fn image_prompts_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused()
     };
     refused(
         with(vec![unit("nope", json!(1.0))]),
-        "one of \\\"ip-adapter_sd15\\\"",
+        "one of \\\"ip-adapter-plus-face_sd15\\\", \\\"ip-adapter-plus_sd15\\\", \\\"ip-adapter_sd15\\\"",
     );
     refused(
         with(vec![unit("ip-adapter_sd15", json!(2.5))]),
