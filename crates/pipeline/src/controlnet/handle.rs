@@ -88,7 +88,24 @@ pub enum HiresOption {
     HighResOnly,
 }
 
+/// diffusers' `controlnet_keep[i]`: `not (i / n < start or (i + 1) / n > end)`.
+pub(crate) fn in_window(i: usize, steps: usize, start: f64, end: f64) -> bool {
+    let n = steps as f64;
+    !((i as f64) / n < start || (i as f64 + 1.0) / n > end)
+}
+
 impl HiresOption {
+    /// Whether a unit with this option steers a pass (`hires`: the hires fix's second;
+    /// `with_hires`: the request has one; without, every option steers).
+    pub fn steers(self, hires: bool, with_hires: bool) -> bool {
+        match self {
+            _ if !with_hires => true,
+            Self::Both => true,
+            Self::LowResOnly => !hires,
+            Self::HighResOnly => hires,
+        }
+    }
+
     /// The API's name (the extension's words in snake case).
     pub fn name(self) -> &'static str {
         match self {
@@ -110,12 +127,7 @@ impl ControlNetUnit {
     /// Whether it steers a pass of a request: `hires` the pass is the hires fix's second,
     /// `with_hires` the request has one (without, the extension steers with every option).
     pub fn steers_pass(&self, hires: bool, with_hires: bool) -> bool {
-        match self.hr_option {
-            _ if !with_hires => true,
-            HiresOption::Both => true,
-            HiresOption::LowResOnly => !hires,
-            HiresOption::HighResOnly => hires,
-        }
+        self.hr_option.steers(hires, with_hires)
     }
 
     /// Whether its residuals take the soft weights in a pass (`hires`: the hires fix's
@@ -132,7 +144,6 @@ impl ControlNetUnit {
     /// diffusers' `controlnet_keep[i]`: whether step `i` of `steps` (UNet evaluations) is
     /// within `[guidance_start, guidance_end]`: `not (i / n < start or (i + 1) / n > end)`.
     pub fn steers(&self, i: usize, steps: usize) -> bool {
-        let n = steps as f64;
-        !((i as f64) / n < self.guidance_start || (i as f64 + 1.0) / n > self.guidance_end)
+        in_window(i, steps, self.guidance_start, self.guidance_end)
     }
 }

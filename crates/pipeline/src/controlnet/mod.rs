@@ -18,6 +18,7 @@
 mod handle;
 pub mod modes;
 pub mod preprocess;
+mod reference;
 
 use std::path::Path;
 
@@ -27,6 +28,7 @@ use serde::Deserialize;
 
 pub use handle::{ControlNet, ControlNetUnit, HiresOption};
 pub use modes::{CondRows, ControlMode};
+pub use reference::{ReferenceKind, ReferenceUnit};
 
 use crate::attention::AttentionSlicing;
 use crate::kernels::{conv2d, Conv2d};

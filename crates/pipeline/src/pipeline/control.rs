@@ -16,6 +16,7 @@
 //! the guided batch `[uncond x n, cond x n]` has the prompt from row `n` on; of two passes
 //! (prompts of different lengths) the negative prompt's has none, the prompt's all.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -26,6 +27,7 @@ use crate::controlnet::preprocess::{recolor_post_process, Preprocessor, RecolorC
 use crate::controlnet::{CondRows, ControlNetModel, ControlNetUnit};
 use crate::image_in::resize_lanczos;
 use crate::ip_adapter::ImagePrompts;
+use crate::rng::TorchRng;
 use crate::unet::{AdditionalResiduals, UNet2DConditionModel};
 use crate::{PipelineError, Result};
 
@@ -45,12 +47,19 @@ pub(super) struct ControlState {
     /// An inpainting UNet's mask and masked-image channels from the last inpaint unit (see
     /// control_inpaint_channels.rs), on every evaluation of the pass.
     inpaint_channels: Option<Tensor>,
+    /// The reference units that steer the pass (control_reference.rs).
+    references: Option<super::control_reference::References>,
 }
 
 impl ControlState {
     /// Whether a UNet output needs [`StepControl::sigma`] (an `inpaint_only` unit's restore).
     pub(super) fn restores(&self) -> bool {
         !self.restores.is_empty()
+    }
+
+    /// Whether a UNet evaluation needs [`StepControl::sigma`] (a restore or a reference unit).
+    pub(super) fn needs_sigma(&self) -> bool {
+        self.restores() || self.references.is_some()
     }
 
     /// The latents `inpaint_only+lama` mixes into the starting noise, if any.
@@ -77,8 +86,10 @@ pub(super) struct StepControl<'a> {
     pub step: usize,
     pub steps: usize,
     /// The training noise level at the step's timestep rounded (the restore's `t`), when
-    /// [`ControlState::restores`].
+    /// [`ControlState::needs_sigma`].
     pub sigma: f64,
+    /// The images' generators (the reference units' noise), where the loop lends them.
+    pub rngs: Option<&'a RefCell<&'a mut [TorchRng]>>,
 }
 
 /// The pass a [`ControlState`] is prepared for.
@@ -211,10 +222,12 @@ impl StableDiffusion {
             &self.device,
             self.dtype,
         )?;
+        let references = self.prepare_references(params, pass)?;
         let any = !units.is_empty()
             || !restores.is_empty()
             || image_prompts.is_some()
-            || inpaint_channels.is_some();
+            || inpaint_channels.is_some()
+            || references.is_some();
         Ok(any.then_some(ControlState {
             units,
             hires: pass == ControlPass::Hires,
@@ -222,6 +235,7 @@ impl StableDiffusion {
             noise_modifier,
             image_prompts,
             inpaint_channels,
+            references,
         }))
     }
 }
@@ -383,13 +397,38 @@ pub(super) fn unet_forward(
         Some(prompts) => Some(prompts.for_rows(x.dim(0)?, cond)?),
         None => None,
     };
-    let out = unet.forward_with_image_tokens(
+    let banks = match control {
+        Some(c) => match (&c.state.references, c.rngs) {
+            (Some(refs), Some(rngs)) => {
+                let e = super::control_reference::Evaluation {
+                    unet,
+                    x,
+                    t,
+                    embeddings,
+                    timestep_cond,
+                    cond,
+                    step: c.step,
+                    steps: c.steps,
+                    sigma: c.sigma,
+                };
+                refs.write(&e, rngs)?
+            }
+            (Some(_), None) => {
+                return Err(crate::PipelineError::InvalidRequest(
+                    "reference units need the images' generators".into(),
+                ))
+            }
+            (None, _) => None,
+        },
+        None => None,
+    };
+    let out = unet.forward_hooked(
         x,
         t,
         embeddings,
         timestep_cond,
-        residuals.as_ref(),
-        tokens.as_ref(),
+        (residuals.as_ref(), tokens.as_ref()),
+        banks,
     )?;
     match control {
         Some(c) if c.state.restores() => {

@@ -26,6 +26,7 @@ mod adapters;
 mod control;
 mod control_inpaint;
 mod control_inpaint_channels;
+mod control_reference;
 mod decode;
 mod denoise;
 mod encode_prompt;

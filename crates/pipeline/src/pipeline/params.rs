@@ -66,6 +66,9 @@ pub struct GenerationParams {
     /// IP-Adapters (image prompts, diffusers' `load_ip_adapter` + `ip_adapter_image`): each
     /// adapter's image attended to in every cross-attention at its scale. Empty: none.
     pub ip_adapters: Vec<crate::ip_adapter::IpAdapterUnit>,
+    /// The sd-webui-controlnet extension's reference units (no model): applied in order before
+    /// every UNet evaluation they steer.
+    pub references: Vec<crate::controlnet::ReferenceUnit>,
     /// Inpainting as A1111 does it (mask invert and blur, masked content, "only masked", the
     /// blend on the denoised prediction each step and the overlay of the kept pixels);
     /// `None`: diffusers' `StableDiffusionInpaintPipeline`. Only with a mask.
@@ -112,6 +115,7 @@ impl Default for GenerationParams {
             seed_resize_from: None,
             controlnets: Vec::new(),
             ip_adapters: Vec::new(),
+            references: Vec::new(),
             a1111_inpaint: None,
             step_rule: StepRule::Diffusers,
             noise_multiplier: 1.0,

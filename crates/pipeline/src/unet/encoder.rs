@@ -146,7 +146,11 @@ impl UNetEncoder {
         ctx: &Tensor,
         slicing: AttentionSlicing,
     ) -> Result<(Vec<Tensor>, Tensor)> {
-        let o = RunOpts { slicing, ip: None };
+        let o = RunOpts {
+            slicing,
+            ip: None,
+            reference: None,
+        };
         let mut skips = vec![x.clone()];
         let mut x = x;
         for d in &self.down_blocks {

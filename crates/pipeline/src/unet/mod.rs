@@ -12,6 +12,7 @@ pub(crate) mod blocks;
 mod config;
 mod encoder;
 mod layout;
+pub(crate) mod reference;
 mod streaming;
 mod time_embedding;
 
@@ -25,6 +26,7 @@ pub use config::{CrossAttention, PerBlock, UNetConfig};
 pub use encoder::AdditionalResiduals;
 pub(crate) use encoder::UNetEncoder;
 use layout::{Layout, ResidentParts, Stem};
+pub use reference::ReferenceBanks;
 pub(crate) use streaming::host_var_builder;
 pub use streaming::StreamStats;
 use streaming::{HostWeights, PartOnDevice};
@@ -248,6 +250,30 @@ impl UNet2DConditionModel {
         residuals: Option<&AdditionalResiduals>,
         image_tokens: Option<&crate::ip_adapter::ImageTokens>,
     ) -> Result<Tensor> {
+        self.forward_hooked(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            timestep_cond,
+            (residuals, image_tokens),
+            None,
+        )
+    }
+
+    /// [`Self::forward_with_image_tokens`] through the reference modules' hooks
+    /// ([`ReferenceBanks`]), writing or reading as they are set.
+    pub fn forward_hooked(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep_cond: Option<&Tensor>,
+        (residuals, image_tokens): (
+            Option<&AdditionalResiduals>,
+            Option<&crate::ip_adapter::ImageTokens>,
+        ),
+        reference: Option<&ReferenceBanks>,
+    ) -> Result<Tensor> {
         let c = &self.layout.config;
         let (b, cin, h, w) = sample.dims4()?;
         if cin != c.in_channels {
@@ -263,6 +289,7 @@ impl UNet2DConditionModel {
         let o = RunOpts {
             slicing: self.slicing,
             ip: image_tokens,
+            reference,
         };
         let mut sample = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
         let ctx = encoder_hidden_states

@@ -54,6 +54,7 @@ mod prompt_edit_images;
 mod prompt_schedules;
 mod prompt_syntax;
 mod recolor;
+mod reference;
 mod rng;
 mod sampler_images;
 mod samplers;

@@ -195,6 +195,8 @@ impl ValidRequest {
                     scale: u.scale,
                 })
                 .collect(),
+            // No dialect sends reference units yet.
+            references: Vec::new(),
             a1111_inpaint: self.inpaint.clone(),
             step_rule: self.step_rule,
             noise_multiplier: self.noise_multiplier,

@@ -181,6 +181,19 @@ pub(crate) struct RunOpts<'a> {
     pub slicing: AttentionSlicing,
     /// The IP-Adapters' image keys and values for this call's batch, by cross-attention.
     pub ip: Option<&'a crate::ip_adapter::ImageTokens>,
+    /// The reference modules' hooks, while a request has them.
+    pub reference: Option<&'a crate::unet::reference::ReferenceBanks>,
+}
+
+impl RunOpts<'_> {
+    /// A hooked block's output (`key`, see `crate::unet::reference`) through the reference
+    /// hook, if any.
+    pub(crate) fn renormalised(&self, key: impl FnOnce() -> String, x: Tensor) -> Result<Tensor> {
+        match self.reference {
+            Some(r) => r.group_norm(&key(), &x),
+            None => Ok(x),
+        }
+    }
 }
 
 // The weights a LoRA may change, by diffusers module path (see `crate::lora`).

@@ -26,7 +26,7 @@ pub(crate) struct Attention {
 }
 
 /// The module path from the UNet's block on (any root prefix dropped).
-fn block_path(prefix: &str) -> String {
+pub(super) fn block_path(prefix: &str) -> String {
     ["down_blocks.", "mid_block.", "up_blocks."]
         .iter()
         .filter_map(|b| prefix.find(b))
@@ -151,6 +151,8 @@ struct TransformerBlock {
     norm3: LayerNorm,
     ff: GegluFeedForward,
     only_cross: bool,
+    /// Its module path from the UNet's block on: the reference hooks' key.
+    path: String,
 }
 
 #[derive(Debug, Clone)]
@@ -188,14 +190,21 @@ impl TransformerBlock {
             norm3: LayerNorm::new(dim, eps, vb.pp("norm3"))?,
             ff: GegluFeedForward::new(dim, vb.pp("ff"))?,
             only_cross: p.only_cross,
+            path: block_path(&vb.prefix()),
         })
     }
 
     fn forward(&self, x: &Tensor, ctx: &Tensor, o: RunOpts<'_>) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
-        let x = self
-            .attn1
-            .forward(&n, self.only_cross.then_some(ctx), o, x)?;
+        let x = match o.reference.filter(|_| !self.only_cross) {
+            // The sd-webui-controlnet extension's reference hook (`crate::unet::reference`).
+            Some(r) => r.self_attention(&self.path, &n, x, |n, extra, x| {
+                self.attn1.forward(n, extra, o, x)
+            })?,
+            None => self
+                .attn1
+                .forward(&n, self.only_cross.then_some(ctx), o, x)?,
+        };
         let n = self.norm2.forward(&x)?;
         let x = self.attn2.forward(&n, Some(ctx), o, &x)?;
         let n = self.norm3.forward(&x)?;

@@ -6,9 +6,10 @@ use candle_nn::VarBuilder;
 
 use super::resampling::{Downsample, Upsample};
 use super::resnet::{ResnetBlock, ResnetParams};
-use super::transformer::{Transformer2D, TransformerParams};
+use super::transformer::{block_path, Transformer2D, TransformerParams};
 use super::{Out, RunOpts};
 use crate::lora::{join, LoraTargets, Target};
+use crate::unet::reference::down_key;
 
 /// `DownBlock2D` (no attentions) or `CrossAttnDownBlock2D`.
 #[derive(Debug, Clone)]
@@ -16,6 +17,8 @@ pub(crate) struct DownBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2D>,
     downsample: Option<Downsample>,
+    /// `down_blocks.{i}`: the reference hooks' key.
+    path: String,
 }
 
 impl DownBlock {
@@ -46,6 +49,7 @@ impl DownBlock {
             resnets,
             attentions,
             downsample,
+            path: block_path(&vb.prefix()),
         })
     }
 
@@ -64,10 +68,11 @@ impl DownBlock {
             if let Some(a) = self.attentions.get(i) {
                 x = a.forward(&x, ctx, o)?;
             }
+            x = o.renormalised(|| down_key(&self.path, Some(i)), x)?;
             skips.push(x.clone());
         }
         if let Some(d) = &self.downsample {
-            x = d.forward(&x)?;
+            x = o.renormalised(|| down_key(&self.path, None), d.forward(&x)?)?;
             skips.push(x.clone());
         }
         Ok(x)
@@ -113,7 +118,7 @@ impl MidBlock {
         for (a, r) in &self.rest {
             x = r.forward(&a.forward(&x, ctx, o)?, temb)?;
         }
-        Ok(x)
+        o.renormalised(|| "mid_block".to_string(), x)
     }
 }
 
@@ -123,6 +128,8 @@ pub(crate) struct UpBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2D>,
     upsample: Option<Upsample>,
+    /// `up_blocks.{i}`: the reference hooks' key.
+    path: String,
 }
 
 impl UpBlock {
@@ -161,6 +168,7 @@ impl UpBlock {
             resnets,
             attentions,
             upsample,
+            path: block_path(&vb.prefix()),
         })
     }
 
@@ -193,9 +201,17 @@ impl UpBlock {
             if let Some(a) = self.attentions.get(i) {
                 x = a.forward(&x, ctx, o)?;
             }
+            // ldm's output block ends after the upsampler in the block's last one.
+            if i + 1 < self.resnets.len() || self.upsample.is_none() {
+                x = o.renormalised(|| format!("{}.{i}", self.path), x)?;
+            }
         }
+        let last = self.resnets.len() - 1;
         match &self.upsample {
-            Some(u) => u.forward(&x, upsample_size),
+            Some(u) => o.renormalised(
+                || format!("{}.{last}", self.path),
+                u.forward(&x, upsample_size)?,
+            ),
             None => Ok(x),
         }
     }

@@ -413,6 +413,8 @@ impl WireSpec {
                         })
                     })
                     .collect::<Result<_, String>>()?,
+                // No dialect sends reference units yet.
+                references: Vec::new(),
                 a1111_inpaint: match self.inpaint {
                     Some((x, y, invert, fill, padding)) => Some(A1111Inpaint {
                         mask_blur_x: x,

@@ -1,0 +1,88 @@
+//! The sd-webui-controlnet extension's "Reference" units (`reference_only`, `reference_adain`,
+//! `reference_adain+attn`): no ControlNet model; the image's latents steer the UNet through
+//! its own attention and normalisation (`crate::unet::reference`, the pipeline's
+//! `control_reference`).
+
+use super::handle::{in_window, HiresOption};
+use super::modes::ControlMode;
+use crate::pipeline::RgbImage;
+
+/// Which of the UNet's hooks a reference unit writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferenceKind {
+    /// `reference_only`: the self-attentions' banks.
+    Only,
+    /// `reference_adain`: the blocks' statistics (AdaIN).
+    Adain,
+    /// `reference_adain+attn`: both.
+    AdainAttn,
+}
+
+impl ReferenceKind {
+    pub const ALL: [Self; 3] = [Self::Only, Self::Adain, Self::AdainAttn];
+
+    /// The extension's module name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Only => "reference_only",
+            Self::Adain => "reference_adain",
+            Self::AdainAttn => "reference_adain+attn",
+        }
+    }
+
+    /// From [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether it banks the self-attentions' inputs.
+    pub fn attention(self) -> bool {
+        self != Self::Adain
+    }
+
+    /// Whether it banks the blocks' statistics.
+    pub fn adain(self) -> bool {
+        self != Self::Only
+    }
+}
+
+/// One reference unit of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceUnit {
+    pub kind: ReferenceKind,
+    /// Any size: resized (Lanczos) to each pass's size, then VAE-encoded.
+    pub image: RgbImage,
+    /// The hires pass's image; `None`: `image`.
+    pub hires_image: Option<RgbImage>,
+    /// The unit's weight: the hooks whose threshold is below it write (0..=2 in the
+    /// extension's slider).
+    pub weight: f64,
+    /// The extension's "Style Fidelity" (`threshold_a`, clamped to [0, 1]): how far the
+    /// negative prompt's rows go back to the plain result in Balanced mode.
+    pub style_fidelity: f64,
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+    pub hr_option: HiresOption,
+    /// Balanced keeps `style_fidelity`; "My prompt is more important" makes it 0,
+    /// "ControlNet is more important" 1 (the extension's `soft_injection` / `cfg_injection`).
+    pub control_mode: ControlMode,
+}
+
+impl ReferenceUnit {
+    /// Whether step `i` of `steps` is within its window (as a ControlNet unit's).
+    pub fn steers(&self, i: usize, steps: usize) -> bool {
+        in_window(i, steps, self.guidance_start, self.guidance_end)
+    }
+
+    /// The style fidelity a pass uses (`hires`: the hires fix's second, where the extension
+    /// takes 0 unless the mode is cfg injection).
+    pub fn fidelity(&self, hires: bool) -> f64 {
+        if self.control_mode.cond_only() {
+            1.0
+        } else if self.control_mode.soft() || hires {
+            0.0
+        } else {
+            self.style_fidelity.clamp(0.0, 1.0)
+        }
+    }
+}

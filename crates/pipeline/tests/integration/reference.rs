@@ -1,0 +1,84 @@
+//! The sd-webui-controlnet extension's reference units (reference_only, reference_adain,
+//! reference_adain+attn). References: `tools/make_reference_fixtures.py` (hook.py's attention
+//! and AdaIN hooks written out on diffusers' UNet, tiny-ref: an SD 1.5-shaped random UNet);
+//! `plain.<case>` is the same run without the unit. Each mechanism is shown to matter: without
+//! the unit, with another style fidelity (the negative prompt's rows mixed otherwise) or
+//! another weight (other modules banked) the images leave the bounds.
+
+use crate::common;
+
+use common::{image_case_failures, read_png, request_params, Fixtures};
+use sdserve_pipeline::controlnet::{ControlMode, ReferenceKind, ReferenceUnit};
+use sdserve_pipeline::pipeline::GenerationParams;
+
+fn unit_of(u: &serde_json::Value) -> ReferenceUnit {
+    ReferenceUnit {
+        kind: ReferenceKind::from_name(u["module"].as_str().unwrap()).unwrap(),
+        image: read_png(u["image"].as_str().unwrap()),
+        hires_image: None,
+        weight: u["weight"].as_f64().unwrap(),
+        style_fidelity: u["style_fidelity"].as_f64().unwrap(),
+        guidance_start: u["guidance_start"].as_f64().unwrap(),
+        guidance_end: u["guidance_end"].as_f64().unwrap(),
+        hr_option: Default::default(),
+        control_mode: ControlMode::from_name(u["control_mode"].as_str().unwrap()).unwrap(),
+    }
+}
+
+fn params_with(case: &serde_json::Value, edit: impl Fn(&mut ReferenceUnit)) -> GenerationParams {
+    let references = case["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            let mut unit = unit_of(u);
+            edit(&mut unit);
+            unit
+        })
+        .collect();
+    GenerationParams {
+        batch_size: case["batch_size"].as_u64().unwrap() as usize,
+        references,
+        ..request_params(case)
+    }
+}
+
+#[test]
+fn reference_units_follow_the_extensions_hooks() {
+    let f = Fixtures::load("reference");
+    let cases = f.meta["cases"].as_object().unwrap().clone();
+    let want = |label: &str| f.get(&format!("image.{label}")).clone();
+    let (failures, images) = image_case_failures(&cases, |c| params_with(c, |_| ()), want);
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(images, 9);
+
+    // Without the units the images are the plain runs', far from the references.
+    let (without, _) = image_case_failures(&cases, |c| params_with(c, |u| u.weight = 0.0), want);
+    assert_eq!(without.len(), 9, "{without:#?}");
+}
+
+#[test]
+fn the_uc_rows_mixing_and_the_weight_thresholds_matter() {
+    let f = Fixtures::load("reference");
+    let all = f.meta["cases"].as_object().unwrap().clone();
+    let pick = |labels: &[&str]| -> serde_json::Map<String, serde_json::Value> {
+        all.iter()
+            .filter(|(l, _)| labels.contains(&l.as_str()))
+            .map(|(l, c)| (l.clone(), c.clone()))
+            .collect()
+    };
+    let want = |label: &str| f.get(&format!("image.{label}")).clone();
+    // Another style fidelity mixes the negative prompt's rows otherwise.
+    let balanced = pick(&["only", "adain"]);
+    let (failures, _) = image_case_failures(
+        &balanced,
+        |c| params_with(c, |u| u.style_fidelity = 1.0 - u.style_fidelity + 0.4),
+        want,
+    );
+    assert_eq!(failures.len(), 2, "{failures:#?}");
+    // Another weight banks other modules.
+    let weighted = pick(&["adain_attn_weight_half"]);
+    let (failures, _) =
+        image_case_failures(&weighted, |c| params_with(c, |u| u.weight = 1.0), want);
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+}
