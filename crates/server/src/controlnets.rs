@@ -101,6 +101,10 @@ impl ControlNetCatalog {
         let models = self.scan();
         let mut ids = Vec::new();
         for (i, unit) in req.controlnets.iter().enumerate() {
+            // A reference unit runs no model.
+            if unit.preprocessor.is_some_and(|p| p.reference().is_some()) {
+                continue;
+            }
             let Some(entry) = models.iter().find(|e| e.name == unit.model) else {
                 let why = if self.dir.is_some() {
                     "no ControlNet of that name"

@@ -105,9 +105,10 @@ pub fn parameters_text(
     if (p.init_image.is_some() || p.hires.is_some()) && p.extra_noise != 0.0 {
         noise.push_str(&format!(", Extra noise: {:?}", p.extra_noise));
     }
-    // The sd-webui-controlnet extension's entries: one quoted list per unit.
-    let controlnets: String = p
-        .controlnets
+    // The sd-webui-controlnet extension's entries: one quoted list per unit (the reference
+    // units after the ControlNets).
+    let units = p.units_with_references();
+    let controlnets: String = units
         .iter()
         .enumerate()
         .map(|(i, c)| {
@@ -117,7 +118,7 @@ pub fn parameters_text(
             };
             format!(
                 ", ControlNet {i}: \"Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: {}\"",
-                c.model.name,
+                unit_model_name(c),
                 c.scale,
                 c.guidance_start,
                 c.guidance_end,
@@ -134,7 +135,7 @@ pub fn parameters_text(
         .map(|(i, u)| {
             format!(
                 ", ControlNet {}: \"Module: ip-adapter_clip_sd15, Model: {}, Weight: {}, Guidance Start: 0.0, Guidance End: 1.0\"",
-                p.controlnets.len() + i,
+                units.len() + i,
                 u.model.name,
                 u.scale
             )
@@ -283,6 +284,14 @@ pub fn read_parameters(bytes: &[u8]) -> Option<String> {
         .and_then(|v| v.as_str().map(str::to_string))
 }
 
+/// A unit's `Model:` as the extension writes it: its name, "None" for a reference unit.
+pub fn unit_model_name(c: &sdserve_pipeline::controlnet::ControlNetUnit) -> &str {
+    match c.model.name.as_str() {
+        "" => "None",
+        name => name,
+    }
+}
+
 /// A unit's `Processor Res`, `Threshold A` and `Threshold B` as the extension's infotext
 /// writes them (`str()` of the unit's values: the thresholds are floats); a slider the module
 /// hides holds the hidden slider's default, 0.5, after `bound_check_params`.
@@ -322,6 +331,11 @@ fn unit_settings(p: &Preprocessor) -> String {
         }
         Preprocessor::RecolorLuminance { gamma } | Preprocessor::RecolorIntensity { gamma } => {
             (float(gamma), hidden.clone())
+        }
+        Preprocessor::ReferenceOnly { style_fidelity }
+        | Preprocessor::ReferenceAdain { style_fidelity }
+        | Preprocessor::ReferenceAdainAttn { style_fidelity } => {
+            (float(style_fidelity), hidden.clone())
         }
         Preprocessor::Invert
         | Preprocessor::LineartStandard { .. }

@@ -86,3 +86,77 @@ impl ReferenceUnit {
         }
     }
 }
+
+impl ReferenceUnit {
+    /// A request's unit whose preprocessor is a reference module, as a reference unit (its
+    /// `scale` the weight; its model is not read); `None` for the other units.
+    pub fn of_unit(unit: &super::ControlNetUnit) -> Option<Self> {
+        let (kind, style_fidelity) = unit.preprocessor?.reference()?;
+        Some(Self {
+            kind,
+            image: unit.image.clone(),
+            hires_image: unit.hires_image.clone(),
+            weight: unit.scale,
+            style_fidelity,
+            guidance_start: unit.guidance_start,
+            guidance_end: unit.guidance_end,
+            hr_option: unit.hr_option,
+            control_mode: unit.control_mode,
+        })
+    }
+
+    /// `units` split into the ControlNets and the reference units, each in order.
+    pub fn split(units: Vec<super::ControlNetUnit>) -> (Vec<super::ControlNetUnit>, Vec<Self>) {
+        let mut references = Vec::new();
+        let mut controlnets = Vec::with_capacity(units.len());
+        for u in units {
+            match Self::of_unit(&u) {
+                Some(r) => references.push(r),
+                None => controlnets.push(u),
+            }
+        }
+        (controlnets, references)
+    }
+}
+
+impl ReferenceUnit {
+    /// As a request's unit (no model: an empty name; its preprocessor the reference module),
+    /// for dialects and records that carry every unit in one list.
+    pub fn as_unit(&self) -> super::ControlNetUnit {
+        super::ControlNetUnit {
+            model: std::sync::Arc::new(super::ControlNet::named("")),
+            image: self.image.clone(),
+            preprocessor: Some(super::preprocess::Preprocessor::of_reference(
+                self.kind,
+                self.style_fidelity,
+            )),
+            scale: self.weight,
+            guidance_start: self.guidance_start,
+            guidance_end: self.guidance_end,
+            hires_image: self.hires_image.clone(),
+            hr_option: self.hr_option,
+            inpaint_crop: false,
+            control_mode: self.control_mode,
+            mask: None,
+            hires_mask: None,
+        }
+    }
+}
+
+impl crate::pipeline::GenerationParams {
+    /// Moves the `controlnets` whose preprocessor is a reference module to the end of
+    /// `references`, in order.
+    pub fn split_references(&mut self) {
+        let (controlnets, references) = ReferenceUnit::split(std::mem::take(&mut self.controlnets));
+        self.controlnets = controlnets;
+        self.references.extend(references);
+    }
+
+    /// Every unit in one list: the ControlNets, then the reference units
+    /// ([`ReferenceUnit::as_unit`]); [`Self::split_references`] undoes it.
+    pub fn units_with_references(&self) -> Vec<super::ControlNetUnit> {
+        let mut units = self.controlnets.clone();
+        units.extend(self.references.iter().map(ReferenceUnit::as_unit));
+        units
+    }
+}

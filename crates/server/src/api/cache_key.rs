@@ -46,9 +46,10 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         g.all_steps,
         g.skip_early.to_bits()
     );
-    // Each ControlNet by name (its file is in the model part), control image and numbers.
+    // Each ControlNet by name (its file is in the model part), control image and numbers; the
+    // reference units after them (no name).
     let controlnets: Vec<_> = p
-        .controlnets
+        .units_with_references()
         .iter()
         .map(|c| {
             format!(

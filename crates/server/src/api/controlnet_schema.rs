@@ -10,9 +10,10 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct ControlNetUse {
     /// A ControlNet of CONTROLNET_DIR by name (`GET /controlnets`): a file's stem or a
-    /// diffusers folder's name. 1..=255 characters.
-    #[schema(min_length = 1, example = "control_v11p_sd15_canny")]
-    pub model: String,
+    /// diffusers folder's name. 1..=255 characters. Required, except with the reference
+    /// preprocessors, which take none (absent or null; a name there is a 422).
+    #[schema(min_length = 1, example = "control_v11p_sd15_canny", nullable = true)]
+    pub model: Option<String>,
     /// The control image (an edge map, a pose, a depth map: already preprocessed), or with
     /// `preprocessor` the photo it is made from; base64 PNG, JPEG or WebP (a
     /// `data:image/...;base64,` prefix is allowed), at most 4096 pixels a side and 16 MP. The
@@ -158,7 +159,16 @@ pub struct ControlNetPreprocessor {
     /// (`ControlNetLama.pth` in ANNOTATOR_DIR; at 256 on the shorter side, resized back and
     /// blended by the mask), that image then as `inpaint_only` (also on inpainting), and the
     /// starting noise of the first pass carries its VAE latents (`sqrt(ac) * latents +
-    /// sqrt(1 - ac) * noise` at timestep 999, the extension's noise modifier); `none`: the
+    /// sqrt(1 - ac) * noise` at timestep 999, the extension's noise modifier);
+    /// `reference_only`, `reference_adain`, `reference_adain+attn`: no ControlNet model (the
+    /// unit has no `model`): the image (resized to each pass's size, VAE-encoded) steers the
+    /// UNet itself, as the extension's reference modules: before each step the unit steers,
+    /// the UNet runs once on the image's latents noised to the step, banking each
+    /// self-attention's input (`reference_only`), its blocks' mean and variance
+    /// (`reference_adain`) or both, for the modules whose threshold is below `scale`; the
+    /// step then attends over its own and the banked tokens and renormalises those blocks to
+    /// the banked statistics, the negative prompt's rows mixed back by `style_fidelity` (0 in
+    /// `prompt` control mode and in the hires pass, 1 in `controlnet` mode); `none`: the
     /// image is the map.
     /// Other model-based preprocessors (depth_leres++, depth_zoe, dw_openpose_full, ...) are not run
     /// here: send their map as `image`.
@@ -236,6 +246,12 @@ pub struct ControlNetPreprocessor {
     #[schema(minimum = 0.0, maximum = 100.0, default = 0.0, nullable = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_background: Option<f64>,
+    /// The reference preprocessors: the extension's Style Fidelity (only for Balanced mode):
+    /// how far the negative prompt's rows keep their own attention and statistics (1: wholly,
+    /// 0: they take the reference's as the prompt's rows do).
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.5, nullable = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style_fidelity: Option<f64>,
     /// All but `invert`, `tile_resample`, the recolor ones and `none`: the processor resolution (`color`: at
     /// least 64, one cell), the shorter
     /// side of the image the map is made at (the map is then resized to the request's size);
@@ -291,11 +307,16 @@ pub enum PreprocessorType {
     InpaintOnly,
     #[serde(rename = "inpaint_only+lama")]
     InpaintOnlyLama,
+    ReferenceOnly,
+    ReferenceAdain,
+    #[serde(rename = "reference_adain+attn")]
+    ReferenceAdainAttn,
 }
 
 /// A ControlNet a result was made with.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ControlNetMetadata {
+    /// Its name; "None" for a reference unit (as the extension writes it).
     pub model: String,
     /// The preprocessor that made the control map from the upload, with every setting;
     /// absent when the upload was the map.

@@ -314,11 +314,12 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             variation_strength: p.image_variation(0).map_or(0.0, |(_, s)| s),
             seed_resize_from_width: p.seed_resize_from.map(|r| r.width as u32),
             seed_resize_from_height: p.seed_resize_from.map(|r| r.height as u32),
+            // The reference units after the ControlNets, with the extension's "None" model.
             controlnets: p
-                .controlnets
+                .units_with_references()
                 .iter()
                 .map(|c| crate::api::ControlNetMetadata {
-                    model: c.model.name.clone(),
+                    model: crate::png::unit_model_name(c).to_string(),
                     preprocessor: c
                         .preprocessor
                         .as_ref()

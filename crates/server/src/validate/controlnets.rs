@@ -25,7 +25,8 @@ const NAME_MAX: usize = 255;
 /// One ControlNet of a request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidControlNet {
-    /// A name of CONTROLNET_DIR (`GET /controlnets`), checked before the job is queued.
+    /// A name of CONTROLNET_DIR (`GET /controlnets`), checked before the job is queued;
+    /// empty for a reference unit (no model).
     pub model: String,
     /// The control map: the upload, or what `preprocessor` made of it (resized to the
     /// request's size once that is known).
@@ -77,7 +78,7 @@ fn number(
 /// seeds `shuffle` where the unit gives no seed.
 pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> {
     let rule = format!(
-        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string, \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\", \"inpaint_crop\": boolean, \"control_mode\": \"balanced\"|\"prompt\"|\"controlnet\"}}",
+        "must be an array of at most {CONTROLNETS_MAX} objects {{\"model\": string (none with a reference preprocessor), \"image\": base64 image, \"preprocessor\": {{\"type\": {}, ...}} or null, \"scale\": {SCALE_MIN}..={SCALE_MAX}, \"guidance_start\": 0..=1, \"guidance_end\": 0..=1, \"hr_option\": \"both\"|\"low_res_only\"|\"high_res_only\", \"inpaint_crop\": boolean, \"control_mode\": \"balanced\"|\"prompt\"|\"controlnet\"}}",
         super::preprocessor::TYPES
     );
     let items = v.as_array().ok_or_else(|| rule.clone())?;
@@ -102,19 +103,28 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
         if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
             return Err(format!("[{i}]: unknown key {k:?}; {rule}"));
         }
-        let model = obj
-            .get("model")
-            .and_then(Value::as_str)
-            .map(super::fields::sanitize_text)
-            .filter(|n| !n.is_empty() && n.chars().count() <= NAME_MAX)
-            .ok_or_else(|| {
-                format!("[{i}].model: a name of 1..={NAME_MAX} characters is required")
-            })?;
         let image = obj
             .get("image")
             .and_then(Value::as_str)
             .ok_or_else(|| format!("[{i}].image: a base64 image is required"))?;
         let preprocessor = super::preprocessor::read(obj.get("preprocessor"), i, numpy_seed)?;
+        // The reference modules run no ControlNet: their units have no model.
+        let reference = preprocessor.is_some_and(|p| p.reference().is_some());
+        let model = match obj.get("model") {
+            None | Some(Value::Null) if reference => String::new(),
+            Some(_) if reference => {
+                return Err(format!(
+                "[{i}].model: the reference preprocessors take no ControlNet model (leave it out)"
+            ))
+            }
+            v => v
+                .and_then(Value::as_str)
+                .map(super::fields::sanitize_text)
+                .filter(|n| !n.is_empty() && n.chars().count() <= NAME_MAX)
+                .ok_or_else(|| {
+                    format!("[{i}].model: a name of 1..={NAME_MAX} characters is required")
+                })?,
+        };
         let mut image =
             crate::images::decode_base64(image).map_err(|e| format!("[{i}].image: {e}"))?;
         let mask = match obj.get("mask") {

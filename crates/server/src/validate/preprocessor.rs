@@ -9,6 +9,7 @@
 use serde_json::Value;
 
 use sdserve_pipeline::controlnet::preprocess::{Poses, Preprocessor};
+use sdserve_pipeline::controlnet::ReferenceKind;
 use sdserve_pipeline::pipeline::RgbImage;
 
 use crate::api::{ControlNetPreprocessor, PreprocessorType};
@@ -37,6 +38,9 @@ pub const NORMAL_BACKGROUND: (f64, f64, f64) = (0.0, 1.0, 0.4);
 /// step 0.1 each.
 pub const LERES_REMOVE: (f64, f64, f64) = (0.0, 100.0, 0.0);
 
+/// The reference modules' `slider_1` (Style Fidelity, step 0.01).
+pub const STYLE_FIDELITY: (f64, f64, f64) = (0.0, 1.0, 0.5);
+
 /// The recolor modules' `slider_1` (Gamma Correction, step 0.001).
 pub const RECOLOR_GAMMA: (f64, f64, f64) = (0.1, 2.0, 1.0);
 
@@ -51,7 +55,7 @@ pub const ANYLINE_RESOLUTION_DEFAULT: u32 = 1280;
 pub const ANYLINE_RESOLUTION_STEP: u32 = 64;
 
 /// The `type`s, for messages.
-pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"depth_leres\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"inpaint\", \"inpaint_only\", \"inpaint_only+lama\", \"none\"";
+pub const TYPES: &str = "\"canny\", \"invert\", \"threshold\", \"lineart_standard\", \"scribble_xdog\", \"blur_gaussian\", \"tile_resample\", \"color\", \"shuffle\", \"softedge_hed\", \"softedge_hedsafe\", \"scribble_hed\", \"lineart_realistic\", \"lineart_coarse\", \"lineart_anime\", \"lineart_anime_denoise\", \"softedge_pidinet\", \"softedge_pidisafe\", \"scribble_pidinet\", \"softedge_teed\", \"softedge_anyline\", \"mlsd\", \"depth_anything\", \"depth_anything_v2\", \"depth_midas\", \"normal_midas\", \"normal_bae\", \"depth_leres\", \"openpose\", \"openpose_hand\", \"openpose_face\", \"openpose_faceonly\", \"openpose_full\", \"recolor_luminance\", \"recolor_intensity\", \"inpaint\", \"inpaint_only\", \"inpaint_only+lama\", \"reference_only\", \"reference_adain\", \"reference_adain+attn\", \"none\"";
 
 /// `preprocessor` of unit `i`: `None` when absent, null or `{"type": "none"}`; `numpy_seed`
 /// is `shuffle`'s seed where it names none.
@@ -83,6 +87,9 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         ],
         "normal_midas" => &["type", "background_threshold", "resolution"],
         "recolor_luminance" | "recolor_intensity" => &["type", "gamma"],
+        "reference_only" | "reference_adain" | "reference_adain+attn" => {
+            &["type", "style_fidelity"]
+        }
         "depth_leres" => &["type", "remove_near", "remove_background", "resolution"],
         other if Preprocessor::resolution_only(other, 0).is_some() => &["type", "resolution"],
         other => {
@@ -181,6 +188,12 @@ pub fn read(v: Option<&Value>, i: usize, numpy_seed: u32) -> Result<Option<Prepr
         "inpaint" => Preprocessor::Inpaint,
         "inpaint_only" => Preprocessor::InpaintOnly,
         "inpaint_only+lama" => Preprocessor::InpaintOnlyLama,
+        "reference_only" | "reference_adain" | "reference_adain+attn" => {
+            Preprocessor::of_reference(
+                ReferenceKind::from_name(kind).expect("a reference module"),
+                number("style_fidelity", STYLE_FIDELITY)?,
+            )
+        }
         "recolor_luminance" => Preprocessor::RecolorLuminance {
             gamma: number("gamma", RECOLOR_GAMMA)?,
         },
@@ -360,6 +373,7 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         gamma: None,
         remove_near: None,
         remove_background: None,
+        style_fidelity: None,
     };
     match *p {
         Preprocessor::Canny {
@@ -457,6 +471,16 @@ pub fn described(p: &Preprocessor) -> ControlNetPreprocessor {
         Preprocessor::Inpaint => base(PreprocessorType::Inpaint),
         Preprocessor::InpaintOnly => base(PreprocessorType::InpaintOnly),
         Preprocessor::InpaintOnlyLama => base(PreprocessorType::InpaintOnlyLama),
+        Preprocessor::ReferenceOnly { style_fidelity }
+        | Preprocessor::ReferenceAdain { style_fidelity }
+        | Preprocessor::ReferenceAdainAttn { style_fidelity } => ControlNetPreprocessor {
+            style_fidelity: Some(style_fidelity),
+            ..base(match p {
+                Preprocessor::ReferenceOnly { .. } => PreprocessorType::ReferenceOnly,
+                Preprocessor::ReferenceAdain { .. } => PreprocessorType::ReferenceAdain,
+                _ => PreprocessorType::ReferenceAdainAttn,
+            })
+        },
     }
 }
 

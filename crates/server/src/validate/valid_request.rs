@@ -123,7 +123,7 @@ impl ValidRequest {
         scheduler: SchedulerKind,
         schedule: SigmaSchedule,
     ) -> GenerationParams {
-        GenerationParams {
+        let mut params = GenerationParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
@@ -195,12 +195,14 @@ impl ValidRequest {
                     scale: u.scale,
                 })
                 .collect(),
-            // No dialect sends reference units yet.
+            // The reference units, split from `controlnets` below.
             references: Vec::new(),
             a1111_inpaint: self.inpaint.clone(),
             step_rule: self.step_rule,
             noise_multiplier: self.noise_multiplier,
             extra_noise: self.extra_noise,
-        }
+        };
+        params.split_references();
+        params
     }
 }

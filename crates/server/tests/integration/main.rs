@@ -34,6 +34,7 @@ mod model_rules_http;
 mod models_http;
 mod prompt_schedule_http;
 mod proxies_http;
+mod reference_http;
 mod sampler_params_http;
 mod security_http;
 mod seed_resize_http;

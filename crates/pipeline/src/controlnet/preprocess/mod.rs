@@ -146,54 +146,98 @@ pub enum Preprocessor {
     /// `PreprocessorInvert`: `255 - image` at the image's size (no resolution).
     Invert,
     /// The legacy `threshold`: white where every channel is above `threshold` (0..=255, 127).
-    Threshold { threshold: f64, resolution: u32 },
+    Threshold {
+        threshold: f64,
+        resolution: u32,
+    },
     /// The legacy `lineart_standard`: dark lines on a light ground as white lines.
-    LineartStandard { resolution: u32 },
+    LineartStandard {
+        resolution: u32,
+    },
     /// `PreprocessorScribbleXdog`: the XDoG edges above `threshold` (1..=64, 32).
-    ScribbleXdog { threshold: f64, resolution: u32 },
+    ScribbleXdog {
+        threshold: f64,
+        resolution: u32,
+    },
     /// `PreprocessorBlurGaussian`: OpenCV's Gaussian blur with `sigma` (0.01..=64, 9).
-    BlurGaussian { sigma: f64, resolution: u32 },
+    BlurGaussian {
+        sigma: f64,
+        resolution: u32,
+    },
     /// The legacy `tile_resample`: the image shrunk by `down_sampling_rate` (1..=8, 1; below
     /// 1.1 unchanged), at the image's size otherwise (no resolution).
-    TileResample { down_sampling_rate: f64 },
+    TileResample {
+        down_sampling_rate: f64,
+    },
     /// The legacy `color` (`t2ia_color_grid`): the image scaled so its shorter side is the
     /// resolution (no pad), as a grid of 64-pixel colour cells.
-    Color { resolution: u32 },
+    Color {
+        resolution: u32,
+    },
     /// `PreprocessorShuffle`: the image warped by a random flow drawn from numpy's generator
     /// seeded with `seed` (the extension's resolution slider is hidden: 512).
-    Shuffle { resolution: u32, seed: u32 },
+    Shuffle {
+        resolution: u32,
+        seed: u32,
+    },
     /// The legacy `hed` (`softedge_hed`): the HED network's soft edges.
-    SoftedgeHed { resolution: u32 },
+    SoftedgeHed {
+        resolution: u32,
+    },
     /// The legacy `hed_safe` (`softedge_hedsafe`): the same quantized to 0, 127, 255.
-    SoftedgeHedsafe { resolution: u32 },
+    SoftedgeHedsafe {
+        resolution: u32,
+    },
     /// The legacy `scribble_hed`: HED's edges thinned and thickened to white strokes.
-    ScribbleHed { resolution: u32 },
+    ScribbleHed {
+        resolution: u32,
+    },
     /// The legacy `lineart` (`lineart_realistic`): the `sk_model.pth` generator's lines,
     /// white on black.
-    LineartRealistic { resolution: u32 },
+    LineartRealistic {
+        resolution: u32,
+    },
     /// The legacy `lineart_coarse`: the same with `sk_model2.pth`.
-    LineartCoarse { resolution: u32 },
+    LineartCoarse {
+        resolution: u32,
+    },
     /// The legacy `lineart_anime`: the `netG.pth` U-Net's lines, white on black.
-    LineartAnime { resolution: u32 },
+    LineartAnime {
+        resolution: u32,
+    },
     /// The legacy `lineart_anime_denoise`: the `erika.pth` network's (manga_line's) lines of
     /// the grey image, white on black.
-    LineartAnimeDenoise { resolution: u32 },
+    LineartAnimeDenoise {
+        resolution: u32,
+    },
     /// The legacy `pidinet` (`softedge_pidinet`): the PiDiNet network's soft edges.
-    SoftedgePidinet { resolution: u32 },
+    SoftedgePidinet {
+        resolution: u32,
+    },
     /// The legacy `pidinet_safe` (`softedge_pidisafe`): the same quantized to 0, 127, 255.
-    SoftedgePidisafe { resolution: u32 },
+    SoftedgePidisafe {
+        resolution: u32,
+    },
     /// The legacy `pidinet_scribble` (`scribble_pidinet`): PiDiNet's edges thinned and
     /// thickened as scribble_hed's.
-    ScribblePidinet { resolution: u32 },
+    ScribblePidinet {
+        resolution: u32,
+    },
     /// `PreprocessorTEED` (`softedge_teed`): the TEED network's soft edges, quantized by
     /// `safe_step` to `safe_steps` + 1 levels (its slider: 0..=10, 2; 0 leaves them soft; its
     /// integer part counts, `int(slider_1)`).
-    SoftedgeTeed { safe_steps: f64, resolution: u32 },
+    SoftedgeTeed {
+        safe_steps: f64,
+        resolution: u32,
+    },
     /// `PreprocessorAnyline` (`softedge_anyline`): TEED's soft edges with MistoLine's
     /// `MTEED.pth` (`safe_steps` as softedge_teed's), the faint lines of lineart_standard
     /// (value 1) that form components of 12 pixels or more set to 1. Its resolution slider
     /// defaults to 1280; it must be a multiple of 64 (the extension fails otherwise).
-    SoftedgeAnyline { safe_steps: f64, resolution: u32 },
+    SoftedgeAnyline {
+        safe_steps: f64,
+        resolution: u32,
+    },
     /// The legacy `mlsd`: the M-LSD network's straight segments, white on black, those with
     /// a centre score above `value_threshold` (0.01..=2, 0.1) and longer than
     /// `distance_threshold` (0.01..=20, 0.1; in pixels at half the padded image's size).
@@ -204,13 +248,19 @@ pub enum Preprocessor {
     },
     /// The legacy `depth_anything` (colored=False): Depth Anything (v1)'s relative depth, near
     /// light, min-max scaled (the extension hides its resolution slider: 512).
-    DepthAnything { resolution: u32 },
+    DepthAnything {
+        resolution: u32,
+    },
     /// The legacy `depth_anything_v2` (colored=False): Depth Anything V2's relative depth,
     /// near light, min-max scaled (the extension hides its resolution slider: 512).
-    DepthAnythingV2 { resolution: u32 },
+    DepthAnythingV2 {
+        resolution: u32,
+    },
     /// The legacy `midas` (`depth_midas`): MiDaS DPT-Hybrid's relative depth, near light,
     /// min-max scaled.
-    DepthMidas { resolution: u32 },
+    DepthMidas {
+        resolution: u32,
+    },
     /// The legacy `midas_normal` (`normal_midas`): a normal map from the same depth's Sobel
     /// slopes, flat where the scaled depth is below `background_threshold` (0..=1, 0.4).
     NormalMidas {
@@ -219,7 +269,9 @@ pub enum Preprocessor {
     },
     /// The legacy `normal_bae`: Bae et al.'s surface normals (NNET on EfficientNet-B5,
     /// scannet.pt), x, y, z as R, G, B.
-    NormalBae { resolution: u32 },
+    NormalBae {
+        resolution: u32,
+    },
     /// The legacy `leres` with boost=False (`depth_leres`): LeReS's relative depth, near
     /// light, with Remove Near % (`remove_near`: values not above that share of 255 zeroed
     /// before the map is inverted, so the nearest turn white) and Remove Background %
@@ -231,21 +283,35 @@ pub enum Preprocessor {
     },
     /// The legacy `openpose` (include_body only): OpenPose's body keypoints of each person
     /// found, drawn as coloured limbs and joints on black.
-    Openpose { resolution: u32 },
+    Openpose {
+        resolution: u32,
+    },
     /// The legacy `openpose_hand`: the bodies and each one's hands (hand_pose_model.pth).
-    OpenposeHand { resolution: u32 },
+    OpenposeHand {
+        resolution: u32,
+    },
     /// The legacy `openpose_face`: the bodies and each one's face (facenet.pth).
-    OpenposeFace { resolution: u32 },
+    OpenposeFace {
+        resolution: u32,
+    },
     /// The legacy `openpose_faceonly`: the faces alone (the bodies found but not drawn).
-    OpenposeFaceonly { resolution: u32 },
+    OpenposeFaceonly {
+        resolution: u32,
+    },
     /// The legacy `openpose_full`: bodies, hands and faces.
-    OpenposeFull { resolution: u32 },
+    OpenposeFull {
+        resolution: u32,
+    },
     /// The legacy `recolor_luminance`: the image's Lab L (converted as if it were BGR, as the
     /// extension does) raised to `gamma` (0.1..=2, 1), grey, at the image's size. A unit with it
     /// also has its images' L replaced by its map after decoding ([`Self::recolor_channel`]).
-    RecolorLuminance { gamma: f64 },
+    RecolorLuminance {
+        gamma: f64,
+    },
     /// The legacy `recolor_intensity`: the same with HSV's V.
-    RecolorIntensity { gamma: f64 },
+    RecolorIntensity {
+        gamma: f64,
+    },
     /// `inpaint` (inpaint_global_harmonious): the image passed through; the unit's mask
     /// (white repaints) marks its pixels for an inpaint ControlNet, which sees
     /// `c * (1 - m) - m` (the extension's "ControlNet inpaint protocol").
@@ -262,6 +328,20 @@ pub enum Preprocessor {
     /// (the extension's `noise_modifier`: `q_sample(x0, 999, noise)`).
     #[serde(rename = "inpaint_only+lama")]
     InpaintOnlyLama,
+    /// The reference units (no ControlNet model; `crate::controlnet::ReferenceUnit`): the
+    /// image passed through (the extension's `identity`) to steer the UNet's self-attentions
+    /// (`reference_only`), its blocks' statistics (`reference_adain`) or both, with the
+    /// extension's Style Fidelity (`threshold_a`, 0..=1, 0.5).
+    ReferenceOnly {
+        style_fidelity: f64,
+    },
+    ReferenceAdain {
+        style_fidelity: f64,
+    },
+    #[serde(rename = "reference_adain+attn")]
+    ReferenceAdainAttn {
+        style_fidelity: f64,
+    },
 }
 
 impl Preprocessor {
@@ -306,6 +386,32 @@ impl Preprocessor {
             Self::Inpaint => "inpaint",
             Self::InpaintOnly => "inpaint_only",
             Self::InpaintOnlyLama => "inpaint_only+lama",
+            Self::ReferenceOnly { .. } => "reference_only",
+            Self::ReferenceAdain { .. } => "reference_adain",
+            Self::ReferenceAdainAttn { .. } => "reference_adain+attn",
+        }
+    }
+
+    /// A reference module's kind and style fidelity; `None` for the others.
+    pub fn reference(&self) -> Option<(crate::controlnet::ReferenceKind, f64)> {
+        use crate::controlnet::ReferenceKind;
+        match *self {
+            Self::ReferenceOnly { style_fidelity } => Some((ReferenceKind::Only, style_fidelity)),
+            Self::ReferenceAdain { style_fidelity } => Some((ReferenceKind::Adain, style_fidelity)),
+            Self::ReferenceAdainAttn { style_fidelity } => {
+                Some((ReferenceKind::AdainAttn, style_fidelity))
+            }
+            _ => None,
+        }
+    }
+
+    /// The reference module of `kind` with `style_fidelity`.
+    pub fn of_reference(kind: crate::controlnet::ReferenceKind, style_fidelity: f64) -> Self {
+        use crate::controlnet::ReferenceKind;
+        match kind {
+            ReferenceKind::Only => Self::ReferenceOnly { style_fidelity },
+            ReferenceKind::Adain => Self::ReferenceAdain { style_fidelity },
+            ReferenceKind::AdainAttn => Self::ReferenceAdainAttn { style_fidelity },
         }
     }
 
@@ -469,7 +575,10 @@ impl Preprocessor {
             | Self::RecolorIntensity { .. }
             | Self::Inpaint
             | Self::InpaintOnly
-            | Self::InpaintOnlyLama => None,
+            | Self::InpaintOnlyLama
+            | Self::ReferenceOnly { .. }
+            | Self::ReferenceAdain { .. }
+            | Self::ReferenceAdainAttn { .. } => None,
         }
     }
 
@@ -514,7 +623,10 @@ impl Preprocessor {
             | Self::RecolorIntensity { .. }
             | Self::Inpaint
             | Self::InpaintOnly
-            | Self::InpaintOnlyLama => {}
+            | Self::InpaintOnlyLama
+            | Self::ReferenceOnly { .. }
+            | Self::ReferenceAdain { .. }
+            | Self::ReferenceAdainAttn { .. } => {}
         }
         p
     }

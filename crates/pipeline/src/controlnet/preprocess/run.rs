@@ -235,6 +235,10 @@ impl Preprocessor {
             Self::RecolorIntensity { gamma } => recolor(image, RecolorChannel::Intensity, gamma),
             // The RGB of the extension's RGBA pass-through: the mask travels beside it.
             Self::Inpaint | Self::InpaintOnly => image.clone(),
+            // The extension's `identity`: the reference units take the image as it is.
+            Self::ReferenceOnly { .. }
+            | Self::ReferenceAdain { .. }
+            | Self::ReferenceAdainAttn { .. } => image.clone(),
             Self::SoftedgeHed { .. }
             | Self::SoftedgeHedsafe { .. }
             | Self::ScribbleHed { .. }

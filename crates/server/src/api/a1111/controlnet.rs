@@ -216,10 +216,19 @@ pub fn native_units(
         )
         .map_err(bad)?;
         let control_mode = control_mode(unit.get("control_mode"), i)?;
-        let model = text("model")
-            .map(model_name)
-            .filter(|m| !m.is_empty() && *m != "None")
-            .ok_or_else(|| bad(format!("[{i}].model: a ControlNet model name is required")))?;
+        // The reference modules run no model: the extension ignores the unit's.
+        let reference = preprocessor.filter(|p| p.reference().is_some());
+        let model = match reference {
+            Some(_) => None,
+            None => Some(
+                text("model")
+                    .map(model_name)
+                    .filter(|m| !m.is_empty() && *m != "None")
+                    .ok_or_else(|| {
+                        bad(format!("[{i}].model: a ControlNet model name is required"))
+                    })?,
+            ),
+        };
         let own = own_image(unit, i)?;
         // Without an image of its own a unit takes img2img's init image, fitted by A1111's
         // `resize_mode` as the extension reads it.
@@ -256,7 +265,7 @@ pub fn native_units(
                 base64::engine::general_purpose::STANDARD.encode(png),
             ))
         };
-        let decode = || -> Result<RgbImage, ApiError> {
+        let decode_whole = || -> Result<RgbImage, ApiError> {
             let (text, mask) = match &image {
                 Source::Init(init) => return Ok((*init).clone()),
                 Source::Own(own) => *own,
@@ -272,7 +281,7 @@ pub fn native_units(
             }
         };
         let decode = || -> Result<crate::images::RequestImage, ApiError> {
-            let image = decode()?;
+            let image = decode_whole()?;
             let image = match (crop, width, height) {
                 (Some(c), Some(w), Some(h)) => c.apply(&image, mode, w as usize, h as usize),
                 _ => image,
@@ -293,10 +302,22 @@ pub fn native_units(
             }
             _ => None,
         };
-        let mut native = match preprocessor.filter(|p| p.takes_mask()) {
+        let mut native = match (reference, preprocessor.filter(|p| p.takes_mask())) {
+            // The extension's `identity`: the image fitted by the unit's resize mode, never
+            // cut to "only masked"'s region (the extension crops no reference unit).
+            (Some(p), _) => {
+                let whole = decode_whole()?;
+                let image = fitted(&whole).unwrap_or_else(|| whole.clone());
+                if enable_hr {
+                    hires.push((units.len(), whole, mode, None));
+                }
+                let fidelity = p.reference().map(|(_, f)| f);
+                json!({"image": as_png(&image)?,
+                       "preprocessor": {"type": p.module(), "style_fidelity": fidelity}})
+            }
             // The extension's RGBA feed, image and mask cut and fitted together; the native
             // unit runs the pass-through preprocessor with the mask.
-            Some(p) => {
+            (None, Some(p)) => {
                 let (rgb, alpha) = rgba_feed(&image, img2img, i)?;
                 let ((rgb, alpha), size) = match (crop, width, height) {
                     (Some(c), Some(w), Some(h)) => {
@@ -321,7 +342,7 @@ pub fn native_units(
                 json!({"model": model, "image": as_png(&image)?, "mask": as_png(&mask)?,
                        "preprocessor": {"type": p.module()}})
             }
-            None => json!({"model": model, "image": Value::Null}),
+            (None, None) => json!({"model": model, "image": Value::Null}),
         };
         let image = match preprocessor {
             _ if !native["image"].is_null() => native["image"].clone(),

@@ -42,9 +42,10 @@ use crate::error::ApiError;
 use crate::validate::preprocessor::{
     ANYLINE_RESOLUTION_DEFAULT, BINARY_THRESHOLD, BLUR_SIGMA, HIGH_DEFAULT, LERES_REMOVE,
     LOW_DEFAULT, MLSD_DISTANCE, MLSD_VALUE, NORMAL_BACKGROUND, RECOLOR_GAMMA, RESOLUTION_DEFAULT,
-    RESOLUTION_MAX, RESOLUTION_MIN, SAFE_STEPS, THRESHOLD_MAX, THRESHOLD_MIN, TILE_RATE,
-    XDOG_THRESHOLD,
+    RESOLUTION_MAX, RESOLUTION_MIN, SAFE_STEPS, STYLE_FIDELITY, THRESHOLD_MAX, THRESHOLD_MIN,
+    TILE_RATE, XDOG_THRESHOLD,
 };
+use sdserve_pipeline::controlnet::ReferenceKind;
 
 /// A preprocessor's slider (`PreprocessorParameter.api_json`); the extension's
 /// `PreprocessorParameter` step is 0.01 where a module does not set one.
@@ -107,13 +108,14 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 
 /// In `get_sorted_preprocessors` order: `none`, then by `sorting_priority` (canny,
 /// lineart_standard, tile_resample, softedge_pidinet, scribble_pidinet, recolor_luminance,
-/// openpose_full, normal_bae, mlsd, inpaint_only, depth_midas 100; invert 20; the others 0) and
+/// reference_only, openpose_full, normal_bae, mlsd, inpaint_only, depth_midas 100; invert 20;
+/// the others 0) and
 /// label, descending (`inpaint` by its label, `inpaint_global_harmonious`)
 /// (`color` sorts by its label, `t2ia_color_grid`; `lineart_anime_denoise` before its prefix
 /// `lineart_anime`, and `openpose_faceonly` before `openpose_face`; softedge_teed,
 /// softedge_anyline, depth_leres, depth_anything_v2, depth_anything and the OpenPose ones by
 /// their names; `depth_anything_v2` before its prefix `depth_anything`).
-const MODULES: [Module; 39] = [
+const MODULES: [Module; 42] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -133,6 +135,11 @@ const MODULES: [Module; 39] = [
         "pidinet_scribble",
         "scribble_pidinet",
         [Some(RESOLUTION), None, None],
+    ),
+    module(
+        "reference_only",
+        "reference_only",
+        [None, Some(FIDELITY), None],
     ),
     module(
         "recolor_luminance",
@@ -252,6 +259,16 @@ const MODULES: [Module; 39] = [
         [Some(RESOLUTION), None, None],
     ),
     module(
+        "reference_adain+attn",
+        "reference_adain+attn",
+        [None, Some(FIDELITY), None],
+    ),
+    module(
+        "reference_adain",
+        "reference_adain",
+        [None, Some(FIDELITY), None],
+    ),
+    module(
         "recolor_intensity",
         "recolor_intensity",
         [
@@ -369,6 +386,13 @@ fn value(v: Option<&Value>, s: &Slider, key: &str) -> Result<f64, String> {
     Ok(if x < s.min || x > s.max { s.value } else { x })
 }
 
+/// The reference modules' Style Fidelity (their resolution slider hidden).
+const FIDELITY: Slider = slider(
+    "Style Fidelity (only for Balanced mode)",
+    STYLE_FIDELITY,
+    0.01,
+);
+
 /// `shuffle`'s hidden resolution slider: the class default's range (0..=1) with 512.
 const SHUFFLE_RESOLUTION: Slider = slider("Resolution", (0.0, 1.0, 512.0), 0.01);
 
@@ -407,6 +431,12 @@ pub(super) fn preprocessor(
         "inpaint" => Preprocessor::Inpaint,
         "inpaint_only" => Preprocessor::InpaintOnly,
         "inpaint_only+lama" => Preprocessor::InpaintOnlyLama,
+        "reference_only" | "reference_adain" | "reference_adain+attn" => {
+            Preprocessor::of_reference(
+                ReferenceKind::from_name(found.name).expect("a reference module"),
+                setting(threshold_a, a, "threshold_a")?,
+            )
+        }
         "threshold" => Preprocessor::Threshold {
             threshold: setting(threshold_a, a, "threshold_a")?,
             resolution: resolution()?,
@@ -523,7 +553,7 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `inpaint_only`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `inpaint_only+lama`, `inpaint`, `depth_leres`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; `inpaint`, `inpaint_only` and `inpaint_only+lama` take the unit's mask; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, depth_leres res101.pth, inpaint_only+lama ControlNetLama.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `reference_only`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `inpaint_only`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `reference_adain+attn`, `reference_adain`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `inpaint_only+lama`, `inpaint`, `depth_leres`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; `inpaint`, `inpaint_only` and `inpaint_only+lama` take the unit's mask; the reference modules take no model (`model_free`); the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, depth_leres res101.pth, inpaint_only+lama ControlNetLama.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
@@ -536,10 +566,11 @@ pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>
             .flatten()
             .map(|s| json!({"name": s.name, "value": number(s.value), "min": number(s.min), "max": number(s.max), "step": number(s.step)}))
             .collect();
-        // `model_free` is the extension's `do_not_need_model`: false for these.
+        // `model_free` is the extension's `do_not_need_model`: the reference modules'.
+        let model_free = m.name.starts_with("reference");
         detail.insert(
             name(m).into(),
-            json!({"model_free": false, "sliders": sliders}),
+            json!({"model_free": model_free, "sliders": sliders}),
         );
     }
     Ok(Json(json!({

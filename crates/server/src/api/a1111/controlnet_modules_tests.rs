@@ -32,7 +32,7 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         "{e}"
     );
     assert!(
-        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"recolor_luminance\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"inpaint_only\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"recolor_intensity\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"inpaint_only+lama\", \"inpaint\", \"depth_leres\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
+        e.contains("\"none\", \"tile_resample\", \"pidinet\", \"pidinet_scribble\", \"reference_only\", \"recolor_luminance\", \"openpose_full\", \"normal_bae\", \"mlsd\", \"lineart_standard\", \"inpaint_only\", \"depth\", \"canny\", \"invert\", \"threshold\", \"color\", \"softedge_teed\", \"pidinet_safe\", \"hed_safe\", \"hed\", \"softedge_anyline\", \"shuffle\", \"scribble_xdog\", \"scribble_hed\", \"reference_adain+attn\", \"reference_adain\", \"recolor_intensity\", \"openpose_hand\", \"openpose_faceonly\", \"openpose_face\", \"openpose\", \"normal_map\", \"lineart\", \"lineart_coarse\", \"lineart_anime_denoise\", \"lineart_anime\", \"inpaint_only+lama\", \"inpaint\", \"depth_leres\", \"depth_anything_v2\", \"depth_anything\", \"blur_gaussian\""),
         "{e}"
     );
     // The inpaint modules by name or label, without settings.
@@ -45,6 +45,24 @@ fn settings_out_of_the_sliders_are_the_defaults_as_the_extension_s() {
         let got = preprocessor(m, Some(&json!(64)), None, None, "", 0).unwrap();
         assert_eq!(got, Some(want), "{m}");
     }
+    // The reference modules' Style Fidelity is threshold_a (0..=1, 0.5); no resolution.
+    let reference = |m, a: Value| {
+        preprocessor(m, Some(&json!(768)), Some(&a), None, "", 0)
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(
+        reference("reference_adain+attn", json!(0.3)),
+        Preprocessor::ReferenceAdainAttn {
+            style_fidelity: 0.3
+        }
+    );
+    assert_eq!(
+        reference("reference_only", json!(-1)),
+        Preprocessor::ReferenceOnly {
+            style_fidelity: 0.5
+        }
+    );
     // The recolor modules' Gamma Correction is threshold_a (0.1..=2, 1.0), kept as sent.
     let recolor = |m, a: Value| {
         preprocessor(m, None, Some(&a), None, "", 0)

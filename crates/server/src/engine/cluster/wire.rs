@@ -178,6 +178,8 @@ pub struct WireSpec {
 impl WireSpec {
     pub fn of(s: &JobSpec) -> Self {
         let p = &s.params;
+        // The reference units travel as units of `controlnets` (no model).
+        let units = p.units_with_references();
         Self {
             prompt: p.prompt.clone(),
             negative_prompt: p.negative_prompt.clone(),
@@ -205,8 +207,7 @@ impl WireSpec {
             tiling: p.tiling,
             variation: p.variation.map(|v| (v.seed, v.strength)),
             seed_resize_from: p.seed_resize_from.map(|r| (r.width, r.height)),
-            controlnets: p
-                .controlnets
+            controlnets: units
                 .iter()
                 .map(|c| {
                     (
@@ -218,9 +219,8 @@ impl WireSpec {
                     )
                 })
                 .collect(),
-            controlnet_preprocessors: p.controlnets.iter().map(|c| c.preprocessor).collect(),
-            controlnet_hires: p
-                .controlnets
+            controlnet_preprocessors: units.iter().map(|c| c.preprocessor).collect(),
+            controlnet_hires: units
                 .iter()
                 .map(|c| {
                     (
@@ -229,14 +229,12 @@ impl WireSpec {
                     )
                 })
                 .collect(),
-            controlnet_inpaint_crop: p.controlnets.iter().map(|c| c.inpaint_crop).collect(),
-            controlnet_modes: p
-                .controlnets
+            controlnet_inpaint_crop: units.iter().map(|c| c.inpaint_crop).collect(),
+            controlnet_modes: units
                 .iter()
                 .map(|c| c.control_mode.name().to_string())
                 .collect(),
-            controlnet_masks: p
-                .controlnets
+            controlnet_masks: units
                 .iter()
                 .map(|c| {
                     (
@@ -413,7 +411,7 @@ impl WireSpec {
                         })
                     })
                     .collect::<Result<_, String>>()?,
-                // No dialect sends reference units yet.
+                // The reference units travel in `controlnets`: split below.
                 references: Vec::new(),
                 a1111_inpaint: match self.inpaint {
                     Some((x, y, invert, fill, padding)) => Some(A1111Inpaint {
@@ -467,6 +465,7 @@ impl WireSpec {
         if spec.progress_total == 0 {
             spec.progress_total = spec.params.steps + spec.params.hires_steps();
         }
+        spec.params.split_references();
         Ok(spec)
     }
 }

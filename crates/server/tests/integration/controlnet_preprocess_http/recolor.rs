@@ -16,8 +16,8 @@ use common::{decode_png, post_json_to};
 fn recolor_maps_and_their_post_processing() {
     let s = common::tiny_a_vae8_server(&[("CONTROLNET_DIR", &fixtures().join("controlnet"))]);
     let (photo, photo_b64) = photo();
-    // recolor_luminance (priority 100) after scribble_pidinet's label, before openpose_full;
-    // recolor_intensity (priority 0) after scribble_hed, before openpose_hand.
+    // recolor_luminance (priority 100) after reference_only's label, before openpose_full;
+    // recolor_intensity (priority 0) after reference_adain, before openpose_hand.
     let listed = s.get("/controlnet/module_list").json();
     let names = listed["module_list"].as_array().unwrap();
     let around = |name: &str| {
@@ -26,11 +26,11 @@ fn recolor_maps_and_their_post_processing() {
     };
     assert_eq!(
         around("recolor_luminance"),
-        (json!("pidinet_scribble"), json!("openpose_full"))
+        (json!("reference_only"), json!("openpose_full"))
     );
     assert_eq!(
         around("recolor_intensity"),
-        (json!("scribble_hed"), json!("openpose_hand"))
+        (json!("reference_adain"), json!("openpose_hand"))
     );
     let gamma =
         json!({"name": "Gamma Correction", "value": 1, "min": 0.1, "max": 2, "step": 0.001});
