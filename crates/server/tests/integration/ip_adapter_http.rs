@@ -93,34 +93,33 @@ fn image_prompts_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused()
     .unwrap();
     let (w, h, px, _) = decode_png(&prompt_png());
     let own = |name: &str, file: &str| {
-    let params = GenerationParams {
-        prompt: "a house by a lake".into(),
-        steps: 3,
-        width: 256,
-        height: 256,
-        seed: 11,
-        scheduler: Some(SchedulerKind::Euler),
-        prompt_syntax: PromptSyntax::Plain,
-        ip_adapters: vec![IpAdapterUnit {
-            model: Arc::new(IpAdapter::new(name, dir.join(file))),
-            image_encoder: Arc::new(ImageEncoder::new(
-                "image_encoder",
-                dir.join("image_encoder"),
-            )),
-            image: RgbImage {
-                width: w,
-                height: h,
-                pixels: px.clone(),
-            },
-            scale: 0.8,
-        }],
-        ..Default::default()
-    };
-    sd
-        .generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
-        .unwrap()
-        .remove(0)
-        .pixels
+        let params = GenerationParams {
+            prompt: "a house by a lake".into(),
+            steps: 3,
+            width: 256,
+            height: 256,
+            seed: 11,
+            scheduler: Some(SchedulerKind::Euler),
+            prompt_syntax: PromptSyntax::Plain,
+            ip_adapters: vec![IpAdapterUnit {
+                model: Arc::new(IpAdapter::new(name, dir.join(file))),
+                image_encoder: Arc::new(ImageEncoder::new(
+                    "image_encoder",
+                    dir.join("image_encoder"),
+                )),
+                image: RgbImage {
+                    width: w,
+                    height: h,
+                    pixels: px.clone(),
+                },
+                scale: 0.8,
+            }],
+            ..Default::default()
+        };
+        sd.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))
+            .unwrap()
+            .remove(0)
+            .pixels
     };
     assert!(
         own("ip-adapter_sd15", "ip-adapter_sd15.safetensors") == steered,
