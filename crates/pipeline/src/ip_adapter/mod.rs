@@ -25,6 +25,7 @@
 
 pub mod clip_image;
 pub mod clip_vision;
+mod extension;
 mod prompts;
 mod resampler;
 
@@ -43,6 +44,9 @@ use crate::unet::UNetConfig;
 use crate::{PipelineError, Result};
 pub use clip_image::ClipImageProcessor;
 pub use clip_vision::{ClipVisionConfig, ClipVisionModel};
+pub use extension::{
+    read_uncond_states, unit_tokens as extension_unit_tokens, ExtensionImage, ExtensionRun,
+};
 pub use prompts::{ImagePrompts, ImageTokens, LayerKv};
 use resampler::Resampler;
 
@@ -64,6 +68,9 @@ pub struct IpAdapterUnit {
     /// Any size: the processor resizes and crops it.
     pub image: RgbImage,
     pub scale: f64,
+    /// Run as the sd-webui-controlnet extension runs an ip-adapter unit (A1111 requests):
+    /// its images, window and Plus negative side; `None`: as diffusers.
+    pub extension: Option<ExtensionRun>,
 }
 
 impl NamedFile<IpAdapterModel> {
@@ -131,12 +138,17 @@ impl ImageEncoderModel {
     /// processor's output zeroed, diffusers' negative side), in that order.
     pub fn penultimate_states(&self, image: &RgbImage) -> Result<(Tensor, Tensor)> {
         let pixels = self.processor.preprocess(image, &Device::Cpu)?;
+        self.penultimate_of_pixels(&pixels)
+    }
+
+    /// The penultimate hidden states of `pixels` and of zero pixel values, in that order.
+    pub fn penultimate_of_pixels(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
         let states = |p: &Tensor| -> Result<Tensor> {
             self.model.forward(p, true)?.penultimate.ok_or_else(|| {
                 PipelineError::InvalidRequest("the image encoder gave no hidden states".into())
             })
         };
-        Ok((states(&pixels)?, states(&pixels.zeros_like()?)?))
+        Ok((states(pixels)?, states(&pixels.zeros_like()?)?))
     }
 
     /// The encoder's outputs `adapter` takes for `image` and for its negative side.

@@ -40,6 +40,8 @@ impl ImageTokens {
 #[derive(Debug, Clone)]
 struct PromptKv {
     scale: f64,
+    /// The extension's guidance window (sampling percent); `None`: every step.
+    window: Option<(f64, f64)>,
     cond: (Tensor, Tensor),
     uncond: (Tensor, Tensor),
 }
@@ -69,8 +71,17 @@ impl ImagePrompts {
                 |e: String| PipelineError::InvalidRequest(format!("the IP-Adapter {name:?}: {e}"));
             let adapter = unit.model.load_on(unet, device, dtype).map_err(refuse)?;
             let encoder = unit.image_encoder.load_on(device, dtype).map_err(refuse)?;
-            let (cond, uncond) = encoder.adapter_inputs(&adapter, &unit.image)?;
-            prompts.add(&adapter, &cond, &uncond, unit.scale)?;
+            match &unit.extension {
+                Some(run) => {
+                    let tokens = super::extension::unit_tokens(&adapter, &encoder, run)?;
+                    let window = Some((run.guidance_start, run.guidance_end));
+                    prompts.add_tokens(&adapter, &tokens, unit.scale, window)?;
+                }
+                None => {
+                    let (cond, uncond) = encoder.adapter_inputs(&adapter, &unit.image)?;
+                    prompts.add(&adapter, &cond, &uncond, unit.scale)?;
+                }
+            }
         }
         Ok((!prompts.layers.is_empty()).then_some(prompts))
     }
@@ -114,15 +125,27 @@ impl ImagePrompts {
         // Rows: [negative side, the image's], as diffusers' `[negative, positive]`.
         let both = Tensor::cat(&[&on(uncond)?, &on(cond)?], 0)?;
         let tokens = adapter.image_tokens(&both)?;
+        self.add_tokens(adapter, &tokens, scale, None)
+    }
+
+    /// An adapter's `[uncond, cond]` image tokens, with its scale and window.
+    fn add_tokens(
+        &mut self,
+        adapter: &IpAdapterModel,
+        tokens: &Tensor,
+        scale: f64,
+        window: Option<(f64, f64)>,
+    ) -> Result<()> {
         for layer in &adapter.layers {
-            let k = layer.to_k.forward(&tokens, None)?;
-            let v = layer.to_v.forward(&tokens, None)?;
+            let k = layer.to_k.forward(tokens, None)?;
+            let v = layer.to_v.forward(tokens, None)?;
             let row = |t: &Tensor, i| t.narrow(0, i, 1);
             self.layers
                 .entry(layer.name.clone())
                 .or_default()
                 .push(PromptKv {
                     scale,
+                    window,
                     cond: (row(&k, 1)?, row(&v, 1)?),
                     uncond: (row(&k, 0)?, row(&v, 0)?),
                 });
@@ -133,6 +156,20 @@ impl ImagePrompts {
     /// The keys and values for a UNet batch of `rows` whose rows `cond` carry the prompt (the
     /// image's tokens there, the zero embeds' on the others).
     pub fn for_rows(&self, rows: usize, cond: CondRows) -> Result<ImageTokens> {
+        self.for_step(rows, cond, None)
+    }
+
+    /// [`Self::for_rows`] at `step` of `steps`: units with a window outside it left out.
+    pub fn for_step(
+        &self,
+        rows: usize,
+        cond: CondRows,
+        step: Option<(usize, usize)>,
+    ) -> Result<ImageTokens> {
+        let active = |p: &PromptKv| match (p.window, step) {
+            (Some(w), Some((i, n))) => super::extension::steers(w, i, n),
+            _ => true,
+        };
         let first = cond.first(rows).unwrap_or(rows);
         let lay = |uncond: &Tensor, cond: &Tensor| -> Result<Tensor> {
             let mut parts = vec![uncond; first];
@@ -145,6 +182,7 @@ impl ImagePrompts {
             .map(|(name, kvs)| {
                 let kvs = kvs
                     .iter()
+                    .filter(|p| active(p))
                     .map(|p| {
                         Ok(LayerKv {
                             scale: p.scale,

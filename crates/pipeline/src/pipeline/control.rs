@@ -394,7 +394,10 @@ pub(super) fn unet_forward(
         None => None,
     };
     let tokens = match control.and_then(|c| c.state.image_prompts.as_ref()) {
-        Some(prompts) => Some(prompts.for_rows(x.dim(0)?, cond)?),
+        Some(prompts) => {
+            let step = control.map(|c| (c.step, c.steps));
+            Some(prompts.for_step(x.dim(0)?, cond, step)?)
+        }
         None => None,
     };
     let banks = match control {

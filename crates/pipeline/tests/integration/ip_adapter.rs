@@ -185,6 +185,7 @@ fn unit(image: &str, scale: f64) -> IpAdapterUnit {
         )),
         image: read_png(image),
         scale,
+        extension: None,
     }
 }
 

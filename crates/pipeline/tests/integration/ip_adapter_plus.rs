@@ -98,6 +98,7 @@ fn unit(model: &str, image: &str, scale: f64) -> IpAdapterUnit {
         )),
         image: read_png(image),
         scale,
+        extension: None,
     }
 }
 

@@ -42,6 +42,7 @@ mod hires;
 mod hires_upscaler;
 mod img2img_images;
 mod ip_adapter;
+mod ip_adapter_a1111;
 mod ip_adapter_plus;
 mod karras_images;
 mod kdiffusion_dpm;

@@ -193,6 +193,7 @@ impl ValidRequest {
                     ),
                     image: u.image.image.clone(),
                     scale: u.scale,
+                    extension: None,
                 })
                 .collect(),
             // The reference units, split from `controlnets` below.

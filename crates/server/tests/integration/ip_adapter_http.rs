@@ -113,6 +113,7 @@ fn image_prompts_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused()
                     pixels: px.clone(),
                 },
                 scale: 0.8,
+                extension: None,
             }],
             ..Default::default()
         };

@@ -37,6 +37,16 @@ pub fn resize_shortest_edge(image: &RgbImage, resolution: u32) -> RgbImage {
     }
 }
 
+/// `cv2.resize(image, (w, h), interpolation=INTER_AREA)` to any size: the area average where
+/// neither side grows, else OpenCV's `area_mode` bilinear weights on both axes.
+pub fn resize_area_any(image: &RgbImage, w: usize, h: usize) -> RgbImage {
+    if w <= image.width as usize && h <= image.height as usize {
+        resize_area(image, w, h)
+    } else {
+        resize_area_enlarge(image, w, h)
+    }
+}
+
 /// The `color` map of `image` at `resolution` (at least 64, so every side keeps a cell).
 pub fn color(image: &RgbImage, resolution: u32) -> RgbImage {
     let scaled = resize_shortest_edge(image, resolution);

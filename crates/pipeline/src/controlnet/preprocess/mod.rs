@@ -65,7 +65,7 @@ pub use anyline::{
     anyline_lineart, anyline_map, combine_layers, remove_small_objects, MTEED, MTEED_FILE,
 };
 pub use canny::canny;
-pub use color::{color, color_size, resize_shortest_edge};
+pub use color::{color, color_size, resize_area_any, resize_shortest_edge};
 pub use colour::{hsv_to_rgb_row, lab_to_rgb, rgb_to_hsv, rgb_to_lab, HSV_BLOCK};
 pub use depth_anything::{
     depth_anything_depth, depth_anything_input_size, depth_anything_map, DepthAnythingNetwork,

@@ -408,6 +408,7 @@ impl WireSpec {
                             )),
                             image: image.image()?,
                             scale: *scale,
+                            extension: None,
                         })
                     })
                     .collect::<Result<_, String>>()?,

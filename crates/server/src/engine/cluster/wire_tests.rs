@@ -123,6 +123,7 @@ fn a_spec_survives_the_trip_with_its_images() {
                 )),
                 image: img.clone(),
                 scale: 0.7,
+                extension: None,
             }],
             a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
                 mask_blur_x: 3,
