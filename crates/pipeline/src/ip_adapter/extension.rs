@@ -108,6 +108,9 @@ pub fn unit_tokens(
         (Some(path), true) => Some(on(&read_uncond_states(path)?)?),
         _ => None,
     };
+    // The zero image's states (the Plus negative side without the `uc` file) are the same for
+    // every image of the unit: encoded once, when first needed.
+    let mut zero_states: Option<Tensor> = None;
     let mut sum: Option<Tensor> = None;
     for input in &run.images {
         let pixels = encoder.extension_pixels(input)?;
@@ -117,8 +120,12 @@ pub fn unit_tokens(
         let (cond, uncond) = match (out.penultimate, &plus_uncond) {
             (Some(states), Some(uc)) => (on(&states)?, uc.clone()),
             (Some(states), None) => {
-                let (_, zero_states) = encoder.penultimate_of_pixels(&pixels)?;
-                (on(&states)?, on(&zero_states)?)
+                let zero = match &zero_states {
+                    Some(z) => z.clone(),
+                    None => on(&encoder.penultimate(&pixels.zeros_like()?)?)?,
+                };
+                zero_states = Some(zero.clone());
+                (on(&states)?, zero)
             }
             (None, _) => {
                 let embeds = on(&out.image_embeds)?;

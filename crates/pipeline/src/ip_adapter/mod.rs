@@ -143,12 +143,20 @@ impl ImageEncoderModel {
 
     /// The penultimate hidden states of `pixels` and of zero pixel values, in that order.
     pub fn penultimate_of_pixels(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
-        let states = |p: &Tensor| -> Result<Tensor> {
-            self.model.forward(p, true)?.penultimate.ok_or_else(|| {
+        Ok((
+            self.penultimate(pixels)?,
+            self.penultimate(&pixels.zeros_like()?)?,
+        ))
+    }
+
+    /// The penultimate hidden states of `pixels`.
+    pub(super) fn penultimate(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.model
+            .forward(pixels, true)?
+            .penultimate
+            .ok_or_else(|| {
                 PipelineError::InvalidRequest("the image encoder gave no hidden states".into())
             })
-        };
-        Ok((states(pixels)?, states(&pixels.zeros_like()?)?))
     }
 
     /// The encoder's outputs `adapter` takes for `image` and for its negative side.
