@@ -202,7 +202,7 @@ impl StableDiffusion {
             {
                 let restore = self.restore_of(unit, &fitted, m)?;
                 let lama = unit.preprocessor == Some(Preprocessor::InpaintOnlyLama);
-                if lama && pass != ControlPass::Hires {
+                if lama && pass != ControlPass::Hires && params.lama_noise {
                     noise_modifier = Some(restore.latents().clone());
                 }
                 restores.push(restore);

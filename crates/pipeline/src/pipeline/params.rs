@@ -82,6 +82,11 @@ pub struct GenerationParams {
     /// With an init image and in the hires pass: `extra_noise * noise` more on the start, in
     /// k-diffusion's sigma units (A1111's `img2img_extra_noise`). 0: off.
     pub extra_noise: f64,
+    /// Whether the first pass's starting noise carries an `inpaint_only+lama` unit's latents
+    /// (the sd-webui-controlnet extension's noise modifier). False for A1111's `n_iter` batches
+    /// after the first: the extension wraps only the first batch's RNG
+    /// (`before_process_batch` clears its `noise_modifier`).
+    pub lama_noise: bool,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -120,6 +125,7 @@ impl Default for GenerationParams {
             step_rule: StepRule::Diffusers,
             noise_multiplier: 1.0,
             extra_noise: 0.0,
+            lama_noise: true,
         }
     }
 }

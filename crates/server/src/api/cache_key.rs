@@ -31,9 +31,10 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
     );
     let images = format!("{images}\u{0}{:?} {:?}", p.resize_mode, p.guidance_rule);
     let images = format!(
-        "{images}\u{0}noise {:016x} {:016x}",
+        "{images}\u{0}noise {:016x} {:016x} {}",
         p.noise_multiplier.to_bits(),
-        p.extra_noise.to_bits()
+        p.extra_noise.to_bits(),
+        p.lama_noise
     );
     let (c, g) = (p.churn, p.negative_guidance);
     let images = format!(
@@ -137,6 +138,10 @@ mod tests {
         let variants = [
             GenerationParams {
                 prompt: "b".into(),
+                ..base.clone()
+            },
+            GenerationParams {
+                lama_noise: false,
                 ..base.clone()
             },
             GenerationParams {

@@ -457,6 +457,7 @@ pub fn validate_request(
         step_rule,
         noise_multiplier: noise_multiplier.unwrap_or(1.0),
         extra_noise: extra_noise.unwrap_or(0.0),
+        lama_noise: true,
         hires: None,
         model,
         vae,

@@ -61,6 +61,10 @@ pub struct ValidRequest {
     pub noise_multiplier: f64,
     /// With an init image or the hires fix: more noise at the start (`extra_noise`).
     pub extra_noise: f64,
+    /// Whether an `inpaint_only+lama` unit's latents start the first pass's noise (the
+    /// extension's noise modifier); the A1111 dialect clears it for `n_iter` batches after the
+    /// first, as the extension wraps only the first batch's RNG.
+    pub lama_noise: bool,
     /// The hires fix: a second pass at a larger size (text-to-image only; from the native
     /// `hires` object or A1111's `enable_hr`, both through [`hires::validate_hires`]).
     pub hires: Option<hires::ValidHires>,
@@ -202,6 +206,7 @@ impl ValidRequest {
             step_rule: self.step_rule,
             noise_multiplier: self.noise_multiplier,
             extra_noise: self.extra_noise,
+            lama_noise: self.lama_noise,
         };
         params.split_references();
         params

@@ -273,9 +273,9 @@ fn inpaint_only_lama_in_both_dialects_and_detect() {
         .unwrap()
         .remove(0);
     assert!(own.pixels == native, "the server's image is the pipeline's");
-    // A1111, Just Resize at the request's size: the same image.
+    // A1111, Just Resize at the request's size: the same image; two batches (`n_iter`).
     let body = json!({"prompt": "a house by a lake", "steps": 3, "width": 256,
-        "height": 256, "seed": 11, "sampler_name": "Euler", "cfg_scale": 7.5,
+        "height": 256, "seed": 11, "sampler_name": "Euler", "cfg_scale": 7.5, "n_iter": 2,
         "alwayson_scripts": {"controlnet": {"args": [{"model": "cn-h",
             "module": "inpaint_only+lama", "image": png(&image), "mask": png(&mask),
             "resize_mode": "Just Resize"}]}}});
@@ -289,6 +289,23 @@ fn inpaint_only_lama_in_both_dialects_and_detect() {
         .contains("Module: inpaint_only+lama"));
     let (_, _, a1111, _) = decode_png(j["images"][0].as_str().unwrap());
     assert!(a1111 == native, "A1111's image is the native one");
+    // The second batch (seed 12) starts from plain noise: the extension's
+    // `before_process_batch` wraps only the first batch's RNG, then clears its noise modifier.
+    let (_, _, second, _) = decode_png(j["images"][1].as_str().unwrap());
+    let at_12 = |lama_noise: bool| {
+        let p = GenerationParams {
+            seed: 12,
+            lama_noise,
+            ..params.clone()
+        };
+        let mut run = sd.generate(&p, &mut |_| std::ops::ControlFlow::Continue(()));
+        run.as_mut().unwrap().remove(0).pixels
+    };
+    assert!(
+        second == at_12(false),
+        "the second batch has no noise modifier"
+    );
+    assert!(second != at_12(true), "the noise modifier moves the image");
     // /controlnet/detect answers LaMa's image; without a mask, a 422.
     let body = json!({"controlnet_module": "inpaint_only+lama",
         "controlnet_input_images": [png(&image)], "controlnet_masks": [png(&mask)]});

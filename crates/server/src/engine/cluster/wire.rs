@@ -156,6 +156,10 @@ pub struct WireSpec {
     negative_guidance_all_steps: bool,
     #[serde(default)]
     negative_guidance_skip_early: f64,
+    /// Whether an `inpaint_only+lama` unit's latents start the noise (false for A1111's later
+    /// `n_iter` batches; absent from older replicas' jobs: true, all they ran).
+    #[serde(default = "yes")]
+    lama_noise: bool,
     request: serde_json::Value,
     png_texts: Vec<String>,
     /// 0 in records written before it was carried: steps (+ hires steps) then.
@@ -274,6 +278,7 @@ impl WireSpec {
             negative_guidance_min_sigma: p.negative_guidance.min_sigma,
             negative_guidance_all_steps: p.negative_guidance.all_steps,
             negative_guidance_skip_early: p.negative_guidance.skip_early,
+            lama_noise: p.lama_noise,
             request: s.request.clone(),
             png_texts: s.png_texts.clone(),
             progress_total: s.progress_total,
@@ -450,6 +455,7 @@ impl WireSpec {
                     all_steps: self.negative_guidance_all_steps,
                     skip_early: self.negative_guidance_skip_early,
                 },
+                lama_noise: self.lama_noise,
             },
             request: self.request.clone(),
             png_texts: self.png_texts.clone(),
@@ -478,4 +484,9 @@ mod tests;
 /// serde's default for a multiplier absent from an older replica's job.
 fn one() -> f64 {
     1.0
+}
+
+/// serde's default for a switch that older replicas' jobs always had on.
+fn yes() -> bool {
+    true
 }

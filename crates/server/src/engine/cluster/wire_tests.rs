@@ -135,6 +135,7 @@ fn a_spec_survives_the_trip_with_its_images() {
             }),
             step_rule: sdserve_pipeline::pipeline::StepRule::A1111FixSteps,
             guidance_rule: sdserve_pipeline::pipeline::GuidanceRule::A1111,
+            lama_noise: false,
             ..Default::default()
         },
         request: serde_json::json!({"prompt": "a (cat:1.2)"}),
@@ -164,6 +165,11 @@ fn a_spec_survives_the_trip_with_its_images() {
     old.as_object_mut().unwrap().remove("model");
     let back: WireSpec = serde_json::from_value(old).unwrap();
     assert_eq!(back.spec(Duration::from_secs(3)).unwrap().model, None);
+    // An older replica's job has no `lama_noise`: the noise modifier on, all it ran.
+    let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+    old.as_object_mut().unwrap().remove("lama_noise");
+    let back: WireSpec = serde_json::from_value(old).unwrap();
+    assert!(back.spec(Duration::from_secs(3)).unwrap().params.lama_noise);
 }
 
 #[test]
