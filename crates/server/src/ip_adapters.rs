@@ -20,12 +20,15 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
-use crate::validate::ValidRequest;
+use crate::validate::{ValidIpAdapter, ValidRequest};
 
 /// The adapter files read (h94's `.safetensors` and `.bin`).
 const EXTENSIONS: [&str; 2] = ["safetensors", "bin"];
 /// The image encoder's folder inside IP_ADAPTER_DIR.
 pub const IMAGE_ENCODER: &str = "image_encoder";
+/// The sd-webui-controlnet extension's `clip_vision_h_uc.data` (its
+/// `annotator/clipvision/`) in IP_ADAPTER_DIR: a Plus adapter's negative side in A1111 units.
+pub const PLUS_UNCOND: &str = "clip_vision_h_uc.data";
 
 /// One adapter of IP_ADAPTER_DIR.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,8 +102,14 @@ impl IpAdapterCatalog {
             return Ok(None);
         }
         let models = self.scan();
+        // An A1111 unit's errors name its place in `alwayson_scripts.controlnet.args`.
+        let named = |i: usize, unit: &ValidIpAdapter| match &unit.a1111 {
+            Some(a) => (crate::api::a1111::CONTROLNET_FIELD, a.arg),
+            None => (field, i),
+        };
         let mut ids = Vec::new();
         for (i, unit) in req.ip_adapters.iter().enumerate() {
+            let (field, i) = named(i, unit);
             let Some(entry) = models.iter().find(|e| e.name == unit.model) else {
                 let why = match self.dir.is_some() {
                     true => "no IP-Adapter of that name",
@@ -118,16 +127,37 @@ impl IpAdapterCatalog {
             ids.push(identity(&entry.name, std::slice::from_ref(&entry.path)));
         }
         let Some(encoder) = self.image_encoder() else {
+            let unit = &req.ip_adapters[0];
+            let (field, i) = named(0, unit);
+            let at = match unit.a1111 {
+                Some(_) => format!("[{i}].model: "),
+                None => String::new(),
+            };
             return Err(ApiError::validation(
                 field,
-                format!("IP_ADAPTER_DIR has no {IMAGE_ENCODER}/ folder (config.json and weights)"),
+                format!(
+                    "{at}IP_ADAPTER_DIR has no {IMAGE_ENCODER}/ folder (config.json and weights)"
+                ),
             ));
         };
+        // A1111 units read the extension's negative side for Plus adapters where it is.
+        if let Some(uc) = self
+            .plus_uncond()
+            .filter(|_| req.ip_adapters.iter().any(|u| u.a1111.is_some()))
+        {
+            ids.push(identity(PLUS_UNCOND, &[uc]));
+        }
         let files: Vec<PathBuf> = std::fs::read_dir(&encoder)
             .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();
         ids.push(identity(IMAGE_ENCODER, &files));
         Ok(Some(format!("ip-adapters {}", ids.join(" "))))
+    }
+
+    /// The extension's `clip_vision_h_uc.data`, where IP_ADAPTER_DIR has it.
+    pub fn plus_uncond(&self) -> Option<PathBuf> {
+        let path = self.dir.as_ref()?.join(PLUS_UNCOND);
+        path.is_file().then_some(path)
     }
 
     /// `GET /ip-adapters`. Blocking (reads the folder).
@@ -209,6 +239,9 @@ pub fn with_ip_adapter_files(
         })?;
         unit.model = Arc::new(IpAdapter::new(name, entry.path.clone()));
         unit.image_encoder = encoder.clone();
+        if let Some(run) = &mut unit.extension {
+            run.plus_uncond = catalog.plus_uncond();
+        }
     }
     Ok(Some(resolved))
 }

@@ -108,16 +108,15 @@ pub fn parameters_text(
     // The sd-webui-controlnet extension's entries: one quoted list per unit (the reference
     // units after the ControlNets).
     let units = p.units_with_references();
-    let controlnets: String = units
+    let mut entries: Vec<String> = units
         .iter()
-        .enumerate()
-        .map(|(i, c)| {
+        .map(|c| {
             let (module, settings) = match &c.preprocessor {
                 None => ("none", String::new()),
                 Some(p) => (p.module(), unit_settings(p)),
             };
             format!(
-                ", ControlNet {i}: \"Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: {}\"",
+                "Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: {}",
                 unit_model_name(c),
                 c.scale,
                 c.guidance_start,
@@ -126,22 +125,35 @@ pub fn parameters_text(
             )
         })
         .collect();
-    // IP-Adapters as the extension writes an ip-adapter unit (module ip-adapter_clip_sd15),
-    // numbered after the ControlNets.
-    let ip_adapters: String = p
+    // A1111's ip-adapter units (their entries written by the dialect) at their places among
+    // the request's units.
+    let mut placed: Vec<_> = p
         .ip_adapters
         .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            format!(
-                ", ControlNet {}: \"Module: ip-adapter_clip_sd15, Model: {}, Weight: {}, Guidance Start: 0.0, Guidance End: 1.0\"",
-                units.len() + i,
-                u.model.name,
-                u.scale
-            )
-        })
+        .filter_map(|u| u.extension.as_ref()?.record.as_ref())
         .collect();
-    let controlnets = format!("{controlnets}{ip_adapters}");
+    placed.sort_by_key(|r| r.position);
+    for r in placed {
+        entries.insert(r.position.min(entries.len()), r.infotext.clone());
+    }
+    // The native IP-Adapters as the extension writes an ip-adapter unit (module
+    // ip-adapter_clip_sd15), after the units.
+    entries.extend(
+        p.ip_adapters
+            .iter()
+            .filter(|u| u.extension.is_none())
+            .map(|u| {
+                format!(
+                    "Module: ip-adapter_clip_sd15, Model: {}, Weight: {}, Guidance Start: 0.0, Guidance End: 1.0",
+                    u.model.name, u.scale
+                )
+            }),
+    );
+    let controlnets: String = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!(", ControlNet {i}: \"{e}\""))
+        .collect();
     s.push_str(&format!(
         "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}{sampler_params}, Version: sdserve {}",
         p.steps,

@@ -36,6 +36,16 @@ pub struct ExtensionRun {
     /// The extension's `clip_vision_h_uc.data` for a Plus adapter's negative side; `None`:
     /// the hidden states of zero pixel values (diffusers').
     pub plus_uncond: Option<PathBuf>,
+    /// What the caller records of the unit (its infotext entry); the pipeline does not read it.
+    pub record: Option<ExtensionRecord>,
+}
+
+/// An A1111 unit's place among the request's enabled ControlNet units (the infotext numbers
+/// them in request order) and its infotext entry (`ControlNetUnit.serialize`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtensionRecord {
+    pub position: usize,
+    pub infotext: String,
 }
 
 /// `patch_forward`'s test: a unit adds nothing when `step / steps` (the sampling percent) is

@@ -45,7 +45,8 @@ use crate::{PipelineError, Result};
 pub use clip_image::ClipImageProcessor;
 pub use clip_vision::{ClipVisionConfig, ClipVisionModel};
 pub use extension::{
-    read_uncond_states, unit_tokens as extension_unit_tokens, ExtensionImage, ExtensionRun,
+    read_uncond_states, unit_tokens as extension_unit_tokens, ExtensionImage, ExtensionRecord,
+    ExtensionRun,
 };
 pub use prompts::{ImagePrompts, ImageTokens, LayerKv};
 use resampler::Resampler;

@@ -60,6 +60,7 @@ fn run_of(u: &serde_json::Value, uc: bool) -> ExtensionRun {
         guidance_start: u["guidance_start"].as_f64().unwrap(),
         guidance_end: u["guidance_end"].as_f64().unwrap(),
         plus_uncond: uc.then(|| models().join("clip_vision_h_uc.data")),
+        record: None,
     }
 }
 

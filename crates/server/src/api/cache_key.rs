@@ -74,8 +74,27 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         .ip_adapters
         .iter()
         .map(|u| {
+            // An A1111 unit: its images and alphas, window and infotext.
+            let extension = u.extension.as_ref().map(|run| {
+                let images: Vec<_> = run
+                    .images
+                    .iter()
+                    .map(|i| {
+                        let alpha = i.alpha.as_ref().map(|a| {
+                            use sha2::Digest as _;
+                            sha2::Sha256::digest(a)
+                                .iter()
+                                .map(|b| format!("{b:02x}"))
+                                .collect::<String>()
+                        });
+                        (crate::images::digest(&i.image), alpha)
+                    })
+                    .collect();
+                let infotext = run.record.as_ref().map(|r| (r.position, &r.infotext));
+                (images, run.guidance_start, run.guidance_end, infotext)
+            });
             format!(
-                "{} {} {:?}",
+                "{} {} {:?} {extension:?}",
                 u.model.name,
                 crate::images::digest(&u.image),
                 u.scale

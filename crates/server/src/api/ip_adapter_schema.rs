@@ -27,4 +27,20 @@ pub struct IpAdapterUse {
 pub struct IpAdapterMetadata {
     pub model: String,
     pub scale: f64,
+    /// An A1111 ControlNet unit's (run as the sd-webui-controlnet extension runs it): the
+    /// window of sampling steps it steers, its image count and its infotext entry; absent
+    /// for the native field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a1111_unit: Option<A1111IpUnitMetadata>,
+}
+
+/// An A1111 ip-adapter unit a result was made with.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct A1111IpUnitMetadata {
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+    /// The unit's images (their tokens averaged).
+    pub images: usize,
+    /// The unit's infotext entry (`ControlNet N: "..."` in `parameters`).
+    pub infotext: String,
 }

@@ -173,6 +173,7 @@ impl AppState {
         crate::ip_adapters::IpAdapterListing,
         IpAdapterUse,
         IpAdapterMetadata,
+        A1111IpUnitMetadata,
         ControlNetUse,
         ControlNetPreprocessor,
         PreprocessorType,

@@ -337,6 +337,19 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 .map(|u| crate::api::IpAdapterMetadata {
                     model: u.model.name.clone(),
                     scale: u.scale,
+                    a1111_unit: u
+                        .extension
+                        .as_ref()
+                        .map(|run| crate::api::A1111IpUnitMetadata {
+                            guidance_start: run.guidance_start,
+                            guidance_end: run.guidance_end,
+                            images: run.images.len(),
+                            infotext: run
+                                .record
+                                .as_ref()
+                                .map(|r| r.infotext.clone())
+                                .unwrap_or_default(),
+                        }),
                 })
                 .collect(),
             inpaint: p

@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use sdserve_pipeline::ip_adapter::{ExtensionImage, ExtensionRecord, ExtensionRun};
+
 use crate::images::RequestImage;
 
 /// Adapters one request may use (each adds an attention term to every cross-attention).
@@ -20,6 +22,25 @@ pub struct ValidIpAdapter {
     /// The image prompt (any size: the image processor resizes and crops it).
     pub image: RequestImage,
     pub scale: f64,
+    /// An A1111 ControlNet unit with an ip-adapter module, run as the sd-webui-controlnet
+    /// extension runs it (made by the A1111 dialect; `None` for the native field).
+    pub a1111: Option<A1111IpUnit>,
+}
+
+/// An ip-adapter unit of `alwayson_scripts.controlnet.args`, as the extension runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct A1111IpUnit {
+    /// Its index in `alwayson_scripts.controlnet.args` (errors name it).
+    pub arg: usize,
+    /// Its images (at least one; their tokens are averaged), each with the alpha its `clip`
+    /// preprocessor reads (the unit's mask's first channel, grey in three channels; `None`:
+    /// no mask, alpha 0).
+    pub images: Vec<(RequestImage, Option<RequestImage>)>,
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+    /// Its place among the request's enabled units, and its infotext entry.
+    pub position: usize,
+    pub infotext: String,
 }
 
 /// `ip_adapters`: at most [`IP_ADAPTERS_MAX`] objects; `model` a name (1..=255 characters),
@@ -67,7 +88,35 @@ pub fn read(v: &Value) -> Result<Vec<ValidIpAdapter>, String> {
             model,
             image,
             scale,
+            a1111: None,
         });
     }
     Ok(out)
+}
+
+/// The pipeline's run of an A1111 unit; the Plus negative side's file is found where the job
+/// runs (`ip_adapters::with_ip_adapter_files`).
+pub fn extension_run(u: &A1111IpUnit) -> ExtensionRun {
+    ExtensionRun {
+        images: u
+            .images
+            .iter()
+            .map(|(image, alpha)| ExtensionImage {
+                image: image.image.clone(),
+                alpha: alpha.as_ref().map(|a| first_channel(&a.image)),
+            })
+            .collect(),
+        guidance_start: u.guidance_start,
+        guidance_end: u.guidance_end,
+        plus_uncond: None,
+        record: Some(ExtensionRecord {
+            position: u.position,
+            infotext: u.infotext.clone(),
+        }),
+    }
+}
+
+/// The first channel of a grey image (an alpha kept as a three-channel image).
+pub fn first_channel(grey: &sdserve_pipeline::pipeline::RgbImage) -> Vec<u8> {
+    grey.pixels.chunks_exact(3).map(|p| p[0]).collect()
 }

@@ -38,7 +38,9 @@ mod valid_request;
 pub use controlnets::ValidControlNet;
 use fields::FieldReader;
 pub use for_model::{check_limits, check_loras, check_memory};
-pub use ip_adapters::ValidIpAdapter;
+#[cfg(test)]
+pub use ip_adapters::{extension_run, first_channel};
+pub use ip_adapters::{A1111IpUnit, ValidIpAdapter};
 /// The keys of the native `hires` object.
 #[cfg(test)]
 pub use native_hires::FIELDS as HIRES_FIELDS;

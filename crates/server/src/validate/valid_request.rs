@@ -197,7 +197,7 @@ impl ValidRequest {
                     ),
                     image: u.image.image.clone(),
                     scale: u.scale,
-                    extension: None,
+                    extension: u.a1111.as_ref().map(super::ip_adapters::extension_run),
                 })
                 .collect(),
             // The reference units, split from `controlnets` below.

@@ -24,6 +24,7 @@ mod http_fake;
 mod hub;
 mod images_in;
 mod inpaint_http;
+mod ip_adapter_a1111_http;
 mod ip_adapter_http;
 mod jobs_http;
 mod karras_http;

@@ -73,7 +73,7 @@ pub(super) fn bad(rule: String) -> ApiError {
 
 /// The extension's `ControlMode`, from its value or its index (the order of its radio
 /// buttons, which older API clients send).
-fn control_mode(v: Option<&Value>, i: usize) -> Result<ControlMode, ApiError> {
+pub(super) fn control_mode(v: Option<&Value>, i: usize) -> Result<ControlMode, ApiError> {
     let mode = match v {
         None | Some(Value::Null) => return Ok(ControlMode::Balanced),
         Some(Value::String(s)) => ControlMode::ALL.into_iter().find(|m| m.label() == s),
@@ -89,7 +89,7 @@ fn control_mode(v: Option<&Value>, i: usize) -> Result<ControlMode, ApiError> {
 }
 
 /// The model name without the extension's ` [hash]` suffix.
-fn model_name(s: &str) -> &str {
+pub(super) fn model_name(s: &str) -> &str {
     match s.rsplit_once(" [") {
         Some((name, hash))
             if hash.len() == 9
@@ -125,6 +125,10 @@ pub struct Units {
     /// With `enable_hr`: (native index, image or map, mode, an inpaint unit's mask) of each
     /// unit, to fit again at the hires size (the extension's `hr_control`).
     hires: Vec<(usize, RgbImage, ResizeMode, Option<RgbImage>)>,
+    /// The ip-adapter units, as the request's IP-Adapters (`controlnet_ip_adapter`).
+    ip_adapters: Vec<crate::validate::ValidIpAdapter>,
+    /// Each native unit's index in the list (errors name it).
+    pub args: Vec<usize>,
 }
 
 impl Units {
@@ -152,13 +156,15 @@ impl Units {
         }
     }
 
-    /// Records each preprocessor on its validated unit (the metadata and infotext name it).
+    /// Records each preprocessor on its validated unit (the metadata and infotext name it),
+    /// and adds the ip-adapter units to the request's IP-Adapters.
     pub fn name_preprocessors(&self, valid: &mut crate::validate::ValidRequest) {
         for &(i, p) in &self.made {
             if let Some(unit) = valid.controlnets.get_mut(i) {
                 unit.preprocessor = Some(p);
             }
         }
+        valid.ip_adapters.extend(self.ip_adapters.iter().cloned());
     }
 }
 
@@ -194,7 +200,11 @@ pub fn native_units(
     let mut units = Vec::new();
     let mut made = Vec::new();
     let mut hires = Vec::new();
+    let mut ip_adapters = Vec::new();
+    let mut unit_args = Vec::new();
     let enable_hr = hires_pass;
+    // The enabled units, counted as the extension's infotext numbers them.
+    let mut position = 0;
     for (i, unit) in args.iter().enumerate() {
         // The extension skips `None` entries; `false` is webuiapi's "no units" placeholder.
         let unit = match unit {
@@ -206,6 +216,21 @@ pub fn native_units(
             continue;
         }
         let text = |k: &str| unit.get(k).and_then(Value::as_str);
+        position += 1;
+        let module = text("module").unwrap_or("none");
+        if super::controlnet_ip_adapter::is_ip_adapter(module) {
+            let size = width.zip(height).map(|(w, h)| (w as usize, h as usize));
+            ip_adapters.push(super::controlnet_ip_adapter::ip_adapter_unit(
+                unit,
+                i,
+                position - 1,
+                module,
+                img2img,
+                size,
+            )?);
+            continue;
+        }
+        unit_args.push(i);
         let preprocessor = super::controlnet_modules::preprocessor(
             text("module").unwrap_or("none"),
             unit.get("processor_res"),
@@ -431,11 +456,15 @@ pub fn native_units(
         }
         units.push(native);
     }
-    Ok((!units.is_empty()).then_some(Units {
-        native: Value::Array(units),
-        made,
-        hires,
-    }))
+    Ok(
+        (!units.is_empty() || !ip_adapters.is_empty()).then_some(Units {
+            native: Value::Array(units),
+            made,
+            hires,
+            ip_adapters,
+            args: unit_args,
+        }),
+    )
 }
 
 /// `{"version": 2}`.
@@ -446,7 +475,7 @@ pub(super) async fn version() -> Json<Value> {
 
 /// A1111's old short hash (`sd_models.model_hash`): the first 8 hex digits of the sha256 of
 /// 64 KiB from 1 MiB into the file (of what is there).
-fn short_hash(path: &Path) -> Option<String> {
+pub(super) fn short_hash(path: &Path) -> Option<String> {
     use sha2::Digest as _;
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path).ok()?;
@@ -457,21 +486,31 @@ fn short_hash(path: &Path) -> Option<String> {
     Some(digest[..4].iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// `{"model_list": ["name [hash]", ...]}`: CONTROLNET_DIR's files as the extension names them
-/// (diffusers folders, which it does not read, by name alone).
-#[utoipa::path(get, path = "/controlnet/model_list", tag = "a1111", responses((status = 200, description = "`{model_list}`: CONTROLNET_DIR's models as `name [short hash]` (A1111's old 8-digit hash); a unit's `model` takes them with or without the hash")))]
+/// `{"model_list": ["name [hash]", ...]}`: CONTROLNET_DIR's files and IP_ADAPTER_DIR's adapters
+/// as the extension names them (diffusers folders, which it does not read, by name alone),
+/// sorted by file name as its `get_all_models` lists its one folder.
+#[utoipa::path(get, path = "/controlnet/model_list", tag = "a1111", responses((status = 200, description = "`{model_list}`: CONTROLNET_DIR's models and IP_ADAPTER_DIR's IP-Adapters as `name [short hash]` (A1111's old 8-digit hash), by file name; a unit's `model` takes them with or without the hash (an adapter with an ip-adapter module)")))]
 pub(super) async fn model_list(State(app): State<Shared>) -> Json<Value> {
-    let catalog = app.controlnets.clone();
+    let (nets, adapters) = (app.controlnets.clone(), app.ip_adapters.clone());
     let names = tokio::task::spawn_blocking(move || {
-        catalog
-            .scan()
+        let files = nets.scan().into_iter().map(|e| (e.name, e.path));
+        let files = files.chain(adapters.scan().into_iter().map(|e| (e.name, e.path)));
+        let mut listed: Vec<(String, String)> = files
+            .map(|(name, path)| {
+                let file = path
+                    .file_name()
+                    .map_or_else(|| name.clone(), |f| f.to_string_lossy().into_owned());
+                let shown = match path.is_file().then(|| short_hash(&path)).flatten() {
+                    Some(h) => format!("{name} [{h}]"),
+                    None => name,
+                };
+                (file, shown)
+            })
+            .collect();
+        listed.sort();
+        listed
             .into_iter()
-            .map(
-                |e| match e.path.is_file().then(|| short_hash(&e.path)).flatten() {
-                    Some(h) => format!("{} [{h}]", e.name),
-                    None => e.name,
-                },
-            )
+            .map(|(_, shown)| shown)
             .collect::<Vec<_>>()
     })
     .await
@@ -480,86 +519,5 @@ pub(super) async fn model_list(State(app): State<Shared>) -> Json<Value> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn units_become_native_controlnets_and_unsupported_options_are_refused() {
-        let body = |unit: Value| {
-            json!({"alwayson_scripts": {"ControlNet": {"args": [unit, false]}}})
-                .as_object()
-                .unwrap()
-                .clone()
-        };
-        let png = "iVBORw0KGgo";
-        let u = native_units(
-            &body(
-                json!({"input_image": png, "model": "canny [0123abcd]", "weight": 0.5,
-                         "guidance": 0.8, "resize_mode": "Just Resize", "enabled": true}),
-            ),
-            0,
-            false,
-            Some(512),
-            Some(512),
-            None,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            u.native,
-            json!([{"model": "canny", "image": png, "scale": 0.5, "guidance_end": 0.8}])
-        );
-        // The extension's modes by value or index: the native names.
-        for (mode, native) in [
-            (json!("Balanced"), None),
-            (json!(0), None),
-            (json!("My prompt is more important"), Some("prompt")),
-            (json!(1), Some("prompt")),
-            (json!("ControlNet is more important"), Some("controlnet")),
-            (json!(2), Some("controlnet")),
-        ] {
-            let u = native_units(
-                &body(json!({"image": png, "model": "c", "control_mode": mode,
-                             "resize_mode": "Just Resize"})),
-                0,
-                false,
-                None,
-                None,
-                None,
-            )
-            .unwrap()
-            .unwrap();
-            assert_eq!(
-                u.native[0].get("control_mode").and_then(Value::as_str),
-                native
-            );
-        }
-        let off =
-            native_units(&body(json!({"enabled": false})), 0, false, None, None, None).unwrap();
-        assert!(off.is_none());
-        for (unit, needle) in [
-            (
-                json!({"image": png, "model": "c", "module": "dw_openpose_full"}),
-                "[0].module",
-            ),
-            (
-                json!({"image": png, "model": "c", "control_mode": 3}),
-                "[0].control_mode",
-            ),
-            (
-                json!({"image": png, "model": "c", "control_mode": "Prompt"}),
-                "[0].control_mode",
-            ),
-            (json!({"image": png, "model": "None"}), "[0].model"),
-            (json!({"model": "c", "image": ""}), "[0].image"),
-            (
-                json!({"image": png, "model": "c", "resize_mode": "Stretch"}),
-                "[0].resize_mode",
-            ),
-        ] {
-            let e = native_units(&body(unit), 0, false, Some(512), Some(512), None).unwrap_err();
-            let e = format!("{:?}", e.body());
-            assert!(e.contains(needle), "{needle}: {e}");
-        }
-    }
-}
+#[path = "controlnet_tests.rs"]
+mod tests;

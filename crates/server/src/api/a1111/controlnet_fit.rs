@@ -21,6 +21,15 @@ pub(super) enum ResizeMode {
 }
 
 impl ResizeMode {
+    /// The extension's name (`ResizeMode.value`), as its infotext writes it.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::Resize => "Just Resize",
+            Self::CropAndResize => "Crop and Resize",
+            Self::ResizeAndFill => "Resize and Fill",
+        }
+    }
+
     /// The mode as A1111's `images.resize_image` numbers it (the extension's `int_value`).
     pub(super) fn a1111_index(self) -> u8 {
         match self {

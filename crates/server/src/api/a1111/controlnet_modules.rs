@@ -49,7 +49,7 @@ use sdserve_pipeline::controlnet::ReferenceKind;
 
 /// A preprocessor's slider (`PreprocessorParameter.api_json`); the extension's
 /// `PreprocessorParameter` step is 0.01 where a module does not set one.
-struct Slider {
+pub(super) struct Slider {
     name: &'static str,
     value: f64,
     min: f64,
@@ -69,7 +69,7 @@ const fn slider(name: &'static str, (min, max, value): (f64, f64, f64), step: f6
 
 /// `Preprocessor.slider_resolution` (the class default every module here keeps visible but
 /// `invert`; the legacy modules set a `resolution` attribute the list never reads).
-const RESOLUTION: Slider = slider(
+pub(super) const RESOLUTION: Slider = slider(
     "Resolution",
     (
         RESOLUTION_MIN as f64,
@@ -92,13 +92,17 @@ const ANYLINE_RESOLUTION: Slider = slider(
 
 /// One module: its name, UI label and sliders (resolution, slider 1, slider 2), `None` where
 /// the extension hides one.
-struct Module {
-    name: &'static str,
-    label: &'static str,
+pub(super) struct Module {
+    pub(super) name: &'static str,
+    pub(super) label: &'static str,
     sliders: [Option<Slider>; 3],
 }
 
-const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider>; 3]) -> Module {
+pub(super) const fn module(
+    name: &'static str,
+    label: &'static str,
+    sliders: [Option<Slider>; 3],
+) -> Module {
     Module {
         name,
         label,
@@ -115,7 +119,7 @@ const fn module(name: &'static str, label: &'static str, sliders: [Option<Slider
 /// `lineart_anime`, and `openpose_faceonly` before `openpose_face`; softedge_teed,
 /// softedge_anyline, depth_leres, depth_anything_v2, depth_anything and the OpenPose ones by
 /// their names; `depth_anything_v2` before its prefix `depth_anything`).
-const MODULES: [Module; 42] = [
+pub(super) const MODULES: [Module; 42] = [
     module("none", "none", [Some(RESOLUTION), None, None]),
     module(
         "tile_resample",
@@ -553,13 +557,13 @@ pub(super) fn at_resolution(p: Preprocessor, resolution: u32) -> Preprocessor {
 /// `{"module_list": [...], "module_detail": {name: {model_free, sliders}}}`.
 #[utoipa::path(get, path = "/controlnet/module_list", tag = "a1111",
     params(("alias_names" = Option<bool>, Query, description = "The UI labels instead of the names (the extension's parameter)")),
-    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `tile_resample`, `pidinet`, `pidinet_scribble`, `reference_only`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `inpaint_only`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `reference_adain+attn`, `reference_adain`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `inpaint_only+lama`, `inpaint`, `depth_leres`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; `inpaint`, `inpaint_only` and `inpaint_only+lama` take the unit's mask; the reference modules take no model (`model_free`); the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, depth_leres res101.pth, inpaint_only+lama ControlNetLama.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
+    responses((status = 200, description = "`{module_list, module_detail}`: the preprocessors this server runs (`none`: the image is the control map; `ip-adapter-auto`, `tile_resample`, `pidinet`, `pidinet_scribble`, `reference_only`, `recolor_luminance`, `openpose_full`, `normal_bae`, `mlsd`, `lineart_standard`, `ip-adapter_clip_sd15`, `inpaint_only`, `depth`, `canny`, `invert`, `threshold`, `color`, `softedge_teed`, `pidinet_safe`, `hed_safe`, `hed`, `softedge_anyline`, `shuffle`, `scribble_xdog`, `scribble_hed`, `reference_adain+attn`, `reference_adain`, `recolor_intensity`, `openpose_hand`, `openpose_faceonly`, `openpose_face`, `openpose`, `normal_map`, `lineart`, `lineart_coarse`, `lineart_anime_denoise`, `lineart_anime`, `inpaint_only+lama`, `inpaint`, `depth_leres`, `depth_anything_v2`, `depth_anything`, `blur_gaussian`; `inpaint`, `inpaint_only` and `inpaint_only+lama` take the unit's mask; the reference modules take no model (`model_free`); the ip-adapter ones take an IP-Adapter of IP_ADAPTER_DIR and run it as the extension does; the HED ones need ControlNetHED.pth in ANNOTATOR_DIR, the lineart ones sk_model.pth, sk_model2.pth, erika.pth, netG.pth, the PiDiNet ones table5_pidinet.pth, mlsd mlsd_large_512_fp32.pth, softedge_teed 7_model.pth, softedge_anyline MTEED.pth, depth_anything_v2 depth_anything_v2_vitl.safetensors, depth_anything depth_anything_vitl14.pth, depth and normal_map dpt_hybrid-midas-501f0c75.pt, normal_bae scannet.pt, depth_leres res101.pth, inpaint_only+lama ControlNetLama.pth, the OpenPose ones body_pose_model.pth, with hand_pose_model.pth for the hands and facenet.pth for the faces), with the extension's sliders (`name`, `value`, `min`, `max`, `step`)"),
         (status = 422, description = "`alias_names` is not a boolean", body = crate::error::ErrorBody)))]
 pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
     let alias_names = query_bool(query.as_deref(), "alias_names")?.unwrap_or(false);
     let name = |m: &Module| if alias_names { m.label } else { m.name };
     let mut detail = Map::new();
-    for m in &MODULES {
+    for m in &super::controlnet_ip_adapter::listed() {
         let sliders: Vec<Value> = m
             .sliders
             .iter()
@@ -574,7 +578,7 @@ pub(super) async fn module_list(RawQuery(query): RawQuery) -> Result<Json<Value>
         );
     }
     Ok(Json(json!({
-        "module_list": MODULES.iter().map(name).collect::<Vec<_>>(),
+        "module_list": super::controlnet_ip_adapter::listed().into_iter().map(name).collect::<Vec<_>>(),
         "module_detail": detail,
     })))
 }

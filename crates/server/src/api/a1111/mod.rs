@@ -16,6 +16,7 @@ mod controlnet_detect;
 mod controlnet_fit;
 mod controlnet_img2img;
 mod controlnet_input;
+mod controlnet_ip_adapter;
 mod controlnet_modules;
 pub mod extras;
 mod img2img_resize;
@@ -27,6 +28,9 @@ pub(crate) mod samplers;
 pub mod schema;
 pub mod translate;
 mod vaes;
+
+/// The field an A1111 ControlNet unit's errors name (`alwayson_scripts.controlnet.args`).
+pub use controlnet::FIELD as CONTROLNET_FIELD;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -244,6 +248,16 @@ async fn generate(
     if !t.ignored.is_empty() {
         tracing::debug!(fields = ?t.ignored, "A1111 fields with no equivalent here, ignored");
     }
+    // Ip-adapter units: a module and model of different kinds is the unit's error; the
+    // infotext names each adapter as the model list does (`stem [hash]`).
+    let (controlnets, adapters) = (app.controlnets.clone(), app.ip_adapters.clone());
+    let t = crate::api::off_the_runtime(move || {
+        let mut t = t;
+        controlnet_ip_adapter::check_kinds(&controlnets, &adapters, &t.valid, &t.controlnet_args)?;
+        controlnet_ip_adapter::name_models(&adapters, &mut t.valid);
+        Ok(t)
+    })
+    .await?;
     let checkpoint = checkpoints::requested(app, &info, &body).await?;
     let vae = vaes::requested(app, &body).await?;
     // The VAE's name and hash for `info` (the worker checks that it fits the model).

@@ -50,6 +50,8 @@ pub struct Translated {
     /// The styles the prompts were given (`styles`, applied before translation:
     /// `crate::styles`), for `info`.
     pub styles: Vec<String>,
+    /// Each of `valid.controlnets`' index in `alwayson_scripts.controlnet.args`.
+    pub controlnet_args: Vec<usize>,
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
@@ -425,7 +427,10 @@ pub fn translate(
         side("height"),
         img2img.as_ref(),
     )?;
-    if let Some(u) = &units {
+    if let Some(u) = units
+        .as_ref()
+        .filter(|u| u.native.as_array().is_some_and(|a| !a.is_empty()))
+    {
         native.insert("controlnets".into(), u.native.clone());
     }
 
@@ -507,6 +512,7 @@ pub fn translate(
         sampler,
         parameters,
         ignored,
+        controlnet_args: units.map(|u| u.args).unwrap_or_default(),
         styles: body
             .get("styles")
             .and_then(Value::as_array)

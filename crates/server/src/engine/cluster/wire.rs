@@ -7,6 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::inpaint_a1111::{A1111Inpaint, MaskedContent};
+use sdserve_pipeline::ip_adapter::{ExtensionImage, ExtensionRecord, ExtensionRun};
 use sdserve_pipeline::pipeline::{
     GenerationParams, GuidanceRule, InitImage, LoraWeight, NegativeGuidance, PromptSyntax,
     ResizeMode, RgbImage, StepRule,
@@ -52,6 +53,70 @@ impl WireImage {
             width: self.width,
             height: self.height,
             pixels,
+        })
+    }
+}
+
+/// An IP-Adapter's A1111 unit: its images with their alphas (base64 bytes), window, place
+/// among the units and infotext entry; the Plus negative side's file is the worker's own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WireIpUnit {
+    images: Vec<(WireImage, Option<String>)>,
+    guidance_start: f64,
+    guidance_end: f64,
+    position: usize,
+    infotext: String,
+}
+
+impl WireIpUnit {
+    fn of(run: &ExtensionRun) -> Self {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        Self {
+            images: run
+                .images
+                .iter()
+                .map(|i| {
+                    (
+                        WireImage::of(&i.image),
+                        i.alpha.as_ref().map(|a| b64.encode(a)),
+                    )
+                })
+                .collect(),
+            guidance_start: run.guidance_start,
+            guidance_end: run.guidance_end,
+            position: run.record.as_ref().map_or(0, |r| r.position),
+            infotext: run
+                .record
+                .as_ref()
+                .map(|r| r.infotext.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn run(&self) -> Result<ExtensionRun, String> {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let images = self
+            .images
+            .iter()
+            .map(|(image, alpha)| {
+                Ok(ExtensionImage {
+                    image: image.image()?,
+                    alpha: match alpha {
+                        Some(a) => Some(b64.decode(a).map_err(|e| e.to_string())?),
+                        None => None,
+                    },
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(ExtensionRun {
+            images,
+            guidance_start: self.guidance_start,
+            guidance_end: self.guidance_end,
+            plus_uncond: None,
+            record: Some(ExtensionRecord {
+                position: self.position,
+                infotext: self.infotext.clone(),
+            }),
         })
     }
 }
@@ -121,6 +186,10 @@ pub struct WireSpec {
     /// IP_ADAPTER_DIR), their images and scales (absent from older replicas' jobs: none).
     #[serde(default)]
     ip_adapters: Vec<(String, WireImage, f64)>,
+    /// Each IP-Adapter's A1111 unit (the extension's run), in `ip_adapters`' order (absent
+    /// from older replicas' jobs: none).
+    #[serde(default)]
+    ip_adapter_units: Vec<Option<WireIpUnit>>,
     /// A1111's inpainting: blur x, blur y, invert, `inpainting_fill` (0..=3), "only masked"
     /// padding (absent from older replicas' jobs: diffusers' inpainting).
     #[serde(default)]
@@ -251,6 +320,11 @@ impl WireSpec {
                 .ip_adapters
                 .iter()
                 .map(|u| (u.model.name.clone(), WireImage::of(&u.image), u.scale))
+                .collect(),
+            ip_adapter_units: p
+                .ip_adapters
+                .iter()
+                .map(|u| u.extension.as_ref().map(WireIpUnit::of))
                 .collect(),
             inpaint: p.a1111_inpaint.as_ref().map(|o| {
                 let fill = MASKED_CONTENT.iter().position(|c| *c == o.masked_content);
@@ -402,9 +476,14 @@ impl WireSpec {
                 ip_adapters: self
                     .ip_adapters
                     .iter()
-                    .map(|(name, image, scale)| {
+                    .enumerate()
+                    .map(|(i, (name, image, scale))| {
                         use sdserve_pipeline::ip_adapter::{
                             ImageEncoder, IpAdapter, IpAdapterUnit,
+                        };
+                        let extension = match self.ip_adapter_units.get(i) {
+                            Some(Some(unit)) => Some(unit.run()?),
+                            _ => None,
                         };
                         Ok(IpAdapterUnit {
                             model: std::sync::Arc::new(IpAdapter::named(name)),
@@ -413,7 +492,7 @@ impl WireSpec {
                             )),
                             image: image.image()?,
                             scale: *scale,
-                            extension: None,
+                            extension,
                         })
                     })
                     .collect::<Result<_, String>>()?,

@@ -114,17 +114,49 @@ fn a_spec_survives_the_trip_with_its_images() {
                 hires_mask: None,
             }],
             // By name: the worker finds it and the image encoder in its own IP_ADAPTER_DIR.
-            ip_adapters: vec![sdserve_pipeline::ip_adapter::IpAdapterUnit {
-                model: Arc::new(sdserve_pipeline::ip_adapter::IpAdapter::named(
-                    "ip-adapter_sd15",
-                )),
-                image_encoder: Arc::new(sdserve_pipeline::ip_adapter::ImageEncoder::named(
-                    crate::ip_adapters::IMAGE_ENCODER,
-                )),
-                image: img.clone(),
-                scale: 0.7,
-                extension: None,
-            }],
+            ip_adapters: vec![
+                sdserve_pipeline::ip_adapter::IpAdapterUnit {
+                    model: Arc::new(sdserve_pipeline::ip_adapter::IpAdapter::named(
+                        "ip-adapter_sd15",
+                    )),
+                    image_encoder: Arc::new(sdserve_pipeline::ip_adapter::ImageEncoder::named(
+                        crate::ip_adapters::IMAGE_ENCODER,
+                    )),
+                    image: img.clone(),
+                    scale: 0.7,
+                    extension: None,
+                },
+                sdserve_pipeline::ip_adapter::IpAdapterUnit {
+                    model: Arc::new(sdserve_pipeline::ip_adapter::IpAdapter::named(
+                        "ip-adapter-plus_sd15",
+                    )),
+                    image_encoder: Arc::new(sdserve_pipeline::ip_adapter::ImageEncoder::named(
+                        crate::ip_adapters::IMAGE_ENCODER,
+                    )),
+                    image: img.clone(),
+                    scale: 0.5,
+                    // An A1111 unit: two images, one with its alpha, a window, its infotext.
+                    extension: Some(sdserve_pipeline::ip_adapter::ExtensionRun {
+                        images: vec![
+                            sdserve_pipeline::ip_adapter::ExtensionImage {
+                                image: img.clone(),
+                                alpha: Some(vec![7; (img.width * img.height) as usize]),
+                            },
+                            sdserve_pipeline::ip_adapter::ExtensionImage {
+                                image: img.clone(),
+                                alpha: None,
+                            },
+                        ],
+                        guidance_start: 0.2,
+                        guidance_end: 0.7,
+                        plus_uncond: None,
+                        record: Some(sdserve_pipeline::ip_adapter::ExtensionRecord {
+                            position: 1,
+                            infotext: "Module: ip-adapter_clip_sd15".into(),
+                        }),
+                    }),
+                },
+            ],
             a1111_inpaint: Some(sdserve_pipeline::inpaint_a1111::A1111Inpaint {
                 mask_blur_x: 3,
                 mask_blur_y: 5,
