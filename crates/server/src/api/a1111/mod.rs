@@ -310,8 +310,12 @@ async fn generate(
         req.model.clone_from(&checkpoint);
         req.vae.clone_from(&vae);
         // The extension's `before_process_batch` wraps only the first batch's RNG with an
-        // `inpaint_only+lama` unit's latents, then clears its `noise_modifier`.
-        req.lama_noise = k == 0;
+        // `inpaint_only+lama` unit's latents, then clears its `noise_modifier` (without such
+        // a unit the request stays the native one: the flag is left as validation set it).
+        let lama = sdserve_pipeline::controlnet::preprocess::Preprocessor::InpaintOnlyLama;
+        if req.controlnets.iter().any(|c| c.preprocessor == Some(lama)) {
+            req.lama_noise = k == 0;
+        }
         // Interrupt and skip cancel the job by its id; dropping the run cancels it too.
         let known = active.clone();
         let field = "override_settings.sd_model_checkpoint";
