@@ -26,10 +26,14 @@ The extension's lines (scripts/hook.py) are written out here on diffusers' modul
   (soft_injection); then the evaluation itself in read mode.
 
 The latents are the VAE distribution's mean times the scaling factor (the extension samples
-them from torch's unseeded global generator). predict_q_sample's noise (torch.randn_like,
-unseeded there) is drawn here from each image's pipeline generator at the evaluation:
-`randn([rows of the image, c, h, w], generator=gens[i])` for rows i, i + n, ..., images in
-order; sdserve draws the same.
+them from torch's global generator). predict_q_sample's noise is torch.randn_like there: torch's
+global generator, a stream apart from the sampler's (A1111 draws the sampler's noise from each
+image's own generator, ImageRNG), so a reference unit moves no draw of the sampler. Here each
+image has a generator of its own for it, seeded with the image's seed + 2^31 at the start of
+the run, drawing `randn([rows of the image, c, h, w], generator=ref_gens[i])` at each
+evaluation for rows i, i + n, ..., images in order; sdserve draws the same
+(REFERENCE_SEED_OFFSET). The pipeline's generators draw only the sampler's noise: a unit at
+weight 0 (its pass banks nothing) gives the image without the unit, checked here on euler_a.
 
 The UNet: tiny-ref, a random SD 1.5-shaped UNet (4 levels, 2 layers a block, cross-attention in
 the first three: the ldm block indices the extension fixes exist) with tiny-a's text encoder,
@@ -38,7 +42,7 @@ tokenizer, VAE and scheduler, written to crates/pipeline/tests/fixtures/tiny-ref
 Writes crates/pipeline/tests/fixtures/reference.{safetensors,json}: image.<case> [batch, H, W,
 3] u8 = round(output_type 'np' * 255); plain.<case> the same run without the unit (asserted
 here to differ by several levels on average).
-Reads images/cn-init-64.png (the reference image).
+Reads images/cn-init-64.png and images/control-b-64.png (the reference images).
 
 Pinned: torch 2.11.0, diffusers 0.42.1 (tools/requirements.txt).
 Usage: python3 tools/make_reference_fixtures.py
@@ -63,6 +67,8 @@ BASE = os.path.join(FIXTURES, "tiny-a")
 MODEL = os.path.join(FIXTURES, "tiny-ref")
 
 INPUT_BLOCKS = [4, 5, 7, 8, 10, 11]
+# What the seed of an image's reference-noise generator adds to the image's seed.
+REFERENCE_SEED_OFFSET = 2**31
 OUTPUT_BLOCKS = [0, 1, 2, 3, 4, 5, 6, 7]
 
 
@@ -259,13 +265,17 @@ def main():
     original_forward = unet.forward
     sf = pipe.vae.config.scaling_factor
 
-    ref_name = "cn-init-64.png"
-    ref = Image.open(os.path.join(FIXTURES, "images", ref_name)).convert("RGB")
-    ref01 = torch.from_numpy(np.asarray(ref).astype(np.float32).transpose(2, 0, 1) / 255.0)[None]
-    latents = pipe.vae.encode(ref01 * 2.0 - 1.0).latent_dist.mean * sf
+    def latents_of(name):
+        ref = Image.open(os.path.join(FIXTURES, "images", name)).convert("RGB")
+        x = torch.from_numpy(np.asarray(ref).astype(np.float32).transpose(2, 0, 1) / 255.0)[None]
+        return pipe.vae.encode(x * 2.0 - 1.0).latent_dist.mean * sf
 
-    def hooked(units, gens, steps, cfg):
+    ref_name = "cn-init-64.png"
+    latents = {name: latents_of(name) for name in (ref_name, "control-b-64.png")}
+
+    def hooked(units, seeds, steps, cfg):
         calls = [0]
+        ref_gens = [torch.Generator("cpu").manual_seed(s + REFERENCE_SEED_OFFSET) for s in seeds]
 
         def forward(sample, timestep, encoder_hidden_states, *a, **kw):
             hooks.clear()
@@ -277,14 +287,14 @@ def main():
                 if not in_window(step, steps, u["guidance_start"], u["guidance_end"]):
                     continue
                 t = torch.round(torch.as_tensor(timestep).float()).long()
-                n = len(gens)
-                c, h, w = latents.shape[1:]
+                x0 = latents[u.get("image", ref_name)].expand(rows, -1, -1, -1)
+                n = len(ref_gens)
+                c, h, w = x0.shape[1:]
                 noise = torch.zeros(rows, c, h, w)
-                for i, g in enumerate(gens):
+                for i, g in enumerate(ref_gens):
                     drawn = torch.randn(rows // n, c, h, w, generator=g)
                     for k in range(rows // n):
                         noise[i + k * n] = drawn[k]
-                x0 = latents.expand(rows, -1, -1, -1)
                 ref_xt = sqrt_ac[t] * x0 + sqrt_1m_ac[t] * noise
                 fidelity = max(0.0, min(1.0, u["style_fidelity"]))
                 if u["control_mode"] == "controlnet":
@@ -309,23 +319,27 @@ def main():
                 width=64, height=64, seed=77, guidance_scale=7.5)
     tensors, cases = {}, {}
 
+    def generate(units, scheduler, batch_size, r):
+        pipe.scheduler = make_scheduler(scheduler, own)
+        seeds = [r["seed"] + i for i in range(batch_size)]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        unet.forward = hooked(units, seeds, r["steps"], r["guidance_scale"] > 1.0)
+        images = pipe(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
+                      num_inference_steps=r["steps"], guidance_scale=r["guidance_scale"],
+                      width=r["width"], height=r["height"],
+                      generator=gens if batch_size > 1 else gens[0],
+                      num_images_per_prompt=batch_size, output_type="np").images
+        unet.forward = original_forward
+        return torch.from_numpy((images * 255).round().astype("uint8"))
+
     def run(label, units, scheduler, batch_size=1, **over):
         r = dict(base, **over)
         out = {}
         for kind, us in (("image", units), ("plain", [])):
-            pipe.scheduler = make_scheduler(scheduler, own)
-            gens = [torch.Generator("cpu").manual_seed(r["seed"] + i) for i in range(batch_size)]
-            unet.forward = hooked(us, gens, r["steps"], r["guidance_scale"] > 1.0)
-            images = pipe(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
-                          num_inference_steps=r["steps"], guidance_scale=r["guidance_scale"],
-                          width=r["width"], height=r["height"],
-                          generator=gens if batch_size > 1 else gens[0],
-                          num_images_per_prompt=batch_size, output_type="np").images
-            unet.forward = original_forward
-            out[kind] = torch.from_numpy((images * 255).round().astype("uint8"))
+            out[kind] = generate(us, scheduler, batch_size, r)
             tensors[f"{kind}.{label}"] = out[kind]
         cases[label] = dict(r, model="tiny-ref", scheduler=scheduler, batch_size=batch_size,
-                            references=[dict(u, image=ref_name) for u in units])
+                            references=[dict(u, image=u.get("image", ref_name)) for u in units])
         d = (out["image"].float() - out["plain"].float()).abs().mean()
         print(f"{label}: mean {out['image'].float().mean():.1f}, vs no reference {d:.1f}")
         assert d > 3, (label, d)
@@ -335,6 +349,9 @@ def main():
         return dict(module=module, weight=weight, style_fidelity=fidelity, guidance_start=start,
                     guidance_end=end, control_mode=mode)
 
+    def run_second(u):
+        return generate([u], "euler", 1, base)
+
     only = run("only", [unit("reference_only")], "euler")
     if os.environ.get("REF_QUICK"):
         run("adain", [unit("reference_adain")], "dpmpp_2m")
@@ -342,17 +359,36 @@ def main():
     adain = run("adain", [unit("reference_adain")], "dpmpp_2m")
     both = run("adain_attn", [unit("reference_adain+attn")], "euler")
     light = run("adain_attn_weight_half", [unit("reference_adain+attn", weight=0.5)], "euler")
-    # The first steps carry the reference on this model (a window from step 2 on changes the
-    # image by 1.5 levels on average): a window from the start, closing halfway.
-    run("only_window", [unit("reference_only", start=0.0, end=0.5)], "euler")
+    # The first steps carry the reference on this model (a window from step 2 of 8 on changes
+    # the image by 1.8 levels, one closing at half of it by 0.2 against the whole window): a
+    # window without the first step, and one of the first step only, each many levels from
+    # the whole window's image and from the image without the unit.
+    whole = run("adain_attn_dpmpp", [unit("reference_adain+attn")], "dpmpp_2m")
+    late = run("adain_attn_window_late", [unit("reference_adain+attn", start=0.125)],
+               "dpmpp_2m")
+    early = run("adain_attn_window_early", [unit("reference_adain+attn", end=0.125)],
+                "dpmpp_2m")
     prompt = run("only_prompt_mode", [unit("reference_only", mode="prompt")], "euler")
     control = run("only_controlnet_mode",
                   [unit("reference_only", mode="controlnet")], "euler")
-    run("adain_attn_batch", [unit("reference_adain+attn", weight=0.8, fidelity=0.3)],
-        "euler_a", batch_size=2, guidance_scale=5.0)
+    batch = [unit("reference_adain+attn", weight=0.8, fidelity=0.3)]
+    run("adain_attn_batch", batch, "euler_a", batch_size=2, guidance_scale=5.0)
+    # Two units, each with its image: both banks are read (the attention over both units'
+    # tokens, AdaIN to the mean of both statistics).
+    second = unit("reference_adain", weight=0.8, fidelity=0.3)
+    second["image"] = "control-b-64.png"
+    two = run("two_units", [unit("reference_only"), second], "euler")
+    # A unit at weight 0 runs its pass (drawing its noise) and banks nothing: the sampler's
+    # draws (euler_a's ancestral noise) are those of the request without it, bit for bit.
+    r = dict(base, guidance_scale=5.0)
+    zero = generate([dict(batch[0], weight=0.0)], "euler_a", 2, r)
+    assert torch.equal(zero, generate([], "euler_a", 2, r)), "weight 0 moved the image"
     # The mechanisms the tests lean on change the image: the uc rows' mixing and the weight.
     for a, b, what in ((only, prompt, "fidelity 0.5 vs 0"), (only, control, "0.5 vs 1"),
-                       (both, light, "weight 1 vs 0.5"), (only, both, "attn vs adain+attn")):
+                       (both, light, "weight 1 vs 0.5"), (only, both, "attn vs adain+attn"),
+                       (whole, late, "window without step 0"),
+                       (whole, early, "window of step 0"), (two, only, "two units vs the first"),
+                       (two, run_second(second), "two units vs the second")):
         d = (a.float() - b.float()).abs().mean()
         print(f"{what}: {d:.1f}")
         assert d > 2, (what, d)

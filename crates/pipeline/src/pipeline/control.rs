@@ -16,7 +16,6 @@
 //! the guided batch `[uncond x n, cond x n]` has the prompt from row `n` on; of two passes
 //! (prompts of different lengths) the negative prompt's has none, the prompt's all.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -27,7 +26,6 @@ use crate::controlnet::preprocess::{recolor_post_process, Preprocessor, RecolorC
 use crate::controlnet::{CondRows, ControlNetModel, ControlNetUnit};
 use crate::image_in::resize_lanczos;
 use crate::ip_adapter::ImagePrompts;
-use crate::rng::TorchRng;
 use crate::unet::{AdditionalResiduals, UNet2DConditionModel};
 use crate::{PipelineError, Result};
 
@@ -88,8 +86,6 @@ pub(super) struct StepControl<'a> {
     /// The training noise level at the step's timestep rounded (the restore's `t`), when
     /// [`ControlState::needs_sigma`].
     pub sigma: f64,
-    /// The images' generators (the reference units' noise), where the loop lends them.
-    pub rngs: Option<&'a RefCell<&'a mut [TorchRng]>>,
 }
 
 /// The pass a [`ControlState`] is prepared for.
@@ -401,8 +397,8 @@ pub(super) fn unet_forward(
         None => None,
     };
     let banks = match control {
-        Some(c) => match (&c.state.references, c.rngs) {
-            (Some(refs), Some(rngs)) => {
+        Some(c) => match &c.state.references {
+            Some(refs) => {
                 let e = super::control_reference::Evaluation {
                     unet,
                     x,
@@ -414,14 +410,9 @@ pub(super) fn unet_forward(
                     steps: c.steps,
                     sigma: c.sigma,
                 };
-                refs.write(&e, rngs)?
+                refs.write(&e)?
             }
-            (Some(_), None) => {
-                return Err(crate::PipelineError::InvalidRequest(
-                    "reference units need the images' generators".into(),
-                ))
-            }
-            (None, _) => None,
+            None => None,
         },
         None => None,
     };

@@ -8,9 +8,13 @@
 //!
 //! The latents are the VAE distribution's mean times the scaling factor (the extension samples
 //! them from torch's global generator, as for `inpaint_only`'s restore). `predict_q_sample`'s
-//! noise is unseeded there (`torch.randn_like`); here it is drawn from each image's own
-//! generator, the request's, at the evaluation (a `[rows of the image, c, h, w]` tensor from
-//! image i's generator for its rows i, i + n, ...), so a seed repeats the image.
+//! noise is `torch.randn_like` there: torch's global generator, a stream apart from the
+//! sampler's (A1111 draws the sampler's noise from each image's own generator, `ImageRNG`), so
+//! a reference unit moves no ancestral draw. Here each image has a generator of its own for
+//! it, seeded with the image's seed plus [`REFERENCE_SEED_OFFSET`] at the start of every pass
+//! (A1111 seeds the global generator again in each pass's `ImageRNG.first`), drawing a
+//! `[rows of the image, c, h, w]` tensor at each evaluation for its rows i, i + n, ...: a seed
+//! repeats the image, and the sampler's draws are those of the request without the units.
 
 use std::cell::RefCell;
 
@@ -24,11 +28,18 @@ use crate::rng::TorchRng;
 use crate::unet::{ReferenceBanks, UNet2DConditionModel};
 use crate::{PipelineError, Result};
 
-/// A pass's reference units with their images' latents, and the UNet's hooks.
+/// What the seed of image i's reference-noise generator adds to the image's seed: 2^31, so
+/// the generator (an MT19937 of the seed's low 32 bits) runs a stream that no image of a
+/// batch (seeds `seed + i`) samples with.
+pub(crate) const REFERENCE_SEED_OFFSET: u64 = 1 << 31;
+
+/// A pass's reference units with their images' latents, the UNet's hooks, and the images'
+/// generators for `predict_q_sample`'s noise.
 pub(super) struct References {
     units: Vec<(ReferenceUnit, Tensor)>,
     banks: ReferenceBanks,
     hires: bool,
+    rngs: RefCell<Vec<TorchRng>>,
 }
 
 impl StableDiffusion {
@@ -71,10 +82,14 @@ impl StableDiffusion {
                 * self.vae_scaling_factor)?;
             units.push((unit.clone(), latents));
         }
+        let rngs = (0..params.batch_size)
+            .map(|i| TorchRng::new(params.image_seed(i).wrapping_add(REFERENCE_SEED_OFFSET)))
+            .collect();
         Ok(Some(References {
             units,
             banks,
             hires,
+            rngs: RefCell::new(rngs),
         }))
     }
 }
@@ -98,11 +113,7 @@ pub(super) struct Evaluation<'a> {
 impl References {
     /// Runs the reference pass of each unit that steers `e` (in unit order) and returns the
     /// banks for the evaluation to read; `None` where no unit steers it.
-    pub(super) fn write(
-        &self,
-        e: &Evaluation<'_>,
-        rngs: &RefCell<&mut [TorchRng]>,
-    ) -> Result<Option<&ReferenceBanks>> {
+    pub(super) fn write(&self, e: &Evaluation<'_>) -> Result<Option<&ReferenceBanks>> {
         let steering: Vec<_> = self
             .units
             .iter()
@@ -118,7 +129,7 @@ impl References {
         let (a, b) = (1.0 / norm, e.sigma / norm);
         for (unit, latents) in steering {
             let c = latents.dim(1)?;
-            let noise = self.noise(&mut rngs.borrow_mut(), (rows, c, h, w), latents)?;
+            let noise = self.noise((rows, c, h, w), latents)?;
             let x0 = latents.broadcast_as((rows, c, h, w))?;
             let mut input = ((&x0 * a)? + (noise * b)?)?;
             if channels == 2 * c + 1 {
@@ -145,14 +156,14 @@ impl References {
         Ok(Some(&self.banks))
     }
 
-    /// `[rows, c, h, w]` normals: image i's rows (i, i + n, ... for n generators) from its
-    /// generator, drawn in one tensor per image, the images in order.
+    /// `[rows, c, h, w]` normals: image i's rows (i, i + n, ... for n images) from its
+    /// reference generator, drawn in one tensor per image, the images in order.
     fn noise(
         &self,
-        rngs: &mut [TorchRng],
         (rows, c, h, w): (usize, usize, usize, usize),
         like: &Tensor,
     ) -> Result<Tensor> {
+        let mut rngs = self.rngs.borrow_mut();
         let n = rngs.len();
         if n == 0 || !rows.is_multiple_of(n) {
             return Err(PipelineError::InvalidRequest(format!(

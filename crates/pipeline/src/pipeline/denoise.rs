@@ -77,34 +77,28 @@ impl StableDiffusion {
                 guidance = 1.0;
             }
             let wants_uncond = scheduler.takes_uncond_prediction();
-            // The reference units draw their noise from the images' generators, lent for the
-            // evaluation.
-            let (noise_pred, uncond) = {
-                let lent = std::cell::RefCell::new(&mut *rngs);
-                let step_control = match control {
-                    Some(state) => Some(StepControl {
-                        state,
-                        step: index - begin,
-                        steps: total,
-                        sigma: match state.needs_sigma() {
-                            true => self.schedules.sigma_at(t.round_ties_even())?,
-                            false => 0.0,
-                        },
-                        rngs: Some(&lent),
-                    }),
-                    None => None,
-                };
-                self.predict_noise_with(
-                    &unet,
-                    &model_input,
-                    t,
-                    &conditioning,
-                    (guidance, wants_uncond),
-                    // A skipping evaluation's batch is half the captured one.
-                    (!skipped).then_some(&mut graph),
-                    step_control,
-                )?
+            let step_control = match control {
+                Some(state) => Some(StepControl {
+                    state,
+                    step: index - begin,
+                    steps: total,
+                    sigma: match state.needs_sigma() {
+                        true => self.schedules.sigma_at(t.round_ties_even())?,
+                        false => 0.0,
+                    },
+                }),
+                None => None,
             };
+            let (noise_pred, uncond) = self.predict_noise_with(
+                &unet,
+                &model_input,
+                t,
+                &conditioning,
+                (guidance, wants_uncond),
+                // A skipping evaluation's batch is half the captured one.
+                (!skipped).then_some(&mut graph),
+                step_control,
+            )?;
             let carry = |output: Tensor| match &inpaint {
                 Some(state) => {
                     state.blend_prediction(output, &latents, blended.as_ref(), scheduler, index)

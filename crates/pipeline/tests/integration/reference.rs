@@ -2,14 +2,17 @@
 //! reference_adain+attn). References: `tools/make_reference_fixtures.py` (hook.py's attention
 //! and AdaIN hooks written out on diffusers' UNet, tiny-ref: an SD 1.5-shaped random UNet);
 //! `plain.<case>` is the same run without the unit. Each mechanism is shown to matter: without
-//! the unit, with another style fidelity (the negative prompt's rows mixed otherwise) or
-//! another weight (other modules banked) the images leave the bounds.
+//! the unit, with another style fidelity (the negative prompt's rows mixed otherwise), another
+//! weight (other modules banked), the whole guidance window or without a request's second unit
+//! the images leave the bounds. The reference pass's noise is a stream of its own: a unit that
+//! banks nothing leaves an ancestral sampler's image as it is without the unit, bit for bit.
 
 use crate::common;
 
-use common::{image_case_failures, read_png, request_params, Fixtures};
+use candle_core::{DType, Device};
+use common::{fixture_path, image_case_failures, read_png, request_params, Fixtures};
 use sdserve_pipeline::controlnet::{ControlMode, ReferenceKind, ReferenceUnit};
-use sdserve_pipeline::pipeline::GenerationParams;
+use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
 
 fn unit_of(u: &serde_json::Value) -> ReferenceUnit {
     ReferenceUnit {
@@ -50,11 +53,75 @@ fn reference_units_follow_the_extensions_hooks() {
     let want = |label: &str| f.get(&format!("image.{label}")).clone();
     let (failures, images) = image_case_failures(&cases, |c| params_with(c, |_| ()), want);
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(images, 9);
+    assert_eq!(images, 12);
 
     // Without the units the images are the plain runs', far from the references.
     let (without, _) = image_case_failures(&cases, |c| params_with(c, |u| u.weight = 0.0), want);
-    assert_eq!(without.len(), 9, "{without:#?}");
+    assert_eq!(without.len(), 12, "{without:#?}");
+}
+
+#[test]
+fn a_unit_that_banks_nothing_moves_no_sampler_draw() {
+    // euler_a draws its ancestral noise from each image's generator after every step; a unit
+    // at weight 0 runs its pass at every evaluation (drawing predict_q_sample's noise) and
+    // banks nothing, so the images are those of the request without it, to the bit.
+    let f = Fixtures::load("reference");
+    let case = &f.meta["cases"]["adain_attn_batch"];
+    assert_eq!(case["scheduler"], "euler_a");
+    let with_unit = params_with(case, |u| u.weight = 0.0);
+    let without = GenerationParams {
+        references: Vec::new(),
+        ..with_unit.clone()
+    };
+    let model = StableDiffusion::load(&fixture_path("tiny-ref"), &Device::Cpu, DType::F32).unwrap();
+    let run = |p: &GenerationParams| {
+        model
+            .generate(p, &mut |_| std::ops::ControlFlow::Continue(()))
+            .unwrap()
+    };
+    let (a, b) = (run(&with_unit), run(&without));
+    assert_eq!(a.len(), 2);
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(a.pixels == b.pixels, "image {i} moved");
+    }
+}
+
+#[test]
+fn the_guidance_window_and_a_second_unit_matter() {
+    let f = Fixtures::load("reference");
+    let all = f.meta["cases"].as_object().unwrap().clone();
+    let pick = |labels: &[&str]| -> serde_json::Map<String, serde_json::Value> {
+        all.iter()
+            .filter(|(l, _)| labels.contains(&l.as_str()))
+            .map(|(l, c)| (l.clone(), c.clone()))
+            .collect()
+    };
+    let want = |label: &str| f.get(&format!("image.{label}")).clone();
+    // The windows (steps 1..8 of 8, and step 0 alone) run on every step leave the bounds.
+    let windows = pick(&["adain_attn_window_late", "adain_attn_window_early"]);
+    let (failures, _) = image_case_failures(
+        &windows,
+        |c| {
+            params_with(c, |u| {
+                u.guidance_start = 0.0;
+                u.guidance_end = 1.0;
+            })
+        },
+        want,
+    );
+    assert_eq!(failures.len(), 2, "{failures:#?}");
+    // Without its second unit the two-unit request leaves them.
+    let two = pick(&["two_units"]);
+    let (failures, _) = image_case_failures(
+        &two,
+        |c| {
+            let mut p = params_with(c, |_| ());
+            p.references.truncate(1);
+            p
+        },
+        want,
+    );
+    assert_eq!(failures.len(), 1, "{failures:#?}");
 }
 
 #[test]
