@@ -105,8 +105,8 @@ pub fn parameters_text(
     if (p.init_image.is_some() || p.hires.is_some()) && p.extra_noise != 0.0 {
         noise.push_str(&format!(", Extra noise: {:?}", p.extra_noise));
     }
-    // The sd-webui-controlnet extension's entries: one quoted list per unit (the reference
-    // units after the ControlNets).
+    // The sd-webui-controlnet extension's entries: one quoted list per unit, numbered in the
+    // request's order (a reference unit where it was sent among the ControlNets).
     let units = p.units_with_references();
     let mut entries: Vec<String> = units
         .iter()

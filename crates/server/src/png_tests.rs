@@ -317,3 +317,72 @@ fn noise_options_are_written_where_they_applied() {
         "{text}"
     );
 }
+
+/// The extension numbers its units in the request's order (`Infotext.write_infotext`
+/// enumerates the enabled units), a reference unit among the ControlNets where it was sent.
+#[test]
+fn controlnet_entries_keep_the_request_s_unit_order() {
+    use sdserve_pipeline::controlnet::{ControlNet, ControlNetUnit, ReferenceKind};
+    let image = RgbImage {
+        width: 1,
+        height: 1,
+        pixels: vec![0; 3],
+    };
+    let reference = Preprocessor::of_reference(ReferenceKind::Adain, 0.25);
+    let canny = Preprocessor::Canny {
+        low_threshold: 100.0,
+        high_threshold: 200.0,
+        resolution: 512,
+    };
+    let unit = |model: &str, preprocessor: Preprocessor, scale: f64| ControlNetUnit {
+        model: std::sync::Arc::new(ControlNet::named(model)),
+        image: image.clone(),
+        preprocessor: Some(preprocessor),
+        scale,
+        guidance_start: 0.0,
+        guidance_end: 1.0,
+        hires_image: None,
+        hr_option: Default::default(),
+        inpaint_crop: false,
+        control_mode: Default::default(),
+        mask: None,
+        hires_mask: None,
+    };
+    let sent = vec![
+        unit("", reference, 0.7),
+        unit("cn-a", canny, 0.75),
+        unit("", reference, 0.9),
+        unit("cn-b", canny, 0.5),
+    ];
+    let mut p = GenerationParams {
+        prompt: "p".into(),
+        controlnets: sent.clone(),
+        ..Default::default()
+    };
+    p.split_references();
+    assert_eq!((p.controlnets.len(), p.references.len()), (2, 2));
+    assert_eq!(p.units_with_references(), sent);
+    let text = text_of(&p, "m");
+    let entry = |i: usize| {
+        let at = text.find(&format!("ControlNet {i}: \"")).expect("entry");
+        text[at..].split(", Guidance").next().unwrap().to_string()
+    };
+    let fidelity = ", Processor Res: 0.5, Threshold A: 0.25, Threshold B: 0.5";
+    assert_eq!(
+        entry(0),
+        format!("ControlNet 0: \"Module: reference_adain, Model: None, Weight: 0.7{fidelity}")
+    );
+    let canny = ", Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0";
+    assert_eq!(
+        entry(1),
+        format!("ControlNet 1: \"Module: canny, Model: cn-a, Weight: 0.75{canny}")
+    );
+    assert_eq!(
+        entry(2),
+        format!("ControlNet 2: \"Module: reference_adain, Model: None, Weight: 0.9{fidelity}")
+    );
+    assert_eq!(
+        entry(3),
+        format!("ControlNet 3: \"Module: canny, Model: cn-b, Weight: 0.5{canny}")
+    );
+}

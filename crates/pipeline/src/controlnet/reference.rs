@@ -66,6 +66,9 @@ pub struct ReferenceUnit {
     /// Balanced keeps `style_fidelity`; "My prompt is more important" makes it 0,
     /// "ControlNet is more important" 1 (the extension's `soft_injection` / `cfg_injection`).
     pub control_mode: ControlMode,
+    /// Its place in the request's list of units (ControlNets and reference units together),
+    /// where the extension numbers it (infotext, metadata); `None`: after the ControlNets.
+    pub request_index: Option<usize>,
 }
 
 impl ReferenceUnit {
@@ -89,7 +92,8 @@ impl ReferenceUnit {
 
 impl ReferenceUnit {
     /// A request's unit whose preprocessor is a reference module, as a reference unit (its
-    /// `scale` the weight; its model is not read); `None` for the other units.
+    /// `scale` the weight; its model is not read; no request index); `None` for the other
+    /// units.
     pub fn of_unit(unit: &super::ControlNetUnit) -> Option<Self> {
         let (kind, style_fidelity) = unit.preprocessor?.reference()?;
         Some(Self {
@@ -102,16 +106,21 @@ impl ReferenceUnit {
             guidance_end: unit.guidance_end,
             hr_option: unit.hr_option,
             control_mode: unit.control_mode,
+            request_index: None,
         })
     }
 
-    /// `units` split into the ControlNets and the reference units, each in order.
+    /// `units` split into the ControlNets and the reference units, each in order, every
+    /// reference unit knowing its index in `units`.
     pub fn split(units: Vec<super::ControlNetUnit>) -> (Vec<super::ControlNetUnit>, Vec<Self>) {
         let mut references = Vec::new();
         let mut controlnets = Vec::with_capacity(units.len());
-        for u in units {
+        for (i, u) in units.into_iter().enumerate() {
             match Self::of_unit(&u) {
-                Some(r) => references.push(r),
+                Some(r) => references.push(Self {
+                    request_index: Some(i),
+                    ..r
+                }),
                 None => controlnets.push(u),
             }
         }
@@ -152,11 +161,27 @@ impl crate::pipeline::GenerationParams {
         self.references.extend(references);
     }
 
-    /// Every unit in one list: the ControlNets, then the reference units
-    /// ([`ReferenceUnit::as_unit`]); [`Self::split_references`] undoes it.
+    /// Every unit in one list, in the request's order: each reference unit
+    /// ([`ReferenceUnit::as_unit`]) at its `request_index` among the ControlNets (those
+    /// without one after them, in order); [`Self::split_references`] undoes it.
     pub fn units_with_references(&self) -> Vec<super::ControlNetUnit> {
-        let mut units = self.controlnets.clone();
-        units.extend(self.references.iter().map(ReferenceUnit::as_unit));
+        let mut references: Vec<&ReferenceUnit> = self.references.iter().collect();
+        references.sort_by_key(|r| r.request_index.unwrap_or(usize::MAX));
+        let mut references = references.into_iter().peekable();
+        let mut controlnets = self.controlnets.iter();
+        let mut units = Vec::with_capacity(self.controlnets.len() + self.references.len());
+        loop {
+            let at = units.len();
+            let unit = match references.next_if(|r| r.request_index.is_some_and(|i| i <= at)) {
+                Some(r) => r.as_unit(),
+                None => match controlnets.next() {
+                    Some(c) => c.clone(),
+                    None => break,
+                },
+            };
+            units.push(unit);
+        }
+        units.extend(references.map(ReferenceUnit::as_unit));
         units
     }
 }

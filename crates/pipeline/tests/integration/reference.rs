@@ -25,6 +25,7 @@ fn unit_of(u: &serde_json::Value) -> ReferenceUnit {
         guidance_end: u["guidance_end"].as_f64().unwrap(),
         hr_option: Default::default(),
         control_mode: ControlMode::from_name(u["control_mode"].as_str().unwrap()).unwrap(),
+        request_index: None,
     }
 }
 

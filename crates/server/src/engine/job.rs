@@ -314,7 +314,7 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
             variation_strength: p.image_variation(0).map_or(0.0, |(_, s)| s),
             seed_resize_from_width: p.seed_resize_from.map(|r| r.width as u32),
             seed_resize_from_height: p.seed_resize_from.map(|r| r.height as u32),
-            // The reference units after the ControlNets, with the extension's "None" model.
+            // Every unit in the request's order (a reference unit's model the extension's "None").
             controlnets: p
                 .units_with_references()
                 .iter()

@@ -106,6 +106,7 @@ fn reference_units_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused
             guidance_end: 1.0,
             hr_option: Default::default(),
             control_mode: ControlMode::Balanced,
+            request_index: None,
         }],
         ..Default::default()
     };
