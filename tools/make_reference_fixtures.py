@@ -37,7 +37,15 @@ weight 0 (its pass banks nothing) gives the image without the unit, checked here
 
 The UNet: tiny-ref, a random SD 1.5-shaped UNet (4 levels, 2 layers a block, cross-attention in
 the first three: the ldm block indices the extension fixes exist) with tiny-a's text encoder,
-tokenizer, VAE and scheduler, written to crates/pipeline/tests/fixtures/tiny-ref.
+tokenizer, VAE and scheduler, written to crates/pipeline/tests/fixtures/tiny-ref; tiny-ref-inpaint
+the same with a 9-channel UNet, run as A1111 runs an inpainting model in txt2img (diffusers'
+StableDiffusionInpaintPipeline with a white mask at strength 1: a mask of ones and zeros for
+the masked image), its reference passes fed the noised latents, a zero mask and the latents (the
+extension's Inpaint Hijack). The hires fix as sdserve runs it on its default step rule: the
+first pass decoded and truncated to 8 bits (A1111), resized (Nearest), then diffusers' img2img
+at the larger size with the generators seeded again; each pass with the units its hr_option
+names, the second at style fidelity 0 (the extension's is_in_high_res_fix), the unit's image
+resized to the pass's size (PIL Lanczos).
 
 Writes crates/pipeline/tests/fixtures/reference.{safetensors,json}: image.<case> [batch, H, W,
 3] u8 = round(output_type 'np' * 255); plain.<case> the same run without the unit (asserted
@@ -65,6 +73,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "crates", "pipeline", "tests", "fixtures")
 BASE = os.path.join(FIXTURES, "tiny-a")
 MODEL = os.path.join(FIXTURES, "tiny-ref")
+INPAINT_MODEL = os.path.join(FIXTURES, "tiny-ref-inpaint")
 
 INPUT_BLOCKS = [4, 5, 7, 8, 10, 11]
 # What the seed of an image's reference-noise generator adds to the image's seed.
@@ -73,17 +82,17 @@ OUTPUT_BLOCKS = [0, 1, 2, 3, 4, 5, 6, 7]
 
 
 @torch.no_grad()
-def make_model():
+def make_model(path, in_channels, seed):
     from diffusers import UNet2DConditionModel
 
-    os.makedirs(MODEL, exist_ok=True)
+    os.makedirs(path, exist_ok=True)
     for part in ("text_encoder", "tokenizer", "vae", "scheduler"):
-        shutil.rmtree(os.path.join(MODEL, part), ignore_errors=True)
-        shutil.copytree(os.path.join(BASE, part), os.path.join(MODEL, part))
-    shutil.copy(os.path.join(BASE, "model_index.json"), MODEL)
-    torch.manual_seed(4321)
+        shutil.rmtree(os.path.join(path, part), ignore_errors=True)
+        shutil.copytree(os.path.join(BASE, part), os.path.join(path, part))
+    shutil.copy(os.path.join(BASE, "model_index.json"), path)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=2,
         block_out_channels=(16, 16, 32, 32), norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -98,14 +107,14 @@ def make_model():
             m.to_out[0].weight.mul_(4.0)
     # As make_tiny_models.py: conv_out rescaled so unit-variance latents give a unit-variance
     # prediction (the default init's is tiny and the images flat).
-    g = torch.Generator().manual_seed(4322)
-    x = torch.randn(2, 4, 16, 16, generator=g)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, in_channels, 16, 16, generator=g)
     ctx = torch.randn(2, 77, 32, generator=g)
     s = float(unet(x, torch.tensor([900.0, 100.0]), encoder_hidden_states=ctx).sample.std())
     assert math.isfinite(s) and s > 0
     unet.conv_out.weight.mul_(1.0 / s)
     unet.conv_out.bias.mul_(1.0 / s)
-    unet.save_pretrained(os.path.join(MODEL, "unet"), safe_serialization=True)
+    unet.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
 
 
 class Hooks:
@@ -250,44 +259,58 @@ def in_window(i, steps, start, end):
 @torch.no_grad()
 def main():
     import diffusers
-    from diffusers import StableDiffusionPipeline
+    from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline)
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    make_model()
+    make_model(MODEL, 4, 4321)
+    make_model(INPAINT_MODEL, 9, 4331)
     pipe = StableDiffusionPipeline.from_pretrained(
         MODEL, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    inpaint = StableDiffusionInpaintPipeline.from_pretrained(
+        INPAINT_MODEL, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    inpaint.set_progress_bar_config(disable=True)
     own = dict(pipe.scheduler.config)
     sqrt_ac, sqrt_1m_ac = ldm_schedule(own)
-    unet = pipe.unet
-    hooks = Hooks(unet)
-    original_forward = unet.forward
+    hooks = {id(p): Hooks(p.unet) for p in (pipe, inpaint)}
     sf = pipe.vae.config.scaling_factor
 
-    def latents_of(name):
-        ref = Image.open(os.path.join(FIXTURES, "images", name)).convert("RGB")
-        x = torch.from_numpy(np.asarray(ref).astype(np.float32).transpose(2, 0, 1) / 255.0)[None]
-        return pipe.vae.encode(x * 2.0 - 1.0).latent_dist.mean * sf
+    known = {}
+
+    def latents_of(name, size):
+        """The image's latents at a pass's size (PIL Lanczos, as sdserve resizes it)."""
+        if (name, size) not in known:
+            ref = Image.open(os.path.join(FIXTURES, "images", name)).convert("RGB")
+            if ref.size != size:
+                ref = ref.resize(size, Image.Resampling.LANCZOS)
+            x = torch.from_numpy(np.asarray(ref).astype(np.float32).transpose(2, 0, 1) / 255.0)
+            known[(name, size)] = pipe.vae.encode(x[None] * 2.0 - 1.0).latent_dist.mean * sf
+        return known[(name, size)]
 
     ref_name = "cn-init-64.png"
-    latents = {name: latents_of(name) for name in (ref_name, "control-b-64.png")}
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
-    def hooked(units, seeds, steps, cfg):
+    def hooked(p, units, seeds, steps, cfg, hijack=True, hires=False):
+        """The UNet's forward with the extension's reference passes (`hires`: the hires fix's
+        second pass, where the style fidelity is 0 unless in "ControlNet is more important")."""
+        hooks_of, original_forward = hooks[id(p)], p.unet.forward
         calls = [0]
         ref_gens = [torch.Generator("cpu").manual_seed(s + REFERENCE_SEED_OFFSET) for s in seeds]
 
         def forward(sample, timestep, encoder_hidden_states, *a, **kw):
-            hooks.clear()
+            hooks_of.clear()
             rows = sample.shape[0]
-            hooks.uc = list(range(rows // 2)) if cfg else []
+            hooks_of.uc = list(range(rows // 2)) if cfg else []
             step = calls[0]
             calls[0] += 1
             for u in units:
                 if not in_window(step, steps, u["guidance_start"], u["guidance_end"]):
                     continue
                 t = torch.round(torch.as_tensor(timestep).float()).long()
-                x0 = latents[u.get("image", ref_name)].expand(rows, -1, -1, -1)
+                size = (sample.shape[3] * factor, sample.shape[2] * factor)
+                x0 = latents_of(u.get("image", ref_name), size).expand(rows, -1, -1, -1)
                 n = len(ref_gens)
                 c, h, w = x0.shape[1:]
                 noise = torch.zeros(rows, c, h, w)
@@ -296,21 +319,26 @@ def main():
                     for k in range(rows // n):
                         noise[i + k * n] = drawn[k]
                 ref_xt = sqrt_ac[t] * x0 + sqrt_1m_ac[t] * noise
+                if sample.shape[1] == 2 * c + 1:
+                    # The extension's Inpaint Hijack (hijack=False: the evaluation's own
+                    # mask and masked-image channels, to show that the hijack matters).
+                    extra = [torch.zeros(rows, 1, h, w), x0] if hijack else [sample[:, c:]]
+                    ref_xt = torch.cat([ref_xt] + extra, dim=1)
                 fidelity = max(0.0, min(1.0, u["style_fidelity"]))
                 if u["control_mode"] == "controlnet":
                     fidelity = 1.0
-                elif u["control_mode"] == "prompt":
+                elif u["control_mode"] == "prompt" or hires:
                     fidelity = 0.0
-                hooks.fidelity = fidelity
+                hooks_of.fidelity = fidelity
                 if u["module"] in ("reference_only", "reference_adain+attn"):
-                    hooks.attention_write = True
-                    hooks.attention_weight = u["weight"]
+                    hooks_of.attention_write = True
+                    hooks_of.attention_weight = u["weight"]
                 if u["module"] in ("reference_adain", "reference_adain+attn"):
-                    hooks.gn_write = True
-                    hooks.gn_weight = u["weight"]
+                    hooks_of.gn_write = True
+                    hooks_of.gn_weight = u["weight"]
                 original_forward(ref_xt, timestep, encoder_hidden_states, *a, **kw)
-                hooks.attention_write = False
-                hooks.gn_write = False
+                hooks_of.attention_write = False
+                hooks_of.gn_write = False
             return original_forward(sample, timestep, encoder_hidden_states, *a, **kw)
 
         return forward
@@ -319,26 +347,84 @@ def main():
                 width=64, height=64, seed=77, guidance_scale=7.5)
     tensors, cases = {}, {}
 
-    def generate(units, scheduler, batch_size, r):
-        pipe.scheduler = make_scheduler(scheduler, own)
+    white = Image.new("L", (base["width"], base["height"]), 255)
+
+    def generate(units, scheduler, batch_size, r, model="tiny-ref", hijack=True):
+        p = inpaint if model == "tiny-ref-inpaint" else pipe
+        p.scheduler = make_scheduler(scheduler, own)
         seeds = [r["seed"] + i for i in range(batch_size)]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        unet.forward = hooked(units, seeds, r["steps"], r["guidance_scale"] > 1.0)
-        images = pipe(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
-                      num_inference_steps=r["steps"], guidance_scale=r["guidance_scale"],
-                      width=r["width"], height=r["height"],
-                      generator=gens if batch_size > 1 else gens[0],
-                      num_images_per_prompt=batch_size, output_type="np").images
-        unet.forward = original_forward
+        original_forward = p.unet.forward
+        p.unet.forward = hooked(p, units, seeds, r["steps"], r["guidance_scale"] > 1.0, hijack)
+        # An inpainting model runs text-to-image as A1111 runs it: a mask of ones, the masked
+        # image zeros (tools/make_unmasked_inpainting_fixtures.py), strength 1.
+        extra = dict(image=Image.open(os.path.join(FIXTURES, "images", ref_name)),
+                     mask_image=white, strength=1.0) if p is inpaint else {}
+        images = p(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
+                   num_inference_steps=r["steps"], guidance_scale=r["guidance_scale"],
+                   width=r["width"], height=r["height"],
+                   generator=gens if batch_size > 1 else gens[0],
+                   num_images_per_prompt=batch_size, output_type="np", **extra).images
+        p.unet.forward = original_forward
         return torch.from_numpy((images * 255).round().astype("uint8"))
 
-    def run(label, units, scheduler, batch_size=1, **over):
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+
+    def generate_hires(units, scheduler, r, hires, hires_fidelity_zero=True):
+        """sdserve's hires fix (its default step rule): the first pass, decoded and truncated
+        to 8 bits as A1111 does, resized (Nearest), then img2img of it at the larger size with
+        the generator seeded again; each pass with the units its hr_option names, the reference
+        noise's generators seeded again too."""
+        steers = {False: [u for u in units if u.get("hr_option", "both") != "high_res_only"],
+                  True: [u for u in units if u.get("hr_option", "both") != "low_res_only"]}
+        seeds = [r["seed"]]
+        cfg = r["guidance_scale"] > 1.0
+        original_forward = pipe.unet.forward
+        pipe.scheduler = make_scheduler(scheduler, own)
+        pipe.unet.forward = hooked(pipe, steers[False], seeds, r["steps"], cfg)
+        first = pipe(prompt=r["prompt"], negative_prompt=r["negative_prompt"],
+                     num_inference_steps=r["steps"], guidance_scale=r["guidance_scale"],
+                     width=r["width"], height=r["height"],
+                     generator=torch.Generator("cpu").manual_seed(r["seed"]),
+                     output_type="latent").images
+        pipe.unet.forward = original_forward
+        x = pipe.vae.decode(first / sf).sample[0]
+        u8 = (255.0 * ((x + 1.0) / 2.0).clamp(0.0, 1.0)).to(torch.uint8)
+        low = Image.fromarray(u8.permute(1, 2, 0).numpy())
+        assert hires["upscaler"] == "nearest"
+        up = low.resize((hires["width"], hires["height"]), Image.Resampling.NEAREST)
+        i2i.scheduler = make_scheduler(scheduler, own)
+        pipe.unet.forward = hooked(pipe, steers[True], seeds, hires["steps"], cfg,
+                                   hires=hires_fidelity_zero)
+        images = i2i(prompt=r["prompt"], negative_prompt=r["negative_prompt"], image=up,
+                     strength=hires["strength"], num_inference_steps=hires["steps"],
+                     guidance_scale=r["guidance_scale"],
+                     generator=torch.Generator("cpu").manual_seed(r["seed"]),
+                     output_type="np").images
+        pipe.unet.forward = original_forward
+        return torch.from_numpy((images * 255).round().astype("uint8"))
+
+    def run_hires(label, units, scheduler, hires):
+        out = {}
+        for kind, us in (("image", units), ("plain", [])):
+            out[kind] = generate_hires(us, scheduler, base, hires)
+            tensors[f"{kind}.{label}"] = out[kind]
+        cases[label] = dict(base, model="tiny-ref", scheduler=scheduler, batch_size=1,
+                            hires=hires,
+                            references=[dict(u, image=u.get("image", ref_name)) for u in units])
+        d = (out["image"].float() - out["plain"].float()).abs().mean()
+        print(f"{label}: mean {out['image'].float().mean():.1f}, vs no reference {d:.1f}")
+        assert d > 3, (label, d)
+        return out["image"]
+
+    def run(label, units, scheduler, batch_size=1, model="tiny-ref", **over):
         r = dict(base, **over)
         out = {}
         for kind, us in (("image", units), ("plain", [])):
-            out[kind] = generate(us, scheduler, batch_size, r)
+            out[kind] = generate(us, scheduler, batch_size, r, model)
             tensors[f"{kind}.{label}"] = out[kind]
-        cases[label] = dict(r, model="tiny-ref", scheduler=scheduler, batch_size=batch_size,
+        cases[label] = dict(r, model=model, scheduler=scheduler, batch_size=batch_size,
                             references=[dict(u, image=u.get("image", ref_name)) for u in units])
         d = (out["image"].float() - out["plain"].float()).abs().mean()
         print(f"{label}: mean {out['image'].float().mean():.1f}, vs no reference {d:.1f}")
@@ -383,12 +469,29 @@ def main():
     r = dict(base, guidance_scale=5.0)
     zero = generate([dict(batch[0], weight=0.0)], "euler_a", 2, r)
     assert torch.equal(zero, generate([], "euler_a", 2, r)), "weight 0 moved the image"
+    # An inpainting UNet: the reference pass sees the noised latents, a zero mask and the
+    # latents; with the evaluation's own mask and masked image instead the image moves.
+    hijacked = run("only_inpainting", [unit("reference_only")], "euler",
+                   model="tiny-ref-inpaint")
+    naive = generate([unit("reference_only")], "euler", 1, base, "tiny-ref-inpaint", False)
+    # The hires fix: a unit in both passes (the second at style fidelity 0, with the image
+    # resized to its size), and one in the second pass alone.
+    hires = dict(width=128, height=128, upscaler="nearest", steps=6, strength=0.5)
+    both_passes = [unit("reference_adain+attn")]
+    in_both = run_hires("hires_adain_attn", both_passes, "euler", hires)
+    at_fidelity = generate_hires(both_passes, "euler", base, hires, hires_fidelity_zero=False)
+    high_only = run_hires("hires_only_high_res",
+                          [dict(unit("reference_only"), hr_option="high_res_only")], "euler",
+                          hires)
     # The mechanisms the tests lean on change the image: the uc rows' mixing and the weight.
     for a, b, what in ((only, prompt, "fidelity 0.5 vs 0"), (only, control, "0.5 vs 1"),
                        (both, light, "weight 1 vs 0.5"), (only, both, "attn vs adain+attn"),
                        (whole, late, "window without step 0"),
                        (whole, early, "window of step 0"), (two, only, "two units vs the first"),
-                       (two, run_second(second), "two units vs the second")):
+                       (two, run_second(second), "two units vs the second"),
+                       (hijacked, naive, "inpaint hijack vs the evaluation's channels"),
+                       (in_both, at_fidelity, "hires pass at fidelity 0 vs 0.5"),
+                       (in_both, high_only, "hires: both passes vs the second")):
         d = (a.float() - b.float()).abs().mean()
         print(f"{what}: {d:.1f}")
         assert d > 2, (what, d)

@@ -3,16 +3,18 @@
 //! and AdaIN hooks written out on diffusers' UNet, tiny-ref: an SD 1.5-shaped random UNet);
 //! `plain.<case>` is the same run without the unit. Each mechanism is shown to matter: without
 //! the unit, with another style fidelity (the negative prompt's rows mixed otherwise), another
-//! weight (other modules banked), the whole guidance window or without a request's second unit
-//! the images leave the bounds. The reference pass's noise is a stream of its own: a unit that
+//! weight (other modules banked), the whole guidance window, another `hr_option` or without a
+//! request's second unit the images leave the bounds. Cases: each module, a 9-channel
+//! (inpainting) UNet (tiny-ref-inpaint, the extension's Inpaint Hijack), two units, the hires
+//! fix (both passes, the second at style fidelity 0; the second pass alone). The reference pass's noise is a stream of its own: a unit that
 //! banks nothing leaves an ancestral sampler's image as it is without the unit, bit for bit.
 
 use crate::common;
 
 use candle_core::{DType, Device};
 use common::{fixture_path, image_case_failures, read_png, request_params, Fixtures};
-use sdserve_pipeline::controlnet::{ControlMode, ReferenceKind, ReferenceUnit};
-use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
+use sdserve_pipeline::controlnet::{ControlMode, HiresOption, ReferenceKind, ReferenceUnit};
+use sdserve_pipeline::pipeline::{GenerationParams, Hires, StableDiffusion, Upscaler};
 
 fn unit_of(u: &serde_json::Value) -> ReferenceUnit {
     ReferenceUnit {
@@ -23,7 +25,10 @@ fn unit_of(u: &serde_json::Value) -> ReferenceUnit {
         style_fidelity: u["style_fidelity"].as_f64().unwrap(),
         guidance_start: u["guidance_start"].as_f64().unwrap(),
         guidance_end: u["guidance_end"].as_f64().unwrap(),
-        hr_option: Default::default(),
+        hr_option: u
+            .get("hr_option")
+            .map(|o| HiresOption::from_name(o.as_str().unwrap()).unwrap())
+            .unwrap_or_default(),
         control_mode: ControlMode::from_name(u["control_mode"].as_str().unwrap()).unwrap(),
         request_index: None,
     }
@@ -40,9 +45,28 @@ fn params_with(case: &serde_json::Value, edit: impl Fn(&mut ReferenceUnit)) -> G
             unit
         })
         .collect();
+    // The hires fix on sdserve's default step rule, as the fixture script runs it.
+    let hires = case.get("hires").map(|h| {
+        let n = |k: &str| h[k].as_u64().unwrap() as usize;
+        assert_eq!(h["upscaler"], "nearest");
+        Hires {
+            width: n("width"),
+            height: n("height"),
+            upscale_width: n("width"),
+            upscale_height: n("height"),
+            upscaler: Upscaler::Nearest,
+            steps: n("steps"),
+            strength: h["strength"].as_f64().unwrap(),
+            scheduler: None,
+            schedule: None,
+            prompt: None,
+            negative_prompt: None,
+        }
+    });
     GenerationParams {
         batch_size: case["batch_size"].as_u64().unwrap() as usize,
         references,
+        hires,
         ..request_params(case)
     }
 }
@@ -54,11 +78,11 @@ fn reference_units_follow_the_extensions_hooks() {
     let want = |label: &str| f.get(&format!("image.{label}")).clone();
     let (failures, images) = image_case_failures(&cases, |c| params_with(c, |_| ()), want);
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(images, 12);
+    assert_eq!(images, 15);
 
     // Without the units the images are the plain runs', far from the references.
     let (without, _) = image_case_failures(&cases, |c| params_with(c, |u| u.weight = 0.0), want);
-    assert_eq!(without.len(), 12, "{without:#?}");
+    assert_eq!(without.len(), 15, "{without:#?}");
 }
 
 #[test]
@@ -88,7 +112,7 @@ fn a_unit_that_banks_nothing_moves_no_sampler_draw() {
 }
 
 #[test]
-fn the_guidance_window_and_a_second_unit_matter() {
+fn the_guidance_window_the_hires_option_and_a_second_unit_matter() {
     let f = Fixtures::load("reference");
     let all = f.meta["cases"].as_object().unwrap().clone();
     let pick = |labels: &[&str]| -> serde_json::Map<String, serde_json::Value> {
@@ -123,6 +147,22 @@ fn the_guidance_window_and_a_second_unit_matter() {
         want,
     );
     assert_eq!(failures.len(), 1, "{failures:#?}");
+    // The hires fix: the unit of both passes in the first alone, the second pass's unit in
+    // both.
+    let hires = pick(&["hires_adain_attn", "hires_only_high_res"]);
+    let (failures, _) = image_case_failures(
+        &hires,
+        |c| {
+            params_with(c, |u| {
+                u.hr_option = match u.hr_option {
+                    HiresOption::Both => HiresOption::LowResOnly,
+                    _ => HiresOption::Both,
+                }
+            })
+        },
+        want,
+    );
+    assert_eq!(failures.len(), 2, "{failures:#?}");
 }
 
 #[test]
