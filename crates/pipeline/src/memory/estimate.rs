@@ -102,6 +102,44 @@ pub fn controlnet_activation_bytes(
     residual_sets * unet_skip_bytes(shapes, h, w, b, s) + hint
 }
 
+/// What a request's reference units add to the UNet stage's activations, bytes. Each unit's
+/// pass before an evaluation is a UNet forward like the evaluation's (one at a time), but it
+/// leaves its banks: every transformer block's normed input (`2 * layers + 1` blocks a level,
+/// the down and up blocks', of all rows), kept until the evaluation reads them. The
+/// evaluation's self-attention then runs over its own and every unit's tokens: its scores'
+/// keys `1 + units` times as many, and the concatenated tokens with their keys and values
+/// beside it. (AdaIN's banks are a mean and a variance a channel: nothing here.)
+pub fn reference_activation_bytes(
+    shapes: &ModelShapes,
+    width: usize,
+    height: usize,
+    batch: usize,
+    dtype: DType,
+    slicing: AttentionSlicing,
+    units: usize,
+) -> u64 {
+    if units == 0 {
+        return 0;
+    }
+    let s = dtype.size_in_bytes() as u64;
+    let f = shapes.vae_scale_factor;
+    let (h, w) = (height.div_ceil(f), width.div_ceil(f));
+    let (b, u) = (batch as u64, units as u64);
+    let blocks = 2 * shapes.unet_layers_per_block as u64 + 1;
+    let (mut banks, mut longer) = (0u64, 0u64);
+    for lvl in &shapes.attention_levels {
+        let n = (div_ceil_pow2(h, lvl.level) * div_ceil_pow2(w, lvl.level)) as u64;
+        let c = lvl.channels as u64;
+        let bh = b * lvl.heads as u64;
+        banks += u * blocks * b * n * c * s;
+        let scores = attention_piece(bh, n, (1 + u) * n, slicing)
+            .saturating_sub(attention_piece(bh, n, n, slicing))
+            * (2 * s + 8);
+        longer = longer.max(scores + 3 * u * b * n * c * s);
+    }
+    banks + longer
+}
+
 /// The VAE mid block's attention over the `n` cells of the latent grid (one head of `n x n`
 /// scores, `2s + 8` bytes each as in the UNet) next to its `c` channels' input and projections.
 fn vae_mid_attention_bytes(n: u64, c: u64, s: u64, slicing: AttentionSlicing) -> u64 {
@@ -211,6 +249,15 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
             req.batch,
             req.dtype,
             req.controlnets.units,
+        )
+        + reference_activation_bytes(
+            &fp.shapes,
+            w,
+            h,
+            req.batch,
+            req.dtype,
+            plan.attention,
+            req.controlnets.references,
         );
     let vae_act = match plan.vae_tiling {
         Some(t) => {
@@ -390,6 +437,7 @@ mod tests {
             controlnets: crate::memory::plan::ControlNetLoad {
                 units: 1,
                 params: 40,
+                references: 0,
             },
             ..bare
         };
@@ -397,6 +445,7 @@ mod tests {
             controlnets: crate::memory::plan::ControlNetLoad {
                 units: 3,
                 params: 40,
+                references: 0,
             },
             ..bare
         };
@@ -419,6 +468,54 @@ mod tests {
             assert_eq!(o.unet - b.unet, 40 * 2 + skips + hint);
             // Several units: their running sum beside one unit's residuals, never more.
             assert_eq!(t.unet - b.unet, 40 * 2 + 2 * skips + hint);
+        }
+    }
+
+    #[test]
+    fn reference_units_add_their_banks_and_longer_keys_to_the_unet_stage() {
+        let fp = toy();
+        let bare = toy_request();
+        let with = |references| PlanRequest {
+            controlnets: crate::memory::plan::ControlNetLoad {
+                references,
+                ..Default::default()
+            },
+            ..bare
+        };
+        let p = MemoryPlan::cpu(DType::F16);
+        let (b, one, two) = (
+            estimate(&fp, &bare, &p),
+            estimate(&fp, &with(1), &p),
+            estimate(&fp, &with(2), &p),
+        );
+        // No weights: the other stages are as they were.
+        assert_eq!((one.text, one.encode, one.vae), (b.text, b.encode, b.vae));
+        // 16x16 -> 2x2 latent: 4 tokens of 4 channels, batch 2, f16; 1 layer a block: 3
+        // transformer blocks bank 2 * 4 * 4 values each. 2 rows x 2 heads of 4 queries over 8
+        // keys instead of 4 (12 bytes a score: f16 scores, their f32 copy and softmax, f16
+        // probabilities); the concatenated tokens with keys and values: 3 x 2 * 4 * 4.
+        let banks = 3 * 2 * 4 * 4 * 2;
+        let scores = 4 * 4 * (8 - 4) * 12;
+        let kv = 3 * 2 * 4 * 4 * 2;
+        assert_eq!(one.unet - b.unet, banks + scores + kv);
+        // Two units: twice the banks, keys three times as many.
+        assert_eq!(
+            two.unet - b.unet,
+            2 * banks + 4 * 4 * (12 - 4) * 12 + 2 * kv
+        );
+        // SD 1.5 in f16, one image with guidance (2 rows): what one unit adds.
+        let sd = crate::memory::plan::tests::sd15();
+        for side in [512, 768] {
+            let bytes = |slicing| {
+                reference_activation_bytes(&sd.shapes, side, side, 2, DType::F16, slicing, 1)
+            };
+            let (whole, auto) = (bytes(AttentionSlicing::Off), bytes(AttentionSlicing::Auto));
+            eprintln!(
+                "SD 1.5 {side}x{side}, one reference unit: {} MiB unsliced, {} MiB sliced",
+                whole >> 20,
+                auto >> 20
+            );
+            assert!(auto < whole);
         }
     }
 }

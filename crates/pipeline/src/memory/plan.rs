@@ -95,6 +95,9 @@ pub struct ControlNetLoad {
     pub units: usize,
     /// Parameters of the distinct models the units use.
     pub params: u64,
+    /// Reference units (`reference_only` and the others: no weights; a second UNet pass
+    /// before each evaluation, whose banks the evaluation reads beside its own tokens).
+    pub references: usize,
 }
 
 /// Estimated peak device memory of each stage, bytes.

@@ -272,7 +272,11 @@ mod tests {
             .filter(|(k, _)| !k.starts_with("up_blocks"))
             .map(|(_, n)| n)
             .sum();
-        crate::memory::plan::ControlNetLoad { units, params }
+        crate::memory::plan::ControlNetLoad {
+            units,
+            params,
+            references: 0,
+        }
     }
 
     #[test]
@@ -288,6 +292,7 @@ mod tests {
             controlnets: crate::memory::plan::ControlNetLoad {
                 units: 2,
                 params: 2 * sd15_controlnet(1).params,
+                references: 0,
             },
             ..req
         };

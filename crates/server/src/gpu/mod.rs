@@ -215,6 +215,7 @@ pub fn controlnet_load(params: &GenerationParams, dtype: DType) -> ControlNetLoa
     ControlNetLoad {
         units: params.controlnets.len(),
         params: paths.into_iter().map(params_of).sum(),
+        references: params.references.len(),
     }
 }
 
