@@ -147,16 +147,33 @@ impl StableDiffusion {
         }
     }
 
+    /// The request's IP-Adapters' keys and values: each adapter and its image encoder read
+    /// onto the pipeline's device in its dtype, the images encoded once for every pass (the
+    /// hires pass reuses them: they do not depend on the pass's size). `None` without any.
+    pub(super) fn prepare_image_prompts(
+        &self,
+        params: &GenerationParams,
+    ) -> Result<Option<ImagePrompts>> {
+        ImagePrompts::prepare(
+            &params.ip_adapters,
+            &self.unet_config,
+            &self.device,
+            self.dtype,
+        )
+    }
+
     /// Loads the request's ControlNets that steer `pass` (each handed over or read onto the
     /// pipeline's device in its dtype) and prepares their images at `params`' size (the
     /// pass's), cropped as A1111's "only masked" inpainting crops the init image (each unit
-    /// whose `inpaint_crop` says so); `None`
-    /// without any. Refuses a ControlNet for another UNet and an empty image.
+    /// whose `inpaint_crop` says so), beside the request's `image_prompts` (the same in every
+    /// pass: [`StableDiffusion::prepare_image_prompts`]); `None` without any. Refuses a
+    /// ControlNet for another UNet and an empty image.
     pub(super) fn prepare_control(
         &self,
         params: &GenerationParams,
         pass: ControlPass,
         crop: Option<MaskedCrop>,
+        image_prompts: Option<&ImagePrompts>,
     ) -> Result<Option<ControlState>> {
         let config = self.controlnet_unet_config();
         let mut units = Vec::with_capacity(params.controlnets.len());
@@ -212,12 +229,7 @@ impl StableDiffusion {
             let image = control_inpaint::hint(&fitted, mask.as_deref())?;
             units.push((unit.clone(), model, image));
         }
-        let image_prompts = ImagePrompts::prepare(
-            &params.ip_adapters,
-            &self.unet_config,
-            &self.device,
-            self.dtype,
-        )?;
+        let image_prompts = image_prompts.cloned();
         let references = self.prepare_references(params, pass)?;
         let any = !units.is_empty()
             || !restores.is_empty()

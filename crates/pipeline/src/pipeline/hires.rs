@@ -139,6 +139,8 @@ pub(super) struct SecondPass<'a> {
     pub params: GenerationParams,
     pub scheduler: Box<dyn Scheduler>,
     pub begin: usize,
+    /// The first pass's IP-Adapter keys and values (the images are encoded once a request).
+    pub image_prompts: Option<crate::ip_adapter::ImagePrompts>,
 }
 
 impl SecondPass<'_> {
@@ -222,6 +224,7 @@ impl StableDiffusion {
             params: second,
             scheduler,
             begin,
+            image_prompts: None,
         })
     }
 
@@ -333,8 +336,12 @@ impl StableDiffusion {
         };
         let begin = pass.begin;
         // The ControlNets again, at this pass's size, as the extension's `hr_option` says.
-        let control =
-            self.prepare_control(&pass.params, super::control::ControlPass::Hires, None)?;
+        let control = self.prepare_control(
+            &pass.params,
+            super::control::ControlPass::Hires,
+            None,
+            pass.image_prompts.as_ref(),
+        )?;
         // An inpainting UNet's hires pass repaints the whole image, as A1111's
         // (`txt2img_image_conditioning` at this size, its `inpainting_mask_weight` 1).
         let inpaint = match self.is_inpainting() {

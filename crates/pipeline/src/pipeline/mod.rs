@@ -198,7 +198,7 @@ impl StableDiffusion {
         // Held for the whole run: no other run changes the merged weights under this one.
         let _loras = self.sync_loras(&params.loras)?;
         // The hires pass's rules and schedule first: nothing runs for a request that fails them.
-        let second = match &params.hires {
+        let mut second = match &params.hires {
             Some(h) => Some(self.second_pass(params, h)?),
             None => None,
         };
@@ -224,7 +224,11 @@ impl StableDiffusion {
             None => control::ControlPass::Only,
         };
         let crop = control::masked_crop(params, overlay);
-        let control = self.prepare_control(params, control_pass, crop)?;
+        let image_prompts = self.prepare_image_prompts(params)?;
+        let control = self.prepare_control(params, control_pass, crop, image_prompts.as_ref())?;
+        if let Some(second) = second.as_mut() {
+            second.image_prompts = image_prompts;
+        }
         let lama = control.as_ref().and_then(|c| c.noise_modifier());
         let start = match init {
             None => images_in::Start {

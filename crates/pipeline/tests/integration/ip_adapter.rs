@@ -274,3 +274,50 @@ fn an_adapter_for_another_unet_is_refused() {
         .to_string();
     assert!(e.contains("ip-adapter_sd15"), "{e}");
 }
+
+/// The hires pass attends to the first pass's image tokens: the encoder (ViT-H/14 for SD 1.5's
+/// adapters, 1.2 GB in f16) is read and run once a request. The encoder's folder is moved away
+/// while the first pass denoises; a second read for the hires pass would fail.
+#[test]
+fn the_hires_pass_reuses_the_first_pass_s_image_tokens() {
+    use sdserve_pipeline::pipeline::{Hires, Upscaler};
+    let f = Fixtures::load("ip-adapter");
+    let sd = StableDiffusion::load(&fixture_path("tiny-a"), &Device::Cpu, DType::F32).unwrap();
+    let dir = std::env::temp_dir().join(format!("sdserve-ipa-hires-{}", std::process::id()));
+    let encoder = dir.join("image_encoder");
+    std::fs::create_dir_all(&encoder).unwrap();
+    for entry in std::fs::read_dir(models().join("image_encoder")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), encoder.join(entry.file_name())).unwrap();
+    }
+    let mut params = params_of(&f.meta["cases"]["scale-1"]);
+    params.ip_adapters[0].image_encoder = Arc::new(ImageEncoder::new("image_encoder", &encoder));
+    params.hires = Some(Hires {
+        width: params.width * 2,
+        height: params.height * 2,
+        upscale_width: params.width * 2,
+        upscale_height: params.height * 2,
+        upscaler: Upscaler::Resize,
+        steps: 3,
+        strength: 0.6,
+        scheduler: None,
+        schedule: None,
+        prompt: None,
+        negative_prompt: None,
+    });
+    let kept = generate(&sd, &params);
+    let moved = dir.join("moved");
+    let first_steps = params.steps;
+    let mut was_moved = false;
+    let run = sd.generate(&params, &mut |p| {
+        if p.step == 1 && p.step <= first_steps {
+            std::fs::rename(&encoder, &moved).unwrap();
+            was_moved = true;
+        }
+        std::ops::ControlFlow::Continue(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(was_moved, "the folder was moved during the first pass");
+    let images = run.expect("the hires pass does not read the encoder again");
+    assert_eq!(images, kept, "the same image as with the folder in place");
+}
