@@ -110,29 +110,10 @@ impl ClipTextConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        let positive = [
+        self.layer_shape().validate(&[
             ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
-        ];
-        if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{k} must be positive"));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return Err(format!(
-                "layer_norm_eps {} must be positive",
-                self.layer_norm_eps
-            ));
-        }
-        Ok(())
+        ])
     }
 }
 
@@ -198,6 +179,34 @@ pub(crate) struct LayerShape {
     pub heads: usize,
     pub act: HiddenAct,
     pub layer_norm_eps: f64,
+}
+
+impl LayerShape {
+    /// The rules a config's layers must meet (the text and the vision encoder's alike), and
+    /// its `other` sizes positive: an error naming the first field that breaks one.
+    pub(crate) fn validate(&self, other: &[(&str, usize)]) -> std::result::Result<(), String> {
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.heads),
+        ];
+        if let Some((k, _)) = sizes.iter().chain(other).find(|(_, v)| *v == 0) {
+            return Err(format!("{k} must be positive"));
+        }
+        if !self.hidden_size.is_multiple_of(self.heads) {
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.heads
+            ));
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return Err(format!(
+                "layer_norm_eps {} must be positive",
+                self.layer_norm_eps
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ClipTextConfig {

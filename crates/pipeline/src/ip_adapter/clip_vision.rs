@@ -80,23 +80,11 @@ impl ClipVisionConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        let positive = [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
+        self.layer_shape().validate(&[
             ("projection_dim", self.projection_dim),
-            ("num_attention_heads", self.num_attention_heads),
             ("num_channels", self.num_channels),
             ("patch_size", self.patch_size),
-        ];
-        if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{k} must be positive"));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
+        ])?;
         if self.image_size < self.patch_size {
             return Err(format!(
                 "image_size {} is smaller than patch_size {}",
@@ -229,5 +217,44 @@ impl ClipVisionModel {
             image_embeds: self.visual_projection.forward(&pooled, None)?,
             penultimate: before_last,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClipVisionConfig;
+
+    /// A config that breaks a rule is refused naming the field, the layers' rules (shared with
+    /// the text encoder's) as well as the vision encoder's own.
+    #[test]
+    fn a_broken_config_is_refused_naming_the_field() {
+        let read = |json: &str| serde_json::from_str::<ClipVisionConfig>(json).unwrap();
+        let ok = r#"{"hidden_size": 32, "intermediate_size": 40, "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 8, "projection_dim": 24}"#;
+        assert_eq!(read(ok).validate(), Ok(()));
+        for (field, value, needle) in [
+            (
+                "num_attention_heads",
+                "5",
+                "not divisible by num_attention_heads 5",
+            ),
+            (
+                "layer_norm_eps",
+                "-1.0",
+                "layer_norm_eps -1 must be positive",
+            ),
+            ("projection_dim", "0", "projection_dim must be positive"),
+            (
+                "intermediate_size",
+                "0",
+                "intermediate_size must be positive",
+            ),
+            ("image_size", "4", "smaller than patch_size"),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(ok).unwrap();
+            v[field] = serde_json::from_str(value).unwrap();
+            let e = read(&v.to_string()).validate().unwrap_err();
+            assert!(e.contains(needle), "{field}: {e}");
+        }
     }
 }
