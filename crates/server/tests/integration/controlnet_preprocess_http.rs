@@ -7,7 +7,7 @@
 //! `/controlnet/module_list`; refusals. The HED, lineart and PiDiNet modules with the pipeline's tiny
 //! networks in ANNOTATOR_DIR (lineart_anime_denoise in `manga_line.rs`, softedge_teed in
 //! `teed.rs`, softedge_anyline in `anyline.rs`, mlsd in `mlsd.rs`, depth_anything_v2 and
-//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`, normal_bae in `normalbae.rs`, depth_leres in `leres.rs`, the model-free recolor ones and their post-processing in `recolor.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
+//! depth_anything in `depth_anything.rs`, depth_midas and normal_midas in `midas.rs`, normal_bae in `normalbae.rs`, depth_leres in `leres.rs`, hed, pidinet and lineart in `hed_lineart.rs`, the model-free recolor ones and their post-processing in `recolor.rs`: each through `detect_is` and `native_unit_is_its_map`); every network
 //! module without its file in
 //! `missing_networks.rs`.
 
@@ -16,6 +16,8 @@ mod anyline;
 use crate::common;
 #[path = "controlnet_preprocess_http/depth_anything.rs"]
 mod depth_anything;
+#[path = "controlnet_preprocess_http/hed_lineart.rs"]
+mod hed_lineart;
 #[path = "controlnet_preprocess_http/leres.rs"]
 mod leres;
 #[path = "controlnet_preprocess_http/manga_line.rs"]
@@ -37,9 +39,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use common::{decode_png, post_json_to};
-use sdserve_pipeline::controlnet::preprocess::{
-    LoadedNetworks, Preprocessor, HED, LINEART, LINEART_ANIME, LINEART_COARSE, PIDINET,
-};
+use sdserve_pipeline::controlnet::preprocess::Preprocessor;
 use sdserve_pipeline::image_in::resize_lanczos;
 use sdserve_pipeline::pipeline::RgbImage;
 use serde_json::{json, Value};
@@ -511,93 +511,4 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         .get("/controlnet/module_list?alias_names=null&alias_names=null")
         .error(422, "validation_error");
     assert_eq!(e["fields"][0]["field"], "alias_names", "{e}");
-}
-
-#[test]
-fn hed_and_pidinet_modules_run_with_annotator_dir() {
-    // The extension's layout: each file in its own subfolder.
-    let annotators =
-        std::env::temp_dir().join(format!("sdserve-annotators-http-{}", std::process::id()));
-    for (sub, file) in [
-        ("hed", "ControlNetHED.pth"),
-        ("pidinet", "table5_pidinet.pth"),
-    ] {
-        std::fs::create_dir_all(annotators.join(sub)).unwrap();
-        std::fs::copy(
-            fixtures().join(sub).join(file),
-            annotators.join(sub).join(file),
-        )
-        .unwrap();
-    }
-    let s = annotator_server(&annotators);
-    let (photo, _) = photo();
-    // The tiny networks of `tools/make_hed_fixtures.py` and `make_pidinet_fixtures.py`, as
-    // the server reads them.
-    let net = LoadedNetworks::default()
-        .read(&HED, &annotators.join("hed/ControlNetHED.pth"))
-        .unwrap()
-        .read(&PIDINET, &annotators.join("pidinet/table5_pidinet.pth"))
-        .unwrap();
-    // /controlnet/detect by name and by label: the maps made here.
-    for (module, p) in [
-        ("hed", Preprocessor::SoftedgeHed { resolution: 64 }),
-        (
-            "softedge_hedsafe",
-            Preprocessor::SoftedgeHedsafe { resolution: 64 },
-        ),
-        ("scribble_hed", Preprocessor::ScribbleHed { resolution: 64 }),
-        ("pidinet", Preprocessor::SoftedgePidinet { resolution: 64 }),
-        (
-            "softedge_pidisafe",
-            Preprocessor::SoftedgePidisafe { resolution: 64 },
-        ),
-        (
-            "scribble_pidinet",
-            Preprocessor::ScribblePidinet { resolution: 64 },
-        ),
-    ] {
-        let want = p.run_with(&photo, &net).unwrap();
-        let levels = detect_is(&s, module, json!({"controlnet_processor_res": 64}), &want);
-        assert!(levels >= 2, "{module}: {levels} levels");
-    }
-    let map = Preprocessor::SoftedgeHed { resolution: 64 }
-        .run_with(&photo, &net)
-        .unwrap();
-    let settings = json!({"type": "softedge_hed", "resolution": 64});
-    native_unit_is_its_map(&s, settings, &map, "Threshold A: 0.5, Threshold B: 0.5");
-}
-
-#[test]
-fn lineart_modules_run_with_annotator_dir() {
-    let annotators = fixtures().join("lineart");
-    let s = annotator_server(&annotators);
-    let (photo, _) = photo();
-    // The tiny networks of `tools/make_lineart_fixtures.py`, as the server reads them.
-    let mut nets = LoadedNetworks::default();
-    for f in [&LINEART, &LINEART_COARSE, &LINEART_ANIME] {
-        nets = nets.read(f, &annotators.join(f.name)).unwrap();
-    }
-    // /controlnet/detect by name and by label: the maps made here.
-    let realistic = Preprocessor::LineartRealistic { resolution: 64 };
-    for (module, p) in [
-        ("lineart", realistic),
-        ("lineart_realistic", realistic),
-        (
-            "lineart_coarse",
-            Preprocessor::LineartCoarse { resolution: 64 },
-        ),
-        (
-            "lineart_anime",
-            Preprocessor::LineartAnime { resolution: 64 },
-        ),
-    ] {
-        let want = p.run_with(&photo, &nets).unwrap();
-        let levels = detect_is(&s, module, json!({"controlnet_processor_res": 64}), &want);
-        assert!(levels >= 16, "{module}: {levels} levels");
-    }
-    let map = Preprocessor::LineartAnime { resolution: 64 }
-        .run_with(&photo, &nets)
-        .unwrap();
-    let settings = json!({"type": "lineart_anime", "resolution": 64});
-    native_unit_is_its_map(&s, settings, &map, "Threshold A: 0.5, Threshold B: 0.5");
 }
