@@ -4,6 +4,7 @@ By hand: SDSERVE_BIN=target/debug/sdserve python tests/clients/test_openai.py
 import base64
 import io
 import sys
+import warnings
 
 import openai
 import requests
@@ -134,6 +135,34 @@ class OpenAI(Timed):
         self.assertEqual(got.size, (SIZE, SIZE))
         self.assertEqual(pixels(got), pixels(want))
 
+
+    def test_variation_is_img2img_of_the_image(self):
+        if "init_image" not in native_fields():
+            self.skipTest("the native API has no init_image yet")
+        # The package marks create_variation deprecated (DALL-E 2's route); it still sends it.
+        warnings.filterwarnings("ignore", "deprecated", DeprecationWarning)
+        (init,), _ = native(prompt="a green triangle", seed=5, steps=2, width=SIZE, height=SIZE)
+        buf = io.BytesIO()
+        init.save(buf, format="PNG")
+        r = self.client.images.create_variation(
+            image=("i.png", buf.getvalue(), "image/png"), n=1, response_format="b64_json",
+            extra_body={"seed": 9, "steps": 3, "prompt": PROMPT})
+        got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        # The default strength: A1111's img2img default, 0.75.
+        (want,), _ = native(prompt=PROMPT, seed=9, steps=3, strength=0.75,
+                            init_image=b64_png(init))
+        self.assertEqual(got.size, (SIZE, SIZE))
+        self.assertEqual(pixels(got), pixels(want))
+        # Without a prompt, DALL-E 2's default answer: a URL.
+        r = self.client.images.create_variation(image=("i.png", buf.getvalue(), "image/png"),
+                                                extra_body={"seed": 9, "steps": 3})
+        got = requests.get(r.data[0].url)
+        self.assertEqual(got.status_code, 200)
+        self.assertEqual(Image.open(io.BytesIO(got.content)).size, (SIZE, SIZE))
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.images.create_variation(image=("i.png", buf.getvalue(), "image/png"),
+                                                extra_body={"strength": 3})
+        self.assertEqual(e.exception.body["param"], "strength")
 
 if __name__ == "__main__":
     kit.main([sys.modules[__name__]])

@@ -1,11 +1,12 @@
 //! OpenAI's image API under `/v1` (README "Clients that already exist"): what the `openai` client sends
-//! and parses. `images/generations` (JSON) and `images/edits` (multipart) are translated
-//! (`translate`) into the one native request and run like `/generate`; every error on `/v1`
-//! takes OpenAI's shape.
+//! and parses. `images/generations` (JSON), `images/edits` and `images/variations` (multipart,
+//! `form`) are translated (`translate`) into the one native request and run like `/generate`;
+//! every error on `/v1` takes OpenAI's shape.
 //!
 //! `response_format: url` answers links to `/v1/images/files/{id}.png`, kept like finished
 //! jobs (the last `KEPT_FILES`, at most `FILE_TTL`).
 
+mod form;
 pub mod schema;
 pub mod translate;
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,10 +27,11 @@ use serde_json::{json, Map, Value};
 
 use super::{body_object, native, random_seed, AppState, Shared};
 use crate::error::{ApiError, ErrorCode};
+use crate::validate::DialectRules;
 use translate::{OpenAiError, ResponseFormat};
 
 const KEPT_FILES: usize = 64;
-/// Parts an `images/edits` form may have: OpenAI's parameters and our extras are about twenty,
+/// Parts an `images/edits` or `images/variations` form may have: OpenAI's parameters and our extras are about twenty,
 /// so a form of hundreds of tiny parts is refused by count, before its size limit.
 pub const MAX_PARTS: usize = 64;
 const FILE_TTL: Duration = Duration::from_secs(600);
@@ -71,6 +73,7 @@ pub fn router(json_limit: usize) -> Router<Shared> {
             post(generations).layer(DefaultBodyLimit::max(json_limit)),
         )
         .route("/v1/images/edits", post(edits))
+        .route("/v1/images/variations", post(variations))
         .route("/v1/images/files/{name}", get(file))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
@@ -120,7 +123,7 @@ async fn generations(
 ) -> Result<Response, OpenAiError> {
     let body = body_object(app.json_body_bytes(), body)?;
     let t = translate::translate(&body, &crate::validate::FIELDS)?;
-    run(&app, &headers, t.native, t.format).await
+    run(&app, &headers, t.native, t.format, DialectRules::NATIVE).await
 }
 
 /// Validates the native body and runs it; the answer in OpenAI's shape.
@@ -129,6 +132,7 @@ async fn run(
     headers: &HeaderMap,
     native_body: Map<String, Value>,
     format: ResponseFormat,
+    rules: DialectRules,
 ) -> Result<Response, OpenAiError> {
     // Off the runtime's threads: validation decodes the edit's image and mask.
     let styles = app.styles.clone();
@@ -136,7 +140,7 @@ async fn run(
         let mut native_body = native_body;
         let written = crate::styles::AsWritten::read(&native_body);
         let styled = styles.apply(&mut native_body, crate::styles::Dialect::Native);
-        let checked = crate::validate::validate_object(&native_body);
+        let checked = crate::validate::validate_request(&native_body, rules);
         crate::styles::with_styles(styled, written, checked)
             .map(|(mut valid, as_written)| {
                 valid.as_written = as_written;
@@ -197,17 +201,6 @@ async fn file(State(app): State<Shared>, Path(name): Path<String>) -> Response {
     }
 }
 
-/// Native fields whose multipart text stays text (every other value is read as JSON: numbers,
-/// lists, `null`).
-const TEXT_FIELDS: [&str; 6] = [
-    "prompt",
-    "negative_prompt",
-    "scheduler",
-    "schedule",
-    "prompt_syntax",
-    "size",
-];
-
 /// `images/edits`: multipart `image` (and `mask`) files with the other parameters as text.
 #[utoipa::path(post, path = "/v1/images/edits", tag = "openai", request_body(content = schema::EditRequest, content_type = "multipart/form-data"), responses((status = 200, body = schema::ImagesResponse), (status = 400, description = "A parameter breaks a rule", body = schema::ErrorBody), (status = 408, description = "Past GENERATION_TIMEOUT_SECONDS; `x-should-retry: false`", body = schema::ErrorBody), (status = 413, description = "Body too large", body = schema::ErrorBody), (status = 429, description = "Busy; `Retry-After`", body = schema::ErrorBody), (status = 503, description = "Loading, or out of memory", body = schema::ErrorBody)))]
 async fn edits(
@@ -215,53 +208,8 @@ async fn edits(
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, OpenAiError> {
-    let mut multipart = multipart.map_err(|e| {
-        ApiError::InvalidJson(format!("expected multipart/form-data: {}", e.body_text()))
-    })?;
-    let mut body = Map::new();
-    let mut image: Option<Vec<u8>> = None;
-    let mut mask: Option<Vec<u8>> = None;
-    let too_large = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(app.max_body_bytes)
-        } else {
-            ApiError::InvalidJson(format!("malformed multipart body: {}", e.body_text()))
-        }
-    };
-    let mut parts = 0;
-    while let Some(field) = multipart.next_field().await.map_err(too_large)? {
-        parts += 1;
-        if parts > MAX_PARTS {
-            return Err(ApiError::InvalidJson(format!(
-                "a multipart form of at most {MAX_PARTS} parts is accepted"
-            ))
-            .into());
-        }
-        let name = field.name().unwrap_or_default().to_string();
-        match name.as_str() {
-            "image" | "image[]" => {
-                let bytes = field.bytes().await.map_err(too_large)?;
-                if image.replace(bytes.to_vec()).is_some() {
-                    return Err(ApiError::validation("image", "one image only").into());
-                }
-            }
-            "mask" => {
-                let bytes = field.bytes().await.map_err(too_large)?;
-                if mask.replace(bytes.to_vec()).is_some() {
-                    return Err(ApiError::validation("mask", "one mask only").into());
-                }
-            }
-            _ => {
-                let text = field.text().await.map_err(too_large)?;
-                let value = if TEXT_FIELDS.contains(&name.as_str()) {
-                    Value::String(text)
-                } else {
-                    serde_json::from_str(&text).unwrap_or(Value::String(text))
-                };
-                body.insert(name, value);
-            }
-        }
-    }
+    let form = form::read(multipart, app.max_body_bytes).await?;
+    let (body, image, mask) = (form.params, form.image, form.mask);
     let image = image.ok_or_else(|| ApiError::validation("image", "is required (a PNG file)"))?;
     let fields = crate::validate::FIELDS;
     if !fields.contains(&"init_image") {
@@ -293,7 +241,46 @@ async fn edits(
         Ok(native_body)
     })
     .await?;
-    run(&app, &headers, native_body, format).await
+    run(&app, &headers, native_body, format, DialectRules::NATIVE).await
+}
+
+/// A variation's `strength` unless the form sends one: A1111's img2img default (its
+/// `denoising_strength`), enough to change the details and keep the composition.
+pub const VARIATION_STRENGTH: f64 = 0.75;
+
+/// `images/variations` (DALL-E 2's): new images like the form's `image`: img2img of it (at its
+/// own size unless `size` is sent) at [`VARIATION_STRENGTH`], with no prompt unless one is
+/// sent; answered as URLs unless `response_format` says otherwise (DALL-E 2's default).
+#[utoipa::path(post, path = "/v1/images/variations", tag = "openai", request_body(content = schema::VariationRequest, content_type = "multipart/form-data"), responses((status = 200, body = schema::ImagesResponse), (status = 400, description = "A parameter breaks a rule", body = schema::ErrorBody), (status = 408, description = "Past GENERATION_TIMEOUT_SECONDS; `x-should-retry: false`", body = schema::ErrorBody), (status = 413, description = "Body too large", body = schema::ErrorBody), (status = 429, description = "Busy; `Retry-After`", body = schema::ErrorBody), (status = 503, description = "Loading, or out of memory", body = schema::ErrorBody)))]
+async fn variations(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, OpenAiError> {
+    let form = form::read(multipart, app.max_body_bytes).await?;
+    if form.mask.is_some() {
+        let rule = "variations take no mask (images/edits repaints a masked area)";
+        return Err(ApiError::validation("mask", rule).into());
+    }
+    let image = form
+        .image
+        .ok_or_else(|| ApiError::validation("image", "is required (a PNG file)"))?;
+    let t = translate::translate(&form.params, &crate::validate::FIELDS)?;
+    let format = match form.params.get("response_format") {
+        Some(v) if !v.is_null() => t.format,
+        _ => ResponseFormat::Url,
+    };
+    let mut native_body = t.native;
+    native_body
+        .entry("strength")
+        .or_insert(json!(VARIATION_STRENGTH));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    native_body.insert("init_image".into(), json!(b64));
+    let rules = DialectRules {
+        prompt: crate::validate::PromptRule::MayBeEmpty,
+        ..DialectRules::NATIVE
+    };
+    run(&app, &headers, native_body, format, rules).await
 }
 
 fn model_object(id: &str) -> Value {

@@ -153,6 +153,28 @@ pub struct EditRequest {
     pub step_rule: Option<crate::api::StepRuleName>,
 }
 
+/// `images/variations` (multipart/form-data): the `image` file (PNG, JPEG or WebP, any size the
+/// native rules allow), `n`, `size` (absent: the image's own, floored to a multiple of 8),
+/// `response_format` (absent: `url`, DALL-E 2's default) and the native extras (`prompt`,
+/// `strength`, `seed`, `steps`, ...) as text fields. Each image is img2img of `image`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = openai::ImageVariationRequest)]
+pub struct VariationRequest {
+    #[schema(format = Binary, value_type = String)]
+    pub image: Vec<u8>,
+    #[schema(default = 1, minimum = 1, maximum = 8, nullable = true)]
+    pub n: Option<u32>,
+    pub size: Option<String>,
+    #[schema(nullable = true)]
+    pub response_format: Option<ResponseFormat>,
+    /// A prompt to steer the variations (an extra; absent: none, the image alone).
+    #[schema(nullable = true)]
+    pub prompt: Option<String>,
+    /// How much of the image is repainted (absent: 0.75, A1111's img2img default).
+    #[schema(default = 0.75, minimum = 0.0, maximum = 1.0, nullable = true)]
+    pub strength: Option<f64>,
+}
+
 /// How images come back.
 #[derive(Serialize, ToSchema)]
 #[schema(as = openai::ResponseFormat)]
@@ -206,8 +228,8 @@ pub struct ErrorBody {
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(super::generations, super::edits, super::file, super::models, super::model),
-    components(schemas(GenerationRequest, EditRequest, ResponseFormat, Image, ImagesResponse, ErrorDetail, ErrorBody)),
+    paths(super::generations, super::edits, super::variations, super::file, super::models, super::model),
+    components(schemas(GenerationRequest, EditRequest, VariationRequest, ResponseFormat, Image, ImagesResponse, ErrorDetail, ErrorBody)),
     tags((name = "openai", description = "OpenAI's image API under /v1, translated into the native request"))
 )]
 pub struct ApiDoc;

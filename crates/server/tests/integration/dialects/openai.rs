@@ -1,4 +1,4 @@
-//! The OpenAI (`/v1`) dialect: generations and edits translated to the native request, its
+//! The OpenAI (`/v1`) dialect: generations, edits and variations translated to the native request, its
 //! error shape, and where its retries can help.
 
 use super::*;
@@ -212,4 +212,73 @@ fn openai_generations_take_tiling_and_variation_seeds() {
         bad[k] = v;
         openai_error(&post(&s, "/v1/images/generations", &bad), 400, Some(k));
     }
+}
+
+/// `images/variations`: img2img of the form's image, at strength 0.75 unless sent, no prompt
+/// unless sent, URLs unless `response_format` says otherwise; a mask or no image is a 400.
+#[test]
+fn openai_variations_are_img2img_of_the_image() {
+    use base64::Engine as _;
+    let s = ready("step_ms=0", &[]);
+    let init = init_png(&s);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(&init)
+        .unwrap();
+    let vary = |parts: &[(&str, Option<&str>, &[u8])]| {
+        let (ct, body) = multipart(parts);
+        s.request(
+            "POST",
+            "/v1/images/variations",
+            &[("Content-Type", &ct)],
+            &body,
+        )
+    };
+    let images = |r: &Resp| -> Vec<Vec<u8>> {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let data = r.json()["data"].as_array().unwrap().clone();
+        let b64 = |d: &Value| d["b64_json"].as_str().unwrap().to_string();
+        data.iter().map(|d| decode_png(&b64(d)).2).collect()
+    };
+    let base: [(&str, Option<&str>, &[u8]); 5] = [
+        ("image", Some("i.png"), &png),
+        ("n", None, b"2"),
+        ("seed", None, b"5"),
+        ("steps", None, b"2"),
+        ("response_format", None, b"b64_json"),
+    ];
+    let plain = images(&vary(&base));
+    assert_eq!(plain.len(), 2);
+    // The default strength is 0.75: sending it changes nothing, another value does.
+    let with = |extra: (&'static str, &'static [u8])| {
+        let mut parts = base.to_vec();
+        parts.push((extra.0, None, extra.1));
+        images(&vary(&parts))
+    };
+    assert_eq!(with(("strength", b"0.75")), plain);
+    assert_ne!(with(("strength", b"0.5")), plain);
+    // With a prompt: the native img2img of the image, image i from seed + i.
+    let steered = with(("prompt", b"a boat"));
+    assert_ne!(steered, plain);
+    for (i, got) in steered.iter().enumerate() {
+        let native = json!({"prompt": "a boat", "init_image": init, "strength": 0.75,
+                            "seed": 5 + i, "steps": 2});
+        assert_eq!(got, &native_pixels(&s, native), "image {i}");
+    }
+    // DALL-E 2's default answer is a URL to the PNG.
+    let r = vary(&base[..4]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
+    let path = &url[url.find("/v1/").unwrap()..];
+    let file = s.get(path);
+    assert_eq!(file.status, 200);
+    // Refusals name the parameter.
+    let mut masked = base.to_vec();
+    masked.push(("mask", Some("m.png"), &png));
+    openai_error(&vary(&masked), 400, Some("mask"));
+    openai_error(&vary(&base[1..]), 400, Some("image"));
+    openai_error(
+        &vary(&[base[0], ("strength", None, b"2")]),
+        400,
+        Some("strength"),
+    );
 }
