@@ -27,6 +27,7 @@ mod sampler_params;
 pub(crate) mod samplers;
 pub mod schema;
 pub mod translate;
+mod translate_hires;
 mod vaes;
 
 /// The field an A1111 ControlNet unit's errors name (`alwayson_scripts.controlnet.args`).

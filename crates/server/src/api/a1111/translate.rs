@@ -4,7 +4,6 @@
 //! (A1111's names and defaults mapped onto ours), which `validate` then checks like any other
 //! request; its errors are renamed back to the field the client sent.
 
-use sdserve_pipeline::schedulers::SigmaSchedule;
 use serde_json::{json, Map, Value};
 
 use crate::api::declared_types::DeclaredTypes;
@@ -133,11 +132,14 @@ const USED: [&str; 44] = [
 ];
 
 /// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
-fn get<'a>(body: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+pub(super) fn get<'a>(body: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
     body.get(field).filter(|v| !v.is_null())
 }
 
-fn opt_str<'a>(body: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+pub(super) fn opt_str<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<&'a str>, ApiError> {
     match get(body, field) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -488,7 +490,7 @@ pub fn translate(
     }
     // Hires fix is txt2img's (A1111's img2img has no such pass).
     if enable_hr && mode == Mode::Txt2Img {
-        let second = hires(body, &valid, &sampler)?;
+        let second = super::translate_hires::hires(body, &valid, &sampler)?;
         if let Some(u) = &units {
             u.fit_hires(&mut valid, second.params.width, second.params.height);
         }
@@ -523,77 +525,6 @@ pub fn translate(
             })
             .unwrap_or_default(),
     })
-}
-
-/// The second pass of `enable_hr`: its fields checked by the one validation place, and its
-/// sampler as A1111 runs it (`StableDiffusionProcessingTxt2Img`): `hr_sampler_name or
-/// sampler_name` on `hr_scheduler`, which defaults to the first pass's `p.scheduler`, then to
-/// the sampler's own (`Automatic`, in `get_sigmas`); "Use same ..." (the web UI's) is absent.
-/// A sampler or schedule other than the first pass's is the pass's own.
-fn hires(
-    body: &Map<String, Value>,
-    first: &ValidRequest,
-    first_sampler: &Resolved,
-) -> Result<crate::validate::hires::ValidHires, ApiError> {
-    let same = |field: &str| -> Result<Option<&str>, ApiError> {
-        Ok(opt_str(body, field)?.filter(|v| !v.is_empty() && !v.starts_with("Use same")))
-    };
-    let (name, schedule) = (same("hr_sampler_name")?, same("hr_scheduler")?);
-    let sampler = match (name, schedule) {
-        (None, None) => None,
-        _ => {
-            let first_name = opt_str(body, "sampler_name")?.or(opt_str(body, "sampler_index")?);
-            let r = resolve_sampler(
-                if name.is_some() {
-                    "hr_sampler_name"
-                } else {
-                    "hr_scheduler"
-                },
-                name.or(first_name),
-                schedule.or(first_pass_scheduler(body, first_sampler)?),
-            )?;
-            ((r.kind, r.sigmas) != (first_sampler.kind, first_sampler.sigmas)).then(|| {
-                let (first_name, first_label) = crate::validate::hires::a1111_sampler_of(
-                    first_sampler.kind,
-                    Some(first_sampler.sigmas),
-                );
-                crate::validate::hires::HiresSampler::new(
-                    r.kind,
-                    Some(r.sigmas),
-                    Some(first_name),
-                    first_label,
-                )
-            })
-        }
-    };
-    let fields: Map<String, Value> = crate::validate::hires::FIELDS
-        .iter()
-        .filter_map(|f| get(body, f).map(|v| (f.to_string(), v.clone())))
-        .collect();
-    crate::validate::hires::validate_hires(&fields, first, sampler)
-}
-
-/// The first pass's `p.scheduler` as A1111's API sets it, which an absent `hr_scheduler`
-/// takes: the request's `scheduler`, else the schedule written after the sampler's name
-/// (`Euler Karras`) unless it is that sampler's own (`get_sampler_and_scheduler` turns
-/// `DPM++ 2M Karras` into `Automatic`); `None`: Automatic.
-fn first_pass_scheduler<'a>(
-    body: &'a Map<String, Value>,
-    first: &Resolved,
-) -> Result<Option<&'a str>, ApiError> {
-    if let Some(s) = opt_str(body, "scheduler")?.filter(|s| !s.is_empty()) {
-        return Ok(Some(s));
-    }
-    let own = SAMPLERS
-        .iter()
-        .find(|s| s.name == first.sampler)
-        .is_some_and(|s| s.automatic != SigmaSchedule::Uniform && s.automatic == first.sigmas);
-    Ok((first.schedule != "Automatic" && !own).then(|| {
-        SCHEDULES
-            .iter()
-            .find(|(_, label)| *label == first.schedule)
-            .map_or("automatic", |(name, _)| *name)
-    }))
 }
 
 /// Values A1111 clients send for features left off (`false`, `0`, `""`, `[]`, `{}`, `null`).

@@ -1,7 +1,7 @@
 //! The A1111 translation's tests (`translate`), in a file of their own.
 
 use super::*;
-use sdserve_pipeline::schedulers::SchedulerKind;
+use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
 
 fn field_of(e: ApiError) -> String {
     match e.fields() {
