@@ -219,6 +219,14 @@ pub fn native_units(
         position += 1;
         let module = text("module").unwrap_or("none");
         if super::controlnet_ip_adapter::is_ip_adapter(module) {
+            // As many as the native `ip_adapters` takes: each unit adds attention to every
+            // cross-attention of every step.
+            let most = crate::validate::IP_ADAPTERS_MAX;
+            if ip_adapters.len() == most {
+                return Err(bad(format!(
+                    "[{i}]: at most {most} ip-adapter units in one request"
+                )));
+            }
             let size = width.zip(height).map(|(w, h)| (w as usize, h as usize));
             ip_adapters.push(super::controlnet_ip_adapter::ip_adapter_unit(
                 unit,

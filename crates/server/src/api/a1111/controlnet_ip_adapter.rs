@@ -94,13 +94,23 @@ fn auto_module(model: &str, i: usize) -> Result<(), ApiError> {
     }
 }
 
+/// Images one unit may average (each runs the image encoder once; the extension sets no
+/// bound, a request must).
+pub(super) const IMAGES_MAX: usize = 8;
+
 /// The unit's own images as `get_input_images_rgba` reads them: a list of `{image, mask}`
-/// objects, or one image in the forms [`own_image`] reads.
+/// objects (at most [`IMAGES_MAX`]), or one image in the forms [`own_image`] reads.
 fn own_images(unit: &Map<String, Value>, i: usize) -> Result<Vec<(&str, Option<&str>)>, ApiError> {
     let listed = match unit.get("image").or_else(|| unit.get("input_image")) {
         Some(Value::Array(a)) if a.first().is_some_and(Value::is_object) => a,
         _ => return Ok(own_image(unit, i)?.into_iter().collect()),
     };
+    if listed.len() > IMAGES_MAX {
+        return Err(bad(format!(
+            "[{i}].image: at most {IMAGES_MAX} images in one ip-adapter unit, got {}",
+            listed.len()
+        )));
+    }
     fn text(v: Option<&Value>, i: usize, k: String) -> Result<Option<&str>, ApiError> {
         match v {
             None | Some(Value::Null) => Ok(None),

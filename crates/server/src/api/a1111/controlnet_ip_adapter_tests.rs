@@ -153,3 +153,24 @@ fn broken_ip_adapter_units_are_422s_naming_their_field() {
         assert!(text.contains(needle), "{needle}: {text}");
     }
 }
+
+/// A request takes as many ip-adapter units as the native `ip_adapters` (3), a unit at most
+/// `IMAGES_MAX` images: each image runs the encoder, each unit attends at every step.
+#[test]
+fn ip_adapter_units_and_their_images_are_bounded() {
+    let image = png(8, 8, 1);
+    let unit =
+        json!({"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15", "image": image});
+    assert_eq!(adapters(json!([unit, unit, unit])).len(), 3);
+    let e = translate(json!([unit, unit, unit, unit])).unwrap_err();
+    let text = format!("{:?}", e.body());
+    assert!(text.contains("[3]: at most 3 ip-adapter units"), "{text}");
+    let list = |n: usize| {
+        let items: Vec<Value> = (0..n).map(|_| json!({"image": image})).collect();
+        json!([{"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15", "image": items}])
+    };
+    assert!(translate(list(IMAGES_MAX)).is_ok());
+    let e = translate(list(IMAGES_MAX + 1)).unwrap_err();
+    let text = format!("{:?}", e.body());
+    assert!(text.contains("[0].image: at most 8 images"), "{text}");
+}
