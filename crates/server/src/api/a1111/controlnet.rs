@@ -71,6 +71,35 @@ pub(super) fn bad(rule: String) -> ApiError {
     ApiError::validation(FIELD, rule)
 }
 
+/// Unit fields the extension reads that change the image and are not followed here: sent
+/// with a value, a 422 rather than an image made without them (`null`, `""` and `[]`: unset).
+const UNFOLLOWED: [(&str, &str); 2] = [
+    (
+        "effective_region_mask",
+        "restricting a unit to a region is not supported here",
+    ),
+    (
+        "advanced_weighting",
+        "per-layer weights are not supported here (`weight` applies to every layer)",
+    ),
+];
+
+fn refuse_unfollowed(unit: &Map<String, Value>, i: usize) -> Result<(), ApiError> {
+    let set = |v: &Value| match v {
+        Value::Null => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        _ => true,
+    };
+    match UNFOLLOWED
+        .iter()
+        .find(|(k, _)| unit.get(*k).is_some_and(set))
+    {
+        Some((k, rule)) => Err(bad(format!("[{i}].{k}: {rule}"))),
+        None => Ok(()),
+    }
+}
+
 /// The extension's `ControlMode`, from its value or its index (the order of its radio
 /// buttons, which older API clients send).
 pub(super) fn control_mode(v: Option<&Value>, i: usize) -> Result<ControlMode, ApiError> {
@@ -216,6 +245,7 @@ pub fn native_units(
             continue;
         }
         let text = |k: &str| unit.get(k).and_then(Value::as_str);
+        refuse_unfollowed(unit, i)?;
         position += 1;
         let module = text("module").unwrap_or("none");
         if super::controlnet_ip_adapter::is_ip_adapter(module) {

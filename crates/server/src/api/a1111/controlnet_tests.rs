@@ -78,3 +78,44 @@ fn units_become_native_controlnets_and_unsupported_options_are_refused() {
         assert!(e.contains(needle), "{needle}: {e}");
     }
 }
+
+/// `effective_region_mask` and `advanced_weighting` change what a unit does; sent with a value
+/// they are a 422 naming them (on ControlNet and ip-adapter units alike), unset they pass.
+#[test]
+fn unit_options_not_followed_are_refused_when_set() {
+    let body = |unit: Value| {
+        json!({"alwayson_scripts": {"controlnet": {"args": [unit]}}})
+            .as_object()
+            .unwrap()
+            .clone()
+    };
+    let run = |unit: Value| native_units(&body(unit), 0, false, Some(64), Some(64), None);
+    let png = "iVBORw0KGgo";
+    for module in ["none", "ip-adapter_clip_sd15"] {
+        let unit = json!({"input_image": png, "model": "m", "module": module});
+        for (k, v) in [
+            ("effective_region_mask", json!(png)),
+            ("advanced_weighting", json!([1.0, 0.5])),
+        ] {
+            let mut sent = unit.clone();
+            sent[k] = v;
+            let e = run(sent).unwrap_err();
+            let text = format!("{:?}", e.body());
+            assert!(text.contains(&format!("[0].{k}: ")), "{module} {k}: {text}");
+        }
+        for unset in [json!(null), json!(""), json!([])] {
+            let mut sent = unit.clone();
+            sent["effective_region_mask"] = unset.clone();
+            sent["advanced_weighting"] = if unset == json!("") {
+                json!(null)
+            } else {
+                unset
+            };
+            if let Err(e) = run(sent) {
+                let text = format!("{:?}", e.body());
+                assert!(!text.contains("effective_region_mask"), "{module}: {text}");
+                assert!(!text.contains("advanced_weighting"), "{module}: {text}");
+            }
+        }
+    }
+}
