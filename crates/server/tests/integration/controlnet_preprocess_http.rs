@@ -346,6 +346,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         listed["module_list"],
         json!([
             "none",
+            "ip-adapter-auto",
             "tile_resample",
             "pidinet",
             "pidinet_scribble",
@@ -355,6 +356,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "normal_bae",
             "mlsd",
             "lineart_standard",
+            "ip-adapter_clip_sd15",
             "inpaint_only",
             "depth",
             "canny",
@@ -390,7 +392,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         ])
     );
     let aliases = s.get("/controlnet/module_list?alias_names=true").json();
-    assert_eq!(aliases["module_list"][15], "t2ia_color_grid");
+    assert_eq!(aliases["module_list"][17], "t2ia_color_grid");
     assert_eq!(
         aliases["module_detail"]["t2ia_color_grid"],
         json!({"model_free": false, "sliders": [
@@ -434,19 +436,19 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     let labels = s.get("/controlnet/module_list?alias_names=true").json();
     // The extension's `Preprocessor.label`s: two differ from the names.
     assert_eq!(
-        labels["module_list"][9],
+        labels["module_list"][10],
         "lineart_standard (from white bg & black line)"
     );
     assert_eq!(
-        labels["module_list"][13],
+        labels["module_list"][15],
         "invert (from white bg & black line)"
     );
-    assert_eq!(labels["module_list"][2], "softedge_pidinet");
+    assert_eq!(labels["module_list"][3], "softedge_pidinet");
     // The inpaint modules: inpaint_only priority 100, inpaint_only+lama and inpaint (its
     // label inpaint_global_harmonious) 0, in that label order; no sliders.
-    assert_eq!(labels["module_list"][10], "inpaint_only");
-    assert_eq!(labels["module_list"][36], "inpaint_only+lama");
-    assert_eq!(labels["module_list"][37], "inpaint_global_harmonious");
+    assert_eq!(labels["module_list"][12], "inpaint_only");
+    assert_eq!(labels["module_list"][38], "inpaint_only+lama");
+    assert_eq!(labels["module_list"][39], "inpaint_global_harmonious");
     for m in ["inpaint", "inpaint_only", "inpaint_only+lama"] {
         assert_eq!(
             listed["module_detail"][m],
@@ -454,29 +456,29 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
             "{m}"
         );
     }
-    assert_eq!(labels["module_list"][3], "scribble_pidinet");
+    assert_eq!(labels["module_list"][4], "scribble_pidinet");
     // recolor_luminance is priority 100, recolor_intensity 0 (preprocessor_compiled.py).
-    assert_eq!(labels["module_list"][5], "recolor_luminance");
-    assert_eq!(labels["module_list"][26], "recolor_intensity");
+    assert_eq!(labels["module_list"][6], "recolor_luminance");
+    assert_eq!(labels["module_list"][28], "recolor_intensity");
     // openpose_full's priority is 100 (preprocessor_compiled.py), the other OpenPose ones' 0.
-    assert_eq!(labels["module_list"][6], "openpose_full");
+    assert_eq!(labels["module_list"][7], "openpose_full");
     // normal_bae is priority 100: its label after openpose_full's, before mlsd.
-    assert_eq!(labels["module_list"][7], "normal_bae");
-    assert_eq!(labels["module_list"][8], "mlsd");
+    assert_eq!(labels["module_list"][8], "normal_bae");
+    assert_eq!(labels["module_list"][9], "mlsd");
     // depth (label depth_midas) is priority 100 too; normal_map (normal_midas) 0.
-    assert_eq!(labels["module_list"][11], "depth_midas");
-    assert_eq!(labels["module_list"][12], "canny");
-    assert_eq!(labels["module_list"][16], "softedge_teed");
-    assert_eq!(labels["module_list"][17], "softedge_pidisafe");
-    assert_eq!(labels["module_list"][18], "softedge_hedsafe");
-    assert_eq!(labels["module_list"][19], "softedge_hed");
-    assert_eq!(labels["module_list"][20], "softedge_anyline");
-    assert_eq!(labels["module_list"][27], "openpose_hand");
-    assert_eq!(labels["module_list"][28], "openpose_faceonly");
-    assert_eq!(labels["module_list"][29], "openpose_face");
-    assert_eq!(labels["module_list"][30], "openpose");
-    assert_eq!(labels["module_list"][31], "normal_midas");
-    assert_eq!(labels["module_list"][32], "lineart_realistic");
+    assert_eq!(labels["module_list"][13], "depth_midas");
+    assert_eq!(labels["module_list"][14], "canny");
+    assert_eq!(labels["module_list"][18], "softedge_teed");
+    assert_eq!(labels["module_list"][19], "softedge_pidisafe");
+    assert_eq!(labels["module_list"][20], "softedge_hedsafe");
+    assert_eq!(labels["module_list"][21], "softedge_hed");
+    assert_eq!(labels["module_list"][22], "softedge_anyline");
+    assert_eq!(labels["module_list"][29], "openpose_hand");
+    assert_eq!(labels["module_list"][30], "openpose_faceonly");
+    assert_eq!(labels["module_list"][31], "openpose_face");
+    assert_eq!(labels["module_list"][32], "openpose");
+    assert_eq!(labels["module_list"][33], "normal_midas");
+    assert_eq!(labels["module_list"][34], "lineart_realistic");
     for m in [
         "openpose_hand",
         "openpose_face",
