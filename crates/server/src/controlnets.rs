@@ -11,7 +11,6 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
 
 use candle_core::{DType, Device};
 use sdserve_pipeline::controlnet::{ControlNet, ControlNetModel};
@@ -22,17 +21,21 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
+use crate::model_folder::{self, FolderEntry, FolderKinds};
 use crate::validate::ValidRequest;
 
 /// The single-file extensions the extension lists (its `cn_models_exts`, less `.bin`).
 const EXTENSIONS: [&str; 4] = ["safetensors", "pth", "pt", "ckpt"];
 
 /// One model of CONTROLNET_DIR.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ControlNetEntry {
-    pub name: String,
-    pub path: PathBuf,
-}
+pub type ControlNetEntry = FolderEntry;
+
+/// What CONTROLNET_DIR lists: of a file and a folder of one name, the first in path order.
+const KINDS: FolderKinds = FolderKinds {
+    extensions: &EXTENSIONS,
+    diffusers_folders: true,
+    rank: FolderKinds::by_path,
+};
 
 /// CONTROLNET_DIR, as this process sees it.
 #[derive(Debug, Clone, Default)]
@@ -48,45 +51,7 @@ impl ControlNetCatalog {
     /// The models by name, sorted (empty without the folder or when it cannot be read); of a
     /// file and a folder of one name, the first in path order. Blocking.
     pub fn scan(&self) -> Vec<ControlNetEntry> {
-        let Some(dir) = &self.dir else {
-            return Vec::new();
-        };
-        let Ok(read) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<ControlNetEntry> = read
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter_map(|path| {
-                let name = if path.is_dir() {
-                    path.join("config.json")
-                        .is_file()
-                        .then(|| path.file_name()?.to_str().map(str::to_string))??
-                } else {
-                    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-                    if !EXTENSIONS.contains(&ext.as_str()) {
-                        return None;
-                    }
-                    path.file_stem()?.to_str()?.to_string()
-                };
-                Some(ControlNetEntry { name, path })
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
-        out.dedup_by(|b, a| a.name == b.name);
-        out
-    }
-
-    /// The names, for error messages.
-    fn names(models: &[ControlNetEntry]) -> String {
-        if models.is_empty() {
-            return "none".into();
-        }
-        models
-            .iter()
-            .map(|m| format!("{:?}", m.name))
-            .collect::<Vec<_>>()
-            .join(", ")
+        model_folder::scan(self.dir.as_deref(), &KINDS)
     }
 
     /// The check a request's ControlNets get before it is queued (blocking: reads the folder
@@ -116,11 +81,14 @@ impl ControlNetCatalog {
                     format!(
                         "[{i}].model: {why} ({:?}); one of {}",
                         unit.model,
-                        Self::names(&models)
+                        model_folder::quoted_names(&models)
                     ),
                 ));
             };
-            ids.push(file_identity(entry));
+            ids.push(model_folder::identity(
+                &entry.name,
+                &model_folder::files_of(&entry.path),
+            ));
         }
         Ok(Some(format!("controlnets {}", ids.join(" "))))
     }
@@ -138,29 +106,6 @@ impl ControlNetCatalog {
                 .collect(),
         }
     }
-}
-
-/// Name, size and modification time of a model's file (a folder: its weights' newest).
-fn file_identity(entry: &ControlNetEntry) -> String {
-    let meta = |p: &Path| std::fs::metadata(p).ok();
-    let stamp = |m: &std::fs::Metadata| {
-        m.modified()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos())
-    };
-    let files: Vec<PathBuf> = if entry.path.is_dir() {
-        std::fs::read_dir(&entry.path)
-            .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default()
-    } else {
-        vec![entry.path.clone()]
-    };
-    let (len, modified) = files
-        .iter()
-        .filter_map(|p| meta(p))
-        .fold((0u64, 0u128), |(l, m), x| (l + x.len(), m.max(stamp(&x))));
-    format!("{} {len} {modified}", entry.name)
 }
 
 /// One ControlNet as `GET /controlnets` lists it.
@@ -220,7 +165,7 @@ impl ControlNetCache {
         dtype: DType,
     ) -> Result<Arc<ControlNetModel>, String> {
         let key = CacheKey {
-            file: file_identity(entry),
+            file: entry.identity(),
             path: entry.path.clone(),
             unet: format!("{unet:?}"),
             device: format!("{:?}", device.location()),

@@ -11,7 +11,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use sdserve_pipeline::ip_adapter::{ImageEncoder, IpAdapter};
 use sdserve_pipeline::pipeline::GenerationParams;
@@ -20,6 +19,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
+use crate::model_folder::{self, identity, FolderEntry, FolderKinds};
 use crate::validate::{ValidIpAdapter, ValidRequest};
 
 /// The adapter files read (h94's `.safetensors` and `.bin`).
@@ -31,11 +31,14 @@ pub const IMAGE_ENCODER: &str = "image_encoder";
 pub const PLUS_UNCOND: &str = "clip_vision_h_uc.data";
 
 /// One adapter of IP_ADAPTER_DIR.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IpAdapterEntry {
-    pub name: String,
-    pub path: PathBuf,
-}
+pub type IpAdapterEntry = FolderEntry;
+
+/// What IP_ADAPTER_DIR lists: of two files of one stem, the `.safetensors`.
+const KINDS: FolderKinds = FolderKinds {
+    extensions: &EXTENSIONS,
+    diffusers_folders: false,
+    rank: |path| u8::from(path.extension().is_none_or(|x| x != "safetensors")),
+};
 
 /// IP_ADAPTER_DIR, as this process sees it.
 #[derive(Debug, Clone, Default)]
@@ -51,45 +54,13 @@ impl IpAdapterCatalog {
     /// The adapters by name, sorted (empty without the folder or when it cannot be read); of
     /// two files of one stem, the `.safetensors`. Blocking.
     pub fn scan(&self) -> Vec<IpAdapterEntry> {
-        let Some(dir) = &self.dir else {
-            return Vec::new();
-        };
-        let Ok(read) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<IpAdapterEntry> = read
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .filter_map(|path| {
-                let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-                if !EXTENSIONS.contains(&ext.as_str()) {
-                    return None;
-                }
-                let name = path.file_stem()?.to_str()?.to_string();
-                Some(IpAdapterEntry { name, path })
-            })
-            .collect();
-        let pickle = |e: &IpAdapterEntry| e.path.extension().is_none_or(|x| x != "safetensors");
-        out.sort_by(|a, b| {
-            (a.name.as_str(), pickle(a), &a.path).cmp(&(b.name.as_str(), pickle(b), &b.path))
-        });
-        out.dedup_by(|b, a| a.name == b.name);
-        out
+        model_folder::scan(self.dir.as_deref(), &KINDS)
     }
 
     /// The image encoder's folder, where it has a `config.json`.
     pub fn image_encoder(&self) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?.join(IMAGE_ENCODER);
         dir.join("config.json").is_file().then_some(dir)
-    }
-
-    fn names(models: &[IpAdapterEntry]) -> String {
-        if models.is_empty() {
-            return "none".into();
-        }
-        let names: Vec<String> = models.iter().map(|m| format!("{:?}", m.name)).collect();
-        names.join(", ")
     }
 
     /// The check a request's adapters get before it is queued (blocking: reads the folder and
@@ -120,11 +91,11 @@ impl IpAdapterCatalog {
                     format!(
                         "[{i}].model: {why} ({:?}); one of {}",
                         unit.model,
-                        Self::names(&models)
+                        model_folder::quoted_names(&models)
                     ),
                 ));
             };
-            ids.push(identity(&entry.name, std::slice::from_ref(&entry.path)));
+            ids.push(entry.identity());
         }
         let Some(encoder) = self.image_encoder() else {
             let unit = &req.ip_adapters[0];
@@ -147,10 +118,7 @@ impl IpAdapterCatalog {
         {
             ids.push(identity(PLUS_UNCOND, &[uc]));
         }
-        let files: Vec<PathBuf> = std::fs::read_dir(&encoder)
-            .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        ids.push(identity(IMAGE_ENCODER, &files));
+        ids.push(identity(IMAGE_ENCODER, &model_folder::files_of(&encoder)));
         Ok(Some(format!("ip-adapters {}", ids.join(" "))))
     }
 
@@ -174,21 +142,6 @@ impl IpAdapterCatalog {
             image_encoder: self.image_encoder().is_some(),
         }
     }
-}
-
-/// Name, total size and newest modification time of `files`.
-fn identity(name: &str, files: &[PathBuf]) -> String {
-    let stamp = |m: &std::fs::Metadata| {
-        m.modified()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos())
-    };
-    let (len, modified) = files
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .fold((0u64, 0u128), |(l, m), x| (l + x.len(), m.max(stamp(&x))));
-    format!("{name} {len} {modified}")
 }
 
 /// One adapter as `GET /ip-adapters` lists it.

@@ -21,6 +21,7 @@ mod ip_adapters;
 mod listen;
 mod metrics;
 mod model;
+mod model_folder;
 mod models;
 mod png;
 #[cfg(test)]

@@ -25,6 +25,7 @@ use sdserve_pipeline::upscaler::Network;
 use sdserve_pipeline::PipelineError;
 
 use crate::error::ApiError;
+use crate::model_folder::{self, FolderEntry, FolderKinds};
 use crate::validate::ValidRequest;
 
 use serde::Serialize;
@@ -34,11 +35,15 @@ use utoipa::ToSchema;
 const EXTENSIONS: [&str; 3] = ["pth", "pt", "safetensors"];
 
 /// One model of UPSCALERS_DIR.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpscalerEntry {
-    pub name: String,
-    pub path: PathBuf,
-}
+pub type UpscalerEntry = FolderEntry;
+
+/// What UPSCALERS_DIR lists: of two files of one stem (x.pth, x.safetensors), the first in
+/// path order.
+const KINDS: FolderKinds = FolderKinds {
+    extensions: &EXTENSIONS,
+    diffusers_folders: false,
+    rank: FolderKinds::by_path,
+};
 
 /// UPSCALERS_DIR, as this process sees it.
 #[derive(Debug, Clone, Default)]
@@ -51,32 +56,12 @@ impl UpscalerCatalog {
         Self { dir }
     }
 
-    /// The models, by name (empty without the folder or when it cannot be read). Blocking.
+    /// The models, by name (empty without the folder or when it cannot be read), less those
+    /// named as a built-in upscaler. Blocking.
     pub fn scan(&self) -> Vec<UpscalerEntry> {
-        let Some(dir) = &self.dir else {
-            return Vec::new();
-        };
-        let Ok(read) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
         let builtin = crate::validate::extras::UPSCALERS.map(|(n, _)| n);
-        let mut out: Vec<UpscalerEntry> = read
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .filter(|p| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            })
-            .filter_map(|path| {
-                let name = path.file_stem()?.to_str()?.to_string();
-                (!builtin.contains(&name.as_str())).then_some(UpscalerEntry { name, path })
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
-        // Two files of one stem (x.pth, x.safetensors): the first in that order is the name's.
-        out.dedup_by(|b, a| a.name == b.name);
+        let mut out = model_folder::scan(self.dir.as_deref(), &KINDS);
+        out.retain(|e| !builtin.contains(&e.name.as_str()));
         out
     }
 }
@@ -110,17 +95,7 @@ impl UpscalerCatalog {
                 ),
             ));
         };
-        let meta = std::fs::metadata(&entry.path).ok();
-        let modified = meta
-            .as_ref()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        Ok(Some(format!(
-            "upscaler {} {} {modified}",
-            entry.name,
-            meta.map_or(0, |m| m.len())
-        )))
+        Ok(Some(format!("upscaler {}", entry.identity())))
     }
 }
 
