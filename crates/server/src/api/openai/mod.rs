@@ -211,13 +211,7 @@ async fn edits(
     let form = form::read(multipart, app.max_body_bytes).await?;
     let (body, image, mask) = (form.params, form.image, form.mask);
     let image = image.ok_or_else(|| ApiError::validation("image", "is required (a PNG file)"))?;
-    let fields = crate::validate::FIELDS;
-    if !fields.contains(&"init_image") {
-        return Err(
-            ApiError::validation("image", "edits are not supported by this server yet").into(),
-        );
-    }
-    let t = translate::translate(&body, &fields)?;
+    let t = translate::translate(&body, &crate::validate::FIELDS)?;
     let format = t.format;
     let mut native_body = t.native;
     // Off the runtime's threads: reading the alpha channel decodes the images.
@@ -229,16 +223,10 @@ async fn edits(
             None => translate::mask_from_alpha(&image, "image")?,
         };
         if let Some(m) = mask {
-            if !fields.contains(&"mask_image") {
-                return Err(ApiError::validation(
-                    "mask",
-                    "inpainting is not supported by this server yet",
-                ));
-            }
             native_body.insert("mask_image".into(), json!(b64(&m)));
         }
         native_body.insert("init_image".into(), json!(b64(&image)));
-        Ok(native_body)
+        Ok::<_, ApiError>(native_body)
     })
     .await?;
     run(&app, &headers, native_body, format, DialectRules::NATIVE).await
