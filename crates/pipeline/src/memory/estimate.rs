@@ -3,7 +3,7 @@
 
 use candle_core::DType;
 
-use super::footprint::{Footprint, ModelShapes};
+use super::footprint::{Footprint, ImageEncoderShape, ModelShapes};
 use super::plan::{MemoryPlan, Offload, PlanRequest, StageEstimate};
 use crate::attention::{AttentionSlicing, AUTO_SLICE_BYTES};
 
@@ -138,6 +138,17 @@ pub fn reference_activation_bytes(
         longer = longer.max(scores + 3 * u * b * n * c * s);
     }
     banks + longer
+}
+
+/// The image encoder's activations for one image (IP-Adapter images are encoded one at a
+/// time): per token a layer's input, its normed copy, queries, keys, values and the attention's
+/// output (6 x hidden) and the MLP's intermediate and its activation (2 x intermediate); one
+/// layer's scores of every head, `2s + 8` bytes each as in the UNet (unsliced).
+pub fn image_encoder_activation_bytes(shape: &ImageEncoderShape, dtype: DType) -> u64 {
+    let s = dtype.size_in_bytes() as u64;
+    let n = shape.tokens as u64;
+    let per_token = (6 * shape.hidden + 2 * shape.intermediate) as u64 * s;
+    n * per_token + shape.heads as u64 * n * n * (2 * s + 8)
 }
 
 /// The VAE mid block's attention over the `n` cells of the latent grid (one head of `n x n`
@@ -303,9 +314,22 @@ pub fn estimate(fp: &Footprint, req: &PlanRequest, plan: &MemoryPlan) -> StageEs
             dec,
         ),
     };
+    // IP-Adapter images are encoded after the prompt, with what the plan keeps resident.
+    let image = &req.controlnets.image_prompts;
+    let image_prompts = match &image.encoder {
+        None => 0,
+        Some(shape) => {
+            let resident = match plan.offload {
+                Offload::None => all,
+                Offload::Model | Offload::Sequential => 0,
+            };
+            cn + resident + image.params * s + image_encoder_activation_bytes(shape, req.dtype)
+        }
+    };
     // The text embeddings and latents live through the whole run; they are tiny.
     StageEstimate {
         text: cn + text_w + text_act,
+        image_prompts,
         encode: cn + enc_w + enc_act,
         unet: cn + unet_w + unet_act,
         vae: cn + vae_w + vae_act,
@@ -438,6 +462,7 @@ mod tests {
                 units: 1,
                 params: 40,
                 references: 0,
+                ..Default::default()
             },
             ..bare
         };
@@ -446,6 +471,7 @@ mod tests {
                 units: 3,
                 params: 40,
                 references: 0,
+                ..Default::default()
             },
             ..bare
         };
@@ -468,6 +494,68 @@ mod tests {
             assert_eq!(o.unet - b.unet, 40 * 2 + skips + hint);
             // Several units: their running sum beside one unit's residuals, never more.
             assert_eq!(t.unet - b.unet, 40 * 2 + 2 * skips + hint);
+        }
+    }
+
+    #[test]
+    fn ip_adapters_add_an_image_prompt_stage_beside_what_stays_resident() {
+        let fp = toy();
+        let bare = toy_request();
+        let shape = ImageEncoderShape {
+            tokens: 5,
+            hidden: 4,
+            intermediate: 8,
+            heads: 2,
+        };
+        let with = |cn_params| PlanRequest {
+            controlnets: crate::memory::plan::ControlNetLoad {
+                units: usize::from(cn_params > 0),
+                params: cn_params,
+                image_prompts: crate::memory::plan::ImagePromptLoad {
+                    params: 100,
+                    encoder: Some(shape),
+                },
+                ..Default::default()
+            },
+            ..bare
+        };
+        // 5 tokens x (6 x 4 + 2 x 8) values of 2 bytes, and 2 heads of 5 x 5 scores at 12
+        // bytes (f16 scores, their f32 copy and softmax, f16 probabilities).
+        let act = 5 * (6 * 4 + 2 * 8) * 2 + 2 * 5 * 5 * 12;
+        assert_eq!(image_encoder_activation_bytes(&shape, DType::F16), act);
+        // Everything resident (text 50, UNet 110, decoder 20 parameters) only without offload.
+        for (offload, resident) in [
+            (Offload::None, (50 + 110 + 20) * 2),
+            (Offload::Model, 0),
+            (Offload::Sequential, 0),
+        ] {
+            let mut p = MemoryPlan::cpu(DType::F16);
+            p.offload = offload;
+            let (b, one, cn) = (
+                estimate(&fp, &bare, &p),
+                estimate(&fp, &with(0), &p),
+                estimate(&fp, &with(40), &p),
+            );
+            assert_eq!(b.image_prompts, 0, "{offload:?}");
+            assert_eq!(one.image_prompts, resident + 100 * 2 + act, "{offload:?}");
+            // The ControlNets are on the device through every stage.
+            assert_eq!(cn.image_prompts, one.image_prompts + 40 * 2);
+            // The other stages do not change.
+            let others = |e: StageEstimate| (e.text, e.encode, e.unet, e.vae);
+            assert_eq!(others(one), others(b), "{offload:?}");
+            // The stage counts in the peak: an encoder larger than the rest sets it.
+            let big = PlanRequest {
+                controlnets: crate::memory::plan::ControlNetLoad {
+                    image_prompts: crate::memory::plan::ImagePromptLoad {
+                        params: 1 << 30,
+                        encoder: Some(shape),
+                    },
+                    ..Default::default()
+                },
+                ..bare
+            };
+            let e = estimate(&fp, &big, &p);
+            assert_eq!(e.peak(), e.image_prompts);
         }
     }
 

@@ -159,6 +159,68 @@ pub fn controlnet_weight_count(path: &Path, dtype: DType) -> Result<u64> {
         .sum())
 }
 
+/// The shape of an IP-Adapter image encoder (a CLIP vision transformer) that its activations
+/// depend on, from its `config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageEncoderShape {
+    /// Patches and the class token.
+    pub tokens: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+}
+
+/// What a request's IP-Adapters put on the device while their images are encoded: the
+/// encoder in `encoder_dir` (its config and the weight files the loader reads for `dtype`) and
+/// the largest of `adapters`, counted from the headers alone.
+pub fn image_prompt_load(
+    encoder_dir: &Path,
+    adapters: &[&Path],
+    dtype: DType,
+) -> Result<crate::memory::plan::ImagePromptLoad> {
+    let config = crate::ip_adapter::ClipVisionConfig::from_file(&encoder_dir.join("config.json"))?;
+    let mut params = 0;
+    for file in component_weight_files(encoder_dir, "", "model", dtype)? {
+        params += weight_numels(&file)?.iter().map(|(_, n)| n).sum::<u64>();
+    }
+    let mut largest = 0;
+    for adapter in adapters {
+        largest = largest.max(adapter_params(adapter)?);
+    }
+    let grid = config.image_size / config.patch_size.max(1);
+    Ok(crate::memory::plan::ImagePromptLoad {
+        params: params + largest,
+        encoder: Some(ImageEncoderShape {
+            tokens: grid * grid + 1,
+            hidden: config.hidden_size,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+        }),
+    })
+}
+
+/// An IP-Adapter file's parameters: a safetensors header's, or the tensors of h94's `.bin`,
+/// a pickle of dicts (`{"image_proj": {...}, "ip_adapter": {...}}`) one level down.
+fn adapter_params(path: &Path) -> Result<u64> {
+    let safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if safetensors {
+        return Ok(safetensors_numels(path)?.iter().map(|(_, n)| n).sum());
+    }
+    use crate::ckpt::Value;
+    let checkpoint = crate::ckpt::Checkpoint::open(path)?;
+    let tensor = |v: &Value| match v {
+        Value::Tensor(t) => t.shape.iter().map(|&d| d as u64).product(),
+        _ => 0,
+    };
+    let dict = |v: &Value, count: &dyn Fn(&Value) -> u64| match v {
+        Value::Dict(items) => items.iter().map(|(_, v)| count(v)).sum(),
+        _ => 0,
+    };
+    Ok(dict(checkpoint.root(), &|v| tensor(v) + dict(v, &tensor)))
+}
+
 /// One UNet resolution level that has attention.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttentionLevel {
@@ -283,6 +345,49 @@ mod tests {
         let counted = controlnet_weight_count(&tmp, DType::F32);
         std::fs::remove_file(&tmp).unwrap();
         assert_eq!(counted.unwrap(), all);
+    }
+
+    #[test]
+    fn ip_adapters_count_the_encoder_and_their_largest_adapter() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ip-adapter/models");
+        let numels = |file: &Path| -> u64 {
+            let tensors = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
+            tensors.values().map(|t| t.elem_count() as u64).sum()
+        };
+        let encoder = dir.join("image_encoder");
+        let (base, plus) = (
+            dir.join("ip-adapter_sd15.safetensors"),
+            dir.join("ip-adapter-plus_sd15.safetensors"),
+        );
+        let plus_params = numels(&plus);
+        assert!(
+            plus_params > numels(&base),
+            "the Plus adapter is the larger"
+        );
+        let both = image_prompt_load(&encoder, &[&base, &plus], DType::F32).unwrap();
+        assert_eq!(
+            both.params,
+            numels(&encoder.join("model.safetensors")) + plus_params
+        );
+        let one = image_prompt_load(&encoder, &[&base], DType::F32).unwrap();
+        assert_eq!(both.params - one.params, plus_params - numels(&base));
+        // The fixture's config: 32x32 images in 8x8 patches (16 and the class token).
+        assert_eq!(
+            one.encoder,
+            Some(ImageEncoderShape {
+                tokens: 17,
+                hidden: 32,
+                intermediate: 40,
+                heads: 4
+            })
+        );
+        // The .bin of the same adapter counts the same (its pickle's tensor table).
+        let bin = image_prompt_load(&encoder, &[&dir.join("ip-adapter_sd15.bin")], DType::F32);
+        assert_eq!(bin.unwrap().params, one.params);
+        assert!(
+            image_prompt_load(&dir, &[&base], DType::F32).is_err(),
+            "no config.json"
+        );
     }
 
     #[test]

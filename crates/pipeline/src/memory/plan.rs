@@ -98,12 +98,29 @@ pub struct ControlNetLoad {
     /// Reference units (`reference_only` and the others: no weights; a second UNet pass
     /// before each evaluation, whose banks the evaluation reads beside its own tokens).
     pub references: usize,
+    /// The IP-Adapters' image encoding, before the denoising loop (none: default).
+    pub image_prompts: ImagePromptLoad,
+}
+
+/// A request's IP-Adapters as the planner counts them: while their images are encoded, one
+/// unit at a time before the denoising loop, the image encoder and that unit's adapter are on
+/// the device beside what the plan keeps resident, and the encoder's activations for one
+/// image (both are read for the request and dropped after it). What the UNet stage keeps of
+/// them (each cross-attention's image keys and values, a few tokens) is left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImagePromptLoad {
+    /// Parameters of the image encoder and of the largest adapter of the request.
+    pub params: u64,
+    /// The encoder's shape; `None` without IP-Adapters.
+    pub encoder: Option<super::footprint::ImageEncoderShape>,
 }
 
 /// Estimated peak device memory of each stage, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct StageEstimate {
     pub text: u64,
+    /// IP-Adapter images through the image encoder (0 without IP-Adapters).
+    pub image_prompts: u64,
     /// The VAE encoder on an init image (img2img, inpainting), resized to the request's size.
     pub encode: u64,
     pub unet: u64,
@@ -113,7 +130,11 @@ pub struct StageEstimate {
 
 impl StageEstimate {
     pub fn peak(&self) -> u64 {
-        self.text.max(self.encode).max(self.unet).max(self.vae)
+        self.text
+            .max(self.image_prompts)
+            .max(self.encode)
+            .max(self.unet)
+            .max(self.vae)
     }
 }
 
@@ -201,10 +222,14 @@ impl MemoryPlan {
         let mb = |b: u64| b / (1 << 20);
         match (self.budget_bytes, self.estimate) {
             (Some(budget), Some(e)) => format!(
-                "levers: {levers}; vae {}; estimated peak {} MiB (text {} / encode {} / unet {} / vae {}) of {} MiB{}",
+                "levers: {levers}; vae {}; estimated peak {} MiB (text {}{} / encode {} / unet {} / vae {}) of {} MiB{}",
                 self.vae_dtype.as_str(),
                 mb(e.peak()),
                 mb(e.text),
+                match e.image_prompts {
+                    0 => String::new(),
+                    b => format!(" / image prompts {}", mb(b)),
+                },
                 mb(e.encode),
                 mb(e.unet),
                 mb(e.vae),

@@ -276,7 +276,95 @@ mod tests {
             units,
             params,
             references: 0,
+            ..Default::default()
         }
+    }
+
+    /// SD 1.5's IP-Adapter encoder, ViT-H/14 (h94/IP-Adapter's `models/image_encoder/
+    /// config.json`: hidden 1280, intermediate 5120, 32 layers, 16 heads, 224 pixels in 14-pixel
+    /// patches, projection 1024), and ip-adapter_sd15 (a 1024 -> 4 x 768 projection with its
+    /// norm; to_k_ip and to_v_ip of 768 columns at the 16 cross-attentions, 12,480 rows in all).
+    fn sd15_ip_adapter() -> crate::memory::plan::ImagePromptLoad {
+        let (hidden, inter, layers, tokens) = (1280u64, 5120u64, 32u64, 257u64);
+        let layer =
+            4 * (hidden * hidden + hidden) + 2 * hidden * inter + inter + hidden + 4 * hidden;
+        let embeddings = 3 * 14 * 14 * hidden + hidden + tokens * hidden;
+        let encoder = embeddings + 2 * 2 * hidden + layers * layer + hidden * 1024;
+        let adapter = 1024 * 3072 + 3072 + 2 * 768 + 2 * 12_480 * 768;
+        crate::memory::plan::ImagePromptLoad {
+            params: encoder + adapter,
+            encoder: Some(crate::memory::footprint::ImageEncoderShape {
+                tokens: tokens as usize,
+                hidden: hidden as usize,
+                intermediate: inter as usize,
+                heads: 16,
+            }),
+        }
+    }
+
+    #[test]
+    fn ip_adapters_image_encoder_counts_before_the_denoising_loop() {
+        let fp = sd15();
+        let req = base(5120);
+        let current = plan(&fp, &req);
+        let image = sd15_ip_adapter();
+        assert_eq!(image.params - 22_319_616, 632_076_800, "ViT-H/14's count");
+        // Two ControlNets of different models.
+        let two = crate::memory::plan::ControlNetLoad {
+            units: 2,
+            params: 2 * sd15_controlnet(1).params,
+            ..Default::default()
+        };
+        let with = |controlnets| PlanRequest {
+            controlnets: crate::memory::plan::ControlNetLoad {
+                image_prompts: image,
+                ..controlnets
+            },
+            ..req
+        };
+        let without = |controlnets| PlanRequest { controlnets, ..req };
+        let chosen = |r: &PlanRequest| plan_for_request(&fp, r, &current, 512, 512, 1, true);
+        let (alone, bare) = (chosen(&with(Default::default())), chosen(&req));
+        let (both, cn_only) = (chosen(&with(two)), chosen(&without(two)));
+        let (alone, bare, both, cn_only) = (
+            alone.unwrap(),
+            bare.unwrap(),
+            both.unwrap(),
+            cn_only.unwrap(),
+        );
+        eprintln!(
+            "512, 5 GB: {}\n  an IP-Adapter: {}\n  two ControlNets: {}\n  both: {}",
+            bare.summary(),
+            alone.summary(),
+            cn_only.summary(),
+            both.summary()
+        );
+        // Alone, the encoder (1.2 GiB in f16) fits beside the resident model: the stage is
+        // counted (above the text stage, which holds the same weights and the text encoder's
+        // 64 MiB of activations) and the levers stay.
+        let e = alone.estimate.unwrap();
+        assert!(e.image_prompts > e.text, "{}", alone.summary());
+        assert_eq!(alone.levers(), bare.levers());
+        // Beside two ControlNets it does not: the model leaves the device while the images
+        // are encoded, where the two ControlNets alone keep everything resident.
+        assert_eq!(cn_only.offload, Offload::None, "{}", cn_only.summary());
+        let over = estimate(&fp, &sized(&with(two), 512, 512, 2), &cn_only);
+        assert!(over.image_prompts > usable_bytes(req.budget_bytes));
+        assert!(
+            both.fits && both.offload > Offload::None,
+            "{}",
+            both.summary()
+        );
+        let e = both.estimate.unwrap();
+        assert_eq!(
+            e.image_prompts,
+            (two.params + image.params) * 2 + {
+                crate::memory::estimate::image_encoder_activation_bytes(
+                    &image.encoder.unwrap(),
+                    DType::F16,
+                )
+            }
+        );
     }
 
     #[test]
@@ -293,6 +381,7 @@ mod tests {
                 units: 2,
                 params: 2 * sd15_controlnet(1).params,
                 references: 0,
+                ..Default::default()
             },
             ..req
         };

@@ -20,9 +20,12 @@ use candle_core::{DType, Device};
 use sdserve_pipeline::device::{
     dtype_label, gpu_info, select_device, select_dtype, DTypeRequest, DeviceRequest,
 };
-use sdserve_pipeline::memory::footprint::controlnet_weight_count;
+use sdserve_pipeline::memory::footprint::{
+    controlnet_weight_count, image_prompt_load as image_prompt_load_of,
+};
 use sdserve_pipeline::memory::plan::{
-    check_request, plan, plan_for_request, ControlNetLoad, OverBudget, DEFAULT_MAX_SIDE,
+    check_request, plan, plan_for_request, ControlNetLoad, ImagePromptLoad, OverBudget,
+    DEFAULT_MAX_SIDE,
 };
 use sdserve_pipeline::memory::{Footprint, LeverOverrides, MemoryPlan, PlanRequest};
 use sdserve_pipeline::pipeline::{GenerationParams, StableDiffusion};
@@ -216,7 +219,35 @@ pub fn controlnet_load(params: &GenerationParams, dtype: DType) -> ControlNetLoa
         units: params.controlnets.len(),
         params: paths.into_iter().map(params_of).sum(),
         references: params.references.len(),
+        image_prompts: image_prompt_load(params, dtype),
     }
+}
+
+/// What `params`' IP-Adapters put on the device while their images are encoded, from the
+/// encoder's config and the files' headers. Adapters known by name only (before the worker
+/// finds them in its IP_ADAPTER_DIR), or whose files cannot be read (their load will say why),
+/// count nothing.
+fn image_prompt_load(params: &GenerationParams, dtype: DType) -> ImagePromptLoad {
+    let Some(encoder) = params
+        .ip_adapters
+        .first()
+        .map(|u| u.image_encoder.path.as_path())
+    else {
+        return ImagePromptLoad::default();
+    };
+    let adapters: Vec<&Path> = params
+        .ip_adapters
+        .iter()
+        .map(|u| u.model.path.as_path())
+        .collect();
+    let named_only = |p: &Path| p.as_os_str().is_empty();
+    if named_only(encoder) || adapters.iter().any(|p| named_only(p)) {
+        return ImagePromptLoad::default();
+    }
+    image_prompt_load_of(encoder, &adapters, dtype).unwrap_or_else(|e| {
+        tracing::debug!(encoder = %encoder.display(), "IP-Adapters not counted: {e}");
+        ImagePromptLoad::default()
+    })
 }
 
 /// Before a run: the levers this request needs (a large batch needs more than the start-up

@@ -198,3 +198,52 @@ fn each_request_gets_the_levers_its_batch_needs() {
     plan_request(&mut sd, &cpu, &params(8, 768)).unwrap();
     assert_eq!(levers(&sd), start);
 }
+
+#[test]
+fn ip_adapters_count_once_their_files_are_found() {
+    use sdserve_pipeline::ip_adapter::{ImageEncoder, IpAdapter, IpAdapterUnit};
+    let unit = |model: &str| IpAdapterUnit {
+        model: std::sync::Arc::new(IpAdapter::named(model)),
+        image_encoder: std::sync::Arc::new(ImageEncoder::named(crate::ip_adapters::IMAGE_ENCODER)),
+        image: sdserve_pipeline::pipeline::RgbImage {
+            width: 1,
+            height: 1,
+            pixels: vec![0, 0, 0],
+        },
+        scale: 0.5,
+        extension: None,
+    };
+    let params = GenerationParams {
+        ip_adapters: vec![unit("ip-adapter_sd15"), unit("ip-adapter-plus_sd15")],
+        ..Default::default()
+    };
+    // By name only (a cluster's API process): nothing counted, as ControlNets.
+    assert_eq!(
+        controlnet_load(&params, DType::F16).image_prompts,
+        ImagePromptLoad::default()
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pipeline/tests/fixtures/ip-adapter/models");
+    let found = crate::ip_adapters::with_ip_adapter_files(&params, Some(&dir))
+        .unwrap()
+        .unwrap();
+    let counted = controlnet_load(&found, DType::F16).image_prompts;
+    // The folder's encoder and the larger (Plus) of the two adapters the request names.
+    let expected = image_prompt_load_of(
+        &dir.join(crate::ip_adapters::IMAGE_ENCODER),
+        &[&dir.join("ip-adapter-plus_sd15.safetensors")],
+        DType::F16,
+    )
+    .unwrap();
+    assert_eq!(counted, expected);
+    let without_plus = GenerationParams {
+        ip_adapters: found.ip_adapters[..1].to_vec(),
+        ..found.clone()
+    };
+    assert!(
+        controlnet_load(&without_plus, DType::F16)
+            .image_prompts
+            .params
+            < counted.params
+    );
+}

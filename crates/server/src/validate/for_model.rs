@@ -54,6 +54,14 @@ pub fn check_memory(
                         .div_ceil(1 << 20)
                 ));
             }
+            let images = controlnets.image_prompts.params;
+            if images > 0 {
+                rule.push_str(&format!(
+                    " (counting its IP-Adapters' image encoder and adapter: {} MiB on the \
+                     device while their images are encoded)",
+                    (images * budget.request.dtype.size_in_bytes() as u64).div_ceil(1 << 20)
+                ));
+            }
             let fields: &[&str] = if over.largest_batch_size > 0 {
                 &["batch_size"]
             } else {
