@@ -11,6 +11,7 @@ pub mod controlnet;
 pub mod device;
 pub mod embeddings;
 pub mod error;
+pub mod face_restore;
 pub mod image_in;
 pub mod inpaint_a1111;
 pub mod interpolate;

@@ -74,8 +74,9 @@ const UNWRAP_KEYS: [&str; 7] = [
 ];
 
 /// The state dict's tensor `key` of `file`, of `shape` when one is given; else an error naming
-/// the file and the key (every architecture's loader reads its tensors through this).
-pub(super) fn checked_tensor<'a>(
+/// the file and the key (every architecture's loader reads its tensors through this, the
+/// face restorers' too).
+pub(crate) fn checked_tensor<'a>(
     file: &Path,
     state: &'a HashMap<String, Tensor>,
     key: &str,
@@ -94,6 +95,22 @@ pub(super) fn checked_tensor<'a>(
         )),
         _ => Ok(t),
     }
+}
+
+/// spandrel's `get_seq_len(state, prefix)`: one past the highest `prefix.N.` index.
+pub(crate) fn seq_len(state: &HashMap<String, Tensor>, prefix: &str) -> usize {
+    let prefix = format!("{prefix}.");
+    state
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(&prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1)
 }
 
 fn bad(path: &Path, message: impl std::fmt::Display) -> PipelineError {

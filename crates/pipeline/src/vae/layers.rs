@@ -78,6 +78,21 @@ impl GroupNorm {
         })
     }
 
+    /// The norm of `weight` and `bias` (`[channels]`, any dtype; kept in f32) as they are.
+    pub(crate) fn from_tensors(
+        weight: &Tensor,
+        bias: &Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32)?,
+            bias: bias.to_dtype(DType::F32)?,
+            groups,
+            eps,
+        })
+    }
+
     /// `act(group_norm(x))`, fused into one pass for SiLU on f32 CPU tensors and on CUDA.
     pub(crate) fn forward_act(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         let silu = matches!(act, Activation::Silu);
@@ -89,7 +104,7 @@ impl GroupNorm {
         act.forward(&self.forward(x)?)
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let fast = crate::kernels::group_norm;
         if let Some(y) = fast(x, self.groups, &self.weight, &self.bias, self.eps, false)? {
             return Ok(y);

@@ -24,6 +24,7 @@ mod a1111_skip_early;
 mod a1111_steps;
 mod adapters;
 mod area_resize;
+mod codeformer;
 mod config_json;
 mod controlnet;
 mod controlnet_inpaint;

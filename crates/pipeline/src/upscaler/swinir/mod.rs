@@ -29,6 +29,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use self::block::{Attention, Block, Norm};
 use super::compact::pixel_shuffle;
 use super::net::reflect_pad_to_multiple;
+use super::state::seq_len;
 use crate::kernels::dense::Dense;
 use crate::kernels::Conv2d;
 use crate::{PipelineError, Result};
@@ -148,22 +149,6 @@ impl std::fmt::Debug for SwinIr {
             .field("three_conv", &self.three_conv)
             .finish()
     }
-}
-
-/// spandrel's `get_seq_len(state, prefix)`: one past the highest `prefix.N.` index.
-fn seq_len(has_prefix: &HashMap<String, Tensor>, prefix: &str) -> usize {
-    let prefix = format!("{prefix}.");
-    has_prefix
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix(&prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |n| n + 1)
 }
 
 impl SwinIr {
