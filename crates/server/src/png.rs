@@ -110,20 +110,7 @@ pub fn parameters_text(
     let units = p.units_with_references();
     let mut entries: Vec<String> = units
         .iter()
-        .map(|c| {
-            let (module, settings) = match &c.preprocessor {
-                None => ("none", String::new()),
-                Some(p) => (p.module(), unit_settings(p)),
-            };
-            format!(
-                "Module: {module}, Model: {}, Weight: {}{settings}, Guidance Start: {}, Guidance End: {}, Control Mode: {}",
-                unit_model_name(c),
-                c.scale,
-                c.guidance_start,
-                c.guidance_end,
-                c.control_mode.label()
-            )
-        })
+        .map(|c| c.infotext.clone().unwrap_or_else(|| native_entry(c)))
         .collect();
     // A1111's ip-adapter units (their entries written by the dialect) at their places among
     // the request's units.
@@ -304,19 +291,51 @@ pub fn unit_model_name(c: &sdserve_pipeline::controlnet::ControlNetUnit) -> &str
     }
 }
 
-/// A unit's `Processor Res`, `Threshold A` and `Threshold B` as the extension's infotext
-/// writes them (`str()` of the unit's values: the thresholds are floats); a slider the module
-/// hides holds the hidden slider's default, 0.5, after `bound_check_params`.
-fn unit_settings(p: &Preprocessor) -> String {
-    let hidden = "0.5".to_string();
-    let float = |x: f64| format!("{x:?}");
+/// A native unit's entry, in the extension's form (`ControlNetUnit.serialize`, the formatting
+/// A1111's units share): what it ran as. Its module the preprocessor's native name (`none`
+/// without one), `Resize Mode: Just Resize` (the native API stretches the control image to
+/// the request's size), `Pixel Perfect: False`, its settings from the preprocessor.
+fn native_entry(c: &sdserve_pipeline::controlnet::ControlNetUnit) -> String {
+    use crate::api::a1111::controlnet_infotext::{PyNumber, UnitRecord};
+    let hidden = PyNumber::Float(0.5);
+    let (module, [processor_res, threshold_a, threshold_b]) = match &c.preprocessor {
+        None => ("none", [PyNumber::Int(512), hidden, hidden]),
+        Some(p) => (p.module(), unit_settings(p)),
+    };
+    UnitRecord {
+        module: module.to_string(),
+        model: unit_model_name(c).to_string(),
+        weight: c.scale,
+        resize_mode: "Just Resize",
+        processor_res,
+        threshold_a,
+        threshold_b,
+        guidance: (c.guidance_start, c.guidance_end),
+        pixel_perfect: false,
+        control_mode: c.control_mode,
+    }
+    .infotext()
+}
+
+/// A native unit's `Processor Res`, `Threshold A` and `Threshold B` as the extension's
+/// infotext writes them (the thresholds floats); a slider the module hides holds the hidden
+/// slider's default, 0.5, after `bound_check_params`.
+fn unit_settings(p: &Preprocessor) -> [crate::api::a1111::controlnet_infotext::PyNumber; 3] {
+    use crate::api::a1111::controlnet_infotext::PyNumber;
+    let hidden = PyNumber::Float(0.5);
+    let float = PyNumber::Float;
     let res = p
         .resolution()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|| match p {
+        .map(|r| PyNumber::Int(r.into()))
+        .unwrap_or(match p {
             // The legacy modules keep the class's visible resolution slider (512 for -1).
-            Preprocessor::TileResample { .. } => "512".into(),
-            _ => hidden.clone(),
+            Preprocessor::TileResample { .. }
+            | Preprocessor::RecolorLuminance { .. }
+            | Preprocessor::RecolorIntensity { .. }
+            | Preprocessor::ReferenceOnly { .. }
+            | Preprocessor::ReferenceAdain { .. }
+            | Preprocessor::ReferenceAdainAttn { .. } => PyNumber::Int(512),
+            _ => hidden,
         });
     let (a, b) = match *p {
         Preprocessor::Canny {
@@ -325,30 +344,26 @@ fn unit_settings(p: &Preprocessor) -> String {
             ..
         } => (float(low_threshold), float(high_threshold)),
         Preprocessor::Threshold { threshold, .. }
-        | Preprocessor::ScribbleXdog { threshold, .. } => (float(threshold), hidden.clone()),
-        Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden.clone()),
+        | Preprocessor::ScribbleXdog { threshold, .. } => (float(threshold), hidden),
+        Preprocessor::BlurGaussian { sigma, .. } => (float(sigma), hidden),
         Preprocessor::SoftedgeTeed { safe_steps, .. }
-        | Preprocessor::SoftedgeAnyline { safe_steps, .. } => (float(safe_steps), hidden.clone()),
+        | Preprocessor::SoftedgeAnyline { safe_steps, .. } => (float(safe_steps), hidden),
         Preprocessor::NormalMidas {
             background_threshold,
             ..
-        } => (float(background_threshold), hidden.clone()),
+        } => (float(background_threshold), hidden),
         Preprocessor::DepthLeres {
             remove_near,
             remove_background,
             ..
         } => (float(remove_near), float(remove_background)),
-        Preprocessor::TileResample { down_sampling_rate } => {
-            (float(down_sampling_rate), hidden.clone())
-        }
+        Preprocessor::TileResample { down_sampling_rate } => (float(down_sampling_rate), hidden),
         Preprocessor::RecolorLuminance { gamma } | Preprocessor::RecolorIntensity { gamma } => {
-            (float(gamma), hidden.clone())
+            (float(gamma), hidden)
         }
         Preprocessor::ReferenceOnly { style_fidelity }
         | Preprocessor::ReferenceAdain { style_fidelity }
-        | Preprocessor::ReferenceAdainAttn { style_fidelity } => {
-            (float(style_fidelity), hidden.clone())
-        }
+        | Preprocessor::ReferenceAdainAttn { style_fidelity } => (float(style_fidelity), hidden),
         Preprocessor::Invert
         | Preprocessor::LineartStandard { .. }
         | Preprocessor::Color { .. }
@@ -374,14 +389,14 @@ fn unit_settings(p: &Preprocessor) -> String {
         | Preprocessor::OpenposeFull { .. }
         | Preprocessor::Inpaint
         | Preprocessor::InpaintOnly
-        | Preprocessor::InpaintOnlyLama => (hidden.clone(), hidden.clone()),
+        | Preprocessor::InpaintOnlyLama => (hidden, hidden),
         Preprocessor::Mlsd {
             value_threshold,
             distance_threshold,
             ..
         } => (float(value_threshold), float(distance_threshold)),
     };
-    format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
+    [res, a, b]
 }
 
 #[cfg(test)]

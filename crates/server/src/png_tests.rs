@@ -59,7 +59,10 @@ fn a1111_inpainting_writes_a1111_s_keys_in_its_order() {
 /// float): a fraction kept, a whole value with `.0`, hidden sliders 0.5.
 #[test]
 fn unit_settings_write_the_float_sliders_as_sent() {
-    let text = |p| unit_settings(&p);
+    let text = |p| {
+        let [res, a, b] = unit_settings(&p);
+        format!(", Processor Res: {res}, Threshold A: {a}, Threshold B: {b}")
+    };
     assert_eq!(
         text(Preprocessor::Canny {
             low_threshold: 100.7,
@@ -347,11 +350,17 @@ fn controlnet_entries_keep_the_request_s_unit_order() {
         control_mode: Default::default(),
         mask: None,
         hires_mask: None,
+        infotext: None,
     };
+    // A dialect's own entry is written as recorded, a reference unit's too.
+    let recorded = "Module: reference_adain, Model: None, Weight: 0.9, Resize Mode: Resize and Fill, Processor Res: 512, Threshold A: 0.25, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: True, Control Mode: Balanced";
     let sent = vec![
         unit("", reference, 0.7),
         unit("cn-a", canny, 0.75),
-        unit("", reference, 0.9),
+        ControlNetUnit {
+            infotext: Some(recorded.into()),
+            ..unit("", reference, 0.9)
+        },
         unit("cn-b", canny, 0.5),
     ];
     let mut p = GenerationParams {
@@ -367,19 +376,23 @@ fn controlnet_entries_keep_the_request_s_unit_order() {
         let at = text.find(&format!("ControlNet {i}: \"")).expect("entry");
         text[at..].split(", Guidance").next().unwrap().to_string()
     };
-    let fidelity = ", Processor Res: 0.5, Threshold A: 0.25, Threshold B: 0.5";
+    // The native units as they ran: stretched to the size, the reference modules' resolution
+    // the class slider's 512 as the extension writes it.
+    let fidelity =
+        ", Resize Mode: Just Resize, Processor Res: 512, Threshold A: 0.25, Threshold B: 0.5";
     assert_eq!(
         entry(0),
         format!("ControlNet 0: \"Module: reference_adain, Model: None, Weight: 0.7{fidelity}")
     );
-    let canny = ", Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0";
+    let canny =
+        ", Resize Mode: Just Resize, Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0";
     assert_eq!(
         entry(1),
         format!("ControlNet 1: \"Module: canny, Model: cn-a, Weight: 0.75{canny}")
     );
-    assert_eq!(
-        entry(2),
-        format!("ControlNet 2: \"Module: reference_adain, Model: None, Weight: 0.9{fidelity}")
+    assert!(
+        text.contains(&format!("ControlNet 2: \"{recorded}\"")),
+        "{text}"
     );
     assert_eq!(
         entry(3),

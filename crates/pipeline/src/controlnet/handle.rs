@@ -76,6 +76,10 @@ pub struct ControlNetUnit {
     pub mask: Option<RgbImage>,
     /// The hires pass's mask, at `hires_image`'s size; `None`: `mask`.
     pub hires_mask: Option<RgbImage>,
+    /// What the caller records of the unit (an A1111 unit's infotext entry, as the
+    /// sd-webui-controlnet extension serialises the unit it was sent); the pipeline does not
+    /// read it. `None`: the records describe the unit from its fields.
+    pub infotext: Option<String>,
 }
 
 /// The sd-webui-controlnet extension's `hr_option`: the passes of a hires request a ControlNet

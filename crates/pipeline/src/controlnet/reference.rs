@@ -69,6 +69,8 @@ pub struct ReferenceUnit {
     /// Its place in the request's list of units (ControlNets and reference units together),
     /// where the extension numbers it (infotext, metadata); `None`: after the ControlNets.
     pub request_index: Option<usize>,
+    /// The caller's record of the unit ([`super::ControlNetUnit::infotext`]).
+    pub infotext: Option<String>,
 }
 
 impl ReferenceUnit {
@@ -107,6 +109,7 @@ impl ReferenceUnit {
             hr_option: unit.hr_option,
             control_mode: unit.control_mode,
             request_index: None,
+            infotext: unit.infotext.clone(),
         })
     }
 
@@ -148,6 +151,7 @@ impl ReferenceUnit {
             control_mode: self.control_mode,
             mask: None,
             hires_mask: None,
+            infotext: self.infotext.clone(),
         }
     }
 }

@@ -174,6 +174,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
                 control_mode: Default::default(),
                 mask: None,
                 hires_mask: None,
+                infotext: None,
             }
         })
         .collect();

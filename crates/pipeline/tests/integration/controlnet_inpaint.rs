@@ -46,6 +46,7 @@ fn params_of(case: &serde_json::Value) -> GenerationParams {
             control_mode: Default::default(),
             mask: Some(read_png(u["mask"].as_str().unwrap())),
             hires_mask: None,
+            infotext: None,
         })
         .collect();
     GenerationParams {

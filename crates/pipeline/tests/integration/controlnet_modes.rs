@@ -61,6 +61,7 @@ fn params_of(case: &serde_json::Value, scratch: &ScratchDir) -> GenerationParams
                 control_mode: ControlMode::from_name(u["control_mode"].as_str().unwrap()).unwrap(),
                 mask: None,
                 hires_mask: None,
+                infotext: None,
             }
         })
         .collect();

@@ -31,6 +31,7 @@ fn unit_of(u: &serde_json::Value) -> ReferenceUnit {
             .unwrap_or_default(),
         control_mode: ControlMode::from_name(u["control_mode"].as_str().unwrap()).unwrap(),
         request_index: None,
+        infotext: None,
     }
 }
 

@@ -51,6 +51,9 @@ pub struct ValidControlNet {
     pub mask: Option<RequestImage>,
     /// The hires pass's mask, where a dialect fits it with `hires_image`; `None`: `mask`.
     pub hires_mask: Option<RequestImage>,
+    /// Its infotext entry, where a dialect writes its own (A1111's units: the extension's
+    /// `ControlNetUnit.serialize` of the unit sent); `None`: the native entry (`png`).
+    pub infotext: Option<String>,
 }
 
 fn number(
@@ -198,6 +201,7 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
             inpaint_crop,
             mask,
             hires_mask: None,
+            infotext: None,
         });
     }
     Ok(out)

@@ -273,6 +273,7 @@ fn a_batch_over_the_memory_budget_is_a_422_naming_batch_size() {
                 control_mode: Default::default(),
                 mask: None,
                 hires_mask: None,
+                infotext: None,
             })
             .collect(),
         ..params(batch_size, 768, 7.5)

@@ -181,6 +181,7 @@ impl ValidRequest {
                     control_mode: c.control_mode,
                     mask: c.mask.as_ref().map(|i| i.image.clone()),
                     hires_mask: c.hires_mask.as_ref().map(|i| i.image.clone()),
+                    infotext: c.infotext.clone(),
                 })
                 .collect(),
             ip_adapters: self

@@ -91,7 +91,7 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
                  "hr_option": "both", "control_mode": "balanced"}])
     );
     assert!(
-        text.contains(r#"ControlNet 0: "Module: none, Model: cn-a, Weight: 0.8, Guidance Start: 0, Guidance End: 0.7, Control Mode: Balanced""#),
+        text.contains(r#"ControlNet 0: "Module: none, Model: cn-a, Weight: 0.8, Resize Mode: Just Resize, Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 0.7, Pixel Perfect: False, Control Mode: Balanced""#),
         "{text}"
     );
     // The single file of the same weights makes the same image.
@@ -138,6 +138,7 @@ fn controlnets_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused() {
             control_mode: Default::default(),
             mask: None,
             hires_mask: None,
+            infotext: None,
         }],
         ..Default::default()
     };

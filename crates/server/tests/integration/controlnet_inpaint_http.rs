@@ -106,6 +106,7 @@ fn inpaint_units_in_both_dialects() {
             control_mode: Default::default(),
             mask: Some(mask.clone()),
             hires_mask: None,
+            infotext: None,
         }],
         ..Default::default()
     };
@@ -149,7 +150,11 @@ fn inpaint_units_in_both_dialects() {
     let (masked, infotext) = a1111_image(json!({"model": "cn-h",
         "module": "inpaint_global_harmonious", "image": png(&image), "mask": png(&mask),
         "resize_mode": "Just Resize"}));
-    assert!(infotext.contains("Module: inpaint,"), "{infotext}");
+    // The module as sent (the extension's serialisation of the unit).
+    assert!(
+        infotext.contains("\"Module: inpaint_global_harmonious, Model: cn-h, Weight: 1.0, Resize Mode: Just Resize, Processor Res: 0.5, Threshold A: 0.5,"),
+        "{infotext}"
+    );
     assert!(unmasked != masked);
     // inpaint_only+lama without its network (no ANNOTATOR_DIR here): a 422 naming it.
     let r = a1111(json!({"model": "cn-h", "module": "inpaint_only+lama", "image": png(&image)}));
@@ -265,6 +270,7 @@ fn inpaint_only_lama_in_both_dialects_and_detect() {
             control_mode: Default::default(),
             mask: Some(mask.clone()),
             hires_mask: None,
+            infotext: None,
         }],
         ..Default::default()
     };

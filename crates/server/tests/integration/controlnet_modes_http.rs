@@ -98,6 +98,7 @@ fn control_modes_run_are_recorded_and_translated_from_a1111() {
             control_mode: ControlMode::ControlNet,
             mask: None,
             hires_mask: None,
+            infotext: None,
         }],
         ..Default::default()
     };

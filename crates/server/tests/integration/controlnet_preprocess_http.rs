@@ -121,7 +121,7 @@ fn native_unit_is_its_map(s: &common::Server, settings: Value, map: &RgbImage, t
     assert!(got == want, "{settings}: the map steers as its map");
     assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
     let unit = format!(
-        "Module: {}, Model: cn-a, Weight: 1, Processor Res: {}, {thresholds},",
+        "Module: {}, Model: cn-a, Weight: 1.0, Resize Mode: Just Resize, Processor Res: {}, {thresholds},",
         settings["type"].as_str().unwrap(),
         settings["resolution"]
     );
@@ -176,7 +176,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert_eq!(meta["controlnets"][0]["preprocessor"], settings);
     assert!(want_meta["controlnets"][0].get("preprocessor").is_none());
     assert!(
-        text.contains(r#"ControlNet 0: "Module: canny, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 50.5, Threshold B: 100.7, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced""#),
+        text.contains(r#"ControlNet 0: "Module: canny, Model: cn-a, Weight: 1.0, Resize Mode: Just Resize, Processor Res: 64, Threshold A: 50.5, Threshold B: 100.7, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced""#),
         "{text}"
     );
     // Another module: its settings in the metadata, its map steering as the map would.
@@ -194,7 +194,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
     assert!(got == want, "the xdog map steers as its map");
     assert_eq!(meta["controlnets"][0]["preprocessor"], xdog);
     assert!(
-        text.contains("Module: scribble_xdog, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 20.5, Threshold B: 0.5,"),
+        text.contains("Module: scribble_xdog, Model: cn-a, Weight: 1.0, Resize Mode: Just Resize, Processor Res: 64, Threshold A: 20.5, Threshold B: 0.5,"),
         "{text}"
     );
     // shuffle: seeded as the extension seeds numpy (seed 11 and no variation seed: 22), the
@@ -214,7 +214,7 @@ fn preprocessors_make_the_map_at_submit_natively_and_through_a1111_units() {
         json!({"type": "shuffle", "seed": 22, "resolution": 64})
     );
     assert!(
-        text.contains("Module: shuffle, Model: cn-a, Weight: 1, Processor Res: 64, Threshold A: 0.5, Threshold B: 0.5,"),
+        text.contains("Module: shuffle, Model: cn-a, Weight: 1.0, Resize Mode: Just Resize, Processor Res: 64, Threshold A: 0.5, Threshold B: 0.5,"),
         "{text}"
     );
     let (_, meta, _) = run(&with(json!({"model": "cn-a", "image": photo_b64,

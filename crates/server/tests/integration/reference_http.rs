@@ -75,7 +75,7 @@ fn reference_units_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused
     assert_eq!(m["preprocessor"]["style_fidelity"], 0.3);
     assert_eq!(m["scale"], 0.8);
     assert!(
-        text.contains(r#"ControlNet 0: "Module: reference_adain+attn, Model: None, Weight: 0.8, Processor Res: 0.5, Threshold A: 0.3, Threshold B: 0.5, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced""#),
+        text.contains(r#"ControlNet 0: "Module: reference_adain+attn, Model: None, Weight: 0.8, Resize Mode: Just Resize, Processor Res: 512, Threshold A: 0.3, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced""#),
         "{text}"
     );
 
@@ -107,6 +107,7 @@ fn reference_units_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused
             hr_option: Default::default(),
             control_mode: ControlMode::Balanced,
             request_index: None,
+            infotext: None,
         }],
         ..Default::default()
     };
@@ -154,7 +155,9 @@ fn reference_units_steer_the_image_as_the_pipeline_does_and_bad_ones_are_refused
         "resize_mode": "Just Resize"}]));
     assert!(a_plain != a_steered);
     assert!(
-        infotext.contains(r#""Module: reference_adain+attn, Model: None, Weight: 0.8"#),
+        // The extension's serialisation of the unit sent (its resize mode, the class's
+        // resolution slider's 512 for the absent processor_res).
+        infotext.contains(r#""Module: reference_adain+attn, Model: None, Weight: 0.8, Resize Mode: Just Resize, Processor Res: 512, Threshold A: 0.3, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced""#),
         "{infotext}"
     );
 

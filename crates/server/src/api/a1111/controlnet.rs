@@ -158,6 +158,8 @@ pub struct Units {
     ip_adapters: Vec<crate::validate::ValidIpAdapter>,
     /// Each native unit's index in the list (errors name it).
     pub args: Vec<usize>,
+    /// Each native unit's infotext entry (`controlnet_infotext`).
+    infotexts: Vec<String>,
 }
 
 impl Units {
@@ -185,13 +187,16 @@ impl Units {
         }
     }
 
-    /// Records each preprocessor on its validated unit (the metadata and infotext name it),
-    /// and adds the ip-adapter units to the request's IP-Adapters.
+    /// Records each preprocessor and infotext entry on its validated unit (the metadata and
+    /// infotext name them), and adds the ip-adapter units to the request's IP-Adapters.
     pub fn name_preprocessors(&self, valid: &mut crate::validate::ValidRequest) {
         for &(i, p) in &self.made {
             if let Some(unit) = valid.controlnets.get_mut(i) {
                 unit.preprocessor = Some(p);
             }
+        }
+        for (unit, entry) in valid.controlnets.iter_mut().zip(&self.infotexts) {
+            unit.infotext = Some(entry.clone());
         }
         valid.ip_adapters.extend(self.ip_adapters.iter().cloned());
     }
@@ -231,6 +236,7 @@ pub fn native_units(
     let mut hires = Vec::new();
     let mut ip_adapters = Vec::new();
     let mut unit_args = Vec::new();
+    let mut infotexts = Vec::new();
     let enable_hr = hires_pass;
     // The enabled units, counted as the extension's infotext numbers them.
     let mut position = 0;
@@ -279,6 +285,7 @@ pub fn native_units(
         )
         .map_err(bad)?;
         let control_mode = control_mode(unit.get("control_mode"), i)?;
+        infotexts.push(infotext_entry(unit, i, control_mode)?);
         // The reference modules run no model: the extension ignores the unit's.
         let reference = preprocessor.filter(|p| p.reference().is_some());
         let model = match reference {
@@ -501,8 +508,38 @@ pub fn native_units(
             hires,
             ip_adapters,
             args: unit_args,
+            infotexts,
         }),
     )
+}
+
+/// A unit's infotext entry as the extension serialises it (its own `resize_mode`, even where
+/// the unit takes img2img's init image and fit); the numbers checked natively later.
+pub(super) fn infotext_entry(
+    unit: &Map<String, Value>,
+    i: usize,
+    control_mode: ControlMode,
+) -> Result<String, ApiError> {
+    let number = |k: &str| unit.get(k).and_then(Value::as_f64);
+    let end = match unit.get("guidance_end") {
+        None | Some(Value::Null) => number("guidance"),
+        Some(v) => v.as_f64(),
+    };
+    let module = unit.get("module").and_then(Value::as_str).unwrap_or("none");
+    // A module of `controlnet_modules` (the preprocessor read it already).
+    let bounds = super::controlnet_infotext::module_bounds(module)
+        .unwrap_or([super::controlnet_infotext::HIDDEN; 3]);
+    let record = super::controlnet_infotext::UnitRecord::of_sent(
+        unit,
+        bounds,
+        (
+            number("weight").unwrap_or(1.0),
+            (number("guidance_start").unwrap_or(0.0), end.unwrap_or(1.0)),
+        ),
+        resize_mode(unit.get("resize_mode"), i)?,
+        control_mode,
+    );
+    Ok(record.infotext())
 }
 
 /// `{"version": 2}`.

@@ -17,14 +17,13 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::images::RequestImage;
-use crate::validate::preprocessor::{RESOLUTION_DEFAULT, RESOLUTION_MAX, RESOLUTION_MIN};
 use crate::validate::{A1111IpUnit, ValidIpAdapter};
-use sdserve_pipeline::controlnet::ControlMode;
 use sdserve_pipeline::pipeline::RgbImage;
 
 use super::controlnet::{bad, model_name};
 use super::controlnet_fit::resize_mode;
 use super::controlnet_img2img::Img2ImgInput;
+use super::controlnet_infotext::{self as infotext, UnitRecord};
 use super::controlnet_input::{own_image, rgba_feed, Source};
 use super::controlnet_modules::{module, Module, RESOLUTION};
 
@@ -63,14 +62,6 @@ const PRESETS: [(&str, &str); 22] = [
     ("ip-adapter-faceid-plusv2_sdxl", "ip-adapter_face_id_plus"),
     ("ip-adapter-faceid-portrait_sdxl", "ip-adapter_face_id"),
 ];
-
-/// The extension's resolution slider (`Preprocessor.slider_resolution`) the unit's
-/// `processor_res` is bound-checked against (it only shows in the infotext).
-const RESOLUTION_SLIDER: (f64, f64, f64) = (
-    RESOLUTION_MIN as f64,
-    RESOLUTION_MAX as f64,
-    RESOLUTION_DEFAULT as f64,
-);
 
 /// Whether `module` is one of [`MODULES`] (by name or label, without case).
 pub(super) fn is_ip_adapter(module: &str) -> bool {
@@ -232,22 +223,13 @@ pub(super) fn ip_adapter_unit(
         )));
     }
     let control_mode = super::controlnet::control_mode(unit.get("control_mode"), i)?;
-    let record = Record {
-        module: unit
-            .get("module")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        model: sent.to_string(),
-        weight,
-        resize_mode: mode.label(),
-        processor_res: bounded(unit.get("processor_res"), RESOLUTION_SLIDER).trunc(),
-        threshold_a: bounded(unit.get("threshold_a"), HIDDEN),
-        threshold_b: bounded(unit.get("threshold_b"), HIDDEN),
-        guidance: (guidance_start, guidance_end),
-        pixel_perfect: unit.get("pixel_perfect").and_then(Value::as_bool) == Some(true),
+    let record = UnitRecord::of_sent(
+        unit,
+        [infotext::RESOLUTION, infotext::HIDDEN, infotext::HIDDEN],
+        (weight, (guidance_start, guidance_end)),
+        mode,
         control_mode,
-    };
+    );
     let request_image = |image: RgbImage| RequestImage {
         sha256: crate::images::digest(&image),
         image,
@@ -269,52 +251,6 @@ pub(super) fn ip_adapter_unit(
             infotext: record.infotext(),
         }),
     })
-}
-
-/// A hidden slider (`PreprocessorParameter(visible=False)`): 0..=1, 0.5.
-const HIDDEN: (f64, f64, f64) = (0.0, 1.0, 0.5);
-
-/// `bound_check_params`: a value outside the slider (-1, the API's default) is its default.
-fn bounded(v: Option<&Value>, (min, max, default): (f64, f64, f64)) -> f64 {
-    v.and_then(Value::as_f64)
-        .filter(|x| (min..=max).contains(x))
-        .unwrap_or(default)
-}
-
-/// What the extension's infotext writes of a unit (`ControlNetUnit.infotext_fields`).
-struct Record {
-    module: String,
-    model: String,
-    weight: f64,
-    resize_mode: &'static str,
-    processor_res: f64,
-    threshold_a: f64,
-    threshold_b: f64,
-    guidance: (f64, f64),
-    pixel_perfect: bool,
-    control_mode: ControlMode,
-}
-
-impl Record {
-    /// `ControlNetUnit.serialize`: `Field: str(value)` joined by `, ` (Python's `str` of the
-    /// floats, `True`/`False`, the enums' values).
-    fn infotext(&self) -> String {
-        let py_bool = |b: bool| if b { "True" } else { "False" };
-        format!(
-            "Module: {}, Model: {}, Weight: {:?}, Resize Mode: {}, Processor Res: {}, Threshold A: {:?}, Threshold B: {:?}, Guidance Start: {:?}, Guidance End: {:?}, Pixel Perfect: {}, Control Mode: {}",
-            self.module,
-            self.model,
-            self.weight,
-            self.resize_mode,
-            self.processor_res as i64,
-            self.threshold_a,
-            self.threshold_b,
-            self.guidance.0,
-            self.guidance.1,
-            py_bool(self.pixel_perfect),
-            self.control_mode.label()
-        )
-    }
 }
 
 /// The infotext's model as the extension's model list names it (`stem [hash]`), where the

@@ -51,9 +51,9 @@ use sdserve_pipeline::controlnet::ReferenceKind;
 /// `PreprocessorParameter` step is 0.01 where a module does not set one.
 pub(super) struct Slider {
     name: &'static str,
-    value: f64,
-    min: f64,
-    max: f64,
+    pub(super) value: f64,
+    pub(super) min: f64,
+    pub(super) max: f64,
     step: f64,
 }
 
@@ -95,7 +95,7 @@ const ANYLINE_RESOLUTION: Slider = slider(
 pub(super) struct Module {
     pub(super) name: &'static str,
     pub(super) label: &'static str,
-    sliders: [Option<Slider>; 3],
+    pub(super) sliders: [Option<Slider>; 3],
 }
 
 pub(super) const fn module(
@@ -363,7 +363,7 @@ pub(super) const MODULES: [Module; 42] = [
     ),
 ];
 
-fn find(module: &str) -> Option<&'static Module> {
+pub(super) fn find(module: &str) -> Option<&'static Module> {
     MODULES
         .iter()
         .find(|m| m.name.eq_ignore_ascii_case(module) || m.label.eq_ignore_ascii_case(module))

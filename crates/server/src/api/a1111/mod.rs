@@ -15,6 +15,7 @@ mod controlnet;
 mod controlnet_detect;
 mod controlnet_fit;
 mod controlnet_img2img;
+pub(crate) mod controlnet_infotext;
 mod controlnet_input;
 mod controlnet_ip_adapter;
 mod controlnet_modules;

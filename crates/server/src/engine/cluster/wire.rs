@@ -182,6 +182,10 @@ pub struct WireSpec {
     /// older replicas' jobs: none).
     #[serde(default)]
     controlnet_masks: Vec<(Option<WireImage>, Option<WireImage>)>,
+    /// Each ControlNet's infotext entry where a dialect wrote one, in `controlnets`' order
+    /// (absent from older replicas' jobs: none, the native entry).
+    #[serde(default)]
+    controlnet_infotexts: Vec<Option<String>>,
     /// IP-Adapters by name (each worker finds the name and the image encoder in its own
     /// IP_ADAPTER_DIR), their images and scales (absent from older replicas' jobs: none).
     #[serde(default)]
@@ -316,6 +320,7 @@ impl WireSpec {
                     )
                 })
                 .collect(),
+            controlnet_infotexts: units.iter().map(|c| c.infotext.clone()).collect(),
             ip_adapters: p
                 .ip_adapters
                 .iter()
@@ -470,6 +475,7 @@ impl WireSpec {
                             control_mode,
                             mask,
                             hires_mask,
+                            infotext: self.controlnet_infotexts.get(i).cloned().flatten(),
                         })
                     })
                     .collect::<Result<_, String>>()?,

@@ -112,6 +112,8 @@ fn a_spec_survives_the_trip_with_its_images() {
                 control_mode: sdserve_pipeline::controlnet::ControlMode::ControlNet,
                 mask: Some(img.clone()),
                 hires_mask: None,
+                // A dialect's entry travels with the unit.
+                infotext: Some("Module: canny, Model: canny [0123abcd]".into()),
             }],
             // By name: the worker finds it and the image encoder in its own IP_ADAPTER_DIR.
             ip_adapters: vec![

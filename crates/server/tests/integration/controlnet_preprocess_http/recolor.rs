@@ -102,7 +102,7 @@ fn recolor_maps_and_their_post_processing() {
     assert_eq!(v_matches(&px, &want), 256 * 256, "V is the map everywhere");
     assert_eq!(meta["preprocessor"], settings);
     assert!(
-        text.contains("Module: recolor_intensity, Model: cn-a, Weight: 1, Processor Res: 0.5, Threshold A: 1.0, Threshold B: 0.5,"),
+        text.contains("Module: recolor_intensity, Model: cn-a, Weight: 1.0, Resize Mode: Just Resize, Processor Res: 512, Threshold A: 1.0, Threshold B: 0.5,"),
         "{text}"
     );
     let (plain, _, _) = run(json!({"model": "cn-a", "image": super::png(&intensity)}));
