@@ -59,13 +59,13 @@ impl ControlNetCatalog {
     /// `controlnets[i].model` (`field` is the dialect's name for the list) and listing the
     /// names. `Some` identifies the files (name, size, modification time) for the image
     /// cache's key.
-    pub fn check(&self, req: &ValidRequest, field: &str) -> Result<Option<String>, ApiError> {
+    pub fn check(&self, req: &mut ValidRequest, field: &str) -> Result<Option<String>, ApiError> {
         if req.controlnets.is_empty() {
             return Ok(None);
         }
         let models = self.scan();
         let mut ids = Vec::new();
-        for (i, unit) in req.controlnets.iter().enumerate() {
+        for (i, unit) in req.controlnets.iter_mut().enumerate() {
             // A reference unit runs no model.
             if unit.preprocessor.is_some_and(|p| p.reference().is_some()) {
                 continue;
@@ -85,10 +85,8 @@ impl ControlNetCatalog {
                     ),
                 ));
             };
-            ids.push(model_folder::identity(
-                &entry.name,
-                &model_folder::files_of(&entry.path),
-            ));
+            ids.push(entry.identity());
+            unit.file = Some(entry.path.clone());
         }
         Ok(Some(format!("controlnets {}", ids.join(" "))))
     }

@@ -413,16 +413,16 @@ fn run_inner(a: &GenerateArgs) -> Result<(), String> {
         a.model.annotator_dir.clone(),
         Some(crate::hub::HubOptions::from_env(a.model.model_cache_dir.clone(), false).cache_dir),
     );
-    let req = crate::api::request::validate_styled(&styles, &body).map_err(flag_error)?;
+    let mut req = crate::api::request::validate_styled(&styles, &body).map_err(flag_error)?;
     // A hires upscaler model is looked up before the model loads.
     crate::upscalers::UpscalerCatalog::new(a.model.upscalers_dir.clone())
         .check_hires(&req)
         .map_err(flag_error)?;
     crate::controlnets::ControlNetCatalog::new(a.model.controlnet_dir.clone())
-        .check(&req, "controlnets")
+        .check(&mut req, "controlnets")
         .map_err(flag_error)?;
     crate::ip_adapters::IpAdapterCatalog::new(a.model.ip_adapter_dir.clone())
-        .check(&req, "ip_adapters")
+        .check(&mut req, "ip_adapters")
         .map_err(flag_error)?;
     check_writable(&a.output)?;
     let vaes =

@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::model_folder::{self, identity, FolderEntry, FolderKinds};
-use crate::validate::{ValidIpAdapter, ValidRequest};
+use crate::validate::{IpAdapterFiles, ValidIpAdapter, ValidRequest};
 
 /// The adapter files read (h94's `.safetensors` and `.bin`).
 const EXTENSIONS: [&str; 2] = ["safetensors", "bin"];
@@ -67,8 +67,8 @@ impl IpAdapterCatalog {
     /// the files' metadata): a name the folder does not list is a 422 naming
     /// `ip_adapters[i].model` and listing the names; a folder without `image_encoder/` a 422
     /// saying so. `Some` identifies the files (name, size, modification time) for the image
-    /// cache's key.
-    pub fn check(&self, req: &ValidRequest, field: &str) -> Result<Option<String>, ApiError> {
+    /// cache's key; each unit records where its files were found.
+    pub fn check(&self, req: &mut ValidRequest, field: &str) -> Result<Option<String>, ApiError> {
         if req.ip_adapters.is_empty() {
             return Ok(None);
         }
@@ -79,6 +79,7 @@ impl IpAdapterCatalog {
             None => (field, i),
         };
         let mut ids = Vec::new();
+        let mut found = Vec::new();
         for (i, unit) in req.ip_adapters.iter().enumerate() {
             let (field, i) = named(i, unit);
             let Some(entry) = models.iter().find(|e| e.name == unit.model) else {
@@ -96,6 +97,7 @@ impl IpAdapterCatalog {
                 ));
             };
             ids.push(entry.identity());
+            found.push(entry.path.clone());
         }
         let Some(encoder) = self.image_encoder() else {
             let unit = &req.ip_adapters[0];
@@ -119,6 +121,12 @@ impl IpAdapterCatalog {
             ids.push(identity(PLUS_UNCOND, &[uc]));
         }
         ids.push(identity(IMAGE_ENCODER, &model_folder::files_of(&encoder)));
+        for (unit, adapter) in req.ip_adapters.iter_mut().zip(found) {
+            unit.files = Some(IpAdapterFiles {
+                adapter,
+                image_encoder: encoder.clone(),
+            });
+        }
         Ok(Some(format!("ip-adapters {}", ids.join(" "))))
     }
 

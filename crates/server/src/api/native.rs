@@ -167,8 +167,8 @@ pub(super) async fn run_on_model(
     let info = super::resolve::named_model(app, info, &mut req, model_field).await?;
     let vae = super::resolve::named_vae(app, &req, "vae", info.limits).await?;
     let upscaler_file = super::resolve::named_upscaler(app, &req).await?;
-    let controlnet_files = super::resolve::named_controlnets(app, &req, "controlnets").await?;
-    let ip_adapter_files = super::resolve::named_ip_adapters(app, &req, "ip_adapters").await?;
+    let controlnet_files = super::resolve::named_controlnets(app, &mut req, "controlnets").await?;
+    let ip_adapter_files = super::resolve::named_ip_adapters(app, &mut req, "ip_adapters").await?;
     let seeded = req.seed.is_some() && cacheable;
     // The VAE decodes the image: a request with another VAE is another entry.
     let mut cache_model = match &vae {

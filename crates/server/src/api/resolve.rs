@@ -248,32 +248,46 @@ pub(crate) async fn named_upscaler(
 
 /// The request's ControlNets checked against CONTROLNET_DIR before it is queued
 /// (`controlnets::ControlNetCatalog::check`): an unknown name is a 422 naming `field` (the
-/// dialect's name of the list); `Some` identifies the files for the image cache's key.
+/// dialect's name of the list); `Some` identifies the files for the image cache's key. Each
+/// unit records its file (the memory check counts its weights).
 pub(crate) async fn named_controlnets(
     app: &AppState,
-    req: &ValidRequest,
+    req: &mut ValidRequest,
     field: &'static str,
 ) -> Result<Option<String>, ApiError> {
     if req.controlnets.is_empty() {
         return Ok(None);
     }
     let catalog = app.controlnets.clone();
-    let req = req.clone();
-    off_the_runtime(move || catalog.check(&req, field)).await
+    let mut checked = req.clone();
+    let (key, checked) = off_the_runtime(move || {
+        let key = catalog.check(&mut checked, field)?;
+        Ok::<_, ApiError>((key, checked))
+    })
+    .await?;
+    *req = checked;
+    Ok(key)
 }
 
 /// The request's IP-Adapters checked against IP_ADAPTER_DIR before it is queued
 /// (`ip_adapters::IpAdapterCatalog::check`): an unknown name is a 422 naming `field`; `Some`
-/// identifies the files for the image cache's key.
+/// identifies the files for the image cache's key. Each unit records its files (the memory
+/// check counts them).
 pub(crate) async fn named_ip_adapters(
     app: &AppState,
-    req: &ValidRequest,
+    req: &mut ValidRequest,
     field: &'static str,
 ) -> Result<Option<String>, ApiError> {
     if req.ip_adapters.is_empty() {
         return Ok(None);
     }
     let catalog = app.ip_adapters.clone();
-    let req = req.clone();
-    off_the_runtime(move || catalog.check(&req, field)).await
+    let mut checked = req.clone();
+    let (key, checked) = off_the_runtime(move || {
+        let key = catalog.check(&mut checked, field)?;
+        Ok::<_, ApiError>((key, checked))
+    })
+    .await?;
+    *req = checked;
+    Ok(key)
 }

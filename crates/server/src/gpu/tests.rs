@@ -247,3 +247,49 @@ fn ip_adapters_count_once_their_files_are_found() {
             < counted.params
     );
 }
+
+#[test]
+fn the_submit_check_counts_the_files_the_catalogs_found() {
+    use base64::Engine;
+    use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/tests/fixtures");
+    let image = sdserve_pipeline::pipeline::RgbImage {
+        width: 8,
+        height: 8,
+        pixels: vec![128; 8 * 8 * 3],
+    };
+    let png = crate::png::encode(&image, "").unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(png);
+    let body = serde_json::json!({"prompt": "x", "width": 256, "height": 256,
+        "controlnets": [{"model": "cn-a", "image": b64}],
+        "ip_adapters": [{"model": "ip-adapter_sd15", "image": b64}]});
+    let mut req = crate::validate::parse_generate(body.to_string().as_bytes()).unwrap();
+    let params = |r: &crate::validate::ValidRequest| {
+        r.generation_params(1, SchedulerKind::Euler, SigmaSchedule::Uniform)
+    };
+    // By name alone the memory check at submit counts no weights (before: always so).
+    let named = controlnet_load(&params(&req), DType::F16);
+    assert_eq!((named.units, named.params), (1, 0));
+    assert_eq!(named.image_prompts, ImagePromptLoad::default());
+    // The catalogs' checks before queueing record the files they found.
+    crate::controlnets::ControlNetCatalog::new(Some(fixtures.join("controlnet")))
+        .check(&mut req, "controlnets")
+        .unwrap();
+    let ip_dir = fixtures.join("ip-adapter/models");
+    crate::ip_adapters::IpAdapterCatalog::new(Some(ip_dir.clone()))
+        .check(&mut req, "ip_adapters")
+        .unwrap();
+    let counted = controlnet_load(&params(&req), DType::F16);
+    let cn = controlnet_weight_count(&fixtures.join("controlnet/cn-a"), DType::F16).unwrap();
+    assert!(cn > 0);
+    assert_eq!((counted.units, counted.params), (1, cn));
+    let ip = image_prompt_load_of(
+        &ip_dir.join(crate::ip_adapters::IMAGE_ENCODER),
+        &[&ip_dir.join("ip-adapter_sd15.safetensors")],
+        DType::F16,
+    )
+    .unwrap();
+    assert!(ip.params > 0);
+    assert_eq!(counted.image_prompts, ip);
+}

@@ -54,6 +54,9 @@ pub struct ValidControlNet {
     /// Its infotext entry, where a dialect writes its own (A1111's units: the extension's
     /// `ControlNetUnit.serialize` of the unit sent); `None`: the native entry (`png`).
     pub infotext: Option<String>,
+    /// The model's file as CONTROLNET_DIR's check before queueing found it (the memory check
+    /// counts its weights); the worker finds it again by name when the job runs.
+    pub file: Option<std::path::PathBuf>,
 }
 
 fn number(
@@ -202,6 +205,7 @@ pub fn read(v: &Value, numpy_seed: u32) -> Result<Vec<ValidControlNet>, String> 
             mask,
             hires_mask: None,
             infotext: None,
+            file: None,
         });
     }
     Ok(out)

@@ -25,6 +25,16 @@ pub struct ValidIpAdapter {
     /// An A1111 ControlNet unit with an ip-adapter module, run as the sd-webui-controlnet
     /// extension runs it (made by the A1111 dialect; `None` for the native field).
     pub a1111: Option<A1111IpUnit>,
+    /// The adapter's file and the image encoder's folder as IP_ADAPTER_DIR's check before
+    /// queueing found them (the memory check counts them); the worker finds them again.
+    pub files: Option<IpAdapterFiles>,
+}
+
+/// Where an adapter and its image encoder were found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpAdapterFiles {
+    pub adapter: std::path::PathBuf,
+    pub image_encoder: std::path::PathBuf,
 }
 
 /// An ip-adapter unit of `alwayson_scripts.controlnet.args`, as the extension runs it.
@@ -89,6 +99,7 @@ pub fn read(v: &Value) -> Result<Vec<ValidIpAdapter>, String> {
             image,
             scale,
             a1111: None,
+            files: None,
         });
     }
     Ok(out)

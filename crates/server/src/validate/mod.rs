@@ -40,7 +40,7 @@ use fields::FieldReader;
 pub use for_model::{check_limits, check_loras, check_memory};
 #[cfg(test)]
 pub use ip_adapters::{extension_run, first_channel};
-pub use ip_adapters::{A1111IpUnit, ValidIpAdapter, IP_ADAPTERS_MAX};
+pub use ip_adapters::{A1111IpUnit, IpAdapterFiles, ValidIpAdapter, IP_ADAPTERS_MAX};
 /// The keys of the native `hires` object.
 #[cfg(test)]
 pub use native_hires::FIELDS as HIRES_FIELDS;

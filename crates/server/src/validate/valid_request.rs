@@ -169,7 +169,10 @@ impl ValidRequest {
                 .controlnets
                 .iter()
                 .map(|c| ControlNetUnit {
-                    model: std::sync::Arc::new(ControlNet::named(&c.model)),
+                    model: std::sync::Arc::new(match &c.file {
+                        Some(path) => ControlNet::new(&c.model, path),
+                        None => ControlNet::named(&c.model),
+                    }),
                     image: c.image.image.clone(),
                     preprocessor: c.preprocessor,
                     scale: c.scale,
@@ -187,18 +190,23 @@ impl ValidRequest {
             ip_adapters: self
                 .ip_adapters
                 .iter()
-                .map(|u| sdserve_pipeline::ip_adapter::IpAdapterUnit {
-                    model: std::sync::Arc::new(sdserve_pipeline::ip_adapter::IpAdapter::named(
-                        &u.model,
-                    )),
-                    image_encoder: std::sync::Arc::new(
-                        sdserve_pipeline::ip_adapter::ImageEncoder::named(
-                            crate::ip_adapters::IMAGE_ENCODER,
+                .map(|u| {
+                    use sdserve_pipeline::ip_adapter::{ImageEncoder, IpAdapter};
+                    let encoder = crate::ip_adapters::IMAGE_ENCODER;
+                    let (model, image_encoder) = match &u.files {
+                        Some(f) => (
+                            IpAdapter::new(u.model.clone(), f.adapter.clone()),
+                            ImageEncoder::new(encoder, f.image_encoder.clone()),
                         ),
-                    ),
-                    image: u.image.image.clone(),
-                    scale: u.scale,
-                    extension: u.a1111.as_ref().map(super::ip_adapters::extension_run),
+                        None => (IpAdapter::named(&u.model), ImageEncoder::named(encoder)),
+                    };
+                    sdserve_pipeline::ip_adapter::IpAdapterUnit {
+                        model: std::sync::Arc::new(model),
+                        image_encoder: std::sync::Arc::new(image_encoder),
+                        image: u.image.image.clone(),
+                        scale: u.scale,
+                        extension: u.a1111.as_ref().map(super::ip_adapters::extension_run),
+                    }
                 })
                 .collect(),
             // The reference units, split from `controlnets` below.

@@ -250,6 +250,7 @@ pub(super) fn ip_adapter_unit(
             position,
             infotext: record.infotext(),
         }),
+        files: None,
     })
 }
 
