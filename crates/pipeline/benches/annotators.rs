@@ -28,7 +28,7 @@ use sdserve_pipeline::pipeline::RgbImage;
 
 #[path = "stages/stats.rs"]
 mod stats;
-use stats::{measure, stage_json, status_kb};
+use stats::{measure, report};
 
 fn read_png(path: &Path) -> RgbImage {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -288,18 +288,9 @@ fn main() {
         stats.push(measure(&format!("{}_net", module.module()), repeats, net));
     }
     stats.extend(openpose(dir, &image, &wanted, repeats));
-    let peak_rss_mb = stats
-        .iter()
-        .map(|s| s.peak_rss_mb)
-        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max);
-    let stages: Vec<String> = stats.iter().map(stage_json).collect();
-    let out = format!(
-        "{{\"implementation\":\"sdserve\",\"annotators\":\"{}\",\"threads\":\"{threads}\",\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
-        dir.display(),
-        stages.join(",")
+    let fields = format!(
+        "\"annotators\":\"{}\",\"threads\":\"{threads}\"",
+        dir.display()
     );
-    println!("{out}");
-    if let Some(p) = json {
-        std::fs::write(p, &out).expect("write json");
-    }
+    report(&fields, &stats, json);
 }

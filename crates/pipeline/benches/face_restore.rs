@@ -17,7 +17,7 @@ use sdserve_pipeline::pipeline::RgbImage;
 
 #[path = "stages/stats.rs"]
 mod stats;
-use stats::{measure, stage_json, status_kb};
+use stats::{measure, report};
 
 fn read_png(path: &Path) -> RgbImage {
     let file = std::fs::File::open(path).expect("the fixture's input.png");
@@ -72,17 +72,6 @@ fn main() {
         let (lmax, _) = abs_diff(&logits, &want["logits"]);
         eprintln!("against spandrel: out max {max:.3e} mean {mean:.3e}; logits max {lmax:.3e}");
     }
-    let peak_rss_mb = stats
-        .iter()
-        .map(|s| s.peak_rss_mb)
-        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max);
-    let stages: Vec<String> = stats.iter().map(stage_json).collect();
-    let out = format!(
-        "{{\"implementation\":\"sdserve\",\"model\":\"{path}\",\"threads\":\"{threads}\",\"load_s\":{load_s:.3},\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
-        stages.join(",")
-    );
-    println!("{out}");
-    if let Some(p) = json {
-        std::fs::write(p, &out).expect("write json");
-    }
+    let fields = format!("\"model\":\"{path}\",\"threads\":\"{threads}\",\"load_s\":{load_s:.3}");
+    report(&fields, &stats, json);
 }

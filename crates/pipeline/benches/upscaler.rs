@@ -19,7 +19,7 @@ use sdserve_pipeline::upscaler::{upscale_once_checked, Network};
 
 #[path = "stages/stats.rs"]
 mod stats;
-use stats::{measure, stage_json, status_kb};
+use stats::{measure, report};
 
 /// Value (x, y, c) of the synthetic picture of side `side`, 0..=255.
 fn picture_value(x: usize, y: usize, c: usize, side: usize) -> u8 {
@@ -98,17 +98,6 @@ fn main() {
                 .expect("upscale");
         }));
     }
-    let peak_rss_mb = stats
-        .iter()
-        .map(|s| s.peak_rss_mb)
-        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max);
-    let stages: Vec<String> = stats.iter().map(stage_json).collect();
-    let out = format!(
-        "{{\"implementation\":\"sdserve\",\"model\":\"{path}\",\"threads\":\"{threads}\",\"load_s\":{load_s:.3},\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
-        stages.join(",")
-    );
-    println!("{out}");
-    if let Some(p) = json {
-        std::fs::write(p, &out).expect("write json");
-    }
+    let fields = format!("\"model\":\"{path}\",\"threads\":\"{threads}\",\"load_s\":{load_s:.3}");
+    report(&fields, &stats, json);
 }

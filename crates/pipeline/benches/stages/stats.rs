@@ -1,6 +1,6 @@
-//! Timing and memory figures shared by the benches (`stages`, `upscaler`): medians over
-//! repeats with min and max, process CPU time, peak RSS, and each stage as the JSON object
-//! tools/bench_compare.sh reads.
+//! Timing and memory figures shared by the benches (`stages`, `upscaler`, `annotators`,
+//! `face_restore`): medians over repeats with min and max, process CPU time, peak RSS, and each
+//! stage as the JSON object tools/bench_compare.sh reads.
 
 use std::time::Instant;
 
@@ -103,4 +103,23 @@ pub fn stage_json(s: &Stat) -> String {
         s.repeats,
         s.peak_rss_mb
     )
+}
+
+/// A bench's JSON report, printed and written to `json` when given: `fields` (the bench's own
+/// `"key":value` pairs), the peak RSS of its stages and of the process, and its stages.
+#[allow(dead_code)] // `stages` writes its own, with the load's figures.
+pub fn report(fields: &str, stats: &[Stat], json: Option<String>) {
+    let peak_rss_mb = stats
+        .iter()
+        .map(|s| s.peak_rss_mb)
+        .fold(status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0, f64::max);
+    let stages: Vec<String> = stats.iter().map(stage_json).collect();
+    let out = format!(
+        "{{\"implementation\":\"sdserve\",{fields},\"peak_rss_mb\":{peak_rss_mb:.0},\"stages\":[{}]}}",
+        stages.join(",")
+    );
+    println!("{out}");
+    if let Some(p) = json {
+        std::fs::write(p, &out).expect("write json");
+    }
 }
