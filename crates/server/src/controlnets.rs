@@ -58,7 +58,7 @@ impl ControlNetCatalog {
     /// and the files' metadata): a name the folder does not list is a 422 naming
     /// `controlnets[i].model` (`field` is the dialect's name for the list) and listing the
     /// names. `Some` identifies the files (name, size, modification time) for the image
-    /// cache's key.
+    /// cache's key; each unit records where its file was found.
     pub fn check(&self, req: &mut ValidRequest, field: &str) -> Result<Option<String>, ApiError> {
         if req.controlnets.is_empty() {
             return Ok(None);

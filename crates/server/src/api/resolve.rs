@@ -259,14 +259,7 @@ pub(crate) async fn named_controlnets(
         return Ok(None);
     }
     let catalog = app.controlnets.clone();
-    let mut checked = req.clone();
-    let (key, checked) = off_the_runtime(move || {
-        let key = catalog.check(&mut checked, field)?;
-        Ok::<_, ApiError>((key, checked))
-    })
-    .await?;
-    *req = checked;
-    Ok(key)
+    checked_off_the_runtime(req, move |r| catalog.check(r, field)).await
 }
 
 /// The request's IP-Adapters checked against IP_ADAPTER_DIR before it is queued
@@ -282,10 +275,19 @@ pub(crate) async fn named_ip_adapters(
         return Ok(None);
     }
     let catalog = app.ip_adapters.clone();
-    let mut checked = req.clone();
+    checked_off_the_runtime(req, move |r| catalog.check(r, field)).await
+}
+
+/// A folder catalog's `check` of `req` (blocking: it reads the folder and the files'
+/// metadata) run off the runtime on a copy, which then replaces `req` with the files it found.
+async fn checked_off_the_runtime(
+    req: &mut ValidRequest,
+    check: impl FnOnce(&mut ValidRequest) -> Result<Option<String>, ApiError> + Send + 'static,
+) -> Result<Option<String>, ApiError> {
+    let mut copy = req.clone();
     let (key, checked) = off_the_runtime(move || {
-        let key = catalog.check(&mut checked, field)?;
-        Ok::<_, ApiError>((key, checked))
+        let key = check(&mut copy)?;
+        Ok::<_, ApiError>((key, copy))
     })
     .await?;
     *req = checked;
