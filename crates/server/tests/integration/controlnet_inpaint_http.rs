@@ -312,6 +312,63 @@ fn inpaint_only_lama_in_both_dialects_and_detect() {
         "the second batch has no noise modifier"
     );
     assert!(second != at_12(true), "the noise modifier moves the image");
+    // "Crop and Resize" of a wider feed: LaMa paints it whole, then the centre is cropped
+    // (k = 1 here: a crop alone), as the extension's `get_control` orders them.
+    let (wide, wide_mask) = (
+        resize_lanczos(&read("cn-init-64.png"), 384, 256),
+        resize_lanczos(&read("cn-mask-64.png"), 384, 256),
+    );
+    let centre = |i: &RgbImage| {
+        let mut pixels = Vec::with_capacity(256 * 256 * 3);
+        for row in i.pixels.chunks_exact(384 * 3) {
+            pixels.extend_from_slice(&row[64 * 3..320 * 3]);
+        }
+        RgbImage {
+            width: 256,
+            height: 256,
+            pixels,
+        }
+    };
+    let first_of = |m: &RgbImage| m.pixels.iter().step_by(3).copied().collect::<Vec<u8>>();
+    let painted_then_cut = centre(&inpaint_only_lama(&net, &wide, &first_of(&wide_mask)).unwrap());
+    let cut_then_painted =
+        inpaint_only_lama(&net, &centre(&wide), &first_of(&centre(&wide_mask))).unwrap();
+    // How far the old order (crop, then LaMa) was from the extension's, in levels.
+    let off = painted_then_cut
+        .pixels
+        .iter()
+        .zip(&cut_then_painted.pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    eprintln!("crop then LaMa is up to {off} levels off LaMa then crop");
+    assert!(
+        off > 16,
+        "the orders paint differently: at most {off} levels apart"
+    );
+    let body = json!({"prompt": "a house by a lake", "steps": 3, "width": 256,
+        "height": 256, "seed": 11, "sampler_name": "Euler", "cfg_scale": 7.5,
+        "alwayson_scripts": {"controlnet": {"args": [{"model": "cn-h",
+            "module": "inpaint_only+lama", "image": png(&wide), "mask": png(&wide_mask),
+            "resize_mode": "Crop and Resize"}]}}});
+    let r = post_json_to(s.addr, "/sdapi/v1/txt2img", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, _, cropped, _) = decode_png(r.json()["images"][0].as_str().unwrap());
+    let with_image = |image: &RgbImage| {
+        let mut p = params.clone();
+        p.controlnets[0].image = image.clone();
+        p.controlnets[0].mask = Some(centre(&wide_mask));
+        let mut run = sd.generate(&p, &mut |_| std::ops::ControlFlow::Continue(()));
+        run.as_mut().unwrap().remove(0).pixels
+    };
+    assert!(
+        cropped == with_image(&painted_then_cut),
+        "LaMa paints the whole feed, then it is cropped"
+    );
+    assert!(
+        cropped != with_image(&cut_then_painted),
+        "not the cropped feed painted ({off} levels off)"
+    );
     // /controlnet/detect answers LaMa's image; without a mask, a 422.
     let body = json!({"controlnet_module": "inpaint_only+lama",
         "controlnet_input_images": [png(&image)], "controlnet_masks": [png(&mask)]});

@@ -39,9 +39,8 @@
 //! masked; a mask of another size is refused), or on img2img the init image with A1111's mask
 //! as `prepare_mask` makes it; the two are cut and fitted together ("Resize and Fill" fills
 //! the mask's border with 255: outpainting) and become the native unit's `image` and `mask`
-//! with the preprocessor of that name (`inpaint_only+lama`'s LaMa then runs natively on the
-//! fitted feed: as the extension's outpainting fix runs it for "Resize and Fill", and
-//! unfitted for "Just Resize"; for "Crop and Resize" the extension runs LaMa before cropping).
+//! with the preprocessor of that name (`inpaint_only+lama`'s LaMa runs here in the
+//! extension's order once the hires size is known: `controlnet_lama`).
 
 use std::path::Path;
 
@@ -60,6 +59,7 @@ pub(super) use super::controlnet_fit::ResizeMode;
 use super::controlnet_fit::{fit, fit_mask, resize_mode};
 use super::controlnet_img2img::Img2ImgInput;
 use super::controlnet_input::{own_image, read_hwc3, rgba_feed, Source};
+use super::controlnet_lama::LamaFeed;
 
 /// The field errors name (the extension's list), as sent.
 pub const FIELD: &str = "alwayson_scripts.controlnet.args";
@@ -160,6 +160,8 @@ pub struct Units {
     pub args: Vec<usize>,
     /// Each native unit's infotext entry (`controlnet_infotext`).
     infotexts: Vec<String>,
+    /// The `inpaint_only+lama` units' feeds, painted once the hires size is known.
+    lama: Vec<LamaFeed>,
 }
 
 impl Units {
@@ -185,6 +187,16 @@ impl Units {
                     .map(|m| request_image(fit_mask(m, *mode, width, height)));
             }
         }
+    }
+
+    /// The `inpaint_only+lama` units' images and masks for each pass: their feeds painted in
+    /// the extension's order (`controlnet_lama`); `hires`: the hires pass's size, if any.
+    pub fn paint_lama(
+        &self,
+        valid: &mut crate::validate::ValidRequest,
+        hires: Option<(usize, usize)>,
+    ) -> Result<(), ApiError> {
+        super::controlnet_lama::paint(&self.lama, valid, hires)
     }
 
     /// Records each preprocessor and infotext entry on its validated unit (the metadata and
@@ -237,6 +249,7 @@ pub fn native_units(
     let mut ip_adapters = Vec::new();
     let mut unit_args = Vec::new();
     let mut infotexts = Vec::new();
+    let mut lama = Vec::new();
     let enable_hr = hires_pass;
     // The enabled units, counted as the extension's infotext numbers them.
     let mut position = 0;
@@ -285,7 +298,7 @@ pub fn native_units(
         )
         .map_err(bad)?;
         let control_mode = control_mode(unit.get("control_mode"), i)?;
-        infotexts.push(infotext_entry(unit, i, control_mode)?);
+        infotexts.push(super::controlnet_infotext::entry(unit, i, control_mode)?);
         // The reference modules run no model: the extension ignores the unit's.
         let reference = preprocessor.filter(|p| p.reference().is_some());
         let model = match reference {
@@ -406,11 +419,28 @@ pub fn native_units(
                     Some((w, h)) => (fit(&rgb, mode, w, h), fit_mask(&alpha, mode, w, h)),
                     None => (rgb.clone(), alpha.clone()),
                 };
-                if enable_hr {
-                    hires.push((units.len(), rgb, mode, Some(alpha)));
-                }
+                // LaMa paints the feed itself, once the hires size is known
+                // (`controlnet_lama`): validated as the pass-through `inpaint_only` meanwhile.
+                let native_type = match p {
+                    Preprocessor::InpaintOnlyLama => {
+                        let index = units.len();
+                        lama.push(LamaFeed {
+                            index,
+                            arg: i,
+                            rgb,
+                            alpha,
+                            mode,
+                        });
+                        Preprocessor::InpaintOnly.module()
+                    }
+                    _ if enable_hr => {
+                        hires.push((units.len(), rgb, mode, Some(alpha)));
+                        p.module()
+                    }
+                    _ => p.module(),
+                };
                 json!({"model": model, "image": as_png(&image)?, "mask": as_png(&mask)?,
-                       "preprocessor": {"type": p.module()}})
+                       "preprocessor": {"type": native_type}})
             }
             (None, None) => json!({"model": model, "image": Value::Null}),
         };
@@ -509,37 +539,9 @@ pub fn native_units(
             ip_adapters,
             args: unit_args,
             infotexts,
+            lama,
         }),
     )
-}
-
-/// A unit's infotext entry as the extension serialises it (its own `resize_mode`, even where
-/// the unit takes img2img's init image and fit); the numbers checked natively later.
-pub(super) fn infotext_entry(
-    unit: &Map<String, Value>,
-    i: usize,
-    control_mode: ControlMode,
-) -> Result<String, ApiError> {
-    let number = |k: &str| unit.get(k).and_then(Value::as_f64);
-    let end = match unit.get("guidance_end") {
-        None | Some(Value::Null) => number("guidance"),
-        Some(v) => v.as_f64(),
-    };
-    let module = unit.get("module").and_then(Value::as_str).unwrap_or("none");
-    // A module of `controlnet_modules` (the preprocessor read it already).
-    let bounds = super::controlnet_infotext::module_bounds(module)
-        .unwrap_or([super::controlnet_infotext::HIDDEN; 3]);
-    let record = super::controlnet_infotext::UnitRecord::of_sent(
-        unit,
-        bounds,
-        (
-            number("weight").unwrap_or(1.0),
-            (number("guidance_start").unwrap_or(0.0), end.unwrap_or(1.0)),
-        ),
-        resize_mode(unit.get("resize_mode"), i)?,
-        control_mode,
-    );
-    Ok(record.infotext())
 }
 
 /// `{"version": 2}`.

@@ -223,6 +223,34 @@ impl UnitRecord {
     }
 }
 
+/// A unit's infotext entry as the extension serialises it (its own `resize_mode`, even where
+/// the unit takes img2img's init image and fit); the numbers checked natively later.
+pub(super) fn entry(
+    unit: &Map<String, Value>,
+    i: usize,
+    control_mode: ControlMode,
+) -> Result<String, crate::error::ApiError> {
+    let number = |k: &str| unit.get(k).and_then(Value::as_f64);
+    let end = match unit.get("guidance_end") {
+        None | Some(Value::Null) => number("guidance"),
+        Some(v) => v.as_f64(),
+    };
+    let module = unit.get("module").and_then(Value::as_str).unwrap_or("none");
+    // A module of `controlnet_modules` (the preprocessor read it already).
+    let bounds = module_bounds(module).unwrap_or([HIDDEN; 3]);
+    let record = UnitRecord::of_sent(
+        unit,
+        bounds,
+        (
+            number("weight").unwrap_or(1.0),
+            (number("guidance_start").unwrap_or(0.0), end.unwrap_or(1.0)),
+        ),
+        super::controlnet_fit::resize_mode(unit.get("resize_mode"), i)?,
+        control_mode,
+    );
+    Ok(record.infotext())
+}
+
 #[cfg(test)]
 #[path = "controlnet_infotext_tests.rs"]
 mod tests;

@@ -42,7 +42,7 @@ fn entries_are_the_extension_s_serialisation_of_the_unit_sent() {
         .filter_map(|row| {
             let unit = row["unit"].as_object().unwrap();
             let mode = super::super::controlnet::control_mode(unit.get("control_mode"), 0);
-            let got = super::super::controlnet::infotext_entry(unit, 0, mode.unwrap()).unwrap();
+            let got = entry(unit, 0, mode.unwrap()).unwrap();
             let want = row["infotext"].as_str().unwrap();
             (got != want).then(|| format!("{}\n  ours:   {got}\n  theirs: {want}", json!(unit)))
         })

@@ -18,6 +18,7 @@ mod controlnet_img2img;
 pub(crate) mod controlnet_infotext;
 mod controlnet_input;
 mod controlnet_ip_adapter;
+mod controlnet_lama;
 mod controlnet_modules;
 pub mod extras;
 mod img2img_resize;

@@ -489,12 +489,17 @@ pub fn translate(
         u.name_preprocessors(&mut valid);
     }
     // Hires fix is txt2img's (A1111's img2img has no such pass).
+    let mut hires_size = None;
     if enable_hr && mode == Mode::Txt2Img {
         let second = super::translate_hires::hires(body, &valid, &sampler)?;
         if let Some(u) = &units {
             u.fit_hires(&mut valid, second.params.width, second.params.height);
         }
+        hires_size = Some((second.params.width, second.params.height));
         valid.hires = Some(second);
+    }
+    if let Some(u) = &units {
+        u.paint_lama(&mut valid, hires_size)?;
     }
     let ignored = body
         .iter()
