@@ -7,6 +7,7 @@
 use sdserve_pipeline::interpolate::{Interpolation, InterpolationMode};
 use std::sync::Arc;
 
+use crate::api::a1111::controlnet_infotext::py_float;
 use sdserve_pipeline::pipeline::{Hires, PromptSyntax, Upscaler};
 use sdserve_pipeline::prompt::parse_attention;
 use sdserve_pipeline::schedulers::{SchedulerKind, SigmaSchedule};
@@ -235,15 +236,6 @@ impl A1111Target {
             side(self.upscale.0, self.truncate.0),
             side(self.upscale.1, self.truncate.1),
         )
-    }
-}
-
-/// Python's `str(float)`: `2.0`, `0.7`.
-fn py_float(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e16 {
-        format!("{v:.1}")
-    } else {
-        format!("{v}")
     }
 }
 
