@@ -205,10 +205,10 @@ fn a1111_ip_adapter_units_run_the_extension_s_way_and_bad_ones_are_refused() {
     let (windowed_px, infotext) = run(json!([windowed]));
     assert!(windowed_px != steered);
     assert!(own(&sd, &dir, stem, extension(None, (0.4, 1.0)), 0.8) == windowed_px);
-    // The bare name is written as the model list names it.
+    // The bare name is written as sent, as the extension writes `unit.model`.
     assert!(
         infotext.contains(&format!(
-            "\"Module: ip-adapter-auto, Model: {plus}, Weight: 0.8"
+            "\"Module: ip-adapter-auto, Model: {stem}, Weight: 0.8"
         )),
         "{infotext}"
     );
@@ -242,7 +242,7 @@ fn a1111_ip_adapter_units_run_the_extension_s_way_and_bad_ones_are_refused() {
     assert!(i2i_plain != i2i_steered);
     assert!(
         infotext.contains(&format!(
-            "ControlNet 0: \"Module: ip-adapter_clip_sd15, Model: {plus}"
+            "ControlNet 0: \"Module: ip-adapter_clip_sd15, Model: {stem}, Weight"
         )),
         "{infotext}"
     );

@@ -254,30 +254,6 @@ pub(super) fn ip_adapter_unit(
     })
 }
 
-/// The infotext's model as the extension's model list names it (`stem [hash]`), where the
-/// unit sent the bare name and IP_ADAPTER_DIR has the file.
-pub(super) fn name_models(
-    catalog: &crate::ip_adapters::IpAdapterCatalog,
-    valid: &mut crate::validate::ValidRequest,
-) {
-    if valid.ip_adapters.iter().all(|u| u.a1111.is_none()) {
-        return;
-    }
-    let entries = catalog.scan();
-    for unit in &mut valid.ip_adapters {
-        let Some(a) = &mut unit.a1111 else { continue };
-        let Some(entry) = entries.iter().find(|e| e.name == unit.model) else {
-            continue;
-        };
-        let Some(hash) = super::controlnet::short_hash(&entry.path) else {
-            continue;
-        };
-        let from = format!(", Model: {}, ", unit.model);
-        let to = format!(", Model: {} [{hash}], ", unit.model);
-        a.infotext = a.infotext.replacen(&from, &to, 1);
-    }
-}
-
 /// The listed modules: [`MODULES`] and the ip-adapter ones (`controlnet_ip_adapter`, which
 /// units route to the request's IP-Adapters) in `get_sorted_preprocessors` order:
 /// `ip-adapter-auto` (priority 1000) first after `none`, `ip-adapter_clip_sd15` (priority 100,

@@ -251,13 +251,12 @@ async fn generate(
     if !t.ignored.is_empty() {
         tracing::debug!(fields = ?t.ignored, "A1111 fields with no equivalent here, ignored");
     }
-    // Ip-adapter units: a module and model of different kinds is the unit's error; the
-    // infotext names each adapter as the model list does (`stem [hash]`).
+    // Ip-adapter units: a module and model of different kinds is the unit's error. (The
+    // infotext names the model as the unit sent it, ` [hash]` or not, as the extension's
+    // `parse_remote_call` leaves `unit.model` before `write_infotext`.)
     let (controlnets, adapters) = (app.controlnets.clone(), app.ip_adapters.clone());
     let t = crate::api::off_the_runtime(move || {
-        let mut t = t;
         controlnet_ip_adapter::check_kinds(&controlnets, &adapters, &t.valid, &t.controlnet_args)?;
-        controlnet_ip_adapter::name_models(&adapters, &mut t.valid);
         Ok(t)
     })
     .await?;
