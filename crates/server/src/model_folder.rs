@@ -62,8 +62,8 @@ pub fn scan(dir: Option<&Path>, kinds: &FolderKinds) -> Vec<FolderEntry> {
         })
         .collect();
     out.sort_by(|a, b| {
-        let key = |e: &FolderEntry| (e.name.clone(), (kinds.rank)(&e.path), e.path.clone());
-        key(a).cmp(&key(b))
+        let (ra, rb) = ((kinds.rank)(&a.path), (kinds.rank)(&b.path));
+        (&a.name, ra, &a.path).cmp(&(&b.name, rb, &b.path))
     });
     out.dedup_by(|later, kept| later.name == kept.name);
     out
