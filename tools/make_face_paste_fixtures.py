@@ -313,6 +313,8 @@ def main():
                      "numpy": np.__version__},
         "seed": SEED,
         "narrow": NARROW,
+        "classes": net.out_mask_conv.conv2d.out_channels,
+        "depths": [len(net.encoder) - 1, len(net.body), len(net.decoder)],
         "logit_stride": LOGIT_STRIDE,
         "mask_stride": MASK_STRIDE,
         "blur1_stride": BLUR1_STRIDE,

@@ -2,14 +2,17 @@
 //! and aligned to a 512x512 crop by facexlib's `FaceRestoreHelper`, goes through a restoring
 //! network and is pasted back. This module holds the networks ([`CodeFormer`], A1111's
 //! default) and A1111's conversion of a crop to the network's input and back
-//! ([`crop_input`], [`crop_output`], [`restore_crop`]); the detection, alignment, parsing
-//! mask and paste-back are not here yet.
+//! ([`crop_input`], [`crop_output`], [`restore_crop`]); facexlib's face parser ([`ParseNet`])
+//! and paste-back ([`paste::paste_faces`]); the detection and alignment are not here yet.
 
 pub mod codeformer;
+pub mod parsenet;
+pub mod paste;
 
 use candle_core::{Device, Tensor};
 
 pub use codeformer::CodeFormer;
+pub use parsenet::ParseNet;
 
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};
