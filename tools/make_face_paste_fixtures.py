@@ -174,17 +174,20 @@ class Recorder:
         return recorded
 
 
-def small_warp_case():
-    """A 7x5 3-channel image through a rotation and scale into 6x6: every border path."""
+def small_warp_case(tensors):
+    """A 7x5 3-channel image through a rotation and scale into 6x6: every border path. The
+    float64 values and the matrix go in the tensors too, bit for bit."""
     rng = np.random.default_rng(SEED + 7)
     src = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     m = similarity(1.3, 0.4, (3.2, 2.1)) - np.array([[0, 0, 253], [0, 0, 253.5]])
     out = cv2.warpAffine(src, m, (6, 6))
     f = src[:, :, 0].astype(np.float64) / 255
     out_f = cv2.warpAffine(f, m, (6, 6), flags=3)
+    tensors["small_warp.affine"] = torch.from_numpy(m.copy())
+    tensors["small_warp.src_f64"] = torch.from_numpy(f.copy())
+    tensors["small_warp.out_f64"] = torch.from_numpy(out_f.copy())
     return {"src": src.reshape(-1).tolist(), "src_shape": [5, 7, 3], "affine": m.tolist(),
-            "dsize": [6, 6], "out": out.reshape(-1).tolist(),
-            "src_f64": f.reshape(-1).tolist(), "out_f64": out_f.reshape(-1).tolist()}
+            "dsize": [6, 6], "out": out.reshape(-1).tolist()}
 
 
 def _border(a, thres=10):
@@ -269,6 +272,9 @@ def run_case(name, size, faces, net, tensors, pngs):
                         "pixels_under_1e-4": int((margin < 1e-4).sum()),
                         "pixels_under_1e-3": int((margin < 1e-3).sum()),
                         "mask_255_share": share, "classes": classes})
+        # The matrices bit for bit (a JSON reader may round a float's last bit).
+        tensors[f"{name}.affine{i}"] = torch.from_numpy(affines[i].copy())
+        tensors[f"{name}.inverse_affine{i}"] = torch.from_numpy(inverse[i].copy())
         pngs[f"{name}.face{i}.png"] = restored_rgb[i]
         pngs[f"{name}.inv_restored{i}.png"] = inv_restored[:, :, ::-1]
         pngs[f"{name}.argmax{i}.png"] = cls.astype(np.uint8)
@@ -300,6 +306,7 @@ def main():
         cv2.getGaussianKernel(101, 11, cv2.CV_64F).reshape(-1).copy())}
     pngs = {}
     cases = [run_case(n, s, f, net, tensors, pngs) for n, s, f in CASES]
+    small_warp = small_warp_case(tensors)
     for k, v in pngs.items():
         Image.fromarray(np.ascontiguousarray(v)).save(os.path.join(OUT, k), optimize=True)
     save_file(tensors, os.path.join(OUT, "face_paste.safetensors"))
@@ -321,7 +328,7 @@ def main():
         "logit_std": LOGIT_STD,
         "inv_mask_stride": INV_MASK_STRIDE,
         "cases": cases,
-        "small_warp": small_warp_case(),
+        "small_warp": small_warp,
     }
     with open(os.path.join(OUT, "face_paste.json"), "w") as f:
         json.dump(meta, f, indent=1)

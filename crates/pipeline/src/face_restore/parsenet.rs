@@ -254,8 +254,10 @@ impl ParseNet {
         let mut width = stem.out_channels();
         for (i, block) in encoder.iter().chain(&body).chain(&decoder).enumerate() {
             if block.conv1.in_channels() != width {
-                return Err(w.bad(format!("residual block {i} takes {} channels after {width}",
-                    block.conv1.in_channels())));
+                return Err(w.bad(format!(
+                    "residual block {i} takes {} channels after {width}",
+                    block.conv1.in_channels()
+                )));
             }
             width = block.conv2.out_channels();
         }

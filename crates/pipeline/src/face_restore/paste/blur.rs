@@ -11,7 +11,10 @@
 
 /// `getGaussianKernel(n, sigma, CV_64F)` for odd `n` and `sigma > 0`.
 pub fn gaussian_kernel(n: usize, sigma: f64) -> Vec<f64> {
-    assert!(n % 2 == 1 && sigma > 0.0, "an odd kernel of a positive sigma");
+    assert!(
+        n % 2 == 1 && sigma > 0.0,
+        "an odd kernel of a positive sigma"
+    );
     let scale2x = -0.125 / (sigma * sigma);
     let half = (n - 1) / 2;
     let values: Vec<f64> = (0..half)

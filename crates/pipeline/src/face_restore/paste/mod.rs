@@ -131,9 +131,10 @@ mod tests {
 
     #[test]
     fn the_colormap_keeps_the_face_and_drops_the_rest() {
-        assert_eq!(parse_mask(&[0, 1, 13, 14, 15, 16, 18, 19]), [
-            0.0, 255.0, 255.0, 0.0, 255.0, 0.0, 0.0, 0.0
-        ]);
+        assert_eq!(
+            parse_mask(&[0, 1, 13, 14, 15, 16, 18, 19]),
+            [0.0, 255.0, 255.0, 0.0, 255.0, 0.0, 0.0, 0.0]
+        );
     }
 
     #[test]
@@ -158,11 +159,14 @@ mod tests {
             height: 4,
             pixels: vec![0; 48],
         };
-        let err = paste_parsed(&image, &[ParsedFace {
-            affine: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
-            face: &face,
-            classes: &[0; 16],
-        }])
+        let err = paste_parsed(
+            &image,
+            &[ParsedFace {
+                affine: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+                face: &face,
+                classes: &[0; 16],
+            }],
+        )
         .unwrap_err();
         assert!(err.to_string().contains("4x4"), "{err}");
     }

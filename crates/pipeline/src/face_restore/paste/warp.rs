@@ -159,7 +159,12 @@ fn warp<T: Copy>(
             false => zero,
         };
         for (c, v) in d.iter_mut().enumerate() {
-            let near = [at(sx, sy, c), at(sx + 1, sy, c), at(sx, sy + 1, c), at(sx + 1, sy + 1, c)];
+            let near = [
+                at(sx, sy, c),
+                at(sx + 1, sy, c),
+                at(sx, sy + 1, c),
+                at(sx + 1, sy + 1, c),
+            ];
             *v = blend(near, frac);
         }
     }
@@ -214,7 +219,10 @@ mod tests {
         let inv = invert_affine(&[[2.0, 0.0, 4.0], [0.0, 2.0, -6.0]]);
         assert_eq!(inv, [[0.5, 0.0, -2.0], [0.0, 0.5, 3.0]]);
         // OpenCV's singular matrix: a zero determinant's reciprocal is 0.
-        assert_eq!(invert_affine(&[[1.0, 2.0, 3.0], [2.0, 4.0, 5.0]])[0][0], 0.0);
+        assert_eq!(
+            invert_affine(&[[1.0, 2.0, 3.0], [2.0, 4.0, 5.0]])[0][0],
+            0.0
+        );
     }
 
     #[test]
@@ -233,13 +241,17 @@ mod tests {
         // 3x2, one channel: a shift by one pixel right copies, the uncovered column is 0.
         let src = [10u8, 20, 30, 40, 50, 60];
         let shift = [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]];
-        assert_eq!(warp_affine_u8(&src, (3, 2, 1), &shift, (3, 2)), [0, 10, 20, 0, 40, 50]);
+        assert_eq!(
+            warp_affine_u8(&src, (3, 2, 1), &shift, (3, 2)),
+            [0, 10, 20, 0, 40, 50]
+        );
         // Half a pixel left: each pixel the mean of two, (a + b) / 2 rounded half up in
         // fixed point; the last column reads the border 0 beside 30 (and 60).
         let half = [[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]];
-        assert_eq!(warp_affine_u8(&[10u8, 21, 30, 40, 51, 60], (3, 2, 1), &half, (3, 2)), [
-            16, 26, 15, 46, 56, 30
-        ]);
+        assert_eq!(
+            warp_affine_u8(&[10u8, 21, 30, 40, 51, 60], (3, 2, 1), &half, (3, 2)),
+            [16, 26, 15, 46, 56, 30]
+        );
         let f = warp_affine_f64(&[1.0, 2.0, 4.0, 8.0], (2, 2), &half, (2, 2));
         assert_eq!(f, [1.5, 1.0, 6.0, 4.0]);
     }
