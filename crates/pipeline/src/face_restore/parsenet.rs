@@ -343,3 +343,77 @@ impl ParseNet {
         Ok(classes.into_iter().map(|c| c as u8).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflection_pad_mirrors_without_repeating_the_edge() {
+        let x = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 3))
+            .unwrap();
+        let p = reflection_pad_1(&x).unwrap().flatten_all().unwrap();
+        let want = [
+            5., 4., 5., 6., 5., //
+            2., 1., 2., 3., 2., //
+            5., 4., 5., 6., 5., //
+            2., 1., 2., 3., 2.,
+        ];
+        assert_eq!(p.to_vec1::<f32>().unwrap(), want);
+        assert!(reflection_pad_1(&x.narrow(2, 0, 1).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_folded_batch_norm_is_the_conv_then_the_norm() {
+        let dev = Device::Cpu;
+        let (cin, cout) = (2, 3);
+        let conv_w = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+        let param = |lo: f32| (Tensor::rand(0f32, 1., cout, &dev).unwrap() + lo as f64).unwrap();
+        let (gamma, beta, mean, var) = (param(0.5), param(-0.5), param(-0.5), param(0.2));
+        let state: HashMap<String, Tensor> = [
+            ("l.conv2d.weight", conv_w.clone()),
+            ("l.norm.norm.weight", gamma.clone()),
+            ("l.norm.norm.bias", beta.clone()),
+            ("l.norm.norm.running_mean", mean.clone()),
+            ("l.norm.norm.running_var", var.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let w = Weights {
+            path: Path::new("test.pth"),
+            state: &state,
+            device: &dev,
+        };
+        let layer = ConvLayer::load(&w, "l", Scale::None, false).unwrap();
+        let x = Tensor::randn(0f32, 1., (1, cin, 5, 4), &dev).unwrap();
+        let got = layer.forward(&x).unwrap();
+        // The conv, then (y - mean) / sqrt(var + eps) * gamma + beta per channel.
+        let y = Conv2d::new(conv_w, None, 1, 0)
+            .forward(&reflection_pad_1(&x).unwrap())
+            .unwrap();
+        let c = |t: &Tensor| t.reshape((1, cout, 1, 1)).unwrap();
+        let norm = (var + BN_EPS).unwrap().sqrt().unwrap();
+        let want = y
+            .broadcast_sub(&c(&mean))
+            .unwrap()
+            .broadcast_div(&c(&norm))
+            .unwrap()
+            .broadcast_mul(&c(&gamma))
+            .unwrap()
+            .broadcast_add(&c(&beta))
+            .unwrap();
+        assert_eq!(got.dims(), [1, cout, 5, 4]);
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+}

@@ -4,10 +4,10 @@
 //!
 //! 1. the inverse of the face's affine (`cv2.invertAffineTransform`; times the upscale 1);
 //! 2. the face warped back to the image's size by it (`cv2.warpAffine`, bilinear, border 0);
-//! 3. its parse mask: ParseNet's class of each pixel through `MASK_COLORMAP` (skin, brows,
-//!    eyes, nose, mouth, lips, ears: 255; background, neck, cloth, hair, hat: 0), in float64,
-//!    `cv2.GaussianBlur(101x101, sigma 11)` twice, the outer 10 pixels zeroed, / 255, warped
-//!    back as the face (`flags=3`, INTER_AREA, which warpAffine runs as bilinear);
+//! 3. its parse mask: ParseNet's class of each pixel through `MASK_COLORMAP` (classes 0, 14
+//!    and 16 to 18: 0; the others 255), in float64, `cv2.GaussianBlur(101x101, sigma 11)`
+//!    twice, the outer 10 pixels zeroed, / 255, warped back as the face (`flags=3`,
+//!    INTER_AREA, which warpAffine runs as bilinear);
 //! 4. the image becomes `mask * face + (1 - mask) * image` in float64.
 //!
 //! The result is truncated to 8 bits (`astype(np.uint8)`). The background's same-size
