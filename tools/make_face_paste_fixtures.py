@@ -7,7 +7,7 @@ chosen affines and synthetic "restored" faces, every cv2 call and the ParseNet r
 The ParseNet is facexlib's own class, built as `init_parsing_model('parsenet')` builds it
 (in_size 512, out_size 512, 19 classes) but narrowed through its own constructor arguments
 (base_ch 8, ch_range [8, 32] where the release has 64 and [32, 256]; res_depth stays 10):
-the same blocks in the same order, 0.34M parameters in place of ~15M (30 MB even in f16).
+the same blocks in the same order, 0.34M parameters in place of 21.3M (43 MB even in f16).
 The weights are random (seeded) and rounded to f16 (0.7 MB), saved as the real
 `parsing_parsenet.pth` is: a bare state dict with the same names (num_batches_tracked too),
 and loaded back with `load_state_dict(strict=True)` as facexlib loads it.
