@@ -27,6 +27,15 @@ fn latin1(s: &str) -> String {
         .collect()
 }
 
+/// A1111's `infotext_utils.quote`: JSON-quoted when it holds `,`, `:` or a newline.
+pub fn quote(text: &str) -> String {
+    if text.contains([',', ':', '\n']) {
+        serde_json::Value::String(text.to_string()).to_string()
+    } else {
+        text.to_string()
+    }
+}
+
 /// The A1111 "parameters" string; `skips`: the negative guidance rules that skipped some
 /// evaluation of the run (their entries are written only then).
 pub fn parameters_text(
@@ -139,7 +148,7 @@ pub fn parameters_text(
     let controlnets: String = entries
         .iter()
         .enumerate()
-        .map(|(i, e)| format!(", ControlNet {i}: \"{e}\""))
+        .map(|(i, e)| format!(", ControlNet {i}: {}", quote(e)))
         .collect();
     s.push_str(&format!(
         "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}{sampler_params}, Version: sdserve {}",

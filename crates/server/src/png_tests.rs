@@ -399,3 +399,15 @@ fn controlnet_entries_keep_the_request_s_unit_order() {
         format!("ControlNet 3: \"Module: canny, Model: cn-b, Weight: 0.5{canny}")
     );
 }
+
+#[test]
+fn values_are_quoted_as_a1111_quotes_them() {
+    // infotext_utils.quote: JSON only where `,`, `:` or a newline would break the line.
+    assert_eq!(quote(""), "");
+    assert_eq!(quote("plain text"), "plain text");
+    assert_eq!(
+        quote("Module: canny, Model: c"),
+        "\"Module: canny, Model: c\""
+    );
+    assert_eq!(quote("a \"b\": c\nd"), "\"a \\\"b\\\": c\\nd\"");
+}

@@ -239,15 +239,6 @@ impl A1111Target {
     }
 }
 
-/// A1111's `infotext_utils.quote`: JSON-quoted when it holds `,`, `:` or a newline.
-fn quote(text: &str) -> String {
-    if text.contains([',', ':', '\n']) {
-        Value::String(text.to_string()).to_string()
-    } else {
-        text.to_string()
-    }
-}
-
 /// An upscaler's name: a built-in one's or, whatever else it is, an UPSCALERS_DIR model's
 /// (which the submit checks against the folder).
 pub fn upscaler_rule(v: &Value) -> Result<String, String> {
@@ -378,10 +369,10 @@ pub fn validate_hires(
         }
     }
     if let Some(p) = &hr_prompt {
-        infotext.push(("Hires prompt", quote(p)));
+        infotext.push(("Hires prompt", crate::png::quote(p)));
     }
     if let Some(p) = &hr_negative {
-        infotext.push(("Hires negative prompt", quote(p)));
+        infotext.push(("Hires negative prompt", crate::png::quote(p)));
     }
     match (rx, ry) {
         (0, 0) => infotext.push(("Hires upscale", py_float(scale_value))),

@@ -203,8 +203,15 @@ impl UnitRecord {
         }
     }
 
-    /// `ControlNetUnit.serialize`.
+    /// `ControlNetUnit.serialize`: empty where a value holds `,` or `:` (a module or model
+    /// name; the extension logs "Unexpected tokens" and writes `ControlNet N: ` with nothing).
     pub(crate) fn infotext(&self) -> String {
+        if [&self.module, &self.model]
+            .iter()
+            .any(|v| v.contains([',', ':']))
+        {
+            return String::new();
+        }
         let py_bool = |b: bool| if b { "True" } else { "False" };
         format!(
             "Module: {}, Model: {}, Weight: {}, Resize Mode: {}, Processor Res: {}, Threshold A: {}, Threshold B: {}, Guidance Start: {}, Guidance End: {}, Pixel Perfect: {}, Control Mode: {}",
