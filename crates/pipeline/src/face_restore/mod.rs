@@ -3,11 +3,17 @@
 //! network and is pasted back. This module holds the networks ([`CodeFormer`], A1111's
 //! default) and A1111's conversion of a crop to the network's input and back
 //! ([`crop_input`], [`crop_output`], [`restore_crop`]); facexlib's face parser ([`ParseNet`])
-//! and paste-back ([`paste::paste_faces`]); the detection and alignment are not here yet.
+//! and paste-back ([`paste::paste_faces`]); detection and alignment: [`detect::RetinaFace`]
+//! (facexlib's RetinaFace ResNet-50, the network in [`retinaface`]) and
+//! [`align::detect_and_align`] (the FFHQ-template crops, [`warp`]).
 
+pub mod align;
 pub mod codeformer;
+pub mod detect;
 pub mod parsenet;
 pub mod paste;
+pub mod retinaface;
+pub mod warp;
 
 use candle_core::{Device, Tensor};
 

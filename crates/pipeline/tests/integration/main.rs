@@ -37,6 +37,7 @@ mod eta;
 mod evaluations;
 mod external_vae;
 mod extras_upscale;
+mod face_detect;
 mod face_paste;
 mod fuzz_adapters;
 mod fuzz_parsers;
