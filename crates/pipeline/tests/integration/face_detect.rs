@@ -145,13 +145,13 @@ fn detections_are_facexlibs() {
         let ours = &detections()[&name];
         assert_eq!(ours.len(), want.len(), "{name}: detections after NMS");
         for (d, w) in ours.iter().zip(&want) {
-            for k in 0..15 {
-                let diff = (d.row[k] - w[k]).abs();
+            for (k, (ours, want)) in d.row.iter().zip(w).enumerate() {
+                let diff = (ours - want).abs();
                 if k != 4 {
                     worst = worst.max(diff);
                 }
                 let tol = if k == 4 { 1e-4 } else { PIXEL_TOLERANCE };
-                assert!(diff < tol, "{name} row {k}: {} vs {}", d.row[k], w[k]);
+                assert!(diff < tol, "{name} row {k}: {ours} vs {want}");
             }
         }
     }
@@ -168,8 +168,8 @@ fn the_eye_distance_filter_keeps_facexlibs_faces() {
         assert_eq!(faces.len(), want.len(), "{name}: faces kept");
         dropped += detections()[&name].len() - faces.len();
         for ((f, w), l) in faces.iter().zip(&want).zip(&marks) {
-            for k in 0..4 {
-                assert!((f64::from(f.bbox[k]) - w[k]).abs() < PIXEL_TOLERANCE);
+            for (ours, want) in f.bbox.iter().zip(w) {
+                assert!((f64::from(*ours) - want).abs() < PIXEL_TOLERANCE);
             }
             // facexlib's det_faces holds the score times the resize scale.
             let scale = w[4] / f64::from(f.score);
