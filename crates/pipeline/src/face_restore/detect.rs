@@ -287,7 +287,7 @@ mod tests {
             [48.0 / 64.0, (48.0f64 / 48.0) as f32, 8.0, 512.0 / 48.0]
         );
         // A side that is not a multiple of the step gets ceil(side / step) positions.
-        assert_eq!(priors(17, 9).len(), 2 * (3 + 2 + 1));
+        assert_eq!(priors(17, 9).len(), 2 * (3 * 2 + 2 + 1));
     }
 
     #[test]
