@@ -97,3 +97,49 @@ impl<T> NamedFile<T> {
         read(&self.path).map(Arc::new)
     }
 }
+
+/// A part of A1111's `natural_sort_key`: text (lowercased) and numbers alternate, text first.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NaturalPart {
+    Text(String),
+    /// A run of digits by value: its length without leading zeros, then the digits.
+    Number(usize, String),
+}
+
+/// A1111's `shared.natural_sort_key`: `[int(t) if t.isdigit() else t.lower() for t in
+/// re.split('([0-9]+)', s)]`, compared as Python compares lists.
+pub fn natural_sort_key(s: &str) -> Vec<NaturalPart> {
+    let mut parts = Vec::new();
+    let mut rest = s;
+    loop {
+        let digits_at = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        parts.push(NaturalPart::Text(rest[..digits_at].to_lowercase()));
+        rest = &rest[digits_at..];
+        if rest.is_empty() {
+            return parts;
+        }
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let value = rest[..end].trim_start_matches('0');
+        parts.push(NaturalPart::Number(value.len(), value.to_string()));
+        rest = &rest[end..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_sort_key;
+
+    #[test]
+    fn natural_order_compares_numbers_by_value_and_text_without_case() {
+        assert!(natural_sort_key("a2.pt") < natural_sort_key("a10.pt"));
+        assert!(natural_sort_key("a010") == natural_sort_key("A10"));
+        assert!(
+            natural_sort_key("codeformer-v0.1.0.pth")
+                < natural_sort_key("detection_Resnet50_Final.pth")
+        );
+    }
+}

@@ -319,6 +319,25 @@ pub fn align_face(landmarks: &[[f32; 2]; 5]) -> [[f64; 3]; 2] {
     estimate_affine_partial(landmarks, &template).unwrap_or([[f64::NAN; 3]; 2])
 }
 
+/// facexlib's crop: `cv2.warpAffine(img, affine, (size, size), borderMode=BORDER_CONSTANT,
+/// borderValue=(135, 133, 132))` of the picture (BGR there: [`BORDER_RGB`] here), bilinear in
+/// OpenCV's fixed point (`paste::warp`).
+pub fn warp_face(image: &RgbImage, affine: &[[f64; 3]; 2], size: u32) -> RgbImage {
+    let (w, h) = (image.width as usize, image.height as usize);
+    let s = size as usize;
+    RgbImage {
+        width: size,
+        height: size,
+        pixels: super::paste::warp_affine_u8_border(
+            &image.pixels,
+            (w, h, 3),
+            affine,
+            (s, s),
+            &BORDER_RGB,
+        ),
+    }
+}
+
 /// One aligned face: facexlib's affine matrix, its 512x512 crop (RGB) and the detection.
 #[derive(Debug, Clone)]
 pub struct AlignedFace {
@@ -338,7 +357,7 @@ pub fn detect_and_align(
         .into_iter()
         .map(|face| {
             let affine = align_face(&face.landmarks);
-            let crop = super::warp::warp_face(image, &affine, FACE_SIZE);
+            let crop = warp_face(image, &affine, FACE_SIZE);
             AlignedFace { affine, crop, face }
         })
         .collect())

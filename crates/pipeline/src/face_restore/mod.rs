@@ -5,20 +5,25 @@
 //! ([`crop_input`], [`crop_output`], [`restore_crop`]); facexlib's face parser ([`ParseNet`])
 //! and paste-back ([`paste::paste_faces`]); detection and alignment: [`detect::RetinaFace`]
 //! (facexlib's RetinaFace ResNet-50, the network in [`retinaface`]) and
-//! [`align::detect_and_align`] (the FFHQ-template crops, [`warp`]).
+//! [`align::detect_and_align`] (the FFHQ-template crops, warped as [`paste::warp`] warps). [`restorer`] runs them
+//! together as A1111's `restore_with_face_helper` does ([`FaceRestorer`]).
 
 pub mod align;
 pub mod codeformer;
 pub mod detect;
 pub mod parsenet;
 pub mod paste;
+pub mod restorer;
 pub mod retinaface;
-pub mod warp;
 
 use candle_core::{Device, Tensor};
 
+pub use align::detect_and_align;
 pub use codeformer::CodeFormer;
+pub use detect::RetinaFace;
 pub use parsenet::ParseNet;
+pub use paste::paste_faces;
+pub use restorer::{FaceRestore, FaceRestorer};
 
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};

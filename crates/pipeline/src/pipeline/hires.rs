@@ -375,7 +375,8 @@ impl StableDiffusion {
         let mut images = Vec::with_capacity(first.batch_size);
         for i in 0..latents.dim(0)? {
             let decoded = self.decode_latents(&latents.narrow(0, i, 1)?)?;
-            images.push(super::control::to_rgb8_post_processed(&decoded, &post)?);
+            let image = super::control::to_rgb8_post_processed(&decoded, &post)?;
+            images.push(self.restore_faces(first, image)?);
         }
         Ok(images)
     }

@@ -300,6 +300,7 @@ impl StableDiffusion {
             let image = self.decode_latents(&latents.narrow(0, i, 1)?)?;
             tracker.sample();
             let image = control::to_rgb8_post_processed(&image, &post)?;
+            let image = self.restore_faces(params, image)?;
             images.push(match overlay {
                 Some(crate::inpaint_a1111::Prepared {
                     overlay: Some(o),
@@ -310,6 +311,19 @@ impl StableDiffusion {
             });
         }
         Ok(images)
+    }
+
+    /// A final image with its faces restored when the request asks (A1111's `restore_faces`,
+    /// after the units' post-processing and before the overlay).
+    pub(super) fn restore_faces(
+        &self,
+        params: &GenerationParams,
+        image: RgbImage,
+    ) -> Result<RgbImage> {
+        match &params.face_restore {
+            Some(restore) => restore.run(&image, self.device()),
+            None => Ok(image),
+        }
     }
 
     fn check_inputs(&self, params: &GenerationParams) -> Result<()> {

@@ -87,6 +87,10 @@ pub struct GenerationParams {
     /// after the first: the extension wraps only the first batch's RNG
     /// (`before_process_batch` clears its `noise_modifier`).
     pub lama_noise: bool,
+    /// A1111's `restore_faces`: every final image's faces restored (CodeFormer) before the
+    /// inpainting overlay, as A1111's `process_images` runs `restore_faces` on each decoded
+    /// sample. The first pass of a hires fix is left as it is.
+    pub face_restore: Option<crate::face_restore::FaceRestore>,
 }
 
 /// The library's defaults: diffusers' behaviour (plain prompts, last CLIP layer, no LoRA) and
@@ -126,6 +130,7 @@ impl Default for GenerationParams {
             noise_multiplier: 1.0,
             extra_noise: 0.0,
             lama_noise: true,
+            face_restore: None,
         }
     }
 }

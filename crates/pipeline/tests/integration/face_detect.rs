@@ -12,9 +12,9 @@ use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_path, read_png};
+use sdserve_pipeline::face_restore::align::warp_face;
 use sdserve_pipeline::face_restore::align::{align_face, detect_and_align, FACE_SIZE};
 use sdserve_pipeline::face_restore::detect::{Detection, RetinaFace};
-use sdserve_pipeline::face_restore::warp::warp_face;
 use sdserve_pipeline::pipeline::RgbImage;
 use serde_json::Value;
 

@@ -39,6 +39,7 @@ mod external_vae;
 mod extras_upscale;
 mod face_detect;
 mod face_paste;
+mod face_restore;
 mod fuzz_adapters;
 mod fuzz_parsers;
 mod half_precision;

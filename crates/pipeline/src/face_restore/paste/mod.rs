@@ -21,7 +21,9 @@ pub mod blur;
 pub mod warp;
 
 use self::blur::{gaussian_blur_f64, gaussian_kernel};
-pub use self::warp::{invert_affine, warp_affine_f64, warp_affine_u8, Affine};
+pub use self::warp::{
+    invert_affine, warp_affine_f64, warp_affine_u8, warp_affine_u8_border, Affine,
+};
 use super::parsenet::{ParseNet, PARSE_SIZE};
 use crate::pipeline::RgbImage;
 use crate::{PipelineError, Result};

@@ -132,19 +132,21 @@ fn source_positions(inv: &Affine, dw: usize, dh: usize) -> Vec<(i32, i32, usize)
 }
 
 /// The warp of `src` (`sw` x `sh`, `cn` interleaved channels) to `dw` x `dh` by the forward
-/// matrix `m`, each pixel from its four neighbours through `blend` (border value `zero`).
+/// matrix `m`, each pixel from its four neighbours through `blend` (`border`: each channel's
+/// value outside the source).
 #[allow(clippy::too_many_arguments)]
 fn warp<T: Copy>(
     src: &[T],
     (sw, sh, cn): (usize, usize, usize),
     m: &Affine,
     (dw, dh): (usize, usize),
-    zero: T,
+    border: &[T],
     blend: impl Fn([T; 4], usize) -> T,
 ) -> Vec<T> {
     assert_eq!(src.len(), sw * sh * cn, "the source's size");
+    assert_eq!(border.len(), cn, "a border value per channel");
     let (w, h) = (sw as i32, sh as i32);
-    let mut out = vec![zero; dw * dh * cn];
+    let mut out: Vec<T> = border.iter().copied().cycle().take(dw * dh * cn).collect();
     for (i, &(sx, sy, frac)) in source_positions(&invert_affine(m), dw, dh)
         .iter()
         .enumerate()
@@ -156,7 +158,7 @@ fn warp<T: Copy>(
         let inside = |x: i32, y: i32| (0..w).contains(&x) && (0..h).contains(&y);
         let at = |x: i32, y: i32, c: usize| match inside(x, y) {
             true => src[(y as usize * sw + x as usize) * cn + c],
-            false => zero,
+            false => border[c],
         };
         for (c, v) in d.iter_mut().enumerate() {
             let near = [
@@ -179,8 +181,19 @@ pub fn warp_affine_u8(
     m: &Affine,
     (dw, dh): (usize, usize),
 ) -> Vec<u8> {
+    warp_affine_u8_border(src, (sw, sh, cn), m, (dw, dh), &vec![0; cn])
+}
+
+/// [`warp_affine_u8`] with `borderValue` (one value per channel, in the image's order).
+pub fn warp_affine_u8_border(
+    src: &[u8],
+    (sw, sh, cn): (usize, usize, usize),
+    m: &Affine,
+    (dw, dh): (usize, usize),
+    border: &[u8],
+) -> Vec<u8> {
     let table = fixed_table();
-    warp(src, (sw, sh, cn), m, (dw, dh), 0u8, |v, frac| {
+    warp(src, (sw, sh, cn), m, (dw, dh), border, |v, frac| {
         let w = &table[frac];
         let s = v[0] as i32 * w[0] + v[1] as i32 * w[1] + v[2] as i32 * w[2] + v[3] as i32 * w[3];
         ((s + (1 << (REMAP_COEF_BITS - 1))) >> REMAP_COEF_BITS).clamp(0, 255) as u8
@@ -196,7 +209,7 @@ pub fn warp_affine_f64(
     (dw, dh): (usize, usize),
 ) -> Vec<f64> {
     let table = float_table();
-    warp(src, (sw, sh, 1), m, (dw, dh), 0.0f64, |v, frac| {
+    warp(src, (sw, sh, 1), m, (dw, dh), &[0.0], |v, frac| {
         let w = &table[frac];
         v[0] * w[0] as f64 + v[1] * w[1] as f64 + v[2] * w[2] as f64 + v[3] * w[3] as f64
     })
@@ -254,5 +267,30 @@ mod tests {
         );
         let f = warp_affine_f64(&[1.0, 2.0, 4.0, 8.0], (2, 2), &half, (2, 2));
         assert_eq!(f, [1.5, 1.0, 6.0, 4.0]);
+    }
+
+    #[test]
+    fn the_identity_copies_and_a_shift_pads_with_each_channels_border() {
+        let im: Vec<u8> = (0..7 * 5 * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let id = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        assert_eq!(
+            warp_affine_u8_border(&im, (7, 5, 3), &id, (7, 5), &[1, 2, 3]),
+            im
+        );
+        // Shifted right by 2: the first two columns are the border, the rest the picture.
+        let shift = [[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]];
+        let out = warp_affine_u8_border(&im, (7, 5, 3), &shift, (7, 5), &[1, 2, 3]);
+        assert_eq!(&out[..6], &[1, 2, 3, 1, 2, 3]);
+        assert_eq!(&out[6..9], &im[..3]);
+    }
+
+    #[test]
+    fn half_a_pixel_mixes_the_edge_with_the_border() {
+        // Shift by -0.5: each pixel the rounded mean of two neighbours; the last column mixes
+        // with the border.
+        let im = [10, 20, 30, 11, 40, 255];
+        let half = [[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]];
+        let out = warp_affine_u8_border(&im, (2, 1, 3), &half, (2, 1), &[0, 0, 200]);
+        assert_eq!(out, vec![11, 30, 143, 6, 20, 228]);
     }
 }
