@@ -97,6 +97,10 @@ fn request_json(a: &GenerateArgs) -> Result<Value, String> {
         ),
         ("resize_mode", a.resize_mode.as_ref().map(|v| json!(v))),
         ("tiling", a.tiling.then_some(json!(true))),
+        (
+            "restore_faces",
+            a.restore_faces.map(|weight| json!({ "weight": weight })),
+        ),
         ("prompt_syntax", a.prompt_syntax.as_ref().map(|v| json!(v))),
         ("clip_skip", a.clip_skip.map(|v| json!(v))),
         (

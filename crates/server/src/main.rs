@@ -10,6 +10,7 @@ mod config;
 mod controlnets;
 mod engine;
 mod error;
+mod face_restorers;
 #[cfg(test)]
 mod fuzz_tests;
 mod generate_cmd;

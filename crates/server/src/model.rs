@@ -107,6 +107,8 @@ pub struct GpuGenerator {
     controlnet_dir: Option<std::path::PathBuf>,
     /// IP_ADAPTER_DIR, where a request's IP-Adapters and their image encoder are found.
     ip_adapter_dir: Option<std::path::PathBuf>,
+    /// FACE_RESTORE_DIR, where a request's face restoration finds its networks.
+    face_restore_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a VAE cannot be used, without the server's paths: the weights' message (which tensor,
@@ -148,6 +150,13 @@ impl Generator for GpuGenerator {
         let prompted =
             crate::ip_adapters::with_ip_adapter_files(params, self.ip_adapter_dir.as_deref())?;
         let params = prompted.as_ref().unwrap_or(params);
+        // Face restoration: its networks (cached) on the pipeline's device, in float32.
+        let restoring = crate::face_restorers::with_face_restorer(
+            params,
+            self.face_restore_dir.as_deref(),
+            self.sd.device(),
+        )?;
+        let params = restoring.as_ref().unwrap_or(params);
         gpu::plan_request(&mut self.sd, &self.setup, params)?;
         self.sd.generate(params, on_step)
     }
@@ -301,6 +310,7 @@ pub fn load_real(
             upscalers_dir: args.upscalers_dir.clone(),
             controlnet_dir: args.controlnet_dir.clone(),
             ip_adapter_dir: args.ip_adapter_dir.clone(),
+            face_restore_dir: args.face_restore_dir.clone(),
         }),
         info,
         taesd: None,

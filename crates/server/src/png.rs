@@ -90,6 +90,14 @@ pub fn parameters_text(
     };
     // A1111 writes `Tiling: True` for a tiling run and nothing otherwise.
     let tiling = if p.tiling { ", Tiling: True" } else { "" };
+    // A1111 writes the face restorer's name after the seed (`Face restoration: CodeFormer`).
+    let faces = match &p.face_restore {
+        Some(_) => format!(
+            ", Face restoration: {}",
+            sdserve_pipeline::face_restore::restorer::NAME
+        ),
+        None => String::new(),
+    };
     // A1111 writes these only for a non-zero strength; the seed is this image's.
     let variation = p
         .image_variation(0)
@@ -151,7 +159,7 @@ pub fn parameters_text(
         .map(|(i, e)| format!(", ControlNet {i}: {}", quote(e)))
         .collect();
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}{sampler_params}, Version: sdserve {}",
+        "\nSteps: {}, Sampler: {sampler}, Scheduler: {scheduler}, CFG scale: {}, Seed: {}{faces}, Size: {}x{}{variation}{resize}{clip_skip}{syntax}{tiling}, Model: {model_version}{vae}{controlnets}{noise}{eta}{sampler_params}, Version: sdserve {}",
         p.steps,
         p.guidance_scale,
         p.seed,

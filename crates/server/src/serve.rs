@@ -216,6 +216,9 @@ async fn serve(args: ServeArgs, rt: Runtime) -> Result<(), String> {
         controlnets: crate::controlnets::ControlNetCatalog::new(args.model.controlnet_dir.clone()),
         ip_adapters: crate::ip_adapters::IpAdapterCatalog::new(args.model.ip_adapter_dir.clone()),
         styles: crate::styles::StyleBook::new(args.styles_file.clone()),
+        face_restore: crate::face_restorers::FaceRestoreCatalog::new(
+            args.model.face_restore_dir.clone(),
+        ),
     });
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let shutdown_engine = engine.clone();

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use sdserve_pipeline::named_file::natural_sort_key;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -208,37 +209,6 @@ fn entry_of(path: &Path) -> Option<VaeEntry> {
     })
 }
 
-/// A part of A1111's `natural_sort_key`: text (lowercased) and numbers alternate, text first.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum NaturalPart {
-    Text(String),
-    /// A run of digits by value: its length without leading zeros, then the digits.
-    Number(usize, String),
-}
-
-/// A1111's `shared.natural_sort_key`: `[int(t) if t.isdigit() else t.lower() for t in
-/// re.split('([0-9]+)', s)]`, compared as Python compares lists.
-fn natural_sort_key(s: &str) -> Vec<NaturalPart> {
-    let mut parts = Vec::new();
-    let mut rest = s;
-    loop {
-        let digits_at = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        parts.push(NaturalPart::Text(rest[..digits_at].to_lowercase()));
-        rest = &rest[digits_at..];
-        if rest.is_empty() {
-            return parts;
-        }
-        let end = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let value = rest[..end].trim_start_matches('0');
-        parts.push(NaturalPart::Number(value.len(), value.to_string()));
-        rest = &rest[end..];
-    }
-}
-
 /// One VAE as `GET /vaes` lists it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct VaeListing {
@@ -359,8 +329,6 @@ mod tests {
         assert_eq!(near("x.safetensors").as_deref(), Some("x.vae.safetensors"));
         std::fs::remove_file(vaes.join("model10.pt")).unwrap();
         assert_eq!(near("model.safetensors").as_deref(), Some("model.vae.pt"));
-        assert!(natural_sort_key("a2.pt") < natural_sort_key("a10.pt"));
-        assert!(natural_sort_key("a010") == natural_sort_key("A10"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -30,6 +30,11 @@ pub(super) fn cache_key(p: &GenerationParams, model_version: &str, adapters: &st
         p.step_rule
     );
     let images = format!("{images}\u{0}{:?} {:?}", p.resize_mode, p.guidance_rule);
+    // Face restoration by its weight (its networks' files are in the model part).
+    let images = format!(
+        "{images}\u{0}faces {:?}",
+        p.face_restore.as_ref().map(|f| f.weight.to_bits())
+    );
     let images = format!(
         "{images}\u{0}noise {:016x} {:016x} {}",
         p.noise_multiplier.to_bits(),
@@ -161,6 +166,14 @@ mod tests {
             },
             GenerationParams {
                 lama_noise: false,
+                ..base.clone()
+            },
+            GenerationParams {
+                face_restore: Some(crate::face_restorers::named(0.5)),
+                ..base.clone()
+            },
+            GenerationParams {
+                face_restore: Some(crate::face_restorers::named(0.7)),
                 ..base.clone()
             },
             GenerationParams {

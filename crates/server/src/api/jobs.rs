@@ -63,6 +63,7 @@ pub(super) async fn create(
     let info = super::resolve::named_model(&app, info, &mut req, "model").await?;
     let vae = super::resolve::named_vae(&app, &req, "vae", info.limits).await?;
     super::resolve::named_upscaler(&app, &req).await?;
+    super::resolve::face_restorer(&app, &req).await?;
     super::resolve::named_controlnets(&app, &mut req, "controlnets").await?;
     super::resolve::named_ip_adapters(&app, &mut req, "ip_adapters").await?;
     let spec = job_spec(

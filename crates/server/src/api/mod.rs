@@ -86,6 +86,8 @@ pub struct AppState {
     pub ip_adapters: crate::ip_adapters::IpAdapterCatalog,
     /// STYLES_FILE: the prompt styles requests may name (`styles`).
     pub styles: crate::styles::StyleBook,
+    /// FACE_RESTORE_DIR: the networks `restore_faces` and Extras' CodeFormer run.
+    pub face_restore: crate::face_restorers::FaceRestoreCatalog,
 }
 
 type Shared = Arc<AppState>;
@@ -142,6 +144,7 @@ impl AppState {
         GenerateMetadata,
         HiresRequest,
         HiresMetadata,
+        RestoreFaces,
         SchedulerName,
         SigmaScheduleName,
         PromptSyntaxName,

@@ -167,6 +167,7 @@ pub(super) async fn run_on_model(
     let info = super::resolve::named_model(app, info, &mut req, model_field).await?;
     let vae = super::resolve::named_vae(app, &req, "vae", info.limits).await?;
     let upscaler_file = super::resolve::named_upscaler(app, &req).await?;
+    let face_restore_files = super::resolve::face_restorer(app, &req).await?;
     let controlnet_files = super::resolve::named_controlnets(app, &mut req, "controlnets").await?;
     let ip_adapter_files = super::resolve::named_ip_adapters(app, &mut req, "ip_adapters").await?;
     let seeded = req.seed.is_some() && cacheable;
@@ -177,7 +178,11 @@ pub(super) async fn run_on_model(
     };
     // So does a hires upscaler model replaced under its name.
     // And ControlNets and IP-Adapters replaced under their names.
-    let files = upscaler_file.into_iter().chain(controlnet_files);
+    // And the face restorer's networks replaced.
+    let files = upscaler_file
+        .into_iter()
+        .chain(face_restore_files)
+        .chain(controlnet_files);
     for file in files.chain(ip_adapter_files) {
         cache_model = format!("{cache_model}\u{0}{file}");
     }

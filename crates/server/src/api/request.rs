@@ -263,6 +263,7 @@ pub(crate) fn job_spec(
             "negative_prompt": h.params.negative_prompt,
         })),
         "tiling": params.tiling,
+        "restore_faces": req.restore_faces.map(|weight| serde_json::json!({"weight": weight})),
         "variation_seed": params.variation.map(|v| v.seed),
         "variation_strength": params.variation.map_or(0.0, |v| v.strength),
         "seed_resize_from_width": params.seed_resize_from.map(|r| r.width),

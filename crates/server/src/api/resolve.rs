@@ -246,6 +246,30 @@ pub(crate) async fn named_upscaler(
     off_the_runtime(move || catalog.check_hires(&req)).await
 }
 
+/// The request's face restoration checked against FACE_RESTORE_DIR before it is queued: a
+/// missing folder or file is a 422 naming `restore_faces`; `Some` identifies the three files
+/// for the image cache's key.
+pub(crate) async fn face_restorer(
+    app: &AppState,
+    req: &ValidRequest,
+) -> Result<Option<String>, ApiError> {
+    if req.restore_faces.is_none() {
+        return Ok(None);
+    }
+    let catalog = app.face_restore.clone();
+    off_the_runtime(move || {
+        let files = catalog
+            .files()
+            .map_err(|why| ApiError::validation("restore_faces", why))?;
+        let paths = [files.codeformer, files.detection, files.parsing];
+        Ok(Some(crate::model_folder::identity(
+            sdserve_pipeline::face_restore::restorer::NAME,
+            &paths,
+        )))
+    })
+    .await
+}
+
 /// The request's ControlNets checked against CONTROLNET_DIR before it is queued
 /// (`controlnets::ControlNetCatalog::check`): an unknown name is a 422 naming `field` (the
 /// dialect's name of the list); `Some` identifies the files for the image cache's key. Each

@@ -106,6 +106,9 @@ pub struct GenerateMetadata {
     /// recorded.
     #[serde(default)]
     pub tiling: bool,
+    /// Face restoration as it ran (`restore_faces`); null without.
+    #[serde(default)]
+    pub restore_faces: Option<super::schema::RestoreFaces>,
     /// The variation seed of the first image (image i: + i) when `variation_strength` > 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variation_seed: Option<u64>,

@@ -401,6 +401,13 @@ pub struct GenerateRequest {
     /// circularly, so the image continues across its edges and tiles without seams.
     #[schema(default = false, nullable = true)]
     pub tiling: Option<bool>,
+    /// Face restoration of the final images, as A1111's `restore_faces` runs it: every face
+    /// RetinaFace finds is aligned to 512x512, restored by CodeFormer and pasted back under a
+    /// ParseNet mask (after the hires pass, before an inpainting overlay). Needs
+    /// FACE_RESTORE_DIR (a 422 naming `restore_faces` without it or its files). `{}` takes the
+    /// default weight. Absent or null: off.
+    #[schema(nullable = true)]
+    pub restore_faces: Option<RestoreFaces>,
     /// A1111's variation seed (`subseed`): the starting noise is the seed's bent towards this
     /// seed's by `variation_strength` (A1111's slerp). Random when absent or null and the
     /// strength is above 0, and returned in the metadata. With a batch, as A1111: every image
@@ -506,5 +513,15 @@ pub struct LoraUse {
     pub name: String,
     /// -4.0..=4.0; 1 when absent.
     #[schema(minimum = -4.0, maximum = 4.0, default = 1.0)]
+    pub weight: f64,
+}
+
+/// Face restoration's setting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreFaces {
+    /// CodeFormer's weight (A1111's `code_former_weight`): 0 keeps only the codebook's face
+    /// (the most restoration), 1 the most of the input's own.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.5)]
     pub weight: f64,
 }

@@ -67,6 +67,8 @@ pub struct GenerateArgs {
     pub mask_image: Option<PathBuf>,
     #[arg(long)]
     pub tiling: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "0.5", value_name = "WEIGHT")]
+    pub restore_faces: Option<f64>,
     #[arg(long)]
     pub prompt_syntax: Option<String>,
     #[arg(long)]
@@ -275,6 +277,10 @@ pub(super) fn request_flag_help() -> Vec<(&'static str, String)> {
         (
             "tiling",
             "Seamless texture: the image continues across its edges (A1111's tiling: circular padding in every convolution)".to_string(),
+        ),
+        (
+            "restore_faces",
+            "Restore faces with CodeFormer at WEIGHT (0..=1, 0 restores the most) after generating, as A1111's restore_faces; needs --face-restore-dir [default: off; WEIGHT 0.5]".to_string(),
         ),
         (
             "prompt_syntax",

@@ -111,6 +111,14 @@ pub struct ModelArgs {
     /// later are picked up; a model is read once (a replaced file again).
     #[arg(long, env = "UPSCALERS_DIR")]
     pub upscalers_dir: Option<PathBuf>,
+    /// A folder of face restoration models, laid out as A1111's `models/Codeformer`:
+    /// CodeFormer (`codeformer-v0.1.0.pth`: the first `.pth` in natural name order other than
+    /// facexlib's two) beside facexlib's `detection_Resnet50_Final.pth` (RetinaFace) and
+    /// `parsing_parsenet.pth` (ParseNet). With it, A1111's `restore_faces`, Extras'
+    /// `codeformer_visibility` and the native `restore_faces` run; listed by GET
+    /// /sdapi/v1/face-restorers. The networks are read once (replaced files again).
+    #[arg(long, env = "FACE_RESTORE_DIR")]
+    pub face_restore_dir: Option<PathBuf>,
     /// A folder of ControlNets (A1111's `models/ControlNet`: `control_v11p_sd15_canny.pth`,
     /// `.safetensors`, `.pt`, `.ckpt` files with the original key names, and diffusers
     /// ControlNet folders), each named by its file stem or folder name in `controlnets[i].model`;

@@ -310,6 +310,10 @@ pub fn build_result(spec: &JobSpec, pngs: &[Vec<u8>], gen_secs: f64) -> Generate
                 negative_prompt: h.negative_prompt.clone(),
             }),
             tiling: p.tiling,
+            restore_faces: p
+                .face_restore
+                .as_ref()
+                .map(|f| crate::api::RestoreFaces { weight: f.weight }),
             variation_seed: p.image_variation(0).map(|(seed, _)| seed),
             variation_strength: p.image_variation(0).map_or(0.0, |(_, s)| s),
             seed_resize_from_width: p.seed_resize_from.map(|r| r.width as u32),

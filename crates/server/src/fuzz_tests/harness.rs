@@ -157,6 +157,7 @@ pub fn app_state(rt: &tokio::runtime::Runtime, seen: Seen) -> Arc<AppState> {
         controlnets: Default::default(),
         ip_adapters: Default::default(),
         styles: Default::default(),
+        face_restore: Default::default(),
     })
 }
 

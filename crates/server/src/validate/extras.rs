@@ -78,14 +78,15 @@ pub fn validate_extras(
     for field in ["show_extras_results", "upscale_first"] {
         r.with(field, bool_rule);
     }
-    for field in ["gfpgan_visibility", "codeformer_visibility"] {
-        if r.number(field, 0.0, 1.0).is_some_and(|v| v > 0.0) {
-            r.fail(
-                field,
-                "must be 0: this server has no face restoration (GFPGAN, CodeFormer)",
-            );
-        }
+    if r.number("gfpgan_visibility", 0.0, 1.0)
+        .is_some_and(|v| v > 0.0)
+    {
+        r.fail(
+            "gfpgan_visibility",
+            "must be 0: GFPGAN does not run here (CodeFormer does: codeformer_visibility)",
+        );
     }
+    r.number("codeformer_visibility", 0.0, 1.0);
     r.number("codeformer_weight", 0.0, 1.0);
     // Built-ins by index, then the models (the index past them).
     let options: Vec<(&str, usize)> = UPSCALERS
@@ -125,6 +126,26 @@ pub fn validate_extras(
         target,
         upscaler: first,
         second: second.map(|u| (u, visibility)),
+    })
+}
+
+/// Extras' CodeFormer (A1111's `postprocessing_codeformer.py`, after the upscale): the
+/// restored image blended over the upscaled one by `visibility` (Pillow's `Image.blend`
+/// below 1), at `weight`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExtrasCodeFormer {
+    pub visibility: f64,
+    pub weight: f64,
+}
+
+/// The request's CodeFormer step, `None` at visibility 0 (A1111's defaults: visibility 0,
+/// weight 0). The body passed [`validate_extras`], which checked both numbers.
+pub fn codeformer(body: &Map<String, Value>) -> Option<ExtrasCodeFormer> {
+    let number = |f: &str| body.get(f).and_then(Value::as_f64).unwrap_or(0.0);
+    let visibility = number("codeformer_visibility");
+    (visibility > 0.0).then(|| ExtrasCodeFormer {
+        visibility,
+        weight: number("codeformer_weight"),
     })
 }
 

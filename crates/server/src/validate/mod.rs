@@ -70,7 +70,7 @@ const GUIDANCE_RULES: [(&str, GuidanceRule); 2] = [
 
 /// The fields of `POST /generate`; anything else is a 422 naming it. The OpenAPI schema's
 /// properties must be these (tested).
-pub const FIELDS: [&str; 41] = [
+pub const FIELDS: [&str; 42] = [
     "prompt",
     "negative_prompt",
     "steps",
@@ -111,6 +111,7 @@ pub const FIELDS: [&str; 41] = [
     "negative_guidance_min_sigma",
     "negative_guidance_all_steps",
     "negative_guidance_skip_early",
+    "restore_faces",
     // Applied to the prompts before validation (crate::styles).
     "styles",
 ];
@@ -399,6 +400,9 @@ pub fn validate_request(
     let tiling = r.with("tiling", |v| {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     });
+    let restore_faces = r
+        .value("restore_faces")
+        .and_then(|v| read_restore_faces(v, &mut r));
     r.finish()?;
     // With an init image the size defaults to its own, floored to the multiple and clamped.
     let side = |given: Option<u64>, of_image: Option<u32>| match (given, of_image) {
@@ -464,6 +468,7 @@ pub fn validate_request(
         model,
         vae,
         tiling: tiling.unwrap_or(false),
+        restore_faces,
         variation_seed: variation_seed.map(|v| v as u32),
         variation_strength: variation_strength.unwrap_or(0.0),
         seed_resize_from: seed_resize,
@@ -560,4 +565,26 @@ fn lora_list(v: &Value) -> Result<Vec<(String, f64)>, String> {
         out.push((name.trim().to_string(), weight));
     }
     Ok(out)
+}
+
+/// Reads `restore_faces` (`{"weight": 0..=1}`, CodeFormer's weight, A1111's
+/// `code_former_weight`: 0.5 when absent), recording a broken rule in `outer` as
+/// `restore_faces.<key>`.
+fn read_restore_faces(value: &Value, outer: &mut FieldReader) -> Option<f64> {
+    let Some(obj) = value.as_object() else {
+        outer.fail(
+            "restore_faces",
+            "must be an object with an optional \"weight\" (0..=1; {} restores with the defaults)",
+        );
+        return None;
+    };
+    let mut r = FieldReader::new(obj, &["weight"]);
+    let weight = r.number("weight", 0.0, 1.0);
+    if let Err(ApiError::Validation(errors)) = r.finish() {
+        for e in errors {
+            outer.fail(&format!("restore_faces.{}", e.field), e.rule);
+        }
+        return None;
+    }
+    Some(weight.unwrap_or(sdserve_pipeline::face_restore::restorer::WEIGHT_DEFAULT))
 }

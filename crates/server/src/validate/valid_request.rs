@@ -77,6 +77,9 @@ pub struct ValidRequest {
     pub vae: Option<String>,
     /// A1111's `tiling`: the image wraps at its edges (circular padding in every convolution).
     pub tiling: bool,
+    /// Face restoration of the final images (`restore_faces`, A1111's `restore_faces`):
+    /// CodeFormer's weight; `None`: off.
+    pub restore_faces: Option<f64>,
     /// A1111's variation seed (`subseed`): random when absent and `variation_strength` > 0
     /// (drawn with the seed).
     pub variation_seed: Option<u32>,
@@ -160,6 +163,7 @@ impl ValidRequest {
             resize_mode: self.resize_mode,
             hires: self.hires.as_ref().map(|h| h.params.clone()),
             tiling: self.tiling,
+            face_restore: self.restore_faces.map(crate::face_restorers::named),
             variation: (self.variation_strength > 0.0).then(|| Variation {
                 seed: u64::from(self.variation_seed.unwrap_or_else(crate::api::random_seed)),
                 strength: self.variation_strength,

@@ -16,6 +16,7 @@ mod controlnet_modes_http;
 mod controlnet_preprocess_http;
 mod dialects;
 mod e2e_tiny;
+mod face_restore_http;
 mod generate_cli;
 mod guidance_rule_http;
 mod hires_http;

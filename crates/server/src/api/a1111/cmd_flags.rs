@@ -27,6 +27,8 @@ pub struct ServerFlags {
     pub vae_dir: Option<PathBuf>,
     /// UPSCALERS_DIR (A1111's `--esrgan-models-path`).
     pub upscalers_dir: Option<PathBuf>,
+    /// FACE_RESTORE_DIR (A1111's `--codeformer-models-path`).
+    pub face_restore_dir: Option<PathBuf>,
     pub cors_allow_origins: Vec<String>,
     /// How long an idle keep-alive connection is kept (HEADER_READ_TIMEOUT_SECONDS).
     pub keep_alive_seconds: u64,
@@ -43,6 +45,7 @@ impl ServerFlags {
             embeddings_dir: args.model.embeddings_dir.clone(),
             vae_dir: args.model.vae_dir.clone(),
             upscalers_dir: args.model.upscalers_dir.clone(),
+            face_restore_dir: args.model.face_restore_dir.clone(),
             cors_allow_origins: args.cors_allow_origins.clone(),
             keep_alive_seconds: args.header_read_timeout_seconds,
         }
@@ -285,6 +288,13 @@ pub fn flags(
         "esrgan_models_path",
         server
             .upscalers_dir
+            .as_deref()
+            .map_or(Value::Null, path_value),
+    );
+    set(
+        "codeformer_models_path",
+        server
+            .face_restore_dir
             .as_deref()
             .map_or(Value::Null, path_value),
     );

@@ -20,15 +20,21 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::Json;
 use base64::Engine as _;
-use sdserve_pipeline::upscale::ExtrasUpscale;
+use candle_core::Device;
+use sdserve_pipeline::upscale::{python_float, ExtrasUpscale};
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
 use crate::api::{required_body_object, AppState, Shared};
 use crate::error::{ApiError, TimeoutInfo};
+use crate::face_restorers::FaceRestoreCatalog;
 use crate::validate::extras::{
-    check_size, load_models, validate_extras, BATCH_MAX_IMAGES, BATCH_MAX_PIXELS,
+    check_size, codeformer, load_models, validate_extras, ExtrasCodeFormer, BATCH_MAX_IMAGES,
+    BATCH_MAX_PIXELS,
 };
+
+/// Extras' CodeFormer step with the folder its networks come from.
+type Restore = Option<(FaceRestoreCatalog, ExtrasCodeFormer)>;
 
 /// Extras requests working at once; more wait for a slot.
 pub const AT_ONCE: usize = 2;
@@ -55,7 +61,12 @@ struct Done {
 }
 
 /// Upscales the images in a slot, off the runtime, within the deadline.
-async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Done, ApiError> {
+async fn run(
+    app: &AppState,
+    spec: ExtrasUpscale,
+    restore: Restore,
+    sent: Vec<Sent>,
+) -> Result<Done, ApiError> {
     let deadline = app.engine.config().timeout;
     let until = Instant::now() + deadline;
     let slots = app.a1111.extras.0.clone();
@@ -68,7 +79,7 @@ async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Don
         // until its work ends (bounded: a model stops at the next tile).
         crate::api::off_the_runtime(move || {
             let _slot = permit;
-            upscale_all(spec, sent, (until, deadline))
+            upscale_all(spec, restore, sent, (until, deadline))
         })
         .await
     };
@@ -84,10 +95,20 @@ async fn run(app: &AppState, spec: ExtrasUpscale, sent: Vec<Sent>) -> Result<Don
 /// on in its slot.
 fn upscale_all(
     mut spec: ExtrasUpscale,
+    restore: Restore,
     sent: Vec<Sent>,
     (until, deadline): (Instant, Duration),
 ) -> Result<Done, ApiError> {
     load_models(&mut spec)?;
+    // CodeFormer's networks on the CPU in f32, as the upscalers' (outside the worker's plan).
+    let restore = match restore {
+        Some((catalog, step)) => Some((
+            crate::face_restorers::loaded(&catalog, step.weight, &Device::Cpu)
+                .map_err(|why| ApiError::validation("codeformer_visibility", why))?,
+            step,
+        )),
+        None => None,
+    };
     let mut files = Vec::with_capacity(sent.len());
     let mut pixels = 0u64;
     for s in sent {
@@ -124,6 +145,25 @@ fn upscale_all(
                 }
                 e => ApiError::Internal(format!("upscaling {field}: {e}")),
             })?;
+        let (up, info) = match &restore {
+            Some((faces, step)) => {
+                let restored = faces
+                    .run(&up, &Device::Cpu)
+                    .map_err(|e| ApiError::Internal(format!("restoring faces in {field}: {e}")))?;
+                let restored = if step.visibility < 1.0 {
+                    sdserve_pipeline::upscale::blend(&up, &restored, step.visibility)
+                } else {
+                    restored
+                };
+                let mut info = info;
+                // A1111's `round(x, 3)`, written as Python writes a float.
+                let round3 = |x: f64| python_float((x * 1000.0).round() / 1000.0);
+                info.push(("CodeFormer visibility".into(), round3(step.visibility)));
+                info.push(("CodeFormer weight".into(), round3(step.weight)));
+                (restored, info)
+            }
+            None => (up, info),
+        };
         infotext = info
             .iter()
             .map(|(k, v)| format!("{k}: {v}"))
@@ -152,6 +192,22 @@ pub fn html_info(text: &str) -> String {
     };
     let lines: Vec<String> = text.split('\n').map(escape).collect();
     format!("<p>{}</p>", lines.join("<br>\n"))
+}
+
+/// The request's CodeFormer step, its folder checked now (a 422 naming
+/// `codeformer_visibility` without FACE_RESTORE_DIR or its files).
+async fn face_restore(app: &AppState, body: &Map<String, Value>) -> Result<Restore, ApiError> {
+    let Some(step) = codeformer(body) else {
+        return Ok(None);
+    };
+    let catalog = app.face_restore.clone();
+    crate::api::off_the_runtime(move || {
+        catalog
+            .files()
+            .map(|_| Some((catalog, step)))
+            .map_err(|why| ApiError::validation("codeformer_visibility", why))
+    })
+    .await
 }
 
 /// UPSCALERS_DIR's models, read now.
@@ -185,9 +241,10 @@ pub(super) async fn extra_single_image(
 ) -> Result<Json<Value>, ApiError> {
     let body = required_body_object(app.max_body_bytes, body)?;
     let spec = validate_extras(&body, &models(&app).await?)?;
+    let restore = face_restore(&app, &body).await?;
     let b64 = image_text(body.get("image"), "image")?;
     let field = "image".to_string();
-    let done = run(&app, spec, vec![Sent { field, b64 }]).await?;
+    let done = run(&app, spec, restore, vec![Sent { field, b64 }]).await?;
     let image = done.images.into_iter().next().unwrap_or_default();
     Ok(Json(
         json!({"html_info": html_info(&done.infotext), "image": image}),
@@ -204,6 +261,7 @@ pub(super) async fn extra_batch_images(
 ) -> Result<Json<Value>, ApiError> {
     let body = required_body_object(app.max_body_bytes, body)?;
     let spec = validate_extras(&body, &models(&app).await?)?;
+    let restore = face_restore(&app, &body).await?;
     let list = match body.get("imageList") {
         Some(Value::Array(a)) => a,
         None | Some(Value::Null) => {
@@ -243,7 +301,7 @@ pub(super) async fn extra_batch_images(
         }
         sent.push(Sent { field, b64 });
     }
-    let done = run(&app, spec, sent).await?;
+    let done = run(&app, spec, restore, sent).await?;
     Ok(Json(
         json!({"html_info": html_info(&done.infotext), "images": done.images}),
     ))

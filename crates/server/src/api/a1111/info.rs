@@ -56,8 +56,11 @@ pub fn info_string(
         "cfg_scale": t.valid.guidance_scale,
         "steps": t.valid.steps,
         "batch_size": t.batch_size,
-        "restore_faces": false,
-        "face_restoration_model": null,
+        "restore_faces": t.valid.restore_faces.is_some(),
+        "face_restoration_model": t
+            .valid
+            .restore_faces
+            .map(|_| sdserve_pipeline::face_restore::restorer::NAME),
         "sd_model_name": model_name,
         "sd_model_hash": model_hash,
         "sd_vae_name": vae.map(|v| &v.name),

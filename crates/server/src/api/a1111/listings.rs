@@ -101,10 +101,12 @@ pub(super) async fn hypernetworks() -> Json<Value> {
     Json(json!([]))
 }
 
-/// `[]`: no face restoration (A1111's `[{name, cmd_dir}]`).
-#[utoipa::path(get, path = "/sdapi/v1/face-restorers", tag = "a1111", responses((status = 200, description = "`[]`")))]
-pub(super) async fn face_restorers() -> Json<Value> {
-    Json(json!([]))
+/// `[{name: "CodeFormer", cmd_dir: null}]` when FACE_RESTORE_DIR holds its networks, else
+/// `[]` (A1111's `[{name, cmd_dir}]`; GFPGAN does not run here).
+#[utoipa::path(get, path = "/sdapi/v1/face-restorers", tag = "a1111", responses((status = 200, description = "CodeFormer when FACE_RESTORE_DIR holds its networks, else `[]`")))]
+pub(super) async fn face_restorers(State(app): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let catalog = app.face_restore.clone();
+    crate::api::off_the_runtime(move || Ok::<_, ApiError>(Json(catalog.listing()))).await
 }
 
 /// `[]`: no Real-ESRGAN upscaler (A1111's `[{name, path, scale}]`).

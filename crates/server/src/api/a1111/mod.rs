@@ -438,6 +438,16 @@ async fn get_options(State(app): State<Shared>) -> Result<Json<Value>, ApiError>
         ("s_min_uncond", json!(0.0)),
         ("s_min_uncond_all", json!(false)),
         ("skip_early_cond", json!(0.0)),
+        // Face restoration's (CodeFormer, the one restorer here).
+        ("face_restoration", json!(false)),
+        (
+            "face_restoration_model",
+            json!(sdserve_pipeline::face_restore::restorer::NAME),
+        ),
+        (
+            "code_former_weight",
+            json!(sdserve_pipeline::face_restore::restorer::WEIGHT_DEFAULT),
+        ),
     ] {
         out.insert(name.into(), default);
     }
@@ -489,9 +499,16 @@ async fn set_options(
         "s_min_uncond",
         "s_min_uncond_all",
         "skip_early_cond",
+        "face_restoration",
+        "face_restoration_model",
+        "code_former_weight",
     ] {
         if let Some(v) = body.get(name) {
-            let option = Map::from_iter([(name.to_string(), v.clone())]);
+            let mut option = Map::from_iter([(name.to_string(), v.clone())]);
+            // The face restorer's settings are read only where it runs.
+            if name.starts_with("face_restoration_") || name == "code_former_weight" {
+                option.insert("face_restoration".into(), json!(true));
+            }
             translate::translate(probe.as_object().unwrap(), Mode::Txt2Img, &option, || 0)
                 .map_err(|e| {
                     super::rename_fields(e, &[(&format!("override_settings.{name}"), name)])

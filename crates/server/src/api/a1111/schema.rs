@@ -144,6 +144,11 @@ pub struct A1111Request {
     /// UNet and the VAE, as A1111's); the infotext says `Tiling: True`.
     #[schema(default = false, nullable = true)]
     pub tiling: Option<bool>,
+    /// The native `restore_faces` (CodeFormer through FACE_RESTORE_DIR; a 422 without it):
+    /// null takes the `face_restoration` option (false). CodeFormer's weight is the
+    /// `code_former_weight` option (0.5); the infotext says `Face restoration: CodeFormer`.
+    #[schema(default = false, nullable = true)]
+    pub restore_faces: Option<bool>,
     /// Extension scripts by name. `controlnet` (the sd-webui-controlnet extension's, any case:
     /// `{"args": [unit, ...]}`) runs its enabled units as the native `controlnets`: `model` (a
     /// CONTROLNET_DIR name, with or without its ` [hash]`), `image` / `input_image` (on img2img

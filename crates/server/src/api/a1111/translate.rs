@@ -54,7 +54,7 @@ pub struct Translated {
 }
 
 /// Native field names and the A1111 names clients send, for error messages.
-pub const FIELD_NAMES: [(&str, &str); 25] = [
+pub const FIELD_NAMES: [(&str, &str); 26] = [
     // The object comes with the mask: a mask that failed its rules leaves it nothing to do.
     ("inpaint", "mask"),
     ("inpaint.mask_blur", "mask_blur"),
@@ -80,11 +80,15 @@ pub const FIELD_NAMES: [(&str, &str); 25] = [
     ("vae", "override_settings.sd_vae"),
     ("noise_multiplier", "initial_noise_multiplier"),
     ("extra_noise", "override_settings.img2img_extra_noise"),
+    (
+        "restore_faces.weight",
+        "override_settings.code_former_weight",
+    ),
     ("controlnets", super::controlnet::FIELD),
 ];
 
 /// Fields whose values we use; every other A1111 field is accepted and ignored.
-const USED: [&str; 44] = [
+const USED: [&str; 45] = [
     "enable_hr",
     "resize_mode",
     "hr_scale",
@@ -129,6 +133,7 @@ const USED: [&str; 44] = [
     "styles",
     "alwayson_scripts",
     "initial_noise_multiplier",
+    "restore_faces",
 ];
 
 /// Treats explicit `null` as absent, as A1111's pydantic models do for optional fields.
@@ -208,6 +213,53 @@ fn inpaint_options(body: &Map<String, Value>) -> Value {
     let round = get(body, "mask_round").and_then(Value::as_bool);
     o.insert("mask_round".into(), json!(round.unwrap_or(true)));
     Value::Object(o)
+}
+
+/// A1111's face restoration as the native `restore_faces`, or `None` when off. On when
+/// `restore_faces` is true, or absent (null) and the `face_restoration` option is (A1111's
+/// `process_images`); CodeFormer's weight is the `code_former_weight` option (A1111 1.9+
+/// passes it as `weight=`; 1.8's `w=` was ignored, every weight running as 0.5). The
+/// `face_restoration_model` option must name CodeFormer, the one restorer here.
+fn restore_faces<'a>(
+    sent: Option<&Value>,
+    setting: impl Fn(&str) -> Option<&'a Value>,
+) -> Result<Option<Value>, ApiError> {
+    let on = match sent {
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::validation(
+                "restore_faces",
+                "must be true or false",
+            ))
+        }
+        None => match setting("face_restoration") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::validation(
+                    "override_settings.face_restoration",
+                    "must be true or false",
+                ))
+            }
+        },
+    };
+    if !on {
+        return Ok(None);
+    }
+    let name = sdserve_pipeline::face_restore::restorer::NAME;
+    if let Some(model) = setting("face_restoration_model") {
+        if model.as_str() != Some(name) {
+            return Err(ApiError::validation(
+                "override_settings.face_restoration_model",
+                format!("must be {name:?}, the face restorer this server runs (got {model})"),
+            ));
+        }
+    }
+    let mut restore = Map::new();
+    if let Some(weight) = setting("code_former_weight") {
+        restore.insert("weight".into(), weight.clone());
+    }
+    Ok(Some(Value::Object(restore)))
 }
 
 /// Translates an A1111 `txt2img`/`img2img` body. `options` are the server-wide options set
@@ -452,6 +504,10 @@ pub fn translate(
     // `tiling` is the native field of the same name (A1111: circular padding in every Conv2d).
     if let Some(v) = get(body, "tiling") {
         native.insert("tiling".into(), v.clone());
+    }
+
+    if let Some(restore) = restore_faces(get(body, "restore_faces"), setting)? {
+        native.insert("restore_faces".into(), restore);
     }
 
     let enable_hr = match get(body, "enable_hr") {

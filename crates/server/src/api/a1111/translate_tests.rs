@@ -93,11 +93,11 @@ fn the_prompt_may_be_empty_or_absent_as_in_a1111() {
 
 #[test]
 fn values_map_and_errors_name_a1111_fields() {
-    let t = tr(json!({"prompt": "p", "cfg_scale": 3.5, "seed": 7, "steps": 4, "width": 256, "height": 320, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "n_iter": 3, "enable_hr": true, "restore_faces": true}), Mode::Txt2Img).unwrap();
+    let t = tr(json!({"prompt": "p", "cfg_scale": 3.5, "seed": 7, "steps": 4, "width": 256, "height": 320, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "n_iter": 3, "enable_hr": true, "do_not_save_grid": true}), Mode::Txt2Img).unwrap();
     assert_eq!(t.native["guidance_scale"], 3.5);
     assert_eq!(t.native["scheduler"], "dpmpp_2m_karras");
     assert_eq!((t.seed, t.n_iter), (7, 3));
-    assert_eq!(t.ignored, vec!["restore_faces".to_string()]);
+    assert_eq!(t.ignored, vec!["do_not_save_grid".to_string()]);
     // enable_hr: A1111's defaults (hr_scale 2, Latent) from 256x320.
     let h = t.valid.hires.as_ref().expect("a hires pass").params.clone();
     assert_eq!((h.width, h.height, h.steps), (512, 640, 4));
@@ -604,4 +604,60 @@ fn noise_multiplier_and_extra_noise_go_where_a1111_applies_them() {
         field_of(run(bad, Mode::Img2Img, &none).unwrap_err()),
         "override_settings.img2img_extra_noise"
     );
+}
+
+#[test]
+fn restore_faces_runs_codeformer_at_the_options_weight() {
+    let with = |body: Value, options: Value| {
+        translate(
+            body.as_object().unwrap(),
+            Mode::Txt2Img,
+            options.as_object().unwrap(),
+            || 1,
+        )
+    };
+    // Off by default, and when sent false over the option.
+    let t = with(json!({"prompt": "p"}), json!({})).unwrap();
+    assert_eq!(t.valid.restore_faces, None);
+    let t = with(
+        json!({"prompt": "p", "restore_faces": false}),
+        json!({"face_restoration": true}),
+    )
+    .unwrap();
+    assert_eq!(t.valid.restore_faces, None);
+    // On: A1111's default weight, the option's, override_settings' over the option's; null
+    // takes the `face_restoration` option.
+    let t = with(json!({"prompt": "p", "restore_faces": true}), json!({})).unwrap();
+    assert_eq!(t.valid.restore_faces, Some(0.5));
+    assert!(t.ignored.is_empty(), "{:?}", t.ignored);
+    let t = with(
+        json!({"prompt": "p", "restore_faces": null}),
+        json!({"face_restoration": true, "code_former_weight": 0.25}),
+    )
+    .unwrap();
+    assert_eq!(t.valid.restore_faces, Some(0.25));
+    let t = with(
+        json!({"prompt": "p", "restore_faces": true, "override_settings": {"code_former_weight": 1}}),
+        json!({"code_former_weight": 0.25}),
+    )
+    .unwrap();
+    assert_eq!(t.valid.restore_faces, Some(1.0));
+    // Broken values name A1111's fields.
+    let e = with(json!({"prompt": "p", "restore_faces": true, "override_settings": {"code_former_weight": 2}}), json!({})).unwrap_err();
+    assert_eq!(field_of(e), "override_settings.code_former_weight");
+    let e = with(
+        json!({"prompt": "p", "restore_faces": true}),
+        json!({"face_restoration_model": "GFPGAN"}),
+    )
+    .unwrap_err();
+    assert_eq!(field_of(e), "override_settings.face_restoration_model");
+    let e = with(json!({"prompt": "p", "restore_faces": "yes"}), json!({})).unwrap_err();
+    assert_eq!(field_of(e), "restore_faces");
+    // Off, the other settings are not read (A1111 reads them only where it restores).
+    let t = with(
+        json!({"prompt": "p"}),
+        json!({"face_restoration_model": "GFPGAN", "code_former_weight": 7}),
+    )
+    .unwrap();
+    assert_eq!(t.valid.restore_faces, None);
 }

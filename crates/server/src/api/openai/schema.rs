@@ -91,6 +91,9 @@ pub struct GenerationRequest {
     /// Seamless textures, as natively (A1111's `tiling`).
     #[schema(default = false, nullable = true)]
     pub tiling: Option<bool>,
+    /// Face restoration (CodeFormer, FACE_RESTORE_DIR), as natively.
+    #[schema(nullable = true)]
+    pub restore_faces: Option<crate::api::RestoreFaces>,
     /// A1111's variation seed (`subseed`), as natively: the starting noise bent towards this
     /// seed's by `variation_strength`; image *i* of `n` uses variation seed + *i*, every image
     /// keeping `seed`.

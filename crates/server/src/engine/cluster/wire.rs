@@ -152,6 +152,9 @@ pub struct WireSpec {
     /// Circular padding (absent from older replicas' jobs: off).
     #[serde(default)]
     tiling: bool,
+    /// Face restoration's CodeFormer weight (absent from older replicas' jobs: none).
+    #[serde(default)]
+    face_restore: Option<f64>,
     /// Variation seed and strength (absent from older replicas' jobs: none).
     #[serde(default)]
     variation: Option<(u64, f64)>,
@@ -282,6 +285,7 @@ impl WireSpec {
             }),
             hires: p.hires.as_ref().map(WireHires::of),
             tiling: p.tiling,
+            face_restore: p.face_restore.as_ref().map(|f| f.weight),
             variation: p.variation.map(|v| (v.seed, v.strength)),
             seed_resize_from: p.seed_resize_from.map(|r| (r.width, r.height)),
             controlnets: units
@@ -423,6 +427,7 @@ impl WireSpec {
                 init_image,
                 hires: self.hires.as_ref().map(WireHires::hires).transpose()?,
                 tiling: self.tiling,
+                face_restore: self.face_restore.map(crate::face_restorers::named),
                 variation: self.variation.map(|(seed, strength)| {
                     sdserve_pipeline::pipeline::Variation { seed, strength }
                 }),
