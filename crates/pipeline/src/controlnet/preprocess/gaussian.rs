@@ -17,7 +17,7 @@
 
 /// OpenCV's `borderInterpolate(p, len, BORDER_REFLECT_101)`, repeated until inside (a kernel
 /// wider than the image reflects more than once).
-pub(super) fn reflect_101(p: isize, len: usize) -> usize {
+pub(crate) fn reflect_101(p: isize, len: usize) -> usize {
     if len == 1 {
         return 0;
     }
@@ -35,7 +35,7 @@ fn kernel_size(sigma: f64, per_side: f64) -> usize {
 }
 
 /// `getGaussianKernelBitExact(n, sigma)` for odd `n` and `sigma > 0`.
-fn kernel_f64(n: usize, sigma: f64) -> Vec<f64> {
+pub(crate) fn kernel_f64(n: usize, sigma: f64) -> Vec<f64> {
     let scale2x = -0.125 / (sigma * sigma);
     let half = (n - 1) / 2;
     // x runs over 1 - n, 3 - n, ...: twice the distance from the centre.

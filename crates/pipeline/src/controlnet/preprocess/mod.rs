@@ -32,7 +32,7 @@ mod canny;
 mod color;
 mod colour;
 mod depth_anything;
-mod gaussian;
+pub(crate) mod gaussian;
 mod hed;
 mod lama;
 mod leres;

@@ -9,47 +9,16 @@
 //!   tap, then adds each tap times the sum of the rows above and below it (`SymmColumnFilter`
 //!   on the symmetric kernel); both with the border `BORDER_REFLECT_101`.
 
-/// `getGaussianKernel(n, sigma, CV_64F)` for odd `n` and `sigma > 0`.
+use crate::controlnet::preprocess::gaussian::{kernel_f64, reflect_101};
+
+/// `getGaussianKernel(n, sigma, CV_64F)` for odd `n` and `sigma > 0` (the ControlNet
+/// preprocessors' `getGaussianKernelBitExact`).
 pub fn gaussian_kernel(n: usize, sigma: f64) -> Vec<f64> {
     assert!(
         n % 2 == 1 && sigma > 0.0,
         "an odd kernel of a positive sigma"
     );
-    let scale2x = -0.125 / (sigma * sigma);
-    let half = (n - 1) / 2;
-    let values: Vec<f64> = (0..half)
-        .map(|i| {
-            // x runs 1 - n, 3 - n, ...: twice the distance from the centre.
-            let x = 1 - n as i64 + 2 * i as i64;
-            ((x * x) as f64 * scale2x).exp()
-        })
-        .collect();
-    let mut sum = 0.0;
-    for v in &values {
-        sum += v;
-    }
-    let mul = 1.0 / (sum * 2.0 + 1.0);
-    let mut k = vec![0.0; n];
-    for (i, v) in values.iter().enumerate() {
-        k[i] = v * mul;
-        k[n - 1 - i] = k[i];
-    }
-    k[half] = mul;
-    k
-}
-
-/// `borderInterpolate(p, len, BORDER_REFLECT_101)`, repeated until inside (a kernel wider
-/// than the image reflects more than once).
-fn reflect_101(p: isize, len: usize) -> usize {
-    if len == 1 {
-        return 0;
-    }
-    let n = len as isize;
-    let mut p = p;
-    while p < 0 || p >= n {
-        p = if p < 0 { -p } else { 2 * n - 2 - p };
-    }
-    p as usize
+    kernel_f64(n, sigma)
 }
 
 /// `cv2.GaussianBlur` of a `w` x `h` float64 image by the symmetric `kernel` (odd length).
@@ -108,12 +77,6 @@ mod tests {
             let want = (-(((i + 1) * (i + 1) - i * i) as f64) / (2.0 * 121.0)).exp();
             assert!((ratio - want).abs() < 1e-13, "{i}: {ratio} against {want}");
         }
-    }
-
-    #[test]
-    fn reflect_101_mirrors_without_repeating_the_edge() {
-        let got: Vec<usize> = (-3..8).map(|p| reflect_101(p, 5)).collect();
-        assert_eq!(got, [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1]);
     }
 
     #[test]
