@@ -578,6 +578,14 @@ fn read_restore_faces(value: &Value, outer: &mut FieldReader) -> Option<f64> {
         );
         return None;
     };
+    // A key it does not have names the object (as `hires` does): its one key is `weight`.
+    if let Some(k) = obj.keys().find(|k| *k != "weight") {
+        outer.fail(
+            "restore_faces",
+            format!("unknown field {k:?} (allowed: weight)"),
+        );
+        return None;
+    }
     let mut r = FieldReader::new(obj, &["weight"]);
     let weight = r.number("weight", 0.0, 1.0);
     if let Err(ApiError::Validation(errors)) = r.finish() {

@@ -142,6 +142,8 @@ fn without_the_folder_each_route_names_its_field() {
     );
     let r = s.post_json(&json!({"prompt": "p", "restore_faces": {"weight": 2}}));
     assert_eq!(r.broken_fields(), ["restore_faces.weight"]);
+    let r = s.post_json(&json!({"prompt": "p", "restore_faces": {"strength": 1}}));
+    assert_eq!(r.broken_fields(), ["restore_faces"]);
     let r = post_json_to(
         s.addr,
         "/sdapi/v1/txt2img",
